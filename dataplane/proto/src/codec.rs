@@ -1,0 +1,224 @@
+//! The two wire encodings of frames.
+
+use crate::frames::{ClientFrame, ServerFrame};
+use crate::pb;
+use prost::Message;
+
+/// A frame that could not be decoded. The message is meant for the client's developer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    #[error("invalid frame: {0}")]
+    Invalid(String),
+    #[error("this subprotocol takes {expected} frames")]
+    WrongFrameType { expected: &'static str },
+}
+
+/// One encoded frame: text for JSON, binary for protobuf.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Payload {
+    Text(String),
+    Binary(Vec<u8>),
+}
+
+/// A WebSocket subprotocol of Courier v1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Encoding {
+    /// `courier.v1.json`: one JSON object per text frame (the default).
+    #[default]
+    Json,
+    /// `courier.v1.proto`: one protobuf message per binary frame.
+    Proto,
+}
+
+impl Encoding {
+    /// The subprotocol name negotiated in `Sec-WebSocket-Protocol`.
+    pub fn subprotocol(self) -> &'static str {
+        match self {
+            Encoding::Json => crate::SUBPROTOCOL_JSON,
+            Encoding::Proto => crate::SUBPROTOCOL_PROTO,
+        }
+    }
+
+    /// The encoding named by a subprotocol, if it is one of ours.
+    pub fn from_subprotocol(name: &str) -> Option<Encoding> {
+        match name.trim() {
+            crate::SUBPROTOCOL_JSON => Some(Encoding::Json),
+            crate::SUBPROTOCOL_PROTO => Some(Encoding::Proto),
+            _ => None,
+        }
+    }
+
+    pub fn encode_server(self, frame: &ServerFrame) -> Payload {
+        match self {
+            Encoding::Json => Payload::Text(to_json(frame)),
+            Encoding::Proto => {
+                Payload::Binary(pb::ServerFrame::from(frame.clone()).encode_to_vec())
+            }
+        }
+    }
+
+    pub fn encode_client(self, frame: &ClientFrame) -> Payload {
+        match self {
+            Encoding::Json => Payload::Text(to_json(frame)),
+            Encoding::Proto => {
+                Payload::Binary(pb::ClientFrame::from(frame.clone()).encode_to_vec())
+            }
+        }
+    }
+
+    /// Decodes a client frame from the payload of a text (JSON) or binary (protobuf) message.
+    pub fn decode_client(self, data: &[u8]) -> Result<ClientFrame, DecodeError> {
+        match self {
+            Encoding::Json => serde_json::from_slice(data).map_err(json_error),
+            Encoding::Proto => pb::ClientFrame::decode(data)
+                .map_err(|e| DecodeError::Malformed(e.to_string()))?
+                .try_into(),
+        }
+    }
+
+    pub fn decode_server(self, data: &[u8]) -> Result<ServerFrame, DecodeError> {
+        match self {
+            Encoding::Json => serde_json::from_slice(data).map_err(json_error),
+            Encoding::Proto => pb::ServerFrame::decode(data)
+                .map_err(|e| DecodeError::Malformed(e.to_string()))?
+                .try_into(),
+        }
+    }
+
+    /// The `ref` of a frame that failed to decode, when it can still be read, so that the
+    /// `error` reply can echo it.
+    pub fn salvage_reference(self, data: &[u8]) -> Option<i64> {
+        #[derive(serde::Deserialize)]
+        struct OnlyRef {
+            #[serde(rename = "ref")]
+            reference: Option<i64>,
+        }
+        match self {
+            Encoding::Json => serde_json::from_slice::<OnlyRef>(data)
+                .ok()
+                .and_then(|r| r.reference),
+            Encoding::Proto => pb::ClientFrame::decode(data).ok().and_then(|f| f.r#ref),
+        }
+    }
+}
+
+fn to_json<T: serde::Serialize>(frame: &T) -> String {
+    // Frames are plain data with string keys: serialising them cannot fail.
+    serde_json::to_string(frame).unwrap_or_else(|_| String::from("{}"))
+}
+
+fn json_error(e: serde_json::Error) -> DecodeError {
+    match e.classify() {
+        serde_json::error::Category::Data => DecodeError::Invalid(e.to_string()),
+        _ => DecodeError::Malformed(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frames::*;
+
+    fn samples() -> Vec<ServerFrame> {
+        let event = Event {
+            conversation_id: "d:abc".into(),
+            seq: 3,
+            server_msg_id: "m1".into(),
+            sender: Sender {
+                user: "alice".into(),
+                device: "phone".into(),
+            },
+            ts_ms: 17,
+            payload: EventPayload::Message {
+                body: Some(Body::Text("hi".into())),
+                client_msg_id: "c1".into(),
+                reply_to: Some(2),
+                deleted: false,
+            },
+        };
+        vec![
+            ServerFrame::Event(event.clone()),
+            ServerFrame::Messages(Messages {
+                reference: Some(4),
+                conversation_id: "d:abc".into(),
+                events: vec![event],
+                head_seq: 3,
+            }),
+            ServerFrame::Error(ErrorFrame {
+                reference: Some(-1),
+                code: ErrorCode::RateLimited,
+                message: "slow down".into(),
+                client_msg_id: Some("c2".into()),
+                retry_after_ms: Some(250),
+            }),
+            ServerFrame::SyncDone(SyncDone {}),
+            ServerFrame::Pong(Pong { reference: Some(9) }),
+        ]
+    }
+
+    #[test]
+    fn server_frames_round_trip_in_both_encodings() {
+        for encoding in [Encoding::Json, Encoding::Proto] {
+            for frame in samples() {
+                let bytes = match encoding.encode_server(&frame) {
+                    Payload::Text(t) => t.into_bytes(),
+                    Payload::Binary(b) => b,
+                };
+                assert_eq!(encoding.decode_server(&bytes).unwrap(), frame);
+            }
+        }
+    }
+
+    #[test]
+    fn json_event_is_flat_with_kind_and_type() {
+        let Payload::Text(json) = Encoding::Json.encode_server(&samples()[0]) else {
+            panic!("json is text")
+        };
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(v["type"], "event");
+        assert_eq!(v["kind"], "message");
+        assert_eq!(v["body"]["text"], "hi");
+        assert_eq!(v["sender"]["device"], "phone");
+    }
+
+    #[test]
+    fn json_client_frames_decode_and_errors_are_classified() {
+        let send = Encoding::Json
+            .decode_client(br#"{"type":"send","ref":1,"client_msg_id":"a","to_user":"bob","body":{"text":"x"}}"#)
+            .unwrap();
+        assert!(matches!(send, ClientFrame::Send(ref s) if s.to_user.as_deref() == Some("bob")));
+        assert!(matches!(
+            Encoding::Json.decode_client(b"{not json"),
+            Err(DecodeError::Malformed(_))
+        ));
+        assert!(matches!(
+            Encoding::Json.decode_client(br#"{"type":"nope"}"#),
+            Err(DecodeError::Invalid(_))
+        ));
+        assert!(matches!(
+            Encoding::Json
+                .decode_client(br#"{"type":"ack","conversation_id":"c","seq":"1","kind":"read"}"#),
+            Err(DecodeError::Invalid(_))
+        ));
+        assert_eq!(
+            Encoding::Json.salvage_reference(br#"{"type":"nope","ref":5}"#),
+            Some(5)
+        );
+    }
+
+    #[test]
+    fn proto_client_frames_round_trip() {
+        let frame = ClientFrame::Ack(Ack {
+            reference: Some(2),
+            conversation_id: "g:1".into(),
+            seq: 10,
+            kind: AckKind::Read,
+        });
+        let Payload::Binary(bytes) = Encoding::Proto.encode_client(&frame) else {
+            panic!("proto is binary")
+        };
+        assert_eq!(Encoding::Proto.decode_client(&bytes).unwrap(), frame);
+    }
+}

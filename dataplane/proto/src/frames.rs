@@ -1,0 +1,312 @@
+//! The frames of the protocol, serialised as JSON objects tagged by `"type"`.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// `(user, device)`: the identity of one connection.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Sender {
+    pub user: String,
+    pub device: String,
+}
+
+/// A reference to uploaded media, carried by a message body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Media {
+    pub media_id: String,
+    pub mime: String,
+    pub size: u64,
+    pub sha256: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub caption: Option<String>,
+}
+
+/// A message body: `{"text": "..."}` or `{"media": {...}}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Body {
+    Text(String),
+    Media(Media),
+}
+
+/// Which cursor an `ack` moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AckKind {
+    Delivered,
+    Read,
+}
+
+/// A frame from client to server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientFrame {
+    Send(Send),
+    Ack(Ack),
+    Sync(Sync),
+    Fetch(Fetch),
+    Delete(Delete),
+    Typing(Typing),
+    Ping(Ping),
+}
+
+impl ClientFrame {
+    /// The client-chosen `ref`, echoed in the direct reply.
+    pub fn reference(&self) -> Option<i64> {
+        match self {
+            ClientFrame::Send(f) => f.reference,
+            ClientFrame::Ack(f) => f.reference,
+            ClientFrame::Sync(f) => f.reference,
+            ClientFrame::Fetch(f) => f.reference,
+            ClientFrame::Delete(f) => f.reference,
+            ClientFrame::Typing(f) => f.reference,
+            ClientFrame::Ping(f) => f.reference,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Send {
+    #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<i64>,
+    pub client_msg_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conversation_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to_user: Option<String>,
+    pub body: Body,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Ack {
+    #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<i64>,
+    pub conversation_id: String,
+    pub seq: u64,
+    pub kind: AckKind,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Sync {
+    #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<i64>,
+    /// Overrides of the server's delivered cursors, by conversation.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub cursors: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Fetch {
+    #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<i64>,
+    pub conversation_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after_seq: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Delete {
+    #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<i64>,
+    pub conversation_id: String,
+    pub seq: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Typing {
+    #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<i64>,
+    pub conversation_id: String,
+    pub active: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Ping {
+    #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<i64>,
+}
+
+/// A frame from server to client.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerFrame {
+    Hello(Hello),
+    Sent(Sent),
+    Event(Event),
+    Messages(Messages),
+    Receipt(Receipt),
+    SyncDone(SyncDone),
+    Trimmed(Trimmed),
+    Typing(TypingNotice),
+    Error(ErrorFrame),
+    Reconnect(Reconnect),
+    Pong(Pong),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    pub user: String,
+    pub device: String,
+    pub server_time_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sent {
+    #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<i64>,
+    pub client_msg_id: String,
+    pub conversation_id: String,
+    pub seq: u64,
+    pub server_msg_id: String,
+    pub ts_ms: u64,
+    pub duplicate: bool,
+}
+
+/// One event of a conversation, as delivered and as returned by `fetch`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub conversation_id: String,
+    pub seq: u64,
+    pub server_msg_id: String,
+    pub sender: Sender,
+    pub ts_ms: u64,
+    #[serde(flatten)]
+    pub payload: EventPayload,
+}
+
+/// What an event is, tagged by `"kind"`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum EventPayload {
+    Message {
+        /// Absent once the message was deleted for everyone.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        body: Option<Body>,
+        client_msg_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reply_to: Option<u64>,
+        #[serde(default)]
+        deleted: bool,
+    },
+    Delete {
+        target_seq: u64,
+    },
+    GroupCreated {
+        name: String,
+        members: Vec<String>,
+    },
+    MemberAdded {
+        user: String,
+    },
+    MemberRemoved {
+        user: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Messages {
+    #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<i64>,
+    pub conversation_id: String,
+    pub events: Vec<Event>,
+    pub head_seq: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Receipt {
+    pub conversation_id: String,
+    pub user: String,
+    pub delivered_seq: u64,
+    pub read_seq: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SyncDone {}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Trimmed {
+    pub conversation_id: String,
+    pub floor_seq: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TypingNotice {
+    pub conversation_id: String,
+    pub user: String,
+    pub active: bool,
+}
+
+/// The error codes of the protocol, shared by WebSocket `error` frames and HTTP error bodies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    BadRequest,
+    Unauthorized,
+    Forbidden,
+    NotFound,
+    TooLarge,
+    RateLimited,
+    Unavailable,
+    Internal,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Internal => "internal",
+        }
+    }
+
+    /// Every code, in the order of PROTOCOL.md.
+    pub const ALL: [ErrorCode; 8] = [
+        ErrorCode::BadRequest,
+        ErrorCode::Unauthorized,
+        ErrorCode::Forbidden,
+        ErrorCode::NotFound,
+        ErrorCode::TooLarge,
+        ErrorCode::RateLimited,
+        ErrorCode::Unavailable,
+        ErrorCode::Internal,
+    ];
+
+    /// Parses a wire code; `None` for a code this version does not know.
+    pub fn parse(code: &str) -> Option<ErrorCode> {
+        Self::ALL.into_iter().find(|c| c.as_str() == code)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorFrame {
+    #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<i64>,
+    pub code: ErrorCode,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_msg_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reconnect {
+    pub after_ms: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Pong {
+    #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<i64>,
+}

@@ -1,0 +1,82 @@
+//! Validation of the identifiers of PROTOCOL.md ("Identity and tokens").
+
+/// Why an identifier was refused; the text names the field and the rule.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field} must be {rule}")]
+pub struct InvalidId {
+    pub field: &'static str,
+    pub rule: &'static str,
+}
+
+const USER_RULE: &str = "1 to 64 characters of A-Z a-z 0-9 . _ - @";
+const CONVERSATION_RULE: &str = "1 to 128 characters of A-Z a-z 0-9 . _ - :";
+const CLIENT_MSG_RULE: &str = "1 to 64 characters";
+
+fn check(
+    value: &str,
+    max: usize,
+    extra: &[u8],
+    field: &'static str,
+    rule: &'static str,
+) -> Result<(), InvalidId> {
+    let ok = !value.is_empty()
+        && value.len() <= max
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b) || extra.contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(InvalidId { field, rule })
+    }
+}
+
+/// A user id: 1 to 64 characters of `A-Z a-z 0-9 . _ - @`.
+pub fn user_id(value: &str) -> Result<(), InvalidId> {
+    check(value, 64, b"@", "user id", USER_RULE)
+}
+
+/// A device id: the same alphabet as user ids.
+pub fn device_id(value: &str) -> Result<(), InvalidId> {
+    check(value, 64, b"@", "device id", USER_RULE)
+}
+
+/// A conversation id: at most 128 characters of `A-Z a-z 0-9 . _ - :`.
+pub fn conversation_id(value: &str) -> Result<(), InvalidId> {
+    check(value, 128, b":", "conversation_id", CONVERSATION_RULE)
+}
+
+/// A media id: the same alphabet as conversation ids.
+pub fn media_id(value: &str) -> Result<(), InvalidId> {
+    check(value, 128, b":", "media_id", CONVERSATION_RULE)
+}
+
+/// A `client_msg_id`: 1 to 64 characters (of any kind).
+pub fn client_msg_id(value: &str) -> Result<(), InvalidId> {
+    let n = value.chars().count();
+    if (1..=64).contains(&n) {
+        Ok(())
+    } else {
+        Err(InvalidId {
+            field: "client_msg_id",
+            rule: CLIENT_MSG_RULE,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alphabets_and_lengths() {
+        assert!(user_id("alice@example.com").is_ok());
+        assert!(user_id("").is_err());
+        assert!(user_id(&"a".repeat(65)).is_err());
+        assert!(user_id("a b").is_err());
+        assert!(conversation_id("d:0a1b").is_ok());
+        assert!(conversation_id("a@b").is_err());
+        assert!(client_msg_id("ünï").is_ok());
+        assert!(client_msg_id("").is_err());
+    }
+}

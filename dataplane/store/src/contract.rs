@@ -1,0 +1,251 @@
+//! The contract every [`KvEngine`] passes, written once and run against each engine: the
+//! embedded one in this crate's tests, FoundationDB where a cluster file is given.
+//!
+//! The checks panic with a message naming the broken rule, like any test assertion.
+
+use crate::kv::{Batch, KvEngine, StoreError, decode_u64};
+use async_trait::async_trait;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// Opens an engine for the contract, and reopens it as after a crash of its process.
+#[async_trait]
+pub trait EngineHarness: Send {
+    /// The engine under test, empty on first open.
+    async fn open(&mut self) -> Arc<dyn KvEngine>;
+    /// Drops every handle without a clean shutdown and opens the same data again.
+    async fn reopen_after_crash(&mut self, engine: Arc<dyn KvEngine>) -> Arc<dyn KvEngine>;
+}
+
+/// Runs every check of the contract.
+pub async fn run_all(harness: &mut dyn EngineHarness) {
+    let kv = harness.open().await;
+    ordered_ranges(kv.as_ref()).await;
+    atomic_batches(kv.as_ref()).await;
+    fences(kv.as_ref()).await;
+    atomic_max_and_add(&kv).await;
+    versionstamps_follow_commit_order(kv.as_ref()).await;
+    reopen_keeps_every_commit(harness, kv).await;
+}
+
+fn key(prefix: &str, n: u32) -> Vec<u8> {
+    let mut k = prefix.as_bytes().to_vec();
+    k.extend_from_slice(&n.to_be_bytes());
+    k
+}
+
+/// Range reads return keys in order, bounded, limited and reversible, like a sorted map.
+pub async fn ordered_ranges(kv: &dyn KvEngine) {
+    let mut model = BTreeMap::new();
+    let mut batch = Batch::new();
+    // A scrambled insertion order (multiplication by an odd constant is a permutation).
+    for i in 0..200u32 {
+        let n = i.wrapping_mul(2_654_435_761) % 1000;
+        model.insert(key("r/", n), n.to_le_bytes().to_vec());
+        batch.set(key("r/", n), n.to_le_bytes().to_vec());
+    }
+    batch.set(b"r0".to_vec(), b"outside".to_vec());
+    kv.commit(batch).await.expect("commit of 201 keys");
+
+    let (begin, end) = (key("r/", 100), key("r/", 700));
+    let expected: Vec<_> = model
+        .range(begin.clone()..end.clone())
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let all = kv
+        .range(begin.clone()..end.clone(), usize::MAX, false)
+        .await
+        .unwrap();
+    assert_eq!(all, expected, "forward range must equal the sorted model");
+    let first = kv
+        .range(begin.clone()..end.clone(), 5, false)
+        .await
+        .unwrap();
+    assert_eq!(first, expected[..5], "a limit keeps the first keys");
+    let last = kv.range(begin..end, 5, true).await.unwrap();
+    let mut tail: Vec<_> = expected[expected.len() - 5..].to_vec();
+    tail.reverse();
+    assert_eq!(last, tail, "a reverse range starts from the end");
+    assert_eq!(kv.get(&key("r/", 1001)).await.unwrap(), None);
+}
+
+/// A batch is applied whole or not at all.
+pub async fn atomic_batches(kv: &dyn KvEngine) {
+    let mut setup = Batch::new();
+    setup.set(b"a/fence".to_vec(), b"1".to_vec());
+    setup.set(b"a/x".to_vec(), b"old".to_vec());
+    kv.commit(setup).await.unwrap();
+
+    let mut doomed = Batch::new();
+    doomed
+        .fence(b"a/fence".to_vec(), Some(b"2".to_vec()))
+        .set(b"a/x".to_vec(), b"new".to_vec())
+        .set(b"a/y".to_vec(), b"new".to_vec())
+        .clear_range(b"a/".to_vec()..b"a0".to_vec());
+    assert!(matches!(
+        kv.commit(doomed).await,
+        Err(StoreError::FenceChanged { .. })
+    ));
+    assert_eq!(kv.get(b"a/x").await.unwrap().as_deref(), Some(&b"old"[..]));
+    assert_eq!(
+        kv.get(b"a/y").await.unwrap(),
+        None,
+        "no part of a refused batch lands"
+    );
+
+    let mut both = Batch::new();
+    both.clear(b"a/x".to_vec())
+        .set(b"a/y".to_vec(), b"y".to_vec());
+    kv.commit(both).await.unwrap();
+    assert_eq!(kv.get(b"a/x").await.unwrap(), None);
+    assert_eq!(kv.get(b"a/y").await.unwrap().as_deref(), Some(&b"y"[..]));
+
+    let mut clear = Batch::new();
+    clear.clear_range(b"a/".to_vec()..b"a0".to_vec());
+    kv.commit(clear).await.unwrap();
+    assert!(
+        kv.range(b"a/".to_vec()..b"a0".to_vec(), 10, false)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+/// A commit is refused when a fenced key no longer holds the expected value (shard epochs).
+pub async fn fences(kv: &dyn KvEngine) {
+    let epoch = b"f/epoch".to_vec();
+    let mut take = Batch::new();
+    take.fence(epoch.clone(), None)
+        .set(epoch.clone(), 1u64.to_le_bytes().to_vec());
+    kv.commit(take)
+        .await
+        .expect("absent fence holds on an absent key");
+
+    let mut again = Batch::new();
+    again
+        .fence(epoch.clone(), None)
+        .set(b"f/w".to_vec(), b"x".to_vec());
+    assert!(matches!(
+        kv.commit(again).await,
+        Err(StoreError::FenceChanged { .. })
+    ));
+
+    let mut bump = Batch::new();
+    bump.fence(epoch.clone(), Some(1u64.to_le_bytes().to_vec()))
+        .set(epoch.clone(), 2u64.to_le_bytes().to_vec());
+    kv.commit(bump).await.unwrap();
+
+    let mut deposed = Batch::new();
+    deposed
+        .fence(epoch, Some(1u64.to_le_bytes().to_vec()))
+        .set(b"f/w".to_vec(), b"stale".to_vec());
+    assert!(
+        matches!(
+            kv.commit(deposed).await,
+            Err(StoreError::FenceChanged { .. })
+        ),
+        "a deposed owner's commit must be refused"
+    );
+    assert_eq!(kv.get(b"f/w").await.unwrap(), None);
+}
+
+/// `MAX` and `ADD` are atomic under concurrency: no update is lost.
+pub async fn atomic_max_and_add(kv: &Arc<dyn KvEngine>) {
+    let mut tasks = Vec::new();
+    for t in 0..8u64 {
+        let kv = kv.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..25u64 {
+                let mut batch = Batch::new();
+                batch
+                    .max(b"m/max".to_vec(), (i * 37 + t * 11) % 500)
+                    .add(b"m/add".to_vec(), 1);
+                kv.commit(batch).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let expected_max = (0..8u64)
+        .flat_map(|t| (0..25u64).map(move |i| (i * 37 + t * 11) % 500))
+        .max()
+        .unwrap();
+    assert_eq!(
+        decode_u64(&kv.get(b"m/max").await.unwrap().unwrap()),
+        expected_max
+    );
+    assert_eq!(decode_u64(&kv.get(b"m/add").await.unwrap().unwrap()), 200);
+
+    let mut lower = Batch::new();
+    lower.max(b"m/max".to_vec(), 1);
+    kv.commit(lower).await.unwrap();
+    assert_eq!(
+        decode_u64(&kv.get(b"m/max").await.unwrap().unwrap()),
+        expected_max,
+        "MAX never lowers a value"
+    );
+}
+
+fn stamped_key(prefix: &[u8], order: u16) -> Vec<u8> {
+    let mut k = prefix.to_vec();
+    let offset = k.len() as u32;
+    k.extend_from_slice(&[0xff; 10]);
+    k.extend_from_slice(&order.to_be_bytes());
+    k.extend_from_slice(&offset.to_le_bytes());
+    k
+}
+
+/// Versionstamps grow with commit order, so versionstamped keys read back in commit order.
+pub async fn versionstamps_follow_commit_order(kv: &dyn KvEngine) {
+    let mut stamps = Vec::new();
+    for i in 0..20u8 {
+        let mut batch = Batch::new();
+        batch
+            .set_versionstamped_key(stamped_key(b"v/", 1), vec![i, 1])
+            .set_versionstamped_key(stamped_key(b"v/", 0), vec![i, 0]);
+        stamps.push(kv.commit(batch).await.unwrap());
+    }
+    assert!(
+        stamps.windows(2).all(|w| w[0] < w[1]),
+        "stamps increase with commits"
+    );
+    let rows = kv
+        .range(b"v/".to_vec()..b"v0".to_vec(), usize::MAX, false)
+        .await
+        .unwrap();
+    let values: Vec<_> = rows.iter().map(|(_, v)| v.clone()).collect();
+    let expected: Vec<_> = (0..20u8).flat_map(|i| [vec![i, 0], vec![i, 1]]).collect();
+    assert_eq!(
+        values, expected,
+        "versionstamped keys sort by commit, then by user order"
+    );
+    assert_eq!(
+        &rows[0].0[2..12],
+        &stamps[0][..],
+        "the key holds the commit's stamp"
+    );
+}
+
+/// Everything committed survives a crash; stamps keep growing after it.
+pub async fn reopen_keeps_every_commit(harness: &mut dyn EngineHarness, kv: Arc<dyn KvEngine>) {
+    let mut batch = Batch::new();
+    for i in 0..100u32 {
+        batch.set(key("c/", i), vec![7; 100]);
+    }
+    let before = kv.commit(batch).await.unwrap();
+    let kv = harness.reopen_after_crash(kv).await;
+    let rows = kv
+        .range(key("c/", 0)..key("c/", 100), usize::MAX, false)
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 100, "every committed key is back after a crash");
+    assert_eq!(decode_u64(&kv.get(b"m/add").await.unwrap().unwrap()), 200);
+    let mut probe = Batch::new();
+    probe.set(b"c/probe".to_vec(), Vec::new());
+    let after = kv.commit(probe).await.unwrap();
+    assert!(
+        after > before,
+        "stamps after a restart are above those before it"
+    );
+}

@@ -1,0 +1,192 @@
+//! Every key of the message store, named in one place. Keys are FoundationDB tuples under one
+//! root subspace, so that a cluster (or a test run) can hold several stores side by side.
+//!
+//! | subspace | key | value |
+//! |---|---|---|
+//! | `meta` | `("meta", "shards")` | shard count, fixed when the store is created |
+//! | `shard` | `("shard", n)` | the shard's epoch (u64 LE); every append batch fences on it |
+//! | `conv` | `("conv", conv)` | conversation record (`ConversationRecord`) |
+//! | `mem` | `("mem", conv, user)` | membership (empty) |
+//! | `convs` | `("convs", user, conv)` | the user's conversations (empty) |
+//! | `head` | `("head", conv)` | highest seq (u64 LE) |
+//! | `ev` | `("ev", conv, seq)` | the event (`courier.v1.Event`, protobuf) |
+//! | `idem` | `("idem", conv, user, device, client_msg_id)` | the first outcome (`IdempotencyRecord`) |
+//! | `cur` | `("cur", user, device, conv)` | the device's delivered cursor (u64 LE, atomic MAX) |
+//! | `rcpt` | `("rcpt", conv, user, kind)` | the user's delivered/read cursor (u64 LE, atomic MAX) |
+//! | `ob` | `("ob", shard, versionstamp)` | outbox: events committed, not yet fanned out |
+
+use foundationdb_tuple::{Subspace, Versionstamp};
+use std::ops::Range;
+
+/// Builds the keys of one store.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    root: Subspace,
+}
+
+/// Which receipt cursor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReceiptKind {
+    Delivered,
+    Read,
+}
+
+impl ReceiptKind {
+    fn tag(self) -> &'static str {
+        match self {
+            ReceiptKind::Delivered => "d",
+            ReceiptKind::Read => "r",
+        }
+    }
+}
+
+fn range_of(space: Subspace) -> Range<Vec<u8>> {
+    let (begin, end) = space.range();
+    begin..end
+}
+
+impl Keys {
+    /// Keys under `root` (the empty prefix for a whole embedded database).
+    pub fn new(root: &[u8]) -> Self {
+        Self {
+            root: Subspace::from_bytes(root.to_vec()),
+        }
+    }
+
+    /// The bounds of every key of this store.
+    pub fn all(&self) -> Range<Vec<u8>> {
+        range_of(self.root.clone())
+    }
+
+    pub fn shard_count(&self) -> Vec<u8> {
+        self.root.pack(&("meta", "shards"))
+    }
+
+    pub fn shard_epoch(&self, shard: u32) -> Vec<u8> {
+        self.root.pack(&("shard", shard))
+    }
+
+    pub fn conversation(&self, conv: &str) -> Vec<u8> {
+        self.root.pack(&("conv", conv))
+    }
+
+    pub fn member(&self, conv: &str, user: &str) -> Vec<u8> {
+        self.root.pack(&("mem", conv, user))
+    }
+
+    pub fn members(&self, conv: &str) -> Range<Vec<u8>> {
+        range_of(self.root.subspace(&("mem", conv)))
+    }
+
+    /// The user id of a key from [`Keys::members`].
+    pub fn member_user(&self, key: &[u8]) -> Option<String> {
+        self.root
+            .unpack::<(String, String, String)>(key)
+            .ok()
+            .map(|(_, _, user)| user)
+    }
+
+    pub fn user_conversation(&self, user: &str, conv: &str) -> Vec<u8> {
+        self.root.pack(&("convs", user, conv))
+    }
+
+    pub fn user_conversations(&self, user: &str) -> Range<Vec<u8>> {
+        range_of(self.root.subspace(&("convs", user)))
+    }
+
+    /// The conversation id of a key from [`Keys::user_conversations`].
+    pub fn user_conversation_id(&self, key: &[u8]) -> Option<String> {
+        self.root
+            .unpack::<(String, String, String)>(key)
+            .ok()
+            .map(|(_, _, conv)| conv)
+    }
+
+    pub fn head(&self, conv: &str) -> Vec<u8> {
+        self.root.pack(&("head", conv))
+    }
+
+    pub fn event(&self, conv: &str, seq: u64) -> Vec<u8> {
+        self.root.pack(&("ev", conv, seq))
+    }
+
+    /// Events of `conv` with `seq` in `[from, to)`.
+    pub fn events(&self, conv: &str, from: u64, to: u64) -> Range<Vec<u8>> {
+        self.event(conv, from)..self.event(conv, to)
+    }
+
+    pub fn idempotency(
+        &self,
+        conv: &str,
+        user: &str,
+        device: &str,
+        client_msg_id: &str,
+    ) -> Vec<u8> {
+        self.root.pack(&("idem", conv, user, device, client_msg_id))
+    }
+
+    pub fn cursor(&self, user: &str, device: &str, conv: &str) -> Vec<u8> {
+        self.root.pack(&("cur", user, device, conv))
+    }
+
+    pub fn cursors(&self, user: &str, device: &str) -> Range<Vec<u8>> {
+        range_of(self.root.subspace(&("cur", user, device)))
+    }
+
+    /// The conversation id of a key from [`Keys::cursors`].
+    pub fn cursor_conversation(&self, key: &[u8]) -> Option<String> {
+        self.root
+            .unpack::<(String, String, String, String)>(key)
+            .ok()
+            .map(|(_, _, _, conv)| conv)
+    }
+
+    pub fn receipt(&self, conv: &str, user: &str, kind: ReceiptKind) -> Vec<u8> {
+        self.root.pack(&("rcpt", conv, user, kind.tag()))
+    }
+
+    /// An outbox key of `shard` to be completed with the commit's versionstamp; `order` tells
+    /// apart the entries of one commit.
+    pub fn outbox_entry(&self, shard: u32, order: u16) -> Vec<u8> {
+        self.root
+            .pack_with_versionstamp(&("ob", shard, Versionstamp::incomplete(order)))
+    }
+
+    pub fn outbox(&self, shard: u32) -> Range<Vec<u8>> {
+        range_of(self.root.subspace(&("ob", shard)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_sort_by_seq_and_stay_inside_their_conversation() {
+        let keys = Keys::new(b"t");
+        assert!(keys.event("a", 2) < keys.event("a", 10));
+        assert!(keys.event("a", u64::MAX) < keys.event("a0", 0));
+        let range = keys.events("a", 1, 3);
+        assert!(range.contains(&keys.event("a", 2)));
+        assert!(!range.contains(&keys.event("a", 3)));
+    }
+
+    #[test]
+    fn parts_are_read_back_from_keys() {
+        let keys = Keys::new(b"");
+        assert_eq!(
+            keys.member_user(&keys.member("g:1", "bob")).as_deref(),
+            Some("bob")
+        );
+        assert_eq!(
+            keys.user_conversation_id(&keys.user_conversation("bob", "d:x"))
+                .as_deref(),
+            Some("d:x")
+        );
+        assert_eq!(
+            keys.cursor_conversation(&keys.cursor("bob", "p", "d:x"))
+                .as_deref(),
+            Some("d:x")
+        );
+    }
+}

@@ -1,0 +1,183 @@
+//! The ordered key-value interface every engine implements, with FoundationDB's semantics:
+//! ordered keys and range reads, atomic multi-key commits, fences (a read whose change refuses
+//! the commit), atomic `MAX`/`ADD`, and commit-ordered versionstamps.
+
+use async_trait::async_trait;
+use std::ops::Range;
+
+/// Ten bytes that order commits: 8 bytes of commit version and 2 of batch order, big-endian,
+/// exactly as FoundationDB's transaction versionstamp.
+pub type CommitStamp = [u8; 10];
+
+/// A key and its value.
+pub type KeyValue = (Vec<u8>, Vec<u8>);
+
+/// One write in a batch. Integers of `Max` and `Add` are little-endian, as in FoundationDB.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mutation {
+    Set {
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    Clear {
+        key: Vec<u8>,
+    },
+    /// Clears `[begin, end)`.
+    ClearRange {
+        begin: Vec<u8>,
+        end: Vec<u8>,
+    },
+    /// Stores the larger of the stored and the given unsigned 64-bit values.
+    Max {
+        key: Vec<u8>,
+        value: u64,
+    },
+    /// Adds to the stored signed 64-bit value (absent = 0).
+    Add {
+        key: Vec<u8>,
+        delta: i64,
+    },
+    /// `key` ends with a 4-byte little-endian offset at which the engine writes the commit's
+    /// 10-byte stamp (the format of `foundationdb_tuple::pack_with_versionstamp`).
+    SetVersionstampedKey {
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+}
+
+/// A condition for a commit: the key holds `expected` (`None`: the key is absent) when the
+/// batch is applied. FoundationDB reads it serializably inside the transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    pub key: Vec<u8>,
+    pub expected: Option<Vec<u8>>,
+}
+
+/// Writes committed atomically: all or nothing, durable once `commit` returns `Ok`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Batch {
+    pub fences: Vec<Fence>,
+    pub mutations: Vec<Mutation>,
+}
+
+impl Batch {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn fence(&mut self, key: Vec<u8>, expected: Option<Vec<u8>>) -> &mut Self {
+        self.fences.push(Fence { key, expected });
+        self
+    }
+    pub fn set(&mut self, key: Vec<u8>, value: Vec<u8>) -> &mut Self {
+        self.mutations.push(Mutation::Set { key, value });
+        self
+    }
+    pub fn clear(&mut self, key: Vec<u8>) -> &mut Self {
+        self.mutations.push(Mutation::Clear { key });
+        self
+    }
+    pub fn clear_range(&mut self, range: Range<Vec<u8>>) -> &mut Self {
+        self.mutations.push(Mutation::ClearRange {
+            begin: range.start,
+            end: range.end,
+        });
+        self
+    }
+    pub fn max(&mut self, key: Vec<u8>, value: u64) -> &mut Self {
+        self.mutations.push(Mutation::Max { key, value });
+        self
+    }
+    pub fn add(&mut self, key: Vec<u8>, delta: i64) -> &mut Self {
+        self.mutations.push(Mutation::Add { key, delta });
+        self
+    }
+    pub fn set_versionstamped_key(&mut self, key: Vec<u8>, value: Vec<u8>) -> &mut Self {
+        self.mutations
+            .push(Mutation::SetVersionstampedKey { key, value });
+        self
+    }
+    pub fn is_empty(&self) -> bool {
+        self.mutations.is_empty()
+    }
+    /// Bytes of keys and values, to bound a batch under an engine's transaction limit.
+    pub fn approximate_size(&self) -> usize {
+        self.mutations
+            .iter()
+            .map(|m| match m {
+                Mutation::Set { key, value } | Mutation::SetVersionstampedKey { key, value } => {
+                    key.len() + value.len()
+                }
+                Mutation::Clear { key } | Mutation::Max { key, .. } | Mutation::Add { key, .. } => {
+                    key.len() + 8
+                }
+                Mutation::ClearRange { begin, end } => begin.len() + end.len(),
+            })
+            .sum()
+    }
+}
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A fence did not hold: someone else wrote the key (for a shard epoch: the shard moved).
+    #[error("commit refused: the fence on {key:?} changed")]
+    FenceChanged { key: Vec<u8> },
+    /// The commit may or may not have happened (FoundationDB's `commit_unknown_result`).
+    /// Callers resolve it by re-reading idempotency keys, never by assuming either way.
+    #[error("commit outcome unknown")]
+    MaybeCommitted,
+    /// The engine cannot take more work right now; retry later.
+    #[error("store overloaded: {0}")]
+    Overloaded(String),
+    /// The batch breaks an engine limit (size, key length).
+    #[error("batch refused: {0}")]
+    TooLarge(String),
+    /// Stored data that does not decode: a bug or corruption, never a client's fault.
+    #[error("corrupt stored value at {key:?}: {reason}")]
+    Corrupt { key: Vec<u8>, reason: String },
+    /// The engine failed (I/O, closed database, cluster unreachable).
+    #[error("storage engine: {0}")]
+    Engine(String),
+}
+
+/// An ordered key-value engine with FoundationDB's semantics. Implementations: the embedded
+/// engine (default) and FoundationDB (feature `fdb`); both pass [`crate::contract`].
+#[async_trait]
+pub trait KvEngine: Send + Sync + 'static {
+    /// The value of `key` in the latest committed state.
+    async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Up to `limit` pairs with keys in `range`, in key order (descending when `reverse`),
+    /// from one consistent snapshot.
+    async fn range(
+        &self,
+        range: Range<Vec<u8>>,
+        limit: usize,
+        reverse: bool,
+    ) -> Result<Vec<KeyValue>, StoreError>;
+
+    /// Applies `batch` atomically and durably after checking its fences. Returns the commit's
+    /// stamp; later commits have larger stamps.
+    async fn commit(&self, batch: Batch) -> Result<CommitStamp, StoreError>;
+}
+
+/// Reads a little-endian `u64` as written by [`Mutation::Max`]/[`Mutation::Add`]; shorter
+/// values are zero-extended as FoundationDB does.
+pub fn decode_u64(value: &[u8]) -> u64 {
+    let mut bytes = [0u8; 8];
+    let n = value.len().min(8);
+    bytes[..n].copy_from_slice(&value[..n]);
+    u64::from_le_bytes(bytes)
+}
+
+/// The smallest key greater than every key starting with `prefix` (FoundationDB's `strinc`).
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0xff]
+}

@@ -1,0 +1,22 @@
+//! Courier's storage.
+//!
+//! - [`kv`]: the ordered key-value interface with FoundationDB's semantics ([`KvEngine`]);
+//! - [`embedded`]: the default engine, on one machine's disk, no set-up at all;
+//! - `fdb` (feature `fdb`): the FoundationDB engine;
+//! - [`MessageStore`]: the message-store logic written once over any engine: shards and epochs,
+//!   appends with dense seqs and idempotency, the outbox, cursors and receipts;
+//! - [`contract`]: the checks every engine passes.
+//!
+//! This crate knows nothing of sockets, tokens or frames beyond the stored `Event`.
+
+pub mod contract;
+pub mod embedded;
+pub mod keys;
+pub mod kv;
+mod message_store;
+
+pub use keys::{Keys, ReceiptKind};
+pub use kv::{Batch, CommitStamp, KvEngine, StoreError};
+pub use message_store::{
+    Append, AppendOutcome, ConversationRecord, HeadCache, MessageStore, NewConversation, ShardLease,
+};
