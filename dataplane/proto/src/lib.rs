@@ -21,6 +21,7 @@ pub use codec::{DecodeError, Encoding, Payload};
 pub use frames::*;
 
 /// The protobuf types generated from `proto/courier/v1/client.proto`.
+#[allow(clippy::large_enum_variant)]
 pub mod pb {
     include!(concat!(env!("OUT_DIR"), "/courier.v1.rs"));
 }

@@ -1,0 +1,355 @@
+//! One WebSocket connection of a device.
+
+use crate::ClientError;
+use courier_proto::*;
+use futures::{SinkExt, StreamExt};
+use std::collections::{BTreeMap, VecDeque};
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// How long a call waits for its reply before [`ClientError::Timeout`].
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Attempts of [`Client::send_with_retry`] before giving up.
+pub const SEND_ATTEMPTS: u32 = 8;
+
+/// Whom a message goes to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// The direct conversation with this user (created on first message).
+    User(String),
+    /// An existing conversation.
+    Conversation(String),
+}
+
+/// A connected device. Frames that arrive while a call waits for its reply are kept, in
+/// order, for [`Client::next_frame`].
+pub struct Client {
+    socket: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    encoding: Encoding,
+    next_ref: i64,
+    buffered: VecDeque<ServerFrame>,
+    hello: Hello,
+}
+
+impl Client {
+    /// Connects to `base_url` (`ws://host:port`) with a bearer token and waits for `hello`.
+    pub async fn connect(
+        base_url: &str,
+        token: &str,
+        encoding: Encoding,
+    ) -> Result<Self, ClientError> {
+        let url = format!("{}/v1/ws", base_url.trim_end_matches('/'));
+        let mut request = url
+            .into_client_request()
+            .map_err(|e| ClientError::WebSocket(e.to_string()))?;
+        let headers = request.headers_mut();
+        let bearer = HeaderValue::from_str(&format!("Bearer {token}"))
+            .map_err(|e| ClientError::WebSocket(e.to_string()))?;
+        headers.insert("authorization", bearer);
+        headers.insert(
+            "sec-websocket-protocol",
+            HeaderValue::from_static(encoding.subprotocol()),
+        );
+        let config = WebSocketConfig::default().max_message_size(Some(64 << 20));
+        let (socket, _) = tokio_tungstenite::connect_async_with_config(request, Some(config), true)
+            .await
+            .map_err(|e| match e {
+                tungstenite::Error::Http(response) => {
+                    ClientError::Rejected(response.status().as_u16())
+                }
+                other => ClientError::WebSocket(other.to_string()),
+            })?;
+        let mut client = Self {
+            socket,
+            encoding,
+            next_ref: 1,
+            buffered: VecDeque::new(),
+            hello: Hello {
+                user: String::new(),
+                device: String::new(),
+                server_time_ms: 0,
+            },
+        };
+        match client.read().await? {
+            ServerFrame::Hello(hello) => client.hello = hello,
+            other => {
+                return Err(ClientError::WebSocket(format!(
+                    "expected hello first, got {other:?}"
+                )));
+            }
+        }
+        Ok(client)
+    }
+
+    /// The server's `hello`.
+    pub fn hello(&self) -> &Hello {
+        &self.hello
+    }
+
+    pub fn encoding(&self) -> Encoding {
+        self.encoding
+    }
+
+    fn take_ref(&mut self) -> i64 {
+        self.next_ref += 1;
+        self.next_ref
+    }
+
+    /// Sends one frame as is.
+    pub async fn send_frame(&mut self, frame: &ClientFrame) -> Result<(), ClientError> {
+        let message = match self.encoding.encode_client(frame) {
+            Payload::Text(text) => Message::text(text),
+            Payload::Binary(bytes) => Message::binary(bytes),
+        };
+        self.send_raw(message).await
+    }
+
+    /// Sends a raw WebSocket message (for tests of bad input).
+    pub async fn send_raw(&mut self, message: Message) -> Result<(), ClientError> {
+        self.socket
+            .send(message)
+            .await
+            .map_err(|e| ClientError::WebSocket(e.to_string()))
+    }
+
+    /// Reads the next frame from the socket (not the buffer).
+    async fn read(&mut self) -> Result<ServerFrame, ClientError> {
+        loop {
+            let message = match self.socket.next().await {
+                Some(Ok(message)) => message,
+                Some(Err(tungstenite::Error::ConnectionClosed)) | None => {
+                    return Err(ClientError::Closed(None));
+                }
+                Some(Err(e)) => return Err(ClientError::WebSocket(e.to_string())),
+            };
+            match message {
+                Message::Text(text) => return Ok(self.encoding.decode_server(text.as_bytes())?),
+                Message::Binary(bytes) => return Ok(self.encoding.decode_server(&bytes)?),
+                Message::Close(frame) => {
+                    return Err(ClientError::Closed(
+                        frame.map(|f| (u16::from(f.code), f.reason.to_string())),
+                    ));
+                }
+                _ => continue,
+            }
+        }
+    }
+
+    /// The next frame: buffered ones first.
+    pub async fn next_frame(&mut self) -> Result<ServerFrame, ClientError> {
+        match self.buffered.pop_front() {
+            Some(frame) => Ok(frame),
+            None => self.read().await,
+        }
+    }
+
+    /// The next frame within `timeout`.
+    pub async fn next_frame_within(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<ServerFrame, ClientError> {
+        tokio::time::timeout(timeout, self.next_frame())
+            .await
+            .map_err(|_| ClientError::Timeout(timeout))?
+    }
+
+    /// Reads until `pick` accepts a frame; other frames are kept for later, in order.
+    async fn wait_for<T>(
+        &mut self,
+        mut pick: impl FnMut(&ServerFrame) -> Option<Result<T, ClientError>>,
+    ) -> Result<T, ClientError> {
+        let wait = async {
+            loop {
+                let frame = self.read().await?;
+                match pick(&frame) {
+                    Some(result) => return result,
+                    None => self.buffered.push_back(frame),
+                }
+            }
+        };
+        tokio::time::timeout(REPLY_TIMEOUT, wait)
+            .await
+            .map_err(|_| ClientError::Timeout(REPLY_TIMEOUT))?
+    }
+
+    /// Sends a message and waits for its `sent` (or `error`).
+    pub async fn send(
+        &mut self,
+        target: Target,
+        client_msg_id: &str,
+        body: Body,
+    ) -> Result<Sent, ClientError> {
+        let reference = self.take_ref();
+        let (conversation_id, to_user) = match target {
+            Target::User(user) => (None, Some(user)),
+            Target::Conversation(conv) => (Some(conv), None),
+        };
+        self.send_frame(&ClientFrame::Send(Send {
+            reference: Some(reference),
+            client_msg_id: client_msg_id.to_owned(),
+            conversation_id,
+            to_user,
+            body,
+            reply_to: None,
+        }))
+        .await?;
+        self.wait_for(|frame| match frame {
+            ServerFrame::Sent(sent) if sent.reference == Some(reference) => Some(Ok(sent.clone())),
+            ServerFrame::Error(e) if e.reference == Some(reference) => {
+                Some(Err(ClientError::Server(e.clone())))
+            }
+            _ => None,
+        })
+        .await
+    }
+
+    /// Sends a text message and waits for its `sent`.
+    pub async fn send_text(
+        &mut self,
+        target: Target,
+        client_msg_id: &str,
+        text: &str,
+    ) -> Result<Sent, ClientError> {
+        self.send(target, client_msg_id, Body::Text(text.to_owned()))
+            .await
+    }
+
+    /// Like [`Client::send`], retrying with the same `client_msg_id` while the server answers
+    /// `unavailable` or `rate_limited` (waiting as it says, with exponential backoff).
+    pub async fn send_with_retry(
+        &mut self,
+        target: Target,
+        client_msg_id: &str,
+        body: Body,
+    ) -> Result<Sent, ClientError> {
+        let mut backoff = Duration::from_millis(20);
+        let mut attempt = 1;
+        loop {
+            match self.send(target.clone(), client_msg_id, body.clone()).await {
+                Err(ClientError::Server(e))
+                    if attempt < SEND_ATTEMPTS
+                        && matches!(e.code, ErrorCode::Unavailable | ErrorCode::RateLimited) =>
+                {
+                    let wait = e
+                        .retry_after_ms
+                        .map_or(backoff, Duration::from_millis)
+                        .max(backoff);
+                    tokio::time::sleep(wait).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Acknowledges everything up to `seq` in a conversation.
+    pub async fn ack(
+        &mut self,
+        conversation_id: &str,
+        seq: u64,
+        kind: AckKind,
+    ) -> Result<(), ClientError> {
+        self.send_frame(&ClientFrame::Ack(Ack {
+            reference: None,
+            conversation_id: conversation_id.to_owned(),
+            seq,
+            kind,
+        }))
+        .await
+    }
+
+    /// Fetches events after `after_seq`.
+    pub async fn fetch(
+        &mut self,
+        conversation_id: &str,
+        after_seq: u64,
+        limit: Option<u32>,
+    ) -> Result<Messages, ClientError> {
+        let reference = self.take_ref();
+        self.send_frame(&ClientFrame::Fetch(Fetch {
+            reference: Some(reference),
+            conversation_id: conversation_id.to_owned(),
+            after_seq: Some(after_seq),
+            limit,
+        }))
+        .await?;
+        self.wait_for(|frame| match frame {
+            ServerFrame::Messages(m) if m.reference == Some(reference) => Some(Ok(m.clone())),
+            ServerFrame::Error(e) if e.reference == Some(reference) => {
+                Some(Err(ClientError::Server(e.clone())))
+            }
+            _ => None,
+        })
+        .await
+    }
+
+    /// Asks for a sync and returns the events it brought, up to `sync_done`.
+    pub async fn sync(
+        &mut self,
+        cursors: BTreeMap<String, u64>,
+    ) -> Result<Vec<Event>, ClientError> {
+        self.send_frame(&ClientFrame::Sync(Sync {
+            reference: None,
+            cursors,
+        }))
+        .await?;
+        self.events_until_sync_done().await
+    }
+
+    /// Reads events up to the next `sync_done` (other frames stay buffered).
+    pub async fn events_until_sync_done(&mut self) -> Result<Vec<Event>, ClientError> {
+        let mut events = Vec::new();
+        let mut keep = VecDeque::new();
+        loop {
+            match self.next_frame_within(REPLY_TIMEOUT).await? {
+                ServerFrame::SyncDone(_) => break,
+                ServerFrame::Event(event) => events.push(event),
+                other => keep.push_back(other),
+            }
+        }
+        keep.extend(self.buffered.drain(..));
+        self.buffered = keep;
+        Ok(events)
+    }
+
+    /// The next `event` frame (other frames stay buffered).
+    pub async fn next_event(&mut self) -> Result<Event, ClientError> {
+        let buffered = self
+            .buffered
+            .iter()
+            .position(|f| matches!(f, ServerFrame::Event(_)));
+        if let Some(ServerFrame::Event(event)) = buffered.and_then(|i| self.buffered.remove(i)) {
+            return Ok(event);
+        }
+        self.wait_for(|frame| match frame {
+            ServerFrame::Event(event) => Some(Ok(event.clone())),
+            _ => None,
+        })
+        .await
+    }
+
+    /// Sends `ping` and waits for its `pong`.
+    pub async fn ping(&mut self) -> Result<(), ClientError> {
+        let reference = self.take_ref();
+        self.send_frame(&ClientFrame::Ping(Ping {
+            reference: Some(reference),
+        }))
+        .await?;
+        self.wait_for(|frame| match frame {
+            ServerFrame::Pong(p) if p.reference == Some(reference) => Some(Ok(())),
+            _ => None,
+        })
+        .await
+    }
+
+    /// Closes the connection politely.
+    pub async fn close(mut self) {
+        let _ = self.socket.close(None).await;
+    }
+}

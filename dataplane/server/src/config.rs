@@ -1,0 +1,122 @@
+//! Configuration of `courier serve`: one typed struct, from flags or `COURIER_*` environment
+//! variables, validated at start-up.
+
+use crate::gateway::GatewayLimits;
+use crate::sequencer::GroupCommitLimits;
+use clap::{Args, ValueEnum};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StoreKind {
+    /// The embedded engine in the data directory (default; no set-up).
+    Embedded,
+    /// FoundationDB (needs a build with `--features fdb` and `--fdb-cluster-file`).
+    Fdb,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PublicKeyAlgorithm {
+    #[value(name = "EdDSA", alias = "eddsa")]
+    EdDsa,
+    #[value(name = "RS256", alias = "rs256")]
+    Rs256,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeConfig {
+    /// Address to listen on (port 0 picks a free port; the ready line shows it).
+    #[arg(long, env = "COURIER_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Directory of the embedded store and the generated token secret.
+    #[arg(long, env = "COURIER_DATA_DIR", default_value = "./courier-data")]
+    pub data_dir: PathBuf,
+    /// Storage engine.
+    #[arg(long, env = "COURIER_STORE", value_enum, default_value = "embedded")]
+    pub store: StoreKind,
+    /// FoundationDB cluster file (with `--store fdb`).
+    #[arg(long, env = "COURIER_FDB_CLUSTER_FILE")]
+    pub fdb_cluster_file: Option<PathBuf>,
+    /// Logical sequencer shards; fixed when the store is created.
+    #[arg(long, env = "COURIER_SHARDS", default_value_t = 1024)]
+    pub shards: u32,
+    /// HS256 token secret (default: generated in the data directory on first start).
+    #[arg(long, env = "COURIER_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// PEM public key to verify tokens with instead of a shared secret.
+    #[arg(long, env = "COURIER_JWT_PUBLIC_KEY", requires = "jwt_algorithm")]
+    pub jwt_public_key: Option<PathBuf>,
+    /// Algorithm of `--jwt-public-key`.
+    #[arg(long, env = "COURIER_JWT_ALGORITHM", value_enum)]
+    pub jwt_algorithm: Option<PublicKeyAlgorithm>,
+    /// Largest client WebSocket message in bytes; larger ones close the connection (1009).
+    #[arg(long, env = "COURIER_MAX_FRAME_BYTES", default_value_t = 64 * 1024)]
+    pub max_frame_bytes: usize,
+    /// Deliveries queued per connection before a slow reader is disconnected.
+    #[arg(long, env = "COURIER_OUTBOUND_QUEUE", default_value_t = 1024)]
+    pub outbound_queue: usize,
+    /// Most appends per group commit of a shard.
+    #[arg(long, env = "COURIER_COMMIT_MAX_APPENDS", default_value_t = 512)]
+    pub commit_max_appends: usize,
+    /// Longest wait of a shard's first append for more to batch with (e.g. `0ms`, `1ms`).
+    #[arg(long, env = "COURIER_COMMIT_LINGER", default_value = "0ms", value_parser = humantime::parse_duration)]
+    pub commit_linger: Duration,
+    /// Appends queued per shard before sends are answered `unavailable`.
+    #[arg(long, env = "COURIER_SHARD_QUEUE", default_value_t = 4096)]
+    pub shard_queue: usize,
+    /// Fanout workers.
+    #[arg(long, env = "COURIER_FANOUT_WORKERS", default_value_t = 2)]
+    pub fanout_workers: usize,
+    /// How long draining may take on SIGTERM before the process exits anyway.
+    #[arg(long, env = "COURIER_DRAIN_TIMEOUT", default_value = "25s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+}
+
+impl ServeConfig {
+    /// Checks values that flags alone cannot; the message says what to change.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.shards >= 1, "--shards must be at least 1");
+        anyhow::ensure!(
+            self.max_frame_bytes >= 1024,
+            "--max-frame-bytes must be at least 1024"
+        );
+        anyhow::ensure!(
+            self.outbound_queue >= 16,
+            "--outbound-queue must be at least 16"
+        );
+        anyhow::ensure!(
+            self.commit_max_appends >= 1,
+            "--commit-max-appends must be at least 1"
+        );
+        anyhow::ensure!(self.shard_queue >= 1, "--shard-queue must be at least 1");
+        anyhow::ensure!(
+            self.fanout_workers >= 1,
+            "--fanout-workers must be at least 1"
+        );
+        if self.store == StoreKind::Fdb {
+            anyhow::ensure!(
+                self.fdb_cluster_file.is_some(),
+                "--store fdb needs --fdb-cluster-file (or COURIER_FDB_CLUSTER_FILE)"
+            );
+        }
+        Ok(())
+    }
+
+    pub fn gateway_limits(&self) -> GatewayLimits {
+        GatewayLimits {
+            max_frame_bytes: self.max_frame_bytes,
+            outbound_queue: self.outbound_queue,
+            ..GatewayLimits::default()
+        }
+    }
+
+    pub fn group_commit_limits(&self) -> GroupCommitLimits {
+        GroupCommitLimits {
+            max_appends: self.commit_max_appends,
+            linger: self.commit_linger,
+            queue_capacity: self.shard_queue,
+            ..GroupCommitLimits::default()
+        }
+    }
+}

@@ -1,0 +1,456 @@
+//! The gateway role: one task per WebSocket connection. It decodes frames, calls the chat role,
+//! writes replies and live deliveries, keeps per-conversation delivery order for its device,
+//! and closes on overflow (1013, the client resyncs), oversize (1009) and drain (1001, after a
+//! `reconnect` frame).
+
+use crate::auth::Identity;
+use crate::chat::{CatchUp, Chat};
+use crate::error::ApiError;
+use crate::fanout::now_ms;
+use crate::metrics::{CodeLabel, Metrics};
+use crate::routes::{Delivery, Routes, SharedEvent, to_message};
+use crate::sequencer::SequencerError;
+use axum::extract::ws::{CloseFrame, Message, WebSocket, close_code};
+use courier_proto::{
+    ClientFrame, Encoding, ErrorFrame, Event, Hello, Messages, Pong, Reconnect, Sent, ServerFrame,
+    SyncDone,
+};
+use courier_store::AppendOutcome;
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// Events read from the store per step of a catch-up or gap fill.
+const CATCH_UP_PAGE: usize = 256;
+
+/// Settings of the gateway.
+#[derive(Debug, Clone)]
+pub struct GatewayLimits {
+    /// Largest client message, after decompression (close 1009 above).
+    pub max_frame_bytes: usize,
+    /// Deliveries queued per connection; a connection whose queue is full is closed.
+    pub outbound_queue: usize,
+    /// Sends in flight per connection before the gateway stops reading from it.
+    pub max_pending_sends: usize,
+    /// Longest wait for a `sent` before the client is told `unavailable` (it retries).
+    pub send_timeout: Duration,
+    /// The `reconnect` delay is drawn in `[0, reconnect_jitter)`.
+    pub reconnect_jitter: Duration,
+    /// Longest a write may wait for a client that reads nothing.
+    pub write_timeout: Duration,
+}
+
+impl Default for GatewayLimits {
+    fn default() -> Self {
+        Self {
+            max_frame_bytes: 64 * 1024,
+            outbound_queue: 1024,
+            max_pending_sends: 256,
+            send_timeout: Duration::from_secs(10),
+            reconnect_jitter: Duration::from_secs(2),
+            write_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What a connection task needs.
+pub struct Gateway {
+    pub chat: Arc<Chat>,
+    pub routes: Arc<Routes>,
+    pub metrics: Arc<Metrics>,
+    pub limits: GatewayLimits,
+    pub draining: watch::Receiver<bool>,
+}
+
+/// A finished send: its `ref`, `client_msg_id`, conversation, start and outcome.
+struct SendResult {
+    reference: Option<i64>,
+    client_msg_id: String,
+    conversation_id: String,
+    started: Instant,
+    outcome: Result<AppendOutcome, ApiError>,
+}
+
+struct Connection<'a> {
+    gateway: &'a Gateway,
+    who: Identity,
+    encoding: Encoding,
+    socket: WebSocket,
+    /// Highest seq written to this connection (or known to its device), per conversation.
+    upto: HashMap<String, u64>,
+    pending: FuturesUnordered<BoxFuture<'static, SendResult>>,
+}
+
+/// Why the connection ends.
+enum Exit {
+    ClientGone,
+    Close(u16, &'static str),
+}
+
+impl Gateway {
+    /// Runs one connection until it ends.
+    pub async fn serve(&self, socket: WebSocket, who: Identity, encoding: Encoding) {
+        let (handle, mut deliveries) =
+            self.routes
+                .register(&who.user, &who.device, self.limits.outbound_queue);
+        self.metrics.connections.inc();
+        let user = who.user.clone();
+        let mut connection = Connection {
+            gateway: self,
+            who,
+            encoding,
+            socket,
+            upto: HashMap::new(),
+            pending: FuturesUnordered::new(),
+        };
+        let exit = connection.run(&mut deliveries, &handle.kick).await;
+        self.routes.unregister(&user, handle.id);
+        self.metrics.connections.dec();
+        if let Exit::Close(code, reason) = exit {
+            let _ = connection
+                .socket
+                .send(Message::Close(Some(CloseFrame {
+                    code,
+                    reason: reason.into(),
+                })))
+                .await;
+        }
+    }
+}
+
+impl Connection<'_> {
+    async fn run(
+        &mut self,
+        deliveries: &mut tokio::sync::mpsc::Receiver<Delivery>,
+        kick: &tokio::sync::Notify,
+    ) -> Exit {
+        let hello = ServerFrame::Hello(Hello {
+            user: self.who.user.clone(),
+            device: self.who.device.clone(),
+            server_time_ms: now_ms(),
+        });
+        if self.write(&hello).await.is_err() {
+            return Exit::ClientGone;
+        }
+        if let Err(exit) = self.catch_up(&BTreeMap::new()).await {
+            return exit;
+        }
+        let mut draining = self.gateway.draining.clone();
+        loop {
+            let reading = self.pending.len() < self.gateway.limits.max_pending_sends;
+            let step = tokio::select! {
+                biased;
+                _ = kick.notified() => Err(Exit::Close(close_code::AGAIN, "outbound queue full; reconnect and resync")),
+                _ = async { drop(draining.wait_for(|d| *d).await) } => self.drain().await,
+                Some(done) = self.pending.next() => self.on_sent(done).await,
+                Some(delivery) = deliveries.recv() => self.on_delivery(delivery).await,
+                message = self.socket.recv(), if reading => match message {
+                    Some(Ok(message)) => self.on_message(message).await,
+                    Some(Err(e)) => Err(self.on_read_error(e)),
+                    None => Err(Exit::ClientGone),
+                },
+            };
+            if let Err(exit) = step {
+                return exit;
+            }
+        }
+    }
+
+    async fn write(&mut self, frame: &ServerFrame) -> Result<(), Exit> {
+        self.write_message(to_message(self.encoding, frame)).await
+    }
+
+    /// Writes one message; a client that takes none for `write_timeout` is dropped.
+    async fn write_message(&mut self, message: Message) -> Result<(), Exit> {
+        match tokio::time::timeout(self.gateway.limits.write_timeout, self.socket.send(message))
+            .await
+        {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(Exit::ClientGone),
+        }
+    }
+
+    async fn write_error(
+        &mut self,
+        reference: Option<i64>,
+        client_msg_id: Option<String>,
+        e: ApiError,
+    ) -> Result<(), Exit> {
+        self.gateway
+            .metrics
+            .errors
+            .get_or_create(&CodeLabel {
+                code: e.code.as_str(),
+            })
+            .inc();
+        self.write(&ServerFrame::Error(ErrorFrame {
+            reference,
+            code: e.code,
+            message: e.message,
+            client_msg_id,
+            retry_after_ms: e.retry_after_ms,
+        }))
+        .await
+    }
+
+    fn on_read_error(&self, e: axum::Error) -> Exit {
+        let text = e.to_string();
+        // tungstenite refuses frames above the configured size with a capacity error.
+        if text.contains("Space limit exceeded")
+            || text.contains("too long")
+            || text.contains("Capacity")
+        {
+            Exit::Close(close_code::SIZE, "message too big")
+        } else {
+            Exit::ClientGone
+        }
+    }
+
+    /// Tells the client to reconnect elsewhere, then closes with 1001.
+    async fn drain(&mut self) -> Result<(), Exit> {
+        let jitter = self.gateway.limits.reconnect_jitter.as_millis() as u64;
+        let after_ms = if jitter == 0 {
+            0
+        } else {
+            rand::random::<u64>() % jitter
+        };
+        let _ = self
+            .write(&ServerFrame::Reconnect(Reconnect { after_ms }))
+            .await;
+        Err(Exit::Close(close_code::AWAY, "server draining; reconnect"))
+    }
+
+    async fn on_message(&mut self, message: Message) -> Result<(), Exit> {
+        let data = match (&message, self.encoding) {
+            (Message::Text(text), Encoding::Json) => text.as_bytes(),
+            (Message::Binary(bytes), Encoding::Proto) => bytes.as_ref(),
+            (Message::Close(_), _) => return Err(Exit::ClientGone),
+            (Message::Ping(_) | Message::Pong(_), _) => return Ok(()),
+            (_, encoding) => {
+                let kind = if encoding == Encoding::Json {
+                    "text"
+                } else {
+                    "binary"
+                };
+                let e = ApiError::bad_request(format!(
+                    "{} takes {kind} frames",
+                    encoding.subprotocol()
+                ));
+                return self.write_error(None, None, e).await;
+            }
+        };
+        if data.len() > self.gateway.limits.max_frame_bytes {
+            return Err(Exit::Close(close_code::SIZE, "message too big"));
+        }
+        let frame = match self.encoding.decode_client(data) {
+            Ok(frame) => frame,
+            Err(e) => {
+                let reference = self.encoding.salvage_reference(data);
+                return self
+                    .write_error(reference, None, ApiError::bad_request(e.to_string()))
+                    .await;
+            }
+        };
+        let reference = frame.reference();
+        let client_msg_id = match &frame {
+            ClientFrame::Send(s) => Some(s.client_msg_id.clone()),
+            _ => None,
+        };
+        if let Err(e) = self.on_frame(frame).await? {
+            self.write_error(reference, client_msg_id, e).await?;
+        }
+        Ok(())
+    }
+
+    /// Handles one decoded frame. The outer error ends the connection; the inner one is
+    /// answered with an `error` frame.
+    async fn on_frame(&mut self, frame: ClientFrame) -> Result<Result<(), ApiError>, Exit> {
+        let chat = self.gateway.chat.clone();
+        match frame {
+            ClientFrame::Send(send) => {
+                let started = Instant::now();
+                let (conversation_id, pending) = match chat.submit_send(&self.who, &send).await {
+                    Ok(submitted) => submitted,
+                    Err(e) => return Ok(Err(e)),
+                };
+                let timeout = self.gateway.limits.send_timeout;
+                let reference = send.reference;
+                let client_msg_id = send.client_msg_id;
+                self.pending.push(Box::pin(async move {
+                    let outcome = match tokio::time::timeout(timeout, pending).await {
+                        Ok(result) => result.map_err(ApiError::from),
+                        Err(_) => Err(ApiError::from(SequencerError::Overloaded)),
+                    };
+                    SendResult {
+                        reference,
+                        client_msg_id,
+                        conversation_id,
+                        started,
+                        outcome,
+                    }
+                }));
+                Ok(Ok(()))
+            }
+            ClientFrame::Ack(ack) => Ok(chat.acknowledge(&self.who, &ack).await),
+            ClientFrame::Fetch(fetch) => {
+                let after = fetch.after_seq.unwrap_or(0);
+                match chat
+                    .fetch(&self.who, &fetch.conversation_id, after, fetch.limit)
+                    .await
+                {
+                    Ok((events, head_seq)) => {
+                        let reply = ServerFrame::Messages(Messages {
+                            reference: fetch.reference,
+                            conversation_id: fetch.conversation_id,
+                            events,
+                            head_seq,
+                        });
+                        self.write(&reply).await.map(Ok)
+                    }
+                    Err(e) => Ok(Err(e)),
+                }
+            }
+            ClientFrame::Sync(sync) => {
+                for conv in sync.cursors.keys() {
+                    if let Err(e) = courier_proto::ids::conversation_id(conv) {
+                        return Ok(Err(e.into()));
+                    }
+                }
+                match self.catch_up(&sync.cursors).await {
+                    Ok(()) => Ok(Ok(())),
+                    Err(exit) => Err(exit),
+                }
+            }
+            ClientFrame::Ping(ping) => self
+                .write(&ServerFrame::Pong(Pong {
+                    reference: ping.reference,
+                }))
+                .await
+                .map(Ok),
+            ClientFrame::Delete(_) | ClientFrame::Typing(_) => Ok(Err(ApiError::bad_request(
+                "delete and typing apply to groups, which this server does not support yet",
+            ))),
+        }
+    }
+
+    async fn on_sent(&mut self, done: SendResult) -> Result<(), Exit> {
+        let SendResult {
+            reference,
+            client_msg_id,
+            conversation_id,
+            started,
+            outcome,
+        } = done;
+        match outcome {
+            Ok(outcome) => {
+                let metrics = &self.gateway.metrics;
+                metrics
+                    .send_ack_latency
+                    .observe(started.elapsed().as_secs_f64());
+                if outcome.duplicate {
+                    metrics.send_retries.inc();
+                }
+                // The device has its own message: live delivery may continue past it.
+                let upto = self.upto.entry(conversation_id.clone()).or_insert(0);
+                if *upto + 1 == outcome.seq {
+                    *upto = outcome.seq;
+                }
+                self.write(&ServerFrame::Sent(Sent {
+                    reference,
+                    client_msg_id,
+                    conversation_id,
+                    seq: outcome.seq,
+                    server_msg_id: outcome.server_msg_id,
+                    ts_ms: outcome.ts_ms,
+                    duplicate: outcome.duplicate,
+                }))
+                .await
+            }
+            Err(e) => self.write_error(reference, Some(client_msg_id), e).await,
+        }
+    }
+
+    async fn on_delivery(&mut self, delivery: Delivery) -> Result<(), Exit> {
+        match delivery {
+            Delivery::Frame(frame) => self.write(&frame).await,
+            Delivery::Event(shared) => self.on_live_event(shared).await,
+        }
+    }
+
+    /// Writes a live event in order: events already written are skipped, a gap (events this
+    /// connection has not seen) is filled from the store first.
+    async fn on_live_event(&mut self, shared: Arc<SharedEvent>) -> Result<(), Exit> {
+        let event = &shared.event;
+        let upto = self.upto.get(&event.conversation_id).copied().unwrap_or(0);
+        if event.seq <= upto {
+            return Ok(());
+        }
+        if event.seq > upto + 1 {
+            let gap = CatchUp {
+                conversation_id: event.conversation_id.clone(),
+                from: upto,
+                head: event.seq - 1,
+            };
+            self.stream_events(&gap, false).await?;
+        }
+        self.upto.insert(event.conversation_id.clone(), event.seq);
+        self.write_message(shared.message(self.encoding)).await
+    }
+
+    /// Sends every event above the device's cursors (or `overrides`), then `sync_done`.
+    async fn catch_up(&mut self, overrides: &BTreeMap<String, u64>) -> Result<(), Exit> {
+        let plan = match self.gateway.chat.catch_up_plan(&self.who, overrides).await {
+            Ok(plan) => plan,
+            Err(e) => {
+                self.write_error(None, None, e).await?;
+                return Err(Exit::Close(close_code::ERROR, "catch-up failed; reconnect"));
+            }
+        };
+        let (ranges, cursors) = plan;
+        for (conv, cursor) in cursors {
+            let known = self.upto.entry(conv).or_insert(0);
+            *known = (*known).max(cursor);
+        }
+        for range in &ranges {
+            self.stream_events(range, true).await?;
+        }
+        self.write(&ServerFrame::SyncDone(SyncDone {})).await
+    }
+
+    /// Writes the events of `range` from the store; `own` also includes the device's own
+    /// sends (a catch-up does, a gap fill does not: the device had `sent` for them).
+    async fn stream_events(&mut self, range: &CatchUp, own: bool) -> Result<(), Exit> {
+        let store = self.gateway.chat.store().clone();
+        let mut after = range.from;
+        while after < range.head {
+            let limit = CATCH_UP_PAGE.min((range.head - after) as usize);
+            let events = match store.events(&range.conversation_id, after, limit).await {
+                Ok(events) => events,
+                Err(e) => {
+                    self.write_error(None, None, e.into()).await?;
+                    return Err(Exit::Close(close_code::ERROR, "storage error; reconnect"));
+                }
+            };
+            let Some(last) = events.last().map(|e| e.seq) else {
+                break;
+            };
+            for event in events {
+                if own || !self.is_own(&event) {
+                    self.write(&ServerFrame::Event(event)).await?;
+                }
+            }
+            after = last;
+            let upto = self.upto.entry(range.conversation_id.clone()).or_insert(0);
+            *upto = (*upto).max(last);
+        }
+        Ok(())
+    }
+
+    fn is_own(&self, event: &Event) -> bool {
+        event.sender.user == self.who.user && event.sender.device == self.who.device
+    }
+}

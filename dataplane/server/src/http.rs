@@ -1,0 +1,136 @@
+//! HTTP: the WebSocket upgrade, the REST API of PROTOCOL.md, health, readiness and metrics.
+//! Handlers are thin: they authenticate, then call the chat role.
+
+use crate::auth::{AuthError, Identity, TokenVerifier, bearer_token};
+use crate::chat::Chat;
+use crate::error::ApiError;
+use crate::gateway::Gateway;
+use crate::metrics::Metrics;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use courier_proto::{Encoding, ErrorCode, SUBPROTOCOL_JSON, SUBPROTOCOL_PROTO};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// What the handlers share.
+pub struct AppState {
+    pub chat: Arc<Chat>,
+    pub gateway: Arc<Gateway>,
+    pub verifier: TokenVerifier,
+    pub metrics: Arc<Metrics>,
+    pub ready: AtomicBool,
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/ws", get(websocket))
+        .route("/v1/conversations", get(conversations))
+        .route("/v1/conversations/{id}/messages", get(messages))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> Self {
+        ApiError::new(ErrorCode::Unauthorized, e.to_string())
+    }
+}
+
+/// The caller, from a verified bearer token (header or `access_token` query parameter).
+pub struct Caller(pub Identity);
+
+impl FromRequestParts<Arc<AppState>> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, ApiError> {
+        let authorization = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        let token = bearer_token(authorization, parts.uri.query()).ok_or(AuthError::Missing)?;
+        Ok(Caller(state.verifier.verify(token)?))
+    }
+}
+
+async fn websocket(
+    State(state): State<Arc<AppState>>,
+    Caller(who): Caller,
+    upgrade: WebSocketUpgrade,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    let asked = headers.contains_key(header::SEC_WEBSOCKET_PROTOCOL);
+    let limit = state.gateway.limits.max_frame_bytes;
+    let upgrade = upgrade
+        .protocols([SUBPROTOCOL_JSON, SUBPROTOCOL_PROTO])
+        .max_message_size(limit)
+        .max_frame_size(limit);
+    let encoding = match upgrade.selected_protocol() {
+        Some(name) => name.to_str().ok().and_then(Encoding::from_subprotocol),
+        None if asked => None,
+        None => Some(Encoding::Json),
+    };
+    let Some(encoding) = encoding else {
+        return ApiError::bad_request(format!(
+            "unsupported subprotocol: use {SUBPROTOCOL_JSON} or {SUBPROTOCOL_PROTO}"
+        ))
+        .into_response();
+    };
+    let gateway = state.gateway.clone();
+    upgrade.on_upgrade(move |socket| async move { gateway.serve(socket, who, encoding).await })
+}
+
+async fn conversations(
+    State(state): State<Arc<AppState>>,
+    Caller(who): Caller,
+) -> Result<Response, ApiError> {
+    let conversations = state.chat.conversations(&who).await?;
+    Ok(Json(serde_json::json!({ "conversations": conversations })).into_response())
+}
+
+#[derive(serde::Deserialize)]
+struct PageQuery {
+    after_seq: Option<u64>,
+    limit: Option<u32>,
+}
+
+async fn messages(
+    State(state): State<Arc<AppState>>,
+    Caller(who): Caller,
+    Path(id): Path<String>,
+    query: Result<Query<PageQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(page) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let (events, head_seq) = state
+        .chat
+        .fetch(&who, &id, page.after_seq.unwrap_or(0), page.limit)
+        .await?;
+    Ok(Json(serde_json::json!({ "events": events, "head_seq": head_seq })).into_response())
+}
+
+async fn readyz(State(state): State<Arc<AppState>>) -> StatusCode {
+    if state.ready.load(Ordering::Acquire) {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+}

@@ -1,0 +1,101 @@
+//! `courier`: the Courier data-plane binary.
+//!
+//! - `courier serve`: every role (gateway, chat, sequencer, fanout) in one process on the
+//!   embedded store;
+//! - `courier token`: prints a token signed with the server's secret;
+//! - `courier chat`: a small interactive terminal client.
+
+mod auth;
+mod chat;
+mod cli_chat;
+mod config;
+mod error;
+mod fanout;
+mod gateway;
+mod http;
+mod metrics;
+mod routes;
+mod sequencer;
+mod serve;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    name = "courier",
+    version,
+    about = "Courier: a real-time messaging server"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run every role in one process on the embedded store.
+    Serve(config::ServeConfig),
+    /// Print a token for a user's device, signed with the server's secret.
+    Token {
+        #[arg(long)]
+        user: String,
+        #[arg(long)]
+        device: String,
+        /// Validity, e.g. `24h`, `30m`, `7d`.
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// The server's data directory (holds the generated secret).
+        #[arg(long, env = "COURIER_DATA_DIR", default_value = "./courier-data")]
+        data_dir: PathBuf,
+        /// Sign with this secret instead of the data directory's.
+        #[arg(long, env = "COURIER_JWT_SECRET", hide_env_values = true)]
+        jwt_secret: Option<String>,
+    },
+    /// Chat from a terminal: type a line to send it; `/to USER` picks the peer.
+    Chat(cli_chat::ChatArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|runtime| runtime.block_on(run(cli.command)));
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Serve(config) => serve::run(config).await,
+        Command::Token {
+            user,
+            device,
+            ttl,
+            data_dir,
+            jwt_secret,
+        } => {
+            let secret = match jwt_secret {
+                Some(s) => s.into_bytes(),
+                None => auth::read_secret(&data_dir)?,
+            };
+            println!("{}", auth::mint(&secret, &user, &device, ttl)?);
+            Ok(())
+        }
+        Command::Chat(args) => cli_chat::run(args).await,
+    }
+}

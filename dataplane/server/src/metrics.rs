@@ -1,0 +1,140 @@
+//! Prometheus metrics of every role, named `courier_<area>_<what>_<unit>`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ShardLabel {
+    pub shard: u32,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabel {
+    pub code: &'static str,
+}
+
+/// Every metric, registered once at start-up and shared by the roles.
+pub struct Metrics {
+    registry: Registry,
+    /// Time from a `send` frame to its `sent` reply.
+    pub send_ack_latency: Histogram,
+    /// Time from an event's commit to its hand-off to a connection's queue.
+    pub delivery_lag: Histogram,
+    /// Events committed and not yet fanned out.
+    pub fanout_backlog: Gauge,
+    /// Events appended, per sequencer shard (hot shards stand out).
+    pub shard_appends: Family<ShardLabel, Counter>,
+    /// Appends per group commit.
+    pub commit_batch_size: Histogram,
+    /// Open WebSocket connections.
+    pub connections: Gauge,
+    /// Sends that matched an earlier one (client retries).
+    pub send_retries: Counter,
+    /// Connections cut because their outbound queue was full.
+    pub slow_consumer_disconnects: Counter,
+    /// `error` frames sent, by code.
+    pub errors: Family<CodeLabel, Counter>,
+    resident_memory: Gauge,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("courier");
+        let latency = || Histogram::new(exponential_buckets(0.000_05, 2.0, 20));
+        let metrics = Self {
+            send_ack_latency: latency(),
+            delivery_lag: latency(),
+            fanout_backlog: Gauge::default(),
+            shard_appends: Family::default(),
+            commit_batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
+            connections: Gauge::default(),
+            send_retries: Counter::default(),
+            slow_consumer_disconnects: Counter::default(),
+            errors: Family::default(),
+            resident_memory: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "chat_send_ack_latency_seconds",
+            "Time from a send frame to its sent reply",
+            metrics.send_ack_latency.clone(),
+        );
+        registry.register(
+            "fanout_delivery_lag_seconds",
+            "Time from an event's commit to its hand-off to a connection",
+            metrics.delivery_lag.clone(),
+        );
+        registry.register(
+            "fanout_backlog_events",
+            "Events committed and not yet fanned out",
+            metrics.fanout_backlog.clone(),
+        );
+        registry.register(
+            "sequencer_appends",
+            "Events appended, per shard",
+            metrics.shard_appends.clone(),
+        );
+        registry.register(
+            "sequencer_commit_batch_appends",
+            "Appends per group commit",
+            metrics.commit_batch_size.clone(),
+        );
+        registry.register(
+            "gateway_connections",
+            "Open WebSocket connections",
+            metrics.connections.clone(),
+        );
+        registry.register(
+            "chat_send_retries",
+            "Sends that matched an earlier send with the same client_msg_id",
+            metrics.send_retries.clone(),
+        );
+        registry.register(
+            "gateway_slow_consumer_disconnects",
+            "Connections closed because their outbound queue was full",
+            metrics.slow_consumer_disconnects.clone(),
+        );
+        registry.register(
+            "gateway_errors",
+            "Error frames sent, by code",
+            metrics.errors.clone(),
+        );
+        registry.register(
+            "process_resident_memory_bytes",
+            "Resident memory of this process",
+            metrics.resident_memory.clone(),
+        );
+        Self {
+            registry,
+            ..metrics
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        self.resident_memory.set(resident_memory_bytes());
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Resident set size from `/proc/self/statm` (0 where it does not exist).
+fn resident_memory_bytes() -> i64 {
+    let pages = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<i64>().ok())
+        .unwrap_or(0);
+    pages * 4096
+}

@@ -1,0 +1,135 @@
+//! The route registry: which connections each user has open on this gateway. Live connection
+//! state is in memory only; fanout looks users up here and hands deliveries to connection
+//! queues.
+
+use axum::extract::ws::Message;
+use courier_proto::{Encoding, Event, Payload, ServerFrame};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
+use tokio::sync::{Notify, mpsc};
+
+/// An event shared by every connection it goes to, encoded at most once per encoding.
+pub struct SharedEvent {
+    pub event: Event,
+    json: OnceLock<Message>,
+    proto: OnceLock<Message>,
+}
+
+impl SharedEvent {
+    pub fn new(event: Event) -> Arc<Self> {
+        Arc::new(Self {
+            event,
+            json: OnceLock::new(),
+            proto: OnceLock::new(),
+        })
+    }
+
+    /// The `event` frame in `encoding`, ready to write.
+    pub fn message(&self, encoding: Encoding) -> Message {
+        let cell = match encoding {
+            Encoding::Json => &self.json,
+            Encoding::Proto => &self.proto,
+        };
+        cell.get_or_init(|| to_message(encoding, &ServerFrame::Event(self.event.clone())))
+            .clone()
+    }
+}
+
+/// Encodes a frame as a WebSocket message of the connection's subprotocol.
+pub fn to_message(encoding: Encoding, frame: &ServerFrame) -> Message {
+    match encoding.encode_server(frame) {
+        Payload::Text(text) => Message::Text(text.into()),
+        Payload::Binary(bytes) => Message::Binary(bytes.into()),
+    }
+}
+
+/// What fanout hands to a connection.
+#[derive(Clone)]
+pub enum Delivery {
+    Event(Arc<SharedEvent>),
+    Frame(Arc<ServerFrame>),
+}
+
+/// One open connection, as the registry sees it.
+#[derive(Clone)]
+pub struct ConnectionHandle {
+    pub id: u64,
+    pub device: String,
+    queue: mpsc::Sender<Delivery>,
+    /// Notified when the connection must close because it fell behind.
+    pub kick: Arc<Notify>,
+}
+
+/// What became of a delivery to one connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handoff {
+    Queued,
+    /// The queue was full: the connection is told to close and will resync on reconnect.
+    Kicked,
+}
+
+impl ConnectionHandle {
+    pub fn deliver(&self, delivery: Delivery) -> Handoff {
+        match self.queue.try_send(delivery) {
+            Ok(()) => Handoff::Queued,
+            Err(_) => {
+                self.kick.notify_one();
+                Handoff::Kicked
+            }
+        }
+    }
+}
+
+/// Connections by user.
+#[derive(Default)]
+pub struct Routes {
+    users: RwLock<HashMap<String, Vec<ConnectionHandle>>>,
+    next_id: AtomicU64,
+}
+
+impl Routes {
+    /// Registers a connection of `user`/`device` with a queue of `capacity` deliveries.
+    pub fn register(
+        &self,
+        user: &str,
+        device: &str,
+        capacity: usize,
+    ) -> (ConnectionHandle, mpsc::Receiver<Delivery>) {
+        let (queue, deliveries) = mpsc::channel(capacity);
+        let handle = ConnectionHandle {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            device: device.to_owned(),
+            queue,
+            kick: Arc::new(Notify::new()),
+        };
+        let mut users = self.users.write().unwrap_or_else(|e| e.into_inner());
+        users
+            .entry(user.to_owned())
+            .or_default()
+            .push(handle.clone());
+        (handle, deliveries)
+    }
+
+    pub fn unregister(&self, user: &str, id: u64) {
+        let mut users = self.users.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(list) = users.get_mut(user) {
+            list.retain(|c| c.id != id);
+            if list.is_empty() {
+                users.remove(user);
+            }
+        }
+    }
+
+    /// The open connections of `user`.
+    pub fn connections(&self, user: &str) -> Vec<ConnectionHandle> {
+        let users = self.users.read().unwrap_or_else(|e| e.into_inner());
+        users.get(user).cloned().unwrap_or_default()
+    }
+
+    /// Every open connection (for draining).
+    pub fn all(&self) -> Vec<ConnectionHandle> {
+        let users = self.users.read().unwrap_or_else(|e| e.into_inner());
+        users.values().flatten().cloned().collect()
+    }
+}

@@ -1,0 +1,158 @@
+//! `courier serve`: every role in one process on one store, wired with in-process bindings.
+
+use crate::auth::{self, TokenVerifier};
+use crate::chat::Chat;
+use crate::config::{PublicKeyAlgorithm, ServeConfig, StoreKind};
+use crate::fanout::Fanout;
+use crate::gateway::Gateway;
+use crate::http::{AppState, router};
+use crate::metrics::Metrics;
+use crate::routes::Routes;
+use crate::sequencer::LocalSequencer;
+use anyhow::Context;
+use courier_store::embedded::EmbeddedEngine;
+use courier_store::{KvEngine, MessageStore};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+use tokio::sync::watch;
+
+/// File of the embedded store inside the data directory.
+pub const STORE_FILE: &str = "store.redb";
+
+fn verifier(config: &ServeConfig) -> anyhow::Result<TokenVerifier> {
+    if let (Some(path), Some(algorithm)) = (&config.jwt_public_key, config.jwt_algorithm) {
+        let pem = std::fs::read(path)
+            .with_context(|| format!("reading --jwt-public-key {}", path.display()))?;
+        let algorithm = match algorithm {
+            PublicKeyAlgorithm::EdDsa => jsonwebtoken::Algorithm::EdDSA,
+            PublicKeyAlgorithm::Rs256 => jsonwebtoken::Algorithm::RS256,
+        };
+        return TokenVerifier::public_key(&pem, algorithm);
+    }
+    let secret = match &config.jwt_secret {
+        Some(secret) => secret.as_bytes().to_vec(),
+        None => auth::read_or_create_secret(&config.data_dir)?,
+    };
+    Ok(TokenVerifier::hs256(&secret))
+}
+
+fn open_engine(config: &ServeConfig) -> anyhow::Result<Arc<dyn KvEngine>> {
+    match config.store {
+        StoreKind::Embedded => Ok(Arc::new(EmbeddedEngine::open(
+            &config.data_dir.join(STORE_FILE),
+        )?)),
+        StoreKind::Fdb => open_fdb(config),
+    }
+}
+
+#[cfg(feature = "fdb")]
+fn open_fdb(config: &ServeConfig) -> anyhow::Result<Arc<dyn KvEngine>> {
+    let cluster_file = config
+        .fdb_cluster_file
+        .as_deref()
+        .context("--store fdb needs --fdb-cluster-file")?;
+    Ok(Arc::new(courier_store::fdb::FdbEngine::open(
+        cluster_file,
+        b"courier",
+    )?))
+}
+
+#[cfg(not(feature = "fdb"))]
+fn open_fdb(_: &ServeConfig) -> anyhow::Result<Arc<dyn KvEngine>> {
+    anyhow::bail!(
+        "this courier binary was built without FoundationDB support; \
+         rebuild with `cargo build --release -p courier --features fdb` or use --store embedded"
+    )
+}
+
+/// Runs until SIGTERM or Ctrl-C, then drains and returns.
+pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
+    config.validate()?;
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating the data directory {}", config.data_dir.display()))?;
+    let verifier = verifier(&config)?;
+    let engine = open_engine(&config)?;
+    let store = MessageStore::open(engine, b"", config.shards).await?;
+
+    let metrics = Arc::new(Metrics::new());
+    let routes = Arc::new(Routes::default());
+    let fanout = Fanout::new(
+        store.clone(),
+        routes.clone(),
+        metrics.clone(),
+        config.fanout_workers,
+    );
+    let sequencer = LocalSequencer::start(
+        store.clone(),
+        config.group_commit_limits(),
+        fanout.clone(),
+        metrics.clone(),
+    )
+    .await?;
+    fanout.start();
+    let chat = Arc::new(Chat::new(store, sequencer, routes.clone()));
+    let (drain, draining) = watch::channel(false);
+    let gateway = Arc::new(Gateway {
+        chat: chat.clone(),
+        routes: routes.clone(),
+        metrics: metrics.clone(),
+        limits: config.gateway_limits(),
+        draining,
+    });
+    let state = Arc::new(AppState {
+        chat,
+        gateway,
+        verifier,
+        metrics,
+        ready: AtomicBool::new(false),
+    });
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listening on {}", config.listen))?;
+    let address = listener.local_addr()?;
+    state.ready.store(true, Ordering::Release);
+    tracing::info!(%address, data_dir = %config.data_dir.display(), "courier ready on {address}");
+
+    let app_state = state.clone();
+    let shutdown = async move {
+        shutdown_signal().await;
+        tracing::info!("draining: telling every connection to reconnect");
+        app_state.ready.store(false, Ordering::Release);
+        let _ = drain.send(true);
+    };
+    let server = axum::serve(listener, router(state)).with_graceful_shutdown(shutdown);
+    server.await?;
+
+    // Upgraded WebSockets outlive the HTTP server: wait for them to close.
+    let deadline = Instant::now() + config.drain_timeout;
+    while !routes.all().is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    tracing::info!("drained; exiting");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {},
+                    _ = ctrl_c => {},
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

@@ -1,0 +1,563 @@
+//! Black-box tests of the client protocol (PROTOCOL.md) against a real `courier serve`.
+
+mod support;
+
+use courier_client::ClientError;
+use courier_client::proto::*;
+use courier_client::{Client, Target};
+use std::collections::BTreeMap;
+use std::time::Duration;
+use support::{Server, token_for};
+use tokio_tungstenite::tungstenite::Message;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn server() -> (tempfile::TempDir, Server) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_in(dir.path(), &[]);
+    (dir, server)
+}
+
+fn text_of(event: &Event) -> &str {
+    match &event.payload {
+        EventPayload::Message {
+            body: Some(Body::Text(text)),
+            ..
+        } => text,
+        other => panic!("not a text message: {other:?}"),
+    }
+}
+
+async fn expect_event(client: &mut Client) -> Event {
+    match client.next_frame_within(WAIT).await.unwrap() {
+        ServerFrame::Event(event) => event,
+        other => panic!("expected an event, got {other:?}"),
+    }
+}
+
+async fn expect_sync_done(client: &mut Client) {
+    match client.next_frame_within(WAIT).await.unwrap() {
+        ServerFrame::SyncDone(_) => {}
+        other => panic!("expected sync_done, got {other:?}"),
+    }
+}
+
+async fn expect_error(client: &mut Client) -> ErrorFrame {
+    match client.next_frame_within(WAIT).await.unwrap() {
+        ServerFrame::Error(e) => e,
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
+async fn expect_close(client: &mut Client) -> Option<(u16, String)> {
+    loop {
+        match client.next_frame_within(WAIT).await {
+            Err(ClientError::Closed(frame)) => return frame,
+            Err(other) => panic!("expected a close, got {other}"),
+            Ok(_) => continue,
+        }
+    }
+}
+
+#[tokio::test]
+async fn hello_sync_done_and_ping() {
+    let (_dir, server) = server();
+    let mut alice = server.connect("alice", "phone").await;
+    assert_eq!(alice.hello().user, "alice");
+    assert_eq!(alice.hello().device, "phone");
+    assert!(alice.hello().server_time_ms > 0);
+    expect_sync_done(&mut alice).await;
+    alice.ping().await.unwrap();
+}
+
+#[tokio::test]
+async fn direct_message_reaches_the_peer_and_the_senders_other_devices_only() {
+    let (_dir, server) = server();
+    let mut phone = server.connect("alice", "phone").await;
+    let mut laptop = server.connect("alice", "laptop").await;
+    let mut bob = server.connect("bob", "phone").await;
+    for c in [&mut phone, &mut laptop, &mut bob] {
+        expect_sync_done(c).await;
+    }
+    let sent = phone
+        .send_text(Target::User("bob".into()), "m1", "hi bob")
+        .await
+        .unwrap();
+    assert_eq!(
+        (sent.seq, sent.duplicate, sent.client_msg_id.as_str()),
+        (1, false, "m1")
+    );
+    assert!(sent.conversation_id.starts_with("d:"));
+
+    let event = expect_event(&mut bob).await;
+    assert_eq!(event.conversation_id, sent.conversation_id);
+    assert_eq!(event.seq, 1);
+    assert_eq!(event.server_msg_id, sent.server_msg_id);
+    assert_eq!(
+        event.sender,
+        Sender {
+            user: "alice".into(),
+            device: "phone".into()
+        }
+    );
+    assert_eq!(text_of(&event), "hi bob");
+    let on_laptop = expect_event(&mut laptop).await;
+    assert_eq!(on_laptop.seq, 1);
+
+    // The sending device gets `sent`, never an event for its own message.
+    let reply = bob
+        .send_text(Target::User("alice".into()), "b1", "hi alice")
+        .await
+        .unwrap();
+    assert_eq!(reply.seq, 2);
+    assert_eq!(
+        reply.conversation_id, sent.conversation_id,
+        "one conversation per pair"
+    );
+    let next = expect_event(&mut phone).await;
+    assert_eq!((next.seq, text_of(&next)), (2, "hi alice"));
+}
+
+#[tokio::test]
+async fn offline_device_catches_up_in_order_and_acked_events_are_not_resent() {
+    let (_dir, server) = server();
+    let mut alice = server.connect("alice", "phone").await;
+    expect_sync_done(&mut alice).await;
+    let mut conv = String::new();
+    for i in 1..=5 {
+        conv = alice
+            .send_text(
+                Target::User("bob".into()),
+                &format!("m{i}"),
+                &format!("text {i}"),
+            )
+            .await
+            .unwrap()
+            .conversation_id;
+    }
+    let mut bob = server.connect("bob", "phone").await;
+    let events = bob.events_until_sync_done().await.unwrap();
+    let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, vec![1, 2, 3, 4, 5]);
+    assert_eq!(text_of(&events[4]), "text 5");
+
+    // Acknowledge 3 and drop the connection: 4 and 5 come again (at-least-once).
+    bob.ack(&conv, 3, AckKind::Delivered).await.unwrap();
+    // An ack takes effect before any later frame is handled: the pong proves it landed.
+    bob.ping().await.unwrap();
+    bob.close().await;
+    let mut bob = server.connect("bob", "phone").await;
+    let again: Vec<u64> = bob
+        .events_until_sync_done()
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(again, vec![4, 5]);
+    bob.ack(&conv, 5, AckKind::Delivered).await.unwrap();
+    bob.ping().await.unwrap();
+    bob.close().await;
+    let mut bob = server.connect("bob", "phone").await;
+    assert!(bob.events_until_sync_done().await.unwrap().is_empty());
+
+    // A device that never connected starts from the beginning of retained history.
+    let mut tablet = server.connect("bob", "tablet").await;
+    assert_eq!(tablet.events_until_sync_done().await.unwrap().len(), 5);
+}
+
+#[tokio::test]
+async fn catch_up_includes_own_sends_above_the_cursor() {
+    let (_dir, server) = server();
+    let mut alice = server.connect("alice", "phone").await;
+    expect_sync_done(&mut alice).await;
+    alice
+        .send_text(Target::User("bob".into()), "m1", "one")
+        .await
+        .unwrap();
+    alice.close().await;
+    let mut alice = server.connect("alice", "phone").await;
+    let events = alice.events_until_sync_done().await.unwrap();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].sender.device, "phone");
+}
+
+#[tokio::test]
+async fn live_events_after_sync_arrive_in_strictly_increasing_seq() {
+    let (_dir, server) = server();
+    let mut alice = server.connect("alice", "phone").await;
+    let mut bob = server.connect("bob", "phone").await;
+    expect_sync_done(&mut alice).await;
+    expect_sync_done(&mut bob).await;
+    for i in 0..50 {
+        alice
+            .send_text(Target::User("bob".into()), &format!("a{i}"), "x")
+            .await
+            .unwrap();
+    }
+    let mut last = 0;
+    while last < 50 {
+        let event = expect_event(&mut bob).await;
+        assert_eq!(event.seq, last + 1, "no gap, no repeat");
+        last = event.seq;
+    }
+}
+
+#[tokio::test]
+async fn retried_sends_are_idempotent_across_reconnects_and_restarts() {
+    let (_dir, mut server) = server();
+    let mut alice = server.connect("alice", "phone").await;
+    expect_sync_done(&mut alice).await;
+    let first = alice
+        .send_text(Target::User("bob".into()), "same", "once")
+        .await
+        .unwrap();
+    let again = alice
+        .send_text(Target::User("bob".into()), "same", "once")
+        .await
+        .unwrap();
+    assert!(again.duplicate);
+    assert_eq!(
+        (again.seq, &again.server_msg_id),
+        (first.seq, &first.server_msg_id)
+    );
+    alice.close().await;
+
+    let mut alice = server.connect("alice", "phone").await;
+    let after_reconnect = alice
+        .send_text(Target::User("bob".into()), "same", "once")
+        .await
+        .unwrap();
+    assert!(after_reconnect.duplicate);
+    assert_eq!(after_reconnect.seq, first.seq);
+    alice.close().await;
+
+    server.restart();
+    let mut alice = server.connect("alice", "phone").await;
+    let after_restart = alice
+        .send_text(Target::User("bob".into()), "same", "once")
+        .await
+        .unwrap();
+    assert!(after_restart.duplicate);
+    assert_eq!(after_restart.seq, first.seq);
+    // Another device may reuse the id: idempotency is per sending device.
+    let mut laptop = server.connect("alice", "laptop").await;
+    let other = laptop
+        .send_text(Target::User("bob".into()), "same", "twice")
+        .await
+        .unwrap();
+    assert_eq!((other.seq, other.duplicate), (2, false));
+    let head = alice
+        .fetch(&first.conversation_id, 0, None)
+        .await
+        .unwrap()
+        .head_seq;
+    assert_eq!(head, 2, "retries stored nothing new");
+}
+
+#[tokio::test]
+async fn receipts_reach_the_other_members_devices() {
+    let (_dir, server) = server();
+    let mut alice = server.connect("alice", "phone").await;
+    let mut bob = server.connect("bob", "phone").await;
+    expect_sync_done(&mut alice).await;
+    expect_sync_done(&mut bob).await;
+    let sent = alice
+        .send_text(Target::User("bob".into()), "m1", "hi")
+        .await
+        .unwrap();
+    alice
+        .send_text(Target::User("bob".into()), "m2", "there")
+        .await
+        .unwrap();
+    assert_eq!(expect_event(&mut bob).await.seq, 1);
+    bob.ack(&sent.conversation_id, 2, AckKind::Read)
+        .await
+        .unwrap();
+    let receipt = loop {
+        match alice.next_frame_within(WAIT).await.unwrap() {
+            ServerFrame::Receipt(r) => break r,
+            _ => continue,
+        }
+    };
+    assert_eq!(receipt.user, "bob");
+    assert_eq!(
+        (receipt.delivered_seq, receipt.read_seq),
+        (2, 2),
+        "read implies delivered"
+    );
+
+    let listed = server.http("bob", "phone").conversations().await.unwrap();
+    let conv = &listed["conversations"][0];
+    assert_eq!(conv["conversation_id"], sent.conversation_id.as_str());
+    assert_eq!(conv["kind"], "direct");
+    assert_eq!(conv["name"], "alice");
+    assert_eq!(
+        (conv["head_seq"].as_u64(), conv["read_seq"].as_u64()),
+        (Some(2), Some(2))
+    );
+}
+
+#[tokio::test]
+async fn fetch_pages_and_refuses_strangers() {
+    let (_dir, server) = server();
+    let mut alice = server.connect("alice", "phone").await;
+    expect_sync_done(&mut alice).await;
+    let mut conv = String::new();
+    for i in 1..=7 {
+        conv = alice
+            .send_text(Target::User("bob".into()), &format!("m{i}"), "x")
+            .await
+            .unwrap()
+            .conversation_id;
+    }
+    let page = alice.fetch(&conv, 2, Some(3)).await.unwrap();
+    assert_eq!(
+        page.events.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        vec![3, 4, 5]
+    );
+    assert_eq!(page.head_seq, 7);
+
+    let mut mallory = server.connect("mallory", "phone").await;
+    expect_sync_done(&mut mallory).await;
+    match mallory.fetch(&conv, 0, None).await {
+        Err(ClientError::Server(e)) => assert_eq!(e.code, ErrorCode::Forbidden),
+        other => panic!("expected forbidden, got {other:?}"),
+    }
+    match mallory
+        .send_text(Target::Conversation(conv.clone()), "x", "intrude")
+        .await
+    {
+        Err(ClientError::Server(e)) => {
+            assert_eq!(e.code, ErrorCode::Forbidden);
+            assert_eq!(e.client_msg_id.as_deref(), Some("x"));
+        }
+        other => panic!("expected forbidden, got {other:?}"),
+    }
+    match mallory.fetch("d:nope", 0, None).await {
+        Err(ClientError::Server(e)) => assert_eq!(e.code, ErrorCode::NotFound),
+        other => panic!("expected not_found, got {other:?}"),
+    }
+    let (status, _) = server
+        .http("mallory", "phone")
+        .get(&format!("/v1/conversations/{conv}/messages"))
+        .await
+        .unwrap();
+    assert_eq!(status, 403);
+    let (status, body) = server
+        .http("alice", "phone")
+        .get(&format!(
+            "/v1/conversations/{conv}/messages?after_seq=5&limit=10"
+        ))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(body["head_seq"], 7);
+    assert_eq!(body["events"].as_array().unwrap().len(), 2);
+    assert_eq!(body["events"][0]["kind"], "message");
+}
+
+#[tokio::test]
+async fn sync_with_cursors_overrides_the_servers_cursor() {
+    let (_dir, server) = server();
+    let mut alice = server.connect("alice", "phone").await;
+    expect_sync_done(&mut alice).await;
+    let mut conv = String::new();
+    for i in 1..=4 {
+        conv = alice
+            .send_text(Target::User("bob".into()), &format!("m{i}"), "x")
+            .await
+            .unwrap()
+            .conversation_id;
+    }
+    let mut bob = server.connect("bob", "phone").await;
+    assert_eq!(bob.events_until_sync_done().await.unwrap().len(), 4);
+    let events = bob.sync(BTreeMap::from([(conv, 2)])).await.unwrap();
+    assert_eq!(events.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![3, 4]);
+}
+
+#[tokio::test]
+async fn bad_frames_get_errors_and_the_connection_stays_open() {
+    let (_dir, server) = server();
+    let mut alice = server.connect("alice", "phone").await;
+    expect_sync_done(&mut alice).await;
+    let cases: [&str; 6] = [
+        "{not json",
+        r#"{"type":"teleport","ref":3}"#,
+        r#"{"type":"ack","conversation_id":"d:x","seq":"one","kind":"read"}"#,
+        r#"{"type":"send","client_msg_id":"","to_user":"bob","body":{"text":"x"}}"#,
+        r#"{"type":"send","client_msg_id":"a","to_user":"no spaces","body":{"text":"x"}}"#,
+        r#"{"type":"fetch","conversation_id":"bad id!"}"#,
+    ];
+    for case in cases {
+        alice.send_raw(Message::text(case)).await.unwrap();
+        let error = expect_error(&mut alice).await;
+        assert_eq!(
+            error.code,
+            ErrorCode::BadRequest,
+            "for {case}: {}",
+            error.message
+        );
+    }
+    alice
+        .send_raw(Message::text(r#"{"type":"teleport","ref":3}"#))
+        .await
+        .unwrap();
+    assert_eq!(
+        expect_error(&mut alice).await.reference,
+        Some(3),
+        "the ref is echoed"
+    );
+    alice
+        .send_raw(Message::binary(vec![1, 2, 3]))
+        .await
+        .unwrap();
+    assert_eq!(expect_error(&mut alice).await.code, ErrorCode::BadRequest);
+    alice.ping().await.expect("still open after bad frames");
+    alice
+        .send_text(Target::User("bob".into()), "ok", "still works")
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn oversized_message_closes_with_1009() {
+    let (_dir, server) = server();
+    let mut alice = server.connect("alice", "phone").await;
+    expect_sync_done(&mut alice).await;
+    let big = format!(
+        r#"{{"type":"send","client_msg_id":"big","to_user":"bob","body":{{"text":"{}"}}}}"#,
+        "x".repeat(70 * 1024)
+    );
+    alice.send_raw(Message::text(big)).await.unwrap();
+    let close = expect_close(&mut alice).await;
+    assert_eq!(close.map(|(code, _)| code), Some(1009));
+}
+
+#[tokio::test]
+async fn bad_tokens_are_refused_with_401_before_the_upgrade() {
+    let (dir, server) = server();
+    let expired = token_for(dir.path(), "alice", "phone", -60);
+    let forged = {
+        let other = tempfile::tempdir().unwrap();
+        std::fs::write(other.path().join("jwt-secret"), "not-the-secret").unwrap();
+        token_for(other.path(), "alice", "phone", 60)
+    };
+    for token in ["", "garbage", expired.as_str(), forged.as_str()] {
+        match Client::connect(&server.ws_url(), token, Encoding::Json).await {
+            Err(ClientError::Rejected(401)) => {}
+            Err(other) => panic!("token {token:?}: expected 401, got {other}"),
+            Ok(_) => panic!("token {token:?} was accepted"),
+        }
+    }
+    let (status, body) = courier_client::HttpApi::new(&server.http_url(), "garbage")
+        .get("/v1/conversations")
+        .await
+        .unwrap();
+    assert_eq!(status, 401);
+    assert_eq!(body["code"], "unauthorized");
+}
+
+#[tokio::test]
+async fn protobuf_subprotocol_speaks_the_same_frames() {
+    let (_dir, server) = server();
+    let mut alice = server.connect_with("alice", "phone", Encoding::Proto).await;
+    let mut bob = server.connect_with("bob", "phone", Encoding::Proto).await;
+    let mut bob_json = server.connect("bob", "laptop").await;
+    expect_sync_done(&mut alice).await;
+    expect_sync_done(&mut bob).await;
+    expect_sync_done(&mut bob_json).await;
+    let sent = alice
+        .send_text(Target::User("bob".into()), "p1", "over protobuf")
+        .await
+        .unwrap();
+    let event = expect_event(&mut bob).await;
+    assert_eq!((event.seq, text_of(&event)), (sent.seq, "over protobuf"));
+    assert_eq!(text_of(&expect_event(&mut bob_json).await), "over protobuf");
+    alice
+        .send_raw(Message::binary(vec![0xff, 0xff, 0xff]))
+        .await
+        .unwrap();
+    assert_eq!(expect_error(&mut alice).await.code, ErrorCode::BadRequest);
+    alice.ping().await.unwrap();
+}
+
+#[tokio::test]
+async fn health_readiness_and_metrics() {
+    let (_dir, server) = server();
+    let mut alice = server.connect("alice", "phone").await;
+    expect_sync_done(&mut alice).await;
+    alice
+        .send_text(Target::User("bob".into()), "m", "x")
+        .await
+        .unwrap();
+    let http = reqwest_get(&server, "/healthz").await;
+    assert_eq!(http.0, 200);
+    assert_eq!(reqwest_get(&server, "/readyz").await.0, 200);
+    let (status, metrics) = reqwest_get(&server, "/metrics").await;
+    assert_eq!(status, 200);
+    for name in [
+        "courier_chat_send_ack_latency_seconds_count 1",
+        "courier_gateway_connections 1",
+        "courier_fanout_backlog_events",
+        "courier_sequencer_appends_total{shard=",
+        "courier_fanout_delivery_lag_seconds",
+        "courier_chat_send_retries_total 0",
+        "courier_process_resident_memory_bytes",
+    ] {
+        assert!(metrics.contains(name), "metrics lack {name}:\n{metrics}");
+    }
+}
+
+async fn reqwest_get(server: &Server, path: &str) -> (u16, String) {
+    // No token: these endpoints are public.
+    let response = reqwest::get(format!("{}{path}", server.http_url()))
+        .await
+        .unwrap();
+    (response.status().as_u16(), response.text().await.unwrap())
+}
+
+#[tokio::test]
+async fn sigterm_sends_reconnect_closes_1001_and_exits_0() {
+    let (_dir, mut server) = server();
+    let mut alice = server.connect("alice", "phone").await;
+    expect_sync_done(&mut alice).await;
+    let status = tokio::task::spawn_blocking(move || server.terminate())
+        .await
+        .unwrap();
+    match alice.next_frame_within(WAIT).await.unwrap() {
+        ServerFrame::Reconnect(r) => assert!(r.after_ms < 2000),
+        other => panic!("expected reconnect, got {other:?}"),
+    }
+    assert_eq!(expect_close(&mut alice).await.map(|(c, _)| c), Some(1001));
+    assert!(status.success(), "exit status {status}");
+}
+
+#[tokio::test]
+async fn a_slow_reader_is_disconnected_and_resyncs() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_in(dir.path(), &["--outbound-queue", "16"]);
+    let mut alice = server.connect("alice", "phone").await;
+    let mut bob = server.connect("bob", "phone").await;
+    expect_sync_done(&mut alice).await;
+    // Bob reads nothing while ~25 MB are sent to him: the socket buffers fill, then his queue.
+    let body = "y".repeat(60_000);
+    let mut conv = String::new();
+    for i in 0..420 {
+        conv = alice
+            .send_text(Target::User("bob".into()), &format!("m{i}"), &body)
+            .await
+            .unwrap()
+            .conversation_id;
+    }
+    let close = expect_close(&mut bob).await;
+    assert_eq!(
+        close.map(|(c, _)| c),
+        Some(1013),
+        "closed as a slow consumer"
+    );
+    let mut bob = server.connect("bob", "phone").await;
+    let events = bob.events_until_sync_done().await.unwrap();
+    assert_eq!(events.len(), 420, "everything arrives after the resync");
+    assert_eq!(events.last().unwrap().conversation_id, conv);
+}

@@ -1,0 +1,135 @@
+//! Test support: a real `courier serve` process on 127.0.0.1 with an ephemeral port and a
+//! temporary data directory, and clients for it.
+#![allow(dead_code)]
+
+use courier_client::proto::Encoding;
+use courier_client::{Client, HttpApi};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// Longest wait for a server to become ready.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub struct Server {
+    child: Child,
+    pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+    extra_args: Vec<String>,
+}
+
+impl Server {
+    /// Starts a server in `data_dir` with extra flags.
+    pub fn start_in(data_dir: &Path, extra_args: &[&str]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_courier"))
+            .arg("serve")
+            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .args(extra_args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn courier");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("courier ready on ").nth(1) {
+                    let addr = rest
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or_default()
+                        .to_owned();
+                    let _ = tx.send(addr);
+                }
+                if std::env::var_os("COURIER_TEST_LOG").is_some() {
+                    eprintln!("[server] {line}");
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(START_TIMEOUT)
+            .expect("server did not report ready")
+            .parse()
+            .expect("ready line has an address");
+        Server {
+            child,
+            addr,
+            data_dir: data_dir.to_owned(),
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}", self.addr)
+    }
+
+    pub fn http_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn token(&self, user: &str, device: &str) -> String {
+        token_for(&self.data_dir, user, device, 3600)
+    }
+
+    pub async fn connect(&self, user: &str, device: &str) -> Client {
+        self.connect_with(user, device, Encoding::Json).await
+    }
+
+    pub async fn connect_with(&self, user: &str, device: &str, encoding: Encoding) -> Client {
+        Client::connect(&self.ws_url(), &self.token(user, device), encoding)
+            .await
+            .expect("connect")
+    }
+
+    pub fn http(&self, user: &str, device: &str) -> HttpApi {
+        HttpApi::new(&self.http_url(), &self.token(user, device))
+    }
+
+    /// SIGKILL: no chance to flush or drain.
+    pub fn kill9(&mut self) {
+        self.child.kill().expect("kill");
+        self.child.wait().expect("wait");
+    }
+
+    /// SIGTERM, then waits for the exit.
+    pub fn terminate(&mut self) -> ExitStatus {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.child.wait().expect("wait")
+    }
+
+    /// Stops (SIGTERM) and starts again on the same data directory and flags.
+    pub fn restart(&mut self) {
+        self.terminate();
+        let args: Vec<&str> = self.extra_args.iter().map(String::as_str).collect();
+        *self = Server::start_in(&self.data_dir.clone(), &args);
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A token signed with the data directory's generated secret.
+pub fn token_for(data_dir: &Path, user: &str, device: &str, ttl_secs: i64) -> String {
+    let secret = std::fs::read_to_string(data_dir.join("jwt-secret")).expect("secret file");
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+        + ttl_secs;
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &serde_json::json!({ "sub": user, "dev": device, "exp": exp }),
+        &jsonwebtoken::EncodingKey::from_secret(secret.trim().as_bytes()),
+    )
+    .unwrap()
+}
