@@ -6,7 +6,7 @@
 //! | `meta` | `("meta", "shards")` | shard count, fixed when the store is created |
 //! | `shard` | `("shard", n)` | the shard's epoch (u64 LE); every append batch fences on it |
 //! | `conv` | `("conv", conv)` | conversation record (`ConversationRecord`) |
-//! | `mem` | `("mem", conv, user)` | membership (empty) |
+//! | `mem` | `("mem", conv, user)` | membership (`MemberRecord`: admin, joined seq) |
 //! | `convs` | `("convs", user, conv)` | the user's conversations (empty) |
 //! | `head` | `("head", conv)` | highest seq (u64 LE) |
 //! | `ev` | `("ev", conv, seq)` | the event (`courier.v1.Event`, protobuf) |
@@ -14,6 +14,9 @@
 //! | `cur` | `("cur", user, device, conv)` | the device's delivered cursor (u64 LE, atomic MAX) |
 //! | `rcpt` | `("rcpt", conv, user, kind)` | the user's delivered/read cursor (u64 LE, atomic MAX) |
 //! | `ob` | `("ob", shard, versionstamp)` | outbox: events committed, not yet fanned out |
+//! | `floor` | `("floor", conv)` | lowest retained seq (u64 LE); events below were cleared |
+//! | `dev` | `("dev", user, device)` | the device (`DeviceRecord`: last seen, unlinked, push) |
+//! | `ngroups` | `("ngroups", user)` | groups the user belongs to (i64 LE, atomic ADD) |
 
 use foundationdb_tuple::{Subspace, Versionstamp};
 use std::ops::Range;
@@ -100,6 +103,43 @@ impl Keys {
             .unpack::<(String, String, String)>(key)
             .ok()
             .map(|(_, _, conv)| conv)
+    }
+
+    /// Every conversation record, for background jobs.
+    pub fn conversations(&self) -> Range<Vec<u8>> {
+        range_of(self.root.subspace(&("conv",)))
+    }
+
+    /// The conversation id of a key from [`Keys::conversations`].
+    pub fn conversation_id(&self, key: &[u8]) -> Option<String> {
+        self.root
+            .unpack::<(String, String)>(key)
+            .ok()
+            .map(|(_, conv)| conv)
+    }
+
+    pub fn floor(&self, conv: &str) -> Vec<u8> {
+        self.root.pack(&("floor", conv))
+    }
+
+    pub fn device(&self, user: &str, device: &str) -> Vec<u8> {
+        self.root.pack(&("dev", user, device))
+    }
+
+    pub fn devices(&self, user: &str) -> Range<Vec<u8>> {
+        range_of(self.root.subspace(&("dev", user)))
+    }
+
+    /// The device id of a key from [`Keys::devices`].
+    pub fn device_id(&self, key: &[u8]) -> Option<String> {
+        self.root
+            .unpack::<(String, String, String)>(key)
+            .ok()
+            .map(|(_, _, device)| device)
+    }
+
+    pub fn group_count(&self, user: &str) -> Vec<u8> {
+        self.root.pack(&("ngroups", user))
     }
 
     pub fn head(&self, conv: &str) -> Vec<u8> {

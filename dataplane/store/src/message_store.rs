@@ -2,7 +2,7 @@
 //! (dense per-conversation seq, idempotency, outbox), reads, cursors and receipts.
 
 use crate::keys::{Keys, ReceiptKind};
-use crate::kv::{Batch, KvEngine, StoreError, decode_u64};
+use crate::kv::{Batch, KvEngine, Mutation, StoreError, decode_u64};
 use courier_proto::{Event, EventPayload, Sender, pb};
 use prost::Message;
 use std::collections::HashMap;
@@ -24,6 +24,32 @@ pub struct ConversationRecord {
     pub name: String,
     #[prost(uint64, tag = "3")]
     pub created_ms: u64,
+}
+
+/// A member of a conversation.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct MemberRecord {
+    /// Group admins may add and remove members and delete any message.
+    #[prost(bool, tag = "1")]
+    pub admin: bool,
+    /// The seq of the event that made the user a member (1 for founding members).
+    #[prost(uint64, tag = "2")]
+    pub joined_seq: u64,
+}
+
+/// A device of a user.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct DeviceRecord {
+    #[prost(uint64, tag = "1")]
+    pub last_seen_ms: u64,
+    /// When the device was unlinked (0: linked). Tokens issued before are refused.
+    #[prost(uint64, tag = "2")]
+    pub unlinked_ms: u64,
+    /// `"fcm"`, `"apns"` or `"webhook"`; empty without push.
+    #[prost(string, tag = "3")]
+    pub push_provider: String,
+    #[prost(string, tag = "4")]
+    pub push_token: String,
 }
 
 /// The first outcome of a `(conversation, device, client_msg_id)`, returned to retries.
@@ -297,6 +323,7 @@ impl MessageStore {
             {
                 self.write_new_conversation(&mut batch, conv, create, ts_ms);
             }
+            self.write_effects(&mut batch, append, seq, ts_ms).await?;
             let event = Event {
                 conversation_id: conv.to_owned(),
                 seq,
@@ -355,9 +382,257 @@ impl MessageStore {
         };
         batch.set(self.keys.conversation(conv), record.encode_to_vec());
         for user in &create.members {
-            batch.set(self.keys.member(conv, user), Vec::new());
-            batch.set(self.keys.user_conversation(user, conv), Vec::new());
+            self.write_member(batch, conv, user, false, 1);
         }
+    }
+
+    fn write_member(
+        &self,
+        batch: &mut Batch,
+        conv: &str,
+        user: &str,
+        admin: bool,
+        joined_seq: u64,
+    ) {
+        let record = MemberRecord { admin, joined_seq };
+        batch.set(self.keys.member(conv, user), record.encode_to_vec());
+        batch.set(self.keys.user_conversation(user, conv), Vec::new());
+    }
+
+    /// What an event changes besides itself, in the same commit: membership follows its
+    /// events, so membership and messages share one order; a delete tombstones its target.
+    async fn write_effects(
+        &self,
+        batch: &mut Batch,
+        append: &Append,
+        seq: u64,
+        ts_ms: u64,
+    ) -> Result<(), StoreError> {
+        let conv = append.conversation_id.as_str();
+        match &append.payload {
+            EventPayload::Message { .. } => {}
+            EventPayload::GroupCreated { name, members } => {
+                let record = ConversationRecord {
+                    kind: "group".into(),
+                    name: name.clone(),
+                    created_ms: ts_ms,
+                };
+                batch.set(self.keys.conversation(conv), record.encode_to_vec());
+                for user in members {
+                    self.write_member(batch, conv, user, *user == append.sender.user, seq);
+                    batch.add(self.keys.group_count(user), 1);
+                }
+            }
+            EventPayload::MemberAdded { user } => {
+                self.write_member(batch, conv, user, false, seq);
+                batch.add(self.keys.group_count(user), 1);
+            }
+            EventPayload::MemberRemoved { user } => {
+                batch.clear(self.keys.member(conv, user));
+                batch.clear(self.keys.user_conversation(user, conv));
+                batch.add(self.keys.group_count(user), -1);
+            }
+            EventPayload::Delete { target_seq } => {
+                let key = self.keys.event(conv, *target_seq);
+                // The target may be in this very batch, not yet committed.
+                let pending = batch.mutations.iter().rev().find_map(|m| match m {
+                    Mutation::Set { key: k, value } if *k == key => Some(value.clone()),
+                    _ => None,
+                });
+                let stored = match pending {
+                    Some(value) => Some(value),
+                    None => self.kv.get(&key).await?,
+                };
+                if let Some(value) = stored {
+                    let mut target = decode_event(&key, &value)?;
+                    if let EventPayload::Message { body, deleted, .. } = &mut target.payload {
+                        *body = None;
+                        *deleted = true;
+                    }
+                    batch.set(key, pb::Event::from(target).encode_to_vec());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One event of `conv`, if retained.
+    pub async fn event(&self, conv: &str, seq: u64) -> Result<Option<Event>, StoreError> {
+        let key = self.keys.event(conv, seq);
+        match self.kv.get(&key).await? {
+            Some(value) => Ok(Some(decode_event(&key, &value)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The membership of `user` in `conv`.
+    pub async fn member(&self, conv: &str, user: &str) -> Result<Option<MemberRecord>, StoreError> {
+        let key = self.keys.member(conv, user);
+        match self.kv.get(&key).await? {
+            Some(v) => Ok(Some(
+                MemberRecord::decode(v.as_slice()).map_err(|e| corrupt(&key, e))?,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    /// The members of `conv` with their records, in id order.
+    pub async fn member_records(
+        &self,
+        conv: &str,
+    ) -> Result<Vec<(String, MemberRecord)>, StoreError> {
+        let rows = self
+            .kv
+            .range(self.keys.members(conv), usize::MAX, false)
+            .await?;
+        rows.iter()
+            .map(|(k, v)| {
+                let user = self
+                    .keys
+                    .member_user(k)
+                    .ok_or_else(|| corrupt(k, "member key"))?;
+                let record = MemberRecord::decode(v.as_slice()).map_err(|e| corrupt(k, e))?;
+                Ok((user, record))
+            })
+            .collect()
+    }
+
+    /// The number of groups `user` belongs to.
+    pub async fn group_count(&self, user: &str) -> Result<u64, StoreError> {
+        let value = self.kv.get(&self.keys.group_count(user)).await?;
+        Ok((value.as_deref().map_or(0, decode_u64) as i64).max(0) as u64)
+    }
+
+    /// The lowest retained seq of `conv` (1 until retention clears events).
+    pub async fn floor(&self, conv: &str) -> Result<u64, StoreError> {
+        let value = self.kv.get(&self.keys.floor(conv)).await?;
+        Ok(value.as_deref().map_or(1, decode_u64).max(1))
+    }
+
+    /// Clears the events of `conv` below `new_floor`, fenced by the shard's lease like every
+    /// other shard write. Returns how many seqs were cleared.
+    pub async fn trim(
+        &self,
+        lease: ShardLease,
+        conv: &str,
+        new_floor: u64,
+    ) -> Result<u64, StoreError> {
+        let floor = self.floor(conv).await?;
+        if new_floor <= floor {
+            return Ok(0);
+        }
+        let mut batch = Batch::new();
+        batch
+            .fence(
+                self.keys.shard_epoch(lease.shard),
+                Some(lease.epoch.to_le_bytes().to_vec()),
+            )
+            .clear_range(self.keys.events(conv, floor, new_floor))
+            .set(self.keys.floor(conv), new_floor.to_le_bytes().to_vec());
+        self.kv.commit(batch).await?;
+        Ok(new_floor - floor)
+    }
+
+    /// Conversation ids in id order, a page of `limit` after `after` (for background jobs).
+    pub async fn conversation_ids(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut range = self.keys.conversations();
+        if let Some(after) = after {
+            let mut start = self.keys.conversation(after);
+            start.push(0);
+            range.start = start;
+        }
+        let rows = self.kv.range(range, limit, false).await?;
+        rows.iter()
+            .map(|(k, _)| {
+                self.keys
+                    .conversation_id(k)
+                    .ok_or_else(|| corrupt(k, "conversation key"))
+            })
+            .collect()
+    }
+
+    /// A device of `user`.
+    pub async fn device(
+        &self,
+        user: &str,
+        device: &str,
+    ) -> Result<Option<DeviceRecord>, StoreError> {
+        let key = self.keys.device(user, device);
+        match self.kv.get(&key).await? {
+            Some(v) => Ok(Some(
+                DeviceRecord::decode(v.as_slice()).map_err(|e| corrupt(&key, e))?,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    /// Every device of `user`, in id order.
+    pub async fn devices(&self, user: &str) -> Result<Vec<(String, DeviceRecord)>, StoreError> {
+        let rows = self
+            .kv
+            .range(self.keys.devices(user), usize::MAX, false)
+            .await?;
+        rows.iter()
+            .map(|(k, v)| {
+                let device = self
+                    .keys
+                    .device_id(k)
+                    .ok_or_else(|| corrupt(k, "device key"))?;
+                let record = DeviceRecord::decode(v.as_slice()).map_err(|e| corrupt(k, e))?;
+                Ok((device, record))
+            })
+            .collect()
+    }
+
+    /// Writes a device record as given.
+    pub async fn put_device(
+        &self,
+        user: &str,
+        device: &str,
+        record: &DeviceRecord,
+    ) -> Result<(), StoreError> {
+        let mut batch = Batch::new();
+        batch.set(self.keys.device(user, device), record.encode_to_vec());
+        self.kv.commit(batch).await.map(drop)
+    }
+
+    /// Unlinks a device: its record says when (tokens issued before are refused), its push
+    /// registration and its delivered cursors are dropped.
+    pub async fn unlink_device(
+        &self,
+        user: &str,
+        device: &str,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        let record = DeviceRecord {
+            last_seen_ms: self
+                .device(user, device)
+                .await?
+                .map_or(0, |d| d.last_seen_ms),
+            unlinked_ms: now_ms,
+            push_provider: String::new(),
+            push_token: String::new(),
+        };
+        let mut batch = Batch::new();
+        batch
+            .set(self.keys.device(user, device), record.encode_to_vec())
+            .clear_range(self.keys.cursors(user, device));
+        self.kv.commit(batch).await.map(drop)
+    }
+
+    /// The delivered cursor of one device in one conversation (0 when it has none).
+    pub async fn device_cursor(
+        &self,
+        user: &str,
+        device: &str,
+        conv: &str,
+    ) -> Result<u64, StoreError> {
+        let value = self.kv.get(&self.keys.cursor(user, device, conv)).await?;
+        Ok(value.as_deref().map_or(0, decode_u64))
     }
 
     async fn cached_head(&self, heads: &mut HeadCache, conv: &str) -> Result<u64, StoreError> {
@@ -523,4 +798,170 @@ impl MessageStore {
 fn decode_event(key: &[u8], value: &[u8]) -> Result<Event, StoreError> {
     let event = pb::Event::decode(value).map_err(|e| corrupt(key, e))?;
     Event::try_from(event).map_err(|e| corrupt(key, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::embedded::EmbeddedEngine;
+    use courier_proto::Body;
+
+    async fn store(dir: &tempfile::TempDir) -> MessageStore {
+        let kv = Arc::new(EmbeddedEngine::open(&dir.path().join("s.redb")).unwrap());
+        MessageStore::open(kv, b"", 8).await.unwrap()
+    }
+
+    fn message(conv: &str, device: &str, id: &str) -> Append {
+        Append {
+            conversation_id: conv.into(),
+            sender: Sender {
+                user: "alice".into(),
+                device: device.into(),
+            },
+            client_msg_id: Some(id.into()),
+            payload: EventPayload::Message {
+                body: Some(Body::Text(id.into())),
+                client_msg_id: id.into(),
+                reply_to: None,
+                deleted: false,
+            },
+            create: Some(NewConversation {
+                kind: "direct",
+                name: String::new(),
+                members: vec!["alice".into(), "bob".into()],
+            }),
+        }
+    }
+
+    #[tokio::test]
+    async fn seqs_are_dense_per_conversation_and_retries_are_duplicates() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir).await;
+        let shard = store.shard_of("d:1");
+        let lease = store.acquire_shards(&[shard]).await.unwrap()[0];
+        let mut heads = HeadCache::default();
+        let batch = [
+            message("d:1", "p", "a"),
+            message("d:1", "p", "b"),
+            message("d:1", "p", "a"),
+        ];
+        let out = store.append(lease, &mut heads, &batch).await.unwrap();
+        assert_eq!(
+            out.iter().map(|o| (o.seq, o.duplicate)).collect::<Vec<_>>(),
+            [(1, false), (2, false), (1, true)]
+        );
+        let again = store
+            .append(
+                lease,
+                &mut heads,
+                &[message("d:1", "p", "b"), message("d:1", "q", "b")],
+            )
+            .await
+            .unwrap();
+        assert_eq!((again[0].seq, again[0].duplicate), (2, true));
+        assert_eq!(
+            (again[1].seq, again[1].duplicate),
+            (3, false),
+            "idempotency is per device"
+        );
+        assert_eq!(store.head("d:1").await.unwrap(), 3);
+        assert_eq!(store.members("d:1").await.unwrap(), ["alice", "bob"]);
+        assert_eq!(
+            store.outbox(shard, 10).await.unwrap().len(),
+            3,
+            "one outbox entry per new event"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_deposed_owner_cannot_append_or_trim() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir).await;
+        let shard = store.shard_of("d:1");
+        let old = store.acquire_shards(&[shard]).await.unwrap()[0];
+        let new = store.acquire_shards(&[shard]).await.unwrap()[0];
+        assert_eq!(new.epoch, old.epoch + 1);
+        let refused = store
+            .append(old, &mut HeadCache::default(), &[message("d:1", "p", "a")])
+            .await;
+        assert!(matches!(refused, Err(StoreError::FenceChanged { .. })));
+        assert_eq!(
+            store.head("d:1").await.unwrap(),
+            0,
+            "nothing of the refused batch landed"
+        );
+        store
+            .append(new, &mut HeadCache::default(), &[message("d:1", "p", "a")])
+            .await
+            .unwrap();
+        assert!(matches!(
+            store.trim(old, "d:1", 2).await,
+            Err(StoreError::FenceChanged { .. })
+        ));
+        assert_eq!(store.trim(new, "d:1", 2).await.unwrap(), 1);
+        assert_eq!(store.floor("d:1").await.unwrap(), 2);
+        assert!(store.events("d:1", 0, 10).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn membership_follows_its_events_and_deletes_tombstone_the_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir).await;
+        let lease = store
+            .acquire_shards(&[store.shard_of("g:1")])
+            .await
+            .unwrap()[0];
+        let mut heads = HeadCache::default();
+        let system = |payload| Append {
+            conversation_id: "g:1".into(),
+            sender: Sender {
+                user: "alice".into(),
+                device: "p".into(),
+            },
+            client_msg_id: None,
+            payload,
+            create: None,
+        };
+        let mut hello = message("g:1", "p", "m");
+        hello.create = None;
+        store
+            .append(
+                lease,
+                &mut heads,
+                &[
+                    system(EventPayload::GroupCreated {
+                        name: "g".into(),
+                        members: vec!["alice".into(), "bob".into()],
+                    }),
+                    hello,
+                    system(EventPayload::MemberAdded {
+                        user: "carol".into(),
+                    }),
+                    system(EventPayload::MemberRemoved { user: "bob".into() }),
+                    system(EventPayload::Delete { target_seq: 2 }),
+                ],
+            )
+            .await
+            .unwrap();
+        let members = store.member_records("g:1").await.unwrap();
+        assert_eq!(
+            members
+                .iter()
+                .map(|(u, m)| (u.as_str(), m.admin, m.joined_seq))
+                .collect::<Vec<_>>(),
+            [("alice", true, 1), ("carol", false, 3)]
+        );
+        assert!(store.conversations_of("bob").await.unwrap().is_empty());
+        assert_eq!(store.group_count("bob").await.unwrap(), 0);
+        assert_eq!(store.group_count("carol").await.unwrap(), 1);
+        let target = store.event("g:1", 2).await.unwrap().unwrap();
+        assert!(matches!(
+            target.payload,
+            EventPayload::Message {
+                body: None,
+                deleted: true,
+                ..
+            }
+        ));
+    }
 }
