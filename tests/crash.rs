@@ -41,7 +41,13 @@ async fn send_until_killed(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigkill_mid_send_loses_no_acknowledged_message() {
     let dir = tempfile::tempdir().unwrap();
-    let mut server = Server::start_in(dir.path(), &[]);
+    let unlimited = [
+        "--user-sends-per-sec",
+        "0",
+        "--connection-frames-per-sec",
+        "0",
+    ];
+    let mut server = Server::start_in(dir.path(), &unlimited);
     let acked = Arc::new(Mutex::new(Vec::new()));
     let mut senders = Vec::new();
     for device in ["d1", "d2", "d3", "d4"] {
@@ -68,7 +74,7 @@ async fn sigkill_mid_send_loses_no_acknowledged_message() {
     }
     let acked = acked.lock().unwrap().clone();
 
-    let mut server = Server::start_in(dir.path(), &[]);
+    let mut server = Server::start_in(dir.path(), &unlimited);
     let mut bob = server.connect("bob", "phone").await;
     let conv = acked[0].1.clone();
     let mut stored = Vec::new();

@@ -536,7 +536,10 @@ async fn sigterm_sends_reconnect_closes_1001_and_exits_0() {
 #[tokio::test]
 async fn a_slow_reader_is_disconnected_and_resyncs() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start_in(dir.path(), &["--outbound-queue", "16"]);
+    let server = Server::start_in(
+        dir.path(),
+        &["--outbound-queue", "16", "--user-sends-per-sec", "0"],
+    );
     let mut alice = server.connect("alice", "phone").await;
     let mut bob = server.connect("bob", "phone").await;
     expect_sync_done(&mut alice).await;

@@ -16,6 +16,9 @@ struct Claims {
     sub: String,
     dev: String,
     exp: u64,
+    /// Issue time (seconds); tokens issued before a device was unlinked are refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    iat: Option<u64>,
 }
 
 /// The identity a verified token grants.
@@ -23,6 +26,8 @@ struct Claims {
 pub struct Identity {
     pub user: String,
     pub device: String,
+    /// The token's `iat` in milliseconds (0 when the token has none).
+    pub issued_at_ms: u64,
 }
 
 /// Why a token was refused. Shown to the client, so it names the problem without secrets.
@@ -32,6 +37,8 @@ pub enum AuthError {
     Missing,
     #[error("invalid token: {0}")]
     Invalid(String),
+    #[error("this device was unlinked; sign in again for a new token")]
+    Unlinked,
 }
 
 /// Verifies tokens.
@@ -68,12 +75,13 @@ impl TokenVerifier {
     pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
         let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
             .map_err(|e| AuthError::Invalid(e.to_string()))?;
-        let Claims { sub, dev, .. } = data.claims;
+        let Claims { sub, dev, iat, .. } = data.claims;
         ids::user_id(&sub).map_err(|e| AuthError::Invalid(e.to_string()))?;
         ids::device_id(&dev).map_err(|e| AuthError::Invalid(e.to_string()))?;
         Ok(Identity {
             user: sub,
             device: dev,
+            issued_at_ms: iat.unwrap_or(0).saturating_mul(1000),
         })
     }
 }
@@ -82,11 +90,12 @@ impl TokenVerifier {
 pub fn mint(secret: &[u8], user: &str, device: &str, ttl: Duration) -> anyhow::Result<String> {
     ids::user_id(user)?;
     ids::device_id(device)?;
-    let exp = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs() + ttl.as_secs();
+    let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
     let claims = Claims {
         sub: user.to_owned(),
         dev: device.to_owned(),
-        exp,
+        exp: now + ttl.as_secs(),
+        iat: Some(now),
     };
     Ok(jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),
@@ -157,13 +166,12 @@ mod tests {
     fn minted_tokens_verify_and_expired_or_forged_ones_do_not() {
         let verifier = TokenVerifier::hs256(b"secret");
         let token = mint(b"secret", "alice", "phone", Duration::from_secs(60)).unwrap();
+        let identity = verifier.verify(&token).unwrap();
         assert_eq!(
-            verifier.verify(&token).unwrap(),
-            Identity {
-                user: "alice".into(),
-                device: "phone".into()
-            }
+            (identity.user.as_str(), identity.device.as_str()),
+            ("alice", "phone")
         );
+        assert!(identity.issued_at_ms > 0);
         let forged = mint(b"other", "alice", "phone", Duration::from_secs(60)).unwrap();
         assert!(verifier.verify(&forged).is_err());
         let expired = jsonwebtoken::encode(
@@ -172,6 +180,7 @@ mod tests {
                 sub: "alice".into(),
                 dev: "phone".into(),
                 exp: 1,
+                iat: None,
             },
             &EncodingKey::from_secret(b"secret"),
         )

@@ -4,9 +4,15 @@
 
 use crate::auth::Identity;
 use crate::error::ApiError;
+use crate::limits::{KeyedLimit, Rate};
+use crate::membership::MembershipCache;
+use crate::metrics::{Metrics, ScopeLabel};
+use crate::receipts::ReceiptRelay;
 use crate::routes::{Delivery, Routes};
 use crate::sequencer::{PendingAppend, Sequencer};
-use courier_proto::{AckKind, Body, Event, EventPayload, Receipt, Sender, ServerFrame, ids};
+use courier_proto::{
+    AckKind, Body, Event, EventPayload, Receipt, Sender, ServerFrame, TypingNotice, ids,
+};
 use courier_store::{Append, MessageStore, NewConversation, ReceiptKind};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
@@ -28,6 +34,15 @@ pub fn direct_conversation_id(a: &str, b: &str) -> String {
     format!("d:{}", hex::encode(&hash.finalize()[..16]))
 }
 
+/// A page of events.
+#[derive(Debug, Clone)]
+pub struct Page {
+    pub events: Vec<Event>,
+    pub head_seq: u64,
+    /// The retention floor, when events after the requested seq were cleared.
+    pub trimmed: Option<u64>,
+}
+
 /// A conversation as listed by `GET /v1/conversations`.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ConversationSummary {
@@ -37,6 +52,8 @@ pub struct ConversationSummary {
     pub head_seq: u64,
     pub delivered_seq: u64,
     pub read_seq: u64,
+    /// Events above the user's read cursor (`head_seq - read_seq`; the user's own included).
+    pub unread: u64,
 }
 
 /// One conversation of a catch-up: send events in `(from, head]`.
@@ -45,25 +62,132 @@ pub struct CatchUp {
     pub conversation_id: String,
     pub from: u64,
     pub head: u64,
+    /// The retention floor, when events the device has not had were cleared.
+    pub trimmed: Option<u64>,
 }
 
+/// Limits and policies of the chat role; see `docs/groups.md`.
+#[derive(Debug, Clone)]
+pub struct ChatLimits {
+    pub max_group_members: usize,
+    pub max_groups_per_user: u64,
+    /// Longest group name, in characters.
+    pub max_group_name: usize,
+    /// Most users named in one create or add request.
+    pub max_users_per_request: usize,
+    /// Events before its join that a new group member may read (0: from its join on).
+    pub history_on_join: u64,
+    /// Sends are answered `unavailable` while more events than this wait for fanout.
+    pub fanout_backlog_limit: i64,
+    pub user_sends: Rate,
+    pub group_sends: Rate,
+}
+
+impl Default for ChatLimits {
+    fn default() -> Self {
+        Self {
+            max_group_members: 100_000,
+            max_groups_per_user: 10_000,
+            max_group_name: 128,
+            max_users_per_request: 1000,
+            history_on_join: 0,
+            fanout_backlog_limit: 1_000_000,
+            user_sends: Rate {
+                per_second: 100,
+                burst: 200,
+            },
+            group_sends: Rate {
+                per_second: 200,
+                burst: 400,
+            },
+        }
+    }
+}
+
+/// What the chat role shares with the roles it calls.
 pub struct Chat {
-    store: MessageStore,
-    sequencer: Arc<dyn Sequencer>,
-    routes: Arc<Routes>,
+    pub(crate) store: MessageStore,
+    pub(crate) sequencer: Arc<dyn Sequencer>,
+    pub(crate) routes: Arc<Routes>,
+    pub(crate) membership: Arc<MembershipCache>,
+    pub(crate) receipts: Arc<ReceiptRelay>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) limits: ChatLimits,
+    user_sends: KeyedLimit,
+    group_sends: KeyedLimit,
 }
 
 impl Chat {
-    pub fn new(store: MessageStore, sequencer: Arc<dyn Sequencer>, routes: Arc<Routes>) -> Self {
+    pub fn new(
+        store: MessageStore,
+        sequencer: Arc<dyn Sequencer>,
+        routes: Arc<Routes>,
+        membership: Arc<MembershipCache>,
+        receipts: Arc<ReceiptRelay>,
+        metrics: Arc<Metrics>,
+        limits: ChatLimits,
+    ) -> Self {
         Self {
+            user_sends: KeyedLimit::new(limits.user_sends, "sends from this user"),
+            group_sends: KeyedLimit::new(limits.group_sends, "sends to this group"),
             store,
             sequencer,
             routes,
+            membership,
+            receipts,
+            metrics,
+            limits,
         }
     }
 
     pub fn store(&self) -> &MessageStore {
         &self.store
+    }
+
+    /// Forgets idle rate-limit buckets (called periodically).
+    pub fn forget_idle_limits(&self) {
+        self.user_sends.forget_idle();
+        self.group_sends.forget_idle();
+    }
+
+    /// The lowest seq `user` may read in `conv`: from its join on (or `history_on_join`
+    /// events before it), and never below the retention floor.
+    pub async fn visible_from(&self, conv: &str, user: &str) -> Result<u64, ApiError> {
+        let joined = self
+            .store
+            .member(conv, user)
+            .await?
+            .map_or(1, |m| m.joined_seq.max(1));
+        let floor = self.store.floor(conv).await?;
+        Ok(joined
+            .saturating_sub(self.limits.history_on_join)
+            .max(floor)
+            .max(1))
+    }
+
+    fn count_limited(
+        &self,
+        scope: &'static str,
+        result: Result<(), ApiError>,
+    ) -> Result<(), ApiError> {
+        if result.is_err() {
+            self.metrics
+                .rate_limited
+                .get_or_create(&ScopeLabel { scope })
+                .inc();
+        }
+        result
+    }
+
+    /// Refuses new sends while fanout is too far behind (nothing accepted is dropped).
+    fn check_backpressure(&self) -> Result<(), ApiError> {
+        if self.metrics.fanout_backlog.get() > self.limits.fanout_backlog_limit {
+            return Err(ApiError::unavailable(
+                "delivery is behind; retry shortly",
+                500,
+            ));
+        }
+        Ok(())
     }
 
     /// Checks that `conv` exists and `user` belongs to it.
@@ -89,6 +213,8 @@ impl Chat {
     ) -> Result<(String, PendingAppend), ApiError> {
         ids::client_msg_id(&send.client_msg_id)?;
         validate_body(&send.body)?;
+        self.count_limited("user", self.user_sends.check(&who.user))?;
+        self.check_backpressure()?;
         if send.reply_to == Some(0) {
             return Err(ApiError::bad_request("reply_to must be a seq (1 or more)"));
         }
@@ -105,6 +231,9 @@ impl Chat {
             }
             (Some(conv), None) => {
                 self.check_member(conv, &who.user).await?;
+                if is_group(conv) {
+                    self.count_limited("group", self.group_sends.check(conv))?;
+                }
                 (conv.clone(), None)
             }
             (None, Some(peer)) => {
@@ -166,41 +295,41 @@ impl Chat {
             .await?;
         let (delivered_seq, read_seq) = self.store.receipt(conv, &who.user).await?;
         if (delivered_seq, read_seq) != (before_delivered, before_read) {
-            let receipt = Arc::new(ServerFrame::Receipt(Receipt {
+            let receipt = Receipt {
                 conversation_id: conv.clone(),
                 user: who.user.clone(),
                 delivered_seq,
                 read_seq,
-            }));
-            for member in self.store.members(conv).await? {
-                if member == who.user {
-                    continue;
-                }
-                for connection in self.routes.connections(&member) {
-                    connection.deliver(Delivery::Frame(receipt.clone()));
-                }
-            }
+            };
+            self.receipts.publish(receipt).await?;
         }
         Ok(())
     }
 
-    /// Events of `conv` after `after_seq` (at most `limit`) and the conversation's head.
+    /// Events of `conv` after `after_seq` (at most `limit`), the conversation's head, and the
+    /// retention floor when events the client asked for were cleared.
     pub async fn fetch(
         &self,
         who: &Identity,
         conv: &str,
         after_seq: u64,
         limit: Option<u32>,
-    ) -> Result<(Vec<Event>, u64), ApiError> {
+    ) -> Result<Page, ApiError> {
         self.check_member(conv, &who.user).await?;
         let limit = match limit {
             Some(0) => return Err(ApiError::bad_request("limit must be 1 or more")),
             Some(n) => n.min(MAX_FETCH_LIMIT),
             None => DEFAULT_FETCH_LIMIT,
         };
-        let head = self.store.head(conv).await?;
-        let events = self.store.events(conv, after_seq, limit as usize).await?;
-        Ok((events, head))
+        let head_seq = self.store.head(conv).await?;
+        let floor = self.store.floor(conv).await?;
+        let start = after_seq.max(self.visible_from(conv, &who.user).await? - 1);
+        let events = self.store.events(conv, start, limit as usize).await?;
+        Ok(Page {
+            events,
+            head_seq,
+            trimmed: (after_seq + 1 < floor).then_some(floor),
+        })
     }
 
     /// The user's conversations with their heads and the user's receipt cursors.
@@ -221,8 +350,10 @@ impl Chat {
                 record.name
             };
             let (delivered_seq, read_seq) = self.store.receipt(&conv, &who.user).await?;
+            let head_seq = self.store.head(&conv).await?;
             out.push(ConversationSummary {
-                head_seq: self.store.head(&conv).await?,
+                unread: head_seq.saturating_sub(read_seq),
+                head_seq,
                 conversation_id: conv,
                 kind: record.kind,
                 name,
@@ -235,7 +366,7 @@ impl Chat {
 
     /// What a device must be sent to catch up: for each of the user's conversations whose head
     /// is above the device's delivered cursor (or the client's override of it), the range.
-    /// Also returns the device's cursors, where live delivery resumes.
+    /// Also returns where live delivery resumes in each conversation.
     pub async fn catch_up_plan(
         &self,
         who: &Identity,
@@ -243,23 +374,116 @@ impl Chat {
     ) -> Result<(Vec<CatchUp>, HashMap<String, u64>), ApiError> {
         let cursors = self.store.device_cursors(&who.user, &who.device).await?;
         let mut plan = Vec::new();
+        let mut resume = HashMap::new();
         for conv in self.store.conversations_of(&who.user).await? {
-            let from = overrides
+            let cursor = overrides
                 .get(&conv)
                 .or_else(|| cursors.get(&conv))
                 .copied()
                 .unwrap_or(0);
+            let visible_from = self.visible_from(&conv, &who.user).await?;
+            let floor = self.store.floor(&conv).await?;
+            let from = cursor.max(visible_from - 1);
             let head = self.store.head(&conv).await?;
+            resume.insert(conv.clone(), cursor.max(visible_from - 1));
             if head > from {
                 plan.push(CatchUp {
+                    trimmed: (cursor + 1 < floor).then_some(floor),
                     conversation_id: conv,
                     from,
                     head,
                 });
             }
         }
-        Ok((plan, cursors))
+        Ok((plan, resume))
     }
+
+    /// Relays a typing indicator to the other members' connected devices. Never stored;
+    /// dropped first when a connection's queue is filling.
+    pub async fn typing(
+        &self,
+        who: &Identity,
+        typing: &courier_proto::Typing,
+    ) -> Result<(), ApiError> {
+        ids::conversation_id(&typing.conversation_id)?;
+        let members = self.membership.members(&typing.conversation_id).await?;
+        if !members.iter().any(|(m, _)| *m == who.user) {
+            return Err(ApiError::forbidden(format!(
+                "you are not a member of {}",
+                typing.conversation_id
+            )));
+        }
+        let frame = Arc::new(ServerFrame::Typing(TypingNotice {
+            conversation_id: typing.conversation_id.clone(),
+            user: who.user.clone(),
+            active: typing.active,
+        }));
+        for (member, _) in members.iter() {
+            if *member == who.user {
+                continue;
+            }
+            for connection in self.routes.connections(member) {
+                if !connection.deliver_droppable(Delivery::Frame(frame.clone())) {
+                    self.metrics.typing_dropped.inc();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Validates a delete for everyone and queues its `delete` event. Members delete their own
+    /// messages; group admins delete any. Returns the conversation, the synthetic
+    /// `client_msg_id` (`delete:<seq>`, so retries are idempotent) and the pending append.
+    pub async fn submit_delete(
+        &self,
+        who: &Identity,
+        delete: &courier_proto::Delete,
+    ) -> Result<(String, PendingAppend), ApiError> {
+        let conv = &delete.conversation_id;
+        self.check_member(conv, &who.user).await?;
+        if delete.seq < self.visible_from(conv, &who.user).await? {
+            return Err(ApiError::not_found(format!(
+                "no message {} in {conv}",
+                delete.seq
+            )));
+        }
+        let target =
+            self.store.event(conv, delete.seq).await?.ok_or_else(|| {
+                ApiError::not_found(format!("no message {} in {conv}", delete.seq))
+            })?;
+        if !matches!(target.payload, EventPayload::Message { .. }) {
+            return Err(ApiError::bad_request("only messages can be deleted"));
+        }
+        if target.sender.user != who.user {
+            let admin = self
+                .store
+                .member(conv, &who.user)
+                .await?
+                .is_some_and(|m| m.admin);
+            if !(is_group(conv) && admin) {
+                return Err(ApiError::forbidden("you can delete only your own messages"));
+            }
+        }
+        let client_msg_id = format!("delete:{}", delete.seq);
+        let pending = self.sequencer.submit(Append {
+            conversation_id: conv.clone(),
+            sender: Sender {
+                user: who.user.clone(),
+                device: who.device.clone(),
+            },
+            client_msg_id: Some(client_msg_id.clone()),
+            payload: EventPayload::Delete {
+                target_seq: delete.seq,
+            },
+            create: None,
+        });
+        Ok((client_msg_id, pending))
+    }
+}
+
+/// Group conversation ids start with `g:`, direct ones with `d:`.
+pub fn is_group(conv: &str) -> bool {
+    conv.starts_with("g:")
 }
 
 fn validate_body(body: &Body) -> Result<(), ApiError> {

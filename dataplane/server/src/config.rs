@@ -1,7 +1,10 @@
 //! Configuration of `courier serve`: one typed struct, from flags or `COURIER_*` environment
 //! variables, validated at start-up.
 
+use crate::chat::ChatLimits;
 use crate::gateway::GatewayLimits;
+use crate::limits::Rate;
+use crate::retention::RetentionPolicy;
 use crate::sequencer::GroupCommitLimits;
 use clap::{Args, ValueEnum};
 use std::net::SocketAddr;
@@ -68,6 +71,64 @@ pub struct ServeConfig {
     /// Fanout workers.
     #[arg(long, env = "COURIER_FANOUT_WORKERS", default_value_t = 2)]
     pub fanout_workers: usize,
+    /// Sends per second per user (0: unlimited).
+    #[arg(long, env = "COURIER_USER_SENDS_PER_SEC", default_value_t = 100)]
+    pub user_sends_per_sec: u32,
+    /// Burst of sends per user.
+    #[arg(long, env = "COURIER_USER_SENDS_BURST", default_value_t = 200)]
+    pub user_sends_burst: u32,
+    /// Sends per second into one group (0: unlimited).
+    #[arg(long, env = "COURIER_GROUP_SENDS_PER_SEC", default_value_t = 200)]
+    pub group_sends_per_sec: u32,
+    /// Burst of sends into one group.
+    #[arg(long, env = "COURIER_GROUP_SENDS_BURST", default_value_t = 400)]
+    pub group_sends_burst: u32,
+    /// Frames per second per connection (0: unlimited).
+    #[arg(long, env = "COURIER_CONNECTION_FRAMES_PER_SEC", default_value_t = 300)]
+    pub connection_frames_per_sec: u32,
+    /// Burst of frames per connection.
+    #[arg(long, env = "COURIER_CONNECTION_FRAMES_BURST", default_value_t = 600)]
+    pub connection_frames_burst: u32,
+    /// Typing frames per second per connection; more are dropped.
+    #[arg(long, env = "COURIER_TYPING_PER_SEC", default_value_t = 5)]
+    pub typing_per_sec: u32,
+    /// Most members of a group.
+    #[arg(long, env = "COURIER_MAX_GROUP_MEMBERS", default_value_t = 100_000)]
+    pub max_group_members: usize,
+    /// Most groups a user belongs to.
+    #[arg(long, env = "COURIER_MAX_GROUPS_PER_USER", default_value_t = 10_000)]
+    pub max_groups_per_user: u64,
+    /// Longest group name, in characters.
+    #[arg(long, env = "COURIER_MAX_GROUP_NAME", default_value_t = 128)]
+    pub max_group_name: usize,
+    /// Events before their join that new group members may read (0: from the join on).
+    #[arg(long, env = "COURIER_HISTORY_ON_JOIN", default_value_t = 0)]
+    pub history_on_join: u64,
+    /// Groups with more members take the large-group fanout path.
+    #[arg(long, env = "COURIER_LARGE_GROUP_THRESHOLD", default_value_t = 1000)]
+    pub large_group_threshold: usize,
+    /// Groups with more members get coalesced receipts.
+    #[arg(long, env = "COURIER_RECEIPT_COALESCE_ABOVE", default_value_t = 100)]
+    pub receipt_coalesce_above: usize,
+    /// Interval of coalesced receipts.
+    #[arg(long, env = "COURIER_RECEIPT_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub receipt_interval: Duration,
+    /// Sends get `unavailable` while more events than this wait for fanout.
+    #[arg(
+        long,
+        env = "COURIER_FANOUT_BACKLOG_LIMIT",
+        default_value_t = 1_000_000
+    )]
+    pub fanout_backlog_limit: i64,
+    /// Events are kept at least this long, and until every active device has them.
+    #[arg(long, env = "COURIER_RETENTION", default_value = "30days", value_parser = humantime::parse_duration)]
+    pub retention: Duration,
+    /// A device unseen this long stops holding events back.
+    #[arg(long, env = "COURIER_DEVICE_INACTIVE_AFTER", default_value = "30days", value_parser = humantime::parse_duration)]
+    pub device_inactive_after: Duration,
+    /// Time between retention passes.
+    #[arg(long, env = "COURIER_RETENTION_INTERVAL", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub retention_interval: Duration,
     /// How long draining may take on SIGTERM before the process exits anyway.
     #[arg(long, env = "COURIER_DRAIN_TIMEOUT", default_value = "25s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
@@ -107,7 +168,42 @@ impl ServeConfig {
         GatewayLimits {
             max_frame_bytes: self.max_frame_bytes,
             outbound_queue: self.outbound_queue,
+            connection_frames: Rate {
+                per_second: self.connection_frames_per_sec,
+                burst: self.connection_frames_burst,
+            },
+            connection_typing: Rate {
+                per_second: self.typing_per_sec,
+                burst: self.typing_per_sec,
+            },
             ..GatewayLimits::default()
+        }
+    }
+
+    pub fn chat_limits(&self) -> ChatLimits {
+        ChatLimits {
+            max_group_members: self.max_group_members,
+            max_groups_per_user: self.max_groups_per_user,
+            max_group_name: self.max_group_name,
+            history_on_join: self.history_on_join,
+            fanout_backlog_limit: self.fanout_backlog_limit,
+            user_sends: Rate {
+                per_second: self.user_sends_per_sec,
+                burst: self.user_sends_burst,
+            },
+            group_sends: Rate {
+                per_second: self.group_sends_per_sec,
+                burst: self.group_sends_burst,
+            },
+            ..ChatLimits::default()
+        }
+    }
+
+    pub fn retention_policy(&self) -> RetentionPolicy {
+        RetentionPolicy {
+            window: self.retention,
+            device_inactive_after: self.device_inactive_after,
+            interval: self.retention_interval,
         }
     }
 

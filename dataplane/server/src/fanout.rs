@@ -5,17 +5,26 @@
 //! events were handed off, and devices that miss a live event catch up from their cursor.
 //!
 //! Shards are split over a fixed number of workers (`shard % workers`), so one shard is
-//! always drained by one worker, in order.
+//! always drained by one worker, in order. Recipients come from the [`MembershipCache`], kept
+//! in step with each conversation's order. Events of groups larger than the large-group
+//! threshold take a slow path: their own bounded queue and worker, so a huge group cannot
+//! starve 1:1 traffic; when that queue is full the shard waits (nothing is dropped). A delivery
+//! to the gateway is one call carrying the event and its recipients; connections reorder
+//! nothing, they skip what they have and fill gaps from the store.
 
+use crate::membership::{Members, MembershipCache};
 use crate::metrics::Metrics;
 use crate::routes::{Delivery, Handoff, Routes, SharedEvent};
 use crate::sequencer::CommitListener;
-use courier_store::MessageStore;
+use courier_store::{MessageStore, StoreError};
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, mpsc};
+
+/// Events queued for the large-group path before fanout waits.
+const LARGE_GROUP_QUEUE: usize = 1024;
 
 /// Outbox entries read per step of one shard.
 const OUTBOX_PAGE: usize = 256;
@@ -25,21 +34,30 @@ struct Worker {
     wake: Notify,
 }
 
+type LargeDelivery = (Arc<SharedEvent>, Members);
+
 pub struct Fanout {
     store: MessageStore,
     routes: Arc<Routes>,
+    membership: Arc<MembershipCache>,
     metrics: Arc<Metrics>,
     workers: Vec<Worker>,
     backlog: AtomicI64,
+    large_group_threshold: usize,
+    large: mpsc::Sender<LargeDelivery>,
+    large_queue: Mutex<Option<mpsc::Receiver<LargeDelivery>>>,
 }
 
 impl Fanout {
     pub fn new(
         store: MessageStore,
         routes: Arc<Routes>,
+        membership: Arc<MembershipCache>,
         metrics: Arc<Metrics>,
         workers: usize,
+        large_group_threshold: usize,
     ) -> Arc<Self> {
+        let (large, large_queue) = mpsc::channel(LARGE_GROUP_QUEUE);
         let workers = (0..workers.max(1))
             .map(|_| Worker {
                 dirty: Mutex::new(BTreeSet::new()),
@@ -49,9 +67,13 @@ impl Fanout {
         Arc::new(Self {
             store,
             routes,
+            membership,
             metrics,
             workers,
             backlog: AtomicI64::new(0),
+            large_group_threshold,
+            large,
+            large_queue: Mutex::new(Some(large_queue)),
         })
     }
 
@@ -64,6 +86,20 @@ impl Fanout {
         for index in 0..self.workers.len() {
             let fanout = self.clone();
             tokio::spawn(async move { fanout.run(index).await });
+        }
+        let queue = self
+            .large_queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(mut queue) = queue {
+            let fanout = self.clone();
+            tokio::spawn(async move {
+                while let Some((event, recipients)) = queue.recv().await {
+                    fanout.metrics.large_group_queue.dec();
+                    fanout.hand_off(&event, &recipients);
+                }
+            });
         }
     }
 
@@ -99,7 +135,7 @@ impl Fanout {
     }
 
     /// Delivers and clears the outbox of `shard` until it is empty.
-    async fn drain(&self, shard: u32) -> Result<(), courier_store::StoreError> {
+    async fn drain(&self, shard: u32) -> Result<(), StoreError> {
         loop {
             let entries = self.store.outbox(shard, OUTBOX_PAGE).await?;
             let Some((last, _)) = entries.last() else {
@@ -116,14 +152,26 @@ impl Fanout {
         }
     }
 
-    async fn deliver(&self, event: courier_proto::Event) -> Result<(), courier_store::StoreError> {
-        let members = self.store.members(&event.conversation_id).await?;
-        let lag = now_ms().saturating_sub(event.ts_ms) as f64 / 1000.0;
+    async fn deliver(&self, event: courier_proto::Event) -> Result<(), StoreError> {
+        let recipients = self.membership.recipients(&event).await?;
         let shared = SharedEvent::new(event);
+        if recipients.len() > self.large_group_threshold {
+            self.metrics.large_group_queue.inc();
+            // The receiver lives as long as the process; a send error cannot happen.
+            let _ = self.large.send((shared, recipients)).await;
+            return Ok(());
+        }
+        self.hand_off(&shared, &recipients);
+        Ok(())
+    }
+
+    /// Hands an event to the connections of its recipients, except the sending device.
+    fn hand_off(&self, shared: &Arc<SharedEvent>, recipients: &Members) {
+        let lag = now_ms().saturating_sub(shared.event.ts_ms) as f64 / 1000.0;
         let sender = &shared.event.sender;
-        for member in members {
-            for connection in self.routes.connections(&member) {
-                if member == sender.user && connection.device == sender.device {
+        for (member, _) in recipients.iter() {
+            for connection in self.routes.connections(member) {
+                if *member == sender.user && connection.device == sender.device {
                     continue;
                 }
                 if connection.deliver(Delivery::Event(shared.clone())) == Handoff::Kicked {
@@ -132,7 +180,6 @@ impl Fanout {
                 self.metrics.delivery_lag.observe(lag);
             }
         }
-        Ok(())
     }
 }
 

@@ -7,13 +7,14 @@ use crate::auth::Identity;
 use crate::chat::{CatchUp, Chat};
 use crate::error::ApiError;
 use crate::fanout::now_ms;
-use crate::metrics::{CodeLabel, Metrics};
-use crate::routes::{Delivery, Routes, SharedEvent, to_message};
+use crate::limits::{ConnectionLimit, Rate};
+use crate::metrics::{CodeLabel, Metrics, ScopeLabel};
+use crate::routes::{Delivery, KickReason, Routes, SharedEvent, to_message};
 use crate::sequencer::SequencerError;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, close_code};
 use courier_proto::{
     ClientFrame, Encoding, ErrorFrame, Event, Hello, Messages, Pong, Reconnect, Sent, ServerFrame,
-    SyncDone,
+    SyncDone, Trimmed,
 };
 use courier_store::AppendOutcome;
 use futures::StreamExt;
@@ -42,6 +43,10 @@ pub struct GatewayLimits {
     pub reconnect_jitter: Duration,
     /// Longest a write may wait for a client that reads nothing.
     pub write_timeout: Duration,
+    /// Frames per second a connection may send (`rate_limited` above).
+    pub connection_frames: Rate,
+    /// Typing frames per second a connection may send; more are dropped silently.
+    pub connection_typing: Rate,
 }
 
 impl Default for GatewayLimits {
@@ -53,6 +58,14 @@ impl Default for GatewayLimits {
             send_timeout: Duration::from_secs(10),
             reconnect_jitter: Duration::from_secs(2),
             write_timeout: Duration::from_secs(30),
+            connection_frames: Rate {
+                per_second: 300,
+                burst: 600,
+            },
+            connection_typing: Rate {
+                per_second: 5,
+                burst: 5,
+            },
         }
     }
 }
@@ -83,6 +96,8 @@ struct Connection<'a> {
     /// Highest seq written to this connection (or known to its device), per conversation.
     upto: HashMap<String, u64>,
     pending: FuturesUnordered<BoxFuture<'static, SendResult>>,
+    frames: ConnectionLimit,
+    typing: ConnectionLimit,
 }
 
 /// Why the connection ends.
@@ -106,10 +121,15 @@ impl Gateway {
             socket,
             upto: HashMap::new(),
             pending: FuturesUnordered::new(),
+            frames: ConnectionLimit::new(self.limits.connection_frames),
+            typing: ConnectionLimit::new(self.limits.connection_typing),
         };
-        let exit = connection.run(&mut deliveries, &handle.kick).await;
+        let devices = crate::devices::Devices::new(self.chat.store().clone());
+        devices.seen(&connection.who).await;
+        let exit = connection.run(&mut deliveries, &handle).await;
         self.routes.unregister(&user, handle.id);
         self.metrics.connections.dec();
+        devices.seen(&connection.who).await;
         if let Exit::Close(code, reason) = exit {
             let _ = connection
                 .socket
@@ -126,7 +146,7 @@ impl Connection<'_> {
     async fn run(
         &mut self,
         deliveries: &mut tokio::sync::mpsc::Receiver<Delivery>,
-        kick: &tokio::sync::Notify,
+        handle: &crate::routes::ConnectionHandle,
     ) -> Exit {
         let hello = ServerFrame::Hello(Hello {
             user: self.who.user.clone(),
@@ -144,7 +164,10 @@ impl Connection<'_> {
             let reading = self.pending.len() < self.gateway.limits.max_pending_sends;
             let step = tokio::select! {
                 biased;
-                _ = kick.notified() => Err(Exit::Close(close_code::AGAIN, "outbound queue full; reconnect and resync")),
+                _ = handle.kick.notified() => Err(match handle.kick_reason() {
+                    KickReason::SlowConsumer => Exit::Close(close_code::AGAIN, "outbound queue full; reconnect and resync"),
+                    KickReason::Unlinked => Exit::Close(close_code::POLICY, "device unlinked"),
+                }),
                 _ = async { drop(draining.wait_for(|d| *d).await) } => self.drain().await,
                 Some(done) = self.pending.next() => self.on_sent(done).await,
                 Some(delivery) = deliveries.recv() => self.on_delivery(delivery).await,
@@ -260,6 +283,16 @@ impl Connection<'_> {
             ClientFrame::Send(s) => Some(s.client_msg_id.clone()),
             _ => None,
         };
+        if let Err(e) = self.frames.check() {
+            self.gateway
+                .metrics
+                .rate_limited
+                .get_or_create(&ScopeLabel {
+                    scope: "connection",
+                })
+                .inc();
+            return self.write_error(reference, client_msg_id, e).await;
+        }
         if let Err(e) = self.on_frame(frame).await? {
             self.write_error(reference, client_msg_id, e).await?;
         }
@@ -273,27 +306,43 @@ impl Connection<'_> {
         match frame {
             ClientFrame::Send(send) => {
                 let started = Instant::now();
-                let (conversation_id, pending) = match chat.submit_send(&self.who, &send).await {
-                    Ok(submitted) => submitted,
-                    Err(e) => return Ok(Err(e)),
-                };
-                let timeout = self.gateway.limits.send_timeout;
-                let reference = send.reference;
-                let client_msg_id = send.client_msg_id;
-                self.pending.push(Box::pin(async move {
-                    let outcome = match tokio::time::timeout(timeout, pending).await {
-                        Ok(result) => result.map_err(ApiError::from),
-                        Err(_) => Err(ApiError::from(SequencerError::Overloaded)),
-                    };
-                    SendResult {
-                        reference,
-                        client_msg_id,
-                        conversation_id,
-                        started,
-                        outcome,
+                match chat.submit_send(&self.who, &send).await {
+                    Ok((conversation_id, pending)) => {
+                        self.await_sent(
+                            send.reference,
+                            send.client_msg_id,
+                            conversation_id,
+                            started,
+                            pending,
+                        );
+                        Ok(Ok(()))
                     }
-                }));
-                Ok(Ok(()))
+                    Err(e) => Ok(Err(e)),
+                }
+            }
+            ClientFrame::Delete(delete) => {
+                let started = Instant::now();
+                match chat.submit_delete(&self.who, &delete).await {
+                    Ok((client_msg_id, pending)) => {
+                        let conversation_id = delete.conversation_id;
+                        self.await_sent(
+                            delete.reference,
+                            client_msg_id,
+                            conversation_id,
+                            started,
+                            pending,
+                        );
+                        Ok(Ok(()))
+                    }
+                    Err(e) => Ok(Err(e)),
+                }
+            }
+            ClientFrame::Typing(typing) => {
+                if self.typing.check().is_err() {
+                    self.gateway.metrics.typing_dropped.inc();
+                    return Ok(Ok(()));
+                }
+                Ok(chat.typing(&self.who, &typing).await)
             }
             ClientFrame::Ack(ack) => Ok(chat.acknowledge(&self.who, &ack).await),
             ClientFrame::Fetch(fetch) => {
@@ -302,12 +351,19 @@ impl Connection<'_> {
                     .fetch(&self.who, &fetch.conversation_id, after, fetch.limit)
                     .await
                 {
-                    Ok((events, head_seq)) => {
+                    Ok(page) => {
+                        if let Some(floor_seq) = page.trimmed {
+                            self.write(&ServerFrame::Trimmed(Trimmed {
+                                conversation_id: fetch.conversation_id.clone(),
+                                floor_seq,
+                            }))
+                            .await?;
+                        }
                         let reply = ServerFrame::Messages(Messages {
                             reference: fetch.reference,
                             conversation_id: fetch.conversation_id,
-                            events,
-                            head_seq,
+                            events: page.events,
+                            head_seq: page.head_seq,
                         });
                         self.write(&reply).await.map(Ok)
                     }
@@ -331,10 +387,33 @@ impl Connection<'_> {
                 }))
                 .await
                 .map(Ok),
-            ClientFrame::Delete(_) | ClientFrame::Typing(_) => Ok(Err(ApiError::bad_request(
-                "delete and typing apply to groups, which this server does not support yet",
-            ))),
         }
+    }
+
+    /// Waits (concurrently with the rest of the connection) for a sequenced append, then
+    /// answers `sent` or `error`.
+    fn await_sent(
+        &mut self,
+        reference: Option<i64>,
+        client_msg_id: String,
+        conversation_id: String,
+        started: Instant,
+        pending: crate::sequencer::PendingAppend,
+    ) {
+        let timeout = self.gateway.limits.send_timeout;
+        self.pending.push(Box::pin(async move {
+            let outcome = match tokio::time::timeout(timeout, pending).await {
+                Ok(result) => result.map_err(ApiError::from),
+                Err(_) => Err(ApiError::from(SequencerError::Overloaded)),
+            };
+            SendResult {
+                reference,
+                client_msg_id,
+                conversation_id,
+                started,
+                outcome,
+            }
+        }));
     }
 
     async fn on_sent(&mut self, done: SendResult) -> Result<(), Exit> {
@@ -385,7 +464,22 @@ impl Connection<'_> {
     /// connection has not seen) is filled from the store first.
     async fn on_live_event(&mut self, shared: Arc<SharedEvent>) -> Result<(), Exit> {
         let event = &shared.event;
-        let upto = self.upto.get(&event.conversation_id).copied().unwrap_or(0);
+        let upto = match self.upto.get(&event.conversation_id) {
+            Some(&upto) => upto,
+            // A conversation this connection has not seen yet (joined after connecting).
+            None => match self
+                .gateway
+                .chat
+                .visible_from(&event.conversation_id, &self.who.user)
+                .await
+            {
+                Ok(from) => from - 1,
+                Err(e) => {
+                    self.write_error(None, None, e).await?;
+                    return Err(Exit::Close(close_code::ERROR, "storage error; reconnect"));
+                }
+            },
+        };
         if event.seq <= upto {
             return Ok(());
         }
@@ -394,6 +488,7 @@ impl Connection<'_> {
                 conversation_id: event.conversation_id.clone(),
                 from: upto,
                 head: event.seq - 1,
+                trimmed: None,
             };
             self.stream_events(&gap, false).await?;
         }
@@ -416,6 +511,13 @@ impl Connection<'_> {
             *known = (*known).max(cursor);
         }
         for range in &ranges {
+            if let Some(floor_seq) = range.trimmed {
+                self.write(&ServerFrame::Trimmed(Trimmed {
+                    conversation_id: range.conversation_id.clone(),
+                    floor_seq,
+                }))
+                .await?;
+            }
             self.stream_events(range, true).await?;
         }
         self.write(&ServerFrame::SyncDone(SyncDone {})).await

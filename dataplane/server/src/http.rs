@@ -3,6 +3,7 @@
 
 use crate::auth::{AuthError, Identity, TokenVerifier, bearer_token};
 use crate::chat::Chat;
+use crate::devices::Devices;
 use crate::error::ApiError;
 use crate::gateway::Gateway;
 use crate::metrics::Metrics;
@@ -11,7 +12,7 @@ use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use courier_proto::{Encoding, ErrorCode, SUBPROTOCOL_JSON, SUBPROTOCOL_PROTO};
 use std::sync::Arc;
@@ -31,6 +32,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/ws", get(websocket))
         .route("/v1/conversations", get(conversations))
         .route("/v1/conversations/{id}/messages", get(messages))
+        .route("/v1/groups", post(create_group))
+        .route("/v1/groups/{id}/members", post(add_members))
+        .route("/v1/groups/{id}/members/{user}", delete(remove_member))
+        .route("/v1/devices", get(devices))
+        .route("/v1/devices/{device}", delete(unlink_device))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -58,7 +64,11 @@ impl FromRequestParts<Arc<AppState>> for Caller {
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok());
         let token = bearer_token(authorization, parts.uri.query()).ok_or(AuthError::Missing)?;
-        Ok(Caller(state.verifier.verify(token)?))
+        let who = state.verifier.verify(token)?;
+        Devices::new(state.chat.store().clone())
+            .check_linked(&who)
+            .await?;
+        Ok(Caller(who))
     }
 }
 
@@ -110,11 +120,97 @@ async fn messages(
     query: Result<Query<PageQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(page) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
-    let (events, head_seq) = state
+    let page = state
         .chat
         .fetch(&who, &id, page.after_seq.unwrap_or(0), page.limit)
         .await?;
-    Ok(Json(serde_json::json!({ "events": events, "head_seq": head_seq })).into_response())
+    let mut body = serde_json::json!({ "events": page.events, "head_seq": page.head_seq });
+    if let Some(floor) = page.trimmed {
+        body["floor_seq"] = floor.into();
+    }
+    Ok(Json(body).into_response())
+}
+
+/// A JSON body, with decoding errors answered as `bad_request`.
+pub struct JsonBody<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
+        match Json::<T>::from_request(request, state).await {
+            Ok(Json(value)) => Ok(JsonBody(value)),
+            Err(e) => Err(ApiError::bad_request(e.body_text())),
+        }
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct NewGroup {
+    name: String,
+    #[serde(default)]
+    members: Vec<String>,
+}
+
+async fn create_group(
+    State(state): State<Arc<AppState>>,
+    Caller(who): Caller,
+    JsonBody(group): JsonBody<NewGroup>,
+) -> Result<Response, ApiError> {
+    let conversation_id = state
+        .chat
+        .create_group(&who, &group.name, &group.members)
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(serde_json::json!({ "conversation_id": conversation_id })),
+    )
+        .into_response())
+}
+
+#[derive(serde::Deserialize)]
+struct NewMembers {
+    users: Vec<String>,
+}
+
+async fn add_members(
+    State(state): State<Arc<AppState>>,
+    Caller(who): Caller,
+    Path(id): Path<String>,
+    JsonBody(request): JsonBody<NewMembers>,
+) -> Result<Response, ApiError> {
+    let added = state.chat.add_members(&who, &id, &request.users).await?;
+    Ok(Json(serde_json::json!({ "conversation_id": id, "added": added })).into_response())
+}
+
+async fn remove_member(
+    State(state): State<Arc<AppState>>,
+    Caller(who): Caller,
+    Path((id, user)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    state.chat.remove_member(&who, &id, &user).await?;
+    Ok(Json(serde_json::json!({ "conversation_id": id, "removed": user })).into_response())
+}
+
+async fn devices(
+    State(state): State<Arc<AppState>>,
+    Caller(who): Caller,
+) -> Result<Response, ApiError> {
+    let devices = Devices::new(state.chat.store().clone())
+        .list(&who.user)
+        .await?;
+    Ok(Json(serde_json::json!({ "devices": devices })).into_response())
+}
+
+async fn unlink_device(
+    State(state): State<Arc<AppState>>,
+    Caller(who): Caller,
+    Path(device): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    Devices::new(state.chat.store().clone())
+        .unlink(&who.user, &device, &state.gateway.routes)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn readyz(State(state): State<Arc<AppState>>) -> StatusCode {

@@ -9,11 +9,17 @@ mod auth;
 mod chat;
 mod cli_chat;
 mod config;
+mod devices;
 mod error;
 mod fanout;
 mod gateway;
+mod groups;
 mod http;
+mod limits;
+mod membership;
 mod metrics;
+mod receipts;
+mod retention;
 mod routes;
 mod sequencer;
 mod serve;
@@ -33,6 +39,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at start-up: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run every role in one process on the embedded store.

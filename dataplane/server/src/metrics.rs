@@ -13,6 +13,11 @@ pub struct ShardLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ScopeLabel {
+    pub scope: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CodeLabel {
     pub code: &'static str,
 }
@@ -38,6 +43,14 @@ pub struct Metrics {
     pub slow_consumer_disconnects: Counter,
     /// `error` frames sent, by code.
     pub errors: Family<CodeLabel, Counter>,
+    /// Requests refused by a rate limit, by scope (`user`, `group`, `connection`).
+    pub rate_limited: Family<ScopeLabel, Counter>,
+    /// Typing frames dropped (queue filling or rate limit).
+    pub typing_dropped: Counter,
+    /// Events cleared by retention.
+    pub retention_cleared: Counter,
+    /// Events waiting in the large-group fanout queue.
+    pub large_group_queue: Gauge,
     resident_memory: Gauge,
 }
 
@@ -55,6 +68,10 @@ impl Metrics {
             send_retries: Counter::default(),
             slow_consumer_disconnects: Counter::default(),
             errors: Family::default(),
+            rate_limited: Family::default(),
+            typing_dropped: Counter::default(),
+            retention_cleared: Counter::default(),
+            large_group_queue: Gauge::default(),
             resident_memory: Gauge::default(),
             registry: Registry::default(),
         };
@@ -102,6 +119,26 @@ impl Metrics {
             "gateway_errors",
             "Error frames sent, by code",
             metrics.errors.clone(),
+        );
+        registry.register(
+            "chat_rate_limited",
+            "Requests refused by a rate limit, by scope",
+            metrics.rate_limited.clone(),
+        );
+        registry.register(
+            "gateway_typing_dropped",
+            "Typing frames dropped under load or by rate limit",
+            metrics.typing_dropped.clone(),
+        );
+        registry.register(
+            "retention_events_cleared",
+            "Events cleared by retention",
+            metrics.retention_cleared.clone(),
+        );
+        registry.register(
+            "fanout_large_group_queue_events",
+            "Events waiting in the large-group fanout queue",
+            metrics.large_group_queue.clone(),
         );
         registry.register(
             "process_resident_memory_bytes",

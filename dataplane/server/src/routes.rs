@@ -5,7 +5,7 @@
 use axum::extract::ws::Message;
 use courier_proto::{Encoding, Event, Payload, ServerFrame};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 use tokio::sync::{Notify, mpsc};
 
@@ -51,14 +51,24 @@ pub enum Delivery {
     Frame(Arc<ServerFrame>),
 }
 
+/// Why a connection is told to close.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KickReason {
+    /// Its delivery queue was full: it reconnects and resyncs.
+    SlowConsumer = 0,
+    /// Its device was unlinked.
+    Unlinked = 1,
+}
+
 /// One open connection, as the registry sees it.
 #[derive(Clone)]
 pub struct ConnectionHandle {
     pub id: u64,
     pub device: String,
     queue: mpsc::Sender<Delivery>,
-    /// Notified when the connection must close because it fell behind.
+    /// Notified when the connection must close; `kick_reason` says why.
     pub kick: Arc<Notify>,
+    kick_reason: Arc<AtomicU8>,
 }
 
 /// What became of a delivery to one connection.
@@ -69,14 +79,37 @@ pub enum Handoff {
     Kicked,
 }
 
+/// Share of a connection's queue kept free of droppable frames (typing), so they go first.
+const DROPPABLE_HEADROOM: usize = 4;
+
 impl ConnectionHandle {
     pub fn deliver(&self, delivery: Delivery) -> Handoff {
         match self.queue.try_send(delivery) {
             Ok(()) => Handoff::Queued,
             Err(_) => {
-                self.kick.notify_one();
+                self.close(KickReason::SlowConsumer);
                 Handoff::Kicked
             }
+        }
+    }
+
+    /// Queues a frame that may be lost (typing): only while the queue is at most three
+    /// quarters full. Returns whether it was queued.
+    pub fn deliver_droppable(&self, delivery: Delivery) -> bool {
+        self.queue.capacity() > self.queue.max_capacity() / DROPPABLE_HEADROOM
+            && self.queue.try_send(delivery).is_ok()
+    }
+
+    /// Tells the connection to close.
+    pub fn close(&self, reason: KickReason) {
+        self.kick_reason.store(reason as u8, Ordering::Relaxed);
+        self.kick.notify_one();
+    }
+
+    pub fn kick_reason(&self) -> KickReason {
+        match self.kick_reason.load(Ordering::Relaxed) {
+            1 => KickReason::Unlinked,
+            _ => KickReason::SlowConsumer,
         }
     }
 }
@@ -102,6 +135,7 @@ impl Routes {
             device: device.to_owned(),
             queue,
             kick: Arc::new(Notify::new()),
+            kick_reason: Arc::new(AtomicU8::new(KickReason::SlowConsumer as u8)),
         };
         let mut users = self.users.write().unwrap_or_else(|e| e.into_inner());
         users

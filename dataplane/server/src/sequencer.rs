@@ -28,11 +28,18 @@ pub enum SequencerError {
 /// An append in flight; resolves once it is durable (or refused).
 pub type PendingAppend = BoxFuture<'static, Result<AppendOutcome, SequencerError>>;
 
-/// Orders and persists appends.
+/// A retention trim in flight; resolves to the number of seqs cleared.
+pub type PendingTrim = BoxFuture<'static, Result<u64, SequencerError>>;
+
+/// Orders and persists appends; the only writer of a conversation's events.
 pub trait Sequencer: Send + Sync + 'static {
     /// Queues `append` before returning, so two calls from one task keep their order within a
     /// conversation; the future resolves after the durable commit.
     fn submit(&self, append: Append) -> PendingAppend;
+
+    /// Clears the events of `conversation_id` below `new_floor` (retention), fenced by the
+    /// shard's epoch like every other shard write.
+    fn trim(&self, conversation_id: &str, new_floor: u64) -> PendingTrim;
 }
 
 /// Told after each commit which shard's outbox grew (fanout, in-process).
@@ -64,9 +71,33 @@ impl Default for GroupCommitLimits {
     }
 }
 
-struct Request {
+struct AppendRequest {
     append: Append,
     reply: oneshot::Sender<Result<AppendOutcome, SequencerError>>,
+}
+
+// Appends are the common case: boxing them would cost an allocation per message.
+#[allow(clippy::large_enum_variant)]
+enum Request {
+    Append(AppendRequest),
+    Trim {
+        conversation_id: String,
+        new_floor: u64,
+        reply: oneshot::Sender<Result<u64, SequencerError>>,
+    },
+}
+
+fn queued<T: Send + 'static>(
+    queued: Result<(), mpsc::error::TrySendError<Request>>,
+    outcome: oneshot::Receiver<Result<T, SequencerError>>,
+) -> BoxFuture<'static, Result<T, SequencerError>> {
+    Box::pin(async move {
+        match queued {
+            Ok(()) => outcome.await.unwrap_or(Err(SequencerError::ShardMoved)),
+            Err(mpsc::error::TrySendError::Full(_)) => Err(SequencerError::Overloaded),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(SequencerError::ShardMoved),
+        }
+    })
 }
 
 /// The in-process sequencer over one message store.
@@ -121,14 +152,19 @@ impl Sequencer for LocalSequencer {
     fn submit(&self, append: Append) -> PendingAppend {
         let shard = self.store.shard_of(&append.conversation_id);
         let (reply, outcome) = oneshot::channel();
-        let queued = self.shard_queue(shard).try_send(Request { append, reply });
-        Box::pin(async move {
-            match queued {
-                Ok(()) => outcome.await.unwrap_or(Err(SequencerError::ShardMoved)),
-                Err(mpsc::error::TrySendError::Full(_)) => Err(SequencerError::Overloaded),
-                Err(mpsc::error::TrySendError::Closed(_)) => Err(SequencerError::ShardMoved),
-            }
-        })
+        let request = Request::Append(AppendRequest { append, reply });
+        queued(self.shard_queue(shard).try_send(request), outcome)
+    }
+
+    fn trim(&self, conversation_id: &str, new_floor: u64) -> PendingTrim {
+        let shard = self.store.shard_of(conversation_id);
+        let (reply, outcome) = oneshot::channel();
+        let request = Request::Trim {
+            conversation_id: conversation_id.to_owned(),
+            new_floor,
+            reply,
+        };
+        queued(self.shard_queue(shard).try_send(request), outcome)
     }
 }
 
@@ -144,27 +180,74 @@ struct ShardActor {
 impl ShardActor {
     async fn run(mut self, mut requests: mpsc::Receiver<Request>) {
         let mut batch = Vec::with_capacity(self.limits.max_appends);
-        while let Some(first) = requests.recv().await {
-            let mut bytes = first.append.approximate_size();
-            batch.push(first);
-            let deadline = tokio::time::Instant::now() + self.limits.linger;
-            while batch.len() < self.limits.max_appends && bytes < self.limits.max_bytes {
-                let next = match requests.try_recv() {
-                    Ok(next) => next,
-                    Err(_) if self.limits.linger.is_zero() => break,
-                    Err(_) => match tokio::time::timeout_at(deadline, requests.recv()).await {
-                        Ok(Some(next)) => next,
-                        _ => break,
-                    },
-                };
-                bytes += next.append.approximate_size();
-                batch.push(next);
-            }
-            if !self.commit(&mut batch).await {
+        let mut next = None;
+        loop {
+            let first = match next.take() {
+                Some(request) => request,
+                None => match requests.recv().await {
+                    Some(request) => request,
+                    None => return,
+                },
+            };
+            let kept = match first {
+                Request::Trim {
+                    conversation_id,
+                    new_floor,
+                    reply,
+                } => {
+                    let result = self
+                        .store
+                        .trim(self.lease, &conversation_id, new_floor)
+                        .await;
+                    let lost = matches!(result, Err(StoreError::FenceChanged { .. }));
+                    let _ = reply.send(result.map_err(|e| {
+                        if lost {
+                            SequencerError::ShardMoved
+                        } else {
+                            e.into()
+                        }
+                    }));
+                    !lost
+                }
+                Request::Append(first) => {
+                    let mut bytes = first.append.approximate_size();
+                    batch.push(first);
+                    let deadline = tokio::time::Instant::now() + self.limits.linger;
+                    while batch.len() < self.limits.max_appends && bytes < self.limits.max_bytes {
+                        let request = match requests.try_recv() {
+                            Ok(request) => request,
+                            Err(_) if self.limits.linger.is_zero() => break,
+                            Err(_) => {
+                                match tokio::time::timeout_at(deadline, requests.recv()).await {
+                                    Ok(Some(request)) => request,
+                                    _ => break,
+                                }
+                            }
+                        };
+                        match request {
+                            Request::Append(append) => {
+                                bytes += append.append.approximate_size();
+                                batch.push(append);
+                            }
+                            trim => {
+                                next = Some(trim);
+                                break;
+                            }
+                        }
+                    }
+                    self.commit(&mut batch).await
+                }
+            };
+            if !kept {
                 // The shard moved: refuse what is queued and stop.
                 requests.close();
                 while let Ok(request) = requests.try_recv() {
-                    let _ = request.reply.send(Err(SequencerError::ShardMoved));
+                    match request {
+                        Request::Append(r) => drop(r.reply.send(Err(SequencerError::ShardMoved))),
+                        Request::Trim { reply, .. } => {
+                            drop(reply.send(Err(SequencerError::ShardMoved)))
+                        }
+                    }
                 }
                 return;
             }
@@ -172,7 +255,7 @@ impl ShardActor {
     }
 
     /// Commits `batch` and answers its waiters; `false` when the shard was lost.
-    async fn commit(&mut self, batch: &mut Vec<Request>) -> bool {
+    async fn commit(&mut self, batch: &mut Vec<AppendRequest>) -> bool {
         let appends: Vec<Append> = batch.iter().map(|r| r.append.clone()).collect();
         let result = self
             .store

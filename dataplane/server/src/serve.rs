@@ -6,7 +6,10 @@ use crate::config::{PublicKeyAlgorithm, ServeConfig, StoreKind};
 use crate::fanout::Fanout;
 use crate::gateway::Gateway;
 use crate::http::{AppState, router};
+use crate::membership::MembershipCache;
 use crate::metrics::Metrics;
+use crate::receipts::ReceiptRelay;
+use crate::retention::Retention;
 use crate::routes::Routes;
 use crate::sequencer::LocalSequencer;
 use anyhow::Context;
@@ -77,11 +80,14 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
 
     let metrics = Arc::new(Metrics::new());
     let routes = Arc::new(Routes::default());
+    let membership = Arc::new(MembershipCache::new(store.clone()));
     let fanout = Fanout::new(
         store.clone(),
         routes.clone(),
+        membership.clone(),
         metrics.clone(),
         config.fanout_workers,
+        config.large_group_threshold,
     );
     let sequencer = LocalSequencer::start(
         store.clone(),
@@ -91,7 +97,36 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     )
     .await?;
     fanout.start();
-    let chat = Arc::new(Chat::new(store, sequencer, routes.clone()));
+    let receipts = ReceiptRelay::new(
+        routes.clone(),
+        membership.clone(),
+        config.receipt_coalesce_above,
+    );
+    receipts.start(config.receipt_interval);
+    Retention::new(
+        store.clone(),
+        sequencer.clone(),
+        config.retention_policy(),
+        metrics.clone(),
+    )
+    .start();
+    let chat = Arc::new(Chat::new(
+        store,
+        sequencer,
+        routes.clone(),
+        membership,
+        receipts,
+        metrics.clone(),
+        config.chat_limits(),
+    ));
+    let idle_chat = chat.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+        loop {
+            tick.tick().await;
+            idle_chat.forget_idle_limits();
+        }
+    });
     let (drain, draining) = watch::channel(false);
     let gateway = Arc::new(Gateway {
         chat: chat.clone(),
