@@ -133,3 +133,18 @@ pub fn token_for(data_dir: &Path, user: &str, device: &str, ttl_secs: i64) -> St
     )
     .unwrap()
 }
+
+/// A token with an `iat` `ahead_secs` in the future (as if signed in after an unlink).
+pub fn token_with_iat(data_dir: &Path, user: &str, device: &str, ahead_secs: i64) -> String {
+    let secret = std::fs::read_to_string(data_dir.join("jwt-secret")).expect("secret file");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &serde_json::json!({ "sub": user, "dev": device, "exp": now + 3600, "iat": now + ahead_secs }),
+        &jsonwebtoken::EncodingKey::from_secret(secret.trim().as_bytes()),
+    )
+    .unwrap()
+}

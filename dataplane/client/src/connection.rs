@@ -198,14 +198,7 @@ impl Client {
             reply_to: None,
         }))
         .await?;
-        self.wait_for(|frame| match frame {
-            ServerFrame::Sent(sent) if sent.reference == Some(reference) => Some(Ok(sent.clone())),
-            ServerFrame::Error(e) if e.reference == Some(reference) => {
-                Some(Err(ClientError::Server(e.clone())))
-            }
-            _ => None,
-        })
-        .await
+        self.reply_to_send(reference).await
     }
 
     /// Sends a text message and waits for its `sent`.
@@ -261,6 +254,39 @@ impl Client {
             seq,
             kind,
         }))
+        .await
+    }
+
+    /// Deletes a message for everyone and waits for the `sent` of the delete event.
+    pub async fn delete(&mut self, conversation_id: &str, seq: u64) -> Result<Sent, ClientError> {
+        let reference = self.take_ref();
+        self.send_frame(&ClientFrame::Delete(Delete {
+            reference: Some(reference),
+            conversation_id: conversation_id.to_owned(),
+            seq,
+        }))
+        .await?;
+        self.reply_to_send(reference).await
+    }
+
+    /// Tells the other members' devices that this user is typing (or stopped).
+    pub async fn typing(&mut self, conversation_id: &str, active: bool) -> Result<(), ClientError> {
+        self.send_frame(&ClientFrame::Typing(Typing {
+            reference: None,
+            conversation_id: conversation_id.to_owned(),
+            active,
+        }))
+        .await
+    }
+
+    async fn reply_to_send(&mut self, reference: i64) -> Result<Sent, ClientError> {
+        self.wait_for(|frame| match frame {
+            ServerFrame::Sent(sent) if sent.reference == Some(reference) => Some(Ok(sent.clone())),
+            ServerFrame::Error(e) if e.reference == Some(reference) => {
+                Some(Err(ClientError::Server(e.clone())))
+            }
+            _ => None,
+        })
         .await
     }
 

@@ -386,9 +386,10 @@ impl Chat {
             let from = cursor.max(visible_from - 1);
             let head = self.store.head(&conv).await?;
             resume.insert(conv.clone(), cursor.max(visible_from - 1));
-            if head > from {
+            let trimmed = (cursor + 1 < floor).then_some(floor);
+            if head > from || trimmed.is_some() {
                 plan.push(CatchUp {
-                    trimmed: (cursor + 1 < floor).then_some(floor),
+                    trimmed,
                     conversation_id: conv,
                     from,
                     head,

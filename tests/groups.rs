@@ -1,0 +1,622 @@
+//! Black-box tests of groups, delete for everyone, receipts, typing, rate limits, devices and
+//! retention against a real `courier serve`.
+
+mod support;
+
+use courier_client::proto::*;
+use courier_client::{Client, ClientError, Target};
+use std::time::Duration;
+use support::Server;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn start(args: &[&str]) -> (tempfile::TempDir, Server) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_in(dir.path(), args);
+    (dir, server)
+}
+
+async fn connected(server: &Server, user: &str, device: &str) -> Client {
+    let mut client = server.connect(user, device).await;
+    client.events_until_sync_done().await.unwrap();
+    client
+}
+
+async fn next_event(client: &mut Client) -> Event {
+    tokio::time::timeout(WAIT, client.next_event())
+        .await
+        .expect("an event in time")
+        .unwrap()
+}
+
+fn users(names: &[&str]) -> Vec<String> {
+    names.iter().map(|s| s.to_string()).collect()
+}
+
+fn server_error(result: Result<Sent, ClientError>) -> ErrorCode {
+    match result {
+        Err(ClientError::Server(e)) => e.code,
+        other => panic!("expected a server error, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn membership_changes_are_sequenced_events_and_only_admins_manage_members() {
+    let (_dir, server) = start(&[]);
+    let alice = server.http("alice", "phone");
+    let conv = alice
+        .create_group("friends", &users(&["bob"]))
+        .await
+        .unwrap();
+    assert!(conv.starts_with("g:"));
+    let mut bob = server.connect("bob", "phone").await;
+    let events = bob.events_until_sync_done().await.unwrap();
+    assert_eq!(events.len(), 1);
+    match &events[0].payload {
+        EventPayload::GroupCreated { name, members } => {
+            assert_eq!(name, "friends");
+            assert_eq!(members, &users(&["alice", "bob"]));
+        }
+        other => panic!("expected group_created, got {other:?}"),
+    }
+    assert_eq!(
+        (events[0].seq, events[0].sender.user.as_str()),
+        (1, "alice")
+    );
+
+    let (status, _) = server
+        .http("bob", "phone")
+        .post(
+            &format!("/v1/groups/{conv}/members"),
+            &serde_json::json!({"users": ["mallory"]}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 403, "members who are not admins cannot add");
+    alice.add_members(&conv, &users(&["carol"])).await.unwrap();
+    let added = next_event(&mut bob).await;
+    assert_eq!(added.seq, 2);
+    assert_eq!(
+        added.payload,
+        EventPayload::MemberAdded {
+            user: "carol".into()
+        }
+    );
+
+    let (status, body) = server
+        .http("alice", "phone")
+        .get("/v1/conversations")
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let listed = &body["conversations"][0];
+    assert_eq!(
+        (listed["kind"].as_str(), listed["name"].as_str()),
+        (Some("group"), Some("friends"))
+    );
+
+    let (status, _) = server
+        .http("carol", "phone")
+        .delete(&format!("/v1/groups/{conv}/members/bob"))
+        .await
+        .unwrap();
+    assert_eq!(status, 403, "members remove only themselves");
+    server
+        .http("carol", "phone")
+        .remove_member(&conv, "carol")
+        .await
+        .unwrap();
+    let left = next_event(&mut bob).await;
+    assert_eq!(
+        left.payload,
+        EventPayload::MemberRemoved {
+            user: "carol".into()
+        }
+    );
+
+    let (status, body) = alice
+        .post("/v1/groups", &serde_json::json!({"name": ""}))
+        .await
+        .unwrap();
+    assert_eq!((status, body["code"].as_str()), (400, Some("bad_request")));
+    let (status, _) = alice
+        .post(
+            "/v1/groups",
+            &serde_json::json!({"name": "x", "members": ["bad id!"]}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 400);
+}
+
+#[tokio::test]
+async fn a_removed_member_gets_nothing_after_its_removal_even_with_messages_in_flight() {
+    let (_dir, server) = start(&["--user-sends-per-sec", "0", "--group-sends-per-sec", "0"]);
+    let admin = server.http("alice", "phone");
+    let conv = admin
+        .create_group("g", &users(&["bob", "carol"]))
+        .await
+        .unwrap();
+    let mut alice = connected(&server, "alice", "phone").await;
+    let mut bob = connected(&server, "bob", "phone").await;
+    let mut carol = connected(&server, "carol", "phone").await;
+
+    // Alice keeps sending while bob is removed.
+    let sender_conv = conv.clone();
+    let sender = tokio::spawn(async move {
+        for i in 0..60 {
+            alice
+                .send_text(
+                    Target::Conversation(sender_conv.clone()),
+                    &format!("m{i}"),
+                    "hi",
+                )
+                .await
+                .unwrap();
+        }
+        alice
+    });
+    admin.remove_member(&conv, "bob").await.unwrap();
+    let _alice = sender.await.unwrap();
+
+    // Carol sees everything: 60 messages and the removal, in order.
+    let mut removal_seq = None;
+    let mut last = 1;
+    let mut messages = 0;
+    while messages < 60 || removal_seq.is_none() {
+        let event = next_event(&mut carol).await;
+        assert_eq!(event.seq, last + 1, "carol gets every seq in order");
+        last = event.seq;
+        match event.payload {
+            EventPayload::MemberRemoved { ref user } if user == "bob" => {
+                removal_seq = Some(event.seq)
+            }
+            EventPayload::Message { .. } => messages += 1,
+            _ => {}
+        }
+    }
+    let removal_seq = removal_seq.unwrap();
+    // Bob gets events up to and including his removal, then nothing.
+    loop {
+        let event = next_event(&mut bob).await;
+        assert!(
+            event.seq <= removal_seq,
+            "bob got seq {} after his removal at {removal_seq}",
+            event.seq
+        );
+        if event.seq == removal_seq {
+            break;
+        }
+    }
+    bob.ping().await.unwrap();
+    assert!(
+        bob.next_frame_within(Duration::from_millis(300))
+            .await
+            .is_err(),
+        "nothing after removal"
+    );
+    assert_eq!(
+        server_error(
+            bob.send_text(Target::Conversation(conv.clone()), "late", "x")
+                .await
+        ),
+        ErrorCode::Forbidden
+    );
+    assert!(
+        matches!(bob.fetch(&conv, 0, None).await, Err(ClientError::Server(ref e)) if e.code == ErrorCode::Forbidden)
+    );
+    let resynced = server
+        .connect("bob", "phone")
+        .await
+        .events_until_sync_done()
+        .await
+        .unwrap();
+    assert!(
+        resynced.iter().all(|e| e.seq <= removal_seq),
+        "sync brings nothing newer"
+    );
+}
+
+#[tokio::test]
+async fn an_added_member_sees_events_from_its_join_on() {
+    let (_dir, server) = start(&[]);
+    let admin = server.http("alice", "phone");
+    let conv = admin.create_group("g", &[]).await.unwrap();
+    let mut alice = connected(&server, "alice", "phone").await;
+    for i in 0..3 {
+        alice
+            .send_text(
+                Target::Conversation(conv.clone()),
+                &format!("before{i}"),
+                "secret",
+            )
+            .await
+            .unwrap();
+    }
+    admin.add_members(&conv, &users(&["dave"])).await.unwrap();
+    alice
+        .send_text(Target::Conversation(conv.clone()), "after", "welcome")
+        .await
+        .unwrap();
+    let mut dave = server.connect("dave", "phone").await;
+    let events = dave.events_until_sync_done().await.unwrap();
+    let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
+    assert_eq!(
+        seqs,
+        vec![5, 6],
+        "the join (5) and what follows, none of 1..=4"
+    );
+    assert_eq!(
+        events[0].payload,
+        EventPayload::MemberAdded {
+            user: "dave".into()
+        }
+    );
+    let page = dave.fetch(&conv, 0, None).await.unwrap();
+    assert_eq!(
+        page.events.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        vec![5, 6]
+    );
+    assert_eq!(page.head_seq, 6);
+}
+
+#[tokio::test]
+async fn delete_for_everyone_tombstones_the_message() {
+    let (_dir, server) = start(&[]);
+    let conv = server
+        .http("alice", "phone")
+        .create_group("g", &users(&["bob", "carol"]))
+        .await
+        .unwrap();
+    let mut alice = connected(&server, "alice", "phone").await;
+    let mut bob = connected(&server, "bob", "phone").await;
+    let mut carol = connected(&server, "carol", "phone").await;
+    let by_bob = bob
+        .send_text(Target::Conversation(conv.clone()), "b1", "oops")
+        .await
+        .unwrap();
+    let by_carol = carol
+        .send_text(Target::Conversation(conv.clone()), "c1", "hello")
+        .await
+        .unwrap();
+
+    assert_eq!(
+        server_error(carol.delete(&conv, by_bob.seq).await),
+        ErrorCode::Forbidden,
+        "not your message"
+    );
+    let deleted = bob.delete(&conv, by_bob.seq).await.unwrap();
+    assert_eq!(deleted.client_msg_id, format!("delete:{}", by_bob.seq));
+    let again = bob.delete(&conv, by_bob.seq).await.unwrap();
+    assert!(again.duplicate, "a retried delete is idempotent");
+    // The group admin may delete anyone's message.
+    alice.delete(&conv, by_carol.seq).await.unwrap();
+
+    let page = carol.fetch(&conv, 0, None).await.unwrap();
+    let target = page.events.iter().find(|e| e.seq == by_bob.seq).unwrap();
+    assert_eq!(
+        target.payload,
+        EventPayload::Message {
+            body: None,
+            client_msg_id: "b1".into(),
+            reply_to: None,
+            deleted: true
+        }
+    );
+    let tombstone = page.events.iter().find(|e| e.seq == deleted.seq).unwrap();
+    assert_eq!(
+        tombstone.payload,
+        EventPayload::Delete {
+            target_seq: by_bob.seq
+        }
+    );
+    loop {
+        let event = next_event(&mut carol).await;
+        if event.payload
+            == (EventPayload::Delete {
+                target_seq: by_bob.seq,
+            })
+        {
+            break;
+        }
+    }
+    assert_eq!(
+        server_error(carol.delete(&conv, 999).await),
+        ErrorCode::NotFound
+    );
+    assert_eq!(
+        server_error(carol.delete(&conv, 1).await),
+        ErrorCode::BadRequest,
+        "group_created is not a message"
+    );
+}
+
+#[tokio::test]
+async fn typing_is_relayed_to_other_members_and_never_stored() {
+    let (_dir, server) = start(&[]);
+    let conv = server
+        .http("alice", "phone")
+        .create_group("g", &users(&["bob"]))
+        .await
+        .unwrap();
+    let mut alice = connected(&server, "alice", "phone").await;
+    let mut bob = connected(&server, "bob", "phone").await;
+    alice.typing(&conv, true).await.unwrap();
+    match bob.next_frame_within(WAIT).await.unwrap() {
+        ServerFrame::Typing(t) => assert_eq!(
+            (t.user.as_str(), t.active, t.conversation_id.as_str()),
+            ("alice", true, conv.as_str())
+        ),
+        other => panic!("expected typing, got {other:?}"),
+    }
+    assert_eq!(
+        alice.fetch(&conv, 0, None).await.unwrap().head_seq,
+        1,
+        "typing is not an event"
+    );
+    let mut mallory = connected(&server, "mallory", "phone").await;
+    mallory.typing(&conv, true).await.unwrap();
+    match mallory.next_frame_within(WAIT).await.unwrap() {
+        ServerFrame::Error(e) => assert_eq!(e.code, ErrorCode::Forbidden),
+        other => panic!("expected forbidden, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn group_receipts_are_cumulative_and_coalesced_in_large_groups() {
+    let (_dir, server) = start(&[
+        "--receipt-coalesce-above",
+        "2",
+        "--receipt-interval",
+        "300ms",
+    ]);
+    let conv = server
+        .http("alice", "phone")
+        .create_group("g", &users(&["bob", "carol"]))
+        .await
+        .unwrap();
+    let mut alice = connected(&server, "alice", "phone").await;
+    let mut bob = connected(&server, "bob", "phone").await;
+    for i in 0..3 {
+        alice
+            .send_text(Target::Conversation(conv.clone()), &format!("m{i}"), "x")
+            .await
+            .unwrap();
+    }
+    for seq in 2..=4 {
+        bob.ack(&conv, seq, AckKind::Read).await.unwrap();
+    }
+    // Three acks inside one interval: one receipt, with the latest cursors.
+    let receipt = loop {
+        match alice.next_frame_within(WAIT).await.unwrap() {
+            ServerFrame::Receipt(r) => break r,
+            _ => continue,
+        }
+    };
+    assert_eq!(
+        (
+            receipt.user.as_str(),
+            receipt.delivered_seq,
+            receipt.read_seq
+        ),
+        ("bob", 4, 4)
+    );
+    alice.ping().await.unwrap();
+    let (_, body) = server
+        .http("bob", "phone")
+        .get("/v1/conversations")
+        .await
+        .unwrap();
+    assert_eq!(body["conversations"][0]["read_seq"], 4);
+    assert_eq!(body["conversations"][0]["unread"], 0);
+}
+
+#[tokio::test]
+async fn a_flood_from_one_user_is_limited_while_others_are_unaffected() {
+    let (_dir, server) = start(&["--user-sends-per-sec", "5", "--user-sends-burst", "10"]);
+    let mut flooder = connected(&server, "flooder", "phone").await;
+    let mut limited = None;
+    for i in 0..40 {
+        match flooder
+            .send_text(Target::User("bob".into()), &format!("f{i}"), "spam")
+            .await
+        {
+            Ok(_) => {}
+            Err(ClientError::Server(e)) => {
+                limited = Some(e);
+                break;
+            }
+            Err(other) => panic!("{other}"),
+        }
+    }
+    let limited = limited.expect("the flood is limited");
+    assert_eq!(limited.code, ErrorCode::RateLimited);
+    assert!(limited.retry_after_ms.unwrap_or(0) > 0);
+    let mut calm = connected(&server, "calm", "phone").await;
+    calm.send_text(Target::User("bob".into()), "c", "hello")
+        .await
+        .expect("other users are not limited");
+    let text = reqwest::get(format!("{}/metrics", server.http_url()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains("courier_chat_rate_limited_total{scope=\"user\"}"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn devices_are_listed_and_unlinked_devices_are_refused() {
+    let (dir, server) = start(&[]);
+    let mut phone = connected(&server, "alice", "phone").await;
+    let _laptop = connected(&server, "alice", "laptop").await;
+    let (status, body) = server
+        .http("alice", "phone")
+        .get("/v1/devices")
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let devices: Vec<&str> = body["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["device"].as_str().unwrap())
+        .collect();
+    assert_eq!(devices, ["laptop", "phone"]);
+    assert!(body["devices"][0]["last_seen_ms"].as_u64().unwrap() > 0);
+
+    let (status, _) = server
+        .http("alice", "laptop")
+        .delete("/v1/devices/phone")
+        .await
+        .unwrap();
+    assert_eq!(status, 204);
+    match phone.next_frame_within(WAIT).await {
+        Err(ClientError::Closed(Some((code, _)))) => assert_eq!(code, 1008),
+        other => panic!("expected the unlinked device to be closed, got {other:?}"),
+    }
+    match Client::connect(
+        &server.ws_url(),
+        &server.token("alice", "phone"),
+        Encoding::Json,
+    )
+    .await
+    {
+        Err(ClientError::Rejected(401)) => {}
+        other => panic!(
+            "expected 401 for an unlinked device, got {:?}",
+            other.map(|_| ())
+        ),
+    }
+    let (_, body) = server
+        .http("alice", "laptop")
+        .get("/v1/devices")
+        .await
+        .unwrap();
+    assert_eq!(body["devices"].as_array().unwrap().len(), 1);
+    let (status, _) = server
+        .http("alice", "laptop")
+        .delete("/v1/devices/phone")
+        .await
+        .unwrap();
+    assert_eq!(status, 404);
+
+    // Signing in again (a token issued after the unlink) links the device anew.
+    let fresh = support::token_with_iat(dir.path(), "alice", "phone", 5);
+    Client::connect(&server.ws_url(), &fresh, Encoding::Json)
+        .await
+        .expect("a newer token is accepted");
+}
+
+#[tokio::test]
+async fn retention_clears_delivered_events_and_late_devices_get_trimmed() {
+    let (_dir, server) = start(&["--retention", "0s", "--retention-interval", "50ms"]);
+    let mut alice = connected(&server, "alice", "phone").await;
+    let mut conv = String::new();
+    for i in 1..=3 {
+        conv = alice
+            .send_text(Target::User("bob".into()), &format!("m{i}"), "x")
+            .await
+            .unwrap()
+            .conversation_id;
+    }
+    // Nothing is cleared while bob's active device has not had the messages.
+    let mut bob = connected(&server, "bob", "phone").await;
+    alice.ack(&conv, 3, AckKind::Delivered).await.unwrap();
+    alice.ping().await.unwrap();
+    assert_eq!(alice.fetch(&conv, 0, None).await.unwrap().events.len(), 3);
+    bob.ack(&conv, 3, AckKind::Delivered).await.unwrap();
+    bob.ping().await.unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let (_, body) = server
+            .http("alice", "phone")
+            .get(&format!("/v1/conversations/{conv}/messages"))
+            .await
+            .unwrap();
+        if body["events"].as_array().unwrap().is_empty() {
+            assert_eq!(body["floor_seq"], 4);
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "retention did not run"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut tablet = server.connect("bob", "tablet").await;
+    match tablet.next_frame_within(WAIT).await.unwrap() {
+        ServerFrame::Trimmed(t) => assert_eq!(
+            (t.conversation_id.as_str(), t.floor_seq),
+            (conv.as_str(), 4)
+        ),
+        other => panic!("expected trimmed, got {other:?}"),
+    }
+    let text = reqwest::get(format!("{}/metrics", server.http_url()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains("courier_retention_events_cleared_total 3"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_group_of_5000_members_delivers_one_message_to_500_devices_in_order() {
+    let (_dir, server) = start(&[
+        "--user-sends-per-sec",
+        "0",
+        "--connection-frames-per-sec",
+        "0",
+    ]);
+    let admin = server.http("admin", "phone");
+    let first: Vec<String> = (0..999).map(|i| format!("u{i:04}")).collect();
+    let conv = admin.create_group("big", &first).await.unwrap();
+    let rest: Vec<String> = (999..4999).map(|i| format!("u{i:04}")).collect();
+    for chunk in rest.chunks(1000) {
+        admin.add_members(&conv, chunk).await.unwrap();
+    }
+    let head = {
+        let mut probe = connected(&server, "admin", "probe").await;
+        probe.fetch(&conv, 0, Some(1)).await.unwrap().head_seq
+    };
+    assert_eq!(
+        head,
+        1 + 4000,
+        "group_created and one member_added per added user"
+    );
+
+    // The last 500 members added connect (spread over tasks) and drain their catch-up.
+    let mut devices = Vec::new();
+    for i in 4499..4999 {
+        devices.push(connected(&server, &format!("u{i:04}"), "phone").await);
+    }
+    let mut sender = connected(&server, "admin", "phone").await;
+    let sent = sender
+        .send_text(
+            Target::Conversation(conv.clone()),
+            "hello-all",
+            "hello everyone",
+        )
+        .await
+        .unwrap();
+    assert_eq!(sent.seq, head + 1);
+    let mut receivers = Vec::new();
+    for mut device in devices {
+        let expected = sent.seq;
+        receivers.push(tokio::spawn(async move {
+            let event = next_event(&mut device).await;
+            assert_eq!(event.seq, expected, "the message is the next event, in order");
+            assert!(matches!(event.payload, EventPayload::Message { ref client_msg_id, .. } if client_msg_id == "hello-all"));
+        }));
+    }
+    for receiver in receivers {
+        receiver.await.unwrap();
+    }
+}
