@@ -218,6 +218,7 @@ impl Chat {
         if send.reply_to == Some(0) {
             return Err(ApiError::bad_request("reply_to must be a seq (1 or more)"));
         }
+        let body = self.checked_media(who, &send.body).await?;
         let (conversation_id, create) = match (&send.conversation_id, &send.to_user) {
             (Some(_), Some(_)) => {
                 return Err(ApiError::bad_request(
@@ -256,7 +257,7 @@ impl Chat {
             },
             client_msg_id: Some(send.client_msg_id.clone()),
             payload: EventPayload::Message {
-                body: Some(send.body.clone()),
+                body: Some(body),
                 client_msg_id: send.client_msg_id.clone(),
                 reply_to: send.reply_to,
                 deleted: false,
@@ -264,6 +265,34 @@ impl Chat {
             create,
         });
         Ok((conversation_id, pending))
+    }
+
+    /// A media body may name only media the sender uploaded; its type, size and hash are
+    /// taken from the upload, not from the client.
+    async fn checked_media(&self, who: &Identity, body: &Body) -> Result<Body, ApiError> {
+        let Body::Media(media) = body else {
+            return Ok(body.clone());
+        };
+        if !self
+            .store
+            .is_media_owner(&media.media_id, &who.user)
+            .await?
+        {
+            return Err(ApiError::forbidden(format!(
+                "you can send only media you uploaded; {} is not yours",
+                media.media_id
+            )));
+        }
+        let record = self
+            .store
+            .media(&media.media_id)
+            .await?
+            .ok_or_else(|| ApiError::not_found(format!("no media {}", media.media_id)))?;
+        let mut media = media.clone();
+        media.mime = record.mime;
+        media.size = record.size;
+        media.sha256 = record.sha256;
+        Ok(Body::Media(media))
     }
 
     /// Records an `ack` durably, then tells the other members' devices if the user's receipt

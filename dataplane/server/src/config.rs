@@ -129,6 +129,8 @@ pub struct ServeConfig {
     /// Time between retention passes.
     #[arg(long, env = "COURIER_RETENTION_INTERVAL", default_value = "1h", value_parser = humantime::parse_duration)]
     pub retention_interval: Duration,
+    #[command(flatten)]
+    pub media: crate::media::MediaConfig,
     /// How long draining may take on SIGTERM before the process exits anyway.
     #[arg(long, env = "COURIER_DRAIN_TIMEOUT", default_value = "25s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,

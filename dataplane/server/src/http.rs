@@ -6,6 +6,7 @@ use crate::chat::Chat;
 use crate::devices::Devices;
 use crate::error::ApiError;
 use crate::gateway::Gateway;
+use crate::media::MediaService;
 use crate::metrics::Metrics;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{FromRequestParts, Path, Query, State};
@@ -21,6 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 /// What the handlers share.
 pub struct AppState {
     pub chat: Arc<Chat>,
+    pub media: Arc<MediaService>,
     pub gateway: Arc<Gateway>,
     pub verifier: TokenVerifier,
     pub metrics: Arc<Metrics>,
@@ -35,6 +37,13 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/groups", post(create_group))
         .route("/v1/groups/{id}/members", post(add_members))
         .route("/v1/groups/{id}/members/{user}", delete(remove_member))
+        .route(
+            "/v1/media",
+            // The media role enforces its own (streamed) size limit.
+            post(upload_media).layer(axum::extract::DefaultBodyLimit::disable()),
+        )
+        .route("/v1/media/{id}", get(download_media))
+        .route("/v1/media/{id}/url", get(media_url))
         .route("/v1/devices", get(devices))
         .route("/v1/devices/{device}", delete(unlink_device))
         .route("/healthz", get(|| async { "ok" }))
@@ -52,6 +61,23 @@ impl From<AuthError> for ApiError {
 /// The caller, from a verified bearer token (header or `access_token` query parameter).
 pub struct Caller(pub Identity);
 
+/// Verifies the bearer token of a request and that its device is still linked.
+async fn authenticate(
+    state: &AppState,
+    headers: &axum::http::HeaderMap,
+    query: Option<&str>,
+) -> Result<Identity, ApiError> {
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let token = bearer_token(authorization, query).ok_or(AuthError::Missing)?;
+    let who = state.verifier.verify(token)?;
+    Devices::new(state.chat.store().clone())
+        .check_linked(&who)
+        .await?;
+    Ok(who)
+}
+
 impl FromRequestParts<Arc<AppState>> for Caller {
     type Rejection = ApiError;
 
@@ -59,16 +85,9 @@ impl FromRequestParts<Arc<AppState>> for Caller {
         parts: &mut Parts,
         state: &Arc<AppState>,
     ) -> Result<Self, ApiError> {
-        let authorization = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok());
-        let token = bearer_token(authorization, parts.uri.query()).ok_or(AuthError::Missing)?;
-        let who = state.verifier.verify(token)?;
-        Devices::new(state.chat.store().clone())
-            .check_linked(&who)
-            .await?;
-        Ok(Caller(who))
+        authenticate(state, &parts.headers, parts.uri.query())
+            .await
+            .map(Caller)
     }
 }
 
@@ -229,4 +248,54 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         )],
         state.metrics.render(),
     )
+}
+
+async fn upload_media(
+    State(state): State<Arc<AppState>>,
+    Caller(who): Caller,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Body,
+) -> Result<Response, ApiError> {
+    let mime = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let uploaded = state.media.upload(&who, mime, body).await?;
+    Ok((StatusCode::CREATED, Json(uploaded)).into_response())
+}
+
+#[derive(serde::Deserialize)]
+struct SignedQuery {
+    expires: Option<u64>,
+    signature: Option<String>,
+}
+
+async fn download_media(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    Query(signed): Query<SignedQuery>,
+    uri: axum::http::Uri,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, ApiError> {
+    let record = match (signed.expires, signed.signature) {
+        (Some(expires), Some(signature)) => state.media.signed(&id, expires, &signature).await?,
+        _ => {
+            let who = authenticate(&state, &headers, uri.query()).await?;
+            state.media.readable(&who.user, &id).await?
+        }
+    };
+    state.media.download(&record, &headers).await
+}
+
+async fn media_url(
+    State(state): State<Arc<AppState>>,
+    Caller(who): Caller,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    state.media.readable(&who.user, &id).await?;
+    let url = state
+        .media
+        .signed_path(&id)
+        .ok_or_else(|| ApiError::not_found("signed URLs are not enabled on this server"))?;
+    Ok(Json(serde_json::json!({ "url": url })).into_response())
 }

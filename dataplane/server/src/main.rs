@@ -16,6 +16,7 @@ mod gateway;
 mod groups;
 mod http;
 mod limits;
+mod media;
 mod membership;
 mod metrics;
 mod receipts;

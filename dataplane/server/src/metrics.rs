@@ -51,6 +51,10 @@ pub struct Metrics {
     pub retention_cleared: Counter,
     /// Events waiting in the large-group fanout queue.
     pub large_group_queue: Gauge,
+    /// Bytes of media uploaded.
+    pub media_uploaded_bytes: Counter,
+    /// Media deleted by the sweeper.
+    pub media_swept: Counter,
     resident_memory: Gauge,
 }
 
@@ -72,6 +76,8 @@ impl Metrics {
             typing_dropped: Counter::default(),
             retention_cleared: Counter::default(),
             large_group_queue: Gauge::default(),
+            media_uploaded_bytes: Counter::default(),
+            media_swept: Counter::default(),
             resident_memory: Gauge::default(),
             registry: Registry::default(),
         };
@@ -139,6 +145,16 @@ impl Metrics {
             "fanout_large_group_queue_events",
             "Events waiting in the large-group fanout queue",
             metrics.large_group_queue.clone(),
+        );
+        registry.register(
+            "media_uploaded_bytes",
+            "Bytes of media uploaded",
+            metrics.media_uploaded_bytes.clone(),
+        );
+        registry.register(
+            "media_swept",
+            "Unreferenced media deleted by the sweeper",
+            metrics.media_swept.clone(),
         );
         registry.register(
             "process_resident_memory_bytes",

@@ -7,6 +7,7 @@
 use crate::fanout::now_ms;
 use crate::metrics::Metrics;
 use crate::sequencer::{Sequencer, SequencerError};
+use courier_proto::{Body, EventPayload};
 use courier_store::{MessageStore, StoreError};
 use std::sync::Arc;
 use std::time::Duration;
@@ -95,6 +96,7 @@ impl Retention {
         let delivered = self.delivered_everywhere(conv, head, now).await?;
         let cutoff = now.saturating_sub(self.policy.window.as_millis() as u64);
         let mut old_enough = floor - 1;
+        let mut media = Vec::new();
         'scan: while old_enough < delivered {
             let events = self.store.events(conv, old_enough, PAGE).await?;
             if events.is_empty() {
@@ -105,6 +107,13 @@ impl Retention {
                     break 'scan;
                 }
                 old_enough = event.seq;
+                if let EventPayload::Message {
+                    body: Some(Body::Media(m)),
+                    ..
+                } = event.payload
+                {
+                    media.push(m.media_id);
+                }
             }
         }
         let new_floor = old_enough.min(delivered) + 1;
@@ -112,6 +121,10 @@ impl Retention {
             return Ok(0);
         }
         let cleared = self.sequencer.trim(conv, new_floor).await?;
+        // Media follows its messages: unreferenced, it is swept after its TTL.
+        if !media.is_empty() {
+            self.store.clear_media_references(conv, &media).await?;
+        }
         self.metrics.retention_cleared.inc_by(cleared);
         Ok(cleared)
     }

@@ -6,6 +6,7 @@ use crate::config::{PublicKeyAlgorithm, ServeConfig, StoreKind};
 use crate::fanout::Fanout;
 use crate::gateway::Gateway;
 use crate::http::{AppState, router};
+use crate::media::MediaService;
 use crate::membership::MembershipCache;
 use crate::metrics::Metrics;
 use crate::receipts::ReceiptRelay;
@@ -135,8 +136,16 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         limits: config.gateway_limits(),
         draining,
     });
+    let media = MediaService::open(
+        config.media.clone(),
+        &config.data_dir,
+        chat.store().clone(),
+        metrics.clone(),
+    )?;
+    media.start_sweeper();
     let state = Arc::new(AppState {
         chat,
+        media,
         gateway,
         verifier,
         metrics,

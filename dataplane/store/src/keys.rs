@@ -17,6 +17,9 @@
 //! | `floor` | `("floor", conv)` | lowest retained seq (u64 LE); events below were cleared |
 //! | `dev` | `("dev", user, device)` | the device (`DeviceRecord`: last seen, unlinked, push) |
 //! | `ngroups` | `("ngroups", user)` | groups the user belongs to (i64 LE, atomic ADD) |
+//! | `media` | `("media", id)` | uploaded media (`MediaRecord`: mime, size, sha256) |
+//! | `mown` | `("mown", id, user)` | who uploaded it, and when (u64 LE ms) |
+//! | `mref` | `("mref", id, conv)` | a message of `conv` references it (seq, u64 LE) |
 
 use foundationdb_tuple::{Subspace, Versionstamp};
 use std::ops::Range;
@@ -136,6 +139,48 @@ impl Keys {
             .unpack::<(String, String, String)>(key)
             .ok()
             .map(|(_, _, device)| device)
+    }
+
+    pub fn media(&self, id: &str) -> Vec<u8> {
+        self.root.pack(&("media", id))
+    }
+
+    /// Every media record, for the sweeper.
+    pub fn all_media(&self) -> Range<Vec<u8>> {
+        range_of(self.root.subspace(&("media",)))
+    }
+
+    /// The media id of a key from [`Keys::all_media`].
+    pub fn media_id(&self, key: &[u8]) -> Option<String> {
+        self.root
+            .unpack::<(String, String)>(key)
+            .ok()
+            .map(|(_, id)| id)
+    }
+
+    pub fn media_owner(&self, id: &str, user: &str) -> Vec<u8> {
+        self.root.pack(&("mown", id, user))
+    }
+
+    pub fn media_owners(&self, id: &str) -> Range<Vec<u8>> {
+        range_of(self.root.subspace(&("mown", id)))
+    }
+
+    pub fn media_reference(&self, id: &str, conv: &str) -> Vec<u8> {
+        self.root.pack(&("mref", id, conv))
+    }
+
+    pub fn media_references(&self, id: &str) -> Range<Vec<u8>> {
+        range_of(self.root.subspace(&("mref", id)))
+    }
+
+    /// The last string element of a key: the user of [`Keys::media_owners`], the conversation
+    /// of [`Keys::media_references`].
+    pub fn last_part(&self, key: &[u8]) -> Option<String> {
+        self.root
+            .unpack::<(String, String, String)>(key)
+            .ok()
+            .map(|(_, _, last)| last)
     }
 
     pub fn group_count(&self, user: &str) -> Vec<u8> {

@@ -18,6 +18,6 @@ mod message_store;
 pub use keys::{Keys, ReceiptKind};
 pub use kv::{Batch, CommitStamp, KvEngine, StoreError};
 pub use message_store::{
-    Append, AppendOutcome, ConversationRecord, DeviceRecord, HeadCache, MemberRecord, MessageStore,
-    NewConversation, ShardLease,
+    Append, AppendOutcome, ConversationRecord, DeviceRecord, HeadCache, MediaRecord, MemberRecord,
+    MessageStore, NewConversation, ShardLease,
 };

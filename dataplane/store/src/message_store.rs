@@ -52,6 +52,19 @@ pub struct DeviceRecord {
     pub push_token: String,
 }
 
+/// Uploaded media (the bytes live in object storage, under their sha256).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct MediaRecord {
+    #[prost(string, tag = "1")]
+    pub mime: String,
+    #[prost(uint64, tag = "2")]
+    pub size: u64,
+    #[prost(string, tag = "3")]
+    pub sha256: String,
+    #[prost(uint64, tag = "4")]
+    pub created_ms: u64,
+}
+
 /// The first outcome of a `(conversation, device, client_msg_id)`, returned to retries.
 #[derive(Clone, PartialEq, prost::Message)]
 struct IdempotencyRecord {
@@ -410,6 +423,16 @@ impl MessageStore {
     ) -> Result<(), StoreError> {
         let conv = append.conversation_id.as_str();
         match &append.payload {
+            EventPayload::Message {
+                body: Some(courier_proto::Body::Media(media)),
+                ..
+            } => {
+                // Members of the conversation may now download it.
+                batch.set(
+                    self.keys.media_reference(&media.media_id, conv),
+                    seq.to_le_bytes().to_vec(),
+                );
+            }
             EventPayload::Message { .. } => {}
             EventPayload::GroupCreated { name, members } => {
                 let record = ConversationRecord {
@@ -446,7 +469,10 @@ impl MessageStore {
                 if let Some(value) = stored {
                     let mut target = decode_event(&key, &value)?;
                     if let EventPayload::Message { body, deleted, .. } = &mut target.payload {
-                        *body = None;
+                        if let Some(courier_proto::Body::Media(media)) = body.take() {
+                            // Deleted for everyone: no longer served to the other members.
+                            batch.clear(self.keys.media_reference(&media.media_id, conv));
+                        }
                         *deleted = true;
                     }
                     batch.set(key, pb::Event::from(target).encode_to_vec());
@@ -622,6 +648,113 @@ impl MessageStore {
             .set(self.keys.device(user, device), record.encode_to_vec())
             .clear_range(self.keys.cursors(user, device));
         self.kv.commit(batch).await.map(drop)
+    }
+
+    /// Records an upload by `user` (the bytes are already stored).
+    pub async fn put_media(
+        &self,
+        id: &str,
+        record: &MediaRecord,
+        user: &str,
+    ) -> Result<(), StoreError> {
+        let mut batch = Batch::new();
+        batch.set(self.keys.media(id), record.encode_to_vec()).set(
+            self.keys.media_owner(id, user),
+            record.created_ms.to_le_bytes().to_vec(),
+        );
+        self.kv.commit(batch).await.map(drop)
+    }
+
+    pub async fn media(&self, id: &str) -> Result<Option<MediaRecord>, StoreError> {
+        let key = self.keys.media(id);
+        match self.kv.get(&key).await? {
+            Some(v) => Ok(Some(
+                MediaRecord::decode(v.as_slice()).map_err(|e| corrupt(&key, e))?,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    pub async fn is_media_owner(&self, id: &str, user: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .kv
+            .get(&self.keys.media_owner(id, user))
+            .await?
+            .is_some())
+    }
+
+    /// Who uploaded media `id`, with the upload times.
+    pub async fn media_owners(&self, id: &str) -> Result<Vec<(String, u64)>, StoreError> {
+        let rows = self
+            .kv
+            .range(self.keys.media_owners(id), usize::MAX, false)
+            .await?;
+        rows.iter()
+            .map(|(k, v)| {
+                Ok((
+                    self.keys
+                        .last_part(k)
+                        .ok_or_else(|| corrupt(k, "owner key"))?,
+                    decode_u64(v),
+                ))
+            })
+            .collect()
+    }
+
+    /// The conversations with a retained, undeleted message referencing media `id`.
+    pub async fn media_references(&self, id: &str) -> Result<Vec<String>, StoreError> {
+        let rows = self
+            .kv
+            .range(self.keys.media_references(id), usize::MAX, false)
+            .await?;
+        rows.iter()
+            .map(|(k, _)| {
+                self.keys
+                    .last_part(k)
+                    .ok_or_else(|| corrupt(k, "reference key"))
+            })
+            .collect()
+    }
+
+    /// Drops references to media from messages that retention cleared.
+    pub async fn clear_media_references(
+        &self,
+        conv: &str,
+        ids: &[String],
+    ) -> Result<(), StoreError> {
+        let mut batch = Batch::new();
+        for id in ids {
+            batch.clear(self.keys.media_reference(id, conv));
+        }
+        self.kv.commit(batch).await.map(drop)
+    }
+
+    /// Forgets media `id` entirely (its bytes are deleted by the caller).
+    pub async fn forget_media(&self, id: &str) -> Result<(), StoreError> {
+        let mut batch = Batch::new();
+        batch
+            .clear(self.keys.media(id))
+            .clear_range(self.keys.media_owners(id))
+            .clear_range(self.keys.media_references(id));
+        self.kv.commit(batch).await.map(drop)
+    }
+
+    /// Media ids in order, a page of `limit` after `after` (for the sweeper).
+    pub async fn media_ids(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut range = self.keys.all_media();
+        if let Some(after) = after {
+            let mut start = self.keys.media(after);
+            start.push(0);
+            range.start = start;
+        }
+        let rows = self.kv.range(range, limit, false).await?;
+        rows.iter()
+            .map(|(k, _)| self.keys.media_id(k).ok_or_else(|| corrupt(k, "media key")))
+            .collect()
     }
 
     /// The delivered cursor of one device in one conversation (0 when it has none).

@@ -1,0 +1,410 @@
+//! The media role: upload and download over HTTP, bytes in object storage (the `object_store`
+//! crate: the local filesystem under the data directory by default, any S3-compatible bucket by
+//! configuration), content-addressed by sha256 so the same bytes are stored once.
+//!
+//! - Uploads are streamed: hashed and written part by part, never held whole in memory; above
+//!   the size limit the upload is aborted and answered 413.
+//! - Access: the uploader, and members of a conversation in which a retained, undeleted message
+//!   references the media (the sender must own the media id when sending). Others get 404.
+//! - Downloads stream too, with `Range` (206), `ETag` and `If-None-Match` (304).
+//! - Optional signed URLs: `?expires=<unix s>&signature=<hex HMAC-SHA256(secret, "<id>:<expires>")>`
+//!   download without a token until `expires` (for a CDN in front of Courier).
+//! - A sweeper deletes media that no message references once every upload of it is older than
+//!   the TTL; retention drops the references of the messages it clears.
+
+use crate::auth::Identity;
+use crate::error::ApiError;
+use crate::fanout::now_ms;
+use crate::metrics::Metrics;
+use axum::body::Body;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use clap::Args;
+use courier_proto::ErrorCode;
+use courier_store::{MediaRecord, MessageStore, StoreError};
+use futures::StreamExt;
+use hmac::{Hmac, Mac};
+use object_store::path::Path as ObjectPath;
+use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt, WriteMultipart};
+use sha2::{Digest, Sha256};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Media ids listed per step of a sweep.
+const SWEEP_PAGE: usize = 256;
+/// Parts uploaded concurrently per upload (each part is 5 MiB): bounds upload memory.
+const UPLOAD_CONCURRENCY: usize = 2;
+
+#[derive(Debug, Clone, Args)]
+pub struct MediaConfig {
+    /// Largest upload in bytes (413 above).
+    #[arg(long, env = "COURIER_MEDIA_MAX_BYTES", default_value_t = 100 * 1024 * 1024)]
+    pub media_max_bytes: u64,
+    /// Directory of media bytes (default: `<data-dir>/media`).
+    #[arg(long, env = "COURIER_MEDIA_DIR")]
+    pub media_dir: Option<PathBuf>,
+    /// Store media in this S3-compatible bucket instead; credentials, region and endpoint come
+    /// from the usual `AWS_*` variables (`AWS_ENDPOINT` for non-AWS services).
+    #[arg(long, env = "COURIER_MEDIA_S3_BUCKET")]
+    pub media_s3_bucket: Option<String>,
+    /// Media referenced by no message is deleted this long after its upload.
+    #[arg(long, env = "COURIER_MEDIA_UNREFERENCED_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub media_unreferenced_ttl: Duration,
+    /// Time between sweeps of unreferenced media.
+    #[arg(long, env = "COURIER_MEDIA_SWEEP_INTERVAL", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub media_sweep_interval: Duration,
+    /// Secret for signed download URLs (`GET /v1/media/{id}/url`); without it they are off.
+    #[arg(long, env = "COURIER_MEDIA_URL_SECRET", hide_env_values = true)]
+    pub media_url_secret: Option<String>,
+    /// Validity of signed download URLs.
+    #[arg(long, env = "COURIER_MEDIA_URL_TTL", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub media_url_ttl: Duration,
+}
+
+/// What an upload returns (`POST /v1/media`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Uploaded {
+    pub media_id: String,
+    pub mime: String,
+    pub size: u64,
+    pub sha256: String,
+}
+
+pub struct MediaService {
+    objects: Arc<dyn ObjectStore>,
+    store: MessageStore,
+    config: MediaConfig,
+    metrics: Arc<Metrics>,
+}
+
+fn storage_error(e: impl std::fmt::Display) -> ApiError {
+    tracing::error!(error = %e, "media storage error");
+    ApiError::new(ErrorCode::Internal, "media storage error")
+}
+
+fn blob_path(sha256: &str) -> ObjectPath {
+    ObjectPath::from(format!("blobs/{sha256}"))
+}
+
+fn too_large(limit: u64) -> ApiError {
+    ApiError::new(
+        ErrorCode::TooLarge,
+        format!("media is limited to {limit} bytes"),
+    )
+}
+
+impl MediaService {
+    /// Opens the configured object store (local directory or S3 bucket).
+    pub fn open(
+        config: MediaConfig,
+        data_dir: &std::path::Path,
+        store: MessageStore,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Arc<Self>> {
+        let objects: Arc<dyn ObjectStore> = match &config.media_s3_bucket {
+            Some(bucket) => Arc::new(
+                object_store::aws::AmazonS3Builder::from_env()
+                    .with_bucket_name(bucket)
+                    .build()?,
+            ),
+            None => {
+                let dir = config
+                    .media_dir
+                    .clone()
+                    .unwrap_or_else(|| data_dir.join("media"));
+                std::fs::create_dir_all(&dir)?;
+                Arc::new(object_store::local::LocalFileSystem::new_with_prefix(&dir)?)
+            }
+        };
+        Ok(Arc::new(Self {
+            objects,
+            store,
+            config,
+            metrics,
+        }))
+    }
+
+    /// Streams an upload into storage, hashing as it goes; the same bytes are kept once.
+    pub async fn upload(
+        &self,
+        who: &Identity,
+        mime: &str,
+        body: Body,
+    ) -> Result<Uploaded, ApiError> {
+        if mime.is_empty() || mime.len() > 255 || !mime.contains('/') {
+            return Err(ApiError::bad_request(
+                "Content-Type must be a MIME type such as image/jpeg",
+            ));
+        }
+        let staging = ObjectPath::from(format!(
+            "staging/{}",
+            hex::encode(rand::random::<[u8; 16]>())
+        ));
+        let upload = self
+            .objects
+            .put_multipart(&staging)
+            .await
+            .map_err(storage_error)?;
+        let mut writer = WriteMultipart::new(upload);
+        let mut hash = Sha256::new();
+        let mut size = 0u64;
+        let mut stream = body.into_data_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = match chunk {
+                Ok(chunk) => chunk,
+                Err(e) => {
+                    let _ = writer.abort().await;
+                    return Err(ApiError::bad_request(format!("upload interrupted: {e}")));
+                }
+            };
+            size += chunk.len() as u64;
+            if size > self.config.media_max_bytes {
+                let _ = writer.abort().await;
+                return Err(too_large(self.config.media_max_bytes));
+            }
+            hash.update(&chunk);
+            writer
+                .wait_for_capacity(UPLOAD_CONCURRENCY)
+                .await
+                .map_err(storage_error)?;
+            writer.put(chunk);
+        }
+        if size == 0 {
+            let _ = writer.abort().await;
+            return Err(ApiError::bad_request("empty upload"));
+        }
+        writer.finish().await.map_err(storage_error)?;
+        let sha256 = hex::encode(hash.finalize());
+        let blob = blob_path(&sha256);
+        if self.objects.head(&blob).await.is_ok() {
+            self.objects.delete(&staging).await.map_err(storage_error)?;
+        } else {
+            self.objects
+                .rename(&staging, &blob)
+                .await
+                .map_err(storage_error)?;
+        }
+        let record = MediaRecord {
+            mime: mime.to_owned(),
+            size,
+            sha256: sha256.clone(),
+            created_ms: now_ms(),
+        };
+        self.store.put_media(&sha256, &record, &who.user).await?;
+        self.metrics.media_uploaded_bytes.inc_by(size);
+        Ok(Uploaded {
+            media_id: sha256.clone(),
+            mime: record.mime,
+            size,
+            sha256,
+        })
+    }
+
+    /// The record of media `id` if `user` may read it: its uploader, or a member of a
+    /// conversation that references it. 404 otherwise, so ids cannot be probed.
+    pub async fn readable(&self, user: &str, id: &str) -> Result<MediaRecord, ApiError> {
+        let not_found = || ApiError::not_found(format!("no media {id}"));
+        courier_proto::ids::media_id(id).map_err(|_| not_found())?;
+        let record = self.store.media(id).await?.ok_or_else(not_found)?;
+        if self.store.is_media_owner(id, user).await? {
+            return Ok(record);
+        }
+        for conv in self.store.media_references(id).await? {
+            if self.store.is_member(&conv, user).await? {
+                return Ok(record);
+            }
+        }
+        Err(not_found())
+    }
+
+    /// The record of media `id` for a signed URL, if the signature holds and has not expired.
+    pub async fn signed(
+        &self,
+        id: &str,
+        expires: u64,
+        signature: &str,
+    ) -> Result<MediaRecord, ApiError> {
+        let not_found = || ApiError::not_found(format!("no media {id}"));
+        let secret = self
+            .config
+            .media_url_secret
+            .as_deref()
+            .ok_or_else(not_found)?;
+        let signature = hex::decode(signature).map_err(|_| not_found())?;
+        if expires < now_ms() / 1000 || sign(secret, id, expires).verify_slice(&signature).is_err()
+        {
+            return Err(not_found());
+        }
+        self.store.media(id).await?.ok_or_else(not_found)
+    }
+
+    /// A signed download path for media `id`, valid for the configured TTL.
+    pub fn signed_path(&self, id: &str) -> Option<String> {
+        let secret = self.config.media_url_secret.as_deref()?;
+        let expires = now_ms() / 1000 + self.config.media_url_ttl.as_secs();
+        let signature = hex::encode(sign(secret, id, expires).finalize().into_bytes());
+        Some(format!(
+            "/v1/media/{id}?expires={expires}&signature={signature}"
+        ))
+    }
+
+    /// Streams media bytes, honouring `Range` and `If-None-Match`.
+    pub async fn download(
+        &self,
+        record: &MediaRecord,
+        headers: &HeaderMap,
+    ) -> Result<Response, ApiError> {
+        let etag = format!("\"{}\"", record.sha256);
+        let cached = headers
+            .get(header::IF_NONE_MATCH)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"));
+        let mut response = Response::builder()
+            .header(header::ETAG, &etag)
+            .header(header::ACCEPT_RANGES, "bytes")
+            .header(
+                header::CACHE_CONTROL,
+                "private, max-age=31536000, immutable",
+            );
+        if cached {
+            return response
+                .status(StatusCode::NOT_MODIFIED)
+                .body(Body::empty())
+                .map_err(storage_error);
+        }
+        let range = match headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
+            Some(value) => match parse_range(value, record.size) {
+                Some(range) => Some(range),
+                None => {
+                    return Ok((
+                        StatusCode::RANGE_NOT_SATISFIABLE,
+                        [(header::CONTENT_RANGE, format!("bytes */{}", record.size))],
+                    )
+                        .into_response());
+                }
+            },
+            None => None,
+        };
+        let options = GetOptions {
+            range: range.clone().map(GetRange::Bounded),
+            ..GetOptions::default()
+        };
+        let object = self
+            .objects
+            .get_opts(&blob_path(&record.sha256), options)
+            .await
+            .map_err(storage_error)?;
+        let mime = HeaderValue::from_str(&record.mime)
+            .unwrap_or(HeaderValue::from_static("application/octet-stream"));
+        response = response.header(header::CONTENT_TYPE, mime);
+        response = match range {
+            Some(range) => response
+                .status(StatusCode::PARTIAL_CONTENT)
+                .header(
+                    header::CONTENT_RANGE,
+                    format!("bytes {}-{}/{}", range.start, range.end - 1, record.size),
+                )
+                .header(header::CONTENT_LENGTH, range.end - range.start),
+            None => response
+                .status(StatusCode::OK)
+                .header(header::CONTENT_LENGTH, record.size),
+        };
+        response
+            .body(Body::from_stream(object.into_stream()))
+            .map_err(storage_error)
+    }
+
+    /// Deletes media that no message references and that was uploaded more than the TTL ago.
+    /// Returns how many were deleted.
+    pub async fn sweep(&self) -> Result<u64, StoreError> {
+        let cutoff = now_ms().saturating_sub(self.config.media_unreferenced_ttl.as_millis() as u64);
+        let mut swept = 0;
+        let mut after: Option<String> = None;
+        loop {
+            let page = self.store.media_ids(after.as_deref(), SWEEP_PAGE).await?;
+            let Some(last) = page.last().cloned() else {
+                return Ok(swept);
+            };
+            for id in page {
+                if !self.store.media_references(&id).await?.is_empty() {
+                    continue;
+                }
+                let owners = self.store.media_owners(&id).await?;
+                if owners.iter().any(|(_, uploaded)| *uploaded > cutoff) {
+                    continue;
+                }
+                if let Err(e) = self.objects.delete(&blob_path(&id)).await
+                    && !matches!(e, object_store::Error::NotFound { .. })
+                {
+                    tracing::warn!(media = %id, error = %e, "could not delete media bytes; will retry");
+                    continue;
+                }
+                self.store.forget_media(&id).await?;
+                swept += 1;
+            }
+            after = Some(last);
+        }
+    }
+
+    /// Sweeps every `interval`, forever.
+    pub fn start_sweeper(self: &Arc<Self>) {
+        let media = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(media.config.media_sweep_interval).await;
+                match media.sweep().await {
+                    Ok(0) => {}
+                    Ok(swept) => {
+                        media.metrics.media_swept.inc_by(swept);
+                        tracing::info!(swept, "media sweep");
+                    }
+                    Err(e) => tracing::warn!(error = %e, "media sweep failed; will retry"),
+                }
+            }
+        });
+    }
+}
+
+fn sign(secret: &str, id: &str, expires: u64) -> Hmac<Sha256> {
+    // HMAC takes keys of any length: this cannot fail.
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret.as_bytes())
+        .expect("HMAC accepts any key length");
+    mac.update(format!("{id}:{expires}").as_bytes());
+    mac
+}
+
+/// Parses one `bytes=` range against an object of `size` bytes; `None` when unsatisfiable.
+fn parse_range(value: &str, size: u64) -> Option<std::ops::Range<u64>> {
+    let spec = value.trim().strip_prefix("bytes=")?;
+    if spec.contains(',') || size == 0 {
+        return None;
+    }
+    let (start, end) = spec.split_once('-')?;
+    let (start, end) = match (start.trim(), end.trim()) {
+        ("", suffix) => {
+            let n: u64 = suffix.parse().ok()?;
+            (size.saturating_sub(n), size - 1)
+        }
+        (start, "") => (start.parse().ok()?, size - 1),
+        (start, end) => (start.parse().ok()?, end.parse::<u64>().ok()?.min(size - 1)),
+    };
+    (start <= end && start < size).then_some(start..end + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_range;
+
+    #[test]
+    fn ranges_follow_rfc_9110() {
+        assert_eq!(parse_range("bytes=0-99", 1000), Some(0..100));
+        assert_eq!(parse_range("bytes=900-", 1000), Some(900..1000));
+        assert_eq!(parse_range("bytes=-100", 1000), Some(900..1000));
+        assert_eq!(parse_range("bytes=990-2000", 1000), Some(990..1000));
+        assert_eq!(parse_range("bytes=1000-", 1000), None);
+        assert_eq!(parse_range("bytes=5-1", 1000), None);
+        assert_eq!(parse_range("bytes=0-1,5-6", 1000), None);
+        assert_eq!(parse_range("items=0-1", 1000), None);
+    }
+}

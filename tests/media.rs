@@ -1,0 +1,269 @@
+//! Black-box tests of media upload and download against a real `courier serve`.
+
+mod support;
+
+use courier_client::proto::*;
+use courier_client::{ClientError, Target};
+use support::Server;
+
+fn start(args: &[&str]) -> (tempfile::TempDir, Server) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_in(dir.path(), args);
+    (dir, server)
+}
+
+async fn upload(
+    server: &Server,
+    user: &str,
+    mime: &str,
+    bytes: Vec<u8>,
+) -> (u16, serde_json::Value) {
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/media", server.http_url()))
+        .bearer_auth(server.token(user, "phone"))
+        .header("content-type", mime)
+        .body(bytes)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or_default())
+}
+
+async fn download(
+    server: &Server,
+    user: &str,
+    id: &str,
+    headers: &[(&str, &str)],
+) -> reqwest::Response {
+    let mut request = reqwest::Client::new()
+        .get(format!("{}/v1/media/{id}", server.http_url()))
+        .bearer_auth(server.token(user, "phone"));
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    request.send().await.unwrap()
+}
+
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 7 % 251) as u8).collect()
+}
+
+fn media_body(uploaded: &serde_json::Value) -> Body {
+    Body::Media(Media {
+        media_id: uploaded["media_id"].as_str().unwrap().to_owned(),
+        mime: "ignored/by-server".into(),
+        size: 0,
+        sha256: String::new(),
+        name: Some("photo.jpg".into()),
+        caption: Some("look".into()),
+    })
+}
+
+#[tokio::test]
+async fn upload_then_members_download_with_ranges_and_etags() {
+    let (_dir, server) = start(&[]);
+    let bytes = pattern(3 * 1024 * 1024 + 17);
+    let (status, uploaded) = upload(&server, "alice", "image/jpeg", bytes.clone()).await;
+    assert_eq!(status, 201, "{uploaded}");
+    let sha = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(&bytes))
+    };
+    assert_eq!(uploaded["sha256"], sha.as_str());
+    assert_eq!(uploaded["size"], bytes.len() as u64);
+    assert_eq!(uploaded["mime"], "image/jpeg");
+    let id = uploaded["media_id"].as_str().unwrap().to_owned();
+
+    // Bob may not read it until a message shares it with him.
+    assert_eq!(download(&server, "bob", &id, &[]).await.status(), 404);
+    let mut alice = server.connect("alice", "phone").await;
+    alice.events_until_sync_done().await.unwrap();
+    alice
+        .send(Target::User("bob".into()), "pic", media_body(&uploaded))
+        .await
+        .unwrap();
+    let mut bob = server.connect("bob", "phone").await;
+    let events = bob.events_until_sync_done().await.unwrap();
+    match &events[0].payload {
+        EventPayload::Message {
+            body: Some(Body::Media(m)),
+            ..
+        } => {
+            assert_eq!(
+                (m.mime.as_str(), m.size, m.sha256.as_str()),
+                ("image/jpeg", bytes.len() as u64, sha.as_str()),
+                "facts come from the upload"
+            );
+            assert_eq!(m.caption.as_deref(), Some("look"));
+        }
+        other => panic!("expected a media message, got {other:?}"),
+    }
+
+    let full = download(&server, "bob", &id, &[]).await;
+    assert_eq!(full.status(), 200);
+    assert_eq!(full.headers()["content-type"], "image/jpeg");
+    let etag = full.headers()["etag"].to_str().unwrap().to_owned();
+    assert_eq!(etag, format!("\"{sha}\""));
+    assert_eq!(full.bytes().await.unwrap().as_ref(), bytes.as_slice());
+
+    let part = download(&server, "bob", &id, &[("range", "bytes=1000-1999")]).await;
+    assert_eq!(part.status(), 206);
+    assert_eq!(
+        part.headers()["content-range"],
+        format!("bytes 1000-1999/{}", bytes.len()).as_str()
+    );
+    assert_eq!(part.bytes().await.unwrap().as_ref(), &bytes[1000..2000]);
+    let tail = download(&server, "bob", &id, &[("range", "bytes=-10")]).await;
+    assert_eq!(
+        tail.bytes().await.unwrap().as_ref(),
+        &bytes[bytes.len() - 10..]
+    );
+    assert_eq!(
+        download(&server, "bob", &id, &[("range", "bytes=999999999-")])
+            .await
+            .status(),
+        416
+    );
+    assert_eq!(
+        download(&server, "bob", &id, &[("if-none-match", &etag)])
+            .await
+            .status(),
+        304
+    );
+    assert_eq!(
+        download(&server, "mallory", &id, &[]).await.status(),
+        404,
+        "non-members get 404"
+    );
+    assert_eq!(download(&server, "bob", "0000", &[]).await.status(), 404);
+}
+
+#[tokio::test]
+async fn same_bytes_are_stored_once_and_the_size_limit_is_enforced() {
+    let (dir, server) = start(&["--media-max-bytes", "100000"]);
+    let bytes = pattern(50_000);
+    let (_, first) = upload(&server, "alice", "application/pdf", bytes.clone()).await;
+    let (_, second) = upload(&server, "bob", "application/pdf", bytes).await;
+    assert_eq!(first["media_id"], second["media_id"]);
+    let blobs = std::fs::read_dir(dir.path().join("media/blobs"))
+        .unwrap()
+        .count();
+    assert_eq!(blobs, 1, "content-addressed: one copy");
+    assert_eq!(
+        download(&server, "bob", first["media_id"].as_str().unwrap(), &[])
+            .await
+            .status(),
+        200,
+        "each uploader may read"
+    );
+
+    let (status, body) = upload(&server, "alice", "video/mp4", pattern(100_001)).await;
+    assert_eq!((status, body["code"].as_str()), (413, Some("too_large")));
+    let (status, _) = upload(&server, "alice", "", pattern(10)).await;
+    assert_eq!(status, 400, "a MIME type is required");
+    let staging = std::fs::read_dir(dir.path().join("media/staging"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(staging, 0, "aborted uploads leave nothing behind");
+}
+
+#[tokio::test]
+async fn only_the_uploader_may_send_media_and_deleted_media_is_hidden() {
+    let (_dir, server) = start(&[]);
+    let (_, uploaded) = upload(&server, "alice", "image/png", pattern(1000)).await;
+    let id = uploaded["media_id"].as_str().unwrap().to_owned();
+    let mut mallory = server.connect("mallory", "phone").await;
+    match mallory
+        .send(Target::User("bob".into()), "steal", media_body(&uploaded))
+        .await
+    {
+        Err(ClientError::Server(e)) => assert_eq!(e.code, ErrorCode::Forbidden),
+        other => panic!("expected forbidden, got {other:?}"),
+    }
+    let mut alice = server.connect("alice", "phone").await;
+    let sent = alice
+        .send(Target::User("bob".into()), "pic", media_body(&uploaded))
+        .await
+        .unwrap();
+    assert_eq!(download(&server, "bob", &id, &[]).await.status(), 200);
+    alice.delete(&sent.conversation_id, sent.seq).await.unwrap();
+    assert_eq!(
+        download(&server, "bob", &id, &[]).await.status(),
+        404,
+        "deleted for everyone"
+    );
+    assert_eq!(
+        download(&server, "alice", &id, &[]).await.status(),
+        200,
+        "the uploader keeps access"
+    );
+}
+
+#[tokio::test]
+async fn unreferenced_media_is_swept_after_its_ttl() {
+    let (_dir, server) = start(&[
+        "--media-unreferenced-ttl",
+        "0s",
+        "--media-sweep-interval",
+        "50ms",
+    ]);
+    let (_, kept) = upload(&server, "alice", "image/png", pattern(10)).await;
+    let mut alice = server.connect("alice", "phone").await;
+    alice
+        .send(Target::User("bob".into()), "pic", media_body(&kept))
+        .await
+        .unwrap();
+    let (_, lonely) = upload(&server, "alice", "image/png", pattern(20)).await;
+    let lonely = lonely["media_id"].as_str().unwrap().to_owned();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while download(&server, "alice", &lonely, &[]).await.status() != 404 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the sweeper did not run"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let kept = kept["media_id"].as_str().unwrap();
+    assert_eq!(
+        download(&server, "bob", kept, &[]).await.status(),
+        200,
+        "referenced media stays"
+    );
+}
+
+#[tokio::test]
+async fn signed_urls_download_without_a_token_until_they_expire() {
+    let (_dir, server) = start(&["--media-url-secret", "cdn-secret"]);
+    let (_, uploaded) = upload(&server, "alice", "image/png", pattern(64)).await;
+    let id = uploaded["media_id"].as_str().unwrap();
+    let (status, body) = server
+        .http("alice", "phone")
+        .get(&format!("/v1/media/{id}/url"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let path = body["url"].as_str().unwrap();
+    let signed = reqwest::get(format!("{}{path}", server.http_url()))
+        .await
+        .unwrap();
+    assert_eq!(signed.status(), 200);
+    assert_eq!(
+        signed.bytes().await.unwrap().as_ref(),
+        pattern(64).as_slice()
+    );
+    let tampered = path.replace("expires=", "expires=1");
+    assert_eq!(
+        reqwest::get(format!("{}{tampered}", server.http_url()))
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    let (status, _) = server
+        .http("bob", "phone")
+        .get(&format!("/v1/media/{id}/url"))
+        .await
+        .unwrap();
+    assert_eq!(status, 404, "only readers get signed URLs");
+}
