@@ -61,6 +61,58 @@ impl HttpApi {
         self.request(reqwest::Method::DELETE, path, None).await
     }
 
+    /// Uploads a file (streamed) as media of type `mime`; returns the upload's JSON
+    /// (`media_id`, `mime`, `size`, `sha256`).
+    pub async fn upload_media(&self, path: &std::path::Path, mime: &str) -> Result<Value, ClientError> {
+        let file = tokio::fs::File::open(path)
+            .await
+            .map_err(|e| ClientError::Http(format!("{}: {e}", path.display())))?;
+        let body = reqwest::Body::wrap_stream(tokio_util_stream(file));
+        let response = self
+            .http
+            .post(format!("{}/v1/media", self.base))
+            .bearer_auth(&self.token)
+            .header(reqwest::header::CONTENT_TYPE, mime)
+            .body(body)
+            .send()
+            .await
+            .map_err(http_error)?;
+        match response.status().as_u16() {
+            201 => response.json().await.map_err(http_error),
+            status => Err(ClientError::Http(format!(
+                "HTTP {status}: {}",
+                response.text().await.unwrap_or_default()
+            ))),
+        }
+    }
+
+    /// Downloads media into a file (streamed); returns the number of bytes written.
+    pub async fn download_media(&self, media_id: &str, out: &std::path::Path) -> Result<u64, ClientError> {
+        use futures::StreamExt;
+        use tokio::io::AsyncWriteExt;
+        let response = self
+            .http
+            .get(format!("{}/v1/media/{media_id}", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(http_error)?;
+        if response.status().as_u16() != 200 {
+            return Err(ClientError::Http(format!("HTTP {}", response.status().as_u16())));
+        }
+        let io = |e: std::io::Error| ClientError::Http(format!("{}: {e}", out.display()));
+        let mut file = tokio::fs::File::create(out).await.map_err(io)?;
+        let mut written = 0u64;
+        let mut stream = response.bytes_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(http_error)?;
+            file.write_all(&chunk).await.map_err(io)?;
+            written += chunk.len() as u64;
+        }
+        file.flush().await.map_err(io)?;
+        Ok(written)
+    }
+
     /// Creates a group; returns its conversation id.
     pub async fn create_group(
         &self,
@@ -115,4 +167,22 @@ impl HttpApi {
             (status, body) => Err(ClientError::Http(format!("HTTP {status}: {body}"))),
         }
     }
+}
+
+/// A file as a stream of chunks, for a streamed request body.
+fn tokio_util_stream(
+    file: tokio::fs::File,
+) -> impl futures::Stream<Item = std::io::Result<Vec<u8>>> + Send + 'static {
+    use tokio::io::AsyncReadExt;
+    futures::stream::unfold(file, |mut file| async move {
+        let mut chunk = vec![0u8; 256 * 1024];
+        match file.read(&mut chunk).await {
+            Ok(0) => None,
+            Ok(n) => {
+                chunk.truncate(n);
+                Some((Ok(chunk), file))
+            }
+            Err(e) => Some((Err(e), file)),
+        }
+    })
 }

@@ -4,8 +4,8 @@
 
 use crate::auth;
 use clap::Args;
-use courier_client::proto::{AckKind, Body, Encoding, EventPayload, ServerFrame};
-use courier_client::{Client, Target};
+use courier_client::proto::{AckKind, Body, Encoding, EventPayload, Media, ServerFrame};
+use courier_client::{Client, HttpApi, Target};
 use std::path::PathBuf;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -41,8 +41,10 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
     };
     let mut client = Client::connect(&args.url, &token, Encoding::Json).await?;
     let mut target = args.to.map(Target::User);
+    let http = HttpApi::new(&args.url.replacen("ws", "http", 1), &token);
     println!(
-        "connected as {}/{}; type a message, `/to USER` to pick a peer, Ctrl-D to quit",
+        "connected as {}/{}; type a message, `/to USER` to pick a peer, `/send-file PATH` to share \
+         a file, `/fetch MEDIA_ID OUT` to download one, Ctrl-D to quit",
         args.user, args.device
     );
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
@@ -56,6 +58,41 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
                 if let Some(peer) = line.strip_prefix("/to ") {
                     target = Some(Target::User(peer.trim().to_owned()));
                     println!("now talking to {}", peer.trim());
+                } else if let Some(args) = line.strip_prefix("/fetch ") {
+                    let mut parts = args.split_whitespace();
+                    match (parts.next(), parts.next()) {
+                        (Some(id), Some(out)) => match http.download_media(id, std::path::Path::new(out)).await {
+                            Ok(n) => println!("  saved {n} bytes to {out}"),
+                            Err(e) => println!("  ✗ {e}"),
+                        },
+                        _ => println!("usage: /fetch MEDIA_ID OUT"),
+                    }
+                } else if let Some(path) = line.strip_prefix("/send-file ") {
+                    let Some(to) = target.clone() else {
+                        println!("pick a peer first: /to USER");
+                        continue;
+                    };
+                    let path = std::path::Path::new(path.trim());
+                    let uploaded = match http.upload_media(path, mime_of(path)).await {
+                        Ok(uploaded) => uploaded,
+                        Err(e) => {
+                            println!("  ✗ {e}");
+                            continue;
+                        }
+                    };
+                    counter += 1;
+                    let media = Media {
+                        media_id: uploaded["media_id"].as_str().unwrap_or_default().to_owned(),
+                        mime: uploaded["mime"].as_str().unwrap_or_default().to_owned(),
+                        size: uploaded["size"].as_u64().unwrap_or_default(),
+                        sha256: uploaded["sha256"].as_str().unwrap_or_default().to_owned(),
+                        name: path.file_name().map(|n| n.to_string_lossy().into_owned()),
+                        caption: None,
+                    };
+                    match client.send_with_retry(to, &format!("{session}-{counter}"), Body::Media(media)).await {
+                        Ok(sent) => println!("  ✓ file sent (seq {})", sent.seq),
+                        Err(e) => println!("  ✗ {e}"),
+                    }
                 } else if !line.is_empty() {
                     let Some(to) = target.clone() else {
                         println!("pick a peer first: /to USER");
@@ -72,11 +109,23 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
             frame = client.next_frame() => {
                 match frame? {
                     ServerFrame::Event(event) => {
-                        if let EventPayload::Message { body: Some(Body::Text(text)), .. } = &event.payload {
-                            println!("{}: {text}", event.sender.user);
-                            if target.is_none() {
-                                target = Some(Target::Conversation(event.conversation_id.clone()));
+                        match &event.payload {
+                            EventPayload::Message { body: Some(Body::Text(text)), .. } => {
+                                println!("{}: {text}", event.sender.user);
                             }
+                            EventPayload::Message { body: Some(Body::Media(m)), .. } => println!(
+                                "{} shared {} ({}, {} bytes): /fetch {} {}",
+                                event.sender.user,
+                                m.name.as_deref().unwrap_or("a file"),
+                                m.mime,
+                                m.size,
+                                m.media_id,
+                                m.name.as_deref().unwrap_or("download.bin"),
+                            ),
+                            _ => {}
+                        }
+                        if target.is_none() {
+                            target = Some(Target::Conversation(event.conversation_id.clone()));
                         }
                         client.ack(&event.conversation_id, event.seq, AckKind::Delivered).await?;
                     }
@@ -92,4 +141,20 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
     }
     client.close().await;
     Ok(())
+}
+
+/// The MIME type of a file, from its extension.
+fn mime_of(path: &std::path::Path) -> &'static str {
+    let extension = path.extension().and_then(|e| e.to_str()).unwrap_or_default();
+    match extension.to_ascii_lowercase().as_str() {
+        "jpg" | "jpeg" => "image/jpeg",
+        "png" => "image/png",
+        "gif" => "image/gif",
+        "webp" => "image/webp",
+        "mp4" => "video/mp4",
+        "mov" => "video/quicktime",
+        "pdf" => "application/pdf",
+        "txt" => "text/plain",
+        _ => "application/octet-stream",
+    }
 }

@@ -18,6 +18,11 @@ pub struct ScopeLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CodeLabel {
     pub code: &'static str,
 }
@@ -55,6 +60,8 @@ pub struct Metrics {
     pub media_uploaded_bytes: Counter,
     /// Media deleted by the sweeper.
     pub media_swept: Counter,
+    /// Push notifications by outcome (`sent`, `retried`, `invalid_token`, `failed`, `dropped`).
+    pub push_notifications: Family<OutcomeLabel, Counter>,
     resident_memory: Gauge,
 }
 
@@ -78,6 +85,7 @@ impl Metrics {
             large_group_queue: Gauge::default(),
             media_uploaded_bytes: Counter::default(),
             media_swept: Counter::default(),
+            push_notifications: Family::default(),
             resident_memory: Gauge::default(),
             registry: Registry::default(),
         };
@@ -155,6 +163,11 @@ impl Metrics {
             "media_swept",
             "Unreferenced media deleted by the sweeper",
             metrics.media_swept.clone(),
+        );
+        registry.register(
+            "push_notifications",
+            "Push notification attempts by outcome",
+            metrics.push_notifications.clone(),
         );
         registry.register(
             "process_resident_memory_bytes",

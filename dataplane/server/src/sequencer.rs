@@ -47,6 +47,17 @@ pub trait CommitListener: Send + Sync + 'static {
     fn committed(&self, shard: u32, events: usize);
 }
 
+/// Several listeners told of every commit, in order.
+pub struct Listeners(pub Vec<Arc<dyn CommitListener>>);
+
+impl CommitListener for Listeners {
+    fn committed(&self, shard: u32, events: usize) {
+        for listener in &self.0 {
+            listener.committed(shard, events);
+        }
+    }
+}
+
 /// Bounds of one group commit.
 #[derive(Debug, Clone, Copy)]
 pub struct GroupCommitLimits {

@@ -20,6 +20,8 @@
 //! | `media` | `("media", id)` | uploaded media (`MediaRecord`: mime, size, sha256) |
 //! | `mown` | `("mown", id, user)` | who uploaded it, and when (u64 LE ms) |
 //! | `mref` | `("mref", id, conv)` | a message of `conv` references it (seq, u64 LE) |
+//! | `push` | `("push", shard, versionstamp)` | push intents: messages whose offline recipients are not yet notified |
+//! | `pushq` | `("pushq", user, device, conv)` | a pending, collapsed notification (`PendingPush`) |
 
 use foundationdb_tuple::{Subspace, Versionstamp};
 use std::ops::Range;
@@ -181,6 +183,32 @@ impl Keys {
             .unpack::<(String, String, String)>(key)
             .ok()
             .map(|(_, _, last)| last)
+    }
+
+    /// A push-intent key of `shard`, completed with the commit's versionstamp.
+    pub fn push_intent(&self, shard: u32, order: u16) -> Vec<u8> {
+        self.root
+            .pack_with_versionstamp(&("push", shard, Versionstamp::incomplete(order)))
+    }
+
+    pub fn push_intents(&self, shard: u32) -> Range<Vec<u8>> {
+        range_of(self.root.subspace(&("push", shard)))
+    }
+
+    pub fn pending_push(&self, user: &str, device: &str, conv: &str) -> Vec<u8> {
+        self.root.pack(&("pushq", user, device, conv))
+    }
+
+    pub fn pending_pushes(&self) -> Range<Vec<u8>> {
+        range_of(self.root.subspace(&("pushq",)))
+    }
+
+    /// `(user, device, conv)` of a key from [`Keys::pending_pushes`].
+    pub fn pending_push_parts(&self, key: &[u8]) -> Option<(String, String, String)> {
+        self.root
+            .unpack::<(String, String, String, String)>(key)
+            .ok()
+            .map(|(_, user, device, conv)| (user, device, conv))
     }
 
     pub fn group_count(&self, user: &str) -> Vec<u8> {

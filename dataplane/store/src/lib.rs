@@ -19,5 +19,5 @@ pub use keys::{Keys, ReceiptKind};
 pub use kv::{Batch, CommitStamp, KvEngine, StoreError};
 pub use message_store::{
     Append, AppendOutcome, ConversationRecord, DeviceRecord, HeadCache, MediaRecord, MemberRecord,
-    MessageStore, NewConversation, ShardLease,
+    MessageStore, NewConversation, PendingPush, PushIntent, ShardLease,
 };

@@ -65,6 +65,40 @@ pub struct MediaRecord {
     pub created_ms: u64,
 }
 
+/// A message whose offline recipients are to be notified; written in the same commit as the
+/// message, so a crash cannot lose a notification.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PushIntent {
+    #[prost(string, tag = "1")]
+    pub conversation_id: String,
+    #[prost(uint64, tag = "2")]
+    pub seq: u64,
+    #[prost(string, tag = "3")]
+    pub sender_user: String,
+    #[prost(string, tag = "4")]
+    pub sender_device: String,
+}
+
+/// A notification waiting for one device, collapsed per conversation.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PendingPush {
+    /// Messages it stands for.
+    #[prost(uint32, tag = "1")]
+    pub count: u32,
+    #[prost(uint64, tag = "2")]
+    pub last_seq: u64,
+    #[prost(string, tag = "3")]
+    pub sender: String,
+    /// Not sent before (collapse window, backoff).
+    #[prost(uint64, tag = "4")]
+    pub due_ms: u64,
+    #[prost(uint32, tag = "5")]
+    pub attempts: u32,
+    /// A large group's notification: silent.
+    #[prost(bool, tag = "6")]
+    pub quiet: bool,
+}
+
 /// The first outcome of a `(conversation, device, client_msg_id)`, returned to retries.
 #[derive(Clone, PartialEq, prost::Message)]
 struct IdempotencyRecord {
@@ -347,8 +381,16 @@ impl MessageStore {
             };
             let encoded = pb::Event::from(event).encode_to_vec();
             batch.set(self.keys.event(conv, seq), encoded.clone());
-            batch
-                .set_versionstamped_key(self.keys.outbox_entry(lease.shard, outbox_order), encoded);
+            if matches!(append.payload, EventPayload::Message { .. }) {
+                let intent = PushIntent {
+                    conversation_id: conv.to_owned(),
+                    seq,
+                    sender_user: append.sender.user.clone(),
+                    sender_device: append.sender.device.clone(),
+                };
+                batch.set_versionstamped_key(self.keys.push_intent(lease.shard, outbox_order), intent.encode_to_vec());
+            }
+            batch.set_versionstamped_key(self.keys.outbox_entry(lease.shard, outbox_order), encoded);
             outbox_order = outbox_order.wrapping_add(1);
             if let Some(key) = idem_key {
                 let record = IdempotencyRecord {
@@ -755,6 +797,89 @@ impl MessageStore {
         rows.iter()
             .map(|(k, _)| self.keys.media_id(k).ok_or_else(|| corrupt(k, "media key")))
             .collect()
+    }
+
+    /// The oldest push intents of `shard`.
+    pub async fn push_intents(&self, shard: u32, limit: usize) -> Result<Vec<(Vec<u8>, PushIntent)>, StoreError> {
+        let rows = self.kv.range(self.keys.push_intents(shard), limit, false).await?;
+        rows.into_iter()
+            .map(|(k, v)| {
+                let intent = PushIntent::decode(v.as_slice()).map_err(|e| corrupt(&k, e))?;
+                Ok((k, intent))
+            })
+            .collect()
+    }
+
+    /// Pending notifications, in key order, a page of `limit` after `after`.
+    pub async fn pending_pushes(
+        &self,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, PendingPush)>, StoreError> {
+        let mut range = self.keys.pending_pushes();
+        if let Some(after) = after {
+            let mut start = after.to_vec();
+            start.push(0);
+            range.start = start;
+        }
+        let rows = self.kv.range(range, limit, false).await?;
+        rows.into_iter()
+            .map(|(k, v)| {
+                let pending = PendingPush::decode(v.as_slice()).map_err(|e| corrupt(&k, e))?;
+                Ok((k, pending))
+            })
+            .collect()
+    }
+
+    pub async fn pending_push(&self, user: &str, device: &str, conv: &str) -> Result<Option<PendingPush>, StoreError> {
+        let key = self.keys.pending_push(user, device, conv);
+        match self.kv.get(&key).await? {
+            Some(v) => Ok(Some(PendingPush::decode(v.as_slice()).map_err(|e| corrupt(&key, e))?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Turns the push intents of `shard` up to `last` into pending notifications, in one
+    /// commit: a crash before it expands them again, after it they are pending.
+    pub async fn expand_push_intents(
+        &self,
+        shard: u32,
+        last: &[u8],
+        pending: &[((String, String, String), PendingPush)],
+    ) -> Result<(), StoreError> {
+        let mut end = last.to_vec();
+        end.push(0);
+        let mut batch = Batch::new();
+        batch.clear_range(self.keys.push_intents(shard).start..end);
+        for ((user, device, conv), push) in pending {
+            batch.set(self.keys.pending_push(user, device, conv), push.encode_to_vec());
+        }
+        self.kv.commit(batch).await.map(drop)
+    }
+
+    /// Replaces a pending notification, unless it changed since it was read as `seen`
+    /// (`FenceChanged`: more messages were collapsed into it meanwhile). `None` clears it.
+    pub async fn settle_pending_push(
+        &self,
+        key: &[u8],
+        seen: &PendingPush,
+        next: Option<&PendingPush>,
+    ) -> Result<(), StoreError> {
+        let mut batch = Batch::new();
+        batch.fence(key.to_vec(), Some(seen.encode_to_vec()));
+        match next {
+            Some(next) => batch.set(key.to_vec(), next.encode_to_vec()),
+            None => batch.clear(key.to_vec()),
+        };
+        self.kv.commit(batch).await.map(drop)
+    }
+
+    /// Records a device's push registration (`provider` empty: none).
+    pub async fn set_push_token(&self, user: &str, device: &str, provider: &str, token: &str) -> Result<(), StoreError> {
+        let mut record = self.device(user, device).await?.unwrap_or_default();
+        record.push_provider = provider.to_owned();
+        record.push_token = token.to_owned();
+        self.put_device(user, device, &record).await
     }
 
     /// The delivered cursor of one device in one conversation (0 when it has none).
