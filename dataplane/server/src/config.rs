@@ -131,6 +131,10 @@ pub struct ServeConfig {
     pub retention_interval: Duration,
     #[command(flatten)]
     pub media: crate::media::MediaConfig,
+    #[command(flatten)]
+    pub push: crate::push::PushConfig,
+    #[command(flatten)]
+    pub notifier: crate::notifier::NotifierConfig,
     /// How long draining may take on SIGTERM before the process exits anyway.
     #[arg(long, env = "COURIER_DRAIN_TIMEOUT", default_value = "25s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,

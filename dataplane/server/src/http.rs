@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 pub struct AppState {
     pub chat: Arc<Chat>,
     pub media: Arc<MediaService>,
+    pub push: Arc<crate::push::PushProviders>,
     pub gateway: Arc<Gateway>,
     pub verifier: TokenVerifier,
     pub metrics: Arc<Metrics>,
@@ -45,6 +46,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/media/{id}", get(download_media))
         .route("/v1/media/{id}/url", get(media_url))
         .route("/v1/devices", get(devices))
+        .route("/v1/devices/me/push", axum::routing::put(register_push))
         .route("/v1/devices/{device}", delete(unlink_device))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
@@ -219,6 +221,29 @@ async fn devices(
         .list(&who.user)
         .await?;
     Ok(Json(serde_json::json!({ "devices": devices })).into_response())
+}
+
+#[derive(serde::Deserialize)]
+struct PushRegistration {
+    provider: String,
+    token: String,
+}
+
+async fn register_push(
+    State(state): State<Arc<AppState>>,
+    Caller(who): Caller,
+    JsonBody(registration): JsonBody<PushRegistration>,
+) -> Result<StatusCode, ApiError> {
+    let configured = state.push.provider(&registration.provider).is_some();
+    Devices::new(state.chat.store().clone())
+        .register_push(
+            &who,
+            &registration.provider,
+            &registration.token,
+            configured,
+        )
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn unlink_device(

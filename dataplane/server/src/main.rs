@@ -19,6 +19,8 @@ mod limits;
 mod media;
 mod membership;
 mod metrics;
+mod notifier;
+mod push;
 mod receipts;
 mod retention;
 mod routes;

@@ -9,10 +9,12 @@ use crate::http::{AppState, router};
 use crate::media::MediaService;
 use crate::membership::MembershipCache;
 use crate::metrics::Metrics;
+use crate::notifier::Notifier;
+use crate::push::PushProviders;
 use crate::receipts::ReceiptRelay;
 use crate::retention::Retention;
 use crate::routes::Routes;
-use crate::sequencer::LocalSequencer;
+use crate::sequencer::{Listeners, LocalSequencer};
 use anyhow::Context;
 use courier_store::embedded::EmbeddedEngine;
 use courier_store::{KvEngine, MessageStore};
@@ -90,13 +92,26 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         config.fanout_workers,
         config.large_group_threshold,
     );
+    let push = Arc::new(PushProviders::from_config(&config.push)?);
+    let notifier = Notifier::new(
+        store.clone(),
+        routes.clone(),
+        membership.clone(),
+        push.clone(),
+        config.notifier.clone(),
+        config.push.push_include_text,
+        config.large_group_threshold,
+        metrics.clone(),
+    );
+    let listeners = Arc::new(Listeners(vec![fanout.clone(), notifier.clone()]));
     let sequencer = LocalSequencer::start(
         store.clone(),
         config.group_commit_limits(),
-        fanout.clone(),
+        listeners,
         metrics.clone(),
     )
     .await?;
+    notifier.start();
     fanout.start();
     let receipts = ReceiptRelay::new(
         routes.clone(),
@@ -146,6 +161,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let state = Arc::new(AppState {
         chat,
         media,
+        push,
         gateway,
         verifier,
         metrics,

@@ -1,0 +1,482 @@
+//! Push notifications end to end: a real `courier serve` notifies offline devices through
+//! in-test HTTP servers that speak each provider's request format (webhook, FCM v1, APNs over
+//! HTTP/2), including their error answers.
+
+mod support;
+
+use axum::body::Bytes;
+use axum::http::{HeaderMap, StatusCode, Uri};
+use courier_client::Target;
+use courier_client::proto::AckKind;
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use support::Server;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone)]
+struct Request {
+    path: String,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Request {
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_default()
+    }
+    fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+    }
+}
+
+/// An in-test provider: records requests, answers from a script (then 200), except the OAuth
+/// token endpoint, which always issues `test-access-token`.
+#[derive(Clone, Default)]
+struct Provider {
+    seen: Arc<Mutex<Vec<Request>>>,
+    script: Arc<Mutex<VecDeque<(u16, &'static str, &'static str)>>>,
+}
+
+impl Provider {
+    async fn start() -> (SocketAddr, Provider) {
+        let provider = Provider::default();
+        let state = provider.clone();
+        let app = axum::Router::new().fallback(move |uri: Uri, headers: HeaderMap, body: Bytes| {
+            let state = state.clone();
+            async move {
+                let path = uri.path().to_owned();
+                state.seen.lock().unwrap().push(Request {
+                    path: path.clone(),
+                    headers,
+                    body,
+                });
+                if path == "/token" {
+                    return (
+                        StatusCode::OK,
+                        [("retry-after", "0")],
+                        r#"{"access_token":"test-access-token","expires_in":3600}"#.to_owned(),
+                    );
+                }
+                let (status, retry_after, body) = state
+                    .script
+                    .lock()
+                    .unwrap()
+                    .pop_front()
+                    .unwrap_or((200, "0", "{}"));
+                (
+                    StatusCode::from_u16(status).unwrap(),
+                    [("retry-after", retry_after)],
+                    body.to_owned(),
+                )
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (addr, provider)
+    }
+
+    fn answer(&self, status: u16, retry_after: &'static str, body: &'static str) {
+        self.script
+            .lock()
+            .unwrap()
+            .push_back((status, retry_after, body));
+    }
+
+    /// The requests to paths other than the token endpoint, once there are `n` of them.
+    async fn wait_for(&self, n: usize) -> Vec<Request> {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let sends: Vec<Request> = self
+                .seen
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|r| r.path != "/token")
+                .cloned()
+                .collect();
+            if sends.len() >= n {
+                return sends;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "expected {n} notifications, got {}",
+                sends.len()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+async fn register(server: &Server, user: &str, device: &str, provider: &str, token: &str) {
+    let body = serde_json::json!({ "provider": provider, "token": token });
+    let (status, body) = server
+        .http(user, device)
+        .request(reqwest::Method::PUT, "/v1/devices/me/push", Some(&body))
+        .await
+        .unwrap();
+    assert_eq!(status, 204, "{body}");
+}
+
+async fn push_flag(server: &Server, user: &str, device: &str) -> bool {
+    let (_, body) = server.http(user, "other").get("/v1/devices").await.unwrap();
+    body["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["device"] == device)
+        .unwrap()["push"]
+        .as_bool()
+        .unwrap()
+}
+
+async fn wait_until_unregistered(server: &Server, user: &str, device: &str) {
+    let deadline = std::time::Instant::now() + WAIT;
+    while push_flag(server, user, device).await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the invalid token was not removed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn connections(server: &Server) -> u64 {
+    let text = reqwest::get(format!("{}/metrics", server.http_url()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("courier_gateway_connections "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn webhook_args(addr: SocketAddr, collapse: &str) -> Vec<String> {
+    vec![
+        "--push-webhook-url".into(),
+        format!("http://{addr}/hook"),
+        "--push-webhook-secret".into(),
+        "s3cret".into(),
+        "--push-collapse".into(),
+        collapse.into(),
+    ]
+}
+
+fn start(dir: &std::path::Path, args: &[String]) -> Server {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Server::start_in(dir, &args)
+}
+
+#[tokio::test]
+async fn webhook_notifies_only_devices_that_are_not_connected_with_a_valid_signature() {
+    let (addr, provider) = Provider::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &webhook_args(addr, "0ms"));
+    register(&server, "bob", "phone", "webhook", "tok-bob").await;
+    let (status, body) = server
+        .http("bob", "phone")
+        .request(
+            reqwest::Method::PUT,
+            "/v1/devices/me/push",
+            Some(&serde_json::json!({"provider": "apns", "token": "x"})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (400, Some("bad_request")),
+        "apns is not configured here"
+    );
+
+    let mut alice = server.connect("alice", "phone").await;
+    let mut bob = server.connect("bob", "phone").await;
+    bob.events_until_sync_done().await.unwrap();
+    let first = alice
+        .send_text(Target::User("bob".into()), "m1", "while online")
+        .await
+        .unwrap();
+    assert_eq!(bob.next_event().await.unwrap().seq, first.seq);
+    bob.ack(&first.conversation_id, first.seq, AckKind::Delivered)
+        .await
+        .unwrap();
+    bob.close().await;
+    while connections(&server).await > 1 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let second = alice
+        .send_text(Target::User("bob".into()), "m2", "secret words")
+        .await
+        .unwrap();
+
+    let sent = provider.wait_for(1).await;
+    let hook = &sent[0];
+    assert_eq!(hook.path, "/hook");
+    let body = hook.json();
+    assert_eq!(body["device_token"], "tok-bob");
+    assert_eq!(body["conversation_id"], second.conversation_id.as_str());
+    assert_eq!(
+        (body["seq"].as_u64(), body["count"].as_u64()),
+        (Some(second.seq), Some(1))
+    );
+    assert_eq!(body["sender"], "alice");
+    assert!(
+        body.get("text").is_none(),
+        "no message text unless configured"
+    );
+    let timestamp = hook.header("x-courier-timestamp");
+    let expected = {
+        use hmac::Mac;
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(b"s3cret").unwrap();
+        mac.update(format!("{timestamp}.").as_bytes());
+        mac.update(&hook.body);
+        format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+    };
+    assert_eq!(hook.header("x-courier-signature"), expected);
+    alice.ping().await.unwrap();
+    assert_eq!(
+        provider.wait_for(1).await.len(),
+        1,
+        "the message seen while connected was not pushed"
+    );
+}
+
+#[tokio::test]
+async fn notifications_collapse_per_conversation_and_retries_honour_the_provider() {
+    let (addr, provider) = Provider::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &webhook_args(addr, "1s"));
+    register(&server, "bob", "phone", "webhook", "tok-bob").await;
+    provider.answer(429, "1", "slow down");
+    let mut alice = server.connect("alice", "phone").await;
+    for i in 1..=3 {
+        alice
+            .send_text(Target::User("bob".into()), &format!("m{i}"), "x")
+            .await
+            .unwrap();
+    }
+    let attempts = provider.wait_for(2).await;
+    for attempt in &attempts {
+        assert_eq!(
+            (
+                attempt.json()["count"].as_u64(),
+                attempt.json()["seq"].as_u64()
+            ),
+            (Some(3), Some(3)),
+            "one notification for three messages"
+        );
+    }
+    let text = reqwest::get(format!("{}/metrics", server.http_url()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains("courier_push_notifications_total{outcome=\"retried\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("courier_push_notifications_total{outcome=\"sent\"} 1"),
+        "{text}"
+    );
+
+    provider.answer(410, "0", "gone");
+    alice
+        .send_text(Target::User("bob".into()), "m4", "x")
+        .await
+        .unwrap();
+    wait_until_unregistered(&server, "bob", "phone").await;
+}
+
+#[tokio::test]
+async fn fcm_v1_gets_an_oauth_token_and_the_v1_message_format() {
+    let (addr, provider) = Provider::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/fixtures/fcm-test-key.pem"
+    ))
+    .unwrap();
+    let account = serde_json::json!({
+        "type": "service_account",
+        "project_id": "courier-test",
+        "client_email": "push@courier-test.iam.gserviceaccount.com",
+        "private_key": key,
+        "token_uri": format!("http://{addr}/token"),
+    });
+    let account_file = dir.path().join("service-account.json");
+    std::fs::write(&account_file, account.to_string()).unwrap();
+    let data = dir.path().join("data");
+    let server = start(
+        &data,
+        &[
+            "--fcm-service-account".into(),
+            account_file.display().to_string(),
+            "--fcm-endpoint".into(),
+            format!("http://{addr}"),
+            "--push-collapse".into(),
+            "0ms".into(),
+        ],
+    );
+    register(&server, "bob", "phone", "fcm", "fcm-bob").await;
+    let mut alice = server.connect("alice", "phone").await;
+    let sent = alice
+        .send_text(Target::User("bob".into()), "m1", "x")
+        .await
+        .unwrap();
+    let request = provider.wait_for(1).await.remove(0);
+    assert_eq!(request.path, "/v1/projects/courier-test/messages:send");
+    assert_eq!(request.header("authorization"), "Bearer test-access-token");
+    let message = &request.json()["message"];
+    assert_eq!(message["token"], "fcm-bob");
+    assert_eq!(
+        message["data"]["seq"],
+        sent.seq.to_string(),
+        "FCM data values are strings"
+    );
+    assert_eq!(
+        message["data"]["conversation_id"],
+        sent.conversation_id.as_str()
+    );
+    assert_eq!(
+        message["android"]["collapse_key"],
+        sent.conversation_id.as_str()
+    );
+
+    let token_request = provider
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|r| r.path == "/token")
+        .cloned()
+        .unwrap();
+    let form: Vec<(String, String)> = serde_urlencoded::from_bytes(&token_request.body).unwrap();
+    assert!(form.contains(&(
+        "grant_type".into(),
+        "urn:ietf:params:oauth:grant-type:jwt-bearer".into()
+    )));
+    let assertion = &form.iter().find(|(k, _)| k == "assertion").unwrap().1;
+    let public = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/fixtures/fcm-test-key.pub.pem"
+    ))
+    .unwrap();
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
+    validation.set_audience(&[format!("http://{addr}/token")]);
+    let claims = jsonwebtoken::decode::<serde_json::Value>(
+        assertion,
+        &jsonwebtoken::DecodingKey::from_rsa_pem(&public).unwrap(),
+        &validation,
+    )
+    .expect("the assertion is signed with the service account's key")
+    .claims;
+    assert_eq!(claims["iss"], "push@courier-test.iam.gserviceaccount.com");
+    assert_eq!(
+        claims["scope"],
+        "https://www.googleapis.com/auth/firebase.messaging"
+    );
+
+    register(&server, "carol", "phone", "fcm", "fcm-dead").await;
+    provider.answer(404, "0", r#"{"error":{"code":404,"status":"NOT_FOUND","details":[{"@type":"type.googleapis.com/google.firebase.fcm.v1.FcmError","errorCode":"UNREGISTERED"}]}}"#);
+    alice
+        .send_text(Target::User("carol".into()), "c1", "x")
+        .await
+        .unwrap();
+    wait_until_unregistered(&server, "carol", "phone").await;
+}
+
+#[tokio::test]
+async fn apns_gets_http2_requests_with_token_auth_and_collapse_ids() {
+    let (addr, provider) = Provider::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/fixtures/apns-test-key.p8"
+    );
+    let server = start(
+        dir.path(),
+        &[
+            "--apns-key-file".into(),
+            key_file.into(),
+            "--apns-key-id".into(),
+            "KEY1234567".into(),
+            "--apns-team-id".into(),
+            "TEAM123456".into(),
+            "--apns-topic".into(),
+            "dev.courier.app".into(),
+            "--apns-endpoint".into(),
+            format!("http://{addr}"),
+            "--push-collapse".into(),
+            "0ms".into(),
+        ],
+    );
+    register(&server, "bob", "phone", "apns", "apns-bob").await;
+    let mut alice = server.connect("alice", "phone").await;
+    let sent = alice
+        .send_text(Target::User("bob".into()), "m1", "x")
+        .await
+        .unwrap();
+    let request = provider.wait_for(1).await.remove(0);
+    assert_eq!(request.path, "/3/device/apns-bob");
+    assert_eq!(request.header("apns-topic"), "dev.courier.app");
+    assert_eq!(request.header("apns-push-type"), "alert");
+    assert_eq!(request.header("apns-collapse-id"), sent.conversation_id);
+    let body = request.json();
+    assert_eq!(body["seq"], sent.seq);
+    assert_eq!(body["aps"]["alert"]["title"], "alice");
+    let token = request
+        .header("authorization")
+        .strip_prefix("bearer ")
+        .unwrap();
+    let public = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/fixtures/apns-test-key.pub.pem"
+    ))
+    .unwrap();
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::ES256);
+    validation.set_required_spec_claims::<&str>(&[]);
+    validation.validate_exp = false;
+    let decoded = jsonwebtoken::decode::<serde_json::Value>(
+        token,
+        &jsonwebtoken::DecodingKey::from_ec_pem(&public).unwrap(),
+        &validation,
+    )
+    .expect("the provider token is signed with the .p8 key");
+    assert_eq!(decoded.header.kid.as_deref(), Some("KEY1234567"));
+    assert_eq!(decoded.claims["iss"], "TEAM123456");
+
+    provider.answer(410, "0", r#"{"reason":"Unregistered"}"#);
+    alice
+        .send_text(Target::User("bob".into()), "m2", "x")
+        .await
+        .unwrap();
+    wait_until_unregistered(&server, "bob", "phone").await;
+}
+
+#[tokio::test]
+async fn a_crash_between_commit_and_push_loses_no_notification() {
+    let (addr, provider) = Provider::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    // A long collapse window keeps the notification pending when the server dies.
+    let mut server = start(dir.path(), &webhook_args(addr, "1h"));
+    register(&server, "bob", "phone", "webhook", "tok-bob").await;
+    let mut alice = server.connect("alice", "phone").await;
+    let sent = alice
+        .send_text(Target::User("bob".into()), "m1", "x")
+        .await
+        .unwrap();
+    server.kill9();
+    let _server = start(dir.path(), &webhook_args(addr, "0ms"));
+    let hook = provider.wait_for(1).await.remove(0);
+    assert_eq!(hook.json()["seq"].as_u64(), Some(sent.seq));
+}
