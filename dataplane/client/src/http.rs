@@ -63,7 +63,11 @@ impl HttpApi {
 
     /// Uploads a file (streamed) as media of type `mime`; returns the upload's JSON
     /// (`media_id`, `mime`, `size`, `sha256`).
-    pub async fn upload_media(&self, path: &std::path::Path, mime: &str) -> Result<Value, ClientError> {
+    pub async fn upload_media(
+        &self,
+        path: &std::path::Path,
+        mime: &str,
+    ) -> Result<Value, ClientError> {
         let file = tokio::fs::File::open(path)
             .await
             .map_err(|e| ClientError::Http(format!("{}: {e}", path.display())))?;
@@ -87,7 +91,11 @@ impl HttpApi {
     }
 
     /// Downloads media into a file (streamed); returns the number of bytes written.
-    pub async fn download_media(&self, media_id: &str, out: &std::path::Path) -> Result<u64, ClientError> {
+    pub async fn download_media(
+        &self,
+        media_id: &str,
+        out: &std::path::Path,
+    ) -> Result<u64, ClientError> {
         use futures::StreamExt;
         use tokio::io::AsyncWriteExt;
         let response = self
@@ -98,7 +106,10 @@ impl HttpApi {
             .await
             .map_err(http_error)?;
         if response.status().as_u16() != 200 {
-            return Err(ClientError::Http(format!("HTTP {}", response.status().as_u16())));
+            return Err(ClientError::Http(format!(
+                "HTTP {}",
+                response.status().as_u16()
+            )));
         }
         let io = |e: std::io::Error| ClientError::Http(format!("{}: {e}", out.display()));
         let mut file = tokio::fs::File::create(out).await.map_err(io)?;

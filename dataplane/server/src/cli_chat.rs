@@ -145,7 +145,10 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
 
 /// The MIME type of a file, from its extension.
 fn mime_of(path: &std::path::Path) -> &'static str {
-    let extension = path.extension().and_then(|e| e.to_str()).unwrap_or_default();
+    let extension = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or_default();
     match extension.to_ascii_lowercase().as_str() {
         "jpg" | "jpeg" => "image/jpeg",
         "png" => "image/png",

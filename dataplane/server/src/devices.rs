@@ -71,17 +71,29 @@ impl Devices {
     }
 
     /// Registers (or replaces) the device's push endpoint.
-    pub async fn register_push(&self, who: &Identity, provider: &str, token: &str, configured: bool) -> Result<(), ApiError> {
+    pub async fn register_push(
+        &self,
+        who: &Identity,
+        provider: &str,
+        token: &str,
+        configured: bool,
+    ) -> Result<(), ApiError> {
         if !matches!(provider, "fcm" | "apns" | "webhook") {
-            return Err(ApiError::bad_request("provider must be \"fcm\", \"apns\" or \"webhook\""));
+            return Err(ApiError::bad_request(
+                "provider must be \"fcm\", \"apns\" or \"webhook\"",
+            ));
         }
         if !configured {
-            return Err(ApiError::bad_request(format!("this server has no {provider} push provider configured")));
+            return Err(ApiError::bad_request(format!(
+                "this server has no {provider} push provider configured"
+            )));
         }
         if token.is_empty() || token.len() > 4096 {
             return Err(ApiError::bad_request("token must be 1 to 4096 bytes"));
         }
-        self.store.set_push_token(&who.user, &who.device, provider, token).await?;
+        self.store
+            .set_push_token(&who.user, &who.device, provider, token)
+            .await?;
         Ok(())
     }
 

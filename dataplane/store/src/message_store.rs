@@ -388,9 +388,13 @@ impl MessageStore {
                     sender_user: append.sender.user.clone(),
                     sender_device: append.sender.device.clone(),
                 };
-                batch.set_versionstamped_key(self.keys.push_intent(lease.shard, outbox_order), intent.encode_to_vec());
+                batch.set_versionstamped_key(
+                    self.keys.push_intent(lease.shard, outbox_order),
+                    intent.encode_to_vec(),
+                );
             }
-            batch.set_versionstamped_key(self.keys.outbox_entry(lease.shard, outbox_order), encoded);
+            batch
+                .set_versionstamped_key(self.keys.outbox_entry(lease.shard, outbox_order), encoded);
             outbox_order = outbox_order.wrapping_add(1);
             if let Some(key) = idem_key {
                 let record = IdempotencyRecord {
@@ -800,8 +804,15 @@ impl MessageStore {
     }
 
     /// The oldest push intents of `shard`.
-    pub async fn push_intents(&self, shard: u32, limit: usize) -> Result<Vec<(Vec<u8>, PushIntent)>, StoreError> {
-        let rows = self.kv.range(self.keys.push_intents(shard), limit, false).await?;
+    pub async fn push_intents(
+        &self,
+        shard: u32,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, PushIntent)>, StoreError> {
+        let rows = self
+            .kv
+            .range(self.keys.push_intents(shard), limit, false)
+            .await?;
         rows.into_iter()
             .map(|(k, v)| {
                 let intent = PushIntent::decode(v.as_slice()).map_err(|e| corrupt(&k, e))?;
@@ -831,10 +842,17 @@ impl MessageStore {
             .collect()
     }
 
-    pub async fn pending_push(&self, user: &str, device: &str, conv: &str) -> Result<Option<PendingPush>, StoreError> {
+    pub async fn pending_push(
+        &self,
+        user: &str,
+        device: &str,
+        conv: &str,
+    ) -> Result<Option<PendingPush>, StoreError> {
         let key = self.keys.pending_push(user, device, conv);
         match self.kv.get(&key).await? {
-            Some(v) => Ok(Some(PendingPush::decode(v.as_slice()).map_err(|e| corrupt(&key, e))?)),
+            Some(v) => Ok(Some(
+                PendingPush::decode(v.as_slice()).map_err(|e| corrupt(&key, e))?,
+            )),
             None => Ok(None),
         }
     }
@@ -852,7 +870,10 @@ impl MessageStore {
         let mut batch = Batch::new();
         batch.clear_range(self.keys.push_intents(shard).start..end);
         for ((user, device, conv), push) in pending {
-            batch.set(self.keys.pending_push(user, device, conv), push.encode_to_vec());
+            batch.set(
+                self.keys.pending_push(user, device, conv),
+                push.encode_to_vec(),
+            );
         }
         self.kv.commit(batch).await.map(drop)
     }
@@ -875,7 +896,13 @@ impl MessageStore {
     }
 
     /// Records a device's push registration (`provider` empty: none).
-    pub async fn set_push_token(&self, user: &str, device: &str, provider: &str, token: &str) -> Result<(), StoreError> {
+    pub async fn set_push_token(
+        &self,
+        user: &str,
+        device: &str,
+        provider: &str,
+        token: &str,
+    ) -> Result<(), StoreError> {
         let mut record = self.device(user, device).await?.unwrap_or_default();
         record.push_provider = provider.to_owned();
         record.push_token = token.to_owned();
