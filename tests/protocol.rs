@@ -564,3 +564,19 @@ async fn a_slow_reader_is_disconnected_and_resyncs() {
     assert_eq!(events.len(), 420, "everything arrives after the resync");
     assert_eq!(events.last().unwrap().conversation_id, conv);
 }
+
+#[test]
+fn asking_for_foundationdb_without_the_feature_fails_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_courier"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--store", "fdb", "--fdb-cluster-file", "/nonexistent/fdb.cluster", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    if cfg!(feature = "fdb") {
+        return;
+    }
+    assert!(stderr.contains("built without FoundationDB support"), "{stderr}");
+}

@@ -169,15 +169,3 @@ pub fn decode_u64(value: &[u8]) -> u64 {
     bytes[..n].copy_from_slice(&value[..n]);
     u64::from_le_bytes(bytes)
 }
-
-/// The smallest key greater than every key starting with `prefix` (FoundationDB's `strinc`).
-pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    vec![0xff]
-}

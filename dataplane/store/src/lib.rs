@@ -2,7 +2,7 @@
 //!
 //! - [`kv`]: the ordered key-value interface with FoundationDB's semantics ([`KvEngine`]);
 //! - [`embedded`]: the default engine, on one machine's disk, no set-up at all;
-//! - `fdb` (feature `fdb`): the FoundationDB engine;
+//! - `fdb` (feature `fdb`): the FoundationDB engine, see `docs/foundationdb.md`;
 //! - [`MessageStore`]: the message-store logic written once over any engine: shards and epochs,
 //!   appends with dense seqs and idempotency, the outbox, cursors and receipts;
 //! - [`contract`]: the checks every engine passes.
@@ -11,6 +11,8 @@
 
 pub mod contract;
 pub mod embedded;
+#[cfg(feature = "fdb")]
+pub mod fdb;
 pub mod keys;
 pub mod kv;
 mod message_store;
