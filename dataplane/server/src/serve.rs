@@ -23,8 +23,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 use tokio::sync::watch;
 
-/// File of the embedded store inside the data directory.
-pub const STORE_FILE: &str = "store.redb";
+/// Directory of the embedded store inside the data directory.
+pub const STORE_DIR: &str = "store";
 
 fn verifier(config: &ServeConfig) -> anyhow::Result<TokenVerifier> {
     if let (Some(path), Some(algorithm)) = (&config.jwt_public_key, config.jwt_algorithm) {
@@ -46,7 +46,7 @@ fn verifier(config: &ServeConfig) -> anyhow::Result<TokenVerifier> {
 fn open_engine(config: &ServeConfig) -> anyhow::Result<Arc<dyn KvEngine>> {
     match config.store {
         StoreKind::Embedded => Ok(Arc::new(EmbeddedEngine::open(
-            &config.data_dir.join(STORE_FILE),
+            &config.data_dir.join(STORE_DIR),
         )?)),
         StoreKind::Fdb => open_fdb(config),
     }

@@ -1,9 +1,10 @@
-//! The embedded engine: one file on local disk (redb: copy-on-write B-trees, MVCC readers,
-//! one writer), fsync on every commit, no set-up. Chosen by measurement, see
-//! `docs/decisions/0001-embedded-engine.md`.
+//! The embedded engine: a directory on local disk (fjall: an LSM tree with a write-ahead
+//! journal, snapshot readers, one writer transaction at a time), fsync on every commit, no
+//! set-up. Chosen by measurement, see `docs/decisions/0001-embedded-engine.md`.
 //!
 //! **Group commit.** Commits queue for one writer thread, which takes every waiting batch (up to
-//! [`GROUP_MAX_BATCHES`] or [`GROUP_MAX_BYTES`]) into one redb transaction and one fsync. Each
+//! [`GROUP_MAX_BATCHES`] or [`GROUP_MAX_BYTES`]) into one fjall write transaction (reads see the
+//! group's earlier writes) and one journal fsync. Each
 //! batch keeps its own fences and outcome: a refused batch writes nothing and does not affect the
 //! others. The queue holds [`QUEUE_CAPACITY`] batches; when full, `commit` waits (backpressure
 //! reaches the caller as a slower commit, never as a lost write).
@@ -14,15 +15,16 @@
 
 use crate::kv::{Batch, CommitStamp, KeyValue, KvEngine, Mutation, StoreError, decode_u64};
 use async_trait::async_trait;
-use redb::{Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use fjall::{
+    KeyspaceCreateOptions, PersistMode, Readable, SingleWriterTxDatabase, SingleWriterTxKeyspace,
+};
 use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
-const DATA: TableDefinition<&[u8], &[u8]> = TableDefinition::new("data");
-const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
-const COMMIT_VERSION: &str = "commit_version";
+/// The engine's own bookkeeping, apart from the data.
+const COMMIT_VERSION: &[u8] = b"commit_version";
 
 /// Batches waiting for the writer before `commit` callers wait for room.
 pub const QUEUE_CAPACITY: usize = 4096;
@@ -43,8 +45,15 @@ struct CommitRequest {
 /// The embedded engine. Cheap to share behind an `Arc`; dropping the last handle stops the
 /// writer after the queued commits.
 pub struct EmbeddedEngine {
-    db: Arc<redb::Database>,
+    db: Arc<Store>,
     queue: mpsc::Sender<CommitRequest>,
+}
+
+/// The database and its two keyspaces.
+struct Store {
+    db: SingleWriterTxDatabase,
+    data: SingleWriterTxKeyspace,
+    meta: SingleWriterTxKeyspace,
 }
 
 fn engine_error(e: impl std::fmt::Display) -> StoreError {
@@ -52,46 +61,37 @@ fn engine_error(e: impl std::fmt::Display) -> StoreError {
 }
 
 impl EmbeddedEngine {
-    /// Opens (or creates) the database file at `path`. After a crash, redb repairs the file on
-    /// open; every commit that returned `Ok` is kept.
+    /// Opens (or creates) the database directory at `path`. After a crash, fjall replays its
+    /// journal on open; every commit that returned `Ok` is kept.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = redb::Database::create(path).map_err(|e| {
+        let db = SingleWriterTxDatabase::builder(path).open().map_err(|e| {
             StoreError::Engine(format!("cannot open the store at {}: {e}", path.display()))
         })?;
-        let txn = db.begin_write().map_err(engine_error)?;
-        let version = {
-            txn.open_table(DATA).map_err(engine_error)?;
-            let meta = txn.open_table(META).map_err(engine_error)?;
-            meta.get(COMMIT_VERSION)
-                .map_err(engine_error)?
-                .map_or(0, |v| v.value())
-        };
-        txn.commit().map_err(engine_error)?;
-
-        let db = Arc::new(db);
+        let data = db.keyspace("data", KeyspaceCreateOptions::default).map_err(engine_error)?;
+        let meta = db.keyspace("meta", KeyspaceCreateOptions::default).map_err(engine_error)?;
+        let version = db
+            .read_tx()
+            .get(&meta, COMMIT_VERSION)
+            .map_err(engine_error)?
+            .map_or(0, |v| decode_u64(&v));
+        let store = Arc::new(Store { db, data, meta });
         let (queue, requests) = mpsc::channel(QUEUE_CAPACITY);
-        let writer_db = db.clone();
+        let writer = store.clone();
         std::thread::Builder::new()
             .name("courier-store-writer".into())
-            .spawn(move || write_loop(&writer_db, requests, version))
+            .spawn(move || write_loop(&writer, requests, version))
             .map_err(engine_error)?;
-        Ok(Self { db, queue })
-    }
-
-    fn read_txn(&self) -> Result<redb::ReadTransaction, StoreError> {
-        self.db.begin_read().map_err(engine_error)
+        Ok(Self { db: store, queue })
     }
 }
 
 #[async_trait]
 impl KvEngine for EmbeddedEngine {
-    // Reads run on the caller's thread: they are served from redb's page cache and take
-    // microseconds; they never wait for the writer.
+    // Reads run on the caller's thread: they are served from memory and the block cache and
+    // take microseconds; they never wait for the writer.
     async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        let txn = self.read_txn()?;
-        let table = txn.open_table(DATA).map_err(engine_error)?;
-        let value = table.get(key).map_err(engine_error)?;
-        Ok(value.map(|v| v.value().to_vec()))
+        let value = self.db.db.read_tx().get(&self.db.data, key).map_err(engine_error)?;
+        Ok(value.map(|v| v.to_vec()))
     }
 
     async fn range(
@@ -103,16 +103,12 @@ impl KvEngine for EmbeddedEngine {
         if range.start >= range.end || limit == 0 {
             return Ok(Vec::new());
         }
-        let txn = self.read_txn()?;
-        let table = txn.open_table(DATA).map_err(engine_error)?;
-        let iter = table
-            .range::<&[u8]>(range.start.as_slice()..range.end.as_slice())
-            .map_err(engine_error)?;
-        let pair = |item: Result<
-            (redb::AccessGuard<&[u8]>, redb::AccessGuard<&[u8]>),
-            redb::StorageError,
-        >| {
-            item.map(|(k, v)| (k.value().to_vec(), v.value().to_vec()))
+        let snapshot = self.db.db.read_tx();
+        let iter = snapshot.range(&self.db.data, range);
+        let pair = |guard: fjall::Guard| {
+            guard
+                .into_inner()
+                .map(|(k, v)| (k.to_vec(), v.to_vec()))
                 .map_err(engine_error)
         };
         if reverse {
@@ -161,7 +157,7 @@ fn check_limits(batch: &Batch) -> Result<(), StoreError> {
 }
 
 /// The writer: takes what is queued, commits it as one transaction, answers each batch.
-fn write_loop(db: &redb::Database, mut requests: mpsc::Receiver<CommitRequest>, mut version: u64) {
+fn write_loop(store: &Store, mut requests: mpsc::Receiver<CommitRequest>, mut version: u64) {
     let mut group = Vec::with_capacity(GROUP_MAX_BATCHES);
     while let Some(first) = requests.blocking_recv() {
         let mut bytes = first.batch.approximate_size();
@@ -176,7 +172,7 @@ fn write_loop(db: &redb::Database, mut requests: mpsc::Receiver<CommitRequest>, 
             }
         }
         version += 1;
-        match commit_group(db, &group, version) {
+        match commit_group(store, &group, version) {
             Ok(outcomes) => {
                 for (request, outcome) in group.drain(..).zip(outcomes) {
                     let _ = request.reply.send(outcome);
@@ -203,84 +199,79 @@ fn stamp(version: u64, order: usize) -> CommitStamp {
 /// One transaction for a group: per batch, check fences then apply; one durable commit.
 /// Returns each batch's outcome; `Err` when the transaction itself failed (nothing written).
 fn commit_group(
-    db: &redb::Database,
+    store: &Store,
     group: &[CommitRequest],
     version: u64,
 ) -> Result<Vec<Result<CommitStamp, StoreError>>, StoreError> {
-    let mut txn = db.begin_write().map_err(engine_error)?;
-    txn.set_durability(Durability::Immediate)
-        .map_err(engine_error)?;
+    let mut txn = store.db.write_tx().durability(Some(PersistMode::SyncAll));
     let mut outcomes = Vec::with_capacity(group.len());
-    {
-        let mut data = txn.open_table(DATA).map_err(engine_error)?;
-        for (order, request) in group.iter().enumerate() {
-            let stamp = stamp(version, order);
-            outcomes.push(match fence_violation(&data, &request.batch)? {
-                Some(key) => Err(StoreError::FenceChanged { key }),
-                None => {
-                    apply(&mut data, &request.batch, &stamp)?;
-                    Ok(stamp)
-                }
-            });
-        }
-        let mut meta = txn.open_table(META).map_err(engine_error)?;
-        meta.insert(COMMIT_VERSION, version).map_err(engine_error)?;
+    for (order, request) in group.iter().enumerate() {
+        let stamp = stamp(version, order);
+        outcomes.push(match fence_violation(&txn, &store.data, &request.batch)? {
+            Some(key) => Err(StoreError::FenceChanged { key }),
+            None => {
+                apply(&mut txn, &store.data, &request.batch, &stamp)?;
+                Ok(stamp)
+            }
+        });
     }
+    txn.insert(&store.meta, COMMIT_VERSION, version.to_le_bytes().to_vec());
     txn.commit().map_err(engine_error)?;
     Ok(outcomes)
 }
 
-type DataTable<'t> = redb::Table<'t, &'static [u8], &'static [u8]>;
+type WriteTxn<'a> = fjall::SingleWriterWriteTx<'a>;
 
-fn fence_violation(data: &DataTable<'_>, batch: &Batch) -> Result<Option<Vec<u8>>, StoreError> {
+fn fence_violation(
+    txn: &WriteTxn<'_>,
+    data: &SingleWriterTxKeyspace,
+    batch: &Batch,
+) -> Result<Option<Vec<u8>>, StoreError> {
     for fence in &batch.fences {
-        let current = data.get(fence.key.as_slice()).map_err(engine_error)?;
-        if current.as_ref().map(|v| v.value()) != fence.expected.as_deref() {
+        let current = txn.get(data, &fence.key).map_err(engine_error)?;
+        if current.as_deref() != fence.expected.as_deref() {
             return Ok(Some(fence.key.clone()));
         }
     }
     Ok(None)
 }
 
-fn apply(data: &mut DataTable<'_>, batch: &Batch, stamp: &CommitStamp) -> Result<(), StoreError> {
+fn apply(
+    txn: &mut WriteTxn<'_>,
+    data: &SingleWriterTxKeyspace,
+    batch: &Batch,
+    stamp: &CommitStamp,
+) -> Result<(), StoreError> {
     for m in &batch.mutations {
         match m {
-            Mutation::Set { key, value } => {
-                data.insert(key.as_slice(), value.as_slice())
-                    .map_err(engine_error)?;
-            }
-            Mutation::Clear { key } => {
-                data.remove(key.as_slice()).map_err(engine_error)?;
-            }
+            Mutation::Set { key, value } => txn.insert(data, key.as_slice(), value.as_slice()),
+            Mutation::Clear { key } => txn.remove(data, key.as_slice()),
             Mutation::ClearRange { begin, end } => {
                 if begin < end {
-                    data.retain_in::<&[u8], _>(begin.as_slice()..end.as_slice(), |_, _| false)
+                    let keys: Vec<fjall::UserKey> = txn
+                        .range(data, begin.as_slice()..end.as_slice())
+                        .map(|guard| guard.key())
+                        .collect::<Result<_, _>>()
                         .map_err(engine_error)?;
+                    for key in keys {
+                        txn.remove(data, key);
+                    }
                 }
             }
             Mutation::Max { key, value } => {
-                let current = data
-                    .get(key.as_slice())
-                    .map_err(engine_error)?
-                    .map(|v| decode_u64(v.value()));
+                let current = txn.get(data, key).map_err(engine_error)?.map(|v| decode_u64(&v));
                 if current.is_none_or(|c| c < *value) {
-                    data.insert(key.as_slice(), value.to_le_bytes().as_slice())
-                        .map_err(engine_error)?;
+                    txn.insert(data, key.as_slice(), value.to_le_bytes().as_slice());
                 }
             }
             Mutation::Add { key, delta } => {
-                let current = data
-                    .get(key.as_slice())
-                    .map_err(engine_error)?
-                    .map_or(0, |v| decode_u64(v.value()));
+                let current = txn.get(data, key).map_err(engine_error)?.map_or(0, |v| decode_u64(&v));
                 let sum = current.wrapping_add(*delta as u64);
-                data.insert(key.as_slice(), sum.to_le_bytes().as_slice())
-                    .map_err(engine_error)?;
+                txn.insert(data, key.as_slice(), sum.to_le_bytes().as_slice());
             }
             Mutation::SetVersionstampedKey { key, value } => {
                 let key = complete_versionstamped_key(key, stamp)?;
-                data.insert(key.as_slice(), value.as_slice())
-                    .map_err(engine_error)?;
+                txn.insert(data, key, value.as_slice());
             }
         }
     }
@@ -313,14 +304,14 @@ mod tests {
     #[async_trait]
     impl EngineHarness for Harness {
         async fn open(&mut self) -> Arc<dyn KvEngine> {
-            Arc::new(EmbeddedEngine::open(&self.dir.path().join("store.redb")).unwrap())
+            Arc::new(EmbeddedEngine::open(&self.dir.path().join("store")).unwrap())
         }
         async fn reopen_after_crash(&mut self, engine: Arc<dyn KvEngine>) -> Arc<dyn KvEngine> {
             // Dropping the handle without any shutdown call is what a crash leaves behind as
             // far as committed data goes; the writer thread exits when its queue closes.
             drop(engine);
             loop {
-                match EmbeddedEngine::open(&self.dir.path().join("store.redb")) {
+                match EmbeddedEngine::open(&self.dir.path().join("store")) {
                     Ok(e) => return Arc::new(e),
                     // The old writer thread may still hold the file for a moment.
                     Err(_) => tokio::task::yield_now().await,
@@ -340,7 +331,7 @@ mod tests {
     #[tokio::test]
     async fn oversized_values_are_refused_with_a_clear_error() {
         let dir = tempfile::tempdir().unwrap();
-        let kv = EmbeddedEngine::open(&dir.path().join("s.redb")).unwrap();
+        let kv = EmbeddedEngine::open(&dir.path().join("s")).unwrap();
         let mut batch = Batch::new();
         batch.set(b"k".to_vec(), vec![0; MAX_VALUE_BYTES + 1]);
         assert!(matches!(

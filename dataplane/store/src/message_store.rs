@@ -1092,7 +1092,7 @@ mod tests {
     use courier_proto::Body;
 
     async fn store(dir: &tempfile::TempDir) -> MessageStore {
-        let kv = Arc::new(EmbeddedEngine::open(&dir.path().join("s.redb")).unwrap());
+        let kv = Arc::new(EmbeddedEngine::open(&dir.path().join("s")).unwrap());
         MessageStore::open(kv, b"", 8).await.unwrap()
     }
 
