@@ -206,20 +206,41 @@ async fn unreferenced_media_is_swept_after_its_ttl() {
     let mut server = Server::start_in(dir.path(), &[]);
     let (_, kept) = upload(&server, "alice", "image/png", pattern(10)).await;
     let mut alice = server.connect("alice", "phone").await;
-    alice.send(Target::User("bob".into()), "pic", media_body(&kept)).await.unwrap();
+    alice
+        .send(Target::User("bob".into()), "pic", media_body(&kept))
+        .await
+        .unwrap();
     let (_, lonely) = upload(&server, "alice", "image/png", pattern(20)).await;
     let lonely = lonely["media_id"].as_str().unwrap().to_owned();
     // Restarted with a zero TTL, the sweeper finds the unreferenced upload expired.
     server.terminate();
-    let server = Server::start_in(dir.path(), &["--media-unreferenced-ttl", "0s", "--media-sweep-interval", "50ms"]);
+    let server = Server::start_in(
+        dir.path(),
+        &[
+            "--media-unreferenced-ttl",
+            "0s",
+            "--media-sweep-interval",
+            "50ms",
+        ],
+    );
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while download(&server, "alice", &lonely, &[]).await.status() != 404 {
-        assert!(std::time::Instant::now() < deadline, "the sweeper did not run");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the sweeper did not run"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     let kept = kept["media_id"].as_str().unwrap();
-    assert_eq!(download(&server, "bob", kept, &[]).await.status(), 200, "referenced media stays");
-    assert!(!dir.path().join("media/blobs").join(&lonely).exists(), "its bytes are gone");
+    assert_eq!(
+        download(&server, "bob", kept, &[]).await.status(),
+        200,
+        "referenced media stays"
+    );
+    assert!(
+        !dir.path().join("media/blobs").join(&lonely).exists(),
+        "its bytes are gone"
+    );
 }
 
 #[tokio::test]

@@ -569,7 +569,16 @@ async fn a_slow_reader_is_disconnected_and_resyncs() {
 fn asking_for_foundationdb_without_the_feature_fails_clearly() {
     let dir = tempfile::tempdir().unwrap();
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_courier"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--store", "fdb", "--fdb-cluster-file", "/nonexistent/fdb.cluster", "--data-dir"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--store",
+            "fdb",
+            "--fdb-cluster-file",
+            "/nonexistent/fdb.cluster",
+            "--data-dir",
+        ])
         .arg(dir.path())
         .output()
         .unwrap();
@@ -578,5 +587,8 @@ fn asking_for_foundationdb_without_the_feature_fails_clearly() {
     if cfg!(feature = "fdb") {
         return;
     }
-    assert!(stderr.contains("built without FoundationDB support"), "{stderr}");
+    assert!(
+        stderr.contains("built without FoundationDB support"),
+        "{stderr}"
+    );
 }

@@ -469,11 +469,17 @@ async fn a_crash_between_commit_and_push_loses_no_notification() {
     let dir = tempfile::tempdir().unwrap();
     // First the provider is unreachable: whatever the notifier did before the crash (nothing,
     // expanded the intent, or failed an attempt), the notification is still owed afterwards.
-    let unreachable = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let unreachable = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let mut server = start(dir.path(), &webhook_args(unreachable, "0ms"));
     register(&server, "bob", "phone", "webhook", "tok-bob").await;
     let mut alice = server.connect("alice", "phone").await;
-    let sent = alice.send_text(Target::User("bob".into()), "m1", "x").await.unwrap();
+    let sent = alice
+        .send_text(Target::User("bob".into()), "m1", "x")
+        .await
+        .unwrap();
     server.kill9();
     let _server = start(dir.path(), &webhook_args(addr, "0ms"));
     let hook = provider.wait_for(1).await.remove(0);

@@ -13,7 +13,9 @@
 //! transaction, plus the batch's position in its group: the same 10-byte layout as
 //! FoundationDB's, and increasing across restarts.
 
-use crate::kv::{Batch, CommitStamp, KeyValue, KvEngine, Mutation, StoreError, decode_u64};
+use crate::kv::{
+    Batch, BatchLimits, CommitStamp, KeyValue, KvEngine, Mutation, StoreError, decode_u64,
+};
 use async_trait::async_trait;
 use fjall::{
     KeyspaceCreateOptions, PersistMode, Readable, SingleWriterTxDatabase, SingleWriterTxKeyspace,
@@ -67,8 +69,12 @@ impl EmbeddedEngine {
         let db = SingleWriterTxDatabase::builder(path).open().map_err(|e| {
             StoreError::Engine(format!("cannot open the store at {}: {e}", path.display()))
         })?;
-        let data = db.keyspace("data", KeyspaceCreateOptions::default).map_err(engine_error)?;
-        let meta = db.keyspace("meta", KeyspaceCreateOptions::default).map_err(engine_error)?;
+        let data = db
+            .keyspace("data", KeyspaceCreateOptions::default)
+            .map_err(engine_error)?;
+        let meta = db
+            .keyspace("meta", KeyspaceCreateOptions::default)
+            .map_err(engine_error)?;
         let version = db
             .read_tx()
             .get(&meta, COMMIT_VERSION)
@@ -90,7 +96,12 @@ impl KvEngine for EmbeddedEngine {
     // Reads run on the caller's thread: they are served from memory and the block cache and
     // take microseconds; they never wait for the writer.
     async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        let value = self.db.db.read_tx().get(&self.db.data, key).map_err(engine_error)?;
+        let value = self
+            .db
+            .db
+            .read_tx()
+            .get(&self.db.data, key)
+            .map_err(engine_error)?;
         Ok(value.map(|v| v.to_vec()))
     }
 
@@ -119,7 +130,7 @@ impl KvEngine for EmbeddedEngine {
     }
 
     async fn commit(&self, batch: Batch) -> Result<CommitStamp, StoreError> {
-        check_limits(&batch)?;
+        batch.check(&LIMITS)?;
         let (reply, outcome) = oneshot::channel();
         self.queue
             .send(CommitRequest { batch, reply })
@@ -131,30 +142,13 @@ impl KvEngine for EmbeddedEngine {
     }
 }
 
-fn check_limits(batch: &Batch) -> Result<(), StoreError> {
-    for m in &batch.mutations {
-        let (key, value) = match m {
-            Mutation::Set { key, value } | Mutation::SetVersionstampedKey { key, value } => {
-                (key, value.len())
-            }
-            Mutation::Clear { key } | Mutation::Max { key, .. } | Mutation::Add { key, .. } => {
-                (key, 0)
-            }
-            Mutation::ClearRange { begin, .. } => (begin, 0),
-        };
-        if key.len() > MAX_KEY_BYTES || value > MAX_VALUE_BYTES {
-            return Err(StoreError::TooLarge(format!(
-                "keys are limited to {MAX_KEY_BYTES} bytes and values to {MAX_VALUE_BYTES}"
-            )));
-        }
-    }
-    if batch.approximate_size() > GROUP_MAX_BYTES {
-        return Err(StoreError::TooLarge(format!(
-            "a batch is limited to {GROUP_MAX_BYTES} bytes"
-        )));
-    }
-    Ok(())
-}
+/// What one commit may hold: FoundationDB's key and value limits, so that both engines accept
+/// the same batches.
+pub const LIMITS: BatchLimits = BatchLimits {
+    max_key_bytes: MAX_KEY_BYTES,
+    max_value_bytes: MAX_VALUE_BYTES,
+    max_batch_bytes: GROUP_MAX_BYTES,
+};
 
 /// The writer: takes what is queued, commits it as one transaction, answers each batch.
 fn write_loop(store: &Store, mut requests: mpsc::Receiver<CommitRequest>, mut version: u64) {
@@ -259,13 +253,19 @@ fn apply(
                 }
             }
             Mutation::Max { key, value } => {
-                let current = txn.get(data, key).map_err(engine_error)?.map(|v| decode_u64(&v));
+                let current = txn
+                    .get(data, key)
+                    .map_err(engine_error)?
+                    .map(|v| decode_u64(&v));
                 if current.is_none_or(|c| c < *value) {
                     txn.insert(data, key.as_slice(), value.to_le_bytes().as_slice());
                 }
             }
             Mutation::Add { key, delta } => {
-                let current = txn.get(data, key).map_err(engine_error)?.map_or(0, |v| decode_u64(&v));
+                let current = txn
+                    .get(data, key)
+                    .map_err(engine_error)?
+                    .map_or(0, |v| decode_u64(&v));
                 let sum = current.wrapping_add(*delta as u64);
                 txn.insert(data, key.as_slice(), sum.to_le_bytes().as_slice());
             }

@@ -20,7 +20,7 @@
 //!   the limit or the end.
 //! - The network thread is booted once per process and runs until it exits.
 
-use crate::kv::{Batch, CommitStamp, KeyValue, KvEngine, Mutation, StoreError};
+use crate::kv::{Batch, BatchLimits, CommitStamp, KeyValue, KvEngine, Mutation, StoreError};
 use async_trait::async_trait;
 use foundationdb::options::MutationType;
 use foundationdb::{Database, FdbError, RangeOption, Transaction};
@@ -145,25 +145,12 @@ impl FdbEngine {
     }
 }
 
-fn check_limits(batch: &Batch) -> Result<(), StoreError> {
-    if batch.approximate_size() > MAX_BATCH_BYTES {
-        return Err(StoreError::TooLarge(format!(
-            "a FoundationDB batch is limited to {MAX_BATCH_BYTES} bytes"
-        )));
-    }
-    let too_big = batch.mutations.iter().any(|m| match m {
-        Mutation::Set { value, .. } | Mutation::SetVersionstampedKey { value, .. } => {
-            value.len() > MAX_VALUE_BYTES
-        }
-        _ => false,
-    });
-    if too_big {
-        return Err(StoreError::TooLarge(format!(
-            "values are limited to {MAX_VALUE_BYTES} bytes"
-        )));
-    }
-    Ok(())
-}
+/// What one transaction may hold, well under FoundationDB's own limits.
+pub const LIMITS: BatchLimits = BatchLimits {
+    max_key_bytes: 10_000,
+    max_value_bytes: MAX_VALUE_BYTES,
+    max_batch_bytes: MAX_BATCH_BYTES,
+};
 
 #[async_trait]
 impl KvEngine for FdbEngine {
@@ -218,7 +205,7 @@ impl KvEngine for FdbEngine {
     }
 
     async fn commit(&self, batch: Batch) -> Result<CommitStamp, StoreError> {
-        check_limits(&batch)?;
+        batch.check(&LIMITS)?;
         let mut trx = self.db.create_trx().map_err(fdb_error)?;
         loop {
             match self.violated_fence(&trx, &batch).await {

@@ -116,6 +116,45 @@ impl Batch {
     }
 }
 
+/// What an engine accepts in one batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchLimits {
+    pub max_key_bytes: usize,
+    pub max_value_bytes: usize,
+    /// Bytes of keys and values in the whole batch.
+    pub max_batch_bytes: usize,
+}
+
+impl Batch {
+    /// Refuses a batch beyond `limits` with a [`StoreError::TooLarge`] that names the limit.
+    pub fn check(&self, limits: &BatchLimits) -> Result<(), StoreError> {
+        for m in &self.mutations {
+            let (key, value) = match m {
+                Mutation::Set { key, value } | Mutation::SetVersionstampedKey { key, value } => {
+                    (key, value.len())
+                }
+                Mutation::Clear { key } | Mutation::Max { key, .. } | Mutation::Add { key, .. } => {
+                    (key, 0)
+                }
+                Mutation::ClearRange { begin, .. } => (begin, 0),
+            };
+            if key.len() > limits.max_key_bytes || value > limits.max_value_bytes {
+                return Err(StoreError::TooLarge(format!(
+                    "keys are limited to {} bytes and values to {}",
+                    limits.max_key_bytes, limits.max_value_bytes
+                )));
+            }
+        }
+        if self.approximate_size() > limits.max_batch_bytes {
+            return Err(StoreError::TooLarge(format!(
+                "a batch is limited to {} bytes",
+                limits.max_batch_bytes
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

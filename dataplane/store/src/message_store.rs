@@ -539,13 +539,7 @@ impl MessageStore {
 
     /// The membership of `user` in `conv`.
     pub async fn member(&self, conv: &str, user: &str) -> Result<Option<MemberRecord>, StoreError> {
-        let key = self.keys.member(conv, user);
-        match self.kv.get(&key).await? {
-            Some(v) => Ok(Some(
-                MemberRecord::decode(v.as_slice()).map_err(|e| corrupt(&key, e))?,
-            )),
-            None => Ok(None),
-        }
+        self.record(self.keys.member(conv, user)).await
     }
 
     /// The members of `conv` with their records, in id order.
@@ -633,13 +627,7 @@ impl MessageStore {
         user: &str,
         device: &str,
     ) -> Result<Option<DeviceRecord>, StoreError> {
-        let key = self.keys.device(user, device);
-        match self.kv.get(&key).await? {
-            Some(v) => Ok(Some(
-                DeviceRecord::decode(v.as_slice()).map_err(|e| corrupt(&key, e))?,
-            )),
-            None => Ok(None),
-        }
+        self.record(self.keys.device(user, device)).await
     }
 
     /// Every device of `user`, in id order.
@@ -712,13 +700,7 @@ impl MessageStore {
     }
 
     pub async fn media(&self, id: &str) -> Result<Option<MediaRecord>, StoreError> {
-        let key = self.keys.media(id);
-        match self.kv.get(&key).await? {
-            Some(v) => Ok(Some(
-                MediaRecord::decode(v.as_slice()).map_err(|e| corrupt(&key, e))?,
-            )),
-            None => Ok(None),
-        }
+        self.record(self.keys.media(id)).await
     }
 
     pub async fn is_media_owner(&self, id: &str, user: &str) -> Result<bool, StoreError> {
@@ -848,13 +830,8 @@ impl MessageStore {
         device: &str,
         conv: &str,
     ) -> Result<Option<PendingPush>, StoreError> {
-        let key = self.keys.pending_push(user, device, conv);
-        match self.kv.get(&key).await? {
-            Some(v) => Ok(Some(
-                PendingPush::decode(v.as_slice()).map_err(|e| corrupt(&key, e))?,
-            )),
-            None => Ok(None),
-        }
+        self.record(self.keys.pending_push(user, device, conv))
+            .await
     }
 
     /// Turns the push intents of `shard` up to `last` into pending notifications, in one
@@ -959,13 +936,7 @@ impl MessageStore {
 
     /// The stored record of `conv`, if it exists.
     pub async fn conversation(&self, conv: &str) -> Result<Option<ConversationRecord>, StoreError> {
-        let key = self.keys.conversation(conv);
-        match self.kv.get(&key).await? {
-            Some(v) => Ok(Some(
-                ConversationRecord::decode(v.as_slice()).map_err(|e| corrupt(&key, e))?,
-            )),
-            None => Ok(None),
-        }
+        self.record(self.keys.conversation(conv)).await
     }
 
     pub async fn is_member(&self, conv: &str, user: &str) -> Result<bool, StoreError> {
@@ -1077,6 +1048,18 @@ impl MessageStore {
         let mut batch = Batch::new();
         batch.clear_range(self.keys.outbox(shard).start..end);
         self.kv.commit(batch).await.map(drop)
+    }
+}
+
+impl MessageStore {
+    /// The protobuf record stored at `key`, if any.
+    async fn record<T: Message + Default>(&self, key: Vec<u8>) -> Result<Option<T>, StoreError> {
+        match self.kv.get(&key).await? {
+            Some(value) => Ok(Some(
+                T::decode(value.as_slice()).map_err(|e| corrupt(&key, e))?,
+            )),
+            None => Ok(None),
+        }
     }
 }
 

@@ -2,7 +2,9 @@
 //! team, `iat`) reused for 50 minutes, one `POST /3/device/<token>` per notification, collapsed
 //! per conversation with `apns-collapse-id`. Quiet notifications are background pushes.
 
-use super::{Notification, PushError, PushProvider, REQUEST_TIMEOUT, classify, network, now_secs};
+use super::{
+    Answer, Notification, PushError, PushProvider, REQUEST_TIMEOUT, classify, network, now_secs,
+};
 use async_trait::async_trait;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use std::path::Path;
@@ -120,9 +122,11 @@ impl PushProvider for Apns {
                 .send()
                 .await
                 .map_err(network)?;
-            let status = response.status();
-            let headers = response.headers().clone();
-            let body = response.text().await.unwrap_or_default();
+            let Answer {
+                status,
+                headers,
+                body,
+            } = Answer::read(response).await;
             let reason = serde_json::from_str::<serde_json::Value>(&body)
                 .ok()
                 .and_then(|v| v["reason"].as_str().map(str::to_owned))

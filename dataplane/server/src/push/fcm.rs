@@ -3,7 +3,7 @@
 //! Collapse: `android.collapse_key` and `apns-collapse-id` are the conversation id.
 
 use super::{
-    Notification, PushError, PushProvider, REQUEST_TIMEOUT, classify, network, now_secs,
+    Answer, Notification, PushError, PushProvider, REQUEST_TIMEOUT, classify, network, now_secs,
     retry_after,
 };
 use async_trait::async_trait;
@@ -125,9 +125,11 @@ impl Fcm {
             .send()
             .await
             .map_err(network)?;
-        let status = response.status();
-        let headers = response.headers().clone();
-        let body = response.text().await.unwrap_or_default();
+        let Answer {
+            status,
+            headers,
+            body,
+        } = Answer::read(response).await;
         classify(status, &headers, &body)?;
         let token: AccessToken = serde_json::from_str(&body)
             .map_err(|e| PushError::Rejected(format!("FCM token answer: {e}")))?;
@@ -173,9 +175,11 @@ impl PushProvider for Fcm {
             .send()
             .await
             .map_err(network)?;
-        let status = response.status();
-        let headers = response.headers().clone();
-        let body = response.text().await.unwrap_or_default();
+        let Answer {
+            status,
+            headers,
+            body,
+        } = Answer::read(response).await;
         if status.as_u16() == 401 {
             // The access token was revoked or expired early: fetch a new one next time.
             *self.token.lock().await = None;

@@ -5,7 +5,9 @@
 //! should check the signature and refuse old timestamps. Answers: 2xx delivered; 404 or 410
 //! the token is dead; 429 and 5xx retried (honouring `Retry-After`); other 4xx given up.
 
-use super::{Notification, PushError, PushProvider, REQUEST_TIMEOUT, classify, network, now_secs};
+use super::{
+    Answer, Notification, PushError, PushProvider, REQUEST_TIMEOUT, classify, network, now_secs,
+};
 use async_trait::async_trait;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -67,12 +69,14 @@ impl PushProvider for Webhook {
             .send()
             .await
             .map_err(network)?;
-        let status = response.status();
-        let headers = response.headers().clone();
+        let Answer {
+            status,
+            headers,
+            body,
+        } = Answer::read(response).await;
         if status.as_u16() == 404 {
             return Err(PushError::InvalidToken);
         }
-        let text = response.text().await.unwrap_or_default();
-        classify(status, &headers, &text)
+        classify(status, &headers, &body)
     }
 }
