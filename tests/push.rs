@@ -35,12 +35,15 @@ impl Request {
     }
 }
 
+/// A scripted answer: status, `Retry-After` and body.
+type Scripted = (u16, &'static str, &'static str);
+
 /// An in-test provider: records requests, answers from a script (then 200), except the OAuth
 /// token endpoint, which always issues `test-access-token`.
 #[derive(Clone, Default)]
 struct Provider {
     seen: Arc<Mutex<Vec<Request>>>,
-    script: Arc<Mutex<VecDeque<(u16, &'static str, &'static str)>>>,
+    script: Arc<Mutex<VecDeque<Scripted>>>,
 }
 
 impl Provider {
