@@ -23,6 +23,7 @@ use clap::Args;
 use courier_proto::{Body, EventPayload};
 use courier_store::{MessageStore, PendingPush, StoreError};
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
@@ -59,6 +60,8 @@ pub struct Notifier {
     metrics: Arc<Metrics>,
     dirty: Mutex<BTreeSet<u32>>,
     wake: Notify,
+    /// The earliest due time of any pending notification (0: unknown, scan).
+    next_due_ms: AtomicU64,
 }
 
 impl Notifier {
@@ -84,6 +87,7 @@ impl Notifier {
             metrics,
             dirty: Mutex::new(BTreeSet::new()),
             wake: Notify::new(),
+            next_due_ms: AtomicU64::new(0),
         })
     }
 
@@ -104,7 +108,8 @@ impl Notifier {
         });
     }
 
-    /// Expands every dirty shard's intents, then sends what is due.
+    /// Expands every dirty shard's intents, then sends what is due (scanning the pending
+    /// notifications only once the earliest of them is due).
     async fn pass(&self) -> Result<(), StoreError> {
         loop {
             let next = self
@@ -121,7 +126,14 @@ impl Notifier {
                 return Err(e);
             }
         }
-        self.send_due().await
+        if now_ms() >= self.next_due_ms.load(Ordering::Relaxed)
+            && let Err(e) = self.send_due().await
+        {
+            // Not everything was seen: scan again next time.
+            self.next_due_ms.store(0, Ordering::Relaxed);
+            return Err(e);
+        }
+        Ok(())
     }
 
     async fn expand(&self, shard: u32) -> Result<(), StoreError> {
@@ -179,10 +191,14 @@ impl Notifier {
             self.store
                 .expand_push_intents(shard, &last, &pending)
                 .await?;
+            if let Some(due) = pending.iter().map(|(_, p)| p.due_ms).min() {
+                self.next_due_ms.fetch_min(due, Ordering::Relaxed);
+            }
         }
     }
 
     async fn send_due(&self) -> Result<(), StoreError> {
+        self.next_due_ms.store(u64::MAX, Ordering::Relaxed);
         let mut after: Option<Vec<u8>> = None;
         loop {
             let page = self
@@ -197,6 +213,9 @@ impl Notifier {
             for (key, pending) in page {
                 if pending.due_ms <= now {
                     self.send(&key, pending).await?;
+                } else {
+                    self.next_due_ms
+                        .fetch_min(pending.due_ms, Ordering::Relaxed);
                 }
             }
         }
@@ -234,6 +253,7 @@ impl Notifier {
                     due_ms: now_ms() + next_delay(attempts, after).as_millis() as u64,
                     ..pending.clone()
                 };
+                self.next_due_ms.fetch_min(next.due_ms, Ordering::Relaxed);
                 self.settle(key, &pending, Some(&next)).await
             }
             Err(PushError::InvalidToken) => {
