@@ -19,17 +19,39 @@ async fn courier_token_mints_tokens_the_server_accepts() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start_in(dir.path(), &[]);
     let output = Command::new(env!("CARGO_BIN_EXE_courier"))
-        .args(["token", "--user", "alice", "--device", "phone", "--ttl", "1h", "--data-dir"])
+        .args([
+            "token",
+            "--user",
+            "alice",
+            "--device",
+            "phone",
+            "--ttl",
+            "1h",
+            "--data-dir",
+        ])
         .arg(dir.path())
         .output()
         .unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let token = String::from_utf8(output.stdout).unwrap();
-    let client = Client::connect(&server.ws_url(), token.trim(), Encoding::Json).await.unwrap();
+    let client = Client::connect(&server.ws_url(), token.trim(), Encoding::Json)
+        .await
+        .unwrap();
     assert_eq!(client.hello().user, "alice");
 
     let refused = Command::new(env!("CARGO_BIN_EXE_courier"))
-        .args(["token", "--user", "bad user", "--device", "phone", "--data-dir"])
+        .args([
+            "token",
+            "--user",
+            "bad user",
+            "--device",
+            "phone",
+            "--data-dir",
+        ])
         .arg(dir.path())
         .output()
         .unwrap();
@@ -41,24 +63,38 @@ async fn eddsa_public_keys_verify_tokens() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start_in(
         dir.path(),
-        &["--jwt-public-key", &format!("{FIXTURES}/jwt-test-ed25519.pub.pem"), "--jwt-algorithm", "EdDSA"],
+        &[
+            "--jwt-public-key",
+            &format!("{FIXTURES}/jwt-test-ed25519.pub.pem"),
+            "--jwt-algorithm",
+            "EdDSA",
+        ],
     );
     let key = std::fs::read(format!("{FIXTURES}/jwt-test-ed25519.pem")).unwrap();
-    let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 600;
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
     let token = jsonwebtoken::encode(
         &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA),
         &serde_json::json!({ "sub": "alice", "dev": "phone", "exp": exp }),
         &jsonwebtoken::EncodingKey::from_ed_pem(&key).unwrap(),
     )
     .unwrap();
-    Client::connect(&server.ws_url(), &token, Encoding::Json).await.expect("EdDSA token accepted");
+    Client::connect(&server.ws_url(), &token, Encoding::Json)
+        .await
+        .expect("EdDSA token accepted");
     let hs256 = jsonwebtoken::encode(
         &jsonwebtoken::Header::default(),
         &serde_json::json!({ "sub": "alice", "dev": "phone", "exp": exp }),
         &jsonwebtoken::EncodingKey::from_secret(b"guess"),
     )
     .unwrap();
-    assert!(matches!(Client::connect(&server.ws_url(), &hs256, Encoding::Json).await, Err(ClientError::Rejected(401))));
+    assert!(matches!(
+        Client::connect(&server.ws_url(), &hs256, Encoding::Json).await,
+        Err(ClientError::Rejected(401))
+    ));
 }
 
 /// A `courier chat` process whose output lines arrive on a channel.
@@ -71,7 +107,18 @@ struct Chat {
 impl Chat {
     fn start(server: &Server, user: &str, peer: &str) -> Chat {
         let mut child = Command::new(env!("CARGO_BIN_EXE_courier"))
-            .args(["chat", "--url", &server.ws_url(), "--user", user, "--device", "cli", "--to", peer, "--data-dir"])
+            .args([
+                "chat",
+                "--url",
+                &server.ws_url(),
+                "--user",
+                user,
+                "--device",
+                "cli",
+                "--to",
+                peer,
+                "--data-dir",
+            ])
             .arg(&server.data_dir)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -86,7 +133,11 @@ impl Chat {
                 let _ = tx.send(line);
             }
         });
-        let mut chat = Chat { child, input, lines };
+        let mut chat = Chat {
+            child,
+            input,
+            lines,
+        };
         chat.expect("connected as");
         chat
     }
@@ -98,7 +149,10 @@ impl Chat {
     /// The first line containing `needle`.
     fn expect(&mut self, needle: &str) -> String {
         loop {
-            let line = self.lines.recv_timeout(WAIT).unwrap_or_else(|_| panic!("no line with {needle:?}"));
+            let line = self
+                .lines
+                .recv_timeout(WAIT)
+                .unwrap_or_else(|_| panic!("no line with {needle:?}"));
             if line.contains(needle) {
                 return line;
             }
@@ -130,7 +184,14 @@ fn two_chat_sessions_exchange_a_message_and_a_photo() {
     alice.expect("file sent");
     let shared = bob.expect("alice shared photo.jpg");
     assert!(shared.contains("image/jpeg"), "{shared}");
-    let media_id = shared.split("/fetch ").nth(1).unwrap().split_whitespace().next().unwrap().to_owned();
+    let media_id = shared
+        .split("/fetch ")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
     let saved = dir.path().join("received.jpg");
     bob.say(&format!("/fetch {media_id} {}", saved.display()));
     bob.expect("saved 200000 bytes");
