@@ -1,18 +1,24 @@
 //! APNs over HTTP/2 with token (.p8) authentication: an ES256 provider token (`kid`, `iss` =
 //! team, `iat`) reused for 50 minutes, one `POST /3/device/<token>` per notification, collapsed
-//! per conversation with `apns-collapse-id`. Quiet notifications are background pushes.
+//! per conversation with `apns-collapse-id`. Quiet notifications are background pushes
+//! (`content-available`, priority 5).
 
 use super::{
-    Answer, Notification, PushError, PushProvider, REQUEST_TIMEOUT, classify, network, now_secs,
+    Answer, Notification, PushError, PushProvider, http_client, network, now_secs, preview,
 };
+use anyhow::Context as _;
 use async_trait::async_trait;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use std::path::Path;
 use std::time::{Duration, Instant};
 use tokio::sync::Mutex;
 
-/// Apple refuses provider tokens older than an hour and too-frequent renewals.
+pub const DEFAULT_ENDPOINT: &str = "https://api.push.apple.com";
+/// Apple refuses provider tokens older than an hour, and renewals more often than every 20
+/// minutes.
 const TOKEN_LIFETIME: Duration = Duration::from_secs(50 * 60);
+/// Device tokens are hex today; the bound and alphabet keep any token a single path segment.
+const MAX_DEVICE_TOKEN_LEN: usize = 200;
 
 #[derive(serde::Serialize)]
 struct ProviderClaims<'a> {
@@ -20,6 +26,7 @@ struct ProviderClaims<'a> {
     iat: u64,
 }
 
+/// The APNs provider. Cheap to share: one HTTP/2 connection, one cached provider token.
 pub struct Apns {
     http: reqwest::Client,
     endpoint: String,
@@ -31,7 +38,8 @@ pub struct Apns {
 }
 
 impl Apns {
-    pub fn new(
+    /// With the `.p8` key in `key_file` (`--apns-key-file`).
+    pub fn from_file(
         key_file: &Path,
         key_id: &str,
         team_id: &str,
@@ -39,16 +47,25 @@ impl Apns {
         endpoint: &str,
     ) -> anyhow::Result<Self> {
         let pem = std::fs::read(key_file)
-            .map_err(|e| anyhow::anyhow!("reading --apns-key-file {}: {e}", key_file.display()))?;
-        let mut http = reqwest::Client::builder().timeout(REQUEST_TIMEOUT);
-        // APNs speaks HTTP/2 only; over TLS it is negotiated, in clear (tests) it is assumed.
-        if endpoint.starts_with("http://") {
-            http = http.http2_prior_knowledge();
-        }
+            .with_context(|| format!("reading --apns-key-file {}", key_file.display()))?;
+        Self::new(&pem, key_id, team_id, topic, endpoint)
+            .with_context(|| format!("--apns-key-file {}", key_file.display()))
+    }
+
+    /// With the `.p8` key's PEM text (a PKCS#8 P-256 key), its id, the team id, the app's
+    /// bundle id and the API base URL (`http://` means HTTP/2 in clear, with prior knowledge).
+    pub fn new(
+        key_pem: &[u8],
+        key_id: &str,
+        team_id: &str,
+        topic: &str,
+        endpoint: &str,
+    ) -> anyhow::Result<Self> {
         Ok(Self {
-            http: http.build()?,
+            http: http_client(endpoint, true)?,
             endpoint: endpoint.trim_end_matches('/').to_owned(),
-            key: EncodingKey::from_ec_pem(&pem)?,
+            key: EncodingKey::from_ec_pem(key_pem)
+                .context("not a .p8 (PKCS#8 PEM, P-256) APNs key")?,
             key_id: key_id.to_owned(),
             team_id: team_id.to_owned(),
             topic: topic.to_owned(),
@@ -56,11 +73,13 @@ impl Apns {
         })
     }
 
-    async fn provider_token(&self, renew: bool) -> Result<String, PushError> {
+    /// The cached provider token, or a new one when it is old or `stale` (the one APNs just
+    /// called expired).
+    async fn provider_token(&self, stale: Option<&str>) -> Result<String, PushError> {
         let mut cached = self.token.lock().await;
         if let Some((token, made)) = cached.as_ref()
-            && !renew
             && made.elapsed() < TOKEN_LIFETIME
+            && stale != Some(token.as_str())
         {
             return Ok(token.clone());
         }
@@ -71,28 +90,15 @@ impl Apns {
             iat: now_secs(),
         };
         let token = jsonwebtoken::encode(&header, &claims, &self.key)
-            .map_err(|e| PushError::Rejected(format!("signing the APNs token: {e}")))?;
+            .map_err(|e| PushError::Rejected(format!("signing the APNs provider token: {e}")))?;
         *cached = Some((token.clone(), Instant::now()));
         Ok(token)
     }
 
-    fn payload(n: &Notification) -> serde_json::Value {
-        let aps = if n.quiet {
-            serde_json::json!({ "content-available": 1 })
-        } else {
-            let body = match &n.text {
-                Some(text) => text.clone(),
-                None if n.count > 1 => format!("{} new messages", n.count),
-                None => "New message".to_owned(),
-            };
-            serde_json::json!({
-                "alert": { "title": n.sender, "body": body },
-                "thread-id": n.conversation_id,
-                "sound": "default",
-            })
-        };
+    /// The request body: `aps` plus Courier's fields.
+    pub fn payload(n: &Notification) -> serde_json::Value {
         serde_json::json!({
-            "aps": aps,
+            "aps": aps(n),
             "conversation_id": n.conversation_id,
             "seq": n.seq,
             "sender": n.sender,
@@ -101,16 +107,80 @@ impl Apns {
     }
 }
 
+/// The `aps` dictionary: an alert (the text only when configured in), or for a quiet
+/// notification a background wake-up. Also used for iOS devices reached through FCM.
+pub(super) fn aps(n: &Notification) -> serde_json::Value {
+    if n.quiet {
+        return serde_json::json!({ "content-available": 1 });
+    }
+    let body = match &n.text {
+        Some(text) => preview(text),
+        None if n.count > 1 => format!("{} new messages", n.count),
+        None => "New message".to_owned(),
+    };
+    serde_json::json!({
+        "alert": { "title": n.sender, "body": body },
+        "thread-id": n.conversation_id,
+        "sound": "default",
+        // Lets the app's notification service extension fetch and show the message itself.
+        "mutable-content": 1,
+    })
+}
+
+/// What an APNs answer means.
+#[derive(Debug, PartialEq, Eq)]
+enum Outcome {
+    Done(Result<(), PushError>),
+    /// 403 `ExpiredProviderToken`: sign a new provider token and try again.
+    RenewProviderToken,
+}
+
+fn outcome(answer: &Answer) -> Outcome {
+    if answer.status.is_success() {
+        return Outcome::Done(Ok(()));
+    }
+    let reason = serde_json::from_str::<serde_json::Value>(&answer.body)
+        .ok()
+        .and_then(|v| v["reason"].as_str().map(str::to_owned))
+        .unwrap_or_default();
+    Outcome::Done(Err(match (answer.status.as_u16(), reason.as_str()) {
+        // 410 `Unregistered` / `ExpiredToken`: the app is gone from the device.
+        (410, _) | (400, "BadDeviceToken") => PushError::InvalidToken,
+        (403, "ExpiredProviderToken") => return Outcome::RenewProviderToken,
+        // `DeviceTokenNotForTopic` is not taken as a dead token: a wrong --apns-topic would
+        // otherwise erase every registration.
+        _ => match answer.failure() {
+            PushError::Rejected(_) if !reason.is_empty() => {
+                PushError::Rejected(format!("APNs {}: {reason}", answer.status))
+            }
+            other => other,
+        },
+    }))
+}
+
+fn plausible_device_token(token: &str) -> bool {
+    (1..=MAX_DEVICE_TOKEN_LEN).contains(&token.len())
+        && token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
 #[async_trait]
 impl PushProvider for Apns {
     async fn send(&self, device_token: &str, n: &Notification) -> Result<(), PushError> {
-        let mut renew = false;
+        if !plausible_device_token(device_token) {
+            // APNs would answer BadDeviceToken; it also must not reach the URL path as it is.
+            return Err(PushError::InvalidToken);
+        }
+        let url = format!("{}/3/device/{device_token}", self.endpoint);
+        let body = Self::payload(n);
+        let mut expired: Option<String> = None;
         loop {
-            let token = self.provider_token(renew).await?;
+            let token = self.provider_token(expired.as_deref()).await?;
             let response = self
                 .http
-                .post(format!("{}/3/device/{device_token}", self.endpoint))
-                .header("authorization", format!("bearer {token}"))
+                .post(&url)
+                .header(reqwest::header::AUTHORIZATION, format!("bearer {token}"))
                 .header("apns-topic", &self.topic)
                 .header(
                     "apns-push-type",
@@ -118,26 +188,104 @@ impl PushProvider for Apns {
                 )
                 .header("apns-priority", if n.quiet { "5" } else { "10" })
                 .header("apns-collapse-id", &n.conversation_id)
-                .json(&Self::payload(n))
+                .json(&body)
                 .send()
                 .await
                 .map_err(network)?;
-            let Answer {
-                status,
-                headers,
-                body,
-            } = Answer::read(response).await;
-            let reason = serde_json::from_str::<serde_json::Value>(&body)
-                .ok()
-                .and_then(|v| v["reason"].as_str().map(str::to_owned))
-                .unwrap_or_default();
-            match (status.as_u16(), reason.as_str()) {
-                (400, "BadDeviceToken" | "DeviceTokenNotForTopic") | (410, _) => {
-                    return Err(PushError::InvalidToken);
+            let answer = Answer::read(response).await;
+            match outcome(&answer) {
+                Outcome::Done(result) => return result,
+                Outcome::RenewProviderToken if expired.is_none() => expired = Some(token),
+                Outcome::RenewProviderToken => {
+                    return Err(PushError::Rejected(
+                        "APNs calls a fresh provider token expired: is the clock right?".into(),
+                    ));
                 }
-                (403, "ExpiredProviderToken") if !renew => renew = true,
-                _ => return classify(status, &headers, &body),
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(status: u16, retry_after: Option<&str>, body: &str) -> Answer {
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(seconds) = retry_after {
+            headers.insert(reqwest::header::RETRY_AFTER, seconds.parse().unwrap());
+        }
+        Answer {
+            status: reqwest::StatusCode::from_u16(status).unwrap(),
+            headers,
+            body: body.to_owned(),
+        }
+    }
+
+    #[test]
+    fn apns_answers_map_to_what_the_notifier_does() {
+        use Outcome::*;
+        let retry = |after| Done(Err(PushError::Retry { after }));
+        let cases = [
+            (answer(200, None, ""), Done(Ok(()))),
+            (
+                answer(410, None, r#"{"reason":"Unregistered","timestamp":1}"#),
+                Done(Err(PushError::InvalidToken)),
+            ),
+            (
+                answer(410, None, r#"{"reason":"ExpiredToken"}"#),
+                Done(Err(PushError::InvalidToken)),
+            ),
+            (
+                answer(400, None, r#"{"reason":"BadDeviceToken"}"#),
+                Done(Err(PushError::InvalidToken)),
+            ),
+            (
+                answer(403, None, r#"{"reason":"ExpiredProviderToken"}"#),
+                RenewProviderToken,
+            ),
+            (
+                answer(429, Some("9"), r#"{"reason":"TooManyRequests"}"#),
+                retry(Some(Duration::from_secs(9))),
+            ),
+            (
+                answer(500, None, r#"{"reason":"InternalServerError"}"#),
+                retry(None),
+            ),
+            (
+                answer(503, None, r#"{"reason":"ServiceUnavailable"}"#),
+                retry(None),
+            ),
+        ];
+        for (answer, expected) in cases {
+            assert_eq!(
+                outcome(&answer),
+                expected,
+                "{} {}",
+                answer.status,
+                answer.body
+            );
+        }
+        for (status, reason) in [
+            (400, "DeviceTokenNotForTopic"),
+            (400, "BadCollapseId"),
+            (403, "InvalidProviderToken"),
+            (413, "PayloadTooLarge"),
+        ] {
+            let body = format!(r#"{{"reason":"{reason}"}}"#);
+            match outcome(&answer(status, None, &body)) {
+                Done(Err(PushError::Rejected(why))) => assert!(why.contains(reason), "{why}"),
+                other => panic!("{status} {reason}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn device_tokens_must_be_one_path_segment() {
+        assert!(plausible_device_token(&"a1".repeat(32)));
+        assert!(plausible_device_token("apns-bob"));
+        for bad in ["", "../../x", "a/b", "a?b", "a b", "a%2F", &"f".repeat(201)] {
+            assert!(!plausible_device_token(bad), "{bad:?}");
         }
     }
 }

@@ -1,10 +1,33 @@
 //! Push-notification providers: FCM HTTP v1, APNs over HTTP/2 with token auth, and a signed
 //! webhook for anyone else. Each turns a [`Notification`] into its provider's request and the
-//! answer into a [`PushError`] the notifier acts on (retry, drop the token, give up).
+//! answer into a [`PushError`] the notifier acts on (retry later, drop the token, give up).
+//!
+//! This module sends one notification to one device; what to send, when, collapsing and the
+//! durable queue are the notifier's (`crate::notifier`).
+//!
+//! ```ignore
+//! let providers = PushProviders::from_config(&config.push)?;
+//! if let Some(apns) = providers.provider("apns") {
+//!     match apns.send(&device_token, &notification).await {
+//!         Ok(()) => {}
+//!         Err(PushError::Retry { after }) => { /* again after next_delay(attempt, after) */ }
+//!         Err(PushError::InvalidToken) => { /* forget the device's token */ }
+//!         Err(PushError::Rejected(why)) => { /* give up, log `why` */ }
+//!     }
+//! }
+//! ```
 
 mod apns;
 mod fcm;
+mod retry;
+#[cfg(test)]
+mod tests;
 mod webhook;
+
+pub use apns::Apns;
+pub use fcm::Fcm;
+pub use retry::next_delay;
+pub use webhook::Webhook;
 
 use async_trait::async_trait;
 use clap::Args;
@@ -15,10 +38,14 @@ use std::time::Duration;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Notification {
     pub conversation_id: String,
+    /// The latest message's seq.
     pub seq: u64,
+    /// The latest message's sender (user id).
     pub sender: String,
     /// Messages collapsed into this notification.
     pub count: u32,
+    /// The latest message's text, only with `--push-include-text`; providers shorten it to
+    /// [`MAX_TEXT_BYTES`].
     pub text: Option<String>,
     /// A large group's notification: silent (background) where the provider has the notion.
     pub quiet: bool,
@@ -30,83 +57,19 @@ pub enum PushError {
     /// Throttled (429), provider trouble (5xx) or network: retry, not before `after`.
     #[error("temporary failure; retry")]
     Retry { after: Option<Duration> },
-    /// The provider says this device token is dead (FCM UNREGISTERED, APNs 410...).
+    /// The provider says this device token is dead (FCM UNREGISTERED, APNs 410...): forget it.
     #[error("the device token is no longer valid")]
     InvalidToken,
-    /// Refused for another reason (a 4xx): retrying will not help.
+    /// Refused for another reason (a 4xx, a misconfiguration): retrying will not help.
     #[error("refused: {0}")]
     Rejected(String),
 }
 
+/// One push service.
 #[async_trait]
 pub trait PushProvider: Send + Sync {
+    /// Delivers `notification` to the device registered with `device_token`.
     async fn send(&self, device_token: &str, notification: &Notification) -> Result<(), PushError>;
-}
-
-/// The delay before retry `attempt` (1-based): exponential from 200 ms, capped at 60 s, with
-/// full jitter, and never sooner than the provider's `Retry-After`.
-pub fn next_delay(attempt: u32, retry_after: Option<Duration>) -> Duration {
-    let exponential = Duration::from_millis(200)
-        .saturating_mul(1u32 << attempt.min(16))
-        .min(Duration::from_secs(60));
-    let jittered = exponential.mul_f64(rand::random::<f64>());
-    jittered.max(retry_after.unwrap_or_default())
-}
-
-/// Reads a `Retry-After` given in seconds.
-fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
-    headers
-        .get(reqwest::header::RETRY_AFTER)?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse::<u64>()
-        .ok()
-        .map(Duration::from_secs)
-}
-
-/// A provider's answer, read whole (they are small JSON documents).
-struct Answer {
-    status: reqwest::StatusCode,
-    headers: reqwest::header::HeaderMap,
-    body: String,
-}
-
-impl Answer {
-    async fn read(response: reqwest::Response) -> Self {
-        let status = response.status();
-        let headers = response.headers().clone();
-        let body = response.text().await.unwrap_or_default();
-        Self {
-            status,
-            headers,
-            body,
-        }
-    }
-}
-
-/// The common reading of an HTTP answer; providers refine it.
-fn classify(
-    status: reqwest::StatusCode,
-    headers: &reqwest::header::HeaderMap,
-    body: &str,
-) -> Result<(), PushError> {
-    match status.as_u16() {
-        200..=299 => Ok(()),
-        410 => Err(PushError::InvalidToken),
-        429 | 500..=599 => Err(PushError::Retry {
-            after: retry_after(headers),
-        }),
-        _ => Err(PushError::Rejected(format!(
-            "HTTP {status}: {}",
-            body.chars().take(200).collect::<String>()
-        ))),
-    }
-}
-
-fn network(e: reqwest::Error) -> PushError {
-    tracing::debug!(error = %e, "push request failed");
-    PushError::Retry { after: None }
 }
 
 /// Push providers, from flags or `COURIER_*` variables. A provider without its settings is off.
@@ -122,9 +85,12 @@ pub struct PushConfig {
     #[arg(
         long,
         env = "COURIER_FCM_ENDPOINT",
-        default_value = "https://fcm.googleapis.com"
+        default_value = fcm::DEFAULT_ENDPOINT
     )]
     pub fcm_endpoint: String,
+    /// FCM: the OAuth token endpoint (default: the service account's `token_uri`).
+    #[arg(long, env = "COURIER_FCM_TOKEN_URI")]
+    pub fcm_token_uri: Option<String>,
     /// APNs: the token-auth key (.p8) file.
     #[arg(long, env = "COURIER_APNS_KEY_FILE")]
     pub apns_key_file: Option<PathBuf>,
@@ -141,14 +107,19 @@ pub struct PushConfig {
     #[arg(
         long,
         env = "COURIER_APNS_ENDPOINT",
-        default_value = "https://api.push.apple.com"
+        default_value = apns::DEFAULT_ENDPOINT
     )]
     pub apns_endpoint: String,
     /// Webhook: the URL notifications are POSTed to.
-    #[arg(long, env = "COURIER_PUSH_WEBHOOK_URL")]
+    #[arg(long, visible_alias = "webhook-url", env = "COURIER_PUSH_WEBHOOK_URL")]
     pub push_webhook_url: Option<String>,
     /// Webhook: the HMAC-SHA256 secret of the `X-Courier-Signature` header.
-    #[arg(long, env = "COURIER_PUSH_WEBHOOK_SECRET", hide_env_values = true)]
+    #[arg(
+        long,
+        visible_alias = "webhook-secret",
+        env = "COURIER_PUSH_WEBHOOK_SECRET",
+        hide_env_values = true
+    )]
     pub push_webhook_secret: Option<String>,
     /// Put the message text in notifications (off: conversation, seq, sender and count only).
     #[arg(long, env = "COURIER_PUSH_INCLUDE_TEXT")]
@@ -158,48 +129,62 @@ pub struct PushConfig {
 /// The configured providers.
 #[derive(Default)]
 pub struct PushProviders {
-    fcm: Option<fcm::Fcm>,
-    apns: Option<apns::Apns>,
-    webhook: Option<webhook::Webhook>,
+    fcm: Option<Fcm>,
+    apns: Option<Apns>,
+    webhook: Option<Webhook>,
 }
 
-/// Longest wait for one provider request.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+impl std::fmt::Debug for PushProviders {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.configured()).finish()
+    }
+}
 
 impl PushProviders {
+    /// Builds the providers `config` has settings for; an incomplete or unreadable setting is
+    /// an error that says which flag to fix.
     pub fn from_config(config: &PushConfig) -> anyhow::Result<Self> {
         let mut providers = Self::default();
-        if let Some(path) = &config.fcm_service_account {
-            providers.fcm = Some(fcm::Fcm::new(
-                path,
-                config.fcm_project.as_deref(),
-                &config.fcm_endpoint,
-            )?);
+        match &config.fcm_service_account {
+            Some(path) => {
+                providers.fcm = Some(Fcm::from_file(
+                    path,
+                    config.fcm_project.as_deref(),
+                    &config.fcm_endpoint,
+                    config.fcm_token_uri.as_deref(),
+                )?);
+            }
+            None if config.fcm_project.is_some() || config.fcm_token_uri.is_some() => {
+                anyhow::bail!("--fcm-project and --fcm-token-uri need --fcm-service-account");
+            }
+            None => {}
         }
-        if let Some(path) = &config.apns_key_file {
-            let (Some(key_id), Some(team_id), Some(topic)) = (
-                &config.apns_key_id,
-                &config.apns_team_id,
-                &config.apns_topic,
-            ) else {
-                anyhow::bail!(
-                    "--apns-key-file needs --apns-key-id, --apns-team-id and --apns-topic"
-                );
-            };
-            providers.apns = Some(apns::Apns::new(
-                path,
-                key_id,
-                team_id,
-                topic,
-                &config.apns_endpoint,
-            )?);
+        match (
+            &config.apns_key_file,
+            &config.apns_key_id,
+            &config.apns_team_id,
+            &config.apns_topic,
+        ) {
+            (Some(path), Some(key_id), Some(team_id), Some(topic)) => {
+                providers.apns = Some(Apns::from_file(
+                    path,
+                    key_id,
+                    team_id,
+                    topic,
+                    &config.apns_endpoint,
+                )?);
+            }
+            (None, None, None, None) => {}
+            _ => anyhow::bail!(
+                "APNs needs all of --apns-key-file, --apns-key-id, --apns-team-id and --apns-topic"
+            ),
         }
-        if let Some(url) = &config.push_webhook_url {
-            let secret = config
-                .push_webhook_secret
-                .as_deref()
-                .ok_or_else(|| anyhow::anyhow!("--push-webhook-url needs --push-webhook-secret"))?;
-            providers.webhook = Some(webhook::Webhook::new(url, secret)?);
+        match (&config.push_webhook_url, &config.push_webhook_secret) {
+            (Some(url), Some(secret)) => providers.webhook = Some(Webhook::new(url, secret)?),
+            (None, None) => {}
+            _ => {
+                anyhow::bail!("the webhook needs both --push-webhook-url and --push-webhook-secret")
+            }
         }
         Ok(providers)
     }
@@ -213,39 +198,120 @@ impl PushProviders {
             _ => None,
         }
     }
+
+    /// The names of the configured providers, for a start-up log line.
+    pub fn configured(&self) -> Vec<&'static str> {
+        [
+            ("fcm", self.fcm.is_some()),
+            ("apns", self.apns.is_some()),
+            ("webhook", self.webhook.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(name, on)| on.then_some(name))
+        .collect()
+    }
+}
+
+/// Longest wait for one provider request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait for a connection to a provider.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Message text in a notification is cut to this many bytes (APNs and FCM payloads are limited
+/// to 4 KiB, and a lock screen shows a few lines).
+pub const MAX_TEXT_BYTES: usize = 1000;
+/// At most this much of a provider's answer is read (they are small JSON documents).
+const MAX_ANSWER_BYTES: usize = 64 * 1024;
+
+/// `text` cut to at most [`MAX_TEXT_BYTES`] on a character boundary, with an ellipsis when cut.
+fn preview(text: &str) -> String {
+    if text.len() <= MAX_TEXT_BYTES {
+        return text.to_owned();
+    }
+    let ellipsis = '…';
+    let mut end = MAX_TEXT_BYTES - ellipsis.len_utf8();
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{ellipsis}", &text[..end])
+}
+
+/// An HTTP client for a provider: bounded waits; `http2_only` for APNs.
+fn http_client(endpoint: &str, http2_only: bool) -> anyhow::Result<reqwest::Client> {
+    let url = reqwest::Url::parse(endpoint)
+        .map_err(|e| anyhow::anyhow!("{endpoint:?} is not a URL: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        anyhow::bail!("{endpoint:?}: expected an http:// or https:// URL");
+    }
+    let mut builder = reqwest::Client::builder()
+        .timeout(REQUEST_TIMEOUT)
+        .connect_timeout(CONNECT_TIMEOUT)
+        .user_agent(concat!("courier/", env!("CARGO_PKG_VERSION")));
+    // Over TLS HTTP/2 is negotiated (ALPN); in clear (tests, a local relay) it is assumed.
+    if http2_only && url.scheme() == "http" {
+        builder = builder.http2_prior_knowledge();
+    }
+    Ok(builder.build()?)
+}
+
+/// A provider's answer, read up to [`MAX_ANSWER_BYTES`].
+struct Answer {
+    status: reqwest::StatusCode,
+    headers: reqwest::header::HeaderMap,
+    body: String,
+}
+
+impl Answer {
+    async fn read(mut response: reqwest::Response) -> Self {
+        let status = response.status();
+        let headers = std::mem::take(response.headers_mut());
+        let mut body = Vec::new();
+        // A body cut short by the network is as good as none: the status decides.
+        while let Ok(Some(chunk)) = response.chunk().await {
+            let room = MAX_ANSWER_BYTES - body.len();
+            body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            if body.len() == MAX_ANSWER_BYTES {
+                break;
+            }
+        }
+        Self {
+            status,
+            headers,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        }
+    }
+
+    /// The common reading of an answer; providers refine it for their own error bodies.
+    fn classify(&self) -> Result<(), PushError> {
+        match self.status.as_u16() {
+            200..=299 => Ok(()),
+            410 => Err(PushError::InvalidToken),
+            _ => Err(self.failure()),
+        }
+    }
+
+    /// A failure that is not about the token: 429 and 5xx are retried, the rest given up.
+    fn failure(&self) -> PushError {
+        match self.status.as_u16() {
+            429 | 500..=599 => PushError::Retry {
+                after: retry::retry_after(&self.headers),
+            },
+            _ => PushError::Rejected(format!("HTTP {}: {}", self.status, self.excerpt())),
+        }
+    }
+
+    /// The start of the body, for error messages.
+    fn excerpt(&self) -> String {
+        self.body.chars().take(200).collect()
+    }
+}
+
+fn network(e: reqwest::Error) -> PushError {
+    tracing::debug!(error = %e, "push request failed");
+    PushError::Retry { after: None }
 }
 
 fn now_secs() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn delays_grow_are_capped_and_honour_retry_after() {
-        for attempt in 1..30 {
-            assert!(next_delay(attempt, None) <= Duration::from_secs(60));
-        }
-        assert!(next_delay(1, Some(Duration::from_secs(7))) >= Duration::from_secs(7));
-        let mut headers = reqwest::header::HeaderMap::new();
-        headers.insert(reqwest::header::RETRY_AFTER, "3".parse().unwrap());
-        assert_eq!(
-            classify(reqwest::StatusCode::TOO_MANY_REQUESTS, &headers, ""),
-            Err(PushError::Retry {
-                after: Some(Duration::from_secs(3))
-            })
-        );
-        assert_eq!(
-            classify(reqwest::StatusCode::GONE, &headers, ""),
-            Err(PushError::InvalidToken)
-        );
-        assert!(matches!(
-            classify(reqwest::StatusCode::BAD_REQUEST, &headers, "x"),
-            Err(PushError::Rejected(_))
-        ));
-    }
 }
