@@ -191,6 +191,10 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     tracing::info!("drained; exiting");
+    #[cfg(feature = "fdb")]
+    if config.store == StoreKind::Fdb {
+        courier_store::fdb::stop_network();
+    }
     Ok(())
 }
 

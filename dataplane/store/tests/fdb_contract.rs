@@ -1,11 +1,17 @@
 //! The engine contract (`courier_store::contract`) on FoundationDB. Runs when
-//! `COURIER_FDB_CLUSTER_FILE` names a cluster file, each run under its own random root, cleared
-//! afterwards; otherwise it says how to run it and passes.
+//! `COURIER_FDB_CLUSTER_FILE` names a cluster file, under its own random root subspace, cleared
+//! afterwards (also when a check fails); otherwise it says how to run it and passes.
+//!
+//! ```sh
+//! COURIER_FDB_CLUSTER_FILE=/etc/foundationdb/fdb.cluster \
+//!   cargo test -p courier-store --features fdb --test fdb_contract
+//! ```
+//! Linking needs the FoundationDB client library (libfdb_c 7.3); see `docs/foundationdb.md`.
 #![cfg(feature = "fdb")]
 
 use async_trait::async_trait;
 use courier_store::contract::{self, EngineHarness};
-use courier_store::fdb::FdbEngine;
+use courier_store::fdb::{self, FdbEngine};
 use courier_store::{Batch, KvEngine};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -41,18 +47,31 @@ async fn foundationdb_engine_passes_the_contract() {
         );
         return;
     };
-    let mut root = b"courier-contract-".to_vec();
-    root.extend_from_slice(format!("{:016x}/", rand::random::<u64>()).as_bytes());
+    // A root of its own: `courier-contract-<random>/`, so runs never see each other's keys.
+    let root = format!("courier-contract-{:016x}/", rand::random::<u64>()).into_bytes();
+    let cluster_file = PathBuf::from(cluster_file);
     let mut harness = Harness {
-        cluster_file: cluster_file.into(),
-        root,
+        cluster_file: cluster_file.clone(),
+        root: root.clone(),
     };
-    contract::run_all(&mut harness).await;
+    // Run in a task so that a failed check still reaches the clean-up below.
+    let outcome = tokio::spawn(async move { contract::run_all(&mut harness).await }).await;
+
+    let kv = FdbEngine::open(&cluster_file, &root).expect("open FoundationDB to clean up");
     let mut clear = Batch::new();
     clear.clear_range(Vec::new()..vec![0xff]);
-    harness
-        .engine()
-        .commit(clear)
-        .await
-        .expect("clear the run's keys");
+    kv.commit(clear).await.expect("clear the run's keys");
+    assert!(
+        kv.range(Vec::new()..vec![0xff], 1, false)
+            .await
+            .expect("read the run's keys")
+            .is_empty(),
+        "the run's subspace is empty after clean-up"
+    );
+    drop(kv);
+    fdb::stop_network();
+
+    if let Err(failure) = outcome {
+        std::panic::resume_unwind(failure.into_panic());
+    }
 }
