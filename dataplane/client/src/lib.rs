@@ -11,6 +11,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod bench;
 mod connection;
 mod http;
 

@@ -1,0 +1,238 @@
+//! `group-fanout`: one group of G members (created over `POST /v1/groups`), D of them
+//! connected with one device each, S sender devices sending at an open-loop rate; the latency
+//! of every delivery, from the message's intended send time.
+
+use super::progress;
+use super::receiver::{ReceiverOutcome, ReceiverPlan, Redial, run_receiver};
+use super::report::Report;
+use super::sender::{Pace, SenderOutcome, SenderPlan, Target, run_sender};
+use super::stats::{Live, Phase};
+use super::wire::{Endpoint, connect_synced};
+use super::{CommonArgs, TokenMinter, run_id};
+use crate::HttpApi;
+use clap::Args;
+use futures::stream::{self, StreamExt, TryStreamExt};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+#[derive(Debug, Clone, Args)]
+pub struct GroupFanoutArgs {
+    /// Members of the group.
+    #[arg(long, default_value_t = 100)]
+    pub members: usize,
+    /// Members with a connected device (default: all).
+    #[arg(long)]
+    pub devices: Option<usize>,
+    /// Sending devices (members 0..S, each on a second device).
+    #[arg(long, default_value_t = 1)]
+    pub senders: usize,
+    /// Total messages per second into the group (open loop).
+    #[arg(long, default_value_t = 10.0)]
+    pub rate: f64,
+    /// Size of each text body, bytes.
+    #[arg(long, default_value_t = 32)]
+    pub body_bytes: usize,
+    /// Connection attempts in flight while the devices connect.
+    #[arg(long, default_value_t = 256)]
+    pub concurrency: usize,
+    /// Spread connections over 127.0.0.1..127.0.0.K (loopback servers).
+    #[arg(long, default_value_t = 4)]
+    pub source_addrs: usize,
+}
+
+/// Users per membership request (the server refuses more than 1,000 per request).
+const MEMBERS_PER_REQUEST: usize = 1000;
+
+/// Creates the group as member 0 and adds the others in chunks; a clear error when the
+/// server has no groups.
+async fn create_group(
+    endpoint: &Endpoint,
+    minter: &TokenMinter,
+    name: &str,
+    members: &[String],
+) -> anyhow::Result<String> {
+    let api = HttpApi::new(&endpoint.http_base(), &minter.token(&members[0], "admin")?);
+    let others = &members[1..];
+    let first = &others[..others.len().min(MEMBERS_PER_REQUEST - 1)];
+    let body = serde_json::json!({ "name": name, "members": first });
+    let conversation = match api.post("/v1/groups", &body).await? {
+        (201, body) => body["conversation_id"]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| anyhow::anyhow!("POST /v1/groups: no conversation_id in {body}"))?,
+        (404 | 405, _) => {
+            anyhow::bail!("this server does not support groups (POST /v1/groups answered 404)")
+        }
+        (status, body) => anyhow::bail!("POST /v1/groups answered {status}: {body}"),
+    };
+    for chunk in others[first.len()..].chunks(MEMBERS_PER_REQUEST) {
+        api.add_members(&conversation, chunk).await?;
+    }
+    Ok(conversation)
+}
+
+pub async fn run(common: &CommonArgs, args: GroupFanoutArgs) -> anyhow::Result<Report> {
+    anyhow::ensure!(args.members > 0, "--members must be at least 1");
+    anyhow::ensure!(args.rate > 0.0, "--rate must be positive");
+    let devices = args.devices.unwrap_or(args.members).min(args.members);
+    let senders = args.senders.clamp(1, args.members);
+    let endpoint = Endpoint::resolve(&common.url, common.protocol.encoding()).await?;
+    let minter = TokenMinter::from_args(common)?;
+    let run = run_id();
+    let mut report = Report::new("group-fanout", common);
+    report.param("members", args.members);
+    report.param("devices", devices);
+    report.param("senders", senders);
+    report.param("rate", args.rate);
+    report.param("duration_secs", common.duration.as_secs_f64());
+
+    let members: Vec<String> = (0..args.members).map(|i| format!("b{run}g{i}")).collect();
+    let conversation = create_group(&endpoint, &minter, &format!("bench {run}"), &members).await?;
+
+    let bar = progress::bar(devices as u64, "devices", common.no_progress);
+    let receivers: Vec<_> = stream::iter(0..devices)
+        .map(|i| {
+            let (endpoint, minter, member, bar) = (&endpoint, &minter, &members[i], &bar);
+            async move {
+                let token = minter.token(member, "d")?;
+                let halves =
+                    connect_synced(endpoint, &token, endpoint.source_addr(i, args.source_addrs))
+                        .await?;
+                bar.inc(1);
+                anyhow::Ok(halves)
+            }
+        })
+        .buffered(args.concurrency.max(1))
+        .try_collect()
+        .await?;
+    bar.finish_and_clear();
+    let sender_connections = futures::future::try_join_all((0..senders).map(|j| {
+        let (endpoint, minter, member) = (&endpoint, &minter, &members[j]);
+        async move { connect_synced(endpoint, &minter.token(member, "s")?, None).await }
+    }))
+    .await?;
+
+    let live = Arc::new(Live::default());
+    let (phase_tx, phase_rx) = watch::channel(Phase::Run);
+    let mut receiver_tasks = Vec::new();
+    for (i, (writer, reader)) in receivers.into_iter().enumerate() {
+        let plan = ReceiverPlan {
+            ack: true,
+            until_sync_done: false,
+            redial: Some(Redial {
+                endpoint: endpoint.clone(),
+                token: minter.token(&members[i], "d")?,
+                local: endpoint.source_addr(i, args.source_addrs),
+            }),
+        };
+        let task = run_receiver(
+            writer,
+            reader,
+            endpoint.encoding,
+            plan,
+            live.clone(),
+            phase_rx.clone(),
+        );
+        receiver_tasks.push(tokio::spawn(task));
+    }
+    let start = Instant::now() + Duration::from_millis(20);
+    let mut sender_tasks = Vec::new();
+    for (writer, reader) in sender_connections {
+        let plan = SenderPlan {
+            targets: vec![Target::Conversation(conversation.clone())],
+            count: None,
+            pace: Pace::OpenLoop {
+                start,
+                interval: Duration::from_secs_f64(senders as f64 / args.rate),
+            },
+            max_in_flight: 10_000,
+            body_bytes: args.body_bytes,
+            track_receipts: false,
+            record_acked: false,
+        };
+        let task = run_sender(
+            writer,
+            reader,
+            endpoint.encoding,
+            plan,
+            live.clone(),
+            phase_rx.clone(),
+        );
+        sender_tasks.push(tokio::spawn(task));
+    }
+
+    tokio::time::sleep_until(start.into()).await;
+    let bar = progress::bar(common.duration.as_secs().max(1), "s", common.no_progress);
+    let end = start + common.duration;
+    while Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(250).min(end - Instant::now())).await;
+        bar.set_position(start.elapsed().as_secs());
+        bar.set_message(format!(
+            "{} sent, {} delivered",
+            Live::get(&live.acked),
+            Live::get(&live.delivered)
+        ));
+    }
+    let measured = start.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+    let _ = phase_tx.send(Phase::Drain);
+    let drain_start = Instant::now();
+    let drain_end = drain_start + common.drain_timeout;
+    loop {
+        let senders_done = Live::get(&live.senders_done) == senders as u64;
+        let expected = Live::get(&live.acked) * devices as u64;
+        if (senders_done && Live::get(&live.delivered) >= expected) || Instant::now() >= drain_end {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let drain_secs = drain_start.elapsed().as_secs_f64();
+    let _ = phase_tx.send(Phase::Stop);
+
+    let mut sent = SenderOutcome::default();
+    for task in sender_tasks {
+        sent.merge(&task.await?);
+    }
+    let mut received = ReceiverOutcome::default();
+    let mut closed = 0u64;
+    for task in receiver_tasks {
+        let (outcome, _, _) = task.await?;
+        closed += u64::from(outcome.closed.is_some());
+        received.merge(&outcome);
+    }
+    let expected = (sent.acked - sent.duplicates) * devices as u64;
+    let lost = expected.saturating_sub(received.delivered);
+    report.metric("sent_msgs_per_sec", sent.acked as f64 / measured);
+    report.metric(
+        "deliveries_per_sec",
+        received.delivered as f64 / (measured + drain_secs),
+    );
+    report.metric("drain_secs", drain_secs);
+    report.latency("send_ack", &sent.send_ack);
+    report.latency("delivery", &received.delivery);
+    for (name, value) in [
+        ("acked", sent.acked),
+        ("failed", sent.failed),
+        ("deliveries_expected", expected),
+        ("delivered", received.delivered),
+        ("redelivered", received.redelivered),
+        ("gaps", received.gaps),
+        ("lost", lost),
+        ("connections_lost", closed),
+        ("receiver_reconnects", received.reconnects),
+    ] {
+        report.count(name, value);
+    }
+    report.errors = sent.errors.0;
+    for (code, n) in received.errors.0 {
+        *report.errors.entry(code).or_default() += n;
+    }
+    if lost > 0 {
+        report.problem(format!("{lost} deliveries missing after the drain timeout"));
+    }
+    if received.gaps > 0 {
+        report.problem(format!("{} seq gaps seen by members", received.gaps));
+    }
+    Ok(report)
+}

@@ -1,0 +1,175 @@
+//! The result of a run: a human summary table, and JSON for machines and `bench compare`.
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// Latency percentiles of one kind of operation, in milliseconds.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct LatencySummary {
+    pub count: u64,
+    pub min_ms: f64,
+    pub mean_ms: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    pub max_ms: f64,
+    /// Percentile (as text, e.g. "99.9") to milliseconds, for plots.
+    #[serde(default)]
+    pub percentiles_ms: BTreeMap<String, f64>,
+}
+
+/// One run's results. `metrics` and `latencies_ms` are what `compare` compares; `counts` are
+/// the correctness figures (messages acknowledged, delivered, lost...).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Report {
+    pub scenario: String,
+    pub protocol: String,
+    pub url: String,
+    /// Wall-clock start, milliseconds since the Unix epoch.
+    pub started_unix_ms: u64,
+    /// The scenario's parameters, as given.
+    pub params: BTreeMap<String, Value>,
+    /// Rates, durations, sizes (higher or lower is better depending on the name).
+    pub metrics: BTreeMap<String, f64>,
+    pub latencies_ms: BTreeMap<String, LatencySummary>,
+    pub counts: BTreeMap<String, u64>,
+    /// Error frames and connection failures, by code.
+    pub errors: BTreeMap<String, u64>,
+    /// Correctness problems found; empty when nothing was lost, duplicated or reordered.
+    pub problems: Vec<String>,
+}
+
+impl Report {
+    pub fn new(scenario: &str, common: &super::CommonArgs) -> Report {
+        Report {
+            scenario: scenario.to_owned(),
+            protocol: common.protocol.name().to_owned(),
+            url: common.url.clone(),
+            started_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or_default(),
+            ..Report::default()
+        }
+    }
+
+    pub fn param(&mut self, name: &str, value: impl Into<Value>) {
+        self.params.insert(name.to_owned(), value.into());
+    }
+
+    pub fn metric(&mut self, name: &str, value: f64) {
+        self.metrics.insert(name.to_owned(), value);
+    }
+
+    pub fn count(&mut self, name: &str, value: u64) {
+        self.counts.insert(name.to_owned(), value);
+    }
+
+    pub fn latency(&mut self, name: &str, latency: &super::stats::Latency) {
+        self.latencies_ms.insert(name.to_owned(), latency.summary());
+    }
+
+    pub fn problem(&mut self, problem: String) {
+        self.problems.push(problem);
+    }
+
+    /// Every comparable number, flattened: metrics as is, latencies as `latency.NAME.pXX_ms`.
+    pub fn flat_metrics(&self) -> BTreeMap<String, f64> {
+        let mut flat = self.metrics.clone();
+        for (name, l) in &self.latencies_ms {
+            for (field, value) in [
+                ("p50_ms", l.p50_ms),
+                ("p99_ms", l.p99_ms),
+                ("p999_ms", l.p999_ms),
+                ("max_ms", l.max_ms),
+                ("mean_ms", l.mean_ms),
+            ] {
+                flat.insert(format!("latency.{name}.{field}"), value);
+            }
+        }
+        for (name, value) in &self.counts {
+            flat.insert(format!("count.{name}"), *value as f64);
+        }
+        flat
+    }
+
+    /// The human summary, on stdout.
+    pub fn print(&self) {
+        println!();
+        println!(
+            "== courier bench {} ({}, {}) ==",
+            self.scenario, self.protocol, self.url
+        );
+        if !self.params.is_empty() {
+            let params: Vec<String> = self
+                .params
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            println!("params: {}", params.join(" "));
+        }
+        for (name, value) in &self.metrics {
+            println!("  {name:<34} {}", human(*value));
+        }
+        if !self.latencies_ms.is_empty() {
+            println!(
+                "  {:<16} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+                "latency (ms)", "count", "p50", "p99", "p99.9", "max", "mean"
+            );
+            for (name, l) in &self.latencies_ms {
+                println!(
+                    "  {:<16} {:>9} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3}",
+                    name, l.count, l.p50_ms, l.p99_ms, l.p999_ms, l.max_ms, l.mean_ms
+                );
+            }
+        }
+        let counts: Vec<String> = self
+            .counts
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        if !counts.is_empty() {
+            println!("  counts: {}", counts.join(" "));
+        }
+        if !self.errors.is_empty() {
+            let errors: Vec<String> = self
+                .errors
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            println!("  errors: {}", errors.join(" "));
+        }
+        if self.problems.is_empty() {
+            println!("  correctness: ok");
+        } else {
+            for problem in &self.problems {
+                println!("  PROBLEM: {problem}");
+            }
+        }
+    }
+
+    pub fn write_json(&self, path: &Path) -> anyhow::Result<()> {
+        let text = serde_json::to_string_pretty(self)?;
+        std::fs::write(path, text + "\n")
+            .with_context(|| format!("cannot write {}", path.display()))
+    }
+
+    pub fn read_json(path: &Path) -> anyhow::Result<Report> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a courier bench result", path.display()))
+    }
+}
+
+/// A number for people: integers without decimals, others with three.
+pub fn human(value: f64) -> String {
+    if value.fract() == 0.0 && value.abs() < 1e15 {
+        format!("{value:.0}")
+    } else {
+        format!("{value:.3}")
+    }
+}

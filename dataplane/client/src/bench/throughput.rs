@@ -1,0 +1,205 @@
+//! `throughput`: N pairs of devices (sender user `s<i>`, receiver user `r<i>` of this run);
+//! every message goes send -> `sent` -> `event` -> delivered `ack` -> `receipt`.
+
+use super::progress;
+use super::receiver::{ReceiverOutcome, ReceiverPlan, Redial, run_receiver};
+use super::report::Report;
+use super::sender::{Pace, SenderOutcome, SenderPlan, Target, run_sender};
+use super::stats::{Live, Phase};
+use super::wire::{Endpoint, connect_synced};
+use super::{CommonArgs, TokenMinter, run_id};
+use clap::Args;
+use futures::future::try_join_all;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+#[derive(Debug, Clone, Args)]
+pub struct ThroughputArgs {
+    /// Sender/receiver pairs (one direct conversation each).
+    #[arg(long, default_value_t = 8)]
+    pub pairs: usize,
+    /// Total target rate, messages per second (open loop); 0 = as fast as `--window` allows.
+    #[arg(long, default_value_t = 1000.0)]
+    pub rate: f64,
+    /// With `--rate 0`: sends awaiting `sent`, per sender.
+    #[arg(long, default_value_t = 64)]
+    pub window: usize,
+    /// Open loop: most sends awaiting `sent` per sender before the schedule waits.
+    #[arg(long, default_value_t = 10_000)]
+    pub max_in_flight: usize,
+    /// Size of each text body, bytes.
+    #[arg(long, default_value_t = 32)]
+    pub body_bytes: usize,
+    /// Spread connections over 127.0.0.1..127.0.0.K (loopback servers).
+    #[arg(long, default_value_t = 1)]
+    pub source_addrs: usize,
+}
+
+pub async fn run(common: &CommonArgs, args: ThroughputArgs) -> anyhow::Result<Report> {
+    anyhow::ensure!(args.pairs > 0, "--pairs must be at least 1");
+    anyhow::ensure!(args.rate >= 0.0, "--rate must not be negative");
+    let endpoint = Endpoint::resolve(&common.url, common.protocol.encoding()).await?;
+    let minter = TokenMinter::from_args(common)?;
+    let run = run_id();
+    let mut report = Report::new("throughput", common);
+    report.param("pairs", args.pairs);
+    report.param("rate", args.rate);
+    report.param("window", args.window);
+    report.param("body_bytes", args.body_bytes);
+    report.param("duration_secs", common.duration.as_secs_f64());
+
+    let connect = |i: usize, role: &'static str| {
+        let (endpoint, minter) = (&endpoint, &minter);
+        let user = format!("b{run}{role}{i}");
+        let local = endpoint.source_addr(i * 2 + usize::from(role == "r"), args.source_addrs);
+        async move {
+            let token = minter.token(&user, "d")?;
+            connect_synced(endpoint, &token, local).await
+        }
+    };
+    let receivers = try_join_all((0..args.pairs).map(|i| connect(i, "r"))).await?;
+    let senders = try_join_all((0..args.pairs).map(|i| connect(i, "s"))).await?;
+
+    let live = Arc::new(Live::default());
+    let (phase_tx, phase_rx) = watch::channel(Phase::Run);
+    let start = Instant::now() + Duration::from_millis(20);
+    let pace = if args.rate > 0.0 {
+        Pace::OpenLoop {
+            start,
+            interval: Duration::from_secs_f64(args.pairs as f64 / args.rate),
+        }
+    } else {
+        Pace::Window(args.window.max(1))
+    };
+    let mut receiver_tasks = Vec::new();
+    for (i, (writer, reader)) in receivers.into_iter().enumerate() {
+        let plan = ReceiverPlan {
+            ack: true,
+            until_sync_done: false,
+            redial: Some(Redial {
+                endpoint: endpoint.clone(),
+                token: minter.token(&format!("b{run}r{i}"), "d")?,
+                local: endpoint.source_addr(i * 2 + 1, args.source_addrs),
+            }),
+        };
+        let task = run_receiver(
+            writer,
+            reader,
+            endpoint.encoding,
+            plan,
+            live.clone(),
+            phase_rx.clone(),
+        );
+        receiver_tasks.push(tokio::spawn(task));
+    }
+    let mut sender_tasks = Vec::new();
+    for (i, (writer, reader)) in senders.into_iter().enumerate() {
+        let plan = SenderPlan {
+            targets: vec![Target::User(format!("b{run}r{i}"))],
+            count: None,
+            pace,
+            max_in_flight: args.max_in_flight.max(1),
+            body_bytes: args.body_bytes,
+            track_receipts: true,
+            record_acked: false,
+        };
+        let task = run_sender(
+            writer,
+            reader,
+            endpoint.encoding,
+            plan,
+            live.clone(),
+            phase_rx.clone(),
+        );
+        sender_tasks.push(tokio::spawn(task));
+    }
+
+    // Measured phase.
+    tokio::time::sleep_until(start.into()).await;
+    let bar = progress::bar(common.duration.as_secs().max(1), "s", common.no_progress);
+    let end = start + common.duration;
+    while Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(250).min(end - Instant::now())).await;
+        let elapsed = start.elapsed().as_secs_f64().max(1e-3);
+        bar.set_position(start.elapsed().as_secs());
+        bar.set_message(format!(
+            "{:.0} acked/s, {:.0} delivered/s",
+            Live::get(&live.acked) as f64 / elapsed,
+            Live::get(&live.delivered) as f64 / elapsed
+        ));
+    }
+    let measured = start.elapsed().as_secs_f64();
+    let (acked_at_end, delivered_at_end, receipted_at_end) = (
+        Live::get(&live.acked),
+        Live::get(&live.delivered),
+        Live::get(&live.receipted),
+    );
+    bar.finish_and_clear();
+
+    // Drain: senders finish their in-flight sends and wait for receipts.
+    let _ = phase_tx.send(Phase::Drain);
+    let drain_start = Instant::now();
+    let drain_end = drain_start + common.drain_timeout;
+    while Live::get(&live.senders_done) < args.pairs as u64 && Instant::now() < drain_end {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let drained = Live::get(&live.senders_done) == args.pairs as u64;
+    let drain_secs = drain_start.elapsed().as_secs_f64();
+    let _ = phase_tx.send(Phase::Stop);
+
+    let mut sent = SenderOutcome::default();
+    let mut closed = 0;
+    for task in sender_tasks {
+        let outcome = task.await?;
+        closed += u64::from(outcome.closed.is_some());
+        sent.merge(&outcome);
+    }
+    let mut received = ReceiverOutcome::default();
+    for task in receiver_tasks {
+        let (outcome, _, _) = task.await?;
+        closed += u64::from(outcome.closed.is_some());
+        received.merge(&outcome);
+    }
+
+    report.metric("target_msgs_per_sec", args.rate);
+    report.metric("acked_msgs_per_sec", acked_at_end as f64 / measured);
+    report.metric("delivered_msgs_per_sec", delivered_at_end as f64 / measured);
+    report.metric("receipted_msgs_per_sec", receipted_at_end as f64 / measured);
+    report.metric("drain_secs", drain_secs);
+    report.latency("send_ack", &sent.send_ack);
+    report.latency("delivery", &received.delivery);
+    report.latency("receipt", &sent.receipt);
+    let unique_acked = sent.acked - sent.duplicates;
+    let lost = unique_acked.saturating_sub(received.delivered);
+    for (name, value) in [
+        ("attempted", sent.attempted),
+        ("acked", sent.acked),
+        ("duplicates", sent.duplicates),
+        ("failed", sent.failed),
+        ("unacked", sent.unacked),
+        ("delivered", received.delivered),
+        ("redelivered", received.redelivered),
+        ("gaps", received.gaps),
+        ("receipted", sent.receipted),
+        ("lost", lost),
+        ("connections_lost", closed),
+        ("receiver_reconnects", received.reconnects),
+    ] {
+        report.count(name, value);
+    }
+    report.errors = sent.errors.0;
+    for (code, n) in received.errors.0 {
+        *report.errors.entry(code).or_default() += n;
+    }
+    if lost > 0 {
+        report.problem(format!(
+            "{lost} acknowledged messages were not delivered within the drain timeout"
+        ));
+    }
+    if received.gaps > 0 {
+        report.problem(format!("{} seq gaps seen by receivers", received.gaps));
+    }
+    report.count("drained", u64::from(drained));
+    Ok(report)
+}

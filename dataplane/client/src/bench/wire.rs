@@ -1,0 +1,218 @@
+//! Raw, pipelined WebSocket connections for the bench: the socket is split so that a task can
+//! write frames without waiting for replies, and the local address can be chosen (to spread
+//! connections over 127.0.0.1..127.0.0.K past the ephemeral-port limit).
+
+use anyhow::Context;
+use courier_proto::{ClientFrame, Encoding, Hello, Payload, ServerFrame};
+use futures::stream::{SplitSink, SplitStream};
+use futures::{SinkExt, StreamExt};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::{self, Message};
+
+pub type Socket = WebSocketStream<TcpStream>;
+pub type Writer = SplitSink<Socket, Message>;
+pub type Reader = SplitStream<Socket>;
+
+/// How long a connection may take to reach `hello`.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Where the server is: its address, and the host and port for URLs.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    authority: String,
+    pub encoding: Encoding,
+}
+
+impl Endpoint {
+    /// Resolves a `ws://host:port` base URL.
+    pub async fn resolve(url: &str, encoding: Encoding) -> anyhow::Result<Endpoint> {
+        let Some(rest) = url.strip_prefix("ws://") else {
+            anyhow::bail!("--url must be ws://HOST:PORT (the bench does not speak TLS), got {url}");
+        };
+        let authority = rest
+            .trim_end_matches('/')
+            .split('/')
+            .next()
+            .unwrap_or_default();
+        let with_port = if authority.contains(':') {
+            authority.to_owned()
+        } else {
+            format!("{authority}:80")
+        };
+        let addr = tokio::net::lookup_host(&with_port)
+            .await
+            .with_context(|| format!("cannot resolve {with_port}"))?
+            .next()
+            .with_context(|| format!("{with_port} resolves to no address"))?;
+        Ok(Endpoint {
+            addr,
+            authority: authority.to_owned(),
+            encoding,
+        })
+    }
+
+    /// `http://host:port`, for the HTTP API and `/metrics`.
+    pub fn http_base(&self) -> String {
+        format!("http://{}", self.authority)
+    }
+
+    /// `127.0.0.{1 + index % count}` as the local address of connection `index` (loopback
+    /// servers only; `None` otherwise or when `count` is 0 or 1).
+    pub fn source_addr(&self, index: usize, count: usize) -> Option<IpAddr> {
+        if count <= 1 || !self.addr.ip().is_loopback() || !self.addr.is_ipv4() {
+            return None;
+        }
+        let last = 1 + (index % count.min(254)) as u8;
+        Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, last)))
+    }
+
+    /// Connects with a bearer token, optionally from `local` address, and waits for `hello`.
+    pub async fn connect(
+        &self,
+        token: &str,
+        local: Option<IpAddr>,
+    ) -> anyhow::Result<(Socket, Hello)> {
+        tokio::time::timeout(CONNECT_TIMEOUT, self.connect_inner(token, local))
+            .await
+            .map_err(|_| anyhow::anyhow!("no hello within {CONNECT_TIMEOUT:?}"))?
+    }
+
+    async fn connect_inner(
+        &self,
+        token: &str,
+        local: Option<IpAddr>,
+    ) -> anyhow::Result<(Socket, Hello)> {
+        let socket = if self.addr.is_ipv4() {
+            TcpSocket::new_v4()
+        } else {
+            TcpSocket::new_v6()
+        }
+        .context("cannot create a socket (out of file descriptors?)")?;
+        if let Some(ip) = local {
+            socket
+                .bind(SocketAddr::new(ip, 0))
+                .with_context(|| format!("cannot bind to {ip}"))?;
+        }
+        let stream = socket
+            .connect(self.addr)
+            .await
+            .with_context(|| format!("cannot connect to {}", self.addr))?;
+        stream.set_nodelay(true)?;
+        let mut request = format!("ws://{}/v1/ws", self.authority).into_client_request()?;
+        let headers = request.headers_mut();
+        headers.insert(
+            "authorization",
+            HeaderValue::from_str(&format!("Bearer {token}"))?,
+        );
+        headers.insert(
+            "sec-websocket-protocol",
+            HeaderValue::from_static(self.encoding.subprotocol()),
+        );
+        let config = WebSocketConfig::default().max_message_size(Some(64 << 20));
+        let (mut socket, _) =
+            tokio_tungstenite::client_async_with_config(request, stream, Some(config))
+                .await
+                .map_err(|e| match e {
+                    tungstenite::Error::Http(response) => anyhow::anyhow!(
+                        "the server refused the upgrade with HTTP {}",
+                        response.status()
+                    ),
+                    other => anyhow::anyhow!("websocket handshake: {other}"),
+                })?;
+        match next_frame(&mut socket, self.encoding).await? {
+            ServerFrame::Hello(hello) => Ok((socket, hello)),
+            other => anyhow::bail!("expected hello first, got {other:?}"),
+        }
+    }
+}
+
+/// One encoded client frame.
+pub fn encode(encoding: Encoding, frame: &ClientFrame) -> Message {
+    match encoding.encode_client(frame) {
+        Payload::Text(text) => Message::text(text),
+        Payload::Binary(bytes) => Message::binary(bytes),
+    }
+}
+
+/// What a WebSocket message carried. Returned and matched at once, never stored: the
+/// size of the frame variant does not matter.
+#[allow(clippy::large_enum_variant)]
+pub enum Incoming {
+    Frame(ServerFrame),
+    /// Ping, pong or another control message: nothing for the bench.
+    Control,
+    /// The connection ended (close frame, error or end of stream), with a reason.
+    Closed(String),
+}
+
+/// Decodes one item read from the socket.
+pub fn decode(encoding: Encoding, item: Option<Result<Message, tungstenite::Error>>) -> Incoming {
+    match item {
+        None => Incoming::Closed("end of stream".into()),
+        Some(Err(e)) => Incoming::Closed(e.to_string()),
+        Some(Ok(Message::Text(text))) => match encoding.decode_server(text.as_bytes()) {
+            Ok(frame) => Incoming::Frame(frame),
+            Err(e) => Incoming::Closed(format!("undecodable frame: {e}")),
+        },
+        Some(Ok(Message::Binary(bytes))) => match encoding.decode_server(&bytes) {
+            Ok(frame) => Incoming::Frame(frame),
+            Err(e) => Incoming::Closed(format!("undecodable frame: {e}")),
+        },
+        Some(Ok(Message::Close(frame))) => Incoming::Closed(match frame {
+            Some(f) => format!("closed with {}: {}", u16::from(f.code), f.reason),
+            None => "closed".into(),
+        }),
+        Some(Ok(_)) => Incoming::Control,
+    }
+}
+
+/// The next frame of an unsplit socket (control messages skipped).
+pub async fn next_frame(socket: &mut Socket, encoding: Encoding) -> anyhow::Result<ServerFrame> {
+    loop {
+        match decode(encoding, socket.next().await) {
+            Incoming::Frame(frame) => return Ok(frame),
+            Incoming::Control => continue,
+            Incoming::Closed(why) => anyhow::bail!("connection lost: {why}"),
+        }
+    }
+}
+
+/// Writes one frame and flushes.
+pub async fn send(
+    writer: &mut Writer,
+    encoding: Encoding,
+    frame: &ClientFrame,
+) -> anyhow::Result<()> {
+    writer
+        .send(encode(encoding, frame))
+        .await
+        .context("write to the server")
+}
+
+/// Connects a device and reads its catch-up up to `sync_done` (events in it are dropped: use
+/// this for fresh devices), then splits the socket.
+pub async fn connect_synced(
+    endpoint: &Endpoint,
+    token: &str,
+    local: Option<IpAddr>,
+) -> anyhow::Result<(Writer, Reader)> {
+    let (mut socket, _) = endpoint.connect(token, local).await?;
+    let wait = async {
+        loop {
+            if let ServerFrame::SyncDone(_) = next_frame(&mut socket, endpoint.encoding).await? {
+                return anyhow::Ok(());
+            }
+        }
+    };
+    tokio::time::timeout(CONNECT_TIMEOUT, wait)
+        .await
+        .map_err(|_| anyhow::anyhow!("no sync_done within {CONNECT_TIMEOUT:?}"))??;
+    Ok(socket.split())
+}

@@ -1,0 +1,220 @@
+//! Smoke test of `courier bench`: every scenario runs against a real server with tiny sizes
+//! and its `--json` result is well formed and shows no lost message. Correctness only: no
+//! timing thresholds.
+
+mod support;
+
+use serde_json::Value;
+use std::path::Path;
+use std::process::Command;
+use support::Server;
+
+/// Rate limits off, as for any benchmark.
+const UNLIMITED: [&str; 4] = [
+    "--user-sends-per-sec",
+    "0",
+    "--connection-frames-per-sec",
+    "0",
+];
+
+/// The outcome of one `courier bench` run: exit success, stderr, and the JSON result.
+struct BenchRun {
+    success: bool,
+    stderr: String,
+    json: Option<Value>,
+}
+
+fn bench(common: &[&str], scenario: &[&str]) -> BenchRun {
+    let out_dir = tempfile::tempdir().unwrap();
+    let json_path = out_dir.path().join("result.json");
+    let output = Command::new(env!("CARGO_BIN_EXE_courier"))
+        .arg("bench")
+        .args(common)
+        .args(["--no-progress", "--duration", "2s", "--json"])
+        .arg(&json_path)
+        .args(scenario)
+        .output()
+        .expect("run courier bench");
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    eprintln!("{}{stderr}", String::from_utf8_lossy(&output.stdout));
+    BenchRun {
+        success: output.status.success(),
+        stderr,
+        json: read_json(&json_path),
+    }
+}
+
+fn read_json(path: &Path) -> Option<Value> {
+    let text = std::fs::read_to_string(path).ok()?;
+    Some(serde_json::from_str(&text).expect("the result is valid JSON"))
+}
+
+fn common_for(server: &Server) -> Vec<String> {
+    vec![
+        "--url".into(),
+        server.ws_url(),
+        "--data-dir".into(),
+        server.data_dir.display().to_string(),
+    ]
+}
+
+/// A successful run whose result names the scenario, has no problems and lost nothing.
+fn assert_clean(run: &BenchRun, scenario: &str) -> Value {
+    assert!(run.success, "bench {scenario} failed: {}", run.stderr);
+    let json = run.json.clone().expect("a --json result");
+    assert_eq!(json["scenario"], scenario);
+    assert_eq!(json["problems"], Value::Array(vec![]), "{json:#}");
+    if let Some(lost) = json["counts"].get("lost") {
+        assert_eq!(lost, 0, "{json:#}");
+    }
+    json
+}
+
+fn run_against_server(scenario: &[&str]) -> Value {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_in(dir.path(), &UNLIMITED);
+    let common = common_for(&server);
+    let common: Vec<&str> = common.iter().map(String::as_str).collect();
+    assert_clean(&bench(&common, scenario), scenario[0])
+}
+
+#[test]
+fn throughput_delivers_and_receipts_every_message() {
+    let json = run_against_server(&["throughput", "--pairs", "2", "--rate", "100"]);
+    let counts = &json["counts"];
+    assert!(counts["acked"].as_u64().unwrap() > 0, "{json:#}");
+    assert_eq!(counts["acked"], counts["delivered"]);
+    assert_eq!(counts["acked"], counts["receipted"]);
+    assert!(json["latencies_ms"]["delivery"]["count"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn throughput_as_fast_as_possible_over_protobuf() {
+    let json = run_against_server(&[
+        "throughput",
+        "--pairs",
+        "2",
+        "--rate",
+        "0",
+        "--window",
+        "8",
+        "--protocol",
+        "proto",
+    ]);
+    assert_eq!(json["protocol"], "proto");
+    assert_eq!(json["counts"]["acked"], json["counts"]["delivered"]);
+}
+
+#[test]
+fn connections_from_two_processes() {
+    let json = run_against_server(&[
+        "connections",
+        "--connections",
+        "40",
+        "--processes",
+        "2",
+        "--source-addrs",
+        "2",
+        "--hold",
+        "200ms",
+    ]);
+    assert_eq!(json["counts"]["connected"], 40);
+    assert_eq!(json["counts"]["failed"], 0);
+    assert_eq!(json["metrics"]["server_connections_delta"], 40.0);
+}
+
+#[test]
+fn reconnect_storm_catches_up_every_pending_message() {
+    let json = run_against_server(&[
+        "reconnect-storm",
+        "--devices",
+        "20",
+        "--pending",
+        "3",
+        "--senders",
+        "2",
+    ]);
+    assert_eq!(json["counts"]["synced"], 20);
+    assert_eq!(json["counts"]["events_received"], 60);
+}
+
+#[test]
+fn group_fanout_reaches_every_member_or_is_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_in(dir.path(), &UNLIMITED);
+    let common = common_for(&server);
+    let common: Vec<&str> = common.iter().map(String::as_str).collect();
+    let run = bench(
+        &common,
+        &[
+            "group-fanout",
+            "--members",
+            "10",
+            "--senders",
+            "2",
+            "--rate",
+            "20",
+        ],
+    );
+    if run.stderr.contains("this server does not support groups") {
+        eprintln!("skipped: this server does not support groups yet (POST /v1/groups is 404)");
+        return;
+    }
+    let json = assert_clean(&run, "group-fanout");
+    let counts = &json["counts"];
+    assert!(counts["acked"].as_u64().unwrap() > 0, "{json:#}");
+    assert_eq!(counts["delivered"], counts["deliveries_expected"]);
+}
+
+#[test]
+fn crash_scenario_finds_every_acknowledged_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().display().to_string();
+    let run = bench(
+        &["--data-dir", &data_dir],
+        &[
+            "crash",
+            "--server-bin",
+            env!("CARGO_BIN_EXE_courier"),
+            "--pairs",
+            "2",
+            "--kill-after",
+            "200",
+        ],
+    );
+    let json = assert_clean(&run, "crash");
+    let counts = &json["counts"];
+    assert!(counts["acked"].as_u64().unwrap() > 0, "{json:#}");
+    assert_eq!(counts["seq_changed"], 0);
+    assert_eq!(counts["duplicates"], 0);
+    assert_eq!(counts["gaps"], 0);
+}
+
+#[test]
+fn compare_prints_ratios() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, rate: f64| {
+        let path = dir.path().join(name);
+        let report = serde_json::json!({
+            "scenario": "throughput", "protocol": "json", "url": "ws://x", "started_unix_ms": 0,
+            "params": {}, "metrics": { "acked_msgs_per_sec": rate }, "latencies_ms": {},
+            "counts": {}, "errors": {}, "problems": []
+        });
+        std::fs::write(&path, report.to_string()).unwrap();
+        path
+    };
+    let (a, b) = (write("a.json", 1000.0), write("b.json", 2500.0));
+    let output = Command::new(env!("CARGO_BIN_EXE_courier"))
+        .args(["bench", "compare"])
+        .args([&a, &b])
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let table = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("acked_msgs_per_sec") && l.ends_with("2.500")),
+        "{table}"
+    );
+}
