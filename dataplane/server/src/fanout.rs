@@ -36,6 +36,28 @@ struct Worker {
 
 type LargeDelivery = (Arc<SharedEvent>, Members);
 
+/// The last key a consumer took from each shard's queue (in memory: after a restart the first
+/// read starts at the head of the queue).
+#[derive(Default)]
+pub struct ShardCursors(Mutex<std::collections::HashMap<u32, Vec<u8>>>);
+
+impl ShardCursors {
+    pub fn get(&self, shard: u32) -> Option<Vec<u8>> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&shard)
+            .cloned()
+    }
+
+    pub fn set(&self, shard: u32, last: Vec<u8>) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(shard, last);
+    }
+}
+
 pub struct Fanout {
     store: MessageStore,
     routes: Arc<Routes>,
@@ -43,6 +65,7 @@ pub struct Fanout {
     metrics: Arc<Metrics>,
     workers: Vec<Worker>,
     backlog: AtomicI64,
+    cursors: ShardCursors,
     large_group_threshold: usize,
     large: mpsc::Sender<LargeDelivery>,
     large_queue: Mutex<Option<mpsc::Receiver<LargeDelivery>>>,
@@ -71,6 +94,7 @@ impl Fanout {
             metrics,
             workers,
             backlog: AtomicI64::new(0),
+            cursors: ShardCursors::default(),
             large_group_threshold,
             large,
             large_queue: Mutex::new(Some(large_queue)),
@@ -137,16 +161,21 @@ impl Fanout {
     /// Delivers and clears the outbox of `shard` until it is empty.
     async fn drain(&self, shard: u32) -> Result<(), StoreError> {
         loop {
-            let entries = self.store.outbox(shard, OUTBOX_PAGE).await?;
-            let Some((last, _)) = entries.last() else {
+            let after = self.cursors.get(shard);
+            let entries = self
+                .store
+                .outbox(shard, after.as_deref(), OUTBOX_PAGE)
+                .await?;
+            let (Some((first, _)), Some((last, _))) = (entries.first(), entries.last()) else {
                 return Ok(());
             };
-            let last = last.clone();
+            let (first, last) = (first.clone(), last.clone());
             let count = entries.len();
             for (_, event) in entries {
                 self.deliver(event).await?;
             }
-            self.store.clear_outbox(shard, &last).await?;
+            self.store.clear_outbox(&first, &last).await?;
+            self.cursors.set(shard, last);
             let left = self.backlog.fetch_sub(count as i64, Ordering::Relaxed) - count as i64;
             self.metrics.fanout_backlog.set(left.max(0));
         }

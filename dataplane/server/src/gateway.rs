@@ -96,9 +96,26 @@ struct Connection<'a> {
     /// Highest seq written to this connection (or known to its device), per conversation.
     upto: HashMap<String, u64>,
     pending: FuturesUnordered<BoxFuture<'static, SendResult>>,
+    ack: Option<PendingAck>,
     frames: ConnectionLimit,
     typing: ConnectionLimit,
 }
+
+/// An `ack` being committed: its `ref` and outcome. While one is pending the connection reads
+/// no further frame (an ack takes effect before any later frame is handled) but keeps writing
+/// deliveries.
+type PendingAck = BoxFuture<'static, (Option<i64>, Result<(), ApiError>)>;
+
+/// Waits for the pending ack, if any (never resolves without one).
+async fn acked(ack: &mut Option<PendingAck>) -> (Option<i64>, Result<(), ApiError>) {
+    match ack {
+        Some(ack) => ack.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Longest wait, when a connection ends, for its last ack to be committed.
+const LAST_ACK_WAIT: Duration = Duration::from_secs(10);
 
 /// Why the connection ends.
 enum Exit {
@@ -121,24 +138,28 @@ impl Gateway {
             socket,
             upto: HashMap::new(),
             pending: FuturesUnordered::new(),
+            ack: None,
             frames: ConnectionLimit::new(self.limits.connection_frames),
             typing: ConnectionLimit::new(self.limits.connection_typing),
         };
         let devices = crate::devices::Devices::new(self.chat.store().clone());
         devices.seen(&connection.who).await;
         let exit = connection.run(&mut deliveries, &handle).await;
+        if let Exit::Close(code, reason) = exit {
+            let close = Message::Close(Some(CloseFrame {
+                code,
+                reason: reason.into(),
+            }));
+            let _ = connection.write_message(close).await;
+        }
+        // An ack is not lost because the connection closed right after it.
+        if let Some(ack) = connection.ack.take() {
+            let _ = tokio::time::timeout(LAST_ACK_WAIT, ack).await;
+        }
+        devices.seen(&connection.who).await;
+        // Last: a draining server waits for its connections to leave the registry.
         self.routes.unregister(&user, handle.id);
         self.metrics.connections.dec();
-        devices.seen(&connection.who).await;
-        if let Exit::Close(code, reason) = exit {
-            let _ = connection
-                .socket
-                .send(Message::Close(Some(CloseFrame {
-                    code,
-                    reason: reason.into(),
-                })))
-                .await;
-        }
     }
 }
 
@@ -161,7 +182,8 @@ impl Connection<'_> {
         }
         let mut draining = self.gateway.draining.clone();
         loop {
-            let reading = self.pending.len() < self.gateway.limits.max_pending_sends;
+            let reading =
+                self.ack.is_none() && self.pending.len() < self.gateway.limits.max_pending_sends;
             let step = tokio::select! {
                 biased;
                 _ = handle.kick.notified() => Err(match handle.kick_reason() {
@@ -169,6 +191,13 @@ impl Connection<'_> {
                     KickReason::Unlinked => Exit::Close(close_code::POLICY, "device unlinked"),
                 }),
                 _ = async { drop(draining.wait_for(|d| *d).await) } => self.drain().await,
+                (reference, outcome) = acked(&mut self.ack) => {
+                    self.ack = None;
+                    match outcome {
+                        Ok(()) => Ok(()),
+                        Err(e) => self.write_error(reference, None, e).await,
+                    }
+                }
                 Some(done) = self.pending.next() => self.on_sent(done).await,
                 Some(delivery) = deliveries.recv() => self.on_delivery(delivery).await,
                 message = self.socket.recv(), if reading => match message {
@@ -344,7 +373,14 @@ impl Connection<'_> {
                 }
                 Ok(chat.typing(&self.who, &typing).await)
             }
-            ClientFrame::Ack(ack) => Ok(chat.acknowledge(&self.who, &ack).await),
+            ClientFrame::Ack(ack) => {
+                let who = self.who.clone();
+                let reference = ack.reference;
+                self.ack = Some(Box::pin(async move {
+                    (reference, chat.acknowledge(&who, &ack).await)
+                }));
+                Ok(Ok(()))
+            }
             ClientFrame::Fetch(fetch) => {
                 let after = fetch.after_seq.unwrap_or(0);
                 match chat

@@ -19,6 +19,9 @@ use courier_proto::{Encoding, ErrorCode, SUBPROTOCOL_JSON, SUBPROTOCOL_PROTO};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+/// Read buffer of each WebSocket connection.
+const READ_BUFFER_BYTES: usize = 4096;
+
 /// What the handlers share.
 pub struct AppState {
     pub chat: Arc<Chat>,
@@ -104,7 +107,11 @@ async fn websocket(
     let upgrade = upgrade
         .protocols([SUBPROTOCOL_JSON, SUBPROTOCOL_PROTO])
         .max_message_size(limit)
-        .max_frame_size(limit);
+        .max_frame_size(limit)
+        // tungstenite reserves its read buffer per connection up front (128 KiB by default):
+        // most of an idle connection's memory. Frames larger than this are read in pieces.
+        .read_buffer_size(READ_BUFFER_BYTES)
+        .write_buffer_size(0);
     let encoding = match upgrade.selected_protocol() {
         Some(name) => name.to_str().ok().and_then(Encoding::from_subprotocol),
         None if asked => None,

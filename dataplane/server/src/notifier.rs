@@ -13,7 +13,7 @@
 //! - Payloads carry conversation id, seq, sender and count; the text only with
 //!   `--push-include-text`.
 
-use crate::fanout::now_ms;
+use crate::fanout::{ShardCursors, now_ms};
 use crate::membership::MembershipCache;
 use crate::metrics::{Metrics, OutcomeLabel};
 use crate::push::{Notification, PushError, PushProviders, next_delay};
@@ -59,6 +59,7 @@ pub struct Notifier {
     large_group_threshold: usize,
     metrics: Arc<Metrics>,
     dirty: Mutex<BTreeSet<u32>>,
+    cursors: ShardCursors,
     wake: Notify,
     /// The earliest due time of any pending notification (0: unknown, scan).
     next_due_ms: AtomicU64,
@@ -86,6 +87,7 @@ impl Notifier {
             large_group_threshold,
             metrics,
             dirty: Mutex::new(BTreeSet::new()),
+            cursors: ShardCursors::default(),
             wake: Notify::new(),
             next_due_ms: AtomicU64::new(0),
         })
@@ -138,11 +140,15 @@ impl Notifier {
 
     async fn expand(&self, shard: u32) -> Result<(), StoreError> {
         loop {
-            let intents = self.store.push_intents(shard, INTENT_PAGE).await?;
-            let Some((last, _)) = intents.last() else {
+            let after = self.cursors.get(shard);
+            let intents = self
+                .store
+                .push_intents(shard, after.as_deref(), INTENT_PAGE)
+                .await?;
+            let (Some((first, _)), Some((last, _))) = (intents.first(), intents.last()) else {
                 return Ok(());
             };
-            let last = last.clone();
+            let (first, last) = (first.clone(), last.clone());
             let now = now_ms();
             let mut pending: HashMap<DeviceKey, PendingPush> = HashMap::new();
             for (_, intent) in intents {
@@ -189,8 +195,9 @@ impl Notifier {
             }
             let pending: Vec<_> = pending.into_iter().collect();
             self.store
-                .expand_push_intents(shard, &last, &pending)
+                .expand_push_intents(&first, &last, &pending)
                 .await?;
+            self.cursors.set(shard, last);
             if let Some(due) = pending.iter().map(|(_, p)| p.due_ms).min() {
                 self.next_due_ms.fetch_min(due, Ordering::Relaxed);
             }

@@ -6,6 +6,7 @@ use crate::kv::{Batch, KvEngine, Mutation, StoreError, decode_u64};
 use courier_proto::{Event, EventPayload, Sender, pb};
 use prost::Message;
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::Arc;
 
 /// Attempts for a batch whose commit outcome was unknown before giving up.
@@ -789,11 +790,16 @@ impl MessageStore {
     pub async fn push_intents(
         &self,
         shard: u32,
+        after: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, PushIntent)>, StoreError> {
         let rows = self
             .kv
-            .range(self.keys.push_intents(shard), limit, false)
+            .range(
+                queue_tail(self.keys.push_intents(shard), after),
+                limit,
+                false,
+            )
             .await?;
         rows.into_iter()
             .map(|(k, v)| {
@@ -838,14 +844,12 @@ impl MessageStore {
     /// commit: a crash before it expands them again, after it they are pending.
     pub async fn expand_push_intents(
         &self,
-        shard: u32,
+        first: &[u8],
         last: &[u8],
         pending: &[((String, String, String), PendingPush)],
     ) -> Result<(), StoreError> {
-        let mut end = last.to_vec();
-        end.push(0);
         let mut batch = Batch::new();
-        batch.clear_range(self.keys.push_intents(shard).start..end);
+        batch.clear_range(through(first, last));
         for ((user, device, conv), push) in pending {
             batch.set(
                 self.keys.pending_push(user, device, conv),
@@ -1030,9 +1034,13 @@ impl MessageStore {
     pub async fn outbox(
         &self,
         shard: u32,
+        after: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, Event)>, StoreError> {
-        let rows = self.kv.range(self.keys.outbox(shard), limit, false).await?;
+        let rows = self
+            .kv
+            .range(queue_tail(self.keys.outbox(shard), after), limit, false)
+            .await?;
         rows.into_iter()
             .map(|(key, value)| {
                 let event = decode_event(&key, &value)?;
@@ -1041,14 +1049,33 @@ impl MessageStore {
             .collect()
     }
 
-    /// Removes the outbox entries of `shard` up to and including `last`, once fanned out.
-    pub async fn clear_outbox(&self, shard: u32, last: &[u8]) -> Result<(), StoreError> {
-        let mut end = last.to_vec();
-        end.push(0);
+    /// Removes the outbox entries `first..=last` of one shard, once fanned out.
+    pub async fn clear_outbox(&self, first: &[u8], last: &[u8]) -> Result<(), StoreError> {
         let mut batch = Batch::new();
-        batch.clear_range(self.keys.outbox(shard).start..end);
+        batch.clear_range(through(first, last));
         self.kv.commit(batch).await.map(drop)
     }
+}
+
+/// The part of a queue of versionstamped keys after `cursor`, the last key its consumer took.
+/// New entries always sort after it, and starting there, reads do not walk over the entries
+/// already cleared (an LSM keeps their tombstones until compaction).
+fn queue_tail(queue: Range<Vec<u8>>, cursor: Option<&[u8]>) -> Range<Vec<u8>> {
+    match cursor {
+        Some(cursor) => {
+            let mut start = cursor.to_vec();
+            start.push(0);
+            start.max(queue.start)..queue.end
+        }
+        None => queue,
+    }
+}
+
+/// `first..=last` as a half-open range.
+fn through(first: &[u8], last: &[u8]) -> Range<Vec<u8>> {
+    let mut end = last.to_vec();
+    end.push(0);
+    first.to_vec()..end
 }
 
 impl MessageStore {
@@ -1135,7 +1162,7 @@ mod tests {
         assert_eq!(store.head("d:1").await.unwrap(), 3);
         assert_eq!(store.members("d:1").await.unwrap(), ["alice", "bob"]);
         assert_eq!(
-            store.outbox(shard, 10).await.unwrap().len(),
+            store.outbox(shard, None, 10).await.unwrap().len(),
             3,
             "one outbox entry per new event"
         );
