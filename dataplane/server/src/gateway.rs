@@ -142,8 +142,10 @@ impl Gateway {
             frames: ConnectionLimit::new(self.limits.connection_frames),
             typing: ConnectionLimit::new(self.limits.connection_typing),
         };
-        let devices = crate::devices::Devices::new(self.chat.store().clone());
-        devices.seen(&connection.who).await;
+        let devices = Arc::new(crate::devices::Devices::new(self.chat.store().clone()));
+        // Last-seen is advisory: recorded beside the catch-up, not before it.
+        let (seen, who) = (devices.clone(), connection.who.clone());
+        tokio::spawn(async move { seen.seen(&who).await });
         let exit = connection.run(&mut deliveries, &handle).await;
         if let Exit::Close(code, reason) = exit {
             let close = Message::Close(Some(CloseFrame {
