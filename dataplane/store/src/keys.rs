@@ -61,11 +61,6 @@ impl Keys {
         }
     }
 
-    /// The bounds of every key of this store.
-    pub fn all(&self) -> Range<Vec<u8>> {
-        range_of(self.root.clone())
-    }
-
     pub fn shard_count(&self) -> Vec<u8> {
         self.root.pack(&("meta", "shards"))
     }

@@ -249,10 +249,6 @@ impl MessageStore {
         &self.keys
     }
 
-    pub fn engine(&self) -> &Arc<dyn KvEngine> {
-        &self.kv
-    }
-
     /// The shard that orders `conversation_id`.
     pub fn shard_of(&self, conversation_id: &str) -> u32 {
         (stable_hash(conversation_id.as_bytes()) % u64::from(self.shard_count)) as u32
