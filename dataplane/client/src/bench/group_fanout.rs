@@ -162,18 +162,14 @@ pub async fn run(common: &CommonArgs, args: GroupFanoutArgs) -> anyhow::Result<R
         sender_tasks.push(tokio::spawn(task));
     }
 
-    tokio::time::sleep_until(start.into()).await;
-    let bar = progress::bar(common.duration.as_secs().max(1), "s", common.no_progress);
-    let end = start + common.duration;
-    while Instant::now() < end {
-        tokio::time::sleep(Duration::from_millis(250).min(end - Instant::now())).await;
-        bar.set_position(start.elapsed().as_secs());
-        bar.set_message(format!(
+    let bar = progress::timed_phase(start, common.duration, common.no_progress, |_| {
+        format!(
             "{} sent, {} delivered",
             Live::get(&live.acked),
             Live::get(&live.delivered)
-        ));
-    }
+        )
+    })
+    .await;
     let measured = start.elapsed().as_secs_f64();
     bar.finish_and_clear();
     let _ = phase_tx.send(Phase::Drain);

@@ -116,19 +116,14 @@ pub async fn run(common: &CommonArgs, args: ThroughputArgs) -> anyhow::Result<Re
     }
 
     // Measured phase.
-    tokio::time::sleep_until(start.into()).await;
-    let bar = progress::bar(common.duration.as_secs().max(1), "s", common.no_progress);
-    let end = start + common.duration;
-    while Instant::now() < end {
-        tokio::time::sleep(Duration::from_millis(250).min(end - Instant::now())).await;
-        let elapsed = start.elapsed().as_secs_f64().max(1e-3);
-        bar.set_position(start.elapsed().as_secs());
-        bar.set_message(format!(
+    let bar = progress::timed_phase(start, common.duration, common.no_progress, |elapsed| {
+        format!(
             "{:.0} acked/s, {:.0} delivered/s",
             Live::get(&live.acked) as f64 / elapsed,
             Live::get(&live.delivered) as f64 / elapsed
-        ));
-    }
+        )
+    })
+    .await;
     let measured = start.elapsed().as_secs_f64();
     let (acked_at_end, delivered_at_end, receipted_at_end) = (
         Live::get(&live.acked),
