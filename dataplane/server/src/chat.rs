@@ -153,16 +153,22 @@ impl Chat {
     /// The lowest seq `user` may read in `conv`: from its join on (or `history_on_join`
     /// events before it), and never below the retention floor.
     pub async fn visible_from(&self, conv: &str, user: &str) -> Result<u64, ApiError> {
+        Ok(self.visibility(conv, user).await?.0)
+    }
+
+    /// [`Chat::visible_from`] and the conversation's retention floor, read once.
+    async fn visibility(&self, conv: &str, user: &str) -> Result<(u64, u64), ApiError> {
         let joined = self
             .store
             .member(conv, user)
             .await?
             .map_or(1, |m| m.joined_seq.max(1));
         let floor = self.store.floor(conv).await?;
-        Ok(joined
+        let visible_from = joined
             .saturating_sub(self.limits.history_on_join)
             .max(floor)
-            .max(1))
+            .max(1);
+        Ok((visible_from, floor))
     }
 
     fn count_limited(
@@ -351,8 +357,8 @@ impl Chat {
             None => DEFAULT_FETCH_LIMIT,
         };
         let head_seq = self.store.head(conv).await?;
-        let floor = self.store.floor(conv).await?;
-        let start = after_seq.max(self.visible_from(conv, &who.user).await? - 1);
+        let (visible_from, floor) = self.visibility(conv, &who.user).await?;
+        let start = after_seq.max(visible_from - 1);
         let events = self.store.events(conv, start, limit as usize).await?;
         Ok(Page {
             events,
@@ -410,8 +416,7 @@ impl Chat {
                 .or_else(|| cursors.get(&conv))
                 .copied()
                 .unwrap_or(0);
-            let visible_from = self.visible_from(&conv, &who.user).await?;
-            let floor = self.store.floor(&conv).await?;
+            let (visible_from, floor) = self.visibility(&conv, &who.user).await?;
             let from = cursor.max(visible_from - 1);
             let head = self.store.head(&conv).await?;
             resume.insert(conv.clone(), cursor.max(visible_from - 1));
