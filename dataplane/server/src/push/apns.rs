@@ -210,50 +210,38 @@ impl PushProvider for Apns {
 mod tests {
     use super::*;
 
-    fn answer(status: u16, retry_after: Option<&str>, body: &str) -> Answer {
-        let mut headers = reqwest::header::HeaderMap::new();
-        if let Some(seconds) = retry_after {
-            headers.insert(reqwest::header::RETRY_AFTER, seconds.parse().unwrap());
-        }
-        Answer {
-            status: reqwest::StatusCode::from_u16(status).unwrap(),
-            headers,
-            body: body.to_owned(),
-        }
-    }
-
     #[test]
     fn apns_answers_map_to_what_the_notifier_does() {
         use Outcome::*;
         let retry = |after| Done(Err(PushError::Retry { after }));
         let cases = [
-            (answer(200, None, ""), Done(Ok(()))),
+            (Answer::canned(200, None, ""), Done(Ok(()))),
             (
-                answer(410, None, r#"{"reason":"Unregistered","timestamp":1}"#),
+                Answer::canned(410, None, r#"{"reason":"Unregistered","timestamp":1}"#),
                 Done(Err(PushError::InvalidToken)),
             ),
             (
-                answer(410, None, r#"{"reason":"ExpiredToken"}"#),
+                Answer::canned(410, None, r#"{"reason":"ExpiredToken"}"#),
                 Done(Err(PushError::InvalidToken)),
             ),
             (
-                answer(400, None, r#"{"reason":"BadDeviceToken"}"#),
+                Answer::canned(400, None, r#"{"reason":"BadDeviceToken"}"#),
                 Done(Err(PushError::InvalidToken)),
             ),
             (
-                answer(403, None, r#"{"reason":"ExpiredProviderToken"}"#),
+                Answer::canned(403, None, r#"{"reason":"ExpiredProviderToken"}"#),
                 RenewProviderToken,
             ),
             (
-                answer(429, Some("9"), r#"{"reason":"TooManyRequests"}"#),
+                Answer::canned(429, Some("9"), r#"{"reason":"TooManyRequests"}"#),
                 retry(Some(Duration::from_secs(9))),
             ),
             (
-                answer(500, None, r#"{"reason":"InternalServerError"}"#),
+                Answer::canned(500, None, r#"{"reason":"InternalServerError"}"#),
                 retry(None),
             ),
             (
-                answer(503, None, r#"{"reason":"ServiceUnavailable"}"#),
+                Answer::canned(503, None, r#"{"reason":"ServiceUnavailable"}"#),
                 retry(None),
             ),
         ];
@@ -273,7 +261,7 @@ mod tests {
             (413, "PayloadTooLarge"),
         ] {
             let body = format!(r#"{{"reason":"{reason}"}}"#);
-            match outcome(&answer(status, None, &body)) {
+            match outcome(&Answer::canned(status, None, &body)) {
                 Done(Err(PushError::Rejected(why))) => assert!(why.contains(reason), "{why}"),
                 other => panic!("{status} {reason}: {other:?}"),
             }

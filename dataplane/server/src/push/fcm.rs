@@ -332,18 +332,6 @@ impl PushProvider for Fcm {
 mod tests {
     use super::*;
 
-    fn answer(status: u16, retry_after: Option<&str>, body: &str) -> Answer {
-        let mut headers = reqwest::header::HeaderMap::new();
-        if let Some(seconds) = retry_after {
-            headers.insert(reqwest::header::RETRY_AFTER, seconds.parse().unwrap());
-        }
-        Answer {
-            status: reqwest::StatusCode::from_u16(status).unwrap(),
-            headers,
-            body: body.to_owned(),
-        }
-    }
-
     fn fcm_error(status: u16, canonical: &str, code: &str) -> String {
         serde_json::json!({"error": {
             "code": status,
@@ -362,24 +350,27 @@ mod tests {
         use Outcome::*;
         let cases = [
             (
-                answer(200, None, r#"{"name":"projects/p/messages/1"}"#),
+                Answer::canned(200, None, r#"{"name":"projects/p/messages/1"}"#),
                 Done(Ok(())),
             ),
             (
-                answer(404, None, &fcm_error(404, "NOT_FOUND", "UNREGISTERED")),
+                Answer::canned(404, None, &fcm_error(404, "NOT_FOUND", "UNREGISTERED")),
                 Done(Err(PushError::InvalidToken)),
             ),
             (
-                answer(
+                Answer::canned(
                     400,
                     None,
                     &fcm_error(400, "INVALID_ARGUMENT", "UNREGISTERED"),
                 ),
                 Done(Err(PushError::InvalidToken)),
             ),
-            (answer(404, None, ""), Done(Err(PushError::InvalidToken))),
             (
-                answer(
+                Answer::canned(404, None, ""),
+                Done(Err(PushError::InvalidToken)),
+            ),
+            (
+                Answer::canned(
                     400,
                     None,
                     r#"{"error":{"code":400,"status":"INVALID_ARGUMENT","message":"The registration token is not a valid FCM registration token","details":[{"@type":"type.googleapis.com/google.firebase.fcm.v1.FcmError","errorCode":"INVALID_ARGUMENT"}]}}"#,
@@ -387,7 +378,7 @@ mod tests {
                 Done(Err(PushError::InvalidToken)),
             ),
             (
-                answer(
+                Answer::canned(
                     400,
                     None,
                     r#"{"error":{"code":400,"status":"INVALID_ARGUMENT","message":"Request contains an invalid argument.","details":[{"@type":"type.googleapis.com/google.rpc.BadRequest","fieldViolations":[{"field":"message.token","description":"Invalid registration token"}]}]}}"#,
@@ -395,7 +386,7 @@ mod tests {
                 Done(Err(PushError::InvalidToken)),
             ),
             (
-                answer(
+                Answer::canned(
                     429,
                     Some("7"),
                     &fcm_error(429, "RESOURCE_EXHAUSTED", "QUOTA_EXCEEDED"),
@@ -405,11 +396,11 @@ mod tests {
                 })),
             ),
             (
-                answer(500, None, &fcm_error(500, "INTERNAL", "INTERNAL")),
+                Answer::canned(500, None, &fcm_error(500, "INTERNAL", "INTERNAL")),
                 Done(Err(PushError::Retry { after: None })),
             ),
             (
-                answer(
+                Answer::canned(
                     503,
                     Some("2"),
                     &fcm_error(503, "UNAVAILABLE", "UNAVAILABLE"),
@@ -419,7 +410,7 @@ mod tests {
                 })),
             ),
             (
-                answer(
+                Answer::canned(
                     401,
                     None,
                     &fcm_error(401, "UNAUTHENTICATED", "UNAUTHENTICATED"),
@@ -447,7 +438,7 @@ mod tests {
             (400, "not json".to_owned()),
         ] {
             assert!(
-                matches!(outcome(&answer(status, None, &body)), Done(Err(PushError::Rejected(_)))),
+                matches!(outcome(&Answer::canned(status, None, &body)), Done(Err(PushError::Rejected(_)))),
                 "{status} {body}"
             );
         }

@@ -260,6 +260,22 @@ struct Answer {
     body: String,
 }
 
+#[cfg(test)]
+impl Answer {
+    /// An answer as a provider would give it, for the providers' unit tests.
+    fn canned(status: u16, retry_after: Option<&str>, body: &str) -> Self {
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(seconds) = retry_after {
+            headers.insert(reqwest::header::RETRY_AFTER, seconds.parse().unwrap());
+        }
+        Answer {
+            status: reqwest::StatusCode::from_u16(status).unwrap(),
+            headers,
+            body: body.to_owned(),
+        }
+    }
+}
+
 impl Answer {
     async fn read(mut response: reqwest::Response) -> Self {
         let status = response.status();
