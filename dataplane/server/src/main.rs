@@ -28,6 +28,11 @@ mod sequencer;
 mod serve;
 
 use clap::{Parser, Subcommand};
+
+/// mimalloc instead of the system allocator: the server allocates per frame and per commit
+/// from many threads, where glibc malloc took ~20% of the CPU under load (docs/benchmarks.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::path::PathBuf;
 use std::time::Duration;
 
