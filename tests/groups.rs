@@ -362,8 +362,16 @@ async fn typing_is_relayed_to_other_members_and_never_stored() {
     }
 }
 
+async fn next_receipt(client: &mut Client) -> Receipt {
+    loop {
+        if let ServerFrame::Receipt(r) = client.next_frame_within(WAIT).await.unwrap() {
+            return r;
+        }
+    }
+}
+
 #[tokio::test]
-async fn group_receipts_are_cumulative_and_coalesced_in_large_groups() {
+async fn group_receipts_are_cumulative_and_coalesced_to_the_senders_in_large_groups() {
     let (_dir, server) = start(&[
         "--receipt-coalesce-above",
         "2",
@@ -377,38 +385,46 @@ async fn group_receipts_are_cumulative_and_coalesced_in_large_groups() {
         .unwrap();
     let mut alice = connected(&server, "alice", "phone").await;
     let mut bob = connected(&server, "bob", "phone").await;
+    let mut carol = connected(&server, "carol", "phone").await;
+    let group = || Target::Conversation(conv.clone());
     for i in 0..3 {
         alice
-            .send_text(Target::Conversation(conv.clone()), &format!("m{i}"), "x")
+            .send_text(group(), &format!("a{i}"), "x")
             .await
             .unwrap();
     }
     for seq in 2..=4 {
         bob.ack(&conv, seq, AckKind::Read).await.unwrap();
     }
-    // Three acks inside one interval: one receipt, with the latest cursors.
-    let receipt = loop {
-        match alice.next_frame_within(WAIT).await.unwrap() {
-            ServerFrame::Receipt(r) => break r,
-            _ => continue,
-        }
-    };
+    // Three acks inside one interval: one receipt, with the latest cursors, to the sender of
+    // the events it covers.
+    let receipt = next_receipt(&mut alice).await;
+    let cursors = |r: &Receipt| (r.user.clone(), r.delivered_seq, r.read_seq);
+    assert_eq!(cursors(&receipt), ("bob".into(), 4, 4));
+
+    // Carol's message (seq 5) read by bob: the receipt goes to carol, not to alice; carol's
+    // first receipt is this one (the one of seqs 2..4 never went to her).
+    carol.send_text(group(), "c0", "from carol").await.unwrap();
+    bob.ack(&conv, 5, AckKind::Read).await.unwrap();
     assert_eq!(
-        (
-            receipt.user.as_str(),
-            receipt.delivered_seq,
-            receipt.read_seq
-        ),
-        ("bob", 4, 4)
+        cursors(&next_receipt(&mut carol).await),
+        ("bob".into(), 5, 5)
     );
-    alice.ping().await.unwrap();
+    // Alice's next receipt is for her next message, not the one of carol's message.
+    alice.send_text(group(), "a3", "again").await.unwrap();
+    bob.ack(&conv, 6, AckKind::Delivered).await.unwrap();
+    assert_eq!(
+        cursors(&next_receipt(&mut alice).await),
+        ("bob".into(), 6, 5)
+    );
+
     let (_, body) = server
         .http("bob", "phone")
         .get("/v1/conversations")
         .await
         .unwrap();
-    assert_eq!(body["conversations"][0]["read_seq"], 4);
-    assert_eq!(body["conversations"][0]["unread"], 0);
+    assert_eq!(body["conversations"][0]["read_seq"], 5);
+    assert_eq!(body["conversations"][0]["delivered_seq"], 6);
 }
 
 #[tokio::test]

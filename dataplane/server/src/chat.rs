@@ -336,7 +336,14 @@ impl Chat {
                 delivered_seq,
                 read_seq,
             };
-            self.receipts.publish(receipt).await?;
+            // The read cursor never passes the delivered one, so the lower moved cursor is
+            // where the newly covered events begin.
+            let covered_after = if read_seq != before_read {
+                before_read
+            } else {
+                before_delivered
+            };
+            self.receipts.publish(receipt, covered_after).await?;
         }
         Ok(())
     }

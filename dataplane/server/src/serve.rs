@@ -114,6 +114,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     notifier.start();
     fanout.start();
     let receipts = ReceiptRelay::new(
+        store.clone(),
         routes.clone(),
         membership.clone(),
         config.receipt_coalesce_above,
