@@ -203,8 +203,10 @@ impl Fanout {
                 if *member == sender.user && connection.device == sender.device {
                     continue;
                 }
-                if connection.deliver(Delivery::Event(shared.clone())) == Handoff::Kicked {
-                    self.metrics.slow_consumer_disconnects.inc();
+                match connection.deliver(Delivery::Event(shared.clone())) {
+                    Handoff::Lagged => drop(self.metrics.lagged_deliveries.inc()),
+                    Handoff::Kicked => drop(self.metrics.slow_consumer_disconnects.inc()),
+                    Handoff::Queued | Handoff::Gone => {}
                 }
                 self.metrics.delivery_lag.observe(lag);
             }

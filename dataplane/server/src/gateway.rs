@@ -1,7 +1,14 @@
 //! The gateway role: one task per WebSocket connection. It decodes frames, calls the chat role,
 //! writes replies and live deliveries, keeps per-conversation delivery order for its device,
-//! and closes on overflow (1013, the client resyncs), oversize (1009) and drain (1001, after a
-//! `reconnect` frame).
+//! and closes on oversize (1009) and drain (1001, after a `reconnect` frame).
+//!
+//! A connection whose delivery queue overflows with events does not lose them and is not cut
+//! off: it reads what was dropped from the store once it has written what is queued, at the
+//! pace its client reads. Only a frame that finds the queue full closes it (1013, the client
+//! resyncs), and a client that takes nothing for `write_timeout` is dropped.
+//!
+//! Writes are buffered and flushed when the connection has nothing more queued, so a burst of
+//! deliveries or a catch-up page leaves in a few system calls rather than one per frame.
 
 use crate::auth::Identity;
 use crate::chat::{CatchUp, Chat};
@@ -17,9 +24,9 @@ use courier_proto::{
     SyncDone, Trimmed,
 };
 use courier_store::AppendOutcome;
-use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
+use futures::{SinkExt, StreamExt};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -152,7 +159,9 @@ impl Gateway {
                 code,
                 reason: reason.into(),
             }));
-            let _ = connection.write_message(close).await;
+            if connection.write_message(close).await.is_ok() {
+                let _ = connection.flush().await;
+            }
         }
         // An ack is not lost because the connection closed right after it.
         if let Some(ack) = connection.ack.take() {
@@ -184,11 +193,16 @@ impl Connection<'_> {
         }
         let mut draining = self.gateway.draining.clone();
         loop {
+            if deliveries.is_empty()
+                && let Err(exit) = self.flush().await
+            {
+                return exit;
+            }
             let reading =
                 self.ack.is_none() && self.pending.len() < self.gateway.limits.max_pending_sends;
             let step = tokio::select! {
                 biased;
-                _ = handle.kick.notified() => Err(match handle.kick_reason() {
+                _ = handle.signals.kick.notified() => Err(match handle.kick_reason() {
                     KickReason::SlowConsumer => Exit::Close(close_code::AGAIN, "outbound queue full; reconnect and resync"),
                     KickReason::Unlinked => Exit::Close(close_code::POLICY, "device unlinked"),
                 }),
@@ -202,6 +216,7 @@ impl Connection<'_> {
                 }
                 Some(done) = self.pending.next() => self.on_sent(done).await,
                 Some(delivery) = deliveries.recv() => self.on_delivery(delivery).await,
+                _ = handle.signals.lagged.notified() => self.refill(handle.signals.take_behind()).await,
                 message = self.socket.recv(), if reading => match message {
                     Some(Ok(message)) => self.on_message(message).await,
                     Some(Err(e)) => Err(self.on_read_error(e)),
@@ -218,11 +233,20 @@ impl Connection<'_> {
         self.write_message(to_message(self.encoding, frame)).await
     }
 
-    /// Writes one message; a client that takes none for `write_timeout` is dropped.
+    /// Buffers one message (written once the buffer is full, or at the next flush); a client
+    /// that takes none for `write_timeout` is dropped.
     async fn write_message(&mut self, message: Message) -> Result<(), Exit> {
-        match tokio::time::timeout(self.gateway.limits.write_timeout, self.socket.send(message))
-            .await
-        {
+        let limit = self.gateway.limits.write_timeout;
+        match tokio::time::timeout(limit, self.socket.feed(message)).await {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(Exit::ClientGone),
+        }
+    }
+
+    /// Writes out every buffered message.
+    async fn flush(&mut self) -> Result<(), Exit> {
+        let limit = self.gateway.limits.write_timeout;
+        match tokio::time::timeout(limit, self.socket.flush()).await {
             Ok(Ok(())) => Ok(()),
             _ => Err(Exit::ClientGone),
         }
@@ -498,40 +522,58 @@ impl Connection<'_> {
         }
     }
 
-    /// Writes a live event in order: events already written are skipped, a gap (events this
-    /// connection has not seen) is filled from the store first.
-    async fn on_live_event(&mut self, shared: Arc<SharedEvent>) -> Result<(), Exit> {
-        let event = &shared.event;
-        let upto = match self.upto.get(&event.conversation_id) {
-            Some(&upto) => upto,
-            // A conversation this connection has not seen yet (joined after connecting).
-            None => match self
-                .gateway
-                .chat
-                .visible_from(&event.conversation_id, &self.who.user)
-                .await
-            {
-                Ok(from) => from - 1,
-                Err(e) => {
-                    self.write_error(None, None, e).await?;
-                    return Err(Exit::Close(close_code::ERROR, "storage error; reconnect"));
-                }
-            },
-        };
-        if event.seq <= upto {
-            return Ok(());
+    /// The highest seq of `conv` written to this connection or known to its device.
+    async fn upto(&mut self, conv: &str) -> Result<u64, Exit> {
+        if let Some(&upto) = self.upto.get(conv) {
+            return Ok(upto);
         }
-        if event.seq > upto + 1 {
+        // A conversation this connection has not seen yet (joined after connecting).
+        match self.gateway.chat.visible_from(conv, &self.who.user).await {
+            Ok(from) => {
+                self.upto.insert(conv.to_owned(), from - 1);
+                Ok(from - 1)
+            }
+            Err(e) => {
+                self.write_error(None, None, e).await?;
+                Err(Exit::Close(close_code::ERROR, "storage error; reconnect"))
+            }
+        }
+    }
+
+    /// Writes from the store the events of `conv` after what this connection has written,
+    /// through `through` (events addressed to this device, so visible to it).
+    async fn fill(&mut self, conv: &str, through: u64) -> Result<(), Exit> {
+        let upto = self.upto(conv).await?;
+        if through > upto {
             let gap = CatchUp {
-                conversation_id: event.conversation_id.clone(),
+                conversation_id: conv.to_owned(),
                 from: upto,
-                head: event.seq - 1,
+                head: through,
                 trimmed: None,
             };
             self.stream_events(&gap, false).await?;
         }
+        Ok(())
+    }
+
+    /// Writes a live event in order: events already written are skipped, a gap (events this
+    /// connection has not seen) is filled from the store first.
+    async fn on_live_event(&mut self, shared: Arc<SharedEvent>) -> Result<(), Exit> {
+        let event = &shared.event;
+        self.fill(&event.conversation_id, event.seq - 1).await?;
+        if event.seq <= self.upto(&event.conversation_id).await? {
+            return Ok(());
+        }
         self.upto.insert(event.conversation_id.clone(), event.seq);
         self.write_message(shared.message(self.encoding)).await
+    }
+
+    /// Writes from the store the events a full queue dropped.
+    async fn refill(&mut self, behind: Vec<(String, u64)>) -> Result<(), Exit> {
+        for (conv, through) in behind {
+            self.fill(&conv, through).await?;
+        }
+        Ok(())
     }
 
     /// Sends every event above the device's cursors (or `overrides`), then `sync_done`.

@@ -21,6 +21,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Read buffer of each WebSocket connection.
 const READ_BUFFER_BYTES: usize = 4096;
+/// Buffered outbound bytes of each WebSocket connection before they are written out.
+const WRITE_BUFFER_BYTES: usize = 16 * 1024;
 
 /// What the handlers share.
 pub struct AppState {
@@ -111,7 +113,9 @@ async fn websocket(
         // tungstenite reserves its read buffer per connection up front (128 KiB by default):
         // most of an idle connection's memory. Frames larger than this are read in pieces.
         .read_buffer_size(READ_BUFFER_BYTES)
-        .write_buffer_size(0);
+        // The gateway buffers frames and flushes when its queue is empty; the buffer grows
+        // only while frames wait, and is written out whenever it passes this size.
+        .write_buffer_size(WRITE_BUFFER_BYTES);
     let encoding = match upgrade.selected_protocol() {
         Some(name) => name.to_str().ok().and_then(Encoding::from_subprotocol),
         None if asked => None,

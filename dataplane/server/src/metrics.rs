@@ -44,8 +44,10 @@ pub struct Metrics {
     pub connections: Gauge,
     /// Sends that matched an earlier one (client retries).
     pub send_retries: Counter,
-    /// Connections cut because their outbound queue was full.
+    /// Connections cut because a frame found their outbound queue full.
     pub slow_consumer_disconnects: Counter,
+    /// Events dropped from a full outbound queue, read from the store by their connection.
+    pub lagged_deliveries: Counter,
     /// `error` frames sent, by code.
     pub errors: Family<CodeLabel, Counter>,
     /// Requests refused by a rate limit, by scope (`user`, `group`, `connection`).
@@ -78,6 +80,7 @@ impl Metrics {
             connections: Gauge::default(),
             send_retries: Counter::default(),
             slow_consumer_disconnects: Counter::default(),
+            lagged_deliveries: Counter::default(),
             errors: Family::default(),
             rate_limited: Family::default(),
             typing_dropped: Counter::default(),
@@ -126,8 +129,13 @@ impl Metrics {
         );
         registry.register(
             "gateway_slow_consumer_disconnects",
-            "Connections closed because their outbound queue was full",
+            "Connections closed because a frame found their outbound queue full",
             metrics.slow_consumer_disconnects.clone(),
+        );
+        registry.register(
+            "gateway_lagged_deliveries",
+            "Events dropped from a full outbound queue and read from the store instead",
+            metrics.lagged_deliveries.clone(),
         );
         registry.register(
             "gateway_errors",

@@ -6,7 +6,8 @@ use axum::extract::ws::Message;
 use courier_proto::{Encoding, Event, Payload, ServerFrame};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{Notify, mpsc};
 
 /// An event shared by every connection it goes to, encoded at most once per encoding.
@@ -54,10 +55,22 @@ pub enum Delivery {
 /// Why a connection is told to close.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KickReason {
-    /// Its delivery queue was full: it reconnects and resyncs.
+    /// A frame (not an event) found its delivery queue full: it reconnects and resyncs.
     SlowConsumer = 0,
     /// Its device was unlinked.
     Unlinked = 1,
+}
+
+/// What the registry and fanout tell a connection besides its deliveries.
+#[derive(Default)]
+pub struct Signals {
+    /// Notified when the connection must close; `kick_reason` says why.
+    pub kick: Notify,
+    kick_reason: AtomicU8,
+    /// Notified when events were dropped from a full queue; `behind` says up to where.
+    pub lagged: Notify,
+    /// Per conversation, the highest seq dropped since the connection last caught up.
+    behind: Mutex<Vec<(String, u64)>>,
 }
 
 /// One open connection, as the registry sees it.
@@ -66,17 +79,21 @@ pub struct ConnectionHandle {
     pub id: u64,
     pub device: String,
     queue: mpsc::Sender<Delivery>,
-    /// Notified when the connection must close; `kick_reason` says why.
-    pub kick: Arc<Notify>,
-    kick_reason: Arc<AtomicU8>,
+    pub signals: Arc<Signals>,
 }
 
 /// What became of a delivery to one connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Handoff {
     Queued,
-    /// The queue was full: the connection is told to close and will resync on reconnect.
+    /// The queue was full and the delivery an event: it was dropped, and the connection reads
+    /// it (and whatever else it missed) from the store once it has written what is queued.
+    Lagged,
+    /// The queue was full and the delivery a frame: the connection is told to close and will
+    /// resync on reconnect.
     Kicked,
+    /// The connection has ended.
+    Gone,
 }
 
 /// Share of a connection's queue kept free of droppable frames (typing), so they go first.
@@ -86,10 +103,16 @@ impl ConnectionHandle {
     pub fn deliver(&self, delivery: Delivery) -> Handoff {
         match self.queue.try_send(delivery) {
             Ok(()) => Handoff::Queued,
-            Err(_) => {
+            Err(TrySendError::Full(Delivery::Event(shared))) => {
+                let event = &shared.event;
+                self.signals.fell_behind(&event.conversation_id, event.seq);
+                Handoff::Lagged
+            }
+            Err(TrySendError::Full(Delivery::Frame(_))) => {
                 self.close(KickReason::SlowConsumer);
                 Handoff::Kicked
             }
+            Err(TrySendError::Closed(_)) => Handoff::Gone,
         }
     }
 
@@ -102,15 +125,34 @@ impl ConnectionHandle {
 
     /// Tells the connection to close.
     pub fn close(&self, reason: KickReason) {
-        self.kick_reason.store(reason as u8, Ordering::Relaxed);
-        self.kick.notify_one();
+        self.signals
+            .kick_reason
+            .store(reason as u8, Ordering::Relaxed);
+        self.signals.kick.notify_one();
     }
 
     pub fn kick_reason(&self) -> KickReason {
-        match self.kick_reason.load(Ordering::Relaxed) {
+        match self.signals.kick_reason.load(Ordering::Relaxed) {
             1 => KickReason::Unlinked,
             _ => KickReason::SlowConsumer,
         }
+    }
+}
+
+impl Signals {
+    fn fell_behind(&self, conversation_id: &str, seq: u64) {
+        let mut behind = self.behind.lock().unwrap_or_else(|e| e.into_inner());
+        match behind.iter_mut().find(|(conv, _)| conv == conversation_id) {
+            Some((_, upto)) => *upto = (*upto).max(seq),
+            None => behind.push((conversation_id.to_owned(), seq)),
+        }
+        drop(behind);
+        self.lagged.notify_one();
+    }
+
+    /// The conversations whose events were dropped, each with the highest seq dropped.
+    pub fn take_behind(&self) -> Vec<(String, u64)> {
+        std::mem::take(&mut *self.behind.lock().unwrap_or_else(|e| e.into_inner()))
     }
 }
 
@@ -134,8 +176,7 @@ impl Routes {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             device: device.to_owned(),
             queue,
-            kick: Arc::new(Notify::new()),
-            kick_reason: Arc::new(AtomicU8::new(KickReason::SlowConsumer as u8)),
+            signals: Arc::default(),
         };
         let mut users = self.users.write().unwrap_or_else(|e| e.into_inner());
         users
