@@ -26,6 +26,15 @@ pub enum Target {
     Conversation(String),
 }
 
+/// The WebSocket settings of the SDK's connections: messages up to 64 MiB (a catch-up event
+/// can be large) and a 16 KiB read buffer (tungstenite's default 128 KiB per connection adds up
+/// when one process holds thousands, as `courier bench` does).
+pub(crate) fn websocket_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .max_message_size(Some(64 << 20))
+        .read_buffer_size(16 * 1024)
+}
+
 /// A connected device. Frames that arrive while a call waits for its reply are kept, in
 /// order, for [`Client::next_frame`].
 pub struct Client {
@@ -55,7 +64,7 @@ impl Client {
             "sec-websocket-protocol",
             HeaderValue::from_static(encoding.subprotocol()),
         );
-        let config = WebSocketConfig::default().max_message_size(Some(64 << 20));
+        let config = websocket_config();
         let (socket, _) = tokio_tungstenite::connect_async_with_config(request, Some(config), true)
             .await
             .map_err(|e| match e {

@@ -2,6 +2,7 @@
 //! write frames without waiting for replies, and the local address can be chosen (to spread
 //! connections over 127.0.0.1..127.0.0.K past the ephemeral-port limit).
 
+use crate::connection::websocket_config;
 use anyhow::Context;
 use courier_proto::{ClientFrame, Encoding, Hello, Payload, ServerFrame};
 use futures::stream::{SplitSink, SplitStream};
@@ -12,7 +13,6 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message};
 
 pub type Socket = WebSocketStream<TcpStream>;
@@ -115,9 +115,8 @@ impl Endpoint {
             "sec-websocket-protocol",
             HeaderValue::from_static(self.encoding.subprotocol()),
         );
-        let config = WebSocketConfig::default().max_message_size(Some(64 << 20));
         let (mut socket, _) =
-            tokio_tungstenite::client_async_with_config(request, stream, Some(config))
+            tokio_tungstenite::client_async_with_config(request, stream, Some(websocket_config()))
                 .await
                 .map_err(|e| match e {
                     tungstenite::Error::Http(response) => anyhow::anyhow!(
