@@ -204,8 +204,12 @@ impl Fanout {
                     continue;
                 }
                 match connection.deliver(Delivery::Event(shared.clone())) {
-                    Handoff::Lagged => drop(self.metrics.lagged_deliveries.inc()),
-                    Handoff::Kicked => drop(self.metrics.slow_consumer_disconnects.inc()),
+                    Handoff::Lagged => {
+                        self.metrics.lagged_deliveries.inc();
+                    }
+                    Handoff::Kicked => {
+                        self.metrics.slow_consumer_disconnects.inc();
+                    }
                     Handoff::Queued | Handoff::Gone => {}
                 }
                 self.metrics.delivery_lag.observe(lag);
