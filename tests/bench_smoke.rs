@@ -70,7 +70,11 @@ fn assert_clean(run: &BenchRun, scenario: &str) -> Value {
     assert_eq!(json["problems"], Value::Array(vec![]), "{json:#}");
     if scenario != WITHOUT_MESSAGES {
         let lost = json["counts"].get("lost");
-        assert_eq!(lost, Some(&Value::from(0)), "counts.lost must be 0: {json:#}");
+        assert_eq!(
+            lost,
+            Some(&Value::from(0)),
+            "counts.lost must be 0: {json:#}"
+        );
     }
     json
 }
