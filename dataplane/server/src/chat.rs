@@ -84,11 +84,6 @@ impl Readable {
         self.record.visibility(self.history_on_join, self.floor)
     }
 
-    /// Whether the user is a member now (not a former member).
-    pub fn is_member(&self) -> bool {
-        self.record.is_member()
-    }
-
     /// The retention floor, if retention cleared events after `cursor` that the user could
     /// have read.
     pub fn trimmed_after(&self, cursor: u64) -> Option<u64> {
@@ -189,15 +184,21 @@ impl Chat {
     /// member keeps what it could read while a member). Refused for a user who never belonged
     /// to the conversation.
     pub async fn readable(&self, conv: &str, user: &str) -> Result<Readable, ApiError> {
-        ids::conversation_id(conv)?;
-        let Some(record) = self.store.member(conv, user).await? else {
-            return Err(self.not_a_member(conv).await);
-        };
         Ok(Readable {
-            record,
+            record: self.member_record(conv, user).await?,
             history_on_join: self.limits.history_on_join,
             floor: self.store.floor(conv).await?,
         })
+    }
+
+    /// The membership record (current or former) of `user` in `conv`; refused for a user who
+    /// never belonged to it.
+    async fn member_record(&self, conv: &str, user: &str) -> Result<MemberRecord, ApiError> {
+        ids::conversation_id(conv)?;
+        match self.store.member(conv, user).await? {
+            Some(record) => Ok(record),
+            None => Err(self.not_a_member(conv).await),
+        }
     }
 
     /// `not_found` for a conversation that does not exist, else `forbidden`.
@@ -342,7 +343,7 @@ impl Chat {
         ack: &courier_proto::Ack,
     ) -> Result<(), ApiError> {
         let conv = &ack.conversation_id;
-        let readable = self.readable(conv, &who.user).await?;
+        let member = self.member_record(conv, &who.user).await?;
         if ack.seq == 0 {
             return Err(ApiError::bad_request("seq must be 1 or more"));
         }
@@ -351,7 +352,7 @@ impl Chat {
             .store
             .head(conv)
             .await?
-            .min(readable.visibility().last());
+            .min(member.visibility(0, 1).last());
         if ack.seq > head {
             return Err(ApiError::bad_request(format!(
                 "seq {} is beyond the last event you may read, {head}",
@@ -368,7 +369,7 @@ impl Chat {
             .await?;
         let (delivered_seq, read_seq) = self.store.receipt(conv, &who.user).await?;
         let moved = (delivered_seq, read_seq) != (before_delivered, before_read);
-        if moved && readable.is_member() {
+        if moved && member.is_member() {
             let receipt = Receipt {
                 conversation_id: conv.clone(),
                 user: who.user.clone(),
