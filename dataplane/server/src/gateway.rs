@@ -1,6 +1,7 @@
-//! The gateway role: one task per WebSocket connection. It decodes frames, calls the chat role,
-//! writes replies and live deliveries, keeps per-conversation delivery order for its device,
-//! and closes on oversize (1009) and drain (1001, after a `reconnect` frame).
+//! The gateway role: one task per WebSocket connection. It records its device as seen (before
+//! the catch-up, so a device that has had `sync_done` is listed), decodes frames, calls the chat
+//! role, writes replies and live deliveries, keeps per-conversation delivery order for its
+//! device, and closes on oversize (1009) and drain (1001, after a `reconnect` frame).
 //!
 //! A connection whose delivery queue overflows with events does not lose them and is not cut
 //! off: it reads what was dropped from the store once it has written what is queued, at the
@@ -12,6 +13,7 @@
 
 use crate::auth::Identity;
 use crate::chat::{CatchUp, Chat};
+use crate::devices::{Devices, Link};
 use crate::error::ApiError;
 use crate::fanout::now_ms;
 use crate::limits::{ConnectionLimit, Rate};
@@ -149,11 +151,8 @@ impl Gateway {
             frames: ConnectionLimit::new(self.limits.connection_frames),
             typing: ConnectionLimit::new(self.limits.connection_typing),
         };
-        let devices = Arc::new(crate::devices::Devices::new(self.chat.store().clone()));
-        // Last-seen is advisory: recorded beside the catch-up, not before it.
-        let (seen, who) = (devices.clone(), connection.who.clone());
-        tokio::spawn(async move { seen.seen(&who).await });
-        let exit = connection.run(&mut deliveries, &handle).await;
+        let devices = Devices::new(self.chat.store().clone());
+        let exit = connection.run(&devices, &mut deliveries, &handle).await;
         if let Exit::Close(code, reason) = exit {
             let close = Message::Close(Some(CloseFrame {
                 code,
@@ -167,7 +166,11 @@ impl Gateway {
         if let Some(ack) = connection.ack.take() {
             let _ = tokio::time::timeout(LAST_ACK_WAIT, ack).await;
         }
-        devices.seen(&connection.who).await;
+        let who = connection.who.clone();
+        drop(connection);
+        if let Err(e) = devices.seen(&who).await {
+            tracing::warn!(user = %who.user, device = %who.device, error = %e, "could not record device activity");
+        }
         // Last: a draining server waits for its connections to leave the registry.
         self.routes.unregister(&user, handle.id);
         self.metrics.connections.dec();
@@ -177,6 +180,7 @@ impl Gateway {
 impl Connection<'_> {
     async fn run(
         &mut self,
+        devices: &Devices,
         deliveries: &mut tokio::sync::mpsc::Receiver<Delivery>,
         handle: &crate::routes::ConnectionHandle,
     ) -> Exit {
@@ -187,6 +191,15 @@ impl Connection<'_> {
         });
         if self.write(&hello).await.is_err() {
             return Exit::ClientGone;
+        }
+        // Registered before this check: an unlink either is seen here or closes the connection.
+        match devices.seen(&self.who).await {
+            Ok(Link::Linked) => {}
+            Ok(Link::Unlinked) => return Exit::Close(close_code::POLICY, "device unlinked"),
+            Err(e) => {
+                let _ = self.write_error(None, None, e.into()).await;
+                return Exit::Close(close_code::ERROR, "storage error; reconnect");
+            }
         }
         if let Err(exit) = self.catch_up(&BTreeMap::new()).await {
             return exit;

@@ -140,7 +140,7 @@ impl Retention {
         let mut lowest = head;
         for (user, _) in self.store.member_records(conv).await? {
             for (device, record) in self.store.devices(&user).await? {
-                if record.unlinked_ms == 0 && record.last_seen_ms >= active_since {
+                if record.is_linked() && record.last_seen_ms >= active_since {
                     lowest = lowest.min(self.store.device_cursor(&user, &device, conv).await?);
                 }
             }
