@@ -135,7 +135,7 @@ async fn acked(ack: &mut Option<PendingAck>) -> (Option<i64>, Result<(), ApiErro
 const LAST_ACK_WAIT: Duration = Duration::from_secs(10);
 
 /// Longest wait, after the server's close frame, for the client's close reply.
-pub const CLOSE_REPLY_WAIT: Duration = Duration::from_secs(5);
+const CLOSE_REPLY_WAIT: Duration = Duration::from_secs(5);
 
 /// Why the connection ends.
 enum Exit {
