@@ -13,6 +13,7 @@
 //! - Payloads carry conversation id, seq, sender and count; the text only with
 //!   `--push-include-text`.
 
+use crate::devices::Devices;
 use crate::fanout::{ShardCursors, now_ms};
 use crate::membership::MembershipCache;
 use crate::metrics::{Metrics, OutcomeLabel};
@@ -174,7 +175,7 @@ impl Notifier {
                         .collect();
                     for (device, record) in self.store.devices(member).await? {
                         if record.push_token.is_empty()
-                            || record.unlinked_ms > 0
+                            || !record.is_linked()
                             || connected.contains(&device)
                         {
                             continue;
@@ -269,7 +270,9 @@ impl Notifier {
             Err(PushError::InvalidToken) => {
                 self.count("invalid_token");
                 tracing::info!(%user, %device, "push token refused by the provider; removed");
-                self.store.set_push_token(&user, &device, "", "").await?;
+                Devices::new(self.store.clone())
+                    .drop_push(&user, &device, &record.push_token)
+                    .await?;
                 self.settle(key, &pending, None).await
             }
             Err(e) => {

@@ -141,7 +141,7 @@ impl Retention {
         let mut lowest = head;
         for (user, member) in self.store.member_records(conv).await? {
             for (device, record) in self.store.devices(&user).await? {
-                if record.unlinked_ms == 0 && record.last_seen_ms >= active_since {
+                if record.is_linked() && record.last_seen_ms >= active_since {
                     let cursor = self.store.device_cursor(&user, &device, conv).await?;
                     if member.is_member() || cursor < member.version() {
                         lowest = lowest.min(cursor);

@@ -13,6 +13,10 @@ use std::sync::Arc;
 /// Attempts for a batch whose commit outcome was unknown before giving up.
 const MAX_COMMIT_ATTEMPTS: usize = 5;
 
+/// Rounds of a fenced device-record update before a concurrent writer's change is returned
+/// as `FenceChanged` (each round is one read and one commit of a single small key).
+const DEVICE_UPDATE_ATTEMPTS: usize = 5;
+
 /// Sanity bound on stored counts read back from the store.
 const MAX_SHARDS: u32 = 1 << 20;
 
@@ -28,12 +32,14 @@ pub struct ConversationRecord {
     pub created_ms: u64,
 }
 
-/// A device of a user.
+/// A device of a user. It is linked until it is unlinked, and linked again by signing in with
+/// a token issued after its last unlink.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct DeviceRecord {
     #[prost(uint64, tag = "1")]
     pub last_seen_ms: u64,
-    /// When the device was unlinked (0: linked). Tokens issued before are refused.
+    /// Tokens issued (`iat`) at or before this time are refused (0: never unlinked). An unlink
+    /// sets it to its time, or to `token_issued_ms` if later (an issuer's clock running ahead).
     #[prost(uint64, tag = "2")]
     pub unlinked_ms: u64,
     /// `"fcm"`, `"apns"` or `"webhook"`; empty without push.
@@ -41,6 +47,22 @@ pub struct DeviceRecord {
     pub push_provider: String,
     #[prost(string, tag = "4")]
     pub push_token: String,
+    /// The `iat` of the newest token the device has signed in with (0: none had one).
+    #[prost(uint64, tag = "5")]
+    pub token_issued_ms: u64,
+}
+
+impl DeviceRecord {
+    /// Whether the device is linked: never unlinked, or signed in since with a newer token.
+    pub fn is_linked(&self) -> bool {
+        self.unlinked_ms == 0 || self.token_issued_ms > self.unlinked_ms
+    }
+
+    /// Whether a token issued at `issued_at_ms` is honoured: only tokens issued after the last
+    /// unlink are.
+    pub fn accepts(&self, issued_at_ms: u64) -> bool {
+        self.unlinked_ms == 0 || issued_at_ms > self.unlinked_ms
+    }
 }
 
 /// Uploaded media (the bytes live in object storage, under their sha256).
@@ -818,40 +840,81 @@ impl MessageStore {
             .collect()
     }
 
-    /// Writes a device record as given.
-    pub async fn put_device(
+    /// Changes a device record by a read-modify-write fenced on the value read, so that no
+    /// concurrent change is lost (a reconnect's last-seen cannot undo an unlink). `change` gets
+    /// the current record (`None`: there is none) and returns the new one, or `None` to leave it;
+    /// after a concurrent change it runs again on the new value. Returns the record `change` was
+    /// last given. An unknown commit outcome is returned as is.
+    pub async fn update_device(
         &self,
         user: &str,
         device: &str,
-        record: &DeviceRecord,
-    ) -> Result<(), StoreError> {
-        let mut batch = Batch::new();
-        batch.set(self.keys.device(user, device), record.encode_to_vec());
-        self.kv.commit(batch).await.map(drop)
+        change: impl Fn(Option<&DeviceRecord>) -> Option<DeviceRecord>,
+    ) -> Result<Option<DeviceRecord>, StoreError> {
+        self.update_device_clearing(user, device, change, None)
+            .await
     }
 
-    /// Unlinks a device: its record says when (tokens issued before are refused), its push
-    /// registration and its delivered cursors are dropped.
+    /// [`Self::update_device`], also clearing `clear` in the same commit when it writes.
+    async fn update_device_clearing(
+        &self,
+        user: &str,
+        device: &str,
+        change: impl Fn(Option<&DeviceRecord>) -> Option<DeviceRecord>,
+        clear: Option<Range<Vec<u8>>>,
+    ) -> Result<Option<DeviceRecord>, StoreError> {
+        let key = self.keys.device(user, device);
+        let mut attempt = 1;
+        loop {
+            let stored = self.kv.get(&key).await?;
+            let current = stored
+                .as_deref()
+                .map(DeviceRecord::decode)
+                .transpose()
+                .map_err(|e| corrupt(&key, e))?;
+            let Some(next) = change(current.as_ref()) else {
+                return Ok(current);
+            };
+            let mut batch = Batch::new();
+            batch
+                .fence(key.clone(), stored)
+                .set(key.clone(), next.encode_to_vec());
+            if let Some(range) = &clear {
+                batch.clear_range(range.clone());
+            }
+            match self.kv.commit(batch).await {
+                Ok(_) => return Ok(current),
+                Err(StoreError::FenceChanged { .. }) if attempt < DEVICE_UPDATE_ATTEMPTS => {
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Unlinks a linked device: tokens issued until now (and any it has used) are refused,
+    /// its push registration and its delivered cursors are dropped. Returns whether it was
+    /// linked (otherwise nothing changes).
     pub async fn unlink_device(
         &self,
         user: &str,
         device: &str,
         now_ms: u64,
-    ) -> Result<(), StoreError> {
-        let record = DeviceRecord {
-            last_seen_ms: self
-                .device(user, device)
-                .await?
-                .map_or(0, |d| d.last_seen_ms),
-            unlinked_ms: now_ms,
-            push_provider: String::new(),
-            push_token: String::new(),
+    ) -> Result<bool, StoreError> {
+        let unlink = |record: Option<&DeviceRecord>| {
+            let record = record.filter(|r| r.is_linked())?;
+            Some(DeviceRecord {
+                unlinked_ms: now_ms.max(record.token_issued_ms).max(record.unlinked_ms),
+                push_provider: String::new(),
+                push_token: String::new(),
+                ..record.clone()
+            })
         };
-        let mut batch = Batch::new();
-        batch
-            .set(self.keys.device(user, device), record.encode_to_vec())
-            .clear_range(self.keys.cursors(user, device));
-        self.kv.commit(batch).await.map(drop)
+        let cursors = self.keys.cursors(user, device);
+        let before = self
+            .update_device_clearing(user, device, unlink, Some(cursors))
+            .await?;
+        Ok(before.is_some_and(|r| r.is_linked()))
     }
 
     /// Records an upload by `user` (the bytes are already stored).
@@ -1043,20 +1106,6 @@ impl MessageStore {
             None => batch.clear(key.to_vec()),
         };
         self.kv.commit(batch).await.map(drop)
-    }
-
-    /// Records a device's push registration (`provider` empty: none).
-    pub async fn set_push_token(
-        &self,
-        user: &str,
-        device: &str,
-        provider: &str,
-        token: &str,
-    ) -> Result<(), StoreError> {
-        let mut record = self.device(user, device).await?.unwrap_or_default();
-        record.push_provider = provider.to_owned();
-        record.push_token = token.to_owned();
-        self.put_device(user, device, &record).await
     }
 
     /// The delivered cursor of one device in one conversation (0 when it has none).
