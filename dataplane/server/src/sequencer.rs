@@ -13,8 +13,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
-/// Why an append was not sequenced. Every case is safe to retry with the same
-/// `client_msg_id`.
+/// Why an append was not sequenced. The store's error is kept as it is, so that clients learn
+/// by its type whether a retry with the same `client_msg_id` is safe (see `error.rs`).
 #[derive(Debug, thiserror::Error)]
 pub enum SequencerError {
     #[error("the sequencer is overloaded; retry with the same client_msg_id")]
@@ -302,16 +302,81 @@ impl ShardActor {
             }
             Err(e) => {
                 tracing::error!(shard, error = %e, "append batch failed");
-                let message = e.to_string();
                 for request in batch.drain(..) {
-                    let _ = request
-                        .reply
-                        .send(Err(SequencerError::Store(StoreError::Engine(
-                            message.clone(),
-                        ))));
+                    let _ = request.reply.send(Err(SequencerError::Store(e.clone())));
                 }
                 true
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ApiError;
+    use crate::faulty_engine::FaultyEngine;
+    use courier_proto::{Body, ErrorCode, EventPayload, Sender};
+    use courier_store::NewConversation;
+
+    fn message(conv: &str, client_msg_id: &str, text: &str) -> Append {
+        Append {
+            conversation_id: conv.into(),
+            sender: Sender {
+                user: "alice".into(),
+                device: "phone".into(),
+            },
+            client_msg_id: Some(client_msg_id.into()),
+            payload: EventPayload::Message {
+                body: Some(Body::Text(text.into())),
+                client_msg_id: client_msg_id.into(),
+                reply_to: None,
+                deleted: false,
+            },
+            create: Some(NewConversation {
+                kind: "direct",
+                name: String::new(),
+                members: vec!["alice".into(), "bob".into()],
+            }),
+        }
+    }
+
+    async fn sequencer(engine: &Arc<FaultyEngine>) -> Arc<LocalSequencer> {
+        LocalSequencer::start(
+            engine.store(4).await,
+            GroupCommitLimits::default(),
+            Arc::new(Listeners(Vec::new())),
+            Arc::new(Metrics::new()),
+        )
+        .await
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn unknown_outcomes_and_overload_reach_clients_as_unavailable() {
+        let engine = FaultyEngine::new();
+        let sequencer = sequencer(&engine).await;
+        let faults: [(&str, fn() -> StoreError); 3] = [
+            ("maybe committed", || StoreError::MaybeCommitted),
+            ("overloaded", || StoreError::Overloaded("throttled".into())),
+            ("engine", || StoreError::Engine("I/O error".into())),
+        ];
+        for (name, fault) in faults {
+            engine.set_fault(Some(Box::new(move |_| Some(fault()))));
+            let refused = sequencer
+                .submit(message("d:1", name, "hello"))
+                .await
+                .unwrap_err();
+            let api = ApiError::from(refused);
+            assert_eq!(api.code, ErrorCode::Unavailable, "{name}: {api:?}");
+            assert!(api.retry_after_ms.is_some(), "{name}: {api:?}");
+        }
+        engine.set_fault(None);
+        // The retry the client makes with the same id is sequenced, once.
+        let sent = sequencer
+            .submit(message("d:1", "maybe committed", "hello"))
+            .await
+            .unwrap();
+        assert_eq!((sent.seq, sent.duplicate), (1, false));
     }
 }
