@@ -2,7 +2,7 @@
 //! (dense per-conversation seq, idempotency, outbox), reads, cursors and receipts.
 
 use crate::keys::{Keys, ReceiptKind};
-use crate::kv::{Batch, KvEngine, Mutation, StoreError, decode_u64};
+use crate::kv::{Batch, BatchLimits, KvEngine, Mutation, StoreError, decode_u64};
 use courier_proto::{Event, EventPayload, Sender, pb};
 use prost::Message;
 use std::collections::HashMap;
@@ -139,16 +139,54 @@ pub struct Append {
 }
 
 impl Append {
-    /// Bytes this append adds to a batch, roughly: what group commit bounds.
+    /// Bytes of keys and values this append writes, roughly: the encoded event twice (the
+    /// event and its outbox entry), a small record (key and value, with the append's ids) for
+    /// its idempotency record, push intent, head and media reference, and three keys per
+    /// membership it changes. Group commit keeps the sum of a batch under the engine's limit by
+    /// it; a batch that is too large all the same is split by the sequencer.
     pub fn approximate_size(&self) -> usize {
-        let body = match &self.payload {
-            EventPayload::Message { body, .. } => body.as_ref().map_or(0, |b| match b {
-                courier_proto::Body::Text(t) => t.len(),
-                courier_proto::Body::Media(m) => 64 + m.media_id.len() + m.mime.len(),
-            }),
-            _ => 64,
+        /// Tuple framing and subspace name of a key, with a small value (u64, short record).
+        const RECORD: usize = 64;
+        let conv = self.conversation_id.len();
+        // Membership, the user's conversation list and group count.
+        let member = |user: &String| 2 * conv + 3 * user.len() + RECORD;
+        let (payload, records, members) = match &self.payload {
+            EventPayload::Message {
+                body,
+                client_msg_id,
+                ..
+            } => {
+                let body = match body {
+                    Some(courier_proto::Body::Text(text)) => text.len(),
+                    Some(courier_proto::Body::Media(m)) => {
+                        m.media_id.len()
+                            + m.mime.len()
+                            + m.sha256.len()
+                            + m.name.as_ref().map_or(0, String::len)
+                            + m.caption.as_ref().map_or(0, String::len)
+                    }
+                    None => 0,
+                };
+                // Idempotency record, push intent, head, media reference.
+                (client_msg_id.len() + body, 4, 0)
+            }
+            // Head, and the target rewritten without its body.
+            EventPayload::Delete { .. } => (0, 2, 0),
+            // Head, conversation record.
+            EventPayload::GroupCreated { name, members } => (
+                name.len() + members.iter().map(String::len).sum::<usize>(),
+                2,
+                members.iter().map(member).sum(),
+            ),
+            EventPayload::MemberAdded { user } | EventPayload::MemberRemoved { user } => {
+                (user.len(), 1, member(user))
+            }
         };
-        256 + body
+        let created = self.create.as_ref().map_or(0, |c| {
+            RECORD + c.name.len() + c.members.iter().map(member).sum::<usize>()
+        });
+        let record = RECORD + self.sender.user.len() + self.sender.device.len() + conv;
+        2 * (record + payload) + records * record + members + created
     }
 }
 
@@ -247,6 +285,11 @@ impl MessageStore {
 
     pub fn keys(&self) -> &Keys {
         &self.keys
+    }
+
+    /// What one commit of the engine may hold.
+    pub fn batch_limits(&self) -> BatchLimits {
+        self.kv.limits()
     }
 
     /// The shard that orders `conversation_id`.
