@@ -21,5 +21,5 @@ pub use keys::{Keys, ReceiptKind};
 pub use kv::{Batch, CommitStamp, KvEngine, StoreError};
 pub use message_store::{
     Append, AppendOutcome, ConversationRecord, DeviceRecord, HeadCache, MediaRecord, MemberRecord,
-    MessageStore, NewConversation, PendingPush, PushIntent, ShardLease,
+    MessageStore, NewConversation, PUSH_EXPANSION_BYTES, PendingPush, PushIntent, ShardLease,
 };

@@ -15,6 +15,10 @@ const MAX_COMMIT_ATTEMPTS: usize = 5;
 /// Sanity bound on stored counts read back from the store.
 const MAX_SHARDS: u32 = 1 << 20;
 
+/// Most bytes of pending notifications written in one commit while expanding push intents
+/// (lowered to the engine's batch limit): small commits, however many devices a group has.
+pub const PUSH_EXPANSION_BYTES: usize = 1 << 20;
+
 /// A conversation as stored.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct ConversationRecord {
@@ -86,6 +90,8 @@ pub struct PendingPush {
     /// Messages it stands for.
     #[prost(uint32, tag = "1")]
     pub count: u32,
+    /// The latest message counted; an intent at or below it was counted already (by an
+    /// expansion that failed before clearing it).
     #[prost(uint64, tag = "2")]
     pub last_seq: u64,
     #[prost(string, tag = "3")]
@@ -879,22 +885,34 @@ impl MessageStore {
             .await
     }
 
-    /// Turns the push intents of `shard` up to `last` into pending notifications, in one
-    /// commit: a crash before it expands them again, after it they are pending.
+    /// Turns the push intents `first..=last` of one shard into pending notifications, written
+    /// in commits of at most [`PUSH_EXPANSION_BYTES`] (and the engine's batch limit); the last
+    /// commit also clears the intents, so an intent is cleared only once all its notifications
+    /// are written. A failure or crash midway leaves the intents to be expanded again, over
+    /// notifications already written: the caller counts a message once per notification (by
+    /// its seq, see [`PendingPush::last_seq`]).
     pub async fn expand_push_intents(
         &self,
         first: &[u8],
         last: &[u8],
         pending: &[((String, String, String), PendingPush)],
     ) -> Result<(), StoreError> {
-        let mut batch = Batch::new();
-        batch.clear_range(through(first, last));
+        let intents = through(first, last);
+        let room = PUSH_EXPANSION_BYTES
+            .min(self.kv.limits().max_batch_bytes)
+            .saturating_sub(intents.start.len() + intents.end.len());
+        let (mut batch, mut bytes) = (Batch::new(), 0);
         for ((user, device, conv), push) in pending {
-            batch.set(
-                self.keys.pending_push(user, device, conv),
-                push.encode_to_vec(),
-            );
+            let key = self.keys.pending_push(user, device, conv);
+            let value = push.encode_to_vec();
+            if bytes + key.len() + value.len() > room && !batch.is_empty() {
+                self.kv.commit(std::mem::take(&mut batch)).await?;
+                bytes = 0;
+            }
+            bytes += key.len() + value.len();
+            batch.set(key, value);
         }
+        batch.clear_range(intents);
         self.kv.commit(batch).await.map(drop)
     }
 
