@@ -2,9 +2,16 @@
 //!
 //! [`Sequencer`] is the interface the chat role calls; [`LocalSequencer`] is the in-process
 //! binding. It owns every shard of the store (one node owns all here): one actor per shard,
-//! started on first use, group-commits what is queued (bounded by count, bytes and time) in one
-//! store commit fenced by the shard's epoch, answers each waiter after the commit, then tells
-//! fanout that the shard's outbox has grown.
+//! started on first use, group-commits what is queued (bounded by count, estimated bytes and
+//! time, and never above the engine's batch limit) in one store commit fenced by the shard's
+//! epoch, answers each waiter after the commit, then tells fanout that the shard's outbox has
+//! grown. Each actor caches the heads of the conversations it appends to, a bounded number
+//! ([`CACHED_HEADS`] across all actors).
+//!
+//! Failure policy: a batch the engine refuses as too large is split in halves, down to the one
+//! append that is too large alone; any other store error reaches every waiter of the batch as
+//! it is (typed), and `error.rs` maps it to the client's code; a fence that moved means the
+//! shard moved: the actor refuses what is queued and stops.
 
 use crate::metrics::{Metrics, ShardLabel};
 use courier_store::{Append, AppendOutcome, HeadCache, MessageStore, ShardLease, StoreError};
@@ -12,6 +19,10 @@ use futures::future::BoxFuture;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
+
+/// Conversation heads the shard actors of one sequencer cache together (each an equal part):
+/// about 100 MB at most. A head not cached is read from the store on the next append.
+const CACHED_HEADS: usize = 1 << 20;
 
 /// Why an append was not sequenced. The store's error is kept as it is, so that clients learn
 /// by its type whether a retry with the same `client_msg_id` is safe (see `error.rs`).
@@ -149,7 +160,7 @@ impl LocalSequencer {
             let actor = ShardActor {
                 store: self.store.clone(),
                 lease: self.leases[shard as usize],
-                heads: HeadCache::default(),
+                heads: HeadCache::with_capacity(CACHED_HEADS / self.shards.len()),
                 limits: self.limits,
                 listener: self.listener.clone(),
                 metrics: self.metrics.clone(),
@@ -375,25 +386,26 @@ mod tests {
     async fn unknown_outcomes_and_overload_reach_clients_as_unavailable() {
         let engine = FaultyEngine::new();
         let sequencer = sequencer(&engine).await;
-        let faults: [(&str, fn() -> StoreError); 3] = [
-            ("maybe committed", || StoreError::MaybeCommitted),
-            ("overloaded", || StoreError::Overloaded("throttled".into())),
-            ("engine", || StoreError::Engine("I/O error".into())),
+        let faults = [
+            StoreError::MaybeCommitted,
+            StoreError::Overloaded("throttled".into()),
+            StoreError::Engine("I/O error".into()),
         ];
-        for (name, fault) in faults {
-            engine.set_fault(Some(Box::new(move |_| Some(fault()))));
+        for (i, fault) in faults.into_iter().enumerate() {
+            let injected = fault.clone();
+            engine.set_fault(Some(Box::new(move |_| Some(injected.clone()))));
             let refused = sequencer
-                .submit(message("d:1", name, "hello"))
+                .submit(message("d:1", &format!("m{i}"), "hello"))
                 .await
                 .unwrap_err();
             let api = ApiError::from(refused);
-            assert_eq!(api.code, ErrorCode::Unavailable, "{name}: {api:?}");
-            assert!(api.retry_after_ms.is_some(), "{name}: {api:?}");
+            assert_eq!(api.code, ErrorCode::Unavailable, "{fault:?}: {api:?}");
+            assert!(api.retry_after_ms.is_some(), "{fault:?}: {api:?}");
         }
         engine.set_fault(None);
         // The retry the client makes with the same id is sequenced, once.
         let sent = sequencer
-            .submit(message("d:1", "maybe committed", "hello"))
+            .submit(message("d:1", "m0", "hello"))
             .await
             .unwrap();
         assert_eq!((sent.seq, sent.duplicate), (1, false));

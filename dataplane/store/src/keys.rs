@@ -10,7 +10,7 @@
 //! | `convs` | `("convs", user, conv)` | the user's conversations (empty) |
 //! | `head` | `("head", conv)` | highest seq (u64 LE) |
 //! | `ev` | `("ev", conv, seq)` | the event (`courier.v1.Event`, protobuf) |
-//! | `idem` | `("idem", conv, user, device, client_msg_id)` | the first outcome (`IdempotencyRecord`) |
+//! | `idem` | `("idem", conv, user, device, client_msg_id)` | the first outcome (`IdempotencyRecord`); cleared by retention after the idempotency window |
 //! | `cur` | `("cur", user, device, conv)` | the device's delivered cursor (u64 LE, atomic MAX) |
 //! | `rcpt` | `("rcpt", conv, user, kind)` | the user's delivered/read cursor (u64 LE, atomic MAX) |
 //! | `ob` | `("ob", shard, versionstamp)` | outbox: events committed, not yet fanned out |
@@ -231,6 +231,11 @@ impl Keys {
         client_msg_id: &str,
     ) -> Vec<u8> {
         self.root.pack(&("idem", conv, user, device, client_msg_id))
+    }
+
+    /// Every idempotency record of client sends.
+    pub fn idempotency_records(&self) -> Range<Vec<u8>> {
+        range_of(self.root.subspace(&("idem",)))
     }
 
     pub fn cursor(&self, user: &str, device: &str, conv: &str) -> Vec<u8> {

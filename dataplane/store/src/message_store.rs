@@ -15,6 +15,9 @@ const MAX_COMMIT_ATTEMPTS: usize = 5;
 /// Sanity bound on stored counts read back from the store.
 const MAX_SHARDS: u32 = 1 << 20;
 
+/// Idempotency records read (and expired ones cleared, in one commit) per step of expiry.
+const IDEMPOTENCY_PAGE: usize = 1024;
+
 /// Most bytes of pending notifications written in one commit while expanding push intents
 /// (lowered to the engine's batch limit): small commits, however many devices a group has.
 pub const PUSH_EXPANSION_BYTES: usize = 1 << 20;
@@ -206,11 +209,40 @@ pub struct AppendOutcome {
     pub duplicate: bool,
 }
 
-/// Heads of the conversations a shard owner has touched. Authoritative while the owner holds
-/// its lease, so appends need not read heads back.
-#[derive(Debug, Default)]
+/// Heads of the conversations a shard owner has touched, at most `capacity` of them: when
+/// full, the cache is emptied, and heads are read from the store again as their conversations
+/// are next appended to. Authoritative while the owner holds its lease, so appends need not
+/// read heads back.
+#[derive(Debug)]
 pub struct HeadCache {
     heads: HashMap<String, u64>,
+    capacity: usize,
+}
+
+/// Heads a [`HeadCache`] holds by default.
+const DEFAULT_CACHED_HEADS: usize = 1 << 16;
+
+impl Default for HeadCache {
+    fn default() -> Self {
+        Self::with_capacity(DEFAULT_CACHED_HEADS)
+    }
+}
+
+impl HeadCache {
+    /// A cache of at most `capacity` heads (at least one).
+    pub fn with_capacity(capacity: usize) -> Self {
+        Self {
+            heads: HashMap::new(),
+            capacity: capacity.max(1),
+        }
+    }
+
+    fn insert(&mut self, conv: &str, head: u64) {
+        if self.heads.len() >= self.capacity && !self.heads.contains_key(conv) {
+            self.heads.clear();
+        }
+        self.heads.insert(conv.to_owned(), head);
+    }
 }
 
 /// The message store over one engine.
@@ -465,7 +497,7 @@ impl MessageStore {
             self.kv.commit(batch).await?;
         }
         for (conv, head) in new_heads {
-            heads.heads.insert(conv.to_owned(), head);
+            heads.insert(conv, head);
         }
         outcomes
             .into_iter()
@@ -831,6 +863,44 @@ impl MessageStore {
             .collect()
     }
 
+    /// Clears the idempotency records in `records` (a subspace of records of first outcomes,
+    /// such as [`Keys::idempotency_records`]) written at or before `cutoff_ms`, a page per
+    /// commit; returns how many. A retry whose record is gone is sequenced as a new event. A
+    /// record that does not decode is logged and left in place.
+    pub async fn expire_idempotency_records(
+        &self,
+        mut records: Range<Vec<u8>>,
+        cutoff_ms: u64,
+    ) -> Result<u64, StoreError> {
+        let mut cleared = 0;
+        loop {
+            let page = self
+                .kv
+                .range(records.clone(), IDEMPOTENCY_PAGE, false)
+                .await?;
+            let mut batch = Batch::new();
+            for (key, value) in &page {
+                match IdempotencyRecord::decode(value.as_slice()) {
+                    Ok(record) if record.ts_ms <= cutoff_ms => {
+                        batch.clear(key.clone());
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::error!(error = %corrupt(key, e), "idempotency record kept"),
+                }
+            }
+            if !batch.is_empty() {
+                cleared += batch.mutations.len() as u64;
+                self.kv.commit(batch).await?;
+            }
+            match page.last() {
+                Some((last, _)) if page.len() == IDEMPOTENCY_PAGE => {
+                    records.start = last.iter().copied().chain([0]).collect();
+                }
+                _ => return Ok(cleared),
+            }
+        }
+    }
+
     /// The oldest push intents of `shard`.
     pub async fn push_intents(
         &self,
@@ -963,7 +1033,7 @@ impl MessageStore {
             return Ok(h);
         }
         let head = self.head(conv).await?;
-        heads.heads.insert(conv.to_owned(), head);
+        heads.insert(conv, head);
         Ok(head)
     }
 
@@ -1315,5 +1385,78 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[tokio::test]
+    async fn the_head_cache_stays_bounded_and_heads_are_read_again_after_eviction() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir).await;
+        let lease = store.acquire_shards(&[0]).await.unwrap()[0];
+        let convs: Vec<String> = (0..)
+            .map(|i| format!("d:{i}"))
+            .filter(|c| store.shard_of(c) == 0)
+            .take(5)
+            .collect();
+        let mut heads = HeadCache::with_capacity(2);
+        for round in 1..=2 {
+            for conv in &convs {
+                let out = store
+                    .append(
+                        lease,
+                        &mut heads,
+                        &[message(conv, "p", &format!("m{round}"))],
+                    )
+                    .await
+                    .unwrap();
+                assert_eq!(out[0].seq, round, "{conv}");
+                assert!(heads.heads.len() <= 2, "{} heads cached", heads.heads.len());
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn idempotency_records_expire_after_their_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir).await;
+        let lease = store
+            .acquire_shards(&[store.shard_of("d:1")])
+            .await
+            .unwrap()[0];
+        let mut heads = HeadCache::default();
+        let sent = store
+            .append(lease, &mut heads, &[message("d:1", "p", "a")])
+            .await
+            .unwrap();
+        let records = store.keys().idempotency_records();
+        let before = sent[0].ts_ms - 1;
+        assert_eq!(
+            store
+                .expire_idempotency_records(records.clone(), before)
+                .await
+                .unwrap(),
+            0,
+            "younger than the window: kept"
+        );
+        let retry = store
+            .append(lease, &mut heads, &[message("d:1", "p", "a")])
+            .await
+            .unwrap();
+        assert_eq!((retry[0].seq, retry[0].duplicate), (1, true));
+        assert_eq!(
+            store
+                .expire_idempotency_records(records, sent[0].ts_ms)
+                .await
+                .unwrap(),
+            1
+        );
+        let late = store
+            .append(lease, &mut heads, &[message("d:1", "p", "a")])
+            .await
+            .unwrap();
+        assert_eq!(
+            (late[0].seq, late[0].duplicate),
+            (2, false),
+            "a retry after the window is a new message"
+        );
     }
 }
