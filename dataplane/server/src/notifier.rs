@@ -176,7 +176,7 @@ impl Notifier {
         let mut backoff = self.backoff.lock().unwrap_or_else(|e| e.into_inner());
         let failures = backoff.get(&shard).map_or(0, |&(n, _)| n) + 1;
         let wait = IDLE_PASS
-            .saturating_mul(1 << failures.min(16))
+            .saturating_mul(1 << (failures - 1).min(16))
             .min(MAX_SHARD_BACKOFF);
         backoff.insert(shard, (failures, now_ms() + wait.as_millis() as u64));
     }
