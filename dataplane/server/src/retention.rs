@@ -88,29 +88,35 @@ impl Retention {
         });
     }
 
-    /// One pass over every conversation, then over the idempotency records.
+    /// One pass over every conversation, then over the idempotency records (expired even if
+    /// some conversation could not be trimmed).
     pub async fn run_once(&self) -> Result<Cleared, RetentionError> {
-        let mut events = 0;
-        let mut after: Option<String> = None;
-        loop {
-            let page = self.store.conversation_ids(after.as_deref(), PAGE).await?;
-            let Some(last) = page.last().cloned() else {
-                break;
-            };
-            for conv in &page {
-                events += self.trim_conversation(conv).await?;
-            }
-            after = Some(last);
-        }
+        let events = self.trim_conversations().await;
         let cutoff = now_ms().saturating_sub(self.policy.idempotency_window.as_millis() as u64);
         let idempotency_records = self
             .store
             .expire_idempotency_records(self.store.keys().idempotency_records(), cutoff)
-            .await?;
+            .await;
         Ok(Cleared {
-            events,
-            idempotency_records,
+            events: events?,
+            idempotency_records: idempotency_records?,
         })
+    }
+
+    /// Trims every conversation; returns the number of events cleared.
+    async fn trim_conversations(&self) -> Result<u64, RetentionError> {
+        let mut cleared = 0;
+        let mut after: Option<String> = None;
+        loop {
+            let page = self.store.conversation_ids(after.as_deref(), PAGE).await?;
+            let Some(last) = page.last().cloned() else {
+                return Ok(cleared);
+            };
+            for conv in &page {
+                cleared += self.trim_conversation(conv).await?;
+            }
+            after = Some(last);
+        }
     }
 
     async fn trim_conversation(&self, conv: &str) -> Result<u64, RetentionError> {
