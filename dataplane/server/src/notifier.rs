@@ -503,7 +503,8 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_group_with_more_offline_devices_than_one_batch_holds_is_notified_once_each() {
+    async fn a_group_with_more_offline_devices_than_one_batch_holds_gets_one_pending_notification_each()
+     {
         let engine = FaultyEngine::new();
         let store = engine.store(4).await;
         let members: Vec<String> = (0..300).map(|i| format!("user{i:03}")).collect();
