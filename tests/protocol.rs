@@ -257,6 +257,45 @@ async fn retried_sends_are_idempotent_across_reconnects_and_restarts() {
 }
 
 #[tokio::test]
+async fn a_retry_after_the_idempotency_window_is_a_new_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_in(
+        dir.path(),
+        &[
+            "--idempotency-window",
+            "1ms",
+            "--retention-interval",
+            "20ms",
+        ],
+    );
+    let mut alice = server.connect("alice", "phone").await;
+    expect_sync_done(&mut alice).await;
+    let first = alice
+        .send_text(Target::User("bob".into()), "same", "once")
+        .await
+        .unwrap();
+    // A retry is answered from the idempotency record until a retention pass expires it;
+    // from then on the same id makes a new message.
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let retry = alice
+            .send_text(Target::User("bob".into()), "same", "once")
+            .await
+            .unwrap();
+        if !retry.duplicate {
+            assert_eq!(retry.seq, first.seq + 1);
+            break;
+        }
+        assert_eq!(retry.seq, first.seq);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the idempotency record never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
 async fn receipts_reach_the_other_members_devices() {
     let (_dir, server) = server();
     let mut alice = server.connect("alice", "phone").await;

@@ -218,6 +218,9 @@ mod tests {
         ) -> Result<Vec<KeyValue>, StoreError> {
             self.inner.range(range, limit, reverse).await
         }
+        fn limits(&self) -> courier_store::kv::BatchLimits {
+            self.inner.limits()
+        }
         async fn commit(&self, batch: Batch) -> Result<CommitStamp, StoreError> {
             let race = self.race.lock().unwrap().take();
             if let Some(race) = race {

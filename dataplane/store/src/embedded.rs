@@ -140,6 +140,10 @@ impl KvEngine for EmbeddedEngine {
             .await
             .map_err(|_| StoreError::Engine("the store writer has stopped".into()))?
     }
+
+    fn limits(&self) -> BatchLimits {
+        LIMITS
+    }
 }
 
 /// What one commit may hold: FoundationDB's key and value limits, so that both engines accept

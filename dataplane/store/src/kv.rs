@@ -155,8 +155,9 @@ impl Batch {
     }
 }
 
-/// Why a store operation failed.
-#[derive(Debug, thiserror::Error)]
+/// Why a store operation failed. `Clone`, so that one failed group commit can answer each of
+/// its waiters with the error itself.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// A fence did not hold: someone else wrote the key (for a shard epoch: the shard moved).
     #[error("commit refused: the fence on {key:?} changed")]
@@ -198,6 +199,10 @@ pub trait KvEngine: Send + Sync + 'static {
     /// Applies `batch` atomically and durably after checking its fences. Returns the commit's
     /// stamp; later commits have larger stamps.
     async fn commit(&self, batch: Batch) -> Result<CommitStamp, StoreError>;
+
+    /// What one batch may hold: `commit` refuses larger batches with [`StoreError::TooLarge`],
+    /// so writers that may produce large batches split their work by it.
+    fn limits(&self) -> BatchLimits;
 }
 
 /// Reads a little-endian `u64` as written by [`Mutation::Max`]/[`Mutation::Add`]; shorter
