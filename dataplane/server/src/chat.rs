@@ -370,7 +370,7 @@ impl Chat {
         Ok(Page {
             events,
             head_seq,
-            trimmed: (after_seq + 1 < floor).then_some(floor),
+            trimmed: (after_seq.saturating_add(1) < floor).then_some(floor),
         })
     }
 
@@ -427,7 +427,7 @@ impl Chat {
             let from = cursor.max(visible_from - 1);
             let head = self.store.head(&conv).await?;
             resume.insert(conv.clone(), cursor.max(visible_from - 1));
-            let trimmed = (cursor + 1 < floor).then_some(floor);
+            let trimmed = (cursor.saturating_add(1) < floor).then_some(floor);
             if head > from || trimmed.is_some() {
                 plan.push(CatchUp {
                     trimmed,

@@ -497,7 +497,7 @@ impl Connection<'_> {
                 }
                 // The device has its own message: live delivery may continue past it.
                 let upto = self.upto.entry(conversation_id.clone()).or_insert(0);
-                if *upto + 1 == outcome.seq {
+                if upto.saturating_add(1) == outcome.seq {
                     *upto = outcome.seq;
                 }
                 self.write(&ServerFrame::Sent(Sent {
