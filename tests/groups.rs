@@ -427,6 +427,74 @@ async fn group_receipts_are_cumulative_and_coalesced_to_the_senders_in_large_gro
     assert_eq!(body["conversations"][0]["delivered_seq"], 6);
 }
 
+/// The value of a counter or gauge without labels on `/metrics`.
+async fn metric(server: &Server, name: &str) -> u64 {
+    let text = reqwest::get(format!("{}/metrics", server.http_url()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+}
+
+#[tokio::test]
+async fn receipts_in_a_small_group_never_disconnect_a_slow_member_and_reach_it_later() {
+    let (_dir, server) = start(&[
+        "--outbound-queue",
+        "16",
+        "--user-sends-per-sec",
+        "0",
+        "--group-sends-per-sec",
+        "0",
+    ]);
+    let conv = server
+        .http("alice", "phone")
+        .create_group("g", &users(&["bob"]))
+        .await
+        .unwrap();
+    let mut alice = connected(&server, "alice", "phone").await;
+    let mut bob = connected(&server, "bob", "phone").await;
+    // Bob reads nothing: large messages fill his socket buffers, then his queue of 16 (events
+    // that find it full are dropped from it and read from the store later).
+    let body = "y".repeat(60_000);
+    let mut head = 1;
+    while metric(&server, "courier_gateway_lagged_deliveries_total").await == 0 {
+        assert!(head < 2000, "bob's queue never filled");
+        for _ in 0..10 {
+            head = alice
+                .send_text(Target::Conversation(conv.clone()), &format!("m{head}"), &body)
+                .await
+                .unwrap()
+                .seq;
+        }
+    }
+    // Alice's acks move her receipt cursors while bob's queue is full.
+    alice.ack(&conv, head - 1, AckKind::Delivered).await.unwrap();
+    alice.ack(&conv, head, AckKind::Read).await.unwrap();
+    alice.ping().await.unwrap();
+
+    // Bob reads again: everything comes, on the same connection, up to the latest receipt.
+    let mut seq = 1;
+    loop {
+        match bob.next_frame_within(WAIT).await {
+            Ok(ServerFrame::Event(event)) => {
+                assert_eq!(event.seq, seq + 1, "events in order");
+                seq = event.seq;
+            }
+            Ok(ServerFrame::Receipt(r)) if (r.delivered_seq, r.read_seq) == (head, head) => {
+                assert_eq!(r.user, "alice");
+                break;
+            }
+            Ok(_) => {}
+            Err(e) => panic!("bob lost his connection or waited in vain: {e}"),
+        }
+    }
+    bob.ping().await.unwrap();
+}
+
 #[tokio::test]
 async fn a_flood_from_one_user_is_limited_while_others_are_unaffected() {
     let (_dir, server) = start(&["--user-sends-per-sec", "5", "--user-sends-burst", "10"]);

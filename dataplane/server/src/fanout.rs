@@ -21,7 +21,7 @@
 
 use crate::membership::{Members, MembershipCache};
 use crate::metrics::Metrics;
-use crate::routes::{Delivery, Handoff, Routes, SharedEvent};
+use crate::routes::{Handoff, Routes, SharedEvent};
 use crate::sequencer::CommitListener;
 use courier_store::{MessageStore, StoreError};
 use std::collections::{BTreeSet, HashMap};
@@ -227,12 +227,9 @@ impl Fanout {
                 if *member == sender.user && connection.device == sender.device {
                     continue;
                 }
-                match connection.deliver(Delivery::Event(shared.clone())) {
+                match connection.deliver(shared) {
                     Handoff::Lagged => {
                         self.metrics.lagged_deliveries.inc();
-                    }
-                    Handoff::Kicked => {
-                        self.metrics.slow_consumer_disconnects.inc();
                     }
                     Handoff::Queued | Handoff::Gone => {}
                 }
