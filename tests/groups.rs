@@ -465,14 +465,21 @@ async fn receipts_in_a_small_group_never_disconnect_a_slow_member_and_reach_it_l
         assert!(head < 2000, "bob's queue never filled");
         for _ in 0..10 {
             head = alice
-                .send_text(Target::Conversation(conv.clone()), &format!("m{head}"), &body)
+                .send_text(
+                    Target::Conversation(conv.clone()),
+                    &format!("m{head}"),
+                    &body,
+                )
                 .await
                 .unwrap()
                 .seq;
         }
     }
     // Alice's acks move her receipt cursors while bob's queue is full.
-    alice.ack(&conv, head - 1, AckKind::Delivered).await.unwrap();
+    alice
+        .ack(&conv, head - 1, AckKind::Delivered)
+        .await
+        .unwrap();
     alice.ack(&conv, head, AckKind::Read).await.unwrap();
     alice.ping().await.unwrap();
 

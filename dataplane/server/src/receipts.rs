@@ -137,7 +137,11 @@ impl ReceiptRelay {
         let frame = Arc::new(ServerFrame::Receipt(pending.receipt.clone()));
         let mut refused = BTreeSet::new();
         for target in targets {
-            if pending.only.as_ref().is_some_and(|only| !only.contains(*target)) {
+            if pending
+                .only
+                .as_ref()
+                .is_some_and(|only| !only.contains(*target))
+            {
                 continue;
             }
             for connection in self.routes.connections(target) {
