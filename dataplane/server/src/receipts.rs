@@ -87,8 +87,9 @@ impl ReceiptRelay {
         })
     }
 
-    /// Sends `receipt` now, or at the next flush in a large group. `covered_after` is the
-    /// lowest of the user's cursors that moved, before they moved.
+    /// Sends `receipt` now (devices without room get it at a later flush), or at the next
+    /// flush in a large group. `covered_after` is the lowest of the user's cursors that moved,
+    /// before they moved.
     pub async fn publish(&self, receipt: Receipt, covered_after: u64) -> Result<(), StoreError> {
         let members = self.membership.members(&receipt.conversation_id).await?;
         let mut pending = Pending {
@@ -108,6 +109,7 @@ impl ReceiptRelay {
         Ok(())
     }
 
+    /// Keeps `pending` for the next flush, folding in the held receipt of the same user.
     fn hold(&self, mut pending: Pending) {
         let mut all = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         let users = all
