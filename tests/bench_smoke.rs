@@ -149,23 +149,15 @@ fn reconnect_storm_catches_up_every_pending_message() {
 
 #[test]
 fn group_fanout_reaches_every_member() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = Server::start_in(dir.path(), &UNLIMITED);
-    let common = common_for(&server);
-    let common: Vec<&str> = common.iter().map(String::as_str).collect();
-    let run = bench(
-        &common,
-        &[
-            "group-fanout",
-            "--members",
-            "10",
-            "--senders",
-            "2",
-            "--rate",
-            "20",
-        ],
-    );
-    let json = assert_clean(&run, "group-fanout");
+    let json = run_against_server(&[
+        "group-fanout",
+        "--members",
+        "10",
+        "--senders",
+        "2",
+        "--rate",
+        "20",
+    ]);
     let counts = &json["counts"];
     assert!(counts["acked"].as_u64().unwrap() > 0, "{json:#}");
     assert_eq!(counts["delivered"], counts["deliveries_expected"]);

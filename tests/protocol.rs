@@ -417,6 +417,44 @@ async fn sync_with_cursors_overrides_the_servers_cursor() {
 }
 
 #[tokio::test]
+async fn seqs_at_u64_max_are_answered_as_empty_and_the_connection_stays_usable() {
+    let (_dir, server) = server();
+    let mut alice = server.connect("alice", "phone").await;
+    expect_sync_done(&mut alice).await;
+    let conv = alice
+        .send_text(Target::User("bob".into()), "m1", "x")
+        .await
+        .unwrap()
+        .conversation_id;
+
+    let page = alice.fetch(&conv, u64::MAX, None).await.unwrap();
+    assert!(page.events.is_empty(), "{page:?}");
+    assert_eq!(page.head_seq, 1);
+    let events = alice.sync(BTreeMap::from([(conv.clone(), u64::MAX)])).await;
+    assert!(events.unwrap().is_empty());
+    // A send after the override: the connection now counts u64::MAX as delivered.
+    let sent = alice
+        .send_text(Target::Conversation(conv.clone()), "m2", "y")
+        .await
+        .unwrap();
+    assert_eq!(sent.seq, 2);
+    alice.ping().await.unwrap();
+
+    let (status, body) = server
+        .http("alice", "phone")
+        .get(&format!(
+            "/v1/conversations/{conv}/messages?after_seq={}",
+            u64::MAX
+        ))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["events"], serde_json::json!([]));
+    assert_eq!(body["head_seq"], 2);
+    alice.ping().await.unwrap();
+}
+
+#[tokio::test]
 async fn bad_frames_get_errors_and_the_connection_stays_open() {
     let (_dir, server) = server();
     let mut alice = server.connect("alice", "phone").await;

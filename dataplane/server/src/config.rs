@@ -56,7 +56,7 @@ pub struct ServeConfig {
     /// Largest client WebSocket message in bytes; larger ones close the connection (1009).
     #[arg(long, env = "COURIER_MAX_FRAME_BYTES", default_value_t = 64 * 1024)]
     pub max_frame_bytes: usize,
-    /// Deliveries queued per connection before a slow reader is disconnected.
+    /// Deliveries queued per connection; past it events are read from the store instead.
     #[arg(long, env = "COURIER_OUTBOUND_QUEUE", default_value_t = 1024)]
     pub outbound_queue: usize,
     /// Most appends per group commit of a shard.

@@ -11,13 +11,20 @@
 //! starve 1:1 traffic; when that queue is full the shard waits (nothing is dropped). A delivery
 //! to the gateway is one call carrying the event and its recipients; connections reorder
 //! nothing, they skip what they have and fill gaps from the store.
+//!
+//! **Backlog.** `courier_fanout_backlog_events` (and the send backpressure built on it) counts
+//! the events this process committed and has not yet handed off: the commit listener adds,
+//! the drain subtracts. Entries an earlier process left in the outbox (a crash between commit
+//! and fanout) were never added, so the drain does not subtract them: the newest outbox key of
+//! each shard is read when the fanout is built, before this process can commit, and entries up
+//! to it are delivered without being counted.
 
 use crate::membership::{Members, MembershipCache};
 use crate::metrics::Metrics;
-use crate::routes::{Delivery, Handoff, Routes, SharedEvent};
+use crate::routes::{Handoff, Routes, SharedEvent};
 use crate::sequencer::CommitListener;
 use courier_store::{MessageStore, StoreError};
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -65,6 +72,9 @@ pub struct Fanout {
     metrics: Arc<Metrics>,
     workers: Vec<Worker>,
     backlog: AtomicI64,
+    /// Per shard, the newest outbox key written before this process started (not counted in
+    /// `backlog`).
+    inherited: HashMap<u32, Vec<u8>>,
     cursors: ShardCursors,
     large_group_threshold: usize,
     large: mpsc::Sender<LargeDelivery>,
@@ -72,14 +82,22 @@ pub struct Fanout {
 }
 
 impl Fanout {
-    pub fn new(
+    /// Builds the fanout and notes what earlier processes left in the outbox. Build it before
+    /// the sequencer that reports commits to it.
+    pub async fn new(
         store: MessageStore,
         routes: Arc<Routes>,
         membership: Arc<MembershipCache>,
         metrics: Arc<Metrics>,
         workers: usize,
         large_group_threshold: usize,
-    ) -> Arc<Self> {
+    ) -> Result<Arc<Self>, StoreError> {
+        let mut inherited = HashMap::new();
+        for shard in 0..store.shard_count() {
+            if let Some(last) = store.last_outbox_key(shard).await? {
+                inherited.insert(shard, last);
+            }
+        }
         let (large, large_queue) = mpsc::channel(LARGE_GROUP_QUEUE);
         let workers = (0..workers.max(1))
             .map(|_| Worker {
@@ -87,18 +105,19 @@ impl Fanout {
                 wake: Notify::new(),
             })
             .collect();
-        Arc::new(Self {
+        Ok(Arc::new(Self {
             store,
             routes,
             membership,
             metrics,
             workers,
             backlog: AtomicI64::new(0),
+            inherited,
             cursors: ShardCursors::default(),
             large_group_threshold,
             large,
             large_queue: Mutex::new(Some(large_queue)),
-        })
+        }))
     }
 
     /// Starts the workers. Every shard is scanned once first: entries left by a crash between
@@ -170,13 +189,18 @@ impl Fanout {
                 return Ok(());
             };
             let (first, last) = (first.clone(), last.clone());
-            let count = entries.len();
+            let counted = match self.inherited.get(&shard) {
+                Some(inherited) => entries.iter().filter(|(key, _)| key > inherited).count(),
+                None => entries.len(),
+            } as i64;
             for (_, event) in entries {
                 self.deliver(event).await?;
             }
             self.store.clear_outbox(&first, &last).await?;
             self.cursors.set(shard, last);
-            let left = self.backlog.fetch_sub(count as i64, Ordering::Relaxed) - count as i64;
+            let left = self.backlog.fetch_sub(counted, Ordering::Relaxed) - counted;
+            // Below zero only for a moment: the drain can read an entry before the sequencer
+            // has reported its commit.
             self.metrics.fanout_backlog.set(left.max(0));
         }
     }
@@ -203,12 +227,9 @@ impl Fanout {
                 if *member == sender.user && connection.device == sender.device {
                     continue;
                 }
-                match connection.deliver(Delivery::Event(shared.clone())) {
+                match connection.deliver(shared) {
                     Handoff::Lagged => {
                         self.metrics.lagged_deliveries.inc();
-                    }
-                    Handoff::Kicked => {
-                        self.metrics.slow_consumer_disconnects.inc();
                     }
                     Handoff::Queued | Handoff::Gone => {}
                 }
@@ -230,4 +251,85 @@ pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use courier_proto::{Body, EventPayload, Sender};
+    use courier_store::embedded::EmbeddedEngine;
+    use courier_store::{Append, HeadCache, NewConversation};
+    use std::time::Instant;
+
+    fn message(id: &str) -> Append {
+        Append {
+            conversation_id: "d:1".into(),
+            sender: Sender {
+                user: "alice".into(),
+                device: "phone".into(),
+            },
+            key: courier_store::AppendKey::Client(id.into()),
+            payload: EventPayload::Message {
+                body: Some(Body::Text(id.into())),
+                client_msg_id: id.into(),
+                reply_to: None,
+                deleted: false,
+            },
+            create: Some(NewConversation {
+                kind: "direct",
+                name: String::new(),
+                members: vec!["alice".into(), "bob".into()],
+            }),
+        }
+    }
+
+    async fn until_outbox_empty(store: &MessageStore, shard: u32) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !store.outbox(shard, None, 1).await.unwrap().is_empty() {
+            assert!(Instant::now() < deadline, "the outbox was not drained");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn entries_left_by_an_earlier_process_do_not_lower_the_backlog() {
+        let dir = tempfile::tempdir().unwrap();
+        let kv = Arc::new(EmbeddedEngine::open(&dir.path().join("s")).unwrap());
+        let store = MessageStore::open(kv, b"", 4).await.unwrap();
+        let shard = store.shard_of("d:1");
+        let lease = store.acquire_shards(&[shard]).await.unwrap()[0];
+        let mut heads = HeadCache::default();
+        // Committed by a process that crashed before fanning them out.
+        let left = [message("a"), message("b"), message("c")];
+        store.append(lease, &mut heads, &left).await.unwrap();
+
+        let metrics = Arc::new(Metrics::new());
+        let fanout = Fanout::new(
+            store.clone(),
+            Arc::new(Routes::default()),
+            Arc::new(MembershipCache::new(store.clone())),
+            metrics.clone(),
+            1,
+            1000,
+        )
+        .await
+        .unwrap();
+        fanout.start();
+        until_outbox_empty(&store, shard).await;
+        assert_eq!(fanout.backlog.load(Ordering::Relaxed), 0);
+
+        // This process's own commit is counted, then drained back to zero.
+        store
+            .append(lease, &mut heads, &[message("d")])
+            .await
+            .unwrap();
+        fanout.committed(shard, 1);
+        until_outbox_empty(&store, shard).await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while fanout.backlog.load(Ordering::Relaxed) != 0 {
+            assert!(Instant::now() < deadline, "the backlog did not return to 0");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(metrics.fanout_backlog.get(), 0);
+    }
 }

@@ -13,8 +13,9 @@
 //!
 //! A connection whose delivery queue overflows with events does not lose them and is not cut
 //! off: it reads what was dropped from the store once it has written what is queued, at the
-//! pace its client reads. Only a frame that finds the queue full closes it (1013, the client
-//! resyncs), and a client that takes nothing for `write_timeout` is dropped.
+//! pace its client reads. Other frames (typing, receipts) are queued only while there is room
+//! (a receipt without room is retried later), so a full queue never closes the connection; a
+//! client that takes nothing for `write_timeout` is dropped.
 //!
 //! Writes are buffered and flushed when the connection has nothing more queued, so a burst of
 //! deliveries or a catch-up page leaves in a few system calls rather than one per frame.
@@ -50,7 +51,7 @@ const CATCH_UP_PAGE: usize = 256;
 pub struct GatewayLimits {
     /// Largest client message, after decompression (close 1009 above).
     pub max_frame_bytes: usize,
-    /// Deliveries queued per connection; a connection whose queue is full is closed.
+    /// Deliveries queued per connection; past it events are read from the store instead.
     pub outbound_queue: usize,
     /// Sends in flight per connection before the gateway stops reading from it.
     pub max_pending_sends: usize,
@@ -536,7 +537,7 @@ impl Connection<'_> {
                 }
                 // The device has its own message: live delivery may continue past it.
                 let upto = self.upto.entry(conversation_id.clone()).or_insert(0);
-                if *upto + 1 == outcome.seq {
+                if upto.saturating_add(1) == outcome.seq {
                     *upto = outcome.seq;
                 }
                 self.write(&ServerFrame::Sent(Sent {

@@ -44,8 +44,6 @@ pub struct Metrics {
     pub connections: Gauge,
     /// Sends that matched an earlier one (client retries).
     pub send_retries: Counter,
-    /// Connections cut because a frame found their outbound queue full.
-    pub slow_consumer_disconnects: Counter,
     /// Events dropped from a full outbound queue, read from the store by their connection.
     pub lagged_deliveries: Counter,
     /// `error` frames sent, by code.
@@ -79,7 +77,6 @@ impl Metrics {
             commit_batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
             connections: Gauge::default(),
             send_retries: Counter::default(),
-            slow_consumer_disconnects: Counter::default(),
             lagged_deliveries: Counter::default(),
             errors: Family::default(),
             rate_limited: Family::default(),
@@ -126,11 +123,6 @@ impl Metrics {
             "chat_send_retries",
             "Sends that matched an earlier send with the same client_msg_id",
             metrics.send_retries.clone(),
-        );
-        registry.register(
-            "gateway_slow_consumer_disconnects",
-            "Connections closed because a frame found their outbound queue full",
-            metrics.slow_consumer_disconnects.clone(),
         );
         registry.register(
             "gateway_lagged_deliveries",

@@ -1,21 +1,27 @@
 //! Receipts: when a user's delivered/read cursors in a conversation advance, other members'
 //! connected devices get a `receipt`.
 //!
-//! - In groups of at most `coalesce_above` members, every other member's devices get it at once.
+//! - In groups of at most `coalesce_above` members (and direct conversations), every other
+//!   member's devices get it at once.
 //! - In larger groups, receipts are coalesced: at most one per (conversation, user) per
 //!   interval, carrying the latest cursors, and it goes only to the devices of the users who
 //!   sent the events it newly covers (the last [`SENDER_SCAN_EVENTS`] of them), the ones whose
 //!   "delivered to / read by" it changes. Sending every receipt to every member would be
 //!   members x devices frames per interval: at 10,000 members that is 10^8 frames a second.
-//!   A coalesced receipt never closes a connection: when a device's queue has no room it stays
-//!   pending and is tried again after [`RETRY_AFTER`] (receipts are cumulative, so a repeat is
-//!   harmless and a newer one replaces it).
+//!
+//! **A receipt never closes a connection.** Receipts are cumulative: a newer one replaces an
+//! older one, so a device whose queue has no room loses nothing by waiting. Such a receipt is
+//! held, for the users whose devices refused it only, and tried again at the next flush, then
+//! every [`RETRY_AFTER`] while some wait; a newer receipt of the same user absorbs the held one
+//! (the latest cursors, the widest range, everyone again), so the held one never goes out after
+//! it from `publish`. A repeat, or an older receipt overtaken by a flush in progress, is harmless:
+//! clients keep the highest cursors.
 
-use crate::membership::MembershipCache;
+use crate::membership::{Members, MembershipCache};
 use crate::routes::{Delivery, Routes};
 use courier_proto::{Receipt, ServerFrame};
 use courier_store::{MessageStore, StoreError};
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -29,6 +35,8 @@ struct Pending {
     receipt: Receipt,
     /// The events after this seq (through the receipt's cursors) are newly covered.
     covered_after: u64,
+    /// The users still to be sent it (`None`: everyone it is for), once some had it.
+    only: Option<BTreeSet<String>>,
 }
 
 impl Pending {
@@ -36,11 +44,19 @@ impl Pending {
         self.receipt.delivered_seq.max(self.receipt.read_seq)
     }
 
-    /// Folds an older pending receipt of the same user in: the newest cursors, the widest range.
+    /// Folds an older pending receipt of the same user in: the newest cursors, the widest range,
+    /// everyone either was still for.
     fn merge(&mut self, older: Pending) {
         self.covered_after = self.covered_after.min(older.covered_after);
         self.receipt.delivered_seq = self.receipt.delivered_seq.max(older.receipt.delivered_seq);
         self.receipt.read_seq = self.receipt.read_seq.max(older.receipt.read_seq);
+        self.only = match (self.only.take(), older.only) {
+            (Some(mut only), Some(older)) => {
+                only.extend(older);
+                Some(only)
+            }
+            _ => None,
+        };
     }
 }
 
@@ -71,27 +87,29 @@ impl ReceiptRelay {
         })
     }
 
-    /// Sends `receipt` now, or at the next flush in a large group. `covered_after` is the
-    /// lowest of the user's cursors that moved, before they moved.
+    /// Sends `receipt` now (devices without room get it at a later flush), or at the next
+    /// flush in a large group. `covered_after` is the lowest of the user's cursors that moved,
+    /// before they moved.
     pub async fn publish(&self, receipt: Receipt, covered_after: u64) -> Result<(), StoreError> {
         let members = self.membership.current(&receipt.conversation_id).await?;
+        let mut pending = Pending {
+            receipt,
+            covered_after,
+            only: None,
+        };
         if members.len() > self.coalesce_above {
-            self.hold(Pending {
-                receipt,
-                covered_after,
-            });
+            self.hold(pending);
             return Ok(());
         }
-        let user = receipt.user.clone();
-        let frame = Arc::new(ServerFrame::Receipt(receipt));
-        for member in members.iter().filter(|m| **m != user) {
-            for connection in self.routes.connections(member) {
-                connection.deliver(Delivery::Frame(frame.clone()));
-            }
+        if let Some(older) = self.take_held(&pending.receipt) {
+            pending.merge(older);
         }
+        let targets = others(&members, &pending.receipt.user);
+        self.offer(pending, &targets);
         Ok(())
     }
 
+    /// Keeps `pending` for the next flush, folding in the held receipt of the same user.
     fn hold(&self, mut pending: Pending) {
         let mut all = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         let users = all
@@ -103,7 +121,46 @@ impl ReceiptRelay {
         users.insert(pending.receipt.user.clone(), pending);
     }
 
-    /// Flushes coalesced receipts every `interval`, and sooner while some wait for room.
+    /// Takes the held receipt of the same conversation and user, if any.
+    fn take_held(&self, receipt: &Receipt) -> Option<Pending> {
+        let mut all = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let users = all.get_mut(&receipt.conversation_id)?;
+        let held = users.remove(&receipt.user);
+        if users.is_empty() {
+            all.remove(&receipt.conversation_id);
+        }
+        held
+    }
+
+    /// Queues `pending` on the connections of `targets` (those it is still for) without ever
+    /// closing one; holds it for the users one of whose devices had no room. Returns whether it
+    /// was held.
+    fn offer(&self, mut pending: Pending, targets: &[&str]) -> bool {
+        let frame = Arc::new(ServerFrame::Receipt(pending.receipt.clone()));
+        let mut refused = BTreeSet::new();
+        for target in targets {
+            if pending
+                .only
+                .as_ref()
+                .is_some_and(|only| !only.contains(*target))
+            {
+                continue;
+            }
+            for connection in self.routes.connections(target) {
+                if !connection.deliver_droppable(Delivery::Frame(frame.clone())) {
+                    refused.insert(target.to_string());
+                }
+            }
+        }
+        if refused.is_empty() {
+            return false;
+        }
+        pending.only = Some(refused);
+        self.hold(pending);
+        true
+    }
+
+    /// Flushes held receipts every `interval`, and sooner while some wait for room.
     pub fn start(self: &Arc<Self>, interval: Duration) {
         let relay = self.clone();
         tokio::spawn(async move {
@@ -122,14 +179,22 @@ impl ReceiptRelay {
         });
     }
 
-    /// Delivers one conversation's coalesced receipts to the senders of the events each
-    /// newly covers; returns whether some were held back for want of room.
+    /// Delivers one conversation's held receipts: in a small group to every other member, in
+    /// a large one to the senders of the events each newly covers. Returns whether some were
+    /// held again for want of room.
     async fn flush(
         &self,
         conv: &str,
         receipts: HashMap<String, Pending>,
     ) -> Result<bool, StoreError> {
         let members = self.membership.current(conv).await?;
+        let mut waiting = false;
+        if members.len() <= self.coalesce_above {
+            for (user, pending) in receipts {
+                waiting |= self.offer(pending, &others(&members, &user));
+            }
+            return Ok(waiting);
+        }
         let through = receipts.values().map(Pending::covered_through).max();
         let after = receipts.values().map(|p| p.covered_after).min();
         let (Some(through), Some(after)) = (through, after) else {
@@ -151,7 +216,6 @@ impl ReceiptRelay {
                     .or_insert_with(|| members.iter().any(|m| m == sender))
             })
             .collect();
-        let mut waiting = false;
         for (user, pending) in receipts {
             let first = senders.partition_point(|(seq, _)| *seq <= pending.covered_after);
             let last = senders.partition_point(|(seq, _)| *seq <= pending.covered_through());
@@ -162,17 +226,17 @@ impl ReceiptRelay {
                 .collect();
             targets.sort_unstable();
             targets.dedup();
-            let frame = Arc::new(ServerFrame::Receipt(pending.receipt.clone()));
-            let refused = targets
-                .iter()
-                .flat_map(|target| self.routes.connections(target))
-                .filter(|connection| !connection.deliver_droppable(Delivery::Frame(frame.clone())))
-                .count();
-            if refused > 0 {
-                waiting = true;
-                self.hold(pending);
-            }
+            waiting |= self.offer(pending, &targets);
         }
         Ok(waiting)
     }
+}
+
+/// The members other than `user`.
+fn others<'a>(members: &'a Members, user: &str) -> Vec<&'a str> {
+    members
+        .iter()
+        .map(String::as_str)
+        .filter(|member| *member != user)
+        .collect()
 }

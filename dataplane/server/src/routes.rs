@@ -89,35 +89,30 @@ pub enum Handoff {
     /// The queue was full and the delivery an event: it was dropped, and the connection reads
     /// it (and whatever else it missed) from the store once it has written what is queued.
     Lagged,
-    /// The queue was full and the delivery a frame: the connection is told to close and will
-    /// resync on reconnect.
-    Kicked,
     /// The connection has ended.
     Gone,
 }
 
-/// Share of a connection's queue kept free of droppable frames (typing), so they go first.
+/// Share of a connection's queue kept free of droppable frames (typing, receipts), so events
+/// go first.
 const DROPPABLE_HEADROOM: usize = 4;
 
 impl ConnectionHandle {
-    pub fn deliver(&self, delivery: Delivery) -> Handoff {
-        match self.queue.try_send(delivery) {
+    /// Queues an event; a full queue never closes the connection.
+    pub fn deliver(&self, shared: &Arc<SharedEvent>) -> Handoff {
+        match self.queue.try_send(Delivery::Event(shared.clone())) {
             Ok(()) => Handoff::Queued,
-            Err(TrySendError::Full(Delivery::Event(shared))) => {
+            Err(TrySendError::Full(_)) => {
                 let event = &shared.event;
                 self.signals.fell_behind(&event.conversation_id, event.seq);
                 Handoff::Lagged
-            }
-            Err(TrySendError::Full(Delivery::Frame(_))) => {
-                self.close(KickReason::SlowConsumer);
-                Handoff::Kicked
             }
             Err(TrySendError::Closed(_)) => Handoff::Gone,
         }
     }
 
-    /// Queues a frame that may be lost (typing): only while the queue is at most three
-    /// quarters full. Returns whether it was queued.
+    /// Queues a frame that may be lost (typing) or is retried by its sender (receipts): only
+    /// while the queue is at most three quarters full. Returns whether it was queued.
     pub fn deliver_droppable(&self, delivery: Delivery) -> bool {
         self.queue.capacity() > self.queue.max_capacity() / DROPPABLE_HEADROOM
             && self.queue.try_send(delivery).is_ok()

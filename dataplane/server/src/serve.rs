@@ -91,7 +91,8 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         metrics.clone(),
         config.fanout_workers,
         config.large_group_threshold,
-    );
+    )
+    .await?;
     let push = Arc::new(PushProviders::from_config(&config.push)?);
     let notifier = Notifier::new(
         store.clone(),

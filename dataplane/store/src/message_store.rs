@@ -1407,6 +1407,12 @@ impl MessageStore {
             .collect()
     }
 
+    /// The newest outbox key of `shard`, if its outbox holds any entry.
+    pub async fn last_outbox_key(&self, shard: u32) -> Result<Option<Vec<u8>>, StoreError> {
+        let rows = self.kv.range(self.keys.outbox(shard), 1, true).await?;
+        Ok(rows.into_iter().next().map(|(key, _)| key))
+    }
+
     /// Removes the outbox entries `first..=last` of one shard, once fanned out.
     pub async fn clear_outbox(&self, first: &[u8], last: &[u8]) -> Result<(), StoreError> {
         let mut batch = Batch::new();
