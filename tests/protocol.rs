@@ -432,13 +432,21 @@ async fn seqs_at_u64_max_are_answered_as_empty_and_the_connection_stays_usable()
     assert_eq!(page.head_seq, 1);
     let events = alice.sync(BTreeMap::from([(conv.clone(), u64::MAX)])).await;
     assert!(events.unwrap().is_empty());
-    // A send after the override: the connection now counts u64::MAX as delivered.
+    // A send after the override, and live delivery goes on: an override beyond the head
+    // counts as the head.
     let sent = alice
         .send_text(Target::Conversation(conv.clone()), "m2", "y")
         .await
         .unwrap();
     assert_eq!(sent.seq, 2);
     alice.ping().await.unwrap();
+    let mut bob = server.connect("bob", "phone").await;
+    bob.events_until_sync_done().await.unwrap();
+    bob.send_text(Target::Conversation(conv.clone()), "b1", "z")
+        .await
+        .unwrap();
+    let live = alice.next_event().await.unwrap();
+    assert_eq!(live.seq, 3, "{live:?}");
 
     let (status, body) = server
         .http("alice", "phone")
@@ -450,7 +458,7 @@ async fn seqs_at_u64_max_are_answered_as_empty_and_the_connection_stays_usable()
         .unwrap();
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["events"], serde_json::json!([]));
-    assert_eq!(body["head_seq"], 2);
+    assert_eq!(body["head_seq"], 3);
     alice.ping().await.unwrap();
 }
 

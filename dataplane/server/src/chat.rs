@@ -489,6 +489,8 @@ impl Chat {
                 .head(&conv.conversation_id)
                 .await?
                 .min(visible.last());
+            // A client's cursor beyond the head would hold back the live events to come.
+            let cursor = cursor.min(head);
             let trimmed = readable.trimmed_after(cursor);
             resume.insert(conv.conversation_id.clone(), cursor);
             if visible.ranges(cursor, head).next().is_some() || trimmed.is_some() {

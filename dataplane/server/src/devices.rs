@@ -11,7 +11,7 @@
 use crate::auth::{AuthError, Identity};
 use crate::error::ApiError;
 use crate::fanout::now_ms;
-use crate::routes::{KickReason, Routes};
+use crate::routes::Routes;
 use courier_store::{DeviceRecord, MessageStore, StoreError};
 
 /// A device as listed by `GET /v1/devices`.
@@ -172,7 +172,7 @@ impl Devices {
         }
         for connection in routes.connections(user) {
             if connection.device == device {
-                connection.close(KickReason::Unlinked);
+                connection.close_unlinked();
             }
         }
         Ok(())

@@ -27,7 +27,7 @@ use crate::error::ApiError;
 use crate::fanout::now_ms;
 use crate::limits::{ConnectionLimit, Rate};
 use crate::metrics::{CodeLabel, Metrics, ScopeLabel};
-use crate::routes::{Delivery, KickReason, Routes, SharedEvent, to_message};
+use crate::routes::{Delivery, Routes, SharedEvent, to_message};
 use crate::sequencer::SequencerError;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, close_code};
 use courier_proto::{
@@ -221,10 +221,7 @@ impl Connection<'_> {
                 self.ack.is_none() && self.pending.len() < self.gateway.limits.max_pending_sends;
             let step = tokio::select! {
                 biased;
-                _ = handle.signals.kick.notified() => Err(match handle.kick_reason() {
-                    KickReason::SlowConsumer => Exit::Close(close_code::AGAIN, "outbound queue full; reconnect and resync"),
-                    KickReason::Unlinked => Exit::Close(close_code::POLICY, "device unlinked"),
-                }),
+                _ = handle.signals.unlinked.notified() => Err(Exit::Close(close_code::POLICY, "device unlinked")),
                 _ = async { drop(draining.wait_for(|d| *d).await) } => self.drain().await,
                 (reference, outcome) = acked(&mut self.ack) => {
                     self.ack = None;

@@ -5,7 +5,7 @@
 use axum::extract::ws::Message;
 use courier_proto::{Encoding, Event, Payload, ServerFrame};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{Notify, mpsc};
@@ -52,21 +52,11 @@ pub enum Delivery {
     Frame(Arc<ServerFrame>),
 }
 
-/// Why a connection is told to close.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KickReason {
-    /// A frame (not an event) found its delivery queue full: it reconnects and resyncs.
-    SlowConsumer = 0,
-    /// Its device was unlinked.
-    Unlinked = 1,
-}
-
 /// What the registry and fanout tell a connection besides its deliveries.
 #[derive(Default)]
 pub struct Signals {
-    /// Notified when the connection must close; `kick_reason` says why.
-    pub kick: Notify,
-    kick_reason: AtomicU8,
+    /// Notified when the connection's device was unlinked: the connection closes.
+    pub unlinked: Notify,
     /// Notified when events were dropped from a full queue; `behind` says up to where.
     pub lagged: Notify,
     /// Per conversation, the highest seq dropped since the connection last caught up.
@@ -118,19 +108,9 @@ impl ConnectionHandle {
             && self.queue.try_send(delivery).is_ok()
     }
 
-    /// Tells the connection to close.
-    pub fn close(&self, reason: KickReason) {
-        self.signals
-            .kick_reason
-            .store(reason as u8, Ordering::Relaxed);
-        self.signals.kick.notify_one();
-    }
-
-    pub fn kick_reason(&self) -> KickReason {
-        match self.signals.kick_reason.load(Ordering::Relaxed) {
-            1 => KickReason::Unlinked,
-            _ => KickReason::SlowConsumer,
-        }
+    /// Tells the connection that its device was unlinked: it closes.
+    pub fn close_unlinked(&self) {
+        self.signals.unlinked.notify_one();
     }
 }
 
