@@ -278,3 +278,110 @@ async fn signed_urls_download_without_a_token_until_they_expire() {
         .unwrap();
     assert_eq!(status, 404, "only readers get signed URLs");
 }
+
+/// Two messages of one conversation carry the same media id.
+async fn share_twice(server: &Server, uploaded: &serde_json::Value) -> (String, u64, u64) {
+    let mut alice = server.connect("alice", "phone").await;
+    alice.events_until_sync_done().await.unwrap();
+    let first = alice
+        .send(Target::User("bob".into()), "pic-1", media_body(uploaded))
+        .await
+        .unwrap();
+    let second = alice
+        .send(Target::User("bob".into()), "pic-2", media_body(uploaded))
+        .await
+        .unwrap();
+    (first.conversation_id, first.seq, second.seq)
+}
+
+#[tokio::test]
+async fn deleting_one_of_two_messages_sharing_media_keeps_it_for_the_other() {
+    let (_dir, server) = start(&[]);
+    let (_, uploaded) = upload(&server, "alice", "image/png", pattern(1000)).await;
+    let id = uploaded["media_id"].as_str().unwrap().to_owned();
+    let (conv, first, second) = share_twice(&server, &uploaded).await;
+    let mut alice = server.connect("alice", "phone").await;
+    alice.delete(&conv, first).await.unwrap();
+    assert_eq!(
+        download(&server, "bob", &id, &[]).await.status(),
+        200,
+        "the second message still shares the media"
+    );
+    alice.delete(&conv, second).await.unwrap();
+    assert_eq!(
+        download(&server, "bob", &id, &[]).await.status(),
+        404,
+        "no message shares it any more"
+    );
+}
+
+#[tokio::test]
+async fn trimming_the_older_of_two_messages_sharing_media_keeps_it_and_its_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let retention = ["--retention", "0s", "--retention-interval", "50ms"];
+    let mut server = Server::start_in(dir.path(), &retention);
+    let (_, uploaded) = upload(&server, "alice", "image/png", pattern(1000)).await;
+    let id = uploaded["media_id"].as_str().unwrap().to_owned();
+    let (conv, first, _) = share_twice(&server, &uploaded).await;
+    // Every device has the first message only: retention clears it and keeps the second.
+    for user in ["alice", "bob"] {
+        let mut client = server.connect(user, "phone").await;
+        client.ack(&conv, first, AckKind::Delivered).await.unwrap();
+        client.ping().await.unwrap();
+    }
+    wait_for_floor(&server, &conv, first + 1).await;
+    assert_eq!(
+        download(&server, "bob", &id, &[]).await.status(),
+        200,
+        "the retained message still shares the media"
+    );
+
+    // A sweep with a zero TTL (seen done by an unreferenced upload going) keeps the bytes.
+    let (_, lonely) = upload(&server, "alice", "image/png", pattern(20)).await;
+    let lonely = lonely["media_id"].as_str().unwrap().to_owned();
+    server.terminate();
+    let mut args = retention.to_vec();
+    args.extend([
+        "--media-unreferenced-ttl",
+        "0s",
+        "--media-sweep-interval",
+        "50ms",
+    ]);
+    let server = Server::start_in(dir.path(), &args);
+    wait_until_gone(&server, "alice", &lonely).await;
+    let kept = download(&server, "bob", &id, &[]).await;
+    assert_eq!(kept.status(), 200, "the sweeper kept the shared media");
+    assert_eq!(kept.bytes().await.unwrap().as_ref(), pattern(1000).as_slice());
+}
+
+/// Waits until retention has moved the floor of `conv` to `floor`.
+async fn wait_for_floor(server: &Server, conv: &str, floor: u64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let (_, body) = server
+            .http("alice", "phone")
+            .get(&format!("/v1/conversations/{conv}/messages"))
+            .await
+            .unwrap();
+        if body["floor_seq"] == floor {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "retention did not trim to {floor}: {body}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until `user` can no longer download `id` (the sweeper removed it).
+async fn wait_until_gone(server: &Server, user: &str, id: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while download(server, user, id, &[]).await.status() != 404 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the sweeper did not run"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}

@@ -5,7 +5,9 @@
 //! - Uploads are streamed: hashed and written part by part, never held whole in memory; above
 //!   the size limit the upload is aborted and answered 413.
 //! - Access: the uploader, and members of a conversation in which a retained, undeleted message
-//!   references the media (the sender must own the media id when sending). Others get 404.
+//!   references the media (the sender must own the media id when sending). Each message holds
+//!   its own reference, so deleting or trimming one message leaves the others' access intact.
+//!   Others get 404.
 //! - Downloads stream too, with `Range` (206), `ETag` and `If-None-Match` (304).
 //! - Optional signed URLs: `?expires=<unix s>&signature=<hex HMAC-SHA256(secret, "<id>:<expires>")>`
 //!   download without a token until `expires` (for a CDN in front of Courier).
@@ -210,7 +212,9 @@ impl MediaService {
         if self.store.is_media_owner(id, user).await? {
             return Ok(record);
         }
-        for conv in self.store.media_references(id).await? {
+        let mut references = self.store.media_references(id).await?;
+        references.dedup_by(|a, b| a.0 == b.0);
+        for (conv, _) in references {
             if self.store.is_member(&conv, user).await? {
                 return Ok(record);
             }

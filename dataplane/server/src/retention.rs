@@ -112,7 +112,7 @@ impl Retention {
                     ..
                 } = event.payload
                 {
-                    media.push(m.media_id);
+                    media.push((m.media_id, event.seq));
                 }
             }
         }

@@ -19,7 +19,7 @@
 //! | `ngroups` | `("ngroups", user)` | groups the user belongs to (i64 LE, atomic ADD) |
 //! | `media` | `("media", id)` | uploaded media (`MediaRecord`: mime, size, sha256) |
 //! | `mown` | `("mown", id, user)` | who uploaded it, and when (u64 LE ms) |
-//! | `mref` | `("mref", id, conv)` | a message of `conv` references it (seq, u64 LE) |
+//! | `mref` | `("mref", id, conv, seq)` | message `seq` of `conv` references it (empty); one per message |
 //! | `push` | `("push", shard, versionstamp)` | push intents: messages whose offline recipients are not yet notified |
 //! | `pushq` | `("pushq", user, device, conv)` | a pending, collapsed notification (`PendingPush`) |
 
@@ -163,21 +163,28 @@ impl Keys {
         range_of(self.root.subspace(&("mown", id)))
     }
 
-    pub fn media_reference(&self, id: &str, conv: &str) -> Vec<u8> {
-        self.root.pack(&("mref", id, conv))
+    pub fn media_reference(&self, id: &str, conv: &str, seq: u64) -> Vec<u8> {
+        self.root.pack(&("mref", id, conv, seq))
     }
 
     pub fn media_references(&self, id: &str) -> Range<Vec<u8>> {
         range_of(self.root.subspace(&("mref", id)))
     }
 
-    /// The last string element of a key: the user of [`Keys::media_owners`], the conversation
-    /// of [`Keys::media_references`].
+    /// The user of a key from [`Keys::media_owners`].
     pub fn last_part(&self, key: &[u8]) -> Option<String> {
         self.root
             .unpack::<(String, String, String)>(key)
             .ok()
             .map(|(_, _, last)| last)
+    }
+
+    /// `(conv, seq)` of a key from [`Keys::media_references`].
+    pub fn media_reference_parts(&self, key: &[u8]) -> Option<(String, u64)> {
+        self.root
+            .unpack::<(String, String, String, u64)>(key)
+            .ok()
+            .map(|(_, _, conv, seq)| (conv, seq))
     }
 
     /// A push-intent key of `shard`, completed with the commit's versionstamp.

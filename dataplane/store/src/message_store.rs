@@ -470,10 +470,11 @@ impl MessageStore {
                 body: Some(courier_proto::Body::Media(media)),
                 ..
             } => {
-                // Members of the conversation may now download it.
+                // Members of the conversation may now download it, for as long as this
+                // message is retained and not deleted (each message holds its own reference).
                 batch.set(
-                    self.keys.media_reference(&media.media_id, conv),
-                    seq.to_le_bytes().to_vec(),
+                    self.keys.media_reference(&media.media_id, conv, seq),
+                    Vec::new(),
                 );
             }
             EventPayload::Message { .. } => {}
@@ -513,8 +514,12 @@ impl MessageStore {
                     let mut target = decode_event(&key, &value)?;
                     if let EventPayload::Message { body, deleted, .. } = &mut target.payload {
                         if let Some(courier_proto::Body::Media(media)) = body.take() {
-                            // Deleted for everyone: no longer served to the other members.
-                            batch.clear(self.keys.media_reference(&media.media_id, conv));
+                            // Deleted for everyone: this message no longer shares it.
+                            batch.clear(self.keys.media_reference(
+                                &media.media_id,
+                                conv,
+                                *target_seq,
+                            ));
                         }
                         *deleted = true;
                     }
@@ -726,8 +731,8 @@ impl MessageStore {
             .collect()
     }
 
-    /// The conversations with a retained, undeleted message referencing media `id`.
-    pub async fn media_references(&self, id: &str) -> Result<Vec<String>, StoreError> {
+    /// The retained, undeleted messages referencing media `id`, as `(conv, seq)` in order.
+    pub async fn media_references(&self, id: &str) -> Result<Vec<(String, u64)>, StoreError> {
         let rows = self
             .kv
             .range(self.keys.media_references(id), usize::MAX, false)
@@ -735,21 +740,21 @@ impl MessageStore {
         rows.iter()
             .map(|(k, _)| {
                 self.keys
-                    .last_part(k)
+                    .media_reference_parts(k)
                     .ok_or_else(|| corrupt(k, "reference key"))
             })
             .collect()
     }
 
-    /// Drops references to media from messages that retention cleared.
+    /// Drops the references of messages of `conv` that retention cleared: `(media id, seq)`.
     pub async fn clear_media_references(
         &self,
         conv: &str,
-        ids: &[String],
+        references: &[(String, u64)],
     ) -> Result<(), StoreError> {
         let mut batch = Batch::new();
-        for id in ids {
-            batch.clear(self.keys.media_reference(id, conv));
+        for (id, seq) in references {
+            batch.clear(self.keys.media_reference(id, conv, *seq));
         }
         self.kv.commit(batch).await.map(drop)
     }
