@@ -145,18 +145,23 @@ async fn same_bytes_are_stored_once_and_the_size_limit_is_enforced() {
     let bytes = pattern(50_000);
     let (_, first) = upload(&server, "alice", "application/pdf", bytes.clone()).await;
     let (_, second) = upload(&server, "bob", "application/pdf", bytes).await;
-    assert_eq!(first["media_id"], second["media_id"]);
+    assert_ne!(
+        first["media_id"], second["media_id"],
+        "each uploader's upload has its own id"
+    );
+    assert_eq!(first["sha256"], second["sha256"]);
     let blobs = std::fs::read_dir(dir.path().join("media/blobs"))
         .unwrap()
         .count();
     assert_eq!(blobs, 1, "content-addressed: one copy");
-    assert_eq!(
-        download(&server, "bob", first["media_id"].as_str().unwrap(), &[])
-            .await
-            .status(),
-        200,
-        "each uploader may read"
-    );
+    for (user, uploaded) in [("alice", &first), ("bob", &second)] {
+        let id = uploaded["media_id"].as_str().unwrap();
+        assert_eq!(
+            download(&server, user, id, &[]).await.status(),
+            200,
+            "each uploader may read"
+        );
+    }
 
     let (status, body) = upload(&server, "alice", "video/mp4", pattern(100_001)).await;
     assert_eq!((status, body["code"].as_str()), (413, Some("too_large")));
@@ -211,7 +216,9 @@ async fn unreferenced_media_is_swept_after_its_ttl() {
         .await
         .unwrap();
     let (_, lonely) = upload(&server, "alice", "image/png", pattern(20)).await;
+    let lonely_sha = lonely["sha256"].as_str().unwrap().to_owned();
     let lonely = lonely["media_id"].as_str().unwrap().to_owned();
+    assert!(dir.path().join("media/blobs").join(&lonely_sha).exists());
     // Restarted with a zero TTL, the sweeper finds the unreferenced upload expired.
     server.terminate();
     let server = Server::start_in(
@@ -238,7 +245,7 @@ async fn unreferenced_media_is_swept_after_its_ttl() {
         "referenced media stays"
     );
     assert!(
-        !dir.path().join("media/blobs").join(&lonely).exists(),
+        !dir.path().join("media/blobs").join(&lonely_sha).exists(),
         "its bytes are gone"
     );
 }
@@ -384,4 +391,62 @@ async fn wait_until_gone(server: &Server, user: &str, id: &str) {
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+}
+
+#[tokio::test]
+async fn a_reupload_of_the_same_bytes_does_not_change_the_type_served_to_others() {
+    let (_dir, server) = start(&[]);
+    let bytes = pattern(500);
+    let (_, photo) = upload(&server, "alice", "image/png", bytes.clone()).await;
+    let id = photo["media_id"].as_str().unwrap().to_owned();
+    let mut alice = server.connect("alice", "phone").await;
+    alice
+        .send(Target::User("bob".into()), "pic", media_body(&photo))
+        .await
+        .unwrap();
+    // Mallory knows the bytes and uploads them again as HTML.
+    let (status, page) = upload(&server, "mallory", "text/html", bytes.clone()).await;
+    assert_eq!(status, 201);
+    assert_eq!(page["mime"], "text/html");
+    let (_, again) = upload(&server, "alice", "text/html", bytes).await;
+    assert_eq!(again["mime"], "text/html", "alice's own upload as HTML");
+
+    let served = download(&server, "bob", &id, &[]).await;
+    assert_eq!(served.status(), 200);
+    assert_eq!(
+        served.headers()["content-type"],
+        "image/png",
+        "bob gets the type of the upload the message names"
+    );
+    assert_eq!(
+        download(&server, "alice", &id, &[]).await.headers()["content-type"],
+        "image/png"
+    );
+    let mallorys = page["media_id"].as_str().unwrap();
+    assert_eq!(
+        download(&server, "bob", mallorys, &[]).await.status(),
+        404,
+        "mallory's upload is hers alone"
+    );
+}
+
+#[tokio::test]
+async fn uploads_beyond_the_per_user_quota_are_refused() {
+    let (_dir, server) = start(&["--media-quota-per-user", "3000"]);
+    let (status, first) = upload(&server, "alice", "image/png", pattern(2000)).await;
+    assert_eq!(status, 201, "{first}");
+    let (status, again) = upload(&server, "alice", "image/png", pattern(2000)).await;
+    assert_eq!(
+        (status, &again["media_id"]),
+        (201, &first["media_id"]),
+        "the same upload again costs nothing more"
+    );
+    let (status, refused) = upload(&server, "alice", "image/jpeg", pattern(1001)).await;
+    assert_eq!((status, refused["code"].as_str()), (413, Some("too_large")));
+    let message = refused["message"].as_str().unwrap();
+    assert!(message.contains("quota"), "{message}");
+    let (status, _) = upload(&server, "alice", "image/jpeg", pattern(1000)).await;
+    assert_eq!(status, 201, "up to the quota exactly");
+    let (status, _) = upload(&server, "bob", "image/png", pattern(2000)).await;
+    assert_eq!(status, 201, "the quota is per user");
 }

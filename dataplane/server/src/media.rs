@@ -2,8 +2,13 @@
 //! crate: the local filesystem under the data directory by default, any S3-compatible bucket by
 //! configuration), content-addressed by sha256 so the same bytes are stored once.
 //!
+//! - Each user's upload is its own record and id (derived from the uploader, the MIME type and
+//!   the sha256), so a re-upload of the same bytes by anyone never changes what another id
+//!   serves; the records share the stored bytes.
 //! - Uploads are streamed: hashed and written part by part, never held whole in memory; above
-//!   the size limit the upload is aborted and answered 413.
+//!   the size limit the upload is aborted and answered 413. Each user may keep a quota of
+//!   upload bytes (413 past it), charged when an upload is recorded and given back when the
+//!   sweeper forgets it.
 //! - Access: the uploader, and members of a conversation in which a retained, undeleted message
 //!   references the media (the sender must own the media id when sending). Each message holds
 //!   its own reference, so deleting or trimming one message leaves the others' access intact.
@@ -11,8 +16,9 @@
 //! - Downloads stream too, with `Range` (206), `ETag` and `If-None-Match` (304).
 //! - Optional signed URLs: `?expires=<unix s>&signature=<hex HMAC-SHA256(secret, "<id>:<expires>")>`
 //!   download without a token until `expires` (for a CDN in front of Courier).
-//! - A sweeper deletes media that no message references once every upload of it is older than
-//!   the TTL; retention drops the references of the messages it clears.
+//! - A sweeper deletes media records that no message references once their latest upload is
+//!   older than the TTL, and the bytes once no record keeps them; retention drops the
+//!   references of the messages it clears.
 
 use crate::auth::Identity;
 use crate::error::ApiError;
@@ -23,7 +29,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use clap::Args;
 use courier_proto::ErrorCode;
-use courier_store::{MediaRecord, MessageStore, StoreError};
+use courier_store::{MediaAdmission, MediaRecord, MessageStore, StoreError};
 use futures::StreamExt;
 use hmac::{Hmac, Mac};
 use object_store::path::Path as ObjectPath;
@@ -43,6 +49,10 @@ pub struct MediaConfig {
     /// Largest upload in bytes (413 above).
     #[arg(long, env = "COURIER_MEDIA_MAX_BYTES", default_value_t = 100 * 1024 * 1024)]
     pub media_max_bytes: u64,
+    /// Bytes of media each user may keep uploaded (0: no quota); uploads past it get 413.
+    /// An upload counts until the sweeper deletes it.
+    #[arg(long, env = "COURIER_MEDIA_QUOTA_PER_USER", default_value = "10GiB", value_parser = crate::config::parse_bytes)]
+    pub media_quota_per_user: u64,
     /// Directory of media bytes (default: `<data-dir>/media`).
     #[arg(long, env = "COURIER_MEDIA_DIR")]
     pub media_dir: Option<PathBuf>,
@@ -94,6 +104,27 @@ fn too_large(limit: u64) -> ApiError {
         ErrorCode::TooLarge,
         format!("media is limited to {limit} bytes"),
     )
+}
+
+fn over_quota(quota: u64, used: u64) -> ApiError {
+    ApiError::new(
+        ErrorCode::TooLarge,
+        format!(
+            "media quota exceeded: each user may keep {quota} bytes of uploads and yours hold \
+             {used}; media no message references is deleted after a while"
+        ),
+    )
+}
+
+/// The id of `owner`'s upload of the bytes `sha256` as `mime`: the same upload again gets the
+/// same id, any other upload (another user, another type) its own.
+fn upload_id(owner: &str, mime: &str, sha256: &str) -> String {
+    let mut hash = Sha256::new();
+    for part in [owner, mime, sha256] {
+        hash.update(part.as_bytes());
+        hash.update([0]);
+    }
+    hex::encode(hash.finalize())
 }
 
 impl MediaService {
@@ -178,6 +209,24 @@ impl MediaService {
         }
         writer.finish().await.map_err(storage_error)?;
         let sha256 = hex::encode(hash.finalize());
+        let media_id = upload_id(&who.user, mime, &sha256);
+        let record = MediaRecord {
+            mime: mime.to_owned(),
+            size,
+            sha256: sha256.clone(),
+            created_ms: now_ms(),
+            owner: who.user.clone(),
+        };
+        // The quota is decided by the record's commit (the same upload again costs nothing),
+        // before the bytes are kept. Should keeping them fail, the record names missing bytes
+        // until the same upload is retried (same id) or the sweeper forgets it.
+        let quota = self.config.media_quota_per_user;
+        if let MediaAdmission::OverQuota { used } =
+            self.store.put_media(&media_id, &record, quota).await?
+        {
+            self.objects.delete(&staging).await.map_err(storage_error)?;
+            return Err(over_quota(quota, used));
+        }
         let blob = blob_path(&sha256);
         if self.objects.head(&blob).await.is_ok() {
             self.objects.delete(&staging).await.map_err(storage_error)?;
@@ -187,16 +236,9 @@ impl MediaService {
                 .await
                 .map_err(storage_error)?;
         }
-        let record = MediaRecord {
-            mime: mime.to_owned(),
-            size,
-            sha256: sha256.clone(),
-            created_ms: now_ms(),
-        };
-        self.store.put_media(&sha256, &record, &who.user).await?;
         self.metrics.media_uploaded_bytes.inc_by(size);
         Ok(Uploaded {
-            media_id: sha256.clone(),
+            media_id,
             mime: record.mime,
             size,
             sha256,
@@ -209,7 +251,7 @@ impl MediaService {
         let not_found = || ApiError::not_found(format!("no media {id}"));
         courier_proto::ids::media_id(id).map_err(|_| not_found())?;
         let record = self.store.media(id).await?.ok_or_else(not_found)?;
-        if self.store.is_media_owner(id, user).await? {
+        if record.owner == user {
             return Ok(record);
         }
         let mut references = self.store.media_references(id).await?;
@@ -319,8 +361,8 @@ impl MediaService {
             .map_err(storage_error)
     }
 
-    /// Deletes media that no message references and that was uploaded more than the TTL ago.
-    /// Returns how many were deleted.
+    /// Deletes media records that no message references and that were uploaded more than the
+    /// TTL ago, and their bytes once no record keeps them. Returns how many were deleted.
     pub async fn sweep(&self) -> Result<u64, StoreError> {
         let cutoff = now_ms().saturating_sub(self.config.media_unreferenced_ttl.as_millis() as u64);
         let mut swept = 0;
@@ -331,21 +373,29 @@ impl MediaService {
                 return Ok(swept);
             };
             for id in page {
-                if !self.store.media_references(&id).await?.is_empty() {
+                let Some(record) = self.store.media(&id).await? else {
+                    continue;
+                };
+                if record.created_ms > cutoff
+                    || !self.store.media_references(&id).await?.is_empty()
+                {
                     continue;
                 }
-                let owners = self.store.media_owners(&id).await?;
-                if owners.iter().any(|(_, uploaded)| *uploaded > cutoff) {
+                match self.store.forget_media(&id, &record).await {
+                    // Uploaded again meanwhile: kept.
+                    Err(StoreError::FenceChanged { .. }) => continue,
+                    other => other?,
+                }
+                swept += 1;
+                if self.store.blob_in_use(&record.sha256).await? {
                     continue;
                 }
-                if let Err(e) = self.objects.delete(&blob_path(&id)).await
+                if let Err(e) = self.objects.delete(&blob_path(&record.sha256)).await
                     && !matches!(e, object_store::Error::NotFound { .. })
                 {
-                    tracing::warn!(media = %id, error = %e, "could not delete media bytes; will retry");
-                    continue;
+                    // The record is gone: these bytes are leaked, not lost.
+                    tracing::warn!(media = %id, error = %e, "could not delete media bytes");
                 }
-                self.store.forget_media(&id).await?;
-                swept += 1;
             }
             after = Some(last);
         }
