@@ -358,7 +358,10 @@ async fn trimming_the_older_of_two_messages_sharing_media_keeps_it_and_its_bytes
     wait_until_gone(&server, "alice", &lonely).await;
     let kept = download(&server, "bob", &id, &[]).await;
     assert_eq!(kept.status(), 200, "the sweeper kept the shared media");
-    assert_eq!(kept.bytes().await.unwrap().as_ref(), pattern(1000).as_slice());
+    assert_eq!(
+        kept.bytes().await.unwrap().as_ref(),
+        pattern(1000).as_slice()
+    );
 }
 
 /// Waits until retention has moved the floor of `conv` to `floor`.

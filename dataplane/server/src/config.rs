@@ -129,6 +129,10 @@ pub struct ServeConfig {
     /// Time between retention passes.
     #[arg(long, env = "COURIER_RETENTION_INTERVAL", default_value = "1h", value_parser = humantime::parse_duration)]
     pub retention_interval: Duration,
+    /// Sends get `unavailable`, and `/readyz` fails, while the embedded store's filesystem has
+    /// less free space than this (0: off); see `--media-min-free-disk` for uploads.
+    #[arg(long, env = "COURIER_MIN_FREE_DISK", default_value = "256MiB", value_parser = parse_bytes)]
+    pub min_free_disk: u64,
     #[command(flatten)]
     pub media: crate::media::MediaConfig,
     #[command(flatten)]
@@ -144,7 +148,9 @@ pub struct ServeConfig {
 /// (`256MiB`, `10GiB`, `1048576`).
 pub fn parse_bytes(value: &str) -> Result<u64, String> {
     let value = value.trim();
-    let digits = value.find(|c: char| !c.is_ascii_digit()).unwrap_or(value.len());
+    let digits = value
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(value.len());
     let (number, unit) = value.split_at(digits);
     let number: u64 = number
         .parse()
@@ -182,6 +188,11 @@ impl ServeConfig {
         anyhow::ensure!(
             self.fanout_workers >= 1,
             "--fanout-workers must be at least 1"
+        );
+        anyhow::ensure!(
+            self.media.media_min_free_disk >= self.min_free_disk,
+            "--media-min-free-disk must be at least --min-free-disk, so that uploads are \
+             refused before sends when the disk fills up"
         );
         if self.store == StoreKind::Fdb {
             anyhow::ensure!(

@@ -65,6 +65,8 @@ impl From<StoreError> for ApiError {
             StoreError::Overloaded(_) | StoreError::MaybeCommitted => {
                 Self::unavailable("storage is busy; retry", 100)
             }
+            // Logged by the engine; the node fails its health checks and is restarted.
+            StoreError::Halted(_) => Self::unavailable("storage is unavailable; retry", 1000),
             other => {
                 tracing::error!(error = %other, "storage error");
                 Self::new(ErrorCode::Internal, "internal storage error")

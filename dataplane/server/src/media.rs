@@ -8,7 +8,8 @@
 //! - Uploads are streamed: hashed and written part by part, never held whole in memory; above
 //!   the size limit the upload is aborted and answered 413. Each user may keep a quota of
 //!   upload bytes (413 past it), charged when an upload is recorded and given back when the
-//!   sweeper forgets it.
+//!   sweeper forgets it. Uploads are refused (`unavailable`) while the disk is low
+//!   ([`StorageHealth`]), before sends are.
 //! - Access: the uploader, and members of a conversation in which a retained, undeleted message
 //!   references the media (the sender must own the media id when sending). Each message holds
 //!   its own reference, so deleting or trimming one message leaves the others' access intact.
@@ -24,6 +25,7 @@ use crate::auth::Identity;
 use crate::error::ApiError;
 use crate::fanout::now_ms;
 use crate::metrics::Metrics;
+use crate::storage_health::StorageHealth;
 use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -56,6 +58,10 @@ pub struct MediaConfig {
     /// Directory of media bytes (default: `<data-dir>/media`).
     #[arg(long, env = "COURIER_MEDIA_DIR")]
     pub media_dir: Option<PathBuf>,
+    /// Uploads get `unavailable` while the media directory's filesystem has less free space
+    /// than this (0: off); at least `--min-free-disk`, so uploads stop before sends.
+    #[arg(long, env = "COURIER_MEDIA_MIN_FREE_DISK", default_value = "1GiB", value_parser = crate::config::parse_bytes)]
+    pub media_min_free_disk: u64,
     /// Store media in this S3-compatible bucket instead; credentials, region and endpoint come
     /// from the usual `AWS_*` variables (`AWS_ENDPOINT` for non-AWS services).
     #[arg(long, env = "COURIER_MEDIA_S3_BUCKET")]
@@ -74,6 +80,20 @@ pub struct MediaConfig {
     pub media_url_ttl: Duration,
 }
 
+impl MediaConfig {
+    /// The local directory of media bytes; `None` when they live in a bucket.
+    pub fn local_dir(&self, data_dir: &std::path::Path) -> Option<PathBuf> {
+        if self.media_s3_bucket.is_some() {
+            return None;
+        }
+        Some(
+            self.media_dir
+                .clone()
+                .unwrap_or_else(|| data_dir.join("media")),
+        )
+    }
+}
+
 /// What an upload returns (`POST /v1/media`).
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Uploaded {
@@ -88,6 +108,7 @@ pub struct MediaService {
     store: MessageStore,
     config: MediaConfig,
     metrics: Arc<Metrics>,
+    health: Arc<StorageHealth>,
 }
 
 fn storage_error(e: impl std::fmt::Display) -> ApiError {
@@ -134,27 +155,25 @@ impl MediaService {
         data_dir: &std::path::Path,
         store: MessageStore,
         metrics: Arc<Metrics>,
+        health: Arc<StorageHealth>,
     ) -> anyhow::Result<Arc<Self>> {
-        let objects: Arc<dyn ObjectStore> = match &config.media_s3_bucket {
-            Some(bucket) => Arc::new(
-                object_store::aws::AmazonS3Builder::from_env()
-                    .with_bucket_name(bucket)
-                    .build()?,
-            ),
-            None => {
-                let dir = config
-                    .media_dir
-                    .clone()
-                    .unwrap_or_else(|| data_dir.join("media"));
+        let objects: Arc<dyn ObjectStore> = match config.local_dir(data_dir) {
+            Some(dir) => {
                 std::fs::create_dir_all(&dir)?;
                 Arc::new(object_store::local::LocalFileSystem::new_with_prefix(&dir)?)
             }
+            None => Arc::new(
+                object_store::aws::AmazonS3Builder::from_env()
+                    .with_bucket_name(config.media_s3_bucket.clone().unwrap_or_default())
+                    .build()?,
+            ),
         };
         Ok(Arc::new(Self {
             objects,
             store,
             config,
             metrics,
+            health,
         }))
     }
 
@@ -170,6 +189,7 @@ impl MediaService {
                 "Content-Type must be a MIME type such as image/jpeg",
             ));
         }
+        self.health.check_upload()?;
         let staging = ObjectPath::from(format!(
             "staging/{}",
             hex::encode(rand::random::<[u8; 16]>())
@@ -376,8 +396,7 @@ impl MediaService {
                 let Some(record) = self.store.media(&id).await? else {
                     continue;
                 };
-                if record.created_ms > cutoff
-                    || !self.store.media_references(&id).await?.is_empty()
+                if record.created_ms > cutoff || !self.store.media_references(&id).await?.is_empty()
                 {
                     continue;
                 }

@@ -302,13 +302,8 @@ impl ShardActor {
             }
             Err(e) => {
                 tracing::error!(shard, error = %e, "append batch failed");
-                let message = e.to_string();
                 for request in batch.drain(..) {
-                    let _ = request
-                        .reply
-                        .send(Err(SequencerError::Store(StoreError::Engine(
-                            message.clone(),
-                        ))));
+                    let _ = request.reply.send(Err(SequencerError::Store(e.clone())));
                 }
                 true
             }

@@ -20,7 +20,6 @@ mod message_store;
 pub use keys::{Keys, ReceiptKind};
 pub use kv::{Batch, CommitStamp, KvEngine, StoreError};
 pub use message_store::{
-    Append, AppendOutcome, ConversationRecord, DeviceRecord, HeadCache, MediaAdmission, MediaRecord,
-    MemberRecord,
-    MessageStore, NewConversation, PendingPush, PushIntent, ShardLease,
+    Append, AppendOutcome, ConversationRecord, DeviceRecord, HeadCache, MediaAdmission,
+    MediaRecord, MemberRecord, MessageStore, NewConversation, PendingPush, PushIntent, ShardLease,
 };

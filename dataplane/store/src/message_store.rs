@@ -259,6 +259,11 @@ impl MessageStore {
         self.shard_count
     }
 
+    /// Why the engine accepts no more writes, if it has halted ([`KvEngine::halted`]).
+    pub fn halted(&self) -> Option<String> {
+        self.kv.halted()
+    }
+
     pub fn keys(&self) -> &Keys {
         &self.keys
     }
@@ -756,7 +761,10 @@ impl MessageStore {
 
     /// Whether any media record keeps the bytes `sha256`.
     pub async fn blob_in_use(&self, sha256: &str) -> Result<bool, StoreError> {
-        let rows = self.kv.range(self.keys.blob_users(sha256), 1, false).await?;
+        let rows = self
+            .kv
+            .range(self.keys.blob_users(sha256), 1, false)
+            .await?;
         Ok(!rows.is_empty())
     }
 
@@ -1331,13 +1339,19 @@ mod tests {
         );
         let bobs = record("bob", "image/png");
         store.put_media("m3", &bobs, 1000).await.unwrap();
-        assert!(matches!(
-            store.forget_media("m1", &png).await,
-            Err(StoreError::FenceChanged { .. })
-        ), "a record uploaded again since it was read is kept");
+        assert!(
+            matches!(
+                store.forget_media("m1", &png).await,
+                Err(StoreError::FenceChanged { .. })
+            ),
+            "a record uploaded again since it was read is kept"
+        );
         store.forget_media("m1", &later).await.unwrap();
         assert_eq!(store.media_usage("alice").await.unwrap(), 0);
-        assert!(store.blob_in_use("ab").await.unwrap(), "bob's record keeps the bytes");
+        assert!(
+            store.blob_in_use("ab").await.unwrap(),
+            "bob's record keeps the bytes"
+        );
         store.forget_media("m3", &bobs).await.unwrap();
         assert!(!store.blob_in_use("ab").await.unwrap());
     }
