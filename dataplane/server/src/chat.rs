@@ -120,6 +120,7 @@ pub struct Chat {
 }
 
 impl Chat {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         store: MessageStore,
         sequencer: Arc<dyn Sequencer>,
