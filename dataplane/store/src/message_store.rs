@@ -725,7 +725,7 @@ impl MessageStore {
                 .set(key.clone(), record.encode_to_vec());
             if stored.is_none() {
                 let usage = self.kv.get(&usage_key).await?;
-                let used = usage.as_deref().map_or(0, decode_u64);
+                let used = usage.as_deref().map_or(0, decode_usage);
                 let total = used.saturating_add(record.size);
                 if quota > 0 && total > quota {
                     return Ok(MediaAdmission::OverQuota { used });
@@ -752,7 +752,7 @@ impl MessageStore {
     /// Bytes of the media records `user` owns (what the upload quota counts).
     pub async fn media_usage(&self, user: &str) -> Result<u64, StoreError> {
         let value = self.kv.get(&self.keys.media_usage(user)).await?;
-        Ok(value.as_deref().map_or(0, decode_u64))
+        Ok(value.as_deref().map_or(0, decode_usage))
     }
 
     pub async fn is_media_owner(&self, id: &str, user: &str) -> Result<bool, StoreError> {
@@ -1134,6 +1134,11 @@ impl MessageStore {
             None => Ok(None),
         }
     }
+}
+
+/// A user's media usage, written as u64 and lowered with signed ADDs: never below zero.
+fn decode_usage(value: &[u8]) -> u64 {
+    (decode_u64(value) as i64).max(0) as u64
 }
 
 fn decode_event(key: &[u8], value: &[u8]) -> Result<Event, StoreError> {
