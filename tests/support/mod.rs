@@ -24,7 +24,12 @@ pub struct Server {
 impl Server {
     /// Starts a server in `data_dir` with extra flags.
     pub fn start_in(data_dir: &Path, extra_args: &[&str]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_courier"))
+        // COURIER_TEST_BIN runs the suite against another build (a release, an older commit).
+        let binary = std::env::var_os("COURIER_TEST_BIN").map_or_else(
+            || PathBuf::from(env!("CARGO_BIN_EXE_courier")),
+            PathBuf::from,
+        );
+        let mut child = Command::new(binary)
             .arg("serve")
             .args(["--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)

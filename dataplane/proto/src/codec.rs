@@ -183,6 +183,74 @@ mod tests {
         assert_eq!(v["sender"]["device"], "phone");
     }
 
+    fn membership_event(payload: EventPayload) -> ServerFrame {
+        ServerFrame::Event(Event {
+            conversation_id: "g:1".into(),
+            seq: 2,
+            server_msg_id: "m2".into(),
+            sender: Sender {
+                user: "alice".into(),
+                device: "phone".into(),
+            },
+            ts_ms: 18,
+            payload,
+        })
+    }
+
+    #[test]
+    fn membership_events_carry_users_and_the_single_user() {
+        let change =
+            |users: &[&str]| MembershipChange::new(users.iter().map(|u| u.to_string()).collect());
+        for (payload, users, user) in [
+            (
+                EventPayload::MemberAdded(change(&["bob"])),
+                vec!["bob"],
+                Some("bob"),
+            ),
+            (
+                EventPayload::MemberAdded(change(&["bob", "carol"])),
+                vec!["bob", "carol"],
+                None,
+            ),
+            (
+                EventPayload::MemberRemoved(change(&["dan"])),
+                vec!["dan"],
+                Some("dan"),
+            ),
+        ] {
+            let frame = membership_event(payload);
+            let Payload::Text(json) = Encoding::Json.encode_server(&frame) else {
+                panic!("json is text")
+            };
+            let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+            assert_eq!(v["users"], serde_json::json!(users));
+            assert_eq!(v["user"].as_str(), user, "`user` only when single: {json}");
+            for encoding in [Encoding::Json, Encoding::Proto] {
+                let bytes = match encoding.encode_server(&frame) {
+                    Payload::Text(t) => t.into_bytes(),
+                    Payload::Binary(b) => b,
+                };
+                assert_eq!(encoding.decode_server(&bytes).unwrap(), frame);
+            }
+        }
+        // Events stored before `users` existed name only `user`.
+        let legacy = crate::pb::Event {
+            kind: "member_removed".into(),
+            user: Some("bob".into()),
+            sender: Some(crate::pb::Sender::default()),
+            ..Default::default()
+        };
+        assert_eq!(
+            Event::try_from(legacy).unwrap().payload,
+            EventPayload::MemberRemoved(change(&["bob"]))
+        );
+        let json = br#"{"type":"event","conversation_id":"g:1","seq":2,"server_msg_id":"m","sender":{"user":"a","device":"p"},"ts_ms":1,"kind":"member_added","user":"bob"}"#;
+        assert!(matches!(
+            Encoding::Json.decode_server(json).unwrap(),
+            ServerFrame::Event(Event { payload: EventPayload::MemberAdded(c), .. }) if c.users == ["bob"]
+        ));
+    }
+
     #[test]
     fn json_client_frames_decode_and_errors_are_classified() {
         let send = Encoding::Json

@@ -80,13 +80,15 @@ impl From<Event> for pb::Event {
                 out.name = Some(name);
                 out.members = members;
             }
-            EventPayload::MemberAdded { user } => {
+            EventPayload::MemberAdded(change) => {
                 out.kind = "member_added".into();
-                out.user = Some(user);
+                out.user = change.single().map(str::to_owned);
+                out.users = change.users;
             }
-            EventPayload::MemberRemoved { user } => {
+            EventPayload::MemberRemoved(change) => {
                 out.kind = "member_removed".into();
-                out.user = Some(user);
+                out.user = change.single().map(str::to_owned);
+                out.users = change.users;
             }
         }
         out
@@ -110,12 +112,12 @@ impl TryFrom<pb::Event> for Event {
                 name: e.name.unwrap_or_default(),
                 members: e.members,
             },
-            "member_added" => EventPayload::MemberAdded {
-                user: e.user.ok_or_else(|| missing("user"))?,
-            },
-            "member_removed" => EventPayload::MemberRemoved {
-                user: e.user.ok_or_else(|| missing("user"))?,
-            },
+            "member_added" => EventPayload::MemberAdded(
+                MembershipChange::from_parts(e.users, e.user).ok_or_else(|| missing("users"))?,
+            ),
+            "member_removed" => EventPayload::MemberRemoved(
+                MembershipChange::from_parts(e.users, e.user).ok_or_else(|| missing("users"))?,
+            ),
             other => {
                 return Err(DecodeError::Invalid(format!(
                     "unknown event kind `{other}`"

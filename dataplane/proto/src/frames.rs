@@ -201,12 +201,66 @@ pub enum EventPayload {
         name: String,
         members: Vec<String>,
     },
-    MemberAdded {
-        user: String,
-    },
-    MemberRemoved {
-        user: String,
-    },
+    MemberAdded(MembershipChange),
+    MemberRemoved(MembershipChange),
+}
+
+/// The users one `member_added` or `member_removed` event names: everyone added or removed by
+/// one request. On the wire it is `users`, plus `user` when that is a single user (what
+/// clients of the first protocol version read).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "MembershipChangeWire", try_from = "MembershipChangeWire")]
+pub struct MembershipChange {
+    pub users: Vec<String>,
+}
+
+impl MembershipChange {
+    pub fn new(users: Vec<String>) -> Self {
+        Self { users }
+    }
+
+    /// From `users`, or else the single `user` of events written before `users` existed.
+    pub fn from_parts(users: Vec<String>, user: Option<String>) -> Option<Self> {
+        match (users.is_empty(), user) {
+            (false, _) => Some(Self::new(users)),
+            (true, Some(user)) => Some(Self::new(vec![user])),
+            (true, None) => None,
+        }
+    }
+
+    /// The one user of a change that names exactly one.
+    pub fn single(&self) -> Option<&str> {
+        match self.users.as_slice() {
+            [user] => Some(user),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct MembershipChangeWire {
+    #[serde(default)]
+    users: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    user: Option<String>,
+}
+
+impl From<MembershipChange> for MembershipChangeWire {
+    fn from(change: MembershipChange) -> Self {
+        let user = change.single().map(str::to_owned);
+        Self {
+            users: change.users,
+            user,
+        }
+    }
+}
+
+impl TryFrom<MembershipChangeWire> for MembershipChange {
+    type Error = String;
+    fn try_from(wire: MembershipChangeWire) -> Result<Self, String> {
+        Self::from_parts(wire.users, wire.user)
+            .ok_or_else(|| "a membership event names its `users`".into())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

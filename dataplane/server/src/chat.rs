@@ -14,7 +14,9 @@ use crate::storage_health::StorageHealth;
 use courier_proto::{
     AckKind, Body, Event, EventPayload, Receipt, Sender, ServerFrame, TypingNotice, ids,
 };
-use courier_store::{Append, MessageStore, NewConversation, ReceiptKind};
+use courier_store::{
+    Append, AppendKey, MemberRecord, MessageStore, NewConversation, ReceiptKind, Visibility,
+};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -57,14 +59,42 @@ pub struct ConversationSummary {
     pub unread: u64,
 }
 
-/// One conversation of a catch-up: send events in `(from, head]`.
+/// One conversation of a catch-up: send the events in `(from, head]` that `visible` holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CatchUp {
     pub conversation_id: String,
     pub from: u64,
     pub head: u64,
+    pub visible: Visibility,
     /// The retention floor, when events the device has not had were cleared.
     pub trimmed: Option<u64>,
+}
+
+/// What one user may read of one conversation: its membership (current or former) and the
+/// conversation's retention floor.
+#[derive(Debug, Clone)]
+pub struct Readable {
+    record: MemberRecord,
+    history_on_join: u64,
+    floor: u64,
+}
+
+impl Readable {
+    /// The seqs the user may read that are still retained.
+    pub fn visibility(&self) -> Visibility {
+        self.record.visibility(self.history_on_join, self.floor)
+    }
+
+    /// The retention floor, if retention cleared events after `cursor` that the user could
+    /// have read.
+    pub fn trimmed_after(&self, cursor: u64) -> Option<u64> {
+        let below_floor = self.floor.saturating_sub(1);
+        self.record
+            .visibility(self.history_on_join, 1)
+            .ranges(cursor, below_floor)
+            .next()
+            .map(|_| self.floor)
+    }
 }
 
 /// Limits and policies of the chat role; see `docs/groups.md`.
@@ -155,25 +185,34 @@ impl Chat {
         self.group_sends.forget_idle();
     }
 
-    /// The lowest seq `user` may read in `conv`: from its join on (or `history_on_join`
-    /// events before it), and never below the retention floor.
-    pub async fn visible_from(&self, conv: &str, user: &str) -> Result<u64, ApiError> {
-        Ok(self.visibility(conv, user).await?.0)
+    /// What `user` may read of `conv`: the events of its periods of membership (a former
+    /// member keeps what it could read while a member). Refused for a user who never belonged
+    /// to the conversation.
+    pub async fn readable(&self, conv: &str, user: &str) -> Result<Readable, ApiError> {
+        Ok(Readable {
+            record: self.member_record(conv, user).await?,
+            history_on_join: self.limits.history_on_join,
+            floor: self.store.floor(conv).await?,
+        })
     }
 
-    /// [`Chat::visible_from`] and the conversation's retention floor, read once.
-    async fn visibility(&self, conv: &str, user: &str) -> Result<(u64, u64), ApiError> {
-        let joined = self
-            .store
-            .member(conv, user)
-            .await?
-            .map_or(1, |m| m.joined_seq.max(1));
-        let floor = self.store.floor(conv).await?;
-        let visible_from = joined
-            .saturating_sub(self.limits.history_on_join)
-            .max(floor)
-            .max(1);
-        Ok((visible_from, floor))
+    /// The membership record (current or former) of `user` in `conv`; refused for a user who
+    /// never belonged to it.
+    async fn member_record(&self, conv: &str, user: &str) -> Result<MemberRecord, ApiError> {
+        ids::conversation_id(conv)?;
+        match self.store.member(conv, user).await? {
+            Some(record) => Ok(record),
+            None => Err(self.not_a_member(conv).await),
+        }
+    }
+
+    /// `not_found` for a conversation that does not exist, else `forbidden`.
+    async fn not_a_member(&self, conv: &str) -> ApiError {
+        match self.store.conversation(conv).await {
+            Ok(None) => ApiError::not_found(format!("no conversation {conv}")),
+            Ok(Some(_)) => ApiError::forbidden(format!("you are not a member of {conv}")),
+            Err(e) => e.into(),
+        }
     }
 
     fn count_limited(
@@ -203,18 +242,13 @@ impl Chat {
         Ok(())
     }
 
-    /// Checks that `conv` exists and `user` belongs to it.
+    /// Checks that `conv` exists and `user` is a member of it now.
     pub async fn check_member(&self, conv: &str, user: &str) -> Result<(), ApiError> {
         ids::conversation_id(conv)?;
         if self.store.is_member(conv, user).await? {
             return Ok(());
         }
-        if self.store.conversation(conv).await?.is_none() {
-            return Err(ApiError::not_found(format!("no conversation {conv}")));
-        }
-        Err(ApiError::forbidden(format!(
-            "you are not a member of {conv}"
-        )))
+        Err(self.not_a_member(conv).await)
     }
 
     /// Validates a `send` and queues it with the sequencer. Returns the conversation id and a
@@ -268,7 +302,7 @@ impl Chat {
                 user: who.user.clone(),
                 device: who.device.clone(),
             },
-            client_msg_id: Some(send.client_msg_id.clone()),
+            key: AppendKey::Client(send.client_msg_id.clone()),
             payload: EventPayload::Message {
                 body: Some(body),
                 client_msg_id: send.client_msg_id.clone(),
@@ -316,14 +350,19 @@ impl Chat {
         ack: &courier_proto::Ack,
     ) -> Result<(), ApiError> {
         let conv = &ack.conversation_id;
-        self.check_member(conv, &who.user).await?;
+        let member = self.member_record(conv, &who.user).await?;
         if ack.seq == 0 {
             return Err(ApiError::bad_request("seq must be 1 or more"));
         }
-        let head = self.store.head(conv).await?;
+        // A former member acknowledges up to its removal, no further.
+        let head = self
+            .store
+            .head(conv)
+            .await?
+            .min(member.visibility(0, 1).last());
         if ack.seq > head {
             return Err(ApiError::bad_request(format!(
-                "seq {} is beyond the conversation's head {head}",
+                "seq {} is beyond the last event you may read, {head}",
                 ack.seq
             )));
         }
@@ -336,7 +375,8 @@ impl Chat {
             .acknowledge(&who.user, &who.device, conv, ack.seq, kind)
             .await?;
         let (delivered_seq, read_seq) = self.store.receipt(conv, &who.user).await?;
-        if (delivered_seq, read_seq) != (before_delivered, before_read) {
+        let moved = (delivered_seq, read_seq) != (before_delivered, before_read);
+        if moved && member.is_member() {
             let receipt = Receipt {
                 conversation_id: conv.clone(),
                 user: who.user.clone(),
@@ -364,20 +404,33 @@ impl Chat {
         after_seq: u64,
         limit: Option<u32>,
     ) -> Result<Page, ApiError> {
-        self.check_member(conv, &who.user).await?;
+        let readable = self.readable(conv, &who.user).await?;
         let limit = match limit {
             Some(0) => return Err(ApiError::bad_request("limit must be 1 or more")),
-            Some(n) => n.min(MAX_FETCH_LIMIT),
-            None => DEFAULT_FETCH_LIMIT,
+            Some(n) => n.min(MAX_FETCH_LIMIT) as usize,
+            None => DEFAULT_FETCH_LIMIT as usize,
         };
-        let head_seq = self.store.head(conv).await?;
-        let (visible_from, floor) = self.visibility(conv, &who.user).await?;
-        let start = after_seq.max(visible_from - 1);
-        let events = self.store.events(conv, start, limit as usize).await?;
+        let visible = readable.visibility();
+        // A former member sees the conversation as it was at its removal.
+        let head_seq = self.store.head(conv).await?.min(visible.last());
+        let mut events = Vec::new();
+        for (after, through) in visible.ranges(after_seq, head_seq) {
+            let wanted = (limit - events.len()).min((through - after) as usize);
+            events.extend(
+                self.store
+                    .events(conv, after, wanted)
+                    .await?
+                    .into_iter()
+                    .filter(|e| e.seq <= through),
+            );
+            if events.len() == limit {
+                break;
+            }
+        }
         Ok(Page {
             events,
             head_seq,
-            trimmed: (after_seq + 1 < floor).then_some(floor),
+            trimmed: readable.trimmed_after(after_seq),
         })
     }
 
@@ -387,7 +440,9 @@ impl Chat {
         who: &Identity,
     ) -> Result<Vec<ConversationSummary>, ApiError> {
         let mut out = Vec::new();
-        for conv in self.store.conversations_of(&who.user).await? {
+        let conversations = self.store.conversations_of(&who.user).await?;
+        for conv in conversations.into_iter().filter(|c| c.left_seq.is_none()) {
+            let conv = conv.conversation_id;
             let record = self.store.conversation(&conv).await?.unwrap_or_default();
             let name = if record.kind == "direct" {
                 let members = self.store.members(&conv).await?;
@@ -413,9 +468,10 @@ impl Chat {
         Ok(out)
     }
 
-    /// What a device must be sent to catch up: for each of the user's conversations whose head
-    /// is above the device's delivered cursor (or the client's override of it), the range.
-    /// Also returns where live delivery resumes in each conversation.
+    /// What a device must be sent to catch up: for each conversation of the user (and each it
+    /// left, up to its removal) with events it may read above the device's delivered cursor
+    /// (or the client's override of it), the range. Also returns where live delivery resumes
+    /// in each conversation.
     pub async fn catch_up_plan(
         &self,
         who: &Identity,
@@ -426,21 +482,29 @@ impl Chat {
         let mut resume = HashMap::new();
         for conv in self.store.conversations_of(&who.user).await? {
             let cursor = overrides
-                .get(&conv)
-                .or_else(|| cursors.get(&conv))
+                .get(&conv.conversation_id)
+                .or_else(|| cursors.get(&conv.conversation_id))
                 .copied()
                 .unwrap_or(0);
-            let (visible_from, floor) = self.visibility(&conv, &who.user).await?;
-            let from = cursor.max(visible_from - 1);
-            let head = self.store.head(&conv).await?;
-            resume.insert(conv.clone(), cursor.max(visible_from - 1));
-            let trimmed = (cursor + 1 < floor).then_some(floor);
-            if head > from || trimmed.is_some() {
+            if conv.left_seq.is_some_and(|left| cursor >= left) {
+                continue;
+            }
+            let readable = self.readable(&conv.conversation_id, &who.user).await?;
+            let visible = readable.visibility();
+            let head = self
+                .store
+                .head(&conv.conversation_id)
+                .await?
+                .min(visible.last());
+            let trimmed = readable.trimmed_after(cursor);
+            resume.insert(conv.conversation_id.clone(), cursor);
+            if visible.ranges(cursor, head).next().is_some() || trimmed.is_some() {
                 plan.push(CatchUp {
-                    trimmed,
-                    conversation_id: conv,
-                    from,
+                    conversation_id: conv.conversation_id,
+                    from: cursor,
                     head,
+                    visible,
+                    trimmed,
                 });
             }
         }
@@ -454,20 +518,16 @@ impl Chat {
         who: &Identity,
         typing: &courier_proto::Typing,
     ) -> Result<(), ApiError> {
-        ids::conversation_id(&typing.conversation_id)?;
-        let members = self.membership.members(&typing.conversation_id).await?;
-        if !members.iter().any(|(m, _)| *m == who.user) {
-            return Err(ApiError::forbidden(format!(
-                "you are not a member of {}",
-                typing.conversation_id
-            )));
-        }
+        // Checked in the store first: a stranger's frame never reaches the cache.
+        self.check_member(&typing.conversation_id, &who.user)
+            .await?;
+        let members = self.membership.current(&typing.conversation_id).await?;
         let frame = Arc::new(ServerFrame::Typing(TypingNotice {
             conversation_id: typing.conversation_id.clone(),
             user: who.user.clone(),
             active: typing.active,
         }));
-        for (member, _) in members.iter() {
+        for member in members.iter() {
             if *member == who.user {
                 continue;
             }
@@ -481,8 +541,9 @@ impl Chat {
     }
 
     /// Validates a delete for everyone and queues its `delete` event. Members delete their own
-    /// messages; group admins delete any. Returns the conversation, the synthetic
-    /// `client_msg_id` (`delete:<seq>`, so retries are idempotent) and the pending append.
+    /// messages; group admins delete any. Returns the `client_msg_id` its `sent` carries
+    /// (`delete:<seq>`) and the pending append, keyed by its target in the server's own key
+    /// space (a client's ids cannot collide with it), so that retries are idempotent.
     pub async fn submit_delete(
         &self,
         who: &Identity,
@@ -490,7 +551,8 @@ impl Chat {
     ) -> Result<(String, PendingAppend), ApiError> {
         let conv = &delete.conversation_id;
         self.check_member(conv, &who.user).await?;
-        if delete.seq < self.visible_from(conv, &who.user).await? {
+        let readable = self.readable(conv, &who.user).await?;
+        if !readable.visibility().contains(delete.seq) {
             return Err(ApiError::not_found(format!(
                 "no message {} in {conv}",
                 delete.seq
@@ -520,7 +582,7 @@ impl Chat {
                 user: who.user.clone(),
                 device: who.device.clone(),
             },
-            client_msg_id: Some(client_msg_id.clone()),
+            key: AppendKey::Server(client_msg_id.clone()),
             payload: EventPayload::Delete {
                 target_seq: delete.seq,
             },

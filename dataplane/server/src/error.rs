@@ -5,7 +5,7 @@ use crate::sequencer::SequencerError;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use courier_proto::ErrorCode;
-use courier_store::StoreError;
+use courier_store::{AppendRefused, StoreError};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]
@@ -75,10 +75,20 @@ impl From<StoreError> for ApiError {
     }
 }
 
+impl From<AppendRefused> for ApiError {
+    fn from(e: AppendRefused) -> Self {
+        match e {
+            AppendRefused::NotMember | AppendRefused::NotAdmin => Self::forbidden(e.to_string()),
+            AppendRefused::NoChange => Self::bad_request(e.to_string()),
+        }
+    }
+}
+
 impl From<SequencerError> for ApiError {
     fn from(e: SequencerError) -> Self {
         match e {
             SequencerError::Store(store) => store.into(),
+            SequencerError::Refused(refused) => refused.into(),
             other => Self::unavailable(other.to_string(), 50),
         }
     }

@@ -198,7 +198,7 @@ impl Fanout {
     fn hand_off(&self, shared: &Arc<SharedEvent>, recipients: &Members) {
         let lag = now_ms().saturating_sub(shared.event.ts_ms) as f64 / 1000.0;
         let sender = &shared.event.sender;
-        for (member, _) in recipients.iter() {
+        for member in recipients.iter() {
             for connection in self.routes.connections(member) {
                 if *member == sender.user && connection.device == sender.device {
                     continue;

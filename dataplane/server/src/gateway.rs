@@ -527,28 +527,41 @@ impl Connection<'_> {
         if let Some(&upto) = self.upto.get(conv) {
             return Ok(upto);
         }
-        // A conversation this connection has not seen yet (joined after connecting).
-        match self.gateway.chat.visible_from(conv, &self.who.user).await {
-            Ok(from) => {
-                self.upto.insert(conv.to_owned(), from - 1);
-                Ok(from - 1)
+        // A conversation this connection has not seen yet (joined after connecting): from the
+        // device's cursor; what it may not read is skipped when the gap is filled.
+        let store = self.gateway.chat.store();
+        match store
+            .device_cursor(&self.who.user, &self.who.device, conv)
+            .await
+        {
+            Ok(cursor) => {
+                self.upto.insert(conv.to_owned(), cursor);
+                Ok(cursor)
             }
             Err(e) => {
-                self.write_error(None, None, e).await?;
+                self.write_error(None, None, e.into()).await?;
                 Err(Exit::Close(close_code::ERROR, "storage error; reconnect"))
             }
         }
     }
 
     /// Writes from the store the events of `conv` after what this connection has written,
-    /// through `through` (events addressed to this device, so visible to it).
+    /// through `through`, that its user may read (events sequenced while it was a member).
     async fn fill(&mut self, conv: &str, through: u64) -> Result<(), Exit> {
         let upto = self.upto(conv).await?;
         if through > upto {
+            let readable = match self.gateway.chat.readable(conv, &self.who.user).await {
+                Ok(readable) => readable,
+                Err(e) => {
+                    self.write_error(None, None, e).await?;
+                    return Err(Exit::Close(close_code::ERROR, "storage error; reconnect"));
+                }
+            };
             let gap = CatchUp {
                 conversation_id: conv.to_owned(),
                 from: upto,
                 head: through,
+                visible: readable.visibility(),
                 trimmed: None,
             };
             self.stream_events(&gap, false).await?;
@@ -603,32 +616,35 @@ impl Connection<'_> {
         self.write(&ServerFrame::SyncDone(SyncDone {})).await
     }
 
-    /// Writes the events of `range` from the store; `own` also includes the device's own
-    /// sends (a catch-up does, a gap fill does not: the device had `sent` for them).
+    /// Writes the events of `range` its user may read from the store; `own` also includes the
+    /// device's own sends (a catch-up does, a gap fill does not: the device had `sent` for
+    /// them). Events it may not read are skipped without being read.
     async fn stream_events(&mut self, range: &CatchUp, own: bool) -> Result<(), Exit> {
         let store = self.gateway.chat.store().clone();
-        let mut after = range.from;
-        while after < range.head {
-            let limit = CATCH_UP_PAGE.min((range.head - after) as usize);
-            let events = match store.events(&range.conversation_id, after, limit).await {
-                Ok(events) => events,
-                Err(e) => {
-                    self.write_error(None, None, e.into()).await?;
-                    return Err(Exit::Close(close_code::ERROR, "storage error; reconnect"));
+        let conv = &range.conversation_id;
+        for (mut after, through) in range.visible.ranges(range.from, range.head) {
+            while after < through {
+                let limit = CATCH_UP_PAGE.min((through - after) as usize);
+                let events = match store.events(conv, after, limit).await {
+                    Ok(events) => events,
+                    Err(e) => {
+                        self.write_error(None, None, e.into()).await?;
+                        return Err(Exit::Close(close_code::ERROR, "storage error; reconnect"));
+                    }
+                };
+                let Some(last) = events.last().map(|e| e.seq) else {
+                    break;
+                };
+                for event in events.into_iter().filter(|e| e.seq <= through) {
+                    if own || !self.is_own(&event) {
+                        self.write(&ServerFrame::Event(event)).await?;
+                    }
                 }
-            };
-            let Some(last) = events.last().map(|e| e.seq) else {
-                break;
-            };
-            for event in events {
-                if own || !self.is_own(&event) {
-                    self.write(&ServerFrame::Event(event)).await?;
-                }
+                after = last;
             }
-            after = last;
-            let upto = self.upto.entry(range.conversation_id.clone()).or_insert(0);
-            *upto = (*upto).max(last);
         }
+        let upto = self.upto.entry(conv.clone()).or_insert(0);
+        *upto = (*upto).max(range.head);
         Ok(())
     }
 

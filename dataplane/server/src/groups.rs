@@ -1,27 +1,34 @@
 //! Groups (chat role): create, add members, remove members. Every membership change is a
-//! sequenced event of the group, so membership and messages share one order.
+//! sequenced event of the group (one event per request, naming every user it changes), so
+//! membership and messages share one order. The checks here answer clear errors early; the
+//! sequenced commit decides again, at the event's place in the order (a user added twice by
+//! racing requests is added once, an admin removed meanwhile adds no one). The member and
+//! per-user group limits are checked here only, so racing requests may pass them by a few.
 
 use crate::auth::Identity;
 use crate::chat::{Chat, is_group};
 use crate::error::ApiError;
-use crate::sequencer::PendingAppend;
-use courier_proto::{EventPayload, Sender, ids};
-use courier_store::Append;
+use crate::sequencer::{PendingAppend, SequencerError};
+use courier_proto::{Event, EventPayload, MembershipChange, Sender, ids};
+use courier_store::{Append, AppendKey, AppendRefused};
 
 impl Chat {
+    /// Queues a membership event, keyed by a fresh id: a commit whose outcome was unknown is
+    /// retried without applying it twice.
     fn membership_append(
         &self,
         who: &Identity,
         conv: &str,
         payload: EventPayload,
     ) -> PendingAppend {
+        let key = format!("membership:{}", hex::encode(rand::random::<[u8; 16]>()));
         self.sequencer.submit(Append {
             conversation_id: conv.to_owned(),
             sender: Sender {
                 user: who.user.clone(),
                 device: who.device.clone(),
             },
-            client_msg_id: None,
+            key: AppendKey::Server(key),
             payload,
             create: None,
         })
@@ -111,8 +118,8 @@ impl Chat {
         Ok(())
     }
 
-    /// Adds users (admins only); one `member_added` event each. Returns the users added
-    /// (those already members are skipped).
+    /// Adds users (admins only) with one `member_added` event naming them all. Returns the
+    /// users added (those already members are skipped; none: no event).
     pub async fn add_members(
         &self,
         who: &Identity,
@@ -121,28 +128,31 @@ impl Chat {
     ) -> Result<Vec<String>, ApiError> {
         self.check_admin(who, conv).await?;
         let users = self.checked_users(users)?;
-        let current = self.store.member_records(conv).await?;
-        let new: Vec<String> = users
-            .into_iter()
-            .filter(|u| !current.iter().any(|(m, _)| m == u))
-            .collect();
+        let current = self.store.members(conv).await?;
+        let new: Vec<String> = users.into_iter().filter(|u| !current.contains(u)).collect();
         if current.len() + new.len() > self.limits.max_group_members {
             return Err(ApiError::bad_request(format!(
                 "a group has at most {} members",
                 self.limits.max_group_members
             )));
         }
-        self.check_group_quota(&new).await?;
-        let pending: Vec<PendingAppend> = new
-            .iter()
-            .map(|user| {
-                self.membership_append(who, conv, EventPayload::MemberAdded { user: user.clone() })
-            })
-            .collect();
-        for append in pending {
-            append.await?;
+        if new.is_empty() {
+            return Ok(new);
         }
-        Ok(new)
+        self.check_group_quota(&new).await?;
+        let payload = EventPayload::MemberAdded(MembershipChange::new(new));
+        let outcome = match self.membership_append(who, conv, payload).await {
+            Err(SequencerError::Refused(AppendRefused::NoChange)) => return Ok(Vec::new()),
+            result => result?,
+        };
+        // The commit keeps only the users who were not members at its place in the order.
+        match self.store.event(conv, outcome.seq).await? {
+            Some(Event {
+                payload: EventPayload::MemberAdded(added),
+                ..
+            }) => Ok(added.users),
+            _ => Ok(Vec::new()),
+        }
     }
 
     /// Removes a member: an admin removes anyone, a member removes itself.
@@ -160,16 +170,18 @@ impl Chat {
             }
         } else {
             self.check_admin(who, conv).await?;
-            if self.store.member(conv, user).await?.is_none() {
+            if !self.store.is_member(conv, user).await? {
                 return Err(ApiError::not_found(format!(
                     "{user} is not a member of {conv}"
                 )));
             }
         }
-        let payload = EventPayload::MemberRemoved {
-            user: user.to_owned(),
-        };
-        self.membership_append(who, conv, payload).await?;
-        Ok(())
+        let payload = EventPayload::MemberRemoved(MembershipChange::new(vec![user.to_owned()]));
+        match self.membership_append(who, conv, payload).await {
+            Err(SequencerError::Refused(AppendRefused::NoChange)) => Err(ApiError::not_found(
+                format!("{user} is not a member of {conv}"),
+            )),
+            result => result.map(drop).map_err(ApiError::from),
+        }
     }
 }

@@ -1,21 +1,113 @@
-//! Conversation membership as fanout sees it: cached per conversation and kept in step with
-//! the conversation's own order. Fanout applies each membership event as it passes through
-//! (sequenced invalidation), so an event is delivered to exactly the members at its seq.
+//! Conversation membership as the delivery roles see it (fanout, notifier, receipts, typing),
+//! cached per conversation and kept in step with the conversation's own order.
+//!
+//! An entry holds every current and former member with its periods of membership
+//! ([`MemberRecord`]), so "who may read seq N" is answered exactly for every N up to the
+//! entry's `through`: the highest seq whose membership it is known to reflect. Entries are
+//! only ever replaced by newer ones (larger `through`), so a load that raced a membership
+//! commit cannot overwrite what fanout applied since. Two rules keep the cache from being
+//! poisoned:
+//! - a conversation without members is never cached (it may not exist yet; its first message
+//!   creates it), and callers acting for a user check that user's membership in the store
+//!   before asking the cache anything;
+//! - fanout, which sees each conversation's events in order, applies each membership event as
+//!   it passes ([`MembershipCache::recipients`]) with the same transitions the sequenced commit
+//!   wrote ([`MemberRecord::join`], [`MemberRecord::leave`]).
+//!
+//! A reader asking about a seq beyond an entry's `through` (the notifier running ahead of
+//! fanout) reloads the entry from the store, where that seq is committed.
 
 use courier_proto::{Event, EventPayload};
-use courier_store::{MessageStore, StoreError};
+use courier_store::{MemberRecord, MessageStore, StoreError};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-/// Members with the seq they joined at.
-pub type Members = Arc<Vec<(String, u64)>>;
+/// User ids.
+pub type Members = Arc<Vec<String>>;
 
 /// Conversations cached before the cache is emptied and refilled on demand.
 const CACHE_CONVERSATIONS: usize = 50_000;
 
+/// The membership of one conversation, exact for every seq up to `through`.
+struct Entry {
+    /// Every member and former member, in id order.
+    records: Vec<(String, MemberRecord)>,
+    /// The seq of the last membership event reflected.
+    version: u64,
+    /// The members now (as of `through`).
+    current: Members,
+    /// The highest seq this entry is known to be exact for; only grows.
+    through: AtomicU64,
+}
+
+impl Entry {
+    fn new(records: Vec<(String, MemberRecord)>, through: u64) -> Self {
+        let version = records.iter().map(|(_, r)| r.version()).max().unwrap_or(0);
+        let current = Arc::new(
+            records
+                .iter()
+                .filter(|(_, r)| r.is_member())
+                .map(|(u, _)| u.clone())
+                .collect(),
+        );
+        Self {
+            records,
+            version,
+            current,
+            through: AtomicU64::new(through.max(version)),
+        }
+    }
+
+    fn through(&self) -> u64 {
+        self.through.load(Ordering::Acquire)
+    }
+
+    /// The users who may read the event at `seq` (`seq` at most `through`).
+    fn members_at(&self, seq: u64) -> Members {
+        if seq > self.version {
+            return self.current.clone();
+        }
+        Arc::new(
+            self.records
+                .iter()
+                .filter(|(_, r)| r.sees(seq))
+                .map(|(u, _)| u.clone())
+                .collect(),
+        )
+    }
+
+    /// This entry with the membership event `event` applied, as the sequenced commit did.
+    fn applied(&self, event: &Event) -> Option<Self> {
+        let (users, creator, join) = match &event.payload {
+            EventPayload::GroupCreated { members, .. } => (members, Some(&event.sender.user), true),
+            EventPayload::MemberAdded(change) => (&change.users, None, true),
+            EventPayload::MemberRemoved(change) => (&change.users, None, false),
+            EventPayload::Message { .. } | EventPayload::Delete { .. } => return None,
+        };
+        let mut records = self.records.clone();
+        for user in users {
+            let index = match records.binary_search_by(|(u, _)| u.as_str().cmp(user)) {
+                Ok(index) => index,
+                Err(index) => {
+                    records.insert(index, (user.clone(), MemberRecord::default()));
+                    index
+                }
+            };
+            let record = &mut records[index].1;
+            if join {
+                record.join(event.seq, creator == Some(user));
+            } else {
+                record.leave(event.seq);
+            }
+        }
+        Some(Self::new(records, event.seq))
+    }
+}
+
 pub struct MembershipCache {
     store: MessageStore,
-    cache: Mutex<HashMap<String, Members>>,
+    cache: Mutex<HashMap<String, Arc<Entry>>>,
 }
 
 impl MembershipCache {
@@ -26,7 +118,7 @@ impl MembershipCache {
         }
     }
 
-    fn cached(&self, conv: &str) -> Option<Members> {
+    fn cached(&self, conv: &str) -> Option<Arc<Entry>> {
         self.cache
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -34,68 +126,158 @@ impl MembershipCache {
             .cloned()
     }
 
-    /// The members of `conv`.
-    pub async fn members(&self, conv: &str) -> Result<Members, StoreError> {
-        if let Some(members) = self.cached(conv) {
-            return Ok(members);
-        }
-        let records = self.store.member_records(conv).await?;
-        let members: Members = Arc::new(
-            records
-                .into_iter()
-                .map(|(u, r)| (u, r.joined_seq))
-                .collect(),
-        );
+    /// Caches `entry` unless a newer one is cached; returns the one kept.
+    fn keep_newer(&self, conv: &str, entry: Entry) -> Arc<Entry> {
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(cached) = cache.get(conv)
+            && cached.through() >= entry.through()
+        {
+            return cached.clone();
+        }
         if cache.len() >= CACHE_CONVERSATIONS {
             cache.clear();
         }
-        cache.insert(conv.to_owned(), members.clone());
-        Ok(members)
+        let entry = Arc::new(entry);
+        cache.insert(conv.to_owned(), entry.clone());
+        entry
     }
 
-    /// The members an event goes to: those who had joined by its seq. A `member_removed`
-    /// event still goes to the removed user; nothing after it does.
-    pub async fn recipients(&self, event: &Event) -> Result<Members, StoreError> {
-        let members = self.members(&event.conversation_id).await?;
-        let recipients: Members = match &event.payload {
-            EventPayload::MemberRemoved { user } if !members.iter().any(|(m, _)| m == user) => {
-                let mut with_removed = (*members).clone();
-                with_removed.push((user.clone(), 0));
-                Arc::new(with_removed)
-            }
-            _ if members.iter().any(|(_, joined)| *joined > event.seq) => Arc::new(
-                members
-                    .iter()
-                    .filter(|(_, joined)| *joined <= event.seq)
-                    .cloned()
-                    .collect(),
-            ),
-            _ => members,
-        };
-        self.apply(event);
-        Ok(recipients)
-    }
-
-    /// Updates the cached membership of the event's conversation, if cached.
-    fn apply(&self, event: &Event) {
-        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(members) = cache.get_mut(&event.conversation_id) else {
-            return;
-        };
-        match &event.payload {
-            EventPayload::MemberAdded { user } if !members.iter().any(|(m, _)| m == user) => {
-                Arc::make_mut(members).push((user.clone(), event.seq));
-            }
-            EventPayload::MemberRemoved { user } => {
-                Arc::make_mut(members).retain(|(m, _)| m != user);
-            }
-            EventPayload::GroupCreated {
-                members: founders, ..
-            } => {
-                *members = Arc::new(founders.iter().map(|u| (u.clone(), event.seq)).collect());
-            }
-            _ => {}
+    /// The entry of `conv`, exact at least through `seq`; `None` for a conversation without
+    /// members (never cached).
+    async fn entry(&self, conv: &str, seq: u64) -> Result<Option<Arc<Entry>>, StoreError> {
+        if let Some(entry) = self.cached(conv)
+            && entry.through() >= seq
+        {
+            return Ok(Some(entry));
         }
+        // The head first: every membership event up to it is in the records read after.
+        let head = self.store.head(conv).await?;
+        let records = self.store.member_records(conv).await?;
+        if records.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(self.keep_newer(conv, Entry::new(records, head))))
+    }
+
+    /// The users who may read the event of `conv` at `seq` (committed).
+    pub async fn members_at(&self, conv: &str, seq: u64) -> Result<Members, StoreError> {
+        Ok(self
+            .entry(conv, seq)
+            .await?
+            .map_or_else(Members::default, |entry| entry.members_at(seq)))
+    }
+
+    /// The members of `conv` now, as far as fanout has applied its membership events. For
+    /// relaying typing and receipts; the caller has checked in the store that the user it acts
+    /// for is a member.
+    pub async fn current(&self, conv: &str) -> Result<Members, StoreError> {
+        Ok(self
+            .entry(conv, 0)
+            .await?
+            .map_or_else(Members::default, |entry| entry.current.clone()))
+    }
+
+    /// The users an event goes to: those who may read it (a `member_removed` still goes to
+    /// the users it removes; nothing after it does). For fanout, which calls it for each
+    /// conversation's events in order: membership events are applied as they pass.
+    pub async fn recipients(&self, event: &Event) -> Result<Members, StoreError> {
+        let conv = &event.conversation_id;
+        let Some(entry) = self.entry(conv, event.seq - 1).await? else {
+            return Ok(Members::default());
+        };
+        if event.seq <= entry.through() {
+            return Ok(entry.members_at(event.seq));
+        }
+        match entry.applied(event) {
+            Some(next) => Ok(self.keep_newer(conv, next).members_at(event.seq)),
+            None => {
+                entry.through.fetch_max(event.seq, Ordering::AcqRel);
+                Ok(entry.members_at(event.seq))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use courier_proto::{MembershipChange, Sender};
+    use courier_store::embedded::EmbeddedEngine;
+
+    fn record(joined: u64) -> MemberRecord {
+        MemberRecord::joined_at(joined, false)
+    }
+
+    fn membership_event(seq: u64, payload: EventPayload) -> Event {
+        Event {
+            conversation_id: "g:1".into(),
+            seq,
+            server_msg_id: String::new(),
+            sender: Sender {
+                user: "alice".into(),
+                device: "p".into(),
+            },
+            ts_ms: 0,
+            payload,
+        }
+    }
+
+    async fn cache() -> (tempfile::TempDir, MembershipCache) {
+        let dir = tempfile::tempdir().unwrap();
+        let kv = Arc::new(EmbeddedEngine::open(&dir.path().join("s")).unwrap());
+        let store = MessageStore::open(kv, b"", 4).await.unwrap();
+        (dir, MembershipCache::new(store))
+    }
+
+    #[tokio::test]
+    async fn an_older_entry_never_replaces_a_newer_one() {
+        let (_dir, cache) = cache().await;
+        let newer = Entry::new(
+            vec![("alice".into(), record(1)), ("bob".into(), record(5))],
+            5,
+        );
+        cache.keep_newer("g:1", newer);
+        let stale = Entry::new(vec![("alice".into(), record(1))], 4);
+        let kept = cache.keep_newer("g:1", stale);
+        assert_eq!(*kept.current, ["alice", "bob"]);
+        assert_eq!(*cache.members_at("g:1", 5).await.unwrap(), ["alice", "bob"]);
+    }
+
+    #[tokio::test]
+    async fn a_conversation_without_members_is_never_cached() {
+        let (_dir, cache) = cache().await;
+        assert!(cache.current("d:nobody").await.unwrap().is_empty());
+        assert!(cache.cached("d:nobody").is_none());
+    }
+
+    #[tokio::test]
+    async fn fanout_applies_membership_events_in_order_and_answers_any_seq() {
+        let (_dir, cache) = cache().await;
+        cache.keep_newer(
+            "g:1",
+            Entry::new(vec![("alice".into(), MemberRecord::joined_at(1, true))], 1),
+        );
+        let added = membership_event(
+            2,
+            EventPayload::MemberAdded(MembershipChange::new(vec!["bob".into()])),
+        );
+        assert_eq!(*cache.recipients(&added).await.unwrap(), ["alice", "bob"]);
+        let removed = membership_event(
+            4,
+            EventPayload::MemberRemoved(MembershipChange::new(vec!["bob".into()])),
+        );
+        let message = |seq| membership_event(seq, EventPayload::Delete { target_seq: 1 });
+        assert_eq!(
+            *cache.recipients(&message(3)).await.unwrap(),
+            ["alice", "bob"]
+        );
+        assert_eq!(
+            *cache.recipients(&removed).await.unwrap(),
+            ["alice", "bob"],
+            "the removed user gets its own removal"
+        );
+        assert_eq!(*cache.recipients(&message(5)).await.unwrap(), ["alice"]);
+        assert_eq!(*cache.members_at("g:1", 3).await.unwrap(), ["alice", "bob"]);
+        assert_eq!(*cache.members_at("g:1", 1).await.unwrap(), ["alice"]);
     }
 }

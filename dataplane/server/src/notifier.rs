@@ -152,15 +152,18 @@ impl Notifier {
             let now = now_ms();
             let mut pending: HashMap<DeviceKey, PendingPush> = HashMap::new();
             for (_, intent) in intents {
-                let members = self.membership.members(&intent.conversation_id).await?;
+                let members = self
+                    .membership
+                    .members_at(&intent.conversation_id, intent.seq)
+                    .await?;
                 let quiet = members.len() > self.large_group_threshold;
                 let collapse = if quiet {
                     self.config.push_quiet_collapse
                 } else {
                     self.config.push_collapse
                 };
-                for (member, joined) in members.iter() {
-                    if *member == intent.sender_user || *joined > intent.seq {
+                for member in members.iter() {
+                    if *member == intent.sender_user {
                         continue;
                     }
                     let connected: Vec<String> = self

@@ -74,7 +74,7 @@ impl ReceiptRelay {
     /// Sends `receipt` now, or at the next flush in a large group. `covered_after` is the
     /// lowest of the user's cursors that moved, before they moved.
     pub async fn publish(&self, receipt: Receipt, covered_after: u64) -> Result<(), StoreError> {
-        let members = self.membership.members(&receipt.conversation_id).await?;
+        let members = self.membership.current(&receipt.conversation_id).await?;
         if members.len() > self.coalesce_above {
             self.hold(Pending {
                 receipt,
@@ -84,7 +84,7 @@ impl ReceiptRelay {
         }
         let user = receipt.user.clone();
         let frame = Arc::new(ServerFrame::Receipt(receipt));
-        for (member, _) in members.iter().filter(|(m, _)| *m != user) {
+        for member in members.iter().filter(|m| **m != user) {
             for connection in self.routes.connections(member) {
                 connection.deliver(Delivery::Frame(frame.clone()));
             }
@@ -129,7 +129,7 @@ impl ReceiptRelay {
         conv: &str,
         receipts: HashMap<String, Pending>,
     ) -> Result<bool, StoreError> {
-        let members = self.membership.members(conv).await?;
+        let members = self.membership.current(conv).await?;
         let through = receipts.values().map(Pending::covered_through).max();
         let after = receipts.values().map(|p| p.covered_after).min();
         let (Some(through), Some(after)) = (through, after) else {
@@ -148,7 +148,7 @@ impl ReceiptRelay {
             .filter(|(_, sender)| {
                 *is_member
                     .entry(sender)
-                    .or_insert_with(|| members.iter().any(|(m, _)| m == sender))
+                    .or_insert_with(|| members.iter().any(|m| m == sender))
             })
             .collect();
         let mut waiting = false;

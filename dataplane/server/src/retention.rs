@@ -129,7 +129,8 @@ impl Retention {
         Ok(cleared)
     }
 
-    /// The highest seq every active device of every member has acknowledged as delivered.
+    /// The highest seq every active device of every member has acknowledged as delivered. A
+    /// former member's devices count until they have everything up to its removal.
     async fn delivered_everywhere(
         &self,
         conv: &str,
@@ -138,10 +139,13 @@ impl Retention {
     ) -> Result<u64, StoreError> {
         let active_since = now.saturating_sub(self.policy.device_inactive_after.as_millis() as u64);
         let mut lowest = head;
-        for (user, _) in self.store.member_records(conv).await? {
+        for (user, member) in self.store.member_records(conv).await? {
             for (device, record) in self.store.devices(&user).await? {
                 if record.unlinked_ms == 0 && record.last_seen_ms >= active_since {
-                    lowest = lowest.min(self.store.device_cursor(&user, &device, conv).await?);
+                    let cursor = self.store.device_cursor(&user, &device, conv).await?;
+                    if member.is_member() || cursor < member.version() {
+                        lowest = lowest.min(cursor);
+                    }
                 }
             }
         }

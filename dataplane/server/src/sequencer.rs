@@ -7,16 +7,21 @@
 //! fanout that the shard's outbox has grown.
 
 use crate::metrics::{Metrics, ShardLabel};
-use courier_store::{Append, AppendOutcome, HeadCache, MessageStore, ShardLease, StoreError};
+use courier_store::{
+    Append, AppendOutcome, AppendRefused, HeadCache, MessageStore, ShardLease, StoreError,
+};
 use futures::future::BoxFuture;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
-/// Why an append was not sequenced. Every case is safe to retry with the same
+/// Why an append was not sequenced. Every case but `Refused` is safe to retry with the same
 /// `client_msg_id`.
 #[derive(Debug, thiserror::Error)]
 pub enum SequencerError {
+    /// Refused at its place in the conversation's order (membership); retrying changes nothing.
+    #[error(transparent)]
+    Refused(#[from] AppendRefused),
     #[error("the sequencer is overloaded; retry with the same client_msg_id")]
     Overloaded,
     #[error("this node no longer owns the conversation's shard; retry")]
@@ -274,10 +279,13 @@ impl ShardActor {
             .await;
         let (shard, count) = (self.lease.shard, batch.len());
         match result {
-            Ok(outcomes) => {
-                let new = outcomes.iter().filter(|o| !o.duplicate).count();
-                for (request, outcome) in batch.drain(..).zip(outcomes) {
-                    let _ = request.reply.send(Ok(outcome));
+            Ok(results) => {
+                let new = results
+                    .iter()
+                    .filter(|r| r.as_ref().is_ok_and(|o| !o.duplicate))
+                    .count();
+                for (request, result) in batch.drain(..).zip(results) {
+                    let _ = request.reply.send(result.map_err(SequencerError::from));
                 }
                 self.metrics.commit_batch_size.observe(count as f64);
                 self.metrics

@@ -6,11 +6,12 @@
 //! | `meta` | `("meta", "shards")` | shard count, fixed when the store is created |
 //! | `shard` | `("shard", n)` | the shard's epoch (u64 LE); every append batch fences on it |
 //! | `conv` | `("conv", conv)` | conversation record (`ConversationRecord`) |
-//! | `mem` | `("mem", conv, user)` | membership (`MemberRecord`: admin, joined seq) |
-//! | `convs` | `("convs", user, conv)` | the user's conversations (empty) |
+//! | `mem` | `("mem", conv, user)` | membership, current or former (`MemberRecord`: admin, joined seq, past periods) |
+//! | `convs` | `("convs", user, conv)` | the user's conversations: empty while a member, else the seq of its `member_removed` (u64 LE) |
 //! | `head` | `("head", conv)` | highest seq (u64 LE) |
 //! | `ev` | `("ev", conv, seq)` | the event (`courier.v1.Event`, protobuf) |
-//! | `idem` | `("idem", conv, user, device, client_msg_id)` | the first outcome (`IdempotencyRecord`) |
+//! | `idem` | `("idem", conv, user, device, client_msg_id)` | the first outcome of a client's send (`IdempotencyRecord`) |
+//! | `sidem` | `("sidem", conv, key)` | the first outcome of a server-made append (a delete's target, a membership request) |
 //! | `cur` | `("cur", user, device, conv)` | the device's delivered cursor (u64 LE, atomic MAX) |
 //! | `rcpt` | `("rcpt", conv, user, kind)` | the user's delivered/read cursor (u64 LE, atomic MAX) |
 //! | `ob` | `("ob", shard, versionstamp)` | outbox: events committed, not yet fanned out |
@@ -235,6 +236,12 @@ impl Keys {
         client_msg_id: &str,
     ) -> Vec<u8> {
         self.root.pack(&("idem", conv, user, device, client_msg_id))
+    }
+
+    /// The idempotency key of a server-made append: a subspace of its own, so that no client
+    /// id can collide with it.
+    pub fn server_idempotency(&self, conv: &str, key: &str) -> Vec<u8> {
+        self.root.pack(&("sidem", conv, key))
     }
 
     pub fn cursor(&self, user: &str, device: &str, conv: &str) -> Vec<u8> {

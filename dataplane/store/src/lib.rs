@@ -5,6 +5,7 @@
 //! - `fdb` (feature `fdb`): the FoundationDB engine, see `docs/foundationdb.md`;
 //! - [`MessageStore`]: the message-store logic written once over any engine: shards and epochs,
 //!   appends with dense seqs and idempotency, the outbox, cursors and receipts;
+//! - [`membership`]: who may read which seqs of a conversation (periods of membership);
 //! - [`contract`]: the checks every engine passes.
 //!
 //! This crate knows nothing of sockets, tokens or frames beyond the stored `Event`.
@@ -15,11 +16,14 @@ pub mod embedded;
 pub mod fdb;
 pub mod keys;
 pub mod kv;
+pub mod membership;
 mod message_store;
 
 pub use keys::{Keys, ReceiptKind};
 pub use kv::{Batch, CommitStamp, KvEngine, StoreError};
+pub use membership::{MemberRecord, UserConversation, Visibility};
 pub use message_store::{
-    Append, AppendOutcome, ConversationRecord, DeviceRecord, HeadCache, MediaAdmission,
-    MediaRecord, MemberRecord, MessageStore, NewConversation, PendingPush, PushIntent, ShardLease,
+    Append, AppendKey, AppendOutcome, AppendRefused, AppendResult, ConversationRecord,
+    DeviceRecord, HeadCache, MediaAdmission, MediaRecord, MessageStore, NewConversation, PendingPush, PushIntent,
+    ShardLease,
 };

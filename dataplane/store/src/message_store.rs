@@ -3,7 +3,8 @@
 
 use crate::keys::{Keys, ReceiptKind};
 use crate::kv::{Batch, KvEngine, Mutation, StoreError, decode_u64};
-use courier_proto::{Event, EventPayload, Sender, pb};
+use crate::membership::{MemberRecord, UserConversation, encode_left_seq};
+use courier_proto::{Event, EventPayload, MembershipChange, Sender, pb};
 use prost::Message;
 use std::collections::HashMap;
 use std::ops::Range;
@@ -25,17 +26,6 @@ pub struct ConversationRecord {
     pub name: String,
     #[prost(uint64, tag = "3")]
     pub created_ms: u64,
-}
-
-/// A member of a conversation.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct MemberRecord {
-    /// Group admins may add and remove members and delete any message.
-    #[prost(bool, tag = "1")]
-    pub admin: bool,
-    /// The seq of the event that made the user a member (1 for founding members).
-    #[prost(uint64, tag = "2")]
-    pub joined_seq: u64,
 }
 
 /// A device of a user.
@@ -140,13 +130,23 @@ pub struct NewConversation {
     pub members: Vec<String>,
 }
 
+/// What makes an append idempotent: a retry with the same key gets the first outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AppendKey {
+    /// A client's `client_msg_id`, unique per sending device.
+    Client(String),
+    /// A key the server made (a delete's target, a membership request's id), kept in a
+    /// subspace of its own so that no client id can collide with it.
+    Server(String),
+}
+
 /// One event to sequence.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Append {
     pub conversation_id: String,
     pub sender: Sender,
-    /// Idempotency key of client sends; `None` for server-made events.
-    pub client_msg_id: Option<String>,
+    /// Every append has one, so that a commit whose outcome was unknown is retried safely.
+    pub key: AppendKey,
     pub payload: EventPayload,
     /// Set when the conversation may not exist yet (first message of a direct conversation).
     pub create: Option<NewConversation>,
@@ -166,6 +166,21 @@ impl Append {
     }
 }
 
+/// Why the sequencer refused an append: membership is decided inside the sequenced commit, so
+/// these reflect the conversation at the append's place in its order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AppendRefused {
+    #[error("the sender is not a member of the conversation")]
+    NotMember,
+    #[error("only group admins may do this")]
+    NotAdmin,
+    #[error("nothing to change: the users named already are (or are not) members")]
+    NoChange,
+}
+
+/// Per append: its outcome, or why it was refused.
+pub type AppendResult = Result<AppendOutcome, AppendRefused>;
+
 /// What became of one append.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AppendOutcome {
@@ -181,6 +196,21 @@ pub struct AppendOutcome {
 #[derive(Debug, Default)]
 pub struct HeadCache {
     heads: HashMap<String, u64>,
+}
+
+/// Membership records read or written by the batch being built, by (conversation, user):
+/// later appends of the batch decide on what earlier ones changed.
+#[derive(Default)]
+struct BatchMembers(HashMap<(String, String), Option<MemberRecord>>);
+
+/// How a membership event changes the users it names.
+#[derive(Clone, Copy)]
+enum MembershipStep<'a> {
+    /// They join; `creator` (the founder of a group) joins as its admin.
+    Join {
+        creator: Option<&'a str>,
+    },
+    Leave,
 }
 
 /// The message store over one engine.
@@ -292,14 +322,16 @@ impl MessageStore {
     }
 
     /// Sequences `appends` (all of `lease.shard`) in one durable commit, fenced by the lease.
-    /// Outcomes are in the order of `appends`. Retries of earlier appends (same conversation,
-    /// device and `client_msg_id`) get the earlier outcome with `duplicate` set.
+    /// Results are in the order of `appends`. Retries of earlier appends (same key) get the
+    /// earlier outcome with `duplicate` set. Membership is decided here, at each append's place
+    /// in its conversation's order: a sender who is not a member (any more) is refused, an add
+    /// of users who already are members adds only the others (or is refused as no change).
     pub async fn append(
         &self,
         lease: ShardLease,
         heads: &mut HeadCache,
         appends: &[Append],
-    ) -> Result<Vec<AppendOutcome>, StoreError> {
+    ) -> Result<Vec<AppendResult>, StoreError> {
         let ts_ms = now_ms();
         let ids: Vec<String> = appends.iter().map(|_| new_server_msg_id(ts_ms)).collect();
         let mut attempt = 0;
@@ -329,6 +361,17 @@ impl MessageStore {
         }
     }
 
+    fn idempotency_key(&self, append: &Append) -> Vec<u8> {
+        let conv = append.conversation_id.as_str();
+        match &append.key {
+            AppendKey::Client(id) => {
+                self.keys
+                    .idempotency(conv, &append.sender.user, &append.sender.device, id)
+            }
+            AppendKey::Server(key) => self.keys.server_idempotency(conv, key),
+        }
+    }
+
     async fn try_append(
         &self,
         lease: ShardLease,
@@ -336,68 +379,73 @@ impl MessageStore {
         appends: &[Append],
         server_msg_ids: &[String],
         ts_ms: u64,
-    ) -> Result<Vec<AppendOutcome>, StoreError> {
+    ) -> Result<Vec<AppendResult>, StoreError> {
         let mut batch = Batch::new();
         batch.fence(
             self.keys.shard_epoch(lease.shard),
             Some(lease.epoch.to_le_bytes().to_vec()),
         );
-        let mut outcomes: Vec<Option<AppendOutcome>> = vec![None; appends.len()];
+        let mut results: Vec<Option<AppendResult>> = vec![None; appends.len()];
         let mut new_heads: HashMap<&str, u64> = HashMap::new();
         let mut in_batch: HashMap<Vec<u8>, usize> = HashMap::new();
+        let mut members = BatchMembers::default();
         let mut outbox_order: u16 = 0;
 
         for (i, append) in appends.iter().enumerate() {
             let conv = append.conversation_id.as_str();
-            let idem_key = append.client_msg_id.as_deref().map(|id| {
-                self.keys
-                    .idempotency(conv, &append.sender.user, &append.sender.device, id)
-            });
-            if let Some(key) = &idem_key {
-                if let Some(&first) = in_batch.get(key) {
-                    let mut outcome = outcomes[first]
-                        .clone()
-                        .ok_or_else(|| corrupt(key, "batch order"))?;
-                    outcome.duplicate = true;
-                    outcomes[i] = Some(outcome);
-                    continue;
-                }
-                if let Some(stored) = self.kv.get(key).await? {
-                    let record = IdempotencyRecord::decode(stored.as_slice())
-                        .map_err(|e| corrupt(key, e))?;
-                    outcomes[i] = Some(AppendOutcome {
-                        seq: record.seq,
-                        // A retried commit that had in fact landed is ours, not a duplicate.
-                        duplicate: record.server_msg_id != server_msg_ids[i],
-                        server_msg_id: record.server_msg_id,
-                        ts_ms: record.ts_ms,
-                    });
-                    continue;
-                }
+            let idem_key = self.idempotency_key(append);
+            if let Some(&first) = in_batch.get(&idem_key) {
+                let mut outcome = results[first]
+                    .clone()
+                    .and_then(Result::ok)
+                    .ok_or_else(|| corrupt(&idem_key, "batch order"))?;
+                outcome.duplicate = true;
+                results[i] = Some(Ok(outcome));
+                continue;
+            }
+            if let Some(stored) = self.kv.get(&idem_key).await? {
+                let record = IdempotencyRecord::decode(stored.as_slice())
+                    .map_err(|e| corrupt(&idem_key, e))?;
+                results[i] = Some(Ok(AppendOutcome {
+                    seq: record.seq,
+                    // A retried commit that had in fact landed is ours, not a duplicate.
+                    duplicate: record.server_msg_id != server_msg_ids[i],
+                    server_msg_id: record.server_msg_id,
+                    ts_ms: record.ts_ms,
+                }));
+                continue;
             }
             let head = match new_heads.get(conv) {
                 Some(&h) => h,
                 None => self.cached_head(heads, conv).await?,
             };
             let seq = head + 1;
-            new_heads.insert(conv, seq);
-            if head == 0
-                && let Some(create) = &append.create
-            {
-                self.write_new_conversation(&mut batch, conv, create, ts_ms);
+            let create = append.create.as_ref().filter(|_| head == 0);
+            let payload = match self.decide(&mut members, append, head, create).await? {
+                Ok(payload) => payload,
+                Err(refused) => {
+                    results[i] = Some(Err(refused));
+                    continue;
+                }
+            };
+            if let Some(create) = create {
+                self.write_new_conversation(&mut batch, &mut members, conv, create, ts_ms);
             }
-            self.write_effects(&mut batch, append, seq, ts_ms).await?;
+            new_heads.insert(conv, seq);
+            self.write_effects(&mut batch, &mut members, append, &payload, seq, ts_ms)
+                .await?;
             let event = Event {
                 conversation_id: conv.to_owned(),
                 seq,
                 server_msg_id: server_msg_ids[i].clone(),
                 sender: append.sender.clone(),
                 ts_ms,
-                payload: append.payload.clone(),
+                payload,
             };
+            let is_message = matches!(event.payload, EventPayload::Message { .. });
             let encoded = pb::Event::from(event).encode_to_vec();
             batch.set(self.keys.event(conv, seq), encoded.clone());
-            if matches!(append.payload, EventPayload::Message { .. }) {
+            if is_message {
                 let intent = PushIntent {
                     conversation_id: conv.to_owned(),
                     seq,
@@ -412,21 +460,19 @@ impl MessageStore {
             batch
                 .set_versionstamped_key(self.keys.outbox_entry(lease.shard, outbox_order), encoded);
             outbox_order = outbox_order.wrapping_add(1);
-            if let Some(key) = idem_key {
-                let record = IdempotencyRecord {
-                    seq,
-                    server_msg_id: server_msg_ids[i].clone(),
-                    ts_ms,
-                };
-                batch.set(key.clone(), record.encode_to_vec());
-                in_batch.insert(key, i);
-            }
-            outcomes[i] = Some(AppendOutcome {
+            let record = IdempotencyRecord {
+                seq,
+                server_msg_id: server_msg_ids[i].clone(),
+                ts_ms,
+            };
+            batch.set(idem_key.clone(), record.encode_to_vec());
+            in_batch.insert(idem_key, i);
+            results[i] = Some(Ok(AppendOutcome {
                 seq,
                 server_msg_id: server_msg_ids[i].clone(),
                 ts_ms,
                 duplicate: false,
-            });
+            }));
         }
         for (conv, head) in &new_heads {
             batch.set(self.keys.head(conv), head.to_le_bytes().to_vec());
@@ -437,15 +483,90 @@ impl MessageStore {
         for (conv, head) in new_heads {
             heads.heads.insert(conv.to_owned(), head);
         }
-        outcomes
+        results
             .into_iter()
             .map(|o| o.ok_or_else(|| StoreError::Engine("append without outcome".into())))
             .collect()
     }
 
+    /// Whether `append` may be sequenced after `head`, decided on the membership of its
+    /// conversation as of this point of the batch (or as `create` makes it); the payload to
+    /// store (a membership change keeps only the users it changes).
+    async fn decide(
+        &self,
+        members: &mut BatchMembers,
+        append: &Append,
+        head: u64,
+        create: Option<&NewConversation>,
+    ) -> Result<Result<EventPayload, AppendRefused>, StoreError> {
+        let conv = append.conversation_id.as_str();
+        let sender = match create {
+            Some(create) => create
+                .members
+                .contains(&append.sender.user)
+                .then(|| MemberRecord::joined_at(1, false)),
+            None => self
+                .batch_member(members, conv, &append.sender.user)
+                .await?
+                .filter(MemberRecord::is_member),
+        };
+        let admin = sender.as_ref().is_some_and(|s| s.admin);
+        let decision = match &append.payload {
+            EventPayload::GroupCreated { .. } if head > 0 => Err(AppendRefused::NoChange),
+            EventPayload::GroupCreated { .. } => Ok(append.payload.clone()),
+            _ if sender.is_none() => Err(AppendRefused::NotMember),
+            EventPayload::Message { .. } | EventPayload::Delete { .. } => {
+                Ok(append.payload.clone())
+            }
+            EventPayload::MemberAdded(_) if !admin => Err(AppendRefused::NotAdmin),
+            EventPayload::MemberRemoved(change)
+                if !admin && change.users.iter().any(|u| *u != append.sender.user) =>
+            {
+                Err(AppendRefused::NotAdmin)
+            }
+            EventPayload::MemberAdded(change) | EventPayload::MemberRemoved(change) => {
+                let adding = matches!(append.payload, EventPayload::MemberAdded(_));
+                let mut users = Vec::with_capacity(change.users.len());
+                for user in &change.users {
+                    let is_member = self
+                        .batch_member(members, conv, user)
+                        .await?
+                        .is_some_and(|m| m.is_member());
+                    if is_member != adding {
+                        users.push(user.clone());
+                    }
+                }
+                let change = MembershipChange::new(users);
+                match (change.users.is_empty(), adding) {
+                    (true, _) => Err(AppendRefused::NoChange),
+                    (false, true) => Ok(EventPayload::MemberAdded(change)),
+                    (false, false) => Ok(EventPayload::MemberRemoved(change)),
+                }
+            }
+        };
+        Ok(decision)
+    }
+
+    /// The membership record of `user` in `conv` as this batch has left it.
+    async fn batch_member(
+        &self,
+        members: &mut BatchMembers,
+        conv: &str,
+        user: &str,
+    ) -> Result<Option<MemberRecord>, StoreError> {
+        let key = (conv.to_owned(), user.to_owned());
+        if let Some(record) = members.0.get(&key) {
+            return Ok(record.clone());
+        }
+        let record = self.member(conv, user).await?;
+        members.0.insert(key, record.clone());
+        Ok(record)
+    }
+
     fn write_new_conversation(
         &self,
         batch: &mut Batch,
+        members: &mut BatchMembers,
         conv: &str,
         create: &NewConversation,
         ts_ms: u64,
@@ -457,21 +578,64 @@ impl MessageStore {
         };
         batch.set(self.keys.conversation(conv), record.encode_to_vec());
         for user in &create.members {
-            self.write_member(batch, conv, user, false, 1);
+            self.write_member(
+                batch,
+                members,
+                conv,
+                user,
+                MemberRecord::joined_at(1, false),
+            );
         }
     }
 
+    /// Writes a member's record and its entry in the user's conversations, in this batch.
     fn write_member(
         &self,
         batch: &mut Batch,
+        members: &mut BatchMembers,
         conv: &str,
         user: &str,
-        admin: bool,
-        joined_seq: u64,
+        record: MemberRecord,
     ) {
-        let record = MemberRecord { admin, joined_seq };
+        let left_seq = (!record.is_member()).then(|| record.past.last().map_or(0, |p| p.through));
         batch.set(self.keys.member(conv, user), record.encode_to_vec());
-        batch.set(self.keys.user_conversation(user, conv), Vec::new());
+        batch.set(
+            self.keys.user_conversation(user, conv),
+            encode_left_seq(left_seq),
+        );
+        members
+            .0
+            .insert((conv.to_owned(), user.to_owned()), Some(record));
+    }
+
+    /// Users join (at `seq`) or leave (at `seq`, their `member_removed`) a group.
+    async fn change_membership(
+        &self,
+        batch: &mut Batch,
+        members: &mut BatchMembers,
+        conv: &str,
+        users: &[String],
+        step: MembershipStep<'_>,
+        seq: u64,
+    ) -> Result<(), StoreError> {
+        for user in users {
+            let mut record = self
+                .batch_member(members, conv, user)
+                .await?
+                .unwrap_or_default();
+            match step {
+                MembershipStep::Join { creator } => {
+                    record.join(seq, creator == Some(user.as_str()));
+                    batch.add(self.keys.group_count(user), 1);
+                }
+                MembershipStep::Leave => {
+                    record.leave(seq);
+                    batch.add(self.keys.group_count(user), -1);
+                }
+            }
+            self.write_member(batch, members, conv, user, record);
+        }
+        Ok(())
     }
 
     /// What an event changes besides itself, in the same commit: membership follows its
@@ -479,12 +643,14 @@ impl MessageStore {
     async fn write_effects(
         &self,
         batch: &mut Batch,
+        members: &mut BatchMembers,
         append: &Append,
+        payload: &EventPayload,
         seq: u64,
         ts_ms: u64,
     ) -> Result<(), StoreError> {
         let conv = append.conversation_id.as_str();
-        match &append.payload {
+        match payload {
             EventPayload::Message {
                 body: Some(courier_proto::Body::Media(media)),
                 ..
@@ -497,26 +663,31 @@ impl MessageStore {
                 );
             }
             EventPayload::Message { .. } => {}
-            EventPayload::GroupCreated { name, members } => {
+            EventPayload::GroupCreated {
+                name,
+                members: founders,
+            } => {
                 let record = ConversationRecord {
                     kind: "group".into(),
                     name: name.clone(),
                     created_ms: ts_ms,
                 };
                 batch.set(self.keys.conversation(conv), record.encode_to_vec());
-                for user in members {
-                    self.write_member(batch, conv, user, *user == append.sender.user, seq);
-                    batch.add(self.keys.group_count(user), 1);
-                }
+                let step = MembershipStep::Join {
+                    creator: Some(&append.sender.user),
+                };
+                self.change_membership(batch, members, conv, founders, step, seq)
+                    .await?;
             }
-            EventPayload::MemberAdded { user } => {
-                self.write_member(batch, conv, user, false, seq);
-                batch.add(self.keys.group_count(user), 1);
+            EventPayload::MemberAdded(change) => {
+                let step = MembershipStep::Join { creator: None };
+                self.change_membership(batch, members, conv, &change.users, step, seq)
+                    .await?;
             }
-            EventPayload::MemberRemoved { user } => {
-                batch.clear(self.keys.member(conv, user));
-                batch.clear(self.keys.user_conversation(user, conv));
-                batch.add(self.keys.group_count(user), -1);
+            EventPayload::MemberRemoved(change) => {
+                let step = MembershipStep::Leave;
+                self.change_membership(batch, members, conv, &change.users, step, seq)
+                    .await?;
             }
             EventPayload::Delete { target_seq } => {
                 let key = self.keys.event(conv, *target_seq);
@@ -558,12 +729,14 @@ impl MessageStore {
         }
     }
 
-    /// The membership of `user` in `conv`.
+    /// The membership record of `user` in `conv`: current or former (see
+    /// [`MemberRecord::is_member`]); `None` if the user never belonged to it.
     pub async fn member(&self, conv: &str, user: &str) -> Result<Option<MemberRecord>, StoreError> {
         self.record(self.keys.member(conv, user)).await
     }
 
-    /// The members of `conv` with their records, in id order.
+    /// Every current and former member of `conv` with its record, in id order: who may read
+    /// which seqs (see [`MemberRecord::sees`]).
     pub async fn member_records(
         &self,
         conv: &str,
@@ -989,36 +1162,42 @@ impl MessageStore {
         self.record(self.keys.conversation(conv)).await
     }
 
+    /// Whether `user` is a member of `conv` now.
     pub async fn is_member(&self, conv: &str, user: &str) -> Result<bool, StoreError> {
-        Ok(self.kv.get(&self.keys.member(conv, user)).await?.is_some())
+        Ok(self
+            .member(conv, user)
+            .await?
+            .is_some_and(|m| m.is_member()))
     }
 
-    /// The members of `conv`, in id order.
+    /// The current members of `conv`, in id order.
     pub async fn members(&self, conv: &str) -> Result<Vec<String>, StoreError> {
-        let rows = self
-            .kv
-            .range(self.keys.members(conv), usize::MAX, false)
-            .await?;
-        rows.iter()
-            .map(|(k, _)| {
-                self.keys
-                    .member_user(k)
-                    .ok_or_else(|| corrupt(k, "member key"))
-            })
-            .collect()
+        Ok(self
+            .member_records(conv)
+            .await?
+            .into_iter()
+            .filter(|(_, record)| record.is_member())
+            .map(|(user, _)| user)
+            .collect())
     }
 
-    /// The ids of the conversations `user` belongs to, in id order.
-    pub async fn conversations_of(&self, user: &str) -> Result<Vec<String>, StoreError> {
+    /// The conversations `user` belongs to or has left, in id order.
+    pub async fn conversations_of(&self, user: &str) -> Result<Vec<UserConversation>, StoreError> {
         let rows = self
             .kv
             .range(self.keys.user_conversations(user), usize::MAX, false)
             .await?;
         rows.iter()
-            .map(|(k, _)| {
-                self.keys
+            .map(|(k, v)| {
+                let conversation_id = self
+                    .keys
                     .user_conversation_id(k)
-                    .ok_or_else(|| corrupt(k, "conversation key"))
+                    .ok_or_else(|| corrupt(k, "conversation key"))?;
+                let left_seq = (!v.is_empty()).then(|| decode_u64(v));
+                Ok(UserConversation {
+                    conversation_id,
+                    left_seq,
+                })
             })
             .collect()
     }
@@ -1164,7 +1343,7 @@ mod tests {
                 user: "alice".into(),
                 device: device.into(),
             },
-            client_msg_id: Some(id.into()),
+            key: AppendKey::Client(id.into()),
             payload: EventPayload::Message {
                 body: Some(Body::Text(id.into())),
                 client_msg_id: id.into(),
@@ -1192,6 +1371,7 @@ mod tests {
             message("d:1", "p", "a"),
         ];
         let out = store.append(lease, &mut heads, &batch).await.unwrap();
+        let out: Vec<AppendOutcome> = out.into_iter().map(Result::unwrap).collect();
         assert_eq!(
             out.iter().map(|o| (o.seq, o.duplicate)).collect::<Vec<_>>(),
             [(1, false), (2, false), (1, true)]
@@ -1204,6 +1384,7 @@ mod tests {
             )
             .await
             .unwrap();
+        let again: Vec<AppendOutcome> = again.into_iter().map(Result::unwrap).collect();
         assert_eq!((again[0].seq, again[0].duplicate), (2, true));
         assert_eq!(
             (again[1].seq, again[1].duplicate),
@@ -1249,6 +1430,27 @@ mod tests {
         assert!(store.events("d:1", 0, 10).await.unwrap().is_empty());
     }
 
+    fn appended(results: Vec<AppendResult>) -> Vec<u64> {
+        results.into_iter().map(|r| r.unwrap().seq).collect()
+    }
+
+    fn by(user: &str, key: &str, payload: EventPayload) -> Append {
+        Append {
+            conversation_id: "g:1".into(),
+            sender: Sender {
+                user: user.into(),
+                device: "p".into(),
+            },
+            key: AppendKey::Server(key.into()),
+            payload,
+            create: None,
+        }
+    }
+
+    fn change(users: &[&str]) -> MembershipChange {
+        MembershipChange::new(users.iter().map(|u| u.to_string()).collect())
+    }
+
     #[tokio::test]
     async fn membership_follows_its_events_and_deletes_tombstone_the_target() {
         let dir = tempfile::tempdir().unwrap();
@@ -1258,46 +1460,55 @@ mod tests {
             .await
             .unwrap()[0];
         let mut heads = HeadCache::default();
-        let system = |payload| Append {
-            conversation_id: "g:1".into(),
-            sender: Sender {
-                user: "alice".into(),
-                device: "p".into(),
-            },
-            client_msg_id: None,
-            payload,
-            create: None,
-        };
         let mut hello = message("g:1", "p", "m");
         hello.create = None;
-        store
+        let results = store
             .append(
                 lease,
                 &mut heads,
                 &[
-                    system(EventPayload::GroupCreated {
-                        name: "g".into(),
-                        members: vec!["alice".into(), "bob".into()],
-                    }),
+                    by(
+                        "alice",
+                        "create",
+                        EventPayload::GroupCreated {
+                            name: "g".into(),
+                            members: vec!["alice".into(), "bob".into()],
+                        },
+                    ),
                     hello,
-                    system(EventPayload::MemberAdded {
-                        user: "carol".into(),
-                    }),
-                    system(EventPayload::MemberRemoved { user: "bob".into() }),
-                    system(EventPayload::Delete { target_seq: 2 }),
+                    by(
+                        "alice",
+                        "add",
+                        EventPayload::MemberAdded(change(&["carol"])),
+                    ),
+                    by("alice", "rm", EventPayload::MemberRemoved(change(&["bob"]))),
+                    by("alice", "del", EventPayload::Delete { target_seq: 2 }),
                 ],
             )
             .await
             .unwrap();
+        assert_eq!(appended(results), [1, 2, 3, 4, 5]);
         let members = store.member_records("g:1").await.unwrap();
         assert_eq!(
             members
                 .iter()
-                .map(|(u, m)| (u.as_str(), m.admin, m.joined_seq))
+                .map(|(u, m)| (u.as_str(), m.admin, m.joined_seq, m.sees(4), m.sees(5)))
                 .collect::<Vec<_>>(),
-            [("alice", true, 1), ("carol", false, 3)]
+            [
+                ("alice", true, 1, true, true),
+                ("bob", false, 0, true, false),
+                ("carol", false, 3, true, true)
+            ],
+            "bob is a former member who saw his own removal and nothing after"
         );
-        assert!(store.conversations_of("bob").await.unwrap().is_empty());
+        assert_eq!(store.members("g:1").await.unwrap(), ["alice", "carol"]);
+        assert_eq!(
+            store.conversations_of("bob").await.unwrap(),
+            [UserConversation {
+                conversation_id: "g:1".into(),
+                left_seq: Some(4)
+            }]
+        );
         assert_eq!(store.group_count("bob").await.unwrap(), 0);
         assert_eq!(store.group_count("carol").await.unwrap(), 1);
         let target = store.event("g:1", 2).await.unwrap().unwrap();
@@ -1308,6 +1519,112 @@ mod tests {
                 deleted: true,
                 ..
             }
+        ));
+    }
+
+    #[tokio::test]
+    async fn membership_is_decided_in_the_sequenced_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir).await;
+        let lease = store
+            .acquire_shards(&[store.shard_of("g:1")])
+            .await
+            .unwrap()[0];
+        let mut heads = HeadCache::default();
+        let created = EventPayload::GroupCreated {
+            name: "g".into(),
+            members: vec!["alice".into(), "bob".into()],
+        };
+        let mut from_bob = message("g:1", "p", "late");
+        from_bob.create = None;
+        from_bob.sender.user = "bob".into();
+        let results = store
+            .append(
+                lease,
+                &mut heads,
+                &[
+                    by("alice", "c", created.clone()),
+                    // Two racing adds of one user: one event, one count.
+                    by(
+                        "alice",
+                        "a1",
+                        EventPayload::MemberAdded(change(&["carol", "dan"])),
+                    ),
+                    by("alice", "a2", EventPayload::MemberAdded(change(&["carol"]))),
+                    // A member who is not an admin adds no one and removes only itself.
+                    by("bob", "a3", EventPayload::MemberAdded(change(&["eve"]))),
+                    by("bob", "r1", EventPayload::MemberRemoved(change(&["carol"]))),
+                    by("bob", "r2", EventPayload::MemberRemoved(change(&["bob"]))),
+                    // Removed twice: the second changes nothing (the count cannot drift).
+                    by("alice", "r3", EventPayload::MemberRemoved(change(&["bob"]))),
+                    // A send that passed a check before the removal is refused after it.
+                    from_bob,
+                    by("mallory", "x", EventPayload::Delete { target_seq: 1 }),
+                    by("alice", "c2", created),
+                ],
+            )
+            .await
+            .unwrap();
+        use AppendRefused::*;
+        let summary: Vec<Result<u64, AppendRefused>> =
+            results.into_iter().map(|r| r.map(|o| o.seq)).collect();
+        assert_eq!(
+            summary,
+            [
+                Ok(1),
+                Ok(2),
+                Err(NoChange),
+                Err(NotAdmin),
+                Err(NotAdmin),
+                Ok(3),
+                Err(NoChange),
+                Err(NotMember),
+                Err(NotMember),
+                Err(NoChange)
+            ]
+        );
+        assert_eq!(store.head("g:1").await.unwrap(), 3, "seqs stay dense");
+        let added = store.event("g:1", 2).await.unwrap().unwrap();
+        assert_eq!(
+            added.payload,
+            EventPayload::MemberAdded(change(&["carol", "dan"]))
+        );
+        assert_eq!(store.group_count("carol").await.unwrap(), 1);
+        assert_eq!(store.group_count("bob").await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn server_keys_and_client_ids_never_collide() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir).await;
+        let lease = store
+            .acquire_shards(&[store.shard_of("d:1")])
+            .await
+            .unwrap()[0];
+        let mut heads = HeadCache::default();
+        let mut delete = message("d:1", "p", "x");
+        delete.key = AppendKey::Server("delete:1".into());
+        delete.payload = EventPayload::Delete { target_seq: 1 };
+        let results = store
+            .append(
+                lease,
+                &mut heads,
+                &[
+                    message("d:1", "p", "first"),
+                    message("d:1", "p", "delete:1"),
+                    delete,
+                ],
+            )
+            .await
+            .unwrap();
+        let outcomes: Vec<(u64, bool)> = results
+            .into_iter()
+            .map(|r| r.map(|o| (o.seq, o.duplicate)).unwrap())
+            .collect();
+        assert_eq!(outcomes, [(1, false), (2, false), (3, false)]);
+        assert!(matches!(
+            store.event("d:1", 1).await.unwrap().unwrap().payload,
+            EventPayload::Message { deleted: true, .. }
         ));
     }
 

@@ -1,0 +1,382 @@
+//! Black-box tests of the membership rules, written as the adversary: a stranger poking at a
+//! direct conversation, a member who left and came back, a former member catching up, racing
+//! admins, and a client whose ids look like the server's. Each runs against a real
+//! `courier serve` and talks the real protocol.
+//!
+//! The rule (PROTOCOL.md): a member receives exactly the events sequenced while it is a member,
+//! from its `member_added` (or `group_created`) through its own `member_removed`, for each
+//! period of membership; catch-up, gap fills, `fetch` and the HTTP messages endpoint all follow
+//! it, and a former member may catch up to its removal and no further.
+
+mod support;
+
+use courier_client::proto::*;
+use courier_client::{Client, ClientError, Target};
+use sha2::{Digest, Sha256};
+use std::time::Duration;
+use support::Server;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn start(args: &[&str]) -> (tempfile::TempDir, Server) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_in(dir.path(), args);
+    (dir, server)
+}
+
+async fn connected(server: &Server, user: &str, device: &str) -> Client {
+    let mut client = server.connect(user, device).await;
+    client.events_until_sync_done().await.unwrap();
+    client
+}
+
+async fn next_event(client: &mut Client) -> Event {
+    tokio::time::timeout(WAIT, client.next_event())
+        .await
+        .expect("an event in time")
+        .unwrap()
+}
+
+/// Events up to and including the one at `seq` (events of a conversation come in order).
+async fn events_through(client: &mut Client, seq: u64) -> Vec<Event> {
+    let mut events = Vec::new();
+    loop {
+        let event = tokio::time::timeout(WAIT, client.next_event())
+            .await
+            .unwrap_or_else(|_| panic!("no event through {seq}; got {:?}", seqs(&events)))
+            .unwrap();
+        let last = event.seq;
+        events.push(event);
+        if last >= seq {
+            return events;
+        }
+    }
+}
+
+fn users(names: &[&str]) -> Vec<String> {
+    names.iter().map(|s| s.to_string()).collect()
+}
+
+fn seqs(events: &[Event]) -> Vec<u64> {
+    events.iter().map(|e| e.seq).collect()
+}
+
+/// The id of the direct conversation of two users: public, as PROTOCOL.md lets anyone derive.
+fn direct_id(a: &str, b: &str) -> String {
+    let (first, second) = if a <= b { (a, b) } else { (b, a) };
+    let mut hash = Sha256::new();
+    hash.update(first.as_bytes());
+    hash.update([0]);
+    hash.update(second.as_bytes());
+    format!("d:{}", hex::encode(&hash.finalize()[..16]))
+}
+
+async fn say(client: &mut Client, conv: &str, id: &str) -> u64 {
+    client
+        .send_text(Target::Conversation(conv.to_owned()), id, id)
+        .await
+        .unwrap()
+        .seq
+}
+
+/// The seq of the last event of `conv` (read by a member).
+async fn head(client: &mut Client, conv: &str) -> u64 {
+    client.fetch(conv, 0, Some(1)).await.unwrap().head_seq
+}
+
+#[tokio::test]
+async fn a_stranger_cannot_stop_live_delivery_between_two_users() {
+    let (_dir, server) = start(&[]);
+    let conv = direct_id("alice", "bob");
+    let mut mallory = connected(&server, "mallory", "phone").await;
+    // Typing into the conversation before it exists: refused, and nothing is remembered of it.
+    mallory.typing(&conv, true).await.unwrap();
+    let refused = mallory.fetch(&conv, 0, None).await;
+    assert!(
+        matches!(refused, Err(ClientError::Server(ref e)) if matches!(e.code, ErrorCode::NotFound | ErrorCode::Forbidden)),
+        "{refused:?}"
+    );
+    let typing_answer = mallory.next_frame_within(WAIT).await.unwrap();
+    assert!(
+        matches!(typing_answer, ServerFrame::Error(ref e) if matches!(e.code, ErrorCode::NotFound | ErrorCode::Forbidden)),
+        "the typing frame is refused: {typing_answer:?}"
+    );
+
+    let mut bob = connected(&server, "bob", "laptop").await;
+    let mut alice = connected(&server, "alice", "phone").await;
+    let sent = alice
+        .send_text(Target::User("bob".into()), "first", "hello bob")
+        .await
+        .unwrap();
+    assert_eq!(sent.conversation_id, conv);
+    let event = next_event(&mut bob).await;
+    assert_eq!(
+        (event.conversation_id.as_str(), event.seq),
+        (conv.as_str(), 1),
+        "bob gets alice's first message live"
+    );
+    // And typing works between the members.
+    alice.typing(&conv, true).await.unwrap();
+    loop {
+        match bob.next_frame_within(WAIT).await.unwrap() {
+            ServerFrame::Typing(t) => {
+                assert_eq!(t.user, "alice");
+                break;
+            }
+            ServerFrame::Event(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_member_who_left_and_came_back_never_reads_what_was_sent_while_away() {
+    let (_dir, server) = start(&[]);
+    let admin = server.http("alice", "phone");
+    let conv = admin.create_group("g", &users(&["dave"])).await.unwrap();
+    let mut alice = connected(&server, "alice", "phone").await;
+    let mut dave = connected(&server, "dave", "phone").await;
+
+    say(&mut alice, &conv, "before").await; // 2
+    admin.remove_member(&conv, "dave").await.unwrap(); // 3
+    let away = [
+        say(&mut alice, &conv, "away-1").await,
+        say(&mut alice, &conv, "away-2").await,
+    ]; // 4, 5
+    admin.add_members(&conv, &users(&["dave"])).await.unwrap(); // 6
+    let after = say(&mut alice, &conv, "after").await; // 7
+
+    // Live (with the gap before the re-add filled from the store).
+    let live = events_through(&mut dave, after).await;
+    assert_eq!(
+        seqs(&live),
+        [2, 3, 6, 7],
+        "nothing of the time away: {live:?}"
+    );
+
+    // Catch-up of a device that was offline through all of it.
+    let offline = server
+        .connect("dave", "tablet")
+        .await
+        .events_until_sync_done()
+        .await;
+    assert_eq!(seqs(&offline.unwrap()), [1, 2, 3, 6, 7]);
+
+    // fetch and the HTTP messages endpoint.
+    let page = dave.fetch(&conv, 0, Some(100)).await.unwrap();
+    assert_eq!(seqs(&page.events), [1, 2, 3, 6, 7]);
+    let page = dave.fetch(&conv, 3, Some(1)).await.unwrap();
+    assert_eq!(seqs(&page.events), [6], "a page skips the time away");
+    let (status, body) = server
+        .http("dave", "phone")
+        .get(&format!("/v1/conversations/{conv}/messages"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let listed: Vec<u64> = body["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(listed, [1, 2, 3, 6, 7]);
+    assert!(away.iter().all(|s| !listed.contains(s)));
+}
+
+#[tokio::test]
+async fn a_user_added_and_removed_while_connected_reads_nothing_from_before_its_join() {
+    let (_dir, server) = start(&[]);
+    let admin = server.http("alice", "phone");
+    let conv = admin.create_group("g", &[]).await.unwrap();
+    let mut alice = connected(&server, "alice", "phone").await;
+    say(&mut alice, &conv, "old-1").await; // 2
+    say(&mut alice, &conv, "old-2").await; // 3
+    let mut erin = connected(&server, "erin", "phone").await;
+    // Added and removed back to back: by the time erin's connection sees the addition, it may
+    // already be over.
+    admin.add_members(&conv, &users(&["erin"])).await.unwrap(); // 4
+    admin.remove_member(&conv, "erin").await.unwrap(); // 5
+    let events = events_through(&mut erin, 5).await;
+    assert_eq!(seqs(&events), [4, 5], "only its own period: {events:?}");
+    let page = erin.fetch(&conv, 0, Some(100)).await.unwrap();
+    assert_eq!(seqs(&page.events), [4, 5]);
+    assert_eq!(page.head_seq, 5);
+}
+
+#[tokio::test]
+async fn a_removed_member_catches_up_to_its_removal_and_no_further() {
+    let (_dir, server) = start(&[]);
+    let admin = server.http("alice", "phone");
+    let conv = admin.create_group("g", &users(&["bob"])).await.unwrap();
+    let mut alice = connected(&server, "alice", "phone").await;
+    // Bob is offline while alice writes, then removed, then alice writes more.
+    let m1 = say(&mut alice, &conv, "m1").await;
+    let m2 = say(&mut alice, &conv, "m2").await;
+    admin.remove_member(&conv, "bob").await.unwrap();
+    let removal = head(&mut alice, &conv).await;
+    say(&mut alice, &conv, "after").await;
+
+    let mut bob = server.connect("bob", "phone").await;
+    let caught_up = bob.events_until_sync_done().await.unwrap();
+    assert_eq!(seqs(&caught_up), [1, m1, m2, removal]);
+    assert!(matches!(
+        caught_up.last().unwrap().payload,
+        EventPayload::MemberRemoved(ref change) if change.users == ["bob"]
+    ));
+    // He acknowledges it all; the next connection has nothing more to catch up.
+    bob.ack(&conv, removal, AckKind::Delivered).await.unwrap();
+    let page = bob.fetch(&conv, 0, Some(100)).await.unwrap();
+    assert_eq!(page.head_seq, removal, "the head as it was at his removal");
+    assert_eq!(seqs(&page.events), [1, m1, m2, removal]);
+    let beyond = bob.fetch(&conv, removal, Some(100)).await.unwrap();
+    assert!(beyond.events.is_empty());
+    bob.close().await;
+    let again = server
+        .connect("bob", "phone")
+        .await
+        .events_until_sync_done()
+        .await;
+    assert!(again.unwrap().is_empty());
+    // Acks beyond the removal, sends and typing are refused.
+    let mut bob = connected(&server, "bob", "phone").await;
+    let sent = bob
+        .send_text(Target::Conversation(conv.clone()), "late", "x")
+        .await;
+    assert!(matches!(sent, Err(ClientError::Server(ref e)) if e.code == ErrorCode::Forbidden));
+    // The group is no longer listed as his.
+    let listed = server.http("bob", "phone").conversations().await.unwrap();
+    assert_eq!(listed["conversations"], serde_json::json!([]));
+}
+
+#[tokio::test]
+async fn one_membership_event_per_request_names_its_users() {
+    let (_dir, server) = start(&[]);
+    let admin = server.http("alice", "phone");
+    let conv = admin.create_group("g", &[]).await.unwrap();
+    let path = format!("/v1/groups/{conv}/members");
+    let add = |names: &[&str]| {
+        let body = serde_json::json!({ "users": users(names) });
+        let (admin, path) = (&admin, &path);
+        async move { admin.post(path, &body).await }
+    };
+    let (status, added) = add(&["bob", "carol", "bob"]).await.unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(added["added"], serde_json::json!(["bob", "carol"]));
+    admin.remove_member(&conv, "carol").await.unwrap();
+    let (_, body) = admin
+        .get(&format!("/v1/conversations/{conv}/messages"))
+        .await
+        .unwrap();
+    let events = body["events"].as_array().unwrap();
+    assert_eq!(events.len(), 3, "{body}");
+    assert_eq!(events[1]["kind"], "member_added");
+    assert_eq!(events[1]["users"], serde_json::json!(["bob", "carol"]));
+    assert!(events[1].get("user").is_none(), "`user` only for one user");
+    assert_eq!(events[2]["kind"], "member_removed");
+    assert_eq!(events[2]["users"], serde_json::json!(["carol"]));
+    assert_eq!(events[2]["user"], "carol");
+    // Adding members who already are: no event.
+    let (status, again) = add(&["bob"]).await.unwrap();
+    assert_eq!((status, &again["added"]), (200, &serde_json::json!([])));
+    let mut alice = connected(&server, "alice", "phone").await;
+    assert_eq!(head(&mut alice, &conv).await, 3);
+}
+
+#[tokio::test]
+async fn racing_admins_add_a_user_once_and_the_group_quota_holds() {
+    let (_dir, server) = start(&["--max-groups-per-user", "2"]);
+    let admin = server.http("alice", "phone");
+    let conv = admin.create_group("g", &[]).await.unwrap();
+    // Ten concurrent adds of carol, then two concurrent removals.
+    let adds: Vec<_> = (0..10)
+        .map(|_| {
+            let (admin, conv) = (server.http("alice", "phone"), conv.clone());
+            tokio::spawn(async move { admin.add_members(&conv, &users(&["carol"])).await })
+        })
+        .collect();
+    for add in adds {
+        add.await.unwrap().unwrap();
+    }
+    let removes: Vec<_> = (0..2)
+        .map(|_| {
+            let (admin, conv) = (server.http("alice", "phone"), conv.clone());
+            tokio::spawn(async move {
+                admin
+                    .delete(&format!("/v1/groups/{conv}/members/carol"))
+                    .await
+                    .unwrap()
+                    .0
+            })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for remove in removes {
+        statuses.push(remove.await.unwrap());
+    }
+    statuses.sort();
+    assert_eq!(statuses, [200, 404], "carol is removed once");
+    let mut alice = connected(&server, "alice", "phone").await;
+    let page = alice.fetch(&conv, 0, Some(100)).await.unwrap();
+    let kinds: Vec<&str> = page
+        .events
+        .iter()
+        .map(|e| match e.payload {
+            EventPayload::GroupCreated { .. } => "created",
+            EventPayload::MemberAdded(_) => "added",
+            EventPayload::MemberRemoved(_) => "removed",
+            _ => "other",
+        })
+        .collect();
+    assert_eq!(kinds, ["created", "added", "removed"]);
+    // Carol belongs to no group now: two new groups are within her quota of two, a third is not.
+    let third = |name: &'static str| {
+        let admin = server.http(name, "phone");
+        async move {
+            admin
+                .post(
+                    "/v1/groups",
+                    &serde_json::json!({"name": name, "members": ["carol"]}),
+                )
+                .await
+                .unwrap()
+                .0
+        }
+    };
+    assert_eq!(third("a").await, 201);
+    assert_eq!(third("b").await, 201);
+    assert_eq!(third("c").await, 403);
+}
+
+#[tokio::test]
+async fn a_client_id_that_looks_like_a_delete_never_swallows_one() {
+    let (_dir, server) = start(&[]);
+    let mut alice = connected(&server, "alice", "phone").await;
+    let first = alice
+        .send_text(Target::User("bob".into()), "m1", "secret")
+        .await
+        .unwrap();
+    let conv = first.conversation_id.clone();
+    let lookalike = alice
+        .send_text(
+            Target::Conversation(conv.clone()),
+            "delete:1",
+            "not a delete",
+        )
+        .await
+        .unwrap();
+    assert!(!lookalike.duplicate);
+    let deleted = alice.delete(&conv, 1).await.unwrap();
+    assert!(!deleted.duplicate, "the delete is sequenced: {deleted:?}");
+    assert_eq!(deleted.seq, lookalike.seq + 1);
+    let retried = alice.delete(&conv, 1).await.unwrap();
+    assert_eq!((retried.seq, retried.duplicate), (deleted.seq, true));
+    let page = alice.fetch(&conv, 0, Some(1)).await.unwrap();
+    assert!(matches!(
+        page.events[0].payload,
+        EventPayload::Message {
+            deleted: true,
+            body: None,
+            ..
+        }
+    ));
+}
