@@ -453,3 +453,40 @@ async fn uploads_beyond_the_per_user_quota_are_refused() {
     let (status, _) = upload(&server, "bob", "image/png", pattern(2000)).await;
     assert_eq!(status, 201, "the quota is per user");
 }
+
+#[tokio::test]
+async fn media_is_served_only_to_members_who_may_read_the_message_sharing_it() {
+    let (_dir, server) = start(&[]);
+    let (_, uploaded) = upload(&server, "alice", "image/png", pattern(300)).await;
+    let id = uploaded["media_id"].as_str().unwrap().to_owned();
+    let admin = server.http("alice", "phone");
+    let group = admin.create_group("g", &["bob".to_owned()]).await.unwrap();
+    let mut alice = server.connect("alice", "phone").await;
+    alice
+        .send(
+            Target::Conversation(group.clone()),
+            "pic",
+            media_body(&uploaded),
+        )
+        .await
+        .unwrap();
+    admin
+        .add_members(&group, &["carol".to_owned()])
+        .await
+        .unwrap();
+    assert_eq!(
+        download(&server, "carol", &id, &[]).await.status(),
+        404,
+        "carol joined after the message: she may not read it"
+    );
+    let (status, _) = admin
+        .delete(&format!("/v1/groups/{group}/members/bob"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(
+        download(&server, "bob", &id, &[]).await.status(),
+        200,
+        "bob may still read what was sent while he was a member"
+    );
+}

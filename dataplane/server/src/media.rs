@@ -10,10 +10,10 @@
 //!   upload bytes (413 past it), charged when an upload is recorded and given back when the
 //!   sweeper forgets it. Uploads are refused (`unavailable`) while the disk is low
 //!   ([`StorageHealth`]), before sends are.
-//! - Access: the uploader, and members of a conversation in which a retained, undeleted message
-//!   references the media (the sender must own the media id when sending). Each message holds
-//!   its own reference, so deleting or trimming one message leaves the others' access intact.
-//!   Others get 404.
+//! - Access: the uploader, and whoever may read (by the membership rule) a retained,
+//!   undeleted message that shares the media (the sender must own the media id when sending).
+//!   Each message holds its own reference, so deleting or trimming one message leaves the
+//!   others' access intact. Others get 404.
 //! - Downloads stream too, with `Range` (206), `ETag` and `If-None-Match` (304).
 //! - Optional signed URLs: `?expires=<unix s>&signature=<hex HMAC-SHA256(secret, "<id>:<expires>")>`
 //!   download without a token until `expires` (for a CDN in front of Courier).
@@ -22,6 +22,7 @@
 //!   references of the messages it clears.
 
 use crate::auth::Identity;
+use crate::chat::Chat;
 use crate::error::ApiError;
 use crate::fanout::now_ms;
 use crate::metrics::Metrics;
@@ -106,6 +107,8 @@ pub struct Uploaded {
 pub struct MediaService {
     objects: Arc<dyn ObjectStore>,
     store: MessageStore,
+    /// Who may read which message (media access follows it).
+    chat: Arc<Chat>,
     config: MediaConfig,
     metrics: Arc<Metrics>,
     health: Arc<StorageHealth>,
@@ -153,7 +156,7 @@ impl MediaService {
     pub fn open(
         config: MediaConfig,
         data_dir: &std::path::Path,
-        store: MessageStore,
+        chat: Arc<Chat>,
         metrics: Arc<Metrics>,
         health: Arc<StorageHealth>,
     ) -> anyhow::Result<Arc<Self>> {
@@ -170,7 +173,8 @@ impl MediaService {
         };
         Ok(Arc::new(Self {
             objects,
-            store,
+            store: chat.store().clone(),
+            chat,
             config,
             metrics,
             health,
@@ -265,8 +269,9 @@ impl MediaService {
         })
     }
 
-    /// The record of media `id` if `user` may read it: its uploader, or a member of a
-    /// conversation that references it. 404 otherwise, so ids cannot be probed.
+    /// The record of media `id` if `user` may read it: its uploader, or a user who may read a
+    /// message sharing it (current or former member, by the membership rule). 404 otherwise,
+    /// so ids cannot be probed.
     pub async fn readable(&self, user: &str, id: &str) -> Result<MediaRecord, ApiError> {
         let not_found = || ApiError::not_found(format!("no media {id}"));
         courier_proto::ids::media_id(id).map_err(|_| not_found())?;
@@ -274,10 +279,14 @@ impl MediaService {
         if record.owner == user {
             return Ok(record);
         }
-        let mut references = self.store.media_references(id).await?;
-        references.dedup_by(|a, b| a.0 == b.0);
-        for (conv, _) in references {
-            if self.store.is_member(&conv, user).await? {
+        for (conv, seq) in self.store.media_references(id).await? {
+            let readable = match self.chat.readable(&conv, user).await {
+                Ok(readable) => readable,
+                // A user who never belonged to `conv`.
+                Err(e) if matches!(e.code, ErrorCode::Forbidden | ErrorCode::NotFound) => continue,
+                Err(e) => return Err(e),
+            };
+            if readable.visibility().contains(seq) {
                 return Ok(record);
             }
         }

@@ -164,7 +164,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let media = MediaService::open(
         config.media.clone(),
         &config.data_dir,
-        chat.store().clone(),
+        chat.clone(),
         metrics.clone(),
         storage.clone(),
     )?;
