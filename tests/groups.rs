@@ -522,6 +522,75 @@ async fn devices_are_listed_and_unlinked_devices_are_refused() {
         .expect("a newer token is accepted");
 }
 
+/// The device ids `GET /v1/devices` lists for `user` (asked from another of its devices).
+async fn listed_devices(server: &Server, user: &str) -> Vec<String> {
+    let (status, body) = server.http(user, "web").get("/v1/devices").await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    body["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["device"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_device_signed_in_again_after_an_unlink_can_be_unlinked_again() {
+    let (dir, server) = start(&[]);
+    let old = server.token("alice", "phone");
+    let mut phone = connected(&server, "alice", "phone").await;
+    let web = server.http("alice", "web");
+    assert_eq!(web.delete("/v1/devices/phone").await.unwrap().0, 204);
+    assert!(matches!(
+        phone.next_frame_within(WAIT).await,
+        Err(ClientError::Closed(Some((1008, _))))
+    ));
+
+    // A token issued after the unlink links the device again: listed, unlinkable.
+    let fresh = support::token_with_iat(dir.path(), "alice", "phone", 5);
+    let mut phone = Client::connect(&server.ws_url(), &fresh, Encoding::Json)
+        .await
+        .expect("a newer token is accepted");
+    phone.events_until_sync_done().await.unwrap();
+    assert_eq!(listed_devices(&server, "alice").await, ["phone"]);
+    assert_eq!(web.delete("/v1/devices/phone").await.unwrap().0, 204);
+    assert!(matches!(
+        phone.next_frame_within(WAIT).await,
+        Err(ClientError::Closed(Some((1008, _))))
+    ));
+    assert!(listed_devices(&server, "alice").await.is_empty());
+    for token in [&old, &fresh] {
+        let refused = Client::connect(&server.ws_url(), token, Encoding::Json).await;
+        assert!(
+            matches!(refused, Err(ClientError::Rejected(401))),
+            "a token of the unlinked device is refused"
+        );
+        let http = courier_client::HttpApi::new(&server.http_url(), token);
+        assert_eq!(http.get("/v1/devices").await.unwrap().0, 401);
+    }
+    assert_eq!(web.delete("/v1/devices/phone").await.unwrap().0, 404);
+}
+
+#[tokio::test]
+async fn a_device_is_listed_as_soon_as_it_has_sync_done() {
+    let (_dir, server) = start(&[]);
+    // Its record is written before `sync_done`, not beside the catch-up.
+    let web = server.http("alice", "web");
+    for i in 0..50 {
+        let device = format!("d{i}");
+        let _client = connected(&server, "alice", &device).await;
+        let (_, body) = web.get("/v1/devices").await.unwrap();
+        assert!(
+            body["devices"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|d| d["device"] == device.as_str()),
+            "{device} is listed right after its sync_done: {body}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn retention_clears_delivered_events_and_late_devices_get_trimmed() {
     let (_dir, server) = start(&["--retention", "0s", "--retention-interval", "50ms"]);

@@ -5,7 +5,8 @@ mod support;
 use courier_client::ClientError;
 use courier_client::proto::*;
 use courier_client::{Client, Target};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
 use support::{Server, token_for};
 use tokio_tungstenite::tungstenite::Message;
@@ -253,6 +254,45 @@ async fn retried_sends_are_idempotent_across_reconnects_and_restarts() {
         .unwrap()
         .head_seq;
     assert_eq!(head, 2, "retries stored nothing new");
+}
+
+#[tokio::test]
+async fn a_retry_after_the_idempotency_window_is_a_new_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_in(
+        dir.path(),
+        &[
+            "--idempotency-window",
+            "1ms",
+            "--retention-interval",
+            "20ms",
+        ],
+    );
+    let mut alice = server.connect("alice", "phone").await;
+    expect_sync_done(&mut alice).await;
+    let first = alice
+        .send_text(Target::User("bob".into()), "same", "once")
+        .await
+        .unwrap();
+    // A retry is answered from the idempotency record until a retention pass expires it;
+    // from then on the same id makes a new message.
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let retry = alice
+            .send_text(Target::User("bob".into()), "same", "once")
+            .await
+            .unwrap();
+        if !retry.duplicate {
+            assert_eq!(retry.seq, first.seq + 1);
+            break;
+        }
+        assert_eq!(retry.seq, first.seq);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the idempotency record never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 #[tokio::test]
@@ -522,15 +562,170 @@ async fn sigterm_sends_reconnect_closes_1001_and_exits_0() {
     let (_dir, mut server) = server();
     let mut alice = server.connect("alice", "phone").await;
     expect_sync_done(&mut alice).await;
-    let status = tokio::task::spawn_blocking(move || server.terminate())
-        .await
-        .unwrap();
+    let terminated = tokio::task::spawn_blocking(move || server.terminate());
     match alice.next_frame_within(WAIT).await.unwrap() {
         ServerFrame::Reconnect(r) => assert!(r.after_ms < 2000),
         other => panic!("expected reconnect, got {other:?}"),
     }
     assert_eq!(expect_close(&mut alice).await.map(|(c, _)| c), Some(1001));
+    let status = terminated.await.unwrap();
     assert!(status.success(), "exit status {status}");
+}
+
+/// Sends in flight per connection in the drain test.
+const DRAIN_WINDOW: usize = 64;
+/// Answers each connection of the drain test waits for before the server is stopped.
+const ANSWERS_BEFORE_STOP: usize = 20;
+
+/// What one connection saw of a drain: the answer to each send (`Some(seq)` for `sent`,
+/// `None` for an error) and its conversation.
+#[derive(Default)]
+struct DrainedConnection {
+    answers: HashMap<String, Option<u64>>,
+    conversation_id: Option<String>,
+}
+
+/// Keeps `DRAIN_WINDOW` sends in flight until the server says `reconnect`, and checks the
+/// order of what comes back: answers, `reconnect`, a 1001 close, then a clean end (no reset).
+async fn send_until_drained(
+    url: &str,
+    token: &str,
+    user: &str,
+    answering: tokio::sync::mpsc::Sender<()>,
+) -> DrainedConnection {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = format!("{url}/v1/ws").into_client_request().unwrap();
+    let bearer = format!("Bearer {token}");
+    request
+        .headers_mut()
+        .insert("authorization", bearer.parse().unwrap());
+    let (socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    let (mut sink, mut stream) = socket.split();
+    let window = Arc::new(tokio::sync::Semaphore::new(DRAIN_WINDOW));
+    let writer = tokio::spawn({
+        let window = window.clone();
+        async move {
+            for n in 0.. {
+                match window.acquire().await {
+                    Ok(permit) => permit.forget(),
+                    Err(_) => break,
+                }
+                let send = serde_json::json!({
+                    "type": "send", "client_msg_id": format!("m{n}"), "to_user": "bob",
+                    "body": {"text": "in flight"},
+                });
+                if sink.send(Message::text(send.to_string())).await.is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    let mut seen = DrainedConnection::default();
+    let (mut reconnected, mut close_code) = (false, None);
+    loop {
+        let message = tokio::time::timeout(WAIT, stream.next())
+            .await
+            .expect("the server ends the connection in time");
+        let frame: serde_json::Value = match message {
+            Some(Ok(Message::Text(text))) => serde_json::from_str(&text).unwrap(),
+            Some(Ok(Message::Close(frame))) => {
+                assert!(reconnected, "{user}: closed before reconnect");
+                close_code = frame.map(|f| u16::from(f.code));
+                continue;
+            }
+            Some(Ok(_)) => continue,
+            Some(Err(tokio_tungstenite::tungstenite::Error::ConnectionClosed)) | None => break,
+            Some(Err(e)) => panic!("{user}: the connection failed instead of closing: {e}"),
+        };
+        assert!(close_code.is_none(), "{user}: {frame} after the close");
+        match frame["type"].as_str().unwrap() {
+            "hello" | "sync_done" => {}
+            kind @ ("sent" | "error") => {
+                assert!(!reconnected, "{user}: {frame} after reconnect");
+                let id = frame["client_msg_id"].as_str().unwrap().to_owned();
+                let seq = frame["seq"].as_u64();
+                if kind == "sent" {
+                    seen.conversation_id = frame["conversation_id"].as_str().map(str::to_owned);
+                }
+                assert!(
+                    seen.answers.insert(id, seq).is_none(),
+                    "{user}: {frame} twice"
+                );
+                window.add_permits(1);
+                if seen.answers.len() == ANSWERS_BEFORE_STOP {
+                    answering.send(()).await.unwrap();
+                }
+            }
+            "reconnect" => {
+                assert!(!reconnected, "{user}: a second reconnect");
+                reconnected = true;
+                window.close();
+            }
+            other => panic!("{user}: unexpected {other}: {frame}"),
+        }
+    }
+    assert_eq!(close_code, Some(1001), "{user}: closed with 1001");
+    writer.await.unwrap();
+    seen
+}
+
+#[tokio::test]
+async fn sigterm_answers_every_accepted_send_then_reconnects_and_closes_cleanly() {
+    const CONNECTIONS: usize = 4;
+    let dir = tempfile::tempdir().unwrap();
+    let unlimited = [
+        "--user-sends-per-sec",
+        "0",
+        "--connection-frames-per-sec",
+        "0",
+    ];
+    let mut server = Server::start_in(dir.path(), &unlimited);
+    let (answering, mut answered) = tokio::sync::mpsc::channel(CONNECTIONS);
+    let mut connections = tokio::task::JoinSet::new();
+    for i in 0..CONNECTIONS {
+        let user = format!("u{i}");
+        let (url, token) = (server.ws_url(), server.token(&user, "phone"));
+        let answering = answering.clone();
+        connections.spawn(async move {
+            let seen = send_until_drained(&url, &token, &user, answering).await;
+            (user, seen)
+        });
+    }
+    for _ in 0..CONNECTIONS {
+        tokio::time::timeout(WAIT, answered.recv())
+            .await
+            .expect("every connection has answers in time");
+    }
+    let status = tokio::task::spawn_blocking(move || server.terminate())
+        .await
+        .unwrap();
+    assert!(status.success(), "exit status {status}");
+    let drained = connections.join_all().await;
+
+    // Every send the old process committed was answered on its connection, before `reconnect`.
+    let server = Server::start_in(dir.path(), &[]);
+    for (user, seen) in drained {
+        let conv = seen.conversation_id.expect("some sends were answered");
+        let http = server.http(&user, "phone");
+        let mut after = 0;
+        loop {
+            let path = format!("/v1/conversations/{conv}/messages?after_seq={after}&limit=1000");
+            let (status, body) = http.get(&path).await.unwrap();
+            assert_eq!(status, 200, "{body}");
+            let events = body["events"].as_array().unwrap();
+            let Some(last) = events.last() else { break };
+            after = last["seq"].as_u64().unwrap();
+            for event in events {
+                let id = event["client_msg_id"].as_str().unwrap();
+                match seen.answers.get(id) {
+                    Some(Some(seq)) => assert_eq!(Some(*seq), event["seq"].as_u64(), "{event}"),
+                    Some(None) => {}
+                    None => panic!("{user}: {id} was committed but never answered"),
+                }
+            }
+        }
+    }
 }
 
 #[tokio::test]

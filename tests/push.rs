@@ -253,6 +253,38 @@ async fn webhook_notifies_only_devices_that_are_not_connected_with_a_valid_signa
 }
 
 #[tokio::test]
+async fn a_device_signed_in_again_after_an_unlink_gets_push_once_it_registers() {
+    let (addr, provider) = Provider::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &webhook_args(addr, "0ms"));
+    register(&server, "bob", "phone", "webhook", "tok-old").await;
+    let (status, _) = server
+        .http("bob", "other")
+        .delete("/v1/devices/phone")
+        .await
+        .unwrap();
+    assert_eq!(status, 204);
+
+    let fresh = support::token_with_iat(dir.path(), "bob", "phone", 5);
+    let body = serde_json::json!({ "provider": "webhook", "token": "tok-new" });
+    let (status, body) = courier_client::HttpApi::new(&server.http_url(), &fresh)
+        .request(reqwest::Method::PUT, "/v1/devices/me/push", Some(&body))
+        .await
+        .unwrap();
+    assert_eq!(status, 204, "{body}");
+    assert!(push_flag(&server, "bob", "phone").await);
+
+    let mut alice = server.connect("alice", "phone").await;
+    let sent = alice
+        .send_text(Target::User("bob".into()), "m1", "hello again")
+        .await
+        .unwrap();
+    let hook = provider.wait_for(1).await[0].json();
+    assert_eq!(hook["device_token"], "tok-new");
+    assert_eq!(hook["seq"].as_u64(), Some(sent.seq));
+}
+
+#[tokio::test]
 async fn notifications_collapse_per_conversation_and_retries_honour_the_provider() {
     let (addr, provider) = Provider::start().await;
     let dir = tempfile::tempdir().unwrap();

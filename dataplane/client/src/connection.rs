@@ -140,6 +140,8 @@ impl Client {
                 Message::Text(text) => return Ok(self.encoding.decode_server(text.as_bytes())?),
                 Message::Binary(bytes) => return Ok(self.encoding.decode_server(&bytes)?),
                 Message::Close(frame) => {
+                    // Completes the close handshake: the server waits for this reply.
+                    let _ = self.socket.flush().await;
                     return Err(ClientError::Closed(
                         frame.map(|f| (u16::from(f.code), f.reason.to_string())),
                     ));

@@ -129,6 +129,10 @@ pub struct ServeConfig {
     /// Time between retention passes.
     #[arg(long, env = "COURIER_RETENTION_INTERVAL", default_value = "1h", value_parser = humantime::parse_duration)]
     pub retention_interval: Duration,
+    /// How long a send's idempotency record is kept (cleared by retention passes): a retry with
+    /// the same `client_msg_id` after that is a new message.
+    #[arg(long, env = "COURIER_IDEMPOTENCY_WINDOW", default_value = "7days", value_parser = humantime::parse_duration)]
+    pub idempotency_window: Duration,
     /// Sends get `unavailable`, and `/readyz` fails, while the embedded store's filesystem has
     /// less free space than this (0: off); see `--media-min-free-disk` for uploads.
     #[arg(long, env = "COURIER_MIN_FREE_DISK", default_value = "256MiB", value_parser = parse_bytes)]
@@ -243,6 +247,7 @@ impl ServeConfig {
             window: self.retention,
             device_inactive_after: self.device_inactive_after,
             interval: self.retention_interval,
+            idempotency_window: self.idempotency_window,
         }
     }
 

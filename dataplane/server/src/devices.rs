@@ -1,11 +1,18 @@
-//! Devices of a user: last seen, unlinking (tokens issued before are refused, cursors
-//! dropped, open connections closed), activity for retention.
+//! Devices of a user: admission of their tokens, last seen, push registration, unlinking
+//! (tokens issued before are refused, cursors dropped, open connections closed), activity for
+//! retention.
+//!
+//! Invariants: a device is linked until unlinked, and linked again when it signs in with a
+//! token issued after its last unlink; every change of a device record is a read-modify-write
+//! fenced on the value read (`MessageStore::update_device`), so concurrent changes (a
+//! reconnect's last-seen, an unlink, a push registration) never undo one another. A connection
+//! records its device before its catch-up ends, so a device that has had `sync_done` is listed.
 
 use crate::auth::{AuthError, Identity};
 use crate::error::ApiError;
 use crate::fanout::now_ms;
 use crate::routes::{KickReason, Routes};
-use courier_store::{DeviceRecord, MessageStore};
+use courier_store::{DeviceRecord, MessageStore, StoreError};
 
 /// A device as listed by `GET /v1/devices`.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -13,6 +20,14 @@ pub struct DeviceView {
     pub device: String,
     pub last_seen_ms: u64,
     pub push: bool,
+}
+
+/// Whether a device's token is still honoured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Link {
+    Linked,
+    /// The device was unlinked after the token was issued.
+    Unlinked,
 }
 
 pub struct Devices {
@@ -24,34 +39,49 @@ impl Devices {
         Self { store }
     }
 
-    /// Records that the device is active now. Failures are logged: activity is advisory.
-    pub async fn seen(&self, who: &Identity) {
-        let result = async {
-            let mut record = self
-                .store
-                .device(&who.user, &who.device)
-                .await?
-                .unwrap_or_default();
-            record.last_seen_ms = now_ms();
-            self.store.put_device(&who.user, &who.device, &record).await
-        }
-        .await;
-        if let Err(e) = result {
-            tracing::warn!(user = %who.user, device = %who.device, error = %e, "could not record device activity");
+    /// Admits a verified token: refuses it if issued (at or) before the device's last unlink;
+    /// remembers it if it is the device's newest, which links an unlinked device again.
+    pub async fn admit(&self, who: &Identity) -> Result<(), ApiError> {
+        let issued = who.issued_at_ms;
+        let newer = |record: Option<&DeviceRecord>| {
+            let record = record.filter(|r| r.accepts(issued) && issued > r.token_issued_ms)?;
+            Some(DeviceRecord {
+                token_issued_ms: issued,
+                ..record.clone()
+            })
+        };
+        let record = self
+            .store
+            .update_device(&who.user, &who.device, newer)
+            .await?;
+        match link(record.as_ref(), issued) {
+            Link::Linked => Ok(()),
+            Link::Unlinked => Err(AuthError::Unlinked.into()),
         }
     }
 
-    /// Refuses tokens issued (at or) before the device was unlinked.
-    pub async fn check_linked(&self, who: &Identity) -> Result<(), ApiError> {
-        let record = self.store.device(&who.user, &who.device).await?;
-        match record {
-            Some(DeviceRecord { unlinked_ms, .. })
-                if unlinked_ms > 0 && who.issued_at_ms <= unlinked_ms =>
-            {
-                Err(AuthError::Unlinked.into())
-            }
-            _ => Ok(()),
-        }
+    /// Records that the device is active now (creating its record on its first connection),
+    /// unless the device was unlinked after `who`'s token was issued.
+    pub async fn seen(&self, who: &Identity) -> Result<Link, StoreError> {
+        let (issued, now) = (who.issued_at_ms, now_ms());
+        let seen = |record: Option<&DeviceRecord>| match record {
+            Some(r) if !r.accepts(issued) => None,
+            Some(r) => Some(DeviceRecord {
+                last_seen_ms: r.last_seen_ms.max(now),
+                token_issued_ms: r.token_issued_ms.max(issued),
+                ..r.clone()
+            }),
+            None => Some(DeviceRecord {
+                last_seen_ms: now,
+                token_issued_ms: issued,
+                ..DeviceRecord::default()
+            }),
+        };
+        let record = self
+            .store
+            .update_device(&who.user, &who.device, seen)
+            .await?;
+        Ok(link(record.as_ref(), issued))
     }
 
     /// The user's linked devices.
@@ -61,7 +91,7 @@ impl Devices {
             .devices(user)
             .await?
             .into_iter()
-            .filter(|(_, record)| record.unlinked_ms == 0)
+            .filter(|(_, record)| record.is_linked())
             .map(|(device, record)| DeviceView {
                 device,
                 last_seen_ms: record.last_seen_ms,
@@ -91,25 +121,170 @@ impl Devices {
         if token.is_empty() || token.len() > 4096 {
             return Err(ApiError::bad_request("token must be 1 to 4096 bytes"));
         }
-        self.store
-            .set_push_token(&who.user, &who.device, provider, token)
+        let issued = who.issued_at_ms;
+        let register = |record: Option<&DeviceRecord>| {
+            let record = match record {
+                Some(r) if !r.accepts(issued) => return None,
+                Some(r) => r.clone(),
+                None => DeviceRecord {
+                    token_issued_ms: issued,
+                    ..DeviceRecord::default()
+                },
+            };
+            Some(DeviceRecord {
+                push_provider: provider.to_owned(),
+                push_token: token.to_owned(),
+                ..record
+            })
+        };
+        let record = self
+            .store
+            .update_device(&who.user, &who.device, register)
             .await?;
-        Ok(())
+        match link(record.as_ref(), issued) {
+            Link::Linked => Ok(()),
+            Link::Unlinked => Err(AuthError::Unlinked.into()),
+        }
+    }
+
+    /// Drops the device's push registration if it is still `token` (the one a provider
+    /// refused), not one registered since.
+    pub async fn drop_push(&self, user: &str, device: &str, token: &str) -> Result<(), StoreError> {
+        let drop_token = |record: Option<&DeviceRecord>| {
+            let record = record.filter(|r| r.push_token == token)?;
+            Some(DeviceRecord {
+                push_provider: String::new(),
+                push_token: String::new(),
+                ..record.clone()
+            })
+        };
+        self.store
+            .update_device(user, device, drop_token)
+            .await
+            .map(drop)
     }
 
     /// Unlinks one of the user's devices and closes its connections.
     pub async fn unlink(&self, user: &str, device: &str, routes: &Routes) -> Result<(), ApiError> {
         courier_proto::ids::device_id(device)?;
-        match self.store.device(user, device).await? {
-            Some(record) if record.unlinked_ms == 0 => {}
-            _ => return Err(ApiError::not_found(format!("no linked device {device}"))),
+        if !self.store.unlink_device(user, device, now_ms()).await? {
+            return Err(ApiError::not_found(format!("no linked device {device}")));
         }
-        self.store.unlink_device(user, device, now_ms()).await?;
         for connection in routes.connections(user) {
             if connection.device == device {
                 connection.close(KickReason::Unlinked);
             }
         }
         Ok(())
+    }
+}
+
+/// Whether a token issued at `issued` is honoured by the device's `record` (none: a device not
+/// seen yet, whose tokens are all honoured).
+fn link(record: Option<&DeviceRecord>, issued: u64) -> Link {
+    match record {
+        Some(record) if !record.accepts(issued) => Link::Unlinked,
+        _ => Link::Linked,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use courier_store::embedded::EmbeddedEngine;
+    use courier_store::kv::KeyValue;
+    use courier_store::{Batch, CommitStamp, KvEngine};
+    use futures::future::BoxFuture;
+    use std::ops::Range;
+    use std::sync::{Arc, Mutex};
+
+    /// An engine that runs another writer's change just before its next commit: the
+    /// interleaving of a read-modify-write with a concurrent unlink, made deterministic.
+    struct RaceBeforeCommit {
+        inner: Arc<EmbeddedEngine>,
+        race: Mutex<Option<BoxFuture<'static, ()>>>,
+    }
+
+    #[async_trait::async_trait]
+    impl KvEngine for RaceBeforeCommit {
+        async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+            self.inner.get(key).await
+        }
+        async fn range(
+            &self,
+            range: Range<Vec<u8>>,
+            limit: usize,
+            reverse: bool,
+        ) -> Result<Vec<KeyValue>, StoreError> {
+            self.inner.range(range, limit, reverse).await
+        }
+        fn limits(&self) -> courier_store::kv::BatchLimits {
+            self.inner.limits()
+        }
+        async fn commit(&self, batch: Batch) -> Result<CommitStamp, StoreError> {
+            let race = self.race.lock().unwrap().take();
+            if let Some(race) = race {
+                race.await;
+            }
+            self.inner.commit(batch).await
+        }
+    }
+
+    fn phone(issued_at_ms: u64) -> Identity {
+        Identity {
+            user: "alice".into(),
+            device: "phone".into(),
+            issued_at_ms,
+        }
+    }
+
+    /// A store whose next commit is preceded by an unlink of alice's phone through another
+    /// store on the same engine, and that other store.
+    async fn unlink_races_next_commit(dir: &tempfile::TempDir) -> (MessageStore, MessageStore) {
+        let inner = Arc::new(EmbeddedEngine::open(&dir.path().join("s")).unwrap());
+        let other = MessageStore::open(inner.clone(), b"", 8).await.unwrap();
+        let engine = Arc::new(RaceBeforeCommit {
+            inner,
+            race: Mutex::new(None),
+        });
+        let raced = MessageStore::open(engine.clone(), b"", 8).await.unwrap();
+        let linked = Devices::new(other.clone()).seen(&phone(1_000)).await;
+        assert_eq!(linked.unwrap(), Link::Linked);
+        let unlinker = other.clone();
+        *engine.race.lock().unwrap() = Some(Box::pin(async move {
+            let unlinked = unlinker.unlink_device("alice", "phone", now_ms()).await;
+            assert!(unlinked.unwrap(), "the phone was linked");
+        }));
+        (raced, other)
+    }
+
+    #[tokio::test]
+    async fn a_reconnect_does_not_undo_a_concurrent_unlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let (raced, other) = unlink_races_next_commit(&dir).await;
+        let seen = Devices::new(raced).seen(&phone(1_000)).await.unwrap();
+        assert_eq!(seen, Link::Unlinked, "the connection learns of the unlink");
+        let record = other.device("alice", "phone").await.unwrap().unwrap();
+        assert!(!record.is_linked(), "still unlinked: {record:?}");
+        assert!(!record.accepts(1_000));
+    }
+
+    #[tokio::test]
+    async fn a_push_registration_does_not_undo_a_concurrent_unlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let (raced, other) = unlink_races_next_commit(&dir).await;
+        let registered = Devices::new(raced)
+            .register_push(&phone(1_000), "webhook", "tok", true)
+            .await;
+        assert!(
+            registered.is_err(),
+            "the unlinked device's token is refused"
+        );
+        let record = other.device("alice", "phone").await.unwrap().unwrap();
+        assert!(!record.is_linked(), "still unlinked: {record:?}");
+        assert!(
+            record.push_token.is_empty(),
+            "no push for an unlinked device"
+        );
     }
 }

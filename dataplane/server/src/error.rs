@@ -59,16 +59,37 @@ impl From<courier_proto::ids::InvalidId> for ApiError {
     }
 }
 
+/// The one mapping of storage and sequencer errors to client codes, by type:
+///
+/// - `unavailable` (with `retry_after_ms`): a retry with the same `client_msg_id` is safe and
+///   resolves the outcome: the commit's outcome stayed unknown after the store's own retries
+///   (the idempotency record tells the retry what landed), the engine is overloaded or failed
+///   (I/O, unreachable) or halted (until a restart), a fence moved, the shard moved, the
+///   sequencer's queue is full or the send timed out;
+/// - `too_large`: what the client asked for alone exceeds an engine limit (a group commit that
+///   is too large is split by the sequencer, never failed);
+/// - `internal`: stored data that does not decode: a bug or corruption.
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::Overloaded(_) | StoreError::MaybeCommitted => {
-                Self::unavailable("storage is busy; retry", 100)
+            StoreError::MaybeCommitted
+            | StoreError::Overloaded(_)
+            | StoreError::Engine(_)
+            | StoreError::FenceChanged { .. } => {
+                tracing::warn!(error = %e, "storage unavailable; the client retries");
+                Self::unavailable(
+                    "storage is unavailable; retry with the same client_msg_id",
+                    100,
+                )
             }
-            // Logged by the engine; the node fails its health checks and is restarted.
-            StoreError::Halted(_) => Self::unavailable("storage is unavailable; retry", 1000),
-            other => {
-                tracing::error!(error = %other, "storage error");
+            // Logged once by the engine; the node fails its health checks and is restarted.
+            StoreError::Halted(_) => Self::unavailable(
+                "storage is unavailable; retry with the same client_msg_id",
+                1000,
+            ),
+            StoreError::TooLarge(reason) => Self::new(ErrorCode::TooLarge, reason),
+            StoreError::Corrupt { .. } => {
+                tracing::error!(error = %e, "storage error");
                 Self::new(ErrorCode::Internal, "internal storage error")
             }
         }
@@ -89,7 +110,9 @@ impl From<SequencerError> for ApiError {
         match e {
             SequencerError::Store(store) => store.into(),
             SequencerError::Refused(refused) => refused.into(),
-            other => Self::unavailable(other.to_string(), 50),
+            SequencerError::Overloaded | SequencerError::ShardMoved => {
+                Self::unavailable(e.to_string(), 50)
+            }
         }
     }
 }
@@ -98,5 +121,47 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = serde_json::json!({ "code": self.code, "message": self.message });
         (self.status(), axum::Json(body)).into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_errors_map_to_client_codes_by_type() {
+        let cases = [
+            (StoreError::MaybeCommitted, ErrorCode::Unavailable),
+            (StoreError::Overloaded("x".into()), ErrorCode::Unavailable),
+            (StoreError::Engine("I/O".into()), ErrorCode::Unavailable),
+            (
+                StoreError::Halted("disk full".into()),
+                ErrorCode::Unavailable,
+            ),
+            (
+                StoreError::FenceChanged { key: Vec::new() },
+                ErrorCode::Unavailable,
+            ),
+            (StoreError::TooLarge("x".into()), ErrorCode::TooLarge),
+            (
+                StoreError::Corrupt {
+                    key: Vec::new(),
+                    reason: "x".into(),
+                },
+                ErrorCode::Internal,
+            ),
+        ];
+        for (error, code) in cases {
+            let api = ApiError::from(SequencerError::Store(error.clone()));
+            assert_eq!(api.code, code, "{error:?}");
+            assert_eq!(
+                api.retry_after_ms.is_some(),
+                code == ErrorCode::Unavailable,
+                "{error:?}"
+            );
+        }
+        for error in [SequencerError::Overloaded, SequencerError::ShardMoved] {
+            assert_eq!(ApiError::from(error).code, ErrorCode::Unavailable);
+        }
     }
 }

@@ -1,6 +1,15 @@
-//! The gateway role: one task per WebSocket connection. It decodes frames, calls the chat role,
-//! writes replies and live deliveries, keeps per-conversation delivery order for its device,
-//! and closes on oversize (1009) and drain (1001, after a `reconnect` frame).
+//! The gateway role: one task per WebSocket connection. It records its device as seen (before
+//! the catch-up, so a device that has had `sync_done` is listed), decodes frames, calls the chat
+//! role, writes replies and live deliveries, keeps per-conversation delivery order for its
+//! device, and closes on oversize (1009) and drain (1001).
+//!
+//! **Drain.** A draining connection reads no further frame, answers every send it has accepted
+//! (each waits at most `send_timeout`), then writes `reconnect` and closes with 1001. Every close
+//! the server starts is a close handshake: after its close frame it reads and discards what the
+//! client still sends until the client's close (at most [`CLOSE_REPLY_WAIT`]), so the socket is
+//! never dropped with unread data, which would make the kernel reset the connection and could
+//! cost the client the frames before the close. The connection leaves the route registry only
+//! once its socket is closed: a draining server waits for that before it exits.
 //!
 //! A connection whose delivery queue overflows with events does not lose them and is not cut
 //! off: it reads what was dropped from the store once it has written what is queued, at the
@@ -12,6 +21,7 @@
 
 use crate::auth::Identity;
 use crate::chat::{CatchUp, Chat};
+use crate::devices::{Devices, Link};
 use crate::error::ApiError;
 use crate::fanout::now_ms;
 use crate::limits::{ConnectionLimit, Rate};
@@ -124,6 +134,9 @@ async fn acked(ack: &mut Option<PendingAck>) -> (Option<i64>, Result<(), ApiErro
 /// Longest wait, when a connection ends, for its last ack to be committed.
 const LAST_ACK_WAIT: Duration = Duration::from_secs(10);
 
+/// Longest wait, after the server's close frame, for the client's close reply.
+const CLOSE_REPLY_WAIT: Duration = Duration::from_secs(5);
+
 /// Why the connection ends.
 enum Exit {
     ClientGone,
@@ -149,25 +162,20 @@ impl Gateway {
             frames: ConnectionLimit::new(self.limits.connection_frames),
             typing: ConnectionLimit::new(self.limits.connection_typing),
         };
-        let devices = Arc::new(crate::devices::Devices::new(self.chat.store().clone()));
-        // Last-seen is advisory: recorded beside the catch-up, not before it.
-        let (seen, who) = (devices.clone(), connection.who.clone());
-        tokio::spawn(async move { seen.seen(&who).await });
-        let exit = connection.run(&mut deliveries, &handle).await;
+        let devices = Devices::new(self.chat.store().clone());
+        let exit = connection.run(&devices, &mut deliveries, &handle).await;
         if let Exit::Close(code, reason) = exit {
-            let close = Message::Close(Some(CloseFrame {
-                code,
-                reason: reason.into(),
-            }));
-            if connection.write_message(close).await.is_ok() {
-                let _ = connection.flush().await;
-            }
+            connection.close(code, reason).await;
         }
         // An ack is not lost because the connection closed right after it.
         if let Some(ack) = connection.ack.take() {
             let _ = tokio::time::timeout(LAST_ACK_WAIT, ack).await;
         }
-        devices.seen(&connection.who).await;
+        let who = connection.who.clone();
+        drop(connection);
+        if let Err(e) = devices.seen(&who).await {
+            tracing::warn!(user = %who.user, device = %who.device, error = %e, "could not record device activity");
+        }
         // Last: a draining server waits for its connections to leave the registry.
         self.routes.unregister(&user, handle.id);
         self.metrics.connections.dec();
@@ -177,6 +185,7 @@ impl Gateway {
 impl Connection<'_> {
     async fn run(
         &mut self,
+        devices: &Devices,
         deliveries: &mut tokio::sync::mpsc::Receiver<Delivery>,
         handle: &crate::routes::ConnectionHandle,
     ) -> Exit {
@@ -187,6 +196,15 @@ impl Connection<'_> {
         });
         if self.write(&hello).await.is_err() {
             return Exit::ClientGone;
+        }
+        // Registered before this check: an unlink either is seen here or closes the connection.
+        match devices.seen(&self.who).await {
+            Ok(Link::Linked) => {}
+            Ok(Link::Unlinked) => return Exit::Close(close_code::POLICY, "device unlinked"),
+            Err(e) => {
+                let _ = self.write_error(None, None, e.into()).await;
+                return Exit::Close(close_code::ERROR, "storage error; reconnect");
+            }
         }
         if let Err(exit) = self.catch_up(&BTreeMap::new()).await {
             return exit;
@@ -227,6 +245,21 @@ impl Connection<'_> {
                 return exit;
             }
         }
+    }
+
+    /// Closes with `code`: writes the close frame, then reads and discards what the client
+    /// still sends until its close reply (at most [`CLOSE_REPLY_WAIT`]), so that the socket is
+    /// not dropped with unread data.
+    async fn close(&mut self, code: u16, reason: &'static str) {
+        let close = Message::Close(Some(CloseFrame {
+            code,
+            reason: reason.into(),
+        }));
+        if self.write_message(close).await.is_err() || self.flush().await.is_err() {
+            return;
+        }
+        let discard = async { while let Some(Ok(_)) = self.socket.recv().await {} };
+        let _ = tokio::time::timeout(CLOSE_REPLY_WAIT, discard).await;
     }
 
     async fn write(&mut self, frame: &ServerFrame) -> Result<(), Exit> {
@@ -288,8 +321,14 @@ impl Connection<'_> {
         }
     }
 
-    /// Tells the client to reconnect elsewhere, then closes with 1001.
+    /// Answers every send this connection has accepted (each waits at most `send_timeout`),
+    /// then tells the client to reconnect elsewhere and closes with 1001. Frames not read yet
+    /// are not handled: the client has no answer for them and sends them again after it
+    /// reconnects.
     async fn drain(&mut self) -> Result<(), Exit> {
+        while let Some(done) = self.pending.next().await {
+            self.on_sent(done).await?;
+        }
         let jitter = self.gateway.limits.reconnect_jitter.as_millis() as u64;
         let after_ms = if jitter == 0 {
             0

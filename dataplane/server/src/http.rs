@@ -72,7 +72,8 @@ impl From<AuthError> for ApiError {
 /// The caller, from a verified bearer token (header or `access_token` query parameter).
 pub struct Caller(pub Identity);
 
-/// Verifies the bearer token of a request and that its device is still linked.
+/// Verifies the bearer token of a request and admits it (its device is linked, or linked again
+/// by a token issued after its unlink).
 async fn authenticate(
     state: &AppState,
     headers: &axum::http::HeaderMap,
@@ -83,9 +84,7 @@ async fn authenticate(
         .and_then(|v| v.to_str().ok());
     let token = bearer_token(authorization, query).ok_or(AuthError::Missing)?;
     let who = state.verifier.verify(token)?;
-    Devices::new(state.chat.store().clone())
-        .check_linked(&who)
-        .await?;
+    Devices::new(state.chat.store().clone()).admit(&who).await?;
     Ok(who)
 }
 

@@ -12,6 +12,8 @@ mod config;
 mod devices;
 mod error;
 mod fanout;
+#[cfg(test)]
+mod faulty_engine;
 mod gateway;
 mod groups;
 mod http;

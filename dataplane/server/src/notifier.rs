@@ -12,7 +12,12 @@
 //!   are removed from the device.
 //! - Payloads carry conversation id, seq, sender and count; the text only with
 //!   `--push-include-text`.
+//! - Expansion: a page of intents becomes pending notifications written in bounded commits,
+//!   the intents cleared by the last one; re-expanding after a failure counts no message twice
+//!   (each notification keeps the latest seq it counted). A shard that fails to expand is
+//!   retried with backoff and holds back neither the other shards nor the sends.
 
+use crate::devices::Devices;
 use crate::fanout::{ShardCursors, now_ms};
 use crate::membership::MembershipCache;
 use crate::metrics::{Metrics, OutcomeLabel};
@@ -36,6 +41,12 @@ const PENDING_PAGE: usize = 512;
 pub const MAX_ATTEMPTS: u32 = 12;
 /// Longest pause between send passes when nothing wakes the notifier.
 const IDLE_PASS: Duration = Duration::from_millis(250);
+/// Pending notifications built in memory for one page of intents: a page ends after the
+/// intent that reaches it (one large group's devices may go beyond it).
+const PENDING_PER_PAGE: usize = 10_000;
+/// Longest wait before a shard whose intents could not be expanded is tried again (the wait
+/// doubles from [`IDLE_PASS`] with each failure in a row).
+const MAX_SHARD_BACKOFF: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, Args)]
 pub struct NotifierConfig {
@@ -59,6 +70,8 @@ pub struct Notifier {
     large_group_threshold: usize,
     metrics: Arc<Metrics>,
     dirty: Mutex<BTreeSet<u32>>,
+    /// Shards whose expansion failed: failures in a row, and when to try again (ms).
+    backoff: Mutex<HashMap<u32, (u32, u64)>>,
     cursors: ShardCursors,
     wake: Notify,
     /// The earliest due time of any pending notification (0: unknown, scan).
@@ -87,6 +100,7 @@ impl Notifier {
             large_group_threshold,
             metrics,
             dirty: Mutex::new(BTreeSet::new()),
+            backoff: Mutex::new(HashMap::new()),
             cursors: ShardCursors::default(),
             wake: Notify::new(),
             next_due_ms: AtomicU64::new(0),
@@ -111,21 +125,28 @@ impl Notifier {
     }
 
     /// Expands every dirty shard's intents, then sends what is due (scanning the pending
-    /// notifications only once the earliest of them is due).
+    /// notifications only once the earliest of them is due). A shard whose intents cannot be
+    /// expanded stays dirty and is tried again after a backoff; it holds back neither the
+    /// other shards nor the sends.
     async fn pass(&self) -> Result<(), StoreError> {
-        loop {
-            let next = self
-                .dirty
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .pop_first();
-            let Some(shard) = next else { break };
-            if let Err(e) = self.expand(shard).await {
-                self.dirty
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(shard);
-                return Err(e);
+        let dirty = std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|e| e.into_inner()));
+        for shard in dirty {
+            if self.backing_off(shard) {
+                self.mark_dirty(shard);
+                continue;
+            }
+            match self.expand(shard).await {
+                Ok(()) => {
+                    self.backoff
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&shard);
+                }
+                Err(e) => {
+                    tracing::warn!(shard, error = %e, "push intents not expanded; retrying later");
+                    self.back_off(shard);
+                    self.mark_dirty(shard);
+                }
             }
         }
         if now_ms() >= self.next_due_ms.load(Ordering::Relaxed)
@@ -138,6 +159,32 @@ impl Notifier {
         Ok(())
     }
 
+    fn mark_dirty(&self, shard: u32) {
+        self.dirty
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(shard);
+    }
+
+    fn backing_off(&self, shard: u32) -> bool {
+        let backoff = self.backoff.lock().unwrap_or_else(|e| e.into_inner());
+        backoff
+            .get(&shard)
+            .is_some_and(|&(_, retry_at)| now_ms() < retry_at)
+    }
+
+    fn back_off(&self, shard: u32) {
+        let mut backoff = self.backoff.lock().unwrap_or_else(|e| e.into_inner());
+        let failures = backoff.get(&shard).map_or(0, |&(n, _)| n) + 1;
+        let wait = IDLE_PASS
+            .saturating_mul(1 << (failures - 1).min(16))
+            .min(MAX_SHARD_BACKOFF);
+        backoff.insert(shard, (failures, now_ms() + wait.as_millis() as u64));
+    }
+
+    /// Turns the intents of `shard` into pending notifications, a page at a time. Each
+    /// message counts once per notification: an intent at or below a notification's
+    /// `last_seq` was counted by an expansion that failed before clearing it.
     async fn expand(&self, shard: u32) -> Result<(), StoreError> {
         loop {
             let after = self.cursors.get(shard);
@@ -145,13 +192,17 @@ impl Notifier {
                 .store
                 .push_intents(shard, after.as_deref(), INTENT_PAGE)
                 .await?;
-            let (Some((first, _)), Some((last, _))) = (intents.first(), intents.last()) else {
+            let Some((first, _)) = intents.first() else {
                 return Ok(());
             };
-            let (first, last) = (first.clone(), last.clone());
+            let (first, mut last) = (first.clone(), Vec::new());
             let now = now_ms();
             let mut pending: HashMap<DeviceKey, PendingPush> = HashMap::new();
-            for (_, intent) in intents {
+            for (key, intent) in intents {
+                if pending.len() >= PENDING_PER_PAGE {
+                    break;
+                }
+                last = key;
                 let members = self
                     .membership
                     .members_at(&intent.conversation_id, intent.seq)
@@ -174,7 +225,7 @@ impl Notifier {
                         .collect();
                     for (device, record) in self.store.devices(member).await? {
                         if record.push_token.is_empty()
-                            || record.unlinked_ms > 0
+                            || !record.is_linked()
                             || connected.contains(&device)
                         {
                             continue;
@@ -189,9 +240,11 @@ impl Notifier {
                             quiet,
                             ..PendingPush::default()
                         });
-                        entry.count = entry.count.saturating_add(1);
-                        entry.last_seq = entry.last_seq.max(intent.seq);
-                        entry.sender = intent.sender_user.clone();
+                        if entry.last_seq < intent.seq {
+                            entry.count = entry.count.saturating_add(1);
+                            entry.last_seq = intent.seq;
+                            entry.sender = intent.sender_user.clone();
+                        }
                         pending.insert(key, entry);
                     }
                 }
@@ -269,7 +322,9 @@ impl Notifier {
             Err(PushError::InvalidToken) => {
                 self.count("invalid_token");
                 tracing::info!(%user, %device, "push token refused by the provider; removed");
-                self.store.set_push_token(&user, &device, "", "").await?;
+                Devices::new(self.store.clone())
+                    .drop_push(&user, &device, &record.push_token)
+                    .await?;
                 self.settle(key, &pending, None).await
             }
             Err(e) => {
@@ -319,10 +374,219 @@ impl Notifier {
 
 impl CommitListener for Notifier {
     fn committed(&self, shard: u32, _events: usize) {
-        self.dirty
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(shard);
+        self.mark_dirty(shard);
         self.wake.notify_one();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::faulty_engine::{FaultyEngine, touches};
+    use crate::push::PushConfig;
+    use clap::Parser;
+    use courier_proto::Sender;
+    use courier_store::{Append, AppendKey, HeadCache};
+
+    #[derive(Parser)]
+    struct Flags {
+        #[command(flatten)]
+        push: PushConfig,
+    }
+
+    /// A webhook endpoint that records the conversation of every notification it gets.
+    async fn webhook() -> (PushProviders, Arc<Mutex<Vec<String>>>) {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let recorded = seen.clone();
+        let app = axum::Router::new().fallback(move |body: axum::body::Bytes| {
+            let recorded = recorded.clone();
+            async move {
+                let json: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+                let conv = json["conversation_id"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned();
+                recorded.lock().unwrap().push(conv);
+                "{}"
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let flags = Flags::try_parse_from([
+            "courier",
+            "--push-webhook-url",
+            &url,
+            "--push-webhook-secret",
+            "s",
+        ])
+        .unwrap();
+        (PushProviders::from_config(&flags.push).unwrap(), seen)
+    }
+
+    fn notifier(
+        store: &MessageStore,
+        providers: PushProviders,
+        collapse: Duration,
+    ) -> Arc<Notifier> {
+        Notifier::new(
+            store.clone(),
+            Arc::new(Routes::default()),
+            Arc::new(MembershipCache::new(store.clone())),
+            Arc::new(providers),
+            NotifierConfig {
+                push_collapse: collapse,
+                push_quiet_collapse: collapse,
+            },
+            false,
+            1000,
+            Arc::new(Metrics::new()),
+        )
+    }
+
+    async fn append(store: &MessageStore, append: Append) {
+        let shard = store.shard_of(&append.conversation_id);
+        let lease = store.acquire_shards(&[shard]).await.unwrap()[0];
+        store
+            .append(lease, &mut HeadCache::default(), &[append])
+            .await
+            .unwrap();
+    }
+
+    /// A group of `members` with a push-registered, offline phone each, and one message from
+    /// the first member.
+    async fn group_with_a_message(store: &MessageStore, conv: &str, members: &[String]) {
+        let sender = Sender {
+            user: members[0].clone(),
+            device: "phone".into(),
+        };
+        append(
+            store,
+            Append {
+                conversation_id: conv.into(),
+                sender: sender.clone(),
+                key: AppendKey::Server("created".into()),
+                payload: EventPayload::GroupCreated {
+                    name: conv.into(),
+                    members: members.to_vec(),
+                },
+                create: None,
+            },
+        )
+        .await;
+        futures::future::try_join_all(members.iter().map(|user| {
+            store.update_device(user, "phone", move |record| {
+                let mut record = record.cloned().unwrap_or_default();
+                record.push_provider = "webhook".into();
+                record.push_token = user.clone();
+                Some(record)
+            })
+        }))
+        .await
+        .unwrap();
+        append(
+            store,
+            Append {
+                conversation_id: conv.into(),
+                sender,
+                key: AppendKey::Client("hello".into()),
+                payload: EventPayload::Message {
+                    body: Some(Body::Text("hello".into())),
+                    client_msg_id: "hello".into(),
+                    reply_to: None,
+                    deleted: false,
+                },
+                create: None,
+            },
+        )
+        .await;
+    }
+
+    async fn counts(store: &MessageStore, conv: &str, members: &[String]) -> Vec<u32> {
+        let mut counts = Vec::new();
+        for user in members {
+            let pending = store.pending_push(user, "phone", conv).await.unwrap();
+            counts.push(pending.map_or(0, |p| p.count));
+        }
+        counts
+    }
+
+    #[tokio::test]
+    async fn a_group_with_more_offline_devices_than_one_batch_holds_gets_one_pending_notification_each()
+     {
+        let engine = FaultyEngine::new();
+        let store = engine.store(4).await;
+        let members: Vec<String> = (0..300).map(|i| format!("user{i:03}")).collect();
+        group_with_a_message(&store, "g:big", &members).await;
+        // 299 pending notifications take ~13 kB: three times this limit.
+        engine.set_max_batch_bytes(4 << 10);
+        // Nothing is due for an hour: the notifications stay pending, to be counted.
+        let notifier = notifier(&store, PushProviders::default(), Duration::from_secs(3600));
+        let shard = store.shard_of("g:big");
+        let intents = store.keys().push_intents(shard);
+
+        // The commit that clears the intent fails once (a crash after the first chunks).
+        engine.set_fault(Some(Box::new(move |batch| {
+            touches(batch, &intents).then(|| StoreError::Engine("lost".into()))
+        })));
+        let _ = notifier.expand(shard).await;
+        engine.set_fault(None);
+        notifier.expand(shard).await.unwrap();
+
+        assert_eq!(
+            counts(&store, "g:big", &members[1..]).await,
+            vec![1; 299],
+            "every offline device has one pending notification, counted once"
+        );
+        assert_eq!(
+            counts(&store, "g:big", &members[..1]).await,
+            [0],
+            "not the sender"
+        );
+        assert!(
+            store
+                .push_intents(shard, None, 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_shard_whose_intents_cannot_be_expanded_does_not_hold_back_the_others() {
+        let engine = FaultyEngine::new();
+        let store = engine.store(64).await;
+        // Two groups, the failing one on the lower shard (expanded first before).
+        let mut convs: Vec<String> = (0..64).map(|i| format!("g:{i}")).collect();
+        convs.sort_by_key(|c| store.shard_of(c));
+        convs.dedup_by_key(|c| store.shard_of(c));
+        let (failing, healthy) = (convs[0].clone(), convs[1].clone());
+        let pair = |a: &str| vec![format!("{a}-sender"), format!("{a}-reader")];
+        group_with_a_message(&store, &failing, &pair("f")).await;
+        group_with_a_message(&store, &healthy, &pair("h")).await;
+        let failing_intents = store.keys().push_intents(store.shard_of(&failing));
+        engine.set_fault(Some(Box::new(move |batch| {
+            touches(batch, &failing_intents).then(|| StoreError::Engine("broken".into()))
+        })));
+        let (providers, sent) = webhook().await;
+        let notifier = notifier(&store, providers, Duration::ZERO);
+        notifier.start();
+
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !sent.lock().unwrap().contains(&healthy) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no notification for the healthy shard"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        engine.set_fault(None);
+        while !sent.lock().unwrap().contains(&failing) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the failing shard was not retried"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 }

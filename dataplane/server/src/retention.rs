@@ -3,6 +3,11 @@
 //! floor up. Trims go through the sequencer, so they are fenced by the shard's epoch like
 //! every other shard write. A device unseen for `device_inactive_after` no longer holds events
 //! back; when it returns with a cursor below the floor it gets a `trimmed` frame first.
+//!
+//! Each pass also clears the idempotency records older than `idempotency_window`: a retry
+//! with the same `client_msg_id` after that is sequenced as a new message. Server-made keys
+//! expire likewise (a delete retried after the window is sequenced again, and tombstones a
+//! message already tombstoned).
 
 use crate::fanout::now_ms;
 use crate::metrics::Metrics;
@@ -23,6 +28,8 @@ pub struct RetentionPolicy {
     pub device_inactive_after: Duration,
     /// Time between passes.
     pub interval: Duration,
+    /// How long a send's idempotency record is kept: a retry within it gets the first outcome.
+    pub idempotency_window: Duration,
 }
 
 pub struct Retention {
@@ -30,6 +37,13 @@ pub struct Retention {
     sequencer: Arc<dyn Sequencer>,
     policy: RetentionPolicy,
     metrics: Arc<Metrics>,
+}
+
+/// What one retention pass cleared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cleared {
+    pub events: u64,
+    pub idempotency_records: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -62,16 +76,45 @@ impl Retention {
             loop {
                 tokio::time::sleep(retention.policy.interval).await;
                 match retention.run_once().await {
-                    Ok(0) => {}
-                    Ok(cleared) => tracing::info!(cleared, "retention pass"),
+                    Ok(Cleared {
+                        events: 0,
+                        idempotency_records: 0,
+                    }) => {}
+                    Ok(Cleared {
+                        events,
+                        idempotency_records,
+                    }) => tracing::info!(events, idempotency_records, "retention pass"),
                     Err(e) => tracing::warn!(error = %e, "retention pass failed; will retry"),
                 }
             }
         });
     }
 
-    /// One pass over every conversation; returns the number of events cleared.
-    pub async fn run_once(&self) -> Result<u64, RetentionError> {
+    /// One pass over every conversation, then over the idempotency records of both subspaces
+    /// (expired even if some conversation could not be trimmed).
+    pub async fn run_once(&self) -> Result<Cleared, RetentionError> {
+        let events = self.trim_conversations().await;
+        let cutoff = now_ms().saturating_sub(self.policy.idempotency_window.as_millis() as u64);
+        let keys = self.store.keys();
+        let mut idempotency_records = 0;
+        // Clients' sends, then server-made appends (deletes, membership events).
+        for records in [
+            keys.idempotency_records(),
+            keys.server_idempotency_records(),
+        ] {
+            idempotency_records += self
+                .store
+                .expire_idempotency_records(records, cutoff)
+                .await?;
+        }
+        Ok(Cleared {
+            events: events?,
+            idempotency_records,
+        })
+    }
+
+    /// Trims every conversation; returns the number of events cleared.
+    async fn trim_conversations(&self) -> Result<u64, RetentionError> {
         let mut cleared = 0;
         let mut after: Option<String> = None;
         loop {
@@ -141,7 +184,7 @@ impl Retention {
         let mut lowest = head;
         for (user, member) in self.store.member_records(conv).await? {
             for (device, record) in self.store.devices(&user).await? {
-                if record.unlinked_ms == 0 && record.last_seen_ms >= active_since {
+                if record.is_linked() && record.last_seen_ms >= active_since {
                     let cursor = self.store.device_cursor(&user, &device, conv).await?;
                     if member.is_member() || cursor < member.version() {
                         lowest = lowest.min(cursor);

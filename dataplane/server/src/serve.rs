@@ -19,9 +19,9 @@ use crate::storage_health::StorageHealth;
 use anyhow::Context;
 use courier_store::embedded::EmbeddedEngine;
 use courier_store::{KvEngine, MessageStore};
+use std::future::IntoFuture;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
 use tokio::sync::watch;
 
 /// Directory of the embedded store inside the data directory.
@@ -159,7 +159,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         routes: routes.clone(),
         metrics: metrics.clone(),
         limits: config.gateway_limits(),
-        draining,
+        draining: draining.clone(),
     });
     let media = MediaService::open(
         config.media.clone(),
@@ -195,15 +195,34 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         app_state.ready.store(false, Ordering::Release);
         let _ = drain.send(true);
     };
-    let server = axum::serve(listener, router(state)).with_graceful_shutdown(shutdown);
-    server.await?;
-
+    let server = axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .into_future();
+    tokio::pin!(server);
+    let mut signalled = draining;
+    // Draining takes at most `drain_timeout` from the signal: HTTP requests finish, and every
+    // connection answers its accepted sends, says `reconnect`, closes and leaves the registry.
+    let deadline = tokio::select! {
+        served = &mut server => {
+            served?;
+            tokio::time::Instant::now() + config.drain_timeout
+        }
+        _ = signalled.wait_for(|draining| *draining) => {
+            let deadline = tokio::time::Instant::now() + config.drain_timeout;
+            if tokio::time::timeout_at(deadline, &mut server).await.is_err() {
+                tracing::warn!("HTTP requests still running at the drain deadline");
+            }
+            deadline
+        }
+    };
     // Upgraded WebSockets outlive the HTTP server: wait for them to close.
-    let deadline = Instant::now() + config.drain_timeout;
-    while !routes.all().is_empty() && Instant::now() < deadline {
+    while !routes.all().is_empty() && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    tracing::info!("drained; exiting");
+    match routes.all().len() {
+        0 => tracing::info!("drained; exiting"),
+        open => tracing::warn!(open, "drain deadline passed; exiting with connections open"),
+    }
     #[cfg(feature = "fdb")]
     if config.store == StoreKind::Fdb {
         courier_store::fdb::stop_network();

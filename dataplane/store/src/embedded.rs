@@ -156,6 +156,10 @@ impl KvEngine for EmbeddedEngine {
             .map_err(|_| StoreError::Engine("the store writer has stopped".into()))?
     }
 
+    fn limits(&self) -> BatchLimits {
+        LIMITS
+    }
+
     fn halted(&self) -> Option<String> {
         self.halted.get().cloned()
     }

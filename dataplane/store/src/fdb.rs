@@ -231,11 +231,7 @@ impl FdbEngine {
 
     /// Refuses what FoundationDB would refuse, before any round trip.
     fn check(&self, batch: &Batch) -> Result<(), StoreError> {
-        let limits = BatchLimits {
-            max_key_bytes: MAX_KEY_BYTES.saturating_sub(self.root.len()),
-            ..LIMITS
-        };
-        batch.check(&limits)
+        batch.check(&self.limits())
     }
 
     /// Writes the batch's mutations into `trx` (buffered client-side until commit).
@@ -431,6 +427,14 @@ impl KvEngine for FdbEngine {
                 // backoff, then again with the fences read anew. Other errors end here.
                 Err(e) => trx = e.on_error().await.map_err(fdb_error)?,
             }
+        }
+    }
+
+    /// [`LIMITS`], with the root prefix counted against the key limit.
+    fn limits(&self) -> BatchLimits {
+        BatchLimits {
+            max_key_bytes: MAX_KEY_BYTES.saturating_sub(self.root.len()),
+            ..LIMITS
         }
     }
 }

@@ -10,8 +10,8 @@
 //! | `convs` | `("convs", user, conv)` | the user's conversations: empty while a member, else the seq of its `member_removed` (u64 LE) |
 //! | `head` | `("head", conv)` | highest seq (u64 LE) |
 //! | `ev` | `("ev", conv, seq)` | the event (`courier.v1.Event`, protobuf) |
-//! | `idem` | `("idem", conv, user, device, client_msg_id)` | the first outcome of a client's send (`IdempotencyRecord`) |
-//! | `sidem` | `("sidem", conv, key)` | the first outcome of a server-made append (a delete's target, a membership request) |
+//! | `idem` | `("idem", conv, user, device, client_msg_id)` | the first outcome of a client's send (`IdempotencyRecord`); cleared by retention after the idempotency window |
+//! | `sidem` | `("sidem", conv, key)` | the first outcome of a server-made append (a delete's target, a membership request); cleared likewise |
 //! | `cur` | `("cur", user, device, conv)` | the device's delivered cursor (u64 LE, atomic MAX) |
 //! | `rcpt` | `("rcpt", conv, user, kind)` | the user's delivered/read cursor (u64 LE, atomic MAX) |
 //! | `ob` | `("ob", shard, versionstamp)` | outbox: events committed, not yet fanned out |
@@ -242,6 +242,16 @@ impl Keys {
     /// id can collide with it.
     pub fn server_idempotency(&self, conv: &str, key: &str) -> Vec<u8> {
         self.root.pack(&("sidem", conv, key))
+    }
+
+    /// Every idempotency record of client sends.
+    pub fn idempotency_records(&self) -> Range<Vec<u8>> {
+        range_of(self.root.subspace(&("idem",)))
+    }
+
+    /// Every idempotency record of server-made appends.
+    pub fn server_idempotency_records(&self) -> Range<Vec<u8>> {
+        range_of(self.root.subspace(&("sidem",)))
     }
 
     pub fn cursor(&self, user: &str, device: &str, conv: &str) -> Vec<u8> {

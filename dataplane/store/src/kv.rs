@@ -211,6 +211,10 @@ pub trait KvEngine: Send + Sync + 'static {
     /// Applies `batch` atomically and durably after checking its fences. Returns the commit's
     /// stamp; later commits have larger stamps.
     async fn commit(&self, batch: Batch) -> Result<CommitStamp, StoreError>;
+
+    /// What one batch may hold: `commit` refuses larger batches with [`StoreError::TooLarge`],
+    /// so writers that may produce large batches split their work by it.
+    fn limits(&self) -> BatchLimits;
 }
 
 /// Reads a little-endian `u64` as written by [`Mutation::Max`]/[`Mutation::Add`]; shorter

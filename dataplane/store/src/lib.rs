@@ -25,5 +25,5 @@ pub use membership::{MemberRecord, UserConversation, Visibility};
 pub use message_store::{
     Append, AppendKey, AppendOutcome, AppendRefused, AppendResult, ConversationRecord,
     DeviceRecord, HeadCache, MediaAdmission, MediaRecord, MessageStore, NewConversation,
-    PendingPush, PushIntent, ShardLease,
+    PUSH_EXPANSION_BYTES, PendingPush, PushIntent, ShardLease,
 };

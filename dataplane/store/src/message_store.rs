@@ -2,7 +2,7 @@
 //! (dense per-conversation seq, idempotency, outbox), reads, cursors and receipts.
 
 use crate::keys::{Keys, ReceiptKind};
-use crate::kv::{Batch, KvEngine, Mutation, StoreError, decode_u64};
+use crate::kv::{Batch, BatchLimits, KvEngine, Mutation, StoreError, decode_u64};
 use crate::membership::{MemberRecord, UserConversation, encode_left_seq};
 use courier_proto::{Event, EventPayload, MembershipChange, Sender, pb};
 use prost::Message;
@@ -13,8 +13,19 @@ use std::sync::Arc;
 /// Attempts for a batch whose commit outcome was unknown before giving up.
 const MAX_COMMIT_ATTEMPTS: usize = 5;
 
+/// Rounds of a fenced device-record update before a concurrent writer's change is returned
+/// as `FenceChanged` (each round is one read and one commit of a single small key).
+const DEVICE_UPDATE_ATTEMPTS: usize = 5;
+
 /// Sanity bound on stored counts read back from the store.
 const MAX_SHARDS: u32 = 1 << 20;
+
+/// Idempotency records read (and expired ones cleared, in one commit) per step of expiry.
+const IDEMPOTENCY_PAGE: usize = 1024;
+
+/// Most bytes of pending notifications written in one commit while expanding push intents
+/// (lowered to the engine's batch limit): small commits, however many devices a group has.
+pub const PUSH_EXPANSION_BYTES: usize = 1 << 20;
 
 /// A conversation as stored.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -28,12 +39,14 @@ pub struct ConversationRecord {
     pub created_ms: u64,
 }
 
-/// A device of a user.
+/// A device of a user. It is linked until it is unlinked, and linked again by signing in with
+/// a token issued after its last unlink.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct DeviceRecord {
     #[prost(uint64, tag = "1")]
     pub last_seen_ms: u64,
-    /// When the device was unlinked (0: linked). Tokens issued before are refused.
+    /// Tokens issued (`iat`) at or before this time are refused (0: never unlinked). An unlink
+    /// sets it to its time, or to `token_issued_ms` if later (an issuer's clock running ahead).
     #[prost(uint64, tag = "2")]
     pub unlinked_ms: u64,
     /// `"fcm"`, `"apns"` or `"webhook"`; empty without push.
@@ -41,6 +54,22 @@ pub struct DeviceRecord {
     pub push_provider: String,
     #[prost(string, tag = "4")]
     pub push_token: String,
+    /// The `iat` of the newest token the device has signed in with (0: none had one).
+    #[prost(uint64, tag = "5")]
+    pub token_issued_ms: u64,
+}
+
+impl DeviceRecord {
+    /// Whether the device is linked: never unlinked, or signed in since with a newer token.
+    pub fn is_linked(&self) -> bool {
+        self.unlinked_ms == 0 || self.token_issued_ms > self.unlinked_ms
+    }
+
+    /// Whether a token issued at `issued_at_ms` is honoured: only tokens issued after the last
+    /// unlink are.
+    pub fn accepts(&self, issued_at_ms: u64) -> bool {
+        self.unlinked_ms == 0 || issued_at_ms > self.unlinked_ms
+    }
 }
 
 /// One user's upload (the bytes live in object storage under their sha256, shared by every
@@ -90,6 +119,8 @@ pub struct PendingPush {
     /// Messages it stands for.
     #[prost(uint32, tag = "1")]
     pub count: u32,
+    /// The latest message counted; an intent at or below it was counted already (by an
+    /// expansion that failed before clearing it).
     #[prost(uint64, tag = "2")]
     pub last_seq: u64,
     #[prost(string, tag = "3")]
@@ -153,16 +184,57 @@ pub struct Append {
 }
 
 impl Append {
-    /// Bytes this append adds to a batch, roughly: what group commit bounds.
+    /// Bytes of keys and values this append writes, roughly: the encoded event twice (the
+    /// event and its outbox entry), a small record (key and value, with the append's ids) for
+    /// its idempotency record, push intent, head and media reference, and three keys per
+    /// membership it changes. Group commit keeps the sum of a batch under the engine's limit by
+    /// it; a batch that is too large all the same is split by the sequencer.
     pub fn approximate_size(&self) -> usize {
-        let body = match &self.payload {
-            EventPayload::Message { body, .. } => body.as_ref().map_or(0, |b| match b {
-                courier_proto::Body::Text(t) => t.len(),
-                courier_proto::Body::Media(m) => 64 + m.media_id.len() + m.mime.len(),
-            }),
-            _ => 64,
+        /// Tuple framing and subspace name of a key, with a small value (u64, short record).
+        const RECORD: usize = 64;
+        let conv = self.conversation_id.len();
+        // Membership, the user's conversation list and group count.
+        let member = |user: &String| 2 * conv + 3 * user.len() + RECORD;
+        let (payload, records, members) = match &self.payload {
+            EventPayload::Message {
+                body,
+                client_msg_id,
+                ..
+            } => {
+                let body = match body {
+                    Some(courier_proto::Body::Text(text)) => text.len(),
+                    Some(courier_proto::Body::Media(m)) => {
+                        m.media_id.len()
+                            + m.mime.len()
+                            + m.sha256.len()
+                            + m.name.as_ref().map_or(0, String::len)
+                            + m.caption.as_ref().map_or(0, String::len)
+                    }
+                    None => 0,
+                };
+                // Idempotency record, push intent, head, media reference.
+                (client_msg_id.len() + body, 4, 0)
+            }
+            // Head, and the target rewritten without its body.
+            EventPayload::Delete { .. } => (0, 2, 0),
+            // Head, conversation record.
+            EventPayload::GroupCreated { name, members } => (
+                name.len() + members.iter().map(String::len).sum::<usize>(),
+                2,
+                members.iter().map(member).sum(),
+            ),
+            // Head; the users named twice (`users` and, for one, `user`).
+            EventPayload::MemberAdded(change) | EventPayload::MemberRemoved(change) => (
+                2 * change.users.iter().map(String::len).sum::<usize>(),
+                1,
+                change.users.iter().map(member).sum(),
+            ),
         };
-        256 + body
+        let created = self.create.as_ref().map_or(0, |c| {
+            RECORD + c.name.len() + c.members.iter().map(member).sum::<usize>()
+        });
+        let record = RECORD + self.sender.user.len() + self.sender.device.len() + conv;
+        2 * (record + payload) + records * record + members + created
     }
 }
 
@@ -191,11 +263,40 @@ pub struct AppendOutcome {
     pub duplicate: bool,
 }
 
-/// Heads of the conversations a shard owner has touched. Authoritative while the owner holds
-/// its lease, so appends need not read heads back.
-#[derive(Debug, Default)]
+/// Heads of the conversations a shard owner has touched, at most `capacity` of them: when
+/// full, the cache is emptied, and heads are read from the store again as their conversations
+/// are next appended to. Authoritative while the owner holds its lease, so appends need not
+/// read heads back.
+#[derive(Debug)]
 pub struct HeadCache {
     heads: HashMap<String, u64>,
+    capacity: usize,
+}
+
+/// Heads a [`HeadCache`] holds by default.
+const DEFAULT_CACHED_HEADS: usize = 1 << 16;
+
+impl Default for HeadCache {
+    fn default() -> Self {
+        Self::with_capacity(DEFAULT_CACHED_HEADS)
+    }
+}
+
+impl HeadCache {
+    /// A cache of at most `capacity` heads (at least one).
+    pub fn with_capacity(capacity: usize) -> Self {
+        Self {
+            heads: HashMap::new(),
+            capacity: capacity.max(1),
+        }
+    }
+
+    fn insert(&mut self, conv: &str, head: u64) {
+        if self.heads.len() >= self.capacity && !self.heads.contains_key(conv) {
+            self.heads.clear();
+        }
+        self.heads.insert(conv.to_owned(), head);
+    }
 }
 
 /// Membership records read or written by the batch being built, by (conversation, user):
@@ -296,6 +397,11 @@ impl MessageStore {
 
     pub fn keys(&self) -> &Keys {
         &self.keys
+    }
+
+    /// What one commit of the engine may hold.
+    pub fn batch_limits(&self) -> BatchLimits {
+        self.kv.limits()
     }
 
     /// The shard that orders `conversation_id`.
@@ -481,7 +587,7 @@ impl MessageStore {
             self.kv.commit(batch).await?;
         }
         for (conv, head) in new_heads {
-            heads.heads.insert(conv.to_owned(), head);
+            heads.insert(conv, head);
         }
         results
             .into_iter()
@@ -842,40 +948,81 @@ impl MessageStore {
             .collect()
     }
 
-    /// Writes a device record as given.
-    pub async fn put_device(
+    /// Changes a device record by a read-modify-write fenced on the value read, so that no
+    /// concurrent change is lost (a reconnect's last-seen cannot undo an unlink). `change` gets
+    /// the current record (`None`: there is none) and returns the new one, or `None` to leave it;
+    /// after a concurrent change it runs again on the new value. Returns the record `change` was
+    /// last given. An unknown commit outcome is returned as is.
+    pub async fn update_device(
         &self,
         user: &str,
         device: &str,
-        record: &DeviceRecord,
-    ) -> Result<(), StoreError> {
-        let mut batch = Batch::new();
-        batch.set(self.keys.device(user, device), record.encode_to_vec());
-        self.kv.commit(batch).await.map(drop)
+        change: impl Fn(Option<&DeviceRecord>) -> Option<DeviceRecord>,
+    ) -> Result<Option<DeviceRecord>, StoreError> {
+        self.update_device_clearing(user, device, change, None)
+            .await
     }
 
-    /// Unlinks a device: its record says when (tokens issued before are refused), its push
-    /// registration and its delivered cursors are dropped.
+    /// [`Self::update_device`], also clearing `clear` in the same commit when it writes.
+    async fn update_device_clearing(
+        &self,
+        user: &str,
+        device: &str,
+        change: impl Fn(Option<&DeviceRecord>) -> Option<DeviceRecord>,
+        clear: Option<Range<Vec<u8>>>,
+    ) -> Result<Option<DeviceRecord>, StoreError> {
+        let key = self.keys.device(user, device);
+        let mut attempt = 1;
+        loop {
+            let stored = self.kv.get(&key).await?;
+            let current = stored
+                .as_deref()
+                .map(DeviceRecord::decode)
+                .transpose()
+                .map_err(|e| corrupt(&key, e))?;
+            let Some(next) = change(current.as_ref()) else {
+                return Ok(current);
+            };
+            let mut batch = Batch::new();
+            batch
+                .fence(key.clone(), stored)
+                .set(key.clone(), next.encode_to_vec());
+            if let Some(range) = &clear {
+                batch.clear_range(range.clone());
+            }
+            match self.kv.commit(batch).await {
+                Ok(_) => return Ok(current),
+                Err(StoreError::FenceChanged { .. }) if attempt < DEVICE_UPDATE_ATTEMPTS => {
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Unlinks a linked device: tokens issued until now (and any it has used) are refused,
+    /// its push registration and its delivered cursors are dropped. Returns whether it was
+    /// linked (otherwise nothing changes).
     pub async fn unlink_device(
         &self,
         user: &str,
         device: &str,
         now_ms: u64,
-    ) -> Result<(), StoreError> {
-        let record = DeviceRecord {
-            last_seen_ms: self
-                .device(user, device)
-                .await?
-                .map_or(0, |d| d.last_seen_ms),
-            unlinked_ms: now_ms,
-            push_provider: String::new(),
-            push_token: String::new(),
+    ) -> Result<bool, StoreError> {
+        let unlink = |record: Option<&DeviceRecord>| {
+            let record = record.filter(|r| r.is_linked())?;
+            Some(DeviceRecord {
+                unlinked_ms: now_ms.max(record.token_issued_ms).max(record.unlinked_ms),
+                push_provider: String::new(),
+                push_token: String::new(),
+                ..record.clone()
+            })
         };
-        let mut batch = Batch::new();
-        batch
-            .set(self.keys.device(user, device), record.encode_to_vec())
-            .clear_range(self.keys.cursors(user, device));
-        self.kv.commit(batch).await.map(drop)
+        let cursors = self.keys.cursors(user, device);
+        let before = self
+            .update_device_clearing(user, device, unlink, Some(cursors))
+            .await?;
+        Ok(before.is_some_and(|r| r.is_linked()))
     }
 
     /// Records an upload (its bytes are already stored) and charges its size to its owner,
@@ -1005,6 +1152,44 @@ impl MessageStore {
             .collect()
     }
 
+    /// Clears the idempotency records in `records` (a subspace of records of first outcomes,
+    /// such as [`Keys::idempotency_records`]) written at or before `cutoff_ms`, a page per
+    /// commit; returns how many. A retry whose record is gone is sequenced as a new event. A
+    /// record that does not decode is logged and left in place.
+    pub async fn expire_idempotency_records(
+        &self,
+        mut records: Range<Vec<u8>>,
+        cutoff_ms: u64,
+    ) -> Result<u64, StoreError> {
+        let mut cleared = 0;
+        loop {
+            let page = self
+                .kv
+                .range(records.clone(), IDEMPOTENCY_PAGE, false)
+                .await?;
+            let mut batch = Batch::new();
+            for (key, value) in &page {
+                match IdempotencyRecord::decode(value.as_slice()) {
+                    Ok(record) if record.ts_ms <= cutoff_ms => {
+                        batch.clear(key.clone());
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::error!(error = %corrupt(key, e), "idempotency record kept"),
+                }
+            }
+            if !batch.is_empty() {
+                cleared += batch.mutations.len() as u64;
+                self.kv.commit(batch).await?;
+            }
+            match page.last() {
+                Some((last, _)) if page.len() == IDEMPOTENCY_PAGE => {
+                    records.start = last.iter().copied().chain([0]).collect();
+                }
+                _ => return Ok(cleared),
+            }
+        }
+    }
+
     /// The oldest push intents of `shard`.
     pub async fn push_intents(
         &self,
@@ -1059,22 +1244,34 @@ impl MessageStore {
             .await
     }
 
-    /// Turns the push intents of `shard` up to `last` into pending notifications, in one
-    /// commit: a crash before it expands them again, after it they are pending.
+    /// Turns the push intents `first..=last` of one shard into pending notifications, written
+    /// in commits of at most [`PUSH_EXPANSION_BYTES`] (and the engine's batch limit); the last
+    /// commit also clears the intents, so an intent is cleared only once all its notifications
+    /// are written. A failure or crash midway leaves the intents to be expanded again, over
+    /// notifications already written: the caller counts a message once per notification (by
+    /// its seq, see [`PendingPush::last_seq`]).
     pub async fn expand_push_intents(
         &self,
         first: &[u8],
         last: &[u8],
         pending: &[((String, String, String), PendingPush)],
     ) -> Result<(), StoreError> {
-        let mut batch = Batch::new();
-        batch.clear_range(through(first, last));
+        let intents = through(first, last);
+        let room = PUSH_EXPANSION_BYTES
+            .min(self.kv.limits().max_batch_bytes)
+            .saturating_sub(intents.start.len() + intents.end.len());
+        let (mut batch, mut bytes) = (Batch::new(), 0);
         for ((user, device, conv), push) in pending {
-            batch.set(
-                self.keys.pending_push(user, device, conv),
-                push.encode_to_vec(),
-            );
+            let key = self.keys.pending_push(user, device, conv);
+            let value = push.encode_to_vec();
+            if bytes + key.len() + value.len() > room && !batch.is_empty() {
+                self.kv.commit(std::mem::take(&mut batch)).await?;
+                bytes = 0;
+            }
+            bytes += key.len() + value.len();
+            batch.set(key, value);
         }
+        batch.clear_range(intents);
         self.kv.commit(batch).await.map(drop)
     }
 
@@ -1095,20 +1292,6 @@ impl MessageStore {
         self.kv.commit(batch).await.map(drop)
     }
 
-    /// Records a device's push registration (`provider` empty: none).
-    pub async fn set_push_token(
-        &self,
-        user: &str,
-        device: &str,
-        provider: &str,
-        token: &str,
-    ) -> Result<(), StoreError> {
-        let mut record = self.device(user, device).await?.unwrap_or_default();
-        record.push_provider = provider.to_owned();
-        record.push_token = token.to_owned();
-        self.put_device(user, device, &record).await
-    }
-
     /// The delivered cursor of one device in one conversation (0 when it has none).
     pub async fn device_cursor(
         &self,
@@ -1125,7 +1308,7 @@ impl MessageStore {
             return Ok(h);
         }
         let head = self.head(conv).await?;
-        heads.heads.insert(conv.to_owned(), head);
+        heads.insert(conv, head);
         Ok(head)
     }
 
@@ -1430,6 +1613,11 @@ mod tests {
         assert!(store.events("d:1", 0, 10).await.unwrap().is_empty());
     }
 
+    /// The outcome of the first append of a batch that must succeed.
+    fn first(results: Result<Vec<AppendResult>, StoreError>) -> AppendOutcome {
+        results.unwrap().into_iter().next().unwrap().unwrap()
+    }
+
     fn appended(results: Vec<AppendResult>) -> Vec<u64> {
         results.into_iter().map(|r| r.unwrap().seq).collect()
     }
@@ -1594,6 +1782,34 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_head_cache_stays_bounded_and_heads_are_read_again_after_eviction() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir).await;
+        let lease = store.acquire_shards(&[0]).await.unwrap()[0];
+        let convs: Vec<String> = (0..)
+            .map(|i| format!("d:{i}"))
+            .filter(|c| store.shard_of(c) == 0)
+            .take(5)
+            .collect();
+        let mut heads = HeadCache::with_capacity(2);
+        for round in 1..=2 {
+            for conv in &convs {
+                let out = first(
+                    store
+                        .append(
+                            lease,
+                            &mut heads,
+                            &[message(conv, "p", &format!("m{round}"))],
+                        )
+                        .await,
+                );
+                assert_eq!(out.seq, round, "{conv}");
+                assert!(heads.heads.len() <= 2, "{} heads cached", heads.heads.len());
+            }
+        }
+    }
+
+    #[tokio::test]
     async fn server_keys_and_client_ids_never_collide() {
         let dir = tempfile::tempdir().unwrap();
         let store = store(&dir).await;
@@ -1626,6 +1842,55 @@ mod tests {
             store.event("d:1", 1).await.unwrap().unwrap().payload,
             EventPayload::Message { deleted: true, .. }
         ));
+    }
+
+    #[tokio::test]
+    async fn idempotency_records_expire_after_their_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir).await;
+        let lease = store
+            .acquire_shards(&[store.shard_of("d:1")])
+            .await
+            .unwrap()[0];
+        let mut heads = HeadCache::default();
+        let sent = first(
+            store
+                .append(lease, &mut heads, &[message("d:1", "p", "a")])
+                .await,
+        );
+        let records = store.keys().idempotency_records();
+        let before = sent.ts_ms - 1;
+        assert_eq!(
+            store
+                .expire_idempotency_records(records.clone(), before)
+                .await
+                .unwrap(),
+            0,
+            "younger than the window: kept"
+        );
+        let retry = first(
+            store
+                .append(lease, &mut heads, &[message("d:1", "p", "a")])
+                .await,
+        );
+        assert_eq!((retry.seq, retry.duplicate), (1, true));
+        assert_eq!(
+            store
+                .expire_idempotency_records(records, sent.ts_ms)
+                .await
+                .unwrap(),
+            1
+        );
+        let late = first(
+            store
+                .append(lease, &mut heads, &[message("d:1", "p", "a")])
+                .await,
+        );
+        assert_eq!(
+            (late.seq, late.duplicate),
+            (2, false),
+            "a retry after the window is a new message"
+        );
     }
 
     #[tokio::test]

@@ -1,0 +1,100 @@
+//! A test engine: the embedded engine behind a switchable fault and a switchable batch limit,
+//! so that tests reach the error paths of the roles above the store (unknown commit outcomes,
+//! an overloaded engine, one shard's writes failing, batches over the engine's limit).
+
+use async_trait::async_trait;
+use courier_store::embedded::EmbeddedEngine;
+use courier_store::kv::{Batch, BatchLimits, CommitStamp, KeyValue};
+use courier_store::{KvEngine, MessageStore, StoreError};
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+
+/// Decides, per batch, whether its commit fails (and with what); the batch is then not applied.
+pub type Fault = Box<dyn Fn(&Batch) -> Option<StoreError> + Send + Sync>;
+
+pub struct FaultyEngine {
+    inner: EmbeddedEngine,
+    fault: Mutex<Option<Fault>>,
+    max_batch_bytes: Mutex<Option<usize>>,
+    _dir: tempfile::TempDir,
+}
+
+impl FaultyEngine {
+    /// A fresh engine in a temporary directory, without faults.
+    pub fn new() -> Arc<Self> {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let inner = EmbeddedEngine::open(&dir.path().join("store")).expect("embedded engine");
+        Arc::new(Self {
+            inner,
+            fault: Mutex::new(None),
+            max_batch_bytes: Mutex::new(None),
+            _dir: dir,
+        })
+    }
+
+    /// A message store over this engine.
+    pub async fn store(self: &Arc<Self>, shards: u32) -> MessageStore {
+        MessageStore::open(self.clone(), b"", shards)
+            .await
+            .expect("message store")
+    }
+
+    /// Fails the commits `fault` picks from now on (`None`: none).
+    pub fn set_fault(&self, fault: Option<Fault>) {
+        *self.fault.lock().unwrap() = fault;
+    }
+
+    /// Refuses batches above `bytes` from now on, and says so in [`KvEngine::limits`].
+    pub fn set_max_batch_bytes(&self, bytes: usize) {
+        *self.max_batch_bytes.lock().unwrap() = Some(bytes);
+    }
+}
+
+/// Whether `batch` writes or clears a key in `range`.
+pub fn touches(batch: &Batch, range: &Range<Vec<u8>>) -> bool {
+    use courier_store::kv::Mutation;
+    batch.mutations.iter().any(|m| match m {
+        Mutation::Set { key, .. }
+        | Mutation::Clear { key }
+        | Mutation::Max { key, .. }
+        | Mutation::Add { key, .. }
+        | Mutation::SetVersionstampedKey { key, .. } => range.contains(key),
+        Mutation::ClearRange { begin, end } => *begin < range.end && range.start < *end,
+    })
+}
+
+#[async_trait]
+impl KvEngine for FaultyEngine {
+    async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.get(key).await
+    }
+
+    async fn range(
+        &self,
+        range: Range<Vec<u8>>,
+        limit: usize,
+        reverse: bool,
+    ) -> Result<Vec<KeyValue>, StoreError> {
+        self.inner.range(range, limit, reverse).await
+    }
+
+    async fn commit(&self, batch: Batch) -> Result<CommitStamp, StoreError> {
+        batch.check(&self.limits())?;
+        if let Some(error) = self.fault.lock().unwrap().as_ref().and_then(|f| f(&batch)) {
+            return Err(error);
+        }
+        self.inner.commit(batch).await
+    }
+
+    fn limits(&self) -> BatchLimits {
+        let inner = self.inner.limits();
+        BatchLimits {
+            max_batch_bytes: self
+                .max_batch_bytes
+                .lock()
+                .unwrap()
+                .unwrap_or(inner.max_batch_bytes),
+            ..inner
+        }
+    }
+}
