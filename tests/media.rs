@@ -145,18 +145,23 @@ async fn same_bytes_are_stored_once_and_the_size_limit_is_enforced() {
     let bytes = pattern(50_000);
     let (_, first) = upload(&server, "alice", "application/pdf", bytes.clone()).await;
     let (_, second) = upload(&server, "bob", "application/pdf", bytes).await;
-    assert_eq!(first["media_id"], second["media_id"]);
+    assert_ne!(
+        first["media_id"], second["media_id"],
+        "each uploader's upload has its own id"
+    );
+    assert_eq!(first["sha256"], second["sha256"]);
     let blobs = std::fs::read_dir(dir.path().join("media/blobs"))
         .unwrap()
         .count();
     assert_eq!(blobs, 1, "content-addressed: one copy");
-    assert_eq!(
-        download(&server, "bob", first["media_id"].as_str().unwrap(), &[])
-            .await
-            .status(),
-        200,
-        "each uploader may read"
-    );
+    for (user, uploaded) in [("alice", &first), ("bob", &second)] {
+        let id = uploaded["media_id"].as_str().unwrap();
+        assert_eq!(
+            download(&server, user, id, &[]).await.status(),
+            200,
+            "each uploader may read"
+        );
+    }
 
     let (status, body) = upload(&server, "alice", "video/mp4", pattern(100_001)).await;
     assert_eq!((status, body["code"].as_str()), (413, Some("too_large")));
@@ -211,7 +216,9 @@ async fn unreferenced_media_is_swept_after_its_ttl() {
         .await
         .unwrap();
     let (_, lonely) = upload(&server, "alice", "image/png", pattern(20)).await;
+    let lonely_sha = lonely["sha256"].as_str().unwrap().to_owned();
     let lonely = lonely["media_id"].as_str().unwrap().to_owned();
+    assert!(dir.path().join("media/blobs").join(&lonely_sha).exists());
     // Restarted with a zero TTL, the sweeper finds the unreferenced upload expired.
     server.terminate();
     let server = Server::start_in(
@@ -238,7 +245,7 @@ async fn unreferenced_media_is_swept_after_its_ttl() {
         "referenced media stays"
     );
     assert!(
-        !dir.path().join("media/blobs").join(&lonely).exists(),
+        !dir.path().join("media/blobs").join(&lonely_sha).exists(),
         "its bytes are gone"
     );
 }
@@ -277,4 +284,209 @@ async fn signed_urls_download_without_a_token_until_they_expire() {
         .await
         .unwrap();
     assert_eq!(status, 404, "only readers get signed URLs");
+}
+
+/// Two messages of one conversation carry the same media id.
+async fn share_twice(server: &Server, uploaded: &serde_json::Value) -> (String, u64, u64) {
+    let mut alice = server.connect("alice", "phone").await;
+    alice.events_until_sync_done().await.unwrap();
+    let first = alice
+        .send(Target::User("bob".into()), "pic-1", media_body(uploaded))
+        .await
+        .unwrap();
+    let second = alice
+        .send(Target::User("bob".into()), "pic-2", media_body(uploaded))
+        .await
+        .unwrap();
+    (first.conversation_id, first.seq, second.seq)
+}
+
+#[tokio::test]
+async fn deleting_one_of_two_messages_sharing_media_keeps_it_for_the_other() {
+    let (_dir, server) = start(&[]);
+    let (_, uploaded) = upload(&server, "alice", "image/png", pattern(1000)).await;
+    let id = uploaded["media_id"].as_str().unwrap().to_owned();
+    let (conv, first, second) = share_twice(&server, &uploaded).await;
+    let mut alice = server.connect("alice", "phone").await;
+    alice.delete(&conv, first).await.unwrap();
+    assert_eq!(
+        download(&server, "bob", &id, &[]).await.status(),
+        200,
+        "the second message still shares the media"
+    );
+    alice.delete(&conv, second).await.unwrap();
+    assert_eq!(
+        download(&server, "bob", &id, &[]).await.status(),
+        404,
+        "no message shares it any more"
+    );
+}
+
+#[tokio::test]
+async fn trimming_the_older_of_two_messages_sharing_media_keeps_it_and_its_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let retention = ["--retention", "0s", "--retention-interval", "50ms"];
+    let mut server = Server::start_in(dir.path(), &retention);
+    let (_, uploaded) = upload(&server, "alice", "image/png", pattern(1000)).await;
+    let id = uploaded["media_id"].as_str().unwrap().to_owned();
+    let (conv, first, _) = share_twice(&server, &uploaded).await;
+    // Every device has the first message only: retention clears it and keeps the second.
+    for user in ["alice", "bob"] {
+        let mut client = server.connect(user, "phone").await;
+        client.ack(&conv, first, AckKind::Delivered).await.unwrap();
+        client.ping().await.unwrap();
+    }
+    wait_for_floor(&server, &conv, first + 1).await;
+    assert_eq!(
+        download(&server, "bob", &id, &[]).await.status(),
+        200,
+        "the retained message still shares the media"
+    );
+
+    // A sweep with a zero TTL (seen done by an unreferenced upload going) keeps the bytes.
+    let (_, lonely) = upload(&server, "alice", "image/png", pattern(20)).await;
+    let lonely = lonely["media_id"].as_str().unwrap().to_owned();
+    server.terminate();
+    let mut args = retention.to_vec();
+    args.extend([
+        "--media-unreferenced-ttl",
+        "0s",
+        "--media-sweep-interval",
+        "50ms",
+    ]);
+    let server = Server::start_in(dir.path(), &args);
+    wait_until_gone(&server, "alice", &lonely).await;
+    let kept = download(&server, "bob", &id, &[]).await;
+    assert_eq!(kept.status(), 200, "the sweeper kept the shared media");
+    assert_eq!(
+        kept.bytes().await.unwrap().as_ref(),
+        pattern(1000).as_slice()
+    );
+}
+
+/// Waits until retention has moved the floor of `conv` to `floor`.
+async fn wait_for_floor(server: &Server, conv: &str, floor: u64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let (_, body) = server
+            .http("alice", "phone")
+            .get(&format!("/v1/conversations/{conv}/messages"))
+            .await
+            .unwrap();
+        if body["floor_seq"] == floor {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "retention did not trim to {floor}: {body}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until `user` can no longer download `id` (the sweeper removed it).
+async fn wait_until_gone(server: &Server, user: &str, id: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while download(server, user, id, &[]).await.status() != 404 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the sweeper did not run"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_reupload_of_the_same_bytes_does_not_change_the_type_served_to_others() {
+    let (_dir, server) = start(&[]);
+    let bytes = pattern(500);
+    let (_, photo) = upload(&server, "alice", "image/png", bytes.clone()).await;
+    let id = photo["media_id"].as_str().unwrap().to_owned();
+    let mut alice = server.connect("alice", "phone").await;
+    alice
+        .send(Target::User("bob".into()), "pic", media_body(&photo))
+        .await
+        .unwrap();
+    // Mallory knows the bytes and uploads them again as HTML.
+    let (status, page) = upload(&server, "mallory", "text/html", bytes.clone()).await;
+    assert_eq!(status, 201);
+    assert_eq!(page["mime"], "text/html");
+    let (_, again) = upload(&server, "alice", "text/html", bytes).await;
+    assert_eq!(again["mime"], "text/html", "alice's own upload as HTML");
+
+    let served = download(&server, "bob", &id, &[]).await;
+    assert_eq!(served.status(), 200);
+    assert_eq!(
+        served.headers()["content-type"],
+        "image/png",
+        "bob gets the type of the upload the message names"
+    );
+    assert_eq!(
+        download(&server, "alice", &id, &[]).await.headers()["content-type"],
+        "image/png"
+    );
+    let mallorys = page["media_id"].as_str().unwrap();
+    assert_eq!(
+        download(&server, "bob", mallorys, &[]).await.status(),
+        404,
+        "mallory's upload is hers alone"
+    );
+}
+
+#[tokio::test]
+async fn uploads_beyond_the_per_user_quota_are_refused() {
+    let (_dir, server) = start(&["--media-quota-per-user", "3000"]);
+    let (status, first) = upload(&server, "alice", "image/png", pattern(2000)).await;
+    assert_eq!(status, 201, "{first}");
+    let (status, again) = upload(&server, "alice", "image/png", pattern(2000)).await;
+    assert_eq!(
+        (status, &again["media_id"]),
+        (201, &first["media_id"]),
+        "the same upload again costs nothing more"
+    );
+    let (status, refused) = upload(&server, "alice", "image/jpeg", pattern(1001)).await;
+    assert_eq!((status, refused["code"].as_str()), (413, Some("too_large")));
+    let message = refused["message"].as_str().unwrap();
+    assert!(message.contains("quota"), "{message}");
+    let (status, _) = upload(&server, "alice", "image/jpeg", pattern(1000)).await;
+    assert_eq!(status, 201, "up to the quota exactly");
+    let (status, _) = upload(&server, "bob", "image/png", pattern(2000)).await;
+    assert_eq!(status, 201, "the quota is per user");
+}
+
+#[tokio::test]
+async fn media_is_served_only_to_members_who_may_read_the_message_sharing_it() {
+    let (_dir, server) = start(&[]);
+    let (_, uploaded) = upload(&server, "alice", "image/png", pattern(300)).await;
+    let id = uploaded["media_id"].as_str().unwrap().to_owned();
+    let admin = server.http("alice", "phone");
+    let group = admin.create_group("g", &["bob".to_owned()]).await.unwrap();
+    let mut alice = server.connect("alice", "phone").await;
+    alice
+        .send(
+            Target::Conversation(group.clone()),
+            "pic",
+            media_body(&uploaded),
+        )
+        .await
+        .unwrap();
+    admin
+        .add_members(&group, &["carol".to_owned()])
+        .await
+        .unwrap();
+    assert_eq!(
+        download(&server, "carol", &id, &[]).await.status(),
+        404,
+        "carol joined after the message: she may not read it"
+    );
+    let (status, _) = admin
+        .delete(&format!("/v1/groups/{group}/members/bob"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(
+        download(&server, "bob", &id, &[]).await.status(),
+        200,
+        "bob may still read what was sent while he was a member"
+    );
 }

@@ -29,10 +29,18 @@ impl Server {
             || PathBuf::from(env!("CARGO_BIN_EXE_courier")),
             PathBuf::from,
         );
+        // The free-space watermarks are off unless a test sets them: a test machine's disk may
+        // be nearly full, and tests/full_disk.rs checks them on a disk of its own.
+        let watermarks: &[&str] = if extra_args.iter().any(|a| a.ends_with("min-free-disk")) {
+            &[]
+        } else {
+            &["--min-free-disk", "0", "--media-min-free-disk", "0"]
+        };
         let mut child = Command::new(binary)
             .arg("serve")
             .args(["--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
+            .args(watermarks)
             .args(extra_args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())

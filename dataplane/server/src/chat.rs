@@ -10,6 +10,7 @@ use crate::metrics::{Metrics, ScopeLabel};
 use crate::receipts::ReceiptRelay;
 use crate::routes::{Delivery, Routes};
 use crate::sequencer::{PendingAppend, Sequencer};
+use crate::storage_health::StorageHealth;
 use courier_proto::{
     AckKind, Body, Event, EventPayload, Receipt, Sender, ServerFrame, TypingNotice, ids,
 };
@@ -143,11 +144,13 @@ pub struct Chat {
     pub(crate) receipts: Arc<ReceiptRelay>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) limits: ChatLimits,
+    storage: Arc<StorageHealth>,
     user_sends: KeyedLimit,
     group_sends: KeyedLimit,
 }
 
 impl Chat {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         store: MessageStore,
         sequencer: Arc<dyn Sequencer>,
@@ -156,8 +159,10 @@ impl Chat {
         receipts: Arc<ReceiptRelay>,
         metrics: Arc<Metrics>,
         limits: ChatLimits,
+        storage: Arc<StorageHealth>,
     ) -> Self {
         Self {
+            storage,
             user_sends: KeyedLimit::new(limits.user_sends, "sends from this user"),
             group_sends: KeyedLimit::new(limits.group_sends, "sends to this group"),
             store,
@@ -224,8 +229,10 @@ impl Chat {
         result
     }
 
-    /// Refuses new sends while fanout is too far behind (nothing accepted is dropped).
+    /// Refuses new sends while fanout is too far behind (nothing accepted is dropped), or
+    /// storage cannot take them (low disk, halted store).
     fn check_backpressure(&self) -> Result<(), ApiError> {
+        self.storage.check_send()?;
         if self.metrics.fanout_backlog.get() > self.limits.fanout_backlog_limit {
             return Err(ApiError::unavailable(
                 "delivery is behind; retry shortly",

@@ -133,6 +133,10 @@ pub struct ServeConfig {
     /// the same `client_msg_id` after that is a new message.
     #[arg(long, env = "COURIER_IDEMPOTENCY_WINDOW", default_value = "7days", value_parser = humantime::parse_duration)]
     pub idempotency_window: Duration,
+    /// Sends get `unavailable`, and `/readyz` fails, while the embedded store's filesystem has
+    /// less free space than this (0: off); see `--media-min-free-disk` for uploads.
+    #[arg(long, env = "COURIER_MIN_FREE_DISK", default_value = "256MiB", value_parser = parse_bytes)]
+    pub min_free_disk: u64,
     #[command(flatten)]
     pub media: crate::media::MediaConfig,
     #[command(flatten)]
@@ -142,6 +146,30 @@ pub struct ServeConfig {
     /// How long draining may take on SIGTERM before the process exits anyway.
     #[arg(long, env = "COURIER_DRAIN_TIMEOUT", default_value = "25s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
+}
+
+/// Parses a byte count: a number, optionally followed by `KiB`, `MiB`, `GiB` or `TiB`
+/// (`256MiB`, `10GiB`, `1048576`).
+pub fn parse_bytes(value: &str) -> Result<u64, String> {
+    let value = value.trim();
+    let digits = value
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(value.len());
+    let (number, unit) = value.split_at(digits);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{value:?} is not a byte count such as 256MiB"))?;
+    let shift = match unit.trim() {
+        "" => 0,
+        "KiB" => 10,
+        "MiB" => 20,
+        "GiB" => 30,
+        "TiB" => 40,
+        other => return Err(format!("unknown unit {other:?}: use KiB, MiB, GiB or TiB")),
+    };
+    number
+        .checked_mul(1 << shift)
+        .ok_or_else(|| format!("{value} is too large"))
 }
 
 impl ServeConfig {
@@ -164,6 +192,11 @@ impl ServeConfig {
         anyhow::ensure!(
             self.fanout_workers >= 1,
             "--fanout-workers must be at least 1"
+        );
+        anyhow::ensure!(
+            self.media.media_min_free_disk >= self.min_free_disk,
+            "--media-min-free-disk must be at least --min-free-disk, so that uploads are \
+             refused before sends when the disk fills up"
         );
         if self.store == StoreKind::Fdb {
             anyhow::ensure!(
@@ -225,5 +258,21 @@ impl ServeConfig {
             queue_capacity: self.shard_queue,
             ..GroupCommitLimits::default()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_bytes;
+
+    #[test]
+    fn byte_counts_take_binary_units() {
+        assert_eq!(parse_bytes("1048576"), Ok(1 << 20));
+        assert_eq!(parse_bytes("256MiB"), Ok(256 << 20));
+        assert_eq!(parse_bytes("10 GiB"), Ok(10 << 30));
+        assert_eq!(parse_bytes("0"), Ok(0));
+        assert!(parse_bytes("10GB").is_err());
+        assert!(parse_bytes("MiB").is_err());
+        assert!(parse_bytes("99999999TiB").is_err());
     }
 }

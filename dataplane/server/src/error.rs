@@ -64,8 +64,8 @@ impl From<courier_proto::ids::InvalidId> for ApiError {
 /// - `unavailable` (with `retry_after_ms`): a retry with the same `client_msg_id` is safe and
 ///   resolves the outcome: the commit's outcome stayed unknown after the store's own retries
 ///   (the idempotency record tells the retry what landed), the engine is overloaded or failed
-///   (I/O, unreachable), a fence moved, the shard moved, the sequencer's queue is full or the
-///   send timed out;
+///   (I/O, unreachable) or halted (until a restart), a fence moved, the shard moved, the
+///   sequencer's queue is full or the send timed out;
 /// - `too_large`: what the client asked for alone exceeds an engine limit (a group commit that
 ///   is too large is split by the sequencer, never failed);
 /// - `internal`: stored data that does not decode: a bug or corruption.
@@ -82,6 +82,11 @@ impl From<StoreError> for ApiError {
                     100,
                 )
             }
+            // Logged once by the engine; the node fails its health checks and is restarted.
+            StoreError::Halted(_) => Self::unavailable(
+                "storage is unavailable; retry with the same client_msg_id",
+                1000,
+            ),
             StoreError::TooLarge(reason) => Self::new(ErrorCode::TooLarge, reason),
             StoreError::Corrupt { .. } => {
                 tracing::error!(error = %e, "storage error");
@@ -129,6 +134,10 @@ mod tests {
             (StoreError::MaybeCommitted, ErrorCode::Unavailable),
             (StoreError::Overloaded("x".into()), ErrorCode::Unavailable),
             (StoreError::Engine("I/O".into()), ErrorCode::Unavailable),
+            (
+                StoreError::Halted("disk full".into()),
+                ErrorCode::Unavailable,
+            ),
             (
                 StoreError::FenceChanged { key: Vec::new() },
                 ErrorCode::Unavailable,

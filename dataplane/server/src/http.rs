@@ -1,4 +1,6 @@
 //! HTTP: the WebSocket upgrade, the REST API of PROTOCOL.md, health, readiness and metrics.
+//! `/healthz` fails once the store has halted; `/readyz` also while starting, draining or low
+//! on disk ([`StorageHealth`]).
 //! Handlers are thin: they authenticate, then call the chat role.
 
 use crate::auth::{AuthError, Identity, TokenVerifier, bearer_token};
@@ -8,6 +10,7 @@ use crate::error::ApiError;
 use crate::gateway::Gateway;
 use crate::media::MediaService;
 use crate::metrics::Metrics;
+use crate::storage_health::StorageHealth;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
@@ -32,6 +35,7 @@ pub struct AppState {
     pub gateway: Arc<Gateway>,
     pub verifier: TokenVerifier,
     pub metrics: Arc<Metrics>,
+    pub storage: Arc<StorageHealth>,
     pub ready: AtomicBool,
 }
 
@@ -53,7 +57,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/devices", get(devices))
         .route("/v1/devices/me/push", axum::routing::put(register_push))
         .route("/v1/devices/{device}", delete(unlink_device))
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(state)
@@ -267,11 +271,24 @@ async fn unlink_device(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// 200 while serving, 503 while starting, draining, low on disk or with a halted store.
 async fn readyz(State(state): State<Arc<AppState>>) -> StatusCode {
-    if state.ready.load(Ordering::Acquire) {
+    if state.ready.load(Ordering::Acquire) && state.storage.ready() {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
+    }
+}
+
+/// 200 unless the store has halted: then only a restart helps.
+async fn healthz(State(state): State<Arc<AppState>>) -> (StatusCode, &'static str) {
+    if state.storage.alive() {
+        (StatusCode::OK, "ok")
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the store accepts no writes; restart the process",
+        )
     }
 }
 

@@ -28,6 +28,7 @@ mod retention;
 mod routes;
 mod sequencer;
 mod serve;
+mod storage_health;
 
 use clap::{Parser, Subcommand};
 

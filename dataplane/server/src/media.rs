@@ -2,26 +2,37 @@
 //! crate: the local filesystem under the data directory by default, any S3-compatible bucket by
 //! configuration), content-addressed by sha256 so the same bytes are stored once.
 //!
+//! - Each user's upload is its own record and id (derived from the uploader, the MIME type and
+//!   the sha256), so a re-upload of the same bytes by anyone never changes what another id
+//!   serves; the records share the stored bytes.
 //! - Uploads are streamed: hashed and written part by part, never held whole in memory; above
-//!   the size limit the upload is aborted and answered 413.
-//! - Access: the uploader, and members of a conversation in which a retained, undeleted message
-//!   references the media (the sender must own the media id when sending). Others get 404.
+//!   the size limit the upload is aborted and answered 413. Each user may keep a quota of
+//!   upload bytes (413 past it), charged when an upload is recorded and given back when the
+//!   sweeper forgets it. Uploads are refused (`unavailable`) while the disk is low
+//!   ([`StorageHealth`]), before sends are.
+//! - Access: the uploader, and whoever may read (by the membership rule) a retained,
+//!   undeleted message that shares the media (the sender must own the media id when sending).
+//!   Each message holds its own reference, so deleting or trimming one message leaves the
+//!   others' access intact. Others get 404.
 //! - Downloads stream too, with `Range` (206), `ETag` and `If-None-Match` (304).
 //! - Optional signed URLs: `?expires=<unix s>&signature=<hex HMAC-SHA256(secret, "<id>:<expires>")>`
 //!   download without a token until `expires` (for a CDN in front of Courier).
-//! - A sweeper deletes media that no message references once every upload of it is older than
-//!   the TTL; retention drops the references of the messages it clears.
+//! - A sweeper deletes media records that no message references once their latest upload is
+//!   older than the TTL, and the bytes once no record keeps them; retention drops the
+//!   references of the messages it clears.
 
 use crate::auth::Identity;
+use crate::chat::Chat;
 use crate::error::ApiError;
 use crate::fanout::now_ms;
 use crate::metrics::Metrics;
+use crate::storage_health::StorageHealth;
 use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use clap::Args;
 use courier_proto::ErrorCode;
-use courier_store::{MediaRecord, MessageStore, StoreError};
+use courier_store::{MediaAdmission, MediaRecord, MessageStore, StoreError};
 use futures::StreamExt;
 use hmac::{Hmac, Mac};
 use object_store::path::Path as ObjectPath;
@@ -41,9 +52,17 @@ pub struct MediaConfig {
     /// Largest upload in bytes (413 above).
     #[arg(long, env = "COURIER_MEDIA_MAX_BYTES", default_value_t = 100 * 1024 * 1024)]
     pub media_max_bytes: u64,
+    /// Bytes of media each user may keep uploaded (0: no quota); uploads past it get 413.
+    /// An upload counts until the sweeper deletes it.
+    #[arg(long, env = "COURIER_MEDIA_QUOTA_PER_USER", default_value = "10GiB", value_parser = crate::config::parse_bytes)]
+    pub media_quota_per_user: u64,
     /// Directory of media bytes (default: `<data-dir>/media`).
     #[arg(long, env = "COURIER_MEDIA_DIR")]
     pub media_dir: Option<PathBuf>,
+    /// Uploads get `unavailable` while the media directory's filesystem has less free space
+    /// than this (0: off); at least `--min-free-disk`, so uploads stop before sends.
+    #[arg(long, env = "COURIER_MEDIA_MIN_FREE_DISK", default_value = "1GiB", value_parser = crate::config::parse_bytes)]
+    pub media_min_free_disk: u64,
     /// Store media in this S3-compatible bucket instead; credentials, region and endpoint come
     /// from the usual `AWS_*` variables (`AWS_ENDPOINT` for non-AWS services).
     #[arg(long, env = "COURIER_MEDIA_S3_BUCKET")]
@@ -62,6 +81,20 @@ pub struct MediaConfig {
     pub media_url_ttl: Duration,
 }
 
+impl MediaConfig {
+    /// The local directory of media bytes; `None` when they live in a bucket.
+    pub fn local_dir(&self, data_dir: &std::path::Path) -> Option<PathBuf> {
+        if self.media_s3_bucket.is_some() {
+            return None;
+        }
+        Some(
+            self.media_dir
+                .clone()
+                .unwrap_or_else(|| data_dir.join("media")),
+        )
+    }
+}
+
 /// What an upload returns (`POST /v1/media`).
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Uploaded {
@@ -74,8 +107,11 @@ pub struct Uploaded {
 pub struct MediaService {
     objects: Arc<dyn ObjectStore>,
     store: MessageStore,
+    /// Who may read which message (media access follows it).
+    chat: Arc<Chat>,
     config: MediaConfig,
     metrics: Arc<Metrics>,
+    health: Arc<StorageHealth>,
 }
 
 fn storage_error(e: impl std::fmt::Display) -> ApiError {
@@ -94,34 +130,54 @@ fn too_large(limit: u64) -> ApiError {
     )
 }
 
+fn over_quota(quota: u64, used: u64) -> ApiError {
+    ApiError::new(
+        ErrorCode::TooLarge,
+        format!(
+            "media quota exceeded: each user may keep {quota} bytes of uploads and yours hold \
+             {used}; media no message references is deleted after a while"
+        ),
+    )
+}
+
+/// The id of `owner`'s upload of the bytes `sha256` as `mime`: the same upload again gets the
+/// same id, any other upload (another user, another type) its own.
+fn upload_id(owner: &str, mime: &str, sha256: &str) -> String {
+    let mut hash = Sha256::new();
+    for part in [owner, mime, sha256] {
+        hash.update(part.as_bytes());
+        hash.update([0]);
+    }
+    hex::encode(hash.finalize())
+}
+
 impl MediaService {
     /// Opens the configured object store (local directory or S3 bucket).
     pub fn open(
         config: MediaConfig,
         data_dir: &std::path::Path,
-        store: MessageStore,
+        chat: Arc<Chat>,
         metrics: Arc<Metrics>,
+        health: Arc<StorageHealth>,
     ) -> anyhow::Result<Arc<Self>> {
-        let objects: Arc<dyn ObjectStore> = match &config.media_s3_bucket {
-            Some(bucket) => Arc::new(
-                object_store::aws::AmazonS3Builder::from_env()
-                    .with_bucket_name(bucket)
-                    .build()?,
-            ),
-            None => {
-                let dir = config
-                    .media_dir
-                    .clone()
-                    .unwrap_or_else(|| data_dir.join("media"));
+        let objects: Arc<dyn ObjectStore> = match config.local_dir(data_dir) {
+            Some(dir) => {
                 std::fs::create_dir_all(&dir)?;
                 Arc::new(object_store::local::LocalFileSystem::new_with_prefix(&dir)?)
             }
+            None => Arc::new(
+                object_store::aws::AmazonS3Builder::from_env()
+                    .with_bucket_name(config.media_s3_bucket.clone().unwrap_or_default())
+                    .build()?,
+            ),
         };
         Ok(Arc::new(Self {
             objects,
-            store,
+            store: chat.store().clone(),
+            chat,
             config,
             metrics,
+            health,
         }))
     }
 
@@ -137,6 +193,7 @@ impl MediaService {
                 "Content-Type must be a MIME type such as image/jpeg",
             ));
         }
+        self.health.check_upload()?;
         let staging = ObjectPath::from(format!(
             "staging/{}",
             hex::encode(rand::random::<[u8; 16]>())
@@ -176,6 +233,24 @@ impl MediaService {
         }
         writer.finish().await.map_err(storage_error)?;
         let sha256 = hex::encode(hash.finalize());
+        let media_id = upload_id(&who.user, mime, &sha256);
+        let record = MediaRecord {
+            mime: mime.to_owned(),
+            size,
+            sha256: sha256.clone(),
+            created_ms: now_ms(),
+            owner: who.user.clone(),
+        };
+        // The quota is decided by the record's commit (the same upload again costs nothing),
+        // before the bytes are kept. Should keeping them fail, the record names missing bytes
+        // until the same upload is retried (same id) or the sweeper forgets it.
+        let quota = self.config.media_quota_per_user;
+        if let MediaAdmission::OverQuota { used } =
+            self.store.put_media(&media_id, &record, quota).await?
+        {
+            self.objects.delete(&staging).await.map_err(storage_error)?;
+            return Err(over_quota(quota, used));
+        }
         let blob = blob_path(&sha256);
         if self.objects.head(&blob).await.is_ok() {
             self.objects.delete(&staging).await.map_err(storage_error)?;
@@ -185,33 +260,33 @@ impl MediaService {
                 .await
                 .map_err(storage_error)?;
         }
-        let record = MediaRecord {
-            mime: mime.to_owned(),
-            size,
-            sha256: sha256.clone(),
-            created_ms: now_ms(),
-        };
-        self.store.put_media(&sha256, &record, &who.user).await?;
         self.metrics.media_uploaded_bytes.inc_by(size);
         Ok(Uploaded {
-            media_id: sha256.clone(),
+            media_id,
             mime: record.mime,
             size,
             sha256,
         })
     }
 
-    /// The record of media `id` if `user` may read it: its uploader, or a member of a
-    /// conversation that references it. 404 otherwise, so ids cannot be probed.
+    /// The record of media `id` if `user` may read it: its uploader, or a user who may read a
+    /// message sharing it (current or former member, by the membership rule). 404 otherwise,
+    /// so ids cannot be probed.
     pub async fn readable(&self, user: &str, id: &str) -> Result<MediaRecord, ApiError> {
         let not_found = || ApiError::not_found(format!("no media {id}"));
         courier_proto::ids::media_id(id).map_err(|_| not_found())?;
         let record = self.store.media(id).await?.ok_or_else(not_found)?;
-        if self.store.is_media_owner(id, user).await? {
+        if record.owner == user {
             return Ok(record);
         }
-        for conv in self.store.media_references(id).await? {
-            if self.store.is_member(&conv, user).await? {
+        for (conv, seq) in self.store.media_references(id).await? {
+            let readable = match self.chat.readable(&conv, user).await {
+                Ok(readable) => readable,
+                // A user who never belonged to `conv`.
+                Err(e) if matches!(e.code, ErrorCode::Forbidden | ErrorCode::NotFound) => continue,
+                Err(e) => return Err(e),
+            };
+            if readable.visibility().contains(seq) {
                 return Ok(record);
             }
         }
@@ -315,8 +390,8 @@ impl MediaService {
             .map_err(storage_error)
     }
 
-    /// Deletes media that no message references and that was uploaded more than the TTL ago.
-    /// Returns how many were deleted.
+    /// Deletes media records that no message references and that were uploaded more than the
+    /// TTL ago, and their bytes once no record keeps them. Returns how many were deleted.
     pub async fn sweep(&self) -> Result<u64, StoreError> {
         let cutoff = now_ms().saturating_sub(self.config.media_unreferenced_ttl.as_millis() as u64);
         let mut swept = 0;
@@ -327,21 +402,28 @@ impl MediaService {
                 return Ok(swept);
             };
             for id in page {
-                if !self.store.media_references(&id).await?.is_empty() {
+                let Some(record) = self.store.media(&id).await? else {
+                    continue;
+                };
+                if record.created_ms > cutoff || !self.store.media_references(&id).await?.is_empty()
+                {
                     continue;
                 }
-                let owners = self.store.media_owners(&id).await?;
-                if owners.iter().any(|(_, uploaded)| *uploaded > cutoff) {
+                match self.store.forget_media(&id, &record).await {
+                    // Uploaded again meanwhile: kept.
+                    Err(StoreError::FenceChanged { .. }) => continue,
+                    other => other?,
+                }
+                swept += 1;
+                if self.store.blob_in_use(&record.sha256).await? {
                     continue;
                 }
-                if let Err(e) = self.objects.delete(&blob_path(&id)).await
+                if let Err(e) = self.objects.delete(&blob_path(&record.sha256)).await
                     && !matches!(e, object_store::Error::NotFound { .. })
                 {
-                    tracing::warn!(media = %id, error = %e, "could not delete media bytes; will retry");
-                    continue;
+                    // The record is gone: these bytes are leaked, not lost.
+                    tracing::warn!(media = %id, error = %e, "could not delete media bytes");
                 }
-                self.store.forget_media(&id).await?;
-                swept += 1;
             }
             after = Some(last);
         }

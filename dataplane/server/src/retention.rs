@@ -155,7 +155,7 @@ impl Retention {
                     ..
                 } = event.payload
                 {
-                    media.push(m.media_id);
+                    media.push((m.media_id, event.seq));
                 }
             }
         }

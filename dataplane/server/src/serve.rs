@@ -15,6 +15,7 @@ use crate::receipts::ReceiptRelay;
 use crate::retention::Retention;
 use crate::routes::Routes;
 use crate::sequencer::{Listeners, LocalSequencer};
+use crate::storage_health::StorageHealth;
 use anyhow::Context;
 use courier_store::embedded::EmbeddedEngine;
 use courier_store::{KvEngine, MessageStore};
@@ -128,6 +129,13 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         metrics.clone(),
     )
     .start();
+    let storage = StorageHealth::new(
+        store.clone(),
+        (config.store == StoreKind::Embedded).then(|| config.data_dir.join(STORE_DIR)),
+        config.min_free_disk,
+        config.media.local_dir(&config.data_dir),
+        config.media.media_min_free_disk,
+    );
     let chat = Arc::new(Chat::new(
         store,
         sequencer,
@@ -136,6 +144,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         receipts,
         metrics.clone(),
         config.chat_limits(),
+        storage.clone(),
     ));
     let idle_chat = chat.clone();
     tokio::spawn(async move {
@@ -156,10 +165,12 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let media = MediaService::open(
         config.media.clone(),
         &config.data_dir,
-        chat.store().clone(),
+        chat.clone(),
         metrics.clone(),
+        storage.clone(),
     )?;
     media.start_sweeper();
+    storage.start();
     let state = Arc::new(AppState {
         chat,
         media,
@@ -167,6 +178,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         gateway,
         verifier,
         metrics,
+        storage,
         ready: AtomicBool::new(false),
     });
 

@@ -9,6 +9,13 @@
 //! others. The queue holds [`QUEUE_CAPACITY`] batches; when full, `commit` waits (backpressure
 //! reaches the caller as a slower commit, never as a lost write).
 //!
+//! **A failed write halts the engine.** When fjall cannot write or sync its journal (disk full,
+//! I/O error) it poisons the database: no later write is accepted, as what is on disk is in
+//! doubt. The engine then answers every commit [`StoreError::Halted`] (retry elsewhere or after
+//! a restart) and reports it through [`KvEngine::halted`], so the process fails its health
+//! checks and is restarted; reopening replays the journal and keeps every commit that returned
+//! `Ok`.
+//!
 //! **Versionstamps.** A persistent commit counter, bumped once per group and stored in the same
 //! transaction, plus the batch's position in its group: the same 10-byte layout as
 //! FoundationDB's, and increasing across restarts.
@@ -22,7 +29,7 @@ use fjall::{
 };
 use std::ops::Range;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use tokio::sync::{mpsc, oneshot};
 
 /// The engine's own bookkeeping, apart from the data.
@@ -53,6 +60,8 @@ struct CommitRequest {
 pub struct EmbeddedEngine {
     db: Arc<Store>,
     queue: mpsc::Sender<CommitRequest>,
+    /// Set, with the reason, by the writer when a commit fails; never cleared.
+    halted: Arc<OnceLock<String>>,
 }
 
 /// The database and its two keyspaces.
@@ -87,11 +96,17 @@ impl EmbeddedEngine {
         let store = Arc::new(Store { db, data, meta });
         let (queue, requests) = mpsc::channel(QUEUE_CAPACITY);
         let writer = store.clone();
+        let halted = Arc::new(OnceLock::new());
+        let writer_halted = halted.clone();
         std::thread::Builder::new()
             .name("courier-store-writer".into())
-            .spawn(move || write_loop(&writer, requests, version))
+            .spawn(move || write_loop(&writer, &writer_halted, requests, version))
             .map_err(engine_error)?;
-        Ok(Self { db: store, queue })
+        Ok(Self {
+            db: store,
+            queue,
+            halted,
+        })
     }
 }
 
@@ -148,6 +163,10 @@ impl KvEngine for EmbeddedEngine {
     fn limits(&self) -> BatchLimits {
         LIMITS
     }
+
+    fn halted(&self) -> Option<String> {
+        self.halted.get().cloned()
+    }
 }
 
 /// What one commit may hold: FoundationDB's key and value limits, so that both engines accept
@@ -159,7 +178,13 @@ pub const LIMITS: BatchLimits = BatchLimits {
 };
 
 /// The writer: takes what is queued, commits it as one transaction, answers each batch.
-fn write_loop(store: &Store, mut requests: mpsc::Receiver<CommitRequest>, mut version: u64) {
+/// Once a commit has failed (`halted` set), it answers every batch `Halted` without writing.
+fn write_loop(
+    store: &Store,
+    halted: &OnceLock<String>,
+    mut requests: mpsc::Receiver<CommitRequest>,
+    mut version: u64,
+) {
     let mut group = Vec::with_capacity(GROUP_MAX_BATCHES);
     while let Some(first) = requests.blocking_recv() {
         let mut bytes = first.batch.approximate_size();
@@ -173,6 +198,12 @@ fn write_loop(store: &Store, mut requests: mpsc::Receiver<CommitRequest>, mut ve
                 Err(_) => break,
             }
         }
+        if let Some(reason) = halted.get() {
+            for request in group.drain(..) {
+                let _ = request.reply.send(Err(StoreError::Halted(reason.clone())));
+            }
+            continue;
+        }
         version += 1;
         match commit_group(store, &group, version) {
             Ok(outcomes) => {
@@ -180,7 +211,18 @@ fn write_loop(store: &Store, mut requests: mpsc::Receiver<CommitRequest>, mut ve
                     let _ = request.reply.send(outcome);
                 }
             }
-            Err(e) => {
+            Err(GroupError::Commit(e)) => {
+                tracing::error!(
+                    error = %e,
+                    "the store could not write its journal (disk full or I/O error) and accepts \
+                     no more writes; restart the process once the cause is fixed"
+                );
+                let reason = halted.get_or_init(|| e.to_string());
+                for request in group.drain(..) {
+                    let _ = request.reply.send(Err(StoreError::Halted(reason.clone())));
+                }
+            }
+            Err(GroupError::Prepare(e)) => {
                 version -= 1;
                 tracing::error!(error = %e, "group commit failed");
                 for request in group.drain(..) {
@@ -198,13 +240,25 @@ fn stamp(version: u64, order: usize) -> CommitStamp {
     s
 }
 
+/// Why a group commit failed.
+#[derive(Debug, thiserror::Error)]
+enum GroupError {
+    /// Reading inside the transaction failed: nothing was written, the engine goes on.
+    #[error(transparent)]
+    Prepare(#[from] StoreError),
+    /// Writing or syncing the journal failed: fjall has poisoned the database, and whether
+    /// the group reached the disk is unknown.
+    #[error(transparent)]
+    Commit(fjall::Error),
+}
+
 /// One transaction for a group: per batch, check fences then apply; one durable commit.
-/// Returns each batch's outcome; `Err` when the transaction itself failed (nothing written).
+/// Returns each batch's outcome; `Err` when the transaction itself failed.
 fn commit_group(
     store: &Store,
     group: &[CommitRequest],
     version: u64,
-) -> Result<Vec<Result<CommitStamp, StoreError>>, StoreError> {
+) -> Result<Vec<Result<CommitStamp, StoreError>>, GroupError> {
     let mut txn = store.db.write_tx().durability(Some(COMMIT_PERSIST));
     let mut outcomes = Vec::with_capacity(group.len());
     for (order, request) in group.iter().enumerate() {
@@ -218,7 +272,7 @@ fn commit_group(
         });
     }
     txn.insert(&store.meta, COMMIT_VERSION, version.to_le_bytes().to_vec());
-    txn.commit().map_err(engine_error)?;
+    txn.commit().map_err(GroupError::Commit)?;
     Ok(outcomes)
 }
 

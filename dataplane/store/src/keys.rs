@@ -18,9 +18,10 @@
 //! | `floor` | `("floor", conv)` | lowest retained seq (u64 LE); events below were cleared |
 //! | `dev` | `("dev", user, device)` | the device (`DeviceRecord`: last seen, unlinked, push) |
 //! | `ngroups` | `("ngroups", user)` | groups the user belongs to (i64 LE, atomic ADD) |
-//! | `media` | `("media", id)` | uploaded media (`MediaRecord`: mime, size, sha256) |
-//! | `mown` | `("mown", id, user)` | who uploaded it, and when (u64 LE ms) |
-//! | `mref` | `("mref", id, conv)` | a message of `conv` references it (seq, u64 LE) |
+//! | `media` | `("media", id)` | one user's upload (`MediaRecord`: owner, mime, size, sha256, time) |
+//! | `mblob` | `("mblob", sha256, id)` | media record `id` keeps the bytes `sha256` (empty) |
+//! | `mbytes` | `("mbytes", user)` | bytes of the user's media records, for the quota (u64 LE) |
+//! | `mref` | `("mref", id, conv, seq)` | message `seq` of `conv` references it (empty); one per message |
 //! | `push` | `("push", shard, versionstamp)` | push intents: messages whose offline recipients are not yet notified |
 //! | `pushq` | `("pushq", user, device, conv)` | a pending, collapsed notification (`PendingPush`) |
 
@@ -156,29 +157,32 @@ impl Keys {
             .map(|(_, id)| id)
     }
 
-    pub fn media_owner(&self, id: &str, user: &str) -> Vec<u8> {
-        self.root.pack(&("mown", id, user))
+    pub fn blob_user(&self, sha256: &str, id: &str) -> Vec<u8> {
+        self.root.pack(&("mblob", sha256, id))
     }
 
-    pub fn media_owners(&self, id: &str) -> Range<Vec<u8>> {
-        range_of(self.root.subspace(&("mown", id)))
+    pub fn blob_users(&self, sha256: &str) -> Range<Vec<u8>> {
+        range_of(self.root.subspace(&("mblob", sha256)))
     }
 
-    pub fn media_reference(&self, id: &str, conv: &str) -> Vec<u8> {
-        self.root.pack(&("mref", id, conv))
+    pub fn media_usage(&self, user: &str) -> Vec<u8> {
+        self.root.pack(&("mbytes", user))
+    }
+
+    pub fn media_reference(&self, id: &str, conv: &str, seq: u64) -> Vec<u8> {
+        self.root.pack(&("mref", id, conv, seq))
     }
 
     pub fn media_references(&self, id: &str) -> Range<Vec<u8>> {
         range_of(self.root.subspace(&("mref", id)))
     }
 
-    /// The last string element of a key: the user of [`Keys::media_owners`], the conversation
-    /// of [`Keys::media_references`].
-    pub fn last_part(&self, key: &[u8]) -> Option<String> {
+    /// `(conv, seq)` of a key from [`Keys::media_references`].
+    pub fn media_reference_parts(&self, key: &[u8]) -> Option<(String, u64)> {
         self.root
-            .unpack::<(String, String, String)>(key)
+            .unpack::<(String, String, String, u64)>(key)
             .ok()
-            .map(|(_, _, last)| last)
+            .map(|(_, _, conv, seq)| (conv, seq))
     }
 
     /// A push-intent key of `shard`, completed with the commit's versionstamp.

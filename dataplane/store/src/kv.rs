@@ -178,12 +178,24 @@ pub enum StoreError {
     /// The engine failed (I/O, closed database, cluster unreachable).
     #[error("storage engine: {0}")]
     Engine(String),
+    /// The engine accepts no more writes until the process restarts: a write failed in a way
+    /// that leaves its state in doubt (the embedded engine on a full disk or an I/O error).
+    /// The failed commit's outcome is unknown; a retry with the same idempotency key after the
+    /// restart finds it if it landed.
+    #[error("the store accepts no writes until the process restarts: {0}")]
+    Halted(String),
 }
 
 /// An ordered key-value engine with FoundationDB's semantics. Implementations: the embedded
 /// engine (default) and FoundationDB (feature `fdb`); both pass [`crate::contract`].
 #[async_trait]
 pub trait KvEngine: Send + Sync + 'static {
+    /// Why the engine has halted ([`StoreError::Halted`] on every commit), `None` while it
+    /// accepts writes. Cheap: health checks call it on every probe.
+    fn halted(&self) -> Option<String> {
+        None
+    }
+
     /// The value of `key` in the latest committed state.
     async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
 

@@ -24,6 +24,6 @@ pub use kv::{Batch, CommitStamp, KvEngine, StoreError};
 pub use membership::{MemberRecord, UserConversation, Visibility};
 pub use message_store::{
     Append, AppendKey, AppendOutcome, AppendRefused, AppendResult, ConversationRecord,
-    DeviceRecord, HeadCache, MediaRecord, MessageStore, NewConversation, PUSH_EXPANSION_BYTES,
-    PendingPush, PushIntent, ShardLease,
+    DeviceRecord, HeadCache, MediaAdmission, MediaRecord, MessageStore, NewConversation,
+    PUSH_EXPANSION_BYTES, PendingPush, PushIntent, ShardLease,
 };

@@ -72,7 +72,9 @@ impl DeviceRecord {
     }
 }
 
-/// Uploaded media (the bytes live in object storage, under their sha256).
+/// One user's upload (the bytes live in object storage under their sha256, shared by every
+/// record of the same bytes). A record never changes but for `created_ms`, so the type served
+/// for an id is the one its uploader gave.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct MediaRecord {
     #[prost(string, tag = "1")]
@@ -81,8 +83,20 @@ pub struct MediaRecord {
     pub size: u64,
     #[prost(string, tag = "3")]
     pub sha256: String,
+    /// The latest upload of this record (the sweeper's TTL counts from it).
     #[prost(uint64, tag = "4")]
     pub created_ms: u64,
+    #[prost(string, tag = "5")]
+    pub owner: String,
+}
+
+/// What became of a media record put with [`MessageStore::put_media`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MediaAdmission {
+    /// Recorded (new, or the same upload again: then only its time moved, at no cost).
+    Recorded,
+    /// Refused: the owner's records already hold `used` bytes, and this one would pass the quota.
+    OverQuota { used: u64 },
 }
 
 /// A message whose offline recipients are to be notified; written in the same commit as the
@@ -374,6 +388,11 @@ impl MessageStore {
 
     pub fn shard_count(&self) -> u32 {
         self.shard_count
+    }
+
+    /// Why the engine accepts no more writes, if it has halted ([`KvEngine::halted`]).
+    pub fn halted(&self) -> Option<String> {
+        self.kv.halted()
     }
 
     pub fn keys(&self) -> &Keys {
@@ -742,10 +761,11 @@ impl MessageStore {
                 body: Some(courier_proto::Body::Media(media)),
                 ..
             } => {
-                // Members of the conversation may now download it.
+                // Members of the conversation may now download it, for as long as this
+                // message is retained and not deleted (each message holds its own reference).
                 batch.set(
-                    self.keys.media_reference(&media.media_id, conv),
-                    seq.to_le_bytes().to_vec(),
+                    self.keys.media_reference(&media.media_id, conv, seq),
+                    Vec::new(),
                 );
             }
             EventPayload::Message { .. } => {}
@@ -790,8 +810,12 @@ impl MessageStore {
                     let mut target = decode_event(&key, &value)?;
                     if let EventPayload::Message { body, deleted, .. } = &mut target.payload {
                         if let Some(courier_proto::Body::Media(media)) = body.take() {
-                            // Deleted for everyone: no longer served to the other members.
-                            batch.clear(self.keys.media_reference(&media.media_id, conv));
+                            // Deleted for everyone: this message no longer shares it.
+                            batch.clear(self.keys.media_reference(
+                                &media.media_id,
+                                conv,
+                                *target_seq,
+                            ));
                         }
                         *deleted = true;
                     }
@@ -1001,53 +1025,71 @@ impl MessageStore {
         Ok(before.is_some_and(|r| r.is_linked()))
     }
 
-    /// Records an upload by `user` (the bytes are already stored).
+    /// Records an upload (its bytes are already stored) and charges its size to its owner,
+    /// unless that would pass `quota` bytes (0: no quota). The same record again only moves its
+    /// time. Fenced on the record and the owner's usage, so concurrent uploads cannot pass the
+    /// quota together.
     pub async fn put_media(
         &self,
         id: &str,
         record: &MediaRecord,
-        user: &str,
-    ) -> Result<(), StoreError> {
-        let mut batch = Batch::new();
-        batch.set(self.keys.media(id), record.encode_to_vec()).set(
-            self.keys.media_owner(id, user),
-            record.created_ms.to_le_bytes().to_vec(),
-        );
-        self.kv.commit(batch).await.map(drop)
+        quota: u64,
+    ) -> Result<MediaAdmission, StoreError> {
+        let key = self.keys.media(id);
+        let usage_key = self.keys.media_usage(&record.owner);
+        for _ in 0..MAX_COMMIT_ATTEMPTS {
+            let stored = self.kv.get(&key).await?;
+            let mut batch = Batch::new();
+            batch
+                .fence(key.clone(), stored.clone())
+                .set(key.clone(), record.encode_to_vec());
+            if stored.is_none() {
+                let usage = self.kv.get(&usage_key).await?;
+                let used = usage.as_deref().map_or(0, decode_usage);
+                let total = used.saturating_add(record.size);
+                if quota > 0 && total > quota {
+                    return Ok(MediaAdmission::OverQuota { used });
+                }
+                batch
+                    .fence(usage_key.clone(), usage)
+                    .set(usage_key.clone(), total.to_le_bytes().to_vec())
+                    .set(self.keys.blob_user(&record.sha256, id), Vec::new());
+            }
+            match self.kv.commit(batch).await {
+                Err(StoreError::FenceChanged { .. }) => continue,
+                other => return other.map(|_| MediaAdmission::Recorded),
+            }
+        }
+        Err(StoreError::Overloaded(format!(
+            "media record {id} kept changing; retry"
+        )))
     }
 
     pub async fn media(&self, id: &str) -> Result<Option<MediaRecord>, StoreError> {
         self.record(self.keys.media(id)).await
     }
 
-    pub async fn is_media_owner(&self, id: &str, user: &str) -> Result<bool, StoreError> {
-        Ok(self
-            .kv
-            .get(&self.keys.media_owner(id, user))
-            .await?
-            .is_some())
+    /// Bytes of the media records `user` owns (what the upload quota counts).
+    pub async fn media_usage(&self, user: &str) -> Result<u64, StoreError> {
+        let value = self.kv.get(&self.keys.media_usage(user)).await?;
+        Ok(value.as_deref().map_or(0, decode_usage))
     }
 
-    /// Who uploaded media `id`, with the upload times.
-    pub async fn media_owners(&self, id: &str) -> Result<Vec<(String, u64)>, StoreError> {
+    pub async fn is_media_owner(&self, id: &str, user: &str) -> Result<bool, StoreError> {
+        Ok(self.media(id).await?.is_some_and(|m| m.owner == user))
+    }
+
+    /// Whether any media record keeps the bytes `sha256`.
+    pub async fn blob_in_use(&self, sha256: &str) -> Result<bool, StoreError> {
         let rows = self
             .kv
-            .range(self.keys.media_owners(id), usize::MAX, false)
+            .range(self.keys.blob_users(sha256), 1, false)
             .await?;
-        rows.iter()
-            .map(|(k, v)| {
-                Ok((
-                    self.keys
-                        .last_part(k)
-                        .ok_or_else(|| corrupt(k, "owner key"))?,
-                    decode_u64(v),
-                ))
-            })
-            .collect()
+        Ok(!rows.is_empty())
     }
 
-    /// The conversations with a retained, undeleted message referencing media `id`.
-    pub async fn media_references(&self, id: &str) -> Result<Vec<String>, StoreError> {
+    /// The retained, undeleted messages referencing media `id`, as `(conv, seq)` in order.
+    pub async fn media_references(&self, id: &str) -> Result<Vec<(String, u64)>, StoreError> {
         let rows = self
             .kv
             .range(self.keys.media_references(id), usize::MAX, false)
@@ -1055,32 +1097,40 @@ impl MessageStore {
         rows.iter()
             .map(|(k, _)| {
                 self.keys
-                    .last_part(k)
+                    .media_reference_parts(k)
                     .ok_or_else(|| corrupt(k, "reference key"))
             })
             .collect()
     }
 
-    /// Drops references to media from messages that retention cleared.
+    /// Drops the references of messages of `conv` that retention cleared: `(media id, seq)`.
     pub async fn clear_media_references(
         &self,
         conv: &str,
-        ids: &[String],
+        references: &[(String, u64)],
     ) -> Result<(), StoreError> {
         let mut batch = Batch::new();
-        for id in ids {
-            batch.clear(self.keys.media_reference(id, conv));
+        for (id, seq) in references {
+            batch.clear(self.keys.media_reference(id, conv, *seq));
         }
         self.kv.commit(batch).await.map(drop)
     }
 
-    /// Forgets media `id` entirely (its bytes are deleted by the caller).
-    pub async fn forget_media(&self, id: &str) -> Result<(), StoreError> {
+    /// Forgets media record `id`, as it was read (`record`), and gives its size back to its
+    /// owner's quota. `FenceChanged` when it was uploaded again meanwhile. The caller deletes
+    /// the bytes once no record keeps them ([`MessageStore::blob_in_use`]).
+    pub async fn forget_media(&self, id: &str, record: &MediaRecord) -> Result<(), StoreError> {
+        let key = self.keys.media(id);
         let mut batch = Batch::new();
         batch
-            .clear(self.keys.media(id))
-            .clear_range(self.keys.media_owners(id))
-            .clear_range(self.keys.media_references(id));
+            .fence(key.clone(), Some(record.encode_to_vec()))
+            .clear(key)
+            .clear_range(self.keys.media_references(id))
+            .clear(self.keys.blob_user(&record.sha256, id))
+            .add(
+                self.keys.media_usage(&record.owner),
+                -(record.size.min(i64::MAX as u64) as i64),
+            );
         self.kv.commit(batch).await.map(drop)
     }
 
@@ -1452,6 +1502,11 @@ impl MessageStore {
             None => Ok(None),
         }
     }
+}
+
+/// A user's media usage, written as u64 and lowered with signed ADDs: never below zero.
+fn decode_usage(value: &[u8]) -> u64 {
+    (decode_u64(value) as i64).max(0) as u64
 }
 
 fn decode_event(key: &[u8], value: &[u8]) -> Result<Event, StoreError> {
@@ -1842,5 +1897,55 @@ mod tests {
             (2, false),
             "a retry after the window is a new message"
         );
+    }
+
+    #[tokio::test]
+    async fn media_records_are_charged_to_their_owner_once_and_given_back_when_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir).await;
+        let record = |owner: &str, mime: &str| MediaRecord {
+            mime: mime.into(),
+            size: 600,
+            sha256: "ab".into(),
+            created_ms: 1,
+            owner: owner.into(),
+        };
+        let png = record("alice", "image/png");
+        assert_eq!(
+            store.put_media("m1", &png, 1000).await.unwrap(),
+            MediaAdmission::Recorded
+        );
+        let mut later = png.clone();
+        later.created_ms = 2;
+        assert_eq!(
+            store.put_media("m1", &later, 1000).await.unwrap(),
+            MediaAdmission::Recorded,
+            "the same upload again is free"
+        );
+        assert_eq!(store.media_usage("alice").await.unwrap(), 600);
+        assert_eq!(
+            store
+                .put_media("m2", &record("alice", "text/html"), 1000)
+                .await
+                .unwrap(),
+            MediaAdmission::OverQuota { used: 600 }
+        );
+        let bobs = record("bob", "image/png");
+        store.put_media("m3", &bobs, 1000).await.unwrap();
+        assert!(
+            matches!(
+                store.forget_media("m1", &png).await,
+                Err(StoreError::FenceChanged { .. })
+            ),
+            "a record uploaded again since it was read is kept"
+        );
+        store.forget_media("m1", &later).await.unwrap();
+        assert_eq!(store.media_usage("alice").await.unwrap(), 0);
+        assert!(
+            store.blob_in_use("ab").await.unwrap(),
+            "bob's record keeps the bytes"
+        );
+        store.forget_media("m3", &bobs).await.unwrap();
+        assert!(!store.blob_in_use("ab").await.unwrap());
     }
 }
