@@ -191,44 +191,7 @@ fn link(record: Option<&DeviceRecord>, issued: u64) -> Link {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use courier_store::embedded::EmbeddedEngine;
-    use courier_store::kv::KeyValue;
-    use courier_store::{Batch, CommitStamp, KvEngine};
-    use futures::future::BoxFuture;
-    use std::ops::Range;
-    use std::sync::{Arc, Mutex};
-
-    /// An engine that runs another writer's change just before its next commit: the
-    /// interleaving of a read-modify-write with a concurrent unlink, made deterministic.
-    struct RaceBeforeCommit {
-        inner: Arc<EmbeddedEngine>,
-        race: Mutex<Option<BoxFuture<'static, ()>>>,
-    }
-
-    #[async_trait::async_trait]
-    impl KvEngine for RaceBeforeCommit {
-        async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-            self.inner.get(key).await
-        }
-        async fn range(
-            &self,
-            range: Range<Vec<u8>>,
-            limit: usize,
-            reverse: bool,
-        ) -> Result<Vec<KeyValue>, StoreError> {
-            self.inner.range(range, limit, reverse).await
-        }
-        fn limits(&self) -> courier_store::kv::BatchLimits {
-            self.inner.limits()
-        }
-        async fn commit(&self, batch: Batch) -> Result<CommitStamp, StoreError> {
-            let race = self.race.lock().unwrap().take();
-            if let Some(race) = race {
-                race.await;
-            }
-            self.inner.commit(batch).await
-        }
-    }
+    use crate::faulty_engine::FaultyEngine;
 
     fn phone(issued_at_ms: u64) -> Identity {
         Identity {
@@ -238,49 +201,45 @@ mod tests {
         }
     }
 
-    /// A store whose next commit is preceded by an unlink of alice's phone through another
-    /// store on the same engine, and that other store.
-    async fn unlink_races_next_commit(dir: &tempfile::TempDir) -> (MessageStore, MessageStore) {
-        let inner = Arc::new(EmbeddedEngine::open(&dir.path().join("s")).unwrap());
-        let other = MessageStore::open(inner.clone(), b"", 8).await.unwrap();
-        let engine = Arc::new(RaceBeforeCommit {
-            inner,
-            race: Mutex::new(None),
-        });
-        let raced = MessageStore::open(engine.clone(), b"", 8).await.unwrap();
-        let linked = Devices::new(other.clone()).seen(&phone(1_000)).await;
+    /// A store whose next commit is preceded by an unlink of alice's phone (made through the
+    /// same store, as another node would).
+    async fn unlink_races_next_commit() -> MessageStore {
+        let engine = FaultyEngine::new();
+        let store = engine.store(8).await;
+        let linked = Devices::new(store.clone()).seen(&phone(1_000)).await;
         assert_eq!(linked.unwrap(), Link::Linked);
-        let unlinker = other.clone();
-        *engine.race.lock().unwrap() = Some(Box::pin(async move {
+        let unlinker = store.clone();
+        engine.before_next_commit(Box::pin(async move {
             let unlinked = unlinker.unlink_device("alice", "phone", now_ms()).await;
             assert!(unlinked.unwrap(), "the phone was linked");
         }));
-        (raced, other)
+        store
     }
 
     #[tokio::test]
     async fn a_reconnect_does_not_undo_a_concurrent_unlink() {
-        let dir = tempfile::tempdir().unwrap();
-        let (raced, other) = unlink_races_next_commit(&dir).await;
-        let seen = Devices::new(raced).seen(&phone(1_000)).await.unwrap();
+        let store = unlink_races_next_commit().await;
+        let seen = Devices::new(store.clone())
+            .seen(&phone(1_000))
+            .await
+            .unwrap();
         assert_eq!(seen, Link::Unlinked, "the connection learns of the unlink");
-        let record = other.device("alice", "phone").await.unwrap().unwrap();
+        let record = store.device("alice", "phone").await.unwrap().unwrap();
         assert!(!record.is_linked(), "still unlinked: {record:?}");
         assert!(!record.accepts(1_000));
     }
 
     #[tokio::test]
     async fn a_push_registration_does_not_undo_a_concurrent_unlink() {
-        let dir = tempfile::tempdir().unwrap();
-        let (raced, other) = unlink_races_next_commit(&dir).await;
-        let registered = Devices::new(raced)
+        let store = unlink_races_next_commit().await;
+        let registered = Devices::new(store.clone())
             .register_push(&phone(1_000), "webhook", "tok", true)
             .await;
         assert!(
             registered.is_err(),
             "the unlinked device's token is refused"
         );
-        let record = other.device("alice", "phone").await.unwrap().unwrap();
+        let record = store.device("alice", "phone").await.unwrap().unwrap();
         assert!(!record.is_linked(), "still unlinked: {record:?}");
         assert!(
             record.push_token.is_empty(),

@@ -1,11 +1,13 @@
-//! A test engine: the embedded engine behind a switchable fault and a switchable batch limit,
-//! so that tests reach the error paths of the roles above the store (unknown commit outcomes,
-//! an overloaded engine, one shard's writes failing, batches over the engine's limit).
+//! A test engine: the embedded engine behind a switchable fault, a switchable batch limit and a
+//! hook run before the next commit, so that tests reach the error paths of the roles above the
+//! store (unknown commit outcomes, an overloaded engine, one shard's writes failing, batches
+//! over the engine's limit) and interleave a concurrent writer deterministically.
 
 use async_trait::async_trait;
 use courier_store::embedded::EmbeddedEngine;
 use courier_store::kv::{Batch, BatchLimits, CommitStamp, KeyValue};
 use courier_store::{KvEngine, MessageStore, StoreError};
+use futures::future::BoxFuture;
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
@@ -16,6 +18,7 @@ pub struct FaultyEngine {
     inner: EmbeddedEngine,
     fault: Mutex<Option<Fault>>,
     max_batch_bytes: Mutex<Option<usize>>,
+    before_next_commit: Mutex<Option<BoxFuture<'static, ()>>>,
     _dir: tempfile::TempDir,
 }
 
@@ -28,6 +31,7 @@ impl FaultyEngine {
             inner,
             fault: Mutex::new(None),
             max_batch_bytes: Mutex::new(None),
+            before_next_commit: Mutex::new(None),
             _dir: dir,
         })
     }
@@ -42,6 +46,12 @@ impl FaultyEngine {
     /// Fails the commits `fault` picks from now on (`None`: none).
     pub fn set_fault(&self, fault: Option<Fault>) {
         *self.fault.lock().unwrap() = fault;
+    }
+
+    /// Runs `race` (once) just before the next commit, which then sees what it wrote: a
+    /// concurrent writer between a read and the commit that depends on it.
+    pub fn before_next_commit(&self, race: BoxFuture<'static, ()>) {
+        *self.before_next_commit.lock().unwrap() = Some(race);
     }
 
     /// Refuses batches above `bytes` from now on, and says so in [`KvEngine::limits`].
@@ -79,6 +89,10 @@ impl KvEngine for FaultyEngine {
     }
 
     async fn commit(&self, batch: Batch) -> Result<CommitStamp, StoreError> {
+        let race = self.before_next_commit.lock().unwrap().take();
+        if let Some(race) = race {
+            race.await;
+        }
         batch.check(&self.limits())?;
         if let Some(error) = self.fault.lock().unwrap().as_ref().and_then(|f| f(&batch)) {
             return Err(error);
