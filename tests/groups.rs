@@ -6,32 +6,7 @@ mod support;
 use courier_client::proto::*;
 use courier_client::{Client, ClientError, Target};
 use std::time::Duration;
-use support::Server;
-
-const WAIT: Duration = Duration::from_secs(30);
-
-fn start(args: &[&str]) -> (tempfile::TempDir, Server) {
-    let dir = tempfile::tempdir().unwrap();
-    let server = Server::start_in(dir.path(), args);
-    (dir, server)
-}
-
-async fn connected(server: &Server, user: &str, device: &str) -> Client {
-    let mut client = server.connect(user, device).await;
-    client.events_until_sync_done().await.unwrap();
-    client
-}
-
-async fn next_event(client: &mut Client) -> Event {
-    tokio::time::timeout(WAIT, client.next_event())
-        .await
-        .expect("an event in time")
-        .unwrap()
-}
-
-fn users(names: &[&str]) -> Vec<String> {
-    names.iter().map(|s| s.to_string()).collect()
-}
+use support::{Server, WAIT, connected, next_event, start, users};
 
 fn server_error(result: Result<Sent, ClientError>) -> ErrorCode {
     match result {

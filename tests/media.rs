@@ -4,13 +4,7 @@ mod support;
 
 use courier_client::proto::*;
 use courier_client::{ClientError, Target};
-use support::Server;
-
-fn start(args: &[&str]) -> (tempfile::TempDir, Server) {
-    let dir = tempfile::tempdir().unwrap();
-    let server = Server::start_in(dir.path(), args);
-    (dir, server)
-}
+use support::{Server, start};
 
 async fn upload(
     server: &Server,

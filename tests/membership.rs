@@ -13,29 +13,7 @@ mod support;
 use courier_client::proto::*;
 use courier_client::{Client, ClientError, Target};
 use sha2::{Digest, Sha256};
-use std::time::Duration;
-use support::Server;
-
-const WAIT: Duration = Duration::from_secs(30);
-
-fn start(args: &[&str]) -> (tempfile::TempDir, Server) {
-    let dir = tempfile::tempdir().unwrap();
-    let server = Server::start_in(dir.path(), args);
-    (dir, server)
-}
-
-async fn connected(server: &Server, user: &str, device: &str) -> Client {
-    let mut client = server.connect(user, device).await;
-    client.events_until_sync_done().await.unwrap();
-    client
-}
-
-async fn next_event(client: &mut Client) -> Event {
-    tokio::time::timeout(WAIT, client.next_event())
-        .await
-        .expect("an event in time")
-        .unwrap()
-}
+use support::{WAIT, connected, next_event, start, users};
 
 /// Events up to and including the one at `seq` (events of a conversation come in order).
 async fn events_through(client: &mut Client, seq: u64) -> Vec<Event> {
@@ -51,10 +29,6 @@ async fn events_through(client: &mut Client, seq: u64) -> Vec<Event> {
             return events;
         }
     }
-}
-
-fn users(names: &[&str]) -> Vec<String> {
-    names.iter().map(|s| s.to_string()).collect()
 }
 
 fn seqs(events: &[Event]) -> Vec<u64> {

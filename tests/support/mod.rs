@@ -2,7 +2,7 @@
 //! temporary data directory, and clients for it.
 #![allow(dead_code)]
 
-use courier_client::proto::Encoding;
+use courier_client::proto::{Encoding, Event};
 use courier_client::{Client, HttpApi};
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -13,6 +13,36 @@ use std::time::Duration;
 
 /// Longest wait for a server to become ready.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Longest wait for an event a test expects.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// A server with `args` in a fresh temporary data directory (removed when dropped).
+pub fn start(args: &[&str]) -> (tempfile::TempDir, Server) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_in(dir.path(), args);
+    (dir, server)
+}
+
+/// A connection of `user`'s `device` that has had its catch-up.
+pub async fn connected(server: &Server, user: &str, device: &str) -> Client {
+    let mut client = server.connect(user, device).await;
+    client.events_until_sync_done().await.unwrap();
+    client
+}
+
+/// The next event of `client`, within [`WAIT`].
+pub async fn next_event(client: &mut Client) -> Event {
+    tokio::time::timeout(WAIT, client.next_event())
+        .await
+        .expect("an event in time")
+        .unwrap()
+}
+
+/// User ids from names.
+pub fn users(names: &[&str]) -> Vec<String> {
+    names.iter().map(|s| s.to_string()).collect()
+}
 
 pub struct Server {
     child: Child,
