@@ -286,31 +286,22 @@ impl Chat {
             }
             (None, Some(peer)) => {
                 ids::user_id(peer).map_err(|e| ApiError::bad_request(format!("to_user: {e}")))?;
-                let mut members = vec![who.user.clone(), peer.clone()];
-                members.dedup();
-                let create = NewConversation {
-                    kind: "direct",
-                    name: String::new(),
-                    members,
-                };
+                let create = NewConversation::direct(&who.user, peer);
                 (direct_conversation_id(&who.user, peer), Some(create))
             }
         };
-        let pending = self.sequencer.submit(Append {
-            conversation_id: conversation_id.clone(),
-            sender: Sender {
-                user: who.user.clone(),
-                device: who.device.clone(),
-            },
-            key: AppendKey::Client(send.client_msg_id.clone()),
-            payload: EventPayload::Message {
-                body: Some(body),
-                client_msg_id: send.client_msg_id.clone(),
-                reply_to: send.reply_to,
-                deleted: false,
-            },
-            create,
-        });
+        let sender = Sender {
+            user: who.user.clone(),
+            device: who.device.clone(),
+        };
+        let message = Append::message(
+            conversation_id.clone(),
+            sender,
+            send.client_msg_id.clone(),
+            body,
+            send.reply_to,
+        );
+        let pending = self.sequencer.submit(Append { create, ..message });
         Ok((conversation_id, pending))
     }
 

@@ -256,30 +256,19 @@ pub fn now_ms() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use courier_proto::{Body, EventPayload, Sender};
+    use courier_proto::{Body, Sender};
     use courier_store::embedded::EmbeddedEngine;
     use courier_store::{Append, HeadCache, NewConversation};
     use std::time::Instant;
 
     fn message(id: &str) -> Append {
+        let sender = Sender {
+            user: "alice".into(),
+            device: "phone".into(),
+        };
         Append {
-            conversation_id: "d:1".into(),
-            sender: Sender {
-                user: "alice".into(),
-                device: "phone".into(),
-            },
-            key: courier_store::AppendKey::Client(id.into()),
-            payload: EventPayload::Message {
-                body: Some(Body::Text(id.into())),
-                client_msg_id: id.into(),
-                reply_to: None,
-                deleted: false,
-            },
-            create: Some(NewConversation {
-                kind: "direct",
-                name: String::new(),
-                members: vec!["alice".into(), "bob".into()],
-            }),
+            create: Some(NewConversation::direct("alice", "bob")),
+            ..Append::message("d:1".into(), sender, id.into(), Body::Text(id.into()), None)
         }
     }
 

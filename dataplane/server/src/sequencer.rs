@@ -359,24 +359,14 @@ mod tests {
     use courier_store::{AppendKey, NewConversation};
 
     fn message(conv: &str, client_msg_id: &str, text: &str) -> Append {
+        let sender = Sender {
+            user: "alice".into(),
+            device: "phone".into(),
+        };
+        let body = Body::Text(text.into());
         Append {
-            conversation_id: conv.into(),
-            sender: Sender {
-                user: "alice".into(),
-                device: "phone".into(),
-            },
-            key: AppendKey::Client(client_msg_id.into()),
-            payload: EventPayload::Message {
-                body: Some(Body::Text(text.into())),
-                client_msg_id: client_msg_id.into(),
-                reply_to: None,
-                deleted: false,
-            },
-            create: Some(NewConversation {
-                kind: "direct",
-                name: String::new(),
-                members: vec!["alice".into(), "bob".into()],
-            }),
+            create: Some(NewConversation::direct("alice", "bob")),
+            ..Append::message(conv.into(), sender, client_msg_id.into(), body, None)
         }
     }
 

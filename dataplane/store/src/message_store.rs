@@ -161,6 +161,19 @@ pub struct NewConversation {
     pub members: Vec<String>,
 }
 
+impl NewConversation {
+    /// The direct conversation of two users (one, for a user writing to itself).
+    pub fn direct(a: &str, b: &str) -> Self {
+        let mut members = vec![a.to_owned(), b.to_owned()];
+        members.dedup();
+        Self {
+            kind: "direct",
+            name: String::new(),
+            members,
+        }
+    }
+}
+
 /// What makes an append idempotent: a retry with the same key gets the first outcome.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AppendKey {
@@ -184,6 +197,29 @@ pub struct Append {
 }
 
 impl Append {
+    /// A client's message, keyed by its `client_msg_id` (which the event carries too), in a
+    /// conversation that exists (set `create` for the first message of a direct one).
+    pub fn message(
+        conversation_id: String,
+        sender: Sender,
+        client_msg_id: String,
+        body: courier_proto::Body,
+        reply_to: Option<u64>,
+    ) -> Self {
+        Self {
+            conversation_id,
+            sender,
+            key: AppendKey::Client(client_msg_id.clone()),
+            payload: EventPayload::Message {
+                body: Some(body),
+                client_msg_id,
+                reply_to,
+                deleted: false,
+            },
+            create: None,
+        }
+    }
+
     /// Bytes of keys and values this append writes, roughly: the encoded event twice (the
     /// event and its outbox entry), a small record (key and value, with the append's ids) for
     /// its idempotency record, push intent, head and media reference, and three keys per
@@ -1526,24 +1562,13 @@ mod tests {
     }
 
     fn message(conv: &str, device: &str, id: &str) -> Append {
+        let sender = Sender {
+            user: "alice".into(),
+            device: device.into(),
+        };
         Append {
-            conversation_id: conv.into(),
-            sender: Sender {
-                user: "alice".into(),
-                device: device.into(),
-            },
-            key: AppendKey::Client(id.into()),
-            payload: EventPayload::Message {
-                body: Some(Body::Text(id.into())),
-                client_msg_id: id.into(),
-                reply_to: None,
-                deleted: false,
-            },
-            create: Some(NewConversation {
-                kind: "direct",
-                name: String::new(),
-                members: vec!["alice".into(), "bob".into()],
-            }),
+            create: Some(NewConversation::direct("alice", "bob")),
+            ..Append::message(conv.into(), sender, id.into(), Body::Text(id.into()), None)
         }
     }
 
