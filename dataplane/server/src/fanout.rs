@@ -12,6 +12,14 @@
 //! to the gateway is one call carrying the event and its recipients; connections reorder
 //! nothing, they skip what they have and fill gaps from the store.
 //!
+//! **Clearing.** Handed-off outbox entries are cleared by one background task, which takes
+//! the ranges of every shard queued at that moment into one commit. A worker does not wait
+//! for that commit (it already reads after its in-memory cursor), so a drain costs no commit
+//! of its own: with many busy conversations (one outbox entry per shard per drain) a commit per
+//! drain would bound delivery at a few thousand events a second. The queue holds
+//! [`CLEAR_QUEUE`] ranges; when it is full, workers wait for it. A failed clear is retried;
+//! a crash before it only delivers those entries again at start-up (at-least-once).
+//!
 //! **Backlog.** `courier_fanout_backlog_events` (and the send backpressure built on it) counts
 //! the events this process committed and has not yet handed off: the commit listener adds,
 //! the drain subtracts. Entries an earlier process left in the outbox (a crash between commit
@@ -35,6 +43,18 @@ const LARGE_GROUP_QUEUE: usize = 1024;
 
 /// Outbox entries read per step of one shard.
 const OUTBOX_PAGE: usize = 256;
+
+/// Handed-off outbox ranges waiting to be cleared before workers wait.
+const CLEAR_QUEUE: usize = 4096;
+
+/// Most ranges cleared in one commit.
+const CLEARS_PER_COMMIT: usize = 1024;
+
+/// Wait before a failed clear is tried again.
+const CLEAR_RETRY: Duration = Duration::from_millis(100);
+
+/// Outbox entries `first..=last` of one shard.
+type OutboxRange = (Vec<u8>, Vec<u8>);
 
 struct Worker {
     dirty: Mutex<BTreeSet<u32>>,
@@ -79,6 +99,8 @@ pub struct Fanout {
     large_group_threshold: usize,
     large: mpsc::Sender<LargeDelivery>,
     large_queue: Mutex<Option<mpsc::Receiver<LargeDelivery>>>,
+    clears: mpsc::Sender<OutboxRange>,
+    clear_queue: Mutex<Option<mpsc::Receiver<OutboxRange>>>,
 }
 
 impl Fanout {
@@ -99,6 +121,7 @@ impl Fanout {
             }
         }
         let (large, large_queue) = mpsc::channel(LARGE_GROUP_QUEUE);
+        let (clears, clear_queue) = mpsc::channel(CLEAR_QUEUE);
         let workers = (0..workers.max(1))
             .map(|_| Worker {
                 dirty: Mutex::new(BTreeSet::new()),
@@ -117,6 +140,8 @@ impl Fanout {
             large_group_threshold,
             large,
             large_queue: Mutex::new(Some(large_queue)),
+            clears,
+            clear_queue: Mutex::new(Some(clear_queue)),
         }))
     }
 
@@ -143,6 +168,14 @@ impl Fanout {
                     fanout.hand_off(&event, &recipients);
                 }
             });
+        }
+        let clears = self
+            .clear_queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(clears) = clears {
+            tokio::spawn(clear_outboxes(self.store.clone(), clears));
         }
     }
 
@@ -196,8 +229,9 @@ impl Fanout {
             for (_, event) in entries {
                 self.deliver(event).await?;
             }
-            self.store.clear_outbox(&first, &last).await?;
-            self.cursors.set(shard, last);
+            self.cursors.set(shard, last.clone());
+            // The receiver lives as long as the process; a send error cannot happen.
+            let _ = self.clears.send((first, last)).await;
             let left = self.backlog.fetch_sub(counted, Ordering::Relaxed) - counted;
             // Below zero only for a moment: the drain can read an entry before the sequencer
             // has reported its commit.
@@ -236,6 +270,19 @@ impl Fanout {
                 self.metrics.delivery_lag.observe(lag);
             }
         }
+    }
+}
+
+/// Clears handed-off outbox ranges, all those queued at the moment in one commit, until the
+/// fanout is gone.
+async fn clear_outboxes(store: MessageStore, mut queue: mpsc::Receiver<OutboxRange>) {
+    let mut ranges = Vec::with_capacity(CLEARS_PER_COMMIT);
+    while queue.recv_many(&mut ranges, CLEARS_PER_COMMIT).await > 0 {
+        while let Err(e) = store.clear_outbox(&ranges).await {
+            tracing::warn!(error = %e, ranges = ranges.len(), "outbox clear failed; retrying");
+            tokio::time::sleep(CLEAR_RETRY).await;
+        }
+        ranges.clear();
     }
 }
 

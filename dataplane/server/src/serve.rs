@@ -17,6 +17,7 @@ use crate::routes::Routes;
 use crate::sequencer::{Listeners, LocalSequencer};
 use crate::storage_health::StorageHealth;
 use anyhow::Context;
+use axum::serve::ListenerExt;
 use courier_store::embedded::EmbeddedEngine;
 use courier_store::{KvEngine, MessageStore};
 use std::future::IntoFuture;
@@ -196,6 +197,15 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         app_state.ready.store(false, Ordering::Release);
         let _ = drain.send(true);
     };
+    // Frames are small and each one a reply someone waits for: Nagle's algorithm would hold
+    // one back until the previous one is acknowledged (tens of ms under load). The gateway
+    // buffers what it writes and flushes when its queue is empty, so frames still leave in
+    // few segments.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::warn!(error = %e, "could not set TCP_NODELAY on a connection");
+        }
+    });
     let server = axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown)
         .into_future();

@@ -1499,10 +1499,13 @@ impl MessageStore {
         Ok(rows.into_iter().next().map(|(key, _)| key))
     }
 
-    /// Removes the outbox entries `first..=last` of one shard, once fanned out.
-    pub async fn clear_outbox(&self, first: &[u8], last: &[u8]) -> Result<(), StoreError> {
+    /// Removes the outbox entries `first..=last` of each range (of any shards), once fanned
+    /// out, in one commit.
+    pub async fn clear_outbox(&self, ranges: &[(Vec<u8>, Vec<u8>)]) -> Result<(), StoreError> {
         let mut batch = Batch::new();
-        batch.clear_range(through(first, last));
+        for (first, last) in ranges {
+            batch.clear_range(through(first, last));
+        }
         self.kv.commit(batch).await.map(drop)
     }
 }
