@@ -573,10 +573,18 @@ async fn health_readiness_and_metrics() {
     let (_dir, server) = server();
     let mut alice = server.connect("alice", "phone").await;
     expect_sync_done(&mut alice).await;
+    let mut bob = server.connect("bob", "phone").await;
+    expect_sync_done(&mut bob).await;
     alice
         .send_text(Target::User("bob".into()), "m", "x")
         .await
         .unwrap();
+    let event = expect_event(&mut bob).await;
+    bob.ack(&event.conversation_id, event.seq, AckKind::Delivered)
+        .await
+        .unwrap();
+    // Answered once the ack is committed: the connection reads nothing before.
+    bob.ping().await.unwrap();
     let http = reqwest_get(&server, "/healthz").await;
     assert_eq!(http.0, 200);
     assert_eq!(reqwest_get(&server, "/readyz").await.0, 200);
@@ -584,7 +592,13 @@ async fn health_readiness_and_metrics() {
     assert_eq!(status, 200);
     for name in [
         "courier_chat_send_ack_latency_seconds_count 1",
-        "courier_gateway_connections 1",
+        "courier_gateway_connections 2",
+        // Each stage of the message's way, once.
+        "courier_sequencer_commit_seconds_count 1",
+        "courier_fanout_outbox_read_lag_seconds_count 1",
+        "courier_fanout_delivery_lag_seconds_count 1",
+        "courier_gateway_queue_wait_seconds_count 1",
+        "courier_chat_ack_commit_seconds_count 1",
         "courier_fanout_backlog_events",
         "courier_sequencer_appends_total{shard=",
         "courier_fanout_delivery_lag_seconds",

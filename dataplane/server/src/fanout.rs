@@ -226,7 +226,10 @@ impl Fanout {
                 Some(inherited) => entries.iter().filter(|(key, _)| key > inherited).count(),
                 None => entries.len(),
             } as i64;
+            let now = now_ms();
             for (_, event) in entries {
+                let lag = now.saturating_sub(event.ts_ms) as f64 / 1000.0;
+                self.metrics.stages.outbox_read.observe(lag);
                 self.deliver(event).await?;
             }
             self.cursors.set(shard, last.clone());

@@ -439,8 +439,13 @@ impl Connection<'_> {
             ClientFrame::Ack(ack) => {
                 let who = self.who.clone();
                 let reference = ack.reference;
+                let metrics = self.gateway.metrics.clone();
+                let started = Instant::now();
                 self.ack = Some(Box::pin(async move {
-                    (reference, chat.acknowledge(&who, &ack).await)
+                    let result = chat.acknowledge(&who, &ack).await;
+                    let took = started.elapsed().as_secs_f64();
+                    metrics.stages.ack_commit.observe(took);
+                    (reference, result)
                 }));
                 Ok(Ok(()))
             }
@@ -615,6 +620,8 @@ impl Connection<'_> {
             return Ok(());
         }
         self.upto.insert(event.conversation_id.clone(), event.seq);
+        let queued = shared.handed_off.elapsed().as_secs_f64();
+        self.gateway.metrics.stages.connection_queue.observe(queued);
         self.write_message(shared.message(self.encoding)).await
     }
 

@@ -27,6 +27,21 @@ pub struct CodeLabel {
     pub code: &'static str,
 }
 
+/// Latency of each stage of a message's way, so that where the time goes is visible on
+/// `/metrics`: commit, fanout's read of the outbox, hand-off (`delivery_lag`), the wait in a
+/// connection's queue until it is written, and for acks, receipt to commit.
+pub struct StageLatencies {
+    /// One group commit of a sequencer shard: the engine's queue, write and fsync.
+    pub commit: Histogram,
+    /// From an event's timestamp (taken as its batch starts committing) to fanout reading it
+    /// from the outbox.
+    pub outbox_read: Histogram,
+    /// From fanout's hand-off to the connection task writing the event to its socket.
+    pub connection_queue: Histogram,
+    /// From an `ack` frame read to its durable commit.
+    pub ack_commit: Histogram,
+}
+
 /// Every metric, registered once at start-up and shared by the roles.
 pub struct Metrics {
     registry: Registry,
@@ -34,6 +49,8 @@ pub struct Metrics {
     pub send_ack_latency: Histogram,
     /// Time from an event's commit to its hand-off to a connection's queue.
     pub delivery_lag: Histogram,
+    /// Per-stage latencies of the delivery path (`docs/operations.md`, "Where the time goes").
+    pub stages: StageLatencies,
     /// Events committed and not yet fanned out.
     pub fanout_backlog: Gauge,
     /// Events appended, per sequencer shard (hot shards stand out).
@@ -72,6 +89,12 @@ impl Metrics {
         let metrics = Self {
             send_ack_latency: latency(),
             delivery_lag: latency(),
+            stages: StageLatencies {
+                commit: latency(),
+                outbox_read: latency(),
+                connection_queue: latency(),
+                ack_commit: latency(),
+            },
             fanout_backlog: Gauge::default(),
             shard_appends: Family::default(),
             commit_batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
@@ -98,6 +121,26 @@ impl Metrics {
             "fanout_delivery_lag_seconds",
             "Time from an event's commit to its hand-off to a connection",
             metrics.delivery_lag.clone(),
+        );
+        registry.register(
+            "sequencer_commit_seconds",
+            "Time of one group commit of a shard: the engine's queue, write and fsync",
+            metrics.stages.commit.clone(),
+        );
+        registry.register(
+            "fanout_outbox_read_lag_seconds",
+            "Time from an event's commit to fanout reading it from the outbox",
+            metrics.stages.outbox_read.clone(),
+        );
+        registry.register(
+            "gateway_queue_wait_seconds",
+            "Time from fanout's hand-off of an event to its connection writing it",
+            metrics.stages.connection_queue.clone(),
+        );
+        registry.register(
+            "chat_ack_commit_seconds",
+            "Time from an ack frame to its durable commit",
+            metrics.stages.ack_commit.clone(),
         );
         registry.register(
             "fanout_backlog_events",

@@ -13,6 +13,8 @@ use tokio::sync::{Notify, mpsc};
 /// An event shared by every connection it goes to, encoded at most once per encoding.
 pub struct SharedEvent {
     pub event: Event,
+    /// When fanout handed it off (for the time it waits in connection queues).
+    pub handed_off: std::time::Instant,
     json: OnceLock<Message>,
     proto: OnceLock<Message>,
 }
@@ -21,6 +23,7 @@ impl SharedEvent {
     pub fn new(event: Event) -> Arc<Self> {
         Arc::new(Self {
             event,
+            handed_off: std::time::Instant::now(),
             json: OnceLock::new(),
             proto: OnceLock::new(),
         })

@@ -299,10 +299,15 @@ impl ShardActor {
         let mut parts = vec![batch];
         while let Some(mut part) = parts.pop() {
             let appends: Vec<Append> = part.iter().map(|r| r.append.clone()).collect();
+            let started = std::time::Instant::now();
             let result = self
                 .store
                 .append(self.lease, &mut self.heads, &appends)
                 .await;
+            self.metrics
+                .stages
+                .commit
+                .observe(started.elapsed().as_secs_f64());
             let (shard, count) = (self.lease.shard, part.len());
             match result {
                 Err(StoreError::TooLarge(_)) if count > 1 => {
