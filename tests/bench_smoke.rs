@@ -25,12 +25,17 @@ struct BenchRun {
 }
 
 fn bench(common: &[&str], scenario: &[&str]) -> BenchRun {
+    bench_for("2s", common, scenario)
+}
+
+/// `bench` with a measured phase of `duration` (per rate for `latency-curve`).
+fn bench_for(duration: &str, common: &[&str], scenario: &[&str]) -> BenchRun {
     let out_dir = tempfile::tempdir().unwrap();
     let json_path = out_dir.path().join("result.json");
     let output = Command::new(env!("CARGO_BIN_EXE_courier"))
         .arg("bench")
         .args(common)
-        .args(["--no-progress", "--duration", "2s", "--json"])
+        .args(["--no-progress", "--duration", duration, "--json"])
         .arg(&json_path)
         .args(scenario)
         .output()
@@ -95,6 +100,41 @@ fn throughput_delivers_and_receipts_every_message() {
     assert_eq!(counts["acked"], counts["delivered"]);
     assert_eq!(counts["acked"], counts["receipted"]);
     assert!(json["latencies_ms"]["delivery"]["count"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn latency_curve_runs_every_rate_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_in(dir.path(), &UNLIMITED);
+    let common = common_for(&server);
+    let common: Vec<&str> = common.iter().map(String::as_str).collect();
+    let scenario = ["latency-curve", "--pairs", "2", "--rates", "50,100"];
+    let json = assert_clean(&bench_for("1s", &common, &scenario), "latency-curve");
+    let runs = json["runs"].as_array().expect("one run per rate");
+    assert_eq!(runs.len(), 2, "{json:#}");
+    let mut acked_total = 0;
+    for (run, rate) in runs.iter().zip([50.0, 100.0]) {
+        assert_eq!(run["scenario"], "throughput");
+        assert_eq!(run["params"]["rate"], rate);
+        assert_eq!(run["params"]["pairs"], 2);
+        assert_eq!(run["problems"], Value::Array(vec![]), "{run:#}");
+        let counts = &run["counts"];
+        assert_eq!(counts["lost"], 0, "{run:#}");
+        assert!(counts["acked"].as_u64().unwrap() > 0, "{run:#}");
+        assert_eq!(counts["acked"], counts["delivered"]);
+        assert_eq!(counts["acked"], counts["receipted"]);
+        assert!(run["metrics"]["acked_msgs_per_sec"].as_f64().unwrap() > 0.0);
+        for latency in ["send_ack", "delivery", "receipt"] {
+            let summary = &run["latencies_ms"][latency];
+            assert!(summary["count"].as_u64().unwrap() > 0, "{run:#}");
+            assert!(summary["p999_ms"].as_f64().unwrap() >= summary["p50_ms"].as_f64().unwrap());
+        }
+        acked_total += counts["acked"].as_u64().unwrap();
+    }
+    assert_eq!(
+        json["counts"]["acked"], acked_total,
+        "counts are sums over the runs"
+    );
 }
 
 #[test]

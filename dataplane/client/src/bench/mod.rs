@@ -1,6 +1,7 @@
 //! `courier bench`: a load generator that speaks the real protocol against any running Courier.
 //!
 //! Scenarios (one module each): [`throughput`] (1:1 pairs, open-loop or windowed),
+//! [`latency_curve`] (`throughput` at several offered rates, one after the other),
 //! [`connections`] (idle connections over several source addresses and processes),
 //! [`reconnect_storm`] (devices with pending messages reconnecting at once),
 //! [`group_fanout`] (one group, many connected devices) and [`crash`] (SIGKILL a local server
@@ -18,6 +19,7 @@ pub mod compare;
 pub mod connections;
 pub mod crash;
 pub mod group_fanout;
+pub mod latency_curve;
 mod metrics;
 mod progress;
 pub mod receiver;
@@ -74,7 +76,7 @@ pub struct CommonArgs {
     /// Also write the results as JSON to this file (comparable with `bench compare`).
     #[arg(long, global = true, value_name = "FILE")]
     pub json: Option<PathBuf>,
-    /// How long the measured phase lasts (e.g. `10s`, `1m`).
+    /// How long the measured phase lasts (e.g. `10s`, `1m`); `latency-curve`: at each rate.
     #[arg(long, global = true, default_value = "10s", value_parser = humantime::parse_duration)]
     pub duration: Duration,
     /// Longest wait for in-flight messages, deliveries and receipts after the measured phase.
@@ -113,6 +115,8 @@ impl Protocol {
 pub enum Scenario {
     /// N sender/receiver pairs at an open-loop rate (or as fast as a window allows).
     Throughput(throughput::ThroughputArgs),
+    /// `throughput` at several offered rates in turn: latency against offered rate.
+    LatencyCurve(latency_curve::LatencyCurveArgs),
     /// Open N idle connections (several source addresses and processes) and hold them.
     Connections(connections::ConnectionsArgs),
     /// N devices with M pending messages each reconnect at once.
@@ -131,6 +135,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let common = args.common;
     let report = match args.scenario {
         Scenario::Throughput(a) => throughput::run(&common, a).await?,
+        Scenario::LatencyCurve(a) => latency_curve::run(&common, a).await?,
         Scenario::Connections(a) => match connections::run(&common, a).await? {
             Some(report) => report,
             None => return Ok(()), // a worker process: its parent reports

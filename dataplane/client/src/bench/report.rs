@@ -40,6 +40,10 @@ pub struct Report {
     pub errors: BTreeMap<String, u64>,
     /// Correctness problems found; empty when nothing was lost, duplicated or reordered.
     pub problems: Vec<String>,
+    /// The runs a sweep is made of, in the order they ran (`latency-curve`: one `throughput`
+    /// run per offered rate, `params.rate` holding that rate); empty for a single run.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub runs: Vec<Report>,
 }
 
 impl Report {
@@ -76,7 +80,17 @@ impl Report {
         self.problems.push(problem);
     }
 
-    /// Every comparable number, flattened: metrics as is, latencies as `latency.NAME.pXX_ms`.
+    /// The name of a sweep's run in flattened metrics and tables: `rate_R` for a run with a
+    /// `rate` parameter, else its position.
+    fn run_key(&self, index: usize) -> String {
+        match self.params.get("rate").and_then(Value::as_f64) {
+            Some(rate) => format!("rate_{}", human(rate)),
+            None => format!("run_{index}"),
+        }
+    }
+
+    /// Every comparable number, flattened: metrics as is, latencies as `latency.NAME.pXX_ms`,
+    /// counts as `count.NAME`, and a sweep's runs prefixed with their key (`rate_1000.`).
     pub fn flat_metrics(&self) -> BTreeMap<String, f64> {
         let mut flat = self.metrics.clone();
         for (name, l) in &self.latencies_ms {
@@ -93,7 +107,65 @@ impl Report {
         for (name, value) in &self.counts {
             flat.insert(format!("count.{name}"), *value as f64);
         }
+        for (index, run) in self.runs.iter().enumerate() {
+            let key = run.run_key(index);
+            for (name, value) in run.flat_metrics() {
+                flat.insert(format!("{key}.{name}"), value);
+            }
+        }
         flat
+    }
+
+    /// A sweep's runs, one line each: offered and acknowledged rate, p50/p99/p99.9 of every
+    /// latency the runs measured (send-ACK and delivery first), and messages lost. Only a
+    /// header when there are no runs.
+    pub fn runs_table(&self) -> String {
+        let rank = |name: &str| match name {
+            "send_ack" => 0,
+            "delivery" => 1,
+            "receipt" => 2,
+            _ => 3,
+        };
+        let mut names: Vec<&str> = self
+            .runs
+            .iter()
+            .flat_map(|run| run.latencies_ms.keys().map(String::as_str))
+            .collect();
+        names.sort_by_key(|name| (rank(name), *name));
+        names.dedup();
+        let mut out = format!("  {:>9} {:>9}", "offered/s", "acked/s");
+        for name in &names {
+            let p50 = format!("{name} p50");
+            out += &format!(
+                "  {p50:>w$} {:>7} {:>7}",
+                "p99",
+                "p99.9",
+                w = name.len() + 4
+            );
+        }
+        out += &format!(" {:>6}\n", "lost");
+        let cell = |value: Option<f64>| value.map_or("-".to_owned(), |v| format!("{v:.1}"));
+        for run in &self.runs {
+            let offered = run.params.get("rate").and_then(Value::as_f64);
+            let acked = run.metrics.get("acked_msgs_per_sec").copied();
+            out += &format!("  {:>9} {:>9}", cell(offered), cell(acked));
+            for name in &names {
+                let l = run.latencies_ms.get(*name);
+                out += &format!(
+                    "  {:>w$} {:>7} {:>7}",
+                    cell(l.map(|l| l.p50_ms)),
+                    cell(l.map(|l| l.p99_ms)),
+                    cell(l.map(|l| l.p999_ms)),
+                    w = name.len() + 4
+                );
+            }
+            let lost = run
+                .counts
+                .get("lost")
+                .map_or("-".to_owned(), u64::to_string);
+            out += &format!(" {lost:>6}\n");
+        }
+        out
     }
 
     /// The human summary, on stdout.
@@ -113,6 +185,10 @@ impl Report {
         }
         for (name, value) in &self.metrics {
             println!("  {name:<34} {}", human(*value));
+        }
+        if !self.runs.is_empty() {
+            println!("  latencies in ms, rates in msgs/s:");
+            print!("{}", self.runs_table());
         }
         if !self.latencies_ms.is_empty() {
             println!(

@@ -14,6 +14,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
+/// `--window`'s default: sends awaiting `sent` per sender when pacing by window (`--rate 0`).
+pub const DEFAULT_WINDOW: usize = 64;
+
 #[derive(Debug, Clone, Args)]
 pub struct ThroughputArgs {
     /// Sender/receiver pairs (one direct conversation each).
@@ -23,8 +26,15 @@ pub struct ThroughputArgs {
     #[arg(long, default_value_t = 1000.0)]
     pub rate: f64,
     /// With `--rate 0`: sends awaiting `sent`, per sender.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = DEFAULT_WINDOW)]
     pub window: usize,
+    #[command(flatten)]
+    pub pair_options: PairOptions,
+}
+
+/// How each pair sends and connects; shared by `throughput` and `latency-curve`.
+#[derive(Debug, Clone, Args)]
+pub struct PairOptions {
     /// Open loop: most sends awaiting `sent` per sender before the schedule waits.
     #[arg(long, default_value_t = 10_000)]
     pub max_in_flight: usize,
@@ -39,6 +49,11 @@ pub struct ThroughputArgs {
 pub async fn run(common: &CommonArgs, args: ThroughputArgs) -> anyhow::Result<Report> {
     anyhow::ensure!(args.pairs > 0, "--pairs must be at least 1");
     anyhow::ensure!(args.rate >= 0.0, "--rate must not be negative");
+    let PairOptions {
+        max_in_flight,
+        body_bytes,
+        source_addrs,
+    } = args.pair_options;
     let endpoint = Endpoint::resolve(&common.url, common.protocol.encoding()).await?;
     let minter = TokenMinter::from_args(common)?;
     let run = run_id();
@@ -46,13 +61,13 @@ pub async fn run(common: &CommonArgs, args: ThroughputArgs) -> anyhow::Result<Re
     report.param("pairs", args.pairs);
     report.param("rate", args.rate);
     report.param("window", args.window);
-    report.param("body_bytes", args.body_bytes);
+    report.param("body_bytes", body_bytes);
     report.param("duration_secs", common.duration.as_secs_f64());
 
     let connect = |i: usize, role: &'static str| {
         let (endpoint, minter) = (&endpoint, &minter);
         let user = format!("b{run}{role}{i}");
-        let local = endpoint.source_addr(i * 2 + usize::from(role == "r"), args.source_addrs);
+        let local = endpoint.source_addr(i * 2 + usize::from(role == "r"), source_addrs);
         async move {
             let token = minter.token(&user, "d")?;
             connect_synced(endpoint, &token, local).await
@@ -80,7 +95,7 @@ pub async fn run(common: &CommonArgs, args: ThroughputArgs) -> anyhow::Result<Re
             redial: Some(Redial {
                 endpoint: endpoint.clone(),
                 token: minter.token(&format!("b{run}r{i}"), "d")?,
-                local: endpoint.source_addr(i * 2 + 1, args.source_addrs),
+                local: endpoint.source_addr(i * 2 + 1, source_addrs),
             }),
         };
         let task = run_receiver(
@@ -99,8 +114,8 @@ pub async fn run(common: &CommonArgs, args: ThroughputArgs) -> anyhow::Result<Re
             targets: vec![Target::User(format!("b{run}r{i}"))],
             count: None,
             pace,
-            max_in_flight: args.max_in_flight.max(1),
-            body_bytes: args.body_bytes,
+            max_in_flight: max_in_flight.max(1),
+            body_bytes,
             track_receipts: true,
             record_acked: false,
         };
