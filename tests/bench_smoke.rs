@@ -213,6 +213,9 @@ fn crash_scenario_finds_every_acknowledged_message() {
             "crash",
             "--server-bin",
             env!("CARGO_BIN_EXE_courier"),
+            // As for every test server: no free-space watermarks on a test machine's disk.
+            "--server-arg=--min-free-disk=0",
+            "--server-arg=--media-min-free-disk=0",
             "--pairs",
             "2",
             "--kill-after",
