@@ -182,7 +182,7 @@ impl MembershipCache {
     /// conversation's events in order: membership events are applied as they pass.
     pub async fn recipients(&self, event: &Event) -> Result<Members, StoreError> {
         let conv = &event.conversation_id;
-        let Some(entry) = self.entry(conv, event.seq - 1).await? else {
+        let Some(entry) = self.entry(conv, event.seq.saturating_sub(1)).await? else {
             return Ok(Members::default());
         };
         if event.seq <= entry.through() {
