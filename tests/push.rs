@@ -253,6 +253,51 @@ async fn webhook_notifies_only_devices_that_are_not_connected_with_a_valid_signa
 }
 
 #[tokio::test]
+async fn a_device_that_took_its_messages_while_the_push_waited_is_not_notified() {
+    let (addr, provider) = Provider::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    // A window long enough for bob to come and go on a slow machine.
+    let server = start(dir.path(), &webhook_args(addr, "3s"));
+    register(&server, "bob", "phone", "webhook", "tok-bob").await;
+    let mut alice = server.connect("alice", "phone").await;
+    alice.events_until_sync_done().await.unwrap();
+    let mut carol = server.connect("carol", "phone").await;
+    carol.events_until_sync_done().await.unwrap();
+    // Bob is offline: alice's message waits out its collapse window for a push.
+    let from_alice = alice
+        .send_text(Target::User("bob".into()), "a1", "hi bob")
+        .await
+        .unwrap();
+    // Bob comes online within the window, takes the message and leaves again.
+    let mut bob = server.connect("bob", "phone").await;
+    let caught_up = bob.events_until_sync_done().await.unwrap();
+    assert_eq!(caught_up.last().map(|e| e.seq), Some(from_alice.seq));
+    bob.ack(
+        &from_alice.conversation_id,
+        from_alice.seq,
+        AckKind::Delivered,
+    )
+    .await
+    .unwrap();
+    bob.ping().await.unwrap();
+    bob.close().await;
+    while connections(&server).await > 2 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // A later message from carol, which bob does not have, is the one push he gets.
+    let from_carol = carol
+        .send_text(Target::User("bob".into()), "c1", "hi from carol")
+        .await
+        .unwrap();
+    let pushed = provider.wait_for(1).await;
+    assert_eq!(
+        pushed[0].json()["conversation_id"],
+        from_carol.conversation_id.as_str(),
+        "the first push is carol's: alice's message was delivered while its push waited"
+    );
+}
+
+#[tokio::test]
 async fn a_device_signed_in_again_after_an_unlink_gets_push_once_it_registers() {
     let (addr, provider) = Provider::start().await;
     let dir = tempfile::tempdir().unwrap();

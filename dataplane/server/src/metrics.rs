@@ -77,7 +77,8 @@ pub struct Metrics {
     pub media_uploaded_bytes: Counter,
     /// Media deleted by the sweeper.
     pub media_swept: Counter,
-    /// Push notifications by outcome (`sent`, `retried`, `invalid_token`, `failed`, `dropped`).
+    /// Push notifications by outcome (`sent`, `retried`, `invalid_token`, `failed`, `dropped`,
+    /// `delivered`: the device had the messages before the notification was due).
     pub push_notifications: Family<OutcomeLabel, Counter>,
     resident_memory: Gauge,
 }

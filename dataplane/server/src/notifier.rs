@@ -295,6 +295,11 @@ impl Notifier {
             self.count("dropped");
             return self.settle(key, &pending, None).await;
         };
+        if self.store.device_cursor(&user, &device, &conv).await? >= pending.last_seq {
+            // The device connected and took the messages while the notification waited.
+            self.count("delivered");
+            return self.settle(key, &pending, None).await;
+        }
         let notification = Notification {
             conversation_id: conv.clone(),
             seq: pending.last_seq,
