@@ -414,19 +414,6 @@ async fn group_receipts_are_cumulative_and_coalesced_to_the_senders_in_large_gro
     assert_eq!(body["conversations"][0]["delivered_seq"], 6);
 }
 
-/// The value of a counter or gauge without labels on `/metrics`.
-async fn metric(server: &Server, name: &str) -> u64 {
-    let text = reqwest::get(format!("{}/metrics", server.http_url()))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
-}
-
 #[tokio::test]
 async fn receipts_in_a_small_group_never_disconnect_a_slow_member_and_reach_it_later() {
     let (_dir, server) = start(&[
@@ -448,7 +435,11 @@ async fn receipts_in_a_small_group_never_disconnect_a_slow_member_and_reach_it_l
     // that find it full are dropped from it and read from the store later).
     let body = "y".repeat(60_000);
     let mut head = 1;
-    while metric(&server, "courier_gateway_lagged_deliveries_total").await == 0 {
+    while server
+        .metric("courier_gateway_lagged_deliveries_total")
+        .await
+        == 0
+    {
         assert!(head < 2000, "bob's queue never filled");
         for _ in 0..10 {
             head = alice
@@ -514,12 +505,7 @@ async fn a_flood_from_one_user_is_limited_while_others_are_unaffected() {
     calm.send_text(Target::User("bob".into()), "c", "hello")
         .await
         .expect("other users are not limited");
-    let text = reqwest::get(format!("{}/metrics", server.http_url()))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = server.metrics_text().await;
     assert!(
         text.contains("courier_chat_rate_limited_total{scope=\"user\"}"),
         "{text}"
@@ -702,12 +688,7 @@ async fn retention_clears_delivered_events_and_late_devices_get_trimmed() {
         ),
         other => panic!("expected trimmed, got {other:?}"),
     }
-    let text = reqwest::get(format!("{}/metrics", server.http_url()))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = server.metrics_text().await;
     assert!(
         text.contains("courier_retention_events_cleared_total 3"),
         "{text}"

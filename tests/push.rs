@@ -150,19 +150,6 @@ async fn wait_until_unregistered(server: &Server, user: &str, device: &str) {
     }
 }
 
-async fn connections(server: &Server) -> u64 {
-    let text = reqwest::get(format!("{}/metrics", server.http_url()))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix("courier_gateway_connections "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
-}
-
 fn webhook_args(addr: SocketAddr, collapse: &str) -> Vec<String> {
     vec![
         "--push-webhook-url".into(),
@@ -212,7 +199,7 @@ async fn webhook_notifies_only_devices_that_are_not_connected_with_a_valid_signa
         .await
         .unwrap();
     bob.close().await;
-    while connections(&server).await > 1 {
+    while server.metric("courier_gateway_connections").await > 1 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let second = alice
@@ -281,7 +268,7 @@ async fn a_device_that_took_its_messages_while_the_push_waited_is_not_notified()
     .unwrap();
     bob.ping().await.unwrap();
     bob.close().await;
-    while connections(&server).await > 2 {
+    while server.metric("courier_gateway_connections").await > 2 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     // A later message from carol, which bob does not have, is the one push he gets.
@@ -354,12 +341,7 @@ async fn notifications_collapse_per_conversation_and_retries_honour_the_provider
             "one notification for three messages"
         );
     }
-    let text = reqwest::get(format!("{}/metrics", server.http_url()))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = server.metrics_text().await;
     assert!(
         text.contains("courier_push_notifications_total{outcome=\"retried\"} 1"),
         "{text}"

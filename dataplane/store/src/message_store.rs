@@ -1647,6 +1647,11 @@ mod tests {
         assert!(store.events("d:1", 0, 10).await.unwrap().is_empty());
     }
 
+    /// The lease of the shard that orders `conv`, taken now.
+    async fn owner(store: &MessageStore, conv: &str) -> ShardLease {
+        store.acquire_shards(&[store.shard_of(conv)]).await.unwrap()[0]
+    }
+
     /// The outcome of the first append of a batch that must succeed.
     fn first(results: Result<Vec<AppendResult>, StoreError>) -> AppendOutcome {
         results.unwrap().into_iter().next().unwrap().unwrap()
@@ -1677,10 +1682,7 @@ mod tests {
     async fn membership_follows_its_events_and_deletes_tombstone_the_target() {
         let dir = tempfile::tempdir().unwrap();
         let store = store(&dir).await;
-        let lease = store
-            .acquire_shards(&[store.shard_of("g:1")])
-            .await
-            .unwrap()[0];
+        let lease = owner(&store, "g:1").await;
         let mut heads = HeadCache::default();
         let mut hello = message("g:1", "p", "m");
         hello.create = None;
@@ -1748,10 +1750,7 @@ mod tests {
     async fn membership_is_decided_in_the_sequenced_commit() {
         let dir = tempfile::tempdir().unwrap();
         let store = store(&dir).await;
-        let lease = store
-            .acquire_shards(&[store.shard_of("g:1")])
-            .await
-            .unwrap()[0];
+        let lease = owner(&store, "g:1").await;
         let mut heads = HeadCache::default();
         let created = EventPayload::GroupCreated {
             name: "g".into(),
@@ -1847,10 +1846,7 @@ mod tests {
     async fn server_keys_and_client_ids_never_collide() {
         let dir = tempfile::tempdir().unwrap();
         let store = store(&dir).await;
-        let lease = store
-            .acquire_shards(&[store.shard_of("d:1")])
-            .await
-            .unwrap()[0];
+        let lease = owner(&store, "d:1").await;
         let mut heads = HeadCache::default();
         let mut delete = message("d:1", "p", "x");
         delete.key = AppendKey::Server("delete:1".into());
@@ -1882,10 +1878,7 @@ mod tests {
     async fn idempotency_records_expire_after_their_window() {
         let dir = tempfile::tempdir().unwrap();
         let store = store(&dir).await;
-        let lease = store
-            .acquire_shards(&[store.shard_of("d:1")])
-            .await
-            .unwrap()[0];
+        let lease = owner(&store, "d:1").await;
         let mut heads = HeadCache::default();
         let sent = first(
             store
