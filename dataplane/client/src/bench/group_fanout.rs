@@ -138,14 +138,15 @@ pub async fn run(common: &CommonArgs, args: GroupFanoutArgs) -> anyhow::Result<R
     }
     let start = Instant::now() + Duration::from_millis(20);
     let mut sender_tasks = Vec::new();
-    for (writer, reader) in sender_connections {
+    for (i, (writer, reader)) in sender_connections.into_iter().enumerate() {
+        let pace = Pace::OpenLoop {
+            start,
+            interval: Duration::from_secs_f64(senders as f64 / args.rate),
+        };
         let plan = SenderPlan {
             targets: vec![Target::Conversation(conversation.clone())],
             count: None,
-            pace: Pace::OpenLoop {
-                start,
-                interval: Duration::from_secs_f64(senders as f64 / args.rate),
-            },
+            pace: pace.staggered(i, senders),
             max_in_flight: 10_000,
             body_bytes: args.body_bytes,
             track_receipts: false,

@@ -37,6 +37,22 @@ pub enum Pace {
     Window(usize),
 }
 
+impl Pace {
+    /// Sender `i` of `n` sharing one open-loop pace starts `i / n` of an interval later, so the
+    /// offered load is spread evenly over time. Without it every sender fires at the same
+    /// instant and the server sees bursts of `n` sends (a latency floor of the load generator's
+    /// making: 100 senders at 1,000 msgs/s would be 100 sends at once every 100 ms).
+    pub fn staggered(self, i: usize, n: usize) -> Self {
+        match self {
+            Pace::OpenLoop { start, interval } => Pace::OpenLoop {
+                start: start + interval.mul_f64(i as f64 / n.max(1) as f64),
+                interval,
+            },
+            window => window,
+        }
+    }
+}
+
 /// What one sender does.
 #[derive(Debug, Clone)]
 pub struct SenderPlan {

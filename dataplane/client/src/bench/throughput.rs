@@ -113,7 +113,7 @@ pub async fn run(common: &CommonArgs, args: ThroughputArgs) -> anyhow::Result<Re
         let plan = SenderPlan {
             targets: vec![Target::User(format!("b{run}r{i}"))],
             count: None,
-            pace,
+            pace: pace.staggered(i, args.pairs),
             max_in_flight: max_in_flight.max(1),
             body_bytes,
             track_receipts: true,
