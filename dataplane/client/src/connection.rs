@@ -29,7 +29,7 @@ pub enum Target {
 /// The WebSocket settings of the SDK's connections: messages up to 64 MiB (a catch-up event
 /// can be large) and a 16 KiB read buffer (tungstenite's default 128 KiB per connection adds up
 /// when one process holds thousands, as `courier bench` does).
-pub(crate) fn websocket_config() -> WebSocketConfig {
+pub fn websocket_config() -> WebSocketConfig {
     WebSocketConfig::default()
         .max_message_size(Some(64 << 20))
         .read_buffer_size(16 * 1024)

@@ -1,6 +1,6 @@
 //! A typed Rust client for the Courier protocol (`PROTOCOL.md`): connect over WebSocket with
 //! either subprotocol, send with retry on `unavailable`, acknowledge, sync, fetch; and the
-//! HTTP API. Used by the tests, the bench tool and `courier chat`.
+//! HTTP API. Used by the tests, the load generator (`courier-bench`) and `courier chat`.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), courier_client::ClientError> {
@@ -11,11 +11,10 @@
 //! # Ok(()) }
 //! ```
 
-pub mod bench;
 mod connection;
 mod http;
 
-pub use connection::{Client, Target};
+pub use connection::{Client, Target, websocket_config};
 pub use courier_proto as proto;
 pub use http::HttpApi;
 

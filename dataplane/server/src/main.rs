@@ -75,7 +75,7 @@ enum Command {
     /// Chat from a terminal: type a line to send it; `/to USER` picks the peer.
     Chat(cli_chat::ChatArgs),
     /// Load-generate against a running server and report latency and throughput.
-    Bench(courier_client::bench::BenchArgs),
+    Bench(courier_bench::BenchArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -118,6 +118,6 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Chat(args) => cli_chat::run(args).await,
-        Command::Bench(args) => courier_client::bench::run(args).await,
+        Command::Bench(args) => courier_bench::run(args).await,
     }
 }

@@ -126,7 +126,7 @@ fn combine(common: &CommonArgs, args: &LatencyCurveArgs, runs: Vec<Report>) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::{BenchArgs, Scenario};
+    use crate::{BenchArgs, Scenario};
     use clap::Parser;
 
     #[derive(Parser)]

@@ -2,8 +2,8 @@
 //! write frames without waiting for replies, and the local address can be chosen (to spread
 //! connections over 127.0.0.1..127.0.0.K past the ephemeral-port limit).
 
-use crate::connection::websocket_config;
 use anyhow::Context;
+use courier_client::websocket_config;
 use courier_proto::{ClientFrame, Encoding, Hello, Payload, ServerFrame};
 use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
