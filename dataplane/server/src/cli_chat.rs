@@ -2,10 +2,10 @@
 //! terminals. Lines typed are sent to the current peer; incoming messages are printed and
 //! acknowledged as delivered.
 
-use crate::auth;
 use clap::Args;
 use courier_client::proto::{AckKind, Body, Encoding, EventPayload, Media, ServerFrame};
 use courier_client::{Client, HttpApi, Target};
+use courier_core::auth;
 use std::path::PathBuf;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, BufReader};

@@ -1,12 +1,13 @@
 //! Configuration of `courier serve`: one typed struct, from flags or `COURIER_*` environment
 //! variables, validated at start-up.
 
-use crate::chat::ChatLimits;
-use crate::gateway::GatewayLimits;
-use crate::limits::Rate;
-use crate::retention::RetentionPolicy;
-use crate::sequencer::GroupCommitLimits;
 use clap::{Args, ValueEnum};
+use courier_chat::ChatLimits;
+use courier_core::limits::Rate;
+use courier_core::units::parse_bytes;
+use courier_gateway::GatewayLimits;
+use courier_sequencer::GroupCommitLimits;
+use courier_sequencer::retention::RetentionPolicy;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -138,38 +139,14 @@ pub struct ServeConfig {
     #[arg(long, env = "COURIER_MIN_FREE_DISK", default_value = "256MiB", value_parser = parse_bytes)]
     pub min_free_disk: u64,
     #[command(flatten)]
-    pub media: crate::media::MediaConfig,
+    pub media: courier_media::MediaConfig,
     #[command(flatten)]
-    pub push: crate::push::PushConfig,
+    pub push: courier_push::providers::PushConfig,
     #[command(flatten)]
-    pub notifier: crate::notifier::NotifierConfig,
+    pub notifier: courier_push::NotifierConfig,
     /// How long draining may take on SIGTERM before the process exits anyway.
     #[arg(long, env = "COURIER_DRAIN_TIMEOUT", default_value = "25s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
-}
-
-/// Parses a byte count: a number, optionally followed by `KiB`, `MiB`, `GiB` or `TiB`
-/// (`256MiB`, `10GiB`, `1048576`).
-pub fn parse_bytes(value: &str) -> Result<u64, String> {
-    let value = value.trim();
-    let digits = value
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(value.len());
-    let (number, unit) = value.split_at(digits);
-    let number: u64 = number
-        .parse()
-        .map_err(|_| format!("{value:?} is not a byte count such as 256MiB"))?;
-    let shift = match unit.trim() {
-        "" => 0,
-        "KiB" => 10,
-        "MiB" => 20,
-        "GiB" => 30,
-        "TiB" => 40,
-        other => return Err(format!("unknown unit {other:?}: use KiB, MiB, GiB or TiB")),
-    };
-    number
-        .checked_mul(1 << shift)
-        .ok_or_else(|| format!("{value} is too large"))
 }
 
 impl ServeConfig {
@@ -258,21 +235,5 @@ impl ServeConfig {
             queue_capacity: self.shard_queue,
             ..GroupCommitLimits::default()
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_bytes;
-
-    #[test]
-    fn byte_counts_take_binary_units() {
-        assert_eq!(parse_bytes("1048576"), Ok(1 << 20));
-        assert_eq!(parse_bytes("256MiB"), Ok(256 << 20));
-        assert_eq!(parse_bytes("10 GiB"), Ok(10 << 30));
-        assert_eq!(parse_bytes("0"), Ok(0));
-        assert!(parse_bytes("10GB").is_err());
-        assert!(parse_bytes("MiB").is_err());
-        assert!(parse_bytes("99999999TiB").is_err());
     }
 }

@@ -3,14 +3,6 @@
 //! on disk ([`StorageHealth`]).
 //! Handlers are thin: they authenticate, then call the chat role.
 
-use crate::auth::{AuthError, Identity, TokenVerifier, bearer_token};
-use crate::chat::Chat;
-use crate::devices::Devices;
-use crate::error::ApiError;
-use crate::gateway::Gateway;
-use crate::media::MediaService;
-use crate::metrics::Metrics;
-use crate::storage_health::StorageHealth;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
@@ -18,7 +10,15 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
-use courier_proto::{Encoding, ErrorCode, SUBPROTOCOL_JSON, SUBPROTOCOL_PROTO};
+use courier_chat::Chat;
+use courier_chat::devices::Devices;
+use courier_core::auth::{AuthError, Identity, TokenVerifier, bearer_token};
+use courier_core::error::ApiError;
+use courier_core::metrics::Metrics;
+use courier_core::storage_health::StorageHealth;
+use courier_gateway::Gateway;
+use courier_media::MediaService;
+use courier_proto::{Encoding, SUBPROTOCOL_JSON, SUBPROTOCOL_PROTO};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -31,7 +31,7 @@ const WRITE_BUFFER_BYTES: usize = 16 * 1024;
 pub struct AppState {
     pub chat: Arc<Chat>,
     pub media: Arc<MediaService>,
-    pub push: Arc<crate::push::PushProviders>,
+    pub push: Arc<courier_push::providers::PushProviders>,
     pub gateway: Arc<Gateway>,
     pub verifier: TokenVerifier,
     pub metrics: Arc<Metrics>,
@@ -61,12 +61,6 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(state)
-}
-
-impl From<AuthError> for ApiError {
-    fn from(e: AuthError) -> Self {
-        ApiError::new(ErrorCode::Unauthorized, e.to_string())
-    }
 }
 
 /// The caller, from a verified bearer token (header or `access_token` query parameter).
@@ -266,7 +260,7 @@ async fn unlink_device(
     Path(device): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     Devices::new(state.chat.store().clone())
-        .unlink(&who.user, &device, &state.gateway.routes)
+        .unlink(&who.user, &device, state.gateway.routes.as_ref())
         .await?;
     Ok(StatusCode::NO_CONTENT)
 }

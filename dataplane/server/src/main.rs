@@ -5,32 +5,13 @@
 //! - `courier token`: prints a token signed with the server's secret;
 //! - `courier chat`: a small interactive terminal client.
 
-mod auth;
-mod chat;
 mod cli_chat;
 mod config;
-mod devices;
-mod error;
-mod fanout;
-#[cfg(test)]
-mod faulty_engine;
-mod gateway;
-mod groups;
 mod http;
-mod limits;
-mod media;
-mod membership;
-mod metrics;
-mod notifier;
-mod push;
-mod receipts;
-mod retention;
-mod routes;
-mod sequencer;
 mod serve;
-mod storage_health;
 
 use clap::{Parser, Subcommand};
+use courier_core::auth;
 
 /// mimalloc instead of the system allocator: the server allocates per frame and per commit
 /// from many threads, where glibc malloc took ~20% of the CPU under load (docs/benchmarks.md).

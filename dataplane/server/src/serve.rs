@@ -1,23 +1,24 @@
 //! `courier serve`: every role in one process on one store, wired with in-process bindings.
 
-use crate::auth::{self, TokenVerifier};
-use crate::chat::Chat;
 use crate::config::{PublicKeyAlgorithm, ServeConfig, StoreKind};
-use crate::fanout::Fanout;
-use crate::gateway::Gateway;
 use crate::http::{AppState, router};
-use crate::media::MediaService;
-use crate::membership::MembershipCache;
-use crate::metrics::Metrics;
-use crate::notifier::Notifier;
-use crate::push::PushProviders;
-use crate::receipts::ReceiptRelay;
-use crate::retention::Retention;
-use crate::routes::Routes;
-use crate::sequencer::{Listeners, LocalSequencer};
-use crate::storage_health::StorageHealth;
 use anyhow::Context;
 use axum::serve::ListenerExt;
+use courier_chat::Chat;
+use courier_chat::receipts::ReceiptRelay;
+use courier_core::auth::{self, TokenVerifier};
+use courier_core::membership::MembershipCache;
+use courier_core::metrics::Metrics;
+use courier_core::sequencing::Listeners;
+use courier_core::storage_health::StorageHealth;
+use courier_fanout::Fanout;
+use courier_gateway::Gateway;
+use courier_gateway::routes::Routes;
+use courier_media::MediaService;
+use courier_push::Notifier;
+use courier_push::providers::PushProviders;
+use courier_sequencer::LocalSequencer;
+use courier_sequencer::retention::Retention;
 use courier_store::embedded::EmbeddedEngine;
 use courier_store::{KvEngine, MessageStore};
 use std::future::IntoFuture;
@@ -84,7 +85,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let store = MessageStore::open(engine, b"", config.shards).await?;
 
     let metrics = Arc::new(Metrics::new());
-    let routes = Arc::new(Routes::default());
+    let routes = Arc::new(Routes::new(metrics.clone()));
     let membership = Arc::new(MembershipCache::new(store.clone()));
     let fanout = Fanout::new(
         store.clone(),

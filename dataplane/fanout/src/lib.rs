@@ -27,10 +27,12 @@
 //! each shard is read when the fanout is built, before this process can commit, and entries up
 //! to it are delivered without being counted.
 
-use crate::membership::{Members, MembershipCache};
-use crate::metrics::Metrics;
-use crate::routes::{Handoff, Routes, SharedEvent};
-use crate::sequencer::CommitListener;
+use courier_core::clock::now_ms;
+use courier_core::gateways::Gateways;
+use courier_core::membership::{Members, MembershipCache};
+use courier_core::metrics::Metrics;
+use courier_core::sequencing::CommitListener;
+use courier_core::shard_cursors::ShardCursors;
 use courier_store::{MessageStore, StoreError};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -61,33 +63,11 @@ struct Worker {
     wake: Notify,
 }
 
-type LargeDelivery = (Arc<SharedEvent>, Members);
-
-/// The last key a consumer took from each shard's queue (in memory: after a restart the first
-/// read starts at the head of the queue).
-#[derive(Default)]
-pub struct ShardCursors(Mutex<std::collections::HashMap<u32, Vec<u8>>>);
-
-impl ShardCursors {
-    pub fn get(&self, shard: u32) -> Option<Vec<u8>> {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&shard)
-            .cloned()
-    }
-
-    pub fn set(&self, shard: u32, last: Vec<u8>) {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(shard, last);
-    }
-}
+type LargeDelivery = (courier_proto::Event, Members);
 
 pub struct Fanout {
     store: MessageStore,
-    routes: Arc<Routes>,
+    gateways: Arc<dyn Gateways>,
     membership: Arc<MembershipCache>,
     metrics: Arc<Metrics>,
     workers: Vec<Worker>,
@@ -108,7 +88,7 @@ impl Fanout {
     /// the sequencer that reports commits to it.
     pub async fn new(
         store: MessageStore,
-        routes: Arc<Routes>,
+        gateways: Arc<dyn Gateways>,
         membership: Arc<MembershipCache>,
         metrics: Arc<Metrics>,
         workers: usize,
@@ -130,7 +110,7 @@ impl Fanout {
             .collect();
         Ok(Arc::new(Self {
             store,
-            routes,
+            gateways,
             membership,
             metrics,
             workers,
@@ -165,7 +145,7 @@ impl Fanout {
             tokio::spawn(async move {
                 while let Some((event, recipients)) = queue.recv().await {
                     fanout.metrics.large_group_queue.dec();
-                    fanout.hand_off(&event, &recipients);
+                    fanout.gateways.deliver(event, &recipients);
                 }
             });
         }
@@ -244,35 +224,14 @@ impl Fanout {
 
     async fn deliver(&self, event: courier_proto::Event) -> Result<(), StoreError> {
         let recipients = self.membership.recipients(&event).await?;
-        let shared = SharedEvent::new(event);
         if recipients.len() > self.large_group_threshold {
             self.metrics.large_group_queue.inc();
             // The receiver lives as long as the process; a send error cannot happen.
-            let _ = self.large.send((shared, recipients)).await;
+            let _ = self.large.send((event, recipients)).await;
             return Ok(());
         }
-        self.hand_off(&shared, &recipients);
+        self.gateways.deliver(event, &recipients);
         Ok(())
-    }
-
-    /// Hands an event to the connections of its recipients, except the sending device.
-    fn hand_off(&self, shared: &Arc<SharedEvent>, recipients: &Members) {
-        let lag = now_ms().saturating_sub(shared.event.ts_ms) as f64 / 1000.0;
-        let sender = &shared.event.sender;
-        for member in recipients.iter() {
-            for connection in self.routes.connections(member) {
-                if *member == sender.user && connection.device == sender.device {
-                    continue;
-                }
-                match connection.deliver(shared) {
-                    Handoff::Lagged => {
-                        self.metrics.lagged_deliveries.inc();
-                    }
-                    Handoff::Queued | Handoff::Gone => {}
-                }
-                self.metrics.delivery_lag.observe(lag);
-            }
-        }
     }
 }
 
@@ -297,15 +256,10 @@ impl CommitListener for Fanout {
     }
 }
 
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use courier_core::gateways::NoGateways;
     use courier_proto::{Body, Sender};
     use courier_store::embedded::EmbeddedEngine;
     use courier_store::{Append, HeadCache, NewConversation};
@@ -345,7 +299,7 @@ mod tests {
         let metrics = Arc::new(Metrics::new());
         let fanout = Fanout::new(
             store.clone(),
-            Arc::new(Routes::default()),
+            Arc::new(NoGateways),
             Arc::new(MembershipCache::new(store.clone())),
             metrics.clone(),
             1,

@@ -21,16 +21,16 @@
 //!   older than the TTL, and the bytes once no record keeps them; retention drops the
 //!   references of the messages it clears.
 
-use crate::auth::Identity;
-use crate::chat::Chat;
-use crate::error::ApiError;
-use crate::fanout::now_ms;
-use crate::metrics::Metrics;
-use crate::storage_health::StorageHealth;
 use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use clap::Args;
+use courier_chat::Chat;
+use courier_core::auth::Identity;
+use courier_core::clock::now_ms;
+use courier_core::error::ApiError;
+use courier_core::metrics::Metrics;
+use courier_core::storage_health::StorageHealth;
 use courier_proto::ErrorCode;
 use courier_store::{MediaAdmission, MediaRecord, MessageStore, StoreError};
 use futures::StreamExt;
@@ -54,14 +54,14 @@ pub struct MediaConfig {
     pub media_max_bytes: u64,
     /// Bytes of media each user may keep uploaded (0: no quota); uploads past it get 413.
     /// An upload counts until the sweeper deletes it.
-    #[arg(long, env = "COURIER_MEDIA_QUOTA_PER_USER", default_value = "10GiB", value_parser = crate::config::parse_bytes)]
+    #[arg(long, env = "COURIER_MEDIA_QUOTA_PER_USER", default_value = "10GiB", value_parser = courier_core::units::parse_bytes)]
     pub media_quota_per_user: u64,
     /// Directory of media bytes (default: `<data-dir>/media`).
     #[arg(long, env = "COURIER_MEDIA_DIR")]
     pub media_dir: Option<PathBuf>,
     /// Uploads get `unavailable` while the media directory's filesystem has less free space
     /// than this (0: off); at least `--min-free-disk`, so uploads stop before sends.
-    #[arg(long, env = "COURIER_MEDIA_MIN_FREE_DISK", default_value = "1GiB", value_parser = crate::config::parse_bytes)]
+    #[arg(long, env = "COURIER_MEDIA_MIN_FREE_DISK", default_value = "1GiB", value_parser = courier_core::units::parse_bytes)]
     pub media_min_free_disk: u64,
     /// Store media in this S3-compatible bucket instead; credentials, region and endpoint come
     /// from the usual `AWS_*` variables (`AWS_ENDPOINT` for non-AWS services).

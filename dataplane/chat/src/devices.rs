@@ -8,10 +8,10 @@
 //! reconnect's last-seen, an unlink, a push registration) never undo one another. A connection
 //! records its device before its catch-up ends, so a device that has had `sync_done` is listed.
 
-use crate::auth::{AuthError, Identity};
-use crate::error::ApiError;
-use crate::fanout::now_ms;
-use crate::routes::Routes;
+use courier_core::auth::{AuthError, Identity};
+use courier_core::clock::now_ms;
+use courier_core::error::ApiError;
+use courier_core::gateways::Gateways;
 use courier_store::{DeviceRecord, MessageStore, StoreError};
 
 /// A device as listed by `GET /v1/devices`.
@@ -165,16 +165,17 @@ impl Devices {
     }
 
     /// Unlinks one of the user's devices and closes its connections.
-    pub async fn unlink(&self, user: &str, device: &str, routes: &Routes) -> Result<(), ApiError> {
+    pub async fn unlink(
+        &self,
+        user: &str,
+        device: &str,
+        gateways: &dyn Gateways,
+    ) -> Result<(), ApiError> {
         courier_proto::ids::device_id(device)?;
         if !self.store.unlink_device(user, device, now_ms()).await? {
             return Err(ApiError::not_found(format!("no linked device {device}")));
         }
-        for connection in routes.connections(user) {
-            if connection.device == device {
-                connection.close_unlinked();
-            }
-        }
+        gateways.unlinked(user, device);
         Ok(())
     }
 }
@@ -191,7 +192,7 @@ fn link(record: Option<&DeviceRecord>, issued: u64) -> Link {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::faulty_engine::FaultyEngine;
+    use courier_store::faulty_engine::FaultyEngine;
 
     fn phone(issued_at_ms: u64) -> Identity {
         Identity {

@@ -3,13 +3,16 @@
 //! store (unknown commit outcomes, an overloaded engine, one shard's writes failing, batches
 //! over the engine's limit) and interleave a concurrent writer deterministically.
 
+use crate::embedded::EmbeddedEngine;
+use crate::kv::{Batch, BatchLimits, CommitStamp, KeyValue};
+use crate::{KvEngine, MessageStore, StoreError};
 use async_trait::async_trait;
-use courier_store::embedded::EmbeddedEngine;
-use courier_store::kv::{Batch, BatchLimits, CommitStamp, KeyValue};
-use courier_store::{KvEngine, MessageStore, StoreError};
-use futures::future::BoxFuture;
+use std::future::Future;
 use std::ops::Range;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 /// Decides, per batch, whether its commit fails (and with what); the batch is then not applied.
 pub type Fault = Box<dyn Fn(&Batch) -> Option<StoreError> + Send + Sync>;
@@ -18,7 +21,7 @@ pub struct FaultyEngine {
     inner: EmbeddedEngine,
     fault: Mutex<Option<Fault>>,
     max_batch_bytes: Mutex<Option<usize>>,
-    before_next_commit: Mutex<Option<BoxFuture<'static, ()>>>,
+    before_next_commit: Mutex<Option<BoxFuture<()>>>,
     _dir: tempfile::TempDir,
 }
 
@@ -50,7 +53,7 @@ impl FaultyEngine {
 
     /// Runs `race` (once) just before the next commit, which then sees what it wrote: a
     /// concurrent writer between a read and the commit that depends on it.
-    pub fn before_next_commit(&self, race: BoxFuture<'static, ()>) {
+    pub fn before_next_commit(&self, race: BoxFuture<()>) {
         *self.before_next_commit.lock().unwrap() = Some(race);
     }
 
@@ -62,7 +65,7 @@ impl FaultyEngine {
 
 /// Whether `batch` writes or clears a key in `range`.
 pub fn touches(batch: &Batch, range: &Range<Vec<u8>>) -> bool {
-    use courier_store::kv::Mutation;
+    use crate::kv::Mutation;
     batch.mutations.iter().any(|m| match m {
         Mutation::Set { key, .. }
         | Mutation::Clear { key }

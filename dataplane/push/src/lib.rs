@@ -17,14 +17,16 @@
 //!   (each notification keeps the latest seq it counted). A shard that fails to expand is
 //!   retried with backoff and holds back neither the other shards nor the sends.
 
-use crate::devices::Devices;
-use crate::fanout::{ShardCursors, now_ms};
-use crate::membership::MembershipCache;
-use crate::metrics::{Metrics, OutcomeLabel};
-use crate::push::{Notification, PushError, PushProviders, next_delay};
-use crate::routes::Routes;
-use crate::sequencer::CommitListener;
+pub mod providers;
+
+use crate::providers::{Notification, PushError, PushProviders, next_delay};
 use clap::Args;
+use courier_chat::devices::Devices;
+use courier_core::gateways::Gateways;
+use courier_core::membership::MembershipCache;
+use courier_core::metrics::{Metrics, OutcomeLabel};
+use courier_core::sequencing::CommitListener;
+use courier_core::{clock::now_ms, shard_cursors::ShardCursors};
 use courier_proto::{Body, EventPayload};
 use courier_store::{MessageStore, PendingPush, StoreError};
 use std::collections::{BTreeSet, HashMap};
@@ -62,7 +64,7 @@ type DeviceKey = (String, String, String);
 
 pub struct Notifier {
     store: MessageStore,
-    routes: Arc<Routes>,
+    gateways: Arc<dyn Gateways>,
     membership: Arc<MembershipCache>,
     providers: Arc<PushProviders>,
     config: NotifierConfig,
@@ -82,7 +84,7 @@ impl Notifier {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         store: MessageStore,
-        routes: Arc<Routes>,
+        gateways: Arc<dyn Gateways>,
         membership: Arc<MembershipCache>,
         providers: Arc<PushProviders>,
         config: NotifierConfig,
@@ -92,7 +94,7 @@ impl Notifier {
     ) -> Arc<Self> {
         Arc::new(Self {
             store,
-            routes,
+            gateways,
             membership,
             providers,
             config,
@@ -217,12 +219,7 @@ impl Notifier {
                     if *member == intent.sender_user {
                         continue;
                     }
-                    let connected: Vec<String> = self
-                        .routes
-                        .connections(member)
-                        .into_iter()
-                        .map(|c| c.device)
-                        .collect();
+                    let connected = self.gateways.connected_devices(member);
                     for (device, record) in self.store.devices(member).await? {
                         if record.push_token.is_empty()
                             || !record.is_linked()
@@ -387,10 +384,11 @@ impl CommitListener for Notifier {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::faulty_engine::{FaultyEngine, touches};
-    use crate::push::PushConfig;
+    use crate::providers::PushConfig;
     use clap::Parser;
+    use courier_core::gateways::NoGateways;
     use courier_proto::Sender;
+    use courier_store::faulty_engine::{FaultyEngine, touches};
     use courier_store::{Append, AppendKey, HeadCache};
 
     #[derive(Parser)]
@@ -436,7 +434,7 @@ mod tests {
     ) -> Arc<Notifier> {
         Notifier::new(
             store.clone(),
-            Arc::new(Routes::default()),
+            Arc::new(NoGateways),
             Arc::new(MembershipCache::new(store.clone())),
             Arc::new(providers),
             NotifierConfig {

@@ -2,15 +2,19 @@
 //! conversations, hands appends to the sequencer, records acknowledgements and forwards
 //! receipts. Handlers of both WebSocket frames and HTTP requests call into it.
 
-use crate::auth::Identity;
-use crate::error::ApiError;
-use crate::limits::{KeyedLimit, Rate};
-use crate::membership::MembershipCache;
-use crate::metrics::{Metrics, ScopeLabel};
+pub mod devices;
+pub mod groups;
+pub mod receipts;
+
 use crate::receipts::ReceiptRelay;
-use crate::routes::{Delivery, Routes};
-use crate::sequencer::{PendingAppend, Sequencer};
-use crate::storage_health::StorageHealth;
+use courier_core::auth::Identity;
+use courier_core::error::ApiError;
+use courier_core::gateways::Gateways;
+use courier_core::limits::{KeyedLimit, Rate};
+use courier_core::membership::MembershipCache;
+use courier_core::metrics::{Metrics, ScopeLabel};
+use courier_core::sequencing::{PendingAppend, Sequencer};
+use courier_core::storage_health::StorageHealth;
 use courier_proto::{
     AckKind, Body, Event, EventPayload, Receipt, Sender, ServerFrame, TypingNotice, ids,
 };
@@ -139,7 +143,7 @@ impl Default for ChatLimits {
 pub struct Chat {
     pub(crate) store: MessageStore,
     pub(crate) sequencer: Arc<dyn Sequencer>,
-    pub(crate) routes: Arc<Routes>,
+    pub(crate) gateways: Arc<dyn Gateways>,
     pub(crate) membership: Arc<MembershipCache>,
     pub(crate) receipts: Arc<ReceiptRelay>,
     pub(crate) metrics: Arc<Metrics>,
@@ -154,7 +158,7 @@ impl Chat {
     pub fn new(
         store: MessageStore,
         sequencer: Arc<dyn Sequencer>,
-        routes: Arc<Routes>,
+        gateways: Arc<dyn Gateways>,
         membership: Arc<MembershipCache>,
         receipts: Arc<ReceiptRelay>,
         metrics: Arc<Metrics>,
@@ -167,7 +171,7 @@ impl Chat {
             group_sends: KeyedLimit::new(limits.group_sends, "sends to this group"),
             store,
             sequencer,
-            routes,
+            gateways,
             membership,
             receipts,
             metrics,
@@ -524,11 +528,8 @@ impl Chat {
             if *member == who.user {
                 continue;
             }
-            for connection in self.routes.connections(member) {
-                if !connection.deliver_droppable(Delivery::Frame(frame.clone())) {
-                    self.metrics.typing_dropped.inc();
-                }
-            }
+            let dropped = self.gateways.offer(member, &frame);
+            self.metrics.typing_dropped.inc_by(dropped as u64);
         }
         Ok(())
     }

@@ -13,10 +13,13 @@
 //! it is (typed), and `error.rs` maps it to the client's code; a fence that moved means the
 //! shard moved: the actor refuses what is queued and stops.
 
-use crate::metrics::{Metrics, ShardLabel};
-use courier_store::{
-    Append, AppendOutcome, AppendRefused, HeadCache, MessageStore, ShardLease, StoreError,
+pub mod retention;
+
+use courier_core::metrics::{Metrics, ShardLabel};
+use courier_core::sequencing::{
+    CommitListener, PendingAppend, PendingTrim, Sequencer, SequencerError,
 };
+use courier_store::{Append, AppendOutcome, HeadCache, MessageStore, ShardLease, StoreError};
 use futures::future::BoxFuture;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -25,55 +28,6 @@ use tokio::sync::{mpsc, oneshot};
 /// Conversation heads the shard actors of one sequencer cache together (each an equal part):
 /// about 100 MB at most. A head not cached is read from the store on the next append.
 const CACHED_HEADS: usize = 1 << 20;
-
-/// Why an append was not sequenced. The store's error is kept as it is, so that clients learn
-/// by its type whether a retry with the same `client_msg_id` is safe (see `error.rs`); a
-/// `Refused` append is refused for good.
-#[derive(Debug, thiserror::Error)]
-pub enum SequencerError {
-    /// Refused at its place in the conversation's order (membership); retrying changes nothing.
-    #[error(transparent)]
-    Refused(#[from] AppendRefused),
-    #[error("the sequencer is overloaded; retry with the same client_msg_id")]
-    Overloaded,
-    #[error("this node no longer owns the conversation's shard; retry")]
-    ShardMoved,
-    #[error("storage failed: {0}")]
-    Store(#[from] StoreError),
-}
-
-/// An append in flight; resolves once it is durable (or refused).
-pub type PendingAppend = BoxFuture<'static, Result<AppendOutcome, SequencerError>>;
-
-/// A retention trim in flight; resolves to the number of seqs cleared.
-pub type PendingTrim = BoxFuture<'static, Result<u64, SequencerError>>;
-
-/// Orders and persists appends; the only writer of a conversation's events.
-pub trait Sequencer: Send + Sync + 'static {
-    /// Queues `append` before returning, so two calls from one task keep their order within a
-    /// conversation; the future resolves after the durable commit.
-    fn submit(&self, append: Append) -> PendingAppend;
-
-    /// Clears the events of `conversation_id` below `new_floor` (retention), fenced by the
-    /// shard's epoch like every other shard write.
-    fn trim(&self, conversation_id: &str, new_floor: u64) -> PendingTrim;
-}
-
-/// Told after each commit which shard's outbox grew (fanout, in-process).
-pub trait CommitListener: Send + Sync + 'static {
-    fn committed(&self, shard: u32, events: usize);
-}
-
-/// Several listeners told of every commit, in order.
-pub struct Listeners(pub Vec<Arc<dyn CommitListener>>);
-
-impl CommitListener for Listeners {
-    fn committed(&self, shard: u32, events: usize) {
-        for listener in &self.0 {
-            listener.committed(shard, events);
-        }
-    }
-}
 
 /// Bounds of one group commit.
 #[derive(Debug, Clone, Copy)]
@@ -358,9 +312,10 @@ impl ShardActor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::error::ApiError;
-    use crate::faulty_engine::FaultyEngine;
+    use courier_core::error::ApiError;
     use courier_proto::{Body, ErrorCode, EventPayload, Sender};
+    use courier_core::sequencing::Listeners;
+    use courier_store::faulty_engine::FaultyEngine;
     use courier_store::{AppendKey, NewConversation};
 
     fn message(conv: &str, client_msg_id: &str, text: &str) -> Append {

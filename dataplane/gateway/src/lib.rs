@@ -20,16 +20,18 @@
 //! Writes are buffered and flushed when the connection has nothing more queued, so a burst of
 //! deliveries or a catch-up page leaves in a few system calls rather than one per frame.
 
-use crate::auth::Identity;
-use crate::chat::{CatchUp, Chat};
-use crate::devices::{Devices, Link};
-use crate::error::ApiError;
-use crate::fanout::now_ms;
-use crate::limits::{ConnectionLimit, Rate};
-use crate::metrics::{CodeLabel, Metrics, ScopeLabel};
+pub mod routes;
+
 use crate::routes::{Delivery, Routes, SharedEvent, to_message};
-use crate::sequencer::SequencerError;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, close_code};
+use courier_chat::devices::{Devices, Link};
+use courier_chat::{CatchUp, Chat};
+use courier_core::auth::Identity;
+use courier_core::clock::now_ms;
+use courier_core::error::ApiError;
+use courier_core::limits::{ConnectionLimit, Rate};
+use courier_core::metrics::{CodeLabel, Metrics, ScopeLabel};
+use courier_core::sequencing::SequencerError;
 use courier_proto::{
     ClientFrame, Encoding, ErrorFrame, Event, Hello, Messages, Pong, Reconnect, Sent, ServerFrame,
     SyncDone, Trimmed,
@@ -502,7 +504,7 @@ impl Connection<'_> {
         client_msg_id: String,
         conversation_id: String,
         started: Instant,
-        pending: crate::sequencer::PendingAppend,
+        pending: courier_core::sequencing::PendingAppend,
     ) {
         let timeout = self.gateway.limits.send_timeout;
         self.pending.push(Box::pin(async move {

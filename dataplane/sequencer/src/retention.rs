@@ -9,9 +9,9 @@
 //! expire likewise (a delete retried after the window is sequenced again, and tombstones a
 //! message already tombstoned).
 
-use crate::fanout::now_ms;
-use crate::metrics::Metrics;
-use crate::sequencer::{Sequencer, SequencerError};
+use courier_core::clock::now_ms;
+use courier_core::metrics::Metrics;
+use courier_core::sequencing::{Sequencer, SequencerError};
 use courier_proto::{Body, EventPayload};
 use courier_store::{MessageStore, StoreError};
 use std::sync::Arc;

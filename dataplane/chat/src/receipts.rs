@@ -17,8 +17,8 @@
 //! it from `publish`. A repeat, or an older receipt overtaken by a flush in progress, is harmless:
 //! clients keep the highest cursors.
 
-use crate::membership::{Members, MembershipCache};
-use crate::routes::{Delivery, Routes};
+use courier_core::gateways::Gateways;
+use courier_core::membership::{Members, MembershipCache};
 use courier_proto::{Receipt, ServerFrame};
 use courier_store::{MessageStore, StoreError};
 use std::collections::{BTreeSet, HashMap};
@@ -65,7 +65,7 @@ type PendingReceipts = HashMap<String, HashMap<String, Pending>>;
 
 pub struct ReceiptRelay {
     store: MessageStore,
-    routes: Arc<Routes>,
+    gateways: Arc<dyn Gateways>,
     membership: Arc<MembershipCache>,
     coalesce_above: usize,
     pending: Mutex<PendingReceipts>,
@@ -74,13 +74,13 @@ pub struct ReceiptRelay {
 impl ReceiptRelay {
     pub fn new(
         store: MessageStore,
-        routes: Arc<Routes>,
+        gateways: Arc<dyn Gateways>,
         membership: Arc<MembershipCache>,
         coalesce_above: usize,
     ) -> Arc<Self> {
         Arc::new(Self {
             store,
-            routes,
+            gateways,
             membership,
             coalesce_above,
             pending: Mutex::new(HashMap::new()),
@@ -146,10 +146,8 @@ impl ReceiptRelay {
             {
                 continue;
             }
-            for connection in self.routes.connections(target) {
-                if !connection.deliver_droppable(Delivery::Frame(frame.clone())) {
-                    refused.insert(target.to_string());
-                }
+            if self.gateways.offer(target, &frame) > 0 {
+                refused.insert(target.to_string());
             }
         }
         if refused.is_empty() {

@@ -1,8 +1,13 @@
 //! The route registry: which connections each user has open on this gateway. Live connection
-//! state is in memory only; fanout looks users up here and hands deliveries to connection
-//! queues.
+//! state is in memory only. It is the in-process binding of [`Gateways`]: fanout, chat,
+//! receipts, device unlinks and the notifier reach connections through it, and deliveries go
+//! to connection queues.
 
 use axum::extract::ws::Message;
+use courier_core::clock::now_ms;
+use courier_core::gateways::Gateways;
+use courier_core::membership::Members;
+use courier_core::metrics::Metrics;
 use courier_proto::{Encoding, Event, Payload, ServerFrame};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -135,13 +140,21 @@ impl Signals {
 }
 
 /// Connections by user.
-#[derive(Default)]
 pub struct Routes {
     users: RwLock<HashMap<String, Vec<ConnectionHandle>>>,
     next_id: AtomicU64,
+    metrics: Arc<Metrics>,
 }
 
 impl Routes {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self {
+            users: RwLock::default(),
+            next_id: AtomicU64::default(),
+            metrics,
+        }
+    }
+
     /// Registers a connection of `user`/`device` with a queue of `capacity` deliveries.
     pub fn register(
         &self,
@@ -184,5 +197,46 @@ impl Routes {
     pub fn all(&self) -> Vec<ConnectionHandle> {
         let users = self.users.read().unwrap_or_else(|e| e.into_inner());
         users.values().flatten().cloned().collect()
+    }
+}
+
+impl Gateways for Routes {
+    fn deliver(&self, event: Event, recipients: &Members) {
+        let lag = now_ms().saturating_sub(event.ts_ms) as f64 / 1000.0;
+        let shared = SharedEvent::new(event);
+        let sender = &shared.event.sender;
+        for member in recipients.iter() {
+            for connection in self.connections(member) {
+                if *member == sender.user && connection.device == sender.device {
+                    continue;
+                }
+                if connection.deliver(&shared) == Handoff::Lagged {
+                    self.metrics.lagged_deliveries.inc();
+                }
+                self.metrics.delivery_lag.observe(lag);
+            }
+        }
+    }
+
+    fn offer(&self, user: &str, frame: &Arc<ServerFrame>) -> usize {
+        self.connections(user)
+            .iter()
+            .filter(|connection| !connection.deliver_droppable(Delivery::Frame(frame.clone())))
+            .count()
+    }
+
+    fn unlinked(&self, user: &str, device: &str) {
+        for connection in self.connections(user) {
+            if connection.device == device {
+                connection.close_unlinked();
+            }
+        }
+    }
+
+    fn connected_devices(&self, user: &str) -> Vec<String> {
+        self.connections(user)
+            .into_iter()
+            .map(|connection| connection.device)
+            .collect()
     }
 }

@@ -1,7 +1,8 @@
 //! The error every role returns to clients: a protocol code and a message, rendered as an
 //! `error` frame on WebSocket and as `{"code", "message"}` with a status over HTTP.
 
-use crate::sequencer::SequencerError;
+use crate::auth::AuthError;
+use crate::sequencing::SequencerError;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use courier_proto::ErrorCode;
@@ -69,6 +70,12 @@ impl From<courier_proto::ids::InvalidId> for ApiError {
 /// - `too_large`: what the client asked for alone exceeds an engine limit (a group commit that
 ///   is too large is split by the sequencer, never failed);
 /// - `internal`: stored data that does not decode: a bug or corruption.
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> Self {
+        ApiError::new(ErrorCode::Unauthorized, e.to_string())
+    }
+}
+
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
