@@ -3,6 +3,9 @@
 //! - [`auth`]: the cluster token every internal call carries, and the server's check of it;
 //! - [`status`]: the one mapping between [`StoreError`](courier_store::StoreError) and
 //!   [`tonic::Status`], exact for every variant;
+//! - [`store_node`]: [`KvStoreService`] (any [`KvEngine`](courier_store::KvEngine) served
+//!   over gRPC) and [`serve_store_node`];
+//! - [`remote`]: [`RemoteEngine`], a `KvEngine` that talks to a store node;
 //! - [`proto`]: the generated messages and stubs of `courier.internal.v1`.
 //!
 //! **What the store node is for.** A multi-process *test* or development cluster on one
@@ -15,7 +18,11 @@
 //! frames or client tokens.
 
 pub mod auth;
+pub mod remote;
 pub mod status;
+pub mod store_node;
+
+mod convert;
 
 /// The generated messages, client and server of `courier.internal.v1` (`proto/`).
 pub mod proto {
@@ -24,6 +31,8 @@ pub mod proto {
 }
 
 pub use auth::{ClusterToken, TokenError};
+pub use remote::RemoteEngine;
+pub use store_node::{KvStoreService, ServeError, serve_store_node};
 
 use courier_store::kv::BatchLimits;
 
@@ -34,7 +43,7 @@ use courier_store::kv::BatchLimits;
 /// (as counted by `Batch::approximate_size`) plus its protobuf framing (a few bytes per
 /// mutation) and its fences (not counted by the engine). The largest answer is one chunk of a
 /// range stream, which the server cuts at this size. A commit whose encoded request is larger
-/// is refused by the remote engine with `StoreError::TooLarge` before it is sent, so the
+/// is refused by [`RemoteEngine`] with `StoreError::TooLarge` before it is sent, so the
 /// transport's own limit is never what refuses it.
 pub fn max_message_bytes(limits: &BatchLimits) -> usize {
     limits
