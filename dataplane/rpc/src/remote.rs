@@ -50,7 +50,9 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest header block accepted from the node (hyper's default is 16 KiB): an error's detail
-/// travels in the trailers and may hold a key of up to 10 kB, base64-encoded, and its text.
+/// travels in the trailers, base64-encoded, and may hold a key of up to 10 kB and a text of up
+/// to [`status::MAX_REASON_BYTES`] (about 100 kB on the wire). A status that does not fit
+/// would be lost, and a commit's outcome wrongly unknown.
 pub const MAX_HEADER_LIST_BYTES: u32 = 256 << 10;
 
 type Client = KvStoreClient<InterceptedService<Channel, AttachToken>>;

@@ -8,7 +8,7 @@
 //!
 //! **Invariants.** The variant travels machine-readable: a [`StoreErrorDetail`] (protobuf) in
 //! the binary metadata entry [`STORE_ERROR_METADATA`] of the status, with the variant's key and
-//! text verbatim. The status message is for humans and logs only and is never parsed (it is cut
+//! text verbatim (texts beyond [`MAX_REASON_BYTES`], which no engine writes, are cut). The status message is for humans and logs only and is never parsed (it is cut
 //! to [`MAX_MESSAGE_CHARS`]). The gRPC code is chosen per variant for tools that only see codes
 //! (see [`code_of`]).
 //!
@@ -35,6 +35,12 @@ pub const STORE_ERROR_METADATA: &str = "courier-store-error-bin";
 
 /// Longest human-readable status message, in characters; the full text travels in the detail.
 pub const MAX_MESSAGE_CHARS: usize = 1024;
+
+/// Longest error text carried in the detail, in bytes; a longer one is cut (at a character
+/// boundary). The variant and the key always travel whole. With a key at the engines' limit
+/// (10 kB) the detail stays well under what [`crate::remote::MAX_HEADER_LIST_BYTES`] lets a
+/// client receive in a status's trailers.
+pub const MAX_REASON_BYTES: usize = 64 << 10;
 
 /// Which kind of call failed: it decides what a status without a store's detail means.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,7 +78,7 @@ pub fn to_status(error: &StoreError) -> Status {
     let detail = StoreErrorDetail {
         kind: kind.into(),
         key,
-        reason: reason.to_owned(),
+        reason: cut(reason, MAX_REASON_BYTES).to_owned(),
     };
     let mut metadata = MetadataMap::new();
     metadata.insert_bin(
@@ -81,6 +87,15 @@ pub fn to_status(error: &StoreError) -> Status {
     );
     let message: String = error.to_string().chars().take(MAX_MESSAGE_CHARS).collect();
     Status::with_metadata(code_of(error), message, metadata)
+}
+
+/// The longest prefix of `text` of at most `max` bytes that ends at a character boundary.
+fn cut(text: &str, max: usize) -> &str {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
 }
 
 /// The store's own error carried by `status`, if it carries one.
@@ -144,7 +159,7 @@ mod tests {
                 key: vec![0xfe; 300],
                 reason: "bad varint".into(),
             },
-            StoreError::Engine("x".repeat(5000)),
+            StoreError::Engine("x".repeat(MAX_REASON_BYTES)),
             StoreError::Halted("disk full".into()),
         ]
     }
@@ -198,12 +213,28 @@ mod tests {
 
     #[test]
     fn the_message_is_for_humans_and_bounded() {
-        let status = to_status(&StoreError::Engine("y".repeat(100_000)));
+        let status = to_status(&StoreError::Engine("y".repeat(MAX_REASON_BYTES)));
         assert!(status.message().chars().count() <= MAX_MESSAGE_CHARS);
         let StoreError::Engine(reason) = store_error(&status, Call::Read) else {
             panic!("not Engine");
         };
-        assert_eq!(reason.len(), 100_000, "the full text travels in the detail");
+        assert_eq!(
+            reason.len(),
+            MAX_REASON_BYTES,
+            "the full text travels in the detail"
+        );
+    }
+
+    #[test]
+    fn overlong_texts_are_cut_at_a_character_boundary() {
+        let text = "é".repeat(MAX_REASON_BYTES);
+        let StoreError::Halted(reason) =
+            store_error(&to_status(&StoreError::Halted(text.clone())), Call::Commit)
+        else {
+            panic!("not Halted");
+        };
+        assert!(reason.len() <= MAX_REASON_BYTES && reason.len() > MAX_REASON_BYTES - 4);
+        assert!(text.starts_with(&reason));
     }
 
     #[test]

@@ -287,6 +287,12 @@ async fn every_store_error_crosses_the_network_as_itself() {
             key: vec![0, 0xff],
             reason: "bad varint".into(),
         },
+        // The largest detail: a key at the limit and the longest text carried (past hyper's
+        // default 16 KiB of trailers).
+        StoreError::Corrupt {
+            key: vec![0xcd; courier_store::embedded::MAX_KEY_BYTES],
+            reason: "r".repeat(courier_rpc::status::MAX_REASON_BYTES),
+        },
         StoreError::Engine("I/O error".into()),
         StoreError::Halted("disk full".into()),
     ];
