@@ -90,7 +90,9 @@ impl Node {
         self.task.await.unwrap().unwrap();
     }
 
-    /// As a crash of the node's server: its accept loop is dropped at once, nothing drains.
+    /// Aborts the server's task: the listener closes at once, and its open connections (whose
+    /// tasks see their server gone) are told to go away. A restart, not a crash of the
+    /// process: `tests/store_node_crash.rs` kills a store node process with SIGKILL.
     async fn kill(self) {
         self.task.abort();
         assert!(self.task.await.unwrap_err().is_cancelled());
@@ -117,8 +119,9 @@ async fn rebind(address: SocketAddr) -> TcpListener {
 }
 
 /// The contract's engine: a `RemoteEngine` talking to a store node backed by an embedded
-/// engine in a temporary directory. A reopen after a crash kills the node's server and starts
-/// a new one, on the same port and the same data directory.
+/// engine in a temporary directory. A reopen after a crash aborts the node's server and starts
+/// a new one, on the same port and the same data directory (as the embedded engine's own
+/// harness, a reopen rather than a crash: see `tests/store_node_crash.rs` for a SIGKILL).
 struct StoreNodeHarness {
     dir: tempfile::TempDir,
     node: Option<Node>,
