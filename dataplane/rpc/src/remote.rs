@@ -59,6 +59,21 @@ type Client = KvStoreClient<InterceptedService<Channel, AttachToken>>;
 
 /// A [`KvEngine`] served by a store node. Cheap to share behind an `Arc`; all calls share one
 /// HTTP/2 connection.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// use courier_rpc::{ClusterToken, RemoteEngine};
+/// use courier_store::{Batch, KvEngine};
+/// use std::sync::Arc;
+///
+/// let token = ClusterToken::from_env(courier_rpc::auth::TOKEN_ENV)?;
+/// let store: Arc<dyn KvEngine> =
+///     Arc::new(RemoteEngine::connect("http://store-node:7400", token).await?);
+/// let mut batch = Batch::new();
+/// batch.set(b"key".to_vec(), b"value".to_vec());
+/// store.commit(batch).await?;
+/// # Ok(()) }
+/// ```
 pub struct RemoteEngine {
     client: Client,
     limits: BatchLimits,
