@@ -1,0 +1,53 @@
+//! Courier's internal gRPC plumbing, and the store node.
+//!
+//! - [`auth`]: the cluster token every internal call carries, and the server's check of it;
+//! - [`status`]: the one mapping between [`StoreError`](courier_store::StoreError) and
+//!   [`tonic::Status`], exact for every variant;
+//! - [`store_node`]: [`KvStoreService`] (any [`KvEngine`](courier_store::KvEngine) served
+//!   over gRPC) and [`serve_store_node`];
+//! - [`remote`]: [`RemoteEngine`], a `KvEngine` that talks to a store node;
+//! - [`proto`]: the generated messages and stubs of `courier.internal.v1`.
+//!
+//! **What the store node is for.** A multi-process *test* or development cluster on one
+//! machine, where no FoundationDB runs: its nodes share one embedded store through a store node.
+//! **What it is not.** A production store. It is one process on one disk, with no replication
+//! and no failover; when it stops, the cluster stops. Production runs on FoundationDB
+//! (`courier_store` feature `fdb`), which every role reaches directly.
+//!
+//! This crate knows the store's interface, not the message-store logic above it, nor roles,
+//! frames or client tokens.
+
+pub mod auth;
+pub mod remote;
+pub mod status;
+pub mod store_node;
+
+mod convert;
+
+/// The generated messages, client and server of `courier.internal.v1` (`proto/`).
+pub mod proto {
+    #![allow(missing_docs, clippy::all)]
+    tonic::include_proto!("courier.internal.v1");
+}
+
+pub use auth::{ClusterToken, TokenError};
+pub use remote::RemoteEngine;
+pub use store_node::{KvStoreService, ServeError, serve_store_node};
+
+use courier_store::kv::BatchLimits;
+
+/// Largest gRPC message the store node and [`RemoteEngine`] send or accept for an engine with
+/// `limits`: twice the engine's largest batch, plus 1 MiB.
+///
+/// The largest request is a commit of one full batch: `max_batch_bytes` of keys and values
+/// (as counted by `Batch::approximate_size`) plus its protobuf framing (a few bytes per
+/// mutation) and its fences (not counted by the engine). The largest answer is one chunk of a
+/// range stream, which the server cuts at this size. A commit whose encoded request is larger
+/// is refused by [`RemoteEngine`] with `StoreError::TooLarge` before it is sent, so the
+/// transport's own limit is never what refuses it.
+pub fn max_message_bytes(limits: &BatchLimits) -> usize {
+    limits
+        .max_batch_bytes
+        .saturating_mul(2)
+        .saturating_add(1 << 20)
+}
