@@ -5,6 +5,8 @@
 //! |---|---|---|
 //! | `meta` | `("meta", "shards")` | shard count, fixed when the store is created |
 //! | `shard` | `("shard", n)` | the shard's epoch (u64 LE); every append batch fences on it |
+//! | `own` | `("own", n)` | the shard's owner: node, epoch, lease deadline (`OwnerRecord`, see `ownership.rs`) |
+//! | `node` | `("node", id)` | a node of the cluster: roles, address, lease deadline (`NodeRecord`) |
 //! | `conv` | `("conv", conv)` | conversation record (`ConversationRecord`) |
 //! | `mem` | `("mem", conv, user)` | membership, current or former (`MemberRecord`: admin, joined seq, past periods) |
 //! | `convs` | `("convs", user, conv)` | the user's conversations: empty while a member, else the seq of its `member_removed` (u64 LE) |
@@ -69,6 +71,26 @@ impl Keys {
 
     pub fn shard_epoch(&self, shard: u32) -> Vec<u8> {
         self.root.pack(&("shard", shard))
+    }
+
+    pub fn shard_owner(&self, shard: u32) -> Vec<u8> {
+        self.root.pack(&("own", shard))
+    }
+
+    pub fn node(&self, id: &str) -> Vec<u8> {
+        self.root.pack(&("node", id))
+    }
+
+    pub fn nodes(&self) -> Range<Vec<u8>> {
+        range_of(self.root.subspace(&("node",)))
+    }
+
+    /// The node id of a key from [`Keys::nodes`].
+    pub fn node_id(&self, key: &[u8]) -> Option<String> {
+        self.root
+            .unpack::<(String, String)>(key)
+            .ok()
+            .map(|(_, id)| id)
     }
 
     pub fn conversation(&self, conv: &str) -> Vec<u8> {

@@ -6,6 +6,7 @@
 //! - [`MessageStore`]: the message-store logic written once over any engine: shards and epochs,
 //!   appends with dense seqs and idempotency, the outbox, cursors and receipts;
 //! - [`membership`]: who may read which seqs of a conversation (periods of membership);
+//! - [`ownership`]: the cluster's nodes and each shard's owner (leases, epochs, hand-off);
 //! - [`contract`]: the checks every engine passes.
 //!
 //! This crate knows nothing of sockets, tokens or frames beyond the stored `Event`.
@@ -21,6 +22,7 @@ pub mod keys;
 pub mod kv;
 pub mod membership;
 mod message_store;
+pub mod ownership;
 
 pub use keys::{Keys, ReceiptKind};
 pub use kv::{Batch, CommitStamp, KvEngine, StoreError};

@@ -358,7 +358,7 @@ pub struct MessageStore {
     shard_count: u32,
 }
 
-fn corrupt(key: &[u8], reason: impl ToString) -> StoreError {
+pub(crate) fn corrupt(key: &[u8], reason: impl ToString) -> StoreError {
     StoreError::Corrupt {
         key: key.to_vec(),
         reason: reason.to_string(),
@@ -433,6 +433,10 @@ impl MessageStore {
 
     pub fn keys(&self) -> &Keys {
         &self.keys
+    }
+
+    pub(crate) fn kv(&self) -> &dyn KvEngine {
+        self.kv.as_ref()
     }
 
     /// What one commit of the engine may hold.

@@ -1,0 +1,459 @@
+//! Who runs what in a cluster: the nodes (a registry of leases) and the owner of each sequencer
+//! shard (an ownership record with an epoch and a lease).
+//!
+//! **Ownership and fence are two keys.** Every append batch of a shard fences on the shard's
+//! epoch (`("shard", n)`) and on nothing else. Who owns the shard, and until when, is a record
+//! of its own (`("own", n)`): renewing a lease rewrites only that record, so a renewal never
+//! fails an append in flight. Taking a shard (after its owner's lease lapsed, or by a hand-off)
+//! writes both in one commit: the record names the new owner and the epoch is bumped, so every
+//! later batch of the former owner is refused.
+//!
+//! **Safety rests on the epoch alone.** Leases only decide when another node may take a shard
+//! whose owner stopped renewing (liveness). A node whose clock runs late or which was paused
+//! past its lease can delay a failover or lose its shards; it can never commit next to the new
+//! owner, because its batches fence on an epoch that moved.
+//!
+//! Every operation here is one small, fenced commit: safe to retry, and a concurrent change of
+//! the record it read makes it fail with [`StoreError::FenceChanged`] rather than overwrite.
+
+use crate::kv::{Batch, StoreError, decode_u64};
+use crate::message_store::{MessageStore, ShardLease, corrupt};
+use prost::Message;
+
+/// The ownership record of one shard, as stored.
+#[derive(Clone, PartialEq, prost::Message)]
+struct OwnerRecord {
+    #[prost(string, tag = "1")]
+    node: String,
+    #[prost(uint64, tag = "2")]
+    epoch: u64,
+    /// The owner holds the shard until this time (ms since the Unix epoch); 0 once released.
+    #[prost(uint64, tag = "3")]
+    lease_until_ms: u64,
+}
+
+/// A shard's owner, as read from the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardOwner {
+    pub shard: u32,
+    pub node: String,
+    pub epoch: u64,
+    /// 0 once the owner released the shard.
+    pub lease_until_ms: u64,
+}
+
+impl ShardOwner {
+    /// Whether the owner's lease still runs at `now_ms`.
+    pub fn is_live(&self, now_ms: u64) -> bool {
+        self.lease_until_ms > now_ms
+    }
+}
+
+/// A node of the cluster, as it registered itself.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct NodeRecord {
+    /// `gateway`, `chat`, `sequencer`, `fanout`, `push`, `media`.
+    #[prost(string, repeated, tag = "1")]
+    pub roles: Vec<String>,
+    /// Where the node's internal gRPC (and admin API) listens, `host:port`.
+    #[prost(string, tag = "2")]
+    pub address: String,
+    /// The node is alive until this time (ms since the Unix epoch); 0 once it left.
+    #[prost(uint64, tag = "3")]
+    pub lease_until_ms: u64,
+    #[prost(uint64, tag = "4")]
+    pub started_ms: u64,
+}
+
+impl NodeRecord {
+    pub fn is_live(&self, now_ms: u64) -> bool {
+        self.lease_until_ms > now_ms
+    }
+}
+
+impl MessageStore {
+    /// The owner of `shard`, if it ever had one.
+    pub async fn shard_owner(&self, shard: u32) -> Result<Option<ShardOwner>, StoreError> {
+        let key = self.keys().shard_owner(shard);
+        let Some(value) = self.kv().get(&key).await? else {
+            return Ok(None);
+        };
+        let record = OwnerRecord::decode(value.as_slice()).map_err(|e| corrupt(&key, e))?;
+        Ok(Some(ShardOwner {
+            shard,
+            node: record.node,
+            epoch: record.epoch,
+            lease_until_ms: record.lease_until_ms,
+        }))
+    }
+
+    /// Takes `shard` for `node` until `now_ms + lease_ms` when no live lease of another node
+    /// holds it (never owned, released, lapsed, or already `node`'s: a restart takes its shards
+    /// back at once). The epoch is bumped in the same commit, so whoever held the shard before
+    /// cannot commit any more. `None`: another node's lease still runs.
+    pub async fn acquire_shard(
+        &self,
+        shard: u32,
+        node: &str,
+        now_ms: u64,
+        lease_ms: u64,
+    ) -> Result<Option<ShardLease>, StoreError> {
+        let owner_key = self.keys().shard_owner(shard);
+        let owner = self.kv().get(&owner_key).await?;
+        if let Some(value) = &owner {
+            let record =
+                OwnerRecord::decode(value.as_slice()).map_err(|e| corrupt(&owner_key, e))?;
+            if record.node != node && record.lease_until_ms > now_ms {
+                return Ok(None);
+            }
+        }
+        let epoch_key = self.keys().shard_epoch(shard);
+        let current = self.kv().get(&epoch_key).await?;
+        let epoch = current.as_deref().map_or(0, decode_u64) + 1;
+        let record = OwnerRecord {
+            node: node.to_owned(),
+            epoch,
+            lease_until_ms: now_ms.saturating_add(lease_ms),
+        };
+        let mut batch = Batch::new();
+        batch
+            .fence(owner_key.clone(), owner)
+            .fence(epoch_key.clone(), current)
+            .set(owner_key, record.encode_to_vec())
+            .set(epoch_key, epoch.to_le_bytes().to_vec());
+        self.kv().commit(batch).await?;
+        Ok(Some(ShardLease { shard, epoch }))
+    }
+
+    /// Extends `node`'s lease on `lease.shard` to `now_ms + lease_ms`. Touches only the
+    /// ownership record, never the epoch. [`StoreError::FenceChanged`]: the shard is not
+    /// `node`'s at `lease.epoch` any more (taken over, handed off); stop appending to it.
+    pub async fn renew_shard(
+        &self,
+        lease: ShardLease,
+        node: &str,
+        now_ms: u64,
+        lease_ms: u64,
+    ) -> Result<(), StoreError> {
+        let (key, value, mut record) = self.held_record(lease, node).await?;
+        record.lease_until_ms = now_ms.saturating_add(lease_ms);
+        let mut batch = Batch::new();
+        batch
+            .fence(key.clone(), Some(value))
+            .set(key, record.encode_to_vec());
+        self.kv().commit(batch).await.map(drop)
+    }
+
+    /// Gives `lease.shard` up: its lease ends now, so any node may take it at once. The epoch
+    /// is left as it is (the next owner bumps it).
+    pub async fn release_shard(&self, lease: ShardLease, node: &str) -> Result<(), StoreError> {
+        let (key, value, mut record) = self.held_record(lease, node).await?;
+        record.lease_until_ms = 0;
+        let mut batch = Batch::new();
+        batch
+            .fence(key.clone(), Some(value))
+            .set(key, record.encode_to_vec());
+        self.kv().commit(batch).await.map(drop)
+    }
+
+    /// The hand-off's flip: `lease.shard` goes from `from` to `to` in one commit, with the
+    /// epoch bumped, and `to` holds it until `now_ms + lease_ms`. The caller froze the shard on
+    /// `from` first (nothing of it in flight); after the flip, `from` could not commit even if
+    /// it tried. Returns `to`'s lease.
+    pub async fn hand_off_shard(
+        &self,
+        lease: ShardLease,
+        from: &str,
+        to: &str,
+        now_ms: u64,
+        lease_ms: u64,
+    ) -> Result<ShardLease, StoreError> {
+        let (owner_key, value, _) = self.held_record(lease, from).await?;
+        let epoch_key = self.keys().shard_epoch(lease.shard);
+        let epoch = lease.epoch + 1;
+        let record = OwnerRecord {
+            node: to.to_owned(),
+            epoch,
+            lease_until_ms: now_ms.saturating_add(lease_ms),
+        };
+        let mut batch = Batch::new();
+        batch
+            .fence(owner_key.clone(), Some(value))
+            .fence(epoch_key.clone(), Some(lease.epoch.to_le_bytes().to_vec()))
+            .set(owner_key, record.encode_to_vec())
+            .set(epoch_key, epoch.to_le_bytes().to_vec());
+        self.kv().commit(batch).await?;
+        Ok(ShardLease {
+            shard: lease.shard,
+            epoch,
+        })
+    }
+
+    /// The ownership record of `lease.shard` if `node` holds it at `lease.epoch`: its key, the
+    /// stored bytes (to fence on) and the record.
+    async fn held_record(
+        &self,
+        lease: ShardLease,
+        node: &str,
+    ) -> Result<(Vec<u8>, Vec<u8>, OwnerRecord), StoreError> {
+        let key = self.keys().shard_owner(lease.shard);
+        let value = self.kv().get(&key).await?;
+        let record = match &value {
+            Some(value) => {
+                Some(OwnerRecord::decode(value.as_slice()).map_err(|e| corrupt(&key, e))?)
+            }
+            None => None,
+        };
+        match (value, record) {
+            (Some(value), Some(record)) if record.node == node && record.epoch == lease.epoch => {
+                Ok((key, value, record))
+            }
+            _ => Err(StoreError::FenceChanged { key }),
+        }
+    }
+
+    /// Records `node` as alive until `record.lease_until_ms` (registering or renewing; a later
+    /// write wins).
+    pub async fn register_node(&self, node: &str, record: &NodeRecord) -> Result<(), StoreError> {
+        let mut batch = Batch::new();
+        batch.set(self.keys().node(node), record.encode_to_vec());
+        self.kv().commit(batch).await.map(drop)
+    }
+
+    /// Every node that ever registered, in id order, live or not (see [`NodeRecord::is_live`]).
+    pub async fn nodes(&self) -> Result<Vec<(String, NodeRecord)>, StoreError> {
+        let rows = self
+            .kv()
+            .range(self.keys().nodes(), usize::MAX, false)
+            .await?;
+        rows.into_iter()
+            .map(|(key, value)| {
+                let id = self
+                    .keys()
+                    .node_id(&key)
+                    .ok_or_else(|| corrupt(&key, "not a node key"))?;
+                let record = NodeRecord::decode(value.as_slice()).map_err(|e| corrupt(&key, e))?;
+                Ok((id, record))
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::embedded::EmbeddedEngine;
+    use crate::message_store::{Append, HeadCache, NewConversation};
+    use courier_proto::{Body, Sender};
+    use std::sync::Arc;
+
+    const LEASE: u64 = 10_000;
+
+    async fn store(dir: &tempfile::TempDir) -> MessageStore {
+        let kv = Arc::new(EmbeddedEngine::open(&dir.path().join("s")).unwrap());
+        MessageStore::open(kv, b"", 8).await.unwrap()
+    }
+
+    fn message(id: &str) -> Append {
+        let sender = Sender {
+            user: "alice".into(),
+            device: "p".into(),
+        };
+        Append {
+            create: Some(NewConversation::direct("alice", "bob")),
+            ..Append::message("d:1".into(), sender, id.into(), Body::Text(id.into()), None)
+        }
+    }
+
+    async fn append(store: &MessageStore, lease: ShardLease, id: &str) -> Result<u64, StoreError> {
+        let results = store
+            .append(lease, &mut HeadCache::default(), &[message(id)])
+            .await?;
+        Ok(results.into_iter().next().unwrap().unwrap().seq)
+    }
+
+    #[tokio::test]
+    async fn a_live_lease_keeps_a_shard_and_a_lapsed_one_lets_another_node_take_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir).await;
+        let shard = store.shard_of("d:1");
+        let a = store
+            .acquire_shard(shard, "a", 1_000, LEASE)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(append(&store, a, "m1").await.unwrap(), 1);
+
+        assert_eq!(
+            store
+                .acquire_shard(shard, "b", 1_000 + LEASE - 1, LEASE)
+                .await
+                .unwrap(),
+            None,
+            "b may not take a shard whose lease runs"
+        );
+        let b = store
+            .acquire_shard(shard, "b", 1_000 + LEASE, LEASE)
+            .await
+            .unwrap()
+            .expect("the lease lapsed");
+        assert_eq!(b.epoch, a.epoch + 1);
+        let owner = store.shard_owner(shard).await.unwrap().unwrap();
+        assert_eq!((owner.node.as_str(), owner.epoch), ("b", b.epoch));
+
+        // The deposed owner (paused past its lease, say) can neither append nor renew.
+        assert!(matches!(
+            append(&store, a, "m2").await,
+            Err(StoreError::FenceChanged { .. })
+        ));
+        assert!(matches!(
+            store.renew_shard(a, "a", 1_000 + LEASE, LEASE).await,
+            Err(StoreError::FenceChanged { .. })
+        ));
+        assert_eq!(
+            append(&store, b, "m2").await.unwrap(),
+            2,
+            "b resumes from the head"
+        );
+    }
+
+    #[tokio::test]
+    async fn renewing_touches_the_lease_only_so_appends_of_the_same_epoch_go_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir).await;
+        let shard = store.shard_of("d:1");
+        let lease = store
+            .acquire_shard(shard, "a", 0, LEASE)
+            .await
+            .unwrap()
+            .unwrap();
+        for round in 1..=3u64 {
+            store
+                .renew_shard(lease, "a", round * LEASE / 2, LEASE)
+                .await
+                .unwrap();
+            assert_eq!(
+                append(&store, lease, &format!("m{round}")).await.unwrap(),
+                round
+            );
+        }
+        let owner = store.shard_owner(shard).await.unwrap().unwrap();
+        assert_eq!(owner.epoch, lease.epoch, "renewals never bump the epoch");
+        assert_eq!(owner.lease_until_ms, 3 * LEASE / 2 + LEASE);
+        assert!(owner.is_live(3 * LEASE / 2 + LEASE - 1));
+        assert!(!owner.is_live(3 * LEASE / 2 + LEASE));
+    }
+
+    #[tokio::test]
+    async fn a_restarted_owner_takes_its_live_shard_back_with_a_new_epoch() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir).await;
+        let shard = store.shard_of("d:1");
+        let before = store
+            .acquire_shard(shard, "a", 0, LEASE)
+            .await
+            .unwrap()
+            .unwrap();
+        let after = store
+            .acquire_shard(shard, "a", 1, LEASE)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(after.epoch, before.epoch + 1);
+        assert!(matches!(
+            append(&store, before, "m1").await,
+            Err(StoreError::FenceChanged { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_released_shard_is_free_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir).await;
+        let shard = store.shard_of("d:1");
+        let a = store
+            .acquire_shard(shard, "a", 0, LEASE)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            matches!(
+                store.release_shard(a, "b").await,
+                Err(StoreError::FenceChanged { .. })
+            ),
+            "only the owner releases"
+        );
+        store.release_shard(a, "a").await.unwrap();
+        let b = store.acquire_shard(shard, "b", 1, LEASE).await.unwrap();
+        assert!(b.is_some(), "no need to wait for the lease");
+    }
+
+    #[tokio::test]
+    async fn a_hand_off_flips_owner_and_epoch_in_one_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir).await;
+        let shard = store.shard_of("d:1");
+        let a = store
+            .acquire_shard(shard, "a", 0, LEASE)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(append(&store, a, "m1").await.unwrap(), 1);
+        let b = store.hand_off_shard(a, "a", "b", 5, LEASE).await.unwrap();
+        assert_eq!(b.epoch, a.epoch + 1);
+        let owner = store.shard_owner(shard).await.unwrap().unwrap();
+        assert_eq!(
+            (owner.node.as_str(), owner.lease_until_ms),
+            ("b", 5 + LEASE)
+        );
+        assert!(matches!(
+            append(&store, a, "m2").await,
+            Err(StoreError::FenceChanged { .. })
+        ));
+        assert_eq!(append(&store, b, "m2").await.unwrap(), 2);
+        assert!(
+            matches!(
+                store.hand_off_shard(a, "a", "c", 6, LEASE).await,
+                Err(StoreError::FenceChanged { .. })
+            ),
+            "a hand-off by a node that no longer owns the shard is refused"
+        );
+    }
+
+    #[tokio::test]
+    async fn nodes_register_and_their_leases_lapse() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir).await;
+        let node = |address: &str, lease_until_ms| NodeRecord {
+            roles: vec!["sequencer".into()],
+            address: address.into(),
+            lease_until_ms,
+            started_ms: 0,
+        };
+        store
+            .register_node("s1", &node("127.0.0.2:7100", 100))
+            .await
+            .unwrap();
+        store
+            .register_node("s2", &node("127.0.0.3:7100", 50))
+            .await
+            .unwrap();
+        store
+            .register_node("s1", &node("127.0.0.2:7100", 200))
+            .await
+            .unwrap();
+        let nodes = store.nodes().await.unwrap();
+        let ids: Vec<&str> = nodes.iter().map(|(id, _)| id.as_str()).collect();
+        assert_eq!(ids, ["s1", "s2"]);
+        assert_eq!(
+            nodes[0].1.lease_until_ms, 200,
+            "a renewal replaces the record"
+        );
+        let live: Vec<&str> = nodes
+            .iter()
+            .filter(|(_, n)| n.is_live(100))
+            .map(|(id, _)| id.as_str())
+            .collect();
+        assert_eq!(live, ["s1"]);
+    }
+}
