@@ -55,6 +55,8 @@ pub struct Metrics {
     pub fanout_backlog: Gauge,
     /// Events appended, per sequencer shard (hot shards stand out).
     pub shard_appends: Family<ShardLabel, Counter>,
+    /// Sequencer shards this node owns (holds a lease on).
+    pub owned_shards: Gauge,
     /// Appends per group commit.
     pub commit_batch_size: Histogram,
     /// Open WebSocket connections.
@@ -98,6 +100,7 @@ impl Metrics {
             },
             fanout_backlog: Gauge::default(),
             shard_appends: Family::default(),
+            owned_shards: Gauge::default(),
             commit_batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
             connections: Gauge::default(),
             send_retries: Counter::default(),
@@ -152,6 +155,11 @@ impl Metrics {
             "sequencer_appends",
             "Events appended, per shard",
             metrics.shard_appends.clone(),
+        );
+        registry.register(
+            "sequencer_owned_shards",
+            "Sequencer shards this node holds a lease on",
+            metrics.owned_shards.clone(),
         );
         registry.register(
             "sequencer_commit_batch_appends",

@@ -290,7 +290,10 @@ mod tests {
         let kv = Arc::new(EmbeddedEngine::open(&dir.path().join("s")).unwrap());
         let store = MessageStore::open(kv, b"", 4).await.unwrap();
         let shard = store.shard_of("d:1");
-        let lease = store.acquire_shards(&[shard]).await.unwrap()[0];
+        let lease = store
+            .acquire_shards("test", &[shard], 0, u64::MAX)
+            .await
+            .unwrap()[0];
         let mut heads = HeadCache::default();
         // Committed by a process that crashed before fanning them out.
         let left = [message("a"), message("b"), message("c")];

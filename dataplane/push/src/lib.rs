@@ -449,7 +449,10 @@ mod tests {
 
     async fn append(store: &MessageStore, append: Append) {
         let shard = store.shard_of(&append.conversation_id);
-        let lease = store.acquire_shards(&[shard]).await.unwrap()[0];
+        let lease = store
+            .acquire_shards("test", &[shard], 0, u64::MAX)
+            .await
+            .unwrap()[0];
         store
             .append(lease, &mut HeadCache::default(), &[append])
             .await

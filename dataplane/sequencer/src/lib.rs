@@ -1,12 +1,22 @@
 //! The sequencer role: orders appends per conversation and makes them durable.
 //!
 //! [`Sequencer`] is the interface the chat role calls; [`LocalSequencer`] is the in-process
-//! binding. It owns every shard of the store (one node owns all here): one actor per shard,
+//! binding. It holds the shards this node owns (see "Ownership" below): one actor per shard,
 //! started on first use, group-commits what is queued (bounded by count, estimated bytes and
 //! time, and never above the engine's batch limit) in one store commit fenced by the shard's
 //! epoch, answers each waiter after the commit, then tells fanout that the shard's outbox has
 //! grown. Each actor caches the heads of the conversations it appends to, a bounded number
 //! ([`CACHED_HEADS`] across all actors).
+//!
+//! **Ownership.** Each shard has an ownership record in the store (owner node, epoch, lease;
+//! `courier_store::ownership`). At start the sequencer takes every shard no live lease of
+//! another node holds, in one commit; [`LocalSequencer::keep_shards`] then renews its leases
+//! every third of a lease, drops a shard it finds taken over, and takes the free or lapsed ones
+//! (after another node died). A shard this node does not own answers `ShardMoved`. A hand-off
+//! ([`LocalSequencer::hand_off`]) freezes the shard (new appends answer `ShardMoved`, queued
+//! ones are committed), flips owner and epoch in one commit, and the new owner takes it at its
+//! next round or when told. Safety rests on the epoch fence of every batch, not on clocks: a
+//! deposed owner's batches are refused whatever it believes about its lease.
 //!
 //! Failure policy: a batch the engine refuses as too large is split in halves, down to the one
 //! append that is too large alone; any other store error reaches every waiter of the batch as
@@ -15,13 +25,14 @@
 
 pub mod retention;
 
+use courier_core::clock::now_ms;
 use courier_core::metrics::{Metrics, ShardLabel};
 use courier_core::sequencing::{
     CommitListener, PendingAppend, PendingTrim, Sequencer, SequencerError,
 };
 use courier_store::{Append, AppendOutcome, HeadCache, MessageStore, ShardLease, StoreError};
 use futures::future::BoxFuture;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
@@ -68,58 +79,207 @@ enum Request {
         new_floor: u64,
         reply: oneshot::Sender<Result<u64, SequencerError>>,
     },
+    /// Answered once every request queued before it is done; the actor then stops.
+    Freeze(oneshot::Sender<()>),
 }
 
 fn queued<T: Send + 'static>(
-    queued: Result<(), mpsc::error::TrySendError<Request>>,
+    queued: Result<(), SequencerError>,
     outcome: oneshot::Receiver<Result<T, SequencerError>>,
 ) -> BoxFuture<'static, Result<T, SequencerError>> {
     Box::pin(async move {
-        match queued {
-            Ok(()) => outcome.await.unwrap_or(Err(SequencerError::ShardMoved)),
-            Err(mpsc::error::TrySendError::Full(_)) => Err(SequencerError::Overloaded),
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(SequencerError::ShardMoved),
-        }
+        queued?;
+        outcome.await.unwrap_or(Err(SequencerError::ShardMoved))
     })
+}
+
+/// How a sequencer node holds its shards.
+#[derive(Debug, Clone)]
+pub struct Ownership {
+    /// This node's id in the shards' ownership records.
+    pub node: String,
+    /// How long a lease runs without renewal; it is renewed every third of it, and another
+    /// node takes the shard over once it lapsed.
+    pub lease: Duration,
+}
+
+/// A shard as this node sees it.
+#[derive(Default)]
+enum Slot {
+    #[default]
+    NotOwned,
+    Owned {
+        lease: ShardLease,
+        /// The shard's actor, started on first use.
+        queue: Option<mpsc::Sender<Request>>,
+    },
 }
 
 /// The in-process sequencer over one message store.
 pub struct LocalSequencer {
     store: MessageStore,
-    leases: Vec<ShardLease>,
-    shards: Vec<OnceLock<mpsc::Sender<Request>>>,
+    ownership: Ownership,
+    shards: Vec<Mutex<Slot>>,
     limits: GroupCommitLimits,
     listener: Arc<dyn CommitListener>,
     metrics: Arc<Metrics>,
 }
 
 impl LocalSequencer {
-    /// Takes every shard of `store` (bumping their epochs) and returns the sequencer.
+    /// Takes every shard of `store` that no live lease of another node holds (bumping their
+    /// epochs) and returns the sequencer. Run [`LocalSequencer::keep_shards`] next to it.
     pub async fn start(
         store: MessageStore,
+        ownership: Ownership,
         limits: GroupCommitLimits,
         listener: Arc<dyn CommitListener>,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Self>, StoreError> {
-        let all: Vec<u32> = (0..store.shard_count()).collect();
-        let leases = store.acquire_shards(&all).await?;
-        let shards = (0..all.len()).map(|_| OnceLock::new()).collect();
-        Ok(Arc::new(Self {
+        let shards = (0..store.shard_count())
+            .map(|_| Mutex::new(Slot::NotOwned))
+            .collect();
+        let sequencer = Arc::new(Self {
             store,
-            leases,
+            ownership,
             shards,
             limits,
             listener,
             metrics,
-        }))
+        });
+        sequencer.take_free_shards().await?;
+        Ok(sequencer)
     }
 
-    fn shard_queue(&self, shard: u32) -> &mpsc::Sender<Request> {
-        self.shards[shard as usize].get_or_init(|| {
+    /// Renews this node's leases every third of a lease, drops the shards another node took,
+    /// and takes the free or lapsed ones, until the process ends. A failed round is logged and
+    /// tried again at the next one (a lease outlives two failed renewals).
+    pub async fn keep_shards(self: Arc<Self>) {
+        let mut rounds = tokio::time::interval(self.ownership.lease / 3);
+        rounds.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        rounds.tick().await;
+        loop {
+            rounds.tick().await;
+            self.keep_round().await;
+        }
+    }
+
+    /// One round of [`LocalSequencer::keep_shards`]: renew, drop what was taken over, take
+    /// what is free or lapsed. Errors are logged; the next round tries again.
+    pub async fn keep_round(&self) {
+        if let Err(e) = self.renew().await {
+            tracing::warn!(error = %e, "renewing shard leases failed; retrying");
+        }
+        if let Err(e) = self.take_free_shards().await {
+            tracing::warn!(error = %e, "taking free shards failed; retrying");
+        }
+    }
+
+    /// The shards this node owns, with their leases.
+    pub fn owned(&self) -> Vec<ShardLease> {
+        self.shards
+            .iter()
+            .filter_map(|slot| match &*lock(slot) {
+                Slot::Owned { lease, .. } => Some(*lease),
+                Slot::NotOwned => None,
+            })
+            .collect()
+    }
+
+    /// Hands `shard` to node `to`: freezes it here (new appends answer `ShardMoved`, those
+    /// queued are committed first), then flips owner and epoch in one commit. Returns `to`'s
+    /// lease. If the flip fails, the shard stays this node's in the store and
+    /// [`LocalSequencer::keep_shards`] takes it back at its next round.
+    pub async fn hand_off(&self, shard: u32, to: &str) -> Result<ShardLease, SequencerError> {
+        let taken = self
+            .shards
+            .get(shard as usize)
+            .map(|slot| std::mem::take(&mut *lock(slot)));
+        let Some(Slot::Owned { lease, queue }) = taken else {
+            return Err(SequencerError::ShardMoved);
+        };
+        if let Some(queue) = queue {
+            let (frozen, done) = oneshot::channel();
+            if queue.send(Request::Freeze(frozen)).await.is_ok() {
+                // The actor stopped (fenced out) if the answer never comes: nothing is in flight.
+                let _ = done.await;
+            }
+        }
+        self.metrics.owned_shards.dec();
+        let flipped = self
+            .store
+            .hand_off_shard(lease, &self.ownership.node, to, now_ms(), self.lease_ms())
+            .await?;
+        tracing::info!(shard, to, epoch = flipped.epoch, "shard handed off");
+        Ok(flipped)
+    }
+
+    /// Gives every shard up (at shutdown, once nothing is in flight): another node, or this
+    /// one restarted, takes them at once instead of waiting for the leases to lapse.
+    pub async fn release_all(&self) -> Result<(), StoreError> {
+        let owned = self.owned();
+        self.store
+            .release_shards(&self.ownership.node, &owned)
+            .await
+            .map(drop)
+    }
+
+    fn lease_ms(&self) -> u64 {
+        self.ownership.lease.as_millis() as u64
+    }
+
+    async fn renew(&self) -> Result<(), StoreError> {
+        let owned = self.owned();
+        let lost = self
+            .store
+            .renew_shards(&self.ownership.node, &owned, now_ms(), self.lease_ms())
+            .await?;
+        for shard in lost {
+            tracing::warn!(shard, "shard taken over by another node");
+            self.drop_shard(shard);
+        }
+        Ok(())
+    }
+
+    async fn take_free_shards(&self) -> Result<(), StoreError> {
+        let free: Vec<u32> = (0..self.shards.len() as u32)
+            .filter(|&shard| matches!(&*lock(&self.shards[shard as usize]), Slot::NotOwned))
+            .collect();
+        if free.is_empty() {
+            return Ok(());
+        }
+        let taken = self
+            .store
+            .acquire_shards(&self.ownership.node, &free, now_ms(), self.lease_ms())
+            .await?;
+        if !taken.is_empty() {
+            tracing::info!(shards = taken.len(), "took shards");
+        }
+        for lease in taken {
+            *lock(&self.shards[lease.shard as usize]) = Slot::Owned { lease, queue: None };
+            self.metrics.owned_shards.inc();
+        }
+        Ok(())
+    }
+
+    /// Forgets `shard` (its actor ends once its queue is empty; what it commits is refused).
+    fn drop_shard(&self, shard: u32) {
+        if let Slot::Owned { .. } = std::mem::take(&mut *lock(&self.shards[shard as usize])) {
+            self.metrics.owned_shards.dec();
+        }
+    }
+
+    /// Queues `request` on `shard`'s actor, started on first use: `ShardMoved` when this node
+    /// does not own the shard, `Overloaded` when its queue is full.
+    fn queue(&self, shard: u32, request: Request) -> Result<(), SequencerError> {
+        let mut slot = lock(&self.shards[shard as usize]);
+        let Slot::Owned { lease, queue } = &mut *slot else {
+            return Err(SequencerError::ShardMoved);
+        };
+        let queue = queue.get_or_insert_with(|| {
             let (tx, rx) = mpsc::channel(self.limits.queue_capacity);
             let actor = ShardActor {
                 store: self.store.clone(),
-                lease: self.leases[shard as usize],
+                lease: *lease,
                 heads: HeadCache::with_capacity(CACHED_HEADS / self.shards.len()),
                 limits: self.limits,
                 listener: self.listener.clone(),
@@ -127,8 +287,22 @@ impl LocalSequencer {
             };
             tokio::spawn(actor.run(rx));
             tx
-        })
+        });
+        match queue.try_send(request) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) => Err(SequencerError::Overloaded),
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                // The actor found the shard taken over and stopped.
+                *slot = Slot::NotOwned;
+                self.metrics.owned_shards.dec();
+                Err(SequencerError::ShardMoved)
+            }
+        }
     }
+}
+
+fn lock(slot: &Mutex<Slot>) -> std::sync::MutexGuard<'_, Slot> {
+    slot.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Sequencer for LocalSequencer {
@@ -136,7 +310,7 @@ impl Sequencer for LocalSequencer {
         let shard = self.store.shard_of(&append.conversation_id);
         let (reply, outcome) = oneshot::channel();
         let request = Request::Append(AppendRequest { append, reply });
-        queued(self.shard_queue(shard).try_send(request), outcome)
+        queued(self.queue(shard, request), outcome)
     }
 
     fn trim(&self, conversation_id: &str, new_floor: u64) -> PendingTrim {
@@ -147,7 +321,7 @@ impl Sequencer for LocalSequencer {
             new_floor,
             reply,
         };
-        queued(self.shard_queue(shard).try_send(request), outcome)
+        queued(self.queue(shard, request), outcome)
     }
 }
 
@@ -177,6 +351,10 @@ impl ShardActor {
                 },
             };
             let kept = match first {
+                Request::Freeze(frozen) => {
+                    let _ = frozen.send(());
+                    false
+                }
                 Request::Trim {
                     conversation_id,
                     new_floor,
@@ -238,6 +416,7 @@ impl ShardActor {
                         Request::Trim { reply, .. } => {
                             drop(reply.send(Err(SequencerError::ShardMoved)))
                         }
+                        Request::Freeze(frozen) => drop(frozen.send(())),
                     }
                 }
                 return;
@@ -330,9 +509,127 @@ mod tests {
         }
     }
 
+    fn node(id: &str, lease: Duration) -> Ownership {
+        Ownership {
+            node: id.into(),
+            lease,
+        }
+    }
+
+    async fn node_on(store: &MessageStore, ownership: Ownership) -> Arc<LocalSequencer> {
+        LocalSequencer::start(
+            store.clone(),
+            ownership,
+            GroupCommitLimits::default(),
+            Arc::new(Listeners(Vec::new())),
+            Arc::new(Metrics::new()),
+        )
+        .await
+        .unwrap()
+    }
+
+    async fn seq_of(sequencer: &LocalSequencer, id: &str) -> Result<u64, SequencerError> {
+        sequencer
+            .submit(message("d:1", id, id))
+            .await
+            .map(|outcome| outcome.seq)
+    }
+
+    #[tokio::test]
+    async fn a_second_node_takes_no_shard_a_live_node_holds() {
+        let engine = FaultyEngine::new();
+        let store = engine.store(4).await;
+        let first = node_on(&store, node("n1", Duration::from_secs(10))).await;
+        let second = node_on(&store, node("n2", Duration::from_secs(10))).await;
+        assert_eq!(first.owned().len(), 4);
+        assert!(second.owned().is_empty());
+        assert!(matches!(
+            seq_of(&second, "m1").await,
+            Err(SequencerError::ShardMoved)
+        ));
+        assert_eq!(seq_of(&first, "m1").await.unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_hand_off_commits_what_was_queued_then_the_new_owner_goes_on() {
+        let engine = FaultyEngine::new();
+        let store = engine.store(4).await;
+        let from = node_on(&store, node("n1", Duration::from_secs(10))).await;
+        let to = node_on(&store, node("n2", Duration::from_secs(10))).await;
+        let shard = store.shard_of("d:1");
+        // Queued before the freeze: every one of them is committed, in order.
+        let queued: Vec<_> = (1..=20)
+            .map(|i| from.submit(message("d:1", &format!("q{i}"), "x")))
+            .collect();
+        let flipped = from.hand_off(shard, "n2").await.unwrap();
+        let seqs: Vec<u64> = futures::future::join_all(queued)
+            .await
+            .into_iter()
+            .map(|r| r.unwrap().seq)
+            .collect();
+        assert_eq!(seqs, (1..=20).collect::<Vec<u64>>());
+        assert!(matches!(
+            seq_of(&from, "late").await,
+            Err(SequencerError::ShardMoved)
+        ));
+        assert_eq!(
+            store.shard_owner(shard).await.unwrap().unwrap().epoch,
+            flipped.epoch
+        );
+        to.keep_round().await;
+        assert!(to.owned().iter().any(|lease| lease.shard == shard));
+        assert_eq!(
+            seq_of(&to, "late").await.unwrap(),
+            21,
+            "dense across the move"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_node_that_stops_renewing_loses_its_shards_and_can_take_them_back_later() {
+        let engine = FaultyEngine::new();
+        let store = engine.store(1).await;
+        let lease = Duration::from_millis(300);
+        // n1 never runs `keep_shards`: it is paused, as far as the store can tell.
+        let paused = node_on(&store, node("n1", lease)).await;
+        assert_eq!(seq_of(&paused, "m1").await.unwrap(), 1);
+        let survivor = node_on(&store, node("n2", lease)).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while survivor.owned().is_empty() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "n1's lease never lapsed"
+            );
+            tokio::time::sleep(lease / 3).await;
+            survivor.keep_round().await;
+        }
+        // The paused node wakes up: its batch is refused by the epoch, whatever it thinks.
+        assert!(matches!(
+            seq_of(&paused, "m2").await,
+            Err(SequencerError::ShardMoved)
+        ));
+        paused.keep_round().await;
+        assert!(
+            paused.owned().is_empty(),
+            "it sees the shard is not its own"
+        );
+        assert_eq!(seq_of(&survivor, "m2").await.unwrap(), 2);
+
+        // Once the survivor gives the shard up, the first node takes it again (a fenced-out
+        // shard is not refused until restart).
+        survivor.release_all().await.unwrap();
+        paused.keep_round().await;
+        assert_eq!(paused.owned().len(), 1);
+        assert_eq!(seq_of(&paused, "m3").await.unwrap(), 3);
+    }
+
     async fn sequencer(engine: &Arc<FaultyEngine>) -> Arc<LocalSequencer> {
         LocalSequencer::start(
             engine.store(4).await,
+            Ownership {
+                node: "n1".into(),
+                lease: Duration::from_secs(10),
+            },
             GroupCommitLimits::default(),
             Arc::new(Listeners(Vec::new())),
             Arc::new(Metrics::new()),
@@ -413,7 +710,10 @@ mod tests {
     async fn the_size_estimate_covers_what_an_append_writes() {
         let engine = FaultyEngine::new();
         let store = engine.store(1).await;
-        let lease = store.acquire_shards(&[0]).await.unwrap()[0];
+        let lease = store
+            .acquire_shards("test", &[0], 0, u64::MAX)
+            .await
+            .unwrap()[0];
         let written = Arc::new(std::sync::Mutex::new(0));
         let seen = written.clone();
         engine.set_fault(Some(Box::new(move |batch| {

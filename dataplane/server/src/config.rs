@@ -6,8 +6,8 @@ use courier_chat::ChatLimits;
 use courier_core::limits::Rate;
 use courier_core::units::parse_bytes;
 use courier_gateway::GatewayLimits;
-use courier_sequencer::GroupCommitLimits;
 use courier_sequencer::retention::RetentionPolicy;
+use courier_sequencer::{GroupCommitLimits, Ownership};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -45,6 +45,14 @@ pub struct ServeConfig {
     /// Logical sequencer shards; fixed when the store is created.
     #[arg(long, env = "COURIER_SHARDS", default_value_t = 1024)]
     pub shards: u32,
+    /// This node's id in the store's shard ownership records; unique per node of a cluster
+    /// (one `courier serve` on its own store needs no other).
+    #[arg(long, env = "COURIER_NODE_ID", default_value = "local")]
+    pub node_id: String,
+    /// How long a shard lease runs without renewal (renewed every third of it); after a node
+    /// dies, its shards are taken over once this has passed.
+    #[arg(long, env = "COURIER_SHARD_LEASE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub shard_lease: Duration,
     /// HS256 token secret (default: generated in the data directory on first start).
     #[arg(long, env = "COURIER_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
@@ -153,6 +161,11 @@ impl ServeConfig {
     /// Checks values that flags alone cannot; the message says what to change.
     pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(self.shards >= 1, "--shards must be at least 1");
+        anyhow::ensure!(!self.node_id.is_empty(), "--node-id must not be empty");
+        anyhow::ensure!(
+            self.shard_lease >= Duration::from_millis(300),
+            "--shard-lease must be at least 300ms (it is renewed every third of it)"
+        );
         anyhow::ensure!(
             self.max_frame_bytes >= 1024,
             "--max-frame-bytes must be at least 1024"
@@ -225,6 +238,13 @@ impl ServeConfig {
             device_inactive_after: self.device_inactive_after,
             interval: self.retention_interval,
             idempotency_window: self.idempotency_window,
+        }
+    }
+
+    pub fn ownership(&self) -> Ownership {
+        Ownership {
+            node: self.node_id.clone(),
+            lease: self.shard_lease,
         }
     }
 

@@ -110,11 +110,13 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let listeners = Arc::new(Listeners(vec![fanout.clone(), notifier.clone()]));
     let sequencer = LocalSequencer::start(
         store.clone(),
+        config.ownership(),
         config.group_commit_limits(),
         listeners,
         metrics.clone(),
     )
     .await?;
+    tokio::spawn(sequencer.clone().keep_shards());
     notifier.start();
     fanout.start();
     let receipts = ReceiptRelay::new(

@@ -449,24 +449,6 @@ impl MessageStore {
         (stable_hash(conversation_id.as_bytes()) % u64::from(self.shard_count)) as u32
     }
 
-    /// Takes ownership of `shards` in one commit, each with its epoch bumped, so that any
-    /// previous owner's appends are refused from now on.
-    pub async fn acquire_shards(&self, shards: &[u32]) -> Result<Vec<ShardLease>, StoreError> {
-        let mut batch = Batch::new();
-        let mut leases = Vec::with_capacity(shards.len());
-        for &shard in shards {
-            let key = self.keys.shard_epoch(shard);
-            let current = self.kv.get(&key).await?;
-            let epoch = current.as_deref().map_or(0, decode_u64) + 1;
-            batch
-                .fence(key.clone(), current)
-                .set(key, epoch.to_le_bytes().to_vec());
-            leases.push(ShardLease { shard, epoch });
-        }
-        self.kv.commit(batch).await?;
-        Ok(leases)
-    }
-
     /// Sequences `appends` (all of `lease.shard`) in one durable commit, fenced by the lease.
     /// Results are in the order of `appends`. Retries of earlier appends (same key) get the
     /// earlier outcome with `duplicate` set. Membership is decided here, at each append's place
@@ -1584,7 +1566,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = store(&dir).await;
         let shard = store.shard_of("d:1");
-        let lease = store.acquire_shards(&[shard]).await.unwrap()[0];
+        let lease = store
+            .acquire_shards("test", &[shard], 0, u64::MAX)
+            .await
+            .unwrap()[0];
         let mut heads = HeadCache::default();
         let batch = [
             message("d:1", "p", "a"),
@@ -1626,8 +1611,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = store(&dir).await;
         let shard = store.shard_of("d:1");
-        let old = store.acquire_shards(&[shard]).await.unwrap()[0];
-        let new = store.acquire_shards(&[shard]).await.unwrap()[0];
+        let old = store
+            .acquire_shards("test", &[shard], 0, u64::MAX)
+            .await
+            .unwrap()[0];
+        let new = store
+            .acquire_shards("test", &[shard], 0, u64::MAX)
+            .await
+            .unwrap()[0];
         assert_eq!(new.epoch, old.epoch + 1);
         let refused = store
             .append(old, &mut HeadCache::default(), &[message("d:1", "p", "a")])
@@ -1653,7 +1644,10 @@ mod tests {
 
     /// The lease of the shard that orders `conv`, taken now.
     async fn owner(store: &MessageStore, conv: &str) -> ShardLease {
-        store.acquire_shards(&[store.shard_of(conv)]).await.unwrap()[0]
+        store
+            .acquire_shards("test", &[store.shard_of(conv)], 0, u64::MAX)
+            .await
+            .unwrap()[0]
     }
 
     /// The outcome of the first append of a batch that must succeed.
@@ -1822,7 +1816,10 @@ mod tests {
     async fn the_head_cache_stays_bounded_and_heads_are_read_again_after_eviction() {
         let dir = tempfile::tempdir().unwrap();
         let store = store(&dir).await;
-        let lease = store.acquire_shards(&[0]).await.unwrap()[0];
+        let lease = store
+            .acquire_shards("test", &[0], 0, u64::MAX)
+            .await
+            .unwrap()[0];
         let convs: Vec<String> = (0..)
             .map(|i| format!("d:{i}"))
             .filter(|c| store.shard_of(c) == 0)

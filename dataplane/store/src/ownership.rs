@@ -87,73 +87,104 @@ impl MessageStore {
         }))
     }
 
-    /// Takes `shard` for `node` until `now_ms + lease_ms` when no live lease of another node
-    /// holds it (never owned, released, lapsed, or already `node`'s: a restart takes its shards
-    /// back at once). The epoch is bumped in the same commit, so whoever held the shard before
-    /// cannot commit any more. `None`: another node's lease still runs.
-    pub async fn acquire_shard(
+    /// Takes, in one commit, every shard of `shards` that no live lease of another node holds
+    /// (never owned, released, lapsed, or already `node`'s: a restarted node takes its shards
+    /// back at once), for `node` until `now_ms + lease_ms`. Each taken shard's epoch is bumped
+    /// in the same commit, so whoever held it before cannot commit any more. Returns the leases
+    /// taken, in the order of `shards`; the others are held by live leases of other nodes.
+    pub async fn acquire_shards(
         &self,
-        shard: u32,
         node: &str,
+        shards: &[u32],
         now_ms: u64,
         lease_ms: u64,
-    ) -> Result<Option<ShardLease>, StoreError> {
-        let owner_key = self.keys().shard_owner(shard);
-        let owner = self.kv().get(&owner_key).await?;
-        if let Some(value) = &owner {
-            let record =
-                OwnerRecord::decode(value.as_slice()).map_err(|e| corrupt(&owner_key, e))?;
-            if record.node != node && record.lease_until_ms > now_ms {
-                return Ok(None);
+    ) -> Result<Vec<ShardLease>, StoreError> {
+        let mut batch = Batch::new();
+        let mut leases = Vec::with_capacity(shards.len());
+        for &shard in shards {
+            let owner_key = self.keys().shard_owner(shard);
+            let owner = self.kv().get(&owner_key).await?;
+            if let Some(value) = &owner {
+                let record =
+                    OwnerRecord::decode(value.as_slice()).map_err(|e| corrupt(&owner_key, e))?;
+                if record.node != node && record.lease_until_ms > now_ms {
+                    continue;
+                }
+            }
+            let epoch_key = self.keys().shard_epoch(shard);
+            let current = self.kv().get(&epoch_key).await?;
+            let epoch = current.as_deref().map_or(0, decode_u64) + 1;
+            let record = OwnerRecord {
+                node: node.to_owned(),
+                epoch,
+                lease_until_ms: now_ms.saturating_add(lease_ms),
+            };
+            batch
+                .fence(owner_key.clone(), owner)
+                .fence(epoch_key.clone(), current)
+                .set(owner_key, record.encode_to_vec())
+                .set(epoch_key, epoch.to_le_bytes().to_vec());
+            leases.push(ShardLease { shard, epoch });
+        }
+        if !leases.is_empty() {
+            self.kv().commit(batch).await?;
+        }
+        Ok(leases)
+    }
+
+    /// Extends, in one commit, `node`'s leases to `now_ms + lease_ms`. Touches only the
+    /// ownership records, never the epochs, so appends in flight are not disturbed. Returns the
+    /// shards of `leases` that `node` no longer holds at their epoch (taken over, handed off):
+    /// stop appending to those. A lease taken over between the read and the commit refuses the
+    /// commit ([`StoreError::FenceChanged`]); the caller renews again at its next round.
+    pub async fn renew_shards(
+        &self,
+        node: &str,
+        leases: &[ShardLease],
+        now_ms: u64,
+        lease_ms: u64,
+    ) -> Result<Vec<u32>, StoreError> {
+        self.rewrite_held(node, leases, now_ms.saturating_add(lease_ms))
+            .await
+    }
+
+    /// Gives `leases` up in one commit: their leases end now, so any node may take them at
+    /// once. The epochs are left as they are (each next owner bumps its shard's). Returns the
+    /// shards `node` did not hold any more.
+    pub async fn release_shards(
+        &self,
+        node: &str,
+        leases: &[ShardLease],
+    ) -> Result<Vec<u32>, StoreError> {
+        self.rewrite_held(node, leases, 0).await
+    }
+
+    /// Sets the lease deadline of every shard of `leases` that `node` holds at its epoch, in one
+    /// commit fenced on each record read; returns the others.
+    async fn rewrite_held(
+        &self,
+        node: &str,
+        leases: &[ShardLease],
+        lease_until_ms: u64,
+    ) -> Result<Vec<u32>, StoreError> {
+        let mut batch = Batch::new();
+        let mut lost = Vec::new();
+        for &lease in leases {
+            match self.held_record(lease, node).await {
+                Ok((key, value, mut record)) => {
+                    record.lease_until_ms = lease_until_ms;
+                    batch
+                        .fence(key.clone(), Some(value))
+                        .set(key, record.encode_to_vec());
+                }
+                Err(StoreError::FenceChanged { .. }) => lost.push(lease.shard),
+                Err(e) => return Err(e),
             }
         }
-        let epoch_key = self.keys().shard_epoch(shard);
-        let current = self.kv().get(&epoch_key).await?;
-        let epoch = current.as_deref().map_or(0, decode_u64) + 1;
-        let record = OwnerRecord {
-            node: node.to_owned(),
-            epoch,
-            lease_until_ms: now_ms.saturating_add(lease_ms),
-        };
-        let mut batch = Batch::new();
-        batch
-            .fence(owner_key.clone(), owner)
-            .fence(epoch_key.clone(), current)
-            .set(owner_key, record.encode_to_vec())
-            .set(epoch_key, epoch.to_le_bytes().to_vec());
-        self.kv().commit(batch).await?;
-        Ok(Some(ShardLease { shard, epoch }))
-    }
-
-    /// Extends `node`'s lease on `lease.shard` to `now_ms + lease_ms`. Touches only the
-    /// ownership record, never the epoch. [`StoreError::FenceChanged`]: the shard is not
-    /// `node`'s at `lease.epoch` any more (taken over, handed off); stop appending to it.
-    pub async fn renew_shard(
-        &self,
-        lease: ShardLease,
-        node: &str,
-        now_ms: u64,
-        lease_ms: u64,
-    ) -> Result<(), StoreError> {
-        let (key, value, mut record) = self.held_record(lease, node).await?;
-        record.lease_until_ms = now_ms.saturating_add(lease_ms);
-        let mut batch = Batch::new();
-        batch
-            .fence(key.clone(), Some(value))
-            .set(key, record.encode_to_vec());
-        self.kv().commit(batch).await.map(drop)
-    }
-
-    /// Gives `lease.shard` up: its lease ends now, so any node may take it at once. The epoch
-    /// is left as it is (the next owner bumps it).
-    pub async fn release_shard(&self, lease: ShardLease, node: &str) -> Result<(), StoreError> {
-        let (key, value, mut record) = self.held_record(lease, node).await?;
-        record.lease_until_ms = 0;
-        let mut batch = Batch::new();
-        batch
-            .fence(key.clone(), Some(value))
-            .set(key, record.encode_to_vec());
-        self.kv().commit(batch).await.map(drop)
+        if !batch.is_empty() {
+            self.kv().commit(batch).await?;
+        }
+        Ok(lost)
     }
 
     /// The hand-off's flip: `lease.shard` goes from `from` to `to` in one commit, with the
@@ -254,6 +285,15 @@ mod tests {
         MessageStore::open(kv, b"", 8).await.unwrap()
     }
 
+    /// `node`'s lease on `shard` taken at `now_ms`, if no other node's lease runs.
+    async fn take(store: &MessageStore, node: &str, shard: u32, now_ms: u64) -> Option<ShardLease> {
+        store
+            .acquire_shards(node, &[shard], now_ms, LEASE)
+            .await
+            .unwrap()
+            .pop()
+    }
+
     fn message(id: &str) -> Append {
         let sender = Sender {
             user: "alice".into(),
@@ -277,26 +317,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = store(&dir).await;
         let shard = store.shard_of("d:1");
-        let a = store
-            .acquire_shard(shard, "a", 1_000, LEASE)
-            .await
-            .unwrap()
-            .unwrap();
+        let a = take(&store, "a", shard, 1_000).await.unwrap();
         assert_eq!(append(&store, a, "m1").await.unwrap(), 1);
 
         assert_eq!(
-            store
-                .acquire_shard(shard, "b", 1_000 + LEASE - 1, LEASE)
-                .await
-                .unwrap(),
+            take(&store, "b", shard, 1_000 + LEASE - 1).await,
             None,
             "b may not take a shard whose lease runs"
         );
-        let b = store
-            .acquire_shard(shard, "b", 1_000 + LEASE, LEASE)
+        let b = take(&store, "b", shard, 1_000 + LEASE)
             .await
-            .unwrap()
-            .expect("the lease lapsed");
+            .expect("lapsed");
         assert_eq!(b.epoch, a.epoch + 1);
         let owner = store.shard_owner(shard).await.unwrap().unwrap();
         assert_eq!((owner.node.as_str(), owner.epoch), ("b", b.epoch));
@@ -306,10 +337,16 @@ mod tests {
             append(&store, a, "m2").await,
             Err(StoreError::FenceChanged { .. })
         ));
-        assert!(matches!(
-            store.renew_shard(a, "a", 1_000 + LEASE, LEASE).await,
-            Err(StoreError::FenceChanged { .. })
-        ));
+        let lost = store
+            .renew_shards("a", &[a], 1_000 + LEASE, LEASE)
+            .await
+            .unwrap();
+        assert_eq!(lost, [shard]);
+        assert_eq!(
+            store.shard_owner(shard).await.unwrap().unwrap().node,
+            "b",
+            "a's renewal wrote nothing"
+        );
         assert_eq!(
             append(&store, b, "m2").await.unwrap(),
             2,
@@ -322,16 +359,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = store(&dir).await;
         let shard = store.shard_of("d:1");
-        let lease = store
-            .acquire_shard(shard, "a", 0, LEASE)
-            .await
-            .unwrap()
-            .unwrap();
+        let lease = take(&store, "a", shard, 0).await.unwrap();
         for round in 1..=3u64 {
-            store
-                .renew_shard(lease, "a", round * LEASE / 2, LEASE)
+            let lost = store
+                .renew_shards("a", &[lease], round * LEASE / 2, LEASE)
                 .await
                 .unwrap();
+            assert!(lost.is_empty());
             assert_eq!(
                 append(&store, lease, &format!("m{round}")).await.unwrap(),
                 round
@@ -345,20 +379,28 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn one_commit_takes_every_free_shard_and_skips_the_held_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir).await;
+        let held = take(&store, "b", 3, 0).await.unwrap();
+        let all: Vec<u32> = (0..store.shard_count()).collect();
+        let taken = store.acquire_shards("a", &all, 1, LEASE).await.unwrap();
+        let shards: Vec<u32> = taken.iter().map(|l| l.shard).collect();
+        assert_eq!(shards, [0, 1, 2, 4, 5, 6, 7]);
+        assert_eq!(
+            store.shard_owner(3).await.unwrap().unwrap().epoch,
+            held.epoch,
+            "a held shard is left alone"
+        );
+    }
+
+    #[tokio::test]
     async fn a_restarted_owner_takes_its_live_shard_back_with_a_new_epoch() {
         let dir = tempfile::tempdir().unwrap();
         let store = store(&dir).await;
         let shard = store.shard_of("d:1");
-        let before = store
-            .acquire_shard(shard, "a", 0, LEASE)
-            .await
-            .unwrap()
-            .unwrap();
-        let after = store
-            .acquire_shard(shard, "a", 1, LEASE)
-            .await
-            .unwrap()
-            .unwrap();
+        let before = take(&store, "a", shard, 0).await.unwrap();
+        let after = take(&store, "a", shard, 1).await.unwrap();
         assert_eq!(after.epoch, before.epoch + 1);
         assert!(matches!(
             append(&store, before, "m1").await,
@@ -371,21 +413,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = store(&dir).await;
         let shard = store.shard_of("d:1");
-        let a = store
-            .acquire_shard(shard, "a", 0, LEASE)
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(
-            matches!(
-                store.release_shard(a, "b").await,
-                Err(StoreError::FenceChanged { .. })
-            ),
+        let a = take(&store, "a", shard, 0).await.unwrap();
+        assert_eq!(
+            store.release_shards("b", &[a]).await.unwrap(),
+            [shard],
             "only the owner releases"
         );
-        store.release_shard(a, "a").await.unwrap();
-        let b = store.acquire_shard(shard, "b", 1, LEASE).await.unwrap();
-        assert!(b.is_some(), "no need to wait for the lease");
+        assert!(take(&store, "b", shard, 1).await.is_none());
+        assert!(store.release_shards("a", &[a]).await.unwrap().is_empty());
+        assert!(
+            take(&store, "b", shard, 1).await.is_some(),
+            "no need to wait for the lease"
+        );
     }
 
     #[tokio::test]
@@ -393,11 +432,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = store(&dir).await;
         let shard = store.shard_of("d:1");
-        let a = store
-            .acquire_shard(shard, "a", 0, LEASE)
-            .await
-            .unwrap()
-            .unwrap();
+        let a = take(&store, "a", shard, 0).await.unwrap();
         assert_eq!(append(&store, a, "m1").await.unwrap(), 1);
         let b = store.hand_off_shard(a, "a", "b", 5, LEASE).await.unwrap();
         assert_eq!(b.epoch, a.epoch + 1);
@@ -430,18 +465,13 @@ mod tests {
             lease_until_ms,
             started_ms: 0,
         };
-        store
-            .register_node("s1", &node("127.0.0.2:7100", 100))
-            .await
-            .unwrap();
-        store
-            .register_node("s2", &node("127.0.0.3:7100", 50))
-            .await
-            .unwrap();
-        store
-            .register_node("s1", &node("127.0.0.2:7100", 200))
-            .await
-            .unwrap();
+        let register = |id: &'static str, record: NodeRecord| {
+            let store = store.clone();
+            async move { store.register_node(id, &record).await.unwrap() }
+        };
+        register("s1", node("127.0.0.2:7100", 100)).await;
+        register("s2", node("127.0.0.3:7100", 50)).await;
+        register("s1", node("127.0.0.2:7100", 200)).await;
         let nodes = store.nodes().await.unwrap();
         let ids: Vec<&str> = nodes.iter().map(|(id, _)| id.as_str()).collect();
         assert_eq!(ids, ["s1", "s2"]);
