@@ -3,7 +3,13 @@
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
-    let descriptors = protox::compile(["courier/internal/v1/kv.proto"], ["proto"])?;
+    let descriptors = protox::compile(
+        [
+            "courier/internal/v1/kv.proto",
+            "courier/internal/v1/sequencer.proto",
+        ],
+        ["proto"],
+    )?;
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)

@@ -6,6 +6,7 @@
 //! - [`store_node`]: [`KvStoreService`] (any [`KvEngine`](courier_store::KvEngine) served
 //!   over gRPC) and [`serve_store_node`];
 //! - [`remote`]: [`RemoteEngine`], a `KvEngine` that talks to a store node;
+//! - [`sequencer`]: the sequencer role over gRPC ([`SequencerService`], [`RemoteSequencer`]);
 //! - [`proto`]: the generated messages and stubs of `courier.internal.v1`.
 //!
 //! **What the store node is for.** A multi-process *test* or development cluster on one
@@ -14,11 +15,12 @@
 //! and no failover; when it stops, the cluster stops. Production runs on FoundationDB
 //! (`courier_store` feature `fdb`), which every role reaches directly.
 //!
-//! This crate knows the store's interface, not the message-store logic above it, nor roles,
-//! frames or client tokens.
+//! This crate knows the interfaces it carries (the store's, the sequencer's), not the logic
+//! behind them, nor client frames or client tokens.
 
 pub mod auth;
 pub mod remote;
+pub mod sequencer;
 pub mod status;
 pub mod store_node;
 
@@ -32,6 +34,7 @@ pub mod proto {
 
 pub use auth::{ClusterToken, TokenError};
 pub use remote::RemoteEngine;
+pub use sequencer::{RemoteSequencer, SequencerService};
 pub use store_node::{KvStoreService, ServeError, serve_store_node};
 
 use courier_store::kv::BatchLimits;

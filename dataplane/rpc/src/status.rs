@@ -66,6 +66,17 @@ pub fn code_of(error: &StoreError) -> Code {
 
 /// The status a store node answers for `error`.
 pub fn to_status(error: &StoreError) -> Status {
+    let mut metadata = MetadataMap::new();
+    metadata.insert_bin(
+        STORE_ERROR_METADATA,
+        MetadataValue::from_bytes(&detail(error).encode_to_vec()),
+    );
+    let message: String = error.to_string().chars().take(MAX_MESSAGE_CHARS).collect();
+    Status::with_metadata(code_of(error), message, metadata)
+}
+
+/// `error` as the machine-readable detail that carries it (in a status, or in a message).
+pub fn detail(error: &StoreError) -> StoreErrorDetail {
     let (kind, key, reason) = match error {
         StoreError::FenceChanged { key } => (StoreErrorKind::FenceChanged, key.clone(), ""),
         StoreError::MaybeCommitted => (StoreErrorKind::MaybeCommitted, Vec::new(), ""),
@@ -75,18 +86,11 @@ pub fn to_status(error: &StoreError) -> Status {
         StoreError::Engine(reason) => (StoreErrorKind::Engine, Vec::new(), &reason[..]),
         StoreError::Halted(reason) => (StoreErrorKind::Halted, Vec::new(), &reason[..]),
     };
-    let detail = StoreErrorDetail {
+    StoreErrorDetail {
         kind: kind.into(),
         key,
         reason: cut(reason, MAX_REASON_BYTES).to_owned(),
-    };
-    let mut metadata = MetadataMap::new();
-    metadata.insert_bin(
-        STORE_ERROR_METADATA,
-        MetadataValue::from_bytes(&detail.encode_to_vec()),
-    );
-    let message: String = error.to_string().chars().take(MAX_MESSAGE_CHARS).collect();
-    Status::with_metadata(code_of(error), message, metadata)
+    }
 }
 
 /// The longest prefix of `text` of at most `max` bytes that ends at a character boundary.
@@ -105,7 +109,11 @@ pub fn decode(status: &Status) -> Option<StoreError> {
         .get_bin(STORE_ERROR_METADATA)?
         .to_bytes()
         .ok()?;
-    let detail = StoreErrorDetail::decode(bytes).ok()?;
+    from_detail(StoreErrorDetail::decode(bytes).ok()?)
+}
+
+/// The error a detail carries; `None` for a detail of an unknown kind (another version).
+pub fn from_detail(detail: StoreErrorDetail) -> Option<StoreError> {
     let StoreErrorDetail { kind, key, reason } = detail;
     Some(match StoreErrorKind::try_from(kind).ok()? {
         StoreErrorKind::Unspecified => return None,

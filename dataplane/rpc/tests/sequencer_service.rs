@@ -1,0 +1,197 @@
+//! The sequencer over gRPC on 127.0.0.1 (ephemeral port): appends keep the order `submit` was
+//! called in, every outcome and error crosses the network as itself, a broken stream answers
+//! its waiters and the next append opens a new one, and the cluster token is required.
+
+use courier_core::sequencing::{PendingAppend, PendingTrim, Sequencer, SequencerError};
+use courier_proto::{Body, Sender};
+use courier_rpc::{ClusterToken, RemoteSequencer, SequencerService};
+use courier_store::{Append, AppendOutcome, AppendRefused, NewConversation, StoreError};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+const TOKEN: &str = "courier-test-cluster-token-0123456789abcdef";
+
+/// Numbers appends per conversation in the order they are submitted; a message whose text
+/// names an error fails with it.
+#[derive(Default)]
+struct Numbering {
+    heads: Mutex<HashMap<String, u64>>,
+}
+
+impl Sequencer for Numbering {
+    fn submit(&self, append: Append) -> PendingAppend {
+        let text = match &append.payload {
+            courier_proto::EventPayload::Message {
+                body: Some(Body::Text(text)),
+                ..
+            } => text.clone(),
+            _ => String::new(),
+        };
+        let result = match text.as_str() {
+            "overloaded" => Err(SequencerError::Overloaded),
+            "moved" => Err(SequencerError::ShardMoved),
+            "fence" => Err(SequencerError::Store(StoreError::FenceChanged {
+                key: b"k".to_vec(),
+            })),
+            "admin" => Err(SequencerError::Refused(AppendRefused::NotAdmin)),
+            _ => {
+                let mut heads = self.heads.lock().unwrap();
+                let head = heads.entry(append.conversation_id.clone()).or_default();
+                *head += 1;
+                Ok(AppendOutcome {
+                    seq: *head,
+                    server_msg_id: format!("s{head}"),
+                    ts_ms: 7,
+                    duplicate: false,
+                })
+            }
+        };
+        Box::pin(async move { result })
+    }
+
+    fn trim(&self, _conversation_id: &str, new_floor: u64) -> PendingTrim {
+        Box::pin(async move { Ok(new_floor - 1) })
+    }
+}
+
+fn message(conv: &str, id: &str, text: &str) -> Append {
+    let sender = Sender {
+        user: "alice".into(),
+        device: "p".into(),
+    };
+    Append {
+        create: Some(NewConversation::direct("alice", "bob")),
+        ..Append::message(
+            conv.into(),
+            sender,
+            id.into(),
+            Body::Text(text.into()),
+            None,
+        )
+    }
+}
+
+/// Serves `sequencer` until the returned sender is dropped or fired.
+async fn serve(sequencer: Arc<dyn Sequencer>, token: &str) -> (SocketAddr, oneshot::Sender<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let service = SequencerService::new(sequencer).into_server(ClusterToken::new(token).unwrap());
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming_shutdown(tokio_stream_of(listener), async {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap();
+    });
+    (address, stop)
+}
+
+fn tokio_stream_of(
+    listener: TcpListener,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    futures::stream::unfold(listener, |listener| async move {
+        let accepted = listener.accept().await.map(|(stream, _)| stream);
+        Some((accepted, listener))
+    })
+}
+
+fn remote(address: SocketAddr, token: &str) -> RemoteSequencer {
+    RemoteSequencer::new(
+        &format!("http://{address}"),
+        ClusterToken::new(token).unwrap(),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn appends_are_sequenced_in_the_order_they_were_submitted() {
+    let (address, _stop) = serve(Arc::new(Numbering::default()), TOKEN).await;
+    let remote = remote(address, TOKEN);
+    // Submitted without waiting, as a connection pipelines its sends.
+    let pending: Vec<PendingAppend> = (0..2_000)
+        .map(|i| remote.submit(message(&format!("c{}", i % 3), &format!("m{i}"), "hi")))
+        .collect();
+    let outcomes = futures::future::join_all(pending).await;
+    for (i, outcome) in outcomes.into_iter().enumerate() {
+        assert_eq!(
+            outcome.unwrap().seq,
+            i as u64 / 3 + 1,
+            "append {i} out of order"
+        );
+    }
+}
+
+#[tokio::test]
+async fn outcomes_and_errors_cross_the_network_as_themselves() {
+    let (address, _stop) = serve(Arc::new(Numbering::default()), TOKEN).await;
+    let remote = remote(address, TOKEN);
+    let ok = remote.submit(message("c", "1", "hi")).await.unwrap();
+    assert_eq!((ok.seq, ok.server_msg_id.as_str(), ok.ts_ms), (1, "s1", 7));
+    assert!(matches!(
+        remote.submit(message("c", "2", "overloaded")).await,
+        Err(SequencerError::Overloaded)
+    ));
+    assert!(matches!(
+        remote.submit(message("c", "3", "moved")).await,
+        Err(SequencerError::ShardMoved)
+    ));
+    assert!(matches!(
+        remote.submit(message("c", "4", "fence")).await,
+        Err(SequencerError::Store(StoreError::FenceChanged { key })) if key == b"k"
+    ));
+    assert!(matches!(
+        remote.submit(message("c", "5", "admin")).await,
+        Err(SequencerError::Refused(AppendRefused::NotAdmin))
+    ));
+    assert_eq!(remote.trim("c", 10).await.unwrap(), 9);
+}
+
+/// Never answers: appends stay in flight until the stream breaks.
+struct Silent;
+
+impl Sequencer for Silent {
+    fn submit(&self, _append: Append) -> PendingAppend {
+        Box::pin(futures::future::pending())
+    }
+
+    fn trim(&self, _conversation_id: &str, _new_floor: u64) -> PendingTrim {
+        Box::pin(futures::future::pending())
+    }
+}
+
+#[tokio::test]
+async fn a_broken_stream_makes_its_appends_unknown_and_the_next_append_opens_a_new_one() {
+    let (address, stop) = serve(Arc::new(Silent), TOKEN).await;
+    let remote = remote(address, TOKEN);
+    let in_flight = remote.submit(message("c", "1", "hi"));
+    // The node goes away with the append in flight (its outcome is unknown to the caller).
+    drop(stop);
+    assert!(matches!(
+        in_flight.await,
+        Err(SequencerError::Store(StoreError::MaybeCommitted))
+    ));
+    // A node answers at the same place again (another port here: the address is the node's).
+    let (address, _stop) = serve(Arc::new(Numbering::default()), TOKEN).await;
+    let again = self::remote(address, TOKEN);
+    assert_eq!(again.submit(message("c", "1", "hi")).await.unwrap().seq, 1);
+}
+
+#[tokio::test]
+async fn a_stream_without_the_cluster_token_appends_nothing() {
+    let numbering = Arc::new(Numbering::default());
+    let (address, _stop) = serve(numbering.clone(), TOKEN).await;
+    let stranger = remote(address, "another-cluster-token-0123456789abcdefgh");
+    let refused = stranger.submit(message("c", "1", "hi")).await;
+    assert!(
+        matches!(refused, Err(SequencerError::Store(StoreError::Engine(_)))),
+        "refused before anything was appended, not an unknown outcome: {refused:?}"
+    );
+    assert!(numbering.heads.lock().unwrap().is_empty());
+    assert!(stranger.trim("c", 10).await.is_err());
+}
