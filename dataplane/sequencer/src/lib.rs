@@ -24,6 +24,7 @@
 //! shard moved: the actor refuses what is queued and stops.
 
 pub mod retention;
+pub mod routing;
 
 use courier_core::clock::now_ms;
 use courier_core::metrics::{Metrics, ShardLabel};
