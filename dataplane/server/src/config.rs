@@ -1,6 +1,7 @@
 //! Configuration of `courier serve`: one typed struct, from flags or `COURIER_*` environment
 //! variables, validated at start-up.
 
+use crate::store_node::ClusterTokenArgs;
 use clap::{Args, ValueEnum};
 use courier_chat::ChatLimits;
 use courier_core::limits::Rate;
@@ -18,6 +19,9 @@ pub enum StoreKind {
     Embedded,
     /// FoundationDB (needs a build with `--features fdb` and `--fdb-cluster-file`).
     Fdb,
+    /// A `courier store-node` (`--store-address`): a test or development cluster on one
+    /// machine, never production.
+    Remote,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -42,6 +46,11 @@ pub struct ServeConfig {
     /// FoundationDB cluster file (with `--store fdb`).
     #[arg(long, env = "COURIER_FDB_CLUSTER_FILE")]
     pub fdb_cluster_file: Option<PathBuf>,
+    /// The store node's address, `http://host:port` (with `--store remote`).
+    #[arg(long, env = "COURIER_STORE_ADDRESS")]
+    pub store_address: Option<String>,
+    #[command(flatten)]
+    pub cluster: ClusterTokenArgs,
     /// Logical sequencer shards; fixed when the store is created.
     #[arg(long, env = "COURIER_SHARDS", default_value_t = 1024)]
     pub shards: u32,
@@ -188,6 +197,12 @@ impl ServeConfig {
             "--media-min-free-disk must be at least --min-free-disk, so that uploads are \
              refused before sends when the disk fills up"
         );
+        if self.store == StoreKind::Remote {
+            anyhow::ensure!(
+                self.store_address.is_some(),
+                "--store remote needs --store-address (or COURIER_STORE_ADDRESS)"
+            );
+        }
         if self.store == StoreKind::Fdb {
             anyhow::ensure!(
                 self.fdb_cluster_file.is_some(),

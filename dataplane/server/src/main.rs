@@ -3,12 +3,14 @@
 //! - `courier serve`: every role (gateway, chat, sequencer, fanout) in one process on the
 //!   embedded store;
 //! - `courier token`: prints a token signed with the server's secret;
-//! - `courier chat`: a small interactive terminal client.
+//! - `courier chat`: a small interactive terminal client;
+//! - `courier store-node`: a store shared by the nodes of a test cluster (not for production).
 
 mod cli_chat;
 mod config;
 mod http;
 mod serve;
+mod store_node;
 
 use clap::{Parser, Subcommand};
 use courier_core::auth;
@@ -57,6 +59,10 @@ enum Command {
     Chat(cli_chat::ChatArgs),
     /// Load-generate against a running server and report latency and throughput.
     Bench(courier_bench::BenchArgs),
+    /// Serve a store to the nodes of a test or development cluster on one machine (a stand-in
+    /// for FoundationDB where none runs; never a production store: one process, one disk, no
+    /// replication).
+    StoreNode(store_node::StoreNodeArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -100,5 +106,6 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Chat(args) => cli_chat::run(args).await,
         Command::Bench(args) => courier_bench::run(args).await,
+        Command::StoreNode(args) => store_node::run(args).await,
     }
 }

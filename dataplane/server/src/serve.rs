@@ -17,6 +17,7 @@ use courier_gateway::routes::Routes;
 use courier_media::MediaService;
 use courier_push::Notifier;
 use courier_push::providers::PushProviders;
+use courier_rpc::RemoteEngine;
 use courier_sequencer::LocalSequencer;
 use courier_sequencer::retention::Retention;
 use courier_store::embedded::EmbeddedEngine;
@@ -46,12 +47,20 @@ fn verifier(config: &ServeConfig) -> anyhow::Result<TokenVerifier> {
     Ok(TokenVerifier::hs256(&secret))
 }
 
-fn open_engine(config: &ServeConfig) -> anyhow::Result<Arc<dyn KvEngine>> {
+async fn open_engine(config: &ServeConfig) -> anyhow::Result<Arc<dyn KvEngine>> {
     match config.store {
         StoreKind::Embedded => Ok(Arc::new(EmbeddedEngine::open(
             &config.data_dir.join(STORE_DIR),
         )?)),
         StoreKind::Fdb => open_fdb(config),
+        StoreKind::Remote => {
+            let address = config
+                .store_address
+                .as_deref()
+                .context("--store remote needs --store-address")?;
+            let token = config.cluster.token()?;
+            Ok(Arc::new(RemoteEngine::connect(address, token).await?))
+        }
     }
 }
 
@@ -81,7 +90,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating the data directory {}", config.data_dir.display()))?;
     let verifier = verifier(&config)?;
-    let engine = open_engine(&config)?;
+    let engine = open_engine(&config).await?;
     let store = MessageStore::open(engine, b"", config.shards).await?;
 
     let metrics = Arc::new(Metrics::new());
@@ -244,7 +253,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() {
+pub async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
