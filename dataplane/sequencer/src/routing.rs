@@ -12,6 +12,10 @@
 //! while a shard's route is being read, its appends wait in a queue of their own and are
 //! handed to the route in arrival order once it is known.
 //!
+//! **Commits it sees.** An append answered by another node was committed there, and that
+//! node's fanout is not this node's: the router tells this node's [`CommitListener`] (its
+//! fanout and notifier) of every new event it was answered, as the local sequencer does.
+//!
 //! **Failure policy.** Nothing is retried here: an append refused because the shard moved, or
 //! whose node was unreachable, reaches the client as `unavailable`, and the client's retry with
 //! the same `client_msg_id` goes to the new owner (the idempotency record answers it if the
@@ -20,7 +24,9 @@
 
 use crate::LocalSequencer;
 use courier_core::clock::now_ms;
-use courier_core::sequencing::{PendingAppend, PendingTrim, Sequencer, SequencerError};
+use courier_core::sequencing::{
+    CommitListener, PendingAppend, PendingTrim, Sequencer, SequencerError,
+};
 use courier_rpc::{ClusterToken, RemoteSequencer};
 use courier_store::{Append, AppendOutcome, MessageStore, StoreError};
 use std::collections::HashMap;
@@ -52,6 +58,8 @@ struct Router {
     /// This node's id and sequencer, when it runs the sequencer role.
     local: Option<(String, Arc<LocalSequencer>)>,
     token: ClusterToken,
+    /// Told of each new event another node committed for this node's appends.
+    listener: Arc<dyn CommitListener>,
     routes: Mutex<HashMap<u32, Route>>,
     /// Sequencer nodes by address (one append stream each).
     remotes: Mutex<HashMap<String, Arc<RemoteSequencer>>>,
@@ -63,17 +71,20 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl RoutedSequencer {
     /// Routes by the ownership records of `store`; `local` is this node's id and sequencer
-    /// when it runs the sequencer role; `token` authenticates calls to the other nodes.
+    /// when it runs the sequencer role; `token` authenticates calls to the other nodes;
+    /// `listener` is told of the events other nodes committed for this node.
     pub fn new(
         store: MessageStore,
         local: Option<(String, Arc<LocalSequencer>)>,
         token: ClusterToken,
+        listener: Arc<dyn CommitListener>,
     ) -> Self {
         Self {
             router: Arc::new(Router {
                 store,
                 local,
                 token,
+                listener,
                 routes: Mutex::default(),
                 remotes: Mutex::default(),
             }),
@@ -147,11 +158,34 @@ impl Router {
                     Err(e) => Err(e),
                 };
                 if let Some(route) = route {
-                    this.forget_if_stale(shard, &route, &result);
+                    this.answered(shard, &route, &result);
                 }
                 let _ = answer.send(result);
             });
         }
+    }
+
+    /// After an append through `route`: tells the listener of a new event another node
+    /// committed, forgets a stale route.
+    fn answered(
+        &self,
+        shard: u32,
+        route: &Arc<dyn Sequencer>,
+        result: &Result<AppendOutcome, SequencerError>,
+    ) {
+        if let Ok(outcome) = result
+            && !outcome.duplicate
+            && !self.is_local(route)
+        {
+            self.listener.committed(shard, 1);
+        }
+        self.forget_if_stale(shard, route, result);
+    }
+
+    fn is_local(&self, route: &Arc<dyn Sequencer>) -> bool {
+        self.local
+            .as_ref()
+            .is_some_and(|(_, local)| std::ptr::addr_eq(Arc::as_ptr(route), Arc::as_ptr(local)))
     }
 
     /// Forgets `route` for `shard` when `result` says it is stale.
@@ -201,7 +235,7 @@ impl Sequencer for RoutedSequencer {
                 let this = router.clone();
                 Box::pin(async move {
                     let result = pending.await;
-                    this.forget_if_stale(shard, &route, &result);
+                    this.answered(shard, &route, &result);
                     result
                 })
             }

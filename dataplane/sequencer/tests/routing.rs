@@ -3,7 +3,9 @@
 //! new owner goes on with the next seq.
 
 use courier_core::metrics::Metrics;
-use courier_core::sequencing::{Listeners, PendingAppend, Sequencer, SequencerError};
+use courier_core::sequencing::{
+    CommitListener, Listeners, PendingAppend, Sequencer, SequencerError,
+};
 use courier_proto::{Body, Sender};
 use courier_rpc::{ClusterToken, SequencerService};
 use courier_sequencer::routing::RoutedSequencer;
@@ -12,6 +14,7 @@ use courier_store::embedded::EmbeddedEngine;
 use courier_store::ownership::NodeRecord;
 use courier_store::{Append, MessageStore, NewConversation};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::net::TcpListener;
 
@@ -84,7 +87,8 @@ async fn appends_follow_their_shard_to_its_new_owner() {
         "s1 started first and holds every shard"
     );
 
-    let chat = RoutedSequencer::new(store.clone(), None, token());
+    let commits = Arc::new(Commits::default());
+    let chat = RoutedSequencer::new(store.clone(), None, token(), commits.clone());
     let pending: Vec<PendingAppend> = (1..=50)
         .map(|i| chat.submit(message(&format!("m{i}"))))
         .collect();
@@ -121,6 +125,27 @@ async fn a_chat_node_that_runs_a_sequencer_appends_to_its_own_shards_in_process(
     let kv = Arc::new(EmbeddedEngine::open(&dir.path().join("s")).unwrap());
     let store = MessageStore::open(kv, b"", 4).await.unwrap();
     let own = sequencer_node(&store, "s1").await;
-    let chat = RoutedSequencer::new(store.clone(), Some(("s1".into(), own)), token());
+    let commits = Arc::new(Commits::default());
+    let chat = RoutedSequencer::new(
+        store.clone(),
+        Some(("s1".into(), own)),
+        token(),
+        commits.clone(),
+    );
     assert_eq!(chat.submit(message("m1")).await.unwrap().seq, 1);
+    assert_eq!(
+        commits.0.load(Ordering::Relaxed),
+        0,
+        "the local sequencer tells its own listeners"
+    );
+}
+
+/// Counts the events it is told of.
+#[derive(Default)]
+struct Commits(AtomicUsize);
+
+impl CommitListener for Commits {
+    fn committed(&self, _shard: u32, events: usize) {
+        self.0.fetch_add(events, Ordering::Relaxed);
+    }
 }
