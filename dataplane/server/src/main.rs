@@ -9,6 +9,7 @@
 mod cli_chat;
 mod config;
 mod http;
+mod node;
 mod serve;
 mod store_node;
 
@@ -63,6 +64,9 @@ enum Command {
     /// for FoundationDB where none runs; never a production store: one process, one disk, no
     /// replication).
     StoreNode(store_node::StoreNodeArgs),
+    /// Run some of the roles as one node of a cluster on a shared store
+    /// (`docs/distributed.md`).
+    Node(node::NodeArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -107,5 +111,6 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Chat(args) => cli_chat::run(args).await,
         Command::Bench(args) => courier_bench::run(args).await,
         Command::StoreNode(args) => store_node::run(args).await,
+        Command::Node(args) => node::run(args).await,
     }
 }

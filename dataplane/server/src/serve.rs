@@ -47,7 +47,7 @@ fn verifier(config: &ServeConfig) -> anyhow::Result<TokenVerifier> {
     Ok(TokenVerifier::hs256(&secret))
 }
 
-async fn open_engine(config: &ServeConfig) -> anyhow::Result<Arc<dyn KvEngine>> {
+pub async fn open_engine(config: &ServeConfig) -> anyhow::Result<Arc<dyn KvEngine>> {
     match config.store {
         StoreKind::Embedded => Ok(Arc::new(EmbeddedEngine::open(
             &config.data_dir.join(STORE_DIR),

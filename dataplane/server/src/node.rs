@@ -1,0 +1,228 @@
+//! `courier node`: one node of a cluster, running some of the roles, on a shared store
+//! (`--store remote` for a test cluster on one machine, `--store fdb` in production).
+//!
+//! Roles today:
+//! - `sequencer`: takes the shards no live node holds, keeps their leases, and serves appends
+//!   to the other nodes over internal gRPC (`--internal-listen`, never the client port);
+//! - `gateway` with `chat`, `fanout`, `push` and `media` (the client roles, together): the
+//!   client port, as `courier serve`, with appends routed to the shards' owners. Only one node
+//!   of a cluster may run them yet (fanout does not share shards between nodes), and a start
+//!   that would run a second is refused.
+//!
+//! Every node registers itself in the store (id, roles, internal address, lease) and renews
+//! its registration every third of `--shard-lease`; a node that dies is seen as gone once it
+//! lapses. A cluster node needs a store it shares with the others, its own `--node-id`, and the
+//! cluster token.
+
+use crate::config::{ServeConfig, StoreKind};
+use crate::serve;
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+use courier_core::clock::now_ms;
+use courier_core::metrics::Metrics;
+use courier_core::sequencing::Listeners;
+use courier_rpc::SequencerService;
+use courier_sequencer::LocalSequencer;
+use courier_store::MessageStore;
+use courier_store::ownership::NodeRecord;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Role {
+    Gateway,
+    Chat,
+    Sequencer,
+    Fanout,
+    Push,
+    Media,
+}
+
+impl Role {
+    fn name(self) -> &'static str {
+        match self {
+            Role::Gateway => "gateway",
+            Role::Chat => "chat",
+            Role::Sequencer => "sequencer",
+            Role::Fanout => "fanout",
+            Role::Push => "push",
+            Role::Media => "media",
+        }
+    }
+}
+
+/// The roles that serve clients; they run together on one node for now.
+const CLIENT_ROLES: [Role; 5] = [
+    Role::Gateway,
+    Role::Chat,
+    Role::Fanout,
+    Role::Push,
+    Role::Media,
+];
+
+/// `courier node`.
+#[derive(Debug, Args)]
+pub struct NodeArgs {
+    /// The roles this node runs, e.g. `sequencer`, or `gateway,chat,fanout,push,media`.
+    #[arg(long, env = "COURIER_ROLES", value_delimiter = ',', required = true)]
+    pub roles: Vec<Role>,
+    /// Where the internal gRPC of this node listens (port 0 picks a free port).
+    #[arg(
+        long,
+        env = "COURIER_INTERNAL_LISTEN",
+        default_value = "127.0.0.1:7500"
+    )]
+    pub internal_listen: SocketAddr,
+    /// The address (`host:port`) other nodes reach this node's internal gRPC at; default: the
+    /// address `--internal-listen` bound.
+    #[arg(long, env = "COURIER_ADVERTISE")]
+    pub advertise: Option<String>,
+    #[command(flatten)]
+    pub serve: ServeConfig,
+}
+
+impl NodeArgs {
+    fn has(&self, role: Role) -> bool {
+        self.roles.contains(&role)
+    }
+
+    /// Refuses a node that would not work in a cluster, saying why.
+    fn validate(&self) -> anyhow::Result<()> {
+        let config = &self.serve;
+        anyhow::ensure!(
+            config.store != StoreKind::Embedded,
+            "a cluster node needs the store it shares with the other nodes: \
+             --store remote (a store node, for tests) or --store fdb"
+        );
+        anyhow::ensure!(
+            config.node_id != "local",
+            "a cluster node needs its own --node-id (unique in the cluster)"
+        );
+        let clients = CLIENT_ROLES.iter().filter(|r| self.has(**r)).count();
+        anyhow::ensure!(
+            clients == 0 || clients == CLIENT_ROLES.len(),
+            "the client roles run together for now: --roles gateway,chat,fanout,push,media \
+             (optionally with sequencer)"
+        );
+        anyhow::ensure!(
+            clients == 0 || config.jwt_secret.is_some() || config.jwt_public_key.is_some(),
+            "the nodes of a cluster must verify the same client tokens: give --jwt-secret \
+             (or --jwt-public-key); a secret generated per data directory would differ per node"
+        );
+        Ok(())
+    }
+}
+
+/// Runs the node until SIGTERM or Ctrl-C.
+pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
+    args.validate()?;
+    anyhow::ensure!(
+        !args.has(Role::Gateway),
+        "the client roles on a cluster node are not wired yet: run them with `courier serve --store remote`"
+    );
+    args.serve.validate()?;
+    let config = &args.serve;
+    let token = config.cluster.token()?;
+    let engine = serve::open_engine(config).await?;
+    let store = MessageStore::open(engine, b"", config.shards).await?;
+
+    let internal = tokio::net::TcpListener::bind(args.internal_listen)
+        .await
+        .with_context(|| format!("binding the internal address {}", args.internal_listen))?;
+    let address = match &args.advertise {
+        Some(address) => address.clone(),
+        None => internal.local_addr()?.to_string(),
+    };
+    let roles: Vec<String> = args.roles.iter().map(|r| r.name().to_owned()).collect();
+    let registration = NodeRecord {
+        roles: roles.clone(),
+        address: address.clone(),
+        lease_until_ms: 0,
+        started_ms: now_ms(),
+    };
+    let lease = config.shard_lease;
+    let lease_ms = lease.as_millis() as u64;
+    store
+        .register_node(&config.node_id, &leased(&registration, now_ms() + lease_ms))
+        .await?;
+    let registered = {
+        let store = store.clone();
+        let node = config.node_id.clone();
+        let registration = registration.clone();
+        tokio::spawn(async move {
+            let mut rounds = tokio::time::interval(lease / 3);
+            rounds.tick().await;
+            loop {
+                rounds.tick().await;
+                let record = leased(&registration, now_ms() + lease_ms);
+                if let Err(e) = store.register_node(&node, &record).await {
+                    tracing::warn!(error = %e, "renewing the node's registration failed; retrying");
+                }
+            }
+        })
+    };
+
+    let metrics = Arc::new(Metrics::new());
+    let sequencer = if args.has(Role::Sequencer) {
+        let sequencer = LocalSequencer::start(
+            store.clone(),
+            config.ownership(),
+            config.group_commit_limits(),
+            Arc::new(Listeners(Vec::new())),
+            metrics.clone(),
+        )
+        .await?;
+        tokio::spawn(sequencer.clone().keep_shards());
+        Some(sequencer)
+    } else {
+        None
+    };
+
+    // Internal gRPC: the sequencer service (the admin API will join it).
+    let (stop_internal, internal_stopped) = tokio::sync::oneshot::channel::<()>();
+    let internal_server = sequencer.as_ref().map(|sequencer| {
+        let service = SequencerService::new(sequencer.clone()).into_server(token.clone());
+        let incoming = futures::stream::unfold(internal, |listener| async move {
+            let accepted = listener.accept().await.map(|(stream, _)| stream);
+            Some((accepted, listener))
+        });
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming_shutdown(incoming, async {
+                    let _ = internal_stopped.await;
+                }),
+        )
+    });
+    tracing::info!(
+        node = %config.node_id,
+        roles = %roles.join(","),
+        "courier node ready on internal {address}"
+    );
+
+    serve::shutdown_signal().await;
+    tracing::info!("stopping: releasing shards and leaving the cluster");
+    let _ = stop_internal.send(());
+    if let Some(server) = internal_server {
+        let _ = tokio::time::timeout(Duration::from_secs(10), server).await;
+    }
+    if let Some(sequencer) = &sequencer
+        && let Err(e) = sequencer.release_all().await
+    {
+        tracing::warn!(error = %e, "releasing the shards failed; they lapse with their leases");
+    }
+    registered.abort();
+    store
+        .register_node(&config.node_id, &leased(&registration, 0))
+        .await?;
+    Ok(())
+}
+
+/// `record` alive until `lease_until_ms`.
+fn leased(record: &NodeRecord, lease_until_ms: u64) -> NodeRecord {
+    NodeRecord {
+        lease_until_ms,
+        ..record.clone()
+    }
+}
