@@ -313,8 +313,8 @@ impl ShardActor {
 mod tests {
     use super::*;
     use courier_core::error::ApiError;
-    use courier_proto::{Body, ErrorCode, EventPayload, Sender};
     use courier_core::sequencing::Listeners;
+    use courier_proto::{Body, ErrorCode, EventPayload, Sender};
     use courier_store::faulty_engine::FaultyEngine;
     use courier_store::{AppendKey, NewConversation};
 
