@@ -229,6 +229,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
     let address = listener.local_addr()?;
+    let stop_signal = shutdown_signal()?;
     state.ready.store(true, Ordering::Release);
     tracing::info!(%address, data_dir = %config.data_dir.display(), "courier ready on {address}");
 
@@ -236,7 +237,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let loop_failed = loops.failed();
     let shutdown = async move {
         tokio::select! {
-            () = shutdown_signal() => {
+            () = stop_signal => {
                 tracing::info!("draining: telling every connection to reconnect");
             }
             task = loop_failed => {
@@ -304,25 +305,26 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {},
-                    _ = ctrl_c => {},
-                }
-            }
-            Err(_) => {
-                let _ = ctrl_c.await;
-            }
+/// Resolves on SIGTERM or Ctrl-C. The handlers are installed when this is called, not when the
+/// future is first polled: a signal right after the ready line then drains the node instead of
+/// killing it (the default action).
+#[cfg(unix)]
+fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()> + Send + 'static> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut interrupt =
+        signal(SignalKind::interrupt()).context("installing the Ctrl-C (SIGINT) handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = interrupt.recv() => {},
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
-    }
+    })
+}
+
+#[cfg(not(unix))]
+fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()> + Send + 'static> {
+    Ok(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
 }
