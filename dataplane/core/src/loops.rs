@@ -262,26 +262,24 @@ where
         let outcome = AssertUnwindSafe(async { run(cancel.clone()).await })
             .catch_unwind()
             .await;
-        match (&outcome, cancel.is_cancelled()) {
-            (Ok(()), true) => return Ended::Stopped,
-            (Err(panic), true) => {
-                tracing::error!(
-                    task = name.as_str(),
-                    panic = panic_message(panic),
-                    "background loop panicked while stopping"
-                );
-                return Ended::PanickedStopping;
-            }
-            (Ok(()), false) => tracing::error!(
-                task = name.as_str(),
-                "background loop ended before it was stopped"
-            ),
-            (Err(panic), false) => tracing::error!(
-                task = name.as_str(),
-                panic = panic_message(panic),
-                "background loop panicked"
-            ),
+        let panic = outcome.as_ref().err().map(panic_message);
+        if cancel.is_cancelled() {
+            return match panic {
+                None => Ended::Stopped,
+                Some(panic) => {
+                    tracing::error!(
+                        task = name.as_str(),
+                        panic,
+                        "background loop panicked while stopping"
+                    );
+                    Ended::PanickedStopping
+                }
+            };
         }
+        let failure = match panic {
+            Some(_) => "background loop panicked",
+            None => "background loop ended before it was stopped",
+        };
         let now = Instant::now();
         failures.push_back(now);
         while failures
@@ -293,9 +291,10 @@ where
         if failures.len() > policy.budget {
             tracing::error!(
                 task = name.as_str(),
+                panic,
                 failures = failures.len(),
                 window = ?policy.window,
-                "background loop keeps failing; giving up on it: the node stops"
+                "{failure}; it keeps failing, so it is given up and the node stops"
             );
             gave_up.send_if_modified(|first| {
                 let unset = first.is_none();
@@ -313,8 +312,9 @@ where
             .min(policy.max_delay);
         tracing::error!(
             task = name.as_str(),
-            ?delay,
-            "restarting the background loop"
+            panic,
+            restart_in = ?delay,
+            "{failure}; restarting it"
         );
         if cancel
             .run_until_cancelled(tokio::time::sleep(delay))
