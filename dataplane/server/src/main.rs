@@ -4,6 +4,9 @@
 //!   embedded store;
 //! - `courier token`: prints a token signed with the server's secret;
 //! - `courier chat`: a small interactive terminal client.
+//!
+//! Every subcommand logs to standard error, as text on a terminal and as JSON lines otherwise
+//! (`--log-format`, `docs/operations.md`).
 
 mod cli_chat;
 mod config;
