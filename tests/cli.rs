@@ -197,3 +197,165 @@ fn two_chat_sessions_exchange_a_message_and_a_photo() {
     bob.expect("saved 200000 bytes");
     assert_eq!(std::fs::read(&saved).unwrap(), photo);
 }
+
+/// A `courier serve` process whose standard error lines arrive on a channel (closed at exit).
+struct LoggingServer {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    _dir: tempfile::TempDir,
+}
+
+impl LoggingServer {
+    /// Starts `courier serve` with `extra` flags and `COURIER_LOG_FORMAT` set to `env_format`
+    /// (unset with `None`); standard error is a pipe, as in a pod.
+    fn start(extra: &[&str], env_format: Option<&str>) -> LoggingServer {
+        let dir = tempfile::tempdir().unwrap();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_courier"));
+        command
+            .arg("serve")
+            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path())
+            .args(["--min-free-disk", "0", "--media-min-free-disk", "0"])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .env_remove("COURIER_LOG_FORMAT")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if let Some(format) = env_format {
+            command.env("COURIER_LOG_FORMAT", format);
+        }
+        let mut child = command.spawn().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        LoggingServer {
+            child,
+            lines,
+            _dir: dir,
+        }
+    }
+
+    /// The lines up to and including the ready line.
+    fn until_ready(&self) -> Vec<String> {
+        let mut seen = Vec::new();
+        loop {
+            let line = self
+                .lines
+                .recv_timeout(WAIT)
+                .unwrap_or_else(|_| panic!("no ready line; the server logged:\n{seen:#?}"));
+            let ready = support::ready_address(&line).is_some();
+            seen.push(line);
+            if ready {
+                return seen;
+            }
+        }
+    }
+
+    /// SIGTERM; the lines logged until the exit, and the exit status.
+    fn terminate(mut self) -> (Vec<String>, std::process::ExitStatus) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let mut seen = Vec::new();
+        loop {
+            match self.lines.recv_timeout(WAIT) {
+                Ok(line) => seen.push(line),
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    panic!("the server did not exit; it logged:\n{seen:#?}")
+                }
+            }
+        }
+        let status = self.child.wait().unwrap();
+        (seen, status)
+    }
+}
+
+impl Drop for LoggingServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Parses a JSON log line and checks what a log shipper needs: an RFC 3339 UTC timestamp, a
+/// level, a message and the target, at the top level.
+fn shipped(line: &str) -> serde_json::Map<String, serde_json::Value> {
+    let value: serde_json::Value =
+        serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+    let serde_json::Value::Object(object) = value else {
+        panic!("not a JSON object: {line}");
+    };
+    let text = |key: &str| {
+        object
+            .get(key)
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or_else(|| panic!("no string {key:?} in {line}"))
+    };
+    let timestamp = text("timestamp");
+    let (date, time) = timestamp
+        .split_once('T')
+        .unwrap_or_else(|| panic!("timestamp {timestamp:?} is not RFC 3339"));
+    assert!(
+        date.len() == 10 && date.as_bytes()[4] == b'-' && time.ends_with('Z'),
+        "timestamp {timestamp:?} is not RFC 3339 UTC"
+    );
+    let level = text("level");
+    assert!(
+        ["TRACE", "DEBUG", "INFO", "WARN", "ERROR"].contains(&level),
+        "level {level:?} in {line}"
+    );
+    assert!(!text("message").is_empty(), "empty message in {line}");
+    assert!(!text("target").is_empty(), "empty target in {line}");
+    object
+}
+
+#[test]
+fn log_format_json_writes_one_json_object_per_line_from_start_to_exit() {
+    let server = LoggingServer::start(&["--log-format", "json"], None);
+    let mut lines = server.until_ready();
+    let (after, status) = server.terminate();
+    assert!(status.success(), "exit status {status}");
+    lines.extend(after);
+
+    let events: Vec<_> = lines.iter().map(|line| shipped(line)).collect();
+    let message = |event: &serde_json::Map<String, serde_json::Value>| {
+        event["message"].as_str().unwrap().to_owned()
+    };
+    // The event's fields sit beside the message, where a shipper indexes them.
+    let ready = events
+        .iter()
+        .find(|e| message(e).starts_with("courier ready on "))
+        .expect("a ready event");
+    let address = ready["address"].as_str().expect("the address as a field");
+    assert_eq!(message(ready), format!("courier ready on {address}"));
+    assert_eq!(ready["level"], "INFO");
+    assert_eq!(ready["target"], "courier::serve");
+    // The shutdown is logged in JSON too, down to the last line.
+    let last = events.last().map(message).unwrap_or_default();
+    assert_eq!(last, "background loops stopped; exiting", "{lines:#?}");
+}
+
+#[test]
+fn log_format_auto_is_json_into_a_pipe_and_the_environment_can_ask_for_text() {
+    let auto = LoggingServer::start(&[], None);
+    for line in auto.until_ready() {
+        shipped(&line);
+    }
+
+    let text = LoggingServer::start(&[], Some("text"));
+    let lines = text.until_ready();
+    let ready = lines.last().unwrap();
+    assert!(
+        serde_json::from_str::<serde_json::Value>(ready).is_err(),
+        "text logs: {ready}"
+    );
+    assert!(ready.contains(" INFO "), "{ready}");
+    assert!(
+        !ready.contains('\u{1b}'),
+        "no colour codes into a pipe: {ready:?}"
+    );
+}

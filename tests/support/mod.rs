@@ -81,13 +81,8 @@ impl Server {
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(rest) = line.split("courier ready on ").nth(1) {
-                    let addr = rest
-                        .split_whitespace()
-                        .next()
-                        .unwrap_or_default()
-                        .to_owned();
-                    let _ = tx.send(addr);
+                if let Some(addr) = ready_address(&line) {
+                    let _ = tx.send(addr.to_owned());
                 }
                 if std::env::var_os("COURIER_TEST_LOG").is_some() {
                     eprintln!("[server] {line}");
@@ -177,6 +172,13 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The address in the server's ready line, in text or JSON logs (`... courier ready on ADDR ...`
+/// or `{..."message":"courier ready on ADDR",...}`).
+pub fn ready_address(line: &str) -> Option<&str> {
+    let rest = line.split("courier ready on ").nth(1)?;
+    rest.split(|c: char| c.is_whitespace() || c == '"').next()
 }
 
 /// A token signed with the data directory's generated secret.

@@ -71,9 +71,10 @@ impl LocalServer {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                // Text logs (`... courier ready on ADDR ...`) or JSON logs (`"courier ready on ADDR"`).
                 if let Some(rest) = line.split("courier ready on ").nth(1) {
                     let addr = rest
-                        .split_whitespace()
+                        .split(|c: char| c.is_whitespace() || c == '"')
                         .next()
                         .unwrap_or_default()
                         .to_owned();

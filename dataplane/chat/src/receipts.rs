@@ -18,6 +18,7 @@
 //! clients keep the highest cursors.
 
 use courier_core::gateways::Gateways;
+use courier_core::loops::BackgroundLoops;
 use courier_core::membership::{Members, MembershipCache};
 use courier_proto::{Receipt, ServerFrame};
 use courier_store::{MessageStore, StoreError};
@@ -158,23 +159,37 @@ impl ReceiptRelay {
         true
     }
 
-    /// Flushes held receipts every `interval`, and sooner while some wait for room.
-    pub fn start(self: &Arc<Self>, interval: Duration) {
+    /// Flushes held receipts every `interval`, and sooner while some wait for room, until
+    /// `loops` shuts down. The node stops it only once its connections have drained: until then
+    /// their receipts still go out.
+    ///
+    /// On a panic the loop is restarted (by `loops`); the receipts of the round it was flushing
+    /// are lost, which receipts allow: they are cumulative, and the user's next one carries the
+    /// newer cursors.
+    pub fn start(self: &Arc<Self>, loops: &BackgroundLoops, interval: Duration) {
         let relay = self.clone();
-        tokio::spawn(async move {
-            loop {
-                let due =
-                    std::mem::take(&mut *relay.pending.lock().unwrap_or_else(|e| e.into_inner()));
-                let mut waiting = false;
-                for (conv, receipts) in due {
-                    match relay.flush(&conv, receipts).await {
-                        Ok(w) => waiting |= w,
-                        Err(e) => tracing::warn!(error = %e, conv, "receipt flush failed"),
-                    }
-                }
-                tokio::time::sleep(if waiting { RETRY_AFTER } else { interval }).await;
+        loops.spawn("receipt relay", move |cancel| {
+            let relay = relay.clone();
+            async move {
+                cancel
+                    .run_until_cancelled(relay.flush_every(interval))
+                    .await;
             }
         });
+    }
+
+    async fn flush_every(&self, interval: Duration) {
+        loop {
+            let due = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
+            let mut waiting = false;
+            for (conv, receipts) in due {
+                match self.flush(&conv, receipts).await {
+                    Ok(w) => waiting |= w,
+                    Err(e) => tracing::warn!(error = %e, conv, "receipt flush failed"),
+                }
+            }
+            tokio::time::sleep(if waiting { RETRY_AFTER } else { interval }).await;
+        }
     }
 
     /// Delivers one conversation's held receipts: in a small group to every other member, in

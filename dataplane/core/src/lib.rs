@@ -1,7 +1,8 @@
 //! What every Courier role shares: authentication of clients ([`auth`]), the one mapping from
 //! typed errors to the client's error codes ([`error`]), metrics, rate limits, storage health,
-//! the membership cache, and the seams between roles as traits: [`sequencing::Sequencer`]
-//! (chat to sequencer), [`sequencing::CommitListener`] (sequencer to fanout and notifier) and
+//! the membership cache, the owner of every background loop ([`loops::BackgroundLoops`]), and
+//! the seams between roles as traits: [`sequencing::Sequencer`] (chat to sequencer),
+//! [`sequencing::CommitListener`] (sequencer to fanout and notifier) and
 //! [`gateways::Gateways`] (everyone to the connected devices).
 //!
 //! It holds no role: the roles are crates of their own (`courier-sequencer`, `courier-fanout`,
@@ -13,6 +14,7 @@ pub mod clock;
 pub mod error;
 pub mod gateways;
 pub mod limits;
+pub mod loops;
 pub mod membership;
 pub mod metrics;
 pub mod sequencing;

@@ -15,9 +15,11 @@
 //!   journal is replayed on start.
 //!
 //! Failure policy: a failed sample is logged and the last one kept (before the first one,
-//! space counts as plenty).
+//! space counts as plenty). The sampling loop is owned by the node's [`BackgroundLoops`]; if it
+//! panics it is restarted (it keeps no state of its own: the next sample replaces the last).
 
 use crate::error::ApiError;
+use crate::loops::BackgroundLoops;
 use courier_store::MessageStore;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -90,19 +92,25 @@ impl StorageHealth {
         })
     }
 
-    /// Samples free space now (once the directories exist) and every [`SAMPLE_INTERVAL`],
-    /// forever.
-    pub fn start(self: &Arc<Self>) {
+    /// Samples free space now (once the directories exist) and every [`SAMPLE_INTERVAL`]
+    /// until `loops` shuts down.
+    pub fn start(self: &Arc<Self>, loops: &BackgroundLoops) {
         let health = self.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(SAMPLE_INTERVAL);
-            loop {
-                tick.tick().await;
-                health
-                    .store_disk
-                    .iter()
-                    .chain(&health.media_disk)
-                    .for_each(Watched::sample);
+        loops.spawn("storage free-space watch", move |cancel| {
+            let health = health.clone();
+            async move {
+                let sample = async {
+                    let mut tick = tokio::time::interval(SAMPLE_INTERVAL);
+                    loop {
+                        tick.tick().await;
+                        health
+                            .store_disk
+                            .iter()
+                            .chain(&health.media_disk)
+                            .for_each(Watched::sample);
+                    }
+                };
+                cancel.run_until_cancelled(sample).await;
             }
         });
     }

@@ -20,6 +20,17 @@
 //! [`CLEAR_QUEUE`] ranges; when it is full, workers wait for it. A failed clear is retried;
 //! a crash before it only delivers those entries again at start-up (at-least-once).
 //!
+//! **Loops and their failures.** The workers, the large-group worker and the clearer are loops
+//! owned by the node's [`BackgroundLoops`]. Each is restarted if it panics: a worker's state
+//! (its dirty shards, the shard cursors) lives in [`Fanout`] and a restarted worker rescans all
+//! its shards from their cursors, so what it was delivering is delivered again (connections
+//! skip what they have); the two queues' receivers are kept in [`Fanout`] and taken up again,
+//! and what the failed run held (one large-group event, a batch of ranges to clear) is lost:
+//! the event is read from the store by the connections that see the gap, the ranges are
+//! delivered again at the next start. At shutdown the workers stop at once (connections have
+//! drained by then), and the clearer stops last: it clears everything the workers queued,
+//! and ends when the last worker is gone.
+//!
 //! **Backlog.** `courier_fanout_backlog_events` (and the send backpressure built on it) counts
 //! the events this process committed and has not yet handed off: the commit listener adds,
 //! the drain subtracts. Entries an earlier process left in the outbox (a crash between commit
@@ -29,6 +40,7 @@
 
 use courier_core::clock::now_ms;
 use courier_core::gateways::Gateways;
+use courier_core::loops::{BackgroundLoops, CancellationToken};
 use courier_core::membership::{Members, MembershipCache};
 use courier_core::metrics::Metrics;
 use courier_core::sequencing::CommitListener;
@@ -65,6 +77,14 @@ struct Worker {
 
 type LargeDelivery = (courier_proto::Event, Members);
 
+/// What a worker hands off: large-group events to their worker, drained ranges to the clearer.
+/// Only the workers hold these senders, so each queue closes once the last worker is gone.
+#[derive(Clone)]
+struct Handoffs {
+    large: mpsc::Sender<LargeDelivery>,
+    clears: mpsc::Sender<OutboxRange>,
+}
+
 pub struct Fanout {
     store: MessageStore,
     gateways: Arc<dyn Gateways>,
@@ -77,10 +97,12 @@ pub struct Fanout {
     inherited: HashMap<u32, Vec<u8>>,
     cursors: ShardCursors,
     large_group_threshold: usize,
-    large: mpsc::Sender<LargeDelivery>,
-    large_queue: Mutex<Option<mpsc::Receiver<LargeDelivery>>>,
-    clears: mpsc::Sender<OutboxRange>,
-    clear_queue: Mutex<Option<mpsc::Receiver<OutboxRange>>>,
+    /// The senders of the two queues below, until [`Fanout::start`] hands them to the workers.
+    handoffs: Mutex<Option<Handoffs>>,
+    /// Large-group events waiting for their worker (held by it while it runs).
+    large_queue: Arc<tokio::sync::Mutex<mpsc::Receiver<LargeDelivery>>>,
+    /// Drained outbox ranges waiting to be cleared (held by the clearer while it runs).
+    clear_queue: Arc<tokio::sync::Mutex<mpsc::Receiver<OutboxRange>>>,
 }
 
 impl Fanout {
@@ -118,45 +140,61 @@ impl Fanout {
             inherited,
             cursors: ShardCursors::default(),
             large_group_threshold,
-            large,
-            large_queue: Mutex::new(Some(large_queue)),
-            clears,
-            clear_queue: Mutex::new(Some(clear_queue)),
+            handoffs: Mutex::new(Some(Handoffs { large, clears })),
+            large_queue: Arc::new(tokio::sync::Mutex::new(large_queue)),
+            clear_queue: Arc::new(tokio::sync::Mutex::new(clear_queue)),
         }))
     }
 
-    /// Starts the workers. Every shard is scanned once first: entries left by a crash between
-    /// commit and fanout are delivered now.
-    pub fn start(self: &Arc<Self>) {
-        for shard in 0..self.store.shard_count() {
-            self.mark(shard);
-        }
-        for index in 0..self.workers.len() {
-            let fanout = self.clone();
-            tokio::spawn(async move { fanout.run(index).await });
-        }
-        let queue = self
-            .large_queue
+    /// Starts the workers, the large-group worker and the clearer as loops of `loops` (once;
+    /// later calls do nothing). Each worker scans all its shards first (and again after a
+    /// restart): entries left by a crash between commit and fanout are delivered now.
+    pub fn start(self: &Arc<Self>, loops: &BackgroundLoops) {
+        let Some(handoffs) = self
+            .handoffs
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .take();
-        if let Some(mut queue) = queue {
-            let fanout = self.clone();
-            tokio::spawn(async move {
-                while let Some((event, recipients)) = queue.recv().await {
-                    fanout.metrics.large_group_queue.dec();
-                    fanout.gateways.deliver(event, &recipients);
+            .take()
+        else {
+            return;
+        };
+        for index in 0..self.workers.len() {
+            let (fanout, handoffs) = (self.clone(), handoffs.clone());
+            loops.spawn(format!("fanout worker {index}"), move |cancel| {
+                let (fanout, handoffs) = (fanout.clone(), handoffs.clone());
+                async move {
+                    let shards = fanout.store.shard_count();
+                    (index as u32..shards)
+                        .step_by(fanout.workers.len())
+                        .for_each(|shard| fanout.mark(shard));
+                    cancel
+                        .run_until_cancelled(fanout.run(index, &handoffs))
+                        .await;
                 }
             });
         }
-        let clears = self
-            .clear_queue
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        if let Some(clears) = clears {
-            tokio::spawn(clear_outboxes(self.store.clone(), clears));
-        }
+        drop(handoffs);
+        let fanout = self.clone();
+        loops.spawn("fanout large-group worker", move |cancel| {
+            let fanout = fanout.clone();
+            async move {
+                let mut queue = fanout.large_queue.lock().await;
+                while let Some(Some((event, recipients))) =
+                    cancel.run_until_cancelled(queue.recv()).await
+                {
+                    fanout.metrics.large_group_queue.dec();
+                    fanout.gateways.deliver(event, &recipients);
+                }
+            }
+        });
+        let (store, queue) = (self.store.clone(), self.clear_queue.clone());
+        loops.spawn("fanout outbox clearer", move |cancel| {
+            let (store, queue) = (store.clone(), queue.clone());
+            async move {
+                let mut queue = queue.lock().await;
+                clear_outboxes(&store, &mut queue, &cancel).await;
+            }
+        });
     }
 
     fn mark(&self, shard: u32) {
@@ -169,7 +207,7 @@ impl Fanout {
         worker.wake.notify_one();
     }
 
-    async fn run(&self, index: usize) {
+    async fn run(&self, index: usize, handoffs: &Handoffs) {
         let worker = &self.workers[index];
         loop {
             let next = worker
@@ -179,7 +217,7 @@ impl Fanout {
                 .pop_first();
             match next {
                 Some(shard) => {
-                    if let Err(e) = self.drain(shard).await {
+                    if let Err(e) = self.drain(shard, handoffs).await {
                         tracing::error!(shard, error = %e, "fanout failed; retrying");
                         tokio::time::sleep(Duration::from_millis(100)).await;
                         self.mark(shard);
@@ -191,7 +229,7 @@ impl Fanout {
     }
 
     /// Delivers and clears the outbox of `shard` until it is empty.
-    async fn drain(&self, shard: u32) -> Result<(), StoreError> {
+    async fn drain(&self, shard: u32, handoffs: &Handoffs) -> Result<(), StoreError> {
         loop {
             let after = self.cursors.get(shard);
             let entries = self
@@ -210,11 +248,11 @@ impl Fanout {
             for (_, event) in entries {
                 let lag = now.saturating_sub(event.ts_ms) as f64 / 1000.0;
                 self.metrics.stages.outbox_read.observe(lag);
-                self.deliver(event).await?;
+                self.deliver(event, handoffs).await?;
             }
             self.cursors.set(shard, last.clone());
-            // The receiver lives as long as the process; a send error cannot happen.
-            let _ = self.clears.send((first, last)).await;
+            // The receiver is kept in `self`: a send error cannot happen.
+            let _ = handoffs.clears.send((first, last)).await;
             let left = self.backlog.fetch_sub(counted, Ordering::Relaxed) - counted;
             // Below zero only for a moment: the drain can read an entry before the sequencer
             // has reported its commit.
@@ -222,12 +260,16 @@ impl Fanout {
         }
     }
 
-    async fn deliver(&self, event: courier_proto::Event) -> Result<(), StoreError> {
+    async fn deliver(
+        &self,
+        event: courier_proto::Event,
+        handoffs: &Handoffs,
+    ) -> Result<(), StoreError> {
         let recipients = self.membership.recipients(&event).await?;
         if recipients.len() > self.large_group_threshold {
             self.metrics.large_group_queue.inc();
-            // The receiver lives as long as the process; a send error cannot happen.
-            let _ = self.large.send((event, recipients)).await;
+            // The receiver is kept in `self`: a send error cannot happen.
+            let _ = handoffs.large.send((event, recipients)).await;
             return Ok(());
         }
         self.gateways.deliver(event, &recipients);
@@ -236,13 +278,25 @@ impl Fanout {
 }
 
 /// Clears handed-off outbox ranges, all those queued at the moment in one commit, until the
-/// fanout is gone.
-async fn clear_outboxes(store: MessageStore, mut queue: mpsc::Receiver<OutboxRange>) {
+/// queue closes (the last worker is gone). Cancellation does not stop it, so that what the
+/// workers queued before they stopped is cleared; once cancelled, a failed clear is not retried
+/// (those entries are delivered again at the next start).
+async fn clear_outboxes(
+    store: &MessageStore,
+    queue: &mut mpsc::Receiver<OutboxRange>,
+    cancel: &CancellationToken,
+) {
     let mut ranges = Vec::with_capacity(CLEARS_PER_COMMIT);
     while queue.recv_many(&mut ranges, CLEARS_PER_COMMIT).await > 0 {
         while let Err(e) = store.clear_outbox(&ranges).await {
+            if cancel.is_cancelled() {
+                tracing::warn!(error = %e, ranges = ranges.len(), "outbox clear failed while stopping; these entries are delivered again at the next start");
+                break;
+            }
             tracing::warn!(error = %e, ranges = ranges.len(), "outbox clear failed; retrying");
-            tokio::time::sleep(CLEAR_RETRY).await;
+            cancel
+                .run_until_cancelled(tokio::time::sleep(CLEAR_RETRY))
+                .await;
         }
         ranges.clear();
     }
@@ -310,7 +364,8 @@ mod tests {
         )
         .await
         .unwrap();
-        fanout.start();
+        let loops = BackgroundLoops::new();
+        fanout.start(&loops);
         until_outbox_empty(&store, shard).await;
         assert_eq!(fanout.backlog.load(Ordering::Relaxed), 0);
 

@@ -19,7 +19,10 @@
 //!   download without a token until `expires` (for a CDN in front of Courier).
 //! - A sweeper deletes media records that no message references once their latest upload is
 //!   older than the TTL, and the bytes once no record keeps them; retention drops the
-//!   references of the messages it clears.
+//!   references of the messages it clears. The sweeper is a loop owned by the node's
+//!   [`BackgroundLoops`]: it stops at once when cancelled (a sweep is idempotent: a record
+//!   forgotten is fenced, bytes are deleted only once no record keeps them) and is restarted
+//!   if it panics (it keeps no state between sweeps).
 
 use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -29,6 +32,7 @@ use courier_chat::Chat;
 use courier_core::auth::Identity;
 use courier_core::clock::now_ms;
 use courier_core::error::ApiError;
+use courier_core::loops::BackgroundLoops;
 use courier_core::metrics::Metrics;
 use courier_core::storage_health::StorageHealth;
 use courier_proto::ErrorCode;
@@ -429,22 +433,29 @@ impl MediaService {
         }
     }
 
-    /// Sweeps every `interval`, forever.
-    pub fn start_sweeper(self: &Arc<Self>) {
+    /// Sweeps every `--media-sweep-interval` until `loops` shuts down.
+    pub fn start_sweeper(self: &Arc<Self>, loops: &BackgroundLoops) {
         let media = self.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(media.config.media_sweep_interval).await;
-                match media.sweep().await {
-                    Ok(0) => {}
-                    Ok(swept) => {
-                        media.metrics.media_swept.inc_by(swept);
-                        tracing::info!(swept, "media sweep");
-                    }
-                    Err(e) => tracing::warn!(error = %e, "media sweep failed; will retry"),
-                }
+        loops.spawn("media sweeper", move |cancel| {
+            let media = media.clone();
+            async move {
+                cancel.run_until_cancelled(media.sweep_every()).await;
             }
         });
+    }
+
+    async fn sweep_every(&self) {
+        loop {
+            tokio::time::sleep(self.config.media_sweep_interval).await;
+            match self.sweep().await {
+                Ok(0) => {}
+                Ok(swept) => {
+                    self.metrics.media_swept.inc_by(swept);
+                    tracing::info!(swept, "media sweep");
+                }
+                Err(e) => tracing::warn!(error = %e, "media sweep failed; will retry"),
+            }
+        }
     }
 }
 

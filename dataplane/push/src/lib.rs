@@ -16,6 +16,11 @@
 //!   the intents cleared by the last one; re-expanding after a failure counts no message twice
 //!   (each notification keeps the latest seq it counted). A shard that fails to expand is
 //!   retried with backoff and holds back neither the other shards nor the sends.
+//! - The notifier is one loop owned by the node's [`BackgroundLoops`]. It stops between passes
+//!   (a pass in progress finishes, unless the shutdown deadline aborts it). If it panics it is
+//!   restarted, with every shard marked for expansion again: its state is durable (intents and
+//!   pending notifications are in the store; re-expansion counts nothing twice), so a restart
+//!   costs at most the repeat of a notification that was sent but not yet recorded as sent.
 
 pub mod providers;
 
@@ -23,6 +28,7 @@ use crate::providers::{Notification, PushError, PushProviders, next_delay};
 use clap::Args;
 use courier_chat::devices::Devices;
 use courier_core::gateways::Gateways;
+use courier_core::loops::BackgroundLoops;
 use courier_core::membership::MembershipCache;
 use courier_core::metrics::{Metrics, OutcomeLabel};
 use courier_core::sequencing::CommitListener;
@@ -109,19 +115,27 @@ impl Notifier {
         })
     }
 
-    /// Starts the notifier; intents left by a crash are expanded first.
-    pub fn start(self: &Arc<Self>) {
-        self.dirty
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .extend(0..self.store.shard_count());
+    /// Starts the notifier as a loop of `loops`; intents left by a crash are expanded first
+    /// (and again after a restart).
+    pub fn start(self: &Arc<Self>, loops: &BackgroundLoops) {
         let notifier = self.clone();
-        tokio::spawn(async move {
-            loop {
-                if let Err(e) = notifier.pass().await {
-                    tracing::warn!(error = %e, "push pass failed; retrying");
+        loops.spawn("push notifier", move |cancel| {
+            let notifier = notifier.clone();
+            async move {
+                notifier
+                    .dirty
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .extend(0..notifier.store.shard_count());
+                loop {
+                    if let Err(e) = notifier.pass().await {
+                        tracing::warn!(error = %e, "push pass failed; retrying");
+                    }
+                    let idle = tokio::time::timeout(IDLE_PASS, notifier.wake.notified());
+                    if cancel.run_until_cancelled(idle).await.is_none() {
+                        return;
+                    }
                 }
-                let _ = tokio::time::timeout(IDLE_PASS, notifier.wake.notified()).await;
             }
         });
     }
@@ -576,7 +590,8 @@ mod tests {
         })));
         let (providers, sent) = webhook().await;
         let notifier = notifier(&store, providers, Duration::ZERO);
-        notifier.start();
+        let loops = BackgroundLoops::new();
+        notifier.start(&loops);
 
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         while !sent.lock().unwrap().contains(&healthy) {

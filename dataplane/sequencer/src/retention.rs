@@ -8,8 +8,13 @@
 //! with the same `client_msg_id` after that is sequenced as a new message. Server-made keys
 //! expire likewise (a delete retried after the window is sequenced again, and tombstones a
 //! message already tombstoned).
+//!
+//! The passes run in a loop owned by the node's [`BackgroundLoops`]. It stops at once when
+//! cancelled, mid-pass if need be (a pass is idempotent: the next one starts over), and is
+//! restarted if it panics (it keeps no state between passes).
 
 use courier_core::clock::now_ms;
+use courier_core::loops::BackgroundLoops;
 use courier_core::metrics::Metrics;
 use courier_core::sequencing::{Sequencer, SequencerError};
 use courier_proto::{Body, EventPayload};
@@ -69,25 +74,32 @@ impl Retention {
         })
     }
 
-    /// Runs a pass every `interval`, forever.
-    pub fn start(self: &Arc<Self>) {
+    /// Runs a pass every `interval` until `loops` shuts down.
+    pub fn start(self: &Arc<Self>, loops: &BackgroundLoops) {
         let retention = self.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(retention.policy.interval).await;
-                match retention.run_once().await {
-                    Ok(Cleared {
-                        events: 0,
-                        idempotency_records: 0,
-                    }) => {}
-                    Ok(Cleared {
-                        events,
-                        idempotency_records,
-                    }) => tracing::info!(events, idempotency_records, "retention pass"),
-                    Err(e) => tracing::warn!(error = %e, "retention pass failed; will retry"),
-                }
+        loops.spawn("retention", move |cancel| {
+            let retention = retention.clone();
+            async move {
+                cancel.run_until_cancelled(retention.run_every()).await;
             }
         });
+    }
+
+    async fn run_every(&self) {
+        loop {
+            tokio::time::sleep(self.policy.interval).await;
+            match self.run_once().await {
+                Ok(Cleared {
+                    events: 0,
+                    idempotency_records: 0,
+                }) => {}
+                Ok(Cleared {
+                    events,
+                    idempotency_records,
+                }) => tracing::info!(events, idempotency_records, "retention pass"),
+                Err(e) => tracing::warn!(error = %e, "retention pass failed; will retry"),
+            }
+        }
     }
 
     /// One pass over every conversation, then over the idempotency records of both subspaces

@@ -4,7 +4,11 @@
 //!   embedded store;
 //! - `courier token`: prints a token signed with the server's secret;
 //! - `courier chat`: a small interactive terminal client;
-//! - `courier store-node`: a store shared by the nodes of a test cluster (not for production).
+//! - `courier store-node`: a store shared by the nodes of a test cluster (not for production);
+//! - `courier node`: some of the roles, as one node of a cluster (`docs/distributed.md`).
+//!
+//! Every subcommand logs to standard error, as text on a terminal and as JSON lines otherwise
+//! (`--log-format`, `docs/operations.md`).
 
 mod cli_chat;
 mod config;
@@ -13,8 +17,9 @@ mod node;
 mod serve;
 mod store_node;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use courier_core::auth;
+use std::io::IsTerminal;
 
 /// mimalloc instead of the system allocator: the server allocates per frame and per commit
 /// from many threads, where glibc malloc took ~20% of the CPU under load (docs/benchmarks.md).
@@ -30,8 +35,26 @@ use std::time::Duration;
     about = "Courier: a real-time messaging server"
 )]
 struct Cli {
+    /// Format of the logs on standard error: `text` for people, `json` (one object per line:
+    /// timestamp, level, message, target, fields) for log shippers; `auto` is text on a
+    /// terminal and JSON otherwise (in a pod, under systemd, into a file).
+    #[arg(
+        long,
+        global = true,
+        env = "COURIER_LOG_FORMAT",
+        value_enum,
+        default_value = "auto"
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Auto,
+    Json,
+    Text,
 }
 
 // Parsed once at start-up: the size of the largest variant does not matter.
@@ -70,13 +93,8 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    let json = init_logging(cli.log_format);
     let result = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -84,11 +102,62 @@ fn main() -> std::process::ExitCode {
         .and_then(|runtime| runtime.block_on(run(cli.command)));
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) if json => {
+            tracing::error!(error = format!("{e:#}"), "courier failed");
+            std::process::ExitCode::FAILURE
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// Logs to standard error at `RUST_LOG` (default `info`) in `format`; returns whether that is
+/// JSON. In JSON, the event's fields sit beside `timestamp`, `level`, `message` and `target` at
+/// the top level (where log shippers look for them), and panics are logged as events too, so
+/// that every line is one JSON object.
+fn init_logging(format: LogFormat) -> bool {
+    let terminal = std::io::stderr().is_terminal();
+    let json = match format {
+        LogFormat::Json => true,
+        LogFormat::Text => false,
+        LogFormat::Auto => !terminal,
+    };
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr);
+    if json {
+        logs.json().flatten_event(true).init();
+        std::panic::set_hook(Box::new(log_panic));
+    } else {
+        // Colours only for a person: not into a file or a pipe.
+        logs.with_ansi(terminal).init();
+    }
+    json
+}
+
+/// A panic as an `error` event (where the default hook would print plain text).
+fn log_panic(info: &std::panic::PanicHookInfo<'_>) {
+    let payload = info.payload();
+    let message = payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(not text)");
+    let thread = std::thread::current();
+    let backtrace = std::backtrace::Backtrace::capture();
+    let backtrace = (backtrace.status() == std::backtrace::BacktraceStatus::Captured)
+        .then(|| backtrace.to_string());
+    tracing::error!(
+        panic = message,
+        location = info.location().map(ToString::to_string),
+        thread = thread.name().unwrap_or("unnamed"),
+        backtrace,
+        "panicked"
+    );
 }
 
 async fn run(command: Command) -> anyhow::Result<()> {

@@ -201,7 +201,7 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
         "courier node ready on internal {address}"
     );
 
-    serve::shutdown_signal().await;
+    serve::shutdown_signal()?.await;
     tracing::info!("stopping: releasing shards and leaving the cluster");
     let _ = stop_internal.send(());
     if let Some(server) = internal_server {

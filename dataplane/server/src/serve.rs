@@ -1,4 +1,28 @@
 //! `courier serve`: every role in one process on one store, wired with in-process bindings.
+//!
+//! # Stopping
+//!
+//! SIGTERM or Ctrl-C, or a background loop that kept failing past its restart budget
+//! ([`BackgroundLoops`]), stops the node in this order:
+//!
+//! 1. `/readyz` answers 503 and no connection is accepted any more.
+//! 2. HTTP requests finish, and every WebSocket answers the sends it accepted, says
+//!    `reconnect` and closes (at most `--drain-timeout` from the signal). All the background
+//!    loops still run meanwhile, because this work needs them: fanout delivers the answered
+//!    sends to the connections still open and the outbox clearer clears what it handed off;
+//!    the receipt relay flushes the receipts of the last acks; the notifier pushes to the
+//!    devices that left; the free-space watch keeps guarding the sends still accepted.
+//! 3. Once the last connection has closed (or the drain deadline passed), the background loops
+//!    are shut down together: every loop is cancelled; the fanout workers stop at once (nobody
+//!    is left to deliver to) and the outbox clearer clears what they queued, then ends after the
+//!    last of them; a notifier pass in progress finishes. They get until the drain deadline, at
+//!    least [`LOOP_GRACE`]; a loop still running then is aborted and logged at `error`.
+//! 4. The FoundationDB client's network thread stops (no loop uses the store any more).
+//! 5. The process exits 0, or 1 when a background loop was given up (its supervisor then
+//!    restarts it from a clean state).
+//!
+//! The sequencer's shard actors are not background loops of this kind yet: they end with the
+//! runtime, after everything above.
 
 use crate::config::{PublicKeyAlgorithm, ServeConfig, StoreKind};
 use crate::http::{AppState, router};
@@ -7,6 +31,7 @@ use axum::serve::ListenerExt;
 use courier_chat::Chat;
 use courier_chat::receipts::ReceiptRelay;
 use courier_core::auth::{self, TokenVerifier};
+use courier_core::loops::BackgroundLoops;
 use courier_core::membership::MembershipCache;
 use courier_core::metrics::Metrics;
 use courier_core::sequencing::Listeners;
@@ -29,6 +54,13 @@ use tokio::sync::watch;
 
 /// Directory of the embedded store inside the data directory.
 pub const STORE_DIR: &str = "store";
+
+/// Least time the background loops get to stop once connections have drained, even when the
+/// drain used all of `--drain-timeout`.
+pub const LOOP_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Time between two passes forgetting the rate limits of idle users and connections.
+const FORGET_IDLE_LIMITS_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 fn verifier(config: &ServeConfig) -> anyhow::Result<TokenVerifier> {
     if let (Some(path), Some(algorithm)) = (&config.jwt_public_key, config.jwt_algorithm) {
@@ -84,7 +116,7 @@ fn open_fdb(_: &ServeConfig) -> anyhow::Result<Arc<dyn KvEngine>> {
     )
 }
 
-/// Runs until SIGTERM or Ctrl-C, then drains and returns.
+/// Runs until SIGTERM or Ctrl-C, then drains and returns (module documentation, "Stopping").
 pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     config.validate()?;
     std::fs::create_dir_all(&config.data_dir)
@@ -94,6 +126,8 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let store = MessageStore::open(engine, b"", config.shards).await?;
 
     let metrics = Arc::new(Metrics::new());
+    // Every background loop of every role; shut down last (module documentation, "Stopping").
+    let loops = BackgroundLoops::new();
     let routes = Arc::new(Routes::new(metrics.clone()));
     let membership = Arc::new(MembershipCache::new(store.clone()));
     let fanout = Fanout::new(
@@ -125,23 +159,29 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         metrics.clone(),
     )
     .await?;
-    tokio::spawn(sequencer.clone().keep_shards());
-    notifier.start();
-    fanout.start();
+    let keeper = sequencer.clone();
+    loops.spawn("keep shard leases", move |cancel| {
+        let keeper = keeper.clone();
+        async move {
+            cancel.run_until_cancelled(keeper.keep_shards()).await;
+        }
+    });
+    notifier.start(&loops);
+    fanout.start(&loops);
     let receipts = ReceiptRelay::new(
         store.clone(),
         routes.clone(),
         membership.clone(),
         config.receipt_coalesce_above,
     );
-    receipts.start(config.receipt_interval);
+    receipts.start(&loops, config.receipt_interval);
     Retention::new(
         store.clone(),
         sequencer.clone(),
         config.retention_policy(),
         metrics.clone(),
     )
-    .start();
+    .start(&loops);
     let storage = StorageHealth::new(
         store.clone(),
         (config.store == StoreKind::Embedded).then(|| config.data_dir.join(STORE_DIR)),
@@ -159,12 +199,19 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         config.chat_limits(),
         storage.clone(),
     ));
+    // Stops at once when cancelled, restarted if it panics: it keeps no state of its own.
     let idle_chat = chat.clone();
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
-        loop {
-            tick.tick().await;
-            idle_chat.forget_idle_limits();
+    loops.spawn("forget idle rate limits", move |cancel| {
+        let chat = idle_chat.clone();
+        async move {
+            let forget = async {
+                let mut tick = tokio::time::interval(FORGET_IDLE_LIMITS_EVERY);
+                loop {
+                    tick.tick().await;
+                    chat.forget_idle_limits();
+                }
+            };
+            cancel.run_until_cancelled(forget).await;
         }
     });
     let (drain, draining) = watch::channel(false);
@@ -182,8 +229,8 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         metrics.clone(),
         storage.clone(),
     )?;
-    media.start_sweeper();
-    storage.start();
+    media.start_sweeper(&loops);
+    storage.start(&loops);
     let state = Arc::new(AppState {
         chat,
         media,
@@ -199,13 +246,21 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
     let address = listener.local_addr()?;
+    let stop_signal = shutdown_signal()?;
     state.ready.store(true, Ordering::Release);
     tracing::info!(%address, data_dir = %config.data_dir.display(), "courier ready on {address}");
 
     let app_state = state.clone();
+    let loop_failed = loops.failed();
     let shutdown = async move {
-        shutdown_signal().await;
-        tracing::info!("draining: telling every connection to reconnect");
+        tokio::select! {
+            () = stop_signal => {
+                tracing::info!("draining: telling every connection to reconnect");
+            }
+            task = loop_failed => {
+                tracing::error!(task, "a background loop kept failing; draining to stop the node");
+            }
+        }
         app_state.ready.store(false, Ordering::Release);
         let _ = drain.send(true);
     };
@@ -243,35 +298,50 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     match routes.all().len() {
-        0 => tracing::info!("drained; exiting"),
-        open => tracing::warn!(open, "drain deadline passed; exiting with connections open"),
+        0 => tracing::info!("drained; stopping the background loops"),
+        open => tracing::warn!(
+            open,
+            "drain deadline passed with connections open; stopping the background loops"
+        ),
+    }
+    // Every loop that failed to stop in time, or panicked while stopping, was logged at error.
+    let loops_deadline = deadline.max(tokio::time::Instant::now() + LOOP_GRACE);
+    if loops.shutdown(loops_deadline).await.is_clean() {
+        tracing::info!("background loops stopped; exiting");
     }
     #[cfg(feature = "fdb")]
     if config.store == StoreKind::Fdb {
         courier_store::fdb::stop_network();
     }
+    if let Some(task) = loops.given_up() {
+        anyhow::bail!(
+            "the background loop `{task}` kept failing (see the log above); \
+             the node stopped so that its supervisor restarts it"
+        );
+    }
     Ok(())
 }
 
-pub async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {},
-                    _ = ctrl_c => {},
-                }
-            }
-            Err(_) => {
-                let _ = ctrl_c.await;
-            }
+/// Resolves on SIGTERM or Ctrl-C. The handlers are installed when this is called, not when the
+/// future is first polled: a signal right after the ready line then drains the node instead of
+/// killing it (the default action).
+#[cfg(unix)]
+pub fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()> + Send + 'static> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut interrupt =
+        signal(SignalKind::interrupt()).context("installing the Ctrl-C (SIGINT) handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = interrupt.recv() => {},
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
-    }
+    })
+}
+
+#[cfg(not(unix))]
+pub fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()> + Send + 'static> {
+    Ok(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
 }

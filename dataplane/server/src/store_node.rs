@@ -52,6 +52,6 @@ pub async fn run(args: StoreNodeArgs) -> anyhow::Result<()> {
         data_dir = %args.data_dir.display(),
         "courier store node ready on {address} (a test and development stand-in for FoundationDB)"
     );
-    serve_store_node(engine, listener, token, crate::serve::shutdown_signal()).await?;
+    serve_store_node(engine, listener, token, crate::serve::shutdown_signal()?).await?;
     Ok(())
 }
