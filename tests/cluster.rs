@@ -1,5 +1,6 @@
-//! Courier on a store node (`courier store-node`, `courier serve --store remote`): real
-//! processes on 127.0.0.1, the store in another process than the server, real SIGKILLs.
+//! Courier past one process: a server on a store node (`courier store-node`, `courier serve
+//! --store remote`), and a cluster of sequencer nodes behind a node with the client roles
+//! (`courier node`). Real processes on 127.0.0.x, real SIGKILL, SIGSTOP and SIGCONT.
 
 mod support;
 
@@ -28,28 +29,46 @@ struct StoreNode {
     token_file: PathBuf,
 }
 
+/// Runs `courier <args>` and waits for the address its log line `<ready> ADDR` names.
+fn spawn_ready(args: &[String], ready: &'static str) -> (Child, String) {
+    let mut child = Command::new(binary())
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn courier");
+    let (tx, rx) = mpsc::channel();
+    let stderr = child.stderr.take().expect("stderr");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(rest) = line.split(ready).nth(1) {
+                let address = rest
+                    .split(|c: char| c.is_whitespace() || c == '"')
+                    .next()
+                    .unwrap_or_default();
+                let _ = tx.send(address.to_owned());
+            }
+            if std::env::var_os("COURIER_TEST_LOG").is_some() {
+                eprintln!("[{ready}] {line}");
+            }
+        }
+    });
+    let address = rx.recv_timeout(WAIT).expect("the process is ready");
+    (child, address)
+}
+
 impl StoreNode {
     fn start(data_dir: &Path, token_file: &Path, listen: &str) -> StoreNode {
-        let mut child = Command::new(binary())
-            .args(["store-node", "--listen", listen, "--data-dir"])
-            .arg(data_dir)
-            .arg("--cluster-token-file")
-            .arg(token_file)
-            .env("RUST_LOG", "info")
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn the store node");
-        let (tx, rx) = mpsc::channel();
-        let stderr = child.stderr.take().expect("stderr");
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(rest) = line.split("store node ready on ").nth(1) {
-                    let address = rest.split_whitespace().next().unwrap_or_default();
-                    let _ = tx.send(address.to_owned());
-                }
-            }
-        });
-        let address = rx.recv_timeout(WAIT).expect("the store node is ready");
+        let args = vec![
+            "store-node".into(),
+            "--listen".into(),
+            listen.into(),
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+            "--cluster-token-file".into(),
+            token_file.display().to_string(),
+        ];
+        let (child, address) = spawn_ready(&args, "store node ready on ");
         StoreNode {
             child,
             address,
@@ -174,4 +193,164 @@ async fn a_server_with_the_wrong_cluster_token_does_not_start() {
         stderr.contains("cluster token"),
         "the error names the cause: {stderr}"
     );
+}
+
+/// A sequencer node (`courier node --roles sequencer`) on its own loopback address.
+struct SequencerNode {
+    child: Child,
+}
+
+impl SequencerNode {
+    fn start(id: &str, host: &str, store: &StoreNode, dir: &Path) -> SequencerNode {
+        let mut args: Vec<String> = [
+            "node",
+            "--roles",
+            "sequencer",
+            "--node-id",
+            id,
+            "--internal-listen",
+            &format!("{host}:0"),
+            "--shard-lease",
+            LEASE,
+            "--shards",
+            SHARDS,
+            "--data-dir",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.push(dir.join(id).display().to_string());
+        args.extend(remote_store_args(store));
+        let (child, _) = spawn_ready(&args, "node ready on internal ");
+        SequencerNode { child }
+    }
+
+    fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+    }
+
+    fn kill9(&mut self) {
+        self.child.kill().expect("kill");
+        self.child.wait().expect("wait");
+    }
+}
+
+impl Drop for SequencerNode {
+    fn drop(&mut self) {
+        self.signal(libc::SIGCONT);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Short leases, so that failovers happen within a test.
+const LEASE: &str = "1s";
+const SHARDS: &str = "8";
+const JWT_SECRET: &str = "cluster-test-jwt-secret";
+
+/// Sends `id` to `to` until the cluster takes it (retrying `unavailable` with the same id, as
+/// clients do), and returns its seq.
+async fn send_until_sent(client: &mut courier_client::Client, to: &str, id: &str) -> u64 {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        match client.send_text(Target::User(to.into()), id, id).await {
+            Ok(sent) => return sent.seq,
+            Err(courier_client::ClientError::Server(error))
+                if error.code == courier_client::proto::ErrorCode::Unavailable =>
+            {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{id} was not taken before the deadline"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("sending {id} failed: {e}"),
+        }
+    }
+}
+
+/// One message to each peer, each sent until taken; records `(id, seq)` per peer.
+async fn send_round(
+    alice: &mut courier_client::Client,
+    peers: &[String],
+    round: u32,
+    sent: &mut [Vec<(String, u64)>],
+) {
+    for (i, peer) in peers.iter().enumerate() {
+        let id = format!("r{round}-{peer}");
+        let seq = send_until_sent(alice, peer, &id).await;
+        sent[i].push((id, seq));
+    }
+}
+
+#[tokio::test]
+async fn sequencer_nodes_take_over_from_a_killed_or_paused_owner_and_lose_nothing() {
+    let (dir, store) = store_node();
+    let mut first = SequencerNode::start("s1", "127.0.0.2", &store, dir.path());
+    let second = SequencerNode::start("s2", "127.0.0.3", &store, dir.path());
+    let _third = SequencerNode::start("s3", "127.0.0.4", &store, dir.path());
+
+    let front_dir = tempfile::tempdir().unwrap();
+    std::fs::write(front_dir.path().join("jwt-secret"), JWT_SECRET).unwrap();
+    let mut args: Vec<String> = [
+        "--node-id",
+        "front",
+        "--shard-lease",
+        LEASE,
+        "--shards",
+        SHARDS,
+        "--jwt-secret",
+        JWT_SECRET,
+        "--internal-listen",
+        "127.0.0.1:0",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(remote_store_args(&store));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let front = Server::start_as(
+        &["node", "--roles", "gateway,chat,fanout,push,media"],
+        front_dir.path(),
+        &args,
+    );
+
+    // Several conversations, so that several shards are in play.
+    let peers: Vec<String> = (0..6).map(|i| format!("bob{i}")).collect();
+    let mut alice = front.connect("alice", "phone").await;
+    alice.events_until_sync_done().await.unwrap();
+    let mut sent: Vec<Vec<(String, u64)>> = vec![Vec::new(); peers.len()];
+    send_round(&mut alice, &peers, 1, &mut sent).await;
+
+    // The owner of every shard dies: the others take its shards once its lease lapsed.
+    first.kill9();
+    send_round(&mut alice, &peers, 2, &mut sent).await;
+
+    // A node is paused past its lease (its shards move), then resumes: it must not commit.
+    second.signal(libc::SIGSTOP);
+    send_round(&mut alice, &peers, 3, &mut sent).await;
+    send_round(&mut alice, &peers, 4, &mut sent).await;
+    second.signal(libc::SIGCONT);
+    send_round(&mut alice, &peers, 5, &mut sent).await;
+
+    // The history: every `sent` is stored once, at its seq, in send order, with no gap, and
+    // each peer receives exactly that.
+    for (i, peer) in peers.iter().enumerate() {
+        let seqs: Vec<u64> = sent[i].iter().map(|(_, seq)| *seq).collect();
+        assert_eq!(
+            seqs,
+            (1..=sent[i].len() as u64).collect::<Vec<u64>>(),
+            "dense seqs for {peer}"
+        );
+        let mut bob = front.connect(peer, "phone").await;
+        let mut received = Vec::new();
+        while received.len() < sent[i].len() {
+            let event = next_event(&mut bob).await;
+            if let EventPayload::Message { client_msg_id, .. } = event.payload {
+                received.push((client_msg_id, event.seq));
+            }
+        }
+        assert_eq!(received, sent[i], "{peer} reads exactly what was sent");
+    }
 }

@@ -48,12 +48,20 @@ pub struct Server {
     child: Child,
     pub addr: SocketAddr,
     pub data_dir: PathBuf,
+    /// The subcommand and its first arguments (`serve`, or `node --roles ...`).
+    command: Vec<String>,
     extra_args: Vec<String>,
 }
 
 impl Server {
     /// Starts a server in `data_dir` with extra flags.
     pub fn start_in(data_dir: &Path, extra_args: &[&str]) -> Server {
+        Server::start_as(&["serve"], data_dir, extra_args)
+    }
+
+    /// Starts `courier <command...>` (a subcommand that serves clients, e.g. `node --roles
+    /// gateway,...`) in `data_dir` with extra flags.
+    pub fn start_as(command: &[&str], data_dir: &Path, extra_args: &[&str]) -> Server {
         // COURIER_TEST_BIN runs the suite against another build (a release, an older commit).
         let binary = std::env::var_os("COURIER_TEST_BIN").map_or_else(
             || PathBuf::from(env!("CARGO_BIN_EXE_courier")),
@@ -67,7 +75,7 @@ impl Server {
             &["--min-free-disk", "0", "--media-min-free-disk", "0"]
         };
         let mut child = Command::new(binary)
-            .arg("serve")
+            .args(command)
             .args(["--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
             .args(watermarks)
@@ -98,6 +106,7 @@ impl Server {
             child,
             addr,
             data_dir: data_dir.to_owned(),
+            command: command.iter().map(|s| s.to_string()).collect(),
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
         }
     }
@@ -162,8 +171,9 @@ impl Server {
     /// Stops (SIGTERM) and starts again on the same data directory and flags.
     pub fn restart(&mut self) {
         self.terminate();
+        let command: Vec<&str> = self.command.iter().map(String::as_str).collect();
         let args: Vec<&str> = self.extra_args.iter().map(String::as_str).collect();
-        *self = Server::start_in(&self.data_dir.clone(), &args);
+        *self = Server::start_as(&command, &self.data_dir.clone(), &args);
     }
 }
 

@@ -40,6 +40,15 @@ use tonic::{Request, Response, Status};
 /// The binary metadata entry holding the [`SequencerErrorDetail`] of a failed call.
 pub const SEQUENCER_ERROR_METADATA: &str = "courier-sequencer-error-bin";
 
+/// Longest wait for an append's answer. A commit takes milliseconds; an append unanswered
+/// after this (its node paused, or cut off) is an unknown outcome: the client retries with the
+/// same `client_msg_id`, through the shard's owner of that moment.
+pub const APPEND_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How often an idle connection to a sequencer node is probed, and how long a probe may go
+/// unanswered before the connection is dropped.
+pub const KEEPALIVE: Duration = Duration::from_secs(10);
+
 /// Longest wait for a trim's answer.
 pub const TRIM_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -367,6 +376,8 @@ impl RemoteSequencer {
             .map_err(|e| StoreError::Engine(format!("invalid sequencer address {address}: {e}")))?
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
+            .http2_keep_alive_interval(KEEPALIVE)
+            .keep_alive_timeout(KEEPALIVE)
             .connect_lazy();
         Ok(Self {
             client: SequencerClient::with_interceptor(channel, AttachToken::new(token)),
@@ -427,6 +438,7 @@ impl Sequencer for RemoteSequencer {
             submit: Some(submit_request(append)),
         };
         let (waiter, answer) = oneshot::channel();
+        let mut waiters_of_link = None;
         let queued = {
             let mut link = lock(&self.link);
             if link.as_ref().is_none_or(|l| lock(&l.waiters).closed) {
@@ -439,6 +451,7 @@ impl Sequencer for RemoteSequencer {
             match link.requests.try_send(request) {
                 Ok(()) => {
                     waiters.by_id.insert(id, waiter);
+                    waiters_of_link = Some(link.waiters.clone());
                     Ok(())
                 }
                 Err(mpsc::error::TrySendError::Full(_)) => Err(SequencerError::Overloaded),
@@ -448,9 +461,17 @@ impl Sequencer for RemoteSequencer {
         };
         Box::pin(async move {
             queued?;
-            answer
-                .await
-                .unwrap_or(Err(SequencerError::Store(StoreError::MaybeCommitted)))
+            match tokio::time::timeout(APPEND_TIMEOUT, answer).await {
+                Ok(answer) => {
+                    answer.unwrap_or(Err(SequencerError::Store(StoreError::MaybeCommitted)))
+                }
+                Err(_) => {
+                    if let Some(waiters) = waiters_of_link {
+                        lock(&waiters).by_id.remove(&id);
+                    }
+                    Err(SequencerError::Store(StoreError::MaybeCommitted))
+                }
+            }
         })
     }
 

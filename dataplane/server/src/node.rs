@@ -15,7 +15,7 @@
 //! cluster token.
 
 use crate::config::{ServeConfig, StoreKind};
-use crate::serve;
+use crate::serve::{self, Sequencing};
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 use courier_core::clock::now_ms;
@@ -102,8 +102,11 @@ impl NodeArgs {
         let clients = CLIENT_ROLES.iter().filter(|r| self.has(**r)).count();
         anyhow::ensure!(
             clients == 0 || clients == CLIENT_ROLES.len(),
-            "the client roles run together for now: --roles gateway,chat,fanout,push,media \
-             (optionally with sequencer)"
+            "the client roles run together for now: --roles gateway,chat,fanout,push,media"
+        );
+        anyhow::ensure!(
+            clients == 0 || !self.has(Role::Sequencer),
+            "a node runs either the client roles or the sequencer for now, not both"
         );
         anyhow::ensure!(
             clients == 0 || config.jwt_secret.is_some() || config.jwt_public_key.is_some(),
@@ -117,10 +120,6 @@ impl NodeArgs {
 /// Runs the node until SIGTERM or Ctrl-C.
 pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
     args.validate()?;
-    anyhow::ensure!(
-        !args.has(Role::Gateway),
-        "the client roles on a cluster node are not wired yet: run them with `courier serve --store remote`"
-    );
     args.serve.validate()?;
     let config = &args.serve;
     let token = config.cluster.token()?;
@@ -143,6 +142,20 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
     };
     let lease = config.shard_lease;
     let lease_ms = lease.as_millis() as u64;
+    if args.has(Role::Fanout) {
+        let now = now_ms();
+        let other = store.nodes().await?.into_iter().find(|(id, node)| {
+            *id != config.node_id
+                && node.is_live(now)
+                && node.roles.iter().any(|role| role == "fanout")
+        });
+        if let Some((id, _)) = other {
+            anyhow::bail!(
+                "node {id} already runs the client roles on this store, and fanout does not \
+                 share shards between nodes yet: run one node with the client roles"
+            );
+        }
+    }
     store
         .register_node(&config.node_id, &leased(&registration, now_ms() + lease_ms))
         .await?;
@@ -162,6 +175,16 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
             }
         })
     };
+
+    if args.has(Role::Gateway) {
+        let result =
+            serve::run_client_roles(config.clone(), store.clone(), Sequencing::Routed(token)).await;
+        registered.abort();
+        store
+            .register_node(&config.node_id, &leased(&registration, 0))
+            .await?;
+        return result;
+    }
 
     let metrics = Arc::new(Metrics::new());
     let sequencer = if args.has(Role::Sequencer) {

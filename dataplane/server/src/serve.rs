@@ -34,7 +34,7 @@ use courier_core::auth::{self, TokenVerifier};
 use courier_core::loops::BackgroundLoops;
 use courier_core::membership::MembershipCache;
 use courier_core::metrics::Metrics;
-use courier_core::sequencing::Listeners;
+use courier_core::sequencing::{Listeners, Sequencer};
 use courier_core::storage_health::StorageHealth;
 use courier_fanout::Fanout;
 use courier_gateway::Gateway;
@@ -42,9 +42,10 @@ use courier_gateway::routes::Routes;
 use courier_media::MediaService;
 use courier_push::Notifier;
 use courier_push::providers::PushProviders;
-use courier_rpc::RemoteEngine;
+use courier_rpc::{ClusterToken, RemoteEngine};
 use courier_sequencer::LocalSequencer;
 use courier_sequencer::retention::Retention;
+use courier_sequencer::routing::RoutedSequencer;
 use courier_store::embedded::EmbeddedEngine;
 use courier_store::{KvEngine, MessageStore};
 use std::future::IntoFuture;
@@ -116,14 +117,33 @@ fn open_fdb(_: &ServeConfig) -> anyhow::Result<Arc<dyn KvEngine>> {
     )
 }
 
-/// Runs until SIGTERM or Ctrl-C, then drains and returns (module documentation, "Stopping").
+/// Where a process's appends are sequenced.
+pub enum Sequencing {
+    /// In this process, on every shard it can take (`courier serve`).
+    Local,
+    /// By each shard's owner, found in the store (a cluster node with the client roles).
+    Routed(ClusterToken),
+}
+
+/// `courier serve`: every role in one process.
 pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     config.validate()?;
+    let engine = open_engine(&config).await?;
+    let store = MessageStore::open(engine, b"", config.shards).await?;
+    run_client_roles(config, store, Sequencing::Local).await
+}
+
+/// Runs the client roles (gateway, chat, fanout, push, media) on `store`, with appends
+/// sequenced as `sequencing` says, until SIGTERM or Ctrl-C; then drains and returns (module
+/// documentation, "Stopping").
+pub async fn run_client_roles(
+    config: ServeConfig,
+    store: MessageStore,
+    sequencing: Sequencing,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating the data directory {}", config.data_dir.display()))?;
     let verifier = verifier(&config)?;
-    let engine = open_engine(&config).await?;
-    let store = MessageStore::open(engine, b"", config.shards).await?;
 
     let metrics = Arc::new(Metrics::new());
     // Every background loop of every role; shut down last (module documentation, "Stopping").
@@ -151,21 +171,29 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         metrics.clone(),
     );
     let listeners = Arc::new(Listeners(vec![fanout.clone(), notifier.clone()]));
-    let sequencer = LocalSequencer::start(
-        store.clone(),
-        config.ownership(),
-        config.group_commit_limits(),
-        listeners,
-        metrics.clone(),
-    )
-    .await?;
-    let keeper = sequencer.clone();
-    loops.spawn("keep shard leases", move |cancel| {
-        let keeper = keeper.clone();
-        async move {
-            cancel.run_until_cancelled(keeper.keep_shards()).await;
+    let sequencer: Arc<dyn Sequencer> = match sequencing {
+        Sequencing::Local => {
+            let sequencer = LocalSequencer::start(
+                store.clone(),
+                config.ownership(),
+                config.group_commit_limits(),
+                listeners,
+                metrics.clone(),
+            )
+            .await?;
+            let keeper = sequencer.clone();
+            loops.spawn("keep shard leases", move |cancel| {
+                let keeper = keeper.clone();
+                async move {
+                    cancel.run_until_cancelled(keeper.keep_shards()).await;
+                }
+            });
+            sequencer
         }
-    });
+        Sequencing::Routed(token) => {
+            Arc::new(RoutedSequencer::new(store.clone(), None, token, listeners))
+        }
+    };
     notifier.start(&loops);
     fanout.start(&loops);
     let receipts = ReceiptRelay::new(
