@@ -6,11 +6,17 @@ mod support;
 
 use courier_client::Target;
 use courier_client::proto::EventPayload;
+use courier_rpc::ClusterToken;
+use courier_rpc::auth::AttachToken;
+use courier_rpc::proto::admin_client::AdminClient;
+use courier_rpc::proto::{
+    DrainRequest, ListNodesRequest, ListShardsRequest, MoveShardRequest, TakeShardsRequest,
+};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
-use support::{Server, WAIT, next_event};
+use support::{Server, WAIT, next_event, users};
 
 const TOKEN: &str = "courier-test-cluster-token-0123456789abcdef";
 
@@ -198,6 +204,8 @@ async fn a_server_with_the_wrong_cluster_token_does_not_start() {
 /// A sequencer node (`courier node --roles sequencer`) on its own loopback address.
 struct SequencerNode {
     child: Child,
+    /// Its internal gRPC address (sequencer and admin API).
+    address: String,
 }
 
 impl SequencerNode {
@@ -221,8 +229,8 @@ impl SequencerNode {
         .collect();
         args.push(dir.join(id).display().to_string());
         args.extend(remote_store_args(store));
-        let (child, _) = spawn_ready(&args, "node ready on internal ");
-        SequencerNode { child }
+        let (child, address) = spawn_ready(&args, "node ready on internal ");
+        SequencerNode { child, address }
     }
 
     fn signal(&self, signal: i32) {
@@ -284,15 +292,9 @@ async fn send_round(
     }
 }
 
-#[tokio::test]
-async fn sequencer_nodes_take_over_from_a_killed_or_paused_owner_and_lose_nothing() {
-    let (dir, store) = store_node();
-    let mut first = SequencerNode::start("s1", "127.0.0.2", &store, dir.path());
-    let second = SequencerNode::start("s2", "127.0.0.3", &store, dir.path());
-    let _third = SequencerNode::start("s3", "127.0.0.4", &store, dir.path());
-
-    let front_dir = tempfile::tempdir().unwrap();
-    std::fs::write(front_dir.path().join("jwt-secret"), JWT_SECRET).unwrap();
+/// A front node (the client roles) on `store`.
+fn front_node(store: &StoreNode, dir: &Path) -> Server {
+    std::fs::write(dir.join("jwt-secret"), JWT_SECRET).unwrap();
     let mut args: Vec<String> = [
         "--node-id",
         "front",
@@ -308,13 +310,141 @@ async fn sequencer_nodes_take_over_from_a_killed_or_paused_owner_and_lose_nothin
     .iter()
     .map(|s| s.to_string())
     .collect();
-    args.extend(remote_store_args(&store));
+    args.extend(remote_store_args(store));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let front = Server::start_as(
+    Server::start_as(
         &["node", "--roles", "gateway,chat,fanout,push,media"],
-        front_dir.path(),
+        dir,
         &args,
+    )
+}
+
+/// The admin API of a sequencer node, as the operator calls it (from another crate).
+async fn admin(
+    node: &SequencerNode,
+) -> AdminClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, AttachToken>,
+> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", node.address))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    AdminClient::with_interceptor(channel, AttachToken::new(ClusterToken::new(TOKEN).unwrap()))
+}
+
+async fn owned(node: &SequencerNode) -> Vec<u32> {
+    let shards = admin(node)
+        .await
+        .list_shards(ListShardsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .shards;
+    shards.into_iter().map(|s| s.shard).collect()
+}
+
+#[tokio::test]
+async fn the_admin_api_lists_nodes_moves_every_shard_and_drains_a_node_while_clients_send() {
+    let (dir, store) = store_node();
+    let first = SequencerNode::start("s1", "127.0.0.2", &store, dir.path());
+    let second = SequencerNode::start("s2", "127.0.0.3", &store, dir.path());
+    let front_dir = tempfile::tempdir().unwrap();
+    let front = front_node(&store, front_dir.path());
+
+    let nodes = admin(&second)
+        .await
+        .list_nodes(ListNodesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .nodes;
+    let mut live: Vec<(String, Vec<String>)> = nodes
+        .into_iter()
+        .filter(|n| n.live)
+        .map(|n| (n.id, n.roles))
+        .collect();
+    live.sort();
+    assert_eq!(
+        live,
+        [
+            (
+                "front".to_string(),
+                users(&["gateway", "chat", "fanout", "push", "media"])
+            ),
+            ("s1".to_string(), users(&["sequencer"])),
+            ("s2".to_string(), users(&["sequencer"])),
+        ]
     );
+    assert_eq!(owned(&first).await, (0..8).collect::<Vec<u32>>());
+    assert!(owned(&second).await.is_empty());
+
+    let peers: Vec<String> = (0..4).map(|i| format!("bob{i}")).collect();
+    let mut alice = front.connect("alice", "phone").await;
+    alice.events_until_sync_done().await.unwrap();
+    let mut sent: Vec<Vec<(String, u64)>> = vec![Vec::new(); peers.len()];
+    send_round(&mut alice, &peers, 1, &mut sent).await;
+
+    // Every shard moves from s1 to s2; each move returns once s2 serves the shard.
+    for shard in 0..8 {
+        let moved = admin(&first)
+            .await
+            .move_shard(MoveShardRequest {
+                shard,
+                to: "s2".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(moved.epoch >= 2);
+    }
+    assert!(owned(&first).await.is_empty());
+    assert_eq!(owned(&second).await, (0..8).collect::<Vec<u32>>());
+    send_round(&mut alice, &peers, 2, &mut sent).await;
+
+    // s2 drains: its shards are released, and s1 takes them when told to.
+    let released = admin(&second)
+        .await
+        .drain(DrainRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .released;
+    assert_eq!(released, (0..8).collect::<Vec<u32>>());
+    let taken = admin(&first)
+        .await
+        .take_shards(TakeShardsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .owned;
+    assert_eq!(taken, (0..8).collect::<Vec<u32>>());
+    send_round(&mut alice, &peers, 3, &mut sent).await;
+
+    for (i, peer) in peers.iter().enumerate() {
+        let seqs: Vec<u64> = sent[i].iter().map(|(_, seq)| *seq).collect();
+        assert_eq!(seqs, [1, 2, 3], "dense seqs for {peer} across the moves");
+    }
+    // Without the cluster token, the admin API answers nothing.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", first.address))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let refused = AdminClient::new(channel).drain(DrainRequest {}).await;
+    assert_eq!(refused.unwrap_err().code(), tonic::Code::Unauthenticated);
+    assert_eq!(owned(&first).await.len(), 8, "nothing was drained");
+}
+
+#[tokio::test]
+async fn sequencer_nodes_take_over_from_a_killed_or_paused_owner_and_lose_nothing() {
+    let (dir, store) = store_node();
+    let mut first = SequencerNode::start("s1", "127.0.0.2", &store, dir.path());
+    let second = SequencerNode::start("s2", "127.0.0.3", &store, dir.path());
+    let _third = SequencerNode::start("s3", "127.0.0.4", &store, dir.path());
+
+    let front_dir = tempfile::tempdir().unwrap();
+    let front = front_node(&store, front_dir.path());
 
     // Several conversations, so that several shards are in play.
     let peers: Vec<String> = (0..6).map(|i| format!("bob{i}")).collect();

@@ -5,6 +5,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
     let descriptors = protox::compile(
         [
+            "courier/internal/v1/admin.proto",
             "courier/internal/v1/kv.proto",
             "courier/internal/v1/sequencer.proto",
         ],

@@ -7,7 +7,8 @@
 //!   over gRPC) and [`serve_store_node`];
 //! - [`remote`]: [`RemoteEngine`], a `KvEngine` that talks to a store node;
 //! - [`sequencer`]: the sequencer role over gRPC ([`SequencerService`], [`RemoteSequencer`]);
-//! - [`proto`]: the generated messages and stubs of `courier.internal.v1`.
+//! - [`proto`]: the generated messages and stubs of `courier.internal.v1`, among them the
+//!   admin API's client (`proto::admin_client::AdminClient`), which the operator calls.
 //!
 //! **What the store node is for.** A multi-process *test* or development cluster on one
 //! machine, where no FoundationDB runs: its nodes share one embedded store through a store node.

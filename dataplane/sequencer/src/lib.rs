@@ -15,7 +15,8 @@
 //! (after another node died). A shard this node does not own answers `ShardMoved`. A hand-off
 //! ([`LocalSequencer::hand_off`]) freezes the shard (new appends answer `ShardMoved`, queued
 //! ones are committed), flips owner and epoch in one commit, and the new owner takes it at its
-//! next round or when told. Safety rests on the epoch fence of every batch, not on clocks: a
+//! next round or when told. A drain ([`LocalSequencer::drain`]) freezes and releases every
+//! shard and takes none any more. Safety rests on the epoch fence of every batch, not on clocks: a
 //! deposed owner's batches are refused whatever it believes about its lease.
 //!
 //! Failure policy: a batch the engine refuses as too large is split in halves, down to the one
@@ -33,6 +34,7 @@ use courier_core::sequencing::{
 };
 use courier_store::{Append, AppendOutcome, HeadCache, MessageStore, ShardLease, StoreError};
 use futures::future::BoxFuture;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -116,11 +118,24 @@ enum Slot {
     },
 }
 
+/// How long the load average of a shard takes to weigh a change by half.
+pub const LOAD_HALF_LIFE: Duration = Duration::from_secs(15);
+
+/// Appends per shard, counted by the actors and averaged every lease round.
+struct ShardLoad {
+    appended: Vec<AtomicU64>,
+    ewma: Mutex<Vec<f64>>,
+    last: Mutex<std::time::Instant>,
+}
+
 /// The in-process sequencer over one message store.
 pub struct LocalSequencer {
     store: MessageStore,
     ownership: Ownership,
     shards: Vec<Mutex<Slot>>,
+    load: Arc<ShardLoad>,
+    /// Set by [`LocalSequencer::drain`]: no shard is taken any more.
+    draining: AtomicBool,
     limits: GroupCommitLimits,
     listener: Arc<dyn CommitListener>,
     metrics: Arc<Metrics>,
@@ -136,13 +151,19 @@ impl LocalSequencer {
         listener: Arc<dyn CommitListener>,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Self>, StoreError> {
-        let shards = (0..store.shard_count())
-            .map(|_| Mutex::new(Slot::NotOwned))
-            .collect();
+        let count = store.shard_count() as usize;
+        let shards = (0..count).map(|_| Mutex::new(Slot::NotOwned)).collect();
+        let load = Arc::new(ShardLoad {
+            appended: (0..count).map(|_| AtomicU64::new(0)).collect(),
+            ewma: Mutex::new(vec![0.0; count]),
+            last: Mutex::new(std::time::Instant::now()),
+        });
         let sequencer = Arc::new(Self {
             store,
             ownership,
             shards,
+            load,
+            draining: AtomicBool::new(false),
             limits,
             listener,
             metrics,
@@ -167,8 +188,12 @@ impl LocalSequencer {
     /// One round of [`LocalSequencer::keep_shards`]: renew, drop what was taken over, take
     /// what is free or lapsed. Errors are logged; the next round tries again.
     pub async fn keep_round(&self) {
+        self.update_load();
         if let Err(e) = self.renew().await {
             tracing::warn!(error = %e, "renewing shard leases failed; retrying");
+        }
+        if self.draining.load(AtomicOrdering::Relaxed) {
+            return;
         }
         if let Err(e) = self.take_free_shards().await {
             tracing::warn!(error = %e, "taking free shards failed; retrying");
@@ -191,12 +216,25 @@ impl LocalSequencer {
     /// lease. If the flip fails, the shard stays this node's in the store and
     /// [`LocalSequencer::keep_shards`] takes it back at its next round.
     pub async fn hand_off(&self, shard: u32, to: &str) -> Result<ShardLease, SequencerError> {
+        let lease = self.freeze(shard).await.ok_or(SequencerError::ShardMoved)?;
+        let flipped = self
+            .store
+            .hand_off_shard(lease, &self.ownership.node, to, now_ms(), self.lease_ms())
+            .await?;
+        tracing::info!(shard, to, epoch = flipped.epoch, "shard handed off");
+        Ok(flipped)
+    }
+
+    /// Freezes `shard` if this node owns it: new appends answer `ShardMoved`, those queued
+    /// are committed, and the shard is this node's no more (in memory; the store still says
+    /// so). Returns its lease.
+    async fn freeze(&self, shard: u32) -> Option<ShardLease> {
         let taken = self
             .shards
             .get(shard as usize)
             .map(|slot| std::mem::take(&mut *lock(slot)));
         let Some(Slot::Owned { lease, queue }) = taken else {
-            return Err(SequencerError::ShardMoved);
+            return None;
         };
         if let Some(queue) = queue {
             let (frozen, done) = oneshot::channel();
@@ -206,22 +244,50 @@ impl LocalSequencer {
             }
         }
         self.metrics.owned_shards.dec();
-        let flipped = self
-            .store
-            .hand_off_shard(lease, &self.ownership.node, to, now_ms(), self.lease_ms())
-            .await?;
-        tracing::info!(shard, to, epoch = flipped.epoch, "shard handed off");
-        Ok(flipped)
+        Some(lease)
     }
 
-    /// Gives every shard up (at shutdown, once nothing is in flight): another node, or this
-    /// one restarted, takes them at once instead of waiting for the leases to lapse.
-    pub async fn release_all(&self) -> Result<(), StoreError> {
-        let owned = self.owned();
+    /// Gives every shard up: stops taking shards, freezes each (what is queued is committed)
+    /// and releases them in one commit, so the other sequencer nodes take them at their next
+    /// round instead of waiting for the leases to lapse. Returns the shards released.
+    pub async fn drain(&self) -> Result<Vec<u32>, StoreError> {
+        self.draining.store(true, AtomicOrdering::Relaxed);
+        let mut frozen = Vec::new();
+        for shard in 0..self.shards.len() as u32 {
+            frozen.extend(self.freeze(shard).await);
+        }
         self.store
-            .release_shards(&self.ownership.node, &owned)
-            .await
-            .map(drop)
+            .release_shards(&self.ownership.node, &frozen)
+            .await?;
+        let released = frozen.iter().map(|lease| lease.shard).collect();
+        tracing::info!(shards = frozen.len(), "drained: shards released");
+        Ok(released)
+    }
+
+    /// Events appended per second to each shard this node owns, an exponentially weighted
+    /// moving average over about [`LOAD_HALF_LIFE`] (updated every lease round).
+    pub fn load(&self) -> Vec<(ShardLease, f64)> {
+        let ewma = lock(&self.load.ewma);
+        self.owned()
+            .into_iter()
+            .map(|lease| (lease, ewma[lease.shard as usize]))
+            .collect()
+    }
+
+    /// Folds the appends counted since the last round into each shard's average.
+    fn update_load(&self) {
+        let mut last = lock(&self.load.last);
+        let elapsed = last.elapsed().as_secs_f64();
+        if elapsed <= 0.0 {
+            return;
+        }
+        *last = std::time::Instant::now();
+        let weight = 1.0 - (-elapsed / LOAD_HALF_LIFE.as_secs_f64() * std::f64::consts::LN_2).exp();
+        let mut ewma = lock(&self.load.ewma);
+        for (shard, average) in ewma.iter_mut().enumerate() {
+            let appended = self.load.appended[shard].swap(0, AtomicOrdering::Relaxed);
+            *average += weight * (appended as f64 / elapsed - *average);
+        }
     }
 
     fn lease_ms(&self) -> u64 {
@@ -280,6 +346,7 @@ impl LocalSequencer {
             let (tx, rx) = mpsc::channel(self.limits.queue_capacity);
             let actor = ShardActor {
                 store: self.store.clone(),
+                load: self.load.clone(),
                 lease: *lease,
                 heads: HeadCache::with_capacity(CACHED_HEADS / self.shards.len()),
                 limits: self.limits,
@@ -302,8 +369,8 @@ impl LocalSequencer {
     }
 }
 
-fn lock(slot: &Mutex<Slot>) -> std::sync::MutexGuard<'_, Slot> {
-    slot.lock().unwrap_or_else(|e| e.into_inner())
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Sequencer for LocalSequencer {
@@ -328,6 +395,7 @@ impl Sequencer for LocalSequencer {
 
 struct ShardActor {
     store: MessageStore,
+    load: Arc<ShardLoad>,
     lease: ShardLease,
     heads: HeadCache,
     limits: GroupCommitLimits,
@@ -458,6 +526,8 @@ impl ShardActor {
                         let _ = request.reply.send(result.map_err(SequencerError::from));
                     }
                     self.metrics.commit_batch_size.observe(count as f64);
+                    self.load.appended[shard as usize]
+                        .fetch_add(new as u64, AtomicOrdering::Relaxed);
                     self.metrics
                         .shard_appends
                         .get_or_create(&ShardLabel { shard })
@@ -618,7 +688,7 @@ mod tests {
 
         // Once the survivor gives the shard up, the first node takes it again (a fenced-out
         // shard is not refused until restart).
-        survivor.release_all().await.unwrap();
+        survivor.drain().await.unwrap();
         paused.keep_round().await;
         assert_eq!(paused.owned().len(), 1);
         assert_eq!(seq_of(&paused, "m3").await.unwrap(), 3);

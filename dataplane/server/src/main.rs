@@ -10,6 +10,7 @@
 //! Every subcommand logs to standard error, as text on a terminal and as JSON lines otherwise
 //! (`--log-format`, `docs/operations.md`).
 
+mod admin;
 mod cli_chat;
 mod config;
 mod http;

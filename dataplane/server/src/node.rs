@@ -3,7 +3,8 @@
 //!
 //! Roles today:
 //! - `sequencer`: takes the shards no live node holds, keeps their leases, and serves appends
-//!   to the other nodes over internal gRPC (`--internal-listen`, never the client port);
+//!   to the other nodes over internal gRPC (`--internal-listen`, never the client port), with
+//!   the admin API (`admin.rs`);
 //! - `gateway` with `chat`, `fanout`, `push` and `media` (the client roles, together): the
 //!   client port, as `courier serve`, with appends routed to the shards' owners. Only one node
 //!   of a cluster may run them yet (fanout does not share shards between nodes), and a start
@@ -14,6 +15,7 @@
 //! lapses. A cluster node needs a store it shares with the others, its own `--node-id`, and the
 //! cluster token.
 
+use crate::admin::AdminService;
 use crate::config::{ServeConfig, StoreKind};
 use crate::serve::{self, Sequencing};
 use anyhow::Context;
@@ -206,6 +208,13 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
     let (stop_internal, internal_stopped) = tokio::sync::oneshot::channel::<()>();
     let internal_server = sequencer.as_ref().map(|sequencer| {
         let service = SequencerService::new(sequencer.clone()).into_server(token.clone());
+        let admin = AdminService::new(
+            store.clone(),
+            config.node_id.clone(),
+            sequencer.clone(),
+            token.clone(),
+        )
+        .into_server();
         let incoming = futures::stream::unfold(internal, |listener| async move {
             let accepted = listener.accept().await.map(|(stream, _)| stream);
             Some((accepted, listener))
@@ -213,6 +222,7 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
         tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(service)
+                .add_service(admin)
                 .serve_with_incoming_shutdown(incoming, async {
                     let _ = internal_stopped.await;
                 }),
@@ -231,7 +241,7 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
         let _ = tokio::time::timeout(Duration::from_secs(10), server).await;
     }
     if let Some(sequencer) = &sequencer
-        && let Err(e) = sequencer.release_all().await
+        && let Err(e) = sequencer.drain().await
     {
         tracing::warn!(error = %e, "releasing the shards failed; they lapse with their leases");
     }
