@@ -37,7 +37,20 @@ struct StoreNode {
 
 /// Runs `courier <args>` and waits for the address its log line `<ready> ADDR` names.
 fn spawn_ready(args: &[String], ready: &'static str) -> (Child, String) {
-    let mut child = Command::new(binary())
+    spawn_wrapped(&[], args, ready)
+}
+
+/// As [`spawn_ready`], with `courier` run by `wrapper` (e.g. `ip netns exec NS`).
+fn spawn_wrapped(wrapper: &[&str], args: &[String], ready: &'static str) -> (Child, String) {
+    let mut command = match wrapper.split_first() {
+        Some((program, rest)) => {
+            let mut command = Command::new(program);
+            command.args(rest).arg(binary());
+            command
+        }
+        None => Command::new(binary()),
+    };
+    let mut child = command
         .args(args)
         .env("RUST_LOG", "info")
         .stderr(Stdio::piped())
@@ -210,6 +223,17 @@ struct SequencerNode {
 
 impl SequencerNode {
     fn start(id: &str, host: &str, store: &StoreNode, dir: &Path) -> SequencerNode {
+        SequencerNode::start_in(&[], id, host, store, dir)
+    }
+
+    /// Starts it prefixed by `wrapper` (e.g. `ip netns exec NS`).
+    fn start_in(
+        wrapper: &[&str],
+        id: &str,
+        host: &str,
+        store: &StoreNode,
+        dir: &Path,
+    ) -> SequencerNode {
         let mut args: Vec<String> = [
             "node",
             "--roles",
@@ -229,7 +253,7 @@ impl SequencerNode {
         .collect();
         args.push(dir.join(id).display().to_string());
         args.extend(remote_store_args(store));
-        let (child, address) = spawn_ready(&args, "node ready on internal ");
+        let (child, address) = spawn_wrapped(wrapper, &args, "node ready on internal ");
         SequencerNode { child, address }
     }
 
@@ -482,5 +506,154 @@ async fn sequencer_nodes_take_over_from_a_killed_or_paused_owner_and_lose_nothin
             }
         }
         assert_eq!(received, sent[i], "{peer} reads exactly what was sent");
+    }
+}
+
+/// A network namespace joined to the host by a veth pair: the host side is `10.213.0.1`, the
+/// namespace side `10.213.0.2`. Setting the host side down cuts the namespace off (a
+/// partition); setting it up heals it. Removed when dropped.
+struct Partitionable {
+    namespace: String,
+    host_link: String,
+}
+
+fn ip(args: &[&str]) {
+    let status = Command::new("ip").args(args).status().expect("run ip");
+    assert!(status.success(), "ip {args:?} failed (root is needed)");
+}
+
+impl Partitionable {
+    const HOST: &'static str = "10.213.0.1";
+    const INSIDE: &'static str = "10.213.0.2";
+
+    fn new() -> Partitionable {
+        let id = std::process::id();
+        let namespace = format!("courier-test-{id}");
+        let host_link = format!("ct{id}h");
+        let inside_link = format!("ct{id}n");
+        ip(&["netns", "add", &namespace]);
+        let this = Partitionable {
+            namespace: namespace.clone(),
+            host_link: host_link.clone(),
+        };
+        ip(&[
+            "link",
+            "add",
+            &host_link,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &inside_link,
+        ]);
+        ip(&["link", "set", &inside_link, "netns", &namespace]);
+        ip(&[
+            "addr",
+            "add",
+            &format!("{}/24", Self::HOST),
+            "dev",
+            &host_link,
+        ]);
+        ip(&["link", "set", &host_link, "up"]);
+        let inside = |args: &[&str]| {
+            let mut all = vec!["netns", "exec", &namespace, "ip"];
+            all.extend_from_slice(args);
+            ip(&all);
+        };
+        inside(&[
+            "addr",
+            "add",
+            &format!("{}/24", Self::INSIDE),
+            "dev",
+            &inside_link,
+        ]);
+        inside(&["link", "set", &inside_link, "up"]);
+        inside(&["link", "set", "lo", "up"]);
+        this
+    }
+
+    fn wrapper(&self) -> [&str; 3] {
+        ["netns", "exec", &self.namespace]
+    }
+
+    fn cut(&self) {
+        ip(&["link", "set", &self.host_link, "down"]);
+    }
+
+    fn heal(&self) {
+        ip(&["link", "set", &self.host_link, "up"]);
+    }
+}
+
+impl Drop for Partitionable {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_link])
+            .status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.namespace])
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn a_sequencer_cut_off_by_a_partition_loses_its_shards_and_commits_nothing_after_healing() {
+    let network = Partitionable::new();
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("cluster-token");
+    std::fs::write(&token_file, TOKEN).unwrap();
+    // The store node listens on the host side of the link, reachable from both sides.
+    let store = StoreNode::start(
+        &dir.path().join("store"),
+        &token_file,
+        &format!("{}:0", Partitionable::HOST),
+    );
+    let mut wrapper = vec!["ip"];
+    wrapper.extend(network.wrapper());
+    let cut_off =
+        SequencerNode::start_in(&wrapper, "s1", Partitionable::INSIDE, &store, dir.path());
+    let _other = SequencerNode::start("s2", "127.0.0.3", &store, dir.path());
+    let front_dir = tempfile::tempdir().unwrap();
+    let front = front_node(&store, front_dir.path());
+    assert_eq!(owned(&cut_off).await.len(), 8, "s1 started first");
+
+    let peers: Vec<String> = (0..4).map(|i| format!("bob{i}")).collect();
+    let mut alice = front.connect("alice", "phone").await;
+    alice.events_until_sync_done().await.unwrap();
+    let mut sent: Vec<Vec<(String, u64)>> = vec![Vec::new(); peers.len()];
+    send_round(&mut alice, &peers, 1, &mut sent).await;
+
+    // s1 is cut off from the store and from the other nodes: s2 takes its shards once its
+    // lease lapsed, and clients go on (after retries).
+    network.cut();
+    send_round(&mut alice, &peers, 2, &mut sent).await;
+    network.heal();
+    send_round(&mut alice, &peers, 3, &mut sent).await;
+
+    // Back on the network, s1 finds its shards taken and serves none of them.
+    let deadline = std::time::Instant::now() + WAIT;
+    while !owned(&cut_off).await.is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "s1 still believes it owns shards"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    send_round(&mut alice, &peers, 4, &mut sent).await;
+    for (i, peer) in peers.iter().enumerate() {
+        let seqs: Vec<u64> = sent[i].iter().map(|(_, seq)| *seq).collect();
+        assert_eq!(seqs, [1, 2, 3, 4], "dense seqs for {peer}");
+        let mut bob = front.connect(peer, "phone").await;
+        let mut received = Vec::new();
+        while received.len() < sent[i].len() {
+            let event = next_event(&mut bob).await;
+            if let EventPayload::Message { client_msg_id, .. } = event.payload {
+                received.push((client_msg_id, event.seq));
+            }
+        }
+        assert_eq!(
+            received, sent[i],
+            "{peer} reads exactly what was sent, once"
+        );
     }
 }
