@@ -155,7 +155,7 @@ pub async fn run_client_roles(
         routes.clone(),
         membership.clone(),
         metrics.clone(),
-        config.fanout_workers,
+        config.fanout_workers(),
         config.large_group_threshold,
     )
     .await?;
