@@ -302,6 +302,29 @@ async fn send_until_sent(client: &mut courier_client::Client, to: &str, id: &str
     }
 }
 
+/// The history checker: for each peer, the seqs of the messages `sent` to it (each sent once,
+/// in order, and answered `sent`) are dense from 1, and the peer reads exactly those, in
+/// order, each once.
+async fn check_history(front: &Server, peers: &[String], sent: &[Vec<(String, u64)>]) {
+    for (peer, sent) in peers.iter().zip(sent) {
+        let seqs: Vec<u64> = sent.iter().map(|(_, seq)| *seq).collect();
+        let dense: Vec<u64> = (1..=sent.len() as u64).collect();
+        assert_eq!(seqs, dense, "dense seqs for {peer}, in send order");
+        let mut reader = front.connect(peer, "phone").await;
+        let mut received = Vec::new();
+        while received.len() < sent.len() {
+            let event = next_event(&mut reader).await;
+            if let EventPayload::Message { client_msg_id, .. } = event.payload {
+                received.push((client_msg_id, event.seq));
+            }
+        }
+        assert_eq!(
+            &received, sent,
+            "{peer} reads exactly what was sent, once each"
+        );
+    }
+}
+
 /// One message to each peer, each sent until taken; records `(id, seq)` per peer.
 async fn send_round(
     alice: &mut courier_client::Client,
@@ -309,10 +332,10 @@ async fn send_round(
     round: u32,
     sent: &mut [Vec<(String, u64)>],
 ) {
-    for (i, peer) in peers.iter().enumerate() {
+    for (peer, sent) in peers.iter().zip(sent) {
         let id = format!("r{round}-{peer}");
         let seq = send_until_sent(alice, peer, &id).await;
-        sent[i].push((id, seq));
+        sent.push((id, seq));
     }
 }
 
@@ -445,10 +468,7 @@ async fn the_admin_api_lists_nodes_moves_every_shard_and_drains_a_node_while_cli
     assert_eq!(taken, (0..8).collect::<Vec<u32>>());
     send_round(&mut alice, &peers, 3, &mut sent).await;
 
-    for (i, peer) in peers.iter().enumerate() {
-        let seqs: Vec<u64> = sent[i].iter().map(|(_, seq)| *seq).collect();
-        assert_eq!(seqs, [1, 2, 3], "dense seqs for {peer} across the moves");
-    }
+    check_history(&front, &peers, &sent).await;
     // Without the cluster token, the admin API answers nothing.
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", first.address))
         .unwrap()
@@ -490,23 +510,7 @@ async fn sequencer_nodes_take_over_from_a_killed_or_paused_owner_and_lose_nothin
 
     // The history: every `sent` is stored once, at its seq, in send order, with no gap, and
     // each peer receives exactly that.
-    for (i, peer) in peers.iter().enumerate() {
-        let seqs: Vec<u64> = sent[i].iter().map(|(_, seq)| *seq).collect();
-        assert_eq!(
-            seqs,
-            (1..=sent[i].len() as u64).collect::<Vec<u64>>(),
-            "dense seqs for {peer}"
-        );
-        let mut bob = front.connect(peer, "phone").await;
-        let mut received = Vec::new();
-        while received.len() < sent[i].len() {
-            let event = next_event(&mut bob).await;
-            if let EventPayload::Message { client_msg_id, .. } = event.payload {
-                received.push((client_msg_id, event.seq));
-            }
-        }
-        assert_eq!(received, sent[i], "{peer} reads exactly what was sent");
-    }
+    check_history(&front, &peers, &sent).await;
 }
 
 /// A network namespace joined to the host by a veth pair: the host side is `10.213.0.1`, the
@@ -640,20 +644,5 @@ async fn a_sequencer_cut_off_by_a_partition_loses_its_shards_and_commits_nothing
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     send_round(&mut alice, &peers, 4, &mut sent).await;
-    for (i, peer) in peers.iter().enumerate() {
-        let seqs: Vec<u64> = sent[i].iter().map(|(_, seq)| *seq).collect();
-        assert_eq!(seqs, [1, 2, 3, 4], "dense seqs for {peer}");
-        let mut bob = front.connect(peer, "phone").await;
-        let mut received = Vec::new();
-        while received.len() < sent[i].len() {
-            let event = next_event(&mut bob).await;
-            if let EventPayload::Message { client_msg_id, .. } = event.payload {
-                received.push((client_msg_id, event.seq));
-            }
-        }
-        assert_eq!(
-            received, sent[i],
-            "{peer} reads exactly what was sent, once"
-        );
-    }
+    check_history(&front, &peers, &sent).await;
 }

@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
+use tonic::transport::server::TcpIncoming;
 
 const TOKEN: &str = "courier-test-cluster-token-0123456789abcdef";
 
@@ -83,22 +84,16 @@ async fn serve(sequencer: Arc<dyn Sequencer>, token: &str) -> (SocketAddr, onesh
     tokio::spawn(async move {
         tonic::transport::Server::builder()
             .add_service(service)
-            .serve_with_incoming_shutdown(tokio_stream_of(listener), async {
-                let _ = stopped.await;
-            })
+            .serve_with_incoming_shutdown(
+                TcpIncoming::from(listener).with_nodelay(Some(true)),
+                async {
+                    let _ = stopped.await;
+                },
+            )
             .await
             .unwrap();
     });
     (address, stop)
-}
-
-fn tokio_stream_of(
-    listener: TcpListener,
-) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    futures::stream::unfold(listener, |listener| async move {
-        let accepted = listener.accept().await.map(|(stream, _)| stream);
-        Some((accepted, listener))
-    })
 }
 
 fn remote(address: SocketAddr, token: &str) -> RemoteSequencer {

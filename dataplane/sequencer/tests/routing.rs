@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tonic::transport::server::TcpIncoming;
 
 const TOKEN: &str = "courier-test-cluster-token-0123456789abcdef";
 
@@ -54,10 +55,7 @@ async fn sequencer_node(store: &MessageStore, id: &str) -> Arc<LocalSequencer> {
     let address = listener.local_addr().unwrap();
     let service = SequencerService::new(sequencer.clone()).into_server(token());
     tokio::spawn(async move {
-        let incoming = futures::stream::unfold(listener, |listener| async move {
-            let accepted = listener.accept().await.map(|(stream, _)| stream);
-            Some((accepted, listener))
-        });
+        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         tonic::transport::Server::builder()
             .add_service(service)
             .serve_with_incoming(incoming)

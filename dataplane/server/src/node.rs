@@ -30,6 +30,7 @@ use courier_store::ownership::NodeRecord;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+use tonic::transport::server::TcpIncoming;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Role {
@@ -215,10 +216,7 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
             token.clone(),
         )
         .into_server();
-        let incoming = futures::stream::unfold(internal, |listener| async move {
-            let accepted = listener.accept().await.map(|(stream, _)| stream);
-            Some((accepted, listener))
-        });
+        let incoming = TcpIncoming::from(internal).with_nodelay(Some(true));
         tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(service)
