@@ -21,9 +21,10 @@ use crate::serve::{self, Sequencing};
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 use courier_core::clock::now_ms;
+use courier_core::loops::BackgroundLoops;
 use courier_core::metrics::Metrics;
 use courier_core::sequencing::Listeners;
-use courier_rpc::SequencerService;
+use courier_rpc::{ClusterToken, SequencerService};
 use courier_sequencer::LocalSequencer;
 use courier_store::MessageStore;
 use courier_store::ownership::NodeRecord;
@@ -162,91 +163,108 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
     store
         .register_node(&config.node_id, &leased(&registration, now_ms() + lease_ms))
         .await?;
-    let registered = {
+    // The node's own loops: its registration, and (below) its shard leases.
+    let loops = BackgroundLoops::new();
+    {
         let store = store.clone();
         let node = config.node_id.clone();
         let registration = registration.clone();
-        tokio::spawn(async move {
-            let mut rounds = tokio::time::interval(lease / 3);
-            rounds.tick().await;
-            loop {
-                rounds.tick().await;
-                let record = leased(&registration, now_ms() + lease_ms);
-                if let Err(e) = store.register_node(&node, &record).await {
-                    tracing::warn!(error = %e, "renewing the node's registration failed; retrying");
-                }
+        // Stops at once when cancelled; restarted if it fails: it keeps no state.
+        loops.spawn("renew node registration", move |cancel| {
+            let (store, node, registration) = (store.clone(), node.clone(), registration.clone());
+            async move {
+                let renew = async {
+                    let mut rounds = tokio::time::interval(lease / 3);
+                    rounds.tick().await;
+                    loop {
+                        rounds.tick().await;
+                        let record = leased(&registration, now_ms() + lease_ms);
+                        if let Err(e) = store.register_node(&node, &record).await {
+                            tracing::warn!(error = %e, "renewing the node's registration failed; retrying");
+                        }
+                    }
+                };
+                cancel.run_until_cancelled(renew).await;
             }
-        })
-    };
-
-    if args.has(Role::Gateway) {
-        let result =
-            serve::run_client_roles(config.clone(), store.clone(), Sequencing::Routed(token)).await;
-        registered.abort();
-        store
-            .register_node(&config.node_id, &leased(&registration, 0))
-            .await?;
-        return result;
+        });
     }
 
-    let metrics = Arc::new(Metrics::new());
-    let sequencer = if args.has(Role::Sequencer) {
-        let sequencer = LocalSequencer::start(
-            store.clone(),
-            config.ownership(),
-            config.group_commit_limits(),
-            Arc::new(Listeners(Vec::new())),
-            metrics.clone(),
-        )
-        .await?;
-        tokio::spawn(sequencer.clone().keep_shards());
-        Some(sequencer)
+    let result = if args.has(Role::Gateway) {
+        serve::run_client_roles(config.clone(), store.clone(), Sequencing::Routed(token)).await
     } else {
-        None
+        run_sequencer(config, &store, token, internal, &address, &roles, &loops).await
     };
+    loops
+        .shutdown(tokio::time::Instant::now() + Duration::from_secs(5))
+        .await;
+    store
+        .register_node(&config.node_id, &leased(&registration, 0))
+        .await?;
+    result
+}
 
-    // Internal gRPC: the sequencer service (the admin API will join it).
-    let (stop_internal, internal_stopped) = tokio::sync::oneshot::channel::<()>();
-    let internal_server = sequencer.as_ref().map(|sequencer| {
-        let service = SequencerService::new(sequencer.clone()).into_server(token.clone());
-        let admin = AdminService::new(
-            store.clone(),
-            config.node_id.clone(),
-            sequencer.clone(),
-            token.clone(),
-        )
-        .into_server();
-        let incoming = TcpIncoming::from(internal).with_nodelay(Some(true));
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(service)
-                .add_service(admin)
-                .serve_with_incoming_shutdown(incoming, async {
-                    let _ = internal_stopped.await;
-                }),
-        )
+/// The sequencer role until SIGTERM or Ctrl-C: takes shards, serves appends and the admin API
+/// on `internal`; then drains (what is queued is committed and answered, the shards are
+/// released for the other sequencers) and stops serving.
+async fn run_sequencer(
+    config: &ServeConfig,
+    store: &MessageStore,
+    token: ClusterToken,
+    internal: tokio::net::TcpListener,
+    address: &str,
+    roles: &[String],
+    loops: &BackgroundLoops,
+) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    let sequencer = LocalSequencer::start(
+        store.clone(),
+        config.ownership(),
+        config.group_commit_limits(),
+        Arc::new(Listeners(Vec::new())),
+        metrics,
+    )
+    .await?;
+    let keeper = sequencer.clone();
+    // Stops at once when cancelled; restarted if it fails: the leases are in the store.
+    loops.spawn("keep shard leases", move |cancel| {
+        let keeper = keeper.clone();
+        async move {
+            cancel.run_until_cancelled(keeper.keep_shards()).await;
+        }
     });
+
+    let service = SequencerService::new(sequencer.clone()).into_server(token.clone());
+    let admin = AdminService::new(
+        store.clone(),
+        config.node_id.clone(),
+        sequencer.clone(),
+        token,
+    )
+    .into_server();
+    let (stop_internal, internal_stopped) = tokio::sync::oneshot::channel::<()>();
+    let incoming = TcpIncoming::from(internal).with_nodelay(Some(true));
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .add_service(admin)
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = internal_stopped.await;
+            }),
+    );
+    let stop_signal = serve::shutdown_signal()?;
     tracing::info!(
         node = %config.node_id,
         roles = %roles.join(","),
         "courier node ready on internal {address}"
     );
 
-    serve::shutdown_signal()?.await;
-    tracing::info!("stopping: releasing shards and leaving the cluster");
-    let _ = stop_internal.send(());
-    if let Some(server) = internal_server {
-        let _ = tokio::time::timeout(Duration::from_secs(10), server).await;
-    }
-    if let Some(sequencer) = &sequencer
-        && let Err(e) = sequencer.drain().await
-    {
+    stop_signal.await;
+    tracing::info!("stopping: draining the shards, then leaving the cluster");
+    if let Err(e) = sequencer.drain().await {
         tracing::warn!(error = %e, "releasing the shards failed; they lapse with their leases");
     }
-    registered.abort();
-    store
-        .register_node(&config.node_id, &leased(&registration, 0))
-        .await?;
+    let _ = stop_internal.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), server).await;
     Ok(())
 }
 
