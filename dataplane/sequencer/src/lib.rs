@@ -136,6 +136,8 @@ pub struct LocalSequencer {
     load: Arc<ShardLoad>,
     /// Set by [`LocalSequencer::drain`]: no shard is taken any more.
     draining: AtomicBool,
+    /// Held by the lease round running.
+    keeping: tokio::sync::Mutex<()>,
     limits: GroupCommitLimits,
     listener: Arc<dyn CommitListener>,
     metrics: Arc<Metrics>,
@@ -164,6 +166,7 @@ impl LocalSequencer {
             shards,
             load,
             draining: AtomicBool::new(false),
+            keeping: tokio::sync::Mutex::new(()),
             limits,
             listener,
             metrics,
@@ -188,6 +191,9 @@ impl LocalSequencer {
     /// One round of [`LocalSequencer::keep_shards`]: renew, drop what was taken over, take
     /// what is free or lapsed. Errors are logged; the next round tries again.
     pub async fn keep_round(&self) {
+        // One round at a time (the loop's and an admin call's): two would race for the same
+        // free shards, and one of them would fail.
+        let _round = self.keeping.lock().await;
         self.update_load();
         if let Err(e) = self.renew().await {
             tracing::warn!(error = %e, "renewing shard leases failed; retrying");
@@ -251,6 +257,8 @@ impl LocalSequencer {
     /// and releases them in one commit, so the other sequencer nodes take them at their next
     /// round instead of waiting for the leases to lapse. Returns the shards released.
     pub async fn drain(&self) -> Result<Vec<u32>, StoreError> {
+        // No lease round runs meanwhile: it could take back a shard just frozen.
+        let _round = self.keeping.lock().await;
         self.draining.store(true, AtomicOrdering::Relaxed);
         let mut frozen = Vec::new();
         for shard in 0..self.shards.len() as u32 {

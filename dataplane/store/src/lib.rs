@@ -14,7 +14,7 @@
 pub mod contract;
 pub mod embedded;
 /// Test support for the crates above the store (feature `faulty-engine`).
-#[cfg(feature = "faulty-engine")]
+#[cfg(any(test, feature = "faulty-engine"))]
 pub mod faulty_engine;
 #[cfg(feature = "fdb")]
 pub mod fdb;

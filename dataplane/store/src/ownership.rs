@@ -17,6 +17,11 @@
 //! the record it read makes it fail with [`StoreError::FenceChanged`] rather than overwrite.
 
 use crate::kv::{Batch, StoreError, decode_u64};
+
+/// Attempts of an operation on records that another operation of the same owner may rewrite
+/// at the same moment (a renewal racing a hand-off or a release): each attempt reads the
+/// records again, so only a real change of owner stops it.
+const ATTEMPTS: usize = 5;
 use crate::message_store::{MessageStore, ShardLease, corrupt};
 use prost::Message;
 
@@ -160,8 +165,25 @@ impl MessageStore {
     }
 
     /// Sets the lease deadline of every shard of `leases` that `node` holds at its epoch, in one
-    /// commit fenced on each record read; returns the others.
+    /// commit fenced on each record read; returns the others. A record changed between the
+    /// read and the commit (a hand-off of one of them) makes it read them all again.
     async fn rewrite_held(
+        &self,
+        node: &str,
+        leases: &[ShardLease],
+        lease_until_ms: u64,
+    ) -> Result<Vec<u32>, StoreError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.try_rewrite_held(node, leases, lease_until_ms).await {
+                Err(StoreError::FenceChanged { .. }) if attempt < ATTEMPTS => continue,
+                result => return result,
+            }
+        }
+    }
+
+    async fn try_rewrite_held(
         &self,
         node: &str,
         leases: &[ShardLease],
@@ -192,6 +214,25 @@ impl MessageStore {
     /// `from` first (nothing of it in flight); after the flip, `from` could not commit even if
     /// it tried. Returns `to`'s lease.
     pub async fn hand_off_shard(
+        &self,
+        lease: ShardLease,
+        from: &str,
+        to: &str,
+        now_ms: u64,
+        lease_ms: u64,
+    ) -> Result<ShardLease, StoreError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.try_hand_off(lease, from, to, now_ms, lease_ms).await {
+                // The owner's own renewal rewrote the record meanwhile: read it again.
+                Err(StoreError::FenceChanged { .. }) if attempt < ATTEMPTS => continue,
+                result => return result,
+            }
+        }
+    }
+
+    async fn try_hand_off(
         &self,
         lease: ShardLease,
         from: &str,
@@ -453,6 +494,24 @@ mod tests {
             ),
             "a hand-off by a node that no longer owns the shard is refused"
         );
+    }
+
+    #[tokio::test]
+    async fn a_hand_off_goes_through_a_renewal_of_the_same_owner() {
+        use crate::faulty_engine::FaultyEngine;
+        let engine = FaultyEngine::new();
+        let store = engine.store(8).await;
+        let shard = store.shard_of("d:1");
+        let a = take(&store, "a", shard, 0).await.unwrap();
+        // The owner's lease round renews the record between the hand-off's read and its commit.
+        let renewer = store.clone();
+        engine.before_next_commit(Box::pin(async move {
+            let lost = renewer.renew_shards("a", &[a], 1, LEASE).await.unwrap();
+            assert!(lost.is_empty());
+        }));
+        let b = store.hand_off_shard(a, "a", "b", 2, LEASE).await.unwrap();
+        assert_eq!(b.epoch, a.epoch + 1);
+        assert_eq!(store.shard_owner(shard).await.unwrap().unwrap().node, "b");
     }
 
     #[tokio::test]
