@@ -221,6 +221,7 @@ impl LocalSequencer {
     /// queued are committed first), then flips owner and epoch in one commit. Returns `to`'s
     /// lease. If the flip fails, the shard stays this node's in the store and
     /// [`LocalSequencer::keep_shards`] takes it back at its next round.
+    #[tracing::instrument(skip(self), fields(node = %self.ownership.node))]
     pub async fn hand_off(&self, shard: u32, to: &str) -> Result<ShardLease, SequencerError> {
         let lease = self.freeze(shard).await.ok_or(SequencerError::ShardMoved)?;
         let flipped = self
@@ -256,6 +257,7 @@ impl LocalSequencer {
     /// Gives every shard up: stops taking shards, freezes each (what is queued is committed)
     /// and releases them in one commit, so the other sequencer nodes take them at their next
     /// round instead of waiting for the leases to lapse. Returns the shards released.
+    #[tracing::instrument(skip(self), fields(node = %self.ownership.node))]
     pub async fn drain(&self) -> Result<Vec<u32>, StoreError> {
         // No lease round runs meanwhile: it could take back a shard just frozen.
         let _round = self.keeping.lock().await;
