@@ -35,7 +35,7 @@ struct StoreNode {
     token_file: PathBuf,
 }
 
-/// Runs `courier <args>` and waits for the address its log line `<ready> ADDR` names.
+/// Runs `courier <args>` and waits for its log line `<ready> ...`; returns what follows it.
 fn spawn_ready(args: &[String], ready: &'static str) -> (Child, String) {
     spawn_wrapped(&[], args, ready)
 }
@@ -61,19 +61,23 @@ fn spawn_wrapped(wrapper: &[&str], args: &[String], ready: &'static str) -> (Chi
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             if let Some(rest) = line.split(ready).nth(1) {
-                let address = rest
-                    .split(|c: char| c.is_whitespace() || c == '"')
-                    .next()
-                    .unwrap_or_default();
-                let _ = tx.send(address.to_owned());
+                let _ = tx.send(rest.to_owned());
             }
             if std::env::var_os("COURIER_TEST_LOG").is_some() {
                 eprintln!("[{ready}] {line}");
             }
         }
     });
-    let address = rx.recv_timeout(WAIT).expect("the process is ready");
-    (child, address)
+    let rest = rx.recv_timeout(WAIT).expect("the process is ready");
+    (child, rest)
+}
+
+/// The first word of `text` (an address at the start of a ready line's rest, in text or JSON).
+fn first_word(text: &str) -> String {
+    text.split(|c: char| c.is_whitespace() || c == '"')
+        .next()
+        .unwrap_or_default()
+        .to_owned()
 }
 
 impl StoreNode {
@@ -87,7 +91,8 @@ impl StoreNode {
             "--cluster-token-file".into(),
             token_file.display().to_string(),
         ];
-        let (child, address) = spawn_ready(&args, "store node ready on ");
+        let (child, rest) = spawn_ready(&args, "store node ready on ");
+        let address = first_word(&rest);
         StoreNode {
             child,
             address,
@@ -219,6 +224,8 @@ struct SequencerNode {
     child: Child,
     /// Its internal gRPC address (sequencer and admin API).
     address: String,
+    /// Its probes and metrics (HTTP).
+    probes: String,
 }
 
 impl SequencerNode {
@@ -242,6 +249,8 @@ impl SequencerNode {
             id,
             "--internal-listen",
             &format!("{host}:0"),
+            "--listen",
+            &format!("{host}:0"),
             "--shard-lease",
             LEASE,
             "--shards",
@@ -253,8 +262,13 @@ impl SequencerNode {
         .collect();
         args.push(dir.join(id).display().to_string());
         args.extend(remote_store_args(store));
-        let (child, address) = spawn_wrapped(wrapper, &args, "node ready on internal ");
-        SequencerNode { child, address }
+        let (child, rest) = spawn_wrapped(wrapper, &args, "node ready on internal ");
+        let probes = first_word(rest.split("probes ").nth(1).expect("the probes address"));
+        SequencerNode {
+            child,
+            address: first_word(&rest),
+            probes,
+        }
     }
 
     fn signal(&self, signal: i32) {
@@ -425,6 +439,17 @@ async fn the_admin_api_lists_nodes_moves_every_shard_and_drains_a_node_while_cli
     );
     assert_eq!(owned(&first).await, (0..8).collect::<Vec<u32>>());
     assert!(owned(&second).await.is_empty());
+    let probe = |node: &SequencerNode, path: &str| format!("http://{}{path}", node.probes);
+    let metrics = reqwest::get(probe(&first, "/metrics")).await.unwrap();
+    let metrics = metrics.text().await.unwrap();
+    assert!(
+        metrics.contains("courier_sequencer_owned_shards 8"),
+        "a sequencer node's metrics show its shards: {metrics}"
+    );
+    for path in ["/healthz", "/readyz"] {
+        let status = reqwest::get(probe(&second, path)).await.unwrap().status();
+        assert_eq!(status, 200, "{path}");
+    }
 
     let peers: Vec<String> = (0..4).map(|i| format!("bob{i}")).collect();
     let mut alice = front.connect("alice", "phone").await;

@@ -19,6 +19,9 @@ use crate::admin::AdminService;
 use crate::config::{ServeConfig, StoreKind};
 use crate::serve::{self, Sequencing};
 use anyhow::Context;
+use axum::Router;
+use axum::http::{StatusCode, header};
+use axum::routing::get;
 use clap::{Args, ValueEnum};
 use courier_core::clock::now_ms;
 use courier_core::loops::BackgroundLoops;
@@ -28,8 +31,10 @@ use courier_rpc::{ClusterToken, SequencerService};
 use courier_sequencer::LocalSequencer;
 use courier_store::MessageStore;
 use courier_store::ownership::NodeRecord;
+use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tonic::transport::server::TcpIncoming;
 
@@ -221,7 +226,7 @@ async fn run_sequencer(
         config.ownership(),
         config.group_commit_limits(),
         Arc::new(Listeners(Vec::new())),
-        metrics,
+        metrics.clone(),
     )
     .await?;
     let keeper = sequencer.clone();
@@ -251,21 +256,74 @@ async fn run_sequencer(
                 let _ = internal_stopped.await;
             }),
     );
+    // Probes and metrics on `--listen` (the internal port speaks gRPC only).
+    let ready = Arc::new(AtomicBool::new(true));
+    let probes_listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listening on {} for probes and metrics", config.listen))?;
+    let probes = probes_listener.local_addr()?;
+    let probes_server = tokio::spawn(
+        axum::serve(
+            probes_listener,
+            probe_router(store.clone(), metrics, ready.clone()),
+        )
+        .into_future(),
+    );
     let stop_signal = serve::shutdown_signal()?;
     tracing::info!(
         node = %config.node_id,
         roles = %roles.join(","),
-        "courier node ready on internal {address}"
+        %probes,
+        "courier node ready on internal {address} probes {probes}"
     );
 
     stop_signal.await;
+    ready.store(false, Ordering::Release);
     tracing::info!("stopping: draining the shards, then leaving the cluster");
     if let Err(e) = sequencer.drain().await {
         tracing::warn!(error = %e, "releasing the shards failed; they lapse with their leases");
     }
     let _ = stop_internal.send(());
     let _ = tokio::time::timeout(Duration::from_secs(10), server).await;
+    probes_server.abort();
     Ok(())
+}
+
+/// `/healthz` (200 unless the store halted), `/readyz` (200 until the node drains) and
+/// `/metrics` (OpenMetrics text) of a node that serves no clients.
+fn probe_router(store: MessageStore, metrics: Arc<Metrics>, ready: Arc<AtomicBool>) -> Router {
+    Router::new()
+        .route(
+            "/healthz",
+            get(move || async move {
+                match store.halted() {
+                    None => (StatusCode::OK, "ok".to_owned()),
+                    Some(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
+                }
+            }),
+        )
+        .route(
+            "/readyz",
+            get(move || async move {
+                if ready.load(Ordering::Acquire) {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(move || async move {
+                (
+                    [(
+                        header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    metrics.render(),
+                )
+            }),
+        )
 }
 
 /// `record` alive until `lease_until_ms`.
