@@ -9,7 +9,7 @@ use std::sync::Arc;
 /// Why an append was not sequenced. The store's error is kept as it is, so that clients learn
 /// by its type whether a retry with the same `client_msg_id` is safe (see `error.rs`); a
 /// `Refused` append is refused for good.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum SequencerError {
     /// Refused at its place in the conversation's order (membership); retrying changes nothing.
     #[error(transparent)]

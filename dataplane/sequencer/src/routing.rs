@@ -143,7 +143,7 @@ impl Router {
                 .map(|(append, answer)| {
                     let pending = match &route {
                         Ok(route) => Ok(route.submit(append)),
-                        Err(e) => Err(same_error(e)),
+                        Err(e) => Err(e.clone()),
                     };
                     (pending, answer)
                 })
@@ -209,16 +209,6 @@ impl Router {
         {
             routes.remove(&shard);
         }
-    }
-}
-
-/// A copy of `error` for each waiter of a route that could not be read.
-fn same_error(error: &SequencerError) -> SequencerError {
-    match error {
-        SequencerError::Store(e) => SequencerError::Store(e.clone()),
-        SequencerError::Overloaded => SequencerError::Overloaded,
-        SequencerError::Refused(refused) => SequencerError::Refused(*refused),
-        SequencerError::ShardMoved => SequencerError::ShardMoved,
     }
 }
 
