@@ -223,6 +223,9 @@ impl LocalSequencer {
     /// [`LocalSequencer::keep_shards`] takes it back at its next round.
     #[tracing::instrument(skip(self), fields(node = %self.ownership.node))]
     pub async fn hand_off(&self, shard: u32, to: &str) -> Result<ShardLease, SequencerError> {
+        // No lease round between the freeze and the flip: it would find the shard free here
+        // and take it back with a new epoch.
+        let _round = self.keeping.lock().await;
         let lease = self.freeze(shard).await.ok_or(SequencerError::ShardMoved)?;
         let flipped = self
             .store
