@@ -440,13 +440,11 @@ impl Sequencer for RemoteSequencer {
         let (waiter, answer) = oneshot::channel();
         let mut waiters_of_link = None;
         let queued = {
-            let mut link = lock(&self.link);
-            if link.as_ref().is_none_or(|l| lock(&l.waiters).closed) {
-                *link = Some(self.open());
+            let mut current = lock(&self.link);
+            if current.as_ref().is_some_and(|l| lock(&l.waiters).closed) {
+                *current = None;
             }
-            let Some(link) = link.as_ref() else {
-                unreachable!("a link was just opened")
-            };
+            let link = current.get_or_insert_with(|| self.open());
             let mut waiters = lock(&link.waiters);
             match link.requests.try_send(request) {
                 Ok(()) => {

@@ -76,6 +76,22 @@ impl NodeRecord {
     }
 }
 
+/// Runs `attempt` (which reads the records it fences on) again while its fence moved, at most
+/// [`ATTEMPTS`] times.
+async fn reading_again<T, F, Fut>(mut attempt: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    let mut attempts = 1;
+    loop {
+        match attempt().await {
+            Err(StoreError::FenceChanged { .. }) if attempts < ATTEMPTS => attempts += 1,
+            result => return result,
+        }
+    }
+}
+
 impl MessageStore {
     /// The owner of `shard`, if it ever had one.
     pub async fn shard_owner(&self, shard: u32) -> Result<Option<ShardOwner>, StoreError> {
@@ -173,14 +189,7 @@ impl MessageStore {
         leases: &[ShardLease],
         lease_until_ms: u64,
     ) -> Result<Vec<u32>, StoreError> {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            match self.try_rewrite_held(node, leases, lease_until_ms).await {
-                Err(StoreError::FenceChanged { .. }) if attempt < ATTEMPTS => continue,
-                result => return result,
-            }
-        }
+        reading_again(|| self.try_rewrite_held(node, leases, lease_until_ms)).await
     }
 
     async fn try_rewrite_held(
@@ -221,15 +230,8 @@ impl MessageStore {
         now_ms: u64,
         lease_ms: u64,
     ) -> Result<ShardLease, StoreError> {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            match self.try_hand_off(lease, from, to, now_ms, lease_ms).await {
-                // The owner's own renewal rewrote the record meanwhile: read it again.
-                Err(StoreError::FenceChanged { .. }) if attempt < ATTEMPTS => continue,
-                result => return result,
-            }
-        }
+        // The owner's own renewal may rewrite the record meanwhile: then read it again.
+        reading_again(|| self.try_hand_off(lease, from, to, now_ms, lease_ms)).await
     }
 
     async fn try_hand_off(
