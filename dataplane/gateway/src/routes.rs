@@ -5,10 +5,11 @@
 
 use axum::extract::ws::Message;
 use courier_core::clock::now_ms;
-use courier_core::gateways::Gateways;
+use courier_core::gateways::{DeliveryError, Gateways};
 use courier_core::membership::Members;
 use courier_core::metrics::Metrics;
 use courier_proto::{Encoding, Event, Payload, ServerFrame};
+use courier_store::StoreError;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
@@ -200,8 +201,9 @@ impl Routes {
     }
 }
 
-impl Gateways for Routes {
-    fn deliver(&self, event: Event, recipients: &Members) {
+impl Routes {
+    /// Queues `event` on every connection of `recipients` except the sending device's.
+    fn deliver_event(&self, event: Event, recipients: &Members) {
         let lag = now_ms().saturating_sub(event.ts_ms) as f64 / 1000.0;
         let shared = SharedEvent::new(event);
         let sender = &shared.event.sender;
@@ -216,6 +218,16 @@ impl Gateways for Routes {
                 self.metrics.delivery_lag.observe(lag);
             }
         }
+    }
+}
+
+#[async_trait::async_trait]
+impl Gateways for Routes {
+    async fn deliver(&self, batch: &[(Event, Members)]) -> Result<(), DeliveryError> {
+        for (event, recipients) in batch {
+            self.deliver_event(event.clone(), recipients);
+        }
+        Ok(())
     }
 
     fn offer(&self, user: &str, frame: &Arc<ServerFrame>) -> usize {
@@ -233,10 +245,11 @@ impl Gateways for Routes {
         }
     }
 
-    fn connected_devices(&self, user: &str) -> Vec<String> {
-        self.connections(user)
+    async fn connected_devices(&self, user: &str) -> Result<Vec<String>, StoreError> {
+        Ok(self
+            .connections(user)
             .into_iter()
             .map(|connection| connection.device)
-            .collect()
+            .collect())
     }
 }

@@ -233,7 +233,7 @@ impl Notifier {
                     if *member == intent.sender_user {
                         continue;
                     }
-                    let connected = self.gateways.connected_devices(member);
+                    let connected = self.gateways.connected_devices(member).await?;
                     for (device, record) in self.store.devices(member).await? {
                         if record.push_token.is_empty()
                             || !record.is_linked()
@@ -398,6 +398,7 @@ impl CommitListener for Notifier {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use courier_store::ownership::Duty;
     use crate::providers::PushConfig;
     use clap::Parser;
     use courier_core::gateways::NoGateways;
@@ -464,7 +465,7 @@ mod tests {
     async fn append(store: &MessageStore, append: Append) {
         let shard = store.shard_of(&append.conversation_id);
         let lease = store
-            .acquire_shards("test", &[shard], 0, u64::MAX)
+            .acquire_shards(Duty::Sequencing, "test", &[shard], usize::MAX, 0, u64::MAX)
             .await
             .unwrap()[0];
         store

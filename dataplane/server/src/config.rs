@@ -4,11 +4,13 @@
 use crate::store_node::ClusterTokenArgs;
 use clap::{Args, ValueEnum};
 use courier_chat::ChatLimits;
+use courier_core::leases::Ownership;
 use courier_core::limits::Rate;
 use courier_core::units::parse_bytes;
+use courier_fanout::FanoutConfig;
 use courier_gateway::GatewayLimits;
+use courier_sequencer::GroupCommitLimits;
 use courier_sequencer::retention::RetentionPolicy;
-use courier_sequencer::{GroupCommitLimits, Ownership};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -265,12 +267,17 @@ impl ServeConfig {
         }
     }
 
-    /// `--fanout-workers`, or its default for the store.
-    pub fn fanout_workers(&self) -> usize {
-        self.fanout_workers.unwrap_or(match self.store {
-            StoreKind::Embedded => 2,
-            StoreKind::Fdb | StoreKind::Remote => 16,
-        })
+    /// `--fanout-workers` (or its default for the store), the large-group threshold and this
+    /// node's delivery leases.
+    pub fn fanout_config(&self) -> FanoutConfig {
+        FanoutConfig {
+            workers: self.fanout_workers.unwrap_or(match self.store {
+                StoreKind::Embedded => 2,
+                StoreKind::Fdb | StoreKind::Remote => 16,
+            }),
+            large_group_threshold: self.large_group_threshold,
+            ownership: self.ownership(),
+        }
     }
 
     pub fn group_commit_limits(&self) -> GroupCommitLimits {

@@ -155,8 +155,7 @@ pub async fn run_client_roles(
         routes.clone(),
         membership.clone(),
         metrics.clone(),
-        config.fanout_workers(),
-        config.large_group_threshold,
+        config.fanout_config(),
     )
     .await?;
     let push = Arc::new(PushProviders::from_config(&config.push)?);
