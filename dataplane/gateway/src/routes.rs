@@ -66,6 +66,9 @@ pub enum Delivery {
 pub struct Signals {
     /// Notified when the connection's device was unlinked: the connection closes.
     pub unlinked: Notify,
+    /// Notified when this gateway's lease in the cluster lapsed (its routes may have been
+    /// swept): the connection says `reconnect` and closes, as when the server drains.
+    pub rejoin: Notify,
     /// Notified when events were dropped from a full queue; `behind` says up to where.
     pub lagged: Notify,
     /// Per conversation, the highest seq dropped since the connection last caught up.
@@ -192,6 +195,15 @@ impl Routes {
     pub fn connections(&self, user: &str) -> Vec<ConnectionHandle> {
         let users = self.users.read().unwrap_or_else(|e| e.into_inner());
         users.get(user).cloned().unwrap_or_default()
+    }
+
+    /// Tells every open connection to reconnect: this gateway's lease lapsed, and deliveries
+    /// may have skipped it meanwhile. Each device reconnects, writes its route again and
+    /// catches up.
+    pub fn rejoin_all(&self) {
+        for connection in self.all() {
+            connection.signals.rejoin.notify_one();
+        }
     }
 
     /// Every open connection (for draining).

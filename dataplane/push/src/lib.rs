@@ -398,12 +398,12 @@ impl CommitListener for Notifier {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use courier_store::ownership::Duty;
     use crate::providers::PushConfig;
     use clap::Parser;
     use courier_core::gateways::NoGateways;
     use courier_proto::Sender;
     use courier_store::faulty_engine::{FaultyEngine, touches};
+    use courier_store::ownership::Duty;
     use courier_store::{Append, AppendKey, HeadCache};
 
     #[derive(Parser)]

@@ -9,7 +9,7 @@
 //! | `fepoch` | `("fepoch", n)` | the epoch of the shard's outbox consumer (u64 LE); every outbox clear fences on it |
 //! | `fown` | `("fown", n)` | the shard's outbox consumer (fanout): node, epoch, lease deadline (`OwnerRecord`) |
 //! | `route` | `("route", user, device, gateway)` | the device is connected to that gateway node (the connection's id, u64 LE) |
-//! | `groute` | `("groute", gateway, user, device)` | the same route, listed by gateway (empty), to sweep a dead gateway's routes |
+//! | `groute` | `("groute", gateway, user, device)` | the same route, listed by gateway to sweep a lapsed gateway's routes: when it was written (ms, u64 LE, the gateway's clock) |
 //! | `node` | `("node", id)` | a node of the cluster: roles, address, lease deadline (`NodeRecord`) |
 //! | `conv` | `("conv", conv)` | conversation record (`ConversationRecord`) |
 //! | `mem` | `("mem", conv, user)` | membership, current or former (`MemberRecord`: admin, joined seq, past periods) |

@@ -10,10 +10,13 @@
 //! only while it still holds its own id: a newer connection of the same device on the same
 //! gateway keeps its route when an older one closes.
 //!
-//! Routes to a gateway whose node lease lapsed are ignored by their readers (the devices have
-//! lost their connections) and swept by any gateway ([`MessageStore::clear_gateway_routes`]):
-//! each route is also listed under its gateway (`groute`) for that sweep. A gateway that starts
-//! again under the same node id sweeps its own routes first.
+//! Routes to a gateway whose node lease lapsed are ignored by their readers and swept by any
+//! gateway ([`MessageStore::clear_gateway_routes`]): each route is also listed under its
+//! gateway (`groute`, with the time it was written) for that sweep. A gateway whose lease
+//! lapsed while it was alive (paused, cut off) closes its connections when it notices, so its
+//! devices reconnect, write new routes and catch up; a sweep clears only the routes written
+//! before the lapse it saw, so it never takes a route written after the gateway came back. A
+//! gateway that starts again under the same node id sweeps its own routes first.
 
 use crate::kv::{Batch, StoreError, decode_u64};
 use crate::message_store::{MessageStore, corrupt};
@@ -30,13 +33,15 @@ pub struct Route {
 }
 
 impl MessageStore {
-    /// Records that `user`'s `device` is connected to `gateway` by connection `connection`.
+    /// Records that `user`'s `device` is connected to `gateway` by connection `connection`,
+    /// at `now_ms` by the gateway's clock.
     pub async fn add_route(
         &self,
         user: &str,
         device: &str,
         gateway: &str,
         connection: u64,
+        now_ms: u64,
     ) -> Result<(), StoreError> {
         let mut batch = Batch::new();
         batch
@@ -44,7 +49,10 @@ impl MessageStore {
                 self.keys().route(user, device, gateway),
                 connection.to_le_bytes().to_vec(),
             )
-            .set(self.keys().gateway_route(gateway, user, device), Vec::new());
+            .set(
+                self.keys().gateway_route(gateway, user, device),
+                now_ms.to_le_bytes().to_vec(),
+            );
         self.kv().commit(batch).await.map(drop)
     }
 
@@ -92,30 +100,41 @@ impl MessageStore {
             .collect()
     }
 
-    /// Clears every route to `gateway` (a gateway starting again, or one whose node lease
-    /// lapsed), a page per commit. Returns how many were cleared.
-    pub async fn clear_gateway_routes(&self, gateway: &str) -> Result<usize, StoreError> {
+    /// Clears the routes to `gateway` written before `written_before_ms` by its clock (all of
+    /// them for a gateway starting again; those older than its lapsed lease for a sweep), a
+    /// page per commit. Returns how many were cleared.
+    pub async fn clear_gateway_routes(
+        &self,
+        gateway: &str,
+        written_before_ms: u64,
+    ) -> Result<usize, StoreError> {
         let mut cleared = 0;
+        let mut range = self.keys().gateway_routes(gateway);
         loop {
-            let rows = self
-                .kv()
-                .range(self.keys().gateway_routes(gateway), SWEEP_PAGE, false)
-                .await?;
-            if rows.is_empty() {
+            let rows = self.kv().range(range.clone(), SWEEP_PAGE, false).await?;
+            let Some((last, _)) = rows.last() else {
                 return Ok(cleared);
-            }
+            };
+            range.start = [last.as_slice(), &[0]].concat();
             let mut batch = Batch::new();
-            for (key, _) in &rows {
+            for (key, written) in &rows {
+                if decode_u64(written) >= written_before_ms {
+                    continue;
+                }
                 let (user, device) = self
                     .keys()
                     .gateway_route_parts(key)
                     .ok_or_else(|| corrupt(key, "not a gateway route key"))?;
+                // Fenced: a route written again meanwhile (the device reconnected) stays.
                 batch
+                    .fence(key.clone(), Some(written.clone()))
                     .clear(key.clone())
                     .clear(self.keys().route(&user, &device, gateway));
+                cleared += 1;
             }
-            self.kv().commit(batch).await?;
-            cleared += rows.len();
+            if !batch.is_empty() {
+                self.kv().commit(batch).await?;
+            }
         }
     }
 }
@@ -142,9 +161,12 @@ mod tests {
     async fn a_user_has_one_route_per_device_and_gateway() {
         let dir = tempfile::tempdir().unwrap();
         let store = store(&dir).await;
-        store.add_route("bob", "phone", "g1", 1).await.unwrap();
-        store.add_route("bob", "laptop", "g2", 2).await.unwrap();
-        store.add_route("bobby", "phone", "g1", 3).await.unwrap();
+        store.add_route("bob", "phone", "g1", 1, 10).await.unwrap();
+        store.add_route("bob", "laptop", "g2", 2, 10).await.unwrap();
+        store
+            .add_route("bobby", "phone", "g1", 3, 10)
+            .await
+            .unwrap();
         assert_eq!(
             store.routes("bob").await.unwrap(),
             [route("laptop", "g2"), route("phone", "g1")],
@@ -157,31 +179,42 @@ mod tests {
     async fn an_older_connection_closing_keeps_the_newer_connections_route() {
         let dir = tempfile::tempdir().unwrap();
         let store = store(&dir).await;
-        store.add_route("bob", "phone", "g1", 1).await.unwrap();
-        store.add_route("bob", "phone", "g1", 2).await.unwrap();
+        store.add_route("bob", "phone", "g1", 1, 10).await.unwrap();
+        store.add_route("bob", "phone", "g1", 2, 10).await.unwrap();
         assert!(!store.remove_route("bob", "phone", "g1", 1).await.unwrap());
         assert_eq!(store.routes("bob").await.unwrap(), [route("phone", "g1")]);
         assert!(store.remove_route("bob", "phone", "g1", 2).await.unwrap());
         assert!(store.routes("bob").await.unwrap().is_empty());
-        assert_eq!(store.clear_gateway_routes("g1").await.unwrap(), 0);
+        assert_eq!(store.clear_gateway_routes("g1", u64::MAX).await.unwrap(), 0);
     }
 
     #[tokio::test]
-    async fn sweeping_a_gateway_clears_its_routes_only() {
+    async fn a_sweep_clears_a_gateways_routes_written_before_its_lapse_only() {
         let dir = tempfile::tempdir().unwrap();
         let store = store(&dir).await;
         for i in 0..2500u64 {
             store
-                .add_route(&format!("u{i}"), "phone", "dead", i)
+                .add_route(&format!("u{i}"), "phone", "g", i, 100)
                 .await
                 .unwrap();
         }
-        store.add_route("u1", "laptop", "alive", 9).await.unwrap();
-        assert_eq!(store.clear_gateway_routes("dead").await.unwrap(), 2500);
+        store
+            .add_route("u1", "laptop", "other", 9, 100)
+            .await
+            .unwrap();
+        // The gateway came back after its lease lapsed at 500: u7 reconnected at 600.
+        store
+            .add_route("u7", "phone", "g", 7000, 600)
+            .await
+            .unwrap();
+        assert_eq!(store.clear_gateway_routes("g", 500).await.unwrap(), 2499);
         assert_eq!(
             store.routes("u1").await.unwrap(),
-            [route("laptop", "alive")]
+            [route("laptop", "other")]
         );
         assert!(store.routes("u2000").await.unwrap().is_empty());
+        assert_eq!(store.routes("u7").await.unwrap(), [route("phone", "g")]);
+        assert_eq!(store.clear_gateway_routes("g", u64::MAX).await.unwrap(), 1);
+        assert!(store.routes("u7").await.unwrap().is_empty());
     }
 }
