@@ -1,0 +1,87 @@
+/** The outbox: messages written while offline survive a restart of the client (its storage
+ * outlives it, as IndexedDB outlives a page) and are stored exactly once. */
+import assert from "node:assert/strict";
+import { after, before, test } from "node:test";
+import { CourierClient, MemoryOutboxStorage, type WebSocketConstructor } from "../src/index.js";
+import { Network, Server, client, closeClients, synced, texts, until } from "./support.js";
+import WebSocket from "ws";
+
+let server: Server;
+
+before(async () => {
+  server = await Server.start();
+});
+
+after(async () => {
+  closeClients();
+  await server.dispose();
+
+});
+
+test("messages written offline are sent by the next client on the same storage, once each", async () => {
+  const storage = new MemoryOutboxStorage();
+  const network = new Network();
+  network.cut();
+  const offline = await client(server, "alice", "laptop", { storage, network });
+  const phone = await synced(server, "alice", "phone");
+  const conversation = (await phone.sendText({ toUser: "bob" }, "from the phone")).conversation_id;
+  phone.close();
+  const pending = [
+    offline.sendText({ conversationId: conversation }, "written offline 1"),
+    offline.sendText({ conversationId: conversation }, "written offline 2"),
+  ];
+  pending.forEach((p) => p.catch(() => {}));
+  await until("both are in the outbox", () => offline.pending(conversation).length === 2);
+  assert.notEqual(offline.state, "online");
+  offline.close(); // the page is closed before the network comes back
+
+  const bob = await synced(server, "bob", "web");
+  const reopened = await client(server, "alice", "laptop", { storage });
+  assert.equal(reopened.pending(conversation).length, 2, "the outbox came back from storage");
+  await until("the outbox is empty", () => reopened.outboxEntries().length === 0);
+  await until("bob has all three", () => texts(bob, conversation).length === 3);
+  assert.deepEqual(texts(bob, conversation), ["from the phone", "written offline 1", "written offline 2"]);
+  reopened.close();
+  bob.close();
+});
+
+test("an entry whose first attempt got through is answered as a duplicate, not stored twice", async () => {
+  const storage = new MemoryOutboxStorage();
+  const carol = await synced(server, "carol", "web", { storage });
+  const sent = await carol.send({ toUser: "dave" }, { text: "once" }, { clientMsgId: "carol-once" });
+  carol.close();
+  // As if the page had closed between the server storing it and the `sent` arriving.
+  await storage.put("carol/web", {
+    client_msg_id: "carol-once",
+    to_user: "dave",
+    body: { text: "once" },
+    created_ms: 1,
+    position: 1,
+  });
+
+  const again = await client(server, "carol", "web", { storage });
+  await until("the outbox is empty", () => again.outboxEntries().length === 0);
+  const dave = await synced(server, "dave", "web");
+  await dave.loadHistory(sent.conversation_id);
+  assert.deepEqual(texts(dave, sent.conversation_id), ["once"]);
+  again.close();
+  dave.close();
+});
+
+test("without a WebSocket (Node 20 has no global one) the client says what to pass", async () => {
+  const token = server.token("erin", "web");
+  const noWebSocket = (globalThis as { WebSocket?: unknown }).WebSocket;
+  assert.equal(noWebSocket, undefined, "Node 20 has no global WebSocket");
+  await assert.rejects(
+    CourierClient.open({ url: server.url, token, storage: new MemoryOutboxStorage() }),
+    /pass one, e\.g\. `WebSocket` from the `ws` package/,
+  );
+  const withWs = await CourierClient.open({
+    url: server.url,
+    token,
+    storage: new MemoryOutboxStorage(),
+    WebSocket: WebSocket as unknown as WebSocketConstructor,
+  });
+  await withWs.whenSynced();
+  withWs.close();
+});
