@@ -96,6 +96,8 @@ export class CourierClient {
   private syncWaiters: (() => void)[] = [];
   private flushing = false;
   private stopped = false;
+  /** Set by `pause` until `resume`. */
+  private paused: { resumed: Promise<void>; resume: () => void } | undefined;
   private wake = new AbortController();
   private acksScheduled = new Set<string>();
   /** Gap fetches in flight, as `conversation/after`. */
@@ -303,6 +305,24 @@ export class CourierClient {
 
   // ---- connection --------------------------------------------------------------------
 
+  /** Closes the connection and connects no more until `resume` (e.g. while the browser
+   * reports no network); sends wait in the outbox meanwhile. */
+  pause(): void {
+    if (this.paused || this.stopped) return;
+    const resumed = deferred<void>();
+    this.paused = { resumed: resumed.promise, resume: () => resumed.resolve() };
+    this.session?.connection.close(1000, "client paused");
+    this.setState("offline");
+  }
+
+  /** Connects again after `pause`, at once. */
+  resume(): void {
+    const paused = this.paused;
+    this.paused = undefined;
+    paused?.resume();
+    this.reconnectNow();
+  }
+
   /** Skips the current backoff wait (e.g. when the browser says it is online again). */
   reconnectNow(): void {
     this.wake.abort();
@@ -313,12 +333,17 @@ export class CourierClient {
   close(): void {
     this.stopped = true;
     this.session?.connection.close(1000, "client closed");
-    this.reconnectNow();
+    this.resume();
     this.setState("closed");
   }
 
   private async run(): Promise<void> {
     while (!this.stopped) {
+      if (this.paused) {
+        this.setState("offline");
+        await this.paused.resumed;
+        continue;
+      }
       this.setState("connecting");
       const closed = deferred<void>();
       // Frames may follow `hello` in the same read, before `open` resolves: the session
@@ -338,9 +363,9 @@ export class CourierClient {
         await sleep(this.backoff.next(), this.wake.signal);
         continue;
       }
-      if (this.stopped) {
-        session.connection.close(1000, "client closed");
-        return;
+      if (this.stopped || this.paused) {
+        session.connection.close(1000, this.stopped ? "client closed" : "client paused");
+        continue;
       }
       this.session = session;
       this.setState("online");
@@ -350,7 +375,7 @@ export class CourierClient {
       await heartbeat;
       this.session = undefined;
       this.synced = false;
-      if (this.stopped) return;
+      if (this.stopped || this.paused) continue;
       this.setState("offline");
       const delay =
         session.reconnectAfterMs !== undefined ? withJitter(session.reconnectAfterMs) : this.backoff.next();

@@ -52,6 +52,7 @@ export class Connection {
   private constructor(
     private readonly socket: WebSocketLike,
     readonly hello: Hello,
+    private readonly handlers: ConnectionHandlers,
     private readonly replyTimeoutMs: number,
   ) {}
 
@@ -80,10 +81,10 @@ export class Connection {
         const frame = parseFrame(event.data);
         if (!frame) return;
         if (connection) {
-          connection.receive(frame, handlers);
+          connection.receive(frame);
         } else if (frame.type === "hello") {
           clearTimeout(timer);
-          connection = new Connection(socket, frame, timeoutMs);
+          connection = new Connection(socket, frame, handlers, timeoutMs);
           resolve(connection);
         }
       };
@@ -94,7 +95,7 @@ export class Connection {
         clearTimeout(timer);
         const info = { code: event.code, reason: event.reason };
         if (connection) {
-          connection.finish(info, handlers);
+          connection.finish(info);
         } else {
           reject(
             new CourierError(
@@ -137,11 +138,14 @@ export class Connection {
     });
   }
 
+  /** Closes the connection and reports it closed at once, without waiting for the close
+   * handshake (which a dead network would never complete). */
   close(code = 1000, reason = ""): void {
     this.socket.close(code, reason);
+    this.finish({ code, reason });
   }
 
-  private receive(frame: ServerFrame, handlers: ConnectionHandlers): void {
+  private receive(frame: ServerFrame): void {
     const ref = "ref" in frame ? frame.ref : undefined;
     const waiting = ref === undefined ? undefined : this.pending.get(ref);
     if (waiting) {
@@ -151,10 +155,10 @@ export class Connection {
       else waiting.resolve(frame);
       return;
     }
-    handlers.onFrame(frame);
+    if (!this.closed) this.handlers.onFrame(frame);
   }
 
-  private finish(info: CloseInfo, handlers: ConnectionHandlers): void {
+  private finish(info: CloseInfo): void {
     if (this.closed) return;
     this.closed = true;
     for (const [, waiting] of this.pending) {
@@ -162,7 +166,7 @@ export class Connection {
       waiting.reject(new CourierError("closed", `the connection closed (code ${info.code}) before the reply`));
     }
     this.pending.clear();
-    handlers.onClose(info);
+    this.handlers.onClose(info);
   }
 }
 

@@ -105,3 +105,24 @@ test("a token the server refuses stops the client with an unauthorized error", a
   await until("the client gives up", () => stranger.state === "closed");
   assert.equal(errors[0]?.code, "unauthorized");
 });
+
+test("a paused client stays offline, keeps its sends, and catches up when resumed", async () => {
+  const server = await serve();
+  const alice = await synced(server, "alice", "web");
+  const bob = await synced(server, "bob", "web");
+  const conv = (await alice.sendText({ toUser: "bob" }, "first")).conversation_id;
+  await until("bob has it", () => texts(bob, conv).length === 1);
+
+  bob.pause();
+  assert.equal(bob.state, "offline");
+  await alice.sendText({ conversationId: conv }, "while bob is paused");
+  const reply = bob.sendText({ conversationId: conv }, "written while paused");
+  await until("the reply waits in bob's outbox", () => bob.pending(conv).length === 1);
+  assert.equal(bob.state, "offline", "a paused client does not reconnect by itself");
+  assert.deepEqual(texts(bob, conv), ["first"]);
+
+  bob.resume();
+  await reply;
+  await until("bob caught up", () => texts(bob, conv).length === 3);
+  assert.deepEqual(texts(bob, conv), ["first", "while bob is paused", "written while paused"]);
+});
