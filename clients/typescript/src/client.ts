@@ -58,6 +58,8 @@ export interface ClientEvents extends Record<string, unknown> {
   timeline: string;
   /** The list of conversations changed. */
   conversations: void;
+  /** The outbox changed: an entry was added, stored, refused, retried or discarded. */
+  outbox: void;
   typing: string;
   /** An error nobody awaits: a refused token, an `error` without a request. */
   error: CourierError;
@@ -95,6 +97,8 @@ export class CourierClient {
   private synced = false;
   private syncWaiters: (() => void)[] = [];
   private flushing = false;
+  /** The outbox entry whose `send` awaits its reply; that reply settles it. */
+  private inFlight: string | undefined;
   private stopped = false;
   /** Set by `pause` until `resume`. */
   private paused: { resumed: Promise<void>; resume: () => void } | undefined;
@@ -120,6 +124,7 @@ export class CourierClient {
     }
     this.WebSocketImpl = WebSocketImpl;
     this.replyTimeoutMs = options.replyTimeoutMs ?? 30_000;
+    outbox.onChange = () => this.emitter.emit("outbox", undefined);
     this.heartbeatMs = options.heartbeatMs ?? 25_000;
   }
 
@@ -501,6 +506,7 @@ export class CourierClient {
       if (!conversation.applyEvent(event)) continue;
       changed = true;
       this.emitter.emit("event", event);
+      this.settleIfOwn(event);
     }
     if (conversation.kind === undefined) void this.refreshConversations().catch((e) => this.report(e));
     if (changed) this.emitter.emit("timeline", conversation.id);
@@ -589,6 +595,7 @@ export class CourierClient {
       for (let entry = this.outbox.next(); entry; entry = this.outbox.next()) {
         const connection = this.session?.connection;
         if (!connection?.isOpen) return;
+        this.inFlight = entry.client_msg_id;
         try {
           const sent = await connection.request<Sent>({
             type: "send",
@@ -621,6 +628,8 @@ export class CourierClient {
           await this.outbox.fail(entry.client_msg_id, error);
           if (entry.conversation_id) this.emitter.emit("timeline", entry.conversation_id);
           this.emitter.emit("error", error);
+        } finally {
+          this.inFlight = undefined;
         }
       }
     } finally {
@@ -645,6 +654,30 @@ export class CourierClient {
     // Where this connection streams the conversation, the events before a `sent` that
     // outran them are on their way; elsewhere they are fetched.
     if (gap && !this.session?.streamed.has(conversation.id)) this.fillGap(conversation, gap.after, gap.through);
+  }
+
+  /**
+   * An event this device sent whose `sent` never arrived (the page closed or the connection
+   * dropped after the server stored it) takes its entry out of the outbox: `client_msg_id`
+   * is unique per device, so the event is that entry, stored.
+   */
+  private settleIfOwn(event: ConversationEvent): void {
+    const id = event.client_msg_id;
+    if (event.kind !== "message" || !id || event.sender.user !== this.user || event.sender.device !== this.device) return;
+    if (!this.outbox.has(id) || id === this.inFlight) return;
+    const sent: Sent = {
+      type: "sent",
+      client_msg_id: id,
+      conversation_id: event.conversation_id,
+      seq: event.seq,
+      server_msg_id: event.server_msg_id,
+      ts_ms: event.ts_ms,
+      duplicate: true,
+    };
+    this.outbox.settle(sent).then(
+      () => this.emitter.emit("timeline", event.conversation_id),
+      (error) => this.report(error),
+    );
   }
 
   private conversationFor(conversationId: string): Conversation {

@@ -16,6 +16,9 @@ interface Waiter {
 export class Outbox {
   private readonly waiters = new Map<string, Waiter[]>();
 
+  /** Called after every change of the entries. */
+  onChange: () => void = () => {};
+
   private constructor(
     private readonly storage: OutboxStorage,
     private readonly scope: string,
@@ -56,6 +59,7 @@ export class Outbox {
       this.entries = this.entries.filter((e) => e !== entry);
       throw error;
     }
+    this.onChange();
   }
 
   /** Resolves with the entry's `sent`, or rejects when the server refuses it for good. */
@@ -80,6 +84,7 @@ export class Outbox {
     if (!entry) return;
     entry.failed = { code: error.code, message: error.message };
     await this.storage.put(this.scope, entry);
+    this.onChange();
     this.take(clientMsgId).forEach((w) => w.reject(error));
   }
 
@@ -89,6 +94,7 @@ export class Outbox {
     if (!entry?.failed) throw new CourierError("bad_request", `no failed message ${clientMsgId} in the outbox`);
     delete entry.failed;
     await this.storage.put(this.scope, entry);
+    this.onChange();
   }
 
   /** Drops an entry that will not be sent. */
@@ -100,7 +106,9 @@ export class Outbox {
 
   private async remove(clientMsgId: string): Promise<void> {
     await this.storage.delete(this.scope, clientMsgId);
+    const before = this.entries.length;
     this.entries = this.entries.filter((e) => e.client_msg_id !== clientMsgId);
+    if (this.entries.length !== before) this.onChange();
   }
 
   private take(clientMsgId: string): Waiter[] {

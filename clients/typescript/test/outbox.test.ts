@@ -85,3 +85,25 @@ test("without a WebSocket (Node 20 has no global one) the client says what to pa
   await withWs.whenSynced();
   withWs.close();
 });
+
+test("an entry already stored is taken out of the outbox when its event shows up in history", async () => {
+  const storage = new MemoryOutboxStorage();
+  const gina = await synced(server, "gina", "web", { storage });
+  const sent = await gina.send({ toUser: "hal" }, { text: "stored before the reload" }, { clientMsgId: "gina-1" });
+  gina.close();
+  await storage.put("gina/web", {
+    client_msg_id: "gina-1",
+    to_user: "hal",
+    body: { text: "stored before the reload" },
+    created_ms: 1,
+    position: 1,
+  });
+  const network = new Network();
+  network.cut();
+  const reloaded = await client(server, "gina", "web", { storage, network });
+  assert.equal(reloaded.outboxEntries().length, 1);
+  await reloaded.refreshConversations();
+  await reloaded.loadHistory(sent.conversation_id);
+  await until("the entry left the outbox", () => reloaded.outboxEntries().length === 0);
+  assert.deepEqual(texts(reloaded, sent.conversation_id), ["stored before the reload"]);
+});
