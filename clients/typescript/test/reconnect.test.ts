@@ -88,6 +88,7 @@ test("retention's trimmed floor is respected: history stops there", async () => 
   // Both devices acknowledge what they hold (alice her own sends from seq 1 on), so
   // retention may clear all three.
   await until("bob has all three", () => texts(bob, conv).length === 3);
+  await until("retention cleared all three", async () => (await bob.http.messages(conv)).floor_seq === 4);
 
   const late = await client(server, "bob", "laptop");
   await until("the late device learns the floor", () => (late.conversation(conv)?.timeline.floorSeq ?? 1) > 1);

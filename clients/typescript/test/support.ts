@@ -172,9 +172,9 @@ export async function synced(server: Server, user: string, device: string, optio
 
 /** Waits until `condition` holds (checked every 20 ms); fails naming `what` after
  * [`WAIT_MS`]. */
-export async function until(what: string, condition: () => boolean): Promise<void> {
+export async function until(what: string, condition: () => boolean | Promise<boolean>): Promise<void> {
   const deadline = Date.now() + WAIT_MS;
-  while (!condition()) {
+  while (!(await condition())) {
     if (Date.now() > deadline) throw new Error(`timed out waiting for: ${what}`);
     await new Promise((r) => setTimeout(r, 20));
   }
