@@ -5,28 +5,31 @@
  * timeline ordered and complete (fetching gaps), acknowledges what it holds, and tracks
  * receipts and typing. Views subscribe with `on(...)` and read the state back.
  */
-import { Backoff, type BackoffOptions, sleep, withJitter } from "./backoff.js";
-import { Connection, type WebSocketConstructor } from "./connection.js";
+import { Acknowledgements } from "./acks.js";
+import { Backoff, type BackoffOptions } from "./backoff.js";
+import type { Connection, WebSocketConstructor } from "./connection.js";
 import { Conversation, type MessageStatus } from "./conversation.js";
 import { Emitter } from "./emitter.js";
 import { CourierError, badInput } from "./errors.js";
 import { HttpApi, type ByteRange, type MediaDownload } from "./http.js";
 import { identityOf, newClientMsgId, type Identity } from "./identity.js";
+import { Link, type ConnectionState, type Session } from "./link.js";
 import { Outbox } from "./outbox.js";
 import {
   MAX_FETCH_LIMIT,
   isClientMsgId,
   isConversationId,
   isUserId,
-  type AckKind,
   type Body,
-  type ClientFrame,
   type ConversationEvent,
   type Messages,
   type Sent,
   type ServerFrame,
 } from "./protocol.js";
+import { OutboxSender } from "./sender.js";
 import { IndexedDbOutboxStorage, MemoryOutboxStorage, type OutboxEntry, type OutboxStorage } from "./storage.js";
+
+export type { ConnectionState } from "./link.js";
 
 export interface CourierClientOptions {
   /** The server's HTTP base URL, e.g. `http://127.0.0.1:8080` (WebSocket: the same host). */
@@ -44,8 +47,6 @@ export interface CourierClientOptions {
   /** Idle time between pings that check the connection is alive (default 25 s). */
   heartbeatMs?: number;
 }
-
-export type ConnectionState = "connecting" | "online" | "offline" | "closed";
 
 /** What a client reports; each name carries the value listed. */
 export interface ClientEvents extends Record<string, unknown> {
@@ -68,46 +69,23 @@ export interface ClientEvents extends Record<string, unknown> {
 /** Whom a message goes to: an existing conversation, or the direct one with a user. */
 export type Target = { conversationId: string } | { toUser: string };
 
-/** What a connection knows while it lasts. */
-interface Session {
-  connection: Connection;
-  /** Per conversation, the seq of the last event this connection streamed. */
-  streamed: Map<string, number>;
-  /** Per conversation, where this connection's stream started (the server's cursor). */
-  streamBase: Map<string, number>;
-  /** `reconnect.after_ms`, once the server asked. */
-  reconnectAfterMs?: number;
-}
-
 const HISTORY_PAGE = 50;
 
 export class CourierClient {
   readonly user: string;
   readonly device: string;
+  readonly http: HttpApi;
   private readonly emitter = new Emitter<ClientEvents>();
   private readonly conversationsById = new Map<string, Conversation>();
-  /** Per conversation, the delivered seq this device acknowledged in this process. */
-  private readonly acked = new Map<string, { delivered: number; read: number }>();
+  private readonly link: Link;
+  private readonly acks: Acknowledgements;
+  private readonly sender: OutboxSender;
   private readonly backoff: Backoff;
-  private readonly WebSocketImpl: WebSocketConstructor;
-  private readonly replyTimeoutMs: number;
-  private readonly heartbeatMs: number;
-  private session: Session | undefined;
-  private connectionState: ConnectionState = "connecting";
   private synced = false;
   private syncWaiters: (() => void)[] = [];
-  private flushing = false;
-  /** The outbox entry whose `send` awaits its reply; that reply settles it. */
-  private inFlight: string | undefined;
-  private stopped = false;
-  /** Set by `pause` until `resume`. */
-  private paused: { resumed: Promise<void>; resume: () => void } | undefined;
-  private wake = new AbortController();
-  private acksScheduled = new Set<string>();
   /** Gap fetches in flight, as `conversation/after`. */
   private readonly gapsFetching = new Set<string>();
   private summariesLoading: Promise<void> | undefined;
-  readonly http: HttpApi;
 
   private constructor(
     identity: Identity,
@@ -117,15 +95,49 @@ export class CourierClient {
     this.user = identity.user;
     this.device = identity.device;
     this.http = new HttpApi(baseUrl(options.url), () => this.token(), options.fetch);
-    this.backoff = new Backoff(options.backoff);
     const WebSocketImpl = options.WebSocket ?? (globalThis as { WebSocket?: WebSocketConstructor }).WebSocket;
     if (!WebSocketImpl) {
       throw badInput("no global WebSocket here (Node 20): pass one, e.g. `WebSocket` from the `ws` package");
     }
-    this.WebSocketImpl = WebSocketImpl;
-    this.replyTimeoutMs = options.replyTimeoutMs ?? 30_000;
+    this.backoff = new Backoff(options.backoff);
+    this.link = new Link(
+      {
+        WebSocketImpl,
+        websocketUrl: websocketUrl(options.url),
+        token: () => this.token(),
+        backoff: this.backoff,
+        replyTimeoutMs: options.replyTimeoutMs ?? 30_000,
+        heartbeatMs: options.heartbeatMs ?? 25_000,
+        refusal: (error) => this.refusal(error),
+      },
+      {
+        onOnline: () => void this.sender.flush(),
+        onFrame: (session, frame) => this.onFrame(session, frame),
+        onState: (state) => {
+          if (state !== "online") this.synced = false;
+          this.emitter.emit("state", state);
+        },
+        onRefused: (error) => this.emitter.emit("error", error),
+      },
+    );
+    this.acks = new Acknowledgements(() => this.link.session);
+    this.sender = new OutboxSender(outbox, identity, {
+      session: () => this.link.session,
+      onStored: (entry, sent) =>
+        this.addOwn(this.conversationFor(sent.conversation_id), sent, {
+          kind: "message",
+          body: entry.body,
+          client_msg_id: entry.client_msg_id,
+          reply_to: entry.reply_to,
+          deleted: false,
+        }),
+      onRefused: (entry, error) => {
+        if (entry.conversation_id) this.emitter.emit("timeline", entry.conversation_id);
+        this.emitter.emit("error", error);
+      },
+      onError: (error) => this.report(error),
+    });
     outbox.onChange = () => this.emitter.emit("outbox", undefined);
-    this.heartbeatMs = options.heartbeatMs ?? 25_000;
   }
 
   /** Opens the device's outbox and starts connecting; resolves before the connection is up
@@ -137,7 +149,7 @@ export class CourierClient {
       ((globalThis as { indexedDB?: IDBFactory }).indexedDB ? new IndexedDbOutboxStorage() : new MemoryOutboxStorage());
     const outbox = await Outbox.open(storage, `${identity.user}/${identity.device}`);
     const client = new CourierClient(identity, options, outbox);
-    void client.run();
+    client.link.start();
     return client;
   }
 
@@ -146,7 +158,7 @@ export class CourierClient {
   }
 
   get state(): ConnectionState {
-    return this.connectionState;
+    return this.link.state;
   }
 
   /** Resolves once the current (or next) connection has had its catch-up. */
@@ -229,7 +241,7 @@ export class CourierClient {
     const stored = this.outbox.wait(clientMsgId);
     await this.outbox.add(entry);
     if (entry.conversation_id) this.emitter.emit("timeline", entry.conversation_id);
-    void this.flushOutbox();
+    void this.sender.flush();
     return stored;
   }
 
@@ -252,7 +264,7 @@ export class CourierClient {
   async retry(clientMsgId: string): Promise<Sent> {
     await this.outbox.retry(clientMsgId);
     const stored = this.outbox.wait(clientMsgId);
-    void this.flushOutbox();
+    void this.sender.flush();
     return stored;
   }
 
@@ -276,14 +288,13 @@ export class CourierClient {
   /** Says this user is typing (or stopped) in a conversation; dropped while offline. */
   typing(conversationId: string, active: boolean): void {
     checkConversation(conversationId);
-    const connection = this.session?.connection;
-    if (connection?.isOpen) connection.send({ type: "typing", conversation_id: conversationId, active });
+    this.link.session?.connection.send({ type: "typing", conversation_id: conversationId, active });
   }
 
   /** Marks the conversation read up to the latest event this device holds completely. */
   markRead(conversationId: string): void {
     const conversation = this.conversationsById.get(conversationId);
-    if (conversation) this.acknowledge(conversation, "read");
+    if (conversation) this.acks.acknowledge(conversation, "read");
   }
 
   // ---- groups and media --------------------------------------------------------------
@@ -313,124 +324,41 @@ export class CourierClient {
   /** Closes the connection and connects no more until `resume` (e.g. while the browser
    * reports no network); sends wait in the outbox meanwhile. */
   pause(): void {
-    if (this.paused || this.stopped) return;
-    const resumed = deferred<void>();
-    this.paused = { resumed: resumed.promise, resume: () => resumed.resolve() };
-    this.session?.connection.close(1000, "client paused");
-    this.setState("offline");
+    this.link.pause();
   }
 
   /** Connects again after `pause`, at once. */
   resume(): void {
-    const paused = this.paused;
-    this.paused = undefined;
-    paused?.resume();
-    this.reconnectNow();
+    this.link.resume();
   }
 
   /** Skips the current backoff wait (e.g. when the browser says it is online again). */
   reconnectNow(): void {
-    this.wake.abort();
-    this.wake = new AbortController();
+    this.link.reconnectNow();
   }
 
   /** Closes the connection for good. */
   close(): void {
-    this.stopped = true;
-    this.session?.connection.close(1000, "client closed");
-    this.resume();
-    this.setState("closed");
+    this.link.close();
   }
 
-  private async run(): Promise<void> {
-    while (!this.stopped) {
-      if (this.paused) {
-        this.setState("offline");
-        await this.paused.resumed;
-        continue;
-      }
-      this.setState("connecting");
-      const closed = deferred<void>();
-      // Frames may follow `hello` in the same read, before `open` resolves: the session
-      // they go to exists first.
-      const session: Session = { connection: undefined as unknown as Connection, streamed: new Map(), streamBase: new Map() };
-      try {
-        session.connection = await Connection.open(
-          this.WebSocketImpl,
-          websocketUrl(this.options.url),
-          await this.token(),
-          { onFrame: (frame) => this.onFrame(session, frame), onClose: () => closed.resolve() },
-          this.replyTimeoutMs,
-        );
-      } catch (error) {
-        if (this.stopped) return;
-        if (await this.tokenRefused(error)) return;
-        await sleep(this.backoff.next(), this.wake.signal);
-        continue;
-      }
-      if (this.stopped || this.paused) {
-        session.connection.close(1000, this.stopped ? "client closed" : "client paused");
-        continue;
-      }
-      this.session = session;
-      this.setState("online");
-      void this.flushOutbox();
-      const heartbeat = this.heartbeat(session, closed.promise);
-      await closed.promise;
-      await heartbeat;
-      this.session = undefined;
-      this.synced = false;
-      if (this.stopped || this.paused) continue;
-      this.setState("offline");
-      const delay =
-        session.reconnectAfterMs !== undefined ? withJitter(session.reconnectAfterMs) : this.backoff.next();
-      await sleep(delay, this.wake.signal);
-    }
-  }
-
-  /** Pings when the connection has been idle; abandons it when a ping gets no answer. */
-  private async heartbeat(session: Session, closed: Promise<void>): Promise<void> {
-    const stop = new AbortController();
-    void closed.then(() => stop.abort());
-    while (!stop.signal.aborted) {
-      await sleep(this.heartbeatMs, stop.signal);
-      if (stop.signal.aborted) return;
-      try {
-        await session.connection.request({ type: "ping" });
-      } catch {
-        session.connection.close(4000, "no answer to ping");
-        return;
-      }
-    }
-  }
-
-  /** After a failed connection attempt: true (and the client stops) when the server
-   * refuses the token, which no retry would fix. */
-  private async tokenRefused(error: unknown): Promise<boolean> {
-    if (!(error instanceof CourierError) || error.code !== "closed") return false;
+  /** After a failed connection attempt: the server's refusal of the token, which no retry
+   * would fix. A browser cannot see the HTTP 401 of a refused upgrade, so an HTTP request
+   * with the same token tells. */
+  private async refusal(error: unknown): Promise<CourierError | undefined> {
+    if (!(error instanceof CourierError) || error.code !== "closed") return undefined;
     try {
       await this.http.devices();
-      return false;
+      return undefined;
     } catch (probe) {
-      if (probe instanceof CourierError && probe.code === "unauthorized") {
-        this.emitter.emit("error", probe);
-        this.close();
-        return true;
-      }
-      return false;
+      return probe instanceof CourierError && probe.code === "unauthorized" ? probe : undefined;
     }
   }
 
   private online(): Connection {
-    const connection = this.session?.connection;
-    if (!connection?.isOpen) throw new CourierError("closed", "not connected");
+    const connection = this.link.session?.connection;
+    if (!connection) throw new CourierError("closed", "not connected");
     return connection;
-  }
-
-  private setState(state: ConnectionState): void {
-    if (this.connectionState === state) return;
-    this.connectionState = state;
-    this.emitter.emit("state", state);
   }
 
   private token(): Promise<string> {
@@ -506,11 +434,11 @@ export class CourierClient {
       if (!conversation.applyEvent(event)) continue;
       changed = true;
       this.emitter.emit("event", event);
-      this.settleIfOwn(event);
+      this.sender.settleFromEvent(event);
     }
     if (conversation.kind === undefined) void this.refreshConversations().catch((e) => this.report(e));
     if (changed) this.emitter.emit("timeline", conversation.id);
-    this.scheduleAck(conversation);
+    this.acks.scheduleDelivered(conversation);
   }
 
   /** Fetches `(after, through]` page by page (over the connection when there is one, else
@@ -525,7 +453,7 @@ export class CourierClient {
       const coveredThrough = page.events.length < limit ? Math.max(page.head_seq, last ?? from) : last!;
       conversation.timeline.cover(from, coveredThrough);
       conversation.headSeq = Math.max(conversation.headSeq, page.head_seq);
-      this.scheduleAck(conversation);
+      this.acks.scheduleDelivered(conversation);
       if (coveredThrough <= from) return;
       from = coveredThrough;
     }
@@ -536,8 +464,8 @@ export class CourierClient {
     afterSeq: number,
     limit: number,
   ): Promise<{ events: ConversationEvent[]; head_seq: number }> {
-    const connection = this.session?.connection;
-    if (connection?.isOpen) {
+    const connection = this.link.session?.connection;
+    if (connection) {
       const page = await connection.request<Messages>({
         type: "fetch",
         conversation_id: conversation.id,
@@ -551,91 +479,7 @@ export class CourierClient {
     return page;
   }
 
-  // ---- acknowledgements --------------------------------------------------------------
-
-  private scheduleAck(conversation: Conversation): void {
-    if (this.acksScheduled.has(conversation.id)) return;
-    this.acksScheduled.add(conversation.id);
-    queueMicrotask(() => {
-      this.acksScheduled.delete(conversation.id);
-      this.acknowledge(conversation, "delivered");
-    });
-  }
-
-  /**
-   * Acknowledges (cumulatively) up to the end of the complete run from the server's cursor:
-   * never past an event this device does not hold, which a reconnection would then skip.
-   */
-  private acknowledge(conversation: Conversation, kind: AckKind): void {
-    const connection = this.session?.connection;
-    if (!connection?.isOpen) return;
-    const acked = this.acked.get(conversation.id) ?? { delivered: 0, read: 0 };
-    const base = Math.max(acked.delivered, this.session?.streamBase.get(conversation.id) ?? 0);
-    const through = conversation.timeline.completeThrough(base);
-    const already = kind === "read" ? acked.read : acked.delivered;
-    if (through <= already || through < 1) return;
-    const frame: ClientFrame = { type: "ack", conversation_id: conversation.id, seq: through, kind };
-    connection.send(frame);
-    acked.delivered = Math.max(acked.delivered, through);
-    if (kind === "read") acked.read = through;
-    this.acked.set(conversation.id, acked);
-    if (kind === "read") conversation.readSeq = Math.max(conversation.readSeq, through);
-    conversation.deliveredSeq = Math.max(conversation.deliveredSeq, through);
-  }
-
-  // ---- outbox ------------------------------------------------------------------------
-
-  /** Sends the outbox, oldest first, one at a time (so the server sequences them in the
-   * order they were written); stops when the connection goes, to resume on the next. */
-  private async flushOutbox(): Promise<void> {
-    if (this.flushing) return;
-    this.flushing = true;
-    const retries = new Backoff({ baseMs: 100, maxMs: 5_000 });
-    try {
-      for (let entry = this.outbox.next(); entry; entry = this.outbox.next()) {
-        const connection = this.session?.connection;
-        if (!connection?.isOpen) return;
-        this.inFlight = entry.client_msg_id;
-        try {
-          const sent = await connection.request<Sent>({
-            type: "send",
-            client_msg_id: entry.client_msg_id,
-            conversation_id: entry.conversation_id,
-            to_user: entry.to_user,
-            body: entry.body,
-            reply_to: entry.reply_to,
-          });
-          retries.reset();
-          this.addOwn(this.conversationFor(sent.conversation_id), sent, {
-            kind: "message",
-            body: entry.body,
-            client_msg_id: entry.client_msg_id,
-            reply_to: entry.reply_to,
-            deleted: false,
-          });
-          await this.outbox.settle(sent);
-        } catch (error) {
-          if (!(error instanceof CourierError)) throw error;
-          if (error.code === "closed") return;
-          if (error.code === "timeout") {
-            connection.close(4000, "no reply to a send");
-            return;
-          }
-          if (error.retriable) {
-            await sleep(Math.max(error.retryAfterMs ?? 0, retries.next()));
-            continue;
-          }
-          await this.outbox.fail(entry.client_msg_id, error);
-          if (entry.conversation_id) this.emitter.emit("timeline", entry.conversation_id);
-          this.emitter.emit("error", error);
-        } finally {
-          this.inFlight = undefined;
-        }
-      }
-    } finally {
-      this.flushing = false;
-    }
-  }
+  // ---- own events ----------------------------------------------------------------------
 
   /** This device's own event, known from its `sent`. */
   private addOwn(conversation: Conversation, sent: Sent, fields: Partial<ConversationEvent>): void {
@@ -653,31 +497,7 @@ export class CourierClient {
     this.applyEvents(conversation, [event]);
     // Where this connection streams the conversation, the events before a `sent` that
     // outran them are on their way; elsewhere they are fetched.
-    if (gap && !this.session?.streamed.has(conversation.id)) this.fillGap(conversation, gap.after, gap.through);
-  }
-
-  /**
-   * An event this device sent whose `sent` never arrived (the page closed or the connection
-   * dropped after the server stored it) takes its entry out of the outbox: `client_msg_id`
-   * is unique per device, so the event is that entry, stored.
-   */
-  private settleIfOwn(event: ConversationEvent): void {
-    const id = event.client_msg_id;
-    if (event.kind !== "message" || !id || event.sender.user !== this.user || event.sender.device !== this.device) return;
-    if (!this.outbox.has(id) || id === this.inFlight) return;
-    const sent: Sent = {
-      type: "sent",
-      client_msg_id: id,
-      conversation_id: event.conversation_id,
-      seq: event.seq,
-      server_msg_id: event.server_msg_id,
-      ts_ms: event.ts_ms,
-      duplicate: true,
-    };
-    this.outbox.settle(sent).then(
-      () => this.emitter.emit("timeline", event.conversation_id),
-      (error) => this.report(error),
-    );
+    if (gap && !this.link.session?.streamed.has(conversation.id)) this.fillGap(conversation, gap.after, gap.through);
   }
 
   private conversationFor(conversationId: string): Conversation {
@@ -733,10 +553,4 @@ function checkBody(body: Body): void {
   } else if (!("media" in body) || typeof body.media?.media_id !== "string") {
     throw badInput("a body is {text} or {media: {media_id, mime, size, sha256}}");
   }
-}
-
-function deferred<T>(): { promise: Promise<T>; resolve: (value: T) => void } {
-  let resolve!: (value: T) => void;
-  const promise = new Promise<T>((r) => (resolve = r));
-  return { promise, resolve };
 }

@@ -90,3 +90,17 @@ test("bad input is refused before sending, and a refused send stays failed in th
   await ivan.discard(entry.client_msg_id);
   assert.deepEqual(ivan.outboxEntries(), []);
 });
+
+test("events a device has had in its catch-up are not delivered to it again", async () => {
+  const jo = await user("jo");
+  let conv = "";
+  for (const text of ["one", "two", "three"]) conv = (await jo.sendText({ toUser: "kim" }, text)).conversation_id;
+  const first = await user("kim", "phone");
+  assert.deepEqual(texts(first, conv), ["one", "two", "three"], "the catch-up brought them");
+  first.close();
+  const again = await user("kim", "phone");
+  assert.deepEqual(texts(again, conv), [], "the next catch-up starts after what the device acknowledged");
+  await jo.sendText({ conversationId: conv }, "four");
+  await until("the live message arrives", () => texts(again, conv).length === 1);
+  assert.deepEqual(texts(again, conv), ["four"]);
+});
