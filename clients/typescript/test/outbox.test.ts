@@ -107,3 +107,29 @@ test("an entry already stored is taken out of the outbox when its event shows up
   await until("the entry left the outbox", () => reloaded.outboxEntries().length === 0);
   assert.deepEqual(texts(reloaded, sent.conversation_id), ["stored before the reload"]);
 });
+
+test("sends refused as rate_limited are retried with the same id until stored, in order, once each", async () => {
+  const limited = await Server.start(["--user-sends-per-sec", "2", "--user-sends-burst", "1"]);
+  try {
+    const errors: string[] = [];
+    const fast = await synced(limited, "fast", "web");
+    fast.on("error", (e) => errors.push(e.code));
+    const written = ["r1", "r2", "r3", "r4"];
+    const sends = written.map((text) => fast.sendText({ toUser: "slow" }, text));
+    const sent = await Promise.all(sends);
+    assert.deepEqual(
+      sent.map((s) => s.seq),
+      [1, 2, 3, 4],
+      "stored in the order written",
+    );
+    const slow = await synced(limited, "slow", "web");
+    assert.deepEqual(texts(slow, sent[0]!.conversation_id), written, "each stored once");
+    assert.deepEqual(errors, [], "a retried send is no error to the caller");
+    const metrics = await (await fetch(`${limited.url}/metrics`)).text();
+    const refused = /courier_chat_rate_limited_total\{[^}]*\} (\d+)/.exec(metrics);
+    assert.ok(refused && Number(refused[1]) > 0, `the server did refuse some sends:\n${refused?.[0]}`);
+  } finally {
+    closeClients();
+    await limited.dispose();
+  }
+});
