@@ -199,6 +199,7 @@ export class CourierClient {
     const conversation = this.conversationFor(checkConversation(conversationId));
     const timeline = conversation.timeline;
     const lowest = timeline.lowestSeq;
+    if (lowest !== undefined && !timeline.mayHaveOlder) return false;
     if (lowest === undefined && conversation.headSeq === 0) await this.refreshConversations();
     const before = lowest ?? conversation.headSeq + 1;
     const after = Math.max(timeline.floorSeq - 1, before - 1 - limit);

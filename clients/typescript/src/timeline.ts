@@ -76,6 +76,13 @@ export class Timeline {
     this.cover(0, floorSeq - 1);
   }
 
+  /** Whether events older than the oldest held may exist: nothing yet covers the seqs
+   * between the retention floor and it. */
+  get mayHaveOlder(): boolean {
+    const lowest = this.lowestSeq;
+    return lowest !== undefined && this.completeThrough(this.floor - 1) < lowest - 1;
+  }
+
   get floorSeq(): number {
     return this.floor;
   }

@@ -104,3 +104,21 @@ test("events a device has had in its catch-up are not delivered to it again", as
   await until("the live message arrives", () => texts(again, conv).length === 1);
   assert.deepEqual(texts(again, conv), ["four"]);
 });
+
+test("history loads page by page back to the start, and then says there is no more", async () => {
+  const lee = await user("lee");
+  let conv = "";
+  for (const text of ["h1", "h2", "h3", "h4", "h5"]) conv = (await lee.sendText({ toUser: "max" }, text)).conversation_id;
+  (await user("max", "phone")).close(); // has them all: the next catch-up brings none
+  const max = await user("max", "phone");
+  assert.deepEqual(texts(max, conv), []);
+  assert.equal(await max.loadHistory(conv, 2), true);
+  assert.deepEqual(texts(max, conv), ["h4", "h5"]);
+  assert.equal(max.conversation(conv)!.timeline.mayHaveOlder, true);
+  await max.loadHistory(conv, 2);
+  assert.deepEqual(texts(max, conv), ["h2", "h3", "h4", "h5"]);
+  await max.loadHistory(conv, 2);
+  assert.deepEqual(texts(max, conv), ["h1", "h2", "h3", "h4", "h5"]);
+  assert.equal(max.conversation(conv)!.timeline.mayHaveOlder, false);
+  assert.equal(await max.loadHistory(conv, 2), false);
+});

@@ -72,3 +72,19 @@ test("trimming drops the events below the floor and never asks for them again", 
   assert.deepEqual(timeline.gapBefore(9), { after: 7, through: 8 });
   assert.deepEqual(timeline.gapBefore(7), undefined, "nothing below the floor is a gap");
 });
+
+test("older events may exist until the range below the oldest held is covered", () => {
+  const timeline = new Timeline("d:1");
+  assert.equal(timeline.mayHaveOlder, false, "an empty timeline holds nothing to be older than");
+  timeline.add(message(5));
+  timeline.cover(4, 5);
+  assert.equal(timeline.mayHaveOlder, true);
+  timeline.cover(2, 4);
+  assert.equal(timeline.mayHaveOlder, true, "1 and 2 are not covered yet");
+  timeline.cover(0, 2);
+  assert.equal(timeline.mayHaveOlder, false, "a fetch from the start found nothing more (e.g. before a join)");
+  const trimmed = new Timeline("d:2");
+  trimmed.add(message(7));
+  trimmed.trim(7);
+  assert.equal(trimmed.mayHaveOlder, false, "nothing below the retention floor");
+});

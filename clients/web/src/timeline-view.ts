@@ -21,10 +21,13 @@ const TICKS: Record<MessageStatus, string> = {
 export type Shown = { conversationId: string } | { toUser: string };
 
 export function renderTimeline(list: HTMLElement, client: CourierClient, shown: Shown, media: MediaUrls): void {
-  const atBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 40;
+  const fromBottom = list.scrollHeight - list.scrollTop;
+  const atBottom = fromBottom - list.clientHeight < 40;
   const items: HTMLElement[] = [];
   if ("conversationId" in shown) {
-    for (const event of client.conversation(shown.conversationId)?.timeline.list() ?? []) {
+    const timeline = client.conversation(shown.conversationId)?.timeline;
+    if (timeline?.mayHaveOlder) items.push(earlierButton(client, shown.conversationId));
+    for (const event of timeline?.list() ?? []) {
       if (event.kind === "delete") continue;
       items.push(event.kind === "message" ? messageItem(client, event, media) : el("li", { class: "notice" }, notice(event)));
     }
@@ -35,7 +38,14 @@ export function renderTimeline(list: HTMLElement, client: CourierClient, shown: 
       : client.outboxEntries().filter((entry) => entry.to_user === shown.toUser);
   for (const entry of pending) items.push(pendingItem(client, entry));
   list.replaceChildren(...items);
-  if (atBottom) list.scrollTop = list.scrollHeight;
+  // At the bottom, follow new messages; elsewhere (reading, or loading earlier ones) stay put.
+  list.scrollTop = atBottom ? list.scrollHeight : list.scrollHeight - fromBottom;
+}
+
+function earlierButton(client: CourierClient, conversationId: string): HTMLElement {
+  const button = el("button", { type: "button", id: "earlier" }, "Earlier messages");
+  button.addEventListener("click", () => client.loadHistory(conversationId).catch(showError));
+  return el("li", { class: "notice" }, button);
 }
 
 function messageItem(client: CourierClient, event: ConversationEvent, media: MediaUrls): HTMLElement {
