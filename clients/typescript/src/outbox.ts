@@ -15,6 +15,8 @@ interface Waiter {
 
 export class Outbox {
   private readonly waiters = new Map<string, Waiter[]>();
+  /** Entries whose local write has not completed yet. */
+  private readonly persisting = new Set<string>();
 
   /** Called after every change of the entries. */
   onChange: () => void = () => {};
@@ -34,9 +36,11 @@ export class Outbox {
     return this.entries.map((entry) => ({ ...entry }));
   }
 
-  /** The oldest entry still to send. */
+  /** The oldest entry still to send, once it is stored locally (a later one waits for it,
+   * so that the server gets them in order). */
   next(): OutboxEntry | undefined {
-    return this.entries.find((entry) => !entry.failed);
+    const entry = this.entries.find((e) => !e.failed);
+    return entry && !this.persisting.has(entry.client_msg_id) ? entry : undefined;
   }
 
   has(clientMsgId: string): boolean {
@@ -52,12 +56,16 @@ export class Outbox {
     // millisecond and across reloads.
     const last = this.entries.at(-1)?.position ?? 0;
     const entry = { ...fields, position: Math.max(Date.now() * 1000, last + 1) };
+    // In the list at once, so that its position is taken; sent only once stored.
     this.entries.push(entry);
+    this.persisting.add(entry.client_msg_id);
     try {
       await this.storage.put(this.scope, entry);
     } catch (error) {
       this.entries = this.entries.filter((e) => e !== entry);
       throw error;
+    } finally {
+      this.persisting.delete(entry.client_msg_id);
     }
     this.onChange();
   }

@@ -2,7 +2,7 @@
  * outlives it, as IndexedDB outlives a page) and are stored exactly once. */
 import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
-import { CourierClient, MemoryOutboxStorage, type WebSocketConstructor } from "../src/index.js";
+import { CourierClient, MemoryOutboxStorage, type OutboxStorage, type WebSocketConstructor } from "../src/index.js";
 import { Network, Server, client, closeClients, synced, texts, until } from "./support.js";
 import WebSocket from "ws";
 
@@ -132,4 +132,27 @@ test("sends refused as rate_limited are retried with the same id until stored, i
     closeClients();
     await limited.dispose();
   }
+});
+
+test("messages go out in the order written even when their local writes finish out of order", async () => {
+  // Storage whose first write waits until the test lets it finish.
+  let finishFirstWrite!: () => void;
+  const firstWriteDone = new Promise<void>((r) => (finishFirstWrite = r));
+  const memory = new MemoryOutboxStorage();
+  let writes = 0;
+  const slowFirst: OutboxStorage = {
+    load: (scope) => memory.load(scope),
+    delete: (scope, id) => memory.delete(scope, id),
+    put: async (scope, entry) => {
+      if (writes++ === 0) await firstWriteDone;
+      await memory.put(scope, entry);
+    },
+  };
+  const ivy = await synced(server, "ivy", "web", { storage: slowFirst });
+  const first = ivy.sendText({ toUser: "jim" }, "first");
+  const second = ivy.sendText({ toUser: "jim" }, "second");
+  await until("the second is written locally", () => writes === 2);
+  finishFirstWrite();
+  const [a, b] = await Promise.all([first, second]);
+  assert.deepEqual([a.seq, b.seq], [1, 2]);
 });
