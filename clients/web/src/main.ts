@@ -2,7 +2,7 @@
  * The Courier reference web app: sign in with a token, then chat. One `CourierClient` per
  * tab; every view re-renders from the client's state when the client reports a change.
  */
-import { CourierClient, type ConnectionState } from "@courier-chat/client";
+import { CourierClient, CourierError, type ConnectionState } from "@courier-chat/client";
 import { renderConversationList } from "./conversation-list.js";
 import { byId, showError } from "./dom.js";
 import { MediaUrls } from "./media.js";
@@ -23,15 +23,18 @@ async function start(): Promise<void> {
   new ChatView(client).show();
 }
 
+/** The sign-in form, with why the last token did not work. */
 function showSignIn(error?: unknown): void {
+  byId("chat").hidden = true;
   byId("sign-in").hidden = false;
   byId("sign-in-error").textContent = error instanceof Error ? error.message : "";
-  byId<HTMLFormElement>("sign-in-form").addEventListener("submit", (event) => {
-    event.preventDefault();
-    rememberToken(byId<HTMLTextAreaElement>("token-input").value);
-    location.reload();
-  });
 }
+
+byId<HTMLFormElement>("sign-in-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  rememberToken(byId<HTMLTextAreaElement>("token-input").value);
+  location.reload();
+});
 
 class ChatView {
   /** The open conversation. */
@@ -55,17 +58,14 @@ class ChatView {
     this.client.on("timeline", (id) => this.onTimeline(id));
     this.client.on("outbox", () => this.renderTimeline());
     this.client.on("typing", (id) => id === this.selected && this.renderTyping());
-    this.client.on("error", (error) => {
-      showError(error);
-      if (error.code === "unauthorized") this.signOut();
-    });
+    this.client.on("error", (error) => this.onError(error));
     // The browser knows first when the network goes and comes back.
     window.addEventListener("offline", () => this.client.pause());
     window.addEventListener("online", () => this.client.resume());
     if (!navigator.onLine) this.client.pause();
     document.addEventListener("visibilitychange", () => this.selected && this.markRead());
     this.wireForms();
-    this.client.refreshConversations().catch(showError);
+    this.client.refreshConversations().catch((e) => this.onError(e));
     this.showState(this.client.state);
   }
 
@@ -82,7 +82,7 @@ class ChatView {
       const name = byId<HTMLInputElement>("new-group-name");
       const members = byId<HTMLInputElement>("new-group-members");
       const users = members.value.split(",").map((m) => m.trim()).filter(Boolean);
-      this.client.createGroup(name.value.trim(), users).then((id) => this.select(id), showError);
+      this.client.createGroup(name.value.trim(), users).then((id) => this.select(id), (e) => this.onError(e));
       name.value = "";
       members.value = "";
     });
@@ -94,12 +94,12 @@ class ChatView {
       if (!text) return;
       if (this.selected) {
         this.typing.stopped(this.selected);
-        this.client.sendText({ conversationId: this.selected }, text).catch(showError);
+        this.client.sendText({ conversationId: this.selected }, text).catch((e) => this.onError(e));
       } else if (this.draftUser) {
         const user = this.draftUser;
         this.client
           .sendText({ toUser: user }, text)
-          .then((s) => this.draftUser === user && this.select(s.conversation_id), showError);
+          .then((s) => this.draftUser === user && this.select(s.conversation_id), (e) => this.onError(e));
       }
       message.value = "";
     });
@@ -109,7 +109,7 @@ class ChatView {
       if (!file || !this.selected) return;
       this.client
         .sendMedia({ conversationId: this.selected }, file, file.type || "application/octet-stream", { name: file.name })
-        .catch(showError);
+        .catch((e) => this.onError(e));
       photo.value = "";
     });
   }
@@ -139,7 +139,7 @@ class ChatView {
     this.renderTimeline();
     this.renderTyping();
     if (!conversation || conversation.timeline.list().length < 20) {
-      this.client.loadHistory(conversationId).catch(showError);
+      this.client.loadHistory(conversationId).catch((e) => this.onError(e));
     }
     this.markRead();
     byId("message-input").focus();
@@ -184,10 +184,18 @@ class ChatView {
     badge.textContent = state;
   }
 
-  private signOut(): void {
+  /** A refused token signs out; anything else goes to the status line. */
+  private onError(error: unknown): void {
+    if (error instanceof CourierError && error.code === "unauthorized") this.signOut(error);
+    else showError(error);
+  }
+
+  /** Forgets the token; after a refused one, says so on the sign-in form. */
+  private signOut(refused?: CourierError): void {
     this.client.close();
     forgetToken();
-    location.reload();
+    if (refused) showSignIn(new Error(`The server refused this token (${refused.message}). Ask for a new one.`));
+    else location.reload();
   }
 }
 

@@ -1,16 +1,18 @@
 // Two people chat in two browser contexts of Debian's Chromium (headless, driven by
 // playwright-core; nothing downloads a browser) against `courier serve --web-dir dist`:
 // messages, typing, a photo, ticks turning blue, delete for everyone, going offline and
-// catching up (with a message written offline surviving a reload), and a group.
+// catching up (with a message written offline surviving a reload), and a group; and signing
+// in with a pasted token.
 // Screenshots of each step go to test-output/screenshots/.
 import assert from "node:assert/strict";
+import { execFileSync } from "node:child_process";
 import { mkdirSync, rmSync } from "node:fs";
 import { dirname, resolve } from "node:path";
 import { after, before, test } from "node:test";
 import { fileURLToPath } from "node:url";
 import { chromium } from "playwright-core";
 // The SDK's test support starts the server (built by `npm run build:test` there).
-import { Server } from "../../typescript/build-test/test/support.js";
+import { COURIER_BIN, Server } from "../../typescript/build-test/test/support.js";
 
 const WEB_DIR = resolve(dirname(fileURLToPath(import.meta.url)), "..");
 const SHOTS = resolve(WEB_DIR, "test-output/screenshots");
@@ -202,4 +204,30 @@ test("two people chat, share a photo, read, delete, go offline and catch up, and
   await shot(alice, "group-read");
 
   assert.deepEqual([...alice.problems, ...bob.problems], [], "no script errors in the pages");
+});
+
+test("signing in: a pasted token works, a token the server refuses leads back to the form with a reason", async () => {
+  const context = await browser.newContext({ viewport: { width: 900, height: 640 } });
+  const page = await context.newPage();
+  await page.goto(server.url);
+  await page.locator("#sign-in").waitFor(WAIT);
+
+  const forged = execFileSync(
+    COURIER_BIN,
+    ["token", "--user", "mallory", "--device", "web", "--jwt-secret", "not-the-server-secret"],
+    { encoding: "utf8" },
+  ).trim();
+  await page.fill("#token-input", forged);
+  await page.click("#sign-in-form button");
+  await page.locator("#sign-in-error", { hasText: "refused this token" }).waitFor(WAIT);
+  assert.equal(await page.locator("#chat").isVisible(), false);
+  assert.equal(await page.evaluate(() => sessionStorage.length), 0, "the refused token is forgotten");
+  step += 1;
+  await page.screenshot({ path: `${SHOTS}/${String(step).padStart(2, "0")}-sign-in-refused.png` });
+
+  await page.fill("#token-input", server.token("carol", "web"));
+  await page.click("#sign-in-form button");
+  await page.locator('#connection[data-state="online"]').waitFor(WAIT);
+  assert.equal(await page.textContent("#me-name"), "carol (web)");
+  await context.close();
 });
