@@ -207,8 +207,8 @@ impl ServeConfig {
         if let Some(dir) = &self.web_dir {
             anyhow::ensure!(
                 dir.join("index.html").is_file(),
-                "--web-dir {}: no index.html there; build the web app first \
-                 (`npm ci && npm run build` in clients/web) and pass its `dist` directory",
+                "--web-dir {}: no index.html there; build the web app first (see \
+                 clients/web/README.md) and pass its `dist` directory",
                 dir.display()
             );
         }
