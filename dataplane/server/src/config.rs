@@ -165,6 +165,11 @@ pub struct ServeConfig {
     pub push: courier_push::providers::PushConfig,
     #[command(flatten)]
     pub notifier: courier_push::NotifierConfig,
+    /// Serve the reference web app (`clients/web`, built) from this directory at `/`. Off by
+    /// default: without it, paths outside the API stay 404. The app asks the person for a token
+    /// (`courier token`); the server hands none out.
+    #[arg(long, env = "COURIER_WEB_DIR")]
+    pub web_dir: Option<PathBuf>,
     /// How long draining may take on SIGTERM before the process exits anyway.
     #[arg(long, env = "COURIER_DRAIN_TIMEOUT", default_value = "25s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
@@ -201,6 +206,14 @@ impl ServeConfig {
             "--media-min-free-disk must be at least --min-free-disk, so that uploads are \
              refused before sends when the disk fills up"
         );
+        if let Some(dir) = &self.web_dir {
+            anyhow::ensure!(
+                dir.join("index.html").is_file(),
+                "--web-dir {}: no index.html there; build the web app first (see \
+                 clients/web/README.md) and pass its `dist` directory",
+                dir.display()
+            );
+        }
         if self.store == StoreKind::Remote {
             anyhow::ensure!(
                 self.store_address.is_some(),

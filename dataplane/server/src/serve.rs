@@ -25,7 +25,7 @@
 //! runtime, after everything above.
 
 use crate::config::{PublicKeyAlgorithm, ServeConfig, StoreKind};
-use crate::http::{AppState, router};
+use crate::http::{AppState, router, with_web_app};
 use anyhow::Context;
 use axum::serve::ListenerExt;
 use courier_chat::Chat;
@@ -387,7 +387,8 @@ pub async fn run_client_roles(
             tracing::warn!(error = %e, "could not set TCP_NODELAY on a connection");
         }
     });
-    let server = axum::serve(listener, router(state))
+    let app = with_web_app(router(state), config.web_dir.as_deref());
+    let server = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .into_future();
     tokio::pin!(server);
