@@ -32,7 +32,7 @@ pub trait Gateways: Send + Sync + 'static {
     /// an error when one could not be reached: the caller hands the batch again (connections
     /// skip what they have). Delivery is at-least-once: a connection with no room reads the
     /// event from the store once it has written what is queued.
-    async fn deliver(&self, batch: &[(Event, Members)]) -> Result<(), DeliveryError>;
+    async fn deliver(&self, batch: Vec<(Event, Members)>) -> Result<(), DeliveryError>;
 
     /// Offers a frame that may be lost (typing) or is retried by its sender (receipts) to
     /// every connected device of `user`, only where it leaves room for events. Returns how
@@ -52,7 +52,7 @@ pub struct NoGateways;
 
 #[async_trait::async_trait]
 impl Gateways for NoGateways {
-    async fn deliver(&self, _batch: &[(Event, Members)]) -> Result<(), DeliveryError> {
+    async fn deliver(&self, _batch: Vec<(Event, Members)>) -> Result<(), DeliveryError> {
         Ok(())
     }
 

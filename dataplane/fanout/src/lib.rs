@@ -464,8 +464,7 @@ impl Fanout {
                     continue;
                 }
                 // What comes before it first, so that its range is cleared after all of it.
-                self.gateways.deliver(&batch).await?;
-                batch.clear();
+                self.gateways.deliver(std::mem::take(&mut batch)).await?;
                 self.metrics.large_group_queue.inc();
                 let clear = OutboxRange {
                     lease,
@@ -482,7 +481,7 @@ impl Fanout {
                     })
                     .await;
             }
-            self.gateways.deliver(&batch).await?;
+            self.gateways.deliver(batch).await?;
             if let Some(first) = first {
                 let clear = OutboxRange {
                     lease,
@@ -509,7 +508,7 @@ impl Fanout {
         cancel: &CancellationToken,
     ) -> bool {
         loop {
-            match self.gateways.deliver(batch).await {
+            match self.gateways.deliver(batch.to_vec()).await {
                 Ok(()) => return true,
                 Err(e) => {
                     tracing::warn!(error = %e, "large-group delivery failed; retrying");
@@ -748,7 +747,7 @@ mod tests {
 
     #[async_trait::async_trait]
     impl Gateways for FlakyGateways {
-        async fn deliver(&self, batch: &[(Event, Members)]) -> Result<(), DeliveryError> {
+        async fn deliver(&self, batch: Vec<(Event, Members)>) -> Result<(), DeliveryError> {
             if batch.is_empty() {
                 return Ok(());
             }

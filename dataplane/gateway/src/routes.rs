@@ -235,9 +235,9 @@ impl Routes {
 
 #[async_trait::async_trait]
 impl Gateways for Routes {
-    async fn deliver(&self, batch: &[(Event, Members)]) -> Result<(), DeliveryError> {
+    async fn deliver(&self, batch: Vec<(Event, Members)>) -> Result<(), DeliveryError> {
         for (event, recipients) in batch {
-            self.deliver_event(event.clone(), recipients);
+            self.deliver_event(event, &recipients);
         }
         Ok(())
     }

@@ -113,7 +113,7 @@ impl gateway_server::Gateway for GatewayService {
             })
             .collect::<Result<Vec<_>, Status>>()?;
         // In-process delivery never fails.
-        let _ = self.local.deliver(&events).await;
+        let _ = self.local.deliver(events).await;
         let refused_offers = offers
             .iter()
             .map(|(user, frame)| self.local.offer(user, frame) as u64)
@@ -298,7 +298,7 @@ impl ClusterGateways {
 
 #[async_trait::async_trait]
 impl Gateways for ClusterGateways {
-    async fn deliver(&self, batch: &[(Event, Members)]) -> Result<(), DeliveryError> {
+    async fn deliver(&self, batch: Vec<(Event, Members)>) -> Result<(), DeliveryError> {
         if batch.is_empty() {
             return Ok(());
         }
@@ -344,7 +344,7 @@ impl Gateways for ClusterGateways {
                         .into_iter()
                         .map(|(event, users)| (event, Members::new(users)))
                         .collect();
-                    return local.deliver(&events).await;
+                    return local.deliver(events).await;
                 }
                 // Never registered, or gone from the registry: its devices reconnected.
                 let Some(address) = nodes.get(gateway).map(|node| node.address.clone()) else {
