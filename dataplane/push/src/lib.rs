@@ -116,18 +116,20 @@ impl Notifier {
     }
 
     /// Starts the notifier as a loop of `loops`; intents left by a crash are expanded first
-    /// (and again after a restart).
-    pub fn start(self: &Arc<Self>, loops: &BackgroundLoops) {
+    /// (and again after a restart). With `every_shard_each`, every shard is looked at again
+    /// that often: for a cluster node, which is told only of the commits made through it.
+    pub fn start(self: &Arc<Self>, loops: &BackgroundLoops, every_shard_each: Option<Duration>) {
         let notifier = self.clone();
         loops.spawn("push notifier", move |cancel| {
             let notifier = notifier.clone();
             async move {
-                notifier
-                    .dirty
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .extend(0..notifier.store.shard_count());
+                let mut looked_at_all = std::time::Instant::now();
+                notifier.mark_all_dirty();
                 loop {
+                    if every_shard_each.is_some_and(|each| looked_at_all.elapsed() >= each) {
+                        looked_at_all = std::time::Instant::now();
+                        notifier.mark_all_dirty();
+                    }
                     if let Err(e) = notifier.pass().await {
                         tracing::warn!(error = %e, "push pass failed; retrying");
                     }
@@ -173,6 +175,13 @@ impl Notifier {
             return Err(e);
         }
         Ok(())
+    }
+
+    fn mark_all_dirty(&self) {
+        self.dirty
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(0..self.store.shard_count());
     }
 
     fn mark_dirty(&self, shard: u32) {
@@ -592,7 +601,7 @@ mod tests {
         let (providers, sent) = webhook().await;
         let notifier = notifier(&store, providers, Duration::ZERO);
         let loops = BackgroundLoops::new();
-        notifier.start(&loops);
+        notifier.start(&loops, None);
 
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         while !sent.lock().unwrap().contains(&healthy) {
@@ -607,6 +616,29 @@ mod tests {
             assert!(
                 std::time::Instant::now() < deadline,
                 "the failing shard was not retried"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_cluster_notifier_finds_the_intents_of_commits_it_was_not_told_of() {
+        let engine = FaultyEngine::new();
+        let store = engine.store(4).await;
+        let (providers, sent) = webhook().await;
+        let notifier = notifier(&store, providers, Duration::ZERO);
+        let loops = BackgroundLoops::new();
+        notifier.start(&loops, Some(Duration::from_millis(100)));
+        // Committed through another node after the notifier's first pass: nobody tells it.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let members = vec!["ann".to_owned(), "ben".to_owned()];
+        group_with_a_message(&store, "g:elsewhere", &members).await;
+
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !sent.lock().unwrap().contains(&"g:elsewhere".to_owned()) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the notifier never looked at the shard again"
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }

@@ -261,7 +261,9 @@ pub async fn run_client_roles(
         }
     };
     if let Some(notifier) = &notifier {
-        notifier.start(&loops);
+        // On a cluster node it is told only of the commits made through this node.
+        let every_shard_each = cluster.is_some().then(|| config.ownership().round());
+        notifier.start(&loops, every_shard_each);
     }
     if let Some(fanout) = &fanout {
         fanout.start(&loops);
