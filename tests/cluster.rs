@@ -725,7 +725,7 @@ async fn read_live(client: &mut courier_client::Client, expected: &[String]) {
 async fn two_gateways_and_two_fanout_nodes_deliver_across_nodes_through_fanout_and_gateway_faults()
 {
     let (dir, store) = store_node();
-    let _sequencers: Vec<InternalNode> = (1..=3)
+    let sequencers: Vec<InternalNode> = (1..=3)
         .map(|i| {
             InternalNode::start(
                 &format!("s{i}"),
@@ -762,6 +762,19 @@ async fn two_gateways_and_two_fanout_nodes_deliver_across_nodes_through_fanout_a
     alice.events_until_sync_done().await.unwrap();
     let mut bob = gb.connect("bob", "phone").await;
     bob.events_until_sync_done().await.unwrap();
+    // The admin API reports each gateway's connections (for the operator's autoscaler).
+    until("ListNodes counts each gateway's connection", || async {
+        let nodes = admin(&sequencers[0])
+            .await
+            .list_nodes(ListNodesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .nodes;
+        let connections = |id: &str| nodes.iter().find(|n| n.id == id).map(|n| n.connections);
+        connections("ga") == Some(1) && connections("gb") == Some(1) && connections("f1") == Some(0)
+    })
+    .await;
     let mut to_bob: Vec<(String, u64)> = Vec::new();
     let ids = |sent: &[(String, u64)], from: usize| -> Vec<String> {
         sent[from..].iter().map(|(id, _)| id.clone()).collect()

@@ -618,6 +618,7 @@ mod tests {
             address: String::new(),
             lease_until_ms: now_ms() + 60_000,
             started_ms: now_ms(),
+            connections: 0,
         };
         store.register_node(node, &record).await.unwrap();
     }

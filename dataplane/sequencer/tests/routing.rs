@@ -68,6 +68,7 @@ async fn sequencer_node(store: &MessageStore, id: &str) -> Arc<LocalSequencer> {
         address: address.to_string(),
         lease_until_ms: u64::MAX,
         started_ms: 0,
+        connections: 0,
     };
     store.register_node(id, &record).await.unwrap();
     sequencer

@@ -102,6 +102,7 @@ impl admin_server::Admin for AdminService {
                 address: record.address,
                 lease_until_ms: record.lease_until_ms,
                 started_ms: record.started_ms,
+                connections: record.connections,
             })
             .collect();
         Ok(Response::new(ListNodesResponse { nodes }))

@@ -152,6 +152,7 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
         address: address.clone(),
         lease_until_ms: 0,
         started_ms: now_ms(),
+        connections: 0,
     };
     let lease = config.shard_lease;
     let lease_ms = lease.as_millis() as u64;
@@ -162,16 +163,18 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
     // The node's own loops: its registration, and (below) its shard leases.
     let loops = BackgroundLoops::new();
     let lapsed = Arc::new(tokio::sync::Notify::new());
+    // The node's metrics: its roles' and the connections its registration reports.
+    let metrics = Arc::new(Metrics::new());
     {
         let store = store.clone();
         let node = config.node_id.clone();
         let registration = registration.clone();
-        let lapsed = lapsed.clone();
+        let (lapsed, metrics) = (lapsed.clone(), metrics.clone());
         // Stops at once when cancelled; restarted if it fails: it keeps no state (a restarted
         // loop counts its lease from its start, so it may miss a lapse of the run before).
         loops.spawn("renew node registration", move |cancel| {
             let (store, node, registration) = (store.clone(), node.clone(), registration.clone());
-            let lapsed = lapsed.clone();
+            let (lapsed, metrics) = (lapsed.clone(), metrics.clone());
             async move {
                 let renew = async {
                     let mut rounds = tokio::time::interval(lease / 3);
@@ -180,7 +183,10 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
                     loop {
                         rounds.tick().await;
                         let now = now_ms();
-                        let record = leased(&registration, now + lease_ms);
+                        let record = NodeRecord {
+                            connections: metrics.connections.get().max(0) as u64,
+                            ..leased(&registration, now + lease_ms)
+                        };
                         match store.register_node(&node, &record).await {
                             Ok(()) if now >= deadline => {
                                 tracing::warn!(
@@ -207,13 +213,28 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
             push: args.has(Role::Push),
             internal,
             lapsed,
+            metrics,
         };
         tracing::info!(node = %config.node_id, roles = %roles.join(","), "courier node: internal gRPC on {address}");
         serve::run_client_roles(config.clone(), store.clone(), Some(cluster)).await
     } else if args.has(Role::Fanout) {
-        run_fanout(config, &store, token, internal, &address, &roles, &loops).await
+        let node = InternalNode {
+            config,
+            store: &store,
+            address: &address,
+            roles: &roles,
+            metrics,
+        };
+        run_fanout(node, token, internal, &loops).await
     } else {
-        run_sequencer(config, &store, token, internal, &address, &roles, &loops).await
+        let node = InternalNode {
+            config,
+            store: &store,
+            address: &address,
+            roles: &roles,
+            metrics,
+        };
+        run_sequencer(node, token, internal, &loops).await
     };
     loops
         .shutdown(tokio::time::Instant::now() + Duration::from_secs(5))
@@ -228,21 +249,18 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
 /// on `internal`; then drains (what is queued is committed and answered, the shards are
 /// released for the other sequencers) and stops serving.
 async fn run_sequencer(
-    config: &ServeConfig,
-    store: &MessageStore,
+    node: InternalNode<'_>,
     token: ClusterToken,
     internal: tokio::net::TcpListener,
-    address: &str,
-    roles: &[String],
     loops: &BackgroundLoops,
 ) -> anyhow::Result<()> {
-    let metrics = Arc::new(Metrics::new());
+    let (config, store) = (node.config, node.store);
     let sequencer = LocalSequencer::start(
         store.clone(),
         config.ownership(),
         config.group_commit_limits(),
         Arc::new(Listeners(Vec::new())),
-        metrics.clone(),
+        node.metrics.clone(),
     )
     .await?;
     let keeper = sequencer.clone();
@@ -263,13 +281,6 @@ async fn run_sequencer(
     )
     .into_server();
     let services = tonic::service::Routes::new(service).add_service(admin);
-    let node = InternalNode {
-        config,
-        store,
-        address,
-        roles,
-        metrics,
-    };
     node.serve_until_stopped(internal, services, async {
         tracing::info!("stopping: draining the shards, then leaving the cluster");
         if let Err(e) = sequencer.drain().await {
@@ -282,33 +293,23 @@ async fn run_sequencer(
 /// The fanout role alone until SIGTERM or Ctrl-C: drains its share of the outboxes to the
 /// gateway nodes and takes notices of commits on `internal`; then gives its shards back.
 async fn run_fanout(
-    config: &ServeConfig,
-    store: &MessageStore,
+    node: InternalNode<'_>,
     token: ClusterToken,
     internal: tokio::net::TcpListener,
-    address: &str,
-    roles: &[String],
     loops: &BackgroundLoops,
 ) -> anyhow::Result<()> {
-    let metrics = Arc::new(Metrics::new());
+    let store = node.store;
     let gateways = Arc::new(ClusterGateways::new(store.clone(), None, token.clone()));
     let fanout = Fanout::new(
         store.clone(),
         gateways,
         Arc::new(MembershipCache::new(store.clone())),
-        metrics.clone(),
-        config.fanout_config(),
+        node.metrics.clone(),
+        node.config.fanout_config(),
     )
     .await?;
     fanout.start(loops);
     let service = FanoutService::new(fanout.clone()).into_server(token);
-    let node = InternalNode {
-        config,
-        store,
-        address,
-        roles,
-        metrics,
-    };
     node.serve_until_stopped(internal, tonic::service::Routes::new(service), async {
         tracing::info!("stopping: giving the fanout shards back, then leaving the cluster");
         if let Err(e) = fanout.release().await {

@@ -134,6 +134,8 @@ pub struct Cluster {
     /// Notified when this node renewed its registration after it had lapsed: deliveries may
     /// have skipped its connections meanwhile, so they are told to reconnect.
     pub lapsed: Arc<tokio::sync::Notify>,
+    /// The node's metrics (its registration reports the connections open).
+    pub metrics: Arc<Metrics>,
 }
 
 /// `courier serve`: every role in one process.
@@ -159,7 +161,9 @@ pub async fn run_client_roles(
     let verifier = verifier(&config)?;
     let node = config.node_id.clone();
 
-    let metrics = Arc::new(Metrics::new());
+    let metrics = cluster
+        .as_ref()
+        .map_or_else(|| Arc::new(Metrics::new()), |c| c.metrics.clone());
     // Every background loop of every role; shut down last (module documentation, "Stopping").
     let loops = BackgroundLoops::new();
     let routes = Arc::new(Routes::new(metrics.clone()));

@@ -84,6 +84,9 @@ pub struct NodeRecord {
     pub lease_until_ms: u64,
     #[prost(uint64, tag = "4")]
     pub started_ms: u64,
+    /// Client connections open on the node (a gateway) at its last renewal.
+    #[prost(uint64, tag = "5")]
+    pub connections: u64,
 }
 
 impl NodeRecord {
@@ -602,6 +605,7 @@ mod tests {
             address: address.into(),
             lease_until_ms,
             started_ms: 0,
+            connections: 0,
         };
         let register = |id: &'static str, record: NodeRecord| {
             let store = store.clone();
