@@ -185,23 +185,38 @@ impl Directory {
     }
 
     fn gateway(&self, address: &str) -> Result<GatewayStub, StoreError> {
-        let mut clients = lock(&self.gateways);
-        if let Some(client) = clients.get(address) {
-            return Ok(client.clone());
-        }
-        let channel = lazy_channel(&format!("http://{address}"), "gateway")?;
-        let client = GatewayClient::with_interceptor(channel, AttachToken::new(self.token.clone()));
-        clients.insert(address.to_owned(), client.clone());
-        Ok(client)
+        self.client(
+            &self.gateways,
+            address,
+            "gateway",
+            GatewayClient::with_interceptor,
+        )
     }
 
     fn fanout(&self, address: &str) -> Result<FanoutStub, StoreError> {
-        let mut clients = lock(&self.fanouts);
+        self.client(
+            &self.fanouts,
+            address,
+            "fanout",
+            FanoutClient::with_interceptor,
+        )
+    }
+
+    /// The client of the node at `address` in `clients`, made on first use (its channel
+    /// connects lazily). `what` names the node's role in errors.
+    fn client<C: Clone>(
+        &self,
+        clients: &Mutex<HashMap<String, C>>,
+        address: &str,
+        what: &str,
+        make: impl FnOnce(Channel, AttachToken) -> C,
+    ) -> Result<C, StoreError> {
+        let mut clients = lock(clients);
         if let Some(client) = clients.get(address) {
             return Ok(client.clone());
         }
-        let channel = lazy_channel(&format!("http://{address}"), "fanout")?;
-        let client = FanoutClient::with_interceptor(channel, AttachToken::new(self.token.clone()));
+        let channel = lazy_channel(&format!("http://{address}"), what)?;
+        let client = make(channel, AttachToken::new(self.token.clone()));
         clients.insert(address.to_owned(), client.clone());
         Ok(client)
     }

@@ -217,15 +217,6 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
         };
         tracing::info!(node = %config.node_id, roles = %roles.join(","), "courier node: internal gRPC on {address}");
         serve::run_client_roles(config.clone(), store.clone(), Some(cluster)).await
-    } else if args.has(Role::Fanout) {
-        let node = InternalNode {
-            config,
-            store: &store,
-            address: &address,
-            roles: &roles,
-            metrics,
-        };
-        run_fanout(node, token, internal, &loops).await
     } else {
         let node = InternalNode {
             config,
@@ -234,7 +225,10 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
             roles: &roles,
             metrics,
         };
-        run_sequencer(node, token, internal, &loops).await
+        match args.has(Role::Fanout) {
+            true => run_fanout(node, token, internal, &loops).await,
+            false => run_sequencer(node, token, internal, &loops).await,
+        }
     };
     loops
         .shutdown(tokio::time::Instant::now() + Duration::from_secs(5))
