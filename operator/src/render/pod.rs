@@ -1,0 +1,312 @@
+//! What every data-plane pod of a cluster shares: labels, environment (secrets, storage),
+//! volumes, ports, probes on `/healthz` and `/readyz`, JSON logs and a locked-down security
+//! context.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvFromSource, EnvVar,
+    EnvVarSource, HTTPGetAction, KeyToPath, Lifecycle, LifecycleHandler, ObjectFieldSelector,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile,
+    SecretEnvSource, SecretKeySelector, SecretVolumeSource, SecurityContext, SleepAction, Volume,
+    VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use crate::crd::{CourierCluster, SecretKeyRef};
+
+/// The port of the client API, probes and metrics.
+pub const HTTP_PORT: i32 = 8080;
+/// The port of the internal gRPC (sequencer appends, admin API).
+pub const INTERNAL_PORT: i32 = 7500;
+/// Where a pod keeps its data directory.
+pub const DATA_DIR: &str = "/var/lib/courier";
+/// The user the data plane runs as (the images' non-root user).
+const RUN_AS_USER: i64 = 10001;
+
+/// Which part of a cluster a workload is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Component {
+    /// `courier serve`: every role on the embedded store (one pod).
+    Server,
+    /// The client roles (gateway, chat, fanout, push, media).
+    Gateway,
+    /// The sequencer role.
+    Sequencer,
+}
+
+impl Component {
+    /// The `app.kubernetes.io/component` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Component::Server => "server",
+            Component::Gateway => "gateway",
+            Component::Sequencer => "sequencer",
+        }
+    }
+}
+
+/// The labels of a cluster's `component`: they select its pods.
+pub fn selector_labels(cluster: &str, component: Component) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_owned(), "courier".to_owned()),
+        ("app.kubernetes.io/instance".to_owned(), cluster.to_owned()),
+        (
+            "app.kubernetes.io/component".to_owned(),
+            component.as_str().to_owned(),
+        ),
+    ])
+}
+
+/// The selector labels, and who manages the object.
+pub fn labels(cluster: &str, component: Component) -> BTreeMap<String, String> {
+    let mut labels = selector_labels(cluster, component);
+    labels.insert(
+        "app.kubernetes.io/managed-by".to_owned(),
+        "courier-operator".to_owned(),
+    );
+    labels
+}
+
+/// A label selector matching the pods of a cluster's `component`.
+pub fn selector(cluster: &str, component: Component) -> LabelSelector {
+    LabelSelector {
+        match_labels: Some(selector_labels(cluster, component)),
+        ..LabelSelector::default()
+    }
+}
+
+/// How a pod stops: a `preStop` sleep (endpoints are removed meanwhile), then SIGTERM and the
+/// process's own drain, within the grace period.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shutdown {
+    /// Seconds of the native `preStop` sleep.
+    pub pre_stop_sleep_seconds: i64,
+    /// `terminationGracePeriodSeconds`: the sleep, the drain and a margin.
+    pub grace_seconds: i64,
+}
+
+/// A data-plane pod of `cluster` running `courier <args>` (the image's entry point is
+/// `courier`).
+pub fn template(
+    cluster: &CourierCluster,
+    component: Component,
+    args: Vec<String>,
+    resources: Option<ResourceRequirements>,
+    shutdown: Shutdown,
+) -> PodTemplateSpec {
+    let name = cluster_name(cluster);
+    let spec = &cluster.spec;
+    let mut env = vec![
+        field_env("POD_NAME", "metadata.name"),
+        field_env("POD_NAMESPACE", "metadata.namespace"),
+        field_env("POD_IP", "status.podIP"),
+        secret_env("COURIER_JWT_SECRET", &spec.jwt_secret),
+        value_env("COURIER_SHARDS", &spec.shards.to_string()),
+        value_env("COURIER_DATA_DIR", DATA_DIR),
+    ];
+    let mut env_from = Vec::new();
+    // `data` is an emptyDir unless a volume claim template of that name replaces it.
+    let mut volumes = vec![empty_dir("data"), empty_dir("tmp")];
+    let mut mounts = vec![mount("data", DATA_DIR, false), mount("tmp", "/tmp", false)];
+    if let Some(fdb) = &spec.storage.foundation_db {
+        env.push(value_env("COURIER_STORE", "fdb"));
+        env.push(value_env(
+            "COURIER_FDB_CLUSTER_FILE",
+            &format!("/etc/courier/fdb/{}", fdb.cluster_file_secret.key),
+        ));
+        env.push(value_env(
+            "COURIER_CLUSTER_TOKEN_FILE",
+            &format!("/etc/courier/token/{}", fdb.cluster_token_secret.key),
+        ));
+        volumes.push(secret_volume("fdb", &fdb.cluster_file_secret));
+        volumes.push(secret_volume("cluster-token", &fdb.cluster_token_secret));
+        mounts.push(mount("fdb", "/etc/courier/fdb", true));
+        mounts.push(mount("cluster-token", "/etc/courier/token", true));
+    }
+    if let Some(media) = &spec.media {
+        env.push(value_env("COURIER_MEDIA_S3_BUCKET", &media.s3.bucket));
+        env_from.push(secret_env_from(&media.s3.credentials_secret));
+    }
+    if let Some(push) = &spec.push_secret {
+        env_from.push(secret_env_from(push));
+        volumes.push(Volume {
+            name: "push".to_owned(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(push.clone()),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+        mounts.push(mount("push", "/etc/courier/push", true));
+    }
+    let mut ports = vec![port("http", HTTP_PORT)];
+    if component != Component::Server {
+        ports.push(port("internal", INTERNAL_PORT));
+    }
+    let mut all_args = vec!["--log-format".to_owned(), "json".to_owned()];
+    all_args.extend(args);
+    let container = Container {
+        name: "courier".to_owned(),
+        image: Some(spec.image.clone()),
+        args: Some(all_args),
+        env: Some(env),
+        env_from: (!env_from.is_empty()).then_some(env_from),
+        ports: Some(ports),
+        resources,
+        volume_mounts: Some(mounts),
+        liveness_probe: Some(probe("/healthz", 3)),
+        readiness_probe: Some(probe("/readyz", 1)),
+        lifecycle: Some(Lifecycle {
+            pre_stop: Some(LifecycleHandler {
+                sleep: Some(SleepAction {
+                    seconds: shutdown.pre_stop_sleep_seconds,
+                }),
+                ..LifecycleHandler::default()
+            }),
+            ..Lifecycle::default()
+        }),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".to_owned()]),
+                ..Capabilities::default()
+            }),
+            ..SecurityContext::default()
+        }),
+        ..Container::default()
+    };
+    PodTemplateSpec {
+        metadata: Some(ObjectMeta {
+            labels: Some(labels(&name, component)),
+            ..ObjectMeta::default()
+        }),
+        spec: Some(PodSpec {
+            containers: vec![container],
+            volumes: Some(volumes),
+            termination_grace_period_seconds: Some(shutdown.grace_seconds),
+            enable_service_links: Some(false),
+            security_context: Some(PodSecurityContext {
+                run_as_non_root: Some(true),
+                run_as_user: Some(RUN_AS_USER),
+                run_as_group: Some(RUN_AS_USER),
+                fs_group: Some(RUN_AS_USER),
+                seccomp_profile: Some(SeccompProfile {
+                    type_: "RuntimeDefault".to_owned(),
+                    ..SeccompProfile::default()
+                }),
+                ..PodSecurityContext::default()
+            }),
+            ..PodSpec::default()
+        }),
+    }
+}
+
+/// The cluster's name (empty for an object not read from the API).
+pub fn cluster_name(cluster: &CourierCluster) -> String {
+    cluster.metadata.name.clone().unwrap_or_default()
+}
+
+fn field_env(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.to_owned(),
+                ..ObjectFieldSelector::default()
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
+}
+
+fn secret_env(name: &str, secret: &SecretKeyRef) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: secret.name.clone(),
+                key: secret.key.clone(),
+                optional: Some(false),
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
+}
+
+fn value_env(name: &str, value: &str) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
+        value: Some(value.to_owned()),
+        ..EnvVar::default()
+    }
+}
+
+fn secret_env_from(secret: &str) -> EnvFromSource {
+    EnvFromSource {
+        secret_ref: Some(SecretEnvSource {
+            name: secret.to_owned(),
+            optional: Some(false),
+        }),
+        ..EnvFromSource::default()
+    }
+}
+
+fn empty_dir(name: &str) -> Volume {
+    Volume {
+        name: name.to_owned(),
+        empty_dir: Some(EmptyDirVolumeSource::default()),
+        ..Volume::default()
+    }
+}
+
+fn secret_volume(name: &str, secret: &SecretKeyRef) -> Volume {
+    Volume {
+        name: name.to_owned(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(secret.name.clone()),
+            items: Some(vec![KeyToPath {
+                key: secret.key.clone(),
+                path: secret.key.clone(),
+                ..KeyToPath::default()
+            }]),
+            ..SecretVolumeSource::default()
+        }),
+        ..Volume::default()
+    }
+}
+
+fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
+    VolumeMount {
+        name: name.to_owned(),
+        mount_path: path.to_owned(),
+        read_only: Some(read_only),
+        ..VolumeMount::default()
+    }
+}
+
+fn port(name: &str, number: i32) -> ContainerPort {
+    ContainerPort {
+        name: Some(name.to_owned()),
+        container_port: number,
+        protocol: Some("TCP".to_owned()),
+        ..ContainerPort::default()
+    }
+}
+
+fn probe(path: &str, failure_threshold: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_owned()),
+            port: IntOrString::String("http".to_owned()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(5),
+        failure_threshold: Some(failure_threshold),
+        ..Probe::default()
+    }
+}
