@@ -14,7 +14,7 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -200,7 +200,12 @@ impl TestCluster {
         )
     }
 
-    async fn connect(&self, user: &str) -> Client {
+    /// A connection of `user`'s phone that has had its catch-up (the events of which are
+    /// returned).
+    async fn connect_with_catch_up(
+        &self,
+        user: &str,
+    ) -> (Client, Vec<courier_client::proto::Event>) {
         let output = Command::new(courier_binary())
             .args(["token", "--user", user, "--device", "phone", "--jwt-secret"])
             .arg(JWT_SECRET)
@@ -215,8 +220,12 @@ impl TestCluster {
         )
         .await
         .expect("connect to the front node");
-        client.events_until_sync_done().await.unwrap();
-        client
+        let catch_up = client.events_until_sync_done().await.unwrap();
+        (client, catch_up)
+    }
+
+    async fn connect(&self, user: &str) -> Client {
+        self.connect_with_catch_up(user).await.0
     }
 }
 
@@ -233,6 +242,7 @@ async fn send_until(
     sender: String,
     peer: String,
     stop: Arc<AtomicBool>,
+    taken: Arc<AtomicUsize>,
 ) -> Sent {
     let mut messages = Vec::new();
     let mut n = 0;
@@ -244,6 +254,7 @@ async fn send_until(
             .await
             .unwrap_or_else(|e| panic!("{id} to {peer} was not taken: {e}"));
         messages.push((id, sent.seq));
+        taken.fetch_add(1, Ordering::Relaxed);
     }
     Sent { peer, messages }
 }
@@ -274,6 +285,7 @@ async fn the_rebalancer_moves_a_hot_shard_of_a_real_cluster_while_clients_keep_s
     // conversations fall on several shards (names fix the shards, so this is the same on
     // every run), all owned by s1.
     let stop = Arc::new(AtomicBool::new(false));
+    let taken = Arc::new(AtomicUsize::new(0));
     let mut senders = Vec::new();
     for i in 0..6 {
         let sender = format!("sender{i}");
@@ -283,6 +295,7 @@ async fn the_rebalancer_moves_a_hot_shard_of_a_real_cluster_while_clients_keep_s
             sender,
             format!("peer{i}"),
             stop.clone(),
+            taken.clone(),
         )));
     }
     let deadline = Instant::now() + WAIT;
@@ -335,8 +348,14 @@ async fn the_rebalancer_moves_a_hot_shard_of_a_real_cluster_while_clients_keep_s
         "only one hot shard moved at first"
     );
 
-    // The senders go on through the move; then every conversation is checked.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The senders go on after the move (600 more messages); then every conversation is
+    // checked.
+    let after_move = taken.load(Ordering::Relaxed) + 600;
+    let deadline = Instant::now() + WAIT;
+    while taken.load(Ordering::Relaxed) < after_move {
+        assert!(Instant::now() < deadline, "sends stalled after the move");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     stop.store(true, Ordering::Relaxed);
     for sender in senders {
         let sent = sender.await.expect("the sender finished");
@@ -350,13 +369,17 @@ async fn check_conversation(cluster: &TestCluster, sent: &Sent) {
     let seqs: Vec<u64> = sent.messages.iter().map(|(_, seq)| *seq).collect();
     let dense: Vec<u64> = (1..=seqs.len() as u64).collect();
     assert_eq!(seqs, dense, "dense seqs for {}, in send order", sent.peer);
-    let mut reader = cluster.connect(&sent.peer).await;
+    let (mut reader, catch_up) = cluster.connect_with_catch_up(&sent.peer).await;
     let mut received = Vec::new();
+    let mut events = catch_up.into_iter();
     while received.len() < sent.messages.len() {
-        let event = tokio::time::timeout(WAIT, reader.next_event())
-            .await
-            .expect("an event in time")
-            .expect("an event");
+        let event = match events.next() {
+            Some(event) => event,
+            None => tokio::time::timeout(WAIT, reader.next_event())
+                .await
+                .expect("an event in time")
+                .expect("an event"),
+        };
         if let EventPayload::Message { client_msg_id, .. } = event.payload {
             received.push((client_msg_id, event.seq));
         }

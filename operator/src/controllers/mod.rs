@@ -80,8 +80,8 @@ pub trait DataPlane: Send + Sync {
 pub struct Context {
     /// The Kubernetes client.
     pub client: Client,
-    /// Who writes the events.
-    pub reporter: Reporter,
+    /// Writes the events (one recorder, so that repeated events become series).
+    pub recorder: Recorder,
     /// The operator's metrics.
     pub metrics: Arc<Metrics>,
     /// The data plane.
@@ -106,22 +106,19 @@ pub struct RebalancerState {
 impl Context {
     /// A context over `client` and `data_plane`, on the system clock.
     pub fn new(client: Client, data_plane: Arc<dyn DataPlane>, metrics: Arc<Metrics>) -> Self {
+        let reporter = Reporter {
+            controller: FIELD_MANAGER.to_owned(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
         Context {
+            recorder: Recorder::new(client.clone(), reporter),
             client,
-            reporter: Reporter {
-                controller: FIELD_MANAGER.to_owned(),
-                instance: std::env::var("POD_NAME").ok(),
-            },
             metrics,
             data_plane,
             rebalancers: Mutex::new(BTreeMap::new()),
             autoscalers: Mutex::new(BTreeMap::new()),
             clock: system_now_ms,
         }
-    }
-
-    fn recorder(&self) -> Recorder {
-        Recorder::new(self.client.clone(), self.reporter.clone())
     }
 
     /// Publishes an event about `object`; a failure to publish is logged, not fatal.
@@ -136,11 +133,7 @@ impl Context {
             action: action.to_owned(),
             secondary: None,
         };
-        if let Err(e) = self
-            .recorder()
-            .publish(&event, &object.object_ref(&()))
-            .await
-        {
+        if let Err(e) = self.recorder.publish(&event, &object.object_ref(&())).await {
             tracing::warn!(error = %e, reason, "publishing an event failed");
         }
     }

@@ -39,6 +39,7 @@ pub struct GatewayPoolSpec {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self.minReplicas <= self.maxReplicas").message("minReplicas must not be greater than maxReplicas"))]
+#[x_kube(validation = Rule::new("!has(self.nodePort) || self.serviceType == 'NodePort'").message("nodePort needs serviceType NodePort"))]
 pub struct GatewayPoolSettings {
     /// The fewest pods, whatever the load.
     #[serde(default = "default_min_replicas")]
@@ -62,6 +63,10 @@ pub struct GatewayPoolSettings {
     #[serde(default = "default_port")]
     #[schemars(range(min = 1, max = 65535))]
     pub port: i32,
+    /// The port on every node (`serviceType: NodePort` only; default: one Kubernetes picks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 30000, max = 32767))]
+    pub node_port: Option<i32>,
 }
 
 impl Default for GatewayPoolSettings {
@@ -73,6 +78,7 @@ impl Default for GatewayPoolSettings {
             resources: None,
             service_type: ServiceType::default(),
             port: default_port(),
+            node_port: None,
         }
     }
 }

@@ -88,7 +88,7 @@ pub fn build(cluster: &CourierCluster) -> Result<EmbeddedChildren, RenderError> 
         meta,
         &name,
         Component::Server,
-        &[("http", HTTP_PORT)],
+        &[("http", HTTP_PORT, None)],
         ServiceKind::Typed(cluster.spec.gateways.service_type.as_str()),
     );
     Ok(EmbeddedChildren {

@@ -102,7 +102,7 @@ pub fn build(
         service_meta,
         &cluster_name,
         Component::Gateway,
-        &[("http", pool.spec.pool.port)],
+        &[("http", pool.spec.pool.port, pool.spec.pool.node_port)],
         ServiceKind::Typed(pool.spec.pool.service_type.as_str()),
     );
     let disruption_budget = disruption_budget(

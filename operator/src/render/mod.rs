@@ -84,12 +84,13 @@ pub fn child_meta(
     }
 }
 
-/// A Service over `cluster`'s `component` pods with the named ports `(name, port)`.
+/// A Service over `cluster`'s `component` pods with the named ports `(name, port, node
+/// port)`.
 pub fn service(
     meta: ObjectMeta,
     cluster: &str,
     component: Component,
-    ports: &[(&str, i32)],
+    ports: &[(&str, i32, Option<i32>)],
     kind: ServiceKind,
 ) -> Service {
     let (type_, cluster_ip, publish_not_ready) = match kind {
@@ -106,9 +107,10 @@ pub fn service(
             ports: Some(
                 ports
                     .iter()
-                    .map(|(name, port)| ServicePort {
+                    .map(|(name, port, node_port)| ServicePort {
                         name: Some((*name).to_owned()),
                         port: *port,
+                        node_port: *node_port,
                         target_port: Some(IntOrString::String((*name).to_owned())),
                         protocol: Some("TCP".to_owned()),
                         ..ServicePort::default()

@@ -102,7 +102,7 @@ pub fn build(
         meta.clone(),
         &cluster_name,
         Component::Sequencer,
-        &[("internal", INTERNAL_PORT), ("http", HTTP_PORT)],
+        &[("internal", INTERNAL_PORT, None), ("http", HTTP_PORT, None)],
         ServiceKind::Headless,
     );
     let disruption_budget = disruption_budget(
