@@ -57,6 +57,11 @@ pub enum Error {
     /// The `CourierCluster` a pool names does not exist.
     #[error("CourierCluster {0} not found in the pool's namespace")]
     ClusterNotFound(String),
+    /// A shard set names a cluster on the embedded store, which has no sequencer pods.
+    #[error(
+        "CourierCluster {0} has embedded storage: a SequencerShardSet needs storage.foundationDb"
+    )]
+    NotFoundationDb(String),
     /// The finalizer could not be added or removed, or its cleanup failed.
     #[error("finalizer: {0}")]
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),

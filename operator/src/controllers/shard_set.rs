@@ -84,10 +84,7 @@ async fn admin_of(
         .storage
         .foundation_db
         .as_ref()
-        .ok_or(Error::Render(crate::render::RenderError::Incomplete {
-            kind: "CourierCluster".to_owned(),
-            field: "spec.storage.foundationDb",
-        }))?;
+        .ok_or_else(|| Error::NotFoundationDb(set.spec.cluster.clone()))?;
     let secret = &fdb.cluster_token_secret;
     let text = ctx.secret_text(&namespace, secret).await?;
     let token = ClusterToken::new(text.trim()).map_err(|e| Error::Secret {
@@ -273,12 +270,20 @@ async fn drain_leaving(
 /// hold the deletion up.
 async fn release(set: &SequencerShardSet, ctx: &Context) -> Result<Action, Error> {
     let (_, namespace) = name_and_namespace(set)?;
+    lock(&ctx.rebalancers).remove(&key(set));
     let cluster = match ctx.cluster(&namespace, &set.spec.cluster).await {
         Ok(cluster) => cluster,
         Err(Error::ClusterNotFound(_)) => return Ok(Action::await_change()),
         Err(e) => return Err(e),
     };
-    let admin = admin_of(ctx, set, &cluster, set.spec.sequencers.replicas).await?;
+    let admin = match admin_of(ctx, set, &cluster, set.spec.sequencers.replicas).await {
+        Ok(admin) => admin,
+        // Nothing to drain without sequencer pods or their token.
+        Err(Error::NotFoundationDb(_) | Error::Secret { .. }) => {
+            return Ok(Action::await_change());
+        }
+        Err(e) => return Err(e),
+    };
     match admin.sample().await {
         Ok(sample) => {
             for node in sample.nodes.keys() {
@@ -589,5 +594,121 @@ fn status(
         recent_moves,
         proposal,
         conditions,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::SequencerShardSetSpec;
+    use crate::rebalance::ObservedShard;
+    use kube::core::ObjectMeta;
+
+    fn sample(owners: &[&str]) -> Sample {
+        Sample {
+            nodes: owners
+                .iter()
+                .map(|o| (o.to_string(), format!("{o}:7500")))
+                .collect(),
+            shards: owners
+                .iter()
+                .enumerate()
+                .map(|(shard, owner)| {
+                    (
+                        shard as u32,
+                        ObservedShard {
+                            owner: owner.to_string(),
+                            load: 1.0,
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    fn planned(shard: u32, from: &str, to: &str, reason: MoveReason) -> Move {
+        Move {
+            shard,
+            from: from.into(),
+            to: to.into(),
+            reason,
+        }
+    }
+
+    fn set_with_approval(approved: Option<&str>) -> SequencerShardSet {
+        SequencerShardSet {
+            metadata: ObjectMeta {
+                annotations: approved
+                    .map(|id| BTreeMap::from([(APPROVE_ANNOTATION.to_owned(), id.to_owned())])),
+                ..ObjectMeta::default()
+            },
+            spec: SequencerShardSetSpec {
+                cluster: "prod".into(),
+                shards: 4,
+                sequencers: Default::default(),
+            },
+            status: None,
+        }
+    }
+
+    #[test]
+    fn pods_past_the_wanted_ones_keep_running_while_they_hold_shards() {
+        let holding = sample(&["s-0", "s-0", "s-3"]);
+        assert_eq!(replicas_to_run("s", 2, &holding), 4);
+        let evacuated = sample(&["s-0", "s-1"]);
+        assert_eq!(replicas_to_run("s", 2, &evacuated), 2);
+        assert_eq!(ordinal_of("s", "s-12"), Some(12));
+        assert_eq!(ordinal_of("s", "other-1"), None);
+    }
+
+    #[test]
+    fn evacuations_run_in_every_mode_and_load_moves_only_in_auto() {
+        let moves = vec![
+            planned(1, "a", "b", MoveReason::Evacuate),
+            planned(2, "b", "c", MoveReason::Relieve),
+        ];
+        let (now, proposed) = split_by_mode(RebalanceMode::Auto, moves.clone());
+        assert_eq!((now.len(), proposed.len()), (2, 0));
+        let (now, proposed) = split_by_mode(RebalanceMode::Proposal, moves.clone());
+        assert_eq!((now[0].shard, proposed[0].shard), (1, 2));
+        let (now, proposed) = split_by_mode(RebalanceMode::Off, moves);
+        assert_eq!((now.len(), proposed.len()), (1, 0));
+    }
+
+    #[test]
+    fn an_approved_proposal_keeps_only_the_moves_still_valid() {
+        let moves = vec![
+            planned(0, "a", "b", MoveReason::Relieve),
+            planned(1, "a", "b", MoveReason::Fill),
+        ];
+        let proposal = ShardProposal {
+            id: proposal_id(&moves),
+            moves: moves.iter().map(proposed_move).collect(),
+        };
+        // Shard 1 moved to c meanwhile: only shard 0's move is still valid.
+        let now = sample(&["a", "c", "b"]);
+        let approved = approved_moves(
+            &set_with_approval(Some(&proposal.id)),
+            Some(&proposal),
+            &now,
+        );
+        assert_eq!(approved, Some(vec![moves[0].clone()]));
+        assert_eq!(
+            approved_moves(&set_with_approval(Some("other")), Some(&proposal), &now),
+            None,
+            "an annotation naming another proposal approves nothing"
+        );
+        assert_eq!(
+            approved_moves(&set_with_approval(None), Some(&proposal), &now),
+            None
+        );
+    }
+
+    #[test]
+    fn proposal_ids_name_the_moves() {
+        let a = vec![planned(0, "a", "b", MoveReason::Relieve)];
+        let b = vec![planned(0, "a", "c", MoveReason::Relieve)];
+        assert_eq!(proposal_id(&a), proposal_id(&a.clone()));
+        assert_ne!(proposal_id(&a), proposal_id(&b));
     }
 }

@@ -310,3 +310,138 @@ fn probe(path: &str, failure_threshold: i32) -> Probe {
         ..Probe::default()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::{
+        CourierClusterSpec, EmbeddedStorage, FoundationDbStorage, MediaStore, S3MediaStore, Storage,
+    };
+
+    fn cluster(foundation_db: bool) -> CourierCluster {
+        let secret = |name: &str, key: &str| SecretKeyRef {
+            name: name.into(),
+            key: key.into(),
+        };
+        CourierCluster::new(
+            "prod",
+            CourierClusterSpec {
+                image: "courier:1".into(),
+                storage: Storage {
+                    embedded: (!foundation_db).then(|| EmbeddedStorage {
+                        size: "1Gi".into(),
+                        storage_class_name: None,
+                    }),
+                    foundation_db: foundation_db.then(|| FoundationDbStorage {
+                        cluster_file_secret: secret("fdb", "fdb.cluster"),
+                        cluster_token_secret: secret("tok", "token"),
+                    }),
+                },
+                jwt_secret: secret("jwt", "secret"),
+                media: foundation_db.then(|| MediaStore {
+                    s3: S3MediaStore {
+                        bucket: "media".into(),
+                        credentials_secret: "s3".into(),
+                    },
+                }),
+                push_secret: Some("push".into()),
+                shards: 64,
+                gateways: Default::default(),
+                sequencers: Default::default(),
+            },
+        )
+    }
+
+    const SHUTDOWN: Shutdown = Shutdown {
+        pre_stop_sleep_seconds: 3,
+        grace_seconds: 30,
+    };
+
+    fn env(template: &PodTemplateSpec) -> BTreeMap<String, EnvVar> {
+        let container = &template.spec.as_ref().unwrap().containers[0];
+        container
+            .env
+            .clone()
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.name.clone(), e))
+            .collect()
+    }
+
+    fn value(env: &BTreeMap<String, EnvVar>, name: &str) -> Option<String> {
+        env.get(name).and_then(|e| e.value.clone())
+    }
+
+    #[test]
+    fn a_foundationdb_pod_gets_the_cluster_file_and_token_as_mounted_files_and_media_in_s3() {
+        let template = template(&cluster(true), Component::Sequencer, vec![], None, SHUTDOWN);
+        let env = env(&template);
+        assert_eq!(value(&env, "COURIER_STORE").as_deref(), Some("fdb"));
+        assert_eq!(
+            value(&env, "COURIER_FDB_CLUSTER_FILE").as_deref(),
+            Some("/etc/courier/fdb/fdb.cluster")
+        );
+        assert_eq!(
+            value(&env, "COURIER_CLUSTER_TOKEN_FILE").as_deref(),
+            Some("/etc/courier/token/token")
+        );
+        assert_eq!(
+            value(&env, "COURIER_MEDIA_S3_BUCKET").as_deref(),
+            Some("media")
+        );
+        assert_eq!(value(&env, "COURIER_SHARDS").as_deref(), Some("64"));
+        let jwt = env["COURIER_JWT_SECRET"].value_from.as_ref().unwrap();
+        assert_eq!(jwt.secret_key_ref.as_ref().unwrap().name, "jwt");
+        let spec = template.spec.unwrap();
+        let container = &spec.containers[0];
+        let mounts: Vec<&str> = container
+            .volume_mounts
+            .iter()
+            .flatten()
+            .map(|m| m.mount_path.as_str())
+            .collect();
+        for path in [
+            "/etc/courier/fdb",
+            "/etc/courier/token",
+            "/etc/courier/push",
+            DATA_DIR,
+        ] {
+            assert!(mounts.contains(&path), "{path} in {mounts:?}");
+        }
+        let from: Vec<String> = container
+            .env_from
+            .iter()
+            .flatten()
+            .filter_map(|e| e.secret_ref.as_ref().map(|s| s.name.clone()))
+            .collect();
+        assert_eq!(from, ["s3", "push"]);
+        assert_eq!(spec.termination_grace_period_seconds, Some(30));
+        let ports: Vec<i32> = container
+            .ports
+            .iter()
+            .flatten()
+            .map(|p| p.container_port)
+            .collect();
+        assert_eq!(ports, [HTTP_PORT, INTERNAL_PORT]);
+    }
+
+    #[test]
+    fn an_embedded_pod_has_no_foundationdb_settings_and_no_internal_port() {
+        let template = template(&cluster(false), Component::Server, vec![], None, SHUTDOWN);
+        let env = env(&template);
+        assert!(!env.contains_key("COURIER_STORE"));
+        assert!(!env.contains_key("COURIER_FDB_CLUSTER_FILE"));
+        let container = &template.spec.as_ref().unwrap().containers[0];
+        let ports: Vec<i32> = container
+            .ports
+            .iter()
+            .flatten()
+            .map(|p| p.container_port)
+            .collect();
+        assert_eq!(ports, [HTTP_PORT]);
+        assert_eq!(
+            container.args.as_deref(),
+            Some(&["--log-format".to_owned(), "json".to_owned()][..])
+        );
+    }
+}
