@@ -78,7 +78,8 @@ fn main() -> anyhow::Result<()> {
 async fn run(listen: SocketAddr, lease_namespace: String, identity: String) -> anyhow::Result<()> {
     let client = Client::try_default().await?;
     let metrics = Arc::new(Metrics::new());
-    let server = tokio::spawn(serve(listen, metrics.clone()));
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let server = tokio::spawn(serve(listener, metrics.clone()));
     let manager = LeaseManagerBuilder::new(client.clone(), "courier-operator")
         .with_namespace(lease_namespace)
         .with_identity(identity)

@@ -1,7 +1,6 @@
 //! The operator's own Prometheus metrics, named `courier_operator_<what>`, served on
 //! `/metrics` with `/healthz` ([`serve`]).
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
@@ -13,6 +12,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
 
 /// Labels of a controller's counters.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -107,8 +107,8 @@ impl Metrics {
     }
 }
 
-/// Serves `/metrics` and `/healthz` on `address` until the process ends.
-pub async fn serve(address: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<()> {
+/// Serves `/metrics` and `/healthz` on `listener` until the process ends.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) -> std::io::Result<()> {
     let router = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route(
@@ -123,6 +123,39 @@ pub async fn serve(address: SocketAddr, metrics: Arc<Metrics>) -> std::io::Resul
                 )
             }),
         );
-    let listener = tokio::net::TcpListener::bind(address).await?;
     axum::serve(listener, router).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn serves_health_and_the_operators_metrics() {
+        let metrics = Arc::new(Metrics::new());
+        metrics
+            .reconciliations
+            .get_or_create(&ControllerLabel {
+                controller: "shard-set",
+            })
+            .inc();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let server = tokio::spawn(serve(listener, metrics));
+        let health = reqwest::get(format!("http://{address}/healthz"))
+            .await
+            .unwrap();
+        assert_eq!(health.status(), 200);
+        let text = reqwest::get(format!("http://{address}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(
+            text.contains("courier_operator_reconciliations_total{controller=\"shard-set\"} 1"),
+            "{text}"
+        );
+        server.abort();
+    }
 }
