@@ -91,6 +91,11 @@ impl GatewayAutoscaler {
         Self::default()
     }
 
+    /// When the last decision was made (ms since the epoch), if any.
+    pub fn last_decision_ms(&self) -> Option<u64> {
+        self.targets.back().map(|(at, _)| *at)
+    }
+
     /// The decision for a pool of `replicas` pods whose pods hold `connections` (by pod name).
     pub fn decide(
         &mut self,

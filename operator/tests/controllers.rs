@@ -706,6 +706,7 @@ async fn a_hot_sequencer_pod_gives_a_shard_to_the_other_and_the_move_is_recorded
             RebalancerState {
                 rebalancer,
                 next_plan_ms: 0,
+                last_sample_ms: None,
             },
         );
         shard_set::reconcile(Arc::new(shard_set(2)), ctx)
@@ -819,4 +820,95 @@ async fn an_evacuated_pod_is_drained_and_then_the_statefulset_shrinks() {
         ["prod-sequencers-1"]
     );
     assert!(data_plane.admin.moves.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_shard_set_woken_between_samples_applies_its_workloads_and_samples_nothing() {
+    let data_plane = Arc::new(FakeDataPlane::with_sample(sample(
+        &[0, 1],
+        &[0, 0, 1, 1],
+        &[100.0, 100.0, 0.0, 0.0],
+    )));
+    let mut expected = vec![
+        expect(
+            Method::GET,
+            "/apis/courier.dev/v1alpha1/namespaces/chat/courierclusters/prod",
+            |_| {},
+        )
+        .answer(serde_json::to_value(cluster(false)).unwrap()),
+        expect(
+            Method::GET,
+            "/apis/apps/v1/namespaces/chat/statefulsets/prod-sequencers",
+            |_| {},
+        )
+        .answer(stateful_set(2)),
+    ];
+    // Even with one replica wanted, nothing shrinks without a sample.
+    expected.extend(shard_set_applies(2));
+    reconciled(expected, data_plane.clone(), async |ctx| {
+        ctx.rebalancers.lock().unwrap().insert(
+            format!("{NS}/prod-sequencers"),
+            RebalancerState {
+                rebalancer: Rebalancer::new(PlannerPolicy::default()),
+                next_plan_ms: 0,
+                last_sample_ms: Some(1_000_000 - 5_000),
+            },
+        );
+        let action = shard_set::reconcile(Arc::new(shard_set(1)), ctx)
+            .await
+            .unwrap();
+        assert_eq!(
+            action,
+            kube::runtime::controller::Action::requeue(std::time::Duration::from_secs(10))
+        );
+    })
+    .await;
+    assert!(data_plane.admin.moves.lock().unwrap().is_empty());
+    assert!(data_plane.admin.drains.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_gateway_pool_woken_between_samples_keeps_its_size_and_reads_no_connections() {
+    let data_plane = Arc::new(FakeDataPlane::default());
+    let expected = vec![
+        expect(
+            Method::GET,
+            "/apis/courier.dev/v1alpha1/namespaces/chat/courierclusters/prod",
+            |_| {},
+        )
+        .answer(serde_json::to_value(cluster(false)).unwrap()),
+        expect(
+            Method::GET,
+            "/apis/apps/v1/namespaces/chat/deployments/prod-gateways",
+            |_| {},
+        )
+        .answer(deployment(3)),
+        expect(
+            APPLY,
+            "/apis/apps/v1/namespaces/chat/deployments/prod-gateways",
+            |body| {
+                assert_eq!(body["spec"]["replicas"], 3);
+            },
+        ),
+        expect(APPLY, "/api/v1/namespaces/chat/services/prod", |_| {}),
+        expect(
+            APPLY,
+            "/apis/policy/v1/namespaces/chat/poddisruptionbudgets/prod-gateways",
+            |_| {},
+        ),
+    ];
+    reconciled(expected, data_plane, async |ctx| {
+        {
+            let policy = courier_operator::autoscale::ScalePolicy::new(2, 8, 1000);
+            let mut autoscalers = ctx.autoscalers.lock().unwrap();
+            let autoscaler = autoscalers
+                .entry(format!("{NS}/prod-gateways"))
+                .or_default();
+            autoscaler.decide(&policy, 3, &BTreeMap::new(), 1_000_000 - 5_000);
+        }
+        gateway_pool::reconcile(Arc::new(pool()), ctx)
+            .await
+            .unwrap();
+    })
+    .await;
 }

@@ -44,13 +44,26 @@ pub async fn reconcile(pool: Arc<GatewayPool>, ctx: Arc<Context>) -> Result<Acti
         }
         Err(e) => return Err(e),
     };
-    let connections = connections(&ctx, &namespace, &pool.spec.cluster).await?;
-    let deployments = Api::<Deployment>::namespaced(ctx.client.clone(), &namespace);
-    let current = deployments
-        .get_opt(&name)
-        .await?
-        .and_then(|d| d.spec.and_then(|s| s.replicas));
     let settings = &pool.spec.pool;
+    let last = lock(&ctx.autoscalers)
+        .get(&key(pool.as_ref()))
+        .and_then(|a| a.last_decision_ms());
+    let interval = SAMPLE_INTERVAL.as_millis() as u64;
+    if let Some(next) = last
+        .map(|at| at + interval)
+        .filter(|next| now_ms + interval / 10 < *next)
+    {
+        // Woken between samples (a watch event): keep the objects applied at the current size,
+        // and sample when the next one is due.
+        let current = current_replicas(&ctx, &namespace, &name).await?;
+        let children = gateways::build(&pool, &cluster, current.unwrap_or(settings.min_replicas))?;
+        apply(&ctx.client, &children.deployment).await?;
+        apply(&ctx.client, &children.service).await?;
+        apply(&ctx.client, &children.disruption_budget).await?;
+        return Ok(Action::requeue(Duration::from_millis(next - now_ms)));
+    }
+    let connections = connections(&ctx, &namespace, &pool.spec.cluster).await?;
+    let current = current_replicas(&ctx, &namespace, &name).await?;
     let policy = ScalePolicy::new(
         settings.min_replicas,
         settings.max_replicas,
@@ -88,6 +101,18 @@ pub async fn reconcile(pool: Arc<GatewayPool>, ctx: Arc<Context>) -> Result<Acti
 /// Counts the failure and retries later.
 pub fn error_policy(_pool: Arc<GatewayPool>, error: &Error, ctx: Arc<Context>) -> Action {
     retry_after_error(&ctx.metrics, CONTROLLER, error)
+}
+
+/// The replicas the pool's Deployment asks for, if it exists.
+async fn current_replicas(
+    ctx: &Context,
+    namespace: &str,
+    name: &str,
+) -> Result<Option<i32>, Error> {
+    Ok(Api::<Deployment>::namespaced(ctx.client.clone(), namespace)
+        .get_opt(name)
+        .await?
+        .and_then(|d| d.spec.and_then(|s| s.replicas)))
 }
 
 /// Connections of each ready gateway pod of `cluster`; a pod whose metrics cannot be read is

@@ -106,6 +106,8 @@ pub struct RebalancerState {
     pub rebalancer: Rebalancer,
     /// When the next load-driven plan is due (ms since the epoch).
     pub next_plan_ms: u64,
+    /// When the loads were last sampled (ms since the epoch).
+    pub last_sample_ms: Option<u64>,
 }
 
 impl Context {

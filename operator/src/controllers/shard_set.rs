@@ -110,6 +110,15 @@ async fn run(set: &SequencerShardSet, ctx: &Context) -> Result<Action, Error> {
         .and_then(|s| s.replicas)
         .unwrap_or(0);
     let wanted = set.spec.sequencers.replicas;
+    let policy = &set.spec.sequencers.rebalance;
+    let sample_ms = policy.sample_seconds.max(1).saturating_mul(1000);
+    if let Some(wait_ms) = sample_wait(ctx, set, now_ms, sample_ms) {
+        // Woken between samples (a watch event): keep the workloads applied (never shrinking
+        // them blind), and sample when the next one is due, so that the trends count samples,
+        // not events.
+        apply_children(ctx, set, &cluster, running.max(wanted)).await?;
+        return Ok(Action::requeue(Duration::from_millis(wait_ms)));
+    }
     let admin = admin_of(ctx, set, &cluster, running.max(wanted)).await?;
     let sample = if running > 0 {
         Some(admin.sample().await)
@@ -131,12 +140,9 @@ async fn run(set: &SequencerShardSet, ctx: &Context) -> Result<Action, Error> {
         }
         None => wanted,
     };
-    let children = sequencers::build(set, &cluster, replicas)?;
-    let stateful_set: StatefulSet = apply(&ctx.client, &children.stateful_set).await?;
-    apply(&ctx.client, &children.service).await?;
-    apply(&ctx.client, &children.disruption_budget).await?;
-
-    let policy = &set.spec.sequencers.rebalance;
+    let stateful_set = apply_children(ctx, set, &cluster, replicas).await?;
+    let mut state = take_state(ctx, set, now_ms);
+    state.last_sample_ms = Some(now_ms);
     let mut proposal = set.status.as_ref().and_then(|s| s.proposal.clone());
     let mut done = Vec::new();
     if let Some(Ok(sample)) = &sample {
@@ -146,7 +152,6 @@ async fn run(set: &SequencerShardSet, ctx: &Context) -> Result<Action, Error> {
             .collect();
         let view = sample.view(Some(&desired));
         let paused = rollout_in_progress(&stateful_set, replicas);
-        let mut state = take_state(ctx, set, now_ms);
         state.rebalancer.set_policy(PlannerPolicy::from(policy));
         state.rebalancer.observe(&view);
         let urgent = view.shards.values().any(|s| !view.pods.contains(&s.owner))
@@ -183,13 +188,13 @@ async fn run(set: &SequencerShardSet, ctx: &Context) -> Result<Action, Error> {
             ctx.clock,
         )
         .await;
-        put_state(ctx, set, state);
         record_moves(ctx, set, &done).await;
         ctx.metrics
             .max_over_mean
             .get_or_create(&ResourceLabel { resource: key(set) })
             .set(max_over_mean(sample, &desired));
     }
+    put_state(ctx, set, state);
     let status = status(
         set,
         &stateful_set,
@@ -210,6 +215,27 @@ async fn run(set: &SequencerShardSet, ctx: &Context) -> Result<Action, Error> {
 struct Notes {
     admin_error: Option<String>,
     paused: Option<String>,
+}
+
+/// Applies the set's StatefulSet (with `replicas` pods), headless Service and PDB.
+async fn apply_children(
+    ctx: &Context,
+    set: &SequencerShardSet,
+    cluster: &CourierCluster,
+    replicas: i32,
+) -> Result<StatefulSet, Error> {
+    let children = sequencers::build(set, cluster, replicas)?;
+    let stateful_set = apply(&ctx.client, &children.stateful_set).await?;
+    apply(&ctx.client, &children.service).await?;
+    apply(&ctx.client, &children.disruption_budget).await?;
+    Ok(stateful_set)
+}
+
+/// How long until the next sample is due, or `None` when it is (10 % early is on time).
+fn sample_wait(ctx: &Context, set: &SequencerShardSet, now_ms: u64, sample_ms: u64) -> Option<u64> {
+    let last = lock(&ctx.rebalancers).get(&key(set))?.last_sample_ms?;
+    let next = last + sample_ms;
+    (now_ms + sample_ms / 10 < next).then(|| next - now_ms)
 }
 
 /// Pods to run: the wanted ones, and any pod past them that still holds shards.
@@ -401,6 +427,7 @@ fn take_state(ctx: &Context, set: &SequencerShardSet, now_ms: u64) -> Rebalancer
         .unwrap_or_else(|| RebalancerState {
             rebalancer: Rebalancer::new(policy),
             next_plan_ms: now_ms + jittered(set.spec.sequencers.rebalance.interval_seconds),
+            last_sample_ms: None,
         })
 }
 

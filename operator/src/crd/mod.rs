@@ -122,6 +122,9 @@ mod tests {
                 "sequencershardsets.courier.dev.yaml"
             ]
         );
+        for crd in all() {
+            assert_eq!(crd.spec.group, GROUP);
+        }
         for (name, body) in &files {
             assert!(body.contains("additionalPrinterColumns"), "{name}");
             assert!(
