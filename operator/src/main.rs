@@ -112,6 +112,7 @@ async fn run_controllers(client: Client, ctx: Arc<Context>) {
     let config = watcher::Config::default().any_semantic();
     let clusters = Controller::new(Api::<CourierCluster>::all(client.clone()), config.clone())
         .owns(Api::<StatefulSet>::all(client.clone()), config.clone())
+        .owns(Api::<Deployment>::all(client.clone()), config.clone())
         .owns(Api::<GatewayPool>::all(client.clone()), config.clone())
         .owns(
             Api::<SequencerShardSet>::all(client.clone()),

@@ -10,8 +10,8 @@ use courier_operator::controllers::{
     Context, DataPlane, RebalancerState, cluster, gateway_pool, shard_set,
 };
 use courier_operator::crd::{
-    CourierCluster, CourierClusterSpec, EmbeddedStorage, FoundationDbStorage, GatewayPool,
-    GatewayPoolSettings, GatewayPoolSpec, MediaStore, S3MediaStore, SecretKeyRef,
+    CourierCluster, CourierClusterSpec, EmbeddedStorage, FanoutSettings, FoundationDbStorage,
+    GatewayPool, GatewayPoolSettings, GatewayPoolSpec, MediaStore, S3MediaStore, SecretKeyRef,
     SequencerSettings, SequencerShardSet, SequencerShardSetSpec, Storage,
 };
 use courier_operator::metrics::Metrics;
@@ -231,6 +231,7 @@ fn cluster(embedded: bool) -> CourierCluster {
             shards: 64,
             gateways: GatewayPoolSettings::default(),
             sequencers: SequencerSettings::default(),
+            fanout: FanoutSettings::default(),
         },
         status: None,
     }
@@ -323,6 +324,19 @@ async fn a_foundationdb_cluster_applies_its_gateway_pool_and_shard_set() {
         ),
         expect(
             APPLY,
+            "/apis/apps/v1/namespaces/chat/deployments/prod-fanout",
+            |body| {
+                assert_eq!(body["spec"]["replicas"], 2);
+                assert_eq!(args(body)[2..5], ["node", "--roles", "fanout"]);
+                let env = body["spec"]["template"]["spec"]["containers"][0]["env"].to_string();
+                assert!(
+                    !env.contains("COURIER_JWT_SECRET"),
+                    "fanout pods get no client secret"
+                );
+            },
+        ),
+        expect(
+            APPLY,
             "/apis/courier.dev/v1alpha1/namespaces/chat/courierclusters/prod/status",
             |body| {
                 assert_eq!(body["status"]["storage"], "foundationDb");
@@ -411,10 +425,7 @@ async fn a_gateway_pool_scales_up_at_once_to_what_its_connections_need() {
             |body| {
                 assert_eq!(body["spec"]["replicas"], 5);
                 let args = args(body);
-                assert_eq!(
-                    args[2..5],
-                    ["node", "--roles", "gateway,chat,fanout,push,media"]
-                );
+                assert_eq!(args[2..5], ["node", "--roles", "gateway,chat,media"]);
                 let pod = &body["spec"]["template"]["spec"];
                 assert_eq!(pod["terminationGracePeriodSeconds"], 110);
                 assert_eq!(

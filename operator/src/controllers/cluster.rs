@@ -1,12 +1,13 @@
 //! The `CourierCluster` controller: an embedded cluster becomes one `courier serve`
 //! StatefulSet and its Service; a FoundationDB cluster becomes a `GatewayPool` and a
-//! `SequencerShardSet` (whose own controllers render their pods). The status says which, and
-//! is Ready when what it owns is.
+//! `SequencerShardSet` (whose own controllers render their pods), the fanout Deployment and,
+//! with push providers, the push notifier's. The status says which, and is Ready when what it
+//! owns is.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::Action;
 
@@ -14,7 +15,7 @@ use super::{Context, Error, apply, apply_status, counted, retry_after_error};
 use crate::crd::{
     ConditionType, Conditions, CourierCluster, CourierClusterStatus, GatewayPool, SequencerShardSet,
 };
-use crate::render::{embedded, pools};
+use crate::render::{delivery, embedded, pools};
 
 const CONTROLLER: &str = "cluster";
 
@@ -35,14 +36,25 @@ pub async fn reconcile(cluster: Arc<CourierCluster>, ctx: Arc<Context>) -> Resul
         let pools = pools::build(&cluster)?;
         let gateways: GatewayPool = apply(&ctx.client, &pools.gateways).await?;
         let sequencers: SequencerShardSet = apply(&ctx.client, &pools.sequencers).await?;
+        let fanout: Deployment = apply(&ctx.client, &delivery::fanout(&cluster)?).await?;
+        if let Some(push) = delivery::push(&cluster)? {
+            apply(&ctx.client, &push).await?;
+        }
         let gateways_ready = is_ready(gateways.status.as_ref().map(|s| &s.conditions[..]));
         let sequencers_ready = is_ready(sequencers.status.as_ref().map(|s| &s.conditions[..]));
+        let fanout_ready = fanout
+            .status
+            .as_ref()
+            .and_then(|s| s.ready_replicas)
+            .unwrap_or(0)
+            >= cluster.spec.fanout.replicas;
         (
-            gateways_ready && sequencers_ready,
+            gateways_ready && sequencers_ready && fanout_ready,
             format!(
-                "gateway pool {}, shard set {}",
+                "gateway pool {}, shard set {}, fanout {}",
                 readiness(gateways_ready),
-                readiness(sequencers_ready)
+                readiness(sequencers_ready),
+                readiness(fanout_ready)
             ),
         )
     };

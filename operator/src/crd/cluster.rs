@@ -61,6 +61,35 @@ pub struct CourierClusterSpec {
     /// The sequencer pods (FoundationDB storage only).
     #[serde(default)]
     pub sequencers: SequencerSettings,
+    /// The fanout pods (FoundationDB storage only).
+    #[serde(default)]
+    pub fanout: FanoutSettings,
+}
+
+/// The fanout pods: they deliver committed events to the gateways holding the recipients.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FanoutSettings {
+    /// Fanout pods; the shards' outboxes are split evenly between them.
+    #[serde(default = "default_fanout_replicas")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub replicas: i32,
+    /// CPU and memory of each fanout pod (and of the push notifier's pod).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<k8s_openapi::api::core::v1::ResourceRequirements>,
+}
+
+impl Default for FanoutSettings {
+    fn default() -> Self {
+        Self {
+            replicas: default_fanout_replicas(),
+            resources: None,
+        }
+    }
+}
+
+fn default_fanout_replicas() -> i32 {
+    2
 }
 
 fn default_shards() -> u32 {

@@ -12,8 +12,8 @@ mod gateway_pool;
 mod shard_set;
 
 pub use cluster::{
-    CourierCluster, CourierClusterSpec, CourierClusterStatus, EmbeddedStorage, FoundationDbStorage,
-    MediaStore, S3MediaStore, SecretKeyRef, Storage,
+    CourierCluster, CourierClusterSpec, CourierClusterStatus, EmbeddedStorage, FanoutSettings,
+    FoundationDbStorage, MediaStore, S3MediaStore, SecretKeyRef, Storage,
 };
 pub use conditions::{ConditionType, Conditions};
 pub use gateway_pool::{

@@ -1,37 +1,33 @@
-//! A gateway pool's objects: a Deployment of pods running the client roles behind the client
-//! Service, and a PodDisruptionBudget keeping at most 10 % of them down.
-//!
-//! The data plane runs the client roles (gateway, chat, fanout, push, media) together on one
-//! node for now (`courier node` refuses them apart), so they share these pods; when fanout,
-//! push and media can run on their own, they get Deployments of their own here.
+//! A gateway pool's objects: a Deployment of pods serving the client port (the data plane runs
+//! gateway, chat and media together) behind the client Service, and a PodDisruptionBudget
+//! keeping at most 10 % of them down. Any number of gateway pods may run; fanout and the push
+//! notifier run in pods of their own ([`super::delivery`]).
 //!
 //! Scale-down drains a pod before it goes: the pod the autoscaler picked carries the lowest
 //! `controller.kubernetes.io/pod-deletion-cost`; on deletion the native `preStop` sleep lets
 //! the endpoints drop it, then SIGTERM makes the gateway tell its clients to reconnect
 //! elsewhere (`--drain-timeout`), within a grace period of sleep + drain + margin.
 
-use k8s_openapi::api::apps::v1::{
-    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
-};
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::pod::{self, Component, HTTP_PORT, INTERNAL_PORT, Shutdown};
 use super::{
-    RenderError, ServiceKind, child_meta, disruption_budget, name_and_namespace, owner_reference,
-    service,
+    RenderError, Rollout, ServiceKind, child_meta, deployment, disruption_budget,
+    name_and_namespace, owner_reference, service,
 };
 use crate::crd::{CourierCluster, GatewayPool};
 
-/// The roles of a gateway pod.
-pub const CLIENT_ROLES: &str = "gateway,chat,fanout,push,media";
+/// The roles of a gateway pod: the client port.
+pub const CLIENT_ROLES: &str = "gateway,chat,media";
 
 /// How long a gateway spends telling its clients to reconnect elsewhere on SIGTERM.
 pub const DRAIN_SECONDS: i64 = 90;
 
 /// The preStop sleep, the drain and 15 s of margin.
-const SHUTDOWN: Shutdown = Shutdown {
+pub const SHUTDOWN: Shutdown = Shutdown {
     pre_stop_sleep_seconds: 5,
     grace_seconds: 5 + DRAIN_SECONDS + 15,
 };
@@ -79,23 +75,14 @@ pub fn build(
         SHUTDOWN,
     );
     let meta = child_meta(&name, &namespace, &cluster_name, Component::Gateway, owner);
-    let deployment = Deployment {
-        metadata: meta.clone(),
-        spec: Some(DeploymentSpec {
-            replicas: Some(replicas),
-            selector: pod::selector(&cluster_name, Component::Gateway),
-            template,
-            strategy: Some(DeploymentStrategy {
-                type_: Some("RollingUpdate".to_owned()),
-                rolling_update: Some(RollingUpdateDeployment {
-                    max_surge: Some(IntOrString::String("25%".to_owned())),
-                    max_unavailable: Some(IntOrString::Int(0)),
-                }),
-            }),
-            ..DeploymentSpec::default()
-        }),
-        ..Deployment::default()
-    };
+    let deployment = deployment(
+        meta.clone(),
+        &cluster_name,
+        Component::Gateway,
+        replicas,
+        template,
+        Rollout::Surge,
+    );
     let mut service_meta = meta.clone();
     service_meta.name = Some(cluster_name.clone());
     let service = service(

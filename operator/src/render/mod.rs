@@ -4,16 +4,21 @@
 //!
 //! - [`embedded`]: an embedded-storage cluster is one `courier serve` StatefulSet with a volume;
 //! - [`pools`]: a FoundationDB cluster owns a `GatewayPool` and a `SequencerShardSet`;
-//! - [`gateways`]: a pool's Deployment (the client roles), client Service and PDB;
-//! - [`sequencers`]: a shard set's StatefulSet (`OnDelete`), headless Service and PDB.
+//! - [`gateways`]: a pool's Deployment (the client port), client Service and PDB;
+//! - [`sequencers`]: a shard set's StatefulSet (`OnDelete`), headless Service and PDB;
+//! - [`delivery`]: a FoundationDB cluster's fanout Deployment and push notifier.
 
+pub mod delivery;
 pub mod embedded;
 pub mod gateways;
 pub mod pod;
 pub mod pools;
 pub mod sequencers;
 
-use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+use k8s_openapi::api::apps::v1::{
+    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
+};
+use k8s_openapi::api::core::v1::{PodTemplateSpec, Service, ServicePort, ServiceSpec};
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -147,5 +152,49 @@ pub fn disruption_budget(
             ..PodDisruptionBudgetSpec::default()
         }),
         ..PodDisruptionBudget::default()
+    }
+}
+
+/// How a Deployment replaces its pods.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rollout {
+    /// New pods first (a quarter more at a time), none down meanwhile.
+    Surge,
+    /// The old pod goes before the new one starts (a singleton that refuses a twin).
+    Recreate,
+}
+
+/// A Deployment of `replicas` pods of `cluster`'s `component` from `template`.
+pub fn deployment(
+    meta: ObjectMeta,
+    cluster: &str,
+    component: Component,
+    replicas: i32,
+    template: PodTemplateSpec,
+    rollout: Rollout,
+) -> Deployment {
+    let strategy = match rollout {
+        Rollout::Surge => DeploymentStrategy {
+            type_: Some("RollingUpdate".to_owned()),
+            rolling_update: Some(RollingUpdateDeployment {
+                max_surge: Some(IntOrString::String("25%".to_owned())),
+                max_unavailable: Some(IntOrString::Int(0)),
+            }),
+        },
+        Rollout::Recreate => DeploymentStrategy {
+            type_: Some("Recreate".to_owned()),
+            rolling_update: None,
+        },
+    };
+    Deployment {
+        metadata: meta,
+        spec: Some(DeploymentSpec {
+            replicas: Some(replicas),
+            selector: pod::selector(cluster, component),
+            template,
+            strategy: Some(strategy),
+            ..DeploymentSpec::default()
+        }),
+        ..Deployment::default()
     }
 }

@@ -30,10 +30,14 @@ const RUN_AS_USER: i64 = 10001;
 pub enum Component {
     /// `courier serve`: every role on the embedded store (one pod).
     Server,
-    /// The client roles (gateway, chat, fanout, push, media).
+    /// The client port: gateway, chat and media (`courier node` runs them together).
     Gateway,
     /// The sequencer role.
     Sequencer,
+    /// The fanout role.
+    Fanout,
+    /// The push notifier, on a node with the client port of its own (one per cluster).
+    Push,
 }
 
 impl Component {
@@ -43,7 +47,22 @@ impl Component {
             Component::Server => "server",
             Component::Gateway => "gateway",
             Component::Sequencer => "sequencer",
+            Component::Fanout => "fanout",
+            Component::Push => "push",
         }
+    }
+
+    /// Whether its pods serve clients (and so verify client tokens and serve media).
+    fn serves_clients(self) -> bool {
+        matches!(
+            self,
+            Component::Server | Component::Gateway | Component::Push
+        )
+    }
+
+    /// Whether its pods send push notifications.
+    fn pushes(self) -> bool {
+        matches!(self, Component::Server | Component::Push)
     }
 }
 
@@ -102,10 +121,12 @@ pub fn template(
         field_env("POD_NAME", "metadata.name"),
         field_env("POD_NAMESPACE", "metadata.namespace"),
         field_env("POD_IP", "status.podIP"),
-        secret_env("COURIER_JWT_SECRET", &spec.jwt_secret),
         value_env("COURIER_SHARDS", &spec.shards.to_string()),
         value_env("COURIER_DATA_DIR", DATA_DIR),
     ];
+    if component.serves_clients() {
+        env.push(secret_env("COURIER_JWT_SECRET", &spec.jwt_secret));
+    }
     let mut env_from = Vec::new();
     // `data` is an emptyDir unless a volume claim template of that name replaces it.
     let mut volumes = vec![empty_dir("data"), empty_dir("tmp")];
@@ -125,11 +146,11 @@ pub fn template(
         mounts.push(mount("fdb", "/etc/courier/fdb", true));
         mounts.push(mount("cluster-token", "/etc/courier/token", true));
     }
-    if let Some(media) = &spec.media {
+    if let Some(media) = spec.media.as_ref().filter(|_| component.serves_clients()) {
         env.push(value_env("COURIER_MEDIA_S3_BUCKET", &media.s3.bucket));
         env_from.push(secret_env_from(&media.s3.credentials_secret));
     }
-    if let Some(push) = &spec.push_secret {
+    if let Some(push) = spec.push_secret.as_ref().filter(|_| component.pushes()) {
         env_from.push(secret_env_from(push));
         volumes.push(Volume {
             name: "push".to_owned(),
@@ -348,6 +369,7 @@ mod tests {
                 shards: 64,
                 gateways: Default::default(),
                 sequencers: Default::default(),
+                fanout: Default::default(),
             },
         )
     }
@@ -374,7 +396,7 @@ mod tests {
 
     #[test]
     fn a_foundationdb_pod_gets_the_cluster_file_and_token_as_mounted_files_and_media_in_s3() {
-        let template = template(&cluster(true), Component::Sequencer, vec![], None, SHUTDOWN);
+        let template = template(&cluster(true), Component::Push, vec![], None, SHUTDOWN);
         let env = env(&template);
         assert_eq!(value(&env, "COURIER_STORE").as_deref(), Some("fdb"));
         assert_eq!(
@@ -423,6 +445,25 @@ mod tests {
             .map(|p| p.container_port)
             .collect();
         assert_eq!(ports, [HTTP_PORT, INTERNAL_PORT]);
+    }
+
+    #[test]
+    fn sequencer_and_fanout_pods_get_no_client_secrets() {
+        for component in [Component::Sequencer, Component::Fanout] {
+            let template = template(&cluster(true), component, vec![], None, SHUTDOWN);
+            let env = env(&template);
+            assert!(!env.contains_key("COURIER_JWT_SECRET"), "{component:?}");
+            assert!(
+                !env.contains_key("COURIER_MEDIA_S3_BUCKET"),
+                "{component:?}"
+            );
+            assert!(
+                env.contains_key("COURIER_FDB_CLUSTER_FILE"),
+                "{component:?}"
+            );
+            let container = &template.spec.as_ref().unwrap().containers[0];
+            assert!(container.env_from.is_none(), "{component:?}");
+        }
     }
 
     #[test]
