@@ -12,6 +12,7 @@ use courier_rpc::proto::admin_client::AdminClient;
 use courier_rpc::proto::{
     DrainRequest, ListNodesRequest, ListShardsRequest, MoveShardRequest, TakeShardsRequest,
 };
+use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -219,8 +220,9 @@ async fn a_server_with_the_wrong_cluster_token_does_not_start() {
     );
 }
 
-/// A sequencer node (`courier node --roles sequencer`) on its own loopback address.
-struct SequencerNode {
+/// A node without a client port (`courier node --roles sequencer`, or `fanout`) on its own
+/// loopback address.
+struct InternalNode {
     child: Child,
     /// Its internal gRPC address (sequencer and admin API).
     address: String,
@@ -228,23 +230,24 @@ struct SequencerNode {
     probes: String,
 }
 
-impl SequencerNode {
-    fn start(id: &str, host: &str, store: &StoreNode, dir: &Path) -> SequencerNode {
-        SequencerNode::start_in(&[], id, host, store, dir)
+impl InternalNode {
+    fn start(id: &str, host: &str, store: &StoreNode, dir: &Path) -> InternalNode {
+        InternalNode::start_in(&[], "sequencer", id, host, store, dir)
     }
 
-    /// Starts it prefixed by `wrapper` (e.g. `ip netns exec NS`).
+    /// Starts it with `roles`, prefixed by `wrapper` (e.g. `ip netns exec NS`).
     fn start_in(
         wrapper: &[&str],
+        roles: &str,
         id: &str,
         host: &str,
         store: &StoreNode,
         dir: &Path,
-    ) -> SequencerNode {
+    ) -> InternalNode {
         let mut args: Vec<String> = [
             "node",
             "--roles",
-            "sequencer",
+            roles,
             "--node-id",
             id,
             "--internal-listen",
@@ -264,7 +267,7 @@ impl SequencerNode {
         args.extend(remote_store_args(store));
         let (child, rest) = spawn_wrapped(wrapper, &args, "node ready on internal ");
         let probes = first_word(rest.split("probes ").nth(1).expect("the probes address"));
-        SequencerNode {
+        InternalNode {
             child,
             address: first_word(&rest),
             probes,
@@ -282,7 +285,7 @@ impl SequencerNode {
     }
 }
 
-impl Drop for SequencerNode {
+impl Drop for InternalNode {
     fn drop(&mut self) {
         self.signal(libc::SIGCONT);
         let _ = self.child.kill();
@@ -353,12 +356,17 @@ async fn send_round(
     }
 }
 
-/// A front node (the client roles) on `store`.
+/// A front node (every client role) on `store`.
 fn front_node(store: &StoreNode, dir: &Path) -> Server {
+    gateway_node(store, dir, "front", "gateway,chat,fanout,push,media", &[])
+}
+
+/// A node with the client port, `id`, running `roles`, on `store`.
+fn gateway_node(store: &StoreNode, dir: &Path, id: &str, roles: &str, extra: &[&str]) -> Server {
     std::fs::write(dir.join("jwt-secret"), JWT_SECRET).unwrap();
     let mut args: Vec<String> = [
         "--node-id",
-        "front",
+        id,
         "--shard-lease",
         LEASE,
         "--shards",
@@ -369,20 +377,17 @@ fn front_node(store: &StoreNode, dir: &Path) -> Server {
         "127.0.0.1:0",
     ]
     .iter()
+    .chain(extra)
     .map(|s| s.to_string())
     .collect();
     args.extend(remote_store_args(store));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    Server::start_as(
-        &["node", "--roles", "gateway,chat,fanout,push,media"],
-        dir,
-        &args,
-    )
+    Server::start_as(&["node", "--roles", roles], dir, &args)
 }
 
 /// The admin API of a sequencer node, as the operator calls it (from another crate).
 async fn admin(
-    node: &SequencerNode,
+    node: &InternalNode,
 ) -> AdminClient<
     tonic::service::interceptor::InterceptedService<tonic::transport::Channel, AttachToken>,
 > {
@@ -394,7 +399,7 @@ async fn admin(
     AdminClient::with_interceptor(channel, AttachToken::new(ClusterToken::new(TOKEN).unwrap()))
 }
 
-async fn owned(node: &SequencerNode) -> Vec<u32> {
+async fn owned(node: &InternalNode) -> Vec<u32> {
     let shards = admin(node)
         .await
         .list_shards(ListShardsRequest {})
@@ -408,8 +413,8 @@ async fn owned(node: &SequencerNode) -> Vec<u32> {
 #[tokio::test]
 async fn the_admin_api_lists_nodes_moves_every_shard_and_drains_a_node_while_clients_send() {
     let (dir, store) = store_node();
-    let first = SequencerNode::start("s1", "127.0.0.2", &store, dir.path());
-    let second = SequencerNode::start("s2", "127.0.0.3", &store, dir.path());
+    let first = InternalNode::start("s1", "127.0.0.2", &store, dir.path());
+    let second = InternalNode::start("s2", "127.0.0.3", &store, dir.path());
     let front_dir = tempfile::tempdir().unwrap();
     let front = front_node(&store, front_dir.path());
 
@@ -439,7 +444,7 @@ async fn the_admin_api_lists_nodes_moves_every_shard_and_drains_a_node_while_cli
     );
     assert_eq!(owned(&first).await, (0..8).collect::<Vec<u32>>());
     assert!(owned(&second).await.is_empty());
-    let probe = |node: &SequencerNode, path: &str| format!("http://{}{path}", node.probes);
+    let probe = |node: &InternalNode, path: &str| format!("http://{}{path}", node.probes);
     let metrics = reqwest::get(probe(&first, "/metrics")).await.unwrap();
     let metrics = metrics.text().await.unwrap();
     assert!(
@@ -508,9 +513,9 @@ async fn the_admin_api_lists_nodes_moves_every_shard_and_drains_a_node_while_cli
 #[tokio::test]
 async fn sequencer_nodes_take_over_from_a_killed_or_paused_owner_and_lose_nothing() {
     let (dir, store) = store_node();
-    let mut first = SequencerNode::start("s1", "127.0.0.2", &store, dir.path());
-    let second = SequencerNode::start("s2", "127.0.0.3", &store, dir.path());
-    let _third = SequencerNode::start("s3", "127.0.0.4", &store, dir.path());
+    let mut first = InternalNode::start("s1", "127.0.0.2", &store, dir.path());
+    let second = InternalNode::start("s2", "127.0.0.3", &store, dir.path());
+    let _third = InternalNode::start("s3", "127.0.0.4", &store, dir.path());
 
     let front_dir = tempfile::tempdir().unwrap();
     let front = front_node(&store, front_dir.path());
@@ -639,9 +644,15 @@ async fn a_sequencer_cut_off_by_a_partition_loses_its_shards_and_commits_nothing
     );
     let mut wrapper = vec!["ip"];
     wrapper.extend(network.wrapper());
-    let cut_off =
-        SequencerNode::start_in(&wrapper, "s1", Partitionable::INSIDE, &store, dir.path());
-    let _other = SequencerNode::start("s2", "127.0.0.3", &store, dir.path());
+    let cut_off = InternalNode::start_in(
+        &wrapper,
+        "sequencer",
+        "s1",
+        Partitionable::INSIDE,
+        &store,
+        dir.path(),
+    );
+    let _other = InternalNode::start("s2", "127.0.0.3", &store, dir.path());
     let front_dir = tempfile::tempdir().unwrap();
     let front = front_node(&store, front_dir.path());
     assert_eq!(owned(&cut_off).await.len(), 8, "s1 started first");
@@ -670,4 +681,179 @@ async fn a_sequencer_cut_off_by_a_partition_loses_its_shards_and_commits_nothing
     }
     send_round(&mut alice, &peers, 4, &mut sent).await;
     check_history(&front, &peers, &sent).await;
+}
+
+/// A value of `metric` on a node's `/metrics` (its probes address).
+async fn probe_metric(node: &InternalNode, metric: &str) -> u64 {
+    let text = reqwest::get(format!("http://{}/metrics", node.probes))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix(metric)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Waits until `check` holds, polling.
+async fn until<F: std::future::Future<Output = bool>>(what: &str, mut check: impl FnMut() -> F) {
+    let deadline = std::time::Instant::now() + WAIT;
+    while !check().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting: {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// Reads events on `client` until it has the messages `expected` (ids, in this order), and
+/// returns nothing else: a message read twice or out of order fails.
+async fn read_live(client: &mut courier_client::Client, expected: &[String]) {
+    let mut read: Vec<String> = Vec::new();
+    while read.len() < expected.len() {
+        let event = next_event(client).await;
+        if let EventPayload::Message { client_msg_id, .. } = event.payload {
+            read.push(client_msg_id);
+        }
+    }
+    assert_eq!(read, expected, "read live, in order, once each");
+}
+
+#[tokio::test]
+async fn two_gateways_and_two_fanout_nodes_deliver_across_nodes_through_fanout_and_gateway_faults()
+{
+    let (dir, store) = store_node();
+    let _sequencers: Vec<InternalNode> = (1..=3)
+        .map(|i| {
+            InternalNode::start(
+                &format!("s{i}"),
+                &format!("127.0.0.{}", i + 1),
+                &store,
+                dir.path(),
+            )
+        })
+        .collect();
+    let mut f1 = InternalNode::start_in(&[], "fanout", "f1", "127.0.0.5", &store, dir.path());
+    let f2 = InternalNode::start_in(&[], "fanout", "f2", "127.0.0.6", &store, dir.path());
+    let media = dir.path().join("shared-media");
+    let media = media.display().to_string();
+    let shared = ["--media-dir", media.as_str()];
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let ga = gateway_node(
+        &store,
+        a_dir.path(),
+        "ga",
+        "gateway,chat,media,push",
+        &shared,
+    );
+    let mut gb = gateway_node(&store, b_dir.path(), "gb", "gateway,chat,media", &shared);
+
+    // The two fanout nodes split the shards.
+    until("each fanout node drains half of the shards", || async {
+        probe_metric(&f1, "courier_fanout_owned_shards").await == 4
+            && probe_metric(&f2, "courier_fanout_owned_shards").await == 4
+    })
+    .await;
+
+    // alice on one gateway, bob on the other: each reads the other's messages live.
+    let mut alice = ga.connect("alice", "phone").await;
+    alice.events_until_sync_done().await.unwrap();
+    let mut bob = gb.connect("bob", "phone").await;
+    bob.events_until_sync_done().await.unwrap();
+    let mut to_bob: Vec<(String, u64)> = Vec::new();
+    let ids = |sent: &[(String, u64)], from: usize| -> Vec<String> {
+        sent[from..].iter().map(|(id, _)| id.clone()).collect()
+    };
+    for i in 1..=10 {
+        let id = format!("a{i}");
+        let seq = send_until_sent(&mut alice, "bob", &id).await;
+        to_bob.push((id, seq));
+    }
+    read_live(&mut bob, &ids(&to_bob, 0)).await;
+    let mut to_alice = Vec::new();
+    for i in 1..=5 {
+        let id = format!("b{i}");
+        let seq = send_until_sent(&mut bob, "alice", &id).await;
+        to_alice.push((id, seq));
+    }
+    let expected: Vec<String> = to_bob
+        .iter()
+        .chain(&to_alice)
+        .map(|(id, _)| id.clone())
+        .collect();
+    // Both are in one conversation: alice reads her own messages only through catch-up.
+    read_live(&mut alice, &expected[10..]).await;
+
+    // A fanout node dies: the other takes its shards once their leases lapse, and delivery
+    // goes on (delayed, never lost).
+    f1.kill9();
+    until("the other fanout node drains every shard", || async {
+        probe_metric(&f2, "courier_fanout_owned_shards").await == 8
+    })
+    .await;
+    for i in 11..=20 {
+        let id = format!("a{i}");
+        let seq = send_until_sent(&mut alice, "bob", &id).await;
+        to_bob.push((id, seq));
+    }
+    read_live(&mut bob, &ids(&to_bob, 10)).await;
+
+    // bob's gateway is paused past its lease: deliveries skip it once it lapsed. When it
+    // resumes it notices, and tells bob to reconnect; he catches up.
+    gb.signal(libc::SIGSTOP);
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    for i in 21..=23 {
+        let id = format!("a{i}");
+        let seq = send_until_sent(&mut alice, "bob", &id).await;
+        to_bob.push((id, seq));
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    gb.signal(libc::SIGCONT);
+    let mut live = Vec::new();
+    let closed = loop {
+        match tokio::time::timeout(WAIT, bob.next_event()).await {
+            Ok(Ok(event)) => live.push(event.seq),
+            Ok(Err(e)) => break e,
+            Err(_) => panic!("bob's lapsed gateway kept his connection; read live: {live:?}"),
+        }
+    };
+    assert!(
+        closed.to_string().contains("1001"),
+        "told to reconnect: {closed}"
+    );
+    let mut bob = gb.connect("bob", "phone").await;
+    let caught_up: Vec<u64> = bob
+        .events_until_sync_done()
+        .await
+        .unwrap()
+        .iter()
+        .map(|event| event.seq)
+        .collect();
+    let seen: BTreeSet<u64> = live.iter().chain(&caught_up).copied().collect();
+    for (id, seq) in &to_bob[20..] {
+        assert!(
+            seen.contains(seq),
+            "{id} reached bob after his gateway resumed"
+        );
+    }
+
+    // bob's gateway dies: he reconnects to the other one and catches up.
+    gb.kill9();
+    let mut bob = ga.connect("bob", "phone").await;
+    bob.events_until_sync_done().await.unwrap();
+    for i in 24..=28 {
+        let id = format!("a{i}");
+        let seq = send_until_sent(&mut alice, "bob", &id).await;
+        to_bob.push((id, seq));
+    }
+    read_live(&mut bob, &ids(&to_bob, 23)).await;
+    let mut wanted: Vec<(String, u64)> = to_bob.iter().chain(&to_alice).cloned().collect();
+    wanted.sort_by_key(|(_, seq)| *seq);
+    let seqs: Vec<u64> = wanted.iter().map(|(_, seq)| *seq).collect();
+    let dense: Vec<u64> = (1..=33).collect();
+    assert_eq!(seqs, dense, "every sent is stored once, densely");
+    // The history, read from scratch on the surviving gateway.
+    check_history(&ga, &users(&["bob"]), &[wanted.into_iter().collect()]).await;
 }

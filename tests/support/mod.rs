@@ -161,6 +161,12 @@ impl Server {
         self.child.wait().expect("wait");
     }
 
+    /// Sends `signal` (SIGSTOP, SIGCONT...) to the server.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+    }
+
     /// SIGTERM, then waits for the exit.
     pub fn terminate(&mut self) -> ExitStatus {
         // SAFETY: kill(2) on our own child's pid.

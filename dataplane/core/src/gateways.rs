@@ -3,21 +3,36 @@
 //! holds the connections implements [`Gateways`]: in one process, the gateway's route registry
 //! (`courier_gateway::Routes`).
 //!
-//! Every call returns at once and never waits on a connection: a delivery to a connection whose
-//! queue is full is dropped, and what that means is the caller's to decide from the outcome
-//! (an event is read again from the store by the connection itself; a receipt is held and
-//! offered again; typing is lost).
+//! No call waits on a connection: a delivery to a connection whose queue is full is dropped,
+//! and what that means is the caller's to decide from the outcome (an event is read again from
+//! the store by the connection itself; a receipt is held and offered again; typing is lost).
+//! In a cluster a delivery waits for the gateways to take it (one call per gateway), so that
+//! fanout clears its outbox only once the events are on their way.
 
 use crate::membership::Members;
 use courier_proto::{Event, ServerFrame};
+use courier_store::StoreError;
 use std::sync::Arc;
 
+/// A delivery that did not reach every gateway holding its recipients: hand it again.
+#[derive(Debug, thiserror::Error)]
+pub enum DeliveryError {
+    #[error("reading the recipients' routes failed: {0}")]
+    Store(#[from] StoreError),
+    #[error("gateway node {gateway} did not take a delivery: {reason}")]
+    Gateway { gateway: String, reason: String },
+}
+
 /// The connected devices, as the roles without connections see them.
+#[async_trait::async_trait]
 pub trait Gateways: Send + Sync + 'static {
-    /// Hands a committed event to every connected device of `recipients`, except the device
-    /// that sent it (it got `sent`). Delivery is at-least-once: a connection with no room
-    /// reads the event from the store once it has written what is queued.
-    fn deliver(&self, event: Event, recipients: &Members);
+    /// Hands committed events, each with its recipients, to every connected device of those
+    /// recipients, except the device that sent the event (it got `sent`). Returns once every
+    /// gateway holding one of those devices took its part (queued it on the connections), or
+    /// an error when one could not be reached: the caller hands the batch again (connections
+    /// skip what they have). Delivery is at-least-once: a connection with no room reads the
+    /// event from the store once it has written what is queued.
+    async fn deliver(&self, batch: Vec<(Event, Members)>) -> Result<(), DeliveryError>;
 
     /// Offers a frame that may be lost (typing) or is retried by its sender (receipts) to
     /// every connected device of `user`, only where it leaves room for events. Returns how
@@ -28,15 +43,18 @@ pub trait Gateways: Send + Sync + 'static {
     fn unlinked(&self, user: &str, device: &str);
 
     /// The devices of `user` connected now.
-    fn connected_devices(&self, user: &str) -> Vec<String>;
+    async fn connected_devices(&self, user: &str) -> Result<Vec<String>, StoreError>;
 }
 
 /// Gateways with no device connected: for a process that runs no gateway, and for tests of
 /// the roles that deliver.
 pub struct NoGateways;
 
+#[async_trait::async_trait]
 impl Gateways for NoGateways {
-    fn deliver(&self, _event: Event, _recipients: &Members) {}
+    async fn deliver(&self, _batch: Vec<(Event, Members)>) -> Result<(), DeliveryError> {
+        Ok(())
+    }
 
     fn offer(&self, _user: &str, _frame: &Arc<ServerFrame>) -> usize {
         0
@@ -44,7 +62,7 @@ impl Gateways for NoGateways {
 
     fn unlinked(&self, _user: &str, _device: &str) {}
 
-    fn connected_devices(&self, _user: &str) -> Vec<String> {
-        Vec::new()
+    async fn connected_devices(&self, _user: &str) -> Result<Vec<String>, StoreError> {
+        Ok(Vec::new())
     }
 }

@@ -13,6 +13,7 @@ pub mod auth;
 pub mod clock;
 pub mod error;
 pub mod gateways;
+pub mod leases;
 pub mod limits;
 pub mod loops;
 pub mod membership;

@@ -108,13 +108,30 @@ impl Entry {
 pub struct MembershipCache {
     store: MessageStore,
     cache: Mutex<HashMap<String, Arc<Entry>>>,
+    /// Whether [`MembershipCache::current`] checks the conversation's head in the store first
+    /// (see [`MembershipCache::checking_heads`]).
+    check_heads: bool,
 }
 
 impl MembershipCache {
+    /// A cache kept current by the fanout of this process, which sees every conversation's
+    /// events in order (`courier serve`).
     pub fn new(store: MessageStore) -> Self {
         Self {
             store,
             cache: Mutex::new(HashMap::new()),
+            check_heads: false,
+        }
+    }
+
+    /// A cache for a node whose fanout does not see every conversation (a cluster node):
+    /// [`MembershipCache::current`] reads the conversation's head first and loads the entry
+    /// again when events were committed past it, so a member removed on another node gets no
+    /// typing or receipts from here. One point read per call.
+    pub fn checking_heads(store: MessageStore) -> Self {
+        Self {
+            check_heads: true,
+            ..Self::new(store)
         }
     }
 
@@ -167,12 +184,17 @@ impl MembershipCache {
             .map_or_else(Members::default, |entry| entry.members_at(seq)))
     }
 
-    /// The members of `conv` now, as far as fanout has applied its membership events. For
+    /// The members of `conv` now, as far as fanout has applied its membership events (or as
+    /// of the head in the store, for a cache [`MembershipCache::checking_heads`]). For
     /// relaying typing and receipts; the caller has checked in the store that the user it acts
     /// for is a member.
     pub async fn current(&self, conv: &str) -> Result<Members, StoreError> {
+        let through = match self.check_heads {
+            true => self.store.head(conv).await?,
+            false => 0,
+        };
         Ok(self
-            .entry(conv, 0)
+            .entry(conv, through)
             .await?
             .map_or_else(Members::default, |entry| entry.current.clone()))
     }
@@ -279,5 +301,56 @@ mod tests {
         assert_eq!(*cache.recipients(&message(5)).await.unwrap(), ["alice"]);
         assert_eq!(*cache.members_at("g:1", 3).await.unwrap(), ["alice", "bob"]);
         assert_eq!(*cache.members_at("g:1", 1).await.unwrap(), ["alice"]);
+    }
+
+    #[tokio::test]
+    async fn a_cache_checking_heads_sees_membership_committed_elsewhere() {
+        let dir = tempfile::tempdir().unwrap();
+        let kv = Arc::new(EmbeddedEngine::open(&dir.path().join("s")).unwrap());
+        let store = MessageStore::open(kv, b"", 4).await.unwrap();
+        let lease = store
+            .acquire_shards(
+                courier_store::ownership::Duty::Sequencing,
+                "s",
+                &[store.shard_of("d:1")],
+                1,
+                0,
+                u64::MAX,
+            )
+            .await
+            .unwrap()[0];
+        let sender = Sender {
+            user: "alice".into(),
+            device: "p".into(),
+        };
+        // Another node's chat committed the conversation (alice and bob) and two messages;
+        // this node cached an older view: alice alone, through seq 1.
+        let append = |id: &str| courier_store::Append {
+            create: Some(courier_store::NewConversation::direct("alice", "bob")),
+            ..courier_store::Append::message(
+                "d:1".into(),
+                sender.clone(),
+                id.into(),
+                courier_proto::Body::Text("hi".into()),
+                None,
+            )
+        };
+        store
+            .append(
+                lease,
+                &mut courier_store::HeadCache::default(),
+                &[append("m1"), append("m2")],
+            )
+            .await
+            .unwrap();
+        let stale = || Entry::new(vec![("alice".into(), record(1))], 1);
+
+        let following = MembershipCache::new(store.clone());
+        following.keep_newer("d:1", stale());
+        assert_eq!(*following.current("d:1").await.unwrap(), ["alice"]);
+
+        let checking = MembershipCache::checking_heads(store);
+        checking.keep_newer("d:1", stale());
+        assert_eq!(*checking.current("d:1").await.unwrap(), ["alice", "bob"]);
     }
 }

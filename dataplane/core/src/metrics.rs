@@ -57,6 +57,7 @@ pub struct Metrics {
     pub shard_appends: Family<ShardLabel, Counter>,
     /// Sequencer shards this node owns (holds a lease on).
     pub owned_shards: Gauge,
+    pub fanout_owned_shards: Gauge,
     /// Appends per group commit.
     pub commit_batch_size: Histogram,
     /// Open WebSocket connections.
@@ -101,6 +102,7 @@ impl Metrics {
             fanout_backlog: Gauge::default(),
             shard_appends: Family::default(),
             owned_shards: Gauge::default(),
+            fanout_owned_shards: Gauge::default(),
             commit_batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
             connections: Gauge::default(),
             send_retries: Counter::default(),
@@ -160,6 +162,11 @@ impl Metrics {
             "sequencer_owned_shards",
             "Sequencer shards this node holds a lease on",
             metrics.owned_shards.clone(),
+        );
+        registry.register(
+            "fanout_owned_shards",
+            "Shards whose outbox this node drains (holds a delivery lease on)",
+            metrics.fanout_owned_shards.clone(),
         );
         registry.register(
             "sequencer_commit_batch_appends",

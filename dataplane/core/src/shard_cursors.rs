@@ -24,4 +24,12 @@ impl ShardCursors {
             .unwrap_or_else(|e| e.into_inner())
             .insert(shard, last);
     }
+
+    /// Forgets where `shard` was read up to: the next read starts at the head of its queue.
+    pub fn forget(&self, shard: u32) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&shard);
+    }
 }

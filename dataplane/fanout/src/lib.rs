@@ -1,51 +1,69 @@
-//! The fanout role (delivery): tails each shard's outbox in commit order and hands every
-//! event to the connected devices of the conversation's members, except the sending device
-//! (it got `sent`). Messages are stored once per conversation (fanout-on-read): nothing is
-//! written per recipient. Delivery is at-least-once: an outbox entry is cleared only after its
-//! events were handed off, and devices that miss a live event catch up from their cursor.
+//! The fanout role (delivery): tails the outbox of each shard it owns in commit order and hands
+//! every event to the connected devices of the conversation's members, except the sending
+//! device (it got `sent`). Messages are stored once per conversation (fanout-on-read): nothing
+//! is written per recipient. Delivery is at-least-once: an outbox entry is cleared only after
+//! the gateways took its events, and devices that miss a live event catch up from their cursor.
+//!
+//! **Which shards.** A node drains the outboxes of the shards it owns for
+//! [`Duty::Delivery`] (`courier_store::ownership`): leases renewed every third of
+//! `--shard-lease`, each change of owner bumping the shard's delivery epoch, on which every
+//! outbox clear fences, so a deposed node can deliver twice but never clear what it did not
+//! deliver. Each node takes at most its fair share of the shards (all of them divided by the
+//! live nodes with the fanout role, rounded up) and gives back what it holds beyond it, so a
+//! node that joins gets its share within two rounds and the shards of a node that died are
+//! taken once its leases lapse. One `courier serve` is the only fanout node: it takes every
+//! shard.
+//!
+//! **Waking up.** Whoever learns of a commit tells the shard's fanout
+//! ([`Fanout::committed`], in-process, or over gRPC from another node); every round also looks
+//! at every owned shard, so a lost notice delays a delivery by at most a round.
 //!
 //! Shards are split over a fixed number of workers (`shard % workers`), so one shard is
 //! always drained by one worker, in order. Recipients come from the [`MembershipCache`], kept
-//! in step with each conversation's order. Events of groups larger than the large-group
-//! threshold take a slow path: their own bounded queue and worker, so a huge group cannot
-//! starve 1:1 traffic; when that queue is full the shard waits (nothing is dropped). A delivery
-//! to the gateway is one call carrying the event and its recipients; connections reorder
-//! nothing, they skip what they have and fill gaps from the store.
+//! in step with each conversation's order. The events of one outbox page go to the gateways as
+//! one batch ([`Gateways::deliver`]: one call per gateway in a cluster). Events of groups
+//! larger than the large-group threshold take a slow path: their own bounded queue and worker,
+//! so a huge group cannot starve 1:1 traffic; when that queue is full the shard waits (nothing
+//! is dropped), and such an event's outbox range is cleared only after that worker delivered
+//! it. Connections reorder nothing: they skip what they have and fill gaps from the store.
 //!
-//! **Clearing.** Handed-off outbox entries are cleared by one background task, which takes
+//! **Clearing.** Delivered outbox ranges are cleared by one background task, which takes
 //! the ranges of every shard queued at that moment into one commit. A worker does not wait
 //! for that commit (it already reads after its in-memory cursor), so a drain costs no commit
 //! of its own: with many busy conversations (one outbox entry per shard per drain) a commit per
 //! drain would bound delivery at a few thousand events a second. The queue holds
-//! [`CLEAR_QUEUE`] ranges; when it is full, workers wait for it. A failed clear is retried;
-//! a crash before it only delivers those entries again at start-up (at-least-once).
+//! [`CLEAR_QUEUE`] ranges; when it is full, workers wait for it. A failed clear is retried,
+//! without the ranges of a shard this node lost (their entries are its new owner's to deliver
+//! and clear); a crash before it only delivers those entries again (at-least-once).
 //!
-//! **Loops and their failures.** The workers, the large-group worker and the clearer are loops
-//! owned by the node's [`BackgroundLoops`]. Each is restarted if it panics: a worker's state
-//! (its dirty shards, the shard cursors) lives in [`Fanout`] and a restarted worker rescans all
-//! its shards from their cursors, so what it was delivering is delivered again (connections
-//! skip what they have); the two queues' receivers are kept in [`Fanout`] and taken up again,
-//! and what the failed run held (one large-group event, a batch of ranges to clear) is lost:
-//! the event is read from the store by the connections that see the gap, the ranges are
-//! delivered again at the next start. At shutdown the workers stop at once (connections have
-//! drained by then), and the clearer stops last: it clears everything the workers queued,
-//! and ends when the last worker is gone.
+//! **Loops and their failures.** The workers, the large-group worker, the clearer and the lease
+//! keeper are loops owned by the node's [`BackgroundLoops`]. Each is restarted if it panics: a
+//! worker's state (its dirty shards, the shard cursors) lives in [`Fanout`] and a restarted
+//! worker rescans all its shards from their cursors, so what it was delivering is delivered
+//! again (connections skip what they have); the two queues' receivers are kept in [`Fanout`]
+//! and taken up again, and what the failed run held (one large-group event, a batch of ranges
+//! to clear) is delivered again when the shard next changes hands or the node restarts. At
+//! shutdown the workers stop at once (connections have drained by then), and the clearer stops
+//! last: it clears everything queued, and ends when the last worker is gone.
 //!
-//! **Backlog.** `courier_fanout_backlog_events` (and the send backpressure built on it) counts
-//! the events this process committed and has not yet handed off: the commit listener adds,
-//! the drain subtracts. Entries an earlier process left in the outbox (a crash between commit
-//! and fanout) were never added, so the drain does not subtract them: the newest outbox key of
-//! each shard is read when the fanout is built, before this process can commit, and entries up
-//! to it are delivered without being counted.
+//! **Backlog.** `courier_fanout_backlog_events` counts the events of the shards this node
+//! drains that it was told of ([`Fanout::committed`]) and has not yet handed off. Entries left
+//! in an outbox before this node took the shard (a crash between commit and fanout, a previous
+//! owner) were never counted, so the drain does not subtract them: the newest outbox key of
+//! each shard is read when it is taken, and entries up to it are delivered without being
+//! counted.
 
 use courier_core::clock::now_ms;
-use courier_core::gateways::Gateways;
+use courier_core::gateways::{DeliveryError, Gateways};
+use courier_core::leases::Ownership;
 use courier_core::loops::{BackgroundLoops, CancellationToken};
 use courier_core::membership::{Members, MembershipCache};
 use courier_core::metrics::Metrics;
 use courier_core::sequencing::CommitListener;
 use courier_core::shard_cursors::ShardCursors;
-use courier_store::{MessageStore, StoreError};
+use courier_proto::Event;
+use courier_store::ownership::Duty;
+use courier_store::{MessageStore, OutboxRange, ShardLease, StoreError};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -58,31 +76,56 @@ const LARGE_GROUP_QUEUE: usize = 1024;
 /// Outbox entries read per step of one shard.
 const OUTBOX_PAGE: usize = 256;
 
-/// Handed-off outbox ranges waiting to be cleared before workers wait.
+/// Delivered outbox ranges waiting to be cleared before workers wait.
 const CLEAR_QUEUE: usize = 4096;
 
 /// Most ranges cleared in one commit.
 const CLEARS_PER_COMMIT: usize = 1024;
 
-/// Wait before a failed clear is tried again.
-const CLEAR_RETRY: Duration = Duration::from_millis(100);
+/// Wait before a failed delivery or clear is tried again.
+const RETRY: Duration = Duration::from_millis(100);
 
-/// Outbox entries `first..=last` of one shard.
-type OutboxRange = (Vec<u8>, Vec<u8>);
+/// The role name nodes register with, counted for the fair share.
+const ROLE: &str = "fanout";
+
+/// How the fanout runs.
+#[derive(Debug, Clone)]
+pub struct FanoutConfig {
+    /// Tasks draining shards (`shard % workers`).
+    pub workers: usize,
+    /// Groups with more members than this take the large-group path.
+    pub large_group_threshold: usize,
+    /// This node's id and lease length in the shards' delivery ownership records.
+    pub ownership: Ownership,
+}
 
 struct Worker {
     dirty: Mutex<BTreeSet<u32>>,
     wake: Notify,
 }
 
-type LargeDelivery = (courier_proto::Event, Members);
+/// A large-group event, and the outbox range to clear once it was delivered.
+struct LargeDelivery {
+    event: Event,
+    recipients: Members,
+    clear: OutboxRange,
+}
 
 /// What a worker hands off: large-group events to their worker, drained ranges to the clearer.
-/// Only the workers hold these senders, so each queue closes once the last worker is gone.
+/// Only the workers and the large-group worker hold these senders, so each queue closes once
+/// they are gone.
 #[derive(Clone)]
 struct Handoffs {
     large: mpsc::Sender<LargeDelivery>,
     clears: mpsc::Sender<OutboxRange>,
+}
+
+/// A shard whose outbox this node drains.
+struct OwnedShard {
+    lease: ShardLease,
+    /// The newest outbox key written before this node took the shard (not counted in
+    /// `backlog`).
+    inherited: Option<Vec<u8>>,
 }
 
 pub struct Fanout {
@@ -92,11 +135,12 @@ pub struct Fanout {
     metrics: Arc<Metrics>,
     workers: Vec<Worker>,
     backlog: AtomicI64,
-    /// Per shard, the newest outbox key written before this process started (not counted in
-    /// `backlog`).
-    inherited: HashMap<u32, Vec<u8>>,
+    owned: Mutex<HashMap<u32, OwnedShard>>,
     cursors: ShardCursors,
     large_group_threshold: usize,
+    ownership: Ownership,
+    /// Held by the lease round running.
+    keeping: tokio::sync::Mutex<()>,
     /// The senders of the two queues below, until [`Fanout::start`] hands them to the workers.
     handoffs: Mutex<Option<Handoffs>>,
     /// Large-group events waiting for their worker (held by it while it runs).
@@ -105,57 +149,54 @@ pub struct Fanout {
     clear_queue: Arc<tokio::sync::Mutex<mpsc::Receiver<OutboxRange>>>,
 }
 
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl Fanout {
-    /// Builds the fanout and notes what earlier processes left in the outbox. Build it before
-    /// the sequencer that reports commits to it.
+    /// Builds the fanout and takes its share of the shards (every free one when it is the
+    /// only fanout node). Build it before the sequencer that reports commits to it.
     pub async fn new(
         store: MessageStore,
         gateways: Arc<dyn Gateways>,
         membership: Arc<MembershipCache>,
         metrics: Arc<Metrics>,
-        workers: usize,
-        large_group_threshold: usize,
+        config: FanoutConfig,
     ) -> Result<Arc<Self>, StoreError> {
-        let mut inherited = HashMap::new();
-        for shard in 0..store.shard_count() {
-            if let Some(last) = store.last_outbox_key(shard).await? {
-                inherited.insert(shard, last);
-            }
-        }
         let (large, large_queue) = mpsc::channel(LARGE_GROUP_QUEUE);
         let (clears, clear_queue) = mpsc::channel(CLEAR_QUEUE);
-        let workers = (0..workers.max(1))
+        let workers = (0..config.workers.max(1))
             .map(|_| Worker {
                 dirty: Mutex::new(BTreeSet::new()),
                 wake: Notify::new(),
             })
             .collect();
-        Ok(Arc::new(Self {
+        let fanout = Arc::new(Self {
             store,
             gateways,
             membership,
             metrics,
             workers,
             backlog: AtomicI64::new(0),
-            inherited,
+            owned: Mutex::default(),
             cursors: ShardCursors::default(),
-            large_group_threshold,
+            large_group_threshold: config.large_group_threshold,
+            ownership: config.ownership,
+            keeping: tokio::sync::Mutex::new(()),
             handoffs: Mutex::new(Some(Handoffs { large, clears })),
             large_queue: Arc::new(tokio::sync::Mutex::new(large_queue)),
             clear_queue: Arc::new(tokio::sync::Mutex::new(clear_queue)),
-        }))
+        });
+        let share = fanout.fair_share().await?;
+        fanout.take_free_shards(share).await?;
+        Ok(fanout)
     }
 
-    /// Starts the workers, the large-group worker and the clearer as loops of `loops` (once;
-    /// later calls do nothing). Each worker scans all its shards first (and again after a
-    /// restart): entries left by a crash between commit and fanout are delivered now.
+    /// Starts the workers, the large-group worker, the clearer and the lease keeper as loops of
+    /// `loops` (once; later calls do nothing). The shards taken so far are drained first:
+    /// entries left by a crash between commit and fanout are delivered now.
     pub fn start(self: &Arc<Self>, loops: &BackgroundLoops) {
-        let Some(handoffs) = self
-            .handoffs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-        else {
+        let Some(handoffs) = lock(&self.handoffs).take() else {
             return;
         };
         for index in 0..self.workers.len() {
@@ -163,27 +204,30 @@ impl Fanout {
             loops.spawn(format!("fanout worker {index}"), move |cancel| {
                 let (fanout, handoffs) = (fanout.clone(), handoffs.clone());
                 async move {
-                    let shards = fanout.store.shard_count();
-                    (index as u32..shards)
-                        .step_by(fanout.workers.len())
-                        .for_each(|shard| fanout.mark(shard));
+                    for shard in fanout.owned_shards() {
+                        if shard as usize % fanout.workers.len() == index {
+                            fanout.mark(shard);
+                        }
+                    }
                     cancel
                         .run_until_cancelled(fanout.run(index, &handoffs))
                         .await;
                 }
             });
         }
+        let (fanout, clears) = (self.clone(), handoffs.clears.clone());
         drop(handoffs);
-        let fanout = self.clone();
         loops.spawn("fanout large-group worker", move |cancel| {
-            let fanout = fanout.clone();
+            let (fanout, clears) = (fanout.clone(), clears.clone());
             async move {
                 let mut queue = fanout.large_queue.lock().await;
-                while let Some(Some((event, recipients))) =
-                    cancel.run_until_cancelled(queue.recv()).await
-                {
+                while let Some(Some(large)) = cancel.run_until_cancelled(queue.recv()).await {
                     fanout.metrics.large_group_queue.dec();
-                    fanout.gateways.deliver(event, &recipients);
+                    let batch = [(large.event, large.recipients)];
+                    if fanout.deliver_until_taken(&batch, &cancel).await {
+                        // The receiver is kept in `fanout`: a send error cannot happen.
+                        let _ = clears.send(large.clear).await;
+                    }
                 }
             }
         });
@@ -195,31 +239,189 @@ impl Fanout {
                 clear_outboxes(&store, &mut queue, &cancel).await;
             }
         });
+        let keeper = self.clone();
+        // Stops at once when cancelled; restarted if it panics: the leases are in the store.
+        loops.spawn("keep fanout shard leases", move |cancel| {
+            let keeper = keeper.clone();
+            async move {
+                let keep = async {
+                    let mut rounds = tokio::time::interval(keeper.ownership.round());
+                    rounds.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    rounds.tick().await;
+                    loop {
+                        rounds.tick().await;
+                        keeper.keep_round().await;
+                    }
+                };
+                cancel.run_until_cancelled(keep).await;
+            }
+        });
+    }
+
+    /// One lease round: renew, drop what was taken over, give back what is beyond this node's
+    /// fair share, take free or lapsed shards up to it, and look at every owned shard. Errors
+    /// are logged; the next round tries again.
+    pub async fn keep_round(&self) {
+        let _round = self.keeping.lock().await;
+        if let Err(e) = self.renew().await {
+            tracing::warn!(error = %e, "renewing fanout shard leases failed; retrying");
+        }
+        match self.fair_share().await {
+            Ok(share) => {
+                if let Err(e) = self.give_back_beyond(share).await {
+                    tracing::warn!(error = %e, "giving fanout shards back failed; they lapse with their leases");
+                }
+                if let Err(e) = self.take_free_shards(share).await {
+                    tracing::warn!(error = %e, "taking free fanout shards failed; retrying");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "reading the node registry failed; retrying"),
+        }
+        for shard in self.owned_shards() {
+            self.mark(shard);
+        }
+    }
+
+    /// Gives every shard back (a node that stops): the other fanout nodes take them at their
+    /// next round instead of waiting for the leases to lapse. Returns the shards given back.
+    pub async fn release(&self) -> Result<Vec<u32>, StoreError> {
+        let _round = self.keeping.lock().await;
+        self.give_back_beyond(0).await
+    }
+
+    /// Whether this node drains `shard`'s outbox now.
+    pub fn owns(&self, shard: u32) -> bool {
+        lock(&self.owned).contains_key(&shard)
+    }
+
+    /// The shards whose outboxes this node drains, in order.
+    pub fn owned_shards(&self) -> Vec<u32> {
+        let mut shards: Vec<u32> = lock(&self.owned).keys().copied().collect();
+        shards.sort_unstable();
+        shards
+    }
+
+    fn lease_of(&self, shard: u32) -> Option<ShardLease> {
+        lock(&self.owned).get(&shard).map(|owned| owned.lease)
+    }
+
+    /// All shards divided by the live fanout nodes (this one included), rounded up.
+    async fn fair_share(&self) -> Result<usize, StoreError> {
+        let now = now_ms();
+        let others = self
+            .store
+            .nodes()
+            .await?
+            .into_iter()
+            .filter(|(id, node)| {
+                *id != self.ownership.node
+                    && node.is_live(now)
+                    && node.roles.iter().any(|role| role == ROLE)
+            })
+            .count();
+        Ok((self.store.shard_count() as usize).div_ceil(others + 1))
+    }
+
+    async fn renew(&self) -> Result<(), StoreError> {
+        let leases: Vec<ShardLease> = lock(&self.owned).values().map(|o| o.lease).collect();
+        let lost = self
+            .store
+            .renew_shards(
+                Duty::Delivery,
+                &self.ownership.node,
+                &leases,
+                now_ms(),
+                self.ownership.lease_ms(),
+            )
+            .await?;
+        for shard in lost {
+            tracing::warn!(shard, "fanout shard taken over by another node");
+            self.forget(shard);
+        }
+        Ok(())
+    }
+
+    /// Gives back the highest-numbered shards beyond `share`.
+    async fn give_back_beyond(&self, share: usize) -> Result<Vec<u32>, StoreError> {
+        let beyond: Vec<ShardLease> = {
+            let owned = lock(&self.owned);
+            let mut leases: Vec<ShardLease> = owned.values().map(|o| o.lease).collect();
+            leases.sort_unstable_by_key(|lease| lease.shard);
+            leases.split_off(share.min(leases.len()))
+        };
+        if beyond.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Forgotten first: no drain of them starts after this point, and a drain in progress
+        // can deliver twice but not clear (the next owner bumps the epoch its clear fences on).
+        for lease in &beyond {
+            self.forget(lease.shard);
+        }
+        self.store
+            .release_shards(Duty::Delivery, &self.ownership.node, &beyond)
+            .await?;
+        let shards: Vec<u32> = beyond.iter().map(|lease| lease.shard).collect();
+        tracing::info!(shards = shards.len(), "gave fanout shards back");
+        Ok(shards)
+    }
+
+    /// Takes free or lapsed shards until this node holds `share`.
+    async fn take_free_shards(&self, share: usize) -> Result<(), StoreError> {
+        let (wanted, candidates) = {
+            let owned = lock(&self.owned);
+            let candidates: Vec<u32> = (0..self.store.shard_count())
+                .filter(|shard| !owned.contains_key(shard))
+                .collect();
+            (share.saturating_sub(owned.len()), candidates)
+        };
+        if wanted == 0 {
+            return Ok(());
+        }
+        let taken = self
+            .store
+            .acquire_shards(
+                Duty::Delivery,
+                &self.ownership.node,
+                &candidates,
+                wanted,
+                now_ms(),
+                self.ownership.lease_ms(),
+            )
+            .await?;
+        if !taken.is_empty() {
+            tracing::info!(shards = taken.len(), "took fanout shards");
+        }
+        for lease in taken {
+            let inherited = self.store.last_outbox_key(lease.shard).await?;
+            self.cursors.forget(lease.shard);
+            lock(&self.owned).insert(lease.shard, OwnedShard { lease, inherited });
+            self.metrics.fanout_owned_shards.inc();
+            self.mark(lease.shard);
+        }
+        Ok(())
+    }
+
+    fn forget(&self, shard: u32) {
+        if lock(&self.owned).remove(&shard).is_some() {
+            self.metrics.fanout_owned_shards.dec();
+        }
     }
 
     fn mark(&self, shard: u32) {
         let worker = &self.workers[shard as usize % self.workers.len()];
-        worker
-            .dirty
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(shard);
+        lock(&worker.dirty).insert(shard);
         worker.wake.notify_one();
     }
 
     async fn run(&self, index: usize, handoffs: &Handoffs) {
         let worker = &self.workers[index];
         loop {
-            let next = worker
-                .dirty
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .pop_first();
+            let next = lock(&worker.dirty).pop_first();
             match next {
                 Some(shard) => {
                     if let Err(e) = self.drain(shard, handoffs).await {
                         tracing::error!(shard, error = %e, "fanout failed; retrying");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        tokio::time::sleep(RETRY).await;
                         self.mark(shard);
                     }
                 }
@@ -228,59 +430,106 @@ impl Fanout {
         }
     }
 
-    /// Delivers and clears the outbox of `shard` until it is empty.
-    async fn drain(&self, shard: u32, handoffs: &Handoffs) -> Result<(), StoreError> {
-        loop {
+    /// Delivers `shard`'s outbox until it is empty or the shard is this node's no more.
+    async fn drain(&self, shard: u32, handoffs: &Handoffs) -> Result<(), DeliveryError> {
+        while let Some(lease) = self.lease_of(shard) {
             let after = self.cursors.get(shard);
             let entries = self
                 .store
                 .outbox(shard, after.as_deref(), OUTBOX_PAGE)
                 .await?;
-            let (Some((first, _)), Some((last, _))) = (entries.first(), entries.last()) else {
+            let Some((last, _)) = entries.last() else {
                 return Ok(());
             };
-            let (first, last) = (first.clone(), last.clone());
-            let counted = match self.inherited.get(&shard) {
-                Some(inherited) => entries.iter().filter(|(key, _)| key > inherited).count(),
+            let last = last.clone();
+            let counted = match lock(&self.owned)
+                .get(&shard)
+                .and_then(|o| o.inherited.clone())
+            {
+                Some(inherited) => entries.iter().filter(|(key, _)| *key > inherited).count(),
                 None => entries.len(),
             } as i64;
             let now = now_ms();
-            for (_, event) in entries {
+            let mut batch = Vec::with_capacity(entries.len());
+            // The start of the entries not yet handed to the clearer.
+            let mut first = None;
+            for (key, event) in entries {
                 let lag = now.saturating_sub(event.ts_ms) as f64 / 1000.0;
                 self.metrics.stages.outbox_read.observe(lag);
-                self.deliver(event, handoffs).await?;
+                let start = first.take().unwrap_or_else(|| key.clone());
+                let recipients = self.membership.recipients(&event).await?;
+                if recipients.len() <= self.large_group_threshold {
+                    batch.push((event, recipients));
+                    first = Some(start);
+                    continue;
+                }
+                // What comes before it first, so that its range is cleared after all of it.
+                self.gateways.deliver(std::mem::take(&mut batch)).await?;
+                self.metrics.large_group_queue.inc();
+                let clear = OutboxRange {
+                    lease,
+                    first: start,
+                    last: key,
+                };
+                // The receiver is kept in `self`: a send error cannot happen.
+                let _ = handoffs
+                    .large
+                    .send(LargeDelivery {
+                        event,
+                        recipients,
+                        clear,
+                    })
+                    .await;
             }
-            self.cursors.set(shard, last.clone());
-            // The receiver is kept in `self`: a send error cannot happen.
-            let _ = handoffs.clears.send((first, last)).await;
+            self.gateways.deliver(batch).await?;
+            if let Some(first) = first {
+                let clear = OutboxRange {
+                    lease,
+                    first,
+                    last: last.clone(),
+                };
+                // The receiver is kept in `self`: a send error cannot happen.
+                let _ = handoffs.clears.send(clear).await;
+            }
+            self.cursors.set(shard, last);
             let left = self.backlog.fetch_sub(counted, Ordering::Relaxed) - counted;
-            // Below zero only for a moment: the drain can read an entry before the sequencer
-            // has reported its commit.
+            // Below zero only for a moment: the drain can read an entry before its commit was
+            // reported.
             self.metrics.fanout_backlog.set(left.max(0));
         }
+        Ok(())
     }
 
-    async fn deliver(
+    /// Hands `batch` to the gateways until they take it or the fanout is cancelled; returns
+    /// whether they took it.
+    async fn deliver_until_taken(
         &self,
-        event: courier_proto::Event,
-        handoffs: &Handoffs,
-    ) -> Result<(), StoreError> {
-        let recipients = self.membership.recipients(&event).await?;
-        if recipients.len() > self.large_group_threshold {
-            self.metrics.large_group_queue.inc();
-            // The receiver is kept in `self`: a send error cannot happen.
-            let _ = handoffs.large.send((event, recipients)).await;
-            return Ok(());
+        batch: &[(Event, Members)],
+        cancel: &CancellationToken,
+    ) -> bool {
+        loop {
+            match self.gateways.deliver(batch.to_vec()).await {
+                Ok(()) => return true,
+                Err(e) => {
+                    tracing::warn!(error = %e, "large-group delivery failed; retrying");
+                    if cancel
+                        .run_until_cancelled(tokio::time::sleep(RETRY))
+                        .await
+                        .is_none()
+                    {
+                        return false;
+                    }
+                }
+            }
         }
-        self.gateways.deliver(event, &recipients);
-        Ok(())
     }
 }
 
-/// Clears handed-off outbox ranges, all those queued at the moment in one commit, until the
+/// Clears delivered outbox ranges, all those queued at the moment in one commit, until the
 /// queue closes (the last worker is gone). Cancellation does not stop it, so that what the
 /// workers queued before they stopped is cleared; once cancelled, a failed clear is not retried
-/// (those entries are delivered again at the next start).
+/// (those entries are delivered again by the shard's next owner). The ranges of a shard this
+/// node lost are dropped: a clear fenced out by its delivery epoch is tried again without them.
 async fn clear_outboxes(
     store: &MessageStore,
     queue: &mut mpsc::Receiver<OutboxRange>,
@@ -288,22 +537,39 @@ async fn clear_outboxes(
 ) {
     let mut ranges = Vec::with_capacity(CLEARS_PER_COMMIT);
     while queue.recv_many(&mut ranges, CLEARS_PER_COMMIT).await > 0 {
-        while let Err(e) = store.clear_outbox(&ranges).await {
+        while !ranges.is_empty() {
+            let e = match store.clear_outbox(&ranges).await {
+                Ok(()) => break,
+                Err(e) => e,
+            };
+            if let StoreError::FenceChanged { key } = &e
+                && let Some(shard) = store.delivery_fence_shard(key)
+            {
+                tracing::info!(
+                    shard,
+                    "fanout shard moved: its delivered entries are left to its new owner"
+                );
+                ranges.retain(|range| range.lease.shard != shard);
+                continue;
+            }
             if cancel.is_cancelled() {
-                tracing::warn!(error = %e, ranges = ranges.len(), "outbox clear failed while stopping; these entries are delivered again at the next start");
+                tracing::warn!(error = %e, ranges = ranges.len(), "outbox clear failed while stopping; these entries are delivered again");
                 break;
             }
             tracing::warn!(error = %e, ranges = ranges.len(), "outbox clear failed; retrying");
-            cancel
-                .run_until_cancelled(tokio::time::sleep(CLEAR_RETRY))
-                .await;
+            cancel.run_until_cancelled(tokio::time::sleep(RETRY)).await;
         }
         ranges.clear();
     }
 }
 
 impl CommitListener for Fanout {
+    /// Counts and drains `events` new events of `shard` if this node drains it; any other
+    /// node's fanout finds them at its next round if nobody tells it.
     fn committed(&self, shard: u32, events: usize) {
+        if !self.owns(shard) {
+            return;
+        }
         let now = self.backlog.fetch_add(events as i64, Ordering::Relaxed) + events as i64;
         self.metrics.fanout_backlog.set(now.max(0));
         self.mark(shard);
@@ -330,6 +596,260 @@ mod tests {
         }
     }
 
+    fn config(node: &str, large_group_threshold: usize) -> FanoutConfig {
+        FanoutConfig {
+            workers: 2,
+            large_group_threshold,
+            ownership: Ownership {
+                node: node.into(),
+                lease: Duration::from_secs(30),
+            },
+        }
+    }
+
+    async fn store(dir: &tempfile::TempDir, shards: u32) -> MessageStore {
+        let kv = Arc::new(EmbeddedEngine::open(&dir.path().join("s")).unwrap());
+        MessageStore::open(kv, b"", shards).await.unwrap()
+    }
+
+    async fn register(store: &MessageStore, node: &str) {
+        let record = courier_store::ownership::NodeRecord {
+            roles: vec![ROLE.into()],
+            address: String::new(),
+            lease_until_ms: now_ms() + 60_000,
+            started_ms: now_ms(),
+        };
+        store.register_node(node, &record).await.unwrap();
+    }
+
+    async fn fanout_on(
+        store: &MessageStore,
+        node: &str,
+        gateways: Arc<dyn Gateways>,
+    ) -> Arc<Fanout> {
+        Fanout::new(
+            store.clone(),
+            gateways,
+            Arc::new(MembershipCache::new(store.clone())),
+            Arc::new(Metrics::new()),
+            config(node, 1),
+        )
+        .await
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn fanout_nodes_split_the_shards_and_a_node_that_joins_gets_its_share() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir, 8).await;
+        register(&store, "a").await;
+        let a = fanout_on(&store, "a", Arc::new(NoGateways)).await;
+        assert_eq!(
+            a.owned_shards().len(),
+            8,
+            "alone, a node drains every shard"
+        );
+
+        register(&store, "b").await;
+        let b = fanout_on(&store, "b", Arc::new(NoGateways)).await;
+        assert!(b.owned_shards().is_empty(), "a's leases still run");
+        a.keep_round().await;
+        assert_eq!(
+            a.owned_shards(),
+            [0, 1, 2, 3],
+            "a gives back what is beyond its share"
+        );
+        b.keep_round().await;
+        assert_eq!(b.owned_shards(), [4, 5, 6, 7]);
+        for shard in 0..8 {
+            let owner = store
+                .shard_owner(Duty::Delivery, shard)
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(owner.node, if shard < 4 { "a" } else { "b" });
+        }
+        let sequencer = store.shard_owner(Duty::Sequencing, 0).await.unwrap();
+        assert_eq!(
+            sequencer, None,
+            "delivery ownership leaves the sequencer's alone"
+        );
+
+        // A node that stops gives its shards back; the other takes them at its next round.
+        assert_eq!(b.release().await.unwrap(), [4, 5, 6, 7]);
+        store
+            .register_node(
+                "b",
+                &courier_store::ownership::NodeRecord {
+                    roles: vec![ROLE.into()],
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        a.keep_round().await;
+        assert_eq!(a.owned_shards().len(), 8);
+    }
+
+    #[tokio::test]
+    async fn a_deposed_fanout_node_clears_nothing_of_the_shard_it_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir, 4).await;
+        let shard = store.shard_of("d:1");
+        let seq = store
+            .acquire_shards(Duty::Sequencing, "s", &[shard], usize::MAX, 0, u64::MAX)
+            .await
+            .unwrap()[0];
+        store
+            .append(seq, &mut HeadCache::default(), &[message("a")])
+            .await
+            .unwrap();
+        let entries = store.outbox(shard, None, 10).await.unwrap();
+        let (key, _) = entries[0].clone();
+        let old = store
+            .acquire_shards(Duty::Delivery, "a", &[shard], 1, 0, 1_000)
+            .await
+            .unwrap()[0];
+        // a's lease lapsed (paused, say): b takes the shard with a new delivery epoch.
+        let new = store
+            .acquire_shards(Duty::Delivery, "b", &[shard], 1, 5_000, 1_000)
+            .await
+            .unwrap()[0];
+        assert_eq!(new.epoch, old.epoch + 1);
+        let range = |lease| OutboxRange {
+            lease,
+            first: key.clone(),
+            last: key.clone(),
+        };
+        let refused = store.clear_outbox(&[range(old)]).await.unwrap_err();
+        let StoreError::FenceChanged { key: fence } = refused else {
+            panic!("expected a fenced-out clear, got {refused}");
+        };
+        assert_eq!(store.delivery_fence_shard(&fence), Some(shard));
+        assert_eq!(
+            store.outbox(shard, None, 10).await.unwrap().len(),
+            1,
+            "nothing cleared"
+        );
+        store.clear_outbox(&[range(new)]).await.unwrap();
+        assert!(store.outbox(shard, None, 10).await.unwrap().is_empty());
+    }
+
+    /// Gateways that refuse the first `failures` deliveries, then record what they take. When
+    /// they refuse a batch they look for its events in the outbox a little later, and note
+    /// those already cleared.
+    struct FlakyGateways {
+        store: MessageStore,
+        failures: std::sync::atomic::AtomicUsize,
+        taken: Mutex<Vec<String>>,
+        cleared_untaken: Mutex<Vec<String>>,
+    }
+
+    #[async_trait::async_trait]
+    impl Gateways for FlakyGateways {
+        async fn deliver(&self, batch: Vec<(Event, Members)>) -> Result<(), DeliveryError> {
+            if batch.is_empty() {
+                return Ok(());
+            }
+            let failed = self
+                .failures
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+            if failed.is_ok() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                for (event, _) in batch {
+                    let shard = self.store.shard_of(&event.conversation_id);
+                    let outbox = self.store.outbox(shard, None, 100).await?;
+                    if !outbox
+                        .iter()
+                        .any(|(_, e)| e.server_msg_id == event.server_msg_id)
+                    {
+                        lock(&self.cleared_untaken).push(event.server_msg_id.clone());
+                    }
+                }
+                return Err(DeliveryError::Gateway {
+                    gateway: "g".into(),
+                    reason: "unreachable".into(),
+                });
+            }
+            lock(&self.taken).extend(batch.iter().map(|(event, _)| event.server_msg_id.clone()));
+            Ok(())
+        }
+
+        fn offer(&self, _: &str, _: &Arc<courier_proto::ServerFrame>) -> usize {
+            0
+        }
+
+        fn unlinked(&self, _: &str, _: &str) {}
+
+        async fn connected_devices(&self, _: &str) -> Result<Vec<String>, StoreError> {
+            Ok(Vec::new())
+        }
+    }
+
+    #[tokio::test]
+    async fn an_outbox_entry_stays_until_the_gateways_took_it_on_both_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir, 4).await;
+        let seq = store
+            .acquire_shards(
+                Duty::Sequencing,
+                "s",
+                &[0, 1, 2, 3],
+                usize::MAX,
+                0,
+                u64::MAX,
+            )
+            .await
+            .unwrap();
+        let lease_of = |conv: &str| seq[store.shard_of(conv) as usize];
+        let mut heads = HeadCache::default();
+        // With a threshold of 1, a note to self takes the common path, a 1:1 message (two
+        // members) the large-group one.
+        let note = Append {
+            create: Some(NewConversation::direct("alice", "alice")),
+            ..Append::message(
+                "d:self".into(),
+                Sender {
+                    user: "alice".into(),
+                    device: "phone".into(),
+                },
+                "note".into(),
+                Body::Text("note".into()),
+                None,
+            )
+        };
+        store
+            .append(lease_of("d:self"), &mut heads, &[note])
+            .await
+            .unwrap();
+        store
+            .append(lease_of("d:1"), &mut heads, &[message("direct")])
+            .await
+            .unwrap();
+
+        let gateways = Arc::new(FlakyGateways {
+            store: store.clone(),
+            failures: 4.into(),
+            taken: Mutex::default(),
+            cleared_untaken: Mutex::default(),
+        });
+        let fanout = fanout_on(&store, "local", gateways.clone()).await;
+        let loops = BackgroundLoops::new();
+        fanout.start(&loops);
+        for conv in ["d:self", "d:1"] {
+            until_outbox_empty(&store, store.shard_of(conv)).await;
+        }
+        let mut taken = lock(&gateways.taken).clone();
+        taken.sort();
+        taken.dedup();
+        assert_eq!(taken.len(), 2, "both events were delivered: {taken:?}");
+        let cleared = lock(&gateways.cleared_untaken).clone();
+        assert!(
+            cleared.is_empty(),
+            "cleared before the gateways took them: {cleared:?}"
+        );
+    }
+
     async fn until_outbox_empty(store: &MessageStore, shard: u32) {
         let deadline = Instant::now() + Duration::from_secs(10);
         while !store.outbox(shard, None, 1).await.unwrap().is_empty() {
@@ -341,11 +861,10 @@ mod tests {
     #[tokio::test]
     async fn entries_left_by_an_earlier_process_do_not_lower_the_backlog() {
         let dir = tempfile::tempdir().unwrap();
-        let kv = Arc::new(EmbeddedEngine::open(&dir.path().join("s")).unwrap());
-        let store = MessageStore::open(kv, b"", 4).await.unwrap();
+        let store = store(&dir, 4).await;
         let shard = store.shard_of("d:1");
         let lease = store
-            .acquire_shards("test", &[shard], 0, u64::MAX)
+            .acquire_shards(Duty::Sequencing, "test", &[shard], usize::MAX, 0, u64::MAX)
             .await
             .unwrap()[0];
         let mut heads = HeadCache::default();
@@ -359,8 +878,7 @@ mod tests {
             Arc::new(NoGateways),
             Arc::new(MembershipCache::new(store.clone())),
             metrics.clone(),
-            1,
-            1000,
+            config("local", 1000),
         )
         .await
         .unwrap();

@@ -36,7 +36,7 @@ use courier_proto::{
     ClientFrame, Encoding, ErrorFrame, Event, Hello, Messages, Pong, Reconnect, Sent, ServerFrame,
     SyncDone, Trimmed,
 };
-use courier_store::AppendOutcome;
+use courier_store::{AppendOutcome, MessageStore};
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{SinkExt, StreamExt};
@@ -94,9 +94,20 @@ impl Default for GatewayLimits {
 pub struct Gateway {
     pub chat: Arc<Chat>,
     pub routes: Arc<Routes>,
+    /// In a cluster: this gateway's node id, under which its devices' routes are written.
+    pub cluster_routes: Option<ClusterRoutes>,
     pub metrics: Arc<Metrics>,
     pub limits: GatewayLimits,
     pub draining: watch::Receiver<bool>,
+}
+
+/// A gateway's routes in a cluster's route registry (`courier_store::routes`): each device's
+/// route is written when it connects, before its catch-up reads the store (so an event is
+/// either delivered live or read by the catch-up), and cleared when its connection ends.
+pub struct ClusterRoutes {
+    pub store: MessageStore,
+    /// This gateway's node id.
+    pub node: String,
 }
 
 /// A finished send: its `ref`, `client_msg_id`, conversation, start and outcome.
@@ -166,7 +177,20 @@ impl Gateway {
             typing: ConnectionLimit::new(self.limits.connection_typing),
         };
         let devices = Devices::new(self.chat.store().clone());
-        let exit = connection.run(&devices, &mut deliveries, &handle).await;
+        let exit = match &self.cluster_routes {
+            Some(cluster) => {
+                let (store, node) = (&cluster.store, &cluster.node);
+                let added = store.add_route(&user, &handle.device, node, handle.id, now_ms());
+                match added.await {
+                    Ok(()) => connection.run(&devices, &mut deliveries, &handle).await,
+                    Err(e) => {
+                        tracing::warn!(user, error = %e, "could not record the device's route");
+                        Exit::Close(close_code::ERROR, "storage error; reconnect")
+                    }
+                }
+            }
+            None => connection.run(&devices, &mut deliveries, &handle).await,
+        };
         if let Exit::Close(code, reason) = exit {
             connection.close(code, reason).await;
         }
@@ -178,6 +202,14 @@ impl Gateway {
         drop(connection);
         if let Err(e) = devices.seen(&who).await {
             tracing::warn!(user = %who.user, device = %who.device, error = %e, "could not record device activity");
+        }
+        if let Some(cluster) = &self.cluster_routes
+            && let Err(e) = cluster
+                .store
+                .remove_route(&user, &handle.device, &cluster.node, handle.id)
+                .await
+        {
+            tracing::warn!(user, error = %e, "could not clear the device's route; it is swept with this gateway's routes");
         }
         // Last: a draining server waits for its connections to leave the registry.
         self.routes.unregister(&user, handle.id);
@@ -224,6 +256,7 @@ impl Connection<'_> {
             let step = tokio::select! {
                 biased;
                 _ = handle.signals.unlinked.notified() => Err(Exit::Close(close_code::POLICY, "device unlinked")),
+                _ = handle.signals.rejoin.notified() => self.drain().await,
                 _ = async { drop(draining.wait_for(|d| *d).await) } => self.drain().await,
                 (reference, outcome) = acked(&mut self.ack) => {
                     self.ack = None;

@@ -5,10 +5,11 @@
 
 use axum::extract::ws::Message;
 use courier_core::clock::now_ms;
-use courier_core::gateways::Gateways;
+use courier_core::gateways::{DeliveryError, Gateways};
 use courier_core::membership::Members;
 use courier_core::metrics::Metrics;
 use courier_proto::{Encoding, Event, Payload, ServerFrame};
+use courier_store::StoreError;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
@@ -65,6 +66,9 @@ pub enum Delivery {
 pub struct Signals {
     /// Notified when the connection's device was unlinked: the connection closes.
     pub unlinked: Notify,
+    /// Notified when this gateway's lease in the cluster lapsed (its routes may have been
+    /// swept): the connection says `reconnect` and closes, as when the server drains.
+    pub rejoin: Notify,
     /// Notified when events were dropped from a full queue; `behind` says up to where.
     pub lagged: Notify,
     /// Per conversation, the highest seq dropped since the connection last caught up.
@@ -193,6 +197,15 @@ impl Routes {
         users.get(user).cloned().unwrap_or_default()
     }
 
+    /// Tells every open connection to reconnect: this gateway's lease lapsed, and deliveries
+    /// may have skipped it meanwhile. Each device reconnects, writes its route again and
+    /// catches up.
+    pub fn rejoin_all(&self) {
+        for connection in self.all() {
+            connection.signals.rejoin.notify_one();
+        }
+    }
+
     /// Every open connection (for draining).
     pub fn all(&self) -> Vec<ConnectionHandle> {
         let users = self.users.read().unwrap_or_else(|e| e.into_inner());
@@ -200,8 +213,9 @@ impl Routes {
     }
 }
 
-impl Gateways for Routes {
-    fn deliver(&self, event: Event, recipients: &Members) {
+impl Routes {
+    /// Queues `event` on every connection of `recipients` except the sending device's.
+    fn deliver_event(&self, event: Event, recipients: &Members) {
         let lag = now_ms().saturating_sub(event.ts_ms) as f64 / 1000.0;
         let shared = SharedEvent::new(event);
         let sender = &shared.event.sender;
@@ -216,6 +230,16 @@ impl Gateways for Routes {
                 self.metrics.delivery_lag.observe(lag);
             }
         }
+    }
+}
+
+#[async_trait::async_trait]
+impl Gateways for Routes {
+    async fn deliver(&self, batch: Vec<(Event, Members)>) -> Result<(), DeliveryError> {
+        for (event, recipients) in batch {
+            self.deliver_event(event, &recipients);
+        }
+        Ok(())
     }
 
     fn offer(&self, user: &str, frame: &Arc<ServerFrame>) -> usize {
@@ -233,10 +257,11 @@ impl Gateways for Routes {
         }
     }
 
-    fn connected_devices(&self, user: &str) -> Vec<String> {
-        self.connections(user)
+    async fn connected_devices(&self, user: &str) -> Result<Vec<String>, StoreError> {
+        Ok(self
+            .connections(user)
             .into_iter()
             .map(|connection| connection.device)
-            .collect()
+            .collect())
     }
 }

@@ -233,7 +233,7 @@ impl Notifier {
                     if *member == intent.sender_user {
                         continue;
                     }
-                    let connected = self.gateways.connected_devices(member);
+                    let connected = self.gateways.connected_devices(member).await?;
                     for (device, record) in self.store.devices(member).await? {
                         if record.push_token.is_empty()
                             || !record.is_linked()
@@ -403,6 +403,7 @@ mod tests {
     use courier_core::gateways::NoGateways;
     use courier_proto::Sender;
     use courier_store::faulty_engine::{FaultyEngine, touches};
+    use courier_store::ownership::Duty;
     use courier_store::{Append, AppendKey, HeadCache};
 
     #[derive(Parser)]
@@ -464,7 +465,7 @@ mod tests {
     async fn append(store: &MessageStore, append: Append) {
         let shard = store.shard_of(&append.conversation_id);
         let lease = store
-            .acquire_shards("test", &[shard], 0, u64::MAX)
+            .acquire_shards(Duty::Sequencing, "test", &[shard], usize::MAX, 0, u64::MAX)
             .await
             .unwrap()[0];
         store

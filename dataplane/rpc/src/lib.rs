@@ -7,6 +7,8 @@
 //!   over gRPC) and [`serve_store_node`];
 //! - [`remote`]: [`RemoteEngine`], a `KvEngine` that talks to a store node;
 //! - [`sequencer`]: the sequencer role over gRPC ([`SequencerService`], [`RemoteSequencer`]);
+//! - [`delivery`]: delivery across nodes ([`ClusterGateways`] and the gateway's end,
+//!   [`delivery::FanoutNotifier`] and the fanout's end);
 //! - [`proto`]: the generated messages and stubs of `courier.internal.v1`, among them the
 //!   admin API's client (`proto::admin_client::AdminClient`), which the operator calls.
 //!
@@ -20,6 +22,7 @@
 //! behind them, nor client frames or client tokens.
 
 pub mod auth;
+pub mod delivery;
 pub mod remote;
 pub mod sequencer;
 pub mod status;
@@ -34,11 +37,35 @@ pub mod proto {
 }
 
 pub use auth::{ClusterToken, TokenError};
+pub use delivery::{ClusterGateways, FanoutNotifier, FanoutService, GatewayService};
 pub use remote::RemoteEngine;
 pub use sequencer::{RemoteSequencer, SequencerService};
 pub use store_node::{KvStoreService, ServeError, serve_store_node};
 
+use courier_store::StoreError;
 use courier_store::kv::BatchLimits;
+use std::time::Duration;
+use tonic::transport::{Channel, Endpoint};
+
+/// Interval of the HTTP/2 pings on every internal connection, and how long an answer may take:
+/// a peer that vanished without closing its connection (a cut link, a stopped process) is
+/// noticed within twice this.
+pub const KEEPALIVE: Duration = Duration::from_secs(10);
+
+/// Longest wait for a TCP connection to another node.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A channel to the node at `uri` (`http://host:port`), connected on first use and again after
+/// it broke. `what` names the peer in errors.
+pub fn lazy_channel(uri: &str, what: &str) -> Result<Channel, StoreError> {
+    Ok(Endpoint::from_shared(uri.to_owned())
+        .map_err(|e| StoreError::Engine(format!("invalid {what} address {uri}: {e}")))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(KEEPALIVE)
+        .keep_alive_timeout(KEEPALIVE)
+        .connect_lazy())
+}
 
 /// Largest gRPC message the store node and [`RemoteEngine`] send or accept for an engine with
 /// `limits`: twice the engine's largest batch, plus 1 MiB.

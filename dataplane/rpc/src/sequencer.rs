@@ -14,6 +14,7 @@
 //! was appended. A trim whose answer is lost is an engine error (retention runs it again).
 
 use crate::auth::{AttachToken, ClusterToken, RequireToken};
+use crate::lazy_channel;
 use crate::proto::sequencer_client::SequencerClient;
 use crate::proto::sequencer_server::{self, SequencerServer};
 use crate::proto::{
@@ -34,7 +35,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tonic::codegen::InterceptedService;
 use tonic::metadata::MetadataValue;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 /// The binary metadata entry holding the [`SequencerErrorDetail`] of a failed call.
@@ -45,10 +46,6 @@ pub const SEQUENCER_ERROR_METADATA: &str = "courier-sequencer-error-bin";
 /// same `client_msg_id`, through the shard's owner of that moment.
 pub const APPEND_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// How often an idle connection to a sequencer node is probed, and how long a probe may go
-/// unanswered before the connection is dropped.
-pub const KEEPALIVE: Duration = Duration::from_secs(10);
-
 /// Longest wait for a trim's answer.
 pub const TRIM_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -56,9 +53,6 @@ pub const TRIM_TIMEOUT: Duration = Duration::from_secs(30);
 /// past it are refused as overloaded (the client retries); a sequencer node reads no more of
 /// the stream until some are answered.
 pub const STREAM_WINDOW: usize = 4096;
-
-/// Longest wait to connect to a sequencer node.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The status a sequencer node answers for `error`.
 pub fn to_status(error: &SequencerError) -> Status {
@@ -372,13 +366,7 @@ impl RemoteSequencer {
     /// The sequencer listening at `address` (`http://host:port`); nothing is sent until the
     /// first call.
     pub fn new(address: &str, token: ClusterToken) -> Result<Self, StoreError> {
-        let channel = Endpoint::from_shared(address.to_owned())
-            .map_err(|e| StoreError::Engine(format!("invalid sequencer address {address}: {e}")))?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(KEEPALIVE)
-            .keep_alive_timeout(KEEPALIVE)
-            .connect_lazy();
+        let channel = lazy_channel(address, "sequencer")?;
         Ok(Self {
             client: SequencerClient::with_interceptor(channel, AttachToken::new(token)),
             link: Arc::default(),

@@ -28,10 +28,12 @@ pub mod retention;
 pub mod routing;
 
 use courier_core::clock::now_ms;
+use courier_core::leases::Ownership;
 use courier_core::metrics::{Metrics, ShardLabel};
 use courier_core::sequencing::{
     CommitListener, PendingAppend, PendingTrim, Sequencer, SequencerError,
 };
+use courier_store::ownership::Duty;
 use courier_store::{Append, AppendOutcome, HeadCache, MessageStore, ShardLease, StoreError};
 use futures::future::BoxFuture;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering as AtomicOrdering};
@@ -94,16 +96,6 @@ fn queued<T: Send + 'static>(
         queued?;
         outcome.await.unwrap_or(Err(SequencerError::ShardMoved))
     })
-}
-
-/// How a sequencer node holds its shards.
-#[derive(Debug, Clone)]
-pub struct Ownership {
-    /// This node's id in the shards' ownership records.
-    pub node: String,
-    /// How long a lease runs without renewal; it is renewed every third of it, and another
-    /// node takes the shard over once it lapsed.
-    pub lease: Duration,
 }
 
 /// A shard as this node sees it.
@@ -179,7 +171,7 @@ impl LocalSequencer {
     /// and takes the free or lapsed ones, until the process ends. A failed round is logged and
     /// tried again at the next one (a lease outlives two failed renewals).
     pub async fn keep_shards(self: Arc<Self>) {
-        let mut rounds = tokio::time::interval(self.ownership.lease / 3);
+        let mut rounds = tokio::time::interval(self.ownership.round());
         rounds.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         rounds.tick().await;
         loop {
@@ -229,7 +221,13 @@ impl LocalSequencer {
         let lease = self.freeze(shard).await.ok_or(SequencerError::ShardMoved)?;
         let flipped = self
             .store
-            .hand_off_shard(lease, &self.ownership.node, to, now_ms(), self.lease_ms())
+            .hand_off_shard(
+                lease,
+                &self.ownership.node,
+                to,
+                now_ms(),
+                self.ownership.lease_ms(),
+            )
             .await?;
         tracing::info!(shard, to, epoch = flipped.epoch, "shard handed off");
         Ok(flipped)
@@ -270,7 +268,7 @@ impl LocalSequencer {
             frozen.extend(self.freeze(shard).await);
         }
         self.store
-            .release_shards(&self.ownership.node, &frozen)
+            .release_shards(Duty::Sequencing, &self.ownership.node, &frozen)
             .await?;
         let released = frozen.iter().map(|lease| lease.shard).collect();
         tracing::info!(shards = frozen.len(), "drained: shards released");
@@ -303,15 +301,17 @@ impl LocalSequencer {
         }
     }
 
-    fn lease_ms(&self) -> u64 {
-        self.ownership.lease.as_millis() as u64
-    }
-
     async fn renew(&self) -> Result<(), StoreError> {
         let owned = self.owned();
         let lost = self
             .store
-            .renew_shards(&self.ownership.node, &owned, now_ms(), self.lease_ms())
+            .renew_shards(
+                Duty::Sequencing,
+                &self.ownership.node,
+                &owned,
+                now_ms(),
+                self.ownership.lease_ms(),
+            )
             .await?;
         for shard in lost {
             tracing::warn!(shard, "shard taken over by another node");
@@ -329,7 +329,14 @@ impl LocalSequencer {
         }
         let taken = self
             .store
-            .acquire_shards(&self.ownership.node, &free, now_ms(), self.lease_ms())
+            .acquire_shards(
+                Duty::Sequencing,
+                &self.ownership.node,
+                &free,
+                usize::MAX,
+                now_ms(),
+                self.ownership.lease_ms(),
+            )
             .await?;
         if !taken.is_empty() {
             tracing::info!(shards = taken.len(), "took shards");
@@ -657,7 +664,12 @@ mod tests {
             Err(SequencerError::ShardMoved)
         ));
         assert_eq!(
-            store.shard_owner(shard).await.unwrap().unwrap().epoch,
+            store
+                .shard_owner(Duty::Sequencing, shard)
+                .await
+                .unwrap()
+                .unwrap()
+                .epoch,
             flipped.epoch
         );
         to.keep_round().await;
@@ -795,7 +807,7 @@ mod tests {
         let engine = FaultyEngine::new();
         let store = engine.store(1).await;
         let lease = store
-            .acquire_shards("test", &[0], 0, u64::MAX)
+            .acquire_shards(Duty::Sequencing, "test", &[0], usize::MAX, 0, u64::MAX)
             .await
             .unwrap()[0];
         let written = Arc::new(std::sync::Mutex::new(0));

@@ -28,6 +28,7 @@ use courier_core::sequencing::{
     CommitListener, PendingAppend, PendingTrim, Sequencer, SequencerError,
 };
 use courier_rpc::{ClusterToken, RemoteSequencer};
+use courier_store::ownership::Duty;
 use courier_store::{Append, AppendOutcome, MessageStore, StoreError};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -97,7 +98,7 @@ impl Router {
     async fn read_route(&self, shard: u32) -> Result<Arc<dyn Sequencer>, SequencerError> {
         let owner = self
             .store
-            .shard_owner(shard)
+            .shard_owner(Duty::Sequencing, shard)
             .await?
             .filter(|owner| owner.is_live(now_ms()))
             .ok_or(SequencerError::ShardMoved)?;

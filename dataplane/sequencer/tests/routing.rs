@@ -2,6 +2,7 @@
 //! reach the shard's owner, in order; after a hand-off the stale route is forgotten and the
 //! new owner goes on with the next seq.
 
+use courier_core::leases::Ownership;
 use courier_core::metrics::Metrics;
 use courier_core::sequencing::{
     CommitListener, Listeners, PendingAppend, Sequencer, SequencerError,
@@ -9,7 +10,7 @@ use courier_core::sequencing::{
 use courier_proto::{Body, Sender};
 use courier_rpc::{ClusterToken, SequencerService};
 use courier_sequencer::routing::RoutedSequencer;
-use courier_sequencer::{GroupCommitLimits, LocalSequencer, Ownership};
+use courier_sequencer::{GroupCommitLimits, LocalSequencer};
 use courier_store::embedded::EmbeddedEngine;
 use courier_store::ownership::NodeRecord;
 use courier_store::{Append, MessageStore, NewConversation};

@@ -21,6 +21,7 @@ use courier_rpc::sequencer::to_status;
 use courier_rpc::status;
 use courier_sequencer::LocalSequencer;
 use courier_store::MessageStore;
+use courier_store::ownership::Duty;
 use std::sync::Arc;
 use std::time::Duration;
 use tonic::codegen::InterceptedService;
@@ -141,7 +142,7 @@ impl admin_server::Admin for AdminService {
         self.tell_to_take(&to).await?;
         let owner = self
             .store
-            .shard_owner(shard)
+            .shard_owner(Duty::Sequencing, shard)
             .await
             .map_err(|e| status::to_status(&e))?
             .filter(|owner| owner.node == to)

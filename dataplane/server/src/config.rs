@@ -4,11 +4,13 @@
 use crate::store_node::ClusterTokenArgs;
 use clap::{Args, ValueEnum};
 use courier_chat::ChatLimits;
+use courier_core::leases::Ownership;
 use courier_core::limits::Rate;
 use courier_core::units::parse_bytes;
+use courier_fanout::FanoutConfig;
 use courier_gateway::GatewayLimits;
+use courier_sequencer::GroupCommitLimits;
 use courier_sequencer::retention::RetentionPolicy;
-use courier_sequencer::{GroupCommitLimits, Ownership};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -163,6 +165,11 @@ pub struct ServeConfig {
     pub push: courier_push::providers::PushConfig,
     #[command(flatten)]
     pub notifier: courier_push::NotifierConfig,
+    /// Serve the reference web app (`clients/web`, built) from this directory at `/`. Off by
+    /// default: without it, paths outside the API stay 404. The app asks the person for a token
+    /// (`courier token`); the server hands none out.
+    #[arg(long, env = "COURIER_WEB_DIR")]
+    pub web_dir: Option<PathBuf>,
     /// How long draining may take on SIGTERM before the process exits anyway.
     #[arg(long, env = "COURIER_DRAIN_TIMEOUT", default_value = "25s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
@@ -199,6 +206,14 @@ impl ServeConfig {
             "--media-min-free-disk must be at least --min-free-disk, so that uploads are \
              refused before sends when the disk fills up"
         );
+        if let Some(dir) = &self.web_dir {
+            anyhow::ensure!(
+                dir.join("index.html").is_file(),
+                "--web-dir {}: no index.html there; build the web app first (see \
+                 clients/web/README.md) and pass its `dist` directory",
+                dir.display()
+            );
+        }
         if self.store == StoreKind::Remote {
             anyhow::ensure!(
                 self.store_address.is_some(),
@@ -265,12 +280,17 @@ impl ServeConfig {
         }
     }
 
-    /// `--fanout-workers`, or its default for the store.
-    pub fn fanout_workers(&self) -> usize {
-        self.fanout_workers.unwrap_or(match self.store {
-            StoreKind::Embedded => 2,
-            StoreKind::Fdb | StoreKind::Remote => 16,
-        })
+    /// `--fanout-workers` (or its default for the store), the large-group threshold and this
+    /// node's delivery leases.
+    pub fn fanout_config(&self) -> FanoutConfig {
+        FanoutConfig {
+            workers: self.fanout_workers.unwrap_or(match self.store {
+                StoreKind::Embedded => 2,
+                StoreKind::Fdb | StoreKind::Remote => 16,
+            }),
+            large_group_threshold: self.large_group_threshold,
+            ownership: self.ownership(),
+        }
     }
 
     pub fn group_commit_limits(&self) -> GroupCommitLimits {

@@ -2,6 +2,7 @@
 //! `/healthz` fails once the store has halted; `/readyz` also while starting, draining or low
 //! on disk ([`StorageHealth`]).
 //! Handlers are thin: they authenticate, then call the chat role.
+//! With `--web-dir`, every other `GET` is answered from the built web app ([`with_web_app`]).
 
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{FromRequestParts, Path, Query, State};
@@ -61,6 +62,43 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(state)
+}
+
+/// The Content-Security-Policy of the web app's files: its own scripts and styles only, images
+/// from itself or from `blob:` URLs (downloaded media), connections to its own origin (the API
+/// and the WebSocket), and no framing. A script injected through a message could not run.
+const WEB_APP_CSP: &str = "default-src 'self'; img-src 'self' blob:; connect-src 'self'; \
+     object-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+
+/// Answers the requests no API route takes with the files of `web_dir` (the built web app,
+/// `index.html` at `/`), under [`WEB_APP_CSP`]. Without a directory the router is unchanged:
+/// such requests stay 404. The files are public; the app asks the person for a token and
+/// never gets one from the server.
+pub fn with_web_app(router: Router, web_dir: Option<&std::path::Path>) -> Router {
+    let Some(dir) = web_dir else {
+        return router;
+    };
+    let files = Router::new()
+        .fallback_service(tower_http::services::ServeDir::new(dir))
+        .layer(axum::middleware::map_response(web_app_headers));
+    router.fallback_service(files)
+}
+
+async fn web_app_headers(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        header::HeaderValue::from_static(WEB_APP_CSP),
+    );
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        header::HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(
+        header::REFERRER_POLICY,
+        header::HeaderValue::from_static("no-referrer"),
+    );
+    response
 }
 
 /// The caller, from a verified bearer token (header or `access_token` query parameter).

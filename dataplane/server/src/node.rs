@@ -1,14 +1,17 @@
 //! `courier node`: one node of a cluster, running some of the roles, on a shared store
 //! (`--store remote` for a test cluster on one machine, `--store fdb` in production).
 //!
-//! Roles today:
-//! - `sequencer`: takes the shards no live node holds, keeps their leases, and serves appends
-//!   to the other nodes over internal gRPC (`--internal-listen`, never the client port), with
-//!   the admin API (`admin.rs`);
-//! - `gateway` with `chat`, `fanout`, `push` and `media` (the client roles, together): the
-//!   client port, as `courier serve`, with appends routed to the shards' owners. Only one node
-//!   of a cluster may run them yet (fanout does not share shards between nodes), and a start
-//!   that would run a second is refused.
+//! Roles, and how they combine on a node:
+//! - `sequencer` (alone): takes the shards no live node holds, keeps their leases, and serves
+//!   appends to the other nodes over internal gRPC (`--internal-listen`, never the client
+//!   port), with the admin API (`admin.rs`);
+//! - `fanout` (alone): drains the outboxes of its fair share of the shards and hands their
+//!   events to the gateway nodes holding the recipients' devices;
+//! - `gateway` with `chat` and `media` (the client port), optionally with `fanout` and `push`:
+//!   clients connect here; appends go to the shards' owners, deliveries come from the fanout
+//!   nodes over internal gRPC. Any number of such nodes may run. The push notifier runs on one
+//!   node of a cluster (a second is refused), and media bytes must be shared (S3, or the same
+//!   `--media-dir` on a shared filesystem) when several nodes serve media.
 //!
 //! Every node registers itself in the store (id, roles, internal address, lease) and renews
 //! its registration every third of `--shard-lease`; a node that dies is seen as gone once it
@@ -17,7 +20,7 @@
 
 use crate::admin::AdminService;
 use crate::config::{ServeConfig, StoreKind};
-use crate::serve::{self, Sequencing};
+use crate::serve::{self, Cluster};
 use anyhow::Context;
 use axum::Router;
 use axum::http::{StatusCode, header};
@@ -25,9 +28,11 @@ use axum::routing::get;
 use clap::{Args, ValueEnum};
 use courier_core::clock::now_ms;
 use courier_core::loops::BackgroundLoops;
+use courier_core::membership::MembershipCache;
 use courier_core::metrics::Metrics;
 use courier_core::sequencing::Listeners;
-use courier_rpc::{ClusterToken, SequencerService};
+use courier_fanout::Fanout;
+use courier_rpc::{ClusterGateways, ClusterToken, FanoutService, SequencerService};
 use courier_sequencer::LocalSequencer;
 use courier_store::MessageStore;
 use courier_store::ownership::NodeRecord;
@@ -61,14 +66,8 @@ impl Role {
     }
 }
 
-/// The roles that serve clients; they run together on one node for now.
-const CLIENT_ROLES: [Role; 5] = [
-    Role::Gateway,
-    Role::Chat,
-    Role::Fanout,
-    Role::Push,
-    Role::Media,
-];
+/// The roles a client node runs together: the client port serves all three.
+const CLIENT_ROLES: [Role; 3] = [Role::Gateway, Role::Chat, Role::Media];
 
 /// `courier node`.
 #[derive(Debug, Args)]
@@ -111,11 +110,16 @@ impl NodeArgs {
         let clients = CLIENT_ROLES.iter().filter(|r| self.has(**r)).count();
         anyhow::ensure!(
             clients == 0 || clients == CLIENT_ROLES.len(),
-            "the client roles run together for now: --roles gateway,chat,fanout,push,media"
+            "the client port serves gateway, chat and media together: \
+             --roles gateway,chat,media (with fanout and push if wanted)"
         );
         anyhow::ensure!(
-            clients == 0 || !self.has(Role::Sequencer),
-            "a node runs either the client roles or the sequencer for now, not both"
+            !self.has(Role::Sequencer) || self.roles.iter().all(|r| *r == Role::Sequencer),
+            "a sequencer node runs the sequencer role alone: --roles sequencer"
+        );
+        anyhow::ensure!(
+            clients > 0 || !self.has(Role::Push),
+            "the push notifier runs on a client node: --roles gateway,chat,media,push"
         );
         anyhow::ensure!(
             clients == 0 || config.jwt_secret.is_some() || config.jwt_public_key.is_some(),
@@ -151,41 +155,43 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
     };
     let lease = config.shard_lease;
     let lease_ms = lease.as_millis() as u64;
-    if args.has(Role::Fanout) {
-        let now = now_ms();
-        let other = store.nodes().await?.into_iter().find(|(id, node)| {
-            *id != config.node_id
-                && node.is_live(now)
-                && node.roles.iter().any(|role| role == "fanout")
-        });
-        if let Some((id, _)) = other {
-            anyhow::bail!(
-                "node {id} already runs the client roles on this store, and fanout does not \
-                 share shards between nodes yet: run one node with the client roles"
-            );
-        }
-    }
+    refuse_conflicting_nodes(&args, &store).await?;
     store
         .register_node(&config.node_id, &leased(&registration, now_ms() + lease_ms))
         .await?;
     // The node's own loops: its registration, and (below) its shard leases.
     let loops = BackgroundLoops::new();
+    let lapsed = Arc::new(tokio::sync::Notify::new());
     {
         let store = store.clone();
         let node = config.node_id.clone();
         let registration = registration.clone();
-        // Stops at once when cancelled; restarted if it fails: it keeps no state.
+        let lapsed = lapsed.clone();
+        // Stops at once when cancelled; restarted if it fails: it keeps no state (a restarted
+        // loop counts its lease from its start, so it may miss a lapse of the run before).
         loops.spawn("renew node registration", move |cancel| {
             let (store, node, registration) = (store.clone(), node.clone(), registration.clone());
+            let lapsed = lapsed.clone();
             async move {
                 let renew = async {
                     let mut rounds = tokio::time::interval(lease / 3);
+                    let mut deadline = now_ms() + lease_ms;
                     rounds.tick().await;
                     loop {
                         rounds.tick().await;
-                        let record = leased(&registration, now_ms() + lease_ms);
-                        if let Err(e) = store.register_node(&node, &record).await {
-                            tracing::warn!(error = %e, "renewing the node's registration failed; retrying");
+                        let now = now_ms();
+                        let record = leased(&registration, now + lease_ms);
+                        match store.register_node(&node, &record).await {
+                            Ok(()) if now >= deadline => {
+                                tracing::warn!(
+                                    late_ms = now - deadline,
+                                    "the node's registration had lapsed (paused, or cut off from the store)"
+                                );
+                                lapsed.notify_one();
+                                deadline = now + lease_ms;
+                            }
+                            Ok(()) => deadline = now + lease_ms,
+                            Err(e) => tracing::warn!(error = %e, "renewing the node's registration failed; retrying"),
                         }
                     }
                 };
@@ -195,7 +201,17 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
     }
 
     let result = if args.has(Role::Gateway) {
-        serve::run_client_roles(config.clone(), store.clone(), Sequencing::Routed(token)).await
+        let cluster = Cluster {
+            token,
+            fanout: args.has(Role::Fanout),
+            push: args.has(Role::Push),
+            internal,
+            lapsed,
+        };
+        tracing::info!(node = %config.node_id, roles = %roles.join(","), "courier node: internal gRPC on {address}");
+        serve::run_client_roles(config.clone(), store.clone(), Some(cluster)).await
+    } else if args.has(Role::Fanout) {
+        run_fanout(config, &store, token, internal, &address, &roles, &loops).await
     } else {
         run_sequencer(config, &store, token, internal, &address, &roles, &loops).await
     };
@@ -246,46 +262,153 @@ async fn run_sequencer(
         token,
     )
     .into_server();
-    let (stop_internal, internal_stopped) = tokio::sync::oneshot::channel::<()>();
-    let incoming = TcpIncoming::from(internal).with_nodelay(Some(true));
-    let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(service)
-            .add_service(admin)
-            .serve_with_incoming_shutdown(incoming, async {
-                let _ = internal_stopped.await;
-            }),
-    );
-    // Probes and metrics on `--listen` (the internal port speaks gRPC only).
-    let ready = Arc::new(AtomicBool::new(true));
-    let probes_listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("listening on {} for probes and metrics", config.listen))?;
-    let probes = probes_listener.local_addr()?;
-    let probes_server = tokio::spawn(
-        axum::serve(
-            probes_listener,
-            probe_router(store.clone(), metrics, ready.clone()),
-        )
-        .into_future(),
-    );
-    let stop_signal = serve::shutdown_signal()?;
-    tracing::info!(
-        node = %config.node_id,
-        roles = %roles.join(","),
-        %probes,
-        "courier node ready on internal {address} probes {probes}"
-    );
+    let services = tonic::service::Routes::new(service).add_service(admin);
+    let node = InternalNode {
+        config,
+        store,
+        address,
+        roles,
+        metrics,
+    };
+    node.serve_until_stopped(internal, services, async {
+        tracing::info!("stopping: draining the shards, then leaving the cluster");
+        if let Err(e) = sequencer.drain().await {
+            tracing::warn!(error = %e, "releasing the shards failed; they lapse with their leases");
+        }
+    })
+    .await
+}
 
-    stop_signal.await;
-    ready.store(false, Ordering::Release);
-    tracing::info!("stopping: draining the shards, then leaving the cluster");
-    if let Err(e) = sequencer.drain().await {
-        tracing::warn!(error = %e, "releasing the shards failed; they lapse with their leases");
+/// The fanout role alone until SIGTERM or Ctrl-C: drains its share of the outboxes to the
+/// gateway nodes and takes notices of commits on `internal`; then gives its shards back.
+async fn run_fanout(
+    config: &ServeConfig,
+    store: &MessageStore,
+    token: ClusterToken,
+    internal: tokio::net::TcpListener,
+    address: &str,
+    roles: &[String],
+    loops: &BackgroundLoops,
+) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    let gateways = Arc::new(ClusterGateways::new(store.clone(), None, token.clone()));
+    let fanout = Fanout::new(
+        store.clone(),
+        gateways,
+        Arc::new(MembershipCache::new(store.clone())),
+        metrics.clone(),
+        config.fanout_config(),
+    )
+    .await?;
+    fanout.start(loops);
+    let service = FanoutService::new(fanout.clone()).into_server(token);
+    let node = InternalNode {
+        config,
+        store,
+        address,
+        roles,
+        metrics,
+    };
+    node.serve_until_stopped(internal, tonic::service::Routes::new(service), async {
+        tracing::info!("stopping: giving the fanout shards back, then leaving the cluster");
+        if let Err(e) = fanout.release().await {
+            tracing::warn!(error = %e, "giving the fanout shards back failed; they lapse with their leases");
+        }
+    })
+    .await
+}
+
+/// A node that serves no clients: what its probes and its ready line say.
+struct InternalNode<'a> {
+    config: &'a ServeConfig,
+    store: &'a MessageStore,
+    address: &'a str,
+    roles: &'a [String],
+    metrics: Arc<Metrics>,
+}
+
+impl InternalNode<'_> {
+    /// Serves `services` on `internal`, and the probes and metrics on `--listen`, until SIGTERM
+    /// or Ctrl-C; then answers not ready, runs `stopping`, and stops serving.
+    async fn serve_until_stopped(
+        self,
+        internal: tokio::net::TcpListener,
+        services: tonic::service::Routes,
+        stopping: impl Future<Output = ()>,
+    ) -> anyhow::Result<()> {
+        let (stop_internal, internal_stopped) = tokio::sync::oneshot::channel::<()>();
+        let incoming = TcpIncoming::from(internal).with_nodelay(Some(true));
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_routes(services)
+                .serve_with_incoming_shutdown(incoming, async {
+                    let _ = internal_stopped.await;
+                }),
+        );
+        // Probes and metrics on `--listen` (the internal port speaks gRPC only).
+        let ready = Arc::new(AtomicBool::new(true));
+        let listen = self.config.listen;
+        let probes_listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("listening on {listen} for probes and metrics"))?;
+        let probes = probes_listener.local_addr()?;
+        let probes_server = tokio::spawn(
+            axum::serve(
+                probes_listener,
+                probe_router(self.store.clone(), self.metrics, ready.clone()),
+            )
+            .into_future(),
+        );
+        let stop_signal = serve::shutdown_signal()?;
+        tracing::info!(
+            node = %self.config.node_id,
+            roles = %self.roles.join(","),
+            %probes,
+            "courier node ready on internal {} probes {probes}",
+            self.address
+        );
+        stop_signal.await;
+        ready.store(false, Ordering::Release);
+        stopping.await;
+        let _ = stop_internal.send(());
+        let _ = tokio::time::timeout(Duration::from_secs(10), server).await;
+        probes_server.abort();
+        Ok(())
     }
-    let _ = stop_internal.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(10), server).await;
-    probes_server.abort();
+}
+
+/// Refuses to start a node whose roles would clash with a live node of the cluster: a second
+/// push notifier (it would notify twice), or a second node keeping media bytes in a directory
+/// of its own (each would hold different media).
+async fn refuse_conflicting_nodes(args: &NodeArgs, store: &MessageStore) -> anyhow::Result<()> {
+    let config = &args.serve;
+    let now = now_ms();
+    let live: Vec<(String, NodeRecord)> = store
+        .nodes()
+        .await?
+        .into_iter()
+        .filter(|(id, node)| *id != config.node_id && node.is_live(now))
+        .collect();
+    let runs = |node: &NodeRecord, role: Role| node.roles.iter().any(|r| r == role.name());
+    if args.has(Role::Push)
+        && let Some((id, _)) = live.iter().find(|(_, node)| runs(node, Role::Push))
+    {
+        anyhow::bail!(
+            "node {id} already runs the push notifier, which runs on one node of a cluster: \
+             start this node without `push`"
+        );
+    }
+    let private_media = config.media.media_s3_bucket.is_none() && config.media.media_dir.is_none();
+    if args.has(Role::Media)
+        && private_media
+        && let Some((id, _)) = live.iter().find(|(_, node)| runs(node, Role::Media))
+    {
+        anyhow::bail!(
+            "node {id} also serves media, and this node would keep media bytes in its own data \
+             directory: give every media node the same --media-s3-bucket, or the same \
+             --media-dir on a shared filesystem"
+        );
+    }
     Ok(())
 }
 

@@ -25,33 +25,37 @@
 //! runtime, after everything above.
 
 use crate::config::{PublicKeyAlgorithm, ServeConfig, StoreKind};
-use crate::http::{AppState, router};
+use crate::http::{AppState, router, with_web_app};
 use anyhow::Context;
 use axum::serve::ListenerExt;
 use courier_chat::Chat;
 use courier_chat::receipts::ReceiptRelay;
 use courier_core::auth::{self, TokenVerifier};
+use courier_core::gateways::Gateways;
 use courier_core::loops::BackgroundLoops;
 use courier_core::membership::MembershipCache;
 use courier_core::metrics::Metrics;
-use courier_core::sequencing::{Listeners, Sequencer};
+use courier_core::sequencing::{CommitListener, Listeners, Sequencer};
 use courier_core::storage_health::StorageHealth;
 use courier_fanout::Fanout;
-use courier_gateway::Gateway;
 use courier_gateway::routes::Routes;
+use courier_gateway::{ClusterRoutes, Gateway};
 use courier_media::MediaService;
 use courier_push::Notifier;
 use courier_push::providers::PushProviders;
-use courier_rpc::{ClusterToken, RemoteEngine};
+use courier_rpc::{
+    ClusterGateways, ClusterToken, FanoutNotifier, FanoutService, GatewayService, RemoteEngine,
+};
 use courier_sequencer::LocalSequencer;
 use courier_sequencer::retention::Retention;
 use courier_sequencer::routing::RoutedSequencer;
 use courier_store::embedded::EmbeddedEngine;
-use courier_store::{KvEngine, MessageStore};
+use courier_store::{KvEngine, MessageStore, StoreError};
 use std::future::IntoFuture;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::sync::watch;
+use tonic::transport::server::TcpIncoming;
 
 /// Directory of the embedded store inside the data directory.
 pub const STORE_DIR: &str = "store";
@@ -117,12 +121,19 @@ fn open_fdb(_: &ServeConfig) -> anyhow::Result<Arc<dyn KvEngine>> {
     )
 }
 
-/// Where a process's appends are sequenced.
-pub enum Sequencing {
-    /// In this process, on every shard it can take (`courier serve`).
-    Local,
-    /// By each shard's owner, found in the store (a cluster node with the client roles).
-    Routed(ClusterToken),
+/// How the client roles of a `courier node` reach the rest of its cluster.
+pub struct Cluster {
+    pub token: ClusterToken,
+    /// Whether this node also drains outboxes (the fanout role).
+    pub fanout: bool,
+    /// Whether this node also runs the push notifier (the push role).
+    pub push: bool,
+    /// Where this node's internal gRPC listens: deliveries from fanout nodes and, with
+    /// `fanout`, notices of commits from chat nodes.
+    pub internal: tokio::net::TcpListener,
+    /// Notified when this node renewed its registration after it had lapsed: deliveries may
+    /// have skipped its connections meanwhile, so they are told to reconnect.
+    pub lapsed: Arc<tokio::sync::Notify>,
 }
 
 /// `courier serve`: every role in one process.
@@ -130,54 +141,90 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     config.validate()?;
     let engine = open_engine(&config).await?;
     let store = MessageStore::open(engine, b"", config.shards).await?;
-    run_client_roles(config, store, Sequencing::Local).await
+    run_client_roles(config, store, None).await
 }
 
-/// Runs the client roles (gateway, chat, fanout, push, media) on `store`, with appends
-/// sequenced as `sequencing` says, until SIGTERM or Ctrl-C; then drains and returns (module
-/// documentation, "Stopping").
+/// Runs the client roles (gateway, chat, media, and unless `cluster` says otherwise fanout and
+/// push) on `store` until SIGTERM or Ctrl-C; then drains and returns (module documentation,
+/// "Stopping"). Without `cluster` (`courier serve`) every role is in this process, with a
+/// local sequencer; with it, appends go to the shards' owners, deliveries to the gateways
+/// holding the devices, and commit notices to the shards' fanout nodes.
 pub async fn run_client_roles(
     config: ServeConfig,
     store: MessageStore,
-    sequencing: Sequencing,
+    cluster: Option<Cluster>,
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating the data directory {}", config.data_dir.display()))?;
     let verifier = verifier(&config)?;
+    let node = config.node_id.clone();
 
     let metrics = Arc::new(Metrics::new());
     // Every background loop of every role; shut down last (module documentation, "Stopping").
     let loops = BackgroundLoops::new();
     let routes = Arc::new(Routes::new(metrics.clone()));
-    let membership = Arc::new(MembershipCache::new(store.clone()));
-    let fanout = Fanout::new(
-        store.clone(),
-        routes.clone(),
-        membership.clone(),
-        metrics.clone(),
-        config.fanout_workers(),
-        config.large_group_threshold,
-    )
-    .await?;
+    let (gateways, membership): (Arc<dyn Gateways>, _) = match &cluster {
+        None => (
+            routes.clone(),
+            Arc::new(MembershipCache::new(store.clone())),
+        ),
+        Some(cluster) => {
+            // Routes a previous run of this node left behind point at connections gone.
+            let swept = store.clear_gateway_routes(&node, u64::MAX).await?;
+            if swept > 0 {
+                tracing::info!(swept, "cleared the routes this node's previous run left");
+            }
+            let local: Arc<dyn Gateways> = routes.clone();
+            let gateways = ClusterGateways::new(
+                store.clone(),
+                Some((node.clone(), local)),
+                cluster.token.clone(),
+            );
+            (
+                Arc::new(gateways),
+                Arc::new(MembershipCache::checking_heads(store.clone())),
+            )
+        }
+    };
+    let runs_fanout = cluster.as_ref().is_none_or(|c| c.fanout);
+    let runs_push = cluster.as_ref().is_none_or(|c| c.push);
+    let fanout = match runs_fanout {
+        true => Some(
+            Fanout::new(
+                store.clone(),
+                gateways.clone(),
+                membership.clone(),
+                metrics.clone(),
+                config.fanout_config(),
+            )
+            .await?,
+        ),
+        false => None,
+    };
     let push = Arc::new(PushProviders::from_config(&config.push)?);
-    let notifier = Notifier::new(
-        store.clone(),
-        routes.clone(),
-        membership.clone(),
-        push.clone(),
-        config.notifier.clone(),
-        config.push.push_include_text,
-        config.large_group_threshold,
-        metrics.clone(),
-    );
-    let listeners = Arc::new(Listeners(vec![fanout.clone(), notifier.clone()]));
-    let sequencer: Arc<dyn Sequencer> = match sequencing {
-        Sequencing::Local => {
+    let notifier = runs_push.then(|| {
+        Notifier::new(
+            store.clone(),
+            gateways.clone(),
+            membership.clone(),
+            push.clone(),
+            config.notifier.clone(),
+            config.push.push_include_text,
+            config.large_group_threshold,
+            metrics.clone(),
+        )
+    });
+    // Fanout first: delivery is what a user waits for.
+    let mut listeners: Vec<Arc<dyn CommitListener>> = Vec::new();
+    let sequencer: Arc<dyn Sequencer> = match &cluster {
+        None => {
+            listeners.extend(fanout.clone().map(|f| f as Arc<dyn CommitListener>));
+            listeners.extend(notifier.clone().map(|n| n as Arc<dyn CommitListener>));
             let sequencer = LocalSequencer::start(
                 store.clone(),
                 config.ownership(),
                 config.group_commit_limits(),
-                listeners,
+                Arc::new(Listeners(listeners)),
                 metrics.clone(),
             )
             .await?;
@@ -190,15 +237,38 @@ pub async fn run_client_roles(
             });
             sequencer
         }
-        Sequencing::Routed(token) => {
-            Arc::new(RoutedSequencer::new(store.clone(), None, token, listeners))
+        Some(cluster) => {
+            let local = fanout
+                .clone()
+                .map(|f| (node.clone(), f as Arc<dyn CommitListener>));
+            let notices = FanoutNotifier::new(store.clone(), local, cluster.token.clone());
+            listeners.push(notices.clone());
+            listeners.extend(notifier.clone().map(|n| n as Arc<dyn CommitListener>));
+            // Stops at once when cancelled; restarted if it panics: a lost notice is found at
+            // the fanout's next round.
+            loops.spawn("tell fanout nodes of commits", move |cancel| {
+                let notices = notices.clone();
+                async move {
+                    cancel.run_until_cancelled(notices.run()).await;
+                }
+            });
+            Arc::new(RoutedSequencer::new(
+                store.clone(),
+                None,
+                cluster.token.clone(),
+                Arc::new(Listeners(listeners)),
+            ))
         }
     };
-    notifier.start(&loops);
-    fanout.start(&loops);
+    if let Some(notifier) = &notifier {
+        notifier.start(&loops);
+    }
+    if let Some(fanout) = &fanout {
+        fanout.start(&loops);
+    }
     let receipts = ReceiptRelay::new(
         store.clone(),
-        routes.clone(),
+        gateways.clone(),
         membership.clone(),
         config.receipt_coalesce_above,
     );
@@ -218,9 +288,9 @@ pub async fn run_client_roles(
         config.media.media_min_free_disk,
     );
     let chat = Arc::new(Chat::new(
-        store,
+        store.clone(),
         sequencer,
-        routes.clone(),
+        gateways.clone(),
         membership,
         receipts,
         metrics.clone(),
@@ -242,10 +312,26 @@ pub async fn run_client_roles(
             cancel.run_until_cancelled(forget).await;
         }
     });
+    let internal = match cluster {
+        Some(cluster) => Some(serve_internal(
+            cluster,
+            &store,
+            &node,
+            routes.clone(),
+            fanout.clone(),
+            &config,
+            &loops,
+        )?),
+        None => None,
+    };
     let (drain, draining) = watch::channel(false);
     let gateway = Arc::new(Gateway {
         chat: chat.clone(),
         routes: routes.clone(),
+        cluster_routes: internal.is_some().then(|| ClusterRoutes {
+            store: store.clone(),
+            node: node.clone(),
+        }),
         metrics: metrics.clone(),
         limits: config.gateway_limits(),
         draining: draining.clone(),
@@ -301,7 +387,8 @@ pub async fn run_client_roles(
             tracing::warn!(error = %e, "could not set TCP_NODELAY on a connection");
         }
     });
-    let server = axum::serve(listener, router(state))
+    let app = with_web_app(router(state), config.web_dir.as_deref());
+    let server = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .into_future();
     tokio::pin!(server);
@@ -334,7 +421,17 @@ pub async fn run_client_roles(
     }
     // Every loop that failed to stop in time, or panicked while stopping, was logged at error.
     let loops_deadline = deadline.max(tokio::time::Instant::now() + LOOP_GRACE);
-    if loops.shutdown(loops_deadline).await.is_clean() {
+    let stopped_cleanly = loops.shutdown(loops_deadline).await.is_clean();
+    // A cluster node gives its outboxes back to the other fanout nodes at once.
+    if let Some(internal) = internal {
+        if let Some(fanout) = &fanout
+            && let Err(e) = fanout.release().await
+        {
+            tracing::warn!(error = %e, "giving the fanout shards back failed; they lapse with their leases");
+        }
+        internal.abort();
+    }
+    if stopped_cleanly {
         tracing::info!("background loops stopped; exiting");
     }
     #[cfg(feature = "fdb")]
@@ -346,6 +443,83 @@ pub async fn run_client_roles(
             "the background loop `{task}` kept failing (see the log above); \
              the node stopped so that its supervisor restarts it"
         );
+    }
+    Ok(())
+}
+
+/// Serves the internal gRPC of a client node on `cluster.internal` (deliveries to this
+/// gateway; notices of commits, when it runs fanout), and sweeps the routes of gateway nodes
+/// whose lease lapsed every lease round.
+fn serve_internal(
+    cluster: Cluster,
+    store: &MessageStore,
+    node: &str,
+    routes: Arc<Routes>,
+    fanout: Option<Arc<Fanout>>,
+    config: &ServeConfig,
+    loops: &BackgroundLoops,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let incoming = TcpIncoming::from(cluster.internal).with_nodelay(Some(true));
+    let gateway = GatewayService::new(routes.clone()).into_server(cluster.token.clone());
+    let fanout = fanout.map(|f| FanoutService::new(f).into_server(cluster.token.clone()));
+    let server = tonic::transport::Server::builder()
+        .add_service(gateway)
+        .add_optional_service(fanout)
+        .serve_with_incoming(incoming);
+    let served = tokio::spawn(async move {
+        if let Err(e) = server.await {
+            tracing::error!(error = %e, "the internal gRPC server stopped");
+        }
+    });
+    let lapsed = cluster.lapsed;
+    // Stops at once when cancelled; restarted if it panics: it keeps no state.
+    loops.spawn("reconnect clients after a lapsed lease", move |cancel| {
+        let (lapsed, routes) = (lapsed.clone(), routes.clone());
+        async move {
+            let rejoin = async {
+                loop {
+                    lapsed.notified().await;
+                    tracing::warn!("this gateway's lease lapsed: telling its clients to reconnect");
+                    routes.rejoin_all();
+                }
+            };
+            cancel.run_until_cancelled(rejoin).await;
+        }
+    });
+    let (store, node, round) = (store.clone(), node.to_owned(), config.ownership().round());
+    // Stops at once when cancelled; restarted if it panics: it keeps no state.
+    loops.spawn("sweep the routes of lapsed gateways", move |cancel| {
+        let (store, node) = (store.clone(), node.clone());
+        async move {
+            let sweep = async {
+                let mut rounds = tokio::time::interval(round);
+                loop {
+                    rounds.tick().await;
+                    if let Err(e) = sweep_lapsed_gateways(&store, &node).await {
+                        tracing::warn!(error = %e, "sweeping the routes of lapsed gateways failed; retrying");
+                    }
+                }
+            };
+            cancel.run_until_cancelled(sweep).await;
+        }
+    });
+    Ok(served)
+}
+
+/// Clears the routes of every gateway node but `node` whose lease lapsed, those written before
+/// the lapse (its devices lost their connections, or are told to reconnect when it notices).
+/// Idempotent: every gateway node runs it.
+async fn sweep_lapsed_gateways(store: &MessageStore, node: &str) -> Result<(), StoreError> {
+    let now = courier_core::clock::now_ms();
+    for (id, record) in store.nodes().await? {
+        if id != node && !record.is_live(now) && record.roles.iter().any(|r| r == "gateway") {
+            let swept = store
+                .clear_gateway_routes(&id, record.lease_until_ms)
+                .await?;
+            if swept > 0 {
+                tracing::info!(gateway = %id, swept, "cleared the routes of a gateway whose lease lapsed");
+            }
+        }
     }
     Ok(())
 }

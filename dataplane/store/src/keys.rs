@@ -5,7 +5,11 @@
 //! |---|---|---|
 //! | `meta` | `("meta", "shards")` | shard count, fixed when the store is created |
 //! | `shard` | `("shard", n)` | the shard's epoch (u64 LE); every append batch fences on it |
-//! | `own` | `("own", n)` | the shard's owner: node, epoch, lease deadline (`OwnerRecord`, see `ownership.rs`) |
+//! | `own` | `("own", n)` | the shard's sequencer: node, epoch, lease deadline (`OwnerRecord`, see `ownership.rs`) |
+//! | `fepoch` | `("fepoch", n)` | the epoch of the shard's outbox consumer (u64 LE); every outbox clear fences on it |
+//! | `fown` | `("fown", n)` | the shard's outbox consumer (fanout): node, epoch, lease deadline (`OwnerRecord`) |
+//! | `route` | `("route", user, device, gateway)` | the device is connected to that gateway node (the connection's id, u64 LE) |
+//! | `groute` | `("groute", gateway, user, device)` | the same route, listed by gateway to sweep a lapsed gateway's routes: when it was written (ms, u64 LE, the gateway's clock) |
 //! | `node` | `("node", id)` | a node of the cluster: roles, address, lease deadline (`NodeRecord`) |
 //! | `conv` | `("conv", conv)` | conversation record (`ConversationRecord`) |
 //! | `mem` | `("mem", conv, user)` | membership, current or former (`MemberRecord`: admin, joined seq, past periods) |
@@ -27,6 +31,7 @@
 //! | `push` | `("push", shard, versionstamp)` | push intents: messages whose offline recipients are not yet notified |
 //! | `pushq` | `("pushq", user, device, conv)` | a pending, collapsed notification (`PendingPush`) |
 
+use crate::ownership::Duty;
 use foundationdb_tuple::{Subspace, Versionstamp};
 use std::ops::Range;
 
@@ -69,12 +74,54 @@ impl Keys {
         self.root.pack(&("meta", "shards"))
     }
 
-    pub fn shard_epoch(&self, shard: u32) -> Vec<u8> {
-        self.root.pack(&("shard", shard))
+    /// The epoch `duty`'s owners of `shard` fence on.
+    pub fn shard_epoch(&self, duty: Duty, shard: u32) -> Vec<u8> {
+        match duty {
+            Duty::Sequencing => self.root.pack(&("shard", shard)),
+            Duty::Delivery => self.root.pack(&("fepoch", shard)),
+        }
     }
 
-    pub fn shard_owner(&self, shard: u32) -> Vec<u8> {
-        self.root.pack(&("own", shard))
+    /// The ownership record of `shard` for `duty`.
+    pub fn shard_owner(&self, duty: Duty, shard: u32) -> Vec<u8> {
+        match duty {
+            Duty::Sequencing => self.root.pack(&("own", shard)),
+            Duty::Delivery => self.root.pack(&("fown", shard)),
+        }
+    }
+
+    pub fn route(&self, user: &str, device: &str, gateway: &str) -> Vec<u8> {
+        self.root.pack(&("route", user, device, gateway))
+    }
+
+    /// Every route of `user`: one per connected device and gateway.
+    pub fn routes(&self, user: &str) -> Range<Vec<u8>> {
+        range_of(self.root.subspace(&("route", user)))
+    }
+
+    /// The device and gateway of a key from [`Keys::routes`].
+    pub fn route_parts(&self, key: &[u8]) -> Option<(String, String)> {
+        self.root
+            .unpack::<(String, String, String, String)>(key)
+            .ok()
+            .map(|(_, _, device, gateway)| (device, gateway))
+    }
+
+    pub fn gateway_route(&self, gateway: &str, user: &str, device: &str) -> Vec<u8> {
+        self.root.pack(&("groute", gateway, user, device))
+    }
+
+    /// Every route to `gateway`.
+    pub fn gateway_routes(&self, gateway: &str) -> Range<Vec<u8>> {
+        range_of(self.root.subspace(&("groute", gateway)))
+    }
+
+    /// The user and device of a key from [`Keys::gateway_routes`].
+    pub fn gateway_route_parts(&self, key: &[u8]) -> Option<(String, String)> {
+        self.root
+            .unpack::<(String, String, String, String)>(key)
+            .ok()
+            .map(|(_, _, user, device)| (user, device))
     }
 
     pub fn node(&self, id: &str) -> Vec<u8> {

@@ -23,6 +23,7 @@ pub mod kv;
 pub mod membership;
 mod message_store;
 pub mod ownership;
+pub mod routes;
 
 pub use keys::{Keys, ReceiptKind};
 pub use kv::{Batch, CommitStamp, KvEngine, StoreError};
@@ -30,5 +31,5 @@ pub use membership::{MemberRecord, UserConversation, Visibility};
 pub use message_store::{
     Append, AppendKey, AppendOutcome, AppendRefused, AppendResult, ConversationRecord,
     DeviceRecord, HeadCache, MediaAdmission, MediaRecord, MessageStore, NewConversation,
-    PUSH_EXPANSION_BYTES, PendingPush, PushIntent, ShardLease,
+    OutboxRange, PUSH_EXPANSION_BYTES, PendingPush, PushIntent, ShardLease,
 };

@@ -4,9 +4,10 @@
 use crate::keys::{Keys, ReceiptKind};
 use crate::kv::{Batch, BatchLimits, KvEngine, Mutation, StoreError, decode_u64};
 use crate::membership::{MemberRecord, UserConversation, encode_left_seq};
+use crate::ownership::Duty;
 use courier_proto::{Event, EventPayload, MembershipChange, Sender, pb};
 use prost::Message;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -146,11 +147,20 @@ struct IdempotencyRecord {
     ts_ms: u64,
 }
 
-/// Ownership of one sequencer shard: appends are refused once another owner bumps the epoch.
+/// Ownership of one shard for one [`Duty`]: the owner's commits (appends, outbox clears) are
+/// refused once another owner bumps the epoch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ShardLease {
     pub shard: u32,
     pub epoch: u64,
+}
+
+/// Outbox entries `first..=last` of `lease.shard`, handed off by the consumer holding `lease`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxRange {
+    pub lease: ShardLease,
+    pub first: Vec<u8>,
+    pub last: Vec<u8>,
 }
 
 /// A new direct conversation's record and members, written with its first event.
@@ -510,7 +520,7 @@ impl MessageStore {
     ) -> Result<Vec<AppendResult>, StoreError> {
         let mut batch = Batch::new();
         batch.fence(
-            self.keys.shard_epoch(lease.shard),
+            self.keys.shard_epoch(Duty::Sequencing, lease.shard),
             Some(lease.epoch.to_le_bytes().to_vec()),
         );
         let mut results: Vec<Option<AppendResult>> = vec![None; appends.len()];
@@ -912,7 +922,7 @@ impl MessageStore {
         let mut batch = Batch::new();
         batch
             .fence(
-                self.keys.shard_epoch(lease.shard),
+                self.keys.shard_epoch(Duty::Sequencing, lease.shard),
                 Some(lease.epoch.to_le_bytes().to_vec()),
             )
             .clear_range(self.keys.events(conv, floor, new_floor))
@@ -1486,13 +1496,29 @@ impl MessageStore {
     }
 
     /// Removes the outbox entries `first..=last` of each range (of any shards), once fanned
-    /// out, in one commit.
-    pub async fn clear_outbox(&self, ranges: &[(Vec<u8>, Vec<u8>)]) -> Result<(), StoreError> {
+    /// out, in one commit fenced on the delivery epoch of each range's lease: a consumer that
+    /// lost a shard ([`Duty::Delivery`]) clears nothing of it, and the whole commit fails with
+    /// [`StoreError::FenceChanged`] (naming the epoch key) so that the caller drops that
+    /// shard's ranges and clears the others again.
+    pub async fn clear_outbox(&self, ranges: &[OutboxRange]) -> Result<(), StoreError> {
         let mut batch = Batch::new();
-        for (first, last) in ranges {
-            batch.clear_range(through(first, last));
+        let mut fenced = HashSet::new();
+        for range in ranges {
+            if fenced.insert(range.lease.shard) {
+                batch.fence(
+                    self.keys.shard_epoch(Duty::Delivery, range.lease.shard),
+                    Some(range.lease.epoch.to_le_bytes().to_vec()),
+                );
+            }
+            batch.clear_range(through(&range.first, &range.last));
         }
         self.kv.commit(batch).await.map(drop)
+    }
+
+    /// The shard whose delivery epoch is `key`, if it is one (to read a failed
+    /// [`MessageStore::clear_outbox`]).
+    pub fn delivery_fence_shard(&self, key: &[u8]) -> Option<u32> {
+        (0..self.shard_count).find(|&shard| self.keys.shard_epoch(Duty::Delivery, shard) == key)
     }
 }
 
@@ -1567,7 +1593,7 @@ mod tests {
         let store = store(&dir).await;
         let shard = store.shard_of("d:1");
         let lease = store
-            .acquire_shards("test", &[shard], 0, u64::MAX)
+            .acquire_shards(Duty::Sequencing, "test", &[shard], usize::MAX, 0, u64::MAX)
             .await
             .unwrap()[0];
         let mut heads = HeadCache::default();
@@ -1612,11 +1638,11 @@ mod tests {
         let store = store(&dir).await;
         let shard = store.shard_of("d:1");
         let old = store
-            .acquire_shards("test", &[shard], 0, u64::MAX)
+            .acquire_shards(Duty::Sequencing, "test", &[shard], usize::MAX, 0, u64::MAX)
             .await
             .unwrap()[0];
         let new = store
-            .acquire_shards("test", &[shard], 0, u64::MAX)
+            .acquire_shards(Duty::Sequencing, "test", &[shard], usize::MAX, 0, u64::MAX)
             .await
             .unwrap()[0];
         assert_eq!(new.epoch, old.epoch + 1);
@@ -1645,7 +1671,14 @@ mod tests {
     /// The lease of the shard that orders `conv`, taken now.
     async fn owner(store: &MessageStore, conv: &str) -> ShardLease {
         store
-            .acquire_shards("test", &[store.shard_of(conv)], 0, u64::MAX)
+            .acquire_shards(
+                Duty::Sequencing,
+                "test",
+                &[store.shard_of(conv)],
+                usize::MAX,
+                0,
+                u64::MAX,
+            )
             .await
             .unwrap()[0]
     }
@@ -1817,7 +1850,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = store(&dir).await;
         let lease = store
-            .acquire_shards("test", &[0], 0, u64::MAX)
+            .acquire_shards(Duty::Sequencing, "test", &[0], usize::MAX, 0, u64::MAX)
             .await
             .unwrap()[0];
         let convs: Vec<String> = (0..)

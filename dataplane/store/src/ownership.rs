@@ -1,5 +1,10 @@
-//! Who runs what in a cluster: the nodes (a registry of leases) and the owner of each sequencer
-//! shard (an ownership record with an epoch and a lease).
+//! Who runs what in a cluster: the nodes (a registry of leases) and the owners of each shard
+//! (an ownership record with an epoch and a lease, one per [`Duty`]).
+//!
+//! **Two duties per shard.** A shard's appends are sequenced by one node ([`Duty::Sequencing`])
+//! and its outbox is drained to the gateways by one node ([`Duty::Delivery`], the fanout role).
+//! Each duty has its own records and epochs, kept the same way: what follows says it for the
+//! sequencer; for delivery, read "outbox clear" where it says "append batch".
 //!
 //! **Ownership and fence are two keys.** Every append batch of a shard fences on the shard's
 //! epoch (`("shard", n)`) and on nothing else. Who owns the shard, and until when, is a record
@@ -24,6 +29,17 @@ use crate::kv::{Batch, StoreError, decode_u64};
 const ATTEMPTS: usize = 5;
 use crate::message_store::{MessageStore, ShardLease, corrupt};
 use prost::Message;
+
+/// What the owner of a shard does with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Duty {
+    /// Sequences the appends of the shard's conversations (the sequencer role). Every append
+    /// batch fences on this duty's epoch.
+    Sequencing,
+    /// Drains the shard's outbox to the gateways (the fanout role). Every outbox clear fences
+    /// on this duty's epoch, so a deposed consumer can no longer clear what it did not deliver.
+    Delivery,
+}
 
 /// The ownership record of one shard, as stored.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -93,9 +109,13 @@ where
 }
 
 impl MessageStore {
-    /// The owner of `shard`, if it ever had one.
-    pub async fn shard_owner(&self, shard: u32) -> Result<Option<ShardOwner>, StoreError> {
-        let key = self.keys().shard_owner(shard);
+    /// The owner of `shard` for `duty`, if it ever had one.
+    pub async fn shard_owner(
+        &self,
+        duty: Duty,
+        shard: u32,
+    ) -> Result<Option<ShardOwner>, StoreError> {
+        let key = self.keys().shard_owner(duty, shard);
         let Some(value) = self.kv().get(&key).await? else {
             return Ok(None);
         };
@@ -108,22 +128,28 @@ impl MessageStore {
         }))
     }
 
-    /// Takes, in one commit, every shard of `shards` that no live lease of another node holds
-    /// (never owned, released, lapsed, or already `node`'s: a restarted node takes its shards
-    /// back at once), for `node` until `now_ms + lease_ms`. Each taken shard's epoch is bumped
-    /// in the same commit, so whoever held it before cannot commit any more. Returns the leases
-    /// taken, in the order of `shards`; the others are held by live leases of other nodes.
+    /// Takes for `duty`, in one commit, the first `limit` shards of `shards` that no live
+    /// lease of another node holds (never owned, released, lapsed, or already `node`'s: a
+    /// restarted node takes its shards back at once), for `node` until `now_ms + lease_ms`.
+    /// Each taken shard's epoch is bumped in the same commit, so whoever held it before cannot
+    /// commit any more. Returns the leases taken, in the order of `shards`; the others are held
+    /// by live leases of other nodes (or were beyond `limit`).
     pub async fn acquire_shards(
         &self,
+        duty: Duty,
         node: &str,
         shards: &[u32],
+        limit: usize,
         now_ms: u64,
         lease_ms: u64,
     ) -> Result<Vec<ShardLease>, StoreError> {
         let mut batch = Batch::new();
-        let mut leases = Vec::with_capacity(shards.len());
+        let mut leases = Vec::with_capacity(shards.len().min(limit));
         for &shard in shards {
-            let owner_key = self.keys().shard_owner(shard);
+            if leases.len() == limit {
+                break;
+            }
+            let owner_key = self.keys().shard_owner(duty, shard);
             let owner = self.kv().get(&owner_key).await?;
             if let Some(value) = &owner {
                 let record =
@@ -132,7 +158,7 @@ impl MessageStore {
                     continue;
                 }
             }
-            let epoch_key = self.keys().shard_epoch(shard);
+            let epoch_key = self.keys().shard_epoch(duty, shard);
             let current = self.kv().get(&epoch_key).await?;
             let epoch = current.as_deref().map_or(0, decode_u64) + 1;
             let record = OwnerRecord {
@@ -160,12 +186,13 @@ impl MessageStore {
     /// commit ([`StoreError::FenceChanged`]); the caller renews again at its next round.
     pub async fn renew_shards(
         &self,
+        duty: Duty,
         node: &str,
         leases: &[ShardLease],
         now_ms: u64,
         lease_ms: u64,
     ) -> Result<Vec<u32>, StoreError> {
-        self.rewrite_held(node, leases, now_ms.saturating_add(lease_ms))
+        self.rewrite_held(duty, node, leases, now_ms.saturating_add(lease_ms))
             .await
     }
 
@@ -174,10 +201,11 @@ impl MessageStore {
     /// shards `node` did not hold any more.
     pub async fn release_shards(
         &self,
+        duty: Duty,
         node: &str,
         leases: &[ShardLease],
     ) -> Result<Vec<u32>, StoreError> {
-        self.rewrite_held(node, leases, 0).await
+        self.rewrite_held(duty, node, leases, 0).await
     }
 
     /// Sets the lease deadline of every shard of `leases` that `node` holds at its epoch, in one
@@ -185,15 +213,17 @@ impl MessageStore {
     /// read and the commit (a hand-off of one of them) makes it read them all again.
     async fn rewrite_held(
         &self,
+        duty: Duty,
         node: &str,
         leases: &[ShardLease],
         lease_until_ms: u64,
     ) -> Result<Vec<u32>, StoreError> {
-        reading_again(|| self.try_rewrite_held(node, leases, lease_until_ms)).await
+        reading_again(|| self.try_rewrite_held(duty, node, leases, lease_until_ms)).await
     }
 
     async fn try_rewrite_held(
         &self,
+        duty: Duty,
         node: &str,
         leases: &[ShardLease],
         lease_until_ms: u64,
@@ -201,7 +231,7 @@ impl MessageStore {
         let mut batch = Batch::new();
         let mut lost = Vec::new();
         for &lease in leases {
-            match self.held_record(lease, node).await {
+            match self.held_record(duty, lease, node).await {
                 Ok((key, value, mut record)) => {
                     record.lease_until_ms = lease_until_ms;
                     batch
@@ -218,7 +248,7 @@ impl MessageStore {
         Ok(lost)
     }
 
-    /// The hand-off's flip: `lease.shard` goes from `from` to `to` in one commit, with the
+    /// The hand-off's flip (sequencing): `lease.shard` goes from `from` to `to` in one commit, with the
     /// epoch bumped, and `to` holds it until `now_ms + lease_ms`. The caller froze the shard on
     /// `from` first (nothing of it in flight); after the flip, `from` could not commit even if
     /// it tried. Returns `to`'s lease.
@@ -242,8 +272,9 @@ impl MessageStore {
         now_ms: u64,
         lease_ms: u64,
     ) -> Result<ShardLease, StoreError> {
-        let (owner_key, value, _) = self.held_record(lease, from).await?;
-        let epoch_key = self.keys().shard_epoch(lease.shard);
+        let duty = Duty::Sequencing;
+        let (owner_key, value, _) = self.held_record(duty, lease, from).await?;
+        let epoch_key = self.keys().shard_epoch(duty, lease.shard);
         let epoch = lease.epoch + 1;
         let record = OwnerRecord {
             node: to.to_owned(),
@@ -267,10 +298,11 @@ impl MessageStore {
     /// stored bytes (to fence on) and the record.
     async fn held_record(
         &self,
+        duty: Duty,
         lease: ShardLease,
         node: &str,
     ) -> Result<(Vec<u8>, Vec<u8>, OwnerRecord), StoreError> {
-        let key = self.keys().shard_owner(lease.shard);
+        let key = self.keys().shard_owner(duty, lease.shard);
         let value = self.kv().get(&key).await?;
         let record = match &value {
             Some(value) => {
@@ -331,7 +363,7 @@ mod tests {
     /// `node`'s lease on `shard` taken at `now_ms`, if no other node's lease runs.
     async fn take(store: &MessageStore, node: &str, shard: u32, now_ms: u64) -> Option<ShardLease> {
         store
-            .acquire_shards(node, &[shard], now_ms, LEASE)
+            .acquire_shards(Duty::Sequencing, node, &[shard], usize::MAX, now_ms, LEASE)
             .await
             .unwrap()
             .pop()
@@ -372,7 +404,11 @@ mod tests {
             .await
             .expect("lapsed");
         assert_eq!(b.epoch, a.epoch + 1);
-        let owner = store.shard_owner(shard).await.unwrap().unwrap();
+        let owner = store
+            .shard_owner(Duty::Sequencing, shard)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!((owner.node.as_str(), owner.epoch), ("b", b.epoch));
 
         // The deposed owner (paused past its lease, say) can neither append nor renew.
@@ -381,12 +417,17 @@ mod tests {
             Err(StoreError::FenceChanged { .. })
         ));
         let lost = store
-            .renew_shards("a", &[a], 1_000 + LEASE, LEASE)
+            .renew_shards(Duty::Sequencing, "a", &[a], 1_000 + LEASE, LEASE)
             .await
             .unwrap();
         assert_eq!(lost, [shard]);
         assert_eq!(
-            store.shard_owner(shard).await.unwrap().unwrap().node,
+            store
+                .shard_owner(Duty::Sequencing, shard)
+                .await
+                .unwrap()
+                .unwrap()
+                .node,
             "b",
             "a's renewal wrote nothing"
         );
@@ -405,7 +446,7 @@ mod tests {
         let lease = take(&store, "a", shard, 0).await.unwrap();
         for round in 1..=3u64 {
             let lost = store
-                .renew_shards("a", &[lease], round * LEASE / 2, LEASE)
+                .renew_shards(Duty::Sequencing, "a", &[lease], round * LEASE / 2, LEASE)
                 .await
                 .unwrap();
             assert!(lost.is_empty());
@@ -414,7 +455,11 @@ mod tests {
                 round
             );
         }
-        let owner = store.shard_owner(shard).await.unwrap().unwrap();
+        let owner = store
+            .shard_owner(Duty::Sequencing, shard)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(owner.epoch, lease.epoch, "renewals never bump the epoch");
         assert_eq!(owner.lease_until_ms, 3 * LEASE / 2 + LEASE);
         assert!(owner.is_live(3 * LEASE / 2 + LEASE - 1));
@@ -427,11 +472,19 @@ mod tests {
         let store = store(&dir).await;
         let held = take(&store, "b", 3, 0).await.unwrap();
         let all: Vec<u32> = (0..store.shard_count()).collect();
-        let taken = store.acquire_shards("a", &all, 1, LEASE).await.unwrap();
+        let taken = store
+            .acquire_shards(Duty::Sequencing, "a", &all, usize::MAX, 1, LEASE)
+            .await
+            .unwrap();
         let shards: Vec<u32> = taken.iter().map(|l| l.shard).collect();
         assert_eq!(shards, [0, 1, 2, 4, 5, 6, 7]);
         assert_eq!(
-            store.shard_owner(3).await.unwrap().unwrap().epoch,
+            store
+                .shard_owner(Duty::Sequencing, 3)
+                .await
+                .unwrap()
+                .unwrap()
+                .epoch,
             held.epoch,
             "a held shard is left alone"
         );
@@ -458,12 +511,21 @@ mod tests {
         let shard = store.shard_of("d:1");
         let a = take(&store, "a", shard, 0).await.unwrap();
         assert_eq!(
-            store.release_shards("b", &[a]).await.unwrap(),
+            store
+                .release_shards(Duty::Sequencing, "b", &[a])
+                .await
+                .unwrap(),
             [shard],
             "only the owner releases"
         );
         assert!(take(&store, "b", shard, 1).await.is_none());
-        assert!(store.release_shards("a", &[a]).await.unwrap().is_empty());
+        assert!(
+            store
+                .release_shards(Duty::Sequencing, "a", &[a])
+                .await
+                .unwrap()
+                .is_empty()
+        );
         assert!(
             take(&store, "b", shard, 1).await.is_some(),
             "no need to wait for the lease"
@@ -479,7 +541,11 @@ mod tests {
         assert_eq!(append(&store, a, "m1").await.unwrap(), 1);
         let b = store.hand_off_shard(a, "a", "b", 5, LEASE).await.unwrap();
         assert_eq!(b.epoch, a.epoch + 1);
-        let owner = store.shard_owner(shard).await.unwrap().unwrap();
+        let owner = store
+            .shard_owner(Duty::Sequencing, shard)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(
             (owner.node.as_str(), owner.lease_until_ms),
             ("b", 5 + LEASE)
@@ -508,12 +574,23 @@ mod tests {
         // The owner's lease round renews the record between the hand-off's read and its commit.
         let renewer = store.clone();
         engine.before_next_commit(Box::pin(async move {
-            let lost = renewer.renew_shards("a", &[a], 1, LEASE).await.unwrap();
+            let lost = renewer
+                .renew_shards(Duty::Sequencing, "a", &[a], 1, LEASE)
+                .await
+                .unwrap();
             assert!(lost.is_empty());
         }));
         let b = store.hand_off_shard(a, "a", "b", 2, LEASE).await.unwrap();
         assert_eq!(b.epoch, a.epoch + 1);
-        assert_eq!(store.shard_owner(shard).await.unwrap().unwrap().node, "b");
+        assert_eq!(
+            store
+                .shard_owner(Duty::Sequencing, shard)
+                .await
+                .unwrap()
+                .unwrap()
+                .node,
+            "b"
+        );
     }
 
     #[tokio::test]

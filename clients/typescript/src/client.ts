@@ -1,0 +1,557 @@
+/**
+ * `CourierClient`: one device of one user. It keeps a connection open (reconnecting with
+ * backoff and jitter, or after the delay a draining server asks for with `reconnect`), sends
+ * the outbox in order and retries with the same `client_msg_id`, keeps each conversation's
+ * timeline ordered and complete (fetching gaps), acknowledges what it holds, and tracks
+ * receipts and typing. Views subscribe with `on(...)` and read the state back.
+ */
+import { Acknowledgements } from "./acks.js";
+import { Backoff, type BackoffOptions } from "./backoff.js";
+import type { Connection, WebSocketConstructor } from "./connection.js";
+import { Conversation, type MessageStatus } from "./conversation.js";
+import { Emitter } from "./emitter.js";
+import { CourierError, badInput } from "./errors.js";
+import { HttpApi, type ByteRange, type MediaDownload } from "./http.js";
+import { identityOf, newClientMsgId, type Identity } from "./identity.js";
+import { Link, type ConnectionState, type Session } from "./link.js";
+import { Outbox } from "./outbox.js";
+import {
+  MAX_FETCH_LIMIT,
+  isClientMsgId,
+  isConversationId,
+  isUserId,
+  type Body,
+  type ConversationEvent,
+  type Messages,
+  type Sent,
+  type ServerFrame,
+} from "./protocol.js";
+import { OutboxSender } from "./sender.js";
+import { IndexedDbOutboxStorage, MemoryOutboxStorage, type OutboxEntry, type OutboxStorage } from "./storage.js";
+
+export type { ConnectionState } from "./link.js";
+
+export interface CourierClientOptions {
+  /** The server's HTTP base URL, e.g. `http://127.0.0.1:8080` (WebSocket: the same host). */
+  url: string;
+  /** A token, or a function that returns a fresh one for each connection. */
+  token: string | (() => string | Promise<string>);
+  /** The WebSocket implementation (default: the global one; on Node 20 pass `ws`'s). */
+  WebSocket?: WebSocketConstructor;
+  /** Where the outbox lives (default: IndexedDB when present, else memory). */
+  storage?: OutboxStorage;
+  fetch?: typeof fetch;
+  backoff?: BackoffOptions;
+  /** Longest wait for `hello` or a reply (default 30 s). */
+  replyTimeoutMs?: number;
+  /** Idle time between pings that check the connection is alive (default 25 s). */
+  heartbeatMs?: number;
+}
+
+/** What a client reports; each name carries the value listed. */
+export interface ClientEvents extends Record<string, unknown> {
+  state: ConnectionState;
+  /** The catch-up after a (re)connection is complete. */
+  synced: void;
+  /** A new event, from the connection or a fetch. */
+  event: ConversationEvent;
+  /** A conversation's timeline, receipts or outbox entries changed. */
+  timeline: string;
+  /** The list of conversations changed. */
+  conversations: void;
+  /** The outbox changed: an entry was added, stored, refused, retried or discarded. */
+  outbox: void;
+  typing: string;
+  /** An error nobody awaits: a refused token, an `error` without a request. */
+  error: CourierError;
+}
+
+/** Whom a message goes to: an existing conversation, or the direct one with a user. */
+export type Target = { conversationId: string } | { toUser: string };
+
+const HISTORY_PAGE = 50;
+
+export class CourierClient {
+  readonly user: string;
+  readonly device: string;
+  readonly http: HttpApi;
+  private readonly emitter = new Emitter<ClientEvents>();
+  private readonly conversationsById = new Map<string, Conversation>();
+  private readonly link: Link;
+  private readonly acks: Acknowledgements;
+  private readonly sender: OutboxSender;
+  private readonly backoff: Backoff;
+  private synced = false;
+  private syncWaiters: (() => void)[] = [];
+  /** Gap fetches in flight, as `conversation/after`. */
+  private readonly gapsFetching = new Set<string>();
+  private summariesLoading: Promise<void> | undefined;
+
+  private constructor(
+    identity: Identity,
+    private readonly options: CourierClientOptions,
+    private readonly outbox: Outbox,
+  ) {
+    this.user = identity.user;
+    this.device = identity.device;
+    this.http = new HttpApi(baseUrl(options.url), () => this.token(), options.fetch);
+    const WebSocketImpl = options.WebSocket ?? (globalThis as { WebSocket?: WebSocketConstructor }).WebSocket;
+    if (!WebSocketImpl) {
+      throw badInput("no global WebSocket here (Node 20): pass one, e.g. `WebSocket` from the `ws` package");
+    }
+    this.backoff = new Backoff(options.backoff);
+    this.link = new Link(
+      {
+        WebSocketImpl,
+        websocketUrl: websocketUrl(options.url),
+        token: () => this.token(),
+        backoff: this.backoff,
+        replyTimeoutMs: options.replyTimeoutMs ?? 30_000,
+        heartbeatMs: options.heartbeatMs ?? 25_000,
+        refusal: (error) => this.refusal(error),
+      },
+      {
+        onOnline: () => void this.sender.flush(),
+        onFrame: (session, frame) => this.onFrame(session, frame),
+        onState: (state) => {
+          if (state !== "online") this.synced = false;
+          this.emitter.emit("state", state);
+        },
+        onRefused: (error) => this.emitter.emit("error", error),
+      },
+    );
+    this.acks = new Acknowledgements(() => this.link.session);
+    this.sender = new OutboxSender(outbox, identity, {
+      session: () => this.link.session,
+      onStored: (entry, sent) =>
+        this.addOwn(this.conversationFor(sent.conversation_id), sent, {
+          kind: "message",
+          body: entry.body,
+          client_msg_id: entry.client_msg_id,
+          reply_to: entry.reply_to,
+          deleted: false,
+        }),
+      onRefused: (entry, error) => {
+        if (entry.conversation_id) this.emitter.emit("timeline", entry.conversation_id);
+        this.emitter.emit("error", error);
+      },
+      onError: (error) => this.report(error),
+    });
+    outbox.onChange = () => this.emitter.emit("outbox", undefined);
+  }
+
+  /** Opens the device's outbox and starts connecting; resolves before the connection is up
+   * (sends made meanwhile wait in the outbox). */
+  static async open(options: CourierClientOptions): Promise<CourierClient> {
+    const identity = identityOf(await resolveToken(options.token));
+    const storage =
+      options.storage ??
+      ((globalThis as { indexedDB?: IDBFactory }).indexedDB ? new IndexedDbOutboxStorage() : new MemoryOutboxStorage());
+    const outbox = await Outbox.open(storage, `${identity.user}/${identity.device}`);
+    const client = new CourierClient(identity, options, outbox);
+    client.link.start();
+    return client;
+  }
+
+  on<K extends keyof ClientEvents>(name: K, listener: (value: ClientEvents[K]) => void): () => void {
+    return this.emitter.on(name, listener);
+  }
+
+  get state(): ConnectionState {
+    return this.link.state;
+  }
+
+  /** Resolves once the current (or next) connection has had its catch-up. */
+  whenSynced(): Promise<void> {
+    if (this.synced) return Promise.resolve();
+    return new Promise((resolve) => this.syncWaiters.push(resolve));
+  }
+
+  // ---- conversations -----------------------------------------------------------------
+
+  /** Known conversations, the most recently active first. */
+  conversations(): Conversation[] {
+    const latest = (c: Conversation) => c.timeline.get(c.timeline.highestSeq)?.ts_ms ?? 0;
+    return [...this.conversationsById.values()].sort((a, b) => latest(b) - latest(a) || b.headSeq - a.headSeq);
+  }
+
+  conversation(conversationId: string): Conversation | undefined {
+    return this.conversationsById.get(conversationId);
+  }
+
+  /** Reloads the list of conversations (`GET /v1/conversations`). */
+  refreshConversations(): Promise<void> {
+    this.summariesLoading ??= this.http
+      .conversations()
+      .then((summaries) => {
+        for (const summary of summaries) this.conversationFor(summary.conversation_id).applySummary(summary);
+        this.emitter.emit("conversations", undefined);
+      })
+      .finally(() => {
+        this.summariesLoading = undefined;
+      });
+    return this.summariesLoading;
+  }
+
+  /** Loads up to `limit` events older than the oldest held (the latest ones when none is
+   * held); resolves false when there is nothing older. */
+  async loadHistory(conversationId: string, limit = HISTORY_PAGE): Promise<boolean> {
+    const conversation = this.conversationFor(checkConversation(conversationId));
+    const timeline = conversation.timeline;
+    const lowest = timeline.lowestSeq;
+    if (lowest !== undefined && !timeline.mayHaveOlder) return false;
+    if (lowest === undefined && conversation.headSeq === 0) await this.refreshConversations();
+    const before = lowest ?? conversation.headSeq + 1;
+    const after = Math.max(timeline.floorSeq - 1, before - 1 - limit);
+    if (before - 1 <= after) return false;
+    await this.fetchRange(conversation, after, before - 1);
+    return true;
+  }
+
+  /** The ticks of a message of this user (`pending`/`failed` for outbox entries). */
+  statusOf(conversationId: string, seq: number): MessageStatus {
+    return this.conversationsById.get(conversationId)?.statusOf(seq) ?? "sent";
+  }
+
+  /** The outbox entries (not yet stored by the server) of a conversation, oldest first. */
+  pending(conversationId: string): OutboxEntry[] {
+    return this.outbox.list().filter((entry) => entry.conversation_id === conversationId);
+  }
+
+  /** Every outbox entry. */
+  outboxEntries(): OutboxEntry[] {
+    return this.outbox.list();
+  }
+
+  // ---- sending -----------------------------------------------------------------------
+
+  /**
+   * Writes a message to the outbox and resolves with its `sent` once the server has stored
+   * it, however many reconnections that takes; rejects if the server refuses it for good
+   * (the entry then stays in the outbox, failed, for `retry` or `discard`).
+   */
+  async send(target: Target, body: Body, options: { replyTo?: number; clientMsgId?: string } = {}): Promise<Sent> {
+    const clientMsgId = options.clientMsgId ?? newClientMsgId();
+    if (!isClientMsgId(clientMsgId)) throw badInput("client_msg_id must be 1 to 64 characters");
+    checkBody(body);
+    const entry: Omit<OutboxEntry, "position"> = { client_msg_id: clientMsgId, body, created_ms: Date.now() };
+    if ("conversationId" in target) entry.conversation_id = checkConversation(target.conversationId);
+    else if (isUserId(target.toUser)) entry.to_user = target.toUser;
+    else throw badInput(`not a user id: ${JSON.stringify(target.toUser)}`);
+    if (options.replyTo !== undefined) entry.reply_to = options.replyTo;
+    const stored = this.outbox.wait(clientMsgId);
+    await this.outbox.add(entry);
+    if (entry.conversation_id) this.emitter.emit("timeline", entry.conversation_id);
+    void this.sender.flush();
+    return stored;
+  }
+
+  sendText(target: Target, text: string, options: { replyTo?: number } = {}): Promise<Sent> {
+    return this.send(target, { text }, options);
+  }
+
+  /** Uploads a file, then sends it as a media message. */
+  async sendMedia(
+    target: Target,
+    data: Blob | Uint8Array,
+    mime: string,
+    details: { name?: string; caption?: string } = {},
+  ): Promise<Sent> {
+    const uploaded = await this.http.uploadMedia(data, mime);
+    return this.send(target, { media: { ...uploaded, ...details } });
+  }
+
+  /** Sends a failed outbox entry again. */
+  async retry(clientMsgId: string): Promise<Sent> {
+    await this.outbox.retry(clientMsgId);
+    const stored = this.outbox.wait(clientMsgId);
+    void this.sender.flush();
+    return stored;
+  }
+
+  /** Drops an outbox entry. */
+  async discard(clientMsgId: string): Promise<void> {
+    const entry = this.outbox.list().find((e) => e.client_msg_id === clientMsgId);
+    await this.outbox.discard(clientMsgId);
+    if (entry?.conversation_id) this.emitter.emit("timeline", entry.conversation_id);
+  }
+
+  /** Deletes a message for everyone (needs a connection). */
+  async delete(conversationId: string, seq: number): Promise<Sent> {
+    checkConversation(conversationId);
+    if (!Number.isInteger(seq) || seq < 1) throw badInput("seq must be a positive integer");
+    const sent = await this.online().request<Sent>({ type: "delete", conversation_id: conversationId, seq });
+    const conversation = this.conversationFor(conversationId);
+    this.addOwn(conversation, sent, { kind: "delete", target_seq: seq });
+    return sent;
+  }
+
+  /** Says this user is typing (or stopped) in a conversation; dropped while offline. */
+  typing(conversationId: string, active: boolean): void {
+    checkConversation(conversationId);
+    this.link.session?.connection.send({ type: "typing", conversation_id: conversationId, active });
+  }
+
+  /** Marks the conversation read up to the latest event this device holds completely. */
+  markRead(conversationId: string): void {
+    const conversation = this.conversationsById.get(conversationId);
+    if (conversation) this.acks.acknowledge(conversation, "read");
+  }
+
+  // ---- groups and media --------------------------------------------------------------
+
+  /** Creates a group and loads its first events. */
+  async createGroup(name: string, members: string[]): Promise<string> {
+    const id = await this.http.createGroup(name, members);
+    await this.refreshConversations();
+    await this.loadHistory(id);
+    return id;
+  }
+
+  addMembers(conversationId: string, users: string[]): Promise<void> {
+    return this.http.addMembers(conversationId, users);
+  }
+
+  removeMember(conversationId: string, user: string): Promise<void> {
+    return this.http.removeMember(conversationId, user);
+  }
+
+  downloadMedia(mediaId: string, range?: ByteRange): Promise<MediaDownload> {
+    return this.http.downloadMedia(mediaId, range);
+  }
+
+  // ---- connection --------------------------------------------------------------------
+
+  /** Closes the connection and connects no more until `resume` (e.g. while the browser
+   * reports no network); sends wait in the outbox meanwhile. */
+  pause(): void {
+    this.link.pause();
+  }
+
+  /** Connects again after `pause`, at once. */
+  resume(): void {
+    this.link.resume();
+  }
+
+  /** Skips the current backoff wait (e.g. when the browser says it is online again). */
+  reconnectNow(): void {
+    this.link.reconnectNow();
+  }
+
+  /** Closes the connection for good. */
+  close(): void {
+    this.link.close();
+  }
+
+  /** After a failed connection attempt: the server's refusal of the token, which no retry
+   * would fix. A browser cannot see the HTTP 401 of a refused upgrade, so an HTTP request
+   * with the same token tells. */
+  private async refusal(error: unknown): Promise<CourierError | undefined> {
+    if (!(error instanceof CourierError) || error.code !== "closed") return undefined;
+    try {
+      await this.http.devices();
+      return undefined;
+    } catch (probe) {
+      return probe instanceof CourierError && probe.code === "unauthorized" ? probe : undefined;
+    }
+  }
+
+  private online(): Connection {
+    const connection = this.link.session?.connection;
+    if (!connection) throw new CourierError("closed", "not connected");
+    return connection;
+  }
+
+  private token(): Promise<string> {
+    return resolveToken(this.options.token);
+  }
+
+  // ---- frames ------------------------------------------------------------------------
+
+  private onFrame(session: Session, frame: ServerFrame): void {
+    switch (frame.type) {
+      case "event": {
+        const { type: _type, ...event } = frame;
+        this.onStreamedEvent(session, event);
+        break;
+      }
+      case "receipt":
+        this.conversationFor(frame.conversation_id).applyReceipt(frame);
+        this.emitter.emit("timeline", frame.conversation_id);
+        break;
+      case "typing":
+        this.conversationFor(frame.conversation_id).setTyping(frame.user, frame.active, Date.now());
+        this.emitter.emit("typing", frame.conversation_id);
+        break;
+      case "trimmed":
+        this.conversationFor(frame.conversation_id).timeline.trim(frame.floor_seq);
+        this.emitter.emit("timeline", frame.conversation_id);
+        break;
+      case "sync_done":
+        this.synced = true;
+        this.backoff.reset();
+        this.syncWaiters.splice(0).forEach((resolve) => resolve());
+        this.emitter.emit("synced", undefined);
+        break;
+      case "reconnect":
+        session.reconnectAfterMs = frame.after_ms;
+        break;
+      case "error":
+        this.emitter.emit("error", CourierError.fromFrame(frame));
+        break;
+      default:
+        // `hello` comes first and is consumed by the connection; `sent`, `messages` and
+        // `pong` are replies, matched to their requests by `ref`.
+        break;
+    }
+  }
+
+  /** An event of the connection's stream: the stream is complete from the server's cursor
+   * on, so everything since the previous streamed event of the conversation is held. */
+  private onStreamedEvent(session: Session, event: ConversationEvent): void {
+    const conversation = this.conversationFor(event.conversation_id);
+    const id = conversation.id;
+    const previous = session.streamed.get(id);
+    if (previous === undefined) session.streamBase.set(id, event.seq - 1);
+    conversation.timeline.cover(previous ?? event.seq - 1, event.seq);
+    session.streamed.set(id, event.seq);
+    const gap = conversation.timeline.gapBefore(event.seq);
+    this.applyEvents(conversation, [event]);
+    if (gap) this.fillGap(conversation, gap.after, gap.through);
+  }
+
+  private fillGap(conversation: Conversation, after: number, through: number): void {
+    const key = `${conversation.id}/${after}`;
+    if (this.gapsFetching.has(key)) return;
+    this.gapsFetching.add(key);
+    this.fetchRange(conversation, after, through)
+      .catch((e) => this.report(e))
+      .finally(() => this.gapsFetching.delete(key));
+  }
+
+  private applyEvents(conversation: Conversation, events: ConversationEvent[]): void {
+    let changed = false;
+    for (const event of events) {
+      if (!conversation.applyEvent(event)) continue;
+      changed = true;
+      this.emitter.emit("event", event);
+      this.sender.settleFromEvent(event);
+    }
+    if (conversation.kind === undefined) void this.refreshConversations().catch((e) => this.report(e));
+    if (changed) this.emitter.emit("timeline", conversation.id);
+    this.acks.scheduleDelivered(conversation);
+  }
+
+  /** Fetches `(after, through]` page by page (over the connection when there is one, else
+   * over HTTP) and records what each page covers. */
+  private async fetchRange(conversation: Conversation, after: number, through: number): Promise<void> {
+    let from = after;
+    while (from < through) {
+      const limit = Math.min(MAX_FETCH_LIMIT, through - from);
+      const page = await this.fetchPage(conversation, from, limit);
+      this.applyEvents(conversation, page.events);
+      const last = page.events.at(-1)?.seq;
+      const coveredThrough = page.events.length < limit ? Math.max(page.head_seq, last ?? from) : last!;
+      conversation.timeline.cover(from, coveredThrough);
+      conversation.headSeq = Math.max(conversation.headSeq, page.head_seq);
+      this.acks.scheduleDelivered(conversation);
+      if (coveredThrough <= from) return;
+      from = coveredThrough;
+    }
+  }
+
+  private async fetchPage(
+    conversation: Conversation,
+    afterSeq: number,
+    limit: number,
+  ): Promise<{ events: ConversationEvent[]; head_seq: number }> {
+    const connection = this.link.session?.connection;
+    if (connection) {
+      const page = await connection.request<Messages>({
+        type: "fetch",
+        conversation_id: conversation.id,
+        after_seq: afterSeq,
+        limit,
+      });
+      return { events: page.events as ConversationEvent[], head_seq: page.head_seq };
+    }
+    const page = await this.http.messages(conversation.id, { afterSeq, limit });
+    if (page.floor_seq !== undefined) conversation.timeline.trim(page.floor_seq);
+    return page;
+  }
+
+  // ---- own events ----------------------------------------------------------------------
+
+  /** This device's own event, known from its `sent`. */
+  private addOwn(conversation: Conversation, sent: Sent, fields: Partial<ConversationEvent>): void {
+    const event: ConversationEvent = {
+      conversation_id: sent.conversation_id,
+      seq: sent.seq,
+      server_msg_id: sent.server_msg_id,
+      sender: { user: this.user, device: this.device },
+      ts_ms: sent.ts_ms,
+      kind: "message",
+      ...fields,
+    };
+    conversation.timeline.cover(sent.seq - 1, sent.seq);
+    const gap = conversation.timeline.gapBefore(sent.seq);
+    this.applyEvents(conversation, [event]);
+    // Where this connection streams the conversation, the events before a `sent` that
+    // outran them are on their way; elsewhere they are fetched.
+    if (gap && !this.link.session?.streamed.has(conversation.id)) this.fillGap(conversation, gap.after, gap.through);
+  }
+
+  private conversationFor(conversationId: string): Conversation {
+    let conversation = this.conversationsById.get(conversationId);
+    if (!conversation) {
+      conversation = new Conversation(conversationId, this.user);
+      this.conversationsById.set(conversationId, conversation);
+      this.emitter.emit("conversations", undefined);
+    }
+    return conversation;
+  }
+
+  /** Reports a background failure (a gap fetch, a list refresh) to `error` listeners; a
+   * closed connection is not one: the work is redone after the reconnection. */
+  private report(error: unknown): void {
+    if (error instanceof CourierError) {
+      if (error.code !== "closed") this.emitter.emit("error", error);
+    } else {
+      this.emitter.emit("error", new CourierError("internal", String(error)));
+    }
+  }
+}
+
+function resolveToken(token: CourierClientOptions["token"]): Promise<string> {
+  return Promise.resolve(typeof token === "function" ? token() : token);
+}
+
+function baseUrl(url: string): string {
+  let parsed: URL;
+  try {
+    parsed = new URL(url);
+  } catch {
+    throw badInput(`not a URL: ${JSON.stringify(url)} (expected e.g. http://127.0.0.1:8080)`);
+  }
+  if (parsed.protocol !== "http:" && parsed.protocol !== "https:") {
+    throw badInput(`the server URL must be http(s)://, not ${parsed.protocol}`);
+  }
+  return parsed.origin + parsed.pathname.replace(/\/+$/, "");
+}
+
+function websocketUrl(url: string): string {
+  return `${baseUrl(url).replace(/^http/, "ws")}/v1/ws`;
+}
+
+function checkConversation(id: string): string {
+  if (!isConversationId(id)) throw badInput(`not a conversation id: ${JSON.stringify(id)}`);
+  return id;
+}
+
+function checkBody(body: Body): void {
+  if ("text" in body) {
+    if (typeof body.text !== "string" || body.text.length === 0) throw badInput("a text body needs text");
+  } else if (!("media" in body) || typeof body.media?.media_id !== "string") {
+    throw badInput("a body is {text} or {media: {media_id, mime, size, sha256}}");
+  }
+}

@@ -1,0 +1,184 @@
+/**
+ * The HTTP API of PROTOCOL.md with one device's token: conversations, history, groups,
+ * media (upload, download with `Range`) and devices. Errors become [`CourierError`]s with the
+ * server's code and the HTTP status.
+ */
+import { CourierError, badInput } from "./errors.js";
+import { isConversationId, isUserId, type ConversationEvent, type ErrorCode, type MediaBody } from "./protocol.js";
+
+export interface ConversationSummary {
+  conversation_id: string;
+  kind: "direct" | "group";
+  /** The group's name, or the other user of a direct conversation. */
+  name: string;
+  head_seq: number;
+  delivered_seq: number;
+  read_seq: number;
+}
+
+/** What an upload returns: the fields of a media body. */
+export type UploadedMedia = Pick<MediaBody, "media_id" | "mime" | "size" | "sha256">;
+
+export interface MediaDownload {
+  bytes: Uint8Array;
+  mime: string;
+  /** 206 for a range, 200 for the whole file. */
+  status: number;
+  /** The file's full size (from `Content-Range` or `Content-Length`). */
+  totalSize: number;
+}
+
+export interface DeviceInfo {
+  device: string;
+  last_seen_ms: number;
+  push: boolean;
+}
+
+/** A byte range: `start` through `end` inclusive (`end` omitted: to the end of the file). */
+export interface ByteRange {
+  start: number;
+  end?: number;
+}
+
+export class HttpApi {
+  constructor(
+    private readonly baseUrl: string,
+    private readonly token: () => Promise<string>,
+    private readonly fetchImpl: typeof fetch = globalThis.fetch.bind(globalThis),
+  ) {}
+
+  conversations(): Promise<ConversationSummary[]> {
+    return this.json<{ conversations: ConversationSummary[] }>("GET", "/v1/conversations").then((b) => b.conversations);
+  }
+
+  /** Events after `afterSeq` (default 0), at most `limit` (default 100, max 1000). */
+  messages(
+    conversationId: string,
+    page: { afterSeq?: number; limit?: number } = {},
+  ): Promise<{ events: ConversationEvent[]; head_seq: number; floor_seq?: number }> {
+    checkConversation(conversationId);
+    const query = new URLSearchParams();
+    if (page.afterSeq !== undefined) query.set("after_seq", String(page.afterSeq));
+    if (page.limit !== undefined) query.set("limit", String(page.limit));
+    const suffix = query.size > 0 ? `?${query}` : "";
+    return this.json("GET", `/v1/conversations/${conversationId}/messages${suffix}`);
+  }
+
+  /** Creates a group with the caller as member and admin; returns its conversation id. */
+  async createGroup(name: string, members: string[]): Promise<string> {
+    if (name.trim() === "") throw badInput("a group needs a name");
+    members.forEach(checkUser);
+    const body = await this.json<{ conversation_id: string }>("POST", "/v1/groups", { name, members });
+    return body.conversation_id;
+  }
+
+  /** Adds members to a group (admins only). */
+  async addMembers(conversationId: string, users: string[]): Promise<void> {
+    checkConversation(conversationId);
+    users.forEach(checkUser);
+    await this.json("POST", `/v1/groups/${conversationId}/members`, { users });
+  }
+
+  /** Removes a member (an admin removes anyone, a member removes itself). */
+  async removeMember(conversationId: string, user: string): Promise<void> {
+    checkConversation(conversationId);
+    checkUser(user);
+    await this.json("DELETE", `/v1/groups/${conversationId}/members/${user}`);
+  }
+
+  /** Uploads bytes as media of type `mime`. */
+  async uploadMedia(data: Blob | Uint8Array, mime: string): Promise<UploadedMedia> {
+    if (!/^[\w.+-]+\/[\w.+-]+$/.test(mime)) throw badInput(`not a media type: ${JSON.stringify(mime)}`);
+    const response = await this.request("POST", "/v1/media", {
+      body: data as BodyInit,
+      headers: { "content-type": mime },
+    });
+    return (await response.json()) as UploadedMedia;
+  }
+
+  /** Downloads media, whole or a byte range (`Range: bytes=start-end`). */
+  async downloadMedia(mediaId: string, range?: ByteRange): Promise<MediaDownload> {
+    if (!isConversationId(mediaId)) throw badInput(`not a media id: ${JSON.stringify(mediaId)}`);
+    const headers: Record<string, string> = {};
+    if (range) {
+      if (!(range.start >= 0) || (range.end !== undefined && range.end < range.start)) {
+        throw badInput(`not a byte range: ${JSON.stringify(range)}`);
+      }
+      headers.range = `bytes=${range.start}-${range.end ?? ""}`;
+    }
+    const response = await this.request("GET", `/v1/media/${mediaId}`, { headers });
+    const bytes = new Uint8Array(await response.arrayBuffer());
+    const contentRange = response.headers.get("content-range");
+    const total = contentRange ? Number(contentRange.split("/")[1]) : bytes.length;
+    return {
+      bytes,
+      mime: response.headers.get("content-type") ?? "application/octet-stream",
+      status: response.status,
+      totalSize: total,
+    };
+  }
+
+  devices(): Promise<DeviceInfo[]> {
+    return this.json<{ devices: DeviceInfo[] }>("GET", "/v1/devices").then((b) => b.devices);
+  }
+
+  /** Unlinks a device: its tokens are refused from then on. */
+  async unlinkDevice(device: string): Promise<void> {
+    checkId(device, "device");
+    await this.request("DELETE", `/v1/devices/${device}`);
+  }
+
+  private async json<T>(method: string, path: string, body?: unknown): Promise<T> {
+    const init: { headers: Record<string, string>; body?: BodyInit } = { headers: {} };
+    if (body !== undefined) {
+      init.body = JSON.stringify(body);
+      init.headers["content-type"] = "application/json";
+    }
+    const response = await this.request(method, path, init);
+    return (await response.json()) as T;
+  }
+
+  private async request(
+    method: string,
+    path: string,
+    init: { headers?: Record<string, string>; body?: BodyInit } = {},
+  ): Promise<Response> {
+    const token = await this.token();
+    let response: Response;
+    try {
+      response = await this.fetchImpl(`${this.baseUrl}${path}`, {
+        method,
+        body: init.body,
+        headers: { ...init.headers, authorization: `Bearer ${token}` },
+      });
+    } catch (error) {
+      throw new CourierError("unavailable", `${method} ${path}: cannot reach the server (${String(error)})`);
+    }
+    if (response.ok) return response;
+    throw await errorOf(method, path, response);
+  }
+}
+
+async function errorOf(method: string, path: string, response: Response): Promise<CourierError> {
+  const text = await response.text();
+  try {
+    const body = JSON.parse(text) as { code?: ErrorCode; message?: string };
+    if (body.code) return new CourierError(body.code, body.message ?? "", { status: response.status });
+  } catch {
+    // Not a protocol error body: reported with the status below.
+  }
+  return new CourierError("http", `${method} ${path}: HTTP ${response.status}`, { status: response.status });
+}
+
+function checkConversation(id: string): void {
+  if (!isConversationId(id)) throw badInput(`not a conversation id: ${JSON.stringify(id)}`);
+}
+
+function checkUser(id: string): void {
+  checkId(id, "user");
+}
+
+/** User and device ids share one alphabet (PROTOCOL.md). */
+function checkId(id: string, what: "user" | "device"): void {
+  if (!isUserId(id)) throw badInput(`not a ${what} id: ${JSON.stringify(id)}`);
+}

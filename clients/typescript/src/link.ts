@@ -1,0 +1,184 @@
+/**
+ * Keeps one device's connection open: connects, reconnects after a drop with exponential
+ * backoff and full jitter (or after the delay a draining server sent in `reconnect`), pings
+ * an idle connection and abandons one that does not answer, holds off while paused, and
+ * stops for good when the server refuses the token. Each connection gets a fresh
+ * [`Session`]; its frames go to `onFrame`.
+ */
+import { Backoff, sleep, withJitter } from "./backoff.js";
+import { Connection, type WebSocketConstructor } from "./connection.js";
+import type { CourierError } from "./errors.js";
+import type { ServerFrame } from "./protocol.js";
+
+export type ConnectionState = "connecting" | "online" | "offline" | "closed";
+
+/** What one connection knows while it lasts. */
+export interface Session {
+  connection: Connection;
+  /** Resolves when the connection has closed. */
+  closed: Promise<void>;
+  /** Per conversation, the seq of the last event this connection streamed. */
+  streamed: Map<string, number>;
+  /** Per conversation, where this connection's stream started (the server's cursor). */
+  streamBase: Map<string, number>;
+  /** `reconnect.after_ms`, once the server asked. */
+  reconnectAfterMs?: number;
+}
+
+export interface LinkSettings {
+  WebSocketImpl: WebSocketConstructor;
+  websocketUrl: string;
+  token: () => Promise<string>;
+  backoff: Backoff;
+  replyTimeoutMs: number;
+  heartbeatMs: number;
+  /** After a failed attempt: the server's refusal of the token, if that is what it was. */
+  refusal: (attemptError: unknown) => Promise<CourierError | undefined>;
+}
+
+export interface LinkHandlers {
+  onOnline(session: Session): void;
+  onFrame(session: Session, frame: ServerFrame): void;
+  onState(state: ConnectionState): void;
+  onRefused(error: CourierError): void;
+}
+
+export class Link {
+  private current: Session | undefined;
+  private connectionState: ConnectionState = "connecting";
+  private stopped = false;
+  /** Set by `pause` until `resume`. */
+  private paused: { resumed: Promise<void>; resume: () => void } | undefined;
+  private wake = new AbortController();
+
+  constructor(
+    private readonly settings: LinkSettings,
+    private readonly handlers: LinkHandlers,
+  ) {}
+
+  get state(): ConnectionState {
+    return this.connectionState;
+  }
+
+  /** The open connection's session, if there is one. */
+  get session(): Session | undefined {
+    return this.current?.connection.isOpen ? this.current : undefined;
+  }
+
+  start(): void {
+    void this.run();
+  }
+
+  pause(): void {
+    if (this.paused || this.stopped) return;
+    let resume!: () => void;
+    const resumed = new Promise<void>((r) => (resume = r));
+    this.paused = { resumed, resume };
+    this.current?.connection.close(1000, "client paused");
+    this.setState("offline");
+  }
+
+  resume(): void {
+    const paused = this.paused;
+    this.paused = undefined;
+    paused?.resume();
+    this.reconnectNow();
+  }
+
+  reconnectNow(): void {
+    this.wake.abort();
+    this.wake = new AbortController();
+  }
+
+  close(): void {
+    this.stopped = true;
+    this.current?.connection.close(1000, "client closed");
+    this.resume();
+    this.setState("closed");
+  }
+
+  private async run(): Promise<void> {
+    while (!this.stopped) {
+      if (this.paused) {
+        this.setState("offline");
+        await this.paused.resumed;
+        continue;
+      }
+      this.setState("connecting");
+      const session = await this.connect();
+      if (!session) continue;
+      if (this.stopped || this.paused) {
+        session.connection.close(1000, this.stopped ? "client closed" : "client paused");
+        continue;
+      }
+      this.setState("online");
+      this.handlers.onOnline(session);
+      await this.heartbeat(session);
+      this.current = undefined;
+      if (this.stopped || this.paused) continue;
+      this.setState("offline");
+      const delay =
+        session.reconnectAfterMs !== undefined ? withJitter(session.reconnectAfterMs) : this.settings.backoff.next();
+      await sleep(delay, this.wake.signal);
+    }
+  }
+
+  /** One attempt; after a failure it has waited its backoff (or stopped the link). */
+  private async connect(): Promise<Session | undefined> {
+    const { settings } = this;
+    // Frames may follow `hello` in the same read, before `open` resolves: the session they
+    // go to exists first.
+    let closed!: () => void;
+    const session: Session = {
+      connection: undefined as unknown as Connection,
+      closed: new Promise<void>((r) => (closed = r)),
+      streamed: new Map(),
+      streamBase: new Map(),
+    };
+    try {
+      session.connection = await Connection.open(
+        settings.WebSocketImpl,
+        settings.websocketUrl,
+        await settings.token(),
+        { onFrame: (frame) => this.handlers.onFrame(session, frame), onClose: () => closed() },
+        settings.replyTimeoutMs,
+      );
+      // Current at once: acknowledgements of frames that came with `hello` go out on it.
+      this.current = session;
+      return session;
+    } catch (error) {
+      if (this.stopped) return undefined;
+      const refused = await settings.refusal(error);
+      if (refused) {
+        this.close();
+        this.handlers.onRefused(refused);
+        return undefined;
+      }
+      await sleep(settings.backoff.next(), this.wake.signal);
+      return undefined;
+    }
+  }
+
+  /** Until the connection ends: pings when it has been idle, abandons it when a ping gets
+   * no answer. */
+  private async heartbeat(session: Session): Promise<void> {
+    const stop = new AbortController();
+    void session.closed.then(() => stop.abort());
+    while (!stop.signal.aborted) {
+      await sleep(this.settings.heartbeatMs, stop.signal);
+      if (stop.signal.aborted) return;
+      try {
+        await session.connection.request({ type: "ping" });
+      } catch {
+        session.connection.close(4000, "no answer to ping");
+        return;
+      }
+    }
+  }
+
+  private setState(state: ConnectionState): void {
+    if (this.connectionState === state) return;
+    this.connectionState = state;
+    this.handlers.onState(state);
+  }
+}

@@ -1,0 +1,172 @@
+/**
+ * The frames of the Courier client protocol v1 (PROTOCOL.md), JSON subprotocol
+ * `courier.v1.json`, as TypeScript types, and the checks of ids the protocol defines.
+ * Field names are the protocol's own (snake_case), so a frame is sent and read as is.
+ */
+
+/** The JSON subprotocol the SDK speaks. */
+export const SUBPROTOCOL_JSON = "courier.v1.json";
+
+/** A user's device, as the server names the sender of an event. */
+export interface Sender {
+  user: string;
+  device: string;
+}
+
+/** A media attachment: `media_id`, `mime`, `size` and `sha256` come from an upload. */
+export interface MediaBody {
+  media_id: string;
+  mime: string;
+  size: number;
+  sha256: string;
+  name?: string;
+  caption?: string;
+}
+
+/** The body of a message: text or media. */
+export type Body = { text: string } | { media: MediaBody };
+
+export type EventKind = "message" | "delete" | "member_added" | "member_removed" | "group_created";
+
+/** One event of a conversation's log (an `event` frame, or an entry of `messages`). */
+export interface ConversationEvent {
+  conversation_id: string;
+  seq: number;
+  server_msg_id: string;
+  sender: Sender;
+  ts_ms: number;
+  kind: EventKind;
+  /** `message`: absent once deleted for everyone. */
+  body?: Body;
+  client_msg_id?: string;
+  reply_to?: number;
+  /** `message`: true once deleted for everyone. */
+  deleted?: boolean;
+  /** `delete`: the seq of the deleted message. */
+  target_seq?: number;
+  /** `member_added` / `member_removed` of a single user. */
+  user?: string;
+  /** `member_added` / `member_removed`: everyone added or removed by one request. */
+  users?: string[];
+  /** `group_created`. */
+  name?: string;
+  members?: string[];
+}
+
+export type AckKind = "delivered" | "read";
+
+export type ClientFrame =
+  | {
+      type: "send";
+      ref?: number;
+      client_msg_id: string;
+      conversation_id?: string;
+      to_user?: string;
+      body: Body;
+      reply_to?: number;
+    }
+  | { type: "ack"; conversation_id: string; seq: number; kind: AckKind }
+  | { type: "sync"; cursors?: Record<string, number> }
+  | { type: "fetch"; ref?: number; conversation_id: string; after_seq?: number; limit?: number }
+  | { type: "delete"; ref?: number; conversation_id: string; seq: number }
+  | { type: "typing"; conversation_id: string; active: boolean }
+  | { type: "ping"; ref?: number };
+
+export interface Hello {
+  type: "hello";
+  user: string;
+  device: string;
+  server_time_ms: number;
+}
+
+export interface Sent {
+  type: "sent";
+  ref?: number;
+  client_msg_id: string;
+  conversation_id: string;
+  seq: number;
+  server_msg_id: string;
+  ts_ms: number;
+  duplicate: boolean;
+}
+
+export interface Messages {
+  type: "messages";
+  ref?: number;
+  conversation_id: string;
+  events: Omit<ConversationEvent, "type">[];
+  head_seq: number;
+}
+
+export interface Receipt {
+  type: "receipt";
+  conversation_id: string;
+  user: string;
+  delivered_seq: number;
+  read_seq: number;
+}
+
+export interface Trimmed {
+  type: "trimmed";
+  conversation_id: string;
+  floor_seq: number;
+}
+
+export interface TypingNotice {
+  type: "typing";
+  conversation_id: string;
+  user: string;
+  active: boolean;
+}
+
+/** The error codes of PROTOCOL.md. */
+export type ErrorCode =
+  | "bad_request"
+  | "unauthorized"
+  | "forbidden"
+  | "not_found"
+  | "too_large"
+  | "rate_limited"
+  | "unavailable"
+  | "internal";
+
+export interface ErrorFrame {
+  type: "error";
+  ref?: number;
+  code: ErrorCode;
+  message: string;
+  client_msg_id?: string;
+  retry_after_ms?: number;
+}
+
+export type ServerFrame =
+  | Hello
+  | Sent
+  | ({ type: "event" } & ConversationEvent)
+  | Messages
+  | Receipt
+  | { type: "sync_done" }
+  | Trimmed
+  | TypingNotice
+  | ErrorFrame
+  | { type: "reconnect"; after_ms: number }
+  | { type: "pong"; ref?: number };
+
+/** The most events one `fetch` returns (PROTOCOL.md). */
+export const MAX_FETCH_LIMIT = 1000;
+
+const USER_ID = /^[A-Za-z0-9._@-]{1,64}$/;
+const CONVERSATION_ID = /^[A-Za-z0-9._:-]{1,128}$/;
+
+export function isUserId(value: string): boolean {
+  return USER_ID.test(value);
+}
+
+export function isConversationId(value: string): boolean {
+  return CONVERSATION_ID.test(value);
+}
+
+/** Client message ids are 1 to 64 characters, unique per sending device. */
+export function isClientMsgId(value: string): boolean {
+  return value.length >= 1 && value.length <= 64;
+}

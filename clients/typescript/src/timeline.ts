@@ -1,0 +1,117 @@
+/**
+ * One conversation's events, ordered by `seq`, without duplicates, with what is known to be
+ * complete. An event arriving twice (at-least-once delivery, a retry, a gap fetch) is kept
+ * once; a `delete` event blanks its target. `covered` records the ranges of seqs in which
+ * every event this device may see is held; from them come the gaps to fetch and the highest
+ * seq that is safe to acknowledge.
+ */
+import type { ConversationEvent } from "./protocol.js";
+
+/** A range of seqs `(after, through]`. */
+export interface SeqRange {
+  after: number;
+  through: number;
+}
+
+export class Timeline {
+  private readonly events = new Map<number, ConversationEvent>();
+  /** Disjoint, sorted, non-touching ranges. */
+  private covered: SeqRange[] = [];
+  /** Events below this seq were removed by retention (`trimmed`); 1 when nothing was. */
+  private floor = 1;
+
+  constructor(readonly conversationId: string) {}
+
+  /** Adds an event; returns false when it was already held unchanged. A held message that
+   * arrives marked deleted (e.g. from a fetch) takes the deletion. */
+  add(event: ConversationEvent): boolean {
+    if (event.seq < this.floor) return false;
+    const held = this.events.get(event.seq);
+    if (held && !(event.deleted && !held.deleted)) return false;
+    this.events.set(event.seq, { ...event });
+    if (event.kind === "delete" && event.target_seq !== undefined) this.blank(event.target_seq);
+    return true;
+  }
+
+  /** Records that every event of `(after, through]` this device may see is held. */
+  cover(after: number, through: number): void {
+    if (through <= after) return;
+    const merged: SeqRange = { after, through };
+    const kept: SeqRange[] = [];
+    for (const range of this.covered) {
+      if (range.through < merged.after || range.after > merged.through) {
+        kept.push(range);
+      } else {
+        merged.after = Math.min(merged.after, range.after);
+        merged.through = Math.max(merged.through, range.through);
+      }
+    }
+    kept.push(merged);
+    this.covered = kept.sort((a, b) => a.after - b.after);
+  }
+
+  /** The end of the complete run that starts right after `seq`: the highest seq `s` such
+   * that `(seq, s]` is covered, or `seq` itself when `seq + 1` is not. */
+  completeThrough(seq: number): number {
+    const run = this.covered.find((range) => range.after <= seq && seq < range.through);
+    return run ? run.through : seq;
+  }
+
+  /** The uncovered range just below `seq`, down to the highest held event under it: what
+   * a gap fetch should ask for before `seq` is shown as following it. */
+  gapBefore(seq: number): SeqRange | undefined {
+    let below = 0;
+    for (const held of this.events.keys()) if (held < seq && held > below) below = held;
+    const after = Math.max(below, this.floor - 1);
+    if (below === 0 || seq - 1 <= after) return undefined;
+    return this.completeThrough(after) >= seq - 1 ? undefined : { after, through: seq - 1 };
+  }
+
+  /** Retention removed everything below `floorSeq`: those events are dropped and never
+   * asked for again. */
+  trim(floorSeq: number): void {
+    if (floorSeq <= this.floor) return;
+    this.floor = floorSeq;
+    for (const seq of this.events.keys()) if (seq < floorSeq) this.events.delete(seq);
+    this.cover(0, floorSeq - 1);
+  }
+
+  /** Whether events older than the oldest held may exist: nothing yet covers the seqs
+   * between the retention floor and it. */
+  get mayHaveOlder(): boolean {
+    const lowest = this.lowestSeq;
+    return lowest !== undefined && this.completeThrough(this.floor - 1) < lowest - 1;
+  }
+
+  get floorSeq(): number {
+    return this.floor;
+  }
+
+  get lowestSeq(): number | undefined {
+    let lowest: number | undefined;
+    for (const seq of this.events.keys()) if (lowest === undefined || seq < lowest) lowest = seq;
+    return lowest;
+  }
+
+  get highestSeq(): number {
+    let highest = 0;
+    for (const seq of this.events.keys()) if (seq > highest) highest = seq;
+    return highest;
+  }
+
+  get(seq: number): ConversationEvent | undefined {
+    return this.events.get(seq);
+  }
+
+  /** Every held event, in seq order. */
+  list(): ConversationEvent[] {
+    return [...this.events.values()].sort((a, b) => a.seq - b.seq);
+  }
+
+  private blank(targetSeq: number): void {
+    const target = this.events.get(targetSeq);
+    if (!target || target.deleted) return;
+    const { body: _removed, ...rest } = target;
+    this.events.set(targetSeq, { ...rest, deleted: true });
+  }
+}

@@ -1,0 +1,87 @@
+/** Groups (create, add, remove, ticks that wait for every member) and media (upload, send,
+ * download whole and by `Range`) through the SDK against a real server. */
+import assert from "node:assert/strict";
+import { createHash } from "node:crypto";
+import { after, before, test } from "node:test";
+import type { CourierError } from "../src/index.js";
+import { Server, closeClients, synced, texts, until } from "./support.js";
+
+let server: Server;
+
+before(async () => {
+  server = await Server.start();
+});
+
+after(async () => {
+  closeClients();
+  await server.dispose();
+});
+
+test("a group message is read only when every other member has read it", async () => {
+  const alice = await synced(server, "alice", "web");
+  const bob = await synced(server, "bob", "web");
+  const carol = await synced(server, "carol", "web");
+  const group = await alice.createGroup("trip", ["bob", "carol"]);
+  assert.equal(alice.conversation(group)?.kind, "group");
+  assert.equal(alice.conversation(group)?.name, "trip");
+  assert.deepEqual(alice.conversation(group)?.others().sort(), ["bob", "carol"]);
+
+  const sent = await alice.sendText({ conversationId: group }, "who is in?");
+  await until("bob and carol have it", () => texts(bob, group).length === 1 && texts(carol, group).length === 1);
+  await until("delivered to both", () => alice.statusOf(group, sent.seq) === "delivered");
+  bob.markRead(group);
+  await until("alice has bob's read receipt", () => alice.conversation(group)?.receiptOf("bob")?.read_seq === sent.seq);
+  assert.equal(alice.statusOf(group, sent.seq), "delivered", "carol has not read it yet");
+  carol.markRead(group);
+  await until("read by both", () => alice.statusOf(group, sent.seq) === "read");
+});
+
+test("members added and removed: the removed one receives nothing after its removal", async () => {
+  const admin = await synced(server, "dana", "web");
+  const eve = await synced(server, "eve", "web");
+  const finn = await synced(server, "finn", "web");
+  const group = await admin.createGroup("club", ["eve"]);
+  await admin.addMembers(group, ["finn"]);
+  await admin.sendText({ conversationId: group }, "welcome finn");
+  await until("finn has the welcome", () => texts(finn, group).includes("welcome finn"));
+  await admin.removeMember(group, "eve");
+  await admin.sendText({ conversationId: group }, "eve is gone");
+  await until("finn has the second message", () => texts(finn, group).includes("eve is gone"));
+  await eve.loadHistory(group);
+  assert.deepEqual(texts(eve, group), ["welcome finn"]);
+  await assert.rejects(
+    eve.sendText({ conversationId: group }, "let me back"),
+    (e: CourierError) => e.code === "forbidden",
+  );
+  await assert.rejects(eve.addMembers(group, ["eve"]), (e: CourierError) => e.code === "forbidden" && e.status === 403);
+});
+
+test("a photo is uploaded, shared, and downloaded whole and by range", async () => {
+  const gina = await synced(server, "gina", "web");
+  const hal = await synced(server, "hal", "web");
+  const photo = new Uint8Array(4096).map((_, i) => (i * 31) % 251);
+  const sent = await gina.sendMedia({ toUser: "hal" }, photo, "image/png", { name: "cat.png", caption: "look" });
+  const conv = sent.conversation_id;
+  await until("hal has the photo message", () => hal.conversation(conv)?.timeline.get(sent.seq) !== undefined);
+  const body = hal.conversation(conv)!.timeline.get(sent.seq)!.body!;
+  assert.ok("media" in body);
+  assert.equal(body.media.mime, "image/png");
+  assert.equal(body.media.size, photo.length);
+  assert.equal(body.media.name, "cat.png");
+  assert.equal(body.media.caption, "look");
+  assert.equal(body.media.sha256, createHash("sha256").update(photo).digest("hex"));
+
+  const whole = await hal.downloadMedia(body.media.media_id);
+  assert.equal(whole.status, 200);
+  assert.deepEqual(whole.bytes, photo);
+  const part = await hal.downloadMedia(body.media.media_id, { start: 100, end: 199 });
+  assert.equal(part.status, 206);
+  assert.equal(part.totalSize, photo.length);
+  assert.deepEqual(part.bytes, photo.slice(100, 200));
+  const tail = await hal.downloadMedia(body.media.media_id, { start: 4000 });
+  assert.deepEqual(tail.bytes, photo.slice(4000));
+
+  const stranger = await synced(server, "ivan", "web");
+  await assert.rejects(stranger.downloadMedia(body.media.media_id), (e: CourierError) => e.status === 404);
+  await assert.rejects(gina.http.uploadMedia(photo, "not a type"), /not a media type/);
+});

@@ -1,0 +1,124 @@
+/** Two users chatting through the SDK against a real server: order, ticks, retries with
+ * the same id, delete for everyone, typing, and the errors a caller gets. */
+import assert from "node:assert/strict";
+import { after, before, test } from "node:test";
+import { CourierError, type CourierClient } from "../src/index.js";
+import { Server, closeClients, synced, texts, until } from "./support.js";
+
+let server: Server;
+
+before(async () => {
+  server = await Server.start();
+});
+
+after(async () => {
+  closeClients();
+  await server.dispose();
+});
+
+function user(name: string, device = "web"): Promise<CourierClient> {
+  return synced(server, name, device);
+}
+
+test("messages arrive in order and the ticks go from sent to delivered to read", async () => {
+  const alice = await user("alice");
+  const bob = await user("bob");
+  const first = await alice.sendText({ toUser: "bob" }, "hello bob");
+  assert.equal(first.seq, 1);
+  assert.equal(first.duplicate, false);
+  const conv = first.conversation_id;
+  for (const text of ["two", "three"]) await alice.sendText({ conversationId: conv }, text);
+
+  await until("bob has the three messages", () => texts(bob, conv).length === 3);
+  assert.deepEqual(texts(bob, conv), ["hello bob", "two", "three"]);
+  assert.deepEqual(texts(alice, conv), ["hello bob", "two", "three"], "the sender's timeline has its own messages");
+
+  // Bob's client acknowledges delivery by itself; reading is the app's call.
+  await until("alice sees her message delivered", () => alice.statusOf(conv, 3) === "delivered");
+  bob.markRead(conv);
+  await until("alice sees her messages read", () => alice.statusOf(conv, 3) === "read");
+  assert.equal(alice.statusOf(conv, 1), "read");
+  assert.equal(alice.conversation(conv)?.receiptOf("bob")?.read_seq, 3);
+});
+
+test("a retry with the same client_msg_id is the same message, stored once", async () => {
+  const carol = await user("carol");
+  const dave = await user("dave");
+  const first = await carol.send({ toUser: "dave" }, { text: "only once" }, { clientMsgId: "carol-1" });
+  const again = await carol.send({ toUser: "dave" }, { text: "only once" }, { clientMsgId: "carol-1" });
+  assert.equal(again.seq, first.seq);
+  assert.equal(again.server_msg_id, first.server_msg_id);
+  assert.equal(again.duplicate, true);
+  await carol.sendText({ conversationId: first.conversation_id }, "next");
+  await until("dave has both messages", () => texts(dave, first.conversation_id).length === 2);
+  assert.deepEqual(texts(dave, first.conversation_id), ["only once", "next"]);
+});
+
+test("delete for everyone blanks the message on both sides", async () => {
+  const erin = await user("erin");
+  const frank = await user("frank");
+  const sent = await erin.sendText({ toUser: "frank" }, "oops");
+  const conv = sent.conversation_id;
+  await until("frank has the message", () => texts(frank, conv).includes("oops"));
+  await erin.delete(conv, sent.seq);
+  await until("the message is gone for frank", () => texts(frank, conv)[0] === "(deleted)");
+  assert.deepEqual(texts(erin, conv), ["(deleted)"]);
+  await assert.rejects(frank.delete(conv, sent.seq), (e: CourierError) => e.code === "forbidden" || e.code === "bad_request");
+});
+
+test("typing notices reach the other member and expire when stopped", async () => {
+  const gina = await user("gina");
+  const hal = await user("hal");
+  const conv = (await gina.sendText({ toUser: "hal" }, "hi")).conversation_id;
+  await until("hal has the conversation", () => texts(hal, conv).length === 1);
+  gina.typing(conv, true);
+  await until("hal sees gina typing", () => hal.conversation(conv)!.typing(Date.now()).includes("gina"));
+  gina.typing(conv, false);
+  await until("hal sees gina stop", () => hal.conversation(conv)!.typing(Date.now()).length === 0);
+});
+
+test("bad input is refused before sending, and a refused send stays failed in the outbox", async () => {
+  const ivan = await user("ivan");
+  await assert.rejects(ivan.sendText({ conversationId: "no spaces/allowed" }, "x"), /not a conversation id/);
+  await assert.rejects(ivan.sendText({ toUser: "bob" }, ""), /needs text/);
+  await assert.rejects(ivan.send({ toUser: "bob" }, { text: "x" }, { clientMsgId: "x".repeat(65) }), /1 to 64/);
+
+  const refused = ivan.sendText({ conversationId: "d:not-a-conversation-of-ivan" }, "hello?");
+  await assert.rejects(refused, (e: CourierError) => e.code === "not_found" || e.code === "forbidden");
+  const [entry] = ivan.outboxEntries();
+  assert.ok(entry?.failed, "the entry is kept, marked failed");
+  await ivan.discard(entry.client_msg_id);
+  assert.deepEqual(ivan.outboxEntries(), []);
+});
+
+test("events a device has had in its catch-up are not delivered to it again", async () => {
+  const jo = await user("jo");
+  let conv = "";
+  for (const text of ["one", "two", "three"]) conv = (await jo.sendText({ toUser: "kim" }, text)).conversation_id;
+  const first = await user("kim", "phone");
+  assert.deepEqual(texts(first, conv), ["one", "two", "three"], "the catch-up brought them");
+  first.close();
+  const again = await user("kim", "phone");
+  assert.deepEqual(texts(again, conv), [], "the next catch-up starts after what the device acknowledged");
+  await jo.sendText({ conversationId: conv }, "four");
+  await until("the live message arrives", () => texts(again, conv).length === 1);
+  assert.deepEqual(texts(again, conv), ["four"]);
+});
+
+test("history loads page by page back to the start, and then says there is no more", async () => {
+  const lee = await user("lee");
+  let conv = "";
+  for (const text of ["h1", "h2", "h3", "h4", "h5"]) conv = (await lee.sendText({ toUser: "max" }, text)).conversation_id;
+  (await user("max", "phone")).close(); // has them all: the next catch-up brings none
+  const max = await user("max", "phone");
+  assert.deepEqual(texts(max, conv), []);
+  assert.equal(await max.loadHistory(conv, 2), true);
+  assert.deepEqual(texts(max, conv), ["h4", "h5"]);
+  assert.equal(max.conversation(conv)!.timeline.mayHaveOlder, true);
+  await max.loadHistory(conv, 2);
+  assert.deepEqual(texts(max, conv), ["h2", "h3", "h4", "h5"]);
+  await max.loadHistory(conv, 2);
+  assert.deepEqual(texts(max, conv), ["h1", "h2", "h3", "h4", "h5"]);
+  assert.equal(max.conversation(conv)!.timeline.mayHaveOlder, false);
+  assert.equal(await max.loadHistory(conv, 2), false);
+});

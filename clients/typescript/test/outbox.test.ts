@@ -1,0 +1,158 @@
+/** The outbox: messages written while offline survive a restart of the client (its storage
+ * outlives it, as IndexedDB outlives a page) and are stored exactly once. */
+import assert from "node:assert/strict";
+import { after, before, test } from "node:test";
+import { CourierClient, MemoryOutboxStorage, type OutboxStorage, type WebSocketConstructor } from "../src/index.js";
+import { Network, Server, client, closeClients, synced, texts, until } from "./support.js";
+import WebSocket from "ws";
+
+let server: Server;
+
+before(async () => {
+  server = await Server.start();
+});
+
+after(async () => {
+  closeClients();
+  await server.dispose();
+
+});
+
+test("messages written offline are sent by the next client on the same storage, once each", async () => {
+  const storage = new MemoryOutboxStorage();
+  const network = new Network();
+  network.cut();
+  const offline = await client(server, "alice", "laptop", { storage, network });
+  const phone = await synced(server, "alice", "phone");
+  const conversation = (await phone.sendText({ toUser: "bob" }, "from the phone")).conversation_id;
+  phone.close();
+  const pending = [
+    offline.sendText({ conversationId: conversation }, "written offline 1"),
+    offline.sendText({ conversationId: conversation }, "written offline 2"),
+  ];
+  pending.forEach((p) => p.catch(() => {}));
+  await until("both are in the outbox", () => offline.pending(conversation).length === 2);
+  assert.notEqual(offline.state, "online");
+  offline.close(); // the page is closed before the network comes back
+
+  const bob = await synced(server, "bob", "web");
+  const reopened = await client(server, "alice", "laptop", { storage });
+  assert.equal(reopened.pending(conversation).length, 2, "the outbox came back from storage");
+  await until("the outbox is empty", () => reopened.outboxEntries().length === 0);
+  await until("bob has all three", () => texts(bob, conversation).length === 3);
+  assert.deepEqual(texts(bob, conversation), ["from the phone", "written offline 1", "written offline 2"]);
+  reopened.close();
+  bob.close();
+});
+
+test("an entry whose first attempt got through is answered as a duplicate, not stored twice", async () => {
+  const storage = new MemoryOutboxStorage();
+  const carol = await synced(server, "carol", "web", { storage });
+  const sent = await carol.send({ toUser: "dave" }, { text: "once" }, { clientMsgId: "carol-once" });
+  carol.close();
+  // As if the page had closed between the server storing it and the `sent` arriving.
+  await storage.put("carol/web", {
+    client_msg_id: "carol-once",
+    to_user: "dave",
+    body: { text: "once" },
+    created_ms: 1,
+    position: 1,
+  });
+
+  const again = await client(server, "carol", "web", { storage });
+  await until("the outbox is empty", () => again.outboxEntries().length === 0);
+  const dave = await synced(server, "dave", "web");
+  await dave.loadHistory(sent.conversation_id);
+  assert.deepEqual(texts(dave, sent.conversation_id), ["once"]);
+  again.close();
+  dave.close();
+});
+
+test("without a WebSocket (Node 20 has no global one) the client says what to pass", async () => {
+  const token = server.token("erin", "web");
+  const noWebSocket = (globalThis as { WebSocket?: unknown }).WebSocket;
+  assert.equal(noWebSocket, undefined, "Node 20 has no global WebSocket");
+  await assert.rejects(
+    CourierClient.open({ url: server.url, token, storage: new MemoryOutboxStorage() }),
+    /pass one, e\.g\. `WebSocket` from the `ws` package/,
+  );
+  const withWs = await CourierClient.open({
+    url: server.url,
+    token,
+    storage: new MemoryOutboxStorage(),
+    WebSocket: WebSocket as unknown as WebSocketConstructor,
+  });
+  await withWs.whenSynced();
+  withWs.close();
+});
+
+test("an entry already stored is taken out of the outbox when its event shows up in history", async () => {
+  const storage = new MemoryOutboxStorage();
+  const gina = await synced(server, "gina", "web", { storage });
+  const sent = await gina.send({ toUser: "hal" }, { text: "stored before the reload" }, { clientMsgId: "gina-1" });
+  gina.close();
+  await storage.put("gina/web", {
+    client_msg_id: "gina-1",
+    to_user: "hal",
+    body: { text: "stored before the reload" },
+    created_ms: 1,
+    position: 1,
+  });
+  const network = new Network();
+  network.cut();
+  const reloaded = await client(server, "gina", "web", { storage, network });
+  assert.equal(reloaded.outboxEntries().length, 1);
+  await reloaded.refreshConversations();
+  await reloaded.loadHistory(sent.conversation_id);
+  await until("the entry left the outbox", () => reloaded.outboxEntries().length === 0);
+  assert.deepEqual(texts(reloaded, sent.conversation_id), ["stored before the reload"]);
+});
+
+test("sends refused as rate_limited are retried with the same id until stored, in order, once each", async () => {
+  const limited = await Server.start(["--user-sends-per-sec", "2", "--user-sends-burst", "1"]);
+  try {
+    const errors: string[] = [];
+    const fast = await synced(limited, "fast", "web");
+    fast.on("error", (e) => errors.push(e.code));
+    const written = ["r1", "r2", "r3", "r4"];
+    const sends = written.map((text) => fast.sendText({ toUser: "slow" }, text));
+    const sent = await Promise.all(sends);
+    assert.deepEqual(
+      sent.map((s) => s.seq),
+      [1, 2, 3, 4],
+      "stored in the order written",
+    );
+    const slow = await synced(limited, "slow", "web");
+    assert.deepEqual(texts(slow, sent[0]!.conversation_id), written, "each stored once");
+    assert.deepEqual(errors, [], "a retried send is no error to the caller");
+    const metrics = await (await fetch(`${limited.url}/metrics`)).text();
+    const refused = /courier_chat_rate_limited_total\{[^}]*\} (\d+)/.exec(metrics);
+    assert.ok(refused && Number(refused[1]) > 0, `the server did refuse some sends:\n${refused?.[0]}`);
+  } finally {
+    closeClients();
+    await limited.dispose();
+  }
+});
+
+test("messages go out in the order written even when their local writes finish out of order", async () => {
+  // Storage whose first write waits until the test lets it finish.
+  let finishFirstWrite!: () => void;
+  const firstWriteDone = new Promise<void>((r) => (finishFirstWrite = r));
+  const memory = new MemoryOutboxStorage();
+  let writes = 0;
+  const slowFirst: OutboxStorage = {
+    load: (scope) => memory.load(scope),
+    delete: (scope, id) => memory.delete(scope, id),
+    put: async (scope, entry) => {
+      if (writes++ === 0) await firstWriteDone;
+      await memory.put(scope, entry);
+    },
+  };
+  const ivy = await synced(server, "ivy", "web", { storage: slowFirst });
+  const first = ivy.sendText({ toUser: "jim" }, "first");
+  const second = ivy.sendText({ toUser: "jim" }, "second");
+  await until("the second is written locally", () => writes === 2);
+  finishFirstWrite();
+  const [a, b] = await Promise.all([first, second]);
+  assert.deepEqual([a.seq, b.seq], [1, 2]);
+});

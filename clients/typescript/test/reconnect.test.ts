@@ -1,0 +1,129 @@
+/** Losing the connection: catch-up after the network comes back, gaps filled by fetches,
+ * a draining server's `reconnect`, retention's `trimmed`, and a refused token. */
+import assert from "node:assert/strict";
+import { after, test } from "node:test";
+import { CourierError } from "../src/index.js";
+import { Network, Server, client, closeClients, synced, texts, until } from "./support.js";
+
+const servers: Server[] = [];
+
+async function serve(args: string[] = []): Promise<Server> {
+  const server = await Server.start(args);
+  servers.push(server);
+  return server;
+}
+
+after(async () => {
+  closeClients();
+  for (const server of servers) await server.dispose();
+});
+
+test("a client cut off catches up in order after the network returns, and its sends go out", async () => {
+  const server = await serve();
+  const network = new Network();
+  const alice = await synced(server, "alice", "web");
+  const bob = await synced(server, "bob", "web", { network });
+  const conv = (await alice.sendText({ toUser: "bob" }, "before")).conversation_id;
+  await until("bob has the first message", () => texts(bob, conv).length === 1);
+
+  const states: string[] = [];
+  bob.on("state", (s) => states.push(s));
+  network.cut();
+  await until("bob notices he is offline", () => bob.state !== "online");
+  for (const text of ["while away 1", "while away 2"]) await alice.sendText({ conversationId: conv }, text);
+  const reply = bob.sendText({ conversationId: conv }, "written while away");
+  network.restore();
+  await reply;
+  await until("bob caught up", () => texts(bob, conv).length === 4);
+  assert.deepEqual(texts(bob, conv), ["before", "while away 1", "while away 2", "written while away"]);
+  assert.ok(states.includes("offline") && states.at(-1) === "online", `states: ${states}`);
+  await until("alice has bob's reply", () => texts(alice, conv).length === 4);
+});
+
+test("a stream that resumes past what this client holds is filled by a fetch", async () => {
+  const server = await serve();
+  const network = new Network();
+  const alice = await synced(server, "alice", "web");
+  const tab = await synced(server, "bob", "web", { network });
+  const conv = (await alice.sendText({ toUser: "bob" }, "m1")).conversation_id;
+  await until("the tab has m1", () => texts(tab, conv).length === 1);
+  network.cut();
+  await until("the tab is offline", () => tab.state !== "online");
+  for (const text of ["m2", "m3"]) await alice.sendText({ conversationId: conv }, text);
+  // Another tab of the same device takes the catch-up and moves the device's cursor on.
+  const otherTab = await synced(server, "bob", "web");
+  await until("the other tab has m3", () => texts(otherTab, conv).includes("m3"));
+  otherTab.close();
+
+  network.restore();
+  await tab.whenSynced();
+  await until("the tab is online", () => tab.state === "online");
+  await alice.sendText({ conversationId: conv }, "m4");
+  await until("the tab has every message", () => texts(tab, conv).length === 4);
+  assert.deepEqual(texts(tab, conv), ["m1", "m2", "m3", "m4"]);
+});
+
+test("a draining server's reconnect is honoured: the client comes back to the restarted server", async () => {
+  const server = await serve();
+  const alice = await synced(server, "alice", "web");
+  const bob = await synced(server, "bob", "web");
+  const conv = (await alice.sendText({ toUser: "bob" }, "before the restart")).conversation_id;
+  await until("bob has it", () => texts(bob, conv).length === 1);
+
+  await server.stop();
+  await until("both are disconnected", () => alice.state !== "online" && bob.state !== "online");
+  const queued = alice.sendText({ conversationId: conv }, "after the restart");
+  await server.restart();
+  await queued;
+  await until("bob got the message sent across the restart", () => texts(bob, conv).length === 2);
+  assert.deepEqual(texts(bob, conv), ["before the restart", "after the restart"]);
+});
+
+test("retention's trimmed floor is respected: history stops there", async () => {
+  const server = await serve(["--retention", "0s", "--retention-interval", "50ms"]);
+  const alice = await synced(server, "alice", "web");
+  const bob = await synced(server, "bob", "web");
+  let conv = "";
+  for (const text of ["a", "b", "c"]) conv = (await alice.sendText({ toUser: "bob" }, text)).conversation_id;
+  // Both devices acknowledge what they hold (alice her own sends from seq 1 on), so
+  // retention may clear all three.
+  await until("bob has all three", () => texts(bob, conv).length === 3);
+  await until("retention cleared all three", async () => (await bob.http.messages(conv)).floor_seq === 4);
+
+  const late = await client(server, "bob", "laptop");
+  await until("the late device learns the floor", () => (late.conversation(conv)?.timeline.floorSeq ?? 1) > 1);
+  assert.equal(late.conversation(conv)!.timeline.floorSeq, 4);
+  assert.equal(await late.loadHistory(conv), false, "nothing below the floor is asked for");
+  assert.deepEqual(texts(late, conv), []);
+});
+
+test("a token the server refuses stops the client with an unauthorized error", async () => {
+  const server = await serve();
+  const other = await serve();
+  const errors: CourierError[] = [];
+  const stranger = await client(server, "mallory", "web", { token: other.token("mallory", "web") });
+  stranger.on("error", (e) => errors.push(e));
+  await until("the client gives up", () => stranger.state === "closed");
+  assert.equal(errors[0]?.code, "unauthorized");
+});
+
+test("a paused client stays offline, keeps its sends, and catches up when resumed", async () => {
+  const server = await serve();
+  const alice = await synced(server, "alice", "web");
+  const bob = await synced(server, "bob", "web");
+  const conv = (await alice.sendText({ toUser: "bob" }, "first")).conversation_id;
+  await until("bob has it", () => texts(bob, conv).length === 1);
+
+  bob.pause();
+  assert.equal(bob.state, "offline");
+  await alice.sendText({ conversationId: conv }, "while bob is paused");
+  const reply = bob.sendText({ conversationId: conv }, "written while paused");
+  await until("the reply waits in bob's outbox", () => bob.pending(conv).length === 1);
+  assert.equal(bob.state, "offline", "a paused client does not reconnect by itself");
+  assert.deepEqual(texts(bob, conv), ["first"]);
+
+  bob.resume();
+  await reply;
+  await until("bob caught up", () => texts(bob, conv).length === 3);
+  assert.deepEqual(texts(bob, conv), ["first", "while bob is paused", "written while paused"]);
+});

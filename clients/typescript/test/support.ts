@@ -1,0 +1,191 @@
+/**
+ * Test support: a real `courier serve` on 127.0.0.1 with an ephemeral port and a temporary
+ * data directory (binary from `COURIER_BIN`, default `target/debug/courier` of the
+ * workspace), tokens from `courier token`, and a WebSocket whose network a test can cut.
+ */
+import { execFileSync, spawn, type ChildProcess } from "node:child_process";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
+import WebSocket from "ws";
+import { CourierClient, MemoryOutboxStorage, type CourierClientOptions, type WebSocketConstructor } from "../src/index.js";
+
+const PACKAGE_DIR = resolve(fileURLToPath(import.meta.url), "../../..");
+export const COURIER_BIN = process.env.COURIER_BIN ?? resolve(PACKAGE_DIR, "../../target/debug/courier");
+
+/** Longest wait for anything a test expects. */
+export const WAIT_MS = 20_000;
+
+export class Server {
+  private child: ChildProcess | undefined;
+  address = "";
+
+  private constructor(
+    readonly dataDir: string,
+    private readonly args: string[],
+  ) {}
+
+  /** Starts a server with extra `serve` flags in a fresh data directory. */
+  static async start(args: string[] = []): Promise<Server> {
+    const server = new Server(mkdtempSync(join(tmpdir(), "courier-sdk-test-")), args);
+    await server.spawn("127.0.0.1:0");
+    return server;
+  }
+
+  get url(): string {
+    return `http://${this.address}`;
+  }
+
+  token(user: string, device: string): string {
+    return execFileSync(COURIER_BIN, ["token", "--user", user, "--device", device, "--data-dir", this.dataDir], {
+      encoding: "utf8",
+    }).trim();
+  }
+
+  /** SIGTERM (the server drains: `reconnect`, close 1001), then waits for the exit. */
+  async stop(): Promise<void> {
+    const child = this.child;
+    if (!child || child.exitCode !== null) return;
+    const exited = new Promise((done) => child.once("exit", done));
+    child.kill("SIGTERM");
+    await exited;
+  }
+
+  /** Starts the server again on the same address and data directory. */
+  async restart(): Promise<void> {
+    await this.stop();
+    await this.spawn(this.address);
+  }
+
+  async dispose(): Promise<void> {
+    await this.stop();
+    rmSync(this.dataDir, { recursive: true, force: true });
+  }
+
+  private spawn(listen: string): Promise<void> {
+    const child = spawn(
+      COURIER_BIN,
+      [
+        "serve",
+        "--listen",
+        listen,
+        "--data-dir",
+        this.dataDir,
+        "--min-free-disk",
+        "0",
+        "--media-min-free-disk",
+        "0",
+        "--log-format",
+        "text",
+        ...this.args,
+      ],
+      { stdio: ["ignore", "ignore", "pipe"], env: { ...process.env, RUST_LOG: "info" } },
+    );
+    this.child = child;
+    return new Promise((ready, failed) => {
+      let output = "";
+      const timer = setTimeout(() => failed(new Error(`courier did not report ready:\n${output}`)), WAIT_MS);
+      child.stderr!.setEncoding("utf8");
+      child.stderr!.on("data", (chunk: string) => {
+        output += chunk;
+        const match = /courier ready on (\S+)/.exec(output);
+        if (match && !this.child?.killed) {
+          this.address = match[1]!;
+          clearTimeout(timer);
+          ready();
+        }
+      });
+      child.once("exit", (code) => {
+        clearTimeout(timer);
+        failed(new Error(`courier exited with ${code} before ready:\n${output}`));
+      });
+    });
+  }
+}
+
+/**
+ * A network a test controls: `WebSocket` connects through it; `cut()` drops every open
+ * connection without a close frame and refuses new ones until `restore()`.
+ */
+export class Network {
+  private online = true;
+  private readonly sockets = new Set<WebSocket>();
+  readonly WebSocket: WebSocketConstructor;
+
+  constructor() {
+    const network = this;
+    class ControlledWebSocket extends WebSocket {
+      constructor(url: string, protocols?: string | string[]) {
+        // Port 1 on loopback refuses the connection, as a dead network would.
+        super(network.online ? url : "ws://127.0.0.1:1/v1/ws", protocols);
+        network.sockets.add(this);
+        this.on("close", () => network.sockets.delete(this));
+      }
+    }
+    this.WebSocket = ControlledWebSocket as unknown as WebSocketConstructor;
+  }
+
+  cut(): void {
+    this.online = false;
+    for (const socket of this.sockets) socket.terminate();
+  }
+
+  restore(): void {
+    this.online = true;
+  }
+}
+
+const opened: CourierClient[] = [];
+
+/** Closes every client the tests opened (a failed test leaves none running). */
+export function closeClients(): void {
+  opened.splice(0).forEach((c) => c.close());
+}
+
+/** A client of `user`'s `device`, through `network` when given. */
+export async function client(
+  server: Server,
+  user: string,
+  device: string,
+  options: Partial<CourierClientOptions> & { network?: Network } = {},
+): Promise<CourierClient> {
+  const { network, ...rest } = options;
+  const created = await CourierClient.open({
+    url: server.url,
+    token: server.token(user, device),
+    WebSocket: network?.WebSocket ?? (WebSocket as unknown as WebSocketConstructor),
+    storage: new MemoryOutboxStorage(),
+    backoff: { baseMs: 50, maxMs: 500 },
+    ...rest,
+  });
+  opened.push(created);
+  return created;
+}
+
+/** A client that has had its first catch-up. */
+export async function synced(server: Server, user: string, device: string, options: Parameters<typeof client>[3] = {}) {
+  const opened = await client(server, user, device, options);
+  await opened.whenSynced();
+  return opened;
+}
+
+/** Waits until `condition` holds (checked every 20 ms); fails naming `what` after
+ * [`WAIT_MS`]. */
+export async function until(what: string, condition: () => boolean | Promise<boolean>): Promise<void> {
+  const deadline = Date.now() + WAIT_MS;
+  while (!(await condition())) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for: ${what}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+/** The texts of a conversation's messages, in order (deleted ones as `(deleted)`). */
+export function texts(client: CourierClient, conversationId: string): string[] {
+  const conversation = client.conversation(conversationId);
+  if (!conversation) return [];
+  return conversation.timeline
+    .list()
+    .filter((event) => event.kind === "message")
+    .map((event) => (event.deleted ? "(deleted)" : event.body && "text" in event.body ? event.body.text : "(media)"));
+}

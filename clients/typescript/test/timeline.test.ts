@@ -1,0 +1,90 @@
+import assert from "node:assert/strict";
+import { test } from "node:test";
+import { Timeline, type ConversationEvent } from "../src/index.js";
+
+function message(seq: number, text = `m${seq}`): ConversationEvent {
+  return {
+    conversation_id: "d:1",
+    seq,
+    server_msg_id: `s${seq}`,
+    sender: { user: "alice", device: "phone" },
+    ts_ms: seq,
+    kind: "message",
+    body: { text },
+    client_msg_id: `c${seq}`,
+    deleted: false,
+  };
+}
+
+test("events are kept once, in seq order, whatever order they arrive in", () => {
+  const timeline = new Timeline("d:1");
+  for (const seq of [3, 1, 2, 3, 1]) timeline.add(message(seq));
+  assert.deepEqual(
+    timeline.list().map((e) => e.seq),
+    [1, 2, 3],
+  );
+  assert.equal(timeline.add(message(2)), false, "a duplicate is not news");
+});
+
+test("a delete event blanks its target, and a fetched copy marked deleted wins over a held one", () => {
+  const timeline = new Timeline("d:1");
+  timeline.add(message(1));
+  timeline.add({ ...message(2), kind: "delete", target_seq: 1, body: undefined });
+  assert.equal(timeline.get(1)?.deleted, true);
+  assert.equal(timeline.get(1)?.body, undefined);
+
+  timeline.add(message(3));
+  assert.equal(timeline.add({ ...message(3), deleted: true, body: undefined }), true);
+  assert.equal(timeline.get(3)?.body, undefined);
+});
+
+test("the complete run from a cursor ends at the first uncovered seq", () => {
+  const timeline = new Timeline("d:1");
+  timeline.cover(0, 2);
+  timeline.cover(4, 6);
+  assert.equal(timeline.completeThrough(0), 2);
+  assert.equal(timeline.completeThrough(2), 2, "3 is not covered");
+  timeline.cover(2, 4);
+  assert.equal(timeline.completeThrough(0), 6, "ranges merge once the hole is filled");
+});
+
+test("a gap is what lies between the highest held event and a later one, unless covered", () => {
+  const timeline = new Timeline("d:1");
+  assert.equal(timeline.gapBefore(5), undefined, "an empty timeline has no gap: history is loaded on demand");
+  timeline.add(message(2));
+  timeline.cover(1, 2);
+  assert.deepEqual(timeline.gapBefore(6), { after: 2, through: 5 });
+  assert.equal(timeline.gapBefore(3), undefined, "the next seq leaves no gap");
+  timeline.cover(2, 5);
+  assert.equal(timeline.gapBefore(6), undefined, "a covered range is no gap even if it held nothing visible");
+});
+
+test("trimming drops the events below the floor and never asks for them again", () => {
+  const timeline = new Timeline("d:1");
+  for (const seq of [1, 2, 3, 7]) timeline.add(message(seq));
+  timeline.trim(5);
+  assert.deepEqual(
+    timeline.list().map((e) => e.seq),
+    [7],
+  );
+  assert.equal(timeline.floorSeq, 5);
+  assert.equal(timeline.add(message(4)), false, "events below the floor are refused");
+  assert.deepEqual(timeline.gapBefore(9), { after: 7, through: 8 });
+  assert.deepEqual(timeline.gapBefore(7), undefined, "nothing below the floor is a gap");
+});
+
+test("older events may exist until the range below the oldest held is covered", () => {
+  const timeline = new Timeline("d:1");
+  assert.equal(timeline.mayHaveOlder, false, "an empty timeline holds nothing to be older than");
+  timeline.add(message(5));
+  timeline.cover(4, 5);
+  assert.equal(timeline.mayHaveOlder, true);
+  timeline.cover(2, 4);
+  assert.equal(timeline.mayHaveOlder, true, "1 and 2 are not covered yet");
+  timeline.cover(0, 2);
+  assert.equal(timeline.mayHaveOlder, false, "a fetch from the start found nothing more (e.g. before a join)");
+  const trimmed = new Timeline("d:2");
+  trimmed.add(message(7));
+  trimmed.trim(7);
+  assert.equal(trimmed.mayHaveOlder, false, "nothing below the retention floor");
+});

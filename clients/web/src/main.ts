@@ -1,0 +1,202 @@
+/**
+ * The Courier reference web app: sign in with a token, then chat. One `CourierClient` per
+ * tab; every view re-renders from the client's state when the client reports a change.
+ */
+import { CourierClient, CourierError, type ConnectionState } from "@courier-chat/client";
+import { renderConversationList } from "./conversation-list.js";
+import { byId, showError } from "./dom.js";
+import { MediaUrls } from "./media.js";
+import { renderTimeline, type Shown } from "./timeline-view.js";
+import { forgetToken, rememberToken, takeToken } from "./token.js";
+import { TypingNotifier } from "./typing.js";
+
+async function start(): Promise<void> {
+  const token = takeToken();
+  if (!token) return showSignIn();
+  let client: CourierClient;
+  try {
+    client = await CourierClient.open({ url: location.origin, token, backoff: { baseMs: 500, maxMs: 10_000 } });
+  } catch (error) {
+    forgetToken();
+    return showSignIn(error);
+  }
+  new ChatView(client).show();
+}
+
+/** The sign-in form, with why the last token did not work. */
+function showSignIn(error?: unknown): void {
+  byId("chat").hidden = true;
+  byId("sign-in").hidden = false;
+  byId("sign-in-error").textContent = error instanceof Error ? error.message : "";
+}
+
+byId<HTMLFormElement>("sign-in-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  rememberToken(byId<HTMLTextAreaElement>("token-input").value);
+  location.reload();
+});
+
+class ChatView {
+  /** The open conversation. */
+  private selected: string | undefined;
+  /** The user of a new chat, open before its first message creates the conversation. */
+  private draftUser: string | undefined;
+  private readonly media: MediaUrls;
+  private readonly typing: TypingNotifier;
+  private typingTimer: ReturnType<typeof setInterval> | undefined;
+
+  constructor(private readonly client: CourierClient) {
+    this.media = new MediaUrls(client);
+    this.typing = new TypingNotifier(client);
+  }
+
+  show(): void {
+    byId("chat").hidden = false;
+    byId("me-name").textContent = `${this.client.user} (${this.client.device})`;
+    this.client.on("state", (state) => this.showState(state));
+    this.client.on("conversations", () => this.renderList());
+    this.client.on("timeline", (id) => this.onTimeline(id));
+    this.client.on("outbox", () => this.renderTimeline());
+    this.client.on("typing", (id) => id === this.selected && this.renderTyping());
+    this.client.on("error", (error) => this.onError(error));
+    // The browser knows first when the network goes and comes back.
+    window.addEventListener("offline", () => this.client.pause());
+    window.addEventListener("online", () => this.client.resume());
+    if (!navigator.onLine) this.client.pause();
+    document.addEventListener("visibilitychange", () => this.selected && this.markRead());
+    this.wireForms();
+    this.client.refreshConversations().catch((e) => this.onError(e));
+    this.showState(this.client.state);
+  }
+
+  private wireForms(): void {
+    byId("sign-out").addEventListener("click", () => this.signOut());
+    byId<HTMLFormElement>("new-chat").addEventListener("submit", (event) => {
+      event.preventDefault();
+      const input = byId<HTMLInputElement>("new-chat-user");
+      this.openChatWith(input.value.trim());
+      input.value = "";
+    });
+    byId<HTMLFormElement>("new-group").addEventListener("submit", (event) => {
+      event.preventDefault();
+      const name = byId<HTMLInputElement>("new-group-name");
+      const members = byId<HTMLInputElement>("new-group-members");
+      const users = members.value.split(",").map((m) => m.trim()).filter(Boolean);
+      this.client.createGroup(name.value.trim(), users).then((id) => this.select(id), (e) => this.onError(e));
+      name.value = "";
+      members.value = "";
+    });
+    const message = byId<HTMLInputElement>("message-input");
+    message.addEventListener("input", () => this.selected && this.typing.typed(this.selected));
+    byId<HTMLFormElement>("composer").addEventListener("submit", (event) => {
+      event.preventDefault();
+      const text = message.value.trim();
+      if (!text) return;
+      if (this.selected) {
+        this.typing.stopped(this.selected);
+        this.client.sendText({ conversationId: this.selected }, text).catch((e) => this.onError(e));
+      } else if (this.draftUser) {
+        const user = this.draftUser;
+        this.client
+          .sendText({ toUser: user }, text)
+          .then((s) => this.draftUser === user && this.select(s.conversation_id), (e) => this.onError(e));
+      }
+      message.value = "";
+    });
+    const photo = byId<HTMLInputElement>("photo-input");
+    photo.addEventListener("change", () => {
+      const file = photo.files?.[0];
+      if (!file || !this.selected) return;
+      this.client
+        .sendMedia({ conversationId: this.selected }, file, file.type || "application/octet-stream", { name: file.name })
+        .catch((e) => this.onError(e));
+      photo.value = "";
+    });
+  }
+
+  /** Opens the direct conversation with `user`, or a new chat that its first message creates. */
+  private openChatWith(user: string): void {
+    const existing = this.client.conversations().find((c) => c.kind === "direct" && c.name === user);
+    if (existing) return this.select(existing.id);
+    this.selected = undefined;
+    this.draftUser = user;
+    byId("conversation-title").textContent = user;
+    byId("composer").hidden = false;
+    byId("typing").textContent = "";
+    this.renderList();
+    this.renderTimeline();
+    byId("message-input").focus();
+  }
+
+  private select(conversationId: string): void {
+    this.selected = conversationId;
+    this.draftUser = undefined;
+    const conversation = this.client.conversation(conversationId);
+    byId("conversation-title").textContent = conversation?.name ?? conversationId;
+    byId("composer").hidden = false;
+    byId("timeline").replaceChildren();
+    this.renderList();
+    this.renderTimeline();
+    this.renderTyping();
+    if (!conversation || conversation.timeline.list().length < 20) {
+      this.client.loadHistory(conversationId).catch((e) => this.onError(e));
+    }
+    this.markRead();
+    byId("message-input").focus();
+  }
+
+  private onTimeline(conversationId: string): void {
+    this.renderList();
+    if (conversationId !== this.selected) return;
+    byId("conversation-title").textContent = this.client.conversation(conversationId)?.name ?? conversationId;
+    this.renderTimeline();
+    this.markRead();
+  }
+
+  private markRead(): void {
+    if (this.selected && document.visibilityState === "visible") this.client.markRead(this.selected);
+  }
+
+  private renderList(): void {
+    renderConversationList(byId("conversation-list"), this.client, this.selected, (id) => this.select(id));
+  }
+
+  private renderTimeline(): void {
+    const shown: Shown | undefined = this.selected
+      ? { conversationId: this.selected }
+      : this.draftUser
+        ? { toUser: this.draftUser }
+        : undefined;
+    if (shown) renderTimeline(byId("timeline"), this.client, shown, this.media);
+  }
+
+  private renderTyping(): void {
+    const typing = this.selected ? this.client.conversation(this.selected)?.typing(Date.now()) ?? [] : [];
+    byId("typing").textContent = typing.length > 0 ? `${typing.join(", ")} typing…` : "";
+    // Notices expire without a frame saying so: look again while someone is typing.
+    clearInterval(this.typingTimer);
+    if (typing.length > 0) this.typingTimer = setInterval(() => this.renderTyping(), 1000);
+  }
+
+  private showState(state: ConnectionState): void {
+    const badge = byId("connection");
+    badge.dataset.state = state;
+    badge.textContent = state;
+  }
+
+  /** A refused token signs out; anything else goes to the status line. */
+  private onError(error: unknown): void {
+    if (error instanceof CourierError && error.code === "unauthorized") this.signOut(error);
+    else showError(error);
+  }
+
+  /** Forgets the token; after a refused one, says so on the sign-in form. */
+  private signOut(refused?: CourierError): void {
+    this.client.close();
+    forgetToken();
+    if (refused) showSignIn(new Error(`The server refused this token (${refused.message}). Ask for a new one.`));
+    else location.reload();
+  }
+}
+
+start().catch(showError);

@@ -1,0 +1,38 @@
+/** One-line descriptions of conversations and events. */
+import type { Conversation, ConversationEvent, CourierClient } from "@courier-chat/client";
+
+export function describe(event: ConversationEvent): string {
+  if (event.kind !== "message") return notice(event);
+  if (event.deleted || !event.body) return "This message was deleted";
+  if ("text" in event.body) return event.body.text;
+  return `Photo: ${event.body.media.caption ?? event.body.media.name ?? ""}`;
+}
+
+export function notice(event: ConversationEvent): string {
+  const who = event.sender.user;
+  const users = (event.users ?? (event.user ? [event.user] : [])).join(", ");
+  switch (event.kind) {
+    case "group_created":
+      return `${who} created the group "${event.name ?? ""}"`;
+    case "member_added":
+      return `${who} added ${users}`;
+    case "member_removed":
+      return who === users ? `${who} left` : `${who} removed ${users}`;
+    default:
+      return "";
+  }
+}
+
+export function preview(conversation: Conversation): string {
+  const last = conversation.timeline
+    .list()
+    .filter((e) => e.kind !== "delete")
+    .at(-1);
+  return last ? describe(last) : "";
+}
+
+export function unreadCount(client: CourierClient, conversation: Conversation): number {
+  return conversation.timeline
+    .list()
+    .filter((e) => e.kind === "message" && !e.deleted && e.sender.user !== client.user && e.seq > conversation.readSeq).length;
+}

@@ -1,0 +1,233 @@
+// Two people chat in two browser contexts of Debian's Chromium (headless, driven by
+// playwright-core; nothing downloads a browser) against `courier serve --web-dir dist`:
+// messages, typing, a photo, ticks turning blue, delete for everyone, going offline and
+// catching up (with a message written offline surviving a reload), and a group; and signing
+// in with a pasted token.
+// Screenshots of each step go to test-output/screenshots/.
+import assert from "node:assert/strict";
+import { execFileSync } from "node:child_process";
+import { mkdirSync, rmSync } from "node:fs";
+import { dirname, resolve } from "node:path";
+import { after, before, test } from "node:test";
+import { fileURLToPath } from "node:url";
+import { chromium } from "playwright-core";
+// The SDK's test support starts the server (built by `npm run build:test` there).
+import { COURIER_BIN, Server } from "../../typescript/build-test/test/support.js";
+
+const WEB_DIR = resolve(dirname(fileURLToPath(import.meta.url)), "..");
+const SHOTS = resolve(WEB_DIR, "test-output/screenshots");
+const CHROMIUM = process.env.CHROMIUM ?? "/usr/bin/chromium";
+const WAIT = { timeout: 20_000 };
+/** Read ticks are blue: `.ticks[data-status="read"]` in style.css. */
+const BLUE = "rgb(83, 189, 235)";
+
+let server;
+let browser;
+let step = 0;
+
+before(async () => {
+  rmSync(SHOTS, { recursive: true, force: true });
+  mkdirSync(SHOTS, { recursive: true });
+  server = await Server.start(["--web-dir", resolve(WEB_DIR, "dist")]);
+  browser = await chromium.launch({
+    executablePath: CHROMIUM,
+    headless: true,
+    args: [
+      "--no-sandbox",
+      "--disable-gpu",
+      "--disable-quic",
+      "--no-first-run",
+      "--disable-background-networking",
+      "--disable-component-update",
+      "--disable-sync",
+    ],
+  });
+});
+
+after(async () => {
+  await browser?.close();
+  await server?.dispose();
+});
+
+/**
+ * A signed-in page of `user` in a browser context of its own. Its WebSockets pass through
+ * a route, so that the test can make the server unreachable (`who.serverReachable = false`)
+ * while the page itself still loads.
+ */
+async function person(user) {
+  const context = await browser.newContext({ viewport: { width: 900, height: 640 } });
+  const page = await context.newPage();
+  const who = { user, context, page, problems: [], serverReachable: true };
+  page.on("pageerror", (error) => who.problems.push(error.message));
+  page.on("dialog", (dialog) => dialog.accept());
+  await page.routeWebSocket(/\/v1\/ws/, (ws) => (who.serverReachable ? ws.connectToServer() : ws.close()));
+  await page.goto(`${server.url}/#token=${server.token(user, "web")}`);
+  await page.locator('#connection[data-state="online"]').waitFor(WAIT);
+  assert.equal(new URL(page.url()).hash, "", "the token is removed from the address bar");
+  return who;
+}
+
+async function shot(who, name) {
+  step += 1;
+  await who.page.screenshot({ path: `${SHOTS}/${String(step).padStart(2, "0")}-${who.user}-${name}.png` });
+}
+
+async function send(who, text) {
+  await who.page.fill("#message-input", text);
+  await who.page.press("#message-input", "Enter");
+}
+
+function message(who, text) {
+  return who.page.locator("#timeline .message", { hasText: text });
+}
+
+async function open(who, name) {
+  await who.page.locator("#conversation-list li", { hasText: name }).first().click();
+  await who.page.locator("#conversation-title", { hasText: name }).waitFor(WAIT);
+}
+
+test("two people chat, share a photo, read, delete, go offline and catch up, and talk in a group", async () => {
+  const alice = await person("alice");
+  const bob = await person("bob");
+
+  // Alice starts a chat with bob: her first message creates the conversation.
+  await alice.page.fill("#new-chat-user", "bob");
+  await alice.page.press("#new-chat-user", "Enter");
+  await alice.page.locator("#conversation-title", { hasText: "bob" }).waitFor(WAIT);
+  await send(alice, "Hi Bob! Lunch today?");
+  await alice.page.locator("#conversation-list li", { hasText: "bob" }).waitFor(WAIT);
+  await message(alice, "Hi Bob! Lunch today?").locator(".ticks:not([data-status=pending])").waitFor(WAIT);
+  await shot(alice, "sent");
+
+  // Bob sees the conversation, opens it and starts typing: alice sees him typing.
+  await open(bob, "alice");
+  await message(bob, "Hi Bob! Lunch today?").waitFor(WAIT);
+  await bob.page.locator("#message-input").pressSequentially("Sure");
+  await alice.page.locator("#typing", { hasText: "bob typing" }).waitFor(WAIT);
+  await shot(alice, "bob-is-typing");
+  await bob.page.press("#message-input", "Enter");
+  await message(alice, "Sure").waitFor(WAIT);
+  await alice.page.locator("#typing:empty").waitFor({ ...WAIT, state: "attached" });
+
+  // Bob has the conversation open, so he has read alice's message: her ticks turn blue.
+  await alice.page.waitForFunction(
+    ([text, blue]) => {
+      const own = [...document.querySelectorAll("#timeline .message.own")].find((m) => m.textContent.includes(text));
+      const ticks = own?.querySelector(".ticks");
+      return ticks?.dataset.status === "read" && getComputedStyle(ticks).color === blue;
+    },
+    ["Hi Bob! Lunch today?", BLUE],
+    WAIT,
+  );
+  await shot(alice, "read-ticks-blue");
+
+  // Alice shares a photo (a PNG the page draws); bob sees the image.
+  const png = await alice.page.evaluate(async () => {
+    const canvas = document.createElement("canvas");
+    canvas.width = 160;
+    canvas.height = 120;
+    const g = canvas.getContext("2d");
+    g.fillStyle = "#ffcc00";
+    g.fillRect(0, 0, 160, 120);
+    g.fillStyle = "#1f7aad";
+    g.beginPath();
+    g.arc(80, 60, 40, 0, Math.PI * 2);
+    g.fill();
+    const blob = await new Promise((done) => canvas.toBlob(done, "image/png"));
+    return Array.from(new Uint8Array(await blob.arrayBuffer()));
+  });
+  await alice.page.setInputFiles("#photo-input", { name: "sunny.png", mimeType: "image/png", buffer: Buffer.from(png) });
+  // Fetched with the token and shown from a `blob:` URL, at the size alice drew.
+  await bob.page.waitForFunction(
+    () => {
+      const image = document.querySelector("#timeline .message img");
+      return image?.src.startsWith("blob:") && image.complete && image.naturalWidth === 160;
+    },
+    null,
+    WAIT,
+  );
+  await shot(bob, "photo-received");
+
+  // Alice deletes her first message for everyone: it vanishes on bob's side.
+  await message(alice, "Hi Bob! Lunch today?").locator(".delete").click();
+  await bob.page.locator("#timeline .message.deleted", { hasText: "This message was deleted" }).waitFor(WAIT);
+  assert.equal(await message(bob, "Hi Bob! Lunch today?").count(), 0);
+  await shot(bob, "message-deleted");
+
+  // Bob goes offline. Alice writes twice; bob writes a reply, which waits in his outbox.
+  await bob.context.setOffline(true);
+  await bob.page.locator('#connection[data-state="offline"]').waitFor(WAIT);
+  await send(alice, "Are you there?");
+  await send(alice, "Call me when you're back");
+  await message(alice, "Call me when you're back").locator(".ticks:not([data-status=pending])").waitFor(WAIT);
+  await send(bob, "Back soon");
+  await message(bob, "Back soon").locator('.ticks[data-status="pending"]').waitFor(WAIT);
+  await shot(bob, "offline-reply-pending");
+
+  // The network returns but the server cannot be reached, and bob reloads the page: the
+  // reply is still in his outbox (IndexedDB).
+  bob.serverReachable = false;
+  await bob.context.setOffline(false);
+  await bob.page.reload();
+  await open(bob, "alice");
+  await message(bob, "Back soon").locator('.ticks[data-status="pending"]').waitFor(WAIT);
+  await shot(bob, "reloaded-reply-still-pending");
+
+  // The server is reachable again: bob catches up in order and his reply goes out.
+  bob.serverReachable = true;
+  await bob.page.locator('#connection[data-state="online"]').waitFor({ timeout: 30_000 });
+  await open(bob, "alice");
+  await message(bob, "Call me when you're back").waitFor(WAIT);
+  const texts = await bob.page.locator("#timeline .message .text").allTextContents();
+  assert.deepEqual(
+    texts.filter((t) => ["Are you there?", "Call me when you're back", "Back soon"].includes(t)),
+    ["Are you there?", "Call me when you're back", "Back soon"],
+    "alice's messages in order, then bob's reply once sent",
+  );
+  await message(bob, "Back soon").locator('.ticks:not([data-status="pending"])').waitFor(WAIT);
+  await message(alice, "Back soon").waitFor(WAIT);
+  assert.equal(await message(alice, "Back soon").count(), 1, "the reply arrives once");
+  await shot(bob, "caught-up");
+  await shot(alice, "reply-after-offline");
+
+  // Alice creates a group with bob; bob sees it and her message with her name.
+  await alice.page.fill("#new-group-name", "Weekend hike");
+  await alice.page.fill("#new-group-members", "bob");
+  await alice.page.press("#new-group-members", "Enter");
+  await alice.page.locator("#conversation-title", { hasText: "Weekend hike" }).waitFor(WAIT);
+  await alice.page.locator("#timeline .notice", { hasText: 'alice created the group "Weekend hike"' }).waitFor(WAIT);
+  await send(alice, "Saturday at 9?");
+  await open(bob, "Weekend hike");
+  await message(bob, "Saturday at 9?").locator(".sender", { hasText: "alice" }).waitFor(WAIT);
+  await alice.page.locator('#timeline .message.own .ticks[data-status="read"]').waitFor(WAIT);
+  await shot(bob, "group");
+  await shot(alice, "group-read");
+
+  assert.deepEqual([...alice.problems, ...bob.problems], [], "no script errors in the pages");
+});
+
+test("signing in: a pasted token works, a token the server refuses leads back to the form with a reason", async () => {
+  const context = await browser.newContext({ viewport: { width: 900, height: 640 } });
+  const page = await context.newPage();
+  await page.goto(server.url);
+  await page.locator("#sign-in").waitFor(WAIT);
+
+  const forged = execFileSync(
+    COURIER_BIN,
+    ["token", "--user", "mallory", "--device", "web", "--jwt-secret", "not-the-server-secret"],
+    { encoding: "utf8" },
+  ).trim();
+  await page.fill("#token-input", forged);
+  await page.click("#sign-in-form button");
+  await page.locator("#sign-in-error", { hasText: "refused this token" }).waitFor(WAIT);
+  assert.equal(await page.locator("#chat").isVisible(), false);
+  assert.equal(await page.evaluate(() => sessionStorage.length), 0, "the refused token is forgotten");
+  step += 1;
+  await page.screenshot({ path: `${SHOTS}/${String(step).padStart(2, "0")}-sign-in-refused.png` });
+
+  await page.fill("#token-input", server.token("carol", "web"));
+  await page.click("#sign-in-form button");
+  await page.locator('#connection[data-state="online"]').waitFor(WAIT);
+  assert.equal(await page.textContent("#me-name"), "carol (web)");
+  await context.close();
+});

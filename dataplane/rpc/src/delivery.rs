@@ -1,0 +1,575 @@
+//! Delivery across nodes.
+//!
+//! - [`GatewayService`]: a gateway node's end: takes batches of events (and typing, receipts,
+//!   unlinks) for the devices connected to it and queues them on their connections.
+//! - [`ClusterGateways`]: the [`Gateways`] every node of a cluster uses. It resolves the
+//!   recipients' devices to gateway nodes through the route registry in the store
+//!   (`courier_store::routes`) and sends **one batch per gateway**; the devices on this node's
+//!   own gateway are reached in-process. A gateway that does not take a batch is skipped only
+//!   if its node lease lapsed by the registry read afresh: it has lost its connections, or
+//!   tells them to reconnect when it notices (they catch up); otherwise the batch fails and
+//!   fanout hands it again.
+//! - [`FanoutService`] and [`FanoutNotifier`]: how a chat node tells the fanout node that
+//!   drains a shard's outbox (its [`Duty::Delivery`] owner) that the shard has new events.
+//!   Notices are batched per node; a lost notice only delays delivery until the owner's next
+//!   lease round, when it looks at every shard it owns.
+//!
+//! **Bounds.** A delivery waits for every gateway it involves (at most [`CALL_TIMEOUT`] each).
+//! Offers and unlinks are sent in the background, at most [`OFFERS_IN_FLIGHT`] at a time; an
+//! offer beyond that counts as refused (a receipt is then held and offered again, typing is
+//! lost). Notices wait in one map of shards (bounded by the shard count).
+
+use crate::auth::{AttachToken, RequireToken};
+use crate::proto::fanout_client::FanoutClient;
+use crate::proto::fanout_server::{self, FanoutServer};
+use crate::proto::gateway_client::GatewayClient;
+use crate::proto::gateway_server::{self, GatewayServer};
+use crate::proto::{
+    CommittedRequest, CommittedResponse, DeliverRequest, DeliverResponse, EventDelivery, Offer,
+    ShardCommits, Unlink,
+};
+use crate::{ClusterToken, lazy_channel};
+use courier_core::clock::now_ms;
+use courier_core::gateways::{DeliveryError, Gateways};
+use courier_core::membership::Members;
+use courier_core::sequencing::CommitListener;
+use courier_proto::{Encoding, Event, Payload, ServerFrame, pb};
+use courier_store::ownership::{Duty, NodeRecord};
+use courier_store::{MessageStore, StoreError};
+use futures::{StreamExt, TryStreamExt};
+use prost::Message;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{Notify, Semaphore};
+use tonic::codegen::InterceptedService;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+/// Longest wait for a gateway to take a batch.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Offers and unlinks on their way to other gateways at once.
+pub const OFFERS_IN_FLIGHT: usize = 1024;
+
+/// How long the node registry and the shards' delivery owners are cached.
+const DIRECTORY_TTL: Duration = Duration::from_secs(1);
+
+/// Users whose routes are read at once for one delivery.
+const ROUTE_READS: usize = 64;
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A gateway node's end of [`ClusterGateways`]: queues what it is handed on the connections of
+/// this node (its in-process [`Gateways`]).
+pub struct GatewayService {
+    local: Arc<dyn Gateways>,
+}
+
+impl GatewayService {
+    pub fn new(local: Arc<dyn Gateways>) -> Self {
+        Self { local }
+    }
+
+    /// The service with the cluster token required on every call.
+    pub fn into_server(
+        self,
+        token: ClusterToken,
+    ) -> InterceptedService<GatewayServer<Self>, RequireToken> {
+        GatewayServer::with_interceptor(self, RequireToken::new(token))
+    }
+}
+
+fn invalid(what: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(format!("malformed delivery: {what}; nothing was queued"))
+}
+
+#[tonic::async_trait]
+impl gateway_server::Gateway for GatewayService {
+    async fn deliver(
+        &self,
+        request: Request<DeliverRequest>,
+    ) -> Result<Response<DeliverResponse>, Status> {
+        let request = request.into_inner();
+        let events = request
+            .events
+            .into_iter()
+            .map(|delivery| {
+                let event = pb::Event::decode(delivery.event.as_slice()).map_err(invalid)?;
+                let event = Event::try_from(event).map_err(invalid)?;
+                Ok((event, Members::new(delivery.recipients)))
+            })
+            .collect::<Result<Vec<_>, Status>>()?;
+        let offers = request
+            .offers
+            .into_iter()
+            .map(|offer| {
+                let frame = Encoding::Proto
+                    .decode_server(&offer.frame)
+                    .map_err(invalid)?;
+                Ok((offer.user, Arc::new(frame)))
+            })
+            .collect::<Result<Vec<_>, Status>>()?;
+        // In-process delivery never fails.
+        let _ = self.local.deliver(events).await;
+        let refused_offers = offers
+            .iter()
+            .map(|(user, frame)| self.local.offer(user, frame) as u64)
+            .sum();
+        for unlink in request.unlinks {
+            self.local.unlinked(&unlink.user, &unlink.device);
+        }
+        Ok(Response::new(DeliverResponse { refused_offers }))
+    }
+}
+
+type Nodes = HashMap<String, NodeRecord>;
+type GatewayStub = GatewayClient<InterceptedService<Channel, AttachToken>>;
+type FanoutStub = FanoutClient<InterceptedService<Channel, AttachToken>>;
+
+/// The nodes of the cluster as last read from the registry (at most [`DIRECTORY_TTL`] ago),
+/// with one lazily connected client per node.
+struct Directory {
+    store: MessageStore,
+    token: ClusterToken,
+    /// The registry, and when it was read.
+    nodes: Mutex<(Option<Instant>, Arc<Nodes>)>,
+    gateways: Mutex<HashMap<String, GatewayStub>>,
+    fanouts: Mutex<HashMap<String, FanoutStub>>,
+}
+
+impl Directory {
+    fn new(store: MessageStore, token: ClusterToken) -> Self {
+        Self {
+            store,
+            token,
+            nodes: Mutex::new((None, Arc::default())),
+            gateways: Mutex::default(),
+            fanouts: Mutex::default(),
+        }
+    }
+
+    /// The registered nodes, read again when the copy is older than [`DIRECTORY_TTL`] or
+    /// `wanted` is not in it.
+    async fn nodes(&self, wanted: &[&str]) -> Result<Arc<Nodes>, StoreError> {
+        self.read_nodes(wanted, false).await
+    }
+
+    /// The registered nodes as the store has them now.
+    async fn nodes_now(&self) -> Result<Arc<Nodes>, StoreError> {
+        self.read_nodes(&[], true).await
+    }
+
+    async fn read_nodes(&self, wanted: &[&str], now: bool) -> Result<Arc<Nodes>, StoreError> {
+        if !now {
+            let (read, nodes) = &*lock(&self.nodes);
+            if read.is_some_and(|read| read.elapsed() < DIRECTORY_TTL)
+                && wanted.iter().all(|id| nodes.contains_key(*id))
+            {
+                return Ok(nodes.clone());
+            }
+        }
+        let nodes: Arc<Nodes> = Arc::new(self.store.nodes().await?.into_iter().collect());
+        *lock(&self.nodes) = (Some(Instant::now()), nodes.clone());
+        Ok(nodes)
+    }
+
+    /// The live node `id`'s address, if it is live.
+    fn live_address<'a>(nodes: &'a Nodes, id: &str) -> Option<&'a str> {
+        nodes
+            .get(id)
+            .filter(|node| node.is_live(now_ms()))
+            .map(|node| node.address.as_str())
+    }
+
+    fn gateway(&self, address: &str) -> Result<GatewayStub, StoreError> {
+        let mut clients = lock(&self.gateways);
+        if let Some(client) = clients.get(address) {
+            return Ok(client.clone());
+        }
+        let channel = lazy_channel(&format!("http://{address}"), "gateway")?;
+        let client = GatewayClient::with_interceptor(channel, AttachToken::new(self.token.clone()));
+        clients.insert(address.to_owned(), client.clone());
+        Ok(client)
+    }
+
+    fn fanout(&self, address: &str) -> Result<FanoutStub, StoreError> {
+        let mut clients = lock(&self.fanouts);
+        if let Some(client) = clients.get(address) {
+            return Ok(client.clone());
+        }
+        let channel = lazy_channel(&format!("http://{address}"), "fanout")?;
+        let client = FanoutClient::with_interceptor(channel, AttachToken::new(self.token.clone()));
+        clients.insert(address.to_owned(), client.clone());
+        Ok(client)
+    }
+}
+
+/// The [`Gateways`] of a cluster node (see the module documentation).
+pub struct ClusterGateways {
+    directory: Arc<Directory>,
+    /// This node's id and its own gateway, when it runs the gateway role.
+    local: Option<(String, Arc<dyn Gateways>)>,
+    offers: Arc<Semaphore>,
+}
+
+impl ClusterGateways {
+    /// Gateways found through the route registry of `store`; `local` is this node's id and
+    /// in-process gateway when it runs one; `token` authenticates the calls to other nodes.
+    pub fn new(
+        store: MessageStore,
+        local: Option<(String, Arc<dyn Gateways>)>,
+        token: ClusterToken,
+    ) -> Self {
+        Self {
+            directory: Arc::new(Directory::new(store, token)),
+            local,
+            offers: Arc::new(Semaphore::new(OFFERS_IN_FLIGHT)),
+        }
+    }
+
+    fn is_local(&self, gateway: &str) -> bool {
+        self.local.as_ref().is_some_and(|(id, _)| id == gateway)
+    }
+
+    /// The gateways `user`'s devices are connected to, with those devices; with `live_only`,
+    /// skipping routes to gateways whose node lease lapsed (as last read).
+    async fn routes(
+        directory: &Directory,
+        user: &str,
+        live_only: bool,
+    ) -> Result<BTreeMap<String, Vec<String>>, StoreError> {
+        let routes = directory.store.routes(user).await?;
+        let wanted: Vec<&str> = routes.iter().map(|r| r.gateway.as_str()).collect();
+        let nodes = directory.nodes(&wanted).await?;
+        let mut by_gateway: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for route in routes {
+            if !live_only || Directory::live_address(&nodes, &route.gateway).is_some() {
+                by_gateway
+                    .entry(route.gateway)
+                    .or_default()
+                    .push(route.device);
+            }
+        }
+        Ok(by_gateway)
+    }
+
+    /// Sends `request` to the gateway nodes in the background (offers and unlinks), within
+    /// [`OFFERS_IN_FLIGHT`]; returns false when there was no room.
+    fn send_in_background(&self, user: &str, request: DeliverRequest) -> bool {
+        let Ok(permit) = self.offers.clone().try_acquire_owned() else {
+            return false;
+        };
+        let directory = self.directory.clone();
+        let local = self.local.as_ref().map(|(id, _)| id.clone());
+        let user = user.to_owned();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let routes = match Self::routes(&directory, &user, true).await {
+                Ok(routes) => routes,
+                Err(e) => {
+                    tracing::debug!(error = %e, "reading routes for an offer failed; dropped");
+                    return;
+                }
+            };
+            let Ok(nodes) = directory.nodes(&[]).await else {
+                return;
+            };
+            for gateway in routes.keys() {
+                if local.as_deref() == Some(gateway.as_str()) {
+                    continue;
+                }
+                let Some(address) = Directory::live_address(&nodes, gateway) else {
+                    continue;
+                };
+                if let Ok(mut client) = directory.gateway(address) {
+                    let call = client.deliver(request.clone());
+                    if let Err(e) = tokio::time::timeout(CALL_TIMEOUT, call).await {
+                        tracing::debug!(gateway, error = %e, "an offer timed out; dropped");
+                    }
+                }
+            }
+        });
+        true
+    }
+}
+
+#[async_trait::async_trait]
+impl Gateways for ClusterGateways {
+    async fn deliver(&self, batch: Vec<(Event, Members)>) -> Result<(), DeliveryError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let users: HashSet<String> = batch
+            .iter()
+            .flat_map(|(_, recipients)| recipients.iter().cloned())
+            .collect();
+        let directory = &self.directory;
+        let routes: HashMap<String, BTreeMap<String, Vec<String>>> =
+            futures::stream::iter(users.into_iter().map(|user| {
+                let directory = directory.clone();
+                async move {
+                    let routes = Self::routes(&directory, &user, false).await?;
+                    Ok::<_, StoreError>((user, routes))
+                }
+            }))
+            .buffer_unordered(ROUTE_READS)
+            .try_collect()
+            .await?;
+        // Per gateway, the events with their recipients connected there.
+        let mut parts: BTreeMap<&str, Vec<(Event, Vec<String>)>> = BTreeMap::new();
+        for (event, recipients) in batch {
+            let mut here: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+            for user in recipients.iter() {
+                for gateway in routes.get(user).into_iter().flat_map(|r| r.keys()) {
+                    here.entry(gateway).or_default().push(user.clone());
+                }
+            }
+            for (gateway, users) in here {
+                parts
+                    .entry(gateway)
+                    .or_default()
+                    .push((event.clone(), users));
+            }
+        }
+        let wanted: Vec<&str> = parts.keys().copied().collect();
+        let nodes = directory.nodes(&wanted).await?;
+        let calls = parts.into_iter().map(|(gateway, events)| {
+            let nodes = &nodes;
+            async move {
+                if let Some((_, local)) = self.local.as_ref().filter(|_| self.is_local(gateway)) {
+                    let events: Vec<(Event, Members)> = events
+                        .into_iter()
+                        .map(|(event, users)| (event, Members::new(users)))
+                        .collect();
+                    return local.deliver(events).await;
+                }
+                // Never registered, or gone from the registry: its devices reconnected.
+                let Some(address) = nodes.get(gateway).map(|node| node.address.clone()) else {
+                    return Ok(());
+                };
+                let request = DeliverRequest {
+                    events: events
+                        .into_iter()
+                        .map(|(event, recipients)| EventDelivery {
+                            event: pb::Event::from(event).encode_to_vec(),
+                            recipients,
+                        })
+                        .collect(),
+                    ..DeliverRequest::default()
+                };
+                let mut client = directory.gateway(&address)?;
+                let reason = match tokio::time::timeout(CALL_TIMEOUT, client.deliver(request)).await
+                {
+                    Ok(Ok(_)) => return Ok(()),
+                    Ok(Err(status)) => status.message().to_owned(),
+                    Err(_) => format!("no answer within {CALL_TIMEOUT:?}"),
+                };
+                // A gateway whose lease lapsed (by the registry as it is now, not a cached
+                // copy) has lost its connections, or drops them when it notices: skip it.
+                // Any other failure hands the batch again.
+                let fresh = directory.nodes_now().await?;
+                if Directory::live_address(&fresh, gateway).is_none() {
+                    tracing::info!(gateway, %reason, "skipped a gateway whose lease lapsed");
+                    return Ok(());
+                }
+                Err(DeliveryError::Gateway {
+                    gateway: gateway.to_owned(),
+                    reason,
+                })
+            }
+        });
+        futures::future::try_join_all(calls).await.map(drop)
+    }
+
+    fn offer(&self, user: &str, frame: &Arc<ServerFrame>) -> usize {
+        let refused_here = match &self.local {
+            Some((_, local)) => local.offer(user, frame),
+            None => 0,
+        };
+        let Payload::Binary(bytes) = Encoding::Proto.encode_server(frame) else {
+            unreachable!("the protobuf encoding is binary");
+        };
+        let request = DeliverRequest {
+            offers: vec![Offer {
+                user: user.to_owned(),
+                frame: bytes,
+            }],
+            ..DeliverRequest::default()
+        };
+        let sent = self.send_in_background(user, request);
+        refused_here + usize::from(!sent)
+    }
+
+    fn unlinked(&self, user: &str, device: &str) {
+        if let Some((_, local)) = &self.local {
+            local.unlinked(user, device);
+        }
+        let request = DeliverRequest {
+            unlinks: vec![Unlink {
+                user: user.to_owned(),
+                device: device.to_owned(),
+            }],
+            ..DeliverRequest::default()
+        };
+        if !self.send_in_background(user, request) {
+            tracing::warn!(
+                user,
+                device,
+                "too many offers in flight: the unlinked device's connections on other gateways close at their next reconnect check"
+            );
+        }
+    }
+
+    async fn connected_devices(&self, user: &str) -> Result<Vec<String>, StoreError> {
+        let routes = Self::routes(&self.directory, user, true).await?;
+        let mut devices: Vec<String> = routes.into_values().flatten().collect();
+        devices.sort();
+        devices.dedup();
+        Ok(devices)
+    }
+}
+
+/// A fanout node's end of [`FanoutNotifier`]: tells the node's fanout of new events.
+pub struct FanoutService {
+    fanout: Arc<dyn CommitListener>,
+}
+
+impl FanoutService {
+    pub fn new(fanout: Arc<dyn CommitListener>) -> Self {
+        Self { fanout }
+    }
+
+    /// The service with the cluster token required on every call.
+    pub fn into_server(
+        self,
+        token: ClusterToken,
+    ) -> InterceptedService<FanoutServer<Self>, RequireToken> {
+        FanoutServer::with_interceptor(self, RequireToken::new(token))
+    }
+}
+
+#[tonic::async_trait]
+impl fanout_server::Fanout for FanoutService {
+    async fn committed(
+        &self,
+        request: Request<CommittedRequest>,
+    ) -> Result<Response<CommittedResponse>, Status> {
+        for ShardCommits { shard, events } in request.into_inner().shards {
+            self.fanout
+                .committed(shard, usize::try_from(events).unwrap_or(usize::MAX));
+        }
+        Ok(Response::new(CommittedResponse {}))
+    }
+}
+
+/// The [`CommitListener`] of a chat node in a cluster: tells each shard's fanout node (its
+/// delivery owner, read from the store and cached for [`DIRECTORY_TTL`]) of the events
+/// committed for this node's appends; this node's own fanout in-process.
+pub struct FanoutNotifier {
+    directory: Arc<Directory>,
+    /// This node's id and fanout, when it runs the fanout role.
+    local: Option<(String, Arc<dyn CommitListener>)>,
+    /// Events per shard not yet told.
+    pending: Mutex<HashMap<u32, u64>>,
+    wake: Notify,
+    /// Per shard, its delivery owner's node id as read, and when.
+    owners: Mutex<HashMap<u32, (String, Instant)>>,
+}
+
+impl FanoutNotifier {
+    pub fn new(
+        store: MessageStore,
+        local: Option<(String, Arc<dyn CommitListener>)>,
+        token: ClusterToken,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            directory: Arc::new(Directory::new(store, token)),
+            local,
+            pending: Mutex::default(),
+            wake: Notify::new(),
+            owners: Mutex::default(),
+        })
+    }
+
+    /// Sends the notices as they come, one call per fanout node at a time, until the process
+    /// ends.
+    pub async fn run(self: Arc<Self>) {
+        loop {
+            self.wake.notified().await;
+            let pending = std::mem::take(&mut *lock(&self.pending));
+            if let Err(e) = self.tell(pending).await {
+                tracing::debug!(error = %e, "telling fanout nodes of commits failed; they find them at their next round");
+            }
+        }
+    }
+
+    async fn owner(&self, shard: u32) -> Result<Option<String>, StoreError> {
+        if let Some((node, read)) = lock(&self.owners).get(&shard)
+            && read.elapsed() < DIRECTORY_TTL
+        {
+            return Ok(Some(node.clone()));
+        }
+        let owner = self
+            .directory
+            .store
+            .shard_owner(Duty::Delivery, shard)
+            .await?
+            .filter(|owner| owner.is_live(now_ms()));
+        Ok(owner.map(|owner| {
+            lock(&self.owners).insert(shard, (owner.node.clone(), Instant::now()));
+            owner.node
+        }))
+    }
+
+    async fn tell(&self, pending: HashMap<u32, u64>) -> Result<(), StoreError> {
+        let mut by_node: BTreeMap<String, Vec<ShardCommits>> = BTreeMap::new();
+        for (shard, events) in pending {
+            if let Some(node) = self.owner(shard).await? {
+                by_node
+                    .entry(node)
+                    .or_default()
+                    .push(ShardCommits { shard, events });
+            }
+        }
+        let wanted: Vec<&str> = by_node.keys().map(String::as_str).collect();
+        let nodes = self.directory.nodes(&wanted).await?;
+        for (node, shards) in by_node {
+            if let Some((id, local)) = &self.local
+                && *id == node
+            {
+                for ShardCommits { shard, events } in shards {
+                    local.committed(shard, usize::try_from(events).unwrap_or(usize::MAX));
+                }
+                continue;
+            }
+            let Some(address) = nodes.get(&node).map(|n| n.address.as_str()) else {
+                continue;
+            };
+            let mut client = self.directory.fanout(address)?;
+            let call = client.committed(CommittedRequest { shards });
+            if !matches!(tokio::time::timeout(CALL_TIMEOUT, call).await, Ok(Ok(_))) {
+                // Read the owner again next time: the shard may have moved.
+                lock(&self.owners).retain(|_, (owner, _)| *owner != node);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl CommitListener for FanoutNotifier {
+    fn committed(&self, shard: u32, events: usize) {
+        if let Some((id, local)) = &self.local
+            && lock(&self.owners)
+                .get(&shard)
+                .is_some_and(|(owner, read)| owner == id && read.elapsed() < DIRECTORY_TTL)
+        {
+            local.committed(shard, events);
+            return;
+        }
+        *lock(&self.pending).entry(shard).or_default() += events as u64;
+        self.wake.notify_one();
+    }
+}
