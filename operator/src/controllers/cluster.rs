@@ -1,0 +1,120 @@
+//! The `CourierCluster` controller: an embedded cluster becomes one `courier serve`
+//! StatefulSet and its Service; a FoundationDB cluster becomes a `GatewayPool` and a
+//! `SequencerShardSet` (whose own controllers render their pods), the fanout Deployment and,
+//! with push providers, the push notifier's. The status says which, and is Ready when what it
+//! owns is.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::jiff::Timestamp;
+use kube::runtime::controller::Action;
+
+use super::{Context, Error, apply, apply_status, counted, retry_after_error};
+use crate::crd::{
+    ConditionType, Conditions, CourierCluster, CourierClusterStatus, GatewayPool, SequencerShardSet,
+};
+use crate::render::{delivery, embedded, pools};
+
+const CONTROLLER: &str = "cluster";
+
+/// Brings what `cluster` owns in line with its spec.
+pub async fn reconcile(cluster: Arc<CourierCluster>, ctx: Arc<Context>) -> Result<Action, Error> {
+    counted(&ctx.metrics, CONTROLLER);
+    let ready = if cluster.spec.storage.embedded.is_some() {
+        let children = embedded::build(&cluster)?;
+        let stateful_set: StatefulSet = apply(&ctx.client, &children.stateful_set).await?;
+        apply(&ctx.client, &children.service).await?;
+        let ready = stateful_set
+            .status
+            .as_ref()
+            .and_then(|s| s.ready_replicas)
+            .unwrap_or(0);
+        (ready >= 1, format!("{ready}/1 courier serve pod ready"))
+    } else {
+        let pools = pools::build(&cluster)?;
+        let gateways: GatewayPool = apply(&ctx.client, &pools.gateways).await?;
+        let sequencers: SequencerShardSet = apply(&ctx.client, &pools.sequencers).await?;
+        let fanout: Deployment = apply(&ctx.client, &delivery::fanout(&cluster)?).await?;
+        if let Some(push) = delivery::push(&cluster)? {
+            apply(&ctx.client, &push).await?;
+        }
+        let gateways_ready = is_ready(gateways.status.as_ref().map(|s| &s.conditions[..]));
+        let sequencers_ready = is_ready(sequencers.status.as_ref().map(|s| &s.conditions[..]));
+        let fanout_ready = fanout
+            .status
+            .as_ref()
+            .and_then(|s| s.ready_replicas)
+            .unwrap_or(0)
+            >= cluster.spec.fanout.replicas;
+        (
+            gateways_ready && sequencers_ready && fanout_ready,
+            format!(
+                "gateway pool {}, shard set {}, fanout {}",
+                readiness(gateways_ready),
+                readiness(sequencers_ready),
+                readiness(fanout_ready)
+            ),
+        )
+    };
+    let status = status(
+        &cluster,
+        ready,
+        Timestamp::from_millisecond((ctx.clock)() as i64).unwrap_or(Timestamp::UNIX_EPOCH),
+    );
+    apply_status(&ctx.client, cluster.as_ref(), &status).await?;
+    Ok(Action::requeue(Duration::from_secs(300)))
+}
+
+/// Counts the failure and retries later.
+pub fn error_policy(_cluster: Arc<CourierCluster>, error: &Error, ctx: Arc<Context>) -> Action {
+    retry_after_error(&ctx.metrics, CONTROLLER, error)
+}
+
+fn is_ready(
+    conditions: Option<&[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]>,
+) -> bool {
+    conditions.is_some_and(|conditions| {
+        conditions
+            .iter()
+            .any(|c| c.type_ == ConditionType::Ready.as_str() && c.status == "True")
+    })
+}
+
+fn readiness(ready: bool) -> &'static str {
+    if ready { "ready" } else { "not ready" }
+}
+
+/// The status of `cluster` given whether what it owns is ready (and why).
+fn status(
+    cluster: &CourierCluster,
+    (ready, message): (bool, String),
+    now: Timestamp,
+) -> CourierClusterStatus {
+    let previous = cluster
+        .status
+        .as_ref()
+        .map(|s| s.conditions.clone())
+        .unwrap_or_default();
+    let generation = cluster.metadata.generation;
+    let conditions = Conditions::new(&previous, generation, now)
+        .set(
+            ConditionType::Ready,
+            ready,
+            if ready { "Available" } else { "Starting" },
+            &message,
+        )
+        .set(
+            ConditionType::Progressing,
+            !ready,
+            if ready { "Settled" } else { "RollingOut" },
+            &message,
+        )
+        .into_vec();
+    CourierClusterStatus {
+        observed_generation: generation,
+        storage: Some(cluster.spec.storage.kind_name().to_owned()),
+        conditions,
+    }
+}

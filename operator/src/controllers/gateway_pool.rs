@@ -1,0 +1,277 @@
+//! The `GatewayPool` controller: reads each ready gateway pod's connections, lets the
+//! autoscaler decide the pool's size, marks the pod to remove first on a scale-down, and
+//! applies the Deployment, the client Service and the PodDisruptionBudget.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::jiff::Timestamp;
+use kube::Api;
+use kube::api::{ListParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+
+use super::{Context, Error, apply, apply_status, counted, key, lock, retry_after_error};
+use crate::autoscale::{DELETION_COST, ScaleDecision, ScalePolicy, ScaleReason};
+use crate::crd::{ConditionType, Conditions, GatewayPool, GatewayPoolStatus};
+use crate::metrics::ResourceLabel;
+use crate::render::pod::{Component, selector_labels};
+use crate::render::{gateways, name_and_namespace};
+
+const CONTROLLER: &str = "gateway-pool";
+
+/// How often a pool is looked at (a connection sample each time).
+const SAMPLE_INTERVAL: Duration = Duration::from_secs(15);
+
+/// The deletion cost of the pod picked to go first (others have the default, 0).
+const FIRST_TO_GO: &str = "-1000";
+
+/// Scales the pool and applies its objects.
+pub async fn reconcile(pool: Arc<GatewayPool>, ctx: Arc<Context>) -> Result<Action, Error> {
+    counted(&ctx.metrics, CONTROLLER);
+    let (name, namespace) = name_and_namespace(pool.as_ref())?;
+    let now_ms = (ctx.clock)();
+    let now = Timestamp::from_millisecond(now_ms as i64).unwrap_or(Timestamp::UNIX_EPOCH);
+    let cluster = match ctx.cluster(&namespace, &pool.spec.cluster).await {
+        Ok(cluster) => cluster,
+        Err(Error::ClusterNotFound(missing)) => {
+            let status = degraded(&pool, now, &format!("CourierCluster {missing} not found"));
+            apply_status(&ctx.client, pool.as_ref(), &status).await?;
+            return Ok(Action::requeue(Duration::from_secs(30)));
+        }
+        Err(e) => return Err(e),
+    };
+    let settings = &pool.spec.pool;
+    let last = lock(&ctx.autoscalers)
+        .get(&key(pool.as_ref()))
+        .and_then(|a| a.last_decision_ms());
+    let interval = SAMPLE_INTERVAL.as_millis() as u64;
+    if let Some(next) = last
+        .map(|at| at + interval)
+        .filter(|next| now_ms + interval / 10 < *next)
+    {
+        // Woken between samples (a watch event): keep the objects applied at the current size,
+        // and sample when the next one is due.
+        let current = current_replicas(&ctx, &namespace, &name).await?;
+        let children = gateways::build(&pool, &cluster, current.unwrap_or(settings.min_replicas))?;
+        apply(&ctx.client, &children.deployment).await?;
+        apply(&ctx.client, &children.service).await?;
+        apply(&ctx.client, &children.disruption_budget).await?;
+        return Ok(Action::requeue(Duration::from_millis(next - now_ms)));
+    }
+    let connections = connections(&ctx, &namespace, &pool.spec.cluster).await?;
+    let current = current_replicas(&ctx, &namespace, &name).await?;
+    let policy = ScalePolicy::new(
+        settings.min_replicas,
+        settings.max_replicas,
+        settings.target_connections_per_pod,
+    );
+    let decision = {
+        let mut autoscalers = lock(&ctx.autoscalers);
+        let autoscaler = autoscalers.entry(key(pool.as_ref())).or_default();
+        autoscaler.decide(
+            &policy,
+            current.unwrap_or(settings.min_replicas),
+            &connections,
+            now_ms,
+        )
+    };
+    if let Some(pod) = &decision.remove {
+        mark_first_to_go(&ctx, &namespace, pod).await?;
+    }
+    announce(&ctx, &pool, current, &decision, connections.values().sum()).await;
+    let children = gateways::build(&pool, &cluster, decision.replicas)?;
+    let deployment: Deployment = apply(&ctx.client, &children.deployment).await?;
+    apply(&ctx.client, &children.service).await?;
+    apply(&ctx.client, &children.disruption_budget).await?;
+    ctx.metrics
+        .gateway_replicas
+        .get_or_create(&ResourceLabel {
+            resource: key(pool.as_ref()),
+        })
+        .set(i64::from(decision.replicas));
+    let status = status(&pool, &deployment, connections.values().sum(), now);
+    apply_status(&ctx.client, pool.as_ref(), &status).await?;
+    Ok(Action::requeue(SAMPLE_INTERVAL))
+}
+
+/// Counts the failure and retries later.
+pub fn error_policy(_pool: Arc<GatewayPool>, error: &Error, ctx: Arc<Context>) -> Action {
+    retry_after_error(&ctx.metrics, CONTROLLER, error)
+}
+
+/// The replicas the pool's Deployment asks for, if it exists.
+async fn current_replicas(
+    ctx: &Context,
+    namespace: &str,
+    name: &str,
+) -> Result<Option<i32>, Error> {
+    Ok(Api::<Deployment>::namespaced(ctx.client.clone(), namespace)
+        .get_opt(name)
+        .await?
+        .and_then(|d| d.spec.and_then(|s| s.replicas)))
+}
+
+/// Connections of each ready gateway pod of `cluster`; a pod whose metrics cannot be read is
+/// left out (it is counted again once it answers).
+async fn connections(
+    ctx: &Context,
+    namespace: &str,
+    cluster: &str,
+) -> Result<BTreeMap<String, u64>, Error> {
+    let selector = selector_labels(cluster, Component::Gateway)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let pods = Api::<Pod>::namespaced(ctx.client.clone(), namespace)
+        .list(&ListParams::default().labels(&selector))
+        .await?;
+    let mut connections = BTreeMap::new();
+    for pod in pods {
+        let Some(ip) = ready_ip(&pod) else { continue };
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        match ctx.data_plane.gateway_connections(&ip).await {
+            Ok(count) => {
+                connections.insert(name, count);
+            }
+            Err(e) => {
+                tracing::warn!(pod = %name, error = %e, "reading a gateway's connections failed")
+            }
+        }
+    }
+    Ok(connections)
+}
+
+/// The pod's IP if it is ready and not being deleted.
+fn ready_ip(pod: &Pod) -> Option<String> {
+    if pod.metadata.deletion_timestamp.is_some() {
+        return None;
+    }
+    let status = pod.status.as_ref()?;
+    let ready = status
+        .conditions
+        .as_ref()?
+        .iter()
+        .any(|c| c.type_ == "Ready" && c.status == "True");
+    ready.then(|| status.pod_ip.clone()).flatten()
+}
+
+/// Gives `pod` the lowest deletion cost, so that the ReplicaSet removes it first.
+async fn mark_first_to_go(ctx: &Context, namespace: &str, pod: &str) -> Result<(), Error> {
+    let patch = serde_json::json!({
+        "metadata": { "annotations": { DELETION_COST: FIRST_TO_GO } }
+    });
+    Api::<Pod>::namespaced(ctx.client.clone(), namespace)
+        .patch(pod, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    Ok(())
+}
+
+/// An event when the pool changes size.
+async fn announce(
+    ctx: &Context,
+    pool: &GatewayPool,
+    current: Option<i32>,
+    decision: &ScaleDecision,
+    connections: u64,
+) {
+    let Some(current) = current else { return };
+    if current == decision.replicas {
+        return;
+    }
+    let reason = match decision.reason {
+        ScaleReason::Up => "ScaledUp",
+        ScaleReason::Down => "ScaledDown",
+        ScaleReason::Limits | ScaleReason::Steady => "Rescaled",
+    };
+    let removed = decision
+        .remove
+        .as_deref()
+        .map(|pod| format!("; {pod} (fewest connections) goes first"))
+        .unwrap_or_default();
+    ctx.event(
+        pool,
+        EventType::Normal,
+        reason,
+        "Scale",
+        format!(
+            "{current} -> {} gateway pods for {connections} connections{removed}",
+            decision.replicas
+        ),
+    )
+    .await;
+}
+
+fn status(
+    pool: &GatewayPool,
+    deployment: &Deployment,
+    connections: u64,
+    now: Timestamp,
+) -> GatewayPoolStatus {
+    let observed = deployment.status.clone().unwrap_or_default();
+    let wanted = deployment
+        .spec
+        .as_ref()
+        .and_then(|s| s.replicas)
+        .unwrap_or(0);
+    let ready = observed.ready_replicas.unwrap_or(0);
+    let updated = observed.updated_replicas.unwrap_or(0);
+    let message = format!("{ready}/{wanted} gateway pods ready");
+    let previous = pool
+        .status
+        .as_ref()
+        .map(|s| s.conditions.clone())
+        .unwrap_or_default();
+    let conditions = Conditions::new(&previous, pool.metadata.generation, now)
+        .set(
+            ConditionType::Ready,
+            ready >= wanted && wanted > 0,
+            if ready >= wanted {
+                "Available"
+            } else {
+                "PodsNotReady"
+            },
+            &message,
+        )
+        .set(
+            ConditionType::Progressing,
+            updated < wanted || ready < wanted,
+            if updated < wanted {
+                "RollingOut"
+            } else {
+                "Settled"
+            },
+            &format!("{updated}/{wanted} pods on the current template"),
+        )
+        .set(
+            ConditionType::Degraded,
+            false,
+            "Healthy",
+            "the cluster and its Secrets are found",
+        )
+        .into_vec();
+    GatewayPoolStatus {
+        observed_generation: pool.metadata.generation,
+        replicas: observed.replicas.unwrap_or(0),
+        ready_replicas: ready,
+        connections,
+        conditions,
+    }
+}
+
+fn degraded(pool: &GatewayPool, now: Timestamp, message: &str) -> GatewayPoolStatus {
+    let previous = pool.status.clone().unwrap_or_default();
+    let conditions = Conditions::new(&previous.conditions, pool.metadata.generation, now)
+        .set(ConditionType::Ready, false, "ClusterNotFound", message)
+        .set(ConditionType::Degraded, true, "ClusterNotFound", message)
+        .into_vec();
+    GatewayPoolStatus {
+        observed_generation: pool.metadata.generation,
+        conditions,
+        ..previous
+    }
+}

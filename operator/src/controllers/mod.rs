@@ -1,0 +1,251 @@
+//! The controllers, one module each, in the controller-rs style: `reconcile(object, context)`
+//! returns when to look again, `error_policy` decides what a failure costs, and everything they
+//! write goes through server-side apply under one field manager.
+//!
+//! - [`cluster`]: `CourierCluster` → an embedded `courier serve` StatefulSet, or the pools;
+//! - [`gateway_pool`]: `GatewayPool` → Deployment, Service, PDB, and the autoscaler;
+//! - [`shard_set`]: `SequencerShardSet` → StatefulSet, headless Service, PDB, and the
+//!   rebalancer (with a finalizer that releases the shards when the set is deleted).
+
+pub mod cluster;
+pub mod gateway_pool;
+pub mod shard_set;
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use k8s_openapi::NamespaceResourceScope;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::autoscale::GatewayAutoscaler;
+use crate::crd::{CourierCluster, SecretKeyRef};
+use crate::metrics::{ControllerLabel, Metrics};
+use crate::rebalance::Rebalancer;
+use crate::rebalance::executor::{AdminError, ShardAdmin};
+use crate::render::{FIELD_MANAGER, RenderError};
+
+/// A reconciliation that failed; the controller retries it (see [`error_policy`]).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The API server refused or failed a request.
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    /// The object cannot be rendered.
+    #[error(transparent)]
+    Render(#[from] RenderError),
+    /// The data plane's admin API failed.
+    #[error("admin API: {0}")]
+    Admin(#[from] AdminError),
+    /// A Secret the cluster names is missing or unusable.
+    #[error("Secret {name} key {key}: {problem}")]
+    Secret {
+        /// The Secret.
+        name: String,
+        /// The key.
+        key: String,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// The `CourierCluster` a pool names does not exist.
+    #[error("CourierCluster {0} not found in the pool's namespace")]
+    ClusterNotFound(String),
+    /// A shard set names a cluster on the embedded store, which has no sequencer pods.
+    #[error(
+        "CourierCluster {0} has embedded storage: a SequencerShardSet needs storage.foundationDb"
+    )]
+    NotFoundationDb(String),
+    /// The finalizer could not be added or removed, or its cleanup failed.
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+}
+
+/// How the operator reaches the data plane: the admin API of a cluster's sequencers, and the
+/// connection counts of gateway pods. Real ones speak gRPC and HTTP; tests pass fakes.
+#[async_trait::async_trait]
+pub trait DataPlane: Send + Sync {
+    /// The admin API of the sequencer nodes behind `seeds` (`host:port`), with `token`.
+    fn shard_admin(
+        &self,
+        token: courier_rpc::ClusterToken,
+        seeds: Vec<String>,
+    ) -> Arc<dyn ShardAdmin>;
+    /// Client connections on the gateway pod at `pod_ip` (from its `/metrics`).
+    async fn gateway_connections(&self, pod_ip: &str) -> Result<u64, String>;
+}
+
+/// What every reconciliation may use.
+pub struct Context {
+    /// The Kubernetes client.
+    pub client: Client,
+    /// Writes the events (one recorder, so that repeated events become series).
+    pub recorder: Recorder,
+    /// The operator's metrics.
+    pub metrics: Arc<Metrics>,
+    /// The data plane.
+    pub data_plane: Arc<dyn DataPlane>,
+    /// The rebalancer of each shard set (`namespace/name`), with its trends and cooldowns.
+    pub rebalancers: Mutex<BTreeMap<String, RebalancerState>>,
+    /// The autoscaler of each gateway pool (`namespace/name`).
+    pub autoscalers: Mutex<BTreeMap<String, GatewayAutoscaler>>,
+    /// The clock, in milliseconds since the epoch (a fixed one in tests).
+    pub clock: fn() -> u64,
+}
+
+/// A shard set's rebalancer and when it plans next.
+#[derive(Debug, Clone)]
+pub struct RebalancerState {
+    /// The planner.
+    pub rebalancer: Rebalancer,
+    /// When the next load-driven plan is due (ms since the epoch).
+    pub next_plan_ms: u64,
+    /// When the loads were last sampled (ms since the epoch).
+    pub last_sample_ms: Option<u64>,
+}
+
+impl Context {
+    /// A context over `client` and `data_plane`, on the system clock.
+    pub fn new(client: Client, data_plane: Arc<dyn DataPlane>, metrics: Arc<Metrics>) -> Self {
+        let reporter = Reporter {
+            controller: FIELD_MANAGER.to_owned(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
+        Context {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            metrics,
+            data_plane,
+            rebalancers: Mutex::new(BTreeMap::new()),
+            autoscalers: Mutex::new(BTreeMap::new()),
+            clock: system_now_ms,
+        }
+    }
+
+    /// Publishes an event about `object`; a failure to publish is logged, not fatal.
+    async fn event<K>(&self, object: &K, type_: EventType, reason: &str, action: &str, note: String)
+    where
+        K: Resource<DynamicType = ()>,
+    {
+        let event = Event {
+            type_,
+            reason: reason.to_owned(),
+            note: Some(note),
+            action: action.to_owned(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&event, &object.object_ref(&())).await {
+            tracing::warn!(error = %e, reason, "publishing an event failed");
+        }
+    }
+
+    /// The cluster `name` in `namespace`.
+    async fn cluster(&self, namespace: &str, name: &str) -> Result<CourierCluster, Error> {
+        Api::<CourierCluster>::namespaced(self.client.clone(), namespace)
+            .get_opt(name)
+            .await?
+            .ok_or_else(|| Error::ClusterNotFound(name.to_owned()))
+    }
+
+    /// The value of a Secret's key, as text.
+    async fn secret_text(&self, namespace: &str, secret: &SecretKeyRef) -> Result<String, Error> {
+        let problem = |problem: &str| Error::Secret {
+            name: secret.name.clone(),
+            key: secret.key.clone(),
+            problem: problem.to_owned(),
+        };
+        let found = Api::<Secret>::namespaced(self.client.clone(), namespace)
+            .get_opt(&secret.name)
+            .await?
+            .ok_or_else(|| problem("no such Secret"))?;
+        let bytes = found
+            .data
+            .as_ref()
+            .and_then(|data| data.get(&secret.key))
+            .ok_or_else(|| problem("no such key"))?;
+        String::from_utf8(bytes.0.clone()).map_err(|_| problem("not UTF-8 text"))
+    }
+}
+
+fn system_now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Applies `object` (server-side apply, taking over fields from other managers).
+async fn apply<K>(client: &Client, object: &K) -> Result<K, Error>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + Debug
+        + Serialize
+        + DeserializeOwned,
+{
+    let namespace = object.namespace().unwrap_or_default();
+    let api = Api::<K>::namespaced(client.clone(), &namespace);
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    Ok(api
+        .patch(&object.name_any(), &params, &Patch::Apply(object))
+        .await?)
+}
+
+/// Applies the status of `object` (the `status` subresource, server-side apply).
+async fn apply_status<K, S>(client: &Client, object: &K, status: &S) -> Result<(), Error>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + Debug
+        + DeserializeOwned,
+    S: Serialize,
+{
+    let namespace = object.namespace().unwrap_or_default();
+    let api = Api::<K>::namespaced(client.clone(), &namespace);
+    let patch = serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "status": status,
+    });
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    api.patch_status(&object.name_any(), &params, &Patch::Apply(&patch))
+        .await?;
+    Ok(())
+}
+
+/// `namespace/name` of an object.
+fn key<K: Resource>(object: &K) -> String {
+    format!(
+        "{}/{}",
+        object.meta().namespace.as_deref().unwrap_or_default(),
+        object.meta().name.as_deref().unwrap_or_default()
+    )
+}
+
+/// What a failed reconciliation costs: counted, logged, retried after a pause.
+fn retry_after_error(metrics: &Metrics, controller: &'static str, error: &Error) -> Action {
+    metrics
+        .reconcile_errors
+        .get_or_create(&ControllerLabel { controller })
+        .inc();
+    tracing::warn!(controller, %error, "reconcile failed");
+    Action::requeue(Duration::from_secs(30))
+}
+
+fn counted(metrics: &Metrics, controller: &'static str) {
+    metrics
+        .reconciliations
+        .get_or_create(&ControllerLabel { controller })
+        .inc();
+}

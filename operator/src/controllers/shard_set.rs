@@ -1,0 +1,741 @@
+//! The `SequencerShardSet` controller: applies the sequencer StatefulSet, headless Service and
+//! PodDisruptionBudget, samples every pod's shard loads through the admin API, and rebalances.
+//!
+//! - **Scale-up**: the StatefulSet grows at once; the new pods are empty, so the planner fills
+//!   them.
+//! - **Scale-down**: pods past `replicas` are evacuated first (in every mode: the scale-down
+//!   was asked for); once a leaving pod holds nothing it is drained (it takes no shard again)
+//!   and only then does the StatefulSet shrink. Blind (the admin API does not answer), the
+//!   StatefulSet never shrinks.
+//! - **Modes**: `Auto` carries load moves out as planned; `Proposal` writes them to the status
+//!   and carries them out once `courier.dev/approve-proposal` names the proposal (moves whose
+//!   shard changed owner meanwhile are dropped); `Off` plans nothing.
+//! - **Pauses**: no load moves while pods are rolling out, not ready, or not answering.
+//! - **Deletion**: a finalizer drains every pod first, so their shards are released in the
+//!   store at once rather than when their leases lapse.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use courier_rpc::ClusterToken;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::jiff::Timestamp;
+use kube::Api;
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use rand::Rng;
+
+use super::{
+    Context, Error, RebalancerState, apply, apply_status, counted, key, lock, retry_after_error,
+};
+use crate::crd::{
+    ConditionType, Conditions, CourierCluster, PodLoad, ProposedMove, RebalanceMode, RecordedMove,
+    SequencerShardSet, SequencerShardSetStatus, ShardProposal,
+};
+use crate::metrics::{MoveLabel, ResourceLabel};
+use crate::rebalance::executor::{AdminError, Sample, ShardAdmin, carry_out};
+use crate::rebalance::{Move, MoveReason, PlannerPolicy, PodId, Rebalancer};
+use crate::render::name_and_namespace;
+use crate::render::sequencers::{self, admin_address, pod_name};
+
+const CONTROLLER: &str = "shard-set";
+
+/// The finalizer that drains the pods before the set goes.
+pub const FINALIZER: &str = "courier.dev/release-shards";
+
+/// The annotation that approves a proposal by its id.
+pub const APPROVE_ANNOTATION: &str = "courier.dev/approve-proposal";
+
+/// Moves kept in the status.
+const RECENT_MOVES: usize = 20;
+
+/// Brings the set's pods in line with its spec and rebalances its shards.
+pub async fn reconcile(set: Arc<SequencerShardSet>, ctx: Arc<Context>) -> Result<Action, Error> {
+    counted(&ctx.metrics, CONTROLLER);
+    let (_, namespace) = name_and_namespace(set.as_ref())?;
+    let api = Api::<SequencerShardSet>::namespaced(ctx.client.clone(), &namespace);
+    finalizer(&api, FINALIZER, set, |event| async {
+        match event {
+            Finalizer::Apply(set) => run(&set, &ctx).await,
+            Finalizer::Cleanup(set) => release(&set, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)))
+}
+
+/// Counts the failure and retries later.
+pub fn error_policy(_set: Arc<SequencerShardSet>, error: &Error, ctx: Arc<Context>) -> Action {
+    retry_after_error(&ctx.metrics, CONTROLLER, error)
+}
+
+/// The admin API of `set`'s pods, with the cluster's token; `pods` is how many to ask.
+async fn admin_of(
+    ctx: &Context,
+    set: &SequencerShardSet,
+    cluster: &CourierCluster,
+    pods: i32,
+) -> Result<Arc<dyn ShardAdmin>, Error> {
+    let (name, namespace) = name_and_namespace(set)?;
+    let fdb = cluster
+        .spec
+        .storage
+        .foundation_db
+        .as_ref()
+        .ok_or_else(|| Error::NotFoundationDb(set.spec.cluster.clone()))?;
+    let secret = &fdb.cluster_token_secret;
+    let text = ctx.secret_text(&namespace, secret).await?;
+    let token = ClusterToken::new(text.trim()).map_err(|e| Error::Secret {
+        name: secret.name.clone(),
+        key: secret.key.clone(),
+        problem: e.to_string(),
+    })?;
+    let seeds = (0..pods.max(1))
+        .map(|ordinal| admin_address(&name, &namespace, ordinal))
+        .collect();
+    Ok(ctx.data_plane.shard_admin(token, seeds))
+}
+
+async fn run(set: &SequencerShardSet, ctx: &Context) -> Result<Action, Error> {
+    let (name, namespace) = name_and_namespace(set)?;
+    let now_ms = (ctx.clock)();
+    let cluster = ctx.cluster(&namespace, &set.spec.cluster).await?;
+    let stateful_sets = Api::<StatefulSet>::namespaced(ctx.client.clone(), &namespace);
+    let existing = stateful_sets.get_opt(&name).await?;
+    let running = existing
+        .as_ref()
+        .and_then(|s| s.spec.as_ref())
+        .and_then(|s| s.replicas)
+        .unwrap_or(0);
+    let wanted = set.spec.sequencers.replicas;
+    let policy = &set.spec.sequencers.rebalance;
+    let sample_ms = policy.sample_seconds.max(1).saturating_mul(1000);
+    if let Some(wait_ms) = sample_wait(ctx, set, now_ms, sample_ms) {
+        // Woken between samples (a watch event): keep the workloads applied (never shrinking
+        // them blind), and sample when the next one is due, so that the trends count samples,
+        // not events.
+        apply_children(ctx, set, &cluster, running.max(wanted)).await?;
+        return Ok(Action::requeue(Duration::from_millis(wait_ms)));
+    }
+    let admin = admin_of(ctx, set, &cluster, running.max(wanted)).await?;
+    let sample = if running > 0 {
+        Some(admin.sample().await)
+    } else {
+        None
+    };
+    let mut notes = Notes::default();
+    let replicas = match &sample {
+        Some(Ok(sample)) => {
+            let replicas = replicas_to_run(&name, wanted, sample);
+            for ordinal in replicas..running {
+                drain_leaving(ctx, set, admin.as_ref(), sample, &pod_name(&name, ordinal)).await?;
+            }
+            replicas
+        }
+        Some(Err(e)) => {
+            notes.admin_error = Some(e.to_string());
+            running.max(wanted)
+        }
+        None => wanted,
+    };
+    let stateful_set = apply_children(ctx, set, &cluster, replicas).await?;
+    let mut state = take_state(ctx, set, now_ms);
+    state.last_sample_ms = Some(now_ms);
+    let mut proposal = set.status.as_ref().and_then(|s| s.proposal.clone());
+    let mut done = Vec::new();
+    if let Some(Ok(sample)) = &sample {
+        let desired: BTreeSet<PodId> = (0..wanted)
+            .map(|ordinal| pod_name(&name, ordinal))
+            .filter(|pod| sample.nodes.contains_key(pod))
+            .collect();
+        let view = sample.view(Some(&desired));
+        let paused = rollout_in_progress(&stateful_set, replicas);
+        state.rebalancer.set_policy(PlannerPolicy::from(policy));
+        state.rebalancer.observe(&view);
+        let urgent = view.shards.values().any(|s| !view.pods.contains(&s.owner))
+            || view
+                .pods
+                .iter()
+                .any(|pod| view.shards.values().all(|s| &s.owner != pod));
+        let due = now_ms >= state.next_plan_ms || urgent;
+        let planned = if due && paused.is_none() {
+            state.next_plan_ms = now_ms + jittered(policy.interval_seconds);
+            state.rebalancer.plan(&view, now_ms)
+        } else {
+            Vec::new()
+        };
+        notes.paused = paused;
+        let (now_moves, proposed) = split_by_mode(policy.mode, planned);
+        let approved = approved_moves(set, proposal.as_ref(), sample);
+        if approved.is_some() || (policy.mode != RebalanceMode::Proposal) {
+            proposal = None;
+        }
+        let mut to_do = now_moves;
+        to_do.extend(approved.unwrap_or_default());
+        if !proposed.is_empty() {
+            proposal = Some(ShardProposal {
+                id: proposal_id(&proposed),
+                moves: proposed.iter().map(proposed_move).collect(),
+            });
+        }
+        done = carry_out(
+            &mut state.rebalancer,
+            admin.as_ref(),
+            sample,
+            &to_do,
+            ctx.clock,
+        )
+        .await;
+        record_moves(ctx, set, &done).await;
+        ctx.metrics
+            .max_over_mean
+            .get_or_create(&ResourceLabel { resource: key(set) })
+            .set(max_over_mean(sample, &desired));
+    }
+    put_state(ctx, set, state);
+    let status = status(
+        set,
+        &stateful_set,
+        sample.as_ref(),
+        &done,
+        proposal,
+        &notes,
+        now_ms,
+    );
+    apply_status(&ctx.client, set, &status).await?;
+    Ok(Action::requeue(Duration::from_secs(
+        policy.sample_seconds.max(1),
+    )))
+}
+
+/// Why the last step could not do everything.
+#[derive(Debug, Default)]
+struct Notes {
+    admin_error: Option<String>,
+    paused: Option<String>,
+}
+
+/// Applies the set's StatefulSet (with `replicas` pods), headless Service and PDB.
+async fn apply_children(
+    ctx: &Context,
+    set: &SequencerShardSet,
+    cluster: &CourierCluster,
+    replicas: i32,
+) -> Result<StatefulSet, Error> {
+    let children = sequencers::build(set, cluster, replicas)?;
+    let stateful_set = apply(&ctx.client, &children.stateful_set).await?;
+    apply(&ctx.client, &children.service).await?;
+    apply(&ctx.client, &children.disruption_budget).await?;
+    Ok(stateful_set)
+}
+
+/// How long until the next sample is due, or `None` when it is (10 % early is on time).
+fn sample_wait(ctx: &Context, set: &SequencerShardSet, now_ms: u64, sample_ms: u64) -> Option<u64> {
+    let last = lock(&ctx.rebalancers).get(&key(set))?.last_sample_ms?;
+    let next = last + sample_ms;
+    (now_ms + sample_ms / 10 < next).then(|| next - now_ms)
+}
+
+/// Pods to run: the wanted ones, and any pod past them that still holds shards.
+pub fn replicas_to_run(set: &str, wanted: i32, sample: &Sample) -> i32 {
+    sample
+        .shards
+        .values()
+        .filter_map(|shard| ordinal_of(set, &shard.owner))
+        .map(|ordinal| ordinal + 1)
+        .fold(wanted, i32::max)
+}
+
+/// The ordinal of pod `pod` of set `set`, if it is one of its pods.
+fn ordinal_of(set: &str, pod: &str) -> Option<i32> {
+    pod.strip_prefix(set)?.strip_prefix('-')?.parse().ok()
+}
+
+/// Why load moves wait, if they do: a rollout (pods on an old template, or not all ready).
+fn rollout_in_progress(stateful_set: &StatefulSet, replicas: i32) -> Option<String> {
+    let status = stateful_set.status.clone().unwrap_or_default();
+    let ready = status.ready_replicas.unwrap_or(0);
+    if ready < replicas {
+        return Some(format!("{ready}/{replicas} sequencer pods ready"));
+    }
+    if status.current_revision.is_some() && status.current_revision != status.update_revision {
+        return Some("pods are being replaced by a new template".to_owned());
+    }
+    None
+}
+
+/// Drains a leaving pod that holds no shard any more, so that it takes none before it goes.
+async fn drain_leaving(
+    ctx: &Context,
+    set: &SequencerShardSet,
+    admin: &dyn ShardAdmin,
+    sample: &Sample,
+    pod: &str,
+) -> Result<(), Error> {
+    if !sample.nodes.contains_key(pod) {
+        return Ok(());
+    }
+    let released = admin.drain(sample, pod).await?;
+    ctx.event(
+        set,
+        EventType::Normal,
+        "Drained",
+        "Drain",
+        format!(
+            "{pod} drained before removal ({} shards released)",
+            released.len()
+        ),
+    )
+    .await;
+    Ok(())
+}
+
+/// Drains every pod of a set being deleted; a cluster that is gone or does not answer does not
+/// hold the deletion up.
+async fn release(set: &SequencerShardSet, ctx: &Context) -> Result<Action, Error> {
+    let (_, namespace) = name_and_namespace(set)?;
+    lock(&ctx.rebalancers).remove(&key(set));
+    let cluster = match ctx.cluster(&namespace, &set.spec.cluster).await {
+        Ok(cluster) => cluster,
+        Err(Error::ClusterNotFound(_)) => return Ok(Action::await_change()),
+        Err(e) => return Err(e),
+    };
+    let admin = match admin_of(ctx, set, &cluster, set.spec.sequencers.replicas).await {
+        Ok(admin) => admin,
+        // Nothing to drain without sequencer pods or their token.
+        Err(Error::NotFoundationDb(_) | Error::Secret { .. }) => {
+            return Ok(Action::await_change());
+        }
+        Err(e) => return Err(e),
+    };
+    match admin.sample().await {
+        Ok(sample) => {
+            for node in sample.nodes.keys() {
+                if let Err(e) = admin.drain(&sample, node).await {
+                    tracing::warn!(%node, error = %e, "draining a sequencer of a deleted set failed");
+                }
+            }
+            ctx.event(
+                set,
+                EventType::Normal,
+                "Released",
+                "Drain",
+                format!(
+                    "{} sequencer pods drained before deletion",
+                    sample.nodes.len()
+                ),
+            )
+            .await;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "the sequencers of a deleted set do not answer; their leases will lapse")
+        }
+    }
+    Ok(Action::await_change())
+}
+
+/// Moves to carry out now and moves to propose: evacuations always go now; load moves go now
+/// in `Auto`, are proposed in `Proposal`, and never planned in `Off`.
+fn split_by_mode(mode: RebalanceMode, planned: Vec<Move>) -> (Vec<Move>, Vec<Move>) {
+    let (evacuations, load): (Vec<Move>, Vec<Move>) = planned
+        .into_iter()
+        .partition(|m| m.reason == MoveReason::Evacuate);
+    match mode {
+        RebalanceMode::Auto => (evacuations.into_iter().chain(load).collect(), Vec::new()),
+        RebalanceMode::Proposal => (evacuations, load),
+        RebalanceMode::Off => (evacuations, Vec::new()),
+    }
+}
+
+/// The moves of the proposal the annotation approves, those whose shard is still where the
+/// proposal found it; `None` when nothing is approved.
+fn approved_moves(
+    set: &SequencerShardSet,
+    proposal: Option<&ShardProposal>,
+    sample: &Sample,
+) -> Option<Vec<Move>> {
+    let proposal = proposal?;
+    let approved = set.metadata.annotations.as_ref()?.get(APPROVE_ANNOTATION)?;
+    if *approved != proposal.id {
+        return None;
+    }
+    Some(
+        proposal
+            .moves
+            .iter()
+            .filter(|m| {
+                sample
+                    .shards
+                    .get(&m.shard)
+                    .is_some_and(|s| s.owner == m.from)
+            })
+            .filter(|m| sample.nodes.contains_key(&m.to))
+            .map(|m| Move {
+                shard: m.shard,
+                from: m.from.clone(),
+                to: m.to.clone(),
+                reason: reason_named(&m.reason),
+            })
+            .collect(),
+    )
+}
+
+fn reason_named(name: &str) -> MoveReason {
+    match name {
+        "Evacuate" => MoveReason::Evacuate,
+        "Isolate" => MoveReason::Isolate,
+        "Fill" => MoveReason::Fill,
+        _ => MoveReason::Relieve,
+    }
+}
+
+fn proposed_move(m: &Move) -> ProposedMove {
+    ProposedMove {
+        shard: m.shard,
+        from: m.from.clone(),
+        to: m.to.clone(),
+        reason: m.reason.as_str().to_owned(),
+    }
+}
+
+/// A short id naming a set of moves (the same moves give the same id).
+pub fn proposal_id(moves: &[Move]) -> String {
+    // FNV-1a over the moves: stable across processes and versions.
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for m in moves {
+        for byte in format!("{}:{}>{};", m.shard, m.from, m.to).bytes() {
+            hash ^= u64::from(byte);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    format!("{:08x}", hash as u32)
+}
+
+/// `interval_seconds` in milliseconds, give or take 10 %.
+fn jittered(interval_seconds: u64) -> u64 {
+    let base = interval_seconds.saturating_mul(1000);
+    let spread = base / 10;
+    base - spread + rand::rng().random_range(0..=spread * 2)
+}
+
+fn take_state(ctx: &Context, set: &SequencerShardSet, now_ms: u64) -> RebalancerState {
+    let policy = PlannerPolicy::from(&set.spec.sequencers.rebalance);
+    lock(&ctx.rebalancers)
+        .remove(&key(set))
+        .unwrap_or_else(|| RebalancerState {
+            rebalancer: Rebalancer::new(policy),
+            next_plan_ms: now_ms + jittered(set.spec.sequencers.rebalance.interval_seconds),
+            last_sample_ms: None,
+        })
+}
+
+fn put_state(ctx: &Context, set: &SequencerShardSet, state: RebalancerState) {
+    lock(&ctx.rebalancers).insert(key(set), state);
+}
+
+/// An event and a count per move.
+async fn record_moves(
+    ctx: &Context,
+    set: &SequencerShardSet,
+    done: &[(Move, Result<u64, AdminError>)],
+) {
+    for (m, outcome) in done {
+        let (type_, reason, note, label) = match outcome {
+            Ok(epoch) => (
+                EventType::Normal,
+                "ShardMoved",
+                format!(
+                    "shard {} moved {} -> {} ({}), epoch {epoch}",
+                    m.shard,
+                    m.from,
+                    m.to,
+                    m.reason.as_str()
+                ),
+                "done",
+            ),
+            Err(e) => (
+                EventType::Warning,
+                "ShardMoveFailed",
+                format!(
+                    "shard {} {} -> {} ({}) failed: {e}",
+                    m.shard,
+                    m.from,
+                    m.to,
+                    m.reason.as_str()
+                ),
+                "failed",
+            ),
+        };
+        ctx.metrics
+            .shard_moves
+            .get_or_create(&MoveLabel {
+                reason: m.reason.as_str(),
+                outcome: label,
+            })
+            .inc();
+        ctx.event(set, type_, reason, "MoveShard", note).await;
+    }
+}
+
+/// Per-pod loads of the pods in `pods`, and the busiest over the mean.
+fn pod_loads(sample: &Sample, pods: &BTreeSet<PodId>) -> Vec<PodLoad> {
+    let mut loads: BTreeMap<&str, (u32, f64)> =
+        pods.iter().map(|p| (p.as_str(), (0, 0.0))).collect();
+    for shard in sample.shards.values() {
+        let entry = loads.entry(shard.owner.as_str()).or_default();
+        entry.0 += 1;
+        entry.1 += shard.load;
+    }
+    loads
+        .into_iter()
+        .map(|(pod, (shards, load))| PodLoad {
+            pod: pod.to_owned(),
+            shards,
+            appends_per_sec: load,
+        })
+        .collect()
+}
+
+fn max_over_mean(sample: &Sample, pods: &BTreeSet<PodId>) -> f64 {
+    let loads = pod_loads(sample, pods);
+    let total: f64 = loads.iter().map(|p| p.appends_per_sec).sum();
+    if loads.is_empty() || total <= 0.0 {
+        return 1.0;
+    }
+    let max = loads.iter().map(|p| p.appends_per_sec).fold(0.0, f64::max);
+    max / (total / loads.len() as f64)
+}
+
+fn status(
+    set: &SequencerShardSet,
+    stateful_set: &StatefulSet,
+    sample: Option<&Result<Sample, AdminError>>,
+    done: &[(Move, Result<u64, AdminError>)],
+    proposal: Option<ShardProposal>,
+    notes: &Notes,
+    now_ms: u64,
+) -> SequencerShardSetStatus {
+    let now = Timestamp::from_millisecond(now_ms as i64).unwrap_or(Timestamp::UNIX_EPOCH);
+    let previous = set.status.clone().unwrap_or_default();
+    let observed = stateful_set.status.clone().unwrap_or_default();
+    let wanted = set.spec.sequencers.replicas;
+    let running = stateful_set
+        .spec
+        .as_ref()
+        .and_then(|s| s.replicas)
+        .unwrap_or(0);
+    let ready = observed.ready_replicas.unwrap_or(0);
+    let sample = sample.and_then(|s| s.as_ref().ok());
+    let all_pods: BTreeSet<PodId> = sample
+        .map(|s| s.nodes.keys().cloned().collect())
+        .unwrap_or_default();
+    let mut recent_moves = previous.recent_moves.clone();
+    let at = now.to_string();
+    recent_moves.extend(done.iter().map(|(m, outcome)| RecordedMove {
+        shard: m.shard,
+        from: m.from.clone(),
+        to: m.to.clone(),
+        reason: m.reason.as_str().to_owned(),
+        outcome: match outcome {
+            Ok(epoch) => format!("epoch {epoch}"),
+            Err(e) => format!("failed: {e}"),
+        },
+        at: at.clone(),
+    }));
+    let excess = recent_moves.len().saturating_sub(RECENT_MOVES);
+    recent_moves.drain(..excess);
+    let failed = done.iter().filter(|(_, o)| o.is_err()).count();
+    let degraded = match (&notes.admin_error, failed) {
+        (Some(e), _) => Some((
+            "AdminUnavailable",
+            format!("the admin API did not answer: {e}"),
+        )),
+        (None, 0) => None,
+        (None, n) => Some(("MovesFailed", format!("{n} shard moves failed; see events"))),
+    };
+    let rebalancing = if !done.is_empty() {
+        (
+            true,
+            "Moving",
+            format!("{} shards moved in the last step", done.len()),
+        )
+    } else if let Some(why) = &notes.paused {
+        (false, "Paused", format!("load moves wait: {why}"))
+    } else if proposal.is_some() {
+        (
+            false,
+            "AwaitingApproval",
+            format!("approve with the annotation {APPROVE_ANNOTATION}"),
+        )
+    } else {
+        (false, "Balanced", "no move needed".to_owned())
+    };
+    let conditions = Conditions::new(&previous.conditions, set.metadata.generation, now)
+        .set(
+            ConditionType::Ready,
+            ready >= wanted && notes.admin_error.is_none(),
+            if ready >= wanted {
+                "Available"
+            } else {
+                "PodsNotReady"
+            },
+            &format!("{ready}/{wanted} sequencer pods ready"),
+        )
+        .set(
+            ConditionType::Progressing,
+            running != wanted || ready < running,
+            if running > wanted {
+                "Evacuating"
+            } else if ready < running {
+                "RollingOut"
+            } else {
+                "Settled"
+            },
+            &format!("{running} pods running for {wanted} wanted"),
+        )
+        .set(
+            ConditionType::Degraded,
+            degraded.is_some(),
+            degraded.as_ref().map_or("Healthy", |d| d.0),
+            degraded
+                .as_ref()
+                .map_or("every pod answers", |d| d.1.as_str()),
+        )
+        .set(
+            ConditionType::Rebalancing,
+            rebalancing.0,
+            rebalancing.1,
+            &rebalancing.2,
+        )
+        .into_vec();
+    SequencerShardSetStatus {
+        observed_generation: set.metadata.generation,
+        replicas: observed.replicas,
+        ready_replicas: ready,
+        max_over_mean: sample.map(|s| max_over_mean(s, &all_pods)),
+        pods: sample
+            .map(|s| pod_loads(s, &all_pods))
+            .unwrap_or(previous.pods),
+        recent_moves,
+        proposal,
+        conditions,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::SequencerShardSetSpec;
+    use crate::rebalance::ObservedShard;
+    use kube::core::ObjectMeta;
+
+    fn sample(owners: &[&str]) -> Sample {
+        Sample {
+            nodes: owners
+                .iter()
+                .map(|o| (o.to_string(), format!("{o}:7500")))
+                .collect(),
+            shards: owners
+                .iter()
+                .enumerate()
+                .map(|(shard, owner)| {
+                    (
+                        shard as u32,
+                        ObservedShard {
+                            owner: owner.to_string(),
+                            load: 1.0,
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    fn planned(shard: u32, from: &str, to: &str, reason: MoveReason) -> Move {
+        Move {
+            shard,
+            from: from.into(),
+            to: to.into(),
+            reason,
+        }
+    }
+
+    fn set_with_approval(approved: Option<&str>) -> SequencerShardSet {
+        SequencerShardSet {
+            metadata: ObjectMeta {
+                annotations: approved
+                    .map(|id| BTreeMap::from([(APPROVE_ANNOTATION.to_owned(), id.to_owned())])),
+                ..ObjectMeta::default()
+            },
+            spec: SequencerShardSetSpec {
+                cluster: "prod".into(),
+                shards: 4,
+                sequencers: Default::default(),
+            },
+            status: None,
+        }
+    }
+
+    #[test]
+    fn pods_past_the_wanted_ones_keep_running_while_they_hold_shards() {
+        let holding = sample(&["s-0", "s-0", "s-3"]);
+        assert_eq!(replicas_to_run("s", 2, &holding), 4);
+        let evacuated = sample(&["s-0", "s-1"]);
+        assert_eq!(replicas_to_run("s", 2, &evacuated), 2);
+        assert_eq!(ordinal_of("s", "s-12"), Some(12));
+        assert_eq!(ordinal_of("s", "other-1"), None);
+    }
+
+    #[test]
+    fn evacuations_run_in_every_mode_and_load_moves_only_in_auto() {
+        let moves = vec![
+            planned(1, "a", "b", MoveReason::Evacuate),
+            planned(2, "b", "c", MoveReason::Relieve),
+        ];
+        let (now, proposed) = split_by_mode(RebalanceMode::Auto, moves.clone());
+        assert_eq!((now.len(), proposed.len()), (2, 0));
+        let (now, proposed) = split_by_mode(RebalanceMode::Proposal, moves.clone());
+        assert_eq!((now[0].shard, proposed[0].shard), (1, 2));
+        let (now, proposed) = split_by_mode(RebalanceMode::Off, moves);
+        assert_eq!((now.len(), proposed.len()), (1, 0));
+    }
+
+    #[test]
+    fn an_approved_proposal_keeps_only_the_moves_still_valid() {
+        let moves = vec![
+            planned(0, "a", "b", MoveReason::Relieve),
+            planned(1, "a", "b", MoveReason::Fill),
+        ];
+        let proposal = ShardProposal {
+            id: proposal_id(&moves),
+            moves: moves.iter().map(proposed_move).collect(),
+        };
+        // Shard 1 moved to c meanwhile: only shard 0's move is still valid.
+        let now = sample(&["a", "c", "b"]);
+        let approved = approved_moves(
+            &set_with_approval(Some(&proposal.id)),
+            Some(&proposal),
+            &now,
+        );
+        assert_eq!(approved, Some(vec![moves[0].clone()]));
+        assert_eq!(
+            approved_moves(&set_with_approval(Some("other")), Some(&proposal), &now),
+            None,
+            "an annotation naming another proposal approves nothing"
+        );
+        assert_eq!(
+            approved_moves(&set_with_approval(None), Some(&proposal), &now),
+            None
+        );
+    }
+
+    #[test]
+    fn proposal_ids_name_the_moves() {
+        let a = vec![planned(0, "a", "b", MoveReason::Relieve)];
+        let b = vec![planned(0, "a", "c", MoveReason::Relieve)];
+        assert_eq!(proposal_id(&a), proposal_id(&a.clone()));
+        assert_ne!(proposal_id(&a), proposal_id(&b));
+    }
+}

@@ -1,0 +1,196 @@
+//! `CourierCluster`: one Courier deployment. It names the data plane's image, its storage and
+//! its secrets, and owns the pools that run it: with embedded storage, one `courier serve`
+//! pod (a development install); with FoundationDB, a [`GatewayPool`] and a
+//! [`SequencerShardSet`] that the operator creates from `gateways` and `sequencers`.
+//!
+//! [`GatewayPool`]: super::GatewayPool
+//! [`SequencerShardSet`]: super::SequencerShardSet
+
+use super::gateway_pool::GatewayPoolSettings;
+use super::shard_set::SequencerSettings;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// A Courier deployment.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "courier.dev",
+    version = "v1alpha1",
+    kind = "CourierCluster",
+    namespaced,
+    status = "CourierClusterStatus",
+    shortname = "courier",
+    category = "courier",
+    doc = "A Courier deployment: image, storage, secrets; owns its GatewayPool and SequencerShardSet.",
+    printcolumn = r#"{"name": "Storage", "type": "string", "jsonPath": ".status.storage"}"#,
+    printcolumn = r#"{"name": "Shards", "type": "integer", "jsonPath": ".spec.shards"}"#,
+    printcolumn = r#"{"name": "Ready", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.storage.embedded) || has(self.media)").message("a FoundationDB cluster runs several pods that must share media: set media.s3"))]
+pub struct CourierClusterSpec {
+    /// The data plane's container image (the `courier` binary), e.g.
+    /// `ghcr.io/courier-chat/courier:0.1.0`.
+    #[schemars(length(min = 1))]
+    pub image: String,
+    /// Where messages are kept: `embedded` (one pod, a development install) or `foundationDb`.
+    pub storage: Storage,
+    /// The Secret key holding the client token (JWT HS256) secret; every pod verifies client
+    /// tokens with it.
+    pub jwt_secret: SecretKeyRef,
+    /// Where media bytes go. Without it they stay on the pod's volume, which only an embedded
+    /// (single-pod) cluster may do.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub media: Option<MediaStore>,
+    /// A Secret whose keys are push provider settings as `COURIER_*` environment variables
+    /// (e.g. `COURIER_FCM_PROJECT`, `COURIER_PUSH_WEBHOOK_URL`); it is also mounted at
+    /// `/etc/courier/push` for key files (`COURIER_APNS_KEY_FILE=/etc/courier/push/apns.p8`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub push_secret: Option<String>,
+    /// Logical sequencer shards, fixed when the store is created (it cannot change later).
+    #[serde(default = "default_shards")]
+    #[schemars(range(min = 1, max = 65536))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("shards is immutable: the store was created with this many logical shards"))]
+    pub shards: u32,
+    /// The gateway pods (FoundationDB storage only).
+    #[serde(default)]
+    pub gateways: GatewayPoolSettings,
+    /// The sequencer pods (FoundationDB storage only).
+    #[serde(default)]
+    pub sequencers: SequencerSettings,
+    /// The fanout pods (FoundationDB storage only).
+    #[serde(default)]
+    pub fanout: FanoutSettings,
+}
+
+/// The fanout pods: they deliver committed events to the gateways holding the recipients.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FanoutSettings {
+    /// Fanout pods; the shards' outboxes are split evenly between them.
+    #[serde(default = "default_fanout_replicas")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub replicas: i32,
+    /// CPU and memory of each fanout pod (and of the push notifier's pod).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<k8s_openapi::api::core::v1::ResourceRequirements>,
+}
+
+impl Default for FanoutSettings {
+    fn default() -> Self {
+        Self {
+            replicas: default_fanout_replicas(),
+            resources: None,
+        }
+    }
+}
+
+fn default_fanout_replicas() -> i32 {
+    2
+}
+
+fn default_shards() -> u32 {
+    1024
+}
+
+/// Exactly one storage.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.embedded) != has(self.foundationDb)").message("set exactly one of storage.embedded (one pod, development) or storage.foundationDb (production)"))]
+pub struct Storage {
+    /// The embedded engine on a persistent volume of one `courier serve` pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub embedded: Option<EmbeddedStorage>,
+    /// A FoundationDB cluster every pod reaches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub foundation_db: Option<FoundationDbStorage>,
+}
+
+/// The embedded engine on a volume.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EmbeddedStorage {
+    /// Size of the volume claim, e.g. `10Gi`.
+    #[serde(default = "default_volume_size")]
+    #[schemars(regex(pattern = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$"))]
+    pub size: String,
+    /// The storage class of the claim (default: the cluster's default class).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_class_name: Option<String>,
+}
+
+fn default_volume_size() -> String {
+    "10Gi".to_owned()
+}
+
+/// A FoundationDB cluster, and the token the Courier pods share.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FoundationDbStorage {
+    /// The Secret key holding the FoundationDB cluster file (`fdb.cluster`).
+    pub cluster_file_secret: SecretKeyRef,
+    /// The Secret key holding the cluster token (at least 32 bytes) that authenticates the
+    /// pods' internal gRPC to each other.
+    pub cluster_token_secret: SecretKeyRef,
+}
+
+/// A key of a Secret in the cluster's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    /// The Secret's name.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// The key in the Secret.
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+/// Object storage for media.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MediaStore {
+    /// An S3-compatible bucket.
+    pub s3: S3MediaStore,
+}
+
+/// An S3-compatible bucket for media.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct S3MediaStore {
+    /// The bucket's name.
+    #[schemars(length(min = 3, max = 63))]
+    pub bucket: String,
+    /// A Secret with the bucket's credentials as environment variables (`AWS_ACCESS_KEY_ID`,
+    /// `AWS_SECRET_ACCESS_KEY`, and optionally `AWS_REGION`, `AWS_ENDPOINT`).
+    pub credentials_secret: String,
+}
+
+/// What the operator last saw of a cluster.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CourierClusterStatus {
+    /// The generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `embedded` or `foundationDb`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<String>,
+    /// Ready, Progressing, Degraded.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+}
+
+impl Storage {
+    /// The storage's name as shown in the status: `embedded` or `foundationDb`.
+    pub fn kind_name(&self) -> &'static str {
+        if self.embedded.is_some() {
+            "embedded"
+        } else {
+            "foundationDb"
+        }
+    }
+}

@@ -1,0 +1,106 @@
+//! Status conditions shared by every Courier resource: the four types the issue names, set
+//! with a reason and a message, and their transition time kept while the status stays the same.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+/// The condition types of Courier resources.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ConditionType {
+    /// Every workload of the resource is available.
+    Ready,
+    /// The operator is rolling something out (pods created, replaced or removed).
+    Progressing,
+    /// Something needs a person: a bad reference, a failed move, a workload that cannot start.
+    Degraded,
+    /// Shards are being moved between sequencer pods.
+    Rebalancing,
+}
+
+impl ConditionType {
+    /// The `type` field of the condition.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConditionType::Ready => "Ready",
+            ConditionType::Progressing => "Progressing",
+            ConditionType::Degraded => "Degraded",
+            ConditionType::Rebalancing => "Rebalancing",
+        }
+    }
+}
+
+/// Builds the condition list of a status from the previous one.
+#[derive(Debug, Clone)]
+pub struct Conditions {
+    previous: Vec<Condition>,
+    next: Vec<Condition>,
+    generation: Option<i64>,
+    now: Timestamp,
+}
+
+impl Conditions {
+    /// Conditions for the object at `generation`, starting from `previous` (the current status).
+    pub fn new(previous: &[Condition], generation: Option<i64>, now: Timestamp) -> Self {
+        Self {
+            previous: previous.to_vec(),
+            next: Vec::new(),
+            generation,
+            now,
+        }
+    }
+
+    /// Sets `kind` to `status` with a CamelCase `reason` and a sentence for people. The
+    /// transition time moves only when the status changes.
+    pub fn set(mut self, kind: ConditionType, status: bool, reason: &str, message: &str) -> Self {
+        let status = if status { "True" } else { "False" };
+        let last_transition_time = self
+            .previous
+            .iter()
+            .find(|c| c.type_ == kind.as_str() && c.status == status)
+            .map(|c| c.last_transition_time.clone())
+            .unwrap_or(Time(self.now));
+        self.next.retain(|c| c.type_ != kind.as_str());
+        self.next.push(Condition {
+            type_: kind.as_str().to_owned(),
+            status: status.to_owned(),
+            reason: reason.to_owned(),
+            message: message.to_owned(),
+            observed_generation: self.generation,
+            last_transition_time,
+        });
+        self
+    }
+
+    /// The conditions, in the order they were set.
+    pub fn into_vec(self) -> Vec<Condition> {
+        self.next
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(seconds: i64) -> Timestamp {
+        Timestamp::from_second(seconds).unwrap()
+    }
+
+    #[test]
+    fn the_transition_time_moves_only_when_the_status_changes() {
+        let first = Conditions::new(&[], Some(1), at(100))
+            .set(ConditionType::Ready, false, "Starting", "pods are starting")
+            .into_vec();
+        let same = Conditions::new(&first, Some(2), at(200))
+            .set(ConditionType::Ready, false, "Starting", "still starting")
+            .into_vec();
+        assert_eq!(same[0].last_transition_time, Time(at(100)));
+        assert_eq!(same[0].observed_generation, Some(2));
+        assert_eq!(same[0].message, "still starting");
+        let changed = Conditions::new(&same, Some(2), at(300))
+            .set(ConditionType::Ready, true, "Available", "all pods ready")
+            .into_vec();
+        assert_eq!(changed[0].last_transition_time, Time(at(300)));
+        assert_eq!(changed[0].status, "True");
+    }
+}

@@ -1,0 +1,168 @@
+//! `courier-operator`: runs the controllers (one replica at a time writes, elected with a
+//! Lease), or writes the CRDs.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use courier_operator::controllers::{Context, cluster, gateway_pool, shard_set};
+use courier_operator::crd::{CourierCluster, GatewayPool, SequencerShardSet};
+use courier_operator::data_plane::NetworkDataPlane;
+use courier_operator::metrics::{Metrics, serve};
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use kube::runtime::{Controller, watcher};
+use kube::{Api, Client};
+use kube_lease_manager::LeaseManagerBuilder;
+
+#[derive(Parser)]
+#[command(
+    name = "courier-operator",
+    version,
+    about = "The Courier Kubernetes operator"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the controllers (in a pod: needs the service account of the chart).
+    Run {
+        /// Where `/metrics` and `/healthz` listen.
+        #[arg(long, env = "COURIER_OPERATOR_LISTEN", default_value = "0.0.0.0:8080")]
+        listen: SocketAddr,
+        /// The namespace of the leader-election Lease (the operator's own).
+        #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+        lease_namespace: String,
+        /// This replica's identity in the Lease (its pod name).
+        #[arg(long, env = "POD_NAME")]
+        identity: String,
+    },
+    /// Write the CRDs as YAML files into a directory (the chart's `crds/`), or check that the
+    /// files there match the Rust types (`--check`, for CI).
+    Crds {
+        /// The directory of the CRD files.
+        #[arg(long, default_value = "charts/courier/crds")]
+        dir: PathBuf,
+        /// Fail, naming the files that differ, instead of writing.
+        #[arg(long)]
+        check: bool,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Crds { dir, check } => write_crds(&dir, check),
+        Command::Run {
+            listen,
+            lease_namespace,
+            identity,
+        } => {
+            tracing_subscriber::fmt()
+                .json()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| "info".into()),
+                )
+                .init();
+            tokio::runtime::Runtime::new()?.block_on(run(listen, lease_namespace, identity))
+        }
+    }
+}
+
+/// Serves metrics at once; runs the controllers while this replica holds the Lease, and exits
+/// when it loses it (the pod restarts as a follower).
+async fn run(listen: SocketAddr, lease_namespace: String, identity: String) -> anyhow::Result<()> {
+    let client = Client::try_default().await?;
+    let metrics = Arc::new(Metrics::new());
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let server = tokio::spawn(serve(listener, metrics.clone()));
+    let manager = LeaseManagerBuilder::new(client.clone(), "courier-operator")
+        .with_namespace(lease_namespace)
+        .with_identity(identity)
+        .build()
+        .await?;
+    let (mut leader, lease_task) = manager.watch().await;
+    while !*leader.borrow_and_update() {
+        leader.changed().await?;
+    }
+    tracing::info!("leading: starting the controllers");
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        Arc::new(NetworkDataPlane::new()?),
+        metrics,
+    ));
+    let controllers = run_controllers(client, ctx);
+    tokio::select! {
+        () = controllers => anyhow::bail!("the controllers stopped"),
+        lost = async { while *leader.borrow() { if leader.changed().await.is_err() { break; } } } => {
+            let () = lost;
+            lease_task.abort();
+            anyhow::bail!("lost the leader Lease; exiting so that only the leader writes")
+        }
+        served = server => anyhow::bail!("the metrics server stopped: {served:?}"),
+    }
+}
+
+/// The three controllers, watching their resources and what they own.
+async fn run_controllers(client: Client, ctx: Arc<Context>) {
+    let config = watcher::Config::default().any_semantic();
+    let clusters = Controller::new(Api::<CourierCluster>::all(client.clone()), config.clone())
+        .owns(Api::<StatefulSet>::all(client.clone()), config.clone())
+        .owns(Api::<Deployment>::all(client.clone()), config.clone())
+        .owns(Api::<GatewayPool>::all(client.clone()), config.clone())
+        .owns(
+            Api::<SequencerShardSet>::all(client.clone()),
+            config.clone(),
+        )
+        .shutdown_on_signal()
+        .run(cluster::reconcile, cluster::error_policy, ctx.clone())
+        .for_each(|_| async {});
+    let pools = Controller::new(Api::<GatewayPool>::all(client.clone()), config.clone())
+        .owns(Api::<Deployment>::all(client.clone()), config.clone())
+        .shutdown_on_signal()
+        .run(
+            gateway_pool::reconcile,
+            gateway_pool::error_policy,
+            ctx.clone(),
+        )
+        .for_each(|_| async {});
+    let shard_sets = Controller::new(
+        Api::<SequencerShardSet>::all(client.clone()),
+        config.clone(),
+    )
+    .owns(Api::<StatefulSet>::all(client), config)
+    .shutdown_on_signal()
+    .run(shard_set::reconcile, shard_set::error_policy, ctx)
+    .for_each(|_| async {});
+    futures::join!(clusters, pools, shard_sets);
+}
+
+/// Writes (or checks) the CRD files in `dir`.
+fn write_crds(dir: &Path, check: bool) -> anyhow::Result<()> {
+    let files = courier_operator::crd::yaml_files()?;
+    if check {
+        let stale: Vec<String> = files
+            .iter()
+            .filter(|(name, body)| {
+                std::fs::read_to_string(dir.join(name)).ok().as_deref() != Some(body.as_str())
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        anyhow::ensure!(
+            stale.is_empty(),
+            "CRD files in {} differ from the Rust types: {}; run `cargo run -p courier-operator -- crds`",
+            dir.display(),
+            stale.join(", ")
+        );
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir)?;
+    for (name, body) in files {
+        std::fs::write(dir.join(&name), body)?;
+    }
+    Ok(())
+}

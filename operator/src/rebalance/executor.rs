@@ -1,0 +1,317 @@
+//! The rebalancer's hands: reads every sequencer node's shards and loads through the data
+//! plane's admin API (`ListNodes`, `ListShards`) and carries moves out with `MoveShard` on the
+//! source node, which freezes the shard, flips owner and epoch in one store commit, and
+//! returns once the target serves it.
+//!
+//! Every call carries the cluster token and has a deadline; a node that does not answer makes
+//! the sample fail (a partial view could make the planner move shards onto a node that is
+//! down), and a failed move is reported with its cause and left to the next plan.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use courier_rpc::ClusterToken;
+use courier_rpc::auth::AttachToken;
+use courier_rpc::proto::admin_client::AdminClient;
+use courier_rpc::proto::{DrainRequest, ListNodesRequest, ListShardsRequest, MoveShardRequest};
+use futures::future::join_all;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+
+use super::planner::{ClusterView, Move, ObservedShard, PodId, Rebalancer};
+
+/// The role a node registers to serve shards.
+const SEQUENCER_ROLE: &str = "sequencer";
+
+/// A failed admin call.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// The node's address is not a valid URI.
+    #[error("the admin address {address:?} is not valid: {source}")]
+    Address {
+        /// The address as given.
+        address: String,
+        /// Why.
+        source: tonic::transport::Error,
+    },
+    /// No connection could be made.
+    #[error("cannot reach the admin API at {address}: {source}")]
+    Connect {
+        /// The node's internal address.
+        address: String,
+        /// Why.
+        source: tonic::transport::Error,
+    },
+    /// The call was answered with an error.
+    #[error("{call} on {address} failed: {status}")]
+    Call {
+        /// The RPC.
+        call: &'static str,
+        /// The node's internal address.
+        address: String,
+        /// The node's answer.
+        status: Box<tonic::Status>,
+    },
+    /// None of the seed addresses answered `ListNodes`.
+    #[error("no seed address answered ListNodes (tried {tried}); last error: {last}")]
+    NoSeed {
+        /// The addresses tried.
+        tried: String,
+        /// The last failure.
+        last: Box<AdminError>,
+    },
+    /// A move names a node that is not a live sequencer node.
+    #[error("node {0} is not a live sequencer node")]
+    UnknownNode(String),
+}
+
+/// What the operator asks of a cluster's sequencer nodes: implemented over gRPC by
+/// [`AdminApi`], and by fakes in tests.
+#[async_trait::async_trait]
+pub trait ShardAdmin: Send + Sync {
+    /// Every live sequencer node's shards and loads.
+    async fn sample(&self) -> Result<Sample, AdminError>;
+    /// Moves `planned.shard` from `planned.from` to `planned.to`; returns the new epoch once
+    /// the target serves it.
+    async fn move_shard(&self, sample: &Sample, planned: &Move) -> Result<u64, AdminError>;
+    /// Makes `node` stop taking shards and release those it owns; returns the released ones.
+    async fn drain(&self, sample: &Sample, node: &str) -> Result<Vec<u32>, AdminError>;
+}
+
+/// The admin API of a cluster's sequencer nodes.
+#[derive(Debug, Clone)]
+pub struct AdminApi {
+    token: ClusterToken,
+    timeout: Duration,
+    /// Addresses (`host:port`) to ask for the node list; any sequencer node answers.
+    seeds: Vec<String>,
+}
+
+type Admin = AdminClient<InterceptedService<Channel, AttachToken>>;
+
+/// What one sample saw: the live sequencer nodes and their addresses, and every owned shard.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Sample {
+    /// Live sequencer nodes by id, with their internal address.
+    pub nodes: BTreeMap<PodId, String>,
+    /// Every shard a live node owns, with its load.
+    pub shards: BTreeMap<u32, ObservedShard>,
+}
+
+impl Sample {
+    /// The planner's view: the shards as sampled, held by `pods` (default: every live node).
+    pub fn view(&self, pods: Option<&BTreeSet<PodId>>) -> ClusterView {
+        ClusterView {
+            pods: pods
+                .cloned()
+                .unwrap_or_else(|| self.nodes.keys().cloned().collect()),
+            shards: self.shards.clone(),
+        }
+    }
+}
+
+impl AdminApi {
+    /// The admin API reached through `seeds` (`host:port` of sequencer nodes, e.g. the
+    /// sequencers' headless Service), each call bounded by `timeout`.
+    pub fn new(token: ClusterToken, seeds: Vec<String>, timeout: Duration) -> Self {
+        AdminApi {
+            token,
+            timeout,
+            seeds,
+        }
+    }
+
+    async fn client(&self, address: &str) -> Result<Admin, AdminError> {
+        let endpoint = Endpoint::from_shared(format!("http://{address}"))
+            .map_err(|source| AdminError::Address {
+                address: address.to_owned(),
+                source,
+            })?
+            .connect_timeout(self.timeout)
+            .timeout(self.timeout);
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|source| AdminError::Connect {
+                address: address.to_owned(),
+                source,
+            })?;
+        Ok(AdminClient::with_interceptor(
+            channel,
+            AttachToken::new(self.token.clone()),
+        ))
+    }
+
+    /// The live sequencer nodes and their addresses, from the first seed that answers.
+    pub async fn sequencers(&self) -> Result<BTreeMap<PodId, String>, AdminError> {
+        let mut last = None;
+        for seed in &self.seeds {
+            match self.list_nodes(seed).await {
+                Ok(nodes) => return Ok(nodes),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(AdminError::NoSeed {
+            tried: self.seeds.join(", "),
+            last: Box::new(last.unwrap_or(AdminError::UnknownNode("(no seeds)".into()))),
+        })
+    }
+
+    async fn list_nodes(&self, address: &str) -> Result<BTreeMap<PodId, String>, AdminError> {
+        let nodes = self
+            .client(address)
+            .await?
+            .list_nodes(ListNodesRequest {})
+            .await
+            .map_err(|status| call_error("ListNodes", address, status))?
+            .into_inner()
+            .nodes;
+        Ok(nodes
+            .into_iter()
+            .filter(|node| node.live && node.roles.iter().any(|r| r == SEQUENCER_ROLE))
+            .map(|node| (node.id, node.address))
+            .collect())
+    }
+
+    /// Every live sequencer node's shards and loads, read concurrently.
+    async fn read_sample(&self) -> Result<Sample, AdminError> {
+        let nodes = self.sequencers().await?;
+        let answers = join_all(nodes.iter().map(|(id, address)| async move {
+            let shards = self
+                .client(address)
+                .await?
+                .list_shards(ListShardsRequest {})
+                .await
+                .map_err(|status| call_error("ListShards", address, status))?
+                .into_inner()
+                .shards;
+            Ok::<_, AdminError>((id.clone(), shards))
+        }))
+        .await;
+        let mut shards = BTreeMap::new();
+        for answer in answers {
+            let (owner, owned) = answer?;
+            for shard in owned {
+                shards.insert(
+                    shard.shard,
+                    ObservedShard {
+                        owner: owner.clone(),
+                        load: shard.appends_per_sec,
+                    },
+                );
+            }
+        }
+        Ok(Sample { nodes, shards })
+    }
+
+    fn address<'a>(sample: &'a Sample, node: &str) -> Result<&'a str, AdminError> {
+        sample
+            .nodes
+            .get(node)
+            .map(String::as_str)
+            .ok_or_else(|| AdminError::UnknownNode(node.to_owned()))
+    }
+}
+
+#[async_trait::async_trait]
+impl ShardAdmin for AdminApi {
+    async fn sample(&self) -> Result<Sample, AdminError> {
+        self.read_sample().await
+    }
+
+    async fn move_shard(&self, sample: &Sample, planned: &Move) -> Result<u64, AdminError> {
+        if !sample.nodes.contains_key(&planned.to) {
+            return Err(AdminError::UnknownNode(planned.to.clone()));
+        }
+        let address = Self::address(sample, &planned.from)?;
+        let moved = self
+            .client(address)
+            .await?
+            .move_shard(MoveShardRequest {
+                shard: planned.shard,
+                to: planned.to.clone(),
+            })
+            .await
+            .map_err(|status| call_error("MoveShard", address, status))?;
+        Ok(moved.into_inner().epoch)
+    }
+
+    async fn drain(&self, sample: &Sample, node: &str) -> Result<Vec<u32>, AdminError> {
+        let address = Self::address(sample, node)?;
+        let drained = self
+            .client(address)
+            .await?
+            .drain(DrainRequest {})
+            .await
+            .map_err(|status| call_error("Drain", address, status))?;
+        Ok(drained.into_inner().released)
+    }
+}
+
+fn call_error(call: &'static str, address: &str, status: tonic::Status) -> AdminError {
+    AdminError::Call {
+        call,
+        address: address.to_owned(),
+        status: Box::new(status),
+    }
+}
+
+/// What one rebalancing step did.
+#[derive(Debug, Default)]
+pub struct Step {
+    /// The view the plan was made from.
+    pub view: ClusterView,
+    /// The moves planned (carried out only when the step was told to).
+    pub planned: Vec<Move>,
+    /// The moves carried out, with the new epoch or the failure.
+    pub done: Vec<(Move, Result<u64, AdminError>)>,
+}
+
+/// Samples the loads, folds them into `rebalancer`, plans, and (when `execute`) carries the
+/// moves out concurrently (see [`carry_out`]). `pods` are the pods meant to hold shards (default: every live
+/// sequencer node); `now_ms` is read when the plan is made and again as each move ends.
+pub async fn step(
+    rebalancer: &mut Rebalancer,
+    api: &dyn ShardAdmin,
+    pods: Option<&BTreeSet<PodId>>,
+    execute: bool,
+    now_ms: impl Fn() -> u64,
+) -> Result<Step, AdminError> {
+    let sample = api.sample().await?;
+    let view = sample.view(pods);
+    rebalancer.observe(&view);
+    let planned = rebalancer.plan(&view, now_ms());
+    if !execute {
+        return Ok(Step {
+            view,
+            planned,
+            done: Vec::new(),
+        });
+    }
+    let done = carry_out(rebalancer, api, &sample, &planned, now_ms).await;
+    Ok(Step {
+        view,
+        planned,
+        done,
+    })
+}
+
+/// Carries `moves` out concurrently, recording each in `rebalancer` as it starts and ends.
+pub async fn carry_out(
+    rebalancer: &mut Rebalancer,
+    api: &dyn ShardAdmin,
+    sample: &Sample,
+    moves: &[Move],
+    now_ms: impl Fn() -> u64,
+) -> Vec<(Move, Result<u64, AdminError>)> {
+    for planned in moves {
+        rebalancer.started(planned);
+    }
+    let outcomes = join_all(moves.iter().map(|m| api.move_shard(sample, m))).await;
+    let mut done = Vec::new();
+    for (planned, outcome) in moves.iter().zip(outcomes) {
+        rebalancer.finished(planned, now_ms());
+        done.push((planned.clone(), outcome));
+    }
+    done
+}

@@ -1,0 +1,184 @@
+//! A FoundationDB cluster's delivery workloads, owned by the `CourierCluster`:
+//!
+//! - `<cluster>-fanout`: fanout nodes (`courier node --roles fanout`), any number; they split
+//!   the shards' outboxes between them by delivery leases and hand events to the gateways;
+//! - `<cluster>-push` (with `pushSecret` only): the push notifier, which the data plane runs on
+//!   one node with a client port of its own (a second is refused at start), so one pod,
+//!   replaced old-first. It is not behind the client Service.
+
+use k8s_openapi::api::apps::v1::Deployment;
+
+use super::gateways::{self, DRAIN_SECONDS};
+use super::pod::{self, Component, HTTP_PORT, INTERNAL_PORT, Shutdown};
+use super::{RenderError, Rollout, child_meta, deployment, name_and_namespace, owner_reference};
+use crate::crd::CourierCluster;
+
+/// A fanout node hands its leases back on SIGTERM within seconds.
+const FANOUT_SHUTDOWN: Shutdown = Shutdown {
+    pre_stop_sleep_seconds: 2,
+    grace_seconds: 40,
+};
+
+/// The roles of the push notifier's pod.
+pub const PUSH_ROLES: &str = "gateway,chat,media,push";
+
+/// The name of `cluster`'s fanout Deployment.
+pub fn fanout_name(cluster: &str) -> String {
+    format!("{cluster}-fanout")
+}
+
+/// The name of `cluster`'s push notifier Deployment.
+pub fn push_name(cluster: &str) -> String {
+    format!("{cluster}-push")
+}
+
+/// `courier node` arguments of a pod of `roles` reached at its pod IP.
+fn node_args(roles: &str, extra: &[String]) -> Vec<String> {
+    let mut args = vec![
+        "node".to_owned(),
+        "--roles".to_owned(),
+        roles.to_owned(),
+        "--node-id".to_owned(),
+        "$(POD_NAME)".to_owned(),
+        "--listen".to_owned(),
+        format!("0.0.0.0:{HTTP_PORT}"),
+        "--internal-listen".to_owned(),
+        format!("0.0.0.0:{INTERNAL_PORT}"),
+        "--advertise".to_owned(),
+        format!("$(POD_IP):{INTERNAL_PORT}"),
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
+/// The fanout Deployment of `cluster`.
+pub fn fanout(cluster: &CourierCluster) -> Result<Deployment, RenderError> {
+    let (name, namespace) = name_and_namespace(cluster)?;
+    let settings = &cluster.spec.fanout;
+    let template = pod::template(
+        cluster,
+        Component::Fanout,
+        node_args("fanout", &[]),
+        settings.resources.clone(),
+        FANOUT_SHUTDOWN,
+    );
+    let meta = child_meta(
+        &fanout_name(&name),
+        &namespace,
+        &name,
+        Component::Fanout,
+        owner_reference(cluster)?,
+    );
+    Ok(deployment(
+        meta,
+        &name,
+        Component::Fanout,
+        settings.replicas,
+        template,
+        Rollout::Surge,
+    ))
+}
+
+/// The push notifier's Deployment of `cluster`, if it has push providers (`pushSecret`).
+pub fn push(cluster: &CourierCluster) -> Result<Option<Deployment>, RenderError> {
+    if cluster.spec.push_secret.is_none() {
+        return Ok(None);
+    }
+    let (name, namespace) = name_and_namespace(cluster)?;
+    let drain = ["--drain-timeout".to_owned(), format!("{DRAIN_SECONDS}s")];
+    let template = pod::template(
+        cluster,
+        Component::Push,
+        node_args(PUSH_ROLES, &drain),
+        cluster.spec.fanout.resources.clone(),
+        gateways::SHUTDOWN,
+    );
+    let meta = child_meta(
+        &push_name(&name),
+        &namespace,
+        &name,
+        Component::Push,
+        owner_reference(cluster)?,
+    );
+    Ok(Some(deployment(
+        meta,
+        &name,
+        Component::Push,
+        1,
+        template,
+        Rollout::Recreate,
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::{CourierClusterSpec, FoundationDbStorage, SecretKeyRef, Storage};
+    use kube::core::ObjectMeta;
+
+    fn cluster(push_secret: Option<&str>) -> CourierCluster {
+        let secret = |name: &str| SecretKeyRef {
+            name: name.into(),
+            key: "k".into(),
+        };
+        let mut cluster = CourierCluster::new(
+            "prod",
+            CourierClusterSpec {
+                image: "courier:1".into(),
+                storage: Storage {
+                    embedded: None,
+                    foundation_db: Some(FoundationDbStorage {
+                        cluster_file_secret: secret("fdb"),
+                        cluster_token_secret: secret("tok"),
+                    }),
+                },
+                jwt_secret: secret("jwt"),
+                media: None,
+                push_secret: push_secret.map(str::to_owned),
+                shards: 64,
+                gateways: Default::default(),
+                sequencers: Default::default(),
+                fanout: Default::default(),
+            },
+        );
+        cluster.metadata = ObjectMeta {
+            name: Some("prod".into()),
+            namespace: Some("chat".into()),
+            uid: Some("uid".into()),
+            ..ObjectMeta::default()
+        };
+        cluster
+    }
+
+    fn args(deployment: &Deployment) -> Vec<String> {
+        let spec = deployment.spec.as_ref().unwrap();
+        spec.template.spec.as_ref().unwrap().containers[0]
+            .args
+            .clone()
+            .unwrap()
+    }
+
+    #[test]
+    fn the_push_notifier_is_one_pod_replaced_old_first_and_only_with_push_providers() {
+        assert!(push(&cluster(None)).unwrap().is_none());
+        let push = push(&cluster(Some("push"))).unwrap().unwrap();
+        assert_eq!(push.metadata.name.as_deref(), Some("prod-push"));
+        let spec = push.spec.as_ref().unwrap();
+        assert_eq!(spec.replicas, Some(1));
+        assert_eq!(
+            spec.strategy.as_ref().unwrap().type_.as_deref(),
+            Some("Recreate")
+        );
+        assert_eq!(args(&push)[2..5], ["node", "--roles", PUSH_ROLES]);
+        let labels = spec.selector.match_labels.as_ref().unwrap();
+        assert_eq!(labels["app.kubernetes.io/component"], "push");
+    }
+
+    #[test]
+    fn fanout_pods_run_the_fanout_role_alone() {
+        let fanout = fanout(&cluster(None)).unwrap();
+        assert_eq!(fanout.metadata.name.as_deref(), Some("prod-fanout"));
+        assert_eq!(fanout.spec.as_ref().unwrap().replicas, Some(2));
+        assert_eq!(args(&fanout)[2..5], ["node", "--roles", "fanout"]);
+    }
+}

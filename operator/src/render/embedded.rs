@@ -1,0 +1,108 @@
+//! An embedded-storage cluster: one `courier serve` pod (every role, the embedded store on a
+//! persistent volume) in a StatefulSet of one, and the client Service. A development install:
+//! it does not scale, and a pod restart is a short outage.
+
+use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
+use k8s_openapi::api::core::v1::{
+    PersistentVolumeClaim, PersistentVolumeClaimSpec, Service, VolumeResourceRequirements,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use std::collections::BTreeMap;
+
+use super::pod::{self, Component, HTTP_PORT, Shutdown};
+use super::{RenderError, ServiceKind, child_meta, name_and_namespace, owner_reference, service};
+use crate::crd::CourierCluster;
+
+/// `courier serve` drains for up to 25 s on SIGTERM; the grace adds the preStop and a margin.
+const SHUTDOWN: Shutdown = Shutdown {
+    pre_stop_sleep_seconds: 5,
+    grace_seconds: 45,
+};
+
+/// The objects of an embedded cluster.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EmbeddedChildren {
+    /// One `courier serve` pod with its volume.
+    pub stateful_set: StatefulSet,
+    /// The client Service.
+    pub service: Service,
+}
+
+/// The objects of `cluster`, which must have embedded storage.
+pub fn build(cluster: &CourierCluster) -> Result<EmbeddedChildren, RenderError> {
+    let (name, namespace) = name_and_namespace(cluster)?;
+    let owner = owner_reference(cluster)?;
+    let storage = cluster
+        .spec
+        .storage
+        .embedded
+        .as_ref()
+        .ok_or(RenderError::Incomplete {
+            kind: "CourierCluster".to_owned(),
+            field: "spec.storage.embedded",
+        })?;
+    let args = ["serve", "--listen", "0.0.0.0:8080"]
+        .map(str::to_owned)
+        .to_vec();
+    let template = pod::template(
+        cluster,
+        Component::Server,
+        args,
+        cluster.spec.gateways.resources.clone(),
+        SHUTDOWN,
+    );
+    let claim = PersistentVolumeClaim {
+        metadata: ObjectMeta {
+            name: Some("data".to_owned()),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PersistentVolumeClaimSpec {
+            access_modes: Some(vec!["ReadWriteOnce".to_owned()]),
+            storage_class_name: storage.storage_class_name.clone(),
+            resources: Some(VolumeResourceRequirements {
+                requests: Some(BTreeMap::from([(
+                    "storage".to_owned(),
+                    Quantity(storage.size.clone()),
+                )])),
+                ..VolumeResourceRequirements::default()
+            }),
+            ..PersistentVolumeClaimSpec::default()
+        }),
+        ..PersistentVolumeClaim::default()
+    };
+    let meta = child_meta(&name, &namespace, &name, Component::Server, owner);
+    let stateful_set = StatefulSet {
+        metadata: meta.clone(),
+        spec: Some(StatefulSetSpec {
+            replicas: Some(1),
+            service_name: Some(name.clone()),
+            selector: pod::selector(&name, Component::Server),
+            template: without_data_volume(template),
+            volume_claim_templates: Some(vec![claim]),
+            ..StatefulSetSpec::default()
+        }),
+        ..StatefulSet::default()
+    };
+    let service = service(
+        meta,
+        &name,
+        Component::Server,
+        &[("http", HTTP_PORT, None)],
+        ServiceKind::Typed(cluster.spec.gateways.service_type.as_str()),
+    );
+    Ok(EmbeddedChildren {
+        stateful_set,
+        service,
+    })
+}
+
+/// The template without its `data` volume: the claim template of the same name provides it.
+fn without_data_volume(
+    mut template: k8s_openapi::api::core::v1::PodTemplateSpec,
+) -> k8s_openapi::api::core::v1::PodTemplateSpec {
+    if let Some(volumes) = template.spec.as_mut().and_then(|s| s.volumes.as_mut()) {
+        volumes.retain(|v| v.name != "data");
+    }
+    template
+}

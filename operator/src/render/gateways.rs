@@ -1,0 +1,106 @@
+//! A gateway pool's objects: a Deployment of pods serving the client port (the data plane runs
+//! gateway, chat and media together) behind the client Service, and a PodDisruptionBudget
+//! keeping at most 10 % of them down. Any number of gateway pods may run; fanout and the push
+//! notifier run in pods of their own ([`super::delivery`]).
+//!
+//! Scale-down drains a pod before it goes: the pod the autoscaler picked carries the lowest
+//! `controller.kubernetes.io/pod-deletion-cost`; on deletion the native `preStop` sleep lets
+//! the endpoints drop it, then SIGTERM makes the gateway tell its clients to reconnect
+//! elsewhere (`--drain-timeout`), within a grace period of sleep + drain + margin.
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use super::pod::{self, Component, HTTP_PORT, INTERNAL_PORT, Shutdown};
+use super::{
+    RenderError, Rollout, ServiceKind, child_meta, deployment, disruption_budget,
+    name_and_namespace, owner_reference, service,
+};
+use crate::crd::{CourierCluster, GatewayPool};
+
+/// The roles of a gateway pod: the client port.
+pub const CLIENT_ROLES: &str = "gateway,chat,media";
+
+/// How long a gateway spends telling its clients to reconnect elsewhere on SIGTERM.
+pub const DRAIN_SECONDS: i64 = 90;
+
+/// The preStop sleep, the drain and 15 s of margin.
+pub const SHUTDOWN: Shutdown = Shutdown {
+    pre_stop_sleep_seconds: 5,
+    grace_seconds: 5 + DRAIN_SECONDS + 15,
+};
+
+/// The objects of a gateway pool.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GatewayChildren {
+    /// The gateway pods.
+    pub deployment: Deployment,
+    /// The client Service, named after the cluster.
+    pub service: Service,
+    /// At most 10 % of the pods down at once.
+    pub disruption_budget: PodDisruptionBudget,
+}
+
+/// The objects of `pool` (a pool of `cluster`) running `replicas` pods.
+pub fn build(
+    pool: &GatewayPool,
+    cluster: &CourierCluster,
+    replicas: i32,
+) -> Result<GatewayChildren, RenderError> {
+    let (name, namespace) = name_and_namespace(pool)?;
+    let owner = owner_reference(pool)?;
+    let cluster_name = pool.spec.cluster.clone();
+    let args = vec![
+        "node".to_owned(),
+        "--roles".to_owned(),
+        CLIENT_ROLES.to_owned(),
+        "--node-id".to_owned(),
+        "$(POD_NAME)".to_owned(),
+        "--listen".to_owned(),
+        format!("0.0.0.0:{HTTP_PORT}"),
+        "--internal-listen".to_owned(),
+        format!("0.0.0.0:{INTERNAL_PORT}"),
+        "--advertise".to_owned(),
+        format!("$(POD_IP):{INTERNAL_PORT}"),
+        "--drain-timeout".to_owned(),
+        format!("{DRAIN_SECONDS}s"),
+    ];
+    let template = pod::template(
+        cluster,
+        Component::Gateway,
+        args,
+        pool.spec.pool.resources.clone(),
+        SHUTDOWN,
+    );
+    let meta = child_meta(&name, &namespace, &cluster_name, Component::Gateway, owner);
+    let deployment = deployment(
+        meta.clone(),
+        &cluster_name,
+        Component::Gateway,
+        replicas,
+        template,
+        Rollout::Surge,
+    );
+    let mut service_meta = meta.clone();
+    service_meta.name = Some(cluster_name.clone());
+    let service = service(
+        service_meta,
+        &cluster_name,
+        Component::Gateway,
+        &[("http", pool.spec.pool.port, pool.spec.pool.node_port)],
+        ServiceKind::Typed(pool.spec.pool.service_type.as_str()),
+    );
+    let disruption_budget = disruption_budget(
+        meta,
+        &cluster_name,
+        Component::Gateway,
+        IntOrString::String("10%".to_owned()),
+    );
+    Ok(GatewayChildren {
+        deployment,
+        service,
+        disruption_budget,
+    })
+}

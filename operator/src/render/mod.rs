@@ -1,0 +1,200 @@
+//! Pure builders of the objects the operator applies: from a resource (and what was observed),
+//! the exact Kubernetes objects it should own. No I/O: every builder is unit-tested on its
+//! output, and the controllers only apply what these return.
+//!
+//! - [`embedded`]: an embedded-storage cluster is one `courier serve` StatefulSet with a volume;
+//! - [`pools`]: a FoundationDB cluster owns a `GatewayPool` and a `SequencerShardSet`;
+//! - [`gateways`]: a pool's Deployment (the client port), client Service and PDB;
+//! - [`sequencers`]: a shard set's StatefulSet (`OnDelete`), headless Service and PDB;
+//! - [`delivery`]: a FoundationDB cluster's fanout Deployment and push notifier.
+
+pub mod delivery;
+pub mod embedded;
+pub mod gateways;
+pub mod pod;
+pub mod pools;
+pub mod sequencers;
+
+use k8s_openapi::api::apps::v1::{
+    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
+};
+use k8s_openapi::api::core::v1::{PodTemplateSpec, Service, ServicePort, ServiceSpec};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::Resource;
+
+use pod::Component;
+
+/// The name under which the operator applies (server-side apply field manager).
+pub const FIELD_MANAGER: &str = "courier-operator";
+
+/// A builder's input was not an object read from the API server.
+#[derive(Debug, thiserror::Error)]
+pub enum RenderError {
+    /// The object has no name, namespace or uid (it was not read from the API server).
+    #[error("{kind} has no {field}: only objects read from the API server can own children")]
+    Incomplete {
+        /// The object's kind.
+        kind: String,
+        /// The missing field.
+        field: &'static str,
+    },
+}
+
+/// The owner reference (controller, blocking deletion) children of `owner` carry.
+pub fn owner_reference<K>(owner: &K) -> Result<OwnerReference, RenderError>
+where
+    K: Resource<DynamicType = ()>,
+{
+    owner
+        .controller_owner_ref(&())
+        .ok_or(RenderError::Incomplete {
+            kind: K::kind(&()).into_owned(),
+            field: "uid",
+        })
+}
+
+/// Name and namespace of an object read from the API server.
+pub fn name_and_namespace<K>(object: &K) -> Result<(String, String), RenderError>
+where
+    K: Resource<DynamicType = ()>,
+{
+    let meta = object.meta();
+    let name = meta.name.clone().ok_or(RenderError::Incomplete {
+        kind: K::kind(&()).into_owned(),
+        field: "name",
+    })?;
+    let namespace = meta.namespace.clone().ok_or(RenderError::Incomplete {
+        kind: K::kind(&()).into_owned(),
+        field: "namespace",
+    })?;
+    Ok((name, namespace))
+}
+
+/// Metadata of a child named `name` of `owner`, labelled for `cluster`'s `component`.
+pub fn child_meta(
+    name: &str,
+    namespace: &str,
+    cluster: &str,
+    component: Component,
+    owner: OwnerReference,
+) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.to_owned()),
+        namespace: Some(namespace.to_owned()),
+        labels: Some(pod::labels(cluster, component)),
+        owner_references: Some(vec![owner]),
+        ..ObjectMeta::default()
+    }
+}
+
+/// A Service over `cluster`'s `component` pods with the named ports `(name, port, node
+/// port)`.
+pub fn service(
+    meta: ObjectMeta,
+    cluster: &str,
+    component: Component,
+    ports: &[(&str, i32, Option<i32>)],
+    kind: ServiceKind,
+) -> Service {
+    let (type_, cluster_ip, publish_not_ready) = match kind {
+        ServiceKind::Typed(type_) => (Some(type_.to_owned()), None, None),
+        ServiceKind::Headless => (None, Some("None".to_owned()), Some(true)),
+    };
+    Service {
+        metadata: meta,
+        spec: Some(ServiceSpec {
+            type_,
+            cluster_ip,
+            publish_not_ready_addresses: publish_not_ready,
+            selector: Some(pod::selector_labels(cluster, component)),
+            ports: Some(
+                ports
+                    .iter()
+                    .map(|(name, port, node_port)| ServicePort {
+                        name: Some((*name).to_owned()),
+                        port: *port,
+                        node_port: *node_port,
+                        target_port: Some(IntOrString::String((*name).to_owned())),
+                        protocol: Some("TCP".to_owned()),
+                        ..ServicePort::default()
+                    })
+                    .collect(),
+            ),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    }
+}
+
+/// What kind of Service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServiceKind {
+    /// `ClusterIP`, `LoadBalancer` or `NodePort`.
+    Typed(&'static str),
+    /// No cluster IP; DNS names every pod, ready or not (peers reach each other while starting).
+    Headless,
+}
+
+/// A PodDisruptionBudget allowing `max_unavailable` of `cluster`'s `component` pods down.
+pub fn disruption_budget(
+    meta: ObjectMeta,
+    cluster: &str,
+    component: Component,
+    max_unavailable: IntOrString,
+) -> PodDisruptionBudget {
+    PodDisruptionBudget {
+        metadata: meta,
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(max_unavailable),
+            selector: Some(pod::selector(cluster, component)),
+            ..PodDisruptionBudgetSpec::default()
+        }),
+        ..PodDisruptionBudget::default()
+    }
+}
+
+/// How a Deployment replaces its pods.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rollout {
+    /// New pods first (a quarter more at a time), none down meanwhile.
+    Surge,
+    /// The old pod goes before the new one starts (a singleton that refuses a twin).
+    Recreate,
+}
+
+/// A Deployment of `replicas` pods of `cluster`'s `component` from `template`.
+pub fn deployment(
+    meta: ObjectMeta,
+    cluster: &str,
+    component: Component,
+    replicas: i32,
+    template: PodTemplateSpec,
+    rollout: Rollout,
+) -> Deployment {
+    let strategy = match rollout {
+        Rollout::Surge => DeploymentStrategy {
+            type_: Some("RollingUpdate".to_owned()),
+            rolling_update: Some(RollingUpdateDeployment {
+                max_surge: Some(IntOrString::String("25%".to_owned())),
+                max_unavailable: Some(IntOrString::Int(0)),
+            }),
+        },
+        Rollout::Recreate => DeploymentStrategy {
+            type_: Some("Recreate".to_owned()),
+            rolling_update: None,
+        },
+    };
+    Deployment {
+        metadata: meta,
+        spec: Some(DeploymentSpec {
+            replicas: Some(replicas),
+            selector: pod::selector(cluster, component),
+            template,
+            strategy: Some(strategy),
+            ..DeploymentSpec::default()
+        }),
+        ..Deployment::default()
+    }
+}

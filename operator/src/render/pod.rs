@@ -1,0 +1,488 @@
+//! What every data-plane pod of a cluster shares: labels, environment (secrets, storage),
+//! volumes, ports, probes on `/healthz` and `/readyz`, JSON logs and a locked-down security
+//! context.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvFromSource, EnvVar,
+    EnvVarSource, HTTPGetAction, KeyToPath, Lifecycle, LifecycleHandler, ObjectFieldSelector,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile,
+    SecretEnvSource, SecretKeySelector, SecretVolumeSource, SecurityContext, SleepAction, Volume,
+    VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use crate::crd::{CourierCluster, SecretKeyRef};
+
+/// The port of the client API, probes and metrics.
+pub const HTTP_PORT: i32 = 8080;
+/// The port of the internal gRPC (sequencer appends, admin API).
+pub const INTERNAL_PORT: i32 = 7500;
+/// Where a pod keeps its data directory.
+pub const DATA_DIR: &str = "/var/lib/courier";
+/// The user the data plane runs as (the images' non-root user).
+const RUN_AS_USER: i64 = 10001;
+
+/// Which part of a cluster a workload is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Component {
+    /// `courier serve`: every role on the embedded store (one pod).
+    Server,
+    /// The client port: gateway, chat and media (`courier node` runs them together).
+    Gateway,
+    /// The sequencer role.
+    Sequencer,
+    /// The fanout role.
+    Fanout,
+    /// The push notifier, on a node with the client port of its own (one per cluster).
+    Push,
+}
+
+impl Component {
+    /// The `app.kubernetes.io/component` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Component::Server => "server",
+            Component::Gateway => "gateway",
+            Component::Sequencer => "sequencer",
+            Component::Fanout => "fanout",
+            Component::Push => "push",
+        }
+    }
+
+    /// Whether its pods serve clients (and so verify client tokens and serve media).
+    fn serves_clients(self) -> bool {
+        matches!(
+            self,
+            Component::Server | Component::Gateway | Component::Push
+        )
+    }
+
+    /// Whether its pods send push notifications.
+    fn pushes(self) -> bool {
+        matches!(self, Component::Server | Component::Push)
+    }
+}
+
+/// The labels of a cluster's `component`: they select its pods.
+pub fn selector_labels(cluster: &str, component: Component) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_owned(), "courier".to_owned()),
+        ("app.kubernetes.io/instance".to_owned(), cluster.to_owned()),
+        (
+            "app.kubernetes.io/component".to_owned(),
+            component.as_str().to_owned(),
+        ),
+    ])
+}
+
+/// The selector labels, and who manages the object.
+pub fn labels(cluster: &str, component: Component) -> BTreeMap<String, String> {
+    let mut labels = selector_labels(cluster, component);
+    labels.insert(
+        "app.kubernetes.io/managed-by".to_owned(),
+        "courier-operator".to_owned(),
+    );
+    labels
+}
+
+/// A label selector matching the pods of a cluster's `component`.
+pub fn selector(cluster: &str, component: Component) -> LabelSelector {
+    LabelSelector {
+        match_labels: Some(selector_labels(cluster, component)),
+        ..LabelSelector::default()
+    }
+}
+
+/// How a pod stops: a `preStop` sleep (endpoints are removed meanwhile), then SIGTERM and the
+/// process's own drain, within the grace period.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shutdown {
+    /// Seconds of the native `preStop` sleep.
+    pub pre_stop_sleep_seconds: i64,
+    /// `terminationGracePeriodSeconds`: the sleep, the drain and a margin.
+    pub grace_seconds: i64,
+}
+
+/// A data-plane pod of `cluster` running `courier <args>` (the image's entry point is
+/// `courier`).
+pub fn template(
+    cluster: &CourierCluster,
+    component: Component,
+    args: Vec<String>,
+    resources: Option<ResourceRequirements>,
+    shutdown: Shutdown,
+) -> PodTemplateSpec {
+    let name = cluster_name(cluster);
+    let spec = &cluster.spec;
+    let mut env = vec![
+        field_env("POD_NAME", "metadata.name"),
+        field_env("POD_NAMESPACE", "metadata.namespace"),
+        field_env("POD_IP", "status.podIP"),
+        value_env("COURIER_SHARDS", &spec.shards.to_string()),
+        value_env("COURIER_DATA_DIR", DATA_DIR),
+    ];
+    if component.serves_clients() {
+        env.push(secret_env("COURIER_JWT_SECRET", &spec.jwt_secret));
+    }
+    let mut env_from = Vec::new();
+    // `data` is an emptyDir unless a volume claim template of that name replaces it.
+    let mut volumes = vec![empty_dir("data"), empty_dir("tmp")];
+    let mut mounts = vec![mount("data", DATA_DIR, false), mount("tmp", "/tmp", false)];
+    if let Some(fdb) = &spec.storage.foundation_db {
+        env.push(value_env("COURIER_STORE", "fdb"));
+        env.push(value_env(
+            "COURIER_FDB_CLUSTER_FILE",
+            &format!("/etc/courier/fdb/{}", fdb.cluster_file_secret.key),
+        ));
+        env.push(value_env(
+            "COURIER_CLUSTER_TOKEN_FILE",
+            &format!("/etc/courier/token/{}", fdb.cluster_token_secret.key),
+        ));
+        volumes.push(secret_volume("fdb", &fdb.cluster_file_secret));
+        volumes.push(secret_volume("cluster-token", &fdb.cluster_token_secret));
+        mounts.push(mount("fdb", "/etc/courier/fdb", true));
+        mounts.push(mount("cluster-token", "/etc/courier/token", true));
+    }
+    if let Some(media) = spec.media.as_ref().filter(|_| component.serves_clients()) {
+        env.push(value_env("COURIER_MEDIA_S3_BUCKET", &media.s3.bucket));
+        env_from.push(secret_env_from(&media.s3.credentials_secret));
+    }
+    if let Some(push) = spec.push_secret.as_ref().filter(|_| component.pushes()) {
+        env_from.push(secret_env_from(push));
+        volumes.push(Volume {
+            name: "push".to_owned(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(push.clone()),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+        mounts.push(mount("push", "/etc/courier/push", true));
+    }
+    let mut ports = vec![port("http", HTTP_PORT)];
+    if component != Component::Server {
+        ports.push(port("internal", INTERNAL_PORT));
+    }
+    let mut all_args = vec!["--log-format".to_owned(), "json".to_owned()];
+    all_args.extend(args);
+    let container = Container {
+        name: "courier".to_owned(),
+        image: Some(spec.image.clone()),
+        args: Some(all_args),
+        env: Some(env),
+        env_from: (!env_from.is_empty()).then_some(env_from),
+        ports: Some(ports),
+        resources,
+        volume_mounts: Some(mounts),
+        liveness_probe: Some(probe("/healthz", 3)),
+        readiness_probe: Some(probe("/readyz", 1)),
+        lifecycle: Some(Lifecycle {
+            pre_stop: Some(LifecycleHandler {
+                sleep: Some(SleepAction {
+                    seconds: shutdown.pre_stop_sleep_seconds,
+                }),
+                ..LifecycleHandler::default()
+            }),
+            ..Lifecycle::default()
+        }),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".to_owned()]),
+                ..Capabilities::default()
+            }),
+            ..SecurityContext::default()
+        }),
+        ..Container::default()
+    };
+    PodTemplateSpec {
+        metadata: Some(ObjectMeta {
+            labels: Some(labels(&name, component)),
+            ..ObjectMeta::default()
+        }),
+        spec: Some(PodSpec {
+            containers: vec![container],
+            volumes: Some(volumes),
+            termination_grace_period_seconds: Some(shutdown.grace_seconds),
+            enable_service_links: Some(false),
+            security_context: Some(PodSecurityContext {
+                run_as_non_root: Some(true),
+                run_as_user: Some(RUN_AS_USER),
+                run_as_group: Some(RUN_AS_USER),
+                fs_group: Some(RUN_AS_USER),
+                seccomp_profile: Some(SeccompProfile {
+                    type_: "RuntimeDefault".to_owned(),
+                    ..SeccompProfile::default()
+                }),
+                ..PodSecurityContext::default()
+            }),
+            ..PodSpec::default()
+        }),
+    }
+}
+
+/// The cluster's name (empty for an object not read from the API).
+pub fn cluster_name(cluster: &CourierCluster) -> String {
+    cluster.metadata.name.clone().unwrap_or_default()
+}
+
+fn field_env(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.to_owned(),
+                ..ObjectFieldSelector::default()
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
+}
+
+fn secret_env(name: &str, secret: &SecretKeyRef) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: secret.name.clone(),
+                key: secret.key.clone(),
+                optional: Some(false),
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
+}
+
+fn value_env(name: &str, value: &str) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
+        value: Some(value.to_owned()),
+        ..EnvVar::default()
+    }
+}
+
+fn secret_env_from(secret: &str) -> EnvFromSource {
+    EnvFromSource {
+        secret_ref: Some(SecretEnvSource {
+            name: secret.to_owned(),
+            optional: Some(false),
+        }),
+        ..EnvFromSource::default()
+    }
+}
+
+fn empty_dir(name: &str) -> Volume {
+    Volume {
+        name: name.to_owned(),
+        empty_dir: Some(EmptyDirVolumeSource::default()),
+        ..Volume::default()
+    }
+}
+
+fn secret_volume(name: &str, secret: &SecretKeyRef) -> Volume {
+    Volume {
+        name: name.to_owned(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(secret.name.clone()),
+            items: Some(vec![KeyToPath {
+                key: secret.key.clone(),
+                path: secret.key.clone(),
+                ..KeyToPath::default()
+            }]),
+            ..SecretVolumeSource::default()
+        }),
+        ..Volume::default()
+    }
+}
+
+fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
+    VolumeMount {
+        name: name.to_owned(),
+        mount_path: path.to_owned(),
+        read_only: Some(read_only),
+        ..VolumeMount::default()
+    }
+}
+
+fn port(name: &str, number: i32) -> ContainerPort {
+    ContainerPort {
+        name: Some(name.to_owned()),
+        container_port: number,
+        protocol: Some("TCP".to_owned()),
+        ..ContainerPort::default()
+    }
+}
+
+fn probe(path: &str, failure_threshold: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_owned()),
+            port: IntOrString::String("http".to_owned()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(5),
+        failure_threshold: Some(failure_threshold),
+        ..Probe::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::{
+        CourierClusterSpec, EmbeddedStorage, FoundationDbStorage, MediaStore, S3MediaStore, Storage,
+    };
+
+    fn cluster(foundation_db: bool) -> CourierCluster {
+        let secret = |name: &str, key: &str| SecretKeyRef {
+            name: name.into(),
+            key: key.into(),
+        };
+        CourierCluster::new(
+            "prod",
+            CourierClusterSpec {
+                image: "courier:1".into(),
+                storage: Storage {
+                    embedded: (!foundation_db).then(|| EmbeddedStorage {
+                        size: "1Gi".into(),
+                        storage_class_name: None,
+                    }),
+                    foundation_db: foundation_db.then(|| FoundationDbStorage {
+                        cluster_file_secret: secret("fdb", "fdb.cluster"),
+                        cluster_token_secret: secret("tok", "token"),
+                    }),
+                },
+                jwt_secret: secret("jwt", "secret"),
+                media: foundation_db.then(|| MediaStore {
+                    s3: S3MediaStore {
+                        bucket: "media".into(),
+                        credentials_secret: "s3".into(),
+                    },
+                }),
+                push_secret: Some("push".into()),
+                shards: 64,
+                gateways: Default::default(),
+                sequencers: Default::default(),
+                fanout: Default::default(),
+            },
+        )
+    }
+
+    const SHUTDOWN: Shutdown = Shutdown {
+        pre_stop_sleep_seconds: 3,
+        grace_seconds: 30,
+    };
+
+    fn env(template: &PodTemplateSpec) -> BTreeMap<String, EnvVar> {
+        let container = &template.spec.as_ref().unwrap().containers[0];
+        container
+            .env
+            .clone()
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.name.clone(), e))
+            .collect()
+    }
+
+    fn value(env: &BTreeMap<String, EnvVar>, name: &str) -> Option<String> {
+        env.get(name).and_then(|e| e.value.clone())
+    }
+
+    #[test]
+    fn a_foundationdb_pod_gets_the_cluster_file_and_token_as_mounted_files_and_media_in_s3() {
+        let template = template(&cluster(true), Component::Push, vec![], None, SHUTDOWN);
+        let env = env(&template);
+        assert_eq!(value(&env, "COURIER_STORE").as_deref(), Some("fdb"));
+        assert_eq!(
+            value(&env, "COURIER_FDB_CLUSTER_FILE").as_deref(),
+            Some("/etc/courier/fdb/fdb.cluster")
+        );
+        assert_eq!(
+            value(&env, "COURIER_CLUSTER_TOKEN_FILE").as_deref(),
+            Some("/etc/courier/token/token")
+        );
+        assert_eq!(
+            value(&env, "COURIER_MEDIA_S3_BUCKET").as_deref(),
+            Some("media")
+        );
+        assert_eq!(value(&env, "COURIER_SHARDS").as_deref(), Some("64"));
+        let jwt = env["COURIER_JWT_SECRET"].value_from.as_ref().unwrap();
+        assert_eq!(jwt.secret_key_ref.as_ref().unwrap().name, "jwt");
+        let spec = template.spec.unwrap();
+        let container = &spec.containers[0];
+        let mounts: Vec<&str> = container
+            .volume_mounts
+            .iter()
+            .flatten()
+            .map(|m| m.mount_path.as_str())
+            .collect();
+        for path in [
+            "/etc/courier/fdb",
+            "/etc/courier/token",
+            "/etc/courier/push",
+            DATA_DIR,
+        ] {
+            assert!(mounts.contains(&path), "{path} in {mounts:?}");
+        }
+        let from: Vec<String> = container
+            .env_from
+            .iter()
+            .flatten()
+            .filter_map(|e| e.secret_ref.as_ref().map(|s| s.name.clone()))
+            .collect();
+        assert_eq!(from, ["s3", "push"]);
+        assert_eq!(spec.termination_grace_period_seconds, Some(30));
+        let ports: Vec<i32> = container
+            .ports
+            .iter()
+            .flatten()
+            .map(|p| p.container_port)
+            .collect();
+        assert_eq!(ports, [HTTP_PORT, INTERNAL_PORT]);
+    }
+
+    #[test]
+    fn sequencer_and_fanout_pods_get_no_client_secrets() {
+        for component in [Component::Sequencer, Component::Fanout] {
+            let template = template(&cluster(true), component, vec![], None, SHUTDOWN);
+            let env = env(&template);
+            assert!(!env.contains_key("COURIER_JWT_SECRET"), "{component:?}");
+            assert!(
+                !env.contains_key("COURIER_MEDIA_S3_BUCKET"),
+                "{component:?}"
+            );
+            assert!(
+                env.contains_key("COURIER_FDB_CLUSTER_FILE"),
+                "{component:?}"
+            );
+            let container = &template.spec.as_ref().unwrap().containers[0];
+            assert!(container.env_from.is_none(), "{component:?}");
+        }
+    }
+
+    #[test]
+    fn an_embedded_pod_has_no_foundationdb_settings_and_no_internal_port() {
+        let template = template(&cluster(false), Component::Server, vec![], None, SHUTDOWN);
+        let env = env(&template);
+        assert!(!env.contains_key("COURIER_STORE"));
+        assert!(!env.contains_key("COURIER_FDB_CLUSTER_FILE"));
+        let container = &template.spec.as_ref().unwrap().containers[0];
+        let ports: Vec<i32> = container
+            .ports
+            .iter()
+            .flatten()
+            .map(|p| p.container_port)
+            .collect();
+        assert_eq!(ports, [HTTP_PORT]);
+        assert_eq!(
+            container.args.as_deref(),
+            Some(&["--log-format".to_owned(), "json".to_owned()][..])
+        );
+    }
+}

@@ -1,0 +1,925 @@
+//! The controllers against kube's mocked API server (`tower-test`): each test states the exact
+//! requests a reconciliation makes, in order, and what the API server answers; a request
+//! that is not expected fails the test. The data plane is a fake with the admin API's
+//! behaviour (samples, moves, drains).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use courier_operator::controllers::{
+    Context, DataPlane, RebalancerState, cluster, gateway_pool, shard_set,
+};
+use courier_operator::crd::{
+    CourierCluster, CourierClusterSpec, EmbeddedStorage, FanoutSettings, FoundationDbStorage,
+    GatewayPool, GatewayPoolSettings, GatewayPoolSpec, MediaStore, S3MediaStore, SecretKeyRef,
+    SequencerSettings, SequencerShardSet, SequencerShardSetSpec, Storage,
+};
+use courier_operator::metrics::Metrics;
+use courier_operator::rebalance::executor::{AdminError, Sample, ShardAdmin};
+use courier_operator::rebalance::{Move, MoveReason, ObservedShard, PlannerPolicy, Rebalancer};
+use http::{Method, Request, Response};
+use kube::Client;
+use kube::client::Body;
+use kube::core::ObjectMeta;
+use serde_json::{Value, json};
+
+const NS: &str = "chat";
+
+/// One request the API server expects, and its answer.
+struct Expect {
+    method: Method,
+    path: String,
+    /// Checks the request's body (JSON, or Null without one).
+    check: Box<dyn Fn(&Value) + Send>,
+    /// The answer; `None` echoes the request's body.
+    answer: Option<Value>,
+}
+
+fn expect(method: Method, path: &str, check: impl Fn(&Value) + Send + 'static) -> Expect {
+    Expect {
+        method,
+        path: path.to_owned(),
+        check: Box::new(check),
+        answer: None,
+    }
+}
+
+impl Expect {
+    fn answer(mut self, answer: Value) -> Self {
+        self.answer = Some(answer);
+        self
+    }
+}
+
+/// A client whose API server answers `expected`, in order; returns the client and a task that
+/// ends once every expected request came (and fails on an unexpected one).
+fn api_server(expected: Vec<Expect>) -> (Client, tokio::task::JoinHandle<()>) {
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let server = tokio::spawn(async move {
+        for expectation in expected {
+            let (request, send) = handle.next_request().await.unwrap_or_else(|| {
+                panic!(
+                    "no request; expected {} {}",
+                    expectation.method, expectation.path
+                )
+            });
+            let (parts, body) = request.into_parts();
+            assert_eq!(
+                (&parts.method, parts.uri.path()),
+                (&expectation.method, expectation.path.as_str()),
+                "request {} {} (query {:?})",
+                parts.method,
+                parts.uri,
+                parts.uri.query()
+            );
+            if parts.method == Method::PATCH {
+                let query = parts.uri.query().unwrap_or_default();
+                if query.contains("fieldManager") {
+                    assert!(
+                        query.contains("fieldManager=courier-operator")
+                            && query.contains("force=true"),
+                        "server-side apply as courier-operator: {query}"
+                    );
+                }
+            }
+            let bytes = body.collect_bytes().await.unwrap();
+            let body: Value = if bytes.is_empty() {
+                Value::Null
+            } else {
+                serde_json::from_slice(&bytes).unwrap()
+            };
+            (expectation.check)(&body);
+            let answer = expectation.answer.unwrap_or(body);
+            send.send_response(
+                Response::builder()
+                    .body(Body::from(serde_json::to_vec(&answer).unwrap()))
+                    .unwrap(),
+            );
+        }
+    });
+    (Client::new(service, NS), server)
+}
+
+/// Runs `reconcile` against `expected` requests and checks that all of them, and no other,
+/// were made.
+async fn reconciled<F>(expected: Vec<Expect>, data_plane: Arc<FakeDataPlane>, reconcile: F)
+where
+    F: AsyncFnOnce(Arc<Context>),
+{
+    let (client, server) = api_server(expected);
+    let mut context = Context::new(client, data_plane, Arc::new(Metrics::new()));
+    context.clock = || 1_000_000;
+    let context = Arc::new(context);
+    reconcile(context.clone()).await;
+    // Without the client, a request still expected ends the server with "no request".
+    drop(context);
+    server.await.expect("every expected request was made");
+}
+
+/// An admin API that serves `sample` and records moves and drains.
+#[derive(Default)]
+struct FakeAdmin {
+    sample: Mutex<Sample>,
+    moves: Mutex<Vec<Move>>,
+    drains: Mutex<Vec<String>>,
+}
+
+#[async_trait::async_trait]
+impl ShardAdmin for FakeAdmin {
+    async fn sample(&self) -> Result<Sample, AdminError> {
+        Ok(self.sample.lock().unwrap().clone())
+    }
+
+    async fn move_shard(&self, _sample: &Sample, planned: &Move) -> Result<u64, AdminError> {
+        self.moves.lock().unwrap().push(planned.clone());
+        let mut sample = self.sample.lock().unwrap();
+        sample.shards.get_mut(&planned.shard).unwrap().owner = planned.to.clone();
+        Ok(7)
+    }
+
+    async fn drain(&self, _sample: &Sample, node: &str) -> Result<Vec<u32>, AdminError> {
+        self.drains.lock().unwrap().push(node.to_owned());
+        Ok(Vec::new())
+    }
+}
+
+/// The fake admin API, and gateway connections by pod IP.
+#[derive(Default)]
+struct FakeDataPlane {
+    admin: Arc<FakeAdmin>,
+    connections: BTreeMap<String, u64>,
+}
+
+impl FakeDataPlane {
+    fn with_sample(sample: Sample) -> Self {
+        FakeDataPlane {
+            admin: Arc::new(FakeAdmin {
+                sample: Mutex::new(sample),
+                ..FakeAdmin::default()
+            }),
+            connections: BTreeMap::new(),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl DataPlane for FakeDataPlane {
+    fn shard_admin(
+        &self,
+        _token: courier_rpc::ClusterToken,
+        _seeds: Vec<String>,
+    ) -> Arc<dyn ShardAdmin> {
+        self.admin.clone()
+    }
+
+    async fn gateway_connections(&self, pod_ip: &str) -> Result<u64, String> {
+        self.connections
+            .get(pod_ip)
+            .copied()
+            .ok_or_else(|| format!("no pod at {pod_ip}"))
+    }
+}
+
+fn meta(name: &str) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.to_owned()),
+        namespace: Some(NS.to_owned()),
+        uid: Some(format!("uid-{name}")),
+        generation: Some(3),
+        ..ObjectMeta::default()
+    }
+}
+
+fn secret(name: &str, key: &str) -> SecretKeyRef {
+    SecretKeyRef {
+        name: name.to_owned(),
+        key: key.to_owned(),
+    }
+}
+
+fn cluster(embedded: bool) -> CourierCluster {
+    let storage = if embedded {
+        Storage {
+            embedded: Some(EmbeddedStorage {
+                size: "5Gi".to_owned(),
+                storage_class_name: None,
+            }),
+            foundation_db: None,
+        }
+    } else {
+        Storage {
+            embedded: None,
+            foundation_db: Some(FoundationDbStorage {
+                cluster_file_secret: secret("fdb", "fdb.cluster"),
+                cluster_token_secret: secret("courier-token", "token"),
+            }),
+        }
+    };
+    CourierCluster {
+        metadata: meta("prod"),
+        spec: CourierClusterSpec {
+            image: "ghcr.io/courier-chat/courier:0.1.0".to_owned(),
+            storage,
+            jwt_secret: secret("courier-jwt", "secret"),
+            media: (!embedded).then(|| MediaStore {
+                s3: S3MediaStore {
+                    bucket: "media".to_owned(),
+                    credentials_secret: "s3".to_owned(),
+                },
+            }),
+            push_secret: None,
+            shards: 64,
+            gateways: GatewayPoolSettings::default(),
+            sequencers: SequencerSettings::default(),
+            fanout: FanoutSettings::default(),
+        },
+        status: None,
+    }
+}
+
+fn args(body: &Value) -> Vec<String> {
+    serde_json::from_value(body["spec"]["template"]["spec"]["containers"][0]["args"].clone())
+        .unwrap()
+}
+
+const APPLY: Method = Method::PATCH;
+
+#[tokio::test]
+async fn an_embedded_cluster_creates_one_courier_serve_statefulset_its_service_and_a_status() {
+    let data_plane = Arc::new(FakeDataPlane::default());
+    let expected = vec![
+        expect(
+            APPLY,
+            "/apis/apps/v1/namespaces/chat/statefulsets/prod",
+            |body| {
+                assert_eq!(body["spec"]["replicas"], 1);
+                assert_eq!(
+                    args(body),
+                    ["--log-format", "json", "serve", "--listen", "0.0.0.0:8080"]
+                );
+                assert_eq!(
+                    body["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"],
+                    "5Gi"
+                );
+                assert_eq!(body["metadata"]["ownerReferences"][0]["uid"], "uid-prod");
+                let container = &body["spec"]["template"]["spec"]["containers"][0];
+                assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
+                assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
+                assert_eq!(
+                    body["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"],
+                    true
+                );
+            },
+        ),
+        expect(APPLY, "/api/v1/namespaces/chat/services/prod", |body| {
+            assert_eq!(body["spec"]["type"], "ClusterIP");
+            assert_eq!(
+                body["spec"]["selector"]["app.kubernetes.io/component"],
+                "server"
+            );
+        }),
+        expect(
+            APPLY,
+            "/apis/courier.dev/v1alpha1/namespaces/chat/courierclusters/prod/status",
+            |body| {
+                assert_eq!(body["status"]["storage"], "embedded");
+                assert_eq!(body["status"]["observedGeneration"], 3);
+                assert_eq!(body["status"]["conditions"][0]["type"], "Ready");
+                assert_eq!(body["status"]["conditions"][0]["status"], "False");
+            },
+        )
+        .answer(serde_json::to_value(cluster(true)).unwrap()),
+    ];
+    reconciled(expected, data_plane.clone(), async |ctx| {
+        cluster::reconcile(Arc::new(cluster(true)), ctx)
+            .await
+            .unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_foundationdb_cluster_applies_its_gateway_pool_and_shard_set() {
+    let data_plane = Arc::new(FakeDataPlane::default());
+    let expected = vec![
+        expect(
+            APPLY,
+            "/apis/courier.dev/v1alpha1/namespaces/chat/gatewaypools/prod-gateways",
+            |body| {
+                assert_eq!(body["spec"]["cluster"], "prod");
+                assert_eq!(body["spec"]["minReplicas"], 2);
+                assert_eq!(
+                    body["metadata"]["ownerReferences"][0]["kind"],
+                    "CourierCluster"
+                );
+            },
+        ),
+        expect(
+            APPLY,
+            "/apis/courier.dev/v1alpha1/namespaces/chat/sequencershardsets/prod-sequencers",
+            |body| {
+                assert_eq!(body["spec"]["shards"], 64);
+                assert_eq!(body["spec"]["rebalance"]["mode"], "Auto");
+            },
+        ),
+        expect(
+            APPLY,
+            "/apis/apps/v1/namespaces/chat/deployments/prod-fanout",
+            |body| {
+                assert_eq!(body["spec"]["replicas"], 2);
+                assert_eq!(args(body)[2..5], ["node", "--roles", "fanout"]);
+                let env = body["spec"]["template"]["spec"]["containers"][0]["env"].to_string();
+                assert!(
+                    !env.contains("COURIER_JWT_SECRET"),
+                    "fanout pods get no client secret"
+                );
+            },
+        ),
+        expect(
+            APPLY,
+            "/apis/courier.dev/v1alpha1/namespaces/chat/courierclusters/prod/status",
+            |body| {
+                assert_eq!(body["status"]["storage"], "foundationDb");
+            },
+        )
+        .answer(serde_json::to_value(cluster(false)).unwrap()),
+    ];
+    reconciled(expected, data_plane.clone(), async |ctx| {
+        cluster::reconcile(Arc::new(cluster(false)), ctx)
+            .await
+            .unwrap();
+    })
+    .await;
+}
+
+fn pool() -> GatewayPool {
+    GatewayPool {
+        metadata: meta("prod-gateways"),
+        spec: GatewayPoolSpec {
+            cluster: "prod".to_owned(),
+            pool: GatewayPoolSettings {
+                min_replicas: 2,
+                max_replicas: 8,
+                target_connections_per_pod: 1000,
+                ..GatewayPoolSettings::default()
+            },
+        },
+        status: None,
+    }
+}
+
+fn gateway_pod(name: &str, ip: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": { "name": name, "namespace": NS },
+        "status": { "podIP": ip, "conditions": [{ "type": "Ready", "status": "True" }] }
+    })
+}
+
+fn pod_list(pods: Vec<Value>) -> Value {
+    json!({ "apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": pods })
+}
+
+fn deployment(replicas: i32) -> Value {
+    json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": { "name": "prod-gateways", "namespace": NS },
+        "spec": { "replicas": replicas, "selector": {}, "template": {} }
+    })
+}
+
+#[tokio::test]
+async fn a_gateway_pool_scales_up_at_once_to_what_its_connections_need() {
+    let data_plane = Arc::new(FakeDataPlane {
+        connections: BTreeMap::from([("10.0.0.1".to_owned(), 2500), ("10.0.0.2".to_owned(), 2300)]),
+        ..FakeDataPlane::default()
+    });
+    let expected = vec![
+        expect(
+            Method::GET,
+            "/apis/courier.dev/v1alpha1/namespaces/chat/courierclusters/prod",
+            |_| {},
+        )
+        .answer(serde_json::to_value(cluster(false)).unwrap()),
+        expect(Method::GET, "/api/v1/namespaces/chat/pods", |_| {}).answer(pod_list(vec![
+            gateway_pod("gw-a", "10.0.0.1"),
+            gateway_pod("gw-b", "10.0.0.2"),
+        ])),
+        expect(
+            Method::GET,
+            "/apis/apps/v1/namespaces/chat/deployments/prod-gateways",
+            |_| {},
+        )
+        .answer(deployment(2)),
+        expect(
+            Method::POST,
+            "/apis/events.k8s.io/v1/namespaces/chat/events",
+            |body| {
+                assert_eq!(body["reason"], "ScaledUp");
+                assert_eq!(body["note"], "2 -> 5 gateway pods for 4800 connections");
+            },
+        ),
+        expect(
+            APPLY,
+            "/apis/apps/v1/namespaces/chat/deployments/prod-gateways",
+            |body| {
+                assert_eq!(body["spec"]["replicas"], 5);
+                let args = args(body);
+                assert_eq!(args[2..5], ["node", "--roles", "gateway,chat,media"]);
+                let pod = &body["spec"]["template"]["spec"];
+                assert_eq!(pod["terminationGracePeriodSeconds"], 110);
+                assert_eq!(
+                    pod["containers"][0]["lifecycle"]["preStop"]["sleep"]["seconds"],
+                    5
+                );
+            },
+        ),
+        expect(APPLY, "/api/v1/namespaces/chat/services/prod", |body| {
+            assert_eq!(body["spec"]["ports"][0]["port"], 8080);
+        }),
+        expect(
+            APPLY,
+            "/apis/policy/v1/namespaces/chat/poddisruptionbudgets/prod-gateways",
+            |body| {
+                assert_eq!(body["spec"]["maxUnavailable"], "10%");
+            },
+        ),
+        expect(
+            APPLY,
+            "/apis/courier.dev/v1alpha1/namespaces/chat/gatewaypools/prod-gateways/status",
+            |body| {
+                assert_eq!(body["status"]["connections"], 4800);
+            },
+        )
+        .answer(serde_json::to_value(pool()).unwrap()),
+    ];
+    reconciled(expected, data_plane, async |ctx| {
+        gateway_pool::reconcile(Arc::new(pool()), ctx)
+            .await
+            .unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_quiet_gateway_pool_removes_the_pod_with_the_fewest_connections_first() {
+    let data_plane = Arc::new(FakeDataPlane {
+        connections: BTreeMap::from([
+            ("10.0.0.1".to_owned(), 300),
+            ("10.0.0.2".to_owned(), 100),
+            ("10.0.0.3".to_owned(), 200),
+        ]),
+        ..FakeDataPlane::default()
+    });
+    let expected = vec![
+        expect(
+            Method::GET,
+            "/apis/courier.dev/v1alpha1/namespaces/chat/courierclusters/prod",
+            |_| {},
+        )
+        .answer(serde_json::to_value(cluster(false)).unwrap()),
+        expect(Method::GET, "/api/v1/namespaces/chat/pods", |_| {}).answer(pod_list(vec![
+            gateway_pod("gw-a", "10.0.0.1"),
+            gateway_pod("gw-b", "10.0.0.2"),
+            gateway_pod("gw-c", "10.0.0.3"),
+        ])),
+        expect(
+            Method::GET,
+            "/apis/apps/v1/namespaces/chat/deployments/prod-gateways",
+            |_| {},
+        )
+        .answer(deployment(3)),
+        expect(Method::PATCH, "/api/v1/namespaces/chat/pods/gw-b", |body| {
+            assert_eq!(
+                body["metadata"]["annotations"]["controller.kubernetes.io/pod-deletion-cost"],
+                "-1000"
+            );
+        })
+        .answer(gateway_pod("gw-b", "10.0.0.2")),
+        expect(
+            Method::POST,
+            "/apis/events.k8s.io/v1/namespaces/chat/events",
+            |body| {
+                assert_eq!(body["reason"], "ScaledDown");
+            },
+        ),
+        expect(
+            APPLY,
+            "/apis/apps/v1/namespaces/chat/deployments/prod-gateways",
+            |body| {
+                assert_eq!(body["spec"]["replicas"], 2);
+            },
+        ),
+        expect(APPLY, "/api/v1/namespaces/chat/services/prod", |_| {}),
+        expect(
+            APPLY,
+            "/apis/policy/v1/namespaces/chat/poddisruptionbudgets/prod-gateways",
+            |_| {},
+        ),
+        expect(
+            APPLY,
+            "/apis/courier.dev/v1alpha1/namespaces/chat/gatewaypools/prod-gateways/status",
+            |_| {},
+        )
+        .answer(serde_json::to_value(pool()).unwrap()),
+    ];
+    reconciled(expected, data_plane, async |ctx| {
+        // The autoscaler saw the same quiet load a whole window ago.
+        {
+            let policy = courier_operator::autoscale::ScalePolicy::new(2, 8, 1000);
+            let mut autoscalers = ctx.autoscalers.lock().unwrap();
+            let autoscaler = autoscalers
+                .entry(format!("{NS}/prod-gateways"))
+                .or_default();
+            let quiet = BTreeMap::from([("gw-a".to_owned(), 600)]);
+            autoscaler.decide(&policy, 3, &quiet, 1_000_000 - 600_000);
+        }
+        gateway_pool::reconcile(Arc::new(pool()), ctx)
+            .await
+            .unwrap();
+    })
+    .await;
+}
+
+fn shard_set(replicas: i32) -> SequencerShardSet {
+    let mut metadata = meta("prod-sequencers");
+    metadata.finalizers = Some(vec![shard_set::FINALIZER.to_owned()]);
+    SequencerShardSet {
+        metadata,
+        spec: SequencerShardSetSpec {
+            cluster: "prod".to_owned(),
+            shards: 4,
+            sequencers: SequencerSettings {
+                replicas,
+                ..SequencerSettings::default()
+            },
+        },
+        status: None,
+    }
+}
+
+fn stateful_set(replicas: i32) -> Value {
+    json!({
+        "apiVersion": "apps/v1", "kind": "StatefulSet",
+        "metadata": { "name": "prod-sequencers", "namespace": NS },
+        "spec": { "replicas": replicas, "selector": {}, "template": {}, "serviceName": "prod-sequencers" },
+        "status": { "replicas": replicas, "readyReplicas": replicas,
+                    "currentRevision": "r1", "updateRevision": "r1" }
+    })
+}
+
+fn token_secret() -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": { "name": "courier-token", "namespace": NS },
+        // base64 of a 46-byte token
+        "data": { "token": "Y291cmllci1vcGVyYXRvci10ZXN0LWNsdXN0ZXItdG9rZW4tMDEyMzQ1Njc4OQ==" }
+    })
+}
+
+/// A sample of `pods` (sequencer pods by ordinal) owning `owners[shard]` with `loads[shard]`.
+fn sample(pods: &[i32], owners: &[i32], loads: &[f64]) -> Sample {
+    Sample {
+        nodes: pods
+            .iter()
+            .map(|i| (format!("prod-sequencers-{i}"), format!("10.1.0.{i}:7500")))
+            .collect(),
+        shards: owners
+            .iter()
+            .zip(loads)
+            .enumerate()
+            .map(|(shard, (owner, load))| {
+                (
+                    shard as u32,
+                    ObservedShard {
+                        owner: format!("prod-sequencers-{owner}"),
+                        load: *load,
+                    },
+                )
+            })
+            .collect(),
+    }
+}
+
+/// The requests of a shard set's reconciliation up to its workloads.
+fn shard_set_reads_and_applies(running: i32, applied_replicas: i32) -> Vec<Expect> {
+    vec![
+        expect(
+            Method::GET,
+            "/apis/courier.dev/v1alpha1/namespaces/chat/courierclusters/prod",
+            |_| {},
+        )
+        .answer(serde_json::to_value(cluster(false)).unwrap()),
+        expect(
+            Method::GET,
+            "/apis/apps/v1/namespaces/chat/statefulsets/prod-sequencers",
+            |_| {},
+        )
+        .answer(stateful_set(running)),
+        expect(
+            Method::GET,
+            "/api/v1/namespaces/chat/secrets/courier-token",
+            |_| {},
+        )
+        .answer(token_secret()),
+    ]
+    .into_iter()
+    .chain(shard_set_applies(applied_replicas))
+    .collect()
+}
+
+fn shard_set_applies(replicas: i32) -> Vec<Expect> {
+    vec![
+        expect(
+            APPLY,
+            "/apis/apps/v1/namespaces/chat/statefulsets/prod-sequencers",
+            move |body| {
+                assert_eq!(body["spec"]["replicas"], replicas);
+                assert_eq!(body["spec"]["updateStrategy"]["type"], "OnDelete");
+                let args = args(body);
+                assert!(
+                    args.contains(
+                        &"$(POD_NAME).prod-sequencers.$(POD_NAMESPACE).svc:7500".to_owned()
+                    ),
+                    "{args:?}"
+                );
+            },
+        )
+        .answer(stateful_set(replicas)),
+        expect(
+            APPLY,
+            "/api/v1/namespaces/chat/services/prod-sequencers",
+            |body| {
+                assert_eq!(body["spec"]["clusterIP"], "None");
+                assert_eq!(body["spec"]["publishNotReadyAddresses"], true);
+            },
+        ),
+        expect(
+            APPLY,
+            "/apis/policy/v1/namespaces/chat/poddisruptionbudgets/prod-sequencers",
+            |body| {
+                assert_eq!(body["spec"]["maxUnavailable"], 1);
+            },
+        ),
+    ]
+}
+
+fn status_patch(check: impl Fn(&Value) + Send + 'static) -> Expect {
+    expect(
+        APPLY,
+        "/apis/courier.dev/v1alpha1/namespaces/chat/sequencershardsets/prod-sequencers/status",
+        check,
+    )
+    .answer(serde_json::to_value(shard_set(2)).unwrap())
+}
+
+#[tokio::test]
+async fn a_hot_sequencer_pod_gives_a_shard_to_the_other_and_the_move_is_recorded() {
+    // Pod 0 carries two busy shards, pod 1 two idle ones.
+    let data_plane = Arc::new(FakeDataPlane::with_sample(sample(
+        &[0, 1],
+        &[0, 0, 1, 1],
+        &[100.0, 100.0, 0.0, 0.0],
+    )));
+    let mut expected = shard_set_reads_and_applies(2, 2);
+    expected.push(expect(
+        Method::POST,
+        "/apis/events.k8s.io/v1/namespaces/chat/events",
+        |body| {
+            assert_eq!(body["reason"], "ShardMoved");
+            assert_eq!(
+                body["note"],
+                "shard 0 moved prod-sequencers-0 -> prod-sequencers-1 (Relieve), epoch 7"
+            );
+        },
+    ));
+    expected.push(status_patch(|body| {
+        let status = &body["status"];
+        assert_eq!(status["recentMoves"][0]["shard"], 0);
+        assert_eq!(status["recentMoves"][0]["outcome"], "epoch 7");
+        let rebalancing = status["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == "Rebalancing")
+            .unwrap();
+        assert_eq!(rebalancing["status"], "True");
+    }));
+    reconciled(expected, data_plane.clone(), async |ctx| {
+        // The rebalancer has seen pod 0 hot for three samples and its plan is due.
+        let mut rebalancer = Rebalancer::new(PlannerPolicy::default());
+        let view = data_plane.admin.sample.lock().unwrap().view(None);
+        for _ in 0..2 {
+            rebalancer.observe(&view);
+        }
+        ctx.rebalancers.lock().unwrap().insert(
+            format!("{NS}/prod-sequencers"),
+            RebalancerState {
+                rebalancer,
+                next_plan_ms: 0,
+                last_sample_ms: None,
+            },
+        );
+        shard_set::reconcile(Arc::new(shard_set(2)), ctx)
+            .await
+            .unwrap();
+    })
+    .await;
+    let moves = data_plane.admin.moves.lock().unwrap().clone();
+    assert_eq!(
+        moves,
+        [Move {
+            shard: 0,
+            from: "prod-sequencers-0".into(),
+            to: "prod-sequencers-1".into(),
+            reason: MoveReason::Relieve
+        }]
+    );
+}
+
+#[tokio::test]
+async fn scaling_down_keeps_the_leaving_pod_until_its_shards_are_evacuated() {
+    // replicas 2 -> 1: pod 1 still holds shards 2 and 3.
+    let data_plane = Arc::new(FakeDataPlane::with_sample(sample(
+        &[0, 1],
+        &[0, 0, 1, 1],
+        &[5.0, 5.0, 5.0, 5.0],
+    )));
+    let mut expected = shard_set_reads_and_applies(2, 2);
+    expected.push(expect(
+        Method::POST,
+        "/apis/events.k8s.io/v1/namespaces/chat/events",
+        |body| {
+            assert_eq!(body["reason"], "ShardMoved");
+        },
+    ));
+    expected.push(status_patch(|body| {
+        let progressing = body["status"]["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == "Progressing")
+            .unwrap()
+            .clone();
+        assert_eq!(progressing["reason"], "Evacuating");
+    }));
+    reconciled(expected, data_plane.clone(), async |ctx| {
+        shard_set::reconcile(Arc::new(shard_set(1)), ctx)
+            .await
+            .unwrap();
+    })
+    .await;
+    let moves = data_plane.admin.moves.lock().unwrap().clone();
+    assert_eq!(moves.len(), 1, "one shard leaves the pod at a time");
+    assert_eq!(moves[0].reason, MoveReason::Evacuate);
+    assert_eq!(moves[0].from, "prod-sequencers-1");
+    assert!(
+        data_plane.admin.drains.lock().unwrap().is_empty(),
+        "not drained while it holds shards"
+    );
+}
+
+#[tokio::test]
+async fn an_evacuated_pod_is_drained_and_then_the_statefulset_shrinks() {
+    // replicas 2 -> 1: pod 1 holds nothing any more.
+    let data_plane = Arc::new(FakeDataPlane::with_sample(sample(
+        &[0, 1],
+        &[0, 0, 0, 0],
+        &[5.0, 5.0, 5.0, 5.0],
+    )));
+    let mut expected = vec![
+        expect(
+            Method::GET,
+            "/apis/courier.dev/v1alpha1/namespaces/chat/courierclusters/prod",
+            |_| {},
+        )
+        .answer(serde_json::to_value(cluster(false)).unwrap()),
+        expect(
+            Method::GET,
+            "/apis/apps/v1/namespaces/chat/statefulsets/prod-sequencers",
+            |_| {},
+        )
+        .answer(stateful_set(2)),
+        expect(
+            Method::GET,
+            "/api/v1/namespaces/chat/secrets/courier-token",
+            |_| {},
+        )
+        .answer(token_secret()),
+        expect(
+            Method::POST,
+            "/apis/events.k8s.io/v1/namespaces/chat/events",
+            |body| {
+                assert_eq!(body["reason"], "Drained");
+                assert_eq!(
+                    body["note"],
+                    "prod-sequencers-1 drained before removal (0 shards released)"
+                );
+            },
+        ),
+    ];
+    expected.extend(shard_set_applies(1));
+    expected.push(status_patch(|_| {}));
+    reconciled(expected, data_plane.clone(), async |ctx| {
+        shard_set::reconcile(Arc::new(shard_set(1)), ctx)
+            .await
+            .unwrap();
+    })
+    .await;
+    assert_eq!(
+        data_plane.admin.drains.lock().unwrap().clone(),
+        ["prod-sequencers-1"]
+    );
+    assert!(data_plane.admin.moves.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_shard_set_woken_between_samples_applies_its_workloads_and_samples_nothing() {
+    let data_plane = Arc::new(FakeDataPlane::with_sample(sample(
+        &[0, 1],
+        &[0, 0, 1, 1],
+        &[100.0, 100.0, 0.0, 0.0],
+    )));
+    let mut expected = vec![
+        expect(
+            Method::GET,
+            "/apis/courier.dev/v1alpha1/namespaces/chat/courierclusters/prod",
+            |_| {},
+        )
+        .answer(serde_json::to_value(cluster(false)).unwrap()),
+        expect(
+            Method::GET,
+            "/apis/apps/v1/namespaces/chat/statefulsets/prod-sequencers",
+            |_| {},
+        )
+        .answer(stateful_set(2)),
+    ];
+    // Even with one replica wanted, nothing shrinks without a sample.
+    expected.extend(shard_set_applies(2));
+    reconciled(expected, data_plane.clone(), async |ctx| {
+        ctx.rebalancers.lock().unwrap().insert(
+            format!("{NS}/prod-sequencers"),
+            RebalancerState {
+                rebalancer: Rebalancer::new(PlannerPolicy::default()),
+                next_plan_ms: 0,
+                last_sample_ms: Some(1_000_000 - 5_000),
+            },
+        );
+        let action = shard_set::reconcile(Arc::new(shard_set(1)), ctx)
+            .await
+            .unwrap();
+        assert_eq!(
+            action,
+            kube::runtime::controller::Action::requeue(std::time::Duration::from_secs(10))
+        );
+    })
+    .await;
+    assert!(data_plane.admin.moves.lock().unwrap().is_empty());
+    assert!(data_plane.admin.drains.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_gateway_pool_woken_between_samples_keeps_its_size_and_reads_no_connections() {
+    let data_plane = Arc::new(FakeDataPlane::default());
+    let expected = vec![
+        expect(
+            Method::GET,
+            "/apis/courier.dev/v1alpha1/namespaces/chat/courierclusters/prod",
+            |_| {},
+        )
+        .answer(serde_json::to_value(cluster(false)).unwrap()),
+        expect(
+            Method::GET,
+            "/apis/apps/v1/namespaces/chat/deployments/prod-gateways",
+            |_| {},
+        )
+        .answer(deployment(3)),
+        expect(
+            APPLY,
+            "/apis/apps/v1/namespaces/chat/deployments/prod-gateways",
+            |body| {
+                assert_eq!(body["spec"]["replicas"], 3);
+            },
+        ),
+        expect(APPLY, "/api/v1/namespaces/chat/services/prod", |_| {}),
+        expect(
+            APPLY,
+            "/apis/policy/v1/namespaces/chat/poddisruptionbudgets/prod-gateways",
+            |_| {},
+        ),
+    ];
+    reconciled(expected, data_plane, async |ctx| {
+        {
+            let policy = courier_operator::autoscale::ScalePolicy::new(2, 8, 1000);
+            let mut autoscalers = ctx.autoscalers.lock().unwrap();
+            let autoscaler = autoscalers
+                .entry(format!("{NS}/prod-gateways"))
+                .or_default();
+            autoscaler.decide(&policy, 3, &BTreeMap::new(), 1_000_000 - 5_000);
+        }
+        gateway_pool::reconcile(Arc::new(pool()), ctx)
+            .await
+            .unwrap();
+    })
+    .await;
+}

@@ -1,0 +1,45 @@
+//! The CourierCluster the kind suite applies is one the types accept, with no key they would
+//! drop (the API server, with these CRDs, prunes unknown fields silently).
+
+use std::path::Path;
+
+use courier_operator::crd::CourierCluster;
+use serde_json::Value;
+
+/// Every key path of `value` (objects only; arrays by index).
+fn paths(value: &Value, prefix: &str, out: &mut Vec<String>) {
+    match value {
+        Value::Object(map) => {
+            for (key, child) in map {
+                let path = format!("{prefix}.{key}");
+                out.push(path.clone());
+                paths(child, &path, out);
+            }
+        }
+        Value::Array(list) => {
+            for (i, child) in list.iter().enumerate() {
+                paths(child, &format!("{prefix}[{i}]"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+#[test]
+fn the_e2e_cluster_manifest_matches_the_types_key_for_key() {
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/e2e/cluster.yaml");
+    let text = std::fs::read_to_string(file).unwrap();
+    let written: Value = serde_saphyr::from_str(&text).unwrap();
+    let parsed: CourierCluster =
+        serde_json::from_value(written.clone()).expect("a valid CourierCluster");
+    assert!(parsed.spec.storage.foundation_db.is_some());
+    let round_trip = serde_json::to_value(&parsed).unwrap();
+    let (mut before, mut after) = (Vec::new(), Vec::new());
+    paths(&written, "", &mut before);
+    paths(&round_trip, "", &mut after);
+    let dropped: Vec<&String> = before.iter().filter(|p| !after.contains(p)).collect();
+    assert!(
+        dropped.is_empty(),
+        "keys the types do not know: {dropped:?}"
+    );
+}
