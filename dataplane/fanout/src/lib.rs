@@ -15,8 +15,8 @@
 //! shard.
 //!
 //! **Waking up.** Whoever learns of a commit tells the shard's fanout
-//! ([`Fanout::committed`], in-process, or over gRPC from another node); every round also looks
-//! at every owned shard, so a lost notice delays a delivery by at most a round.
+//! ([`Fanout::committed`], in-process, or over gRPC from another node); on a cluster node every
+//! round also looks at every owned shard, so a lost notice delays a delivery by at most a round.
 //!
 //! Shards are split over a fixed number of workers (`shard % workers`), so one shard is
 //! always drained by one worker, in order. Recipients come from the [`MembershipCache`], kept
@@ -97,6 +97,9 @@ pub struct FanoutConfig {
     pub large_group_threshold: usize,
     /// This node's id and lease length in the shards' delivery ownership records.
     pub ownership: Ownership,
+    /// Whether every round looks at every owned shard: on a cluster node, where notices of
+    /// commits travel over the network and may be lost. In one process no notice is lost.
+    pub look_at_every_shard_each_round: bool,
 }
 
 struct Worker {
@@ -139,6 +142,7 @@ pub struct Fanout {
     cursors: ShardCursors,
     large_group_threshold: usize,
     ownership: Ownership,
+    look_at_every_shard_each_round: bool,
     /// Held by the lease round running.
     keeping: tokio::sync::Mutex<()>,
     /// The senders of the two queues below, until [`Fanout::start`] hands them to the workers.
@@ -182,6 +186,7 @@ impl Fanout {
             cursors: ShardCursors::default(),
             large_group_threshold: config.large_group_threshold,
             ownership: config.ownership,
+            look_at_every_shard_each_round: config.look_at_every_shard_each_round,
             keeping: tokio::sync::Mutex::new(()),
             handoffs: Mutex::new(Some(Handoffs { large, clears })),
             large_queue: Arc::new(tokio::sync::Mutex::new(large_queue)),
@@ -259,8 +264,8 @@ impl Fanout {
     }
 
     /// One lease round: renew, drop what was taken over, give back what is beyond this node's
-    /// fair share, take free or lapsed shards up to it, and look at every owned shard. Errors
-    /// are logged; the next round tries again.
+    /// fair share, take free or lapsed shards up to it, and (on a cluster node) look at every
+    /// owned shard. Errors are logged; the next round tries again.
     pub async fn keep_round(&self) {
         let _round = self.keeping.lock().await;
         if let Err(e) = self.renew().await {
@@ -277,8 +282,10 @@ impl Fanout {
             }
             Err(e) => tracing::warn!(error = %e, "reading the node registry failed; retrying"),
         }
-        for shard in self.owned_shards() {
-            self.mark(shard);
+        if self.look_at_every_shard_each_round {
+            for shard in self.owned_shards() {
+                self.mark(shard);
+            }
         }
     }
 
@@ -604,6 +611,7 @@ mod tests {
                 node: node.into(),
                 lease: Duration::from_secs(30),
             },
+            look_at_every_shard_each_round: true,
         }
     }
 

@@ -281,8 +281,8 @@ impl ServeConfig {
     }
 
     /// `--fanout-workers` (or its default for the store), the large-group threshold and this
-    /// node's delivery leases.
-    pub fn fanout_config(&self) -> FanoutConfig {
+    /// node's delivery leases; `cluster` for a node of a cluster (`courier node`).
+    pub fn fanout_config(&self, cluster: bool) -> FanoutConfig {
         FanoutConfig {
             workers: self.fanout_workers.unwrap_or(match self.store {
                 StoreKind::Embedded => 2,
@@ -290,6 +290,7 @@ impl ServeConfig {
             }),
             large_group_threshold: self.large_group_threshold,
             ownership: self.ownership(),
+            look_at_every_shard_each_round: cluster,
         }
     }
 

@@ -299,7 +299,7 @@ async fn run_fanout(
         gateways,
         Arc::new(MembershipCache::new(store.clone())),
         node.metrics.clone(),
-        node.config.fanout_config(),
+        node.config.fanout_config(true),
     )
     .await?;
     fanout.start(loops);

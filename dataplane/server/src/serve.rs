@@ -199,7 +199,7 @@ pub async fn run_client_roles(
                 gateways.clone(),
                 membership.clone(),
                 metrics.clone(),
-                config.fanout_config(),
+                config.fanout_config(cluster.is_some()),
             )
             .await?,
         ),
