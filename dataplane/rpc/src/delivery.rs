@@ -33,7 +33,7 @@ use courier_core::clock::now_ms;
 use courier_core::gateways::{DeliveryError, Gateways};
 use courier_core::membership::Members;
 use courier_core::sequencing::CommitListener;
-use courier_proto::{Encoding, Event, Payload, ServerFrame, pb};
+use courier_proto::{Encoding, Event, ServerFrame, pb};
 use courier_store::ownership::{Duty, NodeRecord};
 use courier_store::{MessageStore, StoreError};
 use futures::{StreamExt, TryStreamExt};
@@ -257,11 +257,17 @@ impl ClusterGateways {
         live_only: bool,
     ) -> Result<BTreeMap<String, Vec<String>>, StoreError> {
         let routes = directory.store.routes(user).await?;
-        let wanted: Vec<&str> = routes.iter().map(|r| r.gateway.as_str()).collect();
-        let nodes = directory.nodes(&wanted).await?;
+        let nodes = match live_only {
+            true => {
+                let wanted: Vec<&str> = routes.iter().map(|r| r.gateway.as_str()).collect();
+                Some(directory.nodes(&wanted).await?)
+            }
+            false => None,
+        };
         let mut by_gateway: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for route in routes {
-            if !live_only || Directory::live_address(&nodes, &route.gateway).is_some() {
+            let live = |nodes: &Nodes| Directory::live_address(nodes, &route.gateway).is_some();
+            if nodes.as_deref().is_none_or(live) {
                 by_gateway
                     .entry(route.gateway)
                     .or_default()
@@ -404,13 +410,10 @@ impl Gateways for ClusterGateways {
             Some((_, local)) => local.offer(user, frame),
             None => 0,
         };
-        let Payload::Binary(bytes) = Encoding::Proto.encode_server(frame) else {
-            unreachable!("the protobuf encoding is binary");
-        };
         let request = DeliverRequest {
             offers: vec![Offer {
                 user: user.to_owned(),
-                frame: bytes,
+                frame: pb::ServerFrame::from(frame.as_ref().clone()).encode_to_vec(),
             }],
             ..DeliverRequest::default()
         };

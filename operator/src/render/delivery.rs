@@ -9,7 +9,7 @@
 use k8s_openapi::api::apps::v1::Deployment;
 
 use super::gateways::{self, DRAIN_SECONDS};
-use super::pod::{self, Component, HTTP_PORT, INTERNAL_PORT, Shutdown};
+use super::pod::{self, Component, Shutdown};
 use super::{RenderError, Rollout, child_meta, deployment, name_and_namespace, owner_reference};
 use crate::crd::CourierCluster;
 
@@ -32,25 +32,6 @@ pub fn push_name(cluster: &str) -> String {
     format!("{cluster}-push")
 }
 
-/// `courier node` arguments of a pod of `roles` reached at its pod IP.
-fn node_args(roles: &str, extra: &[String]) -> Vec<String> {
-    let mut args = vec![
-        "node".to_owned(),
-        "--roles".to_owned(),
-        roles.to_owned(),
-        "--node-id".to_owned(),
-        "$(POD_NAME)".to_owned(),
-        "--listen".to_owned(),
-        format!("0.0.0.0:{HTTP_PORT}"),
-        "--internal-listen".to_owned(),
-        format!("0.0.0.0:{INTERNAL_PORT}"),
-        "--advertise".to_owned(),
-        format!("$(POD_IP):{INTERNAL_PORT}"),
-    ];
-    args.extend_from_slice(extra);
-    args
-}
-
 /// The fanout Deployment of `cluster`.
 pub fn fanout(cluster: &CourierCluster) -> Result<Deployment, RenderError> {
     let (name, namespace) = name_and_namespace(cluster)?;
@@ -58,7 +39,7 @@ pub fn fanout(cluster: &CourierCluster) -> Result<Deployment, RenderError> {
     let template = pod::template(
         cluster,
         Component::Fanout,
-        node_args("fanout", &[]),
+        pod::node_args("fanout", pod::at_pod_ip(), &[]),
         settings.resources.clone(),
         FANOUT_SHUTDOWN,
     );
@@ -89,7 +70,7 @@ pub fn push(cluster: &CourierCluster) -> Result<Option<Deployment>, RenderError>
     let template = pod::template(
         cluster,
         Component::Push,
-        node_args(PUSH_ROLES, &drain),
+        pod::node_args(PUSH_ROLES, pod::at_pod_ip(), &drain),
         cluster.spec.fanout.resources.clone(),
         gateways::SHUTDOWN,
     );

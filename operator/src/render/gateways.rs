@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::pod::{self, Component, HTTP_PORT, INTERNAL_PORT, Shutdown};
+use super::pod::{self, Component, Shutdown};
 use super::{
     RenderError, Rollout, ServiceKind, child_meta, deployment, disruption_budget,
     name_and_namespace, owner_reference, service,
@@ -52,21 +52,8 @@ pub fn build(
     let (name, namespace) = name_and_namespace(pool)?;
     let owner = owner_reference(pool)?;
     let cluster_name = pool.spec.cluster.clone();
-    let args = vec![
-        "node".to_owned(),
-        "--roles".to_owned(),
-        CLIENT_ROLES.to_owned(),
-        "--node-id".to_owned(),
-        "$(POD_NAME)".to_owned(),
-        "--listen".to_owned(),
-        format!("0.0.0.0:{HTTP_PORT}"),
-        "--internal-listen".to_owned(),
-        format!("0.0.0.0:{INTERNAL_PORT}"),
-        "--advertise".to_owned(),
-        format!("$(POD_IP):{INTERNAL_PORT}"),
-        "--drain-timeout".to_owned(),
-        format!("{DRAIN_SECONDS}s"),
-    ];
+    let drain = ["--drain-timeout".to_owned(), format!("{DRAIN_SECONDS}s")];
+    let args = pod::node_args(CLIENT_ROLES, pod::at_pod_ip(), &drain);
     let template = pod::template(
         cluster,
         Component::Gateway,

@@ -22,6 +22,31 @@ pub const HTTP_PORT: i32 = 8080;
 pub const INTERNAL_PORT: i32 = 7500;
 /// Where a pod keeps its data directory.
 pub const DATA_DIR: &str = "/var/lib/courier";
+
+/// The internal address a pod advertises when it is reached at its pod IP.
+pub fn at_pod_ip() -> String {
+    format!("$(POD_IP):{INTERNAL_PORT}")
+}
+
+/// `courier node` arguments of a pod running `roles`, which the other nodes reach at
+/// `advertise`, followed by `extra`.
+pub fn node_args(roles: &str, advertise: String, extra: &[String]) -> Vec<String> {
+    let mut args = vec![
+        "node".to_owned(),
+        "--roles".to_owned(),
+        roles.to_owned(),
+        "--node-id".to_owned(),
+        "$(POD_NAME)".to_owned(),
+        "--listen".to_owned(),
+        format!("0.0.0.0:{HTTP_PORT}"),
+        "--internal-listen".to_owned(),
+        format!("0.0.0.0:{INTERNAL_PORT}"),
+        "--advertise".to_owned(),
+        advertise,
+    ];
+    args.extend_from_slice(extra);
+    args
+}
 /// The user the data plane runs as (the images' non-root user).
 const RUN_AS_USER: i64 = 10001;
 

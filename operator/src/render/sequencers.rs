@@ -55,19 +55,9 @@ pub fn build(
     let (name, namespace) = name_and_namespace(set)?;
     let owner = owner_reference(set)?;
     let cluster_name = set.spec.cluster.clone();
-    let args = vec![
-        "node".to_owned(),
-        "--roles".to_owned(),
-        "sequencer".to_owned(),
-        "--node-id".to_owned(),
-        "$(POD_NAME)".to_owned(),
-        "--listen".to_owned(),
-        format!("0.0.0.0:{HTTP_PORT}"),
-        "--internal-listen".to_owned(),
-        format!("0.0.0.0:{INTERNAL_PORT}"),
-        "--advertise".to_owned(),
-        format!("$(POD_NAME).{name}.$(POD_NAMESPACE).svc:{INTERNAL_PORT}"),
-    ];
+    // Reached by its stable name under the headless Service, which outlives a pod's IP.
+    let advertise = format!("$(POD_NAME).{name}.$(POD_NAMESPACE).svc:{INTERNAL_PORT}");
+    let args = pod::node_args("sequencer", advertise, &[]);
     let template = pod::template(
         cluster,
         Component::Sequencer,
