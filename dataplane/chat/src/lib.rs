@@ -114,6 +114,10 @@ pub struct ChatLimits {
     pub history_on_join: u64,
     /// Sends are answered `unavailable` while more events than this wait for fanout.
     pub fanout_backlog_limit: i64,
+    /// Sends this node accepts and has not answered yet before new ones are answered
+    /// `unavailable` (with `retry_after_ms`): past the node's capacity they would only wait
+    /// longer in its queues. About the peak rate times the longest acceptable send-ACK wait.
+    pub max_sends_in_flight: usize,
     pub user_sends: Rate,
     pub group_sends: Rate,
 }
@@ -127,6 +131,7 @@ impl Default for ChatLimits {
             max_users_per_request: 1000,
             history_on_join: 0,
             fanout_backlog_limit: 1_000_000,
+            max_sends_in_flight: 4096,
             user_sends: Rate {
                 per_second: 100,
                 burst: 200,
@@ -246,6 +251,36 @@ impl Chat {
         Ok(())
     }
 
+    /// Takes one of the node's [`ChatLimits::max_sends_in_flight`] places for a send, or
+    /// answers `unavailable` when all are taken (the client retries after a jittered wait,
+    /// so refused clients do not come back together).
+    fn admit_send(&self) -> Result<InFlight, ApiError> {
+        let gauge = &self.metrics.sends_in_flight;
+        if gauge.inc() >= self.limits.max_sends_in_flight as i64 {
+            gauge.dec();
+            self.metrics
+                .rate_limited
+                .get_or_create(&ScopeLabel { scope: "node" })
+                .inc();
+            let retry_after_ms = 100 + rand::random::<u64>() % 200;
+            return Err(ApiError::unavailable(
+                "the server is at capacity; retry shortly",
+                retry_after_ms,
+            ));
+        }
+        Ok(InFlight(self.metrics.clone()))
+    }
+
+    /// Queues `append` with the sequencer once admitted; the place is given back when the
+    /// append is answered (or the caller stops waiting for it).
+    fn submit(&self, admitted: InFlight, append: Append) -> PendingAppend {
+        let pending = self.sequencer.submit(append);
+        Box::pin(async move {
+            let _admitted = admitted;
+            pending.await
+        })
+    }
+
     /// Checks that `conv` exists and `user` is a member of it now.
     pub async fn check_member(&self, conv: &str, user: &str) -> Result<(), ApiError> {
         ids::conversation_id(conv)?;
@@ -266,6 +301,7 @@ impl Chat {
         validate_body(&send.body)?;
         self.count_limited("user", self.user_sends.check(&who.user))?;
         self.check_backpressure()?;
+        let admitted = self.admit_send()?;
         if send.reply_to == Some(0) {
             return Err(ApiError::bad_request("reply_to must be a seq (1 or more)"));
         }
@@ -305,7 +341,7 @@ impl Chat {
             body,
             send.reply_to,
         );
-        let pending = self.sequencer.submit(Append { create, ..message });
+        let pending = self.submit(admitted, Append { create, ..message });
         Ok((conversation_id, pending))
     }
 
@@ -570,19 +606,32 @@ impl Chat {
             }
         }
         let client_msg_id = format!("delete:{}", delete.seq);
-        let pending = self.sequencer.submit(Append {
-            conversation_id: conv.clone(),
-            sender: Sender {
-                user: who.user.clone(),
-                device: who.device.clone(),
+        let admitted = self.admit_send()?;
+        let pending = self.submit(
+            admitted,
+            Append {
+                conversation_id: conv.clone(),
+                sender: Sender {
+                    user: who.user.clone(),
+                    device: who.device.clone(),
+                },
+                key: AppendKey::Server(client_msg_id.clone()),
+                payload: EventPayload::Delete {
+                    target_seq: delete.seq,
+                },
+                create: None,
             },
-            key: AppendKey::Server(client_msg_id.clone()),
-            payload: EventPayload::Delete {
-                target_seq: delete.seq,
-            },
-            create: None,
-        });
+        );
         Ok((client_msg_id, pending))
+    }
+}
+
+/// A send's place among the node's sends in flight, given back when dropped.
+struct InFlight(Arc<Metrics>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.sends_in_flight.dec();
     }
 }
 
@@ -610,6 +659,101 @@ fn validate_body(body: &Body) -> Result<(), ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use courier_core::gateways::NoGateways;
+    use courier_core::sequencing::{PendingTrim, SequencerError};
+    use courier_store::AppendOutcome;
+    use courier_store::embedded::EmbeddedEngine;
+    use std::sync::Mutex;
+    use tokio::sync::oneshot;
+
+    /// Holds every append until the test answers it.
+    #[derive(Default)]
+    struct HeldSequencer {
+        held: Mutex<Vec<oneshot::Sender<Result<AppendOutcome, SequencerError>>>>,
+    }
+
+    impl Sequencer for HeldSequencer {
+        fn submit(&self, _append: Append) -> PendingAppend {
+            let (reply, outcome) = oneshot::channel();
+            self.held.lock().unwrap().push(reply);
+            Box::pin(async move { outcome.await.unwrap_or(Err(SequencerError::ShardMoved)) })
+        }
+
+        fn trim(&self, _conversation_id: &str, _new_floor: u64) -> PendingTrim {
+            Box::pin(async { Ok(0) })
+        }
+    }
+
+    async fn chat(sequencer: Arc<HeldSequencer>, limits: ChatLimits) -> (tempfile::TempDir, Chat) {
+        let dir = tempfile::tempdir().unwrap();
+        let kv = Arc::new(EmbeddedEngine::open(&dir.path().join("s")).unwrap());
+        let store = MessageStore::open(kv, b"", 4).await.unwrap();
+        let gateways: Arc<dyn Gateways> = Arc::new(NoGateways);
+        let membership = Arc::new(MembershipCache::new(store.clone()));
+        let receipts = ReceiptRelay::new(store.clone(), gateways.clone(), membership.clone(), 100);
+        let storage = StorageHealth::new(store.clone(), None, 0, None, 0);
+        let metrics = Arc::new(Metrics::new());
+        let chat = Chat::new(
+            store, sequencer, gateways, membership, receipts, metrics, limits, storage,
+        );
+        (dir, chat)
+    }
+
+    fn text_to(peer: &str, id: &str) -> courier_proto::Send {
+        courier_proto::Send {
+            reference: None,
+            conversation_id: None,
+            to_user: Some(peer.into()),
+            client_msg_id: id.into(),
+            body: Body::Text("hi".into()),
+            reply_to: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn sends_past_the_in_flight_limit_are_unavailable_until_one_is_answered() {
+        let sequencer = Arc::new(HeldSequencer::default());
+        let limits = ChatLimits {
+            max_sends_in_flight: 2,
+            ..ChatLimits::default()
+        };
+        let (_dir, chat) = chat(sequencer.clone(), limits).await;
+        let alice = Identity {
+            user: "alice".into(),
+            device: "phone".into(),
+            issued_at_ms: 0,
+        };
+        let (_, first) = chat
+            .submit_send(&alice, &text_to("bob", "m1"))
+            .await
+            .unwrap();
+        let (_, _second) = chat
+            .submit_send(&alice, &text_to("carol", "m2"))
+            .await
+            .unwrap();
+        let Err(refused) = chat.submit_send(&alice, &text_to("dave", "m3")).await else {
+            panic!("a third send in flight was accepted");
+        };
+        assert_eq!(refused.code, courier_proto::ErrorCode::Unavailable);
+        assert!(refused.retry_after_ms.is_some_and(|ms| ms > 0));
+        assert_eq!(chat.metrics.sends_in_flight.get(), 2);
+
+        // The first is answered: its place is free again.
+        let answer = AppendOutcome {
+            seq: 1,
+            server_msg_id: "s1".into(),
+            ts_ms: 1,
+            duplicate: false,
+        };
+        let reply = sequencer.held.lock().unwrap().remove(0);
+        reply.send(Ok(answer)).unwrap();
+        assert_eq!(first.await.unwrap().seq, 1);
+        assert_eq!(chat.metrics.sends_in_flight.get(), 1);
+        let (_, _third) = chat
+            .submit_send(&alice, &text_to("dave", "m3"))
+            .await
+            .unwrap();
+    }
 
     #[test]
     fn direct_ids_are_symmetric_and_url_safe() {

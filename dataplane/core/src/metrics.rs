@@ -53,6 +53,8 @@ pub struct Metrics {
     pub stages: StageLatencies,
     /// Events committed and not yet fanned out.
     pub fanout_backlog: Gauge,
+    /// Sends this node's chat role accepted and has not answered yet.
+    pub sends_in_flight: Gauge,
     /// Events appended, per sequencer shard (hot shards stand out).
     pub shard_appends: Family<ShardLabel, Counter>,
     /// Sequencer shards this node owns (holds a lease on).
@@ -100,6 +102,7 @@ impl Metrics {
                 ack_commit: latency(),
             },
             fanout_backlog: Gauge::default(),
+            sends_in_flight: Gauge::default(),
             shard_appends: Family::default(),
             owned_shards: Gauge::default(),
             fanout_owned_shards: Gauge::default(),
@@ -147,6 +150,11 @@ impl Metrics {
             "chat_ack_commit_seconds",
             "Time from an ack frame to its durable commit",
             metrics.stages.ack_commit.clone(),
+        );
+        registry.register(
+            "chat_sends_in_flight",
+            "Sends accepted by this node and not answered yet (see --max-sends-in-flight)",
+            metrics.sends_in_flight.clone(),
         );
         registry.register(
             "fanout_backlog_events",

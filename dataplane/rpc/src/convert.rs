@@ -4,11 +4,12 @@
 
 use crate::proto;
 use courier_store::StoreError;
-use courier_store::kv::{Batch, BatchLimits, Fence, KeyValue, Mutation};
+use courier_store::kv::{Batch, BatchLimits, Durability, Fence, KeyValue, Mutation};
 
 pub(crate) fn commit_request(batch: Batch) -> proto::CommitRequest {
     use proto::mutation::Kind;
     proto::CommitRequest {
+        deferred: batch.durability == Durability::Deferred,
         fences: batch
             .fences
             .into_iter()
@@ -71,6 +72,11 @@ pub(crate) fn batch(request: proto::CommitRequest) -> Result<Batch, StoreError> 
             .map(|proto::Fence { key, expected }| Fence { key, expected })
             .collect(),
         mutations,
+        durability: if request.deferred {
+            Durability::Deferred
+        } else {
+            Durability::Synced
+        },
     })
 }
 
@@ -104,7 +110,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_mutation_and_fence_round_trips() {
+    fn every_mutation_fence_and_durability_round_trips() {
         let mut original = Batch::new();
         original
             .fence(b"epoch".to_vec(), Some(vec![1, 0, 0]))
@@ -117,6 +123,8 @@ mod tests {
             .add(b"n".to_vec(), i64::MIN)
             .set_versionstamped_key(vec![0xff; 14], b"v".to_vec());
         assert_eq!(batch(commit_request(original.clone())).unwrap(), original);
+        original.deferred();
+        assert_eq!(batch(commit_request(original.clone())).unwrap(), original);
     }
 
     #[test]
@@ -124,6 +132,7 @@ mod tests {
         let request = proto::CommitRequest {
             fences: Vec::new(),
             mutations: vec![proto::Mutation { kind: None }],
+            deferred: false,
         };
         assert!(matches!(batch(request), Err(StoreError::Engine(_))));
     }

@@ -142,6 +142,11 @@ pub struct ServeConfig {
         default_value_t = 1_000_000
     )]
     pub fanout_backlog_limit: i64,
+    /// Sends accepted and not yet answered, on this node, before new ones get `unavailable`
+    /// (with a jittered `retry_after_ms`): the bound on the queue a send may wait in when
+    /// clients offer more than the node can commit.
+    #[arg(long, env = "COURIER_MAX_SENDS_IN_FLIGHT", default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_sends_in_flight: u64,
     /// Events are kept at least this long, and until every active device has them.
     #[arg(long, env = "COURIER_RETENTION", default_value = "30days", value_parser = humantime::parse_duration)]
     pub retention: Duration,
@@ -252,6 +257,7 @@ impl ServeConfig {
             max_group_name: self.max_group_name,
             history_on_join: self.history_on_join,
             fanout_backlog_limit: self.fanout_backlog_limit,
+            max_sends_in_flight: self.max_sends_in_flight as usize,
             user_sends: Rate {
                 per_second: self.user_sends_per_sec,
                 burst: self.user_sends_burst,

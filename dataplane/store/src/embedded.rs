@@ -1,13 +1,15 @@
 //! The embedded engine: a directory on local disk (fjall: an LSM tree with a write-ahead
-//! journal, snapshot readers, one writer transaction at a time), fsync on every commit, no
-//! set-up. Chosen by measurement, see `docs/decisions/0001-embedded-engine.md`.
+//! journal, snapshot readers, one writer transaction at a time), fsync on every synced commit,
+//! no set-up. Chosen by measurement, see `docs/decisions/0001-embedded-engine.md`.
 //!
 //! **Group commit.** Commits queue for one writer thread, which takes every waiting batch (up to
 //! [`GROUP_MAX_BATCHES`] or [`GROUP_MAX_BYTES`]) into one fjall write transaction (reads see the
-//! group's earlier writes) and one journal fsync. Each
-//! batch keeps its own fences and outcome: a refused batch writes nothing and does not affect the
-//! others. The queue holds [`QUEUE_CAPACITY`] batches; when full, `commit` waits (backpressure
-//! reaches the caller as a slower commit, never as a lost write).
+//! group's earlier writes) and one journal fsync. Each batch keeps its own fences and outcome: a
+//! refused batch writes nothing and does not affect the others. A group of
+//! [`Durability::Deferred`] batches only is written to the journal and handed to the operating
+//! system without an fsync; the next synced group (one fsync of the same journal) makes it
+//! durable too. The queue holds [`QUEUE_CAPACITY`] batches; when full, `commit` waits
+//! (backpressure reaches the caller as a slower commit, never as a lost write).
 //!
 //! **A failed write halts the engine.** When fjall cannot write or sync its journal (disk full,
 //! I/O error) it poisons the database: no later write is accepted, as what is on disk is in
@@ -21,7 +23,8 @@
 //! FoundationDB's, and increasing across restarts.
 
 use crate::kv::{
-    Batch, BatchLimits, CommitStamp, KeyValue, KvEngine, Mutation, StoreError, decode_u64,
+    Batch, BatchLimits, CommitStamp, Durability, KeyValue, KvEngine, Mutation, StoreError,
+    decode_u64,
 };
 use async_trait::async_trait;
 use fjall::{
@@ -259,7 +262,8 @@ fn commit_group(
     group: &[CommitRequest],
     version: u64,
 ) -> Result<Vec<Result<CommitStamp, StoreError>>, GroupError> {
-    let mut txn = store.db.write_tx().durability(Some(COMMIT_PERSIST));
+    let persist = persist_mode(group.iter().map(|request| request.batch.durability));
+    let mut txn = store.db.write_tx().durability(Some(persist));
     let mut outcomes = Vec::with_capacity(group.len());
     for (order, request) in group.iter().enumerate() {
         let stamp = stamp(version, order);
@@ -274,6 +278,16 @@ fn commit_group(
     txn.insert(&store.meta, COMMIT_VERSION, version.to_le_bytes().to_vec());
     txn.commit().map_err(GroupError::Commit)?;
     Ok(outcomes)
+}
+
+/// How far a group is persisted: synced if any of its batches must be, else handed to the
+/// operating system only (a deferred batch survives a crash of the process).
+fn persist_mode(durabilities: impl IntoIterator<Item = Durability>) -> PersistMode {
+    if durabilities.into_iter().any(|d| d == Durability::Synced) {
+        COMMIT_PERSIST
+    } else {
+        PersistMode::Buffer
+    }
 }
 
 type WriteTxn<'a> = fjall::SingleWriterWriteTx<'a>;
@@ -399,6 +413,14 @@ mod tests {
             matches!(COMMIT_PERSIST, PersistMode::SyncAll | PersistMode::SyncData),
             "commits must be answered only after an fsync, not {COMMIT_PERSIST:?}"
         );
+    }
+
+    #[test]
+    fn a_group_is_synced_when_any_of_its_batches_must_be() {
+        use Durability::{Deferred, Synced};
+        assert_eq!(persist_mode([Synced]), COMMIT_PERSIST);
+        assert_eq!(persist_mode([Deferred, Synced, Deferred]), COMMIT_PERSIST);
+        assert_eq!(persist_mode([Deferred, Deferred]), PersistMode::Buffer);
     }
 
     #[tokio::test]

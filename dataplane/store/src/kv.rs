@@ -53,11 +53,29 @@ pub struct Fence {
     pub expected: Option<Vec<u8>>,
 }
 
-/// Writes committed atomically: all or nothing, durable once `commit` returns `Ok`.
+/// How far a commit is persisted when `commit` returns `Ok`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Durability {
+    /// On disk: the commit survives a power loss.
+    #[default]
+    Synced,
+    /// Applied and visible to every read, and handed to the operating system: it survives a
+    /// crash of the process, and reaches the disk with the next synced commit (or the
+    /// kernel's writeback, within 30 s by Linux's defaults). A power loss or kernel crash
+    /// before then may lose it, never a later synced commit without it. Only for writes
+    /// whose loss repeats idempotent work: an outbox entry fanned out again, a push intent
+    /// counted again, an acknowledgement whose events come again (delivery is
+    /// at-least-once). An engine may sync every commit (FoundationDB does).
+    Deferred,
+}
+
+/// Writes committed atomically: all or nothing, persisted as its [`Durability`] says once
+/// `commit` returns `Ok` (synced to disk unless marked deferred).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Batch {
     pub fences: Vec<Fence>,
     pub mutations: Vec<Mutation>,
+    pub durability: Durability,
 }
 
 impl Batch {
@@ -94,6 +112,11 @@ impl Batch {
     pub fn set_versionstamped_key(&mut self, key: Vec<u8>, value: Vec<u8>) -> &mut Self {
         self.mutations
             .push(Mutation::SetVersionstampedKey { key, value });
+        self
+    }
+    /// Marks the batch [`Durability::Deferred`].
+    pub fn deferred(&mut self) -> &mut Self {
+        self.durability = Durability::Deferred;
         self
     }
     pub fn is_empty(&self) -> bool {

@@ -1292,12 +1292,21 @@ impl MessageStore {
         let room = PUSH_EXPANSION_BYTES
             .min(self.kv.limits().max_batch_bytes)
             .saturating_sub(intents.start.len() + intents.end.len());
-        let (mut batch, mut bytes) = (Batch::new(), 0);
+        // Deferred: a power loss that takes these back also takes back the clear of the
+        // intents, which are expanded again.
+        let deferred = || {
+            let mut batch = Batch::new();
+            batch.deferred();
+            batch
+        };
+        let (mut batch, mut bytes) = (deferred(), 0);
         for ((user, device, conv), push) in pending {
             let key = self.keys.pending_push(user, device, conv);
             let value = push.encode_to_vec();
             if bytes + key.len() + value.len() > room && !batch.is_empty() {
-                self.kv.commit(std::mem::take(&mut batch)).await?;
+                self.kv
+                    .commit(std::mem::replace(&mut batch, deferred()))
+                    .await?;
                 bytes = 0;
             }
             bytes += key.len() + value.len();
@@ -1438,8 +1447,12 @@ impl MessageStore {
             .collect()
     }
 
-    /// Records a device's cumulative acknowledgement, durably: the device's delivered cursor
-    /// and the user's receipt cursors move up (atomic MAX; a read implies delivery).
+    /// Records a device's cumulative acknowledgement: the device's delivered cursor and the
+    /// user's receipt cursors move up (atomic MAX; a read implies delivery). The commit is
+    /// [deferred](crate::kv::Durability::Deferred): it survives a crash of the process, and
+    /// only a power loss in the next moments can take it back, which delivers its events
+    /// again (at-least-once) and lowers the receipt cursors, which clients keep at their
+    /// highest.
     pub async fn acknowledge(
         &self,
         user: &str,
@@ -1450,6 +1463,7 @@ impl MessageStore {
     ) -> Result<(), StoreError> {
         let mut batch = Batch::new();
         batch
+            .deferred()
             .max(self.keys.cursor(user, device, conv), seq)
             .max(self.keys.receipt(conv, user, ReceiptKind::Delivered), seq);
         if kind == ReceiptKind::Read {
@@ -1502,6 +1516,8 @@ impl MessageStore {
     /// shard's ranges and clears the others again.
     pub async fn clear_outbox(&self, ranges: &[OutboxRange]) -> Result<(), StoreError> {
         let mut batch = Batch::new();
+        // A clear a power loss takes back only fans those entries out again.
+        batch.deferred();
         let mut fenced = HashSet::new();
         for range in ranges {
             if fenced.insert(range.lease.shard) {

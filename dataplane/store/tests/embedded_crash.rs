@@ -5,6 +5,9 @@
 //! nothing runs between the kill and the reopen, so a commit answered before its journal write
 //! left the process is caught here.
 //!
+//! Half of the writers commit [deferred](courier_store::kv::Durability::Deferred) batches,
+//! answered once the operating system holds them: a process kill loses none of those either.
+//!
 //! A process kill cannot lose what the operating system already holds: that `Ok` also waits for
 //! the fsync is pinned by `embedded::tests::commits_wait_for_fsync`.
 
@@ -44,6 +47,9 @@ fn commit_and_report(dir: &str) -> ! {
                 for commit in 0..COMMITS_PER_WRITER {
                     let mut batch = Batch::new();
                     batch.set(key(writer, commit), value(writer, commit));
+                    if writer % 2 == 1 {
+                        batch.deferred();
+                    }
                     engine.commit(batch).await.unwrap();
                     println!("committed {writer} {commit}");
                 }
