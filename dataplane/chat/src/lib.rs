@@ -373,8 +373,8 @@ impl Chat {
         Ok(Body::Media(media))
     }
 
-    /// Records an `ack` durably, then tells the other members' devices if the user's receipt
-    /// cursors moved.
+    /// Records an `ack` (a deferred commit: `docs/operations.md`, Durability), then tells the
+    /// other members' devices if the user's receipt cursors moved.
     pub async fn acknowledge(
         &self,
         who: &Identity,
@@ -405,7 +405,14 @@ impl Chat {
         self.store
             .acknowledge(&who.user, &who.device, conv, ack.seq, kind)
             .await?;
-        let (delivered_seq, read_seq) = self.store.receipt(conv, &who.user).await?;
+        // What the commit's MAX left, unless another device of the user acknowledged more
+        // meanwhile: its own receipt then carries the higher cursors, and clients keep the
+        // highest they saw.
+        let delivered_seq = before_delivered.max(ack.seq);
+        let read_seq = match kind {
+            ReceiptKind::Read => before_read.max(ack.seq),
+            ReceiptKind::Delivered => before_read,
+        };
         let moved = (delivered_seq, read_seq) != (before_delivered, before_read);
         if moved && member.is_member() {
             let receipt = Receipt {
