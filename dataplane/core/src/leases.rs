@@ -24,3 +24,31 @@ impl Ownership {
         self.lease / 3
     }
 }
+
+/// This node's claim to a cluster-wide job (`courier_store::leaders`): every node able to run
+/// the job runs its loop, and before each pass asks whether it leads the job.
+#[derive(Clone)]
+pub struct JobLead {
+    pub store: courier_store::MessageStore,
+    pub job: courier_store::leaders::Job,
+    /// This node's id.
+    pub node: String,
+}
+
+impl JobLead {
+    /// Whether this node runs the pass that starts now: it takes or renews the job's lead for
+    /// three `interval`s (so the lead passes on after a leader missed two passes). A failed
+    /// store call is logged and skips the pass.
+    pub async fn runs_pass(&self, interval: Duration) -> bool {
+        let lease_ms = interval.saturating_mul(3).as_millis() as u64;
+        let now = crate::clock::now_ms();
+        match self.store.lead(self.job, &self.node, now, lease_ms).await {
+            Ok(leads) => leads,
+            Err(e) => {
+                let job = self.job.name();
+                tracing::warn!(job, error = %e, "could not take the job's lead; skipping this pass");
+                false
+            }
+        }
+    }
+}

@@ -32,6 +32,7 @@ use courier_chat::Chat;
 use courier_core::auth::Identity;
 use courier_core::clock::now_ms;
 use courier_core::error::ApiError;
+use courier_core::leases::JobLead;
 use courier_core::loops::BackgroundLoops;
 use courier_core::metrics::Metrics;
 use courier_core::storage_health::StorageHealth;
@@ -433,20 +434,25 @@ impl MediaService {
         }
     }
 
-    /// Sweeps every `--media-sweep-interval` until `loops` shuts down.
-    pub fn start_sweeper(self: &Arc<Self>, loops: &BackgroundLoops) {
+    /// Sweeps every `--media-sweep-interval` until `loops` shuts down, when this node leads
+    /// the media sweep (one node of a cluster at a time, `courier_store::leaders`).
+    pub fn start_sweeper(self: &Arc<Self>, loops: &BackgroundLoops, lead: JobLead) {
         let media = self.clone();
         loops.spawn("media sweeper", move |cancel| {
-            let media = media.clone();
+            let (media, lead) = (media.clone(), lead.clone());
             async move {
-                cancel.run_until_cancelled(media.sweep_every()).await;
+                cancel.run_until_cancelled(media.sweep_every(&lead)).await;
             }
         });
     }
 
-    async fn sweep_every(&self) {
+    async fn sweep_every(&self, lead: &JobLead) {
+        let interval = self.config.media_sweep_interval;
         loop {
-            tokio::time::sleep(self.config.media_sweep_interval).await;
+            tokio::time::sleep(interval).await;
+            if !lead.runs_pass(interval).await {
+                continue;
+            }
             match self.sweep().await {
                 Ok(0) => {}
                 Ok(swept) => {

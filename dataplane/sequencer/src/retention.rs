@@ -14,6 +14,7 @@
 //! restarted if it panics (it keeps no state between passes).
 
 use courier_core::clock::now_ms;
+use courier_core::leases::JobLead;
 use courier_core::loops::BackgroundLoops;
 use courier_core::metrics::Metrics;
 use courier_core::sequencing::{Sequencer, SequencerError};
@@ -74,20 +75,24 @@ impl Retention {
         })
     }
 
-    /// Runs a pass every `interval` until `loops` shuts down.
-    pub fn start(self: &Arc<Self>, loops: &BackgroundLoops) {
+    /// Runs a pass every `interval` until `loops` shuts down, when this node leads the
+    /// retention job (one node of a cluster at a time, `courier_store::leaders`).
+    pub fn start(self: &Arc<Self>, loops: &BackgroundLoops, lead: JobLead) {
         let retention = self.clone();
         loops.spawn("retention", move |cancel| {
-            let retention = retention.clone();
+            let (retention, lead) = (retention.clone(), lead.clone());
             async move {
-                cancel.run_until_cancelled(retention.run_every()).await;
+                cancel.run_until_cancelled(retention.run_every(&lead)).await;
             }
         });
     }
 
-    async fn run_every(&self) {
+    async fn run_every(&self, lead: &JobLead) {
         loop {
             tokio::time::sleep(self.policy.interval).await;
+            if !lead.runs_pass(self.policy.interval).await {
+                continue;
+            }
             match self.run_once().await {
                 Ok(Cleared {
                     events: 0,

@@ -32,6 +32,7 @@ use courier_chat::Chat;
 use courier_chat::receipts::ReceiptRelay;
 use courier_core::auth::{self, TokenVerifier};
 use courier_core::gateways::Gateways;
+use courier_core::leases::JobLead;
 use courier_core::loops::BackgroundLoops;
 use courier_core::membership::MembershipCache;
 use courier_core::metrics::Metrics;
@@ -50,6 +51,7 @@ use courier_sequencer::LocalSequencer;
 use courier_sequencer::retention::Retention;
 use courier_sequencer::routing::RoutedSequencer;
 use courier_store::embedded::EmbeddedEngine;
+use courier_store::leaders::Job;
 use courier_store::{KvEngine, MessageStore, StoreError};
 use std::future::IntoFuture;
 use std::sync::Arc;
@@ -160,6 +162,12 @@ pub async fn run_client_roles(
         .with_context(|| format!("creating the data directory {}", config.data_dir.display()))?;
     let verifier = verifier(&config)?;
     let node = config.node_id.clone();
+    // Jobs over the whole keyspace run on the one node that leads each.
+    let lead = |job| JobLead {
+        store: store.clone(),
+        job,
+        node: node.clone(),
+    };
 
     let metrics = cluster
         .as_ref()
@@ -285,7 +293,7 @@ pub async fn run_client_roles(
         config.retention_policy(),
         metrics.clone(),
     )
-    .start(&loops);
+    .start(&loops, lead(Job::Retention));
     let storage = StorageHealth::new(
         store.clone(),
         (config.store == StoreKind::Embedded).then(|| config.data_dir.join(STORE_DIR)),
@@ -349,7 +357,7 @@ pub async fn run_client_roles(
         metrics.clone(),
         storage.clone(),
     )?;
-    media.start_sweeper(&loops);
+    media.start_sweeper(&loops, lead(Job::MediaSweep));
     storage.start(&loops);
     let state = Arc::new(AppState {
         chat,

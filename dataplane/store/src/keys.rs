@@ -90,6 +90,11 @@ impl Keys {
         }
     }
 
+    /// The leader record of a cluster-wide job (`crate::leaders`).
+    pub fn leader(&self, job: &str) -> Vec<u8> {
+        self.root.pack(&("lead", job))
+    }
+
     pub fn route(&self, user: &str, device: &str, gateway: &str) -> Vec<u8> {
         self.root.pack(&("route", user, device, gateway))
     }

@@ -20,6 +20,7 @@ pub mod faulty_engine;
 pub mod fdb;
 pub mod keys;
 pub mod kv;
+pub mod leaders;
 pub mod membership;
 mod message_store;
 pub mod ownership;

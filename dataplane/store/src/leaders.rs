@@ -1,0 +1,127 @@
+//! Cluster-wide jobs that one node at a time runs: passes over the whole keyspace (retention,
+//! the media sweep) that every node able to run them starts, but only the job's leader does.
+//!
+//! Each job has a leader record (`("lead", job)`: node and lease deadline). Before each pass a
+//! node calls [`MessageStore::lead`], which takes the record if it is free, lapsed or already
+//! the node's, and renews it; a node that finds another node's live lease skips the pass. The
+//! leader keeps the job as long as it renews it within its lease; when it dies, another node
+//! takes the job at its first pass after the lease lapsed.
+//!
+//! **No fence.** The jobs are idempotent and every write they make is safe next to another
+//! node's (a retention trim goes through the shard's sequencer and fences on its epoch; a
+//! media sweep deletes only what nothing references). The lease only keeps them from running
+//! on every node at once; two leaders for a moment (a paused node past its lease) cost a pass
+//! done twice, never a wrong write.
+
+use crate::kv::{Batch, StoreError};
+use crate::message_store::{MessageStore, corrupt};
+use prost::Message;
+
+/// A cluster-wide job with a leader.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Job {
+    /// Trims events past retention and expires idempotency records.
+    Retention,
+    /// Deletes media no message references any more.
+    MediaSweep,
+}
+
+impl Job {
+    pub fn name(self) -> &'static str {
+        match self {
+            Job::Retention => "retention",
+            Job::MediaSweep => "media-sweep",
+        }
+    }
+}
+
+/// A job's leader, as stored.
+#[derive(Clone, PartialEq, prost::Message)]
+struct LeaderRecord {
+    #[prost(string, tag = "1")]
+    node: String,
+    /// The leader holds the job until this time (ms since the Unix epoch).
+    #[prost(uint64, tag = "2")]
+    lease_until_ms: u64,
+}
+
+impl MessageStore {
+    /// Takes or renews the lead of `job` for `node` until `now_ms + lease_ms`, unless another
+    /// node's lease on it still runs; returns whether `node` leads it. Of two nodes taking a
+    /// free job at once, the commit of one fails on the record it read and that one does not
+    /// lead.
+    pub async fn lead(
+        &self,
+        job: Job,
+        node: &str,
+        now_ms: u64,
+        lease_ms: u64,
+    ) -> Result<bool, StoreError> {
+        let key = self.keys().leader(job.name());
+        let stored = self.kv().get(&key).await?;
+        if let Some(value) = &stored {
+            let record = LeaderRecord::decode(value.as_slice()).map_err(|e| corrupt(&key, e))?;
+            if record.node != node && record.lease_until_ms > now_ms {
+                return Ok(false);
+            }
+        }
+        let record = LeaderRecord {
+            node: node.to_owned(),
+            lease_until_ms: now_ms.saturating_add(lease_ms),
+        };
+        let mut batch = Batch::new();
+        batch
+            .fence(key.clone(), stored)
+            .set(key, record.encode_to_vec());
+        match self.kv().commit(batch).await {
+            Ok(_) => Ok(true),
+            Err(StoreError::FenceChanged { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::embedded::EmbeddedEngine;
+    use std::sync::Arc;
+
+    const LEASE: u64 = 10_000;
+
+    #[tokio::test]
+    async fn one_node_leads_a_job_until_its_lease_lapses() {
+        let dir = tempfile::tempdir().unwrap();
+        let kv = Arc::new(EmbeddedEngine::open(&dir.path().join("s")).unwrap());
+        let store = MessageStore::open(kv, b"", 4).await.unwrap();
+        let retention = Job::Retention;
+
+        assert!(store.lead(retention, "a", 1_000, LEASE).await.unwrap());
+        assert!(!store.lead(retention, "b", 2_000, LEASE).await.unwrap());
+        // Another job has its own leader.
+        assert!(
+            store
+                .lead(Job::MediaSweep, "b", 2_000, LEASE)
+                .await
+                .unwrap()
+        );
+        // The leader renews: b still cannot take it after the first lease would have ended.
+        assert!(store.lead(retention, "a", 9_000, LEASE).await.unwrap());
+        assert!(!store.lead(retention, "b", 12_000, LEASE).await.unwrap());
+        // a stops renewing: once its lease lapsed, b takes the job and a no longer leads.
+        assert!(store.lead(retention, "b", 19_001, LEASE).await.unwrap());
+        assert!(!store.lead(retention, "a", 19_002, LEASE).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn of_two_nodes_taking_a_free_job_at_once_one_leads() {
+        let dir = tempfile::tempdir().unwrap();
+        let kv = Arc::new(EmbeddedEngine::open(&dir.path().join("s")).unwrap());
+        let store = MessageStore::open(kv, b"", 4).await.unwrap();
+        let (a, b) = tokio::join!(
+            store.lead(Job::Retention, "a", 1_000, LEASE),
+            store.lead(Job::Retention, "b", 1_000, LEASE),
+        );
+        assert!(a.unwrap() ^ b.unwrap(), "exactly one of them leads");
+    }
+}
