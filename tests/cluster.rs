@@ -870,3 +870,59 @@ async fn two_gateways_and_two_fanout_nodes_deliver_across_nodes_through_fanout_a
     // The history, read from scratch on the surviving gateway.
     check_history(&ga, &users(&["bob"]), &[wanted.into_iter().collect()]).await;
 }
+
+/// A group's send rate is kept by the owner of its shard (a sequencer node), so two members
+/// sending through two gateway nodes share it; each gateway alone would let every send through.
+#[tokio::test]
+async fn a_groups_send_rate_holds_across_gateway_nodes() {
+    const BURST: u64 = 4;
+    let (dir, store) = store_node();
+    let rate = [
+        "env",
+        "COURIER_GROUP_SENDS_PER_SEC=1",
+        "COURIER_GROUP_SENDS_BURST=4",
+    ];
+    let _sequencer =
+        InternalNode::start_in(&rate, "sequencer", "s1", "127.0.0.2", &store, dir.path());
+    let media = dir.path().join("shared-media").display().to_string();
+    let shared = ["--media-dir", media.as_str()];
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let ga = gateway_node(&store, a_dir.path(), "ga", "gateway,chat,media", &shared);
+    let gb = gateway_node(&store, b_dir.path(), "gb", "gateway,chat,media", &shared);
+    let conv = ga
+        .http("alice", "phone")
+        .create_group("g", &users(&["bob"]))
+        .await
+        .unwrap();
+    let mut alice = ga.connect("alice", "phone").await;
+    let mut bob = gb.connect("bob", "phone").await;
+
+    let started = std::time::Instant::now();
+    let (mut sent, mut limited) = (0u64, 0u64);
+    for i in 0..6 {
+        for (client, who) in [(&mut alice, "a"), (&mut bob, "b")] {
+            let target = Target::Conversation(conv.clone());
+            match client.send_text(target, &format!("{who}{i}"), "x").await {
+                Ok(_) => sent += 1,
+                Err(courier_client::ClientError::Server(e)) => {
+                    assert_eq!(
+                        e.code,
+                        courier_client::proto::ErrorCode::RateLimited,
+                        "{e:?}"
+                    );
+                    assert!(e.retry_after_ms.unwrap_or(0) > 0, "{e:?}");
+                    limited += 1;
+                }
+                Err(e) => panic!("{who}{i}: {e}"),
+            }
+        }
+    }
+    // The bucket refills by one a second: at most that many more than the burst got through.
+    let refilled = started.elapsed().as_secs() + 1;
+    assert!(
+        sent <= BURST + refilled,
+        "{sent} sends to the group got through in {:?}, past the burst of {BURST} (and {refilled} refills)",
+        started.elapsed()
+    );
+    assert!(limited > 0);
+}

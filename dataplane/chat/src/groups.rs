@@ -5,10 +5,11 @@
 //! racing requests is added once, an admin removed meanwhile adds no one). The member and
 //! per-user group limits are checked here only, so racing requests may pass them by a few.
 
-use crate::{Chat, is_group};
+use crate::Chat;
 use courier_core::auth::Identity;
 use courier_core::error::ApiError;
 use courier_core::sequencing::{PendingAppend, SequencerError};
+use courier_proto::ids::is_group;
 use courier_proto::{Event, EventPayload, MembershipChange, Sender, ids};
 use courier_store::{Append, AppendKey, AppendRefused};
 

@@ -119,7 +119,6 @@ pub struct ChatLimits {
     /// longer in its queues. About the peak rate times the longest acceptable send-ACK wait.
     pub max_sends_in_flight: usize,
     pub user_sends: Rate,
-    pub group_sends: Rate,
 }
 
 impl Default for ChatLimits {
@@ -136,10 +135,6 @@ impl Default for ChatLimits {
                 per_second: 100,
                 burst: 200,
             },
-            group_sends: Rate {
-                per_second: 200,
-                burst: 400,
-            },
         }
     }
 }
@@ -155,7 +150,6 @@ pub struct Chat {
     pub(crate) limits: ChatLimits,
     storage: Arc<StorageHealth>,
     user_sends: KeyedLimit,
-    group_sends: KeyedLimit,
 }
 
 impl Chat {
@@ -173,7 +167,6 @@ impl Chat {
         Self {
             storage,
             user_sends: KeyedLimit::new(limits.user_sends, "sends from this user"),
-            group_sends: KeyedLimit::new(limits.group_sends, "sends to this group"),
             store,
             sequencer,
             gateways,
@@ -191,7 +184,6 @@ impl Chat {
     /// Forgets idle rate-limit buckets (called periodically).
     pub fn forget_idle_limits(&self) {
         self.user_sends.forget_idle();
-        self.group_sends.forget_idle();
     }
 
     /// What `user` may read of `conv`: the events of its periods of membership (a former
@@ -317,11 +309,9 @@ impl Chat {
                     "conversation_id or to_user is required",
                 ));
             }
+            // Sends to a group are rate-limited by the owner of its shard (the sequencer).
             (Some(conv), None) => {
                 self.check_member(conv, &who.user).await?;
-                if is_group(conv) {
-                    self.count_limited("group", self.group_sends.check(conv))?;
-                }
                 (conv.clone(), None)
             }
             (None, Some(peer)) => {
@@ -608,7 +598,7 @@ impl Chat {
                 .member(conv, &who.user)
                 .await?
                 .is_some_and(|m| m.admin);
-            if !(is_group(conv) && admin) {
+            if !(ids::is_group(conv) && admin) {
                 return Err(ApiError::forbidden("you can delete only your own messages"));
             }
         }
@@ -640,11 +630,6 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.sends_in_flight.dec();
     }
-}
-
-/// Group conversation ids start with `g:`, direct ones with `d:`.
-pub fn is_group(conv: &str) -> bool {
-    conv.starts_with("g:")
 }
 
 fn validate_body(body: &Body) -> Result<(), ApiError> {

@@ -120,6 +120,11 @@ impl From<SequencerError> for ApiError {
             SequencerError::Overloaded | SequencerError::ShardMoved => {
                 Self::unavailable(e.to_string(), 50)
             }
+            SequencerError::RateLimited { retry_after_ms } => Self {
+                code: ErrorCode::RateLimited,
+                message: e.to_string(),
+                retry_after_ms: Some(retry_after_ms),
+            },
         }
     }
 }

@@ -48,15 +48,17 @@ impl KeyedLimit {
     }
 
     pub fn check(&self, key: &str) -> Result<(), ApiError> {
+        self.wait(key).map_err(|wait| limited(self.scope, wait))
+    }
+
+    /// Takes a token of `key`'s bucket, or says how long until one is there.
+    pub fn wait(&self, key: &str) -> Result<(), std::time::Duration> {
         let Some(limiter) = &self.limiter else {
             return Ok(());
         };
-        limiter.check_key(&key.to_owned()).map_err(|not_until| {
-            limited(
-                self.scope,
-                not_until.wait_time_from(DefaultClock::default().now()),
-            )
-        })
+        limiter
+            .check_key(&key.to_owned())
+            .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
     }
 
     /// Forgets buckets that are full again, so memory follows active keys only.

@@ -16,6 +16,9 @@ pub enum SequencerError {
     Refused(#[from] AppendRefused),
     #[error("the sequencer is overloaded; retry with the same client_msg_id")]
     Overloaded,
+    /// Past the conversation's send rate (a group's, kept by the owner of its shard).
+    #[error("too many sends to this group; slow down")]
+    RateLimited { retry_after_ms: u64 },
     #[error("this node no longer owns the conversation's shard; retry")]
     ShardMoved,
     #[error("storage failed: {0}")]

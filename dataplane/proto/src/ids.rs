@@ -46,6 +46,11 @@ pub fn conversation_id(value: &str) -> Result<(), InvalidId> {
     check(value, 128, b":", "conversation_id", CONVERSATION_RULE)
 }
 
+/// Whether `conv` is a group conversation: group ids start with `g:`, direct ones with `d:`.
+pub fn is_group(conv: &str) -> bool {
+    conv.starts_with("g:")
+}
+
 /// A media id: the same alphabet as conversation ids.
 pub fn media_id(value: &str) -> Result<(), InvalidId> {
     check(value, 128, b":", "media_id", CONVERSATION_RULE)

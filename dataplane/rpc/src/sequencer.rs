@@ -65,6 +65,10 @@ pub fn to_status(error: &SequencerError) -> Status {
             SequencerErrorKind::ShardMoved,
             Status::failed_precondition(error.to_string()),
         ),
+        SequencerError::RateLimited { .. } => (
+            SequencerErrorKind::RateLimited,
+            Status::resource_exhausted(error.to_string()),
+        ),
         SequencerError::Store(e) => (SequencerErrorKind::Store, status::to_status(e)),
         // Refusals are answers (`SubmitResponse::refused`), never statuses; a trim is never
         // refused. Kept total all the same.
@@ -73,7 +77,10 @@ pub fn to_status(error: &SequencerError) -> Status {
             Status::failed_precondition(refused.to_string()),
         ),
     };
-    let detail = SequencerErrorDetail { kind: kind.into() };
+    let detail = SequencerErrorDetail {
+        kind: kind.into(),
+        retry_after_ms: retry_after_ms(error),
+    };
     status.metadata_mut().insert_bin(
         SEQUENCER_ERROR_METADATA,
         MetadataValue::from_bytes(&detail.encode_to_vec()),
@@ -86,30 +93,49 @@ fn failure(error: &SequencerError) -> SequencerFailure {
     let (kind, store) = match error {
         SequencerError::Overloaded => (SequencerErrorKind::Overloaded, None),
         SequencerError::ShardMoved => (SequencerErrorKind::ShardMoved, None),
+        SequencerError::RateLimited { .. } => (SequencerErrorKind::RateLimited, None),
         SequencerError::Store(e) => (SequencerErrorKind::Store, Some(status::detail(e))),
         SequencerError::Refused(_) => (SequencerErrorKind::Unspecified, None),
     };
     SequencerFailure {
-        sequencer: Some(SequencerErrorDetail { kind: kind.into() }),
+        sequencer: Some(SequencerErrorDetail {
+            kind: kind.into(),
+            retry_after_ms: retry_after_ms(error),
+        }),
         store,
+    }
+}
+
+fn retry_after_ms(error: &SequencerError) -> u64 {
+    match error {
+        SequencerError::RateLimited { retry_after_ms } => *retry_after_ms,
+        _ => 0,
+    }
+}
+
+/// The error a detail names by its kind alone, if it is one of those.
+fn named_error(detail: &SequencerErrorDetail) -> Option<SequencerError> {
+    match SequencerErrorKind::try_from(detail.kind).ok()? {
+        SequencerErrorKind::Overloaded => Some(SequencerError::Overloaded),
+        SequencerErrorKind::ShardMoved => Some(SequencerError::ShardMoved),
+        SequencerErrorKind::RateLimited => Some(SequencerError::RateLimited {
+            retry_after_ms: detail.retry_after_ms.max(1),
+        }),
+        SequencerErrorKind::Store | SequencerErrorKind::Unspecified => None,
     }
 }
 
 /// The error a [`SequencerFailure`] carries; one of another version is an unknown outcome.
 fn from_failure(failure: SequencerFailure) -> SequencerError {
-    let kind = failure
-        .sequencer
-        .and_then(|detail| SequencerErrorKind::try_from(detail.kind).ok());
-    match kind {
-        Some(SequencerErrorKind::Overloaded) => SequencerError::Overloaded,
-        Some(SequencerErrorKind::ShardMoved) => SequencerError::ShardMoved,
-        _ => SequencerError::Store(
-            failure
-                .store
-                .and_then(status::from_detail)
-                .unwrap_or(StoreError::MaybeCommitted),
-        ),
+    if let Some(named) = failure.sequencer.as_ref().and_then(named_error) {
+        return named;
     }
+    SequencerError::Store(
+        failure
+            .store
+            .and_then(status::from_detail)
+            .unwrap_or(StoreError::MaybeCommitted),
+    )
 }
 
 /// The response that answers append `id` with `result`.
@@ -157,17 +183,13 @@ fn outcome(result: Option<append_response::Result>) -> Result<AppendOutcome, Seq
 /// The [`SequencerError`] a caller of `call` sees for `status` (see the module's failure
 /// policy for a status no sequencer wrote).
 pub fn sequencer_error(status: &Status, call: Call) -> SequencerError {
-    let kind = status
+    status
         .metadata()
         .get_bin(SEQUENCER_ERROR_METADATA)
         .and_then(|value| value.to_bytes().ok())
         .and_then(|bytes| SequencerErrorDetail::decode(bytes).ok())
-        .and_then(|detail| SequencerErrorKind::try_from(detail.kind).ok());
-    match kind {
-        Some(SequencerErrorKind::Overloaded) => SequencerError::Overloaded,
-        Some(SequencerErrorKind::ShardMoved) => SequencerError::ShardMoved,
-        _ => SequencerError::Store(status::store_error(status, call)),
-    }
+        .and_then(|detail| named_error(&detail))
+        .unwrap_or_else(|| SequencerError::Store(status::store_error(status, call)))
 }
 
 fn refusal(refused: AppendRefused) -> Refusal {
@@ -475,5 +497,29 @@ impl Sequencer for RemoteSequencer {
                 .map(|r| r.into_inner().cleared)
                 .map_err(|s| sequencer_error(&s, Call::Read))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_of_failure_crosses_the_wire_as_itself() {
+        let errors = [
+            SequencerError::Overloaded,
+            SequencerError::ShardMoved,
+            SequencerError::RateLimited {
+                retry_after_ms: 250,
+            },
+            SequencerError::Store(StoreError::Overloaded("throttled".into())),
+        ];
+        for error in errors {
+            let on_stream = from_failure(failure(&error));
+            let as_status = sequencer_error(&to_status(&error), Call::Commit);
+            for received in [on_stream, as_status] {
+                assert_eq!(format!("{received:?}"), format!("{error:?}"));
+            }
+        }
     }
 }

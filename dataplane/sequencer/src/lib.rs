@@ -29,10 +29,12 @@ pub mod routing;
 
 use courier_core::clock::now_ms;
 use courier_core::leases::Ownership;
-use courier_core::metrics::{Metrics, ShardLabel};
+use courier_core::limits::{KeyedLimit, Rate};
+use courier_core::metrics::{Metrics, ScopeLabel, ShardLabel};
 use courier_core::sequencing::{
     CommitListener, PendingAppend, PendingTrim, Sequencer, SequencerError,
 };
+use courier_proto::{EventPayload, ids};
 use courier_store::ownership::Duty;
 use courier_store::{Append, AppendOutcome, HeadCache, MessageStore, ShardLease, StoreError};
 use futures::future::BoxFuture;
@@ -45,9 +47,9 @@ use tokio::sync::{mpsc, oneshot};
 /// about 100 MB at most. A head not cached is read from the store on the next append.
 const CACHED_HEADS: usize = 1 << 20;
 
-/// Bounds of one group commit.
+/// Bounds of one group commit, of a shard's queue, and of the sends to one group.
 #[derive(Debug, Clone, Copy)]
-pub struct GroupCommitLimits {
+pub struct SequencerLimits {
     /// Most appends in one commit.
     pub max_appends: usize,
     /// Most bytes in one commit, as estimated by [`Append::approximate_size`]; the engine's
@@ -57,15 +59,23 @@ pub struct GroupCommitLimits {
     pub linger: Duration,
     /// Appends queued per shard before new ones are refused as overloaded.
     pub queue_capacity: usize,
+    /// Messages per second (and burst) to one group conversation. Enforced here, by the
+    /// owner of the conversation's shard, so that the limit holds whichever gateways its
+    /// senders use; past it a send is refused `rate_limited` with the wait.
+    pub group_sends: Rate,
 }
 
-impl Default for GroupCommitLimits {
+impl Default for SequencerLimits {
     fn default() -> Self {
         Self {
             max_appends: 512,
             max_bytes: 4 << 20,
             linger: Duration::ZERO,
             queue_capacity: 4096,
+            group_sends: Rate {
+                per_second: 200,
+                burst: 400,
+            },
         }
     }
 }
@@ -130,7 +140,9 @@ pub struct LocalSequencer {
     draining: AtomicBool,
     /// Held by the lease round running.
     keeping: tokio::sync::Mutex<()>,
-    limits: GroupCommitLimits,
+    limits: SequencerLimits,
+    /// Messages to each group conversation of the shards this node owns.
+    group_sends: KeyedLimit,
     listener: Arc<dyn CommitListener>,
     metrics: Arc<Metrics>,
 }
@@ -141,7 +153,7 @@ impl LocalSequencer {
     pub async fn start(
         store: MessageStore,
         ownership: Ownership,
-        limits: GroupCommitLimits,
+        limits: SequencerLimits,
         listener: Arc<dyn CommitListener>,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Self>, StoreError> {
@@ -159,6 +171,7 @@ impl LocalSequencer {
             load,
             draining: AtomicBool::new(false),
             keeping: tokio::sync::Mutex::new(()),
+            group_sends: KeyedLimit::new(limits.group_sends, "sends to this group"),
             limits,
             listener,
             metrics,
@@ -187,6 +200,7 @@ impl LocalSequencer {
         // free shards, and one of them would fail.
         let _round = self.keeping.lock().await;
         self.update_load();
+        self.group_sends.forget_idle();
         if let Err(e) = self.renew().await {
             tracing::warn!(error = %e, "renewing shard leases failed; retrying");
         }
@@ -355,6 +369,26 @@ impl LocalSequencer {
         }
     }
 
+    /// Takes a token of the group's send rate for a client's message to a group. A retry of a
+    /// message already sequenced takes one too: a client that retries past the rate is the one
+    /// to slow down.
+    fn check_group_rate(&self, append: &Append) -> Result<(), SequencerError> {
+        let conv = &append.conversation_id;
+        let message = matches!(append.payload, EventPayload::Message { .. });
+        if !(message && ids::is_group(conv)) {
+            return Ok(());
+        }
+        self.group_sends.wait(conv).map_err(|wait| {
+            self.metrics
+                .rate_limited
+                .get_or_create(&ScopeLabel { scope: "group" })
+                .inc();
+            SequencerError::RateLimited {
+                retry_after_ms: wait.as_millis().max(1) as u64,
+            }
+        })
+    }
+
     /// Queues `request` on `shard`'s actor, started on first use: `ShardMoved` when this node
     /// does not own the shard, `Overloaded` when its queue is full.
     fn queue(&self, shard: u32, request: Request) -> Result<(), SequencerError> {
@@ -395,6 +429,9 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Sequencer for LocalSequencer {
     fn submit(&self, append: Append) -> PendingAppend {
+        if let Err(refused) = self.check_group_rate(&append) {
+            return Box::pin(std::future::ready(Err(refused)));
+        }
         let shard = self.store.shard_of(&append.conversation_id);
         let (reply, outcome) = oneshot::channel();
         let request = Request::Append(AppendRequest { append, reply });
@@ -418,7 +455,7 @@ struct ShardActor {
     load: Arc<ShardLoad>,
     lease: ShardLease,
     heads: HeadCache,
-    limits: GroupCommitLimits,
+    limits: SequencerLimits,
     listener: Arc<dyn CommitListener>,
     metrics: Arc<Metrics>,
 }
@@ -611,7 +648,7 @@ mod tests {
         LocalSequencer::start(
             store.clone(),
             ownership,
-            GroupCommitLimits::default(),
+            SequencerLimits::default(),
             Arc::new(Listeners(Vec::new())),
             Arc::new(Metrics::new()),
         )
@@ -624,6 +661,59 @@ mod tests {
             .submit(message("d:1", id, id))
             .await
             .map(|outcome| outcome.seq)
+    }
+
+    #[tokio::test]
+    async fn messages_past_a_groups_send_rate_are_refused_with_the_wait() {
+        let engine = FaultyEngine::new();
+        let store = engine.store(4).await;
+        let limits = SequencerLimits {
+            group_sends: Rate {
+                per_second: 1,
+                burst: 2,
+            },
+            ..SequencerLimits::default()
+        };
+        let sequencer = LocalSequencer::start(
+            store,
+            node("n1", Duration::from_secs(10)),
+            limits,
+            Arc::new(Listeners(Vec::new())),
+            Arc::new(Metrics::new()),
+        )
+        .await
+        .unwrap();
+        let rate_limited = |result: Result<AppendOutcome, SequencerError>| match result {
+            Err(SequencerError::RateLimited { retry_after_ms }) => {
+                assert!(retry_after_ms > 0);
+                true
+            }
+            _ => false,
+        };
+        // The burst of g:1 passes the rate (the store then refuses: alice is no member).
+        for i in 0..2 {
+            let burst = sequencer
+                .submit(message("g:1", &format!("b{i}"), "x"))
+                .await;
+            assert!(!rate_limited(burst));
+        }
+        let past = sequencer.submit(message("g:1", "past", "x")).await;
+        assert!(rate_limited(past));
+        let api = ApiError::from(SequencerError::RateLimited { retry_after_ms: 7 });
+        assert_eq!(
+            (api.code, api.retry_after_ms),
+            (ErrorCode::RateLimited, Some(7))
+        );
+        // Other groups and direct conversations have their own rate, or none.
+        assert!(!rate_limited(
+            sequencer.submit(message("g:2", "o", "x")).await
+        ));
+        for i in 0..5 {
+            let direct = sequencer
+                .submit(message("d:1", &format!("d{i}"), "x"))
+                .await;
+            assert!(!rate_limited(direct));
+        }
     }
 
     #[tokio::test]
@@ -726,7 +816,7 @@ mod tests {
                 node: "n1".into(),
                 lease: Duration::from_secs(10),
             },
-            GroupCommitLimits::default(),
+            SequencerLimits::default(),
             Arc::new(Listeners(Vec::new())),
             Arc::new(Metrics::new()),
         )

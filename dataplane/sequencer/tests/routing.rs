@@ -10,7 +10,7 @@ use courier_core::sequencing::{
 use courier_proto::{Body, Sender};
 use courier_rpc::{ClusterToken, SequencerService};
 use courier_sequencer::routing::RoutedSequencer;
-use courier_sequencer::{GroupCommitLimits, LocalSequencer};
+use courier_sequencer::{LocalSequencer, SequencerLimits};
 use courier_store::embedded::EmbeddedEngine;
 use courier_store::ownership::NodeRecord;
 use courier_store::{Append, MessageStore, NewConversation};
@@ -46,7 +46,7 @@ async fn sequencer_node(store: &MessageStore, id: &str) -> Arc<LocalSequencer> {
     let sequencer = LocalSequencer::start(
         store.clone(),
         ownership,
-        GroupCommitLimits::default(),
+        SequencerLimits::default(),
         Arc::new(Listeners(Vec::new())),
         Arc::new(Metrics::new()),
     )

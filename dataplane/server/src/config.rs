@@ -9,7 +9,7 @@ use courier_core::limits::Rate;
 use courier_core::units::parse_bytes;
 use courier_fanout::FanoutConfig;
 use courier_gateway::GatewayLimits;
-use courier_sequencer::GroupCommitLimits;
+use courier_sequencer::SequencerLimits;
 use courier_sequencer::retention::RetentionPolicy;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -99,7 +99,8 @@ pub struct ServeConfig {
     /// Burst of sends per user.
     #[arg(long, env = "COURIER_USER_SENDS_BURST", default_value_t = 200)]
     pub user_sends_burst: u32,
-    /// Sends per second into one group (0: unlimited).
+    /// Sends per second into one group (0: unlimited), kept by the owner of the group's shard
+    /// (the sequencer), so the limit holds across gateway nodes.
     #[arg(long, env = "COURIER_GROUP_SENDS_PER_SEC", default_value_t = 200)]
     pub group_sends_per_sec: u32,
     /// Burst of sends into one group.
@@ -262,10 +263,6 @@ impl ServeConfig {
                 per_second: self.user_sends_per_sec,
                 burst: self.user_sends_burst,
             },
-            group_sends: Rate {
-                per_second: self.group_sends_per_sec,
-                burst: self.group_sends_burst,
-            },
             ..ChatLimits::default()
         }
     }
@@ -300,12 +297,16 @@ impl ServeConfig {
         }
     }
 
-    pub fn group_commit_limits(&self) -> GroupCommitLimits {
-        GroupCommitLimits {
+    pub fn sequencer_limits(&self) -> SequencerLimits {
+        SequencerLimits {
             max_appends: self.commit_max_appends,
             linger: self.commit_linger,
             queue_capacity: self.shard_queue,
-            ..GroupCommitLimits::default()
+            group_sends: Rate {
+                per_second: self.group_sends_per_sec,
+                burst: self.group_sends_burst,
+            },
+            ..SequencerLimits::default()
         }
     }
 }

@@ -252,7 +252,7 @@ async fn run_sequencer(
     let sequencer = LocalSequencer::start(
         store.clone(),
         config.ownership(),
-        config.group_commit_limits(),
+        config.sequencer_limits(),
         Arc::new(Listeners(Vec::new())),
         node.metrics.clone(),
     )

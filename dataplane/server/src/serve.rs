@@ -235,7 +235,7 @@ pub async fn run_client_roles(
             let sequencer = LocalSequencer::start(
                 store.clone(),
                 config.ownership(),
-                config.group_commit_limits(),
+                config.sequencer_limits(),
                 Arc::new(Listeners(listeners)),
                 metrics.clone(),
             )
