@@ -35,7 +35,7 @@ use courier_fanout::Fanout;
 use courier_rpc::{ClusterGateways, ClusterToken, FanoutService, SequencerService};
 use courier_sequencer::LocalSequencer;
 use courier_store::MessageStore;
-use courier_store::ownership::NodeRecord;
+use courier_store::nodes::NodeRecord;
 use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::sync::Arc;
