@@ -5,12 +5,13 @@
 //!
 //! **Drain.** A connection told to reconnect (its gateway drains, batch by batch: see
 //! [`drain`]; or its gateway's lease lapsed) reads no further frame, answers every send it has
-//! accepted (each waits at most `send_timeout`), then writes `reconnect` and closes with 1001. Every close
-//! the server starts is a close handshake: after its close frame it reads and discards what the
-//! client still sends until the client's close (at most [`CLOSE_REPLY_WAIT`]), so the socket is
-//! never dropped with unread data, which would make the kernel reset the connection and could
-//! cost the client the frames before the close. The connection leaves the route registry only
-//! once its socket is closed: a draining server waits for that before it exits.
+//! accepted (each waits at most `send_timeout`), then writes `reconnect` and closes with 1001.
+//! Every close the server starts is a close handshake: after its close frame it reads and
+//! discards what the client still sends until the client's close (at most
+//! [`CLOSE_REPLY_WAIT`]), so the socket is never dropped with unread data, which would make the
+//! kernel reset the connection and could cost the client the frames before the close. The
+//! connection leaves the route registry only once its socket is closed: a draining server
+//! waits for that before it exits.
 //!
 //! A connection whose delivery queue overflows with events does not lose them and is not cut
 //! off: it reads what was dropped from the store once it has written what is queued, at the

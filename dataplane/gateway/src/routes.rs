@@ -67,9 +67,10 @@ pub enum Delivery {
 pub struct Signals {
     /// Notified when the connection's device was unlinked: the connection closes.
     pub unlinked: Notify,
-    /// Notified when the connection is told to reconnect elsewhere ([`Signals::tell_to_reconnect`]):
-    /// its gateway drains, or its gateway's lease in the cluster lapsed (its routes may have
-    /// been swept). It answers the sends it accepted, says `reconnect` and closes.
+    /// Notified when the connection is told to reconnect elsewhere
+    /// ([`Signals::tell_to_reconnect`]): its gateway drains, or its gateway's lease in the
+    /// cluster lapsed (its routes may have been swept). It answers the sends it accepted, says
+    /// `reconnect` and closes.
     pub reconnect: Notify,
     /// The `after_ms` of its `reconnect`, set once, when it is told.
     reconnect_after_ms: OnceLock<u64>,

@@ -17,8 +17,8 @@
 //! its registration every third of `--shard-lease`; a node that dies is seen as gone once it
 //! lapses, and is forgotten (its record removed) [`FORGET_AFTER_LEASES`] leases later by the
 //! registration loops of the live nodes. Every node serves the admin API (`admin.rs`) on its
-//! internal port. A cluster node needs a store it shares with the others, its own `--node-id`, and the
-//! cluster token.
+//! internal port. A cluster node needs a store it shares with the others, its own `--node-id`,
+//! and the cluster token.
 
 use crate::admin::AdminService;
 use crate::config::{ServeConfig, StoreKind};
@@ -128,7 +128,9 @@ impl NodeArgs {
             "the nodes of a cluster must verify the same client tokens: give --jwt-secret \
              (or --jwt-public-key); a secret generated per data directory would differ per node"
         );
-        config.drain(true)?;
+        if self.has(Role::Gateway) {
+            config.drain(true)?;
+        }
         Ok(())
     }
 }
