@@ -206,7 +206,7 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
                             Err(e) => tracing::warn!(error = %e, "renewing the node's registration failed; retrying"),
                         }
                         round += 1;
-                        if round % FORGET_EVERY_ROUNDS == 0 {
+                        if round.is_multiple_of(FORGET_EVERY_ROUNDS) {
                             forget_dead_nodes(&store, &node, now, lease_ms).await;
                         }
                     }
