@@ -10,7 +10,8 @@ use courier_rpc::ClusterToken;
 use courier_rpc::auth::AttachToken;
 use courier_rpc::proto::admin_client::AdminClient;
 use courier_rpc::proto::{
-    DrainRequest, ListNodesRequest, ListShardsRequest, MoveShardRequest, TakeShardsRequest,
+    DrainRequest, ForgetNodeRequest, ListNodesRequest, ListShardMapRequest, ListShardsRequest,
+    MoveShardRequest, ShardState, TakeShardsRequest,
 };
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
@@ -385,18 +386,65 @@ fn gateway_node(store: &StoreNode, dir: &Path, id: &str, roles: &str, extra: &[&
     Server::start_as(&["node", "--roles", roles], dir, &args)
 }
 
-/// The admin API of a sequencer node, as the operator calls it (from another crate).
-async fn admin(
-    node: &InternalNode,
-) -> AdminClient<
+type Admin = AdminClient<
     tonic::service::interceptor::InterceptedService<tonic::transport::Channel, AttachToken>,
-> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", node.address))
+>;
+
+/// The admin API of a node without a client port, as the operator calls it (from another
+/// crate).
+async fn admin(node: &InternalNode) -> Admin {
+    admin_at(&node.address).await
+}
+
+/// The admin API on the internal port `address` (`host:port`).
+async fn admin_at(address: &str) -> Admin {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
         .unwrap()
         .connect()
         .await
         .unwrap();
     AdminClient::with_interceptor(channel, AttachToken::new(ClusterToken::new(TOKEN).unwrap()))
+}
+
+/// The registered nodes, as `node`'s admin API lists them: `(id, address, live)`.
+async fn registry(node: &InternalNode) -> Vec<(String, String, bool)> {
+    let nodes = admin(node)
+        .await
+        .list_nodes(ListNodesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .nodes;
+    nodes
+        .into_iter()
+        .map(|n| (n.id, n.address, n.live))
+        .collect()
+}
+
+/// The internal address of node `id`, from the registry.
+async fn internal_address(node: &InternalNode, id: &str) -> String {
+    registry(node)
+        .await
+        .into_iter()
+        .find(|(node, _, _)| node == id)
+        .map(|(_, address, _)| address)
+        .unwrap_or_else(|| panic!("{id} is registered"))
+}
+
+/// The shard map as the admin API at `address` reads it from the store.
+async fn shard_map(address: &str, outbox_count_limit: u32) -> Vec<ShardState> {
+    admin_at(address)
+        .await
+        .list_shard_map(ListShardMapRequest { outbox_count_limit })
+        .await
+        .unwrap()
+        .into_inner()
+        .shards
+}
+
+/// Outbox entries waiting in all of `map`.
+fn waiting(map: &[ShardState]) -> u64 {
+    map.iter().filter_map(|s| s.outbox).map(|o| o.entries).sum()
 }
 
 async fn owned(node: &InternalNode) -> Vec<u32> {
@@ -482,7 +530,7 @@ async fn the_admin_api_lists_nodes_moves_every_shard_and_drains_a_node_while_cli
     // s2 drains: its shards are released, and s1 takes them when told to.
     let released = admin(&second)
         .await
-        .drain(DrainRequest {})
+        .drain(DrainRequest::default())
         .await
         .unwrap()
         .into_inner()
@@ -505,7 +553,9 @@ async fn the_admin_api_lists_nodes_moves_every_shard_and_drains_a_node_while_cli
         .connect()
         .await
         .unwrap();
-    let refused = AdminClient::new(channel).drain(DrainRequest {}).await;
+    let refused = AdminClient::new(channel)
+        .drain(DrainRequest::default())
+        .await;
     assert_eq!(refused.unwrap_err().code(), tonic::Code::Unauthenticated);
     assert_eq!(owned(&first).await.len(), 8, "nothing was drained");
 }
@@ -925,4 +975,281 @@ async fn a_groups_send_rate_holds_across_gateway_nodes() {
         started.elapsed()
     );
     assert!(limited > 0);
+}
+
+/// Who holds each shard's duty in `map` and whether the lease runs: `(node, live)`.
+fn holders(
+    map: &[ShardState],
+    duty: impl Fn(&ShardState) -> Option<&courier_rpc::proto::ShardOwner>,
+) -> Vec<Option<(String, bool)>> {
+    map.iter()
+        .map(|s| duty(s).map(|o| (o.node.clone(), o.live)))
+        .collect()
+}
+
+#[tokio::test]
+async fn the_shard_map_shows_every_shard_with_its_owners_and_outbox_lag_from_any_node() {
+    let (dir, store) = store_node();
+    let sequencer = InternalNode::start("s1", "127.0.0.2", &store, dir.path());
+    let fanout = InternalNode::start_in(&[], "fanout", "f1", "127.0.0.3", &store, dir.path());
+    let front_dir = tempfile::tempdir().unwrap();
+    let front = gateway_node(
+        &store,
+        front_dir.path(),
+        "front",
+        "gateway,chat,media,push",
+        &[],
+    );
+    let front_admin = internal_address(&sequencer, "front").await;
+    let s1 = |live| Some(("s1".to_string(), live));
+    let f1 = |live| Some(("f1".to_string(), live));
+
+    // Any node answers from the store, a node with the client port as well as the others.
+    until("f1 drains every shard", || async {
+        let map = shard_map(&front_admin, 0).await;
+        holders(&map, |s| s.delivery.as_ref()) == vec![f1(true); 8]
+    })
+    .await;
+    for address in [&front_admin, &sequencer.address, &fanout.address] {
+        let map = shard_map(address, 0).await;
+        assert_eq!(
+            map.iter().map(|s| s.shard).collect::<Vec<_>>(),
+            (0..8).collect::<Vec<u32>>(),
+            "every shard, from {address}"
+        );
+        assert_eq!(holders(&map, |s| s.sequencing.as_ref()), vec![s1(true); 8]);
+        assert!(
+            map.iter()
+                .all(|s| s.sequencing.as_ref().unwrap().epoch >= 1)
+        );
+    }
+
+    // The fanout node is paused: its leases lapse, and what is sent waits in the outboxes.
+    let peers: Vec<String> = (0..6).map(|i| format!("bob{i}")).collect();
+    let mut alice = front.connect("alice", "phone").await;
+    alice.events_until_sync_done().await.unwrap();
+    fanout.signal(libc::SIGSTOP);
+    until("f1's delivery leases lapse", || async {
+        let map = shard_map(&sequencer.address, 0).await;
+        holders(&map, |s| s.delivery.as_ref()) == vec![f1(false); 8]
+    })
+    .await;
+    let mut sent: Vec<Vec<(String, u64)>> = vec![Vec::new(); peers.len()];
+    let sending = std::time::Instant::now();
+    send_round(&mut alice, &peers, 1, &mut sent).await;
+    send_round(&mut alice, &peers, 2, &mut sent).await;
+    let map = shard_map(&sequencer.address, 0).await;
+    let since_sending = sending.elapsed().as_millis() as u64;
+    assert!(
+        waiting(&map) >= 12,
+        "every message sent waits for fanout: {map:?}"
+    );
+    for shard in &map {
+        let lag = shard.outbox.unwrap();
+        assert!(!lag.more, "the default limit counts them all: {shard:?}");
+        // The age comes from the oldest entry's commit time: sent after `sending`.
+        match lag.entries {
+            0 => assert_eq!(lag.oldest_age_ms, 0, "{shard:?}"),
+            _ => assert!(lag.oldest_age_ms <= since_sending + 1, "{shard:?}"),
+        }
+    }
+    let busiest = map
+        .iter()
+        .max_by_key(|s| s.outbox.unwrap().entries)
+        .unwrap()
+        .shard;
+    let capped = shard_map(&sequencer.address, 1).await;
+    assert!(
+        capped.iter().all(|s| s.outbox.unwrap().entries <= 1),
+        "counted up to the limit asked"
+    );
+    assert_eq!(
+        capped[busiest as usize].outbox.unwrap().more,
+        map[busiest as usize].outbox.unwrap().entries > 1,
+        "says when more wait than counted"
+    );
+
+    // The fanout node resumes: it takes its shards again and empties the outboxes.
+    fanout.signal(libc::SIGCONT);
+    until("the outboxes are drained", || async {
+        let map = shard_map(&front_admin, 0).await;
+        waiting(&map) == 0 && holders(&map, |s| s.delivery.as_ref()) == vec![f1(true); 8]
+    })
+    .await;
+    check_history(&front, &peers, &sent).await;
+}
+
+#[tokio::test]
+async fn a_gateway_drained_through_the_admin_api_tells_its_clients_to_reconnect_in_batches() {
+    const CLIENTS: usize = 6;
+    let (dir, store) = store_node();
+    let sequencer = InternalNode::start("s1", "127.0.0.2", &store, dir.path());
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let media = dir.path().join("shared-media").display().to_string();
+    let shared = ["--media-dir", media.as_str()];
+    let ga = gateway_node(
+        &store,
+        a_dir.path(),
+        "ga",
+        "gateway,chat,fanout,push,media",
+        &shared,
+    );
+    let mut gb = gateway_node(&store, b_dir.path(), "gb", "gateway,chat,media", &shared);
+    let gb_admin = internal_address(&sequencer, "gb").await;
+
+    let mut clients = Vec::new();
+    for i in 0..CLIENTS {
+        let mut client = gb.connect(&format!("u{i}"), "phone").await;
+        client.events_until_sync_done().await.unwrap();
+        clients.push(client);
+    }
+    // Each client waits for its `reconnect` and the close that follows, and reports it.
+    let (told, mut reconnects) = tokio::sync::mpsc::channel(CLIENTS);
+    let mut waiting = tokio::task::JoinSet::new();
+    for (i, mut client) in clients.into_iter().enumerate() {
+        let told = told.clone();
+        waiting.spawn(async move {
+            let after_ms = loop {
+                match client.next_frame_within(WAIT).await.unwrap() {
+                    courier_client::proto::ServerFrame::Reconnect(r) => break r.after_ms,
+                    _ => continue,
+                }
+            };
+            told.send(i).await.unwrap();
+            let closed = client.next_frame_within(WAIT).await.unwrap_err();
+            (after_ms, closed.to_string())
+        });
+    }
+
+    // Spread over 3 s: one connection every 500 ms.
+    let drained = admin_at(&gb_admin)
+        .await
+        .drain(DrainRequest { window_ms: 3000 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (
+            drained.connections,
+            drained.window_ms,
+            drained.released.len()
+        ),
+        (CLIENTS as u64, 3000, 0)
+    );
+    let first = reconnects.recv().await.unwrap();
+    // The checkpoint: when the first client is told, the others are not told yet.
+    let told_at_first = 1 + std::iter::from_fn(|| reconnects.try_recv().ok()).count();
+    assert!(
+        told_at_first < CLIENTS,
+        "the clients are told in batches, not all at once ({told_at_first} with u{first})"
+    );
+    // A drained gateway is not ready and takes no new connection; it keeps serving its
+    // clients until they are told, and answers the admin API.
+    let ready = reqwest::get(format!("{}/readyz", gb.http_url()))
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503);
+    let refused = courier_client::Client::connect(
+        &gb.ws_url(),
+        &gb.token("late", "phone"),
+        courier_client::proto::Encoding::Json,
+    )
+    .await;
+    assert!(refused.is_err(), "a draining gateway takes no connection");
+    let again = admin_at(&gb_admin)
+        .await
+        .drain(DrainRequest { window_ms: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.window_ms, 3000, "a second drain goes on as the first");
+    let mut told = told_at_first;
+    while told < CLIENTS {
+        reconnects.recv().await.unwrap();
+        told += 1;
+    }
+    for (after_ms, closed) in waiting.join_all().await {
+        assert!(after_ms < 2000, "after_ms within the jitter: {after_ms}");
+        assert!(
+            closed.contains("1001"),
+            "closed with 1001 after reconnect: {closed}"
+        );
+    }
+    // They reconnect to the other gateway and talk to each other there.
+    let mut u0 = ga.connect("u0", "phone").await;
+    u0.events_until_sync_done().await.unwrap();
+    let mut u1 = ga.connect("u1", "phone").await;
+    u1.events_until_sync_done().await.unwrap();
+    send_until_sent(&mut u0, "u1", "after-drain").await;
+    read_live(&mut u1, &["after-drain".to_string()]).await;
+
+    // The drained gateway stops: it leaves the registry at once (its lease ends), and is
+    // forgotten 10 leases later by the live nodes.
+    assert!(gb.terminate().success());
+    let gone = registry(&sequencer).await;
+    assert!(
+        gone.iter().any(|(id, _, live)| id == "gb" && !live),
+        "gb left: {gone:?}"
+    );
+    until("the live nodes forget gb", || async {
+        registry(&sequencer)
+            .await
+            .iter()
+            .all(|(id, _, _)| id != "gb")
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_dead_node_is_forgotten_through_the_admin_api_and_a_live_one_is_not() {
+    let (dir, store) = store_node();
+    let sequencer = InternalNode::start("s1", "127.0.0.2", &store, dir.path());
+    let mut dead = InternalNode::start_in(&[], "fanout", "f1", "127.0.0.3", &store, dir.path());
+    dead.kill9();
+    until("f1's lease lapses", || async {
+        registry(&sequencer)
+            .await
+            .iter()
+            .any(|(id, _, live)| id == "f1" && !live)
+    })
+    .await;
+    let mut api = admin(&sequencer).await;
+    let live = api
+        .forget_node(ForgetNodeRequest { id: "s1".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(live.code(), tonic::Code::InvalidArgument, "{live}");
+    let forgotten = api
+        .forget_node(ForgetNodeRequest { id: "f1".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(forgotten.forgotten);
+    assert!(
+        registry(&sequencer)
+            .await
+            .iter()
+            .all(|(id, _, _)| id != "f1")
+    );
+    let again = api
+        .forget_node(ForgetNodeRequest { id: "f1".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!again.forgotten, "forgetting again is harmless");
+
+    // A live node is refused; a forgotten node that comes back registers again.
+    let back = InternalNode::start_in(&[], "fanout", "f1", "127.0.0.3", &store, dir.path());
+    let refused = admin(&back)
+        .await
+        .forget_node(ForgetNodeRequest { id: "s1".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused}");
+    assert!(
+        registry(&sequencer)
+            .await
+            .iter()
+            .any(|(id, _, live)| id == "f1" && *live)
+    );
 }

@@ -426,6 +426,13 @@ async fn a_gateway_pool_scales_up_at_once_to_what_its_connections_need() {
                 assert_eq!(body["spec"]["replicas"], 5);
                 let args = args(body);
                 assert_eq!(args[2..5], ["node", "--roles", "gateway,chat,media"]);
+                // SIGTERM tells the clients to reconnect in batches over 60 s; the drain
+                // ends within 90 s, inside the grace period.
+                let drain = args.windows(2).filter(|w| w[0].starts_with("--drain"));
+                assert_eq!(
+                    drain.map(|w| w.join(" ")).collect::<Vec<_>>(),
+                    ["--drain-window 60s", "--drain-timeout 90s"]
+                );
                 let pod = &body["spec"]["template"]["spec"];
                 assert_eq!(pod["terminationGracePeriodSeconds"], 110);
                 assert_eq!(
@@ -598,6 +605,7 @@ fn sample(pods: &[i32], owners: &[i32], loads: &[f64]) -> Sample {
                 )
             })
             .collect(),
+        unowned: Default::default(),
     }
 }
 

@@ -277,6 +277,10 @@ async fn the_rebalancer_moves_a_hot_shard_of_a_real_cluster_while_clients_keep_s
     let initial = admin.sample().await.unwrap();
     assert_eq!(initial.nodes.len(), 2, "two live sequencer nodes");
     assert!(
+        initial.unowned.is_empty() && !initial.shards.is_empty(),
+        "the store's shard map: every shard held by a live node: {initial:?}"
+    );
+    assert!(
         initial.shards.values().all(|s| s.owner == "s1"),
         "s1 started first and owns every shard"
     );

@@ -636,7 +636,7 @@ mod tests {
     }
 
     async fn register(store: &MessageStore, node: &str) {
-        let record = courier_store::ownership::NodeRecord {
+        let record = courier_store::nodes::NodeRecord {
             roles: vec![ROLE.into()],
             address: String::new(),
             lease_until_ms: now_ms() + 60_000,
@@ -704,7 +704,7 @@ mod tests {
         store
             .register_node(
                 "b",
-                &courier_store::ownership::NodeRecord {
+                &courier_store::nodes::NodeRecord {
                     roles: vec![ROLE.into()],
                     ..Default::default()
                 },

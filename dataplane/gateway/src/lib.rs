@@ -3,13 +3,15 @@
 //! role, writes replies and live deliveries, keeps per-conversation delivery order for its
 //! device, and closes on oversize (1009) and drain (1001).
 //!
-//! **Drain.** A draining connection reads no further frame, answers every send it has accepted
-//! (each waits at most `send_timeout`), then writes `reconnect` and closes with 1001. Every close
-//! the server starts is a close handshake: after its close frame it reads and discards what the
-//! client still sends until the client's close (at most [`CLOSE_REPLY_WAIT`]), so the socket is
-//! never dropped with unread data, which would make the kernel reset the connection and could
-//! cost the client the frames before the close. The connection leaves the route registry only
-//! once its socket is closed: a draining server waits for that before it exits.
+//! **Drain.** A connection told to reconnect (its gateway drains, batch by batch: see
+//! [`drain`]; or its gateway's lease lapsed) reads no further frame, answers every send it has
+//! accepted (each waits at most `send_timeout`), then writes `reconnect` and closes with 1001.
+//! Every close the server starts is a close handshake: after its close frame it reads and
+//! discards what the client still sends until the client's close (at most
+//! [`CLOSE_REPLY_WAIT`]), so the socket is never dropped with unread data, which would make the
+//! kernel reset the connection and could cost the client the frames before the close. The
+//! connection leaves the route registry only once its socket is closed: a draining server
+//! waits for that before it exits.
 //!
 //! A connection whose delivery queue overflows with events does not lose them and is not cut
 //! off: it reads what was dropped from the store once it has written what is queued, at the
@@ -20,8 +22,10 @@
 //! Writes are buffered and flushed when the connection has nothing more queued, so a burst of
 //! deliveries or a catch-up page leaves in a few system calls rather than one per frame.
 
+pub mod drain;
 pub mod routes;
 
+use crate::drain::GatewayDrain;
 use crate::routes::{Delivery, Routes, SharedEvent, to_message};
 use axum::extract::ws::{CloseFrame, Message, WebSocket, close_code};
 use courier_chat::devices::{Devices, Link};
@@ -43,7 +47,6 @@ use futures::{SinkExt, StreamExt};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::watch;
 
 /// Events read from the store per step of a catch-up or gap fill.
 const CATCH_UP_PAGE: usize = 256;
@@ -59,7 +62,7 @@ pub struct GatewayLimits {
     pub max_pending_sends: usize,
     /// Longest wait for a `sent` before the client is told `unavailable` (it retries).
     pub send_timeout: Duration,
-    /// The `reconnect` delay is drawn in `[0, reconnect_jitter)`.
+    /// The `reconnect` delay (`after_ms`) is drawn in `[0, reconnect_jitter)`.
     pub reconnect_jitter: Duration,
     /// Longest a write may wait for a client that reads nothing.
     pub write_timeout: Duration,
@@ -98,7 +101,9 @@ pub struct Gateway {
     pub cluster_routes: Option<ClusterRoutes>,
     pub metrics: Arc<Metrics>,
     pub limits: GatewayLimits,
-    pub draining: watch::Receiver<bool>,
+    /// The drain of this gateway: it tells the connections to reconnect, batch by batch; no
+    /// connection is accepted once it was ordered.
+    pub drain: Arc<GatewayDrain>,
 }
 
 /// A gateway's routes in a cluster's route registry (`courier_store::routes`): each device's
@@ -244,7 +249,6 @@ impl Connection<'_> {
         if let Err(exit) = self.catch_up(&BTreeMap::new()).await {
             return exit;
         }
-        let mut draining = self.gateway.draining.clone();
         loop {
             if deliveries.is_empty()
                 && let Err(exit) = self.flush().await
@@ -256,8 +260,9 @@ impl Connection<'_> {
             let step = tokio::select! {
                 biased;
                 _ = handle.signals.unlinked.notified() => Err(Exit::Close(close_code::POLICY, "device unlinked")),
-                _ = handle.signals.rejoin.notified() => self.drain().await,
-                _ = async { drop(draining.wait_for(|d| *d).await) } => self.drain().await,
+                _ = handle.signals.reconnect.notified() => {
+                    self.drain(handle.signals.reconnect_after_ms().unwrap_or(0)).await
+                }
                 (reference, outcome) = acked(&mut self.ack) => {
                     self.ack = None;
                     match outcome {
@@ -355,19 +360,13 @@ impl Connection<'_> {
     }
 
     /// Answers every send this connection has accepted (each waits at most `send_timeout`),
-    /// then tells the client to reconnect elsewhere and closes with 1001. Frames not read yet
-    /// are not handled: the client has no answer for them and sends them again after it
-    /// reconnects.
-    async fn drain(&mut self) -> Result<(), Exit> {
+    /// then tells the client to reconnect elsewhere after `after_ms` and closes with 1001.
+    /// Frames not read yet are not handled: the client has no answer for them and sends them
+    /// again after it reconnects.
+    async fn drain(&mut self, after_ms: u64) -> Result<(), Exit> {
         while let Some(done) = self.pending.next().await {
             self.on_sent(done).await?;
         }
-        let jitter = self.gateway.limits.reconnect_jitter.as_millis() as u64;
-        let after_ms = if jitter == 0 {
-            0
-        } else {
-            rand::random::<u64>() % jitter
-        };
         let _ = self
             .write(&ServerFrame::Reconnect(Reconnect { after_ms }))
             .await;

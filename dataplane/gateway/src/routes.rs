@@ -13,6 +13,7 @@ use courier_store::StoreError;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::Duration;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{Notify, mpsc};
 
@@ -66,9 +67,13 @@ pub enum Delivery {
 pub struct Signals {
     /// Notified when the connection's device was unlinked: the connection closes.
     pub unlinked: Notify,
-    /// Notified when this gateway's lease in the cluster lapsed (its routes may have been
-    /// swept): the connection says `reconnect` and closes, as when the server drains.
-    pub rejoin: Notify,
+    /// Notified when the connection is told to reconnect elsewhere
+    /// ([`Signals::tell_to_reconnect`]): its gateway drains, or its gateway's lease in the
+    /// cluster lapsed (its routes may have been swept). It answers the sends it accepted, says
+    /// `reconnect` and closes.
+    pub reconnect: Notify,
+    /// The `after_ms` of its `reconnect`, set once, when it is told.
+    reconnect_after_ms: OnceLock<u64>,
     /// Notified when events were dropped from a full queue; `behind` says up to where.
     pub lagged: Notify,
     /// Per conversation, the highest seq dropped since the connection last caught up.
@@ -124,9 +129,29 @@ impl ConnectionHandle {
     pub fn close_unlinked(&self) {
         self.signals.unlinked.notify_one();
     }
+
+    /// Tells the connection to reconnect elsewhere (`reconnect` with `after_ms`); returns
+    /// false if it had been told already (the first telling holds).
+    pub fn tell_to_reconnect(&self, after_ms: u64) -> bool {
+        self.signals.tell_to_reconnect(after_ms)
+    }
 }
 
 impl Signals {
+    /// See [`ConnectionHandle::tell_to_reconnect`].
+    pub fn tell_to_reconnect(&self, after_ms: u64) -> bool {
+        let told = self.reconnect_after_ms.set(after_ms).is_ok();
+        if told {
+            self.reconnect.notify_one();
+        }
+        told
+    }
+
+    /// The `after_ms` the connection was told to reconnect with, if it was.
+    pub fn reconnect_after_ms(&self) -> Option<u64> {
+        self.reconnect_after_ms.get().copied()
+    }
+
     fn fell_behind(&self, conversation_id: &str, seq: u64) {
         let mut behind = self.behind.lock().unwrap_or_else(|e| e.into_inner());
         match behind.iter_mut().find(|(conv, _)| conv == conversation_id) {
@@ -197,19 +222,36 @@ impl Routes {
         users.get(user).cloned().unwrap_or_default()
     }
 
-    /// Tells every open connection to reconnect: this gateway's lease lapsed, and deliveries
-    /// may have skipped it meanwhile. Each device reconnects, writes its route again and
-    /// catches up.
-    pub fn rejoin_all(&self) {
+    /// Tells every open connection to reconnect at once (each `after_ms` drawn below
+    /// `jitter`): this gateway's lease lapsed, and deliveries may have skipped it meanwhile.
+    /// Each device reconnects, writes its route again and catches up.
+    pub fn rejoin_all(&self, jitter: Duration) {
         for connection in self.all() {
-            connection.signals.rejoin.notify_one();
+            connection.tell_to_reconnect(crate::drain::reconnect_delay_ms(jitter));
         }
     }
 
-    /// Every open connection (for draining).
+    /// Every open connection.
     pub fn all(&self) -> Vec<ConnectionHandle> {
         let users = self.users.read().unwrap_or_else(|e| e.into_inner());
         users.values().flatten().cloned().collect()
+    }
+
+    /// The open connections not told to reconnect yet (what a drain still has to tell).
+    pub fn untold(&self) -> Vec<ConnectionHandle> {
+        let users = self.users.read().unwrap_or_else(|e| e.into_inner());
+        users
+            .values()
+            .flatten()
+            .filter(|c| c.signals.reconnect_after_ms().is_none())
+            .cloned()
+            .collect()
+    }
+
+    /// How many connections are open.
+    pub fn count(&self) -> usize {
+        let users = self.users.read().unwrap_or_else(|e| e.into_inner());
+        users.values().map(Vec::len).sum()
     }
 }
 

@@ -12,7 +12,7 @@ use courier_rpc::{ClusterToken, SequencerService};
 use courier_sequencer::routing::RoutedSequencer;
 use courier_sequencer::{LocalSequencer, SequencerLimits};
 use courier_store::embedded::EmbeddedEngine;
-use courier_store::ownership::NodeRecord;
+use courier_store::nodes::NodeRecord;
 use courier_store::{Append, MessageStore, NewConversation};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -1,6 +1,12 @@
-//! The admin API of a sequencer node (`courier.internal.v1.Admin`, on the internal port, behind
-//! the cluster token): what the operator reads (nodes, shards and their load) and the moves it
-//! makes (move a shard, take shards now, drain the node).
+//! The admin API of a node (`courier.internal.v1.Admin`, on the internal port, behind the
+//! cluster token): what the operator reads (nodes, shards, their load and outbox lag) and what
+//! it does (move a shard, take shards now, drain the node, forget a dead node).
+//!
+//! Every node serves it. What reads the store (`ListNodes`, `ListShardMap`, `ForgetNode`) any
+//! node answers; the calls about the shards a node owns need a sequencer node (`MoveShard` and
+//! `TakeShards` are refused elsewhere with `FAILED_PRECONDITION`, `ListShards` lists nothing);
+//! `Drain` drains what the node runs: a sequencer's shards, a gateway's connections (batch by
+//! batch, `courier_gateway::drain`).
 //!
 //! A move is the hand-off of `LocalSequencer::hand_off` (freeze here, flip owner and epoch in
 //! one commit), then a call to the target's `TakeShards`, so that the move returns once the
@@ -8,20 +14,24 @@
 //! the store; the target takes it at its next lease round.
 
 use courier_core::clock::now_ms;
+use courier_gateway::drain::GatewayDrain;
 use courier_rpc::ClusterToken;
 use courier_rpc::auth::{AttachToken, RequireToken};
 use courier_rpc::proto::admin_client::AdminClient;
 use courier_rpc::proto::admin_server::{self, AdminServer};
 use courier_rpc::proto::{
-    DrainRequest, DrainResponse, ListNodesRequest, ListNodesResponse, ListShardsRequest,
-    ListShardsResponse, MoveShardRequest, MoveShardResponse, Node, Shard, TakeShardsRequest,
-    TakeShardsResponse,
+    self as pb, DrainRequest, DrainResponse, ForgetNodeRequest, ForgetNodeResponse,
+    ListNodesRequest, ListNodesResponse, ListShardMapRequest, ListShardMapResponse,
+    ListShardsRequest, ListShardsResponse, MoveShardRequest, MoveShardResponse, Node, Shard,
+    TakeShardsRequest, TakeShardsResponse,
 };
 use courier_rpc::sequencer::to_status;
 use courier_rpc::status;
 use courier_sequencer::LocalSequencer;
 use courier_store::MessageStore;
-use courier_store::ownership::Duty;
+use courier_store::nodes::ForgetOutcome;
+use courier_store::ownership::{Duty, ShardOwner};
+use courier_store::shard_map::{DEFAULT_OUTBOX_COUNT_LIMIT, ShardState};
 use std::sync::Arc;
 use std::time::Duration;
 use tonic::codegen::InterceptedService;
@@ -34,28 +44,55 @@ const TAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct AdminService {
     store: MessageStore,
     node: String,
-    sequencer: Arc<LocalSequencer>,
     token: ClusterToken,
+    /// On a sequencer node: its shards.
+    sequencer: Option<Arc<LocalSequencer>>,
+    /// On a node with the gateway role: the drain of its connections.
+    gateway: Option<Arc<GatewayDrain>>,
 }
 
 impl AdminService {
-    pub fn new(
-        store: MessageStore,
-        node: String,
-        sequencer: Arc<LocalSequencer>,
-        token: ClusterToken,
-    ) -> Self {
+    /// The admin API of node `node`, which runs no sequencer and no gateway (until told with
+    /// [`AdminService::with_sequencer`] or [`AdminService::with_gateway`]).
+    pub fn new(store: MessageStore, node: String, token: ClusterToken) -> Self {
         Self {
             store,
             node,
-            sequencer,
             token,
+            sequencer: None,
+            gateway: None,
+        }
+    }
+
+    /// The node runs `sequencer`.
+    pub fn with_sequencer(self, sequencer: Arc<LocalSequencer>) -> Self {
+        Self {
+            sequencer: Some(sequencer),
+            ..self
+        }
+    }
+
+    /// The node is a gateway, drained by `drain`.
+    pub fn with_gateway(self, drain: Arc<GatewayDrain>) -> Self {
+        Self {
+            gateway: Some(drain),
+            ..self
         }
     }
 
     pub fn into_server(self) -> InterceptedService<AdminServer<Self>, RequireToken> {
         let token = self.token.clone();
         AdminServer::with_interceptor(self, RequireToken::new(token))
+    }
+
+    /// This node's sequencer, or why the call is refused.
+    fn sequencer(&self) -> Result<&Arc<LocalSequencer>, Status> {
+        self.sequencer.as_ref().ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "node {} runs no sequencer: call a sequencer node",
+                self.node
+            ))
+        })
     }
 
     /// Asks node `id` to take the shards handed to it now.
@@ -79,6 +116,26 @@ impl AdminService {
             .take_shards(TakeShardsRequest {})
             .await?;
         Ok(())
+    }
+}
+
+/// A shard of the map as the API shows it, liveness and ages as of `now_ms`.
+fn shard_state(state: ShardState, now_ms: u64) -> pb::ShardState {
+    let owner = |owner: ShardOwner| pb::ShardOwner {
+        live: owner.is_live(now_ms),
+        node: owner.node,
+        epoch: owner.epoch,
+        lease_until_ms: owner.lease_until_ms,
+    };
+    pb::ShardState {
+        shard: state.shard,
+        sequencing: state.sequencing.map(owner),
+        delivery: state.delivery.map(owner),
+        outbox: Some(pb::OutboxLag {
+            entries: state.outbox.entries as u64,
+            more: state.outbox.more,
+            oldest_age_ms: state.outbox.oldest_age_ms(now_ms),
+        }),
     }
 }
 
@@ -112,9 +169,12 @@ impl admin_server::Admin for AdminService {
         &self,
         _request: Request<ListShardsRequest>,
     ) -> Result<Response<ListShardsResponse>, Status> {
-        let shards = self
+        let load = self
             .sequencer
-            .load()
+            .as_ref()
+            .map(|s| s.load())
+            .unwrap_or_default();
+        let shards = load
             .into_iter()
             .map(|(lease, appends_per_sec)| Shard {
                 shard: lease.shard,
@@ -128,6 +188,24 @@ impl admin_server::Admin for AdminService {
         }))
     }
 
+    async fn list_shard_map(
+        &self,
+        request: Request<ListShardMapRequest>,
+    ) -> Result<Response<ListShardMapResponse>, Status> {
+        let limit = match request.into_inner().outbox_count_limit {
+            0 => DEFAULT_OUTBOX_COUNT_LIMIT,
+            limit => limit as usize,
+        };
+        let map = self
+            .store
+            .shard_map(limit)
+            .await
+            .map_err(|e| status::to_status(&e))?;
+        let now_ms = now_ms();
+        let shards = map.into_iter().map(|s| shard_state(s, now_ms)).collect();
+        Ok(Response::new(ListShardMapResponse { now_ms, shards }))
+    }
+
     async fn move_shard(
         &self,
         request: Request<MoveShardRequest>,
@@ -136,7 +214,7 @@ impl admin_server::Admin for AdminService {
         if to == self.node {
             return Err(Status::invalid_argument("the shard is already this node's"));
         }
-        self.sequencer
+        self.sequencer()?
             .hand_off(shard, &to)
             .await
             .map_err(|e| to_status(&e))?;
@@ -156,20 +234,72 @@ impl admin_server::Admin for AdminService {
         &self,
         _request: Request<TakeShardsRequest>,
     ) -> Result<Response<TakeShardsResponse>, Status> {
-        self.sequencer.keep_round().await;
-        let owned = self.sequencer.owned().iter().map(|l| l.shard).collect();
+        let sequencer = self.sequencer()?;
+        sequencer.keep_round().await;
+        let owned = sequencer.owned().iter().map(|l| l.shard).collect();
         Ok(Response::new(TakeShardsResponse { owned }))
     }
 
     async fn drain(
         &self,
-        _request: Request<DrainRequest>,
+        request: Request<DrainRequest>,
     ) -> Result<Response<DrainResponse>, Status> {
-        let released = self
-            .sequencer
-            .drain()
+        let DrainRequest { window_ms } = request.into_inner();
+        let released = match &self.sequencer {
+            Some(sequencer) => sequencer.drain().await.map_err(|e| status::to_status(&e))?,
+            None => Vec::new(),
+        };
+        let (connections, window_ms) = match &self.gateway {
+            Some(drain) => {
+                let window = (window_ms > 0).then(|| Duration::from_millis(window_ms));
+                let order = drain.start(window);
+                tracing::info!(
+                    connections = order.connections,
+                    window_ms = order.window.as_millis() as u64,
+                    "drain asked through the admin API: not ready any more, clients told to reconnect batch by batch"
+                );
+                (order.connections as u64, order.window.as_millis() as u64)
+            }
+            None => (0, 0),
+        };
+        Ok(Response::new(DrainResponse {
+            released,
+            connections,
+            window_ms,
+        }))
+    }
+
+    async fn forget_node(
+        &self,
+        request: Request<ForgetNodeRequest>,
+    ) -> Result<Response<ForgetNodeResponse>, Status> {
+        let ForgetNodeRequest { id } = request.into_inner();
+        if id == self.node {
+            return Err(Status::invalid_argument(format!(
+                "node {id} is the node answering: call another node"
+            )));
+        }
+        let outcome = self
+            .store
+            .forget_node(&id, now_ms())
             .await
             .map_err(|e| status::to_status(&e))?;
-        Ok(Response::new(DrainResponse { released }))
+        match outcome {
+            ForgetOutcome::Forgotten { routes_cleared } => {
+                tracing::info!(node = %id, routes_cleared, "node forgotten through the admin API");
+                Ok(Response::new(ForgetNodeResponse {
+                    forgotten: true,
+                    routes_cleared: routes_cleared as u64,
+                }))
+            }
+            ForgetOutcome::Unknown => Ok(Response::new(ForgetNodeResponse {
+                forgotten: false,
+                routes_cleared: 0,
+            })),
+            ForgetOutcome::Kept { lease_until_ms } => Err(Status::failed_precondition(format!(
+                "node {id} is live (its lease runs until {lease_until_ms} ms since the epoch): \
+                 stop it first, or wait for its lease to lapse"
+            ))),
+        }
     }
 }

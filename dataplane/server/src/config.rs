@@ -176,9 +176,32 @@ pub struct ServeConfig {
     /// (`courier token`); the server hands none out.
     #[arg(long, env = "COURIER_WEB_DIR")]
     pub web_dir: Option<PathBuf>,
-    /// How long draining may take on SIGTERM before the process exits anyway.
-    #[arg(long, env = "COURIER_DRAIN_TIMEOUT", default_value = "25s", value_parser = humantime::parse_duration)]
-    pub drain_timeout: Duration,
+    /// Over how long a draining gateway tells its clients to reconnect elsewhere, batch by
+    /// batch (on SIGTERM, or the admin API's `Drain`). Default: 0 for `courier serve` (its
+    /// clients have no other gateway to go to: all are told at once, so a restart is quick),
+    /// 60s for a cluster node with the gateway role.
+    #[arg(long, env = "COURIER_DRAIN_WINDOW", value_parser = humantime::parse_duration)]
+    pub drain_window: Option<Duration>,
+    /// How long draining may take on SIGTERM before the process exits anyway. Default: the
+    /// drain window plus 25s (room for the last batch's sends to be answered).
+    #[arg(long, env = "COURIER_DRAIN_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Option<Duration>,
+}
+
+/// The drain window of a cluster gateway unless `--drain-window` says otherwise.
+pub const CLUSTER_DRAIN_WINDOW: Duration = Duration::from_secs(60);
+
+/// What `--drain-timeout` adds to the drain window by default: the last batch's connections
+/// answer their accepted sends (each waits at most the send timeout, 10 s) and close.
+pub const DRAIN_TAIL: Duration = Duration::from_secs(25);
+
+/// How a node with the client port drains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DrainSettings {
+    /// The window the connections are told to reconnect over.
+    pub window: Duration,
+    /// The longest a drain on SIGTERM takes before the process exits anyway.
+    pub timeout: Duration,
 }
 
 impl ServeConfig {
@@ -233,6 +256,28 @@ impl ServeConfig {
             );
         }
         Ok(())
+    }
+
+    /// `--drain-window` and `--drain-timeout`, or their defaults for a cluster node with the
+    /// gateway role (`cluster`) or `courier serve`; refused when the timeout leaves no room
+    /// after the window.
+    pub fn drain(&self, cluster: bool) -> anyhow::Result<DrainSettings> {
+        let default_window = if cluster {
+            CLUSTER_DRAIN_WINDOW
+        } else {
+            Duration::ZERO
+        };
+        let window = self.drain_window.unwrap_or(default_window);
+        let timeout = self.drain_timeout.unwrap_or(window + DRAIN_TAIL);
+        anyhow::ensure!(
+            timeout > window,
+            "--drain-timeout ({}) must be longer than the drain window ({}): the connections \
+             told last need time to answer their sends and close; raise --drain-timeout or \
+             lower --drain-window",
+            humantime::format_duration(timeout),
+            humantime::format_duration(window),
+        );
+        Ok(DrainSettings { window, timeout })
     }
 
     pub fn gateway_limits(&self) -> GatewayLimits {

@@ -27,6 +27,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 const READ_BUFFER_BYTES: usize = 4096;
 /// Buffered outbound bytes of each WebSocket connection before they are written out.
 const WRITE_BUFFER_BYTES: usize = 16 * 1024;
+/// The `retry_after_ms` of a connection refused by a draining gateway.
+const RECONNECT_ELSEWHERE_MS: u64 = 1000;
 
 /// What the handlers share.
 pub struct AppState {
@@ -139,6 +141,15 @@ async fn websocket(
     upgrade: WebSocketUpgrade,
     headers: axum::http::HeaderMap,
 ) -> Response {
+    if state.gateway.drain.is_draining() {
+        // The client goes to another gateway (the load balancer no longer sends it here once
+        // readiness fails).
+        return ApiError::unavailable(
+            "this gateway is draining; connect again (to another gateway)",
+            RECONNECT_ELSEWHERE_MS,
+        )
+        .into_response();
+    }
     let asked = headers.contains_key(header::SEC_WEBSOCKET_PROTOCOL);
     let limit = state.gateway.limits.max_frame_bytes;
     let upgrade = upgrade
@@ -303,9 +314,13 @@ async fn unlink_device(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// 200 while serving, 503 while starting, draining, low on disk or with a halted store.
+/// 200 while serving, 503 while starting, draining (on SIGTERM or by the admin API), low on
+/// disk or with a halted store.
 async fn readyz(State(state): State<Arc<AppState>>) -> StatusCode {
-    if state.ready.load(Ordering::Acquire) && state.storage.ready() {
+    if state.ready.load(Ordering::Acquire)
+        && !state.gateway.drain.is_draining()
+        && state.storage.ready()
+    {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE

@@ -15,8 +15,10 @@
 //!
 //! Every node registers itself in the store (id, roles, internal address, lease) and renews
 //! its registration every third of `--shard-lease`; a node that dies is seen as gone once it
-//! lapses. A cluster node needs a store it shares with the others, its own `--node-id`, and the
-//! cluster token.
+//! lapses, and is forgotten (its record removed) [`FORGET_AFTER_LEASES`] leases later by the
+//! registration loops of the live nodes. Every node serves the admin API (`admin.rs`) on its
+//! internal port. A cluster node needs a store it shares with the others, its own `--node-id`,
+//! and the cluster token.
 
 use crate::admin::AdminService;
 use crate::config::{ServeConfig, StoreKind};
@@ -35,7 +37,7 @@ use courier_fanout::Fanout;
 use courier_rpc::{ClusterGateways, ClusterToken, FanoutService, SequencerService};
 use courier_sequencer::LocalSequencer;
 use courier_store::MessageStore;
-use courier_store::ownership::NodeRecord;
+use courier_store::nodes::NodeRecord;
 use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -126,6 +128,9 @@ impl NodeArgs {
             "the nodes of a cluster must verify the same client tokens: give --jwt-secret \
              (or --jwt-public-key); a secret generated per data directory would differ per node"
         );
+        if self.has(Role::Gateway) {
+            config.drain(true)?;
+        }
         Ok(())
     }
 }
@@ -179,6 +184,7 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
                 let renew = async {
                     let mut rounds = tokio::time::interval(lease / 3);
                     let mut deadline = now_ms() + lease_ms;
+                    let mut round: u32 = 0;
                     rounds.tick().await;
                     loop {
                         rounds.tick().await;
@@ -198,6 +204,10 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
                             }
                             Ok(()) => deadline = now + lease_ms,
                             Err(e) => tracing::warn!(error = %e, "renewing the node's registration failed; retrying"),
+                        }
+                        round += 1;
+                        if round.is_multiple_of(FORGET_EVERY_ROUNDS) {
+                            forget_dead_nodes(&store, &node, now, lease_ms).await;
                         }
                     }
                 };
@@ -233,8 +243,10 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
     loops
         .shutdown(tokio::time::Instant::now() + Duration::from_secs(5))
         .await;
+    // The record says when the node left: a sweep clears the routes written before that, and
+    // the registry forgets it `FORGET_AFTER_LEASES` leases later.
     store
-        .register_node(&config.node_id, &leased(&registration, 0))
+        .register_node(&config.node_id, &leased(&registration, now_ms()))
         .await?;
     result
 }
@@ -267,13 +279,9 @@ async fn run_sequencer(
     });
 
     let service = SequencerService::new(sequencer.clone()).into_server(token.clone());
-    let admin = AdminService::new(
-        store.clone(),
-        config.node_id.clone(),
-        sequencer.clone(),
-        token,
-    )
-    .into_server();
+    let admin = AdminService::new(store.clone(), config.node_id.clone(), token)
+        .with_sequencer(sequencer.clone())
+        .into_server();
     let services = tonic::service::Routes::new(service).add_service(admin);
     node.serve_until_stopped(internal, services, async {
         tracing::info!("stopping: draining the shards, then leaving the cluster");
@@ -303,8 +311,11 @@ async fn run_fanout(
     )
     .await?;
     fanout.start(loops);
-    let service = FanoutService::new(fanout.clone()).into_server(token);
-    node.serve_until_stopped(internal, tonic::service::Routes::new(service), async {
+    let admin = AdminService::new(store.clone(), node.config.node_id.clone(), token.clone());
+    let services =
+        tonic::service::Routes::new(FanoutService::new(fanout.clone()).into_server(token))
+            .add_service(admin.into_server());
+    node.serve_until_stopped(internal, services, async {
         tracing::info!("stopping: giving the fanout shards back, then leaving the cluster");
         if let Err(e) = fanout.release().await {
             tracing::warn!(error = %e, "giving the fanout shards back failed; they lapse with their leases");
@@ -442,6 +453,30 @@ fn probe_router(store: MessageStore, metrics: Arc<Metrics>, ready: Arc<AtomicBoo
                 )
             }),
         )
+}
+
+/// How many leases after its lapse a node's record leaves the registry: long past any
+/// failover (a lease) and any sweep of its routes (every lease round), yet soon enough that the
+/// registry of a cluster whose pods come and go stays small (10 s leases: 100 s).
+pub const FORGET_AFTER_LEASES: u64 = 10;
+
+/// Every how many rounds of its registration (a third of a lease each) a node looks for dead
+/// nodes to forget: once a lease, so that the cluster's nodes read the registry for it
+/// `nodes / lease` times a second in all.
+const FORGET_EVERY_ROUNDS: u32 = 3;
+
+/// Forgets the nodes whose lease lapsed more than [`FORGET_AFTER_LEASES`] leases before `now`
+/// (`courier_store::nodes`: fenced and idempotent, so every node may do it at once). A failure
+/// is logged; the next round tries again.
+async fn forget_dead_nodes(store: &MessageStore, node: &str, now: u64, lease_ms: u64) {
+    let lapsed_before = now.saturating_sub(FORGET_AFTER_LEASES.saturating_mul(lease_ms));
+    match store.forget_lapsed_nodes(lapsed_before, node).await {
+        Ok(forgotten) if !forgotten.is_empty() => {
+            tracing::info!(nodes = ?forgotten, "forgot nodes whose lease lapsed {FORGET_AFTER_LEASES} leases ago");
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "forgetting dead nodes failed; retrying next lease"),
+    }
 }
 
 /// `record` alive until `lease_until_ms`.

@@ -6,8 +6,11 @@
 //! ([`BackgroundLoops`]), stops the node in this order:
 //!
 //! 1. `/readyz` answers 503 and no connection is accepted any more.
-//! 2. HTTP requests finish, and every WebSocket answers the sends it accepted, says
-//!    `reconnect` and closes (at most `--drain-timeout` from the signal). All the background
+//! 2. HTTP requests finish, and the WebSockets are told to reconnect in batches spread over
+//!    `--drain-window` (`courier_gateway::drain`; 0 for `courier serve`: all at once); each
+//!    answers the sends it accepted, says `reconnect` and closes (at most `--drain-timeout`
+//!    from the signal). The admin API's `Drain` starts the same drain without stopping the
+//!    node (it answers not ready and accepts no connection from then on). All the background
 //!    loops still run meanwhile, because this work needs them: fanout delivers the answered
 //!    sends to the connections still open and the outbox clearer clears what it handed off;
 //!    the receipt relay flushes the receipts of the last acks; the notifier pushes to the
@@ -24,6 +27,7 @@
 //! The sequencer's shard actors are not background loops of this kind yet: they end with the
 //! runtime, after everything above.
 
+use crate::admin::AdminService;
 use crate::config::{PublicKeyAlgorithm, ServeConfig, StoreKind};
 use crate::http::{AppState, router, with_web_app};
 use anyhow::Context;
@@ -39,6 +43,7 @@ use courier_core::metrics::Metrics;
 use courier_core::sequencing::{CommitListener, Listeners, Sequencer};
 use courier_core::storage_health::StorageHealth;
 use courier_fanout::Fanout;
+use courier_gateway::drain::GatewayDrain;
 use courier_gateway::routes::Routes;
 use courier_gateway::{ClusterRoutes, Gateway};
 use courier_media::MediaService;
@@ -168,6 +173,7 @@ pub async fn run_client_roles(
         job,
         node: node.clone(),
     };
+    let drain_settings = config.drain(cluster.is_some())?;
 
     let metrics = cluster
         .as_ref()
@@ -175,6 +181,22 @@ pub async fn run_client_roles(
     // Every background loop of every role; shut down last (module documentation, "Stopping").
     let loops = BackgroundLoops::new();
     let routes = Arc::new(Routes::new(metrics.clone()));
+    let gateway_limits = config.gateway_limits();
+    // The drain of the connections (SIGTERM, or the admin API): batch by batch over the window.
+    let drain = Arc::new(GatewayDrain::new(
+        routes.clone(),
+        drain_settings.window,
+        gateway_limits.reconnect_jitter,
+    ));
+    // Waits for the order; cancelled when the node stops, after its connections have gone.
+    // Restarted if it panics: it tells what it has not told yet.
+    let connections_drain = drain.clone();
+    loops.spawn("drain the connections batch by batch", move |cancel| {
+        let drain = connections_drain.clone();
+        async move {
+            cancel.run_until_cancelled(drain.run()).await;
+        }
+    });
     let (gateways, membership): (Arc<dyn Gateways>, _) = match &cluster {
         None => (
             routes.clone(),
@@ -326,30 +348,30 @@ pub async fn run_client_roles(
             cancel.run_until_cancelled(forget).await;
         }
     });
+    let gateway = Arc::new(Gateway {
+        chat: chat.clone(),
+        routes: routes.clone(),
+        cluster_routes: cluster.is_some().then(|| ClusterRoutes {
+            store: store.clone(),
+            node: node.clone(),
+        }),
+        metrics: metrics.clone(),
+        limits: gateway_limits,
+        drain,
+    });
     let internal = match cluster {
         Some(cluster) => Some(serve_internal(
             cluster,
             &store,
             &node,
-            routes.clone(),
+            &gateway,
             fanout.clone(),
             &config,
             &loops,
         )?),
         None => None,
     };
-    let (drain, draining) = watch::channel(false);
-    let gateway = Arc::new(Gateway {
-        chat: chat.clone(),
-        routes: routes.clone(),
-        cluster_routes: internal.is_some().then(|| ClusterRoutes {
-            store: store.clone(),
-            node: node.clone(),
-        }),
-        metrics: metrics.clone(),
-        limits: config.gateway_limits(),
-        draining: draining.clone(),
-    });
+    let (stop, stopping) = watch::channel(false);
     let media = MediaService::open(
         config.media.clone(),
         &config.data_dir,
@@ -383,14 +405,20 @@ pub async fn run_client_roles(
     let shutdown = async move {
         tokio::select! {
             () = stop_signal => {
-                tracing::info!("draining: telling every connection to reconnect");
+                tracing::info!("stopping: draining the connections");
             }
             task = loop_failed => {
                 tracing::error!(task, "a background loop kept failing; draining to stop the node");
             }
         }
         app_state.ready.store(false, Ordering::Release);
-        let _ = drain.send(true);
+        let order = app_state.gateway.drain.start(None);
+        tracing::info!(
+            connections = order.connections,
+            window_ms = order.window.as_millis() as u64,
+            "telling the connections to reconnect, batch by batch"
+        );
+        let _ = stop.send(true);
     };
     // Frames are small and each one a reply someone waits for: Nagle's algorithm would hold
     // one back until the previous one is acknowledged (tens of ms under load). The gateway
@@ -406,16 +434,17 @@ pub async fn run_client_roles(
         .with_graceful_shutdown(shutdown)
         .into_future();
     tokio::pin!(server);
-    let mut signalled = draining;
+    let mut signalled = stopping;
     // Draining takes at most `drain_timeout` from the signal: HTTP requests finish, and every
-    // connection answers its accepted sends, says `reconnect`, closes and leaves the registry.
+    // connection, in its batch, answers its accepted sends, says `reconnect`, closes and leaves
+    // the registry.
     let deadline = tokio::select! {
         served = &mut server => {
             served?;
-            tokio::time::Instant::now() + config.drain_timeout
+            tokio::time::Instant::now() + drain_settings.timeout
         }
-        _ = signalled.wait_for(|draining| *draining) => {
-            let deadline = tokio::time::Instant::now() + config.drain_timeout;
+        _ = signalled.wait_for(|stopping| *stopping) => {
+            let deadline = tokio::time::Instant::now() + drain_settings.timeout;
             if tokio::time::timeout_at(deadline, &mut server).await.is_err() {
                 tracing::warn!("HTTP requests still running at the drain deadline");
             }
@@ -423,10 +452,10 @@ pub async fn run_client_roles(
         }
     };
     // Upgraded WebSockets outlive the HTTP server: wait for them to close.
-    while !routes.all().is_empty() && tokio::time::Instant::now() < deadline {
+    while routes.count() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    match routes.all().len() {
+    match routes.count() {
         0 => tracing::info!("drained; stopping the background loops"),
         open => tracing::warn!(
             open,
@@ -462,22 +491,28 @@ pub async fn run_client_roles(
 }
 
 /// Serves the internal gRPC of a client node on `cluster.internal` (deliveries to this
-/// gateway; notices of commits, when it runs fanout), and sweeps the routes of gateway nodes
-/// whose lease lapsed every lease round.
+/// gateway; notices of commits, when it runs fanout; the admin API, whose `Drain` starts the
+/// gateway's drain), and sweeps the routes of gateway nodes whose lease lapsed every lease
+/// round.
 fn serve_internal(
     cluster: Cluster,
     store: &MessageStore,
     node: &str,
-    routes: Arc<Routes>,
+    gateway: &Gateway,
     fanout: Option<Arc<Fanout>>,
     config: &ServeConfig,
     loops: &BackgroundLoops,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let routes = gateway.routes.clone();
     let incoming = TcpIncoming::from(cluster.internal).with_nodelay(Some(true));
-    let gateway = GatewayService::new(routes.clone()).into_server(cluster.token.clone());
+    let deliveries = GatewayService::new(routes.clone()).into_server(cluster.token.clone());
     let fanout = fanout.map(|f| FanoutService::new(f).into_server(cluster.token.clone()));
+    let admin = AdminService::new(store.clone(), node.to_owned(), cluster.token.clone())
+        .with_gateway(gateway.drain.clone())
+        .into_server();
     let server = tonic::transport::Server::builder()
-        .add_service(gateway)
+        .add_service(deliveries)
+        .add_service(admin)
         .add_optional_service(fanout)
         .serve_with_incoming(incoming);
     let served = tokio::spawn(async move {
@@ -486,6 +521,7 @@ fn serve_internal(
         }
     });
     let lapsed = cluster.lapsed;
+    let jitter = gateway.limits.reconnect_jitter;
     // Stops at once when cancelled; restarted if it panics: it keeps no state.
     loops.spawn("reconnect clients after a lapsed lease", move |cancel| {
         let (lapsed, routes) = (lapsed.clone(), routes.clone());
@@ -494,7 +530,7 @@ fn serve_internal(
                 loop {
                     lapsed.notified().await;
                     tracing::warn!("this gateway's lease lapsed: telling its clients to reconnect");
-                    routes.rejoin_all();
+                    routes.rejoin_all(jitter);
                 }
             };
             cancel.run_until_cancelled(rejoin).await;

@@ -95,6 +95,22 @@ impl Keys {
         self.root.pack(&("lead", job))
     }
 
+    /// The ownership records of every shard for `duty`, in shard order.
+    pub fn shard_owners(&self, duty: Duty) -> Range<Vec<u8>> {
+        match duty {
+            Duty::Sequencing => range_of(self.root.subspace(&("own",))),
+            Duty::Delivery => range_of(self.root.subspace(&("fown",))),
+        }
+    }
+
+    /// The shard of a key from [`Keys::shard_owners`].
+    pub fn shard_owner_shard(&self, key: &[u8]) -> Option<u32> {
+        self.root
+            .unpack::<(String, u32)>(key)
+            .ok()
+            .map(|(_, shard)| shard)
+    }
+
     pub fn route(&self, user: &str, device: &str, gateway: &str) -> Vec<u8> {
         self.root.pack(&("route", user, device, gateway))
     }

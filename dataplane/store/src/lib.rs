@@ -6,7 +6,9 @@
 //! - [`MessageStore`]: the message-store logic written once over any engine: shards and epochs,
 //!   appends with dense seqs and idempotency, the outbox, cursors and receipts;
 //! - [`membership`]: who may read which seqs of a conversation (periods of membership);
-//! - [`ownership`]: the cluster's nodes and each shard's owner (leases, epochs, hand-off);
+//! - [`ownership`]: each shard's owner (leases, epochs, hand-off);
+//! - [`nodes`]: the cluster's node registry (leases; lapsed nodes forgotten);
+//! - [`shard_map`]: every shard's owners and outbox lag, as the store has them (admin API);
 //! - [`contract`]: the checks every engine passes.
 //!
 //! This crate knows nothing of sockets, tokens or frames beyond the stored `Event`.
@@ -23,8 +25,10 @@ pub mod kv;
 pub mod leaders;
 pub mod membership;
 mod message_store;
+pub mod nodes;
 pub mod ownership;
 pub mod routes;
+pub mod shard_map;
 
 pub use keys::{Keys, ReceiptKind};
 pub use kv::{Batch, CommitStamp, KvEngine, StoreError};

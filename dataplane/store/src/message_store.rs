@@ -1576,7 +1576,7 @@ fn decode_usage(value: &[u8]) -> u64 {
     (decode_u64(value) as i64).max(0) as u64
 }
 
-fn decode_event(key: &[u8], value: &[u8]) -> Result<Event, StoreError> {
+pub(crate) fn decode_event(key: &[u8], value: &[u8]) -> Result<Event, StoreError> {
     let event = pb::Event::decode(value).map_err(|e| corrupt(key, e))?;
     Event::try_from(event).map_err(|e| corrupt(key, e))
 }

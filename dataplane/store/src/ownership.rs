@@ -1,5 +1,5 @@
-//! Who runs what in a cluster: the nodes (a registry of leases) and the owners of each shard
-//! (an ownership record with an epoch and a lease, one per [`Duty`]).
+//! Who runs what in a cluster: the owner of each shard (an ownership record with an epoch and
+//! a lease, one per [`Duty`]). The nodes themselves are in the registry (`crate::nodes`).
 //!
 //! **Two duties per shard.** A shard's appends are sequenced by one node ([`Duty::Sequencing`])
 //! and its outbox is drained to the gateways by one node ([`Duty::Delivery`], the fanout role).
@@ -70,34 +70,9 @@ impl ShardOwner {
     }
 }
 
-/// A node of the cluster, as it registered itself.
-#[derive(Clone, PartialEq, Eq, prost::Message)]
-pub struct NodeRecord {
-    /// `gateway`, `chat`, `sequencer`, `fanout`, `push`, `media`.
-    #[prost(string, repeated, tag = "1")]
-    pub roles: Vec<String>,
-    /// Where the node's internal gRPC (and admin API) listens, `host:port`.
-    #[prost(string, tag = "2")]
-    pub address: String,
-    /// The node is alive until this time (ms since the Unix epoch); 0 once it left.
-    #[prost(uint64, tag = "3")]
-    pub lease_until_ms: u64,
-    #[prost(uint64, tag = "4")]
-    pub started_ms: u64,
-    /// Client connections open on the node (a gateway) at its last renewal.
-    #[prost(uint64, tag = "5")]
-    pub connections: u64,
-}
-
-impl NodeRecord {
-    pub fn is_live(&self, now_ms: u64) -> bool {
-        self.lease_until_ms > now_ms
-    }
-}
-
 /// Runs `attempt` (which reads the records it fences on) again while its fence moved, at most
 /// [`ATTEMPTS`] times.
-async fn reading_again<T, F, Fut>(mut attempt: F) -> Result<T, StoreError>
+pub(crate) async fn reading_again<T, F, Fut>(mut attempt: F) -> Result<T, StoreError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, StoreError>>,
@@ -129,6 +104,30 @@ impl MessageStore {
             epoch: record.epoch,
             lease_until_ms: record.lease_until_ms,
         }))
+    }
+
+    /// The owner of every shard for `duty` that ever had one, in shard order: one range read
+    /// of the ownership records (one small record per shard).
+    pub async fn shard_owners(&self, duty: Duty) -> Result<Vec<ShardOwner>, StoreError> {
+        let rows = self
+            .kv()
+            .range(self.keys().shard_owners(duty), usize::MAX, false)
+            .await?;
+        rows.into_iter()
+            .map(|(key, value)| {
+                let shard = self
+                    .keys()
+                    .shard_owner_shard(&key)
+                    .ok_or_else(|| corrupt(&key, "not an ownership key"))?;
+                let record = OwnerRecord::decode(value.as_slice()).map_err(|e| corrupt(&key, e))?;
+                Ok(ShardOwner {
+                    shard,
+                    node: record.node,
+                    epoch: record.epoch,
+                    lease_until_ms: record.lease_until_ms,
+                })
+            })
+            .collect()
     }
 
     /// Takes for `duty`, in one commit, the first `limit` shards of `shards` that no live
@@ -319,32 +318,6 @@ impl MessageStore {
             }
             _ => Err(StoreError::FenceChanged { key }),
         }
-    }
-
-    /// Records `node` as alive until `record.lease_until_ms` (registering or renewing; a later
-    /// write wins).
-    pub async fn register_node(&self, node: &str, record: &NodeRecord) -> Result<(), StoreError> {
-        let mut batch = Batch::new();
-        batch.set(self.keys().node(node), record.encode_to_vec());
-        self.kv().commit(batch).await.map(drop)
-    }
-
-    /// Every node that ever registered, in id order, live or not (see [`NodeRecord::is_live`]).
-    pub async fn nodes(&self) -> Result<Vec<(String, NodeRecord)>, StoreError> {
-        let rows = self
-            .kv()
-            .range(self.keys().nodes(), usize::MAX, false)
-            .await?;
-        rows.into_iter()
-            .map(|(key, value)| {
-                let id = self
-                    .keys()
-                    .node_id(&key)
-                    .ok_or_else(|| corrupt(&key, "not a node key"))?;
-                let record = NodeRecord::decode(value.as_slice()).map_err(|e| corrupt(&key, e))?;
-                Ok((id, record))
-            })
-            .collect()
     }
 }
 
@@ -594,38 +567,5 @@ mod tests {
                 .node,
             "b"
         );
-    }
-
-    #[tokio::test]
-    async fn nodes_register_and_their_leases_lapse() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = store(&dir).await;
-        let node = |address: &str, lease_until_ms| NodeRecord {
-            roles: vec!["sequencer".into()],
-            address: address.into(),
-            lease_until_ms,
-            started_ms: 0,
-            connections: 0,
-        };
-        let register = |id: &'static str, record: NodeRecord| {
-            let store = store.clone();
-            async move { store.register_node(id, &record).await.unwrap() }
-        };
-        register("s1", node("127.0.0.2:7100", 100)).await;
-        register("s2", node("127.0.0.3:7100", 50)).await;
-        register("s1", node("127.0.0.2:7100", 200)).await;
-        let nodes = store.nodes().await.unwrap();
-        let ids: Vec<&str> = nodes.iter().map(|(id, _)| id.as_str()).collect();
-        assert_eq!(ids, ["s1", "s2"]);
-        assert_eq!(
-            nodes[0].1.lease_until_ms, 200,
-            "a renewal replaces the record"
-        );
-        let live: Vec<&str> = nodes
-            .iter()
-            .filter(|(_, n)| n.is_live(100))
-            .map(|(id, _)| id.as_str())
-            .collect();
-        assert_eq!(live, ["s1"]);
     }
 }

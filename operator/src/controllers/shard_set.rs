@@ -10,7 +10,9 @@
 //! - **Modes**: `Auto` carries load moves out as planned; `Proposal` writes them to the status
 //!   and carries them out once `courier.dev/approve-proposal` names the proposal (moves whose
 //!   shard changed owner meanwhile are dropped); `Off` plans nothing.
-//! - **Pauses**: no load moves while pods are rolling out, not ready, or not answering.
+//! - **Pauses**: no moves while pods are rolling out, not ready, or not answering, or while
+//!   some shards have no live owner (the admin API's shard map, read from the store: a
+//!   failover is under way).
 //! - **Deletion**: a finalizer drains every pod first, so their shards are released in the
 //!   store at once rather than when their leases lapse.
 
@@ -151,7 +153,7 @@ async fn run(set: &SequencerShardSet, ctx: &Context) -> Result<Action, Error> {
             .filter(|pod| sample.nodes.contains_key(pod))
             .collect();
         let view = sample.view(Some(&desired));
-        let paused = rollout_in_progress(&stateful_set, replicas);
+        let paused = rollout_in_progress(&stateful_set, replicas).or_else(|| failover(sample));
         state.rebalancer.set_policy(PlannerPolicy::from(policy));
         state.rebalancer.observe(&view);
         let urgent = view.shards.values().any(|s| !view.pods.contains(&s.owner))
@@ -264,6 +266,18 @@ fn rollout_in_progress(stateful_set: &StatefulSet, replicas: i32) -> Option<Stri
         return Some("pods are being replaced by a new template".to_owned());
     }
     None
+}
+
+/// Why moves wait, if they do: shards without a live owner (a sequencer died or was drained,
+/// and the others take its shards at their next lease round). A plan made now would see those
+/// shards nowhere.
+fn failover(sample: &Sample) -> Option<String> {
+    (!sample.unowned.is_empty()).then(|| {
+        format!(
+            "{} shards have no live sequencer (a failover is under way)",
+            sample.unowned.len()
+        )
+    })
 }
 
 /// Drains a leaving pod that holds no shard any more, so that it takes none before it goes.
@@ -650,6 +664,7 @@ mod tests {
                     )
                 })
                 .collect(),
+            unowned: Default::default(),
         }
     }
 
@@ -686,6 +701,15 @@ mod tests {
         assert_eq!(replicas_to_run("s", 2, &evacuated), 2);
         assert_eq!(ordinal_of("s", "s-12"), Some(12));
         assert_eq!(ordinal_of("s", "other-1"), None);
+    }
+
+    #[test]
+    fn moves_wait_while_shards_have_no_live_owner() {
+        let mut failing_over = sample(&["s-0", "s-1"]);
+        assert_eq!(failover(&failing_over), None);
+        failing_over.unowned = [2, 3].into();
+        let why = failover(&failing_over).expect("paused");
+        assert!(why.starts_with("2 shards have no live sequencer"), "{why}");
     }
 
     #[test]

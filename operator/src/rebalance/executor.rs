@@ -1,7 +1,8 @@
-//! The rebalancer's hands: reads every sequencer node's shards and loads through the data
-//! plane's admin API (`ListNodes`, `ListShards`) and carries moves out with `MoveShard` on the
-//! source node, which freezes the shard, flips owner and epoch in one store commit, and
-//! returns once the target serves it.
+//! The rebalancer's hands: reads the cluster's shards through the data plane's admin API
+//! (`ListNodes`; `ListShardMap`, the owners as the store has them, every shard owned or not;
+//! `ListShards` on each sequencer node, the loads it measures) and carries moves out with
+//! `MoveShard` on the source node, which freezes the shard, flips owner and epoch in one store
+//! commit, and returns once the target serves it.
 //!
 //! Every call carries the cluster token and has a deadline; a node that does not answer makes
 //! the sample fail (a partial view could make the planner move shards onto a node that is
@@ -13,7 +14,9 @@ use std::time::Duration;
 use courier_rpc::ClusterToken;
 use courier_rpc::auth::AttachToken;
 use courier_rpc::proto::admin_client::AdminClient;
-use courier_rpc::proto::{DrainRequest, ListNodesRequest, ListShardsRequest, MoveShardRequest};
+use courier_rpc::proto::{
+    DrainRequest, ListNodesRequest, ListShardMapRequest, ListShardsRequest, MoveShardRequest,
+};
 use futures::future::join_all;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
@@ -89,13 +92,17 @@ pub struct AdminApi {
 
 type Admin = AdminClient<InterceptedService<Channel, AttachToken>>;
 
-/// What one sample saw: the live sequencer nodes and their addresses, and every owned shard.
+/// What one sample saw: the live sequencer nodes and their addresses, every shard a live
+/// node holds and the others.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Sample {
     /// Live sequencer nodes by id, with their internal address.
     pub nodes: BTreeMap<PodId, String>,
-    /// Every shard a live node owns, with its load.
+    /// Every shard a live node owns (by the store's ownership records), with its load.
     pub shards: BTreeMap<u32, ObservedShard>,
+    /// The shards no live sequencer node holds: released, lapsed (their owner died) or never
+    /// owned. A sequencer takes them at its next lease round; until then moves wait.
+    pub unowned: BTreeSet<u32>,
 }
 
 impl Sample {
@@ -173,9 +180,12 @@ impl AdminApi {
             .collect())
     }
 
-    /// Every live sequencer node's shards and loads, read concurrently.
+    /// The store's shard map (from the first node that answers), and every live sequencer
+    /// node's loads, read concurrently. A shard's owner is the store's: a node that still
+    /// reports a shard it just lost is not believed.
     async fn read_sample(&self) -> Result<Sample, AdminError> {
         let nodes = self.sequencers().await?;
+        let map = self.shard_map(&nodes).await?;
         let answers = join_all(nodes.iter().map(|(id, address)| async move {
             let shards = self
                 .client(address)
@@ -188,20 +198,65 @@ impl AdminApi {
             Ok::<_, AdminError>((id.clone(), shards))
         }))
         .await;
-        let mut shards = BTreeMap::new();
+        let mut loads = BTreeMap::new();
         for answer in answers {
-            let (owner, owned) = answer?;
+            let (node, owned) = answer?;
             for shard in owned {
-                shards.insert(
-                    shard.shard,
-                    ObservedShard {
-                        owner: owner.clone(),
-                        load: shard.appends_per_sec,
-                    },
-                );
+                loads.insert((node.clone(), shard.shard), shard.appends_per_sec);
             }
         }
-        Ok(Sample { nodes, shards })
+        let mut shards = BTreeMap::new();
+        let mut unowned = BTreeSet::new();
+        for state in map {
+            match state.sequencing {
+                Some(owner) if owner.live && nodes.contains_key(&owner.node) => {
+                    let load = loads
+                        .get(&(owner.node.clone(), state.shard))
+                        .copied()
+                        .unwrap_or(0.0);
+                    shards.insert(
+                        state.shard,
+                        ObservedShard {
+                            owner: owner.node,
+                            load,
+                        },
+                    );
+                }
+                _ => {
+                    unowned.insert(state.shard);
+                }
+            }
+        }
+        Ok(Sample {
+            nodes,
+            shards,
+            unowned,
+        })
+    }
+
+    /// The shard map, from the first of `nodes` that answers (any node reads it from the
+    /// store). Outbox lag is not needed here: one entry is counted per shard.
+    async fn shard_map(
+        &self,
+        nodes: &BTreeMap<PodId, String>,
+    ) -> Result<Vec<courier_rpc::proto::ShardState>, AdminError> {
+        let mut last = None;
+        for address in nodes.values() {
+            let answer = match self.client(address).await {
+                Ok(mut client) => client
+                    .list_shard_map(ListShardMapRequest {
+                        outbox_count_limit: 1,
+                    })
+                    .await
+                    .map_err(|status| call_error("ListShardMap", address, status)),
+                Err(e) => Err(e),
+            };
+            match answer {
+                Ok(map) => return Ok(map.into_inner().shards),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or(AdminError::UnknownNode("(no live sequencer node)".into())))
     }
 
     fn address<'a>(sample: &'a Sample, node: &str) -> Result<&'a str, AdminError> {
@@ -241,7 +296,7 @@ impl ShardAdmin for AdminApi {
         let drained = self
             .client(address)
             .await?
-            .drain(DrainRequest {})
+            .drain(DrainRequest::default())
             .await
             .map_err(|status| call_error("Drain", address, status))?;
         Ok(drained.into_inner().released)

@@ -6,7 +6,9 @@
 //! Scale-down drains a pod before it goes: the pod the autoscaler picked carries the lowest
 //! `controller.kubernetes.io/pod-deletion-cost`; on deletion the native `preStop` sleep lets
 //! the endpoints drop it, then SIGTERM makes the gateway tell its clients to reconnect
-//! elsewhere (`--drain-timeout`), within a grace period of sleep + drain + margin.
+//! elsewhere in batches spread over `--drain-window` (60 s; each `reconnect` with its own
+//! jitter), and exit once they are gone (at most `--drain-timeout`, 90 s), within a grace
+//! period of sleep + drain + margin.
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Service;
@@ -23,7 +25,13 @@ use crate::crd::{CourierCluster, GatewayPool};
 /// The roles of a gateway pod: the client port.
 pub const CLIENT_ROLES: &str = "gateway,chat,media";
 
-/// How long a gateway spends telling its clients to reconnect elsewhere on SIGTERM.
+/// Over how long a gateway tells its clients to reconnect elsewhere on SIGTERM, batch by
+/// batch (the data plane's `--drain-window`): 60 s, the low end of the 60–120 s a scale-down
+/// may take, so that a pool shrinking one pod per 120 s has drained each before the next.
+pub const DRAIN_WINDOW_SECONDS: i64 = 60;
+
+/// How long a gateway's drain may take on SIGTERM (`--drain-timeout`): the window, then the
+/// last batch's sends answered (each waits at most 10 s) and their connections closed.
 pub const DRAIN_SECONDS: i64 = 90;
 
 /// The preStop sleep, the drain and 15 s of margin.
@@ -52,7 +60,12 @@ pub fn build(
     let (name, namespace) = name_and_namespace(pool)?;
     let owner = owner_reference(pool)?;
     let cluster_name = pool.spec.cluster.clone();
-    let drain = ["--drain-timeout".to_owned(), format!("{DRAIN_SECONDS}s")];
+    let drain = [
+        "--drain-window".to_owned(),
+        format!("{DRAIN_WINDOW_SECONDS}s"),
+        "--drain-timeout".to_owned(),
+        format!("{DRAIN_SECONDS}s"),
+    ];
     let args = pod::node_args(CLIENT_ROLES, pod::at_pod_ip(), &drain);
     let template = pod::template(
         cluster,

@@ -1,0 +1,324 @@
+//! The node registry of a cluster: every node writes its record (`("node", id)`: roles,
+//! internal address, lease deadline) when it starts and renews it every lease round; a node
+//! that stops renewing is seen as gone once its lease lapsed, and a node that leaves cleanly
+//! ends its lease at once.
+//!
+//! **Forgetting.** A record whose lease lapsed long ago is removed ([`MessageStore::forget_node`])
+//! by the live nodes' registration loops, or by the admin API's `ForgetNode`, so that the
+//! registry does not grow with every pod a cluster ever ran. Before the record goes, the
+//! routes of devices to that node written before its lapse are cleared (the only other keys
+//! that name a node: ownership records name their owner too, but they are keyed by shard and
+//! lapse with it, so the next owner takes them over). Forgetting is idempotent and fenced:
+//! two nodes forgetting the same record at once both succeed (one reports it gone), and a
+//! node that re-registers meanwhile is kept (its record changed, the delete's fence fails).
+//! A forgotten node that comes back simply registers again.
+
+use crate::kv::{Batch, StoreError};
+use crate::message_store::{MessageStore, corrupt};
+use crate::ownership::reading_again;
+use prost::Message;
+
+/// A node of the cluster, as it registered itself.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct NodeRecord {
+    /// `gateway`, `chat`, `sequencer`, `fanout`, `push`, `media`.
+    #[prost(string, repeated, tag = "1")]
+    pub roles: Vec<String>,
+    /// Where the node's internal gRPC (and admin API) listens, `host:port`.
+    #[prost(string, tag = "2")]
+    pub address: String,
+    /// The node is alive until this time (ms since the Unix epoch, by the node's clock); a
+    /// node that leaves sets it to the time it left.
+    #[prost(uint64, tag = "3")]
+    pub lease_until_ms: u64,
+    #[prost(uint64, tag = "4")]
+    pub started_ms: u64,
+    /// Client connections open on the node (a gateway) at its last renewal.
+    #[prost(uint64, tag = "5")]
+    pub connections: u64,
+}
+
+impl NodeRecord {
+    pub fn is_live(&self, now_ms: u64) -> bool {
+        self.lease_until_ms > now_ms
+    }
+}
+
+/// What [`MessageStore::forget_node`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ForgetOutcome {
+    /// The record is gone, with the routes to the node written before its lapse.
+    Forgotten { routes_cleared: usize },
+    /// No such record: never registered, or already forgotten (by another node, say).
+    Unknown,
+    /// The node's lease ended at `lease_until_ms`, not before the time given: it is live, or
+    /// lapsed too recently, or re-registered meanwhile. Nothing was removed.
+    Kept { lease_until_ms: u64 },
+}
+
+impl MessageStore {
+    /// Records `node` as alive until `record.lease_until_ms` (registering or renewing; a later
+    /// write wins).
+    pub async fn register_node(&self, node: &str, record: &NodeRecord) -> Result<(), StoreError> {
+        let mut batch = Batch::new();
+        batch.set(self.keys().node(node), record.encode_to_vec());
+        self.kv().commit(batch).await.map(drop)
+    }
+
+    /// Every node in the registry, in id order, live or not (see [`NodeRecord::is_live`]).
+    pub async fn nodes(&self) -> Result<Vec<(String, NodeRecord)>, StoreError> {
+        let rows = self
+            .kv()
+            .range(self.keys().nodes(), usize::MAX, false)
+            .await?;
+        rows.into_iter()
+            .map(|(key, value)| {
+                let id = self
+                    .keys()
+                    .node_id(&key)
+                    .ok_or_else(|| corrupt(&key, "not a node key"))?;
+                let record = NodeRecord::decode(value.as_slice()).map_err(|e| corrupt(&key, e))?;
+                Ok((id, record))
+            })
+            .collect()
+    }
+
+    /// Removes node `id` from the registry if its lease ended before `lapsed_before_ms`: first
+    /// the routes to it written before its lapse (a page per commit), then its record, in a
+    /// commit fenced on the record read. A concurrent forget or a re-registration makes a
+    /// step read again (at most 5 times), so the outcome says what holds afterwards.
+    pub async fn forget_node(
+        &self,
+        id: &str,
+        lapsed_before_ms: u64,
+    ) -> Result<ForgetOutcome, StoreError> {
+        reading_again(|| self.try_forget_node(id, lapsed_before_ms)).await
+    }
+
+    async fn try_forget_node(
+        &self,
+        id: &str,
+        lapsed_before_ms: u64,
+    ) -> Result<ForgetOutcome, StoreError> {
+        let key = self.keys().node(id);
+        let Some(value) = self.kv().get(&key).await? else {
+            return Ok(ForgetOutcome::Unknown);
+        };
+        let record = NodeRecord::decode(value.as_slice()).map_err(|e| corrupt(&key, e))?;
+        if record.lease_until_ms >= lapsed_before_ms {
+            return Ok(ForgetOutcome::Kept {
+                lease_until_ms: record.lease_until_ms,
+            });
+        }
+        // Routes first: once the record is gone, no sweep would find them.
+        let routes_cleared = self.clear_gateway_routes(id, record.lease_until_ms).await?;
+        let mut batch = Batch::new();
+        batch.fence(key.clone(), Some(value)).clear(key);
+        self.kv().commit(batch).await?;
+        Ok(ForgetOutcome::Forgotten { routes_cleared })
+    }
+
+    /// Forgets every node but `except` whose lease ended before `lapsed_before_ms` (see
+    /// [`MessageStore::forget_node`]); returns the ids forgotten by this call. One read of the
+    /// registry, then a few small commits per node forgotten.
+    pub async fn forget_lapsed_nodes(
+        &self,
+        lapsed_before_ms: u64,
+        except: &str,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut forgotten = Vec::new();
+        for (id, record) in self.nodes().await? {
+            if id == except || record.lease_until_ms >= lapsed_before_ms {
+                continue;
+            }
+            if let ForgetOutcome::Forgotten { .. } = self.forget_node(&id, lapsed_before_ms).await?
+            {
+                forgotten.push(id);
+            }
+        }
+        Ok(forgotten)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::embedded::EmbeddedEngine;
+    use std::sync::Arc;
+
+    async fn store(dir: &tempfile::TempDir) -> MessageStore {
+        let kv = Arc::new(EmbeddedEngine::open(&dir.path().join("s")).unwrap());
+        MessageStore::open(kv, b"", 8).await.unwrap()
+    }
+
+    fn node(address: &str, lease_until_ms: u64) -> NodeRecord {
+        NodeRecord {
+            roles: vec!["gateway".into()],
+            address: address.into(),
+            lease_until_ms,
+            started_ms: 0,
+            connections: 0,
+        }
+    }
+
+    fn ids(nodes: &[(String, NodeRecord)]) -> Vec<&str> {
+        nodes.iter().map(|(id, _)| id.as_str()).collect()
+    }
+
+    #[tokio::test]
+    async fn nodes_register_and_their_leases_lapse() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir).await;
+        store
+            .register_node("s1", &node("127.0.0.2:7100", 100))
+            .await
+            .unwrap();
+        store
+            .register_node("s2", &node("127.0.0.3:7100", 50))
+            .await
+            .unwrap();
+        store
+            .register_node("s1", &node("127.0.0.2:7100", 200))
+            .await
+            .unwrap();
+        let nodes = store.nodes().await.unwrap();
+        assert_eq!(ids(&nodes), ["s1", "s2"]);
+        assert_eq!(
+            nodes[0].1.lease_until_ms, 200,
+            "a renewal replaces the record"
+        );
+        let live: Vec<&str> = nodes
+            .iter()
+            .filter(|(_, n)| n.is_live(100))
+            .map(|(id, _)| id.as_str())
+            .collect();
+        assert_eq!(live, ["s1"]);
+    }
+
+    #[tokio::test]
+    async fn a_node_lapsed_long_enough_is_forgotten_with_its_routes_and_a_live_one_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir).await;
+        store
+            .register_node("dead", &node("a:1", 100))
+            .await
+            .unwrap();
+        store
+            .register_node("live", &node("b:1", 900))
+            .await
+            .unwrap();
+        store
+            .add_route("bob", "phone", "dead", 1, 50)
+            .await
+            .unwrap();
+        store
+            .add_route("bob", "laptop", "live", 2, 50)
+            .await
+            .unwrap();
+
+        assert_eq!(
+            store.forget_node("dead", 100).await.unwrap(),
+            ForgetOutcome::Kept {
+                lease_until_ms: 100
+            },
+            "a lease that ended at the limit is kept"
+        );
+        assert_eq!(
+            store.forget_lapsed_nodes(500, "me").await.unwrap(),
+            ["dead"]
+        );
+        assert_eq!(ids(&store.nodes().await.unwrap()), ["live"]);
+        let routes = store.routes("bob").await.unwrap();
+        assert_eq!(
+            routes
+                .iter()
+                .map(|r| r.gateway.as_str())
+                .collect::<Vec<_>>(),
+            ["live"],
+            "the forgotten node's route went with it; nothing keys on it any more"
+        );
+        assert_eq!(
+            store.forget_node("dead", 500).await.unwrap(),
+            ForgetOutcome::Unknown,
+            "forgetting again is harmless"
+        );
+        assert!(
+            store
+                .forget_lapsed_nodes(500, "me")
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert!(
+            store
+                .forget_lapsed_nodes(u64::MAX, "live")
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(
+            ids(&store.nodes().await.unwrap()),
+            ["live"],
+            "`except` is kept"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_node_that_registers_again_while_it_is_forgotten_is_kept_with_its_new_routes() {
+        use crate::faulty_engine::FaultyEngine;
+        let engine = FaultyEngine::new();
+        let store = engine.store(8).await;
+        store.register_node("g", &node("a:1", 100)).await.unwrap();
+        store.add_route("bob", "phone", "g", 1, 50).await.unwrap();
+        // The node comes back between the forget's read and its commits: it registers again
+        // and a device connects to it.
+        let back = store.clone();
+        engine.before_next_commit(Box::pin(async move {
+            back.register_node("g", &node("a:1", 2_000)).await.unwrap();
+            back.add_route("carol", "phone", "g", 2, 1_000)
+                .await
+                .unwrap();
+        }));
+        assert_eq!(
+            store.forget_node("g", 500).await.unwrap(),
+            ForgetOutcome::Kept {
+                lease_until_ms: 2_000
+            }
+        );
+        assert_eq!(ids(&store.nodes().await.unwrap()), ["g"]);
+        assert_eq!(
+            store.routes("carol").await.unwrap().len(),
+            1,
+            "a route written after the node came back is kept"
+        );
+        assert!(
+            store.routes("bob").await.unwrap().is_empty(),
+            "the route from before its lapse was cleared"
+        );
+    }
+
+    #[tokio::test]
+    async fn two_nodes_forgetting_the_same_node_at_once_both_succeed() {
+        use crate::faulty_engine::FaultyEngine;
+        let engine = FaultyEngine::new();
+        let store = engine.store(8).await;
+        store.register_node("g", &node("a:1", 100)).await.unwrap();
+        for i in 0..3u64 {
+            store
+                .add_route(&format!("u{i}"), "phone", "g", i, 50)
+                .await
+                .unwrap();
+        }
+        // Another node's forget runs to the end between this one's read and its first commit.
+        let other = store.clone();
+        engine.before_next_commit(Box::pin(async move {
+            let outcome = other.forget_node("g", 500).await.unwrap();
+            assert_eq!(outcome, ForgetOutcome::Forgotten { routes_cleared: 3 });
+        }));
+        assert_eq!(
+            store.forget_node("g", 500).await.unwrap(),
+            ForgetOutcome::Unknown
+        );
+        assert!(store.nodes().await.unwrap().is_empty());
+    }
+}

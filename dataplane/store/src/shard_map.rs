@@ -1,0 +1,231 @@
+//! The cluster's shard map as the store has it: for every shard, who sequences it and who
+//! drains its outbox (the ownership records, live or lapsed), and how far its outbox is
+//! behind. Any node can read it: it is what the admin API's `ListShardMap` answers, so that
+//! the operator sees every shard, including those no live node holds.
+//!
+//! **Cost of one map** of `n` shards with `count_limit` (at most [`MAX_OUTBOX_COUNT_LIMIT`]):
+//! two range reads of the ownership records (one small record per shard each), then per
+//! shard one range read of at most `count_limit + 1` outbox entries (keys and values: a
+//! committed event each), at most [`CONCURRENT_READS`] shards at a time. On a cluster whose
+//! fanout keeps up, each outbox holds at most the page being delivered, so the reads are
+//! small; a shard far behind costs `count_limit + 1` entries, never its whole backlog. On the
+//! embedded engine the read of an outbox also steps over the tombstones of entries cleared
+//! since the last compaction (FoundationDB clears ranges without per-key tombstones).
+
+use crate::kv::StoreError;
+use crate::message_store::{MessageStore, decode_event};
+use crate::ownership::{Duty, ShardOwner};
+use futures::{StreamExt, TryStreamExt};
+use std::collections::BTreeMap;
+
+/// Outbox entries counted per shard when the caller does not say.
+pub const DEFAULT_OUTBOX_COUNT_LIMIT: usize = 100;
+
+/// Most outbox entries counted per shard, whatever the caller asks: bounds the bytes one map
+/// reads (see the module documentation).
+pub const MAX_OUTBOX_COUNT_LIMIT: usize = 1000;
+
+/// Shards whose outboxes are read at the same time while building a map.
+pub const CONCURRENT_READS: usize = 16;
+
+/// How far a shard's outbox is behind: the entries waiting for fanout (counted up to a limit)
+/// and when the oldest of them was committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct OutboxLag {
+    /// Entries waiting, up to the limit counted.
+    pub entries: usize,
+    /// More entries wait than `entries` says (the count stopped at its limit).
+    pub more: bool,
+    /// The commit time of the oldest waiting entry (its event's `ts_ms`), if any waits.
+    pub oldest_ts_ms: Option<u64>,
+}
+
+impl OutboxLag {
+    /// How long the oldest waiting entry has waited at `now_ms` (0 when none waits).
+    pub fn oldest_age_ms(&self, now_ms: u64) -> u64 {
+        self.oldest_ts_ms
+            .map_or(0, |ts_ms| now_ms.saturating_sub(ts_ms))
+    }
+}
+
+/// One shard of the map.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardState {
+    pub shard: u32,
+    /// Its sequencer's ownership record (live or lapsed), if it ever had one.
+    pub sequencing: Option<ShardOwner>,
+    /// Its outbox consumer's (fanout) ownership record, if it ever had one.
+    pub delivery: Option<ShardOwner>,
+    pub outbox: OutboxLag,
+}
+
+impl MessageStore {
+    /// The outbox lag of `shard`, counting at most `count_limit` entries (clamped to
+    /// `1..=`[`MAX_OUTBOX_COUNT_LIMIT`]): one range read of at most `count_limit + 1` entries,
+    /// and one event decoded.
+    pub async fn outbox_lag(
+        &self,
+        shard: u32,
+        count_limit: usize,
+    ) -> Result<OutboxLag, StoreError> {
+        let limit = count_limit.clamp(1, MAX_OUTBOX_COUNT_LIMIT);
+        let rows = self
+            .kv()
+            .range(self.keys().outbox(shard), limit + 1, false)
+            .await?;
+        let oldest_ts_ms = match rows.first() {
+            Some((key, value)) => Some(decode_event(key, value)?.ts_ms),
+            None => None,
+        };
+        Ok(OutboxLag {
+            entries: rows.len().min(limit),
+            more: rows.len() > limit,
+            oldest_ts_ms,
+        })
+    }
+
+    /// Every shard of the store, in order, with its owners and outbox lag (module
+    /// documentation: what it costs).
+    pub async fn shard_map(&self, count_limit: usize) -> Result<Vec<ShardState>, StoreError> {
+        let by_shard = |owners: Vec<ShardOwner>| -> BTreeMap<u32, ShardOwner> {
+            owners.into_iter().map(|o| (o.shard, o)).collect()
+        };
+        let mut sequencing = by_shard(self.shard_owners(Duty::Sequencing).await?);
+        let mut delivery = by_shard(self.shard_owners(Duty::Delivery).await?);
+        let lags: Vec<OutboxLag> = futures::stream::iter(0..self.shard_count())
+            .map(|shard| self.outbox_lag(shard, count_limit))
+            .buffered(CONCURRENT_READS)
+            .try_collect()
+            .await?;
+        Ok(lags
+            .into_iter()
+            .zip(0..)
+            .map(|(outbox, shard)| ShardState {
+                shard,
+                sequencing: sequencing.remove(&shard),
+                delivery: delivery.remove(&shard),
+                outbox,
+            })
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::embedded::EmbeddedEngine;
+    use crate::message_store::{Append, HeadCache, NewConversation, OutboxRange};
+    use courier_proto::{Body, Sender};
+    use std::sync::Arc;
+
+    const LEASE: u64 = 10_000;
+
+    async fn store(dir: &tempfile::TempDir) -> MessageStore {
+        let kv = Arc::new(EmbeddedEngine::open(&dir.path().join("s")).unwrap());
+        MessageStore::open(kv, b"", 4).await.unwrap()
+    }
+
+    fn message(id: &str) -> Append {
+        let sender = Sender {
+            user: "alice".into(),
+            device: "p".into(),
+        };
+        Append {
+            create: Some(NewConversation::direct("alice", "bob")),
+            ..Append::message("d:1".into(), sender, id.into(), Body::Text(id.into()), None)
+        }
+    }
+
+    #[tokio::test]
+    async fn the_map_lists_every_shard_with_its_owners_and_its_outbox_lag() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir).await;
+        let shard = store.shard_of("d:1");
+        let other = (shard + 1) % 4;
+        let lease = store
+            .acquire_shards(Duty::Sequencing, "s1", &[shard], usize::MAX, 1_000, LEASE)
+            .await
+            .unwrap()[0];
+        // Another shard's sequencer released it: listed, with a lease that ended.
+        let released = store
+            .acquire_shards(Duty::Sequencing, "s2", &[other], usize::MAX, 1_000, LEASE)
+            .await
+            .unwrap();
+        store
+            .release_shards(Duty::Sequencing, "s2", &released)
+            .await
+            .unwrap();
+        let delivery = store
+            .acquire_shards(Duty::Delivery, "f1", &[shard], usize::MAX, 1_000, LEASE)
+            .await
+            .unwrap()[0];
+        let mut heads = HeadCache::default();
+        for i in 0..5 {
+            store
+                .append(lease, &mut heads, &[message(&format!("m{i}"))])
+                .await
+                .unwrap();
+        }
+        let first_ts = store.outbox(shard, None, 1).await.unwrap()[0].1.ts_ms;
+
+        let map = store.shard_map(3).await.unwrap();
+        assert_eq!(
+            map.iter().map(|s| s.shard).collect::<Vec<_>>(),
+            [0, 1, 2, 3],
+            "every shard, owned or not"
+        );
+        let busy = &map[shard as usize];
+        let owner = busy.sequencing.as_ref().unwrap();
+        assert_eq!((owner.node.as_str(), owner.epoch), ("s1", lease.epoch));
+        assert_eq!(owner.lease_until_ms, 1_000 + LEASE);
+        let consumer = busy.delivery.as_ref().unwrap();
+        assert_eq!(
+            (consumer.node.as_str(), consumer.epoch),
+            ("f1", delivery.epoch)
+        );
+        assert_eq!(
+            busy.outbox,
+            OutboxLag {
+                entries: 3,
+                more: true,
+                oldest_ts_ms: Some(first_ts),
+            },
+            "counted up to the limit, and the oldest entry's commit time"
+        );
+        assert_eq!(busy.outbox.oldest_age_ms(first_ts + 250), 250);
+        let lapsed = &map[other as usize];
+        assert_eq!(lapsed.sequencing.as_ref().unwrap().lease_until_ms, 0);
+        assert_eq!(lapsed.delivery, None);
+        assert_eq!(lapsed.outbox, OutboxLag::default());
+        let idle = map
+            .iter()
+            .find(|s| s.shard != shard && s.shard != other)
+            .unwrap();
+        assert_eq!((&idle.sequencing, &idle.delivery), (&None, &None));
+
+        // Fanout clears the first three entries: two wait, the oldest is the fourth.
+        let entries = store.outbox(shard, None, 3).await.unwrap();
+        let fourth_ts = store.outbox(shard, None, 4).await.unwrap()[3].1.ts_ms;
+        store
+            .clear_outbox(&[OutboxRange {
+                lease: delivery,
+                first: entries[0].0.clone(),
+                last: entries[2].0.clone(),
+            }])
+            .await
+            .unwrap();
+        assert_eq!(
+            store.outbox_lag(shard, 3).await.unwrap(),
+            OutboxLag {
+                entries: 2,
+                more: false,
+                oldest_ts_ms: Some(fourth_ts),
+            }
+        );
+        assert_eq!(
+            store.outbox_lag(shard, 0).await.unwrap().entries,
+            1,
+            "a limit of 0 counts one entry"
+        );
+    }
+}
