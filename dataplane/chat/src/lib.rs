@@ -2,10 +2,12 @@
 //! conversations, hands appends to the sequencer, records acknowledgements and forwards
 //! receipts. Handlers of both WebSocket frames and HTTP requests call into it.
 
+pub mod admission;
 pub mod devices;
 pub mod groups;
 pub mod receipts;
 
+use crate::admission::{AdmissionLimits, Admitted, SendAdmission};
 use crate::receipts::ReceiptRelay;
 use courier_core::auth::Identity;
 use courier_core::error::ApiError;
@@ -114,10 +116,8 @@ pub struct ChatLimits {
     pub history_on_join: u64,
     /// Sends are answered `unavailable` while more events than this wait for fanout.
     pub fanout_backlog_limit: i64,
-    /// Sends this node accepts and has not answered yet before new ones are answered
-    /// `unavailable` (with `retry_after_ms`): past the node's capacity they would only wait
-    /// longer in its queues. About the peak rate times the longest acceptable send-ACK wait.
-    pub max_sends_in_flight: usize,
+    /// When new sends are answered `unavailable` because the node is past its capacity.
+    pub admission: AdmissionLimits,
     pub user_sends: Rate,
 }
 
@@ -130,7 +130,7 @@ impl Default for ChatLimits {
             max_users_per_request: 1000,
             history_on_join: 0,
             fanout_backlog_limit: 1_000_000,
-            max_sends_in_flight: 4096,
+            admission: AdmissionLimits::default(),
             user_sends: Rate {
                 per_second: 100,
                 burst: 200,
@@ -150,6 +150,7 @@ pub struct Chat {
     pub(crate) limits: ChatLimits,
     storage: Arc<StorageHealth>,
     user_sends: KeyedLimit,
+    admission: Arc<SendAdmission>,
 }
 
 impl Chat {
@@ -167,6 +168,7 @@ impl Chat {
         Self {
             storage,
             user_sends: KeyedLimit::new(limits.user_sends, "sends from this user"),
+            admission: SendAdmission::new(limits.admission, metrics.clone()),
             store,
             sequencer,
             gateways,
@@ -243,33 +245,14 @@ impl Chat {
         Ok(())
     }
 
-    /// Takes one of the node's [`ChatLimits::max_sends_in_flight`] places for a send, or
-    /// answers `unavailable` when all are taken (the client retries after a jittered wait,
-    /// so refused clients do not come back together).
-    fn admit_send(&self) -> Result<InFlight, ApiError> {
-        let gauge = &self.metrics.sends_in_flight;
-        if gauge.inc() >= self.limits.max_sends_in_flight as i64 {
-            gauge.dec();
-            self.metrics
-                .rate_limited
-                .get_or_create(&ScopeLabel { scope: "node" })
-                .inc();
-            let retry_after_ms = 100 + rand::random::<u64>() % 200;
-            return Err(ApiError::unavailable(
-                "the server is at capacity; retry shortly",
-                retry_after_ms,
-            ));
-        }
-        Ok(InFlight(self.metrics.clone()))
-    }
-
     /// Queues `append` with the sequencer once admitted; the place is given back when the
     /// append is answered (or the caller stops waiting for it).
-    fn submit(&self, admitted: InFlight, append: Append) -> PendingAppend {
+    fn submit(&self, admitted: Admitted, append: Append) -> PendingAppend {
         let pending = self.sequencer.submit(append);
         Box::pin(async move {
-            let _admitted = admitted;
-            pending.await
+            let outcome = pending.await;
+            admitted.answered();
+            outcome
         })
     }
 
@@ -293,7 +276,7 @@ impl Chat {
         validate_body(&send.body)?;
         self.count_limited("user", self.user_sends.check(&who.user))?;
         self.check_backpressure()?;
-        let admitted = self.admit_send()?;
+        let admitted = self.admission.admit()?;
         if send.reply_to == Some(0) {
             return Err(ApiError::bad_request("reply_to must be a seq (1 or more)"));
         }
@@ -603,7 +586,7 @@ impl Chat {
             }
         }
         let client_msg_id = format!("delete:{}", delete.seq);
-        let admitted = self.admit_send()?;
+        let admitted = self.admission.admit()?;
         let pending = self.submit(
             admitted,
             Append {
@@ -620,15 +603,6 @@ impl Chat {
             },
         );
         Ok((client_msg_id, pending))
-    }
-}
-
-/// A send's place among the node's sends in flight, given back when dropped.
-struct InFlight(Arc<Metrics>);
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.sends_in_flight.dec();
     }
 }
 
@@ -706,7 +680,10 @@ mod tests {
     async fn sends_past_the_in_flight_limit_are_unavailable_until_one_is_answered() {
         let sequencer = Arc::new(HeldSequencer::default());
         let limits = ChatLimits {
-            max_sends_in_flight: 2,
+            admission: AdmissionLimits {
+                max_in_flight: 2,
+                ..AdmissionLimits::default()
+            },
             ..ChatLimits::default()
         };
         let (_dir, chat) = chat(sequencer.clone(), limits).await;

@@ -4,6 +4,7 @@
 use crate::store_node::ClusterTokenArgs;
 use clap::{Args, ValueEnum};
 use courier_chat::ChatLimits;
+use courier_chat::admission::AdmissionLimits;
 use courier_core::leases::Ownership;
 use courier_core::limits::Rate;
 use courier_core::units::parse_bytes;
@@ -143,11 +144,15 @@ pub struct ServeConfig {
         default_value_t = 1_000_000
     )]
     pub fanout_backlog_limit: i64,
-    /// Sends accepted and not yet answered, on this node, before new ones get `unavailable`
-    /// (with a jittered `retry_after_ms`): the bound on the queue a send may wait in when
-    /// clients offer more than the node can commit.
-    #[arg(long, env = "COURIER_MAX_SENDS_IN_FLIGHT", default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..))]
+    /// Sends (and deletes) accepted by this node and not answered yet, past which new ones get
+    /// `unavailable`: a bound on memory for when commits stop being answered.
+    #[arg(long, env = "COURIER_MAX_SENDS_IN_FLIGHT", default_value_t = 65_536, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_sends_in_flight: u64,
+    /// While sends are in flight and those answered lately waited longer than this for their
+    /// commit (on average), new ones get `unavailable` with a jittered `retry_after_ms`: past
+    /// the node's capacity a send would only wait longer in its queues.
+    #[arg(long, env = "COURIER_MAX_SEND_WAIT", default_value = "500ms", value_parser = humantime::parse_duration)]
+    pub max_send_wait: Duration,
     /// Events are kept at least this long, and until every active device has them.
     #[arg(long, env = "COURIER_RETENTION", default_value = "30days", value_parser = humantime::parse_duration)]
     pub retention: Duration,
@@ -303,7 +308,10 @@ impl ServeConfig {
             max_group_name: self.max_group_name,
             history_on_join: self.history_on_join,
             fanout_backlog_limit: self.fanout_backlog_limit,
-            max_sends_in_flight: self.max_sends_in_flight as usize,
+            admission: AdmissionLimits {
+                max_in_flight: self.max_sends_in_flight as usize,
+                max_wait: self.max_send_wait,
+            },
             user_sends: Rate {
                 per_second: self.user_sends_per_sec,
                 burst: self.user_sends_burst,
