@@ -236,7 +236,13 @@ impl Chat {
     /// storage cannot take them (low disk, halted store).
     fn check_backpressure(&self) -> Result<(), ApiError> {
         self.storage.check_send()?;
-        if self.metrics.fanout_backlog.get() > self.limits.fanout_backlog_limit {
+        // This node's fanout, or, in a cluster, every live fanout node through the registry.
+        let backlog = self
+            .metrics
+            .fanout_backlog
+            .get()
+            .max(self.metrics.cluster_fanout_backlog.get());
+        if backlog > self.limits.fanout_backlog_limit {
             return Err(ApiError::unavailable(
                 "delivery is behind; retry shortly",
                 500,
@@ -674,6 +680,31 @@ mod tests {
             body: Body::Text("hi".into()),
             reply_to: None,
         }
+    }
+
+    #[tokio::test]
+    async fn sends_are_unavailable_while_the_clusters_fanout_is_too_far_behind() {
+        let limits = ChatLimits {
+            fanout_backlog_limit: 10,
+            ..ChatLimits::default()
+        };
+        let (_dir, chat) = chat(Arc::new(HeldSequencer::default()), limits).await;
+        let alice = Identity {
+            user: "alice".into(),
+            device: "phone".into(),
+            issued_at_ms: 0,
+        };
+        // Another node's fanout is behind, as the node registry reported it.
+        chat.metrics.cluster_fanout_backlog.set(11);
+        let Err(refused) = chat.submit_send(&alice, &text_to("bob", "m1")).await else {
+            panic!("a send was accepted while delivery is behind");
+        };
+        assert_eq!(refused.code, courier_proto::ErrorCode::Unavailable);
+        chat.metrics.cluster_fanout_backlog.set(10);
+        let (_, _pending) = chat
+            .submit_send(&alice, &text_to("bob", "m1"))
+            .await
+            .unwrap();
     }
 
     #[tokio::test]

@@ -51,8 +51,11 @@ pub struct Metrics {
     pub delivery_lag: Histogram,
     /// Per-stage latencies of the delivery path (`docs/operations.md`, "Where the time goes").
     pub stages: StageLatencies,
-    /// Events committed and not yet fanned out.
+    /// Events committed and not yet fanned out (by this node's fanout).
     pub fanout_backlog: Gauge,
+    /// Events committed and not yet fanned out by any live fanout node of the cluster, as
+    /// they last reported it in the node registry (0 outside a cluster).
+    pub cluster_fanout_backlog: Gauge,
     /// Sends this node's chat role accepted and has not answered yet.
     pub sends_in_flight: Gauge,
     /// Events appended, per sequencer shard (hot shards stand out).
@@ -102,6 +105,7 @@ impl Metrics {
                 ack_commit: latency(),
             },
             fanout_backlog: Gauge::default(),
+            cluster_fanout_backlog: Gauge::default(),
             sends_in_flight: Gauge::default(),
             shard_appends: Family::default(),
             owned_shards: Gauge::default(),
@@ -155,6 +159,11 @@ impl Metrics {
             "chat_sends_in_flight",
             "Sends accepted by this node and not answered yet (see --max-sends-in-flight)",
             metrics.sends_in_flight.clone(),
+        );
+        registry.register(
+            "cluster_fanout_backlog_events",
+            "Events not yet fanned out by the cluster's live fanout nodes, from the node registry",
+            metrics.cluster_fanout_backlog.clone(),
         );
         registry.register(
             "fanout_backlog_events",

@@ -37,7 +37,7 @@ use courier_fanout::Fanout;
 use courier_rpc::{ClusterGateways, ClusterToken, FanoutService, SequencerService};
 use courier_sequencer::LocalSequencer;
 use courier_store::MessageStore;
-use courier_store::nodes::NodeRecord;
+use courier_store::nodes::{NodeRecord, cluster_fanout_backlog};
 use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -158,6 +158,7 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
         lease_until_ms: 0,
         started_ms: now_ms(),
         connections: 0,
+        fanout_backlog: 0,
     };
     let lease = config.shard_lease;
     let lease_ms = lease.as_millis() as u64;
@@ -191,6 +192,7 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
                         let now = now_ms();
                         let record = NodeRecord {
                             connections: metrics.connections.get().max(0) as u64,
+                            fanout_backlog: metrics.fanout_backlog.get().max(0) as u64,
                             ..leased(&registration, now + lease_ms)
                         };
                         match store.register_node(&node, &record).await {
@@ -204,6 +206,13 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
                             }
                             Ok(()) => deadline = now + lease_ms,
                             Err(e) => tracing::warn!(error = %e, "renewing the node's registration failed; retrying"),
+                        }
+                        match store.nodes().await {
+                            Ok(nodes) => {
+                                let backlog = cluster_fanout_backlog(&nodes, now);
+                                metrics.cluster_fanout_backlog.set(backlog as i64);
+                            }
+                            Err(e) => tracing::warn!(error = %e, "reading the node registry failed; retrying"),
                         }
                         round += 1;
                         if round.is_multiple_of(FORGET_EVERY_ROUNDS) {

@@ -36,12 +36,25 @@ pub struct NodeRecord {
     /// Client connections open on the node (a gateway) at its last renewal.
     #[prost(uint64, tag = "5")]
     pub connections: u64,
+    /// Events this node's fanout was told of and has not fanned out yet, at its last renewal
+    /// (the senders' backpressure reads the sum over live nodes).
+    #[prost(uint64, tag = "6")]
+    pub fanout_backlog: u64,
 }
 
 impl NodeRecord {
     pub fn is_live(&self, now_ms: u64) -> bool {
         self.lease_until_ms > now_ms
     }
+}
+
+/// The events waiting for fanout across the live nodes of `nodes`, as they last reported it.
+pub fn cluster_fanout_backlog(nodes: &[(String, NodeRecord)], now_ms: u64) -> u64 {
+    nodes
+        .iter()
+        .filter(|(_, record)| record.is_live(now_ms))
+        .map(|(_, record)| record.fanout_backlog)
+        .sum()
 }
 
 /// What [`MessageStore::forget_node`] did.
@@ -158,11 +171,27 @@ mod tests {
             lease_until_ms,
             started_ms: 0,
             connections: 0,
+            fanout_backlog: 0,
         }
     }
 
     fn ids(nodes: &[(String, NodeRecord)]) -> Vec<&str> {
         nodes.iter().map(|(id, _)| id.as_str()).collect()
+    }
+
+    #[test]
+    fn the_cluster_backlog_sums_what_live_nodes_last_reported() {
+        let reported = |lease_until_ms, fanout_backlog| NodeRecord {
+            fanout_backlog,
+            ..node("127.0.0.2:7100", lease_until_ms)
+        };
+        let nodes = vec![
+            ("f1".to_owned(), reported(200, 30)),
+            ("f2".to_owned(), reported(200, 12)),
+            ("dead".to_owned(), reported(50, 1000)),
+        ];
+        assert_eq!(cluster_fanout_backlog(&nodes, 100), 42);
+        assert_eq!(cluster_fanout_backlog(&nodes, 300), 0);
     }
 
     #[tokio::test]
