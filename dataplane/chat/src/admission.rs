@@ -34,7 +34,7 @@ impl Default for AdmissionLimits {
     fn default() -> Self {
         Self {
             max_in_flight: 65_536,
-            max_wait: Duration::from_millis(500),
+            max_wait: Duration::from_secs(2),
         }
     }
 }

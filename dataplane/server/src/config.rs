@@ -151,7 +151,7 @@ pub struct ServeConfig {
     /// While sends are in flight and those answered lately waited longer than this for their
     /// commit (on average), new ones get `unavailable` with a jittered `retry_after_ms`: past
     /// the node's capacity a send would only wait longer in its queues.
-    #[arg(long, env = "COURIER_MAX_SEND_WAIT", default_value = "500ms", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "COURIER_MAX_SEND_WAIT", default_value = "2s", value_parser = humantime::parse_duration)]
     pub max_send_wait: Duration,
     /// Events are kept at least this long, and until every active device has them.
     #[arg(long, env = "COURIER_RETENTION", default_value = "30days", value_parser = humantime::parse_duration)]
