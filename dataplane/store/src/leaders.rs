@@ -84,16 +84,14 @@ impl MessageStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::embedded::EmbeddedEngine;
-    use std::sync::Arc;
+    use crate::testing::temp_store;
 
     const LEASE: u64 = 10_000;
 
     #[tokio::test]
     async fn one_node_leads_a_job_until_its_lease_lapses() {
         let dir = tempfile::tempdir().unwrap();
-        let kv = Arc::new(EmbeddedEngine::open(&dir.path().join("s")).unwrap());
-        let store = MessageStore::open(kv, b"", 4).await.unwrap();
+        let store = temp_store(&dir, 4).await;
         let retention = Job::Retention;
 
         assert!(store.lead(retention, "a", 1_000, LEASE).await.unwrap());
@@ -116,8 +114,7 @@ mod tests {
     #[tokio::test]
     async fn of_two_nodes_taking_a_free_job_at_once_one_leads() {
         let dir = tempfile::tempdir().unwrap();
-        let kv = Arc::new(EmbeddedEngine::open(&dir.path().join("s")).unwrap());
-        let store = MessageStore::open(kv, b"", 4).await.unwrap();
+        let store = temp_store(&dir, 4).await;
         let (a, b) = tokio::join!(
             store.lead(Job::Retention, "a", 1_000, LEASE),
             store.lead(Job::Retention, "b", 1_000, LEASE),

@@ -29,6 +29,8 @@ pub mod nodes;
 pub mod ownership;
 pub mod routes;
 pub mod shard_map;
+#[cfg(test)]
+mod testing;
 
 pub use keys::{Keys, ReceiptKind};
 pub use kv::{Batch, CommitStamp, KvEngine, StoreError};

@@ -1584,13 +1584,8 @@ pub(crate) fn decode_event(key: &[u8], value: &[u8]) -> Result<Event, StoreError
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::embedded::EmbeddedEngine;
+    use crate::testing::temp_store;
     use courier_proto::Body;
-
-    async fn store(dir: &tempfile::TempDir) -> MessageStore {
-        let kv = Arc::new(EmbeddedEngine::open(&dir.path().join("s")).unwrap());
-        MessageStore::open(kv, b"", 8).await.unwrap()
-    }
 
     fn message(conv: &str, device: &str, id: &str) -> Append {
         let sender = Sender {
@@ -1606,7 +1601,7 @@ mod tests {
     #[tokio::test]
     async fn seqs_are_dense_per_conversation_and_retries_are_duplicates() {
         let dir = tempfile::tempdir().unwrap();
-        let store = store(&dir).await;
+        let store = temp_store(&dir, 8).await;
         let shard = store.shard_of("d:1");
         let lease = store
             .acquire_shards(Duty::Sequencing, "test", &[shard], usize::MAX, 0, u64::MAX)
@@ -1651,7 +1646,7 @@ mod tests {
     #[tokio::test]
     async fn a_deposed_owner_cannot_append_or_trim() {
         let dir = tempfile::tempdir().unwrap();
-        let store = store(&dir).await;
+        let store = temp_store(&dir, 8).await;
         let shard = store.shard_of("d:1");
         let old = store
             .acquire_shards(Duty::Sequencing, "test", &[shard], usize::MAX, 0, u64::MAX)
@@ -1728,7 +1723,7 @@ mod tests {
     #[tokio::test]
     async fn membership_follows_its_events_and_deletes_tombstone_the_target() {
         let dir = tempfile::tempdir().unwrap();
-        let store = store(&dir).await;
+        let store = temp_store(&dir, 8).await;
         let lease = owner(&store, "g:1").await;
         let mut heads = HeadCache::default();
         let mut hello = message("g:1", "p", "m");
@@ -1796,7 +1791,7 @@ mod tests {
     #[tokio::test]
     async fn membership_is_decided_in_the_sequenced_commit() {
         let dir = tempfile::tempdir().unwrap();
-        let store = store(&dir).await;
+        let store = temp_store(&dir, 8).await;
         let lease = owner(&store, "g:1").await;
         let mut heads = HeadCache::default();
         let created = EventPayload::GroupCreated {
@@ -1864,7 +1859,7 @@ mod tests {
     #[tokio::test]
     async fn the_head_cache_stays_bounded_and_heads_are_read_again_after_eviction() {
         let dir = tempfile::tempdir().unwrap();
-        let store = store(&dir).await;
+        let store = temp_store(&dir, 8).await;
         let lease = store
             .acquire_shards(Duty::Sequencing, "test", &[0], usize::MAX, 0, u64::MAX)
             .await
@@ -1895,7 +1890,7 @@ mod tests {
     #[tokio::test]
     async fn server_keys_and_client_ids_never_collide() {
         let dir = tempfile::tempdir().unwrap();
-        let store = store(&dir).await;
+        let store = temp_store(&dir, 8).await;
         let lease = owner(&store, "d:1").await;
         let mut heads = HeadCache::default();
         let mut delete = message("d:1", "p", "x");
@@ -1927,7 +1922,7 @@ mod tests {
     #[tokio::test]
     async fn idempotency_records_expire_after_their_window() {
         let dir = tempfile::tempdir().unwrap();
-        let store = store(&dir).await;
+        let store = temp_store(&dir, 8).await;
         let lease = owner(&store, "d:1").await;
         let mut heads = HeadCache::default();
         let sent = first(
@@ -1973,7 +1968,7 @@ mod tests {
     #[tokio::test]
     async fn media_records_are_charged_to_their_owner_once_and_given_back_when_forgotten() {
         let dir = tempfile::tempdir().unwrap();
-        let store = store(&dir).await;
+        let store = temp_store(&dir, 8).await;
         let record = |owner: &str, mime: &str| MediaRecord {
             mime: mime.into(),
             size: 600,

@@ -156,13 +156,7 @@ impl MessageStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::embedded::EmbeddedEngine;
-    use std::sync::Arc;
-
-    async fn store(dir: &tempfile::TempDir) -> MessageStore {
-        let kv = Arc::new(EmbeddedEngine::open(&dir.path().join("s")).unwrap());
-        MessageStore::open(kv, b"", 8).await.unwrap()
-    }
+    use crate::testing::temp_store;
 
     fn node(address: &str, lease_until_ms: u64) -> NodeRecord {
         NodeRecord {
@@ -197,7 +191,7 @@ mod tests {
     #[tokio::test]
     async fn nodes_register_and_their_leases_lapse() {
         let dir = tempfile::tempdir().unwrap();
-        let store = store(&dir).await;
+        let store = temp_store(&dir, 8).await;
         store
             .register_node("s1", &node("127.0.0.2:7100", 100))
             .await
@@ -227,7 +221,7 @@ mod tests {
     #[tokio::test]
     async fn a_node_lapsed_long_enough_is_forgotten_with_its_routes_and_a_live_one_is_kept() {
         let dir = tempfile::tempdir().unwrap();
-        let store = store(&dir).await;
+        let store = temp_store(&dir, 8).await;
         store
             .register_node("dead", &node("a:1", 100))
             .await

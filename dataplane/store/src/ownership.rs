@@ -324,17 +324,10 @@ impl MessageStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::embedded::EmbeddedEngine;
-    use crate::message_store::{Append, HeadCache, NewConversation};
-    use courier_proto::{Body, Sender};
-    use std::sync::Arc;
+    use crate::message_store::HeadCache;
+    use crate::testing::{direct_message, temp_store};
 
     const LEASE: u64 = 10_000;
-
-    async fn store(dir: &tempfile::TempDir) -> MessageStore {
-        let kv = Arc::new(EmbeddedEngine::open(&dir.path().join("s")).unwrap());
-        MessageStore::open(kv, b"", 8).await.unwrap()
-    }
 
     /// `node`'s lease on `shard` taken at `now_ms`, if no other node's lease runs.
     async fn take(store: &MessageStore, node: &str, shard: u32, now_ms: u64) -> Option<ShardLease> {
@@ -345,20 +338,9 @@ mod tests {
             .pop()
     }
 
-    fn message(id: &str) -> Append {
-        let sender = Sender {
-            user: "alice".into(),
-            device: "p".into(),
-        };
-        Append {
-            create: Some(NewConversation::direct("alice", "bob")),
-            ..Append::message("d:1".into(), sender, id.into(), Body::Text(id.into()), None)
-        }
-    }
-
     async fn append(store: &MessageStore, lease: ShardLease, id: &str) -> Result<u64, StoreError> {
         let results = store
-            .append(lease, &mut HeadCache::default(), &[message(id)])
+            .append(lease, &mut HeadCache::default(), &[direct_message(id)])
             .await?;
         Ok(results.into_iter().next().unwrap().unwrap().seq)
     }
@@ -366,7 +348,7 @@ mod tests {
     #[tokio::test]
     async fn a_live_lease_keeps_a_shard_and_a_lapsed_one_lets_another_node_take_it() {
         let dir = tempfile::tempdir().unwrap();
-        let store = store(&dir).await;
+        let store = temp_store(&dir, 8).await;
         let shard = store.shard_of("d:1");
         let a = take(&store, "a", shard, 1_000).await.unwrap();
         assert_eq!(append(&store, a, "m1").await.unwrap(), 1);
@@ -417,7 +399,7 @@ mod tests {
     #[tokio::test]
     async fn renewing_touches_the_lease_only_so_appends_of_the_same_epoch_go_on() {
         let dir = tempfile::tempdir().unwrap();
-        let store = store(&dir).await;
+        let store = temp_store(&dir, 8).await;
         let shard = store.shard_of("d:1");
         let lease = take(&store, "a", shard, 0).await.unwrap();
         for round in 1..=3u64 {
@@ -445,7 +427,7 @@ mod tests {
     #[tokio::test]
     async fn one_commit_takes_every_free_shard_and_skips_the_held_ones() {
         let dir = tempfile::tempdir().unwrap();
-        let store = store(&dir).await;
+        let store = temp_store(&dir, 8).await;
         let held = take(&store, "b", 3, 0).await.unwrap();
         let all: Vec<u32> = (0..store.shard_count()).collect();
         let taken = store
@@ -469,7 +451,7 @@ mod tests {
     #[tokio::test]
     async fn a_restarted_owner_takes_its_live_shard_back_with_a_new_epoch() {
         let dir = tempfile::tempdir().unwrap();
-        let store = store(&dir).await;
+        let store = temp_store(&dir, 8).await;
         let shard = store.shard_of("d:1");
         let before = take(&store, "a", shard, 0).await.unwrap();
         let after = take(&store, "a", shard, 1).await.unwrap();
@@ -483,7 +465,7 @@ mod tests {
     #[tokio::test]
     async fn a_released_shard_is_free_at_once() {
         let dir = tempfile::tempdir().unwrap();
-        let store = store(&dir).await;
+        let store = temp_store(&dir, 8).await;
         let shard = store.shard_of("d:1");
         let a = take(&store, "a", shard, 0).await.unwrap();
         assert_eq!(
@@ -511,7 +493,7 @@ mod tests {
     #[tokio::test]
     async fn a_hand_off_flips_owner_and_epoch_in_one_commit() {
         let dir = tempfile::tempdir().unwrap();
-        let store = store(&dir).await;
+        let store = temp_store(&dir, 8).await;
         let shard = store.shard_of("d:1");
         let a = take(&store, "a", shard, 0).await.unwrap();
         assert_eq!(append(&store, a, "m1").await.unwrap(), 1);

@@ -142,13 +142,7 @@ impl MessageStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::embedded::EmbeddedEngine;
-    use std::sync::Arc;
-
-    async fn store(dir: &tempfile::TempDir) -> MessageStore {
-        let kv = Arc::new(EmbeddedEngine::open(&dir.path().join("s")).unwrap());
-        MessageStore::open(kv, b"", 4).await.unwrap()
-    }
+    use crate::testing::temp_store;
 
     fn route(device: &str, gateway: &str) -> Route {
         Route {
@@ -160,7 +154,7 @@ mod tests {
     #[tokio::test]
     async fn a_user_has_one_route_per_device_and_gateway() {
         let dir = tempfile::tempdir().unwrap();
-        let store = store(&dir).await;
+        let store = temp_store(&dir, 4).await;
         store.add_route("bob", "phone", "g1", 1, 10).await.unwrap();
         store.add_route("bob", "laptop", "g2", 2, 10).await.unwrap();
         store
@@ -178,7 +172,7 @@ mod tests {
     #[tokio::test]
     async fn an_older_connection_closing_keeps_the_newer_connections_route() {
         let dir = tempfile::tempdir().unwrap();
-        let store = store(&dir).await;
+        let store = temp_store(&dir, 4).await;
         store.add_route("bob", "phone", "g1", 1, 10).await.unwrap();
         store.add_route("bob", "phone", "g1", 2, 10).await.unwrap();
         assert!(!store.remove_route("bob", "phone", "g1", 1).await.unwrap());
@@ -191,7 +185,7 @@ mod tests {
     #[tokio::test]
     async fn a_sweep_clears_a_gateways_routes_written_before_its_lapse_only() {
         let dir = tempfile::tempdir().unwrap();
-        let store = store(&dir).await;
+        let store = temp_store(&dir, 4).await;
         for i in 0..2500u64 {
             store
                 .add_route(&format!("u{i}"), "phone", "g", i, 100)

@@ -113,33 +113,15 @@ impl MessageStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::embedded::EmbeddedEngine;
-    use crate::message_store::{Append, HeadCache, NewConversation, OutboxRange};
-    use courier_proto::{Body, Sender};
-    use std::sync::Arc;
+    use crate::message_store::{HeadCache, OutboxRange};
+    use crate::testing::{direct_message, temp_store};
 
     const LEASE: u64 = 10_000;
-
-    async fn store(dir: &tempfile::TempDir) -> MessageStore {
-        let kv = Arc::new(EmbeddedEngine::open(&dir.path().join("s")).unwrap());
-        MessageStore::open(kv, b"", 4).await.unwrap()
-    }
-
-    fn message(id: &str) -> Append {
-        let sender = Sender {
-            user: "alice".into(),
-            device: "p".into(),
-        };
-        Append {
-            create: Some(NewConversation::direct("alice", "bob")),
-            ..Append::message("d:1".into(), sender, id.into(), Body::Text(id.into()), None)
-        }
-    }
 
     #[tokio::test]
     async fn the_map_lists_every_shard_with_its_owners_and_its_outbox_lag() {
         let dir = tempfile::tempdir().unwrap();
-        let store = store(&dir).await;
+        let store = temp_store(&dir, 4).await;
         let shard = store.shard_of("d:1");
         let other = (shard + 1) % 4;
         let lease = store
@@ -162,7 +144,7 @@ mod tests {
         let mut heads = HeadCache::default();
         for i in 0..5 {
             store
-                .append(lease, &mut heads, &[message(&format!("m{i}"))])
+                .append(lease, &mut heads, &[direct_message(&format!("m{i}"))])
                 .await
                 .unwrap();
         }
