@@ -28,6 +28,7 @@ use crate::providers::{Notification, PushError, PushProviders, next_delay};
 use clap::Args;
 use courier_chat::devices::Devices;
 use courier_core::gateways::Gateways;
+use courier_core::leases::JobLead;
 use courier_core::loops::BackgroundLoops;
 use courier_core::membership::MembershipCache;
 use courier_core::metrics::{Metrics, OutcomeLabel};
@@ -118,17 +119,48 @@ impl Notifier {
     /// Starts the notifier as a loop of `loops`; intents left by a crash are expanded first
     /// (and again after a restart). With `every_shard_each`, every shard is looked at again
     /// that often: for a cluster node, which is told only of the commits made through it.
-    pub fn start(self: &Arc<Self>, loops: &BackgroundLoops, every_shard_each: Option<Duration>) {
+    /// With `lead`, the notifier runs its passes only while this node leads the push job (one
+    /// push node of a cluster at a time, `courier_store::leaders`), checked at start and then
+    /// every `every_shard_each` (or idle pass); a node that takes the lead looks at every shard.
+    pub fn start(
+        self: &Arc<Self>,
+        loops: &BackgroundLoops,
+        every_shard_each: Option<Duration>,
+        lead: Option<JobLead>,
+    ) {
         let notifier = self.clone();
         loops.spawn("push notifier", move |cancel| {
-            let notifier = notifier.clone();
+            let (notifier, lead) = (notifier.clone(), lead.clone());
             async move {
+                let round = every_shard_each.unwrap_or(IDLE_PASS);
                 let mut looked_at_all = std::time::Instant::now();
+                let mut leading = match &lead {
+                    Some(lead) => lead.runs_pass(round).await,
+                    None => true,
+                };
                 notifier.mark_all_dirty();
                 loop {
-                    if every_shard_each.is_some_and(|each| looked_at_all.elapsed() >= each) {
+                    if looked_at_all.elapsed() >= round {
                         looked_at_all = std::time::Instant::now();
-                        notifier.mark_all_dirty();
+                        let was_leading = leading;
+                        if let Some(lead) = &lead {
+                            leading = lead.runs_pass(round).await;
+                        }
+                        if every_shard_each.is_some() || (leading && !was_leading) {
+                            notifier.mark_all_dirty();
+                        }
+                    }
+                    if !leading {
+                        // Another node notifies; what this one was told of stays dirty for
+                        // the day it leads (it then looks at every shard anyway).
+                        if cancel
+                            .run_until_cancelled(tokio::time::sleep(round))
+                            .await
+                            .is_none()
+                        {
+                            return;
+                        }
+                        continue;
                     }
                     if let Err(e) = notifier.pass().await {
                         tracing::warn!(error = %e, "push pass failed; retrying");
@@ -601,7 +633,7 @@ mod tests {
         let (providers, sent) = webhook().await;
         let notifier = notifier(&store, providers, Duration::ZERO);
         let loops = BackgroundLoops::new();
-        notifier.start(&loops, None);
+        notifier.start(&loops, None, None);
 
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         while !sent.lock().unwrap().contains(&healthy) {
@@ -628,7 +660,7 @@ mod tests {
         let (providers, sent) = webhook().await;
         let notifier = notifier(&store, providers, Duration::ZERO);
         let loops = BackgroundLoops::new();
-        notifier.start(&loops, Some(Duration::from_millis(100)));
+        notifier.start(&loops, Some(Duration::from_millis(100)), None);
         // Committed through another node after the notifier's first pass: nobody tells it.
         tokio::time::sleep(Duration::from_millis(300)).await;
         let members = vec!["ann".to_owned(), "ben".to_owned()];
@@ -642,5 +674,46 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    #[tokio::test]
+    async fn only_the_push_leader_notifies_and_another_node_takes_over_once_its_lead_lapses() {
+        use courier_store::leaders::Job;
+        let engine = FaultyEngine::new();
+        let store = engine.store(4).await;
+        // Node a leads the push job for 600 ms, then stops renewing (it died).
+        let now = courier_core::clock::now_ms();
+        assert!(store.lead(Job::Push, "a", now, 600).await.unwrap());
+        let (providers, sent) = webhook().await;
+        let b = notifier(&store, providers, Duration::ZERO);
+        let loops = BackgroundLoops::new();
+        let lead = JobLead {
+            store: store.clone(),
+            job: Job::Push,
+            node: "b".into(),
+        };
+        b.start(&loops, Some(Duration::from_millis(50)), Some(lead));
+        let members = vec!["ann".to_owned(), "ben".to_owned()];
+        group_with_a_message(&store, "g:led", &members).await;
+        b.committed(store.shard_of("g:led"), 1);
+
+        // While a leads, b sends nothing (several of its rounds pass).
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(sent.lock().unwrap().is_empty(), "b notified while a led");
+        // Once a's lead lapsed, b takes it and sends what waited.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !sent.lock().unwrap().contains(&"g:led".to_owned()) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "b never took the lead over"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            !store
+                .lead(Job::Push, "a", courier_core::clock::now_ms(), 600)
+                .await
+                .unwrap()
+        );
     }
 }

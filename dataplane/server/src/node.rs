@@ -393,8 +393,8 @@ impl InternalNode<'_> {
 }
 
 /// Refuses to start a node whose roles would clash with a live node of the cluster: a second
-/// push notifier (it would notify twice), or a second node keeping media bytes in a directory
-/// of its own (each would hold different media).
+/// node keeping media bytes in a directory of its own (each would hold different media). Push
+/// nodes may be several: one at a time leads the notifier (`courier_store::leaders`).
 async fn refuse_conflicting_nodes(args: &NodeArgs, store: &MessageStore) -> anyhow::Result<()> {
     let config = &args.serve;
     let now = now_ms();
@@ -405,14 +405,6 @@ async fn refuse_conflicting_nodes(args: &NodeArgs, store: &MessageStore) -> anyh
         .filter(|(id, node)| *id != config.node_id && node.is_live(now))
         .collect();
     let runs = |node: &NodeRecord, role: Role| node.roles.iter().any(|r| r == role.name());
-    if args.has(Role::Push)
-        && let Some((id, _)) = live.iter().find(|(_, node)| runs(node, Role::Push))
-    {
-        anyhow::bail!(
-            "node {id} already runs the push notifier, which runs on one node of a cluster: \
-             start this node without `push`"
-        );
-    }
     let private_media = config.media.media_s3_bucket.is_none() && config.media.media_dir.is_none();
     if args.has(Role::Media)
         && private_media

@@ -297,7 +297,11 @@ pub async fn run_client_roles(
     if let Some(notifier) = &notifier {
         // On a cluster node it is told only of the commits made through this node.
         let every_shard_each = cluster.is_some().then(|| config.ownership().round());
-        notifier.start(&loops, every_shard_each);
+        notifier.start(
+            &loops,
+            every_shard_each,
+            cluster.is_some().then(|| lead(Job::Push)),
+        );
     }
     if let Some(fanout) = &fanout {
         fanout.start(&loops);

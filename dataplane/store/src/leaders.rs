@@ -1,5 +1,6 @@
 //! Cluster-wide jobs that one node at a time runs: passes over the whole keyspace (retention,
-//! the media sweep) that every node able to run them starts, but only the job's leader does.
+//! the media sweep, the push notifier) that every node able to run them starts, but only the
+//! job's leader does.
 //!
 //! Each job has a leader record (`("lead", job)`: node and lease deadline). Before each pass a
 //! node calls [`MessageStore::lead`], which takes the record if it is free, lapsed or already
@@ -9,9 +10,10 @@
 //!
 //! **No fence.** The jobs are idempotent and every write they make is safe next to another
 //! node's (a retention trim goes through the shard's sequencer and fences on its epoch; a
-//! media sweep deletes only what nothing references). The lease only keeps them from running
-//! on every node at once; two leaders for a moment (a paused node past its lease) cost a pass
-//! done twice, never a wrong write.
+//! media sweep deletes only what nothing references; push expansion counts no message twice).
+//! The lease only keeps them from running on every node at once; two leaders for a moment (a
+//! paused node past its lease) cost a pass done twice (for push, at worst a notification sent
+//! twice), never a wrong write.
 
 use crate::kv::{Batch, StoreError};
 use crate::message_store::{MessageStore, corrupt};
@@ -24,6 +26,8 @@ pub enum Job {
     Retention,
     /// Deletes media no message references any more.
     MediaSweep,
+    /// Turns push intents into notifications and sends them (the push notifier).
+    Push,
 }
 
 impl Job {
@@ -31,6 +35,7 @@ impl Job {
         match self {
             Job::Retention => "retention",
             Job::MediaSweep => "media-sweep",
+            Job::Push => "push",
         }
     }
 }

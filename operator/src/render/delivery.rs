@@ -2,9 +2,9 @@
 //!
 //! - `<cluster>-fanout`: fanout nodes (`courier node --roles fanout`), any number; they split
 //!   the shards' outboxes between them by delivery leases and hand events to the gateways;
-//! - `<cluster>-push` (with `pushSecret` only): the push notifier, which the data plane runs on
-//!   one node with a client port of its own (a second is refused at start), so one pod,
-//!   replaced old-first. It is not behind the client Service.
+//! - `<cluster>-push` (with `pushSecret` only): the push notifier, on a node with a client port
+//!   of its own; one pod, replaced old-first (the data plane lets one push node at a time lead
+//!   the notifier). It is not behind the client Service.
 
 use k8s_openapi::api::apps::v1::Deployment;
 
