@@ -207,13 +207,6 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
                             Ok(()) => deadline = now + lease_ms,
                             Err(e) => tracing::warn!(error = %e, "renewing the node's registration failed; retrying"),
                         }
-                        match store.nodes().await {
-                            Ok(nodes) => {
-                                let backlog = cluster_fanout_backlog(&nodes, now);
-                                metrics.cluster_fanout_backlog.set(backlog as i64);
-                            }
-                            Err(e) => tracing::warn!(error = %e, "reading the node registry failed; retrying"),
-                        }
                         round += 1;
                         if round.is_multiple_of(FORGET_EVERY_ROUNDS) {
                             forget_dead_nodes(&store, &node, now, lease_ms).await;
@@ -221,6 +214,31 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
                     }
                 };
                 cancel.run_until_cancelled(renew).await;
+            }
+        });
+    }
+
+    {
+        let (store, metrics) = (store.clone(), metrics.clone());
+        // Apart from the renewals, so that a slow read never delays one. Stops at once when
+        // cancelled; restarted if it fails: it keeps no state.
+        loops.spawn("read the cluster's fanout backlog", move |cancel| {
+            let (store, metrics) = (store.clone(), metrics.clone());
+            async move {
+                let read = async {
+                    let mut rounds = tokio::time::interval(lease / 3);
+                    loop {
+                        rounds.tick().await;
+                        match store.nodes().await {
+                            Ok(nodes) => {
+                                let backlog = cluster_fanout_backlog(&nodes, now_ms());
+                                metrics.cluster_fanout_backlog.set(backlog as i64);
+                            }
+                            Err(e) => tracing::warn!(error = %e, "reading the node registry failed; retrying"),
+                        }
+                    }
+                };
+                cancel.run_until_cancelled(read).await;
             }
         });
     }
