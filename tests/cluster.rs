@@ -300,20 +300,33 @@ const SHARDS: &str = "8";
 const JWT_SECRET: &str = "cluster-test-jwt-secret";
 
 /// Sends `id` to `to` until the cluster takes it (retrying `unavailable` with the same id, as
-/// clients do), and returns its seq.
-async fn send_until_sent(client: &mut courier_client::Client, to: &str, id: &str) -> u64 {
+/// clients do), and returns its seq. With `server`, a connection the server closes with
+/// `reconnect` (1001: it drains, or saw its own lease lapse under load) is opened again there
+/// and the send retried with the same id, as clients do.
+async fn send_until_sent(
+    client: &mut courier_client::Client,
+    to: &str,
+    id: &str,
+    server: Option<&Server>,
+) -> u64 {
     let deadline = std::time::Instant::now() + WAIT;
     loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{id} was not taken before the deadline"
+        );
         match client.send_text(Target::User(to.into()), id, id).await {
             Ok(sent) => return sent.seq,
             Err(courier_client::ClientError::Server(error))
                 if error.code == courier_client::proto::ErrorCode::Unavailable =>
             {
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "{id} was not taken before the deadline"
-                );
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            Err(courier_client::ClientError::Closed(Some((1001, _)))) if server.is_some() => {
+                let hello = client.hello().clone();
+                if let Some(server) = server {
+                    *client = server.connect(&hello.user, &hello.device).await;
+                }
             }
             Err(e) => panic!("sending {id} failed: {e}"),
         }
@@ -343,8 +356,10 @@ async fn check_history(front: &Server, peers: &[String], sent: &[Vec<(String, u6
     }
 }
 
-/// One message to each peer, each sent until taken; records `(id, seq)` per peer.
+/// One message to each peer, each sent until taken through `front`; records `(id, seq)` per
+/// peer.
 async fn send_round(
+    front: &Server,
     alice: &mut courier_client::Client,
     peers: &[String],
     round: u32,
@@ -352,7 +367,7 @@ async fn send_round(
 ) {
     for (peer, sent) in peers.iter().zip(sent) {
         let id = format!("r{round}-{peer}");
-        let seq = send_until_sent(alice, peer, &id).await;
+        let seq = send_until_sent(alice, peer, &id, Some(front)).await;
         sent.push((id, seq));
     }
 }
@@ -508,7 +523,7 @@ async fn the_admin_api_lists_nodes_moves_every_shard_and_drains_a_node_while_cli
     let mut alice = front.connect("alice", "phone").await;
     alice.events_until_sync_done().await.unwrap();
     let mut sent: Vec<Vec<(String, u64)>> = vec![Vec::new(); peers.len()];
-    send_round(&mut alice, &peers, 1, &mut sent).await;
+    send_round(&front, &mut alice, &peers, 1, &mut sent).await;
 
     // Every shard moves from s1 to s2; each move returns once s2 serves the shard.
     for shard in 0..8 {
@@ -525,7 +540,7 @@ async fn the_admin_api_lists_nodes_moves_every_shard_and_drains_a_node_while_cli
     }
     assert!(owned(&first).await.is_empty());
     assert_eq!(owned(&second).await, (0..8).collect::<Vec<u32>>());
-    send_round(&mut alice, &peers, 2, &mut sent).await;
+    send_round(&front, &mut alice, &peers, 2, &mut sent).await;
 
     // s2 drains: its shards are released, and s1 takes them when told to.
     let released = admin(&second)
@@ -544,7 +559,7 @@ async fn the_admin_api_lists_nodes_moves_every_shard_and_drains_a_node_while_cli
         .into_inner()
         .owned;
     assert_eq!(taken, (0..8).collect::<Vec<u32>>());
-    send_round(&mut alice, &peers, 3, &mut sent).await;
+    send_round(&front, &mut alice, &peers, 3, &mut sent).await;
 
     check_history(&front, &peers, &sent).await;
     // Without the cluster token, the admin API answers nothing.
@@ -575,18 +590,18 @@ async fn sequencer_nodes_take_over_from_a_killed_or_paused_owner_and_lose_nothin
     let mut alice = front.connect("alice", "phone").await;
     alice.events_until_sync_done().await.unwrap();
     let mut sent: Vec<Vec<(String, u64)>> = vec![Vec::new(); peers.len()];
-    send_round(&mut alice, &peers, 1, &mut sent).await;
+    send_round(&front, &mut alice, &peers, 1, &mut sent).await;
 
     // The owner of every shard dies: the others take its shards once its lease lapsed.
     first.kill9();
-    send_round(&mut alice, &peers, 2, &mut sent).await;
+    send_round(&front, &mut alice, &peers, 2, &mut sent).await;
 
     // A node is paused past its lease (its shards move), then resumes: it must not commit.
     second.signal(libc::SIGSTOP);
-    send_round(&mut alice, &peers, 3, &mut sent).await;
-    send_round(&mut alice, &peers, 4, &mut sent).await;
+    send_round(&front, &mut alice, &peers, 3, &mut sent).await;
+    send_round(&front, &mut alice, &peers, 4, &mut sent).await;
     second.signal(libc::SIGCONT);
-    send_round(&mut alice, &peers, 5, &mut sent).await;
+    send_round(&front, &mut alice, &peers, 5, &mut sent).await;
 
     // The history: every `sent` is stored once, at its seq, in send order, with no gap, and
     // each peer receives exactly that.
@@ -711,14 +726,14 @@ async fn a_sequencer_cut_off_by_a_partition_loses_its_shards_and_commits_nothing
     let mut alice = front.connect("alice", "phone").await;
     alice.events_until_sync_done().await.unwrap();
     let mut sent: Vec<Vec<(String, u64)>> = vec![Vec::new(); peers.len()];
-    send_round(&mut alice, &peers, 1, &mut sent).await;
+    send_round(&front, &mut alice, &peers, 1, &mut sent).await;
 
     // s1 is cut off from the store and from the other nodes: s2 takes its shards once its
     // lease lapsed, and clients go on (after retries).
     network.cut();
-    send_round(&mut alice, &peers, 2, &mut sent).await;
+    send_round(&front, &mut alice, &peers, 2, &mut sent).await;
     network.heal();
-    send_round(&mut alice, &peers, 3, &mut sent).await;
+    send_round(&front, &mut alice, &peers, 3, &mut sent).await;
 
     // Back on the network, s1 finds its shards taken and serves none of them.
     let deadline = std::time::Instant::now() + WAIT;
@@ -729,7 +744,7 @@ async fn a_sequencer_cut_off_by_a_partition_loses_its_shards_and_commits_nothing
         );
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    send_round(&mut alice, &peers, 4, &mut sent).await;
+    send_round(&front, &mut alice, &peers, 4, &mut sent).await;
     check_history(&front, &peers, &sent).await;
 }
 
@@ -831,14 +846,14 @@ async fn two_gateways_and_two_fanout_nodes_deliver_across_nodes_through_fanout_a
     };
     for i in 1..=10 {
         let id = format!("a{i}");
-        let seq = send_until_sent(&mut alice, "bob", &id).await;
+        let seq = send_until_sent(&mut alice, "bob", &id, None).await;
         to_bob.push((id, seq));
     }
     read_live(&mut bob, &ids(&to_bob, 0)).await;
     let mut to_alice = Vec::new();
     for i in 1..=5 {
         let id = format!("b{i}");
-        let seq = send_until_sent(&mut bob, "alice", &id).await;
+        let seq = send_until_sent(&mut bob, "alice", &id, None).await;
         to_alice.push((id, seq));
     }
     let expected: Vec<String> = to_bob
@@ -858,7 +873,7 @@ async fn two_gateways_and_two_fanout_nodes_deliver_across_nodes_through_fanout_a
     .await;
     for i in 11..=20 {
         let id = format!("a{i}");
-        let seq = send_until_sent(&mut alice, "bob", &id).await;
+        let seq = send_until_sent(&mut alice, "bob", &id, None).await;
         to_bob.push((id, seq));
     }
     read_live(&mut bob, &ids(&to_bob, 10)).await;
@@ -869,7 +884,7 @@ async fn two_gateways_and_two_fanout_nodes_deliver_across_nodes_through_fanout_a
     tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
     for i in 21..=23 {
         let id = format!("a{i}");
-        let seq = send_until_sent(&mut alice, "bob", &id).await;
+        let seq = send_until_sent(&mut alice, "bob", &id, None).await;
         to_bob.push((id, seq));
     }
     tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
@@ -908,7 +923,7 @@ async fn two_gateways_and_two_fanout_nodes_deliver_across_nodes_through_fanout_a
     bob.events_until_sync_done().await.unwrap();
     for i in 24..=28 {
         let id = format!("a{i}");
-        let seq = send_until_sent(&mut alice, "bob", &id).await;
+        let seq = send_until_sent(&mut alice, "bob", &id, None).await;
         to_bob.push((id, seq));
     }
     read_live(&mut bob, &ids(&to_bob, 23)).await;
@@ -1036,8 +1051,8 @@ async fn the_shard_map_shows_every_shard_with_its_owners_and_outbox_lag_from_any
     .await;
     let mut sent: Vec<Vec<(String, u64)>> = vec![Vec::new(); peers.len()];
     let sending = std::time::Instant::now();
-    send_round(&mut alice, &peers, 1, &mut sent).await;
-    send_round(&mut alice, &peers, 2, &mut sent).await;
+    send_round(&front, &mut alice, &peers, 1, &mut sent).await;
+    send_round(&front, &mut alice, &peers, 2, &mut sent).await;
     let map = shard_map(&sequencer.address, 0).await;
     let since_sending = sending.elapsed().as_millis() as u64;
     assert!(
@@ -1180,7 +1195,7 @@ async fn a_gateway_drained_through_the_admin_api_tells_its_clients_to_reconnect_
     u0.events_until_sync_done().await.unwrap();
     let mut u1 = ga.connect("u1", "phone").await;
     u1.events_until_sync_done().await.unwrap();
-    send_until_sent(&mut u0, "u1", "after-drain").await;
+    send_until_sent(&mut u0, "u1", "after-drain", None).await;
     read_live(&mut u1, &["after-drain".to_string()]).await;
 
     // The drained gateway stops: it leaves the registry at once (its lease ends), and is
