@@ -37,7 +37,7 @@ use courier_fanout::Fanout;
 use courier_rpc::{ClusterGateways, ClusterToken, FanoutService, SequencerService};
 use courier_sequencer::LocalSequencer;
 use courier_store::MessageStore;
-use courier_store::nodes::{NodeRecord, cluster_fanout_backlog};
+use courier_store::nodes::NodeRecord;
 use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -214,31 +214,6 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
                     }
                 };
                 cancel.run_until_cancelled(renew).await;
-            }
-        });
-    }
-
-    {
-        let (store, metrics) = (store.clone(), metrics.clone());
-        // Apart from the renewals, so that a slow read never delays one. Stops at once when
-        // cancelled; restarted if it fails: it keeps no state.
-        loops.spawn("read the cluster's fanout backlog", move |cancel| {
-            let (store, metrics) = (store.clone(), metrics.clone());
-            async move {
-                let read = async {
-                    let mut rounds = tokio::time::interval(lease / 3);
-                    loop {
-                        rounds.tick().await;
-                        match store.nodes().await {
-                            Ok(nodes) => {
-                                let backlog = cluster_fanout_backlog(&nodes, now_ms());
-                                metrics.cluster_fanout_backlog.set(backlog as i64);
-                            }
-                            Err(e) => tracing::warn!(error = %e, "reading the node registry failed; retrying"),
-                        }
-                    }
-                };
-                cancel.run_until_cancelled(read).await;
             }
         });
     }

@@ -57,6 +57,7 @@ use courier_sequencer::retention::Retention;
 use courier_sequencer::routing::RoutedSequencer;
 use courier_store::embedded::EmbeddedEngine;
 use courier_store::leaders::Job;
+use courier_store::nodes::{NodeRecord, cluster_fanout_backlog};
 use courier_store::{KvEngine, MessageStore, StoreError};
 use std::future::IntoFuture;
 use std::sync::Arc;
@@ -496,8 +497,8 @@ pub async fn run_client_roles(
 
 /// Serves the internal gRPC of a client node on `cluster.internal` (deliveries to this
 /// gateway; notices of commits, when it runs fanout; the admin API, whose `Drain` starts the
-/// gateway's drain), and sweeps the routes of gateway nodes whose lease lapsed every lease
-/// round.
+/// gateway's drain), and reads the node registry every lease round: the cluster's fanout
+/// backlog, and a sweep of the routes of gateway nodes whose lease lapsed.
 fn serve_internal(
     cluster: Cluster,
     store: &MessageStore,
@@ -541,34 +542,51 @@ fn serve_internal(
         }
     });
     let (store, node, round) = (store.clone(), node.to_owned(), config.ownership().round());
-    // Stops at once when cancelled; restarted if it panics: it keeps no state.
-    loops.spawn("sweep the routes of lapsed gateways", move |cancel| {
-        let (store, node) = (store.clone(), node.clone());
+    let metrics = cluster.metrics;
+    // One read of the registry a round serves both: the sum of the fanout nodes' backlogs
+    // (sends' backpressure) and the sweep. Stops at once when cancelled; restarted if it
+    // panics: it keeps no state.
+    loops.spawn("read the node registry", move |cancel| {
+        let (store, node, metrics) = (store.clone(), node.clone(), metrics.clone());
         async move {
-            let sweep = async {
+            let read = async {
                 let mut rounds = tokio::time::interval(round);
                 loop {
                     rounds.tick().await;
-                    if let Err(e) = sweep_lapsed_gateways(&store, &node).await {
+                    let nodes = match store.nodes().await {
+                        Ok(nodes) => nodes,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "reading the node registry failed; retrying");
+                            continue;
+                        }
+                    };
+                    let now = courier_core::clock::now_ms();
+                    let backlog = cluster_fanout_backlog(&nodes, now);
+                    metrics.cluster_fanout_backlog.set(backlog as i64);
+                    if let Err(e) = sweep_lapsed_gateways(&store, &node, &nodes, now).await {
                         tracing::warn!(error = %e, "sweeping the routes of lapsed gateways failed; retrying");
                     }
                 }
             };
-            cancel.run_until_cancelled(sweep).await;
+            cancel.run_until_cancelled(read).await;
         }
     });
     Ok(served)
 }
 
-/// Clears the routes of every gateway node but `node` whose lease lapsed, those written before
-/// the lapse (its devices lost their connections, or are told to reconnect when it notices).
-/// Idempotent: every gateway node runs it.
-async fn sweep_lapsed_gateways(store: &MessageStore, node: &str) -> Result<(), StoreError> {
-    let now = courier_core::clock::now_ms();
-    for (id, record) in store.nodes().await? {
+/// Clears the routes of every gateway node of `nodes` but `node` whose lease lapsed, those
+/// written before the lapse (its devices lost their connections, or are told to reconnect when
+/// it notices). Idempotent: every gateway node runs it.
+async fn sweep_lapsed_gateways(
+    store: &MessageStore,
+    node: &str,
+    nodes: &[(String, NodeRecord)],
+    now: u64,
+) -> Result<(), StoreError> {
+    for (id, record) in nodes {
         if id != node && !record.is_live(now) && record.roles.iter().any(|r| r == "gateway") {
             let swept = store
-                .clear_gateway_routes(&id, record.lease_until_ms)
+                .clear_gateway_routes(id, record.lease_until_ms)
                 .await?;
             if swept > 0 {
                 tracing::info!(gateway = %id, swept, "cleared the routes of a gateway whose lease lapsed");
