@@ -1268,3 +1268,53 @@ async fn a_dead_node_is_forgotten_through_the_admin_api_and_a_live_one_is_not() 
             .any(|(id, _, live)| id == "f1" && *live)
     );
 }
+
+/// `courier bench` against a cluster: given both gateways, it puts every sender on one and its
+/// receiver on the other, and every message crosses nodes with nothing lost.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_bench_spreads_its_connections_over_the_gateways_it_is_given() {
+    let (dir, store) = store_node();
+    let _sequencer = InternalNode::start("s1", "127.0.0.2", &store, dir.path());
+    let media = dir.path().join("shared-media").display().to_string();
+    let args = [
+        "--media-dir",
+        media.as_str(),
+        "--user-sends-per-sec",
+        "0",
+        "--connection-frames-per-sec",
+        "0",
+    ];
+    let roles = "gateway,chat,media,fanout";
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let ga = gateway_node(&store, a_dir.path(), "ga", roles, &args);
+    let gb = gateway_node(&store, b_dir.path(), "gb", roles, &args);
+    let urls = format!("{},{}", ga.ws_url(), gb.ws_url());
+    let out = tempfile::tempdir().unwrap();
+    let result = out.path().join("result.json");
+    let bench = tokio::process::Command::new(binary())
+        .args(["bench", "--url", &urls, "--jwt-secret", JWT_SECRET])
+        .args(["--no-progress", "--duration", "2s", "--json"])
+        .arg(&result)
+        .args(["throughput", "--pairs", "4", "--rate", "100"])
+        .output()
+        .await
+        .expect("run courier bench");
+    assert!(
+        bench.status.success(),
+        "{}",
+        String::from_utf8_lossy(&bench.stderr)
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&result).unwrap()).unwrap();
+    let counts = &json["counts"];
+    assert_eq!(counts["lost"], 0, "{json:#}");
+    let acked = counts["acked"].as_u64().unwrap();
+    assert!(acked > 0, "{json:#}");
+    assert_eq!(counts["delivered"], acked, "{json:#}");
+    // The receivers were the second gateway's: it wrote every message to them.
+    let written = gb.metric("courier_gateway_queue_wait_seconds_count").await;
+    assert!(
+        written >= acked,
+        "gb wrote {written} events for {acked} messages"
+    );
+}

@@ -61,6 +61,16 @@ pub struct WorkerReport {
     pub errors: std::collections::BTreeMap<String, u64>,
 }
 
+/// The one server whose memory per connection this scenario measures.
+fn one_server(common: &CommonArgs) -> anyhow::Result<&str> {
+    match common.url.as_slice() {
+        [url] => Ok(url),
+        _ => {
+            anyhow::bail!("connections measures one server's memory per connection: give one --url")
+        }
+    }
+}
+
 /// Connects `count` devices (indices `first..first+count`), keeps them open and reading.
 async fn connect_all(
     common: &CommonArgs,
@@ -69,7 +79,8 @@ async fn connect_all(
     count: usize,
     show_progress: bool,
 ) -> anyhow::Result<(WorkerReport, Vec<tokio::task::JoinHandle<()>>)> {
-    let endpoint = Arc::new(Endpoint::resolve(&common.url, common.protocol.encoding()).await?);
+    let endpoint =
+        Arc::new(Endpoint::resolve(one_server(common)?, common.protocol.encoding()).await?);
     let minter = Arc::new(TokenMinter::from_args(common)?);
     let permits = Arc::new(Semaphore::new(args.concurrency.max(1)));
     let bar = progress::bar(
@@ -194,7 +205,12 @@ fn spawn_worker(
     let exe = std::env::current_exe().context("cannot find the bench's own executable")?;
     let mut child = Command::new(&exe)
         .arg("bench")
-        .args(["--url", &common.url, "--protocol", common.protocol.name()])
+        .args([
+            "--url",
+            one_server(common)?,
+            "--protocol",
+            common.protocol.name(),
+        ])
         .arg("connections")
         .args(["--connections", &count.to_string()])
         .args(["--source-addrs", &args.source_addrs.to_string()])
@@ -232,7 +248,7 @@ fn spawn_worker(
 
 async fn parent(common: &CommonArgs, args: ConnectionsArgs) -> anyhow::Result<Report> {
     anyhow::ensure!(args.processes > 0, "--processes must be at least 1");
-    let endpoint = Endpoint::resolve(&common.url, common.protocol.encoding()).await?;
+    let endpoint = Endpoint::resolve(one_server(common)?, common.protocol.encoding()).await?;
     let minter = TokenMinter::from_args(common)?;
     let run = run_id();
     let mut report = Report::new("connections", common);

@@ -7,7 +7,7 @@ use super::receiver::{ReceiverOutcome, ReceiverPlan, Redial, run_receiver};
 use super::report::Report;
 use super::sender::{Pace, SenderOutcome, SenderPlan, Target, run_sender};
 use super::stats::{Live, Phase};
-use super::wire::{Endpoint, connect_synced};
+use super::wire::{Endpoint, Gateways, connect_synced};
 use super::{CommonArgs, TokenMinter, run_id};
 use clap::Args;
 use courier_client::HttpApi;
@@ -77,7 +77,7 @@ pub async fn run(common: &CommonArgs, args: GroupFanoutArgs) -> anyhow::Result<R
     anyhow::ensure!(args.rate > 0.0, "--rate must be positive");
     let devices = args.devices.unwrap_or(args.members).min(args.members);
     let senders = args.senders.clamp(1, args.members);
-    let endpoint = Endpoint::resolve(&common.url, common.protocol.encoding()).await?;
+    let gateways = Gateways::resolve(&common.url, common.protocol.encoding()).await?;
     let minter = TokenMinter::from_args(common)?;
     let run = run_id();
     let mut report = Report::new("group-fanout", common);
@@ -88,12 +88,13 @@ pub async fn run(common: &CommonArgs, args: GroupFanoutArgs) -> anyhow::Result<R
     report.param("duration_secs", common.duration.as_secs_f64());
 
     let members: Vec<String> = (0..args.members).map(|i| format!("b{run}g{i}")).collect();
-    let conversation = create_group(&endpoint, &minter, &format!("bench {run}"), &members).await?;
+    let conversation =
+        create_group(gateways.first(), &minter, &format!("bench {run}"), &members).await?;
 
     let bar = progress::bar(devices as u64, "devices", common.no_progress);
     let receivers: Vec<_> = stream::iter(0..devices)
         .map(|i| {
-            let (endpoint, minter, member, bar) = (&endpoint, &minter, &members[i], &bar);
+            let (endpoint, minter, member, bar) = (gateways.of(i), &minter, &members[i], &bar);
             async move {
                 let token = minter.token(member, "d")?;
                 let halves =
@@ -108,7 +109,7 @@ pub async fn run(common: &CommonArgs, args: GroupFanoutArgs) -> anyhow::Result<R
         .await?;
     bar.finish_and_clear();
     let sender_connections = futures::future::try_join_all((0..senders).map(|j| {
-        let (endpoint, minter, member) = (&endpoint, &minter, &members[j]);
+        let (endpoint, minter, member) = (gateways.of(j), &minter, &members[j]);
         async move { connect_synced(endpoint, &minter.token(member, "s")?, None).await }
     }))
     .await?;
@@ -117,6 +118,7 @@ pub async fn run(common: &CommonArgs, args: GroupFanoutArgs) -> anyhow::Result<R
     let (phase_tx, phase_rx) = watch::channel(Phase::Run);
     let mut receiver_tasks = Vec::new();
     for (i, (writer, reader)) in receivers.into_iter().enumerate() {
+        let endpoint = gateways.of(i);
         let plan = ReceiverPlan {
             ack: true,
             until_sync_done: false,
@@ -129,7 +131,7 @@ pub async fn run(common: &CommonArgs, args: GroupFanoutArgs) -> anyhow::Result<R
         let task = run_receiver(
             writer,
             reader,
-            endpoint.encoding,
+            gateways.encoding(),
             plan,
             live.clone(),
             phase_rx.clone(),
@@ -155,7 +157,7 @@ pub async fn run(common: &CommonArgs, args: GroupFanoutArgs) -> anyhow::Result<R
         let task = run_sender(
             writer,
             reader,
-            endpoint.encoding,
+            gateways.encoding(),
             plan,
             live.clone(),
             phase_rx.clone(),

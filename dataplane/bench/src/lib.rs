@@ -51,14 +51,18 @@ pub struct BenchArgs {
 /// Flags every scenario takes (they may come before or after the scenario name).
 #[derive(Debug, Clone, Args)]
 pub struct CommonArgs {
-    /// The server's WebSocket base URL (`ws://` only).
+    /// The server's WebSocket base URL (`ws://` only). Against a cluster, one per gateway
+    /// (repeated or comma-separated): connection `i` of a scenario goes to gateway `i % N`,
+    /// so that in `throughput` every sender and its receiver sit on different gateways when
+    /// there are two.
     #[arg(
         long,
         global = true,
         env = "COURIER_BENCH_URL",
+        value_delimiter = ',',
         default_value = "ws://127.0.0.1:8080"
     )]
-    pub url: String,
+    pub url: Vec<String>,
     /// The server's data directory: tokens are signed with its `jwt-secret`.
     #[arg(long, global = true, env = "COURIER_DATA_DIR")]
     pub data_dir: Option<PathBuf>,

@@ -7,7 +7,7 @@ use super::receiver::{ReceiverPlan, run_receiver};
 use super::report::Report;
 use super::sender::{Pace, SenderOutcome, SenderPlan, Target, run_sender};
 use super::stats::{ErrorCounts, Latency, Live, Phase};
-use super::wire::{Endpoint, connect_synced};
+use super::wire::{Gateways, connect_synced};
 use super::{CommonArgs, TokenMinter, run_id};
 use clap::Args;
 use futures::future::try_join_all;
@@ -37,7 +37,7 @@ pub struct ReconnectStormArgs {
 pub async fn run(common: &CommonArgs, args: ReconnectStormArgs) -> anyhow::Result<Report> {
     anyhow::ensure!(args.devices > 0, "--devices must be at least 1");
     let helpers = args.senders.clamp(1, args.devices);
-    let endpoint = Endpoint::resolve(&common.url, common.protocol.encoding()).await?;
+    let gateways = Gateways::resolve(&common.url, common.protocol.encoding()).await?;
     let minter = TokenMinter::from_args(common)?;
     let run = run_id();
     let mut report = Report::new("reconnect-storm", common);
@@ -48,7 +48,7 @@ pub async fn run(common: &CommonArgs, args: ReconnectStormArgs) -> anyhow::Resul
     // 1. Pending messages, sent while the devices are offline.
     let device_user = |i: usize| format!("b{run}c{i}");
     let connections = try_join_all((0..helpers).map(|j| {
-        let (endpoint, minter) = (&endpoint, &minter);
+        let (endpoint, minter) = (gateways.of(j), &minter);
         let user = format!("b{run}h{j}");
         async move { connect_synced(endpoint, &minter.token(&user, "d")?, None).await }
     }))
@@ -73,7 +73,7 @@ pub async fn run(common: &CommonArgs, args: ReconnectStormArgs) -> anyhow::Resul
         let task = run_sender(
             writer,
             reader,
-            endpoint.encoding,
+            gateways.encoding(),
             plan,
             live.clone(),
             phase_rx.clone(),
@@ -108,7 +108,7 @@ pub async fn run(common: &CommonArgs, args: ReconnectStormArgs) -> anyhow::Resul
     let storm_start = Instant::now();
     let mut devices = Vec::with_capacity(args.devices);
     for i in 0..args.devices {
-        let (endpoint, live, phase) = (endpoint.clone(), live.clone(), phase_rx.clone());
+        let (endpoint, live, phase) = (gateways.of(i).clone(), live.clone(), phase_rx.clone());
         let token = minter.token(&device_user(i), "d")?;
         let local = endpoint.source_addr(i, args.source_addrs);
         devices.push(tokio::spawn(async move {

@@ -51,7 +51,7 @@ impl Report {
         Report {
             scenario: scenario.to_owned(),
             protocol: common.protocol.name().to_owned(),
-            url: common.url.clone(),
+            url: common.url.join(","),
             started_unix_ms: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_millis() as u64)

@@ -6,7 +6,7 @@ use super::receiver::{ReceiverOutcome, ReceiverPlan, Redial, run_receiver};
 use super::report::Report;
 use super::sender::{Pace, SenderOutcome, SenderPlan, Target, run_sender};
 use super::stats::{Live, Phase};
-use super::wire::{Endpoint, connect_synced};
+use super::wire::{Gateways, connect_synced};
 use super::{CommonArgs, TokenMinter, run_id};
 use clap::Args;
 use futures::future::try_join_all;
@@ -54,7 +54,7 @@ pub async fn run(common: &CommonArgs, args: ThroughputArgs) -> anyhow::Result<Re
         body_bytes,
         source_addrs,
     } = args.pair_options;
-    let endpoint = Endpoint::resolve(&common.url, common.protocol.encoding()).await?;
+    let gateways = Gateways::resolve(&common.url, common.protocol.encoding()).await?;
     let minter = TokenMinter::from_args(common)?;
     let run = run_id();
     let mut report = Report::new("throughput", common);
@@ -65,9 +65,10 @@ pub async fn run(common: &CommonArgs, args: ThroughputArgs) -> anyhow::Result<Re
     report.param("duration_secs", common.duration.as_secs_f64());
 
     let connect = |i: usize, role: &'static str| {
-        let (endpoint, minter) = (&endpoint, &minter);
+        let index = i * 2 + usize::from(role == "r");
+        let (endpoint, minter) = (gateways.of(index), &minter);
         let user = format!("b{run}{role}{i}");
-        let local = endpoint.source_addr(i * 2 + usize::from(role == "r"), source_addrs);
+        let local = endpoint.source_addr(index, source_addrs);
         async move {
             let token = minter.token(&user, "d")?;
             connect_synced(endpoint, &token, local).await
@@ -89,19 +90,21 @@ pub async fn run(common: &CommonArgs, args: ThroughputArgs) -> anyhow::Result<Re
     };
     let mut receiver_tasks = Vec::new();
     for (i, (writer, reader)) in receivers.into_iter().enumerate() {
+        let index = i * 2 + 1;
+        let endpoint = gateways.of(index);
         let plan = ReceiverPlan {
             ack: true,
             until_sync_done: false,
             redial: Some(Redial {
                 endpoint: endpoint.clone(),
                 token: minter.token(&format!("b{run}r{i}"), "d")?,
-                local: endpoint.source_addr(i * 2 + 1, source_addrs),
+                local: endpoint.source_addr(index, source_addrs),
             }),
         };
         let task = run_receiver(
             writer,
             reader,
-            endpoint.encoding,
+            gateways.encoding(),
             plan,
             live.clone(),
             phase_rx.clone(),
@@ -122,7 +125,7 @@ pub async fn run(common: &CommonArgs, args: ThroughputArgs) -> anyhow::Result<Re
         let task = run_sender(
             writer,
             reader,
-            endpoint.encoding,
+            gateways.encoding(),
             plan,
             live.clone(),
             phase_rx.clone(),

@@ -132,6 +132,36 @@ impl Endpoint {
     }
 }
 
+/// The gateways a scenario spreads its connections over (`--url` once per gateway).
+#[derive(Debug, Clone)]
+pub struct Gateways(Vec<Endpoint>);
+
+impl Gateways {
+    /// Resolves every URL.
+    pub async fn resolve(urls: &[String], encoding: Encoding) -> anyhow::Result<Gateways> {
+        anyhow::ensure!(!urls.is_empty(), "--url: give at least one gateway");
+        let mut gateways = Vec::with_capacity(urls.len());
+        for url in urls {
+            gateways.push(Endpoint::resolve(url, encoding).await?);
+        }
+        Ok(Gateways(gateways))
+    }
+
+    /// The gateway of connection `index`: round robin.
+    pub fn of(&self, index: usize) -> &Endpoint {
+        &self.0[index % self.0.len()]
+    }
+
+    /// The first gateway: the HTTP API (group set-up) goes there.
+    pub fn first(&self) -> &Endpoint {
+        &self.0[0]
+    }
+
+    pub fn encoding(&self) -> Encoding {
+        self.0[0].encoding
+    }
+}
+
 /// One encoded client frame.
 pub fn encode(encoding: Encoding, frame: &ClientFrame) -> Message {
     match encoding.encode_client(frame) {
