@@ -1318,3 +1318,74 @@ async fn the_bench_spreads_its_connections_over_the_gateways_it_is_given() {
         "gb wrote {written} events for {acked} messages"
     );
 }
+
+/// `courier admin NODE ARGS...` with the cluster token in `token_file`: its exit success and
+/// standard output, or standard error when it failed.
+async fn admin_cli(node: &str, token_file: &Path, args: &[&str]) -> (bool, String) {
+    let output = tokio::process::Command::new(binary())
+        .args(["admin", "--node", node, "--cluster-token-file"])
+        .arg(token_file)
+        .args(args)
+        .env_remove(courier_rpc::auth::TOKEN_ENV)
+        .output()
+        .await
+        .expect("run courier admin");
+    let text = match output.status.success() {
+        true => output.stdout,
+        false => output.stderr,
+    };
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&text).into_owned(),
+    )
+}
+
+/// The row of `shard` in the output of `courier admin shards`.
+fn shard_row(shards: &str, shard: u32) -> &str {
+    shards
+        .lines()
+        .find(|line| line.split_whitespace().next() == Some(&shard.to_string()))
+        .unwrap_or_else(|| panic!("no shard {shard} in:\n{shards}"))
+}
+
+/// `courier admin` from a terminal: nodes, the shard map and a move asked of a node that is
+/// not the shard's sequencer (the command finds the owner); the wrong token gets nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_admin_command_lists_the_cluster_and_moves_a_shard() {
+    let (dir, store) = store_node();
+    let first = InternalNode::start("s1", "127.0.0.2", &store, dir.path());
+    let second = InternalNode::start("s2", "127.0.0.3", &store, dir.path());
+    let token = store.token_file.clone();
+
+    let (ok, nodes) = admin_cli(&second.address, &token, &["nodes"]).await;
+    assert!(ok, "{nodes}");
+    for (id, address) in [("s1", &first.address), ("s2", &second.address)] {
+        let row = nodes
+            .lines()
+            .find(|line| line.starts_with(id))
+            .unwrap_or_else(|| panic!("no {id} in:\n{nodes}"));
+        assert!(
+            row.contains("sequencer") && row.contains(address.as_str()) && row.contains("live"),
+            "{row}"
+        );
+    }
+    let (ok, shards) = admin_cli(&second.address, &token, &["shards"]).await;
+    assert!(ok, "{shards}");
+    assert!(shard_row(&shards, 3).contains("s1 (epoch"), "{shards}");
+
+    let (ok, moved) = admin_cli(&second.address, &token, &["move-shard", "3", "--to", "s2"]).await;
+    assert!(ok, "{moved}");
+    assert!(moved.starts_with("shard 3 moved to s2 at epoch"), "{moved}");
+    assert_eq!(owned(&second).await, [3]);
+    let (_, shards) = admin_cli(&first.address, &token, &["shards"]).await;
+    assert!(shard_row(&shards, 3).contains("s2 (epoch"), "{shards}");
+    assert!(shard_row(&shards, 4).contains("s1 (epoch"), "{shards}");
+
+    let (ok, refused) =
+        admin_cli(&second.address, &token, &["move-shard", "99", "--to", "s1"]).await;
+    assert!(!ok && refused.contains("no shard 99"), "{refused}");
+    let wrong = dir.path().join("wrong-token");
+    std::fs::write(&wrong, "another-cluster-token-0123456789abcdef").unwrap();
+    let (ok, refused) = admin_cli(&second.address, &wrong, &["nodes"]).await;
+    assert!(!ok && refused.contains("Unauthenticated"), "{refused}");
+}

@@ -5,12 +5,14 @@
 //! - `courier token`: prints a token signed with the server's secret;
 //! - `courier chat`: a small interactive terminal client;
 //! - `courier store-node`: a store shared by the nodes of a test cluster (not for production);
-//! - `courier node`: some of the roles, as one node of a cluster (`docs/distributed.md`).
+//! - `courier node`: some of the roles, as one node of a cluster (`docs/distributed.md`);
+//! - `courier admin`: a cluster's admin API from a terminal.
 //!
 //! Every subcommand logs to standard error, as text on a terminal and as JSON lines otherwise
 //! (`--log-format`, `docs/operations.md`).
 
 mod admin;
+mod cli_admin;
 mod cli_chat;
 mod config;
 mod http;
@@ -91,6 +93,9 @@ enum Command {
     /// Run some of the roles as one node of a cluster on a shared store
     /// (`docs/distributed.md`).
     Node(node::NodeArgs),
+    /// Call a cluster's admin API: list nodes and shards, move a shard, drain or forget a
+    /// node.
+    Admin(cli_admin::AdminArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -182,5 +187,6 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Bench(args) => courier_bench::run(args).await,
         Command::StoreNode(args) => store_node::run(args).await,
         Command::Node(args) => node::run(args).await,
+        Command::Admin(args) => cli_admin::run(args).await,
     }
 }

@@ -1,0 +1,222 @@
+//! `courier admin`: a cluster's admin API from a terminal (`docs/distributed.md`, "Admin
+//! API"): list the nodes and the shard map, move a shard, drain a node, forget a dead one.
+//! It calls the internal port of one node with the cluster token, as the operator does.
+
+use crate::store_node::ClusterTokenArgs;
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use courier_rpc::auth::AttachToken;
+use courier_rpc::proto::admin_client::AdminClient;
+use courier_rpc::proto::{
+    DrainRequest, ForgetNodeRequest, ListNodesRequest, ListShardMapRequest, MoveShardRequest,
+    ShardOwner,
+};
+use std::time::Duration;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+/// `courier admin`.
+#[derive(Debug, Args)]
+pub struct AdminArgs {
+    /// The internal address (`host:port`, its `--internal-listen`) of a node of the cluster:
+    /// any node answers `nodes`, `shards` and `move-shard`; `drain` drains this node.
+    #[arg(long, env = "COURIER_ADMIN_NODE", default_value = "127.0.0.1:7500")]
+    pub node: String,
+    #[command(flatten)]
+    pub token: ClusterTokenArgs,
+    #[command(subcommand)]
+    pub command: AdminCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// Every registered node: roles, internal address, live or lapsed, client connections.
+    Nodes,
+    /// Every shard: its sequencer and fanout owners with their epochs, and its outbox lag.
+    Shards {
+        /// Outbox entries counted per shard (at most 1000).
+        #[arg(long, default_value_t = 100)]
+        outbox_count_limit: u32,
+    },
+    /// Move SHARD to the sequencer node TO: asks the shard's sequencer for the hand-off and
+    /// returns once TO serves the shard.
+    MoveShard {
+        shard: u32,
+        /// The node id of the sequencer node to take it.
+        #[arg(long)]
+        to: String,
+    },
+    /// Drain the node at `--node`: a sequencer releases its shards to the others; a gateway
+    /// tells its clients to reconnect elsewhere, in batches over the window.
+    Drain {
+        /// A gateway: spread the reconnects over this long (default: its `--drain-window`).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        window: Option<Duration>,
+    },
+    /// Remove a dead node (its lease lapsed) from the registry, with its devices' routes.
+    Forget { id: String },
+}
+
+type Admin = AdminClient<InterceptedService<Channel, AttachToken>>;
+
+/// Runs one admin command and prints its answer.
+pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
+    let token = args.token.token()?;
+    let connect = |address: &str| {
+        let channel = courier_rpc::lazy_channel(&format!("http://{address}"), "node")?;
+        anyhow::Ok(AdminClient::with_interceptor(
+            channel,
+            AttachToken::new(token.clone()),
+        ))
+    };
+    let mut admin = connect(&args.node)?;
+    match args.command {
+        AdminCommand::Nodes => print_nodes(&mut admin).await,
+        AdminCommand::Shards { outbox_count_limit } => {
+            print_shards(&mut admin, outbox_count_limit).await
+        }
+        AdminCommand::MoveShard { shard, to } => {
+            let owner = sequencer_address(&mut admin, shard).await?;
+            let moved = connect(&owner)?
+                .move_shard(MoveShardRequest {
+                    shard,
+                    to: to.clone(),
+                })
+                .await
+                .map_err(|e| answer_error(&owner, e))?
+                .into_inner();
+            println!("shard {shard} moved to {to} at epoch {}", moved.epoch);
+            Ok(())
+        }
+        AdminCommand::Drain { window } => {
+            let window_ms = window.map_or(0, |w| w.as_millis() as u64);
+            let drained = admin
+                .drain(DrainRequest { window_ms })
+                .await
+                .map_err(|e| answer_error(&args.node, e))?
+                .into_inner();
+            if !drained.released.is_empty() {
+                println!("released shards {:?}", drained.released);
+            }
+            if drained.connections > 0 || drained.window_ms > 0 {
+                println!(
+                    "{} connections told to reconnect over {} ms",
+                    drained.connections, drained.window_ms
+                );
+            }
+            Ok(())
+        }
+        AdminCommand::Forget { id } => {
+            let forgotten = admin
+                .forget_node(ForgetNodeRequest { id: id.clone() })
+                .await
+                .map_err(|e| answer_error(&args.node, e))?
+                .into_inner();
+            match forgotten.forgotten {
+                true => println!(
+                    "forgot {id} and {} routes of its devices",
+                    forgotten.routes_cleared
+                ),
+                false => println!("{id} was not registered"),
+            }
+            Ok(())
+        }
+    }
+}
+
+/// An rpc's failure, naming the node that answered (or did not).
+fn answer_error(node: &str, status: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{node}: {} ({:?})", status.message(), status.code())
+}
+
+async fn print_nodes(admin: &mut Admin) -> anyhow::Result<()> {
+    let nodes = admin
+        .list_nodes(ListNodesRequest {})
+        .await
+        .map_err(|e| answer_error("the node", e))?
+        .into_inner()
+        .nodes;
+    println!(
+        "{:<16} {:<36} {:<22} {:<7} CONNECTIONS",
+        "NODE", "ROLES", "ADDRESS", "LEASE"
+    );
+    for node in nodes {
+        println!(
+            "{:<16} {:<36} {:<22} {:<7} {}",
+            node.id,
+            node.roles.join(","),
+            node.address,
+            if node.live { "live" } else { "lapsed" },
+            node.connections
+        );
+    }
+    Ok(())
+}
+
+async fn print_shards(admin: &mut Admin, outbox_count_limit: u32) -> anyhow::Result<()> {
+    let map = admin
+        .list_shard_map(ListShardMapRequest { outbox_count_limit })
+        .await
+        .map_err(|e| answer_error("the node", e))?
+        .into_inner();
+    println!("{:<6} {:<28} {:<28} OUTBOX", "SHARD", "SEQUENCER", "FANOUT");
+    for shard in map.shards {
+        let outbox = shard.outbox.unwrap_or_default();
+        let waiting = match (outbox.entries, outbox.more) {
+            (0, _) => "empty".to_owned(),
+            (n, more) => format!(
+                "{n}{} waiting, oldest {} ms",
+                if more { "+" } else { "" },
+                outbox.oldest_age_ms
+            ),
+        };
+        println!(
+            "{:<6} {:<28} {:<28} {waiting}",
+            shard.shard,
+            owner(shard.sequencing.as_ref()),
+            owner(shard.delivery.as_ref())
+        );
+    }
+    Ok(())
+}
+
+/// `node (epoch N)`, marked when its lease lapsed; `-` when the shard never had one.
+fn owner(owner: Option<&ShardOwner>) -> String {
+    match owner {
+        None => "-".to_owned(),
+        Some(o) if o.live => format!("{} (epoch {})", o.node, o.epoch),
+        Some(o) => format!("{} (epoch {}, lapsed)", o.node, o.epoch),
+    }
+}
+
+/// The internal address of `shard`'s live sequencer, from the shard map and the registry.
+async fn sequencer_address(admin: &mut Admin, shard: u32) -> anyhow::Result<String> {
+    let map = admin
+        .list_shard_map(ListShardMapRequest {
+            outbox_count_limit: 1,
+        })
+        .await
+        .map_err(|e| answer_error("the node", e))?
+        .into_inner();
+    let state = map
+        .shards
+        .iter()
+        .find(|s| s.shard == shard)
+        .with_context(|| format!("no shard {shard}: the cluster has {}", map.shards.len()))?;
+    let owner = state
+        .sequencing
+        .as_ref()
+        .filter(|o| o.live)
+        .with_context(|| format!("shard {shard} has no live sequencer to hand it off"))?;
+    let nodes = admin
+        .list_nodes(ListNodesRequest {})
+        .await
+        .map_err(|e| answer_error("the node", e))?
+        .into_inner()
+        .nodes;
+    nodes
+        .into_iter()
+        .find(|n| n.id == owner.node)
+        .map(|n| n.address)
+        .with_context(|| format!("shard {shard}'s sequencer {} is not registered", owner.node))
+}
