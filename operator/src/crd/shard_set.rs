@@ -8,6 +8,8 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use super::ProposedMove;
+
 /// The sequencer pods of a CourierCluster.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
@@ -204,7 +206,8 @@ pub struct RecordedMove {
     pub to: String,
     /// Why: `Evacuate`, `Isolate`, `Relieve` or `Fill`.
     pub reason: String,
-    /// The shard's epoch under its new owner, or why the move failed.
+    /// The shard's epoch under its new owner, or why the move failed (or, in a
+    /// `ShardRebalance`, why it was dropped).
     pub outcome: String,
     /// When it finished (RFC 3339).
     pub at: String,
@@ -218,18 +221,4 @@ pub struct ShardProposal {
     pub id: String,
     /// The moves, in order.
     pub moves: Vec<ProposedMove>,
-}
-
-/// One move of a proposal.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct ProposedMove {
-    /// The shard.
-    pub shard: u32,
-    /// The pod that has it.
-    pub from: String,
-    /// The pod to take it.
-    pub to: String,
-    /// Why.
-    pub reason: String,
 }
