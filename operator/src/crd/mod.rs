@@ -24,7 +24,7 @@ pub use gateway_pool::{
 pub use shard_rebalance::{ProposedMove, ShardRebalance, ShardRebalanceSpec, ShardRebalanceStatus};
 pub use shard_set::{
     PodLoad, RebalanceMode, RebalancePolicy, RecordedMove, SequencerSettings, SequencerShardSet,
-    SequencerShardSetSpec, SequencerShardSetStatus, ShardProposal,
+    SequencerShardSetSpec, SequencerShardSetStatus,
 };
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
