@@ -2,7 +2,8 @@
 //!
 //! It turns three custom resources (group `courier.dev`, [`crd`]) into the data plane's
 //! workloads ([`render`]), scales gateways from their connections ([`autoscale`]), and moves
-//! hot sequencer shards between pods through the data plane's admin API ([`rebalance`]).
+//! hot sequencer shards between pods through the data plane's admin API ([`rebalance`]), or
+//! proposes the moves in a fourth resource, `ShardRebalance`, for a person to approve.
 //! Planners are pure functions of what was observed, tested without a cluster; controllers
 //! ([`controllers`]) read the cluster, call the planners and renderers, and apply the result
 //! with server-side apply.

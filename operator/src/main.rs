@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use courier_operator::controllers::{Context, cluster, gateway_pool, shard_set};
-use courier_operator::crd::{CourierCluster, GatewayPool, SequencerShardSet};
+use courier_operator::crd::{CourierCluster, GatewayPool, SequencerShardSet, ShardRebalance};
 use courier_operator::data_plane::NetworkDataPlane;
 use courier_operator::metrics::{Metrics, serve};
 use futures::StreamExt;
@@ -134,7 +134,9 @@ async fn run_controllers(client: Client, ctx: Arc<Context>) {
         Api::<SequencerShardSet>::all(client.clone()),
         config.clone(),
     )
-    .owns(Api::<StatefulSet>::all(client), config)
+    .owns(Api::<StatefulSet>::all(client.clone()), config.clone())
+    // An annotation on a set's plan (approve, refresh) wakes the set up.
+    .owns(Api::<ShardRebalance>::all(client), config)
     .shutdown_on_signal()
     .run(shard_set::reconcile, shard_set::error_policy, ctx)
     .for_each(|_| async {});

@@ -11,8 +11,8 @@ use courier_operator::controllers::{
 };
 use courier_operator::crd::{
     CourierCluster, CourierClusterSpec, EmbeddedStorage, FanoutSettings, FoundationDbStorage,
-    GatewayPool, GatewayPoolSettings, GatewayPoolSpec, MediaStore, S3MediaStore, SecretKeyRef,
-    SequencerSettings, SequencerShardSet, SequencerShardSetSpec, Storage,
+    GatewayPool, GatewayPoolSettings, GatewayPoolSpec, MediaStore, RebalanceMode, S3MediaStore,
+    SecretKeyRef, SequencerSettings, SequencerShardSet, SequencerShardSetSpec, Storage,
 };
 use courier_operator::metrics::Metrics;
 use courier_operator::rebalance::executor::{AdminError, Sample, ShardAdmin};
@@ -33,6 +33,8 @@ struct Expect {
     check: Box<dyn Fn(&Value) + Send>,
     /// The answer; `None` echoes the request's body.
     answer: Option<Value>,
+    /// The answer's HTTP status.
+    status: u16,
 }
 
 fn expect(method: Method, path: &str, check: impl Fn(&Value) + Send + 'static) -> Expect {
@@ -41,12 +43,23 @@ fn expect(method: Method, path: &str, check: impl Fn(&Value) + Send + 'static) -
         path: path.to_owned(),
         check: Box::new(check),
         answer: None,
+        status: 200,
     }
 }
 
 impl Expect {
     fn answer(mut self, answer: Value) -> Self {
         self.answer = Some(answer);
+        self
+    }
+
+    /// Answers 404 Not Found, as the API server does for an object that does not exist.
+    fn not_found(mut self) -> Self {
+        self.status = 404;
+        self.answer = Some(json!({
+            "apiVersion": "v1", "kind": "Status", "metadata": {}, "status": "Failure",
+            "reason": "NotFound", "code": 404, "message": "not found"
+        }));
         self
     }
 }
@@ -92,6 +105,7 @@ fn api_server(expected: Vec<Expect>) -> (Client, tokio::task::JoinHandle<()>) {
             let answer = expectation.answer.unwrap_or(body);
             send.send_response(
                 Response::builder()
+                    .status(expectation.status)
                     .body(Body::from(serde_json::to_vec(&answer).unwrap()))
                     .unwrap(),
             );
@@ -930,4 +944,266 @@ async fn a_gateway_pool_woken_between_samples_keeps_its_size_and_reads_no_connec
             .unwrap();
     })
     .await;
+}
+
+/// A shard set in rebalance mode `Proposal`.
+fn proposal_shard_set(replicas: i32) -> SequencerShardSet {
+    let mut set = shard_set(replicas);
+    set.spec.sequencers.rebalance.mode = RebalanceMode::Proposal;
+    set
+}
+
+const REBALANCE: &str =
+    "/apis/courier.dev/v1alpha1/namespaces/chat/shardrebalances/prod-sequencers-rebalance";
+const REBALANCE_STATUS: &str =
+    "/apis/courier.dev/v1alpha1/namespaces/chat/shardrebalances/prod-sequencers-rebalance/status";
+const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/chat/events";
+
+/// The set's plan, waiting for approval: shard 0 from pod 0 to pod 1, with the annotation
+/// `courier.dev/rebalance=<annotation>` if any.
+fn waiting_plan(annotation: Option<&str>) -> Value {
+    json!({
+        "apiVersion": "courier.dev/v1alpha1", "kind": "ShardRebalance",
+        "metadata": {
+            "name": "prod-sequencers-rebalance", "namespace": NS, "uid": "uid-srb",
+            "generation": 1,
+            "annotations": annotation.map(|value| json!({ "courier.dev/rebalance": value })),
+        },
+        "spec": { "shardSet": "prod-sequencers" },
+        "status": {
+            "moves": [{ "shard": 0, "from": "prod-sequencers-0", "to": "prod-sequencers-1",
+                        "reason": "Relieve" }],
+            "moveCount": 1,
+            "conditions": [{ "type": "ProposalReady", "status": "True", "reason": "Planned",
+                             "message": "1 moves wait for approval",
+                             "lastTransitionTime": "2026-01-01T00:00:00Z" }]
+        }
+    })
+}
+
+/// The state of a ShardRebalance status patch: its one condition that is true.
+fn plan_state(body: &Value) -> (String, String) {
+    let conditions = body["status"]["conditions"].as_array().unwrap();
+    assert_eq!(conditions.len(), 1, "one state at a time: {conditions:?}");
+    assert_eq!(conditions[0]["status"], "True");
+    assert_eq!(conditions[0]["observedGeneration"], 1);
+    (
+        conditions[0]["type"].as_str().unwrap().to_owned(),
+        conditions[0]["message"].as_str().unwrap().to_owned(),
+    )
+}
+
+fn rebalancing_condition(body: &Value) -> Value {
+    body["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Rebalancing")
+        .unwrap()
+        .clone()
+}
+
+#[tokio::test]
+async fn in_proposal_mode_the_plan_goes_to_a_shard_rebalance_and_nothing_moves() {
+    // Pod 0 carries two busy shards, pod 1 two idle ones.
+    let data_plane = Arc::new(FakeDataPlane::with_sample(sample(
+        &[0, 1],
+        &[0, 0, 1, 1],
+        &[100.0, 100.0, 0.0, 0.0],
+    )));
+    let mut expected = shard_set_reads_and_applies(2, 2);
+    expected.extend([
+        expect(Method::GET, REBALANCE, |_| {}).not_found(),
+        expect(APPLY, REBALANCE, |body| {
+            assert_eq!(body["spec"]["shardSet"], "prod-sequencers");
+            let owner = &body["metadata"]["ownerReferences"][0];
+            assert_eq!(owner["kind"], "SequencerShardSet");
+            assert_eq!(owner["uid"], "uid-prod-sequencers");
+            assert_eq!(owner["controller"], true);
+        })
+        .answer({
+            let mut created = waiting_plan(None);
+            created.as_object_mut().unwrap().remove("status");
+            created
+        }),
+        expect(APPLY, REBALANCE_STATUS, |body| {
+            let (state, message) = plan_state(body);
+            assert_eq!(state, "ProposalReady");
+            assert!(
+                message.ends_with(
+                    "kubectl annotate srb prod-sequencers-rebalance courier.dev/rebalance=approve"
+                ),
+                "{message}"
+            );
+            assert_eq!(body["status"]["moveCount"], 1);
+            assert_eq!(
+                body["status"]["moves"][0],
+                json!({ "shard": 0, "from": "prod-sequencers-0", "to": "prod-sequencers-1",
+                        "reason": "Relieve" })
+            );
+        })
+        .answer(waiting_plan(None)),
+        expect(Method::POST, EVENTS, |body| {
+            assert_eq!(body["reason"], "Proposed");
+            assert_eq!(body["regarding"]["kind"], "ShardRebalance");
+        }),
+        status_patch(|body| {
+            assert_eq!(body["status"]["recentMoves"], json!([]));
+            let rebalancing = rebalancing_condition(body);
+            assert_eq!(rebalancing["reason"], "AwaitingApproval");
+            assert!(
+                rebalancing["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("kubectl annotate srb prod-sequencers-rebalance"),
+                "{rebalancing}"
+            );
+        }),
+    ]);
+    reconciled(expected, data_plane.clone(), async |ctx| {
+        // The rebalancer has seen pod 0 hot for three samples and its plan is due.
+        let mut rebalancer = Rebalancer::new(PlannerPolicy::default());
+        let view = data_plane.admin.sample.lock().unwrap().view(None);
+        for _ in 0..2 {
+            rebalancer.observe(&view);
+        }
+        ctx.rebalancers.lock().unwrap().insert(
+            format!("{NS}/prod-sequencers"),
+            RebalancerState {
+                rebalancer,
+                next_plan_ms: 0,
+                last_sample_ms: None,
+            },
+        );
+        shard_set::reconcile(Arc::new(proposal_shard_set(2)), ctx)
+            .await
+            .unwrap();
+    })
+    .await;
+    assert!(data_plane.admin.moves.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_plan_without_approval_moves_nothing() {
+    let data_plane = Arc::new(FakeDataPlane::with_sample(sample(
+        &[0, 1],
+        &[0, 0, 1, 1],
+        &[100.0, 100.0, 0.0, 0.0],
+    )));
+    let mut expected = shard_set_reads_and_applies(2, 2);
+    expected.extend([
+        expect(Method::GET, REBALANCE, |_| {}).answer(waiting_plan(None)),
+        status_patch(|body| {
+            assert_eq!(rebalancing_condition(body)["reason"], "AwaitingApproval");
+        }),
+    ]);
+    reconciled(expected, data_plane.clone(), async |ctx| {
+        shard_set::reconcile(Arc::new(proposal_shard_set(2)), ctx)
+            .await
+            .unwrap();
+    })
+    .await;
+    assert!(data_plane.admin.moves.lock().unwrap().is_empty());
+}
+
+/// The requests that start an approved plan: its state, then the annotation removed.
+fn plan_started() -> Vec<Expect> {
+    vec![
+        expect(APPLY, REBALANCE_STATUS, |body| {
+            assert_eq!(plan_state(body).0, "Rebalancing");
+            assert!(body["status"]["startedAt"].is_string());
+        })
+        .answer(waiting_plan(None)),
+        expect(Method::PATCH, REBALANCE, |body| {
+            assert_eq!(
+                *body,
+                json!({ "metadata": { "annotations": { "courier.dev/rebalance": null } } })
+            );
+        })
+        .answer(waiting_plan(None)),
+    ]
+}
+
+#[tokio::test]
+async fn an_approved_plan_is_carried_out_and_marked_ready() {
+    let data_plane = Arc::new(FakeDataPlane::with_sample(sample(
+        &[0, 1],
+        &[0, 0, 1, 1],
+        &[100.0, 100.0, 0.0, 0.0],
+    )));
+    let mut expected = shard_set_reads_and_applies(2, 2);
+    expected.push(expect(Method::GET, REBALANCE, |_| {}).answer(waiting_plan(Some("approve"))));
+    expected.extend(plan_started());
+    expected.extend([
+        expect(Method::POST, EVENTS, |body| {
+            assert_eq!(body["reason"], "ShardMoved");
+            assert_eq!(body["regarding"]["kind"], "SequencerShardSet");
+        }),
+        expect(APPLY, REBALANCE_STATUS, |body| {
+            assert_eq!(plan_state(body).0, "Ready");
+            assert_eq!(body["status"]["outcomes"][0]["shard"], 0);
+            assert_eq!(body["status"]["outcomes"][0]["outcome"], "epoch 7");
+            assert!(body["status"]["finishedAt"].is_string());
+        })
+        .answer(waiting_plan(None)),
+        expect(Method::POST, EVENTS, |body| {
+            assert_eq!(body["reason"], "Rebalanced");
+            assert_eq!(body["regarding"]["kind"], "ShardRebalance");
+        }),
+        status_patch(|body| {
+            assert_eq!(body["status"]["recentMoves"][0]["shard"], 0);
+            assert_eq!(rebalancing_condition(body)["reason"], "Moving");
+        }),
+    ]);
+    reconciled(expected, data_plane.clone(), async |ctx| {
+        shard_set::reconcile(Arc::new(proposal_shard_set(2)), ctx)
+            .await
+            .unwrap();
+    })
+    .await;
+    assert_eq!(
+        data_plane.admin.moves.lock().unwrap().clone(),
+        [Move {
+            shard: 0,
+            from: "prod-sequencers-0".into(),
+            to: "prod-sequencers-1".into(),
+            reason: MoveReason::Relieve
+        }]
+    );
+}
+
+#[tokio::test]
+async fn an_approved_move_whose_shard_changed_owner_is_dropped() {
+    // Shard 0 went from pod 0 to pod 2 after the plan was made.
+    let data_plane = Arc::new(FakeDataPlane::with_sample(sample(
+        &[0, 1, 2],
+        &[2, 0, 1, 1],
+        &[1.0, 1.0, 1.0, 1.0],
+    )));
+    let mut expected = shard_set_reads_and_applies(3, 3);
+    expected.push(expect(Method::GET, REBALANCE, |_| {}).answer(waiting_plan(Some("approve"))));
+    expected.extend(plan_started());
+    expected.extend([
+        expect(APPLY, REBALANCE_STATUS, |body| {
+            assert_eq!(plan_state(body).0, "Stale");
+            assert_eq!(
+                body["status"]["outcomes"][0]["outcome"],
+                "dropped: the shard is on prod-sequencers-2 now"
+            );
+        })
+        .answer(waiting_plan(None)),
+        expect(Method::POST, EVENTS, |body| {
+            assert_eq!(body["reason"], "Stale");
+        }),
+        status_patch(|body| {
+            assert_eq!(body["status"]["recentMoves"], json!([]));
+        }),
+    ]);
+    reconciled(expected, data_plane.clone(), async |ctx| {
+        shard_set::reconcile(Arc::new(proposal_shard_set(3)), ctx)
+            .await
+            .unwrap();
+    })
+    .await;
+    assert!(data_plane.admin.moves.lock().unwrap().is_empty());
 }

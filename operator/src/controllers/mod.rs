@@ -4,8 +4,9 @@
 //!
 //! - [`cluster`]: `CourierCluster` → an embedded `courier serve` StatefulSet, or the pools;
 //! - [`gateway_pool`]: `GatewayPool` → Deployment, Service, PDB, and the autoscaler;
-//! - [`shard_set`]: `SequencerShardSet` → StatefulSet, headless Service, PDB, and the
-//!   rebalancer (with a finalizer that releases the shards when the set is deleted).
+//! - [`shard_set`]: `SequencerShardSet` → StatefulSet, headless Service, PDB, the rebalancer
+//!   (with a finalizer that releases the shards when the set is deleted), and in mode
+//!   `Proposal` the `ShardRebalance` that holds the plan until it is approved.
 
 pub mod cluster;
 pub mod gateway_pool;

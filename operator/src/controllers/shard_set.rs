@@ -7,14 +7,16 @@
 //!   was asked for); once a leaving pod holds nothing it is drained (it takes no shard again)
 //!   and only then does the StatefulSet shrink. Blind (the admin API does not answer), the
 //!   StatefulSet never shrinks.
-//! - **Modes**: `Auto` carries load moves out as planned; `Proposal` writes them to the status
-//!   and carries them out once `courier.dev/approve-proposal` names the proposal (moves whose
-//!   shard changed owner meanwhile are dropped); `Off` plans nothing.
+//! - **Modes**: `Auto` carries load moves out as planned; `Proposal` writes them to the
+//!   `ShardRebalance` `<set>-rebalance` and carries them out once it is approved by annotation
+//!   ([`proposal`]); `Off` plans nothing.
 //! - **Pauses**: no moves while pods are rolling out, not ready, or not answering, or while
 //!   some shards have no live owner (the admin API's shard map, read from the store: a
 //!   failover is under way).
 //! - **Deletion**: a finalizer drains every pod first, so their shards are released in the
 //!   store at once rather than when their leases lapse.
+
+mod proposal;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -33,8 +35,8 @@ use super::{
     Context, Error, RebalancerState, apply, apply_status, counted, key, lock, retry_after_error,
 };
 use crate::crd::{
-    ConditionType, Conditions, CourierCluster, PodLoad, ProposedMove, RebalanceMode, RecordedMove,
-    SequencerShardSet, SequencerShardSetStatus, ShardProposal,
+    ConditionType, Conditions, CourierCluster, PodLoad, RebalanceMode, RecordedMove,
+    SequencerShardSet, SequencerShardSetStatus, ShardRebalance,
 };
 use crate::metrics::{MoveLabel, ResourceLabel};
 use crate::rebalance::executor::{AdminError, Sample, ShardAdmin, carry_out};
@@ -47,8 +49,7 @@ const CONTROLLER: &str = "shard-set";
 /// The finalizer that drains the pods before the set goes.
 pub const FINALIZER: &str = "courier.dev/release-shards";
 
-/// The annotation that approves a proposal by its id.
-pub const APPROVE_ANNOTATION: &str = "courier.dev/approve-proposal";
+pub use proposal::REBALANCE_ANNOTATION;
 
 /// Moves kept in the status.
 const RECENT_MOVES: usize = 20;
@@ -143,73 +144,114 @@ async fn run(set: &SequencerShardSet, ctx: &Context) -> Result<Action, Error> {
         None => wanted,
     };
     let stateful_set = apply_children(ctx, set, &cluster, replicas).await?;
+    let rebalance = match (&sample, policy.mode) {
+        (Some(Ok(_)), RebalanceMode::Proposal) => proposal::read(ctx, set).await?,
+        _ => None,
+    };
     let mut state = take_state(ctx, set, now_ms);
     state.last_sample_ms = Some(now_ms);
-    let mut proposal = set.status.as_ref().and_then(|s| s.proposal.clone());
-    let mut done = Vec::new();
-    if let Some(Ok(sample)) = &sample {
-        let desired: BTreeSet<PodId> = (0..wanted)
-            .map(|ordinal| pod_name(&name, ordinal))
-            .filter(|pod| sample.nodes.contains_key(pod))
-            .collect();
-        let view = sample.view(Some(&desired));
-        let paused = rollout_in_progress(&stateful_set, replicas).or_else(|| failover(sample));
-        state.rebalancer.set_policy(PlannerPolicy::from(policy));
-        state.rebalancer.observe(&view);
-        let urgent = view.shards.values().any(|s| !view.pods.contains(&s.owner))
-            || view
-                .pods
-                .iter()
-                .any(|pod| view.shards.values().all(|s| &s.owner != pod));
-        let due = now_ms >= state.next_plan_ms || urgent;
-        let planned = if due && paused.is_none() {
-            state.next_plan_ms = now_ms + jittered(policy.interval_seconds);
-            state.rebalancer.plan(&view, now_ms)
-        } else {
-            Vec::new()
-        };
-        notes.paused = paused;
-        let (now_moves, proposed) = split_by_mode(policy.mode, planned);
-        let approved = approved_moves(set, proposal.as_ref(), sample);
-        if approved.is_some() || (policy.mode != RebalanceMode::Proposal) {
-            proposal = None;
+    let stepped = match &sample {
+        Some(Ok(sample)) => {
+            notes.paused =
+                rollout_in_progress(&stateful_set, replicas).or_else(|| failover(sample));
+            let paused = notes.paused.as_deref();
+            move_shards(
+                ctx,
+                set,
+                admin.as_ref(),
+                sample,
+                paused,
+                rebalance,
+                &mut state,
+            )
+            .await
         }
-        let mut to_do = now_moves;
-        to_do.extend(approved.unwrap_or_default());
-        if !proposed.is_empty() {
-            proposal = Some(ShardProposal {
-                id: proposal_id(&proposed),
-                moves: proposed.iter().map(proposed_move).collect(),
-            });
-        }
-        done = carry_out(
-            &mut state.rebalancer,
-            admin.as_ref(),
-            sample,
-            &to_do,
-            ctx.clock,
-        )
-        .await;
-        record_moves(ctx, set, &done).await;
-        ctx.metrics
-            .max_over_mean
-            .get_or_create(&ResourceLabel { resource: key(set) })
-            .set(max_over_mean(sample, &desired));
-    }
+        _ => Ok(Round::default()),
+    };
+    // The trends and cooldowns are kept whatever became of the plan's writes.
     put_state(ctx, set, state);
-    let status = status(
-        set,
-        &stateful_set,
-        sample.as_ref(),
-        &done,
-        proposal,
-        &notes,
-        now_ms,
-    );
+    let round = stepped?;
+    let status = status(set, &stateful_set, sample.as_ref(), &round, &notes, now_ms);
     apply_status(&ctx.client, set, &status).await?;
     Ok(Action::requeue(Duration::from_secs(
         policy.sample_seconds.max(1),
     )))
+}
+
+/// What one rebalancing step did.
+#[derive(Debug, Default)]
+struct Round {
+    /// The moves carried out, with the new epoch or the failure.
+    done: Vec<(Move, Result<u64, AdminError>)>,
+    /// The `ShardRebalance` whose plan waits for approval (mode `Proposal`).
+    awaiting_approval: Option<String>,
+}
+
+/// Folds `sample` into the set's rebalancer, plans when a plan is due and nothing pauses load
+/// moves, and carries out evacuations, load moves (mode `Auto`) and an approved plan (mode
+/// `Proposal`, whose `ShardRebalance` is `rebalance`).
+async fn move_shards(
+    ctx: &Context,
+    set: &SequencerShardSet,
+    admin: &dyn ShardAdmin,
+    sample: &Sample,
+    paused: Option<&str>,
+    rebalance: Option<ShardRebalance>,
+    state: &mut RebalancerState,
+) -> Result<Round, Error> {
+    let (name, _) = name_and_namespace(set)?;
+    let now_ms = (ctx.clock)();
+    let policy = &set.spec.sequencers.rebalance;
+    let desired: BTreeSet<PodId> = (0..set.spec.sequencers.replicas)
+        .map(|ordinal| pod_name(&name, ordinal))
+        .filter(|pod| sample.nodes.contains_key(pod))
+        .collect();
+    let view = sample.view(Some(&desired));
+    state.rebalancer.set_policy(PlannerPolicy::from(policy));
+    state.rebalancer.observe(&view);
+    let urgent = view.shards.values().any(|s| !view.pods.contains(&s.owner))
+        || view
+            .pods
+            .iter()
+            .any(|pod| view.shards.values().all(|s| &s.owner != pod));
+    let refresh =
+        rebalance.as_ref().and_then(proposal::Request::of) == Some(proposal::Request::Refresh);
+    let planning = paused.is_none() && (now_ms >= state.next_plan_ms || urgent || refresh);
+    let planned = if planning {
+        state.next_plan_ms = now_ms + jittered(policy.interval_seconds);
+        state.rebalancer.plan(&view, now_ms)
+    } else {
+        Vec::new()
+    };
+    let (mut to_do, proposed) = split_by_mode(policy.mode, planned);
+    let plan = if policy.mode == RebalanceMode::Proposal {
+        // Nothing else moves while leaving pods are evacuated: neither does an approved plan.
+        let held = paused.or_else(|| {
+            (!to_do.is_empty()).then_some("shards of leaving pods are being evacuated")
+        });
+        let round = planning.then_some(proposed.as_slice());
+        let decision = proposal::decide(rebalance.as_ref(), round, sample, &desired, held);
+        let step =
+            proposal::PlanStep::begin(ctx, set, rebalance, decision, timestamp(now_ms)).await?;
+        to_do.extend_from_slice(step.moves());
+        Some(step)
+    } else {
+        None
+    };
+    let done = carry_out(&mut state.rebalancer, admin, sample, &to_do, ctx.clock).await;
+    record_moves(ctx, set, &done).await;
+    ctx.metrics
+        .max_over_mean
+        .get_or_create(&ResourceLabel { resource: key(set) })
+        .set(max_over_mean(sample, &desired));
+    let awaiting_approval = match plan {
+        Some(step) => step.finish(ctx, &done, timestamp((ctx.clock)())).await?,
+        None => None,
+    };
+    Ok(Round {
+        done,
+        awaiting_approval,
+    })
 }
 
 /// Why the last step could not do everything.
@@ -363,68 +405,29 @@ fn split_by_mode(mode: RebalanceMode, planned: Vec<Move>) -> (Vec<Move>, Vec<Mov
     }
 }
 
-/// The moves of the proposal the annotation approves, those whose shard is still where the
-/// proposal found it; `None` when nothing is approved.
-fn approved_moves(
-    set: &SequencerShardSet,
-    proposal: Option<&ShardProposal>,
-    sample: &Sample,
-) -> Option<Vec<Move>> {
-    let proposal = proposal?;
-    let approved = set.metadata.annotations.as_ref()?.get(APPROVE_ANNOTATION)?;
-    if *approved != proposal.id {
-        return None;
-    }
-    Some(
-        proposal
-            .moves
-            .iter()
-            .filter(|m| {
-                sample
-                    .shards
-                    .get(&m.shard)
-                    .is_some_and(|s| s.owner == m.from)
-            })
-            .filter(|m| sample.nodes.contains_key(&m.to))
-            .map(|m| Move {
-                shard: m.shard,
-                from: m.from.clone(),
-                to: m.to.clone(),
-                reason: reason_named(&m.reason),
-            })
-            .collect(),
-    )
-}
-
-fn reason_named(name: &str) -> MoveReason {
-    match name {
-        "Evacuate" => MoveReason::Evacuate,
-        "Isolate" => MoveReason::Isolate,
-        "Fill" => MoveReason::Fill,
-        _ => MoveReason::Relieve,
-    }
-}
-
-fn proposed_move(m: &Move) -> ProposedMove {
-    ProposedMove {
+/// A move as recorded in a status, with its `outcome` and the time it ended.
+fn recorded_move(m: &Move, outcome: String, at: &str) -> RecordedMove {
+    RecordedMove {
         shard: m.shard,
         from: m.from.clone(),
         to: m.to.clone(),
         reason: m.reason.as_str().to_owned(),
+        outcome,
+        at: at.to_owned(),
     }
 }
 
-/// A short id naming a set of moves (the same moves give the same id).
-pub fn proposal_id(moves: &[Move]) -> String {
-    // FNV-1a over the moves: stable across processes and versions.
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for m in moves {
-        for byte in format!("{}:{}>{};", m.shard, m.from, m.to).bytes() {
-            hash ^= u64::from(byte);
-            hash = hash.wrapping_mul(0x0100_0000_01b3);
-        }
+/// A move's outcome for people: the shard's new epoch, or why it failed.
+fn outcome_text(outcome: &Result<u64, AdminError>) -> String {
+    match outcome {
+        Ok(epoch) => format!("epoch {epoch}"),
+        Err(e) => format!("failed: {e}"),
     }
-    format!("{:08x}", hash as u32)
+}
+
+/// `now_ms` (ms since the epoch) as a timestamp.
+fn timestamp(now_ms: u64) -> Timestamp {
+    Timestamp::from_millisecond(now_ms as i64).unwrap_or(Timestamp::UNIX_EPOCH)
 }
 
 /// `interval_seconds` in milliseconds, give or take 10 %.
@@ -526,12 +529,12 @@ fn status(
     set: &SequencerShardSet,
     stateful_set: &StatefulSet,
     sample: Option<&Result<Sample, AdminError>>,
-    done: &[(Move, Result<u64, AdminError>)],
-    proposal: Option<ShardProposal>,
+    round: &Round,
     notes: &Notes,
     now_ms: u64,
 ) -> SequencerShardSetStatus {
-    let now = Timestamp::from_millisecond(now_ms as i64).unwrap_or(Timestamp::UNIX_EPOCH);
+    let now = timestamp(now_ms);
+    let done = &round.done;
     let previous = set.status.clone().unwrap_or_default();
     let observed = stateful_set.status.clone().unwrap_or_default();
     let wanted = set.spec.sequencers.replicas;
@@ -547,17 +550,10 @@ fn status(
         .unwrap_or_default();
     let mut recent_moves = previous.recent_moves.clone();
     let at = now.to_string();
-    recent_moves.extend(done.iter().map(|(m, outcome)| RecordedMove {
-        shard: m.shard,
-        from: m.from.clone(),
-        to: m.to.clone(),
-        reason: m.reason.as_str().to_owned(),
-        outcome: match outcome {
-            Ok(epoch) => format!("epoch {epoch}"),
-            Err(e) => format!("failed: {e}"),
-        },
-        at: at.clone(),
-    }));
+    recent_moves.extend(
+        done.iter()
+            .map(|(m, outcome)| recorded_move(m, outcome_text(outcome), &at)),
+    );
     let excess = recent_moves.len().saturating_sub(RECENT_MOVES);
     recent_moves.drain(..excess);
     let failed = done.iter().filter(|(_, o)| o.is_err()).count();
@@ -577,11 +573,13 @@ fn status(
         )
     } else if let Some(why) = &notes.paused {
         (false, "Paused", format!("load moves wait: {why}"))
-    } else if proposal.is_some() {
+    } else if let Some(plan) = &round.awaiting_approval {
         (
             false,
             "AwaitingApproval",
-            format!("approve with the annotation {APPROVE_ANNOTATION}"),
+            format!(
+                "the plan in ShardRebalance {plan} waits: kubectl annotate srb {plan} {REBALANCE_ANNOTATION}=approve"
+            ),
         )
     } else {
         (false, "Balanced", "no move needed".to_owned())
@@ -633,7 +631,6 @@ fn status(
             .map(|s| pod_loads(s, &all_pods))
             .unwrap_or(previous.pods),
         recent_moves,
-        proposal,
         conditions,
     }
 }
@@ -641,9 +638,7 @@ fn status(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::SequencerShardSetSpec;
     use crate::rebalance::ObservedShard;
-    use kube::core::ObjectMeta;
 
     fn sample(owners: &[&str]) -> Sample {
         Sample {
@@ -674,22 +669,6 @@ mod tests {
             from: from.into(),
             to: to.into(),
             reason,
-        }
-    }
-
-    fn set_with_approval(approved: Option<&str>) -> SequencerShardSet {
-        SequencerShardSet {
-            metadata: ObjectMeta {
-                annotations: approved
-                    .map(|id| BTreeMap::from([(APPROVE_ANNOTATION.to_owned(), id.to_owned())])),
-                ..ObjectMeta::default()
-            },
-            spec: SequencerShardSetSpec {
-                cluster: "prod".into(),
-                shards: 4,
-                sequencers: Default::default(),
-            },
-            status: None,
         }
     }
 
@@ -724,42 +703,5 @@ mod tests {
         assert_eq!((now[0].shard, proposed[0].shard), (1, 2));
         let (now, proposed) = split_by_mode(RebalanceMode::Off, moves);
         assert_eq!((now.len(), proposed.len()), (1, 0));
-    }
-
-    #[test]
-    fn an_approved_proposal_keeps_only_the_moves_still_valid() {
-        let moves = vec![
-            planned(0, "a", "b", MoveReason::Relieve),
-            planned(1, "a", "b", MoveReason::Fill),
-        ];
-        let proposal = ShardProposal {
-            id: proposal_id(&moves),
-            moves: moves.iter().map(proposed_move).collect(),
-        };
-        // Shard 1 moved to c meanwhile: only shard 0's move is still valid.
-        let now = sample(&["a", "c", "b"]);
-        let approved = approved_moves(
-            &set_with_approval(Some(&proposal.id)),
-            Some(&proposal),
-            &now,
-        );
-        assert_eq!(approved, Some(vec![moves[0].clone()]));
-        assert_eq!(
-            approved_moves(&set_with_approval(Some("other")), Some(&proposal), &now),
-            None,
-            "an annotation naming another proposal approves nothing"
-        );
-        assert_eq!(
-            approved_moves(&set_with_approval(None), Some(&proposal), &now),
-            None
-        );
-    }
-
-    #[test]
-    fn proposal_ids_name_the_moves() {
-        let a = vec![planned(0, "a", "b", MoveReason::Relieve)];
-        let b = vec![planned(0, "a", "c", MoveReason::Relieve)];
-        assert_eq!(proposal_id(&a), proposal_id(&a.clone()));
-        assert_ne!(proposal_id(&a), proposal_id(&b));
     }
 }

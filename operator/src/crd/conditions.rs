@@ -1,5 +1,6 @@
-//! Status conditions shared by every Courier resource: the four types the issue names, set
-//! with a reason and a message, and their transition time kept while the status stays the same.
+//! Status conditions shared by every Courier resource: the four types the issue names (and
+//! the states of a `ShardRebalance`, one of which is true at a time), set with a reason and a
+//! message, and their transition time kept while the status stays the same.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
@@ -8,7 +9,8 @@ use serde::{Deserialize, Serialize};
 /// The condition types of Courier resources.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ConditionType {
-    /// Every workload of the resource is available.
+    /// Every workload of the resource is available; of a `ShardRebalance`: its plan was
+    /// carried out.
     Ready,
     /// The operator is rolling something out (pods created, replaced or removed).
     Progressing,
@@ -16,9 +18,26 @@ pub enum ConditionType {
     Degraded,
     /// Shards are being moved between sequencer pods.
     Rebalancing,
+    /// A `ShardRebalance`'s plan waits for approval.
+    ProposalReady,
+    /// A `ShardRebalance`'s plan no longer applies: no move is needed, or every move's shard
+    /// changed owner.
+    Stale,
+    /// Some moves of a `ShardRebalance`'s plan failed.
+    Failed,
 }
 
 impl ConditionType {
+    const ALL: [ConditionType; 7] = [
+        ConditionType::Ready,
+        ConditionType::Progressing,
+        ConditionType::Degraded,
+        ConditionType::Rebalancing,
+        ConditionType::ProposalReady,
+        ConditionType::Stale,
+        ConditionType::Failed,
+    ];
+
     /// The `type` field of the condition.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -26,7 +45,15 @@ impl ConditionType {
             ConditionType::Progressing => "Progressing",
             ConditionType::Degraded => "Degraded",
             ConditionType::Rebalancing => "Rebalancing",
+            ConditionType::ProposalReady => "ProposalReady",
+            ConditionType::Stale => "Stale",
+            ConditionType::Failed => "Failed",
         }
+    }
+
+    /// The condition type named `name` (a condition's `type` field), if it is one of ours.
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|kind| kind.as_str() == name)
     }
 }
 
@@ -102,5 +129,13 @@ mod tests {
             .into_vec();
         assert_eq!(changed[0].last_transition_time, Time(at(300)));
         assert_eq!(changed[0].status, "True");
+    }
+
+    #[test]
+    fn every_condition_type_is_read_back_from_its_name() {
+        for kind in ConditionType::ALL {
+            assert_eq!(ConditionType::parse(kind.as_str()), Some(kind));
+        }
+        assert_eq!(ConditionType::parse("Available"), None);
     }
 }

@@ -5,10 +5,12 @@
 //! - [`GatewayPool`]: the pods that hold client connections, scaled by connections per pod.
 //! - [`SequencerShardSet`]: the pods that order messages, and the policy that rebalances hot
 //!   shards between them.
+//! - [`ShardRebalance`]: a shard set's plan of moves waiting for approval (mode `Proposal`).
 
 mod cluster;
 mod conditions;
 mod gateway_pool;
+mod shard_rebalance;
 mod shard_set;
 
 pub use cluster::{
@@ -19,9 +21,10 @@ pub use conditions::{ConditionType, Conditions};
 pub use gateway_pool::{
     GatewayPool, GatewayPoolSettings, GatewayPoolSpec, GatewayPoolStatus, ServiceType,
 };
+pub use shard_rebalance::{ProposedMove, ShardRebalance, ShardRebalanceSpec, ShardRebalanceStatus};
 pub use shard_set::{
-    PodLoad, ProposedMove, RebalanceMode, RebalancePolicy, RecordedMove, SequencerSettings,
-    SequencerShardSet, SequencerShardSetSpec, SequencerShardSetStatus, ShardProposal,
+    PodLoad, RebalanceMode, RebalancePolicy, RecordedMove, SequencerSettings, SequencerShardSet,
+    SequencerShardSetSpec, SequencerShardSetStatus,
 };
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -36,6 +39,7 @@ pub fn all() -> Vec<CustomResourceDefinition> {
         CourierCluster::crd(),
         GatewayPool::crd(),
         SequencerShardSet::crd(),
+        ShardRebalance::crd(),
     ]
 }
 
@@ -96,6 +100,18 @@ mod tests {
     }
 
     #[test]
+    fn a_plan_stays_with_its_shard_set_with_a_message_that_says_why() {
+        let rebalances = rules(&ShardRebalance::crd());
+        assert!(
+            rebalances
+                .iter()
+                .any(|(rule, message)| rule == "self == oldSelf"
+                    && message.starts_with("shardSet is immutable")),
+            "{rebalances:?}"
+        );
+    }
+
+    #[test]
     fn a_cluster_needs_exactly_one_storage_and_media_in_s3_on_foundationdb() {
         let clusters = rules(&CourierCluster::crd());
         let has = |rule: &str| clusters.iter().any(|(r, _)| r == rule);
@@ -119,7 +135,8 @@ mod tests {
             [
                 "courierclusters.courier.dev.yaml",
                 "gatewaypools.courier.dev.yaml",
-                "sequencershardsets.courier.dev.yaml"
+                "sequencershardsets.courier.dev.yaml",
+                "shardrebalances.courier.dev.yaml"
             ]
         );
         for crd in all() {

@@ -1,6 +1,6 @@
 //! `SequencerShardSet`: the sequencer pods, the fixed number of logical shards they share,
-//! and the policy of the hot-shard rebalancer; its status holds the load per pod, the moves
-//! made, and (mode `Proposal`) the plan waiting for approval.
+//! and the policy of the hot-shard rebalancer; its status holds the load per pod and the moves
+//! made. In mode `Proposal` the plan waits in a `ShardRebalance` (`shard_rebalance.rs`).
 
 use k8s_openapi::api::core::v1::ResourceRequirements;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
@@ -75,8 +75,9 @@ fn default_replicas() -> i32 {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RebalancePolicy {
-    /// `Auto` moves shards; `Proposal` writes the plan to the status and moves once the
-    /// annotation `courier.dev/approve-proposal` names it; `Off` only reports loads.
+    /// `Auto` moves shards; `Proposal` writes the plan to the ShardRebalance `<set>-rebalance`
+    /// and moves once it has the annotation `courier.dev/rebalance=approve`; `Off` only
+    /// reports loads.
     #[serde(default)]
     pub mode: RebalanceMode,
     /// A pod is hot above the mean pod load by this percentage (and cold below it by as much).
@@ -144,7 +145,7 @@ pub enum RebalanceMode {
     /// Plans are carried out as they are made.
     #[default]
     Auto,
-    /// Plans wait in the status for approval by annotation.
+    /// Plans wait in a `ShardRebalance` for approval by annotation.
     Proposal,
     /// No plan is made; loads are still reported.
     Off,
@@ -172,9 +173,6 @@ pub struct SequencerShardSetStatus {
     /// The latest moves, newest last (at most 20).
     #[serde(default)]
     pub recent_moves: Vec<RecordedMove>,
-    /// The plan waiting for approval (mode `Proposal`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub proposal: Option<ShardProposal>,
     /// Ready, Progressing, Degraded, Rebalancing.
     #[serde(default)]
     pub conditions: Vec<Condition>,
@@ -204,32 +202,9 @@ pub struct RecordedMove {
     pub to: String,
     /// Why: `Evacuate`, `Isolate`, `Relieve` or `Fill`.
     pub reason: String,
-    /// The shard's epoch under its new owner, or why the move failed.
+    /// The shard's epoch under its new owner, or why the move failed (or, in a
+    /// `ShardRebalance`, why it was dropped).
     pub outcome: String,
     /// When it finished (RFC 3339).
     pub at: String,
-}
-
-/// A plan waiting for approval.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct ShardProposal {
-    /// Names this plan: approve it with `kubectl annotate sss NAME courier.dev/approve-proposal=ID`.
-    pub id: String,
-    /// The moves, in order.
-    pub moves: Vec<ProposedMove>,
-}
-
-/// One move of a proposal.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct ProposedMove {
-    /// The shard.
-    pub shard: u32,
-    /// The pod that has it.
-    pub from: String,
-    /// The pod to take it.
-    pub to: String,
-    /// Why.
-    pub reason: String,
 }
