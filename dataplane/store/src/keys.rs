@@ -103,6 +103,14 @@ impl Keys {
         }
     }
 
+    /// The epochs of every shard for `duty` (see [`Keys::shard_epoch`]), in shard order.
+    pub fn shard_epochs(&self, duty: Duty) -> Range<Vec<u8>> {
+        match duty {
+            Duty::Sequencing => range_of(self.root.subspace(&("shard",))),
+            Duty::Delivery => range_of(self.root.subspace(&("fepoch",))),
+        }
+    }
+
     /// The shard of a key from [`Keys::shard_owners`].
     pub fn shard_owner_shard(&self, key: &[u8]) -> Option<u32> {
         self.root

@@ -22,6 +22,8 @@
 //! the record it read makes it fail with [`StoreError::FenceChanged`] rather than overwrite.
 
 use crate::kv::{Batch, StoreError, decode_u64};
+use std::collections::HashMap;
+use std::ops::Range;
 
 /// Attempts of an operation on records that another operation of the same owner may rewrite
 /// at the same moment (a renewal racing a hand-off or a release): each attempt reads the
@@ -145,6 +147,22 @@ impl MessageStore {
         now_ms: u64,
         lease_ms: u64,
     ) -> Result<Vec<ShardLease>, StoreError> {
+        // Another node taking free shards at the same moment moves a fence: read again and
+        // take what is left, rather than fail (two nodes starting together).
+        reading_again(|| self.try_acquire_shards(duty, node, shards, limit, now_ms, lease_ms)).await
+    }
+
+    async fn try_acquire_shards(
+        &self,
+        duty: Duty,
+        node: &str,
+        shards: &[u32],
+        limit: usize,
+        now_ms: u64,
+        lease_ms: u64,
+    ) -> Result<Vec<ShardLease>, StoreError> {
+        let owners = self.records(self.keys().shard_owners(duty)).await?;
+        let epochs = self.records(self.keys().shard_epochs(duty)).await?;
         let mut batch = Batch::new();
         let mut leases = Vec::with_capacity(shards.len().min(limit));
         for &shard in shards {
@@ -152,7 +170,7 @@ impl MessageStore {
                 break;
             }
             let owner_key = self.keys().shard_owner(duty, shard);
-            let owner = self.kv().get(&owner_key).await?;
+            let owner = owners.get(&owner_key).cloned();
             if let Some(value) = &owner {
                 let record =
                     OwnerRecord::decode(value.as_slice()).map_err(|e| corrupt(&owner_key, e))?;
@@ -161,7 +179,7 @@ impl MessageStore {
                 }
             }
             let epoch_key = self.keys().shard_epoch(duty, shard);
-            let current = self.kv().get(&epoch_key).await?;
+            let current = epochs.get(&epoch_key).cloned();
             let epoch = current.as_deref().map_or(0, decode_u64) + 1;
             let record = OwnerRecord {
                 node: node.to_owned(),
@@ -179,6 +197,21 @@ impl MessageStore {
             self.kv().commit(batch).await?;
         }
         Ok(leases)
+    }
+
+    /// Every record in `range` by key: one range read where a read per shard would cost a
+    /// round trip each on a store across the network (a lease round looks at every shard;
+    /// the records are small, one per shard).
+    async fn records(
+        &self,
+        range: Range<Vec<u8>>,
+    ) -> Result<HashMap<Vec<u8>, Vec<u8>>, StoreError> {
+        Ok(self
+            .kv()
+            .range(range, usize::MAX, false)
+            .await?
+            .into_iter()
+            .collect())
     }
 
     /// Extends, in one commit, `node`'s leases to `now_ms + lease_ms`. Touches only the
@@ -230,10 +263,13 @@ impl MessageStore {
         leases: &[ShardLease],
         lease_until_ms: u64,
     ) -> Result<Vec<u32>, StoreError> {
+        let owners = self.records(self.keys().shard_owners(duty)).await?;
         let mut batch = Batch::new();
         let mut lost = Vec::new();
         for &lease in leases {
-            match self.held_record(duty, lease, node).await {
+            let key = self.keys().shard_owner(duty, lease.shard);
+            let value = owners.get(&key).cloned();
+            match held_record(key, value, lease, node) {
                 Ok((key, value, mut record)) => {
                     record.lease_until_ms = lease_until_ms;
                     batch
@@ -275,7 +311,9 @@ impl MessageStore {
         lease_ms: u64,
     ) -> Result<ShardLease, StoreError> {
         let duty = Duty::Sequencing;
-        let (owner_key, value, _) = self.held_record(duty, lease, from).await?;
+        let owner_key = self.keys().shard_owner(duty, lease.shard);
+        let value = self.kv().get(&owner_key).await?;
+        let (owner_key, value, _) = held_record(owner_key, value, lease, from)?;
         let epoch_key = self.keys().shard_epoch(duty, lease.shard);
         let epoch = lease.epoch + 1;
         let record = OwnerRecord {
@@ -295,29 +333,26 @@ impl MessageStore {
             epoch,
         })
     }
+}
 
-    /// The ownership record of `lease.shard` if `node` holds it at `lease.epoch`: its key, the
-    /// stored bytes (to fence on) and the record.
-    async fn held_record(
-        &self,
-        duty: Duty,
-        lease: ShardLease,
-        node: &str,
-    ) -> Result<(Vec<u8>, Vec<u8>, OwnerRecord), StoreError> {
-        let key = self.keys().shard_owner(duty, lease.shard);
-        let value = self.kv().get(&key).await?;
-        let record = match &value {
-            Some(value) => {
-                Some(OwnerRecord::decode(value.as_slice()).map_err(|e| corrupt(&key, e))?)
-            }
-            None => None,
-        };
-        match (value, record) {
-            (Some(value), Some(record)) if record.node == node && record.epoch == lease.epoch => {
-                Ok((key, value, record))
-            }
-            _ => Err(StoreError::FenceChanged { key }),
+/// The ownership record of `lease.shard` (`value`, stored under `key`) if `node` holds it at
+/// `lease.epoch`: its key, the stored bytes (to fence on) and the record;
+/// [`StoreError::FenceChanged`] otherwise.
+fn held_record(
+    key: Vec<u8>,
+    value: Option<Vec<u8>>,
+    lease: ShardLease,
+    node: &str,
+) -> Result<(Vec<u8>, Vec<u8>, OwnerRecord), StoreError> {
+    let record = match &value {
+        Some(value) => Some(OwnerRecord::decode(value.as_slice()).map_err(|e| corrupt(&key, e))?),
+        None => None,
+    };
+    match (value, record) {
+        (Some(value), Some(record)) if record.node == node && record.epoch == lease.epoch => {
+            Ok((key, value, record))
         }
+        _ => Err(StoreError::FenceChanged { key }),
     }
 }
 
@@ -343,6 +378,65 @@ mod tests {
             .append(lease, &mut HeadCache::default(), &[direct_message(id)])
             .await?;
         Ok(results.into_iter().next().unwrap().unwrap().seq)
+    }
+
+    /// An engine whose next two commits wait for each other once `armed`: the two callers have
+    /// both read before either commits.
+    struct Lockstep {
+        inner: crate::embedded::EmbeddedEngine,
+        armed: std::sync::atomic::AtomicUsize,
+        together: tokio::sync::Barrier,
+    }
+
+    #[async_trait::async_trait]
+    impl crate::kv::KvEngine for Lockstep {
+        async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+            self.inner.get(key).await
+        }
+
+        async fn range(
+            &self,
+            range: Range<Vec<u8>>,
+            limit: usize,
+            reverse: bool,
+        ) -> Result<Vec<crate::kv::KeyValue>, StoreError> {
+            self.inner.range(range, limit, reverse).await
+        }
+
+        async fn commit(&self, batch: Batch) -> Result<crate::kv::CommitStamp, StoreError> {
+            use std::sync::atomic::Ordering;
+            let waits = self
+                .armed
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+            if waits {
+                self.together.wait().await;
+            }
+            self.inner.commit(batch).await
+        }
+
+        fn limits(&self) -> crate::kv::BatchLimits {
+            self.inner.limits()
+        }
+    }
+
+    #[tokio::test]
+    async fn two_nodes_taking_free_shards_at_once_split_them_and_neither_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = std::sync::Arc::new(Lockstep {
+            inner: crate::embedded::EmbeddedEngine::open(dir.path()).unwrap(),
+            armed: 0.into(),
+            together: tokio::sync::Barrier::new(2),
+        });
+        let store = MessageStore::open(engine.clone(), b"", 8).await.unwrap();
+        engine.armed.store(2, std::sync::atomic::Ordering::SeqCst);
+        let all: Vec<u32> = (0..8).collect();
+        let take_half = |node| store.acquire_shards(Duty::Delivery, node, &all, 4, 1_000, LEASE);
+        let (a, b) = tokio::join!(take_half("a"), take_half("b"));
+        let (a, b) = (a.unwrap(), b.unwrap());
+        let mut taken: Vec<u32> = a.iter().chain(&b).map(|lease| lease.shard).collect();
+        taken.sort();
+        assert_eq!(taken, all, "a took {a:?}, b took {b:?}");
     }
 
     #[tokio::test]
