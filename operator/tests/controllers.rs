@@ -740,6 +740,7 @@ async fn a_hot_sequencer_pod_gives_a_shard_to_the_other_and_the_move_is_recorded
                 rebalancer,
                 next_plan_ms: 0,
                 last_sample_ms: None,
+                evacuating: false,
             },
         );
         shard_set::reconcile(Arc::new(shard_set(2)), ctx)
@@ -786,9 +787,14 @@ async fn scaling_down_keeps_the_leaving_pod_until_its_shards_are_evacuated() {
         assert_eq!(progressing["reason"], "Evacuating");
     }));
     reconciled(expected, data_plane.clone(), async |ctx| {
-        shard_set::reconcile(Arc::new(shard_set(1)), ctx)
+        let action = shard_set::reconcile(Arc::new(shard_set(1)), ctx)
             .await
             .unwrap();
+        assert_eq!(
+            action,
+            kube::runtime::controller::Action::requeue(shard_set::EVACUATION_PACE),
+            "the next shard leaves at the evacuation's pace, not the sample interval's"
+        );
     })
     .await;
     let moves = data_plane.admin.moves.lock().unwrap().clone();
@@ -843,9 +849,14 @@ async fn an_evacuated_pod_is_drained_and_then_the_statefulset_shrinks() {
     expected.extend(shard_set_applies(1));
     expected.push(status_patch(|_| {}));
     reconciled(expected, data_plane.clone(), async |ctx| {
-        shard_set::reconcile(Arc::new(shard_set(1)), ctx)
+        let action = shard_set::reconcile(Arc::new(shard_set(1)), ctx)
             .await
             .unwrap();
+        assert_eq!(
+            action,
+            kube::runtime::controller::Action::requeue(std::time::Duration::from_secs(15)),
+            "nothing left to evacuate: back to the sample interval (15 s by default)"
+        );
     })
     .await;
     assert_eq!(
@@ -885,6 +896,7 @@ async fn a_shard_set_woken_between_samples_applies_its_workloads_and_samples_not
                 rebalancer: Rebalancer::new(PlannerPolicy::default()),
                 next_plan_ms: 0,
                 last_sample_ms: Some(1_000_000 - 5_000),
+                evacuating: false,
             },
         );
         let action = shard_set::reconcile(Arc::new(shard_set(1)), ctx)
@@ -1073,6 +1085,7 @@ async fn in_proposal_mode_the_plan_goes_to_a_shard_rebalance_and_nothing_moves()
                 rebalancer,
                 next_plan_ms: 0,
                 last_sample_ms: None,
+                evacuating: false,
             },
         );
         shard_set::reconcile(Arc::new(proposal_shard_set(2)), ctx)

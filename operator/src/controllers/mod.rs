@@ -109,6 +109,9 @@ pub struct RebalancerState {
     pub next_plan_ms: u64,
     /// When the loads were last sampled (ms since the epoch).
     pub last_sample_ms: Option<u64>,
+    /// The last sample moved shards off leaving pods: the next one comes after
+    /// `shard_set::EVACUATION_PACE`, not the set's sample interval, until none is left.
+    pub evacuating: bool,
 }
 
 impl Context {

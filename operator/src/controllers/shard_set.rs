@@ -51,6 +51,11 @@ pub const FINALIZER: &str = "courier.dev/release-shards";
 
 pub use proposal::REBALANCE_ANNOTATION;
 
+/// Time between samples while shards leave pods that go: a hand-off takes ~0.1 s, and the
+/// planner moves one shard per leaving pod at a time, so evacuating a pod at the set's sample
+/// interval (15 s) would take hours for a thousand shards.
+pub const EVACUATION_PACE: Duration = Duration::from_secs(1);
+
 /// Moves kept in the status.
 const RECENT_MOVES: usize = 20;
 
@@ -114,7 +119,7 @@ async fn run(set: &SequencerShardSet, ctx: &Context) -> Result<Action, Error> {
         .unwrap_or(0);
     let wanted = set.spec.sequencers.replicas;
     let policy = &set.spec.sequencers.rebalance;
-    let sample_ms = policy.sample_seconds.max(1).saturating_mul(1000);
+    let sample_ms = sample_interval(ctx, set, policy.sample_seconds).as_millis() as u64;
     if let Some(wait_ms) = sample_wait(ctx, set, now_ms, sample_ms) {
         // Woken between samples (a watch event): keep the workloads applied (never shrinking
         // them blind), and sample when the next one is due, so that the trends count samples,
@@ -150,6 +155,7 @@ async fn run(set: &SequencerShardSet, ctx: &Context) -> Result<Action, Error> {
     };
     let mut state = take_state(ctx, set, now_ms);
     state.last_sample_ms = Some(now_ms);
+    state.evacuating = false;
     let stepped = match &sample {
         Some(Ok(sample)) => {
             notes.paused =
@@ -168,14 +174,35 @@ async fn run(set: &SequencerShardSet, ctx: &Context) -> Result<Action, Error> {
         }
         _ => Ok(Round::default()),
     };
+    if let Ok(round) = &stepped {
+        // A failed evacuation waits for the usual interval rather than being retried at once.
+        state.evacuating = round
+            .done
+            .iter()
+            .any(|(planned, outcome)| planned.reason == MoveReason::Evacuate && outcome.is_ok());
+    }
     // The trends and cooldowns are kept whatever became of the plan's writes.
     put_state(ctx, set, state);
     let round = stepped?;
     let status = status(set, &stateful_set, sample.as_ref(), &round, &notes, now_ms);
     apply_status(&ctx.client, set, &status).await?;
-    Ok(Action::requeue(Duration::from_secs(
-        policy.sample_seconds.max(1),
+    Ok(Action::requeue(sample_interval(
+        ctx,
+        set,
+        policy.sample_seconds,
     )))
+}
+
+/// Time between samples: the set's `sample_seconds`, or [`EVACUATION_PACE`] while the last
+/// sample moved shards off leaving pods.
+fn sample_interval(ctx: &Context, set: &SequencerShardSet, sample_seconds: u64) -> Duration {
+    let evacuating = lock(&ctx.rebalancers)
+        .get(&key(set))
+        .is_some_and(|state| state.evacuating);
+    match evacuating {
+        true => EVACUATION_PACE,
+        false => Duration::from_secs(sample_seconds.max(1)),
+    }
 }
 
 /// What one rebalancing step did.
@@ -445,6 +472,7 @@ fn take_state(ctx: &Context, set: &SequencerShardSet, now_ms: u64) -> Rebalancer
             rebalancer: Rebalancer::new(policy),
             next_plan_ms: now_ms + jittered(set.spec.sequencers.rebalance.interval_seconds),
             last_sample_ms: None,
+            evacuating: false,
         })
 }
 
