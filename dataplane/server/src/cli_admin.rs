@@ -8,8 +8,8 @@ use clap::{Args, Subcommand};
 use courier_rpc::auth::AttachToken;
 use courier_rpc::proto::admin_client::AdminClient;
 use courier_rpc::proto::{
-    DrainRequest, ForgetNodeRequest, ListNodesRequest, ListShardMapRequest, MoveShardRequest,
-    ShardOwner,
+    DrainRequest, ForgetNodeRequest, ListNodesRequest, ListShardMapRequest, MoveShardRequest, Node,
+    ShardOwner, ShardState,
 };
 use std::time::Duration;
 use tonic::service::interceptor::InterceptedService;
@@ -129,13 +129,28 @@ fn answer_error(node: &str, status: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{node}: {} ({:?})", status.message(), status.code())
 }
 
-async fn print_nodes(admin: &mut Admin) -> anyhow::Result<()> {
-    let nodes = admin
+/// The registered nodes, as the node `admin` calls lists them.
+async fn nodes(admin: &mut Admin) -> anyhow::Result<Vec<Node>> {
+    Ok(admin
         .list_nodes(ListNodesRequest {})
         .await
         .map_err(|e| answer_error("the node", e))?
         .into_inner()
-        .nodes;
+        .nodes)
+}
+
+/// The shard map, as the node `admin` calls reads it from the store.
+async fn shard_map(admin: &mut Admin, outbox_count_limit: u32) -> anyhow::Result<Vec<ShardState>> {
+    Ok(admin
+        .list_shard_map(ListShardMapRequest { outbox_count_limit })
+        .await
+        .map_err(|e| answer_error("the node", e))?
+        .into_inner()
+        .shards)
+}
+
+async fn print_nodes(admin: &mut Admin) -> anyhow::Result<()> {
+    let nodes = nodes(admin).await?;
     println!(
         "{:<16} {:<36} {:<22} {:<7} CONNECTIONS",
         "NODE", "ROLES", "ADDRESS", "LEASE"
@@ -154,13 +169,9 @@ async fn print_nodes(admin: &mut Admin) -> anyhow::Result<()> {
 }
 
 async fn print_shards(admin: &mut Admin, outbox_count_limit: u32) -> anyhow::Result<()> {
-    let map = admin
-        .list_shard_map(ListShardMapRequest { outbox_count_limit })
-        .await
-        .map_err(|e| answer_error("the node", e))?
-        .into_inner();
+    let shards = shard_map(admin, outbox_count_limit).await?;
     println!("{:<6} {:<28} {:<28} OUTBOX", "SHARD", "SEQUENCER", "FANOUT");
-    for shard in map.shards {
+    for shard in shards {
         let outbox = shard.outbox.unwrap_or_default();
         let waiting = match (outbox.entries, outbox.more) {
             (0, _) => "empty".to_owned(),
@@ -191,30 +202,18 @@ fn owner(owner: Option<&ShardOwner>) -> String {
 
 /// The internal address of `shard`'s live sequencer, from the shard map and the registry.
 async fn sequencer_address(admin: &mut Admin, shard: u32) -> anyhow::Result<String> {
-    let map = admin
-        .list_shard_map(ListShardMapRequest {
-            outbox_count_limit: 1,
-        })
-        .await
-        .map_err(|e| answer_error("the node", e))?
-        .into_inner();
-    let state = map
-        .shards
+    let shards = shard_map(admin, 1).await?;
+    let state = shards
         .iter()
         .find(|s| s.shard == shard)
-        .with_context(|| format!("no shard {shard}: the cluster has {}", map.shards.len()))?;
+        .with_context(|| format!("no shard {shard}: the cluster has {}", shards.len()))?;
     let owner = state
         .sequencing
         .as_ref()
         .filter(|o| o.live)
         .with_context(|| format!("shard {shard} has no live sequencer to hand it off"))?;
-    let nodes = admin
-        .list_nodes(ListNodesRequest {})
-        .await
-        .map_err(|e| answer_error("the node", e))?
-        .into_inner()
-        .nodes;
-    nodes
+    nodes(admin)
+        .await?
         .into_iter()
         .find(|n| n.id == owner.node)
         .map(|n| n.address)

@@ -380,60 +380,28 @@ mod tests {
         Ok(results.into_iter().next().unwrap().unwrap().seq)
     }
 
-    /// An engine whose next two commits wait for each other once `armed`: the two callers have
-    /// both read before either commits.
-    struct Lockstep {
-        inner: crate::embedded::EmbeddedEngine,
-        armed: std::sync::atomic::AtomicUsize,
-        together: tokio::sync::Barrier,
-    }
-
-    #[async_trait::async_trait]
-    impl crate::kv::KvEngine for Lockstep {
-        async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-            self.inner.get(key).await
-        }
-
-        async fn range(
-            &self,
-            range: Range<Vec<u8>>,
-            limit: usize,
-            reverse: bool,
-        ) -> Result<Vec<crate::kv::KeyValue>, StoreError> {
-            self.inner.range(range, limit, reverse).await
-        }
-
-        async fn commit(&self, batch: Batch) -> Result<crate::kv::CommitStamp, StoreError> {
-            use std::sync::atomic::Ordering;
-            let waits = self
-                .armed
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                .is_ok();
-            if waits {
-                self.together.wait().await;
-            }
-            self.inner.commit(batch).await
-        }
-
-        fn limits(&self) -> crate::kv::BatchLimits {
-            self.inner.limits()
-        }
-    }
-
     #[tokio::test]
     async fn two_nodes_taking_free_shards_at_once_split_them_and_neither_fails() {
-        let dir = tempfile::tempdir().unwrap();
-        let engine = std::sync::Arc::new(Lockstep {
-            inner: crate::embedded::EmbeddedEngine::open(dir.path()).unwrap(),
-            armed: 0.into(),
-            together: tokio::sync::Barrier::new(2),
-        });
-        let store = MessageStore::open(engine.clone(), b"", 8).await.unwrap();
-        engine.armed.store(2, std::sync::atomic::Ordering::SeqCst);
+        use crate::faulty_engine::FaultyEngine;
+        let engine = FaultyEngine::new();
+        let store = engine.store(8).await;
         let all: Vec<u32> = (0..8).collect();
-        let take_half = |node| store.acquire_shards(Duty::Delivery, node, &all, 4, 1_000, LEASE);
-        let (a, b) = tokio::join!(take_half("a"), take_half("b"));
-        let (a, b) = (a.unwrap(), b.unwrap());
+        // b takes half between a's read of the records and a's commit: a's fences move.
+        let (other, shards) = (store.clone(), all.clone());
+        let b = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let b_taken = b.clone();
+        engine.before_next_commit(Box::pin(async move {
+            let taken = other
+                .acquire_shards(Duty::Delivery, "b", &shards, 4, 1_000, LEASE)
+                .await
+                .unwrap();
+            *b_taken.lock().unwrap() = taken;
+        }));
+        let a = store
+            .acquire_shards(Duty::Delivery, "a", &all, 4, 1_000, LEASE)
+            .await
+            .unwrap();
+        let b = b.lock().unwrap().clone();
         let mut taken: Vec<u32> = a.iter().chain(&b).map(|lease| lease.shard).collect();
         taken.sort();
         assert_eq!(taken, all, "a took {a:?}, b took {b:?}");
