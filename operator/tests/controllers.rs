@@ -258,6 +258,25 @@ fn args(body: &Value) -> Vec<String> {
 
 const APPLY: Method = Method::PATCH;
 
+/// The rebalancer of `prod-sequencers` has seen the sample's loads for two samples (a hot
+/// pod is hot at the next) and its plan is due.
+fn plan_due(ctx: &Context, data_plane: &FakeDataPlane) {
+    let mut rebalancer = Rebalancer::new(PlannerPolicy::default());
+    let view = data_plane.admin.sample.lock().unwrap().view(None);
+    for _ in 0..2 {
+        rebalancer.observe(&view);
+    }
+    ctx.rebalancers.lock().unwrap().insert(
+        format!("{NS}/prod-sequencers"),
+        RebalancerState {
+            rebalancer,
+            next_plan_ms: 0,
+            last_sample_ms: None,
+            evacuating: false,
+        },
+    );
+}
+
 #[tokio::test]
 async fn an_embedded_cluster_creates_one_courier_serve_statefulset_its_service_and_a_status() {
     let data_plane = Arc::new(FakeDataPlane::default());
@@ -728,21 +747,7 @@ async fn a_hot_sequencer_pod_gives_a_shard_to_the_other_and_the_move_is_recorded
         assert_eq!(rebalancing["status"], "True");
     }));
     reconciled(expected, data_plane.clone(), async |ctx| {
-        // The rebalancer has seen pod 0 hot for three samples and its plan is due.
-        let mut rebalancer = Rebalancer::new(PlannerPolicy::default());
-        let view = data_plane.admin.sample.lock().unwrap().view(None);
-        for _ in 0..2 {
-            rebalancer.observe(&view);
-        }
-        ctx.rebalancers.lock().unwrap().insert(
-            format!("{NS}/prod-sequencers"),
-            RebalancerState {
-                rebalancer,
-                next_plan_ms: 0,
-                last_sample_ms: None,
-                evacuating: false,
-            },
-        );
+        plan_due(&ctx, &data_plane);
         shard_set::reconcile(Arc::new(shard_set(2)), ctx)
             .await
             .unwrap();
@@ -1073,21 +1078,7 @@ async fn in_proposal_mode_the_plan_goes_to_a_shard_rebalance_and_nothing_moves()
         }),
     ]);
     reconciled(expected, data_plane.clone(), async |ctx| {
-        // The rebalancer has seen pod 0 hot for three samples and its plan is due.
-        let mut rebalancer = Rebalancer::new(PlannerPolicy::default());
-        let view = data_plane.admin.sample.lock().unwrap().view(None);
-        for _ in 0..2 {
-            rebalancer.observe(&view);
-        }
-        ctx.rebalancers.lock().unwrap().insert(
-            format!("{NS}/prod-sequencers"),
-            RebalancerState {
-                rebalancer,
-                next_plan_ms: 0,
-                last_sample_ms: None,
-                evacuating: false,
-            },
-        );
+        plan_due(&ctx, &data_plane);
         shard_set::reconcile(Arc::new(proposal_shard_set(2)), ctx)
             .await
             .unwrap();
