@@ -12,7 +12,8 @@
 //!   ([`proposal`]); `Off` plans nothing.
 //! - **Pauses**: no moves while pods are rolling out, not ready, or not answering, or while
 //!   some shards have no live owner (the admin API's shard map, read from the store: a
-//!   failover is under way).
+//!   failover is under way), or while events have waited more than 30 s for fanout (the
+//!   shard map's outbox lag: the store or fanout cannot keep up).
 //! - **Deletion**: a finalizer drains every pod first, so their shards are released in the
 //!   store at once rather than when their leases lapse.
 
@@ -158,8 +159,9 @@ async fn run(set: &SequencerShardSet, ctx: &Context) -> Result<Action, Error> {
     state.evacuating = false;
     let stepped = match &sample {
         Some(Ok(sample)) => {
-            notes.paused =
-                rollout_in_progress(&stateful_set, replicas).or_else(|| failover(sample));
+            notes.paused = rollout_in_progress(&stateful_set, replicas)
+                .or_else(|| failover(sample))
+                .or_else(|| delivery_trouble(sample));
             let paused = notes.paused.as_deref();
             move_shards(
                 ctx,
@@ -345,6 +347,20 @@ fn failover(sample: &Sample) -> Option<String> {
         format!(
             "{} shards have no live sequencer (a failover is under way)",
             sample.unowned.len()
+        )
+    })
+}
+
+/// An outbox lag past which moves wait: events have waited this long for fanout.
+pub const TROUBLED_OUTBOX_LAG: Duration = Duration::from_secs(30);
+
+/// Why moves wait, if they do: events wait for fanout longer than [`TROUBLED_OUTBOX_LAG`]
+/// (the store or the fanout nodes cannot keep up); a hand-off would add to their load.
+fn delivery_trouble(sample: &Sample) -> Option<String> {
+    (sample.outbox_lag_ms > TROUBLED_OUTBOX_LAG.as_millis() as u64).then(|| {
+        format!(
+            "events have waited {} s for fanout (outbox lag): the store or fanout cannot keep up",
+            sample.outbox_lag_ms / 1000
         )
     })
 }
@@ -688,6 +704,7 @@ mod tests {
                 })
                 .collect(),
             unowned: Default::default(),
+            outbox_lag_ms: 0,
         }
     }
 
@@ -717,6 +734,23 @@ mod tests {
         failing_over.unowned = [2, 3].into();
         let why = failover(&failing_over).expect("paused");
         assert!(why.starts_with("2 shards have no live sequencer"), "{why}");
+    }
+
+    #[test]
+    fn moves_wait_while_events_wait_long_for_fanout() {
+        let mut troubled = sample(&["s-0", "s-1"]);
+        troubled.outbox_lag_ms = TROUBLED_OUTBOX_LAG.as_millis() as u64;
+        assert_eq!(
+            delivery_trouble(&troubled),
+            None,
+            "at the bound, moves go on"
+        );
+        troubled.outbox_lag_ms = 45_000;
+        let why = delivery_trouble(&troubled).expect("paused");
+        assert!(
+            why.starts_with("events have waited 45 s for fanout"),
+            "{why}"
+        );
     }
 
     #[test]

@@ -103,6 +103,9 @@ pub struct Sample {
     /// The shards no live sequencer node holds: released, lapsed (their owner died) or never
     /// owned. A sequencer takes them at its next lease round; until then moves wait.
     pub unowned: BTreeSet<u32>,
+    /// How long the oldest event waiting for fanout, in any shard's outbox, has waited (ms,
+    /// from the store's shard map). Milliseconds when delivery keeps up.
+    pub outbox_lag_ms: u64,
 }
 
 impl Sample {
@@ -205,6 +208,11 @@ impl AdminApi {
                 loads.insert((node.clone(), shard.shard), shard.appends_per_sec);
             }
         }
+        let outbox_lag_ms = map
+            .iter()
+            .filter_map(|state| state.outbox.as_ref().map(|lag| lag.oldest_age_ms))
+            .max()
+            .unwrap_or(0);
         let mut shards = BTreeMap::new();
         let mut unowned = BTreeSet::new();
         for state in map {
@@ -231,11 +239,13 @@ impl AdminApi {
             nodes,
             shards,
             unowned,
+            outbox_lag_ms,
         })
     }
 
     /// The shard map, from the first of `nodes` that answers (any node reads it from the
-    /// store). Outbox lag is not needed here: one entry is counted per shard.
+    /// store). One outbox entry is counted per shard: the age of the oldest is what the
+    /// sample keeps.
     async fn shard_map(
         &self,
         nodes: &BTreeMap<PodId, String>,

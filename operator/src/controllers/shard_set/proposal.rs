@@ -579,6 +579,7 @@ mod tests {
                 })
                 .collect(),
             unowned: Default::default(),
+            outbox_lag_ms: 0,
         }
     }
 
