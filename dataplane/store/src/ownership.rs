@@ -263,6 +263,9 @@ impl MessageStore {
         leases: &[ShardLease],
         lease_until_ms: u64,
     ) -> Result<Vec<u32>, StoreError> {
+        if leases.is_empty() {
+            return Ok(Vec::new());
+        }
         let owners = self.records(self.keys().shard_owners(duty)).await?;
         let mut batch = Batch::new();
         let mut lost = Vec::new();
