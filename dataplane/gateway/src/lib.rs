@@ -21,6 +21,11 @@
 //!
 //! Writes are buffered and flushed when the connection has nothing more queued, so a burst of
 //! deliveries or a catch-up page leaves in a few system calls rather than one per frame.
+//!
+//! **Memory.** A connection's task is sized by its largest await point, and most connections
+//! are idle: the rare or heavy paths (frame handling, catch-up, gap fills, drain, close, the
+//! device's last-seen writes) are boxed, so the task holds little more than the idle loop's
+//! wait (1.5 KB instead of 3.3 KB; `docs/benchmarks.md`, "Idle connection memory").
 
 pub mod drain;
 pub mod routes;
@@ -197,7 +202,7 @@ impl Gateway {
             None => connection.run(&devices, &mut deliveries, &handle).await,
         };
         if let Exit::Close(code, reason) = exit {
-            connection.close(code, reason).await;
+            Box::pin(connection.close(code, reason)).await;
         }
         // An ack is not lost because the connection closed right after it.
         if let Some(ack) = connection.ack.take() {
@@ -205,7 +210,7 @@ impl Gateway {
         }
         let who = connection.who.clone();
         drop(connection);
-        if let Err(e) = devices.seen(&who).await {
+        if let Err(e) = Box::pin(devices.seen(&who)).await {
             tracing::warn!(user = %who.user, device = %who.device, error = %e, "could not record device activity");
         }
         if let Some(cluster) = &self.cluster_routes
@@ -238,7 +243,7 @@ impl Connection<'_> {
             return Exit::ClientGone;
         }
         // Registered before this check: an unlink either is seen here or closes the connection.
-        match devices.seen(&self.who).await {
+        match Box::pin(devices.seen(&self.who)).await {
             Ok(Link::Linked) => {}
             Ok(Link::Unlinked) => return Exit::Close(close_code::POLICY, "device unlinked"),
             Err(e) => {
@@ -246,7 +251,7 @@ impl Connection<'_> {
                 return Exit::Close(close_code::ERROR, "storage error; reconnect");
             }
         }
-        if let Err(exit) = self.catch_up(&BTreeMap::new()).await {
+        if let Err(exit) = Box::pin(self.catch_up(&BTreeMap::new())).await {
             return exit;
         }
         loop {
@@ -261,7 +266,7 @@ impl Connection<'_> {
                 biased;
                 _ = handle.signals.unlinked.notified() => Err(Exit::Close(close_code::POLICY, "device unlinked")),
                 _ = handle.signals.reconnect.notified() => {
-                    self.drain(handle.signals.reconnect_after_ms().unwrap_or(0)).await
+                    Box::pin(self.drain(handle.signals.reconnect_after_ms().unwrap_or(0))).await
                 }
                 (reference, outcome) = acked(&mut self.ack) => {
                     self.ack = None;
@@ -272,9 +277,11 @@ impl Connection<'_> {
                 }
                 Some(done) = self.pending.next() => self.on_sent(done).await,
                 Some(delivery) = deliveries.recv() => self.on_delivery(delivery).await,
-                _ = handle.signals.lagged.notified() => self.refill(handle.signals.take_behind()).await,
+                _ = handle.signals.lagged.notified() => {
+                    Box::pin(self.refill(handle.signals.take_behind())).await
+                }
                 message = self.socket.recv(), if reading => match message {
-                    Some(Ok(message)) => self.on_message(message).await,
+                    Some(Ok(message)) => Box::pin(self.on_message(message)).await,
                     Some(Err(e)) => Err(self.on_read_error(e)),
                     None => Err(Exit::ClientGone),
                 },
@@ -649,8 +656,14 @@ impl Connection<'_> {
     /// connection has not seen) is filled from the store first.
     async fn on_live_event(&mut self, shared: Arc<SharedEvent>) -> Result<(), Exit> {
         let event = &shared.event;
-        self.fill(&event.conversation_id, event.seq - 1).await?;
-        if event.seq <= self.upto(&event.conversation_id).await? {
+        let conv = &event.conversation_id;
+        // A gap, or a conversation this connection has not seen yet, is filled from the store
+        // first: rare, so boxed, which keeps the connection's task small while it waits.
+        if self.upto.get(conv).is_none_or(|&upto| event.seq - 1 > upto) {
+            Box::pin(self.fill(conv, event.seq - 1)).await?;
+        }
+        // `fill` recorded how far the connection is in `conv`.
+        if event.seq <= self.upto.get(conv).copied().unwrap_or(0) {
             return Ok(());
         }
         self.upto.insert(event.conversation_id.clone(), event.seq);
