@@ -1384,6 +1384,9 @@ async fn the_admin_command_lists_the_cluster_and_moves_a_shard() {
     let (ok, refused) =
         admin_cli(&second.address, &token, &["move-shard", "99", "--to", "s1"]).await;
     assert!(!ok && refused.contains("no shard 99"), "{refused}");
+    // A drain of the second node hands its one shard back to the others.
+    let (ok, drained) = admin_cli(&second.address, &token, &["drain"]).await;
+    assert!(ok && drained.contains("released shards [3]"), "{drained}");
     let wrong = dir.path().join("wrong-token");
     std::fs::write(&wrong, "another-cluster-token-0123456789abcdef").unwrap();
     let (ok, refused) = admin_cli(&second.address, &wrong, &["nodes"]).await;

@@ -104,6 +104,9 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
                     drained.connections, drained.window_ms
                 );
             }
+            if drained.released.is_empty() && drained.window_ms == 0 {
+                println!("drained: the node held no shard and serves no client");
+            }
             Ok(())
         }
         AdminCommand::Forget { id } => {
