@@ -18,6 +18,13 @@
 //! checks and is restarted; reopening replays the journal and keeps every commit that returned
 //! `Ok`.
 //!
+//! **Memtables of [`MEMTABLE_BYTES`].** When fjall rotates a full memtable, it drops the
+//! previous one while it holds the lock every write takes to find the active memtable, so every
+//! commit waits for that memory to be freed: ~250 ms for fjall's default 64 MiB (about 200,000
+//! entries) on the test machine, against ~70 ms for 16 MiB. The smaller memtable costs more
+//! flushes, about 9 % of peak throughput (`docs/benchmarks.md`, "The light-load tail, found").
+//! fjall stores the size when it creates the keyspace: a store created before keeps its own.
+//!
 //! **Versionstamps.** A persistent commit counter, bumped once per group and stored in the same
 //! transaction, plus the batch's position in its group: the same 10-byte layout as
 //! FoundationDB's, and increasing across restarts.
@@ -44,6 +51,8 @@ pub const QUEUE_CAPACITY: usize = 4096;
 pub const GROUP_MAX_BATCHES: usize = 1024;
 /// Most bytes of keys and values in one group commit.
 pub const GROUP_MAX_BYTES: usize = 16 << 20;
+/// The data keyspace's memtable size (module documentation: why not fjall's 64 MiB).
+pub const MEMTABLE_BYTES: u64 = 16 << 20;
 /// Largest value accepted, as in FoundationDB (100 kB); larger ones are the caller's to chunk.
 pub const MAX_VALUE_BYTES: usize = 100_000;
 /// Largest key accepted, as in FoundationDB.
@@ -86,7 +95,9 @@ impl EmbeddedEngine {
             StoreError::Engine(format!("cannot open the store at {}: {e}", path.display()))
         })?;
         let data = db
-            .keyspace("data", KeyspaceCreateOptions::default)
+            .keyspace("data", || {
+                KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE_BYTES)
+            })
             .map_err(engine_error)?;
         let meta = db
             .keyspace("meta", KeyspaceCreateOptions::default)
@@ -421,6 +432,33 @@ mod tests {
         assert_eq!(persist_mode([Synced]), COMMIT_PERSIST);
         assert_eq!(persist_mode([Deferred, Synced, Deferred]), COMMIT_PERSIST);
         assert_eq!(persist_mode([Deferred, Deferred]), PersistMode::Buffer);
+    }
+
+    /// The memtable size bounds the stall of every commit at a rotation (module
+    /// documentation): a little more than [`MEMTABLE_BYTES`] written is flushed to a table,
+    /// where fjall's default (64 MiB) would still hold it in memory.
+    #[tokio::test]
+    async fn the_data_memtable_is_flushed_once_it_holds_memtable_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let kv = EmbeddedEngine::open(&dir.path().join("s")).unwrap();
+        let value = vec![7; MAX_VALUE_BYTES];
+        let batches = MEMTABLE_BYTES as usize / (10 * MAX_VALUE_BYTES) + 2;
+        for i in 0..batches {
+            let mut batch = Batch::new();
+            for j in 0..10 {
+                batch.set(format!("k{i:05}-{j}").into_bytes(), value.clone());
+            }
+            batch.deferred();
+            kv.commit(batch).await.unwrap();
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while kv.db.data.inner().table_count() == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{batches} MB written, no memtable flushed"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
     }
 
     #[tokio::test]
