@@ -442,7 +442,9 @@ impl Fanout {
         }
     }
 
-    /// Delivers `shard`'s outbox until it is empty or the shard is this node's no more.
+    /// Delivers `shard`'s outbox until a read finds less than a page, or the shard is this
+    /// node's no more. Nothing is read again after a short page: an event committed after that
+    /// read is told of after its commit, and its notice marks the shard again.
     async fn drain(&self, shard: u32, handoffs: &Handoffs) -> Result<(), DeliveryError> {
         while let Some(lease) = self.lease_of(shard) {
             let after = self.cursors.get(shard);
@@ -453,6 +455,7 @@ impl Fanout {
             let Some((last, _)) = entries.last() else {
                 return Ok(());
             };
+            let more = entries.len() == OUTBOX_PAGE;
             let last = last.clone();
             let counted = match lock(&self.owned)
                 .get(&shard)
@@ -508,6 +511,9 @@ impl Fanout {
             // Below zero only for a moment: the drain can read an entry before its commit was
             // reported.
             self.metrics.fanout_backlog.set(left.max(0));
+            if !more {
+                return Ok(());
+            }
         }
         Ok(())
     }
