@@ -360,23 +360,24 @@ impl Chat {
         ack: &courier_proto::Ack,
     ) -> Result<(), ApiError> {
         let conv = &ack.conversation_id;
-        let member = self.member_record(conv, &who.user).await?;
+        ids::conversation_id(conv)?;
+        // Three independent reads at once: one round trip to a remote store, not three.
+        let (member, head, (before_delivered, before_read)) = tokio::try_join!(
+            self.member_record(conv, &who.user),
+            async { Ok(self.store.head(conv).await?) },
+            async { Ok(self.store.receipt(conv, &who.user).await?) },
+        )?;
         if ack.seq == 0 {
             return Err(ApiError::bad_request("seq must be 1 or more"));
         }
         // A former member acknowledges up to its removal, no further.
-        let head = self
-            .store
-            .head(conv)
-            .await?
-            .min(member.visibility(0, 1).last());
-        if ack.seq > head {
+        let readable = head.min(member.visibility(0, 1).last());
+        if ack.seq > readable {
             return Err(ApiError::bad_request(format!(
-                "seq {} is beyond the last event you may read, {head}",
+                "seq {} is beyond the last event you may read, {readable}",
                 ack.seq
             )));
         }
-        let (before_delivered, before_read) = self.store.receipt(conv, &who.user).await?;
         let kind = match ack.kind {
             AckKind::Delivered => ReceiptKind::Delivered,
             AckKind::Read => ReceiptKind::Read,
@@ -407,7 +408,7 @@ impl Chat {
             } else {
                 before_delivered
             };
-            self.receipts.publish(receipt, covered_after).await?;
+            self.receipts.publish(receipt, covered_after, head).await?;
         }
         Ok(())
     }

@@ -1472,16 +1472,19 @@ impl MessageStore {
         self.kv.commit(batch).await.map(drop)
     }
 
-    /// A user's `(delivered_seq, read_seq)` in `conv`.
+    /// A user's `(delivered_seq, read_seq)` in `conv`: both cursors with one range read.
     pub async fn receipt(&self, conv: &str, user: &str) -> Result<(u64, u64), StoreError> {
-        let cursor = |kind| async move {
-            let value = self.kv.get(&self.keys.receipt(conv, user, kind)).await?;
-            Ok::<_, StoreError>(value.as_deref().map_or(0, decode_u64))
+        let rows = self
+            .kv
+            .range(self.keys.receipts(conv, user), 2, false)
+            .await?;
+        let cursor = |kind| {
+            let key = self.keys.receipt(conv, user, kind);
+            rows.iter()
+                .find(|(k, _)| *k == key)
+                .map_or(0, |(_, value)| decode_u64(value))
         };
-        Ok((
-            cursor(ReceiptKind::Delivered).await?,
-            cursor(ReceiptKind::Read).await?,
-        ))
+        Ok((cursor(ReceiptKind::Delivered), cursor(ReceiptKind::Read)))
     }
 
     /// The oldest outbox entries of `shard`: events committed and not yet fanned out.
@@ -1596,6 +1599,36 @@ mod tests {
             create: Some(NewConversation::direct("alice", "bob")),
             ..Append::message(conv.into(), sender, id.into(), Body::Text(id.into()), None)
         }
+    }
+
+    /// Both cursors come from one range read: it must hold the user's two keys and nobody
+    /// else's, even a user whose id begins with this one's.
+    #[tokio::test]
+    async fn a_users_receipt_cursors_are_read_from_its_own_keys_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = temp_store(&dir, 8).await;
+        assert_eq!(store.receipt("g:1", "bob").await.unwrap(), (0, 0));
+        store
+            .acknowledge("bobby", "phone", "g:1", 9, ReceiptKind::Read)
+            .await
+            .unwrap();
+        store
+            .acknowledge("bo", "phone", "g:1", 8, ReceiptKind::Read)
+            .await
+            .unwrap();
+        assert_eq!(store.receipt("g:1", "bob").await.unwrap(), (0, 0));
+        store
+            .acknowledge("bob", "phone", "g:1", 5, ReceiptKind::Delivered)
+            .await
+            .unwrap();
+        assert_eq!(store.receipt("g:1", "bob").await.unwrap(), (5, 0));
+        store
+            .acknowledge("bob", "laptop", "g:1", 3, ReceiptKind::Read)
+            .await
+            .unwrap();
+        assert_eq!(store.receipt("g:1", "bob").await.unwrap(), (5, 3));
+        assert_eq!(store.receipt("g:1", "bobby").await.unwrap(), (9, 9));
+        assert_eq!(store.receipt("g:2", "bob").await.unwrap(), (0, 0));
     }
 
     #[tokio::test]
