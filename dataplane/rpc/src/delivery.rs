@@ -37,9 +37,8 @@ use courier_proto::{Encoding, Event, ServerFrame, pb};
 use courier_store::nodes::NodeRecord;
 use courier_store::ownership::Duty;
 use courier_store::{MessageStore, StoreError};
-use futures::{StreamExt, TryStreamExt};
 use prost::Message;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{Notify, Semaphore};
@@ -55,9 +54,6 @@ pub const OFFERS_IN_FLIGHT: usize = 1024;
 
 /// How long the node registry and the shards' delivery owners are cached.
 const DIRECTORY_TTL: Duration = Duration::from_secs(1);
-
-/// Users whose routes are read at once for one delivery.
-const ROUTE_READS: usize = 64;
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
@@ -324,29 +320,27 @@ impl Gateways for ClusterGateways {
         if batch.is_empty() {
             return Ok(());
         }
-        let users: HashSet<String> = batch
+        let recipients: BTreeSet<String> = batch
             .iter()
             .flat_map(|(_, recipients)| recipients.iter().cloned())
             .collect();
+        let users: Vec<&str> = recipients.iter().map(String::as_str).collect();
         let directory = &self.directory;
-        let routes: HashMap<String, BTreeMap<String, Vec<String>>> =
-            futures::stream::iter(users.into_iter().map(|user| {
-                let directory = directory.clone();
-                async move {
-                    let routes = Self::routes(&directory, &user, false).await?;
-                    Ok::<_, StoreError>((user, routes))
-                }
-            }))
-            .buffer_unordered(ROUTE_READS)
-            .try_collect()
-            .await?;
+        // Every recipient's routes with one read of the store.
+        let routes = directory.store.routes_of(&users).await?;
+        let gateways_of: HashMap<&str, BTreeSet<String>> = users
+            .iter()
+            .copied()
+            .zip(routes)
+            .map(|(user, routes)| (user, routes.into_iter().map(|r| r.gateway).collect()))
+            .collect();
         // Per gateway, the events with their recipients connected there.
         let mut parts: BTreeMap<&str, Vec<(Event, Vec<String>)>> = BTreeMap::new();
         for (event, recipients) in batch {
             let mut here: BTreeMap<&str, Vec<String>> = BTreeMap::new();
             for user in recipients.iter() {
-                for gateway in routes.get(user).into_iter().flat_map(|r| r.keys()) {
-                    here.entry(gateway).or_default().push(user.clone());
+                for gateway in gateways_of.get(user.as_str()).into_iter().flatten() {
+                    here.entry(gateway.as_str()).or_default().push(user.clone());
                 }
             }
             for (gateway, users) in here {

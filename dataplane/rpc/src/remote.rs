@@ -27,7 +27,7 @@
 
 use crate::auth::{AttachToken, ClusterToken};
 use crate::proto::kv_store_client::KvStoreClient;
-use crate::proto::{GetRequest, HealthRequest, LimitsRequest, RangeRequest};
+use crate::proto::{GetRequest, HealthRequest, LimitsRequest, RangeRequest, RangesRequest};
 use crate::status::{self, Call};
 use crate::{convert, max_message_bytes};
 use async_trait::async_trait;
@@ -194,6 +194,50 @@ impl KvEngine for RemoteEngine {
             pairs.extend(chunk.pairs.into_iter().map(|p| (p.key, p.value)));
         }
         Ok(pairs)
+    }
+
+    async fn ranges(
+        &self,
+        ranges: Vec<Range<Vec<u8>>>,
+        limit: usize,
+    ) -> Result<Vec<Vec<KeyValue>>, StoreError> {
+        let mut answers = vec![Vec::new(); ranges.len()];
+        if ranges.is_empty() || limit == 0 {
+            return Ok(answers);
+        }
+        let request = RangesRequest {
+            ranges: ranges
+                .into_iter()
+                .map(|range| RangeRequest {
+                    start: range.start,
+                    end: range.end,
+                    limit: u64::try_from(limit).unwrap_or(u64::MAX),
+                    reverse: false,
+                })
+                .collect(),
+        };
+        let read_error = |s: tonic::Status| status::store_error(&s, Call::Read);
+        let mut chunks = self
+            .client
+            .clone()
+            .ranges(request)
+            .await
+            .map_err(read_error)?
+            .into_inner();
+        let asked = answers.len();
+        while let Some(chunk) = chunks.message().await.map_err(read_error)? {
+            let answer = usize::try_from(chunk.range)
+                .ok()
+                .and_then(|index| answers.get_mut(index))
+                .ok_or_else(|| {
+                    StoreError::Engine(format!(
+                        "the store node answered range {} of a read of {asked}",
+                        chunk.range
+                    ))
+                })?;
+            answer.extend(chunk.pairs.into_iter().map(|p| (p.key, p.value)));
+        }
+        Ok(answers)
     }
 
     async fn commit(&self, batch: Batch) -> Result<CommitStamp, StoreError> {

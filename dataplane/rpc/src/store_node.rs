@@ -34,7 +34,7 @@ use crate::auth::{ClusterToken, RequireToken};
 use crate::proto::kv_store_server::{KvStore, KvStoreServer};
 use crate::proto::{
     CommitRequest, CommitResponse, GetRequest, GetResponse, HealthRequest, HealthResponse,
-    LimitsRequest, LimitsResponse, RangeChunk, RangeRequest,
+    LimitsRequest, LimitsResponse, RangeChunk, RangeRequest, RangesChunk, RangesRequest,
 };
 use crate::{convert, max_message_bytes, status};
 use courier_store::{KvEngine, StoreError};
@@ -113,6 +113,30 @@ impl KvStore for KvStoreService {
             .await
             .map_err(refuse)?;
         let chunks = chunk(pairs, max_message_bytes(&self.engine.limits()));
+        Ok(Response::new(Box::pin(futures::stream::iter(
+            chunks.into_iter().map(Ok),
+        ))))
+    }
+
+    type RangesStream = BoxStream<'static, Result<RangesChunk, Status>>;
+
+    async fn ranges(
+        &self,
+        request: Request<RangesRequest>,
+    ) -> Result<Response<Self::RangesStream>, Status> {
+        let reads = request.into_inner().ranges.into_iter().map(|r| {
+            let limit = usize::try_from(r.limit).unwrap_or(usize::MAX);
+            self.engine.range(r.start..r.end, limit, r.reverse)
+        });
+        let answers = futures::future::try_join_all(reads).await.map_err(refuse)?;
+        let max = max_message_bytes(&self.engine.limits());
+        let mut chunks = Vec::new();
+        for (index, pairs) in (0u32..).zip(answers) {
+            chunks.extend(chunk(pairs, max).into_iter().map(|c| RangesChunk {
+                range: index,
+                pairs: c.pairs,
+            }));
+        }
         Ok(Response::new(Box::pin(futures::stream::iter(
             chunks.into_iter().map(Ok),
         ))))

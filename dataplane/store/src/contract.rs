@@ -67,6 +67,24 @@ pub async fn ordered_ranges(kv: &dyn KvEngine) {
     tail.reverse();
     assert_eq!(last, tail, "a reverse range starts from the end");
     assert_eq!(kv.get(&key("r/", 1001)).await.unwrap(), None);
+
+    // Several ranges in one read: each answered as `range` would, in the order asked.
+    let asked = [
+        key("r/", 0)..key("r/", 300),
+        key("r/", 990)..key("r/", 995),
+        key("r/", 300)..key("r/", 310),
+        b"r0".to_vec()..b"r1".to_vec(),
+    ];
+    let answers = kv.ranges(asked.to_vec(), 3).await.unwrap();
+    assert_eq!(answers.len(), asked.len(), "one answer per range asked");
+    for (range, answer) in asked.into_iter().zip(answers) {
+        let expected = kv.range(range.clone(), 3, false).await.unwrap();
+        assert_eq!(
+            answer, expected,
+            "ranges must answer {range:?} as range does"
+        );
+    }
+    assert!(kv.ranges(Vec::new(), 3).await.unwrap().is_empty());
 }
 
 /// A batch is applied whole or not at all.

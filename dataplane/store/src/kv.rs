@@ -231,6 +231,22 @@ pub trait KvEngine: Send + Sync + 'static {
         reverse: bool,
     ) -> Result<Vec<KeyValue>, StoreError>;
 
+    /// Up to `limit` pairs of each of `ranges`, forward, answered in the order asked. Each
+    /// range is read from one consistent snapshot, not necessarily the others' snapshot. The
+    /// default reads them concurrently; an engine behind a network call answers them with one.
+    async fn ranges(
+        &self,
+        ranges: Vec<Range<Vec<u8>>>,
+        limit: usize,
+    ) -> Result<Vec<Vec<KeyValue>>, StoreError> {
+        futures::future::try_join_all(
+            ranges
+                .into_iter()
+                .map(|range| self.range(range, limit, false)),
+        )
+        .await
+    }
+
     /// Applies `batch` atomically and durably after checking its fences. Returns the commit's
     /// stamp; later commits have larger stamps.
     async fn commit(&self, batch: Batch) -> Result<CommitStamp, StoreError>;
