@@ -246,25 +246,18 @@ impl ClusterGateways {
         self.local.as_ref().is_some_and(|(id, _)| id == gateway)
     }
 
-    /// The gateways `user`'s devices are connected to, with those devices; with `live_only`,
-    /// skipping routes to gateways whose node lease lapsed (as last read).
+    /// The gateways `user`'s devices are connected to, with those devices, skipping routes to
+    /// gateways whose node lease lapsed (as last read).
     async fn routes(
         directory: &Directory,
         user: &str,
-        live_only: bool,
     ) -> Result<BTreeMap<String, Vec<String>>, StoreError> {
         let routes = directory.store.routes(user).await?;
-        let nodes = match live_only {
-            true => {
-                let wanted: Vec<&str> = routes.iter().map(|r| r.gateway.as_str()).collect();
-                Some(directory.nodes(&wanted).await?)
-            }
-            false => None,
-        };
+        let wanted: Vec<&str> = routes.iter().map(|r| r.gateway.as_str()).collect();
+        let nodes = directory.nodes(&wanted).await?;
         let mut by_gateway: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for route in routes {
-            let live = |nodes: &Nodes| Directory::live_address(nodes, &route.gateway).is_some();
-            if nodes.as_deref().is_none_or(live) {
+            if Directory::live_address(&nodes, &route.gateway).is_some() {
                 by_gateway
                     .entry(route.gateway)
                     .or_default()
@@ -285,7 +278,7 @@ impl ClusterGateways {
         let user = user.to_owned();
         tokio::spawn(async move {
             let _permit = permit;
-            let routes = match Self::routes(&directory, &user, true).await {
+            let routes = match Self::routes(&directory, &user).await {
                 Ok(routes) => routes,
                 Err(e) => {
                     tracing::debug!(error = %e, "reading routes for an offer failed; dropped");
@@ -437,7 +430,7 @@ impl Gateways for ClusterGateways {
     }
 
     async fn connected_devices(&self, user: &str) -> Result<Vec<String>, StoreError> {
-        let routes = Self::routes(&self.directory, user, true).await?;
+        let routes = Self::routes(&self.directory, user).await?;
         let mut devices: Vec<String> = routes.into_values().flatten().collect();
         devices.sort();
         devices.dedup();

@@ -1,8 +1,8 @@
 //! [`RemoteEngine`]: a [`KvEngine`] whose store is a store node, reached over gRPC, so that the
 //! rest of Courier uses a shared test store like any engine.
 //!
-//! **Role.** Each `KvEngine` call is one gRPC call (a range is one call with a streamed answer)
-//! carrying the cluster token. No cache except the engine's limits, read once at
+//! **Role.** Each `KvEngine` call is one gRPC call (a range is one call with a streamed answer,
+//! and so are several ranges read at once) carrying the cluster token. No cache except the engine's limits, read once at
 //! [`RemoteEngine::connect`] (they are fixed for an engine's lifetime), and the last known halt.
 //!
 //! **Invariants.**
@@ -12,8 +12,8 @@
 //! - Errors answered by the node come back as the very [`StoreError`] variant the engine
 //!   returned ([`crate::status`]).
 //!
-//! **Failure policy.** A transport failure (connection refused or lost, timeout) during `get`
-//! or `range` is [`StoreError::Engine`] (the store is unreachable; retry later). During
+//! **Failure policy.** A transport failure (connection refused or lost, timeout) during `get`,
+//! `range` or `ranges` is [`StoreError::Engine`] (the store is unreachable; retry later). During
 //! `commit` it is [`StoreError::MaybeCommitted`]: the batch may have been applied before the
 //! answer was lost; callers resolve it through their idempotency keys, as with FoundationDB's
 //! `commit_unknown_result`. A lost connection is re-established by the next call.

@@ -4,8 +4,8 @@
 //! **Not a production store.** It is a test and development stand-in for FoundationDB: one
 //! process, one disk, no replication, no failover. Production nodes reach FoundationDB directly.
 //!
-//! **Role.** [`KvStoreService`] turns each call into one call of the wrapped engine and its
-//! answer (or its [`StoreError`], through [`crate::status`]) into the reply; it adds no logic,
+//! **Role.** [`KvStoreService`] turns each call into one call of the wrapped engine (a
+//! `Ranges` call into one `range` per range, read concurrently) and its answer (or its [`StoreError`], through [`crate::status`]) into the reply; it adds no logic,
 //! no cache and no retry, so the engine's semantics (fences, atomic `MAX`/`ADD`, versionstamps,
 //! group commit, halting) are exactly what remote callers get. [`serve_store_node`] runs it on
 //! a TCP listener behind the cluster token until a shutdown signal.
