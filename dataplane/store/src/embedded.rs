@@ -21,7 +21,7 @@
 //! **Memtables of [`MEMTABLE_BYTES`].** When fjall rotates a full memtable, it drops the
 //! previous one while it holds the lock every write takes to find the active memtable, so every
 //! commit waits for that memory to be freed: ~250 ms for fjall's default 64 MiB (about 200,000
-//! entries) on the test machine, against ~70 ms for 16 MiB. The smaller memtable costs more
+//! entries) on the test machine, against 60-140 ms for 16 MiB. The smaller memtable costs more
 //! flushes, about 9 % of peak throughput (`docs/benchmarks.md`, "The light-load tail, found").
 //! fjall stores the size when it creates the keyspace: a store created before keeps its own.
 //!
