@@ -372,11 +372,6 @@ impl Keys {
         self.root.pack(&("rcpt", conv, user, kind.tag()))
     }
 
-    /// Both receipt cursors of `user` in `conv`.
-    pub fn receipts(&self, conv: &str, user: &str) -> Range<Vec<u8>> {
-        range_of(self.root.subspace(&("rcpt", conv, user)))
-    }
-
     /// An outbox key of `shard` to be completed with the commit's versionstamp; `order` tells
     /// apart the entries of one commit.
     pub fn outbox_entry(&self, shard: u32, order: u16) -> Vec<u8> {

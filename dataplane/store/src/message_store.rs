@@ -1472,19 +1472,16 @@ impl MessageStore {
         self.kv.commit(batch).await.map(drop)
     }
 
-    /// A user's `(delivered_seq, read_seq)` in `conv`: both cursors with one range read.
+    /// A user's `(delivered_seq, read_seq)` in `conv`: two point reads, at once. Not one range
+    /// read: every ack writes a new version of these keys, and a range read steps over every
+    /// version still in the memtable (thousands on a busy conversation), where a point read
+    /// seeks to the newest (`docs/benchmarks.md`, "Hot keys are read one by one").
     pub async fn receipt(&self, conv: &str, user: &str) -> Result<(u64, u64), StoreError> {
-        let rows = self
-            .kv
-            .range(self.keys.receipts(conv, user), 2, false)
-            .await?;
-        let cursor = |kind| {
-            let key = self.keys.receipt(conv, user, kind);
-            rows.iter()
-                .find(|(k, _)| *k == key)
-                .map_or(0, |(_, value)| decode_u64(value))
+        let cursor = |kind| async move {
+            let value = self.kv.get(&self.keys.receipt(conv, user, kind)).await?;
+            Ok::<_, StoreError>(value.map_or(0, |v| decode_u64(&v)))
         };
-        Ok((cursor(ReceiptKind::Delivered), cursor(ReceiptKind::Read)))
+        tokio::try_join!(cursor(ReceiptKind::Delivered), cursor(ReceiptKind::Read))
     }
 
     /// The oldest outbox entries of `shard`: events committed and not yet fanned out.
