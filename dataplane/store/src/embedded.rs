@@ -18,12 +18,16 @@
 //! checks and is restarted; reopening replays the journal and keeps every commit that returned
 //! `Ok`.
 //!
-//! **Memtables of [`MEMTABLE_BYTES`].** When fjall rotates a full memtable, it drops the
-//! previous one while it holds the lock every write takes to find the active memtable, so every
-//! commit waits for that memory to be freed: ~250 ms for fjall's default 64 MiB (about 200,000
-//! entries) on the test machine, against 60-140 ms for 16 MiB. The smaller memtable costs more
-//! flushes, about 9 % of peak throughput (`docs/benchmarks.md`, "The light-load tail, found").
-//! fjall stores the size when it creates the keyspace: a store created before keeps its own.
+//! **Memtables of [`MEMTABLE_BYTES`], freed by the store.** Once a full memtable is flushed,
+//! fjall's version GC drops its last reference while it holds the lock every write takes to
+//! find the active memtable, so every commit waited for that memory to be freed: ~250 ms for
+//! fjall's default 64 MiB (about 200,000 entries) on the test machine, 60-140 ms for 16 MiB.
+//! So a thread of the store keeps a reference to each memtable and frees it once it is the
+//! last holder ([`release_memtables_loop`]); the smaller memtable bounds the stall where that
+//! thread missed one (a memtable that lived less than [`MEMTABLE_RELEASE_PERIOD`]). The
+//! smaller memtable costs more flushes, about 9 % of peak throughput (`docs/benchmarks.md`,
+//! "The light-load tail, found"). fjall stores the size when it creates the keyspace: a store
+//! created before keeps its own.
 //!
 //! **Versionstamps.** A persistent commit counter, bumped once per group and stored in the same
 //! transaction, plus the batch's position in its group: the same 10-byte layout as
@@ -35,11 +39,14 @@ use crate::kv::{
 };
 use async_trait::async_trait;
 use fjall::{
-    KeyspaceCreateOptions, PersistMode, Readable, SingleWriterTxDatabase, SingleWriterTxKeyspace,
+    AbstractTree, KeyspaceCreateOptions, PersistMode, Readable, SingleWriterTxDatabase,
+    SingleWriterTxKeyspace,
 };
 use std::ops::Range;
 use std::path::Path;
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 /// The engine's own bookkeeping, apart from the data.
@@ -81,6 +88,8 @@ struct Store {
     db: SingleWriterTxDatabase,
     data: SingleWriterTxKeyspace,
     meta: SingleWriterTxKeyspace,
+    /// Memtables of `data` freed by [`release_memtables_loop`].
+    memtables_freed: AtomicU64,
 }
 
 fn engine_error(e: impl std::fmt::Display) -> StoreError {
@@ -107,7 +116,12 @@ impl EmbeddedEngine {
             .get(&meta, COMMIT_VERSION)
             .map_err(engine_error)?
             .map_or(0, |v| decode_u64(&v));
-        let store = Arc::new(Store { db, data, meta });
+        let store = Arc::new(Store {
+            db,
+            data,
+            meta,
+            memtables_freed: AtomicU64::new(0),
+        });
         let (queue, requests) = mpsc::channel(QUEUE_CAPACITY);
         let writer = store.clone();
         let halted = Arc::new(OnceLock::new());
@@ -115,6 +129,11 @@ impl EmbeddedEngine {
         std::thread::Builder::new()
             .name("courier-store-writer".into())
             .spawn(move || write_loop(&writer, &writer_halted, requests, version))
+            .map_err(engine_error)?;
+        let memtables = Arc::downgrade(&store);
+        std::thread::Builder::new()
+            .name("courier-store-memtables".into())
+            .spawn(move || release_memtables_loop(&memtables))
             .map_err(engine_error)?;
         Ok(Self {
             db: store,
@@ -243,6 +262,43 @@ fn write_loop(
                     let _ = request.reply.send(Err(engine_error(&e)));
                 }
             }
+        }
+    }
+}
+
+/// How often [`release_memtables_loop`] looks at the active memtable and frees the retired
+/// ones: far shorter than a memtable's life (seconds at 16 MiB, even at peak load).
+const MEMTABLE_RELEASE_PERIOD: Duration = Duration::from_millis(50);
+
+/// Keeps a reference to each of the data keyspace's memtables and frees a memtable on this
+/// thread once no one else holds it, so that fjall's version GC, which runs under the lock
+/// every write takes, drops a reference instead of freeing the memtable (module
+/// documentation). Ends when the store is dropped.
+///
+/// It reads the active memtable through lsm-tree's `get_version_history_lock` and
+/// `active_memtable`, which are public but hidden from its documentation: a fjall upgrade
+/// that changes them fails to build here, or fails
+/// `a_flushed_memtable_is_freed_by_the_store_not_under_fjalls_lock`.
+fn release_memtables_loop(store: &Weak<Store>) {
+    let mut held = Vec::new();
+    loop {
+        std::thread::sleep(MEMTABLE_RELEASE_PERIOD);
+        let Some(store) = store.upgrade() else {
+            return;
+        };
+        let active = store
+            .data
+            .inner()
+            .tree
+            .get_version_history_lock()
+            .latest_version()
+            .active_memtable;
+        let before = held.len();
+        held.retain(|memtable| Arc::strong_count(memtable) > 1);
+        let freed = (before - held.len()) as u64;
+        store.memtables_freed.fetch_add(freed, Ordering::Relaxed);
+        if !held.iter().any(|memtable| Arc::ptr_eq(memtable, &active)) {
+            held.push(active);
         }
     }
 }
@@ -434,15 +490,10 @@ mod tests {
         assert_eq!(persist_mode([Deferred, Deferred]), PersistMode::Buffer);
     }
 
-    /// The memtable size bounds the stall of every commit at a rotation (module
-    /// documentation): a little more than [`MEMTABLE_BYTES`] written is flushed to a table,
-    /// where fjall's default (64 MiB) would still hold it in memory.
-    #[tokio::test]
-    async fn the_data_memtable_is_flushed_once_it_holds_memtable_bytes() {
-        let dir = tempfile::tempdir().unwrap();
-        let kv = EmbeddedEngine::open(&dir.path().join("s")).unwrap();
+    /// Writes `memtables` times a little more than [`MEMTABLE_BYTES`], in 1 MB batches.
+    async fn fill_memtables(kv: &EmbeddedEngine, memtables: usize) -> usize {
         let value = vec![7; MAX_VALUE_BYTES];
-        let batches = MEMTABLE_BYTES as usize / (10 * MAX_VALUE_BYTES) + 2;
+        let batches = memtables * (MEMTABLE_BYTES as usize / (10 * MAX_VALUE_BYTES) + 2);
         for i in 0..batches {
             let mut batch = Batch::new();
             for j in 0..10 {
@@ -451,14 +502,45 @@ mod tests {
             batch.deferred();
             kv.commit(batch).await.unwrap();
         }
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while kv.db.data.inner().table_count() == 0 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{batches} MB written, no memtable flushed"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        batches
+    }
+
+    /// Waits up to 30 s for `done`.
+    async fn eventually(what: &str, done: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "{what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// The memtable size bounds the stall of every commit at a rotation (module
+    /// documentation): a little more than [`MEMTABLE_BYTES`] written is flushed to a table,
+    /// where fjall's default (64 MiB) would still hold it in memory.
+    #[tokio::test]
+    async fn the_data_memtable_is_flushed_once_it_holds_memtable_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let kv = EmbeddedEngine::open(&dir.path().join("s")).unwrap();
+        let batches = fill_memtables(&kv, 1).await;
+        eventually(
+            &format!("{batches} MB written, no memtable flushed"),
+            || kv.db.data.inner().table_count() > 0,
+        )
+        .await;
+    }
+
+    /// A flushed memtable is freed by the store's own thread, which was its last holder, not
+    /// by fjall's version GC under the lock every write takes (module documentation).
+    #[tokio::test]
+    async fn a_flushed_memtable_is_freed_by_the_store_not_under_fjalls_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let kv = EmbeddedEngine::open(&dir.path().join("s")).unwrap();
+        let batches = fill_memtables(&kv, 3).await;
+        eventually(
+            &format!("{batches} MB written, no memtable freed by the store"),
+            || kv.db.memtables_freed.load(Ordering::Relaxed) > 0,
+        )
+        .await;
     }
 
     #[tokio::test]
