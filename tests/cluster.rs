@@ -992,6 +992,69 @@ async fn a_groups_send_rate_holds_across_gateway_nodes() {
     assert!(limited > 0);
 }
 
+/// The next frame of `client` that `wanted` keeps, skipping the others.
+async fn next_frame_where<T>(
+    client: &mut courier_client::Client,
+    mut wanted: impl FnMut(courier_client::proto::ServerFrame) -> Option<T>,
+) -> T {
+    loop {
+        if let Some(found) = wanted(client.next_frame_within(WAIT).await.unwrap()) {
+            return found;
+        }
+    }
+}
+
+#[tokio::test]
+async fn typing_and_receipts_reach_members_connected_to_another_gateway_node() {
+    use courier_client::proto::{AckKind, ServerFrame};
+    let (dir, store) = store_node();
+    let _sequencer = InternalNode::start("s1", "127.0.0.2", &store, dir.path());
+    let media = dir.path().join("shared-media").display().to_string();
+    let shared = ["--media-dir", media.as_str()];
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let ga = gateway_node(
+        &store,
+        a_dir.path(),
+        "ga",
+        "gateway,chat,media,fanout",
+        &shared,
+    );
+    let gb = gateway_node(&store, b_dir.path(), "gb", "gateway,chat,media", &shared);
+    let conv = ga
+        .http("alice", "phone")
+        .create_group("g", &users(&["bob", "carol"]))
+        .await
+        .unwrap();
+    let mut alice = ga.connect("alice", "phone").await;
+    let mut bob = gb.connect("bob", "phone").await;
+    let mut carol = gb.connect("carol", "phone").await;
+
+    // Alice types on ga: one offer to gb carries both members connected there.
+    alice.typing(&conv, true).await.unwrap();
+    for member in [&mut bob, &mut carol] {
+        let typing = next_frame_where(member, |frame| match frame {
+            ServerFrame::Typing(t) => Some((t.user, t.active, t.conversation_id)),
+            _ => None,
+        })
+        .await;
+        assert_eq!(typing, ("alice".to_string(), true, conv.clone()));
+    }
+
+    // Bob reads alice's message on gb: his receipt reaches alice on ga.
+    let sent = alice
+        .send_text(Target::Conversation(conv.clone()), "hi", "m1")
+        .await
+        .unwrap();
+    while next_event(&mut bob).await.seq < sent.seq {}
+    bob.ack(&conv, sent.seq, AckKind::Read).await.unwrap();
+    let receipt = next_frame_where(&mut alice, |frame| match frame {
+        ServerFrame::Receipt(r) if r.read_seq >= sent.seq => Some(r),
+        _ => None,
+    })
+    .await;
+    assert_eq!((receipt.user.as_str(), receipt.read_seq), ("bob", sent.seq));
+}
+
 /// Who holds each shard's duty in `map` and whether the lease runs: `(node, live)`.
 fn holders(
     map: &[ShardState],

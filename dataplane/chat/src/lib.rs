@@ -547,13 +547,13 @@ impl Chat {
             user: who.user.clone(),
             active: typing.active,
         }));
-        for member in members.iter() {
-            if *member == who.user {
-                continue;
-            }
-            let dropped = self.gateways.offer(member, &frame);
-            self.metrics.typing_dropped.inc_by(dropped as u64);
-        }
+        let others: Vec<&str> = members
+            .iter()
+            .map(String::as_str)
+            .filter(|member| *member != who.user)
+            .collect();
+        let dropped: usize = self.gateways.offer(&others, &frame).iter().sum();
+        self.metrics.typing_dropped.inc_by(dropped as u64);
         Ok(())
     }
 

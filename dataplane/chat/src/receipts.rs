@@ -146,19 +146,22 @@ impl ReceiptRelay {
     /// was held.
     fn offer(&self, mut pending: Pending, targets: &[&str]) -> bool {
         let frame = Arc::new(ServerFrame::Receipt(pending.receipt.clone()));
-        let mut refused = BTreeSet::new();
-        for target in targets {
-            if pending
-                .only
-                .as_ref()
-                .is_some_and(|only| !only.contains(*target))
-            {
-                continue;
-            }
-            if self.gateways.offer(target, &frame) > 0 {
-                refused.insert(target.to_string());
-            }
-        }
+        let targets: Vec<&str> = targets
+            .iter()
+            .copied()
+            .filter(|target| {
+                pending
+                    .only
+                    .as_ref()
+                    .is_none_or(|only| only.contains(*target))
+            })
+            .collect();
+        let refused: BTreeSet<String> = targets
+            .iter()
+            .zip(self.gateways.offer(&targets, &frame))
+            .filter(|(_, refused)| *refused > 0)
+            .map(|(target, _)| target.to_string())
+            .collect();
         if refused.is_empty() {
             return false;
         }

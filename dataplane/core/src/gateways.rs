@@ -35,9 +35,9 @@ pub trait Gateways: Send + Sync + 'static {
     async fn deliver(&self, batch: Vec<(Event, Members)>) -> Result<(), DeliveryError>;
 
     /// Offers a frame that may be lost (typing) or is retried by its sender (receipts) to
-    /// every connected device of `user`, only where it leaves room for events. Returns how
-    /// many of those connections had no room for it.
-    fn offer(&self, user: &str, frame: &Arc<ServerFrame>) -> usize;
+    /// every connected device of each of `users`, only where it leaves room for events.
+    /// Returns, for each user in order, how many of their connections had no room for it.
+    fn offer(&self, users: &[&str], frame: &Arc<ServerFrame>) -> Vec<usize>;
 
     /// Closes the connections of `user`'s `device`, which was unlinked.
     fn unlinked(&self, user: &str, device: &str);
@@ -56,8 +56,8 @@ impl Gateways for NoGateways {
         Ok(())
     }
 
-    fn offer(&self, _user: &str, _frame: &Arc<ServerFrame>) -> usize {
-        0
+    fn offer(&self, users: &[&str], _frame: &Arc<ServerFrame>) -> Vec<usize> {
+        vec![0; users.len()]
     }
 
     fn unlinked(&self, _user: &str, _device: &str) {}

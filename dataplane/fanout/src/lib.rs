@@ -806,8 +806,8 @@ mod tests {
             Ok(())
         }
 
-        fn offer(&self, _: &str, _: &Arc<courier_proto::ServerFrame>) -> usize {
-            0
+        fn offer(&self, users: &[&str], _: &Arc<courier_proto::ServerFrame>) -> Vec<usize> {
+            vec![0; users.len()]
         }
 
         fn unlinked(&self, _: &str, _: &str) {}

@@ -284,11 +284,16 @@ impl Gateways for Routes {
         Ok(())
     }
 
-    fn offer(&self, user: &str, frame: &Arc<ServerFrame>) -> usize {
-        self.connections(user)
+    fn offer(&self, users: &[&str], frame: &Arc<ServerFrame>) -> Vec<usize> {
+        users
             .iter()
-            .filter(|connection| !connection.deliver_droppable(Delivery::Frame(frame.clone())))
-            .count()
+            .map(|user| {
+                self.connections(user)
+                    .iter()
+                    .filter(|c| !c.deliver_droppable(Delivery::Frame(frame.clone())))
+                    .count()
+            })
+            .collect()
     }
 
     fn unlinked(&self, user: &str, device: &str) {

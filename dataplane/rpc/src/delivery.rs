@@ -106,14 +106,17 @@ impl gateway_server::Gateway for GatewayService {
                 let frame = Encoding::Proto
                     .decode_server(&offer.frame)
                     .map_err(invalid)?;
-                Ok((offer.user, Arc::new(frame)))
+                Ok((offer.users, Arc::new(frame)))
             })
             .collect::<Result<Vec<_>, Status>>()?;
         // In-process delivery never fails.
         let _ = self.local.deliver(events).await;
         let refused_offers = offers
             .iter()
-            .map(|(user, frame)| self.local.offer(user, frame) as u64)
+            .map(|(users, frame)| {
+                let users: Vec<&str> = users.iter().map(String::as_str).collect();
+                self.local.offer(&users, frame).iter().sum::<usize>() as u64
+            })
             .sum();
         for unlink in request.unlinks {
             self.local.unlinked(&unlink.user, &unlink.device);
@@ -267,36 +270,52 @@ impl ClusterGateways {
         Ok(by_gateway)
     }
 
-    /// Sends `request` to the gateway nodes in the background (offers and unlinks), within
-    /// [`OFFERS_IN_FLIGHT`]; returns false when there was no room.
-    fn send_in_background(&self, user: &str, request: DeliverRequest) -> bool {
+    /// Sends to the other gateway nodes holding devices of `users`, in the background (offers
+    /// and unlinks), within [`OFFERS_IN_FLIGHT`]: one read of the route registry for all of
+    /// them, then one call per gateway with `request` of the users connected there. Returns
+    /// false when there was no room.
+    fn send_in_background(
+        &self,
+        users: &[&str],
+        request: impl Fn(Vec<String>) -> DeliverRequest + Send + 'static,
+    ) -> bool {
         let Ok(permit) = self.offers.clone().try_acquire_owned() else {
             return false;
         };
         let directory = self.directory.clone();
         let local = self.local.as_ref().map(|(id, _)| id.clone());
-        let user = user.to_owned();
+        let users: Vec<String> = users.iter().map(|user| user.to_string()).collect();
         tokio::spawn(async move {
             let _permit = permit;
-            let routes = match Self::routes(&directory, &user).await {
+            let users: Vec<&str> = users.iter().map(String::as_str).collect();
+            let routes = match directory.store.routes_of(&users).await {
                 Ok(routes) => routes,
                 Err(e) => {
                     tracing::debug!(error = %e, "reading routes for an offer failed; dropped");
                     return;
                 }
             };
-            let Ok(nodes) = directory.nodes(&[]).await else {
+            let mut by_gateway: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+            for (user, routes) in users.iter().zip(routes) {
+                for route in routes {
+                    if local.as_deref() != Some(route.gateway.as_str()) {
+                        by_gateway
+                            .entry(route.gateway)
+                            .or_default()
+                            .insert(user.to_string());
+                    }
+                }
+            }
+            let wanted: Vec<&str> = by_gateway.keys().map(String::as_str).collect();
+            let Ok(nodes) = directory.nodes(&wanted).await else {
                 return;
             };
-            for gateway in routes.keys() {
-                if local.as_deref() == Some(gateway.as_str()) {
-                    continue;
-                }
-                let Some(address) = Directory::live_address(&nodes, gateway) else {
+            for (gateway, users) in by_gateway {
+                let Some(address) = Directory::live_address(&nodes, &gateway) else {
                     continue;
                 };
                 if let Ok(mut client) = directory.gateway(address) {
-                    let call = client.deliver(request.clone());
+                    let call = client.deliver(request(users.into_iter().collect()));
                     if let Err(e) = tokio::time::timeout(CALL_TIMEOUT, call).await {
                         tracing::debug!(gateway, error = %e, "an offer timed out; dropped");
                     }
@@ -393,20 +412,23 @@ impl Gateways for ClusterGateways {
         futures::future::try_join_all(calls).await.map(drop)
     }
 
-    fn offer(&self, user: &str, frame: &Arc<ServerFrame>) -> usize {
-        let refused_here = match &self.local {
-            Some((_, local)) => local.offer(user, frame),
-            None => 0,
+    fn offer(&self, users: &[&str], frame: &Arc<ServerFrame>) -> Vec<usize> {
+        let mut refused = match &self.local {
+            Some((_, local)) => local.offer(users, frame),
+            None => vec![0; users.len()],
         };
-        let request = DeliverRequest {
+        let frame = pb::ServerFrame::from(frame.as_ref().clone()).encode_to_vec();
+        let sent = self.send_in_background(users, move |users| DeliverRequest {
             offers: vec![Offer {
-                user: user.to_owned(),
-                frame: pb::ServerFrame::from(frame.as_ref().clone()).encode_to_vec(),
+                users,
+                frame: frame.clone(),
             }],
             ..DeliverRequest::default()
-        };
-        let sent = self.send_in_background(user, request);
-        refused_here + usize::from(!sent)
+        });
+        if !sent {
+            refused.iter_mut().for_each(|refused| *refused += 1);
+        }
+        refused
     }
 
     fn unlinked(&self, user: &str, device: &str) {
@@ -420,7 +442,7 @@ impl Gateways for ClusterGateways {
             }],
             ..DeliverRequest::default()
         };
-        if !self.send_in_background(user, request) {
+        if !self.send_in_background(&[user], move |_| request.clone()) {
             tracing::warn!(
                 user,
                 device,
