@@ -2,7 +2,8 @@
 //! rest of Courier uses a shared test store like any engine.
 //!
 //! **Role.** Each `KvEngine` call is one gRPC call (a range is one call with a streamed answer,
-//! and so are several ranges read at once) carrying the cluster token. No cache except the engine's limits, read once at
+//! and so are several ranges read at once; several keys are one call too) carrying the cluster
+//! token. No cache except the engine's limits, read once at
 //! [`RemoteEngine::connect`] (they are fixed for an engine's lifetime), and the last known halt.
 //!
 //! **Invariants.**
@@ -27,7 +28,9 @@
 
 use crate::auth::{AttachToken, ClusterToken};
 use crate::proto::kv_store_client::KvStoreClient;
-use crate::proto::{GetRequest, HealthRequest, LimitsRequest, RangeRequest, RangesRequest};
+use crate::proto::{
+    GetManyRequest, GetRequest, HealthRequest, LimitsRequest, RangeRequest, RangesRequest,
+};
 use crate::status::{self, Call};
 use crate::{convert, max_message_bytes};
 use async_trait::async_trait;
@@ -164,6 +167,27 @@ impl KvEngine for RemoteEngine {
             .await
             .map_err(|s| status::store_error(&s, Call::Read))?;
         Ok(response.into_inner().value)
+    }
+
+    async fn get_many(&self, keys: Vec<Vec<u8>>) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let asked = keys.len();
+        let response = self
+            .client
+            .clone()
+            .get_many(GetManyRequest { keys })
+            .await
+            .map_err(|s| status::store_error(&s, Call::Read))?;
+        let values = response.into_inner().values;
+        if values.len() != asked {
+            return Err(StoreError::Engine(format!(
+                "the store node answered {} values for {asked} keys",
+                values.len()
+            )));
+        }
+        Ok(values.into_iter().map(|answer| answer.value).collect())
     }
 
     async fn range(

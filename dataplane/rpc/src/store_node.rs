@@ -5,7 +5,8 @@
 //! process, one disk, no replication, no failover. Production nodes reach FoundationDB directly.
 //!
 //! **Role.** [`KvStoreService`] turns each call into one call of the wrapped engine (a
-//! `Ranges` call into one `range` per range, read concurrently) and its answer (or its [`StoreError`], through [`crate::status`]) into the reply; it adds no logic,
+//! `Ranges` call into one `range` per range, read concurrently; `GetMany` into `get_many`) and
+//! its answer (or its [`StoreError`], through [`crate::status`]) into the reply; it adds no logic,
 //! no cache and no retry, so the engine's semantics (fences, atomic `MAX`/`ADD`, versionstamps,
 //! group commit, halting) are exactly what remote callers get. [`serve_store_node`] runs it on
 //! a TCP listener behind the cluster token until a shutdown signal.
@@ -33,8 +34,9 @@
 use crate::auth::{ClusterToken, RequireToken};
 use crate::proto::kv_store_server::{KvStore, KvStoreServer};
 use crate::proto::{
-    CommitRequest, CommitResponse, GetRequest, GetResponse, HealthRequest, HealthResponse,
-    LimitsRequest, LimitsResponse, RangeChunk, RangeRequest, RangesChunk, RangesRequest,
+    CommitRequest, CommitResponse, GetManyRequest, GetManyResponse, GetRequest, GetResponse,
+    HealthRequest, HealthResponse, LimitsRequest, LimitsResponse, RangeChunk, RangeRequest,
+    RangesChunk, RangesRequest,
 };
 use crate::{convert, max_message_bytes, status};
 use courier_store::{KvEngine, StoreError};
@@ -92,6 +94,20 @@ impl KvStore for KvStoreService {
         let key = request.into_inner().key;
         let value = self.engine.get(&key).await.map_err(refuse)?;
         Ok(Response::new(GetResponse { value }))
+    }
+
+    async fn get_many(
+        &self,
+        request: Request<GetManyRequest>,
+    ) -> Result<Response<GetManyResponse>, Status> {
+        let keys = request.into_inner().keys;
+        let values = self.engine.get_many(keys).await.map_err(refuse)?;
+        Ok(Response::new(GetManyResponse {
+            values: values
+                .into_iter()
+                .map(|value| GetResponse { value })
+                .collect(),
+        }))
     }
 
     type RangeStream = BoxStream<'static, Result<RangeChunk, Status>>;

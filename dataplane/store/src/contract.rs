@@ -85,6 +85,26 @@ pub async fn ordered_ranges(kv: &dyn KvEngine) {
         );
     }
     assert!(kv.ranges(Vec::new(), 3).await.unwrap().is_empty());
+
+    // Several keys in one read, present or not, answered in the order asked.
+    let (first, last) = (model.keys().next().unwrap(), model.keys().last().unwrap());
+    let keys = vec![
+        last.clone(),
+        b"r/absent".to_vec(),
+        first.clone(),
+        last.clone(),
+    ];
+    let values = kv.get_many(keys.clone()).await.unwrap();
+    assert_eq!(values.len(), keys.len(), "one value per key asked");
+    assert!(values[0].is_some() && values[1].is_none());
+    for (key, value) in keys.iter().zip(values) {
+        assert_eq!(
+            value,
+            kv.get(key).await.unwrap(),
+            "get_many must answer as get"
+        );
+    }
+    assert!(kv.get_many(Vec::new()).await.unwrap().is_empty());
 }
 
 /// A batch is applied whole or not at all.

@@ -231,6 +231,12 @@ pub trait KvEngine: Send + Sync + 'static {
         reverse: bool,
     ) -> Result<Vec<KeyValue>, StoreError>;
 
+    /// The values of `keys` in the latest committed state, answered in the order asked. The
+    /// default reads them concurrently; an engine behind a network call answers them with one.
+    async fn get_many(&self, keys: Vec<Vec<u8>>) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        futures::future::try_join_all(keys.iter().map(|key| self.get(key))).await
+    }
+
     /// Up to `limit` pairs of each of `ranges`, forward, answered in the order asked. Each
     /// range is read from one consistent snapshot, not necessarily the others' snapshot. The
     /// default reads them concurrently; an engine behind a network call answers them with one.

@@ -1472,16 +1472,23 @@ impl MessageStore {
         self.kv.commit(batch).await.map(drop)
     }
 
-    /// A user's `(delivered_seq, read_seq)` in `conv`: two point reads, at once. Not one range
-    /// read: every ack writes a new version of these keys, and a range read steps over every
-    /// version still in the memtable (thousands on a busy conversation), where a point read
-    /// seeks to the newest (`docs/benchmarks.md`, "Hot keys are read one by one").
+    /// A user's `(delivered_seq, read_seq)` in `conv`: both cursors with one read of two keys
+    /// (one call on a store node). Not one range read: every ack writes a new version of these
+    /// keys, and a range read steps over every version still in the memtable (thousands on a
+    /// busy conversation), where a point read seeks to the newest (`docs/benchmarks.md`, "Hot
+    /// keys are read one by one").
     pub async fn receipt(&self, conv: &str, user: &str) -> Result<(u64, u64), StoreError> {
-        let cursor = |kind| async move {
-            let value = self.kv.get(&self.keys.receipt(conv, user, kind)).await?;
-            Ok::<_, StoreError>(value.map_or(0, |v| decode_u64(&v)))
-        };
-        tokio::try_join!(cursor(ReceiptKind::Delivered), cursor(ReceiptKind::Read))
+        let keys = [ReceiptKind::Delivered, ReceiptKind::Read]
+            .map(|kind| self.keys.receipt(conv, user, kind))
+            .to_vec();
+        let cursor = |value: &Option<Vec<u8>>| value.as_deref().map_or(0, decode_u64);
+        match self.kv.get_many(keys).await?.as_slice() {
+            [delivered, read] => Ok((cursor(delivered), cursor(read))),
+            other => Err(StoreError::Engine(format!(
+                "two receipt cursors asked, {} answered",
+                other.len()
+            ))),
+        }
     }
 
     /// The oldest outbox entries of `shard`: events committed and not yet fanned out.
