@@ -401,6 +401,22 @@ fn gateway_node(store: &StoreNode, dir: &Path, id: &str, roles: &str, extra: &[&
     Server::start_as(&["node", "--roles", roles], dir, &args)
 }
 
+/// Two nodes with the client port sharing one media directory under `dir` (a cluster's nodes
+/// must share media bytes): `ga` running `ga_roles`, `gb` running `gateway,chat,media`. Their
+/// data directories come first, so that they outlive the nodes.
+fn two_gateway_nodes(
+    store: &StoreNode,
+    dir: &Path,
+    ga_roles: &str,
+) -> ([tempfile::TempDir; 2], Server, Server) {
+    let media = dir.join("shared-media").display().to_string();
+    let shared = ["--media-dir", media.as_str()];
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let ga = gateway_node(store, dirs[0].path(), "ga", ga_roles, &shared);
+    let gb = gateway_node(store, dirs[1].path(), "gb", "gateway,chat,media", &shared);
+    (dirs, ga, gb)
+}
+
 type Admin = AdminClient<
     tonic::service::interceptor::InterceptedService<tonic::transport::Channel, AttachToken>,
 >;
@@ -802,18 +818,7 @@ async fn two_gateways_and_two_fanout_nodes_deliver_across_nodes_through_fanout_a
         .collect();
     let mut f1 = InternalNode::start_in(&[], "fanout", "f1", "127.0.0.5", &store, dir.path());
     let f2 = InternalNode::start_in(&[], "fanout", "f2", "127.0.0.6", &store, dir.path());
-    let media = dir.path().join("shared-media");
-    let media = media.display().to_string();
-    let shared = ["--media-dir", media.as_str()];
-    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let ga = gateway_node(
-        &store,
-        a_dir.path(),
-        "ga",
-        "gateway,chat,media,push",
-        &shared,
-    );
-    let mut gb = gateway_node(&store, b_dir.path(), "gb", "gateway,chat,media", &shared);
+    let (_dirs, ga, mut gb) = two_gateway_nodes(&store, dir.path(), "gateway,chat,media,push");
 
     // The two fanout nodes split the shards.
     until("each fanout node drains half of the shards", || async {
@@ -949,11 +954,7 @@ async fn a_groups_send_rate_holds_across_gateway_nodes() {
     ];
     let _sequencer =
         InternalNode::start_in(&rate, "sequencer", "s1", "127.0.0.2", &store, dir.path());
-    let media = dir.path().join("shared-media").display().to_string();
-    let shared = ["--media-dir", media.as_str()];
-    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let ga = gateway_node(&store, a_dir.path(), "ga", "gateway,chat,media", &shared);
-    let gb = gateway_node(&store, b_dir.path(), "gb", "gateway,chat,media", &shared);
+    let (_dirs, ga, gb) = two_gateway_nodes(&store, dir.path(), "gateway,chat,media");
     let conv = ga
         .http("alice", "phone")
         .create_group("g", &users(&["bob"]))
@@ -1009,17 +1010,7 @@ async fn typing_and_receipts_reach_members_connected_to_another_gateway_node() {
     use courier_client::proto::{AckKind, ServerFrame};
     let (dir, store) = store_node();
     let _sequencer = InternalNode::start("s1", "127.0.0.2", &store, dir.path());
-    let media = dir.path().join("shared-media").display().to_string();
-    let shared = ["--media-dir", media.as_str()];
-    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let ga = gateway_node(
-        &store,
-        a_dir.path(),
-        "ga",
-        "gateway,chat,media,fanout",
-        &shared,
-    );
-    let gb = gateway_node(&store, b_dir.path(), "gb", "gateway,chat,media", &shared);
+    let (_dirs, ga, gb) = two_gateway_nodes(&store, dir.path(), "gateway,chat,media,fanout");
     let conv = ga
         .http("alice", "phone")
         .create_group("g", &users(&["bob", "carol"]))
@@ -1162,17 +1153,8 @@ async fn a_gateway_drained_through_the_admin_api_tells_its_clients_to_reconnect_
     const CLIENTS: usize = 6;
     let (dir, store) = store_node();
     let sequencer = InternalNode::start("s1", "127.0.0.2", &store, dir.path());
-    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let media = dir.path().join("shared-media").display().to_string();
-    let shared = ["--media-dir", media.as_str()];
-    let ga = gateway_node(
-        &store,
-        a_dir.path(),
-        "ga",
-        "gateway,chat,fanout,push,media",
-        &shared,
-    );
-    let mut gb = gateway_node(&store, b_dir.path(), "gb", "gateway,chat,media", &shared);
+    let (_dirs, ga, mut gb) =
+        two_gateway_nodes(&store, dir.path(), "gateway,chat,fanout,push,media");
     let gb_admin = internal_address(&sequencer, "gb").await;
 
     let mut clients = Vec::new();
