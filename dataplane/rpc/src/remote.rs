@@ -13,8 +13,8 @@
 //! - Errors answered by the node come back as the very [`StoreError`] variant the engine
 //!   returned ([`crate::status`]).
 //!
-//! **Failure policy.** A transport failure (connection refused or lost, timeout) during `get`,
-//! `range` or `ranges` is [`StoreError::Engine`] (the store is unreachable; retry later). During
+//! **Failure policy.** A transport failure (connection refused or lost, timeout) during a read
+//! (`get`, `get_many`, `range`, `ranges`) is [`StoreError::Engine`] (the store is unreachable; retry later). During
 //! `commit` it is [`StoreError::MaybeCommitted`]: the batch may have been applied before the
 //! answer was lost; callers resolve it through their idempotency keys, as with FoundationDB's
 //! `commit_unknown_result`. A lost connection is re-established by the next call.

@@ -1605,8 +1605,8 @@ mod tests {
         }
     }
 
-    /// Both cursors come from one range read: it must hold the user's two keys and nobody
-    /// else's, even a user whose id begins with this one's.
+    /// A user's two cursors are its own keys: nobody else's acks move them, even a user's
+    /// whose id begins with this one's.
     #[tokio::test]
     async fn a_users_receipt_cursors_are_read_from_its_own_keys_only() {
         let dir = tempfile::tempdir().unwrap();
