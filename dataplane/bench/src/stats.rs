@@ -16,7 +16,7 @@ pub fn epoch() -> Instant {
     *EPOCH.get_or_init(Instant::now)
 }
 
-/// `instant` as nanoseconds since [`epoch`].
+/// `instant` as nanoseconds since [`epoch`]; an instant before the epoch counts as the epoch.
 pub fn to_offset(instant: Instant) -> u64 {
     instant.saturating_duration_since(epoch()).as_nanos() as u64
 }
@@ -125,9 +125,16 @@ mod tests {
 
     #[test]
     fn offsets_round_trip() {
+        // The epoch is set by its first use, which may be this test's: fix it before taking
+        // `now`, or `now` would precede it and clamp to it.
+        let epoch = epoch();
         let now = Instant::now();
         let back = from_offset(to_offset(now));
         assert!(back.max(now) - back.min(now) < Duration::from_micros(1));
+        assert_eq!(
+            from_offset(to_offset(epoch - Duration::from_nanos(1))),
+            epoch
+        );
     }
 }
 
