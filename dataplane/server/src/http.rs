@@ -23,8 +23,12 @@ use courier_proto::{Encoding, SUBPROTOCOL_JSON, SUBPROTOCOL_PROTO};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-/// Read buffer of each WebSocket connection.
-const READ_BUFFER_BYTES: usize = 4096;
+/// Read buffer of each WebSocket connection, allocated up front and kept while idle; also the
+/// most tungstenite reads per call. 512 bytes hold a typical frame; a larger frame grows the
+/// buffer and is read 512 bytes per call. Against 4 KiB: 3.6-4 KB less per idle connection,
+/// 0.24 more system calls per message at peak load (`docs/benchmarks.md`, "Idle connection
+/// memory").
+const READ_BUFFER_BYTES: usize = 512;
 /// Buffered outbound bytes of each WebSocket connection before they are written out.
 const WRITE_BUFFER_BYTES: usize = 16 * 1024;
 /// The `retry_after_ms` of a connection refused by a draining gateway.
