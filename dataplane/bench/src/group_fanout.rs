@@ -88,9 +88,12 @@ pub async fn run(common: &CommonArgs, args: GroupFanoutArgs) -> anyhow::Result<R
     report.param("duration_secs", common.duration.as_secs_f64());
 
     let members: Vec<String> = (0..args.members).map(|i| format!("b{run}g{i}")).collect();
+    let set_up = Instant::now();
     let conversation =
         create_group(gateways.first(), &minter, &format!("bench {run}"), &members).await?;
+    report.metric("group_setup_secs", set_up.elapsed().as_secs_f64());
 
+    let connecting = Instant::now();
     let bar = progress::bar(devices as u64, "devices", common.no_progress);
     let receivers: Vec<_> = stream::iter(0..devices)
         .map(|i| {
@@ -108,6 +111,7 @@ pub async fn run(common: &CommonArgs, args: GroupFanoutArgs) -> anyhow::Result<R
         .try_collect()
         .await?;
     bar.finish_and_clear();
+    report.metric("devices_synced_secs", connecting.elapsed().as_secs_f64());
     let sender_connections = futures::future::try_join_all((0..senders).map(|j| {
         let (endpoint, minter, member) = (gateways.of(j), &minter, &members[j]);
         async move { connect_synced(endpoint, &minter.token(member, "s")?, None).await }
