@@ -457,8 +457,7 @@ impl LocalSequencer {
     /// Refuses a message to `shard` while its outbox is behind (the last round's verdict; a
     /// shard this node does not own is never behind, it answers `ShardMoved`).
     fn check_outbox_lag(&self, shard: u32, append: &Append) -> Result<(), SequencerError> {
-        if matches!(append.payload, EventPayload::Message { .. }) && self.outbox.is_behind(shard)
-        {
+        if matches!(append.payload, EventPayload::Message { .. }) && self.outbox.is_behind(shard) {
             self.metrics.delivery_behind_refusals.inc();
             return Err(SequencerError::DeliveryBehind);
         }
