@@ -454,14 +454,20 @@ impl LocalSequencer {
         })
     }
 
-    /// Refuses a message to `shard` while its outbox is behind (the last round's verdict; a
-    /// shard this node does not own is never behind, it answers `ShardMoved`).
+    /// Refuses a message to `shard` while its outbox is behind (the last round's verdict).
     fn check_outbox_lag(&self, shard: u32, append: &Append) -> Result<(), SequencerError> {
-        if matches!(append.payload, EventPayload::Message { .. }) && self.outbox.is_behind(shard) {
-            self.metrics.delivery_behind_refusals.inc();
-            return Err(SequencerError::DeliveryBehind);
+        if !(matches!(append.payload, EventPayload::Message { .. }) && self.outbox.is_behind(shard))
+        {
+            return Ok(());
         }
-        Ok(())
+        // A verdict can outlive the shard's ownership (a round that read the shard as it
+        // moved): a shard this node does not own answers `ShardMoved`, so that its callers
+        // look for the new owner instead of retrying here.
+        if !matches!(&*lock(&self.shards[shard as usize]), Slot::Owned { .. }) {
+            return Err(SequencerError::ShardMoved);
+        }
+        self.metrics.delivery_behind_refusals.inc();
+        Err(SequencerError::DeliveryBehind)
     }
 
     /// Queues `request` on `shard`'s actor, started on first use: `ShardMoved` when this node
@@ -921,6 +927,16 @@ mod tests {
         // The shard moves; the former owner answers `ShardMoved` (its caller looks for the
         // new owner), not `DeliveryBehind`.
         from.hand_off(shard, "n2").await.unwrap();
+        assert!(matches!(
+            seq_of(&from, "m2").await,
+            Err(SequencerError::ShardMoved)
+        ));
+        // Even when a round that began before the move writes its verdict after it.
+        from.outbox
+            .round(&store, &[shard], past_limit, &from.metrics)
+            .await
+            .unwrap();
+        assert!(from.outbox.is_behind(shard));
         assert!(matches!(
             seq_of(&from, "m2").await,
             Err(SequencerError::ShardMoved)

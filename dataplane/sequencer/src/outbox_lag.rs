@@ -27,7 +27,9 @@
 //! **Invariants.** Only this node commits to the outboxes of the shards it owns, so a shard
 //! found empty stays empty until this node commits to it: the commit marks it to be read.
 //! A shard just taken (from a dead or moved owner, maybe with an old outbox) is read at the
-//! next round and accepts until then. Only messages are refused: membership changes and
+//! next round and accepts until then. A shard this node no longer owns answers `ShardMoved`,
+//! never `DeliveryBehind`, even if a round that read it as it moved left it marked behind (so
+//! that chat nodes look for its new owner). Only messages are refused: membership changes and
 //! deletes are rare and are an admin's or a user's deliberate act; trims clear, never add.
 //!
 //! **Failure policy.** A round whose read fails is logged; the verdicts of the last round stand
