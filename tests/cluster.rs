@@ -245,6 +245,19 @@ impl InternalNode {
         store: &StoreNode,
         dir: &Path,
     ) -> InternalNode {
+        InternalNode::start_with(wrapper, roles, id, host, store, dir, &[])
+    }
+
+    /// As [`InternalNode::start_in`], with `extra` arguments.
+    fn start_with(
+        wrapper: &[&str],
+        roles: &str,
+        id: &str,
+        host: &str,
+        store: &StoreNode,
+        dir: &Path,
+        extra: &[&str],
+    ) -> InternalNode {
         let mut args: Vec<String> = [
             "node",
             "--roles",
@@ -266,6 +279,7 @@ impl InternalNode {
         .collect();
         args.push(dir.join(id).display().to_string());
         args.extend(remote_store_args(store));
+        args.extend(extra.iter().map(|s| s.to_string()));
         let (child, rest) = spawn_wrapped(wrapper, &args, "node ready on internal ");
         let probes = first_word(rest.split("probes ").nth(1).expect("the probes address"));
         InternalNode {
@@ -1145,6 +1159,131 @@ async fn the_shard_map_shows_every_shard_with_its_owners_and_outbox_lag_from_any
         waiting(&map) == 0 && holders(&map, |s| s.delivery.as_ref()) == vec![f1(true); 8]
     })
     .await;
+    check_history(&front, &peers, &sent).await;
+}
+
+/// The shard of each conversation in a store of [`SHARDS`] shards (the store's own hash).
+struct ShardOf {
+    store: courier_store::MessageStore,
+    _dir: tempfile::TempDir,
+}
+
+impl ShardOf {
+    async fn new() -> ShardOf {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = courier_store::embedded::EmbeddedEngine::open(&dir.path().join("s")).unwrap();
+        let shards = SHARDS.parse().unwrap();
+        let store = courier_store::MessageStore::open(std::sync::Arc::new(engine), b"", shards)
+            .await
+            .unwrap();
+        ShardOf { store, _dir: dir }
+    }
+
+    /// The shard of the direct conversation of `a` and `b`.
+    fn direct(&self, a: &str, b: &str) -> u32 {
+        self.store
+            .shard_of(&courier_chat::direct_conversation_id(a, b))
+    }
+}
+
+#[tokio::test]
+async fn sends_to_a_shard_whose_outbox_is_behind_get_unavailable_until_fanout_catches_up() {
+    let (dir, store) = store_node();
+    // Refuses messages to a shard whose oldest outbox entry waited more than 1 s.
+    let limit = ["--outbox-lag-limit", "1s"];
+    let sequencer = InternalNode::start_with(
+        &[],
+        "sequencer",
+        "s1",
+        "127.0.0.2",
+        &store,
+        dir.path(),
+        &limit,
+    );
+    let fanout = InternalNode::start_in(&[], "fanout", "f1", "127.0.0.3", &store, dir.path());
+    let front_dir = tempfile::tempdir().unwrap();
+    let front = gateway_node(
+        &store,
+        front_dir.path(),
+        "front",
+        "gateway,chat,media,push",
+        &[],
+    );
+    let shards = ShardOf::new().await;
+    let peers: Vec<String> = (0..6).map(|i| format!("bob{i}")).collect();
+    let behind = shards.direct("alice", &peers[0]);
+    let elsewhere = (1..peers.len())
+        .find(|&i| shards.direct("alice", &peers[i]) != behind)
+        .expect("a peer whose conversation is on another shard");
+    let mut alice = front.connect("alice", "phone").await;
+    alice.events_until_sync_done().await.unwrap();
+    let mut sent: Vec<Vec<(String, u64)>> = vec![Vec::new(); peers.len()];
+    send_round(&front, &mut alice, &peers, 1, &mut sent).await;
+    until("fanout delivered and cleared the first round", || async {
+        waiting(&shard_map(&sequencer.address, 0).await) == 0
+    })
+    .await;
+
+    // The only fanout node stops: what is sent to bob0 waits in its shard's outbox, and
+    // once the oldest has waited past the limit, the shard's owner refuses bob0's messages.
+    fanout.signal(libc::SIGSTOP);
+    let deadline = std::time::Instant::now() + WAIT;
+    let (refused_id, refused) = loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "sends to the stalled shard were never refused"
+        );
+        let id = format!("r2-bob0-{}", sent[0].len());
+        match alice
+            .send_text(Target::User(peers[0].clone()), &id, &id)
+            .await
+        {
+            Ok(taken) => sent[0].push((id, taken.seq)),
+            Err(courier_client::ClientError::Server(error)) => break (id, error),
+            Err(e) => panic!("sending {id} failed: {e}"),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert!(
+        sent[0].len() >= 2,
+        "accepted until the lag passed the limit"
+    );
+    assert_eq!(
+        (
+            refused.code,
+            refused.message.as_str(),
+            refused.retry_after_ms,
+            refused.client_msg_id.as_deref()
+        ),
+        (
+            courier_client::proto::ErrorCode::Unavailable,
+            "delivery is behind; retry shortly",
+            Some(500),
+            Some(refused_id.as_str())
+        ),
+        "the answer clients got before, for the send it refuses"
+    );
+    assert!(probe_metric(&sequencer, "courier_sequencer_shards_behind").await >= 1);
+    // A shard whose outbox is empty is not held back by the stalled one.
+    let other = &peers[elsewhere];
+    let id = format!("r2-{other}");
+    let taken = alice
+        .send_text(Target::User(other.clone()), &id, &id)
+        .await
+        .expect("a send to another shard is taken");
+    sent[elsewhere].push((id, taken.seq));
+
+    // Fanout resumes: it drains the outbox, the owner's next round sees it, and the refused
+    // message, retried with the same id as clients do, is taken.
+    fanout.signal(libc::SIGCONT);
+    let seq = send_until_sent(&mut alice, &peers[0], &refused_id, Some(&front)).await;
+    sent[0].push((refused_id, seq));
+    until("no shard is behind", || async {
+        probe_metric(&sequencer, "courier_sequencer_shards_behind").await == 0
+    })
+    .await;
+    send_round(&front, &mut alice, &peers, 3, &mut sent).await;
+    // Every message acknowledged was stored once, densely, and reaches its recipient.
     check_history(&front, &peers, &sent).await;
 }
 

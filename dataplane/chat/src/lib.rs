@@ -114,8 +114,6 @@ pub struct ChatLimits {
     pub max_users_per_request: usize,
     /// Events before its join that a new group member may read (0: from its join on).
     pub history_on_join: u64,
-    /// Sends are answered `unavailable` while more events than this wait for fanout.
-    pub fanout_backlog_limit: i64,
     /// When new sends are answered `unavailable` because the node is past its capacity.
     pub admission: AdmissionLimits,
     pub user_sends: Rate,
@@ -129,7 +127,6 @@ impl Default for ChatLimits {
             max_group_name: 128,
             max_users_per_request: 1000,
             history_on_join: 0,
-            fanout_backlog_limit: 1_000_000,
             admission: AdmissionLimits::default(),
             user_sends: Rate {
                 per_second: 100,
@@ -232,23 +229,11 @@ impl Chat {
         result
     }
 
-    /// Refuses new sends while fanout is too far behind (nothing accepted is dropped), or
-    /// storage cannot take them (low disk, halted store).
+    /// Refuses new sends while storage cannot take them (low disk, halted store). Sends to a
+    /// shard whose delivery is behind are refused by the shard's sequencer, which reads the
+    /// outbox lag in the store (`SequencerError::DeliveryBehind`).
     fn check_backpressure(&self) -> Result<(), ApiError> {
-        self.storage.check_send()?;
-        // This node's fanout, or, in a cluster, every live fanout node through the registry.
-        let backlog = self
-            .metrics
-            .fanout_backlog
-            .get()
-            .max(self.metrics.cluster_fanout_backlog.get());
-        if backlog > self.limits.fanout_backlog_limit {
-            return Err(ApiError::unavailable(
-                "delivery is behind; retry shortly",
-                500,
-            ));
-        }
-        Ok(())
+        self.storage.check_send()
     }
 
     /// Queues `append` with the sequencer once admitted; the place is given back when the
@@ -684,25 +669,37 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn sends_are_unavailable_while_the_clusters_fanout_is_too_far_behind() {
+    async fn sends_are_unavailable_while_the_shards_owner_says_delivery_is_behind() {
+        let sequencer = Arc::new(HeldSequencer::default());
         let limits = ChatLimits {
-            fanout_backlog_limit: 10,
+            admission: AdmissionLimits {
+                max_in_flight: 1,
+                ..AdmissionLimits::default()
+            },
             ..ChatLimits::default()
         };
-        let (_dir, chat) = chat(Arc::new(HeldSequencer::default()), limits).await;
+        let (_dir, chat) = chat(sequencer.clone(), limits).await;
         let alice = Identity {
             user: "alice".into(),
             device: "phone".into(),
             issued_at_ms: 0,
         };
-        // Another node's fanout is behind, as the node registry reported it.
-        chat.metrics.cluster_fanout_backlog.set(11);
-        let Err(refused) = chat.submit_send(&alice, &text_to("bob", "m1")).await else {
-            panic!("a send was accepted while delivery is behind");
-        };
-        assert_eq!(refused.code, courier_proto::ErrorCode::Unavailable);
-        chat.metrics.cluster_fanout_backlog.set(10);
-        let (_, _pending) = chat
+        // This node's fanout gauge is a metric, not a control signal any more.
+        chat.metrics.fanout_backlog.set(i64::MAX);
+        let (_, pending) = chat
+            .submit_send(&alice, &text_to("bob", "m1"))
+            .await
+            .unwrap();
+        let held = sequencer.held.lock().unwrap().pop().unwrap();
+        held.send(Err(SequencerError::DeliveryBehind)).unwrap();
+        let refused = ApiError::from(pending.await.unwrap_err());
+        assert_eq!(
+            refused,
+            ApiError::unavailable("delivery is behind; retry shortly", 500),
+            "the answer clients got when chat refused on the fanout backlog"
+        );
+        // The refused send gave its place back: the retry (same id) is taken.
+        let (_, _retry) = chat
             .submit_send(&alice, &text_to("bob", "m1"))
             .await
             .unwrap();

@@ -8,6 +8,11 @@ use axum::response::{IntoResponse, Response};
 use courier_proto::ErrorCode;
 use courier_store::{AppendRefused, StoreError};
 
+/// The `retry_after_ms` of a send refused because delivery is behind on its shard
+/// ([`SequencerError::DeliveryBehind`]): two rounds of the sequencer's outbox watch, the
+/// soonest it can see the outbox drained.
+pub const DELIVERY_BEHIND_RETRY_MS: u64 = 500;
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]
 pub struct ApiError {
@@ -120,6 +125,9 @@ impl From<SequencerError> for ApiError {
             SequencerError::Overloaded | SequencerError::ShardMoved => {
                 Self::unavailable(e.to_string(), 50)
             }
+            SequencerError::DeliveryBehind => {
+                Self::unavailable(e.to_string(), DELIVERY_BEHIND_RETRY_MS)
+            }
             SequencerError::RateLimited { retry_after_ms } => Self {
                 code: ErrorCode::RateLimited,
                 message: e.to_string(),
@@ -175,5 +183,10 @@ mod tests {
         for error in [SequencerError::Overloaded, SequencerError::ShardMoved] {
             assert_eq!(ApiError::from(error).code, ErrorCode::Unavailable);
         }
+        // The answer clients got when chat refused sends on the fanout backlog.
+        assert_eq!(
+            ApiError::from(SequencerError::DeliveryBehind),
+            ApiError::unavailable("delivery is behind; retry shortly", 500)
+        );
     }
 }

@@ -6,6 +6,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ShardLabel {
@@ -53,9 +54,13 @@ pub struct Metrics {
     pub stages: StageLatencies,
     /// Events committed and not yet fanned out (by this node's fanout).
     pub fanout_backlog: Gauge,
-    /// Events committed and not yet fanned out by any live fanout node of the cluster, as
-    /// they last reported it in the node registry (0 outside a cluster).
-    pub cluster_fanout_backlog: Gauge,
+    /// The age of the oldest outbox entry of the shards this node sequences, as its last
+    /// outbox-lag round read it, in seconds.
+    pub sequencer_outbox_lag: Gauge<f64, AtomicU64>,
+    /// Shards this node sequences whose messages are refused because their outbox is behind.
+    pub sequencer_shards_behind: Gauge,
+    /// Messages refused because their shard's outbox is behind.
+    pub delivery_behind_refusals: Counter,
     /// Sends this node's chat role accepted and has not answered yet.
     pub sends_in_flight: Gauge,
     /// Events appended, per sequencer shard (hot shards stand out).
@@ -105,7 +110,9 @@ impl Metrics {
                 ack_commit: latency(),
             },
             fanout_backlog: Gauge::default(),
-            cluster_fanout_backlog: Gauge::default(),
+            sequencer_outbox_lag: Gauge::default(),
+            sequencer_shards_behind: Gauge::default(),
+            delivery_behind_refusals: Counter::default(),
             sends_in_flight: Gauge::default(),
             shard_appends: Family::default(),
             owned_shards: Gauge::default(),
@@ -161,14 +168,24 @@ impl Metrics {
             metrics.sends_in_flight.clone(),
         );
         registry.register(
-            "cluster_fanout_backlog_events",
-            "Events not yet fanned out by the cluster's live fanout nodes, from the node registry",
-            metrics.cluster_fanout_backlog.clone(),
+            "fanout_backlog_events",
+            "Events this node's fanout was told of and has not fanned out yet (a metric only)",
+            metrics.fanout_backlog.clone(),
         );
         registry.register(
-            "fanout_backlog_events",
-            "Events committed and not yet fanned out",
-            metrics.fanout_backlog.clone(),
+            "sequencer_outbox_lag_seconds",
+            "Age of the oldest outbox entry of the shards this node sequences (every 250 ms)",
+            metrics.sequencer_outbox_lag.clone(),
+        );
+        registry.register(
+            "sequencer_shards_behind",
+            "Shards refusing messages because their outbox is older than --outbox-lag-limit",
+            metrics.sequencer_shards_behind.clone(),
+        );
+        registry.register(
+            "sequencer_delivery_behind_refusals",
+            "Messages refused because their shard's outbox is behind (clients retry)",
+            metrics.delivery_behind_refusals.clone(),
         );
         registry.register(
             "sequencer_appends",

@@ -21,6 +21,11 @@ pub enum SequencerError {
     RateLimited { retry_after_ms: u64 },
     #[error("this node no longer owns the conversation's shard; retry")]
     ShardMoved,
+    /// The conversation's shard has an outbox entry older than the sequencer's
+    /// `outbox_lag_limit` (fanout is behind on it): a message is refused before anything is
+    /// committed, and the client retries with the same `client_msg_id`.
+    #[error("delivery is behind; retry shortly")]
+    DeliveryBehind,
     #[error("storage failed: {0}")]
     Store(#[from] StoreError),
 }

@@ -648,7 +648,6 @@ mod tests {
             lease_until_ms: now_ms() + 60_000,
             started_ms: now_ms(),
             connections: 0,
-            fanout_backlog: 0,
         };
         store.register_node(node, &record).await.unwrap();
     }

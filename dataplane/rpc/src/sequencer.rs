@@ -69,6 +69,10 @@ pub fn to_status(error: &SequencerError) -> Status {
             SequencerErrorKind::RateLimited,
             Status::resource_exhausted(error.to_string()),
         ),
+        SequencerError::DeliveryBehind => (
+            SequencerErrorKind::DeliveryBehind,
+            Status::resource_exhausted(error.to_string()),
+        ),
         SequencerError::Store(e) => (SequencerErrorKind::Store, status::to_status(e)),
         // Refusals are answers (`SubmitResponse::refused`), never statuses; a trim is never
         // refused. Kept total all the same.
@@ -94,6 +98,7 @@ fn failure(error: &SequencerError) -> SequencerFailure {
         SequencerError::Overloaded => (SequencerErrorKind::Overloaded, None),
         SequencerError::ShardMoved => (SequencerErrorKind::ShardMoved, None),
         SequencerError::RateLimited { .. } => (SequencerErrorKind::RateLimited, None),
+        SequencerError::DeliveryBehind => (SequencerErrorKind::DeliveryBehind, None),
         SequencerError::Store(e) => (SequencerErrorKind::Store, Some(status::detail(e))),
         SequencerError::Refused(_) => (SequencerErrorKind::Unspecified, None),
     };
@@ -121,6 +126,7 @@ fn named_error(detail: &SequencerErrorDetail) -> Option<SequencerError> {
         SequencerErrorKind::RateLimited => Some(SequencerError::RateLimited {
             retry_after_ms: detail.retry_after_ms.max(1),
         }),
+        SequencerErrorKind::DeliveryBehind => Some(SequencerError::DeliveryBehind),
         SequencerErrorKind::Store | SequencerErrorKind::Unspecified => None,
     }
 }
@@ -512,6 +518,7 @@ mod tests {
             SequencerError::RateLimited {
                 retry_after_ms: 250,
             },
+            SequencerError::DeliveryBehind,
             SequencerError::Store(StoreError::Overloaded("throttled".into())),
         ];
         for error in errors {

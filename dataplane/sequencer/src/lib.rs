@@ -19,17 +19,23 @@
 //! shard and takes none any more. Safety rests on the epoch fence of every batch, not on clocks: a
 //! deposed owner's batches are refused whatever it believes about its lease.
 //!
+//! **Backpressure.** The owner of a shard refuses new messages to it while the oldest entry of
+//! its outbox waited longer than [`SequencerLimits::outbox_lag_limit`] (fanout is behind on
+//! it), as read from the store by [`LocalSequencer::watch_outboxes`]; see [`outbox_lag`].
+//!
 //! Failure policy: a batch the engine refuses as too large is split in halves, down to the one
 //! append that is too large alone; any other store error reaches every waiter of the batch as
 //! it is (typed), and `error.rs` maps it to the client's code; a fence that moved means the
 //! shard moved: the actor refuses what is queued and stops.
 
+pub mod outbox_lag;
 pub mod retention;
 pub mod routing;
 
 use courier_core::clock::now_ms;
 use courier_core::leases::Ownership;
 use courier_core::limits::{KeyedLimit, Rate};
+use courier_core::loops::BackgroundLoops;
 use courier_core::metrics::{Metrics, ScopeLabel, ShardLabel};
 use courier_core::sequencing::{
     CommitListener, PendingAppend, PendingTrim, Sequencer, SequencerError,
@@ -38,6 +44,7 @@ use courier_proto::{EventPayload, ids};
 use courier_store::ownership::Duty;
 use courier_store::{Append, AppendOutcome, HeadCache, MessageStore, ShardLease, StoreError};
 use futures::future::BoxFuture;
+use outbox_lag::{DEFAULT_OUTBOX_LAG_LIMIT, OUTBOX_LAG_ROUND, OutboxWatch};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -63,6 +70,9 @@ pub struct SequencerLimits {
     /// owner of the conversation's shard, so that the limit holds whichever gateways its
     /// senders use; past it a send is refused `rate_limited` with the wait.
     pub group_sends: Rate,
+    /// Messages to a shard are refused (`DeliveryBehind`: the client retries) while the
+    /// oldest entry of its outbox was committed longer ago than this ([`outbox_lag`]).
+    pub outbox_lag_limit: Duration,
 }
 
 impl Default for SequencerLimits {
@@ -76,6 +86,7 @@ impl Default for SequencerLimits {
                 per_second: 200,
                 burst: 400,
             },
+            outbox_lag_limit: DEFAULT_OUTBOX_LAG_LIMIT,
         }
     }
 }
@@ -136,6 +147,8 @@ pub struct LocalSequencer {
     ownership: Ownership,
     shards: Vec<Mutex<Slot>>,
     load: Arc<ShardLoad>,
+    /// The outbox lag of the shards this node owns, as last read.
+    outbox: Arc<OutboxWatch>,
     /// Set by [`LocalSequencer::drain`]: no shard is taken any more.
     draining: AtomicBool,
     /// Held by the lease round running.
@@ -165,6 +178,7 @@ impl LocalSequencer {
             last: Mutex::new(std::time::Instant::now()),
         });
         let sequencer = Arc::new(Self {
+            outbox: Arc::new(OutboxWatch::new(count, limits.outbox_lag_limit)),
             store,
             ownership,
             shards,
@@ -178,6 +192,54 @@ impl LocalSequencer {
         });
         sequencer.take_free_shards().await?;
         Ok(sequencer)
+    }
+
+    /// Spawns this node's loops into `loops`: [`LocalSequencer::keep_shards`] and
+    /// [`LocalSequencer::watch_outboxes`]. Both stop at once when cancelled, and are restarted
+    /// if they fail: the leases are in the store, and the outbox lag is read again.
+    pub fn spawn_loops(self: &Arc<Self>, loops: &BackgroundLoops) {
+        let keeper = self.clone();
+        loops.spawn("keep shard leases", move |cancel| {
+            let keeper = keeper.clone();
+            async move {
+                cancel.run_until_cancelled(keeper.keep_shards()).await;
+            }
+        });
+        let watcher = self.clone();
+        loops.spawn("watch outbox lag", move |cancel| {
+            let watcher = watcher.clone();
+            async move {
+                cancel.run_until_cancelled(watcher.watch_outboxes()).await;
+            }
+        });
+    }
+
+    /// Reads the outbox lag of the shards this node owns every [`OUTBOX_LAG_ROUND`], until
+    /// the process ends ([`outbox_lag`]). A failed round is logged; the next one reads again.
+    pub async fn watch_outboxes(self: Arc<Self>) {
+        let mut rounds = tokio::time::interval(OUTBOX_LAG_ROUND);
+        rounds.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            rounds.tick().await;
+            let owned: Vec<u32> = self.owned().iter().map(|lease| lease.shard).collect();
+            if let Err(e) = self
+                .outbox
+                .round_now(&self.store, &owned, &self.metrics)
+                .await
+            {
+                tracing::warn!(error = %e, "reading the outbox lag failed; retrying");
+            }
+        }
+    }
+
+    /// One round of [`LocalSequencer::watch_outboxes`] as if the time were `now_ms`: reads the
+    /// outbox lag of the owned shards that may hold entries and decides which are behind.
+    /// Returns the shards read.
+    pub async fn watch_outboxes_at(&self, now_ms: u64) -> Result<usize, StoreError> {
+        let owned: Vec<u32> = self.owned().iter().map(|lease| lease.shard).collect();
+        self.outbox
+            .round(&self.store, &owned, now_ms, &self.metrics)
+            .await
     }
 
     /// Renews this node's leases every third of a lease, drops the shards another node took,
@@ -258,6 +320,7 @@ impl LocalSequencer {
         let Some(Slot::Owned { lease, queue }) = taken else {
             return None;
         };
+        self.outbox.dropped(shard);
         if let Some(queue) = queue {
             let (frozen, done) = oneshot::channel();
             if queue.send(Request::Freeze(frozen)).await.is_ok() {
@@ -356,6 +419,7 @@ impl LocalSequencer {
             tracing::info!(shards = taken.len(), "took shards");
         }
         for lease in taken {
+            self.outbox.taken(lease.shard);
             *lock(&self.shards[lease.shard as usize]) = Slot::Owned { lease, queue: None };
             self.metrics.owned_shards.inc();
         }
@@ -365,6 +429,7 @@ impl LocalSequencer {
     /// Forgets `shard` (its actor ends once its queue is empty; what it commits is refused).
     fn drop_shard(&self, shard: u32) {
         if let Slot::Owned { .. } = std::mem::take(&mut *lock(&self.shards[shard as usize])) {
+            self.outbox.dropped(shard);
             self.metrics.owned_shards.dec();
         }
     }
@@ -389,6 +454,22 @@ impl LocalSequencer {
         })
     }
 
+    /// Refuses a message to `shard` while its outbox is behind (the last round's verdict).
+    fn check_outbox_lag(&self, shard: u32, append: &Append) -> Result<(), SequencerError> {
+        if !(matches!(append.payload, EventPayload::Message { .. }) && self.outbox.is_behind(shard))
+        {
+            return Ok(());
+        }
+        // A verdict can outlive the shard's ownership (a round that read the shard as it
+        // moved): a shard this node does not own answers `ShardMoved`, so that its callers
+        // look for the new owner instead of retrying here.
+        if !matches!(&*lock(&self.shards[shard as usize]), Slot::Owned { .. }) {
+            return Err(SequencerError::ShardMoved);
+        }
+        self.metrics.delivery_behind_refusals.inc();
+        Err(SequencerError::DeliveryBehind)
+    }
+
     /// Queues `request` on `shard`'s actor, started on first use: `ShardMoved` when this node
     /// does not own the shard, `Overloaded` when its queue is full.
     fn queue(&self, shard: u32, request: Request) -> Result<(), SequencerError> {
@@ -401,6 +482,7 @@ impl LocalSequencer {
             let actor = ShardActor {
                 store: self.store.clone(),
                 load: self.load.clone(),
+                outbox: self.outbox.clone(),
                 lease: *lease,
                 heads: HeadCache::with_capacity(CACHED_HEADS / self.shards.len()),
                 limits: self.limits,
@@ -416,6 +498,7 @@ impl LocalSequencer {
             Err(mpsc::error::TrySendError::Closed(_)) => {
                 // The actor found the shard taken over and stopped.
                 *slot = Slot::NotOwned;
+                self.outbox.dropped(shard);
                 self.metrics.owned_shards.dec();
                 Err(SequencerError::ShardMoved)
             }
@@ -429,10 +512,14 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Sequencer for LocalSequencer {
     fn submit(&self, append: Append) -> PendingAppend {
-        if let Err(refused) = self.check_group_rate(&append) {
+        let shard = self.store.shard_of(&append.conversation_id);
+        // Behind first: a message refused for the lag takes no token of the group's rate.
+        let checked = self
+            .check_outbox_lag(shard, &append)
+            .and_then(|()| self.check_group_rate(&append));
+        if let Err(refused) = checked {
             return Box::pin(std::future::ready(Err(refused)));
         }
-        let shard = self.store.shard_of(&append.conversation_id);
         let (reply, outcome) = oneshot::channel();
         let request = Request::Append(AppendRequest { append, reply });
         queued(self.queue(shard, request), outcome)
@@ -453,6 +540,7 @@ impl Sequencer for LocalSequencer {
 struct ShardActor {
     store: MessageStore,
     load: Arc<ShardLoad>,
+    outbox: Arc<OutboxWatch>,
     lease: ShardLease,
     heads: HeadCache,
     limits: SequencerLimits,
@@ -590,6 +678,7 @@ impl ShardActor {
                         .get_or_create(&ShardLabel { shard })
                         .inc_by(new as u64);
                     if new > 0 {
+                        self.outbox.committed(shard);
                         self.listener.committed(shard, new);
                     }
                 }
@@ -714,6 +803,154 @@ mod tests {
                 .await;
             assert!(!rate_limited(direct));
         }
+    }
+
+    /// A conversation of `store` on another shard than `of`.
+    fn on_another_shard(store: &MessageStore, of: &str) -> String {
+        (2..)
+            .map(|i| format!("d:{i}"))
+            .find(|conv| store.shard_of(conv) != store.shard_of(of))
+            .unwrap()
+    }
+
+    /// Clears every entry of `shard`'s outbox, as fanout does once it delivered them.
+    async fn drain_outbox(store: &MessageStore, shard: u32) {
+        let delivery = store
+            .acquire_shards(Duty::Delivery, "f1", &[shard], usize::MAX, now_ms(), 60_000)
+            .await
+            .unwrap();
+        let entries = store.outbox(shard, None, usize::MAX).await.unwrap();
+        store
+            .clear_outbox(&[courier_store::OutboxRange {
+                lease: delivery[0],
+                first: entries.first().unwrap().0.clone(),
+                last: entries.last().unwrap().0.clone(),
+            }])
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_shard_whose_outbox_is_behind_refuses_messages_until_it_drains() {
+        const LIMIT: Duration = Duration::from_secs(5);
+        let engine = FaultyEngine::new();
+        let store = engine.store(4).await;
+        let limits = SequencerLimits {
+            outbox_lag_limit: LIMIT,
+            ..SequencerLimits::default()
+        };
+        let sequencer = LocalSequencer::start(
+            store.clone(),
+            node("n1", Duration::from_secs(10)),
+            limits,
+            Arc::new(Listeners(Vec::new())),
+            Arc::new(Metrics::new()),
+        )
+        .await
+        .unwrap();
+        let shard = store.shard_of("d:1");
+        let other = on_another_shard(&store, "d:1");
+        // The first round reads every shard just taken; with nothing committed since, the
+        // next reads none.
+        assert_eq!(sequencer.watch_outboxes_at(now_ms()).await.unwrap(), 4);
+        assert_eq!(sequencer.watch_outboxes_at(now_ms()).await.unwrap(), 0);
+        let first = sequencer.submit(message("d:1", "m1", "x")).await.unwrap();
+
+        // Waiting exactly the limit is not behind; past it is.
+        let at_limit = first.ts_ms + LIMIT.as_millis() as u64;
+        assert_eq!(sequencer.watch_outboxes_at(at_limit).await.unwrap(), 1);
+        assert_eq!(seq_of(&sequencer, "m2").await.unwrap(), 2);
+        sequencer.watch_outboxes_at(at_limit + 1).await.unwrap();
+        assert!(matches!(
+            seq_of(&sequencer, "m3").await,
+            Err(SequencerError::DeliveryBehind)
+        ));
+        let api = ApiError::from(SequencerError::DeliveryBehind);
+        assert_eq!(
+            (api.code, api.retry_after_ms),
+            (ErrorCode::Unavailable, Some(500))
+        );
+        // Nothing was committed for the refused message.
+        let waiting = store.outbox(shard, None, usize::MAX).await.unwrap();
+        assert_eq!(waiting.len(), 2);
+        // The other shards accept, and appends other than messages pass on this one.
+        let elsewhere = sequencer.submit(message(&other, "o1", "x")).await.unwrap();
+        assert_eq!(elsewhere.seq, 1);
+        let delete = Append {
+            key: AppendKey::Server("delete:1".into()),
+            payload: EventPayload::Delete { target_seq: 1 },
+            create: None,
+            ..message("d:1", "-", "")
+        };
+        assert_eq!(sequencer.submit(delete).await.unwrap().seq, 3);
+
+        // Fanout delivers and clears the outbox: the next round accepts again.
+        drain_outbox(&store, shard).await;
+        sequencer.watch_outboxes_at(at_limit + 1).await.unwrap();
+        assert_eq!(seq_of(&sequencer, "m3").await.unwrap(), 4);
+        // The message just sent waits in turn; once it is older than the limit, refused again.
+        let later = store.outbox(shard, None, 1).await.unwrap()[0].1.ts_ms;
+        sequencer
+            .watch_outboxes_at(later + LIMIT.as_millis() as u64 + 1)
+            .await
+            .unwrap();
+        assert!(matches!(
+            seq_of(&sequencer, "m4").await,
+            Err(SequencerError::DeliveryBehind)
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_shard_taken_over_with_an_old_outbox_is_read_by_its_new_owner() {
+        const LIMIT: Duration = Duration::from_secs(5);
+        let engine = FaultyEngine::new();
+        let store = engine.store(4).await;
+        let limits = SequencerLimits {
+            outbox_lag_limit: LIMIT,
+            ..SequencerLimits::default()
+        };
+        let start = |id: &'static str| {
+            LocalSequencer::start(
+                store.clone(),
+                node(id, Duration::from_secs(10)),
+                limits,
+                Arc::new(Listeners(Vec::new())),
+                Arc::new(Metrics::new()),
+            )
+        };
+        let from = start("n1").await.unwrap();
+        let to = start("n2").await.unwrap();
+        let sent = from.submit(message("d:1", "m1", "x")).await.unwrap();
+        let shard = store.shard_of("d:1");
+        let past_limit = sent.ts_ms + LIMIT.as_millis() as u64 + 1;
+        from.watch_outboxes_at(past_limit).await.unwrap();
+        // The shard moves; the former owner answers `ShardMoved` (its caller looks for the
+        // new owner), not `DeliveryBehind`.
+        from.hand_off(shard, "n2").await.unwrap();
+        assert!(matches!(
+            seq_of(&from, "m2").await,
+            Err(SequencerError::ShardMoved)
+        ));
+        // Even when a round that began before the move writes its verdict after it.
+        from.outbox
+            .round(&store, &[shard], past_limit, &from.metrics)
+            .await
+            .unwrap();
+        assert!(from.outbox.is_behind(shard));
+        assert!(matches!(
+            seq_of(&from, "m2").await,
+            Err(SequencerError::ShardMoved)
+        ));
+        to.keep_round().await;
+        // Nothing was committed through n2, yet its first round reads the outbox it took.
+        to.watch_outboxes_at(past_limit).await.unwrap();
+        assert!(matches!(
+            seq_of(&to, "m2").await,
+            Err(SequencerError::DeliveryBehind)
+        ));
+        drain_outbox(&store, shard).await;
+        to.watch_outboxes_at(past_limit).await.unwrap();
+        assert_eq!(seq_of(&to, "m2").await.unwrap(), 2);
     }
 
     #[tokio::test]

@@ -69,7 +69,6 @@ async fn sequencer_node(store: &MessageStore, id: &str) -> Arc<LocalSequencer> {
         lease_until_ms: u64::MAX,
         started_ms: 0,
         connections: 0,
-        fanout_backlog: 0,
     };
     store.register_node(id, &record).await.unwrap();
     sequencer

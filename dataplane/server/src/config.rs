@@ -137,13 +137,13 @@ pub struct ServeConfig {
     /// Interval of coalesced receipts.
     #[arg(long, env = "COURIER_RECEIPT_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub receipt_interval: Duration,
-    /// Sends get `unavailable` while more events than this wait for fanout.
-    #[arg(
-        long,
-        env = "COURIER_FANOUT_BACKLOG_LIMIT",
-        default_value_t = 1_000_000
-    )]
-    pub fanout_backlog_limit: i64,
+    /// Sends to a shard get `unavailable` (clients retry with the same `client_msg_id`) while
+    /// the oldest message waiting in its outbox for fanout was committed longer ago than this:
+    /// delivery is that far behind on it (fanout overloaded, paused, or dead until another
+    /// fanout node takes its shards). Kept by the shard's sequencer, which reads its outbox in
+    /// the store every 250 ms. At least 1s. The default outlasts a fanout failover (a lease).
+    #[arg(long, env = "COURIER_OUTBOX_LAG_LIMIT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub outbox_lag_limit: Duration,
     /// Sends (and deletes) accepted by this node and not answered yet, past which new ones get
     /// `unavailable`: a bound on memory for when commits stop being answered.
     #[arg(long, env = "COURIER_MAX_SENDS_IN_FLIGHT", default_value_t = 65_536, value_parser = clap::value_parser!(u64).range(1..))]
@@ -193,6 +193,10 @@ pub struct ServeConfig {
     pub drain_timeout: Option<Duration>,
 }
 
+/// The shortest `--outbox-lag-limit`: several rounds of the sequencer's outbox watch (250 ms)
+/// and well above what a fanout that keeps up leaves waiting.
+pub const MIN_OUTBOX_LAG_LIMIT: Duration = Duration::from_secs(1);
+
 /// The drain window of a cluster gateway unless `--drain-window` says otherwise.
 pub const CLUSTER_DRAIN_WINDOW: Duration = Duration::from_secs(60);
 
@@ -213,6 +217,11 @@ impl ServeConfig {
     /// Checks values that flags alone cannot; the message says what to change.
     pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(self.shards >= 1, "--shards must be at least 1");
+        anyhow::ensure!(
+            self.outbox_lag_limit >= MIN_OUTBOX_LAG_LIMIT,
+            "--outbox-lag-limit must be at least 1s: a fanout that keeps up holds a message \
+             in the outbox for up to a few hundred milliseconds (a page, then the clear)"
+        );
         anyhow::ensure!(!self.node_id.is_empty(), "--node-id must not be empty");
         anyhow::ensure!(
             self.shard_lease >= Duration::from_millis(300),
@@ -307,7 +316,6 @@ impl ServeConfig {
             max_groups_per_user: self.max_groups_per_user,
             max_group_name: self.max_group_name,
             history_on_join: self.history_on_join,
-            fanout_backlog_limit: self.fanout_backlog_limit,
             admission: AdmissionLimits {
                 max_in_flight: self.max_sends_in_flight as usize,
                 max_wait: self.max_send_wait,
@@ -359,6 +367,7 @@ impl ServeConfig {
                 per_second: self.group_sends_per_sec,
                 burst: self.group_sends_burst,
             },
+            outbox_lag_limit: self.outbox_lag_limit,
             ..SequencerLimits::default()
         }
     }

@@ -158,7 +158,6 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
         lease_until_ms: 0,
         started_ms: now_ms(),
         connections: 0,
-        fanout_backlog: 0,
     };
     let lease = config.shard_lease;
     let lease_ms = lease.as_millis() as u64;
@@ -192,7 +191,6 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
                         let now = now_ms();
                         let record = NodeRecord {
                             connections: metrics.connections.get().max(0) as u64,
-                            fanout_backlog: metrics.fanout_backlog.get().max(0) as u64,
                             ..leased(&registration, now + lease_ms)
                         };
                         match store.register_node(&node, &record).await {
@@ -271,14 +269,7 @@ async fn run_sequencer(
         node.metrics.clone(),
     )
     .await?;
-    let keeper = sequencer.clone();
-    // Stops at once when cancelled; restarted if it fails: the leases are in the store.
-    loops.spawn("keep shard leases", move |cancel| {
-        let keeper = keeper.clone();
-        async move {
-            cancel.run_until_cancelled(keeper.keep_shards()).await;
-        }
-    });
+    sequencer.spawn_loops(loops);
 
     let service = SequencerService::new(sequencer.clone()).into_server(token.clone());
     let admin = AdminService::new(store.clone(), config.node_id.clone(), token)

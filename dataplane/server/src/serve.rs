@@ -57,7 +57,7 @@ use courier_sequencer::retention::Retention;
 use courier_sequencer::routing::RoutedSequencer;
 use courier_store::embedded::EmbeddedEngine;
 use courier_store::leaders::Job;
-use courier_store::nodes::{NodeRecord, cluster_fanout_backlog};
+use courier_store::nodes::NodeRecord;
 use courier_store::{KvEngine, MessageStore, StoreError};
 use std::future::IntoFuture;
 use std::sync::Arc;
@@ -263,13 +263,7 @@ pub async fn run_client_roles(
                 metrics.clone(),
             )
             .await?;
-            let keeper = sequencer.clone();
-            loops.spawn("keep shard leases", move |cancel| {
-                let keeper = keeper.clone();
-                async move {
-                    cancel.run_until_cancelled(keeper.keep_shards()).await;
-                }
-            });
+            sequencer.spawn_loops(&loops);
             sequencer
         }
         Some(cluster) => {
@@ -497,8 +491,8 @@ pub async fn run_client_roles(
 
 /// Serves the internal gRPC of a client node on `cluster.internal` (deliveries to this
 /// gateway; notices of commits, when it runs fanout; the admin API, whose `Drain` starts the
-/// gateway's drain), and reads the node registry every lease round: the cluster's fanout
-/// backlog, and a sweep of the routes of gateway nodes whose lease lapsed.
+/// gateway's drain), and reads the node registry every lease round to sweep the routes of
+/// gateway nodes whose lease lapsed.
 fn serve_internal(
     cluster: Cluster,
     store: &MessageStore,
@@ -542,12 +536,9 @@ fn serve_internal(
         }
     });
     let (store, node, round) = (store.clone(), node.to_owned(), config.ownership().round());
-    let metrics = cluster.metrics;
-    // One read of the registry a round serves both: the sum of the fanout nodes' backlogs
-    // (sends' backpressure) and the sweep. Stops at once when cancelled; restarted if it
-    // panics: it keeps no state.
-    loops.spawn("read the node registry", move |cancel| {
-        let (store, node, metrics) = (store.clone(), node.clone(), metrics.clone());
+    // Stops at once when cancelled; restarted if it panics: it keeps no state.
+    loops.spawn("sweep the routes of lapsed gateways", move |cancel| {
+        let (store, node) = (store.clone(), node.clone());
         async move {
             let read = async {
                 let mut rounds = tokio::time::interval(round);
@@ -561,8 +552,6 @@ fn serve_internal(
                         }
                     };
                     let now = courier_core::clock::now_ms();
-                    let backlog = cluster_fanout_backlog(&nodes, now);
-                    metrics.cluster_fanout_backlog.set(backlog as i64);
                     if let Err(e) = sweep_lapsed_gateways(&store, &node, &nodes, now).await {
                         tracing::warn!(error = %e, "sweeping the routes of lapsed gateways failed; retrying");
                     }

@@ -36,25 +36,14 @@ pub struct NodeRecord {
     /// Client connections open on the node (a gateway) at its last renewal.
     #[prost(uint64, tag = "5")]
     pub connections: u64,
-    /// Events this node's fanout was told of and has not fanned out yet, at its last renewal
-    /// (the senders' backpressure reads the sum over live nodes).
-    #[prost(uint64, tag = "6")]
-    pub fanout_backlog: u64,
+    // Tag 6 was a fanout node's backlog, summed for the senders' backpressure; that is now
+    // kept by each shard's sequencer from the outbox lag. Records that still carry it decode.
 }
 
 impl NodeRecord {
     pub fn is_live(&self, now_ms: u64) -> bool {
         self.lease_until_ms > now_ms
     }
-}
-
-/// The events waiting for fanout across the live nodes of `nodes`, as they last reported it.
-pub fn cluster_fanout_backlog(nodes: &[(String, NodeRecord)], now_ms: u64) -> u64 {
-    nodes
-        .iter()
-        .filter(|(_, record)| record.is_live(now_ms))
-        .map(|(_, record)| record.fanout_backlog)
-        .sum()
 }
 
 /// What [`MessageStore::forget_node`] did.
@@ -165,7 +154,6 @@ mod tests {
             lease_until_ms,
             started_ms: 0,
             connections: 0,
-            fanout_backlog: 0,
         }
     }
 
@@ -173,19 +161,14 @@ mod tests {
         nodes.iter().map(|(id, _)| id.as_str()).collect()
     }
 
+    /// A record written by a node of the previous version (with its fanout backlog, tag 6)
+    /// still decodes.
     #[test]
-    fn the_cluster_backlog_sums_what_live_nodes_last_reported() {
-        let reported = |lease_until_ms, fanout_backlog| NodeRecord {
-            fanout_backlog,
-            ..node("127.0.0.2:7100", lease_until_ms)
-        };
-        let nodes = vec![
-            ("f1".to_owned(), reported(200, 30)),
-            ("f2".to_owned(), reported(200, 12)),
-            ("dead".to_owned(), reported(50, 1000)),
-        ];
-        assert_eq!(cluster_fanout_backlog(&nodes, 100), 42);
-        assert_eq!(cluster_fanout_backlog(&nodes, 300), 0);
+    fn a_record_with_the_former_backlog_field_decodes() {
+        let mut bytes = node("127.0.0.2:7100", 200).encode_to_vec();
+        bytes.extend([6 << 3, 42]);
+        let record = NodeRecord::decode(bytes.as_slice()).unwrap();
+        assert_eq!(record, node("127.0.0.2:7100", 200));
     }
 
     #[tokio::test]

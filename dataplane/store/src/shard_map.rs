@@ -28,6 +28,19 @@ pub const MAX_OUTBOX_COUNT_LIMIT: usize = 1000;
 /// Shards whose outboxes are read at the same time while building a map.
 pub const CONCURRENT_READS: usize = 16;
 
+/// Shards whose oldest outbox entries [`MessageStore::oldest_outbox_entries`] reads in one
+/// [`crate::KvEngine::ranges`] call (one gRPC call on a store node; concurrent reads on the
+/// other engines).
+pub const OLDEST_ENTRIES_PER_CALL: usize = 64;
+
+/// The oldest entry waiting in a shard's outbox: its key, and when its event was committed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OldestOutboxEntry {
+    pub key: Vec<u8>,
+    /// Its event's `ts_ms` (set by the sequencer that committed it).
+    pub ts_ms: u64,
+}
+
 /// How far a shard's outbox is behind: the entries waiting for fanout (counted up to a limit)
 /// and when the oldest of them was committed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -82,6 +95,43 @@ impl MessageStore {
             more: rows.len() > limit,
             oldest_ts_ms,
         })
+    }
+
+    /// The oldest outbox entry of each shard asked, in the order asked (`None`: its outbox is
+    /// empty). Each shard is read from its `from` key on, inclusive (the oldest key seen
+    /// before, or `None` for the start of its outbox): a range read of one entry, which steps
+    /// over none of the entries cleared before that key (on the embedded engine their
+    /// tombstones stay until a compaction). Sound because an outbox key is the versionstamp
+    /// of its commit: later commits sort after every entry an earlier read saw, on every
+    /// engine (FoundationDB's read versions; the embedded engine's single writer). Reads
+    /// [`OLDEST_ENTRIES_PER_CALL`] shards per engine call, one call after the other.
+    pub async fn oldest_outbox_entries(
+        &self,
+        from: &[(u32, Option<Vec<u8>>)],
+    ) -> Result<Vec<Option<OldestOutboxEntry>>, StoreError> {
+        let mut oldest = Vec::with_capacity(from.len());
+        for chunk in from.chunks(OLDEST_ENTRIES_PER_CALL) {
+            let ranges = chunk
+                .iter()
+                .map(|(shard, from)| {
+                    let outbox = self.keys().outbox(*shard);
+                    match from {
+                        Some(key) => key.clone().max(outbox.start)..outbox.end,
+                        None => outbox,
+                    }
+                })
+                .collect();
+            for rows in self.kv().ranges(ranges, 1).await? {
+                oldest.push(match rows.into_iter().next() {
+                    Some((key, value)) => {
+                        let ts_ms = decode_event(&key, &value)?.ts_ms;
+                        Some(OldestOutboxEntry { key, ts_ms })
+                    }
+                    None => None,
+                });
+            }
+        }
+        Ok(oldest)
     }
 
     /// Every shard of the store, in order, with its owners and outbox lag (module
@@ -209,5 +259,81 @@ mod tests {
             1,
             "a limit of 0 counts one entry"
         );
+    }
+
+    #[tokio::test]
+    async fn the_oldest_outbox_entries_are_read_from_the_last_key_seen() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = temp_store(&dir, 4).await;
+        let shard = store.shard_of("d:1");
+        let idle = (shard + 1) % 4;
+        let lease = store
+            .acquire_shards(Duty::Sequencing, "s1", &[shard], usize::MAX, 1_000, LEASE)
+            .await
+            .unwrap()[0];
+        let delivery = store
+            .acquire_shards(Duty::Delivery, "f1", &[shard], usize::MAX, 1_000, LEASE)
+            .await
+            .unwrap()[0];
+        let mut heads = HeadCache::default();
+        for i in 0..3 {
+            store
+                .append(lease, &mut heads, &[direct_message(&format!("m{i}"))])
+                .await
+                .unwrap();
+        }
+        let entries = store.outbox(shard, None, 3).await.unwrap();
+        let oldest = |i: usize| {
+            Some(OldestOutboxEntry {
+                key: entries[i].0.clone(),
+                ts_ms: entries[i].1.ts_ms,
+            })
+        };
+
+        let first = store
+            .oldest_outbox_entries(&[(shard, None), (idle, None)])
+            .await
+            .unwrap();
+        assert_eq!(first, [oldest(0), None], "in the order asked");
+        // Read again from the key seen: the same entry (inclusive).
+        let again = store
+            .oldest_outbox_entries(&[(shard, Some(entries[0].0.clone()))])
+            .await
+            .unwrap();
+        assert_eq!(again, [oldest(0)]);
+
+        store
+            .clear_outbox(&[OutboxRange {
+                lease: delivery,
+                first: entries[0].0.clone(),
+                last: entries[1].0.clone(),
+            }])
+            .await
+            .unwrap();
+        let after_clear = store
+            .oldest_outbox_entries(&[(shard, Some(entries[0].0.clone()))])
+            .await
+            .unwrap();
+        assert_eq!(after_clear, [oldest(2)]);
+        store
+            .clear_outbox(&[OutboxRange {
+                lease: delivery,
+                first: entries[2].0.clone(),
+                last: entries[2].0.clone(),
+            }])
+            .await
+            .unwrap();
+        let drained = store
+            .oldest_outbox_entries(&[(shard, Some(entries[2].0.clone()))])
+            .await
+            .unwrap();
+        assert_eq!(drained, [None]);
+        // More shards than one call reads: every one is answered, in order.
+        let many: Vec<(u32, Option<Vec<u8>>)> = (0..2 * OLDEST_ENTRIES_PER_CALL + 1)
+            .map(|i| (i as u32 % 4, None))
+            .collect();
+        let answered = store.oldest_outbox_entries(&many).await.unwrap();
+        assert_eq!(answered.len(), many.len());
+        assert!(answered.iter().all(Option::is_none));
     }
 }
