@@ -170,7 +170,7 @@ enum Exit {
 impl Gateway {
     /// Runs one connection until it ends.
     pub async fn serve(&self, socket: WebSocket, who: Identity, encoding: Encoding) {
-        let (handle, mut deliveries) =
+        let (handle, deliveries) =
             self.routes
                 .register(&who.user, &who.device, self.limits.outbound_queue);
         self.metrics.connections.inc();
@@ -192,14 +192,14 @@ impl Gateway {
                 let (store, node) = (&cluster.store, &cluster.node);
                 let added = store.add_route(&user, &handle.device, node, handle.id, now_ms());
                 match added.await {
-                    Ok(()) => connection.run(&devices, &mut deliveries, &handle).await,
+                    Ok(()) => connection.run(&devices, &deliveries, &handle).await,
                     Err(e) => {
                         tracing::warn!(user, error = %e, "could not record the device's route");
                         Exit::Close(close_code::ERROR, "storage error; reconnect")
                     }
                 }
             }
-            None => connection.run(&devices, &mut deliveries, &handle).await,
+            None => connection.run(&devices, &deliveries, &handle).await,
         };
         if let Exit::Close(code, reason) = exit {
             Box::pin(connection.close(code, reason)).await;
@@ -231,7 +231,7 @@ impl Connection<'_> {
     async fn run(
         &mut self,
         devices: &Devices,
-        deliveries: &mut tokio::sync::mpsc::Receiver<Delivery>,
+        deliveries: &flume::Receiver<Delivery>,
         handle: &crate::routes::ConnectionHandle,
     ) -> Exit {
         let hello = ServerFrame::Hello(Hello {
@@ -276,7 +276,7 @@ impl Connection<'_> {
                     }
                 }
                 Some(done) = self.pending.next() => self.on_sent(done).await,
-                Some(delivery) = deliveries.recv() => self.on_delivery(delivery).await,
+                Ok(delivery) = deliveries.recv_async() => self.on_delivery(delivery).await,
                 _ = handle.signals.lagged.notified() => {
                     Box::pin(self.refill(handle.signals.take_behind())).await
                 }

@@ -14,8 +14,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
-use tokio::sync::mpsc::error::TrySendError;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 
 /// An event shared by every connection it goes to, encoded at most once per encoding.
 pub struct SharedEvent {
@@ -85,7 +84,7 @@ pub struct Signals {
 pub struct ConnectionHandle {
     pub id: u64,
     pub device: String,
-    queue: mpsc::Sender<Delivery>,
+    queue: flume::Sender<Delivery>,
     pub signals: Arc<Signals>,
 }
 
@@ -109,19 +108,21 @@ impl ConnectionHandle {
     pub fn deliver(&self, shared: &Arc<SharedEvent>) -> Handoff {
         match self.queue.try_send(Delivery::Event(shared.clone())) {
             Ok(()) => Handoff::Queued,
-            Err(TrySendError::Full(_)) => {
+            Err(flume::TrySendError::Full(_)) => {
                 let event = &shared.event;
                 self.signals.fell_behind(&event.conversation_id, event.seq);
                 Handoff::Lagged
             }
-            Err(TrySendError::Closed(_)) => Handoff::Gone,
+            Err(flume::TrySendError::Disconnected(_)) => Handoff::Gone,
         }
     }
 
     /// Queues a frame that may be lost (typing) or is retried by its sender (receipts): only
     /// while the queue is at most three quarters full. Returns whether it was queued.
     pub fn deliver_droppable(&self, delivery: Delivery) -> bool {
-        self.queue.capacity() > self.queue.max_capacity() / DROPPABLE_HEADROOM
+        // The queue is bounded (`Routes::register`), so its capacity is known.
+        let capacity = self.queue.capacity().unwrap_or(usize::MAX);
+        capacity.saturating_sub(self.queue.len()) > capacity / DROPPABLE_HEADROOM
             && self.queue.try_send(delivery).is_ok()
     }
 
@@ -184,14 +185,17 @@ impl Routes {
         }
     }
 
-    /// Registers a connection of `user`/`device` with a queue of `capacity` deliveries.
+    /// Registers a connection of `user`/`device` with a queue of `capacity` deliveries. The
+    /// queue holds no memory while empty (flume's bounded channel grows a `VecDeque`), where
+    /// tokio's allocates its first block of 32 slots and cache-padded state up front, ~1 KB
+    /// for every idle connection (`docs/benchmarks.md`, "Idle connection memory").
     pub fn register(
         &self,
         user: &str,
         device: &str,
         capacity: usize,
-    ) -> (ConnectionHandle, mpsc::Receiver<Delivery>) {
-        let (queue, deliveries) = mpsc::channel(capacity);
+    ) -> (ConnectionHandle, flume::Receiver<Delivery>) {
+        let (queue, deliveries) = flume::bounded(capacity);
         let handle = ConnectionHandle {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             device: device.to_owned(),
