@@ -32,8 +32,8 @@ use crate::config::{PublicKeyAlgorithm, ServeConfig, StoreKind};
 use crate::http::{AppState, router, with_web_app};
 use anyhow::Context;
 use axum::serve::ListenerExt;
-use courier_chat::Chat;
 use courier_chat::receipts::ReceiptRelay;
+use courier_chat::{Chat, ChatBinding};
 use courier_core::auth::{self, TokenVerifier};
 use courier_core::gateways::Gateways;
 use courier_core::leases::JobLead;
@@ -353,8 +353,10 @@ pub async fn run_client_roles(
             cancel.run_until_cancelled(forget).await;
         }
     });
+    let chat = ChatBinding::Local(chat);
     let gateway = Arc::new(Gateway {
         chat: chat.clone(),
+        store: store.clone(),
         routes: routes.clone(),
         cluster_routes: cluster.is_some().then(|| ClusterRoutes {
             store: store.clone(),
@@ -380,6 +382,7 @@ pub async fn run_client_roles(
     let media = MediaService::open(
         config.media.clone(),
         &config.data_dir,
+        store.clone(),
         chat.clone(),
         metrics.clone(),
         storage.clone(),
