@@ -38,9 +38,11 @@ use courier_core::loops::BackgroundLoops;
 use courier_core::membership::MembershipCache;
 use courier_core::metrics::Metrics;
 use courier_core::sequencing::Listeners;
-use courier_fanout::Fanout;
 use courier_core::storage_health::StorageHealth;
-use courier_rpc::{ChatNodeService, ClusterGateways, ClusterToken, FanoutService, SequencerService};
+use courier_fanout::Fanout;
+use courier_rpc::{
+    ChatNodeService, ClusterGateways, ClusterToken, FanoutService, SequencerService,
+};
 use courier_sequencer::LocalSequencer;
 use courier_store::MessageStore;
 use courier_store::nodes::{NodeRecord, cluster_fanout_backlog};
@@ -369,7 +371,11 @@ async fn run_chat(
         loops,
         node: &config.node_id,
     });
-    let (registry, metrics, round) = (store.clone(), node.metrics.clone(), config.ownership().round());
+    let (registry, metrics, round) = (
+        store.clone(),
+        node.metrics.clone(),
+        config.ownership().round(),
+    );
     // Stops at once when cancelled; restarted if it panics: it keeps no state.
     loops.spawn("read the fanout backlog from the node registry", move |cancel| {
         let (store, metrics) = (registry.clone(), metrics.clone());
@@ -391,9 +397,8 @@ async fn run_chat(
         }
     });
     let admin = AdminService::new(store.clone(), config.node_id.clone(), token.clone());
-    let services =
-        tonic::service::Routes::new(ChatNodeService::new(chat).into_server(token))
-            .add_service(admin.into_server());
+    let services = tonic::service::Routes::new(ChatNodeService::new(chat).into_server(token))
+        .add_service(admin.into_server());
     node.serve_until_stopped(internal, services, async {
         tracing::info!("stopping: answering the chat calls in flight, then leaving the cluster");
     })
