@@ -1576,3 +1576,200 @@ async fn the_admin_command_lists_the_cluster_and_moves_a_shard() {
     let (ok, refused) = admin_cli(&second.address, &wrong, &["nodes"]).await;
     assert!(!ok && refused.contains("Unauthenticated"), "{refused}");
 }
+
+/// A cluster whose gateway nodes run without chat: a store node, a sequencer, a fanout node,
+/// two chat nodes (`--roles chat`) and two gateway nodes (`--roles gateway,media`) sharing a
+/// media directory. Returns the chat nodes and the gateways (data directories first, so they
+/// outlive the nodes).
+fn cluster_with_chat_nodes(
+    store: &StoreNode,
+    dir: &Path,
+) -> (Vec<InternalNode>, [tempfile::TempDir; 2], Server, Server) {
+    let mut internal = vec![
+        InternalNode::start("s1", "127.0.0.2", store, dir),
+        InternalNode::start_in(&[], "fanout", "f1", "127.0.0.3", store, dir),
+    ];
+    internal.push(InternalNode::start_in(
+        &[],
+        "chat",
+        "c1",
+        "127.0.0.4",
+        store,
+        dir,
+    ));
+    internal.push(InternalNode::start_in(
+        &[],
+        "chat",
+        "c2",
+        "127.0.0.5",
+        store,
+        dir,
+    ));
+    let media = dir.join("shared-media").display().to_string();
+    let shared = ["--media-dir", media.as_str()];
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let ga = gateway_node(store, dirs[0].path(), "ga", "gateway,media", &shared);
+    let gb = gateway_node(store, dirs[1].path(), "gb", "gateway,media", &shared);
+    (internal, dirs, ga, gb)
+}
+
+/// Every client request of a gateway node without chat goes to a chat node over gRPC: sends
+/// (1:1 and group), receipts, fetch, catch-up, a group change, and a stranger's refusals, with
+/// the code and message `courier serve` gives (`tests/groups.rs`, `tests/protocol.rs`).
+#[tokio::test]
+async fn gateway_nodes_without_chat_serve_every_request_through_the_chat_nodes() {
+    use courier_client::proto::{AckKind, ErrorCode, ServerFrame};
+    let (dir, store) = store_node();
+    let (_internal, _dirs, ga, gb) = cluster_with_chat_nodes(&store, dir.path());
+
+    // 1:1 across the gateways: alice on ga, bob on gb; bob's read receipt reaches alice.
+    let mut alice = ga.connect("alice", "phone").await;
+    alice.events_until_sync_done().await.unwrap();
+    let mut bob = gb.connect("bob", "phone").await;
+    bob.events_until_sync_done().await.unwrap();
+    let sent = send_until_sent(&mut alice, "bob", "d1", None).await;
+    assert_eq!(sent, 1);
+    let event = next_event(&mut bob).await;
+    assert_eq!(event.seq, 1);
+    let direct = event.conversation_id.clone();
+    bob.ack(&direct, 1, AckKind::Read).await.unwrap();
+    let receipt = next_frame_where(&mut alice, |frame| match frame {
+        ServerFrame::Receipt(r) if r.read_seq >= 1 => Some(r),
+        _ => None,
+    })
+    .await;
+    assert_eq!((receipt.user.as_str(), receipt.read_seq), ("bob", 1));
+
+    // A group, created and changed through the client HTTP API of a gateway without chat.
+    let conv = ga
+        .http("alice", "phone")
+        .create_group("g", &users(&["bob"]))
+        .await
+        .unwrap();
+    ga.http("alice", "phone")
+        .add_members(&conv, &users(&["carol"]))
+        .await
+        .unwrap();
+    let group_sent = alice
+        .send_text(Target::Conversation(conv.clone()), "g1", "hello group")
+        .await
+        .unwrap();
+    assert_eq!(
+        group_sent.seq, 3,
+        "group_created, member_added, then the message"
+    );
+    let mut carol = gb.connect("carol", "phone").await;
+    let caught_up = carol.events_until_sync_done().await.unwrap();
+    assert!(
+        caught_up
+            .iter()
+            .any(|e| e.seq == 3 && e.conversation_id == conv),
+        "carol's catch-up (planned by a chat node) has the message: {caught_up:?}"
+    );
+    let page = bob.fetch(&conv, 0, None).await.unwrap();
+    assert_eq!(page.head_seq, 3);
+    let seqs: Vec<u64> = page.events.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, vec![1, 2, 3]);
+
+    // A stranger gets what `courier serve` answers: forbidden, with the same message.
+    let mut mallory = gb.connect("mallory", "phone").await;
+    mallory.events_until_sync_done().await.unwrap();
+    let not_a_member = format!("you are not a member of {conv}");
+    match mallory
+        .send_text(Target::Conversation(conv.clone()), "x1", "let me in")
+        .await
+    {
+        Err(courier_client::ClientError::Server(e)) => {
+            assert_eq!(
+                (e.code, e.message.as_str()),
+                (ErrorCode::Forbidden, &*not_a_member)
+            );
+            assert_eq!(e.client_msg_id.as_deref(), Some("x1"));
+        }
+        other => panic!("a stranger's send to a group: {other:?}"),
+    }
+    match mallory.fetch(&conv, 0, None).await {
+        Err(courier_client::ClientError::Server(e)) => {
+            assert_eq!(
+                (e.code, e.message.as_str()),
+                (ErrorCode::Forbidden, &*not_a_member)
+            );
+        }
+        other => panic!("a stranger's fetch of a group: {other:?}"),
+    }
+    let (status, body) = gb
+        .http("mallory", "phone")
+        .post(
+            &format!("/v1/groups/{conv}/members"),
+            &serde_json::json!({ "users": ["mallory"] }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["code"], "forbidden");
+    assert_eq!(body["message"], not_a_member.as_str());
+    match mallory
+        .fetch("g:00000000000000000000000000000000", 0, None)
+        .await
+    {
+        Err(courier_client::ClientError::Server(e)) => assert_eq!(e.code, ErrorCode::NotFound),
+        other => panic!("a fetch of no conversation: {other:?}"),
+    }
+}
+
+/// A chat node SIGKILLed under a send load: the sends it held are answered `unavailable`, the
+/// clients' retries (the same `client_msg_id`) go through the other chat node, and every
+/// message is stored once, densely, and read once by its recipient; a retry of a message
+/// already sent is answered `duplicate: true` with its seq.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_chat_node_killed_under_load_loses_and_duplicates_nothing() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    const SENDERS: usize = 8;
+    const MESSAGES: usize = 30;
+    let (dir, store) = store_node();
+    let (mut internal, _dirs, ga, gb) = cluster_with_chat_nodes(&store, dir.path());
+    let ga = Arc::new(ga);
+    let taken = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for i in 0..SENDERS {
+        let (ga, taken) = (ga.clone(), taken.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut sender = ga.connect(&format!("sender{i}"), "phone").await;
+            sender.events_until_sync_done().await.unwrap();
+            let peer = format!("peer{i}");
+            let mut sent = Vec::new();
+            for m in 0..MESSAGES {
+                let id = format!("s{i}-{m}");
+                let seq = send_until_sent(&mut sender, &peer, &id, Some(&ga)).await;
+                sent.push((id, seq));
+                taken.fetch_add(1, Ordering::Relaxed);
+            }
+            // The first message again: the chat node that takes the retry finds it sequenced.
+            let (first, seq) = sent[0].clone();
+            let again = sender
+                .send_text(Target::User(peer.clone()), &first, &first)
+                .await
+                .unwrap();
+            assert!(again.duplicate, "a retry of {first} is a duplicate");
+            assert_eq!(again.seq, seq);
+            sent
+        }));
+    }
+    until("the load is under way", || async {
+        taken.load(Ordering::Relaxed) >= SENDERS * MESSAGES / 4
+    })
+    .await;
+    let c1 = internal
+        .iter_mut()
+        .find(|node| node.address.starts_with("127.0.0.4:"))
+        .unwrap();
+    c1.kill9();
+    let mut sent = Vec::new();
+    for task in tasks {
+        sent.push(task.await.unwrap());
+    }
+    assert_eq!(taken.load(Ordering::Relaxed), SENDERS * MESSAGES);
+    let peers: Vec<String> = (0..SENDERS).map(|i| format!("peer{i}")).collect();
+    check_history(&gb, &peers, &sent).await;
+}

@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let descriptors = protox::compile(
         [
             "courier/internal/v1/admin.proto",
+            "courier/internal/v1/chat.proto",
             "courier/internal/v1/delivery.proto",
             "courier/internal/v1/kv.proto",
             "courier/internal/v1/sequencer.proto",

@@ -14,13 +14,7 @@ use courier_core::error::ApiError;
 use courier_core::gateways::Gateways;
 use courier_store::{DeviceRecord, MessageStore, StoreError};
 
-/// A device as listed by `GET /v1/devices`.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct DeviceView {
-    pub device: String,
-    pub last_seen_ms: u64,
-    pub push: bool,
-}
+pub use courier_core::chat::DeviceView;
 
 /// Whether a device's token is still honoured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -8,6 +8,7 @@ pub mod groups;
 pub mod receipts;
 
 use crate::admission::{AdmissionLimits, Admitted, SendAdmission};
+use crate::devices::Devices;
 use crate::receipts::ReceiptRelay;
 use courier_core::auth::Identity;
 use courier_core::error::ApiError;
@@ -17,14 +18,10 @@ use courier_core::membership::MembershipCache;
 use courier_core::metrics::{Metrics, ScopeLabel};
 use courier_core::sequencing::{PendingAppend, Sequencer};
 use courier_core::storage_health::StorageHealth;
-use courier_proto::{
-    AckKind, Body, Event, EventPayload, Receipt, Sender, ServerFrame, TypingNotice, ids,
-};
-use courier_store::{
-    Append, AppendKey, MemberRecord, MessageStore, NewConversation, ReceiptKind, Visibility,
-};
+use courier_proto::{AckKind, Body, EventPayload, Receipt, Sender, ServerFrame, TypingNotice, ids};
+use courier_store::{Append, AppendKey, MemberRecord, MessageStore, NewConversation, ReceiptKind};
 use sha2::{Digest, Sha256};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 /// Events per `fetch` when the client gives no limit.
@@ -43,65 +40,9 @@ pub fn direct_conversation_id(a: &str, b: &str) -> String {
     format!("d:{}", hex::encode(&hash.finalize()[..16]))
 }
 
-/// A page of events.
-#[derive(Debug, Clone)]
-pub struct Page {
-    pub events: Vec<Event>,
-    pub head_seq: u64,
-    /// The retention floor, when events after the requested seq were cleared.
-    pub trimmed: Option<u64>,
-}
-
-/// A conversation as listed by `GET /v1/conversations`.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct ConversationSummary {
-    pub conversation_id: String,
-    pub kind: String,
-    pub name: String,
-    pub head_seq: u64,
-    pub delivered_seq: u64,
-    pub read_seq: u64,
-    /// Events above the user's read cursor (`head_seq - read_seq`; the user's own included).
-    pub unread: u64,
-}
-
-/// One conversation of a catch-up: send the events in `(from, head]` that `visible` holds.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CatchUp {
-    pub conversation_id: String,
-    pub from: u64,
-    pub head: u64,
-    pub visible: Visibility,
-    /// The retention floor, when events the device has not had were cleared.
-    pub trimmed: Option<u64>,
-}
-
-/// What one user may read of one conversation: its membership (current or former) and the
-/// conversation's retention floor.
-#[derive(Debug, Clone)]
-pub struct Readable {
-    record: MemberRecord,
-    history_on_join: u64,
-    floor: u64,
-}
-
-impl Readable {
-    /// The seqs the user may read that are still retained.
-    pub fn visibility(&self) -> Visibility {
-        self.record.visibility(self.history_on_join, self.floor)
-    }
-
-    /// The retention floor, if retention cleared events after `cursor` that the user could
-    /// have read.
-    pub fn trimmed_after(&self, cursor: u64) -> Option<u64> {
-        let below_floor = self.floor.saturating_sub(1);
-        self.record
-            .visibility(self.history_on_join, 1)
-            .ranges(cursor, below_floor)
-            .next()
-            .map(|_| self.floor)
-    }
-}
+pub use courier_core::chat::{
+    CatchUp, CatchUpPlan, ChatService, ConversationSummary, DeviceView, Page, Readable,
+};
 
 /// Limits and policies of the chat role; see `docs/groups.md`.
 #[derive(Debug, Clone)]
@@ -478,8 +419,8 @@ impl Chat {
     pub async fn catch_up_plan(
         &self,
         who: &Identity,
-        overrides: &std::collections::BTreeMap<String, u64>,
-    ) -> Result<(Vec<CatchUp>, HashMap<String, u64>), ApiError> {
+        overrides: &BTreeMap<String, u64>,
+    ) -> Result<CatchUpPlan, ApiError> {
         let cursors = self.store.device_cursors(&who.user, &who.device).await?;
         let mut plan = Vec::new();
         let mut resume = HashMap::new();
@@ -595,6 +536,256 @@ impl Chat {
             },
         );
         Ok((client_msg_id, pending))
+    }
+}
+
+impl Chat {
+    /// The user's linked devices.
+    pub async fn devices(&self, user: &str) -> Result<Vec<DeviceView>, ApiError> {
+        Devices::new(self.store.clone()).list(user).await
+    }
+
+    /// Registers (or replaces) the device's push endpoint.
+    pub async fn register_push(
+        &self,
+        who: &Identity,
+        provider: &str,
+        token: &str,
+        configured: bool,
+    ) -> Result<(), ApiError> {
+        Devices::new(self.store.clone())
+            .register_push(who, provider, token, configured)
+            .await
+    }
+
+    /// Unlinks one of the user's devices and closes its connections, on every gateway.
+    pub async fn unlink_device(&self, user: &str, device: &str) -> Result<(), ApiError> {
+        Devices::new(self.store.clone())
+            .unlink(user, device, self.gateways.as_ref())
+            .await
+    }
+}
+
+/// The in-process binding of the chat seam: each method is the inherent one of the same name.
+#[async_trait::async_trait]
+impl ChatService for Chat {
+    async fn submit_send(
+        &self,
+        who: &Identity,
+        send: &courier_proto::Send,
+    ) -> Result<(String, PendingAppend), ApiError> {
+        Chat::submit_send(self, who, send).await
+    }
+
+    async fn submit_delete(
+        &self,
+        who: &Identity,
+        delete: &courier_proto::Delete,
+    ) -> Result<(String, PendingAppend), ApiError> {
+        Chat::submit_delete(self, who, delete).await
+    }
+
+    async fn typing(&self, who: &Identity, typing: &courier_proto::Typing) -> Result<(), ApiError> {
+        Chat::typing(self, who, typing).await
+    }
+
+    async fn acknowledge(&self, who: &Identity, ack: &courier_proto::Ack) -> Result<(), ApiError> {
+        Chat::acknowledge(self, who, ack).await
+    }
+
+    async fn fetch(
+        &self,
+        who: &Identity,
+        conv: &str,
+        after_seq: u64,
+        limit: Option<u32>,
+    ) -> Result<Page, ApiError> {
+        Chat::fetch(self, who, conv, after_seq, limit).await
+    }
+
+    async fn readable(&self, conv: &str, user: &str) -> Result<Readable, ApiError> {
+        Chat::readable(self, conv, user).await
+    }
+
+    async fn catch_up_plan(
+        &self,
+        who: &Identity,
+        overrides: &BTreeMap<String, u64>,
+    ) -> Result<CatchUpPlan, ApiError> {
+        Chat::catch_up_plan(self, who, overrides).await
+    }
+
+    async fn conversations(&self, who: &Identity) -> Result<Vec<ConversationSummary>, ApiError> {
+        Chat::conversations(self, who).await
+    }
+
+    async fn create_group(
+        &self,
+        who: &Identity,
+        name: &str,
+        members: &[String],
+    ) -> Result<String, ApiError> {
+        Chat::create_group(self, who, name, members).await
+    }
+
+    async fn add_members(
+        &self,
+        who: &Identity,
+        conv: &str,
+        users: &[String],
+    ) -> Result<Vec<String>, ApiError> {
+        Chat::add_members(self, who, conv, users).await
+    }
+
+    async fn remove_member(&self, who: &Identity, conv: &str, user: &str) -> Result<(), ApiError> {
+        Chat::remove_member(self, who, conv, user).await
+    }
+
+    async fn devices(&self, user: &str) -> Result<Vec<DeviceView>, ApiError> {
+        Chat::devices(self, user).await
+    }
+
+    async fn register_push(
+        &self,
+        who: &Identity,
+        provider: &str,
+        token: &str,
+        configured: bool,
+    ) -> Result<(), ApiError> {
+        Chat::register_push(self, who, provider, token, configured).await
+    }
+
+    async fn unlink_device(&self, user: &str, device: &str) -> Result<(), ApiError> {
+        Chat::unlink_device(self, user, device).await
+    }
+}
+
+/// The chat role as the gateway, the client HTTP API and media hold it: this process's
+/// [`Chat`], called directly (no boxed future, no hop: `courier serve` and a node running
+/// `gateway,chat`), or another binding of [`ChatService`] (a gateway node without the chat
+/// role: `courier_rpc::ClusterChat`). Cheap to clone.
+#[derive(Clone)]
+pub enum ChatBinding {
+    Local(Arc<Chat>),
+    Remote(Arc<dyn ChatService>),
+}
+
+/// Calls `$method` on the binding: inherent (static dispatch) in process, through the trait
+/// otherwise.
+macro_rules! dispatch {
+    ($self:ident . $method:ident ( $($arg:expr),* )) => {
+        match $self {
+            ChatBinding::Local(chat) => Chat::$method(chat, $($arg),*).await,
+            ChatBinding::Remote(chat) => chat.$method($($arg),*).await,
+        }
+    };
+}
+
+impl ChatBinding {
+    pub async fn submit_send(
+        &self,
+        who: &Identity,
+        send: &courier_proto::Send,
+    ) -> Result<(String, PendingAppend), ApiError> {
+        dispatch!(self.submit_send(who, send))
+    }
+
+    pub async fn submit_delete(
+        &self,
+        who: &Identity,
+        delete: &courier_proto::Delete,
+    ) -> Result<(String, PendingAppend), ApiError> {
+        dispatch!(self.submit_delete(who, delete))
+    }
+
+    pub async fn typing(
+        &self,
+        who: &Identity,
+        typing: &courier_proto::Typing,
+    ) -> Result<(), ApiError> {
+        dispatch!(self.typing(who, typing))
+    }
+
+    pub async fn acknowledge(
+        &self,
+        who: &Identity,
+        ack: &courier_proto::Ack,
+    ) -> Result<(), ApiError> {
+        dispatch!(self.acknowledge(who, ack))
+    }
+
+    pub async fn fetch(
+        &self,
+        who: &Identity,
+        conv: &str,
+        after_seq: u64,
+        limit: Option<u32>,
+    ) -> Result<Page, ApiError> {
+        dispatch!(self.fetch(who, conv, after_seq, limit))
+    }
+
+    pub async fn readable(&self, conv: &str, user: &str) -> Result<Readable, ApiError> {
+        dispatch!(self.readable(conv, user))
+    }
+
+    pub async fn catch_up_plan(
+        &self,
+        who: &Identity,
+        overrides: &BTreeMap<String, u64>,
+    ) -> Result<CatchUpPlan, ApiError> {
+        dispatch!(self.catch_up_plan(who, overrides))
+    }
+
+    pub async fn conversations(
+        &self,
+        who: &Identity,
+    ) -> Result<Vec<ConversationSummary>, ApiError> {
+        dispatch!(self.conversations(who))
+    }
+
+    pub async fn create_group(
+        &self,
+        who: &Identity,
+        name: &str,
+        members: &[String],
+    ) -> Result<String, ApiError> {
+        dispatch!(self.create_group(who, name, members))
+    }
+
+    pub async fn add_members(
+        &self,
+        who: &Identity,
+        conv: &str,
+        users: &[String],
+    ) -> Result<Vec<String>, ApiError> {
+        dispatch!(self.add_members(who, conv, users))
+    }
+
+    pub async fn remove_member(
+        &self,
+        who: &Identity,
+        conv: &str,
+        user: &str,
+    ) -> Result<(), ApiError> {
+        dispatch!(self.remove_member(who, conv, user))
+    }
+
+    pub async fn devices(&self, user: &str) -> Result<Vec<DeviceView>, ApiError> {
+        dispatch!(self.devices(user))
+    }
+
+    pub async fn register_push(
+        &self,
+        who: &Identity,
+        provider: &str,
+        token: &str,
+        configured: bool,
+    ) -> Result<(), ApiError> {
+        dispatch!(self.register_push(who, provider, token, configured))
+    }
+
+    pub async fn unlink_device(&self, user: &str, device: &str) -> Result<(), ApiError> {
+        dispatch!(self.unlink_device(user, device))
     }
 }
 

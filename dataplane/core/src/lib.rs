@@ -1,7 +1,8 @@
 //! What every Courier role shares: authentication of clients ([`auth`]), the one mapping from
 //! typed errors to the client's error codes ([`error`]), metrics, rate limits, storage health,
 //! the membership cache, the owner of every background loop ([`loops::BackgroundLoops`]), and
-//! the seams between roles as traits: [`sequencing::Sequencer`] (chat to sequencer),
+//! the seams between roles as traits: [`chat::ChatService`] (gateway, client API and media to
+//! chat), [`sequencing::Sequencer`] (chat to sequencer),
 //! [`sequencing::CommitListener`] (sequencer to fanout and notifier) and
 //! [`gateways::Gateways`] (everyone to the connected devices).
 //!
@@ -10,6 +11,7 @@
 //! binary wires them.
 
 pub mod auth;
+pub mod chat;
 pub mod clock;
 pub mod error;
 pub mod gateways;

@@ -34,7 +34,7 @@ use crate::drain::GatewayDrain;
 use crate::routes::{Delivery, Routes, SharedEvent, to_message};
 use axum::extract::ws::{CloseFrame, Message, WebSocket, close_code};
 use courier_chat::devices::{Devices, Link};
-use courier_chat::{CatchUp, Chat};
+use courier_chat::{CatchUp, ChatBinding};
 use courier_core::auth::Identity;
 use courier_core::clock::now_ms;
 use courier_core::error::ApiError;
@@ -100,7 +100,11 @@ impl Default for GatewayLimits {
 
 /// What a connection task needs.
 pub struct Gateway {
-    pub chat: Arc<Chat>,
+    /// The chat role: in this process, or on the cluster's chat nodes.
+    pub chat: ChatBinding,
+    /// The store, which a connection reads its catch-up, gap fills and cursors from, and
+    /// records its device in (the chat role decides what it may read).
+    pub store: MessageStore,
     pub routes: Arc<Routes>,
     /// In a cluster: this gateway's node id, under which its devices' routes are written.
     pub cluster_routes: Option<ClusterRoutes>,
@@ -186,7 +190,7 @@ impl Gateway {
             frames: ConnectionLimit::new(self.limits.connection_frames),
             typing: ConnectionLimit::new(self.limits.connection_typing),
         };
-        let devices = Devices::new(self.chat.store().clone());
+        let devices = Devices::new(self.store.clone());
         let exit = match &self.cluster_routes {
             Some(cluster) => {
                 let (store, node) = (&cluster.store, &cluster.node);
@@ -612,7 +616,7 @@ impl Connection<'_> {
         }
         // A conversation this connection has not seen yet (joined after connecting): from the
         // device's cursor; what it may not read is skipped when the gap is filled.
-        let store = self.gateway.chat.store();
+        let store = &self.gateway.store;
         match store
             .device_cursor(&self.who.user, &self.who.device, conv)
             .await
@@ -711,7 +715,7 @@ impl Connection<'_> {
     /// device's own sends (a catch-up does, a gap fill does not: the device had `sent` for
     /// them). Events it may not read are skipped without being read.
     async fn stream_events(&mut self, range: &CatchUp, own: bool) -> Result<(), Exit> {
-        let store = self.gateway.chat.store().clone();
+        let store = self.gateway.store.clone();
         let conv = &range.conversation_id;
         for (mut after, through) in range.visible.ranges(range.from, range.head) {
             while after < through {

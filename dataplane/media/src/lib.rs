@@ -28,7 +28,7 @@ use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use clap::Args;
-use courier_chat::Chat;
+use courier_chat::ChatBinding;
 use courier_core::auth::Identity;
 use courier_core::clock::now_ms;
 use courier_core::error::ApiError;
@@ -113,7 +113,7 @@ pub struct MediaService {
     objects: Arc<dyn ObjectStore>,
     store: MessageStore,
     /// Who may read which message (media access follows it).
-    chat: Arc<Chat>,
+    chat: ChatBinding,
     config: MediaConfig,
     metrics: Arc<Metrics>,
     health: Arc<StorageHealth>,
@@ -161,7 +161,8 @@ impl MediaService {
     pub fn open(
         config: MediaConfig,
         data_dir: &std::path::Path,
-        chat: Arc<Chat>,
+        store: MessageStore,
+        chat: ChatBinding,
         metrics: Arc<Metrics>,
         health: Arc<StorageHealth>,
     ) -> anyhow::Result<Arc<Self>> {
@@ -178,7 +179,7 @@ impl MediaService {
         };
         Ok(Arc::new(Self {
             objects,
-            store: chat.store().clone(),
+            store,
             chat,
             config,
             metrics,

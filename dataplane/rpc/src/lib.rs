@@ -7,6 +7,8 @@
 //!   over gRPC) and [`serve_store_node`];
 //! - [`remote`]: [`RemoteEngine`], a `KvEngine` that talks to a store node;
 //! - [`sequencer`]: the sequencer role over gRPC ([`SequencerService`], [`RemoteSequencer`]);
+//! - [`chat`]: the chat role over gRPC ([`ChatNodeService`], [`RemoteChat`], and
+//!   [`ClusterChat`], which a gateway node without the chat role calls);
 //! - [`delivery`]: delivery across nodes ([`ClusterGateways`] and the gateway's end,
 //!   [`delivery::FanoutNotifier`] and the fanout's end);
 //! - [`proto`]: the generated messages and stubs of `courier.internal.v1`, among them the
@@ -18,10 +20,12 @@
 //! and no failover; when it stops, the cluster stops. Production runs on FoundationDB
 //! (`courier_store` feature `fdb`), which every role reaches directly.
 //!
-//! This crate knows the interfaces it carries (the store's, the sequencer's), not the logic
-//! behind them, nor client frames or client tokens.
+//! This crate knows the interfaces it carries (the store's, the sequencer's, chat's), not the
+//! logic behind them, nor client tokens; it carries client frames (chat's requests) without
+//! reading them.
 
 pub mod auth;
+pub mod chat;
 pub mod delivery;
 pub mod remote;
 pub mod sequencer;
@@ -37,6 +41,7 @@ pub mod proto {
 }
 
 pub use auth::{ClusterToken, TokenError};
+pub use chat::{ChatNodeService, ClusterChat, RemoteChat};
 pub use delivery::{ClusterGateways, FanoutNotifier, FanoutService, GatewayService};
 pub use remote::RemoteEngine;
 pub use sequencer::{RemoteSequencer, SequencerService};

@@ -145,7 +145,7 @@ fn from_failure(failure: SequencerFailure) -> SequencerError {
 }
 
 /// The response that answers append `id` with `result`.
-fn response(id: u64, result: Result<AppendOutcome, SequencerError>) -> AppendResponse {
+pub(crate) fn response(id: u64, result: Result<AppendOutcome, SequencerError>) -> AppendResponse {
     let result = match result {
         Ok(outcome) => append_response::Result::Outcome(proto::Outcome {
             seq: outcome.seq,
@@ -165,7 +165,9 @@ fn response(id: u64, result: Result<AppendOutcome, SequencerError>) -> AppendRes
 }
 
 /// The outcome a response carries.
-fn outcome(result: Option<append_response::Result>) -> Result<AppendOutcome, SequencerError> {
+pub(crate) fn outcome(
+    result: Option<append_response::Result>,
+) -> Result<AppendOutcome, SequencerError> {
     match result {
         Some(append_response::Result::Outcome(o)) => Ok(AppendOutcome {
             seq: o.seq,

@@ -1,5 +1,7 @@
 //! The one mapping between [`StoreError`] and [`tonic::Status`], used by both ends of every
-//! internal call that reaches a store.
+//! internal call that reaches a store; and, for the chat service, between the client's
+//! [`ApiError`] and [`tonic::Status`] ([`api_status`], [`api_error`]: see "Client errors"
+//! below).
 //!
 //! **Role.** A store node answers a failed call with [`to_status`]; the caller turns the status
 //! back with [`store_error`], and gets the very variant the engine returned, so logic such as
@@ -23,8 +25,17 @@
 //!   `Unimplemented`), which are [`StoreError::Engine`]: nothing was applied.
 //!
 //! A detail that does not decode (a store node of another version) is treated as no detail.
+//!
+//! **Client errors.** A chat node answers a refused request with [`api_status`]: the
+//! [`ApiError`] the client is to be told travels whole (code, message, retry delay) as an
+//! [`ApiErrorDetail`] in [`API_ERROR_METADATA`], so the gateway writes exactly the `error` frame
+//! (or HTTP error) it would write had it called chat in process. A status without the detail
+//! did not come from the chat role (the node was unreachable, the token refused): [`api_error`]
+//! makes it `unavailable`, which the client retries (with the same `client_msg_id` for a send).
 
-use crate::proto::{StoreErrorDetail, StoreErrorKind};
+use crate::proto::{ApiErrorDetail, StoreErrorDetail, StoreErrorKind};
+use courier_core::error::ApiError;
+use courier_proto::ErrorCode;
 use courier_store::StoreError;
 use prost::Message;
 use tonic::metadata::{MetadataMap, MetadataValue};
@@ -146,6 +157,72 @@ pub fn store_error(status: &Status, call: Call) -> StoreError {
             status.message()
         )),
     }
+}
+
+/// The binary metadata entry holding the [`ApiErrorDetail`] of a request the chat role refused.
+pub const API_ERROR_METADATA: &str = "courier-api-error-bin";
+
+/// How long a client is told to wait before retrying a request whose chat node could not be
+/// reached (or did not answer).
+pub const CHAT_UNREACHABLE_RETRY_MS: u64 = 100;
+
+/// The gRPC code of each client error code, for tools and logs that only see codes.
+pub fn api_code_of(code: ErrorCode) -> Code {
+    match code {
+        ErrorCode::BadRequest => Code::InvalidArgument,
+        ErrorCode::Unauthorized => Code::Unauthenticated,
+        ErrorCode::Forbidden => Code::PermissionDenied,
+        ErrorCode::NotFound => Code::NotFound,
+        ErrorCode::TooLarge => Code::OutOfRange,
+        ErrorCode::RateLimited => Code::ResourceExhausted,
+        ErrorCode::Unavailable => Code::Unavailable,
+        ErrorCode::Internal => Code::Internal,
+    }
+}
+
+/// The status a chat node answers for a request refused with `error`.
+pub fn api_status(error: &ApiError) -> Status {
+    let detail = ApiErrorDetail {
+        code: error.code.as_str().to_owned(),
+        message: error.message.clone(),
+        retry_after_ms: error.retry_after_ms,
+    };
+    let mut metadata = MetadataMap::new();
+    metadata.insert_bin(
+        API_ERROR_METADATA,
+        MetadataValue::from_bytes(&detail.encode_to_vec()),
+    );
+    let message: String = error.message.chars().take(MAX_MESSAGE_CHARS).collect();
+    Status::with_metadata(api_code_of(error.code), message, metadata)
+}
+
+/// The client's error carried by `status`, if a chat node answered one (a detail of an
+/// unknown code, from another version, counts as none).
+pub fn decode_api_error(status: &Status) -> Option<ApiError> {
+    let bytes = status
+        .metadata()
+        .get_bin(API_ERROR_METADATA)?
+        .to_bytes()
+        .ok()?;
+    let detail = ApiErrorDetail::decode(bytes).ok()?;
+    let code = ErrorCode::parse(&detail.code)?;
+    Some(ApiError {
+        code,
+        message: detail.message,
+        retry_after_ms: detail.retry_after_ms,
+    })
+}
+
+/// The error the client is told for `status`: the chat role's own, or `unavailable` when the
+/// status did not come from it (module documentation, "Client errors").
+pub fn api_error(status: &Status) -> ApiError {
+    decode_api_error(status).unwrap_or_else(|| {
+        tracing::warn!(code = ?status.code(), message = status.message(), "a chat node could not be reached or did not answer; the client retries");
+        ApiError::unavailable(
+            "chat is unavailable; retry with the same client_msg_id",
+            CHAT_UNREACHABLE_RETRY_MS,
+        )
+    })
 }
 
 #[cfg(test)]
@@ -319,5 +396,78 @@ mod tests {
         );
         let status = Status::with_metadata(Code::Unavailable, "?", metadata);
         assert!(decode(&status).is_none());
+    }
+
+    /// One error of each client code, with texts a lossy mapping would damage.
+    fn every_client_error() -> Vec<ApiError> {
+        let mut errors: Vec<ApiError> = ErrorCode::ALL
+            .into_iter()
+            .map(|code| ApiError::new(code, format!("{} — ünïcode, \n newline", code.as_str())))
+            .collect();
+        errors.push(ApiError::unavailable(
+            "delivery is behind; retry shortly",
+            500,
+        ));
+        errors.push(ApiError {
+            code: ErrorCode::RateLimited,
+            message: "too many sends to this group; slow down".into(),
+            retry_after_ms: Some(250),
+        });
+        errors.push(ApiError::forbidden("you are not a member of g:0123"));
+        errors
+    }
+
+    #[test]
+    fn every_client_error_round_trips_exactly() {
+        for error in every_client_error() {
+            let mut headers = tonic::codegen::http::HeaderMap::new();
+            api_status(&error).add_header(&mut headers).unwrap();
+            let back = Status::from_header_map(&headers).expect("a status in the headers");
+            assert_eq!(back.code(), api_code_of(error.code));
+            assert_eq!(api_error(&back), error);
+        }
+    }
+
+    #[test]
+    fn client_codes_follow_grpc_meanings() {
+        let code = |e: ApiError| api_status(&e).code();
+        assert_eq!(code(ApiError::forbidden("x")), Code::PermissionDenied);
+        assert_eq!(code(ApiError::not_found("x")), Code::NotFound);
+        assert_eq!(code(ApiError::bad_request("x")), Code::InvalidArgument);
+        assert_eq!(code(ApiError::unavailable("x", 1)), Code::Unavailable);
+    }
+
+    #[test]
+    fn a_status_the_chat_role_did_not_answer_is_unavailable() {
+        for code in [
+            Code::Unavailable,
+            Code::Unknown,
+            Code::Cancelled,
+            Code::DeadlineExceeded,
+            Code::Unauthenticated,
+            // Looks like the chat role's answer, but carries no detail: never parsed.
+            Code::PermissionDenied,
+        ] {
+            let error = api_error(&Status::new(code, "you are not a member of g:1"));
+            assert_eq!(error.code, ErrorCode::Unavailable, "{code:?}");
+            assert_eq!(error.retry_after_ms, Some(CHAT_UNREACHABLE_RETRY_MS));
+        }
+    }
+
+    #[test]
+    fn a_client_error_of_an_unknown_code_counts_as_none() {
+        let detail = ApiErrorDetail {
+            code: "teapot".into(),
+            message: "?".into(),
+            retry_after_ms: None,
+        };
+        let mut metadata = MetadataMap::new();
+        metadata.insert_bin(
+            API_ERROR_METADATA,
+            MetadataValue::from_bytes(&detail.encode_to_vec()),
+        );
+        let status = Status::with_metadata(Code::NotFound, "?", metadata);
+        assert!(decode_api_error(&status).is_none());
+        assert_eq!(api_error(&status).code, ErrorCode::Unavailable);
     }
 }

@@ -11,7 +11,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
-use courier_chat::Chat;
+use courier_chat::ChatBinding;
 use courier_chat::devices::Devices;
 use courier_core::auth::{AuthError, Identity, TokenVerifier, bearer_token};
 use courier_core::error::ApiError;
@@ -36,7 +36,8 @@ const RECONNECT_ELSEWHERE_MS: u64 = 1000;
 
 /// What the handlers share.
 pub struct AppState {
-    pub chat: Arc<Chat>,
+    /// The chat role: in this process, or on the cluster's chat nodes.
+    pub chat: ChatBinding,
     pub media: Arc<MediaService>,
     pub push: Arc<courier_push::providers::PushProviders>,
     pub gateway: Arc<Gateway>,
@@ -122,7 +123,9 @@ async fn authenticate(
         .and_then(|v| v.to_str().ok());
     let token = bearer_token(authorization, query).ok_or(AuthError::Missing)?;
     let who = state.verifier.verify(token)?;
-    Devices::new(state.chat.store().clone()).admit(&who).await?;
+    Devices::new(state.gateway.store.clone())
+        .admit(&who)
+        .await?;
     Ok(who)
 }
 
@@ -278,9 +281,7 @@ async fn devices(
     State(state): State<Arc<AppState>>,
     Caller(who): Caller,
 ) -> Result<Response, ApiError> {
-    let devices = Devices::new(state.chat.store().clone())
-        .list(&who.user)
-        .await?;
+    let devices = state.chat.devices(&who.user).await?;
     Ok(Json(serde_json::json!({ "devices": devices })).into_response())
 }
 
@@ -296,7 +297,8 @@ async fn register_push(
     JsonBody(registration): JsonBody<PushRegistration>,
 ) -> Result<StatusCode, ApiError> {
     let configured = state.push.provider(&registration.provider).is_some();
-    Devices::new(state.chat.store().clone())
+    state
+        .chat
         .register_push(
             &who,
             &registration.provider,
@@ -312,9 +314,7 @@ async fn unlink_device(
     Caller(who): Caller,
     Path(device): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    Devices::new(state.chat.store().clone())
-        .unlink(&who.user, &device, state.gateway.routes.as_ref())
-        .await?;
+    state.chat.unlink_device(&who.user, &device).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -90,8 +90,9 @@ enum Command {
     /// for FoundationDB where none runs; never a production store: one process, one disk, no
     /// replication).
     StoreNode(store_node::StoreNodeArgs),
-    /// Run some of the roles as one node of a cluster on a shared store
-    /// (`docs/distributed.md`).
+    /// Run some of the roles as one node of a cluster on a shared store, e.g. `--roles
+    /// sequencer`, `--roles chat`, `--roles gateway,media` (its clients' requests go to the
+    /// chat nodes) or `--roles gateway,chat,media` (`docs/distributed.md`).
     Node(node::NodeArgs),
     /// Call a cluster's admin API: list nodes and shards, move a shard, drain or forget a
     /// node.

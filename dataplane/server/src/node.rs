@@ -7,11 +7,16 @@
 //!   port), with the admin API (`admin.rs`);
 //! - `fanout` (alone): drains the outboxes of its fair share of the shards and hands their
 //!   events to the gateway nodes holding the recipients' devices;
-//! - `gateway` with `chat` and `media` (the client port), optionally with `fanout` and `push`:
-//!   clients connect here; appends go to the shards' owners, deliveries come from the fanout
-//!   nodes over internal gRPC. Any number of such nodes may run. The push notifier runs on one
-//!   node of a cluster (a second is refused), and media bytes must be shared (S3, or the same
-//!   `--media-dir` on a shared filesystem) when several nodes serve media.
+//! - `chat` (alone): validates what clients ask, enforces membership, routes appends to the
+//!   shards' owners; serves the chat service (`courier.internal.v1.Chat`) on the internal port
+//!   to the gateway nodes that do not run chat. Stateless: any number may run;
+//! - `gateway` with `media` (the client port), optionally with `chat`, `fanout` and `push`:
+//!   clients connect here; with `chat` their requests are handled in process (and the node
+//!   serves the chat service too), without it they go to the live chat nodes of the registry
+//!   (`courier_rpc::ClusterChat`); deliveries come from the fanout nodes over internal gRPC.
+//!   Any number of such nodes may run. The push notifier leads on one node at a time, and media
+//!   bytes must be shared (S3, or the same `--media-dir` on a shared filesystem) when several
+//!   nodes serve media.
 //!
 //! Every node registers itself in the store (id, roles, internal address, lease) and renews
 //! its registration every third of `--shard-lease`; a node that dies is seen as gone once it
@@ -33,8 +38,11 @@ use courier_core::loops::BackgroundLoops;
 use courier_core::membership::MembershipCache;
 use courier_core::metrics::Metrics;
 use courier_core::sequencing::Listeners;
+use courier_core::storage_health::StorageHealth;
 use courier_fanout::Fanout;
-use courier_rpc::{ClusterGateways, ClusterToken, FanoutService, SequencerService};
+use courier_rpc::{
+    ChatNodeService, ClusterGateways, ClusterToken, FanoutService, SequencerService,
+};
 use courier_sequencer::LocalSequencer;
 use courier_store::MessageStore;
 use courier_store::nodes::NodeRecord;
@@ -68,13 +76,15 @@ impl Role {
     }
 }
 
-/// The roles a client node runs together: the client port serves all three.
-const CLIENT_ROLES: [Role; 3] = [Role::Gateway, Role::Chat, Role::Media];
+/// The roles a client node runs together: the client port serves both (chat may run with them
+/// or on nodes of its own).
+const CLIENT_ROLES: [Role; 2] = [Role::Gateway, Role::Media];
 
 /// `courier node`.
 #[derive(Debug, Args)]
 pub struct NodeArgs {
-    /// The roles this node runs, e.g. `sequencer`, or `gateway,chat,fanout,push,media`.
+    /// The roles this node runs, e.g. `sequencer`, `chat`, `gateway,media` (its clients'
+    /// requests go to the chat nodes) or `gateway,chat,fanout,push,media`.
     #[arg(long, env = "COURIER_ROLES", value_delimiter = ',', required = true)]
     pub roles: Vec<Role>,
     /// Where the internal gRPC of this node listens (port 0 picks a free port).
@@ -112,8 +122,12 @@ impl NodeArgs {
         let clients = CLIENT_ROLES.iter().filter(|r| self.has(**r)).count();
         anyhow::ensure!(
             clients == 0 || clients == CLIENT_ROLES.len(),
-            "the client port serves gateway, chat and media together: \
-             --roles gateway,chat,media (with fanout and push if wanted)"
+            "the client port serves gateway and media together: \
+             --roles gateway,media (with chat, fanout and push if wanted)"
+        );
+        anyhow::ensure!(
+            clients > 0 || !self.has(Role::Chat) || self.roles.iter().all(|r| *r == Role::Chat),
+            "a chat node without the client port runs the chat role alone: --roles chat"
         );
         anyhow::ensure!(
             !self.has(Role::Sequencer) || self.roles.iter().all(|r| *r == Role::Sequencer),
@@ -121,7 +135,7 @@ impl NodeArgs {
         );
         anyhow::ensure!(
             clients > 0 || !self.has(Role::Push),
-            "the push notifier runs on a client node: --roles gateway,chat,media,push"
+            "the push notifier runs on a client node: --roles gateway,media,push"
         );
         anyhow::ensure!(
             clients == 0 || config.jwt_secret.is_some() || config.jwt_public_key.is_some(),
@@ -220,6 +234,7 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
         let cluster = Cluster {
             token,
             fanout: args.has(Role::Fanout),
+            chat: args.has(Role::Chat),
             push: args.has(Role::Push),
             internal,
             lapsed,
@@ -235,9 +250,12 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
             roles: &roles,
             metrics,
         };
-        match args.has(Role::Fanout) {
-            true => run_fanout(node, token, internal, &loops).await,
-            false => run_sequencer(node, token, internal, &loops).await,
+        if args.has(Role::Chat) {
+            run_chat(node, token, internal, &loops).await
+        } else if args.has(Role::Fanout) {
+            run_fanout(node, token, internal, &loops).await
+        } else {
+            run_sequencer(node, token, internal, &loops).await
         }
     };
     loops
@@ -313,6 +331,42 @@ async fn run_fanout(
         if let Err(e) = fanout.release().await {
             tracing::warn!(error = %e, "giving the fanout shards back failed; they lapse with their leases");
         }
+    })
+    .await
+}
+
+/// The chat role alone until SIGTERM or Ctrl-C: serves the chat service to the gateway nodes
+/// on `internal`; appends go to the shards' owners, commit notices to the fanout nodes,
+/// typing, receipts and unlinks to the gateway nodes. Sends are refused while the cluster's
+/// fanout is too far behind, as on a gateway node (the registry is read every lease round).
+/// On stop, the calls in flight are answered (at most 10 s) before the node leaves.
+async fn run_chat(
+    node: InternalNode<'_>,
+    token: ClusterToken,
+    internal: tokio::net::TcpListener,
+    loops: &BackgroundLoops,
+) -> anyhow::Result<()> {
+    let (config, store) = (node.config, node.store);
+    let gateways = Arc::new(ClusterGateways::new(store.clone(), None, token.clone()));
+    let sequencer = serve::routed_sequencer(store, &token, None, Vec::new(), loops);
+    let storage = StorageHealth::new(store.clone(), None, config.min_free_disk, None, 0);
+    storage.start(loops);
+    let chat = serve::start_chat(serve::ChatRole {
+        config,
+        store,
+        sequencer,
+        gateways,
+        membership: Arc::new(MembershipCache::checking_heads(store.clone())),
+        metrics: node.metrics.clone(),
+        storage,
+        loops,
+        node: &config.node_id,
+    });
+    let admin = AdminService::new(store.clone(), config.node_id.clone(), token.clone());
+    let services = tonic::service::Routes::new(ChatNodeService::new(chat).into_server(token))
+        .add_service(admin.into_server());
+    node.serve_until_stopped(internal, services, async {
+        tracing::info!("stopping: answering the chat calls in flight, then leaving the cluster");
     })
     .await
 }

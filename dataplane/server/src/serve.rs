@@ -32,8 +32,8 @@ use crate::config::{PublicKeyAlgorithm, ServeConfig, StoreKind};
 use crate::http::{AppState, router, with_web_app};
 use anyhow::Context;
 use axum::serve::ListenerExt;
-use courier_chat::Chat;
 use courier_chat::receipts::ReceiptRelay;
+use courier_chat::{Chat, ChatBinding};
 use courier_core::auth::{self, TokenVerifier};
 use courier_core::gateways::Gateways;
 use courier_core::leases::JobLead;
@@ -50,7 +50,8 @@ use courier_media::MediaService;
 use courier_push::Notifier;
 use courier_push::providers::PushProviders;
 use courier_rpc::{
-    ClusterGateways, ClusterToken, FanoutNotifier, FanoutService, GatewayService, RemoteEngine,
+    ChatNodeService, ClusterChat, ClusterGateways, ClusterToken, FanoutNotifier, FanoutService,
+    GatewayService, RemoteEngine,
 };
 use courier_sequencer::LocalSequencer;
 use courier_sequencer::retention::Retention;
@@ -134,6 +135,9 @@ pub struct Cluster {
     pub token: ClusterToken,
     /// Whether this node also drains outboxes (the fanout role).
     pub fanout: bool,
+    /// Whether this node runs the chat role (and serves it to the gateway nodes that do not);
+    /// without it, its clients' requests go to the cluster's chat nodes.
+    pub chat: bool,
     /// Whether this node also runs the push notifier (the push role).
     pub push: bool,
     /// Where this node's internal gRPC listens: deliveries from fanout nodes and, with
@@ -251,7 +255,7 @@ pub async fn run_client_roles(
     });
     // Fanout first: delivery is what a user waits for.
     let mut listeners: Vec<Arc<dyn CommitListener>> = Vec::new();
-    let sequencer: Arc<dyn Sequencer> = match &cluster {
+    let sequencer: Option<Arc<dyn Sequencer>> = match &cluster {
         None => {
             listeners.extend(fanout.clone().map(|f| f as Arc<dyn CommitListener>));
             listeners.extend(notifier.clone().map(|n| n as Arc<dyn CommitListener>));
@@ -264,30 +268,23 @@ pub async fn run_client_roles(
             )
             .await?;
             sequencer.spawn_loops(&loops);
-            sequencer
+            Some(sequencer)
         }
-        Some(cluster) => {
+        Some(cluster) if cluster.chat => {
             let local = fanout
                 .clone()
                 .map(|f| (node.clone(), f as Arc<dyn CommitListener>));
-            let notices = FanoutNotifier::new(store.clone(), local, cluster.token.clone());
-            listeners.push(notices.clone());
             listeners.extend(notifier.clone().map(|n| n as Arc<dyn CommitListener>));
-            // Stops at once when cancelled; restarted if it panics: a lost notice is found at
-            // the fanout's next round.
-            loops.spawn("tell fanout nodes of commits", move |cancel| {
-                let notices = notices.clone();
-                async move {
-                    cancel.run_until_cancelled(notices.run()).await;
-                }
-            });
-            Arc::new(RoutedSequencer::new(
-                store.clone(),
-                None,
-                cluster.token.clone(),
-                Arc::new(Listeners(listeners)),
+            Some(routed_sequencer(
+                &store,
+                &cluster.token,
+                local,
+                listeners,
+                &loops,
             ))
         }
+        // The chat nodes append; this node's notifier looks at every shard each round.
+        Some(_) => None,
     };
     if let Some(notifier) = &notifier {
         // On a cluster node it is told only of the commits made through this node.
@@ -301,20 +298,6 @@ pub async fn run_client_roles(
     if let Some(fanout) = &fanout {
         fanout.start(&loops);
     }
-    let receipts = ReceiptRelay::new(
-        store.clone(),
-        gateways.clone(),
-        membership.clone(),
-        config.receipt_coalesce_above,
-    );
-    receipts.start(&loops, config.receipt_interval);
-    Retention::new(
-        store.clone(),
-        sequencer.clone(),
-        config.retention_policy(),
-        metrics.clone(),
-    )
-    .start(&loops, lead(Job::Retention));
     let storage = StorageHealth::new(
         store.clone(),
         (config.store == StoreKind::Embedded).then(|| config.data_dir.join(STORE_DIR)),
@@ -322,33 +305,27 @@ pub async fn run_client_roles(
         config.media.local_dir(&config.data_dir),
         config.media.media_min_free_disk,
     );
-    let chat = Arc::new(Chat::new(
-        store.clone(),
-        sequencer,
-        gateways.clone(),
-        membership,
-        receipts,
-        metrics.clone(),
-        config.chat_limits(),
-        storage.clone(),
-    ));
-    // Stops at once when cancelled, restarted if it panics: it keeps no state of its own.
-    let idle_chat = chat.clone();
-    loops.spawn("forget idle rate limits", move |cancel| {
-        let chat = idle_chat.clone();
-        async move {
-            let forget = async {
-                let mut tick = tokio::time::interval(FORGET_IDLE_LIMITS_EVERY);
-                loop {
-                    tick.tick().await;
-                    chat.forget_idle_limits();
-                }
-            };
-            cancel.run_until_cancelled(forget).await;
+    let chat = match sequencer {
+        Some(sequencer) => ChatBinding::Local(start_chat(ChatRole {
+            config: &config,
+            store: &store,
+            sequencer,
+            gateways: gateways.clone(),
+            membership,
+            metrics: metrics.clone(),
+            storage: storage.clone(),
+            loops: &loops,
+            node: &node,
+        })),
+        None => {
+            let token = cluster.as_ref().map(|c| c.token.clone());
+            let token = token.context("a node without chat needs the cluster's chat nodes")?;
+            ChatBinding::Remote(Arc::new(ClusterChat::new(store.clone(), token)))
         }
-    });
+    };
     let gateway = Arc::new(Gateway {
         chat: chat.clone(),
+        store: store.clone(),
         routes: routes.clone(),
         cluster_routes: cluster.is_some().then(|| ClusterRoutes {
             store: store.clone(),
@@ -374,6 +351,7 @@ pub async fn run_client_roles(
     let media = MediaService::open(
         config.media.clone(),
         &config.data_dir,
+        store.clone(),
         chat.clone(),
         metrics.clone(),
         storage.clone(),
@@ -489,10 +467,118 @@ pub async fn run_client_roles(
     Ok(())
 }
 
+/// What the chat role of a node is built from ([`start_chat`]).
+pub struct ChatRole<'a> {
+    pub config: &'a ServeConfig,
+    pub store: &'a MessageStore,
+    /// Where appends go: this process's sequencer (`courier serve`) or the shards' owners.
+    pub sequencer: Arc<dyn Sequencer>,
+    /// How typing, receipts and unlinks reach the devices.
+    pub gateways: Arc<dyn Gateways>,
+    pub membership: Arc<MembershipCache>,
+    pub metrics: Arc<Metrics>,
+    pub storage: Arc<StorageHealth>,
+    pub loops: &'a BackgroundLoops,
+    /// This node's id (the retention job's lead is taken under it).
+    pub node: &'a str,
+}
+
+/// Builds the chat role and starts its loops: the receipt relay, retention (on the node that
+/// leads it) and the pass that forgets idle rate limits.
+pub fn start_chat(role: ChatRole<'_>) -> Arc<Chat> {
+    let ChatRole {
+        config,
+        store,
+        sequencer,
+        gateways,
+        membership,
+        metrics,
+        storage,
+        loops,
+        node,
+    } = role;
+    let receipts = ReceiptRelay::new(
+        store.clone(),
+        gateways.clone(),
+        membership.clone(),
+        config.receipt_coalesce_above,
+    );
+    receipts.start(loops, config.receipt_interval);
+    Retention::new(
+        store.clone(),
+        sequencer.clone(),
+        config.retention_policy(),
+        metrics.clone(),
+    )
+    .start(
+        loops,
+        JobLead {
+            store: store.clone(),
+            job: Job::Retention,
+            node: node.to_owned(),
+        },
+    );
+    let chat = Arc::new(Chat::new(
+        store.clone(),
+        sequencer,
+        gateways,
+        membership,
+        receipts,
+        metrics.clone(),
+        config.chat_limits(),
+        storage,
+    ));
+    // Stops at once when cancelled, restarted if it panics: it keeps no state of its own.
+    let idle_chat = chat.clone();
+    loops.spawn("forget idle rate limits", move |cancel| {
+        let chat = idle_chat.clone();
+        async move {
+            let forget = async {
+                let mut tick = tokio::time::interval(FORGET_IDLE_LIMITS_EVERY);
+                loop {
+                    tick.tick().await;
+                    chat.forget_idle_limits();
+                }
+            };
+            cancel.run_until_cancelled(forget).await;
+        }
+    });
+    chat
+}
+
+/// The sequencer of a cluster node running chat: appends go to the shards' owners, and
+/// `listeners` (after the fanout nodes, told of every commit in batches; `local_fanout` is
+/// this node's own fanout, told in process) hear of the events committed for this node.
+pub fn routed_sequencer(
+    store: &MessageStore,
+    token: &ClusterToken,
+    local_fanout: Option<(String, Arc<dyn CommitListener>)>,
+    mut listeners: Vec<Arc<dyn CommitListener>>,
+    loops: &BackgroundLoops,
+) -> Arc<dyn Sequencer> {
+    let notices = FanoutNotifier::new(store.clone(), local_fanout, token.clone());
+    // Fanout first: delivery is what a user waits for.
+    listeners.insert(0, notices.clone());
+    // Stops at once when cancelled; restarted if it panics: a lost notice is found at the
+    // fanout's next round.
+    loops.spawn("tell fanout nodes of commits", move |cancel| {
+        let notices = notices.clone();
+        async move {
+            cancel.run_until_cancelled(notices.run()).await;
+        }
+    });
+    Arc::new(RoutedSequencer::new(
+        store.clone(),
+        None,
+        token.clone(),
+        Arc::new(Listeners(listeners)),
+    ))
+}
+
 /// Serves the internal gRPC of a client node on `cluster.internal` (deliveries to this
-/// gateway; notices of commits, when it runs fanout; the admin API, whose `Drain` starts the
-/// gateway's drain), and reads the node registry every lease round to sweep the routes of
-/// gateway nodes whose lease lapsed.
+/// gateway; notices of commits, when it runs fanout; the chat service, when it runs chat; the
+/// admin API, whose `Drain` starts the gateway's drain), and reads the node registry every
+/// lease round to sweep the routes of gateway nodes whose lease lapsed.
 fn serve_internal(
     cluster: Cluster,
     store: &MessageStore,
@@ -506,6 +592,13 @@ fn serve_internal(
     let incoming = TcpIncoming::from(cluster.internal).with_nodelay(Some(true));
     let deliveries = GatewayService::new(routes.clone()).into_server(cluster.token.clone());
     let fanout = fanout.map(|f| FanoutService::new(f).into_server(cluster.token.clone()));
+    // The gateway nodes without chat call this node's chat.
+    let chat = match &gateway.chat {
+        ChatBinding::Local(chat) => {
+            Some(ChatNodeService::new(chat.clone()).into_server(cluster.token.clone()))
+        }
+        ChatBinding::Remote(_) => None,
+    };
     let admin = AdminService::new(store.clone(), node.to_owned(), cluster.token.clone())
         .with_gateway(gateway.drain.clone())
         .into_server();
@@ -513,6 +606,7 @@ fn serve_internal(
         .add_service(deliveries)
         .add_service(admin)
         .add_optional_service(fanout)
+        .add_optional_service(chat)
         .serve_with_incoming(incoming);
     let served = tokio::spawn(async move {
         if let Err(e) = server.await {

@@ -119,6 +119,17 @@ pub struct Visibility {
 }
 
 impl Visibility {
+    /// The visibility made of `periods` (disjoint, in order), as [`Visibility::periods`] gave
+    /// them: how it crosses the network (`courier-rpc`'s chat service).
+    pub fn from_periods(periods: Vec<MembershipPeriod>) -> Self {
+        Self { periods }
+    }
+
+    /// Its periods, in order.
+    pub fn periods(&self) -> &[MembershipPeriod] {
+        &self.periods
+    }
+
     /// Whether the user may read the event at `seq`.
     pub fn contains(&self, seq: u64) -> bool {
         self.periods

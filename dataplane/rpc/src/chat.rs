@@ -1,0 +1,984 @@
+//! The chat role over gRPC: [`ChatNodeService`] serves a chat node's in-process
+//! [`ChatService`] (`courier_chat::Chat`), [`RemoteChat`] calls one chat node, and
+//! [`ClusterChat`] is the [`ChatService`] a gateway node without the chat role uses: it calls
+//! the live chat nodes of the node registry.
+//!
+//! **Identity.** A request names the client (user, device, token time) as the gateway
+//! authenticated it; the chat node takes it as given, because the call carries the cluster
+//! token ([`crate::auth`]), which only nodes of the cluster hold.
+//!
+//! **Errors.** A request the chat role refuses fails with the client's [`ApiError`] inside
+//! ([`status::api_status`]); the gateway gets it back whole ([`status::api_error`]) and tells the
+//! client exactly what `courier serve` would. A send's outcome comes back as the sequencer's
+//! answer ([`SequencerError`] kept by type), which the gateway maps as it maps an in-process one.
+//!
+//! **Order.** A send (or delete) is a server stream: its first message says the chat node
+//! queued the append with the sequencer, the second is the sequencer's answer. The gateway
+//! waits for the first before it reads the device's next frame, as it waits for the in-process
+//! call, and [`ClusterChat`] sends one device's requests to one chat node (below), so a device's
+//! sends to a conversation keep their order.
+//!
+//! **Which chat node.** [`ClusterChat`] ranks the live chat nodes per device by rendezvous
+//! hashing of (user, device) and the node id: a device's calls go to the same node while the
+//! set of chat nodes stays the same, and a node that joins or leaves moves only the devices
+//! it gains or had. The registry is read at most every [`DIRECTORY_TTL`]; one client (one
+//! HTTP/2 connection) is kept per node.
+//!
+//! **Failure policy.** A call that fails without the chat role's answer (node unreachable,
+//! connection broken, no answer within [`CALL_TIMEOUT`]) marks the node down for
+//! [`DOWN_FOR`] (it is ranked last meanwhile), and is tried on the next node when it is safe to
+//! repeat: sends (the same `client_msg_id` is sequenced once; a retry answers
+//! `duplicate: true`) and deletes (keyed by their target) until they are accepted, reads, acks
+//! (cursors only move forward), typing, push registrations. Group changes and unlinks are not
+//! repeated (a repeated `create_group` would create a second group): the client is told
+//! `unavailable`. A send whose chat node dies after accepting it resolves to an unknown outcome
+//! (`StoreError::MaybeCommitted`): the client is told `unavailable` and retries with the same
+//! `client_msg_id`, through another chat node.
+
+use crate::auth::{AttachToken, ClusterToken, RequireToken};
+use crate::lazy_channel;
+use crate::proto::chat_client::ChatClient;
+use crate::proto::chat_server::{self, ChatServer};
+use crate::proto::{
+    self, CallerRequest, CatchUpRange, CatchUpRequest, CatchUpResponse, ConversationsResponse,
+    CreateGroupRequest, CreateGroupResponse, DevicesResponse, Done, FetchRequest, FrameRequest,
+    MembersRequest, MembersResponse, PageResponse, ReadableRequest, ReadableResponse,
+    RegisterPushRequest, RemoveMemberRequest, SendProgress, SeqPeriod, UnlinkDeviceRequest,
+    send_progress,
+};
+use crate::sequencer::{outcome, response};
+use crate::status::{api_error, api_status, decode_api_error};
+use courier_core::auth::Identity;
+use courier_core::chat::{
+    CatchUp, CatchUpPlan, ChatService, ConversationSummary, DeviceView, Page, Readable,
+};
+use courier_core::clock::now_ms;
+use courier_core::error::ApiError;
+use courier_core::sequencing::{PendingAppend, SequencerError};
+use courier_proto::{ClientFrame, Encoding, Event, Payload, pb};
+use courier_store::membership::MembershipPeriod;
+use courier_store::{MemberRecord, MessageStore, StoreError, Visibility};
+use futures::Stream;
+use futures::StreamExt;
+use prost::Message;
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{Hash, Hasher};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tonic::codegen::InterceptedService;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+/// Longest wait for a chat node's answer to a call (for a send: until it is queued with the
+/// sequencer; the outcome is bounded by the gateway's `send_timeout`). Group changes wait for
+/// a commit (at most the sequencer's append timeout, 5 s).
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a chat node that failed a call is ranked last.
+pub const DOWN_FOR: Duration = Duration::from_secs(2);
+
+/// How long the node registry is cached.
+pub const DIRECTORY_TTL: Duration = Duration::from_secs(1);
+
+/// The role name chat nodes register with.
+pub const CHAT_ROLE: &str = "chat";
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn caller_of(who: &Identity) -> Option<proto::Caller> {
+    Some(proto::Caller {
+        user: who.user.clone(),
+        device: who.device.clone(),
+        issued_at_ms: who.issued_at_ms,
+    })
+}
+
+fn identity(caller: Option<proto::Caller>) -> Result<Identity, Status> {
+    let caller = caller.ok_or_else(|| Status::invalid_argument("a chat call names its caller"))?;
+    Ok(Identity {
+        user: caller.user,
+        device: caller.device,
+        issued_at_ms: caller.issued_at_ms,
+    })
+}
+
+fn frame_request(who: &Identity, frame: ClientFrame) -> FrameRequest {
+    let frame = match Encoding::Proto.encode_client(&frame) {
+        Payload::Binary(bytes) => bytes,
+        Payload::Text(text) => text.into_bytes(),
+    };
+    FrameRequest {
+        caller: caller_of(who),
+        frame,
+    }
+}
+
+fn frame_of(request: FrameRequest) -> Result<(Identity, ClientFrame), Status> {
+    let who = identity(request.caller)?;
+    let frame = Encoding::Proto
+        .decode_client(&request.frame)
+        .map_err(|e| Status::invalid_argument(format!("undecodable frame: {e}")))?;
+    Ok((who, frame))
+}
+
+fn wrong_frame() -> Status {
+    Status::invalid_argument("this call takes another kind of frame")
+}
+
+fn encode_event(event: Event) -> Vec<u8> {
+    pb::Event::from(event).encode_to_vec()
+}
+
+fn decode_event(bytes: &[u8]) -> Result<Event, Status> {
+    let event = pb::Event::decode(bytes)
+        .map_err(|e| Status::internal(format!("undecodable event from a chat node: {e}")))?;
+    Event::try_from(event).map_err(|e| Status::internal(format!("invalid event: {e}")))
+}
+
+fn visibility_to_proto(visible: &Visibility) -> Vec<SeqPeriod> {
+    visible
+        .periods()
+        .iter()
+        .map(|p| SeqPeriod {
+            from: p.from,
+            through: p.through,
+        })
+        .collect()
+}
+
+fn visibility_of(periods: Vec<SeqPeriod>) -> Visibility {
+    Visibility::from_periods(
+        periods
+            .into_iter()
+            .map(|p| MembershipPeriod {
+                from: p.from,
+                through: p.through,
+            })
+            .collect(),
+    )
+}
+
+/// Serves a node's in-process chat role to the gateway nodes.
+#[derive(Clone)]
+pub struct ChatNodeService {
+    chat: Arc<dyn ChatService>,
+}
+
+impl ChatNodeService {
+    pub fn new(chat: Arc<dyn ChatService>) -> Self {
+        Self { chat }
+    }
+
+    /// The service with the cluster token required on every call.
+    pub fn into_server(
+        self,
+        token: ClusterToken,
+    ) -> InterceptedService<ChatServer<Self>, RequireToken> {
+        ChatServer::with_interceptor(self, RequireToken::new(token))
+    }
+}
+
+type ProgressStream = Pin<Box<dyn Stream<Item = Result<SendProgress, Status>> + Send>>;
+
+/// `accepted`, then the sequencer's answer once `pending` resolves.
+fn progress(accepted: String, pending: PendingAppend) -> ProgressStream {
+    let first = SendProgress {
+        step: Some(send_progress::Step::Accepted(accepted)),
+    };
+    let answer = async move {
+        Ok(SendProgress {
+            step: Some(send_progress::Step::Answer(response(0, pending.await))),
+        })
+    };
+    Box::pin(futures::stream::once(async { Ok(first) }).chain(futures::stream::once(answer)))
+}
+
+fn refused(e: ApiError) -> Status {
+    api_status(&e)
+}
+
+#[tonic::async_trait]
+impl chat_server::Chat for ChatNodeService {
+    type SendStream = ProgressStream;
+    type DeleteStream = ProgressStream;
+
+    async fn send(
+        &self,
+        request: Request<FrameRequest>,
+    ) -> Result<Response<ProgressStream>, Status> {
+        let (who, frame) = frame_of(request.into_inner())?;
+        let ClientFrame::Send(send) = frame else {
+            return Err(wrong_frame());
+        };
+        let (conversation_id, pending) =
+            self.chat.submit_send(&who, &send).await.map_err(refused)?;
+        Ok(Response::new(progress(conversation_id, pending)))
+    }
+
+    async fn delete(
+        &self,
+        request: Request<FrameRequest>,
+    ) -> Result<Response<ProgressStream>, Status> {
+        let (who, frame) = frame_of(request.into_inner())?;
+        let ClientFrame::Delete(delete) = frame else {
+            return Err(wrong_frame());
+        };
+        let (client_msg_id, pending) = self
+            .chat
+            .submit_delete(&who, &delete)
+            .await
+            .map_err(refused)?;
+        Ok(Response::new(progress(client_msg_id, pending)))
+    }
+
+    async fn typing(&self, request: Request<FrameRequest>) -> Result<Response<Done>, Status> {
+        let (who, frame) = frame_of(request.into_inner())?;
+        let ClientFrame::Typing(typing) = frame else {
+            return Err(wrong_frame());
+        };
+        self.chat.typing(&who, &typing).await.map_err(refused)?;
+        Ok(Response::new(Done {}))
+    }
+
+    async fn acknowledge(&self, request: Request<FrameRequest>) -> Result<Response<Done>, Status> {
+        let (who, frame) = frame_of(request.into_inner())?;
+        let ClientFrame::Ack(ack) = frame else {
+            return Err(wrong_frame());
+        };
+        self.chat.acknowledge(&who, &ack).await.map_err(refused)?;
+        Ok(Response::new(Done {}))
+    }
+
+    async fn fetch(
+        &self,
+        request: Request<FetchRequest>,
+    ) -> Result<Response<PageResponse>, Status> {
+        let request = request.into_inner();
+        let who = identity(request.caller)?;
+        let page = self
+            .chat
+            .fetch(
+                &who,
+                &request.conversation_id,
+                request.after_seq,
+                request.limit,
+            )
+            .await
+            .map_err(refused)?;
+        Ok(Response::new(PageResponse {
+            events: page.events.into_iter().map(encode_event).collect(),
+            head_seq: page.head_seq,
+            trimmed: page.trimmed,
+        }))
+    }
+
+    async fn readable(
+        &self,
+        request: Request<ReadableRequest>,
+    ) -> Result<Response<ReadableResponse>, Status> {
+        let request = request.into_inner();
+        let readable = self
+            .chat
+            .readable(&request.conversation_id, &request.user)
+            .await
+            .map_err(refused)?;
+        Ok(Response::new(ReadableResponse {
+            member_record: readable.record.encode_to_vec(),
+            history_on_join: readable.history_on_join,
+            floor: readable.floor,
+        }))
+    }
+
+    async fn catch_up_plan(
+        &self,
+        request: Request<CatchUpRequest>,
+    ) -> Result<Response<CatchUpResponse>, Status> {
+        let request = request.into_inner();
+        let who = identity(request.caller)?;
+        let overrides: BTreeMap<String, u64> = request.overrides.into_iter().collect();
+        let (plan, resume) = self
+            .chat
+            .catch_up_plan(&who, &overrides)
+            .await
+            .map_err(refused)?;
+        let ranges = plan
+            .into_iter()
+            .map(|range| CatchUpRange {
+                visible: visibility_to_proto(&range.visible),
+                conversation_id: range.conversation_id,
+                from: range.from,
+                head: range.head,
+                trimmed: range.trimmed,
+            })
+            .collect();
+        Ok(Response::new(CatchUpResponse {
+            ranges,
+            resume: resume.into_iter().collect(),
+        }))
+    }
+
+    async fn conversations(
+        &self,
+        request: Request<CallerRequest>,
+    ) -> Result<Response<ConversationsResponse>, Status> {
+        let who = identity(request.into_inner().caller)?;
+        let conversations = self.chat.conversations(&who).await.map_err(refused)?;
+        let conversations = conversations
+            .into_iter()
+            .map(|c| proto::ConversationSummary {
+                conversation_id: c.conversation_id,
+                kind: c.kind,
+                name: c.name,
+                head_seq: c.head_seq,
+                delivered_seq: c.delivered_seq,
+                read_seq: c.read_seq,
+                unread: c.unread,
+            })
+            .collect();
+        Ok(Response::new(ConversationsResponse { conversations }))
+    }
+
+    async fn create_group(
+        &self,
+        request: Request<CreateGroupRequest>,
+    ) -> Result<Response<CreateGroupResponse>, Status> {
+        let request = request.into_inner();
+        let who = identity(request.caller)?;
+        let conversation_id = self
+            .chat
+            .create_group(&who, &request.name, &request.members)
+            .await
+            .map_err(refused)?;
+        Ok(Response::new(CreateGroupResponse { conversation_id }))
+    }
+
+    async fn add_members(
+        &self,
+        request: Request<MembersRequest>,
+    ) -> Result<Response<MembersResponse>, Status> {
+        let request = request.into_inner();
+        let who = identity(request.caller)?;
+        let users = self
+            .chat
+            .add_members(&who, &request.conversation_id, &request.users)
+            .await
+            .map_err(refused)?;
+        Ok(Response::new(MembersResponse { users }))
+    }
+
+    async fn remove_member(
+        &self,
+        request: Request<RemoveMemberRequest>,
+    ) -> Result<Response<Done>, Status> {
+        let request = request.into_inner();
+        let who = identity(request.caller)?;
+        self.chat
+            .remove_member(&who, &request.conversation_id, &request.user)
+            .await
+            .map_err(refused)?;
+        Ok(Response::new(Done {}))
+    }
+
+    async fn devices(
+        &self,
+        request: Request<CallerRequest>,
+    ) -> Result<Response<DevicesResponse>, Status> {
+        let who = identity(request.into_inner().caller)?;
+        let devices = self.chat.devices(&who.user).await.map_err(refused)?;
+        let devices = devices
+            .into_iter()
+            .map(|d| proto::DeviceView {
+                device: d.device,
+                last_seen_ms: d.last_seen_ms,
+                push: d.push,
+            })
+            .collect();
+        Ok(Response::new(DevicesResponse { devices }))
+    }
+
+    async fn register_push(
+        &self,
+        request: Request<RegisterPushRequest>,
+    ) -> Result<Response<Done>, Status> {
+        let request = request.into_inner();
+        let who = identity(request.caller)?;
+        self.chat
+            .register_push(&who, &request.provider, &request.token, request.configured)
+            .await
+            .map_err(refused)?;
+        Ok(Response::new(Done {}))
+    }
+
+    async fn unlink_device(
+        &self,
+        request: Request<UnlinkDeviceRequest>,
+    ) -> Result<Response<Done>, Status> {
+        let request = request.into_inner();
+        let who = identity(request.caller)?;
+        self.chat
+            .unlink_device(&who.user, &request.device)
+            .await
+            .map_err(refused)?;
+        Ok(Response::new(Done {}))
+    }
+}
+
+type Client = ChatClient<InterceptedService<Channel, AttachToken>>;
+
+/// One chat node, reached over gRPC on one lazily connected channel. Cheap to clone. Its
+/// methods answer the chat role's refusal as `Ok(Err(ApiError))` and a failure of the call
+/// itself (the node could not be reached, or did not answer) as `Err(Status)`.
+#[derive(Clone)]
+pub struct RemoteChat {
+    client: Client,
+}
+
+/// What a call to one chat node gives: the chat role's answer (which may be a refusal), or a
+/// failure of the call itself, which [`ClusterChat`] may try on another node.
+pub type Attempt<T> = Result<Result<T, ApiError>, Status>;
+
+/// Splits a status into the chat role's refusal and a failure of the call.
+fn attempt<T>(result: Result<T, Status>) -> Attempt<T> {
+    match result {
+        Ok(value) => Ok(Ok(value)),
+        Err(status) => match decode_api_error(&status) {
+            Some(refusal) => Ok(Err(refusal)),
+            None => Err(status),
+        },
+    }
+}
+
+fn timed<T>(message: T) -> Request<T> {
+    let mut request = Request::new(message);
+    request.set_timeout(CALL_TIMEOUT);
+    request
+}
+
+impl RemoteChat {
+    /// The chat node listening at `address` (`http://host:port`); nothing is sent until the
+    /// first call.
+    pub fn new(address: &str, token: ClusterToken) -> Result<Self, StoreError> {
+        let channel = lazy_channel(address, "chat")?;
+        Ok(Self {
+            client: ChatClient::with_interceptor(channel, AttachToken::new(token)),
+        })
+    }
+
+    /// A send or delete: returns once the node queued it, with the pending outcome.
+    pub async fn submit(
+        &self,
+        who: &Identity,
+        frame: ClientFrame,
+    ) -> Attempt<(String, PendingAppend)> {
+        let delete = matches!(frame, ClientFrame::Delete(_));
+        let request = frame_request(who, frame);
+        let mut client = self.client.clone();
+        let accepted = async move {
+            let mut stream = match delete {
+                true => client.delete(request).await?,
+                false => client.send(request).await?,
+            }
+            .into_inner();
+            match stream.message().await? {
+                Some(SendProgress {
+                    step: Some(send_progress::Step::Accepted(id)),
+                }) => Ok((id, stream)),
+                _ => Err(Status::internal("a chat node answered a send out of order")),
+            }
+        };
+        let (id, mut stream) = match tokio::time::timeout(CALL_TIMEOUT, accepted).await {
+            Ok(result) => match attempt(result)? {
+                Ok(accepted) => accepted,
+                Err(refusal) => return Ok(Err(refusal)),
+            },
+            Err(_) => return Err(Status::deadline_exceeded("the chat node did not answer")),
+        };
+        let pending: PendingAppend = Box::pin(async move {
+            match stream.message().await {
+                Ok(Some(SendProgress {
+                    step: Some(send_progress::Step::Answer(answer)),
+                })) => outcome(answer.result),
+                // The node died or the connection broke after it queued the append.
+                _ => Err(SequencerError::Store(StoreError::MaybeCommitted)),
+            }
+        });
+        Ok(Ok((id, pending)))
+    }
+
+    pub async fn typing(&self, who: &Identity, typing: &courier_proto::Typing) -> Attempt<()> {
+        let request = timed(frame_request(who, ClientFrame::Typing(typing.clone())));
+        attempt(self.client.clone().typing(request).await.map(drop))
+    }
+
+    pub async fn acknowledge(&self, who: &Identity, ack: &courier_proto::Ack) -> Attempt<()> {
+        let request = timed(frame_request(who, ClientFrame::Ack(ack.clone())));
+        attempt(self.client.clone().acknowledge(request).await.map(drop))
+    }
+
+    pub async fn fetch(
+        &self,
+        who: &Identity,
+        conv: &str,
+        after_seq: u64,
+        limit: Option<u32>,
+    ) -> Attempt<Page> {
+        let request = timed(FetchRequest {
+            caller: caller_of(who),
+            conversation_id: conv.to_owned(),
+            after_seq,
+            limit,
+        });
+        let answer = self.client.clone().fetch(request).await.and_then(|page| {
+            let page = page.into_inner();
+            Ok(Page {
+                events: page
+                    .events
+                    .iter()
+                    .map(|e| decode_event(e))
+                    .collect::<Result<_, _>>()?,
+                head_seq: page.head_seq,
+                trimmed: page.trimmed,
+            })
+        });
+        attempt(answer)
+    }
+
+    pub async fn readable(&self, conv: &str, user: &str) -> Attempt<Readable> {
+        let request = timed(ReadableRequest {
+            conversation_id: conv.to_owned(),
+            user: user.to_owned(),
+        });
+        let answer = self.client.clone().readable(request).await.and_then(|r| {
+            let r = r.into_inner();
+            let record = MemberRecord::decode(r.member_record.as_slice()).map_err(|e| {
+                Status::internal(format!("undecodable membership from a chat node: {e}"))
+            })?;
+            Ok(Readable {
+                record,
+                history_on_join: r.history_on_join,
+                floor: r.floor,
+            })
+        });
+        attempt(answer)
+    }
+
+    pub async fn catch_up_plan(
+        &self,
+        who: &Identity,
+        overrides: &BTreeMap<String, u64>,
+    ) -> Attempt<CatchUpPlan> {
+        let request = timed(CatchUpRequest {
+            caller: caller_of(who),
+            overrides: overrides.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+        });
+        let answer = self.client.clone().catch_up_plan(request).await.map(|r| {
+            let r = r.into_inner();
+            let plan = r
+                .ranges
+                .into_iter()
+                .map(|range| CatchUp {
+                    conversation_id: range.conversation_id,
+                    from: range.from,
+                    head: range.head,
+                    visible: visibility_of(range.visible),
+                    trimmed: range.trimmed,
+                })
+                .collect();
+            (plan, r.resume.into_iter().collect())
+        });
+        attempt(answer)
+    }
+
+    pub async fn conversations(&self, who: &Identity) -> Attempt<Vec<ConversationSummary>> {
+        let request = timed(CallerRequest {
+            caller: caller_of(who),
+        });
+        let answer = self.client.clone().conversations(request).await.map(|r| {
+            r.into_inner()
+                .conversations
+                .into_iter()
+                .map(|c| ConversationSummary {
+                    conversation_id: c.conversation_id,
+                    kind: c.kind,
+                    name: c.name,
+                    head_seq: c.head_seq,
+                    delivered_seq: c.delivered_seq,
+                    read_seq: c.read_seq,
+                    unread: c.unread,
+                })
+                .collect()
+        });
+        attempt(answer)
+    }
+
+    pub async fn create_group(
+        &self,
+        who: &Identity,
+        name: &str,
+        members: &[String],
+    ) -> Attempt<String> {
+        let request = timed(CreateGroupRequest {
+            caller: caller_of(who),
+            name: name.to_owned(),
+            members: members.to_vec(),
+        });
+        let answer = self.client.clone().create_group(request).await;
+        attempt(answer.map(|r| r.into_inner().conversation_id))
+    }
+
+    pub async fn add_members(
+        &self,
+        who: &Identity,
+        conv: &str,
+        users: &[String],
+    ) -> Attempt<Vec<String>> {
+        let request = timed(MembersRequest {
+            caller: caller_of(who),
+            conversation_id: conv.to_owned(),
+            users: users.to_vec(),
+        });
+        let answer = self.client.clone().add_members(request).await;
+        attempt(answer.map(|r| r.into_inner().users))
+    }
+
+    pub async fn remove_member(&self, who: &Identity, conv: &str, user: &str) -> Attempt<()> {
+        let request = timed(RemoveMemberRequest {
+            caller: caller_of(who),
+            conversation_id: conv.to_owned(),
+            user: user.to_owned(),
+        });
+        attempt(self.client.clone().remove_member(request).await.map(drop))
+    }
+
+    pub async fn devices(&self, user: &str) -> Attempt<Vec<DeviceView>> {
+        let request = timed(CallerRequest {
+            caller: Some(proto::Caller {
+                user: user.to_owned(),
+                ..proto::Caller::default()
+            }),
+        });
+        let answer = self.client.clone().devices(request).await.map(|r| {
+            r.into_inner()
+                .devices
+                .into_iter()
+                .map(|d| DeviceView {
+                    device: d.device,
+                    last_seen_ms: d.last_seen_ms,
+                    push: d.push,
+                })
+                .collect()
+        });
+        attempt(answer)
+    }
+
+    pub async fn register_push(
+        &self,
+        who: &Identity,
+        provider: &str,
+        token: &str,
+        configured: bool,
+    ) -> Attempt<()> {
+        let request = timed(RegisterPushRequest {
+            caller: caller_of(who),
+            provider: provider.to_owned(),
+            token: token.to_owned(),
+            configured,
+        });
+        attempt(self.client.clone().register_push(request).await.map(drop))
+    }
+
+    pub async fn unlink_device(&self, user: &str, device: &str) -> Attempt<()> {
+        let request = timed(UnlinkDeviceRequest {
+            caller: Some(proto::Caller {
+                user: user.to_owned(),
+                ..proto::Caller::default()
+            }),
+            device: device.to_owned(),
+        });
+        attempt(self.client.clone().unlink_device(request).await.map(drop))
+    }
+}
+
+/// Whether a call may be tried on another chat node after a failure without the chat role's
+/// answer (module documentation, "Failure policy").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Repeat {
+    Safe,
+    Never,
+}
+
+/// The live chat nodes, as last read from the registry: (id, address), sorted by id.
+type ChatNodes = Arc<Vec<(String, String)>>;
+
+/// The [`ChatService`] of a gateway node without the chat role: each call goes to a live chat
+/// node of the registry (module documentation). Cheap to clone.
+#[derive(Clone)]
+pub struct ClusterChat {
+    inner: Arc<Directory>,
+}
+
+struct Directory {
+    store: MessageStore,
+    token: ClusterToken,
+    nodes: Mutex<(Option<Instant>, ChatNodes)>,
+    clients: Mutex<HashMap<String, RemoteChat>>,
+    /// Nodes that failed a call, and when.
+    down: Mutex<HashMap<String, Instant>>,
+}
+
+/// The rank of `node` for `key`: highest first (rendezvous hashing).
+fn rank(key: (&str, &str), node: &str) -> u64 {
+    let mut hasher = std::hash::DefaultHasher::new();
+    key.hash(&mut hasher);
+    node.hash(&mut hasher);
+    hasher.finish()
+}
+
+impl ClusterChat {
+    /// Calls the chat nodes registered in `store`, authenticated with `token`.
+    pub fn new(store: MessageStore, token: ClusterToken) -> Self {
+        Self {
+            inner: Arc::new(Directory {
+                store,
+                token,
+                nodes: Mutex::new((None, Arc::default())),
+                clients: Mutex::default(),
+                down: Mutex::default(),
+            }),
+        }
+    }
+
+    /// The live chat nodes, read again once the copy is older than [`DIRECTORY_TTL`] (or held
+    /// none).
+    async fn nodes(&self) -> Result<ChatNodes, ApiError> {
+        {
+            let (read, nodes) = &*lock(&self.inner.nodes);
+            if read.is_some_and(|read| read.elapsed() < DIRECTORY_TTL) && !nodes.is_empty() {
+                return Ok(nodes.clone());
+            }
+        }
+        let now = now_ms();
+        let mut live: Vec<(String, String)> = self
+            .inner
+            .store
+            .nodes()
+            .await?
+            .into_iter()
+            .filter(|(_, n)| n.is_live(now) && n.roles.iter().any(|r| r == CHAT_ROLE))
+            .map(|(id, n)| (id, format!("http://{}", n.address)))
+            .collect();
+        live.sort();
+        let live = Arc::new(live);
+        *lock(&self.inner.nodes) = (Some(Instant::now()), live.clone());
+        Ok(live)
+    }
+
+    /// The live chat nodes in the order `key`'s calls try them: by rank, nodes marked down
+    /// last.
+    async fn candidates(&self, key: (&str, &str)) -> Result<Vec<(String, RemoteChat)>, ApiError> {
+        let nodes = self.nodes().await?;
+        if nodes.is_empty() {
+            return Err(ApiError::unavailable(
+                "no chat node is running; retry with the same client_msg_id",
+                1000,
+            ));
+        }
+        let down: Vec<String> = {
+            let mut down = lock(&self.inner.down);
+            down.retain(|_, since| since.elapsed() < DOWN_FOR);
+            down.keys().cloned().collect()
+        };
+        let mut ranked: Vec<(bool, u64, &(String, String))> = nodes
+            .iter()
+            .map(|node| (down.contains(&node.0), u64::MAX - rank(key, &node.0), node))
+            .collect();
+        ranked.sort();
+        let mut clients = lock(&self.inner.clients);
+        let mut out = Vec::with_capacity(ranked.len());
+        for (_, _, (id, address)) in ranked {
+            let client = match clients.get(address) {
+                Some(client) => client.clone(),
+                None => {
+                    let client = RemoteChat::new(address, self.inner.token.clone())?;
+                    clients.insert(address.clone(), client.clone());
+                    client
+                }
+            };
+            out.push((id.clone(), client));
+        }
+        Ok(out)
+    }
+
+    /// Runs `call` on the chat nodes in `key`'s order until one answers (its answer may be a
+    /// refusal), trying the next only when `repeat` allows.
+    async fn call<T, F, Fut>(
+        &self,
+        key: (&str, &str),
+        repeat: Repeat,
+        call: F,
+    ) -> Result<T, ApiError>
+    where
+        F: Fn(RemoteChat) -> Fut,
+        Fut: Future<Output = Attempt<T>>,
+    {
+        let candidates = self.candidates(key).await?;
+        let mut failure = None;
+        for (node, client) in candidates {
+            match call(client).await {
+                Ok(answer) => return answer,
+                Err(status) => {
+                    tracing::warn!(node, code = ?status.code(), message = status.message(), "a chat node failed a call; it is ranked last for a while");
+                    lock(&self.inner.down).insert(node, Instant::now());
+                    failure = Some(status);
+                    if repeat == Repeat::Never {
+                        break;
+                    }
+                }
+            }
+        }
+        let status = failure.unwrap_or_else(|| Status::unavailable("no chat node"));
+        Err(api_error(&status))
+    }
+}
+
+fn device_key(who: &Identity) -> (&str, &str) {
+    (&who.user, &who.device)
+}
+
+#[async_trait::async_trait]
+impl ChatService for ClusterChat {
+    async fn submit_send(
+        &self,
+        who: &Identity,
+        send: &courier_proto::Send,
+    ) -> Result<(String, PendingAppend), ApiError> {
+        self.call(device_key(who), Repeat::Safe, |chat| async move {
+            chat.submit(who, ClientFrame::Send(send.clone())).await
+        })
+        .await
+    }
+
+    async fn submit_delete(
+        &self,
+        who: &Identity,
+        delete: &courier_proto::Delete,
+    ) -> Result<(String, PendingAppend), ApiError> {
+        self.call(device_key(who), Repeat::Safe, |chat| async move {
+            chat.submit(who, ClientFrame::Delete(delete.clone())).await
+        })
+        .await
+    }
+
+    async fn typing(&self, who: &Identity, typing: &courier_proto::Typing) -> Result<(), ApiError> {
+        self.call(device_key(who), Repeat::Safe, |chat| async move {
+            chat.typing(who, typing).await
+        })
+        .await
+    }
+
+    async fn acknowledge(&self, who: &Identity, ack: &courier_proto::Ack) -> Result<(), ApiError> {
+        self.call(device_key(who), Repeat::Safe, |chat| async move {
+            chat.acknowledge(who, ack).await
+        })
+        .await
+    }
+
+    async fn fetch(
+        &self,
+        who: &Identity,
+        conv: &str,
+        after_seq: u64,
+        limit: Option<u32>,
+    ) -> Result<Page, ApiError> {
+        self.call(device_key(who), Repeat::Safe, |chat| async move {
+            chat.fetch(who, conv, after_seq, limit).await
+        })
+        .await
+    }
+
+    async fn readable(&self, conv: &str, user: &str) -> Result<Readable, ApiError> {
+        self.call((user, ""), Repeat::Safe, |chat| async move {
+            chat.readable(conv, user).await
+        })
+        .await
+    }
+
+    async fn catch_up_plan(
+        &self,
+        who: &Identity,
+        overrides: &BTreeMap<String, u64>,
+    ) -> Result<CatchUpPlan, ApiError> {
+        self.call(device_key(who), Repeat::Safe, |chat| async move {
+            chat.catch_up_plan(who, overrides).await
+        })
+        .await
+    }
+
+    async fn conversations(&self, who: &Identity) -> Result<Vec<ConversationSummary>, ApiError> {
+        self.call(device_key(who), Repeat::Safe, |chat| async move {
+            chat.conversations(who).await
+        })
+        .await
+    }
+
+    async fn create_group(
+        &self,
+        who: &Identity,
+        name: &str,
+        members: &[String],
+    ) -> Result<String, ApiError> {
+        self.call(device_key(who), Repeat::Never, |chat| async move {
+            chat.create_group(who, name, members).await
+        })
+        .await
+    }
+
+    async fn add_members(
+        &self,
+        who: &Identity,
+        conv: &str,
+        users: &[String],
+    ) -> Result<Vec<String>, ApiError> {
+        self.call(device_key(who), Repeat::Never, |chat| async move {
+            chat.add_members(who, conv, users).await
+        })
+        .await
+    }
+
+    async fn remove_member(&self, who: &Identity, conv: &str, user: &str) -> Result<(), ApiError> {
+        self.call(device_key(who), Repeat::Never, |chat| async move {
+            chat.remove_member(who, conv, user).await
+        })
+        .await
+    }
+
+    async fn devices(&self, user: &str) -> Result<Vec<DeviceView>, ApiError> {
+        self.call((user, ""), Repeat::Safe, |chat| async move {
+            chat.devices(user).await
+        })
+        .await
+    }
+
+    async fn register_push(
+        &self,
+        who: &Identity,
+        provider: &str,
+        token: &str,
+        configured: bool,
+    ) -> Result<(), ApiError> {
+        self.call(device_key(who), Repeat::Safe, |chat| async move {
+            chat.register_push(who, provider, token, configured).await
+        })
+        .await
+    }
+
+    async fn unlink_device(&self, user: &str, device: &str) -> Result<(), ApiError> {
+        self.call((user, ""), Repeat::Never, |chat| async move {
+            chat.unlink_device(user, device).await
+        })
+        .await
+    }
+}

@@ -1,0 +1,298 @@
+//! The chat service over gRPC on 127.0.0.1 (ephemeral ports), with a chat role that answers
+//! by the request: refusals cross as the client's error itself, a send is accepted then
+//! answered with the sequencer's outcome or error, a gateway's calls skip a dead chat node when
+//! repeating them is safe and never repeat a group change, and the cluster token is required.
+
+use courier_core::auth::Identity;
+use courier_core::chat::{
+    CatchUpPlan, ChatService, ConversationSummary, DeviceView, Page, Readable,
+};
+use courier_core::error::ApiError;
+use courier_core::sequencing::{PendingAppend, SequencerError};
+use courier_proto::{Body, ErrorCode};
+use courier_rpc::{ChatNodeService, ClusterChat, ClusterToken};
+use courier_store::embedded::EmbeddedEngine;
+use courier_store::nodes::NodeRecord;
+use courier_store::{AppendOutcome, MessageStore};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use tokio::net::TcpListener;
+use tonic::transport::server::TcpIncoming;
+
+const TOKEN: &str = "courier-test-cluster-token-0123456789abcdef";
+
+/// A chat role whose answers depend on the request: a send's text names its outcome.
+#[derive(Default)]
+struct Scripted {
+    groups_created: AtomicUsize,
+}
+
+fn not_here() -> ApiError {
+    ApiError::not_found("not scripted")
+}
+
+#[async_trait::async_trait]
+impl ChatService for Scripted {
+    async fn submit_send(
+        &self,
+        who: &Identity,
+        send: &courier_proto::Send,
+    ) -> Result<(String, PendingAppend), ApiError> {
+        let Body::Text(text) = &send.body else {
+            return Err(not_here());
+        };
+        let outcome = match text.as_str() {
+            "stranger" => return Err(ApiError::forbidden("you are not a member of g:1")),
+            "slow down" => Err(SequencerError::RateLimited {
+                retry_after_ms: 250,
+            }),
+            _ => Ok(AppendOutcome {
+                seq: 7,
+                server_msg_id: format!("{}/{}", who.user, send.client_msg_id),
+                ts_ms: 9,
+                duplicate: true,
+            }),
+        };
+        Ok(("d:conv".into(), Box::pin(async move { outcome })))
+    }
+
+    async fn submit_delete(
+        &self,
+        _: &Identity,
+        _: &courier_proto::Delete,
+    ) -> Result<(String, PendingAppend), ApiError> {
+        Err(not_here())
+    }
+
+    async fn typing(&self, _: &Identity, _: &courier_proto::Typing) -> Result<(), ApiError> {
+        Err(not_here())
+    }
+
+    async fn acknowledge(&self, _: &Identity, _: &courier_proto::Ack) -> Result<(), ApiError> {
+        Err(ApiError::bad_request(
+            "seq 9 is beyond the last event you may read, 3",
+        ))
+    }
+
+    async fn fetch(&self, _: &Identity, _: &str, _: u64, _: Option<u32>) -> Result<Page, ApiError> {
+        Err(not_here())
+    }
+
+    async fn readable(&self, _: &str, _: &str) -> Result<Readable, ApiError> {
+        Err(not_here())
+    }
+
+    async fn catch_up_plan(
+        &self,
+        _: &Identity,
+        _: &BTreeMap<String, u64>,
+    ) -> Result<CatchUpPlan, ApiError> {
+        Err(not_here())
+    }
+
+    async fn conversations(&self, _: &Identity) -> Result<Vec<ConversationSummary>, ApiError> {
+        Err(not_here())
+    }
+
+    async fn create_group(&self, _: &Identity, _: &str, _: &[String]) -> Result<String, ApiError> {
+        let n = self.groups_created.fetch_add(1, Ordering::SeqCst);
+        Ok(format!("g:{n}"))
+    }
+
+    async fn add_members(
+        &self,
+        _: &Identity,
+        _: &str,
+        _: &[String],
+    ) -> Result<Vec<String>, ApiError> {
+        Err(not_here())
+    }
+
+    async fn remove_member(&self, _: &Identity, _: &str, _: &str) -> Result<(), ApiError> {
+        Err(not_here())
+    }
+
+    async fn devices(&self, user: &str) -> Result<Vec<DeviceView>, ApiError> {
+        Ok(vec![DeviceView {
+            device: format!("{user}-phone"),
+            last_seen_ms: 1,
+            push: true,
+        }])
+    }
+
+    async fn register_push(&self, _: &Identity, _: &str, _: &str, _: bool) -> Result<(), ApiError> {
+        Err(not_here())
+    }
+
+    async fn unlink_device(&self, _: &str, _: &str) -> Result<(), ApiError> {
+        Err(not_here())
+    }
+}
+
+async fn serve(chat: Arc<Scripted>, token: &str) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let service = ChatNodeService::new(chat).into_server(ClusterToken::new(token).unwrap());
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(TcpIncoming::from(listener).with_nodelay(Some(true)))
+            .await
+            .unwrap();
+    });
+    address
+}
+
+/// An address nothing listens on.
+async fn dead_address() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    listener.local_addr().unwrap()
+}
+
+/// A store whose registry lists `nodes` (id, address) as live chat nodes.
+async fn registry(dir: &tempfile::TempDir, nodes: &[(&str, SocketAddr)]) -> MessageStore {
+    let kv = Arc::new(EmbeddedEngine::open(&dir.path().join("s")).unwrap());
+    let store = MessageStore::open(kv, b"", 4).await.unwrap();
+    for (id, address) in nodes {
+        let record = NodeRecord {
+            roles: vec!["chat".into()],
+            address: address.to_string(),
+            lease_until_ms: u64::MAX,
+            started_ms: 0,
+            connections: 0,
+        };
+        store.register_node(id, &record).await.unwrap();
+    }
+    store
+}
+
+fn who(user: &str) -> Identity {
+    Identity {
+        user: user.into(),
+        device: "phone".into(),
+        issued_at_ms: 1,
+    }
+}
+
+fn text(id: &str, text: &str) -> courier_proto::Send {
+    courier_proto::Send {
+        reference: Some(1),
+        conversation_id: None,
+        to_user: Some("bob".into()),
+        client_msg_id: id.into(),
+        body: Body::Text(text.into()),
+        reply_to: None,
+    }
+}
+
+#[tokio::test]
+async fn answers_and_refusals_cross_as_themselves() {
+    let dir = tempfile::tempdir().unwrap();
+    let live = serve(Arc::new(Scripted::default()), TOKEN).await;
+    let store = registry(&dir, &[("c1", live)]).await;
+    let chat = ClusterChat::new(store, ClusterToken::new(TOKEN).unwrap());
+
+    let (conv, pending) = chat
+        .submit_send(&who("alice"), &text("m1", "hi"))
+        .await
+        .unwrap();
+    assert_eq!(conv, "d:conv");
+    let outcome = pending.await.unwrap();
+    assert_eq!(
+        (
+            outcome.seq,
+            outcome.server_msg_id.as_str(),
+            outcome.ts_ms,
+            outcome.duplicate
+        ),
+        (7, "alice/m1", 9, true)
+    );
+    let (_, pending) = chat
+        .submit_send(&who("alice"), &text("m2", "slow down"))
+        .await
+        .unwrap();
+    assert!(matches!(
+        pending.await,
+        Err(SequencerError::RateLimited {
+            retry_after_ms: 250
+        })
+    ));
+    let Err(refused) = chat
+        .submit_send(&who("alice"), &text("m3", "stranger"))
+        .await
+    else {
+        panic!("a stranger's send was accepted");
+    };
+    assert_eq!(refused, ApiError::forbidden("you are not a member of g:1"));
+    let ack = courier_proto::Ack {
+        reference: None,
+        conversation_id: "d:conv".into(),
+        seq: 9,
+        kind: courier_proto::AckKind::Read,
+    };
+    assert_eq!(
+        chat.acknowledge(&who("alice"), &ack).await,
+        Err(ApiError::bad_request(
+            "seq 9 is beyond the last event you may read, 3"
+        ))
+    );
+}
+
+#[tokio::test]
+async fn safe_calls_skip_a_dead_chat_node_and_group_changes_are_never_repeated() {
+    let dir = tempfile::tempdir().unwrap();
+    let scripted = Arc::new(Scripted::default());
+    let live = serve(scripted.clone(), TOKEN).await;
+    let dead = dead_address().await;
+    let store = registry(&dir, &[("dead", dead), ("live", live)]).await;
+    let users: Vec<String> = (0..16).map(|i| format!("u{i}")).collect();
+
+    // Sends and reads: every one answered, wherever its device ranks the dead node.
+    let chat = ClusterChat::new(store.clone(), ClusterToken::new(TOKEN).unwrap());
+    for user in &users {
+        let (_, pending) = chat
+            .submit_send(&who(user), &text("m", "hi"))
+            .await
+            .unwrap();
+        assert_eq!(pending.await.unwrap().seq, 7);
+        assert_eq!(
+            chat.devices(user).await.unwrap()[0].device,
+            format!("{user}-phone")
+        );
+    }
+
+    // Group changes: one that reached the dead node first is `unavailable`, not repeated;
+    // then the dead node is ranked last and the others go through.
+    let chat = ClusterChat::new(store, ClusterToken::new(TOKEN).unwrap());
+    let mut unavailable = 0;
+    for user in &users {
+        match chat.create_group(&who(user), "g", &[]).await {
+            Ok(_) => {}
+            Err(e) => {
+                assert_eq!(e.code, ErrorCode::Unavailable, "{e:?}");
+                unavailable += 1;
+            }
+        }
+    }
+    assert_eq!(
+        unavailable, 1,
+        "the first call that met the dead node failed, no other"
+    );
+    assert_eq!(
+        scripted.groups_created.load(Ordering::SeqCst),
+        users.len() - 1
+    );
+}
+
+#[tokio::test]
+async fn a_gateway_with_another_token_is_refused_and_told_unavailable() {
+    let dir = tempfile::tempdir().unwrap();
+    let live = serve(Arc::new(Scripted::default()), TOKEN).await;
+    let store = registry(&dir, &[("c1", live)]).await;
+    let other = ClusterToken::new("another-cluster-token-0123456789abcdef").unwrap();
+    let chat = ClusterChat::new(store, other);
+    let e = chat.devices("alice").await.unwrap_err();
+    assert_eq!(e.code, ErrorCode::Unavailable);
+}
