@@ -10,6 +10,7 @@ use courier_core::membership::Members;
 use courier_core::metrics::Metrics;
 use courier_proto::{Encoding, Event, Payload, ServerFrame};
 use courier_store::StoreError;
+use smallvec::SmallVec;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
@@ -169,9 +170,12 @@ impl Signals {
     }
 }
 
+/// A user's open connections: most users have one, kept inline (no allocation of its own).
+type UserConnections = SmallVec<[ConnectionHandle; 1]>;
+
 /// Connections by user.
 pub struct Routes {
-    users: RwLock<HashMap<String, Vec<ConnectionHandle>>>,
+    users: RwLock<HashMap<String, UserConnections>>,
     next_id: AtomicU64,
     metrics: Arc<Metrics>,
 }
@@ -223,7 +227,10 @@ impl Routes {
     /// The open connections of `user`.
     pub fn connections(&self, user: &str) -> Vec<ConnectionHandle> {
         let users = self.users.read().unwrap_or_else(|e| e.into_inner());
-        users.get(user).cloned().unwrap_or_default()
+        users
+            .get(user)
+            .map(|list| list.to_vec())
+            .unwrap_or_default()
     }
 
     /// Tells every open connection to reconnect at once (each `after_ms` drawn below
@@ -255,18 +262,21 @@ impl Routes {
     /// How many connections are open.
     pub fn count(&self) -> usize {
         let users = self.users.read().unwrap_or_else(|e| e.into_inner());
-        users.values().map(Vec::len).sum()
+        users.values().map(SmallVec::len).sum()
     }
 }
 
 impl Routes {
-    /// Queues `event` on every connection of `recipients` except the sending device's.
+    /// Queues `event` on every connection of `recipients` except the sending device's. The
+    /// queues never wait (`ConnectionHandle::deliver`), so the registry is read once, in
+    /// place, for all of them.
     fn deliver_event(&self, event: Event, recipients: &Members) {
         let lag = now_ms().saturating_sub(event.ts_ms) as f64 / 1000.0;
         let shared = SharedEvent::new(event);
         let sender = &shared.event.sender;
+        let users = self.users.read().unwrap_or_else(|e| e.into_inner());
         for member in recipients.iter() {
-            for connection in self.connections(member) {
+            for connection in users.get(member).into_iter().flatten() {
                 if *member == sender.user && connection.device == sender.device {
                     continue;
                 }
@@ -289,11 +299,14 @@ impl Gateways for Routes {
     }
 
     fn offer(&self, users: &[&str], frame: &Arc<ServerFrame>) -> Vec<usize> {
+        let connections = self.users.read().unwrap_or_else(|e| e.into_inner());
         users
             .iter()
             .map(|user| {
-                self.connections(user)
-                    .iter()
+                connections
+                    .get(*user)
+                    .into_iter()
+                    .flatten()
                     .filter(|c| !c.deliver_droppable(Delivery::Frame(frame.clone())))
                     .count()
             })
