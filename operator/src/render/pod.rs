@@ -55,7 +55,7 @@ const RUN_AS_USER: i64 = 10001;
 pub enum Component {
     /// `courier serve`: every role on the embedded store (one pod).
     Server,
-    /// The client port: gateway, chat and media (`courier node` runs them together).
+    /// The client port: gateway and media, with chat in the same pods.
     Gateway,
     /// The sequencer role.
     Sequencer,
