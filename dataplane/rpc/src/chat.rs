@@ -37,6 +37,7 @@
 
 use crate::auth::{AttachToken, ClusterToken, RequireToken};
 use crate::lazy_channel;
+use crate::lock;
 use crate::proto::chat_client::ChatClient;
 use crate::proto::chat_server::{self, ChatServer};
 use crate::proto::{
@@ -83,10 +84,6 @@ pub const DIRECTORY_TTL: Duration = Duration::from_secs(1);
 
 /// The role name chat nodes register with.
 pub const CHAT_ROLE: &str = "chat";
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 fn caller_of(who: &Identity) -> Option<proto::Caller> {
     Some(proto::Caller {

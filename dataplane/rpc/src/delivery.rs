@@ -20,6 +20,7 @@
 //! lost). Notices wait in one map of shards (bounded by the shard count).
 
 use crate::auth::{AttachToken, RequireToken};
+use crate::lock;
 use crate::proto::fanout_client::FanoutClient;
 use crate::proto::fanout_server::{self, FanoutServer};
 use crate::proto::gateway_client::GatewayClient;
@@ -54,10 +55,6 @@ pub const OFFERS_IN_FLIGHT: usize = 1024;
 
 /// How long the node registry and the shards' delivery owners are cached.
 const DIRECTORY_TTL: Duration = Duration::from_secs(1);
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// A gateway node's end of [`ClusterGateways`]: queues what it is handed on the connections of
 /// this node (its in-process [`Gateways`]).

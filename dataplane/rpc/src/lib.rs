@@ -87,3 +87,9 @@ pub fn max_message_bytes(limits: &BatchLimits) -> usize {
         .saturating_mul(2)
         .saturating_add(1 << 20)
 }
+
+/// Locks `mutex`, whose data stays usable after a panic elsewhere (nothing it guards is left
+/// half-written).
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -15,6 +15,7 @@
 
 use crate::auth::{AttachToken, ClusterToken, RequireToken};
 use crate::lazy_channel;
+use crate::lock;
 use crate::proto::sequencer_client::SequencerClient;
 use crate::proto::sequencer_server::{self, SequencerServer};
 use crate::proto::{
@@ -442,10 +443,6 @@ impl RemoteSequencer {
         });
         Link { requests, waiters }
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Sequencer for RemoteSequencer {

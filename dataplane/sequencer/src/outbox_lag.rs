@@ -36,6 +36,7 @@
 //! and the shards it was to read are read at the next round. (A store that cannot be read
 //! fails the appends too.) What is refused was never committed: nothing is lost.
 
+use crate::lock;
 use courier_core::clock::now_ms;
 use courier_core::metrics::Metrics;
 use courier_store::{MessageStore, StoreError};
@@ -171,10 +172,6 @@ impl OutboxWatch {
     ) -> Result<usize, StoreError> {
         self.round(store, owned, now_ms(), metrics).await
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(doc)]

@@ -23,6 +23,7 @@
 //! its lease) answers `ShardMoved` until another node takes it.
 
 use crate::LocalSequencer;
+use crate::lock;
 use courier_core::clock::now_ms;
 use courier_core::sequencing::{
     CommitListener, PendingAppend, PendingTrim, Sequencer, SequencerError,
@@ -64,10 +65,6 @@ struct Router {
     routes: Mutex<HashMap<u32, Route>>,
     /// Sequencer nodes by address (one append stream each).
     remotes: Mutex<HashMap<String, Arc<RemoteSequencer>>>,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl RoutedSequencer {
