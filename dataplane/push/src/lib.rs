@@ -12,10 +12,13 @@
 //!   are removed from the device.
 //! - Payloads carry conversation id, seq, sender and count; the text only with
 //!   `--push-include-text`.
-//! - Expansion: a page of intents becomes pending notifications written in bounded commits,
-//!   the intents cleared by the last one; re-expanding after a failure counts no message twice
-//!   (each notification keeps the latest seq it counted). A shard that fails to expand is
-//!   retried with backoff and holds back neither the other shards nor the sends.
+//! - Expansion: a pass of the notifier takes a page of intents from every shard it was told
+//!   of (waiting [`PASS_LINGER`] after the first notice, so that one pass takes many shards),
+//!   and writes their pending notifications in bounded commits, the intents cleared by the
+//!   last one: one commit per pass under a light load, not one per message.
+//!   Re-expanding after a failure counts no message twice (each notification keeps the
+//!   latest seq it counted). A shard that fails to expand is retried with backoff and holds
+//!   back neither the other shards nor the sends.
 //! - The notifier is one loop owned by the node's [`BackgroundLoops`]. It stops between passes
 //!   (a pass in progress finishes, unless the shutdown deadline aborts it). If it panics it is
 //!   restarted, with every shard marked for expansion again: its state is durable (intents and
@@ -50,9 +53,14 @@ const PENDING_PAGE: usize = 512;
 pub const MAX_ATTEMPTS: u32 = 12;
 /// Longest pause between send passes when nothing wakes the notifier.
 const IDLE_PASS: Duration = Duration::from_millis(250);
-/// Pending notifications built in memory for one page of intents: a page ends after the
-/// intent that reaches it (one large group's devices may go beyond it).
-const PENDING_PER_PAGE: usize = 10_000;
+/// Pending notifications built in memory for one pass: a shard's page ends after the intent
+/// that reaches it (one large group's devices may go beyond it), and the shards after it wait
+/// for the next pass.
+const PENDING_PER_PASS: usize = 10_000;
+/// How long the notifier waits, once told of a commit, before its pass: the commits of every
+/// shard meanwhile are expanded together, in one store commit. A notification waits
+/// `--push-collapse` (500 ms by default) for more messages anyway.
+const PASS_LINGER: Duration = Duration::from_millis(20);
 /// Longest wait before a shard whose intents could not be expanded is tried again (the wait
 /// doubles from [`IDLE_PASS`] with each failure in a row).
 const MAX_SHARD_BACKOFF: Duration = Duration::from_secs(30);
@@ -68,6 +76,55 @@ pub struct NotifierConfig {
 }
 
 type DeviceKey = (String, String, String);
+
+/// What one expansion did: the shards that failed, and whether a shard has intents left.
+#[derive(Default)]
+struct Expanded {
+    failed: Vec<(u32, StoreError)>,
+    more: bool,
+}
+
+/// A page of one shard's intents (`first` through `last`) as pending notifications.
+struct IntentPage {
+    shard: u32,
+    first: Vec<u8>,
+    last: Vec<u8>,
+    pending: Vec<(DeviceKey, PendingPush)>,
+    /// The shard has intents after `last`.
+    more: bool,
+}
+
+/// The devices to notify per user, looked up once per expansion.
+#[derive(Default)]
+struct DeviceLookups(HashMap<String, Vec<String>>);
+
+impl DeviceLookups {
+    /// `user`'s linked devices with a push registration that are not connected: the device
+    /// records first, as most users' devices have no registration or are all connected.
+    async fn offline_with_push(
+        &mut self,
+        notifier: &Notifier,
+        user: &str,
+    ) -> Result<Vec<String>, StoreError> {
+        if let Some(devices) = self.0.get(user) {
+            return Ok(devices.clone());
+        }
+        let mut devices: Vec<String> = notifier
+            .store
+            .devices(user)
+            .await?
+            .into_iter()
+            .filter(|(_, record)| !record.push_token.is_empty() && record.is_linked())
+            .map(|(device, _)| device)
+            .collect();
+        if !devices.is_empty() {
+            let connected = notifier.gateways.connected_devices(user).await?;
+            devices.retain(|device| !connected.contains(device));
+        }
+        self.0.insert(user.to_owned(), devices.clone());
+        Ok(devices)
+    }
+}
 
 pub struct Notifier {
     store: MessageStore,
@@ -162,11 +219,25 @@ impl Notifier {
                         }
                         continue;
                     }
-                    if let Err(e) = notifier.pass().await {
-                        tracing::warn!(error = %e, "push pass failed; retrying");
+                    let more = match notifier.pass().await {
+                        Ok(more) => more,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "push pass failed; retrying");
+                            false
+                        }
+                    };
+                    if more {
+                        continue;
                     }
-                    let idle = tokio::time::timeout(IDLE_PASS, notifier.wake.notified());
-                    if cancel.run_until_cancelled(idle).await.is_none() {
+                    let next = async {
+                        if tokio::time::timeout(IDLE_PASS, notifier.wake.notified())
+                            .await
+                            .is_ok()
+                        {
+                            tokio::time::sleep(PASS_LINGER).await;
+                        }
+                    };
+                    if cancel.run_until_cancelled(next).await.is_none() {
                         return;
                     }
                 }
@@ -174,30 +245,24 @@ impl Notifier {
         });
     }
 
-    /// Expands every dirty shard's intents, then sends what is due (scanning the pending
-    /// notifications only once the earliest of them is due). A shard whose intents cannot be
-    /// expanded stays dirty and is tried again after a backoff; it holds back neither the
-    /// other shards nor the sends.
-    async fn pass(&self) -> Result<(), StoreError> {
+    /// Expands the intents of every dirty shard that is not backing off, then sends what is
+    /// due (scanning the pending notifications only once the earliest of them is due). A
+    /// shard whose intents cannot be expanded stays dirty and is tried again after a backoff;
+    /// it holds back neither the other shards nor the sends. Returns whether a shard was left
+    /// with more intents than one pass takes.
+    async fn pass(&self) -> Result<bool, StoreError> {
         let dirty = std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|e| e.into_inner()));
-        for shard in dirty {
-            if self.backing_off(shard) {
-                self.mark_dirty(shard);
-                continue;
-            }
-            match self.expand(shard).await {
-                Ok(()) => {
-                    self.backoff
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .remove(&shard);
-                }
-                Err(e) => {
-                    tracing::warn!(shard, error = %e, "push intents not expanded; retrying later");
-                    self.back_off(shard);
-                    self.mark_dirty(shard);
-                }
-            }
+        let (ready, waiting): (Vec<u32>, Vec<u32>) = dirty
+            .into_iter()
+            .partition(|&shard| !self.backing_off(shard));
+        for shard in waiting {
+            self.mark_dirty(shard);
+        }
+        let expanded = self.expand(ready).await;
+        for (shard, e) in &expanded.failed {
+            tracing::warn!(shard, error = %e, "push intents not expanded; retrying later");
+            self.back_off(*shard);
+            self.mark_dirty(*shard);
         }
         if now_ms() >= self.next_due_ms.load(Ordering::Relaxed)
             && let Err(e) = self.send_due().await
@@ -206,7 +271,7 @@ impl Notifier {
             self.next_due_ms.store(0, Ordering::Relaxed);
             return Err(e);
         }
-        Ok(())
+        Ok(expanded.more)
     }
 
     fn mark_all_dirty(&self) {
@@ -239,77 +304,150 @@ impl Notifier {
         backoff.insert(shard, (failures, now_ms() + wait.as_millis() as u64));
     }
 
-    /// Turns the intents of `shard` into pending notifications, a page at a time. Each
-    /// message counts once per notification: an intent at or below a notification's
-    /// `last_seq` was counted by an expansion that failed before clearing it.
-    async fn expand(&self, shard: u32) -> Result<(), StoreError> {
-        loop {
-            let after = self.cursors.get(shard);
-            let intents = self
-                .store
-                .push_intents(shard, after.as_deref(), INTENT_PAGE)
-                .await?;
-            let Some((first, _)) = intents.first() else {
-                return Ok(());
-            };
-            let (first, mut last) = (first.clone(), Vec::new());
-            let now = now_ms();
-            let mut pending: HashMap<DeviceKey, PendingPush> = HashMap::new();
-            for (key, intent) in intents {
-                if pending.len() >= PENDING_PER_PAGE {
-                    break;
-                }
-                last = key;
-                let members = self
-                    .membership
-                    .members_at(&intent.conversation_id, intent.seq)
-                    .await?;
-                let quiet = members.len() > self.large_group_threshold;
-                let collapse = if quiet {
-                    self.config.push_quiet_collapse
-                } else {
-                    self.config.push_collapse
-                };
-                for member in members.iter() {
-                    if *member == intent.sender_user {
-                        continue;
-                    }
-                    let connected = self.gateways.connected_devices(member).await?;
-                    for (device, record) in self.store.devices(member).await? {
-                        if record.push_token.is_empty()
-                            || !record.is_linked()
-                            || connected.contains(&device)
-                        {
-                            continue;
-                        }
-                        let key = (member.clone(), device, intent.conversation_id.clone());
-                        let entry = match pending.remove(&key) {
-                            Some(entry) => Some(entry),
-                            None => self.store.pending_push(&key.0, &key.1, &key.2).await?,
-                        };
-                        let mut entry = entry.unwrap_or(PendingPush {
-                            due_ms: now + collapse.as_millis() as u64,
-                            quiet,
-                            ..PendingPush::default()
-                        });
-                        if entry.last_seq < intent.seq {
-                            entry.count = entry.count.saturating_add(1);
-                            entry.last_seq = intent.seq;
-                            entry.sender = intent.sender_user.clone();
-                        }
-                        pending.insert(key, entry);
-                    }
-                }
+    /// Turns a page of intents of each of `shards` into pending notifications, in one commit
+    /// for all of them (a pass of the notifier commits once, however many shards had
+    /// messages). When that commit fails, each shard's part is committed alone, so that a
+    /// shard that cannot be expanded holds back none of the others. A shard left with more
+    /// intents than it gave is marked dirty again. Each message counts once per notification:
+    /// an intent at or below a notification's `last_seq` was counted by an expansion that
+    /// failed before clearing it.
+    async fn expand(&self, shards: Vec<u32>) -> Expanded {
+        let mut expanded = Expanded::default();
+        let mut pages = Vec::new();
+        let mut devices = DeviceLookups::default();
+        let mut room = PENDING_PER_PASS;
+        for shard in shards {
+            if room == 0 {
+                self.mark_dirty(shard);
+                expanded.more = true;
+                continue;
             }
-            let pending: Vec<_> = pending.into_iter().collect();
-            self.store
-                .expand_push_intents(&first, &last, &pending)
-                .await?;
-            self.cursors.set(shard, last);
-            if let Some(due) = pending.iter().map(|(_, p)| p.due_ms).min() {
-                self.next_due_ms.fetch_min(due, Ordering::Relaxed);
+            match self.read_page(shard, room, &mut devices).await {
+                Ok(Some(page)) => {
+                    room = room.saturating_sub(page.pending.len());
+                    if page.more {
+                        self.mark_dirty(shard);
+                        expanded.more = true;
+                    }
+                    pages.push(page);
+                }
+                Ok(None) => self.expanded(shard, None),
+                Err(e) => expanded.failed.push((shard, e)),
             }
         }
+        if pages.len() > 1 && self.commit_pages(&pages).await.is_ok() {
+            for page in pages {
+                self.expanded(page.shard, Some(page));
+            }
+            return expanded;
+        }
+        for page in pages {
+            match self.commit_pages(std::slice::from_ref(&page)).await {
+                Ok(()) => self.expanded(page.shard, Some(page)),
+                Err(e) => expanded.failed.push((page.shard, e)),
+            }
+        }
+        expanded
+    }
+
+    /// The next page of `shard`'s intents (`None`: it has none) as pending notifications, at
+    /// most about `room` of them: the page ends after the intent that reaches it (one large
+    /// group's devices may go beyond it).
+    async fn read_page(
+        &self,
+        shard: u32,
+        room: usize,
+        devices: &mut DeviceLookups,
+    ) -> Result<Option<IntentPage>, StoreError> {
+        let after = self.cursors.get(shard);
+        let intents = self
+            .store
+            .push_intents(shard, after.as_deref(), INTENT_PAGE)
+            .await?;
+        let Some((first, _)) = intents.first() else {
+            return Ok(None);
+        };
+        let first = first.clone();
+        let mut more = intents.len() == INTENT_PAGE;
+        let (read, mut last) = (intents.len(), Vec::new());
+        let now = now_ms();
+        let mut pending: HashMap<DeviceKey, PendingPush> = HashMap::new();
+        for (taken, (key, intent)) in intents.into_iter().enumerate() {
+            if pending.len() >= room {
+                more |= taken < read;
+                break;
+            }
+            last = key;
+            let members = self
+                .membership
+                .members_at(&intent.conversation_id, intent.seq)
+                .await?;
+            let quiet = members.len() > self.large_group_threshold;
+            let collapse = if quiet {
+                self.config.push_quiet_collapse
+            } else {
+                self.config.push_collapse
+            };
+            for member in members.iter() {
+                if *member == intent.sender_user {
+                    continue;
+                }
+                for device in devices.offline_with_push(self, member).await? {
+                    let key = (member.clone(), device, intent.conversation_id.clone());
+                    let entry = match pending.remove(&key) {
+                        Some(entry) => Some(entry),
+                        None => self.store.pending_push(&key.0, &key.1, &key.2).await?,
+                    };
+                    let mut entry = entry.unwrap_or(PendingPush {
+                        due_ms: now + collapse.as_millis() as u64,
+                        quiet,
+                        ..PendingPush::default()
+                    });
+                    if entry.last_seq < intent.seq {
+                        entry.count = entry.count.saturating_add(1);
+                        entry.last_seq = intent.seq;
+                        entry.sender = intent.sender_user.clone();
+                    }
+                    pending.insert(key, entry);
+                }
+            }
+        }
+        Ok(Some(IntentPage {
+            shard,
+            first,
+            last,
+            pending: pending.into_iter().collect(),
+            more,
+        }))
+    }
+
+    /// Writes the pending notifications of `pages` and clears their intents.
+    async fn commit_pages(&self, pages: &[IntentPage]) -> Result<(), StoreError> {
+        let intents: Vec<(Vec<u8>, Vec<u8>)> = pages
+            .iter()
+            .map(|page| (page.first.clone(), page.last.clone()))
+            .collect();
+        let pending: Vec<_> = pages
+            .iter()
+            .flat_map(|page| page.pending.iter().cloned())
+            .collect();
+        self.store.expand_push_intents(&intents, &pending).await
+    }
+
+    /// `shard` was expanded (through `page`, if it had intents): it no longer backs off, and
+    /// its next read starts after the page.
+    fn expanded(&self, shard: u32, page: Option<IntentPage>) {
+        self.backoff
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&shard);
+        let Some(page) = page else {
+            return;
+        };
+        if let Some(due) = page.pending.iter().map(|(_, p)| p.due_ms).min() {
+            self.next_due_ms.fetch_min(due, Ordering::Relaxed);
+        }
+        self.cursors.set(shard, page.last);
     }
 
     async fn send_due(&self) -> Result<(), StoreError> {
@@ -591,9 +729,9 @@ mod tests {
         engine.set_fault(Some(Box::new(move |batch| {
             touches(batch, &intents).then(|| StoreError::Engine("lost".into()))
         })));
-        let _ = notifier.expand(shard).await;
+        assert_eq!(notifier.expand(vec![shard]).await.failed.len(), 1);
         engine.set_fault(None);
-        notifier.expand(shard).await.unwrap();
+        assert!(notifier.expand(vec![shard]).await.failed.is_empty());
 
         assert_eq!(
             counts(&store, "g:big", &members[1..]).await,
@@ -612,6 +750,54 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
+    }
+
+    #[tokio::test]
+    async fn the_intents_of_several_shards_are_expanded_in_one_commit() {
+        let engine = FaultyEngine::new();
+        let store = engine.store(64).await;
+        let mut convs: Vec<String> = (0..64).map(|i| format!("g:{i}")).collect();
+        convs.sort_by_key(|c| store.shard_of(c));
+        convs.dedup_by_key(|c| store.shard_of(c));
+        let convs = &convs[..3];
+        for conv in convs {
+            let members = vec![format!("{conv}-sender"), format!("{conv}-reader")];
+            group_with_a_message(&store, conv, &members).await;
+        }
+        let shards: Vec<u32> = convs.iter().map(|c| store.shard_of(c)).collect();
+        let intents: Vec<_> = shards
+            .iter()
+            .map(|&s| store.keys().push_intents(s))
+            .collect();
+        let clearing = Arc::new(Mutex::new(Vec::new()));
+        let seen = clearing.clone();
+        engine.set_fault(Some(Box::new(move |batch| {
+            let touched = intents.iter().filter(|range| touches(batch, range)).count();
+            seen.lock().unwrap().push(touched);
+            None
+        })));
+        let notifier = notifier(&store, PushProviders::default(), Duration::from_secs(3600));
+
+        let expanded = notifier.expand(shards.clone()).await;
+        assert!(expanded.failed.is_empty() && !expanded.more);
+        assert_eq!(
+            *clearing.lock().unwrap(),
+            [3],
+            "one commit writes every notification and clears the three shards' intents"
+        );
+        for conv in convs {
+            let reader = format!("{conv}-reader");
+            assert_eq!(counts(&store, conv, &[reader]).await, [1]);
+        }
+        for shard in shards {
+            assert!(
+                store
+                    .push_intents(shard, None, 10)
+                    .await
+                    .unwrap()
+                    .is_empty()
+            );
+        }
     }
 
     #[tokio::test]

@@ -1276,22 +1276,27 @@ impl MessageStore {
             .await
     }
 
-    /// Turns the push intents `first..=last` of one shard into pending notifications, written
-    /// in commits of at most [`PUSH_EXPANSION_BYTES`] (and the engine's batch limit); the last
-    /// commit also clears the intents, so an intent is cleared only once all its notifications
-    /// are written. A failure or crash midway leaves the intents to be expanded again, over
-    /// notifications already written: the caller counts a message once per notification (by
-    /// its seq, see [`PendingPush::last_seq`]).
+    /// Turns push intents into pending notifications: `intents` holds the `(first, last)`
+    /// keys of what was read from each shard (every intent from `first` through `last` is
+    /// cleared). The notifications are written in commits of at most [`PUSH_EXPANSION_BYTES`]
+    /// (and the engine's batch limit); the last commit also clears the intents, so an intent
+    /// is cleared only once all its notifications are written. A failure or crash midway
+    /// leaves the intents to be expanded again, over notifications already written: the
+    /// caller counts a message once per notification (by its seq, see
+    /// [`PendingPush::last_seq`]).
     pub async fn expand_push_intents(
         &self,
-        first: &[u8],
-        last: &[u8],
+        intents: &[(Vec<u8>, Vec<u8>)],
         pending: &[((String, String, String), PendingPush)],
     ) -> Result<(), StoreError> {
-        let intents = through(first, last);
+        let cleared: Vec<Range<Vec<u8>>> = intents
+            .iter()
+            .map(|(first, last)| through(first, last))
+            .collect();
+        let cleared_bytes: usize = cleared.iter().map(|r| r.start.len() + r.end.len()).sum();
         let room = PUSH_EXPANSION_BYTES
             .min(self.kv.limits().max_batch_bytes)
-            .saturating_sub(intents.start.len() + intents.end.len());
+            .saturating_sub(cleared_bytes);
         // Deferred: a power loss that takes these back also takes back the clear of the
         // intents, which are expanded again.
         let deferred = || {
@@ -1312,7 +1317,9 @@ impl MessageStore {
             bytes += key.len() + value.len();
             batch.set(key, value);
         }
-        batch.clear_range(intents);
+        for range in cleared {
+            batch.clear_range(range);
+        }
         self.kv.commit(batch).await.map(drop)
     }
 
