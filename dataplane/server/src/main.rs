@@ -16,6 +16,8 @@ mod cli_admin;
 mod cli_chat;
 mod config;
 mod http;
+mod media_api;
+mod media_proxy;
 mod node;
 mod serve;
 mod store_node;
