@@ -1933,6 +1933,21 @@ async fn gateways_without_media_forward_media_requests_to_a_media_node() {
         .unwrap();
     let (status, body) = status_and_json(forged).await;
     assert_eq!((status, body["code"].as_str()), (401, Some("unauthorized")));
+    // An upload with a `Content-Length` goes through as well.
+    let sized = reqwest::Client::new()
+        .post(format!("{}/v1/media", ga.http_url()))
+        .bearer_auth(ga.token("alice", "phone"))
+        .header("content-type", "image/png")
+        .body(bytes[..100_000].to_vec())
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = status_and_json(sized).await;
+    assert_eq!(
+        (status, body["size"].as_u64()),
+        (201, Some(100_000)),
+        "{body}"
+    );
 
     // A signed URL, asked through ga, downloads through gb without a token.
     let (status, signed) = status_and_json(
