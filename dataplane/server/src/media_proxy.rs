@@ -27,7 +27,7 @@ use crate::media_api;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, Method, header};
+use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use courier_core::error::ApiError;
@@ -80,8 +80,8 @@ impl MediaProxy {
         let (parts, body) = request.into_parts();
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let headers = end_to_end(&parts.headers);
-        // A request without a body may be tried on the next node; a body is read once.
-        let repeatable = parts.method == Method::GET;
+        // A download (GET, HEAD: no body) may be tried on the next node; a body is read once.
+        let repeatable = parts.method.is_safe();
         let mut body = (!repeatable).then(|| reqwest::Body::wrap_stream(body.into_data_stream()));
         for (node, address) in nodes {
             let mut forwarded = self
