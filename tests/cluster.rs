@@ -1773,3 +1773,299 @@ async fn a_chat_node_killed_under_load_loses_and_duplicates_nothing() {
     let peers: Vec<String> = (0..SENDERS).map(|i| format!("peer{i}")).collect();
     check_history(&gb, &peers, &sent).await;
 }
+
+/// The gateway pods as the operator renders them: a store node, a sequencer, a fanout node, a
+/// chat node, a media node `m1` (`--roles media`, with `media_extra`) keeping its bytes in a
+/// shared directory, and two gateway nodes running the gateway role alone. Returns the nodes
+/// without a client port (the media node last) and the gateways (data directories first, so
+/// that they outlive the nodes).
+fn cluster_with_a_media_node(
+    store: &StoreNode,
+    dir: &Path,
+    media_extra: &[&str],
+) -> (Vec<InternalNode>, [tempfile::TempDir; 2], Server, Server) {
+    let media = dir.join("shared-media").display().to_string();
+    let mut media_args = vec![
+        "--jwt-secret",
+        JWT_SECRET,
+        "--media-dir",
+        &media,
+        "--min-free-disk",
+        "0",
+        "--media-min-free-disk",
+        "0",
+    ];
+    media_args.extend_from_slice(media_extra);
+    let internal = vec![
+        InternalNode::start("s1", "127.0.0.2", store, dir),
+        InternalNode::start_in(&[], "fanout", "f1", "127.0.0.3", store, dir),
+        InternalNode::start_in(&[], "chat", "c1", "127.0.0.4", store, dir),
+        InternalNode::start_with(&[], "media", "m1", "127.0.0.5", store, dir, &media_args),
+    ];
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let ga = gateway_node(store, dirs[0].path(), "ga", "gateway", &[]);
+    let gb = gateway_node(store, dirs[1].path(), "gb", "gateway", &[]);
+    (internal, dirs, ga, gb)
+}
+
+/// `GET path` on `server` with `token` (none: no `Authorization`) and `headers`.
+async fn media_get(
+    server: &Server,
+    path: &str,
+    token: Option<String>,
+    headers: &[(&str, &str)],
+) -> reqwest::Response {
+    let mut request = reqwest::Client::new().get(format!("{}{path}", server.http_url()));
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    request.send().await.unwrap()
+}
+
+/// The status and JSON body of `response`.
+async fn status_and_json(response: reqwest::Response) -> (u16, serde_json::Value) {
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or_default())
+}
+
+/// `bytes` uploaded by `user` through `server` as a stream of 64 KiB chunks (chunked transfer:
+/// no `Content-Length`), as a client streams a large file.
+async fn upload_streamed(server: &Server, user: &str, bytes: &[u8]) -> (u16, serde_json::Value) {
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        bytes.chunks(64 * 1024).map(|c| Ok(c.to_vec())).collect();
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/media", server.http_url()))
+        .bearer_auth(server.token(user, "phone"))
+        .header("content-type", "video/mp4")
+        .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks)))
+        .send()
+        .await
+        .unwrap();
+    status_and_json(response).await
+}
+
+/// Media through gateway nodes that do not run the media role: an upload through one gateway
+/// streams to the media node, a download with `Range` through the other comes back from it
+/// with the media node's status and headers; a caller without a token, or who may not read
+/// the media, gets the media node's refusal; once no media node is live, `unavailable`.
+#[tokio::test(flavor = "multi_thread")]
+async fn gateways_without_media_forward_media_requests_to_a_media_node() {
+    use sha2::Digest;
+    let (dir, store) = store_node();
+    let (mut internal, _dirs, ga, gb) =
+        cluster_with_a_media_node(&store, dir.path(), &["--media-url-secret", "cdn-secret"]);
+
+    // 6 MiB and a few bytes, streamed in through ga.
+    let bytes: Vec<u8> = (0..6 * 1024 * 1024 + 5)
+        .map(|i| (i * 7 % 251) as u8)
+        .collect();
+    let (status, uploaded) = upload_streamed(&ga, "alice", &bytes).await;
+    assert_eq!(status, 201, "{uploaded}");
+    assert_eq!(
+        uploaded["sha256"],
+        hex::encode(sha2::Sha256::digest(&bytes)).as_str()
+    );
+    assert_eq!(uploaded["size"], bytes.len() as u64);
+    assert_eq!(uploaded["mime"], "video/mp4");
+    let id = uploaded["media_id"].as_str().unwrap().to_owned();
+
+    // alice shares it with bob.
+    let mut alice = ga.connect("alice", "phone").await;
+    alice.events_until_sync_done().await.unwrap();
+    let media = courier_client::proto::Body::Media(courier_client::proto::Media {
+        media_id: id.clone(),
+        mime: "video/mp4".into(),
+        size: bytes.len() as u64,
+        sha256: String::new(),
+        name: None,
+        caption: None,
+    });
+    alice
+        .send_with_retry(Target::User("bob".into()), "clip", media)
+        .await
+        .unwrap();
+
+    // bob reads a range through gb: the media node's 206 and headers, the bytes asked.
+    let path = format!("/v1/media/{id}");
+    let bob = gb.token("bob", "phone");
+    let ranged = media_get(
+        &gb,
+        &path,
+        Some(bob.clone()),
+        &[("range", "bytes=1000-1999")],
+    )
+    .await;
+    assert_eq!(ranged.status().as_u16(), 206);
+    let header = |response: &reqwest::Response, name: &str| {
+        response.headers()[name].to_str().unwrap().to_owned()
+    };
+    assert_eq!(
+        header(&ranged, "content-range"),
+        format!("bytes 1000-1999/{}", bytes.len())
+    );
+    assert_eq!(header(&ranged, "content-type"), "video/mp4");
+    assert_eq!(header(&ranged, "accept-ranges"), "bytes");
+    let etag = header(&ranged, "etag");
+    assert_eq!(ranged.bytes().await.unwrap(), bytes[1000..2000]);
+    let whole = media_get(&gb, &path, Some(bob.clone()), &[]).await;
+    assert_eq!(whole.status().as_u16(), 200);
+    assert_eq!(header(&whole, "content-length"), bytes.len().to_string());
+    assert_eq!(whole.bytes().await.unwrap(), bytes);
+    let cached = media_get(&gb, &path, Some(bob.clone()), &[("if-none-match", &etag)]).await;
+    assert_eq!(cached.status().as_u16(), 304);
+
+    // Refusals are the media node's: no token, a stranger, a bad token on upload.
+    let (status, body) = status_and_json(media_get(&gb, &path, None, &[]).await).await;
+    assert_eq!((status, body["code"].as_str()), (401, Some("unauthorized")));
+    let mallory = gb.token("mallory", "phone");
+    let (status, body) = status_and_json(media_get(&gb, &path, Some(mallory), &[]).await).await;
+    assert_eq!((status, body["code"].as_str()), (404, Some("not_found")));
+    let forged = reqwest::Client::new()
+        .post(format!("{}/v1/media", ga.http_url()))
+        .bearer_auth("not-a-token")
+        .header("content-type", "image/png")
+        .body(vec![1u8; 10])
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = status_and_json(forged).await;
+    assert_eq!((status, body["code"].as_str()), (401, Some("unauthorized")));
+    // An upload with a `Content-Length` goes through as well.
+    let sized = reqwest::Client::new()
+        .post(format!("{}/v1/media", ga.http_url()))
+        .bearer_auth(ga.token("alice", "phone"))
+        .header("content-type", "image/png")
+        .body(bytes[..100_000].to_vec())
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = status_and_json(sized).await;
+    assert_eq!(
+        (status, body["size"].as_u64()),
+        (201, Some(100_000)),
+        "{body}"
+    );
+
+    // A signed URL, asked through ga, downloads through gb without a token.
+    let (status, signed) = status_and_json(
+        media_get(
+            &ga,
+            &format!("{path}/url"),
+            Some(ga.token("alice", "phone")),
+            &[],
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, 200, "{signed}");
+    let url = signed["url"].as_str().unwrap();
+    let by_url = media_get(&gb, url, None, &[("range", "bytes=-5")]).await;
+    assert_eq!(by_url.status().as_u16(), 206);
+    assert_eq!(by_url.bytes().await.unwrap(), bytes[bytes.len() - 5..]);
+
+    // The media node stops: it leaves the registry, and media requests get `unavailable`.
+    let mut media_node = internal.pop().unwrap();
+    media_node.signal(libc::SIGTERM);
+    media_node.child.wait().unwrap();
+    until("the media node has left the registry", || async {
+        registry(&internal[0])
+            .await
+            .iter()
+            .any(|(id, _, live)| id == "m1" && !live)
+    })
+    .await;
+    let (status, body) = upload_streamed(&ga, "alice", b"after the media node").await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (503, Some("unavailable")),
+        "{body}"
+    );
+    assert_eq!(body["message"], "no media node is running; retry shortly");
+    let (status, body) = status_and_json(media_get(&gb, &path, Some(bob), &[]).await).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (503, Some("unavailable")),
+        "{body}"
+    );
+}
+
+/// A node without a client port running the push role alone: a gateway node without push
+/// accepts device registrations for the providers the push node registered (and refuses the
+/// others, as `courier serve` does), and a message to a device that is not connected reaches
+/// it through the push node's webhook.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_push_node_alone_notifies_devices_registered_through_a_gateway_without_push() {
+    let (hook, notified) = {
+        let (tx, rx) = tokio::sync::mpsc::channel::<serde_json::Value>(16);
+        let app = axum::Router::new().fallback(move |body: axum::body::Bytes| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx
+                    .send(serde_json::from_slice(&body).unwrap_or_default())
+                    .await;
+                "ok"
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (addr, rx)
+    };
+    let mut notified = notified;
+    let (dir, store) = store_node();
+    let hook_url = format!("http://{hook}/hook");
+    let push_args = [
+        "--push-webhook-url",
+        hook_url.as_str(),
+        "--push-webhook-secret",
+        "s3cret",
+        "--push-collapse",
+        "0ms",
+    ];
+    let _internal = [
+        InternalNode::start("s1", "127.0.0.2", &store, dir.path()),
+        InternalNode::start_in(&[], "fanout", "f1", "127.0.0.3", &store, dir.path()),
+        InternalNode::start_with(
+            &[],
+            "push",
+            "p1",
+            "127.0.0.4",
+            &store,
+            dir.path(),
+            &push_args,
+        ),
+    ];
+    let ga_dir = tempfile::tempdir().unwrap();
+    let ga = gateway_node(&store, ga_dir.path(), "ga", "gateway,chat,media", &[]);
+
+    let register = |provider: &'static str| {
+        let http = ga.http("bob", "phone");
+        async move {
+            let body = serde_json::json!({ "provider": provider, "token": "tok-bob" });
+            http.request(reqwest::Method::PUT, "/v1/devices/me/push", Some(&body))
+                .await
+                .unwrap()
+        }
+    };
+    let (status, body) = register("webhook").await;
+    assert_eq!(status, 204, "{body}");
+    let (status, body) = register("fcm").await;
+    assert_eq!((status, body["code"].as_str()), (400, Some("bad_request")));
+    assert_eq!(
+        body["message"],
+        "this server has no fcm push provider configured"
+    );
+
+    let mut alice = ga.connect("alice", "phone").await;
+    alice.events_until_sync_done().await.unwrap();
+    let seq = send_until_sent(&mut alice, "bob", "while bob is away", None).await;
+    let notification = tokio::time::timeout(WAIT, notified.recv())
+        .await
+        .expect("a notification in time")
+        .unwrap();
+    assert_eq!(notification["device_token"], "tok-bob", "{notification}");
+    assert_eq!(notification["seq"], seq, "{notification}");
+}

@@ -10,9 +10,9 @@ use courier_operator::controllers::{
     Context, DataPlane, RebalancerState, cluster, gateway_pool, shard_set,
 };
 use courier_operator::crd::{
-    CourierCluster, CourierClusterSpec, EmbeddedStorage, FanoutSettings, FoundationDbStorage,
-    GatewayPool, GatewayPoolSettings, GatewayPoolSpec, MediaStore, RebalanceMode, S3MediaStore,
-    SecretKeyRef, SequencerSettings, SequencerShardSet, SequencerShardSetSpec, Storage,
+    CourierCluster, CourierClusterSpec, EmbeddedStorage, FoundationDbStorage, GatewayPool,
+    GatewayPoolSettings, GatewayPoolSpec, MediaStore, RebalanceMode, S3MediaStore, SecretKeyRef,
+    SequencerSettings, SequencerShardSet, SequencerShardSetSpec, Storage, WorkloadSettings,
 };
 use courier_operator::metrics::Metrics;
 use courier_operator::rebalance::executor::{AdminError, Sample, ShardAdmin};
@@ -240,12 +240,17 @@ fn cluster(embedded: bool) -> CourierCluster {
                     bucket: "media".to_owned(),
                     credentials_secret: "s3".to_owned(),
                 },
+                pods: WorkloadSettings {
+                    replicas: 3,
+                    resources: None,
+                },
             }),
-            push_secret: None,
+            push_secret: (!embedded).then(|| "courier-push".to_owned()),
             shards: 64,
             gateways: GatewayPoolSettings::default(),
             sequencers: SequencerSettings::default(),
-            fanout: FanoutSettings::default(),
+            fanout: WorkloadSettings::default(),
+            chat: WorkloadSettings::default(),
         },
         status: None,
     }
@@ -332,7 +337,7 @@ async fn an_embedded_cluster_creates_one_courier_serve_statefulset_its_service_a
 }
 
 #[tokio::test]
-async fn a_foundationdb_cluster_applies_its_gateway_pool_and_shard_set() {
+async fn a_foundationdb_cluster_applies_its_pools_and_a_workload_per_role() {
     let data_plane = Arc::new(FakeDataPlane::default());
     let expected = vec![
         expect(
@@ -357,6 +362,55 @@ async fn a_foundationdb_cluster_applies_its_gateway_pool_and_shard_set() {
         ),
         expect(
             APPLY,
+            "/apis/apps/v1/namespaces/chat/deployments/prod-chat",
+            |body| {
+                assert_eq!(body["spec"]["replicas"], 2);
+                assert_eq!(args(body)[2..5], ["node", "--roles", "chat"]);
+                let container = body["spec"]["template"]["spec"]["containers"][0].to_string();
+                for secret in ["COURIER_JWT_SECRET", "\"s3\"", "courier-push"] {
+                    assert!(!container.contains(secret), "chat pods get no {secret}");
+                }
+            },
+        ),
+        expect(
+            APPLY,
+            "/apis/apps/v1/namespaces/chat/deployments/prod-media",
+            |body| {
+                assert_eq!(body["spec"]["replicas"], 3);
+                let args = args(body);
+                assert_eq!(args[2..5], ["node", "--roles", "media"]);
+                assert!(
+                    args.windows(2)
+                        .any(|w| w == ["--advertise-http", "$(POD_IP):8080"]),
+                    "{args:?}"
+                );
+                let container = body["spec"]["template"]["spec"]["containers"][0].to_string();
+                assert!(
+                    container.contains("COURIER_JWT_SECRET"),
+                    "media verifies tokens"
+                );
+                assert!(container.contains("COURIER_MEDIA_S3_BUCKET"), "{container}");
+                assert!(
+                    container.contains("\"s3\""),
+                    "media gets the S3 credentials"
+                );
+                assert!(!container.contains("courier-push"), "{container}");
+            },
+        ),
+        expect(
+            APPLY,
+            "/api/v1/namespaces/chat/services/prod-media",
+            |body| {
+                assert_eq!(body["spec"]["type"], "ClusterIP");
+                assert_eq!(
+                    body["spec"]["selector"]["app.kubernetes.io/component"],
+                    "media"
+                );
+                assert_eq!(body["spec"]["ports"][0]["port"], 8080);
+            },
+        ),
+        expect(
+            APPLY,
             "/apis/apps/v1/namespaces/chat/deployments/prod-fanout",
             |body| {
                 assert_eq!(body["spec"]["replicas"], 2);
@@ -366,6 +420,18 @@ async fn a_foundationdb_cluster_applies_its_gateway_pool_and_shard_set() {
                     !env.contains("COURIER_JWT_SECRET"),
                     "fanout pods get no client secret"
                 );
+            },
+        ),
+        expect(
+            APPLY,
+            "/apis/apps/v1/namespaces/chat/deployments/prod-push",
+            |body| {
+                assert_eq!(body["spec"]["replicas"], 1);
+                assert_eq!(args(body)[2..5], ["node", "--roles", "push"]);
+                let container = body["spec"]["template"]["spec"]["containers"][0].to_string();
+                assert!(container.contains("courier-push"), "the push Secret");
+                assert!(!container.contains("COURIER_JWT_SECRET"), "{container}");
+                assert!(!container.contains("\"s3\""), "{container}");
             },
         ),
         expect(
@@ -458,7 +524,10 @@ async fn a_gateway_pool_scales_up_at_once_to_what_its_connections_need() {
             |body| {
                 assert_eq!(body["spec"]["replicas"], 5);
                 let args = args(body);
-                assert_eq!(args[2..5], ["node", "--roles", "gateway,chat,media"]);
+                assert_eq!(args[2..5], ["node", "--roles", "gateway"]);
+                let env = body["spec"]["template"]["spec"]["containers"][0].to_string();
+                assert!(env.contains("COURIER_JWT_SECRET"), "gateways verify tokens");
+                assert!(!env.contains("\"s3\""), "gateways get no S3 credentials");
                 // SIGTERM tells the clients to reconnect in batches over 60 s; the drain
                 // ends within 90 s, inside the grace period.
                 let drain = args.windows(2).filter(|w| w[0].starts_with("--drain"));

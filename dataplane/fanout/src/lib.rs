@@ -648,6 +648,7 @@ mod tests {
             lease_until_ms: now_ms() + 60_000,
             started_ms: now_ms(),
             connections: 0,
+            ..courier_store::nodes::NodeRecord::default()
         };
         store.register_node(node, &record).await.unwrap();
     }

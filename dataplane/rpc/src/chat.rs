@@ -21,13 +21,14 @@
 //! **Which chat node.** [`ClusterChat`] ranks the live chat nodes per device by rendezvous
 //! hashing of (user, device) and the node id: a device's calls go to the same node while the
 //! set of chat nodes stays the same, and a node that joins or leaves moves only the devices
-//! it gains or had. The registry is read at most every [`DIRECTORY_TTL`]; one client (one
-//! HTTP/2 connection) is kept per node.
+//! it gains or had ([`NodeDirectory`]: the registry is read at most every
+//! [`DIRECTORY_TTL`](crate::directory::DIRECTORY_TTL)); one client (one HTTP/2 connection) is
+//! kept per node.
 //!
 //! **Failure policy.** A call that fails without the chat role's answer (node unreachable,
 //! connection broken, no answer within [`CALL_TIMEOUT`]) marks the node down for
-//! [`DOWN_FOR`] (it is ranked last meanwhile), and is tried on the next node when it is safe to
-//! repeat: sends (the same `client_msg_id` is sequenced once; a retry answers
+//! [`DOWN_FOR`](crate::directory::DOWN_FOR) (it is ranked last meanwhile), and is tried on
+//! the next node when it is safe to repeat: sends (the same `client_msg_id` is sequenced once; a retry answers
 //! `duplicate: true`) and deletes (keyed by their target) until they are accepted, reads, acks
 //! (cursors only move forward), typing, push registrations. Group changes and unlinks are not
 //! repeated (a repeated `create_group` would create a second group): the client is told
@@ -36,6 +37,7 @@
 //! `client_msg_id`, through another chat node.
 
 use crate::auth::{AttachToken, ClusterToken, RequireToken};
+use crate::directory::NodeDirectory;
 use crate::lazy_channel;
 use crate::lock;
 use crate::proto::chat_client::ChatClient;
@@ -53,7 +55,6 @@ use courier_core::auth::Identity;
 use courier_core::chat::{
     CatchUp, CatchUpPlan, ChatService, ConversationSummary, DeviceView, Page, Readable,
 };
-use courier_core::clock::now_ms;
 use courier_core::error::ApiError;
 use courier_core::sequencing::{PendingAppend, SequencerError};
 use courier_proto::{ClientFrame, Encoding, Event, Payload, pb};
@@ -63,10 +64,9 @@ use futures::Stream;
 use futures::StreamExt;
 use prost::Message;
 use std::collections::{BTreeMap, HashMap};
-use std::hash::{Hash, Hasher};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tonic::codegen::InterceptedService;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
@@ -75,12 +75,6 @@ use tonic::{Request, Response, Status};
 /// sequencer; the outcome is bounded by the gateway's `send_timeout`). Group changes wait for
 /// a commit (at most the sequencer's append timeout, 5 s).
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// How long a chat node that failed a call is ranked last.
-pub const DOWN_FOR: Duration = Duration::from_secs(2);
-
-/// How long the node registry is cached.
-pub const DIRECTORY_TTL: Duration = Duration::from_secs(1);
 
 /// The role name chat nodes register with.
 pub const CHAT_ROLE: &str = "chat";
@@ -707,104 +701,54 @@ enum Repeat {
     Never,
 }
 
-/// The live chat nodes, as last read from the registry: (id, address), sorted by id.
-type ChatNodes = Arc<Vec<(String, String)>>;
-
 /// The [`ChatService`] of a gateway node without the chat role: each call goes to a live chat
 /// node of the registry (module documentation). Cheap to clone.
 #[derive(Clone)]
 pub struct ClusterChat {
-    inner: Arc<Directory>,
+    inner: Arc<ChatNodes>,
 }
 
-struct Directory {
-    store: MessageStore,
+struct ChatNodes {
+    directory: NodeDirectory,
     token: ClusterToken,
-    nodes: Mutex<(Option<Instant>, ChatNodes)>,
     clients: Mutex<HashMap<String, RemoteChat>>,
-    /// Nodes that failed a call, and when.
-    down: Mutex<HashMap<String, Instant>>,
-}
-
-/// The rank of `node` for `key`: highest first (rendezvous hashing).
-fn rank(key: (&str, &str), node: &str) -> u64 {
-    let mut hasher = std::hash::DefaultHasher::new();
-    key.hash(&mut hasher);
-    node.hash(&mut hasher);
-    hasher.finish()
 }
 
 impl ClusterChat {
     /// Calls the chat nodes registered in `store`, authenticated with `token`.
     pub fn new(store: MessageStore, token: ClusterToken) -> Self {
         Self {
-            inner: Arc::new(Directory {
-                store,
+            inner: Arc::new(ChatNodes {
+                directory: NodeDirectory::new(store, CHAT_ROLE, |node| &node.address),
                 token,
-                nodes: Mutex::new((None, Arc::default())),
                 clients: Mutex::default(),
-                down: Mutex::default(),
             }),
         }
-    }
-
-    /// The live chat nodes, read again once the copy is older than [`DIRECTORY_TTL`] (or held
-    /// none).
-    async fn nodes(&self) -> Result<ChatNodes, ApiError> {
-        {
-            let (read, nodes) = &*lock(&self.inner.nodes);
-            if read.is_some_and(|read| read.elapsed() < DIRECTORY_TTL) && !nodes.is_empty() {
-                return Ok(nodes.clone());
-            }
-        }
-        let now = now_ms();
-        let mut live: Vec<(String, String)> = self
-            .inner
-            .store
-            .nodes()
-            .await?
-            .into_iter()
-            .filter(|(_, n)| n.is_live(now) && n.roles.iter().any(|r| r == CHAT_ROLE))
-            .map(|(id, n)| (id, format!("http://{}", n.address)))
-            .collect();
-        live.sort();
-        let live = Arc::new(live);
-        *lock(&self.inner.nodes) = (Some(Instant::now()), live.clone());
-        Ok(live)
     }
 
     /// The live chat nodes in the order `key`'s calls try them: by rank, nodes marked down
     /// last.
     async fn candidates(&self, key: (&str, &str)) -> Result<Vec<(String, RemoteChat)>, ApiError> {
-        let nodes = self.nodes().await?;
+        let nodes = self.inner.directory.ranked(key).await?;
         if nodes.is_empty() {
             return Err(ApiError::unavailable(
                 "no chat node is running; retry with the same client_msg_id",
                 1000,
             ));
         }
-        let down: Vec<String> = {
-            let mut down = lock(&self.inner.down);
-            down.retain(|_, since| since.elapsed() < DOWN_FOR);
-            down.keys().cloned().collect()
-        };
-        let mut ranked: Vec<(bool, u64, &(String, String))> = nodes
-            .iter()
-            .map(|node| (down.contains(&node.0), u64::MAX - rank(key, &node.0), node))
-            .collect();
-        ranked.sort();
         let mut clients = lock(&self.inner.clients);
-        let mut out = Vec::with_capacity(ranked.len());
-        for (_, _, (id, address)) in ranked {
-            let client = match clients.get(address) {
+        let mut out = Vec::with_capacity(nodes.len());
+        for (id, address) in nodes {
+            let address = format!("http://{address}");
+            let client = match clients.get(&address) {
                 Some(client) => client.clone(),
                 None => {
-                    let client = RemoteChat::new(address, self.inner.token.clone())?;
-                    clients.insert(address.clone(), client.clone());
+                    let client = RemoteChat::new(&address, self.inner.token.clone())?;
+                    clients.insert(address, client.clone());
                     client
                 }
             };
-            out.push((id.clone(), client));
+            out.push((id, client));
         }
         Ok(out)
     }
@@ -828,7 +772,7 @@ impl ClusterChat {
                 Ok(answer) => return answer,
                 Err(status) => {
                     tracing::warn!(node, code = ?status.code(), message = status.message(), "a chat node failed a call; it is ranked last for a while");
-                    lock(&self.inner.down).insert(node, Instant::now());
+                    self.inner.directory.mark_down(&node);
                     failure = Some(status);
                     if repeat == Repeat::Never {
                         break;

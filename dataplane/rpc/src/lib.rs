@@ -27,6 +27,7 @@
 pub mod auth;
 pub mod chat;
 pub mod delivery;
+pub mod directory;
 pub mod remote;
 pub mod sequencer;
 pub mod status;

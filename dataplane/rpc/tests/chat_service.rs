@@ -162,6 +162,7 @@ async fn registry(dir: &tempfile::TempDir, nodes: &[(&str, SocketAddr)]) -> Mess
             lease_until_ms: u64::MAX,
             started_ms: 0,
             connections: 0,
+            ..NodeRecord::default()
         };
         store.register_node(id, &record).await.unwrap();
     }

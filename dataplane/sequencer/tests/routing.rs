@@ -69,6 +69,7 @@ async fn sequencer_node(store: &MessageStore, id: &str) -> Arc<LocalSequencer> {
         lease_until_ms: u64::MAX,
         started_ms: 0,
         connections: 0,
+        ..NodeRecord::default()
     };
     store.register_node(id, &record).await.unwrap();
     sequencer

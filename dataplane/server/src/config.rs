@@ -188,7 +188,9 @@ pub struct ServeConfig {
     #[arg(long, env = "COURIER_DRAIN_WINDOW", value_parser = humantime::parse_duration)]
     pub drain_window: Option<Duration>,
     /// How long draining may take on SIGTERM before the process exits anyway. Default: the
-    /// drain window plus 25s (room for the last batch's sends to be answered).
+    /// drain window plus 25s (room for the last batch's sends to be answered). On a node
+    /// without the gateway role: how long its HTTP requests in flight (a media node's
+    /// transfers) may take to finish; default 25s.
     #[arg(long, env = "COURIER_DRAIN_TIMEOUT", value_parser = humantime::parse_duration)]
     pub drain_timeout: Option<Duration>,
 }

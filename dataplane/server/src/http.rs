@@ -1,7 +1,9 @@
 //! HTTP: the WebSocket upgrade, the REST API of PROTOCOL.md, health, readiness and metrics.
 //! `/healthz` fails once the store has halted; `/readyz` also while starting, draining or low
 //! on disk ([`StorageHealth`]).
-//! Handlers are thin: they authenticate, then call the chat role.
+//! Handlers are thin: they authenticate, then call the chat role. The media endpoints are
+//! routed apart: served by the node's media role ([`crate::media_api`]) or forwarded to the
+//! media nodes ([`crate::media_proxy`]).
 //! With `--web-dir`, every other `GET` is answered from the built web app ([`with_web_app`]).
 
 use axum::extract::ws::WebSocketUpgrade;
@@ -18,8 +20,9 @@ use courier_core::error::ApiError;
 use courier_core::metrics::Metrics;
 use courier_core::storage_health::StorageHealth;
 use courier_gateway::Gateway;
-use courier_media::MediaService;
 use courier_proto::{Encoding, SUBPROTOCOL_JSON, SUBPROTOCOL_PROTO};
+use courier_push::providers::PushProviders;
+use courier_store::MessageStore;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -38,10 +41,9 @@ const RECONNECT_ELSEWHERE_MS: u64 = 1000;
 pub struct AppState {
     /// The chat role: in this process, or on the cluster's chat nodes.
     pub chat: ChatBinding,
-    pub media: Arc<MediaService>,
-    pub push: Arc<courier_push::providers::PushProviders>,
+    pub push: PushProviderNames,
     pub gateway: Arc<Gateway>,
-    pub verifier: TokenVerifier,
+    pub auth: Arc<ClientAuth>,
     pub metrics: Arc<Metrics>,
     pub storage: Arc<StorageHealth>,
     pub ready: AtomicBool,
@@ -55,13 +57,6 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/groups", post(create_group))
         .route("/v1/groups/{id}/members", post(add_members))
         .route("/v1/groups/{id}/members/{user}", delete(remove_member))
-        .route(
-            "/v1/media",
-            // The media role enforces its own (streamed) size limit.
-            post(upload_media).layer(axum::extract::DefaultBodyLimit::disable()),
-        )
-        .route("/v1/media/{id}", get(download_media))
-        .route("/v1/media/{id}/url", get(media_url))
         .route("/v1/devices", get(devices))
         .route("/v1/devices/me/push", axum::routing::put(register_push))
         .route("/v1/devices/{device}", delete(unlink_device))
@@ -108,35 +103,81 @@ async fn web_app_headers(mut response: Response) -> Response {
     response
 }
 
-/// The caller, from a verified bearer token (header or `access_token` query parameter).
-pub struct Caller(pub Identity);
-
-/// Verifies the bearer token of a request and admits it (its device is linked, or linked again
-/// by a token issued after its unlink).
-async fn authenticate(
-    state: &AppState,
-    headers: &axum::http::HeaderMap,
-    query: Option<&str>,
-) -> Result<Identity, ApiError> {
-    let authorization = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
-    let token = bearer_token(authorization, query).ok_or(AuthError::Missing)?;
-    let who = state.verifier.verify(token)?;
-    Devices::new(state.gateway.store.clone())
-        .admit(&who)
-        .await?;
-    Ok(who)
+/// Which push providers a node accepts device registrations for (`PUT /v1/devices/me/push`
+/// refuses the others, as the notifier could not send with them).
+pub enum PushProviderNames {
+    /// This node's own: it runs the notifier (`courier serve`, a cluster node with `push`).
+    Here(Arc<PushProviders>),
+    /// Those of the cluster's live push nodes, as they registered them: a node without the
+    /// push role holds no provider secret. Read from the registry at each registration (a
+    /// device registers when its app starts, not per message).
+    Cluster(MessageStore),
 }
 
-impl FromRequestParts<Arc<AppState>> for Caller {
+impl PushProviderNames {
+    async fn configured(&self, provider: &str) -> Result<bool, ApiError> {
+        match self {
+            PushProviderNames::Here(providers) => Ok(providers.provider(provider).is_some()),
+            PushProviderNames::Cluster(store) => {
+                let now = courier_core::clock::now_ms();
+                Ok(store.nodes().await?.iter().any(|(_, node)| {
+                    node.is_live(now)
+                        && node.roles.iter().any(|r| r == "push")
+                        && node.push_providers.iter().any(|p| p == provider)
+                }))
+            }
+        }
+    }
+}
+
+/// Authenticates clients: verifies a request's bearer token and admits its device (linked, or
+/// linked again by a token issued after its unlink).
+pub struct ClientAuth {
+    pub verifier: TokenVerifier,
+    /// Where the devices are recorded.
+    pub store: MessageStore,
+}
+
+impl ClientAuth {
+    /// The caller of a request with `headers` and `query` (token in `Authorization: Bearer` or
+    /// `access_token`).
+    pub async fn authenticate(
+        &self,
+        headers: &axum::http::HeaderMap,
+        query: Option<&str>,
+    ) -> Result<Identity, ApiError> {
+        let authorization = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        let token = bearer_token(authorization, query).ok_or(AuthError::Missing)?;
+        let who = self.verifier.verify(token)?;
+        Devices::new(self.store.clone()).admit(&who).await?;
+        Ok(who)
+    }
+}
+
+/// A router state that authenticates clients.
+pub trait Authenticates {
+    fn client_auth(&self) -> &ClientAuth;
+}
+
+impl Authenticates for AppState {
+    fn client_auth(&self) -> &ClientAuth {
+        &self.auth
+    }
+}
+
+/// The caller, from a verified bearer token (header or `access_token` query parameter), on
+/// any router whose state authenticates clients.
+pub struct Caller(pub Identity);
+
+impl<S: Authenticates + Send + Sync> FromRequestParts<Arc<S>> for Caller {
     type Rejection = ApiError;
 
-    async fn from_request_parts(
-        parts: &mut Parts,
-        state: &Arc<AppState>,
-    ) -> Result<Self, ApiError> {
-        authenticate(state, &parts.headers, parts.uri.query())
+    async fn from_request_parts(parts: &mut Parts, state: &Arc<S>) -> Result<Self, ApiError> {
+        state
+            .client_auth()
+            .authenticate(&parts.headers, parts.uri.query())
             .await
             .map(Caller)
     }
@@ -296,7 +337,7 @@ async fn register_push(
     Caller(who): Caller,
     JsonBody(registration): JsonBody<PushRegistration>,
 ) -> Result<StatusCode, ApiError> {
-    let configured = state.push.provider(&registration.provider).is_some();
+    let configured = state.push.configured(&registration.provider).await?;
     state
         .chat
         .register_push(
@@ -351,54 +392,4 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         )],
         state.metrics.render(),
     )
-}
-
-async fn upload_media(
-    State(state): State<Arc<AppState>>,
-    Caller(who): Caller,
-    headers: axum::http::HeaderMap,
-    body: axum::body::Body,
-) -> Result<Response, ApiError> {
-    let mime = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default();
-    let uploaded = state.media.upload(&who, mime, body).await?;
-    Ok((StatusCode::CREATED, Json(uploaded)).into_response())
-}
-
-#[derive(serde::Deserialize)]
-struct SignedQuery {
-    expires: Option<u64>,
-    signature: Option<String>,
-}
-
-async fn download_media(
-    State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
-    Query(signed): Query<SignedQuery>,
-    uri: axum::http::Uri,
-    headers: axum::http::HeaderMap,
-) -> Result<Response, ApiError> {
-    let record = match (signed.expires, signed.signature) {
-        (Some(expires), Some(signature)) => state.media.signed(&id, expires, &signature).await?,
-        _ => {
-            let who = authenticate(&state, &headers, uri.query()).await?;
-            state.media.readable(&who.user, &id).await?
-        }
-    };
-    state.media.download(&record, &headers).await
-}
-
-async fn media_url(
-    State(state): State<Arc<AppState>>,
-    Caller(who): Caller,
-    Path(id): Path<String>,
-) -> Result<Response, ApiError> {
-    state.media.readable(&who.user, &id).await?;
-    let url = state
-        .media
-        .signed_path(&id)
-        .ok_or_else(|| ApiError::not_found("signed URLs are not enabled on this server"))?;
-    Ok(Json(serde_json::json!({ "url": url })).into_response())
 }

@@ -16,6 +16,8 @@ mod cli_admin;
 mod cli_chat;
 mod config;
 mod http;
+mod media_api;
+mod media_proxy;
 mod node;
 mod serve;
 mod store_node;
@@ -91,8 +93,9 @@ enum Command {
     /// replication).
     StoreNode(store_node::StoreNodeArgs),
     /// Run some of the roles as one node of a cluster on a shared store, e.g. `--roles
-    /// sequencer`, `--roles chat`, `--roles gateway,media` (its clients' requests go to the
-    /// chat nodes) or `--roles gateway,chat,media` (`docs/distributed.md`).
+    /// sequencer`, `--roles media`, `--roles gateway` (its clients' requests go to the chat
+    /// nodes, its media requests to the media nodes) or `--roles gateway,chat,media`
+    /// (`docs/distributed.md`).
     Node(node::NodeArgs),
     /// Call a cluster's admin API: list nodes and shards, move a shard, drain or forget a
     /// node.

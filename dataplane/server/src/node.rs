@@ -10,13 +10,20 @@
 //! - `chat` (alone): validates what clients ask, enforces membership, routes appends to the
 //!   shards' owners; serves the chat service (`courier.internal.v1.Chat`) on the internal port
 //!   to the gateway nodes that do not run chat. Stateless: any number may run;
-//! - `gateway` with `media` (the client port), optionally with `chat`, `fanout` and `push`:
+//! - `media` (alone): the client media endpoints (`/v1/media*`, `media_api.rs`) on `--listen`,
+//!   with the probes and metrics; who may read what is asked of the chat nodes. It registers
+//!   the address of its HTTP port (`--advertise-http`) for the gateway nodes that forward media
+//!   requests. Any number may run; media bytes must be shared (S3, or the same `--media-dir` on
+//!   a shared filesystem) when several nodes serve media;
+//! - `push` (alone): the push notifier, with the providers it registers for the other nodes
+//!   (they accept device registrations for those). Connected devices are read from the route
+//!   store. Several may run; one at a time leads the notifier;
+//! - `gateway` (the client port), optionally with `chat`, `media`, `fanout` and `push`:
 //!   clients connect here; with `chat` their requests are handled in process (and the node
 //!   serves the chat service too), without it they go to the live chat nodes of the registry
-//!   (`courier_rpc::ClusterChat`); deliveries come from the fanout nodes over internal gRPC.
-//!   Any number of such nodes may run. The push notifier leads on one node at a time, and media
-//!   bytes must be shared (S3, or the same `--media-dir` on a shared filesystem) when several
-//!   nodes serve media.
+//!   (`courier_rpc::ClusterChat`); without `media`, media requests are forwarded to the live
+//!   media nodes (`media_proxy.rs`); deliveries come from the fanout nodes over internal gRPC.
+//!   Any number of such nodes may run.
 //!
 //! Every node registers itself in the store (id, roles, internal address, lease) and renews
 //! its registration every third of `--shard-lease`; a node that dies is seen as gone once it
@@ -26,25 +33,34 @@
 //! and the cluster token.
 
 use crate::admin::AdminService;
-use crate::config::{ServeConfig, StoreKind};
+use crate::config::{DRAIN_TAIL, ServeConfig, StoreKind};
+use crate::http::ClientAuth;
+use crate::media_api::{self, MediaApi};
 use crate::serve::{self, Cluster};
 use anyhow::Context;
 use axum::Router;
 use axum::http::{StatusCode, header};
 use axum::routing::get;
 use clap::{Args, ValueEnum};
+use courier_chat::ChatBinding;
 use courier_core::clock::now_ms;
+use courier_core::leases::JobLead;
 use courier_core::loops::BackgroundLoops;
 use courier_core::membership::MembershipCache;
 use courier_core::metrics::Metrics;
 use courier_core::sequencing::Listeners;
 use courier_core::storage_health::StorageHealth;
 use courier_fanout::Fanout;
+use courier_media::MediaService;
+use courier_push::Notifier;
+use courier_push::providers::PushProviders;
+use courier_rpc::directory::DIRECTORY_TTL;
 use courier_rpc::{
-    ChatNodeService, ClusterGateways, ClusterToken, FanoutService, SequencerService,
+    ChatNodeService, ClusterChat, ClusterGateways, ClusterToken, FanoutService, SequencerService,
 };
 use courier_sequencer::LocalSequencer;
 use courier_store::MessageStore;
+use courier_store::leaders::Job;
 use courier_store::nodes::NodeRecord;
 use std::future::IntoFuture;
 use std::net::SocketAddr;
@@ -76,15 +92,12 @@ impl Role {
     }
 }
 
-/// The roles a client node runs together: the client port serves both (chat may run with them
-/// or on nodes of its own).
-const CLIENT_ROLES: [Role; 2] = [Role::Gateway, Role::Media];
-
 /// `courier node`.
 #[derive(Debug, Args)]
 pub struct NodeArgs {
-    /// The roles this node runs, e.g. `sequencer`, `chat`, `gateway,media` (its clients'
-    /// requests go to the chat nodes) or `gateway,chat,fanout,push,media`.
+    /// The roles this node runs: one of `sequencer`, `chat`, `fanout`, `push` and `media`
+    /// alone, or `gateway` with any of `chat`, `media`, `fanout` and `push` (without `chat`
+    /// its clients' requests go to the chat nodes, without `media` to the media nodes).
     #[arg(long, env = "COURIER_ROLES", value_delimiter = ',', required = true)]
     pub roles: Vec<Role>,
     /// Where the internal gRPC of this node listens (port 0 picks a free port).
@@ -98,6 +111,11 @@ pub struct NodeArgs {
     /// address `--internal-listen` bound.
     #[arg(long, env = "COURIER_ADVERTISE")]
     pub advertise: Option<String>,
+    /// The address (`host:port`) gateway nodes reach this node's HTTP port (`--listen`) at, to
+    /// forward media requests to a node running `media`; default: the address `--listen`
+    /// bound (which must then not be a wildcard such as 0.0.0.0).
+    #[arg(long, env = "COURIER_ADVERTISE_HTTP")]
+    pub advertise_http: Option<String>,
     #[command(flatten)]
     pub serve: ServeConfig,
 }
@@ -105,6 +123,29 @@ pub struct NodeArgs {
 impl NodeArgs {
     fn has(&self, role: Role) -> bool {
         self.roles.contains(&role)
+    }
+
+    /// Whether clients reach this node over HTTP (and so it verifies client tokens).
+    fn serves_clients(&self) -> bool {
+        self.has(Role::Gateway) || self.has(Role::Media)
+    }
+
+    /// The address of this node's HTTP port, `http`, as gateway nodes reach it: registered by
+    /// a media node (for the others, empty).
+    fn http_address(&self, http: &tokio::net::TcpListener) -> anyhow::Result<String> {
+        if !self.has(Role::Media) {
+            return Ok(String::new());
+        }
+        if let Some(address) = &self.advertise_http {
+            return Ok(address.clone());
+        }
+        let bound = http.local_addr()?;
+        anyhow::ensure!(
+            !bound.ip().is_unspecified(),
+            "a media node listening on {bound} must say where the gateway nodes reach its HTTP \
+             port: give --advertise-http HOST:PORT (in Kubernetes, the pod IP)"
+        );
+        Ok(bound.to_string())
     }
 
     /// Refuses a node that would not work in a cluster, saying why.
@@ -119,26 +160,23 @@ impl NodeArgs {
             config.node_id != "local",
             "a cluster node needs its own --node-id (unique in the cluster)"
         );
-        let clients = CLIENT_ROLES.iter().filter(|r| self.has(**r)).count();
+        let mut distinct = self.roles.clone();
+        distinct.sort_by_key(|r| r.name());
+        distinct.dedup();
         anyhow::ensure!(
-            clients == 0 || clients == CLIENT_ROLES.len(),
-            "the client port serves gateway and media together: \
-             --roles gateway,media (with chat, fanout and push if wanted)"
+            self.has(Role::Gateway) || distinct.len() == 1,
+            "a node without the gateway role runs one role alone: --roles sequencer, chat, \
+             fanout, push or media (the gateway role runs with any of chat, media, fanout and \
+             push)"
         );
         anyhow::ensure!(
-            clients > 0 || !self.has(Role::Chat) || self.roles.iter().all(|r| *r == Role::Chat),
-            "a chat node without the client port runs the chat role alone: --roles chat"
-        );
-        anyhow::ensure!(
-            !self.has(Role::Sequencer) || self.roles.iter().all(|r| *r == Role::Sequencer),
+            !self.has(Role::Sequencer) || distinct.len() == 1,
             "a sequencer node runs the sequencer role alone: --roles sequencer"
         );
         anyhow::ensure!(
-            clients > 0 || !self.has(Role::Push),
-            "the push notifier runs on a client node: --roles gateway,media,push"
-        );
-        anyhow::ensure!(
-            clients == 0 || config.jwt_secret.is_some() || config.jwt_public_key.is_some(),
+            !self.serves_clients()
+                || config.jwt_secret.is_some()
+                || config.jwt_public_key.is_some(),
             "the nodes of a cluster must verify the same client tokens: give --jwt-secret \
              (or --jwt-public-key); a secret generated per data directory would differ per node"
         );
@@ -165,6 +203,13 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
         Some(address) => address.clone(),
         None => internal.local_addr()?.to_string(),
     };
+    // The HTTP port is bound before the node registers, so that the address it registers
+    // takes connections from then on.
+    let http = serve::bind_http(config.listen).await?;
+    let push = match args.has(Role::Push) {
+        true => Some(Arc::new(PushProviders::from_config(&config.push)?)),
+        false => None,
+    };
     let roles: Vec<String> = args.roles.iter().map(|r| r.name().to_owned()).collect();
     let registration = NodeRecord {
         roles: roles.clone(),
@@ -172,6 +217,14 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
         lease_until_ms: 0,
         started_ms: now_ms(),
         connections: 0,
+        http_address: args.http_address(&http)?,
+        push_providers: push.as_ref().map_or_else(Vec::new, |providers| {
+            providers
+                .configured()
+                .into_iter()
+                .map(str::to_owned)
+                .collect()
+        }),
     };
     let lease = config.shard_lease;
     let lease_ms = lease.as_millis() as u64;
@@ -182,6 +235,9 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
     // The node's own loops: its registration, and (below) its shard leases.
     let loops = BackgroundLoops::new();
     let lapsed = Arc::new(tokio::sync::Notify::new());
+    // Set when the node leaves: its registration ends at once and is renewed no more. The
+    // sender lives as long as the node (the renewal waits on it).
+    let (leave, leaving) = tokio::sync::watch::channel(false);
     // The node's metrics: its roles' and the connections its registration reports.
     let metrics = Arc::new(Metrics::new());
     {
@@ -193,7 +249,7 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
         // loop counts its lease from its start, so it may miss a lapse of the run before).
         loops.spawn("renew node registration", move |cancel| {
             let (store, node, registration) = (store.clone(), node.clone(), registration.clone());
-            let (lapsed, metrics) = (lapsed.clone(), metrics.clone());
+            let (lapsed, metrics, mut leaving) = (lapsed.clone(), metrics.clone(), leaving.clone());
             async move {
                 let renew = async {
                     let mut rounds = tokio::time::interval(lease / 3);
@@ -201,7 +257,10 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
                     let mut round: u32 = 0;
                     rounds.tick().await;
                     loop {
-                        rounds.tick().await;
+                        tokio::select! {
+                            _ = rounds.tick() => {}
+                            _ = leaving.wait_for(|leaving| *leaving) => break,
+                        }
                         let now = now_ms();
                         let record = NodeRecord {
                             connections: metrics.connections.get().max(0) as u64,
@@ -224,6 +283,11 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
                             forget_dead_nodes(&store, &node, now, lease_ms).await;
                         }
                     }
+                    // Left: the callers that find this node in the registry stop choosing it.
+                    if let Err(e) = store.register_node(&node, &leased(&registration, now_ms())).await {
+                        tracing::warn!(error = %e, "ending the node's registration failed; it lapses with its lease");
+                    }
+                    std::future::pending::<()>().await;
                 };
                 cancel.run_until_cancelled(renew).await;
             }
@@ -235,13 +299,14 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
             token,
             fanout: args.has(Role::Fanout),
             chat: args.has(Role::Chat),
-            push: args.has(Role::Push),
+            push,
+            media: args.has(Role::Media),
             internal,
             lapsed,
             metrics,
         };
         tracing::info!(node = %config.node_id, roles = %roles.join(","), "courier node: internal gRPC on {address}");
-        serve::run_client_roles(config.clone(), store.clone(), Some(cluster)).await
+        serve::run_client_roles(config.clone(), store.clone(), http, Some(cluster)).await
     } else {
         let node = InternalNode {
             config,
@@ -249,13 +314,16 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
             address: &address,
             roles: &roles,
             metrics,
+            http,
+            leave: (args.has(Role::Chat) || args.has(Role::Media)).then_some(&leave),
         };
-        if args.has(Role::Chat) {
-            run_chat(node, token, internal, &loops).await
-        } else if args.has(Role::Fanout) {
-            run_fanout(node, token, internal, &loops).await
-        } else {
-            run_sequencer(node, token, internal, &loops).await
+        // Without the gateway, a node runs one role (`NodeArgs::validate`).
+        match args.roles[0] {
+            Role::Chat => run_chat(node, token, internal, &loops).await,
+            Role::Fanout => run_fanout(node, token, internal, &loops).await,
+            Role::Media => run_media(node, token, internal, &loops).await,
+            Role::Push => run_push(node, token, internal, push.unwrap_or_default(), &loops).await,
+            _ => run_sequencer(node, token, internal, &loops).await,
         }
     };
     loops
@@ -294,7 +362,7 @@ async fn run_sequencer(
         .with_sequencer(sequencer.clone())
         .into_server();
     let services = tonic::service::Routes::new(service).add_service(admin);
-    node.serve_until_stopped(internal, services, async {
+    node.serve_until_stopped(internal, services, Router::new(), async {
         tracing::info!("stopping: draining the shards, then leaving the cluster");
         if let Err(e) = sequencer.drain().await {
             tracing::warn!(error = %e, "releasing the shards failed; they lapse with their leases");
@@ -326,7 +394,7 @@ async fn run_fanout(
     let services =
         tonic::service::Routes::new(FanoutService::new(fanout.clone()).into_server(token))
             .add_service(admin.into_server());
-    node.serve_until_stopped(internal, services, async {
+    node.serve_until_stopped(internal, services, Router::new(), async {
         tracing::info!("stopping: giving the fanout shards back, then leaving the cluster");
         if let Err(e) = fanout.release().await {
             tracing::warn!(error = %e, "giving the fanout shards back failed; they lapse with their leases");
@@ -365,9 +433,111 @@ async fn run_chat(
     let admin = AdminService::new(store.clone(), config.node_id.clone(), token.clone());
     let services = tonic::service::Routes::new(ChatNodeService::new(chat).into_server(token))
         .add_service(admin.into_server());
-    node.serve_until_stopped(internal, services, async {
+    node.serve_until_stopped(internal, services, Router::new(), async {
         tracing::info!("stopping: answering the chat calls in flight, then leaving the cluster");
     })
+    .await
+}
+
+/// The media role alone until SIGTERM or Ctrl-C: the client media endpoints on `--listen`
+/// (`media_api.rs`; who may read a conversation's media is asked of the chat nodes), the media
+/// sweeper while this node leads it, and the admin API on `internal`. On stop it answers not
+/// ready and finishes the transfers in flight (at most `--drain-timeout`).
+async fn run_media(
+    node: InternalNode<'_>,
+    token: ClusterToken,
+    internal: tokio::net::TcpListener,
+    loops: &BackgroundLoops,
+) -> anyhow::Result<()> {
+    let (config, store) = (node.config, node.store);
+    let storage = StorageHealth::new(
+        store.clone(),
+        None,
+        config.min_free_disk,
+        config.media.local_dir(&config.data_dir),
+        config.media.media_min_free_disk,
+    );
+    storage.start(loops);
+    let chat = ChatBinding::Remote(Arc::new(ClusterChat::new(store.clone(), token.clone())));
+    let media = MediaService::open(
+        config.media.clone(),
+        &config.data_dir,
+        store.clone(),
+        chat,
+        node.metrics.clone(),
+        storage,
+    )?;
+    media.start_sweeper(
+        loops,
+        JobLead {
+            store: store.clone(),
+            job: Job::MediaSweep,
+            node: config.node_id.clone(),
+        },
+    );
+    let auth = Arc::new(ClientAuth {
+        verifier: serve::verifier(config)?,
+        store: store.clone(),
+    });
+    let routes = media_api::router(Arc::new(MediaApi { media, auth }));
+    let admin = AdminService::new(store.clone(), config.node_id.clone(), token).into_server();
+    node.serve_until_stopped(
+        internal,
+        tonic::service::Routes::new(admin),
+        routes,
+        async {
+            tracing::info!(
+                "stopping: finishing the media transfers in flight, then leaving the cluster"
+            );
+        },
+    )
+    .await
+}
+
+/// The push notifier alone until SIGTERM or Ctrl-C, sending with `providers`: while this node
+/// leads the notifier it expands every shard's push intents each lease round (no notice of
+/// commits reaches it) and sends them, skipping the devices connected at that moment (read
+/// from the route store). The admin API on `internal`.
+async fn run_push(
+    node: InternalNode<'_>,
+    token: ClusterToken,
+    internal: tokio::net::TcpListener,
+    providers: Arc<PushProviders>,
+    loops: &BackgroundLoops,
+) -> anyhow::Result<()> {
+    let (config, store) = (node.config, node.store);
+    let gateways = Arc::new(ClusterGateways::new(store.clone(), None, token.clone()));
+    tracing::info!(providers = ?providers.configured(), "push providers");
+    let notifier = Notifier::new(
+        store.clone(),
+        gateways,
+        Arc::new(MembershipCache::checking_heads(store.clone())),
+        providers,
+        config.notifier.clone(),
+        config.push.push_include_text,
+        config.large_group_threshold,
+        node.metrics.clone(),
+    );
+    notifier.start(
+        loops,
+        Some(config.ownership().round()),
+        Some(JobLead {
+            store: store.clone(),
+            job: Job::Push,
+            node: config.node_id.clone(),
+        }),
+    );
+    let admin = AdminService::new(store.clone(), config.node_id.clone(), token).into_server();
+    node.serve_until_stopped(
+        internal,
+        tonic::service::Routes::new(admin),
+        Router::new(),
+        async {
+            tracing::info!(
+                "stopping: the notifier finishes its pass, then the node leaves the cluster"
+            );
+        },
+    )
     .await
 }
 
@@ -378,17 +548,31 @@ struct InternalNode<'a> {
     address: &'a str,
     roles: &'a [String],
     metrics: Arc<Metrics>,
+    /// The HTTP port (`--listen`): probes and metrics, and a media node's client endpoints.
+    http: tokio::net::TcpListener,
+    /// For a node its callers find in the registry (chat, media: `NodeDirectory`): ends its
+    /// registration, [`LEAVE_NOTICE`] before it stops serving.
+    leave: Option<&'a tokio::sync::watch::Sender<bool>>,
 }
 
+/// How long a node its callers find in the registry (chat, media) serves on after it left the
+/// registry: the callers' copies of the registry expire meanwhile ([`DIRECTORY_TTL`]), so none
+/// still chooses it when it stops taking connections.
+const LEAVE_NOTICE: Duration = DIRECTORY_TTL.saturating_add(Duration::from_secs(1));
+
 impl InternalNode<'_> {
-    /// Serves `services` on `internal`, and the probes and metrics on `--listen`, until SIGTERM
-    /// or Ctrl-C; then answers not ready, runs `stopping`, and stops serving.
+    /// Serves `services` on `internal`, and `routes` with the probes and metrics on
+    /// `--listen`, until SIGTERM or Ctrl-C; then answers not ready, runs `stopping`, and stops
+    /// serving: the internal calls in flight get up to 10 s, the HTTP requests in flight (a
+    /// media transfer) up to `--drain-timeout` (default [`DRAIN_TAIL`]).
     async fn serve_until_stopped(
         self,
         internal: tokio::net::TcpListener,
         services: tonic::service::Routes,
+        routes: Router,
         stopping: impl Future<Output = ()>,
     ) -> anyhow::Result<()> {
+        let http_grace = self.config.drain_timeout.unwrap_or(DRAIN_TAIL);
         let (stop_internal, internal_stopped) = tokio::sync::oneshot::channel::<()>();
         let incoming = TcpIncoming::from(internal).with_nodelay(Some(true));
         let server = tokio::spawn(
@@ -400,17 +584,19 @@ impl InternalNode<'_> {
         );
         // Probes and metrics on `--listen` (the internal port speaks gRPC only).
         let ready = Arc::new(AtomicBool::new(true));
-        let listen = self.config.listen;
-        let probes_listener = tokio::net::TcpListener::bind(listen)
-            .await
-            .with_context(|| format!("listening on {listen} for probes and metrics"))?;
-        let probes = probes_listener.local_addr()?;
-        let probes_server = tokio::spawn(
-            axum::serve(
-                probes_listener,
-                probe_router(self.store.clone(), self.metrics, ready.clone()),
-            )
-            .into_future(),
+        let probes = self.http.local_addr()?;
+        let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
+        let app = routes.merge(probe_router(
+            self.store.clone(),
+            self.metrics,
+            ready.clone(),
+        ));
+        let http_server = tokio::spawn(
+            axum::serve(self.http, app)
+                .with_graceful_shutdown(async {
+                    let _ = http_stopped.await;
+                })
+                .into_future(),
         );
         let stop_signal = serve::shutdown_signal()?;
         tracing::info!(
@@ -422,10 +608,21 @@ impl InternalNode<'_> {
         );
         stop_signal.await;
         ready.store(false, Ordering::Release);
+        if let Some(leave) = self.leave {
+            let _ = leave.send(true);
+            tokio::time::sleep(LEAVE_NOTICE).await;
+        }
+        let http_deadline = tokio::time::Instant::now() + http_grace;
         stopping.await;
         let _ = stop_internal.send(());
+        let _ = stop_http.send(());
         let _ = tokio::time::timeout(Duration::from_secs(10), server).await;
-        probes_server.abort();
+        if tokio::time::timeout_at(http_deadline, http_server)
+            .await
+            .is_err()
+        {
+            tracing::warn!("HTTP requests still running at the drain deadline");
+        }
         Ok(())
     }
 }

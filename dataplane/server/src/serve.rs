@@ -29,7 +29,9 @@
 
 use crate::admin::AdminService;
 use crate::config::{PublicKeyAlgorithm, ServeConfig, StoreKind};
-use crate::http::{AppState, router, with_web_app};
+use crate::http::{AppState, ClientAuth, PushProviderNames, router, with_web_app};
+use crate::media_api::{self, MediaApi};
+use crate::media_proxy::{self, MediaProxy};
 use anyhow::Context;
 use axum::serve::ListenerExt;
 use courier_chat::receipts::ReceiptRelay;
@@ -76,7 +78,9 @@ pub const LOOP_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 /// Time between two passes forgetting the rate limits of idle users and connections.
 const FORGET_IDLE_LIMITS_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
-fn verifier(config: &ServeConfig) -> anyhow::Result<TokenVerifier> {
+/// The verifier of client tokens: `--jwt-public-key`, `--jwt-secret`, or the secret of the data
+/// directory (created on first start).
+pub fn verifier(config: &ServeConfig) -> anyhow::Result<TokenVerifier> {
     if let (Some(path), Some(algorithm)) = (&config.jwt_public_key, config.jwt_algorithm) {
         let pem = std::fs::read(path)
             .with_context(|| format!("reading --jwt-public-key {}", path.display()))?;
@@ -138,8 +142,11 @@ pub struct Cluster {
     /// Whether this node runs the chat role (and serves it to the gateway nodes that do not);
     /// without it, its clients' requests go to the cluster's chat nodes.
     pub chat: bool,
-    /// Whether this node also runs the push notifier (the push role).
-    pub push: bool,
+    /// The push notifier's providers, when this node runs it (the push role).
+    pub push: Option<Arc<PushProviders>>,
+    /// Whether this node serves media itself (the media role); without it, its media
+    /// requests go to the cluster's media nodes ([`MediaProxy`]).
+    pub media: bool,
     /// Where this node's internal gRPC listens: deliveries from fanout nodes and, with
     /// `fanout`, notices of commits from chat nodes.
     pub internal: tokio::net::TcpListener,
@@ -155,17 +162,27 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     config.validate()?;
     let engine = open_engine(&config).await?;
     let store = MessageStore::open(engine, b"", config.shards).await?;
-    run_client_roles(config, store, None).await
+    let listener = bind_http(config.listen).await?;
+    run_client_roles(config, store, listener, None).await
 }
 
-/// Runs the client roles (gateway, chat, media, and unless `cluster` says otherwise fanout and
-/// push) on `store` until SIGTERM or Ctrl-C; then drains and returns (module documentation,
-/// "Stopping"). Without `cluster` (`courier serve`) every role is in this process, with a
-/// local sequencer; with it, appends go to the shards' owners, deliveries to the gateways
-/// holding the devices, and commit notices to the shards' fanout nodes.
+/// The listener of the node's HTTP port (`--listen`: the client port, or a node's probes).
+pub async fn bind_http(listen: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("listening on {listen}"))
+}
+
+/// Runs the client roles (gateway, and unless `cluster` says otherwise chat, media, fanout and
+/// push) on `store`, with the client port on `listener`, until SIGTERM or Ctrl-C; then drains
+/// and returns (module documentation, "Stopping"). Without `cluster` (`courier serve`) every
+/// role is in this process, with a local sequencer; with it, appends go to the shards'
+/// owners, deliveries to the gateways holding the devices, and commit notices to the shards'
+/// fanout nodes.
 pub async fn run_client_roles(
     config: ServeConfig,
     store: MessageStore,
+    listener: tokio::net::TcpListener,
     cluster: Option<Cluster>,
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
@@ -226,7 +243,7 @@ pub async fn run_client_roles(
         }
     };
     let runs_fanout = cluster.as_ref().is_none_or(|c| c.fanout);
-    let runs_push = cluster.as_ref().is_none_or(|c| c.push);
+    let runs_media = cluster.as_ref().is_none_or(|c| c.media);
     let fanout = match runs_fanout {
         true => Some(
             Fanout::new(
@@ -240,13 +257,16 @@ pub async fn run_client_roles(
         ),
         false => None,
     };
-    let push = Arc::new(PushProviders::from_config(&config.push)?);
-    let notifier = runs_push.then(|| {
+    let push = match &cluster {
+        None => Some(Arc::new(PushProviders::from_config(&config.push)?)),
+        Some(cluster) => cluster.push.clone(),
+    };
+    let notifier = push.clone().map(|providers| {
         Notifier::new(
             store.clone(),
             gateways.clone(),
             membership.clone(),
-            push.clone(),
+            providers,
             config.notifier.clone(),
             config.push.push_include_text,
             config.large_group_threshold,
@@ -302,7 +322,9 @@ pub async fn run_client_roles(
         store.clone(),
         (config.store == StoreKind::Embedded).then(|| config.data_dir.join(STORE_DIR)),
         config.min_free_disk,
-        config.media.local_dir(&config.data_dir),
+        runs_media
+            .then(|| config.media.local_dir(&config.data_dir))
+            .flatten(),
         config.media.media_min_free_disk,
     );
     let chat = match sequencer {
@@ -348,30 +370,42 @@ pub async fn run_client_roles(
         None => None,
     };
     let (stop, stopping) = watch::channel(false);
-    let media = MediaService::open(
-        config.media.clone(),
-        &config.data_dir,
-        store.clone(),
-        chat.clone(),
-        metrics.clone(),
-        storage.clone(),
-    )?;
-    media.start_sweeper(&loops, lead(Job::MediaSweep));
+    let auth = Arc::new(ClientAuth {
+        verifier,
+        store: store.clone(),
+    });
+    let media_routes = match runs_media {
+        true => {
+            let media = MediaService::open(
+                config.media.clone(),
+                &config.data_dir,
+                store.clone(),
+                chat.clone(),
+                metrics.clone(),
+                storage.clone(),
+            )?;
+            media.start_sweeper(&loops, lead(Job::MediaSweep));
+            media_api::router(Arc::new(MediaApi {
+                media,
+                auth: auth.clone(),
+            }))
+        }
+        false => media_proxy::router(Arc::new(MediaProxy::new(store.clone())?)),
+    };
     storage.start(&loops);
     let state = Arc::new(AppState {
         chat,
-        media,
-        push,
+        push: match push {
+            Some(providers) => PushProviderNames::Here(providers),
+            None => PushProviderNames::Cluster(store.clone()),
+        },
         gateway,
-        verifier,
+        auth,
         metrics,
         storage,
         ready: AtomicBool::new(false),
     });
 
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("listening on {}", config.listen))?;
     let address = listener.local_addr()?;
     let stop_signal = shutdown_signal()?;
     state.ready.store(true, Ordering::Release);
@@ -406,7 +440,7 @@ pub async fn run_client_roles(
             tracing::warn!(error = %e, "could not set TCP_NODELAY on a connection");
         }
     });
-    let app = with_web_app(router(state), config.web_dir.as_deref());
+    let app = with_web_app(router(state).merge(media_routes), config.web_dir.as_deref());
     let server = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .into_future();

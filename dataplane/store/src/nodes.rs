@@ -38,6 +38,14 @@ pub struct NodeRecord {
     pub connections: u64,
     // Tag 6 was a fanout node's backlog, summed for the senders' backpressure; that is now
     // kept by each shard's sequencer from the outbox lag. Records that still carry it decode.
+    /// Where a node running `media` serves the client HTTP API, `host:port`: the gateway nodes
+    /// without media forward media requests there. Empty on other nodes.
+    #[prost(string, tag = "7")]
+    pub http_address: String,
+    /// The push providers (`fcm`, `apns`, `webhook`) a node running `push` sends with: the
+    /// nodes without push accept device registrations for these. Empty on other nodes.
+    #[prost(string, repeated, tag = "8")]
+    pub push_providers: Vec<String>,
 }
 
 impl NodeRecord {
@@ -154,6 +162,7 @@ mod tests {
             lease_until_ms,
             started_ms: 0,
             connections: 0,
+            ..NodeRecord::default()
         }
     }
 

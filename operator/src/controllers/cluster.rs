@@ -1,8 +1,8 @@
 //! The `CourierCluster` controller: an embedded cluster becomes one `courier serve`
 //! StatefulSet and its Service; a FoundationDB cluster becomes a `GatewayPool` and a
-//! `SequencerShardSet` (whose own controllers render their pods), the fanout Deployment and,
-//! with push providers, the push notifier's. The status says which, and is Ready when what it
-//! owns is.
+//! `SequencerShardSet` (whose own controllers render their pods), the chat Deployment, the
+//! media Deployment and its Service, the fanout Deployment and, with push providers, the push
+//! notifier's. The status says which, and is Ready when what it owns is.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +15,7 @@ use super::{Context, Error, apply, apply_status, counted, retry_after_error};
 use crate::crd::{
     ConditionType, Conditions, CourierCluster, CourierClusterStatus, GatewayPool, SequencerShardSet,
 };
-use crate::render::{delivery, embedded, pools};
+use crate::render::{backends, delivery, embedded, pools};
 
 const CONTROLLER: &str = "cluster";
 
@@ -36,24 +36,32 @@ pub async fn reconcile(cluster: Arc<CourierCluster>, ctx: Arc<Context>) -> Resul
         let pools = pools::build(&cluster)?;
         let gateways: GatewayPool = apply(&ctx.client, &pools.gateways).await?;
         let sequencers: SequencerShardSet = apply(&ctx.client, &pools.sequencers).await?;
+        let chat: Deployment = apply(&ctx.client, &backends::chat(&cluster)?).await?;
+        let media = match backends::media(&cluster)? {
+            Some((deployment, service)) => {
+                let deployment: Deployment = apply(&ctx.client, &deployment).await?;
+                apply(&ctx.client, &service).await?;
+                Some(deployment)
+            }
+            None => None,
+        };
         let fanout: Deployment = apply(&ctx.client, &delivery::fanout(&cluster)?).await?;
         if let Some(push) = delivery::push(&cluster)? {
             apply(&ctx.client, &push).await?;
         }
         let gateways_ready = is_ready(gateways.status.as_ref().map(|s| &s.conditions[..]));
         let sequencers_ready = is_ready(sequencers.status.as_ref().map(|s| &s.conditions[..]));
-        let fanout_ready = fanout
-            .status
-            .as_ref()
-            .and_then(|s| s.ready_replicas)
-            .unwrap_or(0)
-            >= cluster.spec.fanout.replicas;
+        let chat_ready = all_ready(&chat);
+        let media_ready = media.as_ref().is_none_or(all_ready);
+        let fanout_ready = all_ready(&fanout);
         (
-            gateways_ready && sequencers_ready && fanout_ready,
+            gateways_ready && sequencers_ready && chat_ready && media_ready && fanout_ready,
             format!(
-                "gateway pool {}, shard set {}, fanout {}",
+                "gateway pool {}, shard set {}, chat {}, media {}, fanout {}",
                 readiness(gateways_ready),
                 readiness(sequencers_ready),
+                readiness(chat_ready),
+                readiness(media_ready),
                 readiness(fanout_ready)
             ),
         )
@@ -80,6 +88,21 @@ fn is_ready(
             .iter()
             .any(|c| c.type_ == ConditionType::Ready.as_str() && c.status == "True")
     })
+}
+
+/// Whether every pod `deployment` asks for is ready.
+fn all_ready(deployment: &Deployment) -> bool {
+    let wanted = deployment
+        .spec
+        .as_ref()
+        .and_then(|s| s.replicas)
+        .unwrap_or(1);
+    let ready = deployment
+        .status
+        .as_ref()
+        .and_then(|s| s.ready_replicas)
+        .unwrap_or(0);
+    ready >= wanted
 }
 
 fn readiness(ready: bool) -> &'static str {

@@ -41,8 +41,9 @@ pub struct CourierClusterSpec {
     /// The Secret key holding the client token (JWT HS256) secret; every pod verifies client
     /// tokens with it.
     pub jwt_secret: SecretKeyRef,
-    /// Where media bytes go. Without it they stay on the pod's volume, which only an embedded
-    /// (single-pod) cluster may do.
+    /// Where media bytes go, and (FoundationDB storage) how many media pods serve them
+    /// (`replicas`, default 2) with which `resources`. Without it they stay on the pod's
+    /// volume, which only an embedded (single-pod) cluster may do.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub media: Option<MediaStore>,
     /// A Secret whose keys are push provider settings as `COURIER_*` environment variables
@@ -61,34 +62,40 @@ pub struct CourierClusterSpec {
     /// The sequencer pods (FoundationDB storage only).
     #[serde(default)]
     pub sequencers: SequencerSettings,
-    /// The fanout pods (FoundationDB storage only).
+    /// The fanout pods (FoundationDB storage only): they deliver committed events to the
+    /// gateways holding the recipients, the shards' outboxes split evenly between them. Their
+    /// `resources` also size the push notifier's pod.
     #[serde(default)]
-    pub fanout: FanoutSettings,
+    pub fanout: WorkloadSettings,
+    /// The chat pods (FoundationDB storage only): they validate what clients ask, enforce
+    /// membership and rate limits, and have messages sequenced, for the gateway pods.
+    #[serde(default)]
+    pub chat: WorkloadSettings,
 }
 
-/// The fanout pods: they deliver committed events to the gateways holding the recipients.
+/// The pods of a stateless workload: any number of them share its work.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
-pub struct FanoutSettings {
-    /// Fanout pods; the shards' outboxes are split evenly between them.
-    #[serde(default = "default_fanout_replicas")]
+pub struct WorkloadSettings {
+    /// How many pods.
+    #[serde(default = "default_workload_replicas")]
     #[schemars(range(min = 1, max = 1000))]
     pub replicas: i32,
-    /// CPU and memory of each fanout pod (and of the push notifier's pod).
+    /// CPU and memory of each pod.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<k8s_openapi::api::core::v1::ResourceRequirements>,
 }
 
-impl Default for FanoutSettings {
+impl Default for WorkloadSettings {
     fn default() -> Self {
         Self {
-            replicas: default_fanout_replicas(),
+            replicas: default_workload_replicas(),
             resources: None,
         }
     }
 }
 
-fn default_fanout_replicas() -> i32 {
+fn default_workload_replicas() -> i32 {
     2
 }
 
@@ -149,12 +156,15 @@ pub struct SecretKeyRef {
     pub key: String,
 }
 
-/// Object storage for media.
+/// Object storage for media, and (FoundationDB storage only) the media pods serving it.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MediaStore {
     /// An S3-compatible bucket.
     pub s3: S3MediaStore,
+    /// The media pods.
+    #[serde(flatten)]
+    pub pods: WorkloadSettings,
 }
 
 /// An S3-compatible bucket for media.

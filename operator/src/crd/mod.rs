@@ -14,8 +14,8 @@ mod shard_rebalance;
 mod shard_set;
 
 pub use cluster::{
-    CourierCluster, CourierClusterSpec, CourierClusterStatus, EmbeddedStorage, FanoutSettings,
-    FoundationDbStorage, MediaStore, S3MediaStore, SecretKeyRef, Storage,
+    CourierCluster, CourierClusterSpec, CourierClusterStatus, EmbeddedStorage, FoundationDbStorage,
+    MediaStore, S3MediaStore, SecretKeyRef, Storage, WorkloadSettings,
 };
 pub use conditions::{ConditionType, Conditions};
 pub use gateway_pool::{

@@ -2,25 +2,29 @@
 //!
 //! - `<cluster>-fanout`: fanout nodes (`courier node --roles fanout`), any number; they split
 //!   the shards' outboxes between them by delivery leases and hand events to the gateways;
-//! - `<cluster>-push` (with `pushSecret` only): the push notifier, on a node with a client port
-//!   of its own; one pod, replaced old-first (the data plane lets one push node at a time lead
-//!   the notifier). It is not behind the client Service.
+//! - `<cluster>-push` (with `pushSecret` only): the push notifier (`courier node --roles
+//!   push`), the only pod with the push Secret; it registers the providers it has, and the
+//!   gateways accept device registrations for those. One pod, replaced old-first (the data
+//!   plane lets one push node at a time lead the notifier).
 
 use k8s_openapi::api::apps::v1::Deployment;
 
-use super::gateways::{self, DRAIN_SECONDS};
 use super::pod::{self, Component, Shutdown};
-use super::{RenderError, Rollout, child_meta, deployment, name_and_namespace, owner_reference};
+use super::{
+    RenderError, Rollout, child_meta, deployment, name_and_namespace, owner_reference,
+    stateless_deployment,
+};
 use crate::crd::CourierCluster;
 
-/// A fanout node hands its leases back on SIGTERM within seconds.
-const FANOUT_SHUTDOWN: Shutdown = Shutdown {
+/// A fanout node hands its leases back, and a push node finishes its pass, on SIGTERM within
+/// seconds.
+const DELIVERY_SHUTDOWN: Shutdown = Shutdown {
     pre_stop_sleep_seconds: 2,
     grace_seconds: 40,
 };
 
 /// The roles of the push notifier's pod.
-pub const PUSH_ROLES: &str = "gateway,chat,media,push";
+pub const PUSH_ROLES: &str = "push";
 
 /// The name of `cluster`'s fanout Deployment.
 pub fn fanout_name(cluster: &str) -> String {
@@ -34,30 +38,15 @@ pub fn push_name(cluster: &str) -> String {
 
 /// The fanout Deployment of `cluster`.
 pub fn fanout(cluster: &CourierCluster) -> Result<Deployment, RenderError> {
-    let (name, namespace) = name_and_namespace(cluster)?;
-    let settings = &cluster.spec.fanout;
-    let template = pod::template(
+    let (name, _) = name_and_namespace(cluster)?;
+    stateless_deployment(
         cluster,
         Component::Fanout,
-        pod::node_args("fanout", pod::at_pod_ip(), &[]),
-        settings.resources.clone(),
-        FANOUT_SHUTDOWN,
-    );
-    let meta = child_meta(
         &fanout_name(&name),
-        &namespace,
-        &name,
-        Component::Fanout,
-        owner_reference(cluster)?,
-    );
-    Ok(deployment(
-        meta,
-        &name,
-        Component::Fanout,
-        settings.replicas,
-        template,
-        Rollout::Surge,
-    ))
+        &cluster.spec.fanout,
+        pod::node_args("fanout", pod::at_pod_ip(), &[]),
+        DELIVERY_SHUTDOWN,
+    )
 }
 
 /// The push notifier's Deployment of `cluster`, if it has push providers (`pushSecret`).
@@ -66,13 +55,12 @@ pub fn push(cluster: &CourierCluster) -> Result<Option<Deployment>, RenderError>
         return Ok(None);
     }
     let (name, namespace) = name_and_namespace(cluster)?;
-    let drain = ["--drain-timeout".to_owned(), format!("{DRAIN_SECONDS}s")];
     let template = pod::template(
         cluster,
         Component::Push,
-        pod::node_args(PUSH_ROLES, pod::at_pod_ip(), &drain),
+        pod::node_args(PUSH_ROLES, pod::at_pod_ip(), &[]),
         cluster.spec.fanout.resources.clone(),
-        gateways::SHUTDOWN,
+        DELIVERY_SHUTDOWN,
     );
     let meta = child_meta(
         &push_name(&name),
@@ -94,50 +82,7 @@ pub fn push(cluster: &CourierCluster) -> Result<Option<Deployment>, RenderError>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::{CourierClusterSpec, FoundationDbStorage, SecretKeyRef, Storage};
-    use kube::core::ObjectMeta;
-
-    fn cluster(push_secret: Option<&str>) -> CourierCluster {
-        let secret = |name: &str| SecretKeyRef {
-            name: name.into(),
-            key: "k".into(),
-        };
-        let mut cluster = CourierCluster::new(
-            "prod",
-            CourierClusterSpec {
-                image: "courier:1".into(),
-                storage: Storage {
-                    embedded: None,
-                    foundation_db: Some(FoundationDbStorage {
-                        cluster_file_secret: secret("fdb"),
-                        cluster_token_secret: secret("tok"),
-                    }),
-                },
-                jwt_secret: secret("jwt"),
-                media: None,
-                push_secret: push_secret.map(str::to_owned),
-                shards: 64,
-                gateways: Default::default(),
-                sequencers: Default::default(),
-                fanout: Default::default(),
-            },
-        );
-        cluster.metadata = ObjectMeta {
-            name: Some("prod".into()),
-            namespace: Some("chat".into()),
-            uid: Some("uid".into()),
-            ..ObjectMeta::default()
-        };
-        cluster
-    }
-
-    fn args(deployment: &Deployment) -> Vec<String> {
-        let spec = deployment.spec.as_ref().unwrap();
-        spec.template.spec.as_ref().unwrap().containers[0]
-            .args
-            .clone()
-            .unwrap()
-    }
+    use crate::render::fixtures::{args, foundation_db_cluster as cluster};
 
     #[test]
     fn the_push_notifier_is_one_pod_replaced_old_first_and_only_with_push_providers() {

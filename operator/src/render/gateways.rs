@@ -1,7 +1,9 @@
-//! A gateway pool's objects: a Deployment of pods serving the client port (the data plane runs
-//! gateway, chat and media together) behind the client Service, and a PodDisruptionBudget
-//! keeping at most 10 % of them down. Any number of gateway pods may run; fanout and the push
-//! notifier run in pods of their own ([`super::delivery`]).
+//! A gateway pool's objects: a Deployment of pods serving the client port (the gateway role
+//! alone) behind the client Service, and a PodDisruptionBudget keeping at most 10 % of them
+//! down. Any number of gateway pods may run. Chat and media run in pods of their own
+//! ([`super::backends`]): a gateway calls the chat pods for every client request and forwards
+//! `/v1/media*` to the media pods (the data plane finds both in its node registry); fanout and
+//! the push notifier too ([`super::delivery`]).
 //!
 //! Scale-down drains a pod before it goes: the pod the autoscaler picked carries the lowest
 //! `controller.kubernetes.io/pod-deletion-cost`; on deletion the native `preStop` sleep lets
@@ -22,8 +24,9 @@ use super::{
 };
 use crate::crd::{CourierCluster, GatewayPool};
 
-/// The roles of a gateway pod: the client port.
-pub const CLIENT_ROLES: &str = "gateway,chat,media";
+/// The roles of a gateway pod: the client port (connections), nothing else, so that gateways
+/// scale with connections alone (`docs/decisions/0004-media-and-push-workloads.md`).
+pub const CLIENT_ROLES: &str = "gateway";
 
 /// Over how long a gateway tells its clients to reconnect elsewhere on SIGTERM, batch by
 /// batch (the data plane's `--drain-window`): 60 s, the low end of the 60–120 s a scale-down

@@ -6,8 +6,10 @@
 //! - [`pools`]: a FoundationDB cluster owns a `GatewayPool` and a `SequencerShardSet`;
 //! - [`gateways`]: a pool's Deployment (the client port), client Service and PDB;
 //! - [`sequencers`]: a shard set's StatefulSet (`OnDelete`), headless Service and PDB;
+//! - [`backends`]: a FoundationDB cluster's chat Deployment, media Deployment and Service;
 //! - [`delivery`]: a FoundationDB cluster's fanout Deployment and push notifier.
 
+pub mod backends;
 pub mod delivery;
 pub mod embedded;
 pub mod gateways;
@@ -24,6 +26,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Resource;
 
+use crate::crd::{CourierCluster, WorkloadSettings};
 use pod::Component;
 
 /// The name under which the operator applies (server-side apply field manager).
@@ -196,5 +199,102 @@ pub fn deployment(
             ..DeploymentSpec::default()
         }),
         ..Deployment::default()
+    }
+}
+
+/// A Deployment `name` of `settings.replicas` pods of `cluster`'s stateless `component` running
+/// `args` (any number of them share the work), new pods first.
+pub fn stateless_deployment(
+    cluster: &CourierCluster,
+    component: Component,
+    name: &str,
+    settings: &WorkloadSettings,
+    args: Vec<String>,
+    shutdown: pod::Shutdown,
+) -> Result<Deployment, RenderError> {
+    let (cluster_name, namespace) = name_and_namespace(cluster)?;
+    let template = pod::template(
+        cluster,
+        component,
+        args,
+        settings.resources.clone(),
+        shutdown,
+    );
+    let meta = child_meta(
+        name,
+        &namespace,
+        &cluster_name,
+        component,
+        owner_reference(cluster)?,
+    );
+    Ok(deployment(
+        meta,
+        &cluster_name,
+        component,
+        settings.replicas,
+        template,
+        Rollout::Surge,
+    ))
+}
+
+/// A FoundationDB cluster and readers of what is rendered from it, for the builders' tests.
+#[cfg(test)]
+pub(crate) mod fixtures {
+    use crate::crd::{
+        CourierCluster, CourierClusterSpec, FoundationDbStorage, MediaStore, S3MediaStore,
+        SecretKeyRef, Storage,
+    };
+    use k8s_openapi::api::apps::v1::Deployment;
+    use kube::core::ObjectMeta;
+
+    /// `prod` in `chat`, on FoundationDB with media in S3, and `push_secret` if given.
+    pub fn foundation_db_cluster(push_secret: Option<&str>) -> CourierCluster {
+        let secret = |name: &str| SecretKeyRef {
+            name: name.into(),
+            key: "k".into(),
+        };
+        let mut cluster = CourierCluster::new(
+            "prod",
+            CourierClusterSpec {
+                image: "courier:1".into(),
+                storage: Storage {
+                    embedded: None,
+                    foundation_db: Some(FoundationDbStorage {
+                        cluster_file_secret: secret("fdb"),
+                        cluster_token_secret: secret("tok"),
+                    }),
+                },
+                jwt_secret: secret("jwt"),
+                media: Some(MediaStore {
+                    s3: S3MediaStore {
+                        bucket: "media".into(),
+                        credentials_secret: "s3".into(),
+                    },
+                    pods: Default::default(),
+                }),
+                push_secret: push_secret.map(str::to_owned),
+                shards: 64,
+                gateways: Default::default(),
+                sequencers: Default::default(),
+                fanout: Default::default(),
+                chat: Default::default(),
+            },
+        );
+        cluster.metadata = ObjectMeta {
+            name: Some("prod".into()),
+            namespace: Some("chat".into()),
+            uid: Some("uid".into()),
+            ..ObjectMeta::default()
+        };
+        cluster
+    }
+
+    /// The container arguments of `deployment`'s pods.
+    pub fn args(deployment: &Deployment) -> Vec<String> {
+        let spec = deployment.spec.as_ref().unwrap();
+        spec.template.spec.as_ref().unwrap().containers[0]
+            .args
+            .clone()
+            .unwrap()
     }
 }

@@ -28,6 +28,11 @@ pub fn at_pod_ip() -> String {
     format!("$(POD_IP):{INTERNAL_PORT}")
 }
 
+/// The address of a pod's HTTP port at its pod IP (`--advertise-http`).
+pub fn http_at_pod_ip() -> String {
+    format!("$(POD_IP):{HTTP_PORT}")
+}
+
 /// `courier node` arguments of a pod running `roles`, which the other nodes reach at
 /// `advertise`, followed by `extra`.
 pub fn node_args(roles: &str, advertise: String, extra: &[String]) -> Vec<String> {
@@ -55,13 +60,17 @@ const RUN_AS_USER: i64 = 10001;
 pub enum Component {
     /// `courier serve`: every role on the embedded store (one pod).
     Server,
-    /// The client port: gateway and media, with chat in the same pods.
+    /// The gateway role: the client port (WebSocket and HTTP API).
     Gateway,
+    /// The chat role, called by the gateways.
+    Chat,
+    /// The media role: the media endpoints, behind a Service of their own.
+    Media,
     /// The sequencer role.
     Sequencer,
     /// The fanout role.
     Fanout,
-    /// The push notifier, on a node with the client port of its own (one per cluster).
+    /// The push notifier (one pod per cluster).
     Push,
 }
 
@@ -71,18 +80,25 @@ impl Component {
         match self {
             Component::Server => "server",
             Component::Gateway => "gateway",
+            Component::Chat => "chat",
+            Component::Media => "media",
             Component::Sequencer => "sequencer",
             Component::Fanout => "fanout",
             Component::Push => "push",
         }
     }
 
-    /// Whether its pods serve clients (and so verify client tokens and serve media).
+    /// Whether its pods serve clients (and so verify client tokens).
     fn serves_clients(self) -> bool {
         matches!(
             self,
-            Component::Server | Component::Gateway | Component::Push
+            Component::Server | Component::Gateway | Component::Media
         )
+    }
+
+    /// Whether its pods read and write media bytes.
+    fn stores_media(self) -> bool {
+        matches!(self, Component::Server | Component::Media)
     }
 
     /// Whether its pods send push notifications.
@@ -171,7 +187,7 @@ pub fn template(
         mounts.push(mount("fdb", "/etc/courier/fdb", true));
         mounts.push(mount("cluster-token", "/etc/courier/token", true));
     }
-    if let Some(media) = spec.media.as_ref().filter(|_| component.serves_clients()) {
+    if let Some(media) = spec.media.as_ref().filter(|_| component.stores_media()) {
         env.push(value_env("COURIER_MEDIA_S3_BUCKET", &media.s3.bucket));
         env_from.push(secret_env_from(&media.s3.credentials_secret));
     }
@@ -389,12 +405,14 @@ mod tests {
                         bucket: "media".into(),
                         credentials_secret: "s3".into(),
                     },
+                    pods: Default::default(),
                 }),
                 push_secret: Some("push".into()),
                 shards: 64,
                 gateways: Default::default(),
                 sequencers: Default::default(),
                 fanout: Default::default(),
+                chat: Default::default(),
             },
         )
     }
@@ -421,7 +439,7 @@ mod tests {
 
     #[test]
     fn a_foundationdb_pod_gets_the_cluster_file_and_token_as_mounted_files_and_media_in_s3() {
-        let template = template(&cluster(true), Component::Push, vec![], None, SHUTDOWN);
+        let template = template(&cluster(true), Component::Media, vec![], None, SHUTDOWN);
         let env = env(&template);
         assert_eq!(value(&env, "COURIER_STORE").as_deref(), Some("fdb"));
         assert_eq!(
@@ -447,12 +465,7 @@ mod tests {
             .flatten()
             .map(|m| m.mount_path.as_str())
             .collect();
-        for path in [
-            "/etc/courier/fdb",
-            "/etc/courier/token",
-            "/etc/courier/push",
-            DATA_DIR,
-        ] {
+        for path in ["/etc/courier/fdb", "/etc/courier/token", DATA_DIR] {
             assert!(mounts.contains(&path), "{path} in {mounts:?}");
         }
         let from: Vec<String> = container
@@ -461,7 +474,7 @@ mod tests {
             .flatten()
             .filter_map(|e| e.secret_ref.as_ref().map(|s| s.name.clone()))
             .collect();
-        assert_eq!(from, ["s3", "push"]);
+        assert_eq!(from, ["s3"]);
         assert_eq!(spec.termination_grace_period_seconds, Some(30));
         let ports: Vec<i32> = container
             .ports
@@ -472,14 +485,23 @@ mod tests {
         assert_eq!(ports, [HTTP_PORT, INTERNAL_PORT]);
     }
 
+    /// What a pod of each component gets: (client token secret, S3 media, push Secret).
     #[test]
-    fn sequencer_and_fanout_pods_get_no_client_secrets() {
-        for component in [Component::Sequencer, Component::Fanout] {
+    fn each_pod_gets_only_the_secrets_its_role_needs() {
+        for (component, jwt, s3, push) in [
+            (Component::Gateway, true, false, false),
+            (Component::Chat, false, false, false),
+            (Component::Media, true, true, false),
+            (Component::Push, false, false, true),
+            (Component::Sequencer, false, false, false),
+            (Component::Fanout, false, false, false),
+        ] {
             let template = template(&cluster(true), component, vec![], None, SHUTDOWN);
             let env = env(&template);
-            assert!(!env.contains_key("COURIER_JWT_SECRET"), "{component:?}");
-            assert!(
-                !env.contains_key("COURIER_MEDIA_S3_BUCKET"),
+            assert_eq!(env.contains_key("COURIER_JWT_SECRET"), jwt, "{component:?}");
+            assert_eq!(
+                env.contains_key("COURIER_MEDIA_S3_BUCKET"),
+                s3,
                 "{component:?}"
             );
             assert!(
@@ -487,7 +509,24 @@ mod tests {
                 "{component:?}"
             );
             let container = &template.spec.as_ref().unwrap().containers[0];
-            assert!(container.env_from.is_none(), "{component:?}");
+            let from: Vec<String> = container
+                .env_from
+                .iter()
+                .flatten()
+                .filter_map(|e| e.secret_ref.as_ref().map(|s| s.name.clone()))
+                .collect();
+            let expected: Vec<&str> = [(s3, "s3"), (push, "push")]
+                .into_iter()
+                .filter_map(|(on, name)| on.then_some(name))
+                .collect();
+            assert_eq!(from, expected, "{component:?}");
+            let mounts: Vec<&str> = container
+                .volume_mounts
+                .iter()
+                .flatten()
+                .map(|m| m.mount_path.as_str())
+                .collect();
+            assert_eq!(mounts.contains(&"/etc/courier/push"), push, "{component:?}");
         }
     }
 
