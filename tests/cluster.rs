@@ -1584,33 +1584,73 @@ async fn the_admin_command_lists_the_cluster_and_moves_a_shard() {
 fn cluster_with_chat_nodes(
     store: &StoreNode,
     dir: &Path,
+    chat_args: &[&str],
 ) -> (Vec<InternalNode>, [tempfile::TempDir; 2], Server, Server) {
     let mut internal = vec![
         InternalNode::start("s1", "127.0.0.2", store, dir),
         InternalNode::start_in(&[], "fanout", "f1", "127.0.0.3", store, dir),
     ];
-    internal.push(InternalNode::start_in(
-        &[],
-        "chat",
-        "c1",
-        "127.0.0.4",
-        store,
-        dir,
-    ));
-    internal.push(InternalNode::start_in(
-        &[],
-        "chat",
-        "c2",
-        "127.0.0.5",
-        store,
-        dir,
-    ));
+    for (id, host) in [("c1", "127.0.0.4"), ("c2", "127.0.0.5")] {
+        internal.push(InternalNode::start_with(
+            &[],
+            "chat",
+            id,
+            host,
+            store,
+            dir,
+            chat_args,
+        ));
+    }
     let media = dir.join("shared-media").display().to_string();
     let shared = ["--media-dir", media.as_str()];
     let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
     let ga = gateway_node(store, dirs[0].path(), "ga", "gateway,media", &shared);
     let gb = gateway_node(store, dirs[1].path(), "gb", "gateway,media", &shared);
     (internal, dirs, ga, gb)
+}
+
+/// A user's send rate limit holds across gateways and chat nodes: every device of the user is
+/// served by one chat node, so its devices on two gateways draw on one bucket.
+#[tokio::test]
+async fn a_users_send_limit_holds_for_its_devices_on_two_gateways_and_two_chat_nodes() {
+    let (dir, store) = store_node();
+    let limit = ["--user-sends-per-sec", "1", "--user-sends-burst", "4"];
+    let (_internal, _dirs, ga, gb) = cluster_with_chat_nodes(&store, dir.path(), &limit);
+    let mut devices = Vec::new();
+    for i in 0..6 {
+        let gateway = if i % 2 == 0 { &ga } else { &gb };
+        let mut client = gateway.connect("rita", &format!("d{i}")).await;
+        client.events_until_sync_done().await.unwrap();
+        devices.push(client);
+    }
+
+    let started = std::time::Instant::now();
+    let (mut sent, mut limited) = (0u64, 0u64);
+    for round in 0..2 {
+        for (i, client) in devices.iter_mut().enumerate() {
+            let id = format!("d{i}-{round}");
+            match client.send_text(Target::User("sam".into()), &id, "x").await {
+                Ok(_) => sent += 1,
+                Err(courier_client::ClientError::Server(e)) => {
+                    assert_eq!(
+                        e.code,
+                        courier_client::proto::ErrorCode::RateLimited,
+                        "{e:?}"
+                    );
+                    limited += 1;
+                }
+                Err(e) => panic!("{id}: {e}"),
+            }
+        }
+    }
+    // One bucket of 4 that refills by one a second: six devices on two chat nodes with a
+    // bucket each would have got 8 through at once.
+    let refilled = started.elapsed().as_secs();
+    assert!(
+        sent <= 4 + refilled,
+        "{sent} sends taken in {refilled} s, {limited} refused"
+    );
+    assert_eq!(sent + limited, 12);
 }
 
 /// Every client request of a gateway node without chat goes to a chat node over gRPC: sends
@@ -1620,7 +1660,7 @@ fn cluster_with_chat_nodes(
 async fn gateway_nodes_without_chat_serve_every_request_through_the_chat_nodes() {
     use courier_client::proto::{AckKind, ErrorCode, ServerFrame};
     let (dir, store) = store_node();
-    let (_internal, _dirs, ga, gb) = cluster_with_chat_nodes(&store, dir.path());
+    let (_internal, _dirs, ga, gb) = cluster_with_chat_nodes(&store, dir.path(), &[]);
 
     // 1:1 across the gateways: alice on ga, bob on gb; bob's read receipt reaches alice.
     let mut alice = ga.connect("alice", "phone").await;
@@ -1728,7 +1768,7 @@ async fn a_chat_node_killed_under_load_loses_and_duplicates_nothing() {
     const SENDERS: usize = 8;
     const MESSAGES: usize = 30;
     let (dir, store) = store_node();
-    let (mut internal, _dirs, ga, gb) = cluster_with_chat_nodes(&store, dir.path());
+    let (mut internal, _dirs, ga, gb) = cluster_with_chat_nodes(&store, dir.path(), &[]);
     let ga = Arc::new(ga);
     let taken = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();

@@ -15,13 +15,14 @@
 //! **Order.** A send (or delete) is a server stream: its first message says the chat node
 //! queued the append with the sequencer, the second is the sequencer's answer. The gateway
 //! waits for the first before it reads the device's next frame, as it waits for the in-process
-//! call, and [`ClusterChat`] sends one device's requests to one chat node (below), so a device's
+//! call, and [`ClusterChat`] sends one user's requests to one chat node (below), so a device's
 //! sends to a conversation keep their order.
 //!
-//! **Which chat node.** [`ClusterChat`] ranks the live chat nodes per device by rendezvous
-//! hashing of (user, device) and the node id: a device's calls go to the same node while the
-//! set of chat nodes stays the same, and a node that joins or leaves moves only the devices
-//! it gains or had ([`NodeDirectory`]: the registry is read at most every
+//! **Which chat node.** [`ClusterChat`] ranks the live chat nodes per user by rendezvous
+//! hashing of the user and the node id: every device of a user calls the same node while the
+//! set of chat nodes stays the same, so the user's send rate limit is one bucket on one node
+//! whichever gateways its devices are on, and a node that joins or leaves moves only the users
+//! it gains or had (their buckets start full on the new node) ([`NodeDirectory`]: the registry is read at most every
 //! [`DIRECTORY_TTL`](crate::directory::DIRECTORY_TTL)); one client (one HTTP/2 connection) is
 //! kept per node.
 //!
@@ -726,10 +727,10 @@ impl ClusterChat {
         }
     }
 
-    /// The live chat nodes in the order `key`'s calls try them: by rank, nodes marked down
+    /// The live chat nodes in the order `user`'s calls try them: by rank, nodes marked down
     /// last.
-    async fn candidates(&self, key: (&str, &str)) -> Result<Vec<(String, RemoteChat)>, ApiError> {
-        let nodes = self.inner.directory.ranked(key).await?;
+    async fn candidates(&self, user: &str) -> Result<Vec<(String, RemoteChat)>, ApiError> {
+        let nodes = self.inner.directory.ranked(user).await?;
         if nodes.is_empty() {
             return Err(ApiError::unavailable(
                 "no chat node is running; retry with the same client_msg_id",
@@ -753,19 +754,14 @@ impl ClusterChat {
         Ok(out)
     }
 
-    /// Runs `call` on the chat nodes in `key`'s order until one answers (its answer may be a
+    /// Runs `call` on the chat nodes in `user`'s order until one answers (its answer may be a
     /// refusal), trying the next only when `repeat` allows.
-    async fn call<T, F, Fut>(
-        &self,
-        key: (&str, &str),
-        repeat: Repeat,
-        call: F,
-    ) -> Result<T, ApiError>
+    async fn call<T, F, Fut>(&self, user: &str, repeat: Repeat, call: F) -> Result<T, ApiError>
     where
         F: Fn(RemoteChat) -> Fut,
         Fut: Future<Output = Attempt<T>>,
     {
-        let candidates = self.candidates(key).await?;
+        let candidates = self.candidates(user).await?;
         let mut failure = None;
         for (node, client) in candidates {
             match call(client).await {
@@ -785,10 +781,6 @@ impl ClusterChat {
     }
 }
 
-fn device_key(who: &Identity) -> (&str, &str) {
-    (&who.user, &who.device)
-}
-
 #[async_trait::async_trait]
 impl ChatService for ClusterChat {
     async fn submit_send(
@@ -796,7 +788,7 @@ impl ChatService for ClusterChat {
         who: &Identity,
         send: &courier_proto::Send,
     ) -> Result<(String, PendingAppend), ApiError> {
-        self.call(device_key(who), Repeat::Safe, |chat| async move {
+        self.call(&who.user, Repeat::Safe, |chat| async move {
             chat.submit(who, ClientFrame::Send(send.clone())).await
         })
         .await
@@ -807,21 +799,21 @@ impl ChatService for ClusterChat {
         who: &Identity,
         delete: &courier_proto::Delete,
     ) -> Result<(String, PendingAppend), ApiError> {
-        self.call(device_key(who), Repeat::Safe, |chat| async move {
+        self.call(&who.user, Repeat::Safe, |chat| async move {
             chat.submit(who, ClientFrame::Delete(delete.clone())).await
         })
         .await
     }
 
     async fn typing(&self, who: &Identity, typing: &courier_proto::Typing) -> Result<(), ApiError> {
-        self.call(device_key(who), Repeat::Safe, |chat| async move {
+        self.call(&who.user, Repeat::Safe, |chat| async move {
             chat.typing(who, typing).await
         })
         .await
     }
 
     async fn acknowledge(&self, who: &Identity, ack: &courier_proto::Ack) -> Result<(), ApiError> {
-        self.call(device_key(who), Repeat::Safe, |chat| async move {
+        self.call(&who.user, Repeat::Safe, |chat| async move {
             chat.acknowledge(who, ack).await
         })
         .await
@@ -834,14 +826,14 @@ impl ChatService for ClusterChat {
         after_seq: u64,
         limit: Option<u32>,
     ) -> Result<Page, ApiError> {
-        self.call(device_key(who), Repeat::Safe, |chat| async move {
+        self.call(&who.user, Repeat::Safe, |chat| async move {
             chat.fetch(who, conv, after_seq, limit).await
         })
         .await
     }
 
     async fn readable(&self, conv: &str, user: &str) -> Result<Readable, ApiError> {
-        self.call((user, ""), Repeat::Safe, |chat| async move {
+        self.call(user, Repeat::Safe, |chat| async move {
             chat.readable(conv, user).await
         })
         .await
@@ -852,14 +844,14 @@ impl ChatService for ClusterChat {
         who: &Identity,
         overrides: &BTreeMap<String, u64>,
     ) -> Result<CatchUpPlan, ApiError> {
-        self.call(device_key(who), Repeat::Safe, |chat| async move {
+        self.call(&who.user, Repeat::Safe, |chat| async move {
             chat.catch_up_plan(who, overrides).await
         })
         .await
     }
 
     async fn conversations(&self, who: &Identity) -> Result<Vec<ConversationSummary>, ApiError> {
-        self.call(device_key(who), Repeat::Safe, |chat| async move {
+        self.call(&who.user, Repeat::Safe, |chat| async move {
             chat.conversations(who).await
         })
         .await
@@ -871,7 +863,7 @@ impl ChatService for ClusterChat {
         name: &str,
         members: &[String],
     ) -> Result<String, ApiError> {
-        self.call(device_key(who), Repeat::Never, |chat| async move {
+        self.call(&who.user, Repeat::Never, |chat| async move {
             chat.create_group(who, name, members).await
         })
         .await
@@ -883,21 +875,21 @@ impl ChatService for ClusterChat {
         conv: &str,
         users: &[String],
     ) -> Result<Vec<String>, ApiError> {
-        self.call(device_key(who), Repeat::Never, |chat| async move {
+        self.call(&who.user, Repeat::Never, |chat| async move {
             chat.add_members(who, conv, users).await
         })
         .await
     }
 
     async fn remove_member(&self, who: &Identity, conv: &str, user: &str) -> Result<(), ApiError> {
-        self.call(device_key(who), Repeat::Never, |chat| async move {
+        self.call(&who.user, Repeat::Never, |chat| async move {
             chat.remove_member(who, conv, user).await
         })
         .await
     }
 
     async fn devices(&self, user: &str) -> Result<Vec<DeviceView>, ApiError> {
-        self.call((user, ""), Repeat::Safe, |chat| async move {
+        self.call(user, Repeat::Safe, |chat| async move {
             chat.devices(user).await
         })
         .await
@@ -910,14 +902,14 @@ impl ChatService for ClusterChat {
         token: &str,
         configured: bool,
     ) -> Result<(), ApiError> {
-        self.call(device_key(who), Repeat::Safe, |chat| async move {
+        self.call(&who.user, Repeat::Safe, |chat| async move {
             chat.register_push(who, provider, token, configured).await
         })
         .await
     }
 
     async fn unlink_device(&self, user: &str, device: &str) -> Result<(), ApiError> {
-        self.call((user, ""), Repeat::Never, |chat| async move {
+        self.call(user, Repeat::Never, |chat| async move {
             chat.unlink_device(user, device).await
         })
         .await
