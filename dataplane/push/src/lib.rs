@@ -175,7 +175,7 @@ impl Notifier {
 
     /// Starts the notifier as a loop of `loops`; intents left by a crash are expanded first
     /// (and again after a restart). With `every_shard_each`, every shard is looked at again
-    /// that often: for a cluster node, which is told only of the commits made through it.
+    /// that often: for a cluster node, which may miss a notice of another node's commit.
     /// With `lead`, the notifier runs its passes only while this node leads the push job (one
     /// push node of a cluster at a time, `courier_store::leaders`), checked at start and then
     /// every `every_shard_each` (or idle pass); a node that takes the lead looks at every shard.

@@ -9,10 +9,11 @@
 //!   if its node lease lapsed by the registry read afresh: it has lost its connections, or
 //!   tells them to reconnect when it notices (they catch up); otherwise the batch fails and
 //!   fanout hands it again.
-//! - [`FanoutService`] and [`FanoutNotifier`]: how a chat node tells the fanout node that
-//!   drains a shard's outbox (its [`Duty::Delivery`] owner) that the shard has new events.
-//!   Notices are batched per node; a lost notice only delays delivery until the owner's next
-//!   lease round, when it looks at every shard it owns.
+//! - [`FanoutService`] and [`CommitNotifier`]: how a chat node tells the fanout node that
+//!   drains a shard's outbox (its [`Duty::Delivery`] owner), and the node leading the push
+//!   notifier, that the shard has new events. Notices are batched per node; a lost notice only
+//!   delays delivery (or a push) until the owner's (the lead's) next lease round, when it
+//!   looks at every shard it owns (every shard).
 //!
 //! **Bounds.** A delivery waits for every gateway it involves (at most [`CALL_TIMEOUT`] each).
 //! Offers and unlinks are sent in the background, at most [`OFFERS_IN_FLIGHT`] at a time; an
@@ -35,6 +36,7 @@ use courier_core::gateways::{DeliveryError, Gateways};
 use courier_core::membership::Members;
 use courier_core::sequencing::CommitListener;
 use courier_proto::{Encoding, Event, ServerFrame, pb};
+use courier_store::leaders::Job;
 use courier_store::nodes::NodeRecord;
 use courier_store::ownership::Duty;
 use courier_store::{MessageStore, StoreError};
@@ -457,7 +459,8 @@ impl Gateways for ClusterGateways {
     }
 }
 
-/// A fanout node's end of [`FanoutNotifier`]: tells the node's fanout of new events.
+/// The end of [`CommitNotifier`] on a fanout or push node: tells the node's fanout and push
+/// notifier of new events.
 pub struct FanoutService {
     fanout: Arc<dyn CommitListener>,
 }
@@ -492,41 +495,50 @@ impl fanout_server::Fanout for FanoutService {
 
 /// The [`CommitListener`] of a chat node in a cluster: tells each shard's fanout node (its
 /// delivery owner, read from the store and cached for [`DIRECTORY_TTL`]) of the events
-/// committed for this node's appends; this node's own fanout in-process.
-pub struct FanoutNotifier {
+/// committed for this node's appends, this node's own fanout in-process; and tells the push
+/// notifier's leader (`Job::Push`, read and cached likewise) of every shard committed to, so
+/// that it expands their push intents at once rather than at its next round over every shard.
+/// Both get the same call (`Fanout.Committed`), one per node per batch of notices.
+pub struct CommitNotifier {
     directory: Arc<Directory>,
     /// This node's id and fanout, when it runs the fanout role.
     local: Option<(String, Arc<dyn CommitListener>)>,
+    /// This node's id (its own notifier, when it runs push, hears of its commits in process).
+    node: String,
     /// Events per shard not yet told.
     pending: Mutex<HashMap<u32, u64>>,
     wake: Notify,
     /// Per shard, its delivery owner's node id as read, and when.
     owners: Mutex<HashMap<u32, (String, Instant)>>,
+    /// The push notifier's leader as read (none: no node leads it), and when.
+    push_lead: Mutex<Option<(Option<String>, Instant)>>,
 }
 
-impl FanoutNotifier {
+impl CommitNotifier {
     pub fn new(
         store: MessageStore,
+        node: &str,
         local: Option<(String, Arc<dyn CommitListener>)>,
         token: ClusterToken,
     ) -> Arc<Self> {
         Arc::new(Self {
             directory: Arc::new(Directory::new(store, token)),
             local,
+            node: node.to_owned(),
             pending: Mutex::default(),
             wake: Notify::new(),
             owners: Mutex::default(),
+            push_lead: Mutex::default(),
         })
     }
 
-    /// Sends the notices as they come, one call per fanout node at a time, until the process
-    /// ends.
+    /// Sends the notices as they come, one call per node at a time, until the process ends.
     pub async fn run(self: Arc<Self>) {
         loop {
             self.wake.notified().await;
             let pending = std::mem::take(&mut *lock(&self.pending));
             if let Err(e) = self.tell(pending).await {
-                tracing::debug!(error = %e, "telling fanout nodes of commits failed; they find them at their next round");
+                tracing::debug!(error = %e, "telling fanout and push nodes of commits failed; they find them at their next round");
             }
         }
     }
@@ -549,15 +561,39 @@ impl FanoutNotifier {
         }))
     }
 
+    /// The node leading the push notifier, if another node does.
+    async fn push_lead(&self) -> Result<Option<String>, StoreError> {
+        if let Some((lead, read)) = lock(&self.push_lead).as_ref()
+            && read.elapsed() < DIRECTORY_TTL
+        {
+            return Ok(lead.clone());
+        }
+        let lead = self.directory.store.leader(Job::Push, now_ms()).await?;
+        *lock(&self.push_lead) = Some((lead.clone(), Instant::now()));
+        Ok(lead)
+    }
+
     async fn tell(&self, pending: HashMap<u32, u64>) -> Result<(), StoreError> {
         let mut by_node: BTreeMap<String, Vec<ShardCommits>> = BTreeMap::new();
-        for (shard, events) in pending {
+        for (&shard, &events) in &pending {
             if let Some(node) = self.owner(shard).await? {
                 by_node
                     .entry(node)
                     .or_default()
                     .push(ShardCommits { shard, events });
             }
+        }
+        if let Some(lead) = self.push_lead().await?
+            && lead != self.node
+        {
+            let told = by_node.entry(lead).or_default();
+            let already: BTreeSet<u32> = told.iter().map(|c| c.shard).collect();
+            told.extend(
+                pending
+                    .iter()
+                    .filter(|(shard, _)| !already.contains(shard))
+                    .map(|(&shard, &events)| ShardCommits { shard, events }),
+            );
         }
         let wanted: Vec<&str> = by_node.keys().map(String::as_str).collect();
         let nodes = self.directory.nodes(&wanted).await?;
@@ -576,15 +612,16 @@ impl FanoutNotifier {
             let mut client = self.directory.fanout(address)?;
             let call = client.committed(CommittedRequest { shards });
             if !matches!(tokio::time::timeout(CALL_TIMEOUT, call).await, Ok(Ok(_))) {
-                // Read the owner again next time: the shard may have moved.
+                // Read the owners and the lead again next time: they may have moved.
                 lock(&self.owners).retain(|_, (owner, _)| *owner != node);
+                lock(&self.push_lead).take();
             }
         }
         Ok(())
     }
 }
 
-impl CommitListener for FanoutNotifier {
+impl CommitListener for CommitNotifier {
     fn committed(&self, shard: u32, events: usize) {
         if let Some((id, local)) = &self.local
             && lock(&self.owners)

@@ -10,7 +10,7 @@
 //! - [`chat`]: the chat role over gRPC ([`ChatNodeService`], [`RemoteChat`], and
 //!   [`ClusterChat`], which a gateway node without the chat role calls);
 //! - [`delivery`]: delivery across nodes ([`ClusterGateways`] and the gateway's end,
-//!   [`delivery::FanoutNotifier`] and the fanout's end);
+//!   [`delivery::CommitNotifier`] and its listeners' end, `FanoutService`);
 //! - [`proto`]: the generated messages and stubs of `courier.internal.v1`, among them the
 //!   admin API's client (`proto::admin_client::AdminClient`), which the operator calls.
 //!
@@ -43,7 +43,7 @@ pub mod proto {
 
 pub use auth::{ClusterToken, TokenError};
 pub use chat::{ChatNodeService, ClusterChat, RemoteChat};
-pub use delivery::{ClusterGateways, FanoutNotifier, FanoutService, GatewayService};
+pub use delivery::{ClusterGateways, CommitNotifier, FanoutService, GatewayService};
 pub use remote::RemoteEngine;
 pub use sequencer::{RemoteSequencer, SequencerService};
 pub use store_node::{KvStoreService, ServeError, serve_store_node};

@@ -416,7 +416,8 @@ async fn run_chat(
 ) -> anyhow::Result<()> {
     let (config, store) = (node.config, node.store);
     let gateways = Arc::new(ClusterGateways::new(store.clone(), None, token.clone()));
-    let sequencer = serve::routed_sequencer(store, &token, None, Vec::new(), loops);
+    let sequencer =
+        serve::routed_sequencer(store, &token, &config.node_id, None, Vec::new(), loops);
     let storage = StorageHealth::new(store.clone(), None, config.min_free_disk, None, 0);
     storage.start(loops);
     let chat = serve::start_chat(serve::ChatRole {
@@ -495,9 +496,10 @@ async fn run_media(
 }
 
 /// The push notifier alone until SIGTERM or Ctrl-C, sending with `providers`: while this node
-/// leads the notifier it expands every shard's push intents each lease round (no notice of
-/// commits reaches it) and sends them, skipping the devices connected at that moment (read
-/// from the route store). The admin API on `internal`.
+/// leads the notifier, the chat nodes tell it of the shards they commit to (`Fanout.Committed`
+/// on `internal`), and it expands every shard's push intents each lease round besides (for a
+/// lost notice); it sends them, skipping the devices connected at that moment (read from the
+/// route store). The admin API on `internal`.
 async fn run_push(
     node: InternalNode<'_>,
     token: ClusterToken,
@@ -527,10 +529,11 @@ async fn run_push(
             node: config.node_id.clone(),
         }),
     );
+    let notices = FanoutService::new(notifier).into_server(token.clone());
     let admin = AdminService::new(store.clone(), config.node_id.clone(), token).into_server();
     node.serve_until_stopped(
         internal,
-        tonic::service::Routes::new(admin),
+        tonic::service::Routes::new(admin).add_service(notices),
         Router::new(),
         async {
             tracing::info!(

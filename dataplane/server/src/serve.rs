@@ -52,7 +52,7 @@ use courier_media::MediaService;
 use courier_push::Notifier;
 use courier_push::providers::PushProviders;
 use courier_rpc::{
-    ChatNodeService, ClusterChat, ClusterGateways, ClusterToken, FanoutNotifier, FanoutService,
+    ChatNodeService, ClusterChat, ClusterGateways, ClusterToken, CommitNotifier, FanoutService,
     GatewayService, RemoteEngine,
 };
 use courier_sequencer::LocalSequencer;
@@ -298,6 +298,7 @@ pub async fn run_client_roles(
             Some(routed_sequencer(
                 &store,
                 &cluster.token,
+                &node,
                 local,
                 listeners,
                 &loops,
@@ -307,7 +308,8 @@ pub async fn run_client_roles(
         Some(_) => None,
     };
     if let Some(notifier) = &notifier {
-        // On a cluster node it is told only of the commits made through this node.
+        // On a cluster node it is told of the commits made through this node, and, while it
+        // leads, by the chat nodes of theirs; every shard is looked at each round besides.
         let every_shard_each = cluster.is_some().then(|| config.ownership().round());
         notifier.start(
             &loops,
@@ -357,15 +359,18 @@ pub async fn run_client_roles(
         limits: gateway_limits,
         drain,
     });
+    // What hears the notices of commits made through other nodes: the fanout of the shards
+    // this node drains, and the push notifier while this node leads it.
+    let notices: Vec<Arc<dyn CommitListener>> = fanout
+        .clone()
+        .map(|f| f as Arc<dyn CommitListener>)
+        .into_iter()
+        .chain(notifier.clone().map(|n| n as Arc<dyn CommitListener>))
+        .collect();
+    let notices = (!notices.is_empty()).then(|| Arc::new(Listeners(notices)) as _);
     let internal = match cluster {
         Some(cluster) => Some(serve_internal(
-            cluster,
-            &store,
-            &node,
-            &gateway,
-            fanout.clone(),
-            &config,
-            &loops,
+            cluster, &store, &node, &gateway, notices, &config, &loops,
         )?),
         None => None,
     };
@@ -581,16 +586,18 @@ pub fn start_chat(role: ChatRole<'_>) -> Arc<Chat> {
 }
 
 /// The sequencer of a cluster node running chat: appends go to the shards' owners, and
-/// `listeners` (after the fanout nodes, told of every commit in batches; `local_fanout` is
-/// this node's own fanout, told in process) hear of the events committed for this node.
+/// `listeners` (after the fanout nodes and the push lead, told of every commit in batches;
+/// `local_fanout` is this node's own fanout, told in process) hear of the events committed
+/// for this node `node`.
 pub fn routed_sequencer(
     store: &MessageStore,
     token: &ClusterToken,
+    node: &str,
     local_fanout: Option<(String, Arc<dyn CommitListener>)>,
     mut listeners: Vec<Arc<dyn CommitListener>>,
     loops: &BackgroundLoops,
 ) -> Arc<dyn Sequencer> {
-    let notices = FanoutNotifier::new(store.clone(), local_fanout, token.clone());
+    let notices = CommitNotifier::new(store.clone(), node, local_fanout, token.clone());
     // Fanout first: delivery is what a user waits for.
     listeners.insert(0, notices.clone());
     // Stops at once when cancelled; restarted if it panics: a lost notice is found at the
@@ -610,7 +617,7 @@ pub fn routed_sequencer(
 }
 
 /// Serves the internal gRPC of a client node on `cluster.internal` (deliveries to this
-/// gateway; notices of commits, when it runs fanout; the chat service, when it runs chat; the
+/// gateway; notices of commits to `notices`, when it runs fanout or push; the chat service, when it runs chat; the
 /// admin API, whose `Drain` starts the gateway's drain), and reads the node registry every
 /// lease round to sweep the routes of gateway nodes whose lease lapsed.
 fn serve_internal(
@@ -618,14 +625,14 @@ fn serve_internal(
     store: &MessageStore,
     node: &str,
     gateway: &Gateway,
-    fanout: Option<Arc<Fanout>>,
+    notices: Option<Arc<dyn CommitListener>>,
     config: &ServeConfig,
     loops: &BackgroundLoops,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let routes = gateway.routes.clone();
     let incoming = TcpIncoming::from(cluster.internal).with_nodelay(Some(true));
     let deliveries = GatewayService::new(routes.clone()).into_server(cluster.token.clone());
-    let fanout = fanout.map(|f| FanoutService::new(f).into_server(cluster.token.clone()));
+    let notices = notices.map(|n| FanoutService::new(n).into_server(cluster.token.clone()));
     // The gateway nodes without chat call this node's chat.
     let chat = match &gateway.chat {
         ChatBinding::Local(chat) => {
@@ -639,7 +646,7 @@ fn serve_internal(
     let server = tonic::transport::Server::builder()
         .add_service(deliveries)
         .add_service(admin)
-        .add_optional_service(fanout)
+        .add_optional_service(notices)
         .add_optional_service(chat)
         .serve_with_incoming(incoming);
     let served = tokio::spawn(async move {

@@ -84,6 +84,16 @@ impl MessageStore {
             Err(e) => Err(e),
         }
     }
+
+    /// The node whose lease on `job` runs at `now_ms`, if any.
+    pub async fn leader(&self, job: Job, now_ms: u64) -> Result<Option<String>, StoreError> {
+        let key = self.keys().leader(job.name());
+        let Some(value) = self.kv().get(&key).await? else {
+            return Ok(None);
+        };
+        let record = LeaderRecord::decode(value.as_slice()).map_err(|e| corrupt(&key, e))?;
+        Ok((record.lease_until_ms > now_ms).then_some(record.node))
+    }
 }
 
 #[cfg(test)]
@@ -99,8 +109,13 @@ mod tests {
         let store = temp_store(&dir, 4).await;
         let retention = Job::Retention;
 
+        assert_eq!(store.leader(retention, 1_000).await.unwrap(), None);
         assert!(store.lead(retention, "a", 1_000, LEASE).await.unwrap());
         assert!(!store.lead(retention, "b", 2_000, LEASE).await.unwrap());
+        assert_eq!(
+            store.leader(retention, 2_000).await.unwrap().as_deref(),
+            Some("a")
+        );
         // Another job has its own leader.
         assert!(
             store
@@ -112,6 +127,7 @@ mod tests {
         assert!(store.lead(retention, "a", 9_000, LEASE).await.unwrap());
         assert!(!store.lead(retention, "b", 12_000, LEASE).await.unwrap());
         // a stops renewing: once its lease lapsed, b takes the job and a no longer leads.
+        assert_eq!(store.leader(retention, 19_001).await.unwrap(), None);
         assert!(store.lead(retention, "b", 19_001, LEASE).await.unwrap());
         assert!(!store.lead(retention, "a", 19_002, LEASE).await.unwrap());
     }
