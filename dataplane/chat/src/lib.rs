@@ -11,6 +11,7 @@ use crate::admission::{AdmissionLimits, Admitted, SendAdmission};
 use crate::devices::Devices;
 use crate::receipts::ReceiptRelay;
 use courier_core::auth::Identity;
+use courier_core::context::Context;
 use courier_core::error::ApiError;
 use courier_core::gateways::Gateways;
 use courier_core::limits::{KeyedLimit, Rate};
@@ -92,17 +93,19 @@ pub struct Chat {
 }
 
 impl Chat {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
-        store: MessageStore,
+        context: Context,
         sequencer: Arc<dyn Sequencer>,
-        gateways: Arc<dyn Gateways>,
-        membership: Arc<MembershipCache>,
         receipts: Arc<ReceiptRelay>,
-        metrics: Arc<Metrics>,
         limits: ChatLimits,
         storage: Arc<StorageHealth>,
     ) -> Self {
+        let Context {
+            store,
+            gateways,
+            membership,
+            metrics,
+        } = context;
         Self {
             storage,
             user_sends: KeyedLimit::new(limits.user_sends, "sends from this user"),
@@ -837,14 +840,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let kv = Arc::new(EmbeddedEngine::open(&dir.path().join("s")).unwrap());
         let store = MessageStore::open(kv, b"", 4).await.unwrap();
-        let gateways: Arc<dyn Gateways> = Arc::new(NoGateways);
-        let membership = Arc::new(MembershipCache::new(store.clone()));
-        let receipts = ReceiptRelay::new(store.clone(), gateways.clone(), membership.clone(), 100);
-        let storage = StorageHealth::new(store.clone(), None, 0, None, 0);
-        let metrics = Arc::new(Metrics::new());
-        let chat = Chat::new(
-            store, sequencer, gateways, membership, receipts, metrics, limits, storage,
-        );
+        let context = Context {
+            store: store.clone(),
+            gateways: Arc::new(NoGateways),
+            membership: Arc::new(MembershipCache::new(store.clone())),
+            metrics: Arc::new(Metrics::new()),
+        };
+        let receipts = ReceiptRelay::new(&context, 100);
+        let storage = StorageHealth::new(store, None, 0, None, 0);
+        let chat = Chat::new(context, sequencer, receipts, limits, storage);
         (dir, chat)
     }
 

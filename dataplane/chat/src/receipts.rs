@@ -17,6 +17,7 @@
 //! it from `publish`. A repeat, or an older receipt overtaken by a flush in progress, is harmless:
 //! clients keep the highest cursors.
 
+use courier_core::context::Context;
 use courier_core::gateways::Gateways;
 use courier_core::loops::BackgroundLoops;
 use courier_core::membership::{Members, MembershipCache};
@@ -73,16 +74,11 @@ pub struct ReceiptRelay {
 }
 
 impl ReceiptRelay {
-    pub fn new(
-        store: MessageStore,
-        gateways: Arc<dyn Gateways>,
-        membership: Arc<MembershipCache>,
-        coalesce_above: usize,
-    ) -> Arc<Self> {
+    pub fn new(context: &Context, coalesce_above: usize) -> Arc<Self> {
         Arc::new(Self {
-            store,
-            gateways,
-            membership,
+            store: context.store.clone(),
+            gateways: context.gateways.clone(),
+            membership: context.membership.clone(),
             coalesce_above,
             pending: Mutex::new(HashMap::new()),
         })

@@ -55,6 +55,7 @@
 //! counted.
 
 use courier_core::clock::now_ms;
+use courier_core::context::Context;
 use courier_core::gateways::{DeliveryError, Gateways};
 use courier_core::leases::Ownership;
 use courier_core::loops::{BackgroundLoops, CancellationToken};
@@ -165,13 +166,13 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Fanout {
     /// Builds the fanout and takes its share of the shards (every free one when it is the
     /// only fanout node). Build it before the sequencer that reports commits to it.
-    pub async fn new(
-        store: MessageStore,
-        gateways: Arc<dyn Gateways>,
-        membership: Arc<MembershipCache>,
-        metrics: Arc<Metrics>,
-        config: FanoutConfig,
-    ) -> Result<Arc<Self>, StoreError> {
+    pub async fn new(context: Context, config: FanoutConfig) -> Result<Arc<Self>, StoreError> {
+        let Context {
+            store,
+            gateways,
+            membership,
+            metrics,
+        } = context;
         let (large, large_queue) = mpsc::channel(LARGE_GROUP_QUEUE);
         let (clears, clear_queue) = mpsc::channel(CLEAR_QUEUE);
         let workers = (0..config.workers.max(1))
@@ -658,15 +659,13 @@ mod tests {
         node: &str,
         gateways: Arc<dyn Gateways>,
     ) -> Arc<Fanout> {
-        Fanout::new(
-            store.clone(),
+        let context = Context {
+            store: store.clone(),
             gateways,
-            Arc::new(MembershipCache::new(store.clone())),
-            Arc::new(Metrics::new()),
-            config(node, 1),
-        )
-        .await
-        .unwrap()
+            membership: Arc::new(MembershipCache::new(store.clone())),
+            metrics: Arc::new(Metrics::new()),
+        };
+        Fanout::new(context, config(node, 1)).await.unwrap()
     }
 
     #[tokio::test]
@@ -904,15 +903,13 @@ mod tests {
         store.append(lease, &mut heads, &left).await.unwrap();
 
         let metrics = Arc::new(Metrics::new());
-        let fanout = Fanout::new(
-            store.clone(),
-            Arc::new(NoGateways),
-            Arc::new(MembershipCache::new(store.clone())),
-            metrics.clone(),
-            config("local", 1000),
-        )
-        .await
-        .unwrap();
+        let context = Context {
+            store: store.clone(),
+            gateways: Arc::new(NoGateways),
+            membership: Arc::new(MembershipCache::new(store.clone())),
+            metrics: metrics.clone(),
+        };
+        let fanout = Fanout::new(context, config("local", 1000)).await.unwrap();
         let loops = BackgroundLoops::new();
         fanout.start(&loops);
         until_outbox_empty(&store, shard).await;

@@ -30,6 +30,7 @@ pub mod providers;
 use crate::providers::{Notification, PushError, PushProviders, next_delay};
 use clap::Args;
 use courier_chat::devices::Devices;
+use courier_core::context::Context;
 use courier_core::gateways::Gateways;
 use courier_core::leases::JobLead;
 use courier_core::loops::BackgroundLoops;
@@ -145,17 +146,19 @@ pub struct Notifier {
 }
 
 impl Notifier {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
-        store: MessageStore,
-        gateways: Arc<dyn Gateways>,
-        membership: Arc<MembershipCache>,
+        context: Context,
         providers: Arc<PushProviders>,
         config: NotifierConfig,
         include_text: bool,
         large_group_threshold: usize,
-        metrics: Arc<Metrics>,
     ) -> Arc<Self> {
+        let Context {
+            store,
+            gateways,
+            membership,
+            metrics,
+        } = context;
         Arc::new(Self {
             store,
             gateways,
@@ -626,19 +629,17 @@ mod tests {
         providers: PushProviders,
         collapse: Duration,
     ) -> Arc<Notifier> {
-        Notifier::new(
-            store.clone(),
-            Arc::new(NoGateways),
-            Arc::new(MembershipCache::new(store.clone())),
-            Arc::new(providers),
-            NotifierConfig {
-                push_collapse: collapse,
-                push_quiet_collapse: collapse,
-            },
-            false,
-            1000,
-            Arc::new(Metrics::new()),
-        )
+        let context = Context {
+            store: store.clone(),
+            gateways: Arc::new(NoGateways),
+            membership: Arc::new(MembershipCache::new(store.clone())),
+            metrics: Arc::new(Metrics::new()),
+        };
+        let config = NotifierConfig {
+            push_collapse: collapse,
+            push_quiet_collapse: collapse,
+        };
+        Notifier::new(context, Arc::new(providers), config, false, 1000)
     }
 
     async fn append(store: &MessageStore, append: Append) {

@@ -37,13 +37,14 @@ use crate::config::{DRAIN_TAIL, ServeConfig, StoreKind};
 use crate::http::ClientAuth;
 use crate::media_api::{self, MediaApi};
 use crate::serve::{self, Cluster};
-use anyhow::Context;
+use anyhow::Context as _;
 use axum::Router;
 use axum::http::{StatusCode, header};
 use axum::routing::get;
 use clap::{Args, ValueEnum};
 use courier_chat::ChatBinding;
 use courier_core::clock::now_ms;
+use courier_core::context::Context;
 use courier_core::leases::JobLead;
 use courier_core::loops::BackgroundLoops;
 use courier_core::membership::MembershipCache;
@@ -381,14 +382,13 @@ async fn run_fanout(
 ) -> anyhow::Result<()> {
     let store = node.store;
     let gateways = Arc::new(ClusterGateways::new(store.clone(), None, token.clone()));
-    let fanout = Fanout::new(
-        store.clone(),
+    let context = Context {
+        store: store.clone(),
         gateways,
-        Arc::new(MembershipCache::new(store.clone())),
-        node.metrics.clone(),
-        node.config.fanout_config(true),
-    )
-    .await?;
+        membership: Arc::new(MembershipCache::new(store.clone())),
+        metrics: node.metrics.clone(),
+    };
+    let fanout = Fanout::new(context, node.config.fanout_config(true)).await?;
     fanout.start(loops);
     let admin = AdminService::new(store.clone(), node.config.node_id.clone(), token.clone());
     let services =
@@ -422,11 +422,13 @@ async fn run_chat(
     storage.start(loops);
     let chat = serve::start_chat(serve::ChatRole {
         config,
-        store,
+        context: Context {
+            store: store.clone(),
+            gateways,
+            membership: Arc::new(MembershipCache::checking_heads(store.clone())),
+            metrics: node.metrics.clone(),
+        },
         sequencer,
-        gateways,
-        membership: Arc::new(MembershipCache::checking_heads(store.clone())),
-        metrics: node.metrics.clone(),
         storage,
         loops,
         node: &config.node_id,
@@ -510,15 +512,18 @@ async fn run_push(
     let (config, store) = (node.config, node.store);
     let gateways = Arc::new(ClusterGateways::new(store.clone(), None, token.clone()));
     tracing::info!(providers = ?providers.configured(), "push providers");
-    let notifier = Notifier::new(
-        store.clone(),
+    let context = Context {
+        store: store.clone(),
         gateways,
-        Arc::new(MembershipCache::checking_heads(store.clone())),
+        membership: Arc::new(MembershipCache::checking_heads(store.clone())),
+        metrics: node.metrics.clone(),
+    };
+    let notifier = Notifier::new(
+        context,
         providers,
         config.notifier.clone(),
         config.push.push_include_text,
         config.large_group_threshold,
-        node.metrics.clone(),
     );
     notifier.start(
         loops,

@@ -32,11 +32,12 @@ use crate::config::{PublicKeyAlgorithm, ServeConfig, StoreKind};
 use crate::http::{AppState, ClientAuth, PushProviderNames, router, with_web_app};
 use crate::media_api::{self, MediaApi};
 use crate::media_proxy::{self, MediaProxy};
-use anyhow::Context;
+use anyhow::Context as _;
 use axum::serve::ListenerExt;
 use courier_chat::receipts::ReceiptRelay;
 use courier_chat::{Chat, ChatBinding};
 use courier_core::auth::{self, TokenVerifier};
+use courier_core::context::Context;
 use courier_core::gateways::Gateways;
 use courier_core::leases::JobLead;
 use courier_core::loops::BackgroundLoops;
@@ -242,19 +243,17 @@ pub async fn run_client_roles(
             )
         }
     };
+    // The roles' bindings: this process's gateway on its own, every gateway node in a cluster.
+    let context = Context {
+        store: store.clone(),
+        gateways: gateways.clone(),
+        membership,
+        metrics: metrics.clone(),
+    };
     let runs_fanout = cluster.as_ref().is_none_or(|c| c.fanout);
     let runs_media = cluster.as_ref().is_none_or(|c| c.media);
     let fanout = match runs_fanout {
-        true => Some(
-            Fanout::new(
-                store.clone(),
-                gateways.clone(),
-                membership.clone(),
-                metrics.clone(),
-                config.fanout_config(cluster.is_some()),
-            )
-            .await?,
-        ),
+        true => Some(Fanout::new(context.clone(), config.fanout_config(cluster.is_some())).await?),
         false => None,
     };
     let push = match &cluster {
@@ -263,14 +262,11 @@ pub async fn run_client_roles(
     };
     let notifier = push.clone().map(|providers| {
         Notifier::new(
-            store.clone(),
-            gateways.clone(),
-            membership.clone(),
+            context.clone(),
             providers,
             config.notifier.clone(),
             config.push.push_include_text,
             config.large_group_threshold,
-            metrics.clone(),
         )
     });
     // Fanout first: delivery is what a user waits for.
@@ -332,11 +328,8 @@ pub async fn run_client_roles(
     let chat = match sequencer {
         Some(sequencer) => ChatBinding::Local(start_chat(ChatRole {
             config: &config,
-            store: &store,
+            context,
             sequencer,
-            gateways: gateways.clone(),
-            membership,
-            metrics: metrics.clone(),
             storage: storage.clone(),
             loops: &loops,
             node: &node,
@@ -509,13 +502,10 @@ pub async fn run_client_roles(
 /// What the chat role of a node is built from ([`start_chat`]).
 pub struct ChatRole<'a> {
     pub config: &'a ServeConfig,
-    pub store: &'a MessageStore,
+    /// The store, and how typing, receipts and unlinks reach the devices.
+    pub context: Context,
     /// Where appends go: this process's sequencer (`courier serve`) or the shards' owners.
     pub sequencer: Arc<dyn Sequencer>,
-    /// How typing, receipts and unlinks reach the devices.
-    pub gateways: Arc<dyn Gateways>,
-    pub membership: Arc<MembershipCache>,
-    pub metrics: Arc<Metrics>,
     pub storage: Arc<StorageHealth>,
     pub loops: &'a BackgroundLoops,
     /// This node's id (the retention job's lead is taken under it).
@@ -527,27 +517,20 @@ pub struct ChatRole<'a> {
 pub fn start_chat(role: ChatRole<'_>) -> Arc<Chat> {
     let ChatRole {
         config,
-        store,
+        context,
         sequencer,
-        gateways,
-        membership,
-        metrics,
         storage,
         loops,
         node,
     } = role;
-    let receipts = ReceiptRelay::new(
-        store.clone(),
-        gateways.clone(),
-        membership.clone(),
-        config.receipt_coalesce_above,
-    );
+    let store = &context.store;
+    let receipts = ReceiptRelay::new(&context, config.receipt_coalesce_above);
     receipts.start(loops, config.receipt_interval);
     Retention::new(
         store.clone(),
         sequencer.clone(),
         config.retention_policy(),
-        metrics.clone(),
+        context.metrics.clone(),
     )
     .start(
         loops,
@@ -558,12 +541,9 @@ pub fn start_chat(role: ChatRole<'_>) -> Arc<Chat> {
         },
     );
     let chat = Arc::new(Chat::new(
-        store.clone(),
+        context.clone(),
         sequencer,
-        gateways,
-        membership,
         receipts,
-        metrics.clone(),
         config.chat_limits(),
         storage,
     ));
