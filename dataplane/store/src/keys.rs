@@ -23,17 +23,92 @@
 //! | `ob` | `("ob", shard, versionstamp)` | outbox: events committed, not yet fanned out |
 //! | `floor` | `("floor", conv)` | lowest retained seq (u64 LE); events below were cleared |
 //! | `dev` | `("dev", user, device)` | the device (`DeviceRecord`: last seen, unlinked, push) |
-//! | `ngroups` | `("ngroups", user)` | groups the user belongs to (i64 LE, atomic ADD) |
+//! | `gcount` | `("gcount", user, shard)` | groups of `shard` the user belongs to (i64 LE, atomic ADD); a user's group count is the sum of these |
+//! | `ngroups` | `("ngroups", user)` | groups the user belonged to, as counted before `gcount` (i64 LE): read and added, no longer written |
 //! | `media` | `("media", id)` | one user's upload (`MediaRecord`: owner, mime, size, sha256, time) |
 //! | `mblob` | `("mblob", sha256, id)` | media record `id` keeps the bytes `sha256` (empty) |
 //! | `mbytes` | `("mbytes", user)` | bytes of the user's media records, for the quota (u64 LE) |
 //! | `mref` | `("mref", id, conv, seq)` | message `seq` of `conv` references it (empty); one per message |
 //! | `push` | `("push", shard, versionstamp)` | push intents: messages whose offline recipients are not yet notified |
 //! | `pushq` | `("pushq", user, device, conv)` | a pending, collapsed notification (`PendingPush`) |
+//! | `meta` | `("meta", "partitions")`, `("meta", "partition")` | with storage partitions: the table's shard ranges (in the directory) and each partition's index (in each partition) |
+//!
+//! **Placement.** With storage partitions (`crate::partitions`), every key lives in the
+//! partition [`Keys::placement`] names: shard-scoped keys with their shard, conversation-scoped
+//! keys (also `convs`, `mref` and `pushq`, which name a conversation after a user or a media
+//! id) with their conversation's shard, `ngroups` with the shard it counts, and the rest in the
+//! directory (partition 0). `docs/decisions/0005-storage-partitions.md` says why.
 
 use crate::ownership::Duty;
 use foundationdb_tuple::{Subspace, Versionstamp};
 use std::ops::Range;
+
+/// FNV-1a: a stable hash, so a conversation maps to the same shard in every process and version.
+pub(crate) fn stable_hash(bytes: impl IntoIterator<Item = u8>) -> u64 {
+    bytes.into_iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// Which partition a key lives in (see the module documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// The directory (partition 0): cluster-wide, per-user, per-device and media keys.
+    Directory,
+    /// The partition of this shard.
+    Shard(u32),
+    /// The partition of the shard of the conversation whose id has this [`stable_hash`].
+    Conversation(u64),
+}
+
+/// Reads the elements of a packed tuple one by one, as far as they are whole (a range's
+/// bounds end in `0x00` or `0xff`, which are not elements Courier writes).
+struct TupleReader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> TupleReader<'a> {
+    /// A string element's bytes as packed (a `0x00` in it is escaped as `0x00 0xff`).
+    fn string(&mut self) -> Option<&'a [u8]> {
+        if self.bytes.get(self.at) != Some(&0x02) {
+            return None;
+        }
+        let start = self.at + 1;
+        let mut i = start;
+        loop {
+            match (self.bytes.get(i)?, self.bytes.get(i + 1)) {
+                (0x00, Some(0xff)) => i += 2,
+                (0x00, _) => break,
+                _ => i += 1,
+            }
+        }
+        self.at = i + 1;
+        Some(&self.bytes[start..i])
+    }
+
+    /// A non-negative integer element.
+    fn uint(&mut self) -> Option<u64> {
+        let len = usize::from(self.bytes.get(self.at)?.checked_sub(0x14)?);
+        let digits = self.bytes.get(self.at + 1..self.at + 1 + len)?;
+        if len > 8 {
+            return None;
+        }
+        self.at += 1 + len;
+        Some(digits.iter().fold(0, |n, d| (n << 8) | u64::from(*d)))
+    }
+
+    /// The stable hash of a string element, unescaped (the conversation id as written).
+    fn hashed_string(&mut self) -> Option<u64> {
+        let packed = self.string()?;
+        let mut escaped = false;
+        Some(stable_hash(packed.iter().copied().filter(|&b| {
+            let skip = escaped && b == 0xff;
+            escaped = b == 0x00;
+            !skip
+        })))
+    }
+}
 
 /// Builds the keys of one store.
 #[derive(Debug, Clone)]
@@ -309,8 +384,66 @@ impl Keys {
             .map(|(_, user, device, conv)| (user, device, conv))
     }
 
-    pub fn group_count(&self, user: &str) -> Vec<u8> {
+    /// The count of `user`'s groups whose conversations are in `shard`.
+    pub fn group_counter(&self, user: &str, shard: u32) -> Vec<u8> {
+        self.root.pack(&("gcount", user, shard))
+    }
+
+    /// Every group counter of `user`, one per shard.
+    pub fn group_counters(&self, user: &str) -> Range<Vec<u8>> {
+        range_of(self.root.subspace(&("gcount", user)))
+    }
+
+    /// `user`'s group count as kept before [`Keys::group_counter`] (stores written before
+    /// storage partitions): read and added to the counters.
+    pub fn former_group_count(&self, user: &str) -> Vec<u8> {
         self.root.pack(&("ngroups", user))
+    }
+
+    /// The table of a partitioned store (its shard ranges), kept in the directory.
+    pub fn partition_table(&self) -> Vec<u8> {
+        self.root.pack(&("meta", "partitions"))
+    }
+
+    /// A partition's own index, kept in each partition of a partitioned store.
+    pub fn partition_index(&self) -> Vec<u8> {
+        self.root.pack(&("meta", "partition"))
+    }
+
+    /// Where `key` lives, and how many of its first bytes decide it (every key that starts
+    /// with them lives there too); `None` for a key of no known subspace, or a range bound
+    /// cut before what decides it.
+    pub fn placement(&self, key: &[u8]) -> Option<(Placement, usize)> {
+        let root = self.root.bytes();
+        let mut tuple = TupleReader {
+            bytes: key.strip_prefix(root)?,
+            at: 0,
+        };
+        let place = match tuple.string()? {
+            b"meta" | b"lead" | b"route" | b"groute" | b"node" | b"dev" | b"cur" | b"media"
+            | b"mblob" | b"mbytes" | b"ngroups" => Placement::Directory,
+            b"shard" | b"own" | b"fepoch" | b"fown" | b"ob" | b"push" => {
+                Placement::Shard(u32::try_from(tuple.uint()?).ok()?)
+            }
+            b"gcount" => {
+                tuple.string()?;
+                Placement::Shard(u32::try_from(tuple.uint()?).ok()?)
+            }
+            b"conv" | b"mem" | b"head" | b"ev" | b"idem" | b"sidem" | b"rcpt" | b"floor" => {
+                Placement::Conversation(tuple.hashed_string()?)
+            }
+            b"convs" | b"mref" => {
+                tuple.string()?;
+                Placement::Conversation(tuple.hashed_string()?)
+            }
+            b"pushq" => {
+                tuple.string()?;
+                tuple.string()?;
+                Placement::Conversation(tuple.hashed_string()?)
+            }
+            _ => return None,
+        };
+        Some((place, root.len() + tuple.at))
     }
 
     pub fn head(&self, conv: &str) -> Vec<u8> {

@@ -9,6 +9,7 @@
 //! - [`ownership`]: each shard's owner (leases, epochs, hand-off);
 //! - [`nodes`]: the cluster's node registry (leases; lapsed nodes forgotten);
 //! - [`shard_map`]: every shard's owners and outbox lag, as the store has them (admin API);
+//! - [`partitions`]: storage partitions (shard ranges on several stores) and their routing;
 //! - [`contract`]: the checks every engine passes.
 //!
 //! This crate knows nothing of sockets, tokens or frames beyond the stored `Event`.
@@ -27,12 +28,13 @@ pub mod membership;
 mod message_store;
 pub mod nodes;
 pub mod ownership;
+pub mod partitions;
 pub mod routes;
 pub mod shard_map;
 #[cfg(test)]
 mod testing;
 
-pub use keys::{Keys, ReceiptKind};
+pub use keys::{Keys, Placement, ReceiptKind};
 pub use kv::{Batch, CommitStamp, KvEngine, StoreError};
 pub use membership::{MemberRecord, UserConversation, Visibility};
 pub use message_store::{
@@ -40,3 +42,4 @@ pub use message_store::{
     DeviceRecord, HeadCache, MediaAdmission, MediaRecord, MessageStore, NewConversation,
     OutboxRange, PUSH_EXPANSION_BYTES, PendingPush, PushIntent, ShardLease,
 };
+pub use partitions::{PartitionStore, PartitionTable, TableError};

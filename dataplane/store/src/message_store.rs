@@ -1,13 +1,14 @@
 //! The message-store logic, written once over [`KvEngine`]: shards and their epochs, appends
 //! (dense per-conversation seq, idempotency, outbox), reads, cursors and receipts.
 
-use crate::keys::{Keys, ReceiptKind};
+use crate::keys::{Keys, ReceiptKind, stable_hash};
 use crate::kv::{Batch, BatchLimits, KvEngine, Mutation, StoreError, decode_u64};
 use crate::membership::{MemberRecord, UserConversation, encode_left_seq};
 use crate::ownership::Duty;
+use crate::partitions::{PartitionTable, PartitionedEngine};
 use courier_proto::{Event, EventPayload, MembershipChange, Sender, pb};
 use prost::Message;
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -360,12 +361,21 @@ enum MembershipStep<'a> {
     Leave,
 }
 
-/// The message store over one engine.
+/// The message store over one engine, or over the partitions of a table
+/// ([`MessageStore::open_partitioned`]).
 #[derive(Clone)]
 pub struct MessageStore {
     kv: Arc<dyn KvEngine>,
     keys: Keys,
     shard_count: u32,
+    /// The partitions, when there are several (`kv` is then this same engine): the few
+    /// operations that span partitions are split by it (decision 0005).
+    partitions: Option<Arc<PartitionedEngine>>,
+}
+
+/// The shard of a conversation whose id has the [`stable_hash`] `hash`.
+pub(crate) fn shard_of_hash(hash: u64, shard_count: u32) -> u32 {
+    (hash % u64::from(shard_count.max(1))) as u32
 }
 
 pub(crate) fn corrupt(key: &[u8], reason: impl ToString) -> StoreError {
@@ -373,13 +383,6 @@ pub(crate) fn corrupt(key: &[u8], reason: impl ToString) -> StoreError {
         key: key.to_vec(),
         reason: reason.to_string(),
     }
-}
-
-/// FNV-1a: a stable hash, so a conversation maps to the same shard in every process and version.
-fn stable_hash(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
 }
 
 fn now_ms() -> u64 {
@@ -394,13 +397,93 @@ fn new_server_msg_id(ts_ms: u64) -> String {
 
 impl MessageStore {
     /// Opens the store in `kv` under `root`, creating it with `shard_count` shards if empty.
-    /// The shard count of an existing store is kept; asking for another one is an error.
+    /// The shard count of an existing store is kept; asking for another one is an error, and
+    /// so is a store (or a partition of one) created with storage partitions.
     pub async fn open(
         kv: Arc<dyn KvEngine>,
         root: &[u8],
         shard_count: u32,
     ) -> Result<Self, StoreError> {
         let keys = Keys::new(root);
+        if let Some(ranges) = kv.get(&keys.partition_table()).await? {
+            return Err(StoreError::Engine(format!(
+                "this store was created with storage partitions (shards {}): start with \
+                 --storage-partitions and the same table",
+                String::from_utf8_lossy(&ranges)
+            )));
+        }
+        if let Some(index) = kv.get(&keys.partition_index()).await? {
+            return Err(StoreError::Engine(format!(
+                "this store is partition {} of a store with storage partitions: start with \
+                 --storage-partitions and its table",
+                decode_u64(&index)
+            )));
+        }
+        Self::open_on(kv, keys, shard_count, None).await
+    }
+
+    /// Opens the store split by `table` over `engines` (one per partition, in the table's
+    /// order), creating it if empty. The table's shard ranges are recorded in the directory
+    /// (partition 0) and each partition records its index when the store is created; a start
+    /// with other ranges, with the partitions in another order, or with a store created
+    /// without partitions, is refused.
+    pub async fn open_partitioned(
+        engines: Vec<Arc<dyn KvEngine>>,
+        table: &PartitionTable,
+        root: &[u8],
+        shard_count: u32,
+    ) -> Result<Self, StoreError> {
+        let keys = Keys::new(root);
+        let partitions = table.partitions().len();
+        if engines.len() != partitions {
+            return Err(StoreError::Engine(format!(
+                "{} engines for a table of {partitions} partitions",
+                engines.len()
+            )));
+        }
+        let directory = &engines[0];
+        let ranges = table.ranges();
+        let recorded = directory.get(&keys.partition_table()).await?;
+        let created = directory.get(&keys.shard_count()).await?.is_some();
+        match &recorded {
+            Some(recorded) if *recorded != ranges.as_bytes() => {
+                return Err(StoreError::Engine(format!(
+                    "this store was created with the storage partitions {}, not {ranges}: the \
+                     table's shard ranges are fixed when the store is created",
+                    String::from_utf8_lossy(recorded)
+                )));
+            }
+            None if created => {
+                return Err(StoreError::Engine(
+                    "this store was created without storage partitions; adding partitions to \
+                     an existing store is not supported: start without --storage-partitions"
+                        .into(),
+                ));
+            }
+            _ => {}
+        }
+        for (index, engine) in engines.iter().enumerate() {
+            claim_partition(engine.as_ref(), &keys, index as u64, recorded.is_none()).await?;
+        }
+        if recorded.is_none() {
+            let key = keys.partition_table();
+            let mut batch = Batch::new();
+            batch.fence(key.clone(), None).set(key, ranges.into_bytes());
+            match directory.commit(batch).await {
+                Ok(_) | Err(StoreError::FenceChanged { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let router = Arc::new(PartitionedEngine::new(engines, table, keys.clone()));
+        Self::open_on(router.clone(), keys, shard_count, Some(router)).await
+    }
+
+    async fn open_on(
+        kv: Arc<dyn KvEngine>,
+        keys: Keys,
+        shard_count: u32,
+        partitions: Option<Arc<PartitionedEngine>>,
+    ) -> Result<Self, StoreError> {
         let key = keys.shard_count();
         let stored = kv.get(&key).await?.map(|v| decode_u64(&v) as u32);
         let shard_count = match stored {
@@ -427,9 +510,65 @@ impl MessageStore {
         };
         Ok(Self {
             kv,
-            keys: Keys::new(root),
+            keys,
             shard_count,
+            partitions,
         })
+    }
+
+    /// The partition of `shard` (0 without partitions).
+    pub fn partition_of_shard(&self, shard: u32) -> usize {
+        self.partitions
+            .as_ref()
+            .map_or(0, |p| p.partition_of_shard(shard))
+    }
+
+    /// The partition of a key of the store (0 without partitions).
+    fn partition_of_key(&self, key: &[u8]) -> usize {
+        self.partitions
+            .as_ref()
+            .and_then(|p| p.partition_of_key(key))
+            .unwrap_or(0)
+    }
+
+    /// Commits `first`, then `then`: in one commit without partitions; with them, `first`
+    /// (which lies in one partition), and once it committed, the independent mutations of
+    /// `then` in each partition they lie in. For operations whose second step is idempotent
+    /// and which stay correct when it is missing (decision 0005).
+    async fn commit_then(&self, mut first: Batch, then: Batch) -> Result<(), StoreError> {
+        match &self.partitions {
+            None => {
+                first.mutations.extend(then.mutations);
+                self.kv.commit(first).await.map(drop)
+            }
+            Some(partitions) => {
+                self.kv.commit(first).await?;
+                partitions.commit_per_partition(then).await
+            }
+        }
+    }
+
+    /// Commits independent mutations (no fences): one commit, or one per partition.
+    async fn commit_independent(&self, batch: Batch) -> Result<(), StoreError> {
+        match &self.partitions {
+            None => self.kv.commit(batch).await.map(drop),
+            Some(partitions) => partitions.commit_per_partition(batch).await,
+        }
+    }
+
+    /// `items` cut into runs of consecutive items whose partition (by `partition`) is the
+    /// same, in order: one run of all without partitions.
+    pub(crate) fn runs_by_partition<'a, T>(
+        &self,
+        items: &'a [T],
+        partition: impl Fn(&T) -> usize,
+    ) -> Vec<&'a [T]> {
+        if self.partitions.is_none() {
+            return vec![items];
+        }
+        items
+            .chunk_by(|a, b| partition(a) == partition(b))
+            .collect()
     }
 
     pub fn shard_count(&self) -> u32 {
@@ -456,7 +595,7 @@ impl MessageStore {
 
     /// The shard that orders `conversation_id`.
     pub fn shard_of(&self, conversation_id: &str) -> u32 {
-        (stable_hash(conversation_id.as_bytes()) % u64::from(self.shard_count)) as u32
+        shard_of_hash(stable_hash(conversation_id.bytes()), self.shard_count)
     }
 
     /// Sequences `appends` (all of `lease.shard`) in one durable commit, fenced by the lease.
@@ -764,11 +903,11 @@ impl MessageStore {
             match step {
                 MembershipStep::Join { creator } => {
                     record.join(seq, creator == Some(user.as_str()));
-                    batch.add(self.keys.group_count(user), 1);
+                    batch.add(self.keys.group_counter(user, self.shard_of(conv)), 1);
                 }
                 MembershipStep::Leave => {
                     record.leave(seq);
-                    batch.add(self.keys.group_count(user), -1);
+                    batch.add(self.keys.group_counter(user, self.shard_of(conv)), -1);
                 }
             }
             self.write_member(batch, members, conv, user, record);
@@ -895,10 +1034,21 @@ impl MessageStore {
             .collect()
     }
 
-    /// The number of groups `user` belongs to.
+    /// The number of groups `user` belongs to: the sum of its counters (one per shard, in
+    /// the shard's partition) and of its count kept before them.
     pub async fn group_count(&self, user: &str) -> Result<u64, StoreError> {
-        let value = self.kv.get(&self.keys.group_count(user)).await?;
-        Ok((value.as_deref().map_or(0, decode_u64) as i64).max(0) as u64)
+        let (former, counters) = futures::future::try_join(
+            self.kv.get(&self.keys.former_group_count(user)),
+            self.kv
+                .range(self.keys.group_counters(user), usize::MAX, false),
+        )
+        .await?;
+        let total: i64 = former
+            .iter()
+            .chain(counters.iter().map(|(_, v)| v))
+            .map(|v| decode_u64(v) as i64)
+            .sum();
+        Ok(total.max(0) as u64)
     }
 
     /// The lowest retained seq of `conv` (1 until retention clears events).
@@ -1149,7 +1299,8 @@ impl MessageStore {
     }
 
     /// Forgets media record `id`, as it was read (`record`), and gives its size back to its
-    /// owner's quota. `FenceChanged` when it was uploaded again meanwhile. The caller deletes
+    /// owner's quota, and clears its references. `FenceChanged` when it was uploaded again
+    /// meanwhile (nothing changed). The caller deletes
     /// the bytes once no record keeps them ([`MessageStore::blob_in_use`]).
     pub async fn forget_media(&self, id: &str, record: &MediaRecord) -> Result<(), StoreError> {
         let key = self.keys.media(id);
@@ -1157,13 +1308,17 @@ impl MessageStore {
         batch
             .fence(key.clone(), Some(record.encode_to_vec()))
             .clear(key)
-            .clear_range(self.keys.media_references(id))
             .clear(self.keys.blob_user(&record.sha256, id))
             .add(
                 self.keys.media_usage(&record.owner),
                 -(record.size.min(i64::MAX as u64) as i64),
             );
-        self.kv.commit(batch).await.map(drop)
+        // The references live with their conversations: with partitions they are cleared
+        // once the record is gone (which alone decides access), and any a crash leaves point
+        // at retained messages of this very media (decision 0005).
+        let mut references = Batch::new();
+        references.clear_range(self.keys.media_references(id));
+        self.commit_then(batch, references).await
     }
 
     /// Media ids in order, a page of `limit` after `after` (for the sweeper).
@@ -1211,7 +1366,7 @@ impl MessageStore {
             }
             if !batch.is_empty() {
                 cleared += batch.mutations.len() as u64;
-                self.kv.commit(batch).await?;
+                self.commit_independent(batch).await?;
             }
             match page.last() {
                 Some((last, _)) if page.len() == IDEMPOTENCY_PAGE => {
@@ -1283,8 +1438,45 @@ impl MessageStore {
     /// is cleared only once all its notifications are written. A failure or crash midway
     /// leaves the intents to be expanded again, over notifications already written: the
     /// caller counts a message once per notification (by its seq, see
-    /// [`PendingPush::last_seq`]).
+    /// [`PendingPush::last_seq`]). With storage partitions all this holds per partition.
     pub async fn expand_push_intents(
+        &self,
+        intents: &[(Vec<u8>, Vec<u8>)],
+        pending: &[((String, String, String), PendingPush)],
+    ) -> Result<(), StoreError> {
+        if self.partitions.is_none() {
+            return self.expand_in_partition(intents, pending).await;
+        }
+        // A conversation's notifications and its shard's intents share a partition: each
+        // partition's intents are cleared after its own notifications are written. A
+        // partition that fails keeps its intents; the others go on.
+        let mut by_partition: BTreeMap<usize, (Vec<_>, Vec<_>)> = BTreeMap::new();
+        for intent in intents {
+            let partition = self.partition_of_key(&intent.0);
+            by_partition
+                .entry(partition)
+                .or_default()
+                .0
+                .push(intent.clone());
+        }
+        for push in pending {
+            let partition = self.partition_of_shard(self.shard_of(&push.0.2));
+            by_partition
+                .entry(partition)
+                .or_default()
+                .1
+                .push(push.clone());
+        }
+        let mut failed = Ok(());
+        for (intents, pending) in by_partition.values() {
+            let expanded = self.expand_in_partition(intents, pending).await;
+            failed = failed.and(expanded);
+        }
+        failed
+    }
+
+    /// [`Self::expand_push_intents`] of intents and notifications of one partition.
+    async fn expand_in_partition(
         &self,
         intents: &[(Vec<u8>, Vec<u8>)],
         pending: &[((String, String, String), PendingPush)],
@@ -1455,7 +1647,8 @@ impl MessageStore {
     }
 
     /// Records a device's cumulative acknowledgement: the device's delivered cursor and the
-    /// user's receipt cursors move up (atomic MAX; a read implies delivery). The commit is
+    /// user's receipt cursors move up (atomic MAX; a read implies delivery), in one commit, or
+    /// with storage partitions the receipts first and then the cursor. The commit is
     /// [deferred](crate::kv::Durability::Deferred): it survives a crash of the process, and
     /// only a power loss in the next moments can take it back, which delivers its events
     /// again (at-least-once) and lowers the receipt cursors, which clients keep at their
@@ -1468,15 +1661,21 @@ impl MessageStore {
         seq: u64,
         kind: ReceiptKind,
     ) -> Result<(), StoreError> {
-        let mut batch = Batch::new();
-        batch
+        let mut receipts = Batch::new();
+        receipts
             .deferred()
-            .max(self.keys.cursor(user, device, conv), seq)
             .max(self.keys.receipt(conv, user, ReceiptKind::Delivered), seq);
         if kind == ReceiptKind::Read {
-            batch.max(self.keys.receipt(conv, user, ReceiptKind::Read), seq);
+            receipts.max(self.keys.receipt(conv, user, ReceiptKind::Read), seq);
         }
-        self.kv.commit(batch).await.map(drop)
+        // With partitions the receipts (the conversation's) commit first and the cursor (in
+        // the directory) after: a crash between leaves the cursor behind, so the events come
+        // again and their ack moves it (decision 0005).
+        let mut cursor = Batch::new();
+        cursor
+            .deferred()
+            .max(self.keys.cursor(user, device, conv), seq);
+        self.commit_then(receipts, cursor).await
     }
 
     /// A user's `(delivered_seq, read_seq)` in `conv`: both cursors with one read of two keys
@@ -1529,20 +1728,25 @@ impl MessageStore {
     /// [`StoreError::FenceChanged`] (naming the epoch key) so that the caller drops that
     /// shard's ranges and clears the others again.
     pub async fn clear_outbox(&self, ranges: &[OutboxRange]) -> Result<(), StoreError> {
-        let mut batch = Batch::new();
-        // A clear a power loss takes back only fans those entries out again.
-        batch.deferred();
-        let mut fenced = HashSet::new();
-        for range in ranges {
-            if fenced.insert(range.lease.shard) {
-                batch.fence(
-                    self.keys.shard_epoch(Duty::Delivery, range.lease.shard),
-                    Some(range.lease.epoch.to_le_bytes().to_vec()),
-                );
+        // With partitions, one commit per run of ranges in the same partition: a refusal
+        // still names the shard whose epoch moved, and clearing the others again is harmless.
+        for run in self.runs_by_partition(ranges, |r| self.partition_of_shard(r.lease.shard)) {
+            let mut batch = Batch::new();
+            // A clear a power loss takes back only fans those entries out again.
+            batch.deferred();
+            let mut fenced = HashSet::new();
+            for range in run {
+                if fenced.insert(range.lease.shard) {
+                    batch.fence(
+                        self.keys.shard_epoch(Duty::Delivery, range.lease.shard),
+                        Some(range.lease.epoch.to_le_bytes().to_vec()),
+                    );
+                }
+                batch.clear_range(through(&range.first, &range.last));
             }
-            batch.clear_range(through(&range.first, &range.last));
+            self.kv.commit(batch).await?;
         }
-        self.kv.commit(batch).await.map(drop)
+        Ok(())
     }
 
     /// The shard whose delivery epoch is `key`, if it is one (to read a failed
@@ -1582,6 +1786,47 @@ impl MessageStore {
             )),
             None => Ok(None),
         }
+    }
+}
+
+/// Checks that `engine` is partition `index` of the store, and records it there while the
+/// store is being created (`creating`): a table that lists its stores in another order, or
+/// names one store twice (under two addresses), is refused rather than mixing partitions.
+async fn claim_partition(
+    engine: &dyn KvEngine,
+    keys: &Keys,
+    index: u64,
+    creating: bool,
+) -> Result<(), StoreError> {
+    let key = keys.partition_index();
+    let mut stored = engine.get(&key).await?;
+    if stored.is_none() && creating {
+        if index > 0 && engine.get(&keys.shard_count()).await?.is_some() {
+            return Err(StoreError::Engine(format!(
+                "the store given for partition {index} already holds a Courier store of its own"
+            )));
+        }
+        let mut batch = Batch::new();
+        batch
+            .fence(key.clone(), None)
+            .set(key.clone(), index.to_le_bytes().to_vec());
+        match engine.commit(batch).await {
+            Ok(_) => return Ok(()),
+            // Another node creating the store at the same moment: read what it wrote.
+            Err(StoreError::FenceChanged { .. }) => stored = engine.get(&key).await?,
+            Err(e) => return Err(e),
+        }
+    }
+    match stored.as_deref().map(decode_u64) {
+        Some(found) if found == index => Ok(()),
+        Some(found) => Err(StoreError::Engine(format!(
+            "the store given for partition {index} holds partition {found} of this store: the \
+             table lists the partitions in another order, or names one store twice"
+        ))),
+        None => Err(StoreError::Engine(format!(
+            "the store given for partition {index} holds no partition of this store: check the \
+             table's stores"
+        ))),
     }
 }
 

@@ -148,8 +148,20 @@ impl MessageStore {
         lease_ms: u64,
     ) -> Result<Vec<ShardLease>, StoreError> {
         // Another node taking free shards at the same moment moves a fence: read again and
-        // take what is left, rather than fail (two nodes starting together).
-        reading_again(|| self.try_acquire_shards(duty, node, shards, limit, now_ms, lease_ms)).await
+        // take what is left, rather than fail (two nodes starting together). With storage
+        // partitions, one commit per run of shards in the same partition.
+        let mut leases = Vec::new();
+        for run in self.runs_by_partition(shards, |&shard| self.partition_of_shard(shard)) {
+            let limit = limit - leases.len();
+            if limit == 0 {
+                break;
+            }
+            let taken =
+                reading_again(|| self.try_acquire_shards(duty, node, run, limit, now_ms, lease_ms))
+                    .await?;
+            leases.extend(taken);
+        }
+        Ok(leases)
     }
 
     async fn try_acquire_shards(
@@ -244,7 +256,7 @@ impl MessageStore {
     }
 
     /// Sets the lease deadline of every shard of `leases` that `node` holds at its epoch, in one
-    /// commit fenced on each record read; returns the others. A record changed between the
+    /// commit fenced on each record read (one per partition); returns the others. A record changed between the
     /// read and the commit (a hand-off of one of them) makes it read them all again.
     async fn rewrite_held(
         &self,
@@ -253,7 +265,13 @@ impl MessageStore {
         leases: &[ShardLease],
         lease_until_ms: u64,
     ) -> Result<Vec<u32>, StoreError> {
-        reading_again(|| self.try_rewrite_held(duty, node, leases, lease_until_ms)).await
+        let mut lost = Vec::new();
+        for run in self.runs_by_partition(leases, |lease| self.partition_of_shard(lease.shard)) {
+            lost.extend(
+                reading_again(|| self.try_rewrite_held(duty, node, run, lease_until_ms)).await?,
+            );
+        }
+        Ok(lost)
     }
 
     async fn try_rewrite_held(
