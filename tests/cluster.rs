@@ -13,7 +13,7 @@ use courier_rpc::proto::{
     DrainRequest, ForgetNodeRequest, ListNodesRequest, ListShardMapRequest, ListShardsRequest,
     MoveShardRequest, ShardState, TakeShardsRequest,
 };
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -139,22 +139,31 @@ fn store_node() -> (tempfile::TempDir, StoreNode) {
     (dir, node)
 }
 
-fn remote_store_args(node: &StoreNode) -> Vec<String> {
-    vec![
-        "--store".into(),
-        "remote".into(),
-        "--store-address".into(),
-        node.url(),
-        "--cluster-token-file".into(),
-        node.token_file.display().to_string(),
-    ]
+/// How the nodes of a test cluster reach their store: one store node, or several as storage
+/// partitions ([`PartitionedStores`]).
+trait ClusterStore {
+    /// The node's flags that name it.
+    fn args(&self) -> Vec<String>;
+}
+
+impl ClusterStore for StoreNode {
+    fn args(&self) -> Vec<String> {
+        vec![
+            "--store".into(),
+            "remote".into(),
+            "--store-address".into(),
+            self.url(),
+            "--cluster-token-file".into(),
+            self.token_file.display().to_string(),
+        ]
+    }
 }
 
 #[tokio::test]
 async fn a_server_on_a_store_node_keeps_every_sent_message_across_a_sigkill_of_either() {
     let (_dir, mut store) = store_node();
     let server_dir = tempfile::tempdir().unwrap();
-    let args = remote_store_args(&store);
+    let args = store.args();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut server = Server::start_in(server_dir.path(), &args);
     assert!(
@@ -232,7 +241,7 @@ struct InternalNode {
 }
 
 impl InternalNode {
-    fn start(id: &str, host: &str, store: &StoreNode, dir: &Path) -> InternalNode {
+    fn start(id: &str, host: &str, store: &impl ClusterStore, dir: &Path) -> InternalNode {
         InternalNode::start_in(&[], "sequencer", id, host, store, dir)
     }
 
@@ -242,7 +251,7 @@ impl InternalNode {
         roles: &str,
         id: &str,
         host: &str,
-        store: &StoreNode,
+        store: &impl ClusterStore,
         dir: &Path,
     ) -> InternalNode {
         InternalNode::start_with(wrapper, roles, id, host, store, dir, &[])
@@ -255,7 +264,7 @@ impl InternalNode {
         roles: &str,
         id: &str,
         host: &str,
-        store: &StoreNode,
+        store: &impl ClusterStore,
         dir: &Path,
         extra: &[&str],
     ) -> InternalNode {
@@ -277,7 +286,7 @@ impl InternalNode {
         .map(|s| s.to_string())
         .collect();
         args.push(dir.join(id).display().to_string());
-        args.extend(remote_store_args(store));
+        args.extend(store.args());
         if !extra.contains(&"--shard-lease") {
             args.extend(["--shard-lease".to_owned(), LEASE.to_owned()]);
         }
@@ -325,13 +334,23 @@ async fn send_until_sent(
     id: &str,
     server: Option<&Server>,
 ) -> u64 {
+    send_until_taken(client, Target::User(to.into()), id, server).await
+}
+
+/// As [`send_until_sent`], to any `target` (a group).
+async fn send_until_taken(
+    client: &mut courier_client::Client,
+    target: Target,
+    id: &str,
+    server: Option<&Server>,
+) -> u64 {
     let deadline = std::time::Instant::now() + WAIT;
     loop {
         assert!(
             std::time::Instant::now() < deadline,
             "{id} was not taken before the deadline"
         );
-        match client.send_text(Target::User(to.into()), id, id).await {
+        match client.send_text(target.clone(), id, id).await {
             Ok(sent) => return sent.seq,
             Err(courier_client::ClientError::Server(error))
                 if error.code == courier_client::proto::ErrorCode::Unavailable =>
@@ -389,12 +408,18 @@ async fn send_round(
 }
 
 /// A front node (every client role) on `store`.
-fn front_node(store: &StoreNode, dir: &Path) -> Server {
+fn front_node(store: &impl ClusterStore, dir: &Path) -> Server {
     gateway_node(store, dir, "front", "gateway,chat,fanout,push,media", &[])
 }
 
 /// A node with the client port, `id`, running `roles`, on `store`.
-fn gateway_node(store: &StoreNode, dir: &Path, id: &str, roles: &str, extra: &[&str]) -> Server {
+fn gateway_node(
+    store: &impl ClusterStore,
+    dir: &Path,
+    id: &str,
+    roles: &str,
+    extra: &[&str],
+) -> Server {
     std::fs::write(dir.join("jwt-secret"), JWT_SECRET).unwrap();
     let mut args: Vec<String> = [
         "--node-id",
@@ -412,7 +437,7 @@ fn gateway_node(store: &StoreNode, dir: &Path, id: &str, roles: &str, extra: &[&
     .chain(extra)
     .map(|s| s.to_string())
     .collect();
-    args.extend(remote_store_args(store));
+    args.extend(store.args());
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     Server::start_as(&["node", "--roles", roles], dir, &args)
 }
@@ -2113,4 +2138,195 @@ async fn a_push_node_alone_notifies_devices_registered_through_a_gateway_without
         .unwrap();
     assert_eq!(notification["device_token"], "tok-bob", "{notification}");
     assert_eq!(notification["seq"], seq, "{notification}");
+}
+
+/// Two store nodes as two storage partitions: shards 0-3 on the first (which also holds the
+/// directory), 4-7 on the second (`docs/decisions/0005-storage-partitions.md`).
+struct PartitionedStores {
+    nodes: [StoreNode; 2],
+    table: PathBuf,
+}
+
+impl PartitionedStores {
+    fn start(dir: &Path) -> PartitionedStores {
+        let token_file = dir.join("cluster-token");
+        std::fs::write(&token_file, TOKEN).unwrap();
+        let nodes = ["store-a", "store-b"]
+            .map(|name| StoreNode::start(&dir.join(name), &token_file, "127.0.0.1:0"));
+        let table = dir.join("partitions.json");
+        let json = serde_json::json!({ "partitions": [
+            { "shards": [0, 3], "store_address": nodes[0].url() },
+            { "shards": [4, 7], "store_address": nodes[1].url() },
+        ]});
+        std::fs::write(&table, json.to_string()).unwrap();
+        PartitionedStores { nodes, table }
+    }
+
+    /// The partition of `shard`.
+    fn partition_of(shard: u32) -> usize {
+        usize::from(shard >= 4)
+    }
+
+    /// How many events of `conv` the store node of `partition` holds.
+    async fn stored_events(&self, partition: usize, conv: &str) -> usize {
+        use courier_store::KvEngine;
+        let token = ClusterToken::new(TOKEN).unwrap();
+        let engine = courier_rpc::RemoteEngine::connect(&self.nodes[partition].url(), token)
+            .await
+            .unwrap();
+        let keys = courier_store::Keys::new(b"");
+        engine
+            .range(keys.events(conv, 1, u64::MAX), usize::MAX, false)
+            .await
+            .unwrap()
+            .len()
+    }
+}
+
+impl ClusterStore for PartitionedStores {
+    fn args(&self) -> Vec<String> {
+        vec![
+            "--store".into(),
+            "remote".into(),
+            "--storage-partitions".into(),
+            self.table.display().to_string(),
+            "--cluster-token-file".into(),
+            self.nodes[0].token_file.display().to_string(),
+        ]
+    }
+}
+
+/// Every message of each of `user`'s conversations in `convs`, as its catch-up on a fresh
+/// connection has them, `(client_msg_id, seq)` in order; every event of a conversation
+/// comes in strictly increasing seq.
+async fn caught_up(
+    front: &Server,
+    user: &str,
+    convs: &[String],
+) -> BTreeMap<String, Vec<(String, u64)>> {
+    let mut reader = front.connect(user, "tablet").await;
+    let events = reader.events_until_sync_done().await.unwrap();
+    let mut last_seq: BTreeMap<String, u64> = BTreeMap::new();
+    let mut messages: BTreeMap<String, Vec<(String, u64)>> =
+        convs.iter().map(|c| (c.clone(), Vec::new())).collect();
+    for event in events {
+        let last = last_seq.entry(event.conversation_id.clone()).or_default();
+        assert!(event.seq > *last, "{user}: {event:?} after seq {last}");
+        *last = event.seq;
+        if let (Some(list), EventPayload::Message { client_msg_id, .. }) =
+            (messages.get_mut(&event.conversation_id), event.payload)
+        {
+            list.push((client_msg_id, event.seq));
+        }
+    }
+    messages
+}
+
+#[tokio::test]
+async fn two_storage_partitions_keep_their_shards_and_lose_nothing_across_a_failover() {
+    let dir = tempfile::tempdir().unwrap();
+    let stores = PartitionedStores::start(dir.path());
+    let mut first = InternalNode::start("s1", "127.0.0.2", &stores, dir.path());
+    let _second = InternalNode::start("s2", "127.0.0.3", &stores, dir.path());
+    let front_dir = tempfile::tempdir().unwrap();
+    let front = front_node(&stores, front_dir.path());
+    let shard_of = ShardOf::new().await;
+
+    // Direct conversations on shards of both partitions.
+    let peers: Vec<String> = (0..6).map(|i| format!("bob{i}")).collect();
+    let partitions: BTreeSet<usize> = peers
+        .iter()
+        .map(|p| PartitionedStores::partition_of(shard_of.direct("alice", p)))
+        .collect();
+    assert_eq!(
+        partitions.len(),
+        2,
+        "the peers' conversations use both partitions"
+    );
+    let mut alice = front.connect("alice", "phone").await;
+    alice.events_until_sync_done().await.unwrap();
+    let mut sent: Vec<Vec<(String, u64)>> = vec![Vec::new(); peers.len()];
+
+    // Groups until both partitions hold one (their ids are the server's).
+    let http = front.http("alice", "phone");
+    let mut groups: Vec<String> = Vec::new();
+    let mut group_partitions = BTreeSet::new();
+    while group_partitions.len() < 2 {
+        assert!(groups.len() < 32, "32 groups in one partition");
+        let conv = http
+            .create_group("g", &users(&["carol", "dave"]))
+            .await
+            .unwrap();
+        group_partitions.insert(PartitionedStores::partition_of(
+            shard_of.store.shard_of(&conv),
+        ));
+        groups.push(conv);
+    }
+    let mut group_sent: BTreeMap<String, Vec<(String, u64)>> = BTreeMap::new();
+    let mut send_to_groups = async |alice: &mut courier_client::Client, step: &str| {
+        for conv in &groups {
+            let id = format!("{step}-{conv}");
+            let target = Target::Conversation(conv.clone());
+            let seq = send_until_taken(alice, target, &id, Some(&front)).await;
+            group_sent.entry(conv.clone()).or_default().push((id, seq));
+        }
+    };
+
+    send_round(&front, &mut alice, &peers, 1, &mut sent).await;
+    send_to_groups(&mut alice, "before").await;
+    // erin joins every group, then the owner of every shard (of both partitions) dies.
+    for conv in &groups {
+        http.add_members(conv, &users(&["erin"])).await.unwrap();
+    }
+    first.kill9();
+    send_round(&front, &mut alice, &peers, 2, &mut sent).await;
+    send_to_groups(&mut alice, "joined").await;
+    for conv in &groups {
+        http.remove_member(conv, "dave").await.unwrap();
+    }
+    send_round(&front, &mut alice, &peers, 3, &mut sent).await;
+    send_to_groups(&mut alice, "left").await;
+
+    check_history(&front, &peers, &sent).await;
+    // Each member reads exactly the messages of its periods of membership, in order.
+    let during = |steps: &[&str]| -> BTreeMap<String, Vec<(String, u64)>> {
+        group_sent
+            .iter()
+            .map(|(conv, sent)| {
+                let kept = sent
+                    .iter()
+                    .filter(|(id, _)| steps.iter().any(|s| id.starts_with(s)))
+                    .cloned()
+                    .collect();
+                (conv.clone(), kept)
+            })
+            .collect()
+    };
+    let all = during(&["before", "joined", "left"]);
+    assert_eq!(caught_up(&front, "carol", &groups).await, all);
+    assert_eq!(
+        caught_up(&front, "erin", &groups).await,
+        during(&["joined", "left"])
+    );
+    assert_eq!(
+        caught_up(&front, "dave", &groups).await,
+        during(&["before", "joined"])
+    );
+
+    // Each conversation's events are in its shard's partition, and only there.
+    let direct: Vec<String> = peers
+        .iter()
+        .map(|p| courier_chat::direct_conversation_id("alice", p))
+        .collect();
+    for conv in direct.iter().chain(&groups) {
+        let home = PartitionedStores::partition_of(shard_of.store.shard_of(conv));
+        let events = stores.stored_events(home, conv).await;
+        assert!(events >= 3, "{conv}: {events} events in partition {home}");
+        assert_eq!(
+            stores.stored_events(1 - home, conv).await,
+            0,
+            "{conv} has nothing in partition {}",
+            1 - home
+        );
+    }
 }

@@ -52,6 +52,12 @@ pub struct ServeConfig {
     /// The store node's address, `http://host:port` (with `--store remote`).
     #[arg(long, env = "COURIER_STORE_ADDRESS")]
     pub store_address: Option<String>,
+    /// Storage partitions: a JSON file mapping shard ranges to stores (store nodes with
+    /// `--store remote`, FoundationDB cluster files with `--store fdb`), in place of
+    /// `--store-address` or `--fdb-cluster-file`; fixed when the store is created (see
+    /// docs/distributed.md). Without it one store holds every shard.
+    #[arg(long, env = "COURIER_STORAGE_PARTITIONS")]
+    pub storage_partitions: Option<PathBuf>,
     #[command(flatten)]
     pub cluster: ClusterTokenArgs,
     /// Logical sequencer shards; fixed when the store is created.
@@ -259,13 +265,23 @@ impl ServeConfig {
                 dir.display()
             );
         }
-        if self.store == StoreKind::Remote {
+        if self.storage_partitions.is_some() {
+            anyhow::ensure!(
+                self.store != StoreKind::Embedded,
+                "--storage-partitions needs --store remote or --store fdb: the embedded store is \
+                 one disk"
+            );
+            anyhow::ensure!(
+                self.store_address.is_none() && self.fdb_cluster_file.is_none(),
+                "--storage-partitions names every partition's store: drop --store-address and \
+                 --fdb-cluster-file"
+            );
+        } else if self.store == StoreKind::Remote {
             anyhow::ensure!(
                 self.store_address.is_some(),
                 "--store remote needs --store-address (or COURIER_STORE_ADDRESS)"
             );
-        }
-        if self.store == StoreKind::Fdb {
+        } else if self.store == StoreKind::Fdb {
             anyhow::ensure!(
                 self.fdb_cluster_file.is_some(),
                 "--store fdb needs --fdb-cluster-file (or COURIER_FDB_CLUSTER_FILE)"

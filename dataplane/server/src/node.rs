@@ -194,8 +194,7 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
     args.serve.validate()?;
     let config = &args.serve;
     let token = config.cluster.token()?;
-    let engine = serve::open_engine(config).await?;
-    let store = MessageStore::open(engine, b"", config.shards).await?;
+    let store = serve::open_store(config).await?;
 
     let internal = tokio::net::TcpListener::bind(args.internal_listen)
         .await

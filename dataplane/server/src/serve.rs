@@ -62,7 +62,7 @@ use courier_sequencer::routing::RoutedSequencer;
 use courier_store::embedded::EmbeddedEngine;
 use courier_store::leaders::Job;
 use courier_store::nodes::NodeRecord;
-use courier_store::{KvEngine, MessageStore, StoreError};
+use courier_store::{KvEngine, MessageStore, PartitionStore, PartitionTable, StoreError};
 use std::future::IntoFuture;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -98,12 +98,35 @@ pub fn verifier(config: &ServeConfig) -> anyhow::Result<TokenVerifier> {
     Ok(TokenVerifier::hs256(&secret))
 }
 
-pub async fn open_engine(config: &ServeConfig) -> anyhow::Result<Arc<dyn KvEngine>> {
+/// The store: one engine, or with `--storage-partitions` one per partition of the table
+/// (`docs/decisions/0005-storage-partitions.md`).
+pub async fn open_store(config: &ServeConfig) -> anyhow::Result<MessageStore> {
+    let Some(path) = &config.storage_partitions else {
+        let engine = open_engine(config).await?;
+        return Ok(MessageStore::open(engine, b"", config.shards).await?);
+    };
+    let table = PartitionTable::read(path, config.shards)?;
+    let mut engines = Vec::with_capacity(table.partitions().len());
+    for (index, partition) in table.partitions().iter().enumerate() {
+        let engine = open_partition(config, &partition.store)
+            .await
+            .with_context(|| format!("storage partition {index} ({})", partition.store))?;
+        engines.push(engine);
+    }
+    Ok(MessageStore::open_partitioned(engines, &table, b"", config.shards).await?)
+}
+
+async fn open_engine(config: &ServeConfig) -> anyhow::Result<Arc<dyn KvEngine>> {
     match config.store {
         StoreKind::Embedded => Ok(Arc::new(EmbeddedEngine::open(
             &config.data_dir.join(STORE_DIR),
         )?)),
-        StoreKind::Fdb => open_fdb(config),
+        StoreKind::Fdb => open_fdb(
+            config
+                .fdb_cluster_file
+                .as_deref()
+                .context("--store fdb needs --fdb-cluster-file")?,
+        ),
         StoreKind::Remote => {
             let address = config
                 .store_address
@@ -115,12 +138,30 @@ pub async fn open_engine(config: &ServeConfig) -> anyhow::Result<Arc<dyn KvEngin
     }
 }
 
+/// The engine of one partition of the table, of the kind `--store` names.
+async fn open_partition(
+    config: &ServeConfig,
+    store: &PartitionStore,
+) -> anyhow::Result<Arc<dyn KvEngine>> {
+    match (config.store, store) {
+        (StoreKind::Remote, PartitionStore::Address(address)) => Ok(Arc::new(
+            RemoteEngine::connect(address, config.cluster.token()?).await?,
+        )),
+        (StoreKind::Fdb, PartitionStore::ClusterFile(path)) => open_fdb(path),
+        (StoreKind::Remote, PartitionStore::ClusterFile(_)) => anyhow::bail!(
+            "--store remote takes store nodes: give each partition a \"store_address\""
+        ),
+        (StoreKind::Fdb, PartitionStore::Address(_)) => anyhow::bail!(
+            "--store fdb takes FoundationDB clusters: give each partition a \"cluster_file\""
+        ),
+        (StoreKind::Embedded, _) => anyhow::bail!(
+            "storage partitions need --store remote or --store fdb: the embedded store is one disk"
+        ),
+    }
+}
+
 #[cfg(feature = "fdb")]
-fn open_fdb(config: &ServeConfig) -> anyhow::Result<Arc<dyn KvEngine>> {
-    let cluster_file = config
-        .fdb_cluster_file
-        .as_deref()
-        .context("--store fdb needs --fdb-cluster-file")?;
+fn open_fdb(cluster_file: &std::path::Path) -> anyhow::Result<Arc<dyn KvEngine>> {
     Ok(Arc::new(courier_store::fdb::FdbEngine::open(
         cluster_file,
         b"courier",
@@ -128,7 +169,7 @@ fn open_fdb(config: &ServeConfig) -> anyhow::Result<Arc<dyn KvEngine>> {
 }
 
 #[cfg(not(feature = "fdb"))]
-fn open_fdb(_: &ServeConfig) -> anyhow::Result<Arc<dyn KvEngine>> {
+fn open_fdb(_: &std::path::Path) -> anyhow::Result<Arc<dyn KvEngine>> {
     anyhow::bail!(
         "this courier binary was built without FoundationDB support; \
          rebuild with `cargo build --release -p courier --features fdb` or use --store embedded"
@@ -161,8 +202,7 @@ pub struct Cluster {
 /// `courier serve`: every role in one process.
 pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     config.validate()?;
-    let engine = open_engine(&config).await?;
-    let store = MessageStore::open(engine, b"", config.shards).await?;
+    let store = open_store(&config).await?;
     let listener = bind_http(config.listen).await?;
     run_client_roles(config, store, listener, None).await
 }
