@@ -2196,6 +2196,86 @@ impl ClusterStore for PartitionedStores {
     }
 }
 
+/// Runs `courier serve` with `store_args` (and the test's shard count), which must refuse to
+/// start; returns its error output.
+fn refused_start(store_args: &[String]) -> String {
+    let server_dir = tempfile::tempdir().unwrap();
+    let output = Command::new(binary())
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--shards",
+            SHARDS,
+            "--data-dir",
+        ])
+        .arg(server_dir.path())
+        .args(store_args)
+        .output()
+        .expect("run courier serve");
+    assert!(!output.status.success());
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[tokio::test]
+async fn a_node_whose_partition_table_does_not_fit_the_store_does_not_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let stores = PartitionedStores::start(dir.path());
+    // The store is created with the table: shards 0-3 on store-a, 4-7 on store-b.
+    let mut args = stores.args();
+    args.extend(["--shards".into(), SHARDS.into()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    drop(Server::start_in(&dir.path().join("created"), &args));
+
+    let [a, b] = [stores.nodes[0].url(), stores.nodes[1].url()];
+    let entry = |first: u32, last: u32, address: &str| serde_json::json!({ "shards": [first, last], "store_address": address });
+    let cases = [
+        (
+            [entry(0, 2, &a), entry(4, 7, &b)],
+            "shards 3..4 have no partition",
+        ),
+        (
+            [entry(0, 3, &a), entry(4, 8, &b)],
+            "beyond the last shard (7) of 8",
+        ),
+        ([entry(0, 3, &a), entry(4, 7, &a)], "name the same store"),
+        (
+            [entry(0, 3, &b), entry(4, 7, &a)],
+            "the store given for partition 0 holds partition 1 of this store",
+        ),
+        (
+            [entry(0, 4, &a), entry(5, 7, &b)],
+            "created with the storage partitions 0-3,4-7, not 0-4,5-7",
+        ),
+    ];
+    let other = dir.path().join("other.json");
+    for (entries, error) in cases {
+        std::fs::write(
+            &other,
+            serde_json::json!({ "partitions": entries }).to_string(),
+        )
+        .unwrap();
+        let mut args = stores.args();
+        args[3] = other.display().to_string();
+        let stderr = refused_start(&args);
+        assert!(stderr.contains(error), "expected {error:?}: {stderr}");
+    }
+    // Either store node alone, without the table, is not the store.
+    for (node, error) in [
+        (
+            &stores.nodes[0],
+            "created with storage partitions (shards 0-3,4-7)",
+        ),
+        (
+            &stores.nodes[1],
+            "is partition 1 of a store with storage partitions",
+        ),
+    ] {
+        let stderr = refused_start(&node.args());
+        assert!(stderr.contains(error), "expected {error:?}: {stderr}");
+    }
+}
+
 /// Every message of each of `user`'s conversations in `convs`, as its catch-up on a fresh
 /// connection has them, `(client_msg_id, seq)` in order; every event of a conversation
 /// comes in strictly increasing seq.

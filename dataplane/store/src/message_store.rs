@@ -441,6 +441,12 @@ impl MessageStore {
                 engines.len()
             )));
         }
+        if table.shard_count() != shard_count {
+            return Err(StoreError::Engine(format!(
+                "the partition table covers {} shards, not {shard_count}",
+                table.shard_count()
+            )));
+        }
         let directory = &engines[0];
         let ranges = table.ranges();
         let recorded = directory.get(&keys.partition_table()).await?;

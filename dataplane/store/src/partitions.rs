@@ -229,6 +229,11 @@ impl PartitionTable {
         &self.partitions
     }
 
+    /// The shards the table covers (the store's shard count).
+    pub fn shard_count(&self) -> u32 {
+        self.partitions.last().map_or(0, |p| p.shards.end() + 1)
+    }
+
     /// The shard ranges, as recorded in the directory (`0-511,512-1023`): a start with other
     /// ranges is refused, the stores' locations may change.
     pub fn ranges(&self) -> String {
@@ -286,11 +291,6 @@ impl PartitionedEngine {
             partition_of_shard,
             keys,
         }
-    }
-
-    /// The partitions' engines, partition 0 (the directory) first.
-    pub fn engines(&self) -> &[Arc<dyn KvEngine>] {
-        &self.engines
     }
 
     /// The partition of `shard` (the directory's for a shard beyond the table, which the
