@@ -256,8 +256,9 @@ impl MessageStore {
     }
 
     /// Sets the lease deadline of every shard of `leases` that `node` holds at its epoch, in one
-    /// commit fenced on each record read (one per partition); returns the others. A record changed between the
-    /// read and the commit (a hand-off of one of them) makes it read them all again.
+    /// commit fenced on each record read (one per storage partition); returns the others. A
+    /// record changed between the read and the commit (a hand-off of one of them) makes it
+    /// read them all again.
     async fn rewrite_held(
         &self,
         duty: Duty,
