@@ -685,6 +685,26 @@ mod tests {
         results.remove(0).unwrap().seq
     }
 
+    /// Alice's upload `id` and a message body that shares it.
+    fn png(id: &str) -> (MediaRecord, Body) {
+        let record = MediaRecord {
+            mime: "image/png".into(),
+            size: 10,
+            sha256: "sha".into(),
+            created_ms: 1,
+            owner: "alice".into(),
+        };
+        let body = Body::Media(Media {
+            media_id: id.into(),
+            mime: record.mime.clone(),
+            size: record.size,
+            sha256: record.sha256.clone(),
+            name: None,
+            caption: None,
+        });
+        (record, body)
+    }
+
     fn message(conv: &str, from: &str, to: &str, id: &str, body: Body) -> Append {
         Append {
             create: Some(NewConversation::direct(from, to)),
@@ -813,22 +833,8 @@ mod tests {
                 .is_empty()
         );
 
-        let image = MediaRecord {
-            mime: "image/png".into(),
-            size: 10,
-            sha256: "sha".into(),
-            created_ms: 1,
-            owner: "alice".into(),
-        };
+        let (image, media) = png("m1");
         store.put_media("m1", &image, 0).await.unwrap();
-        let media = Body::Media(Media {
-            media_id: "m1".into(),
-            mime: "image/png".into(),
-            size: 10,
-            sha256: "sha".into(),
-            name: None,
-            caption: None,
-        });
         for conv in &direct {
             append_one(
                 store,
@@ -1017,22 +1023,8 @@ mod tests {
         let parts = TwoPartitions::new().await;
         let store = &parts.store;
         let conv = parts.conversation("d:", 1);
-        let image = MediaRecord {
-            mime: "image/png".into(),
-            size: 10,
-            sha256: "sha".into(),
-            created_ms: 1,
-            owner: "alice".into(),
-        };
+        let (image, body) = png("m1");
         store.put_media("m1", &image, 100).await.unwrap();
-        let body = Body::Media(Media {
-            media_id: "m1".into(),
-            mime: "image/png".into(),
-            size: 10,
-            sha256: "sha".into(),
-            name: None,
-            caption: None,
-        });
         append_one(store, message(&conv, "alice", "bob", "m", body)).await;
         parts.engines[1].set_fault(Some(Box::new(|_| Some(StoreError::Engine("crash".into())))));
         assert!(store.forget_media("m1", &image).await.is_err());
