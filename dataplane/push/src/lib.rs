@@ -703,6 +703,14 @@ mod tests {
         .await;
     }
 
+    /// Group ids, one per shard they fall on, in shard order.
+    fn groups_on_distinct_shards(store: &MessageStore) -> Vec<String> {
+        let mut convs: Vec<String> = (0..64).map(|i| format!("g:{i}")).collect();
+        convs.sort_by_key(|c| store.shard_of(c));
+        convs.dedup_by_key(|c| store.shard_of(c));
+        convs
+    }
+
     async fn counts(store: &MessageStore, conv: &str, members: &[String]) -> Vec<u32> {
         let mut counts = Vec::new();
         for user in members {
@@ -757,10 +765,7 @@ mod tests {
     async fn the_intents_of_several_shards_are_expanded_in_one_commit() {
         let engine = FaultyEngine::new();
         let store = engine.store(64).await;
-        let mut convs: Vec<String> = (0..64).map(|i| format!("g:{i}")).collect();
-        convs.sort_by_key(|c| store.shard_of(c));
-        convs.dedup_by_key(|c| store.shard_of(c));
-        let convs = &convs[..3];
+        let convs = &groups_on_distinct_shards(&store)[..3];
         for conv in convs {
             let members = vec![format!("{conv}-sender"), format!("{conv}-reader")];
             group_with_a_message(&store, conv, &members).await;
@@ -806,9 +811,7 @@ mod tests {
         let engine = FaultyEngine::new();
         let store = engine.store(64).await;
         // Two groups, the failing one on the lower shard (expanded first before).
-        let mut convs: Vec<String> = (0..64).map(|i| format!("g:{i}")).collect();
-        convs.sort_by_key(|c| store.shard_of(c));
-        convs.dedup_by_key(|c| store.shard_of(c));
+        let convs = groups_on_distinct_shards(&store);
         let (failing, healthy) = (convs[0].clone(), convs[1].clone());
         let pair = |a: &str| vec![format!("{a}-sender"), format!("{a}-reader")];
         group_with_a_message(&store, &failing, &pair("f")).await;
