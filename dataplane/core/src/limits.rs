@@ -9,6 +9,11 @@ use governor::state::keyed::DefaultKeyedStateStore;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 use std::num::NonZeroU32;
+use std::sync::LazyLock;
+
+/// The clock every bucket reads. Making one reads the CPU's features (`cpuid`, a trap to the
+/// hypervisor on a virtual machine), too slow to do for each connection.
+static CLOCK: LazyLock<DefaultClock> = LazyLock::new(DefaultClock::default);
 
 /// A rate and its burst; `per_second == 0` disables the limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,7 +63,7 @@ impl KeyedLimit {
         };
         limiter
             .check_key(&key.to_owned())
-            .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
+            .map_err(|not_until| not_until.wait_time_from(limiter.clock().now()))
     }
 
     /// Forgets buckets that are full again, so memory follows active keys only.
@@ -78,7 +83,9 @@ pub struct ConnectionLimit {
 impl ConnectionLimit {
     pub fn new(rate: Rate) -> Self {
         Self {
-            limiter: rate.quota().map(RateLimiter::direct),
+            limiter: rate
+                .quota()
+                .map(|quota| RateLimiter::direct_with_clock(quota, CLOCK.clone())),
         }
     }
 
@@ -89,7 +96,7 @@ impl ConnectionLimit {
         limiter.check().map_err(|not_until| {
             limited(
                 "frames on this connection",
-                not_until.wait_time_from(DefaultClock::default().now()),
+                not_until.wait_time_from(limiter.clock().now()),
             )
         })
     }

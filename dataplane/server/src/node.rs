@@ -599,7 +599,7 @@ impl InternalNode<'_> {
             ready.clone(),
         ));
         let http_server = tokio::spawn(
-            axum::serve(self.http, app)
+            axum::serve(self.http, app.into_make_service())
                 .with_graceful_shutdown(async {
                     let _ = http_stopped.await;
                 })

@@ -479,7 +479,9 @@ pub async fn run_client_roles(
         }
     });
     let app = with_web_app(router(state).merge(media_routes), config.web_dir.as_deref());
-    let server = axum::serve(listener, app)
+    // `into_make_service` builds the router's routes once; a bare `Router` given to
+    // `axum::serve` copies and rebuilds its route table for every accepted connection.
+    let server = axum::serve(listener, app.into_make_service())
         .with_graceful_shutdown(shutdown)
         .into_future();
     tokio::pin!(server);
