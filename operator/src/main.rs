@@ -12,6 +12,7 @@ use courier_operator::data_plane::NetworkDataPlane;
 use courier_operator::metrics::{Metrics, serve};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::ConfigMap;
 use kube::runtime::{Controller, watcher};
 use kube::{Api, Client};
 use kube_lease_manager::LeaseManagerBuilder;
@@ -113,6 +114,7 @@ async fn run_controllers(client: Client, ctx: Arc<Context>) {
     let clusters = Controller::new(Api::<CourierCluster>::all(client.clone()), config.clone())
         .owns(Api::<StatefulSet>::all(client.clone()), config.clone())
         .owns(Api::<Deployment>::all(client.clone()), config.clone())
+        .owns(Api::<ConfigMap>::all(client.clone()), config.clone())
         .owns(Api::<GatewayPool>::all(client.clone()), config.clone())
         .owns(
             Api::<SequencerShardSet>::all(client.clone()),

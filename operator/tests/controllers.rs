@@ -12,7 +12,8 @@ use courier_operator::controllers::{
 use courier_operator::crd::{
     CourierCluster, CourierClusterSpec, EmbeddedStorage, FoundationDbStorage, GatewayPool,
     GatewayPoolSettings, GatewayPoolSpec, MediaStore, RebalanceMode, S3MediaStore, SecretKeyRef,
-    SequencerSettings, SequencerShardSet, SequencerShardSetSpec, Storage, WorkloadSettings,
+    SequencerSettings, SequencerShardSet, SequencerShardSetSpec, Storage, StoragePartition,
+    WorkloadSettings,
 };
 use courier_operator::metrics::Metrics;
 use courier_operator::rebalance::executor::{AdminError, Sample, ShardAdmin};
@@ -224,7 +225,8 @@ fn cluster(embedded: bool) -> CourierCluster {
         Storage {
             embedded: None,
             foundation_db: Some(FoundationDbStorage {
-                cluster_file_secret: secret("fdb", "fdb.cluster"),
+                cluster_file_secret: Some(secret("fdb", "fdb.cluster")),
+                partitions: Vec::new(),
                 cluster_token_secret: secret("courier-token", "token"),
             }),
         }
@@ -447,6 +449,190 @@ async fn a_foundationdb_cluster_applies_its_pools_and_a_workload_per_role() {
         cluster::reconcile(Arc::new(cluster(false)), ctx)
             .await
             .unwrap();
+    })
+    .await;
+}
+
+/// `cluster(false)` on two storage partitions: shards 0-31 and 32-63.
+fn partitioned() -> CourierCluster {
+    let mut cluster = cluster(false);
+    let fdb = cluster.spec.storage.foundation_db.as_mut().unwrap();
+    fdb.cluster_file_secret = None;
+    fdb.partitions = vec![
+        StoragePartition {
+            first_shard: 0,
+            last_shard: 31,
+            cluster_file_secret: secret("fdb-east", "fdb.cluster"),
+        },
+        StoragePartition {
+            first_shard: 32,
+            last_shard: 63,
+            cluster_file_secret: secret("fdb-west", "fdb.cluster"),
+        },
+    ];
+    cluster
+}
+
+#[tokio::test]
+async fn a_partitioned_cluster_applies_its_table_before_the_pods_that_mount_it() {
+    let data_plane = Arc::new(FakeDataPlane::default());
+    let deployment = |name: &str| {
+        expect(
+            APPLY,
+            &format!("/apis/apps/v1/namespaces/chat/deployments/{name}"),
+            |body| {
+                let spec = &body["spec"]["template"]["spec"];
+                let env = spec["containers"][0]["env"].to_string();
+                assert!(
+                    env.contains("/etc/courier/partitions/partitions.json"),
+                    "{env}"
+                );
+                assert!(!env.contains("COURIER_FDB_CLUSTER_FILE"), "{env}");
+                let volumes = spec["volumes"].to_string();
+                for name in ["fdb-east", "fdb-west", "prod-storage-partitions"] {
+                    assert!(volumes.contains(name), "{name} in {volumes}");
+                }
+                let annotations = &body["spec"]["template"]["metadata"]["annotations"];
+                assert!(
+                    annotations["courier.dev/storage-partitions-sha256"].is_string(),
+                    "{annotations}"
+                );
+            },
+        )
+    };
+    let expected = vec![
+        expect(
+            APPLY,
+            "/api/v1/namespaces/chat/configmaps/prod-storage-partitions",
+            |body| {
+                assert_eq!(body["kind"], "ConfigMap");
+                assert_eq!(body["metadata"]["ownerReferences"][0]["uid"], "uid-prod");
+                let table: Value =
+                    serde_json::from_str(body["data"]["partitions.json"].as_str().unwrap())
+                        .unwrap();
+                assert_eq!(
+                    table,
+                    json!({"partitions": [
+                        {"shards": [0, 31], "cluster_file": "/etc/courier/fdb/0/fdb.cluster"},
+                        {"shards": [32, 63], "cluster_file": "/etc/courier/fdb/1/fdb.cluster"},
+                    ]})
+                );
+            },
+        ),
+        expect(
+            APPLY,
+            "/apis/courier.dev/v1alpha1/namespaces/chat/gatewaypools/prod-gateways",
+            |_| {},
+        ),
+        expect(
+            APPLY,
+            "/apis/courier.dev/v1alpha1/namespaces/chat/sequencershardsets/prod-sequencers",
+            |_| {},
+        ),
+        deployment("prod-chat"),
+        deployment("prod-media"),
+        expect(APPLY, "/api/v1/namespaces/chat/services/prod-media", |_| {}),
+        deployment("prod-fanout"),
+        deployment("prod-push"),
+        expect(
+            APPLY,
+            "/apis/courier.dev/v1alpha1/namespaces/chat/courierclusters/prod/status",
+            |body| {
+                assert_eq!(body["status"]["storage"], "foundationDb");
+                assert_eq!(body["status"]["conditions"][0]["reason"], "Starting");
+            },
+        )
+        .answer(serde_json::to_value(partitioned()).unwrap()),
+    ];
+    reconciled(expected, data_plane.clone(), async |ctx| {
+        cluster::reconcile(Arc::new(partitioned()), ctx)
+            .await
+            .unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_table_with_a_gap_renders_nothing_and_says_why_in_the_status() {
+    let data_plane = Arc::new(FakeDataPlane::default());
+    let mut broken = partitioned();
+    broken
+        .spec
+        .storage
+        .foundation_db
+        .as_mut()
+        .unwrap()
+        .partitions[1]
+        .first_shard = 40;
+    // Only the status: no ConfigMap, no pool, no Deployment.
+    let expected = vec![
+        expect(
+            APPLY,
+            "/apis/courier.dev/v1alpha1/namespaces/chat/courierclusters/prod/status",
+            |body| {
+                let conditions = body["status"]["conditions"].as_array().unwrap();
+                let degraded = conditions
+                    .iter()
+                    .find(|c| c["type"] == "Degraded")
+                    .expect("a Degraded condition");
+                assert_eq!(degraded["status"], "True");
+                assert_eq!(degraded["reason"], "InvalidStorage");
+                let message = degraded["message"].as_str().unwrap();
+                assert!(
+                    message.contains("partitions[1] starts at shard 40")
+                        && message.contains("shards 32 to 39 have no partition"),
+                    "{message}"
+                );
+                let ready = conditions.iter().find(|c| c["type"] == "Ready").unwrap();
+                assert_eq!(ready["status"], "False");
+                assert_eq!(body["status"]["observedGeneration"], 3);
+            },
+        )
+        .answer(serde_json::to_value(partitioned()).unwrap()),
+    ];
+    let cluster = Arc::new(broken);
+    reconciled(expected, data_plane.clone(), async |ctx| {
+        cluster::reconcile(cluster, ctx).await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_gateway_pool_of_a_cluster_with_a_bad_table_applies_no_pod() {
+    let data_plane = Arc::new(FakeDataPlane::default());
+    let mut broken = partitioned();
+    broken
+        .spec
+        .storage
+        .foundation_db
+        .as_mut()
+        .unwrap()
+        .partitions[1]
+        .last_shard = 64;
+    // It reads what it needs, then refuses to render: no Deployment is applied.
+    let expected = vec![
+        expect(
+            Method::GET,
+            "/apis/courier.dev/v1alpha1/namespaces/chat/courierclusters/prod",
+            |_| {},
+        )
+        .answer(serde_json::to_value(&broken).unwrap()),
+        expect(Method::GET, "/api/v1/namespaces/chat/pods", |_| {}).answer(pod_list(vec![])),
+        expect(
+            Method::GET,
+            "/apis/apps/v1/namespaces/chat/deployments/prod-gateways",
+            |_| {},
+        )
+        .answer(deployment(2)),
+    ];
+    reconciled(expected, data_plane, async |ctx| {
+        let error = gateway_pool::reconcile(Arc::new(pool()), ctx)
+            .await
+            .unwrap_err();
+        assert!(
+            error.to_string().contains("beyond the last shard (63)"),
+            "{error}"
+        );
     })
     .await;
 }

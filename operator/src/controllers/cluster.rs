@@ -2,7 +2,12 @@
 //! StatefulSet and its Service; a FoundationDB cluster becomes a `GatewayPool` and a
 //! `SequencerShardSet` (whose own controllers render their pods), the chat Deployment, the
 //! media Deployment and its Service, the fanout Deployment and, with push providers, the push
-//! notifier's. The status says which, and is Ready when what it owns is.
+//! notifier's; with storage partitions, first the ConfigMap of their table. The status says
+//! which, and is Ready when what it owns is.
+//!
+//! A FoundationDB storage the data plane would refuse (a partition table with a gap, an
+//! overlap, a range beyond the shards) is not rendered: the status says what is wrong
+//! (`Degraded`, reason `InvalidStorage`) and what runs is left as it was.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,6 +20,7 @@ use super::{Context, Error, apply, apply_status, counted, retry_after_error};
 use crate::crd::{
     ConditionType, Conditions, CourierCluster, CourierClusterStatus, GatewayPool, SequencerShardSet,
 };
+use crate::render::partitions::{self, StorageError};
 use crate::render::{backends, delivery, embedded, pools};
 
 const CONTROLLER: &str = "cluster";
@@ -22,6 +28,15 @@ const CONTROLLER: &str = "cluster";
 /// Brings what `cluster` owns in line with its spec.
 pub async fn reconcile(cluster: Arc<CourierCluster>, ctx: Arc<Context>) -> Result<Action, Error> {
     counted(&ctx.metrics, CONTROLLER);
+    let now = Timestamp::from_millisecond((ctx.clock)() as i64).unwrap_or(Timestamp::UNIX_EPOCH);
+    if let Some(fdb) = &cluster.spec.storage.foundation_db
+        && let Err(problem) = partitions::check(fdb, cluster.spec.shards)
+    {
+        // Nothing is applied: pods rendered from this spec would not start.
+        let status = invalid_storage(&cluster, &problem, now);
+        apply_status(&ctx.client, cluster.as_ref(), &status).await?;
+        return Ok(Action::await_change());
+    }
     let ready = if cluster.spec.storage.embedded.is_some() {
         let children = embedded::build(&cluster)?;
         let stateful_set: StatefulSet = apply(&ctx.client, &children.stateful_set).await?;
@@ -33,6 +48,10 @@ pub async fn reconcile(cluster: Arc<CourierCluster>, ctx: Arc<Context>) -> Resul
             .unwrap_or(0);
         (ready >= 1, format!("{ready}/1 courier serve pod ready"))
     } else {
+        // The table first: the pods mount it.
+        if let Some(table) = partitions::config_map(&cluster)? {
+            apply(&ctx.client, &table).await?;
+        }
         let pools = pools::build(&cluster)?;
         let gateways: GatewayPool = apply(&ctx.client, &pools.gateways).await?;
         let sequencers: SequencerShardSet = apply(&ctx.client, &pools.sequencers).await?;
@@ -66,11 +85,7 @@ pub async fn reconcile(cluster: Arc<CourierCluster>, ctx: Arc<Context>) -> Resul
             ),
         )
     };
-    let status = status(
-        &cluster,
-        ready,
-        Timestamp::from_millisecond((ctx.clock)() as i64).unwrap_or(Timestamp::UNIX_EPOCH),
-    );
+    let status = status(&cluster, ready, now);
     apply_status(&ctx.client, cluster.as_ref(), &status).await?;
     Ok(Action::requeue(Duration::from_secs(300)))
 }
@@ -134,6 +149,36 @@ fn status(
             if ready { "Settled" } else { "RollingOut" },
             &message,
         )
+        .into_vec();
+    CourierClusterStatus {
+        observed_generation: generation,
+        storage: Some(cluster.spec.storage.kind_name().to_owned()),
+        conditions,
+    }
+}
+
+/// The status of `cluster` whose FoundationDB storage is refused for `problem`.
+fn invalid_storage(
+    cluster: &CourierCluster,
+    problem: &StorageError,
+    now: Timestamp,
+) -> CourierClusterStatus {
+    let previous = cluster
+        .status
+        .as_ref()
+        .map(|s| s.conditions.clone())
+        .unwrap_or_default();
+    let generation = cluster.metadata.generation;
+    let message = format!("{problem}; nothing is rolled out until it is fixed");
+    let conditions = Conditions::new(&previous, generation, now)
+        .set(ConditionType::Ready, false, "InvalidStorage", &message)
+        .set(
+            ConditionType::Progressing,
+            false,
+            "InvalidStorage",
+            &message,
+        )
+        .set(ConditionType::Degraded, true, "InvalidStorage", &message)
         .into_vec();
     CourierClusterStatus {
         observed_generation: generation,

@@ -133,15 +133,48 @@ fn default_volume_size() -> String {
     "10Gi".to_owned()
 }
 
-/// A FoundationDB cluster, and the token the Courier pods share.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+/// The most storage partitions a cluster may have: each is a Secret volume in every data-plane
+/// pod, and a read across partitions (a user's conversations at connect) asks every one.
+pub const MAX_STORAGE_PARTITIONS: usize = 32;
+
+/// FoundationDB: one cluster (`clusterFileSecret`), or several, each holding a range of the
+/// logical shards (`partitions`, `docs/decisions/0005-storage-partitions.md`); and the token
+/// the Courier pods share.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.clusterFileSecret) != (has(self.partitions) && size(self.partitions) > 0)").message("set exactly one of clusterFileSecret (one FoundationDB cluster) or partitions (a shard range on each of several clusters)"))]
+#[x_kube(validation = Rule::new("!has(self.partitions) || size(self.partitions) == 0 || self.partitions[0].firstShard == 0").message("partitions[0] (the directory) must start at shard 0"))]
 pub struct FoundationDbStorage {
-    /// The Secret key holding the FoundationDB cluster file (`fdb.cluster`).
-    pub cluster_file_secret: SecretKeyRef,
+    /// The Secret key holding the FoundationDB cluster file (`fdb.cluster`) of the one
+    /// cluster that holds every shard.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_file_secret: Option<SecretKeyRef>,
+    /// Storage partitions, instead of `clusterFileSecret`: each a range of shards and the
+    /// cluster file of the FoundationDB cluster holding it. The ranges run from shard 0 to
+    /// `shards - 1` in order, once each; the first entry (partition 0) also holds the
+    /// directory (nodes, routes, devices, cursors, media records). The table is fixed when
+    /// the store is created: pods given another one refuse to start.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_STORAGE_PARTITIONS))]
+    pub partitions: Vec<StoragePartition>,
     /// The Secret key holding the cluster token (at least 32 bytes) that authenticates the
     /// pods' internal gRPC to each other.
     pub cluster_token_secret: SecretKeyRef,
+}
+
+/// A storage partition: a range of logical shards on one FoundationDB cluster.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.firstShard <= self.lastShard").message("firstShard must not be greater than lastShard"))]
+pub struct StoragePartition {
+    /// The first shard of the range.
+    #[schemars(range(max = 65535))]
+    pub first_shard: u32,
+    /// The last shard of the range (inclusive).
+    #[schemars(range(max = 65535))]
+    pub last_shard: u32,
+    /// The Secret key holding the cluster file of the FoundationDB cluster of this range.
+    pub cluster_file_secret: SecretKeyRef,
 }
 
 /// A key of a Secret in the cluster's namespace.

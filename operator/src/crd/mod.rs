@@ -15,7 +15,8 @@ mod shard_set;
 
 pub use cluster::{
     CourierCluster, CourierClusterSpec, CourierClusterStatus, EmbeddedStorage, FoundationDbStorage,
-    MediaStore, S3MediaStore, SecretKeyRef, Storage, WorkloadSettings,
+    MAX_STORAGE_PARTITIONS, MediaStore, S3MediaStore, SecretKeyRef, Storage, StoragePartition,
+    WorkloadSettings,
 };
 pub use conditions::{ConditionType, Conditions};
 pub use gateway_pool::{
@@ -124,6 +125,42 @@ mod tests {
             "{clusters:?}"
         );
         assert!(has("self.minReplicas <= self.maxReplicas"), "{clusters:?}");
+    }
+
+    #[test]
+    fn foundationdb_storage_is_one_cluster_file_or_a_bounded_list_of_ordered_ranges() {
+        let clusters = rules(&CourierCluster::crd());
+        let has = |rule: &str| clusters.iter().any(|(r, _)| r == rule);
+        assert!(
+            has(
+                "has(self.clusterFileSecret) != (has(self.partitions) && size(self.partitions) > 0)"
+            ),
+            "{clusters:?}"
+        );
+        assert!(has("self.firstShard <= self.lastShard"), "{clusters:?}");
+        assert!(
+            has(
+                "!has(self.partitions) || size(self.partitions) == 0 || self.partitions[0].firstShard == 0"
+            ),
+            "{clusters:?}"
+        );
+        let crd = serde_json::to_value(CourierCluster::crd()).unwrap();
+        let fdb = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+            ["storage"]["properties"]["foundationDb"];
+        assert_eq!(
+            fdb["properties"]["partitions"]["maxItems"],
+            MAX_STORAGE_PARTITIONS
+        );
+        assert_eq!(fdb["required"], serde_json::json!(["clusterTokenSecret"]));
+        let entry = &fdb["properties"]["partitions"]["items"];
+        let mut required: Vec<&str> = entry["required"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        required.sort();
+        assert_eq!(required, ["clusterFileSecret", "firstShard", "lastShard"]);
     }
 
     #[test]

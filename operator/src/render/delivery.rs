@@ -61,7 +61,7 @@ pub fn push(cluster: &CourierCluster) -> Result<Option<Deployment>, RenderError>
         pod::node_args(PUSH_ROLES, pod::at_pod_ip(), &[]),
         cluster.spec.fanout.resources.clone(),
         DELIVERY_SHUTDOWN,
-    );
+    )?;
     let meta = child_meta(
         &push_name(&name),
         &namespace,

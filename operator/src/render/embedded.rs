@@ -51,7 +51,7 @@ pub fn build(cluster: &CourierCluster) -> Result<EmbeddedChildren, RenderError> 
         args,
         cluster.spec.gateways.resources.clone(),
         SHUTDOWN,
-    );
+    )?;
     let claim = PersistentVolumeClaim {
         metadata: ObjectMeta {
             name: Some("data".to_owned()),

@@ -76,7 +76,7 @@ pub fn build(
         args,
         pool.spec.pool.resources.clone(),
         SHUTDOWN,
-    );
+    )?;
     let meta = child_meta(&name, &namespace, &cluster_name, Component::Gateway, owner);
     let deployment = deployment(
         meta.clone(),

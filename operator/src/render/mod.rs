@@ -7,12 +7,15 @@
 //! - [`gateways`]: a pool's Deployment (the client port), client Service and PDB;
 //! - [`sequencers`]: a shard set's StatefulSet (`OnDelete`), headless Service and PDB;
 //! - [`backends`]: a FoundationDB cluster's chat Deployment, media Deployment and Service;
-//! - [`delivery`]: a FoundationDB cluster's fanout Deployment and push notifier.
+//! - [`delivery`]: a FoundationDB cluster's fanout Deployment and push notifier;
+//! - [`partitions`]: a FoundationDB cluster's storage, checked, and its partition table's
+//!   ConfigMap.
 
 pub mod backends;
 pub mod delivery;
 pub mod embedded;
 pub mod gateways;
+pub mod partitions;
 pub mod pod;
 pub mod pools;
 pub mod sequencers;
@@ -43,6 +46,9 @@ pub enum RenderError {
         /// The missing field.
         field: &'static str,
     },
+    /// The cluster's FoundationDB storage is not one the data plane would accept.
+    #[error(transparent)]
+    Storage(#[from] partitions::StorageError),
 }
 
 /// The owner reference (controller, blocking deletion) children of `owner` carry.
@@ -219,7 +225,7 @@ pub fn stateless_deployment(
         args,
         settings.resources.clone(),
         shutdown,
-    );
+    )?;
     let meta = child_meta(
         name,
         &namespace,
@@ -242,7 +248,7 @@ pub fn stateless_deployment(
 pub(crate) mod fixtures {
     use crate::crd::{
         CourierCluster, CourierClusterSpec, FoundationDbStorage, MediaStore, S3MediaStore,
-        SecretKeyRef, Storage,
+        SecretKeyRef, Storage, StoragePartition,
     };
     use k8s_openapi::api::apps::v1::Deployment;
     use kube::core::ObjectMeta;
@@ -260,7 +266,8 @@ pub(crate) mod fixtures {
                 storage: Storage {
                     embedded: None,
                     foundation_db: Some(FoundationDbStorage {
-                        cluster_file_secret: secret("fdb"),
+                        cluster_file_secret: Some(secret("fdb")),
+                        partitions: Vec::new(),
                         cluster_token_secret: secret("tok"),
                     }),
                 },
@@ -286,6 +293,33 @@ pub(crate) mod fixtures {
             uid: Some("uid".into()),
             ..ObjectMeta::default()
         };
+        cluster
+    }
+
+    /// `cluster` (of 64 shards) on two storage partitions instead of one cluster file:
+    /// shards 0-31 in Secret `fdb-east` key `fdb.cluster`, 32-63 in `fdb-west` key
+    /// `west.cluster`.
+    pub fn partitioned(mut cluster: CourierCluster) -> CourierCluster {
+        let fdb = cluster.spec.storage.foundation_db.as_mut().unwrap();
+        fdb.cluster_file_secret = None;
+        fdb.partitions = vec![
+            StoragePartition {
+                first_shard: 0,
+                last_shard: 31,
+                cluster_file_secret: SecretKeyRef {
+                    name: "fdb-east".into(),
+                    key: "fdb.cluster".into(),
+                },
+            },
+            StoragePartition {
+                first_shard: 32,
+                last_shard: 63,
+                cluster_file_secret: SecretKeyRef {
+                    name: "fdb-west".into(),
+                    key: "west.cluster".into(),
+                },
+            },
+        ];
         cluster
     }
 

@@ -5,15 +5,17 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvFromSource, EnvVar,
-    EnvVarSource, HTTPGetAction, KeyToPath, Lifecycle, LifecycleHandler, ObjectFieldSelector,
-    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile,
-    SecretEnvSource, SecretKeySelector, SecretVolumeSource, SecurityContext, SleepAction, Volume,
-    VolumeMount,
+    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
+    EnvFromSource, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath, Lifecycle, LifecycleHandler,
+    ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
+    SeccompProfile, SecretEnvSource, SecretKeySelector, SecretVolumeSource, SecurityContext,
+    SleepAction, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
+use super::RenderError;
+use super::partitions::{self, Layout};
 use crate::crd::{CourierCluster, SecretKeyRef};
 
 /// The port of the client API, probes and metrics.
@@ -148,14 +150,14 @@ pub struct Shutdown {
 }
 
 /// A data-plane pod of `cluster` running `courier <args>` (the image's entry point is
-/// `courier`).
+/// `courier`). Refused if its FoundationDB storage does not pass [`partitions::check`].
 pub fn template(
     cluster: &CourierCluster,
     component: Component,
     args: Vec<String>,
     resources: Option<ResourceRequirements>,
     shutdown: Shutdown,
-) -> PodTemplateSpec {
+) -> Result<PodTemplateSpec, RenderError> {
     let name = cluster_name(cluster);
     let spec = &cluster.spec;
     let mut env = vec![
@@ -172,19 +174,54 @@ pub fn template(
     // `data` is an emptyDir unless a volume claim template of that name replaces it.
     let mut volumes = vec![empty_dir("data"), empty_dir("tmp")];
     let mut mounts = vec![mount("data", DATA_DIR, false), mount("tmp", "/tmp", false)];
+    let mut annotations = BTreeMap::new();
     if let Some(fdb) = &spec.storage.foundation_db {
         env.push(value_env("COURIER_STORE", "fdb"));
-        env.push(value_env(
-            "COURIER_FDB_CLUSTER_FILE",
-            &format!("/etc/courier/fdb/{}", fdb.cluster_file_secret.key),
-        ));
+        match partitions::check(fdb, spec.shards)? {
+            Layout::OneCluster(secret) => {
+                env.push(value_env(
+                    "COURIER_FDB_CLUSTER_FILE",
+                    &format!("{}/{}", partitions::FDB_DIR, secret.key),
+                ));
+                volumes.push(secret_volume("fdb", secret));
+                mounts.push(mount("fdb", partitions::FDB_DIR, true));
+            }
+            Layout::Partitions(table) => {
+                env.push(value_env(
+                    "COURIER_STORAGE_PARTITIONS",
+                    &partitions::table_path(),
+                ));
+                for (index, partition) in table.iter().enumerate() {
+                    let volume = format!("fdb-{index}");
+                    volumes.push(secret_volume(&volume, &partition.cluster_file_secret));
+                    mounts.push(mount(
+                        &volume,
+                        &format!("{}/{index}", partitions::FDB_DIR),
+                        true,
+                    ));
+                }
+                volumes.push(Volume {
+                    name: "storage-partitions".to_owned(),
+                    config_map: Some(ConfigMapVolumeSource {
+                        name: partitions::config_map_name(&name),
+                        optional: Some(false),
+                        ..ConfigMapVolumeSource::default()
+                    }),
+                    ..Volume::default()
+                });
+                mounts.push(mount("storage-partitions", partitions::TABLE_DIR, true));
+                // The data plane reads the table once, at start: a new table needs new pods.
+                annotations.insert(
+                    partitions::TABLE_DIGEST_ANNOTATION.to_owned(),
+                    partitions::digest(&partitions::table_json(table)),
+                );
+            }
+        }
         env.push(value_env(
             "COURIER_CLUSTER_TOKEN_FILE",
             &format!("/etc/courier/token/{}", fdb.cluster_token_secret.key),
         ));
-        volumes.push(secret_volume("fdb", &fdb.cluster_file_secret));
         volumes.push(secret_volume("cluster-token", &fdb.cluster_token_secret));
-        mounts.push(mount("fdb", "/etc/courier/fdb", true));
         mounts.push(mount("cluster-token", "/etc/courier/token", true));
     }
     if let Some(media) = spec.media.as_ref().filter(|_| component.stores_media()) {
@@ -240,9 +277,10 @@ pub fn template(
         }),
         ..Container::default()
     };
-    PodTemplateSpec {
+    Ok(PodTemplateSpec {
         metadata: Some(ObjectMeta {
             labels: Some(labels(&name, component)),
+            annotations: (!annotations.is_empty()).then_some(annotations),
             ..ObjectMeta::default()
         }),
         spec: Some(PodSpec {
@@ -263,7 +301,7 @@ pub fn template(
             }),
             ..PodSpec::default()
         }),
-    }
+    })
 }
 
 /// The cluster's name (empty for an object not read from the API).
@@ -395,7 +433,8 @@ mod tests {
                         storage_class_name: None,
                     }),
                     foundation_db: foundation_db.then(|| FoundationDbStorage {
-                        cluster_file_secret: secret("fdb", "fdb.cluster"),
+                        cluster_file_secret: Some(secret("fdb", "fdb.cluster")),
+                        partitions: Vec::new(),
                         cluster_token_secret: secret("tok", "token"),
                     }),
                 },
@@ -439,7 +478,7 @@ mod tests {
 
     #[test]
     fn a_foundationdb_pod_gets_the_cluster_file_and_token_as_mounted_files_and_media_in_s3() {
-        let template = template(&cluster(true), Component::Media, vec![], None, SHUTDOWN);
+        let template = template(&cluster(true), Component::Media, vec![], None, SHUTDOWN).unwrap();
         let env = env(&template);
         assert_eq!(value(&env, "COURIER_STORE").as_deref(), Some("fdb"));
         assert_eq!(
@@ -496,7 +535,7 @@ mod tests {
             (Component::Sequencer, false, false, false),
             (Component::Fanout, false, false, false),
         ] {
-            let template = template(&cluster(true), component, vec![], None, SHUTDOWN);
+            let template = template(&cluster(true), component, vec![], None, SHUTDOWN).unwrap();
             let env = env(&template);
             assert_eq!(env.contains_key("COURIER_JWT_SECRET"), jwt, "{component:?}");
             assert_eq!(
@@ -532,7 +571,8 @@ mod tests {
 
     #[test]
     fn an_embedded_pod_has_no_foundationdb_settings_and_no_internal_port() {
-        let template = template(&cluster(false), Component::Server, vec![], None, SHUTDOWN);
+        let template =
+            template(&cluster(false), Component::Server, vec![], None, SHUTDOWN).unwrap();
         let env = env(&template);
         assert!(!env.contains_key("COURIER_STORE"));
         assert!(!env.contains_key("COURIER_FDB_CLUSTER_FILE"));
@@ -548,5 +588,132 @@ mod tests {
             container.args.as_deref(),
             Some(&["--log-format".to_owned(), "json".to_owned()][..])
         );
+    }
+
+    fn mounts(template: &PodTemplateSpec) -> Vec<(String, String)> {
+        let container = &template.spec.as_ref().unwrap().containers[0];
+        container
+            .volume_mounts
+            .iter()
+            .flatten()
+            .map(|m| (m.name.clone(), m.mount_path.clone()))
+            .collect()
+    }
+
+    fn volumes(template: &PodTemplateSpec) -> BTreeMap<String, Volume> {
+        template
+            .spec
+            .as_ref()
+            .unwrap()
+            .volumes
+            .iter()
+            .flatten()
+            .map(|v| (v.name.clone(), v.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn one_cluster_file_is_mounted_as_before_with_no_table() {
+        let template = template(&cluster(true), Component::Chat, vec![], None, SHUTDOWN).unwrap();
+        let env = env(&template);
+        assert!(!env.contains_key("COURIER_STORAGE_PARTITIONS"));
+        let mounts = mounts(&template);
+        let storage: Vec<&(String, String)> = mounts
+            .iter()
+            .filter(|(_, path)| path.starts_with("/etc/courier/"))
+            .collect();
+        assert_eq!(
+            storage,
+            [
+                &("fdb".to_owned(), "/etc/courier/fdb".to_owned()),
+                &("cluster-token".to_owned(), "/etc/courier/token".to_owned())
+            ]
+        );
+        let volumes = volumes(&template);
+        let fdb = volumes["fdb"].secret.as_ref().unwrap();
+        assert_eq!(fdb.secret_name.as_deref(), Some("fdb"));
+        assert_eq!(fdb.items.as_ref().unwrap()[0].key, "fdb.cluster");
+        assert_eq!(template.metadata.unwrap().annotations, None);
+    }
+
+    #[test]
+    fn partitioned_pods_mount_each_partitions_secret_and_the_table() {
+        let cluster = crate::render::fixtures::partitioned(cluster(true));
+        for component in [
+            Component::Gateway,
+            Component::Chat,
+            Component::Media,
+            Component::Push,
+            Component::Sequencer,
+            Component::Fanout,
+        ] {
+            let template = template(&cluster, component, vec![], None, SHUTDOWN).unwrap();
+            let env = env(&template);
+            assert_eq!(value(&env, "COURIER_STORE").as_deref(), Some("fdb"));
+            assert_eq!(
+                value(&env, "COURIER_STORAGE_PARTITIONS").as_deref(),
+                Some("/etc/courier/partitions/partitions.json"),
+                "{component:?}"
+            );
+            // The data plane refuses a cluster file given with a table.
+            assert!(!env.contains_key("COURIER_FDB_CLUSTER_FILE"));
+            assert_eq!(
+                value(&env, "COURIER_CLUSTER_TOKEN_FILE").as_deref(),
+                Some("/etc/courier/token/token")
+            );
+            let mounts = mounts(&template);
+            for (name, path) in [
+                ("fdb-0", "/etc/courier/fdb/0"),
+                ("fdb-1", "/etc/courier/fdb/1"),
+                ("storage-partitions", "/etc/courier/partitions"),
+                ("cluster-token", "/etc/courier/token"),
+            ] {
+                assert!(
+                    mounts.contains(&(name.to_owned(), path.to_owned())),
+                    "{name} at {path} in {mounts:?}"
+                );
+            }
+            assert!(!mounts.iter().any(|(name, _)| name == "fdb"));
+            let volumes = volumes(&template);
+            for (volume, secret, key) in [
+                ("fdb-0", "fdb-east", "fdb.cluster"),
+                ("fdb-1", "fdb-west", "west.cluster"),
+            ] {
+                let source = volumes[volume].secret.as_ref().unwrap();
+                assert_eq!(source.secret_name.as_deref(), Some(secret));
+                let item = &source.items.as_ref().unwrap()[0];
+                assert_eq!((item.key.as_str(), item.path.as_str()), (key, key));
+            }
+            let table = volumes["storage-partitions"].config_map.as_ref().unwrap();
+            assert_eq!(table.name, "prod-storage-partitions");
+        }
+    }
+
+    #[test]
+    fn a_changed_table_changes_the_pod_template() {
+        let digest = |cluster: &CourierCluster| {
+            let template = template(cluster, Component::Sequencer, vec![], None, SHUTDOWN).unwrap();
+            template.metadata.unwrap().annotations.unwrap()[partitions::TABLE_DIGEST_ANNOTATION]
+                .clone()
+        };
+        let before = crate::render::fixtures::partitioned(cluster(true));
+        let mut after = before.clone();
+        let fdb = after.spec.storage.foundation_db.as_mut().unwrap();
+        fdb.partitions[0].last_shard = 15;
+        fdb.partitions[1].first_shard = 16;
+        assert_ne!(digest(&before), digest(&after));
+        assert_eq!(digest(&before), digest(&before.clone()));
+    }
+
+    #[test]
+    fn no_pod_is_rendered_for_a_bad_table() {
+        let mut cluster = crate::render::fixtures::partitioned(cluster(true));
+        let fdb = cluster.spec.storage.foundation_db.as_mut().unwrap();
+        fdb.partitions[1].first_shard = 33;
+        let refused = template(&cluster, Component::Gateway, vec![], None, SHUTDOWN);
+        assert!(matches!(
+            refused,
+            Err(RenderError::Storage(partitions::StorageError::Gap { .. }))
+        ));
     }
 }

@@ -64,7 +64,7 @@ pub fn build(
         args,
         set.spec.sequencers.resources.clone(),
         SHUTDOWN,
-    );
+    )?;
     let meta = child_meta(
         &name,
         &namespace,
