@@ -31,7 +31,7 @@ pub mod drain;
 pub mod routes;
 
 use crate::drain::GatewayDrain;
-use crate::routes::{Delivery, Routes, SharedEvent, to_message};
+use crate::routes::{ConnectionHandle, Delivery, Routes, SharedEvent, to_message};
 use axum::extract::ws::{CloseFrame, Message, WebSocket, close_code};
 use courier_chat::devices::{Devices, Link};
 use courier_chat::{CatchUp, ChatBinding};
@@ -133,8 +133,8 @@ struct SendResult {
     outcome: Result<AppendOutcome, ApiError>,
 }
 
-struct Connection<'a> {
-    gateway: &'a Gateway,
+struct Connection {
+    gateway: Arc<Gateway>,
     who: Identity,
     encoding: Encoding,
     socket: WebSocket,
@@ -172,15 +172,22 @@ enum Exit {
 }
 
 impl Gateway {
-    /// Runs one connection until it ends.
-    pub async fn serve(&self, socket: WebSocket, who: Identity, encoding: Encoding) {
+    /// Runs one connection until it ends. The connection is built here, outside the returned
+    /// future: an `async fn` keeps its arguments for as long as it runs, so the socket and the
+    /// identity would be held twice by every idle connection (`docs/benchmarks.md`, "Idle
+    /// connection memory").
+    pub fn serve(
+        self: &Arc<Self>,
+        socket: WebSocket,
+        who: Identity,
+        encoding: Encoding,
+    ) -> impl Future<Output = ()> + Send + use<> {
         let (handle, deliveries) =
             self.routes
                 .register(&who.user, &who.device, self.limits.outbound_queue);
         self.metrics.connections.inc();
-        let user = who.user.clone();
-        let mut connection = Connection {
-            gateway: self,
+        let connection = Connection {
+            gateway: self.clone(),
             who,
             encoding,
             socket,
@@ -190,60 +197,80 @@ impl Gateway {
             frames: ConnectionLimit::new(self.limits.connection_frames),
             typing: ConnectionLimit::new(self.limits.connection_typing),
         };
-        let devices = Devices::new(self.store.clone());
-        let exit = match &self.cluster_routes {
-            Some(cluster) => {
-                let (store, node) = (&cluster.store, &cluster.node);
-                let added = store.add_route(&user, &handle.device, node, handle.id, now_ms());
-                match added.await {
-                    Ok(()) => connection.run(&devices, &deliveries, &handle).await,
-                    Err(e) => {
-                        tracing::warn!(user, error = %e, "could not record the device's route");
-                        Exit::Close(close_code::ERROR, "storage error; reconnect")
-                    }
-                }
-            }
-            None => connection.run(&devices, &deliveries, &handle).await,
-        };
-        if let Exit::Close(code, reason) = exit {
-            Box::pin(connection.close(code, reason)).await;
-        }
-        // An ack is not lost because the connection closed right after it.
-        if let Some(ack) = connection.ack.take() {
-            let _ = tokio::time::timeout(LAST_ACK_WAIT, ack).await;
-        }
-        let who = connection.who.clone();
-        drop(connection);
-        if let Err(e) = Box::pin(devices.seen(&who)).await {
-            tracing::warn!(user = %who.user, device = %who.device, error = %e, "could not record device activity");
-        }
-        if let Some(cluster) = &self.cluster_routes
-            && let Err(e) = cluster
-                .store
-                .remove_route(&user, &handle.device, &cluster.node, handle.id)
-                .await
-        {
-            tracing::warn!(user, error = %e, "could not clear the device's route; it is swept with this gateway's routes");
-        }
-        // Last: a draining server waits for its connections to leave the registry.
-        self.routes.unregister(&user, handle.id);
-        self.metrics.connections.dec();
+        connection.serve(handle, deliveries)
     }
 }
 
-impl Connection<'_> {
+impl Connection {
+    /// [`Gateway::serve`], once the connection is registered. An `async` block, not an
+    /// `async fn`: the latter moves its arguments into locals, and the future would hold the
+    /// connection twice.
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async fn would hold the connection twice"
+    )]
+    fn serve(
+        mut self,
+        handle: ConnectionHandle,
+        deliveries: flume::Receiver<Delivery>,
+    ) -> impl Future<Output = ()> + Send {
+        async move {
+            let gateway = self.gateway.clone();
+            let devices = Devices::new(gateway.store.clone());
+            let exit = match &gateway.cluster_routes {
+                Some(cluster) => {
+                    let (store, node) = (&cluster.store, &cluster.node);
+                    let user = &self.who.user;
+                    let added = store.add_route(user, &handle.device, node, handle.id, now_ms());
+                    match added.await {
+                        Ok(()) => self.run(&devices, &deliveries, &handle).await,
+                        Err(e) => {
+                            tracing::warn!(user, error = %e, "could not record the device's route");
+                            Exit::Close(close_code::ERROR, "storage error; reconnect")
+                        }
+                    }
+                }
+                None => self.run(&devices, &deliveries, &handle).await,
+            };
+            if let Exit::Close(code, reason) = exit {
+                Box::pin(self.close(code, reason)).await;
+            }
+            // An ack is not lost because the connection closed right after it.
+            if let Some(ack) = self.ack.take() {
+                let _ = tokio::time::timeout(LAST_ACK_WAIT, ack).await;
+            }
+            let who = self.who.clone();
+            drop(self);
+            if let Err(e) = Box::pin(devices.seen(&who)).await {
+                tracing::warn!(user = %who.user, device = %who.device, error = %e, "could not record device activity");
+            }
+            let user = &who.user;
+            if let Some(cluster) = &gateway.cluster_routes
+                && let Err(e) = cluster
+                    .store
+                    .remove_route(user, &handle.device, &cluster.node, handle.id)
+                    .await
+            {
+                tracing::warn!(user, error = %e, "could not clear the device's route; it is swept with this gateway's routes");
+            }
+            // Last: a draining server waits for its connections to leave the registry.
+            gateway.routes.unregister(user, handle.id);
+            gateway.metrics.connections.dec();
+        }
+    }
+
     async fn run(
         &mut self,
         devices: &Devices,
         deliveries: &flume::Receiver<Delivery>,
-        handle: &crate::routes::ConnectionHandle,
+        handle: &ConnectionHandle,
     ) -> Exit {
         let hello = ServerFrame::Hello(Hello {
             user: self.who.user.clone(),
             device: self.who.device.clone(),
             server_time_ms: now_ms(),
         });
-        if self.write(&hello).await.is_err() {
+        if self.write(hello).await.is_err() {
             return Exit::ClientGone;
         }
         // Registered before this check: an unlink either is seen here or closes the connection.
@@ -311,8 +338,11 @@ impl Connection<'_> {
         let _ = tokio::time::timeout(CLOSE_REPLY_WAIT, discard).await;
     }
 
-    async fn write(&mut self, frame: &ServerFrame) -> Result<(), Exit> {
-        self.write_message(to_message(self.encoding, frame)).await
+    /// Encodes `frame` at once and returns its write: the frame, hundreds of bytes, is not
+    /// kept in the connection's future while the write waits.
+    fn write(&mut self, frame: ServerFrame) -> impl Future<Output = Result<(), Exit>> + '_ {
+        let message = to_message(self.encoding, &frame);
+        self.write_message(message)
     }
 
     /// Buffers one message (written once the buffer is full, or at the next flush); a client
@@ -334,12 +364,23 @@ impl Connection<'_> {
         }
     }
 
-    async fn write_error(
+    fn write_error(
         &mut self,
         reference: Option<i64>,
         client_msg_id: Option<String>,
         e: ApiError,
-    ) -> Result<(), Exit> {
+    ) -> impl Future<Output = Result<(), Exit>> + '_ {
+        let frame = self.error_frame(reference, client_msg_id, e);
+        self.write(frame)
+    }
+
+    /// The `error` frame of `e`, counted.
+    fn error_frame(
+        &self,
+        reference: Option<i64>,
+        client_msg_id: Option<String>,
+        e: ApiError,
+    ) -> ServerFrame {
         self.gateway
             .metrics
             .errors
@@ -347,14 +388,13 @@ impl Connection<'_> {
                 code: e.code.as_str(),
             })
             .inc();
-        self.write(&ServerFrame::Error(ErrorFrame {
+        ServerFrame::Error(ErrorFrame {
             reference,
             code: e.code,
             message: e.message,
             client_msg_id,
             retry_after_ms: e.retry_after_ms,
-        }))
-        .await
+        })
     }
 
     fn on_read_error(&self, e: axum::Error) -> Exit {
@@ -379,7 +419,7 @@ impl Connection<'_> {
             self.on_sent(done).await?;
         }
         let _ = self
-            .write(&ServerFrame::Reconnect(Reconnect { after_ms }))
+            .write(ServerFrame::Reconnect(Reconnect { after_ms }))
             .await;
         Err(Exit::Close(close_code::AWAY, "server draining; reconnect"))
     }
@@ -502,7 +542,7 @@ impl Connection<'_> {
                 {
                     Ok(page) => {
                         if let Some(floor_seq) = page.trimmed {
-                            self.write(&ServerFrame::Trimmed(Trimmed {
+                            self.write(ServerFrame::Trimmed(Trimmed {
                                 conversation_id: fetch.conversation_id.clone(),
                                 floor_seq,
                             }))
@@ -514,7 +554,7 @@ impl Connection<'_> {
                             events: page.events,
                             head_seq: page.head_seq,
                         });
-                        self.write(&reply).await.map(Ok)
+                        self.write(reply).await.map(Ok)
                     }
                     Err(e) => Ok(Err(e)),
                 }
@@ -531,7 +571,7 @@ impl Connection<'_> {
                 }
             }
             ClientFrame::Ping(ping) => self
-                .write(&ServerFrame::Pong(Pong {
+                .write(ServerFrame::Pong(Pong {
                     reference: ping.reference,
                 }))
                 .await
@@ -565,7 +605,8 @@ impl Connection<'_> {
         }));
     }
 
-    async fn on_sent(&mut self, done: SendResult) -> Result<(), Exit> {
+    /// Answers a finished send with `sent` or `error`.
+    fn on_sent(&mut self, done: SendResult) -> impl Future<Output = Result<(), Exit>> + '_ {
         let SendResult {
             reference,
             client_msg_id,
@@ -573,7 +614,7 @@ impl Connection<'_> {
             started,
             outcome,
         } = done;
-        match outcome {
+        let frame = match outcome {
             Ok(outcome) => {
                 let metrics = &self.gateway.metrics;
                 metrics
@@ -587,7 +628,7 @@ impl Connection<'_> {
                 if upto.saturating_add(1) == outcome.seq {
                     *upto = outcome.seq;
                 }
-                self.write(&ServerFrame::Sent(Sent {
+                ServerFrame::Sent(Sent {
                     reference,
                     client_msg_id,
                     conversation_id,
@@ -595,16 +636,20 @@ impl Connection<'_> {
                     server_msg_id: outcome.server_msg_id,
                     ts_ms: outcome.ts_ms,
                     duplicate: outcome.duplicate,
-                }))
-                .await
+                })
             }
-            Err(e) => self.write_error(reference, Some(client_msg_id), e).await,
-        }
+            Err(e) => self.error_frame(reference, Some(client_msg_id), e),
+        };
+        self.write(frame)
     }
 
     async fn on_delivery(&mut self, delivery: Delivery) -> Result<(), Exit> {
         match delivery {
-            Delivery::Frame(frame) => self.write(&frame).await,
+            Delivery::Frame(frame) => {
+                let message = to_message(self.encoding, &frame);
+                drop(frame);
+                self.write_message(message).await
+            }
             Delivery::Event(shared) => self.on_live_event(shared).await,
         }
     }
@@ -700,7 +745,7 @@ impl Connection<'_> {
         }
         for range in &ranges {
             if let Some(floor_seq) = range.trimmed {
-                self.write(&ServerFrame::Trimmed(Trimmed {
+                self.write(ServerFrame::Trimmed(Trimmed {
                     conversation_id: range.conversation_id.clone(),
                     floor_seq,
                 }))
@@ -708,7 +753,7 @@ impl Connection<'_> {
             }
             self.stream_events(range, true).await?;
         }
-        self.write(&ServerFrame::SyncDone(SyncDone {})).await
+        self.write(ServerFrame::SyncDone(SyncDone {})).await
     }
 
     /// Writes the events of `range` its user may read from the store; `own` also includes the
@@ -732,7 +777,7 @@ impl Connection<'_> {
                 };
                 for event in events.into_iter().filter(|e| e.seq <= through) {
                     if own || !self.is_own(&event) {
-                        self.write(&ServerFrame::Event(event)).await?;
+                        self.write(ServerFrame::Event(event)).await?;
                     }
                 }
                 after = last;

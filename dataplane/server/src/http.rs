@@ -222,7 +222,7 @@ async fn websocket(
         .into_response();
     };
     let gateway = state.gateway.clone();
-    upgrade.on_upgrade(move |socket| async move { gateway.serve(socket, who, encoding).await })
+    upgrade.on_upgrade(move |socket| gateway.serve(socket, who, encoding))
 }
 
 async fn conversations(
