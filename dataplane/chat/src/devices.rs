@@ -28,6 +28,9 @@ pub struct Devices {
     store: MessageStore,
 }
 
+/// How far behind a device's recorded last activity may be (`last_seen_ms` is to the minute).
+pub const SEEN_RESOLUTION_MS: u64 = 60_000;
+
 impl Devices {
     pub fn new(store: MessageStore) -> Self {
         Self { store }
@@ -55,11 +58,19 @@ impl Devices {
     }
 
     /// Records that the device is active now (creating its record on its first connection),
-    /// unless the device was unlinked after `who`'s token was issued.
+    /// unless the device was unlinked after `who`'s token was issued. A device recorded active
+    /// less than [`SEEN_RESOLUTION_MS`] ago with this token is only read: a reconnect storm
+    /// reads device records instead of committing one per device.
     pub async fn seen(&self, who: &Identity) -> Result<Link, StoreError> {
         let (issued, now) = (who.issued_at_ms, now_ms());
         let seen = |record: Option<&DeviceRecord>| match record {
             Some(r) if !r.accepts(issued) => None,
+            Some(r)
+                if r.token_issued_ms >= issued
+                    && now < r.last_seen_ms.saturating_add(SEEN_RESOLUTION_MS) =>
+            {
+                None
+            }
             Some(r) => Some(DeviceRecord {
                 last_seen_ms: r.last_seen_ms.max(now),
                 token_issued_ms: r.token_issued_ms.max(issued),
@@ -214,14 +225,60 @@ mod tests {
     #[tokio::test]
     async fn a_reconnect_does_not_undo_a_concurrent_unlink() {
         let store = unlink_races_next_commit().await;
+        // A newer token: the reconnect writes its record.
         let seen = Devices::new(store.clone())
-            .seen(&phone(1_000))
+            .seen(&phone(2_000))
             .await
             .unwrap();
         assert_eq!(seen, Link::Unlinked, "the connection learns of the unlink");
         let record = store.device("alice", "phone").await.unwrap().unwrap();
         assert!(!record.is_linked(), "still unlinked: {record:?}");
-        assert!(!record.accepts(1_000));
+        assert!(!record.accepts(2_000));
+    }
+
+    #[tokio::test]
+    async fn a_device_seen_a_moment_ago_is_read_not_written_and_an_unlink_still_counts() {
+        let engine = FaultyEngine::new();
+        let store = engine.store(8).await;
+        let devices = Devices::new(store.clone());
+        assert_eq!(devices.seen(&phone(1_000)).await.unwrap(), Link::Linked);
+        let first = store.device("alice", "phone").await.unwrap().unwrap();
+        // Another connection of the same token a moment later: no commit at all (every
+        // commit fails meanwhile).
+        engine.set_fault(Some(Box::new(|_| {
+            Some(StoreError::Engine("no commit expected".into()))
+        })));
+        assert_eq!(devices.seen(&phone(1_000)).await.unwrap(), Link::Linked);
+        engine.set_fault(None);
+        let again = store.device("alice", "phone").await.unwrap().unwrap();
+        assert_eq!(
+            again, first,
+            "the record is as the first connection left it"
+        );
+        // A newer token is recorded at once.
+        assert_eq!(devices.seen(&phone(3_000)).await.unwrap(), Link::Linked);
+        let newer = store.device("alice", "phone").await.unwrap().unwrap();
+        assert_eq!(newer.token_issued_ms, 3_000);
+        // Activity older than the resolution is recorded again.
+        let stale = now_ms() - SEEN_RESOLUTION_MS - 1;
+        let aged = |r: Option<&DeviceRecord>| {
+            r.map(|r| DeviceRecord {
+                last_seen_ms: stale,
+                ..r.clone()
+            })
+        };
+        store.update_device("alice", "phone", aged).await.unwrap();
+        devices.seen(&phone(3_000)).await.unwrap();
+        let seen = store.device("alice", "phone").await.unwrap().unwrap();
+        assert!(seen.last_seen_ms > stale, "{seen:?}");
+        // An unlink is seen by the read alone.
+        assert!(
+            store
+                .unlink_device("alice", "phone", now_ms())
+                .await
+                .unwrap()
+        );
+        assert_eq!(devices.seen(&phone(3_000)).await.unwrap(), Link::Unlinked);
     }
 
     #[tokio::test]
