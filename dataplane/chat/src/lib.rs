@@ -424,32 +424,46 @@ impl Chat {
         who: &Identity,
         overrides: &BTreeMap<String, u64>,
     ) -> Result<CatchUpPlan, ApiError> {
-        let cursors = self.store.device_cursors(&who.user, &who.device).await?;
+        // Every read at once, whatever the number of conversations: a remote store answers a
+        // device's connect in three round trips, not three per conversation.
+        let (cursors, conversations) = tokio::try_join!(
+            self.store.device_cursors(&who.user, &who.device),
+            self.store.conversations_of(&who.user),
+        )?;
+        let candidates: Vec<(String, u64)> = conversations
+            .into_iter()
+            .filter_map(|conv| {
+                let cursor = overrides
+                    .get(&conv.conversation_id)
+                    .or_else(|| cursors.get(&conv.conversation_id))
+                    .copied()
+                    .unwrap_or(0);
+                let left = conv.left_seq.is_some_and(|left| cursor >= left);
+                (!left).then_some((conv.conversation_id, cursor))
+            })
+            .collect();
+        let ids: Vec<&str> = candidates.iter().map(|(id, _)| id.as_str()).collect();
+        let bounds = self.store.read_bounds(&who.user, &ids).await?;
         let mut plan = Vec::new();
         let mut resume = HashMap::new();
-        for conv in self.store.conversations_of(&who.user).await? {
-            let cursor = overrides
-                .get(&conv.conversation_id)
-                .or_else(|| cursors.get(&conv.conversation_id))
-                .copied()
-                .unwrap_or(0);
-            if conv.left_seq.is_some_and(|left| cursor >= left) {
-                continue;
-            }
-            let readable = self.readable(&conv.conversation_id, &who.user).await?;
+        for ((conversation_id, cursor), bounds) in candidates.into_iter().zip(bounds) {
+            let Some(record) = bounds.member else {
+                return Err(self.not_a_member(&conversation_id).await);
+            };
+            let readable = Readable {
+                record,
+                history_on_join: self.limits.history_on_join,
+                floor: bounds.floor,
+            };
             let visible = readable.visibility();
-            let head = self
-                .store
-                .head(&conv.conversation_id)
-                .await?
-                .min(visible.last());
+            let head = bounds.head.min(visible.last());
             // A client's cursor beyond the head would hold back the live events to come.
             let cursor = cursor.min(head);
             let trimmed = readable.trimmed_after(cursor);
-            resume.insert(conv.conversation_id.clone(), cursor);
+            resume.insert(conversation_id.clone(), cursor);
             if visible.ranges(cursor, head).next().is_some() || trimmed.is_some() {
                 plan.push(CatchUp {
-                    conversation_id: conv.conversation_id,
+                    conversation_id,
                     from: cursor,
                     head,
                     visible,
@@ -813,8 +827,9 @@ mod tests {
     use super::*;
     use courier_core::gateways::NoGateways;
     use courier_core::sequencing::{PendingTrim, SequencerError};
-    use courier_store::AppendOutcome;
     use courier_store::embedded::EmbeddedEngine;
+    use courier_store::ownership::Duty;
+    use courier_store::{AppendOutcome, HeadCache};
     use std::sync::Mutex;
     use tokio::sync::oneshot;
 
@@ -840,6 +855,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let kv = Arc::new(EmbeddedEngine::open(&dir.path().join("s")).unwrap());
         let store = MessageStore::open(kv, b"", 4).await.unwrap();
+        (dir, chat_on(store, sequencer, limits))
+    }
+
+    fn chat_on(store: MessageStore, sequencer: Arc<HeldSequencer>, limits: ChatLimits) -> Chat {
         let context = Context {
             store: store.clone(),
             gateways: Arc::new(NoGateways),
@@ -848,8 +867,7 @@ mod tests {
         };
         let receipts = ReceiptRelay::new(&context, 100);
         let storage = StorageHealth::new(store, None, 0, None, 0);
-        let chat = Chat::new(context, sequencer, receipts, limits, storage);
-        (dir, chat)
+        Chat::new(context, sequencer, receipts, limits, storage)
     }
 
     fn text_to(peer: &str, id: &str) -> courier_proto::Send {
@@ -861,6 +879,60 @@ mod tests {
             body: Body::Text("hi".into()),
             reply_to: None,
         }
+    }
+
+    /// A device's connect reads the store three times (its cursors and its conversations at
+    /// once, then every conversation's membership, floor and head in one call), not three
+    /// times per conversation: each read is a round trip to a remote store.
+    #[tokio::test]
+    async fn a_catch_up_plan_reads_the_store_in_three_calls_whatever_the_conversations() {
+        let engine = courier_store::faulty_engine::FaultyEngine::new();
+        let store = engine.store(4).await;
+        let leases = store
+            .acquire_shards(
+                Duty::Sequencing,
+                "test",
+                &[0, 1, 2, 3],
+                usize::MAX,
+                0,
+                u64::MAX,
+            )
+            .await
+            .unwrap();
+        let mut heads = HeadCache::default();
+        for i in 0..20 {
+            let conv = format!("d:{i}");
+            let peer = format!("peer{i}");
+            let sender = Sender {
+                user: peer.clone(),
+                device: "p".into(),
+            };
+            let append = Append {
+                create: Some(NewConversation::direct(&peer, "bob")),
+                ..Append::message(
+                    conv.clone(),
+                    sender,
+                    "m".into(),
+                    Body::Text("hi".into()),
+                    None,
+                )
+            };
+            let lease = leases[store.shard_of(&conv) as usize];
+            let sent = store.append(lease, &mut heads, &[append]).await.unwrap();
+            assert!(sent[0].is_ok(), "{sent:?}");
+        }
+        let chat = chat_on(store, Arc::default(), ChatLimits::default());
+        let bob = Identity {
+            user: "bob".into(),
+            device: "phone".into(),
+            issued_at_ms: 0,
+        };
+        let before = engine.read_calls();
+        let (plan, resume) = chat.catch_up_plan(&bob, &BTreeMap::new()).await.unwrap();
+        assert_eq!(engine.read_calls() - before, 3);
+        assert_eq!(plan.len(), 20, "one message to catch up in each");
+        assert!(plan.iter().all(|c| (c.from, c.head) == (0, 1)));
+        assert_eq!(resume.len(), 20);
     }
 
     #[tokio::test]

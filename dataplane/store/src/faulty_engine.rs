@@ -1,7 +1,8 @@
 //! A test engine: the embedded engine behind a switchable fault, a switchable batch limit and a
 //! hook run before the next commit, so that tests reach the error paths of the roles above the
 //! store (unknown commit outcomes, an overloaded engine, one shard's writes failing, batches
-//! over the engine's limit) and interleave a concurrent writer deterministically.
+//! over the engine's limit) and interleave a concurrent writer deterministically. It also counts
+//! the read calls made of it, as a store node would receive them.
 
 use crate::embedded::EmbeddedEngine;
 use crate::kv::{Batch, BatchLimits, CommitStamp, KeyValue};
@@ -10,6 +11,7 @@ use async_trait::async_trait;
 use std::future::Future;
 use std::ops::Range;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -22,6 +24,7 @@ pub struct FaultyEngine {
     fault: Mutex<Option<Fault>>,
     max_batch_bytes: Mutex<Option<usize>>,
     before_next_commit: Mutex<Option<BoxFuture<()>>>,
+    read_calls: AtomicU64,
     _dir: tempfile::TempDir,
 }
 
@@ -35,6 +38,7 @@ impl FaultyEngine {
             fault: Mutex::new(None),
             max_batch_bytes: Mutex::new(None),
             before_next_commit: Mutex::new(None),
+            read_calls: AtomicU64::new(0),
             _dir: dir,
         })
     }
@@ -55,6 +59,12 @@ impl FaultyEngine {
     /// concurrent writer between a read and the commit that depends on it.
     pub fn before_next_commit(&self, race: BoxFuture<()>) {
         *self.before_next_commit.lock().unwrap() = Some(race);
+    }
+
+    /// How many read calls (`get`, `get_many`, `range`, `ranges`) were made so far: each is
+    /// one round trip to a store node.
+    pub fn read_calls(&self) -> u64 {
+        self.read_calls.load(Ordering::Relaxed)
     }
 
     /// Refuses batches above `bytes` from now on, and says so in [`KvEngine::limits`].
@@ -79,7 +89,13 @@ pub fn touches(batch: &Batch, range: &Range<Vec<u8>>) -> bool {
 #[async_trait]
 impl KvEngine for FaultyEngine {
     async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.read_calls.fetch_add(1, Ordering::Relaxed);
         self.inner.get(key).await
+    }
+
+    async fn get_many(&self, keys: Vec<Vec<u8>>) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        self.read_calls.fetch_add(1, Ordering::Relaxed);
+        self.inner.get_many(keys).await
     }
 
     async fn range(
@@ -88,7 +104,17 @@ impl KvEngine for FaultyEngine {
         limit: usize,
         reverse: bool,
     ) -> Result<Vec<KeyValue>, StoreError> {
+        self.read_calls.fetch_add(1, Ordering::Relaxed);
         self.inner.range(range, limit, reverse).await
+    }
+
+    async fn ranges(
+        &self,
+        ranges: Vec<Range<Vec<u8>>>,
+        limit: usize,
+    ) -> Result<Vec<Vec<KeyValue>>, StoreError> {
+        self.read_calls.fetch_add(1, Ordering::Relaxed);
+        self.inner.ranges(ranges, limit).await
     }
 
     async fn commit(&self, batch: Batch) -> Result<CommitStamp, StoreError> {

@@ -40,6 +40,6 @@ pub use membership::{MemberRecord, UserConversation, Visibility};
 pub use message_store::{
     Append, AppendKey, AppendOutcome, AppendRefused, AppendResult, ConversationRecord,
     DeviceRecord, HeadCache, MediaAdmission, MediaRecord, MessageStore, NewConversation,
-    OutboxRange, PUSH_EXPANSION_BYTES, PendingPush, PushIntent, ShardLease,
+    OutboxRange, PUSH_EXPANSION_BYTES, PendingPush, PushIntent, ReadBounds, ShardLease,
 };
 pub use partitions::{PartitionStore, PartitionTable, TableError};

@@ -74,6 +74,17 @@ impl DeviceRecord {
     }
 }
 
+/// What [`MessageStore::read_bounds`] reads of one conversation for one user.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReadBounds {
+    /// The user's membership record, current or former; `None` if it never belonged.
+    pub member: Option<MemberRecord>,
+    /// The lowest retained seq ([`MessageStore::floor`]).
+    pub floor: u64,
+    /// The highest seq ([`MessageStore::head`]).
+    pub head: u64,
+}
+
 /// One user's upload (the bytes live in object storage under their sha256, shared by every
 /// record of the same bytes). A record never changes but for `created_ms`, so the type served
 /// for an id is the one its uploader gave.
@@ -1610,6 +1621,49 @@ impl MessageStore {
             .collect())
     }
 
+    /// For each of `convs`: `user`'s membership record, the lowest retained seq and the head,
+    /// with one read of every key (one call on a store node, whatever the number of
+    /// conversations), for a device's catch-up.
+    pub async fn read_bounds(
+        &self,
+        user: &str,
+        convs: &[&str],
+    ) -> Result<Vec<ReadBounds>, StoreError> {
+        let keys = convs
+            .iter()
+            .flat_map(|conv| {
+                [
+                    self.keys.member(conv, user),
+                    self.keys.floor(conv),
+                    self.keys.head(conv),
+                ]
+            })
+            .collect::<Vec<_>>();
+        let values = self.kv.get_many(keys.clone()).await?;
+        if values.len() != keys.len() {
+            return Err(StoreError::Engine(format!(
+                "{} keys asked, {} answered",
+                keys.len(),
+                values.len()
+            )));
+        }
+        keys.chunks(3)
+            .zip(values.chunks(3))
+            .map(|(keys, values)| {
+                let member = values[0]
+                    .as_deref()
+                    .map(MemberRecord::decode)
+                    .transpose()
+                    .map_err(|e| corrupt(&keys[0], e))?;
+                Ok(ReadBounds {
+                    member,
+                    floor: values[1].as_deref().map_or(1, decode_u64).max(1),
+                    head: values[2].as_deref().map_or(0, decode_u64),
+                })
+            })
+            .collect()
+    }
+
     /// The conversations `user` belongs to or has left, in id order.
     pub async fn conversations_of(&self, user: &str) -> Result<Vec<UserConversation>, StoreError> {
         let rows = self
@@ -2013,6 +2067,51 @@ mod tests {
 
     fn change(users: &[&str]) -> MembershipChange {
         MembershipChange::new(users.iter().map(|u| u.to_string()).collect())
+    }
+
+    #[tokio::test]
+    async fn read_bounds_reads_every_conversation_in_one_call() {
+        let engine = crate::faulty_engine::FaultyEngine::new();
+        let store = engine.store(8).await;
+        let lease = owner(&store, "g:1").await;
+        let mut heads = HeadCache::default();
+        let created = EventPayload::GroupCreated {
+            name: "g".into(),
+            members: vec!["alice".into(), "bob".into()],
+        };
+        let appends = [
+            by("alice", "c", created),
+            by("alice", "r", EventPayload::MemberRemoved(change(&["bob"]))),
+        ];
+        let results = store.append(lease, &mut heads, &appends).await.unwrap();
+        assert!(results.iter().all(Result::is_ok), "{results:?}");
+        let lease = owner(&store, "d:1").await;
+        let sent = store
+            .append(lease, &mut heads, &[message("d:1", "p", "m")])
+            .await
+            .unwrap();
+        assert!(sent[0].is_ok());
+        let before = engine.read_calls();
+        let bounds = store
+            .read_bounds("bob", &["g:1", "d:1", "g:9"])
+            .await
+            .unwrap();
+        assert_eq!(engine.read_calls() - before, 1, "one call for all");
+        let expected = [
+            ("g:1", store.member("g:1", "bob").await.unwrap(), 2),
+            ("d:1", store.member("d:1", "bob").await.unwrap(), 1),
+            ("g:9", None, 0),
+        ];
+        for (bounds, (conv, member, head)) in bounds.iter().zip(expected) {
+            assert_eq!(bounds.member, member, "{conv}");
+            assert_eq!(bounds.head, head, "{conv}");
+            assert_eq!(bounds.floor, 1, "{conv}");
+        }
+        assert!(
+            !bounds[0].member.as_ref().unwrap().is_member(),
+            "bob left g:1"
+        );
+        assert!(bounds[1].member.as_ref().unwrap().is_member());
     }
 
     #[tokio::test]
