@@ -473,6 +473,14 @@ fn partitioned() -> CourierCluster {
     cluster
 }
 
+/// [`partitioned`] with its second partition changed by `change`.
+fn partitioned_with(change: impl FnOnce(&mut StoragePartition)) -> CourierCluster {
+    let mut cluster = partitioned();
+    let fdb = cluster.spec.storage.foundation_db.as_mut().unwrap();
+    change(&mut fdb.partitions[1]);
+    cluster
+}
+
 #[tokio::test]
 async fn a_partitioned_cluster_applies_its_table_before_the_pods_that_mount_it() {
     let data_plane = Arc::new(FakeDataPlane::default());
@@ -555,15 +563,7 @@ async fn a_partitioned_cluster_applies_its_table_before_the_pods_that_mount_it()
 #[tokio::test]
 async fn a_table_with_a_gap_renders_nothing_and_says_why_in_the_status() {
     let data_plane = Arc::new(FakeDataPlane::default());
-    let mut broken = partitioned();
-    broken
-        .spec
-        .storage
-        .foundation_db
-        .as_mut()
-        .unwrap()
-        .partitions[1]
-        .first_shard = 40;
+    let broken = partitioned_with(|p| p.first_shard = 40);
     // Only the status: no ConfigMap, no pool, no Deployment.
     let expected = vec![
         expect(
@@ -600,15 +600,7 @@ async fn a_table_with_a_gap_renders_nothing_and_says_why_in_the_status() {
 #[tokio::test]
 async fn a_gateway_pool_of_a_cluster_with_a_bad_table_applies_no_pod() {
     let data_plane = Arc::new(FakeDataPlane::default());
-    let mut broken = partitioned();
-    broken
-        .spec
-        .storage
-        .foundation_db
-        .as_mut()
-        .unwrap()
-        .partitions[1]
-        .last_shard = 64;
+    let broken = partitioned_with(|p| p.last_shard = 64);
     // It reads what it needs, then refuses to render: no Deployment is applied.
     let expected = vec![
         expect(

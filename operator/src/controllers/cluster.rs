@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::Action;
 
@@ -95,9 +96,7 @@ pub fn error_policy(_cluster: Arc<CourierCluster>, error: &Error, ctx: Arc<Conte
     retry_after_error(&ctx.metrics, CONTROLLER, error)
 }
 
-fn is_ready(
-    conditions: Option<&[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]>,
-) -> bool {
+fn is_ready(conditions: Option<&[Condition]>) -> bool {
     conditions.is_some_and(|conditions| {
         conditions
             .iter()
@@ -124,19 +123,23 @@ fn readiness(ready: bool) -> &'static str {
     if ready { "ready" } else { "not ready" }
 }
 
+/// The conditions `cluster`'s status holds now (none before its first status).
+fn previous_conditions(cluster: &CourierCluster) -> Vec<Condition> {
+    cluster
+        .status
+        .as_ref()
+        .map(|s| s.conditions.clone())
+        .unwrap_or_default()
+}
+
 /// The status of `cluster` given whether what it owns is ready (and why).
 fn status(
     cluster: &CourierCluster,
     (ready, message): (bool, String),
     now: Timestamp,
 ) -> CourierClusterStatus {
-    let previous = cluster
-        .status
-        .as_ref()
-        .map(|s| s.conditions.clone())
-        .unwrap_or_default();
     let generation = cluster.metadata.generation;
-    let conditions = Conditions::new(&previous, generation, now)
+    let conditions = Conditions::new(&previous_conditions(cluster), generation, now)
         .set(
             ConditionType::Ready,
             ready,
@@ -163,14 +166,9 @@ fn invalid_storage(
     problem: &StorageError,
     now: Timestamp,
 ) -> CourierClusterStatus {
-    let previous = cluster
-        .status
-        .as_ref()
-        .map(|s| s.conditions.clone())
-        .unwrap_or_default();
     let generation = cluster.metadata.generation;
     let message = format!("{problem}; nothing is rolled out until it is fixed");
-    let conditions = Conditions::new(&previous, generation, now)
+    let conditions = Conditions::new(&previous_conditions(cluster), generation, now)
         .set(ConditionType::Ready, false, "InvalidStorage", &message)
         .set(
             ConditionType::Progressing,
