@@ -133,11 +133,18 @@ impl Chat {
     /// member keeps what it could read while a member). Refused for a user who never belonged
     /// to the conversation.
     pub async fn readable(&self, conv: &str, user: &str) -> Result<Readable, ApiError> {
-        Ok(Readable {
-            record: self.member_record(conv, user).await?,
+        let record = self.member_record(conv, user).await?;
+        Ok(self.readable_with(record, self.store.floor(conv).await?))
+    }
+
+    /// What a member with `record` may read of a conversation whose lowest retained seq is
+    /// `floor`.
+    fn readable_with(&self, record: MemberRecord, floor: u64) -> Readable {
+        Readable {
+            record,
             history_on_join: self.limits.history_on_join,
-            floor: self.store.floor(conv).await?,
-        })
+            floor,
+        }
     }
 
     /// The membership record (current or former) of `user` in `conv`; refused for a user who
@@ -450,11 +457,7 @@ impl Chat {
             let Some(record) = bounds.member else {
                 return Err(self.not_a_member(&conversation_id).await);
             };
-            let readable = Readable {
-                record,
-                history_on_join: self.limits.history_on_join,
-                floor: bounds.floor,
-            };
+            let readable = self.readable_with(record, bounds.floor);
             let visible = readable.visibility();
             let head = bounds.head.min(visible.last());
             // A client's cursor beyond the head would hold back the live events to come.

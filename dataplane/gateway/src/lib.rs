@@ -49,6 +49,7 @@ use courier_store::{AppendOutcome, MessageStore};
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{SinkExt, StreamExt};
+use std::borrow::Borrow;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -340,8 +341,11 @@ impl Connection {
 
     /// Encodes `frame` at once and returns its write: the frame, hundreds of bytes, is not
     /// kept in the connection's future while the write waits.
-    fn write(&mut self, frame: ServerFrame) -> impl Future<Output = Result<(), Exit>> + '_ {
-        let message = to_message(self.encoding, &frame);
+    fn write(
+        &mut self,
+        frame: impl Borrow<ServerFrame>,
+    ) -> impl Future<Output = Result<(), Exit>> + '_ {
+        let message = to_message(self.encoding, frame.borrow());
         self.write_message(message)
     }
 
@@ -645,11 +649,7 @@ impl Connection {
 
     async fn on_delivery(&mut self, delivery: Delivery) -> Result<(), Exit> {
         match delivery {
-            Delivery::Frame(frame) => {
-                let message = to_message(self.encoding, &frame);
-                drop(frame);
-                self.write_message(message).await
-            }
+            Delivery::Frame(frame) => self.write(frame).await,
             Delivery::Event(shared) => self.on_live_event(shared).await,
         }
     }

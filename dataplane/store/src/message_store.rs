@@ -1639,22 +1639,23 @@ impl MessageStore {
                 ]
             })
             .collect::<Vec<_>>();
-        let values = self.kv.get_many(keys.clone()).await?;
-        if values.len() != keys.len() {
+        let asked = keys.len();
+        let values = self.kv.get_many(keys).await?;
+        if values.len() != asked {
             return Err(StoreError::Engine(format!(
-                "{} keys asked, {} answered",
-                keys.len(),
+                "{asked} keys asked, {} answered",
                 values.len()
             )));
         }
-        keys.chunks(3)
+        convs
+            .iter()
             .zip(values.chunks(3))
-            .map(|(keys, values)| {
+            .map(|(conv, values)| {
                 let member = values[0]
                     .as_deref()
                     .map(MemberRecord::decode)
                     .transpose()
-                    .map_err(|e| corrupt(&keys[0], e))?;
+                    .map_err(|e| corrupt(&self.keys.member(conv, user), e))?;
                 Ok(ReadBounds {
                     member,
                     floor: values[1].as_deref().map_or(1, decode_u64).max(1),
