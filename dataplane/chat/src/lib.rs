@@ -13,7 +13,7 @@ use crate::receipts::ReceiptRelay;
 use courier_core::auth::Identity;
 use courier_core::context::Context;
 use courier_core::error::ApiError;
-use courier_core::gateways::Gateways;
+use courier_core::gateways::{Gateways, Offer};
 use courier_core::limits::{KeyedLimit, Rate};
 use courier_core::membership::MembershipCache;
 use courier_core::metrics::{Metrics, ScopeLabel};
@@ -493,12 +493,16 @@ impl Chat {
             user: who.user.clone(),
             active: typing.active,
         }));
-        let others: Vec<&str> = members
+        let users: Vec<&str> = members
             .iter()
             .map(String::as_str)
             .filter(|member| *member != who.user)
             .collect();
-        let dropped: usize = self.gateways.offer(&others, &frame).iter().sum();
+        let dropped: usize = self
+            .gateways
+            .offer(&[Offer { users, frame }])
+            .values()
+            .sum();
         self.metrics.typing_dropped.inc_by(dropped as u64);
         Ok(())
     }

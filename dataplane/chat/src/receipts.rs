@@ -18,7 +18,7 @@
 //! clients keep the highest cursors.
 
 use courier_core::context::Context;
-use courier_core::gateways::Gateways;
+use courier_core::gateways::{Gateways, Offer};
 use courier_core::loops::BackgroundLoops;
 use courier_core::membership::{Members, MembershipCache};
 use courier_proto::{Receipt, ServerFrame};
@@ -110,7 +110,7 @@ impl ReceiptRelay {
             pending.merge(older);
         }
         let targets = others(&members, &pending.receipt.user);
-        self.offer(pending, &targets);
+        self.offer(vec![(pending, targets)]);
         Ok(())
     }
 
@@ -137,32 +137,43 @@ impl ReceiptRelay {
         held
     }
 
-    /// Queues `pending` on the connections of `targets` (those it is still for) without ever
-    /// closing one; holds it for the users one of whose devices had no room. Returns whether it
-    /// was held.
-    fn offer(&self, mut pending: Pending, targets: &[&str]) -> bool {
-        let frame = Arc::new(ServerFrame::Receipt(pending.receipt.clone()));
-        let targets: Vec<&str> = targets
-            .iter()
-            .copied()
-            .filter(|target| {
-                pending
-                    .only
-                    .as_ref()
-                    .is_none_or(|only| only.contains(*target))
+    /// Queues each pending receipt on the connections of its targets (those it is still for),
+    /// all in one offer (a device gets every receipt for it as one delivery), without ever
+    /// closing one; holds each for the users one of whose devices had no room. Returns whether
+    /// some were held.
+    fn offer(&self, batch: Vec<(Pending, Vec<&str>)>) -> bool {
+        let (pendings, offers): (Vec<Pending>, Vec<Offer>) = batch
+            .into_iter()
+            .map(|(pending, targets)| {
+                let users = targets
+                    .into_iter()
+                    .filter(|target| {
+                        pending
+                            .only
+                            .as_ref()
+                            .is_none_or(|only| only.contains(*target))
+                    })
+                    .collect();
+                let frame = Arc::new(ServerFrame::Receipt(pending.receipt.clone()));
+                (pending, Offer { users, frame })
             })
-            .collect();
-        let refused: BTreeSet<String> = targets
-            .iter()
-            .zip(self.gateways.offer(&targets, &frame))
-            .filter(|(_, refused)| *refused > 0)
-            .map(|(target, _)| target.to_string())
-            .collect();
+            .unzip();
+        let refused = self.gateways.offer(&offers);
         if refused.is_empty() {
             return false;
         }
-        pending.only = Some(refused);
-        self.hold(pending);
+        for (mut pending, offer) in pendings.into_iter().zip(&offers) {
+            let held: BTreeSet<String> = offer
+                .users
+                .iter()
+                .filter(|user| refused.contains_key(*user))
+                .map(|user| user.to_string())
+                .collect();
+            if !held.is_empty() {
+                pending.only = Some(held);
+                self.hold(pending);
+            }
+        }
         true
     }
 
@@ -208,12 +219,15 @@ impl ReceiptRelay {
         receipts: HashMap<String, Pending>,
     ) -> Result<bool, StoreError> {
         let members = self.membership.current(conv).await?;
-        let mut waiting = false;
         if members.len() <= self.coalesce_above {
-            for (user, pending) in receipts {
-                waiting |= self.offer(pending, &others(&members, &user));
-            }
-            return Ok(waiting);
+            let batch = receipts
+                .into_values()
+                .map(|pending| {
+                    let targets = others(&members, &pending.receipt.user);
+                    (pending, targets)
+                })
+                .collect();
+            return Ok(self.offer(batch));
         }
         let through = receipts.values().map(Pending::covered_through).max();
         let after = receipts.values().map(|p| p.covered_after).min();
@@ -236,19 +250,22 @@ impl ReceiptRelay {
                     .or_insert_with(|| members.iter().any(|m| m == sender))
             })
             .collect();
-        for (user, pending) in receipts {
-            let first = senders.partition_point(|(seq, _)| *seq <= pending.covered_after);
-            let last = senders.partition_point(|(seq, _)| *seq <= pending.covered_through());
-            let mut targets: Vec<&str> = senders[first..last]
-                .iter()
-                .map(|(_, sender)| *sender)
-                .filter(|sender| *sender != user)
-                .collect();
-            targets.sort_unstable();
-            targets.dedup();
-            waiting |= self.offer(pending, &targets);
-        }
-        Ok(waiting)
+        let batch = receipts
+            .into_iter()
+            .map(|(user, pending)| {
+                let first = senders.partition_point(|(seq, _)| *seq <= pending.covered_after);
+                let last = senders.partition_point(|(seq, _)| *seq <= pending.covered_through());
+                let mut targets: Vec<&str> = senders[first..last]
+                    .iter()
+                    .map(|(_, sender)| *sender)
+                    .filter(|sender| *sender != user)
+                    .collect();
+                targets.sort_unstable();
+                targets.dedup();
+                (pending, targets)
+            })
+            .collect();
+        Ok(self.offer(batch))
     }
 }
 

@@ -12,6 +12,7 @@
 use crate::membership::Members;
 use courier_proto::{Event, ServerFrame};
 use courier_store::StoreError;
+use std::collections::HashMap;
 use std::sync::Arc;
 
 /// A delivery that did not reach every gateway holding its recipients: hand it again.
@@ -34,10 +35,12 @@ pub trait Gateways: Send + Sync + 'static {
     /// event from the store once it has written what is queued.
     async fn deliver(&self, batch: Vec<(Event, Members)>) -> Result<(), DeliveryError>;
 
-    /// Offers a frame that may be lost (typing) or is retried by its sender (receipts) to
-    /// every connected device of each of `users`, only where it leaves room for events.
-    /// Returns, for each user in order, how many of their connections had no room for it.
-    fn offer(&self, users: &[&str], frame: &Arc<ServerFrame>) -> Vec<usize>;
+    /// Offers frames that may be lost (typing) or are retried by their sender (receipts), each
+    /// to every connected device of its users, only where they leave room for events. A device
+    /// takes every frame offered to it in one call, in order and as one delivery, or none: a
+    /// flush of 10,000 receipts for one sender is one delivery to it, not 10,000. Returns the
+    /// users with connections that took none, and how many such connections each has.
+    fn offer<'a>(&self, offers: &[Offer<'a>]) -> Refused<'a>;
 
     /// Closes the connections of `user`'s `device`, which was unlinked.
     fn unlinked(&self, user: &str, device: &str);
@@ -45,6 +48,15 @@ pub trait Gateways: Send + Sync + 'static {
     /// The devices of `user` connected now.
     async fn connected_devices(&self, user: &str) -> Result<Vec<String>, StoreError>;
 }
+
+/// A frame for every connected device of each of `users` ([`Gateways::offer`]).
+pub struct Offer<'a> {
+    pub users: Vec<&'a str>,
+    pub frame: Arc<ServerFrame>,
+}
+
+/// The users some of whose connections took no offered frame, with how many connections.
+pub type Refused<'a> = HashMap<&'a str, usize>;
 
 /// Gateways with no device connected: for a process that runs no gateway, and for tests of
 /// the roles that deliver.
@@ -56,8 +68,8 @@ impl Gateways for NoGateways {
         Ok(())
     }
 
-    fn offer(&self, users: &[&str], _frame: &Arc<ServerFrame>) -> Vec<usize> {
-        vec![0; users.len()]
+    fn offer<'a>(&self, _offers: &[Offer<'a>]) -> Refused<'a> {
+        Refused::new()
     }
 
     fn unlinked(&self, _user: &str, _device: &str) {}

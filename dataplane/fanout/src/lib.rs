@@ -805,8 +805,11 @@ mod tests {
             Ok(())
         }
 
-        fn offer(&self, users: &[&str], _: &Arc<courier_proto::ServerFrame>) -> Vec<usize> {
-            vec![0; users.len()]
+        fn offer<'a>(
+            &self,
+            _: &[courier_core::gateways::Offer<'a>],
+        ) -> courier_core::gateways::Refused<'a> {
+            courier_core::gateways::Refused::new()
         }
 
         fn unlinked(&self, _: &str, _: &str) {}

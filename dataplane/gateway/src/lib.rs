@@ -31,7 +31,7 @@ pub mod drain;
 pub mod routes;
 
 use crate::drain::GatewayDrain;
-use crate::routes::{ConnectionHandle, Delivery, Routes, SharedEvent, to_message};
+use crate::routes::{ConnectionHandle, Delivery, Routes, SharedEvent, Signals, to_message};
 use axum::extract::ws::{CloseFrame, Message, WebSocket, close_code};
 use courier_chat::devices::{Devices, Link};
 use courier_chat::{CatchUp, ChatBinding};
@@ -308,7 +308,7 @@ impl Connection {
                     }
                 }
                 Some(done) = self.pending.next() => self.on_sent(done).await,
-                Ok(delivery) = deliveries.recv_async() => self.on_delivery(delivery).await,
+                Ok(delivery) = deliveries.recv_async() => self.on_delivery(delivery, &handle.signals).await,
                 _ = handle.signals.lagged.notified() => {
                     Box::pin(self.refill(handle.signals.take_behind())).await
                 }
@@ -647,11 +647,22 @@ impl Connection {
         self.write(frame)
     }
 
-    async fn on_delivery(&mut self, delivery: Delivery) -> Result<(), Exit> {
+    async fn on_delivery(&mut self, delivery: Delivery, signals: &Signals) -> Result<(), Exit> {
         match delivery {
-            Delivery::Frame(frame) => self.write(frame).await,
+            Delivery::Frames(frames) => {
+                let written = self.write_all(&frames).await;
+                signals.wrote_offered(frames.len());
+                written
+            }
             Delivery::Event(shared) => self.on_live_event(shared).await,
         }
+    }
+
+    async fn write_all(&mut self, frames: &[Arc<ServerFrame>]) -> Result<(), Exit> {
+        for frame in frames {
+            self.write(&**frame).await?;
+        }
+        Ok(())
     }
 
     /// The highest seq of `conv` written to this connection or known to its device.

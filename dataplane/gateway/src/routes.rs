@@ -5,14 +5,14 @@
 
 use axum::extract::ws::Message;
 use courier_core::clock::now_ms;
-use courier_core::gateways::{DeliveryError, Gateways};
+use courier_core::gateways::{DeliveryError, Gateways, Offer, Refused};
 use courier_core::membership::Members;
 use courier_core::metrics::Metrics;
 use courier_proto::{Encoding, Event, Payload, ServerFrame};
 use courier_store::StoreError;
 use smallvec::SmallVec;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 use tokio::sync::Notify;
@@ -59,7 +59,8 @@ pub fn to_message(encoding: Encoding, frame: &ServerFrame) -> Message {
 #[derive(Clone)]
 pub enum Delivery {
     Event(Arc<SharedEvent>),
-    Frame(Arc<ServerFrame>),
+    /// Frames offered together ([`Gateways::offer`]), written in order.
+    Frames(Arc<[Arc<ServerFrame>]>),
 }
 
 /// What the registry and fanout tell a connection besides its deliveries.
@@ -78,6 +79,8 @@ pub struct Signals {
     pub lagged: Notify,
     /// Per conversation, the highest seq dropped since the connection last caught up.
     behind: Mutex<Vec<(String, u64)>>,
+    /// Offered frames queued and not yet written ([`ConnectionHandle::deliver_droppable`]).
+    offered: AtomicUsize,
 }
 
 /// One open connection, as the registry sees it.
@@ -118,13 +121,31 @@ impl ConnectionHandle {
         }
     }
 
-    /// Queues a frame that may be lost (typing) or is retried by its sender (receipts): only
-    /// while the queue is at most three quarters full. Returns whether it was queued.
-    pub fn deliver_droppable(&self, delivery: Delivery) -> bool {
+    /// Queues frames that may be lost (typing) or are retried by their sender (receipts), as
+    /// one delivery: only while the queue is at most three quarters full, and while the frames
+    /// offered and not yet written stay within three quarters of its capacity, or none are
+    /// (so a connection holds at most one batch above that, of at most a group's members).
+    /// Returns whether they were queued.
+    pub fn deliver_droppable(&self, frames: &Arc<[Arc<ServerFrame>]>) -> bool {
         // The queue is bounded (`Routes::register`), so its capacity is known.
         let capacity = self.queue.capacity().unwrap_or(usize::MAX);
-        capacity.saturating_sub(self.queue.len()) > capacity / DROPPABLE_HEADROOM
-            && self.queue.try_send(delivery).is_ok()
+        let limit = capacity - capacity / DROPPABLE_HEADROOM;
+        let offered = self.signals.offered.load(Ordering::Relaxed);
+        let room = self.queue.len() < limit && (offered == 0 || offered + frames.len() <= limit);
+        if !room {
+            return false;
+        }
+        self.signals
+            .offered
+            .fetch_add(frames.len(), Ordering::Relaxed);
+        let queued = self
+            .queue
+            .try_send(Delivery::Frames(frames.clone()))
+            .is_ok();
+        if !queued {
+            self.signals.wrote_offered(frames.len());
+        }
+        queued
     }
 
     /// Tells the connection that its device was unlinked: it closes.
@@ -162,6 +183,11 @@ impl Signals {
         }
         drop(behind);
         self.lagged.notify_one();
+    }
+
+    /// Called once `count` offered frames were written (or will never be).
+    pub fn wrote_offered(&self, count: usize) {
+        self.offered.fetch_sub(count, Ordering::Relaxed);
     }
 
     /// The conversations whose events were dropped, each with the highest seq dropped.
@@ -298,19 +324,28 @@ impl Gateways for Routes {
         Ok(())
     }
 
-    fn offer(&self, users: &[&str], frame: &Arc<ServerFrame>) -> Vec<usize> {
+    fn offer<'a>(&self, offers: &[Offer<'a>]) -> Refused<'a> {
+        let mut frames: HashMap<&'a str, Vec<Arc<ServerFrame>>> = HashMap::new();
+        for offer in offers {
+            for user in &offer.users {
+                frames.entry(user).or_default().push(offer.frame.clone());
+            }
+        }
         let connections = self.users.read().unwrap_or_else(|e| e.into_inner());
-        users
-            .iter()
-            .map(|user| {
-                connections
-                    .get(*user)
-                    .into_iter()
-                    .flatten()
-                    .filter(|c| !c.deliver_droppable(Delivery::Frame(frame.clone())))
-                    .count()
-            })
-            .collect()
+        let mut refused = Refused::new();
+        for (user, frames) in frames {
+            let frames: Arc<[Arc<ServerFrame>]> = frames.into();
+            let missed = connections
+                .get(user)
+                .into_iter()
+                .flatten()
+                .filter(|c| !c.deliver_droppable(&frames))
+                .count();
+            if missed > 0 {
+                refused.insert(user, missed);
+            }
+        }
+        refused
     }
 
     fn unlinked(&self, user: &str, device: &str) {
@@ -327,5 +362,88 @@ impl Gateways for Routes {
             .into_iter()
             .map(|connection| connection.device)
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use courier_proto::Receipt;
+
+    fn receipt(user: &str, seq: u64) -> Arc<ServerFrame> {
+        Arc::new(ServerFrame::Receipt(Receipt {
+            conversation_id: "g".into(),
+            user: user.into(),
+            delivered_seq: seq,
+            read_seq: 0,
+        }))
+    }
+
+    fn offers<'a>(to: &'a str, count: u64) -> Vec<Offer<'a>> {
+        (1..=count)
+            .map(|seq| Offer {
+                users: vec![to],
+                frame: receipt(&format!("member{seq}"), seq),
+            })
+            .collect()
+    }
+
+    fn frames(delivery: Delivery) -> Vec<u64> {
+        match delivery {
+            Delivery::Frames(frames) => frames
+                .iter()
+                .map(|frame| match frame.as_ref() {
+                    ServerFrame::Receipt(r) => r.delivered_seq,
+                    other => panic!("expected a receipt, got {other:?}"),
+                })
+                .collect(),
+            Delivery::Event(_) => panic!("expected frames, got an event"),
+        }
+    }
+
+    #[test]
+    fn a_flush_of_many_frames_for_one_device_is_one_delivery_in_order_whatever_its_queue() {
+        let routes = Routes::new(Arc::new(Metrics::new()));
+        let (_phone, phone) = routes.register("alice", "phone", 16);
+        let (_laptop, laptop) = routes.register("alice", "laptop", 16);
+        let refused = routes.offer(&offers("alice", 1000));
+        assert!(refused.is_empty(), "{refused:?}");
+        for queue in [phone, laptop] {
+            assert_eq!(queue.len(), 1, "one slot of the queue");
+            let delivery = queue.try_recv().unwrap();
+            assert_eq!(frames(delivery), (1..=1000).collect::<Vec<_>>());
+        }
+    }
+
+    #[test]
+    fn a_device_holds_one_large_batch_of_offered_frames_at_most_until_it_wrote_it() {
+        let routes = Routes::new(Arc::new(Metrics::new()));
+        let (handle, queue) = routes.register("alice", "phone", 16);
+        let (_bob, bob_queue) = routes.register("bob", "phone", 16);
+        assert!(routes.offer(&offers("alice", 100)).is_empty());
+        // Unwritten: a second batch is refused, and says for whom; small ones too, since the
+        // first is above three quarters of the queue. Another user's device is not affected.
+        let mut second = offers("alice", 100);
+        second.extend(offers("bob", 1));
+        let refused = routes.offer(&second);
+        assert_eq!(refused, Refused::from([("alice", 1)]));
+        assert_eq!(routes.offer(&offers("alice", 1)).get("alice"), Some(&1));
+        assert_eq!((queue.len(), bob_queue.len()), (1, 1));
+        // Written: the next batch is taken.
+        assert_eq!(frames(queue.try_recv().unwrap()).len(), 100);
+        handle.signals.wrote_offered(100);
+        assert!(routes.offer(&offers("alice", 100)).is_empty());
+    }
+
+    #[test]
+    fn offered_frames_leave_a_quarter_of_the_queue_to_events() {
+        let routes = Routes::new(Arc::new(Metrics::new()));
+        let (_handle, queue) = routes.register("alice", "phone", 16);
+        // Twelve small offers fill three quarters of the 16 slots; the thirteenth is refused.
+        for seq in 1..=12 {
+            assert!(routes.offer(&offers("alice", 1)).is_empty(), "offer {seq}");
+        }
+        assert_eq!(routes.offer(&offers("alice", 1)).get("alice"), Some(&1));
+        assert_eq!(queue.len(), 12);
     }
 }

@@ -32,10 +32,10 @@ use crate::proto::{
 };
 use crate::{ClusterToken, lazy_channel};
 use courier_core::clock::now_ms;
-use courier_core::gateways::{DeliveryError, Gateways};
+use courier_core::gateways::{DeliveryError, Gateways, Offer as GatewayOffer, Refused};
 use courier_core::membership::Members;
 use courier_core::sequencing::CommitListener;
-use courier_proto::{Encoding, Event, ServerFrame, pb};
+use courier_proto::{Encoding, Event, pb};
 use courier_store::leaders::Job;
 use courier_store::nodes::NodeRecord;
 use courier_store::ownership::Duty;
@@ -110,13 +110,14 @@ impl gateway_server::Gateway for GatewayService {
             .collect::<Result<Vec<_>, Status>>()?;
         // In-process delivery never fails.
         let _ = self.local.deliver(events).await;
-        let refused_offers = offers
+        let offers: Vec<GatewayOffer> = offers
             .iter()
-            .map(|(users, frame)| {
-                let users: Vec<&str> = users.iter().map(String::as_str).collect();
-                self.local.offer(&users, frame).iter().sum::<usize>() as u64
+            .map(|(users, frame)| GatewayOffer {
+                users: users.iter().map(String::as_str).collect(),
+                frame: frame.clone(),
             })
-            .sum();
+            .collect();
+        let refused_offers = self.local.offer(&offers).values().sum::<usize>() as u64;
         for unlink in request.unlinks {
             self.local.unlinked(&unlink.user, &unlink.device);
         }
@@ -276,7 +277,7 @@ impl ClusterGateways {
     fn send_in_background(
         &self,
         users: &[&str],
-        request: impl Fn(Vec<String>) -> DeliverRequest + Send + 'static,
+        request: impl Fn(&BTreeSet<String>) -> DeliverRequest + Send + 'static,
     ) -> bool {
         let Ok(permit) = self.offers.clone().try_acquire_owned() else {
             return false;
@@ -314,7 +315,7 @@ impl ClusterGateways {
                     continue;
                 };
                 if let Ok(mut client) = directory.gateway(address) {
-                    let call = client.deliver(request(users.into_iter().collect()));
+                    let call = client.deliver(request(&users));
                     if let Err(e) = tokio::time::timeout(CALL_TIMEOUT, call).await {
                         tracing::debug!(gateway, error = %e, "an offer timed out; dropped");
                     }
@@ -411,21 +412,42 @@ impl Gateways for ClusterGateways {
         futures::future::try_join_all(calls).await.map(drop)
     }
 
-    fn offer(&self, users: &[&str], frame: &Arc<ServerFrame>) -> Vec<usize> {
+    fn offer<'a>(&self, offers: &[GatewayOffer<'a>]) -> Refused<'a> {
         let mut refused = match &self.local {
-            Some((_, local)) => local.offer(users, frame),
-            None => vec![0; users.len()],
+            Some((_, local)) => local.offer(offers),
+            None => Refused::new(),
         };
-        let frame = pb::ServerFrame::from(frame.as_ref().clone()).encode_to_vec();
-        let sent = self.send_in_background(users, move |users| DeliverRequest {
-            offers: vec![Offer {
-                users,
-                frame: frame.clone(),
-            }],
+        let users: BTreeSet<&'a str> = offers
+            .iter()
+            .flat_map(|offer| offer.users.iter().copied())
+            .collect();
+        let encoded: Vec<(BTreeSet<String>, Vec<u8>)> = offers
+            .iter()
+            .map(|offer| {
+                let users = offer.users.iter().map(|user| user.to_string()).collect();
+                let frame = pb::ServerFrame::from(offer.frame.as_ref().clone()).encode_to_vec();
+                (users, frame)
+            })
+            .collect();
+        // Each gateway gets, in one call, the frames for the users connected there.
+        let users_vec: Vec<&str> = users.iter().copied().collect();
+        let sent = self.send_in_background(&users_vec, move |there| DeliverRequest {
+            offers: encoded
+                .iter()
+                .filter_map(|(users, frame)| {
+                    let users: Vec<String> = users.intersection(there).cloned().collect();
+                    (!users.is_empty()).then(|| Offer {
+                        users,
+                        frame: frame.clone(),
+                    })
+                })
+                .collect(),
             ..DeliverRequest::default()
         });
         if !sent {
-            refused.iter_mut().for_each(|refused| *refused += 1);
+            for user in users {
+                *refused.entry(user).or_default() += 1;
+            }
         }
         refused
     }
