@@ -24,6 +24,7 @@ pub async fn run_all(harness: &mut dyn EngineHarness) {
     atomic_batches(kv.as_ref()).await;
     fences(kv.as_ref()).await;
     atomic_max_and_add(&kv).await;
+    counters_follow_every_other_write(kv.as_ref()).await;
     versionstamps_follow_commit_order(kv.as_ref()).await;
     reopen_keeps_every_commit(harness, kv).await;
 }
@@ -223,6 +224,52 @@ pub async fn atomic_max_and_add(kv: &Arc<dyn KvEngine>) {
         expected_max,
         "MAX never lowers a value"
     );
+}
+
+/// `MAX` and `ADD` start from whatever the key holds, however it was last written: set,
+/// cleared, cleared with a range, or not at all by a refused commit.
+pub async fn counters_follow_every_other_write(kv: &dyn KvEngine) {
+    let counter = b"c/counter".to_vec();
+    let value = async || decode_u64(&kv.get(b"c/counter").await.unwrap().unwrap());
+    let commit = async |batch: &mut Batch| kv.commit(std::mem::take(batch)).await;
+    let mut batch = Batch::new();
+
+    commit(batch.max(counter.clone(), 5)).await.unwrap();
+    commit(batch.set(counter.clone(), 2u64.to_le_bytes().to_vec()))
+        .await
+        .unwrap();
+    commit(batch.max(counter.clone(), 4)).await.unwrap();
+    assert_eq!(
+        value().await,
+        4,
+        "MAX after a SET starts from the set value"
+    );
+
+    commit(batch.clear(counter.clone())).await.unwrap();
+    commit(batch.max(counter.clone(), 1)).await.unwrap();
+    assert_eq!(value().await, 1, "MAX after a CLEAR starts from nothing");
+
+    commit(batch.max(counter.clone(), 9)).await.unwrap();
+    commit(batch.clear_range(b"c/".to_vec()..b"c0".to_vec()))
+        .await
+        .unwrap();
+    commit(batch.add(counter.clone(), 2)).await.unwrap();
+    assert_eq!(value().await, 2, "ADD after a range clear starts from 0");
+
+    let refused = commit(
+        batch
+            .fence(b"c/fence".to_vec(), Some(b"absent".to_vec()))
+            .max(counter.clone(), 100),
+    )
+    .await;
+    assert!(matches!(refused, Err(StoreError::FenceChanged { .. })));
+    commit(batch.max(counter.clone(), 50)).await.unwrap();
+    assert_eq!(value().await, 50, "a refused MAX leaves nothing behind");
+
+    commit(batch.max(counter.clone(), 7).add(counter.clone(), 1))
+        .await
+        .unwrap();
+    assert_eq!(value().await, 51, "a batch sees its own counter writes");
 }
 
 fn stamped_key(prefix: &[u8], order: u16) -> Vec<u8> {
