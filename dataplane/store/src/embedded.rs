@@ -168,6 +168,17 @@ impl KvEngine for EmbeddedEngine {
         Ok(value.map(|v| v.to_vec()))
     }
 
+    /// One snapshot for every key, read in turn: no future, no snapshot of its own per key.
+    async fn get_many(&self, keys: Vec<Vec<u8>>) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        let snapshot = self.db.db.read_tx();
+        keys.iter()
+            .map(|key| {
+                let value = snapshot.get(&self.db.data, key).map_err(engine_error)?;
+                Ok(value.map(|v| v.to_vec()))
+            })
+            .collect()
+    }
+
     async fn range(
         &self,
         range: Range<Vec<u8>>,
