@@ -297,12 +297,12 @@ impl Chat {
     ) -> Result<(), ApiError> {
         let conv = &ack.conversation_id;
         ids::conversation_id(conv)?;
-        // Three independent reads at once: one round trip to a remote store, not three.
-        let (member, head, (before_delivered, before_read)) = tokio::try_join!(
-            self.member_record(conv, &who.user),
-            async { Ok(self.store.head(conv).await?) },
-            async { Ok(self.store.receipt(conv, &who.user).await?) },
-        )?;
+        // One read of the four keys: one call to a remote store.
+        let bounds = self.store.ack_bounds(conv, &who.user).await?;
+        let Some(member) = bounds.member else {
+            return Err(self.not_a_member(conv).await);
+        };
+        let (head, before_delivered, before_read) = (bounds.head, bounds.delivered, bounds.read);
         if ack.seq == 0 {
             return Err(ApiError::bad_request("seq must be 1 or more"));
         }

@@ -38,7 +38,7 @@ pub use keys::{Keys, Placement, ReceiptKind};
 pub use kv::{Batch, CommitStamp, KvEngine, StoreError};
 pub use membership::{MemberRecord, UserConversation, Visibility};
 pub use message_store::{
-    Append, AppendKey, AppendOutcome, AppendRefused, AppendResult, ConversationRecord,
+    AckBounds, Append, AppendKey, AppendOutcome, AppendRefused, AppendResult, ConversationRecord,
     DeviceRecord, HeadCache, MediaAdmission, MediaRecord, MessageStore, NewConversation,
     OutboxRange, PUSH_EXPANSION_BYTES, PendingPush, PushIntent, ReadBounds, ShardLease,
 };

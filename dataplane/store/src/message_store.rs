@@ -85,6 +85,18 @@ pub struct ReadBounds {
     pub head: u64,
 }
 
+/// What [`MessageStore::ack_bounds`] reads for one user's ack in one conversation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AckBounds {
+    /// The user's membership record, current or former; `None` if it never belonged.
+    pub member: Option<MemberRecord>,
+    /// The highest seq ([`MessageStore::head`]).
+    pub head: u64,
+    /// The user's receipt cursors ([`MessageStore::receipt`]).
+    pub delivered: u64,
+    pub read: u64,
+}
+
 /// One user's upload (the bytes live in object storage under their sha256, shared by every
 /// record of the same bytes). A record never changes but for `created_ms`, so the type served
 /// for an id is the one its uploader gave.
@@ -1651,18 +1663,51 @@ impl MessageStore {
             .iter()
             .zip(values.chunks(3))
             .map(|(conv, values)| {
-                let member = values[0]
-                    .as_deref()
-                    .map(MemberRecord::decode)
-                    .transpose()
-                    .map_err(|e| corrupt(&self.keys.member(conv, user), e))?;
                 Ok(ReadBounds {
-                    member,
+                    member: self.decode_member(conv, user, &values[0])?,
                     floor: values[1].as_deref().map_or(1, decode_u64).max(1),
                     head: values[2].as_deref().map_or(0, decode_u64),
                 })
             })
             .collect()
+    }
+
+    /// `user`'s membership record in `conv`, its head and the user's receipt cursors, for an
+    /// ack: one read of the four keys (one call on a store node), each a point read (see
+    /// [`MessageStore::receipt`]).
+    pub async fn ack_bounds(&self, conv: &str, user: &str) -> Result<AckBounds, StoreError> {
+        let keys = vec![
+            self.keys.member(conv, user),
+            self.keys.head(conv),
+            self.keys.receipt(conv, user, ReceiptKind::Delivered),
+            self.keys.receipt(conv, user, ReceiptKind::Read),
+        ];
+        let cursor = |value: &Option<Vec<u8>>| value.as_deref().map_or(0, decode_u64);
+        match self.kv.get_many(keys).await?.as_slice() {
+            [member, head, delivered, read] => Ok(AckBounds {
+                member: self.decode_member(conv, user, member)?,
+                head: cursor(head),
+                delivered: cursor(delivered),
+                read: cursor(read),
+            }),
+            other => Err(StoreError::Engine(format!(
+                "four keys asked, {} answered",
+                other.len()
+            ))),
+        }
+    }
+
+    fn decode_member(
+        &self,
+        conv: &str,
+        user: &str,
+        value: &Option<Vec<u8>>,
+    ) -> Result<Option<MemberRecord>, StoreError> {
+        value
+            .as_deref()
+            .map(MemberRecord::decode)
+            .transpose()
+            .map_err(|e| corrupt(&self.keys.member(conv, user), e))
     }
 
     /// The conversations `user` belongs to or has left, in id order.
@@ -2113,6 +2158,39 @@ mod tests {
             "bob left g:1"
         );
         assert!(bounds[1].member.as_ref().unwrap().is_member());
+    }
+
+    #[tokio::test]
+    async fn ack_bounds_reads_membership_head_and_receipts_in_one_call() {
+        let engine = crate::faulty_engine::FaultyEngine::new();
+        let store = engine.store(8).await;
+        let lease = owner(&store, "g:1").await;
+        let mut heads = HeadCache::default();
+        let created = EventPayload::GroupCreated {
+            name: "g".into(),
+            members: vec!["alice".into(), "bob".into()],
+        };
+        let added = EventPayload::MemberAdded(change(&["carol"]));
+        let appends = [by("alice", "c", created), by("alice", "a", added)];
+        let results = store.append(lease, &mut heads, &appends).await.unwrap();
+        assert!(results.iter().all(Result::is_ok), "{results:?}");
+        store
+            .acknowledge("bob", "phone", "g:1", 2, ReceiptKind::Delivered)
+            .await
+            .unwrap();
+        let before = engine.read_calls();
+        let bob = store.ack_bounds("g:1", "bob").await.unwrap();
+        assert_eq!(
+            engine.read_calls() - before,
+            1,
+            "one call for the four keys"
+        );
+        assert_eq!(bob.member, store.member("g:1", "bob").await.unwrap());
+        assert!(bob.member.unwrap().is_member());
+        assert_eq!((bob.head, bob.delivered, bob.read), (2, 2, 0));
+        let stranger = store.ack_bounds("g:1", "mallory").await.unwrap();
+        assert_eq!(stranger.member, None);
+        assert_eq!((stranger.delivered, stranger.read), (0, 0));
     }
 
     #[tokio::test]
