@@ -99,31 +99,40 @@ struct IntentPage {
 #[derive(Default)]
 struct DeviceLookups(HashMap<String, Vec<String>>);
 
+/// Users whose device records one store call reads, at most.
+const LOOKUPS_PER_READ: usize = 1000;
+
 impl DeviceLookups {
-    /// `user`'s linked devices with a push registration that are not connected: the device
-    /// records first, as most users' devices have no registration or are all connected.
-    async fn offline_with_push(
+    /// Looks up those of `users` not looked up yet: their device records with one store call
+    /// per [`LOOKUPS_PER_READ`] users, then the connected devices of those with a push
+    /// registration (most users' devices have none, or are all connected).
+    async fn look_up(
         &mut self,
         notifier: &Notifier,
-        user: &str,
-    ) -> Result<Vec<String>, StoreError> {
-        if let Some(devices) = self.0.get(user) {
-            return Ok(devices.clone());
+        users: impl Iterator<Item = &str>,
+    ) -> Result<(), StoreError> {
+        let wanted: Vec<&str> = users.filter(|user| !self.0.contains_key(*user)).collect();
+        for chunk in wanted.chunks(LOOKUPS_PER_READ) {
+            let records = notifier.store.devices_of(chunk).await?;
+            for (user, records) in chunk.iter().zip(records) {
+                let mut devices: Vec<String> = records
+                    .into_iter()
+                    .filter(|(_, record)| !record.push_token.is_empty() && record.is_linked())
+                    .map(|(device, _)| device)
+                    .collect();
+                if !devices.is_empty() {
+                    let connected = notifier.gateways.connected_devices(user).await?;
+                    devices.retain(|device| !connected.contains(device));
+                }
+                self.0.insert((*user).to_owned(), devices);
+            }
         }
-        let mut devices: Vec<String> = notifier
-            .store
-            .devices(user)
-            .await?
-            .into_iter()
-            .filter(|(_, record)| !record.push_token.is_empty() && record.is_linked())
-            .map(|(device, _)| device)
-            .collect();
-        if !devices.is_empty() {
-            let connected = notifier.gateways.connected_devices(user).await?;
-            devices.retain(|device| !connected.contains(device));
-        }
-        self.0.insert(user.to_owned(), devices.clone());
-        Ok(devices)
+        Ok(())
+    }
+
+    /// `user`'s linked devices with a push registration that are not connected, as looked up.
+    fn offline_with_push(&self, user: &str) -> &[String] {
+        self.0.get(user).map_or(&[], Vec::as_slice)
     }
 }
 
@@ -391,12 +400,19 @@ impl Notifier {
             } else {
                 self.config.push_collapse
             };
-            for member in members.iter() {
-                if *member == intent.sender_user {
-                    continue;
-                }
-                for device in devices.offline_with_push(self, member).await? {
-                    let key = (member.clone(), device, intent.conversation_id.clone());
+            let others = || {
+                members
+                    .iter()
+                    .filter(|member| **member != intent.sender_user)
+            };
+            devices.look_up(self, others().map(String::as_str)).await?;
+            for member in others() {
+                for device in devices.offline_with_push(member) {
+                    let key = (
+                        member.clone(),
+                        device.clone(),
+                        intent.conversation_id.clone(),
+                    );
                     let entry = match pending.remove(&key) {
                         Some(entry) => Some(entry),
                         None => self.store.pending_push(&key.0, &key.1, &key.2).await?,
@@ -657,6 +673,17 @@ mod tests {
     /// A group of `members` with a push-registered, offline phone each, and one message from
     /// the first member.
     async fn group_with_a_message(store: &MessageStore, conv: &str, members: &[String]) {
+        group_with_a_message_and_push(store, conv, members, members).await;
+    }
+
+    /// A group of `members` with one message from the first, where the phones of `registered`
+    /// have a push registration.
+    async fn group_with_a_message_and_push(
+        store: &MessageStore,
+        conv: &str,
+        members: &[String],
+        registered: &[String],
+    ) {
         let sender = Sender {
             user: members[0].clone(),
             device: "phone".into(),
@@ -675,7 +702,7 @@ mod tests {
             },
         )
         .await;
-        futures::future::try_join_all(members.iter().map(|user| {
+        futures::future::try_join_all(registered.iter().map(|user| {
             store.update_device(user, "phone", move |record| {
                 let mut record = record.cloned().unwrap_or_default();
                 record.push_provider = "webhook".into();
@@ -759,6 +786,24 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
+    }
+
+    #[tokio::test]
+    async fn a_groups_device_records_are_read_in_one_call_whatever_its_members() {
+        let mut reads = Vec::new();
+        for size in [20, 400] {
+            let engine = FaultyEngine::new();
+            let store = engine.store(4).await;
+            let members: Vec<String> = (0..size).map(|i| format!("user{i:03}")).collect();
+            group_with_a_message_and_push(&store, "g:1", &members, &members[..2]).await;
+            let notifier = notifier(&store, PushProviders::default(), Duration::from_secs(3600));
+            let before = engine.read_calls();
+            let expanded = notifier.expand(vec![store.shard_of("g:1")]).await;
+            assert!(expanded.failed.is_empty() && !expanded.more);
+            reads.push(engine.read_calls() - before);
+            assert_eq!(counts(&store, "g:1", &members[..3]).await, [0, 1, 0]);
+        }
+        assert_eq!(reads[0], reads[1], "reads of 20 and 400 members: {reads:?}");
     }
 
     #[tokio::test]

@@ -185,22 +185,21 @@ impl KvEngine for EmbeddedEngine {
         limit: usize,
         reverse: bool,
     ) -> Result<Vec<KeyValue>, StoreError> {
-        if range.start >= range.end || limit == 0 {
-            return Ok(Vec::new());
-        }
         let snapshot = self.db.db.read_tx();
-        let iter = snapshot.range(&self.db.data, range);
-        let pair = |guard: fjall::Guard| {
-            guard
-                .into_inner()
-                .map(|(k, v)| (k.to_vec(), v.to_vec()))
-                .map_err(engine_error)
-        };
-        if reverse {
-            iter.rev().take(limit).map(pair).collect()
-        } else {
-            iter.take(limit).map(pair).collect()
-        }
+        read_range(&snapshot, &self.db.data, range, limit, reverse)
+    }
+
+    /// One snapshot for every range, read in turn.
+    async fn ranges(
+        &self,
+        ranges: Vec<Range<Vec<u8>>>,
+        limit: usize,
+    ) -> Result<Vec<Vec<KeyValue>>, StoreError> {
+        let snapshot = self.db.db.read_tx();
+        ranges
+            .into_iter()
+            .map(|range| read_range(&snapshot, &self.db.data, range, limit, false))
+            .collect()
     }
 
     async fn commit(&self, batch: Batch) -> Result<CommitStamp, StoreError> {
@@ -221,6 +220,31 @@ impl KvEngine for EmbeddedEngine {
 
     fn halted(&self) -> Option<String> {
         self.halted.get().cloned()
+    }
+}
+
+/// Up to `limit` pairs of `range` in `snapshot`, in key order (descending when `reverse`).
+fn read_range(
+    snapshot: &impl Readable,
+    data: &SingleWriterTxKeyspace,
+    range: Range<Vec<u8>>,
+    limit: usize,
+    reverse: bool,
+) -> Result<Vec<KeyValue>, StoreError> {
+    if range.start >= range.end || limit == 0 {
+        return Ok(Vec::new());
+    }
+    let iter = snapshot.range(data, range);
+    let pair = |guard: fjall::Guard| {
+        guard
+            .into_inner()
+            .map(|(k, v)| (k.to_vec(), v.to_vec()))
+            .map_err(engine_error)
+    };
+    if reverse {
+        iter.rev().take(limit).map(pair).collect()
+    } else {
+        iter.take(limit).map(pair).collect()
     }
 }
 

@@ -2,7 +2,7 @@
 //! (dense per-conversation seq, idempotency, outbox), reads, cursors and receipts.
 
 use crate::keys::{Keys, ReceiptKind, stable_hash};
-use crate::kv::{Batch, BatchLimits, KvEngine, Mutation, StoreError, decode_u64};
+use crate::kv::{Batch, BatchLimits, KeyValue, KvEngine, Mutation, StoreError, decode_u64};
 use crate::membership::{MemberRecord, UserConversation, encode_left_seq};
 use crate::ownership::Duty;
 use crate::partitions::{PartitionTable, PartitionedEngine};
@@ -1147,6 +1147,31 @@ impl MessageStore {
             .kv
             .range(self.keys.devices(user), usize::MAX, false)
             .await?;
+        self.decode_devices(&rows)
+    }
+
+    /// The devices of each of `users`, in the order asked, with one read (one call on a store
+    /// node).
+    pub async fn devices_of(
+        &self,
+        users: &[&str],
+    ) -> Result<Vec<Vec<(String, DeviceRecord)>>, StoreError> {
+        let ranges = users.iter().map(|user| self.keys.devices(user)).collect();
+        let answers = self.kv.ranges(ranges, usize::MAX).await?;
+        if answers.len() != users.len() {
+            return Err(StoreError::Engine(format!(
+                "{} users' devices asked, {} answered",
+                users.len(),
+                answers.len()
+            )));
+        }
+        answers
+            .iter()
+            .map(|rows| self.decode_devices(rows))
+            .collect()
+    }
+
+    fn decode_devices(&self, rows: &[KeyValue]) -> Result<Vec<(String, DeviceRecord)>, StoreError> {
         rows.iter()
             .map(|(k, v)| {
                 let device = self
