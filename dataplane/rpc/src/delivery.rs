@@ -421,6 +421,9 @@ impl Gateways for ClusterGateways {
             .iter()
             .flat_map(|offer| offer.users.iter().copied())
             .collect();
+        if users.is_empty() {
+            return refused;
+        }
         let encoded: Vec<(BTreeSet<String>, Vec<u8>)> = offers
             .iter()
             .map(|offer| {

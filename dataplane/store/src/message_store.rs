@@ -2140,22 +2140,26 @@ mod tests {
         MembershipChange::new(users.iter().map(|u| u.to_string()).collect())
     }
 
-    #[tokio::test]
-    async fn read_bounds_reads_every_conversation_in_one_call() {
-        let engine = crate::faulty_engine::FaultyEngine::new();
-        let store = engine.store(8).await;
-        let lease = owner(&store, "g:1").await;
+    /// `g:1` created by alice with bob (seq 1), then `then` by alice (seq 2).
+    async fn alice_and_bobs_group(store: &MessageStore, then: EventPayload) -> HeadCache {
+        let lease = owner(store, "g:1").await;
         let mut heads = HeadCache::default();
         let created = EventPayload::GroupCreated {
             name: "g".into(),
             members: vec!["alice".into(), "bob".into()],
         };
-        let appends = [
-            by("alice", "c", created),
-            by("alice", "r", EventPayload::MemberRemoved(change(&["bob"]))),
-        ];
+        let appends = [by("alice", "c", created), by("alice", "then", then)];
         let results = store.append(lease, &mut heads, &appends).await.unwrap();
         assert!(results.iter().all(Result::is_ok), "{results:?}");
+        heads
+    }
+
+    #[tokio::test]
+    async fn read_bounds_reads_every_conversation_in_one_call() {
+        let engine = crate::faulty_engine::FaultyEngine::new();
+        let store = engine.store(8).await;
+        let removed = EventPayload::MemberRemoved(change(&["bob"]));
+        let mut heads = alice_and_bobs_group(&store, removed).await;
         let lease = owner(&store, "d:1").await;
         let sent = store
             .append(lease, &mut heads, &[message("d:1", "p", "m")])
@@ -2189,16 +2193,7 @@ mod tests {
     async fn ack_bounds_reads_membership_head_and_receipts_in_one_call() {
         let engine = crate::faulty_engine::FaultyEngine::new();
         let store = engine.store(8).await;
-        let lease = owner(&store, "g:1").await;
-        let mut heads = HeadCache::default();
-        let created = EventPayload::GroupCreated {
-            name: "g".into(),
-            members: vec!["alice".into(), "bob".into()],
-        };
-        let added = EventPayload::MemberAdded(change(&["carol"]));
-        let appends = [by("alice", "c", created), by("alice", "a", added)];
-        let results = store.append(lease, &mut heads, &appends).await.unwrap();
-        assert!(results.iter().all(Result::is_ok), "{results:?}");
+        alice_and_bobs_group(&store, EventPayload::MemberAdded(change(&["carol"]))).await;
         store
             .acknowledge("bob", "phone", "g:1", 2, ReceiptKind::Delivered)
             .await
