@@ -417,10 +417,12 @@ impl Gateways for ClusterGateways {
             Some((_, local)) => local.offer(offers),
             None => Refused::new(),
         };
-        let users: BTreeSet<&'a str> = offers
+        let mut users: Vec<&'a str> = offers
             .iter()
             .flat_map(|offer| offer.users.iter().copied())
             .collect();
+        users.sort_unstable();
+        users.dedup();
         if users.is_empty() {
             return refused;
         }
@@ -433,8 +435,7 @@ impl Gateways for ClusterGateways {
             })
             .collect();
         // Each gateway gets, in one call, the frames for the users connected there.
-        let users_vec: Vec<&str> = users.iter().copied().collect();
-        let sent = self.send_in_background(&users_vec, move |there| DeliverRequest {
+        let sent = self.send_in_background(&users, move |there| DeliverRequest {
             offers: encoded
                 .iter()
                 .filter_map(|(users, frame)| {

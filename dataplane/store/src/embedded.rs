@@ -159,23 +159,14 @@ impl KvEngine for EmbeddedEngine {
     // Reads run on the caller's thread: they are served from memory and the block cache and
     // take microseconds; they never wait for the writer.
     async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        let value = self
-            .db
-            .db
-            .read_tx()
-            .get(&self.db.data, key)
-            .map_err(engine_error)?;
-        Ok(value.map(|v| v.to_vec()))
+        read_value(&self.db.db.read_tx(), &self.db.data, key)
     }
 
     /// One snapshot for every key, read in turn: no future, no snapshot of its own per key.
     async fn get_many(&self, keys: Vec<Vec<u8>>) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
         let snapshot = self.db.db.read_tx();
         keys.iter()
-            .map(|key| {
-                let value = snapshot.get(&self.db.data, key).map_err(engine_error)?;
-                Ok(value.map(|v| v.to_vec()))
-            })
+            .map(|key| read_value(&snapshot, &self.db.data, key))
             .collect()
     }
 
@@ -221,6 +212,16 @@ impl KvEngine for EmbeddedEngine {
     fn halted(&self) -> Option<String> {
         self.halted.get().cloned()
     }
+}
+
+/// The value of `key` in `snapshot`.
+fn read_value(
+    snapshot: &impl Readable,
+    data: &SingleWriterTxKeyspace,
+    key: &[u8],
+) -> Result<Option<Vec<u8>>, StoreError> {
+    let value = snapshot.get(data, key).map_err(engine_error)?;
+    Ok(value.map(|v| v.to_vec()))
 }
 
 /// Up to `limit` pairs of `range` in `snapshot`, in key order (descending when `reverse`).
