@@ -42,7 +42,9 @@ use courier_core::sequencing::{
 };
 use courier_proto::{EventPayload, ids};
 use courier_store::ownership::Duty;
-use courier_store::{Append, AppendOutcome, HeadCache, MessageStore, ShardLease, StoreError};
+use courier_store::{
+    Append, AppendOutcome, Appended, HeadCache, MessageStore, ShardLease, StoreError,
+};
 use futures::future::BoxFuture;
 use outbox_lag::{DEFAULT_OUTBOX_LAG_LIMIT, OUTBOX_LAG_ROUND, OutboxWatch};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering as AtomicOrdering};
@@ -651,7 +653,7 @@ impl ShardActor {
             let started = std::time::Instant::now();
             let result = self
                 .store
-                .append(self.lease, &mut self.heads, &appends)
+                .append_stamped(self.lease, &mut self.heads, &appends)
                 .await;
             self.metrics
                 .stages
@@ -664,7 +666,7 @@ impl ShardActor {
                     parts.push(second);
                     parts.push(part);
                 }
-                Ok(results) => {
+                Ok(Appended { results, stamp }) => {
                     let new = results
                         .iter()
                         .filter(|r| r.as_ref().is_ok_and(|o| !o.duplicate))
@@ -680,7 +682,7 @@ impl ShardActor {
                         .get_or_create(&ShardLabel { shard })
                         .inc_by(new as u64);
                     if new > 0 {
-                        self.outbox.committed(shard);
+                        self.outbox.committed(shard, stamp);
                         self.listener.committed(shard, new);
                     }
                 }
@@ -896,6 +898,60 @@ mod tests {
             .watch_outboxes_at(later + LIMIT.as_millis() as u64 + 1)
             .await
             .unwrap();
+        assert!(matches!(
+            seq_of(&sequencer, "m4").await,
+            Err(SequencerError::DeliveryBehind)
+        ));
+    }
+
+    /// A read of an outbox steps over every entry cleared since its start key (tombstones, on
+    /// the embedded engine): a round that finds the outbox empty starts the next one at this
+    /// node's last commit to it, not at the start of the outbox, and still finds what comes
+    /// after.
+    #[tokio::test]
+    async fn a_round_that_finds_an_outbox_empty_reads_on_from_the_last_commit() {
+        const LIMIT: Duration = Duration::from_secs(5);
+        let engine = FaultyEngine::new();
+        let store = engine.store(4).await;
+        let limits = SequencerLimits {
+            outbox_lag_limit: LIMIT,
+            ..SequencerLimits::default()
+        };
+        let sequencer = LocalSequencer::start(
+            store.clone(),
+            node("n1", Duration::from_secs(10)),
+            limits,
+            Arc::new(Listeners(Vec::new())),
+            Arc::new(Metrics::new()),
+        )
+        .await
+        .unwrap();
+        let shard = store.shard_of("d:1");
+        let outbox = store.keys().outbox(shard);
+        let read_from = || {
+            let read = engine.take_ranges_read().into_iter();
+            read.filter(|range| range.end == outbox.end)
+                .map(|range| range.start)
+                .collect::<Vec<_>>()
+        };
+        sequencer.watch_outboxes_at(now_ms()).await.unwrap();
+        let mut last_key = Vec::new();
+        for id in ["m1", "m2"] {
+            sequencer.submit(message("d:1", id, "x")).await.unwrap();
+            last_key = store.outbox(shard, None, 1).await.unwrap()[0].0.clone();
+            drain_outbox(&store, shard).await;
+        }
+        // Found empty, read from the start: the floor moves to the last commit.
+        read_from();
+        sequencer.watch_outboxes_at(now_ms()).await.unwrap();
+        assert_eq!(read_from(), std::slice::from_ref(&outbox.start));
+
+        let third = sequencer.submit(message("d:1", "m3", "x")).await.unwrap();
+        sequencer
+            .watch_outboxes_at(third.ts_ms + LIMIT.as_millis() as u64 + 1)
+            .await
+            .unwrap();
+        assert_eq!(read_from(), [last_key]);
         assert!(matches!(
             seq_of(&sequencer, "m4").await,
             Err(SequencerError::DeliveryBehind)

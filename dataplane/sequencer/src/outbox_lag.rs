@@ -24,6 +24,15 @@
 //! other). An idle node reads nothing; a node whose every shard is busy reads one entry per
 //! shard. The path of an append reads one flag in memory (the last round's verdict).
 //!
+//! **Where a read starts.** A read steps over every entry cleared since its start key (on the
+//! embedded engine each is a tombstone until a compaction), so the start key keeps up with
+//! the outbox: it is the oldest entry the last read found or, when that read found the outbox
+//! empty, the first key of the last commit this node made to it before the read
+//! ([`Keys::outbox_from`]): that commit's entries and all before them were cleared, and every
+//! later commit sorts after. Without the second rule a shard that fanout keeps empty was read
+//! from the start of its outbox at every round, stepping over every entry it ever cleared
+//! (7 % of a node's CPU at 2,000 msgs/s over 100 conversations).
+//!
 //! **Invariants.** Only this node commits to the outboxes of the shards it owns, so a shard
 //! found empty stays empty until this node commits to it: the commit marks it to be read.
 //! A shard just taken (from a dead or moved owner, maybe with an old outbox) is read at the
@@ -39,7 +48,7 @@
 use crate::lock;
 use courier_core::clock::now_ms;
 use courier_core::metrics::Metrics;
-use courier_store::{MessageStore, StoreError};
+use courier_store::{CommitStamp, MessageStore, StoreError};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -61,9 +70,18 @@ pub(crate) struct OutboxWatch {
     behind: Vec<AtomicBool>,
     /// Per shard: to be read at the next round.
     to_read: Vec<AtomicBool>,
-    /// Per shard: the oldest outbox key seen; the next read starts there. Outbox keys only
-    /// grow (they are commit versionstamps), whoever owns the shard.
-    floors: Mutex<Vec<Option<Vec<u8>>>>,
+    /// Per shard: where the next read starts, and this node's last commit to it.
+    floors: Mutex<Vec<Floor>>,
+}
+
+/// Where a shard's next read starts (module documentation). Outbox keys only grow (they are
+/// commit versionstamps), whoever owns the shard.
+#[derive(Debug, Clone, Default)]
+struct Floor {
+    /// The next read starts here (`None`: at the start of the outbox).
+    read_from: Option<Vec<u8>>,
+    /// The stamp of this node's last commit to the shard's outbox.
+    last_commit: Option<CommitStamp>,
 }
 
 impl OutboxWatch {
@@ -72,7 +90,7 @@ impl OutboxWatch {
             limit_ms: limit.as_millis() as u64,
             behind: (0..shards).map(|_| AtomicBool::new(false)).collect(),
             to_read: (0..shards).map(|_| AtomicBool::new(false)).collect(),
-            floors: Mutex::new(vec![None; shards]),
+            floors: Mutex::new(vec![Floor::default(); shards]),
         }
     }
 
@@ -81,8 +99,12 @@ impl OutboxWatch {
         self.behind[shard as usize].load(Ordering::Relaxed)
     }
 
-    /// Events were committed to `shard`'s outbox: read it at the next round.
-    pub(crate) fn committed(&self, shard: u32) {
+    /// Events were committed to `shard`'s outbox (by the commit of `stamp`, when known): read
+    /// it at the next round.
+    pub(crate) fn committed(&self, shard: u32, stamp: Option<CommitStamp>) {
+        if stamp.is_some() {
+            lock(&self.floors)[shard as usize].last_commit = stamp;
+        }
         self.to_read[shard as usize].store(true, Ordering::Relaxed);
     }
 
@@ -113,13 +135,19 @@ impl OutboxWatch {
             .copied()
             .filter(|&shard| self.to_read[shard as usize].swap(false, Ordering::Relaxed))
             .collect();
-        let from: Vec<(u32, Option<Vec<u8>>)> = {
+        // Taken before the read: the commits they name are in what the read sees.
+        let floors_before: Vec<Floor> = {
             let floors = lock(&self.floors);
             shards
                 .iter()
-                .map(|&shard| (shard, floors[shard as usize].clone()))
+                .map(|&shard| floors[shard as usize].clone())
                 .collect()
         };
+        let from: Vec<(u32, Option<Vec<u8>>)> = shards
+            .iter()
+            .zip(&floors_before)
+            .map(|(&shard, floor)| (shard, floor.read_from.clone()))
+            .collect();
         let oldest = match store.oldest_outbox_entries(&from).await {
             Ok(oldest) => oldest,
             Err(e) => {
@@ -131,19 +159,29 @@ impl OutboxWatch {
         };
         let mut floors = lock(&self.floors);
         let mut oldest_age_ms = 0;
-        for (shard, entry) in shards.iter().map(|&s| s as usize).zip(oldest) {
+        for ((&shard, entry), before) in shards.iter().zip(oldest).zip(floors_before) {
+            let index = shard as usize;
             let behind = match entry {
                 Some(entry) => {
                     let age_ms = now_ms.saturating_sub(entry.ts_ms);
                     oldest_age_ms = oldest_age_ms.max(age_ms);
-                    floors[shard] = Some(entry.key);
+                    floors[index].read_from = Some(entry.key);
                     // Still waiting: read again at the next round.
-                    self.to_read[shard].store(true, Ordering::Relaxed);
+                    self.to_read[index].store(true, Ordering::Relaxed);
                     age_ms > self.limit_ms
                 }
-                None => false,
+                None => {
+                    if let Some(stamp) = before.last_commit {
+                        let cleared = store.keys().outbox_from(shard, stamp);
+                        let floor = &mut floors[index].read_from;
+                        if floor.as_ref().is_none_or(|from| *from < cleared) {
+                            *floor = Some(cleared);
+                        }
+                    }
+                    false
+                }
             };
-            if self.behind[shard].swap(behind, Ordering::Relaxed) != behind {
+            if self.behind[index].swap(behind, Ordering::Relaxed) != behind {
                 match behind {
                     true => tracing::warn!(
                         shard,
@@ -176,3 +214,5 @@ impl OutboxWatch {
 
 #[cfg(doc)]
 use courier_core::sequencing::SequencerError;
+#[cfg(doc)]
+use courier_store::Keys;

@@ -2,7 +2,7 @@
 //! hook run before the next commit, so that tests reach the error paths of the roles above the
 //! store (unknown commit outcomes, an overloaded engine, one shard's writes failing, batches
 //! over the engine's limit) and interleave a concurrent writer deterministically. It also counts
-//! the read calls made of it, as a store node would receive them.
+//! the read calls made of it, as a store node would receive them, and keeps the ranges read.
 
 use crate::embedded::EmbeddedEngine;
 use crate::kv::{Batch, BatchLimits, CommitStamp, KeyValue};
@@ -25,6 +25,7 @@ pub struct FaultyEngine {
     max_batch_bytes: Mutex<Option<usize>>,
     before_next_commit: Mutex<Option<BoxFuture<()>>>,
     read_calls: AtomicU64,
+    ranges_read: Mutex<Vec<Range<Vec<u8>>>>,
     _dir: tempfile::TempDir,
 }
 
@@ -39,6 +40,7 @@ impl FaultyEngine {
             max_batch_bytes: Mutex::new(None),
             before_next_commit: Mutex::new(None),
             read_calls: AtomicU64::new(0),
+            ranges_read: Mutex::new(Vec::new()),
             _dir: dir,
         })
     }
@@ -65,6 +67,11 @@ impl FaultyEngine {
     /// one round trip to a store node.
     pub fn read_calls(&self) -> u64 {
         self.read_calls.load(Ordering::Relaxed)
+    }
+
+    /// The ranges read (`range`, `ranges`) since the last call, in the order asked.
+    pub fn take_ranges_read(&self) -> Vec<Range<Vec<u8>>> {
+        std::mem::take(&mut *self.ranges_read.lock().unwrap())
     }
 
     /// Refuses batches above `bytes` from now on, and says so in [`KvEngine::limits`].
@@ -105,6 +112,7 @@ impl KvEngine for FaultyEngine {
         reverse: bool,
     ) -> Result<Vec<KeyValue>, StoreError> {
         self.read_calls.fetch_add(1, Ordering::Relaxed);
+        self.ranges_read.lock().unwrap().push(range.clone());
         self.inner.range(range, limit, reverse).await
     }
 
@@ -114,6 +122,10 @@ impl KvEngine for FaultyEngine {
         limit: usize,
     ) -> Result<Vec<Vec<KeyValue>>, StoreError> {
         self.read_calls.fetch_add(1, Ordering::Relaxed);
+        self.ranges_read
+            .lock()
+            .unwrap()
+            .extend(ranges.iter().cloned());
         self.inner.ranges(ranges, limit).await
     }
 

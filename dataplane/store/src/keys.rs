@@ -39,6 +39,7 @@
 //! id) with their conversation's shard, `ngroups` with the shard it counts, and the rest in the
 //! directory (partition 0). `docs/decisions/0005-storage-partitions.md` says why.
 
+use crate::kv::CommitStamp;
 use crate::ownership::Duty;
 use foundationdb_tuple::{Subspace, Versionstamp};
 use std::ops::Range;
@@ -510,6 +511,13 @@ impl Keys {
     pub fn outbox_entry(&self, shard: u32, order: u16) -> Vec<u8> {
         self.root
             .pack_with_versionstamp(&("ob", shard, Versionstamp::incomplete(order)))
+    }
+
+    /// The first outbox key of `shard` that the commit of `stamp` wrote (or would have):
+    /// every entry of a later commit sorts after it.
+    pub fn outbox_from(&self, shard: u32, stamp: CommitStamp) -> Vec<u8> {
+        self.root
+            .pack(&("ob", shard, Versionstamp::complete(stamp, 0)))
     }
 
     pub fn outbox(&self, shard: u32) -> Range<Vec<u8>> {

@@ -2,7 +2,9 @@
 //! (dense per-conversation seq, idempotency, outbox), reads, cursors and receipts.
 
 use crate::keys::{Keys, ReceiptKind, stable_hash};
-use crate::kv::{Batch, BatchLimits, KeyValue, KvEngine, Mutation, StoreError, decode_u64};
+use crate::kv::{
+    Batch, BatchLimits, CommitStamp, KeyValue, KvEngine, Mutation, StoreError, decode_u64,
+};
 use crate::membership::{MemberRecord, UserConversation, encode_left_seq};
 use crate::ownership::Duty;
 use crate::partitions::{PartitionTable, PartitionedEngine};
@@ -333,6 +335,16 @@ pub struct AppendOutcome {
     pub duplicate: bool,
 }
 
+/// What [`MessageStore::append_stamped`] did.
+#[derive(Debug)]
+pub struct Appended {
+    /// Each append's result, in the order of the appends.
+    pub results: Vec<AppendResult>,
+    /// The stamp of the commit that wrote the new events; `None` when the batch wrote nothing
+    /// (every append a duplicate or refused).
+    pub stamp: Option<CommitStamp>,
+}
+
 /// Heads of the conversations a shard owner has touched, at most `capacity` of them: when
 /// full, the cache is emptied, and heads are read from the store again as their conversations
 /// are next appended to. Authoritative while the owner holds its lease, so appends need not
@@ -638,6 +650,18 @@ impl MessageStore {
         heads: &mut HeadCache,
         appends: &[Append],
     ) -> Result<Vec<AppendResult>, StoreError> {
+        Ok(self.append_stamped(lease, heads, appends).await?.results)
+    }
+
+    /// [`MessageStore::append`], also telling the stamp of the commit that wrote the batch's
+    /// new events: the shard's owner knows from it where the shard's outbox stood
+    /// ([`Keys::outbox_from`]).
+    pub async fn append_stamped(
+        &self,
+        lease: ShardLease,
+        heads: &mut HeadCache,
+        appends: &[Append],
+    ) -> Result<Appended, StoreError> {
         let ts_ms = now_ms();
         let ids: Vec<String> = appends.iter().map(|_| new_server_msg_id(ts_ms)).collect();
         let mut attempt = 0;
@@ -685,7 +709,7 @@ impl MessageStore {
         appends: &[Append],
         server_msg_ids: &[String],
         ts_ms: u64,
-    ) -> Result<Vec<AppendResult>, StoreError> {
+    ) -> Result<Appended, StoreError> {
         let mut batch = Batch::new();
         batch.fence(
             self.keys.shard_epoch(Duty::Sequencing, lease.shard),
@@ -783,16 +807,18 @@ impl MessageStore {
         for (conv, head) in &new_heads {
             batch.set(self.keys.head(conv), head.to_le_bytes().to_vec());
         }
-        if !batch.is_empty() {
-            self.kv.commit(batch).await?;
-        }
+        let stamp = match batch.is_empty() {
+            true => None,
+            false => Some(self.kv.commit(batch).await?),
+        };
         for (conv, head) in new_heads {
             heads.insert(conv, head);
         }
-        results
+        let results = results
             .into_iter()
             .map(|o| o.ok_or_else(|| StoreError::Engine("append without outcome".into())))
-            .collect()
+            .collect::<Result<_, _>>()?;
+        Ok(Appended { results, stamp })
     }
 
     /// Whether `append` may be sequenced after `head`, decided on the membership of its
