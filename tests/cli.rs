@@ -1,5 +1,5 @@
-//! The command line as a person uses it: `courier token`, public-key tokens, and two
-//! `courier chat` sessions exchanging a message and a photo.
+//! The command line as a person uses it: `courier token`, public-key tokens, the runtime's
+//! worker threads, and two `courier chat` sessions exchanging a message and a photo.
 
 mod support;
 
@@ -56,6 +56,26 @@ async fn courier_token_mints_tokens_the_server_accepts() {
         .output()
         .unwrap();
     assert!(!refused.status.success(), "invalid user ids are refused");
+}
+
+/// `--worker-threads` sets how many threads run the roles' tasks (`/metrics` says how many
+/// run); zero is refused before anything starts.
+#[tokio::test]
+async fn worker_threads_sets_the_runtime_and_zero_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    for workers in ["1", "3"] {
+        let server = Server::start_in(dir.path(), &["--worker-threads", workers]);
+        let running = server.metric("courier_runtime_worker_threads").await;
+        assert_eq!(running.to_string(), workers);
+    }
+    let refused = Command::new(env!("CARGO_BIN_EXE_courier"))
+        .args(["serve", "--worker-threads", "0", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("--worker-threads"), "{stderr}");
 }
 
 #[tokio::test]

@@ -94,6 +94,7 @@ pub struct Metrics {
     /// `delivered`: the device had the messages before the notification was due).
     pub push_notifications: Family<OutcomeLabel, Counter>,
     resident_memory: Gauge,
+    worker_threads: Gauge,
 }
 
 impl Metrics {
@@ -130,6 +131,7 @@ impl Metrics {
             media_swept: Counter::default(),
             push_notifications: Family::default(),
             resident_memory: Gauge::default(),
+            worker_threads: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -267,6 +269,11 @@ impl Metrics {
             "Resident memory of this process",
             metrics.resident_memory.clone(),
         );
+        registry.register(
+            "runtime_worker_threads",
+            "Threads running the roles' tasks (--worker-threads)",
+            metrics.worker_threads.clone(),
+        );
         Self {
             registry,
             ..metrics
@@ -276,6 +283,10 @@ impl Metrics {
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         self.resident_memory.set(resident_memory_bytes());
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            self.worker_threads
+                .set(runtime.metrics().num_workers() as i64);
+        }
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

@@ -25,6 +25,7 @@ mod store_node;
 use clap::{Parser, Subcommand, ValueEnum};
 use courier_core::auth;
 use std::io::IsTerminal;
+use std::num::NonZeroUsize;
 
 /// mimalloc instead of the system allocator: the server allocates per frame and per commit
 /// from many threads, where glibc malloc took ~20% of the CPU under load (docs/benchmarks.md).
@@ -51,6 +52,13 @@ struct Cli {
         default_value = "auto"
     )]
     log_format: LogFormat,
+    /// Threads that run the roles' tasks (tokio's workers); the embedded store's writer and
+    /// compaction threads come on top. Default: one per CPU this process may use. Fewer
+    /// workers than CPUs spend less CPU per message under a light load, where the workers
+    /// would wake each other across cores; more keep the tail lower near capacity
+    /// (`docs/operations.md`, "Worker threads").
+    #[arg(long, global = true, env = "COURIER_WORKER_THREADS")]
+    worker_threads: Option<NonZeroUsize>,
     #[command(subcommand)]
     command: Command,
 }
@@ -105,7 +113,11 @@ enum Command {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let json = init_logging(cli.log_format);
-    let result = tokio::runtime::Builder::new_multi_thread()
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(workers) = cli.worker_threads {
+        runtime.worker_threads(workers.get());
+    }
+    let result = runtime
         .enable_all()
         .build()
         .map_err(anyhow::Error::from)
