@@ -10,7 +10,7 @@ use crate::ownership::Duty;
 use crate::partitions::{PartitionTable, PartitionedEngine};
 use courier_proto::{Event, EventPayload, MembershipChange, Sender, pb};
 use prost::Message;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -720,6 +720,7 @@ impl MessageStore {
         let mut in_batch: HashMap<Vec<u8>, usize> = HashMap::new();
         let mut members = BatchMembers::default();
         let mut outbox_order: u16 = 0;
+        let mut earlier = self.prefetch(heads, &mut members, appends).await?;
 
         for (i, append) in appends.iter().enumerate() {
             let conv = append.conversation_id.as_str();
@@ -733,7 +734,7 @@ impl MessageStore {
                 results[i] = Some(Ok(outcome));
                 continue;
             }
-            if let Some(stored) = self.kv.get(&idem_key).await? {
+            if let Some(stored) = earlier[i].take() {
                 let record = IdempotencyRecord::decode(stored.as_slice())
                     .map_err(|e| corrupt(&idem_key, e))?;
                 results[i] = Some(Ok(AppendOutcome {
@@ -819,6 +820,57 @@ impl MessageStore {
             .map(|o| o.ok_or_else(|| StoreError::Engine("append without outcome".into())))
             .collect::<Result<_, _>>()?;
         Ok(Appended { results, stamp })
+    }
+
+    /// Reads at once what a batch of appends decides on (one call to a store node): each
+    /// append's idempotency record (returned, in the order of `appends`), each sender's
+    /// membership record (into `members`) and the heads `heads` does not hold (into `heads`).
+    async fn prefetch(
+        &self,
+        heads: &mut HeadCache,
+        members: &mut BatchMembers,
+        appends: &[Append],
+    ) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        let senders: BTreeSet<(&str, &str)> = appends
+            .iter()
+            .map(|a| (a.conversation_id.as_str(), a.sender.user.as_str()))
+            .collect();
+        let uncached: BTreeSet<&str> = appends
+            .iter()
+            .map(|a| a.conversation_id.as_str())
+            .filter(|conv| !heads.heads.contains_key(*conv))
+            .collect();
+        let keys: Vec<Vec<u8>> = appends
+            .iter()
+            .map(|a| self.idempotency_key(a))
+            .chain(
+                senders
+                    .iter()
+                    .map(|(conv, user)| self.keys.member(conv, user)),
+            )
+            .chain(uncached.iter().map(|conv| self.keys.head(conv)))
+            .collect();
+        let asked = keys.len();
+        let values = self.kv.get_many(keys).await?;
+        if values.len() != asked {
+            return Err(StoreError::Engine(format!(
+                "{asked} keys asked, {} answered",
+                values.len()
+            )));
+        }
+        let mut values = values.into_iter();
+        let earlier = values.by_ref().take(appends.len()).collect();
+        for ((conv, user), value) in senders.into_iter().zip(values.by_ref()) {
+            let key = self.keys.member(conv, user);
+            let record = value
+                .map(|v| MemberRecord::decode(v.as_slice()).map_err(|e| corrupt(&key, e)))
+                .transpose()?;
+            members.0.insert((conv.to_owned(), user.to_owned()), record);
+        }
+        for (conv, value) in uncached.into_iter().zip(values) {
+            heads.insert(conv, value.as_deref().map_or(0, decode_u64));
+        }
+        Ok(earlier)
     }
 
     /// Whether `append` may be sequenced after `head`, decided on the membership of its
@@ -2178,6 +2230,47 @@ mod tests {
         let results = store.append(lease, &mut heads, &appends).await.unwrap();
         assert!(results.iter().all(Result::is_ok), "{results:?}");
         heads
+    }
+
+    /// A batch reads what it decides on in one call (one round trip to a store node): its
+    /// idempotency records, its senders' membership and the heads not cached.
+    #[tokio::test]
+    async fn an_append_batch_reads_the_store_in_one_call() {
+        let engine = crate::faulty_engine::FaultyEngine::new();
+        let store = engine.store(8).await;
+        alice_and_bobs_group(&store, EventPayload::MemberAdded(change(&["carol"]))).await;
+        let lease = owner(&store, "g:1").await;
+        let text = |user: &str, id: &str| {
+            let sender = Sender {
+                user: user.into(),
+                device: "p".into(),
+            };
+            Append::message("g:1".into(), sender, id.into(), Body::Text(id.into()), None)
+        };
+        let mut heads = HeadCache::default();
+        let before = engine.read_calls();
+        let batch = [
+            text("bob", "b1"),
+            text("carol", "c1"),
+            text("mallory", "m1"),
+            text("bob", "b1"),
+        ];
+        let results = store.append(lease, &mut heads, &batch).await.unwrap();
+        assert_eq!(engine.read_calls() - before, 1, "one call for the batch");
+        let seqs: Vec<_> = results
+            .iter()
+            .map(|r| r.as_ref().map(|o| o.seq).map_err(Clone::clone))
+            .collect();
+        assert_eq!(
+            seqs,
+            [Ok(3), Ok(4), Err(AppendRefused::NotMember), Ok(3)],
+            "the head (2) was read, bob and carol are members, mallory is not"
+        );
+        assert!(results[3].as_ref().unwrap().duplicate);
+        // A retry in a later batch finds the idempotency record read with the batch.
+        let again = store.append(lease, &mut heads, &batch[..1]).await.unwrap();
+        assert!(again[0].as_ref().unwrap().duplicate);
+        assert_eq!(again[0].as_ref().unwrap().seq, 3);
     }
 
     #[tokio::test]
