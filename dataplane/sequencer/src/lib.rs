@@ -767,15 +767,7 @@ mod tests {
             },
             ..SequencerLimits::default()
         };
-        let sequencer = LocalSequencer::start(
-            store,
-            node("n1", Duration::from_secs(10)),
-            limits,
-            Arc::new(Listeners(Vec::new())),
-            Arc::new(Metrics::new()),
-        )
-        .await
-        .unwrap();
+        let sequencer = node_with(&store, "n1", limits).await;
         let rate_limited = |result: Result<AppendOutcome, SequencerError>| match result {
             Err(SequencerError::RateLimited { retry_after_ms }) => {
                 assert!(retry_after_ms > 0);
@@ -834,24 +826,39 @@ mod tests {
             .unwrap();
     }
 
-    #[tokio::test]
-    async fn a_shard_whose_outbox_is_behind_refuses_messages_until_it_drains() {
-        const LIMIT: Duration = Duration::from_secs(5);
-        let engine = FaultyEngine::new();
-        let store = engine.store(4).await;
-        let limits = SequencerLimits {
-            outbox_lag_limit: LIMIT,
-            ..SequencerLimits::default()
-        };
-        let sequencer = LocalSequencer::start(
+    /// Sequencer node `id` of `store` with `limits`.
+    async fn node_with(
+        store: &MessageStore,
+        id: &str,
+        limits: SequencerLimits,
+    ) -> Arc<LocalSequencer> {
+        LocalSequencer::start(
             store.clone(),
-            node("n1", Duration::from_secs(10)),
+            node(id, Duration::from_secs(10)),
             limits,
             Arc::new(Listeners(Vec::new())),
             Arc::new(Metrics::new()),
         )
         .await
-        .unwrap();
+        .unwrap()
+    }
+
+    /// The only sequencer node of `store`, refusing messages to shards whose outbox is older
+    /// than `limit`.
+    async fn with_outbox_lag_limit(store: &MessageStore, limit: Duration) -> Arc<LocalSequencer> {
+        let limits = SequencerLimits {
+            outbox_lag_limit: limit,
+            ..SequencerLimits::default()
+        };
+        node_with(store, "n1", limits).await
+    }
+
+    #[tokio::test]
+    async fn a_shard_whose_outbox_is_behind_refuses_messages_until_it_drains() {
+        const LIMIT: Duration = Duration::from_secs(5);
+        let engine = FaultyEngine::new();
+        let store = engine.store(4).await;
+        let sequencer = with_outbox_lag_limit(&store, LIMIT).await;
         let shard = store.shard_of("d:1");
         let other = on_another_shard(&store, "d:1");
         // The first round reads every shard just taken; with nothing committed since, the
@@ -913,19 +920,7 @@ mod tests {
         const LIMIT: Duration = Duration::from_secs(5);
         let engine = FaultyEngine::new();
         let store = engine.store(4).await;
-        let limits = SequencerLimits {
-            outbox_lag_limit: LIMIT,
-            ..SequencerLimits::default()
-        };
-        let sequencer = LocalSequencer::start(
-            store.clone(),
-            node("n1", Duration::from_secs(10)),
-            limits,
-            Arc::new(Listeners(Vec::new())),
-            Arc::new(Metrics::new()),
-        )
-        .await
-        .unwrap();
+        let sequencer = with_outbox_lag_limit(&store, LIMIT).await;
         let shard = store.shard_of("d:1");
         let outbox = store.keys().outbox(shard);
         let read_from = || {
@@ -967,17 +962,8 @@ mod tests {
             outbox_lag_limit: LIMIT,
             ..SequencerLimits::default()
         };
-        let start = |id: &'static str| {
-            LocalSequencer::start(
-                store.clone(),
-                node(id, Duration::from_secs(10)),
-                limits,
-                Arc::new(Listeners(Vec::new())),
-                Arc::new(Metrics::new()),
-            )
-        };
-        let from = start("n1").await.unwrap();
-        let to = start("n2").await.unwrap();
+        let from = node_with(&store, "n1", limits).await;
+        let to = node_with(&store, "n2", limits).await;
         let sent = from.submit(message("d:1", "m1", "x")).await.unwrap();
         let shard = store.shard_of("d:1");
         let past_limit = sent.ts_ms + LIMIT.as_millis() as u64 + 1;

@@ -850,15 +850,7 @@ impl MessageStore {
             )
             .chain(uncached.iter().map(|conv| self.keys.head(conv)))
             .collect();
-        let asked = keys.len();
-        let values = self.kv.get_many(keys).await?;
-        if values.len() != asked {
-            return Err(StoreError::Engine(format!(
-                "{asked} keys asked, {} answered",
-                values.len()
-            )));
-        }
-        let mut values = values.into_iter();
+        let mut values = self.get_each(keys).await?.into_iter();
         let earlier = values.by_ref().take(appends.len()).collect();
         for ((conv, user), value) in senders.into_iter().zip(values.by_ref()) {
             let key = self.keys.member(conv, user);
@@ -1754,14 +1746,7 @@ impl MessageStore {
                 ]
             })
             .collect::<Vec<_>>();
-        let asked = keys.len();
-        let values = self.kv.get_many(keys).await?;
-        if values.len() != asked {
-            return Err(StoreError::Engine(format!(
-                "{asked} keys asked, {} answered",
-                values.len()
-            )));
-        }
+        let values = self.get_each(keys).await?;
         convs
             .iter()
             .zip(values.chunks(3))
@@ -1988,6 +1973,20 @@ fn through(first: &[u8], last: &[u8]) -> Range<Vec<u8>> {
 
 impl MessageStore {
     /// The protobuf record stored at `key`, if any.
+    /// The values of `keys` with one read, one per key in the order asked (an engine that
+    /// answers another count is an error, never a shifted answer).
+    async fn get_each(&self, keys: Vec<Vec<u8>>) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        let asked = keys.len();
+        let values = self.kv.get_many(keys).await?;
+        if values.len() != asked {
+            return Err(StoreError::Engine(format!(
+                "{asked} keys asked, {} answered",
+                values.len()
+            )));
+        }
+        Ok(values)
+    }
+
     async fn record<T: Message + Default>(&self, key: Vec<u8>) -> Result<Option<T>, StoreError> {
         match self.kv.get(&key).await? {
             Some(value) => Ok(Some(
