@@ -2060,9 +2060,10 @@ async fn gateways_without_media_forward_media_requests_to_a_media_node() {
 }
 
 /// A node without a client port running the push role alone: a gateway node without push
-/// accepts device registrations for the providers the push node registered (and refuses the
-/// others, as `courier serve` does), and a message to a device that is not connected reaches
-/// it through the push node's webhook. The push node looks at every shard only once a minute
+/// answers device registrations `unavailable` while no push node is live, then accepts them
+/// for the providers the push node registered (and refuses the others, as `courier serve`
+/// does), and a message to a device that is not connected reaches it through the push node's
+/// webhook. The push node looks at every shard only once a minute
 /// here (a long lease): the chat node's notice of the commit is what makes it push in time.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_push_node_alone_notifies_devices_registered_through_a_gateway_without_push() {
@@ -2098,15 +2099,6 @@ async fn a_push_node_alone_notifies_devices_registered_through_a_gateway_without
     let _internal = [
         InternalNode::start("s1", "127.0.0.2", &store, dir.path()),
         InternalNode::start_in(&[], "fanout", "f1", "127.0.0.3", &store, dir.path()),
-        InternalNode::start_with(
-            &[],
-            "push",
-            "p1",
-            "127.0.0.4",
-            &store,
-            dir.path(),
-            &push_args,
-        ),
     ];
     let ga_dir = tempfile::tempdir().unwrap();
     let ga = gateway_node(&store, ga_dir.path(), "ga", "gateway,chat,media", &[]);
@@ -2120,6 +2112,30 @@ async fn a_push_node_alone_notifies_devices_registered_through_a_gateway_without
                 .unwrap()
         }
     };
+    // No push node yet: retry later, not a bad request; an unknown provider is still one.
+    let (status, body) = register("webhook").await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (503, Some("unavailable")),
+        "{body}"
+    );
+    assert_eq!(body["message"], "no push node is running; try again later");
+    let (status, body) = register("pigeon").await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (400, Some("bad_request")),
+        "{body}"
+    );
+
+    let _push = InternalNode::start_with(
+        &[],
+        "push",
+        "p1",
+        "127.0.0.4",
+        &store,
+        dir.path(),
+        &push_args,
+    );
     let (status, body) = register("webhook").await;
     assert_eq!(status, 204, "{body}");
     let (status, body) = register("fcm").await;

@@ -24,6 +24,9 @@ pub enum Link {
     Unlinked,
 }
 
+/// The push providers a device may register with (`PUT /v1/devices/me/push`).
+pub const PUSH_PROVIDERS: [&str; 3] = ["fcm", "apns", "webhook"];
+
 pub struct Devices {
     store: MessageStore,
 }
@@ -113,7 +116,7 @@ impl Devices {
         token: &str,
         configured: bool,
     ) -> Result<(), ApiError> {
-        if !matches!(provider, "fcm" | "apns" | "webhook") {
+        if !PUSH_PROVIDERS.contains(&provider) {
             return Err(ApiError::bad_request(
                 "provider must be \"fcm\", \"apns\" or \"webhook\"",
             ));

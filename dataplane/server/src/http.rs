@@ -14,13 +14,13 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use courier_chat::ChatBinding;
-use courier_chat::devices::Devices;
+use courier_chat::devices::{Devices, PUSH_PROVIDERS};
 use courier_core::auth::{AuthError, Identity, TokenVerifier, bearer_token};
 use courier_core::error::ApiError;
 use courier_core::metrics::Metrics;
 use courier_core::storage_health::StorageHealth;
 use courier_gateway::Gateway;
-use courier_proto::{Encoding, SUBPROTOCOL_JSON, SUBPROTOCOL_PROTO};
+use courier_proto::{Encoding, ErrorCode, SUBPROTOCOL_JSON, SUBPROTOCOL_PROTO};
 use courier_push::providers::PushProviders;
 use courier_store::MessageStore;
 use std::sync::Arc;
@@ -104,7 +104,9 @@ async fn web_app_headers(mut response: Response) -> Response {
 }
 
 /// Which push providers a node accepts device registrations for (`PUT /v1/devices/me/push`
-/// refuses the others, as the notifier could not send with them).
+/// refuses the others, as the notifier could not send with them). In a cluster where no push
+/// node is live, a registration is answered `unavailable` (503), to be retried: which
+/// providers the cluster has is not known until one is back.
 pub enum PushProviderNames {
     /// This node's own: it runs the notifier (`courier serve`, a cluster node with `push`).
     Here(Arc<PushProviders>),
@@ -118,13 +120,23 @@ impl PushProviderNames {
     async fn configured(&self, provider: &str) -> Result<bool, ApiError> {
         match self {
             PushProviderNames::Here(providers) => Ok(providers.provider(provider).is_some()),
+            // An unknown name is refused as such by the registration.
+            PushProviderNames::Cluster(_) if !PUSH_PROVIDERS.contains(&provider) => Ok(false),
             PushProviderNames::Cluster(store) => {
                 let now = courier_core::clock::now_ms();
-                Ok(store.nodes().await?.iter().any(|(_, node)| {
-                    node.is_live(now)
-                        && node.roles.iter().any(|r| r == "push")
-                        && node.push_providers.iter().any(|p| p == provider)
-                }))
+                let nodes = store.nodes().await?;
+                let mut push_nodes = nodes
+                    .iter()
+                    .map(|(_, node)| node)
+                    .filter(|node| node.is_live(now) && node.roles.iter().any(|r| r == "push"))
+                    .peekable();
+                if push_nodes.peek().is_none() {
+                    return Err(ApiError::new(
+                        ErrorCode::Unavailable,
+                        "no push node is running; try again later",
+                    ));
+                }
+                Ok(push_nodes.any(|node| node.push_providers.iter().any(|p| p == provider)))
             }
         }
     }
