@@ -135,19 +135,17 @@ impl OutboxWatch {
             .copied()
             .filter(|&shard| self.to_read[shard as usize].swap(false, Ordering::Relaxed))
             .collect();
-        // Taken before the read: the commits they name are in what the read sees.
-        let floors_before: Vec<Floor> = {
+        // The last commits are taken before the read: they are in what the read sees.
+        let (from, last_commits): (Vec<_>, Vec<_>) = {
             let floors = lock(&self.floors);
             shards
                 .iter()
-                .map(|&shard| floors[shard as usize].clone())
-                .collect()
+                .map(|&shard| {
+                    let floor = &floors[shard as usize];
+                    ((shard, floor.read_from.clone()), floor.last_commit)
+                })
+                .unzip()
         };
-        let from: Vec<(u32, Option<Vec<u8>>)> = shards
-            .iter()
-            .zip(&floors_before)
-            .map(|(&shard, floor)| (shard, floor.read_from.clone()))
-            .collect();
         let oldest = match store.oldest_outbox_entries(&from).await {
             Ok(oldest) => oldest,
             Err(e) => {
@@ -159,7 +157,7 @@ impl OutboxWatch {
         };
         let mut floors = lock(&self.floors);
         let mut oldest_age_ms = 0;
-        for ((&shard, entry), before) in shards.iter().zip(oldest).zip(floors_before) {
+        for ((&shard, entry), last_commit) in shards.iter().zip(oldest).zip(last_commits) {
             let index = shard as usize;
             let behind = match entry {
                 Some(entry) => {
@@ -171,7 +169,7 @@ impl OutboxWatch {
                     age_ms > self.limit_ms
                 }
                 None => {
-                    if let Some(stamp) = before.last_commit {
+                    if let Some(stamp) = last_commit {
                         let cleared = store.keys().outbox_from(shard, stamp);
                         let floor = &mut floors[index].read_from;
                         if floor.as_ref().is_none_or(|from| *from < cleared) {

@@ -853,9 +853,11 @@ impl MessageStore {
         let mut values = self.get_each(keys).await?.into_iter();
         let earlier = values.by_ref().take(appends.len()).collect();
         for ((conv, user), value) in senders.into_iter().zip(values.by_ref()) {
-            let key = self.keys.member(conv, user);
             let record = value
-                .map(|v| MemberRecord::decode(v.as_slice()).map_err(|e| corrupt(&key, e)))
+                .map(|v| {
+                    MemberRecord::decode(v.as_slice())
+                        .map_err(|e| corrupt(&self.keys.member(conv, user), e))
+                })
                 .transpose()?;
             members.0.insert((conv.to_owned(), user.to_owned()), record);
         }
@@ -1972,7 +1974,6 @@ fn through(first: &[u8], last: &[u8]) -> Range<Vec<u8>> {
 }
 
 impl MessageStore {
-    /// The protobuf record stored at `key`, if any.
     /// The values of `keys` with one read, one per key in the order asked (an engine that
     /// answers another count is an error, never a shifted answer).
     async fn get_each(&self, keys: Vec<Vec<u8>>) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
@@ -1987,6 +1988,7 @@ impl MessageStore {
         Ok(values)
     }
 
+    /// The protobuf record stored at `key`, if any.
     async fn record<T: Message + Default>(&self, key: Vec<u8>) -> Result<Option<T>, StoreError> {
         match self.kv.get(&key).await? {
             Some(value) => Ok(Some(
