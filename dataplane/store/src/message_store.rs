@@ -853,12 +853,7 @@ impl MessageStore {
         let mut values = self.get_each(keys).await?.into_iter();
         let earlier = values.by_ref().take(appends.len()).collect();
         for ((conv, user), value) in senders.into_iter().zip(values.by_ref()) {
-            let record = value
-                .map(|v| {
-                    MemberRecord::decode(v.as_slice())
-                        .map_err(|e| corrupt(&self.keys.member(conv, user), e))
-                })
-                .transpose()?;
+            let record = self.decode_member(conv, user, &value)?;
             members.0.insert((conv.to_owned(), user.to_owned()), record);
         }
         for (conv, value) in uncached.into_iter().zip(values) {
