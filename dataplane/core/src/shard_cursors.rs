@@ -1,11 +1,11 @@
-//! Where a consumer of per-shard queues (the fanout's outboxes, the notifier's push intents)
-//! has read up to, in memory.
+//! Where a consumer of per-shard queues (the outboxes, read by fanout and by the push
+//! notifier) has read up to, in memory.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-/// The last key a consumer took from each shard's queue (in memory: after a restart the first
-/// read starts at the head of the queue).
+/// Per shard, where a consumer's next read of its queue starts (a bound: the first key it has
+/// not taken). In memory: a consumer that starts reads its bound from the store.
 #[derive(Default)]
 pub struct ShardCursors(Mutex<HashMap<u32, Vec<u8>>>);
 
@@ -18,11 +18,11 @@ impl ShardCursors {
             .cloned()
     }
 
-    pub fn set(&self, shard: u32, last: Vec<u8>) {
+    pub fn set(&self, shard: u32, bound: Vec<u8>) {
         self.0
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(shard, last);
+            .insert(shard, bound);
     }
 
     /// Forgets where `shard` was read up to: the next read starts at the head of its queue.
@@ -31,5 +31,11 @@ impl ShardCursors {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&shard);
+    }
+
+    /// Forgets every shard's: a consumer that may have been passed by another reads its
+    /// bounds again.
+    pub fn forget_all(&self) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 }

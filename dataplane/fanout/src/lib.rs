@@ -1,14 +1,15 @@
 //! The fanout role (delivery): tails the outbox of each shard it owns in commit order and hands
 //! every event to the connected devices of the conversation's members, except the sending
 //! device (it got `sent`). Messages are stored once per conversation (fanout-on-read): nothing
-//! is written per recipient. Delivery is at-least-once: an outbox entry is cleared only after
-//! the gateways took its events, and devices that miss a live event catch up from their cursor.
+//! is written per recipient. Delivery is at-least-once: fanout's bound in an outbox moves past
+//! an entry only after the gateways took its event, and devices that miss a live event catch
+//! up from their cursor.
 //!
 //! **Which shards.** A node drains the outboxes of the shards it owns for
 //! [`Duty::Delivery`] (`courier_store::ownership`): leases renewed every third of
 //! `--shard-lease`, each change of owner bumping the shard's delivery epoch, on which every
-//! outbox clear fences, so a deposed node can deliver twice but never clear what it did not
-//! deliver. Each node takes at most its fair share of the shards (all of them divided by the
+//! record of fanout's bound fences, so a deposed node can deliver twice but never record what
+//! it did not deliver. Each node takes at most its fair share of the shards (all of them divided by the
 //! live nodes with the fanout role, rounded up) and gives back what it holds beyond it, so a
 //! node that joins gets its share within two rounds and the shards of a node that died are
 //! taken once its leases lapse. One `courier serve` is the only fanout node: it takes every
@@ -24,28 +25,35 @@
 //! one batch ([`Gateways::deliver`]: one call per gateway in a cluster). Events of groups
 //! larger than the large-group threshold take a slow path: their own bounded queue and worker,
 //! so a huge group cannot starve 1:1 traffic; when that queue is full the shard waits (nothing
-//! is dropped), and such an event's outbox range is cleared only after that worker delivered
-//! it. Connections reorder nothing: they skip what they have and fill gaps from the store.
+//! is dropped), and fanout's bound passes such an event only after that worker delivered it.
+//! Connections reorder nothing: they skip what they have and fill gaps from the store.
 //!
-//! **Clearing.** Delivered outbox ranges are cleared by one background task, which takes
-//! the ranges of every shard queued within [`CLEAR_LINGER`] into one deferred commit (a clear
-//! that a power loss takes back only fans those entries out again). A worker does not wait
-//! for that commit (it already reads after its in-memory cursor), so a drain costs no commit
-//! of its own: with many busy conversations (one outbox entry per shard per drain) a commit per
-//! drain would bound delivery at a few thousand events a second. The queue holds
-//! [`CLEAR_QUEUE`] ranges; when it is full, workers wait for it. A failed clear is retried,
-//! without the ranges of a shard this node lost (their entries are its new owner's to deliver
-//! and clear); a crash before it only delivers those entries again (at-least-once).
+//! **Recording (decision 0006).** Fanout clears nothing: it records, per shard, a bound in the
+//! outbox below which every entry was handed to the gateways (`("fcur", shard)`); the push
+//! notifier, the outbox's other reader, clears it below both readers' bounds. Each drained
+//! range (a page, or the part of a page before a large-group event, or that event) is numbered
+//! in its lease's order and goes to one background task, the recorder, which moves the bound
+//! over ranges in that order only (a range drained after a large-group event waits for it)
+//! and takes the bounds of every shard that moved within [`RECORD_LINGER`] into one deferred
+//! commit (a record that a power loss takes back only fans those entries out again). A worker
+//! does not wait for that commit (it reads on from its in-memory bound), so a drain costs no
+//! commit of its own: with many busy conversations (one outbox entry per shard per drain) a
+//! commit per drain would bound delivery at a few thousand events a second. The queue holds
+//! [`RECORD_QUEUE`] ranges; when it is full, workers wait for it. A failed commit is retried,
+//! without the bound of a shard this node lost (its entries are its new owner's to deliver);
+//! a crash before it only delivers those entries again (at-least-once). A node that takes a
+//! shard starts at its recorded bound.
 //!
-//! **Loops and their failures.** The workers, the large-group worker, the clearer and the lease
+//! **Loops and their failures.** The workers, the large-group worker, the recorder and the lease
 //! keeper are loops owned by the node's [`BackgroundLoops`]. Each is restarted if it panics: a
 //! worker's state (its dirty shards, the shard cursors) lives in [`Fanout`] and a restarted
 //! worker rescans all its shards from their cursors, so what it was delivering is delivered
-//! again (connections skip what they have); the two queues' receivers are kept in [`Fanout`]
-//! and taken up again, and what the failed run held (one large-group event, a batch of ranges
-//! to clear) is delivered again when the shard next changes hands or the node restarts. At
-//! shutdown the workers stop at once (connections have drained by then), and the clearer stops
-//! last: it clears everything queued, and ends when the last worker is gone.
+//! again (connections skip what they have); the two queues' receivers and the recorder's state
+//! are kept in [`Fanout`] and taken up again, and what the failed run held (one large-group
+//! event, a batch of ranges) holds that shard's bound back until the shard next changes hands
+//! or the node restarts, and is delivered again then. At shutdown the workers stop at once
+//! (connections have drained by then), and the recorder stops last: it records everything
+//! queued, and ends when the last worker is gone.
 //!
 //! **Backlog.** `courier_fanout_backlog_events` counts the events of the shards this node
 //! drains that it was told of ([`Fanout::committed`]) and has not yet handed off. Entries left
@@ -65,8 +73,8 @@ use courier_core::sequencing::CommitListener;
 use courier_core::shard_cursors::ShardCursors;
 use courier_proto::Event;
 use courier_store::ownership::Duty;
-use courier_store::{MessageStore, OutboxRange, ShardLease, StoreError};
-use std::collections::{BTreeSet, HashMap};
+use courier_store::{DeliveredBound, MessageStore, ShardLease, StoreError, bound_after};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -78,17 +86,17 @@ const LARGE_GROUP_QUEUE: usize = 1024;
 /// Outbox entries read per step of one shard.
 const OUTBOX_PAGE: usize = 256;
 
-/// Delivered outbox ranges waiting to be cleared before workers wait.
-const CLEAR_QUEUE: usize = 4096;
+/// Delivered outbox ranges waiting for the recorder before workers wait.
+const RECORD_QUEUE: usize = 4096;
 
-/// Most ranges cleared in one commit.
-const CLEARS_PER_COMMIT: usize = 1024;
+/// Most ranges taken into one commit of bounds.
+const RANGES_PER_COMMIT: usize = 1024;
 
-/// How long the clearer gathers ranges after the first before it commits: nobody waits for a
-/// clear, so under a light load this turns one commit per drain into one per linger.
-const CLEAR_LINGER: Duration = Duration::from_millis(10);
+/// How long the recorder gathers ranges after the first before it commits: nobody waits for
+/// it, so under a light load this turns one commit per drain into one per linger.
+const RECORD_LINGER: Duration = Duration::from_millis(10);
 
-/// Wait before a failed delivery or clear is tried again.
+/// Wait before a failed delivery or record is tried again.
 const RETRY: Duration = Duration::from_millis(100);
 
 /// The role name nodes register with, counted for the fair share.
@@ -113,20 +121,30 @@ struct Worker {
     wake: Notify,
 }
 
-/// A large-group event, and the outbox range to clear once it was delivered.
+/// A range of one shard's outbox handed to the gateways: the `order`-th of its lease (from
+/// 0), ending below `bound`. The recorder moves the shard's bound over ranges in their order,
+/// so a large-group range delivered late holds back the ranges after it.
+#[derive(Debug)]
+struct Drained {
+    lease: ShardLease,
+    order: u64,
+    bound: Vec<u8>,
+}
+
+/// A large-group event, and its drained range, recorded once it was delivered.
 struct LargeDelivery {
     event: Event,
     recipients: Members,
-    clear: OutboxRange,
+    drained: Drained,
 }
 
-/// What a worker hands off: large-group events to their worker, drained ranges to the clearer.
-/// Only the workers and the large-group worker hold these senders, so each queue closes once
-/// they are gone.
+/// What a worker hands off: large-group events to their worker, drained ranges to the
+/// recorder. Only the workers and the large-group worker hold these senders, so each queue
+/// closes once they are gone.
 #[derive(Clone)]
 struct Handoffs {
     large: mpsc::Sender<LargeDelivery>,
-    clears: mpsc::Sender<OutboxRange>,
+    drained: mpsc::Sender<Drained>,
 }
 
 /// A shard whose outbox this node drains.
@@ -135,6 +153,8 @@ struct OwnedShard {
     /// The newest outbox key written before this node took the shard (not counted in
     /// `backlog`).
     inherited: Option<Vec<u8>>,
+    /// The order of the next range drained under `lease`.
+    next_order: u64,
 }
 
 pub struct Fanout {
@@ -155,8 +175,9 @@ pub struct Fanout {
     handoffs: Mutex<Option<Handoffs>>,
     /// Large-group events waiting for their worker (held by it while it runs).
     large_queue: Arc<tokio::sync::Mutex<mpsc::Receiver<LargeDelivery>>>,
-    /// Drained outbox ranges waiting to be cleared (held by the clearer while it runs).
-    clear_queue: Arc<tokio::sync::Mutex<mpsc::Receiver<OutboxRange>>>,
+    /// Drained outbox ranges waiting to be recorded, and where each lease's ranges stand (held
+    /// by the recorder while it runs, kept for it if it is restarted).
+    recorder: Arc<tokio::sync::Mutex<Recorder>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -174,7 +195,7 @@ impl Fanout {
             metrics,
         } = context;
         let (large, large_queue) = mpsc::channel(LARGE_GROUP_QUEUE);
-        let (clears, clear_queue) = mpsc::channel(CLEAR_QUEUE);
+        let (drained, record_queue) = mpsc::channel(RECORD_QUEUE);
         let workers = (0..config.workers.max(1))
             .map(|_| Worker {
                 dirty: Mutex::new(BTreeSet::new()),
@@ -194,16 +215,19 @@ impl Fanout {
             ownership: config.ownership,
             look_at_every_shard_each_round: config.look_at_every_shard_each_round,
             keeping: tokio::sync::Mutex::new(()),
-            handoffs: Mutex::new(Some(Handoffs { large, clears })),
+            handoffs: Mutex::new(Some(Handoffs { large, drained })),
             large_queue: Arc::new(tokio::sync::Mutex::new(large_queue)),
-            clear_queue: Arc::new(tokio::sync::Mutex::new(clear_queue)),
+            recorder: Arc::new(tokio::sync::Mutex::new(Recorder {
+                queue: record_queue,
+                shards: HashMap::new(),
+            })),
         });
         let share = fanout.fair_share().await?;
         fanout.take_free_shards(share).await?;
         Ok(fanout)
     }
 
-    /// Starts the workers, the large-group worker, the clearer and the lease keeper as loops of
+    /// Starts the workers, the large-group worker, the recorder and the lease keeper as loops of
     /// `loops` (once; later calls do nothing). The shards taken so far are drained first:
     /// entries left by a crash between commit and fanout are delivered now.
     pub fn start(self: &Arc<Self>, loops: &BackgroundLoops) {
@@ -226,10 +250,10 @@ impl Fanout {
                 }
             });
         }
-        let (fanout, clears) = (self.clone(), handoffs.clears.clone());
+        let (fanout, drained) = (self.clone(), handoffs.drained.clone());
         drop(handoffs);
         loops.spawn("fanout large-group worker", move |cancel| {
-            let (fanout, clears) = (fanout.clone(), clears.clone());
+            let (fanout, drained) = (fanout.clone(), drained.clone());
             async move {
                 let mut queue = fanout.large_queue.lock().await;
                 while let Some(Some(large)) = cancel.run_until_cancelled(queue.recv()).await {
@@ -237,17 +261,17 @@ impl Fanout {
                     let batch = [(large.event, large.recipients)];
                     if fanout.deliver_until_taken(&batch, &cancel).await {
                         // The receiver is kept in `fanout`: a send error cannot happen.
-                        let _ = clears.send(large.clear).await;
+                        let _ = drained.send(large.drained).await;
                     }
                 }
             }
         });
-        let (store, queue) = (self.store.clone(), self.clear_queue.clone());
-        loops.spawn("fanout outbox clearer", move |cancel| {
-            let (store, queue) = (store.clone(), queue.clone());
+        let (store, recorder) = (self.store.clone(), self.recorder.clone());
+        loops.spawn("fanout bound recorder", move |cancel| {
+            let (store, recorder) = (store.clone(), recorder.clone());
             async move {
-                let mut queue = queue.lock().await;
-                clear_outboxes(&store, &mut queue, &cancel).await;
+                let mut recorder = recorder.lock().await;
+                record_bounds(&store, &mut recorder, &cancel).await;
             }
         });
         let keeper = self.clone();
@@ -366,7 +390,7 @@ impl Fanout {
             return Ok(Vec::new());
         }
         // Forgotten first: no drain of them starts after this point, and a drain in progress
-        // can deliver twice but not clear (the next owner bumps the epoch its clear fences on).
+        // can deliver twice but not record (the next owner bumps the epoch its record fences on).
         for lease in &beyond {
             self.forget(lease.shard);
         }
@@ -406,8 +430,22 @@ impl Fanout {
         }
         for lease in taken {
             let inherited = self.store.last_outbox_key(lease.shard).await?;
-            self.cursors.forget(lease.shard);
-            lock(&self.owned).insert(lease.shard, OwnedShard { lease, inherited });
+            match self
+                .store
+                .delivered_bounds(&[lease.shard])
+                .await?
+                .pop()
+                .flatten()
+            {
+                Some(bound) => self.cursors.set(lease.shard, bound),
+                None => self.cursors.forget(lease.shard),
+            }
+            let shard = OwnedShard {
+                lease,
+                inherited,
+                next_order: 0,
+            };
+            lock(&self.owned).insert(lease.shard, shard);
             self.metrics.fanout_owned_shards.inc();
             self.mark(lease.shard);
         }
@@ -448,16 +486,16 @@ impl Fanout {
     /// read is told of after its commit, and its notice marks the shard again.
     async fn drain(&self, shard: u32, handoffs: &Handoffs) -> Result<(), DeliveryError> {
         while let Some(lease) = self.lease_of(shard) {
-            let after = self.cursors.get(shard);
+            let from = self.cursors.get(shard);
             let entries = self
                 .store
-                .outbox(shard, after.as_deref(), OUTBOX_PAGE)
+                .outbox(shard, from.as_deref(), OUTBOX_PAGE)
                 .await?;
             let Some((last, _)) = entries.last() else {
                 return Ok(());
             };
             let more = entries.len() == OUTBOX_PAGE;
-            let last = last.clone();
+            let bound = bound_after(last);
             let counted = match lock(&self.owned)
                 .get(&shard)
                 .and_then(|o| o.inherited.clone())
@@ -467,47 +505,36 @@ impl Fanout {
             } as i64;
             let now = now_ms();
             let mut batch = Vec::with_capacity(entries.len());
-            // The start of the entries not yet handed to the clearer.
-            let mut first = None;
             for (key, event) in entries {
                 let lag = now.saturating_sub(event.ts_ms) as f64 / 1000.0;
                 self.metrics.stages.outbox_read.observe(lag);
-                let start = first.take().unwrap_or_else(|| key.clone());
                 let recipients = self.membership.recipients(&event).await?;
                 if recipients.len() <= self.large_group_threshold {
                     batch.push((event, recipients));
-                    first = Some(start);
                     continue;
                 }
-                // What comes before it first, so that its range is cleared after all of it.
-                self.gateways.deliver(std::mem::take(&mut batch)).await?;
+                // What comes before it first, recorded before it.
+                if !batch.is_empty() {
+                    self.gateways.deliver(std::mem::take(&mut batch)).await?;
+                    self.hand_off(lease, key.clone(), handoffs).await;
+                }
                 self.metrics.large_group_queue.inc();
-                let clear = OutboxRange {
-                    lease,
-                    first: start,
-                    last: key,
-                };
+                let drained = self.drained(lease, bound_after(&key));
                 // The receiver is kept in `self`: a send error cannot happen.
                 let _ = handoffs
                     .large
                     .send(LargeDelivery {
                         event,
                         recipients,
-                        clear,
+                        drained,
                     })
                     .await;
             }
-            self.gateways.deliver(batch).await?;
-            if let Some(first) = first {
-                let clear = OutboxRange {
-                    lease,
-                    first,
-                    last: last.clone(),
-                };
-                // The receiver is kept in `self`: a send error cannot happen.
-                let _ = handoffs.clears.send(clear).await;
+            if !batch.is_empty() {
+                self.gateways.deliver(batch).await?;
+                self.hand_off(lease, bound.clone(), handoffs).await;
             }
-            self.cursors.set(shard, last);
+            self.cursors.set(shard, bound);
             let left = self.backlog.fetch_sub(counted, Ordering::Relaxed) - counted;
             // Below zero only for a moment: the drain can read an entry before its commit was
             // reported.
@@ -517,6 +544,30 @@ impl Fanout {
             }
         }
         Ok(())
+    }
+
+    /// The next range drained under `lease`, ending below `bound`.
+    fn drained(&self, lease: ShardLease, bound: Vec<u8>) -> Drained {
+        let order = match lock(&self.owned).get_mut(&lease.shard) {
+            Some(owned) if owned.lease == lease => {
+                owned.next_order += 1;
+                owned.next_order - 1
+            }
+            // Lost meanwhile: its recorder state is dropped with the lease's fence.
+            _ => u64::MAX,
+        };
+        Drained {
+            lease,
+            order,
+            bound,
+        }
+    }
+
+    /// Hands a range delivered under `lease`, ending below `bound`, to the recorder.
+    async fn hand_off(&self, lease: ShardLease, bound: Vec<u8>, handoffs: &Handoffs) {
+        let drained = self.drained(lease, bound);
+        // The receiver is kept in `self`: a send error cannot happen.
+        let _ = handoffs.drained.send(drained).await;
     }
 
     /// Hands `batch` to the gateways until they take it or the fanout is cancelled; returns
@@ -544,30 +595,70 @@ impl Fanout {
     }
 }
 
-/// Clears delivered outbox ranges, all those queued at the moment in one commit, until the
-/// queue closes (the last worker is gone). Cancellation does not stop it, so that what the
-/// workers queued before they stopped is cleared; once cancelled, a failed clear is not retried
-/// (those entries are delivered again by the shard's next owner). The ranges of a shard this
-/// node lost are dropped: a clear fenced out by its delivery epoch is tried again without them.
-async fn clear_outboxes(
-    store: &MessageStore,
-    queue: &mut mpsc::Receiver<OutboxRange>,
-    cancel: &CancellationToken,
-) {
-    let mut ranges = Vec::with_capacity(CLEARS_PER_COMMIT);
-    while queue.recv_many(&mut ranges, CLEARS_PER_COMMIT).await > 0 {
-        if ranges.len() < CLEARS_PER_COMMIT && !cancel.is_cancelled() {
+/// The recorder's queue and state.
+struct Recorder {
+    queue: mpsc::Receiver<Drained>,
+    shards: HashMap<u32, Recorded>,
+}
+
+/// Where one lease's ranges stand in the recorder: the order of the next range its bound
+/// may move over, and the ranges that came before it (a large-group range delivered late).
+#[derive(Default)]
+struct Recorded {
+    epoch: u64,
+    next: u64,
+    early: BTreeMap<u64, Vec<u8>>,
+}
+
+impl Recorded {
+    /// Takes `drained`; returns the bound it lets the shard move to, if any.
+    fn take(&mut self, drained: Drained) -> Option<Vec<u8>> {
+        if drained.lease.epoch != self.epoch {
+            *self = Recorded {
+                epoch: drained.lease.epoch,
+                ..Recorded::default()
+            };
+        }
+        self.early.insert(drained.order, drained.bound);
+        let mut moved = None;
+        while let Some(bound) = self.early.remove(&self.next) {
+            self.next += 1;
+            moved = Some(bound);
+        }
+        moved
+    }
+}
+
+/// Records fanout's bound in each shard's outbox, the ranges of every shard queued at the
+/// moment in one commit, until the queue closes (the last worker is gone). Cancellation does
+/// not stop it, so that what the workers queued before they stopped is recorded; once
+/// cancelled, a failed commit is not retried (those entries are delivered again by the
+/// shard's next owner). The bound of a shard this node lost is dropped: a commit fenced out
+/// by its delivery epoch is tried again without it.
+async fn record_bounds(store: &MessageStore, recorder: &mut Recorder, cancel: &CancellationToken) {
+    let Recorder { queue, shards } = recorder;
+    let mut received = Vec::with_capacity(RANGES_PER_COMMIT);
+    while queue.recv_many(&mut received, RANGES_PER_COMMIT).await > 0 {
+        if received.len() < RANGES_PER_COMMIT && !cancel.is_cancelled() {
             cancel
-                .run_until_cancelled(tokio::time::sleep(CLEAR_LINGER))
+                .run_until_cancelled(tokio::time::sleep(RECORD_LINGER))
                 .await;
-            while ranges.len() < CLEARS_PER_COMMIT
-                && let Ok(range) = queue.try_recv()
+            while received.len() < RANGES_PER_COMMIT
+                && let Ok(drained) = queue.try_recv()
             {
-                ranges.push(range);
+                received.push(drained);
             }
         }
-        while !ranges.is_empty() {
-            let e = match store.clear_outbox(&ranges).await {
+        let mut bounds: BTreeMap<u32, DeliveredBound> = BTreeMap::new();
+        for drained in received.drain(..) {
+            let lease = drained.lease;
+            if let Some(bound) = shards.entry(lease.shard).or_default().take(drained) {
+                bounds.insert(lease.shard, DeliveredBound { lease, bound });
+            }
+        }
+        let mut bounds: Vec<DeliveredBound> = bounds.into_values().collect();
+        while !bounds.is_empty() {
+            let e = match store.advance_delivered(&bounds).await {
                 Ok(()) => break,
                 Err(e) => e,
             };
@@ -578,17 +669,17 @@ async fn clear_outboxes(
                     shard,
                     "fanout shard moved: its delivered entries are left to its new owner"
                 );
-                ranges.retain(|range| range.lease.shard != shard);
+                bounds.retain(|bound| bound.lease.shard != shard);
+                shards.remove(&shard);
                 continue;
             }
             if cancel.is_cancelled() {
-                tracing::warn!(error = %e, ranges = ranges.len(), "outbox clear failed while stopping; these entries are delivered again");
+                tracing::warn!(error = %e, shards = bounds.len(), "recording fanout bounds failed while stopping; these entries are delivered again");
                 break;
             }
-            tracing::warn!(error = %e, ranges = ranges.len(), "outbox clear failed; retrying");
+            tracing::warn!(error = %e, shards = bounds.len(), "recording fanout bounds failed; retrying");
             cancel.run_until_cancelled(tokio::time::sleep(RETRY)).await;
         }
-        ranges.clear();
     }
 }
 
@@ -722,7 +813,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_deposed_fanout_node_clears_nothing_of_the_shard_it_lost() {
+    async fn a_deposed_fanout_node_moves_no_bound_of_the_shard_it_lost() {
         let dir = tempfile::tempdir().unwrap();
         let store = store(&dir, 4).await;
         let shard = store.shard_of("d:1");
@@ -746,33 +837,56 @@ mod tests {
             .await
             .unwrap()[0];
         assert_eq!(new.epoch, old.epoch + 1);
-        let range = |lease| OutboxRange {
+        let past = |lease| DeliveredBound {
             lease,
-            first: key.clone(),
-            last: key.clone(),
+            bound: bound_after(&key),
         };
-        let refused = store.clear_outbox(&[range(old)]).await.unwrap_err();
+        let refused = store.advance_delivered(&[past(old)]).await.unwrap_err();
         let StoreError::FenceChanged { key: fence } = refused else {
-            panic!("expected a fenced-out clear, got {refused}");
+            panic!("expected a fenced-out record, got {refused}");
         };
         assert_eq!(store.delivery_fence_shard(&fence), Some(shard));
         assert_eq!(
-            store.outbox(shard, None, 10).await.unwrap().len(),
+            store.outbox_lag(shard, 10).await.unwrap().entries,
             1,
-            "nothing cleared"
+            "nothing recorded"
         );
-        store.clear_outbox(&[range(new)]).await.unwrap();
-        assert!(store.outbox(shard, None, 10).await.unwrap().is_empty());
+        store.advance_delivered(&[past(new)]).await.unwrap();
+        assert_eq!(store.outbox_lag(shard, 10).await.unwrap().entries, 0);
+    }
+
+    /// A range drained after a large-group range waits for it: the bound moves over ranges in
+    /// their order only.
+    #[test]
+    fn a_range_delivered_late_holds_the_bound_back() {
+        let lease = ShardLease { shard: 3, epoch: 7 };
+        let drained = |order, bound: &str| Drained {
+            lease,
+            order,
+            bound: bound.as_bytes().to_vec(),
+        };
+        let mut recorded = Recorded::default();
+        assert_eq!(recorded.take(drained(0, "a")), Some(b"a".to_vec()));
+        // Range 1 went to the large-group worker; range 2 arrives first.
+        assert_eq!(recorded.take(drained(2, "c")), None, "held back by range 1");
+        assert_eq!(recorded.take(drained(1, "b")), Some(b"c".to_vec()));
+        // A new lease (the shard taken again) starts its orders over.
+        let taken_again = Drained {
+            lease: ShardLease { shard: 3, epoch: 8 },
+            order: 0,
+            bound: b"d".to_vec(),
+        };
+        assert_eq!(recorded.take(taken_again), Some(b"d".to_vec()));
     }
 
     /// Gateways that refuse the first `failures` deliveries, then record what they take. When
-    /// they refuse a batch they look for its events in the outbox a little later, and note
-    /// those already cleared.
+    /// they refuse a batch they look a little later whether fanout's bound passed its events,
+    /// and note those it did.
     struct FlakyGateways {
         store: MessageStore,
         failures: std::sync::atomic::AtomicUsize,
         taken: Mutex<Vec<String>>,
-        cleared_untaken: Mutex<Vec<String>>,
+        passed_untaken: Mutex<Vec<String>>,
     }
 
     #[async_trait::async_trait]
@@ -788,12 +902,13 @@ mod tests {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 for (event, _) in batch {
                     let shard = self.store.shard_of(&event.conversation_id);
-                    let outbox = self.store.outbox(shard, None, 100).await?;
-                    if !outbox
+                    let bound = self.store.delivered_bounds(&[shard]).await?.pop().flatten();
+                    let waiting = self.store.outbox(shard, bound.as_deref(), 100).await?;
+                    if !waiting
                         .iter()
                         .any(|(_, e)| e.server_msg_id == event.server_msg_id)
                     {
-                        lock(&self.cleared_untaken).push(event.server_msg_id.clone());
+                        lock(&self.passed_untaken).push(event.server_msg_id.clone());
                     }
                 }
                 return Err(DeliveryError::Gateway {
@@ -820,7 +935,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_outbox_entry_stays_until_the_gateways_took_it_on_both_paths() {
+    async fn fanout_records_an_entry_only_once_the_gateways_took_it_on_both_paths() {
         let dir = tempfile::tempdir().unwrap();
         let store = store(&dir, 4).await;
         let seq = store
@@ -864,28 +979,29 @@ mod tests {
             store: store.clone(),
             failures: 4.into(),
             taken: Mutex::default(),
-            cleared_untaken: Mutex::default(),
+            passed_untaken: Mutex::default(),
         });
         let fanout = fanout_on(&store, "local", gateways.clone()).await;
         let loops = BackgroundLoops::new();
         fanout.start(&loops);
         for conv in ["d:self", "d:1"] {
-            until_outbox_empty(&store, store.shard_of(conv)).await;
+            until_delivered(&store, store.shard_of(conv)).await;
         }
         let mut taken = lock(&gateways.taken).clone();
         taken.sort();
         taken.dedup();
         assert_eq!(taken.len(), 2, "both events were delivered: {taken:?}");
-        let cleared = lock(&gateways.cleared_untaken).clone();
+        let passed = lock(&gateways.passed_untaken).clone();
         assert!(
-            cleared.is_empty(),
-            "cleared before the gateways took them: {cleared:?}"
+            passed.is_empty(),
+            "recorded as delivered before the gateways took them: {passed:?}"
         );
     }
 
-    async fn until_outbox_empty(store: &MessageStore, shard: u32) {
+    /// Waits until fanout's bound of `shard` is past every entry of its outbox.
+    async fn until_delivered(store: &MessageStore, shard: u32) {
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !store.outbox(shard, None, 1).await.unwrap().is_empty() {
+        while store.outbox_lag(shard, 1).await.unwrap().entries > 0 {
             assert!(Instant::now() < deadline, "the outbox was not drained");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -915,7 +1031,7 @@ mod tests {
         let fanout = Fanout::new(context, config("local", 1000)).await.unwrap();
         let loops = BackgroundLoops::new();
         fanout.start(&loops);
-        until_outbox_empty(&store, shard).await;
+        until_delivered(&store, shard).await;
         assert_eq!(fanout.backlog.load(Ordering::Relaxed), 0);
 
         // This process's own commit is counted, then drained back to zero.
@@ -924,7 +1040,7 @@ mod tests {
             .await
             .unwrap();
         fanout.committed(shard, 1);
-        until_outbox_empty(&store, shard).await;
+        until_delivered(&store, shard).await;
         let deadline = Instant::now() + Duration::from_secs(10);
         while fanout.backlog.load(Ordering::Relaxed) != 0 {
             assert!(Instant::now() < deadline, "the backlog did not return to 0");

@@ -1,6 +1,7 @@
-//! The push role's queue: turns durable push intents (written in the same commit as each
-//! message) into collapsed, per-device pending notifications, and sends those through the
-//! providers with retries.
+//! The push role's queue: turns the messages of each shard's outbox (the durable queue the
+//! sequencer writes in the same commit as each message, which fanout reads too) into
+//! collapsed, per-device pending notifications, and sends those through the providers with
+//! retries.
 //!
 //! - Only devices with a push registration that are not connected at that moment are notified.
 //! - Collapse: one pending notification per device and conversation, carrying a count; a new
@@ -12,18 +13,24 @@
 //!   are removed from the device.
 //! - Payloads carry conversation id, seq, sender and count; the text only with
 //!   `--push-include-text`.
-//! - Expansion: a pass of the notifier takes a page of intents from every shard it was told
+//! - Expansion: a pass of the notifier takes a page of the outbox from every shard it was told
 //!   of (waiting [`PASS_LINGER`] after the first notice, so that one pass takes many shards),
-//!   and writes their pending notifications in bounded commits, the intents cleared by the
-//!   last one: one commit per pass under a light load, not one per message.
-//!   Re-expanding after a failure counts no message twice (each notification keeps the
-//!   latest seq it counted). A shard that fails to expand is retried with backoff and holds
-//!   back neither the other shards nor the sends.
+//!   from the notifier's bound in it, and writes their pending notifications in bounded
+//!   commits; the last one moves each shard's bound past its page: one commit per pass under
+//!   a light load, not one per message. Re-expanding after a failure counts no message twice
+//!   (each notification keeps the latest seq it counted). A shard that fails to expand is
+//!   retried with backoff and holds back neither the other shards nor the sends.
+//! - Clearing (decision 0006): the commit that moves a shard's bound also clears its outbox
+//!   below both the notifier's and fanout's bounds; the notifier is the outbox's only clearer.
+//!   When fanout is behind, what lies between the bounds is cleared at a later round. While
+//!   no notifier runs, the outbox grows behind fanout; sends go on.
 //! - The notifier is one loop owned by the node's [`BackgroundLoops`]. It stops between passes
 //!   (a pass in progress finishes, unless the shutdown deadline aborts it). If it panics it is
-//!   restarted, with every shard marked for expansion again: its state is durable (intents and
-//!   pending notifications are in the store; re-expansion counts nothing twice), so a restart
-//!   costs at most the repeat of a notification that was sent but not yet recorded as sent.
+//!   restarted, with every shard marked for expansion again: its state is durable (its bounds
+//!   and the pending notifications are in the store; re-expansion counts nothing twice), so a
+//!   restart costs at most the repeat of a notification that was sent but not yet recorded as
+//!   sent. A node that takes the lead reads every shard's bound from the store again (another
+//!   node may have moved it meanwhile).
 
 pub mod providers;
 
@@ -39,22 +46,22 @@ use courier_core::metrics::{Metrics, OutcomeLabel};
 use courier_core::sequencing::CommitListener;
 use courier_core::{clock::now_ms, shard_cursors::ShardCursors};
 use courier_proto::{Body, EventPayload};
-use courier_store::{MessageStore, PendingPush, StoreError};
+use courier_store::{MessageStore, PendingPush, PushedBound, StoreError, bound_after};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
 
-/// Intents read per step of one shard.
-const INTENT_PAGE: usize = 256;
+/// Outbox entries read per step of one shard.
+const OUTBOX_PAGE: usize = 256;
 /// Pending notifications read per step of a send pass.
 const PENDING_PAGE: usize = 512;
 /// Attempts before a notification is given up.
 pub const MAX_ATTEMPTS: u32 = 12;
 /// Longest pause between send passes when nothing wakes the notifier.
 const IDLE_PASS: Duration = Duration::from_millis(250);
-/// Pending notifications built in memory for one pass: a shard's page ends after the intent
+/// Pending notifications built in memory for one pass: a shard's page ends after the message
 /// that reaches it (one large group's devices may go beyond it), and the shards after it wait
 /// for the next pass.
 const PENDING_PER_PASS: usize = 10_000;
@@ -62,7 +69,7 @@ const PENDING_PER_PASS: usize = 10_000;
 /// shard meanwhile are expanded together, in one store commit. A notification waits
 /// `--push-collapse` (500 ms by default) for more messages anyway.
 const PASS_LINGER: Duration = Duration::from_millis(20);
-/// Longest wait before a shard whose intents could not be expanded is tried again (the wait
+/// Longest wait before a shard whose messages could not be expanded is tried again (the wait
 /// doubles from [`IDLE_PASS`] with each failure in a row).
 const MAX_SHARD_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -78,21 +85,22 @@ pub struct NotifierConfig {
 
 type DeviceKey = (String, String, String);
 
-/// What one expansion did: the shards that failed, and whether a shard has intents left.
+/// What one expansion did: the shards that failed, and whether a shard has messages left.
 #[derive(Default)]
 struct Expanded {
     failed: Vec<(u32, StoreError)>,
     more: bool,
 }
 
-/// A page of one shard's intents (`first` through `last`) as pending notifications.
-struct IntentPage {
-    shard: u32,
-    first: Vec<u8>,
-    last: Vec<u8>,
+/// A page of one shard's outbox as pending notifications, and how the notifier's bound
+/// moves with it.
+struct OutboxPage {
+    bound: PushedBound,
     pending: Vec<(DeviceKey, PendingPush)>,
-    /// The shard has intents after `last`.
+    /// The shard has entries after the page.
     more: bool,
+    /// Fanout's bound is below the notifier's: entries between them are cleared later.
+    trailing: bool,
 }
 
 /// The devices to notify per user, looked up once per expansion.
@@ -148,7 +156,12 @@ pub struct Notifier {
     dirty: Mutex<BTreeSet<u32>>,
     /// Shards whose expansion failed: failures in a row, and when to try again (ms).
     backoff: Mutex<HashMap<u32, (u32, u64)>>,
+    /// Per shard, the notifier's bound in the outbox (read from the store when unknown).
     cursors: ShardCursors,
+    /// Per shard, where the outbox is cleared up to (unknown: from its start).
+    cleared: ShardCursors,
+    /// Shards whose outbox waits for fanout to be cleared ([`OutboxPage::trailing`]).
+    trailing: Mutex<BTreeSet<u32>>,
     wake: Notify,
     /// The earliest due time of any pending notification (0: unknown, scan).
     next_due_ms: AtomicU64,
@@ -180,14 +193,17 @@ impl Notifier {
             dirty: Mutex::new(BTreeSet::new()),
             backoff: Mutex::new(HashMap::new()),
             cursors: ShardCursors::default(),
+            cleared: ShardCursors::default(),
+            trailing: Mutex::new(BTreeSet::new()),
             wake: Notify::new(),
             next_due_ms: AtomicU64::new(0),
         })
     }
 
-    /// Starts the notifier as a loop of `loops`; intents left by a crash are expanded first
-    /// (and again after a restart). With `every_shard_each`, every shard is looked at again
-    /// that often: for a cluster node, which may miss a notice of another node's commit.
+    /// Starts the notifier as a loop of `loops`; every shard is looked at first (and again
+    /// after a restart), from its bound in the store. With `every_shard_each`, every shard is
+    /// looked at again that often: for a cluster node, which may miss a notice of another
+    /// node's commit.
     /// With `lead`, the notifier runs its passes only while this node leads the push job (one
     /// push node of a cluster at a time, `courier_store::leaders`), checked at start and then
     /// every `every_shard_each` (or idle pass); a node that takes the lead looks at every shard.
@@ -215,9 +231,12 @@ impl Notifier {
                         if let Some(lead) = &lead {
                             leading = lead.runs_pass(round).await;
                         }
-                        if every_shard_each.is_some() || (leading && !was_leading) {
+                        if leading && !was_leading {
+                            notifier.took_lead();
+                        } else if every_shard_each.is_some() {
                             notifier.mark_all_dirty();
                         }
+                        notifier.mark_trailing_dirty();
                     }
                     if !leading {
                         // Another node notifies; what this one was told of stays dirty for
@@ -257,11 +276,11 @@ impl Notifier {
         });
     }
 
-    /// Expands the intents of every dirty shard that is not backing off, then sends what is
+    /// Expands the outbox of every dirty shard that is not backing off, then sends what is
     /// due (scanning the pending notifications only once the earliest of them is due). A
-    /// shard whose intents cannot be expanded stays dirty and is tried again after a backoff;
+    /// shard whose messages cannot be expanded stays dirty and is tried again after a backoff;
     /// it holds back neither the other shards nor the sends. Returns whether a shard was left
-    /// with more intents than one pass takes.
+    /// with more messages than one pass takes.
     async fn pass(&self) -> Result<bool, StoreError> {
         let dirty = std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|e| e.into_inner()));
         let (ready, waiting): (Vec<u32>, Vec<u32>) = dirty
@@ -272,7 +291,7 @@ impl Notifier {
         }
         let expanded = self.expand(ready).await;
         for (shard, e) in &expanded.failed {
-            tracing::warn!(shard, error = %e, "push intents not expanded; retrying later");
+            tracing::warn!(shard, error = %e, "outbox not expanded into push notifications; retrying later");
             self.back_off(*shard);
             self.mark_dirty(*shard);
         }
@@ -291,6 +310,22 @@ impl Notifier {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .extend(0..self.store.shard_count());
+    }
+
+    /// This node leads the notifier again: another node may have moved the bounds meanwhile,
+    /// so they are read from the store, and every shard is looked at.
+    fn took_lead(&self) {
+        self.cursors.forget_all();
+        self.mark_all_dirty();
+    }
+
+    fn mark_trailing_dirty(&self) {
+        let trailing =
+            std::mem::take(&mut *self.trailing.lock().unwrap_or_else(|e| e.into_inner()));
+        self.dirty
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(trailing);
     }
 
     fn mark_dirty(&self, shard: u32) {
@@ -316,25 +351,32 @@ impl Notifier {
         backoff.insert(shard, (failures, now_ms() + wait.as_millis() as u64));
     }
 
-    /// Turns a page of intents of each of `shards` into pending notifications, in one commit
-    /// for all of them (a pass of the notifier commits once, however many shards had
+    /// Turns a page of the outbox of each of `shards` into pending notifications, in one
+    /// commit for all of them (a pass of the notifier commits once, however many shards had
     /// messages). When that commit fails, each shard's part is committed alone, so that a
     /// shard that cannot be expanded holds back none of the others. A shard left with more
-    /// intents than it gave is marked dirty again. Each message counts once per notification:
-    /// an intent at or below a notification's `last_seq` was counted by an expansion that
-    /// failed before clearing it.
+    /// messages than it gave is marked dirty again. Each message counts once per notification:
+    /// a message at or below a notification's `last_seq` was counted by an expansion that
+    /// failed before moving the bound.
     async fn expand(&self, shards: Vec<u32>) -> Expanded {
         let mut expanded = Expanded::default();
+        let delivered = match self.bounds_of(&shards).await {
+            Ok(delivered) => delivered,
+            Err(e) => {
+                expanded.failed = shards.into_iter().map(|s| (s, e.clone())).collect();
+                return expanded;
+            }
+        };
         let mut pages = Vec::new();
         let mut devices = DeviceLookups::default();
         let mut room = PENDING_PER_PASS;
-        for shard in shards {
+        for (shard, delivered) in shards.into_iter().zip(delivered) {
             if room == 0 {
                 self.mark_dirty(shard);
                 expanded.more = true;
                 continue;
             }
-            match self.read_page(shard, room, &mut devices).await {
+            match self.read_page(shard, delivered, room, &mut devices).await {
                 Ok(Some(page)) => {
                     room = room.saturating_sub(page.pending.len());
                     if page.more {
@@ -349,51 +391,71 @@ impl Notifier {
         }
         if pages.len() > 1 && self.commit_pages(&pages).await.is_ok() {
             for page in pages {
-                self.expanded(page.shard, Some(page));
+                self.expanded(page.bound.shard, Some(page));
             }
             return expanded;
         }
         for page in pages {
             match self.commit_pages(std::slice::from_ref(&page)).await {
-                Ok(()) => self.expanded(page.shard, Some(page)),
-                Err(e) => expanded.failed.push((page.shard, e)),
+                Ok(()) => self.expanded(page.bound.shard, Some(page)),
+                Err(e) => expanded.failed.push((page.bound.shard, e)),
             }
         }
         expanded
     }
 
-    /// The next page of `shard`'s intents (`None`: it has none) as pending notifications, at
-    /// most about `room` of them: the page ends after the intent that reaches it (one large
-    /// group's devices may go beyond it).
+    /// Fanout's bound of each of `shards`, with one read, after taking the notifier's own
+    /// bounds from the store for the shards it does not know yet (one read too).
+    async fn bounds_of(&self, shards: &[u32]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        let unknown: Vec<u32> = shards
+            .iter()
+            .copied()
+            .filter(|&shard| self.cursors.get(shard).is_none())
+            .collect();
+        if !unknown.is_empty() {
+            let pushed = self.store.pushed_bounds(&unknown).await?;
+            for (shard, bound) in unknown.into_iter().zip(pushed) {
+                if let Some(bound) = bound {
+                    self.cursors.set(shard, bound);
+                }
+            }
+        }
+        self.store.delivered_bounds(shards).await
+    }
+
+    /// The next page of `shard`'s outbox (`None`: nothing new, nothing to clear) as pending
+    /// notifications, at most about `room` of them: the page ends after the message that
+    /// reaches it (one large group's devices may go beyond it). Events other than messages
+    /// notify nobody; the page passes over them. The outbox is cleared below the page's end
+    /// and `delivered`, fanout's bound.
     async fn read_page(
         &self,
         shard: u32,
+        delivered: Option<Vec<u8>>,
         room: usize,
         devices: &mut DeviceLookups,
-    ) -> Result<Option<IntentPage>, StoreError> {
-        let after = self.cursors.get(shard);
-        let intents = self
+    ) -> Result<Option<OutboxPage>, StoreError> {
+        let from = self.cursors.get(shard);
+        let entries = self
             .store
-            .push_intents(shard, after.as_deref(), INTENT_PAGE)
+            .outbox(shard, from.as_deref(), OUTBOX_PAGE)
             .await?;
-        let Some((first, _)) = intents.first() else {
-            return Ok(None);
-        };
-        let first = first.clone();
-        let mut more = intents.len() == INTENT_PAGE;
-        let (read, mut last) = (intents.len(), Vec::new());
+        let mut more = entries.len() == OUTBOX_PAGE;
+        let read = entries.len();
+        let mut bound = from;
         let now = now_ms();
         let mut pending: HashMap<DeviceKey, PendingPush> = HashMap::new();
-        for (taken, (key, intent)) in intents.into_iter().enumerate() {
+        for (taken, (key, event)) in entries.into_iter().enumerate() {
             if pending.len() >= room {
                 more |= taken < read;
                 break;
             }
-            last = key;
-            let members = self
-                .membership
-                .members_at(&intent.conversation_id, intent.seq)
-                .await?;
+            bound = Some(bound_after(&key));
+            if !matches!(event.payload, EventPayload::Message { .. }) {
+                continue;
+            }
+            let conv = event.conversation_id.as_str();
+            let members = self.membership.members_at(conv, event.seq).await?;
             let quiet = members.len() > self.large_group_threshold;
             let collapse = if quiet {
                 self.config.push_quiet_collapse
@@ -403,16 +465,12 @@ impl Notifier {
             let others = || {
                 members
                     .iter()
-                    .filter(|member| **member != intent.sender_user)
+                    .filter(|member| **member != event.sender.user)
             };
             devices.look_up(self, others().map(String::as_str)).await?;
             for member in others() {
                 for device in devices.offline_with_push(member) {
-                    let key = (
-                        member.clone(),
-                        device.clone(),
-                        intent.conversation_id.clone(),
-                    );
+                    let key = (member.clone(), device.clone(), conv.to_owned());
                     let entry = match pending.remove(&key) {
                         Some(entry) => Some(entry),
                         None => self.store.pending_push(&key.0, &key.1, &key.2).await?,
@@ -422,40 +480,59 @@ impl Notifier {
                         quiet,
                         ..PendingPush::default()
                     });
-                    if entry.last_seq < intent.seq {
+                    if entry.last_seq < event.seq {
                         entry.count = entry.count.saturating_add(1);
-                        entry.last_seq = intent.seq;
-                        entry.sender = intent.sender_user.clone();
+                        entry.last_seq = event.seq;
+                        entry.sender = event.sender.user.clone();
                     }
                     pending.insert(key, entry);
                 }
             }
         }
-        Ok(Some(IntentPage {
-            shard,
-            first,
-            last,
+        let Some(bound) = bound else {
+            return Ok(None);
+        };
+        // Cleared below both bounds: what fanout has not delivered stays.
+        let (clear_to, trailing) = match delivered {
+            Some(delivered) if delivered < bound => (Some(delivered), true),
+            Some(_) => (Some(bound.clone()), false),
+            None => (None, true),
+        };
+        let clear = clear_to.and_then(|to| {
+            let from = self
+                .cleared
+                .get(shard)
+                .unwrap_or_else(|| self.store.keys().outbox(shard).start);
+            (from < to).then_some(from..to)
+        });
+        if read == 0 && clear.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(OutboxPage {
+            bound: PushedBound {
+                shard,
+                bound,
+                clear,
+            },
             pending: pending.into_iter().collect(),
             more,
+            trailing,
         }))
     }
 
-    /// Writes the pending notifications of `pages` and clears their intents.
-    async fn commit_pages(&self, pages: &[IntentPage]) -> Result<(), StoreError> {
-        let intents: Vec<(Vec<u8>, Vec<u8>)> = pages
-            .iter()
-            .map(|page| (page.first.clone(), page.last.clone()))
-            .collect();
+    /// Writes the pending notifications of `pages` and moves their bounds.
+    async fn commit_pages(&self, pages: &[OutboxPage]) -> Result<(), StoreError> {
+        let bounds: Vec<PushedBound> = pages.iter().map(|page| page.bound.clone()).collect();
         let pending: Vec<_> = pages
             .iter()
             .flat_map(|page| page.pending.iter().cloned())
             .collect();
-        self.store.expand_push_intents(&intents, &pending).await
+        self.store.expand_outbox(&bounds, &pending).await
     }
 
-    /// `shard` was expanded (through `page`, if it had intents): it no longer backs off, and
-    /// its next read starts after the page.
-    fn expanded(&self, shard: u32, page: Option<IntentPage>) {
+    /// `shard` was expanded (through `page`, if it had anything to do): it no longer backs
+    /// off, and its next read starts after the page.
+    fn expanded(&self, shard: u32, page: Option<OutboxPage>) {
         self.backoff
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -466,7 +543,16 @@ impl Notifier {
         if let Some(due) = page.pending.iter().map(|(_, p)| p.due_ms).min() {
             self.next_due_ms.fetch_min(due, Ordering::Relaxed);
         }
-        self.cursors.set(shard, page.last);
+        if let Some(clear) = page.bound.clear {
+            self.cleared.set(shard, clear.end);
+        }
+        if page.trailing {
+            self.trailing
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(shard);
+        }
+        self.cursors.set(shard, page.bound.bound);
     }
 
     async fn send_due(&self) -> Result<(), StoreError> {
@@ -602,7 +688,7 @@ mod tests {
     use courier_proto::Sender;
     use courier_store::faulty_engine::{FaultyEngine, touches};
     use courier_store::ownership::Duty;
-    use courier_store::{Append, AppendKey, HeadCache};
+    use courier_store::{Append, AppendKey, DeliveredBound, HeadCache};
 
     #[derive(Parser)]
     struct Flags {
@@ -730,12 +816,50 @@ mod tests {
         .await;
     }
 
+    /// A second message to `conv`, from `sender`'s phone.
+    async fn second_message(store: &MessageStore, conv: &str, sender: &str) {
+        let sender = Sender {
+            user: sender.into(),
+            device: "phone".into(),
+        };
+        append(
+            store,
+            Append::message(
+                conv.into(),
+                sender,
+                "second".into(),
+                Body::Text("2".into()),
+                None,
+            ),
+        )
+        .await;
+    }
+
     /// Group ids, one per shard they fall on, in shard order.
     fn groups_on_distinct_shards(store: &MessageStore) -> Vec<String> {
         let mut convs: Vec<String> = (0..64).map(|i| format!("g:{i}")).collect();
         convs.sort_by_key(|c| store.shard_of(c));
         convs.dedup_by_key(|c| store.shard_of(c));
         convs
+    }
+
+    /// The key of the notifier's bound of `shard`, as a range (what a commit that moves it
+    /// touches).
+    fn pushed_bound_key(store: &MessageStore, shard: u32) -> std::ops::Range<Vec<u8>> {
+        let key = store.keys().pushed_bound(shard);
+        let end = bound_after(&key);
+        key..end
+    }
+
+    /// Whether the notifier's bound of `shard` is past every entry of its outbox.
+    async fn all_expanded(store: &MessageStore, shard: u32) -> bool {
+        let bound = store.pushed_bounds(&[shard]).await.unwrap().pop().flatten();
+        bound.is_some()
+            && store
+                .outbox(shard, bound.as_deref(), 1)
+                .await
+                .unwrap()
+                .is_empty()
     }
 
     async fn counts(store: &MessageStore, conv: &str, members: &[String]) -> Vec<u32> {
@@ -759,11 +883,11 @@ mod tests {
         // Nothing is due for an hour: the notifications stay pending, to be counted.
         let notifier = notifier(&store, PushProviders::default(), Duration::from_secs(3600));
         let shard = store.shard_of("g:big");
-        let intents = store.keys().push_intents(shard);
+        let pushed = pushed_bound_key(&store, shard);
 
-        // The commit that clears the intent fails once (a crash after the first chunks).
+        // The commit that moves the bound fails once (a crash after the first chunks).
         engine.set_fault(Some(Box::new(move |batch| {
-            touches(batch, &intents).then(|| StoreError::Engine("lost".into()))
+            touches(batch, &pushed).then(|| StoreError::Engine("lost".into()))
         })));
         assert_eq!(notifier.expand(vec![shard]).await.failed.len(), 1);
         engine.set_fault(None);
@@ -779,12 +903,117 @@ mod tests {
             [0],
             "not the sender"
         );
-        assert!(
-            store
-                .push_intents(shard, None, 10)
-                .await
-                .unwrap()
-                .is_empty()
+        assert!(all_expanded(&store, shard).await);
+    }
+
+    /// The notifier reads a message before fanout delivered it: it clears nothing fanout
+    /// still needs, and clears it at a later round once fanout's bound passed it.
+    #[tokio::test]
+    async fn the_outbox_is_cleared_only_below_fanouts_bound() {
+        let engine = FaultyEngine::new();
+        let store = engine.store(4).await;
+        let members = vec!["ann".to_owned(), "ben".to_owned()];
+        group_with_a_message(&store, "g:1", &members).await;
+        let shard = store.shard_of("g:1");
+        let entries = store.outbox(shard, None, 10).await.unwrap();
+        let notifier = notifier(&store, PushProviders::default(), Duration::from_secs(3600));
+
+        assert!(notifier.expand(vec![shard]).await.failed.is_empty());
+        assert_eq!(counts(&store, "g:1", &members[1..]).await, [1]);
+        assert_eq!(
+            store.outbox(shard, None, 10).await.unwrap().len(),
+            entries.len(),
+            "fanout has delivered nothing: nothing is cleared"
+        );
+
+        // Fanout delivers the group's creation only: the message stays.
+        let lease = store
+            .acquire_shards(Duty::Delivery, "f", &[shard], 1, 0, u64::MAX)
+            .await
+            .unwrap()[0];
+        let advance = |key: &[u8]| {
+            let bound = DeliveredBound {
+                lease,
+                bound: bound_after(key),
+            };
+            let store = store.clone();
+            async move { store.advance_delivered(&[bound]).await.unwrap() }
+        };
+        advance(&entries[0].0).await;
+        notifier.mark_trailing_dirty();
+        assert!(notifier.expand(vec![shard]).await.failed.is_empty());
+        let left = store.outbox(shard, None, 10).await.unwrap();
+        assert_eq!(left.len(), entries.len() - 1, "only what fanout delivered");
+        assert_eq!(left[0].0, entries[1].0);
+
+        advance(&entries[entries.len() - 1].0).await;
+        assert!(notifier.expand(vec![shard]).await.failed.is_empty());
+        assert!(store.outbox(shard, None, 10).await.unwrap().is_empty());
+        assert_eq!(
+            counts(&store, "g:1", &members[1..]).await,
+            [1],
+            "a clear counts nothing again"
+        );
+    }
+
+    /// A notifier that starts again (another push node, a restart) reads on from the bound in
+    /// the store: a notification already sent is not made again.
+    #[tokio::test]
+    async fn a_new_notifier_reads_on_from_the_stored_bound() {
+        let engine = FaultyEngine::new();
+        let store = engine.store(4).await;
+        let members = vec!["ann".to_owned(), "ben".to_owned()];
+        group_with_a_message(&store, "g:1", &members).await;
+        let shard = store.shard_of("g:1");
+        let first = notifier(&store, PushProviders::default(), Duration::from_secs(3600));
+        assert!(first.expand(vec![shard]).await.failed.is_empty());
+        // Sent, say: the notification is settled.
+        let key = store.keys().pending_push("ben", "phone", "g:1");
+        let pending = store.pending_push("ben", "phone", "g:1").await.unwrap();
+        store
+            .settle_pending_push(&key, &pending.unwrap(), None)
+            .await
+            .unwrap();
+
+        let second = notifier(&store, PushProviders::default(), Duration::from_secs(3600));
+        assert!(second.expand(vec![shard]).await.failed.is_empty());
+        assert_eq!(
+            store.pending_push("ben", "phone", "g:1").await.unwrap(),
+            None
+        );
+    }
+
+    /// A node that leads the notifier again after another node did reads on from the bound
+    /// the other left, not from where it stopped: what the other notified is not notified
+    /// again.
+    #[tokio::test]
+    async fn a_node_that_takes_the_lead_again_reads_on_from_the_other_nodes_bound() {
+        let engine = FaultyEngine::new();
+        let store = engine.store(4).await;
+        let members = vec!["ann".to_owned(), "ben".to_owned()];
+        group_with_a_message(&store, "g:1", &members).await;
+        let shard = store.shard_of("g:1");
+        let (first, other) = (
+            notifier(&store, PushProviders::default(), Duration::from_secs(3600)),
+            notifier(&store, PushProviders::default(), Duration::from_secs(3600)),
+        );
+        assert!(first.expand(vec![shard]).await.failed.is_empty());
+        // The other node leads meanwhile: it notifies a second message, sent since.
+        second_message(&store, "g:1", &members[0]).await;
+        assert!(other.expand(vec![shard]).await.failed.is_empty());
+        let key = store.keys().pending_push("ben", "phone", "g:1");
+        let pending = store.pending_push("ben", "phone", "g:1").await.unwrap();
+        assert_eq!(pending.as_ref().map(|p| p.count), Some(2));
+        store
+            .settle_pending_push(&key, &pending.unwrap(), None)
+            .await
+            .unwrap();
+
+        first.took_lead();
+        assert!(first.expand(vec![shard]).await.failed.is_empty());
+        assert_eq!(
+            store.pending_push("ben", "phone", "g:1").await.unwrap(),
+            None
         );
     }
 
@@ -807,7 +1036,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_intents_of_several_shards_are_expanded_in_one_commit() {
+    async fn the_messages_of_several_shards_are_expanded_in_one_commit() {
         let engine = FaultyEngine::new();
         let store = engine.store(64).await;
         let convs = &groups_on_distinct_shards(&store)[..3];
@@ -816,14 +1045,14 @@ mod tests {
             group_with_a_message(&store, conv, &members).await;
         }
         let shards: Vec<u32> = convs.iter().map(|c| store.shard_of(c)).collect();
-        let intents: Vec<_> = shards
+        let bounds: Vec<_> = shards
             .iter()
-            .map(|&s| store.keys().push_intents(s))
+            .map(|&s| pushed_bound_key(&store, s))
             .collect();
-        let clearing = Arc::new(Mutex::new(Vec::new()));
-        let seen = clearing.clone();
+        let moving = Arc::new(Mutex::new(Vec::new()));
+        let seen = moving.clone();
         engine.set_fault(Some(Box::new(move |batch| {
-            let touched = intents.iter().filter(|range| touches(batch, range)).count();
+            let touched = bounds.iter().filter(|range| touches(batch, range)).count();
             seen.lock().unwrap().push(touched);
             None
         })));
@@ -832,27 +1061,21 @@ mod tests {
         let expanded = notifier.expand(shards.clone()).await;
         assert!(expanded.failed.is_empty() && !expanded.more);
         assert_eq!(
-            *clearing.lock().unwrap(),
+            *moving.lock().unwrap(),
             [3],
-            "one commit writes every notification and clears the three shards' intents"
+            "one commit writes every notification and moves the three shards' bounds"
         );
         for conv in convs {
             let reader = format!("{conv}-reader");
             assert_eq!(counts(&store, conv, &[reader]).await, [1]);
         }
         for shard in shards {
-            assert!(
-                store
-                    .push_intents(shard, None, 10)
-                    .await
-                    .unwrap()
-                    .is_empty()
-            );
+            assert!(all_expanded(&store, shard).await);
         }
     }
 
     #[tokio::test]
-    async fn a_shard_whose_intents_cannot_be_expanded_does_not_hold_back_the_others() {
+    async fn a_shard_whose_messages_cannot_be_expanded_does_not_hold_back_the_others() {
         let engine = FaultyEngine::new();
         let store = engine.store(64).await;
         // Two groups, the failing one on the lower shard (expanded first before).
@@ -861,9 +1084,9 @@ mod tests {
         let pair = |a: &str| vec![format!("{a}-sender"), format!("{a}-reader")];
         group_with_a_message(&store, &failing, &pair("f")).await;
         group_with_a_message(&store, &healthy, &pair("h")).await;
-        let failing_intents = store.keys().push_intents(store.shard_of(&failing));
+        let failing_bound = pushed_bound_key(&store, store.shard_of(&failing));
         engine.set_fault(Some(Box::new(move |batch| {
-            touches(batch, &failing_intents).then(|| StoreError::Engine("broken".into()))
+            touches(batch, &failing_bound).then(|| StoreError::Engine("broken".into()))
         })));
         let (providers, sent) = webhook().await;
         let notifier = notifier(&store, providers, Duration::ZERO);
@@ -889,7 +1112,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_cluster_notifier_finds_the_intents_of_commits_it_was_not_told_of() {
+    async fn a_cluster_notifier_finds_the_messages_of_commits_it_was_not_told_of() {
         let engine = FaultyEngine::new();
         let store = engine.store(4).await;
         let (providers, sent) = webhook().await;

@@ -523,7 +523,7 @@ impl fanout_server::Fanout for FanoutService {
 /// delivery owner, read from the store and cached for [`DIRECTORY_TTL`]) of the events
 /// committed for this node's appends, this node's own fanout in-process; and tells the push
 /// notifier's leader (`Job::Push`, read and cached likewise) of every shard committed to, so
-/// that it expands their push intents at once rather than at its next round over every shard.
+/// that it expands their outboxes at once rather than at its next round over every shard.
 /// Both get the same call (`Fanout.Committed`), one per node per batch of notices.
 pub struct CommitNotifier {
     directory: Arc<Directory>,

@@ -42,9 +42,7 @@ use courier_core::sequencing::{
 };
 use courier_proto::{EventPayload, ids};
 use courier_store::ownership::Duty;
-use courier_store::{
-    Append, AppendOutcome, Appended, HeadCache, MessageStore, ShardLease, StoreError,
-};
+use courier_store::{Append, AppendOutcome, HeadCache, MessageStore, ShardLease, StoreError};
 use futures::future::BoxFuture;
 use outbox_lag::{DEFAULT_OUTBOX_LAG_LIMIT, OUTBOX_LAG_ROUND, OutboxWatch};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering as AtomicOrdering};
@@ -653,7 +651,7 @@ impl ShardActor {
             let started = std::time::Instant::now();
             let result = self
                 .store
-                .append_stamped(self.lease, &mut self.heads, &appends)
+                .append(self.lease, &mut self.heads, &appends)
                 .await;
             self.metrics
                 .stages
@@ -666,7 +664,7 @@ impl ShardActor {
                     parts.push(second);
                     parts.push(part);
                 }
-                Ok(Appended { results, stamp }) => {
+                Ok(results) => {
                     let new = results
                         .iter()
                         .filter(|r| r.as_ref().is_ok_and(|o| !o.duplicate))
@@ -682,7 +680,7 @@ impl ShardActor {
                         .get_or_create(&ShardLabel { shard })
                         .inc_by(new as u64);
                     if new > 0 {
-                        self.outbox.committed(shard, stamp);
+                        self.outbox.committed(shard);
                         self.listener.committed(shard, new);
                     }
                 }
@@ -809,7 +807,8 @@ mod tests {
             .unwrap()
     }
 
-    /// Clears every entry of `shard`'s outbox, as fanout does once it delivered them.
+    /// Moves fanout's bound past every entry of `shard`'s outbox, as fanout does once it
+    /// delivered them.
     async fn drain_outbox(store: &MessageStore, shard: u32) {
         let delivery = store
             .acquire_shards(Duty::Delivery, "f1", &[shard], usize::MAX, now_ms(), 60_000)
@@ -817,10 +816,9 @@ mod tests {
             .unwrap();
         let entries = store.outbox(shard, None, usize::MAX).await.unwrap();
         store
-            .clear_outbox(&[courier_store::OutboxRange {
+            .advance_delivered(&[courier_store::DeliveredBound {
                 lease: delivery[0],
-                first: entries.first().unwrap().0.clone(),
-                last: entries.last().unwrap().0.clone(),
+                bound: courier_store::bound_after(&entries.last().unwrap().0),
             }])
             .await
             .unwrap();
@@ -895,12 +893,13 @@ mod tests {
         };
         assert_eq!(sequencer.submit(delete).await.unwrap().seq, 3);
 
-        // Fanout delivers and clears the outbox: the next round accepts again.
+        // Fanout delivers the outbox: the next round accepts again.
         drain_outbox(&store, shard).await;
         sequencer.watch_outboxes_at(at_limit + 1).await.unwrap();
         assert_eq!(seq_of(&sequencer, "m3").await.unwrap(), 4);
         // The message just sent waits in turn; once it is older than the limit, refused again.
-        let later = store.outbox(shard, None, 1).await.unwrap()[0].1.ts_ms;
+        let waiting = store.oldest_outbox_entries(&[shard]).await.unwrap();
+        let later = waiting[0].as_ref().unwrap().ts_ms;
         sequencer
             .watch_outboxes_at(later + LIMIT.as_millis() as u64 + 1)
             .await
@@ -911,12 +910,10 @@ mod tests {
         ));
     }
 
-    /// A read of an outbox steps over every entry cleared since its start key (tombstones, on
-    /// the embedded engine): a round that finds the outbox empty starts the next one at this
-    /// node's last commit to it, not at the start of the outbox, and still finds what comes
-    /// after.
+    /// A round reads each shard's outbox from fanout's bound: entries fanout delivered (and
+    /// the tombstones of those the push notifier cleared) lie below it.
     #[tokio::test]
-    async fn a_round_that_finds_an_outbox_empty_reads_on_from_the_last_commit() {
+    async fn a_round_reads_an_outbox_from_fanouts_bound() {
         const LIMIT: Duration = Duration::from_secs(5);
         let engine = FaultyEngine::new();
         let store = engine.store(4).await;
@@ -930,23 +927,22 @@ mod tests {
                 .collect::<Vec<_>>()
         };
         sequencer.watch_outboxes_at(now_ms()).await.unwrap();
-        let mut last_key = Vec::new();
         for id in ["m1", "m2"] {
             sequencer.submit(message("d:1", id, "x")).await.unwrap();
-            last_key = store.outbox(shard, None, 1).await.unwrap()[0].0.clone();
-            drain_outbox(&store, shard).await;
         }
-        // Found empty, read from the start: the floor moves to the last commit.
+        drain_outbox(&store, shard).await;
+        let last_key = store.outbox(shard, None, usize::MAX).await.unwrap()[1]
+            .0
+            .clone();
         read_from();
         sequencer.watch_outboxes_at(now_ms()).await.unwrap();
-        assert_eq!(read_from(), std::slice::from_ref(&outbox.start));
+        assert_eq!(read_from(), [courier_store::bound_after(&last_key)]);
 
         let third = sequencer.submit(message("d:1", "m3", "x")).await.unwrap();
         sequencer
             .watch_outboxes_at(third.ts_ms + LIMIT.as_millis() as u64 + 1)
             .await
             .unwrap();
-        assert_eq!(read_from(), [last_key]);
         assert!(matches!(
             seq_of(&sequencer, "m4").await,
             Err(SequencerError::DeliveryBehind)

@@ -19,22 +19,17 @@
 //! **Cost.** One loop per sequencer node ([`crate::LocalSequencer::watch_outboxes`]), a round
 //! every [`OUTBOX_LAG_ROUND`]. A round reads, for each owned shard that may hold entries (it
 //! had entries at the last round, had events committed here since, or was just taken), its
-//! oldest outbox entry: a range read of one entry, starting at the oldest key seen before
-//! (`MessageStore::oldest_outbox_entries`, 64 shards per engine call, one call after the
-//! other). An idle node reads nothing; a node whose every shard is busy reads one entry per
-//! shard. The path of an append reads one flag in memory (the last round's verdict).
-//!
-//! **Where a read starts.** A read steps over every entry cleared since its start key (on the
-//! embedded engine each is a tombstone until a compaction), so the start key keeps up with
-//! the outbox: it is the oldest entry the last read found or, when that read found the outbox
-//! empty, the first key of the last commit this node made to it before the read
-//! ([`Keys::outbox_from`]): that commit's entries and all before them were cleared, and every
-//! later commit sorts after. Without the second rule a shard that fanout keeps empty was read
-//! from the start of its outbox at every round, stepping over every entry it ever cleared
-//! (7 % of a node's CPU at 2,000 msgs/s over 100 conversations).
+//! oldest entry fanout has not delivered: fanout's bound in the outbox, then a range read of
+//! one entry from there (`MessageStore::oldest_outbox_entries`, 64 shards per engine call,
+//! one call after the other). Entries below the bound wait only for the push notifier, which
+//! clears them (decision 0006): a read from the bound steps over no cleared entry (on the
+//! embedded engine a tombstone until a compaction). An idle node reads nothing; a node whose
+//! every shard is busy reads one bound and one entry per shard. The path of an append reads
+//! one flag in memory (the last round's verdict).
 //!
 //! **Invariants.** Only this node commits to the outboxes of the shards it owns, so a shard
-//! found empty stays empty until this node commits to it: the commit marks it to be read.
+//! found with nothing waiting stays so until this node commits to it: the commit marks it to
+//! be read.
 //! A shard just taken (from a dead or moved owner, maybe with an old outbox) is read at the
 //! next round and accepts until then. A shard this node no longer owns answers `ShardMoved`,
 //! never `DeliveryBehind`, even if a round that read it as it moved left it marked behind (so
@@ -45,11 +40,9 @@
 //! and the shards it was to read are read at the next round. (A store that cannot be read
 //! fails the appends too.) What is refused was never committed: nothing is lost.
 
-use crate::lock;
 use courier_core::clock::now_ms;
 use courier_core::metrics::Metrics;
-use courier_store::{CommitStamp, MessageStore, StoreError};
-use std::sync::Mutex;
+use courier_store::{MessageStore, StoreError};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -70,18 +63,6 @@ pub(crate) struct OutboxWatch {
     behind: Vec<AtomicBool>,
     /// Per shard: to be read at the next round.
     to_read: Vec<AtomicBool>,
-    /// Per shard: where the next read starts, and this node's last commit to it.
-    floors: Mutex<Vec<Floor>>,
-}
-
-/// Where a shard's next read starts (module documentation). Outbox keys only grow (they are
-/// commit versionstamps), whoever owns the shard.
-#[derive(Debug, Clone, Default)]
-struct Floor {
-    /// The next read starts here (`None`: at the start of the outbox).
-    read_from: Option<Vec<u8>>,
-    /// The stamp of this node's last commit to the shard's outbox.
-    last_commit: Option<CommitStamp>,
 }
 
 impl OutboxWatch {
@@ -90,7 +71,6 @@ impl OutboxWatch {
             limit_ms: limit.as_millis() as u64,
             behind: (0..shards).map(|_| AtomicBool::new(false)).collect(),
             to_read: (0..shards).map(|_| AtomicBool::new(false)).collect(),
-            floors: Mutex::new(vec![Floor::default(); shards]),
         }
     }
 
@@ -99,12 +79,8 @@ impl OutboxWatch {
         self.behind[shard as usize].load(Ordering::Relaxed)
     }
 
-    /// Events were committed to `shard`'s outbox (by the commit of `stamp`, when known): read
-    /// it at the next round.
-    pub(crate) fn committed(&self, shard: u32, stamp: Option<CommitStamp>) {
-        if stamp.is_some() {
-            lock(&self.floors)[shard as usize].last_commit = stamp;
-        }
+    /// Events were committed to `shard`'s outbox: read it at the next round.
+    pub(crate) fn committed(&self, shard: u32) {
         self.to_read[shard as usize].store(true, Ordering::Relaxed);
     }
 
@@ -135,18 +111,7 @@ impl OutboxWatch {
             .copied()
             .filter(|&shard| self.to_read[shard as usize].swap(false, Ordering::Relaxed))
             .collect();
-        // The last commits are taken before the read: they are in what the read sees.
-        let (from, last_commits): (Vec<_>, Vec<_>) = {
-            let floors = lock(&self.floors);
-            shards
-                .iter()
-                .map(|&shard| {
-                    let floor = &floors[shard as usize];
-                    ((shard, floor.read_from.clone()), floor.last_commit)
-                })
-                .unzip()
-        };
-        let oldest = match store.oldest_outbox_entries(&from).await {
+        let oldest = match store.oldest_outbox_entries(&shards).await {
             Ok(oldest) => oldest,
             Err(e) => {
                 for &shard in &shards {
@@ -155,29 +120,18 @@ impl OutboxWatch {
                 return Err(e);
             }
         };
-        let mut floors = lock(&self.floors);
         let mut oldest_age_ms = 0;
-        for ((&shard, entry), last_commit) in shards.iter().zip(oldest).zip(last_commits) {
+        for (&shard, entry) in shards.iter().zip(oldest) {
             let index = shard as usize;
             let behind = match entry {
                 Some(entry) => {
                     let age_ms = now_ms.saturating_sub(entry.ts_ms);
                     oldest_age_ms = oldest_age_ms.max(age_ms);
-                    floors[index].read_from = Some(entry.key);
                     // Still waiting: read again at the next round.
                     self.to_read[index].store(true, Ordering::Relaxed);
                     age_ms > self.limit_ms
                 }
-                None => {
-                    if let Some(stamp) = last_commit {
-                        let cleared = store.keys().outbox_from(shard, stamp);
-                        let floor = &mut floors[index].read_from;
-                        if floor.as_ref().is_none_or(|from| *from < cleared) {
-                            *floor = Some(cleared);
-                        }
-                    }
-                    false
-                }
+                None => false,
             };
             if self.behind[index].swap(behind, Ordering::Relaxed) != behind {
                 match behind {
@@ -212,5 +166,3 @@ impl OutboxWatch {
 
 #[cfg(doc)]
 use courier_core::sequencing::SequencerError;
-#[cfg(doc)]
-use courier_store::Keys;

@@ -498,7 +498,7 @@ async fn run_media(
 
 /// The push notifier alone until SIGTERM or Ctrl-C, sending with `providers`: while this node
 /// leads the notifier, the chat nodes tell it of the shards they commit to (`Fanout.Committed`
-/// on `internal`), and it expands every shard's push intents each lease round besides (for a
+/// on `internal`), and it expands every shard's outbox each lease round besides (for a
 /// lost notice); it sends them, skipping the devices connected at that moment (read from the
 /// route store). The admin API on `internal`.
 async fn run_push(

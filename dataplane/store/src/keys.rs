@@ -20,7 +20,9 @@
 //! | `sidem` | `("sidem", conv, key)` | the first outcome of a server-made append (a delete's target, a membership request); cleared likewise |
 //! | `cur` | `("cur", user, device, conv)` | the device's delivered cursor (u64 LE, atomic MAX) |
 //! | `rcpt` | `("rcpt", conv, user, kind)` | the user's delivered/read cursor (u64 LE, atomic MAX) |
-//! | `ob` | `("ob", shard, versionstamp)` | outbox: events committed, not yet fanned out |
+//! | `ob` | `("ob", shard, versionstamp)` | outbox: events committed, not yet both fanned out and read by the push notifier |
+//! | `fcur` | `("fcur", shard)` | fanout's bound in the outbox: every entry below it was handed to the gateways (fenced on the delivery epoch) |
+//! | `pcur` | `("pcur", shard)` | the push notifier's bound in the outbox: every message below it was expanded into pending notifications |
 //! | `floor` | `("floor", conv)` | lowest retained seq (u64 LE); events below were cleared |
 //! | `dev` | `("dev", user, device)` | the device (`DeviceRecord`: last seen, unlinked, push) |
 //! | `gcount` | `("gcount", user, shard)` | groups of `shard` the user belongs to (i64 LE, atomic ADD); a user's group count is the sum of these |
@@ -29,7 +31,6 @@
 //! | `mblob` | `("mblob", sha256, id)` | media record `id` keeps the bytes `sha256` (empty) |
 //! | `mbytes` | `("mbytes", user)` | bytes of the user's media records, for the quota (u64 LE) |
 //! | `mref` | `("mref", id, conv, seq)` | message `seq` of `conv` references it (empty); one per message |
-//! | `push` | `("push", shard, versionstamp)` | push intents: messages whose offline recipients are not yet notified |
 //! | `pushq` | `("pushq", user, device, conv)` | a pending, collapsed notification (`PendingPush`) |
 //! | `meta` | `("meta", "partitions")`, `("meta", "partition")` | with storage partitions: the table's shard ranges (in the directory) and each partition's index (in each partition) |
 //!
@@ -39,7 +40,6 @@
 //! id) with their conversation's shard, `ngroups` with the shard it counts, and the rest in the
 //! directory (partition 0). `docs/decisions/0005-storage-partitions.md` says why.
 
-use crate::kv::CommitStamp;
 use crate::ownership::Duty;
 use foundationdb_tuple::{Subspace, Versionstamp};
 use std::ops::Range;
@@ -359,16 +359,6 @@ impl Keys {
             .map(|(_, _, conv, seq)| (conv, seq))
     }
 
-    /// A push-intent key of `shard`, completed with the commit's versionstamp.
-    pub fn push_intent(&self, shard: u32, order: u16) -> Vec<u8> {
-        self.root
-            .pack_with_versionstamp(&("push", shard, Versionstamp::incomplete(order)))
-    }
-
-    pub fn push_intents(&self, shard: u32) -> Range<Vec<u8>> {
-        range_of(self.root.subspace(&("push", shard)))
-    }
-
     pub fn pending_push(&self, user: &str, device: &str, conv: &str) -> Vec<u8> {
         self.root.pack(&("pushq", user, device, conv))
     }
@@ -423,7 +413,7 @@ impl Keys {
         let place = match tuple.string()? {
             b"meta" | b"lead" | b"route" | b"groute" | b"node" | b"dev" | b"cur" | b"media"
             | b"mblob" | b"mbytes" | b"ngroups" => Placement::Directory,
-            b"shard" | b"own" | b"fepoch" | b"fown" | b"ob" | b"push" => {
+            b"shard" | b"own" | b"fepoch" | b"fown" | b"ob" | b"fcur" | b"pcur" => {
                 Placement::Shard(u32::try_from(tuple.uint()?).ok()?)
             }
             b"gcount" => {
@@ -513,15 +503,18 @@ impl Keys {
             .pack_with_versionstamp(&("ob", shard, Versionstamp::incomplete(order)))
     }
 
-    /// The first outbox key of `shard` that the commit of `stamp` wrote (or would have):
-    /// every entry of a later commit sorts after it.
-    pub fn outbox_from(&self, shard: u32, stamp: CommitStamp) -> Vec<u8> {
-        self.root
-            .pack(&("ob", shard, Versionstamp::complete(stamp, 0)))
-    }
-
     pub fn outbox(&self, shard: u32) -> Range<Vec<u8>> {
         range_of(self.root.subspace(&("ob", shard)))
+    }
+
+    /// Fanout's bound in `shard`'s outbox (every entry below it was delivered).
+    pub fn delivered_bound(&self, shard: u32) -> Vec<u8> {
+        self.root.pack(&("fcur", shard))
+    }
+
+    /// The push notifier's bound in `shard`'s outbox (every message below it was expanded).
+    pub fn pushed_bound(&self, shard: u32) -> Vec<u8> {
+        self.root.pack(&("pcur", shard))
     }
 }
 

@@ -63,7 +63,7 @@ pub enum Durability {
     /// crash of the process, and reaches the disk with the next synced commit (or the
     /// kernel's writeback, within 30 s by Linux's defaults). A power loss or kernel crash
     /// before then may lose it, never a later synced commit without it. Only for writes
-    /// whose loss repeats idempotent work: an outbox entry fanned out again, a push intent
+    /// whose loss repeats idempotent work: an outbox entry fanned out again, a page of messages
     /// counted again, an acknowledgement whose events come again (delivery is
     /// at-least-once). An engine may sync every commit (FoundationDB does).
     Deferred,

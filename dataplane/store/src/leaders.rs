@@ -26,7 +26,7 @@ pub enum Job {
     Retention,
     /// Deletes media no message references any more.
     MediaSweep,
-    /// Turns push intents into notifications and sends them (the push notifier).
+    /// Turns the outboxes' messages into notifications and sends them (the push notifier).
     Push,
 }
 

@@ -2,15 +2,13 @@
 //! (dense per-conversation seq, idempotency, outbox), reads, cursors and receipts.
 
 use crate::keys::{Keys, ReceiptKind, stable_hash};
-use crate::kv::{
-    Batch, BatchLimits, CommitStamp, KeyValue, KvEngine, Mutation, StoreError, decode_u64,
-};
+use crate::kv::{Batch, BatchLimits, KeyValue, KvEngine, Mutation, StoreError, decode_u64};
 use crate::membership::{MemberRecord, UserConversation, encode_left_seq};
 use crate::ownership::Duty;
 use crate::partitions::{PartitionTable, PartitionedEngine};
 use courier_proto::{Event, EventPayload, MembershipChange, Sender, pb};
 use prost::Message;
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -27,7 +25,7 @@ const MAX_SHARDS: u32 = 1 << 20;
 /// Idempotency records read (and expired ones cleared, in one commit) per step of expiry.
 const IDEMPOTENCY_PAGE: usize = 1024;
 
-/// Most bytes of pending notifications written in one commit while expanding push intents
+/// Most bytes of pending notifications written in one commit while expanding an outbox
 /// (lowered to the engine's batch limit): small commits, however many devices a group has.
 pub const PUSH_EXPANSION_BYTES: usize = 1 << 20;
 
@@ -126,28 +124,14 @@ pub enum MediaAdmission {
     OverQuota { used: u64 },
 }
 
-/// A message whose offline recipients are to be notified; written in the same commit as the
-/// message, so a crash cannot lose a notification.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct PushIntent {
-    #[prost(string, tag = "1")]
-    pub conversation_id: String,
-    #[prost(uint64, tag = "2")]
-    pub seq: u64,
-    #[prost(string, tag = "3")]
-    pub sender_user: String,
-    #[prost(string, tag = "4")]
-    pub sender_device: String,
-}
-
 /// A notification waiting for one device, collapsed per conversation.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct PendingPush {
     /// Messages it stands for.
     #[prost(uint32, tag = "1")]
     pub count: u32,
-    /// The latest message counted; an intent at or below it was counted already (by an
-    /// expansion that failed before clearing it).
+    /// The latest message counted; a message at or below it was counted already (by an
+    /// expansion that failed before moving the notifier's bound).
     #[prost(uint64, tag = "2")]
     pub last_seq: u64,
     #[prost(string, tag = "3")]
@@ -181,12 +165,30 @@ pub struct ShardLease {
     pub epoch: u64,
 }
 
-/// Outbox entries `first..=last` of `lease.shard`, handed off by the consumer holding `lease`.
+/// Fanout's progress in the outbox of `lease.shard`: every entry below `bound` was handed to
+/// the gateways by the consumer holding `lease`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OutboxRange {
+pub struct DeliveredBound {
     pub lease: ShardLease,
-    pub first: Vec<u8>,
-    pub last: Vec<u8>,
+    pub bound: Vec<u8>,
+}
+
+/// The push notifier's progress in the outbox of `shard`: every message below `bound` is
+/// expanded by the commit that writes it, which also clears `clear` (entries below both
+/// consumers' bounds).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PushedBound {
+    pub shard: u32,
+    pub bound: Vec<u8>,
+    pub clear: Option<Range<Vec<u8>>>,
+}
+
+/// The key just after `key`: the bound below which `key` and everything before it lie.
+pub fn bound_after(key: &[u8]) -> Vec<u8> {
+    let mut bound = Vec::with_capacity(key.len() + 1);
+    bound.extend_from_slice(key);
+    bound.push(0);
+    bound
 }
 
 /// A new direct conversation's record and members, written with its first event.
@@ -258,7 +260,7 @@ impl Append {
 
     /// Bytes of keys and values this append writes, roughly: the encoded event twice (the
     /// event and its outbox entry), a small record (key and value, with the append's ids) for
-    /// its idempotency record, push intent, head and media reference, and three keys per
+    /// its idempotency record, head and media reference, and three keys per
     /// membership it changes. Group commit keeps the sum of a batch under the engine's limit by
     /// it; a batch that is too large all the same is split by the sequencer.
     pub fn approximate_size(&self) -> usize {
@@ -284,8 +286,8 @@ impl Append {
                     }
                     None => 0,
                 };
-                // Idempotency record, push intent, head, media reference.
-                (client_msg_id.len() + body, 4, 0)
+                // Idempotency record, head, media reference.
+                (client_msg_id.len() + body, 3, 0)
             }
             // Head, and the target rewritten without its body.
             EventPayload::Delete { .. } => (0, 2, 0),
@@ -333,16 +335,6 @@ pub struct AppendOutcome {
     pub ts_ms: u64,
     /// The append matched an earlier one with the same idempotency key.
     pub duplicate: bool,
-}
-
-/// What [`MessageStore::append_stamped`] did.
-#[derive(Debug)]
-pub struct Appended {
-    /// Each append's result, in the order of the appends.
-    pub results: Vec<AppendResult>,
-    /// The stamp of the commit that wrote the new events; `None` when the batch wrote nothing
-    /// (every append a duplicate or refused).
-    pub stamp: Option<CommitStamp>,
 }
 
 /// Heads of the conversations a shard owner has touched, at most `capacity` of them: when
@@ -564,14 +556,6 @@ impl MessageStore {
             .map_or(0, |p| p.partition_of_shard(shard))
     }
 
-    /// The partition of a key of the store (0 without partitions).
-    fn partition_of_key(&self, key: &[u8]) -> usize {
-        self.partitions
-            .as_ref()
-            .and_then(|p| p.partition_of_key(key))
-            .unwrap_or(0)
-    }
-
     /// Commits `first`, then `then`: in one commit without partitions; with them, `first`
     /// (which lies in one partition), and once it committed, the independent mutations of
     /// `then` in each partition they lie in. For operations whose second step is idempotent
@@ -650,18 +634,6 @@ impl MessageStore {
         heads: &mut HeadCache,
         appends: &[Append],
     ) -> Result<Vec<AppendResult>, StoreError> {
-        Ok(self.append_stamped(lease, heads, appends).await?.results)
-    }
-
-    /// [`MessageStore::append`], also telling the stamp of the commit that wrote the batch's
-    /// new events: the shard's owner knows from it where the shard's outbox stood
-    /// ([`Keys::outbox_from`]).
-    pub async fn append_stamped(
-        &self,
-        lease: ShardLease,
-        heads: &mut HeadCache,
-        appends: &[Append],
-    ) -> Result<Appended, StoreError> {
         let ts_ms = now_ms();
         let ids: Vec<String> = appends.iter().map(|_| new_server_msg_id(ts_ms)).collect();
         let mut attempt = 0;
@@ -709,7 +681,7 @@ impl MessageStore {
         appends: &[Append],
         server_msg_ids: &[String],
         ts_ms: u64,
-    ) -> Result<Appended, StoreError> {
+    ) -> Result<Vec<AppendResult>, StoreError> {
         let mut batch = Batch::new();
         batch.fence(
             self.keys.shard_epoch(Duty::Sequencing, lease.shard),
@@ -773,21 +745,8 @@ impl MessageStore {
                 ts_ms,
                 payload,
             };
-            let is_message = matches!(event.payload, EventPayload::Message { .. });
             let encoded = pb::Event::from(event).encode_to_vec();
             batch.set(self.keys.event(conv, seq), encoded.clone());
-            if is_message {
-                let intent = PushIntent {
-                    conversation_id: conv.to_owned(),
-                    seq,
-                    sender_user: append.sender.user.clone(),
-                    sender_device: append.sender.device.clone(),
-                };
-                batch.set_versionstamped_key(
-                    self.keys.push_intent(lease.shard, outbox_order),
-                    intent.encode_to_vec(),
-                );
-            }
             batch
                 .set_versionstamped_key(self.keys.outbox_entry(lease.shard, outbox_order), encoded);
             outbox_order = outbox_order.wrapping_add(1);
@@ -808,18 +767,16 @@ impl MessageStore {
         for (conv, head) in &new_heads {
             batch.set(self.keys.head(conv), head.to_le_bytes().to_vec());
         }
-        let stamp = match batch.is_empty() {
-            true => None,
-            false => Some(self.kv.commit(batch).await?),
-        };
+        if !batch.is_empty() {
+            self.kv.commit(batch).await?;
+        }
         for (conv, head) in new_heads {
             heads.insert(conv, head);
         }
-        let results = results
+        results
             .into_iter()
             .map(|o| o.ok_or_else(|| StoreError::Engine("append without outcome".into())))
-            .collect::<Result<_, _>>()?;
-        Ok(Appended { results, stamp })
+            .collect()
     }
 
     /// Reads at once what a batch of appends decides on (one call to a store node): each
@@ -1498,29 +1455,6 @@ impl MessageStore {
         }
     }
 
-    /// The oldest push intents of `shard`.
-    pub async fn push_intents(
-        &self,
-        shard: u32,
-        after: Option<&[u8]>,
-        limit: usize,
-    ) -> Result<Vec<(Vec<u8>, PushIntent)>, StoreError> {
-        let rows = self
-            .kv
-            .range(
-                queue_tail(self.keys.push_intents(shard), after),
-                limit,
-                false,
-            )
-            .await?;
-        rows.into_iter()
-            .map(|(k, v)| {
-                let intent = PushIntent::decode(v.as_slice()).map_err(|e| corrupt(&k, e))?;
-                Ok((k, intent))
-            })
-            .collect()
-    }
-
     /// Pending notifications, in key order, a page of `limit` after `after`.
     pub async fn pending_pushes(
         &self,
@@ -1552,33 +1486,32 @@ impl MessageStore {
             .await
     }
 
-    /// Turns push intents into pending notifications: `intents` holds the `(first, last)`
-    /// keys of what was read from each shard (every intent from `first` through `last` is
-    /// cleared). The notifications are written in commits of at most [`PUSH_EXPANSION_BYTES`]
-    /// (and the engine's batch limit); the last commit also clears the intents, so an intent
-    /// is cleared only once all its notifications are written. A failure or crash midway
-    /// leaves the intents to be expanded again, over notifications already written: the
-    /// caller counts a message once per notification (by its seq, see
-    /// [`PendingPush::last_seq`]). With storage partitions all this holds per partition.
-    pub async fn expand_push_intents(
+    /// Records what the push notifier read of each shard's outbox: the pending
+    /// notifications of those messages, then each shard's new bound with its outbox cleared
+    /// below both consumers' bounds ([`PushedBound`]). The notifications are written in
+    /// commits of at most [`PUSH_EXPANSION_BYTES`] (and the engine's batch limit); the last
+    /// commit writes the bounds, so a bound moves only once all the notifications below it are
+    /// written. A failure or crash midway leaves the messages to be expanded again, over
+    /// notifications already written: the caller counts a message once per notification (by
+    /// its seq, see [`PendingPush::last_seq`]). With storage partitions all this holds per
+    /// partition: a partition that fails keeps its bounds; the others go on.
+    pub async fn expand_outbox(
         &self,
-        intents: &[(Vec<u8>, Vec<u8>)],
+        bounds: &[PushedBound],
         pending: &[((String, String, String), PendingPush)],
     ) -> Result<(), StoreError> {
         if self.partitions.is_none() {
-            return self.expand_in_partition(intents, pending).await;
+            return self.expand_in_partition(bounds, pending).await;
         }
-        // A conversation's notifications and its shard's intents share a partition: each
-        // partition's intents are cleared after its own notifications are written. A
-        // partition that fails keeps its intents; the others go on.
+        // A conversation's notifications and its shard's outbox share a partition.
         let mut by_partition: BTreeMap<usize, (Vec<_>, Vec<_>)> = BTreeMap::new();
-        for intent in intents {
-            let partition = self.partition_of_key(&intent.0);
+        for bound in bounds {
+            let partition = self.partition_of_shard(bound.shard);
             by_partition
                 .entry(partition)
                 .or_default()
                 .0
-                .push(intent.clone());
+                .push(bound.clone());
         }
         for push in pending {
             let partition = self.partition_of_shard(self.shard_of(&push.0.2));
@@ -1589,29 +1522,31 @@ impl MessageStore {
                 .push(push.clone());
         }
         let mut failed = Ok(());
-        for (intents, pending) in by_partition.values() {
-            let expanded = self.expand_in_partition(intents, pending).await;
+        for (bounds, pending) in by_partition.values() {
+            let expanded = self.expand_in_partition(bounds, pending).await;
             failed = failed.and(expanded);
         }
         failed
     }
 
-    /// [`Self::expand_push_intents`] of intents and notifications of one partition.
+    /// [`Self::expand_outbox`] of the shards and notifications of one partition.
     async fn expand_in_partition(
         &self,
-        intents: &[(Vec<u8>, Vec<u8>)],
+        bounds: &[PushedBound],
         pending: &[((String, String, String), PendingPush)],
     ) -> Result<(), StoreError> {
-        let cleared: Vec<Range<Vec<u8>>> = intents
+        let last_bytes: usize = bounds
             .iter()
-            .map(|(first, last)| through(first, last))
-            .collect();
-        let cleared_bytes: usize = cleared.iter().map(|r| r.start.len() + r.end.len()).sum();
+            .map(|b| {
+                let clear = b.clear.as_ref().map_or(0, |r| r.start.len() + r.end.len());
+                b.bound.len() + self.keys.pushed_bound(b.shard).len() + clear
+            })
+            .sum();
         let room = PUSH_EXPANSION_BYTES
             .min(self.kv.limits().max_batch_bytes)
-            .saturating_sub(cleared_bytes);
-        // Deferred: a power loss that takes these back also takes back the clear of the
-        // intents, which are expanded again.
+            .saturating_sub(last_bytes);
+        // Deferred: a power loss that takes these back also takes back the bounds, and the
+        // messages are expanded again.
         let deferred = || {
             let mut batch = Batch::new();
             batch.deferred();
@@ -1630,8 +1565,11 @@ impl MessageStore {
             bytes += key.len() + value.len();
             batch.set(key, value);
         }
-        for range in cleared {
-            batch.clear_range(range);
+        for bound in bounds {
+            batch.set(self.keys.pushed_bound(bound.shard), bound.bound.clone());
+            if let Some(clear) = &bound.clear {
+                batch.clear_range(clear.clone());
+            }
         }
         self.kv.commit(batch).await.map(drop)
     }
@@ -1888,16 +1826,17 @@ impl MessageStore {
         }
     }
 
-    /// The oldest outbox entries of `shard`: events committed and not yet fanned out.
+    /// The oldest outbox entries of `shard` from `from` on (a bound: the key of an entry, or
+    /// [`bound_after`] the last one taken).
     pub async fn outbox(
         &self,
         shard: u32,
-        after: Option<&[u8]>,
+        from: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, Event)>, StoreError> {
         let rows = self
             .kv
-            .range(queue_tail(self.keys.outbox(shard), after), limit, false)
+            .range(queue_from(self.keys.outbox(shard), from), limit, false)
             .await?;
         rows.into_iter()
             .map(|(key, value)| {
@@ -1913,31 +1852,50 @@ impl MessageStore {
         Ok(rows.into_iter().next().map(|(key, _)| key))
     }
 
-    /// Removes the outbox entries `first..=last` of each range (of any shards), once fanned
-    /// out, in one commit fenced on the delivery epoch of each range's lease: a consumer that
-    /// lost a shard ([`Duty::Delivery`]) clears nothing of it, and the whole commit fails with
+    /// Records fanout's progress in each shard's outbox (`bound` only moves up), in one
+    /// commit per partition fenced on the delivery epoch of each lease: a consumer that lost a
+    /// shard ([`Duty::Delivery`]) moves nothing of it, and the commit fails with
     /// [`StoreError::FenceChanged`] (naming the epoch key) so that the caller drops that
-    /// shard's ranges and clears the others again.
-    pub async fn clear_outbox(&self, ranges: &[OutboxRange]) -> Result<(), StoreError> {
-        // With partitions, one commit per run of ranges in the same partition: a refusal
-        // still names the shard whose epoch moved, and clearing the others again is harmless.
-        for run in self.runs_by_partition(ranges, |r| self.partition_of_shard(r.lease.shard)) {
+    /// shard's bound and records the others again. The entries stay until the push notifier
+    /// has read them too ([`MessageStore::expand_outbox`] clears them).
+    pub async fn advance_delivered(&self, bounds: &[DeliveredBound]) -> Result<(), StoreError> {
+        for run in self.runs_by_partition(bounds, |b| self.partition_of_shard(b.lease.shard)) {
             let mut batch = Batch::new();
-            // A clear a power loss takes back only fans those entries out again.
+            // A bound a power loss takes back only fans those entries out again.
             batch.deferred();
-            let mut fenced = HashSet::new();
-            for range in run {
-                if fenced.insert(range.lease.shard) {
-                    batch.fence(
-                        self.keys.shard_epoch(Duty::Delivery, range.lease.shard),
-                        Some(range.lease.epoch.to_le_bytes().to_vec()),
-                    );
-                }
-                batch.clear_range(through(&range.first, &range.last));
+            for bound in run {
+                batch.fence(
+                    self.keys.shard_epoch(Duty::Delivery, bound.lease.shard),
+                    Some(bound.lease.epoch.to_le_bytes().to_vec()),
+                );
+                batch.set(
+                    self.keys.delivered_bound(bound.lease.shard),
+                    bound.bound.clone(),
+                );
             }
             self.kv.commit(batch).await?;
         }
         Ok(())
+    }
+
+    /// Fanout's bound in the outbox of each of `shards` (`None`: nothing recorded yet).
+    pub async fn delivered_bounds(
+        &self,
+        shards: &[u32],
+    ) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        self.get_each(
+            shards
+                .iter()
+                .map(|&s| self.keys.delivered_bound(s))
+                .collect(),
+        )
+        .await
+    }
+
+    /// The push notifier's bound in the outbox of each of `shards`.
+    pub async fn pushed_bounds(&self, shards: &[u32]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        self.get_each(shards.iter().map(|&s| self.keys.pushed_bound(s)).collect())
+            .await
     }
 
     /// The shard whose delivery epoch is `key`, if it is one (to read a failed
@@ -1947,25 +1905,14 @@ impl MessageStore {
     }
 }
 
-/// The part of a queue of versionstamped keys after `cursor`, the last key its consumer took.
-/// New entries always sort after it, and starting there, reads do not walk over the entries
-/// already cleared (an LSM keeps their tombstones until compaction).
-fn queue_tail(queue: Range<Vec<u8>>, cursor: Option<&[u8]>) -> Range<Vec<u8>> {
-    match cursor {
-        Some(cursor) => {
-            let mut start = cursor.to_vec();
-            start.push(0);
-            start.max(queue.start)..queue.end
-        }
+/// The part of a queue of versionstamped keys from `bound` on (the consumer's bound: new
+/// entries always sort after it, and starting there, reads do not walk over the entries
+/// already cleared, which an LSM keeps as tombstones until compaction).
+fn queue_from(queue: Range<Vec<u8>>, bound: Option<&[u8]>) -> Range<Vec<u8>> {
+    match bound {
+        Some(bound) => bound.to_vec().max(queue.start)..queue.end,
         None => queue,
     }
-}
-
-/// `first..=last` as a half-open range.
-fn through(first: &[u8], last: &[u8]) -> Range<Vec<u8>> {
-    let mut end = last.to_vec();
-    end.push(0);
-    first.to_vec()..end
 }
 
 impl MessageStore {

@@ -516,8 +516,8 @@ mod tests {
     use crate::ReceiptKind;
     use crate::faulty_engine::FaultyEngine;
     use crate::message_store::{
-        Append, AppendKey, HeadCache, MediaRecord, MessageStore, NewConversation, OutboxRange,
-        PendingPush, ShardLease,
+        Append, AppendKey, DeliveredBound, HeadCache, MediaRecord, MessageStore, NewConversation,
+        PendingPush, PushedBound, ShardLease, bound_after,
     };
     use crate::ownership::Duty;
     use courier_proto::{Body, EventPayload, Media, MembershipChange, Sender};
@@ -745,7 +745,8 @@ mod tests {
             keys.shard_owner(Duty::Sequencing, shard),
             keys.shard_owner(Duty::Delivery, shard),
             keys.outbox_entry(shard, 0),
-            keys.push_intent(shard, 0),
+            keys.delivered_bound(shard),
+            keys.pushed_bound(shard),
             keys.group_counter("u", shard),
             keys.conversation(&conv),
             keys.member(&conv, "u"),
@@ -766,7 +767,6 @@ mod tests {
             keys.events(&conv, 1, u64::MAX),
             keys.members(&conv),
             keys.outbox(shard),
-            keys.push_intents(shard),
         ] {
             assert_eq!(router.partition_of_range(&range), Some(1), "{range:?}");
         }
@@ -881,24 +881,35 @@ mod tests {
         assert_eq!(ids, sorted, "a page of every conversation, in id order");
         assert_eq!(store.shard_map(10).await.unwrap().len(), SHARDS as usize);
 
-        // Outboxes and push intents of both partitions, cleared by partition.
-        let mut ranges = Vec::new();
-        let mut intents = Vec::new();
+        // Outboxes of both partitions, delivered and expanded by partition.
+        let mut delivered = Vec::new();
+        let mut pushed = Vec::new();
         for lease in &delivery {
             let outbox = store.outbox(lease.shard, None, 100).await.unwrap();
-            if let (Some(first), Some(last)) = (outbox.first(), outbox.last()) {
-                ranges.push(OutboxRange {
+            if let Some((last, _)) = outbox.last() {
+                let bound = bound_after(last);
+                delivered.push(DeliveredBound {
                     lease: *lease,
-                    first: first.0.clone(),
-                    last: last.0.clone(),
+                    bound: bound.clone(),
+                });
+                pushed.push(PushedBound {
+                    shard: lease.shard,
+                    clear: Some(store.keys().outbox(lease.shard).start..bound.clone()),
+                    bound,
                 });
             }
-            let pushes = store.push_intents(lease.shard, None, 100).await.unwrap();
-            if let (Some(first), Some(last)) = (pushes.first(), pushes.last()) {
-                intents.push((first.0.clone(), last.0.clone()));
-            }
         }
-        assert!(ranges.len() >= 2 && intents.len() >= 2);
+        assert!(delivered.len() >= 2);
+        store.advance_delivered(&delivered).await.unwrap();
+        assert!(
+            store
+                .shard_map(10)
+                .await
+                .unwrap()
+                .iter()
+                .all(|s| s.outbox.entries == 0),
+            "nothing waits for fanout"
+        );
         let pending: Vec<_> = direct
             .iter()
             .map(|conv| {
@@ -908,20 +919,11 @@ mod tests {
                 )
             })
             .collect();
-        store.expand_push_intents(&intents, &pending).await.unwrap();
+        store.expand_outbox(&pushed, &pending).await.unwrap();
         assert_eq!(store.pending_pushes(None, 10).await.unwrap().len(), 2);
         for shard in 0..SHARDS {
-            assert!(store.push_intents(shard, None, 1).await.unwrap().is_empty());
+            assert!(store.outbox(shard, None, 1).await.unwrap().is_empty());
         }
-        store.clear_outbox(&ranges).await.unwrap();
-        assert!(
-            store
-                .shard_map(10)
-                .await
-                .unwrap()
-                .iter()
-                .all(|s| s.outbox.entries == 0)
-        );
 
         // Directory writes, clean-up, retention.
         store
@@ -1041,25 +1043,22 @@ mod tests {
         assert!(store.media_references("m1").await.unwrap().is_empty());
     }
 
-    /// Per conversation: its push intents left (up to 1), and whether bob's notification is
+    /// Per conversation: its outbox entries left (up to 1), and whether bob's notification is
     /// written.
     async fn waiting(store: &MessageStore, convs: &[String]) -> Vec<(usize, bool)> {
         let mut waiting = Vec::new();
         for conv in convs {
-            let intents = store
-                .push_intents(store.shard_of(conv), None, 1)
-                .await
-                .unwrap();
+            let intents = store.outbox(store.shard_of(conv), None, 1).await.unwrap();
             let pending = store.pending_push("bob", "p", conv).await.unwrap();
             waiting.push((intents.len(), pending.is_some()));
         }
         waiting
     }
 
-    /// Push expansion cut in one partition: the other's intents are expanded and cleared, the
+    /// Push expansion cut in one partition: the other's messages are expanded and cleared, the
     /// cut one's stay and are expanded by the next pass.
     #[tokio::test]
-    async fn push_expansion_cut_in_one_partition_keeps_that_partitions_intents() {
+    async fn push_expansion_cut_in_one_partition_keeps_that_partitions_outbox() {
         let parts = TwoPartitions::new().await;
         let store = &parts.store;
         let convs = [parts.conversation("d:", 0), parts.conversation("d:", 1)];
@@ -1071,8 +1070,13 @@ mod tests {
             )
             .await;
             let shard = store.shard_of(conv);
-            let read = store.push_intents(shard, None, 10).await.unwrap();
-            intents.push((read[0].0.clone(), read[0].0.clone()));
+            let read = store.outbox(shard, None, 10).await.unwrap();
+            let bound = bound_after(&read[0].0);
+            intents.push(PushedBound {
+                shard,
+                clear: Some(store.keys().outbox(shard).start..bound.clone()),
+                bound,
+            });
         }
         let pending: Vec<_> = convs
             .iter()
@@ -1084,12 +1088,12 @@ mod tests {
             })
             .collect();
         parts.engines[1].set_fault(Some(Box::new(|_| Some(StoreError::Engine("crash".into())))));
-        assert!(store.expand_push_intents(&intents, &pending).await.is_err());
+        assert!(store.expand_outbox(&intents, &pending).await.is_err());
         parts.engines[1].set_fault(None);
-        // Partition 0 expanded and cleared its intent; partition 1 kept its own.
+        // Partition 0 expanded and cleared its message; partition 1 kept its own.
         assert_eq!(waiting(store, &convs).await, [(0, true), (1, false)]);
         store
-            .expand_push_intents(&intents[1..], &pending[1..])
+            .expand_outbox(&intents[1..], &pending[1..])
             .await
             .unwrap();
         assert_eq!(waiting(store, &convs).await, [(0, true), (0, true)]);

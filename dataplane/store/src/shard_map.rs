@@ -41,7 +41,8 @@ pub struct OldestOutboxEntry {
     pub ts_ms: u64,
 }
 
-/// How far a shard's outbox is behind: the entries waiting for fanout (counted up to a limit)
+/// How far a shard's outbox is behind: the entries waiting for fanout, from its bound on
+/// (counted up to a limit)
 /// and when the oldest of them was committed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct OutboxLag {
@@ -72,6 +73,18 @@ pub struct ShardState {
     pub outbox: OutboxLag,
 }
 
+/// The part of an outbox that waits for fanout: from its bound on (entries below it wait
+/// only for the push notifier).
+fn waiting(
+    outbox: std::ops::Range<Vec<u8>>,
+    delivered: Option<Vec<u8>>,
+) -> std::ops::Range<Vec<u8>> {
+    match delivered {
+        Some(bound) => bound.max(outbox.start)..outbox.end,
+        None => outbox,
+    }
+}
+
 impl MessageStore {
     /// The outbox lag of `shard`, counting at most `count_limit` entries (clamped to
     /// `1..=`[`MAX_OUTBOX_COUNT_LIMIT`]): one range read of at most `count_limit + 1` entries,
@@ -82,9 +95,14 @@ impl MessageStore {
         count_limit: usize,
     ) -> Result<OutboxLag, StoreError> {
         let limit = count_limit.clamp(1, MAX_OUTBOX_COUNT_LIMIT);
+        let delivered = self.delivered_bounds(&[shard]).await?.pop().flatten();
         let rows = self
             .kv()
-            .range(self.keys().outbox(shard), limit + 1, false)
+            .range(
+                waiting(self.keys().outbox(shard), delivered),
+                limit + 1,
+                false,
+            )
             .await?;
         let oldest_ts_ms = match rows.first() {
             Some((key, value)) => Some(decode_event(key, value)?.ts_ms),
@@ -97,29 +115,22 @@ impl MessageStore {
         })
     }
 
-    /// The oldest outbox entry of each shard asked, in the order asked (`None`: its outbox is
-    /// empty). Each shard is read from its `from` key on, inclusive (the oldest key seen
-    /// before, or `None` for the start of its outbox): a range read of one entry, which steps
-    /// over none of the entries cleared before that key (on the embedded engine their
-    /// tombstones stay until a compaction). Sound because an outbox key is the versionstamp
-    /// of its commit: later commits sort after every entry an earlier read saw, on every
-    /// engine (FoundationDB's read versions; the embedded engine's single writer). Reads
-    /// [`OLDEST_ENTRIES_PER_CALL`] shards per engine call, one call after the other.
+    /// The oldest outbox entry of each of `shards` that fanout has not delivered, in the
+    /// order asked (`None`: none waits): fanout's bound of each, then a range read of one
+    /// entry from there, which steps over no cleared entry (only entries below the bound are
+    /// cleared). Reads [`OLDEST_ENTRIES_PER_CALL`] shards per engine call, one call after the
+    /// other.
     pub async fn oldest_outbox_entries(
         &self,
-        from: &[(u32, Option<Vec<u8>>)],
+        shards: &[u32],
     ) -> Result<Vec<Option<OldestOutboxEntry>>, StoreError> {
-        let mut oldest = Vec::with_capacity(from.len());
-        for chunk in from.chunks(OLDEST_ENTRIES_PER_CALL) {
+        let mut oldest = Vec::with_capacity(shards.len());
+        for chunk in shards.chunks(OLDEST_ENTRIES_PER_CALL) {
+            let delivered = self.delivered_bounds(chunk).await?;
             let ranges = chunk
                 .iter()
-                .map(|(shard, from)| {
-                    let outbox = self.keys().outbox(*shard);
-                    match from {
-                        Some(key) => key.clone().max(outbox.start)..outbox.end,
-                        None => outbox,
-                    }
-                })
+                .zip(delivered)
+                .map(|(&shard, delivered)| waiting(self.keys().outbox(shard), delivered))
                 .collect();
             for rows in self.kv().ranges(ranges, 1).await? {
                 oldest.push(match rows.into_iter().next() {
@@ -163,7 +174,7 @@ impl MessageStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::message_store::{HeadCache, OutboxRange};
+    use crate::message_store::{DeliveredBound, HeadCache, bound_after};
     use crate::testing::{direct_message, temp_store};
 
     const LEASE: u64 = 10_000;
@@ -235,14 +246,13 @@ mod tests {
             .unwrap();
         assert_eq!((&idle.sequencing, &idle.delivery), (&None, &None));
 
-        // Fanout clears the first three entries: two wait, the oldest is the fourth.
+        // Fanout delivered the first three entries: two wait, the oldest is the fourth.
         let entries = store.outbox(shard, None, 3).await.unwrap();
         let fourth_ts = store.outbox(shard, None, 4).await.unwrap()[3].1.ts_ms;
         store
-            .clear_outbox(&[OutboxRange {
+            .advance_delivered(&[DeliveredBound {
                 lease: delivery,
-                first: entries[0].0.clone(),
-                last: entries[2].0.clone(),
+                bound: bound_after(&entries[2].0),
             }])
             .await
             .unwrap();
@@ -262,7 +272,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_oldest_outbox_entries_are_read_from_the_last_key_seen() {
+    async fn the_oldest_outbox_entries_are_read_from_fanouts_bound() {
         let dir = tempfile::tempdir().unwrap();
         let store = temp_store(&dir, 4).await;
         let shard = store.shard_of("d:1");
@@ -290,47 +300,34 @@ mod tests {
             })
         };
 
-        let first = store
-            .oldest_outbox_entries(&[(shard, None), (idle, None)])
-            .await
-            .unwrap();
+        let first = store.oldest_outbox_entries(&[shard, idle]).await.unwrap();
         assert_eq!(first, [oldest(0), None], "in the order asked");
-        // Read again from the key seen: the same entry (inclusive).
-        let again = store
-            .oldest_outbox_entries(&[(shard, Some(entries[0].0.clone()))])
-            .await
-            .unwrap();
+        // Read again: the same entry.
+        let again = store.oldest_outbox_entries(&[shard]).await.unwrap();
         assert_eq!(again, [oldest(0)]);
 
         store
-            .clear_outbox(&[OutboxRange {
+            .advance_delivered(&[DeliveredBound {
                 lease: delivery,
-                first: entries[0].0.clone(),
-                last: entries[1].0.clone(),
+                bound: bound_after(&entries[1].0),
             }])
             .await
             .unwrap();
-        let after_clear = store
-            .oldest_outbox_entries(&[(shard, Some(entries[0].0.clone()))])
-            .await
-            .unwrap();
-        assert_eq!(after_clear, [oldest(2)]);
+        let after_two = store.oldest_outbox_entries(&[shard]).await.unwrap();
+        assert_eq!(after_two, [oldest(2)], "read from fanout's bound");
         store
-            .clear_outbox(&[OutboxRange {
+            .advance_delivered(&[DeliveredBound {
                 lease: delivery,
-                first: entries[2].0.clone(),
-                last: entries[2].0.clone(),
+                bound: bound_after(&entries[2].0),
             }])
             .await
             .unwrap();
-        let drained = store
-            .oldest_outbox_entries(&[(shard, Some(entries[2].0.clone()))])
-            .await
-            .unwrap();
-        assert_eq!(drained, [None]);
+        let drained = store.oldest_outbox_entries(&[shard]).await.unwrap();
+        assert_eq!(drained, [None], "every entry delivered, none cleared yet");
+        assert_eq!(store.outbox(shard, None, 10).await.unwrap().len(), 3);
         // More shards than one call reads: every one is answered, in order.
-        let many: Vec<(u32, Option<Vec<u8>>)> = (0..2 * OLDEST_ENTRIES_PER_CALL + 1)
-            .map(|i| (i as u32 % 4, None))
+        let many: Vec<u32> = (0..2 * OLDEST_ENTRIES_PER_CALL + 1)
+            .map(|i| i as u32 % 4)
             .collect();
         let answered = store.oldest_outbox_entries(&many).await.unwrap();
         assert_eq!(answered.len(), many.len());
