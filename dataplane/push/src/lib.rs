@@ -816,6 +816,17 @@ mod tests {
         .await;
     }
 
+    /// Settles `user`'s pending notification of `conv` on their phone as sent; returns it.
+    async fn sent(store: &MessageStore, user: &str, conv: &str) -> Option<PendingPush> {
+        let pending = store.pending_push(user, "phone", conv).await.unwrap()?;
+        let key = store.keys().pending_push(user, "phone", conv);
+        store
+            .settle_pending_push(&key, &pending, None)
+            .await
+            .unwrap();
+        Some(pending)
+    }
+
     /// A second message to `conv`, from `sender`'s phone.
     async fn second_message(store: &MessageStore, conv: &str, sender: &str) {
         let sender = Sender {
@@ -967,13 +978,8 @@ mod tests {
         let shard = store.shard_of("g:1");
         let first = notifier(&store, PushProviders::default(), Duration::from_secs(3600));
         assert!(first.expand(vec![shard]).await.failed.is_empty());
-        // Sent, say: the notification is settled.
-        let key = store.keys().pending_push("ben", "phone", "g:1");
-        let pending = store.pending_push("ben", "phone", "g:1").await.unwrap();
-        store
-            .settle_pending_push(&key, &pending.unwrap(), None)
-            .await
-            .unwrap();
+        // Sent, say.
+        assert!(sent(&store, "ben", "g:1").await.is_some());
 
         let second = notifier(&store, PushProviders::default(), Duration::from_secs(3600));
         assert!(second.expand(vec![shard]).await.failed.is_empty());
@@ -1001,13 +1007,8 @@ mod tests {
         // The other node leads meanwhile: it notifies a second message, sent since.
         second_message(&store, "g:1", &members[0]).await;
         assert!(other.expand(vec![shard]).await.failed.is_empty());
-        let key = store.keys().pending_push("ben", "phone", "g:1");
-        let pending = store.pending_push("ben", "phone", "g:1").await.unwrap();
-        assert_eq!(pending.as_ref().map(|p| p.count), Some(2));
-        store
-            .settle_pending_push(&key, &pending.unwrap(), None)
-            .await
-            .unwrap();
+        let pending = sent(&store, "ben", "g:1").await;
+        assert_eq!(pending.map(|p| p.count), Some(2));
 
         first.took_lead();
         assert!(first.expand(vec![shard]).await.failed.is_empty());
