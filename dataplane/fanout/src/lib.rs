@@ -9,11 +9,11 @@
 //! [`Duty::Delivery`] (`courier_store::ownership`): leases renewed every third of
 //! `--shard-lease`, each change of owner bumping the shard's delivery epoch, on which every
 //! record of fanout's bound fences, so a deposed node can deliver twice but never record what
-//! it did not deliver. Each node takes at most its fair share of the shards (all of them divided by the
-//! live nodes with the fanout role, rounded up) and gives back what it holds beyond it, so a
-//! node that joins gets its share within two rounds and the shards of a node that died are
-//! taken once its leases lapse. One `courier serve` is the only fanout node: it takes every
-//! shard.
+//! it did not deliver. Each node takes at most its fair share of the shards (all of them
+//! divided by the live nodes with the fanout role, rounded up) and gives back what it holds
+//! beyond it, so a node that joins gets its share within two rounds and the shards of a node
+//! that died are taken once its leases lapse. One `courier serve` is the only fanout node: it
+//! takes every shard.
 //!
 //! **Waking up.** Whoever learns of a commit tells the shard's fanout
 //! ([`Fanout::committed`], in-process, or over gRPC from another node); on a cluster node every
