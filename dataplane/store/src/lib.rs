@@ -30,6 +30,7 @@ pub mod nodes;
 pub mod ownership;
 pub mod partitions;
 pub mod routes;
+mod row_cache;
 pub mod shard_map;
 #[cfg(test)]
 mod testing;
