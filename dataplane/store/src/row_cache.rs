@@ -46,9 +46,11 @@ pub struct RowCache {
 struct Rows {
     /// Bumped when a group begins to commit and when it ends: odd while one is under way.
     generation: u64,
-    /// A key's value, or `None` for a key known absent.
-    rows: HashMap<Vec<u8>, Option<Vec<u8>>>,
+    rows: HashMap<Vec<u8>, Held>,
 }
+
+/// What a held row says of its key: its value, or `None` when it is absent.
+pub type Held = Option<Vec<u8>>;
 
 /// What a write left a key: a value, a counter's value, nothing, or something not known here.
 #[derive(Debug, Clone, Copy)]
@@ -90,9 +92,6 @@ impl Writing<'_> {
         self.held
     }
 }
-
-/// What a held row says of its key: its value, or `None` when it is absent.
-pub type Held = Option<Vec<u8>>;
 
 fn row_bytes(key: &[u8], value: Option<&[u8]>) -> usize {
     key.len() + value.map_or(0, <[u8]>::len)
