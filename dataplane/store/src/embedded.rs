@@ -36,11 +36,13 @@
 //! stay exact. A point read of a 64 MiB memtable was ~10 % of the server's CPU while 1,000
 //! group members acknowledged every event (`docs/benchmarks.md`, "Receipts offered at once").
 //!
-//! **Rows read by key, from memory.** A point read that finds a value leaves it in the
-//! store's row cache (`crate::row_cache`), and the next read of that key takes it from there
-//! instead of searching the memtable (~2-3 us each for a 64 MiB memtable; an ack reads four
-//! keys). The writer keeps the cache exact: it drops the rows of a group's keys before the
-//! commit and puts them back with the group's values after it.
+//! **Rows read by key, from memory.** A point read leaves what it found (a value, or the key
+//! absent) in the store's row cache (`crate::row_cache`), and the next read of that key takes
+//! it from there instead of searching the memtable (~2-3 us each for a 64 MiB memtable; an ack
+//! reads four keys). The writer keeps the cache exact: it drops the rows of a group's keys
+//! before the commit and puts them back with the group's values after it. So `get_many` still
+//! reads one state of the store: a row held while a commit is under way is one that commit
+//! does not write.
 //!
 //! **Versionstamps.** A persistent commit counter, bumped once per group and stored in the same
 //! transaction, plus the batch's position in its group: the same 10-byte layout as
