@@ -40,9 +40,10 @@
 //! absent) in the store's row cache (`crate::row_cache`), and the next read of that key takes
 //! it from there instead of searching the memtable (~2-3 us each for a 64 MiB memtable; an ack
 //! reads four keys). The writer keeps the cache exact: it drops the rows of a group's keys
-//! before the commit and puts them back with the group's values after it. So `get_many` still
+//! before the commit and puts them back with the group's values after it. `get_many` still
 //! reads one state of the store: a row held while a commit is under way is one that commit
-//! does not write.
+//! does not write, and a read whose look-up a commit followed reads every key from its
+//! snapshot.
 //!
 //! **Versionstamps.** A persistent commit counter, bumped once per group and stored in the same
 //! transaction, plus the batch's position in its group: the same 10-byte layout as
@@ -231,8 +232,14 @@ impl Store {
         if held.iter().all(Option::is_some) {
             return Ok(held.into_iter().flatten().collect());
         }
-        let missed: Vec<bool> = held.iter().map(Option::is_none).collect();
         let snapshot = self.db.read_tx();
+        // A commit that began since the look-up may have written keys held then: the held
+        // values and the snapshot would then be of two states, so all are read from it.
+        let held = match self.rows.generation() == generation {
+            true => held,
+            false => vec![None; keys.len()],
+        };
+        let missed: Vec<bool> = held.iter().map(Option::is_none).collect();
         let values = keys
             .iter()
             .zip(held)
@@ -892,6 +899,49 @@ mod tests {
             reader.await.unwrap();
         }
         assert_eq!(value(kv.get(b"counter").await.unwrap()), 2000);
+    }
+
+    /// `get_many` reads one state of the store when some keys are held and others not: two
+    /// keys that every commit sets together, one held and one too large to be, always agree.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_read_of_held_and_unheld_keys_sees_one_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let kv = Arc::new(EmbeddedEngine::open(&dir.path().join("s")).unwrap());
+        let large = |i: u64| {
+            let mut value = vec![0; crate::row_cache::ROW_BYTES_MAX];
+            value[..8].copy_from_slice(&i.to_le_bytes());
+            value
+        };
+        let keys = vec![b"small".to_vec(), b"large".to_vec()];
+        let done = Arc::new(AtomicU64::new(0));
+        let readers: Vec<_> = (0..3)
+            .map(|_| {
+                let (kv, done, keys) = (kv.clone(), done.clone(), keys.clone());
+                tokio::spawn(async move {
+                    while done.load(Ordering::Acquire) == 0 {
+                        let values = kv.get_many(keys.clone()).await.unwrap();
+                        let [small, large] = values.as_slice() else {
+                            panic!("two keys asked")
+                        };
+                        let small = small.as_deref().map_or(0, decode_u64);
+                        let large = large.as_deref().map_or(0, |v| decode_u64(&v[..8]));
+                        assert_eq!(small, large, "one read saw two states");
+                        tokio::task::yield_now().await;
+                    }
+                })
+            })
+            .collect();
+        for i in 1..=5000u64 {
+            let mut batch = Batch::new();
+            batch
+                .set(b"small".to_vec(), i.to_le_bytes().to_vec())
+                .set(b"large".to_vec(), large(i));
+            kv.commit(batch).await.unwrap();
+        }
+        done.store(1, Ordering::Release);
+        for reader in readers {
+            reader.await.unwrap();
+        }
     }
 
     #[tokio::test]

@@ -114,6 +114,11 @@ impl RowCache {
         (Generation(state.generation), values)
     }
 
+    /// Where the cache stands now, to tell whether a commit began since a look-up.
+    pub fn generation(&self) -> Generation {
+        Generation(self.state().generation)
+    }
+
     /// Holds `rows` (a key and its value, `None` if absent), read from a snapshot taken after
     /// the [`look_up`](Self::look_up) that gave `generation`, unless a group commit was under
     /// way then or has begun since.
