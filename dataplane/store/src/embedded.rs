@@ -829,8 +829,9 @@ mod tests {
             batch.set(key(k), 1u64.to_le_bytes().to_vec());
         }
         kv.commit(batch).await.unwrap();
+        // `created` is read absent, and held so, until the write that creates it.
         let all = [
-            "set", "clear", "range-a", "range-b", "max", "add", "refused",
+            "set", "clear", "range-a", "range-b", "max", "add", "refused", "created",
         ]
         .map(key);
         kv.get_many(all.to_vec()).await.unwrap();
@@ -857,7 +858,16 @@ mod tests {
         let le = |v: u64| Some(v.to_le_bytes().to_vec());
         assert_eq!(
             values,
-            [Some(b"new".to_vec()), None, None, None, le(9), le(3), le(1)]
+            [
+                Some(b"new".to_vec()),
+                None,
+                None,
+                None,
+                le(9),
+                le(3),
+                le(1),
+                Some(b"new".to_vec())
+            ]
         );
         assert_eq!(kv.get(b"max").await.unwrap(), le(9));
     }
