@@ -167,6 +167,122 @@ async fn offline_device_catches_up_in_order_and_acked_events_are_not_resent() {
     assert_eq!(tablet.events_until_sync_done().await.unwrap().len(), 5);
 }
 
+fn ack_frame(reference: i64, conversation_id: &str, seq: u64) -> ClientFrame {
+    ClientFrame::Ack(Ack {
+        reference: Some(reference),
+        conversation_id: conversation_id.to_owned(),
+        seq,
+        kind: AckKind::Delivered,
+    })
+}
+
+/// Bob gets `count` messages from alice; returns their conversation.
+async fn bob_receives(alice: &mut Client, bob: &mut Client, count: usize) -> String {
+    let mut conv = String::new();
+    for i in 1..=count {
+        conv = alice
+            .send_text(Target::User("bob".into()), &format!("m{i}"), "hi")
+            .await
+            .unwrap()
+            .conversation_id;
+    }
+    for _ in 0..count {
+        expect_event(bob).await;
+    }
+    conv
+}
+
+#[tokio::test]
+async fn acks_written_at_once_all_take_effect_before_the_next_frame_and_before_a_close() {
+    let (_dir, server) = server();
+    let mut alice = server.connect("alice", "phone").await;
+    let mut bob = server.connect("bob", "phone").await;
+    expect_sync_done(&mut alice).await;
+    expect_sync_done(&mut bob).await;
+    let conv = bob_receives(&mut alice, &mut bob, 8).await;
+
+    // One ack per event, written at once: those read while the first commits are committed
+    // together, and the sync behind them is handled only after they took effect.
+    let mut frames: Vec<ClientFrame> = (1..=5)
+        .map(|seq| ack_frame(seq as i64, &conv, seq))
+        .collect();
+    frames.push(ClientFrame::Sync(Sync::default()));
+    bob.send_frames(&frames).await.unwrap();
+    let resent: Vec<u64> = bob
+        .events_until_sync_done()
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(resent, vec![6, 7, 8], "the sync saw every ack before it");
+    let receipt = loop {
+        match alice.next_frame_within(WAIT).await.unwrap() {
+            ServerFrame::Receipt(r) if r.delivered_seq == 5 => break r,
+            ServerFrame::Receipt(r) => assert!(r.delivered_seq < 5, "{r:?}"),
+            _ => continue,
+        }
+    };
+    assert_eq!(receipt.user, "bob");
+
+    // Acks written right before a close are committed all the same.
+    let frames: Vec<ClientFrame> = (6..=8)
+        .map(|seq| ack_frame(seq as i64, &conv, seq))
+        .collect();
+    bob.send_frames(&frames).await.unwrap();
+    bob.close().await;
+    let mut bob = server.connect("bob", "phone").await;
+    assert!(
+        bob.events_until_sync_done().await.unwrap().is_empty(),
+        "every ack before the close took effect"
+    );
+}
+
+#[tokio::test]
+async fn a_refused_ack_among_acks_committed_together_is_answered_alone() {
+    let (_dir, server) = server();
+    let mut alice = server.connect("alice", "phone").await;
+    let mut bob = server.connect("bob", "phone").await;
+    expect_sync_done(&mut alice).await;
+    expect_sync_done(&mut bob).await;
+    let conv = bob_receives(&mut alice, &mut bob, 4).await;
+
+    // Merged, these would ack 99, beyond the head: each is then committed alone, so 1-3 move
+    // the cursor and only the ack of 99 is refused, with its own ref.
+    let frames = [
+        ack_frame(11, &conv, 1),
+        ack_frame(12, &conv, 2),
+        ack_frame(13, &conv, 99),
+        ack_frame(14, &conv, 3),
+        ClientFrame::Sync(Sync::default()),
+    ];
+    bob.send_frames(&frames).await.unwrap();
+    let resent: Vec<u64> = bob
+        .events_until_sync_done()
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(resent, vec![4], "the valid acks took effect");
+    let error = expect_error(&mut bob).await;
+    assert_eq!(
+        (error.reference, error.code),
+        (Some(13), ErrorCode::BadRequest),
+        "{}",
+        error.message
+    );
+    bob.send_frame(&ClientFrame::Ping(Ping {
+        reference: Some(15),
+    }))
+    .await
+    .unwrap();
+    match bob.next_frame_within(WAIT).await.unwrap() {
+        ServerFrame::Pong(pong) => assert_eq!(pong.reference, Some(15)),
+        other => panic!("one error only, then the pong; got {other:?}"),
+    }
+}
+
 #[tokio::test]
 async fn catch_up_includes_own_sends_above_the_cursor() {
     let (_dir, server) = server();

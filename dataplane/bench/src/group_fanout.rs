@@ -125,6 +125,7 @@ pub async fn run(common: &CommonArgs, args: GroupFanoutArgs) -> anyhow::Result<R
         let endpoint = gateways.of(i);
         let plan = ReceiverPlan {
             ack: true,
+            ack_each_event: false,
             until_sync_done: false,
             redial: Some(Redial {
                 endpoint: endpoint.clone(),

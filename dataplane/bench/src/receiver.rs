@@ -24,6 +24,9 @@ const REDIAL_ATTEMPTS: u32 = 5;
 pub struct ReceiverPlan {
     /// Send delivered acks.
     pub ack: bool,
+    /// Acknowledge every event in its own frame, written at once, as a naive client does;
+    /// otherwise one ack per conversation for the frames that arrived together.
+    pub ack_each_event: bool,
     /// End at the first `sync_done` (a reconnecting device's catch-up).
     pub until_sync_done: bool,
     /// Reconnect like a real client when the connection ends (the catch-up from the
@@ -179,6 +182,7 @@ pub async fn run_receiver(
         acked: HashMap::new(),
         out: ReceiverOutcome::default(),
     };
+    let ack_batch = if plan.ack_each_event { 1 } else { ACK_BATCH };
     'run: loop {
         if *phase.borrow() == Phase::Stop {
             break;
@@ -212,7 +216,7 @@ pub async fn run_receiver(
                         }
                     }
                     handled += 1;
-                    if handled < ACK_BATCH && !synced {
+                    if handled < ack_batch && !synced {
                         item = reader.next().now_or_never();
                     }
                 }

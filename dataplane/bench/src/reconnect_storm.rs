@@ -116,6 +116,7 @@ pub async fn run(common: &CommonArgs, args: ReconnectStormArgs) -> anyhow::Resul
             let (writer, reader) = futures::StreamExt::split(socket);
             let plan = ReceiverPlan {
                 ack: true,
+                ack_each_event: false,
                 until_sync_done: true,
                 redial: None,
             };

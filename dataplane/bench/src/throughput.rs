@@ -44,6 +44,10 @@ pub struct PairOptions {
     /// Spread connections over 127.0.0.1..127.0.0.K (loopback servers).
     #[arg(long, default_value_t = 1)]
     pub source_addrs: usize,
+    /// Receivers acknowledge every event in its own frame, as a naive client does (by
+    /// default, one ack per conversation for the events that arrived together).
+    #[arg(long)]
+    pub ack_each_event: bool,
 }
 
 pub async fn run(common: &CommonArgs, args: ThroughputArgs) -> anyhow::Result<Report> {
@@ -53,6 +57,7 @@ pub async fn run(common: &CommonArgs, args: ThroughputArgs) -> anyhow::Result<Re
         max_in_flight,
         body_bytes,
         source_addrs,
+        ack_each_event,
     } = args.pair_options;
     let gateways = Gateways::resolve(&common.url, common.protocol.encoding()).await?;
     let minter = TokenMinter::from_args(common)?;
@@ -62,6 +67,7 @@ pub async fn run(common: &CommonArgs, args: ThroughputArgs) -> anyhow::Result<Re
     report.param("rate", args.rate);
     report.param("window", args.window);
     report.param("body_bytes", body_bytes);
+    report.param("ack_each_event", ack_each_event);
     report.param("duration_secs", common.duration.as_secs_f64());
 
     let connect = |i: usize, role: &'static str| {
@@ -94,6 +100,7 @@ pub async fn run(common: &CommonArgs, args: ThroughputArgs) -> anyhow::Result<Re
         let endpoint = gateways.of(index);
         let plan = ReceiverPlan {
             ack: true,
+            ack_each_event,
             until_sync_done: false,
             redial: Some(Redial {
                 endpoint: endpoint.clone(),

@@ -111,11 +111,25 @@ impl Client {
 
     /// Sends one frame as is.
     pub async fn send_frame(&mut self, frame: &ClientFrame) -> Result<(), ClientError> {
-        let message = match self.encoding.encode_client(frame) {
+        let message = self.message_of(frame);
+        self.send_raw(message).await
+    }
+
+    /// Sends `frames` in one write, as a client that batches what it has to say.
+    pub async fn send_frames(&mut self, frames: &[ClientFrame]) -> Result<(), ClientError> {
+        let written = |e: tungstenite::Error| ClientError::WebSocket(e.to_string());
+        for frame in frames {
+            let message = self.message_of(frame);
+            self.socket.feed(message).await.map_err(written)?;
+        }
+        self.socket.flush().await.map_err(written)
+    }
+
+    fn message_of(&self, frame: &ClientFrame) -> Message {
+        match self.encoding.encode_client(frame) {
             Payload::Text(text) => Message::text(text),
             Payload::Binary(bytes) => Message::binary(bytes),
-        };
-        self.send_raw(message).await
+        }
     }
 
     /// Sends a raw WebSocket message (for tests of bad input).

@@ -27,9 +27,11 @@
 //! device's last-seen writes) are boxed, so the task holds little more than the idle loop's
 //! wait (1.5 KB instead of 3.3 KB; `docs/benchmarks.md`, "Idle connection memory").
 
+pub mod acks;
 pub mod drain;
 pub mod routes;
 
+use crate::acks::PendingAcks;
 use crate::drain::GatewayDrain;
 use crate::routes::{ConnectionHandle, Delivery, Routes, SharedEvent, Signals, to_message};
 use axum::extract::ws::{CloseFrame, Message, WebSocket, close_code};
@@ -42,8 +44,8 @@ use courier_core::limits::{ConnectionLimit, Rate};
 use courier_core::metrics::{CodeLabel, Metrics, ScopeLabel};
 use courier_core::sequencing::SequencerError;
 use courier_proto::{
-    ClientFrame, Encoding, ErrorFrame, Event, Hello, Messages, Pong, Reconnect, Sent, ServerFrame,
-    SyncDone, Trimmed,
+    Ack, ClientFrame, Encoding, ErrorFrame, Event, Hello, Messages, Pong, Reconnect, Sent,
+    ServerFrame, SyncDone, Trimmed,
 };
 use courier_store::{AppendOutcome, MessageStore};
 use futures::future::BoxFuture;
@@ -142,25 +144,35 @@ struct Connection {
     /// Highest seq written to this connection (or known to its device), per conversation.
     upto: HashMap<String, u64>,
     pending: FuturesUnordered<BoxFuture<'static, SendResult>>,
-    ack: Option<PendingAck>,
+    /// The commit of acks under way, if any.
+    acks: Option<PendingAcks>,
+    /// Acks read while `acks` was under way, committed next (`acks` module).
+    queued_acks: Vec<Ack>,
+    /// The first other frame read while acks were being committed: handled once they are,
+    /// and nothing more is read meanwhile.
+    held: Option<Box<ClientFrame>>,
     frames: ConnectionLimit,
     typing: ConnectionLimit,
 }
 
-/// An `ack` being committed: its `ref` and outcome. While one is pending the connection reads
-/// no further frame (an ack takes effect before any later frame is handled) but keeps writing
-/// deliveries.
-type PendingAck = BoxFuture<'static, (Option<i64>, Result<(), ApiError>)>;
-
-/// Waits for the pending ack, if any (never resolves without one).
-async fn acked(ack: &mut Option<PendingAck>) -> (Option<i64>, Result<(), ApiError>) {
-    match ack {
-        Some(ack) => ack.await,
+/// Waits for the commit of acks under way, if any (never resolves without one).
+async fn acked(acks: &mut Option<PendingAcks>) -> Vec<(Option<i64>, ApiError)> {
+    match acks {
+        Some(acks) => acks.await,
         None => std::future::pending().await,
     }
 }
 
-/// Longest wait, when a connection ends, for its last ack to be committed.
+/// The `ref` and `client_msg_id` an `error` answering `frame` carries.
+fn answer_ids(frame: &ClientFrame) -> (Option<i64>, Option<String>) {
+    let client_msg_id = match frame {
+        ClientFrame::Send(s) => Some(s.client_msg_id.clone()),
+        _ => None,
+    };
+    (frame.reference(), client_msg_id)
+}
+
+/// Longest wait, when a connection ends, for each of its last commits of acks.
 const LAST_ACK_WAIT: Duration = Duration::from_secs(10);
 
 /// Longest wait, after the server's close frame, for the client's close reply.
@@ -194,7 +206,9 @@ impl Gateway {
             socket,
             upto: HashMap::new(),
             pending: FuturesUnordered::new(),
-            ack: None,
+            acks: None,
+            queued_acks: Vec::new(),
+            held: None,
             frames: ConnectionLimit::new(self.limits.connection_frames),
             typing: ConnectionLimit::new(self.limits.connection_typing),
         };
@@ -237,8 +251,12 @@ impl Connection {
                 Box::pin(self.close(code, reason)).await;
             }
             // An ack is not lost because the connection closed right after it.
-            if let Some(ack) = self.ack.take() {
-                let _ = tokio::time::timeout(LAST_ACK_WAIT, ack).await;
+            if let Some(acks) = self.acks.take() {
+                let _ = tokio::time::timeout(LAST_ACK_WAIT, acks).await;
+            }
+            if !self.queued_acks.is_empty() {
+                let queued = std::mem::take(&mut self.queued_acks);
+                let _ = tokio::time::timeout(LAST_ACK_WAIT, self.commit_acks(queued)).await;
             }
             let who = self.who.clone();
             drop(self);
@@ -292,21 +310,16 @@ impl Connection {
             {
                 return exit;
             }
-            let reading =
-                self.ack.is_none() && self.pending.len() < self.gateway.limits.max_pending_sends;
+            let reading = self.held.is_none()
+                && self.queued_acks.len() < acks::QUEUED_MAX
+                && self.pending.len() < self.gateway.limits.max_pending_sends;
             let step = tokio::select! {
                 biased;
                 _ = handle.signals.unlinked.notified() => Err(Exit::Close(close_code::POLICY, "device unlinked")),
                 _ = handle.signals.reconnect.notified() => {
                     Box::pin(self.drain(handle.signals.reconnect_after_ms().unwrap_or(0))).await
                 }
-                (reference, outcome) = acked(&mut self.ack) => {
-                    self.ack = None;
-                    match outcome {
-                        Ok(()) => Ok(()),
-                        Err(e) => self.write_error(reference, None, e).await,
-                    }
-                }
+                refused = acked(&mut self.acks) => Box::pin(self.on_acked(refused)).await,
                 Some(done) = self.pending.next() => self.on_sent(done).await,
                 Ok(delivery) = deliveries.recv_async() => self.on_delivery(delivery, &handle.signals).await,
                 _ = handle.signals.lagged.notified() => {
@@ -459,11 +472,6 @@ impl Connection {
                     .await;
             }
         };
-        let reference = frame.reference();
-        let client_msg_id = match &frame {
-            ClientFrame::Send(s) => Some(s.client_msg_id.clone()),
-            _ => None,
-        };
         if let Err(e) = self.frames.check() {
             self.gateway
                 .metrics
@@ -472,12 +480,52 @@ impl Connection {
                     scope: "connection",
                 })
                 .inc();
+            let (reference, client_msg_id) = answer_ids(&frame);
             return self.write_error(reference, client_msg_id, e).await;
         }
+        if self.acks.is_some() {
+            match frame {
+                ClientFrame::Ack(ack) => self.queued_acks.push(ack),
+                other => self.held = Some(Box::new(other)),
+            }
+            return Ok(());
+        }
+        self.handle(frame).await
+    }
+
+    /// Handles `frame`, answering a refusal with an `error` frame.
+    async fn handle(&mut self, frame: ClientFrame) -> Result<(), Exit> {
+        let (reference, client_msg_id) = answer_ids(&frame);
         if let Err(e) = self.on_frame(frame).await? {
             self.write_error(reference, client_msg_id, e).await?;
         }
         Ok(())
+    }
+
+    /// A commit of acks ended: answers the refused ones, then commits the acks read
+    /// meanwhile, or else handles the frame held back behind them.
+    async fn on_acked(&mut self, refused: Vec<(Option<i64>, ApiError)>) -> Result<(), Exit> {
+        self.acks = None;
+        for (reference, e) in refused {
+            self.write_error(reference, None, e).await?;
+        }
+        if !self.queued_acks.is_empty() {
+            let queued = std::mem::take(&mut self.queued_acks);
+            self.acks = Some(self.commit_acks(queued));
+        } else if let Some(frame) = self.held.take() {
+            return self.handle(*frame).await;
+        }
+        Ok(())
+    }
+
+    fn commit_acks(&self, acks: Vec<Ack>) -> PendingAcks {
+        let gateway = &self.gateway;
+        acks::commit(
+            gateway.chat.clone(),
+            self.who.clone(),
+            gateway.metrics.clone(),
+            acks,
+        )
     }
 
     /// Handles one decoded frame. The outer error ends the connection; the inner one is
@@ -526,16 +574,7 @@ impl Connection {
                 Ok(chat.typing(&self.who, &typing).await)
             }
             ClientFrame::Ack(ack) => {
-                let who = self.who.clone();
-                let reference = ack.reference;
-                let metrics = self.gateway.metrics.clone();
-                let started = Instant::now();
-                self.ack = Some(Box::pin(async move {
-                    let result = chat.acknowledge(&who, &ack).await;
-                    let took = started.elapsed().as_secs_f64();
-                    metrics.stages.ack_commit.observe(took);
-                    (reference, result)
-                }));
+                self.acks = Some(self.commit_acks(vec![ack]));
                 Ok(Ok(()))
             }
             ClientFrame::Fetch(fetch) => {

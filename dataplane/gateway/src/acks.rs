@@ -1,0 +1,139 @@
+//! A connection's acks, committed one step at a time. An `ack` takes effect before any later
+//! frame of its connection is handled (PROTOCOL.md), so while one commit of acks is under way
+//! the connection goes on reading acks only: they queue (at most [`QUEUED_MAX`]), and the
+//! first other frame waits, with reading, until they are committed. The queued acks are then
+//! committed together, as one ack per conversation and kind: the highest, since an ack is
+//! cumulative. A client that acknowledges every event in its own frame thus costs one commit
+//! (and one receipt to the senders) per step, not one per frame, and its acks never wait
+//! behind each other's commits one by one.
+//!
+//! If a merged ack is refused (a seq beyond what the user may read, say), the acks it stands
+//! for are committed again one by one, so that each is answered as if it had come alone: the
+//! valid ones move the cursors, and each refused one gets its own `error` with its `ref`.
+
+use courier_chat::ChatBinding;
+use courier_core::auth::Identity;
+use courier_core::error::ApiError;
+use courier_core::metrics::Metrics;
+use courier_proto::Ack;
+use futures::future::{BoxFuture, join_all};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Acks queued behind a commit before the connection stops reading until it ends.
+pub const QUEUED_MAX: usize = 1024;
+
+/// A commit of acks under way: it resolves to the refused ones, each with its `ref`.
+pub type PendingAcks = BoxFuture<'static, Vec<(Option<i64>, ApiError)>>;
+
+/// Commits `acks` (in the order they were read) as described in the module documentation.
+pub fn commit(
+    chat: ChatBinding,
+    who: Identity,
+    metrics: Arc<Metrics>,
+    acks: Vec<Ack>,
+) -> PendingAcks {
+    let started = Instant::now();
+    Box::pin(async move {
+        let steps = merged(acks)
+            .into_iter()
+            .map(|(ack, parts)| commit_merged(&chat, &who, ack, parts));
+        let refused = join_all(steps).await.concat();
+        metrics
+            .stages
+            .ack_commit
+            .observe(started.elapsed().as_secs_f64());
+        refused
+    })
+}
+
+/// Commits `ack`, which stands for `parts`; if it is refused, each part alone.
+async fn commit_merged(
+    chat: &ChatBinding,
+    who: &Identity,
+    ack: Ack,
+    parts: Vec<Ack>,
+) -> Vec<(Option<i64>, ApiError)> {
+    let Err(e) = chat.acknowledge(who, &ack).await else {
+        return Vec::new();
+    };
+    if let [only] = parts.as_slice() {
+        return vec![(only.reference, e)];
+    }
+    let mut refused = Vec::new();
+    for part in parts {
+        if let Err(e) = chat.acknowledge(who, &part).await {
+            refused.push((part.reference, e));
+        }
+    }
+    refused
+}
+
+/// One ack per conversation and kind, with the highest seq of `acks`, in the order each first
+/// appears, and the acks it stands for.
+fn merged(acks: Vec<Ack>) -> Vec<(Ack, Vec<Ack>)> {
+    let mut merged: Vec<(Ack, Vec<Ack>)> = Vec::new();
+    for ack in acks {
+        let same = |(m, _): &&mut (Ack, Vec<Ack>)| {
+            m.conversation_id == ack.conversation_id && m.kind == ack.kind
+        };
+        match merged.iter_mut().find(same) {
+            Some((m, parts)) => {
+                m.seq = m.seq.max(ack.seq);
+                m.reference = None;
+                parts.push(ack);
+            }
+            None => merged.push((ack.clone(), vec![ack])),
+        }
+    }
+    merged
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use courier_proto::AckKind;
+
+    fn ack(reference: i64, conv: &str, seq: u64, kind: AckKind) -> Ack {
+        Ack {
+            reference: Some(reference),
+            conversation_id: conv.into(),
+            seq,
+            kind,
+        }
+    }
+
+    #[test]
+    fn acks_merge_per_conversation_and_kind_into_the_highest_keeping_their_parts() {
+        use AckKind::{Delivered, Read};
+        let acks = vec![
+            ack(1, "a", 3, Delivered),
+            ack(2, "b", 9, Delivered),
+            ack(3, "a", 7, Delivered),
+            ack(4, "a", 5, Read),
+            ack(5, "a", 4, Delivered),
+        ];
+        let merged = merged(acks);
+        let refs = |parts: &[Ack]| parts.iter().map(|p| p.reference).collect::<Vec<_>>();
+        let summary: Vec<_> = merged
+            .iter()
+            .map(|(m, parts)| {
+                (
+                    m.conversation_id.as_str(),
+                    m.seq,
+                    m.kind,
+                    m.reference,
+                    refs(parts),
+                )
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            vec![
+                ("a", 7, Delivered, None, vec![Some(1), Some(3), Some(5)]),
+                ("b", 9, Delivered, Some(2), vec![Some(2)]),
+                ("a", 5, Read, Some(4), vec![Some(4)]),
+            ]
+        );
+    }
+}
