@@ -29,12 +29,15 @@
 //! lock"). fjall stores the size when it creates the keyspace: a store created with 16 MiB
 //! keeps it.
 //!
-//! **Counters read from the writer.** A `Max` or `Add` mutation (a device's cursor, a
-//! user's receipts, usage counters) reads the key's current value. The writer keeps the
-//! values it last wrote for such keys ([`Counters`]), up to [`COUNTERS_MAX`] keys, and reads
-//! the memtable only for the others: every write of the store goes through the writer, so they
-//! stay exact. A point read of a 64 MiB memtable was ~10 % of the server's CPU while 1,000
-//! group members acknowledged every event (`docs/benchmarks.md`, "Receipts offered at once").
+//! **Counters and fences read from the writer.** A `Max` or `Add` mutation (a device's
+//! cursor, a user's receipts, usage counters) reads the key's current value, and so does each
+//! fence of a batch (a shard's epoch, on every append and every record of fanout's bounds).
+//! The writer keeps the values it last wrote or read for such keys ([`Known`]), up to
+//! [`KNOWN_MAX`] keys, and reads the store only for the others: every write of the store goes
+//! through the writer, so they stay exact. A point read of a 64 MiB memtable was ~10 % of the
+//! server's CPU while 1,000 group members acknowledged every event (`docs/benchmarks.md`,
+//! "Receipts offered at once"); the fences' reads were 2 % at 5,000 msgs/s ("Acks committed
+//! together").
 //!
 //! **Rows read by key, from memory.** A point read leaves what it found (a value, or the key
 //! absent) in the store's row cache (`crate::row_cache`), and the next read of that key takes
@@ -76,9 +79,9 @@ pub const QUEUE_CAPACITY: usize = 4096;
 pub const GROUP_MAX_BATCHES: usize = 1024;
 /// Most bytes of keys and values in one group commit.
 pub const GROUP_MAX_BYTES: usize = 16 << 20;
-/// Most counter keys whose values the writer keeps ([`Counters`]); past it they are all
-/// forgotten at once (~100 bytes each with a 50-byte key).
-pub const COUNTERS_MAX: usize = 1 << 18;
+/// Most counter and fence keys whose values the writer keeps ([`Known`]); past it they are
+/// all forgotten at once (~100 bytes each with a 50-byte key).
+pub const KNOWN_MAX: usize = 1 << 18;
 /// The data keyspace's memtable size, fjall's default (module documentation).
 pub const MEMTABLE_BYTES: u64 = 64 << 20;
 /// Largest value accepted, as in FoundationDB (100 kB); larger ones are the caller's to chunk.
@@ -310,7 +313,7 @@ fn write_loop(
     mut version: u64,
 ) {
     let mut group = Vec::with_capacity(GROUP_MAX_BATCHES);
-    let mut counters = Counters::default();
+    let mut known = Known::default();
     while let Some(first) = requests.blocking_recv() {
         let mut bytes = first.batch.approximate_size();
         group.push(first);
@@ -330,8 +333,8 @@ fn write_loop(
             continue;
         }
         version += 1;
-        let committed = commit_group(store, &group, version, &mut counters);
-        counters.settle(committed.is_ok());
+        let committed = commit_group(store, &group, version, &mut known);
+        known.settle(committed.is_ok());
         match committed {
             Ok(outcomes) => {
                 for (request, outcome) in group.drain(..).zip(outcomes) {
@@ -424,7 +427,7 @@ fn commit_group(
     store: &Store,
     group: &[CommitRequest],
     version: u64,
-    counters: &mut Counters,
+    known: &mut Known,
 ) -> Result<Vec<Result<CommitStamp, StoreError>>, GroupError> {
     let persist = persist_mode(group.iter().map(|request| request.batch.durability));
     let mut txn = store.db.write_tx().durability(Some(persist));
@@ -432,20 +435,22 @@ fn commit_group(
     let mut found = Found::default();
     for (order, request) in group.iter().enumerate() {
         let stamp = stamp(version, order);
-        outcomes.push(match fence_violation(&txn, &store.data, &request.batch)? {
-            Some(key) => Err(StoreError::FenceChanged { key }),
-            None => {
-                apply(
-                    &mut txn,
-                    &store.data,
-                    &request.batch,
-                    &stamp,
-                    counters,
-                    &mut found,
-                )?;
-                Ok(stamp)
-            }
-        });
+        outcomes.push(
+            match fence_violation(&txn, &store.data, &request.batch, known)? {
+                Some(key) => Err(StoreError::FenceChanged { key }),
+                None => {
+                    apply(
+                        &mut txn,
+                        &store.data,
+                        &request.batch,
+                        &stamp,
+                        known,
+                        &mut found,
+                    )?;
+                    Ok(stamp)
+                }
+            },
+        );
     }
     txn.insert(&store.meta, COMMIT_VERSION, version.to_le_bytes().to_vec());
     let applied = group
@@ -454,7 +459,7 @@ fn commit_group(
         .filter(|(_, outcome)| outcome.is_ok())
         .flat_map(|(request, _)| &request.batch.mutations);
     let mut writing = store.rows.begin_write();
-    drop_written_rows(&mut writing, applied, &found, counters);
+    drop_written_rows(&mut writing, applied, &found, known);
     let held = writing.finish();
     match txn.commit() {
         Ok(()) => {
@@ -477,13 +482,13 @@ struct Found {
 }
 
 /// Names every key the group writes to the row cache, last write first, with what that write
-/// left it. `mutations` are the group's applied ones, in order; `counters` holds the group's
+/// left it. `mutations` are the group's applied ones, in order; `known` holds the group's
 /// last value of each counter.
 fn drop_written_rows<'a>(
     writing: &mut Writing<'_>,
     mutations: impl DoubleEndedIterator<Item = &'a Mutation>,
     found: &Found,
-    counters: &Counters,
+    known: &Known,
 ) {
     let mut keys = found.keys.iter().rev();
     let mut per_range = found.per_range.iter().rev();
@@ -492,7 +497,7 @@ fn drop_written_rows<'a>(
             Mutation::Set { key, value } => writing.wrote(key, Written::Value(value)),
             Mutation::Clear { key } => writing.wrote(key, Written::Removed),
             Mutation::Max { key, .. } | Mutation::Add { key, .. } => {
-                let value = counters.in_group(key);
+                let value = known.in_group(key);
                 writing.wrote(key, value.map_or(Written::Unknown, Written::Counter));
             }
             Mutation::ClearRange { .. } => {
@@ -522,14 +527,15 @@ fn persist_mode(durabilities: impl IntoIterator<Item = Durability>) -> PersistMo
 
 type WriteTxn<'a> = fjall::SingleWriterWriteTx<'a>;
 
+/// The first fence of `batch` whose key no longer holds the expected value, if any.
 fn fence_violation(
     txn: &WriteTxn<'_>,
     data: &SingleWriterTxKeyspace,
     batch: &Batch,
+    known: &mut Known,
 ) -> Result<Option<Vec<u8>>, StoreError> {
     for fence in &batch.fences {
-        let current = txn.get(data, &fence.key).map_err(engine_error)?;
-        if current.as_deref() != fence.expected.as_deref() {
+        if !known.holds(txn, data, &fence.key, fence.expected.as_deref())? {
             return Ok(Some(fence.key.clone()));
         }
     }
@@ -541,17 +547,17 @@ fn apply(
     data: &SingleWriterTxKeyspace,
     batch: &Batch,
     stamp: &CommitStamp,
-    counters: &mut Counters,
+    known: &mut Known,
     found: &mut Found,
 ) -> Result<(), StoreError> {
     for m in &batch.mutations {
         match m {
             Mutation::Set { key, value } => {
-                counters.forget(key);
+                known.forget(key);
                 txn.insert(data, key.as_slice(), value.as_slice());
             }
             Mutation::Clear { key } => {
-                counters.forget(key);
+                known.forget(key);
                 txn.remove(data, key.as_slice());
             }
             Mutation::ClearRange { begin, end } => {
@@ -563,7 +569,7 @@ fn apply(
                         .collect::<Result<_, _>>()
                         .map_err(engine_error)?;
                     for key in keys {
-                        counters.forget(&key);
+                        known.forget(&key);
                         txn.remove(data, key.clone());
                         found.keys.push(key);
                         cleared += 1;
@@ -572,23 +578,23 @@ fn apply(
                 found.per_range.push(cleared);
             }
             Mutation::Max { key, value } => {
-                let current = counters.read(txn, data, key)?;
+                let current = known.counter(txn, data, key)?;
                 if current.is_none_or(|c| c < *value) {
                     txn.insert(data, key.as_slice(), value.to_le_bytes().as_slice());
-                    counters.wrote(key, *value);
+                    known.wrote(key, *value);
                 } else if let Some(current) = current {
-                    counters.wrote(key, current);
+                    known.wrote(key, current);
                 }
             }
             Mutation::Add { key, delta } => {
-                let current = counters.read(txn, data, key)?.unwrap_or(0);
+                let current = known.counter(txn, data, key)?.unwrap_or(0);
                 let sum = current.wrapping_add(*delta as u64);
                 txn.insert(data, key.as_slice(), sum.to_le_bytes().as_slice());
-                counters.wrote(key, sum);
+                known.wrote(key, sum);
             }
             Mutation::SetVersionstampedKey { key, value } => {
                 let key = fjall::UserKey::from(complete_versionstamped_key(key, stamp)?);
-                counters.forget(&key);
+                known.forget(&key);
                 txn.insert(data, key.clone(), value.as_slice());
                 found.keys.push(key);
             }
@@ -597,31 +603,44 @@ fn apply(
     Ok(())
 }
 
-/// The values of counter keys (those of `Max` and `Add` mutations) as the writer last wrote or
-/// read them (module documentation). Those of the group being prepared are kept apart until it
-/// commits, and dropped if it does not.
+/// The values of counter keys (those of `Max` and `Add` mutations) and of fenced keys as the
+/// writer last wrote or read them (module documentation). Those of the group being prepared
+/// are kept apart until it commits, and dropped if it does not.
 #[derive(Default)]
-struct Counters {
-    committed: HashMap<Vec<u8>, u64>,
-    /// The group's changes: a new value, or `None` for a key it set or cleared otherwise (read
-    /// from the transaction, which sees the group's writes).
-    group: HashMap<Vec<u8>, Option<u64>>,
+struct Known {
+    committed: HashMap<Vec<u8>, Value>,
+    /// The group's changes: a value written or read by it, or `None` for a key it wrote
+    /// otherwise (read from the transaction, which sees the group's writes).
+    group: HashMap<Vec<u8>, Option<Value>>,
 }
 
-impl Counters {
+/// A key's value as the writer knows it.
+#[derive(Clone)]
+enum Value {
+    /// Written or read by a counter mutation.
+    Counter(u64),
+    /// Read by a fence: the stored bytes, or `None` for an absent key.
+    Fenced(Option<Vec<u8>>),
+}
+
+impl Known {
+    fn get(&self, key: &[u8]) -> Option<&Value> {
+        match self.group.get(key) {
+            Some(changed) => changed.as_ref(),
+            None => self.committed.get(key),
+        }
+    }
+
     /// The value of counter `key`, as last written, or else read from `txn`.
-    fn read(
+    fn counter(
         &self,
         txn: &WriteTxn<'_>,
         data: &SingleWriterTxKeyspace,
         key: &[u8],
     ) -> Result<Option<u64>, StoreError> {
-        let known = match self.group.get(key) {
-            Some(changed) => *changed,
-            None => self.committed.get(key).copied(),
-        };
-        match known {
-            Some(value) => Ok(Some(value)),
+        match self.get(key) {
+            Some(Value::Counter(value)) => Ok(Some(*value)),
+            Some(Value::Fenced(stored)) => Ok(stored.as_deref().map(decode_u64)),
             None => Ok(txn
                 .get(data, key)
                 .map_err(engine_error)?
@@ -629,17 +648,42 @@ impl Counters {
         }
     }
 
+    /// Whether `key` holds `expected` (`None`: absent), from what the writer knows, or else
+    /// read from `txn` and kept.
+    fn holds(
+        &mut self,
+        txn: &WriteTxn<'_>,
+        data: &SingleWriterTxKeyspace,
+        key: &[u8],
+        expected: Option<&[u8]>,
+    ) -> Result<bool, StoreError> {
+        match self.get(key) {
+            Some(Value::Counter(value)) => Ok(expected == Some(value.to_le_bytes().as_slice())),
+            Some(Value::Fenced(stored)) => Ok(stored.as_deref() == expected),
+            None => {
+                let stored = txn.get(data, key).map_err(engine_error)?;
+                let holds = stored.as_deref() == expected;
+                let value = Value::Fenced(stored.map(|v| v.to_vec()));
+                self.group.insert(key.to_vec(), Some(value));
+                Ok(holds)
+            }
+        }
+    }
+
     /// The value the group being prepared left to counter `key` (`None`: not written as a
     /// counter by it, or written otherwise since).
     fn in_group(&self, key: &[u8]) -> Option<u64> {
-        self.group.get(key).copied().flatten()
+        match self.group.get(key) {
+            Some(Some(Value::Counter(value))) => Some(*value),
+            _ => None,
+        }
     }
 
     fn wrote(&mut self, key: &[u8], value: u64) {
         match self.group.get_mut(key) {
-            Some(slot) => *slot = Some(value),
+            Some(slot) => *slot = Some(Value::Counter(value)),
             None => {
-                self.group.insert(key.to_vec(), Some(value));
+                self.group.insert(key.to_vec(), Some(Value::Counter(value)));
             }
         }
     }
@@ -659,7 +703,7 @@ impl Counters {
             self.group.clear();
             return;
         }
-        if self.committed.len() + self.group.len() > COUNTERS_MAX {
+        if self.committed.len() + self.group.len() > KNOWN_MAX {
             self.committed.clear();
         }
         for (key, value) in self.group.drain() {
@@ -813,6 +857,57 @@ mod tests {
         batch.max(b"counter".to_vec(), 60);
         kv.commit(batch).await.unwrap();
         assert_eq!(value().await, 60);
+    }
+
+    /// The writer keeps what each fence read: every kind of write to the key changes what
+    /// the next fence on it finds.
+    #[tokio::test]
+    async fn a_fence_finds_what_each_kind_of_write_left_its_key() {
+        type Write = fn(&mut Batch);
+        let dir = tempfile::tempdir().unwrap();
+        let kv = EmbeddedEngine::open(&dir.path().join("s")).unwrap();
+        let holds = async |expected: Option<u64>| {
+            let mut batch = Batch::new();
+            let expected = expected.map(|v| v.to_le_bytes().to_vec());
+            batch
+                .fence(b"k".to_vec(), expected)
+                .set(b"w".to_vec(), b"x".to_vec());
+            kv.commit(batch).await.is_ok()
+        };
+        let write = async |f: Write| {
+            let mut batch = Batch::new();
+            f(&mut batch);
+            kv.commit(batch).await.unwrap();
+        };
+        assert!(holds(None).await, "absent at first");
+        let steps: [(Write, Option<u64>); 6] = [
+            (
+                |b| _ = b.set(b"k".to_vec(), 1u64.to_le_bytes().to_vec()),
+                Some(1),
+            ),
+            (|b| _ = b.max(b"k".to_vec(), 9), Some(9)),
+            (|b| _ = b.add(b"k".to_vec(), 2), Some(11)),
+            (|b| _ = b.clear(b"k".to_vec()), None),
+            (
+                |b| _ = b.set(b"k".to_vec(), 5u64.to_le_bytes().to_vec()),
+                Some(5),
+            ),
+            (|b| _ = b.clear_range(b"j".to_vec()..b"l".to_vec()), None),
+        ];
+        let mut before = None;
+        for (i, (change, after)) in steps.into_iter().enumerate() {
+            assert!(
+                holds(before).await,
+                "step {i}: the fence read the key before the write"
+            );
+            write(change).await;
+            assert!(
+                !holds(before).await,
+                "step {i}: the old value no longer holds"
+            );
+            assert!(holds(after).await, "step {i}: the new value holds");
+            before = after;
+        }
     }
 
     /// Every kind of write reaches a row the cache holds: each key is read (and so held)
