@@ -3,8 +3,6 @@
 use crate::frames::{ClientFrame, ServerFrame};
 use crate::pb;
 use prost::Message;
-use serde::Deserialize;
-use std::borrow::Cow;
 
 /// A frame that could not be decoded. The message is meant for the client's developer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -73,7 +71,7 @@ impl Encoding {
     /// Decodes a client frame from the payload of a text (JSON) or binary (protobuf) message.
     pub fn decode_client(self, data: &[u8]) -> Result<ClientFrame, DecodeError> {
         match self {
-            Encoding::Json => client_frame_from_json(data).map_err(json_error),
+            Encoding::Json => serde_json::from_slice(data).map_err(json_error),
             Encoding::Proto => pb::ClientFrame::decode(data)
                 .map_err(|e| DecodeError::Malformed(e.to_string()))?
                 .try_into(),
@@ -82,7 +80,7 @@ impl Encoding {
 
     pub fn decode_server(self, data: &[u8]) -> Result<ServerFrame, DecodeError> {
         match self {
-            Encoding::Json => server_frame_from_json(data).map_err(json_error),
+            Encoding::Json => serde_json::from_slice(data).map_err(json_error),
             Encoding::Proto => pb::ServerFrame::decode(data)
                 .map_err(|e| DecodeError::Malformed(e.to_string()))?
                 .try_into(),
@@ -109,51 +107,6 @@ impl Encoding {
 fn to_json<T: serde::Serialize>(frame: &T) -> String {
     // Frames are plain data with string keys: serialising them cannot fail.
     serde_json::to_string(frame).unwrap_or_else(|_| String::from("{}"))
-}
-
-/// The `"type"` of a JSON frame, read alone: the other fields are skipped, not kept.
-#[derive(Deserialize)]
-struct FrameType<'a> {
-    #[serde(rename = "type", borrow, default)]
-    kind: Option<Cow<'a, str>>,
-}
-
-/// A JSON client frame, read in two passes: its `type`, then the fields of that variant into
-/// its own struct. The derived decoder of an internally tagged enum first copies every field
-/// into serde's generic `Content` tree and then reads the variant from that copy, which made
-/// JSON decoding most of a load generator's CPU (`docs/benchmarks.md`, "Frames read in two
-/// passes"). A frame of no known type goes to the derived decoder, for its error.
-fn client_frame_from_json(data: &[u8]) -> serde_json::Result<ClientFrame> {
-    use serde_json::from_slice;
-    match serde_json::from_slice::<FrameType>(data)?.kind.as_deref() {
-        Some("send") => from_slice(data).map(ClientFrame::Send),
-        Some("ack") => from_slice(data).map(ClientFrame::Ack),
-        Some("sync") => from_slice(data).map(ClientFrame::Sync),
-        Some("fetch") => from_slice(data).map(ClientFrame::Fetch),
-        Some("delete") => from_slice(data).map(ClientFrame::Delete),
-        Some("typing") => from_slice(data).map(ClientFrame::Typing),
-        Some("ping") => from_slice(data).map(ClientFrame::Ping),
-        _ => from_slice(data),
-    }
-}
-
-/// A JSON server frame, read in two passes as [`client_frame_from_json`] reads client frames.
-fn server_frame_from_json(data: &[u8]) -> serde_json::Result<ServerFrame> {
-    use serde_json::from_slice;
-    match serde_json::from_slice::<FrameType>(data)?.kind.as_deref() {
-        Some("hello") => from_slice(data).map(ServerFrame::Hello),
-        Some("sent") => from_slice(data).map(ServerFrame::Sent),
-        Some("event") => from_slice(data).map(ServerFrame::Event),
-        Some("messages") => from_slice(data).map(ServerFrame::Messages),
-        Some("receipt") => from_slice(data).map(ServerFrame::Receipt),
-        Some("sync_done") => from_slice(data).map(ServerFrame::SyncDone),
-        Some("trimmed") => from_slice(data).map(ServerFrame::Trimmed),
-        Some("typing") => from_slice(data).map(ServerFrame::Typing),
-        Some("error") => from_slice(data).map(ServerFrame::Error),
-        Some("reconnect") => from_slice(data).map(ServerFrame::Reconnect),
-        Some("pong") => from_slice(data).map(ServerFrame::Pong),
-        _ => from_slice(data),
-    }
 }
 
 fn json_error(e: serde_json::Error) -> DecodeError {
@@ -321,127 +274,6 @@ mod tests {
             Encoding::Json.salvage_reference(br#"{"type":"nope","ref":5}"#),
             Some(5)
         );
-    }
-
-    /// Every JSON frame reads the same through the two-pass decoder as through the derived
-    /// one, whatever the order of its fields.
-    #[test]
-    fn json_frames_of_every_type_decode_as_the_derived_decoder_reads_them() {
-        let conv = || "d:abc".to_string();
-        let client = [
-            ClientFrame::Send(Send {
-                reference: Some(1),
-                client_msg_id: "c".into(),
-                conversation_id: None,
-                to_user: Some("bob".into()),
-                body: Body::Text("hi".into()),
-                reply_to: Some(3),
-            }),
-            ClientFrame::Ack(Ack {
-                reference: None,
-                conversation_id: conv(),
-                seq: 4,
-                kind: AckKind::Read,
-            }),
-            ClientFrame::Sync(Sync {
-                reference: Some(2),
-                cursors: [(conv(), 7)].into(),
-            }),
-            ClientFrame::Fetch(Fetch {
-                reference: Some(3),
-                conversation_id: conv(),
-                after_seq: Some(1),
-                limit: Some(50),
-            }),
-            ClientFrame::Delete(Delete {
-                reference: None,
-                conversation_id: conv(),
-                seq: 2,
-            }),
-            ClientFrame::Typing(Typing {
-                reference: None,
-                conversation_id: conv(),
-                active: true,
-            }),
-            ClientFrame::Ping(Ping { reference: Some(5) }),
-        ];
-        for frame in client {
-            let json = to_json(&frame);
-            let derived: ClientFrame = serde_json::from_str(&json).unwrap();
-            assert_eq!(
-                Encoding::Json.decode_client(json.as_bytes()).unwrap(),
-                derived
-            );
-            assert_eq!(derived, frame);
-            let type_last = type_moved_last(&json);
-            assert_eq!(
-                Encoding::Json.decode_client(type_last.as_bytes()).unwrap(),
-                frame
-            );
-        }
-        let mut server = samples();
-        server.extend([
-            ServerFrame::Hello(Hello {
-                user: "alice".into(),
-                device: "phone".into(),
-                server_time_ms: 9,
-            }),
-            ServerFrame::Sent(Sent {
-                reference: Some(1),
-                client_msg_id: "c".into(),
-                conversation_id: conv(),
-                seq: 3,
-                server_msg_id: "m".into(),
-                ts_ms: 10,
-                duplicate: false,
-            }),
-            ServerFrame::Receipt(Receipt {
-                conversation_id: conv(),
-                user: "bob".into(),
-                delivered_seq: 3,
-                read_seq: 2,
-            }),
-            ServerFrame::Trimmed(Trimmed {
-                conversation_id: conv(),
-                floor_seq: 8,
-            }),
-            ServerFrame::Typing(TypingNotice {
-                conversation_id: conv(),
-                user: "bob".into(),
-                active: false,
-            }),
-            ServerFrame::Reconnect(Reconnect { after_ms: 1500 }),
-        ]);
-        for frame in server {
-            let json = to_json(&frame);
-            let derived: ServerFrame = serde_json::from_str(&json).unwrap();
-            assert_eq!(
-                Encoding::Json.decode_server(json.as_bytes()).unwrap(),
-                derived
-            );
-            assert_eq!(derived, frame);
-            let type_last = type_moved_last(&json);
-            assert_eq!(
-                Encoding::Json.decode_server(type_last.as_bytes()).unwrap(),
-                frame
-            );
-        }
-    }
-
-    /// `json` (an object whose first field is `type`) with `type` as its last field.
-    fn type_moved_last(json: &str) -> String {
-        let v: serde_json::Map<String, serde_json::Value> = serde_json::from_str(json).unwrap();
-        let rest: Vec<String> = v
-            .iter()
-            .filter(|(k, _)| *k != "type")
-            .map(|(k, v)| format!("{}:{v}", serde_json::Value::from(k.as_str())))
-            .collect();
-        let kind = &v["type"];
-        if rest.is_empty() {
-            format!("{{\"type\":{kind}}}")
-        } else {
-            format!("{{{},\"type\":{kind}}}", rest.join(","))
-        }
     }
 
     #[test]
