@@ -22,6 +22,10 @@
 //! Writes are buffered and flushed when the connection has nothing more queued, so a burst of
 //! deliveries or a catch-up page leaves in a few system calls rather than one per frame.
 //!
+//! **Acks** are committed one step at a time: the acks a connection reads while a step is
+//! under way are committed together in the next one, and any other frame waits for them
+//! ([`acks`]), so an ack still takes effect before every later frame of its connection.
+//!
 //! **Memory.** A connection's task is sized by its largest await point, and most connections
 //! are idle: the rare or heavy paths (frame handling, catch-up, gap fills, drain, close, the
 //! device's last-seen writes) are boxed, so the task holds little more than the idle loop's
