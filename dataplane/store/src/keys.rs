@@ -41,7 +41,7 @@
 //! directory (partition 0). `docs/decisions/0005-storage-partitions.md` says why.
 
 use crate::ownership::Duty;
-use foundationdb_tuple::{Subspace, Versionstamp};
+use foundationdb_tuple::{Subspace, TuplePack, Versionstamp};
 use std::ops::Range;
 
 /// FNV-1a: a stable hash, so a conversation maps to the same shard in every process and version.
@@ -138,6 +138,10 @@ fn range_of(space: Subspace) -> Range<Vec<u8>> {
     begin..end
 }
 
+/// Room for a typical key after the root: packing one then allocates once, where
+/// `Subspace::pack` starts from the root alone and grows the key with each element it writes.
+const KEY_CAPACITY: usize = 64;
+
 impl Keys {
     /// Keys under `root` (the empty prefix for a whole embedded database).
     pub fn new(root: &[u8]) -> Self {
@@ -146,29 +150,38 @@ impl Keys {
         }
     }
 
+    /// `tuple` packed under the root: the bytes of `Subspace::pack`.
+    fn pack<T: TuplePack>(&self, tuple: &T) -> Vec<u8> {
+        let root = self.root.bytes();
+        let mut key = Vec::with_capacity(root.len() + KEY_CAPACITY);
+        key.extend_from_slice(root);
+        foundationdb_tuple::pack_into(tuple, &mut key);
+        key
+    }
+
     pub fn shard_count(&self) -> Vec<u8> {
-        self.root.pack(&("meta", "shards"))
+        self.pack(&("meta", "shards"))
     }
 
     /// The epoch `duty`'s owners of `shard` fence on.
     pub fn shard_epoch(&self, duty: Duty, shard: u32) -> Vec<u8> {
         match duty {
-            Duty::Sequencing => self.root.pack(&("shard", shard)),
-            Duty::Delivery => self.root.pack(&("fepoch", shard)),
+            Duty::Sequencing => self.pack(&("shard", shard)),
+            Duty::Delivery => self.pack(&("fepoch", shard)),
         }
     }
 
     /// The ownership record of `shard` for `duty`.
     pub fn shard_owner(&self, duty: Duty, shard: u32) -> Vec<u8> {
         match duty {
-            Duty::Sequencing => self.root.pack(&("own", shard)),
-            Duty::Delivery => self.root.pack(&("fown", shard)),
+            Duty::Sequencing => self.pack(&("own", shard)),
+            Duty::Delivery => self.pack(&("fown", shard)),
         }
     }
 
     /// The leader record of a cluster-wide job (`crate::leaders`).
     pub fn leader(&self, job: &str) -> Vec<u8> {
-        self.root.pack(&("lead", job))
+        self.pack(&("lead", job))
     }
 
     /// The ownership records of every shard for `duty`, in shard order.
@@ -196,7 +209,7 @@ impl Keys {
     }
 
     pub fn route(&self, user: &str, device: &str, gateway: &str) -> Vec<u8> {
-        self.root.pack(&("route", user, device, gateway))
+        self.pack(&("route", user, device, gateway))
     }
 
     /// Every route of `user`: one per connected device and gateway.
@@ -213,7 +226,7 @@ impl Keys {
     }
 
     pub fn gateway_route(&self, gateway: &str, user: &str, device: &str) -> Vec<u8> {
-        self.root.pack(&("groute", gateway, user, device))
+        self.pack(&("groute", gateway, user, device))
     }
 
     /// Every route to `gateway`.
@@ -230,7 +243,7 @@ impl Keys {
     }
 
     pub fn node(&self, id: &str) -> Vec<u8> {
-        self.root.pack(&("node", id))
+        self.pack(&("node", id))
     }
 
     pub fn nodes(&self) -> Range<Vec<u8>> {
@@ -246,11 +259,11 @@ impl Keys {
     }
 
     pub fn conversation(&self, conv: &str) -> Vec<u8> {
-        self.root.pack(&("conv", conv))
+        self.pack(&("conv", conv))
     }
 
     pub fn member(&self, conv: &str, user: &str) -> Vec<u8> {
-        self.root.pack(&("mem", conv, user))
+        self.pack(&("mem", conv, user))
     }
 
     pub fn members(&self, conv: &str) -> Range<Vec<u8>> {
@@ -266,7 +279,7 @@ impl Keys {
     }
 
     pub fn user_conversation(&self, user: &str, conv: &str) -> Vec<u8> {
-        self.root.pack(&("convs", user, conv))
+        self.pack(&("convs", user, conv))
     }
 
     pub fn user_conversations(&self, user: &str) -> Range<Vec<u8>> {
@@ -295,11 +308,11 @@ impl Keys {
     }
 
     pub fn floor(&self, conv: &str) -> Vec<u8> {
-        self.root.pack(&("floor", conv))
+        self.pack(&("floor", conv))
     }
 
     pub fn device(&self, user: &str, device: &str) -> Vec<u8> {
-        self.root.pack(&("dev", user, device))
+        self.pack(&("dev", user, device))
     }
 
     pub fn devices(&self, user: &str) -> Range<Vec<u8>> {
@@ -315,7 +328,7 @@ impl Keys {
     }
 
     pub fn media(&self, id: &str) -> Vec<u8> {
-        self.root.pack(&("media", id))
+        self.pack(&("media", id))
     }
 
     /// Every media record, for the sweeper.
@@ -332,7 +345,7 @@ impl Keys {
     }
 
     pub fn blob_user(&self, sha256: &str, id: &str) -> Vec<u8> {
-        self.root.pack(&("mblob", sha256, id))
+        self.pack(&("mblob", sha256, id))
     }
 
     pub fn blob_users(&self, sha256: &str) -> Range<Vec<u8>> {
@@ -340,11 +353,11 @@ impl Keys {
     }
 
     pub fn media_usage(&self, user: &str) -> Vec<u8> {
-        self.root.pack(&("mbytes", user))
+        self.pack(&("mbytes", user))
     }
 
     pub fn media_reference(&self, id: &str, conv: &str, seq: u64) -> Vec<u8> {
-        self.root.pack(&("mref", id, conv, seq))
+        self.pack(&("mref", id, conv, seq))
     }
 
     pub fn media_references(&self, id: &str) -> Range<Vec<u8>> {
@@ -360,7 +373,7 @@ impl Keys {
     }
 
     pub fn pending_push(&self, user: &str, device: &str, conv: &str) -> Vec<u8> {
-        self.root.pack(&("pushq", user, device, conv))
+        self.pack(&("pushq", user, device, conv))
     }
 
     pub fn pending_pushes(&self) -> Range<Vec<u8>> {
@@ -377,7 +390,7 @@ impl Keys {
 
     /// The count of `user`'s groups whose conversations are in `shard`.
     pub fn group_counter(&self, user: &str, shard: u32) -> Vec<u8> {
-        self.root.pack(&("gcount", user, shard))
+        self.pack(&("gcount", user, shard))
     }
 
     /// Every group counter of `user`, one per shard.
@@ -388,17 +401,17 @@ impl Keys {
     /// `user`'s group count as kept before [`Keys::group_counter`] (stores written before
     /// storage partitions): read and added to the counters.
     pub fn former_group_count(&self, user: &str) -> Vec<u8> {
-        self.root.pack(&("ngroups", user))
+        self.pack(&("ngroups", user))
     }
 
     /// The table of a partitioned store (its shard ranges), kept in the directory.
     pub fn partition_table(&self) -> Vec<u8> {
-        self.root.pack(&("meta", "partitions"))
+        self.pack(&("meta", "partitions"))
     }
 
     /// A partition's own index, kept in each partition of a partitioned store.
     pub fn partition_index(&self) -> Vec<u8> {
-        self.root.pack(&("meta", "partition"))
+        self.pack(&("meta", "partition"))
     }
 
     /// Where `key` lives, and how many of its first bytes decide it (every key that starts
@@ -438,11 +451,11 @@ impl Keys {
     }
 
     pub fn head(&self, conv: &str) -> Vec<u8> {
-        self.root.pack(&("head", conv))
+        self.pack(&("head", conv))
     }
 
     pub fn event(&self, conv: &str, seq: u64) -> Vec<u8> {
-        self.root.pack(&("ev", conv, seq))
+        self.pack(&("ev", conv, seq))
     }
 
     /// Events of `conv` with `seq` in `[from, to)`.
@@ -457,13 +470,13 @@ impl Keys {
         device: &str,
         client_msg_id: &str,
     ) -> Vec<u8> {
-        self.root.pack(&("idem", conv, user, device, client_msg_id))
+        self.pack(&("idem", conv, user, device, client_msg_id))
     }
 
     /// The idempotency key of a server-made append: a subspace of its own, so that no client
     /// id can collide with it.
     pub fn server_idempotency(&self, conv: &str, key: &str) -> Vec<u8> {
-        self.root.pack(&("sidem", conv, key))
+        self.pack(&("sidem", conv, key))
     }
 
     /// Every idempotency record of client sends.
@@ -477,7 +490,7 @@ impl Keys {
     }
 
     pub fn cursor(&self, user: &str, device: &str, conv: &str) -> Vec<u8> {
-        self.root.pack(&("cur", user, device, conv))
+        self.pack(&("cur", user, device, conv))
     }
 
     pub fn cursors(&self, user: &str, device: &str) -> Range<Vec<u8>> {
@@ -493,7 +506,7 @@ impl Keys {
     }
 
     pub fn receipt(&self, conv: &str, user: &str, kind: ReceiptKind) -> Vec<u8> {
-        self.root.pack(&("rcpt", conv, user, kind.tag()))
+        self.pack(&("rcpt", conv, user, kind.tag()))
     }
 
     /// An outbox key of `shard` to be completed with the commit's versionstamp; `order` tells
@@ -509,12 +522,12 @@ impl Keys {
 
     /// Fanout's bound in `shard`'s outbox (every entry below it was delivered).
     pub fn delivered_bound(&self, shard: u32) -> Vec<u8> {
-        self.root.pack(&("fcur", shard))
+        self.pack(&("fcur", shard))
     }
 
     /// The push notifier's bound in `shard`'s outbox (every message below it was expanded).
     pub fn pushed_bound(&self, shard: u32) -> Vec<u8> {
-        self.root.pack(&("pcur", shard))
+        self.pack(&("pcur", shard))
     }
 }
 
@@ -530,6 +543,30 @@ mod tests {
         let range = keys.events("a", 1, 3);
         assert!(range.contains(&keys.event("a", 2)));
         assert!(!range.contains(&keys.event("a", 3)));
+    }
+
+    /// Keys are stored: their bytes are FoundationDB's tuple encoding under the root, whatever
+    /// their length and content (escaped zero bytes included).
+    #[test]
+    fn keys_are_the_tuple_encoding_under_the_root() {
+        let long = "u".repeat(200);
+        for root in [&b""[..], b"cluster-a"] {
+            let keys = Keys::new(root);
+            let space = Subspace::from_bytes(root.to_vec());
+            assert_eq!(keys.head("d:a\0b"), space.pack(&("head", "d:a\0b")));
+            assert_eq!(
+                keys.idempotency("g:1", &long, "phone", "c-1"),
+                space.pack(&("idem", "g:1", long.as_str(), "phone", "c-1"))
+            );
+            assert_eq!(
+                keys.event("g:1", u64::MAX),
+                space.pack(&("ev", "g:1", u64::MAX))
+            );
+            assert_eq!(
+                keys.shard_epoch(Duty::Delivery, 7),
+                space.pack(&("fepoch", 7u32))
+            );
+        }
     }
 
     #[test]
