@@ -216,26 +216,34 @@ async fn acks_written_at_once_all_take_effect_before_the_next_frame_and_before_a
         .map(|e| e.seq)
         .collect();
     assert_eq!(resent, vec![6, 7, 8], "the sync saw every ack before it");
-    let receipt = loop {
-        match alice.next_frame_within(WAIT).await.unwrap() {
-            ServerFrame::Receipt(r) if r.delivered_seq == 5 => break r,
-            ServerFrame::Receipt(r) => assert!(r.delivered_seq < 5, "{r:?}"),
-            _ => continue,
-        }
-    };
-    assert_eq!(receipt.user, "bob");
+    assert_eq!(delivered_receipt(&mut alice, 5).await.user, "bob");
 
-    // Acks written right before a close are committed all the same.
+    // Acks written right before a close are committed all the same: the receipt they move
+    // reaches alice (the client does not wait for the server's side of the close, so the
+    // receipt, not a reconnect, tells when they were committed), and the device's cursor
+    // moved with them.
     let frames: Vec<ClientFrame> = (6..=8)
         .map(|seq| ack_frame(seq as i64, &conv, seq))
         .collect();
     bob.send_frames(&frames).await.unwrap();
     bob.close().await;
+    delivered_receipt(&mut alice, 8).await;
     let mut bob = server.connect("bob", "phone").await;
     assert!(
         bob.events_until_sync_done().await.unwrap().is_empty(),
         "every ack before the close took effect"
     );
+}
+
+/// The receipt that reports `seq` delivered; those before it report less.
+async fn delivered_receipt(client: &mut Client, seq: u64) -> Receipt {
+    loop {
+        match client.next_frame_within(WAIT).await.unwrap() {
+            ServerFrame::Receipt(r) if r.delivered_seq == seq => return r,
+            ServerFrame::Receipt(r) => assert!(r.delivered_seq < seq, "{r:?}"),
+            _ => continue,
+        }
+    }
 }
 
 #[tokio::test]
