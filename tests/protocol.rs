@@ -176,8 +176,13 @@ fn ack_frame(reference: i64, conversation_id: &str, seq: u64) -> ClientFrame {
     })
 }
 
-/// Bob gets `count` messages from alice; returns their conversation.
-async fn bob_receives(alice: &mut Client, bob: &mut Client, count: usize) -> String {
+/// Alice and bob connected and synced, and `count` messages from alice that bob received:
+/// both clients and their conversation.
+async fn bob_received(server: &Server, count: usize) -> (Client, Client, String) {
+    let mut alice = server.connect("alice", "phone").await;
+    let mut bob = server.connect("bob", "phone").await;
+    expect_sync_done(&mut alice).await;
+    expect_sync_done(&mut bob).await;
     let mut conv = String::new();
     for i in 1..=count {
         conv = alice
@@ -187,19 +192,15 @@ async fn bob_receives(alice: &mut Client, bob: &mut Client, count: usize) -> Str
             .conversation_id;
     }
     for _ in 0..count {
-        expect_event(bob).await;
+        expect_event(&mut bob).await;
     }
-    conv
+    (alice, bob, conv)
 }
 
 #[tokio::test]
 async fn acks_written_at_once_all_take_effect_before_the_next_frame_and_before_a_close() {
     let (_dir, server) = server();
-    let mut alice = server.connect("alice", "phone").await;
-    let mut bob = server.connect("bob", "phone").await;
-    expect_sync_done(&mut alice).await;
-    expect_sync_done(&mut bob).await;
-    let conv = bob_receives(&mut alice, &mut bob, 8).await;
+    let (mut alice, mut bob, conv) = bob_received(&server, 8).await;
 
     // One ack per event, written at once: those read while the first commits are committed
     // together, and the sync behind them is handled only after they took effect.
@@ -207,14 +208,7 @@ async fn acks_written_at_once_all_take_effect_before_the_next_frame_and_before_a
         .map(|seq| ack_frame(seq as i64, &conv, seq))
         .collect();
     frames.push(ClientFrame::Sync(Sync::default()));
-    bob.send_frames(&frames).await.unwrap();
-    let resent: Vec<u64> = bob
-        .events_until_sync_done()
-        .await
-        .unwrap()
-        .iter()
-        .map(|e| e.seq)
-        .collect();
+    let resent = synced_after(&mut bob, &frames).await;
     assert_eq!(resent, vec![6, 7, 8], "the sync saw every ack before it");
     assert_eq!(delivered_receipt(&mut alice, 5).await.user, "bob");
 
@@ -235,6 +229,13 @@ async fn acks_written_at_once_all_take_effect_before_the_next_frame_and_before_a
     );
 }
 
+/// Writes `frames` (a sync last) at once; the seqs of the events the sync brought.
+async fn synced_after(client: &mut Client, frames: &[ClientFrame]) -> Vec<u64> {
+    client.send_frames(frames).await.unwrap();
+    let events = client.events_until_sync_done().await.unwrap();
+    events.iter().map(|e| e.seq).collect()
+}
+
 /// The receipt that reports `seq` delivered; those before it report less.
 async fn delivered_receipt(client: &mut Client, seq: u64) -> Receipt {
     loop {
@@ -249,11 +250,7 @@ async fn delivered_receipt(client: &mut Client, seq: u64) -> Receipt {
 #[tokio::test]
 async fn a_refused_ack_among_acks_committed_together_is_answered_alone() {
     let (_dir, server) = server();
-    let mut alice = server.connect("alice", "phone").await;
-    let mut bob = server.connect("bob", "phone").await;
-    expect_sync_done(&mut alice).await;
-    expect_sync_done(&mut bob).await;
-    let conv = bob_receives(&mut alice, &mut bob, 4).await;
+    let (_alice, mut bob, conv) = bob_received(&server, 4).await;
 
     // Merged, these would ack 99, beyond the head: each is then committed alone, so 1-3 move
     // the cursor and only the ack of 99 is refused, with its own ref.
@@ -264,14 +261,7 @@ async fn a_refused_ack_among_acks_committed_together_is_answered_alone() {
         ack_frame(14, &conv, 3),
         ClientFrame::Sync(Sync::default()),
     ];
-    bob.send_frames(&frames).await.unwrap();
-    let resent: Vec<u64> = bob
-        .events_until_sync_done()
-        .await
-        .unwrap()
-        .iter()
-        .map(|e| e.seq)
-        .collect();
+    let resent = synced_after(&mut bob, &frames).await;
     assert_eq!(resent, vec![4], "the valid acks took effect");
     let error = expect_error(&mut bob).await;
     assert_eq!(
