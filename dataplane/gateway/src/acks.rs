@@ -15,8 +15,9 @@ use courier_chat::ChatBinding;
 use courier_core::auth::Identity;
 use courier_core::error::ApiError;
 use courier_core::metrics::Metrics;
-use courier_proto::Ack;
+use courier_proto::{Ack, AckKind};
 use futures::future::{BoxFuture, join_all};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -73,17 +74,20 @@ async fn commit_merged(
 /// appears, and the acks it stands for.
 fn merged(acks: Vec<Ack>) -> Vec<(Ack, Vec<Ack>)> {
     let mut merged: Vec<(Ack, Vec<Ack>)> = Vec::new();
+    let mut index: HashMap<(String, bool), usize> = HashMap::new();
     for ack in acks {
-        let same = |(m, _): &&mut (Ack, Vec<Ack>)| {
-            m.conversation_id == ack.conversation_id && m.kind == ack.kind
-        };
-        match merged.iter_mut().find(same) {
-            Some((m, parts)) => {
+        let key = (ack.conversation_id.clone(), ack.kind == AckKind::Read);
+        match index.get(&key) {
+            Some(&i) => {
+                let (m, parts) = &mut merged[i];
                 m.seq = m.seq.max(ack.seq);
                 m.reference = None;
                 parts.push(ack);
             }
-            None => merged.push((ack.clone(), vec![ack])),
+            None => {
+                index.insert(key, merged.len());
+                merged.push((ack.clone(), vec![ack]));
+            }
         }
     }
     merged
@@ -92,7 +96,6 @@ fn merged(acks: Vec<Ack>) -> Vec<(Ack, Vec<Ack>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use courier_proto::AckKind;
 
     fn ack(reference: i64, conv: &str, seq: u64, kind: AckKind) -> Ack {
         Ack {
