@@ -21,7 +21,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-/// Acks queued behind a commit before the connection stops reading until it ends.
+/// Acks queued behind a commit of acks; past it the connection reads nothing more until that
+/// commit ends.
 pub const QUEUED_MAX: usize = 1024;
 
 /// A commit of acks under way: it resolves to the refused ones, each with its `ref`.
