@@ -238,9 +238,10 @@ impl Store {
         let snapshot = self.db.read_tx();
         // A commit that began since the look-up may have written keys held then: the held
         // values and the snapshot would then be of two states, so all are read from it.
-        let held = match self.rows.generation() == generation {
-            true => held,
-            false => vec![None; keys.len()],
+        let held = if self.rows.generation() == generation {
+            held
+        } else {
+            vec![None; keys.len()]
         };
         let missed: Vec<bool> = held.iter().map(Option::is_none).collect();
         let values = keys
