@@ -22,6 +22,7 @@ pub async fn run_all(harness: &mut dyn EngineHarness) {
     let kv = harness.open().await;
     ordered_ranges(kv.as_ref()).await;
     atomic_batches(kv.as_ref()).await;
+    a_batch_reads_its_own_writes(kv.as_ref()).await;
     fences(kv.as_ref()).await;
     atomic_max_and_add(&kv).await;
     counters_follow_every_other_write(kv.as_ref()).await;
@@ -147,6 +148,37 @@ pub async fn atomic_batches(kv: &dyn KvEngine) {
             .await
             .unwrap()
             .is_empty()
+    );
+}
+
+/// A batch's writes see its earlier ones: a range clear takes the keys it set, a counter
+/// starts from the value it set, a key set after a clear stands, a key's last write wins.
+pub async fn a_batch_reads_its_own_writes(kv: &dyn KvEngine) {
+    let mut setup = Batch::new();
+    setup.set(b"o/old".to_vec(), b"x".to_vec());
+    kv.commit(setup).await.unwrap();
+
+    let mut batch = Batch::new();
+    batch
+        .set(b"o/new".to_vec(), b"y".to_vec())
+        .clear_range(b"o/".to_vec()..b"o0".to_vec())
+        .set(b"o/after".to_vec(), b"first".to_vec())
+        .set(b"o/after".to_vec(), b"z".to_vec())
+        .set(b"o/counter".to_vec(), 5u64.to_le_bytes().to_vec())
+        .add(b"o/counter".to_vec(), 2)
+        .set(b"o/gone".to_vec(), b"w".to_vec())
+        .clear(b"o/gone".to_vec());
+    kv.commit(batch).await.unwrap();
+    let left = kv
+        .range(b"o/".to_vec()..b"o0".to_vec(), 10, false)
+        .await
+        .unwrap();
+    assert_eq!(
+        left,
+        vec![
+            (b"o/after".to_vec(), b"z".to_vec()),
+            (b"o/counter".to_vec(), 7u64.to_le_bytes().to_vec()),
+        ]
     );
 }
 
