@@ -1,11 +1,10 @@
 //! The embedded engine: a directory on local disk (fjall: an LSM tree with a write-ahead
-//! journal, snapshot readers, atomic write batches), fsync on every synced commit, no set-up. Chosen by measurement, see `docs/decisions/0001-embedded-engine.md`.
+//! journal, snapshot readers, one writer transaction at a time), fsync on every synced commit,
+//! no set-up. Chosen by measurement, see `docs/decisions/0001-embedded-engine.md`.
 //!
 //! **Group commit.** Commits queue for one writer thread, which takes every waiting batch (up to
-//! [`GROUP_MAX_BATCHES`] or [`GROUP_MAX_BYTES`]) into one fjall write batch and one journal
-//! fsync. The writer gathers the group's writes first ([`GroupWrites`]: each key's last write,
-//! which its own reads see), so fjall inserts each key once; a write transaction would insert
-//! it twice, into its own memtable for reads of its writes, then into the keyspace's. Each batch keeps its own fences and outcome: a
+//! [`GROUP_MAX_BATCHES`] or [`GROUP_MAX_BYTES`]) into one fjall write transaction (reads see the
+//! group's earlier writes) and one journal fsync. Each batch keeps its own fences and outcome: a
 //! refused batch writes nothing and does not affect the others. A group of
 //! [`Durability::Deferred`] batches only is written to the journal and handed to the operating
 //! system without an fsync; the next synced group (one fsync of the same journal) makes it
@@ -49,9 +48,9 @@
 //! does not write, and a read whose look-up a commit followed reads every key from its
 //! snapshot.
 //!
-//! **Versionstamps.** A persistent commit counter, bumped once per group and written with it,
-//! plus the batch's position in its group: the same 10-byte layout as FoundationDB's, and
-//! increasing across restarts.
+//! **Versionstamps.** A persistent commit counter, bumped once per group and stored in the same
+//! transaction, plus the batch's position in its group: the same 10-byte layout as
+//! FoundationDB's, and increasing across restarts.
 
 use crate::kv::{
     Batch, BatchLimits, CommitStamp, Durability, KeyValue, KvEngine, Mutation, StoreError,
@@ -60,11 +59,11 @@ use crate::kv::{
 use crate::row_cache::{RowCache, Writing, Written};
 use async_trait::async_trait;
 use fjall::{
-    AbstractTree, Database, Keyspace, KeyspaceCreateOptions, OwnedWriteBatch, PersistMode,
-    Readable, UserKey, UserValue,
+    AbstractTree, KeyspaceCreateOptions, PersistMode, Readable, SingleWriterTxDatabase,
+    SingleWriterTxKeyspace,
 };
-use std::collections::{BTreeMap, HashMap};
-use std::ops::{Bound, Range};
+use std::collections::HashMap;
+use std::ops::Range;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
@@ -110,9 +109,9 @@ pub struct EmbeddedEngine {
 
 /// The database and its two keyspaces.
 struct Store {
-    db: Database,
-    data: Keyspace,
-    meta: Keyspace,
+    db: SingleWriterTxDatabase,
+    data: SingleWriterTxKeyspace,
+    meta: SingleWriterTxKeyspace,
     /// Rows of `data` read by key, kept in step by the writer (module documentation).
     rows: RowCache,
     /// Memtables of `data` freed by [`release_memtables_loop`].
@@ -127,7 +126,7 @@ impl EmbeddedEngine {
     /// Opens (or creates) the database directory at `path`. After a crash, fjall replays its
     /// journal on open; every commit that returned `Ok` is kept.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = Database::builder(path).open().map_err(|e| {
+        let db = SingleWriterTxDatabase::builder(path).open().map_err(|e| {
             StoreError::Engine(format!("cannot open the store at {}: {e}", path.display()))
         })?;
         let data = db
@@ -138,8 +137,9 @@ impl EmbeddedEngine {
         let meta = db
             .keyspace("meta", KeyspaceCreateOptions::default)
             .map_err(engine_error)?;
-        let version = meta
-            .get(COMMIT_VERSION)
+        let version = db
+            .read_tx()
+            .get(&meta, COMMIT_VERSION)
             .map_err(engine_error)?
             .map_or(0, |v| decode_u64(&v));
         let store = Arc::new(Store {
@@ -189,7 +189,7 @@ impl KvEngine for EmbeddedEngine {
         limit: usize,
         reverse: bool,
     ) -> Result<Vec<KeyValue>, StoreError> {
-        let snapshot = self.db.db.snapshot();
+        let snapshot = self.db.db.read_tx();
         read_range(&snapshot, &self.db.data, range, limit, reverse)
     }
 
@@ -199,7 +199,7 @@ impl KvEngine for EmbeddedEngine {
         ranges: Vec<Range<Vec<u8>>>,
         limit: usize,
     ) -> Result<Vec<Vec<KeyValue>>, StoreError> {
-        let snapshot = self.db.db.snapshot();
+        let snapshot = self.db.db.read_tx();
         ranges
             .into_iter()
             .map(|range| read_range(&snapshot, &self.db.data, range, limit, false))
@@ -235,7 +235,7 @@ impl Store {
         if held.iter().all(Option::is_some) {
             return Ok(held.into_iter().flatten().collect());
         }
-        let snapshot = self.db.snapshot();
+        let snapshot = self.db.read_tx();
         // A commit that began since the look-up may have written keys held then: the held
         // values and the snapshot would then be of two states, so all are read from it.
         let held = if self.rows.generation() == generation {
@@ -265,7 +265,7 @@ impl Store {
 /// The value of `key` in `snapshot`.
 fn read_value(
     snapshot: &impl Readable,
-    data: &Keyspace,
+    data: &SingleWriterTxKeyspace,
     key: &[u8],
 ) -> Result<Option<Vec<u8>>, StoreError> {
     let value = snapshot.get(data, key).map_err(engine_error)?;
@@ -275,7 +275,7 @@ fn read_value(
 /// Up to `limit` pairs of `range` in `snapshot`, in key order (descending when `reverse`).
 fn read_range(
     snapshot: &impl Readable,
-    data: &Keyspace,
+    data: &SingleWriterTxKeyspace,
     range: Range<Vec<u8>>,
     limit: usize,
     reverse: bool,
@@ -305,7 +305,7 @@ pub const LIMITS: BatchLimits = BatchLimits {
     max_batch_bytes: GROUP_MAX_BYTES,
 };
 
-/// The writer: takes what is queued, commits it as one write batch, answers each batch.
+/// The writer: takes what is queued, commits it as one transaction, answers each batch.
 /// Once a commit has failed (`halted` set), it answers every batch `Halted` without writing.
 fn write_loop(
     store: &Store,
@@ -387,6 +387,7 @@ fn release_memtables_loop(store: &Weak<Store>) {
         };
         let active = store
             .data
+            .inner()
             .tree
             .get_version_history_lock()
             .latest_version()
@@ -411,7 +412,7 @@ fn stamp(version: u64, order: usize) -> CommitStamp {
 /// Why a group commit failed.
 #[derive(Debug, thiserror::Error)]
 enum GroupError {
-    /// A read while gathering the group's writes failed: nothing was written, the engine goes on.
+    /// Reading inside the transaction failed: nothing was written, the engine goes on.
     #[error(transparent)]
     Prepare(#[from] StoreError),
     /// Writing or syncing the journal failed: fjall has poisoned the database, and whether
@@ -420,9 +421,9 @@ enum GroupError {
     Commit(fjall::Error),
 }
 
-/// One write batch for a group: per batch, check fences then gather its writes; one durable
-/// commit, with the row cache kept in step around it (module documentation). Returns each batch's
-/// outcome; `Err` when the group as a whole failed.
+/// One transaction for a group: per batch, check fences then apply; one durable commit, with
+/// the row cache kept in step around it (module documentation). Returns each batch's
+/// outcome; `Err` when the transaction itself failed.
 fn commit_group(
     store: &Store,
     group: &[CommitRequest],
@@ -430,21 +431,29 @@ fn commit_group(
     known: &mut Known,
 ) -> Result<Vec<Result<CommitStamp, StoreError>>, GroupError> {
     let persist = persist_mode(group.iter().map(|request| request.batch.durability));
-    let mut writes = GroupWrites::new(&store.data);
+    let mut txn = store.db.write_tx().durability(Some(persist));
     let mut outcomes = Vec::with_capacity(group.len());
     let mut found = Found::default();
     for (order, request) in group.iter().enumerate() {
         let stamp = stamp(version, order);
-        outcomes.push(match fence_violation(&writes, &request.batch, known)? {
-            Some(key) => Err(StoreError::FenceChanged { key }),
-            None => {
-                apply(&mut writes, &request.batch, &stamp, known, &mut found)?;
-                Ok(stamp)
-            }
-        });
+        outcomes.push(
+            match fence_violation(&txn, &store.data, &request.batch, known)? {
+                Some(key) => Err(StoreError::FenceChanged { key }),
+                None => {
+                    apply(
+                        &mut txn,
+                        &store.data,
+                        &request.batch,
+                        &stamp,
+                        known,
+                        &mut found,
+                    )?;
+                    Ok(stamp)
+                }
+            },
+        );
     }
-    let mut batch = writes.into_batch(&store.db).durability(Some(persist));
-    batch.insert(&store.meta, COMMIT_VERSION, version.to_le_bytes());
+    txn.insert(&store.meta, COMMIT_VERSION, version.to_le_bytes().to_vec());
     let applied = group
         .iter()
         .zip(&outcomes)
@@ -453,7 +462,7 @@ fn commit_group(
     let mut writing = store.rows.begin_write();
     drop_written_rows(&mut writing, applied, &found, known);
     let held = writing.finish();
-    match batch.commit() {
+    match txn.commit() {
         Ok(()) => {
             store.rows.end_write(held);
             Ok(outcomes)
@@ -469,7 +478,7 @@ fn commit_group(
 /// clear (how many, per range), and each new versionstamped key.
 #[derive(Default)]
 struct Found {
-    keys: Vec<UserKey>,
+    keys: Vec<fjall::UserKey>,
     per_range: Vec<usize>,
 }
 
@@ -517,78 +526,17 @@ fn persist_mode(durabilities: impl IntoIterator<Item = Durability>) -> PersistMo
     }
 }
 
-/// A group's writes before they reach fjall: each key's last write (`None`: removed), in key
-/// order. The writer's reads (fences, counters, range clears) see them over the store, and
-/// the group becomes one fjall batch that writes each key once.
-struct GroupWrites<'a> {
-    data: &'a Keyspace,
-    last: BTreeMap<UserKey, Option<UserValue>>,
-}
-
-impl<'a> GroupWrites<'a> {
-    fn new(data: &'a Keyspace) -> Self {
-        Self {
-            data,
-            last: BTreeMap::new(),
-        }
-    }
-
-    /// The value of `key` with the group's writes so far.
-    fn get(&self, key: &[u8]) -> Result<Option<UserValue>, StoreError> {
-        match self.last.get(key) {
-            Some(written) => Ok(written.clone()),
-            None => self.data.get(key).map_err(engine_error),
-        }
-    }
-
-    fn insert(&mut self, key: impl Into<UserKey>, value: impl Into<UserValue>) {
-        self.last.insert(key.into(), Some(value.into()));
-    }
-
-    fn remove(&mut self, key: impl Into<UserKey>) {
-        self.last.insert(key.into(), None);
-    }
-
-    /// The keys in `range` with the group's writes so far, in order.
-    fn keys_in(&self, range: Range<&[u8]>) -> Result<Vec<UserKey>, StoreError> {
-        let mut keys: Vec<UserKey> = self
-            .data
-            .range(range.clone())
-            .map(|guard| guard.key())
-            .filter(|key| !matches!(key, Ok(key) if self.last.contains_key(key)))
-            .collect::<Result<_, _>>()
-            .map_err(engine_error)?;
-        let bounds = (Bound::Included(range.start), Bound::Excluded(range.end));
-        let written = self.last.range::<[u8], _>(bounds);
-        keys.extend(
-            written
-                .filter(|(_, value)| value.is_some())
-                .map(|(key, _)| key.clone()),
-        );
-        keys.sort_unstable();
-        Ok(keys)
-    }
-
-    fn into_batch(self, db: &Database) -> OwnedWriteBatch {
-        let mut batch = db.batch();
-        for (key, value) in self.last {
-            match value {
-                Some(value) => batch.insert(self.data, key, value),
-                None => batch.remove(self.data, key),
-            }
-        }
-        batch
-    }
-}
+type WriteTxn<'a> = fjall::SingleWriterWriteTx<'a>;
 
 /// The first fence of `batch` whose key no longer holds the expected value, if any.
 fn fence_violation(
-    writes: &GroupWrites<'_>,
+    txn: &WriteTxn<'_>,
+    data: &SingleWriterTxKeyspace,
     batch: &Batch,
     known: &mut Known,
 ) -> Result<Option<Vec<u8>>, StoreError> {
     for fence in &batch.fences {
-        if !known.holds(writes, &fence.key, fence.expected.as_deref())? {
+        if !known.holds(txn, data, &fence.key, fence.expected.as_deref())? {
             return Ok(Some(fence.key.clone()));
         }
     }
@@ -596,7 +544,8 @@ fn fence_violation(
 }
 
 fn apply(
-    writes: &mut GroupWrites<'_>,
+    txn: &mut WriteTxn<'_>,
+    data: &SingleWriterTxKeyspace,
     batch: &Batch,
     stamp: &CommitStamp,
     known: &mut Known,
@@ -606,18 +555,23 @@ fn apply(
         match m {
             Mutation::Set { key, value } => {
                 known.forget(key);
-                writes.insert(key.as_slice(), value.as_slice());
+                txn.insert(data, key.as_slice(), value.as_slice());
             }
             Mutation::Clear { key } => {
                 known.forget(key);
-                writes.remove(key.as_slice());
+                txn.remove(data, key.as_slice());
             }
             Mutation::ClearRange { begin, end } => {
                 let mut cleared = 0;
                 if begin < end {
-                    for key in writes.keys_in(begin.as_slice()..end.as_slice())? {
+                    let keys: Vec<fjall::UserKey> = txn
+                        .range(data, begin.as_slice()..end.as_slice())
+                        .map(|guard| guard.key())
+                        .collect::<Result<_, _>>()
+                        .map_err(engine_error)?;
+                    for key in keys {
                         known.forget(&key);
-                        writes.remove(key.clone());
+                        txn.remove(data, key.clone());
                         found.keys.push(key);
                         cleared += 1;
                     }
@@ -625,24 +579,24 @@ fn apply(
                 found.per_range.push(cleared);
             }
             Mutation::Max { key, value } => {
-                let current = known.counter(writes, key)?;
+                let current = known.counter(txn, data, key)?;
                 if current.is_none_or(|c| c < *value) {
-                    writes.insert(key.as_slice(), value.to_le_bytes());
+                    txn.insert(data, key.as_slice(), value.to_le_bytes().as_slice());
                     known.wrote(key, *value);
                 } else if let Some(current) = current {
                     known.wrote(key, current);
                 }
             }
             Mutation::Add { key, delta } => {
-                let current = known.counter(writes, key)?.unwrap_or(0);
+                let current = known.counter(txn, data, key)?.unwrap_or(0);
                 let sum = current.wrapping_add(*delta as u64);
-                writes.insert(key.as_slice(), sum.to_le_bytes());
+                txn.insert(data, key.as_slice(), sum.to_le_bytes().as_slice());
                 known.wrote(key, sum);
             }
             Mutation::SetVersionstampedKey { key, value } => {
-                let key = UserKey::from(complete_versionstamped_key(key, stamp)?);
+                let key = fjall::UserKey::from(complete_versionstamped_key(key, stamp)?);
                 known.forget(&key);
-                writes.insert(key.clone(), value.as_slice());
+                txn.insert(data, key.clone(), value.as_slice());
                 found.keys.push(key);
             }
         }
@@ -657,7 +611,7 @@ fn apply(
 struct Known {
     committed: HashMap<Vec<u8>, Value>,
     /// The group's changes: a value written or read by it, or `None` for a key it wrote
-    /// otherwise (read with the group's writes).
+    /// otherwise (read from the transaction, which sees the group's writes).
     group: HashMap<Vec<u8>, Option<Value>>,
 }
 
@@ -678,20 +632,29 @@ impl Known {
         }
     }
 
-    /// The value of counter `key`, as last written, or else read with the group's writes.
-    fn counter(&self, writes: &GroupWrites<'_>, key: &[u8]) -> Result<Option<u64>, StoreError> {
+    /// The value of counter `key`, as last written, or else read from `txn`.
+    fn counter(
+        &self,
+        txn: &WriteTxn<'_>,
+        data: &SingleWriterTxKeyspace,
+        key: &[u8],
+    ) -> Result<Option<u64>, StoreError> {
         match self.get(key) {
             Some(Value::Counter(value)) => Ok(Some(*value)),
             Some(Value::Fenced(stored)) => Ok(stored.as_deref().map(decode_u64)),
-            None => Ok(writes.get(key)?.map(|v| decode_u64(&v))),
+            None => Ok(txn
+                .get(data, key)
+                .map_err(engine_error)?
+                .map(|v| decode_u64(&v))),
         }
     }
 
     /// Whether `key` holds `expected` (`None`: absent), from what the writer knows, or else
-    /// read with the group's writes and kept.
+    /// read from `txn` and kept.
     fn holds(
         &mut self,
-        writes: &GroupWrites<'_>,
+        txn: &WriteTxn<'_>,
+        data: &SingleWriterTxKeyspace,
         key: &[u8],
         expected: Option<&[u8]>,
     ) -> Result<bool, StoreError> {
@@ -699,7 +662,7 @@ impl Known {
             Some(Value::Counter(value)) => Ok(expected == Some(value.to_le_bytes().as_slice())),
             Some(Value::Fenced(stored)) => Ok(stored.as_deref() == expected),
             None => {
-                let stored = writes.get(key)?;
+                let stored = txn.get(data, key).map_err(engine_error)?;
                 let holds = stored.as_deref() == expected;
                 let value = Value::Fenced(stored.map(|v| v.to_vec()));
                 self.group.insert(key.to_vec(), Some(value));
@@ -844,7 +807,7 @@ mod tests {
         let kv = EmbeddedEngine::open(&dir.path().join("s")).unwrap();
         let batches = fill_memtables(&kv, 1).await;
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while kv.db.data.tree.table_count() == 0 {
+        while kv.db.data.inner().table_count() == 0 {
             assert!(
                 std::time::Instant::now() < deadline,
                 "{batches} MB written, no memtable flushed"
