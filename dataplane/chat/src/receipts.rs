@@ -23,7 +23,8 @@ use courier_core::loops::BackgroundLoops;
 use courier_core::membership::{Members, MembershipCache};
 use courier_proto::{Receipt, ServerFrame};
 use courier_store::{MessageStore, StoreError};
-use std::collections::{BTreeSet, HashMap};
+use foldhash::{HashMap, HashMapExt};
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 

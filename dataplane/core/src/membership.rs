@@ -19,7 +19,7 @@
 
 use courier_proto::{Event, EventPayload};
 use courier_store::{MemberRecord, MessageStore, StoreError};
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 

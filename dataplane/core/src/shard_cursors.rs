@@ -1,7 +1,7 @@
 //! Where a consumer of per-shard queues (the outboxes, read by fanout and by the push
 //! notifier) has read up to, in memory.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::sync::Mutex;
 
 /// Per shard, where a consumer's next read of its queue starts (a bound: the first key it has

@@ -16,8 +16,8 @@ use courier_core::auth::Identity;
 use courier_core::error::ApiError;
 use courier_core::metrics::Metrics;
 use courier_proto::{Ack, AckKind};
+use foldhash::{HashMap, HashMapExt};
 use futures::future::{BoxFuture, join_all};
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 

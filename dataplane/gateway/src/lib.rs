@@ -52,11 +52,12 @@ use courier_proto::{
     ServerFrame, SyncDone, Trimmed,
 };
 use courier_store::{AppendOutcome, MessageStore};
+use foldhash::{HashMap, HashMapExt};
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{SinkExt, StreamExt};
 use std::borrow::Borrow;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

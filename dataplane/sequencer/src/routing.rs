@@ -31,7 +31,7 @@ use courier_core::sequencing::{
 use courier_rpc::{ClusterToken, RemoteSequencer};
 use courier_store::ownership::Duty;
 use courier_store::{Append, AppendOutcome, MessageStore, StoreError};
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::sync::{Arc, Mutex};
 use tokio::sync::oneshot;
 

@@ -62,7 +62,7 @@ use fjall::{
     AbstractTree, KeyspaceCreateOptions, PersistMode, Readable, SingleWriterTxDatabase,
     SingleWriterTxKeyspace,
 };
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::ops::Range;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -7,8 +7,9 @@ use crate::membership::{MemberRecord, UserConversation, encode_left_seq};
 use crate::ownership::Duty;
 use crate::partitions::{PartitionTable, PartitionedEngine};
 use courier_proto::{Event, EventPayload, MembershipChange, Sender, pb};
+use foldhash::{HashMap, HashMapExt};
 use prost::Message;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 use std::sync::Arc;
 

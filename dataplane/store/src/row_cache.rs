@@ -24,7 +24,7 @@
 //! **Bounded.** At most [`ROWS_MAX`] rows; a fill that finds the cache full empties it first
 //! (hot rows come back with their next read).
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::sync::Mutex;
 
 /// Most rows held (~100-150 bytes each with 50-byte keys and small values: ~10 MB).
