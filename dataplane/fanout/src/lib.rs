@@ -49,9 +49,10 @@
 //! worker's state (its dirty shards, the shard cursors) lives in [`Fanout`] and a restarted
 //! worker rescans all its shards from their cursors, so what it was delivering is delivered
 //! again (connections skip what they have); the two queues' receivers and the recorder's state
-//! are kept in [`Fanout`] and taken up again, and what the failed run held (one large-group
-//! event, a batch of ranges) holds that shard's bound back until the shard next changes hands
-//! or the node restarts, and is delivered again then. At shutdown the workers stop at once
+//! are kept in [`Fanout`] and taken up again, with what the failed run held: the large-group
+//! event it was delivering is delivered again, and the bounds it had taken and not yet
+//! recorded are recorded (lost, either would hold its shard's bound back for good, and every
+//! range after it in the recorder's memory). At shutdown the workers stop at once
 //! (connections have drained by then), and the recorder stops last: it records everything
 //! queued, and ends when the last worker is gone.
 //!
@@ -132,11 +133,18 @@ struct Drained {
     bound: Vec<u8>,
 }
 
-/// A large-group event, and its drained range, recorded once it was delivered.
+/// A large-group event with its recipients, and its drained range, recorded once it was
+/// delivered.
 struct LargeDelivery {
-    event: Event,
-    recipients: Members,
+    delivery: (Event, Members),
     drained: Drained,
+}
+
+/// The large-group queue, and the delivery its worker took from it and has not yet handed to
+/// the recorder: kept here, so that a worker restarted after a panic delivers it again.
+struct LargeGroupQueue {
+    queue: mpsc::Receiver<LargeDelivery>,
+    taken: Option<LargeDelivery>,
 }
 
 /// What a worker hands off: large-group events to their worker, drained ranges to the
@@ -174,8 +182,9 @@ pub struct Fanout {
     keeping: tokio::sync::Mutex<()>,
     /// The senders of the two queues below, until [`Fanout::start`] hands them to the workers.
     handoffs: Mutex<Option<Handoffs>>,
-    /// Large-group events waiting for their worker (held by it while it runs).
-    large_queue: Arc<tokio::sync::Mutex<mpsc::Receiver<LargeDelivery>>>,
+    /// Large-group events waiting for their worker, and the one it is delivering (held by it
+    /// while it runs).
+    large_queue: Arc<tokio::sync::Mutex<LargeGroupQueue>>,
     /// Drained outbox ranges waiting to be recorded, and where each lease's ranges stand (held
     /// by the recorder while it runs, kept for it if it is restarted).
     recorder: Arc<tokio::sync::Mutex<Recorder>>,
@@ -217,10 +226,14 @@ impl Fanout {
             look_at_every_shard_each_round: config.look_at_every_shard_each_round,
             keeping: tokio::sync::Mutex::new(()),
             handoffs: Mutex::new(Some(Handoffs { large, drained })),
-            large_queue: Arc::new(tokio::sync::Mutex::new(large_queue)),
+            large_queue: Arc::new(tokio::sync::Mutex::new(LargeGroupQueue {
+                queue: large_queue,
+                taken: None,
+            })),
             recorder: Arc::new(tokio::sync::Mutex::new(Recorder {
                 queue: record_queue,
                 shards: HashMap::new(),
+                unrecorded: BTreeMap::new(),
             })),
         });
         let share = fanout.fair_share().await?;
@@ -256,13 +269,28 @@ impl Fanout {
         loops.spawn("fanout large-group worker", move |cancel| {
             let (fanout, drained) = (fanout.clone(), drained.clone());
             async move {
-                let mut queue = fanout.large_queue.lock().await;
-                while let Some(Some(large)) = cancel.run_until_cancelled(queue.recv()).await {
-                    fanout.metrics.large_group_queue.dec();
-                    let batch = [(large.event, large.recipients)];
-                    if fanout.deliver_until_taken(&batch, &cancel).await {
+                let mut large = fanout.large_queue.lock().await;
+                loop {
+                    let next = match large.taken.take() {
+                        Some(taken) => taken,
+                        None => match cancel.run_until_cancelled(large.queue.recv()).await {
+                            Some(Some(next)) => {
+                                fanout.metrics.large_group_queue.dec();
+                                next
+                            }
+                            _ => break,
+                        },
+                    };
+                    let taken = &large.taken.insert(next).delivery;
+                    if !fanout
+                        .deliver_until_taken(std::slice::from_ref(taken), &cancel)
+                        .await
+                    {
+                        break;
+                    }
+                    if let Some(delivered) = large.taken.take() {
                         // The receiver is kept in `fanout`: a send error cannot happen.
-                        let _ = drained.send(large.drained).await;
+                        let _ = drained.send(delivered.drained).await;
                     }
                 }
             }
@@ -525,8 +553,7 @@ impl Fanout {
                 let _ = handoffs
                     .large
                     .send(LargeDelivery {
-                        event,
-                        recipients,
+                        delivery: (event, recipients),
                         drained,
                     })
                     .await;
@@ -600,6 +627,9 @@ impl Fanout {
 struct Recorder {
     queue: mpsc::Receiver<Drained>,
     shards: HashMap<u32, Recorded>,
+    /// Bounds taken from the queue and not yet committed: kept here, so that a recorder
+    /// restarted after a panic commits them first.
+    unrecorded: BTreeMap<u32, DeliveredBound>,
 }
 
 /// Where one lease's ranges stand in the recorder: the order of the next range its bound
@@ -637,30 +667,42 @@ impl Recorded {
 /// shard's next owner). The bound of a shard this node lost is dropped: a commit fenced out
 /// by its delivery epoch is tried again without it.
 async fn record_bounds(store: &MessageStore, recorder: &mut Recorder, cancel: &CancellationToken) {
-    let Recorder { queue, shards } = recorder;
+    let Recorder {
+        queue,
+        shards,
+        unrecorded,
+    } = recorder;
     let mut received = Vec::with_capacity(RANGES_PER_COMMIT);
-    while queue.recv_many(&mut received, RANGES_PER_COMMIT).await > 0 {
-        if received.len() < RANGES_PER_COMMIT && !cancel.is_cancelled() {
-            cancel
-                .run_until_cancelled(tokio::time::sleep(RECORD_LINGER))
-                .await;
-            while received.len() < RANGES_PER_COMMIT
-                && let Ok(drained) = queue.try_recv()
-            {
-                received.push(drained);
+    loop {
+        // A recorder restarted with bounds left by the one before commits them at once.
+        if unrecorded.is_empty() {
+            if queue.recv_many(&mut received, RANGES_PER_COMMIT).await == 0 {
+                return;
+            }
+            if received.len() < RANGES_PER_COMMIT && !cancel.is_cancelled() {
+                cancel
+                    .run_until_cancelled(tokio::time::sleep(RECORD_LINGER))
+                    .await;
             }
         }
-        let mut bounds: BTreeMap<u32, DeliveredBound> = BTreeMap::new();
+        while received.len() < RANGES_PER_COMMIT
+            && let Ok(drained) = queue.try_recv()
+        {
+            received.push(drained);
+        }
         for drained in received.drain(..) {
             let lease = drained.lease;
             if let Some(bound) = shards.entry(lease.shard).or_default().take(drained) {
-                bounds.insert(lease.shard, DeliveredBound { lease, bound });
+                unrecorded.insert(lease.shard, DeliveredBound { lease, bound });
             }
         }
-        let mut bounds: Vec<DeliveredBound> = bounds.into_values().collect();
-        while !bounds.is_empty() {
+        while !unrecorded.is_empty() {
+            let bounds: Vec<DeliveredBound> = unrecorded.values().cloned().collect();
             let e = match store.advance_delivered(&bounds).await {
-                Ok(()) => break,
+                Ok(()) => {
+                    unrecorded.clear();
+                    break;
+                }
                 Err(e) => e,
             };
             if let StoreError::FenceChanged { key } = &e
@@ -670,12 +712,13 @@ async fn record_bounds(store: &MessageStore, recorder: &mut Recorder, cancel: &C
                     shard,
                     "fanout shard moved: its delivered entries are left to its new owner"
                 );
-                bounds.retain(|bound| bound.lease.shard != shard);
+                unrecorded.remove(&shard);
                 shards.remove(&shard);
                 continue;
             }
             if cancel.is_cancelled() {
                 tracing::warn!(error = %e, shards = bounds.len(), "recording fanout bounds failed while stopping; these entries are delivered again");
+                unrecorded.clear();
                 break;
             }
             tracing::warn!(error = %e, shards = bounds.len(), "recording fanout bounds failed; retrying");
@@ -997,6 +1040,86 @@ mod tests {
             passed.is_empty(),
             "recorded as delivered before the gateways took them: {passed:?}"
         );
+    }
+
+    /// Gateways that panic at their first delivery, then take every batch.
+    #[derive(Default)]
+    struct PanickingOnceGateways {
+        panicked: std::sync::atomic::AtomicBool,
+        taken: Mutex<Vec<String>>,
+    }
+
+    #[async_trait::async_trait]
+    impl Gateways for PanickingOnceGateways {
+        async fn deliver(&self, batch: Vec<(Event, Members)>) -> Result<(), DeliveryError> {
+            if !self.panicked.swap(true, Ordering::Relaxed) {
+                panic!("a bug in the gateways");
+            }
+            lock(&self.taken).extend(batch.iter().map(|(event, _)| event.server_msg_id.clone()));
+            Ok(())
+        }
+
+        fn offer<'a>(
+            &self,
+            _: &[courier_core::gateways::Offer<'a>],
+        ) -> courier_core::gateways::Refused<'a> {
+            courier_core::gateways::Refused::new()
+        }
+
+        fn unlinked(&self, _: &str, _: &str) {}
+
+        async fn connected_devices(&self, _: &str) -> Result<Vec<String>, StoreError> {
+            Ok(Vec::new())
+        }
+    }
+
+    /// A message of "d:1" appended before fanout starts, and its shard.
+    async fn one_message_waiting(store: &MessageStore) -> u32 {
+        let shard = store.shard_of("d:1");
+        let lease = store
+            .acquire_shards(Duty::Sequencing, "s", &[shard], usize::MAX, 0, u64::MAX)
+            .await
+            .unwrap()[0];
+        store
+            .append(lease, &mut HeadCache::default(), &[message("a")])
+            .await
+            .unwrap();
+        shard
+    }
+
+    #[tokio::test]
+    async fn a_large_group_delivery_cut_short_by_a_panic_is_delivered_and_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir, 4).await;
+        let shard = one_message_waiting(&store).await;
+        let gateways = Arc::new(PanickingOnceGateways::default());
+        // A threshold of 1: the 1:1 message (two members) takes the large-group path.
+        let fanout = fanout_on(&store, "local", gateways.clone()).await;
+        let loops = BackgroundLoops::new();
+        fanout.start(&loops);
+        until_delivered(&store, shard).await;
+        assert!(gateways.panicked.load(Ordering::Relaxed));
+        assert_eq!(lock(&gateways.taken).len(), 1, "delivered after the panic");
+    }
+
+    #[tokio::test]
+    async fn bounds_a_panicked_recorder_held_are_recorded_by_the_next() {
+        let engine = courier_store::faulty_engine::FaultyEngine::new();
+        let store = engine.store(4).await;
+        let shard = one_message_waiting(&store).await;
+        let context = Context {
+            store: store.clone(),
+            gateways: Arc::new(NoGateways),
+            membership: Arc::new(MembershipCache::new(store.clone())),
+            metrics: Arc::new(Metrics::new()),
+        };
+        let fanout = Fanout::new(context, config("local", 1000)).await.unwrap();
+        // The next commit is the recorder's first (the lease keeper's first round is far off).
+        engine.before_next_commit(Box::pin(async { panic!("a bug in the store") }));
+        let loops = BackgroundLoops::new();
+        fanout.start(&loops);
+        until_delivered(&store, shard).await;
+        assert!(loops.given_up().is_none());
     }
 
     /// Waits until fanout's bound of `shard` is past every entry of its outbox.
