@@ -58,16 +58,30 @@ fn assert_within_limits(
     let mut shards = BTreeSet::new();
     let mut giving: BTreeMap<&str, usize> = BTreeMap::new();
     let mut taking: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut evacuated_to = BTreeSet::new();
     for m in in_flight.iter().copied().chain(plan) {
         prop_assert!(shards.insert(m.shard), "shard {} moves twice", m.shard);
-        *giving.entry(&m.from).or_default() += 1;
-        *taking.entry(&m.to).or_default() += 1;
         prop_assert!(
             view.pods.contains(&m.to),
             "{m:?} goes to a pod that is not staying"
         );
         prop_assert_ne!(&m.from, &m.to);
+        // Evacuations may leave one pod and enter another several at a time; load moves not.
+        if m.reason == MoveReason::Evacuate {
+            prop_assert!(
+                !view.pods.contains(&m.from),
+                "{m:?} evacuates a staying pod"
+            );
+            evacuated_to.insert(m.to.as_str());
+        } else {
+            *giving.entry(&m.from).or_default() += 1;
+            *taking.entry(&m.to).or_default() += 1;
+        }
     }
+    prop_assert!(
+        taking.keys().all(|pod| !evacuated_to.contains(pod)),
+        "a pod takes an evacuated shard and a load move at once: {taking:?}"
+    );
     for m in plan {
         prop_assert_eq!(
             &view.shards[&m.shard].owner,

@@ -53,8 +53,8 @@ pub const FINALIZER: &str = "courier.dev/release-shards";
 pub use proposal::REBALANCE_ANNOTATION;
 
 /// Time between samples while shards leave pods that go: a hand-off takes ~0.1 s, and the
-/// planner moves one shard per leaving pod at a time, so evacuating a pod at the set's sample
-/// interval (15 s) would take hours for a thousand shards.
+/// planner moves at most `maxConcurrentMoves` shards (4) at a time, so evacuating a pod at the
+/// set's sample interval (15 s) would take an hour for a thousand shards.
 pub const EVACUATION_PACE: Duration = Duration::from_secs(1);
 
 /// Moves kept in the status.

@@ -16,10 +16,13 @@
 //!   which is itself more than 5 % above the band, sheds its largest shard that keeps its
 //!   target within the band, one at a time.
 //! - **Limits.** At most 4 moves in flight; per pod at most one shard leaving and one arriving at
-//!   a time; a shard moves at most once per plan, and a shard moved in the last 10 minutes
-//!   stays put; a move never leaves its target busier than its source was.
-//! - **Pods leaving** (scale-down) are evacuated first, heaviest shard to lightest pod, and no
-//!   other move is planned until they are empty; cooldown does not hold an evacuation back.
+//!   a time for load; a shard moves at most once per plan, and a shard moved in the last 10
+//!   minutes stays put; a move never leaves its target busier than its source was.
+//! - **Pods leaving** (scale-down) are evacuated first, heaviest shard to lightest pod, as many
+//!   shards at once as the limit of moves in flight allows (every one of them must go: the
+//!   per-pod limits of load moves would make a pod of a thousand shards leave one shard per
+//!   sample), and no other move is planned until they are empty; cooldown does not hold an
+//!   evacuation back.
 //!   Pods arriving (scale-up) are cold and pull shards until they reach the mean: only what the
 //!   new pod needs moves.
 //!
@@ -273,7 +276,8 @@ impl Rebalancer {
         self.trends.get(pod).copied().unwrap_or_default()
     }
 
-    /// Shards of pods that are leaving, heaviest first, to the lightest pods.
+    /// Shards of pods that are leaving, heaviest first, each to the lightest staying pod, as
+    /// many as the budget allows, taken from the leaving pods in turn.
     fn evacuate(&self, view: &ClusterView, round: &mut Round) {
         let leaving: BTreeSet<PodId> = round
             .projection
@@ -281,18 +285,30 @@ impl Rebalancer {
             .filter(|pod| !view.pods.contains(*pod))
             .cloned()
             .collect();
-        for pod in leaving {
-            if round.budget == 0 || round.giving.contains(&pod) {
-                continue;
-            }
-            let shard = round
-                .projection
-                .shards_of(&pod)
-                .into_iter()
-                .find(|(shard, _)| !self.in_flight.contains_key(shard));
-            let target = round.lightest(view.pods.iter(), |_| true);
-            if let (Some((shard, _)), Some(target)) = (shard, target) {
-                round.push(shard, &pod, &target, MoveReason::Evacuate);
+        let mut waiting: Vec<(PodId, std::vec::IntoIter<(u32, f64)>)> = leaving
+            .into_iter()
+            .map(|pod| {
+                let shards = round.projection.shards_of(&pod);
+                (pod, shards.into_iter())
+            })
+            .collect();
+        let mut moved = true;
+        while moved && round.budget > 0 {
+            moved = false;
+            for (pod, shards) in &mut waiting {
+                let Some((shard, _)) =
+                    shards.find(|(shard, _)| !self.in_flight.contains_key(shard))
+                else {
+                    continue;
+                };
+                let Some(target) = round.lightest_of(view.pods.iter(), |_| true) else {
+                    return;
+                };
+                round.push(shard, pod, &target, MoveReason::Evacuate);
+                moved = true;
+                if round.budget == 0 {
+                    return;
+                }
             }
         }
     }
@@ -596,7 +612,16 @@ impl Round {
         pods: impl Iterator<Item = &'a PodId>,
         accept: impl Fn(&PodId) -> bool,
     ) -> Option<PodId> {
-        pods.filter(|pod| !self.taking.contains(*pod) && accept(pod))
+        self.lightest_of(pods, |pod| !self.taking.contains(pod) && accept(pod))
+    }
+
+    /// The lightest of `pods` that passes `accept` (then by name), whatever it takes already.
+    fn lightest_of<'a>(
+        &self,
+        pods: impl Iterator<Item = &'a PodId>,
+        accept: impl Fn(&PodId) -> bool,
+    ) -> Option<PodId> {
+        pods.filter(|pod| accept(pod))
             .map(|pod| (self.projection.load(pod), pod))
             .min_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(b.1)))
             .map(|(_, pod)| pod.clone())
@@ -734,16 +759,35 @@ mod tests {
             &["a", "a", "b", "c", "c"],
             &[500.0, 500.0, 10.0, 5.0, 50.0],
         );
-        let moves = rebalancer.plan(&v, 0);
-        assert_eq!(
-            moves,
-            [Move {
-                shard: 4,
-                from: "c".into(),
-                to: "b".into(),
-                reason: MoveReason::Evacuate
-            }]
+        let evacuate = |shard| Move {
+            shard,
+            from: "c".into(),
+            to: "b".into(),
+            reason: MoveReason::Evacuate,
+        };
+        // Both of c's shards leave at once, to b, which stays the lighter pod.
+        assert_eq!(rebalancer.plan(&v, 0), [evacuate(4), evacuate(3)]);
+    }
+
+    #[test]
+    fn leaving_pods_are_evacuated_in_turn_as_many_shards_at_once_as_moves_may_run() {
+        let policy = PlannerPolicy {
+            max_concurrent_moves: 5,
+            ..PlannerPolicy::default()
+        };
+        let rebalancer = Rebalancer::new(policy);
+        // c and d are leaving with four shards each; a and b stay, empty.
+        let owners = ["c", "c", "c", "c", "d", "d", "d", "d"];
+        let v = view(
+            &["a", "b"],
+            &owners,
+            &[10.0, 20.0, 30.0, 40.0, 1.0, 2.0, 3.0, 4.0],
         );
+        let moves = rebalancer.plan(&v, 0);
+        let taken: Vec<(u32, &str)> = moves.iter().map(|m| (m.shard, m.to.as_str())).collect();
+        // The heaviest of each pod in turn, each to the pod lighter at that point.
+        assert_eq!(taken, [(3, "a"), (7, "b"), (2, "b"), (6, "b"), (1, "b")]);
+        assert!(moves.iter().all(|m| m.reason == MoveReason::Evacuate));
     }
 
     #[test]
