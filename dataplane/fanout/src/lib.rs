@@ -860,15 +860,7 @@ mod tests {
     async fn a_deposed_fanout_node_moves_no_bound_of_the_shard_it_lost() {
         let dir = tempfile::tempdir().unwrap();
         let store = store(&dir, 4).await;
-        let shard = store.shard_of("d:1");
-        let seq = store
-            .acquire_shards(Duty::Sequencing, "s", &[shard], usize::MAX, 0, u64::MAX)
-            .await
-            .unwrap()[0];
-        store
-            .append(seq, &mut HeadCache::default(), &[message("a")])
-            .await
-            .unwrap();
+        let shard = one_message_waiting(&store).await;
         let entries = store.outbox(shard, None, 10).await.unwrap();
         let (key, _) = entries[0].clone();
         let old = store
@@ -923,14 +915,27 @@ mod tests {
         assert_eq!(recorded.take(taken_again), Some(b"d".to_vec()));
     }
 
-    /// Gateways that refuse the first `failures` deliveries, then record what they take. When
-    /// they refuse a batch they look a little later whether fanout's bound passed its events,
-    /// and note those it did.
+    /// Gateways that panic at their first `panics` deliveries, refuse the next `failures`, then
+    /// record what they take. When they refuse a batch they look a little later whether
+    /// fanout's bound passed its events, and note those it did.
     struct FlakyGateways {
         store: MessageStore,
+        panics: std::sync::atomic::AtomicUsize,
         failures: std::sync::atomic::AtomicUsize,
         taken: Mutex<Vec<String>>,
         passed_untaken: Mutex<Vec<String>>,
+    }
+
+    impl FlakyGateways {
+        fn new(store: &MessageStore, panics: usize, failures: usize) -> Arc<Self> {
+            Arc::new(Self {
+                store: store.clone(),
+                panics: panics.into(),
+                failures: failures.into(),
+                taken: Mutex::default(),
+                passed_untaken: Mutex::default(),
+            })
+        }
     }
 
     #[async_trait::async_trait]
@@ -939,9 +944,17 @@ mod tests {
             if batch.is_empty() {
                 return Ok(());
             }
+            let take_one = |n: usize| n.checked_sub(1);
+            if self
+                .panics
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, take_one)
+                .is_ok()
+            {
+                panic!("a bug in the gateways");
+            }
             let failed = self
                 .failures
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, take_one);
             if failed.is_ok() {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 for (event, _) in batch {
@@ -1019,12 +1032,7 @@ mod tests {
             .await
             .unwrap();
 
-        let gateways = Arc::new(FlakyGateways {
-            store: store.clone(),
-            failures: 4.into(),
-            taken: Mutex::default(),
-            passed_untaken: Mutex::default(),
-        });
+        let gateways = FlakyGateways::new(&store, 0, 4);
         let fanout = fanout_on(&store, "local", gateways.clone()).await;
         let loops = BackgroundLoops::new();
         fanout.start(&loops);
@@ -1040,37 +1048,6 @@ mod tests {
             passed.is_empty(),
             "recorded as delivered before the gateways took them: {passed:?}"
         );
-    }
-
-    /// Gateways that panic at their first delivery, then take every batch.
-    #[derive(Default)]
-    struct PanickingOnceGateways {
-        panicked: std::sync::atomic::AtomicBool,
-        taken: Mutex<Vec<String>>,
-    }
-
-    #[async_trait::async_trait]
-    impl Gateways for PanickingOnceGateways {
-        async fn deliver(&self, batch: Vec<(Event, Members)>) -> Result<(), DeliveryError> {
-            if !self.panicked.swap(true, Ordering::Relaxed) {
-                panic!("a bug in the gateways");
-            }
-            lock(&self.taken).extend(batch.iter().map(|(event, _)| event.server_msg_id.clone()));
-            Ok(())
-        }
-
-        fn offer<'a>(
-            &self,
-            _: &[courier_core::gateways::Offer<'a>],
-        ) -> courier_core::gateways::Refused<'a> {
-            courier_core::gateways::Refused::new()
-        }
-
-        fn unlinked(&self, _: &str, _: &str) {}
-
-        async fn connected_devices(&self, _: &str) -> Result<Vec<String>, StoreError> {
-            Ok(Vec::new())
-        }
     }
 
     /// A message of "d:1" appended before fanout starts, and its shard.
@@ -1092,13 +1069,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = store(&dir, 4).await;
         let shard = one_message_waiting(&store).await;
-        let gateways = Arc::new(PanickingOnceGateways::default());
+        let gateways = FlakyGateways::new(&store, 1, 0);
         // A threshold of 1: the 1:1 message (two members) takes the large-group path.
         let fanout = fanout_on(&store, "local", gateways.clone()).await;
         let loops = BackgroundLoops::new();
         fanout.start(&loops);
         until_delivered(&store, shard).await;
-        assert!(gateways.panicked.load(Ordering::Relaxed));
+        assert_eq!(gateways.panics.load(Ordering::Relaxed), 0, "it panicked");
         assert_eq!(lock(&gateways.taken).len(), 1, "delivered after the panic");
     }
 
