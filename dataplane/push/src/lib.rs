@@ -3,7 +3,9 @@
 //! collapsed, per-device pending notifications, and sends those through the providers with
 //! retries.
 //!
-//! - Only devices with a push registration that are not connected at that moment are notified.
+//! - Only devices with a push registration that are not connected when the notifier reads the
+//!   message, and whose delivered cursor does not cover it, are notified of it: a device that
+//!   took the message and went away before the notifier's pass is not.
 //! - Collapse: one pending notification per device and conversation, carrying a count; a new
 //!   message adds to it until it is sent. Each waits `--push-collapse` before its first attempt
 //!   (`--push-quiet-collapse` in groups above the large-group threshold, whose notifications
@@ -67,9 +69,11 @@ const IDLE_PASS: Duration = Duration::from_millis(250);
 /// for the next pass.
 const PENDING_PER_PASS: usize = 10_000;
 /// How long the notifier waits, once told of a commit, before its pass: the commits of every
-/// shard meanwhile are expanded together, in one store commit. A notification waits
-/// `--push-collapse` (500 ms by default) for more messages anyway.
-const PASS_LINGER: Duration = Duration::from_millis(20);
+/// shard meanwhile are expanded together, each shard's with one outbox read, in one store
+/// commit. It delays no notification: each is due `--push-collapse` (500 ms by default) after
+/// the message that opened it was committed. Fewer, larger passes cost the server less CPU
+/// under a light load (`docs/benchmarks.md`, "A longer push pass").
+const PASS_LINGER: Duration = Duration::from_millis(250);
 /// Longest wait before a shard whose messages could not be expanded is tried again (the wait
 /// doubles from [`IDLE_PASS`] with each failure in a row).
 const MAX_SHARD_BACKOFF: Duration = Duration::from_secs(30);
@@ -446,6 +450,8 @@ impl Notifier {
         let mut bound = from;
         let now = now_ms();
         let mut pending: HashMap<DeviceKey, PendingPush> = HashMap::new();
+        // Each offline device's delivered cursor in the conversation, read once per page.
+        let mut delivered_to: HashMap<DeviceKey, u64> = HashMap::new();
         for (taken, (key, event)) in entries.into_iter().enumerate() {
             if pending.len() >= room {
                 more |= taken < read;
@@ -472,12 +478,24 @@ impl Notifier {
             for member in others() {
                 for device in devices.offline_with_push(member) {
                     let key = (member.clone(), device.clone(), conv.to_owned());
+                    let cursor = match delivered_to.get(&key) {
+                        Some(&cursor) => cursor,
+                        None => {
+                            let cursor = self.store.device_cursor(member, device, conv).await?;
+                            delivered_to.insert(key.clone(), cursor);
+                            cursor
+                        }
+                    };
+                    if cursor >= event.seq {
+                        // It took the message before it went away.
+                        continue;
+                    }
                     let entry = match pending.remove(&key) {
                         Some(entry) => Some(entry),
                         None => self.store.pending_push(&key.0, &key.1, &key.2).await?,
                     };
                     let mut entry = entry.unwrap_or(PendingPush {
-                        due_ms: now + collapse.as_millis() as u64,
+                        due_ms: due_after(event.ts_ms, collapse, now),
                         quiet,
                         ..PendingPush::default()
                     });
@@ -673,6 +691,15 @@ impl Notifier {
     }
 }
 
+/// When a notification opened by a message committed at `committed_ms` is due: `collapse`
+/// after the commit (a pass that reads the message later shortens its wait, never lengthens
+/// it), and never before `now`.
+fn due_after(committed_ms: u64, collapse: Duration, now: u64) -> u64 {
+    committed_ms
+        .saturating_add(collapse.as_millis() as u64)
+        .max(now)
+}
+
 impl CommitListener for Notifier {
     fn committed(&self, shard: u32, _events: usize) {
         self.mark_dirty(shard);
@@ -683,13 +710,29 @@ impl CommitListener for Notifier {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_notification_is_due_a_collapse_after_its_message_was_committed() {
+        let collapse = Duration::from_millis(500);
+        assert_eq!(
+            due_after(10_000, collapse, 10_250),
+            10_500,
+            "read 250 ms late"
+        );
+        assert_eq!(
+            due_after(10_000, collapse, 12_000),
+            12_000,
+            "read after it was due"
+        );
+        assert_eq!(due_after(u64::MAX, collapse, 0), u64::MAX);
+    }
     use crate::providers::PushConfig;
     use clap::Parser;
     use courier_core::gateways::NoGateways;
     use courier_proto::Sender;
     use courier_store::faulty_engine::{FaultyEngine, touches};
     use courier_store::ownership::Duty;
-    use courier_store::{Append, AppendKey, DeliveredBound, HeadCache};
+    use courier_store::{Append, AppendKey, DeliveredBound, HeadCache, ReceiptKind};
 
     #[derive(Parser)]
     struct Flags {
@@ -916,6 +959,31 @@ mod tests {
             "not the sender"
         );
         assert!(all_expanded(&store, shard).await);
+    }
+
+    /// A device that took a message and went away before the notifier read it is not notified
+    /// of it, only of what came after.
+    #[tokio::test]
+    async fn a_device_is_not_notified_of_a_message_it_took_before_it_went_away() {
+        let engine = FaultyEngine::new();
+        let store = engine.store(4).await;
+        let members = vec!["ann".to_owned(), "ben".to_owned()];
+        group_with_a_message(&store, "g:1", &members).await;
+        let hello = store.head("g:1").await.unwrap();
+        store
+            .acknowledge("ben", "phone", "g:1", hello, ReceiptKind::Delivered)
+            .await
+            .unwrap();
+        let notifier = notifier(&store, PushProviders::default(), Duration::from_secs(3600));
+        let shard = store.shard_of("g:1");
+        assert!(notifier.expand(vec![shard]).await.failed.is_empty());
+        assert_eq!(counts(&store, "g:1", &members).await, [0, 0]);
+
+        second_message(&store, "g:1", "ann").await;
+        assert!(notifier.expand(vec![shard]).await.failed.is_empty());
+        let pending = store.pending_push("ben", "phone", "g:1").await.unwrap();
+        let pending = pending.expect("notified of the second message");
+        assert_eq!((pending.count, pending.last_seq), (1, hello + 1));
     }
 
     /// The notifier reads a message before fanout delivered it: it clears nothing fanout
