@@ -710,22 +710,6 @@ impl CommitListener for Notifier {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_notification_is_due_a_collapse_after_its_message_was_committed() {
-        let collapse = Duration::from_millis(500);
-        assert_eq!(
-            due_after(10_000, collapse, 10_250),
-            10_500,
-            "read 250 ms late"
-        );
-        assert_eq!(
-            due_after(10_000, collapse, 12_000),
-            12_000,
-            "read after it was due"
-        );
-        assert_eq!(due_after(u64::MAX, collapse, 0), u64::MAX);
-    }
     use crate::providers::PushConfig;
     use clap::Parser;
     use courier_core::gateways::NoGateways;
@@ -959,6 +943,22 @@ mod tests {
             "not the sender"
         );
         assert!(all_expanded(&store, shard).await);
+    }
+
+    #[test]
+    fn a_notification_is_due_a_collapse_after_its_message_was_committed() {
+        let collapse = Duration::from_millis(500);
+        assert_eq!(
+            due_after(10_000, collapse, 10_250),
+            10_500,
+            "read 250 ms late"
+        );
+        assert_eq!(
+            due_after(10_000, collapse, 12_000),
+            12_000,
+            "read after it was due"
+        );
+        assert_eq!(due_after(u64::MAX, collapse, 0), u64::MAX);
     }
 
     /// A device that took a message and went away before the notifier read it is not notified
