@@ -112,7 +112,7 @@ struct OutboxPage {
 #[derive(Default)]
 struct DeviceLookups(HashMap<String, Vec<String>>);
 
-/// Users whose device records one store call reads, at most.
+/// Users whose device records, or devices whose push states, one store call reads at most.
 const LOOKUPS_PER_READ: usize = 1000;
 
 impl DeviceLookups {
@@ -450,8 +450,9 @@ impl Notifier {
         let mut bound = from;
         let now = now_ms();
         let mut pending: HashMap<DeviceKey, PendingPush> = HashMap::new();
-        // Each offline device's delivered cursor in the conversation, read once per page.
-        let mut delivered_to: HashMap<DeviceKey, u64> = HashMap::new();
+        // Each offline device's delivered cursor in the conversation and stored notification,
+        // read once per page, [`LOOKUPS_PER_READ`] devices per store call.
+        let mut states: HashMap<DeviceKey, (u64, Option<PendingPush>)> = HashMap::new();
         for (taken, (key, event)) in entries.into_iter().enumerate() {
             if pending.len() >= room {
                 more |= taken < read;
@@ -469,43 +470,49 @@ impl Notifier {
             } else {
                 self.config.push_collapse
             };
-            let others = || {
-                members
-                    .iter()
-                    .filter(|member| **member != event.sender.user)
-            };
-            devices.look_up(self, others().map(String::as_str)).await?;
-            for member in others() {
-                for device in devices.offline_with_push(member) {
-                    let key = (member.clone(), device.clone(), conv.to_owned());
-                    let cursor = match delivered_to.get(&key) {
-                        Some(&cursor) => cursor,
-                        None => {
-                            let cursor = self.store.device_cursor(member, device, conv).await?;
-                            delivered_to.insert(key.clone(), cursor);
-                            cursor
-                        }
-                    };
-                    if cursor >= event.seq {
-                        // It took the message before it went away.
-                        continue;
-                    }
-                    let entry = match pending.remove(&key) {
-                        Some(entry) => Some(entry),
-                        None => self.store.pending_push(&key.0, &key.1, &key.2).await?,
-                    };
-                    let mut entry = entry.unwrap_or(PendingPush {
-                        due_ms: due_after(event.ts_ms, collapse, now),
-                        quiet,
-                        ..PendingPush::default()
-                    });
-                    if entry.last_seq < event.seq {
-                        entry.count = entry.count.saturating_add(1);
-                        entry.last_seq = event.seq;
-                        entry.sender = event.sender.user.clone();
-                    }
-                    pending.insert(key, entry);
+            let others = members
+                .iter()
+                .filter(|member| **member != event.sender.user);
+            devices
+                .look_up(self, others.clone().map(String::as_str))
+                .await?;
+            let offline: Vec<DeviceKey> = others
+                .flat_map(|member| {
+                    devices
+                        .offline_with_push(member)
+                        .iter()
+                        .map(|device| (member.clone(), device.clone(), conv.to_owned()))
+                })
+                .collect();
+            let unread: Vec<DeviceKey> = offline
+                .iter()
+                .filter(|key| !states.contains_key(*key))
+                .cloned()
+                .collect();
+            for chunk in unread.chunks(LOOKUPS_PER_READ) {
+                let read = self.store.push_states(chunk).await?;
+                states.extend(chunk.iter().cloned().zip(read));
+            }
+            for key in offline {
+                let Some((cursor, stored)) = states.get_mut(&key) else {
+                    continue;
+                };
+                if *cursor >= event.seq {
+                    // It took the message before it went away.
+                    continue;
                 }
+                let entry = pending.remove(&key).or_else(|| stored.take());
+                let mut entry = entry.unwrap_or(PendingPush {
+                    due_ms: due_after(event.ts_ms, collapse, now),
+                    quiet,
+                    ..PendingPush::default()
+                });
+                if entry.last_seq < event.seq {
+                    entry.count = entry.count.saturating_add(1);
+                    entry.last_seq = event.seq;
+                    entry.sender = event.sender.user.clone();
+                }
+                pending.insert(key, entry);
             }
         }
         let Some(bound) = bound else {
@@ -1088,13 +1095,20 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_groups_device_records_are_read_in_one_call_whatever_its_members() {
+    async fn a_groups_devices_are_read_in_one_call_whatever_its_members() {
         let mut reads = Vec::new();
         for size in [20, 400] {
             let engine = FaultyEngine::new();
             let store = engine.store(4).await;
             let members: Vec<String> = (0..size).map(|i| format!("user{i:03}")).collect();
-            group_with_a_message_and_push(&store, "g:1", &members, &members[..2]).await;
+            // Every phone but user002's is registered: the device records, then the cursors
+            // and stored notifications of the registered ones, are each one read.
+            let registered: Vec<String> = members
+                .iter()
+                .filter(|m| *m != "user002")
+                .cloned()
+                .collect();
+            group_with_a_message_and_push(&store, "g:1", &members, &registered).await;
             let notifier = notifier(&store, PushProviders::default(), Duration::from_secs(3600));
             let before = engine.read_calls();
             let expanded = notifier.expand(vec![store.shard_of("g:1")]).await;

@@ -1487,6 +1487,40 @@ impl MessageStore {
             .await
     }
 
+    /// For each of `devices` (user, device, conversation): its delivered cursor in the
+    /// conversation (0 when it has none) and its pending notification, both keys of every
+    /// device in one read.
+    pub async fn push_states(
+        &self,
+        devices: &[(String, String, String)],
+    ) -> Result<Vec<(u64, Option<PendingPush>)>, StoreError> {
+        let keys: Vec<Vec<u8>> = devices
+            .iter()
+            .flat_map(|(user, device, conv)| {
+                [
+                    self.keys.cursor(user, device, conv),
+                    self.keys.pending_push(user, device, conv),
+                ]
+            })
+            .collect();
+        let values = self.get_each(keys).await?;
+        values
+            .chunks(2)
+            .zip(devices)
+            .map(|(pair, (user, device, conv))| {
+                let cursor = pair[0].as_deref().map_or(0, decode_u64);
+                let pending = match pair[1].as_deref() {
+                    Some(value) => Some(
+                        PendingPush::decode(value)
+                            .map_err(|e| corrupt(&self.keys.pending_push(user, device, conv), e))?,
+                    ),
+                    None => None,
+                };
+                Ok((cursor, pending))
+            })
+            .collect()
+    }
+
     /// Records what the push notifier read of each shard's outbox: the pending
     /// notifications of those messages, then each shard's new bound with its outbox cleared
     /// below both consumers' bounds ([`PushedBound`]). The notifications are written in
