@@ -324,26 +324,40 @@ impl Gateways for Routes {
         Ok(())
     }
 
+    /// Each connected user's frames go to its connections as one list: shared by every user
+    /// when there is one offer (a typing frame to a group), else gathered per user. Users with
+    /// no connection here cost nothing.
     fn offer<'a>(&self, offers: &[Offer<'a>]) -> Refused<'a> {
-        let mut frames: HashMap<&'a str, Vec<Arc<ServerFrame>>> = HashMap::new();
-        for offer in offers {
-            for user in &offer.users {
-                frames.entry(user).or_default().push(offer.frame.clone());
-            }
-        }
         let connections = self.users.read().unwrap_or_else(|e| e.into_inner());
         let mut refused = Refused::new();
-        for (user, frames) in frames {
-            let frames: Arc<[Arc<ServerFrame>]> = frames.into();
+        let mut offer_to = |user: &'a str, frames: &Arc<[Arc<ServerFrame>]>| {
             let missed = connections
                 .get(user)
                 .into_iter()
                 .flatten()
-                .filter(|c| !c.deliver_droppable(&frames))
+                .filter(|c| !c.deliver_droppable(frames))
                 .count();
             if missed > 0 {
                 refused.insert(user, missed);
             }
+        };
+        if let [offer] = offers {
+            let frames: Arc<[Arc<ServerFrame>]> = Arc::new([offer.frame.clone()]);
+            for user in &offer.users {
+                offer_to(user, &frames);
+            }
+            return refused;
+        }
+        let mut frames: HashMap<&'a str, Vec<Arc<ServerFrame>>> = HashMap::new();
+        for offer in offers {
+            for &user in &offer.users {
+                if connections.contains_key(user) {
+                    frames.entry(user).or_default().push(offer.frame.clone());
+                }
+            }
+        }
+        for (user, frames) in frames {
+            offer_to(user, &frames.into());
         }
         refused
     }
@@ -433,6 +447,23 @@ mod tests {
         assert_eq!(frames(queue.try_recv().unwrap()).len(), 100);
         handle.signals.wrote_offered(100);
         assert!(routes.offer(&offers("alice", 100)).is_empty());
+    }
+
+    #[test]
+    fn one_frame_offered_to_a_group_reaches_each_connected_members_devices() {
+        let routes = Routes::new(Arc::new(Metrics::new()));
+        let (_phone, phone) = routes.register("alice", "phone", 16);
+        let (_laptop, laptop) = routes.register("alice", "laptop", 16);
+        let (_bob, bob) = routes.register("bob", "phone", 16);
+        let offer = Offer {
+            users: vec!["alice", "bob", "carol", "dave"],
+            frame: receipt("erin", 7),
+        };
+        assert!(routes.offer(&[offer]).is_empty(), "nobody refused");
+        for queue in [phone, laptop, bob] {
+            assert_eq!(frames(queue.try_recv().unwrap()), [7]);
+            assert!(queue.try_recv().is_err(), "once");
+        }
     }
 
     #[test]
