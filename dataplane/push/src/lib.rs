@@ -490,8 +490,8 @@ impl Notifier {
                 .cloned()
                 .collect();
             for chunk in unread.chunks(LOOKUPS_PER_READ) {
-                let read = self.store.push_states(chunk).await?;
-                states.extend(chunk.iter().cloned().zip(read));
+                let chunk_states = self.store.push_states(chunk).await?;
+                states.extend(chunk.iter().cloned().zip(chunk_states));
             }
             for key in offline {
                 let Some((cursor, stored)) = states.get_mut(&key) else {
