@@ -1509,13 +1509,11 @@ impl MessageStore {
             .zip(devices)
             .map(|(pair, (user, device, conv))| {
                 let cursor = pair[0].as_deref().map_or(0, decode_u64);
-                let pending = match pair[1].as_deref() {
-                    Some(value) => Some(
-                        PendingPush::decode(value)
-                            .map_err(|e| corrupt(&self.keys.pending_push(user, device, conv), e))?,
-                    ),
-                    None => None,
-                };
+                let pending = pair[1]
+                    .as_deref()
+                    .map(PendingPush::decode)
+                    .transpose()
+                    .map_err(|e| corrupt(&self.keys.pending_push(user, device, conv), e))?;
                 Ok((cursor, pending))
             })
             .collect()
