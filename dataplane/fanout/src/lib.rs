@@ -95,8 +95,10 @@ const RECORD_QUEUE: usize = 4096;
 const RANGES_PER_COMMIT: usize = 1024;
 
 /// How long the recorder gathers ranges after the first before it commits: nobody waits for
-/// it, so under a light load this turns one commit per drain into one per linger.
-const RECORD_LINGER: Duration = Duration::from_millis(10);
+/// it, so under a light load this turns one commit per drain into one per linger, and one
+/// write of a busy shard's bound per drain into one per linger. A crash takes back at most
+/// this much of fanout's progress (delivered again, skipped by the connections).
+const RECORD_LINGER: Duration = Duration::from_millis(100);
 
 /// Wait before a failed delivery or record is tried again.
 const RETRY: Duration = Duration::from_millis(100);
