@@ -37,7 +37,7 @@ pub mod routes;
 
 use crate::acks::PendingAcks;
 use crate::drain::GatewayDrain;
-use crate::routes::{ConnectionHandle, Delivery, Routes, SharedEvent, Signals, to_message};
+use crate::routes::{ConnectionHandle, Delivery, Routes, SharedEvent, Signal, Signals, to_message};
 use axum::extract::ws::{CloseFrame, Message, WebSocket, close_code};
 use courier_chat::devices::{Devices, Link};
 use courier_chat::{CatchUp, ChatBinding};
@@ -320,14 +320,14 @@ impl Connection {
                 && self.pending.len() < self.gateway.limits.max_pending_sends;
             let step = tokio::select! {
                 biased;
-                _ = handle.signals.unlinked.notified() => Err(Exit::Close(close_code::POLICY, "device unlinked")),
-                _ = handle.signals.reconnect.notified() => {
+                _ = handle.signals.taken(Signal::Unlinked) => Err(Exit::Close(close_code::POLICY, "device unlinked")),
+                _ = handle.signals.taken(Signal::Reconnect) => {
                     Box::pin(self.drain(handle.signals.reconnect_after_ms().unwrap_or(0))).await
                 }
                 refused = acked(&mut self.acks) => Box::pin(self.on_acked(refused)).await,
                 Some(done) = self.pending.next() => self.on_sent(done).await,
                 Ok(delivery) = deliveries.recv_async() => self.on_delivery(delivery, &handle.signals).await,
-                _ = handle.signals.lagged.notified() => {
+                _ = handle.signals.taken(Signal::Lagged) => {
                     Box::pin(self.refill(handle.signals.take_behind())).await
                 }
                 message = self.socket.recv(), if reading => match message {

@@ -11,11 +11,12 @@ use courier_core::metrics::Metrics;
 use courier_proto::{Encoding, Event, Payload, ServerFrame};
 use courier_store::StoreError;
 use foldhash::{HashMap, HashMapExt};
+use futures::task::AtomicWaker;
 use smallvec::SmallVec;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::task::Poll;
 use std::time::Duration;
-use tokio::sync::Notify;
 
 /// An event shared by every connection it goes to, encoded at most once per encoding.
 pub struct SharedEvent {
@@ -63,24 +64,36 @@ pub enum Delivery {
     Frames(Arc<[Arc<ServerFrame>]>),
 }
 
-/// What the registry and fanout tell a connection besides its deliveries.
+/// What the registry and fanout tell a connection besides its deliveries: flags its task
+/// takes when it next polls them, and one waker. Polling a flag costs an atomic load and a
+/// waker registration (no lock, nothing to drop), which matters because a busy connection polls
+/// them at every turn of its loop.
 #[derive(Default)]
 pub struct Signals {
-    /// Notified when the connection's device was unlinked: the connection closes.
-    pub unlinked: Notify,
-    /// Notified when the connection is told to reconnect elsewhere
-    /// ([`Signals::tell_to_reconnect`]): its gateway drains, or its gateway's lease in the
-    /// cluster lapsed (its routes may have been swept). It answers the sends it accepted, says
-    /// `reconnect` and closes.
-    pub reconnect: Notify,
+    /// The signals raised and not yet taken ([`Signal`] bits).
+    raised: AtomicU8,
+    /// The connection's task, woken when a signal is raised.
+    waker: AtomicWaker,
     /// The `after_ms` of its `reconnect`, set once, when it is told.
     reconnect_after_ms: OnceLock<u64>,
-    /// Notified when events were dropped from a full queue; `behind` says up to where.
-    pub lagged: Notify,
     /// Per conversation, the highest seq dropped since the connection last caught up.
     behind: Mutex<Vec<(String, u64)>>,
     /// Offered frames queued and not yet written ([`ConnectionHandle::deliver_droppable`]).
     offered: AtomicUsize,
+}
+
+/// A signal to a connection, raised until the connection takes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Signal {
+    /// The connection's device was unlinked: the connection closes.
+    Unlinked = 1,
+    /// The connection is told to reconnect elsewhere ([`Signals::tell_to_reconnect`]): its
+    /// gateway drains, or its gateway's lease in the cluster lapsed (its routes may have been
+    /// swept). It answers the sends it accepted, says `reconnect` and closes.
+    Reconnect = 2,
+    /// Events were dropped from its full queue; [`Signals::take_behind`] says up to where.
+    Lagged = 4,
 }
 
 /// One open connection, as the registry sees it.
@@ -150,7 +163,7 @@ impl ConnectionHandle {
 
     /// Tells the connection that its device was unlinked: it closes.
     pub fn close_unlinked(&self) {
-        self.signals.unlinked.notify_one();
+        self.signals.raise(Signal::Unlinked);
     }
 
     /// Tells the connection to reconnect elsewhere (`reconnect` with `after_ms`); returns
@@ -161,11 +174,40 @@ impl ConnectionHandle {
 }
 
 impl Signals {
+    fn raise(&self, signal: Signal) {
+        self.raised.fetch_or(signal as u8, Ordering::AcqRel);
+        self.waker.wake();
+    }
+
+    /// Takes `signal` if it was raised.
+    fn take(&self, signal: Signal) -> bool {
+        let bit = signal as u8;
+        self.raised.load(Ordering::Acquire) & bit != 0
+            && self.raised.fetch_and(!bit, Ordering::AcqRel) & bit != 0
+    }
+
+    /// Waits until `signal` is raised and takes it. For the connection's own task only: the
+    /// signals have one waker.
+    pub fn taken(&self, signal: Signal) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| {
+            if self.take(signal) {
+                return Poll::Ready(());
+            }
+            self.waker.register(cx.waker());
+            // Raised between the first look and the registration: its wake may have missed us.
+            if self.take(signal) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+    }
+
     /// See [`ConnectionHandle::tell_to_reconnect`].
     pub fn tell_to_reconnect(&self, after_ms: u64) -> bool {
         let told = self.reconnect_after_ms.set(after_ms).is_ok();
         if told {
-            self.reconnect.notify_one();
+            self.raise(Signal::Reconnect);
         }
         told
     }
@@ -182,7 +224,7 @@ impl Signals {
             None => behind.push((conversation_id.to_owned(), seq)),
         }
         drop(behind);
-        self.lagged.notify_one();
+        self.raise(Signal::Lagged);
     }
 
     /// Called once `count` offered frames were written (or will never be).
@@ -383,6 +425,7 @@ impl Gateways for Routes {
 mod tests {
     use super::*;
     use courier_proto::Receipt;
+    use futures::FutureExt;
 
     fn receipt(user: &str, seq: u64) -> Arc<ServerFrame> {
         Arc::new(ServerFrame::Receipt(Receipt {
@@ -476,5 +519,42 @@ mod tests {
         }
         assert_eq!(routes.offer(&offers("alice", 1)).get("alice"), Some(&1));
         assert_eq!(queue.len(), 12);
+    }
+
+    #[test]
+    fn a_signal_raised_before_the_connection_looks_is_taken_once_and_alone() {
+        let signals = Signals::default();
+        signals.fell_behind("c", 7);
+        signals.fell_behind("c", 9);
+        assert!(signals.taken(Signal::Unlinked).now_or_never().is_none());
+        assert!(signals.taken(Signal::Lagged).now_or_never().is_some());
+        // Two drops, one signal; what they dropped is kept apart from it.
+        assert!(signals.taken(Signal::Lagged).now_or_never().is_none());
+        assert_eq!(signals.take_behind(), vec![("c".to_owned(), 9)]);
+
+        assert!(signals.tell_to_reconnect(250));
+        assert!(!signals.tell_to_reconnect(0), "the first telling holds");
+        signals.raise(Signal::Unlinked);
+        assert!(signals.taken(Signal::Unlinked).now_or_never().is_some());
+        assert!(signals.taken(Signal::Reconnect).now_or_never().is_some());
+        assert_eq!(signals.reconnect_after_ms(), Some(250));
+        assert!(signals.taken(Signal::Reconnect).now_or_never().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_connection_waiting_on_its_signals_is_woken_by_the_one_raised() {
+        let signals = Arc::new(Signals::default());
+        let waiting = Arc::clone(&signals);
+        let connection = tokio::spawn(async move {
+            tokio::select! {
+                biased;
+                _ = waiting.taken(Signal::Unlinked) => Signal::Unlinked,
+                _ = waiting.taken(Signal::Lagged) => Signal::Lagged,
+            }
+        });
+        tokio::task::yield_now().await;
+        signals.fell_behind("c", 1);
+        let woken = tokio::time::timeout(Duration::from_secs(10), connection).await;
+        assert_eq!(woken.unwrap().unwrap(), Signal::Lagged);
     }
 }
