@@ -55,10 +55,12 @@ use courier_store::{AppendOutcome, MessageStore};
 use foldhash::{HashMap, HashMapExt};
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
-use futures::{SinkExt, StreamExt};
+use futures::{FutureExt, SinkExt, StreamExt};
 use std::borrow::Borrow;
 use std::collections::BTreeMap;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 /// Events read from the store per step of a catch-up or gap fill.
@@ -165,6 +167,39 @@ async fn acked(acks: &mut Option<PendingAcks>) -> Vec<(Option<i64>, ApiError)> {
     match acks {
         Some(acks) => acks.await,
         None => std::future::pending().await,
+    }
+}
+
+/// A socket operation that gives up after a limit (`None`). Most writes only fill the
+/// connection's buffer and are ready at once: they read no clock and set no timer, and the
+/// timer, boxed when one must wait, takes no room in the connection's future. It is a plain
+/// struct rather than an `async fn` because those keep copies of what they move.
+struct Within<F> {
+    io: F,
+    limit: Duration,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<F: Future + Unpin> Future for Within<F> {
+    type Output = Option<F::Output>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        if let Poll::Ready(out) = Pin::new(&mut self.io).poll(cx) {
+            return Poll::Ready(Some(out));
+        }
+        let limit = self.limit;
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        timer.as_mut().poll(cx).map(|()| None)
+    }
+}
+
+/// What a write or flush of the socket means for the connection.
+fn written(outcome: Option<Result<(), axum::Error>>) -> Result<(), Exit> {
+    match outcome {
+        Some(Ok(())) => Ok(()),
+        _ => Err(Exit::ClientGone),
     }
 }
 
@@ -369,21 +404,27 @@ impl Connection {
 
     /// Buffers one message (written once the buffer is full, or at the next flush); a client
     /// that takes none for `write_timeout` is dropped.
-    async fn write_message(&mut self, message: Message) -> Result<(), Exit> {
+    fn write_message(&mut self, message: Message) -> impl Future<Output = Result<(), Exit>> + '_ {
         let limit = self.gateway.limits.write_timeout;
-        match tokio::time::timeout(limit, self.socket.feed(message)).await {
-            Ok(Ok(())) => Ok(()),
-            _ => Err(Exit::ClientGone),
+        let io = self.socket.feed(message);
+        Within {
+            io,
+            limit,
+            timer: None,
         }
+        .map(written)
     }
 
     /// Writes out every buffered message.
-    async fn flush(&mut self) -> Result<(), Exit> {
+    fn flush(&mut self) -> impl Future<Output = Result<(), Exit>> + '_ {
         let limit = self.gateway.limits.write_timeout;
-        match tokio::time::timeout(limit, self.socket.flush()).await {
-            Ok(Ok(())) => Ok(()),
-            _ => Err(Exit::ClientGone),
+        let io = self.socket.flush();
+        Within {
+            io,
+            limit,
+            timer: None,
         }
+        .map(written)
     }
 
     fn write_error(
@@ -845,5 +886,40 @@ impl Connection {
 
     fn is_own(&self, event: &Event) -> bool {
         event.sender.user == self.who.user && event.sender.device == self.who.device
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn within<F: Future + Unpin>(io: F) -> Within<F> {
+        Within {
+            io,
+            limit: Duration::from_secs(30),
+            timer: None,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_ready_at_once_sets_no_timer() {
+        let mut write = within(std::future::ready(7));
+        assert_eq!((&mut write).await, Some(7));
+        assert!(write.timer.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_that_waits_gives_up_at_its_limit_and_not_before() {
+        let (done, waiting) = tokio::sync::oneshot::channel::<()>();
+        let started = tokio::time::Instant::now();
+        assert_eq!(within(waiting).await, None, "the client never took it");
+        assert_eq!(started.elapsed(), Duration::from_secs(30));
+        drop(done);
+
+        let (done, waiting) = tokio::sync::oneshot::channel();
+        let write = tokio::spawn(within(waiting));
+        tokio::time::sleep(Duration::from_secs(29)).await;
+        done.send(()).unwrap();
+        assert_eq!(write.await.unwrap(), Some(Ok(())));
     }
 }
