@@ -51,7 +51,7 @@ use courier_proto::{
     Ack, ClientFrame, Encoding, ErrorFrame, Event, Hello, Messages, Pong, Reconnect, Sent,
     ServerFrame, SyncDone, Trimmed,
 };
-use courier_store::{AppendOutcome, MessageStore};
+use courier_store::{AppendOutcome, MessageStore, StoreError};
 use foldhash::{HashMap, HashMapExt};
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
@@ -203,6 +203,16 @@ fn written(outcome: Option<Result<(), axum::Error>>) -> Result<(), Exit> {
     }
 }
 
+/// Records `who`'s device as seen. Boxed, with a store handle of its own: it runs at a
+/// connection's start and end only, and neither stays in the connection's task.
+fn record_seen<'a>(
+    store: &MessageStore,
+    who: &'a Identity,
+) -> BoxFuture<'a, Result<Link, StoreError>> {
+    let devices = Devices::new(store.clone());
+    Box::pin(async move { devices.seen(who).await })
+}
+
 /// The `ref` and `client_msg_id` an `error` answering `frame` carries.
 fn answer_ids(frame: &ClientFrame) -> (Option<i64>, Option<String>) {
     let client_msg_id = match frame {
@@ -225,6 +235,23 @@ enum Exit {
 }
 
 impl Gateway {
+    /// In a cluster, records that `handle`'s device is connected to this gateway; false
+    /// (logged) if that failed.
+    async fn add_route(&self, user: &str, handle: &ConnectionHandle) -> bool {
+        let Some(cluster) = &self.cluster_routes else {
+            return true;
+        };
+        let (store, node) = (&cluster.store, &cluster.node);
+        let added = store.add_route(user, &handle.device, node, handle.id, now_ms());
+        match added.await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(user, error = %e, "could not record the device's route");
+                false
+            }
+        }
+    }
+
     /// Runs one connection until it ends. The connection is built here, outside the returned
     /// future: an `async fn` keeps its arguments for as long as it runs, so the socket and the
     /// identity would be held twice by every idle connection (`docs/benchmarks.md`, "Idle
@@ -271,21 +298,11 @@ impl Connection {
     ) -> impl Future<Output = ()> + Send {
         async move {
             let gateway = self.gateway.clone();
-            let devices = Devices::new(gateway.store.clone());
-            let exit = match &gateway.cluster_routes {
-                Some(cluster) => {
-                    let (store, node) = (&cluster.store, &cluster.node);
-                    let user = &self.who.user;
-                    let added = store.add_route(user, &handle.device, node, handle.id, now_ms());
-                    match added.await {
-                        Ok(()) => self.run(&devices, &deliveries, &handle).await,
-                        Err(e) => {
-                            tracing::warn!(user, error = %e, "could not record the device's route");
-                            Exit::Close(close_code::ERROR, "storage error; reconnect")
-                        }
-                    }
-                }
-                None => self.run(&devices, &deliveries, &handle).await,
+            // One call of `run`, after the route's write: the task holds one `run` future.
+            let exit = if gateway.add_route(&self.who.user, &handle).await {
+                self.run(&deliveries, &handle).await
+            } else {
+                Exit::Close(close_code::ERROR, "storage error; reconnect")
             };
             if let Exit::Close(code, reason) = exit {
                 Box::pin(self.close(code, reason)).await;
@@ -300,7 +317,7 @@ impl Connection {
             }
             let who = self.who.clone();
             drop(self);
-            if let Err(e) = Box::pin(devices.seen(&who)).await {
+            if let Err(e) = record_seen(&gateway.store, &who).await {
                 tracing::warn!(user = %who.user, device = %who.device, error = %e, "could not record device activity");
             }
             let user = &who.user;
@@ -320,7 +337,6 @@ impl Connection {
 
     async fn run(
         &mut self,
-        devices: &Devices,
         deliveries: &flume::Receiver<Delivery>,
         handle: &ConnectionHandle,
     ) -> Exit {
@@ -333,7 +349,7 @@ impl Connection {
             return Exit::ClientGone;
         }
         // Registered before this check: an unlink either is seen here or closes the connection.
-        match Box::pin(devices.seen(&self.who)).await {
+        match record_seen(&self.gateway.store, &self.who).await {
             Ok(Link::Linked) => {}
             Ok(Link::Unlinked) => return Exit::Close(close_code::POLICY, "device unlinked"),
             Err(e) => {
