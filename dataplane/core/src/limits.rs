@@ -4,16 +4,12 @@
 
 use crate::error::ApiError;
 use courier_proto::ErrorCode;
-use governor::clock::{Clock, DefaultClock};
+use governor::clock::{Clock, DefaultClock, MonotonicClock};
+use governor::middleware::NoOpMiddleware;
 use governor::state::keyed::DefaultKeyedStateStore;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 use std::num::NonZeroU32;
-use std::sync::LazyLock;
-
-/// The clock every bucket reads. Making one reads the CPU's features (`cpuid`, a trap to the
-/// hypervisor on a virtual machine), too slow to do for each connection.
-static CLOCK: LazyLock<DefaultClock> = LazyLock::new(DefaultClock::default);
 
 /// A rate and its burst; `per_second == 0` disables the limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,9 +71,13 @@ impl KeyedLimit {
     }
 }
 
-/// One connection's bucket (a few bytes of state).
+/// One connection's bucket (a few bytes of state). Its clock is the standard library's, which
+/// takes no room: each connection has two buckets, and governor's default clock is 40 bytes
+/// (making one also reads the CPU's features, a trap to the hypervisor on a virtual machine).
 pub struct ConnectionLimit {
-    limiter: Option<RateLimiter<NotKeyed, InMemoryState, DefaultClock>>,
+    limiter: Option<
+        RateLimiter<NotKeyed, InMemoryState, MonotonicClock, NoOpMiddleware<std::time::Instant>>,
+    >,
 }
 
 impl ConnectionLimit {
@@ -85,7 +85,7 @@ impl ConnectionLimit {
         Self {
             limiter: rate
                 .quota()
-                .map(|quota| RateLimiter::direct_with_clock(quota, CLOCK.clone())),
+                .map(|quota| RateLimiter::direct_with_clock(quota, MonotonicClock)),
         }
     }
 
@@ -133,6 +133,28 @@ mod tests {
         );
         for _ in 0..1000 {
             off.check("x").unwrap();
+        }
+    }
+
+    #[test]
+    fn a_connections_bucket_refuses_past_its_burst_with_a_retry_hint() {
+        let limit = ConnectionLimit::new(Rate {
+            per_second: 1,
+            burst: 3,
+        });
+        for _ in 0..3 {
+            limit.check().unwrap();
+        }
+        let refused = limit.check().unwrap_err();
+        assert_eq!(refused.code, ErrorCode::RateLimited);
+        let wait = refused.retry_after_ms.unwrap();
+        assert!((1..=1_000).contains(&wait), "one token a second: {wait} ms");
+        let off = ConnectionLimit::new(Rate {
+            per_second: 0,
+            burst: 0,
+        });
+        for _ in 0..1000 {
+            off.check().unwrap();
         }
     }
 }
