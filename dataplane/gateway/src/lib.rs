@@ -28,8 +28,10 @@
 //!
 //! **Memory.** A connection's task is sized by its largest await point, and most connections
 //! are idle: the rare or heavy paths (frame handling, catch-up, gap fills, drain, close, the
-//! device's last-seen writes) are boxed, so the task holds little more than the idle loop's
-//! wait (1.5 KB instead of 3.3 KB; `docs/benchmarks.md`, "Idle connection memory").
+//! device's last-seen writes, a write's timer when it must wait) are boxed, so the task holds
+//! little more than the connection and the idle loop's wait (1.2 KB, from 3.3 KB;
+//! `docs/benchmarks.md`, "Idle connection memory" and "Fewer bound writes, and a smaller
+//! connection").
 
 pub mod acks;
 pub mod drain;
