@@ -32,8 +32,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 /// 0.24 more system calls per message at peak load (`docs/benchmarks.md`, "Idle connection
 /// memory").
 const READ_BUFFER_BYTES: usize = 512;
-/// Buffered outbound bytes of each WebSocket connection before they are written out.
-const WRITE_BUFFER_BYTES: usize = 16 * 1024;
+/// Buffered outbound bytes of each WebSocket connection before they are written out. The
+/// buffer never gives back what it grew to, so an idle connection keeps up to about twice
+/// this after its catch-up: 4 KiB rather than 16 holds 11-15 KB less per connection that
+/// caught up 100 events, with the same catch-up time and peak throughput (`docs/benchmarks.md`,
+/// "Fewer bound writes, and a smaller connection").
+const WRITE_BUFFER_BYTES: usize = 4 * 1024;
 /// The `retry_after_ms` of a connection refused by a draining gateway.
 const RECONNECT_ELSEWHERE_MS: u64 = 1000;
 
