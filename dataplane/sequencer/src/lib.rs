@@ -144,6 +144,8 @@ struct ShardLoad {
 /// The in-process sequencer over one message store.
 pub struct LocalSequencer {
     store: MessageStore,
+    /// The runtime its shard actors run on: the one it was started on.
+    actors: tokio::runtime::Handle,
     ownership: Ownership,
     shards: Vec<Mutex<Slot>>,
     load: Arc<ShardLoad>,
@@ -162,7 +164,8 @@ pub struct LocalSequencer {
 
 impl LocalSequencer {
     /// Takes every shard of `store` that no live lease of another node holds (bumping their
-    /// epochs) and returns the sequencer. Run [`LocalSequencer::keep_shards`] next to it.
+    /// epochs) and returns the sequencer, whose shard actors run on the runtime this is called
+    /// on. Run [`LocalSequencer::keep_shards`] next to it.
     pub async fn start(
         store: MessageStore,
         ownership: Ownership,
@@ -180,6 +183,7 @@ impl LocalSequencer {
         let sequencer = Arc::new(Self {
             outbox: Arc::new(OutboxWatch::new(count, limits.outbox_lag_limit)),
             store,
+            actors: tokio::runtime::Handle::current(),
             ownership,
             shards,
             load,
@@ -489,7 +493,7 @@ impl LocalSequencer {
                 listener: self.listener.clone(),
                 metrics: self.metrics.clone(),
             };
-            tokio::spawn(actor.run(rx));
+            self.actors.spawn(actor.run(rx));
             tx
         });
         match queue.try_send(request) {
@@ -991,6 +995,31 @@ mod tests {
         drain_outbox(&store, shard).await;
         to.watch_outboxes_at(past_limit).await.unwrap();
         assert_eq!(seq_of(&to, "m2").await.unwrap(), 2);
+    }
+
+    /// `courier serve` starts the sequencer on a runtime apart from the connections': its
+    /// shard actors run there, whoever submits.
+    #[tokio::test]
+    async fn shard_actors_run_on_the_runtime_the_sequencer_was_started_on() {
+        let engine = FaultyEngine::new();
+        let store = engine.store(4).await;
+        let ordering = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let sequencer = ordering
+            .spawn(async move { node_on(&store, node("n1", Duration::from_secs(10))).await })
+            .await
+            .unwrap();
+        let before = ordering.metrics().num_alive_tasks();
+        assert_eq!(seq_of(&sequencer, "m1").await.unwrap(), 1);
+        assert_eq!(
+            ordering.metrics().num_alive_tasks(),
+            before + 1,
+            "the shard's actor runs on the sequencer's runtime"
+        );
+        ordering.shutdown_background();
     }
 
     #[tokio::test]

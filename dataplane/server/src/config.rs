@@ -134,6 +134,11 @@ pub struct ServeConfig {
     /// Events before their join that new group members may read (0: from the join on).
     #[arg(long, env = "COURIER_HISTORY_ON_JOIN", default_value_t = 0)]
     pub history_on_join: u64,
+    /// Worker threads of the runtime that runs ordering and delivery (the sequencer's shard
+    /// actors, fanout, the push notifier) apart from the connections; 0 runs them with the
+    /// connections (`docs/operations.md`, "Ordering threads").
+    #[arg(long, env = "COURIER_ORDERING_THREADS", default_value_t = 1)]
+    pub ordering_threads: usize,
     /// Groups with more members take the large-group fanout path.
     #[arg(long, env = "COURIER_LARGE_GROUP_THRESHOLD", default_value_t = 1000)]
     pub large_group_threshold: usize,

@@ -25,7 +25,16 @@
 //!    restarts it from a clean state).
 //!
 //! The sequencer's shard actors are not background loops of this kind yet: they end with the
-//! runtime, after everything above.
+//! ordering runtime, after the loops.
+//!
+//! # Two runtimes
+//!
+//! Ordering and delivery (the local sequencer's shard actors and loops, fanout, the push
+//! notifier) run on a runtime of their own, [`OrderingRuntime`] (`--ordering-threads`), and the
+//! connections on the process's. A runtime's tasks wait in one queue: when a large group's
+//! message wakes 10,000 connections, and their acks wake them again, a shard actor woken by
+//! its commit would wait behind them all (~200 ms on the test machine), and every send of
+//! every conversation with it (`docs/benchmarks.md`, "Ordering apart from the connections").
 
 use crate::admin::AdminService;
 use crate::config::{PublicKeyAlgorithm, ServeConfig, StoreKind};
@@ -241,6 +250,8 @@ pub async fn run_client_roles(
     let metrics = cluster
         .as_ref()
         .map_or_else(|| Arc::new(Metrics::new()), |c| c.metrics.clone());
+    // Ordering and delivery apart from the connections (module documentation).
+    let ordering = OrderingRuntime::new(config.ordering_threads)?;
     // Every background loop of every role; shut down last (module documentation, "Stopping").
     let loops = BackgroundLoops::new();
     let routes = Arc::new(Routes::new(metrics.clone()));
@@ -315,14 +326,17 @@ pub async fn run_client_roles(
         None => {
             listeners.extend(fanout.clone().map(|f| f as Arc<dyn CommitListener>));
             listeners.extend(notifier.clone().map(|n| n as Arc<dyn CommitListener>));
-            let sequencer = LocalSequencer::start(
-                store.clone(),
-                config.ownership(),
-                config.sequencer_limits(),
-                Arc::new(Listeners(listeners)),
-                metrics.clone(),
-            )
-            .await?;
+            let sequencer = ordering
+                .handle
+                .spawn(LocalSequencer::start(
+                    store.clone(),
+                    config.ownership(),
+                    config.sequencer_limits(),
+                    Arc::new(Listeners(listeners)),
+                    metrics.clone(),
+                ))
+                .await??;
+            let _on = ordering.handle.enter();
             sequencer.spawn_loops(&loops);
             Some(sequencer)
         }
@@ -347,6 +361,7 @@ pub async fn run_client_roles(
         // On a cluster node it is told of the commits made through this node, and, while it
         // leads, by the chat nodes of theirs; every shard is looked at each round besides.
         let every_shard_each = cluster.is_some().then(|| config.ownership().round());
+        let _on = ordering.handle.enter();
         notifier.start(
             &loops,
             every_shard_each,
@@ -354,6 +369,7 @@ pub async fn run_client_roles(
         );
     }
     if let Some(fanout) = &fanout {
+        let _on = ordering.handle.enter();
         fanout.start(&loops);
     }
     let storage = StorageHealth::new(
@@ -525,6 +541,8 @@ pub async fn run_client_roles(
         }
         internal.abort();
     }
+    // The shard actors end with it.
+    drop(ordering);
     if stopped_cleanly {
         tracing::info!("background loops stopped; exiting");
     }
@@ -539,6 +557,43 @@ pub async fn run_client_roles(
         );
     }
     Ok(())
+}
+
+/// The runtime of ordering and delivery (module documentation, "Two runtimes"), or the
+/// current one with `--ordering-threads 0`. Dropped from async code, it shuts down in the
+/// background: its loops have stopped by then, and only idle shard actors are left.
+struct OrderingRuntime {
+    handle: tokio::runtime::Handle,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl OrderingRuntime {
+    fn new(threads: usize) -> anyhow::Result<Self> {
+        if threads == 0 {
+            return Ok(Self {
+                handle: tokio::runtime::Handle::current(),
+                runtime: None,
+            });
+        }
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .thread_name("courier-ordering")
+            .enable_all()
+            .build()
+            .context("starting the ordering runtime")?;
+        Ok(Self {
+            handle: runtime.handle().clone(),
+            runtime: Some(runtime),
+        })
+    }
+}
+
+impl Drop for OrderingRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 /// What the chat role of a node is built from ([`start_chat`]).
