@@ -4,7 +4,7 @@
 mod support;
 
 use courier_client::proto::Encoding;
-use courier_client::{Client, ClientError};
+use courier_client::{Client, ClientError, Target};
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
@@ -76,6 +76,27 @@ async fn worker_threads_sets_the_runtime_and_zero_is_refused() {
     assert!(!refused.status.success());
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("--worker-threads"), "{stderr}");
+}
+
+/// `--ordering-threads` runs ordering and delivery on a runtime of their own (`/metrics` says
+/// how many threads); with 0 they share the connections' runtime, and messages flow either
+/// way.
+#[tokio::test]
+async fn ordering_threads_set_the_ordering_runtime_and_zero_shares_the_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    for threads in ["0", "2"] {
+        let server = Server::start_in(dir.path(), &["--ordering-threads", threads]);
+        let running = server.metric("courier_runtime_ordering_threads").await;
+        assert_eq!(running.to_string(), threads);
+        let mut alice = support::connected(&server, "alice", "phone").await;
+        let mut bob = support::connected(&server, "bob", "phone").await;
+        let sent = alice
+            .send_text(Target::User("bob".into()), &format!("m{threads}"), "hi")
+            .await
+            .unwrap();
+        let delivered = support::next_event(&mut bob).await;
+        assert_eq!(delivered.server_msg_id, sent.server_msg_id);
+    }
 }
 
 #[tokio::test]

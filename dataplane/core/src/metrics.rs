@@ -95,6 +95,9 @@ pub struct Metrics {
     pub push_notifications: Family<OutcomeLabel, Counter>,
     resident_memory: Gauge,
     worker_threads: Gauge,
+    /// Threads of the runtime of ordering and delivery (`--ordering-threads`; 0: they run
+    /// with the connections).
+    pub ordering_threads: Gauge,
 }
 
 impl Metrics {
@@ -132,6 +135,7 @@ impl Metrics {
             push_notifications: Family::default(),
             resident_memory: Gauge::default(),
             worker_threads: Gauge::default(),
+            ordering_threads: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -273,6 +277,11 @@ impl Metrics {
             "runtime_worker_threads",
             "Threads running the roles' tasks (--worker-threads)",
             metrics.worker_threads.clone(),
+        );
+        registry.register(
+            "runtime_ordering_threads",
+            "Threads running ordering and delivery apart from the connections (--ordering-threads)",
+            metrics.ordering_threads.clone(),
         );
         Self {
             registry,

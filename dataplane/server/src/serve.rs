@@ -252,6 +252,7 @@ pub async fn run_client_roles(
         .map_or_else(|| Arc::new(Metrics::new()), |c| c.metrics.clone());
     // Ordering and delivery apart from the connections (module documentation).
     let ordering = OrderingRuntime::new(config.ordering_threads)?;
+    metrics.ordering_threads.set(config.ordering_threads as i64);
     // Every background loop of every role; shut down last (module documentation, "Stopping").
     let loops = BackgroundLoops::new();
     let routes = Arc::new(Routes::new(metrics.clone()));
