@@ -358,11 +358,12 @@ pub async fn run_client_roles(
         // The chat nodes append; this node's notifier looks at every shard each round.
         Some(_) => None,
     };
+    // Delivery's loops spawn on the ordering runtime (module documentation).
+    let on_ordering = ordering.handle.enter();
     if let Some(notifier) = &notifier {
         // On a cluster node it is told of the commits made through this node, and, while it
         // leads, by the chat nodes of theirs; every shard is looked at each round besides.
         let every_shard_each = cluster.is_some().then(|| config.ownership().round());
-        let _on = ordering.handle.enter();
         notifier.start(
             &loops,
             every_shard_each,
@@ -370,9 +371,9 @@ pub async fn run_client_roles(
         );
     }
     if let Some(fanout) = &fanout {
-        let _on = ordering.handle.enter();
         fanout.start(&loops);
     }
+    drop(on_ordering);
     let storage = StorageHealth::new(
         store.clone(),
         (config.store == StoreKind::Embedded).then(|| config.data_dir.join(STORE_DIR)),
