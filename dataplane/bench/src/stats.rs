@@ -26,21 +26,47 @@ pub fn from_offset(offset: u64) -> Instant {
     epoch() + Duration::from_nanos(offset)
 }
 
-/// A latency histogram in microseconds.
-#[derive(Clone)]
-pub struct Latency(Histogram<u64>);
+/// Most samples a [`Latency`] keeps as they are before it builds its histogram.
+const SAMPLES_MAX: usize = 1024;
 
-impl Default for Latency {
+/// A latency histogram in microseconds. Its first [`SAMPLES_MAX`] samples are kept as they
+/// are, and the HdrHistogram (~190 KB, zeroed, at these bounds) is built only past them: a
+/// scenario whose thousands of receivers each record a few latencies (a reconnect storm, a
+/// large group) otherwise spent most of its CPU zeroing one histogram per receiver
+/// (`docs/benchmarks.md`, "The load generator's share of a storm").
+#[derive(Clone, Default)]
+pub struct Latency(Recorded);
+
+#[derive(Clone)]
+enum Recorded {
+    Samples(Vec<u64>),
+    Histogram(Box<Histogram<u64>>),
+}
+
+impl Default for Recorded {
     fn default() -> Self {
-        Self::new()
+        Recorded::Samples(Vec::new())
     }
+}
+
+/// An empty histogram of the bounds every [`Latency`] uses.
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, MAX_MICROS, 3)
+        .expect("1 us..1 h at 3 significant figures is a valid histogram")
+}
+
+/// A histogram holding `samples`.
+fn histogram_of(samples: &[u64]) -> Histogram<u64> {
+    let mut histogram = histogram();
+    for &micros in samples {
+        histogram.saturating_record(micros);
+    }
+    histogram
 }
 
 impl Latency {
     pub fn new() -> Self {
-        let histogram = Histogram::new_with_bounds(1, MAX_MICROS, 3)
-            .expect("1 us..1 h at 3 significant figures is a valid histogram");
-        Latency(histogram)
+        Self::default()
     }
 
     /// Records the time from `since` to `now`.
@@ -49,23 +75,60 @@ impl Latency {
     }
 
     pub fn record(&mut self, latency: Duration) {
-        let micros = (latency.as_micros() as u64).clamp(1, MAX_MICROS);
-        self.0.saturating_record(micros);
+        self.record_micros((latency.as_micros() as u64).clamp(1, MAX_MICROS));
+    }
+
+    fn record_micros(&mut self, micros: u64) {
+        match &mut self.0 {
+            Recorded::Samples(samples) if samples.len() < SAMPLES_MAX => samples.push(micros),
+            Recorded::Samples(_) => self.histogram_mut().saturating_record(micros),
+            Recorded::Histogram(histogram) => histogram.saturating_record(micros),
+        }
+    }
+
+    /// The histogram, built from the samples kept so far if there is none yet.
+    fn histogram_mut(&mut self) -> &mut Histogram<u64> {
+        if let Recorded::Samples(samples) = &self.0 {
+            self.0 = Recorded::Histogram(Box::new(histogram_of(samples)));
+        }
+        match &mut self.0 {
+            Recorded::Histogram(histogram) => histogram,
+            Recorded::Samples(_) => unreachable!("the histogram was just built"),
+        }
     }
 
     pub fn merge(&mut self, other: &Latency) {
-        // Same bounds on both sides: adding cannot fail.
-        let _ = self.0.add(&other.0);
+        match &other.0 {
+            Recorded::Samples(samples) => {
+                for &micros in samples {
+                    self.record_micros(micros);
+                }
+            }
+            // Same bounds on both sides: adding cannot fail.
+            Recorded::Histogram(other) => {
+                let _ = self.histogram_mut().add(&**other);
+            }
+        }
     }
 
     pub fn count(&self) -> u64 {
-        self.0.len()
+        match &self.0 {
+            Recorded::Samples(samples) => samples.len() as u64,
+            Recorded::Histogram(histogram) => histogram.len(),
+        }
     }
 
     /// Summary in milliseconds.
     pub fn summary(&self) -> super::report::LatencySummary {
+        let built;
+        let h = match &self.0 {
+            Recorded::Samples(samples) => {
+                built = histogram_of(samples);
+                &built
+            }
+            Recorded::Histogram(histogram) => &**histogram,
+        };
         let ms = |micros: u64| micros as f64 / 1000.0;
-        let h = &self.0;
         let mut distribution = BTreeMap::new();
         if !h.is_empty() {
             for q in [
@@ -121,6 +184,44 @@ mod tests {
         assert_eq!(s.count, 100);
         assert!((s.p50_ms - 50.0).abs() < 0.1, "{}", s.p50_ms);
         assert!((s.max_ms - 100.0).abs() < 0.1, "{}", s.max_ms);
+    }
+
+    /// The same latencies, summarized from kept samples, from a histogram, and merged from
+    /// either into the other.
+    #[test]
+    fn kept_samples_summarize_and_merge_as_the_histogram_does() {
+        let record = |latency: &mut Latency, range: std::ops::Range<u64>| {
+            for micros in range {
+                latency.record(Duration::from_micros(micros * 37 % 100_000 + 1));
+            }
+        };
+        let few = 0..(SAMPLES_MAX as u64 / 2);
+        let many = 0..(SAMPLES_MAX as u64 * 3);
+        let mut kept = Latency::new();
+        record(&mut kept, few.clone());
+        assert!(
+            matches!(kept.0, Recorded::Samples(_)),
+            "a few samples build no histogram"
+        );
+        let mut built = Latency::new();
+        record(&mut built, many.clone());
+        assert!(matches!(built.0, Recorded::Histogram(_)));
+
+        let mut direct = histogram();
+        for micros in few.chain(many) {
+            direct.saturating_record(micros * 37 % 100_000 + 1);
+        }
+        let expected = Latency(Recorded::Histogram(Box::new(direct))).summary();
+        let mut into_kept = kept.clone();
+        into_kept.merge(&built);
+        let mut into_built = built.clone();
+        into_built.merge(&kept);
+        for merged in [into_kept, into_built] {
+            let summary = merged.summary();
+            assert_eq!(summary.count, expected.count);
+            assert_eq!(summary.percentiles_ms, expected.percentiles_ms);
+            assert_eq!(summary.mean_ms, expected.mean_ms);
+        }
     }
 
     #[test]
