@@ -19,6 +19,12 @@ pub type Socket = WebSocketStream<TcpStream>;
 pub type Writer = SplitSink<Socket, Message>;
 pub type Reader = SplitStream<Socket>;
 
+/// A connection's read buffer: the SDK's 16 KiB, allocated for each of the thousands of
+/// connections a scenario holds, was a quarter of the load generator's CPU in a reconnect
+/// storm (the pages of fresh buffers faulted in); the bench's frames are small, and a larger
+/// one only takes several reads (`docs/benchmarks.md`, "The load generator's share of a storm").
+const READ_BUFFER_BYTES: usize = 4 * 1024;
+
 /// How long a connection may take to reach `hello`.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -115,8 +121,9 @@ impl Endpoint {
             "sec-websocket-protocol",
             HeaderValue::from_static(self.encoding.subprotocol()),
         );
+        let config = websocket_config().read_buffer_size(READ_BUFFER_BYTES);
         let (mut socket, _) =
-            tokio_tungstenite::client_async_with_config(request, stream, Some(websocket_config()))
+            tokio_tungstenite::client_async_with_config(request, stream, Some(config))
                 .await
                 .map_err(|e| match e {
                     tungstenite::Error::Http(response) => anyhow::anyhow!(
