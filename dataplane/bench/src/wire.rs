@@ -21,8 +21,8 @@ pub type Reader = SplitStream<Socket>;
 
 /// A connection's read buffer: the SDK's 16 KiB, allocated for each of the thousands of
 /// connections a scenario holds, was a quarter of the load generator's CPU in a reconnect
-/// storm (the pages of fresh buffers faulted in); the bench's frames are small, and a larger
-/// one only takes several reads (`docs/benchmarks.md`, "The load generator's share of a storm").
+/// storm (the pages of fresh buffers faulted in). The bench's frames are small; a larger frame
+/// only takes several reads (`docs/benchmarks.md`, "The load generator's share of a storm").
 const READ_BUFFER_BYTES: usize = 4 * 1024;
 
 /// How long a connection may take to reach `hello`.
