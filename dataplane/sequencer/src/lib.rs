@@ -998,22 +998,25 @@ mod tests {
     }
 
     /// `courier serve` starts the sequencer on a runtime apart from the connections': its
-    /// shard actors run there, whoever submits.
-    #[tokio::test]
-    async fn shard_actors_run_on_the_runtime_the_sequencer_was_started_on() {
-        let engine = FaultyEngine::new();
-        let store = engine.store(4).await;
+    /// shard actors run there, whoever submits. The sequencer is built with `block_on`, not in
+    /// a spawned task, so no finished task lingers in the ordering runtime's count (a task
+    /// wakes its `JoinHandle` before the runtime releases it).
+    #[test]
+    fn shard_actors_run_on_the_runtime_the_sequencer_was_started_on() {
+        let submitter = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         let ordering = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
             .build()
             .unwrap();
-        let sequencer = ordering
-            .spawn(async move { node_on(&store, node("n1", Duration::from_secs(10))).await })
-            .await
-            .unwrap();
+        let engine = FaultyEngine::new();
+        let store = submitter.block_on(engine.store(4));
+        let sequencer = ordering.block_on(node_on(&store, node("n1", Duration::from_secs(10))));
         let before = ordering.metrics().num_alive_tasks();
-        assert_eq!(seq_of(&sequencer, "m1").await.unwrap(), 1);
+        assert_eq!(submitter.block_on(seq_of(&sequencer, "m1")).unwrap(), 1);
         assert_eq!(
             ordering.metrics().num_alive_tasks(),
             before + 1,
