@@ -1,5 +1,6 @@
 //! The command line as a person uses it: `courier token`, public-key tokens, the runtime's
-//! worker threads, and two `courier chat` sessions exchanging a message and a photo.
+//! worker threads, the listener's backlog, and two `courier chat` sessions exchanging a message
+//! and a photo.
 
 mod support;
 
@@ -76,6 +77,35 @@ async fn worker_threads_sets_the_runtime_and_zero_is_refused() {
     assert!(!refused.status.success());
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("--worker-threads"), "{stderr}");
+}
+
+/// `--listen-backlog` sets the client port's `listen(2)` backlog, which the kernel caps at
+/// `net.core.somaxconn`; the default asks for the cap, so a gateway's devices reconnecting at
+/// once are not dropped past tokio's default of 1,024 (`ss` shows a listener's backlog as its
+/// Send-Q).
+#[tokio::test]
+async fn listen_backlog_sets_the_client_ports_backlog_up_to_the_kernels_cap() {
+    let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for (args, asked) in [(&["--listen-backlog", "300"][..], 300), (&[][..], 65_535)] {
+        let server = Server::start_in(dir.path(), args);
+        let port = server.addr.port();
+        let ss = Command::new("ss")
+            .args(["-Hltn", &format!("sport = :{port}")])
+            .output()
+            .expect("ss (iproute2) runs");
+        let listing = String::from_utf8_lossy(&ss.stdout);
+        let backlog: u32 = listing
+            .split_whitespace()
+            .nth(2)
+            .and_then(|q| q.parse().ok())
+            .unwrap_or_else(|| panic!("no listener on port {port} in `{listing}`"));
+        assert_eq!(backlog, somaxconn.min(asked), "{args:?}");
+    }
 }
 
 /// `--ordering-threads` runs ordering and delivery on a runtime of their own (`/metrics` says

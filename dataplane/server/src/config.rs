@@ -40,6 +40,11 @@ pub struct ServeConfig {
     /// Address to listen on (port 0 picks a free port; the ready line shows it).
     #[arg(long, env = "COURIER_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
+    /// Connections the kernel holds for the listener before it accepts them (the `listen(2)`
+    /// backlog; the kernel caps it at `net.core.somaxconn`). Past it the kernel drops new
+    /// handshakes and clients retry them after a second or more.
+    #[arg(long, env = "COURIER_LISTEN_BACKLOG", default_value_t = 65_535)]
+    pub listen_backlog: u32,
     /// Directory of the embedded store and the generated token secret.
     #[arg(long, env = "COURIER_DATA_DIR", default_value = "./courier-data")]
     pub data_dir: PathBuf,

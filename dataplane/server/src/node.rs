@@ -205,7 +205,7 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
     };
     // The HTTP port is bound before the node registers, so that the address it registers
     // takes connections from then on.
-    let http = serve::bind_http(config.listen).await?;
+    let http = serve::bind_http(config.listen, config.listen_backlog)?;
     let push = match args.has(Role::Push) {
         true => Some(Arc::new(PushProviders::from_config(&config.push)?)),
         false => None,

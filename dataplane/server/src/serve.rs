@@ -212,15 +212,29 @@ pub struct Cluster {
 pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     config.validate()?;
     let store = open_store(&config).await?;
-    let listener = bind_http(config.listen).await?;
+    let listener = bind_http(config.listen, config.listen_backlog)?;
     run_client_roles(config, store, listener, None).await
 }
 
-/// The listener of the node's HTTP port (`--listen`: the client port, or a node's probes).
-pub async fn bind_http(listen: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("listening on {listen}"))
+/// The listener of the node's HTTP port (`--listen`: the client port, or a node's probes),
+/// with room for `backlog` connections not yet accepted: after a gateway restarts, its devices
+/// all reconnect at once, and a handshake the kernel drops is retried only after a second.
+pub fn bind_http(
+    listen: std::net::SocketAddr,
+    backlog: u32,
+) -> anyhow::Result<tokio::net::TcpListener> {
+    let bind = || {
+        let socket = match listen {
+            std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        // As `TcpListener::bind` does: a restarted node binds while its old connections wait
+        // out TIME_WAIT.
+        socket.set_reuseaddr(true)?;
+        socket.bind(listen)?;
+        socket.listen(backlog)
+    };
+    bind().with_context(|| format!("listening on {listen}"))
 }
 
 /// Runs the client roles (gateway, and unless `cluster` says otherwise chat, media, fanout and
