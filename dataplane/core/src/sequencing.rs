@@ -2,7 +2,7 @@
 //! the sequencer tells those who tail its outbox after each commit ([`CommitListener`]). The
 //! in-process binding is `courier_sequencer::LocalSequencer`.
 
-use courier_store::{Append, AppendOutcome, AppendRefused, StoreError};
+use courier_store::{Append, AppendOutcome, AppendRefused, ListedEntry, StoreError};
 use futures::future::BoxFuture;
 use std::sync::Arc;
 
@@ -49,7 +49,15 @@ pub trait Sequencer: Send + Sync + 'static {
 
 /// Told after each commit which shard's outbox grew (fanout, in-process).
 pub trait CommitListener: Send + Sync + 'static {
+    /// `events` new entries in `shard`'s outbox that nobody lists: committed by another node,
+    /// or by a commit whose outcome was unknown for a while (then possibly none).
     fn committed(&self, shard: u32, events: usize);
+
+    /// The entries a commit of this process added to `shard`'s outbox, in key order: a shard's
+    /// commits are told in their order. By default only their count is taken.
+    fn committed_entries(&self, shard: u32, entries: &[ListedEntry]) {
+        self.committed(shard, entries.len());
+    }
 }
 
 /// Several listeners told of every commit, in order.
@@ -59,6 +67,12 @@ impl CommitListener for Listeners {
     fn committed(&self, shard: u32, events: usize) {
         for listener in &self.0 {
             listener.committed(shard, events);
+        }
+    }
+
+    fn committed_entries(&self, shard: u32, entries: &[ListedEntry]) {
+        for listener in &self.0 {
+            listener.committed_entries(shard, entries);
         }
     }
 }

@@ -19,6 +19,14 @@
 //! ([`Fanout::committed`], in-process, or over gRPC from another node); on a cluster node every
 //! round also looks at every owned shard, so a lost notice delays a delivery by at most a round.
 //!
+//! **Tails.** In one process the sequencer lists the entries each commit added
+//! ([`CommitListener::committed_entries`]: keys and events), and a shard whose outbox a drain
+//! has read to its end keeps them, so that the next drains take them without reading them back
+//! ([`Tail`]). Entries of a commit nobody lists (an unknown outcome) drop the tail, and so do a
+//! failed drain and a restarted worker: the next drain reads the outbox. Tails hold at most
+//! [`TAILS_MAX_BYTES`] of events together; a tail that would pass it is dropped. A cluster node,
+//! whose outboxes other nodes also write, keeps none.
+//!
 //! Shards are split over a fixed number of workers (`shard % workers`), so one shard is
 //! always drained by one worker, in order. Recipients come from the [`MembershipCache`], kept
 //! in step with each conversation's order. The events of one outbox page go to the gateways as
@@ -74,10 +82,12 @@ use courier_core::sequencing::CommitListener;
 use courier_core::shard_cursors::ShardCursors;
 use courier_proto::Event;
 use courier_store::ownership::Duty;
-use courier_store::{DeliveredBound, MessageStore, ShardLease, StoreError, bound_after};
+use courier_store::{
+    DeliveredBound, ListedEntry, MessageStore, OutboxEntry, ShardLease, StoreError, bound_after,
+};
 use foldhash::{HashMap, HashMapExt};
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{Notify, mpsc};
@@ -87,6 +97,10 @@ const LARGE_GROUP_QUEUE: usize = 1024;
 
 /// Outbox entries read per step of one shard.
 const OUTBOX_PAGE: usize = 256;
+
+/// Bytes of listed events kept across all shards' tails (as stored, encoded); past it, the
+/// tail that would grow beyond it is dropped and its shard's outbox read again.
+const TAILS_MAX_BYTES: usize = 16 << 20;
 
 /// Delivered outbox ranges waiting for the recorder before workers wait.
 const RECORD_QUEUE: usize = 4096;
@@ -166,6 +180,35 @@ struct OwnedShard {
     inherited: Option<Vec<u8>>,
     /// The order of the next range drained under `lease`.
     next_order: u64,
+    /// The entries this process's commits listed, kept for the next drain.
+    tail: Tail,
+}
+
+/// A shard's outbox entries as this process's sequencer listed them after its commits
+/// ([`CommitListener::committed_entries`]), so that a drain need not read them back. Kept from
+/// the moment a drain starts reading the outbox (entries committed before its read are in it,
+/// those committed after are listed here), and used once that drain read the outbox to its
+/// end. Entries below the shard's cursor were read from the outbox and are skipped. Anything
+/// else drops it (an unlisted commit, a failed drain, a restarted worker, the tails' bound),
+/// and the next drain reads the outbox.
+enum Tail {
+    /// Nothing kept: the next drain reads the outbox.
+    Off,
+    /// Kept since a drain began reading the outbox, not yet read to its end.
+    Filling(VecDeque<ListedEntry>),
+    /// With the outbox read to its end since it was kept, everything in it from the cursor.
+    Complete(VecDeque<ListedEntry>),
+}
+
+impl Tail {
+    fn bytes(&self) -> usize {
+        match self {
+            Tail::Off => 0,
+            Tail::Filling(entries) | Tail::Complete(entries) => {
+                entries.iter().map(|entry| entry.bytes).sum()
+            }
+        }
+    }
 }
 
 pub struct Fanout {
@@ -176,6 +219,11 @@ pub struct Fanout {
     workers: Vec<Worker>,
     backlog: AtomicI64,
     owned: Mutex<HashMap<u32, OwnedShard>>,
+    /// Bytes held in the owned shards' tails (changed under `owned`'s lock).
+    tail_bytes: AtomicUsize,
+    /// Whether shards keep tails: only where this process's sequencer lists every entry of
+    /// the outboxes fanout drains, or tells of the ones it cannot list (one process).
+    keeps_tails: bool,
     cursors: ShardCursors,
     large_group_threshold: usize,
     ownership: Ownership,
@@ -222,6 +270,8 @@ impl Fanout {
             workers,
             backlog: AtomicI64::new(0),
             owned: Mutex::default(),
+            tail_bytes: AtomicUsize::new(0),
+            keeps_tails: !config.look_at_every_shard_each_round,
             cursors: ShardCursors::default(),
             large_group_threshold: config.large_group_threshold,
             ownership: config.ownership,
@@ -257,6 +307,9 @@ impl Fanout {
                 async move {
                     for shard in fanout.owned_shards() {
                         if shard as usize % fanout.workers.len() == index {
+                            // A worker restarted after a panic may have taken entries from
+                            // the tail that it never handed off: read them again.
+                            fanout.drop_tail(shard);
                             fanout.mark(shard);
                         }
                     }
@@ -475,6 +528,7 @@ impl Fanout {
                 lease,
                 inherited,
                 next_order: 0,
+                tail: Tail::Off,
             };
             lock(&self.owned).insert(lease.shard, shard);
             self.metrics.fanout_owned_shards.inc();
@@ -484,8 +538,66 @@ impl Fanout {
     }
 
     fn forget(&self, shard: u32) {
-        if lock(&self.owned).remove(&shard).is_some() {
+        if let Some(owned) = lock(&self.owned).remove(&shard) {
+            self.tail_bytes
+                .fetch_sub(owned.tail.bytes(), Ordering::Relaxed);
             self.metrics.fanout_owned_shards.dec();
+        }
+    }
+
+    /// Drops `shard`'s tail: its next drain reads the outbox.
+    fn drop_tail(&self, shard: u32) {
+        if let Some(owned) = lock(&self.owned).get_mut(&shard) {
+            self.set_tail(owned, Tail::Off);
+        }
+    }
+
+    fn set_tail(&self, owned: &mut OwnedShard, tail: Tail) {
+        self.tail_bytes
+            .fetch_sub(owned.tail.bytes(), Ordering::Relaxed);
+        self.tail_bytes.fetch_add(tail.bytes(), Ordering::Relaxed);
+        owned.tail = tail;
+    }
+
+    /// The next entries of `shard` from `from` on, from its tail if complete (and whether it
+    /// holds more); `None` when the outbox must be read, its tail then kept from now on.
+    fn take_tail(&self, shard: u32, from: Option<&[u8]>) -> Option<(Vec<OutboxEntry>, bool)> {
+        let mut owned = lock(&self.owned);
+        let owned = owned.get_mut(&shard)?;
+        match &mut owned.tail {
+            Tail::Complete(entries) => {
+                // Read from the outbox before they were listed.
+                let delivered = entries
+                    .iter()
+                    .take_while(|entry| from.is_some_and(|from| entry.key.as_slice() < from))
+                    .count();
+                let mut freed: usize = entries.drain(..delivered).map(|entry| entry.bytes).sum();
+                let taken: Vec<OutboxEntry> = entries
+                    .drain(..entries.len().min(OUTBOX_PAGE))
+                    .map(|entry| {
+                        freed += entry.bytes;
+                        (entry.key, entry.event)
+                    })
+                    .collect();
+                self.tail_bytes.fetch_sub(freed, Ordering::Relaxed);
+                Some((taken, !entries.is_empty()))
+            }
+            Tail::Filling(_) => None,
+            Tail::Off => {
+                if self.keeps_tails {
+                    owned.tail = Tail::Filling(VecDeque::new());
+                }
+                None
+            }
+        }
+    }
+
+    /// `shard`'s outbox was read to its end since its tail was kept: the tail is complete.
+    fn complete_tail(&self, shard: u32) {
+        if let Some(owned) = lock(&self.owned).get_mut(&shard)
+            && let Tail::Filling(entries) = &mut owned.tail
+        {
+            owned.tail = Tail::Complete(std::mem::take(entries));
         }
     }
 
@@ -503,6 +615,8 @@ impl Fanout {
                 Some(shard) => {
                     if let Err(e) = self.drain(shard, handoffs).await {
                         tracing::error!(shard, error = %e, "fanout failed; retrying");
+                        // What it had taken from the tail is read again from the outbox.
+                        self.drop_tail(shard);
                         tokio::time::sleep(RETRY).await;
                         self.mark(shard);
                     }
@@ -518,14 +632,23 @@ impl Fanout {
     async fn drain(&self, shard: u32, handoffs: &Handoffs) -> Result<(), DeliveryError> {
         while let Some(lease) = self.lease_of(shard) {
             let from = self.cursors.get(shard);
-            let entries = self
-                .store
-                .outbox(shard, from.as_deref(), OUTBOX_PAGE)
-                .await?;
+            let (entries, more) = match self.take_tail(shard, from.as_deref()) {
+                Some(taken) => taken,
+                None => {
+                    let entries = self
+                        .store
+                        .outbox(shard, from.as_deref(), OUTBOX_PAGE)
+                        .await?;
+                    let more = entries.len() == OUTBOX_PAGE;
+                    if !more {
+                        self.complete_tail(shard);
+                    }
+                    (entries, more)
+                }
+            };
             let Some((last, _)) = entries.last() else {
                 return Ok(());
             };
-            let more = entries.len() == OUTBOX_PAGE;
             let bound = bound_after(last);
             let counted = match lock(&self.owned)
                 .get(&shard)
@@ -729,16 +852,42 @@ async fn record_bounds(store: &MessageStore, recorder: &mut Recorder, cancel: &C
     }
 }
 
-impl CommitListener for Fanout {
-    /// Counts and drains `events` new events of `shard` if this node drains it; any other
-    /// node's fanout finds them at its next round if nobody tells it.
-    fn committed(&self, shard: u32, events: usize) {
-        if !self.owns(shard) {
-            return;
+impl Fanout {
+    /// Counts and drains `events` new events of `shard` if this node drains it, after
+    /// `keep` did what it does with the shard's tail.
+    fn told(&self, shard: u32, events: usize, keep: impl FnOnce(&mut OwnedShard)) {
+        match lock(&self.owned).get_mut(&shard) {
+            Some(owned) => keep(owned),
+            None => return,
         }
         let now = self.backlog.fetch_add(events as i64, Ordering::Relaxed) + events as i64;
         self.metrics.fanout_backlog.set(now.max(0));
         self.mark(shard);
+    }
+}
+
+impl CommitListener for Fanout {
+    /// Counts and drains `events` new events of `shard` if this node drains it, from its
+    /// outbox (they are not listed); any other node's fanout finds them at its next round if
+    /// nobody tells it.
+    fn committed(&self, shard: u32, events: usize) {
+        self.told(shard, events, |owned| self.set_tail(owned, Tail::Off));
+    }
+
+    /// As `committed`, keeping the entries in the shard's tail if it has one.
+    fn committed_entries(&self, shard: u32, entries: &[ListedEntry]) {
+        self.told(shard, entries.len(), |owned| match &mut owned.tail {
+            Tail::Off => {}
+            Tail::Filling(kept) | Tail::Complete(kept) => {
+                let bytes: usize = entries.iter().map(|entry| entry.bytes).sum();
+                if self.tail_bytes.load(Ordering::Relaxed) + bytes > TAILS_MAX_BYTES {
+                    self.set_tail(owned, Tail::Off);
+                } else {
+                    kept.extend(entries.iter().cloned());
+                    self.tail_bytes.fetch_add(bytes, Ordering::Relaxed);
+                }
+            }
+        });
     }
 }
 
@@ -1108,6 +1257,103 @@ mod tests {
             assert!(Instant::now() < deadline, "the outbox was not drained");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+    }
+
+    /// In one process, once a drain read a shard's outbox to its end, the entries its
+    /// sequencer lists after each commit reach the gateways without being read back; entries
+    /// told of without a list (another writer, an unknown outcome) or past the tails' bound are
+    /// read from the outbox, and nothing is skipped or delivered out of order either way.
+    #[tokio::test]
+    async fn listed_entries_are_delivered_without_reading_the_outbox_back() {
+        let engine = courier_store::faulty_engine::FaultyEngine::new();
+        let store = engine.store(4).await;
+        let shard = store.shard_of("d:1");
+        let lease = store
+            .acquire_shards(Duty::Sequencing, "s", &[shard], usize::MAX, 0, u64::MAX)
+            .await
+            .unwrap()[0];
+        let mut heads = HeadCache::default();
+        store
+            .append(lease, &mut heads, &[message("a")])
+            .await
+            .unwrap();
+        let gateways = FlakyGateways::new(&store, 0, 0);
+        let context = Context {
+            store: store.clone(),
+            gateways: gateways.clone(),
+            membership: Arc::new(MembershipCache::new(store.clone())),
+            metrics: Arc::new(Metrics::new()),
+        };
+        let one_process = FanoutConfig {
+            look_at_every_shard_each_round: false,
+            ..config("local", 1000)
+        };
+        let fanout = Fanout::new(context, one_process).await.unwrap();
+        let loops = BackgroundLoops::new();
+        fanout.start(&loops);
+        let taken = |n: usize| {
+            let gateways = gateways.clone();
+            async move {
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while lock(&gateways.taken).len() < n {
+                    assert!(Instant::now() < deadline, "not delivered");
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        };
+        let outbox = store.keys().outbox(shard);
+        let outbox_reads = || {
+            engine
+                .take_ranges_read()
+                .into_iter()
+                .filter(|read| outbox.contains(&read.start))
+                .count()
+        };
+        taken(1).await;
+        assert!(outbox_reads() > 0, "what was there before is read");
+
+        for id in ["b", "c"] {
+            let appended = store
+                .append_listed(lease, &mut heads, &[message(id)])
+                .await
+                .unwrap();
+            fanout.committed_entries(shard, &appended.outbox.unwrap());
+        }
+        taken(3).await;
+        assert_eq!(outbox_reads(), 0, "listed entries are not read back");
+
+        // Told of without a list: read from the outbox, then listed ones are taken again.
+        store
+            .append(lease, &mut heads, &[message("d")])
+            .await
+            .unwrap();
+        fanout.committed(shard, 0);
+        taken(4).await;
+        assert!(outbox_reads() > 0);
+        let appended = store
+            .append_listed(lease, &mut heads, &[message("e")])
+            .await
+            .unwrap();
+        fanout.committed_entries(shard, &appended.outbox.unwrap());
+        taken(5).await;
+        assert_eq!(outbox_reads(), 0);
+
+        // A listing that would take the tails past their bound drops the shard's tail.
+        let mut listed = store
+            .append_listed(lease, &mut heads, &[message("f")])
+            .await
+            .unwrap()
+            .outbox
+            .unwrap();
+        listed[0].bytes = TAILS_MAX_BYTES + 1;
+        fanout.committed_entries(shard, &listed);
+        taken(6).await;
+        assert!(outbox_reads() > 0, "read from the outbox instead");
+        assert_eq!(fanout.tail_bytes.load(Ordering::Relaxed), 0);
+
+        let events = store.events("d:1", 0, 10).await.unwrap();
+        let in_order: Vec<String> = events.into_iter().map(|e| e.server_msg_id).collect();
+        assert_eq!(*lock(&gateways.taken), in_order);
     }
 
     #[tokio::test]

@@ -42,7 +42,9 @@ use courier_core::sequencing::{
 };
 use courier_proto::{EventPayload, ids};
 use courier_store::ownership::Duty;
-use courier_store::{Append, AppendOutcome, HeadCache, MessageStore, ShardLease, StoreError};
+use courier_store::{
+    Append, AppendOutcome, Appended, HeadCache, MessageStore, ShardLease, StoreError,
+};
 use futures::future::BoxFuture;
 use outbox_lag::{DEFAULT_OUTBOX_LAG_LIMIT, OUTBOX_LAG_ROUND, OutboxWatch};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering as AtomicOrdering};
@@ -655,7 +657,7 @@ impl ShardActor {
             let started = std::time::Instant::now();
             let result = self
                 .store
-                .append(self.lease, &mut self.heads, &appends)
+                .append_listed(self.lease, &mut self.heads, &appends)
                 .await;
             self.metrics
                 .stages
@@ -668,7 +670,7 @@ impl ShardActor {
                     parts.push(second);
                     parts.push(part);
                 }
-                Ok(results) => {
+                Ok(Appended { results, outbox }) => {
                     let new = results
                         .iter()
                         .filter(|r| r.as_ref().is_ok_and(|o| !o.duplicate))
@@ -685,7 +687,10 @@ impl ShardActor {
                         .inc_by(new as u64);
                     if new > 0 {
                         self.outbox.committed(shard);
-                        self.listener.committed(shard, new);
+                        match outbox {
+                            Some(entries) => self.listener.committed_entries(shard, &entries),
+                            None => self.listener.committed(shard, new),
+                        }
                     }
                 }
                 Err(StoreError::FenceChanged { .. }) => {
@@ -701,6 +706,11 @@ impl ShardActor {
                 }
                 Err(e) => {
                     tracing::error!(shard, error = %e, "append batch failed");
+                    if matches!(e, StoreError::MaybeCommitted) {
+                        // Its entries may be in the outbox all the same, listed nowhere.
+                        self.outbox.committed(shard);
+                        self.listener.committed(shard, 0);
+                    }
                     for request in part {
                         let _ = request.reply.send(Err(SequencerError::Store(e.clone())));
                     }
@@ -1131,6 +1141,83 @@ mod tests {
         )
         .await
         .unwrap()
+    }
+
+    /// What a listener was told: the keys and seqs of the entries listed, or a count.
+    #[derive(Debug, PartialEq)]
+    enum Told {
+        Listed(u32, Vec<(Vec<u8>, u64)>),
+        Count(u32, usize),
+    }
+
+    #[derive(Default)]
+    struct Recorded(std::sync::Mutex<Vec<Told>>);
+
+    impl Recorded {
+        fn take(&self) -> Vec<Told> {
+            std::mem::take(&mut *self.0.lock().unwrap())
+        }
+    }
+
+    impl CommitListener for Recorded {
+        fn committed(&self, shard: u32, events: usize) {
+            self.0.lock().unwrap().push(Told::Count(shard, events));
+        }
+
+        fn committed_entries(&self, shard: u32, entries: &[courier_store::ListedEntry]) {
+            let listed = entries
+                .iter()
+                .map(|e| (e.key.clone(), e.event.seq))
+                .collect();
+            self.0.lock().unwrap().push(Told::Listed(shard, listed));
+        }
+    }
+
+    /// A commit lists its outbox entries, under the keys the store holds them at; a commit
+    /// whose outcome was unknown for a while may have left entries no one lists, and its
+    /// listener is told so without a list, whether a retry then succeeded or not.
+    #[tokio::test]
+    async fn listeners_get_each_commits_entries_and_no_list_after_an_unknown_outcome() {
+        let engine = FaultyEngine::new();
+        let store = engine.store(4).await;
+        let told = Arc::new(Recorded::default());
+        let sequencer = LocalSequencer::start(
+            store.clone(),
+            node("n1", Duration::from_secs(10)),
+            SequencerLimits::default(),
+            told.clone(),
+            Arc::new(Metrics::new()),
+        )
+        .await
+        .unwrap();
+        let shard = store.shard_of("d:1");
+        let outbox_from = |after: usize| {
+            let store = store.clone();
+            async move {
+                let entries = store.outbox(shard, None, 100).await.unwrap();
+                entries[after..]
+                    .iter()
+                    .map(|(key, event)| (key.clone(), event.seq))
+                    .collect::<Vec<_>>()
+            }
+        };
+
+        assert_eq!(seq_of(&sequencer, "m1").await.unwrap(), 1);
+        assert_eq!(told.take(), [Told::Listed(shard, outbox_from(0).await)]);
+
+        // The first attempt's outcome is unknown, the store's retry commits.
+        let failed_once = std::sync::atomic::AtomicBool::new(false);
+        engine.set_fault(Some(Box::new(move |_| {
+            (!failed_once.swap(true, AtomicOrdering::Relaxed)).then_some(StoreError::MaybeCommitted)
+        })));
+        assert_eq!(seq_of(&sequencer, "m2").await.unwrap(), 2);
+        assert_eq!(told.take(), [Told::Count(shard, 1)]);
+        assert_eq!(outbox_from(1).await.len(), 1);
+
+        // Unknown to the last attempt: the client gets an error, the listener a notice.
+        engine.set_fault(Some(Box::new(|_| Some(StoreError::MaybeCommitted))));
+        assert!(seq_of(&sequencer, "m3").await.is_err());
+        assert_eq!(told.take(), [Told::Count(shard, 0)]);
     }
 
     #[tokio::test]

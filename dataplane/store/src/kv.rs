@@ -9,6 +9,22 @@ use std::ops::Range;
 /// exactly as FoundationDB's transaction versionstamp.
 pub type CommitStamp = [u8; 10];
 
+/// The key a [`Mutation::SetVersionstampedKey`] of `key` is stored under once committed with
+/// `stamp`: the stamp written at the offset named by the key's last four bytes, and those
+/// bytes dropped.
+pub fn complete_versionstamped_key(key: &[u8], stamp: &CommitStamp) -> Result<Vec<u8>, StoreError> {
+    let invalid = || StoreError::TooLarge("versionstamped key without a valid offset".into());
+    let split = key.len().checked_sub(4).ok_or_else(invalid)?;
+    let (body, offset) = key.split_at(split);
+    let offset = u32::from_le_bytes(offset.try_into().map_err(|_| invalid())?) as usize;
+    if offset + stamp.len() > body.len() {
+        return Err(invalid());
+    }
+    let mut out = body.to_vec();
+    out[offset..offset + stamp.len()].copy_from_slice(stamp);
+    Ok(out)
+}
+
 /// A key and its value.
 pub type KeyValue = (Vec<u8>, Vec<u8>);
 

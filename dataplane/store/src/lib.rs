@@ -39,9 +39,9 @@ pub use keys::{Keys, Placement, ReceiptKind};
 pub use kv::{Batch, CommitStamp, KvEngine, StoreError};
 pub use membership::{MemberRecord, UserConversation, Visibility};
 pub use message_store::{
-    AckBounds, Append, AppendKey, AppendOutcome, AppendRefused, AppendResult, ConversationRecord,
-    DeliveredBound, DeviceRecord, HeadCache, MediaAdmission, MediaRecord, MessageStore,
-    NewConversation, PUSH_EXPANSION_BYTES, PendingPush, PushedBound, ReadBounds, ShardLease,
-    bound_after,
+    AckBounds, Append, AppendKey, AppendOutcome, AppendRefused, AppendResult, Appended,
+    ConversationRecord, DeliveredBound, DeviceRecord, HeadCache, ListedEntry, MediaAdmission,
+    MediaRecord, MessageStore, NewConversation, OutboxEntry, PUSH_EXPANSION_BYTES, PendingPush,
+    PushedBound, ReadBounds, ShardLease, bound_after,
 };
 pub use partitions::{PartitionStore, PartitionTable, TableError};

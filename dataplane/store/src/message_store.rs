@@ -2,7 +2,10 @@
 //! (dense per-conversation seq, idempotency, outbox), reads, cursors and receipts.
 
 use crate::keys::{Keys, ReceiptKind, stable_hash};
-use crate::kv::{Batch, BatchLimits, KeyValue, KvEngine, Mutation, StoreError, decode_u64};
+use crate::kv::{
+    Batch, BatchLimits, KeyValue, KvEngine, Mutation, StoreError, complete_versionstamped_key,
+    decode_u64,
+};
 use crate::membership::{MemberRecord, UserConversation, encode_left_seq};
 use crate::ownership::Duty;
 use crate::partitions::{PartitionTable, PartitionedEngine};
@@ -328,6 +331,28 @@ pub enum AppendRefused {
 /// Per append: its outcome, or why it was refused.
 pub type AppendResult = Result<AppendOutcome, AppendRefused>;
 
+/// An entry of a shard's outbox: its key and its event.
+pub type OutboxEntry = (Vec<u8>, Event);
+
+/// An entry a commit added to a shard's outbox, as the committer lists it.
+#[derive(Debug, Clone)]
+pub struct ListedEntry {
+    pub key: Vec<u8>,
+    pub event: Event,
+    /// The bytes of its stored value (the encoded event).
+    pub bytes: usize,
+}
+
+/// What [`MessageStore::append_listed`] committed.
+#[derive(Debug)]
+pub struct Appended {
+    /// One result per append, in their order.
+    pub results: Vec<AppendResult>,
+    /// The entries the commit added to the shard's outbox, in key order; `None` when an
+    /// attempt whose outcome was unknown had landed, so that entries it wrote are not listed.
+    pub outbox: Option<Vec<ListedEntry>>,
+}
+
 /// What became of one append.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AppendOutcome {
@@ -635,13 +660,26 @@ impl MessageStore {
         heads: &mut HeadCache,
         appends: &[Append],
     ) -> Result<Vec<AppendResult>, StoreError> {
+        Ok(self.append_listed(lease, heads, appends).await?.results)
+    }
+
+    /// [`MessageStore::append`], listing the entries its commit added to the shard's outbox
+    /// (for a fanout in the same process, which then need not read them back).
+    pub async fn append_listed(
+        &self,
+        lease: ShardLease,
+        heads: &mut HeadCache,
+        appends: &[Append],
+    ) -> Result<Appended, StoreError> {
         let ts_ms = now_ms();
         let ids: Vec<String> = appends.iter().map(|_| new_server_msg_id(ts_ms)).collect();
         let mut attempt = 0;
+        let mut unknown_outcome = false;
         loop {
             attempt += 1;
             match self.try_append(lease, heads, appends, &ids, ts_ms).await {
                 Err(StoreError::MaybeCommitted) if attempt < MAX_COMMIT_ATTEMPTS => {
+                    unknown_outcome = true;
                     // The heads may or may not have moved: read them again, and let the
                     // idempotency keys tell which appends landed.
                     for a in appends {
@@ -659,7 +697,13 @@ impl MessageStore {
                     }
                     return Err(e);
                 }
-                ok => return ok,
+                Ok((results, outbox)) => {
+                    return Ok(Appended {
+                        results,
+                        // An attempt that landed unknown to us wrote entries not listed here.
+                        outbox: (!unknown_outcome).then_some(outbox),
+                    });
+                }
             }
         }
     }
@@ -682,8 +726,10 @@ impl MessageStore {
         appends: &[Append],
         server_msg_ids: &[String],
         ts_ms: u64,
-    ) -> Result<Vec<AppendResult>, StoreError> {
+    ) -> Result<(Vec<AppendResult>, Vec<ListedEntry>), StoreError> {
         let mut batch = Batch::new();
+        // The outbox entries written, each under its key before the commit's stamp.
+        let mut outbox = Vec::new();
         batch.fence(
             self.keys.shard_epoch(Duty::Sequencing, lease.shard),
             Some(lease.epoch.to_le_bytes().to_vec()),
@@ -746,10 +792,15 @@ impl MessageStore {
                 ts_ms,
                 payload,
             };
-            let encoded = pb::Event::from(event).encode_to_vec();
+            let encoded = pb::Event::from(event.clone()).encode_to_vec();
             batch.set(self.keys.event(conv, seq), encoded.clone());
-            batch
-                .set_versionstamped_key(self.keys.outbox_entry(lease.shard, outbox_order), encoded);
+            let key = self.keys.outbox_entry(lease.shard, outbox_order);
+            outbox.push(ListedEntry {
+                key: key.clone(),
+                event,
+                bytes: encoded.len(),
+            });
+            batch.set_versionstamped_key(key, encoded);
             outbox_order = outbox_order.wrapping_add(1);
             let record = IdempotencyRecord {
                 seq,
@@ -769,15 +820,19 @@ impl MessageStore {
             batch.set(self.keys.head(conv), head.to_le_bytes().to_vec());
         }
         if !batch.is_empty() {
-            self.kv.commit(batch).await?;
+            let stamp = self.kv.commit(batch).await?;
+            for entry in &mut outbox {
+                entry.key = complete_versionstamped_key(&entry.key, &stamp)?;
+            }
         }
         for (conv, head) in new_heads {
             heads.insert(conv, head);
         }
-        results
+        let results = results
             .into_iter()
             .map(|o| o.ok_or_else(|| StoreError::Engine("append without outcome".into())))
-            .collect()
+            .collect::<Result<_, _>>()?;
+        Ok((results, outbox))
     }
 
     /// Reads at once what a batch of appends decides on (one call to a store node): each
@@ -1866,7 +1921,7 @@ impl MessageStore {
         shard: u32,
         from: Option<&[u8]>,
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Event)>, StoreError> {
+    ) -> Result<Vec<OutboxEntry>, StoreError> {
         let rows = self
             .kv
             .range(queue_from(self.keys.outbox(shard), from), limit, false)
