@@ -1201,13 +1201,18 @@ mod tests {
         );
     }
 
+    /// `shard`'s sequencing lease, taken by a test writer.
+    async fn sequencing_lease(store: &MessageStore, shard: u32) -> ShardLease {
+        store
+            .acquire_shards(Duty::Sequencing, "s", &[shard], usize::MAX, 0, u64::MAX)
+            .await
+            .unwrap()[0]
+    }
+
     /// A message of "d:1" appended before fanout starts, and its shard.
     async fn one_message_waiting(store: &MessageStore) -> u32 {
         let shard = store.shard_of("d:1");
-        let lease = store
-            .acquire_shards(Duty::Sequencing, "s", &[shard], usize::MAX, 0, u64::MAX)
-            .await
-            .unwrap()[0];
+        let lease = sequencing_lease(store, shard).await;
         store
             .append(lease, &mut HeadCache::default(), &[message("a")])
             .await
@@ -1268,10 +1273,7 @@ mod tests {
         let engine = courier_store::faulty_engine::FaultyEngine::new();
         let store = engine.store(4).await;
         let shard = store.shard_of("d:1");
-        let lease = store
-            .acquire_shards(Duty::Sequencing, "s", &[shard], usize::MAX, 0, u64::MAX)
-            .await
-            .unwrap()[0];
+        let lease = sequencing_lease(&store, shard).await;
         let mut heads = HeadCache::default();
         store
             .append(lease, &mut heads, &[message("a")])
@@ -1361,10 +1363,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = store(&dir, 4).await;
         let shard = store.shard_of("d:1");
-        let lease = store
-            .acquire_shards(Duty::Sequencing, "test", &[shard], usize::MAX, 0, u64::MAX)
-            .await
-            .unwrap()[0];
+        let lease = sequencing_lease(&store, shard).await;
         let mut heads = HeadCache::default();
         // Committed by a process that crashed before fanning them out.
         let left = [message("a"), message("b"), message("c")];
