@@ -410,11 +410,6 @@ impl Fanout {
         self.give_back_beyond(0).await
     }
 
-    /// Whether this node drains `shard`'s outbox now.
-    pub fn owns(&self, shard: u32) -> bool {
-        lock(&self.owned).contains_key(&shard)
-    }
-
     /// The shards whose outboxes this node drains, in order.
     pub fn owned_shards(&self) -> Vec<u32> {
         let mut shards: Vec<u32> = lock(&self.owned).keys().copied().collect();
