@@ -108,6 +108,21 @@ async fn listen_backlog_sets_the_client_ports_backlog_up_to_the_kernels_cap() {
     }
 }
 
+/// The server turns transparent huge pages off for itself (a huge page's first write zeroes
+/// 2 MiB on the writing thread, the store's writer among them): the kernel reports it in the
+/// process's status.
+#[tokio::test]
+async fn the_server_runs_without_transparent_huge_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_in(dir.path(), &[]);
+    let status = server.proc_status();
+    let thp = status
+        .lines()
+        .find_map(|line| line.strip_prefix("THP_enabled:"))
+        .expect("Linux 5.0 or later reports THP_enabled");
+    assert_eq!(thp.trim(), "0", "{status}");
+}
+
 /// `--ordering-threads` runs ordering and delivery on a runtime of their own (`/metrics` says
 /// how many threads); with 0 they share the connections' runtime, and messages flow either
 /// way.

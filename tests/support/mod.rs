@@ -155,6 +155,11 @@ impl Server {
         HttpApi::new(&self.http_url(), &self.token(user, device))
     }
 
+    /// The server's `/proc/<pid>/status`.
+    pub fn proc_status(&self) -> String {
+        std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).expect("proc status")
+    }
+
     /// SIGKILL: no chance to flush or drain.
     pub fn kill9(&mut self) {
         self.child.kill().expect("kill");

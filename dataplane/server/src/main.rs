@@ -113,6 +113,7 @@ enum Command {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let json = init_logging(cli.log_format);
+    without_transparent_huge_pages();
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if let Some(workers) = cli.worker_threads {
         runtime.worker_threads(workers.get());
@@ -132,6 +133,18 @@ fn main() -> std::process::ExitCode {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// Turns transparent huge pages off for this process: the first write to a huge page makes
+/// the kernel zero 2 MiB on the writing thread (~80 us here), and when that thread is the
+/// embedded store's writer, every commit queued behind it waits. mimalloc asks for huge pages
+/// where the kernel's policy is `madvise`, the common default; with them, send-ACK p99 at
+/// 5,000 msgs/s was 54-56 ms, without them 10-12 ms, at the same CPU (`docs/benchmarks.md`,
+/// "Huge pages and the writer's tail").
+fn without_transparent_huge_pages() {
+    if let Err(e) = rustix::thread::disable_transparent_huge_pages(true) {
+        tracing::warn!(error = %e, "could not turn transparent huge pages off for this process");
     }
 }
 
