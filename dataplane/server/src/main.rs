@@ -137,11 +137,12 @@ fn main() -> std::process::ExitCode {
 }
 
 /// Turns transparent huge pages off for this process: the first write to a huge page makes
-/// the kernel zero 2 MiB on the writing thread (~80 us here), and when that thread is the
-/// embedded store's writer, every commit queued behind it waits. mimalloc asks for huge pages
-/// where the kernel's policy is `madvise`, the common default; with them, send-ACK p99 at
-/// 5,000 msgs/s was 54-56 ms, without them 10-12 ms, at the same CPU (`docs/benchmarks.md`,
-/// "Huge pages and the writer's tail").
+/// the kernel zero 2 MiB on the writing thread (milliseconds on a virtual machine whose host
+/// backs fresh memory as it is first written), and when that thread is the embedded store's
+/// writer, every commit queued behind it waits. mimalloc asks for huge pages where the
+/// kernel's policy is `madvise`, the common default; with them, send-ACK p99 at 5,000 msgs/s
+/// was 41-56 ms, without them 10-14 ms, at the same CPU (`docs/benchmarks.md`, "Huge pages
+/// and the writer's tail").
 fn without_transparent_huge_pages() {
     if let Err(e) = rustix::thread::disable_transparent_huge_pages(true) {
         tracing::warn!(error = %e, "could not turn transparent huge pages off for this process");
