@@ -299,9 +299,8 @@ impl Connection {
         deliveries: flume::Receiver<Delivery>,
     ) -> impl Future<Output = ()> + Send {
         async move {
-            let gateway = self.gateway.clone();
             // One call of `run`, after the route's write: the task holds one `run` future.
-            let exit = if gateway.add_route(&self.who.user, &handle).await {
+            let exit = if self.gateway.add_route(&self.who.user, &handle).await {
                 self.run(&deliveries, &handle).await
             } else {
                 Exit::Close(close_code::ERROR, "storage error; reconnect")
@@ -317,24 +316,31 @@ impl Connection {
                 let queued = std::mem::take(&mut self.queued_acks);
                 let _ = tokio::time::timeout(LAST_ACK_WAIT, self.commit_acks(queued)).await;
             }
-            let who = self.who.clone();
-            drop(self);
-            if let Err(e) = record_seen(&gateway.store, &who).await {
-                tracing::warn!(user = %who.user, device = %who.device, error = %e, "could not record device activity");
-            }
-            let user = &who.user;
-            if let Some(cluster) = &gateway.cluster_routes
-                && let Err(e) = cluster
-                    .store
-                    .remove_route(user, &handle.device, &cluster.node, handle.id)
-                    .await
-            {
-                tracing::warn!(user, error = %e, "could not clear the device's route; it is swept with this gateway's routes");
-            }
-            // Last: a draining server waits for its connections to leave the registry.
-            gateway.routes.unregister(user, handle.id);
-            gateway.metrics.connections.dec();
+            // Boxed: what leaving holds across its writes takes no room in every connection.
+            Box::pin(self.leave(handle)).await;
         }
+    }
+
+    /// Closes the socket, records the device's activity and clears its routes.
+    async fn leave(self, handle: ConnectionHandle) {
+        let gateway = self.gateway.clone();
+        let who = self.who.clone();
+        drop(self);
+        if let Err(e) = record_seen(&gateway.store, &who).await {
+            tracing::warn!(user = %who.user, device = %who.device, error = %e, "could not record device activity");
+        }
+        let user = &who.user;
+        if let Some(cluster) = &gateway.cluster_routes
+            && let Err(e) = cluster
+                .store
+                .remove_route(user, &handle.device, &cluster.node, handle.id)
+                .await
+        {
+            tracing::warn!(user, error = %e, "could not clear the device's route; it is swept with this gateway's routes");
+        }
+        // Last: a draining server waits for its connections to leave the registry.
+        gateway.routes.unregister(user, handle.id);
+        gateway.metrics.connections.dec();
     }
 
     async fn run(

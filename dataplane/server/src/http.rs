@@ -238,7 +238,15 @@ async fn websocket(
         .into_response();
     };
     let gateway = state.gateway.clone();
-    upgrade.on_upgrade(move |socket| gateway.serve(socket, who, encoding))
+    // The connection gets a task of its own and axum's upgrade task ends: run inside it, every
+    // connection would also hold what that task keeps for the upgrade. Boxed, as tokio aligns
+    // a task to 128 bytes, which the allocator pays with a block 128 bytes larger for a large
+    // task; a boxed connection has its plain size class (`docs/benchmarks.md`, "A connection's
+    // task, one size class down").
+    upgrade.on_upgrade(move |socket| {
+        tokio::spawn(Box::pin(gateway.serve(socket, who, encoding)));
+        std::future::ready(())
+    })
 }
 
 async fn conversations(
