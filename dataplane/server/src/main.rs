@@ -142,8 +142,9 @@ fn main() -> std::process::ExitCode {
 /// writer, every commit queued behind it waits. mimalloc asks for huge pages where the
 /// kernel's policy is `madvise`, the common default; with them, send-ACK p99 at 5,000 msgs/s
 /// was 41-56 ms, without them 10-14 ms, at the same CPU (`docs/benchmarks.md`, "Huge pages
-/// and the writer's tail").
+/// and the writer's tail"). Transparent huge pages are Linux's: elsewhere this does nothing.
 fn without_transparent_huge_pages() {
+    #[cfg(target_os = "linux")]
     if let Err(e) = rustix::thread::disable_transparent_huge_pages(true) {
         tracing::warn!(error = %e, "could not turn transparent huge pages off for this process");
     }
