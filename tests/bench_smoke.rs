@@ -100,6 +100,12 @@ fn throughput_delivers_and_receipts_every_message() {
     assert_eq!(counts["acked"], counts["delivered"]);
     assert_eq!(counts["acked"], counts["receipted"]);
     assert!(json["latencies_ms"]["delivery"]["count"].as_u64().unwrap() > 0);
+    let lateness = &json["latencies_ms"]["send_lateness"];
+    let written = lateness["count"].as_u64().unwrap();
+    assert!(
+        written > 0 && written <= counts["attempted"].as_u64().unwrap(),
+        "{json:#}"
+    );
 }
 
 #[test]

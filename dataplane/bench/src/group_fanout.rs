@@ -214,6 +214,7 @@ pub async fn run(common: &CommonArgs, args: GroupFanoutArgs) -> anyhow::Result<R
     );
     report.metric("drain_secs", drain_secs);
     report.latency("send_ack", &sent.send_ack);
+    report.latency("send_lateness", &sent.send_lateness);
     report.latency("delivery", &received.delivery);
     for (name, value) in [
         ("acked", sent.acked),

@@ -6,6 +6,13 @@
 //! its slot in the schedule, whether or not the sender was able to write it then, so a stalled
 //! server shows up in the percentiles instead of silently slowing the load (coordinated
 //! omission). In window pacing the intended time is the moment the window let it go.
+//!
+//! tokio's timers fire on the first millisecond tick at or after their deadline, so a sender
+//! waking on a message's slot would write it 0-1 ms late, a delay of the load generator's own
+//! making that no real client has. A sender therefore wakes one tick early and writes what falls
+//! due within that tick; a message written before its slot is measured from when it was written.
+//! How late each message left against its slot is reported as `send_lateness`: near zero
+//! unless the load generator is short of CPU or the server holds its writes back.
 
 use super::stats::{self, ErrorCounts, Latency, Live, Phase};
 use super::wire::{self, Incoming, Reader, Writer};
@@ -20,6 +27,8 @@ use tokio::sync::watch;
 const MAX_ATTEMPTS: u32 = 8;
 /// Frames written per wake-up before the sender looks at its socket again.
 const WRITE_BATCH: usize = 256;
+/// The resolution of tokio's timers: how early an open-loop sender wakes and may write.
+const TIMER_TICK: Duration = Duration::from_millis(1);
 
 /// Whom a message goes to.
 #[derive(Debug, Clone)]
@@ -84,6 +93,8 @@ pub struct AckedSend {
 #[derive(Default)]
 pub struct SenderOutcome {
     pub send_ack: Latency,
+    /// Open loop: how late each message was first written against its slot.
+    pub send_lateness: Latency,
     /// Intended send time to the delivered receipt covering the message.
     pub receipt: Latency,
     pub errors: ErrorCounts,
@@ -182,13 +193,15 @@ impl SenderState<'_> {
                     k
                 }
                 _ => match self.next_new(phase, now) {
-                    Some(due) if due <= now => {
+                    Some(due) => {
+                        let Some(intended) = departure(due, now) else {
+                            break;
+                        };
+                        if let Pace::OpenLoop { .. } = self.plan.pace {
+                            self.out.send_lateness.record_since(due, now);
+                        }
                         let k = self.next_k;
                         self.next_k += 1;
-                        let intended = match self.plan.pace {
-                            Pace::OpenLoop { .. } => due,
-                            Pace::Window(_) => now,
-                        };
                         self.in_flight.insert(
                             k,
                             Pending {
@@ -198,7 +211,7 @@ impl SenderState<'_> {
                         );
                         k
                     }
-                    _ => break,
+                    None => break,
                 },
             };
             let Some(pending) = self.in_flight.get_mut(&k) else {
@@ -336,7 +349,10 @@ pub async fn run_sender(
         }
         let now = Instant::now();
         let next_retry = state.retries.first().map(|&(due, _)| due);
-        let wake = match (state.next_new(current, now), next_retry) {
+        let next_new = state
+            .next_new(current, now)
+            .map(|due| due.checked_sub(TIMER_TICK).unwrap_or(due));
+        let wake = match (next_new, next_retry) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
@@ -372,6 +388,7 @@ impl SenderOutcome {
     /// Adds another sender's figures (not its acked list).
     pub fn merge(&mut self, other: &SenderOutcome) {
         self.send_ack.merge(&other.send_ack);
+        self.send_lateness.merge(&other.send_lateness);
         self.receipt.merge(&other.receipt);
         self.errors.merge(&other.errors);
         self.attempted += other.attempted;
@@ -381,6 +398,13 @@ impl SenderOutcome {
         self.receipted += other.receipted;
         self.unacked += other.unacked;
     }
+}
+
+/// Whether a new message due at `due` goes at `now` (its slot is at most [`TIMER_TICK`]
+/// ahead), and the instant its latencies count from: its slot, or when it was written if that
+/// was earlier.
+fn departure(due: Instant, now: Instant) -> Option<Instant> {
+    (due <= now + TIMER_TICK).then(|| due.min(now))
 }
 
 #[cfg(test)]
@@ -395,5 +419,30 @@ mod tests {
         let back = intended_time(&text).unwrap();
         assert!(back.max(t) - back.min(t) < Duration::from_micros(1));
         assert!(intended_time("hello").is_none());
+    }
+
+    #[test]
+    fn a_message_goes_within_a_timer_tick_of_its_slot_and_counts_from_its_departure() {
+        let now = Instant::now() + Duration::from_secs(1);
+        let late = now - Duration::from_micros(700);
+        assert_eq!(
+            departure(late, now),
+            Some(late),
+            "late: counted from its slot"
+        );
+        assert_eq!(departure(now, now), Some(now));
+        let early = now + Duration::from_micros(400);
+        assert_eq!(
+            departure(early, now),
+            Some(now),
+            "early: counted from its write"
+        );
+        assert_eq!(departure(now + TIMER_TICK, now), Some(now));
+        let ahead = now + TIMER_TICK + Duration::from_micros(1);
+        assert_eq!(
+            departure(ahead, now),
+            None,
+            "more than a tick ahead: it waits"
+        );
     }
 }

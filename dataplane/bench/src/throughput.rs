@@ -188,6 +188,7 @@ pub async fn run(common: &CommonArgs, args: ThroughputArgs) -> anyhow::Result<Re
     report.metric("receipted_msgs_per_sec", receipted_at_end as f64 / measured);
     report.metric("drain_secs", drain_secs);
     report.latency("send_ack", &sent.send_ack);
+    report.latency("send_lateness", &sent.send_lateness);
     report.latency("delivery", &received.delivery);
     report.latency("receipt", &sent.receipt);
     let unique_acked = sent.acked - sent.duplicates;
