@@ -71,6 +71,59 @@ async fn hello_sync_done_and_ping() {
     alice.ping().await.unwrap();
 }
 
+/// A frame the client writes together with its upgrade request reaches the server with the
+/// request; the connection reads it before its catch-up (to free hyper's request buffer) and
+/// answers it after, as any frame sent before `sync_done`.
+#[tokio::test]
+async fn a_frame_sent_with_the_upgrade_request_is_answered_after_the_catch_up() {
+    use futures::StreamExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+
+    let (_dir, server) = server();
+    let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let mut bytes = format!(
+        "GET /v1/ws HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+         Authorization: Bearer {}\r\n\r\n",
+        server.addr,
+        server.token("alice", "phone")
+    )
+    .into_bytes();
+    let mut ping = Frame::message(r#"{"type":"ping","ref":7}"#, OpCode::Data(Data::Text), true);
+    ping.header_mut().mask = Some([1, 2, 3, 4]);
+    ping.format(&mut bytes).unwrap();
+    stream.write_all(&bytes).await.unwrap();
+
+    // The response's head, byte by byte: the frames after it are the WebSocket's to read.
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.push(stream.read_u8().await.unwrap());
+    }
+    let head = String::from_utf8(head).unwrap();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let socket =
+        tokio_tungstenite::WebSocketStream::from_raw_socket(stream, Role::Client, None).await;
+    let frames = socket.take(3).map(|message| {
+        let frame: serde_json::Value =
+            serde_json::from_str(message.unwrap().to_text().unwrap()).unwrap();
+        (
+            frame["type"].as_str().unwrap().to_owned(),
+            frame["ref"].as_i64(),
+        )
+    });
+    let kinds: Vec<(String, Option<i64>)> = tokio::time::timeout(WAIT, frames.collect())
+        .await
+        .expect("hello, sync_done and the ping's answer in time");
+    let expected = [("hello", None), ("sync_done", None), ("pong", Some(7))];
+    let expected: Vec<(String, Option<i64>)> = expected
+        .map(|(kind, reference)| (kind.to_owned(), reference))
+        .into();
+    assert_eq!(kinds, expected);
+}
+
 #[tokio::test]
 async fn direct_message_reaches_the_peer_and_the_senders_other_devices_only() {
     let (_dir, server) = server();

@@ -348,6 +348,12 @@ impl Connection {
         deliveries: &flume::Receiver<Delivery>,
         handle: &ConnectionHandle,
     ) -> Exit {
+        // hyper hands the socket over with the upgrade request's read buffer (8-16 KiB), which
+        // it frees at the socket's first read. Read once now, so that a device does not hold
+        // it through its record and catch-up (in a reconnect storm, every device at once); a
+        // frame the client sent already is handled after the catch-up, as it would have been
+        // (boxed: rare, and not kept in every connection's future).
+        let early = self.socket.recv().now_or_never().map(Box::new);
         let hello = ServerFrame::Hello(Hello {
             user: self.who.user.clone(),
             device: self.who.device.clone(),
@@ -366,6 +372,15 @@ impl Connection {
             }
         }
         if let Err(exit) = Box::pin(self.catch_up(&BTreeMap::new())).await {
+            return exit;
+        }
+        let early = match early.map(|read| *read) {
+            None => Ok(()),
+            Some(Some(Ok(message))) => Box::pin(self.on_message(message)).await,
+            Some(Some(Err(e))) => Err(self.on_read_error(e)),
+            Some(None) => Err(Exit::ClientGone),
+        };
+        if let Err(exit) = early {
             return exit;
         }
         loop {
