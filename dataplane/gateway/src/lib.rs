@@ -374,13 +374,9 @@ impl Connection {
         if let Err(exit) = Box::pin(self.catch_up(&BTreeMap::new())).await {
             return exit;
         }
-        let early = match early.map(|read| *read) {
-            None => Ok(()),
-            Some(Some(Ok(message))) => Box::pin(self.on_message(message)).await,
-            Some(Some(Err(e))) => Err(self.on_read_error(e)),
-            Some(None) => Err(Exit::ClientGone),
-        };
-        if let Err(exit) = early {
+        if let Some(read) = early
+            && let Err(exit) = Box::pin(self.on_read(*read)).await
+        {
             return exit;
         }
         loop {
@@ -404,11 +400,7 @@ impl Connection {
                 _ = handle.signals.taken(Signal::Lagged) => {
                     Box::pin(self.refill(handle.signals.take_behind())).await
                 }
-                message = self.socket.recv(), if reading => match message {
-                    Some(Ok(message)) => Box::pin(self.on_message(message)).await,
-                    Some(Err(e)) => Err(self.on_read_error(e)),
-                    None => Err(Exit::ClientGone),
-                },
+                read = self.socket.recv(), if reading => Box::pin(self.on_read(read)).await,
             };
             if let Err(exit) = step {
                 return exit;
@@ -497,6 +489,15 @@ impl Connection {
             client_msg_id,
             retry_after_ms: e.retry_after_ms,
         })
+    }
+
+    /// What one read of the socket brought: a message, an error, or its end.
+    async fn on_read(&mut self, read: Option<Result<Message, axum::Error>>) -> Result<(), Exit> {
+        match read {
+            Some(Ok(message)) => self.on_message(message).await,
+            Some(Err(e)) => Err(self.on_read_error(e)),
+            None => Err(Exit::ClientGone),
+        }
     }
 
     fn on_read_error(&self, e: axum::Error) -> Exit {
