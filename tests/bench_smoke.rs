@@ -194,6 +194,26 @@ fn reconnect_storm_catches_up_every_pending_message() {
 }
 
 #[test]
+fn a_returning_devices_storm_catches_up_only_what_came_since_its_ack() {
+    let json = run_against_server(&[
+        "reconnect-storm",
+        "--devices",
+        "20",
+        "--pending",
+        "3",
+        "--senders",
+        "2",
+        "--returning",
+    ]);
+    assert_eq!(json["params"]["returning"], true);
+    assert_eq!(json["counts"]["synced"], 20);
+    // Each device acknowledged its first message before going offline: its catch-up holds
+    // the pending three, not the first one again.
+    assert_eq!(json["counts"]["events_received"], 60);
+    assert_eq!(json["counts"]["gaps"], 0);
+}
+
+#[test]
 fn group_fanout_reaches_every_member() {
     let json = run_against_server(&[
         "group-fanout",

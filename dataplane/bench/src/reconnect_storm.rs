@@ -1,13 +1,14 @@
 //! `reconnect-storm`: N devices, each with M messages sent to it while it was offline, all
 //! connect at once; how long until every device reached `sync_done` with its M events, and
-//! the per-device distribution.
+//! the per-device distribution. The devices are new, or with `--returning` were online once
+//! before (a reconnect after a gateway restart).
 
 use super::progress;
-use super::receiver::{ReceiverPlan, run_receiver};
+use super::receiver::{ReceiverOutcome, ReceiverPlan, run_receiver};
 use super::report::Report;
 use super::sender::{Pace, SenderOutcome, SenderPlan, Target, run_sender};
 use super::stats::{ErrorCounts, Latency, Live, Phase};
-use super::wire::{Gateways, connect_synced};
+use super::wire::{Gateways, Reader, Writer, connect_synced};
 use super::{CommonArgs, TokenMinter, run_id};
 use clap::Args;
 use futures::future::try_join_all;
@@ -32,6 +33,13 @@ pub struct ReconnectStormArgs {
     /// Spread connections over 127.0.0.1..127.0.0.K (loopback servers).
     #[arg(long, default_value_t = 4)]
     pub source_addrs: usize,
+    /// Devices that were online before, as after a gateway restart or a network drop: each
+    /// first gets one message, connects, acknowledges it and leaves, so that its device
+    /// record, conversation and cursor exist when the pending messages are sent. Without it,
+    /// every device connects for the first time (the harder case: each device's first
+    /// record is written, with an fsync, during the storm).
+    #[arg(long)]
+    pub returning: bool,
 }
 
 pub async fn run(common: &CommonArgs, args: ReconnectStormArgs) -> anyhow::Result<Report> {
@@ -39,99 +47,53 @@ pub async fn run(common: &CommonArgs, args: ReconnectStormArgs) -> anyhow::Resul
     let helpers = args.senders.clamp(1, args.devices);
     let gateways = Gateways::resolve(&common.url, common.protocol.encoding()).await?;
     let minter = TokenMinter::from_args(common)?;
-    let run = run_id();
+    let fleet = Fleet {
+        gateways: &gateways,
+        minter: &minter,
+        run: run_id(),
+        devices: args.devices,
+        helpers,
+        no_progress: common.no_progress,
+    };
     let mut report = Report::new("reconnect-storm", common);
     report.param("devices", args.devices);
     report.param("pending", args.pending);
     report.param("senders", helpers);
+    report.param("returning", args.returning);
+
+    // 0. With --returning, every device is online once: one message, read and acknowledged.
+    if args.returning {
+        fleet.send(1, args.window, "first").await?;
+        let online = fleet.connect(args.source_addrs, args.devices as u64).await;
+        let synced = online
+            .iter()
+            .filter(|device| matches!(device, Ok((outcome, ..)) if outcome.delivered == 1))
+            .count();
+        anyhow::ensure!(
+            synced == args.devices,
+            "only {synced} of {} devices were online once with their first message",
+            args.devices
+        );
+    }
 
     // 1. Pending messages, sent while the devices are offline.
-    let device_user = |i: usize| format!("b{run}c{i}");
-    let connections = try_join_all((0..helpers).map(|j| {
-        let (endpoint, minter) = (gateways.of(j), &minter);
-        let user = format!("b{run}h{j}");
-        async move { connect_synced(endpoint, &minter.token(&user, "d")?, None).await }
-    }))
-    .await?;
-    let live = Arc::new(Live::default());
-    let (_phase_tx, phase_rx) = watch::channel(Phase::Run);
-    let mut tasks = Vec::new();
-    for (j, (writer, reader)) in connections.into_iter().enumerate() {
-        let targets: Vec<Target> = (j..args.devices)
-            .step_by(helpers)
-            .map(|i| Target::User(device_user(i)))
-            .collect();
-        let plan = SenderPlan {
-            count: Some(targets.len() as u64 * args.pending),
-            targets,
-            pace: Pace::Window(args.window.max(1)),
-            max_in_flight: args.window.max(1),
-            body_bytes: 32,
-            track_receipts: false,
-            record_acked: false,
-        };
-        let task = run_sender(
-            writer,
-            reader,
-            gateways.encoding(),
-            plan,
-            live.clone(),
-            phase_rx.clone(),
-        );
-        tasks.push(tokio::spawn(task));
-    }
     let total = args.devices as u64 * args.pending;
-    let bar = progress::bar(total, "pending sent", common.no_progress);
     let presend_start = Instant::now();
-    while Live::get(&live.senders_done) < helpers as u64 {
-        bar.set_position(Live::get(&live.acked));
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    bar.finish_and_clear();
-    let mut sent = SenderOutcome::default();
-    for task in tasks {
-        sent.merge(&task.await?);
-    }
-    anyhow::ensure!(
-        sent.acked - sent.duplicates == total,
-        "could not send the pending messages: {} of {total} acknowledged (errors: {:?})",
-        sent.acked - sent.duplicates,
-        sent.errors.0
-    );
+    fleet.send(args.pending, args.window, "d").await?;
     report.metric(
         "presend_msgs_per_sec",
         total as f64 / presend_start.elapsed().as_secs_f64(),
     );
 
     // 2. The storm: every device connects at once and reads its catch-up.
-    let live = Arc::new(Live::default());
     let storm_start = Instant::now();
-    let mut devices = Vec::with_capacity(args.devices);
-    for i in 0..args.devices {
-        let (endpoint, live, phase) = (gateways.of(i).clone(), live.clone(), phase_rx.clone());
-        let token = minter.token(&device_user(i), "d")?;
-        let local = endpoint.source_addr(i, args.source_addrs);
-        devices.push(tokio::spawn(async move {
-            let (socket, _) = endpoint.connect(&token, local).await?;
-            let (writer, reader) = futures::StreamExt::split(socket);
-            let plan = ReceiverPlan {
-                ack: true,
-                ack_each_event: false,
-                until_sync_done: true,
-                redial: None,
-            };
-            anyhow::Ok(run_receiver(writer, reader, endpoint.encoding, plan, live, phase).await)
-        }));
-    }
-    let bar = progress::bar(total, "events", common.no_progress);
+    let storm = fleet.connect(args.source_addrs, total).await;
     let mut per_device = Latency::new();
     let mut errors = ErrorCounts::default();
     let (mut synced, mut received, mut lost, mut gaps, mut all_synced) = (0u64, 0, 0, 0, 0f64);
-    let mut open = Vec::with_capacity(args.devices);
-    for device in devices {
-        bar.set_position(Live::get(&live.delivered));
-        match device.await? {
-            Ok((outcome, writer, reader)) => {
+    for device in storm {
+        match device {
+            Ok((outcome, ..)) => {
                 if let Some(at) = outcome.sync_done_at {
                     let took = at.saturating_duration_since(storm_start);
                     per_device.record(took);
@@ -146,7 +108,6 @@ pub async fn run(common: &CommonArgs, args: ReconnectStormArgs) -> anyhow::Resul
                     errors.add("connection_lost");
                     tracing::debug!("device lost its connection: {why}");
                 }
-                open.push((writer, reader)); // held until every device is done
             }
             Err(e) => {
                 errors.add("connect");
@@ -155,8 +116,6 @@ pub async fn run(common: &CommonArgs, args: ReconnectStormArgs) -> anyhow::Resul
             }
         }
     }
-    bar.finish_and_clear();
-    drop(open);
 
     report.metric("all_synced_secs", all_synced);
     report.latency("time_to_sync_done", &per_device);
@@ -183,4 +142,121 @@ pub async fn run(common: &CommonArgs, args: ReconnectStormArgs) -> anyhow::Resul
         report.problem(format!("{gaps} seq gaps in catch-up"));
     }
     Ok(report)
+}
+
+/// The scenario's devices (one user each) and the helpers that write to them.
+struct Fleet<'a> {
+    gateways: &'a Gateways,
+    minter: &'a TokenMinter,
+    run: String,
+    devices: usize,
+    helpers: usize,
+    no_progress: bool,
+}
+
+impl Fleet<'_> {
+    fn device_user(&self, i: usize) -> String {
+        format!("b{}c{i}", self.run)
+    }
+
+    /// Sends `per_device` messages to every device, each device always from the same helper
+    /// user (so into the same direct conversation), and waits for every `sent`. Each sending
+    /// round uses helper devices of its own (`device`): client message ids are counted per
+    /// sender, and a round that reused another's device would send duplicates.
+    async fn send(&self, per_device: u64, window: usize, device: &str) -> anyhow::Result<()> {
+        let connections =
+            try_join_all(
+                (0..self.helpers).map(|j| {
+                    let endpoint = self.gateways.of(j);
+                    let user = format!("b{}h{j}", self.run);
+                    async move {
+                        connect_synced(endpoint, &self.minter.token(&user, device)?, None).await
+                    }
+                }),
+            )
+            .await?;
+        let live = Arc::new(Live::default());
+        let (_phase_tx, phase_rx) = watch::channel(Phase::Run);
+        let mut tasks = Vec::new();
+        for (j, (writer, reader)) in connections.into_iter().enumerate() {
+            let targets: Vec<Target> = (j..self.devices)
+                .step_by(self.helpers)
+                .map(|i| Target::User(self.device_user(i)))
+                .collect();
+            let plan = SenderPlan {
+                count: Some(targets.len() as u64 * per_device),
+                targets,
+                pace: Pace::Window(window.max(1)),
+                max_in_flight: window.max(1),
+                body_bytes: 32,
+                track_receipts: false,
+                record_acked: false,
+            };
+            let task = run_sender(
+                writer,
+                reader,
+                self.gateways.encoding(),
+                plan,
+                live.clone(),
+                phase_rx.clone(),
+            );
+            tasks.push(tokio::spawn(task));
+        }
+        let total = self.devices as u64 * per_device;
+        let bar = progress::bar(total, "sent", self.no_progress);
+        while Live::get(&live.senders_done) < self.helpers as u64 {
+            bar.set_position(Live::get(&live.acked));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bar.finish_and_clear();
+        let mut sent = SenderOutcome::default();
+        for task in tasks {
+            sent.merge(&task.await?);
+        }
+        anyhow::ensure!(
+            sent.acked - sent.duplicates == total,
+            "could not send the messages to the devices: {} of {total} acknowledged (errors: {:?})",
+            sent.acked - sent.duplicates,
+            sent.errors.0
+        );
+        Ok(())
+    }
+
+    /// Connects every device at once; each reads its catch-up to `sync_done` and
+    /// acknowledges it (progress: of `events` expected in all). Every connection is held
+    /// until all are done, then closed.
+    async fn connect(
+        &self,
+        source_addrs: usize,
+        events: u64,
+    ) -> Vec<anyhow::Result<(ReceiverOutcome, Writer, Reader)>> {
+        let live = Arc::new(Live::default());
+        let (_phase_tx, phase_rx) = watch::channel(Phase::Run);
+        let mut devices = Vec::with_capacity(self.devices);
+        for i in 0..self.devices {
+            let endpoint = self.gateways.of(i).clone();
+            let (live, phase) = (live.clone(), phase_rx.clone());
+            let token = self.minter.token(&self.device_user(i), "d");
+            let local = endpoint.source_addr(i, source_addrs);
+            devices.push(tokio::spawn(async move {
+                let (socket, _) = endpoint.connect(&token?, local).await?;
+                let (writer, reader) = futures::StreamExt::split(socket);
+                let plan = ReceiverPlan {
+                    ack: true,
+                    ack_each_event: false,
+                    until_sync_done: true,
+                    redial: None,
+                };
+                anyhow::Ok(run_receiver(writer, reader, endpoint.encoding, plan, live, phase).await)
+            }));
+        }
+        let bar = progress::bar(events, "events", self.no_progress);
+        let mut outcomes = Vec::with_capacity(self.devices);
+        for device in devices {
+            bar.set_position(Live::get(&live.delivered));
+            outcomes.push(device.await.unwrap_or_else(|e| Err(e.into())));
+        }
+        bar.finish_and_clear();
+        outcomes
+    }
 }
