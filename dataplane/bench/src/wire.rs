@@ -19,6 +19,27 @@ pub type Socket = WebSocketStream<TcpStream>;
 pub type Writer = SplitSink<Socket, Message>;
 pub type Reader = SplitStream<Socket>;
 
+/// Leaves the choice of a socket's source port to `connect` (Linux: `IP_BIND_ADDRESS_NO_PORT`),
+/// where the kernel picks one unique for the 4-tuple. A `bind` to an address with port 0
+/// otherwise reserves a port at once, searching every port bound to any address, those in
+/// TIME_WAIT from the previous run included: a reconnect storm started soon after another
+/// spent seconds of the load generator's CPU there (`docs/benchmarks.md`, "The load
+/// generator's port search").
+#[cfg(target_os = "linux")]
+fn port_chosen_at_connect(socket: &TcpSocket) -> std::io::Result<()> {
+    nix::sys::socket::setsockopt(
+        socket,
+        nix::sys::socket::sockopt::IpBindAddressNoPort,
+        &true,
+    )
+    .map_err(std::io::Error::from)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn port_chosen_at_connect(_: &TcpSocket) -> std::io::Result<()> {
+    Ok(())
+}
+
 /// A connection's read buffer: the SDK's 16 KiB, allocated for each of the thousands of
 /// connections a scenario holds, was a quarter of the load generator's CPU in a reconnect
 /// storm (the pages of fresh buffers faulted in). The bench's frames are small; a larger frame
@@ -102,6 +123,7 @@ impl Endpoint {
         }
         .context("cannot create a socket (out of file descriptors?)")?;
         if let Some(ip) = local {
+            port_chosen_at_connect(&socket).context("cannot set IP_BIND_ADDRESS_NO_PORT")?;
             socket
                 .bind(SocketAddr::new(ip, 0))
                 .with_context(|| format!("cannot bind to {ip}"))?;
@@ -251,4 +273,27 @@ pub async fn connect_synced(
         .await
         .map_err(|_| anyhow::anyhow!("no sync_done within {CONNECT_TIMEOUT:?}"))??;
     Ok(socket.split())
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_socket_from_a_source_address_gets_its_port_at_connect_not_at_bind() {
+        let server = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let source: IpAddr = Ipv4Addr::new(127, 0, 0, 2).into();
+        let socket = TcpSocket::new_v4().unwrap();
+        port_chosen_at_connect(&socket).unwrap();
+        socket.bind(SocketAddr::new(source, 0)).unwrap();
+        assert_eq!(
+            socket.local_addr().unwrap().port(),
+            0,
+            "a port was reserved at bind"
+        );
+        let stream = socket.connect(server.local_addr().unwrap()).await.unwrap();
+        let local = stream.local_addr().unwrap();
+        assert_eq!(local.ip(), source);
+        assert_ne!(local.port(), 0);
+    }
 }
