@@ -178,9 +178,9 @@ fn connections_from_two_processes() {
     assert_eq!(json["metrics"]["server_connections_delta"], 40.0);
 }
 
-#[test]
-fn reconnect_storm_catches_up_every_pending_message() {
-    let json = run_against_server(&[
+/// A storm of 20 devices with 3 messages pending each, and `extra` arguments.
+fn reconnect_storm(extra: &[&str]) -> Value {
+    let mut scenario = vec![
         "reconnect-storm",
         "--devices",
         "20",
@@ -188,23 +188,21 @@ fn reconnect_storm_catches_up_every_pending_message() {
         "3",
         "--senders",
         "2",
-    ]);
+    ];
+    scenario.extend_from_slice(extra);
+    run_against_server(&scenario)
+}
+
+#[test]
+fn reconnect_storm_catches_up_every_pending_message() {
+    let json = reconnect_storm(&[]);
     assert_eq!(json["counts"]["synced"], 20);
     assert_eq!(json["counts"]["events_received"], 60);
 }
 
 #[test]
 fn a_returning_devices_storm_catches_up_only_what_came_since_its_ack() {
-    let json = run_against_server(&[
-        "reconnect-storm",
-        "--devices",
-        "20",
-        "--pending",
-        "3",
-        "--senders",
-        "2",
-        "--returning",
-    ]);
+    let json = reconnect_storm(&["--returning"]);
     assert_eq!(json["params"]["returning"], true);
     assert_eq!(json["counts"]["synced"], 20);
     // Each device acknowledged its first message before going offline: its catch-up holds
