@@ -63,7 +63,10 @@ impl Devices {
     /// Records that the device is active now (creating its record on its first connection),
     /// unless the device was unlinked after `who`'s token was issued. A device recorded active
     /// less than [`SEEN_RESOLUTION_MS`] ago with this token is only read: a reconnect storm
-    /// reads device records instead of committing one per device.
+    /// reads device records instead of committing one per device. The record is committed
+    /// without an fsync of its own ([`MessageStore::record_device_activity`]): a power loss
+    /// that takes it back is made good by the device's next connection, and an unlink, synced,
+    /// is never lost with it.
     pub async fn seen(&self, who: &Identity) -> Result<Link, StoreError> {
         let (issued, now) = (who.issued_at_ms, now_ms());
         let seen = |record: Option<&DeviceRecord>| match record {
@@ -87,7 +90,7 @@ impl Devices {
         };
         let record = self
             .store
-            .update_device(&who.user, &who.device, seen)
+            .record_device_activity(&who.user, &who.device, seen)
             .await?;
         Ok(link(record.as_ref(), issued))
     }
@@ -201,6 +204,8 @@ fn link(record: Option<&DeviceRecord>, issued: u64) -> Link {
 mod tests {
     use super::*;
     use courier_store::faulty_engine::FaultyEngine;
+    use courier_store::kv::Durability;
+    use std::sync::{Arc, Mutex};
 
     fn phone(issued_at_ms: u64) -> Identity {
         Identity {
@@ -223,6 +228,31 @@ mod tests {
             assert!(unlinked.unwrap(), "the phone was linked");
         }));
         store
+    }
+
+    #[tokio::test]
+    async fn a_devices_activity_is_committed_deferred_and_its_unlink_synced() {
+        let engine = FaultyEngine::new();
+        let store = engine.store(8).await;
+        let committed = Arc::new(Mutex::new(Vec::new()));
+        let seen = committed.clone();
+        engine.set_fault(Some(Box::new(move |batch| {
+            seen.lock().unwrap().push(batch.durability);
+            None
+        })));
+        let devices = Devices::new(store.clone());
+        assert_eq!(devices.seen(&phone(1_000)).await.unwrap(), Link::Linked);
+        assert!(
+            store
+                .unlink_device("alice", "phone", now_ms())
+                .await
+                .unwrap()
+        );
+        assert_eq!(
+            *committed.lock().unwrap(),
+            [Durability::Deferred, Durability::Synced],
+            "the first record, then the unlink"
+        );
     }
 
     #[tokio::test]

@@ -81,7 +81,8 @@ pub enum Durability {
     /// before then may lose it, never a later synced commit without it. Only for writes
     /// whose loss repeats idempotent work: an outbox entry fanned out again, a page of messages
     /// counted again, an acknowledgement whose events come again (delivery is
-    /// at-least-once). An engine may sync every commit (FoundationDB does).
+    /// at-least-once), a device's activity recorded again at its next connection. An engine
+    /// may sync every commit (FoundationDB does).
     Deferred,
 }
 

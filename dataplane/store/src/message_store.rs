@@ -3,8 +3,8 @@
 
 use crate::keys::{Keys, ReceiptKind, stable_hash};
 use crate::kv::{
-    Batch, BatchLimits, KeyValue, KvEngine, Mutation, StoreError, complete_versionstamped_key,
-    decode_u64,
+    Batch, BatchLimits, Durability, KeyValue, KvEngine, Mutation, StoreError,
+    complete_versionstamped_key, decode_u64,
 };
 use crate::membership::{MemberRecord, UserConversation, encode_left_seq};
 use crate::ownership::Duty;
@@ -1275,7 +1275,21 @@ impl MessageStore {
         device: &str,
         change: impl Fn(Option<&DeviceRecord>) -> Option<DeviceRecord>,
     ) -> Result<Option<DeviceRecord>, StoreError> {
-        self.update_device_clearing(user, device, change, None)
+        self.update_device_clearing(user, device, change, None, Durability::Synced)
+            .await
+    }
+
+    /// [`Self::update_device`] for a change whose loss only repeats work: the device's
+    /// activity (last seen, newest token), which its next connection records again. The commit
+    /// is [`Durability::Deferred`], so that the records of a reconnect storm share the fsync
+    /// of the next synced commit instead of paying for their own.
+    pub async fn record_device_activity(
+        &self,
+        user: &str,
+        device: &str,
+        change: impl Fn(Option<&DeviceRecord>) -> Option<DeviceRecord>,
+    ) -> Result<Option<DeviceRecord>, StoreError> {
+        self.update_device_clearing(user, device, change, None, Durability::Deferred)
             .await
     }
 
@@ -1286,6 +1300,7 @@ impl MessageStore {
         device: &str,
         change: impl Fn(Option<&DeviceRecord>) -> Option<DeviceRecord>,
         clear: Option<Range<Vec<u8>>>,
+        durability: Durability,
     ) -> Result<Option<DeviceRecord>, StoreError> {
         let key = self.keys.device(user, device);
         let mut attempt = 1;
@@ -1300,6 +1315,7 @@ impl MessageStore {
                 return Ok(current);
             };
             let mut batch = Batch::new();
+            batch.durability = durability;
             batch
                 .fence(key.clone(), stored)
                 .set(key.clone(), next.encode_to_vec());
@@ -1336,7 +1352,7 @@ impl MessageStore {
         };
         let cursors = self.keys.cursors(user, device);
         let before = self
-            .update_device_clearing(user, device, unlink, Some(cursors))
+            .update_device_clearing(user, device, unlink, Some(cursors), Durability::Synced)
             .await?;
         Ok(before.is_some_and(|r| r.is_linked()))
     }
