@@ -36,8 +36,9 @@ pub struct ReconnectStormArgs {
     /// Devices that were online before, as after a gateway restart or a network drop: each
     /// first gets one message, connects, acknowledges it and leaves, so that its device
     /// record, conversation and cursor exist when the pending messages are sent. Without it,
-    /// every device connects for the first time (the harder case: each device's first
-    /// record is written, with an fsync, during the storm).
+    /// every device connects for the first time, and its first record is written during the
+    /// storm (both cost about the same: `docs/benchmarks.md`, "The load generator's port
+    /// search").
     #[arg(long)]
     pub returning: bool,
 }
