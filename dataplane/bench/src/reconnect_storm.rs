@@ -8,7 +8,7 @@ use super::receiver::{ReceiverOutcome, ReceiverPlan, run_receiver};
 use super::report::Report;
 use super::sender::{Pace, SenderOutcome, SenderPlan, Target, run_sender};
 use super::stats::{ErrorCounts, Latency, Live, Phase};
-use super::wire::{Gateways, Reader, Writer, connect_synced};
+use super::wire::{Gateways, connect_synced};
 use super::{CommonArgs, TokenMinter, run_id};
 use clap::Args;
 use futures::future::try_join_all;
@@ -68,7 +68,7 @@ pub async fn run(common: &CommonArgs, args: ReconnectStormArgs) -> anyhow::Resul
         let online = fleet.connect(args.source_addrs, args.devices as u64).await;
         let synced = online
             .iter()
-            .filter(|device| matches!(device, Ok((outcome, ..)) if outcome.delivered == 1))
+            .filter(|device| matches!(device, Ok(outcome) if outcome.delivered == 1))
             .count();
         anyhow::ensure!(
             synced == args.devices,
@@ -94,7 +94,7 @@ pub async fn run(common: &CommonArgs, args: ReconnectStormArgs) -> anyhow::Resul
     let (mut synced, mut received, mut lost, mut gaps, mut all_synced) = (0u64, 0, 0, 0, 0f64);
     for device in storm {
         match device {
-            Ok((outcome, ..)) => {
+            Ok(outcome) => {
                 if let Some(at) = outcome.sync_done_at {
                     let took = at.saturating_duration_since(storm_start);
                     per_device.record(took);
@@ -230,7 +230,7 @@ impl Fleet<'_> {
         &self,
         source_addrs: usize,
         events: u64,
-    ) -> Vec<anyhow::Result<(ReceiverOutcome, Writer, Reader)>> {
+    ) -> Vec<anyhow::Result<ReceiverOutcome>> {
         let live = Arc::new(Live::default());
         let (_phase_tx, phase_rx) = watch::channel(Phase::Run);
         let mut devices = Vec::with_capacity(self.devices);
@@ -253,9 +253,18 @@ impl Fleet<'_> {
         }
         let bar = progress::bar(events, "events", self.no_progress);
         let mut outcomes = Vec::with_capacity(self.devices);
+        // Held until every device is done, closed on return.
+        let mut open = Vec::with_capacity(self.devices);
         for device in devices {
             bar.set_position(Live::get(&live.delivered));
-            outcomes.push(device.await.unwrap_or_else(|e| Err(e.into())));
+            outcomes.push(match device.await {
+                Ok(Ok((outcome, writer, reader))) => {
+                    open.push((writer, reader));
+                    Ok(outcome)
+                }
+                Ok(Err(e)) => Err(e),
+                Err(e) => Err(e.into()),
+            });
         }
         bar.finish_and_clear();
         outcomes
