@@ -27,6 +27,7 @@ pub mod leaders;
 pub mod membership;
 mod message_store;
 pub mod nodes;
+mod outbox_rows;
 pub mod ownership;
 pub mod partitions;
 pub mod routes;

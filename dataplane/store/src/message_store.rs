@@ -7,6 +7,7 @@ use crate::kv::{
     complete_versionstamped_key, decode_u64,
 };
 use crate::membership::{MemberRecord, UserConversation, encode_left_seq};
+use crate::outbox_rows::{self, RowWriter};
 use crate::ownership::Duty;
 use crate::partitions::{PartitionTable, PartitionedEngine};
 use courier_proto::{Event, EventPayload, MembershipChange, Sender, pb};
@@ -179,7 +180,7 @@ pub struct DeliveredBound {
 
 /// The push notifier's progress in the outbox of `shard`: every message below `bound` is
 /// expanded by the commit that writes it, which also clears `clear` (entries below both
-/// consumers' bounds).
+/// consumers' bounds; the rows of the commits of its two ends are kept whole).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PushedBound {
     pub shard: u32,
@@ -739,6 +740,7 @@ impl MessageStore {
         let mut in_batch: HashMap<Vec<u8>, usize> = HashMap::new();
         let mut members = BatchMembers::default();
         let mut outbox_order: u16 = 0;
+        let mut outbox_rows = RowWriter::new(self.kv.limits().max_value_bytes);
         let mut earlier = self.prefetch(heads, &mut members, appends).await?;
 
         for (i, append) in appends.iter().enumerate() {
@@ -795,13 +797,15 @@ impl MessageStore {
             let encoded = pb::Event::from(event.clone()).encode_to_vec();
             batch.set(self.keys.event(conv, seq), encoded.clone());
             let key = self.keys.outbox_entry(lease.shard, outbox_order);
+            outbox_rows.push(&key, &encoded);
             outbox.push(ListedEntry {
-                key: key.clone(),
+                key,
                 event,
                 bytes: encoded.len(),
             });
-            batch.set_versionstamped_key(key, encoded);
-            outbox_order = outbox_order.wrapping_add(1);
+            outbox_order = outbox_order.checked_add(1).ok_or_else(|| {
+                StoreError::TooLarge("more than 65,536 appends in a batch".into())
+            })?;
             let record = IdempotencyRecord {
                 seq,
                 server_msg_id: server_msg_ids[i].clone(),
@@ -818,6 +822,9 @@ impl MessageStore {
         }
         for (conv, head) in &new_heads {
             batch.set(self.keys.head(conv), head.to_le_bytes().to_vec());
+        }
+        for (key, row) in outbox_rows.finish() {
+            batch.set_versionstamped_key(key, row);
         }
         if !batch.is_empty() {
             let stamp = self.kv.commit(batch).await?;
@@ -1639,12 +1646,16 @@ impl MessageStore {
         bounds: &[PushedBound],
         pending: &[((String, String, String), PendingPush)],
     ) -> Result<(), StoreError> {
+        let mut clears = Vec::new();
+        for bound in bounds {
+            if let Some(clear) = &bound.clear {
+                clears.extend(self.outbox_rows_below(bound.shard, clear).await?);
+            }
+        }
         let last_bytes: usize = bounds
             .iter()
-            .map(|b| {
-                let clear = b.clear.as_ref().map_or(0, |r| r.start.len() + r.end.len());
-                b.bound.len() + self.keys.pushed_bound(b.shard).len() + clear
-            })
+            .map(|b| b.bound.len() + self.keys.pushed_bound(b.shard).len())
+            .chain(clears.iter().map(|c| c.start.len() + c.end.len()))
             .sum();
         let room = PUSH_EXPANSION_BYTES
             .min(self.kv.limits().max_batch_bytes)
@@ -1671,11 +1682,42 @@ impl MessageStore {
         }
         for bound in bounds {
             batch.set(self.keys.pushed_bound(bound.shard), bound.bound.clone());
-            if let Some(clear) = &bound.clear {
-                batch.clear_range(clear.clone());
-            }
+        }
+        for clear in clears {
+            batch.clear_range(clear);
         }
         self.kv.commit(batch).await.map(drop)
+    }
+
+    /// The ranges of `shard`'s outbox rows whose every entry lies in `entries`: the rows of
+    /// the commits from `entries.start`'s to the one before `entries.end`'s, and those of
+    /// `entries.end`'s commit that end below it, read to tell (a row keeps the entries of
+    /// one commit, `outbox_rows`).
+    async fn outbox_rows_below(
+        &self,
+        shard: u32,
+        entries: &Range<Vec<u8>>,
+    ) -> Result<Vec<Range<Vec<u8>>>, StoreError> {
+        let outbox = self.keys.outbox(shard);
+        let start = outbox_rows::commit_start(&outbox, &entries.start);
+        let last_commit = outbox_rows::commit_start(&outbox, &entries.end);
+        let mut rows = Vec::new();
+        if start < last_commit {
+            rows.push(start.clone()..last_commit.clone());
+        }
+        let first = start.max(last_commit);
+        if first < entries.end {
+            for (key, value) in self
+                .kv
+                .range(first..entries.end.clone(), usize::MAX, false)
+                .await?
+            {
+                if bound_after(&outbox_rows::last_entry_key(&key, &value)?) <= entries.end {
+                    rows.push(key.clone()..bound_after(&key));
+                }
+            }
+        }
+        Ok(rows)
     }
 
     /// Replaces a pending notification, unless it changed since it was read as `seen`
@@ -1931,29 +1973,45 @@ impl MessageStore {
     }
 
     /// The oldest outbox entries of `shard` from `from` on (a bound: the key of an entry, or
-    /// [`bound_after`] the last one taken).
+    /// [`bound_after`] the last one taken), at most `limit`. Reads from the first row of
+    /// `from`'s commit and passes over its entries below `from` (`outbox_rows`).
     pub async fn outbox(
         &self,
         shard: u32,
         from: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<OutboxEntry>, StoreError> {
-        let rows = self
-            .kv
-            .range(queue_from(self.keys.outbox(shard), from), limit, false)
-            .await?;
-        rows.into_iter()
-            .map(|(key, value)| {
-                let event = decode_event(&key, &value)?;
-                Ok((key, event))
-            })
-            .collect()
+        let outbox = self.keys.outbox(shard);
+        let start = from.map(|from| outbox_rows::commit_start(&outbox, from));
+        let mut rows = queue_from(outbox, start.as_deref());
+        let mut entries = Vec::new();
+        loop {
+            let page = self.kv.range(rows.clone(), limit, false).await?;
+            for (key, value) in &page {
+                let row = outbox_rows::entries(key, value)?;
+                let from_here = row
+                    .into_iter()
+                    .filter(|(entry, _)| from.is_none_or(|from| entry.as_slice() >= from));
+                entries.extend(from_here.take(limit - entries.len()));
+                if entries.len() == limit {
+                    return Ok(entries);
+                }
+            }
+            match page.last() {
+                // A full page of rows below `from` or short of `limit`: read on.
+                Some((last, _)) if page.len() == limit => rows.start = bound_after(last),
+                _ => return Ok(entries),
+            }
+        }
     }
 
     /// The newest outbox key of `shard`, if its outbox holds any entry.
     pub async fn last_outbox_key(&self, shard: u32) -> Result<Option<Vec<u8>>, StoreError> {
         let rows = self.kv.range(self.keys.outbox(shard), 1, true).await?;
-        Ok(rows.into_iter().next().map(|(key, _)| key))
+        rows.into_iter()
+            .next()
+            .map(|(key, value)| outbox_rows::last_entry_key(&key, &value))
+            .transpose()
     }
 
     /// Records fanout's progress in each shard's outbox (`bound` only moves up), in one
@@ -2672,5 +2730,193 @@ mod tests {
         );
         store.forget_media("m3", &bobs).await.unwrap();
         assert!(!store.blob_in_use("ab").await.unwrap());
+    }
+
+    /// The outbox's raw rows of `shard` (each a commit's entries, `outbox_rows`).
+    async fn outbox_rows(store: &MessageStore, shard: u32) -> usize {
+        store
+            .kv
+            .range(store.keys.outbox(shard), usize::MAX, false)
+            .await
+            .unwrap()
+            .len()
+    }
+
+    #[tokio::test]
+    async fn a_commits_outbox_entries_are_one_row_read_back_entry_by_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = temp_store(&dir, 8).await;
+        let shard = store.shard_of("d:1");
+        let lease = owner(&store, "d:1").await;
+        let mut heads = HeadCache::default();
+        let batch = [
+            message("d:1", "p", "a"),
+            message("d:1", "p", "b"),
+            message("d:1", "p", "c"),
+        ];
+        let listed = store
+            .append_listed(lease, &mut heads, &batch)
+            .await
+            .unwrap()
+            .outbox
+            .unwrap();
+        assert_eq!(
+            outbox_rows(&store, shard).await,
+            1,
+            "one row for the commit"
+        );
+
+        let read = store.outbox(shard, None, 10).await.unwrap();
+        let keys: Vec<&[u8]> = read.iter().map(|(k, _)| k.as_slice()).collect();
+        let listed_keys: Vec<&[u8]> = listed.iter().map(|e| e.key.as_slice()).collect();
+        assert_eq!(
+            keys, listed_keys,
+            "the entries keep the keys the commit listed"
+        );
+        assert_eq!(
+            read.iter().map(|(_, e)| e.seq).collect::<Vec<_>>(),
+            [1, 2, 3]
+        );
+        // Positions inside the row: a bound after an entry, an entry's own key, a short page.
+        let seqs =
+            |entries: Vec<OutboxEntry>| entries.iter().map(|(_, e)| e.seq).collect::<Vec<_>>();
+        let after_first = bound_after(&read[0].0);
+        assert_eq!(
+            seqs(store.outbox(shard, Some(&after_first), 10).await.unwrap()),
+            [2, 3]
+        );
+        assert_eq!(
+            seqs(store.outbox(shard, Some(&read[2].0), 10).await.unwrap()),
+            [3]
+        );
+        assert_eq!(
+            seqs(store.outbox(shard, Some(&after_first), 1).await.unwrap()),
+            [2]
+        );
+        let after_last = bound_after(&read[2].0);
+        assert!(
+            store
+                .outbox(shard, Some(&after_last), 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(
+            store.last_outbox_key(shard).await.unwrap(),
+            Some(read[2].0.clone())
+        );
+    }
+
+    #[tokio::test]
+    async fn the_outbox_is_cleared_row_by_row_and_a_row_a_bound_splits_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = temp_store(&dir, 8).await;
+        let shard = store.shard_of("d:1");
+        let lease = owner(&store, "d:1").await;
+        let mut heads = HeadCache::default();
+        let first = [message("d:1", "p", "a"), message("d:1", "p", "b")];
+        store.append(lease, &mut heads, &first).await.unwrap();
+        store
+            .append(lease, &mut heads, &[message("d:1", "p", "c")])
+            .await
+            .unwrap();
+        let read = store.outbox(shard, None, 10).await.unwrap();
+        assert_eq!((read.len(), outbox_rows(&store, shard).await), (3, 2));
+        let start = store.keys.outbox(shard).start;
+        let clear_to = |end: Vec<u8>| PushedBound {
+            shard,
+            bound: end.clone(),
+            clear: Some(start.clone()..end),
+        };
+
+        // A bound inside the first commit's row: the row holds an entry not passed, it stays.
+        let inside = bound_after(&read[0].0);
+        store
+            .expand_outbox(&[clear_to(inside.clone())], &[])
+            .await
+            .unwrap();
+        assert_eq!(outbox_rows(&store, shard).await, 2);
+        assert_eq!(
+            store.outbox(shard, Some(&inside), 10).await.unwrap(),
+            read[1..]
+        );
+
+        // A bound at the end of that row: the row goes, even though it is the bound's commit.
+        let end_of_row = bound_after(&read[1].0);
+        store
+            .expand_outbox(&[clear_to(end_of_row)], &[])
+            .await
+            .unwrap();
+        assert_eq!(outbox_rows(&store, shard).await, 1);
+        assert_eq!(store.outbox(shard, None, 10).await.unwrap(), read[2..]);
+
+        // Past every entry: nothing is left.
+        store
+            .expand_outbox(&[clear_to(bound_after(&read[2].0))], &[])
+            .await
+            .unwrap();
+        assert_eq!(outbox_rows(&store, shard).await, 0);
+    }
+
+    #[tokio::test]
+    async fn an_outbox_entry_left_by_a_version_before_rows_is_read_as_one_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = temp_store(&dir, 8).await;
+        let shard = store.shard_of("d:1");
+        let lease = owner(&store, "d:1").await;
+        let mut heads = HeadCache::default();
+        // As the previous version wrote it: one row per event, its value the event alone.
+        let event = courier_proto::Event {
+            conversation_id: "d:1".into(),
+            seq: 7,
+            server_msg_id: "m-7".into(),
+            sender: Sender {
+                user: "alice".into(),
+                device: "p".into(),
+            },
+            ts_ms: 1,
+            payload: EventPayload::Message {
+                body: Some(Body::Text("old".into())),
+                client_msg_id: "old".into(),
+                reply_to: None,
+                deleted: false,
+            },
+        };
+        let mut old = Batch::new();
+        for order in 0..2 {
+            old.set_versionstamped_key(
+                store.keys.outbox_entry(shard, order),
+                pb::Event::from(event.clone()).encode_to_vec(),
+            );
+        }
+        store.kv.commit(old).await.unwrap();
+        store
+            .append(lease, &mut heads, &[message("d:1", "p", "new")])
+            .await
+            .unwrap();
+
+        let read = store.outbox(shard, None, 10).await.unwrap();
+        assert_eq!(
+            read.iter().map(|(_, e)| e.seq).collect::<Vec<_>>(),
+            [7, 7, 1]
+        );
+        // A bound after the first old entry passes it and keeps its commit's second one.
+        let after = bound_after(&read[0].0);
+        assert_eq!(
+            store.outbox(shard, Some(&after), 10).await.unwrap(),
+            read[1..]
+        );
+        store
+            .expand_outbox(
+                &[PushedBound {
+                    shard,
+                    bound: after.clone(),
+                    clear: Some(store.keys.outbox(shard).start..after),
+                }],
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(store.outbox(shard, None, 10).await.unwrap(), read[1..]);
     }
 }

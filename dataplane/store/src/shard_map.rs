@@ -13,7 +13,8 @@
 //! since the last compaction (FoundationDB clears ranges without per-key tombstones).
 
 use crate::kv::StoreError;
-use crate::message_store::{MessageStore, decode_event};
+use crate::message_store::{MessageStore, corrupt};
+use crate::outbox_rows;
 use crate::ownership::{Duty, ShardOwner};
 use futures::{StreamExt, TryStreamExt};
 use std::collections::BTreeMap;
@@ -87,8 +88,8 @@ fn waiting(
 
 impl MessageStore {
     /// The outbox lag of `shard`, counting at most `count_limit` entries (clamped to
-    /// `1..=`[`MAX_OUTBOX_COUNT_LIMIT`]): one range read of at most `count_limit + 1` entries,
-    /// and one event decoded.
+    /// `1..=`[`MAX_OUTBOX_COUNT_LIMIT`]): a read of at most `count_limit + 1` entries from
+    /// fanout's bound.
     pub async fn outbox_lag(
         &self,
         shard: u32,
@@ -96,30 +97,21 @@ impl MessageStore {
     ) -> Result<OutboxLag, StoreError> {
         let limit = count_limit.clamp(1, MAX_OUTBOX_COUNT_LIMIT);
         let delivered = self.delivered_bounds(&[shard]).await?.pop().flatten();
-        let rows = self
-            .kv()
-            .range(
-                waiting(self.keys().outbox(shard), delivered),
-                limit + 1,
-                false,
-            )
-            .await?;
-        let oldest_ts_ms = match rows.first() {
-            Some((key, value)) => Some(decode_event(key, value)?.ts_ms),
-            None => None,
-        };
+        let entries = self.outbox(shard, delivered.as_deref(), limit + 1).await?;
         Ok(OutboxLag {
-            entries: rows.len().min(limit),
-            more: rows.len() > limit,
-            oldest_ts_ms,
+            entries: entries.len().min(limit),
+            more: entries.len() > limit,
+            oldest_ts_ms: entries.first().map(|(_, event)| event.ts_ms),
         })
     }
 
     /// The oldest outbox entry of each of `shards` that fanout has not delivered, in the
-    /// order asked (`None`: none waits): fanout's bound of each, then a range read of one
-    /// entry from there, which steps over no cleared entry (only entries below the bound are
-    /// cleared). Reads [`OLDEST_ENTRIES_PER_CALL`] shards per engine call, one call after the
-    /// other.
+    /// order asked (`None`: none waits): fanout's bound of each, then a range read of one row
+    /// from there, which steps over no cleared entry (only entries below the bound are
+    /// cleared), and its first entry. A row the bound falls inside (fanout stopped within a
+    /// commit's entries) is passed over: the age is then that of the next row, a commit's
+    /// later one or the next commit's. Reads [`OLDEST_ENTRIES_PER_CALL`] shards per engine
+    /// call, one call after the other.
     pub async fn oldest_outbox_entries(
         &self,
         shards: &[u32],
@@ -135,8 +127,15 @@ impl MessageStore {
             for rows in self.kv().ranges(ranges, 1).await? {
                 oldest.push(match rows.into_iter().next() {
                     Some((key, value)) => {
-                        let ts_ms = decode_event(&key, &value)?.ts_ms;
-                        Some(OldestOutboxEntry { key, ts_ms })
+                        let (key, event) =
+                            outbox_rows::entries(&key, &value)?
+                                .into_iter()
+                                .next()
+                                .ok_or_else(|| corrupt(&key, "an outbox row without entries"))?;
+                        Some(OldestOutboxEntry {
+                            key,
+                            ts_ms: event.ts_ms,
+                        })
                     }
                     None => None,
                 });

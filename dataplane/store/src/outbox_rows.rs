@@ -1,0 +1,267 @@
+//! How a shard's outbox is stored: a commit writes its events in as few rows as fit
+//! ([`RowWriter`]), not one row per event.
+//!
+//! An outbox **entry** is one event, and its key is what one row per event would have had:
+//! the shard's subspace, the commit's versionstamp, and the entry's order within the commit
+//! in the versionstamp's last two bytes (`Keys::outbox_entry`). A **row** holds consecutive
+//! entries of one commit under the key of its first entry, so entry `j` of a row is the row's
+//! key with `j` added to that order. Readers see entries ([`entries`]); positions (fanout's
+//! and the notifier's bounds) stay entry keys or `bound_after` one. Every row of a commit sorts
+//! after every entry of an earlier commit, so a read from a position starts at its commit's
+//! first row ([`commit_start`]) and passes over the entries below the position.
+//!
+//! Why: a message used to write its outbox entry and, once read, that entry's tombstone: two
+//! of the ~4 keys a message writes at the peak, each an insert into the store's memtable, a
+//! journal record and flush and compaction work. A row per commit writes them once per
+//! commit (`docs/benchmarks.md`, "The outbox, a row per commit").
+//!
+//! A row's value is [`ROW_MARKER`] and then `OutboxRow` (protobuf, the events as stored
+//! under their `ev` keys). A value without the marker is a row of one entry, the bare event (a
+//! `courier.v1.Event`, whose encoding never starts with a zero byte): as a version before rows
+//! wrote every entry, so an outbox left by an upgrade is read as it was, and as an event too
+//! large for the row's framing within the engine's value limit is written.
+
+use crate::kv::StoreError;
+use crate::message_store::{OutboxEntry, corrupt, decode_event};
+use courier_proto::{Event, pb};
+use prost::Message;
+use std::ops::Range;
+
+/// The first byte of a row's value (a field number 0 no protobuf message starts with).
+pub const ROW_MARKER: u8 = 0;
+
+/// The bytes of a versionstamp at the end of an entry's key: the code of the tuple element,
+/// the commit's 10 bytes and the entry's order (2 bytes, big-endian).
+const VERSIONSTAMP_BYTES: usize = 13;
+
+/// The key of `OutboxRow`'s field 1, length-delimited: `(1 << 3) | 2`.
+const EVENTS_FIELD_KEY: u8 = 0x0a;
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct OutboxRow {
+    #[prost(message, repeated, tag = "1")]
+    events: Vec<pb::Event>,
+}
+
+/// The rows of one commit's entries, each row under the (incomplete) key of its first entry
+/// and at most `max_value_bytes` long. An event too large for a row of its own with the
+/// row's framing is stored alone and bare, as versions before rows stored every entry.
+pub struct RowWriter {
+    max_value_bytes: usize,
+    rows: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl RowWriter {
+    pub fn new(max_value_bytes: usize) -> Self {
+        Self {
+            max_value_bytes,
+            rows: Vec::new(),
+        }
+    }
+
+    /// Adds the entry keyed `key` (the commit's next): to the last row when it fits, else to
+    /// a new row under `key`.
+    pub fn push(&mut self, key: &[u8], encoded_event: &[u8]) {
+        let field = 1 + prost::length_delimiter_len(encoded_event.len()) + encoded_event.len();
+        let fits = self.rows.last().is_some_and(|(_, value)| {
+            value.first() == Some(&ROW_MARKER) && value.len() + field <= self.max_value_bytes
+        });
+        if !fits {
+            if 1 + field > self.max_value_bytes {
+                self.rows.push((key.to_vec(), encoded_event.to_vec()));
+                return;
+            }
+            self.rows.push((key.to_vec(), vec![ROW_MARKER]));
+        }
+        let (_, value) = self.rows.last_mut().expect("a row was just ensured");
+        // Field 1 of `OutboxRow` (number 1, length-delimited), the event's bytes as they are.
+        value.push(EVENTS_FIELD_KEY);
+        prost::encode_length_delimiter(encoded_event.len(), value)
+            .expect("a Vec grows to hold a length");
+        value.extend_from_slice(encoded_event);
+    }
+
+    /// The rows, keys incomplete (to be completed by the commit's versionstamp).
+    pub fn finish(self) -> Vec<(Vec<u8>, Vec<u8>)> {
+        self.rows
+    }
+}
+
+/// The entries of the outbox row `key` holding `value`, in key order.
+pub fn entries(key: &[u8], value: &[u8]) -> Result<Vec<OutboxEntry>, StoreError> {
+    let Some(row) = value.strip_prefix(&[ROW_MARKER]) else {
+        return Ok(vec![(key.to_vec(), decode_event(key, value)?)]);
+    };
+    let row = OutboxRow::decode(row).map_err(|e| corrupt(key, e))?;
+    row.events
+        .into_iter()
+        .enumerate()
+        .map(|(j, event)| {
+            let event = Event::try_from(event).map_err(|e| corrupt(key, e))?;
+            Ok((entry_key(key, j)?, event))
+        })
+        .collect()
+}
+
+/// The key of the last entry of the row `key` holding `value`.
+pub fn last_entry_key(key: &[u8], value: &[u8]) -> Result<Vec<u8>, StoreError> {
+    let Some(row) = value.strip_prefix(&[ROW_MARKER]) else {
+        return Ok(key.to_vec());
+    };
+    let count = OutboxRow::decode(row)
+        .map_err(|e| corrupt(key, e))?
+        .events
+        .len();
+    entry_key(key, count.saturating_sub(1))
+}
+
+/// The `j`-th entry's key of the row `row`.
+fn entry_key(row: &[u8], j: usize) -> Result<Vec<u8>, StoreError> {
+    let split = row
+        .len()
+        .checked_sub(2)
+        .ok_or_else(|| corrupt(row, "outbox key too short"))?;
+    let first = u16::from_be_bytes([row[split], row[split + 1]]);
+    let order = u16::try_from(j)
+        .ok()
+        .and_then(|j| first.checked_add(j))
+        .ok_or_else(|| corrupt(row, "outbox row longer than its commit"))?;
+    let mut key = row[..split].to_vec();
+    key.extend_from_slice(&order.to_be_bytes());
+    Ok(key)
+}
+
+/// Where a read of the outbox `outbox` (a shard's range) from `position` starts: the first
+/// row of the commit `position` falls in (its versionstamp with order 0). A position that is
+/// not within an entry (the range's start) is returned as it is.
+pub fn commit_start(outbox: &Range<Vec<u8>>, position: &[u8]) -> Vec<u8> {
+    // The range of a subspace starts with its prefix and a zero byte.
+    let prefix = &outbox.start[..outbox.start.len().saturating_sub(1)];
+    let entry = prefix.len() + VERSIONSTAMP_BYTES;
+    if position.len() < entry || !position.starts_with(prefix) {
+        return position.to_vec();
+    }
+    let mut start = position[..entry].to_vec();
+    start[entry - 2..].fill(0);
+    start
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Keys;
+    use crate::kv::complete_versionstamped_key;
+    use courier_proto::{Body, EventPayload, Sender};
+
+    fn event(seq: u64, text: &str) -> Event {
+        Event {
+            conversation_id: "d:1".into(),
+            seq,
+            server_msg_id: format!("m-{seq}"),
+            sender: Sender {
+                user: "alice".into(),
+                device: "p".into(),
+            },
+            ts_ms: 5,
+            payload: EventPayload::Message {
+                body: Some(Body::Text(text.into())),
+                client_msg_id: format!("c-{seq}"),
+                reply_to: None,
+                deleted: false,
+            },
+        }
+    }
+
+    #[test]
+    fn a_commit_too_large_for_one_value_takes_several_rows_with_consecutive_entries() {
+        let keys = Keys::new(b"");
+        let events: Vec<Event> = (1..=5).map(|seq| event(seq, &"x".repeat(100))).collect();
+        let encoded: Vec<Vec<u8>> = events
+            .iter()
+            .map(|e| pb::Event::from(e.clone()).encode_to_vec())
+            .collect();
+        // Room for two events per row.
+        let mut writer = RowWriter::new(2 * (encoded[0].len() + 3) + 1);
+        for (order, bytes) in encoded.iter().enumerate() {
+            writer.push(&keys.outbox_entry(3, order as u16), bytes);
+        }
+        let stamp = [9; 10];
+        let rows: Vec<(Vec<u8>, Vec<u8>)> = writer
+            .finish()
+            .into_iter()
+            .map(|(key, value)| (complete_versionstamped_key(&key, &stamp).unwrap(), value))
+            .collect();
+        assert_eq!(rows.len(), 3, "2 + 2 + 1 entries");
+        assert!(
+            rows.iter()
+                .all(|(_, value)| value.len() <= 2 * (encoded[0].len() + 3) + 1)
+        );
+
+        let read: Vec<OutboxEntry> = rows
+            .iter()
+            .flat_map(|(key, value)| entries(key, value).unwrap())
+            .collect();
+        let expected: Vec<Vec<u8>> = (0..5)
+            .map(|order| complete_versionstamped_key(&keys.outbox_entry(3, order), &stamp).unwrap())
+            .collect();
+        assert_eq!(
+            read.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>(),
+            expected
+        );
+        assert_eq!(
+            read.iter().map(|(_, e)| e.clone()).collect::<Vec<_>>(),
+            events
+        );
+        assert_eq!(last_entry_key(&rows[1].0, &rows[1].1).unwrap(), expected[3]);
+
+        // Every position of the commit reads from its first row; other keys stay.
+        let outbox = keys.outbox(3);
+        for key in &expected {
+            assert_eq!(commit_start(&outbox, key), rows[0].0);
+            assert_eq!(commit_start(&outbox, &crate::bound_after(key)), rows[0].0);
+        }
+        assert_eq!(commit_start(&outbox, &outbox.start), outbox.start);
+    }
+
+    #[test]
+    fn an_event_as_large_as_a_value_may_be_is_stored_bare_between_rows() {
+        let keys = Keys::new(b"");
+        let small = pb::Event::from(event(1, "a")).encode_to_vec();
+        let large = pb::Event::from(event(2, &"x".repeat(200))).encode_to_vec();
+        let mut writer = RowWriter::new(large.len());
+        for (order, bytes) in [&small, &large, &small].into_iter().enumerate() {
+            writer.push(&keys.outbox_entry(3, order as u16), bytes);
+        }
+        let rows = writer.finish();
+        assert_eq!(rows.len(), 3);
+        assert_eq!(rows[1].1, large, "the large event alone, bare");
+        assert!(rows.iter().all(|(_, value)| value.len() <= large.len()));
+        let stamp = [1; 10];
+        let seqs: Vec<u64> = rows
+            .iter()
+            .flat_map(|(key, value)| {
+                let key = complete_versionstamped_key(key, &stamp).unwrap();
+                entries(&key, value).unwrap()
+            })
+            .map(|(_, e)| e.seq)
+            .collect();
+        assert_eq!(seqs, [1, 2, 1]);
+    }
+
+    #[test]
+    fn a_damaged_row_is_an_error_not_a_panic() {
+        let keys = Keys::new(b"");
+        let key = complete_versionstamped_key(&keys.outbox_entry(1, 0), &[1; 10]).unwrap();
+        for value in [
+            vec![ROW_MARKER, 0x0a, 200],
+            vec![ROW_MARKER, 0xff],
+            vec![0x0a, 3, 1],
+        ] {
+            assert!(matches!(
+                entries(&key, &value),
+                Err(StoreError::Corrupt { .. })
+            ));
+        }
+        assert!(entries(&[1], &[ROW_MARKER]).is_ok_and(|e| e.is_empty()));
+    }
+}
