@@ -20,11 +20,12 @@
 //! every [`OUTBOX_LAG_ROUND`]. A round reads, for each owned shard that may hold entries (it
 //! had entries at the last round, had events committed here since, or was just taken), its
 //! oldest entry fanout has not delivered: fanout's bound in the outbox, then a range read of
-//! one entry from there (`MessageStore::oldest_outbox_entries`, 64 shards per engine call,
-//! one call after the other). Entries below the bound wait only for the push notifier, which
-//! clears them (decision 0006): a read from the bound steps over no cleared entry (on the
-//! embedded engine a tombstone until a compaction). An idle node reads nothing; a node whose
-//! every shard is busy reads one bound and one entry per shard. The path of an append reads
+//! one row (a commit's entries, decision 0008) from there
+//! (`MessageStore::oldest_outbox_entries`, 64 shards per engine call, one call after the
+//! other). Entries below the bound wait only for the push notifier, which clears them
+//! (decision 0006): a read from the bound steps over no cleared entry (on the embedded engine
+//! a tombstone until a compaction). An idle node reads nothing; a node whose every shard is
+//! busy reads one bound and one row per shard. The path of an append reads
 //! one flag in memory (the last round's verdict).
 //!
 //! **Invariants.** Only this node commits to the outboxes of the shards it owns, so a shard
