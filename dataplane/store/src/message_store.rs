@@ -739,7 +739,6 @@ impl MessageStore {
         let mut new_heads: HashMap<&str, u64> = HashMap::new();
         let mut in_batch: HashMap<Vec<u8>, usize> = HashMap::new();
         let mut members = BatchMembers::default();
-        let mut outbox_order: u16 = 0;
         let mut outbox_rows = RowWriter::new(self.kv.limits().max_value_bytes);
         let mut earlier = self.prefetch(heads, &mut members, appends).await?;
 
@@ -796,16 +795,16 @@ impl MessageStore {
             };
             let encoded = pb::Event::from(event.clone()).encode_to_vec();
             batch.set(self.keys.event(conv, seq), encoded.clone());
-            let key = self.keys.outbox_entry(lease.shard, outbox_order);
+            // The entry's order in the commit: a versionstamp has two bytes for it.
+            let order = u16::try_from(outbox.len())
+                .map_err(|_| StoreError::TooLarge("more than 65,536 appends in a batch".into()))?;
+            let key = self.keys.outbox_entry(lease.shard, order);
             outbox_rows.push(&key, &encoded);
             outbox.push(ListedEntry {
                 key,
                 event,
                 bytes: encoded.len(),
             });
-            outbox_order = outbox_order.checked_add(1).ok_or_else(|| {
-                StoreError::TooLarge("more than 65,536 appends in a batch".into())
-            })?;
             let record = IdempotencyRecord {
                 seq,
                 server_msg_id: server_msg_ids[i].clone(),
