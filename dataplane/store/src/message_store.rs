@@ -794,7 +794,6 @@ impl MessageStore {
                 payload,
             };
             let encoded = pb::Event::from(event.clone()).encode_to_vec();
-            batch.set(self.keys.event(conv, seq), encoded.clone());
             // The entry's order in the commit: a versionstamp has two bytes for it.
             let order = u16::try_from(outbox.len())
                 .map_err(|_| StoreError::TooLarge("more than 65,536 appends in a batch".into()))?;
@@ -805,6 +804,7 @@ impl MessageStore {
                 event,
                 bytes: encoded.len(),
             });
+            batch.set(self.keys.event(conv, seq), encoded);
             let record = IdempotencyRecord {
                 seq,
                 server_msg_id: server_msg_ids[i].clone(),
