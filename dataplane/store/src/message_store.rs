@@ -798,7 +798,7 @@ impl MessageStore {
             let order = u16::try_from(outbox.len())
                 .map_err(|_| StoreError::TooLarge("more than 65,536 appends in a batch".into()))?;
             let key = self.keys.outbox_entry(lease.shard, order);
-            outbox_rows.push(&key, &encoded);
+            outbox_rows.push(&key, &encoded)?;
             outbox.push(ListedEntry {
                 key,
                 event,

@@ -48,7 +48,10 @@ struct OutboxRow {
 /// row's framing is stored alone and bare, as versions before rows stored every entry.
 pub struct RowWriter {
     max_value_bytes: usize,
+    /// Rows no entry is added to any more, in key order.
     rows: Vec<(Vec<u8>, Vec<u8>)>,
+    /// The row entries are added to, after every row of `rows`.
+    open: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 impl RowWriter {
@@ -56,33 +59,39 @@ impl RowWriter {
         Self {
             max_value_bytes,
             rows: Vec::new(),
+            open: None,
         }
     }
 
-    /// Adds the entry keyed `key` (the commit's next): to the last row when it fits, else to
+    /// Adds the entry keyed `key` (the commit's next): to the open row when it fits, else to
     /// a new row under `key`.
-    pub fn push(&mut self, key: &[u8], encoded_event: &[u8]) {
+    pub fn push(&mut self, key: &[u8], encoded_event: &[u8]) -> Result<(), StoreError> {
         let field = 1 + prost::length_delimiter_len(encoded_event.len()) + encoded_event.len();
-        let fits = self.rows.last().is_some_and(|(_, value)| {
-            value.first() == Some(&ROW_MARKER) && value.len() + field <= self.max_value_bytes
-        });
+        let fits = self
+            .open
+            .as_ref()
+            .is_some_and(|(_, value)| value.len() + field <= self.max_value_bytes);
         if !fits {
+            self.rows.extend(self.open.take());
             if 1 + field > self.max_value_bytes {
                 self.rows.push((key.to_vec(), encoded_event.to_vec()));
-                return;
+                return Ok(());
             }
-            self.rows.push((key.to_vec(), vec![ROW_MARKER]));
         }
-        let (_, value) = self.rows.last_mut().expect("a row was just ensured");
+        let (_, value) = self
+            .open
+            .get_or_insert_with(|| (key.to_vec(), vec![ROW_MARKER]));
         // Field 1 of `OutboxRow` (number 1, length-delimited), the event's bytes as they are.
         value.push(EVENTS_FIELD_KEY);
         prost::encode_length_delimiter(encoded_event.len(), value)
-            .expect("a Vec grows to hold a length");
+            .map_err(|e| StoreError::Engine(format!("an outbox row: {e}")))?;
         value.extend_from_slice(encoded_event);
+        Ok(())
     }
 
     /// The rows, keys incomplete (to be completed by the commit's versionstamp).
-    pub fn finish(self) -> Vec<(Vec<u8>, Vec<u8>)> {
+    pub fn finish(mut self) -> Vec<(Vec<u8>, Vec<u8>)> {
+        self.rows.extend(self.open);
         self.rows
     }
 }
@@ -183,7 +192,9 @@ mod tests {
         // Room for two events per row.
         let mut writer = RowWriter::new(2 * (encoded[0].len() + 3) + 1);
         for (order, bytes) in encoded.iter().enumerate() {
-            writer.push(&keys.outbox_entry(3, order as u16), bytes);
+            writer
+                .push(&keys.outbox_entry(3, order as u16), bytes)
+                .unwrap();
         }
         let stamp = [9; 10];
         let rows: Vec<(Vec<u8>, Vec<u8>)> = writer
@@ -230,7 +241,9 @@ mod tests {
         let large = pb::Event::from(event(2, &"x".repeat(200))).encode_to_vec();
         let mut writer = RowWriter::new(large.len());
         for (order, bytes) in [&small, &large, &small].into_iter().enumerate() {
-            writer.push(&keys.outbox_entry(3, order as u16), bytes);
+            writer
+                .push(&keys.outbox_entry(3, order as u16), bytes)
+                .unwrap();
         }
         let rows = writer.finish();
         assert_eq!(rows.len(), 3);
