@@ -4,10 +4,10 @@
 //! every other shard write. A device unseen for `device_inactive_after` no longer holds events
 //! back; when it returns with a cursor below the floor it gets a `trimmed` frame first.
 //!
-//! Each pass also clears the idempotency records older than `idempotency_window`: a retry
-//! with the same `client_msg_id` after that is sequenced as a new message. Server-made keys
-//! expire likewise (a delete retried after the window is sequenced again, and tombstones a
-//! message already tombstoned).
+//! Each pass also clears the idempotency buckets that expired (`courier_store::idempotency`):
+//! a retry with the same `client_msg_id` more than the store's idempotency window after the
+//! send may be sequenced as a new message. Server-made keys expire likewise (a delete retried
+//! after the window is sequenced again, and tombstones a message already tombstoned).
 //!
 //! The passes run in a loop owned by the node's [`BackgroundLoops`]. It stops at once when
 //! cancelled, mid-pass if need be (a pass is idempotent: the next one starts over), and is
@@ -34,8 +34,6 @@ pub struct RetentionPolicy {
     pub device_inactive_after: Duration,
     /// Time between passes.
     pub interval: Duration,
-    /// How long a send's idempotency record is kept: a retry within it gets the first outcome.
-    pub idempotency_window: Duration,
 }
 
 pub struct Retention {
@@ -91,6 +89,11 @@ impl Retention {
         loop {
             tokio::time::sleep(self.policy.interval).await;
             if !lead.runs_pass(self.policy.interval).await {
+                // The leader's passes clear the records written before idempotency buckets;
+                // this node's appends stop looking for them once they are gone.
+                if let Err(e) = self.store.recheck_legacy_idempotency().await {
+                    tracing::warn!(error = %e, "could not check for idempotency records to migrate");
+                }
                 continue;
             }
             match self.run_once().await {
@@ -107,23 +110,11 @@ impl Retention {
         }
     }
 
-    /// One pass over every conversation, then over the idempotency records of both subspaces
-    /// (expired even if some conversation could not be trimmed).
+    /// One pass over every conversation, then over the idempotency records (expired even if
+    /// some conversation could not be trimmed).
     pub async fn run_once(&self) -> Result<Cleared, RetentionError> {
         let events = self.trim_conversations().await;
-        let cutoff = now_ms().saturating_sub(self.policy.idempotency_window.as_millis() as u64);
-        let keys = self.store.keys();
-        let mut idempotency_records = 0;
-        // Clients' sends, then server-made appends (deletes, membership events).
-        for records in [
-            keys.idempotency_records(),
-            keys.server_idempotency_records(),
-        ] {
-            idempotency_records += self
-                .store
-                .expire_idempotency_records(records, cutoff)
-                .await?;
-        }
+        let idempotency_records = self.store.expire_idempotency_records(now_ms()).await?;
         Ok(Cleared {
             events: events?,
             idempotency_records,

@@ -178,8 +178,9 @@ pub struct ServeConfig {
     /// Time between retention passes.
     #[arg(long, env = "COURIER_RETENTION_INTERVAL", default_value = "1h", value_parser = humantime::parse_duration)]
     pub retention_interval: Duration,
-    /// How long a send's idempotency record is kept (cleared by retention passes): a retry with
-    /// the same `client_msg_id` after that is a new message.
+    /// How long a send's idempotency record is at least kept (cleared by retention passes
+    /// within twice that): a retry with the same `client_msg_id` within it gets the first
+    /// outcome, and one after it may be a new message.
     #[arg(long, env = "COURIER_IDEMPOTENCY_WINDOW", default_value = "7days", value_parser = humantime::parse_duration)]
     pub idempotency_window: Duration,
     /// Sends get `unavailable`, and `/readyz` fails, while the embedded store's filesystem has
@@ -361,7 +362,6 @@ impl ServeConfig {
             window: self.retention,
             device_inactive_after: self.device_inactive_after,
             interval: self.retention_interval,
-            idempotency_window: self.idempotency_window,
         }
     }
 

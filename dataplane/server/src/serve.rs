@@ -73,6 +73,7 @@ use courier_store::leaders::Job;
 use courier_store::nodes::NodeRecord;
 use courier_store::{KvEngine, MessageStore, PartitionStore, PartitionTable, StoreError};
 use std::future::IntoFuture;
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::sync::watch;
@@ -110,10 +111,14 @@ pub fn verifier(config: &ServeConfig) -> anyhow::Result<TokenVerifier> {
 /// The store: one engine, or with `--storage-partitions` one per partition of the table
 /// (`docs/decisions/0005-storage-partitions.md`).
 pub async fn open_store(config: &ServeConfig) -> anyhow::Result<MessageStore> {
-    let Some(path) = &config.storage_partitions else {
-        let engine = open_engine(config).await?;
-        return Ok(MessageStore::open(engine, b"", config.shards).await?);
+    let store = match &config.storage_partitions {
+        None => MessageStore::open(open_engine(config).await?, b"", config.shards).await?,
+        Some(path) => open_partitioned_store(config, path).await?,
     };
+    Ok(store.with_idempotency_window(config.idempotency_window))
+}
+
+async fn open_partitioned_store(config: &ServeConfig, path: &Path) -> anyhow::Result<MessageStore> {
     let table = PartitionTable::read(path, config.shards)?;
     let mut engines = Vec::with_capacity(table.partitions().len());
     for (index, partition) in table.partitions().iter().enumerate() {

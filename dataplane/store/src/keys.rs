@@ -433,7 +433,12 @@ impl Keys {
                 tuple.string()?;
                 Placement::Shard(u32::try_from(tuple.uint()?).ok()?)
             }
-            b"conv" | b"mem" | b"head" | b"ev" | b"idem" | b"sidem" | b"rcpt" | b"floor" => {
+            b"conv" | b"mem" | b"head" | b"ev" | b"rcpt" | b"floor" => {
+                Placement::Conversation(tuple.hashed_string()?)
+            }
+            b"idem" | b"sidem" => {
+                // A bucket first, but for records written before buckets.
+                tuple.uint();
                 Placement::Conversation(tuple.hashed_string()?)
             }
             b"convs" | b"mref" => {
@@ -463,7 +468,34 @@ impl Keys {
         self.event(conv, from)..self.event(conv, to)
     }
 
+    /// The idempotency record of a client's send, in the bucket whose records expire at
+    /// `bucket` (`crate::idempotency`).
     pub fn idempotency(
+        &self,
+        bucket: u64,
+        conv: &str,
+        user: &str,
+        device: &str,
+        client_msg_id: &str,
+    ) -> Vec<u8> {
+        self.pack(&("idem", bucket, conv, user, device, client_msg_id))
+    }
+
+    /// The idempotency record of a server-made append: a subspace of its own, so that no client
+    /// id can collide with it.
+    pub fn server_idempotency(&self, bucket: u64, conv: &str, key: &str) -> Vec<u8> {
+        self.pack(&("sidem", bucket, conv, key))
+    }
+
+    /// The idempotency records, of client sends and of server-made appends, in the buckets
+    /// that expire at or before `now_ms`.
+    pub fn expired_idempotency_buckets(&self, now_ms: u64) -> [Range<Vec<u8>>; 2] {
+        ["idem", "sidem"]
+            .map(|space| self.pack(&(space, 0u64))..self.pack(&(space, now_ms.saturating_add(1))))
+    }
+
+    /// An idempotency record of a client's send written before buckets.
+    pub fn legacy_idempotency(
         &self,
         conv: &str,
         user: &str,
@@ -473,20 +505,16 @@ impl Keys {
         self.pack(&("idem", conv, user, device, client_msg_id))
     }
 
-    /// The idempotency key of a server-made append: a subspace of its own, so that no client
-    /// id can collide with it.
-    pub fn server_idempotency(&self, conv: &str, key: &str) -> Vec<u8> {
+    /// An idempotency record of a server-made append written before buckets.
+    pub fn legacy_server_idempotency(&self, conv: &str, key: &str) -> Vec<u8> {
         self.pack(&("sidem", conv, key))
     }
 
-    /// Every idempotency record of client sends.
-    pub fn idempotency_records(&self) -> Range<Vec<u8>> {
-        range_of(self.root.subspace(&("idem",)))
-    }
-
-    /// Every idempotency record of server-made appends.
-    pub fn server_idempotency_records(&self) -> Range<Vec<u8>> {
-        range_of(self.root.subspace(&("sidem",)))
+    /// The idempotency records written before buckets, of both subspaces: their conversation
+    /// (a string) sorts before every bucket (an integer).
+    pub fn legacy_idempotency_records(&self) -> [Range<Vec<u8>>; 2] {
+        ["idem", "sidem"]
+            .map(|space| range_of(self.root.subspace(&(space,))).start..self.pack(&(space, 0u64)))
     }
 
     pub fn cursor(&self, user: &str, device: &str, conv: &str) -> Vec<u8> {
@@ -545,6 +573,32 @@ mod tests {
         assert!(!range.contains(&keys.event("a", 3)));
     }
 
+    /// The expired buckets hold the records of buckets up to the time given, and the legacy
+    /// ranges only records keyed by conversation, for both kinds of record.
+    #[test]
+    fn idempotency_ranges_split_records_by_bucket_and_layout() {
+        let keys = Keys::new(b"t");
+        let [sends, server] = keys.expired_idempotency_buckets(1_000);
+        let [old_sends, old_server] = keys.legacy_idempotency_records();
+        for bucket in [0, 999, 1_000] {
+            assert!(sends.contains(&keys.idempotency(bucket, "d:a", "u", "p", "c")));
+            assert!(server.contains(&keys.server_idempotency(bucket, "d:a", "k")));
+        }
+        for bucket in [1_001, u64::MAX] {
+            assert!(!sends.contains(&keys.idempotency(bucket, "d:a", "u", "p", "c")));
+            assert!(!server.contains(&keys.server_idempotency(bucket, "d:a", "k")));
+        }
+        for conv in ["", "d:a", "\u{ff}"] {
+            let legacy = keys.legacy_idempotency(conv, "u", "p", "c");
+            let legacy_server = keys.legacy_server_idempotency(conv, "k");
+            assert!(old_sends.contains(&legacy) && !sends.contains(&legacy));
+            assert!(old_server.contains(&legacy_server) && !server.contains(&legacy_server));
+        }
+        assert!(!old_sends.contains(&keys.idempotency(0, "d:a", "u", "p", "c")));
+        assert!(!old_server.contains(&keys.server_idempotency(0, "d:a", "k")));
+        assert!(!old_sends.contains(&keys.head("d:a")) && !sends.contains(&keys.head("d:a")));
+    }
+
     /// Keys are stored: their bytes are FoundationDB's tuple encoding under the root, whatever
     /// their length and content (escaped zero bytes included).
     #[test]
@@ -555,8 +609,8 @@ mod tests {
             let space = Subspace::from_bytes(root.to_vec());
             assert_eq!(keys.head("d:a\0b"), space.pack(&("head", "d:a\0b")));
             assert_eq!(
-                keys.idempotency("g:1", &long, "phone", "c-1"),
-                space.pack(&("idem", "g:1", long.as_str(), "phone", "c-1"))
+                keys.idempotency(9, "g:1", &long, "phone", "c-1"),
+                space.pack(&("idem", 9u64, "g:1", long.as_str(), "phone", "c-1"))
             );
             assert_eq!(
                 keys.event("g:1", u64::MAX),

@@ -21,6 +21,7 @@ pub mod embedded;
 pub mod faulty_engine;
 #[cfg(feature = "fdb")]
 pub mod fdb;
+pub mod idempotency;
 pub mod keys;
 pub mod kv;
 pub mod leaders;

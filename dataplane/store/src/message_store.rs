@@ -1,6 +1,7 @@
 //! The message-store logic, written once over [`KvEngine`]: shards and their epochs, appends
 //! (dense per-conversation seq, idempotency, outbox), reads, cursors and receipts.
 
+use crate::idempotency::IdempotencyWindow;
 use crate::keys::{Keys, ReceiptKind, stable_hash};
 use crate::kv::{
     Batch, BatchLimits, Durability, KeyValue, KvEngine, Mutation, StoreError,
@@ -16,6 +17,8 @@ use prost::Message;
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 /// Attempts for a batch whose commit outcome was unknown before giving up.
 const MAX_COMMIT_ATTEMPTS: usize = 5;
@@ -26,9 +29,6 @@ const DEVICE_UPDATE_ATTEMPTS: usize = 5;
 
 /// Sanity bound on stored counts read back from the store.
 const MAX_SHARDS: u32 = 1 << 20;
-
-/// Idempotency records read (and expired ones cleared, in one commit) per step of expiry.
-const IDEMPOTENCY_PAGE: usize = 1024;
 
 /// Most bytes of pending notifications written in one commit while expanding an outbox
 /// (lowered to the engine's batch limit): small commits, however many devices a group has.
@@ -153,13 +153,13 @@ pub struct PendingPush {
 
 /// The first outcome of a `(conversation, device, client_msg_id)`, returned to retries.
 #[derive(Clone, PartialEq, prost::Message)]
-struct IdempotencyRecord {
+pub(crate) struct IdempotencyRecord {
     #[prost(uint64, tag = "1")]
-    seq: u64,
+    pub(crate) seq: u64,
     #[prost(string, tag = "2")]
-    server_msg_id: String,
+    pub(crate) server_msg_id: String,
     #[prost(uint64, tag = "3")]
-    ts_ms: u64,
+    pub(crate) ts_ms: u64,
 }
 
 /// Ownership of one shard for one [`Duty`]: the owner's commits (appends, outbox clears) are
@@ -400,6 +400,12 @@ impl HeadCache {
     }
 }
 
+/// The idempotency keys of an append: where its record goes, and where an earlier one may be.
+struct IdempotencyKeys {
+    write: Vec<u8>,
+    lookups: Vec<Vec<u8>>,
+}
+
 /// Membership records read or written by the batch being built, by (conversation, user):
 /// later appends of the batch decide on what earlier ones changed.
 #[derive(Default)]
@@ -425,6 +431,11 @@ pub struct MessageStore {
     /// The partitions, when there are several (`kv` is then this same engine): the few
     /// operations that span partitions are split by it (decision 0005).
     partitions: Option<Arc<PartitionedEngine>>,
+    /// How long appends' idempotency records are kept (`crate::idempotency`).
+    pub(crate) idempotency: IdempotencyWindow,
+    /// Whether records written before idempotency buckets may remain: appends look them up
+    /// too until a retention pass finds none.
+    pub(crate) legacy_idempotency: Arc<AtomicBool>,
 }
 
 /// The shard of a conversation whose id has the [`stable_hash`] `hash`.
@@ -568,12 +579,23 @@ impl MessageStore {
                 shard_count
             }
         };
-        Ok(Self {
+        let store = Self {
             kv,
             keys,
             shard_count,
             partitions,
-        })
+            idempotency: IdempotencyWindow::default(),
+            legacy_idempotency: Arc::new(AtomicBool::new(true)),
+        };
+        store.recheck_legacy_idempotency().await?;
+        Ok(store)
+    }
+
+    /// The store with appends' idempotency records kept for `window` (7 days by default):
+    /// a retry within it gets the first outcome (`crate::idempotency`).
+    pub fn with_idempotency_window(mut self, window: Duration) -> Self {
+        self.idempotency = IdempotencyWindow::new(window);
+        self
     }
 
     /// The partition of `shard` (0 without partitions).
@@ -601,7 +623,7 @@ impl MessageStore {
     }
 
     /// Commits independent mutations (no fences): one commit, or one per partition.
-    async fn commit_independent(&self, batch: Batch) -> Result<(), StoreError> {
+    pub(crate) async fn commit_independent(&self, batch: Batch) -> Result<(), StoreError> {
         match &self.partitions {
             None => self.kv.commit(batch).await.map(drop),
             Some(partitions) => partitions.commit_per_partition(batch).await,
@@ -709,14 +731,32 @@ impl MessageStore {
         }
     }
 
-    fn idempotency_key(&self, append: &Append) -> Vec<u8> {
+    /// Where the idempotency record of `append` in a batch at `ts_ms` goes, and every key an
+    /// earlier record of it may be under, newest first (`crate::idempotency`).
+    fn idempotency_keys(&self, append: &Append, ts_ms: u64) -> IdempotencyKeys {
         let conv = append.conversation_id.as_str();
-        match &append.key {
+        let in_bucket = |bucket| match &append.key {
             AppendKey::Client(id) => {
+                let sender = &append.sender;
                 self.keys
-                    .idempotency(conv, &append.sender.user, &append.sender.device, id)
+                    .idempotency(bucket, conv, &sender.user, &sender.device, id)
             }
-            AppendKey::Server(key) => self.keys.server_idempotency(conv, key),
+            AppendKey::Server(key) => self.keys.server_idempotency(bucket, conv, key),
+        };
+        let mut lookups: Vec<Vec<u8>> = self.idempotency.lookups(ts_ms).map(in_bucket).collect();
+        if self.legacy_idempotency.load(Ordering::Relaxed) {
+            lookups.push(match &append.key {
+                AppendKey::Client(id) => {
+                    let sender = &append.sender;
+                    self.keys
+                        .legacy_idempotency(conv, &sender.user, &sender.device, id)
+                }
+                AppendKey::Server(key) => self.keys.legacy_server_idempotency(conv, key),
+            });
+        }
+        IdempotencyKeys {
+            write: in_bucket(self.idempotency.bucket(ts_ms)),
+            lookups,
         }
     }
 
@@ -740,11 +780,17 @@ impl MessageStore {
         let mut in_batch: HashMap<Vec<u8>, usize> = HashMap::new();
         let mut members = BatchMembers::default();
         let mut outbox_rows = RowWriter::new(self.kv.limits().max_value_bytes);
-        let mut earlier = self.prefetch(heads, &mut members, appends).await?;
+        let idempotency: Vec<IdempotencyKeys> = appends
+            .iter()
+            .map(|a| self.idempotency_keys(a, ts_ms))
+            .collect();
+        let mut earlier = self
+            .prefetch(heads, &mut members, appends, &idempotency)
+            .await?;
 
-        for (i, append) in appends.iter().enumerate() {
+        for (i, (append, idem)) in appends.iter().zip(idempotency).enumerate() {
             let conv = append.conversation_id.as_str();
-            let idem_key = self.idempotency_key(append);
+            let idem_key = idem.write;
             if let Some(&first) = in_batch.get(&idem_key) {
                 let mut outcome = results[first]
                     .clone()
@@ -842,13 +888,15 @@ impl MessageStore {
     }
 
     /// Reads at once what a batch of appends decides on (one call to a store node): each
-    /// append's idempotency record (returned, in the order of `appends`), each sender's
-    /// membership record (into `members`) and the heads `heads` does not hold (into `heads`).
+    /// append's earlier idempotency record, the first found of its `idempotency` lookups
+    /// (returned, in the order of `appends`), each sender's membership record (into
+    /// `members`) and the heads `heads` does not hold (into `heads`).
     async fn prefetch(
         &self,
         heads: &mut HeadCache,
         members: &mut BatchMembers,
         appends: &[Append],
+        idempotency: &[IdempotencyKeys],
     ) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
         let senders: BTreeSet<(&str, &str)> = appends
             .iter()
@@ -859,9 +907,9 @@ impl MessageStore {
             .map(|a| a.conversation_id.as_str())
             .filter(|conv| !heads.heads.contains_key(*conv))
             .collect();
-        let keys: Vec<Vec<u8>> = appends
+        let keys: Vec<Vec<u8>> = idempotency
             .iter()
-            .map(|a| self.idempotency_key(a))
+            .flat_map(|idem| idem.lookups.iter().cloned())
             .chain(
                 senders
                     .iter()
@@ -870,7 +918,15 @@ impl MessageStore {
             .chain(uncached.iter().map(|conv| self.keys.head(conv)))
             .collect();
         let mut values = self.get_each(keys).await?.into_iter();
-        let earlier = values.by_ref().take(appends.len()).collect();
+        let earlier = idempotency
+            .iter()
+            .map(|idem| {
+                values
+                    .by_ref()
+                    .take(idem.lookups.len())
+                    .fold(None, |found, value| found.or(value))
+            })
+            .collect();
         for ((conv, user), value) in senders.into_iter().zip(values.by_ref()) {
             let record = self.decode_member(conv, user, &value)?;
             members.0.insert((conv.to_owned(), user.to_owned()), record);
@@ -1493,44 +1549,6 @@ impl MessageStore {
         rows.iter()
             .map(|(k, _)| self.keys.media_id(k).ok_or_else(|| corrupt(k, "media key")))
             .collect()
-    }
-
-    /// Clears the idempotency records in `records` (a subspace of records of first outcomes,
-    /// such as [`Keys::idempotency_records`]) written at or before `cutoff_ms`, a page per
-    /// commit; returns how many. A retry whose record is gone is sequenced as a new event. A
-    /// record that does not decode is logged and left in place.
-    pub async fn expire_idempotency_records(
-        &self,
-        mut records: Range<Vec<u8>>,
-        cutoff_ms: u64,
-    ) -> Result<u64, StoreError> {
-        let mut cleared = 0;
-        loop {
-            let page = self
-                .kv
-                .range(records.clone(), IDEMPOTENCY_PAGE, false)
-                .await?;
-            let mut batch = Batch::new();
-            for (key, value) in &page {
-                match IdempotencyRecord::decode(value.as_slice()) {
-                    Ok(record) if record.ts_ms <= cutoff_ms => {
-                        batch.clear(key.clone());
-                    }
-                    Ok(_) => {}
-                    Err(e) => tracing::error!(error = %corrupt(key, e), "idempotency record kept"),
-                }
-            }
-            if !batch.is_empty() {
-                cleared += batch.mutations.len() as u64;
-                self.commit_independent(batch).await?;
-            }
-            match page.last() {
-                Some((last, _)) if page.len() == IDEMPOTENCY_PAGE => {
-                    records.start = last.iter().copied().chain([0]).collect();
-                }
-                _ => return Ok(cleared),
-            }
-        }
     }
 
     /// Pending notifications, in key order, a page of `limit` after `after`.
@@ -2633,52 +2651,6 @@ mod tests {
             store.event("d:1", 1).await.unwrap().unwrap().payload,
             EventPayload::Message { deleted: true, .. }
         ));
-    }
-
-    #[tokio::test]
-    async fn idempotency_records_expire_after_their_window() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = temp_store(&dir, 8).await;
-        let lease = owner(&store, "d:1").await;
-        let mut heads = HeadCache::default();
-        let sent = first(
-            store
-                .append(lease, &mut heads, &[message("d:1", "p", "a")])
-                .await,
-        );
-        let records = store.keys().idempotency_records();
-        let before = sent.ts_ms - 1;
-        assert_eq!(
-            store
-                .expire_idempotency_records(records.clone(), before)
-                .await
-                .unwrap(),
-            0,
-            "younger than the window: kept"
-        );
-        let retry = first(
-            store
-                .append(lease, &mut heads, &[message("d:1", "p", "a")])
-                .await,
-        );
-        assert_eq!((retry.seq, retry.duplicate), (1, true));
-        assert_eq!(
-            store
-                .expire_idempotency_records(records, sent.ts_ms)
-                .await
-                .unwrap(),
-            1
-        );
-        let late = first(
-            store
-                .append(lease, &mut heads, &[message("d:1", "p", "a")])
-                .await,
-        );
-        assert_eq!(
-            (late.seq, late.duplicate),
-            (2, false),
-            "a retry after the window is a new message"
-        );
     }
 
     #[tokio::test]

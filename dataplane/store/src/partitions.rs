@@ -753,8 +753,10 @@ mod tests {
             keys.user_conversation("u", &conv),
             keys.head(&conv),
             keys.event(&conv, 3),
-            keys.idempotency(&conv, "u", "d", "c"),
-            keys.server_idempotency(&conv, "k"),
+            keys.idempotency(7, &conv, "u", "d", "c"),
+            keys.server_idempotency(u64::MAX, &conv, "k"),
+            keys.legacy_idempotency(&conv, "u", "d", "c"),
+            keys.legacy_server_idempotency(&conv, "k"),
             keys.receipt(&conv, "u", ReceiptKind::Read),
             keys.floor(&conv),
             keys.media_reference("m", &conv, 3),
@@ -937,10 +939,7 @@ mod tests {
             let lease = lease(store, conv).await;
             store.trim(lease, conv, 2).await.unwrap();
         }
-        store
-            .expire_idempotency_records(store.keys().idempotency_records(), u64::MAX)
-            .await
-            .unwrap();
+        store.expire_idempotency_records(u64::MAX).await.unwrap();
         store.forget_media("m1", &image).await.unwrap();
         assert!(store.media_references("m1").await.unwrap().is_empty());
         store

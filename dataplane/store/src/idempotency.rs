@@ -1,0 +1,379 @@
+//! Idempotency records in buckets that expire whole (`docs/decisions/0009-idempotency-buckets.md`).
+//!
+//! An append's record (the first outcome of a client's `client_msg_id`, or of a server-made
+//! append's key) goes to the bucket of its commit time. Buckets are one window wide, and a
+//! bucket is named by the time its records may go: two windows and twice the allowed clock
+//! skew after it opened. A retry looks in every bucket that a record written within the
+//! window before it (by a clock up to the skew apart) can be in: two, or three near a
+//! bucket's edge. So a retry within the window always finds the first outcome, a record is
+//! kept between one window and two, and a retention pass clears whole buckets, visiting each
+//! record once, when it goes, instead of reading every live record on every pass.
+//!
+//! Records written before buckets (keyed by conversation first) are still looked up, and
+//! expired by their time one by one, until a pass finds none left.
+
+use crate::kv::{Batch, StoreError};
+use crate::message_store::{IdempotencyRecord, MessageStore, corrupt};
+use prost::Message;
+use std::ops::Range;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+/// The idempotency window a store keeps records for unless told otherwise.
+pub const DEFAULT_IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// The largest clock skew between nodes that buckets allow for (less for windows shorter
+/// than eight of it: an eighth of the window).
+const MAX_CLOCK_SKEW_MS: u64 = 60_000;
+
+/// Records read and cleared per commit of a retention pass.
+const PAGE: usize = 1024;
+
+/// How long idempotency records are kept, and the buckets that follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdempotencyWindow {
+    window_ms: u64,
+    skew_ms: u64,
+}
+
+impl IdempotencyWindow {
+    /// A window of `window`, in whole milliseconds and at least one.
+    pub fn new(window: Duration) -> Self {
+        let window_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX).max(1);
+        Self {
+            window_ms,
+            skew_ms: (window_ms / 8).min(MAX_CLOCK_SKEW_MS),
+        }
+    }
+
+    pub fn window(&self) -> Duration {
+        Duration::from_millis(self.window_ms)
+    }
+
+    /// The bucket of a record written at `ts_ms`: the time its records expire.
+    pub fn bucket(&self, ts_ms: u64) -> u64 {
+        self.expiry(ts_ms / self.window_ms)
+    }
+
+    /// The buckets an append at `ts_ms` looks for an earlier record in, newest first: those
+    /// of every time from a window and the skew before `ts_ms` to the skew after it.
+    pub fn lookups(&self, ts_ms: u64) -> impl Iterator<Item = u64> + use<> {
+        let this = *self;
+        let first =
+            ts_ms.saturating_sub(self.window_ms.saturating_add(self.skew_ms)) / self.window_ms;
+        let last = ts_ms.saturating_add(self.skew_ms) / self.window_ms;
+        (first..=last).rev().map(move |index| this.expiry(index))
+    }
+
+    /// When the records of the `index`-th bucket (from the epoch) expire.
+    fn expiry(&self, index: u64) -> u64 {
+        index
+            .saturating_add(2)
+            .saturating_mul(self.window_ms)
+            .saturating_add(self.skew_ms.saturating_mul(2))
+    }
+}
+
+impl Default for IdempotencyWindow {
+    fn default() -> Self {
+        Self::new(DEFAULT_IDEMPOTENCY_WINDOW)
+    }
+}
+
+impl MessageStore {
+    /// Clears the idempotency records whose time has come at `now_ms`: the buckets that
+    /// expired, a page per commit, then the records written before buckets more than a window
+    /// before `now_ms`. Returns how many. A retry whose record is gone is sequenced as a new
+    /// event.
+    pub async fn expire_idempotency_records(&self, now_ms: u64) -> Result<u64, StoreError> {
+        let mut cleared = 0;
+        for buckets in self.keys().expired_idempotency_buckets(now_ms) {
+            cleared += self.clear_in_pages(buckets).await?;
+        }
+        if self.legacy_idempotency.load(Ordering::Relaxed) {
+            let cutoff = now_ms.saturating_sub(self.idempotency.window_ms);
+            for records in self.keys().legacy_idempotency_records() {
+                cleared += self.expire_legacy_records(records, cutoff).await?;
+            }
+            self.recheck_legacy_idempotency().await?;
+        }
+        Ok(cleared)
+    }
+
+    /// Whether records written before buckets remain, read again: appends stop looking them
+    /// up once none is left.
+    pub async fn recheck_legacy_idempotency(&self) -> Result<(), StoreError> {
+        let mut left = false;
+        for records in self.keys().legacy_idempotency_records() {
+            left |= !self.kv().range(records, 1, false).await?.is_empty();
+        }
+        self.legacy_idempotency.store(left, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Clears every record of `range`, a page per commit; returns how many.
+    async fn clear_in_pages(&self, mut range: Range<Vec<u8>>) -> Result<u64, StoreError> {
+        let mut cleared = 0;
+        loop {
+            let page = self.kv().range(range.clone(), PAGE, false).await?;
+            let Some((last, _)) = page.last() else {
+                return Ok(cleared);
+            };
+            let after_last: Vec<u8> = last.iter().copied().chain([0]).collect();
+            let mut batch = Batch::new();
+            batch.clear_range(range.start.clone()..after_last.clone());
+            self.commit_independent(batch).await?;
+            cleared += page.len() as u64;
+            if page.len() < PAGE {
+                return Ok(cleared);
+            }
+            range.start = after_last;
+        }
+    }
+
+    /// Clears the records of `records` written at or before `cutoff_ms`, a page per commit;
+    /// returns how many. A record that does not decode is logged and left in place.
+    async fn expire_legacy_records(
+        &self,
+        mut records: Range<Vec<u8>>,
+        cutoff_ms: u64,
+    ) -> Result<u64, StoreError> {
+        let mut cleared = 0;
+        loop {
+            let page = self.kv().range(records.clone(), PAGE, false).await?;
+            let mut batch = Batch::new();
+            for (key, value) in &page {
+                match IdempotencyRecord::decode(value.as_slice()) {
+                    Ok(record) if record.ts_ms <= cutoff_ms => {
+                        batch.clear(key.clone());
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::error!(error = %corrupt(key, e), "idempotency record kept"),
+                }
+            }
+            if !batch.is_empty() {
+                cleared += batch.mutations.len() as u64;
+                self.commit_independent(batch).await?;
+            }
+            match page.last() {
+                Some((last, _)) if page.len() == PAGE => {
+                    records.start = last.iter().copied().chain([0]).collect();
+                }
+                _ => return Ok(cleared),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message_store::{AppendOutcome, HeadCache, ShardLease};
+    use crate::ownership::Duty;
+    use crate::testing::{direct_message, temp_store};
+    use proptest::prelude::*;
+    use std::time::SystemTime;
+
+    const WEEK_MS: u64 = 7 * 24 * 3600 * 1000;
+    /// Times from the epoch to year ~2500.
+    const LATEST_MS: u64 = 1 << 44;
+
+    fn window(ms: u64) -> IdempotencyWindow {
+        IdempotencyWindow::new(Duration::from_millis(ms))
+    }
+
+    #[test]
+    fn the_skew_allowed_is_a_minute_or_an_eighth_of_a_shorter_window() {
+        assert_eq!(IdempotencyWindow::default().window_ms, WEEK_MS);
+        assert_eq!(IdempotencyWindow::default().skew_ms, 60_000);
+        assert_eq!(window(80_000).skew_ms, 10_000);
+        assert_eq!(window(1).skew_ms, 0);
+        assert_eq!(
+            window(0).window(),
+            Duration::from_millis(1),
+            "at least 1 ms"
+        );
+    }
+
+    #[test]
+    fn a_week_looks_in_two_buckets_and_three_near_an_edge() {
+        let week = IdempotencyWindow::default();
+        let mid = 100 * WEEK_MS + WEEK_MS / 2;
+        assert_eq!(week.lookups(mid).count(), 2);
+        assert_eq!(week.lookups(101 * WEEK_MS - 1).count(), 3);
+        assert_eq!(week.lookups(100 * WEEK_MS).count(), 3);
+        let buckets: Vec<u64> = week.lookups(mid).collect();
+        assert_eq!(buckets, [week.bucket(mid), week.bucket(mid - WEEK_MS)]);
+    }
+
+    proptest! {
+        /// A retry finds its record when the two were made within the window of each other,
+        /// by clocks up to the skew apart.
+        #[test]
+        fn a_retry_within_the_window_looks_in_the_records_bucket(
+            window_ms in 1u64..=2 * WEEK_MS,
+            retry_ms in 0u64..LATEST_MS,
+            back in 0u64..=1_000_000,
+            forward in any::<bool>(),
+        ) {
+            let w = window(window_ms);
+            let span = if forward { w.skew_ms } else { w.window_ms + w.skew_ms };
+            let offset = back % (span + 1);
+            let written_ms = if forward { retry_ms + offset } else { retry_ms.saturating_sub(offset) };
+            prop_assert!(w.lookups(retry_ms).any(|b| b == w.bucket(written_ms)));
+            prop_assert!(w.lookups(retry_ms).count() <= 3);
+        }
+
+        /// A record lives more than the window and twice the skew (so a pass by a clock ahead
+        /// by the skew never clears one a retry by a clock behind by it still needs), and at
+        /// most two windows and twice the skew.
+        #[test]
+        fn a_record_lives_between_one_and_two_windows(
+            window_ms in 1u64..=2 * WEEK_MS,
+            written_ms in 0u64..LATEST_MS,
+        ) {
+            let w = window(window_ms);
+            let life = w.bucket(written_ms) - written_ms;
+            prop_assert!(life > w.window_ms + 2 * w.skew_ms);
+            prop_assert!(life <= 2 * w.window_ms + 2 * w.skew_ms);
+        }
+
+        /// Later records go to the same bucket or a later one.
+        #[test]
+        fn buckets_follow_time(
+            window_ms in 1u64..=2 * WEEK_MS,
+            a in 0u64..LATEST_MS,
+            b in 0u64..LATEST_MS,
+        ) {
+            let w = window(window_ms);
+            if a <= b {
+                prop_assert!(w.bucket(a) <= w.bucket(b));
+            }
+        }
+    }
+
+    fn now_ms() -> u64 {
+        let since_epoch = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap();
+        since_epoch.as_millis() as u64
+    }
+
+    async fn owner(store: &MessageStore) -> ShardLease {
+        let shard = store.shard_of("d:1");
+        store
+            .acquire_shards(Duty::Sequencing, "test", &[shard], usize::MAX, 0, u64::MAX)
+            .await
+            .unwrap()[0]
+    }
+
+    async fn send(store: &MessageStore, lease: ShardLease, id: &str) -> AppendOutcome {
+        let mut heads = HeadCache::default();
+        let results = store.append(lease, &mut heads, &[direct_message(id)]).await;
+        results.unwrap().remove(0).unwrap()
+    }
+
+    async fn put(store: &MessageStore, key: Vec<u8>, record: IdempotencyRecord) {
+        let mut batch = Batch::new();
+        batch.set(key, record.encode_to_vec());
+        store.kv().commit(batch).await.unwrap();
+    }
+
+    fn record(seq: u64, ts_ms: u64) -> IdempotencyRecord {
+        IdempotencyRecord {
+            seq,
+            server_msg_id: format!("s-{seq}"),
+            ts_ms,
+        }
+    }
+
+    /// A retry is answered from its record until the record's bucket expires; from then on
+    /// the same id makes a new message.
+    #[tokio::test]
+    async fn records_expire_with_their_bucket() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = temp_store(&dir, 8).await;
+        let lease = owner(&store).await;
+        let sent = send(&store, lease, "a").await;
+        let bucket = store.idempotency.bucket(sent.ts_ms);
+        assert!(bucket > sent.ts_ms + store.idempotency.window_ms);
+        let kept = store.expire_idempotency_records(bucket - 1).await.unwrap();
+        assert_eq!(kept, 0, "the bucket has not expired: kept");
+        let retry = send(&store, lease, "a").await;
+        assert_eq!((retry.seq, retry.duplicate), (1, true));
+        assert_eq!(store.expire_idempotency_records(bucket).await.unwrap(), 1);
+        let late = send(&store, lease, "a").await;
+        assert_eq!(
+            (late.seq, late.duplicate),
+            (2, false),
+            "a retry after the bucket expired is a new message"
+        );
+    }
+
+    /// A retry looks in every bucket its window reaches, the oldest too.
+    #[tokio::test]
+    async fn a_retry_finds_a_record_in_the_oldest_bucket_it_looks_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = temp_store(&dir, 8).await;
+        let lease = owner(&store).await;
+        let now = now_ms();
+        let oldest = store.idempotency.lookups(now).last().unwrap();
+        assert!(oldest < store.idempotency.bucket(now));
+        let key = store.keys().idempotency(oldest, "d:1", "alice", "p", "x");
+        put(&store, key, record(7, now - 1)).await;
+        let retry = send(&store, lease, "x").await;
+        assert_eq!(
+            (retry.seq, retry.server_msg_id.as_str(), retry.duplicate),
+            (7, "s-7", true)
+        );
+    }
+
+    /// Records written before buckets are looked up while any is left, and expire by their
+    /// own time.
+    #[tokio::test]
+    async fn records_written_before_buckets_are_found_then_expired_by_their_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = temp_store(&dir, 8).await;
+        assert!(
+            !store.legacy_idempotency.load(Ordering::Relaxed),
+            "none at first"
+        );
+        let lease = owner(&store).await;
+        let written = now_ms() - 1_000;
+        let keys = store.keys();
+        put(
+            &store,
+            keys.legacy_idempotency("d:1", "alice", "p", "old"),
+            record(4, written),
+        )
+        .await;
+        put(
+            &store,
+            keys.legacy_server_idempotency("d:1", "k"),
+            record(5, written),
+        )
+        .await;
+        store.recheck_legacy_idempotency().await.unwrap();
+        let retry = send(&store, lease, "old").await;
+        assert_eq!((retry.seq, retry.duplicate), (4, true));
+
+        let window_ms = store.idempotency.window_ms;
+        let young = store
+            .expire_idempotency_records(written + window_ms - 1)
+            .await
+            .unwrap();
+        assert_eq!(young, 0, "within the window: kept");
+        assert!(store.legacy_idempotency.load(Ordering::Relaxed));
+        let old = store
+            .expire_idempotency_records(written + window_ms)
+            .await
+            .unwrap();
+        assert_eq!(old, 2);
+        assert!(
+            !store.legacy_idempotency.load(Ordering::Relaxed),
+            "none left"
+        );
+        let late = send(&store, lease, "old").await;
+        assert_eq!((late.seq, late.duplicate), (1, false));
+    }
+}
