@@ -55,14 +55,18 @@ impl IdempotencyWindow {
         self.expiry(ts_ms / self.window_ms)
     }
 
-    /// The buckets an append at `ts_ms` looks for an earlier record in, newest first: those
-    /// of every time from a window and the skew before `ts_ms` to the skew after it.
-    pub fn lookups(&self, ts_ms: u64) -> impl Iterator<Item = u64> + use<> {
-        let this = *self;
+    /// The buckets an append at `ts_ms` looks for an earlier record in, its own
+    /// ([`IdempotencyWindow::bucket`]) first: those of every time from a window and the skew
+    /// before `ts_ms` to the skew after it.
+    pub fn lookups(&self, ts_ms: u64) -> Vec<u64> {
+        let own = ts_ms / self.window_ms;
         let first =
             ts_ms.saturating_sub(self.window_ms.saturating_add(self.skew_ms)) / self.window_ms;
         let last = ts_ms.saturating_add(self.skew_ms) / self.window_ms;
-        (first..=last).rev().map(move |index| this.expiry(index))
+        std::iter::once(own)
+            .chain((first..=last).filter(|&index| index != own))
+            .map(|index| self.expiry(index))
+            .collect()
     }
 
     /// When the records of the `index`-th bucket (from the epoch) expire.
@@ -199,11 +203,13 @@ mod tests {
     fn a_week_looks_in_two_buckets_and_three_near_an_edge() {
         let week = IdempotencyWindow::default();
         let mid = 100 * WEEK_MS + WEEK_MS / 2;
-        assert_eq!(week.lookups(mid).count(), 2);
-        assert_eq!(week.lookups(101 * WEEK_MS - 1).count(), 3);
-        assert_eq!(week.lookups(100 * WEEK_MS).count(), 3);
-        let buckets: Vec<u64> = week.lookups(mid).collect();
-        assert_eq!(buckets, [week.bucket(mid), week.bucket(mid - WEEK_MS)]);
+        assert_eq!(week.lookups(mid).len(), 2);
+        assert_eq!(week.lookups(101 * WEEK_MS - 1).len(), 3);
+        assert_eq!(week.lookups(100 * WEEK_MS).len(), 3);
+        assert_eq!(
+            week.lookups(mid),
+            [week.bucket(mid), week.bucket(mid - WEEK_MS)]
+        );
     }
 
     proptest! {
@@ -220,8 +226,10 @@ mod tests {
             let span = if forward { w.skew_ms } else { w.window_ms + w.skew_ms };
             let offset = back % (span + 1);
             let written_ms = if forward { retry_ms + offset } else { retry_ms.saturating_sub(offset) };
-            prop_assert!(w.lookups(retry_ms).any(|b| b == w.bucket(written_ms)));
-            prop_assert!(w.lookups(retry_ms).count() <= 3);
+            let lookups = w.lookups(retry_ms);
+            prop_assert!(lookups.contains(&w.bucket(written_ms)));
+            prop_assert!(lookups.len() <= 3);
+            prop_assert_eq!(lookups[0], w.bucket(retry_ms), "its own bucket first");
         }
 
         /// A record lives more than the window and twice the skew (so a pass by a clock ahead
@@ -317,10 +325,12 @@ mod tests {
         let store = temp_store(&dir, 8).await;
         let lease = owner(&store).await;
         let now = now_ms();
-        let oldest = store.idempotency.lookups(now).last().unwrap();
+        let oldest = *store.idempotency.lookups(now).iter().min().unwrap();
         assert!(oldest < store.idempotency.bucket(now));
-        let key = store.keys().idempotency(oldest, "d:1", "alice", "p", "x");
-        put(&store, key, record(7, now - 1)).await;
+        let key = store
+            .keys()
+            .idempotency(&[oldest], "d:1", "alice", "p", "x");
+        put(&store, key.concat(), record(7, now - 1)).await;
         let retry = send(&store, lease, "x").await;
         assert_eq!(
             (retry.seq, retry.server_msg_id.as_str(), retry.duplicate),

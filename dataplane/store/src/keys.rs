@@ -468,23 +468,38 @@ impl Keys {
         self.event(conv, from)..self.event(conv, to)
     }
 
-    /// The idempotency record of a client's send, in the bucket whose records expire at
-    /// `bucket` (`crate::idempotency`).
+    /// The idempotency record of a client's send in each of `buckets` (the times their
+    /// records expire, `crate::idempotency`), in their order.
     pub fn idempotency(
         &self,
-        bucket: u64,
+        buckets: &[u64],
         conv: &str,
         user: &str,
         device: &str,
         client_msg_id: &str,
-    ) -> Vec<u8> {
-        self.pack(&("idem", bucket, conv, user, device, client_msg_id))
+    ) -> Vec<Vec<u8>> {
+        self.in_buckets("idem", buckets, &(conv, user, device, client_msg_id))
     }
 
-    /// The idempotency record of a server-made append: a subspace of its own, so that no client
-    /// id can collide with it.
-    pub fn server_idempotency(&self, bucket: u64, conv: &str, key: &str) -> Vec<u8> {
-        self.pack(&("sidem", bucket, conv, key))
+    /// The idempotency record of a server-made append in each of `buckets`: a subspace of its
+    /// own, so that no client id can collide with it.
+    pub fn server_idempotency(&self, buckets: &[u64], conv: &str, key: &str) -> Vec<Vec<u8>> {
+        self.in_buckets("sidem", buckets, &(conv, key))
+    }
+
+    /// `(space, bucket, tail...)` for each bucket, the tail packed once (a tuple's encoding is
+    /// its elements' encodings one after another).
+    fn in_buckets<T: TuplePack>(&self, space: &str, buckets: &[u64], tail: &T) -> Vec<Vec<u8>> {
+        let mut packed_tail = Vec::with_capacity(KEY_CAPACITY);
+        foundationdb_tuple::pack_into(tail, &mut packed_tail);
+        buckets
+            .iter()
+            .map(|&bucket| {
+                let mut key = self.pack(&(space, bucket));
+                key.extend_from_slice(&packed_tail);
+                key
+            })
+            .collect()
     }
 
     /// The idempotency records, of client sends and of server-made appends, in the buckets
@@ -580,22 +595,38 @@ mod tests {
         let keys = Keys::new(b"t");
         let [sends, server] = keys.expired_idempotency_buckets(1_000);
         let [old_sends, old_server] = keys.legacy_idempotency_records();
-        for bucket in [0, 999, 1_000] {
-            assert!(sends.contains(&keys.idempotency(bucket, "d:a", "u", "p", "c")));
-            assert!(server.contains(&keys.server_idempotency(bucket, "d:a", "k")));
-        }
-        for bucket in [1_001, u64::MAX] {
-            assert!(!sends.contains(&keys.idempotency(bucket, "d:a", "u", "p", "c")));
-            assert!(!server.contains(&keys.server_idempotency(bucket, "d:a", "k")));
-        }
+        let expired = [0, 999, 1_000];
+        assert!(
+            keys.idempotency(&expired, "d:a", "u", "p", "c")
+                .iter()
+                .all(|k| sends.contains(k))
+        );
+        assert!(
+            keys.server_idempotency(&expired, "d:a", "k")
+                .iter()
+                .all(|k| server.contains(k))
+        );
+        let kept = [1_001, u64::MAX];
+        assert!(
+            !keys
+                .idempotency(&kept, "d:a", "u", "p", "c")
+                .iter()
+                .any(|k| sends.contains(k))
+        );
+        assert!(
+            !keys
+                .server_idempotency(&kept, "d:a", "k")
+                .iter()
+                .any(|k| server.contains(k))
+        );
         for conv in ["", "d:a", "\u{ff}"] {
             let legacy = keys.legacy_idempotency(conv, "u", "p", "c");
             let legacy_server = keys.legacy_server_idempotency(conv, "k");
             assert!(old_sends.contains(&legacy) && !sends.contains(&legacy));
             assert!(old_server.contains(&legacy_server) && !server.contains(&legacy_server));
         }
-        assert!(!old_sends.contains(&keys.idempotency(0, "d:a", "u", "p", "c")));
-        assert!(!old_server.contains(&keys.server_idempotency(0, "d:a", "k")));
+        assert!(!old_sends.contains(&keys.idempotency(&[0], "d:a", "u", "p", "c")[0]));
+        assert!(!old_server.contains(&keys.server_idempotency(&[0], "d:a", "k")[0]));
         assert!(!old_sends.contains(&keys.head("d:a")) && !sends.contains(&keys.head("d:a")));
     }
 
@@ -609,8 +640,19 @@ mod tests {
             let space = Subspace::from_bytes(root.to_vec());
             assert_eq!(keys.head("d:a\0b"), space.pack(&("head", "d:a\0b")));
             assert_eq!(
-                keys.idempotency(9, "g:1", &long, "phone", "c-1"),
-                space.pack(&("idem", 9u64, "g:1", long.as_str(), "phone", "c-1"))
+                keys.server_idempotency(&[3], "d:a\0b", "k"),
+                [space.pack(&("sidem", 3u64, "d:a\0b", "k"))]
+            );
+            assert_eq!(
+                keys.idempotency(&[9, u64::MAX], "g:1", &long, "phone", "c-1"),
+                [9, u64::MAX].map(|b| space.pack(&(
+                    "idem",
+                    b,
+                    "g:1",
+                    long.as_str(),
+                    "phone",
+                    "c-1"
+                )))
             );
             assert_eq!(
                 keys.event("g:1", u64::MAX),

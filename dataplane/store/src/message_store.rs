@@ -400,12 +400,6 @@ impl HeadCache {
     }
 }
 
-/// The idempotency keys of an append: where its record goes, and where an earlier one may be.
-struct IdempotencyKeys {
-    write: Vec<u8>,
-    lookups: Vec<Vec<u8>>,
-}
-
 /// Membership records read or written by the batch being built, by (conversation, user):
 /// later appends of the batch decide on what earlier ones changed.
 #[derive(Default)]
@@ -731,33 +725,28 @@ impl MessageStore {
         }
     }
 
-    /// Where the idempotency record of `append` in a batch at `ts_ms` goes, and every key an
-    /// earlier record of it may be under, newest first (`crate::idempotency`).
-    fn idempotency_keys(&self, append: &Append, ts_ms: u64) -> IdempotencyKeys {
+    /// Every key an earlier idempotency record of `append` in a batch at `ts_ms` may be
+    /// under, where its record goes first (`crate::idempotency`).
+    fn idempotency_keys(&self, append: &Append, ts_ms: u64) -> Vec<Vec<u8>> {
         let conv = append.conversation_id.as_str();
-        let in_bucket = |bucket| match &append.key {
-            AppendKey::Client(id) => {
-                let sender = &append.sender;
+        let sender = &append.sender;
+        let buckets = self.idempotency.lookups(ts_ms);
+        let (mut keys, legacy) = match &append.key {
+            AppendKey::Client(id) => (
                 self.keys
-                    .idempotency(bucket, conv, &sender.user, &sender.device, id)
-            }
-            AppendKey::Server(key) => self.keys.server_idempotency(bucket, conv, key),
+                    .idempotency(&buckets, conv, &sender.user, &sender.device, id),
+                self.keys
+                    .legacy_idempotency(conv, &sender.user, &sender.device, id),
+            ),
+            AppendKey::Server(key) => (
+                self.keys.server_idempotency(&buckets, conv, key),
+                self.keys.legacy_server_idempotency(conv, key),
+            ),
         };
-        let mut lookups: Vec<Vec<u8>> = self.idempotency.lookups(ts_ms).map(in_bucket).collect();
         if self.legacy_idempotency.load(Ordering::Relaxed) {
-            lookups.push(match &append.key {
-                AppendKey::Client(id) => {
-                    let sender = &append.sender;
-                    self.keys
-                        .legacy_idempotency(conv, &sender.user, &sender.device, id)
-                }
-                AppendKey::Server(key) => self.keys.legacy_server_idempotency(conv, key),
-            });
+            keys.push(legacy);
         }
-        IdempotencyKeys {
-            write: in_bucket(self.idempotency.bucket(ts_ms)),
-            lookups,
-        }
+        keys
     }
 
     async fn try_append(
@@ -780,17 +769,20 @@ impl MessageStore {
         let mut in_batch: HashMap<Vec<u8>, usize> = HashMap::new();
         let mut members = BatchMembers::default();
         let mut outbox_rows = RowWriter::new(self.kv.limits().max_value_bytes);
-        let idempotency: Vec<IdempotencyKeys> = appends
+        let lookups: Vec<Vec<Vec<u8>>> = appends
             .iter()
             .map(|a| self.idempotency_keys(a, ts_ms))
             .collect();
-        let mut earlier = self
-            .prefetch(heads, &mut members, appends, &idempotency)
-            .await?;
+        // Where each record goes: the first of its lookups.
+        let idempotency_keys: Vec<Vec<u8>> = lookups
+            .iter()
+            .map(|keys| keys.first().cloned())
+            .collect::<Option<_>>()
+            .ok_or_else(|| StoreError::Engine("an append without an idempotency bucket".into()))?;
+        let mut earlier = self.prefetch(heads, &mut members, appends, lookups).await?;
 
-        for (i, (append, idem)) in appends.iter().zip(idempotency).enumerate() {
+        for (i, (append, idem_key)) in appends.iter().zip(idempotency_keys).enumerate() {
             let conv = append.conversation_id.as_str();
-            let idem_key = idem.write;
             if let Some(&first) = in_batch.get(&idem_key) {
                 let mut outcome = results[first]
                     .clone()
@@ -888,15 +880,15 @@ impl MessageStore {
     }
 
     /// Reads at once what a batch of appends decides on (one call to a store node): each
-    /// append's earlier idempotency record, the first found of its `idempotency` lookups
-    /// (returned, in the order of `appends`), each sender's membership record (into
-    /// `members`) and the heads `heads` does not hold (into `heads`).
+    /// append's earlier idempotency record, the first found of its `lookups` (returned, in
+    /// the order of `appends`), each sender's membership record (into `members`) and the
+    /// heads `heads` does not hold (into `heads`).
     async fn prefetch(
         &self,
         heads: &mut HeadCache,
         members: &mut BatchMembers,
         appends: &[Append],
-        idempotency: &[IdempotencyKeys],
+        lookups: Vec<Vec<Vec<u8>>>,
     ) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
         let senders: BTreeSet<(&str, &str)> = appends
             .iter()
@@ -907,9 +899,10 @@ impl MessageStore {
             .map(|a| a.conversation_id.as_str())
             .filter(|conv| !heads.heads.contains_key(*conv))
             .collect();
-        let keys: Vec<Vec<u8>> = idempotency
-            .iter()
-            .flat_map(|idem| idem.lookups.iter().cloned())
+        let counts: Vec<usize> = lookups.iter().map(Vec::len).collect();
+        let keys: Vec<Vec<u8>> = lookups
+            .into_iter()
+            .flatten()
             .chain(
                 senders
                     .iter()
@@ -918,12 +911,12 @@ impl MessageStore {
             .chain(uncached.iter().map(|conv| self.keys.head(conv)))
             .collect();
         let mut values = self.get_each(keys).await?.into_iter();
-        let earlier = idempotency
-            .iter()
-            .map(|idem| {
+        let earlier = counts
+            .into_iter()
+            .map(|count| {
                 values
                     .by_ref()
-                    .take(idem.lookups.len())
+                    .take(count)
                     .fold(None, |found, value| found.or(value))
             })
             .collect();
