@@ -85,19 +85,25 @@ impl Default for IdempotencyWindow {
 }
 
 impl MessageStore {
-    /// Clears the idempotency records whose time has come at `now_ms`: the buckets that
-    /// expired, a page per commit, then the records written before buckets more than a window
-    /// before `now_ms`. Returns how many. A retry whose record is gone is sequenced as a new
-    /// event.
+    /// Clears the idempotency records whose time has come at `now_ms`: those of the buckets
+    /// that expired, then those written before buckets more than a window before `now_ms`.
+    /// Returns how many. A retry whose record is gone is sequenced as a new event.
     pub async fn expire_idempotency_records(&self, now_ms: u64) -> Result<u64, StoreError> {
         let mut cleared = 0;
         for buckets in self.keys().expired_idempotency_buckets(now_ms) {
-            cleared += self.clear_in_pages(buckets).await?;
+            cleared += self.clear_records(buckets, |_, _| true).await?;
         }
         if self.legacy_idempotency.load(Ordering::Relaxed) {
             let cutoff = now_ms.saturating_sub(self.idempotency.window_ms);
+            let expired = |key: &[u8], value: &[u8]| match IdempotencyRecord::decode(value) {
+                Ok(record) => record.ts_ms <= cutoff,
+                Err(e) => {
+                    tracing::error!(error = %corrupt(key, e), "idempotency record kept");
+                    false
+                }
+            };
             for records in self.keys().legacy_idempotency_records() {
-                cleared += self.expire_legacy_records(records, cutoff).await?;
+                cleared += self.clear_records(records, expired).await?;
             }
             self.recheck_legacy_idempotency().await?;
         }
@@ -115,44 +121,21 @@ impl MessageStore {
         Ok(())
     }
 
-    /// Clears every record of `range`, a page per commit; returns how many.
-    async fn clear_in_pages(&self, mut range: Range<Vec<u8>>) -> Result<u64, StoreError> {
-        let mut cleared = 0;
-        loop {
-            let page = self.kv().range(range.clone(), PAGE, false).await?;
-            let Some((last, _)) = page.last() else {
-                return Ok(cleared);
-            };
-            let after_last: Vec<u8> = last.iter().copied().chain([0]).collect();
-            let mut batch = Batch::new();
-            batch.clear_range(range.start.clone()..after_last.clone());
-            self.commit_independent(batch).await?;
-            cleared += page.len() as u64;
-            if page.len() < PAGE {
-                return Ok(cleared);
-            }
-            range.start = after_last;
-        }
-    }
-
-    /// Clears the records of `records` written at or before `cutoff_ms`, a page per commit;
-    /// returns how many. A record that does not decode is logged and left in place.
-    async fn expire_legacy_records(
+    /// Clears the records of `records` that `expired` (given key and value) lets go, a page per
+    /// commit, key by key (the embedded engine would read a cleared range again to write its
+    /// tombstones); returns how many.
+    async fn clear_records(
         &self,
         mut records: Range<Vec<u8>>,
-        cutoff_ms: u64,
+        expired: impl Fn(&[u8], &[u8]) -> bool,
     ) -> Result<u64, StoreError> {
         let mut cleared = 0;
         loop {
             let page = self.kv().range(records.clone(), PAGE, false).await?;
             let mut batch = Batch::new();
             for (key, value) in &page {
-                match IdempotencyRecord::decode(value.as_slice()) {
-                    Ok(record) if record.ts_ms <= cutoff_ms => {
-                        batch.clear(key.clone());
-                    }
-                    Ok(_) => {}
-                    Err(e) => tracing::error!(error = %corrupt(key, e), "idempotency record kept"),
+                if expired(key, value) {
+                    batch.clear(key.clone());
                 }
             }
             if !batch.is_empty() {
