@@ -17,7 +17,7 @@ use crate::message_store::{IdempotencyRecord, MessageStore, corrupt};
 use prost::Message;
 use std::ops::Range;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The idempotency window a store keeps records for unless told otherwise.
 pub const DEFAULT_IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -28,6 +28,11 @@ const MAX_CLOCK_SKEW_MS: u64 = 60_000;
 
 /// Records read and cleared per commit of a retention pass.
 const PAGE: usize = 1024;
+
+/// A pass clearing records works at most one part in this many of the time, resting between
+/// pages: a bucket holds a window of sends, and clearing it at once would take the store's
+/// writer from appends for as long.
+const PACE: u32 = 4;
 
 /// How long idempotency records are kept, and the buckets that follows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,7 +128,7 @@ impl MessageStore {
 
     /// Clears the records of `records` that `expired` (given key and value) lets go, a page per
     /// commit, key by key (the embedded engine would read a cleared range again to write its
-    /// tombstones); returns how many.
+    /// tombstones), at the [`PACE`]; returns how many.
     async fn clear_records(
         &self,
         mut records: Range<Vec<u8>>,
@@ -131,6 +136,7 @@ impl MessageStore {
     ) -> Result<u64, StoreError> {
         let mut cleared = 0;
         loop {
+            let started = Instant::now();
             let page = self.kv().range(records.clone(), PAGE, false).await?;
             let mut batch = Batch::new();
             for (key, value) in &page {
@@ -148,6 +154,7 @@ impl MessageStore {
                 }
                 _ => return Ok(cleared),
             }
+            tokio::time::sleep(started.elapsed() * (PACE - 1)).await;
         }
     }
 }
@@ -299,6 +306,34 @@ mod tests {
             (2, false),
             "a retry after the bucket expired is a new message"
         );
+    }
+
+    /// A pass clears every record of the buckets that expired, page after page, and none of
+    /// a bucket that has not.
+    #[tokio::test]
+    async fn a_pass_clears_expired_buckets_page_after_page() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = temp_store(&dir, 8).await;
+        let keys = store.keys();
+        let mut batch = Batch::new();
+        for i in 0..2 * PAGE + 10 {
+            let bucket = [1_000 + (i % 3) as u64];
+            let key = keys
+                .idempotency(&bucket, &format!("d:{i}"), "u", "p", "c")
+                .concat();
+            batch.set(key, record(1, 1).encode_to_vec());
+        }
+        let kept = keys.server_idempotency(&[5_000], "d:0", "k").concat();
+        batch.set(kept.clone(), record(1, 1).encode_to_vec());
+        store.kv().commit(batch).await.unwrap();
+
+        let cleared = store.expire_idempotency_records(4_999).await.unwrap();
+        assert_eq!(cleared, 2 * PAGE as u64 + 10);
+        let [sends, server] = keys.expired_idempotency_buckets(u64::MAX);
+        assert!(store.kv().range(sends, 1, false).await.unwrap().is_empty());
+        let left = store.kv().range(server, 10, false).await.unwrap();
+        assert_eq!(left.len(), 1, "the bucket that expires at 5,000 is kept");
+        assert_eq!(left[0].0, kept);
     }
 
     /// A retry looks in every bucket its window reaches, the oldest too.
