@@ -144,8 +144,14 @@ impl Retention {
             return Ok(0);
         }
         let now = now_ms();
-        let delivered = self.delivered_everywhere(conv, head, now).await?;
         let cutoff = now.saturating_sub(self.policy.window.as_millis() as u64);
+        // Nothing can go while the oldest event kept is younger than the window: the members'
+        // devices and cursors are read only when something is old enough.
+        let oldest = self.store.events(conv, floor - 1, 1).await?;
+        if oldest.first().is_none_or(|event| event.ts_ms > cutoff) {
+            return Ok(0);
+        }
+        let delivered = self.delivered_everywhere(conv, head, now).await?;
         let mut old_enough = floor - 1;
         let mut media = Vec::new();
         'scan: while old_enough < delivered {
@@ -201,5 +207,79 @@ impl Retention {
             }
         }
         Ok(lowest)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{LocalSequencer, SequencerLimits};
+    use courier_core::leases::Ownership;
+    use courier_core::sequencing::Listeners;
+    use courier_proto::Sender;
+    use courier_store::faulty_engine::FaultyEngine;
+    use courier_store::{Append, NewConversation};
+
+    fn policy(window: Duration) -> RetentionPolicy {
+        RetentionPolicy {
+            window,
+            device_inactive_after: Duration::from_secs(3600),
+            interval: Duration::from_secs(3600),
+        }
+    }
+
+    /// A conversation whose oldest event is younger than the window is passed over without
+    /// reading its members (nor their devices and cursors); past the window it is trimmed.
+    #[tokio::test]
+    async fn a_pass_reads_the_members_only_of_conversations_with_events_old_enough() {
+        let engine = FaultyEngine::new();
+        let store = engine.store(4).await;
+        let ownership = Ownership {
+            node: "n1".into(),
+            lease: Duration::from_secs(10),
+        };
+        let sequencer = LocalSequencer::start(
+            store.clone(),
+            ownership,
+            SequencerLimits::default(),
+            Arc::new(Listeners(Vec::new())),
+            Arc::new(Metrics::new()),
+        )
+        .await
+        .unwrap();
+        let sender = Sender {
+            user: "alice".into(),
+            device: "phone".into(),
+        };
+        for id in ["a", "b"] {
+            let body = courier_proto::Body::Text(id.into());
+            let append = Append {
+                create: Some(NewConversation::direct("alice", "bob")),
+                ..Append::message("d:1".into(), sender.clone(), id.into(), body, None)
+            };
+            sequencer.submit(append).await.unwrap();
+        }
+        let members = store.keys().members("d:1");
+        let metrics = Arc::new(Metrics::new());
+        let pass = |window| {
+            Retention::new(
+                store.clone(),
+                sequencer.clone(),
+                policy(window),
+                metrics.clone(),
+            )
+        };
+
+        engine.take_ranges_read();
+        let young = pass(Duration::from_secs(3600)).run_once().await.unwrap();
+        assert_eq!(young.events, 0);
+        assert!(
+            !engine.take_ranges_read().contains(&members),
+            "members read"
+        );
+
+        let old = pass(Duration::ZERO).run_once().await.unwrap();
+        assert_eq!(old.events, 2, "no device holds them back");
+        assert!(engine.take_ranges_read().contains(&members));
     }
 }
