@@ -84,6 +84,8 @@ pub struct Metrics {
     pub typing_dropped: Counter,
     /// Events cleared by retention.
     pub retention_cleared: Counter,
+    /// Conversations a retention pass could not trim (the next pass tries again).
+    pub retention_failures: Counter,
     /// Events waiting in the large-group fanout queue.
     pub large_group_queue: Gauge,
     /// Bytes of media uploaded.
@@ -129,6 +131,7 @@ impl Metrics {
             rate_limited: Family::default(),
             typing_dropped: Counter::default(),
             retention_cleared: Counter::default(),
+            retention_failures: Counter::default(),
             large_group_queue: Gauge::default(),
             media_uploaded_bytes: Counter::default(),
             media_swept: Counter::default(),
@@ -247,6 +250,11 @@ impl Metrics {
             "retention_events_cleared",
             "Events cleared by retention",
             metrics.retention_cleared.clone(),
+        );
+        registry.register(
+            "retention_conversation_failures",
+            "Conversations a retention pass could not trim (the next pass tries again)",
+            metrics.retention_failures.clone(),
         );
         registry.register(
             "fanout_large_group_queue_events",

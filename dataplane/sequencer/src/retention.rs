@@ -48,6 +48,8 @@ pub struct Retention {
 pub struct Cleared {
     pub events: u64,
     pub idempotency_records: u64,
+    /// Conversations that could not be trimmed (each logged; the next pass tries again).
+    pub failed_conversations: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -100,38 +102,56 @@ impl Retention {
                 Ok(Cleared {
                     events: 0,
                     idempotency_records: 0,
+                    failed_conversations: 0,
                 }) => {}
                 Ok(Cleared {
                     events,
                     idempotency_records,
-                }) => tracing::info!(events, idempotency_records, "retention pass"),
+                    failed_conversations,
+                }) => tracing::info!(
+                    events,
+                    idempotency_records,
+                    failed_conversations,
+                    "retention pass"
+                ),
                 Err(e) => tracing::warn!(error = %e, "retention pass failed; will retry"),
             }
         }
     }
 
     /// One pass over every conversation, then over the idempotency records (expired even if
-    /// some conversation could not be trimmed).
+    /// the conversations could not be listed).
     pub async fn run_once(&self) -> Result<Cleared, RetentionError> {
-        let events = self.trim_conversations().await;
+        let trimmed = self.trim_conversations().await;
         let idempotency_records = self.store.expire_idempotency_records(now_ms()).await?;
+        let (events, failed_conversations) = trimmed?;
         Ok(Cleared {
-            events: events?,
+            events,
             idempotency_records,
+            failed_conversations,
         })
     }
 
-    /// Trims every conversation; returns the number of events cleared.
-    async fn trim_conversations(&self) -> Result<u64, RetentionError> {
-        let mut cleared = 0;
+    /// Trims every conversation; returns the number of events cleared and of conversations
+    /// that could not be trimmed. One that fails (its shard moving, a record that does not
+    /// decode) is logged and passed over: the others are still trimmed.
+    async fn trim_conversations(&self) -> Result<(u64, u64), RetentionError> {
+        let (mut cleared, mut failed) = (0, 0);
         let mut after: Option<String> = None;
         loop {
             let page = self.store.conversation_ids(after.as_deref(), PAGE).await?;
             let Some(last) = page.last().cloned() else {
-                return Ok(cleared);
+                return Ok((cleared, failed));
             };
             for conv in &page {
-                cleared += self.trim_conversation(conv).await?;
+                match self.trim_conversation(conv).await {
+                    Ok(events) => cleared += events,
+                    Err(e) => {
+                        tracing::warn!(conversation = %conv, error = %e, "could not trim; the next pass tries again");
+                        self.metrics.retention_failures.inc();
+                        failed += 1;
+                    }
+                }
             }
             after = Some(last);
         }
@@ -218,7 +238,8 @@ mod tests {
     use courier_core::sequencing::Listeners;
     use courier_proto::Sender;
     use courier_store::faulty_engine::FaultyEngine;
-    use courier_store::{Append, NewConversation};
+    use courier_store::kv::Mutation;
+    use courier_store::{Append, Batch, NewConversation};
 
     fn policy(window: Duration) -> RetentionPolicy {
         RetentionPolicy {
@@ -228,17 +249,12 @@ mod tests {
         }
     }
 
-    /// A conversation whose oldest event is younger than the window is passed over without
-    /// reading its members (nor their devices and cursors); past the window it is trimmed.
-    #[tokio::test]
-    async fn a_pass_reads_the_members_only_of_conversations_with_events_old_enough() {
-        let engine = FaultyEngine::new();
-        let store = engine.store(4).await;
+    async fn sequencer_on(store: &MessageStore) -> Arc<LocalSequencer> {
         let ownership = Ownership {
             node: "n1".into(),
             lease: Duration::from_secs(10),
         };
-        let sequencer = LocalSequencer::start(
+        LocalSequencer::start(
             store.clone(),
             ownership,
             SequencerLimits::default(),
@@ -246,40 +262,92 @@ mod tests {
             Arc::new(Metrics::new()),
         )
         .await
-        .unwrap();
+        .unwrap()
+    }
+
+    /// alice's messages `ids` to `peer` in `conv`, created by the first.
+    async fn send(sequencer: &LocalSequencer, conv: &str, peer: &str, ids: &[&str]) {
         let sender = Sender {
             user: "alice".into(),
             device: "phone".into(),
         };
-        for id in ["a", "b"] {
-            let body = courier_proto::Body::Text(id.into());
+        for id in ids {
+            let body = courier_proto::Body::Text((*id).into());
             let append = Append {
-                create: Some(NewConversation::direct("alice", "bob")),
-                ..Append::message("d:1".into(), sender.clone(), id.into(), body, None)
+                create: Some(NewConversation::direct("alice", peer)),
+                ..Append::message(conv.into(), sender.clone(), (*id).into(), body, None)
             };
             sequencer.submit(append).await.unwrap();
         }
+    }
+
+    fn retention(
+        store: &MessageStore,
+        sequencer: &Arc<LocalSequencer>,
+        window: Duration,
+    ) -> Arc<Retention> {
+        let sequencer: Arc<dyn Sequencer> = sequencer.clone();
+        Retention::new(
+            store.clone(),
+            sequencer,
+            policy(window),
+            Arc::new(Metrics::new()),
+        )
+    }
+
+    /// A conversation whose oldest event is younger than the window is passed over without
+    /// reading its members (nor their devices and cursors); past the window it is trimmed.
+    #[tokio::test]
+    async fn a_pass_reads_the_members_only_of_conversations_with_events_old_enough() {
+        let engine = FaultyEngine::new();
+        let store = engine.store(4).await;
+        let sequencer = sequencer_on(&store).await;
+        send(&sequencer, "d:1", "bob", &["a", "b"]).await;
         let members = store.keys().members("d:1");
-        let metrics = Arc::new(Metrics::new());
-        let pass = |window| {
-            Retention::new(
-                store.clone(),
-                sequencer.clone(),
-                policy(window),
-                metrics.clone(),
-            )
-        };
 
         engine.take_ranges_read();
-        let young = pass(Duration::from_secs(3600)).run_once().await.unwrap();
-        assert_eq!(young.events, 0);
+        let young = retention(&store, &sequencer, Duration::from_secs(3600));
+        assert_eq!(young.run_once().await.unwrap().events, 0);
         assert!(
             !engine.take_ranges_read().contains(&members),
             "members read"
         );
 
-        let old = pass(Duration::ZERO).run_once().await.unwrap();
-        assert_eq!(old.events, 2, "no device holds them back");
+        let old = retention(&store, &sequencer, Duration::ZERO);
+        assert_eq!(
+            old.run_once().await.unwrap().events,
+            2,
+            "no device holds them back"
+        );
         assert!(engine.take_ranges_read().contains(&members));
+    }
+
+    /// A conversation that cannot be trimmed is counted and passed over; the others are
+    /// trimmed in the same pass, and the next pass trims it.
+    #[tokio::test]
+    async fn a_conversation_that_fails_does_not_stop_the_pass() {
+        let engine = FaultyEngine::new();
+        let store = engine.store(4).await;
+        let sequencer = sequencer_on(&store).await;
+        send(&sequencer, "d:1", "bob", &["a", "b"]).await;
+        send(&sequencer, "d:2", "carol", &["c", "d", "e"]).await;
+        let floor = store.keys().floor("d:1");
+        engine.set_fault(Some(Box::new(move |batch: &Batch| {
+            let trims_d1 = batch
+                .mutations
+                .iter()
+                .any(|m| matches!(m, Mutation::Set { key, .. } if *key == floor));
+            trims_d1.then(|| StoreError::Engine("injected".into()))
+        })));
+        let pass = retention(&store, &sequencer, Duration::ZERO);
+        let first = pass.run_once().await.unwrap();
+        assert_eq!((first.events, first.failed_conversations), (3, 1));
+        assert_eq!(store.floor("d:2").await.unwrap(), 4);
+        assert_eq!(store.floor("d:1").await.unwrap(), 1);
+
+        engine.set_fault(None);
+        let second = pass.run_once().await.unwrap();
+        assert_eq!((second.events, second.failed_conversations), (2, 0));
+        assert_eq!(store.floor("d:1").await.unwrap(), 3);
     }
 }
