@@ -742,14 +742,14 @@ mod tests {
         }
     }
 
-    fn node(id: &str, lease: Duration) -> Ownership {
+    pub(crate) fn node(id: &str, lease: Duration) -> Ownership {
         Ownership {
             node: id.into(),
             lease,
         }
     }
 
-    async fn node_on(store: &MessageStore, ownership: Ownership) -> Arc<LocalSequencer> {
+    pub(crate) async fn node_on(store: &MessageStore, ownership: Ownership) -> Arc<LocalSequencer> {
         LocalSequencer::start(
             store.clone(),
             ownership,

@@ -233,9 +233,7 @@ impl Retention {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{LocalSequencer, SequencerLimits};
-    use courier_core::leases::Ownership;
-    use courier_core::sequencing::Listeners;
+    use crate::LocalSequencer;
     use courier_proto::Sender;
     use courier_store::faulty_engine::FaultyEngine;
     use courier_store::kv::Mutation;
@@ -250,19 +248,7 @@ mod tests {
     }
 
     async fn sequencer_on(store: &MessageStore) -> Arc<LocalSequencer> {
-        let ownership = Ownership {
-            node: "n1".into(),
-            lease: Duration::from_secs(10),
-        };
-        LocalSequencer::start(
-            store.clone(),
-            ownership,
-            SequencerLimits::default(),
-            Arc::new(Listeners(Vec::new())),
-            Arc::new(Metrics::new()),
-        )
-        .await
-        .unwrap()
+        crate::tests::node_on(store, crate::tests::node("n1", Duration::from_secs(10))).await
     }
 
     /// alice's messages `ids` to `peer` in `conv`, created by the first.
