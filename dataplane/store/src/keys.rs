@@ -16,8 +16,8 @@
 //! | `convs` | `("convs", user, conv)` | the user's conversations: empty while a member, else the seq of its `member_removed` (u64 LE) |
 //! | `head` | `("head", conv)` | highest seq (u64 LE) |
 //! | `ev` | `("ev", conv, seq)` | the event (`courier.v1.Event`, protobuf) |
-//! | `idem` | `("idem", conv, user, device, client_msg_id)` | the first outcome of a client's send (`IdempotencyRecord`); cleared by retention after the idempotency window |
-//! | `sidem` | `("sidem", conv, key)` | the first outcome of a server-made append (a delete's target, a membership request); cleared likewise |
+//! | `idem` | `("idem", bucket, conv, user, device, client_msg_id)` | the first outcome of a client's send (`IdempotencyRecord`), in the bucket of its time (`bucket`: when the bucket's records expire, `crate::idempotency`); cleared by retention a bucket at a time. Records of versions before buckets have no `bucket` |
+//! | `sidem` | `("sidem", bucket, conv, key)` | the first outcome of a server-made append (a delete's target, a membership request); in buckets likewise |
 //! | `cur` | `("cur", user, device, conv)` | the device's delivered cursor (u64 LE, atomic MAX) |
 //! | `rcpt` | `("rcpt", conv, user, kind)` | the user's delivered/read cursor (u64 LE, atomic MAX) |
 //! | `ob` | `("ob", shard, versionstamp)` | outbox: events committed, not yet both fanned out and read by the push notifier |
