@@ -132,19 +132,37 @@ impl Retention {
         })
     }
 
-    /// Trims every conversation; returns the number of events cleared and of conversations
-    /// that could not be trimmed. One that fails (its shard moving, a record that does not
-    /// decode) is logged and passed over: the others are still trimmed.
+    /// Trims the conversations the retention queue says are due (building the queue first when
+    /// it must be, `courier_store::trim_queue`) and moves each to when it should be looked at
+    /// again; returns the number of events cleared and of conversations that could not be
+    /// trimmed. One that fails (its shard moving, a record that does not decode) is logged,
+    /// looked at again at the next pass, and passed over: the others are still trimmed.
     async fn trim_conversations(&self) -> Result<(u64, u64), RetentionError> {
+        let now = now_ms();
+        let window = self.policy.window.as_millis() as u64;
+        let queued = self.store.build_trim_queue(window, now).await?;
+        if queued > 0 {
+            tracing::info!(conversations = queued, "retention queue built");
+        }
         let (mut cleared, mut failed) = (0, 0);
-        let mut after: Option<String> = None;
+        let mut after: Option<Vec<u8>> = None;
         loop {
-            let page = self.store.conversation_ids(after.as_deref(), PAGE).await?;
-            let Some(last) = page.last().cloned() else {
+            let page = self.store.due_trims(now, after.as_deref(), PAGE).await?;
+            let Some(last) = page.last() else {
                 return Ok((cleared, failed));
             };
-            for conv in &page {
-                match self.trim_conversation(conv).await {
+            for entry in &page {
+                let conv = &entry.conversation;
+                let trimmed = match self.trim_conversation(conv, now).await {
+                    Ok((events, next_due)) => self
+                        .store
+                        .reschedule_trim(entry, next_due)
+                        .await
+                        .map(|()| events)
+                        .map_err(RetentionError::from),
+                    Err(e) => Err(e),
+                };
+                match trimmed {
                     Ok(events) => cleared += events,
                     Err(e) => {
                         tracing::warn!(conversation = %conv, error = %e, "could not trim; the next pass tries again");
@@ -153,26 +171,34 @@ impl Retention {
                     }
                 }
             }
-            after = Some(last);
+            if page.len() < PAGE {
+                return Ok((cleared, failed));
+            }
+            after = Some(last.key.clone());
         }
     }
 
-    async fn trim_conversation(&self, conv: &str) -> Result<u64, RetentionError> {
+    /// Trims `conv` as of `now`; returns the number of events cleared and when to look at it
+    /// again: when its oldest kept event comes of age, at the next pass when a device holds
+    /// events back, a window from now when it keeps none.
+    async fn trim_conversation(&self, conv: &str, now: u64) -> Result<(u64, u64), RetentionError> {
+        let window = self.policy.window.as_millis() as u64;
+        let next_pass = now.saturating_add(self.policy.interval.as_millis() as u64);
+        let cutoff = now.saturating_sub(window);
         let floor = self.store.floor(conv).await?;
-        let head = self.store.head(conv).await?;
-        if head < floor {
-            return Ok(0);
-        }
-        let now = now_ms();
-        let cutoff = now.saturating_sub(self.policy.window.as_millis() as u64);
         // Nothing can go while the oldest event kept is younger than the window: the members'
         // devices and cursors are read only when something is old enough.
         let oldest = self.store.events(conv, floor - 1, 1).await?;
-        if oldest.first().is_none_or(|event| event.ts_ms > cutoff) {
-            return Ok(0);
+        match oldest.first() {
+            None => return Ok((0, now.saturating_add(window))),
+            Some(event) if event.ts_ms > cutoff => return Ok((0, event.ts_ms + window)),
+            Some(_) => {}
         }
+        let head = self.store.head(conv).await?;
         let delivered = self.delivered_everywhere(conv, head, now).await?;
         let mut old_enough = floor - 1;
+        // The first event kept for its age, when the scan reached one.
+        let mut young = None;
         let mut media = Vec::new();
         'scan: while old_enough < delivered {
             let events = self.store.events(conv, old_enough, PAGE).await?;
@@ -180,7 +206,11 @@ impl Retention {
                 break;
             }
             for event in events {
-                if event.ts_ms > cutoff || event.seq > delivered {
+                if event.ts_ms > cutoff {
+                    young = Some((event.seq, event.ts_ms));
+                    break 'scan;
+                }
+                if event.seq > delivered {
                     break 'scan;
                 }
                 old_enough = event.seq;
@@ -194,8 +224,13 @@ impl Retention {
             }
         }
         let new_floor = old_enough.min(delivered) + 1;
+        let next_due = match young {
+            _ if new_floor > head => now.saturating_add(window),
+            Some((seq, ts_ms)) if seq == new_floor => ts_ms + window,
+            _ => next_pass,
+        };
         if new_floor <= floor {
-            return Ok(0);
+            return Ok((0, next_due));
         }
         let cleared = self.sequencer.trim(conv, new_floor).await?;
         // Media follows its messages: unreferenced, it is swept after its TTL.
@@ -203,7 +238,7 @@ impl Retention {
             self.store.clear_media_references(conv, &media).await?;
         }
         self.metrics.retention_cleared.inc_by(cleared);
-        Ok(cleared)
+        Ok((cleared, next_due))
     }
 
     /// The highest seq every active device of every member has acknowledged as delivered. A
@@ -335,5 +370,42 @@ mod tests {
         let second = pass.run_once().await.unwrap();
         assert_eq!((second.events, second.failed_conversations), (2, 0));
         assert_eq!(store.floor("d:1").await.unwrap(), 3);
+    }
+
+    /// A pass looks at a conversation when it is due, and moves it to when its oldest event
+    /// comes of age: the next pass, before then, reads nothing of it.
+    #[tokio::test]
+    async fn a_pass_visits_only_the_conversations_that_are_due() {
+        let engine = FaultyEngine::new();
+        let store = engine.store(4).await;
+        let sequencer = sequencer_on(&store).await;
+        send(&sequencer, "d:1", "bob", &["a"]).await;
+        send(&sequencer, "d:2", "carol", &["b"]).await;
+        let sent = store.events("d:1", 0, 1).await.unwrap()[0].ts_ms;
+        let hour = Duration::from_secs(3600);
+        let pass = retention(&store, &sequencer, hour);
+        engine.take_ranges_read();
+        assert_eq!(pass.run_once().await.unwrap().events, 0);
+        let events_of = |conv: &str| store.keys().events(conv, 1, u64::MAX);
+        let read = engine.take_ranges_read();
+        assert!(read.contains(&events_of("d:1")) && read.contains(&events_of("d:2")));
+
+        let later = store.due_trims(u64::MAX, None, 10).await.unwrap();
+        let d1 = later.iter().find(|e| e.conversation == "d:1").unwrap();
+        assert!(
+            d1.due_ms >= sent + 3_600_000 && d1.due_ms < sent + 3_700_000,
+            "{d1:?}"
+        );
+        assert!(
+            store
+                .due_trims(now_ms(), None, 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+
+        assert_eq!(pass.run_once().await.unwrap().events, 0);
+        let read = engine.take_ranges_read();
+        assert!(!read.contains(&events_of("d:1")) && !read.contains(&events_of("d:2")));
     }
 }

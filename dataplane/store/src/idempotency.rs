@@ -129,7 +129,7 @@ impl MessageStore {
     /// Clears the records of `records` that `expired` (given key and value) lets go, a page per
     /// commit, key by key (the embedded engine would read a cleared range again to write its
     /// tombstones), at the [`PACE`]; returns how many.
-    async fn clear_records(
+    pub(crate) async fn clear_records(
         &self,
         mut records: Range<Vec<u8>>,
         expired: impl Fn(&[u8], &[u8]) -> bool,

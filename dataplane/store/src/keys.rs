@@ -32,6 +32,8 @@
 //! | `mbytes` | `("mbytes", user)` | bytes of the user's media records, for the quota (u64 LE) |
 //! | `mref` | `("mref", id, conv, seq)` | message `seq` of `conv` references it (empty); one per message |
 //! | `pushq` | `("pushq", user, device, conv)` | a pending, collapsed notification (`PendingPush`) |
+//! | `trimq` | `("trimq", due, conv)` | the retention queue: a pass looks at the conversation once `due` (ms) has come (empty) |
+//! | `meta` | `("meta", "trimq")` | the retention window the queue was built for and when (two u64 LE) |
 //! | `meta` | `("meta", "partitions")`, `("meta", "partition")` | with storage partitions: the table's shard ranges (in the directory) and each partition's index (in each partition) |
 //!
 //! **Placement.** With storage partitions (`crate::partitions`), every key lives in the
@@ -307,6 +309,34 @@ impl Keys {
             .map(|(_, conv)| conv)
     }
 
+    /// `conv`'s entry in the retention queue, due at `due_ms`.
+    pub fn trim_due(&self, due_ms: u64, conv: &str) -> Vec<u8> {
+        self.pack(&("trimq", due_ms, conv))
+    }
+
+    /// The retention queue's entries due at or before `now_ms`.
+    pub fn trims_due(&self, now_ms: u64) -> Range<Vec<u8>> {
+        self.pack(&("trimq", 0u64))..self.pack(&("trimq", now_ms.saturating_add(1)))
+    }
+
+    /// Every entry of the retention queue.
+    pub fn trim_queue(&self) -> Range<Vec<u8>> {
+        range_of(self.root.subspace(&("trimq",)))
+    }
+
+    /// The due time and conversation of a key from [`Keys::trim_queue`].
+    pub fn trim_due_entry(&self, key: &[u8]) -> Option<(u64, String)> {
+        self.root
+            .unpack::<(String, u64, String)>(key)
+            .ok()
+            .map(|(_, due, conv)| (due, conv))
+    }
+
+    /// The retention window the queue was built for, and when.
+    pub fn trim_queue_built(&self) -> Vec<u8> {
+        self.pack(&("meta", "trimq"))
+    }
+
     pub fn floor(&self, conv: &str) -> Vec<u8> {
         self.pack(&("floor", conv))
     }
@@ -434,6 +464,10 @@ impl Keys {
                 Placement::Shard(u32::try_from(tuple.uint()?).ok()?)
             }
             b"conv" | b"mem" | b"head" | b"ev" | b"rcpt" | b"floor" => {
+                Placement::Conversation(tuple.hashed_string()?)
+            }
+            b"trimq" => {
+                tuple.uint()?;
                 Placement::Conversation(tuple.hashed_string()?)
             }
             b"idem" | b"sidem" => {

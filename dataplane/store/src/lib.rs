@@ -36,6 +36,7 @@ mod row_cache;
 pub mod shard_map;
 #[cfg(test)]
 mod testing;
+pub mod trim_queue;
 
 pub use keys::{Keys, Placement, ReceiptKind};
 pub use kv::{Batch, CommitStamp, KvEngine, StoreError};

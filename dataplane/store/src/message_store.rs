@@ -1018,6 +1018,8 @@ impl MessageStore {
             created_ms: ts_ms,
         };
         batch.set(self.keys.conversation(conv), record.encode_to_vec());
+        // A retention pass looks at it from now on (`crate::trim_queue`).
+        batch.set(self.keys.trim_due(ts_ms, conv), Vec::new());
         for user in &create.members {
             self.write_member(
                 batch,

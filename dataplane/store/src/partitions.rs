@@ -724,6 +724,7 @@ mod tests {
         let shard = store.shard_of(&conv);
         let directory = [
             keys.shard_count(),
+            keys.trim_queue_built(),
             keys.partition_table(),
             keys.leader("retention"),
             keys.route("u", "d", "gw"),
@@ -756,6 +757,7 @@ mod tests {
             keys.idempotency(&[7], &conv, "u", "d", "c").remove(0),
             keys.server_idempotency(&[u64::MAX], &conv, "k").remove(0),
             keys.legacy_idempotency(&conv, "u", "d", "c"),
+            keys.trim_due(7, &conv),
             keys.legacy_server_idempotency(&conv, "k"),
             keys.receipt(&conv, "u", ReceiptKind::Read),
             keys.floor(&conv),

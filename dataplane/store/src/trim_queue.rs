@@ -1,0 +1,174 @@
+//! The retention queue: each conversation with the time a retention pass should next look at
+//! it (`("trimq", due, conv)`), so that a pass visits the conversations whose oldest event has
+//! come of age, or that were held back, instead of every conversation.
+//!
+//! A conversation enters the queue when it is created (due at once); a pass moves its entry to
+//! when it should look again. The queue is built anew from the conversations' records (every
+//! one due at once) when it was built for another retention window, was never built (a store
+//! from before the queue), or is older than one window: so a conversation no entry names (one
+//! created by an earlier version during an upgrade) waits at most a window and a pass.
+
+use crate::kv::{Batch, StoreError, decode_u64};
+use crate::message_store::{MessageStore, corrupt};
+
+/// Conversations listed, and queued, per commit of a build.
+const PAGE: usize = 1024;
+
+/// An entry of the retention queue that has come due.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrimDue {
+    /// The entry's key, to move it ([`MessageStore::reschedule_trim`]) or page past it.
+    pub key: Vec<u8>,
+    pub due_ms: u64,
+    pub conversation: String,
+}
+
+impl MessageStore {
+    /// The entries of the retention queue due at or before `now_ms`, in due order, at most
+    /// `limit`, after the key `after` (from an earlier page).
+    pub async fn due_trims(
+        &self,
+        now_ms: u64,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<TrimDue>, StoreError> {
+        let mut range = self.keys().trims_due(now_ms);
+        if let Some(after) = after {
+            range.start = after.iter().copied().chain([0]).collect();
+        }
+        let rows = self.kv().range(range, limit, false).await?;
+        rows.into_iter()
+            .map(|(key, _)| {
+                let (due_ms, conversation) = self
+                    .keys()
+                    .trim_due_entry(&key)
+                    .ok_or_else(|| corrupt(&key, "retention queue key"))?;
+                Ok(TrimDue {
+                    key,
+                    due_ms,
+                    conversation,
+                })
+            })
+            .collect()
+    }
+
+    /// Moves `entry` to `due_ms`, in one commit.
+    pub async fn reschedule_trim(&self, entry: &TrimDue, due_ms: u64) -> Result<(), StoreError> {
+        let mut batch = Batch::new();
+        batch.clear(entry.key.clone()).set(
+            self.keys().trim_due(due_ms, &entry.conversation),
+            Vec::new(),
+        );
+        self.kv().commit(batch).await.map(drop)
+    }
+
+    /// Builds the retention queue for `window_ms` at `now_ms` unless it was built for that
+    /// window less than a window ago: clears it, then queues every conversation, due at once.
+    /// Returns how many conversations were queued (0 when the queue stands).
+    pub async fn build_trim_queue(&self, window_ms: u64, now_ms: u64) -> Result<u64, StoreError> {
+        let built_key = self.keys().trim_queue_built();
+        if let Some(built) = self.kv().get(&built_key).await? {
+            let (window, at) = built
+                .split_at_checked(8)
+                .ok_or_else(|| corrupt(&built_key, "length"))?;
+            if decode_u64(window) == window_ms && now_ms.saturating_sub(decode_u64(at)) < window_ms
+            {
+                return Ok(0);
+            }
+        }
+        self.clear_records(self.keys().trim_queue(), |_, _| true)
+            .await?;
+        let mut queued = 0;
+        let mut after: Option<String> = None;
+        loop {
+            let page = self.conversation_ids(after.as_deref(), PAGE).await?;
+            let Some(last) = page.last().cloned() else {
+                break;
+            };
+            let mut batch = Batch::new();
+            for conv in &page {
+                batch.set(self.keys().trim_due(now_ms, conv), Vec::new());
+            }
+            self.commit_independent(batch).await?;
+            queued += page.len() as u64;
+            after = Some(last);
+        }
+        let built = [window_ms.to_le_bytes(), now_ms.to_le_bytes()].concat();
+        let mut batch = Batch::new();
+        batch.set(built_key, built);
+        self.kv().commit(batch).await?;
+        Ok(queued)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message_store::HeadCache;
+    use crate::ownership::Duty;
+    use crate::testing::{direct_message, temp_store};
+
+    const WINDOW: u64 = 60_000;
+
+    async fn queued(store: &MessageStore) -> Vec<(u64, String)> {
+        let due = store.due_trims(u64::MAX, None, 100).await.unwrap();
+        due.into_iter()
+            .map(|e| (e.due_ms, e.conversation))
+            .collect()
+    }
+
+    /// A conversation is queued when it is created, due at once; the queue is built anew
+    /// (every conversation due at once, none twice) when it was never built, when the window
+    /// changes and when it is a window old, and stands otherwise.
+    #[tokio::test]
+    async fn conversations_are_queued_when_created_and_when_the_queue_is_built() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = temp_store(&dir, 4).await;
+        let shard = store.shard_of("d:1");
+        let lease = store
+            .acquire_shards(Duty::Sequencing, "test", &[shard], usize::MAX, 0, u64::MAX)
+            .await
+            .unwrap()[0];
+        let mut heads = HeadCache::default();
+        let sent = store
+            .append(
+                lease,
+                &mut heads,
+                &[direct_message("a"), direct_message("b")],
+            )
+            .await
+            .unwrap();
+        let created = sent[0].as_ref().unwrap().ts_ms;
+        assert_eq!(queued(&store).await, [(created, "d:1".to_owned())]);
+
+        // A store from before the queue (or an entry lost): the first build queues it again.
+        let entry = store.due_trims(u64::MAX, None, 1).await.unwrap().remove(0);
+        store.reschedule_trim(&entry, 5).await.unwrap();
+        assert_eq!(store.build_trim_queue(WINDOW, 1_000).await.unwrap(), 1);
+        assert_eq!(queued(&store).await, [(1_000, "d:1".to_owned())], "once");
+        assert_eq!(
+            store
+                .build_trim_queue(WINDOW, 1_000 + WINDOW - 1)
+                .await
+                .unwrap(),
+            0
+        );
+        assert_eq!(
+            store.build_trim_queue(WINDOW + 1, 2_000).await.unwrap(),
+            1,
+            "window changed"
+        );
+        assert_eq!(
+            store
+                .build_trim_queue(WINDOW + 1, 2_000 + WINDOW + 1)
+                .await
+                .unwrap(),
+            1,
+            "a window old"
+        );
+        assert_eq!(
+            queued(&store).await,
+            [(2_000 + WINDOW + 1, "d:1".to_owned())]
+        );
+    }
+}
