@@ -151,25 +151,24 @@ impl Retention {
             let Some(last) = page.last() else {
                 return Ok((cleared, failed));
             };
+            let mut moves = Vec::with_capacity(page.len());
             for entry in &page {
                 let conv = &entry.conversation;
-                let trimmed = match self.trim_conversation(conv, now).await {
-                    Ok((events, next_due)) => self
-                        .store
-                        .reschedule_trim(entry, next_due)
-                        .await
-                        .map(|()| events)
-                        .map_err(RetentionError::from),
-                    Err(e) => Err(e),
-                };
-                match trimmed {
-                    Ok(events) => cleared += events,
+                match self.trim_conversation(conv, now).await {
+                    Ok((events, next_due)) => {
+                        cleared += events;
+                        moves.push((entry, next_due));
+                    }
                     Err(e) => {
                         tracing::warn!(conversation = %conv, error = %e, "could not trim; the next pass tries again");
                         self.metrics.retention_failures.inc();
                         failed += 1;
                     }
                 }
+            }
+            // Entries not moved stay due: the next pass looks at them again.
+            if let Err(e) = self.store.reschedule_trims(&moves).await {
+                tracing::warn!(error = %e, conversations = moves.len(), "could not move trimmed conversations in the retention queue; the next pass looks at them again");
             }
             if page.len() < PAGE {
                 return Ok((cleared, failed));

@@ -17,7 +17,7 @@ const PAGE: usize = 1024;
 /// An entry of the retention queue that has come due.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TrimDue {
-    /// The entry's key, to move it ([`MessageStore::reschedule_trim`]) or page past it.
+    /// The entry's key, to move it ([`MessageStore::reschedule_trims`]) or page past it.
     pub key: Vec<u8>,
     pub due_ms: u64,
     pub conversation: String,
@@ -52,14 +52,21 @@ impl MessageStore {
             .collect()
     }
 
-    /// Moves `entry` to `due_ms`, in one commit.
-    pub async fn reschedule_trim(&self, entry: &TrimDue, due_ms: u64) -> Result<(), StoreError> {
+    /// Moves each entry to its due time, in one commit per partition, deferred: a move lost
+    /// to a power loss only has a pass look at the conversation again.
+    pub async fn reschedule_trims(&self, moves: &[(&TrimDue, u64)]) -> Result<(), StoreError> {
+        if moves.is_empty() {
+            return Ok(());
+        }
         let mut batch = Batch::new();
-        batch.clear(entry.key.clone()).set(
-            self.keys().trim_due(due_ms, &entry.conversation),
-            Vec::new(),
-        );
-        self.kv().commit(batch).await.map(drop)
+        for (entry, due_ms) in moves {
+            batch.clear(entry.key.clone()).set(
+                self.keys().trim_due(*due_ms, &entry.conversation),
+                Vec::new(),
+            );
+        }
+        batch.deferred();
+        self.commit_independent(batch).await
     }
 
     /// Builds the retention queue for `window_ms` at `now_ms` unless it was built for that
@@ -143,7 +150,7 @@ mod tests {
 
         // A store from before the queue (or an entry lost): the first build queues it again.
         let entry = store.due_trims(u64::MAX, None, 1).await.unwrap().remove(0);
-        store.reschedule_trim(&entry, 5).await.unwrap();
+        store.reschedule_trims(&[(&entry, 5)]).await.unwrap();
         assert_eq!(store.build_trim_queue(WINDOW, 1_000).await.unwrap(), 1);
         assert_eq!(queued(&store).await, [(1_000, "d:1".to_owned())], "once");
         assert_eq!(
