@@ -4,6 +4,9 @@
 //! every other shard write. A device unseen for `device_inactive_after` no longer holds events
 //! back; when it returns with a cursor below the floor it gets a `trimmed` frame first.
 //!
+//! A pass looks only at the conversations the store's retention queue says are due
+//! (`courier_store::trim_queue`), and moves each to when it should look again.
+//!
 //! Each pass also clears the idempotency buckets that expired (`courier_store::idempotency`):
 //! a retry with the same `client_msg_id` more than the store's idempotency window after the
 //! send may be sequenced as a new message. Server-made keys expire likewise (a delete retried
@@ -11,7 +14,7 @@
 //!
 //! The passes run in a loop owned by the node's [`BackgroundLoops`]. It stops at once when
 //! cancelled, mid-pass if need be (a pass is idempotent: the next one starts over), and is
-//! restarted if it panics (it keeps no state between passes).
+//! restarted if it panics (its state between passes is the queue in the store).
 
 use courier_core::clock::now_ms;
 use courier_core::leases::JobLead;
@@ -119,8 +122,8 @@ impl Retention {
         }
     }
 
-    /// One pass over every conversation, then over the idempotency records (expired even if
-    /// the conversations could not be listed).
+    /// One pass over the conversations that are due, then over the idempotency records
+    /// (expired even if the conversations could not be listed).
     pub async fn run_once(&self) -> Result<Cleared, RetentionError> {
         let trimmed = self.trim_conversations().await;
         let idempotency_records = self.store.expire_idempotency_records(now_ms()).await?;
