@@ -163,8 +163,7 @@ impl MessageStore {
 mod tests {
     use super::*;
     use crate::message_store::{AppendOutcome, HeadCache, ShardLease};
-    use crate::ownership::Duty;
-    use crate::testing::{direct_message, temp_store};
+    use crate::testing::{direct_message, owner, temp_store};
     use proptest::prelude::*;
     use std::time::SystemTime;
 
@@ -257,14 +256,6 @@ mod tests {
         since_epoch.as_millis() as u64
     }
 
-    async fn owner(store: &MessageStore) -> ShardLease {
-        let shard = store.shard_of("d:1");
-        store
-            .acquire_shards(Duty::Sequencing, "test", &[shard], usize::MAX, 0, u64::MAX)
-            .await
-            .unwrap()[0]
-    }
-
     async fn send(store: &MessageStore, lease: ShardLease, id: &str) -> AppendOutcome {
         let mut heads = HeadCache::default();
         let results = store.append(lease, &mut heads, &[direct_message(id)]).await;
@@ -291,7 +282,7 @@ mod tests {
     async fn records_expire_with_their_bucket() {
         let dir = tempfile::tempdir().unwrap();
         let store = temp_store(&dir, 8).await;
-        let lease = owner(&store).await;
+        let lease = owner(&store, "d:1").await;
         let sent = send(&store, lease, "a").await;
         let bucket = store.idempotency.bucket(sent.ts_ms);
         assert!(bucket > sent.ts_ms + store.idempotency.window_ms);
@@ -341,7 +332,7 @@ mod tests {
     async fn a_retry_finds_a_record_in_the_oldest_bucket_it_looks_in() {
         let dir = tempfile::tempdir().unwrap();
         let store = temp_store(&dir, 8).await;
-        let lease = owner(&store).await;
+        let lease = owner(&store, "d:1").await;
         let now = now_ms();
         let oldest = *store.idempotency.lookups(now).iter().min().unwrap();
         assert!(oldest < store.idempotency.bucket(now));
@@ -366,7 +357,7 @@ mod tests {
             !store.legacy_idempotency.load(Ordering::Relaxed),
             "none at first"
         );
-        let lease = owner(&store).await;
+        let lease = owner(&store, "d:1").await;
         let written = now_ms() - 1_000;
         let keys = store.keys();
         put(

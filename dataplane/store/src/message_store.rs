@@ -2169,7 +2169,7 @@ pub(crate) fn decode_event(key: &[u8], value: &[u8]) -> Result<Event, StoreError
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::temp_store;
+    use crate::testing::{owner, temp_store};
     use courier_proto::Body;
 
     fn message(conv: &str, device: &str, id: &str) -> Append {
@@ -2292,21 +2292,6 @@ mod tests {
         assert_eq!(store.trim(new, "d:1", 2).await.unwrap(), 1);
         assert_eq!(store.floor("d:1").await.unwrap(), 2);
         assert!(store.events("d:1", 0, 10).await.unwrap().is_empty());
-    }
-
-    /// The lease of the shard that orders `conv`, taken now.
-    async fn owner(store: &MessageStore, conv: &str) -> ShardLease {
-        store
-            .acquire_shards(
-                Duty::Sequencing,
-                "test",
-                &[store.shard_of(conv)],
-                usize::MAX,
-                0,
-                u64::MAX,
-            )
-            .await
-            .unwrap()[0]
     }
 
     /// The outcome of the first append of a batch that must succeed.

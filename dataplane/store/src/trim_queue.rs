@@ -112,8 +112,7 @@ impl MessageStore {
 mod tests {
     use super::*;
     use crate::message_store::HeadCache;
-    use crate::ownership::Duty;
-    use crate::testing::{direct_message, temp_store};
+    use crate::testing::{direct_message, owner, temp_store};
 
     const WINDOW: u64 = 60_000;
 
@@ -131,11 +130,7 @@ mod tests {
     async fn conversations_are_queued_when_created_and_when_the_queue_is_built() {
         let dir = tempfile::tempdir().unwrap();
         let store = temp_store(&dir, 4).await;
-        let shard = store.shard_of("d:1");
-        let lease = store
-            .acquire_shards(Duty::Sequencing, "test", &[shard], usize::MAX, 0, u64::MAX)
-            .await
-            .unwrap()[0];
+        let lease = owner(&store, "d:1").await;
         let mut heads = HeadCache::default();
         let sent = store
             .append(
