@@ -12,12 +12,11 @@
 //! Records written before buckets (keyed by conversation first) are still looked up, and
 //! expired by their time one by one, until a pass finds none left.
 
-use crate::kv::{Batch, StoreError};
+use crate::kv::StoreError;
 use crate::message_store::{IdempotencyRecord, MessageStore, corrupt};
 use prost::Message;
-use std::ops::Range;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The idempotency window a store keeps records for unless told otherwise.
 pub const DEFAULT_IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -25,14 +24,6 @@ pub const DEFAULT_IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(7 * 24 * 36
 /// The largest clock skew between nodes that buckets allow for (less for windows shorter
 /// than eight of it: an eighth of the window).
 const MAX_CLOCK_SKEW_MS: u64 = 60_000;
-
-/// Records read and cleared per commit of a retention pass.
-const PAGE: usize = 1024;
-
-/// A pass clearing records works at most one part in this many of the time, resting between
-/// pages: a bucket holds a window of sends, and clearing it at once would take the store's
-/// writer from appends for as long.
-const PACE: u32 = 4;
 
 /// How long idempotency records are kept, and the buckets that follows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,7 +87,7 @@ impl MessageStore {
     pub async fn expire_idempotency_records(&self, now_ms: u64) -> Result<u64, StoreError> {
         let mut cleared = 0;
         for buckets in self.keys().expired_idempotency_buckets(now_ms) {
-            cleared += self.clear_records(buckets, |_, _| true).await?;
+            cleared += self.clear_where(buckets, |_, _| true).await?;
         }
         if self.legacy_idempotency.load(Ordering::Relaxed) {
             let cutoff = now_ms.saturating_sub(self.idempotency.window_ms);
@@ -108,7 +99,7 @@ impl MessageStore {
                 }
             };
             for records in self.keys().legacy_idempotency_records() {
-                cleared += self.clear_records(records, expired).await?;
+                cleared += self.clear_where(records, expired).await?;
             }
             self.recheck_legacy_idempotency().await?;
         }
@@ -125,44 +116,13 @@ impl MessageStore {
         self.legacy_idempotency.store(left, Ordering::Relaxed);
         Ok(())
     }
-
-    /// Clears the records of `records` that `expired` (given key and value) lets go, a page per
-    /// commit, key by key (the embedded engine would read a cleared range again to write its
-    /// tombstones), at the [`PACE`]; returns how many.
-    pub(crate) async fn clear_records(
-        &self,
-        mut records: Range<Vec<u8>>,
-        expired: impl Fn(&[u8], &[u8]) -> bool,
-    ) -> Result<u64, StoreError> {
-        let mut cleared = 0;
-        loop {
-            let started = Instant::now();
-            let page = self.kv().range(records.clone(), PAGE, false).await?;
-            let mut batch = Batch::new();
-            for (key, value) in &page {
-                if expired(key, value) {
-                    batch.clear(key.clone());
-                }
-            }
-            if !batch.is_empty() {
-                cleared += batch.mutations.len() as u64;
-                self.commit_independent(batch).await?;
-            }
-            match page.last() {
-                Some((last, _)) if page.len() == PAGE => {
-                    records.start = last.iter().copied().chain([0]).collect();
-                }
-                _ => return Ok(cleared),
-            }
-            tokio::time::sleep(started.elapsed() * (PACE - 1)).await;
-        }
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::message_store::{AppendOutcome, HeadCache, ShardLease};
+    use crate::kv::Batch;
+    use crate::message_store::{AppendOutcome, CLEAR_PAGE, HeadCache, ShardLease};
     use crate::testing::{direct_message, owner, temp_store};
     use proptest::prelude::*;
     use std::time::SystemTime;
@@ -307,7 +267,7 @@ mod tests {
         let store = temp_store(&dir, 8).await;
         let keys = store.keys();
         let mut batch = Batch::new();
-        for i in 0..2 * PAGE + 10 {
+        for i in 0..2 * CLEAR_PAGE + 10 {
             let bucket = [1_000 + (i % 3) as u64];
             let key = keys
                 .idempotency(&bucket, &format!("d:{i}"), "u", "p", "c")
@@ -319,7 +279,7 @@ mod tests {
         store.kv().commit(batch).await.unwrap();
 
         let cleared = store.expire_idempotency_records(4_999).await.unwrap();
-        assert_eq!(cleared, 2 * PAGE as u64 + 10);
+        assert_eq!(cleared, 2 * CLEAR_PAGE as u64 + 10);
         let [sends, server] = keys.expired_idempotency_buckets(u64::MAX);
         assert!(store.kv().range(sends, 1, false).await.unwrap().is_empty());
         let left = store.kv().range(server, 10, false).await.unwrap();

@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Attempts for a batch whose commit outcome was unknown before giving up.
 const MAX_COMMIT_ATTEMPTS: usize = 5;
@@ -29,6 +29,14 @@ const DEVICE_UPDATE_ATTEMPTS: usize = 5;
 
 /// Sanity bound on stored counts read back from the store.
 const MAX_SHARDS: u32 = 1 << 20;
+
+/// Keys read and cleared per commit of a background clean-up ([`MessageStore::clear_where`]).
+pub(crate) const CLEAR_PAGE: usize = 1024;
+
+/// A background clean-up works at most one part in this many of the time, resting between
+/// pages: an expired idempotency bucket holds a window of sends, and clearing it at once would
+/// take the store's writer from appends for as long.
+const CLEAR_PACE: u32 = 4;
 
 /// Most bytes of pending notifications written in one commit while expanding an outbox
 /// (lowered to the engine's batch limit): small commits, however many devices a group has.
@@ -621,6 +629,38 @@ impl MessageStore {
         match &self.partitions {
             None => self.kv.commit(batch).await.map(drop),
             Some(partitions) => partitions.commit_per_partition(batch).await,
+        }
+    }
+
+    /// Clears the records of `records` that `expired` (given key and value) lets go, a page per
+    /// commit, key by key (the embedded engine would read a cleared range again to write its
+    /// tombstones), at the [`CLEAR_PACE`]; returns how many.
+    pub(crate) async fn clear_where(
+        &self,
+        mut records: Range<Vec<u8>>,
+        expired: impl Fn(&[u8], &[u8]) -> bool,
+    ) -> Result<u64, StoreError> {
+        let mut cleared = 0;
+        loop {
+            let started = Instant::now();
+            let page = self.kv.range(records.clone(), CLEAR_PAGE, false).await?;
+            let mut batch = Batch::new();
+            for (key, value) in &page {
+                if expired(key, value) {
+                    batch.clear(key.clone());
+                }
+            }
+            if !batch.is_empty() {
+                cleared += batch.mutations.len() as u64;
+                self.commit_independent(batch).await?;
+            }
+            match page.last() {
+                Some((last, _)) if page.len() == CLEAR_PAGE => {
+                    records.start = last.iter().copied().chain([0]).collect();
+                }
+                _ => return Ok(cleared),
+            }
+            tokio::time::sleep(started.elapsed() * (CLEAR_PACE - 1)).await;
         }
     }
 

@@ -83,7 +83,7 @@ impl MessageStore {
                 return Ok(0);
             }
         }
-        self.clear_records(self.keys().trim_queue(), |_, _| true)
+        self.clear_where(self.keys().trim_queue(), |_, _| true)
             .await?;
         let mut queued = 0;
         let mut after: Option<String> = None;
