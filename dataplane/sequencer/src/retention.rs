@@ -29,6 +29,12 @@ use std::time::Duration;
 /// Conversations read per step of a pass.
 const PAGE: usize = 256;
 
+/// A conversation whose old events a device holds back is looked at again after this part of
+/// the time its oldest held event has waited past the window (at least at the next pass): a
+/// conversation a device holds for weeks is looked at a few dozen times, not at every pass,
+/// and its events wait at most this part longer than the device makes them.
+const HELD_BACK_BACKOFF: u64 = 4;
+
 #[derive(Debug, Clone, Copy)]
 pub struct RetentionPolicy {
     /// Events younger than this are kept, delivered or not.
@@ -181,26 +187,28 @@ impl Retention {
     }
 
     /// Trims `conv` as of `now`; returns the number of events cleared and when to look at it
-    /// again: when its oldest kept event comes of age, at the next pass when a device holds
-    /// events back, a window from now when it keeps none.
+    /// again: when its oldest kept event comes of age; when a device holds events back, after
+    /// [`held_back_wait`]; a window from now when it keeps none.
     async fn trim_conversation(&self, conv: &str, now: u64) -> Result<(u64, u64), RetentionError> {
         let window = self.policy.window.as_millis() as u64;
-        let next_pass = now.saturating_add(self.policy.interval.as_millis() as u64);
+        let interval = self.policy.interval.as_millis() as u64;
         let cutoff = now.saturating_sub(window);
         let floor = self.store.floor(conv).await?;
         // Nothing can go while the oldest event kept is younger than the window: the members'
         // devices and cursors are read only when something is old enough.
         let oldest = self.store.events(conv, floor - 1, 1).await?;
-        match oldest.first() {
+        let oldest_ms = match oldest.first() {
             None => return Ok((0, now.saturating_add(window))),
             Some(event) if event.ts_ms > cutoff => return Ok((0, event.ts_ms + window)),
-            Some(_) => {}
-        }
+            Some(event) => event.ts_ms,
+        };
         let head = self.store.head(conv).await?;
         let delivered = self.delivered_everywhere(conv, head, now).await?;
         let mut old_enough = floor - 1;
-        // The first event kept for its age, when the scan reached one.
+        // The first event kept for its age, and the first old one kept for a device, when the
+        // scan reached one.
         let mut young = None;
+        let mut held_ms = None;
         let mut media = Vec::new();
         'scan: while old_enough < delivered {
             let events = self.store.events(conv, old_enough, PAGE).await?;
@@ -213,6 +221,7 @@ impl Retention {
                     break 'scan;
                 }
                 if event.seq > delivered {
+                    held_ms = Some(event.ts_ms);
                     break 'scan;
                 }
                 old_enough = event.seq;
@@ -226,10 +235,16 @@ impl Retention {
             }
         }
         let new_floor = old_enough.min(delivered) + 1;
+        // The oldest event a device holds back: the one the scan stopped at, the oldest kept
+        // when nothing went (unknown when a page ended the scan: looked at again next pass).
+        let held_ms = held_ms.or((new_floor == floor).then_some(oldest_ms));
         let next_due = match young {
             _ if new_floor > head => now.saturating_add(window),
             Some((seq, ts_ms)) if seq == new_floor => ts_ms + window,
-            _ => next_pass,
+            _ => {
+                let overdue = held_ms.map_or(0, |held| cutoff.saturating_sub(held));
+                now.saturating_add(held_back_wait(overdue, interval))
+            }
         };
         if new_floor <= floor {
             return Ok((0, next_due));
@@ -267,6 +282,13 @@ impl Retention {
     }
 }
 
+/// How long to wait before looking again at a conversation whose oldest held-back event has
+/// waited `overdue_ms` past the window: a [`HELD_BACK_BACKOFF`]th of that, at least
+/// `interval_ms` (the next pass).
+fn held_back_wait(overdue_ms: u64, interval_ms: u64) -> u64 {
+    (overdue_ms / HELD_BACK_BACKOFF).max(interval_ms)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -274,7 +296,7 @@ mod tests {
     use courier_proto::Sender;
     use courier_store::faulty_engine::FaultyEngine;
     use courier_store::kv::Mutation;
-    use courier_store::{Append, Batch, NewConversation};
+    use courier_store::{Append, Batch, DeviceRecord, NewConversation};
 
     fn policy(window: Duration) -> RetentionPolicy {
         RetentionPolicy {
@@ -409,5 +431,53 @@ mod tests {
         assert_eq!(pass.run_once().await.unwrap().events, 0);
         let read = engine.take_ranges_read();
         assert!(!read.contains(&events_of("d:1")) && !read.contains(&events_of("d:2")));
+    }
+
+    #[test]
+    fn a_held_back_conversation_waits_a_quarter_of_its_delay_and_at_least_a_pass() {
+        let hour = 3_600_000;
+        assert_eq!(held_back_wait(0, hour), hour);
+        assert_eq!(held_back_wait(3 * hour, hour), hour);
+        assert_eq!(held_back_wait(8 * 24 * hour, hour), 2 * 24 * hour);
+        // Looked at after each quarter: ~30 times over 30 days of holding, not 720 passes.
+        let (mut overdue, mut looks) = (0, 0);
+        while overdue < 30 * 24 * hour {
+            overdue += held_back_wait(overdue, hour);
+            looks += 1;
+        }
+        assert!(looks < 40, "{looks}");
+    }
+
+    /// A conversation whose old events an active device has not had is kept, and looked at
+    /// again at the next pass (not a window later).
+    #[tokio::test]
+    async fn a_conversation_a_device_holds_back_is_looked_at_again_at_the_next_pass() {
+        let engine = FaultyEngine::new();
+        let store = engine.store(4).await;
+        let sequencer = sequencer_on(&store).await;
+        send(&sequencer, "d:1", "bob", &["a"]).await;
+        let seen = |_: Option<&DeviceRecord>| {
+            Some(DeviceRecord {
+                last_seen_ms: now_ms(),
+                ..Default::default()
+            })
+        };
+        store.update_device("bob", "phone", seen).await.unwrap();
+        let mut policy = policy(Duration::ZERO);
+        policy.interval = Duration::from_secs(60);
+        let sequencer: Arc<dyn Sequencer> = sequencer.clone();
+        let pass = Retention::new(store.clone(), sequencer, policy, Arc::new(Metrics::new()));
+        let before = now_ms();
+        assert_eq!(
+            pass.run_once().await.unwrap().events,
+            0,
+            "bob has not had it"
+        );
+        let due = store.due_trims(u64::MAX, None, 10).await.unwrap();
+        assert_eq!(due.len(), 1);
+        assert!(
+            due[0].due_ms >= before + 60_000 && due[0].due_ms < before + 120_000,
+            "{due:?}"
+        );
     }
 }
