@@ -771,22 +771,24 @@ impl MessageStore {
         let conv = append.conversation_id.as_str();
         let sender = &append.sender;
         let buckets = self.idempotency.lookups(ts_ms);
-        let (mut keys, legacy) = match &append.key {
-            AppendKey::Client(id) => (
-                self.keys
-                    .idempotency(&buckets, conv, &sender.user, &sender.device, id),
-                self.keys
-                    .legacy_idempotency(conv, &sender.user, &sender.device, id),
-            ),
-            AppendKey::Server(key) => (
-                self.keys.server_idempotency(&buckets, conv, key),
-                self.keys.legacy_server_idempotency(conv, key),
-            ),
-        };
-        if self.legacy_idempotency.load(Ordering::Relaxed) {
-            keys.push(legacy);
+        let legacy = self.legacy_idempotency.load(Ordering::Relaxed);
+        match &append.key {
+            AppendKey::Client(id) => {
+                let (user, device) = (&sender.user, &sender.device);
+                let mut keys = self.keys.idempotency(&buckets, conv, user, device, id);
+                if legacy {
+                    keys.push(self.keys.legacy_idempotency(conv, user, device, id));
+                }
+                keys
+            }
+            AppendKey::Server(key) => {
+                let mut keys = self.keys.server_idempotency(&buckets, conv, key);
+                if legacy {
+                    keys.push(self.keys.legacy_server_idempotency(conv, key));
+                }
+                keys
+            }
         }
-        keys
     }
 
     async fn try_append(
