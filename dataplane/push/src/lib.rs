@@ -443,7 +443,7 @@ impl Notifier {
         let from = self.cursors.get(shard);
         let entries = self
             .store
-            .outbox(shard, from.as_deref(), OUTBOX_PAGE)
+            .outbox_headers(shard, from.as_deref(), OUTBOX_PAGE)
             .await?;
         let mut more = entries.len() == OUTBOX_PAGE;
         let read = entries.len();
@@ -459,7 +459,7 @@ impl Notifier {
                 break;
             }
             bound = Some(bound_after(&key));
-            if !matches!(event.payload, EventPayload::Message { .. }) {
+            if !event.is_message() {
                 continue;
             }
             let conv = event.conversation_id.as_str();
@@ -472,7 +472,7 @@ impl Notifier {
             };
             let others = members
                 .iter()
-                .filter(|member| **member != event.sender.user);
+                .filter(|member| member.as_str() != event.sender());
             devices
                 .look_up(self, others.clone().map(String::as_str))
                 .await?;
@@ -510,7 +510,7 @@ impl Notifier {
                 if entry.last_seq < event.seq {
                     entry.count = entry.count.saturating_add(1);
                     entry.last_seq = event.seq;
-                    entry.sender = event.sender.user.clone();
+                    entry.sender = event.sender().to_owned();
                 }
                 pending.insert(key, entry);
             }

@@ -47,4 +47,5 @@ pub use message_store::{
     MediaRecord, MessageStore, NewConversation, OutboxEntry, PUSH_EXPANSION_BYTES, PendingPush,
     PushedBound, ReadBounds, ShardLease, bound_after,
 };
+pub use outbox_rows::EventHeader;
 pub use partitions::{PartitionStore, PartitionTable, TableError};

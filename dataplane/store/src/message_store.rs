@@ -8,7 +8,7 @@ use crate::kv::{
     complete_versionstamped_key, decode_u64,
 };
 use crate::membership::{MemberRecord, UserConversation, encode_left_seq};
-use crate::outbox_rows::{self, RowWriter};
+use crate::outbox_rows::{self, EventHeader, RowWriter};
 use crate::ownership::Duty;
 use crate::partitions::{PartitionTable, PartitionedEngine};
 use courier_proto::{Event, EventPayload, MembershipChange, Sender, pb};
@@ -2027,14 +2027,39 @@ impl MessageStore {
     }
 
     /// The oldest outbox entries of `shard` from `from` on (a bound: the key of an entry, or
-    /// [`bound_after`] the last one taken), at most `limit`. Reads from the first row of
-    /// `from`'s commit and passes over its entries below `from` (`outbox_rows`).
+    /// [`bound_after`] the last one taken), at most `limit`.
     pub async fn outbox(
         &self,
         shard: u32,
         from: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<OutboxEntry>, StoreError> {
+        self.read_outbox(shard, from, limit, decode_event).await
+    }
+
+    /// [`MessageStore::outbox`], each entry's event read as its [`EventHeader`] only, for
+    /// readers that never look at bodies (the push notifier).
+    pub async fn outbox_headers(
+        &self,
+        shard: u32,
+        from: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, EventHeader)>, StoreError> {
+        self.read_outbox(shard, from, limit, EventHeader::decode_stored)
+            .await
+    }
+
+    /// The oldest outbox entries of `shard` from `from` on, at most `limit`, each event
+    /// decoded by `decode` (from its entry's key and its stored bytes). Reads from the first
+    /// row of `from`'s commit and passes over its entries below `from`, undecoded
+    /// (`outbox_rows`).
+    async fn read_outbox<T>(
+        &self,
+        shard: u32,
+        from: Option<&[u8]>,
+        limit: usize,
+        decode: impl Fn(&[u8], &[u8]) -> Result<T, StoreError>,
+    ) -> Result<Vec<(Vec<u8>, T)>, StoreError> {
         let outbox = self.keys.outbox(shard);
         let start = from.map(|from| outbox_rows::commit_start(&outbox, from));
         let mut rows = queue_from(outbox, start.as_deref());
@@ -2042,11 +2067,14 @@ impl MessageStore {
         loop {
             let page = self.kv.range(rows.clone(), limit, false).await?;
             for (key, value) in &page {
-                let row = outbox_rows::entries(key, value)?;
-                let from_here = row
+                let from_here = outbox_rows::stored_entries(key, value)?
                     .into_iter()
-                    .filter(|(entry, _)| from.is_none_or(|from| entry.as_slice() >= from));
-                entries.extend(from_here.take(limit - entries.len()));
+                    .filter(|(entry, _)| from.is_none_or(|from| entry.as_slice() >= from))
+                    .take(limit - entries.len());
+                for (entry, event) in from_here {
+                    let event = decode(&entry, event)?;
+                    entries.push((entry, event));
+                }
                 if entries.len() == limit {
                     return Ok(entries);
                 }
@@ -2785,6 +2813,21 @@ mod tests {
         assert_eq!(
             seqs(store.outbox(shard, Some(&after_first), 1).await.unwrap()),
             [2]
+        );
+        // The headers of the same entries, from the same positions.
+        let headers = store
+            .outbox_headers(shard, Some(&after_first), 10)
+            .await
+            .unwrap();
+        assert_eq!(
+            headers
+                .iter()
+                .map(|(k, h)| (k.as_slice(), h.seq, h.is_message()))
+                .collect::<Vec<_>>(),
+            [
+                (read[1].0.as_slice(), 2, true),
+                (read[2].0.as_slice(), 3, true)
+            ]
         );
         let after_last = bound_after(&read[2].0);
         assert!(

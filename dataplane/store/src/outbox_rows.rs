@@ -15,15 +15,15 @@
 //! journal record and flush and compaction work. A row per commit writes them once per
 //! commit (`docs/benchmarks.md`, "The outbox, a row per commit").
 //!
-//! A row's value is [`ROW_MARKER`] and then `OutboxRow` (protobuf, the events as stored
+//! A row's value is [`ROW_MARKER`] and then `OutboxRow` (protobuf: `message OutboxRow {
+//! repeated courier.v1.Event events = 1; }`, the events as stored
 //! under their `ev` keys). A value without the marker is a row of one entry, the bare event (a
 //! `courier.v1.Event`, whose encoding never starts with a zero byte): as a version before rows
 //! wrote every entry, so an outbox left by an upgrade is read as it was, and as an event too
 //! large for the row's framing within the engine's value limit is written.
 
 use crate::kv::StoreError;
-use crate::message_store::{OutboxEntry, corrupt, decode_event};
-use courier_proto::{Event, pb};
+use crate::message_store::corrupt;
 use prost::Message;
 use std::ops::Range;
 
@@ -37,10 +37,46 @@ const VERSIONSTAMP_BYTES: usize = 13;
 /// The key of `OutboxRow`'s field 1, length-delimited: `(1 << 3) | 2`.
 const EVENTS_FIELD_KEY: u8 = 0x0a;
 
+/// What the push notifier reads of an outbox entry: the event's conversation, seq, sender,
+/// time and kind, decoded from the stored `courier.v1.Event` (same field numbers) with every
+/// other field, the body first, skipped rather than decoded.
 #[derive(Clone, PartialEq, prost::Message)]
-struct OutboxRow {
-    #[prost(message, repeated, tag = "1")]
-    events: Vec<pb::Event>,
+pub struct EventHeader {
+    #[prost(string, tag = "1")]
+    pub conversation_id: String,
+    #[prost(uint64, tag = "2")]
+    pub seq: u64,
+    #[prost(message, optional, tag = "4")]
+    sender: Option<SenderUser>,
+    #[prost(uint64, tag = "5")]
+    pub ts_ms: u64,
+    /// `courier.v1.Event.kind`: "message", "delete", "group_created", ...
+    #[prost(string, tag = "6")]
+    kind: String,
+}
+
+/// `courier.v1.Sender` without its device.
+#[derive(Clone, PartialEq, prost::Message)]
+struct SenderUser {
+    #[prost(string, tag = "1")]
+    user: String,
+}
+
+impl EventHeader {
+    /// The header of the event stored under `key` as `value`.
+    pub fn decode_stored(key: &[u8], value: &[u8]) -> Result<Self, StoreError> {
+        Self::decode(value).map_err(|e| corrupt(key, e))
+    }
+
+    /// The user who sent the event.
+    pub fn sender(&self) -> &str {
+        self.sender.as_ref().map_or("", |sender| &sender.user)
+    }
+
+    /// Whether the event is a message (not a deletion or a membership change).
+    pub fn is_message(&self) -> bool {
+        self.kind == "message"
+    }
 }
 
 /// The rows of one commit's entries, each row under the (incomplete) key of its first entry
@@ -96,32 +132,47 @@ impl RowWriter {
     }
 }
 
-/// The entries of the outbox row `key` holding `value`, in key order.
-pub fn entries(key: &[u8], value: &[u8]) -> Result<Vec<OutboxEntry>, StoreError> {
-    let Some(row) = value.strip_prefix(&[ROW_MARKER]) else {
-        return Ok(vec![(key.to_vec(), decode_event(key, value)?)]);
-    };
-    let row = OutboxRow::decode(row).map_err(|e| corrupt(key, e))?;
-    row.events
+/// An outbox entry's key and its event as stored (a `courier.v1.Event`), not decoded.
+pub type StoredEntry<'a> = (Vec<u8>, &'a [u8]);
+
+/// The entries of the outbox row `key` holding `value`, in key order, each with its event as
+/// stored (a `courier.v1.Event`): a reader decodes only the entries, and the fields, it needs.
+pub fn stored_entries<'a>(key: &[u8], value: &'a [u8]) -> Result<Vec<StoredEntry<'a>>, StoreError> {
+    stored_events(key, value)?
         .into_iter()
         .enumerate()
-        .map(|(j, event)| {
-            let event = Event::try_from(event).map_err(|e| corrupt(key, e))?;
-            Ok((entry_key(key, j)?, event))
-        })
+        .map(|(j, event)| Ok((entry_key(key, j)?, event)))
         .collect()
 }
 
 /// The key of the last entry of the row `key` holding `value`.
 pub fn last_entry_key(key: &[u8], value: &[u8]) -> Result<Vec<u8>, StoreError> {
-    let Some(row) = value.strip_prefix(&[ROW_MARKER]) else {
-        return Ok(key.to_vec());
-    };
-    let count = OutboxRow::decode(row)
-        .map_err(|e| corrupt(key, e))?
-        .events
-        .len();
+    let count = stored_events(key, value)?.len();
     entry_key(key, count.saturating_sub(1))
+}
+
+/// The stored events of the row `key` holding `value`, in order, not decoded.
+fn stored_events<'a>(key: &[u8], value: &'a [u8]) -> Result<Vec<&'a [u8]>, StoreError> {
+    let Some(mut row) = value.strip_prefix(&[ROW_MARKER]) else {
+        return Ok(vec![value]);
+    };
+    // `OutboxRow`'s fields as [`RowWriter::push`] frames them: its field key, the event's
+    // length, the event.
+    let mut events = Vec::new();
+    while let Some((&field, rest)) = row.split_first() {
+        if field != EVENTS_FIELD_KEY {
+            return Err(corrupt(key, format!("outbox row: field key {field:#x}")));
+        }
+        row = rest;
+        let len = prost::decode_length_delimiter(&mut row).map_err(|e| corrupt(key, e))?;
+        if len > row.len() {
+            return Err(corrupt(key, "outbox row: an event cut short"));
+        }
+        let (event, rest) = row.split_at(len);
+        events.push(event);
+        row = rest;
+    }
+    Ok(events)
 }
 
 /// The `j`-th entry's key of the row `row`.
@@ -135,7 +186,8 @@ fn entry_key(row: &[u8], j: usize) -> Result<Vec<u8>, StoreError> {
         .ok()
         .and_then(|j| first.checked_add(j))
         .ok_or_else(|| corrupt(row, "outbox row longer than its commit"))?;
-    let mut key = row[..split].to_vec();
+    let mut key = Vec::with_capacity(row.len());
+    key.extend_from_slice(&row[..split]);
     key.extend_from_slice(&order.to_be_bytes());
     Ok(key)
 }
@@ -160,7 +212,15 @@ mod tests {
     use super::*;
     use crate::Keys;
     use crate::kv::complete_versionstamped_key;
-    use courier_proto::{Body, EventPayload, Sender};
+    use crate::message_store::{OutboxEntry, decode_event};
+    use courier_proto::{Body, Event, EventPayload, Sender, pb};
+
+    fn entries(key: &[u8], value: &[u8]) -> Result<Vec<OutboxEntry>, StoreError> {
+        stored_entries(key, value)?
+            .into_iter()
+            .map(|(key, event)| Ok((key.clone(), decode_event(&key, event)?)))
+            .collect()
+    }
 
     fn event(seq: u64, text: &str) -> Event {
         Event {
@@ -262,6 +322,33 @@ mod tests {
     }
 
     #[test]
+    fn an_event_header_has_the_stored_events_fields_and_tells_messages_from_other_events() {
+        let message = event(7, "hello");
+        let others = [
+            EventPayload::Delete { target_seq: 3 },
+            EventPayload::GroupCreated {
+                name: "g".into(),
+                members: vec!["alice".into(), "bob".into()],
+            },
+            EventPayload::MemberAdded(courier_proto::MembershipChange::new(vec!["carol".into()])),
+        ];
+        let events =
+            std::iter::once(message.clone()).chain(others.into_iter().map(|payload| Event {
+                payload,
+                ..message.clone()
+            }));
+        for (j, event) in events.enumerate() {
+            let stored = pb::Event::from(event.clone()).encode_to_vec();
+            let header = EventHeader::decode_stored(b"k", &stored).unwrap();
+            assert_eq!(header.conversation_id, event.conversation_id);
+            assert_eq!(header.seq, event.seq);
+            assert_eq!(header.sender(), event.sender.user);
+            assert_eq!(header.ts_ms, event.ts_ms);
+            assert_eq!(header.is_message(), j == 0, "{:?}", event.payload);
+        }
+    }
+
+    #[test]
     fn a_damaged_row_is_an_error_not_a_panic() {
         let keys = Keys::new(b"");
         let key = complete_versionstamped_key(&keys.outbox_entry(1, 0), &[1; 10]).unwrap();
@@ -274,6 +361,12 @@ mod tests {
                 entries(&key, &value),
                 Err(StoreError::Corrupt { .. })
             ));
+            if value[0] == ROW_MARKER {
+                assert!(matches!(
+                    last_entry_key(&key, &value),
+                    Err(StoreError::Corrupt { .. })
+                ));
+            }
         }
         assert!(entries(&[1], &[ROW_MARKER]).is_ok_and(|e| e.is_empty()));
     }

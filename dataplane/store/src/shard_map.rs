@@ -14,7 +14,7 @@
 
 use crate::kv::StoreError;
 use crate::message_store::{MessageStore, corrupt};
-use crate::outbox_rows;
+use crate::outbox_rows::{self, EventHeader};
 use crate::ownership::{Duty, ShardOwner};
 use futures::{StreamExt, TryStreamExt};
 use std::collections::BTreeMap;
@@ -127,15 +127,12 @@ impl MessageStore {
             for rows in self.kv().ranges(ranges, 1).await? {
                 oldest.push(match rows.into_iter().next() {
                     Some((key, value)) => {
-                        let (key, event) =
-                            outbox_rows::entries(&key, &value)?
-                                .into_iter()
-                                .next()
-                                .ok_or_else(|| corrupt(&key, "an outbox row without entries"))?;
-                        Some(OldestOutboxEntry {
-                            key,
-                            ts_ms: event.ts_ms,
-                        })
+                        let (key, event) = outbox_rows::stored_entries(&key, &value)?
+                            .into_iter()
+                            .next()
+                            .ok_or_else(|| corrupt(&key, "an outbox row without entries"))?;
+                        let ts_ms = EventHeader::decode_stored(&key, event)?.ts_ms;
+                        Some(OldestOutboxEntry { key, ts_ms })
                     }
                     None => None,
                 });
