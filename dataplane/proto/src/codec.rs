@@ -276,6 +276,227 @@ mod tests {
         );
     }
 
+    fn client_samples() -> Vec<ClientFrame> {
+        vec![
+            ClientFrame::Send(Send {
+                reference: Some(1),
+                client_msg_id: "c1".into(),
+                conversation_id: None,
+                to_user: Some("bob".into()),
+                body: Body::Text("say \"hi\"".into()),
+                reply_to: Some(4),
+            }),
+            ClientFrame::Ack(Ack {
+                reference: None,
+                conversation_id: "d:abc".into(),
+                seq: 3,
+                kind: AckKind::Delivered,
+            }),
+            ClientFrame::Sync(Sync {
+                reference: Some(2),
+                cursors: [("g:1".to_string(), 7)].into(),
+            }),
+            ClientFrame::Fetch(Fetch {
+                reference: Some(3),
+                conversation_id: "g:1".into(),
+                after_seq: Some(5),
+                limit: Some(10),
+            }),
+            ClientFrame::Delete(Delete {
+                reference: None,
+                conversation_id: "g:1".into(),
+                seq: 2,
+            }),
+            ClientFrame::Typing(Typing {
+                reference: None,
+                conversation_id: "g:1".into(),
+                active: true,
+            }),
+            ClientFrame::Ping(Ping { reference: Some(8) }),
+        ]
+    }
+
+    fn more_server_samples() -> Vec<ServerFrame> {
+        let sender = Sender {
+            user: "alice".into(),
+            device: "phone".into(),
+        };
+        let event = |payload| {
+            ServerFrame::Event(Event {
+                conversation_id: "g:1".into(),
+                seq: 1,
+                server_msg_id: "m0".into(),
+                sender: sender.clone(),
+                ts_ms: 16,
+                payload,
+            })
+        };
+        vec![
+            ServerFrame::Hello(Hello {
+                user: "alice".into(),
+                device: "phone".into(),
+                server_time_ms: 5,
+            }),
+            ServerFrame::Sent(Sent {
+                reference: Some(1),
+                client_msg_id: "c1".into(),
+                conversation_id: "d:abc".into(),
+                seq: 3,
+                server_msg_id: "m1".into(),
+                ts_ms: 17,
+                duplicate: false,
+            }),
+            ServerFrame::Receipt(Receipt {
+                conversation_id: "d:abc".into(),
+                user: "bob".into(),
+                delivered_seq: 3,
+                read_seq: 2,
+            }),
+            ServerFrame::Trimmed(Trimmed {
+                conversation_id: "d:abc".into(),
+                floor_seq: 9,
+            }),
+            ServerFrame::Typing(TypingNotice {
+                conversation_id: "g:1".into(),
+                user: "bob".into(),
+                active: false,
+            }),
+            ServerFrame::Reconnect(Reconnect { after_ms: 100 }),
+            event(EventPayload::GroupCreated {
+                name: "team".into(),
+                members: vec!["alice".into(), "bob".into()],
+            }),
+            event(EventPayload::Delete { target_seq: 1 }),
+            event(EventPayload::MemberAdded(MembershipChange::new(vec![
+                "bob".into(),
+                "carol".into(),
+            ]))),
+            event(EventPayload::Message {
+                body: None,
+                client_msg_id: "c0".into(),
+                reply_to: None,
+                deleted: true,
+            }),
+        ]
+    }
+
+    /// `json` (an encoded frame, `"type"` first) with its `"type"` moved to the end.
+    fn type_last(json: &str) -> String {
+        let rest = json
+            .strip_prefix(r#"{"type":""#)
+            .expect("`type` is written first");
+        let (tag, fields) = rest
+            .split_once("\",")
+            .expect("a frame has fields after `type`");
+        let fields = fields.strip_suffix('}').expect("an object");
+        format!(r#"{{{fields},"type":"{tag}"}}"#)
+    }
+
+    #[test]
+    fn json_frames_read_the_same_whatever_the_place_of_type() {
+        fn check<F: PartialEq + std::fmt::Debug>(json: String, decode: impl Fn(&[u8]) -> F) {
+            let frame = decode(json.as_bytes());
+            if json.starts_with(r#"{"type":"sync_done"}"#) {
+                return;
+            }
+            let last = type_last(&json);
+            assert_eq!(decode(last.as_bytes()), frame, "{last}");
+            // Keys sorted by name: `type` among the others.
+            let sorted: serde_json::Value = serde_json::from_str(&json).unwrap();
+            let sorted = sorted.to_string();
+            assert_eq!(decode(sorted.as_bytes()), frame, "{sorted}");
+        }
+        for frame in samples().into_iter().chain(more_server_samples()) {
+            let Payload::Text(json) = Encoding::Json.encode_server(&frame) else {
+                panic!("json is text")
+            };
+            assert_eq!(
+                Encoding::Json.decode_server(json.as_bytes()).unwrap(),
+                frame
+            );
+            check(json, |bytes| Encoding::Json.decode_server(bytes).unwrap());
+        }
+        for frame in client_samples() {
+            let Payload::Text(json) = Encoding::Json.encode_client(&frame) else {
+                panic!("json is text")
+            };
+            assert_eq!(
+                Encoding::Json.decode_client(json.as_bytes()).unwrap(),
+                frame
+            );
+            check(json, |bytes| Encoding::Json.decode_client(bytes).unwrap());
+        }
+    }
+
+    #[test]
+    fn json_frames_with_a_missing_repeated_or_unknown_type_or_field_are_refused() {
+        let invalid = |json: &str, says: &str| match Encoding::Json.decode_client(json.as_bytes()) {
+            Err(DecodeError::Invalid(message)) => {
+                assert!(message.contains(says), "{json}: {message}")
+            }
+            other => panic!("{json}: {other:?}"),
+        };
+        invalid(r#"{"conversation_id":"c","seq":1}"#, "missing field `type`");
+        invalid(r#"{}"#, "missing field `type`");
+        invalid(r#"{"type":"nope","ref":1}"#, "unknown variant `nope`");
+        invalid(r#"{"ref":1,"type":"nope"}"#, "unknown variant `nope`");
+        invalid(
+            r#"{"ref":1,"type":"ping","type":"ping"}"#,
+            "duplicate field `type`",
+        );
+        invalid(
+            r#"{"seq":1,"seq":2,"type":"delete","conversation_id":"c"}"#,
+            "duplicate field `seq`",
+        );
+        invalid(
+            r#"{"type":"delete","conversation_id":"c"}"#,
+            "missing field `seq`",
+        );
+        invalid(
+            r#"{"conversation_id":"c","type":"delete"}"#,
+            "missing field `seq`",
+        );
+        invalid(r#"["ping"]"#, "a client frame");
+        invalid(r#""ping""#, "a client frame");
+        // Fields a frame does not have are ignored, wherever `type` is.
+        for json in [
+            r#"{"type":"ping","ref":3,"extra":{"a":[1]}}"#,
+            r#"{"extra":{"a":[1]},"ref":3,"type":"ping"}"#,
+        ] {
+            assert_eq!(
+                Encoding::Json.decode_client(json.as_bytes()).unwrap(),
+                ClientFrame::Ping(Ping { reference: Some(3) })
+            );
+        }
+
+        let event = |fields: &str| {
+            format!(
+                r#"{{"type":"event","conversation_id":"g:1","seq":2,"server_msg_id":"m","sender":{{"user":"a","device":"p"}},"ts_ms":1,{fields}}}"#
+            )
+        };
+        for (fields, says) in [
+            (
+                r#""kind":"message","body":{"text":"x"}"#,
+                "missing field `client_msg_id`",
+            ),
+            (r#""kind":"delete""#, "missing field `target_seq`"),
+            (
+                r#""kind":"group_created","name":"g""#,
+                "missing field `members`",
+            ),
+            (r#""kind":"member_added""#, "names its `users`"),
+            (r#""kind":"sent_by_owl""#, "unknown variant `sent_by_owl`"),
+            (r#""client_msg_id":"c""#, "missing field `kind`"),
+        ] {
+            match Encoding::Json.decode_server(event(fields).as_bytes()) {
+                Err(DecodeError::Invalid(message)) => {
+                    assert!(message.contains(says), "{fields}: {message}")
+                }
+                other => panic!("{fields}: {other:?}"),
+            }
+        }
+    }
+
     #[test]
     fn proto_client_frames_round_trip() {
         let frame = ClientFrame::Ack(Ack {

@@ -1,6 +1,7 @@
 //! The frames of the protocol, serialised as JSON objects tagged by `"type"`.
 
-use serde::{Deserialize, Serialize};
+use crate::tagged::{self, TaggedFrame};
+use serde::{Deserialize, Deserializer, Serialize};
 use std::collections::BTreeMap;
 
 /// `(user, device)`: the identity of one connection.
@@ -40,7 +41,7 @@ pub enum AckKind {
 }
 
 /// A frame from client to server.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ClientFrame {
     Send(Send),
@@ -50,6 +51,42 @@ pub enum ClientFrame {
     Delete(Delete),
     Typing(Typing),
     Ping(Ping),
+}
+
+/// The `type` of a client frame.
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum ClientFrameType {
+    Send,
+    Ack,
+    Sync,
+    Fetch,
+    Delete,
+    Typing,
+    Ping,
+}
+
+impl<'de> TaggedFrame<'de> for ClientFrame {
+    type Tag = ClientFrameType;
+    const EXPECTING: &'static str = "a client frame (an object with a \"type\")";
+
+    fn variant<D: Deserializer<'de>>(tag: ClientFrameType, fields: D) -> Result<Self, D::Error> {
+        Ok(match tag {
+            ClientFrameType::Send => Self::Send(Send::deserialize(fields)?),
+            ClientFrameType::Ack => Self::Ack(Ack::deserialize(fields)?),
+            ClientFrameType::Sync => Self::Sync(Sync::deserialize(fields)?),
+            ClientFrameType::Fetch => Self::Fetch(Fetch::deserialize(fields)?),
+            ClientFrameType::Delete => Self::Delete(Delete::deserialize(fields)?),
+            ClientFrameType::Typing => Self::Typing(Typing::deserialize(fields)?),
+            ClientFrameType::Ping => Self::Ping(Ping::deserialize(fields)?),
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for ClientFrame {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        tagged::deserialize(deserializer)
+    }
 }
 
 impl ClientFrame {
@@ -133,7 +170,7 @@ pub struct Ping {
 }
 
 /// A frame from server to client.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerFrame {
     Hello(Hello),
@@ -147,6 +184,50 @@ pub enum ServerFrame {
     Error(ErrorFrame),
     Reconnect(Reconnect),
     Pong(Pong),
+}
+
+/// The `type` of a server frame.
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum ServerFrameType {
+    Hello,
+    Sent,
+    Event,
+    Messages,
+    Receipt,
+    SyncDone,
+    Trimmed,
+    Typing,
+    Error,
+    Reconnect,
+    Pong,
+}
+
+impl<'de> TaggedFrame<'de> for ServerFrame {
+    type Tag = ServerFrameType;
+    const EXPECTING: &'static str = "a server frame (an object with a \"type\")";
+
+    fn variant<D: Deserializer<'de>>(tag: ServerFrameType, fields: D) -> Result<Self, D::Error> {
+        Ok(match tag {
+            ServerFrameType::Hello => Self::Hello(Hello::deserialize(fields)?),
+            ServerFrameType::Sent => Self::Sent(Sent::deserialize(fields)?),
+            ServerFrameType::Event => Self::Event(Event::deserialize(fields)?),
+            ServerFrameType::Messages => Self::Messages(Messages::deserialize(fields)?),
+            ServerFrameType::Receipt => Self::Receipt(Receipt::deserialize(fields)?),
+            ServerFrameType::SyncDone => Self::SyncDone(SyncDone::deserialize(fields)?),
+            ServerFrameType::Trimmed => Self::Trimmed(Trimmed::deserialize(fields)?),
+            ServerFrameType::Typing => Self::Typing(TypingNotice::deserialize(fields)?),
+            ServerFrameType::Error => Self::Error(ErrorFrame::deserialize(fields)?),
+            ServerFrameType::Reconnect => Self::Reconnect(Reconnect::deserialize(fields)?),
+            ServerFrameType::Pong => Self::Pong(Pong::deserialize(fields)?),
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for ServerFrame {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        tagged::deserialize(deserializer)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -170,6 +251,7 @@ pub struct Sent {
 
 /// One event of a conversation, as delivered and as returned by `fetch`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "EventWire")]
 pub struct Event {
     pub conversation_id: String,
     pub seq: u64,
@@ -180,8 +262,103 @@ pub struct Event {
     pub payload: EventPayload,
 }
 
-/// What an event is, tagged by `"kind"`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// An event as the wire has it: its payload's fields beside its own, `kind` telling which
+/// payload they make. Read as one struct, in one pass: serde's `flatten` (how [`Event`] is
+/// written) would buffer every field of every event first.
+#[derive(Deserialize)]
+struct EventWire {
+    conversation_id: String,
+    seq: u64,
+    server_msg_id: String,
+    sender: Sender,
+    ts_ms: u64,
+    kind: EventKind,
+    #[serde(default)]
+    body: Option<Body>,
+    #[serde(default)]
+    client_msg_id: Option<String>,
+    #[serde(default)]
+    reply_to: Option<u64>,
+    #[serde(default)]
+    deleted: bool,
+    #[serde(default)]
+    target_seq: Option<u64>,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    members: Option<Vec<String>>,
+    #[serde(default)]
+    users: Vec<String>,
+    #[serde(default)]
+    user: Option<String>,
+}
+
+/// The `kind` of an event.
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum EventKind {
+    Message,
+    Delete,
+    GroupCreated,
+    MemberAdded,
+    MemberRemoved,
+}
+
+impl TryFrom<EventWire> for Event {
+    type Error = String;
+
+    fn try_from(wire: EventWire) -> Result<Self, String> {
+        fn required<T>(field: Option<T>, name: &str) -> Result<T, String> {
+            field.ok_or_else(|| format!("missing field `{name}`"))
+        }
+        let EventWire {
+            conversation_id,
+            seq,
+            server_msg_id,
+            sender,
+            ts_ms,
+            kind,
+            body,
+            client_msg_id,
+            reply_to,
+            deleted,
+            target_seq,
+            name,
+            members,
+            users,
+            user,
+        } = wire;
+        let membership = MembershipChangeWire { users, user };
+        let payload = match kind {
+            EventKind::Message => EventPayload::Message {
+                body,
+                client_msg_id: required(client_msg_id, "client_msg_id")?,
+                reply_to,
+                deleted,
+            },
+            EventKind::Delete => EventPayload::Delete {
+                target_seq: required(target_seq, "target_seq")?,
+            },
+            EventKind::GroupCreated => EventPayload::GroupCreated {
+                name: required(name, "name")?,
+                members: required(members, "members")?,
+            },
+            EventKind::MemberAdded => EventPayload::MemberAdded(membership.try_into()?),
+            EventKind::MemberRemoved => EventPayload::MemberRemoved(membership.try_into()?),
+        };
+        Ok(Event {
+            conversation_id,
+            seq,
+            server_msg_id,
+            sender,
+            ts_ms,
+            payload,
+        })
+    }
+}
+
+/// What an event is, tagged by `"kind"` (read through `EventWire`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum EventPayload {
     Message {

@@ -16,6 +16,7 @@ mod codec;
 mod convert;
 mod frames;
 pub mod ids;
+mod tagged;
 
 pub use codec::{DecodeError, Encoding, Payload};
 pub use frames::*;
