@@ -43,14 +43,18 @@ impl SharedEvent {
             Encoding::Json => &self.json,
             Encoding::Proto => &self.proto,
         };
-        cell.get_or_init(|| to_message(encoding, &ServerFrame::Event(self.event.clone())))
+        cell.get_or_init(|| payload_message(encoding.encode_event(&self.event)))
             .clone()
     }
 }
 
 /// Encodes a frame as a WebSocket message of the connection's subprotocol.
 pub fn to_message(encoding: Encoding, frame: &ServerFrame) -> Message {
-    match encoding.encode_server(frame) {
+    payload_message(encoding.encode_server(frame))
+}
+
+fn payload_message(payload: Payload) -> Message {
+    match payload {
         Payload::Text(text) => Message::Text(text.into()),
         Payload::Binary(bytes) => Message::Binary(bytes.into()),
     }

@@ -1,6 +1,6 @@
 //! The two wire encodings of frames.
 
-use crate::frames::{ClientFrame, ServerFrame};
+use crate::frames::{ClientFrame, Event, ServerFrame};
 use crate::pb;
 use prost::Message;
 
@@ -56,6 +56,21 @@ impl Encoding {
             Encoding::Proto => {
                 Payload::Binary(pb::ServerFrame::from(frame.clone()).encode_to_vec())
             }
+        }
+    }
+
+    /// The `event` frame of `event`: [`Encoding::encode_server`] of `ServerFrame::Event`,
+    /// without a copy of the event to make that frame of in JSON.
+    pub fn encode_event(self, event: &Event) -> Payload {
+        /// The `event` variant of [`ServerFrame`], borrowing its event.
+        #[derive(serde::Serialize)]
+        #[serde(tag = "type", rename_all = "snake_case")]
+        enum EventFrame<'a> {
+            Event(&'a Event),
+        }
+        match self {
+            Encoding::Json => Payload::Text(to_json(&EventFrame::Event(event))),
+            Encoding::Proto => self.encode_server(&ServerFrame::Event(event.clone())),
         }
     }
 
@@ -167,6 +182,25 @@ mod tests {
                     Payload::Binary(b) => b,
                 };
                 assert_eq!(encoding.decode_server(&bytes).unwrap(), frame);
+            }
+        }
+    }
+
+    #[test]
+    fn an_event_encodes_as_its_server_frame() {
+        let events = samples()
+            .into_iter()
+            .chain(more_server_samples())
+            .filter_map(|frame| match frame {
+                ServerFrame::Event(event) => Some(event),
+                _ => None,
+            });
+        for event in events {
+            for encoding in [Encoding::Json, Encoding::Proto] {
+                assert_eq!(
+                    encoding.encode_event(&event),
+                    encoding.encode_server(&ServerFrame::Event(event.clone()))
+                );
             }
         }
     }
