@@ -282,6 +282,49 @@ async fn acks_written_at_once_all_take_effect_before_the_next_frame_and_before_a
     );
 }
 
+#[tokio::test]
+async fn sends_written_at_once_are_each_answered_once_in_order_of_their_seqs() {
+    let (_dir, server) = server();
+    let mut alice = server.connect("alice", "phone").await;
+    expect_sync_done(&mut alice).await;
+    // Sends committed together are answered together (one write for their `sent`s): every
+    // one of them still gets its own answer.
+    let count = 40;
+    let frames: Vec<ClientFrame> = (1..=count)
+        .map(|i| {
+            ClientFrame::Send(Send {
+                reference: Some(i),
+                client_msg_id: format!("m{i}"),
+                conversation_id: None,
+                to_user: Some("bob".into()),
+                body: Body::Text(format!("hi {i}")),
+                reply_to: None,
+            })
+        })
+        .collect();
+    alice.send_frames(&frames).await.unwrap();
+    let mut answered = BTreeMap::new();
+    while answered.len() < count as usize {
+        match alice.next_frame_within(WAIT).await.unwrap() {
+            ServerFrame::Sent(sent) => {
+                let reference = sent.reference.expect("a sent echoes its ref");
+                assert_eq!(sent.client_msg_id, format!("m{reference}"));
+                assert!(
+                    answered.insert(reference, sent.seq).is_none(),
+                    "answered once"
+                );
+            }
+            other => panic!("only answers were due, got {other:?}"),
+        }
+    }
+    let seqs: Vec<u64> = answered.values().copied().collect();
+    assert_eq!(
+        seqs,
+        (1..=count as u64).collect::<Vec<_>>(),
+        "in the order sent"
+    );
+}
+
 /// Writes `frames` (a sync last) at once; the seqs of the events the sync brought.
 async fn synced_after(client: &mut Client, frames: &[ClientFrame]) -> Vec<u64> {
     client.send_frames(frames).await.unwrap();

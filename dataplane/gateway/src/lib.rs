@@ -380,10 +380,17 @@ impl Connection {
             return exit;
         }
         loop {
-            if deliveries.is_empty()
-                && let Err(exit) = self.flush().await
-            {
-                return exit;
+            if deliveries.is_empty() {
+                // A commit finishes many of the connection's sends at once: their answers
+                // are written before the flush, to leave in one system call, not one each.
+                while let Some(Some(done)) = self.pending.next().now_or_never() {
+                    if let Err(exit) = self.on_sent(done).await {
+                        return exit;
+                    }
+                }
+                if let Err(exit) = self.flush().await {
+                    return exit;
+                }
             }
             let reading = self.held.is_none()
                 && self.queued_acks.len() < acks::QUEUED_MAX
