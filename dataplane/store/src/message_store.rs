@@ -873,7 +873,10 @@ impl MessageStore {
                 ts_ms,
                 payload,
             };
-            let encoded = pb::Event::from(event.clone()).encode_to_vec();
+            // Encoded without a copy of its strings: moved into the protobuf type and back.
+            let stored = pb::Event::from(event);
+            let encoded = stored.encode_to_vec();
+            let event = Event::try_from(stored).map_err(|e| StoreError::Engine(e.to_string()))?;
             // The entry's order in the commit: a versionstamp has two bytes for it.
             let order = u16::try_from(outbox.len())
                 .map_err(|_| StoreError::TooLarge("more than 65,536 appends in a batch".into()))?;
