@@ -55,8 +55,15 @@ pub trait CommitListener: Send + Sync + 'static {
 
     /// The entries a commit of this process added to `shard`'s outbox, in key order: a shard's
     /// commits are told in their order. By default only their count is taken.
-    fn committed_entries(&self, shard: u32, entries: &[ListedEntry]) {
+    fn committed_entries(&self, shard: u32, entries: Vec<ListedEntry>) {
         self.committed(shard, entries.len());
+    }
+
+    /// Whether this listener keeps the entries it is given (fanout's tail): [`Listeners`]
+    /// gives the list only to such listeners, and the others its count, so that events are
+    /// not copied for a listener that only counts them.
+    fn keeps_entries(&self) -> bool {
+        false
     }
 }
 
@@ -70,9 +77,98 @@ impl CommitListener for Listeners {
         }
     }
 
-    fn committed_entries(&self, shard: u32, entries: &[ListedEntry]) {
-        for listener in &self.0 {
-            listener.committed_entries(shard, entries);
+    /// Every listener that keeps entries gets a list (the last of them the commit's own, the
+    /// others a copy); every other listener gets the count.
+    fn committed_entries(&self, shard: u32, entries: Vec<ListedEntry>) {
+        let count = entries.len();
+        let last_keeper = self.0.iter().rposition(|listener| listener.keeps_entries());
+        let mut entries = Some(entries);
+        for (i, listener) in self.0.iter().enumerate() {
+            match last_keeper {
+                Some(last) if i == last => {
+                    listener.committed_entries(shard, entries.take().unwrap_or_default());
+                }
+                _ if listener.keeps_entries() => {
+                    listener.committed_entries(shard, entries.clone().unwrap_or_default());
+                }
+                _ => listener.committed(shard, count),
+            }
         }
+    }
+
+    fn keeps_entries(&self) -> bool {
+        self.0.iter().any(|listener| listener.keeps_entries())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use courier_proto::{Body, Event, EventPayload, Sender};
+    use std::sync::Mutex;
+
+    /// What a listener was told: the seqs of a list, or a count.
+    #[derive(Default)]
+    struct Told {
+        keeps: bool,
+        heard: Mutex<Vec<Result<Vec<u64>, usize>>>,
+    }
+
+    impl CommitListener for Told {
+        fn committed(&self, _shard: u32, events: usize) {
+            self.heard.lock().unwrap().push(Err(events));
+        }
+
+        fn committed_entries(&self, _shard: u32, entries: Vec<ListedEntry>) {
+            let seqs = entries.iter().map(|entry| entry.event.seq).collect();
+            self.heard.lock().unwrap().push(Ok(seqs));
+        }
+
+        fn keeps_entries(&self) -> bool {
+            self.keeps
+        }
+    }
+
+    fn entry(seq: u64) -> ListedEntry {
+        ListedEntry {
+            key: vec![seq as u8],
+            event: Event {
+                conversation_id: "d:1".into(),
+                seq,
+                server_msg_id: format!("m{seq}"),
+                sender: Sender {
+                    user: "alice".into(),
+                    device: "phone".into(),
+                },
+                ts_ms: 1,
+                payload: EventPayload::Message {
+                    body: Some(Body::Text("hi".into())),
+                    client_msg_id: format!("c{seq}"),
+                    reply_to: None,
+                    deleted: false,
+                },
+            },
+            bytes: 10,
+        }
+    }
+
+    #[test]
+    fn listeners_give_the_entries_to_those_that_keep_them_and_the_count_to_the_others() {
+        let keeper = |keeps| {
+            Arc::new(Told {
+                keeps,
+                ..Told::default()
+            })
+        };
+        let (counter, first, second) = (keeper(false), keeper(true), keeper(true));
+        let listeners = Listeners(vec![first.clone(), counter.clone(), second.clone()]);
+        assert!(listeners.keeps_entries());
+        listeners.committed_entries(3, vec![entry(1), entry(2)]);
+        listeners.committed(3, 4);
+        for kept in [&first, &second] {
+            assert_eq!(*kept.heard.lock().unwrap(), [Ok(vec![1, 2]), Err(4)]);
+        }
+        assert_eq!(*counter.heard.lock().unwrap(), [Err(2), Err(4)]);
+        assert!(!Listeners(vec![counter]).keeps_entries());
     }
 }

@@ -870,7 +870,7 @@ impl CommitListener for Fanout {
     }
 
     /// As `committed`, keeping the entries in the shard's tail if it has one.
-    fn committed_entries(&self, shard: u32, entries: &[ListedEntry]) {
+    fn committed_entries(&self, shard: u32, entries: Vec<ListedEntry>) {
         self.told(shard, entries.len(), |owned| match &mut owned.tail {
             Tail::Off => {}
             Tail::Filling(kept) | Tail::Complete(kept) => {
@@ -878,11 +878,15 @@ impl CommitListener for Fanout {
                 if self.tail_bytes.load(Ordering::Relaxed) + bytes > TAILS_MAX_BYTES {
                     self.set_tail(owned, Tail::Off);
                 } else {
-                    kept.extend(entries.iter().cloned());
+                    kept.extend(entries);
                     self.tail_bytes.fetch_add(bytes, Ordering::Relaxed);
                 }
             }
         });
+    }
+
+    fn keeps_entries(&self) -> bool {
+        true
     }
 }
 
@@ -1314,7 +1318,7 @@ mod tests {
                 .append_listed(lease, &mut heads, &[message(id)])
                 .await
                 .unwrap();
-            fanout.committed_entries(shard, &appended.outbox.unwrap());
+            fanout.committed_entries(shard, appended.outbox.unwrap());
         }
         taken(3).await;
         assert_eq!(outbox_reads(), 0, "listed entries are not read back");
@@ -1331,7 +1335,7 @@ mod tests {
             .append_listed(lease, &mut heads, &[message("e")])
             .await
             .unwrap();
-        fanout.committed_entries(shard, &appended.outbox.unwrap());
+        fanout.committed_entries(shard, appended.outbox.unwrap());
         taken(5).await;
         assert_eq!(outbox_reads(), 0);
 
@@ -1343,7 +1347,7 @@ mod tests {
             .outbox
             .unwrap();
         listed[0].bytes = TAILS_MAX_BYTES + 1;
-        fanout.committed_entries(shard, &listed);
+        fanout.committed_entries(shard, listed);
         taken(6).await;
         assert!(outbox_reads() > 0, "read from the outbox instead");
         assert_eq!(fanout.tail_bytes.load(Ordering::Relaxed), 0);

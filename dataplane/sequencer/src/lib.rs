@@ -688,7 +688,7 @@ impl ShardActor {
                     if new > 0 {
                         self.outbox.committed(shard);
                         match outbox {
-                            Some(entries) => self.listener.committed_entries(shard, &entries),
+                            Some(entries) => self.listener.committed_entries(shard, entries),
                             None => self.listener.committed(shard, new),
                         }
                     }
@@ -1164,7 +1164,7 @@ mod tests {
             self.0.lock().unwrap().push(Told::Count(shard, events));
         }
 
-        fn committed_entries(&self, shard: u32, entries: &[courier_store::ListedEntry]) {
+        fn committed_entries(&self, shard: u32, entries: Vec<courier_store::ListedEntry>) {
             let listed = entries
                 .iter()
                 .map(|e| (e.key.clone(), e.event.seq))
