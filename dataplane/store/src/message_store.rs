@@ -656,7 +656,7 @@ impl MessageStore {
             }
             match page.last() {
                 Some((last, _)) if page.len() == CLEAR_PAGE => {
-                    records.start = last.iter().copied().chain([0]).collect();
+                    records.start = bound_after(last);
                 }
                 _ => return Ok(cleared),
             }

@@ -9,7 +9,7 @@
 //! created by an earlier version during an upgrade) waits at most a window and a pass.
 
 use crate::kv::{Batch, StoreError, decode_u64};
-use crate::message_store::{MessageStore, corrupt};
+use crate::message_store::{MessageStore, bound_after, corrupt};
 
 /// Conversations listed, and queued, per commit of a build.
 const PAGE: usize = 1024;
@@ -34,7 +34,7 @@ impl MessageStore {
     ) -> Result<Vec<TrimDue>, StoreError> {
         let mut range = self.keys().trims_due(now_ms);
         if let Some(after) = after {
-            range.start = after.iter().copied().chain([0]).collect();
+            range.start = bound_after(after);
         }
         let rows = self.kv().range(range, limit, false).await?;
         rows.into_iter()
