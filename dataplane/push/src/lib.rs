@@ -21,7 +21,10 @@
 //!   commits; the last one moves each shard's bound past its page: one commit per pass under
 //!   a light load, not one per message. Re-expanding after a failure counts no message twice
 //!   (each notification keeps the latest seq it counted). A shard that fails to expand is
-//!   retried with backoff and holds back neither the other shards nor the sends.
+//!   retried with backoff and holds back neither the other shards nor the sends. Which of a
+//!   user's devices take push is read once and kept from pass to pass while no device's push
+//!   registration begins or ends (the store counts those), for at most a minute: a large
+//!   group's members are not read again for every message.
 //! - Clearing (decision 0006): the commit that moves a shard's bound also clears its outbox
 //!   below both the notifier's and fanout's bounds; the notifier is the outbox's only clearer.
 //!   When fanout is behind, what lies between the bounds is cleared at a later round. While
@@ -48,12 +51,12 @@ use courier_core::metrics::{Metrics, OutcomeLabel};
 use courier_core::sequencing::CommitListener;
 use courier_core::{clock::now_ms, shard_cursors::ShardCursors};
 use courier_proto::{Body, EventPayload};
-use courier_store::{MessageStore, PendingPush, PushedBound, StoreError, bound_after};
+use courier_store::{EventHeader, MessageStore, PendingPush, PushedBound, StoreError, bound_after};
 use foldhash::{HashMap, HashMapExt};
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 /// Outbox entries read per step of one shard.
@@ -108,44 +111,112 @@ struct OutboxPage {
     trailing: bool,
 }
 
-/// The devices to notify per user, looked up once per expansion.
+/// Each user's devices that take push ([`courier_store::DeviceRecord::takes_push`]), as read from the store,
+/// kept from pass to pass while the store's count of registrations begun or ended
+/// ([`MessageStore::push_registration_changes`]) stays put: the members of a large group are
+/// read once, not for every message. The count is read after a pass's outbox pages, so no
+/// registration that began before one of their messages was committed is missed.
 #[derive(Default)]
-struct DeviceLookups(HashMap<String, Vec<String>>);
+struct Registrations {
+    /// The count the devices were read under, and when it was read first.
+    read_under: Option<(u64, Instant)>,
+    devices: HashMap<String, Vec<String>>,
+}
+
+/// Users whose registrations are kept at most: past it, the next pass reads them again.
+const REGISTRATIONS_KEPT: usize = 100_000;
+/// How long registrations are kept at most, whatever the count says: a bound on what a node
+/// that does not count them (a previous version, in a rolling upgrade) can hide.
+const REGISTRATIONS_MAX_AGE: Duration = Duration::from_secs(60);
+
+impl Registrations {
+    /// Forgets every registration read if one began or ended since (or they are too old, or
+    /// too many).
+    async fn refresh(&mut self, store: &MessageStore) -> Result<(), StoreError> {
+        let changes = store.push_registration_changes().await?;
+        let current = self.read_under.is_some_and(|(count, since)| {
+            count == changes
+                && since.elapsed() < REGISTRATIONS_MAX_AGE
+                && self.devices.len() <= REGISTRATIONS_KEPT
+        });
+        if !current {
+            self.devices.clear();
+            self.read_under = Some((changes, Instant::now()));
+        }
+        Ok(())
+    }
+}
+
+/// The devices to notify per user, looked up once per expansion: those that take push, less
+/// the connected ones.
+struct DeviceLookups<'a> {
+    registrations: &'a mut Registrations,
+    /// Users with a device that takes push: those of their devices not connected.
+    offline: HashMap<String, Vec<String>>,
+}
 
 /// Users whose device records, or devices whose push states, one store call reads at most.
 const LOOKUPS_PER_READ: usize = 1000;
 
-impl DeviceLookups {
-    /// Looks up those of `users` not looked up yet: their device records with one store call
-    /// per [`LOOKUPS_PER_READ`] users, then the connected devices of those with a push
-    /// registration (most users' devices have none, or are all connected).
+impl<'a> DeviceLookups<'a> {
+    fn new(registrations: &'a mut Registrations) -> Self {
+        Self {
+            registrations,
+            offline: HashMap::new(),
+        }
+    }
+
+    /// Looks up those of `users` not looked up yet: the device records of those whose
+    /// registrations are not kept, with one store call per [`LOOKUPS_PER_READ`] users, then
+    /// the connected devices of those with a device that takes push (most users' devices take
+    /// none, or are all connected).
     async fn look_up(
         &mut self,
         notifier: &Notifier,
         users: impl Iterator<Item = &str>,
     ) -> Result<(), StoreError> {
-        let wanted: Vec<&str> = users.filter(|user| !self.0.contains_key(*user)).collect();
-        for chunk in wanted.chunks(LOOKUPS_PER_READ) {
+        let wanted: Vec<&str> = users
+            .filter(|user| !self.offline.contains_key(*user))
+            .collect();
+        let unread: Vec<&str> = wanted
+            .iter()
+            .copied()
+            .filter(|user| !self.registrations.devices.contains_key(*user))
+            .collect();
+        for chunk in unread.chunks(LOOKUPS_PER_READ) {
             let records = notifier.store.devices_of(chunk).await?;
             for (user, records) in chunk.iter().zip(records) {
-                let mut devices: Vec<String> = records
+                let devices = records
                     .into_iter()
-                    .filter(|(_, record)| !record.push_token.is_empty() && record.is_linked())
+                    .filter(|(_, record)| record.takes_push())
                     .map(|(device, _)| device)
                     .collect();
-                if !devices.is_empty() {
-                    let connected = notifier.gateways.connected_devices(user).await?;
-                    devices.retain(|device| !connected.contains(device));
-                }
-                self.0.insert((*user).to_owned(), devices);
+                self.registrations
+                    .devices
+                    .insert((*user).to_owned(), devices);
             }
+        }
+        for user in wanted {
+            let Some(registered) = self.registrations.devices.get(user) else {
+                continue;
+            };
+            if registered.is_empty() {
+                continue;
+            }
+            let connected = notifier.gateways.connected_devices(user).await?;
+            let offline = registered
+                .iter()
+                .filter(|device| !connected.contains(*device))
+                .cloned()
+                .collect();
+            self.offline.insert(user.to_owned(), offline);
         }
         Ok(())
     }
 
-    /// `user`'s linked devices with a push registration that are not connected, as looked up.
+    /// `user`'s devices that take push and are not connected, as looked up.
     fn offline_with_push(&self, user: &str) -> &[String] {
-        self.0.get(user).map_or(&[], Vec::as_slice)
+        self.offline.get(user).map_or(&[], Vec::as_slice)
     }
 }
 
@@ -167,6 +238,8 @@ pub struct Notifier {
     cleared: ShardCursors,
     /// Shards whose outbox waits for fanout to be cleared ([`OutboxPage::trailing`]).
     trailing: Mutex<BTreeSet<u32>>,
+    /// Kept between passes (taken by each pass while it runs).
+    registrations: Mutex<Registrations>,
     wake: Notify,
     /// The earliest due time of any pending notification (0: unknown, scan).
     next_due_ms: AtomicU64,
@@ -200,6 +273,7 @@ impl Notifier {
             cursors: ShardCursors::default(),
             cleared: ShardCursors::default(),
             trailing: Mutex::new(BTreeSet::new()),
+            registrations: Mutex::new(Registrations::default()),
             wake: Notify::new(),
             next_due_ms: AtomicU64::new(0),
         })
@@ -372,16 +446,40 @@ impl Notifier {
                 return expanded;
             }
         };
-        let mut pages = Vec::new();
-        let mut devices = DeviceLookups::default();
-        let mut room = PENDING_PER_PASS;
+        // Every page is read before the registrations are looked at (see `Registrations`);
+        // a page that finds no room left is read again by a later pass.
+        let mut read = Vec::new();
         for (shard, delivered) in shards.into_iter().zip(delivered) {
+            let from = self.cursors.get(shard);
+            match self
+                .store
+                .outbox_headers(shard, from.as_deref(), OUTBOX_PAGE)
+                .await
+            {
+                Ok(entries) => read.push((shard, delivered, from, entries)),
+                Err(e) => expanded.failed.push((shard, e)),
+            }
+        }
+        let mut registrations =
+            std::mem::take(&mut *self.registrations.lock().unwrap_or_else(|e| e.into_inner()));
+        if let Err(e) = registrations.refresh(&self.store).await {
+            let shards = read.into_iter().map(|(shard, ..)| (shard, e.clone()));
+            expanded.failed.extend(shards);
+            return expanded;
+        }
+        let mut pages = Vec::new();
+        let mut devices = DeviceLookups::new(&mut registrations);
+        let mut room = PENDING_PER_PASS;
+        for (shard, delivered, from, entries) in read {
             if room == 0 {
                 self.mark_dirty(shard);
                 expanded.more = true;
                 continue;
             }
-            match self.read_page(shard, delivered, room, &mut devices).await {
+            let page = self
+                .page(shard, from, entries, delivered, room, &mut devices)
+                .await;
+            match page {
                 Ok(Some(page)) => {
                     room = room.saturating_sub(page.pending.len());
                     if page.more {
@@ -394,6 +492,7 @@ impl Notifier {
                 Err(e) => expanded.failed.push((shard, e)),
             }
         }
+        *self.registrations.lock().unwrap_or_else(|e| e.into_inner()) = registrations;
         if pages.len() > 1 && self.commit_pages(&pages).await.is_ok() {
             for page in pages {
                 self.expanded(page.bound.shard, Some(page));
@@ -428,23 +527,20 @@ impl Notifier {
         self.store.delivered_bounds(shards).await
     }
 
-    /// The next page of `shard`'s outbox (`None`: nothing new, nothing to clear) as pending
-    /// notifications, at most about `room` of them: the page ends after the message that
-    /// reaches it (one large group's devices may go beyond it). Events other than messages
-    /// notify nobody; the page passes over them. The outbox is cleared below the page's end
-    /// and `delivered`, fanout's bound.
-    async fn read_page(
+    /// The `entries` of `shard`'s outbox read from `from` (`None`: nothing new, nothing to
+    /// clear) as pending notifications, at most about `room` of them: the page ends after the
+    /// message that reaches it (one large group's devices may go beyond it). Events other than
+    /// messages notify nobody; the page passes over them. The outbox is cleared below the
+    /// page's end and `delivered`, fanout's bound.
+    async fn page(
         &self,
         shard: u32,
+        from: Option<Vec<u8>>,
+        entries: Vec<(Vec<u8>, EventHeader)>,
         delivered: Option<Vec<u8>>,
         room: usize,
-        devices: &mut DeviceLookups,
+        devices: &mut DeviceLookups<'_>,
     ) -> Result<Option<OutboxPage>, StoreError> {
-        let from = self.cursors.get(shard);
-        let entries = self
-            .store
-            .outbox_headers(shard, from.as_deref(), OUTBOX_PAGE)
-            .await?;
         let mut more = entries.len() == OUTBOX_PAGE;
         let read = entries.len();
         let mut bound = from;
@@ -991,6 +1087,80 @@ mod tests {
         let pending = store.pending_push("ben", "phone", "g:1").await.unwrap();
         let pending = pending.expect("notified of the second message");
         assert_eq!((pending.count, pending.last_seq), (1, hello + 1));
+    }
+
+    /// Registers `user`'s phone for push.
+    async fn register_phone(store: &MessageStore, user: &str) {
+        let token = user.to_owned();
+        store
+            .update_device(user, "phone", move |record| {
+                let mut record = record.cloned().unwrap_or_default();
+                record.push_provider = "webhook".into();
+                record.push_token = token.clone();
+                Some(record)
+            })
+            .await
+            .unwrap();
+    }
+
+    /// The users whose device records the ranges read since the last call covered.
+    fn device_records_read(engine: &FaultyEngine, store: &MessageStore, users: &[String]) -> usize {
+        let ranges = engine.take_ranges_read();
+        users
+            .iter()
+            .filter(|user| ranges.contains(&store.keys().devices(user)))
+            .count()
+    }
+
+    /// A large group's device records are read once, not for every message, while no device's
+    /// push registration begins or ends; one that begins is seen by the next pass.
+    #[tokio::test]
+    async fn registrations_are_read_again_only_once_one_begins_or_ends() {
+        let engine = FaultyEngine::new();
+        let store = engine.store(4).await;
+        let members: Vec<String> = ["ann", "ben", "cat"].map(String::from).to_vec();
+        group_with_a_message_and_push(&store, "g:1", &members, &[]).await;
+        let notifier = notifier(&store, PushProviders::default(), Duration::from_secs(3600));
+        let shard = store.shard_of("g:1");
+        engine.take_ranges_read();
+        assert!(notifier.expand(vec![shard]).await.failed.is_empty());
+        assert_eq!(
+            device_records_read(&engine, &store, &members),
+            2,
+            "not the sender's"
+        );
+        assert_eq!(counts(&store, "g:1", &members).await, [0, 0, 0]);
+
+        second_message(&store, "g:1", "ann").await;
+        assert!(notifier.expand(vec![shard]).await.failed.is_empty());
+        assert_eq!(device_records_read(&engine, &store, &members), 0, "kept");
+
+        // Ben's phone takes push, and goes away: the next message notifies it.
+        register_phone(&store, "ben").await;
+        append(
+            &store,
+            Append::message(
+                "g:1".into(),
+                Sender {
+                    user: "ann".into(),
+                    device: "phone".into(),
+                },
+                "third".into(),
+                Body::Text("3".into()),
+                None,
+            ),
+        )
+        .await;
+        assert!(notifier.expand(vec![shard]).await.failed.is_empty());
+        assert_eq!(
+            device_records_read(&engine, &store, &members),
+            2,
+            "read again"
+        );
+        let head = store.head("g:1").await.unwrap();
+        let pending = store.pending_push("ben", "phone", "g:1").await.unwrap();
+        assert_eq!(pending.map(|p| (p.count, p.last_seq)), Some((1, head)));
+        assert_eq!(counts(&store, "g:1", &members[2..]).await, [0]);
     }
 
     /// The notifier reads a message before fanout delivered it: it clears nothing fanout

@@ -33,6 +33,7 @@
 //! | `mref` | `("mref", id, conv, seq)` | message `seq` of `conv` references it (empty); one per message |
 //! | `pushq` | `("pushq", user, device, conv)` | a pending, collapsed notification (`PendingPush`) |
 //! | `trimq` | `("trimq", due, conv)` | the retention queue: a pass looks at the conversation once `due` (ms) has come (empty) |
+//! | `meta` | `("meta", "pushreg")` | how many times a device's push registration began or ended (u64 LE, atomic ADD): the push notifier keeps the registrations it read while this stays put |
 //! | `meta` | `("meta", "trimq")` | the retention window the queue was built for and when (two u64 LE) |
 //! | `meta` | `("meta", "partitions")`, `("meta", "partition")` | with storage partitions: the table's shard ranges (in the directory) and each partition's index (in each partition) |
 //!
@@ -343,6 +344,11 @@ impl Keys {
 
     pub fn device(&self, user: &str, device: &str) -> Vec<u8> {
         self.pack(&("dev", user, device))
+    }
+
+    /// The count of push registrations begun or ended (module documentation).
+    pub fn push_registration_changes(&self) -> Vec<u8> {
+        self.pack(&("meta", "pushreg"))
     }
 
     pub fn devices(&self, user: &str) -> Range<Vec<u8>> {

@@ -85,6 +85,11 @@ impl DeviceRecord {
     pub fn accepts(&self, issued_at_ms: u64) -> bool {
         self.unlinked_ms == 0 || issued_at_ms > self.unlinked_ms
     }
+
+    /// Whether the push notifier may notify the device: linked, with a push registration.
+    pub fn takes_push(&self) -> bool {
+        self.is_linked() && !self.push_token.is_empty()
+    }
 }
 
 /// What [`MessageStore::read_bounds`] reads of one conversation for one user.
@@ -1395,7 +1400,9 @@ impl MessageStore {
             .await
     }
 
-    /// [`Self::update_device`], also clearing `clear` in the same commit when it writes.
+    /// [`Self::update_device`], also clearing `clear` in the same commit when it writes. A
+    /// change that begins or ends the device's push registration is counted in the same commit
+    /// ([`Self::push_registration_changes`]).
     async fn update_device_clearing(
         &self,
         user: &str,
@@ -1421,6 +1428,9 @@ impl MessageStore {
             batch
                 .fence(key.clone(), stored)
                 .set(key.clone(), next.encode_to_vec());
+            if current.as_ref().is_some_and(DeviceRecord::takes_push) != next.takes_push() {
+                batch.add(self.keys.push_registration_changes(), 1);
+            }
             if let Some(range) = &clear {
                 batch.clear_range(range.clone());
             }
@@ -1432,6 +1442,14 @@ impl MessageStore {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// How many times a device's push registration began or ended (the device became one
+    /// the notifier may notify, [`DeviceRecord::takes_push`], or stopped being one): while it
+    /// stays put, the devices of each user that take push are those read before.
+    pub async fn push_registration_changes(&self) -> Result<u64, StoreError> {
+        let value = self.kv.get(&self.keys.push_registration_changes()).await?;
+        Ok(value.as_deref().map_or(0, decode_u64))
     }
 
     /// Unlinks a linked device: tokens issued until now (and any it has used) are refused,
@@ -2957,5 +2975,57 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(store.outbox(shard, None, 10).await.unwrap(), read[1..]);
+    }
+
+    /// The count of push registrations moves with every change that begins or ends one, and
+    /// with nothing else a device's record goes through.
+    #[tokio::test]
+    async fn push_registrations_are_counted_as_they_begin_and_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = temp_store(&dir, 8).await;
+        let changes = || async { store.push_registration_changes().await.unwrap() };
+        let set = |seen_ms: u64, token: &'static str| {
+            move |record: Option<&DeviceRecord>| {
+                Some(DeviceRecord {
+                    last_seen_ms: seen_ms,
+                    push_provider: if token.is_empty() { "" } else { "fcm" }.into(),
+                    push_token: token.into(),
+                    ..record.cloned().unwrap_or_default()
+                })
+            }
+        };
+        assert_eq!(changes().await, 0);
+        store
+            .update_device("ann", "phone", set(1, ""))
+            .await
+            .unwrap();
+        assert_eq!(changes().await, 0, "a device without push");
+        store
+            .update_device("ann", "phone", set(2, "t1"))
+            .await
+            .unwrap();
+        assert_eq!(changes().await, 1, "registered");
+        store
+            .update_device("ann", "phone", set(3, "t2"))
+            .await
+            .unwrap();
+        store
+            .record_device_activity("ann", "phone", set(4, "t2"))
+            .await
+            .unwrap();
+        assert_eq!(changes().await, 1, "a new token, and activity, end nothing");
+        store
+            .update_device("ann", "phone", set(5, ""))
+            .await
+            .unwrap();
+        assert_eq!(changes().await, 2, "the token dropped");
+        store
+            .update_device("ann", "phone", set(6, "t3"))
+            .await
+            .unwrap();
+        assert!(store.unlink_device("ann", "phone", 7).await.unwrap());
+        assert_eq!(changes().await, 4, "registered again, then unlinked");
+        assert!(store.unlink_device("ben", "tablet", 7).await.is_ok());
+        assert_eq!(changes().await, 4, "nothing to unlink");
     }
 }
