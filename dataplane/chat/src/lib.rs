@@ -38,7 +38,11 @@ pub fn direct_conversation_id(a: &str, b: &str) -> String {
     hash.update(first.as_bytes());
     hash.update([0]);
     hash.update(second.as_bytes());
-    format!("d:{}", hex::encode(&hash.finalize()[..16]))
+    // Built in place: one allocation on every send to a user.
+    let mut id = *b"d:0123456789abcdef0123456789abcdef";
+    hex::encode_to_slice(&hash.finalize()[..16], &mut id[2..])
+        .expect("16 bytes take 32 hex digits");
+    std::str::from_utf8(&id).expect("hex digits").to_owned()
 }
 
 pub use courier_core::chat::{
@@ -1033,5 +1037,10 @@ mod tests {
         assert_eq!(id, direct_conversation_id("bob", "alice@example.com"));
         assert!(ids::conversation_id(&id).is_ok());
         assert_ne!(id, direct_conversation_id("alice", "bob"));
+        assert_eq!(
+            direct_conversation_id("bob", "alice"),
+            "d:141a4cd242b67e82edf4a78bb418d40a",
+            "stored conversations are named by it: it never changes"
+        );
     }
 }
