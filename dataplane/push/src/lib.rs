@@ -111,10 +111,10 @@ struct OutboxPage {
     trailing: bool,
 }
 
-/// Each user's devices that take push ([`courier_store::DeviceRecord::takes_push`]), as read from the store,
-/// kept from pass to pass while the store's count of registrations begun or ended
-/// ([`MessageStore::push_registration_changes`]) stays put: the members of a large group are
-/// read once, not for every message. The count is read after a pass's outbox pages, so no
+/// Each user's devices that take push ([`courier_store::DeviceRecord::takes_push`]), as read
+/// from the store, kept from pass to pass while the store's count of registrations begun or
+/// ended ([`MessageStore::push_registration_changes`]) stays put: the members of a large group
+/// are read once, not for every message. The count is read after a pass's outbox pages, so no
 /// registration that began before one of their messages was committed is missed.
 #[derive(Default)]
 struct Registrations {
