@@ -887,6 +887,20 @@ mod tests {
             .unwrap();
     }
 
+    /// Registers `user`'s phone for push.
+    async fn register_phone(store: &MessageStore, user: &str) {
+        let token = user.to_owned();
+        store
+            .update_device(user, "phone", move |record| {
+                let mut record = record.cloned().unwrap_or_default();
+                record.push_provider = "webhook".into();
+                record.push_token = token.clone();
+                Some(record)
+            })
+            .await
+            .unwrap();
+    }
+
     /// A group of `members` with a push-registered, offline phone each, and one message from
     /// the first member.
     async fn group_with_a_message(store: &MessageStore, conv: &str, members: &[String]) {
@@ -919,16 +933,7 @@ mod tests {
             },
         )
         .await;
-        futures::future::try_join_all(registered.iter().map(|user| {
-            store.update_device(user, "phone", move |record| {
-                let mut record = record.cloned().unwrap_or_default();
-                record.push_provider = "webhook".into();
-                record.push_token = user.clone();
-                Some(record)
-            })
-        }))
-        .await
-        .unwrap();
+        futures::future::join_all(registered.iter().map(|user| register_phone(store, user))).await;
         append(
             store,
             Append {
@@ -1087,20 +1092,6 @@ mod tests {
         let pending = store.pending_push("ben", "phone", "g:1").await.unwrap();
         let pending = pending.expect("notified of the second message");
         assert_eq!((pending.count, pending.last_seq), (1, hello + 1));
-    }
-
-    /// Registers `user`'s phone for push.
-    async fn register_phone(store: &MessageStore, user: &str) {
-        let token = user.to_owned();
-        store
-            .update_device(user, "phone", move |record| {
-                let mut record = record.cloned().unwrap_or_default();
-                record.push_provider = "webhook".into();
-                record.push_token = token.clone();
-                Some(record)
-            })
-            .await
-            .unwrap();
     }
 
     /// The users whose device records the ranges read since the last call covered.

@@ -2982,47 +2982,39 @@ mod tests {
     #[tokio::test]
     async fn push_registrations_are_counted_as_they_begin_and_end() {
         let dir = tempfile::tempdir().unwrap();
-        let store = temp_store(&dir, 8).await;
+        let store = &temp_store(&dir, 8).await;
         let changes = || async { store.push_registration_changes().await.unwrap() };
-        let set = |seen_ms: u64, token: &'static str| {
-            move |record: Option<&DeviceRecord>| {
+        // Ann's phone seen at `seen_ms`, with `token` (none if empty).
+        let update = |seen_ms: u64, token: &'static str| async move {
+            let set = move |record: Option<&DeviceRecord>| {
                 Some(DeviceRecord {
                     last_seen_ms: seen_ms,
                     push_provider: if token.is_empty() { "" } else { "fcm" }.into(),
                     push_token: token.into(),
                     ..record.cloned().unwrap_or_default()
                 })
-            }
+            };
+            store.update_device("ann", "phone", set).await.unwrap();
         };
         assert_eq!(changes().await, 0);
-        store
-            .update_device("ann", "phone", set(1, ""))
-            .await
-            .unwrap();
+        update(1, "").await;
         assert_eq!(changes().await, 0, "a device without push");
-        store
-            .update_device("ann", "phone", set(2, "t1"))
-            .await
-            .unwrap();
+        update(2, "t1").await;
         assert_eq!(changes().await, 1, "registered");
+        update(3, "t2").await;
         store
-            .update_device("ann", "phone", set(3, "t2"))
-            .await
-            .unwrap();
-        store
-            .record_device_activity("ann", "phone", set(4, "t2"))
+            .record_device_activity("ann", "phone", |record| {
+                Some(DeviceRecord {
+                    last_seen_ms: 4,
+                    ..record.cloned().unwrap_or_default()
+                })
+            })
             .await
             .unwrap();
         assert_eq!(changes().await, 1, "a new token, and activity, end nothing");
-        store
-            .update_device("ann", "phone", set(5, ""))
-            .await
-            .unwrap();
+        update(5, "").await;
         assert_eq!(changes().await, 2, "the token dropped");
-        store
-            .update_device("ann", "phone", set(6, "t3"))
-            .await
-            .unwrap();
+        update(6, "t3").await;
         assert!(store.unlink_device("ann", "phone", 7).await.unwrap());
         assert_eq!(changes().await, 4, "registered again, then unlinked");
         assert!(store.unlink_device("ben", "tablet", 7).await.is_ok());
