@@ -22,7 +22,8 @@
 //! only.
 //!
 //! **Bounded.** At most [`ROWS_MAX`] rows; a fill that finds the cache full empties it first
-//! (hot rows come back with their next read).
+//! (hot rows come back with their next read), and frees the old rows after it lets go of the
+//! cache's lock.
 
 use foldhash::HashMap;
 use std::sync::Mutex;
@@ -131,15 +132,21 @@ impl RowCache {
         if state.generation != generation.0 || generation.0 % 2 == 1 {
             return;
         }
+        let mut emptied = None;
         for (key, value) in rows {
             if row_bytes(key, value) > ROW_BYTES_MAX {
                 continue;
             }
             if state.rows.len() >= ROWS_MAX && !state.rows.contains_key(key) {
-                state.rows.clear();
+                let room = HashMap::with_capacity_and_hasher(ROWS_MAX, Default::default());
+                emptied = Some(std::mem::replace(&mut state.rows, room));
             }
             state.rows.insert(key.to_vec(), value.map(<[u8]>::to_vec));
         }
+        // Freed once the lock is let go: a full cache's rows take 1-5 ms to free, and every
+        // point read and the writer's commits take this lock.
+        drop(state);
+        drop(emptied);
     }
 
     /// A group is about to commit: the rows of the keys it writes are dropped as it names them
