@@ -446,16 +446,22 @@ impl Notifier {
                 return expanded;
             }
         };
-        // Every page is read before the registrations are looked at (see `Registrations`);
-        // a page that finds no room left is read again by a later pass.
+        // Every shard's page is read at once, before the registrations are looked at (see
+        // `Registrations`); a page that finds no room left is read again by a later pass.
+        let positions: Vec<(u32, Option<Vec<u8>>)> = shards
+            .iter()
+            .map(|&shard| (shard, self.cursors.get(shard)))
+            .collect();
+        let pages = match self.store.outbox_headers(&positions, OUTBOX_PAGE).await {
+            Ok(pages) => pages,
+            Err(e) => {
+                expanded.failed = shards.into_iter().map(|s| (s, e.clone())).collect();
+                return expanded;
+            }
+        };
         let mut read = Vec::new();
-        for (shard, delivered) in shards.into_iter().zip(delivered) {
-            let from = self.cursors.get(shard);
-            match self
-                .store
-                .outbox_headers(shard, from.as_deref(), OUTBOX_PAGE)
-                .await
-            {
+        for (((shard, from), delivered), page) in positions.into_iter().zip(delivered).zip(pages) {
+            match page {
                 Ok(entries) => read.push((shard, delivered, from, entries)),
                 Err(e) => expanded.failed.push((shard, e)),
             }

@@ -2058,16 +2058,50 @@ impl MessageStore {
         self.read_outbox(shard, from, limit, decode_event).await
     }
 
-    /// [`MessageStore::outbox`], each entry's event read as its [`EventHeader`] only, for
-    /// readers that never look at bodies (the push notifier).
+    /// [`MessageStore::outbox`] of each of `positions` (a shard and where to read it from), each
+    /// entry's event read as its [`EventHeader`] only, for readers that never look at bodies
+    /// (the push notifier): every shard's first page with one read (one call on a store node).
+    /// A shard whose rows cannot be read as entries gets its error; the others their entries.
     pub async fn outbox_headers(
         &self,
-        shard: u32,
-        from: Option<&[u8]>,
+        positions: &[(u32, Option<Vec<u8>>)],
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, EventHeader)>, StoreError> {
-        self.read_outbox(shard, from, limit, EventHeader::decode_stored)
-            .await
+    ) -> Result<Vec<Result<Vec<(Vec<u8>, EventHeader)>, StoreError>>, StoreError> {
+        let ranges = positions
+            .iter()
+            .map(|(shard, from)| self.outbox_rows_from(*shard, from.as_deref()))
+            .collect();
+        let pages = self.kv.ranges(ranges, limit).await?;
+        let mut headers = Vec::with_capacity(positions.len());
+        for ((shard, from), page) in positions.iter().zip(pages) {
+            let from = from.as_deref();
+            let mut entries = Vec::new();
+            let read = match take_entries(
+                &page,
+                from,
+                limit,
+                &EventHeader::decode_stored,
+                &mut entries,
+            ) {
+                // A full page whose rows held fewer entries from `from` on: read on, alone.
+                Ok(true) => {
+                    self.read_outbox(*shard, from, limit, EventHeader::decode_stored)
+                        .await
+                }
+                Ok(false) => Ok(entries),
+                Err(e) => Err(e),
+            };
+            headers.push(read);
+        }
+        Ok(headers)
+    }
+
+    /// The rows of `shard`'s outbox that hold its entries from `from` on: from the first row
+    /// of `from`'s commit (`outbox_rows`).
+    fn outbox_rows_from(&self, shard: u32, from: Option<&[u8]>) -> Range<Vec<u8>> {
+        let outbox = self.keys.outbox(shard);
+        let start = from.map(|from| outbox_rows::commit_start(&outbox, from));
+        queue_from(outbox, start.as_deref())
     }
 
     /// The oldest outbox entries of `shard` from `from` on, at most `limit`, each event
@@ -2081,28 +2115,13 @@ impl MessageStore {
         limit: usize,
         decode: impl Fn(&[u8], &[u8]) -> Result<T, StoreError>,
     ) -> Result<Vec<(Vec<u8>, T)>, StoreError> {
-        let outbox = self.keys.outbox(shard);
-        let start = from.map(|from| outbox_rows::commit_start(&outbox, from));
-        let mut rows = queue_from(outbox, start.as_deref());
+        let mut rows = self.outbox_rows_from(shard, from);
         let mut entries = Vec::new();
         loop {
             let page = self.kv.range(rows.clone(), limit, false).await?;
-            for (key, value) in &page {
-                let from_here = outbox_rows::stored_entries(key, value)?
-                    .into_iter()
-                    .filter(|(entry, _)| from.is_none_or(|from| entry.as_slice() >= from))
-                    .take(limit - entries.len());
-                for (entry, event) in from_here {
-                    let event = decode(&entry, event)?;
-                    entries.push((entry, event));
-                }
-                if entries.len() == limit {
-                    return Ok(entries);
-                }
-            }
+            let read_on = take_entries(&page, from, limit, &decode, &mut entries)?;
             match page.last() {
-                // A full page of rows below `from` or short of `limit`: read on.
-                Some((last, _)) if page.len() == limit => rows.start = bound_after(last),
+                Some((last, _)) if read_on => rows.start = bound_after(last),
                 _ => return Ok(entries),
             }
         }
@@ -2173,6 +2192,32 @@ impl MessageStore {
 /// The part of a queue of versionstamped keys from `bound` on (the consumer's bound: new
 /// entries always sort after it, and starting there, reads do not walk over the entries
 /// already cleared, which an LSM keeps as tombstones until compaction).
+/// Adds to `entries` those of the outbox rows of `page` from `from` on, each decoded by
+/// `decode`, until `entries` holds `limit`. Returns whether the rows after the page must be read
+/// too: the page was full (of `limit` rows) and `entries` is not.
+fn take_entries<T>(
+    page: &[KeyValue],
+    from: Option<&[u8]>,
+    limit: usize,
+    decode: &impl Fn(&[u8], &[u8]) -> Result<T, StoreError>,
+    entries: &mut Vec<(Vec<u8>, T)>,
+) -> Result<bool, StoreError> {
+    for (key, value) in page {
+        let from_here = outbox_rows::stored_entries(key, value)?
+            .into_iter()
+            .filter(|(entry, _)| from.is_none_or(|from| entry.as_slice() >= from))
+            .take(limit - entries.len());
+        for (entry, event) in from_here {
+            let event = decode(&entry, event)?;
+            entries.push((entry, event));
+        }
+        if entries.len() == limit {
+            return Ok(false);
+        }
+    }
+    Ok(!page.is_empty() && page.len() == limit)
+}
+
 fn queue_from(queue: Range<Vec<u8>>, bound: Option<&[u8]>) -> Range<Vec<u8>> {
     match bound {
         Some(bound) => bound.to_vec().max(queue.start)..queue.end,
@@ -2836,9 +2881,12 @@ mod tests {
             [2]
         );
         // The headers of the same entries, from the same positions.
+        let position = (shard, Some(after_first.clone()));
         let headers = store
-            .outbox_headers(shard, Some(&after_first), 10)
+            .outbox_headers(&[position], 10)
             .await
+            .unwrap()
+            .remove(0)
             .unwrap();
         assert_eq!(
             headers
@@ -2975,6 +3023,59 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(store.outbox(shard, None, 10).await.unwrap(), read[1..]);
+    }
+
+    /// The headers of several shards' outboxes come with one read; a shard whose row cannot be
+    /// read gets its error, the others their entries.
+    #[tokio::test]
+    async fn the_outbox_headers_of_several_shards_are_one_read_and_a_damaged_row_fails_only_its_shard()
+     {
+        let engine = crate::faulty_engine::FaultyEngine::new();
+        let store = engine.store(64).await;
+        let mut convs: Vec<String> = Vec::new();
+        for i in 0.. {
+            let conv = format!("d:{i}");
+            if convs
+                .iter()
+                .all(|c| store.shard_of(c) != store.shard_of(&conv))
+            {
+                convs.push(conv);
+            }
+            if convs.len() == 3 {
+                break;
+            }
+        }
+        for conv in &convs {
+            let lease = owner(&store, conv).await;
+            let append = message(conv, "p", "hello");
+            store
+                .append(lease, &mut HeadCache::default(), &[append])
+                .await
+                .unwrap();
+        }
+        let damaged = store.shard_of(&convs[2]);
+        let mut row = Batch::new();
+        row.set_versionstamped_key(store.keys.outbox_entry(damaged, 0), vec![0, 0xff, 0xff]);
+        store.kv.commit(row).await.unwrap();
+
+        let positions: Vec<(u32, Option<Vec<u8>>)> =
+            convs.iter().map(|c| (store.shard_of(c), None)).collect();
+        let before = engine.read_calls();
+        let read = store.outbox_headers(&positions, 10).await.unwrap();
+        assert_eq!(
+            engine.read_calls() - before,
+            1,
+            "one read for the three shards"
+        );
+        for (conv, headers) in convs.iter().zip(&read).take(2) {
+            let headers = headers.as_ref().unwrap();
+            let read: Vec<(&str, u64)> = headers
+                .iter()
+                .map(|(_, h)| (h.conversation_id.as_str(), h.seq))
+                .collect();
+            assert_eq!(read, [(conv.as_str(), 1)]);
+        }
+        assert!(read[2].is_err(), "the damaged row's shard: {:?}", read[2]);
     }
 
     /// The count of push registrations moves with every change that begins or ends one, and
