@@ -439,6 +439,9 @@ impl Notifier {
     /// failed before moving the bound.
     async fn expand(&self, shards: Vec<u32>) -> Expanded {
         let mut expanded = Expanded::default();
+        if shards.is_empty() {
+            return expanded;
+        }
         let delivered = match self.bounds_of(&shards).await {
             Ok(delivered) => delivered,
             Err(e) => {
@@ -1284,6 +1287,18 @@ mod tests {
             assert_eq!(counts(&store, "g:1", &members[..3]).await, [0, 1, 0]);
         }
         assert_eq!(reads[0], reads[1], "reads of 20 and 400 members: {reads:?}");
+    }
+
+    /// A pass with no shard told of reads nothing (an idle notifier makes four a second).
+    #[tokio::test]
+    async fn a_pass_with_nothing_to_expand_reads_nothing() {
+        let engine = FaultyEngine::new();
+        let store = engine.store(4).await;
+        let notifier = notifier(&store, PushProviders::default(), Duration::from_secs(3600));
+        let before = engine.read_calls();
+        let expanded = notifier.expand(Vec::new()).await;
+        assert!(expanded.failed.is_empty() && !expanded.more);
+        assert_eq!(engine.read_calls(), before);
     }
 
     #[tokio::test]
