@@ -2076,20 +2076,20 @@ impl MessageStore {
         for ((shard, from), page) in positions.iter().zip(pages) {
             let from = from.as_deref();
             let mut entries = Vec::new();
-            let read = match take_entries(
+            let taken = take_entries(
                 &page,
                 from,
                 limit,
                 &EventHeader::decode_stored,
                 &mut entries,
-            ) {
+            );
+            let read = match taken {
                 // A full page whose rows held fewer entries from `from` on: read on, alone.
                 Ok(true) => {
                     self.read_outbox(*shard, from, limit, EventHeader::decode_stored)
                         .await
                 }
-                Ok(false) => Ok(entries),
-                Err(e) => Err(e),
+                done => done.map(|_| entries),
             };
             headers.push(read);
         }
