@@ -227,6 +227,61 @@ fn group_fanout_reaches_every_member() {
     assert_eq!(counts["delivered"], counts["deliveries_expected"]);
 }
 
+/// A server with a webhook push provider (at an address nobody listens on: every device of
+/// these runs stays connected, so none is notified).
+const WEBHOOK: [&str; 4] = [
+    "--push-webhook-url",
+    "http://127.0.0.1:9/hook",
+    "--push-webhook-secret",
+    "s3cret",
+];
+
+fn run_with_push_provider(scenario: &[&str]) -> Value {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_in(dir.path(), &[&UNLIMITED[..], &WEBHOOK[..]].concat());
+    let common = common_for(&server);
+    let common: Vec<&str> = common.iter().map(String::as_str).collect();
+    let scenario = [scenario, &["--push-provider", "webhook"]].concat();
+    let json = assert_clean(&bench(&common, &scenario), scenario[0]);
+    assert_eq!(json["params"]["push_provider"], "webhook", "{json:#}");
+    json
+}
+
+#[test]
+fn throughput_with_push_registrations_delivers_every_message() {
+    let json = run_with_push_provider(&["throughput", "--pairs", "2", "--rate", "100"]);
+    let counts = &json["counts"];
+    assert!(counts["acked"].as_u64().unwrap() > 0, "{json:#}");
+    assert_eq!(counts["acked"], counts["delivered"]);
+}
+
+#[test]
+fn group_fanout_with_push_registrations_reaches_every_member() {
+    let json = run_with_push_provider(&["group-fanout", "--members", "10", "--rate", "20"]);
+    let counts = &json["counts"];
+    assert!(counts["acked"].as_u64().unwrap() > 0, "{json:#}");
+    assert_eq!(counts["delivered"], counts["deliveries_expected"]);
+}
+
+#[test]
+fn push_registrations_need_a_provider_the_server_has() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_in(dir.path(), &UNLIMITED);
+    let common = common_for(&server);
+    let common: Vec<&str> = common.iter().map(String::as_str).collect();
+    let run = bench(
+        &common,
+        &["throughput", "--pairs", "1", "--push-provider", "fcm"],
+    );
+    assert!(!run.success);
+    assert!(
+        run.stderr.contains("PUT /v1/devices/me/push answered 400")
+            && run.stderr.contains("no fcm push provider configured"),
+        "{}",
+        run.stderr
+    );
+}
+
 #[test]
 fn crash_scenario_finds_every_acknowledged_message() {
     let dir = tempfile::tempdir().unwrap();

@@ -7,7 +7,7 @@ use super::receiver::{ReceiverOutcome, ReceiverPlan, Redial, run_receiver};
 use super::report::Report;
 use super::sender::{Pace, SenderOutcome, SenderPlan, Target, run_sender};
 use super::stats::{Live, Phase};
-use super::wire::{Endpoint, Gateways, connect_synced};
+use super::wire::{Endpoint, Gateways, PushOption};
 use super::{CommonArgs, TokenMinter, run_id};
 use clap::Args;
 use courier_client::HttpApi;
@@ -39,6 +39,8 @@ pub struct GroupFanoutArgs {
     /// Spread connections over 127.0.0.1..127.0.0.K (loopback servers).
     #[arg(long, default_value_t = 4)]
     pub source_addrs: usize,
+    #[command(flatten)]
+    pub push: PushOption,
 }
 
 /// Users per membership request (the server refuses more than 1,000 per request).
@@ -85,6 +87,7 @@ pub async fn run(common: &CommonArgs, args: GroupFanoutArgs) -> anyhow::Result<R
     report.param("devices", devices);
     report.param("senders", senders);
     report.param("rate", args.rate);
+    report.param("push_provider", args.push.push_provider.clone());
     report.param("duration_secs", common.duration.as_secs_f64());
 
     let members: Vec<String> = (0..args.members).map(|i| format!("b{run}g{i}")).collect();
@@ -94,15 +97,16 @@ pub async fn run(common: &CommonArgs, args: GroupFanoutArgs) -> anyhow::Result<R
     report.metric("group_setup_secs", set_up.elapsed().as_secs_f64());
 
     let connecting = Instant::now();
+    let http = reqwest::Client::new();
     let bar = progress::bar(devices as u64, "devices", common.no_progress);
     let receivers: Vec<_> = stream::iter(0..devices)
         .map(|i| {
             let (endpoint, minter, member, bar) = (gateways.of(i), &minter, &members[i], &bar);
+            let (push, http) = (&args.push, &http);
             async move {
                 let token = minter.token(member, "d")?;
-                let halves =
-                    connect_synced(endpoint, &token, endpoint.source_addr(i, args.source_addrs))
-                        .await?;
+                let local = endpoint.source_addr(i, args.source_addrs);
+                let halves = push.connect(http, endpoint, &token, local).await?;
                 bar.inc(1);
                 anyhow::Ok(halves)
             }
@@ -114,7 +118,11 @@ pub async fn run(common: &CommonArgs, args: GroupFanoutArgs) -> anyhow::Result<R
     report.metric("devices_synced_secs", connecting.elapsed().as_secs_f64());
     let sender_connections = futures::future::try_join_all((0..senders).map(|j| {
         let (endpoint, minter, member) = (gateways.of(j), &minter, &members[j]);
-        async move { connect_synced(endpoint, &minter.token(member, "s")?, None).await }
+        let (push, http) = (&args.push, &http);
+        async move {
+            let token = minter.token(member, "s")?;
+            push.connect(http, endpoint, &token, None).await
+        }
     }))
     .await?;
 

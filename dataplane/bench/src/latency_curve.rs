@@ -106,6 +106,10 @@ fn combine(common: &CommonArgs, args: &LatencyCurveArgs, runs: Vec<Report>) -> R
     report.param("rates", args.rates.clone());
     report.param("duration_per_rate_secs", common.duration.as_secs_f64());
     report.param("body_bytes", args.pair_options.body_bytes);
+    report.param(
+        "push_provider",
+        args.pair_options.push.push_provider.clone(),
+    );
     for run in &runs {
         for (name, value) in &run.counts {
             *report.counts.entry(name.clone()).or_default() += value;

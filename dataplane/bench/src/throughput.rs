@@ -6,7 +6,7 @@ use super::receiver::{ReceiverOutcome, ReceiverPlan, Redial, run_receiver};
 use super::report::Report;
 use super::sender::{Pace, SenderOutcome, SenderPlan, Target, run_sender};
 use super::stats::{Live, Phase};
-use super::wire::{Gateways, connect_synced};
+use super::wire::{Gateways, PushOption};
 use super::{CommonArgs, TokenMinter, run_id};
 use clap::Args;
 use futures::future::try_join_all;
@@ -48,6 +48,8 @@ pub struct PairOptions {
     /// default, one ack per conversation for the events that arrived together).
     #[arg(long)]
     pub ack_each_event: bool,
+    #[command(flatten)]
+    pub push: PushOption,
 }
 
 pub async fn run(common: &CommonArgs, args: ThroughputArgs) -> anyhow::Result<Report> {
@@ -58,6 +60,7 @@ pub async fn run(common: &CommonArgs, args: ThroughputArgs) -> anyhow::Result<Re
         body_bytes,
         source_addrs,
         ack_each_event,
+        push,
     } = args.pair_options;
     let gateways = Gateways::resolve(&common.url, common.protocol.encoding()).await?;
     let minter = TokenMinter::from_args(common)?;
@@ -68,16 +71,18 @@ pub async fn run(common: &CommonArgs, args: ThroughputArgs) -> anyhow::Result<Re
     report.param("window", args.window);
     report.param("body_bytes", body_bytes);
     report.param("ack_each_event", ack_each_event);
+    report.param("push_provider", push.push_provider.clone());
     report.param("duration_secs", common.duration.as_secs_f64());
 
+    let http = reqwest::Client::new();
     let connect = |i: usize, role: &'static str| {
         let index = i * 2 + usize::from(role == "r");
-        let (endpoint, minter) = (gateways.of(index), &minter);
+        let (endpoint, minter, push, http) = (gateways.of(index), &minter, &push, &http);
         let user = format!("b{run}{role}{i}");
         let local = endpoint.source_addr(index, source_addrs);
         async move {
             let token = minter.token(&user, "d")?;
-            connect_synced(endpoint, &token, local).await
+            push.connect(http, endpoint, &token, local).await
         }
     };
     let receivers = try_join_all((0..args.pairs).map(|i| connect(i, "r"))).await?;

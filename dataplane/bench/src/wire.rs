@@ -3,7 +3,7 @@
 //! connections over 127.0.0.1..127.0.0.K past the ephemeral-port limit).
 
 use anyhow::Context;
-use courier_client::websocket_config;
+use courier_client::{HttpApi, websocket_config};
 use courier_proto::{ClientFrame, Encoding, Hello, Payload, ServerFrame};
 use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
@@ -273,6 +273,44 @@ pub async fn connect_synced(
         .await
         .map_err(|_| anyhow::anyhow!("no sync_done within {CONNECT_TIMEOUT:?}"))??;
     Ok(socket.split())
+}
+
+/// How a scenario's devices register for push before they connect (`--push-provider`).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct PushOption {
+    /// Every device of the run registers a push token with this provider (`fcm`, `apns` or
+    /// `webhook`: `PUT /v1/devices/me/push`) before it connects, as a mobile app does, so that
+    /// the push notifier looks up whether each recipient is connected. The server must have
+    /// the provider (e.g. `serve --push-webhook-url`); connected devices are never notified.
+    #[arg(long, value_name = "PROVIDER")]
+    pub push_provider: Option<String>,
+}
+
+impl PushOption {
+    /// Registers the device of `token` for push if asked to (with `http`, the run's one
+    /// client), then connects it as [`connect_synced`] does.
+    pub async fn connect(
+        &self,
+        http: &reqwest::Client,
+        endpoint: &Endpoint,
+        token: &str,
+        local: Option<IpAddr>,
+    ) -> anyhow::Result<(Writer, Reader)> {
+        if let Some(provider) = &self.push_provider {
+            let api = HttpApi::with_client(http.clone(), &endpoint.http_base(), token);
+            let body = serde_json::json!({ "provider": provider, "token": "courier-bench" });
+            match api
+                .request(reqwest::Method::PUT, "/v1/devices/me/push", Some(&body))
+                .await?
+            {
+                (204, _) => {}
+                (status, body) => {
+                    anyhow::bail!("PUT /v1/devices/me/push answered {status}: {body}")
+                }
+            }
+        }
+        connect_synced(endpoint, token, local).await
+    }
 }
 
 #[cfg(all(test, target_os = "linux"))]

@@ -18,10 +18,16 @@ fn http_error(e: reqwest::Error) -> ClientError {
 impl HttpApi {
     /// `base_url` is `http://host:port`.
     pub fn new(base_url: &str, token: &str) -> Self {
+        Self::with_client(reqwest::Client::new(), base_url, token)
+    }
+
+    /// [`HttpApi::new`] on `http`, a client (and its pool of connections) that many devices
+    /// share: building a client costs milliseconds, and each keeps connections of its own.
+    pub fn with_client(http: reqwest::Client, base_url: &str, token: &str) -> Self {
         Self {
             base: base_url.trim_end_matches('/').to_owned(),
             token: token.to_owned(),
-            http: reqwest::Client::new(),
+            http,
         }
     }
 
