@@ -17,7 +17,7 @@
 use super::stats::{self, ErrorCounts, Latency, Live, Phase};
 use super::wire::{self, Incoming, Reader, Writer};
 use courier_proto::{Body, ClientFrame, Encoding, ErrorCode, Send, ServerFrame};
-use futures::{SinkExt, StreamExt};
+use futures::{FutureExt, SinkExt, StreamExt};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,6 +27,9 @@ use tokio::sync::watch;
 const MAX_ATTEMPTS: u32 = 8;
 /// Frames written per wake-up before the sender looks at its socket again.
 const WRITE_BATCH: usize = 256;
+/// Frames handled per wake-up before the sender writes what they allow (as the receiver
+/// handles what is readable before it acknowledges).
+const READ_BATCH: usize = 256;
 /// The resolution of tokio's timers: how early an open-loop sender wakes and may write.
 const TIMER_TICK: Duration = Duration::from_millis(1);
 
@@ -339,7 +342,7 @@ pub async fn run_sender(
         receipted_up_to: HashMap::new(),
         out: SenderOutcome::default(),
     };
-    loop {
+    'run: loop {
         let current = *phase.borrow();
         if current == Phase::Stop {
             break;
@@ -357,14 +360,26 @@ pub async fn run_sender(
             (a, b) => a.or(b),
         };
         tokio::select! {
-            item = reader.next() => match wire::decode(encoding, item) {
-                Incoming::Frame(frame) => state.on_frame(frame),
-                Incoming::Control => {}
-                Incoming::Closed(why) => {
-                    state.out.closed = Some(why);
-                    break;
+            item = reader.next() => {
+                // Everything already readable, so that the window's freed slots go in one
+                // write: a `sent` at a time was a write (and a system call) per message.
+                let mut item = Some(item);
+                let mut handled = 0;
+                while let Some(next) = item.take() {
+                    match wire::decode(encoding, next) {
+                        Incoming::Frame(frame) => state.on_frame(frame),
+                        Incoming::Control => {}
+                        Incoming::Closed(why) => {
+                            state.out.closed = Some(why);
+                            break 'run;
+                        }
+                    }
+                    handled += 1;
+                    if handled < READ_BATCH {
+                        item = reader.next().now_or_never();
+                    }
                 }
-            },
+            }
             changed = phase.changed() => {
                 if changed.is_err() {
                     break;
