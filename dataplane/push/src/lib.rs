@@ -51,7 +51,10 @@ use courier_core::metrics::{Metrics, OutcomeLabel};
 use courier_core::sequencing::CommitListener;
 use courier_core::{clock::now_ms, shard_cursors::ShardCursors};
 use courier_proto::{Body, EventPayload};
-use courier_store::{EventHeader, MessageStore, PendingPush, PushedBound, StoreError, bound_after};
+use courier_store::{
+    EventHeader, MessageStore, PendingPush, PushRegistrationCounts, PushedBound, StoreError,
+    bound_after, push_registration_slot,
+};
 use foldhash::{HashMap, HashMapExt};
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -113,35 +116,50 @@ struct OutboxPage {
 
 /// Each user's devices that take push ([`courier_store::DeviceRecord::takes_push`]), as read
 /// from the store, kept from pass to pass while the store's count of registrations begun or
-/// ended ([`MessageStore::push_registration_changes`]) stays put: the members of a large group
-/// are read once, not for every message. The count is read after a pass's outbox pages, so no
-/// registration that began before one of their messages was committed is missed.
+/// ended by the users of its slot ([`MessageStore::push_registration_counts`]) stays put: the
+/// members of a large group are read once, not for every message, and a registration that
+/// begins drops the users of one slot in [`courier_store::PUSH_REGISTRATION_SLOTS`], not
+/// everyone. The counts are read after a pass's outbox pages, so no registration that began
+/// before one of their messages was committed is missed.
 #[derive(Default)]
 struct Registrations {
-    /// The count the devices were read under, and when it was read first.
-    read_under: Option<(u64, Instant)>,
-    devices: HashMap<String, Vec<String>>,
+    /// The counts the devices were read under, and when the oldest kept was read.
+    read_under: Option<(PushRegistrationCounts, Instant)>,
+    /// Per user: the slot its registrations are counted in, and its devices that take push.
+    devices: HashMap<String, (u16, Vec<String>)>,
 }
 
 /// Users whose registrations are kept at most: past it, the next pass reads them again.
 const REGISTRATIONS_KEPT: usize = 100_000;
-/// How long registrations are kept at most, whatever the count says: a bound on what a node
-/// that does not count them (a previous version, in a rolling upgrade) can hide.
+/// How long registrations are kept at most, whatever the counts say: a bound on what a node
+/// that does not count them (a version before the counts, in a rolling upgrade) can hide.
 const REGISTRATIONS_MAX_AGE: Duration = Duration::from_secs(60);
 
 impl Registrations {
-    /// Forgets every registration read if one began or ended since (or they are too old, or
-    /// too many).
+    /// Forgets the registrations read of the users whose slot's count moved since; all of
+    /// them if the counts cannot tell which (a node of a version that counts in all only), or
+    /// if they are too old or too many.
     async fn refresh(&mut self, store: &MessageStore) -> Result<(), StoreError> {
-        let changes = store.push_registration_changes().await?;
-        let current = self.read_under.is_some_and(|(count, since)| {
-            count == changes
-                && since.elapsed() < REGISTRATIONS_MAX_AGE
-                && self.devices.len() <= REGISTRATIONS_KEPT
+        let counts = store.push_registration_counts().await?;
+        let kept = self.read_under.as_ref().and_then(|(before, since)| {
+            let young =
+                since.elapsed() < REGISTRATIONS_MAX_AGE && self.devices.len() <= REGISTRATIONS_KEPT;
+            young
+                .then(|| counts.slots_moved_since(before))
+                .flatten()
+                .map(|moved| (moved, *since))
         });
-        if !current {
-            self.devices.clear();
-            self.read_under = Some((changes, Instant::now()));
+        match kept {
+            Some((moved, since)) => {
+                if !moved.is_empty() {
+                    self.devices.retain(|_, (slot, _)| !moved.contains(slot));
+                }
+                self.read_under = Some((counts, since));
+            }
+            None => {
+                self.devices.clear();
+                self.read_under = Some((counts, Instant::now()));
+            }
         }
         Ok(())
     }
@@ -191,13 +209,14 @@ impl<'a> DeviceLookups<'a> {
                     .filter(|(_, record)| record.takes_push())
                     .map(|(device, _)| device)
                     .collect();
+                let slot = push_registration_slot(user);
                 self.registrations
                     .devices
-                    .insert((*user).to_owned(), devices);
+                    .insert((*user).to_owned(), (slot, devices));
             }
         }
         for user in wanted {
-            let Some(registered) = self.registrations.devices.get(user) else {
+            let Some((_, registered)) = self.registrations.devices.get(user) else {
                 continue;
             };
             if registered.is_empty() {
@@ -828,7 +847,9 @@ mod tests {
     use courier_proto::Sender;
     use courier_store::faulty_engine::{FaultyEngine, touches};
     use courier_store::ownership::Duty;
-    use courier_store::{Append, AppendKey, DeliveredBound, HeadCache, ReceiptKind};
+    use courier_store::{
+        Append, AppendKey, Batch, DeliveredBound, HeadCache, KvEngine, ReceiptKind,
+    };
 
     #[derive(Parser)]
     struct Flags {
@@ -974,19 +995,19 @@ mod tests {
 
     /// A second message to `conv`, from `sender`'s phone.
     async fn second_message(store: &MessageStore, conv: &str, sender: &str) {
+        message(store, conv, sender, "second").await;
+    }
+
+    /// A message from `sender`'s phone, sent as `client_msg_id`.
+    async fn message(store: &MessageStore, conv: &str, sender: &str, client_msg_id: &str) {
         let sender = Sender {
             user: sender.into(),
             device: "phone".into(),
         };
+        let body = Body::Text(client_msg_id.into());
         append(
             store,
-            Append::message(
-                conv.into(),
-                sender,
-                "second".into(),
-                Body::Text("2".into()),
-                None,
-            ),
+            Append::message(conv.into(), sender, client_msg_id.into(), body, None),
         )
         .await;
     }
@@ -1113,7 +1134,9 @@ mod tests {
     }
 
     /// A large group's device records are read once, not for every message, while no device's
-    /// push registration begins or ends; one that begins is seen by the next pass.
+    /// push registration begins or ends; one that begins is seen by the next pass, which reads
+    /// again the users of its slot only, unless a node that counts registrations in all only
+    /// changed one.
     #[tokio::test]
     async fn registrations_are_read_again_only_once_one_begins_or_ends() {
         let engine = FaultyEngine::new();
@@ -1137,30 +1160,30 @@ mod tests {
 
         // Ben's phone takes push, and goes away: the next message notifies it.
         register_phone(&store, "ben").await;
-        append(
-            &store,
-            Append::message(
-                "g:1".into(),
-                Sender {
-                    user: "ann".into(),
-                    device: "phone".into(),
-                },
-                "third".into(),
-                Body::Text("3".into()),
-                None,
-            ),
-        )
-        .await;
+        message(&store, "g:1", "ann", "third").await;
         assert!(notifier.expand(vec![shard]).await.failed.is_empty());
+        assert_ne!(push_registration_slot("ben"), push_registration_slot("cat"));
         assert_eq!(
             device_records_read(&engine, &store, &members),
-            2,
-            "read again"
+            1,
+            "Ben's read again, not Cat's"
         );
         let head = store.head("g:1").await.unwrap();
         let pending = store.pending_push("ben", "phone", "g:1").await.unwrap();
         assert_eq!(pending.map(|p| (p.count, p.last_seq)), Some((1, head)));
         assert_eq!(counts(&store, "g:1", &members[2..]).await, [0]);
+
+        // A node of a version that counts registrations in all only changes one.
+        let mut counted_in_all = Batch::new();
+        counted_in_all.add(store.keys().push_registration_changes(), 1);
+        engine.commit(counted_in_all).await.unwrap();
+        message(&store, "g:1", "ann", "fourth").await;
+        assert!(notifier.expand(vec![shard]).await.failed.is_empty());
+        assert_eq!(
+            device_records_read(&engine, &store, &members),
+            2,
+            "everyone read again"
+        );
     }
 
     /// The notifier reads a message before fanout delivered it: it clears nothing fanout

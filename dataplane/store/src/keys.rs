@@ -33,7 +33,8 @@
 //! | `mref` | `("mref", id, conv, seq)` | message `seq` of `conv` references it (empty); one per message |
 //! | `pushq` | `("pushq", user, device, conv)` | a pending, collapsed notification (`PendingPush`) |
 //! | `trimq` | `("trimq", due, conv)` | the retention queue: a pass looks at the conversation once `due` (ms) has come (empty) |
-//! | `meta` | `("meta", "pushreg")` | how many times a device's push registration began or ended (u64 LE, atomic ADD): the push notifier keeps the registrations it read while this stays put |
+//! | `meta` | `("meta", "pushreg")` | how many times a device's push registration began or ended (u64 LE, atomic ADD) |
+//! | `meta` | `("meta", "pushreg", slot)` | the same, for the users of one slot ([`push_registration_slot`]): the push notifier keeps the registrations it read of a slot's users while its count stays put |
 //! | `meta` | `("meta", "trimq")` | the retention window the queue was built for and when (two u64 LE) |
 //! | `meta` | `("meta", "partitions")`, `("meta", "partition")` | with storage partitions: the table's shard ranges (in the directory) and each partition's index (in each partition) |
 //!
@@ -52,6 +53,15 @@ pub(crate) fn stable_hash(bytes: impl IntoIterator<Item = u8>) -> u64 {
     bytes.into_iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
     })
+}
+
+/// Slots that the users' push registrations are counted in, a count per slot.
+pub const PUSH_REGISTRATION_SLOTS: u16 = 256;
+
+/// The slot whose count a change of `user`'s push registrations moves: the same in every
+/// process and version.
+pub fn push_registration_slot(user: &str) -> u16 {
+    (stable_hash(user.bytes()) % u64::from(PUSH_REGISTRATION_SLOTS)) as u16
 }
 
 /// Which partition a key lives in (see the module documentation).
@@ -349,6 +359,11 @@ impl Keys {
     /// The count of push registrations begun or ended (module documentation).
     pub fn push_registration_changes(&self) -> Vec<u8> {
         self.pack(&("meta", "pushreg"))
+    }
+
+    /// The count of push registrations begun or ended by the users of `slot`.
+    pub fn push_registration_changes_in(&self, slot: u16) -> Vec<u8> {
+        self.pack(&("meta", "pushreg", u64::from(slot)))
     }
 
     pub fn devices(&self, user: &str) -> Range<Vec<u8>> {

@@ -38,14 +38,14 @@ pub mod shard_map;
 mod testing;
 pub mod trim_queue;
 
-pub use keys::{Keys, Placement, ReceiptKind};
+pub use keys::{Keys, PUSH_REGISTRATION_SLOTS, Placement, ReceiptKind, push_registration_slot};
 pub use kv::{Batch, CommitStamp, KvEngine, StoreError};
 pub use membership::{MemberRecord, UserConversation, Visibility};
 pub use message_store::{
     AckBounds, Append, AppendKey, AppendOutcome, AppendRefused, AppendResult, Appended,
     ConversationRecord, DeliveredBound, DeviceRecord, HeadCache, ListedEntry, MediaAdmission,
     MediaRecord, MessageStore, NewConversation, OutboxEntry, PUSH_EXPANSION_BYTES, PendingPush,
-    PushedBound, ReadBounds, ShardLease, bound_after,
+    PushRegistrationCounts, PushedBound, ReadBounds, ShardLease, bound_after,
 };
 pub use outbox_rows::EventHeader;
 pub use partitions::{PartitionStore, PartitionTable, TableError};

@@ -2,7 +2,9 @@
 //! (dense per-conversation seq, idempotency, outbox), reads, cursors and receipts.
 
 use crate::idempotency::IdempotencyWindow;
-use crate::keys::{Keys, ReceiptKind, stable_hash};
+use crate::keys::{
+    Keys, PUSH_REGISTRATION_SLOTS, ReceiptKind, push_registration_slot, stable_hash,
+};
 use crate::kv::{
     Batch, BatchLimits, Durability, KeyValue, KvEngine, Mutation, StoreError,
     complete_versionstamped_key, decode_u64,
@@ -461,6 +463,36 @@ fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// How many times push registrations began or ended ([`MessageStore::push_registration_counts`]):
+/// in all, and for the users of each slot ([`push_registration_slot`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PushRegistrationCounts {
+    pub total: u64,
+    pub slots: Vec<u64>,
+}
+
+impl PushRegistrationCounts {
+    /// The slots whose count moved since `before`; `None` when the total moved by more than
+    /// the slots together (a node of a version that counts in all only changed one) or went
+    /// back (another store).
+    pub fn slots_moved_since(&self, before: &Self) -> Option<Vec<u16>> {
+        let total = self.total.checked_sub(before.total)?;
+        if self.slots.len() != before.slots.len() {
+            return None;
+        }
+        let mut moved = Vec::new();
+        let mut counted = 0u64;
+        for (slot, (now, then)) in (0u16..).zip(self.slots.iter().zip(&before.slots)) {
+            let delta = now.checked_sub(*then)?;
+            if delta > 0 {
+                moved.push(slot);
+                counted = counted.saturating_add(delta);
+            }
+        }
+        (counted == total).then_some(moved)
+    }
 }
 
 fn new_server_msg_id(ts_ms: u64) -> String {
@@ -1429,7 +1461,10 @@ impl MessageStore {
                 .fence(key.clone(), stored)
                 .set(key.clone(), next.encode_to_vec());
             if current.as_ref().is_some_and(DeviceRecord::takes_push) != next.takes_push() {
-                batch.add(self.keys.push_registration_changes(), 1);
+                let slot = push_registration_slot(user);
+                batch
+                    .add(self.keys.push_registration_changes(), 1)
+                    .add(self.keys.push_registration_changes_in(slot), 1);
             }
             if let Some(range) = &clear {
                 batch.clear_range(range.clone());
@@ -1445,11 +1480,24 @@ impl MessageStore {
     }
 
     /// How many times a device's push registration began or ended (the device became one
-    /// the notifier may notify, [`DeviceRecord::takes_push`], or stopped being one): while it
-    /// stays put, the devices of each user that take push are those read before.
-    pub async fn push_registration_changes(&self) -> Result<u64, StoreError> {
-        let value = self.kv.get(&self.keys.push_registration_changes()).await?;
-        Ok(value.as_deref().map_or(0, decode_u64))
+    /// the notifier may notify, [`DeviceRecord::takes_push`], or stopped being one), in all
+    /// and per slot of users, with one read: while a slot's count stays put, the devices of
+    /// its users that take push are those read before.
+    pub async fn push_registration_counts(&self) -> Result<PushRegistrationCounts, StoreError> {
+        let keys = std::iter::once(self.keys.push_registration_changes())
+            .chain(
+                (0..PUSH_REGISTRATION_SLOTS)
+                    .map(|slot| self.keys.push_registration_changes_in(slot)),
+            )
+            .collect();
+        let counts = self.kv.get_many(keys).await?;
+        let mut counts = counts
+            .iter()
+            .map(|value| value.as_deref().map_or(0, decode_u64));
+        Ok(PushRegistrationCounts {
+            total: counts.next().unwrap_or(0),
+            slots: counts.collect(),
+        })
     }
 
     /// Unlinks a linked device: tokens issued until now (and any it has used) are refused,
@@ -3078,13 +3126,22 @@ mod tests {
         assert!(read[2].is_err(), "the damaged row's shard: {:?}", read[2]);
     }
 
-    /// The count of push registrations moves with every change that begins or ends one, and
-    /// with nothing else a device's record goes through.
+    /// The counts of push registrations move with every change that begins or ends one (in
+    /// all, and in the slot of its user only), and with nothing else a device's record goes
+    /// through.
     #[tokio::test]
     async fn push_registrations_are_counted_as_they_begin_and_end() {
         let dir = tempfile::tempdir().unwrap();
         let store = &temp_store(&dir, 8).await;
-        let changes = || async { store.push_registration_changes().await.unwrap() };
+        let ann = usize::from(push_registration_slot("ann"));
+        // Ann's count, and the others' in all.
+        let changes = || async {
+            let counts = store.push_registration_counts().await.unwrap();
+            assert_eq!(counts.slots.len(), usize::from(PUSH_REGISTRATION_SLOTS));
+            let others: u64 = counts.total - counts.slots[ann];
+            assert_eq!(others, counts.slots.iter().sum::<u64>() - counts.slots[ann]);
+            (counts.slots[ann], others)
+        };
         // Ann's phone seen at `seen_ms`, with `token` (none if empty).
         let update = |seen_ms: u64, token: &'static str| async move {
             let set = move |record: Option<&DeviceRecord>| {
@@ -3097,11 +3154,11 @@ mod tests {
             };
             store.update_device("ann", "phone", set).await.unwrap();
         };
-        assert_eq!(changes().await, 0);
+        assert_eq!(changes().await, (0, 0));
         update(1, "").await;
-        assert_eq!(changes().await, 0, "a device without push");
+        assert_eq!(changes().await, (0, 0), "a device without push");
         update(2, "t1").await;
-        assert_eq!(changes().await, 1, "registered");
+        assert_eq!(changes().await, (1, 0), "registered");
         update(3, "t2").await;
         store
             .record_device_activity("ann", "phone", |record| {
@@ -3112,13 +3169,48 @@ mod tests {
             })
             .await
             .unwrap();
-        assert_eq!(changes().await, 1, "a new token, and activity, end nothing");
+        assert_eq!(
+            changes().await,
+            (1, 0),
+            "a new token, and activity, end nothing"
+        );
         update(5, "").await;
-        assert_eq!(changes().await, 2, "the token dropped");
+        assert_eq!(changes().await, (2, 0), "the token dropped");
         update(6, "t3").await;
         assert!(store.unlink_device("ann", "phone", 7).await.unwrap());
-        assert_eq!(changes().await, 4, "registered again, then unlinked");
+        assert_eq!(changes().await, (4, 0), "registered again, then unlinked");
         assert!(store.unlink_device("ben", "tablet", 7).await.is_ok());
-        assert_eq!(changes().await, 4, "nothing to unlink");
+        assert_eq!(changes().await, (4, 0), "nothing to unlink");
+    }
+
+    /// The slots whose counts moved are told apart, unless the total moved by more than they
+    /// did (a node that counts in all only) or went back.
+    #[test]
+    fn moved_slots_are_those_whose_counts_moved_unless_the_total_says_otherwise() {
+        let counts = |total, slots: &[u64]| PushRegistrationCounts {
+            total,
+            slots: slots.to_vec(),
+        };
+        let before = counts(5, &[2, 3, 0]);
+        assert_eq!(before.slots_moved_since(&before), Some(vec![]));
+        assert_eq!(
+            counts(8, &[4, 3, 1]).slots_moved_since(&before),
+            Some(vec![0, 2])
+        );
+        assert_eq!(
+            counts(9, &[4, 3, 1]).slots_moved_since(&before),
+            None,
+            "counted in all only"
+        );
+        assert_eq!(
+            counts(4, &[2, 3, 0]).slots_moved_since(&before),
+            None,
+            "went back"
+        );
+        assert_eq!(
+            counts(5, &[2, 3]).slots_moved_since(&before),
+            None,
+            "other slots"
+        );
     }
 }
