@@ -152,7 +152,8 @@ impl Registrations {
         match kept {
             Some((moved, since)) => {
                 if !moved.is_empty() {
-                    self.devices.retain(|_, (slot, _)| !moved.contains(slot));
+                    self.devices
+                        .retain(|_, (slot, _)| moved.binary_search(slot).is_err());
                 }
                 self.read_under = Some((counts, since));
             }

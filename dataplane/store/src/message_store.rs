@@ -474,8 +474,8 @@ pub struct PushRegistrationCounts {
 }
 
 impl PushRegistrationCounts {
-    /// The slots whose count moved since `before`; `None` when the total moved by more than
-    /// the slots together (a node of a version that counts in all only changed one) or went
+    /// The slots whose count moved since `before`, in increasing order; `None` when the total
+    /// moved by more than the slots together (a node of a version that counts in all only changed one) or went
     /// back (another store).
     pub fn slots_moved_since(&self, before: &Self) -> Option<Vec<u16>> {
         let total = self.total.checked_sub(before.total)?;
