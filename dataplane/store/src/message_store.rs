@@ -495,8 +495,23 @@ impl PushRegistrationCounts {
     }
 }
 
+/// A message's server id: its commit time in milliseconds, in at least 11 hex digits, then 16
+/// random hex digits. Written digit by digit: `format!` with widths cost ~1,100 instructions per
+/// message, more than the rest of the id.
 fn new_server_msg_id(ts_ms: u64) -> String {
-    format!("{ts_ms:011x}{:016x}", rand::random::<u64>())
+    let mut id = String::with_capacity(27);
+    let time_digits = (u64::BITS - ts_ms.leading_zeros()).div_ceil(4).max(11);
+    push_hex(&mut id, ts_ms, time_digits);
+    push_hex(&mut id, rand::random::<u64>(), 16);
+    id
+}
+
+/// The `digits` lowest hex digits of `value`, most significant first.
+fn push_hex(out: &mut String, value: u64, digits: u32) {
+    for digit in (0..digits).rev() {
+        let nibble = (value >> (4 * digit)) & 0xf;
+        out.push(char::from_digit(nibble as u32, 16).unwrap_or('0'));
+    }
 }
 
 impl MessageStore {
@@ -2353,6 +2368,20 @@ pub(crate) fn decode_event(key: &[u8], value: &[u8]) -> Result<Event, StoreError
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A server id is the time padded to 11 hex digits, then 16 random ones, as `format!`
+    /// wrote it before.
+    #[test]
+    fn server_msg_ids_are_the_time_then_sixteen_random_hex_digits() {
+        for ts_ms in [0, 0xabc, 1_764_000_000_000, 0xfff_ffff_ffff, u64::MAX] {
+            let id = new_server_msg_id(ts_ms);
+            let time = format!("{ts_ms:011x}");
+            assert_eq!(id.len(), time.len() + 16, "{id}");
+            assert!(id.starts_with(&time), "{id} for {time}");
+            assert!(id.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+        }
+        assert_ne!(new_server_msg_id(7), new_server_msg_id(7));
+    }
     use crate::testing::{owner, temp_store};
     use courier_proto::Body;
 
