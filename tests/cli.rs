@@ -123,6 +123,16 @@ async fn the_server_runs_without_transparent_huge_pages() {
     assert_eq!(thp.trim(), "0", "{status}");
 }
 
+/// The store flushes and compacts on three fjall workers at least: with two, one spins while
+/// the other compacts (`courier_store::embedded`).
+#[tokio::test]
+async fn the_store_flushes_and_compacts_on_three_workers_at_least() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_in(dir.path(), &[]);
+    let workers = server.threads_named("fjall:worker");
+    assert!((3..=4).contains(&workers), "{workers} fjall workers");
+}
+
 /// `--ordering-threads` runs ordering and delivery on a runtime of their own (`/metrics` says
 /// how many threads); with 0 they share the connections' runtime, and messages flow either
 /// way.

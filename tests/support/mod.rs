@@ -160,6 +160,15 @@ impl Server {
         std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).expect("proc status")
     }
 
+    /// How many of the server's threads are named `name` (`/proc/<pid>/task/*/comm`).
+    pub fn threads_named(&self, name: &str) -> usize {
+        let tasks = std::fs::read_dir(format!("/proc/{}/task", self.child.id())).expect("tasks");
+        tasks
+            .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+            .filter(|comm| comm.trim_end() == name)
+            .count()
+    }
+
     /// SIGKILL: no chance to flush or drain.
     pub fn kill9(&mut self) {
         self.child.kill().expect("kill");

@@ -2378,7 +2378,10 @@ mod tests {
             let time = format!("{ts_ms:011x}");
             assert_eq!(id.len(), time.len() + 16, "{id}");
             assert!(id.starts_with(&time), "{id} for {time}");
-            assert!(id.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+            assert!(
+                id.bytes()
+                    .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+            );
         }
         assert_ne!(new_server_msg_id(7), new_server_msg_id(7));
     }
