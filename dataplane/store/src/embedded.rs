@@ -91,6 +91,7 @@ pub const GROUP_MAX_BYTES: usize = 16 << 20;
 /// Most counter and fence keys whose values the writer keeps ([`Known`]); past it they are
 /// all forgotten at once (~100 bytes each with a 50-byte key).
 pub const KNOWN_MAX: usize = 1 << 18;
+
 /// fjall's background workers (flushes and compactions): fjall's default, one per core up to
 /// four, but three at least (module documentation).
 fn flush_and_compaction_workers() -> usize {
