@@ -23,7 +23,7 @@
 //! memtable, so every commit waited for that memory to be freed: ~250 ms for a 64 MiB memtable
 //! (about 200,000 entries) on the test machine, 60-140 ms for 16 MiB. So a thread of the store
 //! keeps a reference to each memtable and frees it once it is the last holder
-//! ([`release_memtables_loop`]). The data keyspace has fjall's default [`MEMTABLE_BYTES`]
+//! ([`release_memtables_loop`]). The data's keyspaces have fjall's default [`MEMTABLE_BYTES`]
 //! again: a 16 MiB memtable had bounded the stall at 9-14 % of peak throughput
 //! (`docs/benchmarks.md`, "The light-load tail, found", and "Memtables freed off the write
 //! lock"). fjall stores the size when it creates the keyspace: a store created with 16 MiB
@@ -57,10 +57,16 @@
 //! does not write, and a read whose look-up a commit followed reads every key from its
 //! snapshot.
 //!
+//! **Idempotency records apart.** The data lives in two keyspaces: the idempotency records,
+//! looked up on every append and almost never found, in one of their own, every other key in
+//! the other ([`crate::keyspaces`]). Reads, writes and range clears go to the keyspace that
+//! holds each key; a range that spans both is read piece by piece, in key order.
+//!
 //! **Versionstamps.** A persistent commit counter, bumped once per group and stored in the same
 //! transaction, plus the batch's position in its group: the same 10-byte layout as
 //! FoundationDB's, and increasing across restarts.
 
+use crate::keyspaces::Keyspaces;
 use crate::kv::{
     Batch, BatchLimits, CommitStamp, Durability, KeyValue, KvEngine, Mutation, StoreError,
     complete_versionstamped_key, decode_u64,
@@ -100,7 +106,7 @@ fn flush_and_compaction_workers() -> usize {
         .clamp(3, 4)
 }
 
-/// The data keyspace's memtable size, fjall's default (module documentation).
+/// The data's keyspaces' memtable size, fjall's default (module documentation).
 pub const MEMTABLE_BYTES: u64 = 64 << 20;
 /// Largest value accepted, as in FoundationDB (100 kB); larger ones are the caller's to chunk.
 pub const MAX_VALUE_BYTES: usize = 100_000;
@@ -125,10 +131,10 @@ pub struct EmbeddedEngine {
     halted: Arc<OnceLock<String>>,
 }
 
-/// The database and its two keyspaces.
+/// The database, its keyspaces for data and the one for its own bookkeeping.
 struct Store {
     db: SingleWriterTxDatabase,
-    data: SingleWriterTxKeyspace,
+    data: Keyspaces,
     meta: SingleWriterTxKeyspace,
     /// Rows of `data` read by key, kept in step by the writer (module documentation).
     rows: RowCache,
@@ -136,7 +142,7 @@ struct Store {
     memtables_freed: AtomicU64,
 }
 
-fn engine_error(e: impl std::fmt::Display) -> StoreError {
+pub(crate) fn engine_error(e: impl std::fmt::Display) -> StoreError {
     StoreError::Engine(e.to_string())
 }
 
@@ -150,11 +156,7 @@ impl EmbeddedEngine {
             .map_err(|e| {
                 StoreError::Engine(format!("cannot open the store at {}: {e}", path.display()))
             })?;
-        let data = db
-            .keyspace("data", || {
-                KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE_BYTES)
-            })
-            .map_err(engine_error)?;
+        let data = Keyspaces::open(&db, MEMTABLE_BYTES)?;
         let meta = db
             .keyspace("meta", KeyspaceCreateOptions::default)
             .map_err(engine_error)?;
@@ -270,7 +272,7 @@ impl Store {
             .zip(held)
             .map(|(key, held)| match held {
                 Some(value) => Ok(value),
-                None => read_value(&snapshot, &self.data, key.as_ref()),
+                None => read_value(&snapshot, self.data.of(key.as_ref()), key.as_ref()),
             })
             .collect::<Result<Vec<_>, _>>()?;
         let read = keys.iter().zip(&values).zip(missed);
@@ -293,10 +295,11 @@ fn read_value(
     Ok(value.map(|v| v.to_vec()))
 }
 
-/// Up to `limit` pairs of `range` in `snapshot`, in key order (descending when `reverse`).
+/// Up to `limit` pairs of `range` in `snapshot`, in key order (descending when `reverse`),
+/// read piece by piece from the keyspaces that hold them (`crate::keyspaces`).
 fn read_range(
     snapshot: &impl Readable,
-    data: &SingleWriterTxKeyspace,
+    data: &Keyspaces,
     range: Range<Vec<u8>>,
     limit: usize,
     reverse: bool,
@@ -304,18 +307,30 @@ fn read_range(
     if range.start >= range.end || limit == 0 {
         return Ok(Vec::new());
     }
-    let iter = snapshot.range(data, range);
+    let mut pieces = data.pieces(range.start.as_slice()..range.end.as_slice());
+    if reverse {
+        pieces.reverse();
+    }
     let pair = |guard: fjall::Guard| {
         guard
             .into_inner()
             .map(|(k, v)| (k.to_vec(), v.to_vec()))
             .map_err(engine_error)
     };
-    if reverse {
-        iter.rev().take(limit).map(pair).collect()
-    } else {
-        iter.take(limit).map(pair).collect()
+    let mut pairs = Vec::new();
+    for (keyspace, piece) in pieces {
+        let (iter, left) = (snapshot.range(keyspace, piece), limit - pairs.len());
+        let read: Result<Vec<_>, _> = if reverse {
+            iter.rev().take(left).map(pair).collect()
+        } else {
+            iter.take(left).map(pair).collect()
+        };
+        pairs.extend(read?);
+        if pairs.len() == limit {
+            break;
+        }
     }
+    Ok(pairs)
 }
 
 /// What one commit may hold: FoundationDB's key and value limits, so that both engines accept
@@ -390,7 +405,7 @@ fn write_loop(
 /// lives less is freed by fjall as before.
 const MEMTABLE_RELEASE_PERIOD: Duration = Duration::from_millis(50);
 
-/// Keeps a reference to each of the data keyspace's memtables and frees a memtable on this
+/// Keeps a reference to each memtable of the data's keyspaces and frees a memtable on this
 /// thread once no one else holds it, so that fjall's version GC, which runs under the lock
 /// every write takes, drops a reference instead of freeing the memtable (module
 /// documentation). Ends when the store is dropped.
@@ -406,19 +421,20 @@ fn release_memtables_loop(store: &Weak<Store>) {
         let Some(store) = store.upgrade() else {
             return;
         };
-        let active = store
-            .data
-            .inner()
-            .tree
-            .get_version_history_lock()
-            .latest_version()
-            .active_memtable;
         let before = held.len();
         held.retain(|memtable| Arc::strong_count(memtable) > 1);
         let freed = (before - held.len()) as u64;
         store.memtables_freed.fetch_add(freed, Ordering::Relaxed);
-        if !held.iter().any(|memtable| Arc::ptr_eq(memtable, &active)) {
-            held.push(active);
+        for keyspace in store.data.all() {
+            let active = keyspace
+                .inner()
+                .tree
+                .get_version_history_lock()
+                .latest_version()
+                .active_memtable;
+            if !held.iter().any(|memtable| Arc::ptr_eq(memtable, &active)) {
+                held.push(active);
+            }
         }
     }
 }
@@ -552,12 +568,17 @@ type WriteTxn<'a> = fjall::SingleWriterWriteTx<'a>;
 /// The first fence of `batch` whose key no longer holds the expected value, if any.
 fn fence_violation(
     txn: &WriteTxn<'_>,
-    data: &SingleWriterTxKeyspace,
+    data: &Keyspaces,
     batch: &Batch,
     known: &mut Known,
 ) -> Result<Option<Vec<u8>>, StoreError> {
     for fence in &batch.fences {
-        if !known.holds(txn, data, &fence.key, fence.expected.as_deref())? {
+        if !known.holds(
+            txn,
+            data.of(&fence.key),
+            &fence.key,
+            fence.expected.as_deref(),
+        )? {
             return Ok(Some(fence.key.clone()));
         }
     }
@@ -566,7 +587,7 @@ fn fence_violation(
 
 fn apply(
     txn: &mut WriteTxn<'_>,
-    data: &SingleWriterTxKeyspace,
+    data: &Keyspaces,
     batch: &Batch,
     stamp: &CommitStamp,
     known: &mut Known,
@@ -576,23 +597,23 @@ fn apply(
         match m {
             Mutation::Set { key, value } => {
                 known.forget(key);
-                txn.insert(data, key.as_slice(), value.as_slice());
+                txn.insert(data.of(key), key.as_slice(), value.as_slice());
             }
             Mutation::Clear { key } => {
                 known.forget(key);
-                txn.remove(data, key.as_slice());
+                txn.remove(data.of(key), key.as_slice());
             }
             Mutation::ClearRange { begin, end } => {
                 let mut cleared = 0;
-                if begin < end {
+                for (keyspace, piece) in data.pieces(begin.as_slice()..end.as_slice()) {
                     let keys: Vec<fjall::UserKey> = txn
-                        .range(data, begin.as_slice()..end.as_slice())
+                        .range(keyspace, piece)
                         .map(|guard| guard.key())
                         .collect::<Result<_, _>>()
                         .map_err(engine_error)?;
                     for key in keys {
                         known.forget(&key);
-                        txn.remove(data, key.clone());
+                        txn.remove(keyspace, key.clone());
                         found.keys.push(key);
                         cleared += 1;
                     }
@@ -600,24 +621,26 @@ fn apply(
                 found.per_range.push(cleared);
             }
             Mutation::Max { key, value } => {
-                let current = known.counter(txn, data, key)?;
+                let keyspace = data.of(key);
+                let current = known.counter(txn, keyspace, key)?;
                 if current.is_none_or(|c| c < *value) {
-                    txn.insert(data, key.as_slice(), value.to_le_bytes().as_slice());
+                    txn.insert(keyspace, key.as_slice(), value.to_le_bytes().as_slice());
                     known.wrote(key, *value);
                 } else if let Some(current) = current {
                     known.wrote(key, current);
                 }
             }
             Mutation::Add { key, delta } => {
-                let current = known.counter(txn, data, key)?.unwrap_or(0);
+                let keyspace = data.of(key);
+                let current = known.counter(txn, keyspace, key)?.unwrap_or(0);
                 let sum = current.wrapping_add(*delta as u64);
-                txn.insert(data, key.as_slice(), sum.to_le_bytes().as_slice());
+                txn.insert(keyspace, key.as_slice(), sum.to_le_bytes().as_slice());
                 known.wrote(key, sum);
             }
             Mutation::SetVersionstampedKey { key, value } => {
                 let key = fjall::UserKey::from(complete_versionstamped_key(key, stamp)?);
                 known.forget(&key);
-                txn.insert(data, key.clone(), value.as_slice());
+                txn.insert(data.of(&key), key.clone(), value.as_slice());
                 found.keys.push(key);
             }
         }
@@ -741,6 +764,7 @@ impl Known {
 mod tests {
     use super::*;
     use crate::contract::{self, EngineHarness};
+    use crate::keys::Keys;
 
     struct Harness {
         dir: tempfile::TempDir,
@@ -807,6 +831,103 @@ mod tests {
         batches
     }
 
+    /// An idempotency record of bucket `bucket` for a send to `conv`.
+    fn idempotency_key(bucket: u64, conv: &str) -> Vec<u8> {
+        Keys::new(&[])
+            .idempotency(&[bucket], conv, "u", "d", "m")
+            .remove(0)
+    }
+
+    fn held_by(keyspace: &SingleWriterTxKeyspace, key: &[u8]) -> bool {
+        keyspace.inner().get(key).unwrap().is_some()
+    }
+
+    /// A new store keeps every idempotency record in a keyspace of its own, and finds them
+    /// there by key and by range (`crate::keyspaces`).
+    #[tokio::test]
+    async fn idempotency_records_are_kept_apart_from_the_other_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let kv = EmbeddedEngine::open(&dir.path().join("s")).unwrap();
+        let record = idempotency_key(7, "d:a");
+        let server_made = Keys::new(&[])
+            .server_idempotency(&[7], "d:a", "k")
+            .remove(0);
+        let head = Keys::new(&[]).head("d:a");
+        let mut batch = Batch::new();
+        batch
+            .set(record.clone(), b"r".to_vec())
+            .set(server_made.clone(), b"s".to_vec())
+            .set(head.clone(), b"h".to_vec());
+        kv.commit(batch).await.unwrap();
+
+        let spaces = &kv.db.data;
+        assert!(held_by(&spaces.idempotency, &record));
+        assert!(held_by(&spaces.idempotency, &server_made));
+        assert!(!held_by(&spaces.shared, &record));
+        assert!(held_by(&spaces.shared, &head));
+        assert!(!held_by(&spaces.idempotency, &head));
+        assert_eq!(kv.get(&record).await.unwrap(), Some(b"r".to_vec()));
+        // One range across the whole database reads both keyspaces, in key order.
+        let all = kv
+            .range(vec![0]..vec![0xff], usize::MAX, false)
+            .await
+            .unwrap();
+        let mut keys: Vec<Vec<u8>> = [record, server_made, head].into();
+        keys.sort();
+        assert_eq!(all.into_iter().map(|(k, _)| k).collect::<Vec<_>>(), keys);
+    }
+
+    /// A store written before idempotency records were kept apart still finds those it holds
+    /// with the other keys; records sorting after them go apart; ranges and range clears see
+    /// both keyspaces as one, in key order, forwards and backwards, and a reopened store splits
+    /// them the same way.
+    #[tokio::test]
+    async fn idempotency_records_of_an_earlier_version_stay_where_they_are() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        let (old_a, old_m) = (idempotency_key(10, "d:a"), idempotency_key(10, "d:m"));
+        {
+            let db = SingleWriterTxDatabase::builder(&path).open().unwrap();
+            let data = db.keyspace("data", KeyspaceCreateOptions::default).unwrap();
+            data.insert(old_a.as_slice(), b"a".as_slice()).unwrap();
+            data.insert(old_m.as_slice(), b"m".as_slice()).unwrap();
+            db.persist(PersistMode::SyncAll).unwrap();
+        }
+        let (below, above) = (idempotency_key(10, "d:c"), idempotency_key(11, "d:b"));
+        let subspace = Keys::new(&[]).idempotency_subspaces()[0].clone();
+        for reopen in [false, true] {
+            let kv = EmbeddedEngine::open(&path).unwrap();
+            if !reopen {
+                let mut batch = Batch::new();
+                batch
+                    .set(below.clone(), b"c".to_vec())
+                    .set(above.clone(), b"b".to_vec());
+                kv.commit(batch).await.unwrap();
+            }
+            let spaces = &kv.db.data;
+            for key in [&old_a, &old_m, &below] {
+                assert!(held_by(&spaces.shared, key), "reopened: {reopen}");
+            }
+            assert!(held_by(&spaces.idempotency, &above), "reopened: {reopen}");
+            let in_order = [&old_a, &below, &old_m, &above].map(|k| k.clone());
+            let forwards = kv.range(subspace.clone(), 10, false).await.unwrap();
+            let keys = |pairs: Vec<KeyValue>| pairs.into_iter().map(|(k, _)| k).collect::<Vec<_>>();
+            assert_eq!(keys(forwards), in_order.to_vec());
+            let last_two = kv.range(subspace.clone(), 2, true).await.unwrap();
+            assert_eq!(keys(last_two), vec![above.clone(), old_m.clone()]);
+            let first_three = kv.range(subspace.clone(), 3, false).await.unwrap();
+            assert_eq!(keys(first_three), in_order[..3].to_vec());
+        }
+        let kv = EmbeddedEngine::open(&path).unwrap();
+        let mut batch = Batch::new();
+        batch.clear_range(subspace.clone());
+        kv.commit(batch).await.unwrap();
+        assert!(kv.range(subspace, 10, false).await.unwrap().is_empty());
+        for key in [&old_a, &old_m, &below, &above] {
+            assert_eq!(kv.get(key).await.unwrap(), None);
+        }
+    }
+
     /// A little more than [`MEMTABLE_BYTES`] written is flushed to a table.
     #[tokio::test]
     async fn the_data_memtable_is_flushed_once_it_holds_memtable_bytes() {
@@ -814,7 +935,7 @@ mod tests {
         let kv = EmbeddedEngine::open(&dir.path().join("s")).unwrap();
         let batches = fill_memtables(&kv, 1).await;
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while kv.db.data.inner().table_count() == 0 {
+        while kv.db.data.shared.inner().table_count() == 0 {
             assert!(
                 std::time::Instant::now() < deadline,
                 "{batches} MB written, no memtable flushed"

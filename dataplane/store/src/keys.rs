@@ -564,6 +564,12 @@ impl Keys {
             .map(|space| self.pack(&(space, 0u64))..self.pack(&(space, now_ms.saturating_add(1))))
     }
 
+    /// The idempotency records' two subspaces, of client sends and of server-made appends,
+    /// whole (the embedded engine keeps them apart: `crate::keyspaces`).
+    pub fn idempotency_subspaces(&self) -> [Range<Vec<u8>>; 2] {
+        ["idem", "sidem"].map(|space| range_of(self.root.subspace(&(space,))))
+    }
+
     /// An idempotency record of a client's send written before buckets.
     pub fn legacy_idempotency(
         &self,

@@ -23,6 +23,7 @@ pub mod faulty_engine;
 pub mod fdb;
 pub mod idempotency;
 pub mod keys;
+mod keyspaces;
 pub mod kv;
 pub mod leaders;
 pub mod membership;

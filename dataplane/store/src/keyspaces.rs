@@ -1,0 +1,120 @@
+//! Where the embedded engine keeps each key: one fjall keyspace for most keys, and one of its
+//! own for the idempotency records (those of the store at the database's root, as `courier
+//! serve` opens it; a store kept under another root keeps them with its other keys).
+//!
+//! **Why apart.** Every append looks up its idempotency record in two buckets, and both look-ups
+//! almost always find nothing. In the keyspace every other key shares, such a miss searched the
+//! large memtable and then probed the bloom filter of every table whose key range held the key,
+//! which is each of them, as every table spans every subspace: at the 1:1 peak those probes and
+//! searches were ~10 % of the server's samples, on the one ordering thread that sequences every
+//! conversation. In a keyspace of their own, the records' memtable holds one key per message
+//! instead of all of them, and the look-up of the previous bucket sorts below every recent
+//! table, which its key range then skips unread (`docs/benchmarks.md`, "Idempotency records in
+//! a keyspace of their own").
+//!
+//! **Which keys, in a store that held them with the others.** A store written by an earlier
+//! version holds its idempotency records in the shared keyspace, and they must stay readable
+//! there until they expire. So when the store opens, the part of each idempotency subspace kept
+//! apart is what sorts after the last key the shared keyspace holds in it (the whole subspace
+//! when it holds none). The split is sound at every open: the shared keyspace is only given
+//! keys at or below its last one, so it never holds one above; the other keyspace is only given
+//! keys above the split, and a later split is never higher than an earlier one (the shared
+//! keyspace's last key can only go down). A key is in the keyspace the current split names.
+//! Once the records written before the change have expired (new buckets sort after old ones),
+//! the whole subspace is kept apart.
+//!
+//! **Ranges across the split.** A range read or a range clear is cut where it enters or leaves
+//! a part kept apart, and each piece is read from its keyspace in key order: no key of a piece
+//! lives in the other keyspace, so the pieces together are the range.
+
+use crate::embedded::engine_error;
+use crate::keys::Keys;
+use crate::kv::StoreError;
+use fjall::{KeyspaceCreateOptions, Readable, SingleWriterTxDatabase, SingleWriterTxKeyspace};
+use std::ops::Range;
+
+/// The engine's keyspaces for data, and which keys each holds.
+pub(crate) struct Keyspaces {
+    /// Every key but those `apart` names.
+    pub shared: SingleWriterTxKeyspace,
+    /// The idempotency records (module documentation).
+    pub idempotency: SingleWriterTxKeyspace,
+    /// The key ranges kept in `idempotency`, in key order and disjoint.
+    apart: Vec<Range<Vec<u8>>>,
+}
+
+impl Keyspaces {
+    /// Opens (or creates) both keyspaces, each with memtables of `memtable_bytes`, and splits
+    /// the idempotency subspaces between them (module documentation).
+    pub fn open(db: &SingleWriterTxDatabase, memtable_bytes: u64) -> Result<Self, StoreError> {
+        let options = || KeyspaceCreateOptions::default().max_memtable_size(memtable_bytes);
+        let shared = db.keyspace("data", options).map_err(engine_error)?;
+        let idempotency = db.keyspace("idempotency", options).map_err(engine_error)?;
+        let snapshot = db.read_tx();
+        let mut apart = Vec::new();
+        for subspace in Keys::new(&[]).idempotency_subspaces() {
+            let last = match snapshot.range(&shared, subspace.clone()).next_back() {
+                Some(guard) => Some(guard.key().map_err(engine_error)?),
+                None => None,
+            };
+            let from = match last {
+                Some(last) => [last.as_ref(), &[0]].concat(),
+                None => subspace.start,
+            };
+            apart.push(from..subspace.end);
+        }
+        apart.sort_by(|a, b| a.start.cmp(&b.start));
+        Ok(Self {
+            shared,
+            idempotency,
+            apart,
+        })
+    }
+
+    /// The keyspace that holds `key`.
+    pub fn of(&self, key: &[u8]) -> &SingleWriterTxKeyspace {
+        if self.is_apart(key) {
+            &self.idempotency
+        } else {
+            &self.shared
+        }
+    }
+
+    fn is_apart(&self, key: &[u8]) -> bool {
+        self.apart
+            .iter()
+            .any(|range| range.start.as_slice() <= key && key < range.end.as_slice())
+    }
+
+    /// `range` cut where it enters or leaves a part kept apart: its pieces in key order, each
+    /// with the keyspace that holds it.
+    pub fn pieces(&self, range: Range<&[u8]>) -> Vec<(&SingleWriterTxKeyspace, Range<Vec<u8>>)> {
+        let mut pieces = Vec::new();
+        let mut from = range.start;
+        for apart in &self.apart {
+            if from >= range.end {
+                break;
+            }
+            let (start, end) = (apart.start.as_slice(), apart.end.as_slice());
+            if end <= from || range.end <= start {
+                continue;
+            }
+            if from < start {
+                pieces.push((&self.shared, from.to_vec()..start.to_vec()));
+                from = start;
+            }
+            let until = end.min(range.end);
+            pieces.push((&self.idempotency, from.to_vec()..until.to_vec()));
+            from = until;
+        }
+        if from < range.end {
+            pieces.push((&self.shared, from.to_vec()..range.end.to_vec()));
+        }
+        pieces
+    }
+
+    /// Both keyspaces, the shared one first.
+    pub fn all(&self) -> [&SingleWriterTxKeyspace; 2] {
+        [&self.shared, &self.idempotency]
+    }
+}
