@@ -9,8 +9,7 @@
 //! searches were ~10 % of the server's samples, on the one ordering thread that sequences every
 //! conversation. In a keyspace of their own, the records' memtable holds one key per message
 //! instead of all of them, and the look-up of the previous bucket sorts below every recent
-//! table, which its key range then skips unread (`docs/benchmarks.md`, "Idempotency records in
-//! a keyspace of their own").
+//! table, which its key range then skips unread (`docs/decisions/0011-idempotency-keyspace.md`).
 //!
 //! **Which keys, in a store that held them with the others.** A store written by an earlier
 //! version holds its idempotency records in the shared keyspace, and they must stay readable
