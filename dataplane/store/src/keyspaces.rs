@@ -6,7 +6,7 @@
 //! almost always find nothing. In the keyspace every other key shares, such a miss searched the
 //! large memtable and then probed the bloom filter of every table whose key range held the key,
 //! which is each of them, as every table spans every subspace: at the 1:1 peak those probes and
-//! searches were ~10 % of the server's samples, on the one ordering thread that sequences every
+//! searches were ~7 % of the server's samples, on the one ordering thread that sequences every
 //! conversation. In a keyspace of their own, the records' memtable holds one key per message
 //! instead of all of them, and the look-up of the previous bucket sorts below every recent
 //! table, which its key range then skips unread (`docs/decisions/0011-idempotency-keyspace.md`).
