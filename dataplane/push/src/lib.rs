@@ -500,6 +500,9 @@ impl Notifier {
         let mut devices = DeviceLookups::new(&mut registrations);
         let mut room = PENDING_PER_PASS;
         for (shard, delivered, from, entries) in read {
+            // The store's reads return without waiting on the embedded engine, so a pass over
+            // many pages would hold its thread, and the shard actors beside it, until it ends.
+            tokio::task::yield_now().await;
             if room == 0 {
                 self.mark_dirty(shard);
                 expanded.more = true;
@@ -1362,6 +1365,43 @@ mod tests {
         for shard in shards {
             assert!(all_expanded(&store, shard).await);
         }
+    }
+
+    /// The notifier runs beside the shard actors on the ordering runtime: it lets them run
+    /// between the pages of a pass instead of holding the thread until its commit.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_pass_lets_other_tasks_run_between_its_pages() {
+        let engine = FaultyEngine::new();
+        let store = engine.store(64).await;
+        let convs = &groups_on_distinct_shards(&store)[..3];
+        for conv in convs {
+            let members = vec![format!("{conv}-sender"), format!("{conv}-reader")];
+            group_with_a_message(&store, conv, &members).await;
+        }
+        let shards: Vec<u32> = convs.iter().map(|c| store.shard_of(c)).collect();
+        let ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let ran_before_commit = Arc::new(Mutex::new(None));
+        let (flag, seen) = (ran.clone(), ran_before_commit.clone());
+        engine.set_fault(Some(Box::new(move |_| {
+            seen.lock()
+                .unwrap()
+                .get_or_insert(flag.load(std::sync::atomic::Ordering::SeqCst));
+            None
+        })));
+        let notifier = notifier(&store, PushProviders::default(), Duration::from_secs(3600));
+        let other = tokio::spawn({
+            let ran = ran.clone();
+            async move { ran.store(true, std::sync::atomic::Ordering::SeqCst) }
+        });
+
+        let expanded = notifier.expand(shards).await;
+        assert!(expanded.failed.is_empty());
+        assert_eq!(
+            *ran_before_commit.lock().unwrap(),
+            Some(true),
+            "another task ran before the pass's commit"
+        );
+        other.await.unwrap();
     }
 
     #[tokio::test]
