@@ -1024,6 +1024,18 @@ mod tests {
         convs
     }
 
+    /// Three groups on three shards, each with a sender, a reader and one message: the groups
+    /// and their shards.
+    async fn three_shards_with_a_message(store: &MessageStore) -> (Vec<String>, Vec<u32>) {
+        let convs = groups_on_distinct_shards(store)[..3].to_vec();
+        for conv in &convs {
+            let members = vec![format!("{conv}-sender"), format!("{conv}-reader")];
+            group_with_a_message(store, conv, &members).await;
+        }
+        let shards = convs.iter().map(|c| store.shard_of(c)).collect();
+        (convs, shards)
+    }
+
     /// The key of the notifier's bound of `shard`, as a range (what a commit that moves it
     /// touches).
     fn pushed_bound_key(store: &MessageStore, shard: u32) -> std::ops::Range<Vec<u8>> {
@@ -1332,12 +1344,7 @@ mod tests {
     async fn the_messages_of_several_shards_are_expanded_in_one_commit() {
         let engine = FaultyEngine::new();
         let store = engine.store(64).await;
-        let convs = &groups_on_distinct_shards(&store)[..3];
-        for conv in convs {
-            let members = vec![format!("{conv}-sender"), format!("{conv}-reader")];
-            group_with_a_message(&store, conv, &members).await;
-        }
-        let shards: Vec<u32> = convs.iter().map(|c| store.shard_of(c)).collect();
+        let (convs, shards) = three_shards_with_a_message(&store).await;
         let bounds: Vec<_> = shards
             .iter()
             .map(|&s| pushed_bound_key(&store, s))
@@ -1358,7 +1365,7 @@ mod tests {
             [3],
             "one commit writes every notification and moves the three shards' bounds"
         );
-        for conv in convs {
+        for conv in &convs {
             let reader = format!("{conv}-reader");
             assert_eq!(counts(&store, conv, &[reader]).await, [1]);
         }
@@ -1373,12 +1380,7 @@ mod tests {
     async fn a_pass_lets_other_tasks_run_between_its_pages() {
         let engine = FaultyEngine::new();
         let store = engine.store(64).await;
-        let convs = &groups_on_distinct_shards(&store)[..3];
-        for conv in convs {
-            let members = vec![format!("{conv}-sender"), format!("{conv}-reader")];
-            group_with_a_message(&store, conv, &members).await;
-        }
-        let shards: Vec<u32> = convs.iter().map(|c| store.shard_of(c)).collect();
+        let (_, shards) = three_shards_with_a_message(&store).await;
         let ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let ran_before_commit = Arc::new(Mutex::new(None));
         let (flag, seen) = (ran.clone(), ran_before_commit.clone());

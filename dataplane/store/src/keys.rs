@@ -565,7 +565,7 @@ impl Keys {
     }
 
     /// The idempotency records' two subspaces, of client sends and of server-made appends,
-    /// whole (the embedded engine keeps them apart: `crate::keyspaces`).
+    /// whole, in key order (the embedded engine keeps them apart: `crate::keyspaces`).
     pub fn idempotency_subspaces(&self) -> [Range<Vec<u8>>; 2] {
         ["idem", "sidem"].map(|space| range_of(self.root.subspace(&(space,))))
     }

@@ -38,7 +38,8 @@ pub(crate) struct Keyspaces {
     pub shared: SingleWriterTxKeyspace,
     /// The idempotency records (module documentation).
     pub idempotency: SingleWriterTxKeyspace,
-    /// The key ranges kept in `idempotency`, in key order and disjoint.
+    /// The key ranges kept in `idempotency`, disjoint and in key order (that of
+    /// `Keys::idempotency_subspaces`).
     apart: Vec<Range<Vec<u8>>>,
 }
 
@@ -62,7 +63,6 @@ impl Keyspaces {
             };
             apart.push(from..subspace.end);
         }
-        apart.sort_by(|a, b| a.start.cmp(&b.start));
         Ok(Self {
             shared,
             idempotency,
