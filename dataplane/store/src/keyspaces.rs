@@ -79,7 +79,8 @@ impl Keyspaces {
         }
     }
 
-    fn is_apart(&self, key: &[u8]) -> bool {
+    /// Whether `key` is an idempotency record kept apart.
+    pub fn is_apart(&self, key: &[u8]) -> bool {
         self.apart
             .iter()
             .any(|range| range.start.as_slice() <= key && key < range.end.as_slice())

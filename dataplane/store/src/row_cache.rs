@@ -17,9 +17,9 @@
 //! just before the snapshot was taken, and none was under way then ([`RowCache::fill`]): the
 //! snapshot then holds the latest value of every key. So a held row always equals the store's
 //! value. A key found absent is held too (an ack reads its user's read cursor, absent until
-//! the user's first read receipt), until a write creates it: a key read once, absent, then
-//! written (an append's idempotency key) leaves no row behind. Rows up to [`ROW_BYTES_MAX`]
-//! only.
+//! the user's first read receipt), until a write creates it. Rows up to [`ROW_BYTES_MAX`]
+//! only, and only of the keys the engine asks for ([`RowCache::look_up`]): it leaves out the
+//! idempotency records, read about once each.
 //!
 //! **Bounded.** At most [`ROWS_MAX`] rows; a fill that finds the cache full empties it first
 //! (hot rows come back with their next read), and frees the old rows after it lets go of the
@@ -105,12 +105,17 @@ impl RowCache {
 
     /// What the cache holds for each of `keys` (`None`: nothing, read it from the store,
     /// taking the snapshot only after this call), and the generation to [`fill`](Self::fill)
-    /// with.
-    pub fn look_up(&self, keys: &[impl AsRef<[u8]>]) -> (Generation, Vec<Option<Held>>) {
+    /// with. Keys that `holds` rejects are not looked for: their rows are never filled.
+    pub fn look_up(
+        &self,
+        keys: &[impl AsRef<[u8]>],
+        holds: impl Fn(&[u8]) -> bool,
+    ) -> (Generation, Vec<Option<Held>>) {
         let state = self.state();
         let values = keys
             .iter()
-            .map(|key| state.rows.get(key.as_ref()).cloned())
+            .map(|key| key.as_ref())
+            .map(|key| holds(key).then(|| state.rows.get(key).cloned()).flatten())
             .collect();
         (Generation(state.generation), values)
     }
@@ -185,6 +190,10 @@ impl RowCache {
 mod tests {
     use super::*;
 
+    fn every(_: &[u8]) -> bool {
+        true
+    }
+
     fn key(s: &str) -> Vec<u8> {
         s.as_bytes().to_vec()
     }
@@ -192,14 +201,14 @@ mod tests {
     #[test]
     fn a_filled_row_is_held_whether_the_key_has_a_value_or_is_absent() {
         let cache = RowCache::default();
-        let (generation, values) = cache.look_up(&[key("a"), key("b"), key("c")]);
+        let (generation, values) = cache.look_up(&[key("a"), key("b"), key("c")], every);
         assert_eq!(values, [None, None, None]);
         cache.fill(
             generation,
             [(&b"a"[..], Some(&b"1"[..])), (&b"b"[..], None)],
         );
         assert_eq!(
-            cache.look_up(&[key("a"), key("b"), key("c")]).1,
+            cache.look_up(&[key("a"), key("b"), key("c")], every).1,
             [Some(Some(key("1"))), Some(None), None]
         );
     }
@@ -207,24 +216,27 @@ mod tests {
     #[test]
     fn a_fill_is_refused_once_a_commit_began_since_the_look_up() {
         let cache = RowCache::default();
-        let (before, _) = cache.look_up(&[key("a")]);
+        let (before, _) = cache.look_up(&[key("a")], every);
         let held = cache.begin_write().finish();
         // Taken while the commit is under way: refused too.
-        let (during, _) = cache.look_up(&[key("a")]);
+        let (during, _) = cache.look_up(&[key("a")], every);
         cache.fill(before, [(&b"a"[..], Some(&b"old"[..]))]);
         cache.fill(during, [(&b"a"[..], Some(&b"old"[..]))]);
         cache.end_write(held);
         cache.fill(during, [(&b"a"[..], Some(&b"old"[..]))]);
         assert_eq!(cache.len(), 0);
-        let (after, _) = cache.look_up(&[key("a")]);
+        let (after, _) = cache.look_up(&[key("a")], every);
         cache.fill(after, [(&b"a"[..], Some(&b"new"[..]))]);
-        assert_eq!(cache.look_up(&[key("a")]).1, [Some(Some(key("new")))]);
+        assert_eq!(
+            cache.look_up(&[key("a")], every).1,
+            [Some(Some(key("new")))]
+        );
     }
 
     #[test]
     fn a_written_row_is_not_held_during_its_commit_and_comes_back_as_the_commit_left_it() {
         let cache = RowCache::default();
-        let (generation, _) = cache.look_up(&[key("a")]);
+        let (generation, _) = cache.look_up(&[key("a")], every);
         let one = Some(&b"1"[..]);
         let filled = ["a", "b", "c", "f"].map(|k| (k.as_bytes(), one));
         cache.fill(generation, filled.into_iter().chain([(&b"d"[..], None)]));
@@ -242,12 +254,12 @@ mod tests {
         let all = ["a", "b", "c", "d", "e", "f"].map(key);
         let one = Some(Some(key("1")));
         assert_eq!(
-            cache.look_up(&all).1,
+            cache.look_up(&all, every).1,
             [None, one.clone(), None, None, None, None]
         );
         cache.end_write(held);
         assert_eq!(
-            cache.look_up(&all).1,
+            cache.look_up(&all, every).1,
             [Some(Some(key("2"))), one, Some(None), None, None, None]
         );
     }
@@ -259,7 +271,7 @@ mod tests {
     #[test]
     fn large_rows_are_not_held_and_a_full_cache_is_emptied() {
         let cache = RowCache::default();
-        let (generation, _) = cache.look_up(&[key("a")]);
+        let (generation, _) = cache.look_up(&[key("a")], every);
         let large = vec![0; ROW_BYTES_MAX];
         cache.fill(generation, [(&b"a"[..], Some(&large[..]))]);
         assert_eq!(cache.len(), 0);
