@@ -79,6 +79,29 @@ async fn worker_threads_sets_the_runtime_and_zero_is_refused() {
     assert!(stderr.contains("--worker-threads"), "{stderr}");
 }
 
+/// `--store-cache` sizes the embedded store's block cache (`/metrics` says how large; 32 MiB
+/// by default); a size that is not one is refused before anything starts.
+#[tokio::test]
+async fn store_cache_sizes_the_block_cache_and_a_bad_size_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    for (args, bytes) in [
+        (&[][..], 32 << 20),
+        (&["--store-cache", "1GiB"][..], 1 << 30),
+    ] {
+        let server = Server::start_in(dir.path(), args);
+        let cache = server.metric("courier_store_cache_bytes").await;
+        assert_eq!(cache, bytes, "{args:?}");
+    }
+    let refused = Command::new(env!("CARGO_BIN_EXE_courier"))
+        .args(["serve", "--store-cache", "lots", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("--store-cache"), "{stderr}");
+}
+
 /// `--listen-backlog` sets the client port's `listen(2)` backlog, which the kernel caps at
 /// `net.core.somaxconn`; the default asks for the cap, so a gateway's devices reconnecting at
 /// once are not dropped past tokio's default of 1,024 (`ss` shows a listener's backlog as its

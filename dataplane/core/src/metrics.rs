@@ -100,6 +100,8 @@ pub struct Metrics {
     /// Threads of the runtime of ordering and delivery (`--ordering-threads`; 0: they run
     /// with the connections).
     pub ordering_threads: Gauge,
+    /// The embedded store's block cache (`--store-cache`; 0: another store).
+    pub store_cache_bytes: Gauge,
 }
 
 impl Metrics {
@@ -139,6 +141,7 @@ impl Metrics {
             resident_memory: Gauge::default(),
             worker_threads: Gauge::default(),
             ordering_threads: Gauge::default(),
+            store_cache_bytes: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -290,6 +293,11 @@ impl Metrics {
             "runtime_ordering_threads",
             "Threads running ordering and delivery apart from the connections (--ordering-threads)",
             metrics.ordering_threads.clone(),
+        );
+        registry.register(
+            "store_cache_bytes",
+            "The embedded store's block cache (--store-cache; 0: another store)",
+            metrics.store_cache_bytes.clone(),
         );
         Self {
             registry,

@@ -12,6 +12,8 @@ use courier_fanout::FanoutConfig;
 use courier_gateway::GatewayLimits;
 use courier_sequencer::SequencerLimits;
 use courier_sequencer::retention::RetentionPolicy;
+use courier_store::embedded::EmbeddedEngine;
+use courier_store::kv::StoreError;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -188,6 +190,8 @@ pub struct ServeConfig {
     #[arg(long, env = "COURIER_MIN_FREE_DISK", default_value = "256MiB", value_parser = parse_bytes)]
     pub min_free_disk: u64,
     #[command(flatten)]
+    pub store_cache: StoreCacheArgs,
+    #[command(flatten)]
     pub media: courier_media::MediaConfig,
     #[command(flatten)]
     pub push: courier_push::providers::PushConfig,
@@ -222,6 +226,23 @@ pub const CLUSTER_DRAIN_WINDOW: Duration = Duration::from_secs(60);
 /// What `--drain-timeout` adds to the drain window by default: the last batch's connections
 /// answer their accepted sends (each waits at most the send timeout, 10 s) and close.
 pub const DRAIN_TAIL: Duration = Duration::from_secs(25);
+
+/// The embedded store's block cache (`courier serve` and `courier store-node`).
+#[derive(Debug, Clone, Copy, Args)]
+pub struct StoreCacheArgs {
+    /// The embedded store's block cache: blocks of its tables (data, index, bloom filters)
+    /// kept decompressed, read again from memory instead of the files. fjall suggests a fifth
+    /// to a quarter of the memory the process may use, more if the data fits whole.
+    #[arg(long = "store-cache", env = "COURIER_STORE_CACHE", default_value = "32MiB", value_parser = parse_bytes)]
+    pub bytes: u64,
+}
+
+impl StoreCacheArgs {
+    /// Opens the embedded store at `path` with this cache.
+    pub fn open(&self, path: &std::path::Path) -> Result<EmbeddedEngine, StoreError> {
+        EmbeddedEngine::open_with_cache(path, self.bytes)
+    }
+}
 
 /// How a node with the client port drains.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

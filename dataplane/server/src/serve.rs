@@ -68,7 +68,6 @@ use courier_rpc::{
 use courier_sequencer::LocalSequencer;
 use courier_sequencer::retention::Retention;
 use courier_sequencer::routing::RoutedSequencer;
-use courier_store::embedded::EmbeddedEngine;
 use courier_store::leaders::Job;
 use courier_store::nodes::NodeRecord;
 use courier_store::{KvEngine, MessageStore, PartitionStore, PartitionTable, StoreError};
@@ -130,11 +129,19 @@ async fn open_partitioned_store(config: &ServeConfig, path: &Path) -> anyhow::Re
     Ok(MessageStore::open_partitioned(engines, &table, b"", config.shards).await?)
 }
 
+/// `courier_store_cache_bytes`: the block cache of the embedded store [`open_store`] opens.
+pub fn report_store_cache(config: &ServeConfig, metrics: &Metrics) {
+    if config.store == StoreKind::Embedded {
+        let cache = i64::try_from(config.store_cache.bytes).unwrap_or(i64::MAX);
+        metrics.store_cache_bytes.set(cache);
+    }
+}
+
 async fn open_engine(config: &ServeConfig) -> anyhow::Result<Arc<dyn KvEngine>> {
     match config.store {
-        StoreKind::Embedded => Ok(Arc::new(EmbeddedEngine::open(
-            &config.data_dir.join(STORE_DIR),
-        )?)),
+        StoreKind::Embedded => Ok(Arc::new(
+            config.store_cache.open(&config.data_dir.join(STORE_DIR))?,
+        )),
         StoreKind::Fdb => open_fdb(
             config
                 .fdb_cluster_file
@@ -272,6 +279,7 @@ pub async fn run_client_roles(
     // Ordering and delivery apart from the connections (module documentation).
     let ordering = OrderingRuntime::new(config.ordering_threads)?;
     metrics.ordering_threads.set(config.ordering_threads as i64);
+    report_store_cache(&config, &metrics);
     // Every background loop of every role; shut down last (module documentation, "Stopping").
     let loops = BackgroundLoops::new();
     let routes = Arc::new(Routes::new(metrics.clone()));

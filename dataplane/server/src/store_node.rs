@@ -3,9 +3,9 @@
 //! for FoundationDB where none runs, never a production store: one process on one disk, no
 //! replication, no failover.
 
+use crate::config::StoreCacheArgs;
 use clap::Args;
 use courier_rpc::{ClusterToken, serve_store_node};
-use courier_store::embedded::EmbeddedEngine;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -39,13 +39,15 @@ pub struct StoreNodeArgs {
     pub data_dir: PathBuf,
     #[command(flatten)]
     pub token: ClusterTokenArgs,
+    #[command(flatten)]
+    pub cache: StoreCacheArgs,
 }
 
 /// Serves the store until SIGTERM or Ctrl-C.
 pub async fn run(args: StoreNodeArgs) -> anyhow::Result<()> {
     let token = args.token.token()?;
     std::fs::create_dir_all(&args.data_dir)?;
-    let engine = Arc::new(EmbeddedEngine::open(&args.data_dir)?);
+    let engine = Arc::new(args.cache.open(&args.data_dir)?);
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     let address = listener.local_addr()?;
     tracing::info!(

@@ -112,6 +112,9 @@ fn flush_and_compaction_workers() -> usize {
 
 /// The data's keyspaces' memtable size, fjall's default (module documentation).
 pub const MEMTABLE_BYTES: u64 = 64 << 20;
+/// The block cache's size unless the operator gives one, fjall's default: decompressed blocks
+/// of the tables, read again from memory (`--store-cache`).
+pub const DEFAULT_CACHE_BYTES: u64 = 32 << 20;
 /// Largest value accepted, as in FoundationDB (100 kB); larger ones are the caller's to chunk.
 pub const MAX_VALUE_BYTES: usize = 100_000;
 /// Largest key accepted, as in FoundationDB.
@@ -154,7 +157,13 @@ impl EmbeddedEngine {
     /// Opens (or creates) the database directory at `path`. After a crash, fjall replays its
     /// journal on open; every commit that returned `Ok` is kept.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        Self::open_with_cache(path, DEFAULT_CACHE_BYTES)
+    }
+
+    /// [`open`](Self::open), with a block cache of `cache_bytes`.
+    pub fn open_with_cache(path: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
         let db = SingleWriterTxDatabase::builder(path)
+            .cache_size(cache_bytes)
             .worker_threads(flush_and_compaction_workers())
             .open()
             .map_err(|e| {
@@ -880,6 +889,15 @@ mod tests {
         let mut keys: Vec<Vec<u8>> = [record, server_made, head].into();
         keys.sort();
         assert_eq!(all.into_iter().map(|(k, _)| k).collect::<Vec<_>>(), keys);
+    }
+
+    #[test]
+    fn the_block_cache_has_the_size_asked_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let default = EmbeddedEngine::open(&dir.path().join("a")).unwrap();
+        assert_eq!(default.db.db.inner().cache_capacity(), DEFAULT_CACHE_BYTES);
+        let large = EmbeddedEngine::open_with_cache(&dir.path().join("b"), 256 << 20).unwrap();
+        assert_eq!(large.db.db.inner().cache_capacity(), 256 << 20);
     }
 
     /// Idempotency records are read about once each (an append's look-ups, which miss): the
