@@ -6,8 +6,8 @@ use super::sender::intended_time;
 use super::stats::{ErrorCounts, Latency, Live, Phase};
 use super::wire::{self, Endpoint, Incoming, Reader, Writer};
 use courier_proto::{Ack, AckKind, Body, ClientFrame, Encoding, EventPayload, ServerFrame};
+use foldhash::HashMap;
 use futures::{FutureExt, SinkExt, StreamExt};
-use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -179,7 +179,7 @@ pub async fn run_receiver(
 ) -> (ReceiverOutcome, Writer, Reader) {
     let mut state = ReceiverState {
         live: &live,
-        acked: HashMap::new(),
+        acked: HashMap::default(),
         out: ReceiverOutcome::default(),
     };
     let ack_batch = if plan.ack_each_event { 1 } else { ACK_BATCH };

@@ -17,8 +17,9 @@
 use super::stats::{self, ErrorCounts, Latency, Live, Phase};
 use super::wire::{self, Incoming, Reader, Writer};
 use courier_proto::{Body, ClientFrame, Encoding, ErrorCode, Send, ServerFrame};
+use foldhash::HashMap;
 use futures::{FutureExt, SinkExt, StreamExt};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -336,10 +337,10 @@ pub async fn run_sender(
         encoding,
         live: &live,
         next_k: 0,
-        in_flight: HashMap::new(),
+        in_flight: HashMap::default(),
         retries: BTreeSet::new(),
-        awaiting_receipt: HashMap::new(),
-        receipted_up_to: HashMap::new(),
+        awaiting_receipt: HashMap::default(),
+        receipted_up_to: HashMap::default(),
         out: SenderOutcome::default(),
     };
     'run: loop {
