@@ -102,6 +102,42 @@ async fn store_cache_sizes_the_block_cache_and_a_bad_size_is_refused() {
     assert!(stderr.contains("--store-cache"), "{stderr}");
 }
 
+/// `/metrics` tells how much the embedded store's writer works: its time, its group commits
+/// and the batches they held, all growing as messages are sent.
+#[tokio::test]
+async fn the_store_writers_work_is_on_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_in(dir.path(), &[]);
+    let writer = async || {
+        let text = server.metrics_text().await;
+        let value = |name: &str| -> f64 {
+            text.lines()
+                .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+                .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+        };
+        (
+            value("courier_store_writer_busy_seconds_total"),
+            value("courier_store_group_commits_total"),
+            value("courier_store_group_commit_batches_total"),
+        )
+    };
+    let before = writer().await;
+    let mut alice = support::connected(&server, "alice", "phone").await;
+    for i in 0..3 {
+        alice
+            .send_text(Target::User("bob".into()), &format!("w{i}"), "hi")
+            .await
+            .unwrap();
+    }
+    let (busy, groups, batches) = writer().await;
+    assert!(busy > before.0, "busy {busy} after {before:?}");
+    assert!(groups >= before.1 + 1.0, "groups {groups} after {before:?}");
+    assert!(
+        batches >= before.2 + 3.0 && batches >= groups,
+        "{batches} batches, {groups} groups"
+    );
+}
+
 /// `--listen-backlog` sets the client port's `listen(2)` backlog, which the kernel caps at
 /// `net.core.somaxconn`; the default asks for the cap, so a gateway's devices reconnecting at
 /// once are not dropped past tokio's default of 1,024 (`ss` shows a listener's backlog as its

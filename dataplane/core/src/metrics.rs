@@ -1,5 +1,7 @@
 //! Prometheus metrics of every role, named `courier_<area>_<what>_<unit>`.
 
+use courier_store::MessageStore;
+use courier_store::kv::WriterTotals;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -7,6 +9,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
+use std::sync::{Mutex, OnceLock};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ShardLabel {
@@ -102,6 +105,33 @@ pub struct Metrics {
     pub ordering_threads: Gauge,
     /// The embedded store's block cache (`--store-cache`; 0: another store).
     pub store_cache_bytes: Gauge,
+    /// The embedded store's writer, read from the store at each render.
+    store_writer: StoreWriterMetrics,
+}
+
+/// The store's writer ([`WriterTotals`]) as counters, brought up to date when rendered.
+#[derive(Default)]
+struct StoreWriterMetrics {
+    store: OnceLock<MessageStore>,
+    seen: Mutex<WriterTotals>,
+    busy: Counter<f64, AtomicU64>,
+    groups: Counter,
+    batches: Counter,
+}
+
+impl StoreWriterMetrics {
+    fn refresh(&self) {
+        let Some(now) = self.store.get().and_then(MessageStore::writer_totals) else {
+            return;
+        };
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        self.busy
+            .inc_by(now.busy.saturating_sub(seen.busy).as_secs_f64());
+        self.groups.inc_by(now.groups.saturating_sub(seen.groups));
+        self.batches
+            .inc_by(now.batches.saturating_sub(seen.batches));
+        *seen = now;
+    }
 }
 
 impl Metrics {
@@ -142,6 +172,7 @@ impl Metrics {
             worker_threads: Gauge::default(),
             ordering_threads: Gauge::default(),
             store_cache_bytes: Gauge::default(),
+            store_writer: StoreWriterMetrics::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -295,6 +326,21 @@ impl Metrics {
             metrics.ordering_threads.clone(),
         );
         registry.register(
+            "store_writer_busy_seconds",
+            "Time the embedded store's writer spent on group commits; at one second per second, commits queue for it",
+            metrics.store_writer.busy.clone(),
+        );
+        registry.register(
+            "store_group_commits",
+            "Group commits of the embedded store's writer (one journal write and fsync each)",
+            metrics.store_writer.groups.clone(),
+        );
+        registry.register(
+            "store_group_commit_batches",
+            "Batches the embedded store's group commits held (commits of shards, acks, leases)",
+            metrics.store_writer.batches.clone(),
+        );
+        registry.register(
             "store_cache_bytes",
             "The embedded store's block cache (--store-cache; 0: another store)",
             metrics.store_cache_bytes.clone(),
@@ -305,9 +351,16 @@ impl Metrics {
         }
     }
 
+    /// Reports the writer of `store`'s engine, if it has one (the embedded engine), from now
+    /// on; a second store is ignored.
+    pub fn watch_store(&self, store: MessageStore) {
+        let _ = self.store_writer.store.set(store);
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         self.resident_memory.set(resident_memory_bytes());
+        self.store_writer.refresh();
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             self.worker_threads
                 .set(runtime.metrics().num_workers() as i64);

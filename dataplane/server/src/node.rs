@@ -240,7 +240,7 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
     let (leave, leaving) = tokio::sync::watch::channel(false);
     // The node's metrics: its roles' and the connections its registration reports.
     let metrics = Arc::new(Metrics::new());
-    serve::report_store_cache(config, &metrics);
+    serve::report_store(config, &store, &metrics);
     {
         let store = store.clone();
         let node = config.node_id.clone();

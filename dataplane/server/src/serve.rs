@@ -129,12 +129,14 @@ async fn open_partitioned_store(config: &ServeConfig, path: &Path) -> anyhow::Re
     Ok(MessageStore::open_partitioned(engines, &table, b"", config.shards).await?)
 }
 
-/// `courier_store_cache_bytes`: the block cache of the embedded store [`open_store`] opens.
-pub fn report_store_cache(config: &ServeConfig, metrics: &Metrics) {
+/// What `/metrics` tells of `store` ([`open_store`]): the embedded store's block cache and
+/// its writer's work.
+pub fn report_store(config: &ServeConfig, store: &MessageStore, metrics: &Metrics) {
     if config.store == StoreKind::Embedded {
         let cache = i64::try_from(config.store_cache.bytes).unwrap_or(i64::MAX);
         metrics.store_cache_bytes.set(cache);
     }
+    metrics.watch_store(store.clone());
 }
 
 async fn open_engine(config: &ServeConfig) -> anyhow::Result<Arc<dyn KvEngine>> {
@@ -279,7 +281,7 @@ pub async fn run_client_roles(
     // Ordering and delivery apart from the connections (module documentation).
     let ordering = OrderingRuntime::new(config.ordering_threads)?;
     metrics.ordering_threads.set(config.ordering_threads as i64);
-    report_store_cache(&config, &metrics);
+    report_store(&config, &store, &metrics);
     // Every background loop of every role; shut down last (module documentation, "Stopping").
     let loops = BackgroundLoops::new();
     let routes = Arc::new(Routes::new(metrics.clone()));

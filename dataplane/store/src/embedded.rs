@@ -9,7 +9,9 @@
 //! [`Durability::Deferred`] batches only is written to the journal and handed to the operating
 //! system without an fsync; the next synced group (one fsync of the same journal) makes it
 //! durable too. The queue holds [`QUEUE_CAPACITY`] batches; when full, `commit` waits
-//! (backpressure reaches the caller as a slower commit, never as a lost write).
+//! (backpressure reaches the caller as a slower commit, never as a lost write). The writer
+//! counts its work ([`KvEngine::writer_totals`]): the time it spends on groups against the time
+//! that passes is how busy it is, and at one second a second commits queue for it.
 //!
 //! **A failed write halts the engine.** When fjall cannot write or sync its journal (disk full,
 //! I/O error) it poisons the database: no later write is accepted, as what is on disk is in
@@ -73,7 +75,7 @@
 use crate::keyspaces::Keyspaces;
 use crate::kv::{
     Batch, BatchLimits, CommitStamp, Durability, KeyValue, KvEngine, Mutation, StoreError,
-    complete_versionstamped_key, decode_u64,
+    WriterTotals, complete_versionstamped_key, decode_u64,
 };
 use crate::row_cache::{RowCache, Writing, Written};
 use async_trait::async_trait;
@@ -136,6 +138,33 @@ pub struct EmbeddedEngine {
     queue: mpsc::Sender<CommitRequest>,
     /// Set, with the reason, by the writer when a commit fails; never cleared.
     halted: Arc<OnceLock<String>>,
+    /// What the writer has done ([`KvEngine::writer_totals`]).
+    work: Arc<WriterWork>,
+}
+
+/// The writer's totals, added to after each group it answers.
+#[derive(Default)]
+struct WriterWork {
+    busy_nanos: AtomicU64,
+    groups: AtomicU64,
+    batches: AtomicU64,
+}
+
+impl WriterWork {
+    fn record(&self, busy: Duration, batches: usize) {
+        let nanos = u64::try_from(busy.as_nanos()).unwrap_or(u64::MAX);
+        self.busy_nanos.fetch_add(nanos, Ordering::Relaxed);
+        self.groups.fetch_add(1, Ordering::Relaxed);
+        self.batches.fetch_add(batches as u64, Ordering::Relaxed);
+    }
+
+    fn totals(&self) -> WriterTotals {
+        WriterTotals {
+            busy: Duration::from_nanos(self.busy_nanos.load(Ordering::Relaxed)),
+            groups: self.groups.load(Ordering::Relaxed),
+            batches: self.batches.load(Ordering::Relaxed),
+        }
+    }
 }
 
 /// The database, its keyspaces for data and the one for its own bookkeeping.
@@ -188,10 +217,11 @@ impl EmbeddedEngine {
         let (queue, requests) = mpsc::channel(QUEUE_CAPACITY);
         let writer = store.clone();
         let halted = Arc::new(OnceLock::new());
-        let writer_halted = halted.clone();
+        let work = Arc::new(WriterWork::default());
+        let (writer_halted, writer_work) = (halted.clone(), work.clone());
         std::thread::Builder::new()
             .name("courier-store-writer".into())
-            .spawn(move || write_loop(&writer, &writer_halted, requests, version))
+            .spawn(move || write_loop(&writer, &writer_halted, &writer_work, requests, version))
             .map_err(engine_error)?;
         let memtables = Arc::downgrade(&store);
         std::thread::Builder::new()
@@ -202,6 +232,7 @@ impl EmbeddedEngine {
             db: store,
             queue,
             halted,
+            work,
         })
     }
 }
@@ -260,6 +291,10 @@ impl KvEngine for EmbeddedEngine {
 
     fn halted(&self) -> Option<String> {
         self.halted.get().cloned()
+    }
+
+    fn writer_totals(&self) -> Option<WriterTotals> {
+        Some(self.work.totals())
     }
 }
 
@@ -360,12 +395,14 @@ pub const LIMITS: BatchLimits = BatchLimits {
 fn write_loop(
     store: &Store,
     halted: &OnceLock<String>,
+    work: &WriterWork,
     mut requests: mpsc::Receiver<CommitRequest>,
     mut version: u64,
 ) {
     let mut group = Vec::with_capacity(GROUP_MAX_BATCHES);
     let mut known = Known::default();
     while let Some(first) = requests.blocking_recv() {
+        let started = std::time::Instant::now();
         let mut bytes = first.batch.approximate_size();
         group.push(first);
         while group.len() < GROUP_MAX_BATCHES && bytes < GROUP_MAX_BYTES {
@@ -384,6 +421,7 @@ fn write_loop(
             continue;
         }
         version += 1;
+        let batches = group.len();
         let committed = commit_group(store, &group, version, &mut known);
         known.settle(committed.is_ok());
         match committed {
@@ -411,6 +449,7 @@ fn write_loop(
                 }
             }
         }
+        work.record(started.elapsed(), batches);
     }
 }
 
@@ -889,6 +928,31 @@ mod tests {
         let mut keys: Vec<Vec<u8>> = [record, server_made, head].into();
         keys.sort();
         assert_eq!(all.into_iter().map(|(k, _)| k).collect::<Vec<_>>(), keys);
+    }
+
+    /// The writer counts its group commits, the batches they held and the time they took.
+    #[tokio::test]
+    async fn the_writer_counts_its_work() {
+        let dir = tempfile::tempdir().unwrap();
+        let kv = EmbeddedEngine::open(&dir.path().join("s")).unwrap();
+        assert_eq!(kv.writer_totals(), Some(WriterTotals::default()));
+        let batch = |i: u8| {
+            let mut batch = Batch::new();
+            batch.set(vec![i], vec![i]);
+            batch
+        };
+        kv.commit(batch(0)).await.unwrap();
+        let alone = kv.writer_totals().unwrap();
+        assert_eq!((alone.groups, alone.batches), (1, 1));
+        assert!(alone.busy > Duration::ZERO);
+
+        futures::future::try_join_all((1..=20).map(|i| kv.commit(batch(i))))
+            .await
+            .unwrap();
+        let after = kv.writer_totals().unwrap();
+        assert_eq!(after.batches, 21);
+        assert!((2..=21).contains(&after.groups), "{after:?}");
+        assert!(after.busy >= alone.busy);
     }
 
     #[test]

@@ -226,6 +226,16 @@ pub enum StoreError {
     Halted(String),
 }
 
+/// What an engine's one writer has done since the engine opened: how long it worked, and the
+/// group commits it made with the batches they held. Its work over time is how busy it is; at
+/// one second a second, commits queue for it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriterTotals {
+    pub busy: std::time::Duration,
+    pub groups: u64,
+    pub batches: u64,
+}
+
 /// An ordered key-value engine with FoundationDB's semantics. Implementations: the embedded
 /// engine (default) and FoundationDB (feature `fdb`); both pass [`crate::contract`].
 #[async_trait]
@@ -233,6 +243,12 @@ pub trait KvEngine: Send + Sync + 'static {
     /// Why the engine has halted ([`StoreError::Halted`] on every commit), `None` while it
     /// accepts writes. Cheap: health checks call it on every probe.
     fn halted(&self) -> Option<String> {
+        None
+    }
+
+    /// What the engine's writer has done, for an engine whose commits all go through one
+    /// writer in this process (the embedded engine); `None` for the others. Cheap.
+    fn writer_totals(&self) -> Option<WriterTotals> {
         None
     }
 

@@ -6,7 +6,7 @@ use crate::keys::{
     Keys, PUSH_REGISTRATION_SLOTS, ReceiptKind, push_registration_slot, stable_hash,
 };
 use crate::kv::{
-    Batch, BatchLimits, Durability, KeyValue, KvEngine, Mutation, StoreError,
+    Batch, BatchLimits, Durability, KeyValue, KvEngine, Mutation, StoreError, WriterTotals,
     complete_versionstamped_key, decode_u64,
 };
 use crate::membership::{MemberRecord, UserConversation, encode_left_seq};
@@ -738,6 +738,11 @@ impl MessageStore {
     /// Why the engine accepts no more writes, if it has halted ([`KvEngine::halted`]).
     pub fn halted(&self) -> Option<String> {
         self.kv.halted()
+    }
+
+    /// What the engine's writer has done, if it has one ([`KvEngine::writer_totals`]).
+    pub fn writer_totals(&self) -> Option<WriterTotals> {
+        self.kv.writer_totals()
     }
 
     pub fn keys(&self) -> &Keys {
