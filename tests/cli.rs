@@ -1,6 +1,6 @@
 //! The command line as a person uses it: `courier token`, public-key tokens, the runtime's
-//! worker threads, the listener's backlog, and two `courier chat` sessions exchanging a message
-//! and a photo.
+//! worker threads, the listener's backlog, the store's cache and writer on `/metrics`, and two
+//! `courier chat` sessions exchanging a message and a photo.
 
 mod support;
 
@@ -69,14 +69,19 @@ async fn worker_threads_sets_the_runtime_and_zero_is_refused() {
         let running = server.metric("courier_runtime_worker_threads").await;
         assert_eq!(running.to_string(), workers);
     }
+    assert_serve_refuses(dir.path(), "--worker-threads", "0");
+}
+
+/// `courier serve` with `flag value` exits before anything starts, naming the flag.
+fn assert_serve_refuses(dir: &std::path::Path, flag: &str, value: &str) {
     let refused = Command::new(env!("CARGO_BIN_EXE_courier"))
-        .args(["serve", "--worker-threads", "0", "--data-dir"])
-        .arg(dir.path())
+        .args(["serve", flag, value, "--data-dir"])
+        .arg(dir)
         .output()
         .unwrap();
-    assert!(!refused.status.success());
+    assert!(!refused.status.success(), "{flag} {value} was accepted");
     let stderr = String::from_utf8_lossy(&refused.stderr);
-    assert!(stderr.contains("--worker-threads"), "{stderr}");
+    assert!(stderr.contains(flag), "{stderr}");
 }
 
 /// `--store-cache` sizes the embedded store's block cache (`/metrics` says how large; 32 MiB
@@ -92,14 +97,7 @@ async fn store_cache_sizes_the_block_cache_and_a_bad_size_is_refused() {
         let cache = server.metric("courier_store_cache_bytes").await;
         assert_eq!(cache, bytes, "{args:?}");
     }
-    let refused = Command::new(env!("CARGO_BIN_EXE_courier"))
-        .args(["serve", "--store-cache", "lots", "--data-dir"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(!refused.status.success());
-    let stderr = String::from_utf8_lossy(&refused.stderr);
-    assert!(stderr.contains("--store-cache"), "{stderr}");
+    assert_serve_refuses(dir.path(), "--store-cache", "lots");
 }
 
 /// `/metrics` tells how much the embedded store's writer works: its time, its group commits
