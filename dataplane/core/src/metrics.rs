@@ -332,7 +332,7 @@ impl Metrics {
         );
         registry.register(
             "store_group_commits",
-            "Group commits of the embedded store's writer (one journal write and fsync each)",
+            "Group commits of the embedded store's writer (a journal write each, and an fsync unless all its batches are deferred)",
             metrics.store_writer.groups.clone(),
         );
         registry.register(

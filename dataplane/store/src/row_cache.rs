@@ -105,7 +105,7 @@ impl RowCache {
 
     /// What the cache holds for each of `keys` (`None`: nothing, read it from the store,
     /// taking the snapshot only after this call), and the generation to [`fill`](Self::fill)
-    /// with. Keys that `holds` rejects are not looked for: their rows are never filled.
+    /// with. Keys that `holds` rejects, which the caller never fills, are not looked for.
     pub fn look_up(
         &self,
         keys: &[impl AsRef<[u8]>],
