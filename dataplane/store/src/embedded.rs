@@ -424,6 +424,8 @@ fn write_loop(
         let batches = group.len();
         let committed = commit_group(store, &group, version, &mut known);
         known.settle(committed.is_ok());
+        // Before the answers: a caller that has its answer sees the group counted.
+        work.record(started.elapsed(), batches);
         match committed {
             Ok(outcomes) => {
                 for (request, outcome) in group.drain(..).zip(outcomes) {
@@ -449,7 +451,6 @@ fn write_loop(
                 }
             }
         }
-        work.record(started.elapsed(), batches);
     }
 }
 
