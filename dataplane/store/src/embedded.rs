@@ -57,11 +57,11 @@
 //! buckets and almost always finds nothing, then writes one of them, so they were filled to be
 //! dropped or never read again, and past [`crate::row_cache::ROWS_MAX`] rows a fill empties
 //! the cache, the hot rows with it (at 40,000 msgs/s the previous bucket's misses alone could
-//! fill it in under two seconds). The writer keeps the cache exact: it drops the rows of a group's keys
-//! before the commit and puts them back with the group's values after it. `get_many` still
-//! reads one state of the store: a row held while a commit is under way is one that commit
-//! does not write, and a read whose look-up a commit followed reads every key from its
-//! snapshot.
+//! fill it in under two seconds). The writer keeps the cache exact: it drops the rows of a
+//! group's keys before the commit and puts them back with the group's values after it.
+//! `get_many` still reads one state of the store: a row held while a commit is under way is
+//! one that commit does not write, and a read whose look-up a commit followed reads every key
+//! from its snapshot.
 //!
 //! **Idempotency records apart.** The data lives in two keyspaces: the idempotency records,
 //! looked up on every append and almost never found, in one of their own, every other key in
@@ -142,7 +142,7 @@ pub struct EmbeddedEngine {
     work: Arc<WriterWork>,
 }
 
-/// The writer's totals, added to after each group it answers.
+/// The writer's totals, added to after each group it commits, before it answers the group.
 #[derive(Default)]
 struct WriterWork {
     busy_nanos: AtomicU64,
