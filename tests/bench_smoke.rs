@@ -111,6 +111,13 @@ fn throughput_delivers_and_receipts_every_message() {
         written > 0 && written <= counts["attempted"].as_u64().unwrap(),
         "{json:#}"
     );
+    // The server's store writer over the run, from its `/metrics`.
+    let busy = json["metrics"]["server_store_writer_busy"]
+        .as_f64()
+        .unwrap();
+    assert!(busy > 0.0 && busy < 1.5, "{json:#}");
+    let batches = json["metrics"]["server_store_batches_per_group"].as_f64();
+    assert!(batches.unwrap() >= 1.0, "{json:#}");
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! `throughput`: N pairs of devices (sender user `s<i>`, receiver user `r<i>` of this run);
 //! every message goes send -> `sent` -> `event` -> delivered `ack` -> `receipt`.
 
+use super::metrics::Scrape;
 use super::progress;
 use super::receiver::{ReceiverOutcome, ReceiverPlan, Redial, run_receiver};
 use super::report::Report;
@@ -88,6 +89,7 @@ pub async fn run(common: &CommonArgs, args: ThroughputArgs) -> anyhow::Result<Re
     let receivers = try_join_all((0..args.pairs).map(|i| connect(i, "r"))).await?;
     let senders = try_join_all((0..args.pairs).map(|i| connect(i, "s"))).await?;
 
+    let writer_before = WriterSample::fetch(&gateways.of(0).http_base()).await;
     let live = Arc::new(Live::default());
     let (phase_tx, phase_rx) = watch::channel(Phase::Run);
     let start = Instant::now() + Duration::from_millis(20);
@@ -161,6 +163,7 @@ pub async fn run(common: &CommonArgs, args: ThroughputArgs) -> anyhow::Result<Re
         Live::get(&live.receipted),
     );
     bar.finish_and_clear();
+    let writer_after = WriterSample::fetch(&gateways.of(0).http_base()).await;
 
     // Drain: senders finish their in-flight sends and wait for receipts.
     let _ = phase_tx.send(Phase::Drain);
@@ -192,6 +195,9 @@ pub async fn run(common: &CommonArgs, args: ThroughputArgs) -> anyhow::Result<Re
     report.metric("delivered_msgs_per_sec", delivered_at_end as f64 / measured);
     report.metric("receipted_msgs_per_sec", receipted_at_end as f64 / measured);
     report.metric("drain_secs", drain_secs);
+    if let (Some(before), Some(after)) = (writer_before, writer_after) {
+        before.report_until(&after, &mut report);
+    }
     report.latency("send_ack", &sent.send_ack);
     report.latency("send_lateness", &sent.send_lateness);
     report.latency("delivery", &received.delivery);
@@ -228,4 +234,44 @@ pub async fn run(common: &CommonArgs, args: ThroughputArgs) -> anyhow::Result<Re
     }
     report.count("drained", u64::from(drained));
     Ok(report)
+}
+
+/// The server's store writer (`courier_store_writer_busy_seconds_total` and the group commits
+/// on `/metrics`) at one moment; `None` from a server that does not report it (a store other
+/// than the embedded one, or `/metrics` out of reach).
+#[derive(Debug, Clone, Copy)]
+struct WriterSample {
+    at: Instant,
+    busy_secs: f64,
+    groups: f64,
+    batches: f64,
+}
+
+impl WriterSample {
+    async fn fetch(http_base: &str) -> Option<WriterSample> {
+        let scrape = Scrape::fetch(http_base).await.ok()?;
+        Some(WriterSample {
+            at: Instant::now(),
+            busy_secs: scrape.get("courier_store_writer_busy_seconds")?,
+            groups: scrape.get("courier_store_group_commits")?,
+            batches: scrape.get("courier_store_group_commit_batches")?,
+        })
+    }
+
+    /// From this sample to `after`: the writer's busy seconds per second (near 1, commits
+    /// queue for it) and the batches its group commits held on average. Nothing when it made
+    /// no group commit.
+    fn report_until(&self, after: &WriterSample, report: &mut Report) {
+        let groups = after.groups - self.groups;
+        let elapsed = after.at.duration_since(self.at).as_secs_f64();
+        if groups <= 0.0 || elapsed <= 0.0 {
+            return;
+        }
+        let busy = (after.busy_secs - self.busy_secs) / elapsed;
+        report.metric("server_store_writer_busy", busy);
+        report.metric(
+            "server_store_batches_per_group",
+            (after.batches - self.batches) / groups,
+        );
+    }
 }
