@@ -107,16 +107,14 @@ async fn the_store_writers_work_is_on_metrics() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start_in(dir.path(), &[]);
     let writer = async || {
-        let text = server.metrics_text().await;
-        let value = |name: &str| -> f64 {
-            text.lines()
-                .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-                .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
-        };
         (
-            value("courier_store_writer_busy_seconds_total"),
-            value("courier_store_group_commits_total"),
-            value("courier_store_group_commit_batches_total"),
+            server
+                .metric_f64("courier_store_writer_busy_seconds_total")
+                .await,
+            server.metric_f64("courier_store_group_commits_total").await,
+            server
+                .metric_f64("courier_store_group_commit_batches_total")
+                .await,
         )
     };
     let before = writer().await;

@@ -145,6 +145,15 @@ impl Server {
 
     /// The value of a counter or gauge without labels on `/metrics`.
     pub async fn metric(&self, name: &str) -> u64 {
+        self.sample(name).await
+    }
+
+    /// [`metric`](Self::metric) for one that is not a whole number (seconds).
+    pub async fn metric_f64(&self, name: &str) -> f64 {
+        self.sample(name).await
+    }
+
+    async fn sample<T: std::str::FromStr>(&self, name: &str) -> T {
         let text = self.metrics_text().await;
         text.lines()
             .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
