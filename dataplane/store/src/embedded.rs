@@ -1,10 +1,9 @@
 //! The embedded engine: a directory on local disk (fjall: an LSM tree with a write-ahead
-//! journal, snapshot readers, one writer transaction at a time), fsync on every synced commit,
-//! no set-up. Chosen by measurement, see `docs/decisions/0001-embedded-engine.md`.
+//! journal and snapshot readers), one writer thread, fsync on every synced commit, no set-up. Chosen by measurement, see `docs/decisions/0001-embedded-engine.md`.
 //!
 //! **Group commit.** Commits queue for one writer thread, which takes every waiting batch (up to
-//! [`GROUP_MAX_BATCHES`] or [`GROUP_MAX_BYTES`]) into one fjall write transaction (reads see the
-//! group's earlier writes) and one journal fsync. Each batch keeps its own fences and outcome: a
+//! [`GROUP_MAX_BATCHES`] or [`GROUP_MAX_BYTES`]) into one fjall write batch (reads see the
+//! group's earlier writes, `crate::group_writes`) and one journal fsync. Each batch keeps its own fences and outcome: a
 //! refused batch writes nothing and does not affect the others. A group of
 //! [`Durability::Deferred`] batches only is written to the journal and handed to the operating
 //! system without an fsync; the next synced group (one fsync of the same journal) makes it
@@ -69,9 +68,10 @@
 //! holds each key; a range that spans both is read piece by piece, in key order.
 //!
 //! **Versionstamps.** A persistent commit counter, bumped once per group and stored in the same
-//! transaction, plus the batch's position in its group: the same 10-byte layout as
+//! batch, plus the batch's position in its group: the same 10-byte layout as
 //! FoundationDB's, and increasing across restarts.
 
+use crate::group_writes::GroupWrites;
 use crate::keyspaces::Keyspaces;
 use crate::kv::{
     Batch, BatchLimits, CommitStamp, Durability, KeyValue, KvEngine, Mutation, StoreError,
@@ -390,7 +390,7 @@ pub const LIMITS: BatchLimits = BatchLimits {
     max_batch_bytes: GROUP_MAX_BYTES,
 };
 
-/// The writer: takes what is queued, commits it as one transaction, answers each batch.
+/// The writer: takes what is queued, commits it as one batch, answers each batch.
 /// Once a commit has failed (`halted` set), it answers every batch `Halted` without writing.
 fn write_loop(
     store: &Store,
@@ -503,7 +503,7 @@ fn stamp(version: u64, order: usize) -> CommitStamp {
 /// Why a group commit failed.
 #[derive(Debug, thiserror::Error)]
 enum GroupError {
-    /// Reading inside the transaction failed: nothing was written, the engine goes on.
+    /// Reading the store for the group failed: nothing was written, the engine goes on.
     #[error(transparent)]
     Prepare(#[from] StoreError),
     /// Writing or syncing the journal failed: fjall has poisoned the database, and whether
@@ -512,9 +512,9 @@ enum GroupError {
     Commit(fjall::Error),
 }
 
-/// One transaction for a group: per batch, check fences then apply; one durable commit, with
-/// the row cache kept in step around it (module documentation). Returns each batch's
-/// outcome; `Err` when the transaction itself failed.
+/// One commit for a group: per batch, check fences then apply; one durable commit, with the
+/// row cache kept in step around it (module documentation). Returns each batch's outcome;
+/// `Err` when the commit itself failed.
 fn commit_group(
     store: &Store,
     group: &[CommitRequest],
@@ -522,17 +522,17 @@ fn commit_group(
     known: &mut Known,
 ) -> Result<Vec<Result<CommitStamp, StoreError>>, GroupError> {
     let persist = persist_mode(group.iter().map(|request| request.batch.durability));
-    let mut txn = store.db.write_tx().durability(Some(persist));
+    let mut writes = GroupWrites::begin(&store.db);
     let mut outcomes = Vec::with_capacity(group.len());
     let mut found = Found::default();
     for (order, request) in group.iter().enumerate() {
         let stamp = stamp(version, order);
         outcomes.push(
-            match fence_violation(&txn, &store.data, &request.batch, known)? {
+            match fence_violation(&writes, &store.data, &request.batch, known)? {
                 Some(key) => Err(StoreError::FenceChanged { key }),
                 None => {
                     apply(
-                        &mut txn,
+                        &mut writes,
                         &store.data,
                         &request.batch,
                         &stamp,
@@ -544,7 +544,7 @@ fn commit_group(
             },
         );
     }
-    txn.insert(&store.meta, COMMIT_VERSION, version.to_le_bytes().to_vec());
+    writes.insert(&store.meta, COMMIT_VERSION, version.to_le_bytes().to_vec());
     let applied = group
         .iter()
         .zip(&outcomes)
@@ -553,7 +553,7 @@ fn commit_group(
     let mut writing = store.rows.begin_write();
     drop_written_rows(&mut writing, applied, &found, known);
     let held = writing.finish();
-    match txn.commit() {
+    match writes.commit(persist) {
         Ok(()) => {
             store.rows.end_write(held);
             Ok(outcomes)
@@ -617,18 +617,16 @@ fn persist_mode(durabilities: impl IntoIterator<Item = Durability>) -> PersistMo
     }
 }
 
-type WriteTxn<'a> = fjall::SingleWriterWriteTx<'a>;
-
 /// The first fence of `batch` whose key no longer holds the expected value, if any.
 fn fence_violation(
-    txn: &WriteTxn<'_>,
+    writes: &GroupWrites<'_>,
     data: &Keyspaces,
     batch: &Batch,
     known: &mut Known,
 ) -> Result<Option<Vec<u8>>, StoreError> {
     for fence in &batch.fences {
         if !known.holds(
-            txn,
+            writes,
             data.of(&fence.key),
             &fence.key,
             fence.expected.as_deref(),
@@ -639,9 +637,9 @@ fn fence_violation(
     Ok(None)
 }
 
-fn apply(
-    txn: &mut WriteTxn<'_>,
-    data: &Keyspaces,
+fn apply<'a>(
+    writes: &mut GroupWrites<'a>,
+    data: &'a Keyspaces,
     batch: &Batch,
     stamp: &CommitStamp,
     known: &mut Known,
@@ -651,23 +649,18 @@ fn apply(
         match m {
             Mutation::Set { key, value } => {
                 known.forget(key);
-                txn.insert(data.of(key), key.as_slice(), value.as_slice());
+                writes.insert(data.of(key), key.as_slice(), value.as_slice());
             }
             Mutation::Clear { key } => {
                 known.forget(key);
-                txn.remove(data.of(key), key.as_slice());
+                writes.remove(data.of(key), key.as_slice());
             }
             Mutation::ClearRange { begin, end } => {
                 let mut cleared = 0;
                 for (keyspace, piece) in data.pieces(begin.as_slice()..end.as_slice()) {
-                    let keys: Vec<fjall::UserKey> = txn
-                        .range(keyspace, piece)
-                        .map(|guard| guard.key())
-                        .collect::<Result<_, _>>()
-                        .map_err(engine_error)?;
-                    for key in keys {
+                    for key in writes.keys_in(keyspace, piece)? {
                         known.forget(&key);
-                        txn.remove(keyspace, key.clone());
+                        writes.remove(keyspace, key.clone());
                         found.keys.push(key);
                         cleared += 1;
                     }
@@ -676,9 +669,9 @@ fn apply(
             }
             Mutation::Max { key, value } => {
                 let keyspace = data.of(key);
-                let current = known.counter(txn, keyspace, key)?;
+                let current = known.counter(writes, keyspace, key)?;
                 if current.is_none_or(|c| c < *value) {
-                    txn.insert(keyspace, key.as_slice(), value.to_le_bytes().as_slice());
+                    writes.insert(keyspace, key.as_slice(), value.to_le_bytes().as_slice());
                     known.wrote(key, *value);
                 } else if let Some(current) = current {
                     known.wrote(key, current);
@@ -686,15 +679,15 @@ fn apply(
             }
             Mutation::Add { key, delta } => {
                 let keyspace = data.of(key);
-                let current = known.counter(txn, keyspace, key)?.unwrap_or(0);
+                let current = known.counter(writes, keyspace, key)?.unwrap_or(0);
                 let sum = current.wrapping_add(*delta as u64);
-                txn.insert(keyspace, key.as_slice(), sum.to_le_bytes().as_slice());
+                writes.insert(keyspace, key.as_slice(), sum.to_le_bytes().as_slice());
                 known.wrote(key, sum);
             }
             Mutation::SetVersionstampedKey { key, value } => {
                 let key = fjall::UserKey::from(complete_versionstamped_key(key, stamp)?);
                 known.forget(&key);
-                txn.insert(data.of(&key), key.clone(), value.as_slice());
+                writes.insert(data.of(&key), key.clone(), value.as_slice());
                 found.keys.push(key);
             }
         }
@@ -709,7 +702,7 @@ fn apply(
 struct Known {
     committed: HashMap<Vec<u8>, Value>,
     /// The group's changes: a value written or read by it, or `None` for a key it wrote
-    /// otherwise (read from the transaction, which sees the group's writes).
+    /// otherwise (read from the group's writes, `GroupWrites`).
     group: HashMap<Vec<u8>, Option<Value>>,
 }
 
@@ -730,28 +723,25 @@ impl Known {
         }
     }
 
-    /// The value of counter `key`, as last written, or else read from `txn`.
+    /// The value of counter `key`, as last written, or else read from `writes`.
     fn counter(
         &self,
-        txn: &WriteTxn<'_>,
+        writes: &GroupWrites<'_>,
         data: &SingleWriterTxKeyspace,
         key: &[u8],
     ) -> Result<Option<u64>, StoreError> {
         match self.get(key) {
             Some(Value::Counter(value)) => Ok(Some(*value)),
             Some(Value::Fenced(stored)) => Ok(stored.as_deref().map(decode_u64)),
-            None => Ok(txn
-                .get(data, key)
-                .map_err(engine_error)?
-                .map(|v| decode_u64(&v))),
+            None => Ok(writes.get(data, key)?.map(|v| decode_u64(&v))),
         }
     }
 
     /// Whether `key` holds `expected` (`None`: absent), from what the writer knows, or else
-    /// read from `txn` and kept.
+    /// read from `writes` and kept.
     fn holds(
         &mut self,
-        txn: &WriteTxn<'_>,
+        writes: &GroupWrites<'_>,
         data: &SingleWriterTxKeyspace,
         key: &[u8],
         expected: Option<&[u8]>,
@@ -760,7 +750,7 @@ impl Known {
             Some(Value::Counter(value)) => Ok(expected == Some(value.to_le_bytes().as_slice())),
             Some(Value::Fenced(stored)) => Ok(stored.as_deref() == expected),
             None => {
-                let stored = txn.get(data, key).map_err(engine_error)?;
+                let stored = writes.get(data, key)?;
                 let holds = stored.as_deref() == expected;
                 let value = Value::Fenced(stored.map(|v| v.to_vec()));
                 self.group.insert(key.to_vec(), Some(value));
@@ -1155,6 +1145,61 @@ mod tests {
             assert!(holds(after).await, "step {i}: the new value holds");
             before = after;
         }
+    }
+
+    /// The batches of one group read what the earlier ones wrote: a range clear takes the keys
+    /// an earlier batch set, a counter starts from an earlier batch's value, a fence sees an
+    /// earlier batch's write, and a refused batch leaves nothing for the later ones.
+    #[tokio::test]
+    async fn later_batches_of_a_group_read_what_earlier_ones_wrote() {
+        let dir = tempfile::tempdir().unwrap();
+        let kv = EmbeddedEngine::open(&dir.path().join("s")).unwrap();
+        let mut stored = Batch::new();
+        stored
+            .set(b"r/2".to_vec(), b"stored".to_vec())
+            .max(b"c".to_vec(), 4);
+        kv.commit(stored).await.unwrap();
+
+        let batches = {
+            let (mut first, mut refused, mut clear, mut after) =
+                (Batch::new(), Batch::new(), Batch::new(), Batch::new());
+            first
+                .set(b"r/1".to_vec(), b"1".to_vec())
+                .set(b"r/3".to_vec(), b"3".to_vec())
+                .max(b"c".to_vec(), 7);
+            refused
+                .fence(b"r/1".to_vec(), None)
+                .set(b"r/4".to_vec(), b"4".to_vec());
+            clear
+                .fence(b"r/1".to_vec(), Some(b"1".to_vec()))
+                .clear_range(b"r/".to_vec()..b"r0".to_vec())
+                .add(b"c".to_vec(), 1);
+            after
+                .fence(b"r/3".to_vec(), None)
+                .set(b"r/5".to_vec(), b"5".to_vec())
+                .max(b"c".to_vec(), 2);
+            [first, refused, clear, after]
+        };
+        let group: Vec<CommitRequest> = batches
+            .into_iter()
+            .map(|batch| CommitRequest {
+                batch,
+                reply: oneshot::channel().0,
+            })
+            .collect();
+        let mut known = Known::default();
+        let outcomes = commit_group(&kv.db, &group, 1_000, &mut known).unwrap();
+        known.settle(true);
+        let refused: Vec<bool> = outcomes.iter().map(Result::is_err).collect();
+        assert_eq!(refused, [false, true, false, false]);
+
+        let rows = kv
+            .range(b"r/".to_vec()..b"r0".to_vec(), 10, false)
+            .await
+            .unwrap();
+        assert_eq!(rows, [(b"r/5".to_vec(), b"5".to_vec())]);
+        let counter = kv.get(b"c").await.unwrap().map(|v| decode_u64(&v));
+        assert_eq!(counter, Some(8), "max(4, 7), then + 1, then max(8, 2)");
     }
 
     /// Every kind of write reaches a row the cache holds: each key is read (and so held)

@@ -21,6 +21,7 @@ pub mod embedded;
 pub mod faulty_engine;
 #[cfg(feature = "fdb")]
 pub mod fdb;
+mod group_writes;
 pub mod idempotency;
 pub mod keys;
 mod keyspaces;
