@@ -1,13 +1,14 @@
 //! The embedded engine: a directory on local disk (fjall: an LSM tree with a write-ahead
-//! journal and snapshot readers), one writer thread, fsync on every synced commit, no set-up. Chosen by measurement, see `docs/decisions/0001-embedded-engine.md`.
+//! journal and snapshot readers), one writer thread, fsync on every synced commit, no set-up.
+//! Chosen by measurement, see `docs/decisions/0001-embedded-engine.md`.
 //!
 //! **Group commit.** Commits queue for one writer thread, which takes every waiting batch (up to
 //! [`GROUP_MAX_BATCHES`] or [`GROUP_MAX_BYTES`]) into one fjall write batch (reads see the
-//! group's earlier writes, `crate::group_writes`) and one journal fsync. Each batch keeps its own fences and outcome: a
-//! refused batch writes nothing and does not affect the others. A group of
-//! [`Durability::Deferred`] batches only is written to the journal and handed to the operating
-//! system without an fsync; the next synced group (one fsync of the same journal) makes it
-//! durable too. The queue holds [`QUEUE_CAPACITY`] batches; when full, `commit` waits
+//! group's earlier writes, `crate::group_writes`) and one journal fsync. Each batch keeps its
+//! own fences and outcome: a refused batch writes nothing and does not affect the others. A
+//! group of [`Durability::Deferred`] batches only is written to the journal and handed to the
+//! operating system without an fsync; the next synced group (one fsync of the same journal)
+//! makes it durable too. The queue holds [`QUEUE_CAPACITY`] batches; when full, `commit` waits
 //! (backpressure reaches the caller as a slower commit, never as a lost write). The writer
 //! counts its work ([`KvEngine::writer_totals`]): the time it spends on groups against the time
 //! that passes is how busy it is, and at one second a second commits queue for it.
