@@ -275,13 +275,18 @@ pub async fn run_client_roles(
     };
     let drain_settings = config.drain(cluster.is_some())?;
 
-    let metrics = cluster
-        .as_ref()
-        .map_or_else(|| Arc::new(Metrics::new()), |c| c.metrics.clone());
+    // A cluster node's metrics already report its store (`node::run`).
+    let metrics = cluster.as_ref().map_or_else(
+        || {
+            let metrics = Arc::new(Metrics::new());
+            report_store(&config, &store, &metrics);
+            metrics
+        },
+        |c| c.metrics.clone(),
+    );
     // Ordering and delivery apart from the connections (module documentation).
     let ordering = OrderingRuntime::new(config.ordering_threads)?;
     metrics.ordering_threads.set(config.ordering_threads as i64);
-    report_store(&config, &store, &metrics);
     // Every background loop of every role; shut down last (module documentation, "Stopping").
     let loops = BackgroundLoops::new();
     let routes = Arc::new(Routes::new(metrics.clone()));

@@ -39,27 +39,23 @@ impl<'a> GroupWrites<'a> {
         }
     }
 
-    /// The writes to `keyspace` (the same handle of the store every time, so compared by
-    /// address).
-    fn of(&self, keyspace: &SingleWriterTxKeyspace) -> Option<&BTreeMap<UserKey, Write>> {
+    /// Where the writes to `keyspace` are (the same handle of the store every time, so
+    /// compared by address).
+    fn position(&self, keyspace: &SingleWriterTxKeyspace) -> Option<usize> {
         self.writes
             .iter()
-            .find(|(k, _)| std::ptr::eq(*k, keyspace))
-            .map(|(_, writes)| writes)
+            .position(|(k, _)| std::ptr::eq(*k, keyspace))
+    }
+
+    fn of(&self, keyspace: &SingleWriterTxKeyspace) -> Option<&BTreeMap<UserKey, Write>> {
+        self.position(keyspace).map(|at| &self.writes[at].1)
     }
 
     fn of_mut(&mut self, keyspace: &'a SingleWriterTxKeyspace) -> &mut BTreeMap<UserKey, Write> {
-        let at = match self
-            .writes
-            .iter()
-            .position(|(k, _)| std::ptr::eq(*k, keyspace))
-        {
-            Some(at) => at,
-            None => {
-                self.writes.push((keyspace, BTreeMap::new()));
-                self.writes.len() - 1
-            }
-        };
+        let at = self.position(keyspace).unwrap_or_else(|| {
+            self.writes.push((keyspace, BTreeMap::new()));
+            self.writes.len() - 1
+        });
         &mut self.writes[at].1
     }
 
