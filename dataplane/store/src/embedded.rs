@@ -68,9 +68,11 @@
 //! the other ([`crate::keyspaces`]). Reads, writes and range clears go to the keyspace that
 //! holds each key; a range that spans both is read piece by piece, in key order.
 //!
-//! **Versionstamps.** A persistent commit counter, bumped once per group and stored in the same
-//! batch, plus the batch's position in its group: the same 10-byte layout as
-//! FoundationDB's, and increasing across restarts.
+//! **Versionstamps.** A commit counter, bumped once per group, plus the batch's position in its
+//! group: the same 10-byte layout as FoundationDB's, and increasing across restarts. The store
+//! holds a ceiling on the counter, not its value: the group that passes the ceiling raises it by
+//! [`VERSIONS_RESERVED`] in its own batch, synced whatever its batches ask, so that every later
+//! group's version is below a durable ceiling, and the other groups write no version at all.
 
 use crate::group_writes::GroupWrites;
 use crate::keyspaces::Keyspaces;
@@ -94,6 +96,9 @@ use tokio::sync::{mpsc, oneshot};
 
 /// The engine's own bookkeeping, apart from the data.
 const COMMIT_VERSION: &[u8] = b"commit_version";
+/// Commit versions reserved by one write of [`COMMIT_VERSION`] (module documentation): a
+/// restart skips what is left of them, a few seconds of groups at most.
+const VERSIONS_RESERVED: u64 = 1 << 16;
 
 /// Batches waiting for the writer before `commit` callers wait for room.
 pub const QUEUE_CAPACITY: usize = 4096;
@@ -203,11 +208,12 @@ impl EmbeddedEngine {
         let meta = db
             .keyspace("meta", KeyspaceCreateOptions::default)
             .map_err(engine_error)?;
-        let version = db
+        let ceiling = db
             .read_tx()
             .get(&meta, COMMIT_VERSION)
             .map_err(engine_error)?
             .map_or(0, |v| decode_u64(&v));
+        let versions = Versions::after(ceiling);
         let store = Arc::new(Store {
             db,
             data,
@@ -222,7 +228,7 @@ impl EmbeddedEngine {
         let (writer_halted, writer_work) = (halted.clone(), work.clone());
         std::thread::Builder::new()
             .name("courier-store-writer".into())
-            .spawn(move || write_loop(&writer, &writer_halted, &writer_work, requests, version))
+            .spawn(move || write_loop(&writer, &writer_halted, &writer_work, requests, versions))
             .map_err(engine_error)?;
         let memtables = Arc::downgrade(&store);
         std::thread::Builder::new()
@@ -398,7 +404,7 @@ fn write_loop(
     halted: &OnceLock<String>,
     work: &WriterWork,
     mut requests: mpsc::Receiver<CommitRequest>,
-    mut version: u64,
+    mut versions: Versions,
 ) {
     let mut group = Vec::with_capacity(GROUP_MAX_BATCHES);
     let mut known = Known::default();
@@ -421,10 +427,13 @@ fn write_loop(
             }
             continue;
         }
-        version += 1;
+        let version = versions.next();
         let batches = group.len();
         let committed = commit_group(store, &group, version, &mut known);
         known.settle(committed.is_ok());
+        if committed.is_ok() {
+            versions.committed(version);
+        }
         // Before the answers: a caller that has its answer sees the group counted.
         work.record(started.elapsed(), batches);
         match committed {
@@ -445,12 +454,52 @@ fn write_loop(
                 }
             }
             Err(GroupError::Prepare(e)) => {
-                version -= 1;
                 tracing::error!(error = %e, "group commit failed");
                 for request in group.drain(..) {
                     let _ = request.reply.send(Err(engine_error(&e)));
                 }
             }
+        }
+    }
+}
+
+/// The writer's commit versions (module documentation): the last one a committed group took,
+/// and the ceiling the store holds.
+struct Versions {
+    last: u64,
+    ceiling: u64,
+}
+
+/// A group's commit version, and the ceiling it stores when it passes the stored one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct GroupVersion {
+    version: u64,
+    reserve: Option<u64>,
+}
+
+impl Versions {
+    /// Those of a store that holds `ceiling`: every version up to it may have been taken.
+    fn after(ceiling: u64) -> Self {
+        Self {
+            last: ceiling,
+            ceiling,
+        }
+    }
+
+    /// The next group's version; a group that fails leaves it to the next one.
+    fn next(&self) -> GroupVersion {
+        let version = self.last + 1;
+        GroupVersion {
+            version,
+            reserve: (version > self.ceiling).then(|| version + VERSIONS_RESERVED - 1),
+        }
+    }
+
+    /// The group that took `version` committed.
+    fn committed(&mut self, version: GroupVersion) {
+        self.last = version.version;
+        if let Some(ceiling) = version.reserve {
+            self.ceiling = ceiling;
         }
     }
 }
@@ -514,20 +563,23 @@ enum GroupError {
 }
 
 /// One commit for a group: per batch, check fences then apply; one durable commit, with the
-/// row cache kept in step around it (module documentation). Returns each batch's outcome;
-/// `Err` when the commit itself failed.
+/// row cache kept in step around it (module documentation). A group that raises the ceiling of
+/// commit versions is synced. Returns each batch's outcome; `Err` when the commit itself failed.
 fn commit_group(
     store: &Store,
     group: &[CommitRequest],
-    version: u64,
+    version: GroupVersion,
     known: &mut Known,
 ) -> Result<Vec<Result<CommitStamp, StoreError>>, GroupError> {
-    let persist = persist_mode(group.iter().map(|request| request.batch.durability));
+    let persist = match version.reserve {
+        Some(_) => COMMIT_PERSIST,
+        None => persist_mode(group.iter().map(|request| request.batch.durability)),
+    };
     let mut writes = GroupWrites::begin(&store.db);
     let mut outcomes = Vec::with_capacity(group.len());
     let mut found = Found::default();
     for (order, request) in group.iter().enumerate() {
-        let stamp = stamp(version, order);
+        let stamp = stamp(version.version, order);
         outcomes.push(
             match fence_violation(&writes, &store.data, &request.batch, known)? {
                 Some(key) => Err(StoreError::FenceChanged { key }),
@@ -545,7 +597,9 @@ fn commit_group(
             },
         );
     }
-    writes.insert(&store.meta, COMMIT_VERSION, version.to_le_bytes().to_vec());
+    if let Some(ceiling) = version.reserve {
+        writes.insert(&store.meta, COMMIT_VERSION, ceiling.to_le_bytes().to_vec());
+    }
     let applied = group
         .iter()
         .zip(&outcomes)
@@ -696,6 +750,9 @@ fn apply<'a>(
     Ok(())
 }
 
+/// Keys of one group's changes [`Known`] keeps room for between groups.
+const GROUP_KEYS_KEPT: usize = 64;
+
 /// The values of counter keys (those of `Max` and `Add` mutations) and of fenced keys as the
 /// writer last wrote or read them (module documentation). Those of the group being prepared
 /// are kept apart until it commits, and dropped if it does not.
@@ -789,19 +846,22 @@ impl Known {
 
     /// Keeps the group's changes if it committed, else drops them.
     fn settle(&mut self, committed: bool) {
-        if !committed {
+        if committed {
+            if self.committed.len() + self.group.len() > KNOWN_MAX {
+                self.committed.clear();
+            }
+            for (key, value) in self.group.drain() {
+                match value {
+                    Some(value) => self.committed.insert(key, value),
+                    None => self.committed.remove(&key),
+                };
+            }
+        } else {
             self.group.clear();
-            return;
         }
-        if self.committed.len() + self.group.len() > KNOWN_MAX {
-            self.committed.clear();
-        }
-        for (key, value) in self.group.drain() {
-            match value {
-                Some(value) => self.committed.insert(key, value),
-                None => self.committed.remove(&key),
-            };
-        }
+        // Emptying a map resets a byte per slot: a group of many keys (a node taking the
+        // leases of every shard) would otherwise leave each later group to reset thousands.
+        self.group.shrink_to(GROUP_KEYS_KEPT);
     }
 }
 
@@ -1189,7 +1249,8 @@ mod tests {
             })
             .collect();
         let mut known = Known::default();
-        let outcomes = commit_group(&kv.db, &group, 1_000, &mut known).unwrap();
+        let version = Versions::after(1_000).next();
+        let outcomes = commit_group(&kv.db, &group, version, &mut known).unwrap();
         known.settle(true);
         let refused: Vec<bool> = outcomes.iter().map(Result::is_err).collect();
         assert_eq!(refused, [false, true, false, false]);
@@ -1201,6 +1262,87 @@ mod tests {
         assert_eq!(rows, [(b"r/5".to_vec(), b"5".to_vec())]);
         let counter = kv.get(b"c").await.unwrap().map(|v| decode_u64(&v));
         assert_eq!(counter, Some(8), "max(4, 7), then + 1, then max(8, 2)");
+    }
+
+    #[test]
+    fn a_group_past_the_ceiling_reserves_the_versions_after_it() {
+        let mut versions = Versions::after(10);
+        let first = versions.next();
+        let reserved = Some(10 + VERSIONS_RESERVED);
+        assert_eq!(
+            first,
+            GroupVersion {
+                version: 11,
+                reserve: reserved
+            }
+        );
+        assert_eq!(
+            versions.next(),
+            first,
+            "a failed group leaves its version to the next"
+        );
+        versions.committed(first);
+        let mut taken = vec![];
+        while taken.len() < VERSIONS_RESERVED as usize {
+            let next = versions.next();
+            versions.committed(next);
+            taken.push(next);
+        }
+        let (under, past) = taken.split_at(taken.len() - 1);
+        assert!(under.iter().all(|v| v.reserve.is_none()));
+        assert_eq!(
+            past[0],
+            GroupVersion {
+                version: 11 + VERSIONS_RESERVED,
+                reserve: Some(10 + 2 * VERSIONS_RESERVED)
+            }
+        );
+    }
+
+    /// The store holds a ceiling above every stamp, written by the first group only, and the
+    /// stamps of the store reopened are above it.
+    #[tokio::test]
+    async fn stamps_stay_under_the_stored_ceiling_and_pass_it_after_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        let stored = |kv: &EmbeddedEngine| {
+            let value = kv.db.db.read_tx().get(&kv.db.meta, COMMIT_VERSION).unwrap();
+            value.map(|v| decode_u64(&v))
+        };
+        async fn commit(kv: &EmbeddedEngine, key: u8) -> u64 {
+            let mut batch = Batch::new();
+            batch.set(vec![key], Vec::new());
+            let stamp = kv.commit(batch).await.unwrap();
+            u64::from_be_bytes(stamp[..8].try_into().unwrap())
+        }
+        let kv = EmbeddedEngine::open(&path).unwrap();
+        assert_eq!(stored(&kv), None);
+        let mut versions = vec![];
+        for key in 0..5 {
+            versions.push(commit(&kv, key).await);
+        }
+        assert_eq!(versions, [1, 2, 3, 4, 5]);
+        assert_eq!(
+            stored(&kv),
+            Some(VERSIONS_RESERVED),
+            "reserved by the first group"
+        );
+        drop(kv);
+        let kv = EmbeddedEngine::open(&path).unwrap();
+        assert_eq!(commit(&kv, 5).await, VERSIONS_RESERVED + 1);
+        assert_eq!(stored(&kv), Some(2 * VERSIONS_RESERVED));
+    }
+
+    /// A group of many keys leaves no large map behind for later groups to empty.
+    #[test]
+    fn the_writer_keeps_little_room_after_a_large_group() {
+        let mut known = Known::default();
+        for i in 0..10_000u64 {
+            known.wrote(&i.to_be_bytes(), i);
+        }
+        known.settle(true);
+        assert!(known.group.capacity() < 2 * GROUP_KEYS_KEPT);
+        assert!(known.get(&9_999u64.to_be_bytes()).is_some());
     }
 
     /// Every kind of write reaches a row the cache holds: each key is read (and so held)
