@@ -140,7 +140,8 @@ impl Registrations {
     /// them if the counts cannot tell which (a node of a version that counts in all only), or
     /// if they are too old or too many.
     async fn refresh(&mut self, store: &MessageStore) -> Result<(), StoreError> {
-        let counts = store.push_registration_counts().await?;
+        let since = self.read_under.as_ref().map(|(counts, _)| counts);
+        let counts = store.push_registration_counts(since).await?;
         let kept = self.read_under.as_ref().and_then(|(before, since)| {
             let young =
                 since.elapsed() < REGISTRATIONS_MAX_AGE && self.devices.len() <= REGISTRATIONS_KEPT;

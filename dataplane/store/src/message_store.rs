@@ -1502,8 +1502,18 @@ impl MessageStore {
     /// How many times a device's push registration began or ended (the device became one
     /// the notifier may notify, [`DeviceRecord::takes_push`], or stopped being one), in all
     /// and per slot of users, with one read: while a slot's count stays put, the devices of
-    /// its users that take push are those read before.
-    pub async fn push_registration_counts(&self) -> Result<PushRegistrationCounts, StoreError> {
+    /// its users that take push are those read before. Given counts read `since`, only the
+    /// total is read while it stays put (every change counts in it), and those are returned.
+    pub async fn push_registration_counts(
+        &self,
+        since: Option<&PushRegistrationCounts>,
+    ) -> Result<PushRegistrationCounts, StoreError> {
+        if let Some(since) = since {
+            let total = self.kv.get(&self.keys.push_registration_changes()).await?;
+            if total.as_deref().map_or(0, decode_u64) == since.total {
+                return Ok(since.clone());
+            }
+        }
         let keys = std::iter::once(self.keys.push_registration_changes())
             .chain(
                 (0..PUSH_REGISTRATION_SLOTS)
@@ -3173,7 +3183,7 @@ mod tests {
         let ann = usize::from(push_registration_slot("ann"));
         // Ann's count, and the others' in all.
         let changes = || async {
-            let counts = store.push_registration_counts().await.unwrap();
+            let counts = store.push_registration_counts(None).await.unwrap();
             assert_eq!(counts.slots.len(), usize::from(PUSH_REGISTRATION_SLOTS));
             let others: u64 = counts.total - counts.slots[ann];
             assert_eq!(others, counts.slots.iter().sum::<u64>() - counts.slots[ann]);
@@ -3218,6 +3228,41 @@ mod tests {
         assert_eq!(changes().await, (4, 0), "registered again, then unlinked");
         assert!(store.unlink_device("ben", "tablet", 7).await.is_ok());
         assert_eq!(changes().await, (4, 0), "nothing to unlink");
+    }
+
+    /// Counts read before are kept while the total stays put; once it moves, every slot is
+    /// read again.
+    #[tokio::test]
+    async fn push_registration_slots_are_read_again_once_the_total_moves() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = &temp_store(&dir, 8).await;
+        let ann = usize::from(push_registration_slot("ann"));
+        let slots = usize::from(PUSH_REGISTRATION_SLOTS);
+        // Slots that no read of the store gives: returned as they are, they were not read.
+        let kept = PushRegistrationCounts {
+            total: 0,
+            slots: vec![7; slots],
+        };
+        let counts = store.push_registration_counts(Some(&kept)).await.unwrap();
+        assert_eq!(counts, kept, "the total did not move");
+        let register = |record: Option<&DeviceRecord>| {
+            Some(DeviceRecord {
+                push_provider: "fcm".into(),
+                push_token: "t".into(),
+                ..record.cloned().unwrap_or_default()
+            })
+        };
+        store.update_device("ann", "phone", register).await.unwrap();
+        let counts = store.push_registration_counts(Some(&kept)).await.unwrap();
+        let mut expected = vec![0; slots];
+        expected[ann] = 1;
+        assert_eq!(
+            counts,
+            PushRegistrationCounts {
+                total: 1,
+                slots: expected
+            }
+        );
     }
 
     /// The slots whose counts moved are told apart, unless the total moved by more than they
