@@ -7,6 +7,7 @@
 //!
 //! Half of the writers commit [deferred](courier_store::kv::Durability::Deferred) batches,
 //! answered once the operating system holds them: a process kill loses none of those either.
+//! The reopened store's versionstamps are above every one the child was given.
 //!
 //! A process kill cannot lose what the operating system already holds: that `Ok` also waits for
 //! the fsync is pinned by `embedded::tests::commits_wait_for_fsync`.
@@ -34,8 +35,8 @@ fn value(writer: usize, commit: usize) -> Vec<u8> {
     format!("{writer}:{commit}:").repeat(40).into_bytes()
 }
 
-/// The child: commits, prints `committed <writer> <commit>` after each `Ok`, then `parked`,
-/// and waits to be killed.
+/// The child: commits, prints `committed <writer> <commit> <stamp>` after each `Ok` (the
+/// stamp in hex), then `parked`, and waits to be killed.
 fn commit_and_report(dir: &str) -> ! {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
@@ -50,8 +51,8 @@ fn commit_and_report(dir: &str) -> ! {
                     if writer % 2 == 1 {
                         batch.deferred();
                     }
-                    engine.commit(batch).await.unwrap();
-                    println!("committed {writer} {commit}");
+                    let stamp = engine.commit(batch).await.unwrap();
+                    println!("committed {writer} {commit} {}", hex::encode(stamp));
                 }
             });
         }
@@ -89,6 +90,7 @@ fn every_commit_answered_ok_survives_a_sigkill() {
         }
     });
     let mut reported = Vec::new();
+    let mut stamps = Vec::new();
     loop {
         let line = reports
             .recv_timeout(CHILD_TIMEOUT)
@@ -97,8 +99,11 @@ fn every_commit_answered_ok_survives_a_sigkill() {
             break;
         }
         if let Some(commit) = line.strip_prefix("committed ") {
-            let (writer, commit) = commit.split_once(' ').unwrap();
+            let [writer, commit, stamp] = commit.split(' ').collect::<Vec<_>>()[..] else {
+                panic!("a report of three fields: {line}");
+            };
             reported.push((writer.parse().unwrap(), commit.parse().unwrap()));
+            stamps.push(hex::decode(stamp).unwrap());
         }
     }
     assert_eq!(reported.len(), WRITERS * COMMITS_PER_WRITER);
@@ -117,5 +122,13 @@ fn every_commit_answered_ok_survives_a_sigkill() {
     assert!(
         missing.is_empty(),
         "commits answered Ok and lost to SIGKILL (writer, commit): {missing:?}"
+    );
+    let mut probe = Batch::new();
+    probe.set(b"probe".to_vec(), Vec::new());
+    let after = runtime.block_on(engine.commit(probe)).unwrap();
+    let before = stamps.iter().max().unwrap();
+    assert!(
+        after.as_slice() > before.as_slice(),
+        "a stamp after the kill, {after:02x?}, above every one before it, {before:02x?}"
     );
 }
