@@ -9,12 +9,14 @@
 //! the ~228k instructions a message cost the server under `tools/profile.sh callgrind`, of
 //! which this module saves ~12k (`docs/benchmarks.md`, "A group's writes without fjall's
 //! write transaction"). Here the writes wait in a sorted map per keyspace, read before a
-//! snapshot of the store taken when the group begins; the writer thread is the store's only
+//! snapshot of the store taken at the group's first read (most groups read nothing: the
+//! writer knows the counters and fences they touch); the writer thread is the store's only
 //! writer, so that snapshot is the store as the group found it.
 
 use crate::embedded::engine_error;
 use crate::kv::StoreError;
 use fjall::{PersistMode, Readable, SingleWriterTxDatabase, SingleWriterTxKeyspace, UserKey};
+use std::cell::OnceCell;
 use std::collections::BTreeMap;
 use std::ops::{Bound, Range};
 
@@ -25,7 +27,7 @@ type Write = Option<fjall::UserValue>;
 /// found it.
 pub(crate) struct GroupWrites<'a> {
     db: &'a SingleWriterTxDatabase,
-    snapshot: fjall::Snapshot,
+    snapshot: OnceCell<fjall::Snapshot>,
     writes: Vec<(&'a SingleWriterTxKeyspace, BTreeMap<UserKey, Write>)>,
 }
 
@@ -34,9 +36,14 @@ impl<'a> GroupWrites<'a> {
     pub fn begin(db: &'a SingleWriterTxDatabase) -> Self {
         Self {
             db,
-            snapshot: db.read_tx(),
+            snapshot: OnceCell::new(),
             writes: Vec::new(),
         }
+    }
+
+    /// The store as the group found it (the writer wrote nothing since the group began).
+    fn snapshot(&self) -> &fjall::Snapshot {
+        self.snapshot.get_or_init(|| self.db.read_tx())
     }
 
     /// Where the writes to `keyspace` are (the same handle of the store every time, so
@@ -68,7 +75,7 @@ impl<'a> GroupWrites<'a> {
         if let Some(write) = self.of(keyspace).and_then(|writes| writes.get(key)) {
             return Ok(write.clone());
         }
-        self.snapshot.get(keyspace, key).map_err(engine_error)
+        self.snapshot().get(keyspace, key).map_err(engine_error)
     }
 
     /// The keys of `range` that hold a value once the group's writes so far apply, in key
@@ -79,7 +86,7 @@ impl<'a> GroupWrites<'a> {
         range: Range<Vec<u8>>,
     ) -> Result<Vec<UserKey>, StoreError> {
         let stored: Vec<UserKey> = self
-            .snapshot
+            .snapshot()
             .range(keyspace, range.clone())
             .map(|guard| guard.key())
             .collect::<Result<_, _>>()
