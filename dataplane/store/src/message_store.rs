@@ -1502,8 +1502,9 @@ impl MessageStore {
     /// How many times a device's push registration began or ended (the device became one
     /// the notifier may notify, [`DeviceRecord::takes_push`], or stopped being one), in all
     /// and per slot of users, with one read: while a slot's count stays put, the devices of
-    /// its users that take push are those read before. Given counts read `since`, only the
-    /// total is read while it stays put (every change counts in it), and those are returned.
+    /// its users that take push are those read before. Given counts read `since`, the total
+    /// is read first, and while it stays put (every change counts in it) those are returned
+    /// without reading the slots.
     pub async fn push_registration_counts(
         &self,
         since: Option<&PushRegistrationCounts>,
