@@ -379,6 +379,10 @@ impl Connection {
         {
             return exit;
         }
+        // One stream for the connection's life: its wait for a delivery stays registered with
+        // the channel while other work wakes the connection (a future per turn of the loop
+        // would register and unregister it each time).
+        let mut deliveries = deliveries.stream();
         loop {
             if deliveries.is_empty() {
                 // A commit finishes many of the connection's sends at once: their answers
@@ -403,7 +407,7 @@ impl Connection {
                 }
                 refused = acked(&mut self.acks) => Box::pin(self.on_acked(refused)).await,
                 Some(done) = self.pending.next() => self.on_sent(done).await,
-                Ok(delivery) = deliveries.recv_async() => self.on_delivery(delivery, &handle.signals).await,
+                Some(delivery) = deliveries.next() => self.on_delivery(delivery, &handle.signals).await,
                 _ = handle.signals.taken(Signal::Lagged) => {
                     Box::pin(self.refill(handle.signals.take_behind())).await
                 }
