@@ -6,9 +6,10 @@
 #   tools/profile.sh callgrind OUT.txt    instruction counts of `courier serve` under callgrind
 #                                         for a fixed load (2 pairs, 1,000 messages), with the
 #                                         instructions per message and the top functions
+#                                         (tools/callgrind-functions.py)
 #
-# Needs: linux-perf and `cargo install inferno` (flamegraph), valgrind (callgrind). Uses the
-# release build in target/release (built if missing). Ports 18180/18181 on 127.0.0.1.
+# Needs: linux-perf and `cargo install inferno` (flamegraph), valgrind and python3 (callgrind).
+# Uses the release build in target/release (built if missing). Ports 18180/18181 on 127.0.0.1.
 set -euo pipefail
 
 mode=${1:?usage: tools/profile.sh flamegraph|callgrind OUT}
@@ -79,7 +80,10 @@ callgrind)
         echo "instructions: $total"
         echo "instructions per message: $((total / messages))"
         echo
-        callgrind_annotate --inclusive=yes "$dump" | sed -n 1,80p
+        # Per function with its inlined code merged, per message: Courier's functions and
+        # those of the store, JSON and WebSocket crates under them, then every function's own.
+        "$root/tools/callgrind-functions.py" "$dump" --per "$messages" --top 50 \
+            --only '^<?courier|fjall::|lsm_tree::|serde_json::|tungstenite::|axum::|mi_'
     } >"$out"
     head -3 "$out"
     echo "report written to $out"
