@@ -12,6 +12,7 @@ Usage: tools/callgrind-functions.py CALLGRIND_OUT [--per N] [--top K] [--only RE
 import argparse
 import collections
 import re
+import signal
 
 
 def read(path):
@@ -22,6 +23,9 @@ def read(path):
     calls = collections.Counter()
     fn = callee = None
     call_cost_next = False
+    # A cost line holds one field per position (`positions:`, "line" unless told), then the
+    # events, Ir first.
+    ir_field = 1
 
     def name(space, text):
         # Compressed names: "(id) name" defines an id, "(id)" refers to it.
@@ -37,11 +41,15 @@ def read(path):
             line = line.rstrip("\n")
             if not line:
                 continue
-            if line[0].isdigit() or line[0] in "+-*":
+            if line.startswith("positions:"):
+                ir_field = len(line.split()[1:])
+            elif line.startswith("events:") and line.split()[1:2] != ["Ir"]:
+                raise SystemExit(f"{path}: the first event is not Ir: {line}")
+            elif line[0].isdigit() or line[0] in "+-*":
                 parts = line.split()
-                if len(parts) < 2:
+                if len(parts) <= ir_field:
                     continue
-                ir = int(parts[1])
+                ir = int(parts[ir_field])
                 if call_cost_next:
                     edges[(fn, callee)] += ir
                     call_cost_next = False
@@ -69,6 +77,7 @@ def short(function):
 
 
 def main():
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # quiet when piped into `head`
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("path")
     parser.add_argument("--per", type=float, default=1.0, help="divide counts by this")
