@@ -93,9 +93,45 @@ impl Default for SequencerLimits {
     }
 }
 
+type AppendReply = oneshot::Sender<Result<AppendOutcome, SequencerError>>;
+
 struct AppendRequest {
     append: Append,
-    reply: oneshot::Sender<Result<AppendOutcome, SequencerError>>,
+    reply: AppendReply,
+}
+
+/// Appends to commit together, and their waiters in the same order: kept apart so that the
+/// store reads the appends where they are, with no copy of each.
+#[derive(Default)]
+struct AppendBatch {
+    appends: Vec<Append>,
+    replies: Vec<AppendReply>,
+}
+
+impl AppendBatch {
+    fn push(&mut self, request: AppendRequest) {
+        self.appends.push(request.append);
+        self.replies.push(request.reply);
+    }
+
+    fn len(&self) -> usize {
+        self.appends.len()
+    }
+
+    /// The appends from `at` on, taken from this batch.
+    fn split_off(&mut self, at: usize) -> Self {
+        Self {
+            appends: self.appends.split_off(at),
+            replies: self.replies.split_off(at),
+        }
+    }
+
+    /// Answers every waiter with `error`.
+    fn refuse(self, error: impl Fn() -> SequencerError) {
+        for reply in self.replies {
+            let _ = reply.send(Err(error()));
+        }
+    }
 }
 
 // Appends are the common case: boxing them would cost an allocation per message.
@@ -598,7 +634,8 @@ impl ShardActor {
                 }
                 Request::Append(first) => {
                     let mut bytes = first.append.approximate_size();
-                    let mut batch = vec![first];
+                    let mut batch = AppendBatch::default();
+                    batch.push(first);
                     let deadline = tokio::time::Instant::now() + self.limits.linger;
                     while batch.len() < self.limits.max_appends && bytes < max_bytes {
                         let request = match requests.try_recv() {
@@ -649,15 +686,14 @@ impl ShardActor {
     /// Commits `batch` and answers its waiters; `false` when the shard was lost. A batch the
     /// engine refuses as too large (its size was underestimated) is split in halves, committed
     /// in order, so that only an append too large on its own fails (`too_large`).
-    async fn commit(&mut self, batch: Vec<AppendRequest>) -> bool {
+    async fn commit(&mut self, batch: AppendBatch) -> bool {
         // Parts still to commit, the next one last.
         let mut parts = vec![batch];
         while let Some(mut part) = parts.pop() {
-            let appends: Vec<Append> = part.iter().map(|r| r.append.clone()).collect();
             let started = std::time::Instant::now();
             let result = self
                 .store
-                .append_listed(self.lease, &mut self.heads, &appends)
+                .append_listed(self.lease, &mut self.heads, &part.appends)
                 .await;
             self.metrics
                 .stages
@@ -675,8 +711,8 @@ impl ShardActor {
                         .iter()
                         .filter(|r| r.as_ref().is_ok_and(|o| !o.duplicate))
                         .count();
-                    for (request, result) in part.into_iter().zip(results) {
-                        let _ = request.reply.send(result.map_err(SequencerError::from));
+                    for (reply, result) in part.replies.into_iter().zip(results) {
+                        let _ = reply.send(result.map_err(SequencerError::from));
                     }
                     self.metrics.commit_batch_size.observe(count as f64);
                     self.load.appended[shard as usize]
@@ -699,8 +735,8 @@ impl ShardActor {
                         epoch = self.lease.epoch,
                         "shard taken over by another owner"
                     );
-                    for request in parts.into_iter().flatten().chain(part) {
-                        let _ = request.reply.send(Err(SequencerError::ShardMoved));
+                    for part in parts.into_iter().chain([part]) {
+                        part.refuse(|| SequencerError::ShardMoved);
                     }
                     return false;
                 }
@@ -711,9 +747,7 @@ impl ShardActor {
                         self.outbox.committed(shard);
                         self.listener.committed(shard, 0);
                     }
-                    for request in part {
-                        let _ = request.reply.send(Err(SequencerError::Store(e.clone())));
-                    }
+                    part.refuse(|| SequencerError::Store(e.clone()));
                 }
             }
         }
