@@ -18,6 +18,7 @@ pub mod error;
 pub mod gateways;
 pub mod leases;
 pub mod limits;
+pub mod listed_tails;
 pub mod loops;
 pub mod membership;
 pub mod metrics;

@@ -22,7 +22,7 @@
 //! **Tails.** In one process the sequencer lists the entries each commit added
 //! ([`CommitListener::committed_entries`]: keys and events), and a shard whose outbox a drain
 //! has read to its end keeps them, so that the next drains take them without reading them back
-//! ([`Tail`]). Entries of a commit nobody lists (an unknown outcome) drop the tail, and so do a
+//! ([`Tails`]). Entries of a commit nobody lists (an unknown outcome) drop the tail, and so do a
 //! failed drain and a restarted worker: the next drain reads the outbox. Tails hold at most
 //! [`TAILS_MAX_BYTES`] of events together; a tail that would pass it is dropped. A cluster node,
 //! whose outboxes other nodes also write, keeps none.
@@ -75,6 +75,7 @@ use courier_core::clock::now_ms;
 use courier_core::context::Context;
 use courier_core::gateways::{DeliveryError, Gateways};
 use courier_core::leases::Ownership;
+use courier_core::listed_tails::Tails;
 use courier_core::loops::{BackgroundLoops, CancellationToken};
 use courier_core::membership::{Members, MembershipCache};
 use courier_core::metrics::Metrics;
@@ -86,8 +87,8 @@ use courier_store::{
     DeliveredBound, ListedEntry, MessageStore, OutboxEntry, ShardLease, StoreError, bound_after,
 };
 use foldhash::{HashMap, HashMapExt};
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{Notify, mpsc};
@@ -180,35 +181,6 @@ struct OwnedShard {
     inherited: Option<Vec<u8>>,
     /// The order of the next range drained under `lease`.
     next_order: u64,
-    /// The entries this process's commits listed, kept for the next drain.
-    tail: Tail,
-}
-
-/// A shard's outbox entries as this process's sequencer listed them after its commits
-/// ([`CommitListener::committed_entries`]), so that a drain need not read them back. Kept from
-/// the moment a drain starts reading the outbox (entries committed before its read are in it,
-/// those committed after are listed here), and used once that drain read the outbox to its
-/// end. Entries below the shard's cursor were read from the outbox and are skipped. Anything
-/// else drops it (an unlisted commit, a failed drain, a restarted worker, the tails' bound),
-/// and the next drain reads the outbox.
-enum Tail {
-    /// Nothing kept: the next drain reads the outbox.
-    Off,
-    /// Kept since a drain began reading the outbox, not yet read to its end.
-    Filling(VecDeque<ListedEntry>),
-    /// With the outbox read to its end since it was kept, everything in it from the cursor.
-    Complete(VecDeque<ListedEntry>),
-}
-
-impl Tail {
-    fn bytes(&self) -> usize {
-        match self {
-            Tail::Off => 0,
-            Tail::Filling(entries) | Tail::Complete(entries) => {
-                entries.iter().map(|entry| entry.bytes).sum()
-            }
-        }
-    }
 }
 
 pub struct Fanout {
@@ -219,11 +191,10 @@ pub struct Fanout {
     workers: Vec<Worker>,
     backlog: AtomicI64,
     owned: Mutex<HashMap<u32, OwnedShard>>,
-    /// Bytes held in the owned shards' tails (changed under `owned`'s lock).
-    tail_bytes: AtomicUsize,
-    /// Whether shards keep tails: only where this process's sequencer lists every entry of
-    /// the outboxes fanout drains, or tells of the ones it cannot list (one process).
-    keeps_tails: bool,
+    /// The entries this process's commits listed, kept for the next drains of the owned
+    /// shards: only where this process's sequencer lists every entry of the outboxes fanout
+    /// drains, or tells of the ones it cannot list (one process).
+    tails: Tails<ListedEntry>,
     cursors: ShardCursors,
     large_group_threshold: usize,
     ownership: Ownership,
@@ -270,8 +241,7 @@ impl Fanout {
             workers,
             backlog: AtomicI64::new(0),
             owned: Mutex::default(),
-            tail_bytes: AtomicUsize::new(0),
-            keeps_tails: !config.look_at_every_shard_each_round,
+            tails: Tails::new(TAILS_MAX_BYTES),
             cursors: ShardCursors::default(),
             large_group_threshold: config.large_group_threshold,
             ownership: config.ownership,
@@ -288,6 +258,9 @@ impl Fanout {
                 unrecorded: BTreeMap::new(),
             })),
         });
+        if config.look_at_every_shard_each_round {
+            fanout.tails.stop_keeping();
+        }
         let share = fanout.fair_share().await?;
         fanout.take_free_shards(share).await?;
         Ok(fanout)
@@ -309,7 +282,7 @@ impl Fanout {
                         if shard as usize % fanout.workers.len() == index {
                             // A worker restarted after a panic may have taken entries from
                             // the tail that it never handed off: read them again.
-                            fanout.drop_tail(shard);
+                            fanout.tails.drop_shard(shard);
                             fanout.mark(shard);
                         }
                     }
@@ -523,8 +496,8 @@ impl Fanout {
                 lease,
                 inherited,
                 next_order: 0,
-                tail: Tail::Off,
             };
+            self.tails.drop_shard(lease.shard);
             lock(&self.owned).insert(lease.shard, shard);
             self.metrics.fanout_owned_shards.inc();
             self.mark(lease.shard);
@@ -533,67 +506,21 @@ impl Fanout {
     }
 
     fn forget(&self, shard: u32) {
-        if let Some(owned) = lock(&self.owned).remove(&shard) {
-            self.tail_bytes
-                .fetch_sub(owned.tail.bytes(), Ordering::Relaxed);
+        if lock(&self.owned).remove(&shard).is_some() {
+            self.tails.drop_shard(shard);
             self.metrics.fanout_owned_shards.dec();
         }
-    }
-
-    /// Drops `shard`'s tail: its next drain reads the outbox.
-    fn drop_tail(&self, shard: u32) {
-        if let Some(owned) = lock(&self.owned).get_mut(&shard) {
-            self.set_tail(owned, Tail::Off);
-        }
-    }
-
-    fn set_tail(&self, owned: &mut OwnedShard, tail: Tail) {
-        self.tail_bytes
-            .fetch_sub(owned.tail.bytes(), Ordering::Relaxed);
-        self.tail_bytes.fetch_add(tail.bytes(), Ordering::Relaxed);
-        owned.tail = tail;
     }
 
     /// The next entries of `shard` from `from` on, from its tail if complete (and whether it
     /// holds more); `None` when the outbox must be read, its tail then kept from now on.
     fn take_tail(&self, shard: u32, from: Option<&[u8]>) -> Option<(Vec<OutboxEntry>, bool)> {
-        let mut owned = lock(&self.owned);
-        let owned = owned.get_mut(&shard)?;
-        match &mut owned.tail {
-            Tail::Complete(entries) => {
-                // Read from the outbox before they were listed.
-                let delivered = entries
-                    .iter()
-                    .take_while(|entry| from.is_some_and(|from| entry.key.as_slice() < from))
-                    .count();
-                let mut freed: usize = entries.drain(..delivered).map(|entry| entry.bytes).sum();
-                let taken: Vec<OutboxEntry> = entries
-                    .drain(..entries.len().min(OUTBOX_PAGE))
-                    .map(|entry| {
-                        freed += entry.bytes;
-                        (entry.key, entry.event)
-                    })
-                    .collect();
-                self.tail_bytes.fetch_sub(freed, Ordering::Relaxed);
-                Some((taken, !entries.is_empty()))
-            }
-            Tail::Filling(_) => None,
-            Tail::Off => {
-                if self.keeps_tails {
-                    owned.tail = Tail::Filling(VecDeque::new());
-                }
-                None
-            }
-        }
-    }
-
-    /// `shard`'s outbox was read to its end since its tail was kept: the tail is complete.
-    fn complete_tail(&self, shard: u32) {
-        if let Some(owned) = lock(&self.owned).get_mut(&shard)
-            && let Tail::Filling(entries) = &mut owned.tail
-        {
-            owned.tail = Tail::Complete(std::mem::take(entries));
-        }
+        let (entries, more) = self.tails.take(shard, from, OUTBOX_PAGE)?;
+        let taken = entries
+            .into_iter()
+            .map(|entry| (entry.key, entry.event))
+            .collect();
+        Some((taken, more))
     }
 
     fn mark(&self, shard: u32) {
@@ -611,7 +538,7 @@ impl Fanout {
                     if let Err(e) = self.drain(shard, handoffs).await {
                         tracing::error!(shard, error = %e, "fanout failed; retrying");
                         // What it had taken from the tail is read again from the outbox.
-                        self.drop_tail(shard);
+                        self.tails.drop_shard(shard);
                         tokio::time::sleep(RETRY).await;
                         self.mark(shard);
                     }
@@ -636,7 +563,7 @@ impl Fanout {
                         .await?;
                     let more = entries.len() == OUTBOX_PAGE;
                     if !more {
-                        self.complete_tail(shard);
+                        self.tails.complete(shard);
                     }
                     (entries, more)
                 }
@@ -850,11 +777,11 @@ async fn record_bounds(store: &MessageStore, recorder: &mut Recorder, cancel: &C
 impl Fanout {
     /// Counts and drains `events` new events of `shard` if this node drains it, after
     /// `keep` did what it does with the shard's tail.
-    fn told(&self, shard: u32, events: usize, keep: impl FnOnce(&mut OwnedShard)) {
-        match lock(&self.owned).get_mut(&shard) {
-            Some(owned) => keep(owned),
-            None => return,
+    fn told(&self, shard: u32, events: usize, keep: impl FnOnce()) {
+        if !lock(&self.owned).contains_key(&shard) {
+            return;
         }
+        keep();
         let now = self.backlog.fetch_add(events as i64, Ordering::Relaxed) + events as i64;
         self.metrics.fanout_backlog.set(now.max(0));
         self.mark(shard);
@@ -866,23 +793,12 @@ impl CommitListener for Fanout {
     /// outbox (they are not listed); any other node's fanout finds them at its next round if
     /// nobody tells it.
     fn committed(&self, shard: u32, events: usize) {
-        self.told(shard, events, |owned| self.set_tail(owned, Tail::Off));
+        self.told(shard, events, || self.tails.drop_shard(shard));
     }
 
     /// As `committed`, keeping the entries in the shard's tail if it has one.
     fn committed_entries(&self, shard: u32, entries: Vec<ListedEntry>) {
-        self.told(shard, entries.len(), |owned| match &mut owned.tail {
-            Tail::Off => {}
-            Tail::Filling(kept) | Tail::Complete(kept) => {
-                let bytes: usize = entries.iter().map(|entry| entry.bytes).sum();
-                if self.tail_bytes.load(Ordering::Relaxed) + bytes > TAILS_MAX_BYTES {
-                    self.set_tail(owned, Tail::Off);
-                } else {
-                    kept.extend(entries);
-                    self.tail_bytes.fetch_add(bytes, Ordering::Relaxed);
-                }
-            }
-        });
+        self.told(shard, entries.len(), || self.tails.listed(shard, entries));
     }
 
     fn keeps_entries(&self) -> bool {
@@ -1350,7 +1266,7 @@ mod tests {
         fanout.committed_entries(shard, listed);
         taken(6).await;
         assert!(outbox_reads() > 0, "read from the outbox instead");
-        assert_eq!(fanout.tail_bytes.load(Ordering::Relaxed), 0);
+        assert_eq!(fanout.tails.bytes(), 0);
 
         let events = store.events("d:1", 0, 10).await.unwrap();
         let in_order: Vec<String> = events.into_iter().map(|e| e.server_msg_id).collect();
