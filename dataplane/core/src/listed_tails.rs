@@ -63,20 +63,24 @@ pub struct Tails<T> {
 }
 
 impl<T: Listed> Tails<T> {
-    /// Tails that keep at most `max_bytes` of entries.
+    /// Tails that keep at most `max_bytes` of entries, and nothing until
+    /// [`Tails::set_keeping`] says so.
     pub fn new(max_bytes: usize) -> Self {
         Self {
             shards: Mutex::new(HashMap::new()),
             bytes: AtomicUsize::new(0),
             max_bytes,
-            keeps: AtomicBool::new(true),
+            keeps: AtomicBool::new(false),
         }
     }
 
-    /// Keeps nothing from now on (a cluster's node, whose outboxes other nodes write too).
-    pub fn stop_keeping(&self) {
-        self.keeps.store(false, Ordering::Relaxed);
-        self.drop_all();
+    /// Whether entries are kept from now on: not on a cluster's node, whose outboxes other
+    /// nodes write too, nor where a reader is not told of every commit.
+    pub fn set_keeping(&self, keeps: bool) {
+        self.keeps.store(keeps, Ordering::Relaxed);
+        if !keeps {
+            self.drop_all();
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Tail<T>>> {
@@ -190,6 +194,7 @@ mod tests {
     #[test]
     fn entries_are_used_once_a_read_reached_the_end_and_those_read_are_skipped() {
         let tails = Tails::new(1_000);
+        tails.set_keeping(true);
         // Nothing kept: read the outbox, keeping what is listed from now on.
         assert!(tails.take(1, None, 10).is_none());
         tails.listed(1, [Entry(3), Entry(4)]);
@@ -210,8 +215,16 @@ mod tests {
     }
 
     #[test]
-    fn an_unlisted_commit_the_bound_or_a_stop_drops_what_is_kept() {
+    fn an_unlisted_commit_the_bound_or_keeping_nothing_drops_what_is_kept() {
         let tails = Tails::new(25);
+        assert!(tails.take(1, None, 10).is_none());
+        tails.complete(1);
+        tails.listed(1, [Entry(1)]);
+        assert!(
+            tails.take(1, None, 10).is_none(),
+            "nothing kept before it is asked"
+        );
+        tails.set_keeping(true);
         assert!(tails.take(1, None, 10).is_none());
         tails.complete(1);
         tails.listed(1, [Entry(1), Entry(2)]);
@@ -223,11 +236,16 @@ mod tests {
         tails.listed(1, [Entry(3)]);
         assert_eq!(tails.bytes(), 0, "30 bytes are past the bound of 25");
         assert!(tails.take(1, None, 10).is_none());
-        tails.stop_keeping();
+        tails.set_keeping(false);
         tails.complete(1);
         tails.listed(1, [Entry(1)]);
         assert!(tails.take(1, None, 10).is_none());
-        assert!(tails.take(1, None, 10).is_none(), "never kept again");
+        assert!(tails.take(1, None, 10).is_none(), "no longer kept");
         assert_eq!(tails.bytes(), 0);
+        tails.set_keeping(true);
+        assert!(tails.take(1, None, 10).is_none());
+        tails.complete(1);
+        tails.listed(1, [Entry(1)]);
+        assert_eq!(keys(tails.take(1, None, 10)), Some((vec![1], false)));
     }
 }

@@ -59,9 +59,20 @@ pub trait CommitListener: Send + Sync + 'static {
         self.committed(shard, entries.len());
     }
 
+    /// The entries a commit of this process added to `shard`'s outbox, lent: for a listener
+    /// that keeps what it needs of them, not the entries (the push notifier, their headers).
+    /// By default a listener that keeps entries takes a copy, and any other their count.
+    fn committed_listed(&self, shard: u32, entries: &[ListedEntry]) {
+        if self.keeps_entries() {
+            self.committed_entries(shard, entries.to_vec());
+        } else {
+            self.committed(shard, entries.len());
+        }
+    }
+
     /// Whether this listener keeps the entries it is given (fanout's tail): [`Listeners`]
-    /// gives the list only to such listeners, and the others its count, so that events are
-    /// not copied for a listener that only counts them.
+    /// gives the list itself only to such a listener, and lends it to the others, so that
+    /// events are not copied for a listener that does not keep them.
     fn keeps_entries(&self) -> bool {
         false
     }
@@ -77,22 +88,23 @@ impl CommitListener for Listeners {
         }
     }
 
-    /// Every listener that keeps entries gets a list (the last of them the commit's own, the
-    /// others a copy); every other listener gets the count.
+    /// The last listener that keeps entries gets the commit's list, after the others had it
+    /// lent ([`CommitListener::committed_listed`]: another that keeps entries takes a copy).
     fn committed_entries(&self, shard: u32, entries: Vec<ListedEntry>) {
-        let count = entries.len();
         let last_keeper = self.0.iter().rposition(|listener| listener.keeps_entries());
-        let mut entries = Some(entries);
         for (i, listener) in self.0.iter().enumerate() {
-            match last_keeper {
-                Some(last) if i == last => {
-                    listener.committed_entries(shard, entries.take().unwrap_or_default());
-                }
-                _ if listener.keeps_entries() => {
-                    listener.committed_entries(shard, entries.clone().unwrap_or_default());
-                }
-                _ => listener.committed(shard, count),
+            if Some(i) != last_keeper {
+                listener.committed_listed(shard, &entries);
             }
+        }
+        if let Some(last) = last_keeper {
+            self.0[last].committed_entries(shard, entries);
+        }
+    }
+
+    fn committed_listed(&self, shard: u32, entries: &[ListedEntry]) {
+        for listener in &self.0 {
+            listener.committed_listed(shard, entries);
         }
     }
 
@@ -111,6 +123,8 @@ mod tests {
     #[derive(Default)]
     struct Told {
         keeps: bool,
+        /// Reads what is lent to it (as the push notifier does).
+        borrows: bool,
         heard: Mutex<Vec<Result<Vec<u64>, usize>>>,
     }
 
@@ -122,6 +136,17 @@ mod tests {
         fn committed_entries(&self, _shard: u32, entries: Vec<ListedEntry>) {
             let seqs = entries.iter().map(|entry| entry.event.seq).collect();
             self.heard.lock().unwrap().push(Ok(seqs));
+        }
+
+        fn committed_listed(&self, shard: u32, entries: &[ListedEntry]) {
+            match self.borrows {
+                true => {
+                    let seqs = entries.iter().map(|entry| entry.event.seq + 100).collect();
+                    self.heard.lock().unwrap().push(Ok(seqs));
+                }
+                false if self.keeps => self.committed_entries(shard, entries.to_vec()),
+                false => self.committed(shard, entries.len()),
+            }
         }
 
         fn keeps_entries(&self) -> bool {
@@ -153,15 +178,26 @@ mod tests {
     }
 
     #[test]
-    fn listeners_give_the_entries_to_those_that_keep_them_and_the_count_to_the_others() {
-        let keeper = |keeps| {
+    fn listeners_give_the_entries_to_those_that_keep_them_and_lend_them_to_the_others() {
+        let listener = |keeps, borrows| {
             Arc::new(Told {
                 keeps,
+                borrows,
                 ..Told::default()
             })
         };
-        let (counter, first, second) = (keeper(false), keeper(true), keeper(true));
-        let listeners = Listeners(vec![first.clone(), counter.clone(), second.clone()]);
+        let (counter, first, second) = (
+            listener(false, false),
+            listener(true, false),
+            listener(true, false),
+        );
+        let borrower = listener(false, true);
+        let listeners = Listeners(vec![
+            first.clone(),
+            counter.clone(),
+            borrower.clone(),
+            second.clone(),
+        ]);
         assert!(listeners.keeps_entries());
         listeners.committed_entries(3, vec![entry(1), entry(2)]);
         listeners.committed(3, 4);
@@ -169,6 +205,19 @@ mod tests {
             assert_eq!(*kept.heard.lock().unwrap(), [Ok(vec![1, 2]), Err(4)]);
         }
         assert_eq!(*counter.heard.lock().unwrap(), [Err(2), Err(4)]);
+        assert_eq!(
+            *borrower.heard.lock().unwrap(),
+            [Ok(vec![101, 102]), Err(4)]
+        );
+        // Listeners within listeners lend the list on.
+        let nested = Listeners(vec![Arc::new(Listeners(vec![
+            borrower.clone(),
+            counter.clone(),
+        ]))]);
+        assert!(!nested.keeps_entries());
+        nested.committed_entries(3, vec![entry(5)]);
+        assert_eq!(borrower.heard.lock().unwrap().last(), Some(&Ok(vec![105])));
+        assert_eq!(counter.heard.lock().unwrap().last(), Some(&Err(1)));
         assert!(!Listeners(vec![counter]).keeps_entries());
     }
 }

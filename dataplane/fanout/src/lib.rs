@@ -258,9 +258,9 @@ impl Fanout {
                 unrecorded: BTreeMap::new(),
             })),
         });
-        if config.look_at_every_shard_each_round {
-            fanout.tails.stop_keeping();
-        }
+        fanout
+            .tails
+            .set_keeping(!config.look_at_every_shard_each_round);
         let share = fanout.fair_share().await?;
         fanout.take_free_shards(share).await?;
         Ok(fanout)

@@ -56,6 +56,7 @@ impl From<Event> for pb::Event {
                 device: e.sender.device,
             }),
             ts_ms: e.ts_ms,
+            kind: e.payload.kind().into(),
             ..Default::default()
         };
         match e.payload {
@@ -65,28 +66,23 @@ impl From<Event> for pb::Event {
                 reply_to,
                 deleted,
             } => {
-                out.kind = "message".into();
                 out.body = body.map(Into::into);
                 out.client_msg_id = Some(client_msg_id);
                 out.reply_to = reply_to;
                 out.deleted = deleted;
             }
             EventPayload::Delete { target_seq } => {
-                out.kind = "delete".into();
                 out.target_seq = Some(target_seq);
             }
             EventPayload::GroupCreated { name, members } => {
-                out.kind = "group_created".into();
                 out.name = Some(name);
                 out.members = members;
             }
             EventPayload::MemberAdded(change) => {
-                out.kind = "member_added".into();
                 out.user = change.single().map(str::to_owned);
                 out.users = change.users;
             }
             EventPayload::MemberRemoved(change) => {
-                out.kind = "member_removed".into();
                 out.user = change.single().map(str::to_owned);
                 out.users = change.users;
             }

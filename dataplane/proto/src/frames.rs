@@ -382,6 +382,19 @@ pub enum EventPayload {
     MemberRemoved(MembershipChange),
 }
 
+impl EventPayload {
+    /// What kind of event it is, as `kind` names it on the wire.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            EventPayload::Message { .. } => "message",
+            EventPayload::Delete { .. } => "delete",
+            EventPayload::GroupCreated { .. } => "group_created",
+            EventPayload::MemberAdded(_) => "member_added",
+            EventPayload::MemberRemoved(_) => "member_removed",
+        }
+    }
+}
+
 /// The users one `member_added` or `member_removed` event names: everyone added or removed by
 /// one request. On the wire it is `users`, plus `user` when that is a single user (what
 /// clients of the first protocol version read).

@@ -18,7 +18,9 @@
 //! - Expansion: a pass of the notifier takes a page of the outbox from every shard it was told
 //!   of (waiting [`PASS_LINGER`] after the first notice, so that one pass takes many shards),
 //!   from the notifier's bound in it, and writes their pending notifications in bounded
-//!   commits; the last one moves each shard's bound past its page: one commit per pass under
+//!   commits. In one process it reads a shard's outbox until a read reaches its end, and from
+//!   then on takes the headers of the entries the sequencer lists after each commit instead
+//!   of reading them back (`courier_core::listed_tails`, as fanout does with the entries); the last one moves each shard's bound past its page: one commit per pass under
 //!   a light load, not one per message. Re-expanding after a failure counts no message twice
 //!   (each notification keeps the latest seq it counted). A shard that fails to expand is
 //!   retried with backoff and holds back neither the other shards nor the sends. Which of a
@@ -45,6 +47,7 @@ use courier_chat::devices::Devices;
 use courier_core::context::Context;
 use courier_core::gateways::Gateways;
 use courier_core::leases::JobLead;
+use courier_core::listed_tails::{Listed, Tails};
 use courier_core::loops::BackgroundLoops;
 use courier_core::membership::MembershipCache;
 use courier_core::metrics::{Metrics, OutcomeLabel};
@@ -52,8 +55,8 @@ use courier_core::sequencing::CommitListener;
 use courier_core::{clock::now_ms, shard_cursors::ShardCursors};
 use courier_proto::{Body, EventPayload};
 use courier_store::{
-    EventHeader, MessageStore, PendingPush, PushRegistrationCounts, PushedBound, StoreError,
-    bound_after, push_registration_slot,
+    EventHeader, ListedEntry, MessageStore, PendingPush, PushRegistrationCounts, PushedBound,
+    StoreError, bound_after, push_registration_slot,
 };
 use foldhash::{HashMap, HashMapExt};
 use std::collections::BTreeSet;
@@ -80,6 +83,9 @@ const PENDING_PER_PASS: usize = 10_000;
 /// the message that opened it was committed. Fewer, larger passes cost the server less CPU
 /// under a light load (`docs/benchmarks.md`, "A longer push pass").
 const PASS_LINGER: Duration = Duration::from_millis(250);
+/// Bytes of listed entries' headers kept across all shards' tails; past it, the tail that would
+/// grow beyond it is dropped and its shard's outbox read again.
+const TAILS_MAX_BYTES: usize = 8 << 20;
 /// Longest wait before a shard whose messages could not be expanded is tried again (the wait
 /// doubles from [`IDLE_PASS`] with each failure in a row).
 const MAX_SHARD_BACKOFF: Duration = Duration::from_secs(30);
@@ -95,6 +101,36 @@ pub struct NotifierConfig {
 }
 
 type DeviceKey = (String, String, String);
+
+/// An outbox entry's key and header, built from the entry a commit of this process listed.
+struct ListedHeader {
+    key: Vec<u8>,
+    header: EventHeader,
+}
+
+impl ListedHeader {
+    fn of(entry: &ListedEntry) -> Self {
+        Self {
+            key: entry.key.clone(),
+            header: EventHeader::of(&entry.event),
+        }
+    }
+}
+
+impl Listed for ListedHeader {
+    fn key(&self) -> &[u8] {
+        &self.key
+    }
+
+    fn bytes(&self) -> usize {
+        // The strings and the struct around them.
+        self.key.len()
+            + self.header.conversation_id.len()
+            + self.header.sender().len()
+            + std::mem::size_of::<Self>()
+            + 16
+    }
+}
 
 /// What one expansion did: the shards that failed, and whether a shard has messages left.
 #[derive(Default)]
@@ -261,6 +297,9 @@ pub struct Notifier {
     trailing: Mutex<BTreeSet<u32>>,
     /// Kept between passes (taken by each pass while it runs).
     registrations: Mutex<Registrations>,
+    /// The headers of the entries this process's commits listed, kept for the next passes
+    /// once [`Notifier::start`] knows that this process's sequencer is the only one.
+    tails: Tails<ListedHeader>,
     wake: Notify,
     /// The earliest due time of any pending notification (0: unknown, scan).
     next_due_ms: AtomicU64,
@@ -295,6 +334,7 @@ impl Notifier {
             cleared: ShardCursors::default(),
             trailing: Mutex::new(BTreeSet::new()),
             registrations: Mutex::new(Registrations::default()),
+            tails: Tails::new(TAILS_MAX_BYTES),
             wake: Notify::new(),
             next_due_ms: AtomicU64::new(0),
         })
@@ -313,6 +353,9 @@ impl Notifier {
         every_shard_each: Option<Duration>,
         lead: Option<JobLead>,
     ) {
+        // On a cluster's node other nodes commit to the outboxes too, and nothing lists their
+        // entries here.
+        self.tails.set_keeping(every_shard_each.is_none());
         let notifier = self.clone();
         loops.spawn("push notifier", move |cancel| {
             let (notifier, lead) = (notifier.clone(), lead.clone());
@@ -323,6 +366,8 @@ impl Notifier {
                     Some(lead) => lead.runs_pass(round).await,
                     None => true,
                 };
+                // A loop restarted after a panic may have taken headers it never expanded.
+                notifier.tails.drop_all();
                 notifier.mark_all_dirty();
                 loop {
                     if looked_at_all.elapsed() >= round {
@@ -392,6 +437,8 @@ impl Notifier {
         let expanded = self.expand(ready).await;
         for (shard, e) in &expanded.failed {
             tracing::warn!(shard, error = %e, "outbox not expanded into push notifications; retrying later");
+            // What it took from the tail is read again from the outbox.
+            self.tails.drop_shard(*shard);
             self.back_off(*shard);
             self.mark_dirty(*shard);
         }
@@ -415,6 +462,7 @@ impl Notifier {
     /// This node leads the notifier again: another node may have moved the bounds meanwhile,
     /// so they are read from the store, and every shard is looked at.
     fn took_lead(&self) {
+        self.tails.drop_all();
         self.cursors.forget_all();
         self.mark_all_dirty();
     }
@@ -470,24 +518,43 @@ impl Notifier {
                 return expanded;
             }
         };
-        // Every shard's page is read at once, before the registrations are looked at (see
-        // `Registrations`); a page that finds no room left is read again by a later pass.
-        let positions: Vec<(u32, Option<Vec<u8>>)> = shards
-            .iter()
-            .map(|&shard| (shard, self.cursors.get(shard)))
-            .collect();
-        let pages = match self.store.outbox_headers(&positions, OUTBOX_PAGE).await {
-            Ok(pages) => pages,
-            Err(e) => {
-                expanded.failed = shards.into_iter().map(|s| (s, e.clone())).collect();
-                return expanded;
-            }
-        };
+        // Every shard's page is taken from its tail or read, all of them at once, before the
+        // registrations are looked at (see `Registrations`); a page that finds no room left is
+        // read again by a later pass.
         let mut read = Vec::new();
-        for (((shard, from), delivered), page) in positions.into_iter().zip(delivered).zip(pages) {
-            match page {
-                Ok(entries) => read.push((shard, delivered, from, entries)),
-                Err(e) => expanded.failed.push((shard, e)),
+        let mut unread = Vec::new();
+        for (shard, delivered) in shards.iter().copied().zip(delivered) {
+            let from = self.cursors.get(shard);
+            match self.tails.take(shard, from.as_deref(), OUTBOX_PAGE) {
+                Some((kept, _)) => {
+                    let entries = kept.into_iter().map(|kept| (kept.key, kept.header));
+                    read.push((shard, delivered, from, entries.collect()));
+                }
+                None => unread.push((shard, delivered, from)),
+            }
+        }
+        if !unread.is_empty() {
+            let positions: Vec<(u32, Option<Vec<u8>>)> = unread
+                .iter()
+                .map(|(shard, _, from)| (*shard, from.clone()))
+                .collect();
+            let pages = match self.store.outbox_headers(&positions, OUTBOX_PAGE).await {
+                Ok(pages) => pages,
+                Err(e) => {
+                    expanded.failed = shards.into_iter().map(|s| (s, e.clone())).collect();
+                    return expanded;
+                }
+            };
+            for ((shard, delivered, from), page) in unread.into_iter().zip(pages) {
+                match page {
+                    Ok(entries) => {
+                        if entries.len() < OUTBOX_PAGE {
+                            self.tails.complete(shard);
+                        }
+                        read.push((shard, delivered, from, entries));
+                    }
+                    Err(e) => expanded.failed.push((shard, e)),
+                }
             }
         }
         let mut registrations =
@@ -504,7 +571,11 @@ impl Notifier {
             // The store's reads return without waiting on the embedded engine, so a pass over
             // many pages would hold its thread, and the shard actors beside it, until it ends.
             tokio::task::yield_now().await;
+            // Where the page ends if it takes every entry given: a page that ends before (or
+            // is not taken) leaves entries that the shard's tail no longer has.
+            let through = entries.last().map(|(key, _)| bound_after(key));
             if room == 0 {
+                self.tails.drop_shard(shard);
                 self.mark_dirty(shard);
                 expanded.more = true;
                 continue;
@@ -514,6 +585,9 @@ impl Notifier {
                 .await;
             match page {
                 Ok(Some(page)) => {
+                    if through.is_some_and(|through| through != page.bound.bound) {
+                        self.tails.drop_shard(shard);
+                    }
                     room = room.saturating_sub(page.pending.len());
                     if page.more {
                         self.mark_dirty(shard);
@@ -837,7 +911,17 @@ fn due_after(committed_ms: u64, collapse: Duration, now: u64) -> u64 {
 }
 
 impl CommitListener for Notifier {
+    /// Entries nobody listed: the shard's outbox is read.
     fn committed(&self, shard: u32, _events: usize) {
+        self.tails.drop_shard(shard);
+        self.mark_dirty(shard);
+        self.wake.notify_one();
+    }
+
+    /// Keeps the entries' headers in the shard's tail if it has one.
+    fn committed_listed(&self, shard: u32, entries: &[ListedEntry]) {
+        self.tails
+            .listed(shard, entries.iter().map(ListedHeader::of));
         self.mark_dirty(shard);
         self.wake.notify_one();
     }
@@ -1405,6 +1489,99 @@ mod tests {
             "another task ran before the pass's commit"
         );
         other.await.unwrap();
+    }
+
+    /// In one process, once a pass read a shard's outbox to its end, the headers of the entries
+    /// the sequencer lists after each commit are expanded without reading the outbox back, a
+    /// page at a time; a commit told of without a list, and a pass that failed, read it again;
+    /// every message counts once either way.
+    #[tokio::test]
+    async fn listed_entries_are_expanded_without_reading_the_outbox_back() {
+        let engine = FaultyEngine::new();
+        let store = engine.store(4).await;
+        let members = vec!["ann".to_owned(), "ben".to_owned()];
+        group_with_a_message(&store, "g:1", &members).await;
+        let shard = store.shard_of("g:1");
+        let lease = store
+            .acquire_shards(Duty::Sequencing, "test", &[shard], usize::MAX, 0, u64::MAX)
+            .await
+            .unwrap()[0];
+        let mut heads = HeadCache::default();
+        let mut sent = 0;
+        let mut messages = |n: usize| {
+            let ann = Sender {
+                user: "ann".into(),
+                device: "phone".into(),
+            };
+            let appends: Vec<Append> = (0..n)
+                .map(|_| {
+                    sent += 1;
+                    let id = format!("m{sent}");
+                    let body = Body::Text(id.clone());
+                    Append::message("g:1".into(), ann.clone(), id, body, None)
+                })
+                .collect();
+            appends
+        };
+        let notifier = notifier(&store, PushProviders::default(), Duration::from_secs(3600));
+        notifier.tails.set_keeping(true);
+        let outbox = store.keys().outbox(shard);
+        let outbox_reads = || {
+            engine
+                .take_ranges_read()
+                .into_iter()
+                .filter(|read| outbox.contains(&read.start))
+                .count()
+        };
+        let ben = || async { counts(&store, "g:1", &members).await[1] };
+
+        assert!(notifier.expand(vec![shard]).await.failed.is_empty());
+        assert!(outbox_reads() > 0, "what was there before is read");
+        assert_eq!(ben().await, 1);
+
+        for _ in 0..2 {
+            let listed = store.append_listed(lease, &mut heads, &messages(1)).await;
+            notifier.committed_listed(shard, &listed.unwrap().outbox.unwrap());
+        }
+        assert!(notifier.expand(vec![shard]).await.failed.is_empty());
+        assert_eq!(outbox_reads(), 0, "listed entries are not read back");
+        assert_eq!(ben().await, 3);
+
+        // More than a page: the rest at the next pass.
+        let listed = store.append_listed(lease, &mut heads, &messages(300)).await;
+        notifier.committed_listed(shard, &listed.unwrap().outbox.unwrap());
+        let expanded = notifier.expand(vec![shard]).await;
+        assert!(expanded.failed.is_empty() && expanded.more);
+        assert_eq!(ben().await, 3 + OUTBOX_PAGE as u32);
+        assert!(!notifier.expand(vec![shard]).await.more);
+        assert_eq!(outbox_reads(), 0);
+        assert_eq!(ben().await, 303);
+
+        // Told of without a list: read from the outbox.
+        store.append(lease, &mut heads, &messages(1)).await.unwrap();
+        notifier.committed(shard, 1);
+        assert!(notifier.expand(vec![shard]).await.failed.is_empty());
+        assert!(outbox_reads() > 0);
+        assert_eq!(ben().await, 304);
+
+        // A pass whose commit fails drops what it took: the next one reads it again.
+        let listed = store.append_listed(lease, &mut heads, &messages(1)).await;
+        notifier.committed_listed(shard, &listed.unwrap().outbox.unwrap());
+        assert!(notifier.expand(vec![shard]).await.failed.is_empty());
+        assert_eq!((outbox_reads(), ben().await), (0, 305));
+        let listed = store.append_listed(lease, &mut heads, &messages(1)).await;
+        notifier.committed_listed(shard, &listed.unwrap().outbox.unwrap());
+        let bound = pushed_bound_key(&store, shard);
+        engine.set_fault(Some(Box::new(move |batch| {
+            touches(batch, &bound).then(|| StoreError::Engine("broken".into()))
+        })));
+        assert!(notifier.pass().await.is_ok());
+        engine.set_fault(None);
+        assert_eq!(ben().await, 305, "not expanded");
+        assert!(notifier.expand(vec![shard]).await.failed.is_empty());
+        assert!(outbox_reads() > 0, "read again");
+        assert_eq!(ben().await, 306);
+        assert_eq!(notifier.tails.bytes(), 0);
     }
 
     #[tokio::test]

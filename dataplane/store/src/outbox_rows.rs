@@ -24,6 +24,7 @@
 
 use crate::kv::StoreError;
 use crate::message_store::corrupt;
+use courier_proto::Event;
 use prost::Message;
 use std::ops::Range;
 
@@ -63,6 +64,19 @@ struct SenderUser {
 }
 
 impl EventHeader {
+    /// The header of `event`: what [`EventHeader::decode_stored`] reads of its stored bytes.
+    pub fn of(event: &Event) -> Self {
+        Self {
+            conversation_id: event.conversation_id.clone(),
+            seq: event.seq,
+            sender: Some(SenderUser {
+                user: event.sender.user.clone(),
+            }),
+            ts_ms: event.ts_ms,
+            kind: event.payload.kind().into(),
+        }
+    }
+
     /// The header of the event stored under `key` as `value`.
     pub fn decode_stored(key: &[u8], value: &[u8]) -> Result<Self, StoreError> {
         Self::decode(value).map_err(|e| corrupt(key, e))
@@ -322,7 +336,8 @@ mod tests {
     }
 
     #[test]
-    fn an_event_header_has_the_stored_events_fields_and_tells_messages_from_other_events() {
+    fn an_event_header_has_the_stored_events_fields_and_tells_messages_from_other_events_alike_from_memory()
+     {
         let message = event(7, "hello");
         let others = [
             EventPayload::Delete { target_seq: 3 },
@@ -345,6 +360,8 @@ mod tests {
             assert_eq!(header.sender(), event.sender.user);
             assert_eq!(header.ts_ms, event.ts_ms);
             assert_eq!(header.is_message(), j == 0, "{:?}", event.payload);
+            // Built from the event in memory, it is what the stored bytes give.
+            assert_eq!(EventHeader::of(&event), header);
         }
     }
 
