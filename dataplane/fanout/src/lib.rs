@@ -1219,13 +1219,7 @@ mod tests {
             }
         };
         let outbox = store.keys().outbox(shard);
-        let outbox_reads = || {
-            engine
-                .take_ranges_read()
-                .into_iter()
-                .filter(|read| outbox.contains(&read.start))
-                .count()
-        };
+        let outbox_reads = || engine.take_reads_within(&outbox);
         taken(1).await;
         assert!(outbox_reads() > 0, "what was there before is read");
 

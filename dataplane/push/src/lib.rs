@@ -1526,13 +1526,7 @@ mod tests {
         let notifier = notifier(&store, PushProviders::default(), Duration::from_secs(3600));
         notifier.tails.set_keeping(true);
         let outbox = store.keys().outbox(shard);
-        let outbox_reads = || {
-            engine
-                .take_ranges_read()
-                .into_iter()
-                .filter(|read| outbox.contains(&read.start))
-                .count()
-        };
+        let outbox_reads = || engine.take_reads_within(&outbox);
         let ben = || async { counts(&store, "g:1", &members).await[1] };
 
         assert!(notifier.expand(vec![shard]).await.failed.is_empty());

@@ -74,6 +74,15 @@ impl FaultyEngine {
         std::mem::take(&mut *self.ranges_read.lock().unwrap())
     }
 
+    /// How many of the ranges read since the last call (of this or
+    /// [`FaultyEngine::take_ranges_read`]) began within `within`.
+    pub fn take_reads_within(&self, within: &Range<Vec<u8>>) -> usize {
+        self.take_ranges_read()
+            .into_iter()
+            .filter(|read| within.contains(&read.start))
+            .count()
+    }
+
     /// Refuses batches above `bytes` from now on, and says so in [`KvEngine::limits`].
     pub fn set_max_batch_bytes(&self, bytes: usize) {
         *self.max_batch_bytes.lock().unwrap() = Some(bytes);
