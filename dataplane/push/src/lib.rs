@@ -18,10 +18,11 @@
 //! - Expansion: a pass of the notifier takes a page of the outbox from every shard it was told
 //!   of (waiting [`PASS_LINGER`] after the first notice, so that one pass takes many shards),
 //!   from the notifier's bound in it, and writes their pending notifications in bounded
-//!   commits. In one process it reads a shard's outbox until a read reaches its end, and from
-//!   then on takes the headers of the entries the sequencer lists after each commit instead
-//!   of reading them back (`courier_core::listed_tails`, as fanout does with the entries); the last one moves each shard's bound past its page: one commit per pass under
-//!   a light load, not one per message. Re-expanding after a failure counts no message twice
+//!   commits; the last one moves each shard's bound past its page: one commit per pass under
+//!   a light load, not one per message. In one process, once a read of a shard's outbox
+//!   reached its end, the notifier takes the headers of the entries the sequencer lists after
+//!   each commit instead of reading them back (`courier_core::listed_tails`, as fanout does
+//!   with the entries). Re-expanding after a failure counts no message twice
 //!   (each notification keeps the latest seq it counted). A shard that fails to expand is
 //!   retried with backoff and holds back neither the other shards nor the sends. Which of a
 //!   user's devices take push is read once and kept from pass to pass while no device's push
