@@ -53,14 +53,17 @@ impl Encoding {
     pub fn encode_server(self, frame: &ServerFrame) -> Payload {
         match self {
             Encoding::Json => Payload::Text(to_json(frame)),
-            Encoding::Proto => {
-                Payload::Binary(pb::ServerFrame::from(frame.clone()).encode_to_vec())
-            }
+            Encoding::Proto => Self::proto_server(frame.clone()),
         }
     }
 
+    /// `frame` in protobuf, moved into the generated types.
+    fn proto_server(frame: ServerFrame) -> Payload {
+        Payload::Binary(pb::ServerFrame::from(frame).encode_to_vec())
+    }
+
     /// The `event` frame of `event`: [`Encoding::encode_server`] of `ServerFrame::Event`,
-    /// without a copy of the event to make that frame of in JSON.
+    /// without a copy of the event to make that frame of in JSON, and with one in protobuf.
     pub fn encode_event(self, event: &Event) -> Payload {
         /// The `event` variant of [`ServerFrame`], borrowing its event.
         #[derive(serde::Serialize)]
@@ -70,7 +73,7 @@ impl Encoding {
         }
         match self {
             Encoding::Json => Payload::Text(to_json(&EventFrame::Event(event))),
-            Encoding::Proto => self.encode_server(&ServerFrame::Event(event.clone())),
+            Encoding::Proto => Self::proto_server(ServerFrame::Event(event.clone())),
         }
     }
 
