@@ -48,8 +48,12 @@ impl<T: Listed> Tail<T> {
         }
     }
 
-    fn bytes(&mut self) -> usize {
-        self.entries().iter().map(Listed::bytes).sum()
+    fn bytes(&self) -> usize {
+        match self {
+            Tail::Filling(entries) | Tail::Complete(entries) => {
+                entries.iter().map(Listed::bytes).sum()
+            }
+        }
     }
 }
 
@@ -152,7 +156,7 @@ impl<T: Listed> Tails<T> {
     }
 
     fn drop_locked(&self, shards: &mut HashMap<u32, Tail<T>>, shard: u32) {
-        if let Some(mut tail) = shards.remove(&shard) {
+        if let Some(tail) = shards.remove(&shard) {
             self.bytes.fetch_sub(tail.bytes(), Ordering::Relaxed);
         }
     }
