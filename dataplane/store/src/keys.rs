@@ -165,10 +165,17 @@ impl Keys {
 
     /// `tuple` packed under the root: the bytes of `Subspace::pack`.
     fn pack<T: TuplePack>(&self, tuple: &T) -> Vec<u8> {
-        let root = self.root.bytes();
-        let mut key = Vec::with_capacity(root.len() + KEY_CAPACITY);
-        key.extend_from_slice(root);
+        let mut key = self.root_with_room(0);
         foundationdb_tuple::pack_into(tuple, &mut key);
+        key
+    }
+
+    /// The root's bytes, with room for a typical key after them and `more` bytes: a key
+    /// packed into it allocates once.
+    fn root_with_room(&self, more: usize) -> Vec<u8> {
+        let root = self.root.bytes();
+        let mut key = Vec::with_capacity(root.len() + KEY_CAPACITY + more);
+        key.extend_from_slice(root);
         key
     }
 
@@ -545,12 +552,14 @@ impl Keys {
     /// `(space, bucket, tail...)` for each bucket, the tail packed once (a tuple's encoding is
     /// its elements' encodings one after another).
     fn in_buckets<T: TuplePack>(&self, space: &str, buckets: &[u64], tail: &T) -> Vec<Vec<u8>> {
-        let mut packed_tail = Vec::with_capacity(KEY_CAPACITY);
+        // A client's tail (conversation, user, device and message ids) passes a typical key.
+        let mut packed_tail = Vec::with_capacity(2 * KEY_CAPACITY);
         foundationdb_tuple::pack_into(tail, &mut packed_tail);
         buckets
             .iter()
             .map(|&bucket| {
-                let mut key = self.pack(&(space, bucket));
+                let mut key = self.root_with_room(packed_tail.len());
+                foundationdb_tuple::pack_into(&(space, bucket), &mut key);
                 key.extend_from_slice(&packed_tail);
                 key
             })
@@ -616,8 +625,10 @@ impl Keys {
     /// An outbox key of `shard` to be completed with the commit's versionstamp; `order` tells
     /// apart the entries of one commit.
     pub fn outbox_entry(&self, shard: u32, order: u16) -> Vec<u8> {
-        self.root
-            .pack_with_versionstamp(&("ob", shard, Versionstamp::incomplete(order)))
+        let mut key = self.root_with_room(0);
+        let entry = ("ob", shard, Versionstamp::incomplete(order));
+        foundationdb_tuple::pack_into_with_versionstamp(&entry, &mut key);
+        key
     }
 
     pub fn outbox(&self, shard: u32) -> Range<Vec<u8>> {
@@ -722,6 +733,11 @@ mod tests {
             assert_eq!(
                 keys.shard_epoch(Duty::Delivery, 7),
                 space.pack(&("fepoch", 7u32))
+            );
+            // With the versionstamp's offset after it, counted from the root's first byte.
+            assert_eq!(
+                keys.outbox_entry(5, 300),
+                space.pack_with_versionstamp(&("ob", 5u32, Versionstamp::incomplete(300)))
             );
         }
     }

@@ -954,7 +954,7 @@ impl MessageStore {
             in_batch.insert(idem_key, i);
             results[i] = Some(Ok(AppendOutcome {
                 seq,
-                server_msg_id: server_msg_ids[i].clone(),
+                server_msg_id: record.server_msg_id,
                 ts_ms,
                 duplicate: false,
             }));
