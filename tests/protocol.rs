@@ -378,6 +378,24 @@ async fn a_refused_ack_among_acks_committed_together_is_answered_alone() {
 }
 
 #[tokio::test]
+async fn a_refused_ack_on_its_own_is_answered_with_its_ref() {
+    let (_dir, server) = server();
+    let (_alice, mut bob, conv) = bob_received(&server, 1).await;
+
+    bob.send_frame(&ack_frame(21, &conv, 99)).await.unwrap();
+    let error = expect_error(&mut bob).await;
+    assert_eq!(
+        (error.reference, error.code),
+        (Some(21), ErrorCode::BadRequest),
+        "{}",
+        error.message
+    );
+    // The refused ack moved nothing: the event comes again at the next sync.
+    let resent = synced_after(&mut bob, &[ClientFrame::Sync(Sync::default())]).await;
+    assert_eq!(resent, vec![1]);
+}
+
+#[tokio::test]
 async fn catch_up_includes_own_sends_above_the_cursor() {
     let (_dir, server) = server();
     let mut alice = server.connect("alice", "phone").await;
