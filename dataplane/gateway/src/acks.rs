@@ -31,7 +31,7 @@ pub type PendingAcks = BoxFuture<'static, Vec<(Option<i64>, ApiError)>>;
 /// Commits `acks` (in the order they were read) as described in the module documentation.
 pub fn commit(
     chat: ChatBinding,
-    who: Identity,
+    who: Arc<Identity>,
     metrics: Arc<Metrics>,
     acks: Vec<Ack>,
 ) -> PendingAcks {

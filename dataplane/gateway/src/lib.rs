@@ -147,7 +147,8 @@ struct SendResult {
 
 struct Connection {
     gateway: Arc<Gateway>,
-    who: Identity,
+    /// Shared with each commit of its acks, which outlives a turn of the loop.
+    who: Arc<Identity>,
     encoding: Encoding,
     socket: WebSocket,
     /// Highest seq written to this connection (or known to its device), per conversation.
@@ -270,7 +271,7 @@ impl Gateway {
         self.metrics.connections.inc();
         let connection = Connection {
             gateway: self.clone(),
-            who,
+            who: Arc::new(who),
             encoding,
             socket,
             upto: HashMap::new(),
