@@ -43,9 +43,9 @@
 //! **Background workers at the lowest CPU priority.** Under a steady load a memtable fills every
 //! few seconds, and its flush and the compactions after it take ~0.2-0.5 s of a core at once;
 //! meanwhile the journal's fsyncs wait behind the table's writes. At 10,000 msgs/s with 100
-//! pairs on the 2-core test machine those windows were where every slow send-ACK of a run came
-//! from, and they set its p99. With fjall's workers at nice [`BACKGROUND_NICE`] they take no core
-//! from the connections, the sequencer and the writer: send-ACK p99 median 16.5 -> 14.1 ms in 13
+//! pairs on the 2-core test machine most slow send-ACKs of a run fell in those windows, and
+//! they set its p99. With fjall's workers at nice [`BACKGROUND_NICE`] they leave the cores to
+//! the connections, the sequencer and the writer: send-ACK p99 median 16.5 -> 14.1 ms in 13
 //! alternated rounds (14.9 -> 13.2 in 6 more), the peak unchanged, and a minute at the peak with
 //! every core busy still flushed each memtable with no write halted (`docs/benchmarks.md`,
 //! "Flushes set the tail at 10,000 msgs/s"). Should they fall behind, fjall's own backpressure (a
@@ -152,6 +152,10 @@ fn lower_background_priority(workers: usize) {
     #[cfg(target_os = "linux")]
     {
         use rustix::process::{Pid, getpriority_process, setpriority_process};
+        if getpriority_process(None).is_ok_and(|nice| nice >= BACKGROUND_NICE) {
+            // The workers inherited the opening thread's priority, already the lowest.
+            return;
+        }
         let deadline = std::time::Instant::now() + WORKERS_NAMED_WITHIN;
         let mut lowered = 0;
         loop {

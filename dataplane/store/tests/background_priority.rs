@@ -5,6 +5,7 @@
 #![cfg(target_os = "linux")]
 
 use courier_store::embedded::{BACKGROUND_NICE, EmbeddedEngine};
+use std::time::{Duration, Instant};
 
 /// The nice value in a `/proc/.../stat` line: its 19th field, the 17th after the command
 /// name's closing parenthesis (the name may hold spaces).
@@ -54,6 +55,15 @@ fn the_stores_flushes_run_at_the_lowest_priority_and_its_writes_do_not() {
         workers.iter().all(|&nice| nice == BACKGROUND_NICE),
         "fjall's workers at {workers:?}"
     );
-    // Thread names are cut to 15 bytes: `courier-store-writer`.
-    assert_eq!(nice_values("courier-store-w"), vec![opener]);
+    // A thread names itself as it starts, so the writer's may not have its name yet. Names are
+    // cut to 15 bytes: `courier-store-writer`.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let writer = loop {
+        let found = nice_values("courier-store-w");
+        if !found.is_empty() || Instant::now() >= deadline {
+            break found;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    assert_eq!(writer, vec![opener]);
 }
