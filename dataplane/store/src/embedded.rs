@@ -957,6 +957,7 @@ mod tests {
     use super::*;
     use crate::contract::{self, EngineHarness};
     use crate::keys::Keys;
+    use crate::keyspaces::SEPARATED_VALUE_BYTES;
 
     struct Harness {
         dir: tempfile::TempDir,
@@ -1190,6 +1191,74 @@ mod tests {
                 "{batches} MB written, no memtable flushed"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A new store keeps the values of its shared keyspace from [`SEPARATED_VALUE_BYTES`] on in
+    /// blob files, the smaller ones with their keys, and reads both back after a flush, by key
+    /// and by range, after a clear and a major compaction, and after a reopen
+    /// (`crate::keyspaces`).
+    #[tokio::test]
+    async fn a_new_store_keeps_its_larger_values_apart_from_their_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        let event = vec![1; SEPARATED_VALUE_BYTES as usize];
+        let head = vec![2; 8];
+        let written = [
+            (b"ev-1".to_vec(), event.clone()),
+            (b"ev-2".to_vec(), event.clone()),
+            (b"head".to_vec(), head.clone()),
+        ];
+        {
+            let kv = EmbeddedEngine::open(&path).unwrap();
+            let shared = kv.db.data.shared.inner();
+            assert!(shared.is_kv_separated());
+            let mut batch = Batch::new();
+            for (key, value) in &written {
+                batch.set(key.clone(), value.clone());
+            }
+            kv.commit(batch).await.unwrap();
+            shared.rotate_memtable_and_wait().unwrap();
+            assert_eq!((shared.table_count(), shared.blob_file_count()), (1, 1));
+            let everything = kv.range(b"a".to_vec()..b"z".to_vec(), 10, false);
+            assert_eq!(everything.await.unwrap(), written.to_vec());
+            let mut batch = Batch::new();
+            batch.clear(b"ev-1".to_vec());
+            kv.commit(batch).await.unwrap();
+            shared.rotate_memtable_and_wait().unwrap();
+            shared.major_compact().unwrap();
+            assert_eq!(kv.get(b"ev-1").await.unwrap(), None);
+            assert_eq!(kv.get(b"ev-2").await.unwrap(), Some(event.clone()));
+        }
+        let kv = EmbeddedEngine::open(&path).unwrap();
+        let everything = kv.range(b"a".to_vec()..b"z".to_vec(), 10, false);
+        assert_eq!(everything.await.unwrap(), written[1..].to_vec());
+    }
+
+    /// A store created before values were kept apart keeps them with their keys: fjall
+    /// recorded that choice when it created the keyspace, and the store reads and writes as
+    /// before.
+    #[tokio::test]
+    async fn a_store_of_an_earlier_version_keeps_its_values_with_their_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        let event = vec![1; SEPARATED_VALUE_BYTES as usize];
+        {
+            let db = SingleWriterTxDatabase::builder(&path).open().unwrap();
+            let data = db.keyspace("data", KeyspaceCreateOptions::default).unwrap();
+            data.insert(b"ev-1".as_slice(), event.as_slice()).unwrap();
+            db.persist(PersistMode::SyncAll).unwrap();
+        }
+        let kv = EmbeddedEngine::open(&path).unwrap();
+        let shared = kv.db.data.shared.inner();
+        assert!(!shared.is_kv_separated());
+        let mut batch = Batch::new();
+        batch.set(b"ev-2".to_vec(), event.clone());
+        kv.commit(batch).await.unwrap();
+        shared.rotate_memtable_and_wait().unwrap();
+        assert_eq!(shared.blob_file_count(), 0);
+        for key in [b"ev-1", b"ev-2"] {
+            assert_eq!(kv.get(key).await.unwrap(), Some(event.clone()));
         }
     }
 

@@ -22,6 +22,19 @@
 //! Once the records written before the change have expired (new buckets sort after old ones),
 //! the whole subspace is kept apart.
 //!
+//! **Values apart from their keys.** The shared keyspace of a store created by this version keeps
+//! each value of [`SEPARATED_VALUE_BYTES`] or more in fjall's blob files, written in the order
+//! memtables are flushed, and only the key with a pointer in the LSM tree (fjall's key-value
+//! separation). Each memtable's flush spans every conversation, so a compaction of the first
+//! level rewrote every table it overlapped, which held most of the events ever written: under a
+//! steady load those rewrites, and the journal's fsyncs waiting behind them, set the send-ACK
+//! tail. Kept apart, an event is written once at its flush and compactions rewrite only keys
+//! and pointers; fjall rewrites a blob file once a quarter of it is stale (retention, deletes,
+//! outbox rows cleared after a flush). A read of a value kept apart is one more read, from the
+//! block cache or a blob file (`docs/decisions/0012-values-apart-from-keys.md`). fjall records
+//! the choice when it creates the keyspace: a store created by an earlier version keeps its
+//! values with their keys.
+//!
 //! **Ranges across the split.** A range read or a range clear is cut where it enters or leaves
 //! a part kept apart, and each piece is read from its keyspace in key order: no key of a piece
 //! lives in the other keyspace, so the pieces together are the range.
@@ -29,8 +42,16 @@
 use crate::embedded::engine_error;
 use crate::keys::Keys;
 use crate::kv::StoreError;
-use fjall::{KeyspaceCreateOptions, Readable, SingleWriterTxDatabase, SingleWriterTxKeyspace};
+use fjall::{
+    KeyspaceCreateOptions, KvSeparationOptions, Readable, SingleWriterTxDatabase,
+    SingleWriterTxKeyspace,
+};
 use std::ops::Range;
+
+/// The size from which a value of the shared keyspace is kept apart from its key, in fjall's
+/// blob files (module documentation): an event (~200 bytes with a short text) is, a cursor, a
+/// head or a membership record is not.
+pub(crate) const SEPARATED_VALUE_BYTES: u32 = 128;
 
 /// The engine's keyspaces for data, and which keys each holds.
 pub(crate) struct Keyspaces {
@@ -45,10 +66,16 @@ pub(crate) struct Keyspaces {
 
 impl Keyspaces {
     /// Opens (or creates) both keyspaces, each with memtables of `memtable_bytes`, and splits
-    /// the idempotency subspaces between them (module documentation).
+    /// the idempotency subspaces between them (module documentation). A new shared keyspace
+    /// keeps its values of [`SEPARATED_VALUE_BYTES`] or more apart from their keys.
     pub fn open(db: &SingleWriterTxDatabase, memtable_bytes: u64) -> Result<Self, StoreError> {
         let options = || KeyspaceCreateOptions::default().max_memtable_size(memtable_bytes);
-        let shared = db.keyspace("data", options).map_err(engine_error)?;
+        let separated = || {
+            options().with_kv_separation(Some(
+                KvSeparationOptions::default().separation_threshold(SEPARATED_VALUE_BYTES),
+            ))
+        };
+        let shared = db.keyspace("data", separated).map_err(engine_error)?;
         let idempotency = db.keyspace("idempotency", options).map_err(engine_error)?;
         let snapshot = db.read_tx();
         let mut apart = Vec::new();
