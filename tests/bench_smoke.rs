@@ -105,6 +105,24 @@ fn throughput_delivers_and_receipts_every_message() {
     assert_eq!(counts["acked"], counts["delivered"]);
     assert_eq!(counts["acked"], counts["receipted"]);
     assert!(json["latencies_ms"]["delivery"]["count"].as_u64().unwrap() > 0);
+    // Every send-ACK is in the timeline, in the second its message was meant to go.
+    let seconds = json["send_ack_by_second"].as_array().expect("a timeline");
+    let count = |second: &Value| second["count"].as_u64().unwrap();
+    let at = |second: &Value| second["at_secs"].as_u64().unwrap();
+    assert_eq!(
+        seconds.iter().map(count).sum::<u64>(),
+        json["latencies_ms"]["send_ack"]["count"].as_u64().unwrap(),
+        "{json:#}"
+    );
+    assert!(
+        seconds.windows(2).all(|w| at(&w[0]) < at(&w[1])),
+        "{json:#}"
+    );
+    assert!(
+        seconds
+            .iter()
+            .all(|s| s["p99_ms_at_most"].as_f64().unwrap() > 0.0)
+    );
     let lateness = &json["latencies_ms"]["send_lateness"];
     let written = lateness["count"].as_u64().unwrap();
     assert!(

@@ -21,6 +21,9 @@ pub struct LatencySummary {
     pub percentiles_ms: BTreeMap<String, f64>,
 }
 
+/// How many of a run's slowest seconds the summary names.
+const SLOWEST_SECONDS_SHOWN: usize = 5;
+
 /// One run's results. `metrics` and `latencies_ms` are what `compare` compares; `counts` are
 /// the correctness figures (messages acknowledged, delivered, lost...).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -40,6 +43,10 @@ pub struct Report {
     pub errors: BTreeMap<String, u64>,
     /// Correctness problems found; empty when nothing was lost, duplicated or reordered.
     pub problems: Vec<String>,
+    /// Send-ACK latency second by second (`throughput`): each second of the run that saw a
+    /// message meant to go, with the bucket of its 99th percentile.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub send_ack_by_second: Vec<super::stats::Second>,
     /// The runs a sweep is made of, in the order they ran (`latency-curve`: one `throughput`
     /// run per offered rate, `params.rate` holding that rate); empty for a single run.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -202,6 +209,9 @@ impl Report {
                 );
             }
         }
+        if let Some(line) = self.slowest_seconds() {
+            println!("  {line}");
+        }
         let counts: Vec<String> = self
             .counts
             .iter()
@@ -225,6 +235,27 @@ impl Report {
                 println!("  PROBLEM: {problem}");
             }
         }
+    }
+
+    /// The seconds whose send-ACK p99 was the highest, against the median second's: the
+    /// moments a run's tail comes from. `None` without a timeline.
+    pub fn slowest_seconds(&self) -> Option<String> {
+        let mut seconds = self.send_ack_by_second.clone();
+        if seconds.is_empty() {
+            return None;
+        }
+        seconds.sort_by(|a, b| b.p99_ms_at_most.total_cmp(&a.p99_ms_at_most));
+        let median = seconds[seconds.len() / 2].p99_ms_at_most;
+        let worst: Vec<String> = seconds
+            .iter()
+            .take(SLOWEST_SECONDS_SHOWN)
+            .map(|s| format!("{} s ({:.1})", s.at_secs, s.p99_ms_at_most))
+            .collect();
+        Some(format!(
+            "send_ack p99 by second, ms at most: median {median:.1} of {} seconds; slowest {}",
+            seconds.len(),
+            worst.join(", ")
+        ))
     }
 
     pub fn write_json(&self, path: &Path) -> anyhow::Result<()> {

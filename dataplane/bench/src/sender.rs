@@ -14,7 +14,7 @@
 //! How late each message left against its slot is reported as `send_lateness`: near zero
 //! unless the load generator is short of CPU or the server holds its writes back.
 
-use super::stats::{self, ErrorCounts, Latency, Live, Phase};
+use super::stats::{self, ErrorCounts, Latency, Live, Phase, Timeline};
 use super::wire::{self, Incoming, Reader, Writer};
 use courier_proto::{Body, ClientFrame, Encoding, ErrorCode, Send, ServerFrame};
 use foldhash::HashMap;
@@ -97,6 +97,8 @@ pub struct AckedSend {
 #[derive(Default)]
 pub struct SenderOutcome {
     pub send_ack: Latency,
+    /// The same, by the second each message was meant to go.
+    pub send_ack_by_second: Timeline,
     /// Open loop: how late each message was first written against its slot.
     pub send_lateness: Latency,
     /// Intended send time to the delivered receipt covering the message.
@@ -252,6 +254,9 @@ impl SenderState<'_> {
                     return;
                 };
                 self.out.send_ack.record_since(pending.intended, now);
+                self.out
+                    .send_ack_by_second
+                    .record_since(pending.intended, now);
                 self.out.acked += 1;
                 Live::add(&self.live.acked, 1);
                 if sent.duplicate {
@@ -404,6 +409,7 @@ impl SenderOutcome {
     /// Adds another sender's figures (not its acked list).
     pub fn merge(&mut self, other: &SenderOutcome) {
         self.send_ack.merge(&other.send_ack);
+        self.send_ack_by_second.merge(&other.send_ack_by_second);
         self.send_lateness.merge(&other.send_lateness);
         self.receipt.merge(&other.receipt);
         self.errors.merge(&other.errors);

@@ -150,6 +150,89 @@ impl Latency {
     }
 }
 
+/// Buckets of a [`Timeline`] second: latencies up to 0.1 ms, 0.2 ms, 0.4 ms... doubling, the
+/// last one (~7 min) holding everything longer. The same bounds as the server's histograms
+/// on `/metrics`, so a second here can be set beside a scrape.
+const SECOND_BUCKETS: usize = 23;
+const FIRST_BOUND_MICROS: u64 = 100;
+
+/// Latencies by the second their operation began (since [`epoch`]), each second a histogram
+/// of [`SECOND_BUCKETS`] power-of-two buckets (92 bytes): where a run's tail comes from, a
+/// second at a time, at a few kilobytes per task for a run of minutes. A whole-run histogram
+/// says how slow the slowest operations were; this says when (a store's flush every few
+/// seconds, or a slowdown that grows with the run).
+#[derive(Debug, Clone, Default)]
+pub struct Timeline(Vec<[u32; SECOND_BUCKETS]>);
+
+/// One second of a [`Timeline`], as reported.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Second {
+    /// Seconds since the start asked for.
+    pub at_secs: u64,
+    /// Operations that began in this second.
+    pub count: u64,
+    /// The upper bound of the bucket holding the second's 99th percentile, in milliseconds.
+    pub p99_ms_at_most: f64,
+}
+
+impl Timeline {
+    /// Records an operation that began at `since` and ended at `now`.
+    pub fn record_since(&mut self, since: Instant, now: Instant) {
+        let second = since.saturating_duration_since(epoch()).as_secs() as usize;
+        let micros = now.saturating_duration_since(since).as_micros() as u64;
+        if self.0.len() <= second {
+            self.0.resize(second + 1, [0; SECOND_BUCKETS]);
+        }
+        self.0[second][bucket_of(micros)] += 1;
+    }
+
+    pub fn merge(&mut self, other: &Timeline) {
+        if self.0.len() < other.0.len() {
+            self.0.resize(other.0.len(), [0; SECOND_BUCKETS]);
+        }
+        for (mine, theirs) in self.0.iter_mut().zip(&other.0) {
+            for (m, t) in mine.iter_mut().zip(theirs) {
+                *m += t;
+            }
+        }
+    }
+
+    /// Each second from the one `start` falls in that saw an operation, numbered from it.
+    pub fn seconds_from(&self, start: Instant) -> Vec<Second> {
+        let first = start.saturating_duration_since(epoch()).as_secs() as usize;
+        let seconds = self.0.iter().enumerate().skip(first);
+        seconds
+            .filter_map(|(second, buckets)| {
+                let count: u64 = buckets.iter().map(|&n| u64::from(n)).sum();
+                if count == 0 {
+                    return None;
+                }
+                // The first bucket whose running total reaches 99 % of the count.
+                let mut below = 0;
+                let p99 = buckets.iter().position(|&n| {
+                    below += u64::from(n);
+                    below * 100 >= count * 99
+                })?;
+                Some(Second {
+                    at_secs: (second - first) as u64,
+                    count,
+                    p99_ms_at_most: bound_micros(p99) as f64 / 1000.0,
+                })
+            })
+            .collect()
+    }
+}
+
+/// The bucket of a latency: the first whose bound is at least `micros`.
+fn bucket_of(micros: u64) -> usize {
+    let ratio = micros.div_ceil(FIRST_BOUND_MICROS).max(1);
+    (ratio.next_power_of_two().trailing_zeros() as usize).min(SECOND_BUCKETS - 1)
+}
+
+fn bound_micros(bucket: usize) -> u64 {
+    FIRST_BOUND_MICROS << bucket
+}
+
 /// Error frames (or connection failures) counted by code.
 #[derive(Debug, Default, Clone)]
 pub struct ErrorCounts(pub BTreeMap<String, u64>);
@@ -222,6 +305,49 @@ mod tests {
             assert_eq!(summary.percentiles_ms, expected.percentiles_ms);
             assert_eq!(summary.mean_ms, expected.mean_ms);
         }
+    }
+
+    /// Each second's count and 99th percentile bucket, seconds numbered from the start asked
+    /// for, empty seconds left out, and a merge that adds.
+    #[test]
+    fn a_timeline_says_which_second_was_slow() {
+        let start = epoch() + Duration::from_secs(2);
+        let at = |second: u64, millis: u64| start + Duration::from_millis(second * 1000 + millis);
+        let mut first = Timeline::default();
+        let mut second = Timeline::default();
+        // A second before the start, not reported.
+        first.record_since(at(0, 0) - Duration::from_secs(1), at(0, 5));
+        for i in 0..99 {
+            first.record_since(at(0, i), at(0, i) + Duration::from_micros(150));
+        }
+        second.record_since(at(0, 500), at(0, 500) + Duration::from_millis(30));
+        // Second 3: a hundred operations, two slow ones set its p99.
+        for i in 0..98 {
+            second.record_since(at(3, i), at(3, i) + Duration::from_micros(90));
+        }
+        for _ in 0..2 {
+            second.record_since(at(3, 100), at(3, 100) + Duration::from_millis(50));
+        }
+        first.merge(&second);
+        assert_eq!(
+            first.seconds_from(start),
+            [
+                Second {
+                    at_secs: 0,
+                    count: 100,
+                    p99_ms_at_most: 0.2
+                },
+                Second {
+                    at_secs: 3,
+                    count: 100,
+                    p99_ms_at_most: 51.2
+                },
+            ]
+        );
+        assert_eq!(bucket_of(0), 0);
+        assert_eq!(bucket_of(100), 0);
+        assert_eq!(bucket_of(101), 1);
+        assert_eq!(bucket_of(u64::MAX / 2), SECOND_BUCKETS - 1);
     }
 
     #[test]

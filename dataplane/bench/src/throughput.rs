@@ -199,6 +199,7 @@ pub async fn run(common: &CommonArgs, args: ThroughputArgs) -> anyhow::Result<Re
         before.report_until(&after, &mut report);
     }
     report.latency("send_ack", &sent.send_ack);
+    report.send_ack_by_second = sent.send_ack_by_second.seconds_from(start);
     report.latency("send_lateness", &sent.send_lateness);
     report.latency("delivery", &received.delivery);
     report.latency("receipt", &sent.receipt);
