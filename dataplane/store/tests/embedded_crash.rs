@@ -25,8 +25,10 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-/// Set in the child: the store directory it commits to.
+/// Set in the child of the first scenario: the store directory it commits to.
 const CHILD_DATA_DIR: &str = "COURIER_TEST_ENGINE_CRASH_CHILD";
+/// Set in the child of the flush scenario: the store directory it commits to.
+const FLUSH_CHILD_DATA_DIR: &str = "COURIER_TEST_ENGINE_CRASH_FLUSH_CHILD";
 /// Concurrent committers in the child (so that commits are grouped) and commits by each.
 const WRITERS: usize = 4;
 const COMMITS_PER_WRITER: usize = 25;
@@ -206,9 +208,6 @@ fn every_commit_answered_ok_survives_a_sigkill() {
         stored == Some(value(writer, commit))
     });
 }
-
-/// Set in the child of the flush scenario: the store directory it commits to.
-const FLUSH_CHILD_DATA_DIR: &str = "COURIER_TEST_ENGINE_CRASH_FLUSH_CHILD";
 
 #[test]
 fn commits_whose_values_were_flushed_to_a_blob_file_survive_a_sigkill() {
