@@ -85,6 +85,17 @@
 //! holds a ceiling on the counter, not its value: the group that passes the ceiling raises it by
 //! [`VERSIONS_RESERVED`] in its own batch, synced whatever its batches ask, so that every later
 //! group's version is below a durable ceiling, and the other groups write no version at all.
+//!
+//! **The ceiling flushed at once.** fjall deletes a journal file once every keyspace has flushed
+//! what the file holds of it. The ceiling's keyspace is written once per [`VERSIONS_RESERVED`]
+//! groups (every ~45 s at 10,000 msgs/s), so its memtable never filled and kept every journal
+//! since the store opened, until fjall's limit on journals (512 MiB) forced its flush: the
+//! journals then went all at once (six files of ~100 MB at 10,000 msgs/s), and deleting them
+//! held up the journal's fsyncs (~55 ms on the test machine's disk, mounted with `discard`), a
+//! slow second every ~75 s; a restart after a crash read up to 512 MiB of journal. So the writer
+//! has that keyspace flushed after each group that raises the ceiling ([`flush_ceiling`]), and
+//! the journals go as the data's keyspaces flush (`docs/benchmarks.md`, "Journals kept by a
+//! keyspace written once a minute").
 
 use crate::group_writes::GroupWrites;
 use crate::keyspaces::Keyspaces;
@@ -291,6 +302,7 @@ impl EmbeddedEngine {
                 StoreError::Engine(format!("cannot open the store at {}: {e}", path.display()))
             })?;
         lower_background_priority(workers);
+        crate::volume::warn_of_online_discard(path);
         let data = Keyspaces::open(&db, MEMTABLE_BYTES)?;
         let meta = db
             .keyspace("meta", KeyspaceCreateOptions::default)
@@ -528,6 +540,9 @@ fn write_loop(
                 for (request, outcome) in group.drain(..).zip(outcomes) {
                     let _ = request.reply.send(outcome);
                 }
+                if version.reserve.is_some() {
+                    flush_ceiling(store);
+                }
             }
             Err(GroupError::Commit(e)) => {
                 tracing::error!(
@@ -547,6 +562,15 @@ fn write_loop(
                 }
             }
         }
+    }
+}
+
+/// Has fjall flush the keyspace of the commit versions' ceiling, which a group just wrote, so
+/// that it keeps no journal (module documentation). The flush runs on fjall's workers; should it
+/// not start, the journals are kept until fjall's limit on them forces it, as before.
+fn flush_ceiling(store: &Store) {
+    if let Err(e) = store.meta.inner().rotate_memtable() {
+        tracing::warn!(error = %e, "could not flush the store's commit version ceiling");
     }
 }
 
@@ -1233,6 +1257,38 @@ mod tests {
         let kv = EmbeddedEngine::open(&path).unwrap();
         let everything = kv.range(b"a".to_vec()..b"z".to_vec(), 10, false);
         assert_eq!(everything.await.unwrap(), written[1..].to_vec());
+    }
+
+    /// The keyspace of the commit versions' ceiling keeps no journal: once the data's keyspaces
+    /// have flushed what a sealed journal holds, fjall deletes it, though the ceiling the first
+    /// group wrote is in it (module documentation). fjall seals a journal past 64 MB.
+    #[tokio::test]
+    async fn a_journal_goes_once_the_data_in_it_is_flushed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        let kv = EmbeddedEngine::open(&path).unwrap();
+        // Random bytes, which the journal's compression (each value on its own) leaves their size.
+        let value: Vec<u8> = (0..MAX_VALUE_BYTES).map(|_| rand::random()).collect();
+        for batch_number in 0..80 {
+            let mut batch = Batch::new();
+            for key in 0..10 {
+                batch.set(
+                    format!("ev-{batch_number}-{key}").into_bytes(),
+                    value.clone(),
+                );
+            }
+            kv.commit(batch).await.unwrap();
+        }
+        for keyspace in kv.db.data.all() {
+            keyspace.inner().rotate_memtable_and_wait().unwrap();
+        }
+        let first_journal = path.join("0.jnl");
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while first_journal.exists() && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(!first_journal.exists(), "the first journal was kept");
+        assert_eq!(kv.db.db.journal_count(), 1);
     }
 
     /// A store created before values were kept apart keeps them with their keys: fjall
