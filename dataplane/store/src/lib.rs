@@ -39,6 +39,7 @@ pub mod shard_map;
 #[cfg(test)]
 mod testing;
 pub mod trim_queue;
+mod volume;
 
 pub use keys::{Keys, PUSH_REGISTRATION_SLOTS, Placement, ReceiptKind, push_registration_slot};
 pub use kv::{Batch, CommitStamp, KvEngine, StoreError};
