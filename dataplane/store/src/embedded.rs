@@ -89,13 +89,14 @@
 //! **The ceiling flushed at once.** fjall deletes a journal file once every keyspace has flushed
 //! what the file holds of it. The ceiling's keyspace is written once per [`VERSIONS_RESERVED`]
 //! groups (every ~45 s at 10,000 msgs/s), so its memtable never filled and kept every journal
-//! since the store opened, until fjall's limit on journals (512 MiB) forced its flush: the
-//! journals then went all at once (six files of ~100 MB at 10,000 msgs/s), and deleting them
-//! held up the journal's fsyncs (~55 ms on the test machine's disk, mounted with `discard`), a
-//! slow second every ~75 s; a restart after a crash read up to 512 MiB of journal. So the writer
-//! has that keyspace flushed after each group that raises the ceiling ([`flush_ceiling`]), and
-//! the journals go as the data's keyspaces flush (`docs/benchmarks.md`, "Journals kept by a
-//! keyspace written once a minute").
+//! since the store opened, until fjall's limit on journals (512 MiB) forced its flush and they
+//! went all at once: at 10,000 msgs/s, six files of ~100 MB every ~75 s, whose deletion held up
+//! the journal's fsyncs on a volume mounted with `discard` (`crate::volume`). So the writer has
+//! that keyspace flushed after each group that raises the ceiling ([`flush_ceiling`]), and the
+//! journals go as the data's keyspaces flush: two or three at a time at that rate, when the
+//! idempotency records' memtable fills, four at most on disk instead of six (`docs/benchmarks.md`,
+//! "Journals kept by a keyspace written once a minute; deletes on a volume mounted with
+//! discard").
 
 use crate::group_writes::GroupWrites;
 use crate::keyspaces::Keyspaces;
