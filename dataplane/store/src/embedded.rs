@@ -982,7 +982,7 @@ mod tests {
     use super::*;
     use crate::contract::{self, EngineHarness};
     use crate::keys::Keys;
-    use crate::keyspaces::SEPARATED_VALUE_BYTES;
+    use crate::keyspaces::{SEPARATED_VALUE_BYTES, TABLE_TARGET_BYTES};
 
     struct Harness {
         dir: tempfile::TempDir,
@@ -1260,6 +1260,32 @@ mod tests {
         assert_eq!(everything.await.unwrap(), written[1..].to_vec());
     }
 
+    /// The size of the tables a keyspace compacts into, as fjall recorded it when it created
+    /// the keyspace.
+    fn table_target_bytes(keyspace: &SingleWriterTxKeyspace) -> u64 {
+        let config = keyspace.inner().config.compaction_strategy.get_config();
+        let (_, size) = config
+            .iter()
+            .find(|(name, _)| name.as_ref() == b"leveled_target_size")
+            .expect("a leveled compaction");
+        u64::from_le_bytes(size.as_ref().try_into().unwrap())
+    }
+
+    /// A new store's shared keyspace compacts into tables of [`TABLE_TARGET_BYTES`], and keeps
+    /// that size when it is opened again (`crate::keyspaces`).
+    #[tokio::test]
+    async fn a_new_store_compacts_its_events_into_smaller_tables() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        {
+            let kv = EmbeddedEngine::open(&path).unwrap();
+            assert_eq!(table_target_bytes(&kv.db.data.shared), TABLE_TARGET_BYTES);
+        }
+        let kv = EmbeddedEngine::open(&path).unwrap();
+        assert_eq!(table_target_bytes(&kv.db.data.shared), TABLE_TARGET_BYTES);
+        assert_eq!(table_target_bytes(&kv.db.data.idempotency), 64 << 20);
+    }
+
     /// The keyspace of the commit versions' ceiling keeps no journal: once the data's keyspaces
     /// have flushed what a sealed journal holds, fjall deletes it, though the ceiling the first
     /// group wrote is in it (module documentation). fjall seals a journal past 64 MB.
@@ -1307,6 +1333,7 @@ mod tests {
             db.persist(PersistMode::SyncAll).unwrap();
         }
         let kv = EmbeddedEngine::open(&path).unwrap();
+        assert_eq!(table_target_bytes(&kv.db.data.shared), 64 << 20);
         let shared = kv.db.data.shared.inner();
         assert!(!shared.is_kv_separated());
         let mut batch = Batch::new();
