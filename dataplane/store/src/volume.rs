@@ -56,29 +56,15 @@ fn mounted_with_discard(mountinfo: &str, dir: &Path) -> Option<String> {
         .then_some(mount_point)
 }
 
-/// A mount point as `mountinfo` writes it, with space, tab, newline and backslash as octal
-/// escapes (`\040`).
+/// A mount point as `mountinfo` writes it: the kernel escapes space, tab, newline and
+/// backslash as octal (`\040`). The backslash is undone last, so that a name holding `\040`
+/// itself (written `\134040`) keeps it.
 fn unescape(field: &str) -> String {
-    let mut out = Vec::with_capacity(field.len());
-    let bytes = field.as_bytes();
-    let mut i = 0;
-    while i < bytes.len() {
-        let escaped = bytes
-            .get(i + 1..i + 4)
-            .filter(|digits| bytes[i] == b'\\' && digits.iter().all(|d| (b'0'..=b'7').contains(d)))
-            .map(|digits| digits.iter().fold(0u8, |n, d| n * 8 + (d - b'0')));
-        match escaped {
-            Some(byte) => {
-                out.push(byte);
-                i += 4;
-            }
-            None => {
-                out.push(bytes[i]);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    field
+        .replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
 }
 
 #[cfg(test)]
