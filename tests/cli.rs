@@ -100,6 +100,56 @@ async fn store_cache_sizes_the_block_cache_and_a_bad_size_is_refused() {
     assert_serve_refuses(dir.path(), "--store-cache", "lots");
 }
 
+/// A device's catch-up of what it missed reads the recent events from the embedded store's
+/// cache (`/metrics` counts the reads it answered and those it did not), and with
+/// `--store-event-cache 0` from the store's tables: the same events either way. A size that is
+/// not one is refused.
+#[tokio::test]
+async fn a_catch_up_reads_recent_events_from_the_event_cache_unless_it_is_off() {
+    use courier_client::proto::{Body, EventPayload};
+    let dir = tempfile::tempdir().unwrap();
+    for (args, cached) in [(&[][..], true), (&["--store-event-cache", "0"][..], false)] {
+        let data = tempfile::tempdir_in(dir.path()).unwrap();
+        let server = Server::start_in(data.path(), args);
+        let mut alice = support::connected(&server, "alice", "phone").await;
+        for i in 0..3 {
+            let text = format!("m{i}");
+            alice
+                .send_text(Target::User("bob".into()), &format!("c{i}"), &text)
+                .await
+                .unwrap();
+        }
+        let mut bob = server.connect("bob", "phone").await;
+        let texts: Vec<String> = bob
+            .events_until_sync_done()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|event| match event.payload {
+                EventPayload::Message {
+                    body: Some(Body::Text(text)),
+                    ..
+                } => text,
+                other => panic!("not a text message: {other:?}"),
+            })
+            .collect();
+        assert_eq!(texts, ["m0", "m1", "m2"], "{args:?}");
+        let held = server
+            .metric("courier_store_event_cache_held_reads_total")
+            .await;
+        let missed = server
+            .metric("courier_store_event_cache_missed_reads_total")
+            .await;
+        if cached {
+            assert!(held >= 1, "held {held}, missed {missed}");
+        } else {
+            assert_eq!(held, 0, "missed {missed}");
+            assert!(missed >= 1);
+        }
+    }
+    assert_serve_refuses(dir.path(), "--store-event-cache", "lots");
+}
+
 /// `/metrics` tells how much the embedded store's writer works: its time, its group commits
 /// and the batches they held, all growing as messages are sent.
 #[tokio::test]

@@ -376,7 +376,7 @@ impl Chat {
             let wanted = (limit - events.len()).min((through - after) as usize);
             events.extend(
                 self.store
-                    .events(conv, after, wanted)
+                    .events(conv, after, through, wanted)
                     .await?
                     .into_iter()
                     .filter(|e| e.seq <= through),

@@ -238,7 +238,7 @@ impl ReceiptRelay {
         let from = after.max(through.saturating_sub(SENDER_SCAN_EVENTS));
         let events = self
             .store
-            .events(conv, from, (through - from) as usize)
+            .events(conv, from, through, (through - from) as usize)
             .await?;
         // (seq, sender) of the scanned events whose sender is still a member.
         let mut is_member: HashMap<&str, bool> = HashMap::new();

@@ -1,7 +1,7 @@
 //! Prometheus metrics of every role, named `courier_<area>_<what>_<unit>`.
 
 use courier_store::MessageStore;
-use courier_store::kv::WriterTotals;
+use courier_store::kv::{EventCacheTotals, WriterTotals};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -105,32 +105,46 @@ pub struct Metrics {
     pub ordering_threads: Gauge,
     /// The embedded store's block cache (`--store-cache`; 0: another store).
     pub store_cache_bytes: Gauge,
-    /// The embedded store's writer, read from the store at each render.
-    store_writer: StoreWriterMetrics,
+    /// The embedded store's writer and cache of recent events, read from the store at each
+    /// render.
+    store_engine: StoreEngineMetrics,
 }
 
-/// The store's writer ([`WriterTotals`]) as counters, brought up to date when rendered.
+/// The store's writer ([`WriterTotals`]) and cache of recent events ([`EventCacheTotals`]) as
+/// counters, brought up to date when rendered.
 #[derive(Default)]
-struct StoreWriterMetrics {
+struct StoreEngineMetrics {
     store: OnceLock<MessageStore>,
-    seen: Mutex<WriterTotals>,
+    seen: Mutex<(WriterTotals, EventCacheTotals)>,
     busy: Counter<f64, AtomicU64>,
     groups: Counter,
     batches: Counter,
+    events_held: Counter,
+    events_missed: Counter,
 }
 
-impl StoreWriterMetrics {
+impl StoreEngineMetrics {
     fn refresh(&self) {
-        let Some(now) = self.store.get().and_then(MessageStore::writer_totals) else {
+        let Some(store) = self.store.get() else {
             return;
         };
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        self.busy
-            .inc_by(now.busy.saturating_sub(seen.busy).as_secs_f64());
-        self.groups.inc_by(now.groups.saturating_sub(seen.groups));
-        self.batches
-            .inc_by(now.batches.saturating_sub(seen.batches));
-        *seen = now;
+        let (writer, events) = &mut *seen;
+        if let Some(now) = store.writer_totals() {
+            self.busy
+                .inc_by(now.busy.saturating_sub(writer.busy).as_secs_f64());
+            self.groups.inc_by(now.groups.saturating_sub(writer.groups));
+            self.batches
+                .inc_by(now.batches.saturating_sub(writer.batches));
+            *writer = now;
+        }
+        if let Some(now) = store.event_cache_totals() {
+            self.events_held
+                .inc_by(now.held.saturating_sub(events.held));
+            self.events_missed
+                .inc_by(now.missed.saturating_sub(events.missed));
+            *events = now;
+        }
     }
 }
 
@@ -172,7 +186,7 @@ impl Metrics {
             worker_threads: Gauge::default(),
             ordering_threads: Gauge::default(),
             store_cache_bytes: Gauge::default(),
-            store_writer: StoreWriterMetrics::default(),
+            store_engine: StoreEngineMetrics::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -328,17 +342,27 @@ impl Metrics {
         registry.register(
             "store_writer_busy_seconds",
             "Time the embedded store's writer spent on group commits; at one second per second, commits queue for it",
-            metrics.store_writer.busy.clone(),
+            metrics.store_engine.busy.clone(),
         );
         registry.register(
             "store_group_commits",
             "Group commits of the embedded store's writer (a journal write each, and an fsync unless all its batches are deferred)",
-            metrics.store_writer.groups.clone(),
+            metrics.store_engine.groups.clone(),
         );
         registry.register(
             "store_group_commit_batches",
             "Batches the embedded store's group commits held (commits of shards, acks, leases)",
-            metrics.store_writer.batches.clone(),
+            metrics.store_engine.batches.clone(),
+        );
+        registry.register(
+            "store_event_cache_held_reads",
+            "Range reads of a conversation's events the embedded store's cache of recent events answered (--store-event-cache)",
+            metrics.store_engine.events_held.clone(),
+        );
+        registry.register(
+            "store_event_cache_missed_reads",
+            "Range reads of a conversation's events the embedded store read from its tables, the cache of recent events not holding every one",
+            metrics.store_engine.events_missed.clone(),
         );
         registry.register(
             "store_cache_bytes",
@@ -351,16 +375,16 @@ impl Metrics {
         }
     }
 
-    /// Reports the writer of `store`'s engine, if it has one (the embedded engine), from now
-    /// on; a second store is ignored.
+    /// Reports the writer and the cache of recent events of `store`'s engine, if it has them
+    /// (the embedded engine), from now on; a second store is ignored.
     pub fn watch_store(&self, store: MessageStore) {
-        let _ = self.store_writer.store.set(store);
+        let _ = self.store_engine.store.set(store);
     }
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         self.resident_memory.set(resident_memory_bytes());
-        self.store_writer.refresh();
+        self.store_engine.refresh();
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             self.worker_threads
                 .set(runtime.metrics().num_workers() as i64);

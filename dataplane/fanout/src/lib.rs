@@ -1262,7 +1262,7 @@ mod tests {
         assert!(outbox_reads() > 0, "read from the outbox instead");
         assert_eq!(fanout.tails.bytes(), 0);
 
-        let events = store.events("d:1", 0, 10).await.unwrap();
+        let events = store.events("d:1", 0, u64::MAX, 10).await.unwrap();
         let in_order: Vec<String> = events.into_iter().map(|e| e.server_msg_id).collect();
         assert_eq!(*lock(&gateways.taken), in_order);
     }

@@ -913,7 +913,7 @@ impl Connection {
         for (mut after, through) in range.visible.ranges(range.from, range.head) {
             while after < through {
                 let limit = CATCH_UP_PAGE.min((through - after) as usize);
-                let events = match store.events(conv, after, limit).await {
+                let events = match store.events(conv, after, through, limit).await {
                     Ok(events) => events,
                     Err(e) => {
                         self.write_error(None, None, e.into()).await?;

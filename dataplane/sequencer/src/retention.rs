@@ -196,7 +196,7 @@ impl Retention {
         let floor = self.store.floor(conv).await?;
         // Nothing can go while the oldest event kept is younger than the window: the members'
         // devices and cursors are read only when something is old enough.
-        let oldest = self.store.events(conv, floor - 1, 1).await?;
+        let oldest = self.store.events(conv, floor - 1, u64::MAX, 1).await?;
         let oldest_ms = match oldest.first() {
             None => return Ok((0, now.saturating_add(window))),
             Some(event) if event.ts_ms > cutoff => return Ok((0, event.ts_ms + window)),
@@ -211,7 +211,7 @@ impl Retention {
         let mut held_ms = None;
         let mut media = Vec::new();
         'scan: while old_enough < delivered {
-            let events = self.store.events(conv, old_enough, PAGE).await?;
+            let events = self.store.events(conv, old_enough, u64::MAX, PAGE).await?;
             if events.is_empty() {
                 break;
             }
@@ -405,7 +405,7 @@ mod tests {
         let sequencer = sequencer_on(&store).await;
         send(&sequencer, "d:1", "bob", &["a"]).await;
         send(&sequencer, "d:2", "carol", &["b"]).await;
-        let sent = store.events("d:1", 0, 1).await.unwrap()[0].ts_ms;
+        let sent = store.events("d:1", 0, u64::MAX, 1).await.unwrap()[0].ts_ms;
         let hour = Duration::from_secs(3600);
         let pass = retention(&store, &sequencer, hour);
         engine.take_ranges_read();

@@ -12,7 +12,7 @@ use courier_fanout::FanoutConfig;
 use courier_gateway::GatewayLimits;
 use courier_sequencer::SequencerLimits;
 use courier_sequencer::retention::RetentionPolicy;
-use courier_store::embedded::EmbeddedEngine;
+use courier_store::embedded::{Caches, EmbeddedEngine};
 use courier_store::kv::StoreError;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -227,7 +227,7 @@ pub const CLUSTER_DRAIN_WINDOW: Duration = Duration::from_secs(60);
 /// answer their accepted sends (each waits at most the send timeout, 10 s) and close.
 pub const DRAIN_TAIL: Duration = Duration::from_secs(25);
 
-/// The embedded store's block cache (`courier serve` and `courier store-node`).
+/// The embedded store's caches (`courier serve` and `courier store-node`).
 #[derive(Debug, Clone, Copy, Args)]
 pub struct StoreCacheArgs {
     /// The embedded store's block cache: blocks of its tables (data, index, bloom filters)
@@ -235,12 +235,21 @@ pub struct StoreCacheArgs {
     /// to a quarter of the memory the process may use, more if the data fits whole.
     #[arg(long = "store-cache", env = "COURIER_STORE_CACHE", default_value = "32MiB", value_parser = parse_bytes)]
     pub bytes: u64,
+    /// The embedded store's cache of recent events: the last events written to each
+    /// conversation, up to this size, so that a device's catch-up of what it missed reads them
+    /// from memory; the conversations written to least recently leave it first. 0 keeps none.
+    #[arg(long = "store-event-cache", env = "COURIER_STORE_EVENT_CACHE", default_value = "32MiB", value_parser = parse_bytes)]
+    pub events: u64,
 }
 
 impl StoreCacheArgs {
-    /// Opens the embedded store at `path` with this cache.
+    /// Opens the embedded store at `path` with these caches.
     pub fn open(&self, path: &std::path::Path) -> Result<EmbeddedEngine, StoreError> {
-        EmbeddedEngine::open_with_cache(path, self.bytes)
+        let caches = Caches {
+            blocks: self.bytes,
+            events: self.events,
+        };
+        EmbeddedEngine::open_with_caches(path, caches)
     }
 }
 

@@ -98,11 +98,12 @@
 //! "Journals kept by a keyspace written once a minute; deletes on a volume mounted with
 //! discard").
 
+use crate::event_cache::EventCache;
 use crate::group_writes::GroupWrites;
 use crate::keyspaces::Keyspaces;
 use crate::kv::{
-    Batch, BatchLimits, CommitStamp, Durability, KeyValue, KvEngine, Mutation, StoreError,
-    WriterTotals, complete_versionstamped_key, decode_u64,
+    Batch, BatchLimits, CommitStamp, Durability, EventCacheTotals, KeyValue, KvEngine, Mutation,
+    StoreError, WriterTotals, complete_versionstamped_key, decode_u64,
 };
 use crate::row_cache::{RowCache, Writing, Written};
 use async_trait::async_trait;
@@ -220,6 +221,27 @@ pub const MEMTABLE_BYTES: u64 = 64 << 20;
 /// The block cache's size unless the operator gives one, fjall's default: decompressed blocks
 /// of the tables, read again from memory (`--store-cache`).
 pub const DEFAULT_CACHE_BYTES: u64 = 32 << 20;
+/// The recent events' cache's size unless the operator gives one (`--store-event-cache`,
+/// `crate::event_cache`).
+pub const DEFAULT_EVENT_CACHE_BYTES: u64 = 32 << 20;
+
+/// The sizes of the engine's caches, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caches {
+    /// fjall's block cache.
+    pub blocks: u64,
+    /// The recent events (0: none kept).
+    pub events: u64,
+}
+
+impl Default for Caches {
+    fn default() -> Self {
+        Self {
+            blocks: DEFAULT_CACHE_BYTES,
+            events: DEFAULT_EVENT_CACHE_BYTES,
+        }
+    }
+}
 /// Largest value accepted, as in FoundationDB (100 kB); larger ones are the caller's to chunk.
 pub const MAX_VALUE_BYTES: usize = 100_000;
 /// Largest key accepted, as in FoundationDB.
@@ -277,6 +299,8 @@ struct Store {
     meta: SingleWriterTxKeyspace,
     /// Rows of `data` read by key, kept in step by the writer (module documentation).
     rows: RowCache,
+    /// The events the writer committed last, kept in step by it (`crate::event_cache`).
+    events: EventCache,
     /// Memtables of `data` freed by [`release_memtables_loop`].
     memtables_freed: AtomicU64,
 }
@@ -289,14 +313,14 @@ impl EmbeddedEngine {
     /// Opens (or creates) the database directory at `path`. After a crash, fjall replays its
     /// journal on open; every commit that returned `Ok` is kept.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        Self::open_with_cache(path, DEFAULT_CACHE_BYTES)
+        Self::open_with_caches(path, Caches::default())
     }
 
-    /// [`open`](Self::open), with a block cache of `cache_bytes`.
-    pub fn open_with_cache(path: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
+    /// [`open`](Self::open), with caches of the sizes given.
+    pub fn open_with_caches(path: &Path, caches: Caches) -> Result<Self, StoreError> {
         let workers = flush_and_compaction_workers();
         let db = SingleWriterTxDatabase::builder(path)
-            .cache_size(cache_bytes)
+            .cache_size(caches.blocks)
             .worker_threads(workers)
             .open()
             .map_err(|e| {
@@ -319,6 +343,7 @@ impl EmbeddedEngine {
             data,
             meta,
             rows: RowCache::default(),
+            events: EventCache::new(caches.events),
             memtables_freed: AtomicU64::new(0),
         });
         let (queue, requests) = mpsc::channel(QUEUE_CAPACITY);
@@ -363,6 +388,9 @@ impl KvEngine for EmbeddedEngine {
         limit: usize,
         reverse: bool,
     ) -> Result<Vec<KeyValue>, StoreError> {
+        if !reverse && let Some(events) = self.db.events.read(&range, limit) {
+            return Ok(events);
+        }
         let snapshot = self.db.db.read_tx();
         read_range(&snapshot, &self.db.data, range, limit, reverse)
     }
@@ -402,6 +430,10 @@ impl KvEngine for EmbeddedEngine {
 
     fn writer_totals(&self) -> Option<WriterTotals> {
         Some(self.work.totals())
+    }
+
+    fn event_cache_totals(&self) -> Option<EventCacheTotals> {
+        Some(self.db.events.totals())
     }
 }
 
@@ -538,9 +570,15 @@ fn write_loop(
         work.record(started.elapsed(), batches);
         match committed {
             Ok(outcomes) => {
+                let mut applied = Vec::with_capacity(batches);
                 for (request, outcome) in group.drain(..).zip(outcomes) {
+                    if outcome.is_ok() {
+                        applied.push(request.batch.mutations);
+                    }
                     let _ = request.reply.send(outcome);
                 }
+                // After the answers: a caller reads the events it wrote from fjall until then.
+                store.events.hold(applied.into_iter().flatten());
                 if version.reserve.is_some() {
                     flush_ceiling(store);
                 }
@@ -712,13 +750,17 @@ fn commit_group(
     if let Some(ceiling) = version.reserve {
         writes.insert(&store.meta, COMMIT_VERSION, ceiling.to_le_bytes().to_vec());
     }
-    let applied = group
-        .iter()
-        .zip(&outcomes)
-        .filter(|(_, outcome)| outcome.is_ok())
-        .flat_map(|(request, _)| &request.batch.mutations);
+    let applied = || {
+        group
+            .iter()
+            .zip(&outcomes)
+            .filter(|(_, outcome)| outcome.is_ok())
+            .flat_map(|(request, _)| &request.batch.mutations)
+    };
+    // The group's events are held once it has committed, in `write_loop`.
+    store.events.forget(applied());
     let mut writing = store.rows.begin_write();
-    drop_written_rows(&mut writing, applied, &found, known);
+    drop_written_rows(&mut writing, applied(), &found, known);
     let held = writing.finish();
     match writes.commit(persist) {
         Ok(()) => {
@@ -1125,7 +1167,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let default = EmbeddedEngine::open(&dir.path().join("a")).unwrap();
         assert_eq!(default.db.db.inner().cache_capacity(), DEFAULT_CACHE_BYTES);
-        let large = EmbeddedEngine::open_with_cache(&dir.path().join("b"), 256 << 20).unwrap();
+        let caches = Caches {
+            blocks: 256 << 20,
+            ..Caches::default()
+        };
+        let large = EmbeddedEngine::open_with_caches(&dir.path().join("b"), caches).unwrap();
         assert_eq!(large.db.db.inner().cache_capacity(), 256 << 20);
     }
 
@@ -1734,5 +1780,142 @@ mod tests {
             kv.commit(batch).await,
             Err(StoreError::TooLarge(_))
         ));
+    }
+
+    /// What a test batch does to the events of conversations `a` and `b`.
+    #[derive(Debug, Clone)]
+    enum EventWrite {
+        /// Appends `n` events, and rewrites the last one in the same batch when `rewrite`.
+        Append {
+            conv: bool,
+            n: u64,
+            rewrite: bool,
+        },
+        /// Rewrites (a delete for everyone) or clears the event `pick` of the conversation's.
+        Rewrite {
+            conv: bool,
+            pick: usize,
+        },
+        Clear {
+            conv: bool,
+            pick: usize,
+        },
+        /// Clears the events below `pick` (retention), or every event of both conversations.
+        Trim {
+            conv: bool,
+            pick: usize,
+        },
+        ClearBoth,
+    }
+
+    fn event_write() -> impl proptest::strategy::Strategy<Value = EventWrite> {
+        use proptest::prelude::*;
+        prop_oneof![
+            4 => (any::<bool>(), 1u64..5, any::<bool>())
+                .prop_map(|(conv, n, rewrite)| EventWrite::Append { conv, n, rewrite }),
+            1 => (any::<bool>(), any::<usize>()).prop_map(|(conv, pick)| EventWrite::Rewrite { conv, pick }),
+            1 => (any::<bool>(), any::<usize>()).prop_map(|(conv, pick)| EventWrite::Clear { conv, pick }),
+            1 => (any::<bool>(), any::<usize>()).prop_map(|(conv, pick)| EventWrite::Trim { conv, pick }),
+            1 => Just(EventWrite::ClearBoth),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+
+        /// Whatever the writes, every range read of a conversation's events gives what the
+        /// store holds, whether the recent events' cache answers it or fjall does, with a
+        /// cache large enough for all or so small that it keeps dropping conversations.
+        #[test]
+        fn range_reads_of_events_match_the_store_whatever_is_written(
+            writes in proptest::collection::vec(event_write(), 1..24),
+            small in proptest::prelude::any::<bool>(),
+        ) {
+            let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            runtime.block_on(check_event_reads(writes, small));
+        }
+    }
+
+    async fn check_event_reads(writes: Vec<EventWrite>, small: bool) {
+        let dir = tempfile::tempdir().unwrap();
+        let caches = Caches {
+            events: if small { 600 } else { 1 << 20 },
+            ..Caches::default()
+        };
+        let kv = EmbeddedEngine::open_with_caches(&dir.path().join("s"), caches).unwrap();
+        let keys = Keys::new(&[]);
+        let mut model: [std::collections::BTreeMap<u64, Vec<u8>>; 2] = Default::default();
+        let mut heads = [0u64; 2];
+        let name = |conv: bool| if conv { "b" } else { "a" };
+        for (i, write) in writes.into_iter().enumerate() {
+            let mut batch = Batch::new();
+            match write {
+                EventWrite::Append { conv, n, rewrite } => {
+                    let c = usize::from(conv);
+                    for _ in 0..n {
+                        heads[c] += 1;
+                        let value = format!("{i}:{}", heads[c]).into_bytes();
+                        batch.set(keys.event(name(conv), heads[c]), value.clone());
+                        model[c].insert(heads[c], value);
+                    }
+                    if rewrite {
+                        let value = format!("{i}:rewritten").into_bytes();
+                        batch.set(keys.event(name(conv), heads[c]), value.clone());
+                        model[c].insert(heads[c], value);
+                    }
+                }
+                EventWrite::Rewrite { conv, pick } | EventWrite::Clear { conv, pick } => {
+                    let c = usize::from(conv);
+                    let Some(&seq) = model[c].keys().nth(pick % model[c].len().max(1)) else {
+                        continue;
+                    };
+                    let key = keys.event(name(conv), seq);
+                    if matches!(write, EventWrite::Clear { .. }) {
+                        batch.clear(key);
+                        model[c].remove(&seq);
+                    } else {
+                        batch.set(key, format!("{i}:deleted").into_bytes());
+                        model[c].insert(seq, format!("{i}:deleted").into_bytes());
+                    }
+                }
+                EventWrite::Trim { conv, pick } => {
+                    let c = usize::from(conv);
+                    let floor = (pick as u64) % (heads[c] + 2);
+                    batch.clear_range(keys.events(name(conv), 0, floor));
+                    model[c].retain(|&seq, _| seq >= floor);
+                }
+                EventWrite::ClearBoth => {
+                    batch.clear_range(keys.all_events());
+                    model = Default::default();
+                }
+            }
+            kv.commit(batch).await.unwrap();
+            for conv in [false, true] {
+                let c = usize::from(conv);
+                for after in 0..=heads[c] + 1 {
+                    for through in [after + 1, after + 3, heads[c], u64::MAX] {
+                        if through <= after {
+                            continue;
+                        }
+                        for limit in [1, 2, 256] {
+                            let range =
+                                keys.events(name(conv), after + 1, through.saturating_add(1));
+                            let read = kv.range(range, limit, false).await.unwrap();
+                            let want: Vec<_> = model[c]
+                                .range(after + 1..through.saturating_add(1))
+                                .take(limit)
+                                .map(|(&seq, v)| (keys.event(name(conv), seq), v.clone()))
+                                .collect();
+                            assert_eq!(
+                                read,
+                                want,
+                                "{} after {after} through {through} limit {limit}",
+                                name(conv)
+                            );
+                        }
+                    }
+                }
+            }
+        }
     }
 }

@@ -530,6 +530,36 @@ impl Keys {
         self.event(conv, from)..self.event(conv, to)
     }
 
+    /// Every event key, of every conversation.
+    pub fn all_events(&self) -> Range<Vec<u8>> {
+        range_of(self.root.subspace(&("ev",)))
+    }
+
+    /// An event key split into its conversation's part (its bytes before the seq) and its
+    /// seq; `None` for any other key or a range bound that is not an event key.
+    pub fn event_parts<'k>(&self, key: &'k [u8]) -> Option<(&'k [u8], u64)> {
+        let root = self.root.bytes();
+        let mut tuple = TupleReader {
+            bytes: key.strip_prefix(root)?,
+            at: 0,
+        };
+        if tuple.string()? != b"ev" {
+            return None;
+        }
+        tuple.string()?;
+        let conversation = root.len() + tuple.at;
+        let seq = tuple.uint()?;
+        (root.len() + tuple.at == key.len()).then_some((&key[..conversation], seq))
+    }
+
+    /// The event key of `seq` in the conversation whose part [`Keys::event_parts`] gave.
+    pub fn event_from_parts(conversation: &[u8], seq: u64) -> Vec<u8> {
+        let mut key = Vec::with_capacity(conversation.len() + 9);
+        key.extend_from_slice(conversation);
+        foundationdb_tuple::pack_into(&seq, &mut key);
+        key
+    }
+
     /// The idempotency record of a client's send in each of `buckets` (the times their
     /// records expire, `crate::idempotency`), in their order.
     pub fn idempotency(
@@ -658,6 +688,28 @@ mod tests {
         let range = keys.events("a", 1, 3);
         assert!(range.contains(&keys.event("a", 2)));
         assert!(!range.contains(&keys.event("a", 3)));
+    }
+
+    #[test]
+    fn an_event_key_splits_into_its_conversation_and_seq_and_back() {
+        for keys in [Keys::new(&[]), Keys::new(b"t")] {
+            for (conv, seq) in [("d:ab", 0), ("g:\0x", 1), ("a", 255), ("a", u64::MAX)] {
+                let key = keys.event(conv, seq);
+                let (conversation, split) = keys.event_parts(&key).unwrap();
+                assert_eq!(split, seq);
+                assert_eq!(conversation, &keys.event(conv, 0)[..conversation.len()]);
+                assert_eq!(Keys::event_from_parts(conversation, seq), key);
+                assert!(keys.all_events().contains(&key));
+            }
+            for other in [keys.head("a"), keys.floor("a"), keys.member("a", "ev")] {
+                assert_eq!(keys.event_parts(&other), None);
+                assert!(!keys.all_events().contains(&other));
+            }
+        }
+        assert_eq!(
+            Keys::new(&[]).event_parts(&Keys::new(b"t").event("a", 1)),
+            None
+        );
     }
 
     /// The expired buckets hold the records of buckets up to the time given, and the legacy

@@ -236,6 +236,14 @@ pub struct WriterTotals {
     pub batches: u64,
 }
 
+/// What an engine's cache of recent events has answered since the engine opened: range reads
+/// of one conversation's events it held whole, and those it did not (read from the tables).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EventCacheTotals {
+    pub held: u64,
+    pub missed: u64,
+}
+
 /// An ordered key-value engine with FoundationDB's semantics. Implementations: the embedded
 /// engine (default) and FoundationDB (feature `fdb`); both pass [`crate::contract`].
 #[async_trait]
@@ -249,6 +257,12 @@ pub trait KvEngine: Send + Sync + 'static {
     /// What the engine's writer has done, for an engine whose commits all go through one
     /// writer in this process (the embedded engine); `None` for the others. Cheap.
     fn writer_totals(&self) -> Option<WriterTotals> {
+        None
+    }
+
+    /// What the engine's cache of recent events has answered, for an engine that keeps one
+    /// (the embedded engine); `None` for the others. Cheap.
+    fn event_cache_totals(&self) -> Option<EventCacheTotals> {
         None
     }
 

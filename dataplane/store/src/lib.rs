@@ -16,6 +16,7 @@
 
 pub mod contract;
 pub mod embedded;
+mod event_cache;
 /// Test support for the crates above the store (feature `faulty-engine`).
 #[cfg(any(test, feature = "faulty-engine"))]
 pub mod faulty_engine;

@@ -6,8 +6,8 @@ use crate::keys::{
     Keys, PUSH_REGISTRATION_SLOTS, ReceiptKind, push_registration_slot, stable_hash,
 };
 use crate::kv::{
-    Batch, BatchLimits, Durability, KeyValue, KvEngine, Mutation, StoreError, WriterTotals,
-    complete_versionstamped_key, decode_u64,
+    Batch, BatchLimits, Durability, EventCacheTotals, KeyValue, KvEngine, Mutation, StoreError,
+    WriterTotals, complete_versionstamped_key, decode_u64,
 };
 use crate::membership::{MemberRecord, UserConversation, encode_left_seq};
 use crate::outbox_rows::{self, EventHeader, RowWriter};
@@ -743,6 +743,12 @@ impl MessageStore {
     /// What the engine's writer has done, if it has one ([`KvEngine::writer_totals`]).
     pub fn writer_totals(&self) -> Option<WriterTotals> {
         self.kv.writer_totals()
+    }
+
+    /// What the engine's cache of recent events has answered, if it keeps one
+    /// ([`KvEngine::event_cache_totals`]).
+    pub fn event_cache_totals(&self) -> Option<EventCacheTotals> {
+        self.kv.event_cache_totals()
     }
 
     pub fn keys(&self) -> &Keys {
@@ -1921,16 +1927,19 @@ impl MessageStore {
             .map_or(0, decode_u64))
     }
 
-    /// Up to `limit` events of `conv` with `seq > after_seq`, in order.
+    /// Up to `limit` events of `conv` with `after_seq < seq <= through`, in order (`through`
+    /// `u64::MAX`: every one after `after_seq`). A range with both ends given may be read from
+    /// the embedded engine's recent events (`crate::event_cache`).
     pub async fn events(
         &self,
         conv: &str,
         after_seq: u64,
+        through: u64,
         limit: usize,
     ) -> Result<Vec<Event>, StoreError> {
         let range = self
             .keys
-            .events(conv, after_seq.saturating_add(1), u64::MAX);
+            .events(conv, after_seq.saturating_add(1), through.saturating_add(1));
         self.kv
             .range(range, limit, false)
             .await?
@@ -2523,7 +2532,13 @@ mod tests {
         ));
         assert_eq!(store.trim(new, "d:1", 2).await.unwrap(), 1);
         assert_eq!(store.floor("d:1").await.unwrap(), 2);
-        assert!(store.events("d:1", 0, 10).await.unwrap().is_empty());
+        assert!(
+            store
+                .events("d:1", 0, u64::MAX, 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
     }
 
     /// The outcome of the first append of a batch that must succeed.
