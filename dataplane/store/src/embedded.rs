@@ -75,6 +75,14 @@
 //! one that commit does not write, and a read whose look-up a commit followed reads every key
 //! from its snapshot.
 //!
+//! **Recent events from memory.** The writer also keeps the events it committed last, per
+//! conversation (`crate::event_cache`), and a range read of one conversation's events that it
+//! holds whole (a device's catch-up, a gap fill, a `fetch`) is answered from them instead of
+//! merging fjall's memtables and tables and reading its blob files: in a reconnect storm those
+//! reads were ~22 % of the server's CPU (`docs/benchmarks.md`, "Recent events from memory"). It
+//! is kept exact like the row cache: an event a group writes or clears is a hole while the group
+//! commits, and the group's writes are applied once it has.
+//!
 //! **Idempotency records apart.** The data lives in two keyspaces: the idempotency records,
 //! looked up on every append and almost never found, in one of their own, every other key in
 //! the other ([`crate::keyspaces`]). Reads, writes and range clears go to the keyspace that
@@ -224,6 +232,14 @@ pub const DEFAULT_CACHE_BYTES: u64 = 32 << 20;
 /// The recent events' cache's size unless the operator gives one (`--store-event-cache`,
 /// `crate::event_cache`).
 pub const DEFAULT_EVENT_CACHE_BYTES: u64 = 32 << 20;
+/// Largest value accepted, as in FoundationDB (100 kB); larger ones are the caller's to chunk.
+pub const MAX_VALUE_BYTES: usize = 100_000;
+/// Largest key accepted, as in FoundationDB.
+pub const MAX_KEY_BYTES: usize = 10_000;
+/// How far every group commit is persisted before its batches are answered: the journal is
+/// written and fsynced (data and metadata), so an `Ok` survives a power loss, not only a crash
+/// of the process.
+const COMMIT_PERSIST: PersistMode = PersistMode::SyncAll;
 
 /// The sizes of the engine's caches, in bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -242,14 +258,6 @@ impl Default for Caches {
         }
     }
 }
-/// Largest value accepted, as in FoundationDB (100 kB); larger ones are the caller's to chunk.
-pub const MAX_VALUE_BYTES: usize = 100_000;
-/// Largest key accepted, as in FoundationDB.
-pub const MAX_KEY_BYTES: usize = 10_000;
-/// How far every group commit is persisted before its batches are answered: the journal is
-/// written and fsynced (data and metadata), so an `Ok` survives a power loss, not only a crash
-/// of the process.
-const COMMIT_PERSIST: PersistMode = PersistMode::SyncAll;
 
 struct CommitRequest {
     batch: Batch,
