@@ -374,13 +374,7 @@ impl Chat {
         let mut events = Vec::new();
         for (after, through) in visible.ranges(after_seq, head_seq) {
             let wanted = (limit - events.len()).min((through - after) as usize);
-            events.extend(
-                self.store
-                    .events(conv, after, through, wanted)
-                    .await?
-                    .into_iter()
-                    .filter(|e| e.seq <= through),
-            );
+            events.extend(self.store.events(conv, after, through, wanted).await?);
             if events.len() == limit {
                 break;
             }

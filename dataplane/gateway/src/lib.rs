@@ -923,7 +923,7 @@ impl Connection {
                 let Some(last) = events.last().map(|e| e.seq) else {
                     break;
                 };
-                for event in events.into_iter().filter(|e| e.seq <= through) {
+                for event in events {
                     if own || !self.is_own(&event) {
                         self.write(ServerFrame::Event(event)).await?;
                     }

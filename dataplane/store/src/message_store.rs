@@ -1928,8 +1928,9 @@ impl MessageStore {
     }
 
     /// Up to `limit` events of `conv` with `after_seq < seq <= through`, in order (`through`
-    /// `u64::MAX`: every one after `after_seq`). A range with both ends given may be read from
-    /// the embedded engine's recent events (`crate::event_cache`).
+    /// `u64::MAX`: every one after `after_seq`). The embedded engine answers from its recent
+    /// events when it holds every event asked for (`crate::event_cache`), so a caller that
+    /// knows the last seq it wants gives it.
     pub async fn events(
         &self,
         conv: &str,
