@@ -302,8 +302,9 @@ impl EventCache {
             while run.first < to && !run.values.is_empty() {
                 state.bytes -= run.pop_front();
             }
-        } else if from < run.end() {
-            let kept = usize::try_from(from - run.first).expect("within the run");
+        } else if from < run.end()
+            && let Ok(kept) = usize::try_from(from - run.first)
+        {
             state.bytes -= run.values.range(kept..).map(slot_bytes).sum::<usize>();
             run.values.truncate(kept);
         }
@@ -322,8 +323,10 @@ impl EventCache {
                 break;
             };
             state.bytes -= WRITE_BYTES;
-            if state.runs.get(&conversation).map(|run| run.last_write) == Some(write) {
-                let run = state.runs.remove(&conversation).expect("looked up");
+            let last = state.runs.get(&conversation).map(|run| run.last_write);
+            if last == Some(write)
+                && let Some(run) = state.runs.remove(&conversation)
+            {
                 state.bytes -= run.bytes();
                 evicted.push(run);
             }
