@@ -150,6 +150,56 @@ async fn a_catch_up_reads_recent_events_from_the_event_cache_unless_it_is_off() 
     assert_serve_refuses(dir.path(), "--store-event-cache", "lots");
 }
 
+/// A server stopped with SIGTERM notes which conversations its cache of recent events holds,
+/// and once started again it reads their events back into it: a catch-up right after a
+/// restart reads them from memory.
+#[tokio::test]
+async fn after_a_restart_a_catch_up_reads_the_recent_events_from_memory() {
+    use courier_client::proto::{Body, EventPayload};
+    let (dir, mut server) = support::start(&[]);
+    let mut alice = support::connected(&server, "alice", "phone").await;
+    for i in 0..3 {
+        let text = format!("r{i}");
+        alice
+            .send_text(Target::User("bob".into()), &format!("c{i}"), &text)
+            .await
+            .unwrap();
+    }
+    drop(alice);
+    server.restart();
+    assert!(dir.path().join("store/recent-events").exists());
+    // The cache warms while the writer has nothing to commit: a catch-up may come first.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let mut bob = server.connect("bob", "phone").await;
+        let texts: Vec<String> = bob
+            .events_until_sync_done()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|event| match event.payload {
+                EventPayload::Message {
+                    body: Some(Body::Text(text)),
+                    ..
+                } => text,
+                other => panic!("not a text message: {other:?}"),
+            })
+            .collect();
+        assert_eq!(texts, ["r0", "r1", "r2"]);
+        let held = server
+            .metric("courier_store_event_cache_held_reads_total")
+            .await;
+        if held >= 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never read from memory"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// `/metrics` tells how much the embedded store's writer works: its time, its group commits
 /// and the batches they held, all growing as messages are sent.
 #[tokio::test]

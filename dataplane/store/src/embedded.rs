@@ -106,7 +106,7 @@
 //! "Journals kept by a keyspace written once a minute; deletes on a volume mounted with
 //! discard").
 
-use crate::event_cache::EventCache;
+use crate::event_cache::{EventCache, RUN_EVENTS_MAX};
 use crate::group_writes::GroupWrites;
 use crate::keyspaces::Keyspaces;
 use crate::kv::{
@@ -114,6 +114,7 @@ use crate::kv::{
     StoreError, WriterTotals, complete_versionstamped_key, decode_u64,
 };
 use crate::row_cache::{RowCache, Writing, Written};
+use crate::warm_up::WarmUp;
 use async_trait::async_trait;
 use fjall::{
     AbstractTree, KeyspaceCreateOptions, PersistMode, Readable, SingleWriterTxDatabase,
@@ -354,6 +355,7 @@ impl EmbeddedEngine {
             events: EventCache::new(caches.events),
             memtables_freed: AtomicU64::new(0),
         });
+        let warm_up = WarmUp::open(path, &store.events);
         let (queue, requests) = mpsc::channel(QUEUE_CAPACITY);
         let writer = store.clone();
         let halted = Arc::new(OnceLock::new());
@@ -361,7 +363,10 @@ impl EmbeddedEngine {
         let (writer_halted, writer_work) = (halted.clone(), work.clone());
         std::thread::Builder::new()
             .name("courier-store-writer".into())
-            .spawn(move || write_loop(&writer, &writer_halted, &writer_work, requests, versions))
+            .spawn(move || {
+                let idle = Idle { requests, warm_up };
+                write_loop(&writer, &writer_halted, &writer_work, idle, versions);
+            })
             .map_err(engine_error)?;
         let memtables = Arc::downgrade(&store);
         std::thread::Builder::new()
@@ -537,23 +542,53 @@ pub const LIMITS: BatchLimits = BatchLimits {
     max_batch_bytes: GROUP_MAX_BYTES,
 };
 
+/// What the writer takes its work from: the commits queued, and, while none is, the recent
+/// events' cache's warm-up and note (`crate::warm_up`).
+struct Idle {
+    requests: mpsc::Receiver<CommitRequest>,
+    warm_up: WarmUp,
+}
+
+impl Idle {
+    /// The next commit: one queued, else the first to come, the warm-up's work done while
+    /// none comes. `None` once the engine is dropped and the queue is empty.
+    fn next(&mut self, store: &Store) -> Option<CommitRequest> {
+        loop {
+            match self.requests.try_recv() {
+                Ok(request) => return Some(request),
+                Err(mpsc::error::TryRecvError::Disconnected) => return None,
+                Err(mpsc::error::TryRecvError::Empty) => {}
+            }
+            let read = |range| {
+                let snapshot = store.db.read_tx();
+                let mut last = read_range(&snapshot, &store.data, range, RUN_EVENTS_MAX, true)?;
+                last.reverse();
+                Ok(last)
+            };
+            if !self.warm_up.idle(&store.events, read) {
+                return self.requests.blocking_recv();
+            }
+        }
+    }
+}
+
 /// The writer: takes what is queued, commits it as one batch, answers each batch.
 /// Once a commit has failed (`halted` set), it answers every batch `Halted` without writing.
 fn write_loop(
     store: &Store,
     halted: &OnceLock<String>,
     work: &WriterWork,
-    mut requests: mpsc::Receiver<CommitRequest>,
+    mut idle: Idle,
     mut versions: Versions,
 ) {
     let mut group = Vec::with_capacity(GROUP_MAX_BATCHES);
     let mut known = Known::default();
-    while let Some(first) = requests.blocking_recv() {
+    while let Some(first) = idle.next(store) {
         let started = std::time::Instant::now();
         let mut bytes = first.batch.approximate_size();
         group.push(first);
         while group.len() < GROUP_MAX_BATCHES && bytes < GROUP_MAX_BYTES {
-            match requests.try_recv() {
+            match idle.requests.try_recv() {
                 Ok(next) => {
                     bytes += next.batch.approximate_size();
                     group.push(next);
@@ -610,6 +645,7 @@ fn write_loop(
             }
         }
     }
+    idle.warm_up.close(&store.events);
 }
 
 /// Has fjall flush the keyspace of the commit versions' ceiling, which a group just wrote, so
@@ -1814,6 +1850,9 @@ mod tests {
             pick: usize,
         },
         ClearBoth,
+        /// Closes the engine and opens it again: the cache warms from its note while the
+        /// reads go on (`crate::warm_up`).
+        Reopen,
     }
 
     fn event_write() -> impl proptest::strategy::Strategy<Value = EventWrite> {
@@ -1825,6 +1864,7 @@ mod tests {
             1 => (any::<bool>(), any::<usize>()).prop_map(|(conv, pick)| EventWrite::Clear { conv, pick }),
             1 => (any::<bool>(), any::<usize>()).prop_map(|(conv, pick)| EventWrite::Trim { conv, pick }),
             1 => Just(EventWrite::ClearBoth),
+            1 => Just(EventWrite::Reopen),
         ]
     }
 
@@ -1844,13 +1884,88 @@ mod tests {
         }
     }
 
+    /// The engine at `path` opened again once the one dropped has let its files go.
+    fn reopen(path: &Path, caches: Caches) -> EmbeddedEngine {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match EmbeddedEngine::open_with_caches(path, caches) {
+                Ok(kv) => return kv,
+                Err(e) if std::time::Instant::now() > deadline => panic!("reopen: {e}"),
+                // The old writer thread holds the files until it has ended.
+                Err(_) => std::thread::sleep(Duration::from_millis(1)),
+            }
+        }
+    }
+
+    /// Once a reopened engine has warmed its cache, the events a store held are read from
+    /// memory again, as the store has them; without a budget it neither notes nor warms.
+    #[tokio::test]
+    async fn the_recent_events_are_read_from_memory_again_after_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        let keys = Keys::new(&[]);
+        let kv = EmbeddedEngine::open(&path).unwrap();
+        for (conv, n) in [("a", 5), ("b", 3)] {
+            let mut batch = Batch::new();
+            for seq in 1..=n {
+                batch.set(keys.event(conv, seq), format!("{conv}:{seq}").into_bytes());
+            }
+            kv.commit(batch).await.unwrap();
+        }
+        let mut batch = Batch::new();
+        batch.clear(keys.event("a", 2));
+        kv.commit(batch).await.unwrap();
+        drop(kv);
+        let kv = reopen(&path, Caches::default());
+        assert!(path.join(crate::warm_up::NOTE_FILE).exists());
+        let values = |events: Vec<KeyValue>| -> Vec<String> {
+            events
+                .into_iter()
+                .map(|(_, v)| String::from_utf8(v).unwrap())
+                .collect()
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let read = kv.range(keys.events("a", 3, 6), 10, false).await.unwrap();
+            assert_eq!(values(read), ["a:3", "a:4", "a:5"]);
+            if kv.event_cache_totals().unwrap().held > 0 {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "never warmed");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let held = kv.event_cache_totals().unwrap().held;
+        let read = kv.range(keys.events("b", 1, 4), 10, false).await.unwrap();
+        assert_eq!(values(read), ["b:1", "b:2", "b:3"]);
+        // The cleared event is a hole: a range across it is read from fjall.
+        let read = kv.range(keys.events("a", 1, 4), 10, false).await.unwrap();
+        assert_eq!(values(read), ["a:1", "a:3"]);
+        assert_eq!(kv.event_cache_totals().unwrap().held, held + 1);
+        drop(kv);
+
+        let none = Caches {
+            events: 0,
+            ..Caches::default()
+        };
+        std::fs::remove_file(path.join(crate::warm_up::NOTE_FILE)).unwrap();
+        let kv = reopen(&path, none);
+        let mut batch = Batch::new();
+        batch.set(keys.event("a", 6), b"a:6".to_vec());
+        kv.commit(batch).await.unwrap();
+        drop(kv);
+        let kv = reopen(&path, none);
+        assert!(!path.join(crate::warm_up::NOTE_FILE).exists());
+        kv.range(keys.events("a", 3, 7), 10, false).await.unwrap();
+        assert_eq!(kv.event_cache_totals().unwrap().held, 0);
+    }
+
     async fn check_event_reads(writes: Vec<EventWrite>, small: bool) {
         let dir = tempfile::tempdir().unwrap();
         let caches = Caches {
             events: if small { 600 } else { 1 << 20 },
             ..Caches::default()
         };
-        let kv = EmbeddedEngine::open_with_caches(&dir.path().join("s"), caches).unwrap();
+        let mut kv = EmbeddedEngine::open_with_caches(&dir.path().join("s"), caches).unwrap();
         let keys = Keys::new(&[]);
         let mut model: [std::collections::BTreeMap<u64, Vec<u8>>; 2] = Default::default();
         let mut heads = [0u64; 2];
@@ -1895,6 +2010,10 @@ mod tests {
                 EventWrite::ClearBoth => {
                     batch.clear_range(keys.all_events());
                     model = Default::default();
+                }
+                EventWrite::Reopen => {
+                    drop(kv);
+                    kv = reopen(&dir.path().join("s"), caches);
                 }
             }
             kv.commit(batch).await.unwrap();

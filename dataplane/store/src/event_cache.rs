@@ -174,6 +174,104 @@ impl EventCache {
             .collect()
     }
 
+    /// The most it holds, in bytes.
+    pub fn budget(&self) -> usize {
+        self.budget
+    }
+
+    /// How many groups it has held: it changes with what it holds.
+    pub fn holds(&self) -> u64 {
+        self.state().holds
+    }
+
+    /// The conversations held, at most `max`, the one written to last first, each named by
+    /// the key of the first event its run holds: what a restarted engine warms the cache from
+    /// (`crate::warm_up`).
+    pub fn recent(&self, max: usize) -> Vec<Vec<u8>> {
+        let state = self.state();
+        let latest = state
+            .writes
+            .iter()
+            .rev()
+            .filter_map(|(conversation, write)| {
+                let run = state.runs.get(conversation)?;
+                let first = Keys::event_from_parts(conversation, run.first);
+                (run.last_write == *write).then_some(first)
+            });
+        latest.take(max).collect()
+    }
+
+    /// The keys of the events of `key`'s conversation from `key`'s on, if `key` is one of the
+    /// event keys the cache holds (as [`EventCache::recent`] names them).
+    pub fn events_from(&self, key: &[u8]) -> Option<Range<Vec<u8>>> {
+        let (conversation, _) = self.keys.event_parts(key)?;
+        Some(key.to_vec()..Keys::event_from_parts(conversation, u64::MAX))
+    }
+
+    /// Holds `events`, one conversation's events in seq order as the store has them now (its
+    /// last [`RUN_EVENTS_MAX`] seqs kept, a seq missing among them a hole). The writer calls it
+    /// between two group commits, when no event is being written. A conversation written to
+    /// since the engine opened keeps its place in the order of writes; another is taken as
+    /// written to before every one held. Returns false, holding nothing, when they do not fit
+    /// in what is left of the budget.
+    pub fn warm(&self, events: Vec<KeyValue>) -> bool {
+        let parsed: Vec<_> = events
+            .into_iter()
+            .filter_map(|(key, value)| {
+                let (conversation, seq) = self.keys.event_parts(&key)?;
+                Some((conversation.len(), seq, key, value))
+            })
+            .collect();
+        let Some((length, last, key, _)) = parsed.last() else {
+            return true;
+        };
+        let conversation: Arc<[u8]> = Arc::from(&key[..*length]);
+        let floor = last.saturating_sub(RUN_EVENTS_MAX as u64 - 1);
+        let mut run = Run {
+            conversation: conversation.clone(),
+            first: 0,
+            values: VecDeque::new(),
+            last_write: 0,
+        };
+        for (length, seq, key, value) in parsed {
+            if seq < floor || key[..length] != *conversation {
+                continue;
+            }
+            if run.values.is_empty() {
+                run.first = seq;
+            }
+            while run.end() < seq {
+                run.values.push_back(None);
+            }
+            if run.end() == seq {
+                run.values.push_back(Some(value));
+            }
+        }
+        let mut state = self.state();
+        let (replaced, order) = match state.runs.get(&conversation) {
+            Some(held) => (
+                held.bytes(),
+                Some((held.conversation.clone(), held.last_write)),
+            ),
+            None => (0, None),
+        };
+        let added = run.bytes() + if order.is_some() { 0 } else { WRITE_BYTES };
+        let bytes = state.bytes - replaced + added;
+        if bytes > self.budget {
+            return false;
+        }
+        state.bytes = bytes;
+        match order {
+            Some((conversation, last_write)) => {
+                run.conversation = conversation;
+                run.last_write = last_write;
+            }
+            None => state.writes.push_front((run.conversation.clone(), 0)),
+        }
+        state.runs.insert(run.conversation.clone(), run);
+        true
+    }
+
     /// Before a group commits: every held event that `mutations` write or clear becomes a
     /// hole (or is dropped), so that none is read from here while the commit is under way.
     pub fn forget<'a>(&self, mutations: impl IntoIterator<Item = &'a Mutation>) {
@@ -492,6 +590,95 @@ mod tests {
         assert_eq!(read(&cache, "a", 0, 11), None);
         let last = RUN_EVENTS_MAX as u64 + 10;
         assert_eq!(read(&cache, "a", 10, last).unwrap().len(), RUN_EVENTS_MAX);
+        let state = cache.state();
+        let held: usize = state.runs.values().map(Run::bytes).sum();
+        assert_eq!(state.bytes, held + state.writes.len() * WRITE_BYTES);
+    }
+
+    /// Warms `cache` with `conv`'s events `seqs` as the store would give them.
+    fn warm(cache: &EventCache, conv: &str, seqs: impl IntoIterator<Item = u64>) -> bool {
+        let events = seqs
+            .into_iter()
+            .map(|s| (keys().event(conv, s), format!("{conv}:{s}").into_bytes()))
+            .collect();
+        cache.warm(events)
+    }
+
+    #[test]
+    fn the_conversations_held_are_named_the_latest_first_by_their_first_event() {
+        let cache = EventCache::new(1 << 20);
+        append(&cache, "a", 1..4);
+        append(&cache, "b", 7..9);
+        append(&cache, "a", 4..5);
+        append(&cache, "c", 2..3);
+        let first = |conv, seq| keys().event(conv, seq);
+        assert_eq!(
+            cache.recent(10),
+            [first("c", 2), first("a", 1), first("b", 7)]
+        );
+        assert_eq!(cache.recent(2), [first("c", 2), first("a", 1)]);
+        assert_eq!(
+            cache.events_from(&first("a", 2)),
+            Some(first("a", 2)..first("a", u64::MAX))
+        );
+        assert_eq!(cache.events_from(b"not an event"), None);
+    }
+
+    #[test]
+    fn a_warmed_run_is_read_with_its_holes_and_goes_before_the_runs_written_since() {
+        let event = EVENT_OVERHEAD_BYTES + "a:1".len();
+        let run = RUN_OVERHEAD_BYTES + WRITE_BYTES + 3 * event;
+        let cache = EventCache::new((3 * run) as u64);
+        // Written since the engine opened: `c`.
+        append(&cache, "c", 1..4);
+        // The note's conversations, the latest first; `a` lacks seq 3 (cleared).
+        assert!(warm(&cache, "b", 1..4));
+        assert!(warm(&cache, "a", [2, 4]));
+        assert_eq!(read(&cache, "a", 1, 2).unwrap(), ["a:2"]);
+        assert_eq!(read(&cache, "a", 1, 4), None);
+        assert_eq!(read(&cache, "a", 3, 4).unwrap(), ["a:4"]);
+        assert_eq!(read(&cache, "b", 0, 3).unwrap().len(), 3);
+        // Warmed runs are taken as written to before `c`: `a`, then `b`.
+        let order: Vec<_> = cache.recent(10);
+        assert_eq!(
+            order,
+            [
+                keys().event("c", 1),
+                keys().event("b", 1),
+                keys().event("a", 2)
+            ]
+        );
+        // The budget is full: a conversation that does not fit is not held.
+        assert!(!warm(&cache, "d", 1..4));
+        assert_eq!(read(&cache, "d", 0, 3), None);
+        // `e` written comes in and the oldest warmed run, `a`, leaves first.
+        append(&cache, "e", 1..3);
+        assert_eq!(read(&cache, "a", 1, 2), None);
+        assert_eq!(read(&cache, "b", 0, 3).unwrap().len(), 3);
+        assert_eq!(read(&cache, "c", 0, 3).unwrap().len(), 3);
+        let state = cache.state();
+        let held: usize = state.runs.values().map(Run::bytes).sum();
+        assert_eq!(state.bytes, held + state.writes.len() * WRITE_BYTES);
+    }
+
+    #[test]
+    fn a_conversation_written_since_the_open_is_warmed_whole_and_keeps_its_place() {
+        let cache = EventCache::new(1 << 20);
+        append(&cache, "a", 9..11);
+        append(&cache, "b", 1..2);
+        assert_eq!(read(&cache, "a", 5, 10), None);
+        // The store's events 6-10 of `a`, read between two commits, include those held.
+        assert!(warm(&cache, "a", 6..11));
+        assert_eq!(read(&cache, "a", 5, 10).unwrap().len(), 5);
+        assert_eq!(
+            cache.recent(10),
+            [keys().event("b", 1), keys().event("a", 6)]
+        );
+        // Only the last `RUN_EVENTS_MAX` seqs are held, and an empty read holds nothing.
+        assert!(warm(&cache, "c", 1..RUN_EVENTS_MAX as u64 + 6));
+        assert_eq!(read(&cache, "c", 4, 5), None);
+        assert_eq!(read(&cache, "c", 5, 6).unwrap(), ["c:6"]);
+        assert!(cache.warm(Vec::new()));
         let state = cache.state();
         let held: usize = state.runs.values().map(Run::bytes).sum();
         assert_eq!(state.bytes, held + state.writes.len() * WRITE_BYTES);

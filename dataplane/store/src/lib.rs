@@ -41,6 +41,7 @@ pub mod shard_map;
 mod testing;
 pub mod trim_queue;
 mod volume;
+mod warm_up;
 
 pub use keys::{Keys, PUSH_REGISTRATION_SLOTS, Placement, ReceiptKind, push_registration_slot};
 pub use kv::{Batch, CommitStamp, KvEngine, StoreError};

@@ -1,0 +1,215 @@
+//! The recent events' cache (`crate::event_cache`) across a restart: the engine notes in a
+//! file of its directory which conversations the cache holds, and an engine opened on that
+//! directory reads their last events back into the cache while its writer has nothing to
+//! commit.
+//!
+//! A reconnect storm is likeliest right after a restart (a deploy, a crash), when the cache
+//! would otherwise be empty and every catch-up would merge fjall's sources and read its blob
+//! files again (`docs/benchmarks.md`, "Recent events after a restart").
+//!
+//! **The note** ([`NOTE_FILE`]) names each conversation by the key of the first event its run
+//! held, the one written to last first, at most [`NOTE_CONVERSATIONS_MAX`]. The writer writes
+//! it when it has nothing to commit, at most every [`NOTE_PERIOD`] and only if the cache has
+//! changed, and once more when the engine closes. It goes to a temporary file renamed over the
+//! old one, without an fsync: it only says what to read, so a note lost or torn by a crash (or
+//! in an unknown format) is ignored with a warning, and the cache fills as it would have.
+//!
+//! **Exact.** The writer reads each conversation's events from the store between two group
+//! commits, when none is under way and the cache holds every group committed: what it holds
+//! is what the store has (`EventCache::warm`).
+//!
+//! **Bounded.** A step of the warm-up reads [`WARM_STEP`] conversations, after which the writer
+//! takes the commits that came meanwhile. It ends at the first conversation that does not fit
+//! in the cache's budget (the note's later ones were written to earlier).
+
+use crate::event_cache::EventCache;
+use crate::kv::{KeyValue, StoreError};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// The note's name in the store's directory.
+pub const NOTE_FILE: &str = "recent-events";
+
+/// How often, at most, the note is written while the engine runs.
+pub const NOTE_PERIOD: Duration = Duration::from_secs(30);
+
+/// Most conversations the note names: writing it copies their keys under the cache's lock
+/// (a few milliseconds for this many).
+pub const NOTE_CONVERSATIONS_MAX: usize = 65_536;
+
+/// Conversations read per step of the warm-up.
+const WARM_STEP: usize = 16;
+
+/// The note's first bytes: its format.
+const MAGIC: &[u8] = b"courier recent events 1\n";
+
+/// What the store's writer does for the recent events' cache with the time it has nothing to
+/// commit (module documentation).
+pub struct WarmUp {
+    note: PathBuf,
+    /// Conversations still to read, by the key of their first event, the latest first.
+    pending: std::vec::IntoIter<Vec<u8>>,
+    began: Instant,
+    warmed: usize,
+    /// The cache's [`EventCache::holds`] when the note was last written or read.
+    noted_holds: u64,
+    noted_at: Instant,
+}
+
+impl WarmUp {
+    /// Reads the note of the store in `dir`, if the cache has a budget.
+    pub fn open(dir: &Path, cache: &EventCache) -> Self {
+        let note = dir.join(NOTE_FILE);
+        let pending = if cache.budget() > 0 {
+            read_note(&note)
+        } else {
+            Vec::new()
+        };
+        Self {
+            note,
+            pending: pending.into_iter(),
+            began: Instant::now(),
+            warmed: 0,
+            noted_holds: cache.holds(),
+            noted_at: Instant::now(),
+        }
+    }
+
+    /// The writer's idle time: a step of the warm-up, or the note written if it is due.
+    /// `read` reads up to [`crate::event_cache::RUN_EVENTS_MAX`] pairs of a range, the last ones, in key order.
+    /// False when there is nothing to do until the next commit.
+    pub fn idle(
+        &mut self,
+        cache: &EventCache,
+        mut read: impl FnMut(Range<Vec<u8>>) -> Result<Vec<KeyValue>, StoreError>,
+    ) -> bool {
+        if !self.pending.as_slice().is_empty() {
+            for key in self.pending.by_ref().take(WARM_STEP) {
+                let Some(range) = cache.events_from(&key) else {
+                    continue;
+                };
+                let events = match read(range) {
+                    Ok(events) => events,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "warming the recent events' cache stopped");
+                        self.pending = Vec::new().into_iter();
+                        return true;
+                    }
+                };
+                if !cache.warm(events) {
+                    self.pending = Vec::new().into_iter();
+                    break;
+                }
+                self.warmed += 1;
+            }
+            if self.pending.as_slice().is_empty() {
+                tracing::info!(
+                    conversations = self.warmed,
+                    took_ms = self.began.elapsed().as_millis() as u64,
+                    "the recent events' cache is warm"
+                );
+            }
+            return true;
+        }
+        if self.noted_at.elapsed() < NOTE_PERIOD || cache.holds() == self.noted_holds {
+            return false;
+        }
+        self.write_note(cache);
+        true
+    }
+
+    /// The engine is closing: the note is written if the cache has changed since.
+    pub fn close(&mut self, cache: &EventCache) {
+        if cache.holds() != self.noted_holds {
+            self.write_note(cache);
+        }
+    }
+
+    fn write_note(&mut self, cache: &EventCache) {
+        self.noted_holds = cache.holds();
+        self.noted_at = Instant::now();
+        let keys = cache.recent(NOTE_CONVERSATIONS_MAX);
+        let temporary = self.note.with_extension("new");
+        let written = std::fs::write(&temporary, encode(&keys))
+            .and_then(|()| std::fs::rename(&temporary, &self.note));
+        if let Err(e) = written {
+            tracing::warn!(
+                error = %e,
+                path = %self.note.display(),
+                "could not note which conversations the recent events' cache holds; \
+                 after a restart it fills as events are written"
+            );
+        }
+    }
+}
+
+/// The conversations a note names; none, with a warning, if it cannot be read.
+fn read_note(path: &Path) -> Vec<Vec<u8>> {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
+        Err(e) => {
+            tracing::warn!(error = %e, path = %path.display(), "could not read the recent events' note");
+            return Vec::new();
+        }
+    };
+    decode(&bytes).unwrap_or_else(|| {
+        tracing::warn!(
+            path = %path.display(),
+            "the recent events' note is torn or of another format; the cache starts empty"
+        );
+        Vec::new()
+    })
+}
+
+/// [`MAGIC`], then each key as its length (u32 LE) and its bytes.
+fn encode(keys: &[Vec<u8>]) -> Vec<u8> {
+    let length: usize = keys.iter().map(|key| key.len() + 4).sum();
+    let mut bytes = Vec::with_capacity(MAGIC.len() + length);
+    bytes.extend_from_slice(MAGIC);
+    for key in keys {
+        // Keys are at most `MAX_KEY_BYTES`.
+        let Ok(length) = u32::try_from(key.len()) else {
+            continue;
+        };
+        bytes.extend_from_slice(&length.to_le_bytes());
+        bytes.extend_from_slice(key);
+    }
+    bytes
+}
+
+/// The keys of a note; `None` unless it is whole and of this format.
+fn decode(bytes: &[u8]) -> Option<Vec<Vec<u8>>> {
+    let mut rest = bytes.strip_prefix(MAGIC)?;
+    let mut keys = Vec::new();
+    while !rest.is_empty() {
+        let (length, after) = rest.split_first_chunk::<4>()?;
+        let length = usize::try_from(u32::from_le_bytes(*length)).ok()?;
+        if length > after.len() {
+            return None;
+        }
+        let (key, after) = after.split_at(length);
+        keys.push(key.to_vec());
+        rest = after;
+    }
+    Some(keys)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::Keys;
+
+    #[test]
+    fn a_note_reads_back_as_written_and_a_torn_one_not_at_all() {
+        let keys = vec![Keys::new(&[]).event("a", 3), Vec::new(), vec![7; 300]];
+        let bytes = encode(&keys);
+        assert_eq!(decode(&bytes), Some(keys));
+        for torn in [1, MAGIC.len() + 2, bytes.len() - 1] {
+            assert_eq!(decode(&bytes[..torn]), None, "{torn} bytes");
+        }
+        assert_eq!(decode(b"courier recent events 2\n"), None);
+        assert_eq!(decode(MAGIC), Some(Vec::new()));
+    }
+}
