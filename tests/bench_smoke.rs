@@ -241,6 +241,62 @@ fn a_returning_devices_storm_catches_up_only_what_came_since_its_ack() {
     assert_eq!(json["counts"]["gaps"], 0);
 }
 
+/// `--restart-with`: the server restarts (SIGTERM, then started again on its port and data
+/// directory) once the messages are pending, and every device catches up after it.
+#[test]
+fn a_storm_after_a_restart_catches_up_every_pending_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start_in(dir.path(), &UNLIMITED);
+    let signals = tempfile::tempdir().unwrap();
+    // The command asks this test for the restart and waits until it is done.
+    let asked = signals.path().join("restart");
+    let command = format!(
+        "touch {asked} && while [ -e {asked} ]; do sleep 0.02; done",
+        asked = asked.display()
+    );
+    let common = common_for(&server);
+    let storm = std::thread::spawn(move || {
+        let common: Vec<&str> = common.iter().map(String::as_str).collect();
+        let scenario = ["--devices", "20", "--pending", "3", "--senders", "2"];
+        let restart = ["--restart-with", command.as_str()];
+        bench(
+            &common,
+            &[&["reconnect-storm"][..], &scenario, &restart].concat(),
+        )
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !asked.exists() {
+        assert!(std::time::Instant::now() < deadline, "no restart asked for");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    server.restart();
+    std::fs::remove_file(&asked).unwrap();
+    let json = assert_clean(&storm.join().unwrap(), "reconnect-storm");
+    assert_eq!(json["params"]["restarted"], true);
+    assert_eq!(json["counts"]["synced"], 20);
+    assert_eq!(json["counts"]["events_received"], 60);
+    // A command that fails stops the run.
+    let failed = bench(
+        &common_for(&server)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+        &[
+            "reconnect-storm",
+            "--devices",
+            "2",
+            "--restart-with",
+            "exit 3",
+        ],
+    );
+    assert!(!failed.success);
+    assert!(
+        failed.stderr.contains("--restart-with `exit 3` failed"),
+        "{}",
+        failed.stderr
+    );
+}
+
 #[test]
 fn group_fanout_reaches_every_member() {
     let json = run_against_server(&[

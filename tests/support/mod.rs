@@ -62,6 +62,16 @@ impl Server {
     /// Starts `courier <command...>` (a subcommand that serves clients, e.g. `node --roles
     /// gateway,...`) in `data_dir` with extra flags.
     pub fn start_as(command: &[&str], data_dir: &Path, extra_args: &[&str]) -> Server {
+        Server::start_listening(command, data_dir, "127.0.0.1:0", extra_args)
+    }
+
+    /// [`Server::start_as`], with the client port on `listen`.
+    fn start_listening(
+        command: &[&str],
+        data_dir: &Path,
+        listen: &str,
+        extra_args: &[&str],
+    ) -> Server {
         // COURIER_TEST_BIN runs the suite against another build (a release, an older commit).
         let binary = std::env::var_os("COURIER_TEST_BIN").map_or_else(
             || PathBuf::from(env!("CARGO_BIN_EXE_courier")),
@@ -76,7 +86,7 @@ impl Server {
         };
         let mut child = Command::new(binary)
             .args(command)
-            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .args(["--listen", listen, "--data-dir"])
             .arg(data_dir)
             .args(watermarks)
             .args(extra_args)
@@ -197,12 +207,13 @@ impl Server {
         self.child.wait().expect("wait")
     }
 
-    /// Stops (SIGTERM) and starts again on the same data directory and flags.
+    /// Stops (SIGTERM) and starts again on the same port, data directory and flags.
     pub fn restart(&mut self) {
         self.terminate();
         let command: Vec<&str> = self.command.iter().map(String::as_str).collect();
         let args: Vec<&str> = self.extra_args.iter().map(String::as_str).collect();
-        *self = Server::start_as(&command, &self.data_dir.clone(), &args);
+        let listen = self.addr.to_string();
+        *self = Server::start_listening(&command, &self.data_dir.clone(), &listen, &args);
     }
 }
 

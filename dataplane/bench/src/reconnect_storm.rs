@@ -10,6 +10,7 @@ use super::sender::{Pace, SenderOutcome, SenderPlan, Target, run_sender};
 use super::stats::{ErrorCounts, Latency, Live, Phase};
 use super::wire::{Gateways, connect_synced};
 use super::{CommonArgs, TokenMinter, run_id};
+use anyhow::Context;
 use clap::Args;
 use futures::future::try_join_all;
 use std::sync::Arc;
@@ -41,7 +42,15 @@ pub struct ReconnectStormArgs {
     /// search").
     #[arg(long)]
     pub returning: bool,
+    /// A command run with `sh -c` once the pending messages are sent, before the storm: one
+    /// that restarts the server, so that the storm is a restart's (the devices connect once
+    /// every gateway answers `/readyz` again).
+    #[arg(long, value_name = "COMMAND")]
+    pub restart_with: Option<String>,
 }
+
+/// How long the gateways have to answer `/readyz` after `--restart-with`.
+const READY_AFTER_RESTART: Duration = Duration::from_secs(120);
 
 pub async fn run(common: &CommonArgs, args: ReconnectStormArgs) -> anyhow::Result<Report> {
     anyhow::ensure!(args.devices > 0, "--devices must be at least 1");
@@ -61,6 +70,7 @@ pub async fn run(common: &CommonArgs, args: ReconnectStormArgs) -> anyhow::Resul
     report.param("pending", args.pending);
     report.param("senders", helpers);
     report.param("returning", args.returning);
+    report.param("restarted", args.restart_with.is_some());
 
     // 0. With --returning, every device is online once: one message, read and acknowledged.
     if args.returning {
@@ -85,6 +95,11 @@ pub async fn run(common: &CommonArgs, args: ReconnectStormArgs) -> anyhow::Resul
         "presend_msgs_per_sec",
         total as f64 / presend_start.elapsed().as_secs_f64(),
     );
+
+    // With --restart-with, the server restarts with the messages pending.
+    if let Some(command) = &args.restart_with {
+        restart(command, &gateways).await?;
+    }
 
     // 2. The storm: every device connects at once and reads its catch-up.
     let storm_start = Instant::now();
@@ -269,4 +284,32 @@ impl Fleet<'_> {
         bar.finish_and_clear();
         outcomes
     }
+}
+
+/// Runs `command` and waits until every gateway answers `/readyz`.
+async fn restart(command: &str, gateways: &Gateways) -> anyhow::Result<()> {
+    let status = tokio::process::Command::new("sh")
+        .args(["-c", command])
+        .status()
+        .await
+        .with_context(|| format!("--restart-with: cannot run `{command}`"))?;
+    anyhow::ensure!(
+        status.success(),
+        "--restart-with `{command}` failed: {status}"
+    );
+    let deadline = Instant::now() + READY_AFTER_RESTART;
+    for gateway in gateways.all() {
+        let url = format!("{}/readyz", gateway.http_base());
+        while !reqwest::get(&url)
+            .await
+            .is_ok_and(|answer| answer.status().is_success())
+        {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{url} did not answer within {READY_AFTER_RESTART:?} of `{command}`"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    Ok(())
 }

@@ -181,6 +181,10 @@ impl Gateways {
         &self.0[index % self.0.len()]
     }
 
+    pub fn all(&self) -> &[Endpoint] {
+        &self.0
+    }
+
     /// The first gateway: the HTTP API (group set-up) goes there.
     pub fn first(&self) -> &Endpoint {
         &self.0[0]
