@@ -20,7 +20,9 @@
 //!    is left to deliver to) and the outbox clearer clears what they queued, then ends after the
 //!    last of them; a notifier pass in progress finishes. They get until the drain deadline, at
 //!    least [`LOOP_GRACE`]; a loop still running then is aborted and logged at `error`.
-//! 4. The FoundationDB client's network thread stops (no loop uses the store any more).
+//! 4. The embedded store notes which conversations its cache of recent events holds, so that
+//!    the next start reads them back (`courier_store::KvEngine::closing`); the FoundationDB
+//!    client's network thread stops (no loop uses the store any more).
 //! 5. The process exits 0, or 1 when a background loop was given up (its supervisor then
 //!    restarts it from a clean state).
 //!
@@ -579,6 +581,8 @@ pub async fn run_client_roles(
     }
     // The shard actors end with it.
     drop(ordering);
+    // Commits may still come from tasks not yet ended; the next start warms up from this.
+    store.closing();
     if stopped_cleanly {
         tracing::info!("background loops stopped; exiting");
     }

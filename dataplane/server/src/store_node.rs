@@ -6,6 +6,7 @@
 use crate::config::StoreCacheArgs;
 use clap::Args;
 use courier_rpc::{ClusterToken, serve_store_node};
+use courier_store::KvEngine;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -54,6 +55,13 @@ pub async fn run(args: StoreNodeArgs) -> anyhow::Result<()> {
         data_dir = %args.data_dir.display(),
         "courier store node ready on {address} (a test and development stand-in for FoundationDB)"
     );
-    serve_store_node(engine, listener, token, crate::serve::shutdown_signal()?).await?;
+    serve_store_node(
+        engine.clone(),
+        listener,
+        token,
+        crate::serve::shutdown_signal()?,
+    )
+    .await?;
+    engine.closing();
     Ok(())
 }

@@ -81,7 +81,9 @@
 //! merging fjall's memtables and tables and reading its blob files: in a reconnect storm those
 //! reads were ~22 % of the server's CPU (`docs/benchmarks.md`, "Recent events from memory"). It
 //! is kept exact like the row cache: an event a group writes or clears is a hole while the group
-//! commits, and the group's writes are applied once it has.
+//! commits, and the group's writes are applied once it has. After a restart the writer reads the
+//! events of the conversations it held back into it while it has nothing to commit
+//! (`crate::warm_up`).
 //!
 //! **Idempotency records apart.** The data lives in two keyspaces: the idempotency records,
 //! looked up on every append and almost never found, in one of their own, every other key in
@@ -114,7 +116,7 @@ use crate::kv::{
     StoreError, WriterTotals, complete_versionstamped_key, decode_u64,
 };
 use crate::row_cache::{RowCache, Writing, Written};
-use crate::warm_up::WarmUp;
+use crate::warm_up::{Note, WarmUp};
 use async_trait::async_trait;
 use fjall::{
     AbstractTree, KeyspaceCreateOptions, PersistMode, Readable, SingleWriterTxDatabase,
@@ -310,6 +312,8 @@ struct Store {
     rows: RowCache,
     /// The events the writer committed last, kept in step by it (`crate::event_cache`).
     events: EventCache,
+    /// Which conversations `events` holds, for the next start (`crate::warm_up`).
+    note: Note,
     /// Memtables of `data` freed by [`release_memtables_loop`].
     memtables_freed: AtomicU64,
 }
@@ -347,15 +351,17 @@ impl EmbeddedEngine {
             .map_err(engine_error)?
             .map_or(0, |v| decode_u64(&v));
         let versions = Versions::after(ceiling);
+        let events = EventCache::new(caches.events);
         let store = Arc::new(Store {
             db,
             data,
             meta,
             rows: RowCache::default(),
-            events: EventCache::new(caches.events),
+            note: Note::new(path, &events),
+            events,
             memtables_freed: AtomicU64::new(0),
         });
-        let warm_up = WarmUp::open(path, &store.events);
+        let warm_up = WarmUp::new(&store.note, &store.events);
         let (queue, requests) = mpsc::channel(QUEUE_CAPACITY);
         let writer = store.clone();
         let halted = Arc::new(OnceLock::new());
@@ -364,8 +370,8 @@ impl EmbeddedEngine {
         std::thread::Builder::new()
             .name("courier-store-writer".into())
             .spawn(move || {
-                let idle = Idle { requests, warm_up };
-                write_loop(&writer, &writer_halted, &writer_work, idle, versions);
+                let inbox = Inbox { requests, warm_up };
+                write_loop(&writer, &writer_halted, &writer_work, inbox, versions);
             })
             .map_err(engine_error)?;
         let memtables = Arc::downgrade(&store);
@@ -447,6 +453,11 @@ impl KvEngine for EmbeddedEngine {
 
     fn event_cache_totals(&self) -> Option<EventCacheTotals> {
         Some(self.db.events.totals())
+    }
+
+    /// Notes which conversations the recent events' cache holds (`crate::warm_up`).
+    fn closing(&self) {
+        self.db.note.write(&self.db.events, false);
     }
 }
 
@@ -544,12 +555,12 @@ pub const LIMITS: BatchLimits = BatchLimits {
 
 /// What the writer takes its work from: the commits queued, and, while none is, the recent
 /// events' cache's warm-up and note (`crate::warm_up`).
-struct Idle {
+struct Inbox {
     requests: mpsc::Receiver<CommitRequest>,
     warm_up: WarmUp,
 }
 
-impl Idle {
+impl Inbox {
     /// The next commit: one queued, else the first to come, the warm-up's work done while
     /// none comes. `None` once the engine is dropped and the queue is empty.
     fn next(&mut self, store: &Store) -> Option<CommitRequest> {
@@ -559,13 +570,19 @@ impl Idle {
                 Err(mpsc::error::TryRecvError::Disconnected) => return None,
                 Err(mpsc::error::TryRecvError::Empty) => {}
             }
-            let read = |range| {
+            // Forwards (cheaper in fjall) unless there are more than a run holds.
+            let read = |range: Range<Vec<u8>>| {
                 let snapshot = store.db.read_tx();
+                let first =
+                    read_range(&snapshot, &store.data, range.clone(), RUN_EVENTS_MAX, false)?;
+                if first.len() < RUN_EVENTS_MAX {
+                    return Ok(first);
+                }
                 let mut last = read_range(&snapshot, &store.data, range, RUN_EVENTS_MAX, true)?;
                 last.reverse();
                 Ok(last)
             };
-            if !self.warm_up.idle(&store.events, read) {
+            if !self.warm_up.idle(&store.events, &store.note, read) {
                 return self.requests.blocking_recv();
             }
         }
@@ -578,17 +595,17 @@ fn write_loop(
     store: &Store,
     halted: &OnceLock<String>,
     work: &WriterWork,
-    mut idle: Idle,
+    mut inbox: Inbox,
     mut versions: Versions,
 ) {
     let mut group = Vec::with_capacity(GROUP_MAX_BATCHES);
     let mut known = Known::default();
-    while let Some(first) = idle.next(store) {
+    while let Some(first) = inbox.next(store) {
         let started = std::time::Instant::now();
         let mut bytes = first.batch.approximate_size();
         group.push(first);
         while group.len() < GROUP_MAX_BATCHES && bytes < GROUP_MAX_BYTES {
-            match idle.requests.try_recv() {
+            match inbox.requests.try_recv() {
                 Ok(next) => {
                     bytes += next.batch.approximate_size();
                     group.push(next);
@@ -645,7 +662,7 @@ fn write_loop(
             }
         }
     }
-    idle.warm_up.close(&store.events);
+    store.note.write(&store.events, false);
 }
 
 /// Has fjall flush the keyspace of the commit versions' ceiling, which a group just wrote, so
@@ -1915,9 +1932,13 @@ mod tests {
         let mut batch = Batch::new();
         batch.clear(keys.event("a", 2));
         kv.commit(batch).await.unwrap();
+        // The process stops: the note is written then, whatever still holds the engine.
+        let note = path.join(crate::warm_up::NOTE_FILE);
+        assert!(!note.exists());
+        kv.closing();
+        assert!(note.exists());
         drop(kv);
         let kv = reopen(&path, Caches::default());
-        assert!(path.join(crate::warm_up::NOTE_FILE).exists());
         let values = |events: Vec<KeyValue>| -> Vec<String> {
             events
                 .into_iter()
@@ -1947,14 +1968,15 @@ mod tests {
             events: 0,
             ..Caches::default()
         };
-        std::fs::remove_file(path.join(crate::warm_up::NOTE_FILE)).unwrap();
+        std::fs::remove_file(&note).unwrap();
         let kv = reopen(&path, none);
         let mut batch = Batch::new();
         batch.set(keys.event("a", 6), b"a:6".to_vec());
         kv.commit(batch).await.unwrap();
+        kv.closing();
         drop(kv);
         let kv = reopen(&path, none);
-        assert!(!path.join(crate::warm_up::NOTE_FILE).exists());
+        assert!(!note.exists());
         kv.range(keys.events("a", 3, 7), 10, false).await.unwrap();
         assert_eq!(kv.event_cache_totals().unwrap().held, 0);
     }

@@ -266,6 +266,11 @@ pub trait KvEngine: Send + Sync + 'static {
         None
     }
 
+    /// The process is about to stop: the engine keeps what helps its next start (the
+    /// embedded engine notes which conversations its recent events' cache holds). Reads and
+    /// commits still work after it; nothing is lost without it.
+    fn closing(&self) {}
+
     /// The value of `key` in the latest committed state.
     async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
 

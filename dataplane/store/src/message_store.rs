@@ -751,6 +751,11 @@ impl MessageStore {
         self.kv.event_cache_totals()
     }
 
+    /// The process is about to stop ([`KvEngine::closing`]).
+    pub fn closing(&self) {
+        self.kv.closing();
+    }
+
     pub fn keys(&self) -> &Keys {
         &self.keys
     }

@@ -10,7 +10,8 @@
 //! **The note** ([`NOTE_FILE`]) names each conversation by the key of the first event its run
 //! held, the one written to last first, at most [`NOTE_CONVERSATIONS_MAX`]. The writer writes
 //! it when it has nothing to commit, at most every [`NOTE_PERIOD`] and only if the cache has
-//! changed, and once more when the engine closes. It goes to a temporary file renamed over the
+//! changed; the process writes it once more as it stops ([`crate::KvEngine::closing`]), and
+//! the writer when the engine is dropped. It goes to a temporary file renamed over the
 //! old one, without an fsync: it only says what to read, so a note lost or torn by a crash (or
 //! in an unknown format) is ignored with a warning, and the cache fills as it would have.
 //!
@@ -19,13 +20,15 @@
 //! is what the store has (`EventCache::warm`).
 //!
 //! **Bounded.** A step of the warm-up reads [`WARM_STEP`] conversations, after which the writer
-//! takes the commits that came meanwhile. It ends at the first conversation that does not fit
-//! in the cache's budget (the note's later ones were written to earlier).
+//! takes the commits that came meanwhile. The conversations are read in key order, neighbours
+//! in fjall's tables and blob files; the warm-up ends at the first that does not fit in the
+//! cache's budget, which only a budget smaller than the one the note was written with comes to.
 
 use crate::event_cache::EventCache;
 use crate::kv::{KeyValue, StoreError};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// The note's name in the store's directory.
@@ -44,103 +47,117 @@ const WARM_STEP: usize = 16;
 /// The note's first bytes: its format.
 const MAGIC: &[u8] = b"courier recent events 1\n";
 
-/// What the store's writer does for the recent events' cache with the time it has nothing to
-/// commit (module documentation).
-pub struct WarmUp {
-    note: PathBuf,
-    /// Conversations still to read, by the key of their first event, the latest first.
-    pending: std::vec::IntoIter<Vec<u8>>,
-    began: Instant,
-    warmed: usize,
-    /// The cache's [`EventCache::holds`] when the note was last written or read.
-    noted_holds: u64,
-    noted_at: Instant,
+/// The note of a store's directory: which conversations the recent events' cache holds
+/// (module documentation). Written by the writer and by [`crate::KvEngine::closing`], one at
+/// a time.
+pub struct Note {
+    path: PathBuf,
+    /// The cache's [`EventCache::holds`] when the note was last written or read, and when.
+    noted: Mutex<(u64, Instant)>,
 }
 
-impl WarmUp {
-    /// Reads the note of the store in `dir`, if the cache has a budget.
-    pub fn open(dir: &Path, cache: &EventCache) -> Self {
-        let note = dir.join(NOTE_FILE);
-        let pending = if cache.budget() > 0 {
-            read_note(&note)
-        } else {
-            Vec::new()
-        };
+impl Note {
+    /// The note of the store in `dir`, taken as up to date with `cache`.
+    pub fn new(dir: &Path, cache: &EventCache) -> Self {
         Self {
-            note,
-            pending: pending.into_iter(),
-            began: Instant::now(),
-            warmed: 0,
-            noted_holds: cache.holds(),
-            noted_at: Instant::now(),
+            path: dir.join(NOTE_FILE),
+            noted: Mutex::new((cache.holds(), Instant::now())),
         }
     }
 
-    /// The writer's idle time: a step of the warm-up, or the note written if it is due.
-    /// `read` reads up to [`crate::event_cache::RUN_EVENTS_MAX`] pairs of a range, the last ones, in key order.
-    /// False when there is nothing to do until the next commit.
-    pub fn idle(
-        &mut self,
-        cache: &EventCache,
-        mut read: impl FnMut(Range<Vec<u8>>) -> Result<Vec<KeyValue>, StoreError>,
-    ) -> bool {
-        if !self.pending.as_slice().is_empty() {
-            for key in self.pending.by_ref().take(WARM_STEP) {
-                let Some(range) = cache.events_from(&key) else {
-                    continue;
-                };
-                let events = match read(range) {
-                    Ok(events) => events,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "warming the recent events' cache stopped");
-                        self.pending = Vec::new().into_iter();
-                        return true;
-                    }
-                };
-                if !cache.warm(events) {
-                    self.pending = Vec::new().into_iter();
-                    break;
-                }
-                self.warmed += 1;
-            }
-            if self.pending.as_slice().is_empty() {
-                tracing::info!(
-                    conversations = self.warmed,
-                    took_ms = self.began.elapsed().as_millis() as u64,
-                    "the recent events' cache is warm"
-                );
-            }
-            return true;
+    /// The conversations it names (by the key of their first event held, the latest first),
+    /// if the cache has a budget.
+    pub fn read(&self, cache: &EventCache) -> Vec<Vec<u8>> {
+        if cache.budget() == 0 {
+            return Vec::new();
         }
-        if self.noted_at.elapsed() < NOTE_PERIOD || cache.holds() == self.noted_holds {
+        read_note(&self.path)
+    }
+
+    /// Writes the note if the cache has changed since it was last written, and, when
+    /// `periodic`, [`NOTE_PERIOD`] has passed. True if it was written.
+    pub fn write(&self, cache: &EventCache, periodic: bool) -> bool {
+        let mut noted = self.noted.lock().unwrap_or_else(|e| e.into_inner());
+        let holds = cache.holds();
+        if holds == noted.0 || (periodic && noted.1.elapsed() < NOTE_PERIOD) {
             return false;
         }
-        self.write_note(cache);
-        true
-    }
-
-    /// The engine is closing: the note is written if the cache has changed since.
-    pub fn close(&mut self, cache: &EventCache) {
-        if cache.holds() != self.noted_holds {
-            self.write_note(cache);
-        }
-    }
-
-    fn write_note(&mut self, cache: &EventCache) {
-        self.noted_holds = cache.holds();
-        self.noted_at = Instant::now();
+        *noted = (holds, Instant::now());
         let keys = cache.recent(NOTE_CONVERSATIONS_MAX);
-        let temporary = self.note.with_extension("new");
+        let temporary = self.path.with_extension("new");
         let written = std::fs::write(&temporary, encode(&keys))
-            .and_then(|()| std::fs::rename(&temporary, &self.note));
+            .and_then(|()| std::fs::rename(&temporary, &self.path));
         if let Err(e) = written {
             tracing::warn!(
                 error = %e,
-                path = %self.note.display(),
+                path = %self.path.display(),
                 "could not note which conversations the recent events' cache holds; \
                  after a restart it fills as events are written"
             );
         }
+        true
+    }
+}
+
+/// What the store's writer does for the recent events' cache with the time it has nothing to
+/// commit (module documentation).
+pub struct WarmUp {
+    /// Conversations still to read, by the key of their first event, the latest first.
+    pending: std::vec::IntoIter<Vec<u8>>,
+    began: Instant,
+    warmed: usize,
+}
+
+impl WarmUp {
+    /// A warm-up of the cache with the conversations `note` names.
+    pub fn new(note: &Note, cache: &EventCache) -> Self {
+        let mut pending = note.read(cache);
+        pending.sort_unstable();
+        Self {
+            pending: pending.into_iter(),
+            began: Instant::now(),
+            warmed: 0,
+        }
+    }
+
+    /// The writer's idle time: a step of the warm-up, or the note written if it is due.
+    /// `read` reads up to [`crate::event_cache::RUN_EVENTS_MAX`] pairs of a range, the last
+    /// ones, in key order. False when there is nothing to do until the next commit.
+    pub fn idle(
+        &mut self,
+        cache: &EventCache,
+        note: &Note,
+        mut read: impl FnMut(Range<Vec<u8>>) -> Result<Vec<KeyValue>, StoreError>,
+    ) -> bool {
+        if self.pending.as_slice().is_empty() {
+            return note.write(cache, true);
+        }
+        for key in self.pending.by_ref().take(WARM_STEP) {
+            let Some(range) = cache.events_from(&key) else {
+                continue;
+            };
+            let events = match read(range) {
+                Ok(events) => events,
+                Err(e) => {
+                    tracing::warn!(error = %e, "warming the recent events' cache stopped");
+                    self.pending = Vec::new().into_iter();
+                    return true;
+                }
+            };
+            if !cache.warm(events) {
+                self.pending = Vec::new().into_iter();
+                break;
+            }
+            self.warmed += 1;
+        }
+        if self.pending.as_slice().is_empty() {
+            tracing::info!(
+                conversations = self.warmed,
+                took_ms = self.began.elapsed().as_millis() as u64,
+                "the recent events' cache is warm"
+            );
+        }
+        true
     }
 }
 
