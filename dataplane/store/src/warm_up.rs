@@ -77,9 +77,16 @@ impl Note {
     /// Writes the note if the cache has changed since it was last written, and, when
     /// `periodic`, [`NOTE_PERIOD`] has passed. True if it was written.
     pub fn write(&self, cache: &EventCache, periodic: bool) -> bool {
+        if cache.budget() == 0 {
+            return false;
+        }
         let mut noted = self.noted.lock().unwrap_or_else(|e| e.into_inner());
+        // The clock first: the writer asks each time it runs out of commits.
+        if periodic && noted.1.elapsed() < NOTE_PERIOD {
+            return false;
+        }
         let holds = cache.holds();
-        if holds == noted.0 || (periodic && noted.1.elapsed() < NOTE_PERIOD) {
+        if holds == noted.0 {
             return false;
         }
         *noted = (holds, Instant::now());
