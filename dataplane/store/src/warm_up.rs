@@ -236,4 +236,89 @@ mod tests {
         assert_eq!(decode(b"courier recent events 2\n"), None);
         assert_eq!(decode(MAGIC), Some(Vec::new()));
     }
+
+    /// Appends seqs `1..=n` of `conv` to `cache` as one committed group.
+    fn append(cache: &EventCache, conv: &str, n: u64) {
+        let writes: Vec<_> = (1..=n)
+            .map(|seq| crate::kv::Mutation::Set {
+                key: Keys::new(&[]).event(conv, seq),
+                value: format!("{conv}:{seq}").into_bytes(),
+            })
+            .collect();
+        cache.forget(&writes);
+        cache.hold(writes);
+    }
+
+    #[test]
+    fn the_note_is_written_when_the_cache_changed_and_periodically_once_due() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = EventCache::new(1 << 20);
+        let note = Note::new(dir.path(), &cache);
+        // Unchanged: nothing to write, and a missing note names nothing.
+        assert!(!note.write(&cache, false));
+        assert_eq!(note.read(&cache), Vec::<Vec<u8>>::new());
+        append(&cache, "a", 2);
+        append(&cache, "b", 1);
+        // Changed, but not due: only the stop writes it.
+        assert!(!note.write(&cache, true));
+        assert!(note.write(&cache, false));
+        let keys = Keys::new(&[]);
+        assert_eq!(note.read(&cache), [keys.event("b", 1), keys.event("a", 1)]);
+        assert!(!note.write(&cache, false));
+        // A torn note names nothing; nor does one for a cache without a budget.
+        std::fs::write(
+            dir.path().join(NOTE_FILE),
+            &encode(&[keys.event("a", 1)])[..30],
+        )
+        .unwrap();
+        assert_eq!(note.read(&cache), Vec::<Vec<u8>>::new());
+        let none = EventCache::new(0);
+        append(&none, "a", 1);
+        let unused = Note::new(dir.path(), &none);
+        assert!(!unused.write(&none, false));
+    }
+
+    #[test]
+    fn a_warm_up_reads_in_steps_and_stops_at_an_error_or_a_full_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = Keys::new(&[]);
+        let written = EventCache::new(1 << 20);
+        let note = Note::new(dir.path(), &written);
+        for i in 0..40 {
+            append(&written, &format!("c{i:02}"), 3);
+        }
+        assert!(note.write(&written, false));
+        // The store's events: three for each conversation, read by range.
+        let store = |range: Range<Vec<u8>>| -> Result<Vec<KeyValue>, StoreError> {
+            let (conversation, from) = keys.event_parts(&range.start).unwrap();
+            Ok((from..=3)
+                .map(|seq| (Keys::event_from_parts(conversation, seq), b"x".to_vec()))
+                .collect())
+        };
+        let cache = EventCache::new(1 << 20);
+        let mut warm_up = WarmUp::new(&note, &cache);
+        let mut steps = 0;
+        while !warm_up.pending.as_slice().is_empty() {
+            assert!(warm_up.idle(&cache, &note, store));
+            steps += 1;
+        }
+        assert_eq!((steps, warm_up.warmed), (40usize.div_ceil(WARM_STEP), 40));
+        assert_eq!(cache.recent(100).len(), 40);
+        // Then nothing to do: the note is up to date with the cache that wrote it.
+        assert!(!warm_up.idle(&cache, &note, store));
+
+        // A read that fails ends the warm-up.
+        let cache = EventCache::new(1 << 20);
+        let mut warm_up = WarmUp::new(&note, &cache);
+        assert!(warm_up.idle(&cache, &note, |_| Err(StoreError::Engine("gone".into()))));
+        assert!(warm_up.pending.as_slice().is_empty());
+        assert!(cache.recent(100).is_empty());
+        // So does a conversation that does not fit: here the second.
+        let tiny = EventCache::new(700);
+        let mut warm_up = WarmUp::new(&note, &tiny);
+        assert!(warm_up.idle(&tiny, &note, store));
+        assert!(warm_up.pending.as_slice().is_empty());
+        assert_eq!(warm_up.warmed, 1);
+        assert_eq!(tiny.recent(100), [keys.event("c00", 1)]);
+    }
 }
