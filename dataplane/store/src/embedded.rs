@@ -25,7 +25,7 @@
 //! memtable, so every commit waited for that memory to be freed: ~250 ms for a 64 MiB memtable
 //! (about 200,000 entries) on the test machine, 60-140 ms for 16 MiB. So a thread of the store
 //! keeps a reference to each memtable and frees it once it is the last holder
-//! ([`release_memtables_loop`]). The data's keyspaces have fjall's default [`MEMTABLE_BYTES`]
+//! ([`upkeep_loop`]). The data's keyspaces have fjall's default [`MEMTABLE_BYTES`]
 //! again: a 16 MiB memtable had bounded the stall at 9-14 % of peak throughput
 //! (`docs/benchmarks.md`, "The light-load tail, found", and "Memtables freed off the write
 //! lock"). fjall stores the size when it creates the keyspace: a store created with 16 MiB
@@ -314,7 +314,7 @@ struct Store {
     events: EventCache,
     /// Which conversations `events` holds, for the next start (`crate::warm_up`).
     note: Note,
-    /// Memtables of `data` freed by [`release_memtables_loop`].
+    /// Memtables of `data` freed by [`upkeep_loop`].
     memtables_freed: AtomicU64,
 }
 
@@ -374,10 +374,10 @@ impl EmbeddedEngine {
                 write_loop(&writer, &writer_halted, &writer_work, inbox, versions);
             })
             .map_err(engine_error)?;
-        let memtables = Arc::downgrade(&store);
+        let upkept = Arc::downgrade(&store);
         std::thread::Builder::new()
-            .name("courier-store-memtables".into())
-            .spawn(move || release_memtables_loop(&memtables))
+            .name("courier-store-upkeep".into())
+            .spawn(move || upkeep_loop(&upkept))
             .map_err(engine_error)?;
         Ok(Self {
             db: store,
@@ -554,7 +554,7 @@ pub const LIMITS: BatchLimits = BatchLimits {
 };
 
 /// What the writer takes its work from: the commits queued, and, while none is, the recent
-/// events' cache's warm-up and note (`crate::warm_up`).
+/// events' cache's warm-up (`crate::warm_up`).
 struct Inbox {
     requests: mpsc::Receiver<CommitRequest>,
     warm_up: WarmUp,
@@ -582,7 +582,7 @@ impl Inbox {
                 last.reverse();
                 Ok(last)
             };
-            if !self.warm_up.idle(&store.events, &store.note, read) {
+            if !self.warm_up.step(&store.events, read) {
                 return self.requests.blocking_recv();
             }
         }
@@ -715,24 +715,25 @@ impl Versions {
     }
 }
 
-/// How often [`release_memtables_loop`] looks at the active memtable and frees the retired
-/// ones: far shorter than a memtable's life (seconds, even at peak load). A memtable that
-/// lives less is freed by fjall as before.
-const MEMTABLE_RELEASE_PERIOD: Duration = Duration::from_millis(50);
+/// How often the store's upkeep ([`upkeep_loop`]) runs: far shorter than a memtable's life
+/// (seconds, even at peak load). A memtable that lives less is freed by fjall as before.
+const UPKEEP_PERIOD: Duration = Duration::from_millis(50);
 
-/// Keeps a reference to each memtable of the data's keyspaces and frees a memtable on this
-/// thread once no one else holds it, so that fjall's version GC, which runs under the lock
-/// every write takes, drops a reference instead of freeing the memtable (module
-/// documentation). Ends when the store is dropped.
-///
-/// It reads the active memtable through lsm-tree's `get_version_history_lock` and
-/// `active_memtable`, which are public but hidden from its documentation: a fjall upgrade
-/// that changes them fails to build here, or fails
-/// `a_flushed_memtable_is_freed_by_the_store_not_under_fjalls_lock`.
-fn release_memtables_loop(store: &Weak<Store>) {
+/// The store's upkeep, on a thread of its own until the store is dropped, every
+/// [`UPKEEP_PERIOD`]:
+/// - It keeps a reference to each memtable of the data's keyspaces and frees a memtable on
+///   this thread once no one else holds it, so that fjall's version GC, which runs under the
+///   lock every write takes, drops a reference instead of freeing the memtable (module
+///   documentation). It reads the active memtable through lsm-tree's
+///   `get_version_history_lock` and `active_memtable`, which are public but hidden from its
+///   documentation: a fjall upgrade that changes them fails to build here, or fails
+///   `a_flushed_memtable_is_freed_by_the_store_not_under_fjalls_lock`.
+/// - It writes the recent events' note when it is due (`crate::warm_up`), off the writer's
+///   path.
+fn upkeep_loop(store: &Weak<Store>) {
     let mut held = Vec::new();
     loop {
-        std::thread::sleep(MEMTABLE_RELEASE_PERIOD);
+        std::thread::sleep(UPKEEP_PERIOD);
         let Some(store) = store.upgrade() else {
             return;
         };
@@ -751,6 +752,7 @@ fn release_memtables_loop(store: &Weak<Store>) {
                 held.push(active);
             }
         }
+        store.note.write(&store.events, true);
     }
 }
 

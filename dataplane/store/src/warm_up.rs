@@ -8,10 +8,10 @@
 //! files again (`docs/benchmarks.md`, "Recent events after a restart").
 //!
 //! **The note** ([`NOTE_FILE`]) names each conversation by the key of the first event its run
-//! held, the one written to last first, at most [`NOTE_CONVERSATIONS_MAX`]. The writer writes
-//! it when it has nothing to commit, at most every [`NOTE_PERIOD`] and only if the cache has
-//! changed; the process writes it once more as it stops ([`crate::KvEngine::closing`]), and
-//! the writer when the engine is dropped. It goes to a temporary file renamed over the
+//! held, the one written to last first, at most [`NOTE_CONVERSATIONS_MAX`]. The store's upkeep
+//! thread writes it every [`NOTE_PERIOD`] if the cache has changed, off the writer's path; the
+//! process writes it once more as it stops ([`crate::KvEngine::closing`]), and the writer when
+//! the engine is dropped. It goes to a temporary file renamed over the
 //! old one, without an fsync: it only says what to read, so a note lost or torn by a crash (or
 //! in an unknown format) is ignored with a warning, and the cache fills as it would have.
 //!
@@ -37,8 +37,7 @@ pub const NOTE_FILE: &str = "recent-events";
 /// How often, at most, the note is written while the engine runs.
 pub const NOTE_PERIOD: Duration = Duration::from_secs(30);
 
-/// Most conversations the note names: writing it copies their keys under the cache's lock
-/// (a few milliseconds for this many).
+/// Most conversations the note names (~3 MB).
 pub const NOTE_CONVERSATIONS_MAX: usize = 65_536;
 
 /// Conversations read per step of the warm-up.
@@ -48,8 +47,8 @@ const WARM_STEP: usize = 16;
 const MAGIC: &[u8] = b"courier recent events 1\n";
 
 /// The note of a store's directory: which conversations the recent events' cache holds
-/// (module documentation). Written by the writer and by [`crate::KvEngine::closing`], one at
-/// a time.
+/// (module documentation). Written by the store's upkeep thread, [`crate::KvEngine::closing`]
+/// and the writer as it ends, one at a time.
 pub struct Note {
     path: PathBuf,
     /// The cache's [`EventCache::holds`] when the note was last written or read, and when.
@@ -81,7 +80,7 @@ impl Note {
             return false;
         }
         let mut noted = self.noted.lock().unwrap_or_else(|e| e.into_inner());
-        // The clock first: the writer asks each time it runs out of commits.
+        // The clock first: the upkeep thread asks many times a second.
         if periodic && noted.1.elapsed() < NOTE_PERIOD {
             return false;
         }
@@ -127,17 +126,16 @@ impl WarmUp {
         }
     }
 
-    /// The writer's idle time: a step of the warm-up, or the note written if it is due.
-    /// `read` reads up to [`crate::event_cache::RUN_EVENTS_MAX`] pairs of a range, the last
-    /// ones, in key order. False when there is nothing to do until the next commit.
-    pub fn idle(
+    /// A step of the warm-up, in the writer's idle time. `read` reads up to
+    /// [`crate::event_cache::RUN_EVENTS_MAX`] pairs of a range, the last ones, in key order.
+    /// False once the warm-up is over.
+    pub fn step(
         &mut self,
         cache: &EventCache,
-        note: &Note,
         mut read: impl FnMut(Range<Vec<u8>>) -> Result<Vec<KeyValue>, StoreError>,
     ) -> bool {
         if self.pending.as_slice().is_empty() {
-            return note.write(cache, true);
+            return false;
         }
         for key in self.pending.by_ref().take(WARM_STEP) {
             let Some(range) = cache.events_from(&key) else {
@@ -298,25 +296,22 @@ mod tests {
         let cache = EventCache::new(1 << 20);
         let mut warm_up = WarmUp::new(&note, &cache);
         let mut steps = 0;
-        while !warm_up.pending.as_slice().is_empty() {
-            assert!(warm_up.idle(&cache, &note, store));
+        while warm_up.step(&cache, store) {
             steps += 1;
         }
         assert_eq!((steps, warm_up.warmed), (40usize.div_ceil(WARM_STEP), 40));
         assert_eq!(cache.recent(100).len(), 40);
-        // Then nothing to do: the note is up to date with the cache that wrote it.
-        assert!(!warm_up.idle(&cache, &note, store));
 
         // A read that fails ends the warm-up.
         let cache = EventCache::new(1 << 20);
         let mut warm_up = WarmUp::new(&note, &cache);
-        assert!(warm_up.idle(&cache, &note, |_| Err(StoreError::Engine("gone".into()))));
+        assert!(warm_up.step(&cache, |_| Err(StoreError::Engine("gone".into()))));
         assert!(warm_up.pending.as_slice().is_empty());
         assert!(cache.recent(100).is_empty());
         // So does a conversation that does not fit: here the second.
         let tiny = EventCache::new(700);
         let mut warm_up = WarmUp::new(&note, &tiny);
-        assert!(warm_up.idle(&tiny, &note, store));
+        assert!(warm_up.step(&tiny, store));
         assert!(warm_up.pending.as_slice().is_empty());
         assert_eq!(warm_up.warmed, 1);
         assert_eq!(tiny.recent(100), [keys.event("c00", 1)]);
