@@ -195,7 +195,7 @@ impl EventCache {
             runs.map(|run| (run.last_write, run.conversation.clone(), run.first))
                 .collect()
         };
-        runs.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        runs.sort_unstable_by_key(|run| std::cmp::Reverse(run.0));
         runs.into_iter()
             .take(max)
             .map(|(_, conversation, first)| Keys::event_from_parts(&conversation, first))
