@@ -77,6 +77,9 @@ pub enum Placement {
 
 /// Reads the elements of a packed tuple one by one, as far as they are whole (a range's
 /// bounds end in `0x00` or `0xff`, which are not elements Courier writes).
+/// The first element of every event key as packed: the string `"ev"`.
+const EVENT_ELEMENT: &[u8] = b"\x02ev\x00";
+
 struct TupleReader<'a> {
     bytes: &'a [u8],
     at: usize,
@@ -539,13 +542,16 @@ impl Keys {
     /// seq; `None` for any other key or a range bound that is not an event key.
     pub fn event_parts<'k>(&self, key: &'k [u8]) -> Option<(&'k [u8], u64)> {
         let root = self.root.bytes();
-        let mut tuple = TupleReader {
-            bytes: key.strip_prefix(root)?,
-            at: 0,
-        };
-        if tuple.string()? != b"ev" {
+        let bytes = key.strip_prefix(root)?;
+        // Told apart by their first element's bytes, before any parsing: most keys a group
+        // commit writes are not events, and the store's writer asks for each (`event_cache`).
+        if !bytes.starts_with(EVENT_ELEMENT) {
             return None;
         }
+        let mut tuple = TupleReader {
+            bytes,
+            at: EVENT_ELEMENT.len(),
+        };
         tuple.string()?;
         let conversation = root.len() + tuple.at;
         let seq = tuple.uint()?;
