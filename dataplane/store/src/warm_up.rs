@@ -19,8 +19,8 @@
 //! commits, when none is under way and the cache holds every group committed: what it holds
 //! is what the store has (`EventCache::warm`).
 //!
-//! **Bounded.** A step of the warm-up reads [`WARM_STEP`] conversations, after which the writer
-//! takes the commits that came meanwhile. The conversations are read in key order, neighbours
+//! **Bounded.** A step of the warm-up reads [`WARM_STEP`] conversations or [`WARM_STEP_EVENTS`]
+//! events, whichever comes first, after which the writer takes the commits that came meanwhile. The conversations are read in key order, neighbours
 //! in fjall's tables and blob files; the warm-up ends at the first that does not fit in the
 //! cache's budget, which only a budget smaller than the one the note was written with comes to.
 
@@ -40,8 +40,12 @@ pub const NOTE_PERIOD: Duration = Duration::from_secs(30);
 /// Most conversations the note names (~3 MB).
 pub const NOTE_CONVERSATIONS_MAX: usize = 65_536;
 
-/// Conversations read per step of the warm-up.
+/// Most conversations read per step of the warm-up.
 const WARM_STEP: usize = 16;
+
+/// A step of the warm-up ends once it has read this many events (~1 ms of the writer), even
+/// before [`WARM_STEP`] conversations: a commit that comes waits for the step.
+const WARM_STEP_EVENTS: usize = 1024;
 
 /// The note's first bytes: its format.
 const MAGIC: &[u8] = b"courier recent events 1\n";
@@ -137,6 +141,7 @@ impl WarmUp {
         if self.pending.as_slice().is_empty() {
             return false;
         }
+        let mut read_events = 0;
         for key in self.pending.by_ref().take(WARM_STEP) {
             let Some(range) = cache.events_from(&key) else {
                 continue;
@@ -149,11 +154,15 @@ impl WarmUp {
                     return true;
                 }
             };
+            read_events += events.len();
             if !cache.warm(events) {
                 self.pending = Vec::new().into_iter();
                 break;
             }
             self.warmed += 1;
+            if read_events >= WARM_STEP_EVENTS {
+                break;
+            }
         }
         if self.pending.as_slice().is_empty() {
             tracing::info!(
@@ -301,6 +310,18 @@ mod tests {
         }
         assert_eq!((steps, warm_up.warmed), (40usize.div_ceil(WARM_STEP), 40));
         assert_eq!(cache.recent(100).len(), 40);
+
+        // Conversations of many events: a step ends once it has read enough of them.
+        let long = |range: Range<Vec<u8>>| -> Result<Vec<KeyValue>, StoreError> {
+            let (conversation, _) = keys.event_parts(&range.start).unwrap();
+            Ok((1..=600)
+                .map(|seq| (Keys::event_from_parts(conversation, seq), b"x".to_vec()))
+                .collect())
+        };
+        let cache = EventCache::new(1 << 30);
+        let mut warm_up = WarmUp::new(&note, &cache);
+        assert!(warm_up.step(&cache, long));
+        assert_eq!(warm_up.warmed, 2);
 
         // A read that fails ends the warm-up.
         let cache = EventCache::new(1 << 20);
