@@ -94,11 +94,11 @@ impl<'a> TupleReader<'a> {
         let start = self.at + 1;
         let mut i = start;
         loop {
-            match (self.bytes.get(i)?, self.bytes.get(i + 1)) {
-                (0x00, Some(0xff)) => i += 2,
-                (0x00, _) => break,
-                _ => i += 1,
+            i += self.bytes.get(i..)?.iter().position(|&b| b == 0x00)?;
+            if self.bytes.get(i + 1) != Some(&0xff) {
+                break;
             }
+            i += 2;
         }
         self.at = i + 1;
         Some(&self.bytes[start..i])
