@@ -123,6 +123,12 @@ impl WarmUp {
     pub fn new(note: &Note, cache: &EventCache) -> Self {
         let mut pending = note.read(cache);
         pending.sort_unstable();
+        if !pending.is_empty() {
+            tracing::info!(
+                conversations = pending.len(),
+                "warming the recent events' cache with the conversations it held before the restart"
+            );
+        }
         Self {
             pending: pending.into_iter(),
             began: Instant::now(),
