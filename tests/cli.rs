@@ -100,13 +100,28 @@ async fn store_cache_sizes_the_block_cache_and_a_bad_size_is_refused() {
     assert_serve_refuses(dir.path(), "--store-cache", "lots");
 }
 
+/// The texts of the messages in `client`'s catch-up, up to `sync_done`.
+async fn caught_up_texts(client: &mut Client) -> Vec<String> {
+    use courier_client::proto::{Body, EventPayload};
+    let events = client.events_until_sync_done().await.unwrap();
+    events
+        .into_iter()
+        .map(|event| match event.payload {
+            EventPayload::Message {
+                body: Some(Body::Text(text)),
+                ..
+            } => text,
+            other => panic!("not a text message: {other:?}"),
+        })
+        .collect()
+}
+
 /// A device's catch-up of what it missed reads the recent events from the embedded store's
 /// cache (`/metrics` counts the reads it answered and those it did not), and with
 /// `--store-event-cache 0` from the store's tables: the same events either way. A size that is
 /// not one is refused.
 #[tokio::test]
 async fn a_catch_up_reads_recent_events_from_the_event_cache_unless_it_is_off() {
-    use courier_client::proto::{Body, EventPayload};
     let dir = tempfile::tempdir().unwrap();
     for (args, cached) in [(&[][..], true), (&["--store-event-cache", "0"][..], false)] {
         let data = tempfile::tempdir_in(dir.path()).unwrap();
@@ -120,19 +135,7 @@ async fn a_catch_up_reads_recent_events_from_the_event_cache_unless_it_is_off() 
                 .unwrap();
         }
         let mut bob = server.connect("bob", "phone").await;
-        let texts: Vec<String> = bob
-            .events_until_sync_done()
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|event| match event.payload {
-                EventPayload::Message {
-                    body: Some(Body::Text(text)),
-                    ..
-                } => text,
-                other => panic!("not a text message: {other:?}"),
-            })
-            .collect();
+        let texts = caught_up_texts(&mut bob).await;
         assert_eq!(texts, ["m0", "m1", "m2"], "{args:?}");
         let held = server
             .metric("courier_store_event_cache_held_reads_total")
@@ -155,7 +158,6 @@ async fn a_catch_up_reads_recent_events_from_the_event_cache_unless_it_is_off() 
 /// restart reads them from memory.
 #[tokio::test]
 async fn after_a_restart_a_catch_up_reads_the_recent_events_from_memory() {
-    use courier_client::proto::{Body, EventPayload};
     let (dir, mut server) = support::start(&[]);
     let mut alice = support::connected(&server, "alice", "phone").await;
     for i in 0..3 {
@@ -172,20 +174,7 @@ async fn after_a_restart_a_catch_up_reads_the_recent_events_from_memory() {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
         let mut bob = server.connect("bob", "phone").await;
-        let texts: Vec<String> = bob
-            .events_until_sync_done()
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|event| match event.payload {
-                EventPayload::Message {
-                    body: Some(Body::Text(text)),
-                    ..
-                } => text,
-                other => panic!("not a text message: {other:?}"),
-            })
-            .collect();
-        assert_eq!(texts, ["r0", "r1", "r2"]);
+        assert_eq!(caught_up_texts(&mut bob).await, ["r0", "r1", "r2"]);
         let held = server
             .metric("courier_store_event_cache_held_reads_total")
             .await;
