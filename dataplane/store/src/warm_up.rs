@@ -112,7 +112,7 @@ impl Note {
 /// What the store's writer does for the recent events' cache with the time it has nothing to
 /// commit (module documentation).
 pub struct WarmUp {
-    /// Conversations still to read, by the key of their first event, the latest first.
+    /// Conversations still to read, by the key of their first event, in key order.
     pending: std::vec::IntoIter<Vec<u8>>,
     began: Instant,
     warmed: usize,
