@@ -228,6 +228,11 @@ fn reconnect_storm_catches_up_every_pending_message() {
     let json = reconnect_storm(&[]);
     assert_eq!(json["counts"]["synced"], 20);
     assert_eq!(json["counts"]["events_received"], 60);
+    // Every device's catch-up read its conversation's events, from the server's cache of
+    // recent events (`/metrics`) or from its tables.
+    let read = |from: &str| json["counts"][from].as_u64().unwrap();
+    let reads = read("server_event_reads_from_memory") + read("server_event_reads_from_store");
+    assert!(reads >= 20, "{json:#}");
 }
 
 #[test]

@@ -3,6 +3,7 @@
 //! the per-device distribution. The devices are new, or with `--returning` were online once
 //! before (a reconnect after a gateway restart).
 
+use super::metrics::Scrape;
 use super::progress;
 use super::receiver::{ReceiverOutcome, ReceiverPlan, run_receiver};
 use super::report::Report;
@@ -102,6 +103,7 @@ pub async fn run(common: &CommonArgs, args: ReconnectStormArgs) -> anyhow::Resul
     }
 
     // 2. The storm: every device connects at once and reads its catch-up.
+    let reads_before = EventReads::fetch(&gateways).await;
     let storm_start = Instant::now();
     let storm = fleet.connect(args.source_addrs, total).await;
     let mut per_device = Latency::new();
@@ -141,6 +143,9 @@ pub async fn run(common: &CommonArgs, args: ReconnectStormArgs) -> anyhow::Resul
     report.count("events_received", received);
     report.count("lost", lost);
     report.count("gaps", gaps);
+    if let (Some(before), Some(after)) = (reads_before, EventReads::fetch(&gateways).await) {
+        after.report_since(&before, &mut report);
+    }
     report.errors = errors.0;
     if lost > 0 {
         report.problem(format!(
@@ -283,6 +288,40 @@ impl Fleet<'_> {
         }
         bar.finish_and_clear();
         outcomes
+    }
+}
+
+/// The range reads of conversations' events (catch-ups, gap fills, fetches) the gateways'
+/// stores answered from their cache of recent events and from their tables, from `/metrics`;
+/// `None` if one is out of reach.
+#[derive(Debug, Clone, Copy)]
+struct EventReads {
+    from_memory: f64,
+    from_store: f64,
+}
+
+impl EventReads {
+    async fn fetch(gateways: &Gateways) -> Option<EventReads> {
+        let mut reads = EventReads {
+            from_memory: 0.0,
+            from_store: 0.0,
+        };
+        for gateway in gateways.all() {
+            let scrape = Scrape::fetch(&gateway.http_base()).await.ok()?;
+            reads.from_memory += scrape.get("courier_store_event_cache_held_reads")?;
+            reads.from_store += scrape.get("courier_store_event_cache_missed_reads")?;
+        }
+        Some(reads)
+    }
+
+    /// The reads since `before`, unless there were none (a store that keeps no such cache).
+    fn report_since(&self, before: &EventReads, report: &mut Report) {
+        let from_memory = (self.from_memory - before.from_memory).max(0.0) as u64;
+        let from_store = (self.from_store - before.from_store).max(0.0) as u64;
+        if from_memory + from_store > 0 {
+            report.count("server_event_reads_from_memory", from_memory);
+            report.count("server_event_reads_from_store", from_store);
+        }
     }
 }
 
