@@ -27,10 +27,14 @@ use courier_core::auth;
 use std::io::IsTerminal;
 use std::num::NonZeroUsize;
 
-/// mimalloc instead of the system allocator: the server allocates per frame and per commit
-/// from many threads, where glibc malloc took ~20% of the CPU under load (docs/benchmarks.md).
+/// jemalloc instead of the system allocator: the server allocates per frame and per commit on
+/// one thread and frees on another (a frame parsed on a connection's thread is sequenced on the
+/// ordering thread and written by the store's), where glibc malloc took ~20 % of the CPU and
+/// mimalloc ~16 % at the 1:1 peak, against ~7 % for jemalloc
+/// (`docs/decisions/0016-jemalloc.md`).
+#[cfg(not(target_env = "msvc"))]
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 use std::path::PathBuf;
 use std::time::Duration;
 
