@@ -112,13 +112,6 @@ impl StoreNode {
         self.child.wait().expect("wait");
     }
 
-    /// SIGTERM, then waits for the exit.
-    fn terminate(&mut self) -> std::process::ExitStatus {
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        self.child.wait().expect("wait")
-    }
-
     /// Starts again on the same directory and port.
     fn restart(&mut self) {
         self.kill9();
@@ -216,7 +209,7 @@ async fn a_server_on_a_store_node_keeps_every_sent_message_across_a_sigkill_of_e
 
     // Stopped with SIGTERM, the store node notes which conversations its cache of recent
     // events holds, for its next start.
-    let stopped = store.terminate();
+    let stopped = support::terminate(&mut store.child);
     assert!(stopped.success(), "{stopped}");
     assert!(store.data_dir.join("recent-events").exists());
 }

@@ -202,9 +202,7 @@ impl Server {
 
     /// SIGTERM, then waits for the exit.
     pub fn terminate(&mut self) -> ExitStatus {
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        self.child.wait().expect("wait")
+        terminate(&mut self.child)
     }
 
     /// Stops (SIGTERM) and starts again on the same port, data directory and flags.
@@ -260,4 +258,11 @@ pub fn token_with_iat(data_dir: &Path, user: &str, device: &str, ahead_secs: i64
         &jsonwebtoken::EncodingKey::from_secret(secret.trim().as_bytes()),
     )
     .unwrap()
+}
+
+/// Sends SIGTERM to `child`, then waits for its exit.
+pub fn terminate(child: &mut Child) -> ExitStatus {
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    child.wait().expect("wait")
 }

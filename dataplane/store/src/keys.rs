@@ -75,11 +75,11 @@ pub enum Placement {
     Conversation(u64),
 }
 
-/// Reads the elements of a packed tuple one by one, as far as they are whole (a range's
-/// bounds end in `0x00` or `0xff`, which are not elements Courier writes).
 /// The first element of every event key as packed: the string `"ev"`.
 const EVENT_ELEMENT: &[u8] = b"\x02ev\x00";
 
+/// Reads the elements of a packed tuple one by one, as far as they are whole (a range's
+/// bounds end in `0x00` or `0xff`, which are not elements Courier writes).
 struct TupleReader<'a> {
     bytes: &'a [u8],
     at: usize,

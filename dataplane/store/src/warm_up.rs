@@ -20,9 +20,10 @@
 //! is what the store has (`EventCache::warm`).
 //!
 //! **Bounded.** A step of the warm-up reads [`WARM_STEP`] conversations or [`WARM_STEP_EVENTS`]
-//! events, whichever comes first, after which the writer takes the commits that came meanwhile. The conversations are read in key order, neighbours
-//! in fjall's tables and blob files; the warm-up ends at the first that does not fit in the
-//! cache's budget, which only a budget smaller than the one the note was written with comes to.
+//! events, whichever comes first, after which the writer takes the commits that came
+//! meanwhile. The conversations are read in key order, neighbours in fjall's tables and blob
+//! files; the warm-up ends at the first that does not fit in the cache's budget, which only a
+//! budget smaller than the one the note was written with comes to.
 
 use crate::event_cache::EventCache;
 use crate::kv::{KeyValue, StoreError};
