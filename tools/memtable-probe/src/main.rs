@@ -6,17 +6,42 @@
 //! other memory, as the other threads of a lightly loaded server do between two of the store
 //! writer's commits.
 //!
+//! `LAYOUT=numbered` probes the shorter layout a conversation numbered at its creation would give
+//! instead: a subspace byte, the conversation's 8-byte number and the 8-byte seq, 17 bytes that
+//! the memtable's keys hold inline (byteview keeps up to 20 bytes without a heap block).
+//!
 //! Run: `cargo run --release --manifest-path tools/memtable-probe/Cargo.toml [-- MESSAGES]`
 //! Env: CONVERSATIONS (default 100), EVICT_MIB (default "0,2"),
-//!      SECOND (default "rewritten,unique,none").
+//!      SECOND (default "rewritten,unique,none"), LAYOUT ("courier" by default, or "numbered").
 //! Prints ns per insert of each key for each setting.
 use lsm_tree::{InternalValue, Memtable, ValueType};
 use std::hint::black_box;
 use std::time::Instant;
 
-/// A key of the subspace `name` for conversation `conv`, with `seq` appended when given:
-/// the layout of the store's keys (a root prefix, the subspace, `d:` and 32 hex digits).
-fn key(name: &str, conv: u64, seq: Option<u64>) -> Vec<u8> {
+/// How keys are laid out (module documentation).
+#[derive(Clone, Copy, PartialEq)]
+enum Layout {
+    Courier,
+    Numbered,
+}
+
+/// A key of the subspace `name` for conversation `conv`, with `seq` appended when given.
+fn key(layout: Layout, name: &str, conv: u64, seq: Option<u64>) -> Vec<u8> {
+    match layout {
+        Layout::Courier => courier_key(name, conv, seq),
+        Layout::Numbered => {
+            let mut key = vec![name.as_bytes()[0]];
+            key.extend_from_slice(&conv.to_be_bytes());
+            if let Some(seq) = seq {
+                key.extend_from_slice(&seq.to_be_bytes());
+            }
+            key
+        }
+    }
+}
+
+/// The layout of the store's keys: a root prefix, the subspace, `d:` and 32 hex digits.
+fn courier_key(name: &str, conv: u64, seq: Option<u64>) -> Vec<u8> {
     let mut key = b"\x02courier\x00\x02".to_vec();
     key.extend_from_slice(name.as_bytes());
     key.extend_from_slice(b"\x00\x02d:");
@@ -47,6 +72,7 @@ enum Second {
 
 /// Nanoseconds per insert of the events and of the second keys (`None` without them).
 fn probe(
+    layout: Layout,
     messages: u64,
     conversations: u64,
     evict_mib: usize,
@@ -62,14 +88,14 @@ fn probe(
             }
         }
         let conv = message % conversations;
-        let event = key("ev", conv, Some(message));
+        let event = key(layout, "ev", conv, Some(message));
         seqno += 1;
         let started = Instant::now();
         memtable.insert(InternalValue::from_components(event, [0u8; 200], seqno, ValueType::Value));
         event_ns += started.elapsed().as_nanos();
         let other_key = match second {
-            Second::Rewritten => key("head", conv, None),
-            Second::Unique => key("head", conv, Some(message)),
+            Second::Rewritten => key(layout, "head", conv, None),
+            Second::Unique => key(layout, "head", conv, Some(message)),
             Second::None => continue,
         };
         seqno += 1;
@@ -94,6 +120,11 @@ fn main() {
     let conversations: u64 = std::env::var("CONVERSATIONS")
         .map_or(100, |v| v.parse().expect("CONVERSATIONS: a whole number, at least 1"));
     assert!(conversations > 0, "CONVERSATIONS: a whole number, at least 1");
+    let layout = match std::env::var("LAYOUT").as_deref() {
+        Err(_) | Ok("courier") => Layout::Courier,
+        Ok("numbered") => Layout::Numbered,
+        Ok(other) => panic!("LAYOUT: courier or numbered, not {other}"),
+    };
     println!("{messages} messages over {conversations} conversations, ns per insert");
     for evict in list("EVICT_MIB", "0,2") {
         let evict_mib: usize = evict.parse().expect("EVICT_MIB: whole MiB, comma-separated");
@@ -104,7 +135,7 @@ fn main() {
                 "none" => Second::None,
                 other => panic!("SECOND: rewritten, unique or none, not {other}"),
             };
-            let (event, other) = probe(messages, conversations, evict_mib, second);
+            let (event, other) = probe(layout, messages, conversations, evict_mib, second);
             let other = other.map_or("-".into(), |ns| format!("{ns:.0}"));
             println!(
                 "  evicting {evict_mib} MiB between messages, second key {name}: event {event:.0}, second {other}"
