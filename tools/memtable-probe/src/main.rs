@@ -1,5 +1,5 @@
 //! The cost of one insert into lsm-tree's memtable (fjall's, which the embedded store writes
-//! every key into) with keys shaped like Courier's: a shared prefix, a 34-byte conversation id,
+//! every key into) with keys shaped like `courier serve`'s: a subspace, a 34-byte conversation id,
 //! and a sequence number. Each "message" inserts one unique key (an event) and a second key:
 //! a new version of a key its conversation rewrites every time (`rewritten`, as a head), another
 //! unique key (`unique`), or none (`none`). Between messages the probe may write `EVICT_MIB` of
@@ -40,15 +40,18 @@ fn key(layout: Layout, name: &str, conv: u64, seq: Option<u64>) -> Vec<u8> {
     }
 }
 
-/// The layout of the store's keys: a root prefix, the subspace, `d:` and 32 hex digits.
+/// The layout of `courier serve`'s keys: FoundationDB tuples under an empty root, the subspace's
+/// name, the conversation id (`d:` and 32 hex digits) and the seq.
 fn courier_key(name: &str, conv: u64, seq: Option<u64>) -> Vec<u8> {
-    let mut key = b"\x02courier\x00\x02".to_vec();
+    let mut key = vec![0x02];
     key.extend_from_slice(name.as_bytes());
     key.extend_from_slice(b"\x00\x02d:");
     let spread = u128::from(conv).wrapping_mul(0x9E37_79B9_7F4A_7C15_F39C_C060_5CED_C835);
     key.extend_from_slice(format!("{spread:032x}").as_bytes());
     key.push(0);
     if let Some(seq) = seq {
+        // A tuple's integer of eight bytes.
+        key.push(0x1c);
         key.extend_from_slice(&seq.to_be_bytes());
     }
     key
