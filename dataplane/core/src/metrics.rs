@@ -27,6 +27,11 @@ pub struct OutcomeLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReaderLabel {
+    pub reader: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CodeLabel {
     pub code: &'static str,
 }
@@ -98,6 +103,9 @@ pub struct Metrics {
     /// Push notifications by outcome (`sent`, `retried`, `invalid_token`, `failed`, `dropped`,
     /// `delivered`: the device had the messages before the notification was due).
     pub push_notifications: Family<OutcomeLabel, Counter>,
+    /// Pages of a shard's outbox read from the store, by reader (`fanout`, `push`); in one
+    /// process both take what its commits list instead, once a read reached the outbox's end.
+    pub outbox_pages_read: Family<ReaderLabel, Counter>,
     resident_memory: Gauge,
     worker_threads: Gauge,
     /// Threads of the runtime of ordering and delivery (`--ordering-threads`; 0: they run
@@ -182,6 +190,7 @@ impl Metrics {
             media_uploaded_bytes: Counter::default(),
             media_swept: Counter::default(),
             push_notifications: Family::default(),
+            outbox_pages_read: Family::default(),
             resident_memory: Gauge::default(),
             worker_threads: Gauge::default(),
             ordering_threads: Gauge::default(),
@@ -323,6 +332,11 @@ impl Metrics {
             "push_notifications",
             "Push notification attempts by outcome",
             metrics.push_notifications.clone(),
+        );
+        registry.register(
+            "outbox_pages_read",
+            "Pages of a shard's outbox read from the store, by reader",
+            metrics.outbox_pages_read.clone(),
         );
         registry.register(
             "process_resident_memory_bytes",

@@ -78,7 +78,7 @@ use courier_core::leases::Ownership;
 use courier_core::listed_tails::Tails;
 use courier_core::loops::{BackgroundLoops, CancellationToken};
 use courier_core::membership::{Members, MembershipCache};
-use courier_core::metrics::Metrics;
+use courier_core::metrics::{Metrics, ReaderLabel};
 use courier_core::sequencing::CommitListener;
 use courier_core::shard_cursors::ShardCursors;
 use courier_proto::Event;
@@ -557,6 +557,10 @@ impl Fanout {
             let (entries, more) = match self.take_tail(shard, from.as_deref()) {
                 Some(taken) => taken,
                 None => {
+                    self.metrics
+                        .outbox_pages_read
+                        .get_or_create(&ReaderLabel { reader: "fanout" })
+                        .inc();
                     let entries = self
                         .store
                         .outbox(shard, from.as_deref(), OUTBOX_PAGE)
@@ -1195,11 +1199,12 @@ mod tests {
             .await
             .unwrap();
         let gateways = FlakyGateways::new(&store, 0, 0);
+        let metrics = Arc::new(Metrics::new());
         let context = Context {
             store: store.clone(),
             gateways: gateways.clone(),
             membership: Arc::new(MembershipCache::new(store.clone())),
-            metrics: Arc::new(Metrics::new()),
+            metrics: metrics.clone(),
         };
         let one_process = FanoutConfig {
             look_at_every_shard_each_round: false,
@@ -1220,8 +1225,16 @@ mod tests {
         };
         let outbox = store.keys().outbox(shard);
         let outbox_reads = || engine.take_reads_within(&outbox);
+        let pages_read = || {
+            metrics
+                .outbox_pages_read
+                .get_or_create(&ReaderLabel { reader: "fanout" })
+                .get()
+        };
         taken(1).await;
         assert!(outbox_reads() > 0, "what was there before is read");
+        let pages = pages_read();
+        assert!(pages > 0);
 
         for id in ["b", "c"] {
             let appended = store
@@ -1232,6 +1245,7 @@ mod tests {
         }
         taken(3).await;
         assert_eq!(outbox_reads(), 0, "listed entries are not read back");
+        assert_eq!(pages_read(), pages);
 
         // Told of without a list: read from the outbox, then listed ones are taken again.
         store
@@ -1241,13 +1255,14 @@ mod tests {
         fanout.committed(shard, 0);
         taken(4).await;
         assert!(outbox_reads() > 0);
+        let pages = pages_read();
         let appended = store
             .append_listed(lease, &mut heads, &[message("e")])
             .await
             .unwrap();
         fanout.committed_entries(shard, appended.outbox.unwrap());
         taken(5).await;
-        assert_eq!(outbox_reads(), 0);
+        assert_eq!((outbox_reads(), pages_read()), (0, pages));
 
         // A listing that would take the tails past their bound drops the shard's tail.
         let mut listed = store
@@ -1260,6 +1275,7 @@ mod tests {
         fanout.committed_entries(shard, listed);
         taken(6).await;
         assert!(outbox_reads() > 0, "read from the outbox instead");
+        assert!(pages_read() > pages);
         assert_eq!(fanout.tails.bytes(), 0);
 
         let events = store.events("d:1", 0, u64::MAX, 10).await.unwrap();

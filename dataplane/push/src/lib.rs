@@ -51,7 +51,7 @@ use courier_core::leases::JobLead;
 use courier_core::listed_tails::{Listed, Tails};
 use courier_core::loops::BackgroundLoops;
 use courier_core::membership::MembershipCache;
-use courier_core::metrics::{Metrics, OutcomeLabel};
+use courier_core::metrics::{Metrics, OutcomeLabel, ReaderLabel};
 use courier_core::sequencing::CommitListener;
 use courier_core::{clock::now_ms, shard_cursors::ShardCursors};
 use courier_proto::{Body, EventPayload};
@@ -66,8 +66,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
-/// Outbox entries read per step of one shard.
+/// Outbox entries read from the store per step of one shard.
 const OUTBOX_PAGE: usize = 256;
+/// Listed entries' headers taken from one shard's tail per step: in memory already, so many
+/// more than a read brings. Each pass waits for its own commit, and under load a commit waits
+/// for those before it: at a page of 256 a pass, 8 conversations at ~80,000 msgs/s outran the
+/// passes, the tails grew past [`TAILS_MAX_BYTES`] and were dropped, and every pass read the
+/// outbox back, its rows whole (`docs/benchmarks.md`, "The push notifier's pages from its
+/// tails").
+const LISTED_PAGE: usize = 4096;
+/// Listed entries a page expands before it lets the other tasks of its thread run.
+const ENTRIES_PER_YIELD: usize = 256;
 /// Pending notifications read per step of a send pass.
 const PENDING_PAGE: usize = 512;
 /// Attempts before a notification is given up.
@@ -82,7 +91,9 @@ const PENDING_PER_PASS: usize = 10_000;
 /// shard meanwhile are expanded together, each shard's with one outbox read, in one store
 /// commit. It delays no notification: each is due `--push-collapse` (500 ms by default) after
 /// the message that opened it was committed. Fewer, larger passes cost the server less CPU
-/// under a light load (`docs/benchmarks.md`, "A longer push pass").
+/// under a light load (`docs/benchmarks.md`, "A longer push pass"). It ends early once the
+/// tails hold half of [`TAILS_MAX_BYTES`]: under a heavy load 250 ms of commits filled them,
+/// and past their bound they are dropped and the outbox read back.
 const PASS_LINGER: Duration = Duration::from_millis(250);
 /// Bytes of listed entries' headers kept across all shards' tails; past it, the tail that would
 /// grow beyond it is dropped and its shard's outbox read again.
@@ -302,6 +313,9 @@ pub struct Notifier {
     /// once [`Notifier::start`] knows that this process's sequencer is the only one.
     tails: Tails<ListedHeader>,
     wake: Notify,
+    /// Told once the tails hold half their bound: the pass starts without waiting out
+    /// [`PASS_LINGER`].
+    tails_filling: Notify,
     /// The earliest due time of any pending notification (0: unknown, scan).
     next_due_ms: AtomicU64,
 }
@@ -337,6 +351,7 @@ impl Notifier {
             registrations: Mutex::new(Registrations::default()),
             tails: Tails::new(TAILS_MAX_BYTES),
             wake: Notify::new(),
+            tails_filling: Notify::new(),
             next_due_ms: AtomicU64::new(0),
         })
     }
@@ -411,7 +426,8 @@ impl Notifier {
                             .await
                             .is_ok()
                         {
-                            tokio::time::sleep(PASS_LINGER).await;
+                            let filling = notifier.tails_filling.notified();
+                            let _ = tokio::time::timeout(PASS_LINGER, filling).await;
                         }
                     };
                     if cancel.run_until_cancelled(next).await.is_none() {
@@ -526,10 +542,10 @@ impl Notifier {
         let mut unread = Vec::new();
         for (shard, delivered) in shards.iter().copied().zip(delivered) {
             let from = self.cursors.get(shard);
-            match self.tails.take(shard, from.as_deref(), OUTBOX_PAGE) {
-                Some((kept, _)) => {
+            match self.tails.take(shard, from.as_deref(), LISTED_PAGE) {
+                Some((kept, more)) => {
                     let entries = kept.into_iter().map(|kept| (kept.key, kept.header));
-                    read.push((shard, delivered, from, entries.collect()));
+                    read.push((shard, delivered, from, entries.collect(), more));
                 }
                 None => unread.push((shard, delivered, from)),
             }
@@ -539,6 +555,10 @@ impl Notifier {
                 .iter()
                 .map(|(shard, _, from)| (*shard, from.clone()))
                 .collect();
+            self.metrics
+                .outbox_pages_read
+                .get_or_create(&ReaderLabel { reader: "push" })
+                .inc_by(positions.len() as u64);
             let pages = match self.store.outbox_headers(&positions, OUTBOX_PAGE).await {
                 Ok(pages) => pages,
                 Err(e) => {
@@ -549,10 +569,11 @@ impl Notifier {
             for ((shard, delivered, from), page) in unread.into_iter().zip(pages) {
                 match page {
                     Ok(entries) => {
-                        if entries.len() < OUTBOX_PAGE {
+                        let more = entries.len() == OUTBOX_PAGE;
+                        if !more {
                             self.tails.complete(shard);
                         }
-                        read.push((shard, delivered, from, entries));
+                        read.push((shard, delivered, from, entries, more));
                     }
                     Err(e) => expanded.failed.push((shard, e)),
                 }
@@ -568,7 +589,7 @@ impl Notifier {
         let mut pages = Vec::new();
         let mut devices = DeviceLookups::new(&mut registrations);
         let mut room = PENDING_PER_PASS;
-        for (shard, delivered, from, entries) in read {
+        for (shard, delivered, from, entries, more) in read {
             // The store's reads return without waiting on the embedded engine, so a pass over
             // many pages would hold its thread, and the shard actors beside it, until it ends.
             tokio::task::yield_now().await;
@@ -582,7 +603,7 @@ impl Notifier {
                 continue;
             }
             let page = self
-                .page(shard, from, entries, delivered, room, &mut devices)
+                .page(shard, from, (entries, more), delivered, room, &mut devices)
                 .await;
             match page {
                 Ok(Some(page)) => {
@@ -636,20 +657,20 @@ impl Notifier {
     }
 
     /// The `entries` of `shard`'s outbox read from `from` (`None`: nothing new, nothing to
-    /// clear) as pending notifications, at most about `room` of them: the page ends after the
-    /// message that reaches it (one large group's devices may go beyond it). Events other than
-    /// messages notify nobody; the page passes over them. The outbox is cleared below the
-    /// page's end and `delivered`, fanout's bound.
+    /// clear), with whether the outbox holds `more` after them, as pending notifications, at
+    /// most about `room` of them: the page ends after the message that reaches it (one large
+    /// group's devices may go beyond it). Events other than messages notify nobody; the page
+    /// passes over them. The outbox is cleared below the page's end and `delivered`, fanout's
+    /// bound.
     async fn page(
         &self,
         shard: u32,
         from: Option<Vec<u8>>,
-        entries: Vec<(Vec<u8>, EventHeader)>,
+        (entries, mut more): (Vec<(Vec<u8>, EventHeader)>, bool),
         delivered: Option<Vec<u8>>,
         room: usize,
         devices: &mut DeviceLookups<'_>,
     ) -> Result<Option<OutboxPage>, StoreError> {
-        let mut more = entries.len() == OUTBOX_PAGE;
         let read = entries.len();
         let mut bound = from;
         let now = now_ms();
@@ -661,6 +682,9 @@ impl Notifier {
             if pending.len() >= room {
                 more |= taken < read;
                 break;
+            }
+            if taken > 0 && taken % ENTRIES_PER_YIELD == 0 {
+                tokio::task::yield_now().await;
             }
             bound = Some(bound_after(&key));
             if !event.is_message() {
@@ -925,6 +949,9 @@ impl CommitListener for Notifier {
             .listed(shard, entries.iter().map(ListedHeader::of));
         self.mark_dirty(shard);
         self.wake.notify_one();
+        if self.tails.bytes() > TAILS_MAX_BYTES / 2 {
+            self.tails_filling.notify_one();
+        }
     }
 }
 
@@ -940,6 +967,7 @@ mod tests {
     use courier_store::{
         Append, AppendKey, Batch, DeliveredBound, HeadCache, KvEngine, ReceiptKind,
     };
+    use futures::FutureExt;
 
     #[derive(Parser)]
     struct Flags {
@@ -1494,8 +1522,9 @@ mod tests {
 
     /// In one process, once a pass read a shard's outbox to its end, the headers of the entries
     /// the sequencer lists after each commit are expanded without reading the outbox back, a
-    /// page at a time; a commit told of without a list, and a pass that failed, read it again;
-    /// every message counts once either way.
+    /// page at a time (many more entries than a read of the outbox takes); a commit told of
+    /// without a list, and a pass that failed, read it again; every message counts once either
+    /// way, and `/metrics` counts the pages read.
     #[tokio::test]
     async fn listed_entries_are_expanded_without_reading_the_outbox_back() {
         let engine = FaultyEngine::new();
@@ -1529,10 +1558,17 @@ mod tests {
         let outbox = store.keys().outbox(shard);
         let outbox_reads = || engine.take_reads_within(&outbox);
         let ben = || async { counts(&store, "g:1", &members).await[1] };
+        let pages_read = || {
+            notifier
+                .metrics
+                .outbox_pages_read
+                .get_or_create(&ReaderLabel { reader: "push" })
+                .get()
+        };
 
         assert!(notifier.expand(vec![shard]).await.failed.is_empty());
         assert!(outbox_reads() > 0, "what was there before is read");
-        assert_eq!(ben().await, 1);
+        assert_eq!((ben().await, pages_read()), (1, 1));
 
         for _ in 0..2 {
             let listed = store.append_listed(lease, &mut heads, &messages(1)).await;
@@ -1542,28 +1578,45 @@ mod tests {
         assert_eq!(outbox_reads(), 0, "listed entries are not read back");
         assert_eq!(ben().await, 3);
 
+        // Many more than a read of the outbox takes, in one pass: passes keep up with commits
+        // however long each pass's own commit waits.
+        let burst = 4 * OUTBOX_PAGE;
+        let listed = store
+            .append_listed(lease, &mut heads, &messages(burst))
+            .await;
+        notifier.committed_listed(shard, &listed.unwrap().outbox.unwrap());
+        let expanded = notifier.expand(vec![shard]).await;
+        assert!(expanded.failed.is_empty() && !expanded.more);
+        let mut expected = 3 + burst as u32;
+        assert_eq!(ben().await, expected);
+
         // More than a page: the rest at the next pass.
-        let listed = store.append_listed(lease, &mut heads, &messages(300)).await;
+        let listed = store
+            .append_listed(lease, &mut heads, &messages(LISTED_PAGE + 44))
+            .await;
         notifier.committed_listed(shard, &listed.unwrap().outbox.unwrap());
         let expanded = notifier.expand(vec![shard]).await;
         assert!(expanded.failed.is_empty() && expanded.more);
-        assert_eq!(ben().await, 3 + OUTBOX_PAGE as u32);
+        assert_eq!(ben().await, expected + LISTED_PAGE as u32);
         assert!(!notifier.expand(vec![shard]).await.more);
-        assert_eq!(outbox_reads(), 0);
-        assert_eq!(ben().await, 303);
+        assert_eq!((outbox_reads(), pages_read()), (0, 1));
+        expected += LISTED_PAGE as u32 + 44;
+        assert_eq!(ben().await, expected);
 
         // Told of without a list: read from the outbox.
         store.append(lease, &mut heads, &messages(1)).await.unwrap();
         notifier.committed(shard, 1);
         assert!(notifier.expand(vec![shard]).await.failed.is_empty());
         assert!(outbox_reads() > 0);
-        assert_eq!(ben().await, 304);
+        expected += 1;
+        assert_eq!((ben().await, pages_read()), (expected, 2));
 
         // A pass whose commit fails drops what it took: the next one reads it again.
         let listed = store.append_listed(lease, &mut heads, &messages(1)).await;
         notifier.committed_listed(shard, &listed.unwrap().outbox.unwrap());
         assert!(notifier.expand(vec![shard]).await.failed.is_empty());
-        assert_eq!((outbox_reads(), ben().await), (0, 305));
+        expected += 1;
+        assert_eq!((outbox_reads(), ben().await), (0, expected));
         let listed = store.append_listed(lease, &mut heads, &messages(1)).await;
         notifier.committed_listed(shard, &listed.unwrap().outbox.unwrap());
         let bound = pushed_bound_key(&store, shard);
@@ -1572,11 +1625,50 @@ mod tests {
         })));
         assert!(notifier.pass().await.is_ok());
         engine.set_fault(None);
-        assert_eq!(ben().await, 305, "not expanded");
+        assert_eq!(ben().await, expected, "not expanded");
         assert!(notifier.expand(vec![shard]).await.failed.is_empty());
         assert!(outbox_reads() > 0, "read again");
-        assert_eq!(ben().await, 306);
+        assert_eq!(ben().await, expected + 1);
         assert_eq!(notifier.tails.bytes(), 0);
+    }
+
+    /// Once the tails hold half their bound, the notifier is told to start its pass without
+    /// waiting out [`PASS_LINGER`]: under a heavy load the linger filled them past their bound,
+    /// and every pass then read the outbox back.
+    #[tokio::test]
+    async fn tails_that_fill_cut_the_linger_short() {
+        let engine = FaultyEngine::new();
+        let store = engine.store(4).await;
+        let members = vec!["ann".to_owned(), "ben".to_owned()];
+        group_with_a_message(&store, "g:1", &members).await;
+        let shard = store.shard_of("g:1");
+        let lease = store
+            .acquire_shards(Duty::Sequencing, "test", &[shard], usize::MAX, 0, u64::MAX)
+            .await
+            .unwrap()[0];
+        let notifier = notifier(&store, PushProviders::default(), Duration::from_secs(3600));
+        notifier.tails.set_keeping(true);
+        assert!(notifier.expand(vec![shard]).await.failed.is_empty());
+        let ann = Sender {
+            user: "ann".into(),
+            device: "phone".into(),
+        };
+        let message = Append::message("g:1".into(), ann, "m".into(), Body::Text("m".into()), None);
+        let listed = store
+            .append_listed(lease, &mut HeadCache::default(), &[message])
+            .await
+            .unwrap()
+            .outbox
+            .unwrap();
+        let filling = || notifier.tails_filling.notified().now_or_never().is_some();
+
+        notifier.committed_listed(shard, &listed);
+        assert!(!filling(), "a light load lingers");
+        let mut large = listed;
+        large[0].key.resize(TAILS_MAX_BYTES / 2, 0xff);
+        notifier.committed_listed(shard, &large);
+        assert!(notifier.tails.bytes() > TAILS_MAX_BYTES / 2, "kept");
+        assert!(filling(), "the pass starts now");
     }
 
     #[tokio::test]
