@@ -66,15 +66,19 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
-/// Outbox entries read from the store per step of one shard.
+/// Entries one shard's step takes at most, from its tail or read from the store. Each pass
+/// waits for its own commit, and under load a commit waits for those before it, so a step
+/// takes many: at 256 a step, 8 conversations at ~80,000 msgs/s outran the passes, the tails
+/// grew past [`TAILS_MAX_BYTES`] and were dropped, and from then on every pass read 256 entries
+/// back from the outbox, each time reading 256 rows of commits that held ~100 entries each,
+/// slower than the commits came (`docs/benchmarks.md`, "The push notifier keeps up").
+const SHARD_PAGE: usize = 4096;
+/// Rows (a commit's entries each) one shard's step reads from the store at most, and the
+/// entries it takes at least when many shards are read at once.
 const OUTBOX_PAGE: usize = 256;
-/// Listed entries' headers taken from one shard's tail per step: in memory already, so many
-/// more than a read brings. Each pass waits for its own commit, and under load a commit waits
-/// for those before it: at a page of 256 a pass, 8 conversations at ~80,000 msgs/s outran the
-/// passes, the tails grew past [`TAILS_MAX_BYTES`] and were dropped, and every pass read the
-/// outbox back, its rows whole (`docs/benchmarks.md`, "The push notifier's pages from its
-/// tails").
-const LISTED_PAGE: usize = 4096;
+/// Entries one pass reads from the store at most, over all its shards: a step of each of
+/// the store's 1,024 shards takes [`OUTBOX_PAGE`] entries, one of a few shards [`SHARD_PAGE`].
+const OUTBOX_READ_ENTRIES: usize = 1024 * OUTBOX_PAGE;
 /// Listed entries a page expands before it lets the other tasks of its thread run.
 const ENTRIES_PER_YIELD: usize = 256;
 /// Pending notifications read per step of a send pass.
@@ -542,7 +546,7 @@ impl Notifier {
         let mut unread = Vec::new();
         for (shard, delivered) in shards.iter().copied().zip(delivered) {
             let from = self.cursors.get(shard);
-            match self.tails.take(shard, from.as_deref(), LISTED_PAGE) {
+            match self.tails.take(shard, from.as_deref(), SHARD_PAGE) {
                 Some((kept, more)) => {
                     let entries = kept.into_iter().map(|kept| (kept.key, kept.header));
                     read.push((shard, delivered, from, entries.collect(), more));
@@ -559,7 +563,12 @@ impl Notifier {
                 .outbox_pages_read
                 .get_or_create(&ReaderLabel { reader: "push" })
                 .inc_by(positions.len() as u64);
-            let pages = match self.store.outbox_headers(&positions, OUTBOX_PAGE).await {
+            let per_shard = (OUTBOX_READ_ENTRIES / positions.len()).clamp(OUTBOX_PAGE, SHARD_PAGE);
+            let read_pages = self
+                .store
+                .outbox_headers(&positions, OUTBOX_PAGE, per_shard)
+                .await;
+            let pages = match read_pages {
                 Ok(pages) => pages,
                 Err(e) => {
                     expanded.failed = shards.into_iter().map(|s| (s, e.clone())).collect();
@@ -568,8 +577,7 @@ impl Notifier {
             };
             for ((shard, delivered, from), page) in unread.into_iter().zip(pages) {
                 match page {
-                    Ok(entries) => {
-                        let more = entries.len() == OUTBOX_PAGE;
+                    Ok((entries, more)) => {
                         if !more {
                             self.tails.complete(shard);
                         }
@@ -1592,15 +1600,15 @@ mod tests {
 
         // More than a page: the rest at the next pass.
         let listed = store
-            .append_listed(lease, &mut heads, &messages(LISTED_PAGE + 44))
+            .append_listed(lease, &mut heads, &messages(SHARD_PAGE + 44))
             .await;
         notifier.committed_listed(shard, &listed.unwrap().outbox.unwrap());
         let expanded = notifier.expand(vec![shard]).await;
         assert!(expanded.failed.is_empty() && expanded.more);
-        assert_eq!(ben().await, expected + LISTED_PAGE as u32);
+        assert_eq!(ben().await, expected + SHARD_PAGE as u32);
         assert!(!notifier.expand(vec![shard]).await.more);
         assert_eq!((outbox_reads(), pages_read()), (0, 1));
-        expected += LISTED_PAGE as u32 + 44;
+        expected += SHARD_PAGE as u32 + 44;
         assert_eq!(ben().await, expected);
 
         // Told of without a list: read from the outbox.
@@ -1610,6 +1618,19 @@ mod tests {
         assert!(outbox_reads() > 0);
         expected += 1;
         assert_eq!((ben().await, pages_read()), (expected, 2));
+
+        // Many, told of without a list: read back in one page of many more entries than the
+        // rows it reads, so that a notifier whose tail was dropped under load catches up.
+        store
+            .append(lease, &mut heads, &messages(burst))
+            .await
+            .unwrap();
+        notifier.committed(shard, burst);
+        let expanded = notifier.expand(vec![shard]).await;
+        assert!(expanded.failed.is_empty() && !expanded.more);
+        expected += burst as u32;
+        assert!(outbox_reads() > 0);
+        assert_eq!((ben().await, pages_read()), (expected, 3));
 
         // A pass whose commit fails drops what it took: the next one reads it again.
         let listed = store.append_listed(lease, &mut heads, &messages(1)).await;

@@ -49,8 +49,8 @@ pub use membership::{MemberRecord, UserConversation, Visibility};
 pub use message_store::{
     AckBounds, Append, AppendKey, AppendOutcome, AppendRefused, AppendResult, Appended,
     ConversationRecord, DeliveredBound, DeviceRecord, HeadCache, ListedEntry, MediaAdmission,
-    MediaRecord, MessageStore, NewConversation, OutboxEntry, PUSH_EXPANSION_BYTES, PendingPush,
-    PushRegistrationCounts, PushedBound, ReadBounds, ShardLease, bound_after,
+    MediaRecord, MessageStore, NewConversation, OutboxEntry, OutboxHeaders, PUSH_EXPANSION_BYTES,
+    PendingPush, PushRegistrationCounts, PushedBound, ReadBounds, ShardLease, bound_after,
 };
 pub use outbox_rows::EventHeader;
 pub use partitions::{PartitionStore, PartitionTable, TableError};

@@ -350,6 +350,10 @@ pub type AppendResult = Result<AppendOutcome, AppendRefused>;
 /// An entry of a shard's outbox: its key and its event.
 pub type OutboxEntry = (Vec<u8>, Event);
 
+/// A page of a shard's outbox as [`MessageStore::outbox_headers`] reads it: its entries' keys
+/// and headers, and whether the outbox holds more after them.
+pub type OutboxHeaders = (Vec<(Vec<u8>, EventHeader)>, bool);
+
 /// An entry a commit added to a shard's outbox, as the committer lists it.
 #[derive(Debug, Clone)]
 pub struct ListedEntry {
@@ -2152,42 +2156,33 @@ impl MessageStore {
         self.read_outbox(shard, from, limit, decode_event).await
     }
 
-    /// [`MessageStore::outbox`] of each of `positions` (a shard and where to read it from), each
+    /// The outbox entries of each of `positions` (a shard and where to read it from), each
     /// entry's event read as its [`EventHeader`] only, for readers that never look at bodies
-    /// (the push notifier): every shard's first page with one read (one call on a store node).
-    /// A shard whose rows cannot be read as entries gets its error; the others their entries.
+    /// (the push notifier): every shard's page with one read (one call on a store node), of
+    /// at most `rows` rows (a commit's entries each) and `entries` entries, with whether its
+    /// outbox holds more after it. A commit under load lists many entries in its row, so a
+    /// page bounded by its entries alone would read many more than it takes. A shard whose
+    /// rows cannot be read as entries gets its error; the others their pages.
     pub async fn outbox_headers(
         &self,
         positions: &[(u32, Option<Vec<u8>>)],
-        limit: usize,
-    ) -> Result<Vec<Result<Vec<(Vec<u8>, EventHeader)>, StoreError>>, StoreError> {
+        rows: usize,
+        entries: usize,
+    ) -> Result<Vec<Result<OutboxHeaders, StoreError>>, StoreError> {
         let ranges = positions
             .iter()
             .map(|(shard, from)| self.outbox_rows_from(*shard, from.as_deref()))
             .collect();
-        let pages = self.kv.ranges(ranges, limit).await?;
-        let mut headers = Vec::with_capacity(positions.len());
-        for ((shard, from), page) in positions.iter().zip(pages) {
-            let from = from.as_deref();
-            let mut entries = Vec::new();
-            let taken = take_entries(
-                &page,
-                from,
-                limit,
-                &EventHeader::decode_stored,
-                &mut entries,
-            );
-            let read = match taken {
-                // A full page whose rows held fewer entries from `from` on: read on, alone.
-                Ok(true) => {
-                    self.read_outbox(*shard, from, limit, EventHeader::decode_stored)
-                        .await
-                }
-                done => done.map(|_| entries),
-            };
-            headers.push(read);
-        }
-        Ok(headers)
+        let pages = self.kv.ranges(ranges, rows).await?;
+        let headers = positions.iter().zip(pages).map(|((_, from), page)| {
+            let mut taken = Vec::new();
+            let decode = &EventHeader::decode_stored;
+            let rows_after =
+                take_entries(&page, from.as_deref(), (rows, entries), decode, &mut taken)?;
+            let more = rows_after || taken.len() == entries;
+            Ok((taken, more))
+        });
+        Ok(headers.collect())
     }
 
     /// The rows of `shard`'s outbox that hold its entries from `from` on: from the first row
@@ -2213,7 +2208,7 @@ impl MessageStore {
         let mut entries = Vec::new();
         loop {
             let page = self.kv.range(rows.clone(), limit, false).await?;
-            let read_on = take_entries(&page, from, limit, &decode, &mut entries)?;
+            let read_on = take_entries(&page, from, (limit, limit), &decode, &mut entries)?;
             match page.last() {
                 Some((last, _)) if read_on => rows.start = bound_after(last),
                 _ => return Ok(entries),
@@ -2286,13 +2281,13 @@ impl MessageStore {
 /// The part of a queue of versionstamped keys from `bound` on (the consumer's bound: new
 /// entries always sort after it, and starting there, reads do not walk over the entries
 /// already cleared, which an LSM keeps as tombstones until compaction).
-/// Adds to `entries` those of the outbox rows of `page` from `from` on, each decoded by
-/// `decode`, until `entries` holds `limit`. Returns whether the rows after the page must be read
-/// too: the page was full (of `limit` rows) and `entries` is not.
+/// Adds to `entries` those of the outbox rows of `page` (a read of at most `rows` rows) from
+/// `from` on, each decoded by `decode`, until `entries` holds `limit`. Returns whether the rows
+/// after the page must be read too: the page was full (of `rows` rows) and `entries` is not.
 fn take_entries<T>(
     page: &[KeyValue],
     from: Option<&[u8]>,
-    limit: usize,
+    (rows, limit): (usize, usize),
     decode: &impl Fn(&[u8], &[u8]) -> Result<T, StoreError>,
     entries: &mut Vec<(Vec<u8>, T)>,
 ) -> Result<bool, StoreError> {
@@ -2309,7 +2304,7 @@ fn take_entries<T>(
             return Ok(false);
         }
     }
-    Ok(!page.is_empty() && page.len() == limit)
+    Ok(!page.is_empty() && page.len() == rows)
 }
 
 fn queue_from(queue: Range<Vec<u8>>, bound: Option<&[u8]>) -> Range<Vec<u8>> {
@@ -2999,12 +2994,13 @@ mod tests {
         );
         // The headers of the same entries, from the same positions.
         let position = (shard, Some(after_first.clone()));
-        let headers = store
-            .outbox_headers(&[position], 10)
+        let (headers, more) = store
+            .outbox_headers(&[position], 10, 10)
             .await
             .unwrap()
             .remove(0)
             .unwrap();
+        assert!(!more);
         assert_eq!(
             headers
                 .iter()
@@ -3014,6 +3010,26 @@ mod tests {
                 (read[1].0.as_slice(), 2, true),
                 (read[2].0.as_slice(), 3, true)
             ]
+        );
+        // A page counts its rows and its entries apart: one row gives every entry asked for.
+        let page = |rows: usize, entries: usize| {
+            let store = &store;
+            async move {
+                let (headers, more) = store
+                    .outbox_headers(&[(shard, None)], rows, entries)
+                    .await
+                    .unwrap()
+                    .remove(0)
+                    .unwrap();
+                (headers.iter().map(|(_, h)| h.seq).collect::<Vec<_>>(), more)
+            }
+        };
+        assert_eq!(page(2, 10).await, (vec![1, 2, 3], false));
+        assert_eq!(page(2, 2).await, (vec![1, 2], true));
+        assert_eq!(
+            page(1, 10).await,
+            (vec![1, 2, 3], true),
+            "rows full: read on"
         );
         let after_last = bound_after(&read[2].0);
         assert!(
@@ -3178,14 +3194,14 @@ mod tests {
         let positions: Vec<(u32, Option<Vec<u8>>)> =
             convs.iter().map(|c| (store.shard_of(c), None)).collect();
         let before = engine.read_calls();
-        let read = store.outbox_headers(&positions, 10).await.unwrap();
+        let read = store.outbox_headers(&positions, 10, 10).await.unwrap();
         assert_eq!(
             engine.read_calls() - before,
             1,
             "one read for the three shards"
         );
-        for (conv, headers) in convs.iter().zip(&read).take(2) {
-            let headers = headers.as_ref().unwrap();
+        for (conv, page) in convs.iter().zip(&read).take(2) {
+            let (headers, _) = page.as_ref().unwrap();
             let read: Vec<(&str, u64)> = headers
                 .iter()
                 .map(|(_, h)| (h.conversation_id.as_str(), h.seq))
