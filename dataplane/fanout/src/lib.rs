@@ -96,8 +96,14 @@ use tokio::sync::{Notify, mpsc};
 /// Events queued for the large-group path before fanout waits.
 const LARGE_GROUP_QUEUE: usize = 1024;
 
-/// Outbox entries read per step of one shard.
+/// Outbox entries one step of a shard takes from its tail, and rows (a commit's entries each)
+/// it reads from the store.
 const OUTBOX_PAGE: usize = 256;
+
+/// Entries one step of a shard takes at most from the rows it reads from the store: under load
+/// a commit's row lists many entries, and a step that took [`OUTBOX_PAGE`] of them read the
+/// same rows again at the next step (a cluster's node reads every page from the store).
+const STORE_PAGE_ENTRIES: usize = 4096;
 
 /// Bytes of listed events kept across all shards' tails (as stored, encoded); past it, the
 /// tail that would grow beyond it is dropped and its shard's outbox read again.
@@ -561,11 +567,10 @@ impl Fanout {
                         .outbox_pages_read
                         .get_or_create(&ReaderLabel { reader: "fanout" })
                         .inc();
-                    let entries = self
+                    let (entries, more) = self
                         .store
-                        .outbox(shard, from.as_deref(), OUTBOX_PAGE)
+                        .outbox_page(shard, from.as_deref(), OUTBOX_PAGE, STORE_PAGE_ENTRIES)
                         .await?;
-                    let more = entries.len() == OUTBOX_PAGE;
                     if !more {
                         self.tails.complete(shard);
                     }
@@ -1280,6 +1285,51 @@ mod tests {
 
         let events = store.events("d:1", 0, u64::MAX, 10).await.unwrap();
         let in_order: Vec<String> = events.into_iter().map(|e| e.server_msg_id).collect();
+        assert_eq!(*lock(&gateways.taken), in_order);
+    }
+
+    /// A node that reads every page from the store (a cluster's, which keeps no tails) takes
+    /// every entry of the rows a read brings: a commit of 1,000 entries, one row, is one read
+    /// of the outbox, where pages of 256 entries read that row again for each page.
+    #[tokio::test]
+    async fn a_commit_of_many_entries_is_read_from_the_outbox_once() {
+        let engine = courier_store::faulty_engine::FaultyEngine::new();
+        let store = engine.store(4).await;
+        let shard = store.shard_of("d:1");
+        let lease = sequencing_lease(&store, shard).await;
+        let ids: Vec<String> = (0..1000).map(|i| format!("m{i}")).collect();
+        let batch: Vec<Append> = ids.iter().map(|id| message(id)).collect();
+        store
+            .append(lease, &mut HeadCache::default(), &batch)
+            .await
+            .unwrap();
+        let outbox = store.keys().outbox(shard);
+        let outbox_reads = || engine.take_reads_within(&outbox);
+        outbox_reads();
+        let gateways = FlakyGateways::new(&store, 0, 0);
+        let context = Context {
+            store: store.clone(),
+            gateways: gateways.clone(),
+            membership: Arc::new(MembershipCache::new(store.clone())),
+            metrics: Arc::new(Metrics::new()),
+        };
+        let fanout = Fanout::new(context, config("local", 1000)).await.unwrap();
+        let loops = BackgroundLoops::new();
+        fanout.start(&loops);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while lock(&gateways.taken).len() < ids.len() {
+            assert!(Instant::now() < deadline, "not delivered");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+
+        // The shard's first drain; a later round's drain may have read it again, empty.
+        let reads = outbox_reads();
+        assert!(
+            (1..ids.len() / OUTBOX_PAGE).contains(&reads),
+            "{reads} reads of the outbox"
+        );
+        let stored = store.events("d:1", 0, u64::MAX, 2000).await.unwrap();
+        let in_order: Vec<String> = stored.into_iter().map(|e| e.server_msg_id).collect();
         assert_eq!(*lock(&gateways.taken), in_order);
     }
 

@@ -2156,33 +2156,59 @@ impl MessageStore {
         self.read_outbox(shard, from, limit, decode_event).await
     }
 
-    /// The outbox entries of each of `positions` (a shard and where to read it from), each
-    /// entry's event read as its [`EventHeader`] only, for readers that never look at bodies
-    /// (the push notifier): every shard's page with one read (one call on a store node), of
-    /// at most `rows` rows (a commit's entries each) and `entries` entries, with whether its
-    /// outbox holds more after it. A commit under load lists many entries in its row, so a
-    /// page bounded by its entries alone would read many more than it takes. A shard whose
-    /// rows cannot be read as entries gets its error; the others their pages.
+    /// A page of `shard`'s outbox from `from` on, of at most `rows` rows (a commit's entries
+    /// each) and `entries` entries, with whether the outbox holds more after it: for a reader
+    /// that reads its pages from the store (fanout on a cluster's node). A commit under load
+    /// lists many entries in its row, so a page bounded by its entries alone reads many more
+    /// than it takes, and the next page reads the same rows again.
+    pub async fn outbox_page(
+        &self,
+        shard: u32,
+        from: Option<&[u8]>,
+        rows: usize,
+        entries: usize,
+    ) -> Result<(Vec<OutboxEntry>, bool), StoreError> {
+        let position = [(shard, from.map(<[u8]>::to_vec))];
+        let mut pages = self
+            .outbox_pages(&position, (rows, entries), decode_event)
+            .await?;
+        pages.pop().expect("one page per position")
+    }
+
+    /// [`MessageStore::outbox_page`] of each of `positions` (a shard and where to read it
+    /// from), each entry's event read as its [`EventHeader`] only, for readers that never look
+    /// at bodies (the push notifier): every shard's page with one read (one call on a store
+    /// node). A shard whose rows cannot be read as entries gets its error; the others their
+    /// pages.
     pub async fn outbox_headers(
         &self,
         positions: &[(u32, Option<Vec<u8>>)],
         rows: usize,
         entries: usize,
     ) -> Result<Vec<Result<OutboxHeaders, StoreError>>, StoreError> {
+        self.outbox_pages(positions, (rows, entries), EventHeader::decode_stored)
+            .await
+    }
+
+    async fn outbox_pages<T>(
+        &self,
+        positions: &[(u32, Option<Vec<u8>>)],
+        (rows, entries): (usize, usize),
+        decode: impl Fn(&[u8], &[u8]) -> Result<T, StoreError>,
+    ) -> Result<Vec<Result<(Vec<(Vec<u8>, T)>, bool), StoreError>>, StoreError> {
         let ranges = positions
             .iter()
             .map(|(shard, from)| self.outbox_rows_from(*shard, from.as_deref()))
             .collect();
         let pages = self.kv.ranges(ranges, rows).await?;
-        let headers = positions.iter().zip(pages).map(|((_, from), page)| {
+        let taken = positions.iter().zip(pages).map(|((_, from), page)| {
             let mut taken = Vec::new();
-            let decode = &EventHeader::decode_stored;
             let rows_after =
-                take_entries(&page, from.as_deref(), (rows, entries), decode, &mut taken)?;
+                take_entries(&page, from.as_deref(), (rows, entries), &decode, &mut taken)?;
             let more = rows_after || taken.len() == entries;
             Ok((taken, more))
         });
-        Ok(headers.collect())
+        Ok(taken.collect())
     }
 
     /// The rows of `shard`'s outbox that hold its entries from `from` on: from the first row
