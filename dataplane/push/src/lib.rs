@@ -973,7 +973,7 @@ mod tests {
     use courier_store::faulty_engine::{FaultyEngine, touches};
     use courier_store::ownership::Duty;
     use courier_store::{
-        Append, AppendKey, Batch, DeliveredBound, HeadCache, KvEngine, ReceiptKind,
+        Append, AppendKey, Batch, DeliveredBound, HeadCache, KvEngine, ReceiptKind, ShardLease,
     };
     use futures::FutureExt;
 
@@ -1528,6 +1528,28 @@ mod tests {
         other.await.unwrap();
     }
 
+    /// Group "g:1" of ann and ben with one message: its members, its shard and a sequencing
+    /// lease on that shard.
+    async fn ann_and_ben(store: &MessageStore) -> (Vec<String>, u32, ShardLease) {
+        let members = vec!["ann".to_owned(), "ben".to_owned()];
+        group_with_a_message(store, "g:1", &members).await;
+        let shard = store.shard_of("g:1");
+        let lease = store
+            .acquire_shards(Duty::Sequencing, "test", &[shard], usize::MAX, 0, u64::MAX)
+            .await
+            .unwrap()[0];
+        (members, shard, lease)
+    }
+
+    /// A message of ann's phone to "g:1", its text its id.
+    fn from_ann(id: &str) -> Append {
+        let ann = Sender {
+            user: "ann".into(),
+            device: "phone".into(),
+        };
+        Append::message("g:1".into(), ann, id.into(), Body::Text(id.into()), None)
+    }
+
     /// In one process, once a pass read a shard's outbox to its end, the headers of the entries
     /// the sequencer lists after each commit are expanded without reading the outbox back, a
     /// page at a time (many more entries than a read of the outbox takes); a commit told of
@@ -1537,26 +1559,14 @@ mod tests {
     async fn listed_entries_are_expanded_without_reading_the_outbox_back() {
         let engine = FaultyEngine::new();
         let store = engine.store(4).await;
-        let members = vec!["ann".to_owned(), "ben".to_owned()];
-        group_with_a_message(&store, "g:1", &members).await;
-        let shard = store.shard_of("g:1");
-        let lease = store
-            .acquire_shards(Duty::Sequencing, "test", &[shard], usize::MAX, 0, u64::MAX)
-            .await
-            .unwrap()[0];
+        let (members, shard, lease) = ann_and_ben(&store).await;
         let mut heads = HeadCache::default();
         let mut sent = 0;
         let mut messages = |n: usize| {
-            let ann = Sender {
-                user: "ann".into(),
-                device: "phone".into(),
-            };
             let appends: Vec<Append> = (0..n)
                 .map(|_| {
                     sent += 1;
-                    let id = format!("m{sent}");
-                    let body = Body::Text(id.clone());
-                    Append::message("g:1".into(), ann.clone(), id, body, None)
+                    from_ann(&format!("m{sent}"))
                 })
                 .collect();
             appends
@@ -1660,23 +1670,12 @@ mod tests {
     async fn tails_that_fill_cut_the_linger_short() {
         let engine = FaultyEngine::new();
         let store = engine.store(4).await;
-        let members = vec!["ann".to_owned(), "ben".to_owned()];
-        group_with_a_message(&store, "g:1", &members).await;
-        let shard = store.shard_of("g:1");
-        let lease = store
-            .acquire_shards(Duty::Sequencing, "test", &[shard], usize::MAX, 0, u64::MAX)
-            .await
-            .unwrap()[0];
+        let (_, shard, lease) = ann_and_ben(&store).await;
         let notifier = notifier(&store, PushProviders::default(), Duration::from_secs(3600));
         notifier.tails.set_keeping(true);
         assert!(notifier.expand(vec![shard]).await.failed.is_empty());
-        let ann = Sender {
-            user: "ann".into(),
-            device: "phone".into(),
-        };
-        let message = Append::message("g:1".into(), ann, "m".into(), Body::Text("m".into()), None);
         let listed = store
-            .append_listed(lease, &mut HeadCache::default(), &[message])
+            .append_listed(lease, &mut HeadCache::default(), &[from_ann("m")])
             .await
             .unwrap()
             .outbox
