@@ -2160,7 +2160,8 @@ impl MessageStore {
     /// each) and `entries` entries, with whether the outbox holds more after it: for a reader
     /// that reads its pages from the store (fanout on a cluster's node). A commit under load
     /// lists many entries in its row, so a page bounded by its entries alone reads many more
-    /// than it takes, and the next page reads the same rows again.
+    /// than it takes, and the next page reads the same rows again. A page of one row may make no
+    /// progress: the row of `from`'s commit may hold only entries before it.
     pub async fn outbox_page(
         &self,
         shard: u32,
