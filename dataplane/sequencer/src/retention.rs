@@ -100,9 +100,9 @@ impl Retention {
         loop {
             tokio::time::sleep(self.policy.interval).await;
             if !lead.runs_pass(self.policy.interval).await {
-                // The leader's passes clear the records written before idempotency buckets;
+                // The leader's passes clear the idempotency records of earlier versions' layouts;
                 // this node's appends stop looking for them once they are gone.
-                if let Err(e) = self.store.recheck_legacy_idempotency().await {
+                if let Err(e) = self.store.recheck_earlier_idempotency().await {
                     tracing::warn!(error = %e, "could not check for idempotency records to migrate");
                 }
                 continue;

@@ -1161,6 +1161,13 @@ mod tests {
             .remove(0)
     }
 
+    /// The same record as the versions before the conversation's hash keyed it.
+    fn named_idempotency_key(bucket: u64, conv: &str) -> Vec<u8> {
+        Keys::new(&[])
+            .named_idempotency(&[bucket], conv, "u", "d", "m")
+            .remove(0)
+    }
+
     fn held_by(keyspace: &SingleWriterTxKeyspace, key: &[u8]) -> bool {
         keyspace.inner().get(key).unwrap().is_some()
     }
@@ -1269,7 +1276,10 @@ mod tests {
     async fn idempotency_records_of_an_earlier_version_stay_where_they_are() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s");
-        let (old_a, old_m) = (idempotency_key(10, "d:a"), idempotency_key(10, "d:m"));
+        let (old_a, old_m) = (
+            named_idempotency_key(10, "d:a"),
+            named_idempotency_key(10, "d:m"),
+        );
         {
             let db = SingleWriterTxDatabase::builder(&path).open().unwrap();
             let data = db.keyspace("data", KeyspaceCreateOptions::default).unwrap();
@@ -1277,8 +1287,11 @@ mod tests {
             data.insert(old_m.as_slice(), b"m".as_slice()).unwrap();
             db.persist(PersistMode::SyncAll).unwrap();
         }
-        let (below, above) = (idempotency_key(10, "d:c"), idempotency_key(11, "d:b"));
-        let subspace = Keys::new(&[]).idempotency_subspaces()[0].clone();
+        let (below, above) = (
+            named_idempotency_key(10, "d:c"),
+            named_idempotency_key(11, "d:b"),
+        );
+        let subspace = Keys::new(&[]).idempotency_subspaces()[1].clone();
         for reopen in [false, true] {
             let kv = EmbeddedEngine::open(&path).unwrap();
             if !reopen {

@@ -9,13 +9,16 @@
 //! kept between one window and two, and a retention pass clears whole buckets, visiting each
 //! record once, when it goes, instead of reading every live record on every pass.
 //!
-//! Records written before buckets (keyed by conversation first) are still looked up, and
-//! expired by their time one by one, until a pass finds none left.
+//! A client's record is keyed by its conversation's hash (`Keys::idempotency`). Records of
+//! earlier versions are still looked up until a pass finds none left: those in buckets under
+//! their conversation's id, which expire with their buckets, and those written before buckets
+//! (keyed by conversation first), expired by their time one by one.
 
 use crate::kv::StoreError;
 use crate::message_store::{IdempotencyRecord, MessageStore, corrupt};
 use prost::Message;
-use std::sync::atomic::Ordering;
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 /// The idempotency window a store keeps records for unless told otherwise.
@@ -80,6 +83,26 @@ impl Default for IdempotencyWindow {
     }
 }
 
+/// The layouts of earlier versions' idempotency records a store may still hold: appends look in
+/// each too until a retention pass finds none of it left. Both are set until the store's first
+/// look.
+#[derive(Debug)]
+pub(crate) struct EarlierIdempotency {
+    /// Records of client sends in buckets under their conversation's id instead of its hash.
+    pub(crate) named: AtomicBool,
+    /// Records written before buckets.
+    pub(crate) before_buckets: AtomicBool,
+}
+
+impl Default for EarlierIdempotency {
+    fn default() -> Self {
+        Self {
+            named: AtomicBool::new(true),
+            before_buckets: AtomicBool::new(true),
+        }
+    }
+}
+
 impl MessageStore {
     /// Clears the idempotency records whose time has come at `now_ms`: those of the buckets
     /// that expired, then those written before buckets more than a window before `now_ms`.
@@ -89,7 +112,8 @@ impl MessageStore {
         for buckets in self.keys().expired_idempotency_buckets(now_ms) {
             cleared += self.clear_where(buckets, |_, _| true).await?;
         }
-        if self.legacy_idempotency.load(Ordering::Relaxed) {
+        let earlier = &self.earlier_idempotency;
+        if earlier.before_buckets.load(Ordering::Relaxed) {
             let cutoff = now_ms.saturating_sub(self.idempotency.window_ms);
             let expired = |key: &[u8], value: &[u8]| match IdempotencyRecord::decode(value) {
                 Ok(record) => record.ts_ms <= cutoff,
@@ -101,20 +125,32 @@ impl MessageStore {
             for records in self.keys().legacy_idempotency_records() {
                 cleared += self.clear_where(records, expired).await?;
             }
-            self.recheck_legacy_idempotency().await?;
         }
+        self.recheck_earlier_idempotency().await?;
         Ok(cleared)
     }
 
-    /// Whether records written before buckets remain, read again: appends stop looking them
-    /// up once none is left.
-    pub async fn recheck_legacy_idempotency(&self) -> Result<(), StoreError> {
-        let mut left = false;
-        for records in self.keys().legacy_idempotency_records() {
-            left |= !self.kv().range(records, 1, false).await?.is_empty();
+    /// Which layouts of earlier versions' records remain, read again where some may: appends
+    /// stop looking in one once none of it is left (a store never writes them again).
+    pub async fn recheck_earlier_idempotency(&self) -> Result<(), StoreError> {
+        let keys = self.keys();
+        let earlier = &self.earlier_idempotency;
+        if earlier.before_buckets.load(Ordering::Relaxed) {
+            let mut left = false;
+            for records in keys.legacy_idempotency_records() {
+                left |= self.holds_any(records).await?;
+            }
+            earlier.before_buckets.store(left, Ordering::Relaxed);
         }
-        self.legacy_idempotency.store(left, Ordering::Relaxed);
+        if earlier.named.load(Ordering::Relaxed) {
+            let left = self.holds_any(keys.named_idempotency_records()).await?;
+            earlier.named.store(left, Ordering::Relaxed);
+        }
         Ok(())
+    }
+
+    async fn holds_any(&self, range: Range<Vec<u8>>) -> Result<bool, StoreError> {
+        Ok(!self.kv().range(range, 1, false).await?.is_empty())
     }
 }
 
@@ -222,17 +258,28 @@ mod tests {
         results.unwrap().remove(0).unwrap()
     }
 
+    /// Looks for earlier layouts' records as the store's open does (records planted since the
+    /// store opened were not there then).
+    async fn look_again(store: &MessageStore) {
+        let earlier = &store.earlier_idempotency;
+        earlier.named.store(true, Ordering::Relaxed);
+        earlier.before_buckets.store(true, Ordering::Relaxed);
+        store.recheck_earlier_idempotency().await.unwrap();
+    }
+
     async fn put(store: &MessageStore, key: Vec<u8>, record: IdempotencyRecord) {
         let mut batch = Batch::new();
         batch.set(key, record.encode_to_vec());
         store.kv().commit(batch).await.unwrap();
     }
 
+    /// A record as versions before compact server ids wrote it: the id as text.
     fn record(seq: u64, ts_ms: u64) -> IdempotencyRecord {
         IdempotencyRecord {
             seq,
             server_msg_id: format!("s-{seq}"),
             ts_ms,
+            server_msg_random: 0,
         }
     }
 
@@ -250,6 +297,17 @@ mod tests {
         assert_eq!(kept, 0, "the bucket has not expired: kept");
         let retry = send(&store, lease, "a").await;
         assert_eq!((retry.seq, retry.duplicate), (1, true));
+        assert_eq!(retry.server_msg_id, sent.server_msg_id);
+        let key = store
+            .keys()
+            .idempotency(&[bucket], "d:1", "alice", "p", "a");
+        let stored = store.kv().get(&key[0]).await.unwrap().unwrap();
+        let record = IdempotencyRecord::decode(stored.as_slice()).unwrap();
+        assert_eq!(
+            (record.server_msg_id.as_str(), record.server_msg_id()),
+            ("", sent.server_msg_id),
+            "the id kept as its two numbers, under the conversation's hash"
+        );
         assert_eq!(store.expire_idempotency_records(bucket).await.unwrap(), 1);
         let late = send(&store, lease, "a").await;
         assert_eq!(
@@ -269,9 +327,13 @@ mod tests {
         let mut batch = Batch::new();
         for i in 0..2 * CLEAR_PAGE + 10 {
             let bucket = [1_000 + (i % 3) as u64];
-            let key = keys
-                .idempotency(&bucket, &format!("d:{i}"), "u", "p", "c")
-                .concat();
+            let conv = format!("d:{i}");
+            let key = if i % 2 == 0 {
+                keys.idempotency(&bucket, &conv, "u", "p", "c").concat()
+            } else {
+                keys.named_idempotency(&bucket, &conv, "u", "p", "c")
+                    .concat()
+            };
             batch.set(key, record(1, 1).encode_to_vec());
         }
         let kept = keys.server_idempotency(&[5_000], "d:0", "k").concat();
@@ -280,8 +342,9 @@ mod tests {
 
         let cleared = store.expire_idempotency_records(4_999).await.unwrap();
         assert_eq!(cleared, 2 * CLEAR_PAGE as u64 + 10);
-        let [sends, server] = keys.expired_idempotency_buckets(u64::MAX);
+        let [sends, named, server] = keys.expired_idempotency_buckets(u64::MAX);
         assert!(store.kv().range(sends, 1, false).await.unwrap().is_empty());
+        assert!(store.kv().range(named, 1, false).await.unwrap().is_empty());
         let left = store.kv().range(server, 10, false).await.unwrap();
         assert_eq!(left.len(), 1, "the bucket that expires at 5,000 is kept");
         assert_eq!(left[0].0, kept);
@@ -307,16 +370,54 @@ mod tests {
         );
     }
 
+    /// Records of the version before the hash, in buckets under their conversation's id, are
+    /// looked up while any is left, and expire with their bucket; then appends stop looking.
+    #[tokio::test]
+    async fn records_under_the_conversations_id_are_found_until_their_bucket_expires() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = temp_store(&dir, 8).await;
+        let named = &store.earlier_idempotency.named;
+        assert!(!named.load(Ordering::Relaxed), "none at first");
+        let lease = owner(&store, "d:1").await;
+        let now = now_ms();
+        let bucket = store.idempotency.bucket(now);
+        let keys = store.keys();
+        let key = keys.named_idempotency(&[bucket], "d:1", "alice", "p", "old");
+        put(&store, key.concat(), record(4, now)).await;
+        look_again(&store).await;
+        assert!(named.load(Ordering::Relaxed));
+        let retry = send(&store, lease, "old").await;
+        assert_eq!(
+            (retry.seq, retry.server_msg_id.as_str(), retry.duplicate),
+            (4, "s-4", true)
+        );
+        let new = send(&store, lease, "new").await;
+        assert_eq!((new.seq, new.duplicate), (1, false));
+
+        let kept = store.expire_idempotency_records(bucket - 1).await.unwrap();
+        assert_eq!(kept, 0);
+        assert!(
+            named.load(Ordering::Relaxed),
+            "kept until the bucket expires"
+        );
+        let cleared = store.expire_idempotency_records(bucket).await.unwrap();
+        assert_eq!(
+            cleared, 2,
+            "the record under the conversation's id and the one under its hash"
+        );
+        assert!(!named.load(Ordering::Relaxed), "none left");
+        let late = send(&store, lease, "old").await;
+        assert_eq!((late.seq, late.duplicate), (2, false));
+    }
+
     /// Records written before buckets are looked up while any is left, and expire by their
     /// own time.
     #[tokio::test]
     async fn records_written_before_buckets_are_found_then_expired_by_their_time() {
         let dir = tempfile::tempdir().unwrap();
         let store = temp_store(&dir, 8).await;
-        assert!(
-            !store.legacy_idempotency.load(Ordering::Relaxed),
-            "none at first"
-        );
+        let before_buckets = &store.earlier_idempotency.before_buckets;
+        assert!(!before_buckets.load(Ordering::Relaxed), "none at first");
         let lease = owner(&store, "d:1").await;
         let written = now_ms() - 1_000;
         let keys = store.keys();
@@ -332,7 +433,7 @@ mod tests {
             record(5, written),
         )
         .await;
-        store.recheck_legacy_idempotency().await.unwrap();
+        look_again(&store).await;
         let retry = send(&store, lease, "old").await;
         assert_eq!((retry.seq, retry.duplicate), (4, true));
 
@@ -342,16 +443,13 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(young, 0, "within the window: kept");
-        assert!(store.legacy_idempotency.load(Ordering::Relaxed));
+        assert!(before_buckets.load(Ordering::Relaxed));
         let old = store
             .expire_idempotency_records(written + window_ms)
             .await
             .unwrap();
         assert_eq!(old, 2);
-        assert!(
-            !store.legacy_idempotency.load(Ordering::Relaxed),
-            "none left"
-        );
+        assert!(!before_buckets.load(Ordering::Relaxed), "none left");
         let late = send(&store, lease, "old").await;
         assert_eq!((late.seq, late.duplicate), (1, false));
     }

@@ -16,7 +16,8 @@
 //! | `convs` | `("convs", user, conv)` | the user's conversations: empty while a member, else the seq of its `member_removed` (u64 LE) |
 //! | `head` | `("head", conv)` | highest seq (u64 LE) |
 //! | `ev` | `("ev", conv, seq)` | the event (`courier.v1.Event`, protobuf) |
-//! | `idem` | `("idem", bucket, conv, user, device, client_msg_id)` | the first outcome of a client's send (`IdempotencyRecord`), in the bucket of its time (`bucket`: when the bucket's records expire, `crate::idempotency`); cleared by retention a bucket at a time. Records of versions before buckets have no `bucket` |
+//! | `hidem` | `("hidem", bucket, conv hash, user, device, client_msg_id)` | the first outcome of a client's send (`IdempotencyRecord`), in the bucket of its time (`bucket`: when the bucket's records expire, `crate::idempotency`), under the conversation's [`stable_hash`] ([`Keys::idempotency`]); cleared by retention a bucket at a time |
+//! | `idem` | `("idem", bucket, conv, user, device, client_msg_id)` | the same record as versions before the hash keyed it, under the conversation's id; looked up while any is left. Records of versions before buckets have no `bucket` |
 //! | `sidem` | `("sidem", bucket, conv, key)` | the first outcome of a server-made append (a delete's target, a membership request); in buckets likewise |
 //! | `cur` | `("cur", user, device, conv)` | the device's delivered cursor (u64 LE, atomic MAX) |
 //! | `rcpt` | `("rcpt", conv, user, kind)` | the user's delivered/read cursor (u64 LE, atomic MAX) |
@@ -74,6 +75,10 @@ pub enum Placement {
     /// The partition of the shard of the conversation whose id has this [`stable_hash`].
     Conversation(u64),
 }
+
+/// The subspaces of idempotency records, in key order: client sends under their conversation's
+/// hash and under its id, server-made appends.
+const IDEMPOTENCY_SUBSPACES: [&str; 3] = ["hidem", "idem", "sidem"];
 
 /// The first element of every event key as packed: the string `"ev"`.
 const EVENT_ELEMENT: &[u8] = b"\x02ev\x00";
@@ -501,6 +506,10 @@ impl Keys {
                 tuple.uint()?;
                 Placement::Conversation(tuple.hashed_string()?)
             }
+            b"hidem" => {
+                tuple.uint()?;
+                Placement::Conversation(tuple.uint()?)
+            }
             b"idem" | b"sidem" => {
                 // A bucket first, but for records written before buckets.
                 tuple.uint();
@@ -567,8 +576,33 @@ impl Keys {
     }
 
     /// The idempotency record of a client's send in each of `buckets` (the times their
-    /// records expire, `crate::idempotency`), in their order.
+    /// records expire, `crate::idempotency`), in their order: under the conversation's
+    /// [`stable_hash`] (9 bytes packed, which also place it with its conversation) instead of
+    /// its id (36 for a direct conversation), then the sender and its id. Each record is
+    /// written again at the flush of its memtable and at each merge of its tables, a key a
+    /// message. Two conversations whose ids share a hash only share records of a device that
+    /// gave both sends the same `client_msg_id` (the protocol has it unique per device).
+    ///
+    /// The ids themselves stay in the key, in their order: a client whose ids grow (a counter,
+    /// a time-ordered UUID) then writes and looks up its records next to each other, where the
+    /// memtable's search is warm. A digest of all four ids (a shorter key still) put each
+    /// record at a random place and cost the 1:1 peak ~30 % (`docs/decisions/0017-idempotency-
+    /// keys.md`).
     pub fn idempotency(
+        &self,
+        buckets: &[u64],
+        conv: &str,
+        user: &str,
+        device: &str,
+        client_msg_id: &str,
+    ) -> Vec<Vec<u8>> {
+        let tail = (stable_hash(conv.bytes()), user, device, client_msg_id);
+        self.in_buckets("hidem", buckets, &tail)
+    }
+
+    /// The record of a client's send in each of `buckets` as versions before the hash keyed
+    /// it: under the conversation's id.
+    pub fn named_idempotency(
         &self,
         buckets: &[u64],
         conv: &str,
@@ -602,17 +636,25 @@ impl Keys {
             .collect()
     }
 
-    /// The idempotency records, of client sends and of server-made appends, in the buckets
-    /// that expire at or before `now_ms`.
-    pub fn expired_idempotency_buckets(&self, now_ms: u64) -> [Range<Vec<u8>>; 2] {
-        ["idem", "sidem"]
+    /// The idempotency records, of client sends (under their conversation's hash, then its id)
+    /// and of server-made appends, in the buckets that expire at or before `now_ms`.
+    pub fn expired_idempotency_buckets(&self, now_ms: u64) -> [Range<Vec<u8>>; 3] {
+        IDEMPOTENCY_SUBSPACES
             .map(|space| self.pack(&(space, 0u64))..self.pack(&(space, now_ms.saturating_add(1))))
     }
 
-    /// The idempotency records' two subspaces, of client sends and of server-made appends,
-    /// whole, in key order (the embedded engine keeps them apart: `crate::keyspaces`).
-    pub fn idempotency_subspaces(&self) -> [Range<Vec<u8>>; 2] {
-        ["idem", "sidem"].map(|space| range_of(self.root.subspace(&(space,))))
+    /// The idempotency records' three subspaces, of client sends (under their conversation's
+    /// hash, then its id) and of server-made appends, whole, in key order (the embedded engine keeps them apart:
+    /// `crate::keyspaces`).
+    pub fn idempotency_subspaces(&self) -> [Range<Vec<u8>>; 3] {
+        IDEMPOTENCY_SUBSPACES.map(|space| range_of(self.root.subspace(&(space,))))
+    }
+
+    /// The records of client sends in buckets under their conversation's id, as versions
+    /// before the hash wrote them: their buckets (integers) sort after the conversations (strings) of the
+    /// records written before buckets.
+    pub fn named_idempotency_records(&self) -> Range<Vec<u8>> {
+        self.pack(&("idem", 0u64))..range_of(self.root.subspace(&("idem",))).end
     }
 
     /// An idempotency record of a client's send written before buckets.
@@ -685,6 +727,7 @@ impl Keys {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashSet;
 
     #[test]
     fn events_sort_by_seq_and_stay_inside_their_conversation() {
@@ -718,18 +761,25 @@ mod tests {
         );
     }
 
-    /// The expired buckets hold the records of buckets up to the time given, and the legacy
-    /// ranges only records keyed by conversation, for both kinds of record.
+    /// The expired buckets hold the records of buckets up to the time given, in each layout;
+    /// the named range only records in buckets under their ids, and the legacy ranges only
+    /// records keyed by conversation.
     #[test]
     fn idempotency_ranges_split_records_by_bucket_and_layout() {
         let keys = Keys::new(b"t");
-        let [sends, server] = keys.expired_idempotency_buckets(1_000);
+        let [sends, named, server] = keys.expired_idempotency_buckets(1_000);
         let [old_sends, old_server] = keys.legacy_idempotency_records();
+        let all_named = keys.named_idempotency_records();
         let expired = [0, 999, 1_000];
         assert!(
             keys.idempotency(&expired, "d:a", "u", "p", "c")
                 .iter()
-                .all(|k| sends.contains(k))
+                .all(|k| sends.contains(k) && !all_named.contains(k))
+        );
+        assert!(
+            keys.named_idempotency(&expired, "d:a", "u", "p", "c")
+                .iter()
+                .all(|k| named.contains(k) && all_named.contains(k) && !sends.contains(k))
         );
         assert!(
             keys.server_idempotency(&expired, "d:a", "k")
@@ -744,6 +794,11 @@ mod tests {
                 .any(|k| sends.contains(k))
         );
         assert!(
+            keys.named_idempotency(&kept, "d:a", "u", "p", "c")
+                .iter()
+                .all(|k| !named.contains(k) && all_named.contains(k))
+        );
+        assert!(
             !keys
                 .server_idempotency(&kept, "d:a", "k")
                 .iter()
@@ -753,11 +808,45 @@ mod tests {
             let legacy = keys.legacy_idempotency(conv, "u", "p", "c");
             let legacy_server = keys.legacy_server_idempotency(conv, "k");
             assert!(old_sends.contains(&legacy) && !sends.contains(&legacy));
+            assert!(!all_named.contains(&legacy));
             assert!(old_server.contains(&legacy_server) && !server.contains(&legacy_server));
         }
         assert!(!old_sends.contains(&keys.idempotency(&[0], "d:a", "u", "p", "c")[0]));
         assert!(!old_server.contains(&keys.server_idempotency(&[0], "d:a", "k")[0]));
         assert!(!old_sends.contains(&keys.head("d:a")) && !sends.contains(&keys.head("d:a")));
+    }
+
+    /// A record's key tells apart ids that differ anywhere, also where one id's end moves into
+    /// the next, and sorts a device's records by their ids.
+    #[test]
+    fn a_records_key_tells_every_id_apart() {
+        let keys = Keys::new(b"t");
+        let ids = [
+            ["d:a", "u", "p", "c"],
+            ["d:b", "u", "p", "c"],
+            ["d:a", "v", "p", "c"],
+            ["d:a", "u", "q", "c"],
+            ["d:a", "u", "p", "d"],
+            ["d:a", "up", "", "c"],
+            ["d:a", "u", "pc", ""],
+            ["d:a", "u\0", "p", "c"],
+        ];
+        let distinct: HashSet<Vec<u8>> = ids
+            .iter()
+            .map(|[conv, user, device, id]| {
+                keys.idempotency(&[7], conv, user, device, id).remove(0)
+            })
+            .collect();
+        assert_eq!(distinct.len(), ids.len());
+        let direct = "d:0123456789abcdef0123456789abcdef";
+        let record = |id: &str| keys.idempotency(&[7], direct, "u", "p", id).remove(0);
+        assert!(record("m-1") < record("m-2") && record("m-2") < record("m-3"));
+        let named = keys
+            .named_idempotency(&[7], direct, "u", "p", "m-1")
+            .remove(0);
+        // The conversation's 36 bytes packed against its hash's 9, and the subspace's name a
+        // byte longer.
+        assert_eq!(named.len() - record("m-1").len(), 36 - 9 - 1);
     }
 
     /// Keys are stored: their bytes are FoundationDB's tuple encoding under the root, whatever
@@ -774,11 +863,23 @@ mod tests {
                 [space.pack(&("sidem", 3u64, "d:a\0b", "k"))]
             );
             assert_eq!(
-                keys.idempotency(&[9, u64::MAX], "g:1", &long, "phone", "c-1"),
+                keys.named_idempotency(&[9, u64::MAX], "g:1", &long, "phone", "c-1"),
                 [9, u64::MAX].map(|b| space.pack(&(
                     "idem",
                     b,
                     "g:1",
+                    long.as_str(),
+                    "phone",
+                    "c-1"
+                )))
+            );
+            let conv_hash = stable_hash("g:1".bytes());
+            assert_eq!(
+                keys.idempotency(&[9, u64::MAX], "g:1", &long, "phone", "c-1"),
+                [9, u64::MAX].map(|b| space.pack(&(
+                    "hidem",
+                    b,
+                    conv_hash,
                     long.as_str(),
                     "phone",
                     "c-1"

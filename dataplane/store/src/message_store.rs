@@ -1,7 +1,7 @@
 //! The message-store logic, written once over [`KvEngine`]: shards and their epochs, appends
 //! (dense per-conversation seq, idempotency, outbox), reads, cursors and receipts.
 
-use crate::idempotency::IdempotencyWindow;
+use crate::idempotency::{EarlierIdempotency, IdempotencyWindow};
 use crate::keys::{
     Keys, PUSH_REGISTRATION_SLOTS, ReceiptKind, push_registration_slot, stable_hash,
 };
@@ -19,7 +19,7 @@ use prost::Message;
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 /// Attempts for a batch whose commit outcome was unknown before giving up.
@@ -171,10 +171,39 @@ pub struct PendingPush {
 pub(crate) struct IdempotencyRecord {
     #[prost(uint64, tag = "1")]
     pub(crate) seq: u64,
+    /// The server id as text, as versions before `server_msg_random` wrote it; empty since.
     #[prost(string, tag = "2")]
     pub(crate) server_msg_id: String,
     #[prost(uint64, tag = "3")]
     pub(crate) ts_ms: u64,
+    /// The random part of the server id ([`ServerMsgId`]), whose time is `ts_ms`: 9 bytes
+    /// written instead of the id's ~29.
+    #[prost(fixed64, tag = "4")]
+    pub(crate) server_msg_random: u64,
+}
+
+impl IdempotencyRecord {
+    fn new(seq: u64, id: ServerMsgId) -> Self {
+        Self {
+            seq,
+            server_msg_id: String::new(),
+            ts_ms: id.ts_ms,
+            server_msg_random: id.random,
+        }
+    }
+
+    /// The message's server id, as written or made again from its two numbers.
+    pub(crate) fn server_msg_id(&self) -> String {
+        if self.server_msg_id.is_empty() {
+            ServerMsgId {
+                ts_ms: self.ts_ms,
+                random: self.server_msg_random,
+            }
+            .text()
+        } else {
+            self.server_msg_id.clone()
+        }
+    }
 }
 
 /// Ownership of one shard for one [`Duty`]: the owner's commits (appends, outbox clears) are
@@ -446,9 +475,8 @@ pub struct MessageStore {
     partitions: Option<Arc<PartitionedEngine>>,
     /// How long appends' idempotency records are kept (`crate::idempotency`).
     pub(crate) idempotency: IdempotencyWindow,
-    /// Whether records written before idempotency buckets may remain: appends look them up
-    /// too until a retention pass finds none.
-    pub(crate) legacy_idempotency: Arc<AtomicBool>,
+    /// The layouts of earlier versions' idempotency records the store may still hold.
+    pub(crate) earlier_idempotency: Arc<EarlierIdempotency>,
 }
 
 /// The shard of a conversation whose id has the [`stable_hash`] `hash`.
@@ -499,15 +527,31 @@ impl PushRegistrationCounts {
     }
 }
 
-/// A message's server id: its commit time in milliseconds, in at least 11 hex digits, then 16
-/// random hex digits. Written digit by digit: `format!` with widths cost ~1,100 instructions per
-/// message, more than the rest of the id.
-fn new_server_msg_id(ts_ms: u64) -> String {
-    let mut id = String::with_capacity(27);
-    let time_digits = (u64::BITS - ts_ms.leading_zeros()).div_ceil(4).max(11);
-    push_hex(&mut id, ts_ms, time_digits);
-    push_hex(&mut id, rand::random::<u64>(), 16);
-    id
+/// A message's server id: its commit time in milliseconds, then a random number; as text
+/// ([`ServerMsgId::text`]) the time in at least 11 hex digits, then 16 hex digits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ServerMsgId {
+    ts_ms: u64,
+    random: u64,
+}
+
+impl ServerMsgId {
+    fn new(ts_ms: u64) -> Self {
+        Self {
+            ts_ms,
+            random: rand::random(),
+        }
+    }
+
+    /// Written digit by digit: `format!` with widths cost ~1,100 instructions per message, more
+    /// than the rest of the id.
+    fn text(&self) -> String {
+        let mut id = String::with_capacity(27);
+        let time_digits = (u64::BITS - self.ts_ms.leading_zeros()).div_ceil(4).max(11);
+        push_hex(&mut id, self.ts_ms, time_digits);
+        push_hex(&mut id, self.random, 16);
+        id
+    }
 }
 
 /// The `digits` lowest hex digits of `value`, most significant first.
@@ -643,9 +687,9 @@ impl MessageStore {
             shard_count,
             partitions,
             idempotency: IdempotencyWindow::default(),
-            legacy_idempotency: Arc::new(AtomicBool::new(true)),
+            earlier_idempotency: Arc::new(EarlierIdempotency::default()),
         };
-        store.recheck_legacy_idempotency().await?;
+        store.recheck_earlier_idempotency().await?;
         Ok(store)
     }
 
@@ -801,7 +845,7 @@ impl MessageStore {
         appends: &[Append],
     ) -> Result<Appended, StoreError> {
         let ts_ms = now_ms();
-        let ids: Vec<String> = appends.iter().map(|_| new_server_msg_id(ts_ms)).collect();
+        let ids: Vec<ServerMsgId> = appends.iter().map(|_| ServerMsgId::new(ts_ms)).collect();
         let mut attempt = 0;
         let mut unknown_outcome = false;
         loop {
@@ -843,11 +887,18 @@ impl MessageStore {
         let conv = append.conversation_id.as_str();
         let sender = &append.sender;
         let buckets = self.idempotency.lookups(ts_ms);
-        let legacy = self.legacy_idempotency.load(Ordering::Relaxed);
+        let earlier = &self.earlier_idempotency;
+        let legacy = earlier.before_buckets.load(Ordering::Relaxed);
         match &append.key {
             AppendKey::Client(id) => {
                 let (user, device) = (&sender.user, &sender.device);
                 let mut keys = self.keys.idempotency(&buckets, conv, user, device, id);
+                if earlier.named.load(Ordering::Relaxed) {
+                    let named = self
+                        .keys
+                        .named_idempotency(&buckets, conv, user, device, id);
+                    keys.extend(named);
+                }
                 if legacy {
                     keys.push(self.keys.legacy_idempotency(conv, user, device, id));
                 }
@@ -868,7 +919,7 @@ impl MessageStore {
         lease: ShardLease,
         heads: &mut HeadCache,
         appends: &[Append],
-        server_msg_ids: &[String],
+        server_msg_ids: &[ServerMsgId],
         ts_ms: u64,
     ) -> Result<(Vec<AppendResult>, Vec<ListedEntry>), StoreError> {
         let mut batch = Batch::new();
@@ -909,11 +960,12 @@ impl MessageStore {
             if let Some(stored) = earlier[i].take() {
                 let record = IdempotencyRecord::decode(stored.as_slice())
                     .map_err(|e| corrupt(&idem_key, e))?;
+                let server_msg_id = record.server_msg_id();
                 results[i] = Some(Ok(AppendOutcome {
                     seq: record.seq,
                     // A retried commit that had in fact landed is ours, not a duplicate.
-                    duplicate: record.server_msg_id != server_msg_ids[i],
-                    server_msg_id: record.server_msg_id,
+                    duplicate: server_msg_id != server_msg_ids[i].text(),
+                    server_msg_id,
                     ts_ms: record.ts_ms,
                 }));
                 continue;
@@ -937,10 +989,11 @@ impl MessageStore {
             new_heads.insert(conv, seq);
             self.write_effects(&mut batch, &mut members, append, &payload, seq, ts_ms)
                 .await?;
+            let server_msg_id = server_msg_ids[i].text();
             let event = Event {
                 conversation_id: conv.to_owned(),
                 seq,
-                server_msg_id: server_msg_ids[i].clone(),
+                server_msg_id: server_msg_id.clone(),
                 sender: append.sender.clone(),
                 ts_ms,
                 payload,
@@ -960,16 +1013,12 @@ impl MessageStore {
                 bytes: encoded.len(),
             });
             batch.set(self.keys.event(conv, seq), encoded);
-            let record = IdempotencyRecord {
-                seq,
-                server_msg_id: server_msg_ids[i].clone(),
-                ts_ms,
-            };
+            let record = IdempotencyRecord::new(seq, server_msg_ids[i]);
             batch.set(idem_key.clone(), record.encode_to_vec());
             in_batch.insert(idem_key, i);
             results[i] = Some(Ok(AppendOutcome {
                 seq,
-                server_msg_id: record.server_msg_id,
+                server_msg_id,
                 ts_ms,
                 duplicate: false,
             }));
@@ -2427,7 +2476,7 @@ mod tests {
     #[test]
     fn server_msg_ids_are_the_time_then_sixteen_random_hex_digits() {
         for ts_ms in [0, 0xabc, 1_764_000_000_000, 0xfff_ffff_ffff, u64::MAX] {
-            let id = new_server_msg_id(ts_ms);
+            let id = ServerMsgId::new(ts_ms).text();
             let time = format!("{ts_ms:011x}");
             assert_eq!(id.len(), time.len() + 16, "{id}");
             assert!(id.starts_with(&time), "{id} for {time}");
@@ -2436,7 +2485,7 @@ mod tests {
                     .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
             );
         }
-        assert_ne!(new_server_msg_id(7), new_server_msg_id(7));
+        assert_ne!(ServerMsgId::new(7).text(), ServerMsgId::new(7).text());
     }
     use crate::testing::{owner, temp_store};
     use courier_proto::Body;

@@ -755,6 +755,7 @@ mod tests {
             keys.head(&conv),
             keys.event(&conv, 3),
             keys.idempotency(&[7], &conv, "u", "d", "c").remove(0),
+            keys.named_idempotency(&[7], &conv, "u", "d", "c").remove(0),
             keys.server_idempotency(&[u64::MAX], &conv, "k").remove(0),
             keys.legacy_idempotency(&conv, "u", "d", "c"),
             keys.trim_due(7, &conv),
@@ -789,10 +790,15 @@ mod tests {
         }
         // A conversation id with a NUL in it is hashed as written.
         let odd = "a\0b";
-        assert_eq!(
-            router.partition_of_key(&keys.head(odd)),
-            Some(store.partition_of_shard(store.shard_of(odd)))
-        );
+        for key in [
+            keys.head(odd),
+            keys.idempotency(&[7], odd, "u", "d", "c").remove(0),
+        ] {
+            assert_eq!(
+                router.partition_of_key(&key),
+                Some(store.partition_of_shard(store.shard_of(odd)))
+            );
+        }
     }
 
     fn store_router(store: &MessageStore) -> PartitionedEngine {
