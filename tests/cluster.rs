@@ -1948,14 +1948,14 @@ async fn gateways_without_media_forward_media_requests_to_a_media_node() {
     // alice shares it with bob.
     let mut alice = ga.connect("alice", "phone").await;
     alice.events_until_sync_done().await.unwrap();
-    let media = courier_client::proto::Body::Media(courier_client::proto::Media {
+    let media = courier_client::proto::Body::Media(Box::new(courier_client::proto::Media {
         media_id: id.clone(),
         mime: "video/mp4".into(),
         size: bytes.len() as u64,
         sha256: String::new(),
         name: None,
         caption: None,
-    });
+    }));
     alice
         .send_with_retry(Target::User("bob".into()), "clip", media)
         .await

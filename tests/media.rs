@@ -44,14 +44,14 @@ fn pattern(len: usize) -> Vec<u8> {
 }
 
 fn media_body(uploaded: &serde_json::Value) -> Body {
-    Body::Media(Media {
+    Body::Media(Box::new(Media {
         media_id: uploaded["media_id"].as_str().unwrap().to_owned(),
         mime: "ignored/by-server".into(),
         size: 0,
         sha256: String::new(),
         name: Some("photo.jpg".into()),
         caption: Some("look".into()),
-    })
+    }))
 }
 
 #[tokio::test]

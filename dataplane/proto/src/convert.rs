@@ -33,14 +33,14 @@ impl TryFrom<pb::Body> for Body {
     fn try_from(body: pb::Body) -> Result<Self, DecodeError> {
         match body.content.ok_or_else(|| missing("body"))? {
             pb::body::Content::Text(text) => Ok(Body::Text(text)),
-            pb::body::Content::Media(m) => Ok(Body::Media(Media {
+            pb::body::Content::Media(m) => Ok(Body::Media(Box::new(Media {
                 media_id: m.media_id,
                 mime: m.mime,
                 size: m.size,
                 sha256: m.sha256,
                 name: m.name,
                 caption: m.caption,
-            })),
+            }))),
         }
     }
 }

@@ -29,7 +29,9 @@ pub struct Media {
 #[serde(rename_all = "snake_case")]
 pub enum Body {
     Text(String),
-    Media(Media),
+    /// Boxed: a media reference is ~100 bytes, and every message, text or not, is as large as
+    /// its largest body while it moves between the roles.
+    Media(Box<Media>),
 }
 
 /// Which cursor an `ack` moves.
@@ -553,4 +555,21 @@ pub struct Reconnect {
 pub struct Pong {
     #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
     pub reference: Option<i64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::mem::size_of;
+
+    /// An event moves by value from the sequencer through the outbox's lists and fanout's
+    /// tails to the connections, several copies a message: a media body is boxed, so a text
+    /// message is not as large as a media reference (`docs/benchmarks.md`, "A text message
+    /// the size of a media one").
+    #[test]
+    fn a_text_message_is_not_as_large_as_a_media_reference() {
+        assert_eq!(size_of::<Body>(), size_of::<String>());
+        assert!(size_of::<Media>() > 4 * size_of::<String>());
+        assert!(size_of::<Event>() <= 184, "{}", size_of::<Event>());
+    }
 }

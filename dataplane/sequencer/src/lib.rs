@@ -1346,7 +1346,7 @@ mod tests {
         };
         let mut media = message("d:2", "media", "");
         if let EventPayload::Message { body, .. } = &mut media.payload {
-            *body = Some(Body::Media(caption));
+            *body = Some(Body::Media(Box::new(caption)));
         }
         let group = Append {
             conversation_id: "g:1".into(),

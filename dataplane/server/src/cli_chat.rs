@@ -89,7 +89,7 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
                         name: path.file_name().map(|n| n.to_string_lossy().into_owned()),
                         caption: None,
                     };
-                    match client.send_with_retry(to, &format!("{session}-{counter}"), Body::Media(media)).await {
+                    match client.send_with_retry(to, &format!("{session}-{counter}"), Body::Media(Box::new(media))).await {
                         Ok(sent) => println!("  ✓ file sent (seq {})", sent.seq),
                         Err(e) => println!("  ✗ {e}"),
                     }

@@ -694,14 +694,14 @@ mod tests {
             created_ms: 1,
             owner: "alice".into(),
         };
-        let body = Body::Media(Media {
+        let body = Body::Media(Box::new(Media {
             media_id: id.into(),
             mime: record.mime.clone(),
             size: record.size,
             sha256: record.sha256.clone(),
             name: None,
             caption: None,
-        });
+        }));
         (record, body)
     }
 
