@@ -586,8 +586,8 @@ impl Keys {
     /// The ids themselves stay in the key, in their order: a client whose ids grow (a counter,
     /// a time-ordered UUID) then writes and looks up its records next to each other, where the
     /// memtable's search is warm. A digest of all four ids (a shorter key still) put each
-    /// record at a random place and cost the 1:1 peak ~30 % (`docs/decisions/0017-idempotency-
-    /// keys.md`).
+    /// record at a random place and cost the 1:1 peak ~30 % (decision 0017,
+    /// `docs/decisions/0017-idempotency-keys.md`).
     pub fn idempotency(
         &self,
         buckets: &[u64],
