@@ -644,15 +644,15 @@ impl Keys {
     }
 
     /// The idempotency records' three subspaces, of client sends (under their conversation's
-    /// hash, then its id) and of server-made appends, whole, in key order (the embedded engine keeps them apart:
-    /// `crate::keyspaces`).
+    /// hash, then its id) and of server-made appends, whole, in key order (the embedded engine
+    /// keeps them apart: `crate::keyspaces`).
     pub fn idempotency_subspaces(&self) -> [Range<Vec<u8>>; 3] {
         IDEMPOTENCY_SUBSPACES.map(|space| range_of(self.root.subspace(&(space,))))
     }
 
     /// The records of client sends in buckets under their conversation's id, as versions
-    /// before the hash wrote them: their buckets (integers) sort after the conversations (strings) of the
-    /// records written before buckets.
+    /// before the hash wrote them: their buckets (integers) sort after the conversations
+    /// (strings) of the records written before buckets.
     pub fn named_idempotency_records(&self) -> Range<Vec<u8>> {
         self.pack(&("idem", 0u64))..range_of(self.root.subspace(&("idem",))).end
     }
@@ -762,8 +762,8 @@ mod tests {
     }
 
     /// The expired buckets hold the records of buckets up to the time given, in each layout;
-    /// the named range only records in buckets under their ids, and the legacy ranges only
-    /// records keyed by conversation.
+    /// the named range only records in buckets under their conversation's id, and the legacy
+    /// ranges only records keyed by conversation.
     #[test]
     fn idempotency_ranges_split_records_by_bucket_and_layout() {
         let keys = Keys::new(b"t");
