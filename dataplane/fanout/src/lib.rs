@@ -869,13 +869,22 @@ mod tests {
         node: &str,
         gateways: Arc<dyn Gateways>,
     ) -> Arc<Fanout> {
-        let context = Context {
+        let context = context(store, gateways, Arc::new(Metrics::new()));
+        Fanout::new(context, config(node, 1)).await.unwrap()
+    }
+
+    /// Fanout's context on `store`: its gateways and metrics, a membership cache of its own.
+    fn context(
+        store: &MessageStore,
+        gateways: Arc<dyn Gateways>,
+        metrics: Arc<Metrics>,
+    ) -> Context {
+        Context {
             store: store.clone(),
             gateways,
             membership: Arc::new(MembershipCache::new(store.clone())),
-            metrics: Arc::new(Metrics::new()),
-        };
-        Fanout::new(context, config(node, 1)).await.unwrap()
+            metrics,
+        }
     }
 
     #[tokio::test]
@@ -1164,12 +1173,7 @@ mod tests {
         let engine = courier_store::faulty_engine::FaultyEngine::new();
         let store = engine.store(4).await;
         let shard = one_message_waiting(&store).await;
-        let context = Context {
-            store: store.clone(),
-            gateways: Arc::new(NoGateways),
-            membership: Arc::new(MembershipCache::new(store.clone())),
-            metrics: Arc::new(Metrics::new()),
-        };
+        let context = context(&store, Arc::new(NoGateways), Arc::new(Metrics::new()));
         let fanout = Fanout::new(context, config("local", 1000)).await.unwrap();
         // The next commit is the recorder's first (the lease keeper's first round is far off).
         engine.before_next_commit(Box::pin(async { panic!("a bug in the store") }));
@@ -1205,12 +1209,7 @@ mod tests {
             .unwrap();
         let gateways = FlakyGateways::new(&store, 0, 0);
         let metrics = Arc::new(Metrics::new());
-        let context = Context {
-            store: store.clone(),
-            gateways: gateways.clone(),
-            membership: Arc::new(MembershipCache::new(store.clone())),
-            metrics: metrics.clone(),
-        };
+        let context = context(&store, gateways.clone(), metrics.clone());
         let one_process = FanoutConfig {
             look_at_every_shard_each_round: false,
             ..config("local", 1000)
@@ -1307,12 +1306,7 @@ mod tests {
         let outbox_reads = || engine.take_reads_within(&outbox);
         outbox_reads();
         let gateways = FlakyGateways::new(&store, 0, 0);
-        let context = Context {
-            store: store.clone(),
-            gateways: gateways.clone(),
-            membership: Arc::new(MembershipCache::new(store.clone())),
-            metrics: Arc::new(Metrics::new()),
-        };
+        let context = context(&store, gateways.clone(), Arc::new(Metrics::new()));
         let fanout = Fanout::new(context, config("local", 1000)).await.unwrap();
         let loops = BackgroundLoops::new();
         fanout.start(&loops);
@@ -1345,12 +1339,7 @@ mod tests {
         store.append(lease, &mut heads, &left).await.unwrap();
 
         let metrics = Arc::new(Metrics::new());
-        let context = Context {
-            store: store.clone(),
-            gateways: Arc::new(NoGateways),
-            membership: Arc::new(MembershipCache::new(store.clone())),
-            metrics: metrics.clone(),
-        };
+        let context = context(&store, Arc::new(NoGateways), metrics.clone());
         let fanout = Fanout::new(context, config("local", 1000)).await.unwrap();
         let loops = BackgroundLoops::new();
         fanout.start(&loops);

@@ -379,9 +379,12 @@ pub type AppendResult = Result<AppendOutcome, AppendRefused>;
 /// An entry of a shard's outbox: its key and its event.
 pub type OutboxEntry = (Vec<u8>, Event);
 
-/// A page of a shard's outbox as [`MessageStore::outbox_headers`] reads it: its entries' keys
-/// and headers, and whether the outbox holds more after them.
-pub type OutboxHeaders = (Vec<(Vec<u8>, EventHeader)>, bool);
+/// A page of a shard's outbox as read from the store: its entries' keys, each with its event
+/// as `T` reads it, and whether the outbox holds more after them.
+pub type OutboxPage<T> = (Vec<(Vec<u8>, T)>, bool);
+
+/// A page of a shard's outbox as [`MessageStore::outbox_headers`] reads it.
+pub type OutboxHeaders = OutboxPage<EventHeader>;
 
 /// An entry a commit added to a shard's outbox, as the committer lists it.
 #[derive(Debug, Clone)]
@@ -2217,7 +2220,7 @@ impl MessageStore {
         from: Option<&[u8]>,
         rows: usize,
         entries: usize,
-    ) -> Result<(Vec<OutboxEntry>, bool), StoreError> {
+    ) -> Result<OutboxPage<Event>, StoreError> {
         let position = [(shard, from.map(<[u8]>::to_vec))];
         let mut pages = self
             .outbox_pages(&position, (rows, entries), decode_event)
@@ -2245,7 +2248,7 @@ impl MessageStore {
         positions: &[(u32, Option<Vec<u8>>)],
         (rows, entries): (usize, usize),
         decode: impl Fn(&[u8], &[u8]) -> Result<T, StoreError>,
-    ) -> Result<Vec<Result<(Vec<(Vec<u8>, T)>, bool), StoreError>>, StoreError> {
+    ) -> Result<Vec<Result<OutboxPage<T>, StoreError>>, StoreError> {
         let ranges = positions
             .iter()
             .map(|(shard, from)| self.outbox_rows_from(*shard, from.as_deref()))
