@@ -27,6 +27,7 @@ pub async fn run_all(harness: &mut dyn EngineHarness) {
     atomic_max_and_add(&kv).await;
     counters_follow_every_other_write(kv.as_ref()).await;
     versionstamps_follow_commit_order(kv.as_ref()).await;
+    dropping_expired_keys_keeps_every_other(kv.as_ref()).await;
     reopen_keeps_every_commit(harness, kv).await;
 }
 
@@ -179,6 +180,54 @@ pub async fn a_batch_reads_its_own_writes(kv: &dyn KvEngine) {
             (b"o/after".to_vec(), b"z".to_vec()),
             (b"o/counter".to_vec(), 7u64.to_le_bytes().to_vec()),
         ]
+    );
+}
+
+/// Dropping a range of expired keys removes none outside it and changes none inside it: each
+/// key of the range is either gone or as it was, and what is left is cleared as usual.
+pub async fn dropping_expired_keys_keeps_every_other(kv: &dyn KvEngine) {
+    let mut batch = Batch::new();
+    for n in 0..100u32 {
+        batch.set(key("x/", n), n.to_le_bytes().to_vec());
+    }
+    batch.set(b"x.".to_vec(), b"below".to_vec());
+    batch.set(b"x0".to_vec(), b"above".to_vec());
+    kv.commit(batch).await.unwrap();
+    let everything = b"x.".to_vec()..b"x1".to_vec();
+    let before = kv
+        .range(everything.clone(), usize::MAX, false)
+        .await
+        .unwrap();
+
+    let expired = key("x/", 10)..key("x/", 50);
+    kv.drop_expired(expired.clone()).await.unwrap();
+    let after = kv
+        .range(everything.clone(), usize::MAX, false)
+        .await
+        .unwrap();
+    let (inside, outside): (Vec<_>, Vec<_>) =
+        before.into_iter().partition(|(k, _)| expired.contains(k));
+    let (left, kept): (Vec<_>, Vec<_>) = after.into_iter().partition(|(k, _)| expired.contains(k));
+    assert_eq!(
+        kept, outside,
+        "a key outside the dropped range changed or went"
+    );
+    assert!(
+        left.iter().all(|pair| inside.contains(pair)),
+        "a key inside the dropped range changed"
+    );
+
+    let mut rest = Batch::new();
+    for (key, _) in left {
+        rest.clear(key);
+    }
+    if !rest.is_empty() {
+        kv.commit(rest).await.unwrap();
+    }
+    assert!(kv.range(expired, 1, false).await.unwrap().is_empty());
+    assert_eq!(
+        kv.range(everything, usize::MAX, false).await.unwrap().len(),
+        62
     );
 }
 

@@ -439,6 +439,16 @@ impl KvEngine for EmbeddedEngine {
             .map_err(|_| StoreError::Engine("the store writer has stopped".into()))?
     }
 
+    /// Drops the idempotency keyspace's tables wholly inside `range`
+    /// (`Keyspaces::drop_idempotency_tables`), on a thread that may block: fjall lets a
+    /// running compaction of the keyspace end first.
+    async fn drop_expired(&self, range: Range<Vec<u8>>) -> Result<(), StoreError> {
+        let db = Arc::clone(&self.db);
+        tokio::task::spawn_blocking(move || db.data.drop_idempotency_tables(range))
+            .await
+            .map_err(engine_error)?
+    }
+
     fn limits(&self) -> BatchLimits {
         LIMITS
     }
@@ -1088,6 +1098,7 @@ mod tests {
     use crate::contract::{self, EngineHarness};
     use crate::keys::Keys;
     use crate::keyspaces::{SEPARATED_VALUE_BYTES, TABLE_TARGET_BYTES};
+    use crate::message_store::MessageStore;
 
     struct Harness {
         dir: tempfile::TempDir,
@@ -1438,6 +1449,60 @@ mod tests {
         }
         assert!(!first_journal.exists(), "the first journal was kept");
         assert_eq!(kv.db.db.journal_count(), 1);
+    }
+
+    /// An expired idempotency bucket's tables are dropped whole: their records go without a
+    /// read or a tombstone each. A record of the bucket still in the memtable is cleared key by
+    /// key, and a bucket that has not expired keeps every record.
+    #[tokio::test]
+    async fn an_expired_buckets_tables_are_dropped_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let kv = Arc::new(EmbeddedEngine::open(&dir.path().join("s")).unwrap());
+        let store = MessageStore::open(kv.clone(), b"", 8).await.unwrap();
+        let keys = Keys::new(b"");
+        let records = |bucket: u64, conversations: Range<usize>| -> Vec<Vec<u8>> {
+            conversations
+                .flat_map(|i| keys.idempotency(&[bucket], &format!("d:{i}"), "alice", "p", "m"))
+                .collect()
+        };
+        let write = |keys: Vec<Vec<u8>>| {
+            let mut batch = Batch::new();
+            for key in keys {
+                batch.set(key, b"record".to_vec());
+            }
+            kv.commit(batch)
+        };
+        let idempotency = kv.db.data.idempotency.inner();
+        for bucket in [1_000, 2_000] {
+            write(records(bucket, 0..100)).await.unwrap();
+            idempotency.rotate_memtable_and_wait().unwrap();
+        }
+        write(records(1_000, 100..101)).await.unwrap();
+        assert_eq!(idempotency.table_count(), 2);
+
+        let cleared = store.expire_idempotency_records(1_000).await.unwrap();
+        assert_eq!(
+            cleared, 1,
+            "only the record in the memtable was cleared key by key"
+        );
+        assert_eq!(
+            idempotency.table_count(),
+            1,
+            "the expired bucket's table was dropped"
+        );
+        for key in records(1_000, 0..101) {
+            assert_eq!(kv.get(&key).await.unwrap(), None);
+        }
+        for key in records(2_000, 0..100) {
+            assert_eq!(kv.get(&key).await.unwrap(), Some(b"record".to_vec()));
+        }
+        // fjall deletes a dropped table's file when the keyspace next flushes (or compacts).
+        write(records(3_000, 0..1)).await.unwrap();
+        idempotency.rotate_memtable_and_wait().unwrap();
+        let files = std::fs::read_dir(idempotency.path().join("tables"))
+            .unwrap()
+            .count();
+        assert_eq!((idempotency.table_count(), files), (2, 2));
     }
 
     /// A store created before values were kept apart keeps them with their keys: fjall

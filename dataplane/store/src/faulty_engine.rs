@@ -150,6 +150,10 @@ impl KvEngine for FaultyEngine {
         self.inner.commit(batch).await
     }
 
+    async fn drop_expired(&self, range: Range<Vec<u8>>) -> Result<(), StoreError> {
+        self.inner.drop_expired(range).await
+    }
+
     fn limits(&self) -> BatchLimits {
         let inner = self.inner.limits();
         BatchLimits {

@@ -430,6 +430,13 @@ impl KvEngine for FdbEngine {
         }
     }
 
+    /// The whole range, in one commit: a range clear is one mutation, whatever it holds.
+    async fn drop_expired(&self, range: Range<Vec<u8>>) -> Result<(), StoreError> {
+        let mut batch = Batch::new();
+        batch.clear_range(range);
+        self.commit(batch).await.map(drop)
+    }
+
     /// [`LIMITS`], with the root prefix counted against the key limit.
     fn limits(&self) -> BatchLimits {
         BatchLimits {

@@ -6,8 +6,10 @@
 //! skew after it opened. A retry looks in every bucket that a record written within the
 //! window before it (by a clock up to the skew apart) can be in: two, or three near a
 //! bucket's edge. So a retry within the window always finds the first outcome, a record is
-//! kept between one window and two, and a retention pass clears whole buckets, visiting each
-//! record once, when it goes, instead of reading every live record on every pass.
+//! kept between one window and two, and a retention pass clears whole buckets when they go,
+//! instead of reading every live record on every pass: the engine drops the tables that hold
+//! only expired records (`docs/decisions/0018-expired-buckets-dropped.md`), and the pass
+//! clears what is left key by key, visiting each of those records once.
 //!
 //! A client's record is keyed by its conversation's hash (`Keys::idempotency`). Records of
 //! earlier versions are still looked up until a pass finds none left: those in buckets under
@@ -106,11 +108,16 @@ impl Default for EarlierIdempotency {
 impl MessageStore {
     /// Clears the idempotency records whose time has come at `now_ms`: those of the buckets
     /// that expired, then those written before buckets more than a window before `now_ms`.
-    /// Returns how many. A retry whose record is gone is sequenced as a new event.
+    /// The engine first drops what it can of the expired buckets without reading them
+    /// ([`KvEngine::drop_expired`]); returns how many records were then cleared key by key. A
+    /// retry whose record is gone is sequenced as a new event.
     pub async fn expire_idempotency_records(&self, now_ms: u64) -> Result<u64, StoreError> {
         let mut cleared = 0;
         for buckets in self.keys().expired_idempotency_buckets(now_ms) {
-            cleared += self.clear_where(buckets, |_, _| true).await?;
+            if self.holds_any(buckets.clone()).await? {
+                self.kv().drop_expired(buckets.clone()).await?;
+                cleared += self.clear_where(buckets, |_, _| true).await?;
+            }
         }
         let earlier = &self.earlier_idempotency;
         if earlier.before_buckets.load(Ordering::Relaxed) {

@@ -57,7 +57,7 @@ use crate::keys::Keys;
 use crate::kv::StoreError;
 use fjall::compaction::Leveled;
 use fjall::{
-    KeyspaceCreateOptions, KvSeparationOptions, Readable, SingleWriterTxDatabase,
+    AbstractTree, KeyspaceCreateOptions, KvSeparationOptions, Readable, SingleWriterTxDatabase,
     SingleWriterTxKeyspace,
 };
 use std::ops::Range;
@@ -161,6 +161,27 @@ impl Keyspaces {
             pieces.push((&self.shared, from.to_vec()..range.end.to_vec()));
         }
         pieces
+    }
+
+    /// Drops the tables of the idempotency keyspace that lie wholly inside `range`, a range
+    /// of expired records (fjall's `drop_range`, which first waits for a running compaction of
+    /// the keyspace to end): their records go without a read or a tombstone each. Only that
+    /// keyspace's: no cache of the engine holds its keys (`crate::row_cache` leaves them out,
+    /// `crate::event_cache` holds events), so the caches stay exact. What is left of `range`
+    /// (records in memtables, in a table that reaches past `range`, or in the shared keyspace)
+    /// the caller clears key by key. fjall deletes a dropped table's file when the keyspace
+    /// next flushes or compacts.
+    pub fn drop_idempotency_tables(&self, range: Range<Vec<u8>>) -> Result<(), StoreError> {
+        for apart in &self.apart {
+            let start = (&range.start).max(&apart.start);
+            let end = (&range.end).min(&apart.end);
+            if start < end {
+                let tree = &self.idempotency.inner().tree;
+                tree.drop_range(start.as_slice()..end.as_slice())
+                    .map_err(engine_error)?;
+            }
+        }
+        Ok(())
     }
 
     /// Both keyspaces, the shared one first.

@@ -309,6 +309,16 @@ pub trait KvEngine: Send + Sync + 'static {
     /// stamp; later commits have larger stamps.
     async fn commit(&self, batch: Batch) -> Result<CommitStamp, StoreError>;
 
+    /// Removes what the engine can remove of `range` without reading it, for a range whose
+    /// keys have all expired (idempotency buckets): no one reads them again, and the caller
+    /// clears what is left key by key. The embedded engine drops the tables of its
+    /// idempotency keyspace that lie wholly inside `range`; FoundationDB clears the whole range
+    /// in one commit. The default removes nothing.
+    async fn drop_expired(&self, range: Range<Vec<u8>>) -> Result<(), StoreError> {
+        let _ = range;
+        Ok(())
+    }
+
     /// What one batch may hold: `commit` refuses larger batches with [`StoreError::TooLarge`],
     /// so writers that may produce large batches split their work by it.
     fn limits(&self) -> BatchLimits;

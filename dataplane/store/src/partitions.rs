@@ -500,6 +500,17 @@ impl KvEngine for PartitionedEngine {
         self.engines[partition].commit(batch).await
     }
 
+    /// In every partition: each may hold keys of the range.
+    async fn drop_expired(&self, range: Range<Vec<u8>>) -> Result<(), StoreError> {
+        futures::future::try_join_all(
+            self.engines
+                .iter()
+                .map(|engine| engine.drop_expired(range.clone())),
+        )
+        .await
+        .map(drop)
+    }
+
     fn limits(&self) -> BatchLimits {
         let all = self.engines.iter().map(|e| e.limits());
         BatchLimits {
