@@ -29,7 +29,8 @@
 use crate::auth::{AttachToken, ClusterToken};
 use crate::proto::kv_store_client::KvStoreClient;
 use crate::proto::{
-    GetManyRequest, GetRequest, HealthRequest, LimitsRequest, RangeRequest, RangesRequest,
+    DropExpiredRequest, GetManyRequest, GetRequest, HealthRequest, LimitsRequest, RangeRequest,
+    RangesRequest,
 };
 use crate::status::{self, Call};
 use crate::{convert, max_message_bytes};
@@ -295,6 +296,20 @@ impl KvEngine for RemoteEngine {
             );
             StoreError::MaybeCommitted
         })
+    }
+
+    /// Asks the store node's engine. A node that predates the call drops nothing, which the
+    /// contract allows: the caller clears the range key by key.
+    async fn drop_expired(&self, range: Range<Vec<u8>>) -> Result<(), StoreError> {
+        let request = DropExpiredRequest {
+            start: range.start,
+            end: range.end,
+        };
+        match self.client.clone().drop_expired(request).await {
+            Ok(_) => Ok(()),
+            Err(s) if s.code() == tonic::Code::Unimplemented => Ok(()),
+            Err(s) => Err(status::store_error(&s, Call::Read)),
+        }
     }
 
     fn limits(&self) -> BatchLimits {

@@ -56,7 +56,8 @@ pub const MAX_REASON_BYTES: usize = 64 << 10;
 /// Which kind of call failed: it decides what a status without a store's detail means.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Call {
-    /// `get`, `range`, `limits`, health: nothing changes, failing is always safe to retry.
+    /// `get`, `range`, `limits`, health, and `drop_expired` (whose keys are expired: a lost
+    /// answer is harmless, a retry drops the same): failing is always safe to retry.
     Read,
     /// `commit`: a lost answer leaves the outcome unknown.
     Commit,

@@ -34,9 +34,9 @@
 use crate::auth::{ClusterToken, RequireToken};
 use crate::proto::kv_store_server::{KvStore, KvStoreServer};
 use crate::proto::{
-    CommitRequest, CommitResponse, GetManyRequest, GetManyResponse, GetRequest, GetResponse,
-    HealthRequest, HealthResponse, LimitsRequest, LimitsResponse, RangeChunk, RangeRequest,
-    RangesChunk, RangesRequest,
+    CommitRequest, CommitResponse, DropExpiredRequest, DropExpiredResponse, GetManyRequest,
+    GetManyResponse, GetRequest, GetResponse, HealthRequest, HealthResponse, LimitsRequest,
+    LimitsResponse, RangeChunk, RangeRequest, RangesChunk, RangesRequest,
 };
 use crate::{convert, max_message_bytes, status};
 use courier_store::{KvEngine, StoreError};
@@ -179,6 +179,15 @@ impl KvStore for KvStoreService {
         Ok(Response::new(HealthResponse {
             halted: self.engine.halted(),
         }))
+    }
+
+    async fn drop_expired(
+        &self,
+        request: Request<DropExpiredRequest>,
+    ) -> Result<Response<DropExpiredResponse>, Status> {
+        let DropExpiredRequest { start, end } = request.into_inner();
+        self.engine.drop_expired(start..end).await.map_err(refuse)?;
+        Ok(Response::new(DropExpiredResponse {}))
     }
 }
 

@@ -676,3 +676,59 @@ async fn limits_come_from_the_engine_and_bound_every_message() {
     assert_eq!(tail, reversed[..1500]);
     node.stop().await;
 }
+
+// ---- expired ranges ----
+
+/// An engine that notes the expired ranges it is asked to drop, and refuses them once told.
+#[derive(Default)]
+struct Dropping {
+    asked: Mutex<Vec<Range<Vec<u8>>>>,
+    refuse: Mutex<Option<StoreError>>,
+}
+
+#[async_trait]
+impl KvEngine for Dropping {
+    async fn get(&self, _: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(None)
+    }
+    async fn range(
+        &self,
+        _: Range<Vec<u8>>,
+        _: usize,
+        _: bool,
+    ) -> Result<Vec<KeyValue>, StoreError> {
+        Ok(Vec::new())
+    }
+    async fn commit(&self, _: Batch) -> Result<CommitStamp, StoreError> {
+        Ok([0; 10])
+    }
+    async fn drop_expired(&self, range: Range<Vec<u8>>) -> Result<(), StoreError> {
+        if let Some(error) = self.refuse.lock().unwrap().clone() {
+            return Err(error);
+        }
+        self.asked.lock().unwrap().push(range);
+        Ok(())
+    }
+    fn limits(&self) -> BatchLimits {
+        courier_store::embedded::LIMITS
+    }
+}
+
+/// A remote engine hands an expired range to the node's engine, which drops what it can
+/// (the embedded engine: the tables wholly inside it), and its refusal comes back as itself.
+#[tokio::test]
+async fn an_expired_range_is_dropped_by_the_nodes_engine() {
+    let engine = Arc::new(Dropping::default());
+    let node = Node::start(engine.clone()).await;
+    let remote = node.remote().await;
+    let expired = b"hidem/1".to_vec()..b"hidem/2".to_vec();
+    remote.drop_expired(expired.clone()).await.unwrap();
+    assert_eq!(*engine.asked.lock().unwrap(), vec![expired.clone()]);
+
+    *engine.refuse.lock().unwrap() = Some(StoreError::Engine("disk".into()));
+    assert!(matches!(
+        remote.drop_expired(expired).await,
+        Err(StoreError::Engine(reason)) if reason.contains("disk")
+    ));
+    node.stop().await;
+}
