@@ -109,8 +109,8 @@ impl MessageStore {
     /// Clears the idempotency records whose time has come at `now_ms`: those of the buckets
     /// that expired, then those written before buckets more than a window before `now_ms`.
     /// The engine first drops what it can of the expired buckets without reading them
-    /// ([`KvEngine::drop_expired`]); returns how many records were then cleared key by key. A
-    /// retry whose record is gone is sequenced as a new event.
+    /// ([`crate::kv::KvEngine::drop_expired`]); returns how many records were then cleared key
+    /// by key. A retry whose record is gone is sequenced as a new event.
     pub async fn expire_idempotency_records(&self, now_ms: u64) -> Result<u64, StoreError> {
         let mut cleared = 0;
         for buckets in self.keys().expired_idempotency_buckets(now_ms) {
