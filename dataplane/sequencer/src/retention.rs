@@ -29,6 +29,12 @@ use std::time::Duration;
 /// Conversations read per step of a pass.
 const PAGE: usize = 256;
 
+/// Seqs a trim clears in one commit at most. The embedded engine clears a range key by key
+/// inside its group commit, so every other commit waits behind a large one: trimming 1.8
+/// million events at once held every send 2-3 s (docs/benchmarks.md, "A conversation's trim
+/// in steps"); a step of 1,024 holds them about a millisecond.
+const TRIM_STEP: u64 = 1024;
+
 /// A conversation whose old events a device holds back is looked at again after this part of
 /// the time its oldest held event has waited past the window (at least at the next pass): a
 /// conversation a device holds for weeks is looked at a few dozen times, not at every pass,
@@ -246,16 +252,34 @@ impl Retention {
                 now.saturating_add(held_back_wait(overdue, interval))
             }
         };
-        if new_floor <= floor {
-            return Ok((0, next_due));
-        }
-        let cleared = self.sequencer.trim(conv, new_floor).await?;
-        // Media follows its messages: unreferenced, it is swept after its TTL.
-        if !media.is_empty() {
-            self.store.clear_media_references(conv, &media).await?;
-        }
-        self.metrics.retention_cleared.inc_by(cleared);
+        let cleared = self.trim_in_steps(conv, floor, new_floor, &media).await?;
         Ok((cleared, next_due))
+    }
+
+    /// Clears the events of `conv` from `floor` to below `new_floor`, at most [`TRIM_STEP`]
+    /// seqs a commit, each step with the references of its messages to `media` (`(media id,
+    /// seq)` in seq order); returns how many seqs were cleared.
+    async fn trim_in_steps(
+        &self,
+        conv: &str,
+        floor: u64,
+        new_floor: u64,
+        media: &[(String, u64)],
+    ) -> Result<u64, RetentionError> {
+        let (mut cleared, mut step_floor, mut media) = (0, floor, media);
+        while step_floor < new_floor {
+            let step_end = new_floor.min(step_floor.saturating_add(TRIM_STEP));
+            let step_cleared = self.sequencer.trim(conv, step_end).await?;
+            self.metrics.retention_cleared.inc_by(step_cleared);
+            cleared += step_cleared;
+            // Media follows its messages: unreferenced, it is swept after its TTL.
+            let (gone, kept) = media.split_at(media.partition_point(|(_, seq)| *seq < step_end));
+            if !gone.is_empty() {
+                self.store.clear_media_references(conv, gone).await?;
+            }
+            (step_floor, media) = (step_end, kept);
+        }
+        Ok(cleared)
     }
 
     /// The highest seq every active device of every member has acknowledged as delivered. A
@@ -431,6 +455,94 @@ mod tests {
         assert_eq!(pass.run_once().await.unwrap().events, 0);
         let read = engine.take_ranges_read();
         assert!(!read.contains(&events_of("d:1")) && !read.contains(&events_of("d:2")));
+    }
+
+    /// A trim longer than a step commits a step at a time, the references of each step's
+    /// messages to media with it: other commits never wait behind one long clear.
+    #[tokio::test]
+    async fn a_long_trim_commits_a_step_at_a_time() {
+        let engine = FaultyEngine::new();
+        let store = engine.store(4).await;
+        let sequencer = sequencer_on(&store).await;
+        send(&sequencer, "d:1", "bob", &["first"]).await;
+        let sender = Sender {
+            user: "alice".into(),
+            device: "phone".into(),
+        };
+        let picture = courier_proto::Media {
+            media_id: "m1".into(),
+            mime: "image/png".into(),
+            size: 1,
+            sha256: "00".into(),
+            name: None,
+            caption: None,
+        };
+        let events = 2 * TRIM_STEP + 3;
+        let sends = (1..events).map(|i| {
+            let body = if i == TRIM_STEP + 7 {
+                Body::Media(Box::new(picture.clone()))
+            } else {
+                Body::Text(i.to_string())
+            };
+            sequencer.submit(Append::message(
+                "d:1".into(),
+                sender.clone(),
+                i.to_string(),
+                body,
+                None,
+            ))
+        });
+        futures::future::try_join_all(sends).await.unwrap();
+        let [(_, referenced)] = store.media_references("m1").await.unwrap()[..] else {
+            panic!("one reference");
+        };
+        let (floor, reference) = (
+            store.keys().floor("d:1"),
+            store.keys().media_reference("m1", "d:1", referenced),
+        );
+        let steps = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = steps.clone();
+        engine.set_fault(Some(Box::new(move |batch: &Batch| {
+            let floor_set = batch.mutations.iter().find_map(|m| match m {
+                Mutation::Set { key, value } if *key == floor => {
+                    Some(u64::from_le_bytes(value[..8].try_into().unwrap()))
+                }
+                _ => None,
+            });
+            let clears_reference = batch
+                .mutations
+                .iter()
+                .any(|m| matches!(m, Mutation::Clear { key } if *key == reference));
+            seen.lock().unwrap().extend(
+                floor_set
+                    .map(|f| format!("floor {f}"))
+                    .into_iter()
+                    .chain(clears_reference.then(|| "reference".to_owned())),
+            );
+            None
+        })));
+
+        let pass = retention(&store, &sequencer, Duration::ZERO);
+        assert_eq!(pass.run_once().await.unwrap().events, events);
+        let step = |n: u64| format!("floor {}", 1 + n * TRIM_STEP);
+        assert_eq!(
+            *steps.lock().unwrap(),
+            [
+                step(1),
+                step(2),
+                "reference".into(),
+                format!("floor {}", events + 1)
+            ],
+            "the reference (seq {referenced}) goes with the second step"
+        );
+        assert!(store.media_references("m1").await.unwrap().is_empty());
+        assert!(
+            store
+                .events("d:1", 0, u64::MAX, 1)
+                .await
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[test]
