@@ -22,18 +22,18 @@ use courier_core::loops::BackgroundLoops;
 use courier_core::metrics::Metrics;
 use courier_core::sequencing::{Sequencer, SequencerError};
 use courier_proto::{Body, EventPayload};
-use courier_store::{MessageStore, StoreError};
+use courier_store::{CLEAR_PAGE, MessageStore, StoreError, rest_after_clear_page};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Conversations read per step of a pass.
 const PAGE: usize = 256;
 
-/// Seqs a trim clears in one commit at most. The embedded engine clears a range key by key
-/// inside its group commit, so every other commit waits behind a large one: trimming 1.8
-/// million events at once held every send 2-3 s (docs/benchmarks.md, "A conversation's trim
-/// in steps"); a step of 1,024 holds them about a millisecond.
-const TRIM_STEP: u64 = 1024;
+/// Seqs a trim clears in one commit at most, a background clean-up's page. The embedded engine
+/// clears a range key by key inside its group commit, so every other commit waits behind a
+/// large one: trimming 1.8 million events at once held every send 2-3 s (docs/benchmarks.md,
+/// "A conversation's trim in steps"); a step of 1,024 holds them about a millisecond.
+const TRIM_STEP: u64 = CLEAR_PAGE as u64;
 
 /// A conversation whose old events a device holds back is looked at again after this part of
 /// the time its oldest held event has waited past the window (at least at the next pass): a
@@ -258,7 +258,8 @@ impl Retention {
 
     /// Clears the events of `conv` from `floor` to below `new_floor`, at most [`TRIM_STEP`]
     /// seqs a commit, each step with the references of its messages to `media` (`(media id,
-    /// seq)` in seq order); returns how many seqs were cleared.
+    /// seq)` in seq order), resting between steps as every background clean-up does
+    /// ([`rest_after_clear_page`]); returns how many seqs were cleared.
     async fn trim_in_steps(
         &self,
         conv: &str,
@@ -268,6 +269,7 @@ impl Retention {
     ) -> Result<u64, RetentionError> {
         let (mut cleared, mut step_floor, mut media) = (0, floor, media);
         while step_floor < new_floor {
+            let started = Instant::now();
             let step_end = new_floor.min(step_floor.saturating_add(TRIM_STEP));
             let step_cleared = self.sequencer.trim(conv, step_end).await?;
             self.metrics.retention_cleared.inc_by(step_cleared);
@@ -278,6 +280,9 @@ impl Retention {
                 self.store.clear_media_references(conv, gone).await?;
             }
             (step_floor, media) = (step_end, kept);
+            if step_floor < new_floor {
+                rest_after_clear_page(started).await;
+            }
         }
         Ok(cleared)
     }

@@ -32,13 +32,20 @@ const DEVICE_UPDATE_ATTEMPTS: usize = 5;
 /// Sanity bound on stored counts read back from the store.
 const MAX_SHARDS: u32 = 1 << 20;
 
-/// Keys read and cleared per commit of a background clean-up ([`MessageStore::clear_where`]).
-pub(crate) const CLEAR_PAGE: usize = 1024;
+/// Keys read and cleared per commit of a background clean-up ([`MessageStore::clear_where`],
+/// retention's trims).
+pub const CLEAR_PAGE: usize = 1024;
 
 /// A background clean-up works at most one part in this many of the time, resting between
 /// pages: an expired idempotency bucket holds a window of sends, and clearing it at once would
 /// take the store's writer from appends for as long.
 const CLEAR_PACE: u32 = 4;
+
+/// Rests after a page of a background clean-up that began at `started`, so that the clean-up
+/// works at most one part in [`CLEAR_PACE`] of the time.
+pub async fn rest_after_clear_page(started: Instant) {
+    tokio::time::sleep(started.elapsed() * (CLEAR_PACE - 1)).await;
+}
 
 /// Most bytes of pending notifications written in one commit while expanding an outbox
 /// (lowered to the engine's batch limit): small commits, however many devices a group has.
@@ -763,7 +770,7 @@ impl MessageStore {
                 }
                 _ => return Ok(cleared),
             }
-            tokio::time::sleep(started.elapsed() * (CLEAR_PACE - 1)).await;
+            rest_after_clear_page(started).await;
         }
     }
 
