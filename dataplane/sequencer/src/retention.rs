@@ -5,7 +5,9 @@
 //! back; when it returns with a cursor below the floor it gets a `trimmed` frame first.
 //!
 //! A pass looks only at the conversations the store's retention queue says are due
-//! (`courier_store::trim_queue`), and moves each to when it should look again.
+//! (`courier_store::trim_queue`), and moves each to when it should look again. It reads a
+//! conversation's old events a page at a time and trims what each page lets go in a commit of
+//! its own, resting between pages (`docs/benchmarks.md`, "A conversation's trim in steps").
 //!
 //! Each pass also clears the idempotency buckets that expired (`courier_store::idempotency`):
 //! a retry with the same `client_msg_id` more than the store's idempotency window after the
@@ -28,12 +30,6 @@ use std::time::{Duration, Instant};
 
 /// Conversations read per step of a pass.
 const PAGE: usize = 256;
-
-/// Seqs a trim clears in one commit at most, a background clean-up's page. The embedded engine
-/// clears a range key by key inside its group commit, so every other commit waits behind a
-/// large one: trimming 1.8 million events at once held every send 2-3 s (docs/benchmarks.md,
-/// "A conversation's trim in steps"); a step of 1,024 holds them about a millisecond.
-const TRIM_STEP: u64 = CLEAR_PAGE as u64;
 
 /// A conversation whose old events a device holds back is looked at again after this part of
 /// the time its oldest held event has waited past the window (at least at the next pass): a
@@ -215,20 +211,29 @@ impl Retention {
         // scan reached one.
         let mut young = None;
         let mut held_ms = None;
-        let mut media = Vec::new();
-        'scan: while old_enough < delivered {
-            let events = self.store.events(conv, old_enough, u64::MAX, PAGE).await?;
-            if events.is_empty() {
-                break;
-            }
+        let (mut cleared, mut trimmed_to) = (0, floor);
+        // A page of events read, then what it lets go cleared in one commit (at most a page:
+        // the embedded engine clears a range key by key inside its group commit, which every
+        // other commit waits for), then a rest, as every background clean-up does.
+        while old_enough < delivered {
+            let started = Instant::now();
+            let events = self
+                .store
+                .events(conv, old_enough, u64::MAX, CLEAR_PAGE)
+                .await?;
+            let full = events.len() == CLEAR_PAGE;
+            let mut stopped = false;
+            let mut media = Vec::new();
             for event in events {
                 if event.ts_ms > cutoff {
                     young = Some((event.seq, event.ts_ms));
-                    break 'scan;
+                    stopped = true;
+                    break;
                 }
                 if event.seq > delivered {
                     held_ms = Some(event.ts_ms);
-                    break 'scan;
+                    stopped = true;
+                    break;
                 }
                 old_enough = event.seq;
                 if let EventPayload::Message {
@@ -239,6 +244,15 @@ impl Retention {
                     media.push((m.media_id, event.seq));
                 }
             }
+            let step_floor = old_enough.min(delivered) + 1;
+            if step_floor > trimmed_to {
+                cleared += self.trim_step(conv, step_floor, &media).await?;
+                trimmed_to = step_floor;
+            }
+            if stopped || !full || old_enough >= delivered {
+                break;
+            }
+            rest_after_clear_page(started).await;
         }
         let new_floor = old_enough.min(delivered) + 1;
         // The oldest event a device holds back: the one the scan stopped at, the oldest kept
@@ -252,37 +266,22 @@ impl Retention {
                 now.saturating_add(held_back_wait(overdue, interval))
             }
         };
-        let cleared = self.trim_in_steps(conv, floor, new_floor, &media).await?;
         Ok((cleared, next_due))
     }
 
-    /// Clears the events of `conv` from `floor` to below `new_floor`, at most [`TRIM_STEP`]
-    /// seqs a commit, each step with the references of its messages to `media` (`(media id,
-    /// seq)` in seq order), resting between steps as every background clean-up does
-    /// ([`rest_after_clear_page`]); returns how many seqs were cleared.
-    async fn trim_in_steps(
+    /// Clears the events of `conv` below `new_floor`, and the references to media of those of
+    /// its messages that held one (`media`: `(media id, seq)`); returns how many seqs went.
+    async fn trim_step(
         &self,
         conv: &str,
-        floor: u64,
         new_floor: u64,
         media: &[(String, u64)],
     ) -> Result<u64, RetentionError> {
-        let (mut cleared, mut step_floor, mut media) = (0, floor, media);
-        while step_floor < new_floor {
-            let started = Instant::now();
-            let step_end = new_floor.min(step_floor.saturating_add(TRIM_STEP));
-            let step_cleared = self.sequencer.trim(conv, step_end).await?;
-            self.metrics.retention_cleared.inc_by(step_cleared);
-            cleared += step_cleared;
-            // Media follows its messages: unreferenced, it is swept after its TTL.
-            let (gone, kept) = media.split_at(media.partition_point(|(_, seq)| *seq < step_end));
-            if !gone.is_empty() {
-                self.store.clear_media_references(conv, gone).await?;
-            }
-            (step_floor, media) = (step_end, kept);
-            if step_floor < new_floor {
-                rest_after_clear_page(started).await;
-            }
+        let cleared = self.sequencer.trim(conv, new_floor).await?;
+        self.metrics.retention_cleared.inc_by(cleared);
+        // Media follows its messages: unreferenced, it is swept after its TTL.
+        if !media.is_empty() {
+            self.store.clear_media_references(conv, media).await?;
         }
         Ok(cleared)
     }
@@ -462,10 +461,10 @@ mod tests {
         assert!(!read.contains(&events_of("d:1")) && !read.contains(&events_of("d:2")));
     }
 
-    /// A trim longer than a step commits a step at a time, the references of each step's
+    /// A trim longer than a page commits a page at a time, the references of each page's
     /// messages to media with it: other commits never wait behind one long clear.
     #[tokio::test]
-    async fn a_long_trim_commits_a_step_at_a_time() {
+    async fn a_long_trim_commits_a_page_at_a_time() {
         let engine = FaultyEngine::new();
         let store = engine.store(4).await;
         let sequencer = sequencer_on(&store).await;
@@ -482,9 +481,10 @@ mod tests {
             name: None,
             caption: None,
         };
-        let events = 2 * TRIM_STEP + 3;
+        let page = CLEAR_PAGE as u64;
+        let events = 2 * page + 3;
         let sends = (1..events).map(|i| {
-            let body = if i == TRIM_STEP + 7 {
+            let body = if i == page + 7 {
                 Body::Media(Box::new(picture.clone()))
             } else {
                 Body::Text(i.to_string())
@@ -529,7 +529,7 @@ mod tests {
 
         let pass = retention(&store, &sequencer, Duration::ZERO);
         assert_eq!(pass.run_once().await.unwrap().events, events);
-        let step = |n: u64| format!("floor {}", 1 + n * TRIM_STEP);
+        let step = |n: u64| format!("floor {}", 1 + n * page);
         assert_eq!(
             *steps.lock().unwrap(),
             [
@@ -538,7 +538,7 @@ mod tests {
                 "reference".into(),
                 format!("floor {}", events + 1)
             ],
-            "the reference (seq {referenced}) goes with the second step"
+            "the reference (seq {referenced}) goes with the second page"
         );
         assert!(store.media_references("m1").await.unwrap().is_empty());
         assert!(
