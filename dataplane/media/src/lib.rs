@@ -285,7 +285,9 @@ impl MediaService {
         if record.owner == user {
             return Ok(record);
         }
-        for (conv, seq) in self.store.media_references(id).await? {
+        // Only the references from the user's conversations: media the uploader sent to
+        // 100,000 conversations must not cost every download 100,000 reads.
+        for (conv, seq) in self.store.media_references_for(id, user).await? {
             let readable = match self.chat.readable(&conv, user).await {
                 Ok(readable) => readable,
                 // A user who never belonged to `conv`.
@@ -411,8 +413,7 @@ impl MediaService {
                 let Some(record) = self.store.media(&id).await? else {
                     continue;
                 };
-                if record.created_ms > cutoff || !self.store.media_references(&id).await?.is_empty()
-                {
+                if record.created_ms > cutoff || self.store.is_media_referenced(&id).await? {
                     continue;
                 }
                 match self.store.forget_media(&id, &record).await {

@@ -2,7 +2,8 @@
 //! hook run before the next commit, so that tests reach the error paths of the roles above the
 //! store (unknown commit outcomes, an overloaded engine, one shard's writes failing, batches
 //! over the engine's limit) and interleave a concurrent writer deterministically. It also counts
-//! the read calls made of it, as a store node would receive them, and keeps the ranges read.
+//! the read calls made of it, as a store node would receive them, keeps the ranges read and
+//! counts the rows they returned.
 
 use crate::embedded::EmbeddedEngine;
 use crate::kv::{Batch, BatchLimits, CommitStamp, KeyValue};
@@ -25,6 +26,7 @@ pub struct FaultyEngine {
     max_batch_bytes: Mutex<Option<usize>>,
     before_next_commit: Mutex<Option<BoxFuture<()>>>,
     read_calls: AtomicU64,
+    rows_read: AtomicU64,
     ranges_read: Mutex<Vec<Range<Vec<u8>>>>,
     _dir: tempfile::TempDir,
 }
@@ -40,6 +42,7 @@ impl FaultyEngine {
             max_batch_bytes: Mutex::new(None),
             before_next_commit: Mutex::new(None),
             read_calls: AtomicU64::new(0),
+            rows_read: AtomicU64::new(0),
             ranges_read: Mutex::new(Vec::new()),
             _dir: dir,
         })
@@ -67,6 +70,11 @@ impl FaultyEngine {
     /// one round trip to a store node.
     pub fn read_calls(&self) -> u64 {
         self.read_calls.load(Ordering::Relaxed)
+    }
+
+    /// How many rows the range reads (`range`, `ranges`) returned so far.
+    pub fn rows_read(&self) -> u64 {
+        self.rows_read.load(Ordering::Relaxed)
     }
 
     /// The ranges read (`range`, `ranges`) since the last call, in the order asked.
@@ -122,7 +130,10 @@ impl KvEngine for FaultyEngine {
     ) -> Result<Vec<KeyValue>, StoreError> {
         self.read_calls.fetch_add(1, Ordering::Relaxed);
         self.ranges_read.lock().unwrap().push(range.clone());
-        self.inner.range(range, limit, reverse).await
+        let rows = self.inner.range(range, limit, reverse).await?;
+        self.rows_read
+            .fetch_add(rows.len() as u64, Ordering::Relaxed);
+        Ok(rows)
     }
 
     async fn ranges(
@@ -135,7 +146,10 @@ impl KvEngine for FaultyEngine {
             .lock()
             .unwrap()
             .extend(ranges.iter().cloned());
-        self.inner.ranges(ranges, limit).await
+        let rows = self.inner.ranges(ranges, limit).await?;
+        let count = rows.iter().map(Vec::len).sum::<usize>();
+        self.rows_read.fetch_add(count as u64, Ordering::Relaxed);
+        Ok(rows)
     }
 
     async fn commit(&self, batch: Batch) -> Result<CommitStamp, StoreError> {

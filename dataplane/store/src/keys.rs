@@ -430,6 +430,11 @@ impl Keys {
         range_of(self.root.subspace(&("mref", id)))
     }
 
+    /// The references to media `id` from messages of `conv`.
+    pub fn media_references_in(&self, id: &str, conv: &str) -> Range<Vec<u8>> {
+        range_of(self.root.subspace(&("mref", id, conv)))
+    }
+
     /// `(conv, seq)` of a key from [`Keys::media_references`].
     pub fn media_reference_parts(&self, key: &[u8]) -> Option<(String, u64)> {
         self.root

@@ -1708,6 +1708,63 @@ impl MessageStore {
             .collect()
     }
 
+    /// Whether a retained, undeleted message references media `id` (one row read).
+    pub async fn is_media_referenced(&self, id: &str) -> Result<bool, StoreError> {
+        let rows = self
+            .kv
+            .range(self.keys.media_references(id), 1, false)
+            .await?;
+        Ok(!rows.is_empty())
+    }
+
+    /// The references to media `id` from conversations `user` is or was a member of, as
+    /// `(conv, seq)` in order. A leapfrog over the media's references and the user's list of
+    /// conversations, both in conversation order, a row a read: it reads about twice the
+    /// shorter of the two, so media sent to 100,000 conversations is checked for a member of
+    /// a few in a few reads, and for a stranger in as many as the stranger has conversations.
+    pub async fn media_references_for(
+        &self,
+        id: &str,
+        user: &str,
+    ) -> Result<Vec<(String, u64)>, StoreError> {
+        let references = self.keys.media_references(id);
+        let conversations = self.keys.user_conversations(user);
+        let first = |rows: Vec<KeyValue>| rows.into_iter().next().map(|(key, _)| key);
+        let mut found = Vec::new();
+        let mut from = references.start;
+        loop {
+            let range = from..references.end.clone();
+            let Some(key) = first(self.kv.range(range, 1, false).await?) else {
+                return Ok(found);
+            };
+            let (conv, _) = self
+                .keys
+                .media_reference_parts(&key)
+                .ok_or_else(|| corrupt(&key, "reference key"))?;
+            let range = self.keys.user_conversation(user, &conv)..conversations.end.clone();
+            let Some(key) = first(self.kv.range(range, 1, false).await?) else {
+                return Ok(found);
+            };
+            let theirs = self
+                .keys
+                .user_conversation_id(&key)
+                .ok_or_else(|| corrupt(&key, "user conversation key"))?;
+            let next = self.keys.media_references_in(id, &theirs);
+            if theirs != conv {
+                from = next.start;
+                continue;
+            }
+            for (key, _) in self.kv.range(next.clone(), usize::MAX, false).await? {
+                found.push(
+                    self.keys
+                        .media_reference_parts(&key)
+                        .ok_or_else(|| corrupt(&key, "reference key"))?,
+                );
+            }
+            from = next.end;
+        }
+    }
+
     /// Drops the references of messages of `conv` that retention cleared: `(media id, seq)`.
     pub async fn clear_media_references(
         &self,
@@ -2666,6 +2723,69 @@ mod tests {
         let results = store.append(lease, &mut heads, &appends).await.unwrap();
         assert!(results.iter().all(Result::is_ok), "{results:?}");
         heads
+    }
+
+    /// The references a download checks are those of the user's conversations, found by a
+    /// leapfrog over the media's references and the user's list: media sent to 300
+    /// conversations costs a user in three of them, or a stranger, a few rows, not 300.
+    #[tokio::test]
+    async fn a_users_references_to_media_are_read_without_the_others() {
+        let engine = crate::faulty_engine::FaultyEngine::new();
+        let store = engine.store(8).await;
+        let keys = store.keys();
+        let mut batch = Batch::new();
+        for i in 0..300 {
+            batch.set(keys.media_reference("m1", &format!("d:{i}"), 5), Vec::new());
+        }
+        // Two messages in "d:12", which sorts after "d:1" and before "d:120".
+        batch.set(keys.media_reference("m1", "d:12", 9), Vec::new());
+        batch.set(keys.media_reference("m2", "d:7", 1), Vec::new());
+        for (conv, left) in [
+            ("d:12", None),
+            ("d:7", None),
+            ("g:x", None),
+            ("d:299", Some(6)),
+        ] {
+            batch.set(keys.user_conversation("carol", conv), encode_left_seq(left));
+        }
+        batch.set(
+            keys.user_conversation("mallory", "g:y"),
+            encode_left_seq(None),
+        );
+        engine.commit(batch).await.unwrap();
+
+        let before = engine.rows_read();
+        let carols = store.media_references_for("m1", "carol").await.unwrap();
+        let rows = engine.rows_read() - before;
+        let expected = [("d:12", 5), ("d:12", 9), ("d:299", 5), ("d:7", 5)];
+        assert_eq!(carols, expected.map(|(conv, seq)| (conv.to_owned(), seq)));
+        assert!(rows <= 20, "{rows} rows read");
+
+        let before = engine.rows_read();
+        assert!(
+            store
+                .media_references_for("m1", "mallory")
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert!(
+            store
+                .media_references_for("m1", "nobody")
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert!(
+            store
+                .media_references_for("m3", "carol")
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert!(engine.rows_read() - before <= 3);
+        assert!(store.is_media_referenced("m1").await.unwrap());
+        assert!(!store.is_media_referenced("m3").await.unwrap());
     }
 
     /// A batch reads what it decides on in one call (one round trip to a store node): its
