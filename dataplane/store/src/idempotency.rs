@@ -19,7 +19,6 @@
 use crate::kv::StoreError;
 use crate::message_store::{IdempotencyRecord, MessageStore, corrupt};
 use prost::Message;
-use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -154,10 +153,6 @@ impl MessageStore {
             earlier.named.store(left, Ordering::Relaxed);
         }
         Ok(())
-    }
-
-    async fn holds_any(&self, range: Range<Vec<u8>>) -> Result<bool, StoreError> {
-        Ok(!self.kv().range(range, 1, false).await?.is_empty())
     }
 }
 

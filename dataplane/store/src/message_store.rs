@@ -1684,13 +1684,14 @@ impl MessageStore {
         Ok(self.media(id).await?.is_some_and(|m| m.owner == user))
     }
 
+    /// Whether `range` holds a key (one row read).
+    pub(crate) async fn holds_any(&self, range: Range<Vec<u8>>) -> Result<bool, StoreError> {
+        Ok(!self.kv.range(range, 1, false).await?.is_empty())
+    }
+
     /// Whether any media record keeps the bytes `sha256`.
     pub async fn blob_in_use(&self, sha256: &str) -> Result<bool, StoreError> {
-        let rows = self
-            .kv
-            .range(self.keys.blob_users(sha256), 1, false)
-            .await?;
-        Ok(!rows.is_empty())
+        self.holds_any(self.keys.blob_users(sha256)).await
     }
 
     /// The retained, undeleted messages referencing media `id`, as `(conv, seq)` in order.
@@ -1710,11 +1711,7 @@ impl MessageStore {
 
     /// Whether a retained, undeleted message references media `id` (one row read).
     pub async fn is_media_referenced(&self, id: &str) -> Result<bool, StoreError> {
-        let rows = self
-            .kv
-            .range(self.keys.media_references(id), 1, false)
-            .await?;
-        Ok(!rows.is_empty())
+        self.holds_any(self.keys.media_references(id)).await
     }
 
     /// The references to media `id` from conversations `user` is or was a member of, as
