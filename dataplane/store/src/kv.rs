@@ -39,8 +39,8 @@ pub enum Mutation {
         key: Vec<u8>,
     },
     /// Clears `[begin, end)`. The embedded engine clears it key by key inside its group
-    /// commit, which every other commit waits for: keep the ranges short (retention trims in
-    /// steps); on FoundationDB it is one mutation whatever it spans.
+    /// commit, which every other commit waits for: keep the ranges short (retention trims a
+    /// page at a time); on FoundationDB it is one mutation whatever it spans.
     ClearRange {
         begin: Vec<u8>,
         end: Vec<u8>,
