@@ -1508,7 +1508,7 @@ impl MessageStore {
         device: &str,
         change: impl Fn(Option<&DeviceRecord>) -> Option<DeviceRecord>,
     ) -> Result<Option<DeviceRecord>, StoreError> {
-        self.update_device_clearing(user, device, change, None, Durability::Synced)
+        self.update_device_clearing(user, device, change, &[], Durability::Synced)
             .await
     }
 
@@ -1522,19 +1522,19 @@ impl MessageStore {
         device: &str,
         change: impl Fn(Option<&DeviceRecord>) -> Option<DeviceRecord>,
     ) -> Result<Option<DeviceRecord>, StoreError> {
-        self.update_device_clearing(user, device, change, None, Durability::Deferred)
+        self.update_device_clearing(user, device, change, &[], Durability::Deferred)
             .await
     }
 
-    /// [`Self::update_device`], also clearing `clear` in the same commit when it writes. A
-    /// change that begins or ends the device's push registration is counted in the same commit
-    /// ([`Self::push_registration_changes`]).
+    /// [`Self::update_device`], also clearing the keys `clear` in the same commit when it
+    /// writes. A change that begins or ends the device's push registration is counted in the
+    /// same commit ([`Self::push_registration_changes`]).
     async fn update_device_clearing(
         &self,
         user: &str,
         device: &str,
         change: impl Fn(Option<&DeviceRecord>) -> Option<DeviceRecord>,
-        clear: Option<Range<Vec<u8>>>,
+        clear: &[Vec<u8>],
         durability: Durability,
     ) -> Result<Option<DeviceRecord>, StoreError> {
         let key = self.keys.device(user, device);
@@ -1560,8 +1560,8 @@ impl MessageStore {
                     .add(self.keys.push_registration_changes(), 1)
                     .add(self.keys.push_registration_changes_in(slot), 1);
             }
-            if let Some(range) = &clear {
-                batch.clear_range(range.clone());
+            for key in clear {
+                batch.clear(key.clone());
             }
             match self.kv.commit(batch).await {
                 Ok(_) => return Ok(current),
@@ -1608,12 +1608,36 @@ impl MessageStore {
     /// Unlinks a linked device: tokens issued until now (and any it has used) are refused,
     /// its push registration and its delivered cursors are dropped. Returns whether it was
     /// linked (otherwise nothing changes).
+    ///
+    /// A device has a cursor per conversation it was delivered in, so a user in many
+    /// conversations would hold the store's writer in one commit clearing them all (the
+    /// embedded engine reads each key of a cleared range to write its tombstone): they go a
+    /// page per commit at the clean-up's pace ([`Self::clear_where`]) while the device stays
+    /// linked, then the unlink commits with those acknowledged meanwhile, read again. An
+    /// unlink cut midway leaves the device linked with fewer cursors (its next connection
+    /// catches those conversations up again) and is retried whole.
     pub async fn unlink_device(
         &self,
         user: &str,
         device: &str,
         now_ms: u64,
     ) -> Result<bool, StoreError> {
+        if !self
+            .device(user, device)
+            .await?
+            .is_some_and(|r| r.is_linked())
+        {
+            return Ok(false);
+        }
+        let cursors = self.keys.cursors(user, device);
+        let left = loop {
+            let left = self.kv.range(cursors.clone(), CLEAR_PAGE, false).await?;
+            if left.len() < CLEAR_PAGE {
+                break left;
+            }
+            self.clear_where(cursors.clone(), |_, _| true).await?;
+        };
+        let left: Vec<Vec<u8>> = left.into_iter().map(|(key, _)| key).collect();
         let unlink = |record: Option<&DeviceRecord>| {
             let record = record.filter(|r| r.is_linked())?;
             Some(DeviceRecord {
@@ -1623,9 +1647,8 @@ impl MessageStore {
                 ..record.clone()
             })
         };
-        let cursors = self.keys.cursors(user, device);
         let before = self
-            .update_device_clearing(user, device, unlink, Some(cursors), Durability::Synced)
+            .update_device_clearing(user, device, unlink, &left, Durability::Synced)
             .await?;
         Ok(before.is_some_and(|r| r.is_linked()))
     }
@@ -3469,6 +3492,108 @@ mod tests {
         assert_eq!(changes().await, (4, 0), "registered again, then unlinked");
         assert!(store.unlink_device("ben", "tablet", 7).await.is_ok());
         assert_eq!(changes().await, (4, 0), "nothing to unlink");
+    }
+
+    /// A device with `cursors` delivered cursors (conversations `d:0`, `d:1`, ...), linked.
+    async fn device_in_conversations(store: &MessageStore, cursors: usize) {
+        let linked = |_: Option<&DeviceRecord>| Some(DeviceRecord::default());
+        store.update_device("ann", "phone", linked).await.unwrap();
+        for first in (0..cursors).step_by(CLEAR_PAGE) {
+            let mut batch = Batch::new();
+            for conv in first..cursors.min(first + CLEAR_PAGE) {
+                let key = store.keys.cursor("ann", "phone", &format!("d:{conv}"));
+                batch.max(key, 1);
+            }
+            store.kv.commit(batch).await.unwrap();
+        }
+    }
+
+    /// A user in many conversations: the cursors go a page per commit, none a range the
+    /// writer would walk, the unlink last, with a cursor acknowledged meanwhile where the
+    /// first page was.
+    #[tokio::test]
+    async fn a_device_in_many_conversations_is_unlinked_a_page_of_cursors_per_commit() {
+        let engine = crate::faulty_engine::FaultyEngine::new();
+        let store = engine.store(8).await;
+        let cursors = 2 * CLEAR_PAGE + 10;
+        device_in_conversations(&store, cursors).await;
+        let commits = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = commits.clone();
+        engine.set_fault(Some(Box::new(move |batch| {
+            let count =
+                |kind: fn(&Mutation) -> bool| batch.mutations.iter().filter(|m| kind(m)).count();
+            let clears = count(|m| matches!(m, Mutation::Clear { .. }));
+            let ranges = count(|m| matches!(m, Mutation::ClearRange { .. }));
+            let size = (batch.mutations.len(), clears, ranges, batch.fences.len());
+            seen.lock().unwrap().push(size);
+            None
+        })));
+        let acker = store.clone();
+        engine.before_next_commit(Box::pin(async move {
+            let key = acker.keys.cursor("ann", "phone", "d:0a");
+            acker
+                .kv
+                .commit(Batch::new().max(key, 1).clone())
+                .await
+                .unwrap();
+        }));
+        assert!(store.unlink_device("ann", "phone", 7).await.unwrap());
+        assert!(
+            store
+                .device_cursors("ann", "phone")
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let record = store.device("ann", "phone").await.unwrap().unwrap();
+        assert!(!record.is_linked());
+        let commits = commits.lock().unwrap().clone();
+        assert!(commits.iter().all(|c| c.0 <= CLEAR_PAGE), "{commits:?}");
+        assert!(
+            commits.iter().all(|c| c.2 == 0),
+            "no range cleared: {commits:?}"
+        );
+        let cleared: usize = commits.iter().map(|c| c.1).sum();
+        assert_eq!(
+            cleared,
+            cursors + 1,
+            "each cursor once, and the one acked meanwhile"
+        );
+        assert_eq!(
+            commits.last().unwrap().3,
+            1,
+            "the unlink, fenced, commits last"
+        );
+    }
+
+    /// An unlink cut between its pages leaves the device linked, and the next one clears
+    /// what is left.
+    #[tokio::test]
+    async fn an_unlink_cut_midway_leaves_the_device_linked_and_is_done_again() {
+        let engine = crate::faulty_engine::FaultyEngine::new();
+        let store = engine.store(8).await;
+        device_in_conversations(&store, 2 * CLEAR_PAGE).await;
+        let pages = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = pages.clone();
+        engine.set_fault(Some(Box::new(move |_| {
+            (counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed) == 1)
+                .then(|| StoreError::Engine("cut".into()))
+        })));
+        assert!(store.unlink_device("ann", "phone", 7).await.is_err());
+        let record = store.device("ann", "phone").await.unwrap().unwrap();
+        assert!(record.is_linked(), "not unlinked");
+        let left = store.device_cursors("ann", "phone").await.unwrap().len();
+        assert_eq!(left, CLEAR_PAGE, "the first page went");
+        engine.set_fault(None);
+        assert!(store.unlink_device("ann", "phone", 8).await.unwrap());
+        assert!(
+            store
+                .device_cursors("ann", "phone")
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert!(!store.unlink_device("ann", "phone", 9).await.unwrap());
     }
 
     /// Counts read before are kept while the total stays put; once it moves, every slot is
