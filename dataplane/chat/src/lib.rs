@@ -386,35 +386,48 @@ impl Chat {
         })
     }
 
-    /// The user's conversations with their heads and the user's receipt cursors.
+    /// The user's conversations with their heads and the user's receipt cursors. Every read
+    /// at once, whatever the number of conversations: a remote store answers in three round
+    /// trips (the list, every conversation's record, head and cursors, the direct ones'
+    /// members for their names), not four per conversation.
     pub async fn conversations(
         &self,
         who: &Identity,
     ) -> Result<Vec<ConversationSummary>, ApiError> {
-        let mut out = Vec::new();
         let conversations = self.store.conversations_of(&who.user).await?;
-        for conv in conversations.into_iter().filter(|c| c.left_seq.is_none()) {
-            let conv = conv.conversation_id;
-            let record = self.store.conversation(&conv).await?.unwrap_or_default();
-            let name = if record.kind == "direct" {
-                let members = self.store.members(&conv).await?;
-                members
+        let ids: Vec<&str> = conversations
+            .iter()
+            .filter(|c| c.left_seq.is_none())
+            .map(|c| c.conversation_id.as_str())
+            .collect();
+        let rows = self.store.conversation_rows(&who.user, &ids).await?;
+        let direct: Vec<&str> = ids
+            .iter()
+            .zip(&rows)
+            .filter(|(_, row)| row.record.kind == "direct")
+            .map(|(id, _)| *id)
+            .collect();
+        let mut peers = self.store.members_of(&direct).await?.into_iter();
+        let mut out = Vec::with_capacity(ids.len());
+        for (conv, row) in ids.into_iter().zip(rows) {
+            let name = if row.record.kind == "direct" {
+                peers
+                    .next()
+                    .unwrap_or_default()
                     .into_iter()
                     .find(|m| *m != who.user)
                     .unwrap_or_else(|| who.user.clone())
             } else {
-                record.name
+                row.record.name
             };
-            let (delivered_seq, read_seq) = self.store.receipt(&conv, &who.user).await?;
-            let head_seq = self.store.head(&conv).await?;
             out.push(ConversationSummary {
-                unread: head_seq.saturating_sub(read_seq),
-                head_seq,
-                conversation_id: conv,
-                kind: record.kind,
+                unread: row.head.saturating_sub(row.read),
+                head_seq: row.head,
+                conversation_id: conv.to_owned(),
+                kind: row.record.kind,
                 name,
-                delivered_seq,
-                read_seq,
+                delivered_seq: row.delivered,
+                read_seq: row.read,
             });
         }
         Ok(out)
@@ -886,11 +899,13 @@ mod tests {
         }
     }
 
-    /// A device's connect reads the store three times (its cursors and its conversations at
-    /// once, then every conversation's membership, floor and head in one call), not three
-    /// times per conversation: each read is a round trip to a remote store.
-    #[tokio::test]
-    async fn a_catch_up_plan_reads_the_store_in_three_calls_whatever_the_conversations() {
+    /// Bob, with a message from each of `peer0` to `peer19` in a direct conversation (`d:0`
+    /// to `d:19`), on a store that counts its reads.
+    async fn bob_messaged_by_twenty_peers() -> (
+        Arc<courier_store::faulty_engine::FaultyEngine>,
+        Chat,
+        Identity,
+    ) {
         let engine = courier_store::faulty_engine::FaultyEngine::new();
         let store = engine.store(4).await;
         let leases = store
@@ -932,12 +947,57 @@ mod tests {
             device: "phone".into(),
             issued_at_ms: 0,
         };
+        (engine, chat, bob)
+    }
+
+    /// A device's connect reads the store three times (its cursors and its conversations at
+    /// once, then every conversation's membership, floor and head in one call), not three
+    /// times per conversation: each read is a round trip to a remote store.
+    #[tokio::test]
+    async fn a_catch_up_plan_reads_the_store_in_three_calls_whatever_the_conversations() {
+        let (engine, chat, bob) = bob_messaged_by_twenty_peers().await;
         let before = engine.read_calls();
         let (plan, resume) = chat.catch_up_plan(&bob, &BTreeMap::new()).await.unwrap();
         assert_eq!(engine.read_calls() - before, 3);
         assert_eq!(plan.len(), 20, "one message to catch up in each");
         assert!(plan.iter().all(|c| (c.from, c.head) == (0, 1)));
         assert_eq!(resume.len(), 20);
+    }
+
+    /// The list of a user's conversations reads the store three times (the list; every
+    /// record, head and receipt cursor; the direct conversations' members), not four times
+    /// per conversation.
+    #[tokio::test]
+    async fn the_list_of_conversations_reads_the_store_in_three_calls_whatever_their_number() {
+        let (engine, chat, bob) = bob_messaged_by_twenty_peers().await;
+        chat.store
+            .acknowledge("bob", "phone", "d:7", 1, ReceiptKind::Read)
+            .await
+            .unwrap();
+        let before = engine.read_calls();
+        let listed = chat.conversations(&bob).await.unwrap();
+        assert_eq!(engine.read_calls() - before, 3);
+        let mut listed: Vec<_> = listed
+            .into_iter()
+            .map(|c| {
+                let read = (c.delivered_seq, c.read_seq, c.unread);
+                (c.conversation_id, c.kind, c.name, c.head_seq, read)
+            })
+            .collect();
+        listed.sort_by_key(|c| c.0[2..].parse::<u32>().unwrap());
+        let expected: Vec<_> = (0..20)
+            .map(|i| {
+                let read = if i == 7 { (1, 1, 0) } else { (0, 0, 1) };
+                (
+                    format!("d:{i}"),
+                    "direct".to_owned(),
+                    format!("peer{i}"),
+                    1,
+                    read,
+                )
+            })
+            .collect();
+        assert_eq!(listed, expected);
     }
 
     #[tokio::test]

@@ -48,10 +48,10 @@ pub use kv::{Batch, CommitStamp, KvEngine, StoreError};
 pub use membership::{MemberRecord, UserConversation, Visibility};
 pub use message_store::{
     AckBounds, Append, AppendKey, AppendOutcome, AppendRefused, AppendResult, Appended, CLEAR_PAGE,
-    ConversationRecord, DeliveredBound, DeviceRecord, HeadCache, ListedEntry, MediaAdmission,
-    MediaRecord, MessageStore, NewConversation, OutboxEntry, OutboxHeaders, PUSH_EXPANSION_BYTES,
-    PendingPush, PushRegistrationCounts, PushedBound, ReadBounds, ShardLease, bound_after,
-    rest_after_clear_page,
+    ConversationRecord, ConversationRow, DeliveredBound, DeviceRecord, HeadCache, ListedEntry,
+    MediaAdmission, MediaRecord, MessageStore, NewConversation, OutboxEntry, OutboxHeaders,
+    PUSH_EXPANSION_BYTES, PendingPush, PushRegistrationCounts, PushedBound, ReadBounds, ShardLease,
+    bound_after, rest_after_clear_page,
 };
 pub use outbox_rows::EventHeader;
 pub use partitions::{PartitionStore, PartitionTable, TableError};

@@ -101,6 +101,26 @@ impl DeviceRecord {
     }
 }
 
+/// What [`MessageStore::conversation_rows`] reads of one conversation for one user.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ConversationRow {
+    /// The default record for a conversation with none.
+    pub record: ConversationRecord,
+    pub head: u64,
+    /// The user's receipt cursors.
+    pub delivered: u64,
+    pub read: u64,
+}
+
+/// The users of `records` who are members now, in the records' order.
+fn current_members(records: Vec<(String, MemberRecord)>) -> Vec<String> {
+    records
+        .into_iter()
+        .filter(|(_, record)| record.is_member())
+        .map(|(user, _)| user)
+        .collect()
+}
+
 /// What [`MessageStore::read_bounds`] reads of one conversation for one user.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ReadBounds {
@@ -1364,6 +1384,13 @@ impl MessageStore {
             .kv
             .range(self.keys.members(conv), usize::MAX, false)
             .await?;
+        self.decode_member_rows(&rows)
+    }
+
+    fn decode_member_rows(
+        &self,
+        rows: &[KeyValue],
+    ) -> Result<Vec<(String, MemberRecord)>, StoreError> {
         rows.iter()
             .map(|(k, v)| {
                 let user = self
@@ -1372,6 +1399,27 @@ impl MessageStore {
                     .ok_or_else(|| corrupt(k, "member key"))?;
                 let record = MemberRecord::decode(v.as_slice()).map_err(|e| corrupt(k, e))?;
                 Ok((user, record))
+            })
+            .collect()
+    }
+
+    /// The current members of each of `convs`, in the order asked, with one read (one call on
+    /// a store node, whatever the number of conversations).
+    pub async fn members_of(&self, convs: &[&str]) -> Result<Vec<Vec<String>>, StoreError> {
+        let ranges = convs.iter().map(|conv| self.keys.members(conv)).collect();
+        let answers = self.kv.ranges(ranges, usize::MAX).await?;
+        if answers.len() != convs.len() {
+            return Err(StoreError::Engine(format!(
+                "{} conversations' members asked, {} answered",
+                convs.len(),
+                answers.len()
+            )));
+        }
+        answers
+            .iter()
+            .map(|rows| {
+                let records = self.decode_member_rows(rows)?;
+                Ok(current_members(records))
             })
             .collect()
     }
@@ -2109,13 +2157,47 @@ impl MessageStore {
 
     /// The current members of `conv`, in id order.
     pub async fn members(&self, conv: &str) -> Result<Vec<String>, StoreError> {
-        Ok(self
-            .member_records(conv)
-            .await?
-            .into_iter()
-            .filter(|(_, record)| record.is_member())
-            .map(|(user, _)| user)
-            .collect())
+        Ok(current_members(self.member_records(conv).await?))
+    }
+
+    /// For each of `convs`, what a list of `user`'s conversations shows of it: its record, its
+    /// head and the user's receipt cursors, with one read of every key (one call on a store
+    /// node, whatever the number of conversations).
+    pub async fn conversation_rows(
+        &self,
+        user: &str,
+        convs: &[&str],
+    ) -> Result<Vec<ConversationRow>, StoreError> {
+        let keys = convs
+            .iter()
+            .flat_map(|conv| {
+                [
+                    self.keys.conversation(conv),
+                    self.keys.head(conv),
+                    self.keys.receipt(conv, user, ReceiptKind::Delivered),
+                    self.keys.receipt(conv, user, ReceiptKind::Read),
+                ]
+            })
+            .collect::<Vec<_>>();
+        let values = self.get_each(keys).await?;
+        let cursor = |value: &Option<Vec<u8>>| value.as_deref().map_or(0, decode_u64);
+        convs
+            .iter()
+            .zip(values.chunks(4))
+            .map(|(conv, values)| {
+                let record = match &values[0] {
+                    Some(value) => ConversationRecord::decode(value.as_slice())
+                        .map_err(|e| corrupt(&self.keys.conversation(conv), e))?,
+                    None => ConversationRecord::default(),
+                };
+                Ok(ConversationRow {
+                    record,
+                    head: cursor(&values[1]),
+                    delivered: cursor(&values[2]),
+                    read: cursor(&values[3]),
+                })
+            })
+            .collect()
     }
 
     /// For each of `convs`: `user`'s membership record, the lowest retained seq and the head,
