@@ -26,6 +26,10 @@ pub struct MemberRecord {
     /// Earlier periods of membership, oldest first.
     #[prost(message, repeated, tag = "3")]
     pub past: Vec<MembershipPeriod>,
+    /// Whether older periods were forgotten ([`MAX_PAST_PERIODS`]): the oldest kept is then
+    /// not the first join, and the history before a first join is not read from it.
+    #[prost(bool, tag = "4")]
+    pub forgot_first_periods: bool,
 }
 
 /// Seqs `from..=through` of a conversation, sequenced while the user was a member.
@@ -43,7 +47,7 @@ impl MemberRecord {
         Self {
             admin,
             joined_seq: seq,
-            past: Vec::new(),
+            ..Self::default()
         }
     }
 
@@ -70,6 +74,7 @@ impl MemberRecord {
             });
             if self.past.len() > MAX_PAST_PERIODS {
                 self.past.remove(0);
+                self.forgot_first_periods = true;
             }
             self.joined_seq = 0;
             self.admin = false;
@@ -100,7 +105,7 @@ impl MemberRecord {
     /// (`history_on_join`) and the conversation's retention floor.
     pub fn visibility(&self, history_on_join: u64, floor: u64) -> Visibility {
         let mut periods: Vec<MembershipPeriod> = self.periods().collect();
-        if let Some(first) = periods.first_mut() {
+        if let Some(first) = periods.first_mut().filter(|_| !self.forgot_first_periods) {
             first.from = first.from.saturating_sub(history_on_join);
         }
         let floor = floor.max(1);
@@ -220,5 +225,26 @@ mod tests {
         }
         assert_eq!(record.past.len(), MAX_PAST_PERIODS);
         assert!(!record.sees(1), "the oldest periods are forgotten");
+    }
+
+    /// The history before a first join widens the first period only: once that one is
+    /// forgotten, the oldest kept does not gain what was sequenced before it, while the
+    /// user was away.
+    #[test]
+    fn a_member_who_came_back_often_never_reads_what_was_sent_while_away() {
+        let mut record = MemberRecord::default();
+        // A member for seqs 100..=110, 200..=210, ...; away in between.
+        for i in 1..=MAX_PAST_PERIODS as u64 + 1 {
+            record.join(100 * i, false);
+            record.leave(100 * i + 10);
+        }
+        let visible = record.visibility(50, 1);
+        assert!(!visible.contains(199), "sent while away");
+        assert!(!visible.contains(150));
+        assert!(visible.contains(200) && !visible.contains(110));
+        let mut first = MemberRecord::default();
+        first.join(100, false);
+        first.leave(110);
+        assert!(first.visibility(50, 1).contains(50), "history before the first join");
     }
 }
