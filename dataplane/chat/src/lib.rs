@@ -20,7 +20,9 @@ use courier_core::metrics::{Metrics, ScopeLabel};
 use courier_core::sequencing::{PendingAppend, Sequencer};
 use courier_core::storage_health::StorageHealth;
 use courier_proto::{AckKind, Body, EventPayload, Receipt, Sender, ServerFrame, TypingNotice, ids};
-use courier_store::{Append, AppendKey, MemberRecord, MessageStore, NewConversation, ReceiptKind};
+use courier_store::{
+    Append, AppendKey, MemberRecord, MessageStore, NewConversation, ReadBounds, ReceiptKind,
+};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -362,15 +364,27 @@ impl Chat {
         after_seq: u64,
         limit: Option<u32>,
     ) -> Result<Page, ApiError> {
-        let readable = self.readable(conv, &who.user).await?;
+        ids::conversation_id(conv)?;
         let limit = match limit {
             Some(0) => return Err(ApiError::bad_request("limit must be 1 or more")),
             Some(n) => n.min(MAX_FETCH_LIMIT) as usize,
             None => DEFAULT_FETCH_LIMIT as usize,
         };
+        // The membership, floor and head in one read: read apart, a removal and a message
+        // committed between them would pair a member's record with a head past its removal.
+        let bounds = self.store.read_bounds(&who.user, &[conv]).await?;
+        let Some(ReadBounds {
+            member: Some(record),
+            floor,
+            head,
+        }) = bounds.into_iter().next()
+        else {
+            return Err(self.not_a_member(conv).await);
+        };
+        let readable = self.readable_with(record, floor);
         let visible = readable.visibility();
         // A former member sees the conversation as it was at its removal.
-        let head_seq = self.store.head(conv).await?.min(visible.last());
+        let head_seq = head.min(visible.last());
         let mut events = Vec::new();
         for (after, through) in visible.ranges(after_seq, head_seq) {
             let wanted = (limit - events.len()).min((through - after) as usize);
@@ -1083,6 +1097,92 @@ mod tests {
             .submit_send(&alice, &text_to("dave", "m3"))
             .await
             .unwrap();
+    }
+
+    /// A removal, and a message after it, committed while a `fetch` of the removed member is
+    /// between two of its reads: the member is served nothing past its removal.
+    #[tokio::test]
+    async fn a_fetch_never_serves_a_removed_member_what_came_after_its_removal() {
+        let engine = courier_store::faulty_engine::FaultyEngine::new();
+        let store = engine.store(4).await;
+        let conv = "g:review".to_owned();
+        let leases = store
+            .acquire_shards(
+                Duty::Sequencing,
+                "test",
+                &[0, 1, 2, 3],
+                usize::MAX,
+                0,
+                u64::MAX,
+            )
+            .await
+            .unwrap();
+        let lease = leases[store.shard_of(&conv) as usize];
+        let alice = Sender {
+            user: "alice".into(),
+            device: "p".into(),
+        };
+        let append = |id: &str, payload: EventPayload| Append {
+            conversation_id: conv.clone(),
+            sender: alice.clone(),
+            key: AppendKey::Server(id.into()),
+            payload,
+            create: None,
+        };
+        let text = |id: &str| {
+            append(
+                id,
+                EventPayload::Message {
+                    body: Some(Body::Text(id.into())),
+                    client_msg_id: id.into(),
+                    reply_to: None,
+                    deleted: false,
+                },
+            )
+        };
+        let mut heads = HeadCache::default();
+        let created = append(
+            "c",
+            EventPayload::GroupCreated {
+                name: "g".into(),
+                members: vec!["alice".into(), "bob".into()],
+            },
+        );
+        for a in [created, text("m2")] {
+            let done = store.append(lease, &mut heads, &[a]).await.unwrap();
+            assert!(done[0].is_ok(), "{done:?}");
+        }
+        // After fetch's first read: bob is removed (3), then alice writes (4).
+        let (removal, after) = (
+            append(
+                "r",
+                EventPayload::MemberRemoved(courier_proto::MembershipChange::new(vec![
+                    "bob".into(),
+                ])),
+            ),
+            text("m4"),
+        );
+        let racing = store.clone();
+        engine.after_next_read(Box::pin(async move {
+            let mut heads = HeadCache::default();
+            for a in [removal, after] {
+                let done = racing.append(lease, &mut heads, &[a]).await.unwrap();
+                assert!(done[0].is_ok(), "{done:?}");
+            }
+        }));
+        let chat = chat_on(store, Arc::default(), ChatLimits::default());
+        let bob = Identity {
+            user: "bob".into(),
+            device: "phone".into(),
+            issued_at_ms: 0,
+        };
+        let page = chat.fetch(&bob, &conv, 0, None).await.unwrap();
+        let seqs: Vec<u64> = page.events.iter().map(|e| e.seq).collect();
+        assert!(
+            seqs.iter().all(|&seq| seq <= 3) && page.head_seq <= 3,
+            "bob, removed at 3, was served {seqs:?} (head_seq {})",
+            page.head_seq
+        );
     }
 
     #[test]

@@ -1,7 +1,8 @@
-//! A test engine: the embedded engine behind a switchable fault, a switchable batch limit and a
-//! hook run before the next commit, so that tests reach the error paths of the roles above the
-//! store (unknown commit outcomes, an overloaded engine, one shard's writes failing, batches
-//! over the engine's limit) and interleave a concurrent writer deterministically. It also counts
+//! A test engine: the embedded engine behind a switchable fault, a switchable batch limit and
+//! hooks run before the next commit or after the next read, so that tests reach the error paths
+//! of the roles above the store (unknown commit outcomes, an overloaded engine, one shard's
+//! writes failing, batches over the engine's limit) and interleave a concurrent writer
+//! deterministically. It also counts
 //! the read calls made of it, as a store node would receive them, keeps the ranges read and
 //! counts the rows they returned.
 
@@ -25,6 +26,7 @@ pub struct FaultyEngine {
     fault: Mutex<Option<Fault>>,
     max_batch_bytes: Mutex<Option<usize>>,
     before_next_commit: Mutex<Option<BoxFuture<()>>>,
+    after_next_read: Mutex<Option<BoxFuture<()>>>,
     read_calls: AtomicU64,
     rows_read: AtomicU64,
     ranges_read: Mutex<Vec<Range<Vec<u8>>>>,
@@ -41,6 +43,7 @@ impl FaultyEngine {
             fault: Mutex::new(None),
             max_batch_bytes: Mutex::new(None),
             before_next_commit: Mutex::new(None),
+            after_next_read: Mutex::new(None),
             read_calls: AtomicU64::new(0),
             rows_read: AtomicU64::new(0),
             ranges_read: Mutex::new(Vec::new()),
@@ -64,6 +67,21 @@ impl FaultyEngine {
     /// concurrent writer between a read and the commit that depends on it.
     pub fn before_next_commit(&self, race: BoxFuture<()>) {
         *self.before_next_commit.lock().unwrap() = Some(race);
+    }
+
+    /// Runs `race` (once) just after the next read call returns, before its caller goes on: a
+    /// concurrent writer between two reads of one operation.
+    pub fn after_next_read(&self, race: BoxFuture<()>) {
+        *self.after_next_read.lock().unwrap() = Some(race);
+    }
+
+    /// Counts a read call, then runs the race set by [`FaultyEngine::after_next_read`], if any.
+    async fn read_done(&self) {
+        self.read_calls.fetch_add(1, Ordering::Relaxed);
+        let race = self.after_next_read.lock().unwrap().take();
+        if let Some(race) = race {
+            race.await;
+        }
     }
 
     /// How many read calls (`get`, `get_many`, `range`, `ranges`) were made so far: each is
@@ -113,13 +131,15 @@ pub fn touches(batch: &Batch, range: &Range<Vec<u8>>) -> bool {
 #[async_trait]
 impl KvEngine for FaultyEngine {
     async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        self.read_calls.fetch_add(1, Ordering::Relaxed);
-        self.inner.get(key).await
+        let value = self.inner.get(key).await;
+        self.read_done().await;
+        value
     }
 
     async fn get_many(&self, keys: Vec<Vec<u8>>) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
-        self.read_calls.fetch_add(1, Ordering::Relaxed);
-        self.inner.get_many(keys).await
+        let values = self.inner.get_many(keys).await;
+        self.read_done().await;
+        values
     }
 
     async fn range(
@@ -128,9 +148,10 @@ impl KvEngine for FaultyEngine {
         limit: usize,
         reverse: bool,
     ) -> Result<Vec<KeyValue>, StoreError> {
-        self.read_calls.fetch_add(1, Ordering::Relaxed);
         self.ranges_read.lock().unwrap().push(range.clone());
-        let rows = self.inner.range(range, limit, reverse).await?;
+        let rows = self.inner.range(range, limit, reverse).await;
+        self.read_done().await;
+        let rows = rows?;
         self.rows_read
             .fetch_add(rows.len() as u64, Ordering::Relaxed);
         Ok(rows)
@@ -141,12 +162,13 @@ impl KvEngine for FaultyEngine {
         ranges: Vec<Range<Vec<u8>>>,
         limit: usize,
     ) -> Result<Vec<Vec<KeyValue>>, StoreError> {
-        self.read_calls.fetch_add(1, Ordering::Relaxed);
         self.ranges_read
             .lock()
             .unwrap()
             .extend(ranges.iter().cloned());
-        let rows = self.inner.ranges(ranges, limit).await?;
+        let rows = self.inner.ranges(ranges, limit).await;
+        self.read_done().await;
+        let rows = rows?;
         let count = rows.iter().map(Vec::len).sum::<usize>();
         self.rows_read.fetch_add(count as u64, Ordering::Relaxed);
         Ok(rows)
