@@ -354,3 +354,50 @@ async fn a_client_id_that_looks_like_a_delete_never_swallows_one() {
         }
     ));
 }
+
+/// The group's creation and membership changes an admin makes over HTTP name the admin's
+/// device as their sender, but HTTP answers no seq: its connected device gets them as events,
+/// live and in gap fills (only a device's own messages come as `sent` instead).
+#[tokio::test]
+async fn an_admins_connected_device_gets_the_membership_events_it_made_over_http() {
+    let (_dir, server) = start(&[]);
+    let mut alice = connected(&server, "alice", "phone").await;
+    let admin = server.http("alice", "phone");
+    let conv = admin.create_group("g", &users(&["bob"])).await.unwrap(); // seq 1
+    admin.add_members(&conv, &users(&["carol"])).await.unwrap(); // seq 2
+    let mut bob = connected(&server, "bob", "phone").await;
+    let sent = bob
+        .send_text(Target::Conversation(conv.clone()), "b1", "hello")
+        .await
+        .unwrap(); // seq 3
+    assert_eq!(sent.seq, 3);
+
+    let mut live = Vec::new();
+    loop {
+        let event = next_event(&mut alice).await;
+        live.push(event.seq);
+        if event.seq >= sent.seq {
+            break;
+        }
+    }
+    // Cumulative ack of what the device was given, then a new connection of the same device.
+    alice
+        .ack(&conv, sent.seq, AckKind::Delivered)
+        .await
+        .unwrap();
+    alice.ping().await.unwrap();
+    alice.close().await;
+    let again = server
+        .connect("alice", "phone")
+        .await
+        .events_until_sync_done()
+        .await
+        .unwrap();
+    let caught_up: Vec<u64> = again.iter().map(|e| e.seq).collect();
+    assert_eq!(
+        live,
+        [1, 2, 3],
+        "alice's phone, connected throughout, was never sent group_created and member_added \
+         (caught up afterwards: {caught_up:?})"
+    );
+}

@@ -906,7 +906,7 @@ impl Connection {
 
     /// Writes the events of `range` its user may read from the store; `own` also includes the
     /// device's own sends (a catch-up does, a gap fill does not: the device had `sent` for
-    /// them). Events it may not read are skipped without being read.
+    /// them, [`Connection::is_own`]). Events it may not read are skipped without being read.
     async fn stream_events(&mut self, range: &CatchUp, own: bool) -> Result<(), Exit> {
         let store = self.gateway.store.clone();
         let conv = &range.conversation_id;
@@ -936,8 +936,11 @@ impl Connection {
         Ok(())
     }
 
+    /// Whether `event` is one of this device's sends, answered with `sent` rather than itself.
     fn is_own(&self, event: &Event) -> bool {
-        event.sender.user == self.who.user && event.sender.device == self.who.device
+        event.payload.answered_with_sent()
+            && event.sender.user == self.who.user
+            && event.sender.device == self.who.device
     }
 }
 

@@ -339,17 +339,18 @@ impl Routes {
 }
 
 impl Routes {
-    /// Queues `event` on every connection of `recipients` except the sending device's. The
-    /// queues never wait (`ConnectionHandle::deliver`), so the registry is read once, in
-    /// place, for all of them.
+    /// Queues `event` on every connection of `recipients`, except the sending device's when
+    /// that one is answered with `sent` instead. The queues never wait
+    /// (`ConnectionHandle::deliver`), so the registry is read once, in place, for all of them.
     fn deliver_event(&self, event: Event, recipients: &Members) {
         let lag = now_ms().saturating_sub(event.ts_ms) as f64 / 1000.0;
         let shared = SharedEvent::new(event);
         let sender = &shared.event.sender;
+        let sent_instead = shared.event.payload.answered_with_sent();
         let users = self.users.read().unwrap_or_else(|e| e.into_inner());
         for member in recipients.iter() {
             for connection in users.get(member).into_iter().flatten() {
-                if *member == sender.user && connection.device == sender.device {
+                if sent_instead && *member == sender.user && connection.device == sender.device {
                     continue;
                 }
                 if connection.deliver(&shared) == Handoff::Lagged {

@@ -395,6 +395,16 @@ impl EventPayload {
             EventPayload::MemberRemoved(_) => "member_removed",
         }
     }
+
+    /// Whether the sending device is answered with `sent` instead of this event: a message or
+    /// a delete, sent over its WebSocket. A group's creation and membership changes are made
+    /// over HTTP, which answers no seq, so they reach the acting device as events.
+    pub fn answered_with_sent(&self) -> bool {
+        matches!(
+            self,
+            EventPayload::Message { .. } | EventPayload::Delete { .. }
+        )
+    }
 }
 
 /// The users one `member_added` or `member_removed` event names: everyone added or removed by
