@@ -748,3 +748,49 @@ async fn a_group_of_5000_members_delivers_one_message_to_500_devices_in_order() 
         receiver.await.unwrap();
     }
 }
+
+/// An ack an unlinked device sent, read while its connection closes, is not committed: it
+/// would bring back the cursor the unlink dropped, and the device, signed in again, would miss
+/// what it covered.
+#[tokio::test]
+async fn an_ack_read_while_an_unlinked_device_closes_is_not_committed() {
+    let (dir, server) = start(&["--user-sends-per-sec", "0"]);
+    let mut alice = connected(&server, "alice", "phone").await;
+    // More than the socket buffers hold: bob's catch-up is still being written when his ack
+    // arrives and when he is unlinked, so the ack is read only as the connection closes.
+    let body = "x".repeat(48 * 1024);
+    let mut last = None;
+    for i in 0..400 {
+        let target = Target::User("bob".into());
+        last = Some(
+            alice
+                .send_text(target, &format!("m{i}"), &body)
+                .await
+                .unwrap(),
+        );
+    }
+    let last = last.unwrap();
+    let mut bob = server.connect("bob", "phone").await;
+    let ack = Ack {
+        reference: None,
+        conversation_id: last.conversation_id.clone(),
+        seq: last.seq,
+        kind: AckKind::Read,
+    };
+    bob.send_frame(&ClientFrame::Ack(ack)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let web = server.http("bob", "web");
+    assert_eq!(web.delete("/v1/devices/phone").await.unwrap().0, 204);
+    while bob.next_frame_within(WAIT).await.is_ok() {}
+
+    let fresh = support::token_with_iat(dir.path(), "bob", "phone", 5);
+    let mut phone = Client::connect(&server.ws_url(), &fresh, Encoding::Json)
+        .await
+        .expect("a newer token is accepted");
+    let again = phone.events_until_sync_done().await.unwrap();
+    assert_eq!(
+        again.len(),
+        400,
+        "every message again, from an empty cursor"
+    );
+}

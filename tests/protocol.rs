@@ -1084,3 +1084,61 @@ fn asking_for_foundationdb_without_the_feature_fails_clearly() {
         "{stderr}"
     );
 }
+
+/// An `ack` "is not lost if the connection closes right after it", also when the server closes
+/// it: a connection told to reconnect (a drain) reads no further frame to handle, but commits
+/// the acks among those it reads until the client's close reply.
+#[tokio::test]
+async fn an_ack_written_before_a_drain_is_not_lost() {
+    let (_dir, mut server) = support::start(&["--user-sends-per-sec", "0"]);
+    let mut alice = support::connected(&server, "alice", "phone").await;
+    // A backlog for bob larger than the socket buffers, so bob's catch-up is still being
+    // written when he acks and when the drain is ordered.
+    let body = "x".repeat(48 * 1024);
+    let mut conv = String::new();
+    let mut head = 0;
+    for i in 0..400 {
+        let sent = alice
+            .send_text(Target::User("bob".into()), &format!("m{i}"), &body)
+            .await
+            .unwrap();
+        conv = sent.conversation_id;
+        head = sent.seq;
+    }
+    alice.close().await;
+    let mut bob = server.connect("bob", "phone").await;
+    // Bob has these from another device's copy, say: he acks them all at once (valid: <= head).
+    bob.send_frame(&ClientFrame::Ack(Ack {
+        reference: None,
+        conversation_id: conv.clone(),
+        seq: head,
+        kind: AckKind::Read,
+    }))
+    .await
+    .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    server.signal(libc::SIGTERM);
+    // Bob now reads everything: the catch-up, sync_done, reconnect, close.
+    let mut frames = 0;
+    loop {
+        match bob.next_frame_within(support::WAIT).await {
+            Ok(ServerFrame::Reconnect(_)) => {}
+            Ok(_) => frames += 1,
+            Err(_) => break,
+        }
+    }
+    assert!(frames > 0);
+    server.restart();
+    let again = server
+        .connect("bob", "phone")
+        .await
+        .events_until_sync_done()
+        .await
+        .unwrap();
+    assert_eq!(
+        again.len(),
+        0,
+        "bob's ack of seq {head}, written before the drain, was lost: {} events again",
+        again.len()
+    );
+}

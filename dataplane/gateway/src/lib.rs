@@ -6,10 +6,12 @@
 //! **Drain.** A connection told to reconnect (its gateway drains, batch by batch: see
 //! [`drain`]; or its gateway's lease lapsed) reads no further frame, answers every send it has
 //! accepted (each waits at most `send_timeout`), then writes `reconnect` and closes with 1001.
-//! Every close the server starts is a close handshake: after its close frame it reads and
-//! discards what the client still sends until the client's close (at most
-//! [`CLOSE_REPLY_WAIT`]), so the socket is never dropped with unread data, which would make the
-//! kernel reset the connection and could cost the client the frames before the close. The
+//! Every close the server starts is a close handshake: after its close frame it reads what the
+//! client still sends until the client's close (at most [`CLOSE_REPLY_WAIT`]), so the socket is
+//! never dropped with unread data, which would make the kernel reset the connection and could
+//! cost the client the frames before the close. The acks among those frames are committed (an
+//! ack has no answer, so a client would not send it again), unless the device was unlinked;
+//! the other frames are not handled, and their client sends them again after it reconnects. The
 //! connection leaves the route registry only once its socket is closed: a draining server
 //! waits for that before it exits.
 //!
@@ -225,6 +227,16 @@ fn answer_ids(frame: &ClientFrame) -> (Option<i64>, Option<String>) {
     (frame.reference(), client_msg_id)
 }
 
+/// The frame `message` carries in the connection's subprotocol: a text message's in JSON, a
+/// binary one's in protobuf.
+fn frame_bytes(message: &Message, encoding: Encoding) -> Option<&[u8]> {
+    match (message, encoding) {
+        (Message::Text(text), Encoding::Json) => Some(text.as_bytes()),
+        (Message::Binary(bytes), Encoding::Proto) => Some(bytes.as_ref()),
+        _ => None,
+    }
+}
+
 /// Longest wait, when a connection ends, for each of its last commits of acks.
 const LAST_ACK_WAIT: Duration = Duration::from_secs(10);
 
@@ -235,6 +247,9 @@ const CLOSE_REPLY_WAIT: Duration = Duration::from_secs(5);
 enum Exit {
     ClientGone,
     Close(u16, &'static str),
+    /// Closed with 1008 for an unlink: the acks its device sent are not committed (they would
+    /// bring back the cursors the unlink dropped).
+    Unlinked,
 }
 
 impl Gateway {
@@ -306,8 +321,13 @@ impl Connection {
             } else {
                 Exit::Close(close_code::ERROR, "storage error; reconnect")
             };
-            if let Exit::Close(code, reason) = exit {
-                Box::pin(self.close(code, reason)).await;
+            match exit {
+                Exit::Close(code, reason) => Box::pin(self.close(code, reason)).await,
+                Exit::Unlinked => {
+                    Box::pin(self.close(close_code::POLICY, "device unlinked")).await;
+                    self.queued_acks.clear();
+                }
+                Exit::ClientGone => {}
             }
             // An ack is not lost because the connection closed right after it.
             if let Some(acks) = self.acks.take() {
@@ -366,7 +386,7 @@ impl Connection {
         // Registered before this check: an unlink either is seen here or closes the connection.
         match record_seen(&self.gateway.store, &self.who).await {
             Ok(Link::Linked) => {}
-            Ok(Link::Unlinked) => return Exit::Close(close_code::POLICY, "device unlinked"),
+            Ok(Link::Unlinked) => return Exit::Unlinked,
             Err(e) => {
                 let _ = self.write_error(None, None, e.into()).await;
                 return Exit::Close(close_code::ERROR, "storage error; reconnect");
@@ -402,7 +422,7 @@ impl Connection {
                 && self.pending.len() < self.gateway.limits.max_pending_sends;
             let step = tokio::select! {
                 biased;
-                _ = handle.signals.taken(Signal::Unlinked) => Err(Exit::Close(close_code::POLICY, "device unlinked")),
+                _ = handle.signals.taken(Signal::Unlinked) => Err(Exit::Unlinked),
                 _ = handle.signals.taken(Signal::Reconnect) => {
                     Box::pin(self.drain(handle.signals.reconnect_after_ms().unwrap_or(0))).await
                 }
@@ -420,9 +440,10 @@ impl Connection {
         }
     }
 
-    /// Closes with `code`: writes the close frame, then reads and discards what the client
-    /// still sends until its close reply (at most [`CLOSE_REPLY_WAIT`]), so that the socket is
-    /// not dropped with unread data.
+    /// Closes with `code`: writes the close frame, then reads what the client still sends
+    /// until its close reply (at most [`CLOSE_REPLY_WAIT`]), so that the socket is not dropped
+    /// with unread data. The acks read are queued for the connection's last commit; the other
+    /// frames are not handled.
     async fn close(&mut self, code: u16, reason: &'static str) {
         let close = Message::Close(Some(CloseFrame {
             code,
@@ -431,8 +452,28 @@ impl Connection {
         if self.write_message(close).await.is_err() || self.flush().await.is_err() {
             return;
         }
-        let discard = async { while let Some(Ok(_)) = self.socket.recv().await {} };
-        let _ = tokio::time::timeout(CLOSE_REPLY_WAIT, discard).await;
+        let read = async {
+            while let Some(Ok(message)) = self.socket.recv().await {
+                if let Some(ack) = self.ack_in(&message)
+                    && self.queued_acks.len() < acks::QUEUED_MAX
+                {
+                    self.queued_acks.push(ack);
+                }
+            }
+        };
+        let _ = tokio::time::timeout(CLOSE_REPLY_WAIT, read).await;
+    }
+
+    /// The ack `message` carries, if it is one.
+    fn ack_in(&self, message: &Message) -> Option<Ack> {
+        let data = frame_bytes(message, self.encoding)?;
+        if data.len() > self.gateway.limits.max_frame_bytes {
+            return None;
+        }
+        match self.encoding.decode_client(data) {
+            Ok(ClientFrame::Ack(ack)) => Some(ack),
+            _ => None,
+        }
     }
 
     /// Encodes `frame` at once and returns its write: the frame, hundreds of bytes, is not
@@ -527,8 +568,8 @@ impl Connection {
 
     /// Answers every send this connection has accepted (each waits at most `send_timeout`),
     /// then tells the client to reconnect elsewhere after `after_ms` and closes with 1001.
-    /// Frames not read yet are not handled: the client has no answer for them and sends them
-    /// again after it reconnects.
+    /// Frames not read yet are not handled, but for acks ([`Connection::close`]): the client
+    /// has no answer for them and sends them again after it reconnects.
     async fn drain(&mut self, after_ms: u64) -> Result<(), Exit> {
         while let Some(done) = self.pending.next().await {
             self.on_sent(done).await?;
@@ -540,12 +581,12 @@ impl Connection {
     }
 
     async fn on_message(&mut self, message: Message) -> Result<(), Exit> {
-        let data = match (&message, self.encoding) {
-            (Message::Text(text), Encoding::Json) => text.as_bytes(),
-            (Message::Binary(bytes), Encoding::Proto) => bytes.as_ref(),
-            (Message::Close(_), _) => return Err(Exit::ClientGone),
-            (Message::Ping(_) | Message::Pong(_), _) => return Ok(()),
-            (_, encoding) => {
+        let data = match (frame_bytes(&message, self.encoding), &message) {
+            (Some(data), _) => data,
+            (None, Message::Close(_)) => return Err(Exit::ClientGone),
+            (None, Message::Ping(_) | Message::Pong(_)) => return Ok(()),
+            (None, _) => {
+                let encoding = self.encoding;
                 let kind = if encoding == Encoding::Json {
                     "text"
                 } else {
