@@ -245,6 +245,9 @@ mod tests {
         let mut first = MemberRecord::default();
         first.join(100, false);
         first.leave(110);
-        assert!(first.visibility(50, 1).contains(50), "history before the first join");
+        assert!(
+            first.visibility(50, 1).contains(50),
+            "history before the first join"
+        );
     }
 }
