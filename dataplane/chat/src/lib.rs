@@ -861,7 +861,7 @@ mod tests {
     use courier_core::sequencing::{PendingTrim, SequencerError};
     use courier_store::embedded::EmbeddedEngine;
     use courier_store::ownership::Duty;
-    use courier_store::{AppendOutcome, HeadCache};
+    use courier_store::{AppendOutcome, HeadCache, MediaReference};
     use std::sync::Mutex;
     use tokio::sync::oneshot;
 
@@ -878,7 +878,12 @@ mod tests {
             Box::pin(async move { outcome.await.unwrap_or(Err(SequencerError::ShardMoved)) })
         }
 
-        fn trim(&self, _conversation_id: &str, _new_floor: u64) -> PendingTrim {
+        fn trim(
+            &self,
+            _conversation_id: &str,
+            _new_floor: u64,
+            _media: Vec<MediaReference>,
+        ) -> PendingTrim {
             Box::pin(async { Ok(0) })
         }
     }

@@ -2,7 +2,9 @@
 //! the sequencer tells those who tail its outbox after each commit ([`CommitListener`]). The
 //! in-process binding is `courier_sequencer::LocalSequencer`.
 
-use courier_store::{Append, AppendOutcome, AppendRefused, ListedEntry, StoreError};
+use courier_store::{
+    Append, AppendOutcome, AppendRefused, ListedEntry, MediaReference, StoreError,
+};
 use futures::future::BoxFuture;
 use std::sync::Arc;
 
@@ -42,9 +44,15 @@ pub trait Sequencer: Send + Sync + 'static {
     /// conversation; the future resolves after the durable commit.
     fn submit(&self, append: Append) -> PendingAppend;
 
-    /// Clears the events of `conversation_id` below `new_floor` (retention), fenced by the
+    /// Clears the events of `conversation_id` below `new_floor` (retention), and with them the
+    /// references of those messages that share media (`media`), in one commit fenced by the
     /// shard's epoch like every other shard write.
-    fn trim(&self, conversation_id: &str, new_floor: u64) -> PendingTrim;
+    fn trim(
+        &self,
+        conversation_id: &str,
+        new_floor: u64,
+        media: Vec<MediaReference>,
+    ) -> PendingTrim;
 }
 
 /// Told after each commit which shard's outbox grew (fanout, in-process).

@@ -25,7 +25,9 @@ use crate::proto::{
 use crate::status::{self, Call};
 use courier_core::sequencing::{PendingAppend, PendingTrim, Sequencer, SequencerError};
 use courier_proto::{Event, pb};
-use courier_store::{Append, AppendKey, AppendOutcome, AppendRefused, NewConversation, StoreError};
+use courier_store::{
+    Append, AppendKey, AppendOutcome, AppendRefused, MediaReference, NewConversation, StoreError,
+};
 use futures::stream::{FuturesUnordered, Stream, StreamExt};
 use prost::Message;
 use std::collections::HashMap;
@@ -355,10 +357,18 @@ impl sequencer_server::Sequencer for SequencerService {
         let TrimRequest {
             conversation_id,
             new_floor,
+            media,
         } = request.into_inner();
+        let media = media
+            .into_iter()
+            .map(|m| MediaReference {
+                media_id: m.media_id,
+                seq: m.seq,
+            })
+            .collect();
         let cleared = self
             .sequencer
-            .trim(&conversation_id, new_floor)
+            .trim(&conversation_id, new_floor, media)
             .await
             .map_err(|e| to_status(&e))?;
         Ok(Response::new(TrimResponse { cleared }))
@@ -488,11 +498,24 @@ impl Sequencer for RemoteSequencer {
         })
     }
 
-    fn trim(&self, conversation_id: &str, new_floor: u64) -> PendingTrim {
+    fn trim(
+        &self,
+        conversation_id: &str,
+        new_floor: u64,
+        media: Vec<MediaReference>,
+    ) -> PendingTrim {
         let mut client = self.client.clone();
+        let media = media
+            .into_iter()
+            .map(|m| proto::MediaReference {
+                media_id: m.media_id,
+                seq: m.seq,
+            })
+            .collect();
         let mut request = Request::new(TrimRequest {
             conversation_id: conversation_id.to_owned(),
             new_floor,
+            media,
         });
         request.set_timeout(TRIM_TIMEOUT);
         Box::pin(async move {

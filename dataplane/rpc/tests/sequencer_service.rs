@@ -5,7 +5,9 @@
 use courier_core::sequencing::{PendingAppend, PendingTrim, Sequencer, SequencerError};
 use courier_proto::{Body, Sender};
 use courier_rpc::{ClusterToken, RemoteSequencer, SequencerService};
-use courier_store::{Append, AppendOutcome, AppendRefused, NewConversation, StoreError};
+use courier_store::{
+    Append, AppendOutcome, AppendRefused, MediaReference, NewConversation, StoreError,
+};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -16,10 +18,11 @@ use tonic::transport::server::TcpIncoming;
 const TOKEN: &str = "courier-test-cluster-token-0123456789abcdef";
 
 /// Numbers appends per conversation in the order they are submitted; a message whose text
-/// names an error fails with it.
+/// names an error fails with it. Keeps the trims it is asked for.
 #[derive(Default)]
 struct Numbering {
     heads: Mutex<HashMap<String, u64>>,
+    trims: Mutex<Vec<(String, u64, Vec<MediaReference>)>>,
 }
 
 impl Sequencer for Numbering {
@@ -53,7 +56,14 @@ impl Sequencer for Numbering {
         Box::pin(async move { result })
     }
 
-    fn trim(&self, _conversation_id: &str, new_floor: u64) -> PendingTrim {
+    fn trim(
+        &self,
+        conversation_id: &str,
+        new_floor: u64,
+        media: Vec<MediaReference>,
+    ) -> PendingTrim {
+        let trim = (conversation_id.to_owned(), new_floor, media);
+        self.trims.lock().unwrap().push(trim);
         Box::pin(async move { Ok(new_floor - 1) })
     }
 }
@@ -124,7 +134,8 @@ async fn appends_are_sequenced_in_the_order_they_were_submitted() {
 
 #[tokio::test]
 async fn outcomes_and_errors_cross_the_network_as_themselves() {
-    let (address, _stop) = serve(Arc::new(Numbering::default()), TOKEN).await;
+    let numbering = Arc::new(Numbering::default());
+    let (address, _stop) = serve(numbering.clone(), TOKEN).await;
     let remote = remote(address, TOKEN);
     let ok = remote.submit(message("c", "1", "hi")).await.unwrap();
     assert_eq!((ok.seq, ok.server_msg_id.as_str(), ok.ts_ms), (1, "s1", 7));
@@ -144,7 +155,16 @@ async fn outcomes_and_errors_cross_the_network_as_themselves() {
         remote.submit(message("c", "5", "admin")).await,
         Err(SequencerError::Refused(AppendRefused::NotAdmin))
     ));
-    assert_eq!(remote.trim("c", 10).await.unwrap(), 9);
+    let shared = vec![MediaReference {
+        media_id: "m1".into(),
+        seq: 4,
+    }];
+    assert_eq!(remote.trim("c", 10, shared.clone()).await.unwrap(), 9);
+    assert_eq!(
+        *numbering.trims.lock().unwrap(),
+        [("c".to_owned(), 10, shared)],
+        "the trimmed messages' media crossed with the trim"
+    );
 }
 
 /// Never answers: appends stay in flight until the stream breaks.
@@ -155,7 +175,12 @@ impl Sequencer for Silent {
         Box::pin(futures::future::pending())
     }
 
-    fn trim(&self, _conversation_id: &str, _new_floor: u64) -> PendingTrim {
+    fn trim(
+        &self,
+        _conversation_id: &str,
+        _new_floor: u64,
+        _media: Vec<MediaReference>,
+    ) -> PendingTrim {
         Box::pin(futures::future::pending())
     }
 }
@@ -188,5 +213,5 @@ async fn a_stream_without_the_cluster_token_appends_nothing() {
         "refused before anything was appended, not an unknown outcome: {refused:?}"
     );
     assert!(numbering.heads.lock().unwrap().is_empty());
-    assert!(stranger.trim("c", 10).await.is_err());
+    assert!(stranger.trim("c", 10, Vec::new()).await.is_err());
 }

@@ -43,7 +43,8 @@ use courier_core::sequencing::{
 use courier_proto::{EventPayload, ids};
 use courier_store::ownership::Duty;
 use courier_store::{
-    Append, AppendOutcome, Appended, HeadCache, MessageStore, ShardLease, StoreError,
+    Append, AppendOutcome, Appended, HeadCache, MediaReference, MessageStore, ShardLease,
+    StoreError,
 };
 use futures::future::BoxFuture;
 use outbox_lag::{DEFAULT_OUTBOX_LAG_LIMIT, OUTBOX_LAG_ROUND, OutboxWatch};
@@ -141,6 +142,7 @@ enum Request {
     Trim {
         conversation_id: String,
         new_floor: u64,
+        media: Vec<MediaReference>,
         reply: oneshot::Sender<Result<u64, SequencerError>>,
     },
     /// Answered once every request queued before it is done; the actor then stops.
@@ -569,12 +571,18 @@ impl Sequencer for LocalSequencer {
         queued(self.queue(shard, request), outcome)
     }
 
-    fn trim(&self, conversation_id: &str, new_floor: u64) -> PendingTrim {
+    fn trim(
+        &self,
+        conversation_id: &str,
+        new_floor: u64,
+        media: Vec<MediaReference>,
+    ) -> PendingTrim {
         let shard = self.store.shard_of(conversation_id);
         let (reply, outcome) = oneshot::channel();
         let request = Request::Trim {
             conversation_id: conversation_id.to_owned(),
             new_floor,
+            media,
             reply,
         };
         queued(self.queue(shard, request), outcome)
@@ -616,11 +624,12 @@ impl ShardActor {
                 Request::Trim {
                     conversation_id,
                     new_floor,
+                    media,
                     reply,
                 } => {
                     let result = self
                         .store
-                        .trim(self.lease, &conversation_id, new_floor)
+                        .trim(self.lease, &conversation_id, new_floor, &media)
                         .await;
                     let lost = matches!(result, Err(StoreError::FenceChanged { .. }));
                     let _ = reply.send(result.map_err(|e| {

@@ -24,7 +24,7 @@ use courier_core::loops::BackgroundLoops;
 use courier_core::metrics::Metrics;
 use courier_core::sequencing::{Sequencer, SequencerError};
 use courier_proto::{Body, EventPayload};
-use courier_store::{CLEAR_PAGE, MessageStore, StoreError, rest_after_clear_page};
+use courier_store::{CLEAR_PAGE, MediaReference, MessageStore, StoreError, rest_after_clear_page};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -241,12 +241,15 @@ impl Retention {
                     ..
                 } = event.payload
                 {
-                    media.push((m.media_id, event.seq));
+                    media.push(MediaReference {
+                        media_id: m.media_id,
+                        seq: event.seq,
+                    });
                 }
             }
             let step_floor = old_enough.min(delivered) + 1;
             if step_floor > trimmed_to {
-                cleared += self.trim_step(conv, step_floor, &media).await?;
+                cleared += self.trim_step(conv, step_floor, media).await?;
                 trimmed_to = step_floor;
             }
             if stopped || !full || old_enough >= delivered {
@@ -269,20 +272,17 @@ impl Retention {
         Ok((cleared, next_due))
     }
 
-    /// Clears the events of `conv` below `new_floor`, and the references to media of those of
-    /// its messages that held one (`media`: `(media id, seq)`); returns how many seqs went.
+    /// Clears the events of `conv` below `new_floor`, and in the same commit the references to
+    /// media of those of its messages that held one (`media`): unreferenced, media is swept
+    /// after its TTL. Returns how many seqs went.
     async fn trim_step(
         &self,
         conv: &str,
         new_floor: u64,
-        media: &[(String, u64)],
+        media: Vec<MediaReference>,
     ) -> Result<u64, RetentionError> {
-        let cleared = self.sequencer.trim(conv, new_floor).await?;
+        let cleared = self.sequencer.trim(conv, new_floor, media).await?;
         self.metrics.retention_cleared.inc_by(cleared);
-        // Media follows its messages: unreferenced, it is swept after its TTL.
-        if !media.is_empty() {
-            self.store.clear_media_references(conv, media).await?;
-        }
         Ok(cleared)
     }
 
@@ -596,5 +596,65 @@ mod tests {
             due[0].due_ms >= before + 60_000 && due[0].due_ms < before + 120_000,
             "{due:?}"
         );
+    }
+
+    /// A trimmed message's media reference goes in the commit that trims the message: when
+    /// that commit fails (an engine error, a timeout, a crash), the message stays with its
+    /// reference and a later pass clears both. A reference left behind a trimmed message would
+    /// keep its media from the sweeper for good, since no later pass reads below the floor.
+    #[tokio::test]
+    async fn a_trimmed_messages_media_reference_goes_with_it_even_when_a_commit_fails() {
+        let engine = FaultyEngine::new();
+        let store = engine.store(4).await;
+        let sequencer = sequencer_on(&store).await;
+        let sender = Sender {
+            user: "alice".into(),
+            device: "phone".into(),
+        };
+        let picture = courier_proto::Media {
+            media_id: "m1".into(),
+            mime: "image/png".into(),
+            size: 1,
+            sha256: "00".into(),
+            name: None,
+            caption: None,
+        };
+        let append = Append {
+            create: Some(NewConversation::direct("alice", "bob")),
+            ..Append::message(
+                "d:1".into(),
+                sender,
+                "a".into(),
+                Body::Media(Box::new(picture)),
+                None,
+            )
+        };
+        sequencer.submit(append).await.unwrap();
+        assert_eq!(store.media_references("m1").await.unwrap().len(), 1);
+        let reference = store.keys().media_reference("m1", "d:1", 1);
+        engine.set_fault(Some(Box::new(move |batch: &Batch| {
+            let clears = batch
+                .mutations
+                .iter()
+                .any(|m| matches!(m, Mutation::Clear { key } if *key == reference));
+            clears.then(|| StoreError::Engine("injected: the reference's clear fails".into()))
+        })));
+        let pass = retention(&store, &sequencer, Duration::ZERO);
+        assert_eq!(pass.run_once().await.unwrap().failed_conversations, 1);
+        let floor = store.floor("d:1").await.unwrap();
+        let references = store.media_references("m1").await.unwrap();
+        assert!(
+            floor == 1 || references.is_empty(),
+            "message 1 was trimmed (floor {floor}) and left its reference to m1: {references:?}"
+        );
+
+        engine.set_fault(None);
+        pass.run_once().await.unwrap();
+        assert_eq!(
+            store.floor("d:1").await.unwrap(),
+            2,
+            "the message was trimmed"
+        );
+        assert!(store.media_references("m1").await.unwrap().is_empty());
     }
 }

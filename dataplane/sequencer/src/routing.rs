@@ -30,7 +30,7 @@ use courier_core::sequencing::{
 };
 use courier_rpc::{ClusterToken, RemoteSequencer};
 use courier_store::ownership::Duty;
-use courier_store::{Append, AppendOutcome, MessageStore, StoreError};
+use courier_store::{Append, AppendOutcome, MediaReference, MessageStore, StoreError};
 use foldhash::HashMap;
 use std::sync::{Arc, Mutex};
 use tokio::sync::oneshot;
@@ -245,13 +245,18 @@ impl Sequencer for RoutedSequencer {
         }
     }
 
-    fn trim(&self, conversation_id: &str, new_floor: u64) -> PendingTrim {
+    fn trim(
+        &self,
+        conversation_id: &str,
+        new_floor: u64,
+        media: Vec<MediaReference>,
+    ) -> PendingTrim {
         let shard = self.router.store.shard_of(conversation_id);
         let this = self.router.clone();
         let conversation_id = conversation_id.to_owned();
         Box::pin(async move {
             let route = this.read_route(shard).await?;
-            let result = route.trim(&conversation_id, new_floor).await;
+            let result = route.trim(&conversation_id, new_floor, media).await;
             this.forget_if_stale(shard, &route, &result);
             result
         })

@@ -162,6 +162,14 @@ pub struct MediaRecord {
     pub owner: String,
 }
 
+/// A message of a conversation that shares media (its `("mref", media_id, conv, seq)` key):
+/// what a trim of the message clears with it ([`MessageStore::trim`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MediaReference {
+    pub media_id: String,
+    pub seq: u64,
+}
+
 /// What became of a media record put with [`MessageStore::put_media`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MediaAdmission {
@@ -1447,13 +1455,20 @@ impl MessageStore {
         Ok(value.as_deref().map_or(1, decode_u64).max(1))
     }
 
-    /// Clears the events of `conv` below `new_floor`, fenced by the shard's lease like every
-    /// other shard write. Returns how many seqs were cleared.
+    /// Clears the events of `conv` below `new_floor`, and the references of those of its
+    /// messages that share media (`media`, read by the caller with the events), fenced by the
+    /// shard's lease like every other shard write. Returns how many seqs were cleared.
+    ///
+    /// The references go in the commit that moves the floor (they live in the conversation's
+    /// partition, decision 0005): a later trim starts above the floor and never sees those
+    /// messages again, so a reference left behind would keep its media from the sweeper for
+    /// good.
     pub async fn trim(
         &self,
         lease: ShardLease,
         conv: &str,
         new_floor: u64,
+        media: &[MediaReference],
     ) -> Result<u64, StoreError> {
         let floor = self.floor(conv).await?;
         if new_floor <= floor {
@@ -1467,6 +1482,12 @@ impl MessageStore {
             )
             .clear_range(self.keys.events(conv, floor, new_floor))
             .set(self.keys.floor(conv), new_floor.to_le_bytes().to_vec());
+        for reference in media {
+            batch.clear(
+                self.keys
+                    .media_reference(&reference.media_id, conv, reference.seq),
+            );
+        }
         self.kv.commit(batch).await?;
         Ok(new_floor - floor)
     }
@@ -1831,19 +1852,6 @@ impl MessageStore {
             }
             from = next.end;
         }
-    }
-
-    /// Drops the references of messages of `conv` that retention cleared: `(media id, seq)`.
-    pub async fn clear_media_references(
-        &self,
-        conv: &str,
-        references: &[(String, u64)],
-    ) -> Result<(), StoreError> {
-        let mut batch = Batch::new();
-        for (id, seq) in references {
-            batch.clear(self.keys.media_reference(id, conv, *seq));
-        }
-        self.kv.commit(batch).await.map(drop)
     }
 
     /// Forgets media record `id`, as it was read (`record`), and gives its size back to its
@@ -2773,10 +2781,10 @@ mod tests {
             .await
             .unwrap();
         assert!(matches!(
-            store.trim(old, "d:1", 2).await,
+            store.trim(old, "d:1", 2, &[]).await,
             Err(StoreError::FenceChanged { .. })
         ));
-        assert_eq!(store.trim(new, "d:1", 2).await.unwrap(), 1);
+        assert_eq!(store.trim(new, "d:1", 2, &[]).await.unwrap(), 1);
         assert_eq!(store.floor("d:1").await.unwrap(), 2);
         assert!(
             store

@@ -527,8 +527,8 @@ mod tests {
     use crate::ReceiptKind;
     use crate::faulty_engine::FaultyEngine;
     use crate::message_store::{
-        Append, AppendKey, DeliveredBound, HeadCache, MediaRecord, MessageStore, NewConversation,
-        PendingPush, PushedBound, ShardLease, bound_after,
+        Append, AppendKey, DeliveredBound, HeadCache, MediaRecord, MediaReference, MessageStore,
+        NewConversation, PendingPush, PushedBound, ShardLease, bound_after,
     };
     use crate::ownership::Duty;
     use courier_proto::{Body, EventPayload, Media, MembershipChange, Sender};
@@ -954,13 +954,20 @@ mod tests {
         store.add_route("bob", "p", "gw", 1, 1).await.unwrap();
         store.unlink_device("bob", "p", 5).await.unwrap();
         assert!(store.device_cursors("bob", "p").await.unwrap().is_empty());
+        let shared = [MediaReference {
+            media_id: "m1".into(),
+            seq: 2,
+        }];
         for conv in &direct {
             let lease = lease(store, conv).await;
-            store.trim(lease, conv, 2).await.unwrap();
+            store.trim(lease, conv, 3, &shared).await.unwrap();
         }
+        assert!(
+            store.media_references("m1").await.unwrap().is_empty(),
+            "the trims cleared their messages' references"
+        );
         store.expire_idempotency_records(u64::MAX).await.unwrap();
         store.forget_media("m1", &image).await.unwrap();
-        assert!(store.media_references("m1").await.unwrap().is_empty());
         store
             .release_shards(Duty::Delivery, "f", &delivery)
             .await
