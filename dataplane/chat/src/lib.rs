@@ -11,6 +11,7 @@ use crate::admission::{AdmissionLimits, Admitted, SendAdmission};
 use crate::devices::Devices;
 use crate::receipts::ReceiptRelay;
 use courier_core::auth::Identity;
+use courier_core::clock::now_ms;
 use courier_core::context::Context;
 use courier_core::error::ApiError;
 use courier_core::gateways::{Gateways, Offer};
@@ -21,16 +22,23 @@ use courier_core::sequencing::{PendingAppend, Sequencer};
 use courier_core::storage_health::StorageHealth;
 use courier_proto::{AckKind, Body, EventPayload, Receipt, Sender, ServerFrame, TypingNotice, ids};
 use courier_store::{
-    Append, AppendKey, MemberRecord, MessageStore, NewConversation, ReadBounds, ReceiptKind,
+    Append, AppendKey, MediaRecord, MemberRecord, MessageStore, NewConversation, ReadBounds,
+    ReceiptKind, StoreError,
 };
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Events per `fetch` when the client gives no limit.
 pub const DEFAULT_FETCH_LIMIT: u32 = 100;
 /// Most events per `fetch`; larger limits are lowered to it.
 pub const MAX_FETCH_LIMIT: u32 = 1000;
+
+/// Times a send marks the media it shares ([`Chat::shared_media`]): a mark refused because the
+/// record changed reads it again, and then finds it fresh (uploaded or shared meanwhile) or
+/// gone, so a second refusal means the record keeps changing.
+const SHARE_ATTEMPTS: usize = 2;
 
 /// The id of the direct conversation between two users: the same whoever starts it, and
 /// within the conversation-id alphabet whatever the user ids are.
@@ -65,6 +73,10 @@ pub struct ChatLimits {
     /// When new sends are answered `unavailable` because the node is past its capacity.
     pub admission: AdmissionLimits,
     pub user_sends: Rate,
+    /// The media sweeper's TTL (`--media-unreferenced-ttl`): a send that shares media unused
+    /// for half of it marks the media shared first ([`MessageStore::share_media`]), so that the
+    /// sweeper cannot forget it before the send's reference commits.
+    pub media_unreferenced_ttl: Duration,
 }
 
 impl Default for ChatLimits {
@@ -80,6 +92,8 @@ impl Default for ChatLimits {
                 per_second: 100,
                 burst: 200,
             },
+            // `--media-unreferenced-ttl`'s default.
+            media_unreferenced_ttl: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -272,26 +286,47 @@ impl Chat {
         let Body::Media(media) = body else {
             return Ok(body.clone());
         };
-        if !self
-            .store
-            .is_media_owner(&media.media_id, &who.user)
-            .await?
-        {
-            return Err(ApiError::forbidden(format!(
-                "you can send only media you uploaded; {} is not yours",
-                media.media_id
-            )));
-        }
-        let record = self
-            .store
-            .media(&media.media_id)
-            .await?
-            .ok_or_else(|| ApiError::not_found(format!("no media {}", media.media_id)))?;
+        let record = self.shared_media(&media.media_id, &who.user).await?;
         let mut media = media.clone();
         media.mime = record.mime;
         media.size = record.size;
         media.sha256 = record.sha256;
         Ok(Body::Media(media))
+    }
+
+    /// The record of media `id` that `user` sends, kept from the sweeper until the send's
+    /// reference commits: a record unused for half the sweeper's TTL is marked shared first
+    /// (its commit fenced on the record read, as the sweeper's forget is), and a younger one is
+    /// not forgotten for at least half a TTL, far longer than a send waits. Refused when the
+    /// media is not `user`'s (or not there: ids cannot be probed), `not_found` when the sweeper
+    /// forgot it between this read and the mark.
+    async fn shared_media(&self, id: &str, user: &str) -> Result<MediaRecord, ApiError> {
+        let mut record = match self.store.media(id).await? {
+            Some(record) if record.owner == user => record,
+            _ => {
+                return Err(ApiError::forbidden(format!(
+                    "you can send only media you uploaded; {id} is not yours"
+                )));
+            }
+        };
+        let fresh_for = self.limits.media_unreferenced_ttl.as_millis() as u64 / 2;
+        for _ in 0..SHARE_ATTEMPTS {
+            let now = now_ms();
+            if now.saturating_sub(record.latest_use_ms()) < fresh_for {
+                return Ok(record);
+            }
+            match self.store.share_media(id, &record, now).await {
+                Ok(()) => return Ok(record),
+                // Uploaded or shared again meanwhile (then fresh), or forgotten by the sweeper.
+                Err(StoreError::FenceChanged { .. }) => {
+                    record = self.store.media(id).await?.ok_or_else(|| {
+                        ApiError::not_found(format!("no media {id}; upload it again"))
+                    })?;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(StoreError::Overloaded(format!("media record {id} kept changing; retry")).into())
     }
 
     /// Records an `ack` (a deferred commit: `docs/operations.md`, Durability), then tells the
@@ -1188,6 +1223,113 @@ mod tests {
             "bob, removed at 3, was served {seqs:?} (head_seq {})",
             page.head_seq
         );
+    }
+
+    /// Alice's chat over `engine`, and an image she uploaded `uploaded_ms` ago (unshared).
+    async fn alice_with_an_upload(
+        engine: &Arc<courier_store::faulty_engine::FaultyEngine>,
+        sequencer: Arc<HeldSequencer>,
+        uploaded_ms: u64,
+    ) -> (Chat, MediaRecord) {
+        let store = engine.store(4).await;
+        let record = MediaRecord {
+            mime: "image/png".into(),
+            size: 1,
+            sha256: "00".into(),
+            created_ms: now_ms() - uploaded_ms,
+            owner: "alice".into(),
+            shared_ms: 0,
+        };
+        store.put_media("m1", &record, 0).await.unwrap();
+        (chat_on(store, sequencer, ChatLimits::default()), record)
+    }
+
+    fn alice() -> Identity {
+        Identity {
+            user: "alice".into(),
+            device: "phone".into(),
+            issued_at_ms: 0,
+        }
+    }
+
+    fn picture_to(peer: &str) -> courier_proto::Send {
+        let picture = courier_proto::Media {
+            media_id: "m1".into(),
+            mime: "image/png".into(),
+            size: 1,
+            sha256: "00".into(),
+            name: None,
+            caption: None,
+        };
+        courier_proto::Send {
+            body: Body::Media(Box::new(picture)),
+            ..text_to(peer, "p1")
+        }
+    }
+
+    /// A send that read its media's record just before the sweeper forgot it finds, when it
+    /// marks the record shared, that it is gone: refused as not found, nothing sequenced (a
+    /// message sharing media whose bytes are deleted would answer 404 to everyone).
+    #[tokio::test]
+    async fn a_send_of_media_the_sweeper_forgets_meanwhile_is_refused_as_not_found() {
+        let engine = courier_store::faulty_engine::FaultyEngine::new();
+        let sequencer = Arc::new(HeldSequencer::default());
+        let ttl = ChatLimits::default().media_unreferenced_ttl.as_millis() as u64;
+        let (chat, record) = alice_with_an_upload(&engine, sequencer.clone(), ttl).await;
+        let sweeper = chat.store.clone();
+        engine.before_next_commit(Box::pin(async move {
+            sweeper.forget_media("m1", &record).await.unwrap();
+        }));
+        let refused = chat.submit_send(&alice(), &picture_to("bob")).await;
+        assert_eq!(
+            refused.err(),
+            Some(ApiError::not_found("no media m1; upload it again"))
+        );
+        assert!(sequencer.held.lock().unwrap().is_empty(), "sequenced");
+        assert_eq!(chat.store.media("m1").await.unwrap(), None);
+    }
+
+    /// A send of media uploaded or shared less than half the sweeper's TTL ago writes nothing
+    /// before its message: the sweeper leaves the record alone for at least another half.
+    #[tokio::test]
+    async fn a_send_of_media_used_within_half_the_ttl_writes_nothing_before_its_message() {
+        let engine = courier_store::faulty_engine::FaultyEngine::new();
+        let sequencer = Arc::new(HeldSequencer::default());
+        let ttl = ChatLimits::default().media_unreferenced_ttl.as_millis() as u64;
+        let (chat, record) = alice_with_an_upload(&engine, sequencer.clone(), ttl / 4).await;
+        engine.set_fault(Some(Box::new(|_: &courier_store::Batch| {
+            Some(courier_store::StoreError::Engine("a commit".into()))
+        })));
+        let (_, _sent) = chat
+            .submit_send(&alice(), &picture_to("bob"))
+            .await
+            .unwrap();
+        assert_eq!(sequencer.held.lock().unwrap().len(), 1);
+        assert_eq!(chat.store.media("m1").await.unwrap(), Some(record));
+    }
+
+    /// A send of media unused for more than half the sweeper's TTL marks it shared before its
+    /// message is sequenced; another send right after finds it fresh.
+    #[tokio::test]
+    async fn a_send_of_media_unused_for_half_the_ttl_marks_it_shared_first() {
+        let engine = courier_store::faulty_engine::FaultyEngine::new();
+        let sequencer = Arc::new(HeldSequencer::default());
+        let ttl = ChatLimits::default().media_unreferenced_ttl.as_millis() as u64;
+        let (chat, _) = alice_with_an_upload(&engine, sequencer.clone(), ttl / 2 + 1).await;
+        let before = now_ms();
+        let (_, _sent) = chat
+            .submit_send(&alice(), &picture_to("bob"))
+            .await
+            .unwrap();
+        let shared = chat.store.media("m1").await.unwrap().unwrap();
+        assert!(shared.shared_ms >= before, "{shared:?}");
+        assert_eq!(shared.latest_use_ms(), shared.shared_ms);
+        let (_, _sent) = chat
+            .submit_send(&alice(), &picture_to("carol"))
+            .await
+            .unwrap();
+        assert_eq!(chat.store.media("m1").await.unwrap(), Some(shared));
+        assert_eq!(sequencer.held.lock().unwrap().len(), 2);
     }
 
     #[test]

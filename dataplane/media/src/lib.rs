@@ -17,9 +17,11 @@
 //! - Downloads stream too, with `Range` (206), `ETag` and `If-None-Match` (304).
 //! - Optional signed URLs: `?expires=<unix s>&signature=<hex HMAC-SHA256(secret, "<id>:<expires>")>`
 //!   download without a token until `expires` (for a CDN in front of Courier).
-//! - A sweeper deletes media records that no message references once their latest upload is
-//!   older than the TTL, and the bytes once no record keeps them; retention drops the
-//!   references of the messages it clears. The sweeper is a loop owned by the node's
+//! - A sweeper deletes media records that no message references once their latest upload or
+//!   share is older than the TTL, and the bytes once no record keeps them; retention drops the
+//!   references of the messages it clears. A send that shares media unused for half the TTL
+//!   marks it shared first (`courier_chat`), so that a sweep never forgets media a message is
+//!   being sent with (`MessageStore::share_media`). The sweeper is a loop owned by the node's
 //!   [`BackgroundLoops`]: it stops at once when cancelled (a sweep is idempotent: a record
 //!   forgotten is fenced, bytes are deleted only once no record keeps them) and is restarted
 //!   if it panics (it keeps no state between sweeps).
@@ -72,7 +74,8 @@ pub struct MediaConfig {
     /// from the usual `AWS_*` variables (`AWS_ENDPOINT` for non-AWS services).
     #[arg(long, env = "COURIER_MEDIA_S3_BUCKET")]
     pub media_s3_bucket: Option<String>,
-    /// Media referenced by no message is deleted this long after its upload.
+    /// Media referenced by no message is deleted this long after its latest upload, or after
+    /// the latest send that shared it (a send marks media unused for half of this as shared).
     #[arg(long, env = "COURIER_MEDIA_UNREFERENCED_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
     pub media_unreferenced_ttl: Duration,
     /// Time between sweeps of unreferenced media.
@@ -246,6 +249,7 @@ impl MediaService {
             sha256: sha256.clone(),
             created_ms: now_ms(),
             owner: who.user.clone(),
+            shared_ms: 0,
         };
         // The quota is decided by the record's commit (the same upload again costs nothing),
         // before the bytes are kept. Should keeping them fail, the record names missing bytes
@@ -398,8 +402,9 @@ impl MediaService {
             .map_err(storage_error)
     }
 
-    /// Deletes media records that no message references and that were uploaded more than the
-    /// TTL ago, and their bytes once no record keeps them. Returns how many were deleted.
+    /// Deletes media records that no message references and that were last uploaded or shared
+    /// more than the TTL ago, and their bytes once no record keeps them. Returns how many were
+    /// deleted.
     pub async fn sweep(&self) -> Result<u64, StoreError> {
         let cutoff = now_ms().saturating_sub(self.config.media_unreferenced_ttl.as_millis() as u64);
         let mut swept = 0;
@@ -413,11 +418,11 @@ impl MediaService {
                 let Some(record) = self.store.media(&id).await? else {
                     continue;
                 };
-                if record.created_ms > cutoff || self.store.is_media_referenced(&id).await? {
+                if record.latest_use_ms() > cutoff || self.store.is_media_referenced(&id).await? {
                     continue;
                 }
                 match self.store.forget_media(&id, &record).await {
-                    // Uploaded again meanwhile: kept.
+                    // Uploaded or shared by a send meanwhile: kept.
                     Err(StoreError::FenceChanged { .. }) => continue,
                     other => other?,
                 }
@@ -495,7 +500,174 @@ fn parse_range(value: &str, size: u64) -> Option<std::ops::Range<u64>> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_range;
+    use super::*;
+    use courier_chat::Chat;
+    use courier_chat::receipts::ReceiptRelay;
+    use courier_core::context::Context;
+    use courier_core::gateways::NoGateways;
+    use courier_core::membership::MembershipCache;
+    use courier_core::sequencing::{PendingAppend, PendingTrim, Sequencer};
+    use courier_store::faulty_engine::FaultyEngine;
+    use courier_store::ownership::Duty;
+    use courier_store::{Append, HeadCache, MediaReference, ShardLease};
+
+    const TTL: Duration = Duration::from_secs(24 * 3600);
+
+    /// Sequences every append at once, as the owner of every shard.
+    struct Sequencing {
+        store: MessageStore,
+        leases: Vec<ShardLease>,
+    }
+
+    impl Sequencer for Sequencing {
+        fn submit(&self, append: Append) -> PendingAppend {
+            let store = self.store.clone();
+            let lease = self.leases[store.shard_of(&append.conversation_id) as usize];
+            Box::pin(async move {
+                let mut heads = HeadCache::default();
+                let mut results = store.append(lease, &mut heads, &[append]).await?;
+                Ok(results.remove(0)?)
+            })
+        }
+
+        fn trim(&self, _: &str, _: u64, _: Vec<MediaReference>) -> PendingTrim {
+            Box::pin(async { Ok(0) })
+        }
+    }
+
+    /// The media role over `engine`, its bytes under `dir`, with a chat role whose sends are
+    /// sequenced at once (the sweeper's TTL [`TTL`]).
+    async fn media_over(engine: &Arc<FaultyEngine>, dir: &std::path::Path) -> Arc<MediaService> {
+        let store = engine.store(4).await;
+        let leases = store
+            .acquire_shards(Duty::Sequencing, "test", &[0, 1, 2, 3], 4, 0, u64::MAX)
+            .await
+            .unwrap();
+        let context = Context {
+            store: store.clone(),
+            gateways: Arc::new(NoGateways),
+            membership: Arc::new(MembershipCache::new(store.clone())),
+            metrics: Arc::new(Metrics::new()),
+        };
+        let sequencer = Arc::new(Sequencing {
+            store: store.clone(),
+            leases,
+        });
+        let receipts = ReceiptRelay::new(&context, 100);
+        let health = StorageHealth::new(store.clone(), None, 0, None, 0);
+        let limits = courier_chat::ChatLimits {
+            media_unreferenced_ttl: TTL,
+            ..Default::default()
+        };
+        let chat = Chat::new(context, sequencer, receipts, limits, health.clone());
+        let config = MediaConfig {
+            media_max_bytes: 1024,
+            media_quota_per_user: 0,
+            media_dir: None,
+            media_min_free_disk: 0,
+            media_s3_bucket: None,
+            media_unreferenced_ttl: TTL,
+            media_sweep_interval: Duration::from_secs(600),
+            media_url_secret: None,
+            media_url_ttl: Duration::from_secs(3600),
+        };
+        let chat = ChatBinding::Local(Arc::new(chat));
+        MediaService::open(config, dir, store, chat, Arc::new(Metrics::new()), health).unwrap()
+    }
+
+    fn user(name: &str) -> Identity {
+        Identity {
+            user: name.into(),
+            device: "phone".into(),
+            issued_at_ms: 0,
+        }
+    }
+
+    /// Alice's upload of an image, its record as if uploaded `ago` before now.
+    async fn upload_made(media: &MediaService, ago: Duration) -> (String, MediaRecord) {
+        let uploaded = media
+            .upload(&user("alice"), "image/png", Body::from(vec![7u8; 10]))
+            .await
+            .unwrap();
+        let mut record = media
+            .store
+            .media(&uploaded.media_id)
+            .await
+            .unwrap()
+            .unwrap();
+        record.created_ms = now_ms() - ago.as_millis() as u64;
+        media
+            .store
+            .put_media(&uploaded.media_id, &record, 0)
+            .await
+            .unwrap();
+        (uploaded.media_id, record)
+    }
+
+    fn picture_to(peer: &str, media_id: &str) -> courier_proto::Send {
+        let picture = courier_proto::Media {
+            media_id: media_id.into(),
+            mime: "image/png".into(),
+            size: 10,
+            sha256: String::new(),
+            name: None,
+            caption: None,
+        };
+        courier_proto::Send {
+            reference: None,
+            conversation_id: None,
+            to_user: Some(peer.into()),
+            client_msg_id: "m".into(),
+            body: courier_proto::Body::Media(Box::new(picture)),
+            reply_to: None,
+        }
+    }
+
+    /// A send that shares old, unreferenced media after the sweeper found it so, and before
+    /// the sweeper forgets it, keeps it: bob may download what alice sent him.
+    #[tokio::test]
+    async fn a_send_between_the_sweepers_check_and_its_forget_keeps_the_media() {
+        let (engine, dir) = (FaultyEngine::new(), tempfile::tempdir().unwrap());
+        let media = media_over(&engine, dir.path()).await;
+        let (id, record) = upload_made(&media, 2 * TTL).await;
+        // The sweeper's first commit is its forget: the send commits just before it.
+        let (chat, send) = (media.chat.clone(), picture_to("bob", &id));
+        engine.before_next_commit(Box::pin(async move {
+            let (_, sent) = chat.submit_send(&user("alice"), &send).await.unwrap();
+            sent.await.unwrap();
+        }));
+        assert_eq!(media.sweep().await.unwrap(), 0);
+        assert_eq!(media.store.media_references(&id).await.unwrap().len(), 1);
+        assert_eq!(
+            media.readable("bob", &id).await.unwrap().sha256,
+            record.sha256
+        );
+        assert!(media.objects.head(&blob_path(&record.sha256)).await.is_ok());
+    }
+
+    /// An upload unreferenced for longer than the TTL is swept, unless a send shared it
+    /// within the TTL.
+    #[tokio::test]
+    async fn media_is_swept_a_ttl_after_its_latest_upload_or_share() {
+        let (engine, dir) = (FaultyEngine::new(), tempfile::tempdir().unwrap());
+        let media = media_over(&engine, dir.path()).await;
+        let (id, record) = upload_made(&media, 2 * TTL).await;
+        let shared_at = now_ms() - TTL.as_millis() as u64 / 2;
+        media
+            .store
+            .share_media(&id, &record, shared_at)
+            .await
+            .unwrap();
+        assert_eq!(media.sweep().await.unwrap(), 0, "shared half a TTL ago");
+        let shared = media.store.media(&id).await.unwrap().unwrap();
+        let unshared = MediaRecord {
+            shared_ms: now_ms() - 2 * TTL.as_millis() as u64,
+            ..shared
+        };
+        media.store.put_media(&id, &unshared, 0).await.unwrap();
+        assert_eq!(media.sweep().await.unwrap(), 1, "unused for two TTLs");
+        assert_eq!(media.store.media(&id).await.unwrap(), None);
+    }
 
     #[test]
     fn ranges_follow_rfc_9110() {

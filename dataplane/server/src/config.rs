@@ -383,6 +383,7 @@ impl ServeConfig {
                 per_second: self.user_sends_per_sec,
                 burst: self.user_sends_burst,
             },
+            media_unreferenced_ttl: self.media.media_unreferenced_ttl,
             ..ChatLimits::default()
         }
     }

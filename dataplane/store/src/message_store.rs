@@ -145,8 +145,8 @@ pub struct AckBounds {
 }
 
 /// One user's upload (the bytes live in object storage under their sha256, shared by every
-/// record of the same bytes). A record never changes but for `created_ms`, so the type served
-/// for an id is the one its uploader gave.
+/// record of the same bytes). A record never changes but for its times (`created_ms`,
+/// `shared_ms`), so the type served for an id is the one its uploader gave.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct MediaRecord {
     #[prost(string, tag = "1")]
@@ -155,11 +155,21 @@ pub struct MediaRecord {
     pub size: u64,
     #[prost(string, tag = "3")]
     pub sha256: String,
-    /// The latest upload of this record (the sweeper's TTL counts from it).
+    /// The latest upload of this record.
     #[prost(uint64, tag = "4")]
     pub created_ms: u64,
     #[prost(string, tag = "5")]
     pub owner: String,
+    /// When a send last marked the record shared ([`MessageStore::share_media`]; 0: never).
+    #[prost(uint64, tag = "6")]
+    pub shared_ms: u64,
+}
+
+impl MediaRecord {
+    /// The latest upload or share of this record: the sweeper's TTL counts from it.
+    pub fn latest_use_ms(&self) -> u64 {
+        self.created_ms.max(self.shared_ms)
+    }
 }
 
 /// A message of a conversation that shares media (its `("mref", media_id, conv, seq)` key):
@@ -1772,10 +1782,6 @@ impl MessageStore {
         Ok(value.as_deref().map_or(0, decode_usage))
     }
 
-    pub async fn is_media_owner(&self, id: &str, user: &str) -> Result<bool, StoreError> {
-        Ok(self.media(id).await?.is_some_and(|m| m.owner == user))
-    }
-
     /// Whether `range` holds a key (one row read).
     pub(crate) async fn holds_any(&self, range: Range<Vec<u8>>) -> Result<bool, StoreError> {
         Ok(!self.kv.range(range, 1, false).await?.is_empty())
@@ -1854,9 +1860,33 @@ impl MessageStore {
         }
     }
 
+    /// Marks media record `id`, as a send read it (`record`), shared at `now_ms`, fenced on that
+    /// record: `FenceChanged` when it changed meanwhile (uploaded or shared again, or forgotten
+    /// by the sweeper: then it stays forgotten). The sweeper forgets only a record it read as
+    /// unused for its TTL and unreferenced, fenced on what it read: a sweeper that read the
+    /// record before this commit fails to forget it, and one that reads it after leaves it for
+    /// a TTL, long enough for the send's reference to commit.
+    pub async fn share_media(
+        &self,
+        id: &str,
+        record: &MediaRecord,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        let key = self.keys.media(id);
+        let shared = MediaRecord {
+            shared_ms: now_ms,
+            ..record.clone()
+        };
+        let mut batch = Batch::new();
+        batch
+            .fence(key.clone(), Some(record.encode_to_vec()))
+            .set(key, shared.encode_to_vec());
+        self.kv.commit(batch).await.map(drop)
+    }
+
     /// Forgets media record `id`, as it was read (`record`), and gives its size back to its
-    /// owner's quota, and clears its references. `FenceChanged` when it was uploaded again
-    /// meanwhile (nothing changed). The caller deletes
+    /// owner's quota, and clears its references. `FenceChanged` when it was uploaded or shared
+    /// again meanwhile (nothing changed). The caller deletes
     /// the bytes once no record keeps them ([`MessageStore::blob_in_use`]).
     pub async fn forget_media(&self, id: &str, record: &MediaRecord) -> Result<(), StoreError> {
         let key = self.keys.media(id);
@@ -3207,6 +3237,7 @@ mod tests {
             sha256: "ab".into(),
             created_ms: 1,
             owner: owner.into(),
+            shared_ms: 0,
         };
         let png = record("alice", "image/png");
         assert_eq!(
@@ -3245,6 +3276,98 @@ mod tests {
         );
         store.forget_media("m3", &bobs).await.unwrap();
         assert!(!store.blob_in_use("ab").await.unwrap());
+    }
+
+    /// An unreferenced image alice uploaded long ago, and a direct message of hers sharing
+    /// it in `d:1`.
+    async fn an_old_upload_and_a_message_sharing_it(store: &MessageStore) -> Append {
+        let record = MediaRecord {
+            mime: "image/png".into(),
+            size: 1,
+            sha256: "00".into(),
+            created_ms: 1,
+            owner: "alice".into(),
+            shared_ms: 0,
+        };
+        store.put_media("m1", &record, 0).await.unwrap();
+        let sender = Sender {
+            user: "alice".into(),
+            device: "p".into(),
+        };
+        let picture = courier_proto::Media {
+            media_id: "m1".into(),
+            mime: "image/png".into(),
+            size: 1,
+            sha256: "00".into(),
+            name: None,
+            caption: None,
+        };
+        Append {
+            create: Some(NewConversation::direct("alice", "bob")),
+            ..Append::message(
+                "d:1".into(),
+                sender,
+                "x".into(),
+                Body::Media(Box::new(picture)),
+                None,
+            )
+        }
+    }
+
+    /// The media sweeper's steps (`courier_media::MediaService::sweep`) are: the record is
+    /// old, `is_media_referenced` says no, then `forget_media` fenced on the record read. A
+    /// send that shares the media between the check and the forget marks it shared first
+    /// (`courier_chat`), so the forget fails and the message keeps its media.
+    #[tokio::test]
+    async fn a_send_between_the_sweepers_check_and_forget_keeps_its_media() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = temp_store(&dir, 8).await;
+        let append = an_old_upload_and_a_message_sharing_it(&store).await;
+        // The sweeper: old and unreferenced.
+        let swept = store.media("m1").await.unwrap().unwrap();
+        assert!(!store.is_media_referenced("m1").await.unwrap());
+        // Meanwhile alice sends it: the record as the send read it is marked shared, then the
+        // message commits its reference.
+        let read = store.media("m1").await.unwrap().unwrap();
+        store.share_media("m1", &read, 5_000).await.unwrap();
+        let lease = owner(&store, "d:1").await;
+        let mut heads = HeadCache::default();
+        let sent = store
+            .append(lease, &mut heads, &[append])
+            .await
+            .unwrap()
+            .remove(0)
+            .unwrap();
+        // The sweeper forgets what it read as unreferenced.
+        assert!(matches!(
+            store.forget_media("m1", &swept).await,
+            Err(StoreError::FenceChanged { .. })
+        ));
+        let kept = store.media("m1").await.unwrap().unwrap();
+        assert_eq!(
+            (kept.latest_use_ms(), kept.owner.as_str()),
+            (5_000, "alice")
+        );
+        assert_eq!(
+            store.media_references("m1").await.unwrap(),
+            [("d:1".to_owned(), sent.seq)]
+        );
+    }
+
+    /// A send that read the record before the sweeper forgot it cannot mark it shared: the
+    /// record stays forgotten, and the send is refused before its message commits.
+    #[tokio::test]
+    async fn media_the_sweeper_forgot_cannot_be_marked_shared_by_a_send_that_read_it_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = temp_store(&dir, 8).await;
+        an_old_upload_and_a_message_sharing_it(&store).await;
+        let read = store.media("m1").await.unwrap().unwrap();
+        store.forget_media("m1", &read).await.unwrap();
+        assert!(matches!(
+            store.share_media("m1", &read, 5_000).await,
+            Err(StoreError::FenceChanged { .. })
+        ));
+        assert_eq!(store.media("m1").await.unwrap(), None);
     }
 
     /// The outbox's raw rows of `shard` (each a commit's entries, `outbox_rows`).

@@ -704,6 +704,7 @@ mod tests {
             sha256: "sha".into(),
             created_ms: 1,
             owner: "alice".into(),
+            shared_ms: 0,
         };
         let body = Body::Media(Box::new(Media {
             media_id: id.into(),
