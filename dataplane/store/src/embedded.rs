@@ -1113,13 +1113,7 @@ mod tests {
             // A dropped handle: fjall syncs its journal on drop, so this checks the contract
             // across a reopen, not a crash (`tests/embedded_crash.rs` kills a process).
             drop(engine);
-            loop {
-                match EmbeddedEngine::open(&self.dir.path().join("store")) {
-                    Ok(e) => return Arc::new(e),
-                    // The old writer thread may still hold the file for a moment.
-                    Err(_) => tokio::task::yield_now().await,
-                }
-            }
+            Arc::new(reopen(&self.dir.path().join("store"), Caches::default()))
         }
     }
 
@@ -1303,9 +1297,9 @@ mod tests {
             named_idempotency_key(11, "d:b"),
         );
         let subspace = Keys::new(&[]).idempotency_subspaces()[1].clone();
-        for reopen in [false, true] {
-            let kv = EmbeddedEngine::open(&path).unwrap();
-            if !reopen {
+        for reopened in [false, true] {
+            let kv = reopen(&path, Caches::default());
+            if !reopened {
                 let mut batch = Batch::new();
                 batch
                     .set(below.clone(), b"c".to_vec())
@@ -1314,9 +1308,9 @@ mod tests {
             }
             let spaces = &kv.db.data;
             for key in [&old_a, &old_m, &below] {
-                assert!(held_by(&spaces.shared, key), "reopened: {reopen}");
+                assert!(held_by(&spaces.shared, key), "reopened: {reopened}");
             }
-            assert!(held_by(&spaces.idempotency, &above), "reopened: {reopen}");
+            assert!(held_by(&spaces.idempotency, &above), "reopened: {reopened}");
             let in_order = [&old_a, &below, &old_m, &above].map(|k| k.clone());
             let forwards = kv.range(subspace.clone(), 10, false).await.unwrap();
             let keys = |pairs: Vec<KeyValue>| pairs.into_iter().map(|(k, _)| k).collect::<Vec<_>>();
@@ -1326,7 +1320,7 @@ mod tests {
             let first_three = kv.range(subspace.clone(), 3, false).await.unwrap();
             assert_eq!(keys(first_three), in_order[..3].to_vec());
         }
-        let kv = EmbeddedEngine::open(&path).unwrap();
+        let kv = reopen(&path, Caches::default());
         let mut batch = Batch::new();
         batch.clear_range(subspace.clone());
         kv.commit(batch).await.unwrap();
@@ -1368,7 +1362,7 @@ mod tests {
             (b"head".to_vec(), head.clone()),
         ];
         {
-            let kv = EmbeddedEngine::open(&path).unwrap();
+            let kv = reopen(&path, Caches::default());
             let shared = kv.db.data.shared.inner();
             assert!(shared.is_kv_separated());
             let mut batch = Batch::new();
@@ -1388,7 +1382,7 @@ mod tests {
             assert_eq!(kv.get(b"ev-1").await.unwrap(), None);
             assert_eq!(kv.get(b"ev-2").await.unwrap(), Some(event.clone()));
         }
-        let kv = EmbeddedEngine::open(&path).unwrap();
+        let kv = reopen(&path, Caches::default());
         let everything = kv.range(b"a".to_vec()..b"z".to_vec(), 10, false);
         assert_eq!(everything.await.unwrap(), written[1..].to_vec());
     }
@@ -1411,10 +1405,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s");
         {
-            let kv = EmbeddedEngine::open(&path).unwrap();
+            let kv = reopen(&path, Caches::default());
             assert_eq!(table_target_bytes(&kv.db.data.shared), TABLE_TARGET_BYTES);
         }
-        let kv = EmbeddedEngine::open(&path).unwrap();
+        let kv = reopen(&path, Caches::default());
         assert_eq!(table_target_bytes(&kv.db.data.shared), TABLE_TARGET_BYTES);
         assert_eq!(table_target_bytes(&kv.db.data.idempotency), 64 << 20);
     }
@@ -1426,7 +1420,7 @@ mod tests {
     async fn a_journal_goes_once_the_data_in_it_is_flushed() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s");
-        let kv = EmbeddedEngine::open(&path).unwrap();
+        let kv = reopen(&path, Caches::default());
         // Random bytes, which the journal's compression (each value on its own) leaves their size.
         let value: Vec<u8> = (0..MAX_VALUE_BYTES).map(|_| rand::random()).collect();
         for batch_number in 0..80 {
@@ -1519,7 +1513,7 @@ mod tests {
             data.insert(b"ev-1".as_slice(), event.as_slice()).unwrap();
             db.persist(PersistMode::SyncAll).unwrap();
         }
-        let kv = EmbeddedEngine::open(&path).unwrap();
+        let kv = reopen(&path, Caches::default());
         assert_eq!(table_target_bytes(&kv.db.data.shared), 64 << 20);
         let shared = kv.db.data.shared.inner();
         assert!(!shared.is_kv_separated());
@@ -1742,7 +1736,7 @@ mod tests {
             let stamp = kv.commit(batch).await.unwrap();
             u64::from_be_bytes(stamp[..8].try_into().unwrap())
         }
-        let kv = EmbeddedEngine::open(&path).unwrap();
+        let kv = reopen(&path, Caches::default());
         assert_eq!(stored(&kv), None);
         let mut versions = vec![];
         for key in 0..5 {
@@ -1755,7 +1749,7 @@ mod tests {
             "reserved by the first group"
         );
         drop(kv);
-        let kv = EmbeddedEngine::open(&path).unwrap();
+        let kv = reopen(&path, Caches::default());
         assert_eq!(commit(&kv, 5).await, VERSIONS_RESERVED + 1);
         assert_eq!(stored(&kv), Some(2 * VERSIONS_RESERVED));
     }
@@ -1981,7 +1975,8 @@ mod tests {
         }
     }
 
-    /// The engine at `path` opened again once the one dropped has let its files go.
+    /// The engine at `path`, opened once one dropped just before has let its files go (its
+    /// writer thread holds fjall's lock for a moment after the drop).
     fn reopen(path: &Path, caches: Caches) -> EmbeddedEngine {
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {
@@ -2001,7 +1996,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s");
         let keys = Keys::new(&[]);
-        let kv = EmbeddedEngine::open(&path).unwrap();
+        let kv = reopen(&path, Caches::default());
         for (conv, n) in [("a", 5), ("b", 3)] {
             let mut batch = Batch::new();
             for seq in 1..=n {
