@@ -896,7 +896,7 @@ mod tests {
     use courier_core::sequencing::{PendingTrim, SequencerError};
     use courier_store::embedded::EmbeddedEngine;
     use courier_store::ownership::Duty;
-    use courier_store::{AppendOutcome, HeadCache, MediaReference};
+    use courier_store::{AppendOutcome, HeadCache, MediaReference, ShardLease};
     use std::sync::Mutex;
     use tokio::sync::oneshot;
 
@@ -953,16 +953,9 @@ mod tests {
         }
     }
 
-    /// Bob, with a message from each of `peer0` to `peer19` in a direct conversation (`d:0`
-    /// to `d:19`), on a store that counts its reads.
-    async fn bob_messaged_by_twenty_peers() -> (
-        Arc<courier_store::faulty_engine::FaultyEngine>,
-        Chat,
-        Identity,
-    ) {
-        let engine = courier_store::faulty_engine::FaultyEngine::new();
-        let store = engine.store(4).await;
-        let leases = store
+    /// The leases of the four shards of `store`, taken for the test.
+    async fn every_shard_of_four(store: &MessageStore) -> Vec<ShardLease> {
+        store
             .acquire_shards(
                 Duty::Sequencing,
                 "test",
@@ -972,7 +965,19 @@ mod tests {
                 u64::MAX,
             )
             .await
-            .unwrap();
+            .unwrap()
+    }
+
+    /// Bob, with a message from each of `peer0` to `peer19` in a direct conversation (`d:0`
+    /// to `d:19`), on a store that counts its reads.
+    async fn bob_messaged_by_twenty_peers() -> (
+        Arc<courier_store::faulty_engine::FaultyEngine>,
+        Chat,
+        Identity,
+    ) {
+        let engine = courier_store::faulty_engine::FaultyEngine::new();
+        let store = engine.store(4).await;
+        let leases = every_shard_of_four(&store).await;
         let mut heads = HeadCache::default();
         for i in 0..20 {
             let conv = format!("d:{i}");
@@ -1146,17 +1151,7 @@ mod tests {
         let engine = courier_store::faulty_engine::FaultyEngine::new();
         let store = engine.store(4).await;
         let conv = "g:review".to_owned();
-        let leases = store
-            .acquire_shards(
-                Duty::Sequencing,
-                "test",
-                &[0, 1, 2, 3],
-                usize::MAX,
-                0,
-                u64::MAX,
-            )
-            .await
-            .unwrap();
+        let leases = every_shard_of_four(&store).await;
         let lease = leases[store.shard_of(&conv) as usize];
         let alice = Sender {
             user: "alice".into(),

@@ -1425,15 +1425,8 @@ impl MessageStore {
     /// a store node, whatever the number of conversations).
     pub async fn members_of(&self, convs: &[&str]) -> Result<Vec<Vec<String>>, StoreError> {
         let ranges = convs.iter().map(|conv| self.keys.members(conv)).collect();
-        let answers = self.kv.ranges(ranges, usize::MAX).await?;
-        if answers.len() != convs.len() {
-            return Err(StoreError::Engine(format!(
-                "{} conversations' members asked, {} answered",
-                convs.len(),
-                answers.len()
-            )));
-        }
-        answers
+        self.ranges_each(ranges, "conversations' members")
+            .await?
             .iter()
             .map(|rows| {
                 let records = self.decode_member_rows(rows)?;
@@ -1549,15 +1542,8 @@ impl MessageStore {
         users: &[&str],
     ) -> Result<Vec<Vec<(String, DeviceRecord)>>, StoreError> {
         let ranges = users.iter().map(|user| self.keys.devices(user)).collect();
-        let answers = self.kv.ranges(ranges, usize::MAX).await?;
-        if answers.len() != users.len() {
-            return Err(StoreError::Engine(format!(
-                "{} users' devices asked, {} answered",
-                users.len(),
-                answers.len()
-            )));
-        }
-        answers
+        self.ranges_each(ranges, "users' devices")
+            .await?
             .iter()
             .map(|rows| self.decode_devices(rows))
             .collect()
@@ -2610,6 +2596,23 @@ impl MessageStore {
             )));
         }
         Ok(values)
+    }
+
+    /// Every row of each of `ranges` (`what` they are, for the error), with one read.
+    async fn ranges_each(
+        &self,
+        ranges: Vec<Range<Vec<u8>>>,
+        what: &str,
+    ) -> Result<Vec<Vec<KeyValue>>, StoreError> {
+        let asked = ranges.len();
+        let answers = self.kv.ranges(ranges, usize::MAX).await?;
+        if answers.len() != asked {
+            return Err(StoreError::Engine(format!(
+                "{asked} {what} asked, {} answered",
+                answers.len()
+            )));
+        }
+        Ok(answers)
     }
 
     /// The protobuf record stored at `key`, if any.
