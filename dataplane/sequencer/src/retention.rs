@@ -461,14 +461,8 @@ mod tests {
         assert!(!read.contains(&events_of("d:1")) && !read.contains(&events_of("d:2")));
     }
 
-    /// A trim longer than a page commits a page at a time, the references of each page's
-    /// messages to media with it: other commits never wait behind one long clear.
-    #[tokio::test]
-    async fn a_long_trim_commits_a_page_at_a_time() {
-        let engine = FaultyEngine::new();
-        let store = engine.store(4).await;
-        let sequencer = sequencer_on(&store).await;
-        send(&sequencer, "d:1", "bob", &["first"]).await;
+    /// Alice's phone, and a picture she uploaded (`m1`).
+    fn alice_and_a_picture() -> (Sender, courier_proto::Media) {
         let sender = Sender {
             user: "alice".into(),
             device: "phone".into(),
@@ -481,6 +475,18 @@ mod tests {
             name: None,
             caption: None,
         };
+        (sender, picture)
+    }
+
+    /// A trim longer than a page commits a page at a time, the references of each page's
+    /// messages to media with it: other commits never wait behind one long clear.
+    #[tokio::test]
+    async fn a_long_trim_commits_a_page_at_a_time() {
+        let engine = FaultyEngine::new();
+        let store = engine.store(4).await;
+        let sequencer = sequencer_on(&store).await;
+        send(&sequencer, "d:1", "bob", &["first"]).await;
+        let (sender, picture) = alice_and_a_picture();
         let page = CLEAR_PAGE as u64;
         let events = 2 * page + 3;
         let sends = (1..events).map(|i| {
@@ -607,18 +613,7 @@ mod tests {
         let engine = FaultyEngine::new();
         let store = engine.store(4).await;
         let sequencer = sequencer_on(&store).await;
-        let sender = Sender {
-            user: "alice".into(),
-            device: "phone".into(),
-        };
-        let picture = courier_proto::Media {
-            media_id: "m1".into(),
-            mime: "image/png".into(),
-            size: 1,
-            sha256: "00".into(),
-            name: None,
-            caption: None,
-        };
+        let (sender, picture) = alice_and_a_picture();
         let append = Append {
             create: Some(NewConversation::direct("alice", "bob")),
             ..Append::message(
