@@ -1,7 +1,8 @@
 //! A connection's acks, committed one step at a time. An `ack` takes effect before any later
 //! frame of its connection is handled (PROTOCOL.md), so while one commit of acks is under way
-//! the connection goes on reading acks only: they queue (at most [`QUEUED_MAX`]), and the
-//! first other frame waits, with reading, until they are committed. The queued acks are then
+//! the connection goes on reading acks only: they queue (at most [`QUEUED_MAX`]; one naming
+//! no valid conversation is refused at once, [`queue`]), and the first other frame waits, with
+//! reading, until they are committed. The queued acks are then
 //! committed together, as one ack per conversation and kind: the highest, since an ack is
 //! cumulative. A client that acknowledges every event in its own frame thus costs one commit
 //! (and one receipt to the senders) per step, not one per frame, and its acks never wait
@@ -15,7 +16,7 @@ use courier_chat::ChatBinding;
 use courier_core::auth::Identity;
 use courier_core::error::ApiError;
 use courier_core::metrics::Metrics;
-use courier_proto::{Ack, AckKind};
+use courier_proto::{Ack, AckKind, ids};
 use foldhash::{HashMap, HashMapExt};
 use futures::future::{BoxFuture, join_all};
 use std::sync::Arc;
@@ -24,6 +25,16 @@ use std::time::Instant;
 /// Acks queued behind a commit of acks; past it the connection reads nothing more until that
 /// commit ends.
 pub const QUEUED_MAX: usize = 1024;
+
+/// Queues `ack` behind the commit of acks under way, or refuses it at once when it names no
+/// valid conversation: a queued ack stays in memory until that commit ends, and a conversation
+/// id is at most 128 bytes where a frame may be 64 KiB. The caller keeps the queue under
+/// [`QUEUED_MAX`].
+pub fn queue(queued: &mut Vec<Ack>, ack: Ack) -> Result<(), ApiError> {
+    ids::conversation_id(&ack.conversation_id)?;
+    queued.push(ack);
+    Ok(())
+}
 
 /// A commit of acks under way: it resolves to the refused ones, each with its `ref`.
 pub type PendingAcks = BoxFuture<'static, Vec<(Option<i64>, ApiError)>>;
@@ -103,6 +114,7 @@ fn merged(acks: Vec<Ack>) -> Vec<(Ack, Vec<Ack>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use courier_proto::ErrorCode;
 
     fn ack(reference: i64, conv: &str, seq: u64, kind: AckKind) -> Ack {
         Ack {
@@ -111,6 +123,19 @@ mod tests {
             seq,
             kind,
         }
+    }
+
+    #[test]
+    fn an_ack_naming_no_valid_conversation_is_refused_rather_than_queued() {
+        let mut queued = Vec::new();
+        let long = "g:".to_owned() + &"x".repeat(60 * 1024);
+        for conv in [long.as_str(), "", "g:a/b"] {
+            let refused = queue(&mut queued, ack(1, conv, 3, AckKind::Read)).unwrap_err();
+            assert_eq!(refused.code, ErrorCode::BadRequest, "{conv:.10}");
+        }
+        assert!(queued.is_empty());
+        queue(&mut queued, ack(2, "g:a", 3, AckKind::Read)).unwrap();
+        assert_eq!(queued, [ack(2, "g:a", 3, AckKind::Read)]);
     }
 
     #[test]

@@ -457,7 +457,8 @@ impl Connection {
                 if let Some(ack) = self.ack_in(&message)
                     && self.queued_acks.len() < acks::QUEUED_MAX
                 {
-                    self.queued_acks.push(ack);
+                    // One naming no conversation would only be refused: it is dropped.
+                    let _ = acks::queue(&mut self.queued_acks, ack);
                 }
             }
         };
@@ -624,7 +625,12 @@ impl Connection {
         }
         if self.acks.is_some() {
             match frame {
-                ClientFrame::Ack(ack) => self.queued_acks.push(ack),
+                ClientFrame::Ack(ack) => {
+                    let reference = ack.reference;
+                    if let Err(e) = acks::queue(&mut self.queued_acks, ack) {
+                        return self.write_error(reference, None, e).await;
+                    }
+                }
                 other => self.held = Some(Box::new(other)),
             }
             return Ok(());
