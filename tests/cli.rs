@@ -84,6 +84,36 @@ fn assert_serve_refuses(dir: &std::path::Path, flag: &str, value: &str) {
     assert!(stderr.contains(flag), "{stderr}");
 }
 
+/// A token secret shorter than 32 bytes would let anyone who guesses it sign tokens for any
+/// user (an empty one, anyone at all): `courier serve` refuses one given as `--jwt-secret` or
+/// found in the data directory (as an interrupted first start once could leave it), and
+/// `courier token` signs nothing with one.
+#[test]
+fn a_token_secret_shorter_than_thirty_two_bytes_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    assert_serve_refuses(dir.path(), "--jwt-secret", "");
+    assert_serve_refuses(
+        dir.path(),
+        "--jwt-secret",
+        "thirty-one-bytes-is-not-enough!",
+    );
+    std::fs::write(dir.path().join("jwt-secret"), "").unwrap();
+    let courier = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_courier"))
+            .args(args)
+            .arg("--data-dir")
+            .arg(dir.path())
+            .output()
+            .unwrap()
+    };
+    let token = ["token", "--user", "alice", "--device", "phone"];
+    for refused in [courier(&["serve"]), courier(&token)] {
+        assert!(!refused.status.success());
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(stderr.contains("jwt-secret holds 0 bytes"), "{stderr}");
+    }
+}
+
 /// `--store-cache` sizes the embedded store's block cache (`/metrics` says how large; 32 MiB
 /// by default); a size that is not one is refused before anything starts.
 #[tokio::test]

@@ -328,7 +328,7 @@ impl Drop for InternalNode {
 /// Short leases, so that failovers happen within a test.
 const LEASE: &str = "1s";
 const SHARDS: &str = "8";
-const JWT_SECRET: &str = "cluster-test-jwt-secret";
+const JWT_SECRET: &str = "cluster-test-jwt-secret-of-32-bytes-or-more";
 
 /// Sends `id` to `to` until the cluster takes it (retrying `unavailable` with the same id, as
 /// clients do), and returns its seq. With `server`, a connection the server closes with

@@ -41,6 +41,21 @@ pub enum AuthError {
     Unlinked,
 }
 
+/// Fewest bytes of an HS256 secret: the key must be at least as long as the hash (RFC 7518,
+/// 3.2). A shorter one can be guessed, and an empty one lets anyone sign tokens for any user.
+pub const MIN_SECRET_BYTES: usize = 32;
+
+/// Refuses an HS256 `secret` shorter than [`MIN_SECRET_BYTES`].
+fn check_secret(secret: &[u8]) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        secret.len() >= MIN_SECRET_BYTES,
+        "the token secret is {} bytes: HS256 needs at least {MIN_SECRET_BYTES} (with a shorter \
+         one anyone who guesses it can sign tokens for any user)",
+        secret.len()
+    );
+    Ok(())
+}
+
 /// Verifies tokens.
 #[derive(Clone)]
 pub struct TokenVerifier {
@@ -49,8 +64,13 @@ pub struct TokenVerifier {
 }
 
 impl TokenVerifier {
-    pub fn hs256(secret: &[u8]) -> Self {
-        Self::with(DecodingKey::from_secret(secret), Algorithm::HS256)
+    /// A verifier for an HS256 `secret` of [`MIN_SECRET_BYTES`] at least.
+    pub fn hs256(secret: &[u8]) -> anyhow::Result<Self> {
+        check_secret(secret)?;
+        Ok(Self::with(
+            DecodingKey::from_secret(secret),
+            Algorithm::HS256,
+        ))
     }
 
     /// A verifier for a PEM public key (`EdDSA` for Ed25519, `RS256` for RSA).
@@ -88,6 +108,7 @@ impl TokenVerifier {
 
 /// Signs an HS256 token for `user`/`device`, valid for `ttl`.
 pub fn mint(secret: &[u8], user: &str, device: &str, ttl: Duration) -> anyhow::Result<String> {
+    check_secret(secret)?;
     ids::user_id(user)?;
     ids::device_id(device)?;
     let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
@@ -108,7 +129,7 @@ fn secret_path(data_dir: &Path) -> PathBuf {
     data_dir.join(SECRET_FILE)
 }
 
-/// Reads the data directory's secret.
+/// Reads the data directory's secret; one shorter than [`MIN_SECRET_BYTES`] is refused.
 pub fn read_secret(data_dir: &Path) -> anyhow::Result<Vec<u8>> {
     let path = secret_path(data_dir);
     let text = std::fs::read_to_string(&path).map_err(|e| {
@@ -119,23 +140,41 @@ pub fn read_secret(data_dir: &Path) -> anyhow::Result<Vec<u8>> {
             data_dir.display()
         )
     })?;
-    Ok(text.trim().as_bytes().to_vec())
+    let secret = text.trim().as_bytes().to_vec();
+    anyhow::ensure!(
+        secret.len() >= MIN_SECRET_BYTES,
+        "the token secret {} holds {} bytes, fewer than {MIN_SECRET_BYTES}: anyone could sign \
+         tokens with it. Delete it to have `courier serve` create a new one (tokens signed with \
+         the old one stop working), or pass --jwt-secret",
+        path.display(),
+        secret.len()
+    );
+    Ok(secret)
 }
 
-/// Reads the data directory's secret, creating it (256 random bits, mode 0600) if absent.
+/// Reads the data directory's secret, creating it (256 random bits, mode 0600) if absent. It
+/// is written whole under another name, then linked into place: no process, and no restart
+/// after a crash, finds the file without its secret. A hard link, unlike a rename, fails if
+/// another process linked its own first, whose secret is then used.
 pub fn read_or_create_secret(data_dir: &Path) -> anyhow::Result<Vec<u8>> {
     let path = secret_path(data_dir);
     if !path.exists() {
         use std::io::Write;
         let secret = hex::encode(rand::random::<[u8; 32]>());
+        let nonce = hex::encode(rand::random::<[u8; 8]>());
+        let staged = data_dir.join(format!("{SECRET_FILE}.{nonce}.new"));
         let mut options = std::fs::OpenOptions::new();
         options.write(true).create_new(true);
         #[cfg(unix)]
         std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        match options.open(&path) {
-            Ok(mut file) => {
-                file.write_all(secret.as_bytes())?;
-                file.sync_all()?;
+        let mut file = options.open(&staged)?;
+        file.write_all(secret.as_bytes())?;
+        file.sync_all()?;
+        let linked = std::fs::hard_link(&staged, &path);
+        std::fs::remove_file(&staged)?;
+        match linked {
+            Ok(()) => {
+                std::fs::File::open(data_dir)?.sync_all()?;
                 tracing::info!(path = %path.display(), "created a token secret");
             }
             // Another process created it first: use theirs.
@@ -162,17 +201,20 @@ pub fn bearer_token<'a>(authorization: Option<&'a str>, query: Option<&'a str>) 
 mod tests {
     use super::*;
 
+    const SECRET: &[u8] = b"a-secret-of-thirty-two-bytes-or-more";
+
     #[test]
     fn minted_tokens_verify_and_expired_or_forged_ones_do_not() {
-        let verifier = TokenVerifier::hs256(b"secret");
-        let token = mint(b"secret", "alice", "phone", Duration::from_secs(60)).unwrap();
+        let verifier = TokenVerifier::hs256(SECRET).unwrap();
+        let token = mint(SECRET, "alice", "phone", Duration::from_secs(60)).unwrap();
         let identity = verifier.verify(&token).unwrap();
         assert_eq!(
             (identity.user.as_str(), identity.device.as_str()),
             ("alice", "phone")
         );
         assert!(identity.issued_at_ms > 0);
-        let forged = mint(b"other", "alice", "phone", Duration::from_secs(60)).unwrap();
+        let other = b"another-secret-of-thirty-two-bytes-or-more";
+        let forged = mint(other, "alice", "phone", Duration::from_secs(60)).unwrap();
         assert!(verifier.verify(&forged).is_err());
         let expired = jsonwebtoken::encode(
             &Header::new(Algorithm::HS256),
@@ -182,10 +224,46 @@ mod tests {
                 exp: 1,
                 iat: None,
             },
-            &EncodingKey::from_secret(b"secret"),
+            &EncodingKey::from_secret(SECRET),
         )
         .unwrap();
         assert!(verifier.verify(&expired).is_err());
+    }
+
+    /// An empty or short secret would let anyone sign tokens: neither a verifier, nor a
+    /// token, nor a data directory's secret file takes one.
+    #[test]
+    fn secrets_shorter_than_thirty_two_bytes_are_refused() {
+        let short = &SECRET[..MIN_SECRET_BYTES - 1];
+        for secret in [b"".as_slice(), short] {
+            assert!(TokenVerifier::hs256(secret).is_err());
+            assert!(mint(secret, "alice", "phone", Duration::from_secs(60)).is_err());
+        }
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(secret_path(dir.path()), "\n").unwrap();
+        for read in [read_secret, read_or_create_secret] {
+            let refused = read(dir.path()).unwrap_err().to_string();
+            assert!(refused.contains("holds 0 bytes"), "{refused}");
+        }
+    }
+
+    /// Processes that start together on an empty data directory all get the one secret
+    /// written, whole.
+    #[test]
+    fn a_secret_created_by_racing_processes_is_one_and_whole() {
+        for _ in 0..20 {
+            let dir = tempfile::tempdir().unwrap();
+            let secrets: Vec<Vec<u8>> = std::thread::scope(|scope| {
+                let racers: Vec<_> = (0..4)
+                    .map(|_| scope.spawn(|| read_or_create_secret(dir.path()).unwrap()))
+                    .collect();
+                racers.into_iter().map(|r| r.join().unwrap()).collect()
+            });
+            assert_eq!(secrets[0].len(), 64);
+            assert!(secrets.iter().all(|s| *s == secrets[0]));
+            let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+            assert_eq!(left.len(), 1, "only the secret is left");
+        }
     }
 
     #[test]

@@ -102,11 +102,10 @@ pub fn verifier(config: &ServeConfig) -> anyhow::Result<TokenVerifier> {
         };
         return TokenVerifier::public_key(&pem, algorithm);
     }
-    let secret = match &config.jwt_secret {
-        Some(secret) => secret.as_bytes().to_vec(),
-        None => auth::read_or_create_secret(&config.data_dir)?,
-    };
-    Ok(TokenVerifier::hs256(&secret))
+    match &config.jwt_secret {
+        Some(secret) => TokenVerifier::hs256(secret.as_bytes()).context("--jwt-secret"),
+        None => TokenVerifier::hs256(&auth::read_or_create_secret(&config.data_dir)?),
+    }
 }
 
 /// The store: one engine, or with `--storage-partitions` one per partition of the table
