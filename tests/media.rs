@@ -280,6 +280,36 @@ async fn signed_urls_download_without_a_token_until_they_expire() {
     assert_eq!(status, 404, "only readers get signed URLs");
 }
 
+/// Media a user uploaded never acts as a page of the server's origin (the web app's, with
+/// `--web-dir`): a page or an SVG is served sandboxed, as itself, and to be saved; a picture
+/// may be shown.
+#[tokio::test]
+async fn uploaded_pages_are_served_inert() {
+    let (_dir, server) = start(&[]);
+    let page = b"<script>alert(sessionStorage.getItem('courier.token'))</script>".to_vec();
+    for (mime, disposition) in [
+        ("text/html", "attachment"),
+        ("image/svg+xml", "attachment"),
+        ("application/pdf", "attachment"),
+        ("image/png", "inline"),
+        ("video/mp4", "inline"),
+    ] {
+        let (status, uploaded) = upload(&server, "mallory", mime, page.clone()).await;
+        assert_eq!(status, 201, "{uploaded}");
+        let id = uploaded["media_id"].as_str().unwrap();
+        let served = download(&server, "mallory", id, &[]).await;
+        assert_eq!(served.status(), 200);
+        let header = |name: &str| {
+            let value = served.headers().get(name).map(|v| v.to_str().unwrap());
+            value.unwrap_or_default().to_owned()
+        };
+        assert_eq!(header("content-type"), mime);
+        assert_eq!(header("content-disposition"), disposition, "{mime}");
+        assert_eq!(header("x-content-type-options"), "nosniff");
+        assert!(header("content-security-policy").starts_with("sandbox"));
+    }
+}
+
 /// Two messages of one conversation carry the same media id.
 async fn share_twice(server: &Server, uploaded: &serde_json::Value) -> (String, u64, u64) {
     let mut alice = server.connect("alice", "phone").await;

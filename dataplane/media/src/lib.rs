@@ -127,6 +127,14 @@ fn storage_error(e: impl std::fmt::Display) -> ApiError {
     ApiError::new(ErrorCode::Internal, "media storage error")
 }
 
+/// Whether media of type `mime` may be shown in the browser rather than saved: pictures (but
+/// SVG, which may hold scripts), sound and video.
+fn shown_inline(mime: &str) -> bool {
+    let mime = mime.to_ascii_lowercase();
+    let picture = mime.starts_with("image/") && !mime.contains("svg");
+    picture || mime.starts_with("audio/") || mime.starts_with("video/")
+}
+
 fn blob_path(sha256: &str) -> ObjectPath {
     ObjectPath::from(format!("blobs/{sha256}"))
 }
@@ -353,6 +361,22 @@ impl MediaService {
             .header(
                 header::CACHE_CONTROL,
                 "private, max-age=31536000, immutable",
+            )
+            // What a user uploaded never acts as a page of the origin it is served from (the
+            // web app's, with `--web-dir`): no script runs in it, its type is taken as given,
+            // and any type but pictures, sound and video is saved rather than shown.
+            .header(
+                header::CONTENT_SECURITY_POLICY,
+                "sandbox; default-src 'none'",
+            )
+            .header(header::X_CONTENT_TYPE_OPTIONS, "nosniff")
+            .header(
+                header::CONTENT_DISPOSITION,
+                if shown_inline(&record.mime) {
+                    "inline"
+                } else {
+                    "attachment"
+                },
             );
         if cached {
             return response
