@@ -214,7 +214,7 @@ test("signing in: a pasted token works, a token the server refuses leads back to
 
   const forged = execFileSync(
     COURIER_BIN,
-    ["token", "--user", "mallory", "--device", "web", "--jwt-secret", "not-the-server-secret"],
+    ["token", "--user", "mallory", "--device", "web", "--jwt-secret", "not-the-server-secret-though-32-bytes-long"],
     { encoding: "utf8" },
   ).trim();
   await page.fill("#token-input", forged);
