@@ -794,3 +794,31 @@ async fn an_ack_read_while_an_unlinked_device_closes_is_not_committed() {
         "every message again, from an empty cursor"
     );
 }
+
+/// Once its removal is answered, a removed member gets no typing and no receipts of the group:
+/// the node's membership cache, which fanout keeps, is brought through the removal first.
+#[tokio::test]
+async fn a_removed_member_gets_no_typing_or_receipts_once_its_removal_is_answered() {
+    let (_dir, server) = start(&[]);
+    let admin = server.http("alice", "p");
+    for round in 0..10 {
+        let conv = admin
+            .create_group("g", &users(&["bob", "carol"]))
+            .await
+            .unwrap();
+        let mut alice = connected(&server, "alice", "p").await;
+        let mut carol = connected(&server, "carol", "p").await;
+        let mut bob = connected(&server, "bob", "p").await;
+        admin.remove_member(&conv, "bob").await.unwrap();
+        alice.typing(&conv, true).await.unwrap();
+        carol.ack(&conv, 2, AckKind::Read).await.unwrap();
+        alice.ping().await.unwrap();
+        carol.ping().await.unwrap();
+        while let Ok(frame) = bob.next_frame_within(Duration::from_millis(150)).await {
+            assert!(
+                !matches!(frame, ServerFrame::Typing(_) | ServerFrame::Receipt(_)),
+                "round {round}: removed bob got {frame:?}"
+            );
+        }
+    }
+}

@@ -178,11 +178,18 @@ impl Chat {
             }
         }
         let payload = EventPayload::MemberRemoved(MembershipChange::new(vec![user.to_owned()]));
-        match self.membership_append(who, conv, payload).await {
-            Err(SequencerError::Refused(AppendRefused::NoChange)) => Err(ApiError::not_found(
-                format!("{user} is not a member of {conv}"),
-            )),
-            result => result.map(drop).map_err(ApiError::from),
-        }
+        let removal = match self.membership_append(who, conv, payload).await {
+            Err(SequencerError::Refused(AppendRefused::NoChange)) => {
+                return Err(ApiError::not_found(format!(
+                    "{user} is not a member of {conv}"
+                )));
+            }
+            result => result?,
+        };
+        // Typing and receipts go to the members the cache holds, which this node's fanout
+        // brings up to date only as it passes the removal: loaded through it now, so that
+        // nothing relayed after this answer reaches the removed user.
+        self.membership.members_at(conv, removal.seq).await?;
+        Ok(())
     }
 }
