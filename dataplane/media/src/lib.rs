@@ -238,10 +238,10 @@ impl MediaService {
                 return Err(too_large(self.config.media_max_bytes));
             }
             hash.update(&chunk);
-            writer
-                .wait_for_capacity(UPLOAD_CONCURRENCY)
-                .await
-                .map_err(storage_error)?;
+            if let Err(e) = writer.wait_for_capacity(UPLOAD_CONCURRENCY).await {
+                let _ = writer.abort().await;
+                return Err(storage_error(e));
+            }
             writer.put(chunk);
         }
         if size == 0 {
@@ -259,24 +259,10 @@ impl MediaService {
             owner: who.user.clone(),
             shared_ms: 0,
         };
-        // The quota is decided by the record's commit (the same upload again costs nothing),
-        // before the bytes are kept. Should keeping them fail, the record names missing bytes
-        // until the same upload is retried (same id) or the sweeper forgets it.
-        let quota = self.config.media_quota_per_user;
-        if let MediaAdmission::OverQuota { used } =
-            self.store.put_media(&media_id, &record, quota).await?
-        {
-            self.objects.delete(&staging).await.map_err(storage_error)?;
-            return Err(over_quota(quota, used));
-        }
-        let blob = blob_path(&sha256);
-        if self.objects.head(&blob).await.is_ok() {
-            self.objects.delete(&staging).await.map_err(storage_error)?;
-        } else {
-            self.objects
-                .rename(&staging, &blob)
-                .await
-                .map_err(storage_error)?;
+        if let Err(e) = self.keep(&staging, &media_id, &record).await {
+            // Nothing keeps the staged bytes once their record or their move failed.
+            let _ = self.objects.delete(&staging).await;
+            return Err(e);
         }
         self.metrics.media_uploaded_bytes.inc_by(size);
         Ok(Uploaded {
@@ -285,6 +271,30 @@ impl MediaService {
             size,
             sha256,
         })
+    }
+
+    /// Records the upload staged at `staging` as `id`, then keeps its bytes under their hash
+    /// (once: the same bytes staged again are dropped). The quota is decided by the record's
+    /// commit (the same upload again costs nothing), before the bytes are kept; should keeping
+    /// them fail, the record names missing bytes until the same upload is retried (same id) or
+    /// the sweeper forgets it.
+    async fn keep(
+        &self,
+        staging: &ObjectPath,
+        id: &str,
+        record: &MediaRecord,
+    ) -> Result<(), ApiError> {
+        let quota = self.config.media_quota_per_user;
+        if let MediaAdmission::OverQuota { used } = self.store.put_media(id, record, quota).await? {
+            return Err(over_quota(quota, used));
+        }
+        let blob = blob_path(&record.sha256);
+        if self.objects.head(&blob).await.is_ok() {
+            self.objects.delete(staging).await
+        } else {
+            self.objects.rename(staging, &blob).await
+        }
+        .map_err(storage_error)
     }
 
     /// The record of media `id` if `user` may read it: its uploader, or a user who may read a
@@ -691,6 +701,25 @@ mod tests {
         media.store.put_media(&id, &unshared, 0).await.unwrap();
         assert_eq!(media.sweep().await.unwrap(), 1, "unused for two TTLs");
         assert_eq!(media.store.media(&id).await.unwrap(), None);
+    }
+
+    /// An upload whose record cannot be committed leaves no staged bytes behind.
+    #[tokio::test]
+    async fn an_upload_that_cannot_be_recorded_leaves_nothing_staged() {
+        let (engine, dir) = (FaultyEngine::new(), tempfile::tempdir().unwrap());
+        let media = media_over(&engine, dir.path()).await;
+        engine.set_fault(Some(Box::new(|_| {
+            Some(courier_store::StoreError::Engine("the disk is gone".into()))
+        })));
+        let body = Body::from(vec![7u8; 10]);
+        let refused = media.upload(&user("alice"), "image/png", body).await;
+        assert!(refused.is_err());
+        let staged: Vec<_> = media
+            .objects
+            .list(Some(&ObjectPath::from("staging")))
+            .collect()
+            .await;
+        assert!(staged.is_empty(), "{staged:?}");
     }
 
     #[test]
