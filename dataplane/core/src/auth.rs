@@ -19,6 +19,9 @@ struct Claims {
     /// Issue time (seconds); tokens issued before a device was unlinked are refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     iat: Option<u64>,
+    /// Not before (seconds): a token an issuer dated ahead is refused until then (RFC 7519).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    nbf: Option<u64>,
 }
 
 /// The identity a verified token grants.
@@ -88,6 +91,7 @@ impl TokenVerifier {
     fn with(key: DecodingKey, algorithm: Algorithm) -> Self {
         let mut validation = Validation::new(algorithm);
         validation.leeway = 0;
+        validation.validate_nbf = true;
         validation.set_required_spec_claims(&["exp", "sub"]);
         Self { key, validation }
     }
@@ -117,6 +121,7 @@ pub fn mint(secret: &[u8], user: &str, device: &str, ttl: Duration) -> anyhow::R
         dev: device.to_owned(),
         exp: now + ttl.as_secs(),
         iat: Some(now),
+        nbf: None,
     };
     Ok(jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),
@@ -223,11 +228,39 @@ mod tests {
                 dev: "phone".into(),
                 exp: 1,
                 iat: None,
+                nbf: None,
             },
             &EncodingKey::from_secret(SECRET),
         )
         .unwrap();
         assert!(verifier.verify(&expired).is_err());
+    }
+
+    /// A token its issuer dated to take effect later (`nbf`) is refused until then.
+    #[test]
+    fn tokens_not_yet_valid_are_refused() {
+        let verifier = TokenVerifier::hs256(SECRET).unwrap();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let token = |nbf| {
+            jsonwebtoken::encode(
+                &Header::new(Algorithm::HS256),
+                &Claims {
+                    sub: "alice".into(),
+                    dev: "phone".into(),
+                    exp: now + 3_600,
+                    iat: Some(now),
+                    nbf: Some(nbf),
+                },
+                &EncodingKey::from_secret(SECRET),
+            )
+            .unwrap()
+        };
+        let error = verifier.verify(&token(now + 600)).unwrap_err();
+        assert!(error.to_string().contains("ImmatureSignature"), "{error}");
+        assert!(verifier.verify(&token(now.saturating_sub(1))).is_ok());
     }
 
     /// An empty or short secret would let anyone sign tokens: neither a verifier, nor a
