@@ -278,6 +278,15 @@ async fn signed_urls_download_without_a_token_until_they_expire() {
         .await
         .unwrap();
     assert_eq!(status, 404, "only readers get signed URLs");
+    let malformed = reqwest::get(format!(
+        "{}/v1/media/{id}?expires=soon&signature=x",
+        server.http_url()
+    ))
+    .await
+    .unwrap();
+    assert_eq!(malformed.status(), 400);
+    let body: serde_json::Value = malformed.json().await.unwrap();
+    assert_eq!(body["code"], "bad_request", "{body}");
 }
 
 /// Media a user uploaded never acts as a page of the server's origin (the web app's, with

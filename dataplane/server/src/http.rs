@@ -267,9 +267,8 @@ async fn messages(
     State(state): State<Arc<AppState>>,
     Caller(who): Caller,
     Path(id): Path<String>,
-    query: Result<Query<PageQuery>, axum::extract::rejection::QueryRejection>,
+    QueryParams(page): QueryParams<PageQuery>,
 ) -> Result<Response, ApiError> {
-    let Query(page) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let page = state
         .chat
         .fetch(&who, &id, page.after_seq.unwrap_or(0), page.limit)
@@ -279,6 +278,20 @@ async fn messages(
         body["floor_seq"] = floor.into();
     }
     Ok(Json(body).into_response())
+}
+
+/// A URL's query parameters, with decoding errors answered as `bad_request`.
+pub struct QueryParams<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequestParts<S> for QueryParams<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(value)) => Ok(QueryParams(value)),
+            Err(e) => Err(ApiError::bad_request(e.body_text())),
+        }
+    }
 }
 
 /// A JSON body, with decoding errors answered as `bad_request`.

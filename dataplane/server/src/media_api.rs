@@ -5,8 +5,8 @@
 //! ([`ClientAuth`]). A gateway node without the media role answers the same paths and
 //! methods ([`routes`]) by forwarding them to a media node ([`crate::media_proxy`]).
 
-use crate::http::{Authenticates, Caller, ClientAuth};
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use crate::http::{Authenticates, Caller, ClientAuth, QueryParams};
+use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get, post};
@@ -76,7 +76,7 @@ struct SignedQuery {
 async fn download(
     State(api): State<Arc<MediaApi>>,
     Path(id): Path<String>,
-    Query(signed): Query<SignedQuery>,
+    QueryParams(signed): QueryParams<SignedQuery>,
     uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
