@@ -25,6 +25,9 @@ const JWT_BEARER: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
 const ASSERTION_LIFETIME: u64 = 3600;
 /// An access token is renewed this long before it expires.
 const RENEW_BEFORE: Duration = Duration::from_secs(300);
+/// An access token is kept at most this long, whatever lifetime the token endpoint gives
+/// (Google's are an hour): a lifetime past `Instant`'s range would otherwise panic.
+const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
 
 /// The fields of a Google service-account JSON file that FCM needs.
 #[derive(serde::Deserialize)]
@@ -167,10 +170,8 @@ impl Fcm {
             tracing::warn!(error = %e, "the FCM OAuth token endpoint answered without a token");
             PushError::Retry { after: None }
         })?;
-        *cached = Some((
-            token.access_token.clone(),
-            Instant::now() + Duration::from_secs(token.expires_in),
-        ));
+        let lifetime = Duration::from_secs(token.expires_in).min(MAX_TOKEN_LIFETIME);
+        *cached = Some((token.access_token.clone(), Instant::now() + lifetime));
         Ok(token.access_token)
     }
 
@@ -283,8 +284,9 @@ fn outcome(answer: &Answer) -> Outcome {
     let code = error.code();
     Outcome::Done(Err(match answer.status.as_u16() {
         // The token was valid once and is no more (the app was uninstalled...).
+        // A 404 without it is not about the token (a wrong project id in the URL answers
+        // 404 too): given up, so that it cannot erase every registration.
         _ if code == "UNREGISTERED" => PushError::InvalidToken,
-        404 => PushError::InvalidToken,
         400 if error.token_is_malformed() => PushError::InvalidToken,
         // FCM could not authenticate to APNs (the Firebase project's APNs key or certificate).
         401 if code == "THIRD_PARTY_AUTH_ERROR" => PushError::Rejected(format!(
@@ -366,8 +368,10 @@ mod tests {
                 Done(Err(PushError::InvalidToken)),
             ),
             (
-                Answer::canned(404, None, ""),
-                Done(Err(PushError::InvalidToken)),
+                Answer::canned(404, None, "Not Found"),
+                Done(Err(PushError::Rejected(
+                    "HTTP 404 Not Found: Not Found".into(),
+                ))),
             ),
             (
                 Answer::canned(

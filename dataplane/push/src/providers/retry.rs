@@ -7,6 +7,9 @@ use std::time::{Duration, SystemTime};
 pub const BASE_DELAY: Duration = Duration::from_millis(200);
 /// No backoff waits longer than this (a provider's `Retry-After` may).
 pub const MAX_DELAY: Duration = Duration::from_secs(60);
+/// A provider's `Retry-After` is honoured up to this long: a notification held longer is of
+/// little use, and one held "forever" would also hold every later message of its conversation.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
 /// The delay before retry `attempt` (1-based; 0 is read as 1): a uniformly random duration up
 /// to `min(60 s, 200 ms * 2^(attempt-1))` ("full jitter", so that devices throttled together do
@@ -28,18 +31,22 @@ pub fn backoff_ceiling(attempt: u32) -> Duration {
     BASE_DELAY.saturating_mul(1u32 << doublings).min(MAX_DELAY)
 }
 
-/// Reads a `Retry-After` header: delay-seconds, or an HTTP date (a date in the past means now).
+/// Reads a `Retry-After` header: delay-seconds, or an HTTP date (a date in the past means now),
+/// [`MAX_RETRY_AFTER`] at most.
 pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
     let value = headers
         .get(reqwest::header::RETRY_AFTER)?
         .to_str()
         .ok()?
         .trim();
-    if let Ok(seconds) = value.parse::<u64>() {
-        return Some(Duration::from_secs(seconds));
-    }
-    let at = httpdate::parse_http_date(value).ok()?;
-    Some(at.duration_since(SystemTime::now()).unwrap_or_default())
+    let after = match value.parse::<u64>() {
+        Ok(seconds) => Duration::from_secs(seconds),
+        Err(_) => {
+            let at = httpdate::parse_http_date(value).ok()?;
+            at.duration_since(SystemTime::now()).unwrap_or_default()
+        }
+    };
+    Some(after.min(MAX_RETRY_AFTER))
 }
 
 #[cfg(test)]
@@ -103,5 +110,15 @@ mod tests {
         assert!(parsed > Duration::from_secs(3000) && parsed <= Duration::from_secs(3600));
         headers.insert(RETRY_AFTER, HeaderValue::from_static("soon"));
         assert_eq!(retry_after(&headers), None);
+        headers.insert(RETRY_AFTER, HeaderValue::from_static("18446744073709551"));
+        assert_eq!(
+            retry_after(&headers),
+            Some(MAX_RETRY_AFTER),
+            "an hour at most"
+        );
+        let next_year =
+            httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(3.2e7 as u64));
+        headers.insert(RETRY_AFTER, HeaderValue::from_str(&next_year).unwrap());
+        assert_eq!(retry_after(&headers), Some(MAX_RETRY_AFTER));
     }
 }

@@ -444,6 +444,24 @@ async fn fcm_token_endpoint_failures_never_blame_the_device_token() {
     assert_eq!(server.sends()[0].header("authorization"), "Bearer access-1");
 }
 
+/// A token endpoint that names a lifetime past any clock's range gets its token used and
+/// renewed within the hour, not a panic.
+#[tokio::test]
+async fn fcm_keeps_an_access_token_an_hour_at_most() {
+    let server = ProviderServer::start().await;
+    let fcm = fcm(&server);
+    server.script_token(reply(
+        200,
+        r#"{"access_token":"forever","expires_in":18446744073709551615,"token_type":"Bearer"}"#,
+    ));
+    fcm.send("t", &notification()).await.unwrap();
+    fcm.send("t", &notification()).await.unwrap();
+    let sends = server.sends();
+    assert_eq!(sends[0].header("authorization"), "Bearer forever");
+    assert_eq!(sends[1].header("authorization"), "Bearer forever");
+    assert_eq!(server.token_requests().len(), 1);
+}
+
 const KEY_ID: &str = "KEY1234567";
 const TEAM_ID: &str = "TEAM123456";
 const TOPIC: &str = "dev.courier.app";
@@ -656,7 +674,12 @@ async fn webhook_posts_signed_json_and_reads_the_answer() {
             Err(PushError::Retry { after: None }),
         ),
         (reply(410, "gone"), Err(PushError::InvalidToken)),
-        (reply(404, "no such device"), Err(PushError::InvalidToken)),
+        (
+            reply(404, "no such route"),
+            Err(PushError::Rejected(
+                "HTTP 404 Not Found: no such route".into(),
+            )),
+        ),
         (
             reply(400, "bad"),
             Err(PushError::Rejected("HTTP 400 Bad Request: bad".into())),

@@ -5,8 +5,9 @@
 //! `X-Courier-Signature: sha256=<hex HMAC-SHA256(secret, "<timestamp>.<body>")>`: the
 //! timestamp is signed with the body so that a captured request cannot be replayed later;
 //! receivers check the signature over the raw body and refuse old timestamps. Answers: 2xx
-//! delivered; 404 or 410 the token is dead; 429 and 5xx retried (honouring `Retry-After`);
-//! other 4xx given up.
+//! delivered; 410 the token is dead; 429 and 5xx retried (honouring `Retry-After`); other 4xx
+//! given up. A 404 is given up too, not taken for a dead token: the token travels in the body,
+//! so a 404 is most likely a wrong URL, which would otherwise erase every registration.
 
 use super::{
     Answer, Notification, PushError, PushProvider, http_client, network, now_secs, preview,
@@ -84,10 +85,6 @@ impl PushProvider for Webhook {
             .send()
             .await
             .map_err(network)?;
-        let answer = Answer::read(response).await;
-        if answer.status.as_u16() == 404 {
-            return Err(PushError::InvalidToken);
-        }
-        answer.classify()
+        Answer::read(response).await.classify()
     }
 }
