@@ -27,6 +27,7 @@ pub async fn run_all(harness: &mut dyn EngineHarness) {
     atomic_max_and_add(&kv).await;
     counters_follow_every_other_write(kv.as_ref()).await;
     versionstamps_follow_commit_order(kv.as_ref()).await;
+    a_malformed_batch_fails_alone(kv.as_ref()).await;
     dropping_expired_keys_keeps_every_other(kv.as_ref()).await;
     reopen_keeps_every_commit(harness, kv).await;
 }
@@ -391,6 +392,43 @@ pub async fn versionstamps_follow_commit_order(kv: &dyn KvEngine) {
         &stamps[0][..],
         "the key holds the commit's stamp"
     );
+}
+
+/// A batch the engine cannot write (here, a versionstamped key that names no valid place for
+/// its stamp) is refused by itself: batches committed beside it, in the same group commit of
+/// an engine that groups them, are not.
+pub async fn a_malformed_batch_fails_alone(kv: &dyn KvEngine) {
+    let good = |i: u32| async move {
+        let mut batch = Batch::new();
+        batch.set(key("m/", i), b"v".to_vec());
+        kv.commit(batch).await
+    };
+    let bad = async {
+        let mut batch = Batch::new();
+        batch.set_versionstamped_key(b"m/x".to_vec(), b"v".to_vec());
+        kv.commit(batch).await
+    };
+    let (before, bad, after) = tokio::join!(
+        futures::future::join_all((0..50).map(good)),
+        bad,
+        futures::future::join_all((50..100).map(good)),
+    );
+    assert!(
+        matches!(bad, Err(StoreError::TooLarge(_))),
+        "a malformed batch is refused as such: {bad:?}"
+    );
+    let failed: Vec<_> = before.iter().chain(&after).filter(|r| r.is_err()).collect();
+    assert!(
+        failed.is_empty(),
+        "{} well-formed batches failed with another's: {:?}",
+        failed.len(),
+        failed.first()
+    );
+    let written = kv
+        .range(key("m/", 0)..key("m/", 100), usize::MAX, false)
+        .await
+        .unwrap();
+    assert_eq!(written.len(), 100, "every well-formed batch was written");
 }
 
 /// Everything committed survives a crash; stamps keep growing after it.

@@ -13,16 +13,22 @@ pub type CommitStamp = [u8; 10];
 /// `stamp`: the stamp written at the offset named by the key's last four bytes, and those
 /// bytes dropped.
 pub fn complete_versionstamped_key(key: &[u8], stamp: &CommitStamp) -> Result<Vec<u8>, StoreError> {
+    let (body, offset) = versionstamp_offset(key)?;
+    let mut out = body.to_vec();
+    out[offset..offset + stamp.len()].copy_from_slice(stamp);
+    Ok(out)
+}
+
+/// A versionstamped key's body and the offset its stamp goes to, or why it has none.
+fn versionstamp_offset(key: &[u8]) -> Result<(&[u8], usize), StoreError> {
     let invalid = || StoreError::TooLarge("versionstamped key without a valid offset".into());
     let split = key.len().checked_sub(4).ok_or_else(invalid)?;
     let (body, offset) = key.split_at(split);
     let offset = u32::from_le_bytes(offset.try_into().map_err(|_| invalid())?) as usize;
-    if offset + stamp.len() > body.len() {
+    if offset.saturating_add(size_of::<CommitStamp>()) > body.len() {
         return Err(invalid());
     }
-    let mut out = body.to_vec();
-    out[offset..offset + stamp.len()].copy_from_slice(stamp);
-    Ok(out)
+    Ok((body, offset))
 }
 
 /// A key and its value.
@@ -168,7 +174,8 @@ pub struct BatchLimits {
 }
 
 impl Batch {
-    /// Refuses a batch beyond `limits` with a [`StoreError::TooLarge`] that names the limit.
+    /// Refuses a batch beyond `limits` with a [`StoreError::TooLarge`] that names the limit, or
+    /// one with a versionstamped key that says nowhere valid where its stamp goes.
     pub fn check(&self, limits: &BatchLimits) -> Result<(), StoreError> {
         for m in &self.mutations {
             let (key, value) = match m {
@@ -185,6 +192,11 @@ impl Batch {
                     "keys are limited to {} bytes and values to {}",
                     limits.max_key_bytes, limits.max_value_bytes
                 )));
+            }
+            // Refused here rather than by the engine as it writes: an engine that commits
+            // batches in groups would otherwise fail the whole group with it.
+            if let Mutation::SetVersionstampedKey { key, .. } = m {
+                versionstamp_offset(key)?;
             }
         }
         if self.approximate_size() > limits.max_batch_bytes {
