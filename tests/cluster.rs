@@ -588,6 +588,23 @@ async fn the_admin_api_lists_nodes_moves_every_shard_and_drains_a_node_while_cli
     let mut sent: Vec<Vec<(String, u64)>> = vec![Vec::new(); peers.len()];
     send_round(&front, &mut alice, &peers, 1, &mut sent).await;
 
+    // A move to a node that is not a live sequencer is refused, and the shard stays served.
+    for (to, code) in [
+        ("ghost", tonic::Code::NotFound),
+        ("front", tonic::Code::FailedPrecondition),
+    ] {
+        let refused = admin(&first)
+            .await
+            .move_shard(MoveShardRequest {
+                shard: 0,
+                to: to.into(),
+            })
+            .await;
+        assert_eq!(refused.unwrap_err().code(), code, "a move to {to}");
+    }
+    assert_eq!(owned(&first).await, (0..8).collect::<Vec<u32>>());
+    send_round(&front, &mut alice, &peers, 10, &mut sent).await;
+
     // Every shard moves from s1 to s2; each move returns once s2 serves the shard.
     for shard in 0..8 {
         let moved = admin(&first)

@@ -10,9 +10,11 @@
 //!
 //! A move is the hand-off of `LocalSequencer::hand_off` (freeze here, flip owner and epoch in
 //! one commit), then a call to the target's `TakeShards`, so that the move returns once the
-//! target serves the shard. A move that fails after the flip leaves the shard to the target in
+//! target serves the shard. A target that is not a live sequencer node is refused first
+//! (`NOT_FOUND` when unregistered, `FAILED_PRECONDITION` otherwise), with the shard untouched. A move that fails after the flip leaves the shard to the target in
 //! the store; the target takes it at its next lease round.
 
+use crate::node::Role;
 use courier_core::clock::now_ms;
 use courier_gateway::drain::GatewayDrain;
 use courier_rpc::ClusterToken;
@@ -29,7 +31,7 @@ use courier_rpc::sequencer::to_status;
 use courier_rpc::status;
 use courier_sequencer::LocalSequencer;
 use courier_store::MessageStore;
-use courier_store::nodes::ForgetOutcome;
+use courier_store::nodes::{ForgetOutcome, NodeRecord};
 use courier_store::ownership::{Duty, ShardOwner};
 use courier_store::shard_map::{DEFAULT_OUTBOX_COUNT_LIMIT, ShardState};
 use std::sync::Arc;
@@ -95,8 +97,10 @@ impl AdminService {
         })
     }
 
-    /// Asks node `id` to take the shards handed to it now.
-    async fn tell_to_take(&self, id: &str) -> Result<(), Status> {
+    /// Node `id`'s record, if it is a live sequencer node: the only kind a shard may move to.
+    /// Checked before the hand-off, which would otherwise leave the shard, leased to a node that
+    /// never serves it, unserved until that lease lapses.
+    async fn live_sequencer(&self, id: &str) -> Result<NodeRecord, Status> {
         let nodes = self
             .store
             .nodes()
@@ -106,7 +110,22 @@ impl AdminService {
             .into_iter()
             .find(|(node, _)| node == id)
             .ok_or_else(|| Status::not_found(format!("no node {id} is registered")))?;
-        let channel = Endpoint::from_shared(format!("http://{}", node.address))
+        if !node.is_live(now_ms()) {
+            return Err(Status::failed_precondition(format!(
+                "node {id} is not live: its lease lapsed"
+            )));
+        }
+        if !node.roles.iter().any(|role| role == Role::Sequencer.name()) {
+            return Err(Status::failed_precondition(format!(
+                "node {id} runs no sequencer"
+            )));
+        }
+        Ok(node)
+    }
+
+    /// Asks node `id`, at `address`, to take the shards handed to it now.
+    async fn tell_to_take(&self, id: &str, address: &str) -> Result<(), Status> {
+        let channel = Endpoint::from_shared(format!("http://{address}"))
             .map_err(|e| Status::internal(format!("node {id} has an invalid address: {e}")))?
             .timeout(TAKE_TIMEOUT)
             .connect()
@@ -214,11 +233,13 @@ impl admin_server::Admin for AdminService {
         if to == self.node {
             return Err(Status::invalid_argument("the shard is already this node's"));
         }
-        self.sequencer()?
+        let sequencer = self.sequencer()?;
+        let target = self.live_sequencer(&to).await?;
+        sequencer
             .hand_off(shard, &to)
             .await
             .map_err(|e| to_status(&e))?;
-        self.tell_to_take(&to).await?;
+        self.tell_to_take(&to, &target.address).await?;
         let owner = self
             .store
             .shard_owner(Duty::Sequencing, shard)

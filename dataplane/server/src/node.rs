@@ -81,7 +81,7 @@ pub enum Role {
 }
 
 impl Role {
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             Role::Gateway => "gateway",
             Role::Chat => "chat",
