@@ -852,6 +852,15 @@ impl Notifier {
             self.count("dropped");
             return self.settle(key, &pending, None).await;
         };
+        if self.store.push_token_taken(&user, &device, &record).await? {
+            // Registered before the index of tokens, and by another device since: the app
+            // instance is someone else's now (`courier_store::push_tokens`).
+            self.count("dropped");
+            Devices::new(self.store.clone())
+                .drop_push(&user, &device, &record.push_token)
+                .await?;
+            return self.settle(key, &pending, None).await;
+        }
         if self.store.device_cursor(&user, &device, &conv).await? >= pending.last_seq {
             // The device connected and took the messages while the notification waited.
             self.count("delivered");
@@ -1055,6 +1064,44 @@ mod tests {
             })
             .await
             .unwrap();
+    }
+
+    /// A phone registered with a token before the index of tokens existed, and registered by
+    /// another user since (signed in on the same app instance), is not notified with it: its
+    /// user's messages would show on the other user's screen.
+    #[tokio::test]
+    async fn a_token_another_user_registered_since_is_not_notified_for_the_first() {
+        let engine = FaultyEngine::new();
+        let store = engine.store(4).await;
+        // Ann's phone holds the token Bob's phone registers below; the index has no entry
+        // for it, as for registrations written before the index.
+        store
+            .update_device("ann", "phone", |record| {
+                let mut record = record.cloned().unwrap_or_default();
+                record.push_provider = "webhook".into();
+                record.push_token = "bob".into();
+                Some(record)
+            })
+            .await
+            .unwrap();
+        let mut batch = Batch::new();
+        batch.clear(store.keys().push_token("webhook", "bob"));
+        engine.commit(batch).await.unwrap();
+        let members = vec!["cat".to_owned(), "ann".to_owned(), "bob".to_owned()];
+        group_with_a_message_and_push(&store, "g:1", &members, &["bob".to_owned()]).await;
+        let (providers, seen) = webhook().await;
+        let notifier = notifier(&store, providers, Duration::ZERO);
+        assert!(
+            notifier
+                .expand(vec![store.shard_of("g:1")])
+                .await
+                .failed
+                .is_empty()
+        );
+        notifier.send_due().await.unwrap();
+        assert_eq!(seen.lock().unwrap().len(), 1, "Bob's phone, once");
+        let ann = store.device("ann", "phone").await.unwrap().unwrap();
+        assert_eq!(ann.push_token, "", "Ann's stale registration was dropped");
     }
 
     /// A group of `members` with a push-registered, offline phone each, and one message from

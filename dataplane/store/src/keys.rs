@@ -26,6 +26,7 @@
 //! | `pcur` | `("pcur", shard)` | the push notifier's bound in the outbox: every message below it was expanded into pending notifications |
 //! | `floor` | `("floor", conv)` | lowest retained seq (u64 LE); events below were cleared |
 //! | `dev` | `("dev", user, device)` | the device (`DeviceRecord`: last seen, unlinked, push) |
+//! | `ptok` | `("ptok", provider, token)` | the device that registered the push token last (`PushTokenHolder`, `crate::push_tokens`) |
 //! | `gcount` | `("gcount", user, shard)` | groups of `shard` the user belongs to (i64 LE, atomic ADD); a user's group count is the sum of these |
 //! | `ngroups` | `("ngroups", user)` | groups the user belonged to, as counted before `gcount` (i64 LE): read and added, no longer written |
 //! | `media` | `("media", id)` | one user's upload (`MediaRecord`: owner, mime, size, sha256, time) |
@@ -371,6 +372,11 @@ impl Keys {
         self.pack(&("dev", user, device))
     }
 
+    /// The device that registered `provider`'s push `token` last.
+    pub fn push_token(&self, provider: &str, token: &str) -> Vec<u8> {
+        self.pack(&("ptok", provider, token))
+    }
+
     /// The count of push registrations begun or ended (module documentation).
     pub fn push_registration_changes(&self) -> Vec<u8> {
         self.pack(&("meta", "pushreg"))
@@ -495,8 +501,8 @@ impl Keys {
             at: 0,
         };
         let place = match tuple.string()? {
-            b"meta" | b"lead" | b"route" | b"groute" | b"node" | b"dev" | b"cur" | b"media"
-            | b"mblob" | b"mbytes" | b"ngroups" => Placement::Directory,
+            b"meta" | b"lead" | b"route" | b"groute" | b"node" | b"dev" | b"ptok" | b"cur"
+            | b"media" | b"mblob" | b"mbytes" | b"ngroups" => Placement::Directory,
             b"shard" | b"own" | b"fepoch" | b"fown" | b"ob" | b"fcur" | b"pcur" => {
                 Placement::Shard(u32::try_from(tuple.uint()?).ok()?)
             }

@@ -34,6 +34,7 @@ pub mod nodes;
 mod outbox_rows;
 pub mod ownership;
 pub mod partitions;
+pub mod push_tokens;
 pub mod routes;
 mod row_cache;
 pub mod shard_map;

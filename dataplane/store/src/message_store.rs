@@ -1593,7 +1593,8 @@ impl MessageStore {
 
     /// [`Self::update_device`], also clearing the keys `clear` in the same commit when it
     /// writes. A change that begins or ends the device's push registration is counted in the
-    /// same commit ([`Self::push_registration_changes`]).
+    /// same commit ([`Self::push_registration_changes`]), and one of its push token keeps the
+    /// index of tokens in step ([`Self::index_push_token`]).
     async fn update_device_clearing(
         &self,
         user: &str,
@@ -1625,6 +1626,8 @@ impl MessageStore {
                     .add(self.keys.push_registration_changes(), 1)
                     .add(self.keys.push_registration_changes_in(slot), 1);
             }
+            self.index_push_token(&mut batch, user, device, current.as_ref(), &next)
+                .await?;
             for key in clear {
                 batch.clear(key.clone());
             }

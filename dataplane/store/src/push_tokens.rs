@@ -1,0 +1,278 @@
+//! The index of push tokens: `("ptok", provider, token)` names the device that registered the
+//! token last (`PushTokenHolder`).
+//!
+//! A provider's token names one app instance. When someone else signs in on that instance (Ann
+//! signs out of a shared phone without unlinking it, Bob signs in) and registers it, the index
+//! finds the device that held it, and that device's registration is dropped in the same commit
+//! as the new one: an app instance never gets two users' notifications.
+//!
+//! Every change of a device's push token goes through [`MessageStore::index_push_token`]
+//! (from the device update that makes it), so the index follows registrations, renewals with a
+//! new token, refusals by the provider and unlinks. Registrations written before the index
+//! have no entry: the push notifier asks [`MessageStore::push_token_taken`] before each send,
+//! which finds a device whose token the index gives to another.
+
+use crate::keys::push_registration_slot;
+use crate::kv::{Batch, StoreError};
+use crate::message_store::{DeviceRecord, MessageStore, corrupt};
+use prost::Message;
+
+/// The device that registered a push token last.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct PushTokenHolder {
+    #[prost(string, tag = "1")]
+    pub user: String,
+    #[prost(string, tag = "2")]
+    pub device: String,
+}
+
+impl PushTokenHolder {
+    fn is(&self, user: &str, device: &str) -> bool {
+        self.user == user && self.device == device
+    }
+}
+
+/// A device's push registration: provider and token, if it has one.
+fn registration(record: &DeviceRecord) -> Option<(&str, &str)> {
+    (!record.push_token.is_empty())
+        .then_some((record.push_provider.as_str(), record.push_token.as_str()))
+}
+
+impl MessageStore {
+    /// Adds to `batch`, which changes `user`'s `device` from `current` to `next`, what keeps
+    /// the index in step (module documentation): a token the device gives up leaves the index
+    /// while the index names the device; a token it registers is indexed as its own, and taken
+    /// from the device that held it before. Reads only when the token changes, and fences what
+    /// it read, so that a concurrent registration of the same token refuses the commit.
+    pub(crate) async fn index_push_token(
+        &self,
+        batch: &mut Batch,
+        user: &str,
+        device: &str,
+        current: Option<&DeviceRecord>,
+        next: &DeviceRecord,
+    ) -> Result<(), StoreError> {
+        let held = current.and_then(registration);
+        let registered = registration(next);
+        if held == registered {
+            return Ok(());
+        }
+        if let Some((provider, token)) = held {
+            let key = self.keys().push_token(provider, token);
+            let stored = self.kv().get(&key).await?;
+            if holder(&key, stored.as_deref())?.is_some_and(|h| h.is(user, device)) {
+                batch.fence(key.clone(), stored).clear(key);
+            }
+        }
+        if let Some((provider, token)) = registered {
+            let key = self.keys().push_token(provider, token);
+            let stored = self.kv().get(&key).await?;
+            if let Some(before) = holder(&key, stored.as_deref())?
+                && !before.is(user, device)
+            {
+                self.take_registration(batch, &before, provider, token)
+                    .await?;
+            }
+            let holder = PushTokenHolder {
+                user: user.to_owned(),
+                device: device.to_owned(),
+            };
+            batch
+                .fence(key.clone(), stored)
+                .set(key, holder.encode_to_vec());
+        }
+        Ok(())
+    }
+
+    /// Adds to `batch` the end of `holder`'s registration of `token`, if it still has it.
+    async fn take_registration(
+        &self,
+        batch: &mut Batch,
+        holder: &PushTokenHolder,
+        provider: &str,
+        token: &str,
+    ) -> Result<(), StoreError> {
+        let key = self.keys().device(&holder.user, &holder.device);
+        let stored = self.kv().get(&key).await?;
+        let Some(record) = stored
+            .as_deref()
+            .map(DeviceRecord::decode)
+            .transpose()
+            .map_err(|e| corrupt(&key, e))?
+        else {
+            return Ok(());
+        };
+        if registration(&record) != Some((provider, token)) {
+            return Ok(());
+        }
+        let taken = DeviceRecord {
+            push_provider: String::new(),
+            push_token: String::new(),
+            ..record.clone()
+        };
+        if record.takes_push() {
+            let slot = push_registration_slot(&holder.user);
+            batch
+                .add(self.keys().push_registration_changes(), 1)
+                .add(self.keys().push_registration_changes_in(slot), 1);
+        }
+        batch
+            .fence(key.clone(), stored)
+            .set(key, taken.encode_to_vec());
+        Ok(())
+    }
+
+    /// Whether the index gives the push token of `user`'s `device` (`record`) to another
+    /// device: registered there since, so this device must not be notified with it. A token
+    /// registered before the index, and registered by no one since, has no entry: not taken.
+    pub async fn push_token_taken(
+        &self,
+        user: &str,
+        device: &str,
+        record: &DeviceRecord,
+    ) -> Result<bool, StoreError> {
+        let Some((provider, token)) = registration(record) else {
+            return Ok(false);
+        };
+        let key = self.keys().push_token(provider, token);
+        let stored = self.kv().get(&key).await?;
+        Ok(holder(&key, stored.as_deref())?.is_some_and(|holder| !holder.is(user, device)))
+    }
+}
+
+/// The holder a read of the index found at `key`.
+fn holder(key: &[u8], stored: Option<&[u8]>) -> Result<Option<PushTokenHolder>, StoreError> {
+    stored
+        .map(PushTokenHolder::decode)
+        .transpose()
+        .map_err(|e| corrupt(key, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::faulty_engine::FaultyEngine;
+
+    fn registered(
+        provider: &'static str,
+        token: &'static str,
+    ) -> impl Fn(Option<&DeviceRecord>) -> Option<DeviceRecord> {
+        move |record| {
+            Some(DeviceRecord {
+                push_provider: provider.into(),
+                push_token: token.into(),
+                ..record.cloned().unwrap_or_default()
+            })
+        }
+    }
+
+    async fn token_of(store: &MessageStore, user: &str) -> String {
+        store
+            .device(user, "phone")
+            .await
+            .unwrap()
+            .unwrap()
+            .push_token
+    }
+
+    async fn holder_of(store: &MessageStore, token: &str) -> Option<PushTokenHolder> {
+        let key = store.keys().push_token("fcm", token);
+        let stored = store.kv().get(&key).await.unwrap();
+        holder(&key, stored.as_deref()).unwrap()
+    }
+
+    /// Ann signs out of a phone without unlinking it and Bob signs in there: the app instance's
+    /// token is Bob's alone, and Ann's device is no longer notified with it.
+    #[tokio::test]
+    async fn a_token_registered_by_another_user_is_taken_from_the_first() {
+        let store = FaultyEngine::new().store(4).await;
+        store
+            .update_device("ann", "phone", registered("fcm", "T"))
+            .await
+            .unwrap();
+        let before = store.push_registration_counts(None).await.unwrap().total;
+        store
+            .update_device("bob", "phone", registered("fcm", "T"))
+            .await
+            .unwrap();
+        assert_eq!(
+            token_of(&store, "ann").await,
+            "",
+            "Ann's registration ended"
+        );
+        assert_eq!(token_of(&store, "bob").await, "T");
+        let bob = PushTokenHolder {
+            user: "bob".into(),
+            device: "phone".into(),
+        };
+        assert_eq!(holder_of(&store, "T").await, Some(bob));
+        let after = store.push_registration_counts(None).await.unwrap().total;
+        assert_eq!(
+            after,
+            before + 2,
+            "Ann's end and Bob's beginning are counted"
+        );
+        // The same token under another provider is another app instance's.
+        store
+            .update_device("cat", "phone", registered("apns", "T"))
+            .await
+            .unwrap();
+        assert_eq!(token_of(&store, "bob").await, "T");
+    }
+
+    /// A device that gives a token up (a new one, a refusal by the provider, an unlink) leaves
+    /// the index, unless the index names another device by then.
+    #[tokio::test]
+    async fn a_token_given_up_leaves_the_index_only_while_it_is_the_devices() {
+        let store = FaultyEngine::new().store(4).await;
+        store
+            .update_device("ann", "phone", registered("fcm", "T"))
+            .await
+            .unwrap();
+        store
+            .update_device("ann", "phone", registered("fcm", "U"))
+            .await
+            .unwrap();
+        assert_eq!(
+            holder_of(&store, "T").await,
+            None,
+            "renewed with a new token"
+        );
+        assert!(holder_of(&store, "U").await.is_some());
+        assert!(store.unlink_device("ann", "phone", 10).await.unwrap());
+        assert_eq!(holder_of(&store, "U").await, None, "unlinked");
+
+        store
+            .update_device("bob", "phone", registered("fcm", "V"))
+            .await
+            .unwrap();
+        // A record from before the index, which holds V too (written as it was then).
+        let mut batch = Batch::new();
+        let legacy = DeviceRecord {
+            push_provider: "fcm".into(),
+            push_token: "V".into(),
+            ..DeviceRecord::default()
+        };
+        batch.set(store.keys().device("cat", "phone"), legacy.encode_to_vec());
+        store.kv().commit(batch).await.unwrap();
+        let cat = store.device("cat", "phone").await.unwrap().unwrap();
+        assert!(store.push_token_taken("cat", "phone", &cat).await.unwrap());
+        let bob = store.device("bob", "phone").await.unwrap().unwrap();
+        assert!(!store.push_token_taken("bob", "phone", &bob).await.unwrap());
+        // Cat's registration ends: Bob's entry stays.
+        store
+            .update_device("cat", "phone", |record| {
+                Some(DeviceRecord {
+                    push_provider: String::new(),
+                    push_token: String::new(),
+                    ..record.cloned().unwrap_or_default()
+                })
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            holder_of(&store, "V").await.map(|h| h.user),
+            Some("bob".into())
+        );
+    }
+}
