@@ -274,29 +274,7 @@ impl InternalNode {
         dir: &Path,
         extra: &[&str],
     ) -> InternalNode {
-        let mut args: Vec<String> = [
-            "node",
-            "--roles",
-            roles,
-            "--node-id",
-            id,
-            "--internal-listen",
-            &format!("{host}:0"),
-            "--listen",
-            &format!("{host}:0"),
-            "--shards",
-            SHARDS,
-            "--data-dir",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        args.push(dir.join(id).display().to_string());
-        args.extend(store.args());
-        if !extra.contains(&"--shard-lease") {
-            args.extend(["--shard-lease".to_owned(), LEASE.to_owned()]);
-        }
-        args.extend(extra.iter().map(|s| s.to_string()));
+        let args = node_args(roles, id, host, store, dir, extra);
         let (child, rest) = spawn_wrapped(wrapper, &args, "node ready on internal ");
         let probes = first_word(rest.split("probes ").nth(1).expect("the probes address"));
         InternalNode {
@@ -323,6 +301,42 @@ impl Drop for InternalNode {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The arguments of `courier node` with `roles` as node `id` on `host` (see
+/// [`InternalNode::start_with`]).
+fn node_args(
+    roles: &str,
+    id: &str,
+    host: &str,
+    store: &impl ClusterStore,
+    dir: &Path,
+    extra: &[&str],
+) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "node",
+        "--roles",
+        roles,
+        "--node-id",
+        id,
+        "--internal-listen",
+        &format!("{host}:0"),
+        "--listen",
+        &format!("{host}:0"),
+        "--shards",
+        SHARDS,
+        "--data-dir",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.push(dir.join(id).display().to_string());
+    args.extend(store.args());
+    if !extra.contains(&"--shard-lease") {
+        args.extend(["--shard-lease".to_owned(), LEASE.to_owned()]);
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
 }
 
 /// Short leases, so that failovers happen within a test.
@@ -653,6 +667,42 @@ async fn the_admin_api_lists_nodes_moves_every_shard_and_drains_a_node_while_cli
         .await;
     assert_eq!(refused.unwrap_err().code(), tonic::Code::Unauthenticated);
     assert_eq!(owned(&first).await.len(), 8, "nothing was drained");
+}
+
+/// Two processes never run as one node: a second process started under a live node's id
+/// waits that node's lease out, sees it renewed, and does not start. A node killed and started
+/// again under its id waits its old lease out, and starts.
+#[tokio::test]
+async fn a_node_id_runs_in_one_process_at_a_time() {
+    let (dir, store) = store_node();
+    let mut first = InternalNode::start("s1", "127.0.0.2", &store, dir.path());
+    let twin_dir = tempfile::tempdir().unwrap();
+    let args = node_args("sequencer", "s1", "127.0.0.3", &store, twin_dir.path(), &[]);
+    let mut twin = Command::new(binary())
+        .args(&args)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn courier");
+    let deadline = std::time::Instant::now() + WAIT;
+    while twin.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = twin.kill();
+            panic!("a second process ran as node s1");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let output = twin.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("another process runs as node s1"),
+        "the error names the cause: {stderr}"
+    );
+    assert_eq!(owned(&first).await, (0..8).collect::<Vec<u32>>());
+
+    first.kill9();
+    let again = InternalNode::start("s1", "127.0.0.2", &store, dir.path());
+    assert_eq!(owned(&again).await, (0..8).collect::<Vec<u32>>());
 }
 
 #[tokio::test]

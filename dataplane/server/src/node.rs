@@ -62,7 +62,7 @@ use courier_rpc::{
 use courier_sequencer::LocalSequencer;
 use courier_store::MessageStore;
 use courier_store::leaders::Job;
-use courier_store::nodes::NodeRecord;
+use courier_store::nodes::{Claim, NodeRecord};
 use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -225,13 +225,12 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
                 .map(str::to_owned)
                 .collect()
         }),
+        instance: rand::random::<u64>() | 1,
     };
     let lease = config.shard_lease;
     let lease_ms = lease.as_millis() as u64;
     refuse_conflicting_nodes(&args, &store).await?;
-    store
-        .register_node(&config.node_id, &leased(&registration, now_ms() + lease_ms))
-        .await?;
+    claim_node_id(&store, &config.node_id, &registration, lease_ms).await?;
     // The node's own loops: its registration, and (below) its shard leases.
     let loops = BackgroundLoops::new();
     let lapsed = Arc::new(tokio::sync::Notify::new());
@@ -267,8 +266,19 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
                             connections: metrics.connections.get().max(0) as u64,
                             ..leased(&registration, now + lease_ms)
                         };
-                        match store.register_node(&node, &record).await {
-                            Ok(()) if now >= deadline => {
+                        match store.claim_node(&node, &record, now).await {
+                            Ok(Claim::HeldBy(other)) => {
+                                // This process's lease had lapsed (it was paused, or cut off
+                                // from the store) and another process took the id: two
+                                // processes must never serve as one node.
+                                tracing::error!(
+                                    node = %node,
+                                    other = %other.address,
+                                    "another process registered as this node while its lease had lapsed; exiting"
+                                );
+                                std::process::exit(1);
+                            }
+                            Ok(Claim::Registered) if now >= deadline => {
                                 tracing::warn!(
                                     late_ms = now - deadline,
                                     "the node's registration had lapsed (paused, or cut off from the store)"
@@ -276,7 +286,7 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
                                 lapsed.notify_one();
                                 deadline = now + lease_ms;
                             }
-                            Ok(()) => deadline = now + lease_ms,
+                            Ok(Claim::Registered) => deadline = now + lease_ms,
                             Err(e) => tracing::warn!(error = %e, "renewing the node's registration failed; retrying"),
                         }
                         round += 1;
@@ -285,7 +295,8 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
                         }
                     }
                     // Left: the callers that find this node in the registry stop choosing it.
-                    if let Err(e) = store.register_node(&node, &leased(&registration, now_ms())).await {
+                    let now = now_ms();
+                    if let Err(e) = store.claim_node(&node, &leased(&registration, now), now).await {
                         tracing::warn!(error = %e, "ending the node's registration failed; it lapses with its lease");
                     }
                     std::future::pending::<()>().await;
@@ -332,10 +343,51 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
         .await;
     // The record says when the node left: a sweep clears the routes written before that, and
     // the registry forgets it `FORGET_AFTER_LEASES` leases later.
+    let now = now_ms();
     store
-        .register_node(&config.node_id, &leased(&registration, now_ms()))
+        .claim_node(&config.node_id, &leased(&registration, now), now)
         .await?;
     result
+}
+
+/// Registers the node as `node_id`, unless another live process runs under that id. A live
+/// record of another process is waited out, as the run before this one leaves it when it was
+/// killed; if that record is renewed meanwhile, a second process has the id, and this one does
+/// not start (its shards and routes would be taken back and forth between the two).
+async fn claim_node_id(
+    store: &MessageStore,
+    node_id: &str,
+    registration: &NodeRecord,
+    lease_ms: u64,
+) -> anyhow::Result<()> {
+    let mut waited_for: Option<u64> = None;
+    loop {
+        let now = now_ms();
+        let other = match store
+            .claim_node(node_id, &leased(registration, now + lease_ms), now)
+            .await?
+        {
+            Claim::Registered => return Ok(()),
+            Claim::HeldBy(other) => other,
+        };
+        if waited_for.is_some_and(|lease_until| other.lease_until_ms > lease_until) {
+            anyhow::bail!(
+                "another process runs as node {node_id} (at {}): give every node its own \
+                 --node-id",
+                other.address
+            );
+        }
+        let wait = other.lease_until_ms.saturating_sub(now) + CLAIM_MARGIN_MS;
+        tracing::warn!(
+            node = node_id,
+            other = %other.address,
+            wait_ms = wait,
+            "the node id is registered by another process, live: waiting for its lease to lapse \
+             (the run before this one, killed?)"
+        );
+        waited_for = Some(other.lease_until_ms);
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+    }
 }
 
 /// The sequencer role until SIGTERM or Ctrl-C: takes shards, serves appends and the admin API
@@ -703,6 +755,10 @@ fn probe_router(store: MessageStore, metrics: Arc<Metrics>, ready: Arc<AtomicBoo
 /// failover (a lease) and any sweep of its routes (every lease round), yet soon enough that the
 /// registry of a cluster whose pods come and go stays small (10 s leases: 100 s).
 pub const FORGET_AFTER_LEASES: u64 = 10;
+
+/// How long past another process's lease a starting node looks at its id again: clocks of
+/// the two processes may differ by this much.
+const CLAIM_MARGIN_MS: u64 = 200;
 
 /// Every how many rounds of its registration (a third of a lease each) a node looks for dead
 /// nodes to forget: once a lease, so that the cluster's nodes read the registry for it

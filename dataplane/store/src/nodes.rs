@@ -46,12 +46,26 @@ pub struct NodeRecord {
     /// nodes without push accept device registrations for these. Empty on other nodes.
     #[prost(string, repeated, tag = "8")]
     pub push_providers: Vec<String>,
+    /// A random number the process drew when it started: two processes that register under
+    /// one node id are told apart ([`MessageStore::claim_node`]). 0 in records of versions
+    /// before it.
+    #[prost(uint64, tag = "9")]
+    pub instance: u64,
 }
 
 impl NodeRecord {
     pub fn is_live(&self, now_ms: u64) -> bool {
         self.lease_until_ms > now_ms
     }
+}
+
+/// What [`MessageStore::claim_node`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// The record is this process's.
+    Registered,
+    /// Another process, live, holds the node id: its record.
+    HeldBy(NodeRecord),
 }
 
 /// What [`MessageStore::forget_node`] did.
@@ -73,6 +87,34 @@ impl MessageStore {
         let mut batch = Batch::new();
         batch.set(self.keys().node(node), record.encode_to_vec());
         self.kv().commit(batch).await.map(drop)
+    }
+
+    /// Registers or renews `node` as [`Self::register_node`] does, unless another process
+    /// holds the id: a record of another instance still live at `now_ms` is left as it is and
+    /// returned. A write races no other (fenced on the record read).
+    pub async fn claim_node(
+        &self,
+        node: &str,
+        record: &NodeRecord,
+        now_ms: u64,
+    ) -> Result<Claim, StoreError> {
+        let key = self.keys().node(node);
+        reading_again(|| async {
+            let stored = self.kv().get(&key).await?;
+            if let Some(value) = &stored {
+                let held = NodeRecord::decode(value.as_slice()).map_err(|e| corrupt(&key, e))?;
+                if held.instance != record.instance && held.is_live(now_ms) {
+                    return Ok(Claim::HeldBy(held));
+                }
+            }
+            let mut batch = Batch::new();
+            batch
+                .fence(key.clone(), stored)
+                .set(key.clone(), record.encode_to_vec());
+            self.kv().commit(batch).await?;
+            Ok(Claim::Registered)
+        })
+        .await
     }
 
     /// Every node in the registry, in id order, live or not (see [`NodeRecord::is_live`]).
@@ -335,5 +377,58 @@ mod tests {
             ForgetOutcome::Unknown
         );
         assert!(store.nodes().await.unwrap().is_empty());
+    }
+
+    /// A process renews its own record; another process's claim of a live record is refused
+    /// with that record, and succeeds once it lapsed (or ended: the node left).
+    #[tokio::test]
+    async fn a_node_id_is_claimed_by_one_live_process_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = temp_store(&dir, 8).await;
+        let first = NodeRecord {
+            instance: 1,
+            ..node("127.0.0.2:7100", 100)
+        };
+        let second = NodeRecord {
+            instance: 2,
+            ..node("127.0.0.3:7100", 200)
+        };
+        assert_eq!(
+            store.claim_node("s1", &first, 10).await.unwrap(),
+            Claim::Registered
+        );
+        let renewed = NodeRecord {
+            lease_until_ms: 150,
+            ..first.clone()
+        };
+        assert_eq!(
+            store.claim_node("s1", &renewed, 60).await.unwrap(),
+            Claim::Registered
+        );
+        assert_eq!(
+            store.claim_node("s1", &second, 100).await.unwrap(),
+            Claim::HeldBy(renewed.clone()),
+            "live until 150"
+        );
+        assert_eq!(store.nodes().await.unwrap()[0].1, renewed, "left as it was");
+        // A record of a version before instances is another process's too.
+        let unnumbered = NodeRecord {
+            instance: 0,
+            ..node("127.0.0.2:7100", 300)
+        };
+        store.register_node("s2", &unnumbered).await.unwrap();
+        assert_eq!(
+            store.claim_node("s2", &second, 200).await.unwrap(),
+            Claim::HeldBy(unnumbered)
+        );
+        assert_eq!(
+            store.claim_node("s1", &second, 150).await.unwrap(),
+            Claim::Registered
+        );
+        assert_eq!(
+            store.claim_node("s1", &renewed, 160).await.unwrap(),
+            Claim::HeldBy(second),
+            "the first process, back after a pause, finds the id taken"
+        );
     }
 }
