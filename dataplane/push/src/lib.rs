@@ -12,7 +12,9 @@
 //!   are also quiet: silent, background pushes).
 //! - Retries: 429 and 5xx are retried with exponential backoff and full jitter, never sooner
 //!   than the provider's `Retry-After`, up to `MAX_ATTEMPTS`; tokens the provider calls invalid
-//!   are removed from the device.
+//!   are removed from the device. Such an answer also blocks the provider as a whole until its
+//!   `Retry-After` (`provider_gates`): what falls due for it meanwhile is postponed to the
+//!   block's end, without a request and without spending an attempt.
 //! - Payloads carry conversation id, seq, sender and count; the text only with
 //!   `--push-include-text`.
 //! - Expansion: a pass of the notifier takes a page of the outbox from every shard it was told
@@ -40,8 +42,10 @@
 //!   sent. A node that takes the lead reads every shard's bound from the store again (another
 //!   node may have moved it meanwhile).
 
+mod provider_gates;
 pub mod providers;
 
+use crate::provider_gates::ProviderGates;
 use crate::providers::{Notification, PushError, PushProviders, next_delay};
 use clap::Args;
 use courier_chat::devices::Devices;
@@ -322,6 +326,8 @@ pub struct Notifier {
     tails_filling: Notify,
     /// The earliest due time of any pending notification (0: unknown, scan).
     next_due_ms: AtomicU64,
+    /// The providers' blocks, from their answers.
+    gates: ProviderGates,
 }
 
 impl Notifier {
@@ -357,6 +363,7 @@ impl Notifier {
             wake: Notify::new(),
             tails_filling: Notify::new(),
             next_due_ms: AtomicU64::new(0),
+            gates: ProviderGates::default(),
         })
     }
 
@@ -866,6 +873,16 @@ impl Notifier {
             self.count("delivered");
             return self.settle(key, &pending, None).await;
         }
+        if let Some(until) = self.gates.blocked_until(&record.push_provider, now_ms()) {
+            // The provider asked to be left alone: no request, no attempt spent.
+            self.count("postponed");
+            let next = PendingPush {
+                due_ms: until,
+                ..pending.clone()
+            };
+            self.next_due_ms.fetch_min(until, Ordering::Relaxed);
+            return self.settle(key, &pending, Some(&next)).await;
+        }
         let notification = Notification {
             conversation_id: conv.clone(),
             seq: pending.last_seq,
@@ -874,7 +891,10 @@ impl Notifier {
             text: self.text_of(&conv, pending.last_seq).await?,
             quiet: pending.quiet,
         };
-        match provider.send(&record.push_token, &notification).await {
+        let answer = provider.send(&record.push_token, &notification).await;
+        let now = now_ms();
+        self.gates.answered(&record.push_provider, &answer, now);
+        match answer {
             Ok(()) => {
                 self.count("sent");
                 self.settle(key, &pending, None).await
@@ -884,7 +904,7 @@ impl Notifier {
                 let attempts = pending.attempts + 1;
                 let next = PendingPush {
                     attempts,
-                    due_ms: now_ms() + next_delay(attempts, after).as_millis() as u64,
+                    due_ms: now + next_delay(attempts, after).as_millis() as u64,
                     ..pending.clone()
                 };
                 self.next_due_ms.fetch_min(next.due_ms, Ordering::Relaxed);
@@ -992,20 +1012,34 @@ mod tests {
         push: PushConfig,
     }
 
-    /// A webhook endpoint that records the conversation of every notification it gets.
-    async fn webhook() -> (PushProviders, Arc<Mutex<Vec<String>>>) {
+    /// A webhook endpoint that answers every notification with `status` (and `Retry-After`)
+    /// after `delay`, and records the device token and conversation of each as it arrives.
+    async fn scripted_webhook(
+        status: u16,
+        retry_after: Option<&'static str>,
+        delay: Duration,
+    ) -> (PushProviders, Arc<Mutex<Vec<(String, String)>>>) {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let recorded = seen.clone();
         let app = axum::Router::new().fallback(move |body: axum::body::Bytes| {
             let recorded = recorded.clone();
             async move {
                 let json: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-                let conv = json["conversation_id"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_owned();
-                recorded.lock().unwrap().push(conv);
-                "{}"
+                let field = |name: &str| json[name].as_str().unwrap_or_default().to_owned();
+                recorded
+                    .lock()
+                    .unwrap()
+                    .push((field("device_token"), field("conversation_id")));
+                tokio::time::sleep(delay).await;
+                let mut headers = axum::http::HeaderMap::new();
+                if let Some(after) = retry_after {
+                    headers.insert("retry-after", after.parse().unwrap());
+                }
+                (
+                    axum::http::StatusCode::from_u16(status).unwrap(),
+                    headers,
+                    "{}",
+                )
             }
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1020,6 +1054,16 @@ mod tests {
         ])
         .unwrap();
         (PushProviders::from_config(&flags.push).unwrap(), seen)
+    }
+
+    /// A webhook endpoint that accepts every notification at once.
+    async fn webhook() -> (PushProviders, Arc<Mutex<Vec<(String, String)>>>) {
+        scripted_webhook(200, None, Duration::ZERO).await
+    }
+
+    /// Whether the webhook got a notification of `conv`.
+    fn notified(seen: &Mutex<Vec<(String, String)>>, conv: &str) -> bool {
+        seen.lock().unwrap().iter().any(|(_, c)| c == conv)
     }
 
     fn notifier(
@@ -1758,7 +1802,7 @@ mod tests {
         notifier.start(&loops, None, None);
 
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while !sent.lock().unwrap().contains(&healthy) {
+        while !notified(&sent, &healthy) {
             assert!(
                 std::time::Instant::now() < deadline,
                 "no notification for the healthy shard"
@@ -1766,7 +1810,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         engine.set_fault(None);
-        while !sent.lock().unwrap().contains(&failing) {
+        while !notified(&sent, &failing) {
             assert!(
                 std::time::Instant::now() < deadline,
                 "the failing shard was not retried"
@@ -1789,7 +1833,7 @@ mod tests {
         group_with_a_message(&store, "g:elsewhere", &members).await;
 
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while !sent.lock().unwrap().contains(&"g:elsewhere".to_owned()) {
+        while !notified(&sent, "g:elsewhere") {
             assert!(
                 std::time::Instant::now() < deadline,
                 "the notifier never looked at the shard again"
@@ -1824,7 +1868,7 @@ mod tests {
         assert!(sent.lock().unwrap().is_empty(), "b notified while a led");
         // Once a's lead lapsed, b takes it and sends what waited.
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while !sent.lock().unwrap().contains(&"g:led".to_owned()) {
+        while !notified(&sent, "g:led") {
             assert!(
                 std::time::Instant::now() < deadline,
                 "b never took the lead over"
@@ -1837,5 +1881,44 @@ mod tests {
                 .await
                 .unwrap()
         );
+    }
+
+    /// A provider that throttles (429 with `Retry-After`, as FCM's `QUOTA_EXCEEDED` throttles
+    /// a whole project) is left alone until then: the other notifications due for it are
+    /// postponed to the block's end without a request and without spending an attempt.
+    #[tokio::test]
+    async fn a_throttling_provider_gets_one_request_a_pass_not_one_per_notification() {
+        let engine = FaultyEngine::new();
+        let store = engine.store(4).await;
+        let members: Vec<String> = (0..20).map(|i| format!("user{i:02}")).collect();
+        group_with_a_message(&store, "g:1", &members).await;
+        let (providers, seen) = scripted_webhook(429, Some("60"), Duration::ZERO).await;
+        let notifier = notifier(&store, providers, Duration::ZERO);
+        let before = now_ms();
+
+        notifier.mark_all_dirty();
+        notifier.pass().await.unwrap();
+        assert_eq!(seen.lock().unwrap().len(), 1, "one request");
+        let mut attempts = Vec::new();
+        for user in &members[1..] {
+            let pending = store.pending_push(user, "phone", "g:1").await.unwrap();
+            let pending = pending.expect("still pending");
+            assert!(
+                pending.due_ms >= before + 60_000,
+                "not before the Retry-After"
+            );
+            attempts.push(pending.attempts);
+        }
+        attempts.sort();
+        assert_eq!(
+            attempts,
+            [vec![0; 18], vec![1]].concat(),
+            "one attempt spent"
+        );
+
+        // Nothing falls due before the block ends: the next pass sends nothing.
+        notifier.next_due_ms.store(0, Ordering::Relaxed);
+        notifier.pass().await.unwrap();
+        assert_eq!(seen.lock().unwrap().len(), 1);
     }
 }

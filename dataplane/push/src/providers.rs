@@ -26,7 +26,7 @@ mod webhook;
 
 pub use apns::Apns;
 pub use fcm::Fcm;
-pub use retry::next_delay;
+pub use retry::{backoff_ceiling, next_delay};
 pub use webhook::Webhook;
 
 use async_trait::async_trait;
