@@ -15,6 +15,11 @@
 //!   are removed from the device. Such an answer also blocks the provider as a whole until its
 //!   `Retry-After` (`provider_gates`): what falls due for it meanwhile is postponed to the
 //!   block's end, without a request and without spending an attempt.
+//! - Sends: due notifications are sent [`SENDS_IN_FLIGHT`] at a time, so a provider that does
+//!   not answer costs a pass about one request timeout, not one per notification. A provider
+//!   not known to answer (since the notifier started, or since it asked for a retry) is sent
+//!   one alone first; the others due for it wait for its answer, or `PROBE_WAIT`, so that a
+//!   throttled provider is not sent a burst before its first answer.
 //! - Payloads carry conversation id, seq, sender and count; the text only with
 //!   `--push-include-text`.
 //! - Expansion: a pass of the notifier takes a page of the outbox from every shard it was told
@@ -45,7 +50,7 @@
 mod provider_gates;
 pub mod providers;
 
-use crate::provider_gates::ProviderGates;
+use crate::provider_gates::{Admission, ProviderGates};
 use crate::providers::{Notification, PushError, PushProviders, next_delay};
 use clap::Args;
 use courier_chat::devices::Devices;
@@ -64,8 +69,9 @@ use courier_store::{
     StoreError, bound_after, push_registration_slot,
 };
 use foldhash::{HashMap, HashMapExt};
+use futures::{StreamExt, TryStreamExt};
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
@@ -89,6 +95,13 @@ const ENTRIES_PER_YIELD: usize = 256;
 const PENDING_PAGE: usize = 512;
 /// Attempts before a notification is given up.
 pub const MAX_ATTEMPTS: u32 = 12;
+/// Notifications being sent at once, over all providers. A provider that does not answer
+/// holds each request for the request timeout (10 s): sent one at a time, each of its
+/// notifications cost that much, and held back every other provider's sends and the
+/// expansion of new messages (a pass waits for its sends). Bounded so that a burst of due
+/// notifications opens no more connections and store calls at once; a provider that is not
+/// known to answer gets one of them alone first (`provider_gates`).
+const SENDS_IN_FLIGHT: usize = 64;
 /// Longest pause between send passes when nothing wakes the notifier.
 const IDLE_PASS: Duration = Duration::from_millis(250);
 /// Pending notifications built in memory for one pass: a shard's page ends after the message
@@ -824,28 +837,57 @@ impl Notifier {
         self.cursors.set(shard, page.bound.bound);
     }
 
+    /// Sends every due notification, [`SENDS_IN_FLIGHT`] at a time, reading the pending ones a
+    /// page at a time as the sends go (the last sends of a page do not hold back the next
+    /// page's). Once one fails no more are started: those in flight finish, each settled once,
+    /// and the first failure is returned.
     async fn send_due(&self) -> Result<(), StoreError> {
         self.next_due_ms.store(u64::MAX, Ordering::Relaxed);
-        let mut after: Option<Vec<u8>> = None;
-        loop {
-            let page = self
-                .store
-                .pending_pushes(after.as_deref(), PENDING_PAGE)
-                .await?;
-            let Some((last, _)) = page.last() else {
-                return Ok(());
-            };
-            after = Some(last.clone());
-            let now = now_ms();
-            for (key, pending) in page {
-                if pending.due_ms <= now {
-                    self.send(&key, pending).await?;
-                } else {
-                    self.next_due_ms
-                        .fetch_min(pending.due_ms, Ordering::Relaxed);
-                }
+        // Boxed: unboxed, rustc fails to prove the notifier's loop `Send` through this stream
+        // ("one type is more general than the other", a limit of its higher-ranked checks).
+        let pages =
+            futures::stream::try_unfold(Some(None), |after: Option<Option<Vec<u8>>>| async move {
+                let Some(after) = after else {
+                    return Ok(None);
+                };
+                let page = self
+                    .store
+                    .pending_pushes(after.as_deref(), PENDING_PAGE)
+                    .await?;
+                let next = page.last().map(|(last, _)| Some(last.clone()));
+                Ok(Some((page, next)))
+            })
+            .boxed();
+        let due = pages
+            .map_ok(|page| {
+                let now = now_ms();
+                let due = page.into_iter().filter(move |(_, pending)| {
+                    if pending.due_ms > now {
+                        self.next_due_ms
+                            .fetch_min(pending.due_ms, Ordering::Relaxed);
+                    }
+                    pending.due_ms <= now
+                });
+                futures::stream::iter(due.map(Ok))
+            })
+            .try_flatten();
+        let failed = AtomicBool::new(false);
+        let mut sends = std::pin::pin!(
+            due.take_while(|_| std::future::ready(!failed.load(Ordering::Relaxed)))
+                .map(|due| async move {
+                    let (key, pending) = due?;
+                    self.send(&key, pending).await
+                })
+                .buffer_unordered(SENDS_IN_FLIGHT)
+        );
+        let mut outcome = Ok(());
+        while let Some(sent) = sends.next().await {
+            if let Err(e) = sent {
+                failed.store(true, Ordering::Relaxed);
+                outcome = outcome.and(Err(e));
             }
         }
+        outcome
     }
 
     async fn send(&self, key: &[u8], pending: PendingPush) -> Result<(), StoreError> {
@@ -873,16 +915,6 @@ impl Notifier {
             self.count("delivered");
             return self.settle(key, &pending, None).await;
         }
-        if let Some(until) = self.gates.blocked_until(&record.push_provider, now_ms()) {
-            // The provider asked to be left alone: no request, no attempt spent.
-            self.count("postponed");
-            let next = PendingPush {
-                due_ms: until,
-                ..pending.clone()
-            };
-            self.next_due_ms.fetch_min(until, Ordering::Relaxed);
-            return self.settle(key, &pending, Some(&next)).await;
-        }
         let notification = Notification {
             conversation_id: conv.clone(),
             seq: pending.last_seq,
@@ -891,9 +923,22 @@ impl Notifier {
             text: self.text_of(&conv, pending.last_seq).await?,
             quiet: pending.quiet,
         };
+        let ticket = match self.gates.admit(&record.push_provider).await {
+            Admission::Send(ticket) => ticket,
+            Admission::Postpone(until) => {
+                // The provider asked to be left alone: no request, no attempt spent.
+                self.count("postponed");
+                let next = PendingPush {
+                    due_ms: until,
+                    ..pending.clone()
+                };
+                self.next_due_ms.fetch_min(until, Ordering::Relaxed);
+                return self.settle(key, &pending, Some(&next)).await;
+            }
+        };
         let answer = provider.send(&record.push_token, &notification).await;
         let now = now_ms();
-        self.gates.answered(&record.push_provider, &answer, now);
+        ticket.answered(&answer, now);
         match answer {
             Ok(()) => {
                 self.count("sent");
@@ -1920,5 +1965,45 @@ mod tests {
         notifier.next_due_ms.store(0, Ordering::Relaxed);
         notifier.pass().await.unwrap();
         assert_eq!(seen.lock().unwrap().len(), 1);
+    }
+
+    /// A provider that does not answer holds each request for the request timeout: the
+    /// notifications due for it are sent together, not each after the previous one's timeout
+    /// (which held back every other provider's sends and the next expansion too).
+    #[tokio::test]
+    async fn notifications_to_a_provider_that_does_not_answer_are_in_flight_together() {
+        let engine = FaultyEngine::new();
+        let store = engine.store(4).await;
+        let members = ["ann", "ben", "cat"].map(String::from);
+        group_with_a_message(&store, "g:1", &members).await;
+        let (providers, seen) = scripted_webhook(200, None, Duration::from_secs(3600)).await;
+        let notifier = notifier(&store, providers, Duration::ZERO);
+        notifier.mark_all_dirty();
+        let pass = tokio::spawn({
+            let notifier = notifier.clone();
+            async move { notifier.pass().await }
+        });
+
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while seen.lock().unwrap().len() < 2 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the second notification was never sent"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let outcomes = ["sent", "retried", "failed"].map(|outcome| {
+            let outcomes = &notifier.metrics.push_notifications;
+            outcomes.get_or_create(&OutcomeLabel { outcome }).get()
+        });
+        assert_eq!(
+            outcomes,
+            [0, 0, 0],
+            "the second request went out before the first was answered or timed out"
+        );
+        let mut tokens: Vec<String> = seen.lock().unwrap().iter().map(|s| s.0.clone()).collect();
+        tokens.sort();
+        assert_eq!(tokens, ["ben", "cat"]);
+        pass.abort();
     }
 }

@@ -1,17 +1,34 @@
 //! What the notifier knows of each push provider from its answers, shared by every
-//! notification sent through it.
+//! notification sent through it, however many are in flight.
 //!
-//! A provider that answers 429 or 5xx (or cannot be reached) is usually in trouble as a
-//! whole, not for one device: FCM's `QUOTA_EXCEEDED` throttles the whole project. So one such
-//! answer blocks the provider until its `Retry-After` (or, without one, a backoff that doubles
-//! with each block in a row: [`backoff_ceiling`]), and the notifications due for it meanwhile
-//! are postponed to the block's end without a request, spending none of their attempts.
-//! Without it, a pass sent every other due notification into the throttle, each losing one of
-//! its [`crate::MAX_ATTEMPTS`].
+//! - Blocks: a provider that answers 429 or 5xx (or cannot be reached) is usually in trouble
+//!   as a whole, not for one device: FCM's `QUOTA_EXCEEDED` throttles the whole project. So
+//!   one such answer blocks the provider until its `Retry-After` (or, without one, a backoff
+//!   that doubles with each block in a row: [`backoff_ceiling`]), and the notifications due
+//!   for it meanwhile are postponed to the block's end without a request, spending none of
+//!   their attempts. Without it, a pass sent every other due notification into the throttle,
+//!   each losing one of its [`crate::MAX_ATTEMPTS`].
+//! - Probes: the notifier sends many notifications at once (`crate::SENDS_IN_FLIGHT`), which
+//!   would all reach a throttled provider before its first answer. So a provider not known to
+//!   answer (none yet since the notifier started, or its latest answer asked for a retry, as
+//!   when its block ends) is sent one notification alone first; the others due for it wait
+//!   for that answer, then are sent together (or postponed, if it blocked the provider). A
+//!   provider that does not answer within [`PROBE_WAIT`] is sent the others anyway, so that
+//!   one that hangs costs about one request timeout, not one per notification.
 
 use crate::providers::{PushError, backoff_ceiling};
+use courier_core::clock::now_ms;
 use foldhash::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+/// How long the notifications to a provider not known to answer wait for the one sent alone
+/// first before they are sent anyway: FCM and APNs answer in about 100 ms, so this leaves
+/// room for a throttle's answer, and is short against the request timeout (10 s), which a
+/// provider that hangs costs each request.
+pub(crate) const PROBE_WAIT: Duration = Duration::from_secs(1);
 
 /// Per provider (by its name: `fcm`, `apns`, `webhook`), what its answers said.
 #[derive(Default)]
@@ -27,18 +44,71 @@ struct ProviderState {
     /// that come while it is (the other requests that were in flight) belong to the same
     /// block and do not lengthen the next one. Any other answer ends the series.
     blocks: u32,
+    /// Its latest answer asked for no retry: its notifications are sent without a probe.
+    answering: bool,
+    /// The request sent alone to learn whether it answers, and when it was sent; told when it
+    /// is answered.
+    probe: Option<(Arc<Notify>, Instant)>,
+}
+
+/// Whether a notification may be sent to its provider now.
+pub(crate) enum Admission<'a> {
+    /// Send it, then tell the ticket the answer.
+    Send(Ticket<'a>),
+    /// The provider is blocked until then (ms since the epoch).
+    Postpone(u64),
+}
+
+/// A notification admitted to its provider, to be told the answer. Dropped unanswered (its
+/// pass stopped), a probe lets the notifications waiting for it go on.
+pub(crate) struct Ticket<'a> {
+    gates: &'a ProviderGates,
+    provider: &'a str,
+    probe: bool,
 }
 
 impl ProviderGates {
-    /// When `provider` may be sent to again, if it is blocked at `now` (ms).
-    pub(crate) fn blocked_until(&self, provider: &str, now: u64) -> Option<u64> {
-        let providers = self.providers.lock().unwrap_or_else(|e| e.into_inner());
-        let until = providers.get(provider)?.blocked_until_ms;
-        (now < until).then_some(until)
+    /// Waits until a notification may be sent to `provider`: at once if it is known to
+    /// answer, or if it is the provider's probe; once the probe is answered (or
+    /// [`PROBE_WAIT`] after it was sent) otherwise. A blocked provider's notification is
+    /// postponed to the block's end.
+    pub(crate) async fn admit<'a>(&'a self, provider: &'a str) -> Admission<'a> {
+        let ticket = |probe| {
+            Admission::Send(Ticket {
+                gates: self,
+                provider,
+                probe,
+            })
+        };
+        loop {
+            let probe: Arc<Notify>;
+            let (answered, waited) = {
+                let mut providers = self.providers.lock().unwrap_or_else(|e| e.into_inner());
+                let state = providers.entry(provider.to_owned()).or_default();
+                if now_ms() < state.blocked_until_ms {
+                    return Admission::Postpone(state.blocked_until_ms);
+                }
+                if state.answering {
+                    return ticket(false);
+                }
+                let Some((sent, since)) = &state.probe else {
+                    state.probe = Some((Arc::new(Notify::new()), Instant::now()));
+                    return ticket(true);
+                };
+                let waited = *since + PROBE_WAIT;
+                if Instant::now() >= waited {
+                    return ticket(false);
+                }
+                probe = sent.clone();
+                // Registered before the lock is let go: the probe's end cannot be missed.
+                (probe.notified(), waited)
+            };
+            let _ = tokio::time::timeout_at(waited, answered).await;
+        }
     }
 
     /// Records `provider`'s `answer` to a request, received at `now` (ms): a retry blocks it.
-    pub(crate) fn answered(&self, provider: &str, answer: &Result<(), PushError>, now: u64) {
+    fn answered(&self, provider: &str, answer: &Result<(), PushError>, now: u64) {
         let mut providers = self.providers.lock().unwrap_or_else(|e| e.into_inner());
         let state = providers.entry(provider.to_owned()).or_default();
         match answer {
@@ -49,8 +119,38 @@ impl ProviderGates {
                 let wait = after.unwrap_or_else(|| backoff_ceiling(state.blocks));
                 let until = now.saturating_add(wait.as_millis() as u64);
                 state.blocked_until_ms = state.blocked_until_ms.max(until);
+                state.answering = false;
             }
-            _ => state.blocks = 0,
+            _ => {
+                state.blocks = 0;
+                state.answering = true;
+            }
+        }
+    }
+}
+
+impl Ticket<'_> {
+    /// Records the provider's `answer`, received at `now` (ms).
+    pub(crate) fn answered(self, answer: &Result<(), PushError>, now: u64) {
+        self.gates.answered(self.provider, answer, now);
+    }
+}
+
+impl Drop for Ticket<'_> {
+    fn drop(&mut self) {
+        if !self.probe {
+            return;
+        }
+        let mut providers = self
+            .gates
+            .providers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some((probe, _)) = providers
+            .get_mut(self.provider)
+            .and_then(|s| s.probe.take())
+        {
+            probe.notify_waiters();
         }
     }
 }
@@ -58,7 +158,7 @@ impl ProviderGates {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
+    use futures::FutureExt;
 
     fn retry(after: Option<u64>) -> Result<(), PushError> {
         Err(PushError::Retry {
@@ -66,22 +166,37 @@ mod tests {
         })
     }
 
+    /// When `provider` may be sent to again, if it is blocked at `now` (ms).
+    fn blocked_until(gates: &ProviderGates, provider: &str, now: u64) -> Option<u64> {
+        let providers = gates.providers.lock().unwrap();
+        let until = providers.get(provider)?.blocked_until_ms;
+        (now < until).then_some(until)
+    }
+
     #[test]
     fn a_retry_blocks_its_provider_until_its_retry_after_and_no_other() {
         let gates = ProviderGates::default();
-        assert_eq!(gates.blocked_until("fcm", 1_000), None, "nothing known");
+        assert_eq!(blocked_until(&gates, "fcm", 1_000), None, "nothing known");
         gates.answered("fcm", &retry(Some(60)), 1_000);
-        assert_eq!(gates.blocked_until("fcm", 1_000), Some(61_000));
-        assert_eq!(gates.blocked_until("fcm", 60_999), Some(61_000));
-        assert_eq!(gates.blocked_until("fcm", 61_000), None, "over");
-        assert_eq!(gates.blocked_until("apns", 1_000), None, "another provider");
+        assert_eq!(blocked_until(&gates, "fcm", 1_000), Some(61_000));
+        assert_eq!(blocked_until(&gates, "fcm", 60_999), Some(61_000));
+        assert_eq!(blocked_until(&gates, "fcm", 61_000), None, "over");
+        assert_eq!(
+            blocked_until(&gates, "apns", 1_000),
+            None,
+            "another provider"
+        );
 
-        // Answers that ask for nothing do not block.
-        for answer in [Ok(()), Err(PushError::InvalidToken)] {
+        // Answers that ask for no retry do not block.
+        let answers = [
+            Ok(()),
+            Err(PushError::InvalidToken),
+            Err(PushError::Rejected("no".into())),
+        ];
+        for answer in answers {
             gates.answered("apns", &answer, 1_000);
         }
-        gates.answered("apns", &Err(PushError::Rejected("no".into())), 1_000);
-        assert_eq!(gates.blocked_until("apns", 1_000), None);
+        assert_eq!(blocked_until(&gates, "apns", 1_000), None);
     }
 
     /// Without `Retry-After` a block lasts the backoff of the blocks in a row; the answers of
@@ -91,19 +206,80 @@ mod tests {
     fn blocks_without_retry_after_double_with_each_block_in_a_row() {
         let gates = ProviderGates::default();
         gates.answered("fcm", &retry(None), 0);
-        assert_eq!(gates.blocked_until("fcm", 0), Some(200));
+        assert_eq!(blocked_until(&gates, "fcm", 0), Some(200));
         gates.answered("fcm", &retry(None), 10);
-        assert_eq!(gates.blocked_until("fcm", 10), Some(210), "the same block");
+        assert_eq!(
+            blocked_until(&gates, "fcm", 10),
+            Some(210),
+            "the same block"
+        );
         gates.answered("fcm", &retry(None), 300);
         assert_eq!(
-            gates.blocked_until("fcm", 300),
+            blocked_until(&gates, "fcm", 300),
             Some(700),
             "the next: 400 ms"
         );
         gates.answered("fcm", &Ok(()), 800);
         gates.answered("fcm", &retry(None), 900);
-        assert_eq!(gates.blocked_until("fcm", 900), Some(1_100), "200 ms again");
+        assert_eq!(
+            blocked_until(&gates, "fcm", 900),
+            Some(1_100),
+            "200 ms again"
+        );
         gates.answered("fcm", &retry(Some(0)), 2_000);
-        assert_eq!(gates.blocked_until("fcm", 2_000), None, "Retry-After: 0");
+        assert_eq!(blocked_until(&gates, "fcm", 2_000), None, "Retry-After: 0");
+    }
+
+    /// A provider not known to answer gets one notification alone; the others wait for its
+    /// answer: a throttle postpones them, an answer lets them all go at once, until the
+    /// provider asks for a retry again.
+    #[tokio::test]
+    async fn a_provider_not_known_to_answer_is_sent_one_notification_first() {
+        let gates = ProviderGates::default();
+        let Admission::Send(probe) = gates.admit("fcm").await else {
+            panic!("blocked")
+        };
+        let mut waiting = Box::pin(gates.admit("fcm"));
+        assert!(
+            futures::poll!(&mut waiting).is_pending(),
+            "waits for the probe"
+        );
+        assert!(
+            matches!(gates.admit("apns").now_or_never(), Some(Admission::Send(_))),
+            "another provider's probe"
+        );
+        probe.answered(&retry(Some(60)), now_ms());
+        assert!(matches!(waiting.await, Admission::Postpone(_)), "throttled");
+
+        // The block ends: a probe again, and once it is answered, no more.
+        gates
+            .providers
+            .lock()
+            .unwrap()
+            .get_mut("fcm")
+            .unwrap()
+            .blocked_until_ms = 0;
+        let Admission::Send(probe) = gates.admit("fcm").await else {
+            panic!("blocked")
+        };
+        let mut waiting = Box::pin(gates.admit("fcm"));
+        assert!(futures::poll!(&mut waiting).is_pending());
+        probe.answered(&Ok(()), now_ms());
+        assert!(matches!(waiting.await, Admission::Send(_)));
+        for _ in 0..3 {
+            let admitted = gates.admit("fcm").now_or_never();
+            assert!(matches!(admitted, Some(Admission::Send(_))), "answering");
+        }
+
+        // A probe dropped unanswered (its pass stopped) lets the others go on.
+        gates.answered("fcm", &retry(Some(0)), now_ms());
+        let probe = gates.admit("fcm").await;
+        let mut waiting = Box::pin(gates.admit("fcm"));
+        assert!(futures::poll!(&mut waiting).is_pending());
+        drop(probe);
+        assert!(
+            matches!(waiting.await, Admission::Send(_)),
+            "the next probe"
+        );
     }
 }
