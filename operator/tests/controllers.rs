@@ -1475,3 +1475,88 @@ async fn an_approved_move_whose_shard_changed_owner_is_dropped() {
     .await;
     assert!(data_plane.admin.moves.lock().unwrap().is_empty());
 }
+
+/// The StatefulSet as Kubernetes (up to 1.35) reports it under `OnDelete` once its template
+/// changed and every pod was deleted by hand and came back on the new template: all pods
+/// updated and ready, but `currentRevision` is never promoted (kubernetes/kubernetes#73492).
+fn stateful_set_after_manual_roll(replicas: i32) -> Value {
+    json!({
+        "apiVersion": "apps/v1", "kind": "StatefulSet",
+        "metadata": { "name": "prod-sequencers", "namespace": NS },
+        "spec": { "replicas": replicas, "selector": {}, "template": {}, "serviceName": "prod-sequencers",
+                  "updateStrategy": { "type": "OnDelete" } },
+        "status": { "replicas": replicas, "readyReplicas": replicas, "updatedReplicas": replicas,
+                    "currentRevision": "prod-sequencers-r1", "updateRevision": "prod-sequencers-r2" }
+    })
+}
+
+/// [`shard_set_reads_and_applies`] of `replicas` pods, the StatefulSet read and applied being
+/// [`stateful_set_after_manual_roll`].
+fn reads_and_applies_after_manual_roll(replicas: i32) -> Vec<Expect> {
+    let mut expected = shard_set_reads_and_applies(replicas, replicas);
+    for stateful_set in [1, 3] {
+        expected[stateful_set].answer = Some(stateful_set_after_manual_roll(replicas));
+    }
+    expected
+}
+
+#[tokio::test]
+async fn scale_down_evacuates_after_an_on_delete_template_change() {
+    // replicas 2 -> 1 after an image bump whose pods were all rolled by hand: pod 1 holds 2, 3.
+    let data_plane = Arc::new(FakeDataPlane::with_sample(sample(
+        &[0, 1],
+        &[0, 0, 1, 1],
+        &[5.0, 5.0, 5.0, 5.0],
+    )));
+    let mut expected = reads_and_applies_after_manual_roll(2);
+    expected.push(expect(Method::POST, EVENTS, |body| {
+        assert_eq!(body["reason"], "ShardMoved");
+    }));
+    expected.push(expect(
+        Method::PATCH,
+        "/apis/events.k8s.io/v1/namespaces/chat/events/prod-sequencers.*",
+        |_| {},
+    ));
+    expected.push(status_patch(|body| {
+        let rebalancing = rebalancing_condition(body);
+        assert_eq!(rebalancing["reason"], "Moving", "{rebalancing}");
+    }));
+    reconciled(expected, data_plane.clone(), async |ctx| {
+        shard_set::reconcile(Arc::new(shard_set(1)), ctx)
+            .await
+            .unwrap();
+    })
+    .await;
+    assert_eq!(
+        data_plane.admin.moves.lock().unwrap().len(),
+        2,
+        "pod 1's shards are evacuated"
+    );
+}
+
+#[tokio::test]
+async fn load_moves_go_on_while_ready_pods_run_an_older_template() {
+    // Pod 0 carries two busy shards, pod 1 two idle ones; every pod is ready, whatever
+    // template it runs.
+    let data_plane = Arc::new(FakeDataPlane::with_sample(sample(
+        &[0, 1],
+        &[0, 0, 1, 1],
+        &[100.0, 100.0, 0.0, 0.0],
+    )));
+    let mut expected = reads_and_applies_after_manual_roll(2);
+    expected.push(expect(Method::POST, EVENTS, |body| {
+        assert_eq!(body["reason"], "ShardMoved");
+    }));
+    expected.push(status_patch(|body| {
+        let rebalancing = rebalancing_condition(body);
+        assert_eq!(rebalancing["reason"], "Moving", "{rebalancing}");
+    }));
+    reconciled(expected, data_plane.clone(), async |ctx| {
+        plan_due(&ctx, &data_plane);
+        shard_set::reconcile(Arc::new(shard_set(2)), ctx)
+            .await
+            .unwrap();
+    })
+    .await;
+    assert_eq!(data_plane.admin.moves.lock().unwrap().len(), 1);
+}

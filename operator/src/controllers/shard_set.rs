@@ -10,10 +10,11 @@
 //! - **Modes**: `Auto` carries load moves out as planned; `Proposal` writes them to the
 //!   `ShardRebalance` `<set>-rebalance` and carries them out once it is approved by annotation
 //!   ([`proposal`]); `Off` plans nothing.
-//! - **Pauses**: no moves while pods are rolling out, not ready, or not answering, or while
-//!   some shards have no live owner (the admin API's shard map, read from the store: a
-//!   failover is under way), or while events have waited more than 30 s for fanout (the
-//!   shard map's outbox lag: the store or fanout cannot keep up).
+//! - **Pauses**: no moves while pods are missing, not ready (starting, or deleted to roll
+//!   them), or not answering, or while some shards have no live owner (the admin API's shard
+//!   map, read from the store: a failover is under way), or while events have waited more
+//!   than 30 s for fanout (the shard map's outbox lag: the store or fanout cannot keep up).
+//!   A pod on an older template pauses nothing: under `OnDelete` only its deletion rolls it.
 //! - **Deletion**: a finalizer drains every pod first, so their shards are released in the
 //!   store at once rather than when their leases lapse.
 
@@ -159,7 +160,7 @@ async fn run(set: &SequencerShardSet, ctx: &Context) -> Result<Action, Error> {
     state.evacuating = false;
     let stepped = match &sample {
         Some(Ok(sample)) => {
-            notes.paused = rollout_in_progress(&stateful_set, replicas)
+            notes.paused = pods_not_ready(&stateful_set, replicas)
                 .or_else(|| failover(sample))
                 .or_else(|| delivery_trouble(sample));
             let paused = notes.paused.as_deref();
@@ -326,17 +327,22 @@ fn ordinal_of(set: &str, pod: &str) -> Option<i32> {
     pod.strip_prefix(set)?.strip_prefix('-')?.parse().ok()
 }
 
-/// Why load moves wait, if they do: a rollout (pods on an old template, or not all ready).
-fn rollout_in_progress(stateful_set: &StatefulSet, replicas: i32) -> Option<String> {
-    let status = stateful_set.status.clone().unwrap_or_default();
-    let ready = status.ready_replicas.unwrap_or(0);
-    if ready < replicas {
-        return Some(format!("{ready}/{replicas} sequencer pods ready"));
-    }
-    if status.current_revision.is_some() && status.current_revision != status.update_revision {
-        return Some("pods are being replaced by a new template".to_owned());
-    }
-    None
+/// Why moves wait, if they do: some of the `replicas` pods are missing or not ready (starting,
+/// or deleted to roll them: a sequencer fails `/readyz` as soon as it drains on SIGTERM, and
+/// the shards it releases have no live owner, see [`failover`]).
+///
+/// Readiness alone decides, never the StatefulSet's revisions: under `OnDelete` Kubernetes does
+/// not promote `currentRevision` to `updateRevision` even once every pod runs the new template
+/// (kubernetes/kubernetes#73492), so after a template change the two would differ for good and
+/// nothing would move again, evacuations of a scale-down included. A ready pod on an older
+/// template is not being replaced: only a person deleting it replaces it.
+fn pods_not_ready(stateful_set: &StatefulSet, replicas: i32) -> Option<String> {
+    let ready = stateful_set
+        .status
+        .as_ref()
+        .and_then(|s| s.ready_replicas)
+        .unwrap_or(0);
+    (ready < replicas).then(|| format!("{ready}/{replicas} sequencer pods ready"))
 }
 
 /// Why moves wait, if they do: shards without a live owner (a sequencer died or was drained,
@@ -725,6 +731,33 @@ mod tests {
         assert_eq!(replicas_to_run("s", 2, &evacuated), 2);
         assert_eq!(ordinal_of("s", "s-12"), Some(12));
         assert_eq!(ordinal_of("s", "other-1"), None);
+    }
+
+    fn stateful_set(ready: i32, current: &str, update: &str) -> StatefulSet {
+        StatefulSet {
+            status: Some(k8s_openapi::api::apps::v1::StatefulSetStatus {
+                replicas: 3,
+                ready_replicas: Some(ready),
+                current_revision: Some(current.to_owned()),
+                update_revision: Some(update.to_owned()),
+                ..Default::default()
+            }),
+            ..StatefulSet::default()
+        }
+    }
+
+    #[test]
+    fn moves_wait_for_missing_or_unready_pods_not_for_an_older_template() {
+        let why = pods_not_ready(&stateful_set(2, "r1", "r1"), 3).expect("paused");
+        assert_eq!(why, "2/3 sequencer pods ready");
+        assert_eq!(pods_not_ready(&stateful_set(3, "r1", "r1"), 3), None);
+        // OnDelete: every pod ready, some or all on the new template, `currentRevision` stale.
+        assert_eq!(pods_not_ready(&stateful_set(3, "r1", "r2"), 3), None);
+        assert_eq!(
+            pods_not_ready(&StatefulSet::default(), 1).as_deref(),
+            Some("0/1 sequencer pods ready"),
+            "a StatefulSet without a status yet has no ready pod"
+        );
     }
 
     #[test]

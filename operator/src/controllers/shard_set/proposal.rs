@@ -9,7 +9,7 @@
 //! - otherwise a planning round that yields other moves than the plan's replaces it (state
 //!   `ProposalReady` again, outcomes cleared), and one that yields none makes a waiting plan
 //!   `Stale`; `courier.dev/rebalance=refresh` makes a round due at once;
-//! - an approval waits while load moves wait (rollout, failover, or leaving pods being
+//! - an approval waits while load moves wait (pods not ready, failover, or leaving pods being
 //!   evacuated), and is acted on at the first sample after it (within `sampleSeconds`).
 //!
 //! Invariants: one plan per set; an annotation is removed once acted on, before any move, so
