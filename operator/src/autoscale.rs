@@ -10,8 +10,12 @@
 //!   whole window (after an operator restart it waits rather than guess).
 //! - **Who goes.** The pod with the fewest connections: it gets the lowest
 //!   `controller.kubernetes.io/pod-deletion-cost`, so the ReplicaSet deletes it first.
+//! - **Unread pods.** A ready pod whose count could not be read may hold any number of
+//!   connections: as the HPA does with missing metrics, the pool never shrinks on such a
+//!   sample (it holds the pool at its size for a whole window, as a peak would), while what
+//!   was read may still grow it.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 /// The annotation the ReplicaSet controller reads to pick the pods to delete.
 pub const DELETION_COST: &str = "controller.kubernetes.io/pod-deletion-cost";
@@ -48,6 +52,32 @@ impl ScalePolicy {
         let per_pod = u64::from(self.target_connections_per_pod.max(1));
         let needed = connections.div_ceil(per_pod).min(i32::MAX as u64) as i32;
         needed.clamp(self.min_replicas, self.max_replicas.max(self.min_replicas))
+    }
+}
+
+/// One look at a pool's connections.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConnectionSample {
+    /// The connections of each ready pod that answered, by pod name.
+    pub read: BTreeMap<String, u64>,
+    /// The ready pods whose connections could not be read.
+    pub unread: BTreeSet<String>,
+}
+
+impl ConnectionSample {
+    /// The connections of the pods that answered.
+    pub fn total(&self) -> u64 {
+        self.read.values().sum()
+    }
+}
+
+/// A sample in which every ready pod answered.
+impl From<BTreeMap<String, u64>> for ConnectionSample {
+    fn from(read: BTreeMap<String, u64>) -> Self {
+        ConnectionSample {
+            read,
+            unread: BTreeSet::new(),
+        }
     }
 }
 
@@ -96,15 +126,24 @@ impl GatewayAutoscaler {
         self.targets.back().map(|(at, _)| *at)
     }
 
-    /// The decision for a pool of `replicas` pods whose pods hold `connections` (by pod name).
+    /// The decision for a pool of `replicas` pods whose connections are `sample`.
     pub fn decide(
         &mut self,
         policy: &ScalePolicy,
         replicas: i32,
-        connections: &BTreeMap<String, u64>,
+        sample: &ConnectionSample,
         now_ms: u64,
     ) -> ScaleDecision {
-        let target = policy.target(connections.values().sum());
+        let bounded = replicas.clamp(
+            policy.min_replicas,
+            policy.max_replicas.max(policy.min_replicas),
+        );
+        let read = policy.target(sample.total());
+        // What an unread pod holds is unknown: the sample needs at least the pods there are.
+        let target = match sample.unread.is_empty() {
+            true => read,
+            false => read.max(bounded),
+        };
         self.since_ms.get_or_insert(now_ms);
         self.targets.push_back((now_ms, target));
         while self
@@ -119,10 +158,6 @@ impl GatewayAutoscaler {
             remove: None,
             reason: ScaleReason::Steady,
         };
-        let bounded = replicas.clamp(
-            policy.min_replicas,
-            policy.max_replicas.max(policy.min_replicas),
-        );
         if bounded != replicas {
             return ScaleDecision {
                 replicas: bounded,
@@ -148,7 +183,8 @@ impl GatewayAutoscaler {
             return steady(replicas);
         }
         self.last_removal_ms = Some(now_ms);
-        let remove = connections
+        let remove = sample
+            .read
             .iter()
             .min_by(|a, b| a.1.cmp(b.1).then(a.0.cmp(b.0)))
             .map(|(pod, _)| pod.clone());
@@ -166,12 +202,13 @@ mod tests {
 
     const SECOND: u64 = 1_000;
 
-    fn pods(connections: &[u64]) -> BTreeMap<String, u64> {
+    fn pods(connections: &[u64]) -> ConnectionSample {
         connections
             .iter()
             .enumerate()
             .map(|(i, c)| (format!("gw-{i}"), *c))
-            .collect()
+            .collect::<BTreeMap<_, _>>()
+            .into()
     }
 
     #[test]
@@ -232,6 +269,33 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_pod_whose_connections_cannot_be_read_holds_the_pool_up_but_not_down() {
+        let policy = ScalePolicy::new(1, 10, 1000);
+        let mut autoscaler = GatewayAutoscaler::new();
+        let quiet = pods(&[100, 100, 100, 100]);
+        let mut partial = pods(&[100]);
+        partial.unread = ["gw-1", "gw-2", "gw-3"].map(str::to_owned).into();
+        let mut now = 0;
+        while now < 600 * SECOND {
+            autoscaler.decide(&policy, 4, &quiet, now);
+            now += 15 * SECOND;
+        }
+        // A quiet window has passed: a full reading would remove a pod, a partial one never.
+        let blind = autoscaler.decide(&policy, 4, &partial, now);
+        assert_eq!((blind.replicas, blind.remove), (4, None));
+        // Once every pod answers again, the partial sample holds the pool for a window.
+        let soon = autoscaler.decide(&policy, 4, &quiet, now + 590 * SECOND);
+        assert_eq!(soon.replicas, 4);
+        let later = autoscaler.decide(&policy, 4, &quiet, now + 615 * SECOND);
+        assert_eq!(later.replicas, 3);
+        // What was read may still grow the pool.
+        let mut busy = pods(&[6000]);
+        busy.unread = partial.unread.clone();
+        let grown = autoscaler.decide(&policy, 3, &busy, now + 630 * SECOND);
+        assert_eq!((grown.replicas, grown.reason), (6, ScaleReason::Up));
     }
 
     #[test]

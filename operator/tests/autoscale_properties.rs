@@ -31,7 +31,7 @@ proptest! {
                 .collect();
             let need = policy.target(pods.values().sum());
             needs.push((now, need));
-            let decision = autoscaler.decide(&policy, replicas, &pods, now);
+            let decision = autoscaler.decide(&policy, replicas, &pods.into(), now);
             prop_assert!(decision.replicas >= min && decision.replicas <= min + extra);
             if need > replicas {
                 prop_assert_eq!(decision.replicas, need, "up at once");

@@ -825,7 +825,7 @@ async fn a_quiet_gateway_pool_removes_the_pod_with_the_fewest_connections_first(
                 .entry(format!("{NS}/prod-gateways"))
                 .or_default();
             let quiet = BTreeMap::from([("gw-a".to_owned(), 600)]);
-            autoscaler.decide(&policy, 3, &quiet, 1_000_000 - 600_000);
+            autoscaler.decide(&policy, 3, &quiet.into(), 1_000_000 - 600_000);
         }
         gateway_pool::reconcile(Arc::new(pool()), ctx)
             .await
@@ -1218,7 +1218,7 @@ async fn a_gateway_pool_woken_between_samples_keeps_its_size_and_reads_no_connec
             let autoscaler = autoscalers
                 .entry(format!("{NS}/prod-gateways"))
                 .or_default();
-            autoscaler.decide(&policy, 3, &BTreeMap::new(), 1_000_000 - 5_000);
+            autoscaler.decide(&policy, 3, &Default::default(), 1_000_000 - 5_000);
         }
         gateway_pool::reconcile(Arc::new(pool()), ctx)
             .await
@@ -1559,4 +1559,88 @@ async fn load_moves_go_on_while_ready_pods_run_an_older_template() {
     })
     .await;
     assert_eq!(data_plane.admin.moves.lock().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn a_gateway_pool_does_not_shrink_while_a_ready_pods_metrics_cannot_be_read() {
+    // Four ready gateways with 900 connections each (3,600: four pods of 1,000), but only
+    // gw-a's /metrics answers (the three others time out, as they have for the whole window).
+    let data_plane = Arc::new(FakeDataPlane {
+        connections: BTreeMap::from([("10.0.0.1".to_owned(), 900)]),
+        ..FakeDataPlane::default()
+    });
+    let expected = vec![
+        expect(
+            Method::GET,
+            "/apis/courier.dev/v1alpha1/namespaces/chat/courierclusters/prod",
+            |_| {},
+        )
+        .answer(serde_json::to_value(cluster(false)).unwrap()),
+        expect(Method::GET, "/api/v1/namespaces/chat/pods", |_| {}).answer(pod_list(vec![
+            gateway_pod("gw-a", "10.0.0.1"),
+            gateway_pod("gw-b", "10.0.0.2"),
+            gateway_pod("gw-c", "10.0.0.3"),
+            gateway_pod("gw-d", "10.0.0.4"),
+        ])),
+        expect(
+            Method::GET,
+            "/apis/apps/v1/namespaces/chat/deployments/prod-gateways",
+            |_| {},
+        )
+        .answer(deployment(4)),
+        expect(
+            APPLY,
+            "/apis/apps/v1/namespaces/chat/deployments/prod-gateways",
+            |body| {
+                assert_eq!(
+                    body["spec"]["replicas"], 4,
+                    "no pod removed on metrics it could not read"
+                );
+            },
+        ),
+        expect(APPLY, "/api/v1/namespaces/chat/services/prod", |_| {}),
+        expect(
+            APPLY,
+            "/apis/policy/v1/namespaces/chat/poddisruptionbudgets/prod-gateways",
+            |_| {},
+        ),
+        expect(
+            APPLY,
+            "/apis/courier.dev/v1alpha1/namespaces/chat/gatewaypools/prod-gateways/status",
+            |body| {
+                let degraded = body["status"]["conditions"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|c| c["type"] == "Degraded")
+                    .unwrap()
+                    .clone();
+                assert_eq!(degraded["status"], "True");
+                assert_eq!(degraded["reason"], "MetricsUnavailable");
+                assert_eq!(
+                    degraded["message"],
+                    "3 ready gateway pods did not answer /metrics (gw-b, gw-c, gw-d): \
+                     the pool does not shrink until they do"
+                );
+                assert_eq!(body["status"]["connections"], 900);
+            },
+        )
+        .answer(serde_json::to_value(pool()).unwrap()),
+    ];
+    reconciled(expected, data_plane, async |ctx| {
+        {
+            // The same partial reading a whole window ago.
+            let policy = courier_operator::autoscale::ScalePolicy::new(2, 8, 1000);
+            let mut autoscalers = ctx.autoscalers.lock().unwrap();
+            let autoscaler = autoscalers
+                .entry(format!("{NS}/prod-gateways"))
+                .or_default();
+            let partial = BTreeMap::from([("gw-a".to_owned(), 900)]);
+            autoscaler.decide(&policy, 4, &partial.into(), 1_000_000 - 600_000);
+        }
+        gateway_pool::reconcile(Arc::new(pool()), ctx)
+            .await
+            .unwrap();
+    })
+    .await;
 }

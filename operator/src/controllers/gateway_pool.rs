@@ -1,8 +1,12 @@
 //! The `GatewayPool` controller: reads each ready gateway pod's connections, lets the
 //! autoscaler decide the pool's size, marks the pod to remove first on a scale-down, and
 //! applies the Deployment, the client Service and the PodDisruptionBudget.
+//!
+//! A ready pod whose `/metrics` cannot be read keeps the pool from shrinking (the autoscaler
+//! does not guess what it holds), and the status says so: `Degraded`, reason
+//! `MetricsUnavailable`, naming the pods.
 
-use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,7 +19,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 
 use super::{Context, Error, apply, apply_status, counted, key, lock, retry_after_error};
-use crate::autoscale::{DELETION_COST, ScaleDecision, ScalePolicy, ScaleReason};
+use crate::autoscale::{ConnectionSample, DELETION_COST, ScaleDecision, ScalePolicy, ScaleReason};
 use crate::crd::{ConditionType, Conditions, GatewayPool, GatewayPoolStatus};
 use crate::metrics::ResourceLabel;
 use crate::render::pod::{Component, selector_labels};
@@ -82,7 +86,7 @@ pub async fn reconcile(pool: Arc<GatewayPool>, ctx: Arc<Context>) -> Result<Acti
     if let Some(pod) = &decision.remove {
         mark_first_to_go(&ctx, &namespace, pod).await?;
     }
-    announce(&ctx, &pool, current, &decision, connections.values().sum()).await;
+    announce(&ctx, &pool, current, &decision, connections.total()).await;
     let children = gateways::build(&pool, &cluster, decision.replicas)?;
     let deployment: Deployment = apply(&ctx.client, &children.deployment).await?;
     apply(&ctx.client, &children.service).await?;
@@ -93,7 +97,7 @@ pub async fn reconcile(pool: Arc<GatewayPool>, ctx: Arc<Context>) -> Result<Acti
             resource: key(pool.as_ref()),
         })
         .set(i64::from(decision.replicas));
-    let status = status(&pool, &deployment, connections.values().sum(), now);
+    let status = status(&pool, &deployment, &connections, now);
     apply_status(&ctx.client, pool.as_ref(), &status).await?;
     Ok(Action::requeue(SAMPLE_INTERVAL))
 }
@@ -115,13 +119,13 @@ async fn current_replicas(
         .and_then(|d| d.spec.and_then(|s| s.replicas)))
 }
 
-/// Connections of each ready gateway pod of `cluster`; a pod whose metrics cannot be read is
-/// left out (it is counted again once it answers).
+/// Connections of each ready gateway pod of `cluster`, and the ready pods whose metrics cannot
+/// be read.
 async fn connections(
     ctx: &Context,
     namespace: &str,
     cluster: &str,
-) -> Result<BTreeMap<String, u64>, Error> {
+) -> Result<ConnectionSample, Error> {
     let selector = selector_labels(cluster, Component::Gateway)
         .iter()
         .map(|(k, v)| format!("{k}={v}"))
@@ -130,20 +134,21 @@ async fn connections(
     let pods = Api::<Pod>::namespaced(ctx.client.clone(), namespace)
         .list(&ListParams::default().labels(&selector))
         .await?;
-    let mut connections = BTreeMap::new();
+    let mut sample = ConnectionSample::default();
     for pod in pods {
         let Some(ip) = ready_ip(&pod) else { continue };
         let name = pod.metadata.name.clone().unwrap_or_default();
         match ctx.data_plane.gateway_connections(&ip).await {
             Ok(count) => {
-                connections.insert(name, count);
+                sample.read.insert(name, count);
             }
             Err(e) => {
-                tracing::warn!(pod = %name, error = %e, "reading a gateway's connections failed")
+                tracing::warn!(pod = %name, error = %e, "reading a gateway's connections failed");
+                sample.unread.insert(name);
             }
         }
     }
-    Ok(connections)
+    Ok(sample)
 }
 
 /// The pod's IP if it is ready and not being deleted.
@@ -209,7 +214,7 @@ async fn announce(
 fn status(
     pool: &GatewayPool,
     deployment: &Deployment,
-    connections: u64,
+    connections: &ConnectionSample,
     now: Timestamp,
 ) -> GatewayPoolStatus {
     let observed = deployment.status.clone().unwrap_or_default();
@@ -221,6 +226,18 @@ fn status(
     let ready = observed.ready_replicas.unwrap_or(0);
     let updated = observed.updated_replicas.unwrap_or(0);
     let message = format!("{ready}/{wanted} gateway pods ready");
+    let (degraded, reason, why) = match connections.unread.is_empty() {
+        true => (
+            false,
+            "Healthy",
+            "the cluster is found and every ready pod's connections are read".to_owned(),
+        ),
+        false => (
+            true,
+            "MetricsUnavailable",
+            unread_message(&connections.unread),
+        ),
+    };
     let previous = pool
         .status
         .as_ref()
@@ -247,20 +264,31 @@ fn status(
             },
             &format!("{updated}/{wanted} pods on the current template"),
         )
-        .set(
-            ConditionType::Degraded,
-            false,
-            "Healthy",
-            "the cluster and its Secrets are found",
-        )
+        .set(ConditionType::Degraded, degraded, reason, &why)
         .into_vec();
     GatewayPoolStatus {
         observed_generation: pool.metadata.generation,
         replicas: observed.replicas.unwrap_or(0),
         ready_replicas: ready,
-        connections,
+        connections: connections.total(),
         conditions,
     }
+}
+
+/// Pods named in a message at most (a condition's message is bounded).
+const NAMED_PODS: usize = 5;
+
+/// Why the pool cannot shrink: the ready pods whose `/metrics` did not answer.
+fn unread_message(unread: &BTreeSet<String>) -> String {
+    let mut named: Vec<String> = unread.iter().take(NAMED_PODS).cloned().collect();
+    if unread.len() > NAMED_PODS {
+        named.push(format!("{} more", unread.len() - NAMED_PODS));
+    }
+    format!(
+        "{} ready gateway pods did not answer /metrics ({}): the pool does not shrink until they do",
+        unread.len(),
+        named.join(", ")
+    )
 }
 
 fn degraded(pool: &GatewayPool, now: Timestamp, message: &str) -> GatewayPoolStatus {

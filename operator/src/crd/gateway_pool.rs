@@ -135,7 +135,8 @@ pub struct GatewayPoolStatus {
     /// Pods that pass `/readyz`.
     #[serde(default)]
     pub ready_replicas: i32,
-    /// Client connections over every pod, at the last scaling decision.
+    /// Client connections over every pod whose `/metrics` answered, at the last scaling
+    /// decision.
     #[serde(default)]
     pub connections: u64,
     /// Ready, Progressing, Degraded.
