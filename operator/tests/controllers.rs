@@ -607,7 +607,8 @@ async fn a_table_with_a_gap_renders_nothing_and_says_why_in_the_status() {
 async fn a_gateway_pool_of_a_cluster_with_a_bad_table_applies_no_pod() {
     let data_plane = Arc::new(FakeDataPlane::default());
     let broken = partitioned_with(|p| p.last_shard = 64);
-    // It reads what it needs, then refuses to render: no Deployment is applied.
+    // It reads what it needs, then refuses to render: no Deployment is applied, and the
+    // status says why.
     let expected = vec![
         expect(
             Method::GET,
@@ -622,6 +623,23 @@ async fn a_gateway_pool_of_a_cluster_with_a_bad_table_applies_no_pod() {
             |_| {},
         )
         .answer(deployment(2)),
+        expect(
+            APPLY,
+            "/apis/courier.dev/v1alpha1/namespaces/chat/gatewaypools/prod-gateways/status",
+            |body| {
+                let ready = condition(body, "Ready");
+                assert_eq!(ready["status"], "False");
+                assert_eq!(ready["reason"], "InvalidStorage");
+                assert!(
+                    ready["message"]
+                        .as_str()
+                        .unwrap()
+                        .contains("beyond the last shard (63)"),
+                    "{ready}"
+                );
+            },
+        )
+        .answer(serde_json::to_value(pool()).unwrap()),
     ];
     reconciled(expected, data_plane, async |ctx| {
         let error = gateway_pool::reconcile(Arc::new(pool()), ctx)
@@ -1274,14 +1292,19 @@ fn plan_state(body: &Value) -> (String, String) {
     )
 }
 
-fn rebalancing_condition(body: &Value) -> Value {
+/// The condition of type `kind` in a status patch.
+fn condition(body: &Value, kind: &str) -> Value {
     body["status"]["conditions"]
         .as_array()
         .unwrap()
         .iter()
-        .find(|c| c["type"] == "Rebalancing")
-        .unwrap()
+        .find(|c| c["type"] == kind)
+        .unwrap_or_else(|| panic!("no {kind} condition in {body}"))
         .clone()
+}
+
+fn rebalancing_condition(body: &Value) -> Value {
+    condition(body, "Rebalancing")
 }
 
 #[tokio::test]
@@ -1608,13 +1631,7 @@ async fn a_gateway_pool_does_not_shrink_while_a_ready_pods_metrics_cannot_be_rea
             APPLY,
             "/apis/courier.dev/v1alpha1/namespaces/chat/gatewaypools/prod-gateways/status",
             |body| {
-                let degraded = body["status"]["conditions"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .find(|c| c["type"] == "Degraded")
-                    .unwrap()
-                    .clone();
+                let degraded = condition(body, "Degraded");
                 assert_eq!(degraded["status"], "True");
                 assert_eq!(degraded["reason"], "MetricsUnavailable");
                 assert_eq!(
@@ -1641,6 +1658,114 @@ async fn a_gateway_pool_does_not_shrink_while_a_ready_pods_metrics_cannot_be_rea
         gateway_pool::reconcile(Arc::new(pool()), ctx)
             .await
             .unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_failing_reconcile_does_not_leave_the_cluster_ready() {
+    // The embedded cluster was Ready at generation 3; its volume size was then edited
+    // (generation 4). The API server refuses the StatefulSet (volumeClaimTemplates are
+    // immutable): the status must stop saying Ready.
+    let mut edited = cluster(true);
+    edited.metadata.generation = Some(4);
+    edited.spec.storage.embedded.as_mut().unwrap().size = "50Gi".to_owned();
+    let available = courier_operator::crd::Conditions::new(
+        &[],
+        Some(3),
+        k8s_openapi::jiff::Timestamp::from_second(1).unwrap(),
+    )
+    .set(
+        courier_operator::crd::ConditionType::Ready,
+        true,
+        "Available",
+        "1/1 courier serve pod ready",
+    )
+    .into_vec();
+    edited.status = Some(courier_operator::crd::CourierClusterStatus {
+        observed_generation: Some(3),
+        storage: Some("embedded".to_owned()),
+        conditions: available,
+    });
+    let mut refused = expect(
+        APPLY,
+        "/apis/apps/v1/namespaces/chat/statefulsets/prod",
+        |_| {},
+    );
+    refused.status = 422;
+    refused.answer = Some(json!({
+        "apiVersion": "v1", "kind": "Status", "metadata": {}, "status": "Failure",
+        "reason": "Invalid", "code": 422,
+        "message": "StatefulSet.apps \"prod\" is invalid: spec: Forbidden: updates to statefulset spec for fields other than 'replicas', 'ordinals', 'template', 'updateStrategy', 'persistentVolumeClaimRetentionPolicy' and 'minReadySeconds' are forbidden"
+    }));
+    let expected = vec![
+        refused,
+        expect(
+            APPLY,
+            "/apis/courier.dev/v1alpha1/namespaces/chat/courierclusters/prod/status",
+            |body| {
+                assert_eq!(body["status"]["observedGeneration"], 4);
+                assert_eq!(body["status"]["storage"], "embedded", "the rest is kept");
+                let ready = condition(body, "Ready");
+                assert_eq!(ready["status"], "False", "{ready}");
+                assert_eq!(ready["reason"], "ApiRequestFailed");
+                assert_eq!(ready["observedGeneration"], 4);
+                assert_eq!(
+                    ready["message"],
+                    "Kubernetes API: StatefulSet.apps \"prod\" is invalid: spec: Forbidden: \
+                     updates to statefulset spec for fields other than 'replicas', 'ordinals', \
+                     'template', 'updateStrategy', 'persistentVolumeClaimRetentionPolicy' and \
+                     'minReadySeconds' are forbidden (Invalid)"
+                );
+            },
+        )
+        .answer(serde_json::to_value(cluster(true)).unwrap()),
+    ];
+    reconciled(expected, Arc::new(FakeDataPlane::default()), async |ctx| {
+        let error = cluster::reconcile(Arc::new(edited), ctx).await.unwrap_err();
+        assert_eq!(
+            error.reason(),
+            "ApiRequestFailed",
+            "the error is still retried"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_shard_set_whose_token_secret_is_missing_is_not_ready_and_says_why() {
+    let expected = vec![
+        expect(
+            Method::GET,
+            "/apis/courier.dev/v1alpha1/namespaces/chat/courierclusters/prod",
+            |_| {},
+        )
+        .answer(serde_json::to_value(cluster(false)).unwrap()),
+        expect(
+            Method::GET,
+            "/apis/apps/v1/namespaces/chat/statefulsets/prod-sequencers",
+            |_| {},
+        )
+        .answer(stateful_set(2)),
+        expect(
+            Method::GET,
+            "/api/v1/namespaces/chat/secrets/courier-token",
+            |_| {},
+        )
+        .not_found(),
+        status_patch(|body| {
+            let ready = condition(body, "Ready");
+            assert_eq!(ready["status"], "False");
+            assert_eq!(ready["reason"], "SecretUnusable");
+            assert_eq!(
+                ready["message"],
+                "Secret courier-token key token: no such Secret"
+            );
+        }),
+    ];
+    reconciled(expected, Arc::new(FakeDataPlane::default()), async |ctx| {
+        let result = shard_set::reconcile(Arc::new(shard_set(2)), ctx).await;
+        assert!(result.is_err(), "{result:?}");
     })
     .await;
 }

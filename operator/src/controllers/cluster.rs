@@ -17,7 +17,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::Action;
 
-use super::{Context, Error, apply, apply_status, counted, retry_after_error};
+use super::{Context, Error, apply, apply_status, counted, reported, retry_after_error, timestamp};
 use crate::crd::{
     ConditionType, Conditions, CourierCluster, CourierClusterStatus, GatewayPool, SequencerShardSet,
 };
@@ -29,17 +29,21 @@ const CONTROLLER: &str = "cluster";
 /// Brings what `cluster` owns in line with its spec.
 pub async fn reconcile(cluster: Arc<CourierCluster>, ctx: Arc<Context>) -> Result<Action, Error> {
     counted(&ctx.metrics, CONTROLLER);
-    let now = Timestamp::from_millisecond((ctx.clock)() as i64).unwrap_or(Timestamp::UNIX_EPOCH);
+    reported(&ctx, cluster.as_ref(), run(&cluster, &ctx).await).await
+}
+
+async fn run(cluster: &CourierCluster, ctx: &Context) -> Result<Action, Error> {
+    let now = timestamp((ctx.clock)());
     if let Some(fdb) = &cluster.spec.storage.foundation_db
         && let Err(problem) = partitions::check(fdb, cluster.spec.shards)
     {
         // Nothing is applied: pods rendered from this spec would not start.
-        let status = invalid_storage(&cluster, &problem, now);
-        apply_status(&ctx.client, cluster.as_ref(), &status).await?;
+        let status = invalid_storage(cluster, &problem, now);
+        apply_status(&ctx.client, cluster, &status).await?;
         return Ok(Action::await_change());
     }
     let ready = if cluster.spec.storage.embedded.is_some() {
-        let children = embedded::build(&cluster)?;
+        let children = embedded::build(cluster)?;
         let stateful_set: StatefulSet = apply(&ctx.client, &children.stateful_set).await?;
         apply(&ctx.client, &children.service).await?;
         let ready = stateful_set
@@ -50,14 +54,14 @@ pub async fn reconcile(cluster: Arc<CourierCluster>, ctx: Arc<Context>) -> Resul
         (ready >= 1, format!("{ready}/1 courier serve pod ready"))
     } else {
         // The table first: the pods mount it.
-        if let Some(table) = partitions::config_map(&cluster)? {
+        if let Some(table) = partitions::config_map(cluster)? {
             apply(&ctx.client, &table).await?;
         }
-        let pools = pools::build(&cluster)?;
+        let pools = pools::build(cluster)?;
         let gateways: GatewayPool = apply(&ctx.client, &pools.gateways).await?;
         let sequencers: SequencerShardSet = apply(&ctx.client, &pools.sequencers).await?;
-        let chat: Deployment = apply(&ctx.client, &backends::chat(&cluster)?).await?;
-        let media = match backends::media(&cluster)? {
+        let chat: Deployment = apply(&ctx.client, &backends::chat(cluster)?).await?;
+        let media = match backends::media(cluster)? {
             Some((deployment, service)) => {
                 let deployment: Deployment = apply(&ctx.client, &deployment).await?;
                 apply(&ctx.client, &service).await?;
@@ -65,8 +69,8 @@ pub async fn reconcile(cluster: Arc<CourierCluster>, ctx: Arc<Context>) -> Resul
             }
             None => None,
         };
-        let fanout: Deployment = apply(&ctx.client, &delivery::fanout(&cluster)?).await?;
-        if let Some(push) = delivery::push(&cluster)? {
+        let fanout: Deployment = apply(&ctx.client, &delivery::fanout(cluster)?).await?;
+        if let Some(push) = delivery::push(cluster)? {
             apply(&ctx.client, &push).await?;
         }
         let gateways_ready = is_ready(gateways.status.as_ref().map(|s| &s.conditions[..]));
@@ -86,8 +90,8 @@ pub async fn reconcile(cluster: Arc<CourierCluster>, ctx: Arc<Context>) -> Resul
             ),
         )
     };
-    let status = status(&cluster, ready, now);
-    apply_status(&ctx.client, cluster.as_ref(), &status).await?;
+    let status = status(cluster, ready, now);
+    apply_status(&ctx.client, cluster, &status).await?;
     Ok(Action::requeue(Duration::from_secs(300)))
 }
 

@@ -18,7 +18,9 @@ use kube::api::{ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 
-use super::{Context, Error, apply, apply_status, counted, key, lock, retry_after_error};
+use super::{
+    Context, Error, apply, apply_status, counted, key, lock, reported, retry_after_error, timestamp,
+};
 use crate::autoscale::{ConnectionSample, DELETION_COST, ScaleDecision, ScalePolicy, ScaleReason};
 use crate::crd::{ConditionType, Conditions, GatewayPool, GatewayPoolStatus};
 use crate::metrics::ResourceLabel;
@@ -36,21 +38,25 @@ const FIRST_TO_GO: &str = "-1000";
 /// Scales the pool and applies its objects.
 pub async fn reconcile(pool: Arc<GatewayPool>, ctx: Arc<Context>) -> Result<Action, Error> {
     counted(&ctx.metrics, CONTROLLER);
-    let (name, namespace) = name_and_namespace(pool.as_ref())?;
+    reported(&ctx, pool.as_ref(), run(&pool, &ctx).await).await
+}
+
+async fn run(pool: &GatewayPool, ctx: &Context) -> Result<Action, Error> {
+    let (name, namespace) = name_and_namespace(pool)?;
     let now_ms = (ctx.clock)();
-    let now = Timestamp::from_millisecond(now_ms as i64).unwrap_or(Timestamp::UNIX_EPOCH);
+    let now = timestamp(now_ms);
     let cluster = match ctx.cluster(&namespace, &pool.spec.cluster).await {
         Ok(cluster) => cluster,
         Err(Error::ClusterNotFound(missing)) => {
-            let status = degraded(&pool, now, &format!("CourierCluster {missing} not found"));
-            apply_status(&ctx.client, pool.as_ref(), &status).await?;
+            let status = degraded(pool, now, &format!("CourierCluster {missing} not found"));
+            apply_status(&ctx.client, pool, &status).await?;
             return Ok(Action::requeue(Duration::from_secs(30)));
         }
         Err(e) => return Err(e),
     };
     let settings = &pool.spec.pool;
     let last = lock(&ctx.autoscalers)
-        .get(&key(pool.as_ref()))
+        .get(&key(pool))
         .and_then(|a| a.last_decision_ms());
     let interval = SAMPLE_INTERVAL.as_millis() as u64;
     if let Some(next) = last
@@ -59,15 +65,15 @@ pub async fn reconcile(pool: Arc<GatewayPool>, ctx: Arc<Context>) -> Result<Acti
     {
         // Woken between samples (a watch event): keep the objects applied at the current size,
         // and sample when the next one is due.
-        let current = current_replicas(&ctx, &namespace, &name).await?;
-        let children = gateways::build(&pool, &cluster, current.unwrap_or(settings.min_replicas))?;
+        let current = current_replicas(ctx, &namespace, &name).await?;
+        let children = gateways::build(pool, &cluster, current.unwrap_or(settings.min_replicas))?;
         apply(&ctx.client, &children.deployment).await?;
         apply(&ctx.client, &children.service).await?;
         apply(&ctx.client, &children.disruption_budget).await?;
         return Ok(Action::requeue(Duration::from_millis(next - now_ms)));
     }
-    let connections = connections(&ctx, &namespace, &pool.spec.cluster).await?;
-    let current = current_replicas(&ctx, &namespace, &name).await?;
+    let connections = connections(ctx, &namespace, &pool.spec.cluster).await?;
+    let current = current_replicas(ctx, &namespace, &name).await?;
     let policy = ScalePolicy::new(
         settings.min_replicas,
         settings.max_replicas,
@@ -75,7 +81,7 @@ pub async fn reconcile(pool: Arc<GatewayPool>, ctx: Arc<Context>) -> Result<Acti
     );
     let decision = {
         let mut autoscalers = lock(&ctx.autoscalers);
-        let autoscaler = autoscalers.entry(key(pool.as_ref())).or_default();
+        let autoscaler = autoscalers.entry(key(pool)).or_default();
         autoscaler.decide(
             &policy,
             current.unwrap_or(settings.min_replicas),
@@ -84,21 +90,21 @@ pub async fn reconcile(pool: Arc<GatewayPool>, ctx: Arc<Context>) -> Result<Acti
         )
     };
     if let Some(pod) = &decision.remove {
-        mark_first_to_go(&ctx, &namespace, pod).await?;
+        mark_first_to_go(ctx, &namespace, pod).await?;
     }
-    announce(&ctx, &pool, current, &decision, connections.total()).await;
-    let children = gateways::build(&pool, &cluster, decision.replicas)?;
+    announce(ctx, pool, current, &decision, connections.total()).await;
+    let children = gateways::build(pool, &cluster, decision.replicas)?;
     let deployment: Deployment = apply(&ctx.client, &children.deployment).await?;
     apply(&ctx.client, &children.service).await?;
     apply(&ctx.client, &children.disruption_budget).await?;
     ctx.metrics
         .gateway_replicas
         .get_or_create(&ResourceLabel {
-            resource: key(pool.as_ref()),
+            resource: key(pool),
         })
         .set(i64::from(decision.replicas));
-    let status = status(&pool, &deployment, &connections, now);
-    apply_status(&ctx.client, pool.as_ref(), &status).await?;
+    let status = status(pool, &deployment, &connections, now);
+    apply_status(&ctx.client, pool, &status).await?;
     Ok(Action::requeue(SAMPLE_INTERVAL))
 }
 

@@ -1,6 +1,8 @@
 //! The controllers, one module each, in the controller-rs style: `reconcile(object, context)`
 //! returns when to look again, `error_policy` decides what a failure costs, and everything they
-//! write goes through server-side apply under one field manager.
+//! write goes through server-side apply under one field manager. A reconciliation that fails
+//! says so in the object's status before it is retried (`reported`): `Ready` false, with
+//! the error's reason and message.
 //!
 //! - [`cluster`]: `CourierCluster` → an embedded `courier serve` StatefulSet, or the pools;
 //! - [`gateway_pool`]: `GatewayPool` → Deployment, Service, PDB, and the autoscaler;
@@ -19,7 +21,9 @@ use std::time::Duration;
 
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
+use kube::core::object::HasStatus;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -27,7 +31,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::autoscale::GatewayAutoscaler;
-use crate::crd::{CourierCluster, SecretKeyRef};
+use crate::crd::{ConditionType, Conditions, CourierCluster, ObservedStatus, SecretKeyRef};
 use crate::metrics::{ControllerLabel, Metrics};
 use crate::rebalance::Rebalancer;
 use crate::rebalance::executor::{AdminError, ShardAdmin};
@@ -37,7 +41,7 @@ use crate::render::{FIELD_MANAGER, RenderError};
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The API server refused or failed a request.
-    #[error("Kubernetes API: {0}")]
+    #[error("Kubernetes API: {}", kube_message(.0))]
     Kube(#[from] kube::Error),
     /// The object cannot be rendered.
     #[error(transparent)]
@@ -56,7 +60,7 @@ pub enum Error {
         problem: String,
     },
     /// The `CourierCluster` a pool names does not exist.
-    #[error("CourierCluster {0} not found in the pool's namespace")]
+    #[error("CourierCluster {0} not found in the namespace")]
     ClusterNotFound(String),
     /// A shard set names a cluster on the embedded store, which has no sequencer pods.
     #[error(
@@ -66,6 +70,31 @@ pub enum Error {
     /// The finalizer could not be added or removed, or its cleanup failed.
     #[error("finalizer: {0}")]
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+}
+
+impl Error {
+    /// The reason (CamelCase) of the `Ready` condition this failure leaves.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "ApiRequestFailed",
+            Error::Render(RenderError::Incomplete { .. }) => "IncompleteObject",
+            Error::Render(RenderError::Storage(_)) => "InvalidStorage",
+            Error::Admin(_) => "AdminUnavailable",
+            Error::Secret { .. } => "SecretUnusable",
+            Error::ClusterNotFound(_) => "ClusterNotFound",
+            Error::NotFoundationDb(_) => "NotFoundationDb",
+            Error::Finalizer(_) => "FinalizerFailed",
+        }
+    }
+}
+
+/// What the API server said when it refused a request (its message and reason, not the whole
+/// response); any other failure as kube words it.
+fn kube_message(error: &kube::Error) -> String {
+    match error {
+        kube::Error::Api(status) => format!("{} ({})", status.message, status.reason),
+        other => other.to_string(),
+    }
 }
 
 /// How the operator reaches the data plane: the admin API of a cluster's sequencers, and the
@@ -177,6 +206,11 @@ impl Context {
     }
 }
 
+/// `now_ms` (ms since the epoch) as a timestamp.
+fn timestamp(now_ms: u64) -> Timestamp {
+    Timestamp::from_millisecond(now_ms as i64).unwrap_or(Timestamp::UNIX_EPOCH)
+}
+
 fn system_now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -226,6 +260,46 @@ where
     api.patch_status(&object.name_any(), &params, &Patch::Apply(&patch))
         .await?;
     Ok(())
+}
+
+/// The outcome of reconciling `object`; a failure is first written to its status: `Ready`
+/// false, with the error's [`reason`](Error::reason) and message, at the object's generation.
+/// Without it a spec the operator could not roll out (a refused apply, a missing Secret) would
+/// go on showing the `Ready` of the last one that worked. The other conditions are left as
+/// the last reconciliation that got through set them. A status that cannot be written is
+/// logged: the reconciliation's own error is the one retried.
+async fn reported<K>(
+    ctx: &Context,
+    object: &K,
+    outcome: Result<Action, Error>,
+) -> Result<Action, Error>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + HasStatus
+        + Clone
+        + Debug
+        + DeserializeOwned,
+    K::Status: ObservedStatus + Clone + Default + Serialize,
+{
+    let Err(error) = outcome else {
+        return outcome;
+    };
+    let generation = object.meta().generation;
+    let now = timestamp((ctx.clock)());
+    let mut status = object.status().cloned().unwrap_or_default();
+    let conditions = Conditions::keeping(status.conditions(), generation, now)
+        .set(
+            ConditionType::Ready,
+            false,
+            error.reason(),
+            &error.to_string(),
+        )
+        .into_vec();
+    status.observe(generation, conditions);
+    if let Err(e) = apply_status(&ctx.client, object, &status).await {
+        tracing::warn!(object = %key(object), error = %e, "writing a failure to the status failed");
+    }
+    Err(error)
 }
 
 /// `namespace/name` of an object.

@@ -26,7 +26,6 @@ use std::time::Duration;
 
 use courier_rpc::ClusterToken;
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::jiff::Timestamp;
 use kube::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
@@ -34,7 +33,8 @@ use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use rand::Rng;
 
 use super::{
-    Context, Error, RebalancerState, apply, apply_status, counted, key, lock, retry_after_error,
+    Context, Error, RebalancerState, apply, apply_status, counted, key, lock, reported,
+    retry_after_error, timestamp,
 };
 use crate::crd::{
     ConditionType, Conditions, CourierCluster, PodLoad, RebalanceMode, RecordedMove,
@@ -68,7 +68,7 @@ pub async fn reconcile(set: Arc<SequencerShardSet>, ctx: Arc<Context>) -> Result
     let api = Api::<SequencerShardSet>::namespaced(ctx.client.clone(), &namespace);
     finalizer(&api, FINALIZER, set, |event| async {
         match event {
-            Finalizer::Apply(set) => run(&set, &ctx).await,
+            Finalizer::Apply(set) => reported(&ctx, set.as_ref(), run(&set, &ctx).await).await,
             Finalizer::Cleanup(set) => release(&set, &ctx).await,
         }
     })
@@ -472,11 +472,6 @@ fn outcome_text(outcome: &Result<u64, AdminError>) -> String {
         Ok(epoch) => format!("epoch {epoch}"),
         Err(e) => format!("failed: {e}"),
     }
-}
-
-/// `now_ms` (ms since the epoch) as a timestamp.
-fn timestamp(now_ms: u64) -> Timestamp {
-    Timestamp::from_millisecond(now_ms as i64).unwrap_or(Timestamp::UNIX_EPOCH)
 }
 
 /// `interval_seconds` in milliseconds, give or take 10 %.

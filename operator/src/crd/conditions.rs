@@ -57,6 +57,15 @@ impl ConditionType {
     }
 }
 
+/// The status of a resource the operator reconciles: conditions, and the generation they
+/// describe.
+pub trait ObservedStatus {
+    /// The conditions.
+    fn conditions(&self) -> &[Condition];
+    /// Makes the status describe `generation` with `conditions`.
+    fn observe(&mut self, generation: Option<i64>, conditions: Vec<Condition>);
+}
+
 /// Builds the condition list of a status from the previous one.
 #[derive(Debug, Clone)]
 pub struct Conditions {
@@ -77,8 +86,18 @@ impl Conditions {
         }
     }
 
-    /// Sets `kind` to `status` with a CamelCase `reason` and a sentence for people. The
-    /// transition time moves only when the status changes.
+    /// Conditions for the object at `generation` that keep every condition of `previous` not
+    /// set again: a status of which only some conditions change.
+    pub fn keeping(previous: &[Condition], generation: Option<i64>, now: Timestamp) -> Self {
+        Self {
+            next: previous.to_vec(),
+            ..Self::new(previous, generation, now)
+        }
+    }
+
+    /// Sets `kind` to `status` with a CamelCase `reason` and a sentence for people, in the
+    /// place it had if it was set before. The transition time moves only when the status
+    /// changes.
     pub fn set(mut self, kind: ConditionType, status: bool, reason: &str, message: &str) -> Self {
         let status = if status { "True" } else { "False" };
         let last_transition_time = self
@@ -87,15 +106,18 @@ impl Conditions {
             .find(|c| c.type_ == kind.as_str() && c.status == status)
             .map(|c| c.last_transition_time.clone())
             .unwrap_or(Time(self.now));
-        self.next.retain(|c| c.type_ != kind.as_str());
-        self.next.push(Condition {
+        let condition = Condition {
             type_: kind.as_str().to_owned(),
             status: status.to_owned(),
             reason: reason.to_owned(),
             message: message.to_owned(),
             observed_generation: self.generation,
             last_transition_time,
-        });
+        };
+        match self.next.iter_mut().find(|c| c.type_ == kind.as_str()) {
+            Some(set_before) => *set_before = condition,
+            None => self.next.push(condition),
+        }
         self
     }
 
@@ -129,6 +151,25 @@ mod tests {
             .into_vec();
         assert_eq!(changed[0].last_transition_time, Time(at(300)));
         assert_eq!(changed[0].status, "True");
+    }
+
+    #[test]
+    fn one_condition_changes_in_its_place_and_the_others_are_kept() {
+        let before = Conditions::new(&[], Some(1), at(100))
+            .set(ConditionType::Ready, true, "Available", "all pods ready")
+            .set(ConditionType::Degraded, false, "Healthy", "fine")
+            .into_vec();
+        let after = Conditions::keeping(&before, Some(2), at(200))
+            .set(ConditionType::Ready, false, "ClusterNotFound", "gone")
+            .into_vec();
+        assert_eq!(after.len(), 2);
+        assert_eq!(
+            (after[0].type_.as_str(), after[0].status.as_str()),
+            ("Ready", "False")
+        );
+        assert_eq!(after[0].last_transition_time, Time(at(200)));
+        assert_eq!(after[0].observed_generation, Some(2));
+        assert_eq!(after[1], before[1], "untouched, of the generation it saw");
     }
 
     #[test]

@@ -18,7 +18,7 @@ pub use cluster::{
     MAX_STORAGE_PARTITIONS, MediaStore, S3MediaStore, SecretKeyRef, Storage, StoragePartition,
     WorkloadSettings,
 };
-pub use conditions::{ConditionType, Conditions};
+pub use conditions::{ConditionType, Conditions, ObservedStatus};
 pub use gateway_pool::{
     GatewayPool, GatewayPoolSettings, GatewayPoolSpec, GatewayPoolStatus, ServiceType,
 };
@@ -29,7 +29,30 @@ pub use shard_set::{
 };
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::CustomResourceExt;
+
+/// The statuses of the reconciled resources, each with `conditions` and `observedGeneration`.
+macro_rules! observed_status {
+    ($($status:ty),*) => {$(
+        impl ObservedStatus for $status {
+            fn conditions(&self) -> &[Condition] {
+                &self.conditions
+            }
+
+            fn observe(&mut self, generation: Option<i64>, conditions: Vec<Condition>) {
+                self.observed_generation = generation;
+                self.conditions = conditions;
+            }
+        }
+    )*};
+}
+
+observed_status!(
+    CourierClusterStatus,
+    GatewayPoolStatus,
+    SequencerShardSetStatus
+);
 
 /// The API group of every Courier resource.
 pub const GROUP: &str = "courier.dev";
