@@ -108,8 +108,10 @@ fn default_shards() -> u32 {
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("has(self.embedded) != has(self.foundationDb)").message("set exactly one of storage.embedded (one pod, development) or storage.foundationDb (production)"))]
 pub struct Storage {
-    /// The embedded engine on a persistent volume of one `courier serve` pod.
+    /// The embedded engine on a persistent volume of one `courier serve` pod. Fixed once set:
+    /// the volume is the StatefulSet's claim template, which Kubernetes refuses to change.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("storage.embedded (size, storageClassName) is immutable: the StatefulSet's volume claim cannot change; to grow the volume, expand the PersistentVolumeClaim data-<cluster>-0 itself"))]
     pub embedded: Option<EmbeddedStorage>,
     /// A FoundationDB cluster every pod reaches.
     #[serde(default, skip_serializing_if = "Option::is_none")]

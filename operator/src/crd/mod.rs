@@ -87,9 +87,13 @@ mod tests {
     use super::*;
 
     fn rules(crd: &CustomResourceDefinition) -> Vec<(String, String)> {
-        let text = serde_json::to_value(crd).unwrap();
+        rules_in(&serde_json::to_value(crd).unwrap())
+    }
+
+    /// The CEL rules (rule, message) anywhere in `schema`.
+    fn rules_in(schema: &serde_json::Value) -> Vec<(String, String)> {
         let mut found = Vec::new();
-        collect_rules(&text, &mut found);
+        collect_rules(schema, &mut found);
         found
     }
 
@@ -120,6 +124,24 @@ mod tests {
                 .any(|(rule, message)| rule == "self == oldSelf"
                     && message.contains("shards is immutable")),
             "{shard_sets:?}"
+        );
+    }
+
+    #[test]
+    fn the_embedded_volume_is_immutable_with_a_message_that_says_why() {
+        let crd = serde_json::to_value(CourierCluster::crd()).unwrap();
+        let embedded = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+            ["properties"]["storage"]["properties"]["embedded"];
+        let rules: Vec<(String, String)> = rules_in(embedded)
+            .into_iter()
+            .filter(|(rule, _)| rule == "self == oldSelf")
+            .collect();
+        assert_eq!(rules.len(), 1, "{embedded}");
+        assert!(
+            rules[0]
+                .1
+                .starts_with("storage.embedded (size, storageClassName) is immutable"),
+            "{rules:?}"
         );
     }
 
