@@ -1769,3 +1769,59 @@ async fn a_shard_set_whose_token_secret_is_missing_is_not_ready_and_says_why() {
     })
     .await;
 }
+
+#[test]
+fn a_gateway_pool_never_renders_the_service_of_an_embedded_cluster() {
+    // The embedded cluster's client Service is named after the cluster, as a pool's is, but
+    // selects its one `courier serve` pod: the pool's would take it over.
+    let embedded = cluster(true);
+    let served = courier_operator::render::embedded::build(&embedded)
+        .unwrap()
+        .service;
+    assert_eq!(served.metadata.name.as_deref(), Some("prod"));
+    let refused = courier_operator::render::gateways::build(&pool(), &embedded, 2).unwrap_err();
+    assert_eq!(
+        refused.to_string(),
+        "CourierCluster prod has embedded storage (one courier serve pod that runs every role): \
+         a GatewayPool needs storage.foundationDb"
+    );
+}
+
+#[tokio::test]
+async fn a_gateway_pool_of_an_embedded_cluster_renders_nothing_and_says_why() {
+    // As a SequencerShardSet does, a GatewayPool naming an embedded cluster (e.g. the chart's
+    // sample cluster) says so rather than render gateway pods and take over the cluster's
+    // client Service: no pod is listed, no Deployment, Service or PDB applied.
+    let expected = vec![
+        expect(
+            Method::GET,
+            "/apis/courier.dev/v1alpha1/namespaces/chat/courierclusters/prod",
+            |_| {},
+        )
+        .answer(serde_json::to_value(cluster(true)).unwrap()),
+        expect(
+            APPLY,
+            "/apis/courier.dev/v1alpha1/namespaces/chat/gatewaypools/prod-gateways/status",
+            |body| {
+                let degraded = condition(body, "Degraded");
+                assert_eq!(degraded["status"], "True");
+                assert_eq!(degraded["reason"], "NotFoundationDb");
+                assert!(
+                    degraded["message"]
+                        .as_str()
+                        .unwrap()
+                        .ends_with("a GatewayPool needs storage.foundationDb"),
+                    "{degraded}"
+                );
+                assert_eq!(condition(body, "Ready")["status"], "False");
+            },
+        )
+        .answer(serde_json::to_value(pool()).unwrap()),
+    ];
+    reconciled(expected, Arc::new(FakeDataPlane::default()), async |ctx| {
+        gateway_pool::reconcile(Arc::new(pool()), ctx)
+            .await
+            .unwrap();
+    })
+    .await;
+}

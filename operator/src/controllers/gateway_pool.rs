@@ -2,6 +2,10 @@
 //! autoscaler decide the pool's size, marks the pod to remove first on a scale-down, and
 //! applies the Deployment, the client Service and the PodDisruptionBudget.
 //!
+//! A pool refuses a cluster on the embedded store, whose own pod holds the connections behind
+//! a Service of the name the pool's would have: it renders nothing and says so in its status
+//! (`Degraded`, reason `NotFoundationDb`), as it does for a cluster that does not exist.
+//!
 //! A ready pod whose `/metrics` cannot be read keeps the pool from shrinking (the autoscaler
 //! does not guess what it holds), and the status says so: `Degraded`, reason
 //! `MetricsUnavailable`, naming the pods.
@@ -25,7 +29,7 @@ use crate::autoscale::{ConnectionSample, DELETION_COST, ScaleDecision, ScalePoli
 use crate::crd::{ConditionType, Conditions, GatewayPool, GatewayPoolStatus};
 use crate::metrics::ResourceLabel;
 use crate::render::pod::{Component, selector_labels};
-use crate::render::{gateways, name_and_namespace};
+use crate::render::{RenderError, foundation_db, gateways, name_and_namespace};
 
 const CONTROLLER: &str = "gateway-pool";
 
@@ -45,11 +49,23 @@ async fn run(pool: &GatewayPool, ctx: &Context) -> Result<Action, Error> {
     let (name, namespace) = name_and_namespace(pool)?;
     let now_ms = (ctx.clock)();
     let now = timestamp(now_ms);
-    let cluster = match ctx.cluster(&namespace, &pool.spec.cluster).await {
+    let cluster = ctx
+        .cluster(&namespace, &pool.spec.cluster)
+        .await
+        .and_then(|cluster| {
+            // Before anything is read or applied: see `foundation_db`.
+            foundation_db(&cluster, "GatewayPool")?;
+            Ok(cluster)
+        });
+    let cluster = match cluster {
         Ok(cluster) => cluster,
-        Err(Error::ClusterNotFound(missing)) => {
-            let status = degraded(pool, now, &format!("CourierCluster {missing} not found"));
-            apply_status(&ctx.client, pool, &status).await?;
+        // Nothing to run on until the cluster is created or the pool names another one: no
+        // pod, and the status says why.
+        Err(
+            refusal @ (Error::ClusterNotFound(_)
+            | Error::Render(RenderError::NotFoundationDb { .. })),
+        ) => {
+            apply_status(&ctx.client, pool, &degraded(pool, now, &refusal)).await?;
             return Ok(Action::requeue(Duration::from_secs(30)));
         }
         Err(e) => return Err(e),
@@ -297,11 +313,13 @@ fn unread_message(unread: &BTreeSet<String>) -> String {
     )
 }
 
-fn degraded(pool: &GatewayPool, now: Timestamp, message: &str) -> GatewayPoolStatus {
+/// The status of `pool`, which has no cluster to run on (`refusal`).
+fn degraded(pool: &GatewayPool, now: Timestamp, refusal: &Error) -> GatewayPoolStatus {
     let previous = pool.status.clone().unwrap_or_default();
+    let (reason, message) = (refusal.reason(), refusal.to_string());
     let conditions = Conditions::new(&previous.conditions, pool.metadata.generation, now)
-        .set(ConditionType::Ready, false, "ClusterNotFound", message)
-        .set(ConditionType::Degraded, true, "ClusterNotFound", message)
+        .set(ConditionType::Ready, false, reason, &message)
+        .set(ConditionType::Degraded, true, reason, &message)
         .into_vec();
     GatewayPoolStatus {
         observed_generation: pool.metadata.generation,

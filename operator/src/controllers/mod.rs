@@ -62,11 +62,6 @@ pub enum Error {
     /// The `CourierCluster` a pool names does not exist.
     #[error("CourierCluster {0} not found in the namespace")]
     ClusterNotFound(String),
-    /// A shard set names a cluster on the embedded store, which has no sequencer pods.
-    #[error(
-        "CourierCluster {0} has embedded storage: a SequencerShardSet needs storage.foundationDb"
-    )]
-    NotFoundationDb(String),
     /// The finalizer could not be added or removed, or its cleanup failed.
     #[error("finalizer: {0}")]
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
@@ -79,10 +74,10 @@ impl Error {
             Error::Kube(_) => "ApiRequestFailed",
             Error::Render(RenderError::Incomplete { .. }) => "IncompleteObject",
             Error::Render(RenderError::Storage(_)) => "InvalidStorage",
+            Error::Render(RenderError::NotFoundationDb { .. }) => "NotFoundationDb",
             Error::Admin(_) => "AdminUnavailable",
             Error::Secret { .. } => "SecretUnusable",
             Error::ClusterNotFound(_) => "ClusterNotFound",
-            Error::NotFoundationDb(_) => "NotFoundationDb",
             Error::Finalizer(_) => "FinalizerFailed",
         }
     }

@@ -43,8 +43,8 @@ use crate::crd::{
 use crate::metrics::{MoveLabel, ResourceLabel};
 use crate::rebalance::executor::{AdminError, Sample, ShardAdmin, carry_out};
 use crate::rebalance::{Move, MoveReason, PlannerPolicy, PodId, Rebalancer};
-use crate::render::name_and_namespace;
 use crate::render::sequencers::{self, admin_address, pod_name};
+use crate::render::{RenderError, foundation_db, name_and_namespace};
 
 const CONTROLLER: &str = "shard-set";
 
@@ -89,12 +89,7 @@ async fn admin_of(
     pods: i32,
 ) -> Result<Arc<dyn ShardAdmin>, Error> {
     let (name, namespace) = name_and_namespace(set)?;
-    let fdb = cluster
-        .spec
-        .storage
-        .foundation_db
-        .as_ref()
-        .ok_or_else(|| Error::NotFoundationDb(set.spec.cluster.clone()))?;
+    let fdb = foundation_db(cluster, "SequencerShardSet")?;
     let secret = &fdb.cluster_token_secret;
     let text = ctx.secret_text(&namespace, secret).await?;
     let token = ClusterToken::new(text.trim()).map_err(|e| Error::Secret {
@@ -410,7 +405,7 @@ async fn release(set: &SequencerShardSet, ctx: &Context) -> Result<Action, Error
     let admin = match admin_of(ctx, set, &cluster, set.spec.sequencers.replicas).await {
         Ok(admin) => admin,
         // Nothing to drain without sequencer pods or their token.
-        Err(Error::NotFoundationDb(_) | Error::Secret { .. }) => {
+        Err(Error::Render(RenderError::NotFoundationDb { .. }) | Error::Secret { .. }) => {
             return Ok(Action::await_change());
         }
         Err(e) => return Err(e),

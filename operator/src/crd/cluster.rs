@@ -103,10 +103,11 @@ fn default_shards() -> u32 {
     1024
 }
 
-/// Exactly one storage.
+/// Exactly one storage, of a kind fixed once the cluster is created.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("has(self.embedded) != has(self.foundationDb)").message("set exactly one of storage.embedded (one pod, development) or storage.foundationDb (production)"))]
+#[x_kube(validation = Rule::new("has(self.embedded) == has(oldSelf.embedded)").message("storage cannot switch between embedded and foundationDb: the messages would stay behind in the old store"))]
 pub struct Storage {
     /// The embedded engine on a persistent volume of one `courier serve` pod. Fixed once set:
     /// the volume is the StatefulSet's claim template, which Kubernetes refuses to change.

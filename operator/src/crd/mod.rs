@@ -173,6 +173,17 @@ mod tests {
     }
 
     #[test]
+    fn the_storage_kind_cannot_switch_with_a_message_that_says_why() {
+        let clusters = rules(&CourierCluster::crd());
+        assert!(
+            clusters.iter().any(|(rule, message)| rule
+                == "has(self.embedded) == has(oldSelf.embedded)"
+                && message.starts_with("storage cannot switch between embedded and foundationDb")),
+            "{clusters:?}"
+        );
+    }
+
+    #[test]
     fn foundationdb_storage_is_one_cluster_file_or_a_bounded_list_of_ordered_ranges() {
         let clusters = rules(&CourierCluster::crd());
         let has = |rule: &str| clusters.iter().any(|(r, _)| r == rule);

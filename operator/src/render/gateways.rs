@@ -19,7 +19,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::pod::{self, Component, Shutdown};
 use super::{
-    RenderError, Rollout, ServiceKind, child_meta, deployment, disruption_budget,
+    RenderError, Rollout, ServiceKind, child_meta, deployment, disruption_budget, foundation_db,
     name_and_namespace, owner_reference, service,
 };
 use crate::crd::{CourierCluster, GatewayPool};
@@ -54,12 +54,15 @@ pub struct GatewayChildren {
     pub disruption_budget: PodDisruptionBudget,
 }
 
-/// The objects of `pool` (a pool of `cluster`) running `replicas` pods.
+/// The objects of `pool` (a pool of `cluster`, on FoundationDB) running `replicas` pods.
 pub fn build(
     pool: &GatewayPool,
     cluster: &CourierCluster,
     replicas: i32,
 ) -> Result<GatewayChildren, RenderError> {
+    // An embedded cluster's Service has the name of the client Service below, over its own
+    // pod: two controllers would take it from each other.
+    foundation_db(cluster, "GatewayPool")?;
     let (name, namespace) = name_and_namespace(pool)?;
     let owner = owner_reference(pool)?;
     let cluster_name = pool.spec.cluster.clone();

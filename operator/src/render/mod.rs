@@ -27,9 +27,9 @@ use k8s_openapi::api::core::v1::{PodTemplateSpec, Service, ServicePort, ServiceS
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use kube::Resource;
+use kube::{Resource, ResourceExt};
 
-use crate::crd::{CourierCluster, WorkloadSettings};
+use crate::crd::{CourierCluster, FoundationDbStorage, WorkloadSettings};
 use pod::Component;
 
 /// The name under which the operator applies (server-side apply field manager).
@@ -49,6 +49,34 @@ pub enum RenderError {
     /// The cluster's FoundationDB storage is not one the data plane would accept.
     #[error(transparent)]
     Storage(#[from] partitions::StorageError),
+    /// A pool's pods were asked of a cluster on the embedded store.
+    #[error(
+        "CourierCluster {cluster} has embedded storage (one courier serve pod that runs every role): a {kind} needs storage.foundationDb"
+    )]
+    NotFoundationDb {
+        /// The cluster.
+        cluster: String,
+        /// The kind of the pool (`GatewayPool`, `SequencerShardSet`).
+        kind: &'static str,
+    },
+}
+
+/// The FoundationDB storage of `cluster`, which the pods of a `kind` need: an embedded
+/// cluster is one `courier serve` pod that already runs every role, the client port included
+/// (behind a Service named after the cluster, the name a gateway pool's Service takes).
+pub fn foundation_db<'a>(
+    cluster: &'a CourierCluster,
+    kind: &'static str,
+) -> Result<&'a FoundationDbStorage, RenderError> {
+    cluster
+        .spec
+        .storage
+        .foundation_db
+        .as_ref()
+        .ok_or_else(|| RenderError::NotFoundationDb {
+            cluster: cluster.name_any(),
+            kind,
+        })
 }
 
 /// The owner reference (controller, blocking deletion) children of `owner` carry.
