@@ -26,6 +26,7 @@ use std::time::Duration;
 
 use courier_rpc::ClusterToken;
 use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::jiff::Timestamp;
 use kube::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
@@ -477,15 +478,29 @@ fn jittered(interval_seconds: u64) -> u64 {
 }
 
 fn take_state(ctx: &Context, set: &SequencerShardSet, now_ms: u64) -> RebalancerState {
-    let policy = PlannerPolicy::from(&set.spec.sequencers.rebalance);
     lock(&ctx.rebalancers)
         .remove(&key(set))
         .unwrap_or_else(|| RebalancerState {
-            rebalancer: Rebalancer::new(policy),
+            rebalancer: rebalancer_recalling(set, now_ms),
             next_plan_ms: now_ms + jittered(set.spec.sequencers.rebalance.interval_seconds),
             last_sample_ms: None,
             evacuating: false,
         })
+}
+
+/// A planner for `set` that has sampled nothing yet, and knows its latest moves from its
+/// status: an operator that restarts or takes the lead over from another would otherwise move
+/// a shard moved a minute before, through the cooldown the set asks for.
+fn rebalancer_recalling(set: &SequencerShardSet, now_ms: u64) -> Rebalancer {
+    let mut rebalancer = Rebalancer::new(PlannerPolicy::from(&set.spec.sequencers.rebalance));
+    let recent = set.status.iter().flat_map(|status| &status.recent_moves);
+    for recorded in recent {
+        if let Ok(at) = recorded.at.parse::<Timestamp>() {
+            let finished_ms = u64::try_from(at.as_millisecond()).unwrap_or(0);
+            rebalancer.recall_finished(recorded.shard, finished_ms, now_ms);
+        }
+    }
+    rebalancer
 }
 
 fn put_state(ctx: &Context, set: &SequencerShardSet, state: RebalancerState) {
@@ -773,6 +788,49 @@ mod tests {
         assert!(
             why.starts_with("events have waited 45 s for fanout"),
             "{why}"
+        );
+    }
+
+    /// The cooldowns of moves a previous leader made survive in the status.
+    #[test]
+    fn a_new_planner_recalls_the_cooldowns_of_the_moves_in_the_status() {
+        let mut set: SequencerShardSet = serde_json::from_value(serde_json::json!({
+            "apiVersion": "courier.dev/v1alpha1",
+            "kind": "SequencerShardSet",
+            "metadata": {"name": "s", "namespace": "chat"},
+            "spec": {"cluster": "prod", "shards": 8, "replicas": 2},
+        }))
+        .unwrap();
+        let moved = |shard, at: &str| RecordedMove {
+            shard,
+            from: "s-0".into(),
+            to: "s-1".into(),
+            reason: "Relieve".into(),
+            outcome: "epoch 2".into(),
+            at: at.into(),
+        };
+        set.status = Some(SequencerShardSetStatus {
+            recent_moves: vec![
+                moved(1, "2026-12-06T10:00:00Z"),
+                moved(2, "2026-12-06T09:00:00Z"),
+                moved(3, "not a time"),
+            ],
+            ..SequencerShardSetStatus::default()
+        });
+        let cooldown_ms = set.spec.sequencers.rebalance.cooldown_seconds * 1000;
+        let moved_ms = 1_796_551_200_000; // 2026-12-06T10:00:00Z
+        let now_ms = moved_ms + 60_000;
+        assert!(
+            cooldown_ms > 60_000,
+            "the default cooldown is longer than a minute"
+        );
+        let rebalancer = rebalancer_recalling(&set, now_ms);
+        assert!(!rebalancer.movable(1, now_ms), "moved a minute ago");
+        assert!(rebalancer.movable(1, moved_ms + cooldown_ms));
+        assert!(rebalancer.movable(2, now_ms), "moved an hour ago");
+        assert!(
+            rebalancer.movable(3, now_ms),
+            "an unreadable time is no cooldown"
         );
     }
 

@@ -246,11 +246,19 @@ impl Rebalancer {
     /// way, so that a failing move is not retried at once.
     pub fn finished(&mut self, planned: &Move, now_ms: u64) {
         self.in_flight.remove(&planned.shard);
-        self.cooldown_until.insert(
-            planned.shard,
-            now_ms.saturating_add(self.policy.cooldown_ms),
-        );
         self.cooldown_until.retain(|_, until| *until > now_ms);
+        self.recall_finished(planned.shard, now_ms, now_ms);
+    }
+
+    /// Records that a move of `shard` ended at `finished_ms`, as another planner saw it (a
+    /// status remembers the latest moves; a new leader of the operator has no memory of its
+    /// own): at `now_ms` the shard cools down as if this planner had seen the move end.
+    pub fn recall_finished(&mut self, shard: u32, finished_ms: u64, now_ms: u64) {
+        let until = finished_ms.saturating_add(self.policy.cooldown_ms);
+        if until > now_ms {
+            let cooling = self.cooldown_until.entry(shard).or_insert(until);
+            *cooling = (*cooling).max(until);
+        }
     }
 
     /// The moves in flight.
@@ -748,6 +756,26 @@ mod tests {
             "{during:?}"
         );
         assert!(rebalancer.movable(first[0].shard, 1_000));
+    }
+
+    #[test]
+    fn a_move_another_planner_saw_end_cools_down_as_if_seen_here() {
+        let policy = PlannerPolicy {
+            cooldown_ms: 10_000,
+            ..PlannerPolicy::default()
+        };
+        let mut rebalancer = Rebalancer::new(policy);
+        rebalancer.recall_finished(3, 5_000, 6_000);
+        rebalancer.recall_finished(4, 5_000, 20_000);
+        assert!(!rebalancer.movable(3, 14_999));
+        assert!(rebalancer.movable(3, 15_000));
+        assert!(
+            rebalancer.movable(4, 20_000),
+            "cooled down before it was recalled"
+        );
+        // An older record does not shorten a cooldown.
+        rebalancer.recall_finished(3, 1_000, 6_000);
+        assert!(!rebalancer.movable(3, 14_999));
     }
 
     #[test]
