@@ -296,12 +296,22 @@ async fn signed_urls_download_without_a_token_until_they_expire() {
 async fn uploaded_pages_are_served_inert() {
     let (_dir, server) = start(&[]);
     let page = b"<script>alert(sessionStorage.getItem('courier.token'))</script>".to_vec();
-    for (mime, disposition) in [
-        ("text/html", "attachment"),
-        ("image/svg+xml", "attachment"),
-        ("application/pdf", "attachment"),
-        ("image/png", "inline"),
-        ("video/mp4", "inline"),
+    let bytes = "application/octet-stream";
+    for (mime, served_as, disposition) in [
+        ("text/html", "text/html", "attachment"),
+        ("image/svg+xml", "image/svg+xml", "attachment"),
+        ("application/pdf", "application/pdf", "attachment"),
+        ("image/png", "image/png", "inline"),
+        ("video/mp4", "video/mp4", "inline"),
+        // Nothing a page of the origin would run or apply from a URL of its own.
+        ("text/javascript", bytes, "attachment"),
+        (
+            "Application/X-JavaScript; charset=utf-8",
+            bytes,
+            "attachment",
+        ),
+        ("text/css", bytes, "attachment"),
+        ("application/wasm", bytes, "attachment"),
     ] {
         let (status, uploaded) = upload(&server, "mallory", mime, page.clone()).await;
         assert_eq!(status, 201, "{uploaded}");
@@ -312,7 +322,7 @@ async fn uploaded_pages_are_served_inert() {
             let value = served.headers().get(name).map(|v| v.to_str().unwrap());
             value.unwrap_or_default().to_owned()
         };
-        assert_eq!(header("content-type"), mime);
+        assert_eq!(header("content-type"), served_as, "{mime}");
         assert_eq!(header("content-disposition"), disposition, "{mime}");
         assert_eq!(header("x-content-type-options"), "nosniff");
         assert!(header("content-security-policy").starts_with("sandbox"));

@@ -135,6 +135,30 @@ fn shown_inline(mime: &str) -> bool {
     picture || mime.starts_with("audio/") || mime.starts_with("video/")
 }
 
+/// The type a download is served with: the uploader's, but for the types a page would run or
+/// apply from a URL of its origin (scripts, style sheets, WebAssembly), served as bytes. With
+/// `nosniff` a browser then loads none of them as such: the web app's `script-src 'self'` would
+/// otherwise admit a script anyone uploaded, should a page of the origin ever be made to
+/// include it.
+fn served_type(mime: &str) -> &str {
+    let essence = mime
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    let runnable = ["javascript", "ecmascript", "jscript", "livescript"]
+        .iter()
+        .any(|script| essence.contains(script))
+        || essence == "text/css"
+        || essence == "application/wasm";
+    if runnable {
+        "application/octet-stream"
+    } else {
+        mime
+    }
+}
+
 fn blob_path(sha256: &str) -> ObjectPath {
     ObjectPath::from(format!("blobs/{sha256}"))
 }
@@ -416,7 +440,7 @@ impl MediaService {
             .get_opts(&blob_path(&record.sha256), options)
             .await
             .map_err(storage_error)?;
-        let mime = HeaderValue::from_str(&record.mime)
+        let mime = HeaderValue::from_str(served_type(&record.mime))
             .unwrap_or(HeaderValue::from_static("application/octet-stream"));
         response = response.header(header::CONTENT_TYPE, mime);
         response = match range {
