@@ -3,7 +3,7 @@
 //!
 //! The checks panic with a message naming the broken rule, like any test assertion.
 
-use crate::kv::{Batch, KvEngine, StoreError, decode_u64};
+use crate::kv::{Batch, Durability, KvEngine, StoreError, decode_u64};
 use async_trait::async_trait;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -21,6 +21,7 @@ pub trait EngineHarness: Send {
 pub async fn run_all(harness: &mut dyn EngineHarness) {
     let kv = harness.open().await;
     ordered_ranges(kv.as_ref()).await;
+    get_many_reads_one_state(kv.as_ref()).await;
     atomic_batches(kv.as_ref()).await;
     a_batch_reads_its_own_writes(kv.as_ref()).await;
     fences(kv.as_ref()).await;
@@ -429,6 +430,43 @@ pub async fn a_malformed_batch_fails_alone(kv: &dyn KvEngine) {
         .await
         .unwrap();
     assert_eq!(written.len(), 100, "every well-formed batch was written");
+}
+
+/// `get_many` reads every key from one committed state: keys written together, read together
+/// while commits land, always hold values of the same commit.
+pub async fn get_many_reads_one_state(kv: &dyn KvEngine) {
+    const COMMITS: u32 = 400;
+    let keys = vec![key("one/", 0), key("one/", 1), key("one/", 2)];
+    let written = std::sync::atomic::AtomicBool::new(false);
+    let writes = async {
+        for i in 0..COMMITS {
+            let mut batch = Batch::new();
+            batch.durability = Durability::Deferred;
+            for key in &keys {
+                batch.set(key.clone(), i.to_le_bytes().to_vec());
+            }
+            kv.commit(batch).await.expect("a commit of three keys");
+        }
+        written.store(true, std::sync::atomic::Ordering::Relaxed);
+    };
+    let reads = async {
+        let mut torn = Vec::new();
+        while !written.load(std::sync::atomic::Ordering::Relaxed) {
+            let values = kv.get_many(keys.clone()).await.expect("a read of three keys");
+            if values.iter().any(|v| *v != values[0]) {
+                torn.push(values);
+            }
+            tokio::task::yield_now().await;
+        }
+        torn
+    };
+    let ((), torn) = tokio::join!(writes, reads);
+    assert!(
+        torn.is_empty(),
+        "{} reads of keys written together saw two states, e.g. {:?}",
+        torn.len(),
+        torn.first()
+    );
 }
 
 /// Everything committed survives a crash; stamps keep growing after it.

@@ -19,13 +19,23 @@
 //!   a timeout while the commit was in flight) is never retried here: it is reported as
 //!   [`StoreError::MaybeCommitted`] and the message store resolves it through its idempotency
 //!   keys. `Database::run` is not used, because it would retry those blindly.
+//! - **Unknown outcomes, settled.** The message store resolves `MaybeCommitted` by reading
+//!   what landed and writing again, which is sound only if the attempt in doubt can no longer
+//!   land afterwards (landing late, it would set a conversation's head back under a message
+//!   already acknowledged). So every attempt also reads a key of its own, a conflict range with
+//!   nothing stored (`commit_marker`), and before `MaybeCommitted` is returned a transaction
+//!   writes that key: the attempt then either landed before it or conflicts, for good
+//!   (FoundationDB does the same with a dummy transaction for `commit_unknown_result`, but
+//!   not for a timeout that strikes while the commit is in flight).
 //! - **Limits.** A batch is at most [`MAX_BATCH_BYTES`] of keys and values (FoundationDB's hard
 //!   limit is 10 MB per transaction), a value at most [`MAX_VALUE_BYTES`] (FoundationDB's
 //!   100 kB) and a key at most [`MAX_KEY_BYTES`]; larger batches are refused with
 //!   [`StoreError::TooLarge`] before any network round trip. The message store never writes
 //!   larger values (events are bounded by the 64 KiB frame limit); anything bigger would be
 //!   chunked above this engine, never here.
-//! - **Reads.** `get` reads the latest committed value. `range` uses snapshot reads (a read-only
+//! - **Reads.** `get` reads the latest committed value, `get_many` its keys in one transaction
+//!   (one read version: callers pair the values, a member's record with a head). `range` uses
+//!   snapshot reads (a read-only
 //!   transaction has nothing to conflict with, and snapshot reads skip the read-conflict
 //!   bookkeeping), paged through `get_range` until the limit or the end of the range, all at
 //!   one read version: one consistent snapshot, as the contract asks. A range must be read
@@ -36,7 +46,7 @@
 use crate::kv::{Batch, BatchLimits, CommitStamp, KeyValue, KvEngine, Mutation, StoreError};
 use async_trait::async_trait;
 use foundationdb::api::NetworkAutoStop;
-use foundationdb::options::{DatabaseOption, MutationType};
+use foundationdb::options::{ConflictRangeType, DatabaseOption, MutationType};
 use foundationdb::{Database, FdbError, RangeOption, Transaction};
 use std::ops::Range;
 use std::path::Path;
@@ -234,6 +244,31 @@ impl FdbEngine {
         batch.check(&self.limits())
     }
 
+    /// Settles the outcome of a commit in doubt whose attempts read `marker`: once a
+    /// transaction that writes it has committed, an attempt that has not landed never will. If
+    /// that transaction cannot commit either (the cluster unreachable for its whole timeout),
+    /// the attempt is past FoundationDB's five-second transaction lifetime by then and cannot
+    /// land after the cluster is back; that is logged.
+    async fn settle(&self, marker: &[u8]) {
+        if let Err(e) = self.write_marker(marker).await {
+            tracing::error!(
+                code = e.code(),
+                "could not settle a commit in doubt (its transaction's lifetime ends it): {e}"
+            );
+        }
+    }
+
+    async fn write_marker(&self, marker: &[u8]) -> Result<(), FdbError> {
+        let mut trx = self.db.create_trx()?;
+        loop {
+            trx.clear(marker);
+            match trx.commit().await {
+                Ok(_) => return Ok(()),
+                Err(e) => trx = e.on_error().await?,
+            }
+        }
+    }
+
     /// Writes the batch's mutations into `trx` (buffered client-side until commit).
     fn apply(&self, trx: &Transaction, batch: &Batch) -> Result<(), StoreError> {
         for m in &batch.mutations {
@@ -305,6 +340,25 @@ fn prefixed_versionstamped_key(root: &[u8], key: &[u8]) -> Result<Vec<u8>, Store
     Ok(out)
 }
 
+/// A key of the engine's root that no data key is (tuple-encoded keys never start with
+/// `0xfe`), drawn for one commit: its attempts read it, and the transaction that settles an
+/// unknown outcome writes it (module documentation).
+fn commit_marker(root: &[u8]) -> Vec<u8> {
+    let mut marker = Vec::with_capacity(root.len() + 17);
+    marker.extend_from_slice(root);
+    marker.push(0xfe);
+    marker.extend_from_slice(&rand::random::<u128>().to_be_bytes());
+    marker
+}
+
+/// The key right after `key`: with it, the range of `key` alone.
+fn key_after(key: &[u8]) -> Vec<u8> {
+    let mut after = Vec::with_capacity(key.len() + 1);
+    after.extend_from_slice(key);
+    after.push(0);
+    after
+}
+
 /// The stamp of a batch without mutations: FoundationDB commits nothing for it and gives it no
 /// versionstamp, so it gets its read version followed by `0xffff`: above every commit it saw,
 /// below every commit after it (those get larger versions).
@@ -321,6 +375,23 @@ impl KvEngine for FdbEngine {
         loop {
             match trx.get(&self.key(key), false).await {
                 Ok(value) => return Ok(value.map(|v| v.to_vec())),
+                Err(e) => trx = trx.on_error(e).await.map_err(fdb_error)?,
+            }
+        }
+    }
+
+    async fn get_many(&self, keys: Vec<Vec<u8>>) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        let keys: Vec<Vec<u8>> = keys.iter().map(|key| self.key(key)).collect();
+        let mut trx = self.db.create_trx().map_err(fdb_error)?;
+        loop {
+            let reads = keys.iter().map(|key| trx.get(key, true));
+            match futures::future::try_join_all(reads).await {
+                Ok(values) => {
+                    return Ok(values
+                        .into_iter()
+                        .map(|value| value.map(|v| v.to_vec()))
+                        .collect());
+                }
                 Err(e) => trx = trx.on_error(e).await.map_err(fdb_error)?,
             }
         }
@@ -376,8 +447,11 @@ impl KvEngine for FdbEngine {
 
     async fn commit(&self, batch: Batch) -> Result<CommitStamp, StoreError> {
         self.check(&batch)?;
+        let marker = commit_marker(&self.root);
         let mut trx = self.db.create_trx().map_err(fdb_error)?;
         loop {
+            trx.add_conflict_range(&marker, &key_after(&marker), ConflictRangeType::Read)
+                .map_err(fdb_error)?;
             match self.violated_fence(&trx, &batch).await {
                 Ok(Some(key)) => return Err(StoreError::FenceChanged { key }),
                 Ok(None) => {}
@@ -421,6 +495,7 @@ impl KvEngine for FdbEngine {
                 }
                 Err(e) if commit_outcome_unknown(*e) => {
                     tracing::warn!(code = e.code(), "FoundationDB commit outcome unknown: {e}");
+                    self.settle(&marker).await;
                     return Err(StoreError::MaybeCommitted);
                 }
                 // Surely not committed (conflict, transaction too old...): FoundationDB's

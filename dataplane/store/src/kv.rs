@@ -297,8 +297,12 @@ pub trait KvEngine: Send + Sync + 'static {
         reverse: bool,
     ) -> Result<Vec<KeyValue>, StoreError>;
 
-    /// The values of `keys` in the latest committed state, answered in the order asked. The
-    /// default reads them concurrently; an engine behind a network call answers them with one.
+    /// The values of `keys`, answered in the order asked, all from one committed state:
+    /// callers pair them (a member's record with a conversation's head), which values read
+    /// apart could take from two states, one before a commit and one after it. The default
+    /// reads them one by one, which is one state only for an engine whose commits cannot land
+    /// between its reads (a test double): an engine that serves the message store overrides
+    /// it, and the contract checks it (`contract::get_many_reads_one_state`).
     async fn get_many(&self, keys: Vec<Vec<u8>>) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
         futures::future::try_join_all(keys.iter().map(|key| self.get(key))).await
     }
