@@ -324,7 +324,8 @@ pub trait KvEngine: Send + Sync + 'static {
     }
 
     /// Applies `batch` atomically and durably after checking its fences. Returns the commit's
-    /// stamp; later commits have larger stamps.
+    /// stamp; later commits have larger stamps (of one engine: with storage partitions, of one
+    /// partition, which is what the outbox keys of a shard need).
     async fn commit(&self, batch: Batch) -> Result<CommitStamp, StoreError>;
 
     /// Removes what the engine can remove of `range` without reading it, for a range whose
