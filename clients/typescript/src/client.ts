@@ -239,8 +239,11 @@ export class CourierClient {
     else if (isUserId(target.toUser)) entry.to_user = target.toUser;
     else throw badInput(`not a user id: ${JSON.stringify(target.toUser)}`);
     if (options.replyTo !== undefined) entry.reply_to = options.replyTo;
-    const stored = this.outbox.wait(clientMsgId);
     await this.outbox.add(entry);
+    // Waited for only once added: a refused add (a duplicate id, a storage error) leaves no
+    // promise behind to reject unhandled later. Nothing settles the entry in between: its
+    // reply or event comes from the network, after this continuation.
+    const stored = this.outbox.wait(clientMsgId);
     if (entry.conversation_id) this.emitter.emit("timeline", entry.conversation_id);
     void this.sender.flush();
     return stored;

@@ -2,7 +2,13 @@
  * outlives it, as IndexedDB outlives a page) and are stored exactly once. */
 import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
-import { CourierClient, MemoryOutboxStorage, type OutboxStorage, type WebSocketConstructor } from "../src/index.js";
+import {
+  CourierClient,
+  MemoryOutboxStorage,
+  type CourierError,
+  type OutboxStorage,
+  type WebSocketConstructor,
+} from "../src/index.js";
 import { Network, Server, client, closeClients, synced, texts, until } from "./support.js";
 import WebSocket from "ws";
 
@@ -155,4 +161,27 @@ test("messages go out in the order written even when their local writes finish o
   finishFirstWrite();
   const [a, b] = await Promise.all([first, second]);
   assert.deepEqual([a.seq, b.seq], [1, 2]);
+});
+
+test("a send refused before it enters the outbox (its client_msg_id is already there) leaves no promise to reject unhandled", async () => {
+  const unhandled: unknown[] = [];
+  const record = (reason: unknown) => unhandled.push(reason);
+  process.on("unhandledRejection", record);
+  try {
+    const admin = await synced(server, "dana3", "web");
+    const eve = await synced(server, "eve3", "web");
+    const group = await admin.createGroup("club", ["eve3"]);
+    await admin.removeMember(group, "eve3");
+    const target = { conversationId: group };
+    await assert.rejects(eve.send(target, { text: "hi" }, { clientMsgId: "retry-1" }), (e: CourierError) => e.code === "forbidden");
+    // The app retries with the same client_msg_id, as PROTOCOL.md says retries do; the SDK refuses it
+    // (the entry is still in the outbox, failed)...
+    await assert.rejects(eve.send(target, { text: "hi" }, { clientMsgId: "retry-1" }), (e: CourierError) => e.code === "bad_request");
+    // ...and discarding the failed entry rejects no promise that nobody holds.
+    await eve.discard("retry-1");
+    await new Promise((r) => setTimeout(r, 50));
+    assert.deepEqual(unhandled.map(String), []);
+  } finally {
+    process.off("unhandledRejection", record);
+  }
 });
