@@ -16,6 +16,7 @@ import { identityOf, newClientMsgId, type Identity } from "./identity.js";
 import { Link, type ConnectionState, type Session } from "./link.js";
 import { Outbox } from "./outbox.js";
 import {
+  DEFAULT_MAX_FRAME_BYTES,
   MAX_FETCH_LIMIT,
   isClientMsgId,
   isConversationId,
@@ -26,7 +27,7 @@ import {
   type Sent,
   type ServerFrame,
 } from "./protocol.js";
-import { OutboxSender } from "./sender.js";
+import { OutboxSender, tooLargeError } from "./sender.js";
 import { IndexedDbOutboxStorage, MemoryOutboxStorage, type OutboxEntry, type OutboxStorage } from "./storage.js";
 
 export type { ConnectionState } from "./link.js";
@@ -46,6 +47,10 @@ export interface CourierClientOptions {
   replyTimeoutMs?: number;
   /** Idle time between pings that check the connection is alive (default 25 s). */
   heartbeatMs?: number;
+  /** The server's limit on one frame, in bytes (default 65536, the server's default,
+   * `--max-frame-bytes`). A message whose `send` frame is larger is refused by `send` with
+   * `too_large` and never enters the outbox. */
+  maxFrameBytes?: number;
 }
 
 /** What a client reports; each name carries the value listed. */
@@ -80,12 +85,12 @@ export class CourierClient {
   private readonly link: Link;
   private readonly acks: Acknowledgements;
   private readonly sender: OutboxSender;
-  private readonly backoff: Backoff;
   private synced = false;
   private syncWaiters: (() => void)[] = [];
   /** Gap fetches in flight, as `conversation/after`. */
   private readonly gapsFetching = new Set<string>();
   private summariesLoading: Promise<void> | undefined;
+  private readonly maxFrameBytes: number;
 
   private constructor(
     identity: Identity,
@@ -99,13 +104,14 @@ export class CourierClient {
     if (!WebSocketImpl) {
       throw badInput("no global WebSocket here (Node 20): pass one, e.g. `WebSocket` from the `ws` package");
     }
-    this.backoff = new Backoff(options.backoff);
+    this.maxFrameBytes = options.maxFrameBytes ?? DEFAULT_MAX_FRAME_BYTES;
+    if (!(this.maxFrameBytes > 0)) throw badInput("maxFrameBytes must be positive");
     this.link = new Link(
       {
         WebSocketImpl,
         websocketUrl: websocketUrl(options.url),
         token: () => this.token(),
-        backoff: this.backoff,
+        backoff: new Backoff(options.backoff),
         replyTimeoutMs: options.replyTimeoutMs ?? 30_000,
         heartbeatMs: options.heartbeatMs ?? 25_000,
         refusal: (error) => this.refusal(error),
@@ -123,6 +129,7 @@ export class CourierClient {
     this.acks = new Acknowledgements(() => this.link.session);
     this.sender = new OutboxSender(outbox, identity, {
       session: () => this.link.session,
+      maxFrameBytes: this.maxFrameBytes,
       onStored: (entry, sent) =>
         this.addOwn(this.conversationFor(sent.conversation_id), sent, {
           kind: "message",
@@ -228,7 +235,8 @@ export class CourierClient {
   /**
    * Writes a message to the outbox and resolves with its `sent` once the server has stored
    * it, however many reconnections that takes; rejects if the server refuses it for good
-   * (the entry then stays in the outbox, failed, for `retry` or `discard`).
+   * (the entry then stays in the outbox, failed, for `retry` or `discard`). A message whose
+   * frame is over `maxFrameBytes` is refused at once with `too_large`, outside the outbox.
    */
   async send(target: Target, body: Body, options: { replyTo?: number; clientMsgId?: string } = {}): Promise<Sent> {
     const clientMsgId = options.clientMsgId ?? newClientMsgId();
@@ -239,6 +247,8 @@ export class CourierClient {
     else if (isUserId(target.toUser)) entry.to_user = target.toUser;
     else throw badInput(`not a user id: ${JSON.stringify(target.toUser)}`);
     if (options.replyTo !== undefined) entry.reply_to = options.replyTo;
+    const tooLarge = tooLargeError(entry, this.maxFrameBytes);
+    if (tooLarge) throw tooLarge;
     await this.outbox.add(entry);
     // Waited for only once added: a refused add (a duplicate id, a storage error) leaves no
     // promise behind to reject unhandled later. Nothing settles the entry in between: its
@@ -392,7 +402,7 @@ export class CourierClient {
         break;
       case "sync_done":
         this.synced = true;
-        this.backoff.reset();
+        this.link.caughtUp(session);
         this.syncWaiters.splice(0).forEach((resolve) => resolve());
         this.emitter.emit("synced", undefined);
         break;

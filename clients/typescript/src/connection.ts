@@ -48,6 +48,8 @@ export class Connection {
   private nextRef = 1;
   private readonly pending = new Map<number, PendingReply>();
   private closed = false;
+  /** Why the connection ended, once it has. */
+  closeInfo: CloseInfo | undefined;
 
   private constructor(
     private readonly socket: WebSocketLike,
@@ -161,6 +163,7 @@ export class Connection {
   private finish(info: CloseInfo): void {
     if (this.closed) return;
     this.closed = true;
+    this.closeInfo = info;
     for (const [, waiting] of this.pending) {
       clearTimeout(waiting.timer);
       waiting.reject(new CourierError("closed", `the connection closed (code ${info.code}) before the reply`));

@@ -23,7 +23,14 @@ export interface Session {
   streamBase: Map<string, number>;
   /** `reconnect.after_ms`, once the server asked. */
   reconnectAfterMs?: number;
+  /** Set at the connection's first `sync_done`: its catch-up is complete. */
+  caughtUp?: boolean;
 }
+
+/** How long a connection must stay up after its catch-up before the reconnect backoff
+ * starts over: a server that closes every connection soon after it opens (a frame it
+ * refuses, an overload) then sees the delays grow instead of a reconnection storm. */
+export const STABLE_CONNECTION_MS = 5_000;
 
 export interface LinkSettings {
   WebSocketImpl: WebSocketConstructor;
@@ -95,6 +102,17 @@ export class Link {
     this.current?.connection.close(1000, "client closed");
     this.resume();
     this.setState("closed");
+  }
+
+  /** The session's catch-up is complete (`sync_done`). The backoff starts over once the
+   * connection has stayed up [`STABLE_CONNECTION_MS`] more, not at once. */
+  caughtUp(session: Session): void {
+    if (session.caughtUp) return;
+    session.caughtUp = true;
+    const timer = setTimeout(() => {
+      if (this.current === session && session.connection.isOpen) this.settings.backoff.reset();
+    }, STABLE_CONNECTION_MS);
+    void session.closed.then(() => clearTimeout(timer));
   }
 
   private async run(): Promise<void> {

@@ -155,6 +155,13 @@ export type ServerFrame =
 /** The most events one `fetch` returns (PROTOCOL.md). */
 export const MAX_FETCH_LIMIT = 1000;
 
+/** The server's default limit on one frame's payload, in bytes (64 KiB); a larger one closes
+ * the connection with WebSocket code 1009. */
+export const DEFAULT_MAX_FRAME_BYTES = 64 * 1024;
+
+/** The WebSocket close code of a frame over the server's size limit ("message too big"). */
+export const CLOSE_TOO_BIG = 1009;
+
 const USER_ID = /^[A-Za-z0-9._@-]{1,64}$/;
 const CONVERSATION_ID = /^[A-Za-z0-9._:-]{1,128}$/;
 

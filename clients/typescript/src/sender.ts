@@ -3,18 +3,23 @@
  * messages in the order they were written), over whatever connection is open. A send that
  * gets `unavailable` or `rate_limited` is retried with the same `client_msg_id` after a
  * backoff (or the `retry_after_ms` asked for); one cut off by a closed connection is sent
- * again on the next; one refused for good stays in the outbox, marked failed.
+ * again on the next; one refused for good stays in the outbox, marked failed. A frame over
+ * the server's size limit is refused for good as `too_large`: one larger than the client's
+ * `maxFrameBytes` is never sent, and one that the server answers by closing the connection
+ * with 1009 is not sent again (it would close every connection after it).
  */
 import { Backoff, sleep } from "./backoff.js";
 import { CourierError } from "./errors.js";
 import type { Identity } from "./identity.js";
 import type { Session } from "./link.js";
 import type { Outbox } from "./outbox.js";
-import type { ConversationEvent, Sent } from "./protocol.js";
+import { CLOSE_TOO_BIG, type ClientFrame, type ConversationEvent, type Sent } from "./protocol.js";
 import type { OutboxEntry } from "./storage.js";
 
 export interface SenderHandlers {
   session(): Session | undefined;
+  /** The largest frame the server takes, in bytes of UTF-8. */
+  maxFrameBytes: number;
   /** The server stored an entry (before the entry leaves the outbox). */
   onStored(entry: OutboxEntry, sent: Sent): void;
   /** The server refused an entry for good. */
@@ -43,21 +48,29 @@ export class OutboxSender {
       for (let entry = this.outbox.next(); entry; entry = this.outbox.next()) {
         const connection = this.handlers.session()?.connection;
         if (!connection) return;
+        const tooLarge = tooLargeError(entry, this.handlers.maxFrameBytes);
+        if (tooLarge) {
+          // Written by an earlier version or with a larger limit: never sendable.
+          await this.refuse(entry, tooLarge);
+          continue;
+        }
         this.inFlight = entry.client_msg_id;
         try {
-          const sent = await connection.request<Sent>({
-            type: "send",
-            client_msg_id: entry.client_msg_id,
-            conversation_id: entry.conversation_id,
-            to_user: entry.to_user,
-            body: entry.body,
-            reply_to: entry.reply_to,
-          });
+          const sent = await connection.request<Sent>(sendFrame(entry));
           retries.reset();
           this.handlers.onStored(entry, sent);
           await this.outbox.settle(sent);
         } catch (error) {
           if (!(error instanceof CourierError)) throw error;
+          if (error.code === "closed" && connection.closeInfo?.code === CLOSE_TOO_BIG) {
+            // The server closed the connection over this frame's size: sending it again
+            // would only close the next one.
+            const refusal = new CourierError("too_large", "the message is larger than the server takes", {
+              clientMsgId: entry.client_msg_id,
+            });
+            await this.refuse(entry, refusal);
+            return;
+          }
           if (error.code === "closed") return;
           if (error.code === "timeout") {
             connection.close(4000, "no reply to a send");
@@ -67,8 +80,7 @@ export class OutboxSender {
             await sleep(Math.max(error.retryAfterMs ?? 0, retries.next()));
             continue;
           }
-          await this.outbox.fail(entry.client_msg_id, error);
-          this.handlers.onRefused(entry, error);
+          await this.refuse(entry, error);
         } finally {
           this.inFlight = undefined;
         }
@@ -78,6 +90,11 @@ export class OutboxSender {
     } finally {
       this.flushing = false;
     }
+  }
+
+  private async refuse(entry: OutboxEntry, error: CourierError): Promise<void> {
+    await this.outbox.fail(entry.client_msg_id, error);
+    this.handlers.onRefused(entry, error);
   }
 
   /**
@@ -100,4 +117,31 @@ export class OutboxSender {
     };
     this.outbox.settle(sent).catch((error) => this.handlers.onError(error));
   }
+}
+
+/** The `send` frame of an outbox entry (without its `ref`). */
+export function sendFrame(entry: Omit<OutboxEntry, "position">): Extract<ClientFrame, { type: "send" }> {
+  return {
+    type: "send",
+    client_msg_id: entry.client_msg_id,
+    conversation_id: entry.conversation_id,
+    to_user: entry.to_user,
+    body: entry.body,
+    reply_to: entry.reply_to,
+  };
+}
+
+/** The largest `ref` a connection could add, for measuring a frame before it has one. */
+const WIDEST_REF = Number.MAX_SAFE_INTEGER;
+
+/** A `too_large` refusal when the entry's `send` frame, as the connection would write it,
+ * is over `maxFrameBytes` bytes of UTF-8; otherwise undefined. */
+export function tooLargeError(entry: Omit<OutboxEntry, "position">, maxFrameBytes: number): CourierError | undefined {
+  const bytes = new TextEncoder().encode(JSON.stringify({ ...sendFrame(entry), ref: WIDEST_REF })).length;
+  if (bytes <= maxFrameBytes) return undefined;
+  return new CourierError(
+    "too_large",
+    `the message is ${bytes} bytes as a frame, over the server's limit of ${maxFrameBytes}`,
+    { clientMsgId: entry.client_msg_id },
+  );
 }

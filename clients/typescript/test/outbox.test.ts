@@ -185,3 +185,51 @@ test("a send refused before it enters the outbox (its client_msg_id is already t
     process.off("unhandledRejection", record);
   }
 });
+
+test("a message over the frame limit is refused as too_large before it enters the outbox, and the next one goes", async () => {
+  const alice = await synced(server, "alice4", "web");
+  const bob = await synced(server, "bob4", "web");
+  const conv = (await alice.sendText({ toUser: "bob4" }, "hello")).conversation_id;
+  const states: string[] = [];
+  alice.on("state", (s) => states.push(s));
+  // 65 536 bytes of UTF-8 in 21 846 characters: the limit counts bytes, not characters.
+  const big = alice.sendText({ conversationId: conv }, "€".repeat(21_846));
+  big.catch(() => {});
+  const next = alice.sendText({ conversationId: conv }, "after the big one");
+  next.catch(() => {});
+  const outcome = await Promise.race([
+    big.then(() => "stored", (e: CourierError) => `refused: ${e.code}`),
+    new Promise<string>((r) => setTimeout(() => r("still pending after 5 s"), 5000)),
+  ]);
+  assert.equal(outcome, "refused: too_large");
+  await until("bob has the next message", () => texts(bob, conv).includes("after the big one"));
+  assert.deepEqual(states, [], "the connection stayed up");
+  assert.deepEqual(alice.outboxEntries(), [], "the big one never entered the outbox");
+  // Just under the limit is sent.
+  const fits = await alice.sendText({ conversationId: conv }, "x".repeat(65_536 - 200));
+  assert.ok(fits.seq > 0);
+});
+
+test("a message the server closes the connection over (1009) is marked failed as too_large, not sent again after each reconnection", async () => {
+  const strict = await Server.start(["--max-frame-bytes", "2048"]);
+  try {
+    const alice = await synced(strict, "alice5", "web"); // thinks the limit is 64 KiB
+    const bob = await synced(strict, "bob5", "web");
+    const conv = (await alice.sendText({ toUser: "bob5" }, "hello")).conversation_id;
+    let reconnections = 0;
+    alice.on("state", (s) => s === "connecting" && reconnections++);
+    const big = alice.sendText({ conversationId: conv }, "x".repeat(4000));
+    const next = alice.sendText({ conversationId: conv }, "after the big one");
+    await assert.rejects(big, (e: CourierError) => e.code === "too_large");
+    await next;
+    await until("bob has the next message", () => texts(bob, conv).includes("after the big one"));
+    assert.deepEqual(texts(bob, conv), ["hello", "after the big one"]);
+    assert.equal(reconnections, 1, "one reconnection, after the close over the big frame");
+    const failed = alice.outboxEntries();
+    assert.equal(failed.length, 1);
+    assert.equal(failed[0]!.failed?.code, "too_large");
+  } finally {
+    closeClients();
+    await strict.dispose();
+  }
+});
