@@ -1,8 +1,11 @@
 /**
  * Acknowledgements of one device: cumulative `ack`s up to the end of the complete run of
- * events held from the server's cursor on, never past a hole (a reconnection would then skip
- * the missing event). Delivery acks are coalesced: one per conversation per turn of the
- * event loop, however many events arrived.
+ * events held from a base the device is known to have had everything through, never past a
+ * hole (a reconnection would then skip the missing event). A base is what this device
+ * acknowledged, where a connection's stream started (the server's cursor), or the top of a
+ * page fetched up to the conversation's head on a caught-up connection (after a reload with
+ * nothing to catch up, the only way to learn where the cursor is). Delivery acks are
+ * coalesced: one per conversation per turn of the event loop, however many events arrived.
  */
 import type { Conversation } from "./conversation.js";
 import type { Session } from "./link.js";
@@ -12,6 +15,9 @@ export class Acknowledgements {
   /** Per conversation, what this device acknowledged in this process. */
   private readonly acked = new Map<string, { delivered: number; read: number }>();
   private readonly scheduled = new Set<string>();
+  /** Per conversation, a seq through which this device has had every event (held now, or
+   * delivered to it before), learned from a fetch. */
+  private readonly hadThrough = new Map<string, number>();
 
   constructor(private readonly session: () => Session | undefined) {}
 
@@ -25,12 +31,24 @@ export class Acknowledgements {
     });
   }
 
+  /** Records that this device has had every event of a conversation through `seq`: a page
+   * that reached the head, fetched on a connection whose catch-up was complete (everything
+   * up to where the catch-up stopped came in it or was delivered before; everything since
+   * is streamed live). */
+  haveThrough(conversationId: string, seq: number): void {
+    this.hadThrough.set(conversationId, Math.max(this.hadThrough.get(conversationId) ?? 0, seq));
+  }
+
   /** Sends an `ack` of `kind` if the complete run moved past what was acknowledged. */
   acknowledge(conversation: Conversation, kind: AckKind): void {
     const session = this.session();
     if (!session) return;
     const acked = this.acked.get(conversation.id) ?? { delivered: 0, read: 0 };
-    const base = Math.max(acked.delivered, session.streamBase.get(conversation.id) ?? 0);
+    const base = Math.max(
+      acked.delivered,
+      session.streamBase.get(conversation.id) ?? 0,
+      this.hadThrough.get(conversation.id) ?? 0,
+    );
     const through = conversation.timeline.completeThrough(base);
     if (through < 1 || through <= (kind === "read" ? acked.read : acked.delivered)) return;
     session.connection.send({ type: "ack", conversation_id: conversation.id, seq: through, kind });

@@ -467,6 +467,13 @@ export class CourierClient {
       const coveredThrough = page.events.length < limit ? Math.max(page.head_seq, last ?? from) : last!;
       conversation.timeline.cover(from, coveredThrough);
       conversation.headSeq = Math.max(conversation.headSeq, page.head_seq);
+      // Up to the head on a caught-up connection that is still open: the device has had
+      // everything through the page's top (what lies below it came in the catch-up, was
+      // delivered before, or is streamed live), so acks may start there.
+      const via = page.via;
+      if (via?.caughtUp && via === this.link.session && page.head_seq > 0 && coveredThrough >= page.head_seq) {
+        this.acks.haveThrough(conversation.id, page.head_seq);
+      }
       this.acks.scheduleDelivered(conversation);
       if (coveredThrough <= from) return;
       from = coveredThrough;
@@ -477,16 +484,16 @@ export class CourierClient {
     conversation: Conversation,
     afterSeq: number,
     limit: number,
-  ): Promise<{ events: ConversationEvent[]; head_seq: number }> {
-    const connection = this.link.session?.connection;
-    if (connection) {
-      const page = await connection.request<Messages>({
+  ): Promise<{ events: ConversationEvent[]; head_seq: number; via?: Session }> {
+    const session = this.link.session;
+    if (session) {
+      const page = await session.connection.request<Messages>({
         type: "fetch",
         conversation_id: conversation.id,
         after_seq: afterSeq,
         limit,
       });
-      return { events: page.events as ConversationEvent[], head_seq: page.head_seq };
+      return { events: page.events as ConversationEvent[], head_seq: page.head_seq, via: session };
     }
     const page = await this.http.messages(conversation.id, { afterSeq, limit });
     if (page.floor_seq !== undefined) conversation.timeline.trim(page.floor_seq);

@@ -122,3 +122,20 @@ test("history loads page by page back to the start, and then says there is no mo
   assert.equal(max.conversation(conv)!.timeline.mayHaveOlder, false);
   assert.equal(await max.loadHistory(conv, 2), false);
 });
+
+test("after a reload, opening a conversation with more than a page of history marks it read through its latest message", async () => {
+  const alice = await synced(server, "alice1", "web");
+  const bob = await synced(server, "bob1", "web");
+  const conv = (await alice.sendText({ toUser: "bob1" }, "m1")).conversation_id;
+  for (let i = 2; i <= 60; i++) await alice.sendText({ conversationId: conv }, `m${i}`);
+  await until("bob has everything, delivered", () => alice.statusOf(conv, 60) === "delivered");
+  bob.close();
+  // The page reloads (same device, nothing to catch up) and the person opens the
+  // conversation, as the web app does: its latest page, not its start.
+  const reloaded = await synced(server, "bob1", "web");
+  await reloaded.loadHistory(conv);
+  assert.equal(texts(reloaded, conv).at(-1), "m60");
+  assert.equal(reloaded.conversation(conv)?.timeline.lowestSeq, 11);
+  reloaded.markRead(conv);
+  await until("alice sees her messages read", () => alice.statusOf(conv, 60) === "read");
+});
