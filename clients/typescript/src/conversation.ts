@@ -2,6 +2,12 @@
  * What a device knows of one conversation: its summary (kind, name, head), its timeline,
  * the members seen in its events, the other members' receipts and who is typing; and from
  * them the status of this user's own messages (the ticks).
+ *
+ * The protocol lists no group's members: a device knows them from the group's events, and
+ * knows them all only while it holds `group_created` and every event after it without a
+ * hole. Otherwise (after a reload that fetched only the latest page, for a member added
+ * later, who never gets `group_created`, or after retention trimmed it) a group's own
+ * messages show `sent`, never `delivered` or `read` on a partial set.
  */
 import type { ConversationSummary } from "./http.js";
 import type { ConversationEvent, Receipt } from "./protocol.js";
@@ -28,7 +34,10 @@ export class Conversation {
   deliveredSeq = 0;
   readSeq = 0;
   private readonly receipts = new Map<string, ReceiptState>();
-  private readonly members = new Set<string>();
+  /** A direct conversation's other user (from the summary). */
+  private peer: string | undefined;
+  /** A group's members as its held events say, for the timeline's `version`. */
+  private membersCache: { version: number; membership: Membership } | undefined;
   private readonly typingUntil = new Map<string, number>();
 
   constructor(
@@ -44,7 +53,7 @@ export class Conversation {
     this.headSeq = Math.max(this.headSeq, summary.head_seq);
     this.deliveredSeq = Math.max(this.deliveredSeq, summary.delivered_seq);
     this.readSeq = Math.max(this.readSeq, summary.read_seq);
-    if (summary.kind === "direct") this.members.add(summary.name);
+    if (summary.kind === "direct") this.peer = summary.name;
   }
 
   /** Adds an event to the timeline and learns from it; false when it was known. */
@@ -54,11 +63,6 @@ export class Conversation {
     if (event.kind === "group_created") {
       this.kind = "group";
       this.name = event.name;
-      event.members?.forEach((m) => this.members.add(m));
-    } else if (event.kind === "member_added") {
-      usersOf(event).forEach((m) => this.members.add(m));
-    } else if (event.kind === "member_removed") {
-      usersOf(event).forEach((m) => this.members.delete(m));
     }
     return true;
   }
@@ -75,21 +79,46 @@ export class Conversation {
     return this.receipts.get(user);
   }
 
-  /** The other members, as far as this device has seen them (a direct conversation's peer;
-   * a group's members from its events, else the users who sent receipts). */
+  /** The other members, as far as this device has seen them: a direct conversation's peer
+   * (else the user who sent receipts), a group's members from its held events in seq order
+   * (all of them only when `membersComplete`). */
   others(): string[] {
-    const known = this.members.size > 0 ? [...this.members] : [...this.receipts.keys()];
-    return known.filter((user) => user !== this.me);
+    let known: Iterable<string>;
+    if (this.kind === "group") known = this.membership().members;
+    else if (this.peer !== undefined) known = [this.peer];
+    else if (this.kind === "direct") known = this.receipts.keys();
+    else known = [];
+    return [...known].filter((user) => user !== this.me);
   }
 
-  /** The ticks of this user's message at `seq`. */
+  /** Whether `others()` is every other member: always for a direct conversation; for a
+   * group, when this device holds `group_created` and every event since without a hole, and
+   * was never removed in between (while away it sees no membership change). */
+  get membersComplete(): boolean {
+    if (this.kind === "direct") return this.peer !== undefined || this.receipts.size > 0;
+    if (this.kind !== "group") return false;
+    const { createdSeq, complete } = this.membership();
+    return complete && this.timeline.completeThrough(createdSeq - 1) >= this.timeline.highestSeq;
+  }
+
+  /** The ticks of this user's message at `seq`: `delivered` and `read` only when every
+   * other member is known (`membersComplete`) and has it; otherwise `sent`. */
   statusOf(seq: number): Exclude<MessageStatus, "pending" | "failed"> {
+    if (!this.membersComplete) return "sent";
     const others = this.others();
     if (others.length === 0) return "sent";
     const states = others.map((user) => this.receipts.get(user) ?? { delivered_seq: 0, read_seq: 0 });
     if (states.every((s) => s.read_seq >= seq)) return "read";
     if (states.every((s) => s.delivered_seq >= seq || s.read_seq >= seq)) return "delivered";
     return "sent";
+  }
+
+  private membership(): Membership {
+    const version = this.timeline.version;
+    if (this.membersCache?.version !== version) {
+      this.membersCache = { version, membership: membershipOf(this.timeline.list(), this.me) };
+    }
+    return this.membersCache.membership;
   }
 
   setTyping(user: string, active: boolean, now: number): void {
@@ -101,6 +130,32 @@ export class Conversation {
   typing(now: number): string[] {
     return [...this.typingUntil].filter(([, until]) => until > now).map(([user]) => user);
   }
+}
+
+/** A group's members from its held events: `complete` when they start at `group_created`
+ * and this user was not removed since. */
+interface Membership {
+  members: Set<string>;
+  createdSeq: number;
+  complete: boolean;
+}
+
+function membershipOf(events: ConversationEvent[], me: string): Membership {
+  const membership: Membership = { members: new Set(), createdSeq: 0, complete: false };
+  for (const event of events) {
+    if (event.kind === "group_created") {
+      membership.members = new Set(event.members ?? []);
+      membership.createdSeq = event.seq;
+      membership.complete = true;
+    } else if (event.kind === "member_added") {
+      usersOf(event).forEach((m) => membership.members.add(m));
+    } else if (event.kind === "member_removed") {
+      const removed = usersOf(event);
+      removed.forEach((m) => membership.members.delete(m));
+      if (removed.includes(me)) membership.complete = false;
+    }
+  }
+  return membership;
 }
 
 function usersOf(event: ConversationEvent): string[] {

@@ -19,6 +19,8 @@ export class Timeline {
   private covered: SeqRange[] = [];
   /** Events below this seq were removed by retention (`trimmed`); 1 when nothing was. */
   private floor = 1;
+  /** Counts the changes of the held events. */
+  private changes = 0;
 
   constructor(readonly conversationId: string) {}
 
@@ -29,6 +31,7 @@ export class Timeline {
     const held = this.events.get(event.seq);
     if (held && !(event.deleted && !held.deleted)) return false;
     this.events.set(event.seq, { ...event });
+    this.changes++;
     if (event.kind === "delete" && event.target_seq !== undefined) this.blank(event.target_seq);
     return true;
   }
@@ -72,6 +75,7 @@ export class Timeline {
   trim(floorSeq: number): void {
     if (floorSeq <= this.floor) return;
     this.floor = floorSeq;
+    this.changes++;
     for (const seq of this.events.keys()) if (seq < floorSeq) this.events.delete(seq);
     this.cover(0, floorSeq - 1);
   }
@@ -81,6 +85,11 @@ export class Timeline {
   get mayHaveOlder(): boolean {
     const lowest = this.lowestSeq;
     return lowest !== undefined && this.completeThrough(this.floor - 1) < lowest - 1;
+  }
+
+  /** Changes with every change of the held events (to cache what is derived from them). */
+  get version(): number {
+    return this.changes;
   }
 
   get floorSeq(): number {

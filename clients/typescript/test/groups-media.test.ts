@@ -85,3 +85,41 @@ test("a photo is uploaded, shared, and downloaded whole and by range", async () 
   await assert.rejects(stranger.downloadMedia(body.media.media_id), (e: CourierError) => e.status === 404);
   await assert.rejects(gina.http.uploadMedia(photo, "not a type"), /not a media type/);
 });
+
+test("a group's ticks stay sent while its member set is not known complete (after a reload that holds only the latest page)", async () => {
+  const alice = await synced(server, "alice2", "web");
+  const bob = await synced(server, "bob2", "web");
+  const carol = await synced(server, "carol2", "web");
+  const group = await alice.createGroup("trip", ["bob2", "carol2"]);
+  let last = 0;
+  for (let i = 1; i <= 60; i++) last = (await alice.sendText({ conversationId: group }, `m${i}`)).seq;
+  await until("bob and carol have it", () => texts(bob, group).length === 60 && texts(carol, group).length === 60);
+  alice.close();
+  const reloaded = await synced(server, "alice2", "web");
+  await reloaded.loadHistory(group);
+  assert.equal(reloaded.conversation(group)?.membersComplete, false, "group_created is not held");
+  bob.markRead(group); // carol does not
+  await until("alice has bob's read receipt", () => reloaded.conversation(group)?.receiptOf("bob2")?.read_seq === last);
+  assert.equal(reloaded.statusOf(group, last), "sent", "carol2 has not read it, and alice cannot know who else is in");
+  // Back to group_created: the set is complete again, and the ticks say what it knows.
+  while (await reloaded.loadHistory(group));
+  assert.equal(reloaded.conversation(group)?.membersComplete, true);
+  assert.deepEqual(reloaded.conversation(group)?.others().sort(), ["bob2", "carol2"]);
+  assert.equal(reloaded.statusOf(group, last), "sent", "no receipt of carol's since the reload");
+  carol.markRead(group);
+  await until("read by both", () => reloaded.statusOf(group, last) === "read");
+});
+
+test("a member added later never sees group_created, so its own group messages stay sent", async () => {
+  const admin = await synced(server, "erin", "web");
+  const frank = await synced(server, "frank", "web");
+  const group = await admin.createGroup("later", []);
+  await admin.addMembers(group, ["frank"]);
+  await until("frank has his member_added", () => (frank.conversation(group)?.timeline.list().length ?? 0) > 0);
+  const sent = await frank.sendText({ conversationId: group }, "hi");
+  await until("erin has it", () => texts(admin, group).includes("hi"));
+  admin.markRead(group);
+  await until("frank has erin's receipt", () => frank.conversation(group)?.receiptOf("erin")?.read_seq === sent.seq);
+  assert.equal(frank.conversation(group)?.membersComplete, false);
+  assert.equal(frank.statusOf(group, sent.seq), "sent");
+});
