@@ -1,23 +1,60 @@
 /**
  * Images of media messages: downloaded with the token (an `<img src>` could not send it)
- * and shown from `blob:` URLs, each downloaded once per page.
+ * and shown from `blob:` URLs. A `blob:` URL holds its bytes until it is revoked, so the
+ * cache is bounded: past [`MAX_PHOTOS`] photos or [`MAX_BYTES`] bytes the least recently
+ * shown ones are revoked and forgotten (downloaded again if shown again).
  */
 import type { CourierClient } from "@courier-chat/client";
 
+/** The most photos kept as `blob:` URLs (far more than a screen shows at once). */
+export const MAX_PHOTOS = 200;
+/** The most bytes kept as `blob:` URLs. */
+export const MAX_BYTES = 64 * 1024 * 1024;
+
+interface Cached {
+  url: Promise<string>;
+  /** Once downloaded: the `blob:` URL and its size. */
+  ready?: { objectUrl: string; bytes: number };
+}
+
 export class MediaUrls {
-  private readonly urls = new Map<string, Promise<string>>();
+  /** Least recently shown first. */
+  private readonly cache = new Map<string, Cached>();
+  private bytes = 0;
 
   constructor(private readonly client: CourierClient) {}
 
   url(mediaId: string): Promise<string> {
-    let url = this.urls.get(mediaId);
-    if (!url) {
-      url = this.client.downloadMedia(mediaId).then((file) => {
-        return URL.createObjectURL(new Blob([file.bytes as BlobPart], { type: file.mime }));
-      });
-      url.catch(() => this.urls.delete(mediaId));
-      this.urls.set(mediaId, url);
+    const held = this.cache.get(mediaId);
+    if (held) {
+      // Shown again: now the most recent.
+      this.cache.delete(mediaId);
+      this.cache.set(mediaId, held);
+      return held.url;
     }
-    return url;
+    const cached: Cached = {
+      url: this.client.downloadMedia(mediaId).then((file) => {
+        const objectUrl = URL.createObjectURL(new Blob([file.bytes as BlobPart], { type: file.mime }));
+        cached.ready = { objectUrl, bytes: file.bytes.byteLength };
+        this.bytes += file.bytes.byteLength;
+        this.evict(mediaId);
+        return objectUrl;
+      }),
+    };
+    cached.url.catch(() => this.cache.delete(mediaId));
+    this.cache.set(mediaId, cached);
+    return cached.url;
+  }
+
+  /** Revokes the least recently shown downloaded photos until the cache is within its
+   * bounds; `keep` (the photo just downloaded) and downloads in progress stay. */
+  private evict(keep: string): void {
+    for (const [mediaId, cached] of this.cache) {
+      if (this.cache.size <= MAX_PHOTOS && this.bytes <= MAX_BYTES) return;
+      if (mediaId === keep || !cached.ready) continue;
+      URL.revokeObjectURL(cached.ready.objectUrl);
+      this.bytes -= cached.ready.bytes;
+      this.cache.delete(mediaId);
+    }
   }
 }
