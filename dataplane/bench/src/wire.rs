@@ -302,7 +302,14 @@ impl PushOption {
     ) -> anyhow::Result<(Writer, Reader)> {
         if let Some(provider) = &self.push_provider {
             let api = HttpApi::with_client(http.clone(), &endpoint.http_base(), token);
-            let body = serde_json::json!({ "provider": provider, "token": "courier-bench" });
+            // A token of its own, as each app instance has (the server gives a token to the
+            // device that registered it last): one per device's token.
+            let device = std::hash::BuildHasher::hash_one(
+                &std::hash::BuildHasherDefault::<std::hash::DefaultHasher>::default(),
+                token,
+            );
+            let push_token = format!("courier-bench-{device:016x}");
+            let body = serde_json::json!({ "provider": provider, "token": push_token });
             match api
                 .request(reqwest::Method::PUT, "/v1/devices/me/push", Some(&body))
                 .await?

@@ -452,7 +452,10 @@ pub async fn get_many_reads_one_state(kv: &dyn KvEngine) {
     let reads = async {
         let mut torn = Vec::new();
         while !written.load(std::sync::atomic::Ordering::Relaxed) {
-            let values = kv.get_many(keys.clone()).await.expect("a read of three keys");
+            let values = kv
+                .get_many(keys.clone())
+                .await
+                .expect("a read of three keys");
             if values.iter().any(|v| *v != values[0]) {
                 torn.push(values);
             }
