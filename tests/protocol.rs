@@ -722,6 +722,22 @@ async fn bad_frames_get_errors_and_the_connection_stays_open() {
         Some(3),
         "the ref is echoed"
     );
+    // An error in reply to a send carries its client_msg_id, however the send is malformed.
+    for (id, send) in [
+        (
+            "c1",
+            r#"{"type":"send","ref":7,"client_msg_id":"c1","to_user":"bob","body":{"text":5}}"#,
+        ),
+        (
+            "c2",
+            r#"{"type":"send","ref":8,"client_msg_id":"c2","to_user":"bob"}"#,
+        ),
+    ] {
+        alice.send_raw(Message::text(send)).await.unwrap();
+        let error = expect_error(&mut alice).await;
+        assert_eq!(error.code, ErrorCode::BadRequest, "{}", error.message);
+        assert_eq!(error.client_msg_id.as_deref(), Some(id), "{send}");
+    }
     alice
         .send_raw(Message::binary(vec![1, 2, 3]))
         .await

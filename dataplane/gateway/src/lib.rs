@@ -606,10 +606,9 @@ impl Connection {
         let frame = match self.encoding.decode_client(data) {
             Ok(frame) => frame,
             Err(e) => {
-                let reference = self.encoding.salvage_reference(data);
-                return self
-                    .write_error(reference, None, ApiError::bad_request(e.to_string()))
-                    .await;
+                let (reference, client_msg_id) = self.encoding.salvage_ids(data);
+                let e = ApiError::bad_request(e.to_string());
+                return self.write_error(reference, client_msg_id, e).await;
             }
         };
         if let Err(e) = self.frames.check() {

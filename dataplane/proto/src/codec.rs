@@ -105,17 +105,32 @@ impl Encoding {
         }
     }
 
-    /// The `ref` of a frame that failed to decode, when it can still be read, so that the
-    /// `error` reply can echo it.
-    pub fn salvage_reference(self, data: &[u8]) -> Option<i64> {
-        #[derive(serde::Deserialize)]
-        struct OnlyRef {
-            #[serde(rename = "ref")]
-            reference: Option<i64>,
-        }
+    /// The `ref` of a frame that failed to decode, and the `client_msg_id` of a `send`, when
+    /// they can still be read, so that the `error` reply echoes them (PROTOCOL.md: an error in
+    /// reply to a send carries its `client_msg_id`). A field that is itself malformed is left
+    /// out, the other kept.
+    pub fn salvage_ids(self, data: &[u8]) -> (Option<i64>, Option<String>) {
         match self {
-            Encoding::Json => from_json::<OnlyRef>(data).ok().and_then(|r| r.reference),
-            Encoding::Proto => pb::ClientFrame::decode(data).ok().and_then(|f| f.r#ref),
+            Encoding::Json => {
+                let Ok(serde_json::Value::Object(frame)) = from_json(data) else {
+                    return (None, None);
+                };
+                let reference = frame.get("ref").and_then(serde_json::Value::as_i64);
+                let client_msg_id = (frame.get("type").and_then(|t| t.as_str()) == Some("send"))
+                    .then(|| frame.get("client_msg_id")?.as_str().map(str::to_owned))
+                    .flatten();
+                (reference, client_msg_id)
+            }
+            Encoding::Proto => match pb::ClientFrame::decode(data) {
+                Ok(frame) => {
+                    let client_msg_id = match frame.frame {
+                        Some(pb::client_frame::Frame::Send(send)) => Some(send.client_msg_id),
+                        _ => None,
+                    };
+                    (frame.r#ref, client_msg_id)
+                }
+                Err(_) => (None, None),
+            },
         }
     }
 }
@@ -325,8 +340,35 @@ mod tests {
             Err(DecodeError::Invalid(_))
         ));
         assert_eq!(
-            Encoding::Json.salvage_reference(br#"{"type":"nope","ref":5}"#),
-            Some(5)
+            Encoding::Json.salvage_ids(br#"{"type":"nope","ref":5}"#),
+            (Some(5), None)
+        );
+        // A send's id is echoed whatever else is wrong with it, even a malformed `ref`.
+        assert_eq!(
+            Encoding::Json.salvage_ids(
+                br#"{"type":"send","ref":7,"client_msg_id":"c1","to_user":"bob","body":{"text":5}}"#
+            ),
+            (Some(7), Some("c1".to_owned()))
+        );
+        assert_eq!(
+            Encoding::Json.salvage_ids(br#"{"type":"send","ref":"x","client_msg_id":"c2"}"#),
+            (None, Some("c2".to_owned()))
+        );
+        assert_eq!(
+            Encoding::Json.salvage_ids(br#"{"type":"ack","client_msg_id":"c3"}"#),
+            (None, None),
+            "only a send's"
+        );
+        let send = pb::ClientFrame {
+            r#ref: Some(9),
+            frame: Some(pb::client_frame::Frame::Send(pb::Send {
+                client_msg_id: "c4".into(),
+                ..Default::default()
+            })),
+        };
+        assert_eq!(
+            Encoding::Proto.salvage_ids(&send.encode_to_vec()),
+            (Some(9), Some("c4".to_owned()))
         );
     }
 
@@ -561,7 +603,7 @@ mod tests {
             Err(DecodeError::Malformed(message)) => assert!(message.contains("UTF-8"), "{message}"),
             other => panic!("{other:?}"),
         }
-        assert_eq!(Encoding::Json.salvage_reference(&bytes), None);
+        assert_eq!(Encoding::Json.salvage_ids(&bytes), (None, None));
         // Text beyond ASCII, raw and escaped, reads as written.
         let json = r#"{"type":"send","client_msg_id":"é1","conversation_id":"g:1","body":{"text":"héllo \u00e9 ✓"}}"#;
         match Encoding::Json.decode_client(json.as_bytes()).unwrap() {
