@@ -401,3 +401,38 @@ async fn an_admins_connected_device_gets_the_membership_events_it_made_over_http
          (caught up afterwards: {caught_up:?})"
     );
 }
+
+/// A user starts direct conversations up to `--max-direct-conversations-per-user`: the next
+/// first message to someone new is refused, while it writes on where it has, and others may
+/// still start conversations with it.
+#[tokio::test]
+async fn a_user_starts_direct_conversations_up_to_the_limit() {
+    let (_dir, server) = start(&["--max-direct-conversations-per-user", "2"]);
+    let mut alice = connected(&server, "alice", "phone").await;
+    for (peer, id) in [("bob", "1"), ("carol", "2")] {
+        alice
+            .send_text(Target::User(peer.into()), id, "hi")
+            .await
+            .unwrap();
+    }
+    let refused = alice
+        .send_text(Target::User("dave".into()), "3", "hi")
+        .await
+        .unwrap_err();
+    match refused {
+        ClientError::Server(e) => {
+            assert_eq!(e.code, ErrorCode::Forbidden, "{}", e.message);
+            assert!(e.message.contains("direct conversations"), "{}", e.message);
+        }
+        other => panic!("{other:?}"),
+    }
+    let again = alice
+        .send_text(Target::User("bob".into()), "4", "still here")
+        .await
+        .unwrap();
+    assert_eq!(again.seq, 2);
+    let mut dave = connected(&server, "dave", "phone").await;
+    dave.send_text(Target::User("alice".into()), "5", "hi alice")
+        .await
+        .unwrap();
+}

@@ -64,6 +64,9 @@ pub use courier_core::chat::{
 pub struct ChatLimits {
     pub max_group_members: usize,
     pub max_groups_per_user: u64,
+    /// Most direct conversations a user may start (0: no limit): each is a cursor its devices
+    /// hold and a conversation every connection of theirs catches up on.
+    pub max_direct_conversations_per_user: u64,
     /// Longest group name, in characters.
     pub max_group_name: usize,
     /// Most users named in one create or add request.
@@ -84,6 +87,7 @@ impl Default for ChatLimits {
         Self {
             max_group_members: 100_000,
             max_groups_per_user: 10_000,
+            max_direct_conversations_per_user: 10_000,
             max_group_name: 128,
             max_users_per_request: 1000,
             history_on_join: 0,
@@ -261,7 +265,8 @@ impl Chat {
             }
             (None, Some(peer)) => {
                 ids::user_id(peer).map_err(|e| ApiError::bad_request(format!("to_user: {e}")))?;
-                let create = NewConversation::direct(&who.user, peer);
+                let create = NewConversation::direct(&who.user, peer)
+                    .started_at_most(self.limits.max_direct_conversations_per_user);
                 (direct_conversation_id(&who.user, peer), Some(create))
             }
         };

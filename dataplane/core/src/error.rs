@@ -111,7 +111,9 @@ impl From<StoreError> for ApiError {
 impl From<AppendRefused> for ApiError {
     fn from(e: AppendRefused) -> Self {
         match e {
-            AppendRefused::NotMember | AppendRefused::NotAdmin => Self::forbidden(e.to_string()),
+            AppendRefused::NotMember
+            | AppendRefused::NotAdmin
+            | AppendRefused::TooManyConversations => Self::forbidden(e.to_string()),
             AppendRefused::NoChange => Self::bad_request(e.to_string()),
         }
     }

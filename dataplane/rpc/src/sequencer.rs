@@ -182,6 +182,7 @@ pub(crate) fn outcome(
             Ok(Refusal::NotMember) => Err(AppendRefused::NotMember.into()),
             Ok(Refusal::NotAdmin) => Err(AppendRefused::NotAdmin.into()),
             Ok(Refusal::NoChange) => Err(AppendRefused::NoChange.into()),
+            Ok(Refusal::TooManyConversations) => Err(AppendRefused::TooManyConversations.into()),
             _ => Err(SequencerError::Store(StoreError::Engine(format!(
                 "a sequencer node answered an unknown refusal ({code})"
             )))),
@@ -208,6 +209,7 @@ fn refusal(refused: AppendRefused) -> Refusal {
         AppendRefused::NotMember => Refusal::NotMember,
         AppendRefused::NotAdmin => Refusal::NotAdmin,
         AppendRefused::NoChange => Refusal::NoChange,
+        AppendRefused::TooManyConversations => Refusal::TooManyConversations,
     }
 }
 
@@ -221,6 +223,7 @@ pub fn submit_request(append: Append) -> SubmitRequest {
         kind: c.kind.to_owned(),
         name: c.name,
         members: c.members,
+        started_limit: c.started_limit,
     });
     let event = Event {
         conversation_id: append.conversation_id,
@@ -254,6 +257,7 @@ pub fn append_of(request: SubmitRequest) -> Result<Append, Status> {
             kind: "direct",
             name: c.name,
             members: c.members,
+            started_limit: c.started_limit,
         }),
         Some(c) => {
             return Err(invalid(format!(

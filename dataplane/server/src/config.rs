@@ -135,6 +135,14 @@ pub struct ServeConfig {
     /// Most groups a user belongs to.
     #[arg(long, env = "COURIER_MAX_GROUPS_PER_USER", default_value_t = 10_000)]
     pub max_groups_per_user: u64,
+    /// Most direct conversations a user may start, by a first message to someone (0: no
+    /// limit). Each is a conversation every connection of the user's devices catches up on.
+    #[arg(
+        long,
+        env = "COURIER_MAX_DIRECT_CONVERSATIONS_PER_USER",
+        default_value_t = 10_000
+    )]
+    pub max_direct_conversations_per_user: u64,
     /// Longest group name, in characters.
     #[arg(long, env = "COURIER_MAX_GROUP_NAME", default_value_t = 128)]
     pub max_group_name: usize,
@@ -373,6 +381,7 @@ impl ServeConfig {
         ChatLimits {
             max_group_members: self.max_group_members,
             max_groups_per_user: self.max_groups_per_user,
+            max_direct_conversations_per_user: self.max_direct_conversations_per_user,
             max_group_name: self.max_group_name,
             history_on_join: self.history_on_join,
             admission: AdmissionLimits {

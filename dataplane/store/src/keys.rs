@@ -28,6 +28,7 @@
 //! | `dev` | `("dev", user, device)` | the device (`DeviceRecord`: last seen, unlinked, push) |
 //! | `ptok` | `("ptok", provider, token)` | the device that registered the push token last (`PushTokenHolder`, `crate::push_tokens`) |
 //! | `gcount` | `("gcount", user, shard)` | groups of `shard` the user belongs to (i64 LE, atomic ADD); a user's group count is the sum of these |
+//! | `dcount` | `("dcount", user, shard)` | direct conversations of `shard` the user started (i64 LE, atomic ADD), for `--max-direct-conversations-per-user` |
 //! | `ngroups` | `("ngroups", user)` | groups the user belonged to, as counted before `gcount` (i64 LE): read and added, no longer written |
 //! | `media` | `("media", id)` | one user's upload (`MediaRecord`: owner, mime, size, sha256, time) |
 //! | `mblob` | `("mblob", sha256, id)` | media record `id` keeps the bytes `sha256` (empty) |
@@ -470,6 +471,16 @@ impl Keys {
         self.pack(&("gcount", user, shard))
     }
 
+    /// The count of direct conversations `user` started whose conversations are in `shard`.
+    pub fn direct_counter(&self, user: &str, shard: u32) -> Vec<u8> {
+        self.pack(&("dcount", user, shard))
+    }
+
+    /// Every direct conversation counter of `user`, one per shard.
+    pub fn direct_counters(&self, user: &str) -> Range<Vec<u8>> {
+        range_of(self.root.subspace(&("dcount", user)))
+    }
+
     /// Every group counter of `user`, one per shard.
     pub fn group_counters(&self, user: &str) -> Range<Vec<u8>> {
         range_of(self.root.subspace(&("gcount", user)))
@@ -506,7 +517,7 @@ impl Keys {
             b"shard" | b"own" | b"fepoch" | b"fown" | b"ob" | b"fcur" | b"pcur" => {
                 Placement::Shard(u32::try_from(tuple.uint()?).ok()?)
             }
-            b"gcount" => {
+            b"gcount" | b"dcount" => {
                 tuple.string()?;
                 Placement::Shard(u32::try_from(tuple.uint()?).ok()?)
             }

@@ -291,6 +291,9 @@ pub struct NewConversation {
     pub kind: &'static str,
     pub name: String,
     pub members: Vec<String>,
+    /// For a direct conversation: the most direct conversations its sender may have started
+    /// ([`AppendRefused::TooManyConversations`] past it); 0, no limit.
+    pub started_limit: u64,
 }
 
 impl NewConversation {
@@ -302,6 +305,16 @@ impl NewConversation {
             kind: "direct",
             name: String::new(),
             members,
+            started_limit: 0,
+        }
+    }
+
+    /// This conversation, created only while its sender has started fewer than `limit`
+    /// direct conversations (0: no limit).
+    pub fn started_at_most(self, limit: u64) -> Self {
+        Self {
+            started_limit: limit,
+            ..self
         }
     }
 }
@@ -416,6 +429,11 @@ pub enum AppendRefused {
     NotAdmin,
     #[error("nothing to change: the users named already are (or are not) members")]
     NoChange,
+    #[error(
+        "you have started as many direct conversations as a user may \
+         (--max-direct-conversations-per-user); write in those you have"
+    )]
+    TooManyConversations,
 }
 
 /// Per append: its outcome, or why it was refused.
@@ -1024,6 +1042,13 @@ impl MessageStore {
             };
             let seq = head + 1;
             let create = append.create.as_ref().filter(|_| head == 0);
+            if let Some(create) = create
+                && create.started_limit > 0
+                && self.direct_count(&append.sender.user).await? >= create.started_limit
+            {
+                results[i] = Some(Err(AppendRefused::TooManyConversations));
+                continue;
+            }
             let payload = match self.decide(&mut members, append, head, create).await? {
                 Ok(payload) => payload,
                 Err(refused) => {
@@ -1032,7 +1057,8 @@ impl MessageStore {
                 }
             };
             if let Some(create) = create {
-                self.write_new_conversation(&mut batch, &mut members, conv, create, ts_ms);
+                let starter = &append.sender.user;
+                self.write_new_conversation(&mut batch, &mut members, conv, create, starter, ts_ms);
             }
             new_heads.insert(conv, seq);
             self.write_effects(&mut batch, &mut members, append, &payload, seq, ts_ms)
@@ -1224,8 +1250,12 @@ impl MessageStore {
         members: &mut BatchMembers,
         conv: &str,
         create: &NewConversation,
+        starter: &str,
         ts_ms: u64,
     ) {
+        if create.kind == "direct" {
+            batch.add(self.keys.direct_counter(starter, self.shard_of(conv)), 1);
+        }
         let record = ConversationRecord {
             kind: create.kind.to_owned(),
             name: create.name.clone(),
@@ -1449,6 +1479,18 @@ impl MessageStore {
             .chain(counters.iter().map(|(_, v)| v))
             .map(|v| decode_u64(v) as i64)
             .sum();
+        Ok(total.max(0) as u64)
+    }
+
+    /// The number of direct conversations `user` started (created by its first message): the
+    /// sum of its counters, one per shard. Read only when a direct conversation is created, so
+    /// creations that race in several shards may pass the limit by a few.
+    pub async fn direct_count(&self, user: &str) -> Result<u64, StoreError> {
+        let counters = self
+            .kv
+            .range(self.keys.direct_counters(user), usize::MAX, false)
+            .await?;
+        let total: i64 = counters.iter().map(|(_, v)| decode_u64(v) as i64).sum();
         Ok(total.max(0) as u64)
     }
 
@@ -2712,6 +2754,52 @@ mod tests {
             create: Some(NewConversation::direct("alice", "bob")),
             ..Append::message(conv.into(), sender, id.into(), Body::Text(id.into()), None)
         }
+    }
+
+    /// A user starts direct conversations up to its limit; it writes on in those, and others
+    /// may still start conversations with it (they count for them).
+    #[tokio::test]
+    async fn a_user_starts_direct_conversations_up_to_its_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = temp_store(&dir, 8).await;
+        let first = |from: &str, to: &str, id: &str| {
+            let sender = Sender {
+                user: from.into(),
+                device: "phone".into(),
+            };
+            let conv = format!("d:{from}-{to}");
+            Append {
+                create: Some(NewConversation::direct(from, to).started_at_most(2)),
+                ..Append::message(conv, sender, id.into(), Body::Text(id.into()), None)
+            }
+        };
+        let send = |append: Append| {
+            let store = &store;
+            async move {
+                let lease = owner(store, &append.conversation_id).await;
+                let mut heads = HeadCache::default();
+                store
+                    .append(lease, &mut heads, &[append])
+                    .await
+                    .unwrap()
+                    .remove(0)
+            }
+        };
+        assert!(send(first("alice", "bob", "1")).await.is_ok());
+        assert!(send(first("alice", "carol", "2")).await.is_ok());
+        assert_eq!(
+            send(first("alice", "dave", "3")).await,
+            Err(AppendRefused::TooManyConversations)
+        );
+        assert_eq!(store.direct_count("alice").await.unwrap(), 2);
+        assert_eq!(send(first("alice", "bob", "4")).await.unwrap().seq, 2);
+        assert!(send(first("dave", "alice", "5")).await.is_ok());
+        assert_eq!(store.direct_count("dave").await.unwrap(), 1);
+        let unlimited = Append {
+            create: Some(NewConversation::direct("alice", "erin")),
+            ..first("alice", "erin", "6")
+        };
+        assert!(send(unlimited).await.is_ok(), "0 is no limit");
     }
 
     /// A user's two cursors are its own keys: nobody else's acks move them, even a user's
