@@ -436,3 +436,30 @@ async fn a_user_starts_direct_conversations_up_to_the_limit() {
         .await
         .unwrap();
 }
+
+/// A member whose connection dropped before its `sent` retries with the same `client_msg_id`
+/// after it was removed: it gets the first outcome (`duplicate`), not a refusal of a message
+/// everyone received; a new send is refused.
+#[tokio::test]
+async fn a_retry_after_removal_gets_the_first_outcome() {
+    let (_dir, server) = start(&[]);
+    let admin = server.http("alice", "phone");
+    let conv = admin.create_group("g", &users(&["bob"])).await.unwrap();
+    let mut bob = connected(&server, "bob", "phone").await;
+    let group = Target::Conversation(conv.clone());
+    let first = bob.send_text(group.clone(), "m1", "hello").await.unwrap();
+    bob.close().await;
+    let (status, _) = admin
+        .delete(&format!("/v1/groups/{conv}/members/bob"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let mut bob = connected(&server, "bob", "phone").await;
+    let retried = bob.send_text(group.clone(), "m1", "hello").await.unwrap();
+    assert!(retried.duplicate, "{retried:?}");
+    assert_eq!(retried.seq, first.seq);
+    match bob.send_text(group, "m2", "again").await.unwrap_err() {
+        ClientError::Server(e) => assert_eq!(e.code, ErrorCode::Forbidden, "{}", e.message),
+        other => panic!("{other:?}"),
+    }
+}

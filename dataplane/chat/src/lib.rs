@@ -247,6 +247,7 @@ impl Chat {
             return Err(ApiError::bad_request("reply_to must be a seq (1 or more)"));
         }
         let body = self.checked_media(who, &send.body).await?;
+        let mut refused = None;
         let (conversation_id, create) = match (&send.conversation_id, &send.to_user) {
             (Some(_), Some(_)) => {
                 return Err(ApiError::bad_request(
@@ -260,7 +261,8 @@ impl Chat {
             }
             // Sends to a group are rate-limited by the owner of its shard (the sequencer).
             (Some(conv), None) => {
-                self.check_member(conv, &who.user).await?;
+                let member = self.check_member(conv, &who.user).await;
+                refused = member.err();
                 (conv.clone(), None)
             }
             (None, Some(peer)) => {
@@ -281,6 +283,15 @@ impl Chat {
             body,
             send.reply_to,
         );
+        if let Some(refused) = refused {
+            // A former member's retry of a send committed while it was one gets that send's
+            // outcome (`duplicate`), as the protocol promises a retry; any other send of a
+            // non-member is refused here, taking none of the group's send rate.
+            return match self.store.earlier_outcome(&message).await? {
+                Some(outcome) => Ok((conversation_id, Box::pin(async move { Ok(outcome) }))),
+                None => Err(refused),
+            };
+        }
         let pending = self.submit(admitted, Append { create, ..message });
         Ok((conversation_id, pending))
     }

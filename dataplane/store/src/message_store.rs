@@ -980,6 +980,21 @@ impl MessageStore {
         }
     }
 
+    /// The outcome of the append sequenced earlier with `append`'s key, if there is one (its
+    /// idempotency record, looked up as an append batch now would): a retry the chat role
+    /// answers without sequencing it (a former member's, `courier_chat`).
+    pub async fn earlier_outcome(
+        &self,
+        append: &Append,
+    ) -> Result<Option<AppendOutcome>, StoreError> {
+        let keys = self.idempotency_keys(append, now_ms());
+        let values = self.get_each(keys.clone()).await?;
+        keys.iter()
+            .zip(values)
+            .find_map(|(key, value)| Some(earlier_outcome(key, &value?)))
+            .transpose()
+    }
+
     async fn try_append(
         &self,
         lease: ShardLease,
@@ -1024,16 +1039,10 @@ impl MessageStore {
                 continue;
             }
             if let Some(stored) = earlier[i].take() {
-                let record = IdempotencyRecord::decode(stored.as_slice())
-                    .map_err(|e| corrupt(&idem_key, e))?;
-                let server_msg_id = record.server_msg_id();
-                results[i] = Some(Ok(AppendOutcome {
-                    seq: record.seq,
-                    // A retried commit that had in fact landed is ours, not a duplicate.
-                    duplicate: server_msg_id != server_msg_ids[i].text(),
-                    server_msg_id,
-                    ts_ms: record.ts_ms,
-                }));
+                let mut outcome = earlier_outcome(&idem_key, &stored)?;
+                // A retried commit that had in fact landed is ours, not a duplicate.
+                outcome.duplicate = outcome.server_msg_id != server_msg_ids[i].text();
+                results[i] = Some(Ok(outcome));
                 continue;
             }
             let head = match new_heads.get(conv) {
@@ -2710,6 +2719,18 @@ async fn claim_partition(
              table's stores"
         ))),
     }
+}
+
+/// The outcome an idempotency record `stored` under `key` holds, as answered to a retry
+/// (`duplicate`).
+fn earlier_outcome(key: &[u8], stored: &[u8]) -> Result<AppendOutcome, StoreError> {
+    let record = IdempotencyRecord::decode(stored).map_err(|e| corrupt(key, e))?;
+    Ok(AppendOutcome {
+        seq: record.seq,
+        server_msg_id: record.server_msg_id(),
+        ts_ms: record.ts_ms,
+        duplicate: true,
+    })
 }
 
 /// A user's media usage, written as u64 and lowered with signed ADDs: never below zero.
