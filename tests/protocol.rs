@@ -750,6 +750,30 @@ async fn bad_frames_get_errors_and_the_connection_stays_open() {
         .unwrap();
 }
 
+/// One device's connections are bounded: past 16 on a gateway, its oldest closes (1008), so
+/// that one token cannot open connections until the node has none left; the newest works.
+#[tokio::test]
+async fn a_device_past_its_connections_has_its_oldest_closed() {
+    let (_dir, server) = server();
+    let mut oldest = server.connect("alice", "phone").await;
+    expect_sync_done(&mut oldest).await;
+    let mut others = Vec::new();
+    for _ in 0..16 {
+        let mut connection = server.connect("alice", "phone").await;
+        expect_sync_done(&mut connection).await;
+        others.push(connection);
+    }
+    let (code, reason) = expect_close(&mut oldest).await.expect("a close frame");
+    assert_eq!(code, 1008, "{reason}");
+    assert!(reason.contains("too many connections"), "{reason}");
+    let newest = others.last_mut().unwrap();
+    newest.ping().await.expect("the newest stays open");
+    newest
+        .send_text(Target::User("bob".into()), "n1", "still works")
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
 async fn oversized_message_closes_with_1009() {
     let (_dir, server) = server();

@@ -423,6 +423,10 @@ impl Connection {
             let step = tokio::select! {
                 biased;
                 _ = handle.signals.taken(Signal::Unlinked) => Err(Exit::Unlinked),
+                _ = handle.signals.taken(Signal::Replaced) => Err(Exit::Close(
+                    close_code::POLICY,
+                    "this device opened too many connections; its oldest closes",
+                )),
                 _ = handle.signals.taken(Signal::Reconnect) => {
                     Box::pin(self.drain(handle.signals.reconnect_after_ms().unwrap_or(0))).await
                 }

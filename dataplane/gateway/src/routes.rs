@@ -98,7 +98,15 @@ pub enum Signal {
     Reconnect = 2,
     /// Events were dropped from its full queue; [`Signals::take_behind`] says up to where.
     Lagged = 4,
+    /// Its device opened more connections since than a device may hold
+    /// ([`MAX_CONNECTIONS_PER_DEVICE`]): the oldest closes.
+    Replaced = 8,
 }
+
+/// Connections one device may hold on a gateway: one, and a few more while a dead one is not
+/// yet found dead or several instances of an app share a device id. Past it the oldest is
+/// closed, so that one token cannot open connections until the node runs out of them.
+pub const MAX_CONNECTIONS_PER_DEVICE: usize = 16;
 
 /// One open connection, as the registry sees it.
 #[derive(Clone)]
@@ -279,10 +287,15 @@ impl Routes {
             signals: Arc::default(),
         };
         let mut users = self.users.write().unwrap_or_else(|e| e.into_inner());
-        users
-            .entry(user.to_owned())
-            .or_default()
-            .push(handle.clone());
+        let connections = users.entry(user.to_owned()).or_default();
+        connections.push(handle.clone());
+        let mut of_device = connections.iter().filter(|c| c.device == device);
+        // Connections are pushed in order: the first of the device is its oldest.
+        if let Some(oldest) = of_device.next()
+            && of_device.count() >= MAX_CONNECTIONS_PER_DEVICE
+        {
+            oldest.signals.raise(Signal::Replaced);
+        }
         (handle, deliveries)
     }
 
@@ -461,6 +474,26 @@ mod tests {
                 .collect(),
             Delivery::Event(_) => panic!("expected frames, got an event"),
         }
+    }
+
+    /// A device past its connections has its oldest told to close; the others, and the
+    /// other devices', are left alone.
+    #[test]
+    fn a_device_past_its_connections_has_its_oldest_closed() {
+        let routes = Routes::new(Arc::new(Metrics::new()));
+        let (laptop, _) = routes.register("alice", "laptop", 1);
+        let phones: Vec<_> = (0..MAX_CONNECTIONS_PER_DEVICE)
+            .map(|_| routes.register("alice", "phone", 1))
+            .collect();
+        let replaced = |handle: &ConnectionHandle| handle.signals.take(Signal::Replaced);
+        assert!(
+            phones.iter().all(|(phone, _)| !replaced(phone)),
+            "at the limit"
+        );
+        let (newest, _) = routes.register("alice", "phone", 1);
+        assert!(replaced(&phones[0].0), "the oldest");
+        assert!(phones[1..].iter().all(|(phone, _)| !replaced(phone)));
+        assert!(!replaced(&newest) && !replaced(&laptop));
     }
 
     #[test]
