@@ -1,7 +1,8 @@
 //! `crash`: the durability check as a scenario. Starts a local `courier serve` (`--server-bin`,
 //! `--data-dir`), sends from several devices as fast as a window allows, SIGKILLs the server
 //! mid-loop, restarts it on the same data directory and checks that every `sent` it gave is
-//! stored with the same seq, that seqs are dense and that nothing is duplicated.
+//! stored with the same seq, that seqs are dense up to each conversation's head, that nothing
+//! is duplicated, and that a message sent after the restart takes the seq after the head.
 
 use super::report::Report;
 use super::sender::{AckedSend, Pace, SenderPlan, Target, run_sender};
@@ -11,7 +12,7 @@ use super::{CommonArgs, TokenMinter, progress, run_id};
 use anyhow::Context;
 use clap::Args;
 use courier_client::Client;
-use courier_proto::EventPayload;
+use courier_proto::{Body, EventPayload};
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -118,10 +119,13 @@ impl Drop for LocalServer {
 /// What the restarted server holds for one conversation.
 #[derive(Default)]
 struct Verdict {
+    /// The conversation's head seq, as the restarted server reports it.
+    head_seq: u64,
     stored: u64,
     lost: u64,
     moved: u64,
     duplicates: u64,
+    /// Holes in the seqs from 1 to the head, each run of missing seqs counted once.
     gaps: u64,
     stored_unacked: u64,
 }
@@ -156,9 +160,15 @@ async fn verify(
                 }
             }
         }
+        verdict.head_seq = page.head_seq;
         if page.events.is_empty() || after >= page.head_seq {
             break;
         }
+    }
+    // Seqs up to the head the server gave but holds no event for (a head made durable
+    // without its events): every client waits on them forever.
+    if after < verdict.head_seq {
+        verdict.gaps += 1;
     }
     let acked_ids: HashMap<&str, u64> = acked
         .iter()
@@ -176,6 +186,23 @@ async fn verify(
         .filter(|id| !acked_ids.contains_key(id.as_str()))
         .count() as u64;
     Ok(verdict)
+}
+
+/// Sends one message into `conversation` and says whether it took the seq after `head_seq`,
+/// the head the restarted server reports: a sequencer restarted from a stale head gives it a
+/// seq already taken.
+async fn next_seq_follows_head(
+    client: &mut Client,
+    conversation: &str,
+    head_seq: u64,
+) -> anyhow::Result<bool> {
+    let target = courier_client::Target::Conversation(conversation.to_owned());
+    let body = Body::Text("after the restart".into());
+    let sent = client
+        .send_with_retry(target, "after-restart", body)
+        .await
+        .with_context(|| format!("cannot send into {conversation} after the restart"))?;
+    Ok(sent.seq == head_seq + 1 && !sent.duplicate)
 }
 
 pub async fn run(common: &CommonArgs, args: CrashArgs) -> anyhow::Result<Report> {
@@ -245,11 +272,17 @@ pub async fn run(common: &CommonArgs, args: CrashArgs) -> anyhow::Result<Report>
     let server = LocalServer::start(&args.server_bin, &data_dir, &args.server_args)?;
     let restart_secs = restart.elapsed().as_secs_f64();
     let mut totals = Verdict::default();
+    let mut stale_heads = 0;
     for (i, list) in acked.iter().enumerate() {
         let user = sender_user(i);
         let token = minter.token(&user, "verify")?;
         let mut client = Client::connect(&server.url(), &token, endpoint.encoding).await?;
         let v = verify(&mut client, (&user, "d"), list).await?;
+        if let Some(first) = list.first()
+            && !next_seq_follows_head(&mut client, &first.conversation_id, v.head_seq).await?
+        {
+            stale_heads += 1;
+        }
         client.close().await;
         totals.stored += v.stored;
         totals.lost += v.lost;
@@ -274,6 +307,7 @@ pub async fn run(common: &CommonArgs, args: CrashArgs) -> anyhow::Result<Report>
         ("seq_changed", totals.moved),
         ("duplicates", totals.duplicates),
         ("gaps", totals.gaps),
+        ("stale_heads", stale_heads),
     ]);
     for (name, value) in counts {
         report.count(name, value);
@@ -298,10 +332,141 @@ pub async fn run(common: &CommonArgs, args: CrashArgs) -> anyhow::Result<Report>
             "client_msg_ids stored twice",
         ),
         ("gaps", totals.gaps, "holes in the seqs"),
+        (
+            "stale_heads",
+            stale_heads,
+            "conversations whose next message after the restart did not take the seq after \
+             the head",
+        ),
     ] {
         if value > 0 {
             report.problem(format!("{value} {what} ({name})"));
         }
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use courier_proto::Payload;
+    use courier_proto::{ClientFrame, Encoding, Event, Hello, Messages, Sender, ServerFrame};
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+
+    fn event(seq: u64, id: &str) -> Event {
+        Event {
+            conversation_id: "d:x".into(),
+            seq,
+            server_msg_id: format!("s{seq}"),
+            sender: Sender {
+                user: "u".into(),
+                device: "d".into(),
+            },
+            ts_ms: 0,
+            payload: EventPayload::Message {
+                body: None,
+                client_msg_id: id.into(),
+                reply_to: None,
+                deleted: false,
+            },
+        }
+    }
+
+    /// A fake server whose history of `d:x` is `events` and whose head is `head_seq`;
+    /// answers one connection's fetches. Returns its ws:// base URL.
+    async fn fake_server(events: Vec<Event>, head_seq: u64) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            // The callback's type is tungstenite's, its large error type too.
+            #[allow(clippy::result_large_err)]
+            let echo = |_: &Request, mut response: Response| {
+                response
+                    .headers_mut()
+                    .insert("sec-websocket-protocol", "courier.v1.json".parse().unwrap());
+                Ok(response)
+            };
+            let mut ws = tokio_tungstenite::accept_hdr_async(tcp, echo)
+                .await
+                .unwrap();
+            let send = |frame: ServerFrame| match Encoding::Json.encode_server(&frame) {
+                Payload::Text(text) => Message::Text(text.into()),
+                Payload::Binary(bytes) => Message::Binary(bytes.into()),
+            };
+            let hello = ServerFrame::Hello(Hello {
+                user: "u".into(),
+                device: "verify".into(),
+                server_time_ms: 0,
+            });
+            ws.send(send(hello)).await.unwrap();
+            while let Some(Ok(Message::Text(text))) = ws.next().await {
+                let Ok(ClientFrame::Fetch(fetch)) = Encoding::Json.decode_client(text.as_bytes())
+                else {
+                    continue;
+                };
+                let after = fetch.after_seq.unwrap_or(0);
+                let limit = fetch.limit.unwrap_or(100) as usize;
+                let page: Vec<Event> = events
+                    .iter()
+                    .filter(|e| e.seq > after)
+                    .take(limit)
+                    .cloned()
+                    .collect();
+                let reply = ServerFrame::Messages(Messages {
+                    reference: fetch.reference,
+                    conversation_id: fetch.conversation_id,
+                    events: page,
+                    head_seq,
+                });
+                ws.send(send(reply)).await.unwrap();
+            }
+        });
+        format!("ws://{addr}")
+    }
+
+    fn acked(ids_seqs: &[(&str, u64)]) -> Vec<AckedSend> {
+        ids_seqs
+            .iter()
+            .map(|(id, seq)| AckedSend {
+                client_msg_id: id.to_string(),
+                conversation_id: "d:x".into(),
+                seq: *seq,
+            })
+            .collect()
+    }
+
+    async fn verdict(events: Vec<Event>, head_seq: u64, acked: &[AckedSend]) -> Verdict {
+        let url = fake_server(events, head_seq).await;
+        let mut client = Client::connect(&url, "t", Encoding::Json).await.unwrap();
+        verify(&mut client, ("u", "d"), acked).await.unwrap()
+    }
+
+    /// Sanity: the fake works and an acknowledged message missing is `lost`.
+    #[tokio::test]
+    async fn an_acked_message_missing_is_lost() {
+        let events = vec![event(1, "0"), event(2, "1")];
+        let v = verdict(events, 2, &acked(&[("0", 1), ("1", 2), ("2", 3)])).await;
+        assert_eq!(v.lost, 1);
+    }
+
+    /// The restarted server says the conversation's head is 5 but holds events 1-3 only:
+    /// seqs 4 and 5 (sends in flight at the kill, whose head was made durable without their
+    /// events) are holes every client waits on forever. `verify` stops at the last event and
+    /// reports no gap.
+    #[tokio::test]
+    async fn holes_between_the_last_event_and_the_head_are_gaps() {
+        let events = vec![event(1, "0"), event(2, "1"), event(3, "2")];
+        let v = verdict(events, 5, &acked(&[("0", 1), ("1", 2), ("2", 3)])).await;
+        assert_eq!((v.lost, v.gaps), (0, 1), "head 5, events end at 3");
+    }
+
+    /// The restarted server says the head is 2 and holds no event at all.
+    #[tokio::test]
+    async fn an_empty_history_below_the_head_is_a_gap() {
+        let v = verdict(Vec::new(), 2, &acked(&[("0", 1), ("1", 2)])).await;
+        assert_eq!((v.lost, v.gaps), (2, 1));
+    }
 }
