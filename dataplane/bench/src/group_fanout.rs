@@ -213,7 +213,7 @@ pub async fn run(common: &CommonArgs, args: GroupFanoutArgs) -> anyhow::Result<R
         closed += u64::from(outcome.closed.is_some());
         received.merge(&outcome);
     }
-    let expected = (sent.acked - sent.duplicates) * devices as u64;
+    let expected = sent.acked * devices as u64;
     let lost = expected.saturating_sub(received.delivered);
     report.metric("sent_msgs_per_sec", sent.acked as f64 / measured);
     report.metric(
@@ -224,9 +224,8 @@ pub async fn run(common: &CommonArgs, args: GroupFanoutArgs) -> anyhow::Result<R
     report.latency("send_ack", &sent.send_ack);
     report.latency("send_lateness", &sent.send_lateness);
     report.latency("delivery", &received.delivery);
+    sent.report_correctness(&mut report);
     for (name, value) in [
-        ("acked", sent.acked),
-        ("failed", sent.failed),
         ("deliveries_expected", expected),
         ("delivered", received.delivered),
         ("redelivered", received.redelivered),

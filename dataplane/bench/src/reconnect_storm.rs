@@ -185,6 +185,9 @@ impl Fleet<'_> {
     /// round uses helper devices of its own (`device`): client message ids are counted per
     /// sender, and a round that reused another's device would send duplicates.
     async fn send(&self, per_device: u64, window: usize, device: &str) -> anyhow::Result<()> {
+        if per_device == 0 {
+            return Ok(());
+        }
         let connections =
             try_join_all(
                 (0..self.helpers).map(|j| {
@@ -234,10 +237,12 @@ impl Fleet<'_> {
         for task in tasks {
             sent.merge(&task.await?);
         }
+        let problems = sent.problems();
         anyhow::ensure!(
-            sent.acked - sent.duplicates == total,
-            "could not send the messages to the devices: {} of {total} acknowledged (errors: {:?})",
-            sent.acked - sent.duplicates,
+            sent.acked == total && problems.is_empty(),
+            "could not send the messages to the devices: {} of {total} acknowledged ({}; errors: {:?})",
+            sent.acked,
+            problems.join("; "),
             sent.errors.0
         );
         Ok(())

@@ -14,6 +14,7 @@
 //! How late each message left against its slot is reported as `send_lateness`: near zero
 //! unless the load generator is short of CPU or the server holds its writes back.
 
+use super::report::Report;
 use super::stats::{self, ErrorCounts, Latency, Live, Phase, Timeline};
 use super::wire::{self, Incoming, Reader, Writer};
 use courier_proto::{Body, ClientFrame, Encoding, ErrorCode, Send, ServerFrame};
@@ -105,9 +106,20 @@ pub struct SenderOutcome {
     pub receipt: Latency,
     pub errors: ErrorCounts,
     pub attempted: u64,
+    /// Messages acknowledged, each once: every one is expected to be delivered.
     pub acked: u64,
+    /// Retried messages answered `duplicate`: an earlier attempt was stored after all.
     pub duplicates: u64,
+    /// Messages answered `duplicate` at their first attempt: the server had never seen them,
+    /// so it matched them to another message (colliding idempotency keys) and stored nothing.
+    /// Still expected to be delivered.
+    pub first_attempt_duplicates: u64,
+    /// `sent` frames for no send in flight.
+    pub unmatched: u64,
     pub failed: u64,
+    /// Of `failed`, the sends refused with a code a retry cannot change: a bench message is
+    /// valid, so the server refused what it should have taken.
+    pub refused: u64,
     pub receipted: u64,
     /// Sends still awaiting `sent` when the sender stopped.
     pub unacked: u64,
@@ -250,7 +262,7 @@ impl SenderState<'_> {
                     .ok()
                     .and_then(|k| self.in_flight.remove(&k))
                 else {
-                    self.out.errors.add("unmatched_sent");
+                    self.out.unmatched += 1;
                     return;
                 };
                 self.out.send_ack.record_since(pending.intended, now);
@@ -259,8 +271,10 @@ impl SenderState<'_> {
                     .record_since(pending.intended, now);
                 self.out.acked += 1;
                 Live::add(&self.live.acked, 1);
-                if sent.duplicate {
-                    self.out.duplicates += 1;
+                match (sent.duplicate, pending.attempts) {
+                    (false, _) => {}
+                    (true, 1) => self.out.first_attempt_duplicates += 1,
+                    (true, _) => self.out.duplicates += 1,
                 }
                 if self.plan.track_receipts {
                     let covered = self
@@ -302,6 +316,7 @@ impl SenderState<'_> {
                 } else {
                     self.in_flight.remove(&k);
                     self.out.failed += 1;
+                    self.out.refused += u64::from(!retryable);
                     Live::add(&self.live.failed, 1);
                 }
             }
@@ -416,9 +431,63 @@ impl SenderOutcome {
         self.attempted += other.attempted;
         self.acked += other.acked;
         self.duplicates += other.duplicates;
+        self.first_attempt_duplicates += other.first_attempt_duplicates;
+        self.unmatched += other.unmatched;
         self.failed += other.failed;
+        self.refused += other.refused;
         self.receipted += other.receipted;
         self.unacked += other.unacked;
+    }
+
+    /// Writes the senders' correctness counts and [`problems`](SenderOutcome::problems) into
+    /// `report`.
+    pub fn report_correctness(&self, report: &mut Report) {
+        for (name, value) in [
+            ("attempted", self.attempted),
+            ("acked", self.acked),
+            ("duplicates", self.duplicates),
+            ("first_attempt_duplicates", self.first_attempt_duplicates),
+            ("unmatched_sent", self.unmatched),
+            ("failed", self.failed),
+            ("refused", self.refused),
+            ("unacked", self.unacked),
+        ] {
+            report.count(name, value);
+        }
+        for problem in self.problems() {
+            report.problem(problem);
+        }
+    }
+
+    /// One line for each thing a correct server never does to senders: acknowledge nothing at
+    /// all, refuse a send for good, answer a first attempt `duplicate`, or send a `sent` for
+    /// nothing in flight. Failures after every retry of `unavailable` or `rate_limited` are an
+    /// overloaded server's, counted but no problem.
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.acked == 0 {
+            problems.push("no send was acknowledged".to_owned());
+        }
+        for (value, what) in [
+            (
+                self.refused,
+                "sends refused with a code a retry cannot change (refused)",
+            ),
+            (
+                self.first_attempt_duplicates,
+                "messages answered `duplicate` at their first attempt, so never stored \
+                 (first_attempt_duplicates)",
+            ),
+            (
+                self.unmatched,
+                "`sent` frames for no send in flight (unmatched_sent)",
+            ),
+        ] {
+            if value > 0 {
+                problems.push(format!("{value} {what}"));
+            }
+        }
+        problems
     }
 }
 
@@ -466,5 +535,79 @@ mod tests {
             None,
             "more than a tick ahead: it waits"
         );
+    }
+
+    /// `sent {duplicate: true}` for a message sent once (no retry, so the server never saw it
+    /// before): a server whose idempotency key collides (e.g. client_msg_id "0" of another
+    /// sender) stored nothing new. It is a problem, and the message is still expected to be
+    /// delivered. After a retry, `duplicate` means an earlier attempt was stored: no problem.
+    #[test]
+    fn a_duplicate_answer_to_a_first_attempt_is_a_problem_and_still_expected() {
+        let plan = SenderPlan {
+            targets: vec![Target::User("bob".into())],
+            count: None,
+            pace: Pace::Window(1),
+            max_in_flight: 1,
+            body_bytes: 32,
+            track_receipts: false,
+            record_acked: true,
+        };
+        let live = Live::default();
+        let mut state = SenderState {
+            plan: &plan,
+            encoding: Encoding::Json,
+            live: &live,
+            next_k: 2,
+            in_flight: HashMap::default(),
+            retries: BTreeSet::new(),
+            awaiting_receipt: HashMap::default(),
+            receipted_up_to: HashMap::default(),
+            out: SenderOutcome::default(),
+        };
+        let sent_duplicate = |k: u64| {
+            ServerFrame::Sent(courier_proto::Sent {
+                reference: None,
+                client_msg_id: k.to_string(),
+                conversation_id: "d:x".into(),
+                seq: 7 + k,
+                server_msg_id: format!("m{k}"),
+                ts_ms: 0,
+                duplicate: true,
+            })
+        };
+        for (k, attempts) in [(0, 1), (1, 2)] {
+            let intended = Instant::now();
+            state.in_flight.insert(k, Pending { intended, attempts });
+            state.on_frame(sent_duplicate(k));
+        }
+        let out = &state.out;
+        assert_eq!(out.acked, 2, "both are expected to be delivered");
+        assert_eq!((out.first_attempt_duplicates, out.duplicates), (1, 1));
+        assert_eq!(out.problems().len(), 1, "{:?}", out.problems());
+    }
+
+    /// A run where nothing was acknowledged, sends were refused for good, or a `sent` matched
+    /// nothing in flight is no "correctness: ok".
+    #[test]
+    fn nothing_acknowledged_a_refusal_or_a_stray_sent_is_a_problem() {
+        assert_eq!(SenderOutcome::default().problems().len(), 1);
+        let ok = SenderOutcome {
+            acked: 10,
+            failed: 2, // retries of `unavailable` exhausted: an overloaded server
+            ..SenderOutcome::default()
+        };
+        assert!(ok.problems().is_empty(), "{:?}", ok.problems());
+        let refused = SenderOutcome {
+            refused: 1,
+            failed: 1,
+            ..ok
+        };
+        assert_eq!(refused.problems().len(), 1);
+        let stray = SenderOutcome {
+            acked: 10,
+            unmatched: 1,
+            ..SenderOutcome::default()
+        };
+        assert_eq!(stray.problems().len(), 1);
     }
 }

@@ -203,14 +203,9 @@ pub async fn run(common: &CommonArgs, args: ThroughputArgs) -> anyhow::Result<Re
     report.latency("send_lateness", &sent.send_lateness);
     report.latency("delivery", &received.delivery);
     report.latency("receipt", &sent.receipt);
-    let unique_acked = sent.acked - sent.duplicates;
-    let lost = unique_acked.saturating_sub(received.delivered);
+    let lost = sent.acked.saturating_sub(received.delivered);
+    sent.report_correctness(&mut report);
     for (name, value) in [
-        ("attempted", sent.attempted),
-        ("acked", sent.acked),
-        ("duplicates", sent.duplicates),
-        ("failed", sent.failed),
-        ("unacked", sent.unacked),
         ("delivered", received.delivered),
         ("redelivered", received.redelivered),
         ("gaps", received.gaps),
