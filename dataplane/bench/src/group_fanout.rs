@@ -11,6 +11,7 @@ use super::wire::{Endpoint, Gateways, PushOption};
 use super::{CommonArgs, TokenMinter, run_id};
 use clap::Args;
 use courier_client::HttpApi;
+use courier_proto::Sender;
 use futures::stream::{self, StreamExt, TryStreamExt};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -203,18 +204,26 @@ pub async fn run(common: &CommonArgs, args: GroupFanoutArgs) -> anyhow::Result<R
     let _ = phase_tx.send(Phase::Stop);
 
     let mut sent = SenderOutcome::default();
-    for task in sender_tasks {
-        sent.merge(&task.await?);
+    let mut acked = Vec::with_capacity(senders);
+    for (j, task) in sender_tasks.into_iter().enumerate() {
+        let outcome = task.await?;
+        let from = Sender {
+            user: members[j].clone(),
+            device: "s".into(),
+        };
+        acked.push((from, outcome.acked));
+        sent.merge(&outcome);
     }
     let mut received = ReceiverOutcome::default();
-    let mut closed = 0u64;
+    let (mut closed, mut lost) = (0u64, 0);
     for task in receiver_tasks {
         let (outcome, _, _) = task.await?;
         closed += u64::from(outcome.closed.is_some());
+        // Member by member and sender by sender: a surplus never hides a loss.
+        lost += outcome.missing(&acked);
         received.merge(&outcome);
     }
     let expected = sent.acked * devices as u64;
-    let lost = expected.saturating_sub(received.delivered);
     report.metric("sent_msgs_per_sec", sent.acked as f64 / measured);
     report.metric(
         "deliveries_per_sec",
@@ -229,6 +238,7 @@ pub async fn run(common: &CommonArgs, args: GroupFanoutArgs) -> anyhow::Result<R
         ("deliveries_expected", expected),
         ("delivered", received.delivered),
         ("redelivered", received.redelivered),
+        ("stored_twice", received.stored_twice),
         ("gaps", received.gaps),
         ("lost", lost),
         ("connections_lost", closed),
@@ -236,15 +246,13 @@ pub async fn run(common: &CommonArgs, args: GroupFanoutArgs) -> anyhow::Result<R
     ] {
         report.count(name, value);
     }
-    report.errors = sent.errors.0;
-    for (code, n) in received.errors.0 {
-        *report.errors.entry(code).or_default() += n;
-    }
     if lost > 0 {
         report.problem(format!("{lost} deliveries missing after the drain timeout"));
     }
-    if received.gaps > 0 {
-        report.problem(format!("{} seq gaps seen by members", received.gaps));
+    received.report_problems(&mut report);
+    report.errors = sent.errors.0;
+    for (code, n) in received.errors.0 {
+        *report.errors.entry(code).or_default() += n;
     }
     Ok(report)
 }

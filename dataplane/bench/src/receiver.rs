@@ -1,12 +1,18 @@
 //! A receiving device: reads events, measures delivery latency from the intended send time
 //! written in the body, checks per-conversation order, and acknowledges (delivered,
 //! cumulative) what it got, batching the acks of frames that arrived together.
+//!
+//! A delivery is a message seen for the first time, by its idempotency key (conversation,
+//! sender device, `client_msg_id`), not by its seq: a message the server stored twice, under
+//! two seqs, is one delivery and a problem (`stored_twice`), never a second delivery that
+//! would make up for a message lost elsewhere.
 
+use super::report::Report;
 use super::sender::intended_time;
 use super::stats::{ErrorCounts, Latency, Live, Phase};
 use super::wire::{self, Endpoint, Incoming, Reader, Writer};
-use courier_proto::{Ack, AckKind, Body, ClientFrame, Encoding, EventPayload, ServerFrame};
-use foldhash::HashMap;
+use courier_proto::{Ack, AckKind, Body, ClientFrame, Encoding, EventPayload, Sender, ServerFrame};
+use foldhash::{HashMap, HashSet};
 use futures::{FutureExt, SinkExt, StreamExt};
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -60,29 +66,77 @@ impl Redial {
 #[derive(Default)]
 pub struct ReceiverOutcome {
     pub delivery: Latency,
-    /// New message events (seq above everything seen before in its conversation).
+    /// Messages delivered: seq above everything seen before in its conversation, and a
+    /// message not seen before under another seq.
     pub delivered: u64,
     /// Events at or below a seq already seen (allowed: delivery is at-least-once).
     pub redelivered: u64,
+    /// Messages seen again under a new seq: stored twice, which idempotency forbids.
+    pub stored_twice: u64,
     /// Times a conversation's seq jumped by more than one.
     pub gaps: u64,
     pub errors: ErrorCounts,
     pub sync_done_at: Option<Instant>,
     /// Highest seq seen per conversation.
     pub highest: HashMap<String, u64>,
+    /// The messages delivered (not merged).
+    messages: HashSet<MessageKey>,
     pub closed: Option<String>,
     /// Times the connection ended and was re-established.
     pub reconnects: u64,
 }
 
+/// A message as its sender named it: the idempotency key the server stores it under once,
+/// whatever seq it was given (`docs/architecture.md`).
+#[derive(PartialEq, Eq, Hash)]
+struct MessageKey {
+    conversation_id: String,
+    sender: Sender,
+    client_msg_id: String,
+}
+
 impl ReceiverOutcome {
+    /// Adds another receiver's figures (not its messages: count what is [`missing`] first).
+    ///
+    /// [`missing`]: ReceiverOutcome::missing
     pub fn merge(&mut self, other: &ReceiverOutcome) {
         self.delivery.merge(&other.delivery);
         self.delivered += other.delivered;
         self.redelivered += other.redelivered;
+        self.stored_twice += other.stored_twice;
         self.gaps += other.gaps;
         self.errors.merge(&other.errors);
         self.reconnects += other.reconnects;
+    }
+
+    /// Of the messages each sending device had acknowledged (`acked`: the device and how many),
+    /// how many this device was not delivered. Counted sender by sender, so that messages one
+    /// sender got stored without an acknowledgement never make up for another's missing ones.
+    pub fn missing(&self, acked: &[(Sender, u64)]) -> u64 {
+        let mut delivered: HashMap<&Sender, u64> = HashMap::default();
+        for message in &self.messages {
+            *delivered.entry(&message.sender).or_default() += 1;
+        }
+        acked
+            .iter()
+            .map(|(sender, n)| n.saturating_sub(delivered.get(sender).copied().unwrap_or(0)))
+            .sum()
+    }
+
+    /// A problem for each thing a correct server never does to a receiver: a hole in a
+    /// conversation's seqs, a message stored twice.
+    pub fn report_problems(&self, report: &mut Report) {
+        for (value, what) in [
+            (self.gaps, "seq gaps seen by receivers (gaps)"),
+            (
+                self.stored_twice,
+                "messages delivered again under a new seq, so stored twice (stored_twice)",
+            ),
+        ] {
+            if value > 0 {
+                report.problem(format!("{value} {what}"));
+            }
+        }
     }
 }
 
@@ -113,10 +167,20 @@ impl ReceiverState<'_> {
                 *highest = event.seq;
                 if let EventPayload::Message {
                     body: Some(Body::Text(text)),
+                    client_msg_id,
                     ..
-                } = &event.payload
-                    && let Some(intended) = intended_time(text)
+                } = event.payload
+                    && let Some(intended) = intended_time(&text)
                 {
+                    let key = MessageKey {
+                        conversation_id: event.conversation_id,
+                        sender: event.sender,
+                        client_msg_id,
+                    };
+                    if !self.out.messages.insert(key) {
+                        self.out.stored_twice += 1;
+                        return false;
+                    }
                     self.out.delivery.record_since(intended, now);
                     self.out.delivered += 1;
                     Live::add(&self.live.delivered, 1);
@@ -236,4 +300,107 @@ pub async fn run_receiver(
         }
     }
     (state.out, writer, reader)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use courier_proto::Event;
+
+    fn device(user: &str, device: &str) -> Sender {
+        Sender {
+            user: user.into(),
+            device: device.into(),
+        }
+    }
+
+    /// A bench message from `sender` in `conv`.
+    fn message_from(sender: Sender, conv: &str, seq: u64, client_msg_id: &str) -> ServerFrame {
+        ServerFrame::Event(Event {
+            conversation_id: conv.into(),
+            seq,
+            server_msg_id: format!("s{seq}"),
+            sender,
+            ts_ms: 0,
+            payload: EventPayload::Message {
+                body: Some(Body::Text(super::super::sender::body_text(
+                    Instant::now(),
+                    32,
+                ))),
+                client_msg_id: client_msg_id.into(),
+                reply_to: None,
+                deleted: false,
+            },
+        })
+    }
+
+    fn message(conv: &str, seq: u64, client_msg_id: &str) -> ServerFrame {
+        message_from(device("alice", "d"), conv, seq, client_msg_id)
+    }
+
+    fn state(live: &Live) -> ReceiverState<'_> {
+        ReceiverState {
+            live,
+            acked: HashMap::default(),
+            out: ReceiverOutcome::default(),
+        }
+    }
+
+    /// The same message (same sender device and client_msg_id) stored twice, under seqs 2
+    /// and 3: a server that broke idempotency. One delivery, and a problem.
+    #[test]
+    fn a_message_stored_under_two_seqs_is_one_delivery_and_a_problem() {
+        let live = Live::default();
+        let mut s = state(&live);
+        s.on_frame(message("d:a", 1, "0"));
+        s.on_frame(message("d:a", 2, "1"));
+        s.on_frame(message("d:a", 3, "1"));
+        assert_eq!(
+            s.out.delivered, 2,
+            "client_msg_id 1 delivered under two seqs"
+        );
+        assert_eq!(s.out.stored_twice, 1);
+        assert_eq!(s.out.gaps, 0);
+        let mut report = Report::default();
+        s.out.report_problems(&mut report);
+        assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+        // The same client_msg_id from another device, or in another conversation, is
+        // another message.
+        s.on_frame(message_from(device("alice", "e"), "d:a", 4, "1"));
+        s.on_frame(message("d:b", 1, "1"));
+        assert_eq!((s.out.delivered, s.out.stored_twice), (4, 1));
+    }
+
+    /// Pair A's server acked seqs 1-3 and lost seq 3 (a tail loss: no later event shows a
+    /// gap); pair B's server stored client_msg_id 1 twice. Summed over the pairs, deliveries
+    /// matched acknowledgements; pair by pair, one message is missing.
+    #[test]
+    fn one_pairs_surplus_never_hides_another_pairs_loss() {
+        let live = Live::default();
+        let mut a = state(&live);
+        a.on_frame(message("d:a", 1, "0"));
+        a.on_frame(message("d:a", 2, "1"));
+        let mut b = state(&live);
+        b.on_frame(message("d:b", 1, "0"));
+        b.on_frame(message("d:b", 2, "1"));
+        b.on_frame(message("d:b", 3, "1"));
+        let alice = device("alice", "d");
+        let lost = a.out.missing(&[(alice.clone(), 3)]) + b.out.missing(&[(alice, 2)]);
+        assert_eq!(a.out.gaps + b.out.gaps, 0);
+        assert_eq!(lost, 1, "one acked message never delivered");
+    }
+
+    /// In a group, sender X's messages delivered beyond what X had acknowledged (stored
+    /// without a `sent`) do not make up for one of sender Y's that is missing.
+    #[test]
+    fn missing_messages_are_counted_sender_by_sender() {
+        let live = Live::default();
+        let mut member = state(&live);
+        let (x, y) = (device("x", "s"), device("y", "s"));
+        member.on_frame(message_from(x.clone(), "g:1", 1, "0"));
+        member.on_frame(message_from(x.clone(), "g:1", 2, "1"));
+        member.on_frame(message_from(y.clone(), "g:1", 3, "0"));
+        assert_eq!(member.out.delivered, 3);
+        assert_eq!(member.out.missing(&[(x, 1), (y, 2)]), 1);
+    }
 }

@@ -8,7 +8,7 @@ use super::progress;
 use super::receiver::{ReceiverOutcome, ReceiverPlan, run_receiver};
 use super::report::Report;
 use super::sender::{Pace, SenderOutcome, SenderPlan, Target, run_sender};
-use super::stats::{ErrorCounts, Latency, Live, Phase};
+use super::stats::{Latency, Live, Phase};
 use super::wire::{Gateways, connect_synced};
 use super::{CommonArgs, TokenMinter, run_id};
 use anyhow::Context;
@@ -107,8 +107,8 @@ pub async fn run(common: &CommonArgs, args: ReconnectStormArgs) -> anyhow::Resul
     let storm_start = Instant::now();
     let storm = fleet.connect(args.source_addrs, total).await;
     let mut per_device = Latency::new();
-    let mut errors = ErrorCounts::default();
-    let (mut synced, mut received, mut lost, mut gaps, mut all_synced) = (0u64, 0, 0, 0, 0f64);
+    let mut received = ReceiverOutcome::default();
+    let (mut synced, mut lost, mut all_synced) = (0u64, 0, 0f64);
     for device in storm {
         match device {
             Ok(outcome) => {
@@ -118,17 +118,15 @@ pub async fn run(common: &CommonArgs, args: ReconnectStormArgs) -> anyhow::Resul
                     all_synced = all_synced.max(took.as_secs_f64());
                     synced += 1;
                 }
-                received += outcome.delivered;
                 lost += args.pending.saturating_sub(outcome.delivered);
-                gaps += outcome.gaps;
-                errors.merge(&outcome.errors);
+                received.merge(&outcome);
                 if let Some(why) = outcome.closed {
-                    errors.add("connection_lost");
+                    received.errors.add("connection_lost");
                     tracing::debug!("device lost its connection: {why}");
                 }
             }
             Err(e) => {
-                errors.add("connect");
+                received.errors.add("connect");
                 lost += args.pending;
                 tracing::debug!("device could not connect: {e:#}");
             }
@@ -140,13 +138,13 @@ pub async fn run(common: &CommonArgs, args: ReconnectStormArgs) -> anyhow::Resul
     report.count("devices", args.devices as u64);
     report.count("synced", synced);
     report.count("events_expected", total);
-    report.count("events_received", received);
+    report.count("events_received", received.delivered);
     report.count("lost", lost);
-    report.count("gaps", gaps);
+    report.count("gaps", received.gaps);
+    report.count("stored_twice", received.stored_twice);
     if let (Some(before), Some(after)) = (reads_before, EventReads::fetch(&gateways).await) {
         after.report_since(&before, &mut report);
     }
-    report.errors = errors.0;
     if lost > 0 {
         report.problem(format!(
             "{lost} pending messages were not delivered in catch-up"
@@ -159,9 +157,8 @@ pub async fn run(common: &CommonArgs, args: ReconnectStormArgs) -> anyhow::Resul
             args.devices
         ));
     }
-    if gaps > 0 {
-        report.problem(format!("{gaps} seq gaps in catch-up"));
-    }
+    received.report_problems(&mut report);
+    report.errors = received.errors.0;
     Ok(report)
 }
 

@@ -10,6 +10,7 @@ use super::stats::{Live, Phase};
 use super::wire::{Gateways, PushOption};
 use super::{CommonArgs, TokenMinter, run_id};
 use clap::Args;
+use courier_proto::Sender;
 use futures::future::try_join_all;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -76,10 +77,12 @@ pub async fn run(common: &CommonArgs, args: ThroughputArgs) -> anyhow::Result<Re
     report.param("duration_secs", common.duration.as_secs_f64());
 
     let http = reqwest::Client::new();
+    // Pair i: user `s<i>` sends from device `d` to user `r<i>`'s device `d`.
+    let user = |i: usize, role: &str| format!("b{run}{role}{i}");
     let connect = |i: usize, role: &'static str| {
         let index = i * 2 + usize::from(role == "r");
         let (endpoint, minter, push, http) = (gateways.of(index), &minter, &push, &http);
-        let user = format!("b{run}{role}{i}");
+        let user = user(i, role);
         let local = endpoint.source_addr(index, source_addrs);
         async move {
             let token = minter.token(&user, "d")?;
@@ -111,7 +114,7 @@ pub async fn run(common: &CommonArgs, args: ThroughputArgs) -> anyhow::Result<Re
             until_sync_done: false,
             redial: Some(Redial {
                 endpoint: endpoint.clone(),
-                token: minter.token(&format!("b{run}r{i}"), "d")?,
+                token: minter.token(&user(i, "r"), "d")?,
                 local: endpoint.source_addr(index, source_addrs),
             }),
         };
@@ -128,7 +131,7 @@ pub async fn run(common: &CommonArgs, args: ThroughputArgs) -> anyhow::Result<Re
     let mut sender_tasks = Vec::new();
     for (i, (writer, reader)) in senders.into_iter().enumerate() {
         let plan = SenderPlan {
-            targets: vec![Target::User(format!("b{run}r{i}"))],
+            targets: vec![Target::User(user(i, "r"))],
             count: None,
             pace: pace.staggered(i, args.pairs),
             max_in_flight: max_in_flight.max(1),
@@ -177,17 +180,19 @@ pub async fn run(common: &CommonArgs, args: ThroughputArgs) -> anyhow::Result<Re
     let _ = phase_tx.send(Phase::Stop);
 
     let mut sent = SenderOutcome::default();
-    let mut closed = 0;
-    for task in sender_tasks {
-        let outcome = task.await?;
-        closed += u64::from(outcome.closed.is_some());
-        sent.merge(&outcome);
-    }
     let mut received = ReceiverOutcome::default();
-    for task in receiver_tasks {
-        let (outcome, _, _) = task.await?;
-        closed += u64::from(outcome.closed.is_some());
-        received.merge(&outcome);
+    let (mut closed, mut lost) = (0, 0);
+    for (i, (sender, receiver)) in sender_tasks.into_iter().zip(receiver_tasks).enumerate() {
+        let (sender, (receiver, _, _)) = (sender.await?, receiver.await?);
+        closed += u64::from(sender.closed.is_some()) + u64::from(receiver.closed.is_some());
+        // Pair by pair: one pair's surplus never hides another's loss.
+        let from = Sender {
+            user: user(i, "s"),
+            device: "d".into(),
+        };
+        lost += receiver.missing(&[(from, sender.acked)]);
+        sent.merge(&sender);
+        received.merge(&receiver);
     }
 
     report.metric("target_msgs_per_sec", args.rate);
@@ -203,11 +208,11 @@ pub async fn run(common: &CommonArgs, args: ThroughputArgs) -> anyhow::Result<Re
     report.latency("send_lateness", &sent.send_lateness);
     report.latency("delivery", &received.delivery);
     report.latency("receipt", &sent.receipt);
-    let lost = sent.acked.saturating_sub(received.delivered);
     sent.report_correctness(&mut report);
     for (name, value) in [
         ("delivered", received.delivered),
         ("redelivered", received.redelivered),
+        ("stored_twice", received.stored_twice),
         ("gaps", received.gaps),
         ("receipted", sent.receipted),
         ("lost", lost),
@@ -216,17 +221,15 @@ pub async fn run(common: &CommonArgs, args: ThroughputArgs) -> anyhow::Result<Re
     ] {
         report.count(name, value);
     }
-    report.errors = sent.errors.0;
-    for (code, n) in received.errors.0 {
-        *report.errors.entry(code).or_default() += n;
-    }
     if lost > 0 {
         report.problem(format!(
             "{lost} acknowledged messages were not delivered within the drain timeout"
         ));
     }
-    if received.gaps > 0 {
-        report.problem(format!("{} seq gaps seen by receivers", received.gaps));
+    received.report_problems(&mut report);
+    report.errors = sent.errors.0;
+    for (code, n) in received.errors.0 {
+        *report.errors.entry(code).or_default() += n;
     }
     report.count("drained", u64::from(drained));
     Ok(report)
