@@ -224,7 +224,11 @@ pub async fn run(common: &CommonArgs, args: CrashArgs) -> anyhow::Result<Report>
     let sender_user = |i: usize| format!("b{run}a{i}");
     let connections = futures::future::try_join_all((0..args.pairs).map(|i| {
         let (endpoint, minter, user) = (&endpoint, &minter, sender_user(i));
-        async move { connect_synced(endpoint, &minter.token(&user, "d")?, None).await }
+        async move {
+            let (writer, reader, _) =
+                connect_synced(endpoint, &minter.token(&user, "d")?, None).await?;
+            anyhow::Ok((writer, reader))
+        }
     }))
     .await?;
     let live = Arc::new(Live::default());

@@ -107,9 +107,9 @@ pub async fn run(common: &CommonArgs, args: GroupFanoutArgs) -> anyhow::Result<R
             async move {
                 let token = minter.token(member, "d")?;
                 let local = endpoint.source_addr(i, args.source_addrs);
-                let halves = push.connect(http, endpoint, &token, local).await?;
+                let connected = push.connect(http, endpoint, &token, local).await?;
                 bar.inc(1);
-                anyhow::Ok(halves)
+                anyhow::Ok(connected)
             }
         })
         .buffered(args.concurrency.max(1))
@@ -122,7 +122,8 @@ pub async fn run(common: &CommonArgs, args: GroupFanoutArgs) -> anyhow::Result<R
         let (push, http) = (&args.push, &http);
         async move {
             let token = minter.token(member, "s")?;
-            push.connect(http, endpoint, &token, None).await
+            let (writer, reader, _) = push.connect(http, endpoint, &token, None).await?;
+            anyhow::Ok((writer, reader))
         }
     }))
     .await?;
@@ -130,9 +131,11 @@ pub async fn run(common: &CommonArgs, args: GroupFanoutArgs) -> anyhow::Result<R
     let live = Arc::new(Live::default());
     let (phase_tx, phase_rx) = watch::channel(Phase::Run);
     let mut receiver_tasks = Vec::new();
-    for (i, (writer, reader)) in receivers.into_iter().enumerate() {
+    for (i, (writer, reader, cursors)) in receivers.into_iter().enumerate() {
         let endpoint = gateways.of(i);
         let plan = ReceiverPlan {
+            // The group's events so far, read in the catch-up on connecting.
+            cursors,
             ack: true,
             ack_each_event: false,
             until_sync_done: false,

@@ -5,12 +5,14 @@
 //! A delivery is a message seen for the first time, by its idempotency key (conversation,
 //! sender device, `client_msg_id`), not by its seq: a message the server stored twice, under
 //! two seqs, is one delivery and a problem (`stored_twice`), never a second delivery that
-//! would make up for a message lost elsewhere.
+//! would make up for a message lost elsewhere. Seqs are checked from the device's known
+//! cursor in each conversation (0 for one it never read), so a hole before the first event
+//! it sees is a gap like any other.
 
 use super::report::Report;
 use super::sender::intended_time;
 use super::stats::{ErrorCounts, Latency, Live, Phase};
-use super::wire::{self, Endpoint, Incoming, Reader, Writer};
+use super::wire::{self, Cursors, Endpoint, Incoming, Reader, Writer};
 use courier_proto::{Ack, AckKind, Body, ClientFrame, Encoding, EventPayload, Sender, ServerFrame};
 use foldhash::{HashMap, HashSet};
 use futures::{FutureExt, SinkExt, StreamExt};
@@ -28,6 +30,10 @@ const REDIAL_ATTEMPTS: u32 = 5;
 /// What a receiver does.
 #[derive(Debug, Clone)]
 pub struct ReceiverPlan {
+    /// Where the device stands in the conversations it read before this receiver ran (a
+    /// catch-up read on connecting, or an earlier connection's acknowledged events): seqs are
+    /// checked from there, and from 0 in every other conversation.
+    pub cursors: Cursors,
     /// Send delivered acks.
     pub ack: bool,
     /// Acknowledge every event in its own frame, written at once, as a naive client does;
@@ -78,7 +84,7 @@ pub struct ReceiverOutcome {
     pub errors: ErrorCounts,
     pub sync_done_at: Option<Instant>,
     /// Highest seq seen per conversation.
-    pub highest: HashMap<String, u64>,
+    pub highest: Cursors,
     /// The messages delivered (not merged).
     messages: HashSet<MessageKey>,
     pub closed: Option<String>,
@@ -161,7 +167,7 @@ impl ReceiverState<'_> {
                     self.out.redelivered += 1;
                     return false;
                 }
-                if event.seq > *highest + 1 && *highest > 0 {
+                if event.seq > *highest + 1 {
                     self.out.gaps += 1;
                 }
                 *highest = event.seq;
@@ -244,7 +250,10 @@ pub async fn run_receiver(
     let mut state = ReceiverState {
         live: &live,
         acked: HashMap::default(),
-        out: ReceiverOutcome::default(),
+        out: ReceiverOutcome {
+            highest: plan.cursors.clone(),
+            ..ReceiverOutcome::default()
+        },
     };
     let ack_batch = if plan.ack_each_event { 1 } else { ACK_BATCH };
     'run: loop {
@@ -344,6 +353,23 @@ mod tests {
             acked: HashMap::default(),
             out: ReceiverOutcome::default(),
         }
+    }
+
+    /// A fresh device in a new conversation (as in `throughput`) whose first event is seq 3:
+    /// seqs 1 and 2 never arrived, a gap. A device that had read up to 2 before (its cursor)
+    /// sees no gap there.
+    #[test]
+    fn seqs_are_checked_from_the_devices_cursor_so_a_hole_before_the_first_event_is_a_gap() {
+        let live = Live::default();
+        let mut fresh = state(&live);
+        fresh.on_frame(message("d:a", 3, "2"));
+        fresh.on_frame(message("d:a", 4, "3"));
+        assert_eq!(fresh.out.gaps, 1, "seqs 1-2 missing, first event seen is 3");
+        let mut resumed = state(&live);
+        resumed.out.highest.insert("d:a".into(), 2);
+        resumed.on_frame(message("d:a", 3, "2"));
+        assert_eq!(resumed.out.gaps, 0);
+        assert_eq!(resumed.out.delivered, 1);
     }
 
     /// The same message (same sender device and client_msg_id) stored twice, under seqs 2

@@ -9,7 +9,7 @@ use super::receiver::{ReceiverOutcome, ReceiverPlan, run_receiver};
 use super::report::Report;
 use super::sender::{Pace, SenderOutcome, SenderPlan, Target, run_sender};
 use super::stats::{Latency, Live, Phase};
-use super::wire::{Gateways, connect_synced};
+use super::wire::{Cursors, Gateways, connect_synced};
 use super::{CommonArgs, TokenMinter, run_id};
 use anyhow::Context;
 use clap::Args;
@@ -73,17 +73,23 @@ pub async fn run(common: &CommonArgs, args: ReconnectStormArgs) -> anyhow::Resul
     report.param("returning", args.returning);
     report.param("restarted", args.restart_with.is_some());
 
-    // 0. With --returning, every device is online once: one message, read and acknowledged.
+    // 0. With --returning, every device is online once: one message, read and acknowledged,
+    // where its catch-up in the storm starts from.
+    let mut cursors = Vec::new();
     if args.returning {
         fleet.send(1, args.window, "first").await?;
-        let online = fleet.connect(args.source_addrs, args.devices as u64).await;
-        let synced = online
-            .iter()
-            .filter(|device| matches!(device, Ok(outcome) if outcome.delivered == 1))
-            .count();
+        let online = fleet
+            .connect(args.source_addrs, args.devices as u64, &[])
+            .await;
+        cursors = online
+            .into_iter()
+            .filter_map(|device| device.ok().filter(|outcome| outcome.delivered == 1))
+            .map(|outcome| outcome.highest)
+            .collect();
         anyhow::ensure!(
-            synced == args.devices,
-            "only {synced} of {} devices were online once with their first message",
+            cursors.len() == args.devices,
+            "only {} of {} devices were online once with their first message",
+            cursors.len(),
             args.devices
         );
     }
@@ -105,7 +111,7 @@ pub async fn run(common: &CommonArgs, args: ReconnectStormArgs) -> anyhow::Resul
     // 2. The storm: every device connects at once and reads its catch-up.
     let reads_before = EventReads::fetch(&gateways).await;
     let storm_start = Instant::now();
-    let storm = fleet.connect(args.source_addrs, total).await;
+    let storm = fleet.connect(args.source_addrs, total, &cursors).await;
     let mut per_device = Latency::new();
     let mut received = ReceiverOutcome::default();
     let (mut synced, mut lost, mut all_synced) = (0u64, 0, 0f64);
@@ -185,17 +191,16 @@ impl Fleet<'_> {
         if per_device == 0 {
             return Ok(());
         }
-        let connections =
-            try_join_all(
-                (0..self.helpers).map(|j| {
-                    let endpoint = self.gateways.of(j);
-                    let user = format!("b{}h{j}", self.run);
-                    async move {
-                        connect_synced(endpoint, &self.minter.token(&user, device)?, None).await
-                    }
-                }),
-            )
-            .await?;
+        let connections = try_join_all((0..self.helpers).map(|j| {
+            let endpoint = self.gateways.of(j);
+            let user = format!("b{}h{j}", self.run);
+            async move {
+                let token = self.minter.token(&user, device)?;
+                let (writer, reader, _) = connect_synced(endpoint, &token, None).await?;
+                anyhow::Ok((writer, reader))
+            }
+        }))
+        .await?;
         let live = Arc::new(Live::default());
         let (_phase_tx, phase_rx) = watch::channel(Phase::Run);
         let mut tasks = Vec::new();
@@ -246,12 +251,14 @@ impl Fleet<'_> {
     }
 
     /// Connects every device at once; each reads its catch-up to `sync_done` and
-    /// acknowledges it (progress: of `events` expected in all). Every connection is held
-    /// until all are done, then closed.
+    /// acknowledges it (progress: of `events` expected in all). Device `i` checks seqs from
+    /// `cursors[i]`, from 0 if there is none (a new device). Every connection is held until
+    /// all are done, then closed.
     async fn connect(
         &self,
         source_addrs: usize,
         events: u64,
+        cursors: &[Cursors],
     ) -> Vec<anyhow::Result<ReceiverOutcome>> {
         let live = Arc::new(Live::default());
         let (_phase_tx, phase_rx) = watch::channel(Phase::Run);
@@ -261,10 +268,12 @@ impl Fleet<'_> {
             let (live, phase) = (live.clone(), phase_rx.clone());
             let token = self.minter.token(&self.device_user(i), "d");
             let local = endpoint.source_addr(i, source_addrs);
+            let cursors = cursors.get(i).cloned().unwrap_or_default();
             devices.push(tokio::spawn(async move {
                 let (socket, _) = endpoint.connect(&token?, local).await?;
                 let (writer, reader) = futures::StreamExt::split(socket);
                 let plan = ReceiverPlan {
+                    cursors,
                     ack: true,
                     ack_each_event: false,
                     until_sync_done: true,

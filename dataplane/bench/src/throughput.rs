@@ -7,7 +7,7 @@ use super::receiver::{ReceiverOutcome, ReceiverPlan, Redial, run_receiver};
 use super::report::Report;
 use super::sender::{Pace, SenderOutcome, SenderPlan, Target, run_sender};
 use super::stats::{Live, Phase};
-use super::wire::{Gateways, PushOption};
+use super::wire::{Cursors, Gateways, PushOption};
 use super::{CommonArgs, TokenMinter, run_id};
 use clap::Args;
 use courier_proto::Sender;
@@ -86,7 +86,8 @@ pub async fn run(common: &CommonArgs, args: ThroughputArgs) -> anyhow::Result<Re
         let local = endpoint.source_addr(index, source_addrs);
         async move {
             let token = minter.token(&user, "d")?;
-            push.connect(http, endpoint, &token, local).await
+            let (writer, reader, _) = push.connect(http, endpoint, &token, local).await?;
+            anyhow::Ok((writer, reader))
         }
     };
     let receivers = try_join_all((0..args.pairs).map(|i| connect(i, "r"))).await?;
@@ -109,6 +110,7 @@ pub async fn run(common: &CommonArgs, args: ThroughputArgs) -> anyhow::Result<Re
         let index = i * 2 + 1;
         let endpoint = gateways.of(index);
         let plan = ReceiverPlan {
+            cursors: Cursors::default(), // a new user: no conversation yet
             ack: true,
             ack_each_event,
             until_sync_done: false,

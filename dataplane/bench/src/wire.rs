@@ -258,25 +258,36 @@ pub async fn send(
         .context("write to the server")
 }
 
-/// Connects a device and reads its catch-up up to `sync_done` (events in it are dropped: use
-/// this for fresh devices), then splits the socket.
+/// Per conversation, the highest seq a device has read.
+pub type Cursors = foldhash::HashMap<String, u64>;
+
+/// Connects a device and reads its catch-up up to `sync_done`, then splits the socket. The
+/// events of the catch-up are dropped; where they left each conversation is returned, the
+/// cursors a receiver on this connection checks seqs from.
 pub async fn connect_synced(
     endpoint: &Endpoint,
     token: &str,
     local: Option<IpAddr>,
-) -> anyhow::Result<(Writer, Reader)> {
+) -> anyhow::Result<(Writer, Reader, Cursors)> {
     let (mut socket, _) = endpoint.connect(token, local).await?;
+    let mut cursors = Cursors::default();
     let wait = async {
         loop {
-            if let ServerFrame::SyncDone(_) = next_frame(&mut socket, endpoint.encoding).await? {
-                return anyhow::Ok(());
+            match next_frame(&mut socket, endpoint.encoding).await? {
+                ServerFrame::SyncDone(_) => return anyhow::Ok(()),
+                ServerFrame::Event(event) => {
+                    let cursor = cursors.entry(event.conversation_id).or_default();
+                    *cursor = event.seq.max(*cursor);
+                }
+                _ => {}
             }
         }
     };
     tokio::time::timeout(CONNECT_TIMEOUT, wait)
         .await
         .map_err(|_| anyhow::anyhow!("no sync_done within {CONNECT_TIMEOUT:?}"))??;
-    Ok(socket.split())
+    let (writer, reader) = socket.split();
+    Ok((writer, reader, cursors))
 }
 
 /// How a scenario's devices register for push before they connect (`--push-provider`).
@@ -299,7 +310,7 @@ impl PushOption {
         endpoint: &Endpoint,
         token: &str,
         local: Option<IpAddr>,
-    ) -> anyhow::Result<(Writer, Reader)> {
+    ) -> anyhow::Result<(Writer, Reader, Cursors)> {
         if let Some(provider) = &self.push_provider {
             let api = HttpApi::with_client(http.clone(), &endpoint.http_base(), token);
             // A token of its own, as each app instance has (the server gives a token to the
