@@ -21,6 +21,12 @@ export class Timeline {
   private floor = 1;
   /** Counts the changes of the held events. */
   private changes = 0;
+  /** The lowest and highest held seqs, kept as events come, so that a long session's
+   * streamed events cost the same as its first (they were found by scanning every event). */
+  private lowest: number | undefined;
+  private highest = 0;
+  /** `list()` as of `changes`, sorted once per change rather than on every call. */
+  private sorted: { version: number; events: ConversationEvent[] } | undefined;
 
   constructor(readonly conversationId: string) {}
 
@@ -32,6 +38,8 @@ export class Timeline {
     if (held && !(event.deleted && !held.deleted)) return false;
     this.events.set(event.seq, { ...event });
     this.changes++;
+    if (this.lowest === undefined || event.seq < this.lowest) this.lowest = event.seq;
+    if (event.seq > this.highest) this.highest = event.seq;
     if (event.kind === "delete" && event.target_seq !== undefined) this.blank(event.target_seq);
     return true;
   }
@@ -63,8 +71,9 @@ export class Timeline {
   /** The uncovered range just below `seq`, down to the highest held event under it: what
    * a gap fetch should ask for before `seq` is shown as following it. */
   gapBefore(seq: number): SeqRange | undefined {
-    let below = 0;
-    for (const held of this.events.keys()) if (held < seq && held > below) below = held;
+    // A streamed event is above everything held: the highest is the one below it.
+    let below = seq > this.highest ? this.highest : 0;
+    if (below === 0) for (const held of this.events.keys()) if (held < seq && held > below) below = held;
     const after = Math.max(below, this.floor - 1);
     if (below === 0 || seq - 1 <= after) return undefined;
     return this.completeThrough(after) >= seq - 1 ? undefined : { after, through: seq - 1 };
@@ -77,6 +86,9 @@ export class Timeline {
     this.floor = floorSeq;
     this.changes++;
     for (const seq of this.events.keys()) if (seq < floorSeq) this.events.delete(seq);
+    this.lowest = undefined;
+    for (const seq of this.events.keys()) if (this.lowest === undefined || seq < this.lowest) this.lowest = seq;
+    if (this.lowest === undefined) this.highest = 0;
     this.cover(0, floorSeq - 1);
   }
 
@@ -97,15 +109,11 @@ export class Timeline {
   }
 
   get lowestSeq(): number | undefined {
-    let lowest: number | undefined;
-    for (const seq of this.events.keys()) if (lowest === undefined || seq < lowest) lowest = seq;
-    return lowest;
+    return this.lowest;
   }
 
   get highestSeq(): number {
-    let highest = 0;
-    for (const seq of this.events.keys()) if (seq > highest) highest = seq;
-    return highest;
+    return this.highest;
   }
 
   get(seq: number): ConversationEvent | undefined {
@@ -114,7 +122,11 @@ export class Timeline {
 
   /** Every held event, in seq order. */
   list(): ConversationEvent[] {
-    return [...this.events.values()].sort((a, b) => a.seq - b.seq);
+    if (this.sorted?.version !== this.changes) {
+      const events = [...this.events.values()].sort((a, b) => a.seq - b.seq);
+      this.sorted = { version: this.changes, events };
+    }
+    return [...this.sorted.events];
   }
 
   private blank(targetSeq: number): void {

@@ -88,3 +88,24 @@ test("older events may exist until the range below the oldest held is covered", 
   trimmed.trim(7);
   assert.equal(trimmed.mayHaveOlder, false, "nothing below the retention floor");
 });
+
+test("the lowest and highest held seqs follow adds, out-of-order events and trims", () => {
+  const timeline = new Timeline("d:1");
+  assert.equal(timeline.lowestSeq, undefined);
+  assert.equal(timeline.highestSeq, 0);
+  for (const seq of [5, 9, 7]) timeline.add(message(seq));
+  assert.equal(timeline.lowestSeq, 5);
+  assert.equal(timeline.highestSeq, 9);
+  assert.deepEqual(timeline.gapBefore(12), { after: 9, through: 11 }, "above the highest");
+  assert.deepEqual(timeline.gapBefore(7), { after: 5, through: 6 }, "below it, from the held event under it");
+  timeline.trim(8);
+  assert.equal(timeline.lowestSeq, 9);
+  assert.equal(timeline.highestSeq, 9);
+  assert.deepEqual(
+    timeline.list().map((e) => e.seq),
+    [9],
+  );
+  timeline.trim(20);
+  assert.equal(timeline.lowestSeq, undefined);
+  assert.equal(timeline.highestSeq, 0);
+});
