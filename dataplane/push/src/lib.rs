@@ -12,9 +12,10 @@
 //!   are also quiet: silent, background pushes).
 //! - Retries: 429 and 5xx are retried with exponential backoff and full jitter, never sooner
 //!   than the provider's `Retry-After`, up to `MAX_ATTEMPTS`; tokens the provider calls invalid
-//!   are removed from the device. Such an answer also blocks the provider as a whole until its
-//!   `Retry-After` (`provider_gates`): what falls due for it meanwhile is postponed to the
-//!   block's end, without a request and without spending an attempt.
+//!   are removed from the device. A 5xx (or a 429 seen for several tokens in a row) also
+//!   blocks the provider as a whole until its `Retry-After` (`provider_gates`): what falls
+//!   due for it meanwhile is postponed to the block's end, without a request and without
+//!   spending an attempt. A 429 for one token waits for that notification alone.
 //! - Sends: due notifications are sent [`SENDS_IN_FLIGHT`] at a time, so a provider that does
 //!   not answer costs a pass about one request timeout, not one per notification. A provider
 //!   not known to answer (since the notifier started, or since it asked for a retry) is sent
@@ -923,7 +924,11 @@ impl Notifier {
             text: self.text_of(&conv, pending.last_seq).await?,
             quiet: pending.quiet,
         };
-        let ticket = match self.gates.admit(&record.push_provider).await {
+        let ticket = match self
+            .gates
+            .admit(&record.push_provider, &record.push_token)
+            .await
+        {
             Admission::Send(ticket) => ticket,
             Admission::Postpone(until) => {
                 // The provider asked to be left alone: no request, no attempt spent.
@@ -944,7 +949,9 @@ impl Notifier {
                 self.count("sent");
                 self.settle(key, &pending, None).await
             }
-            Err(PushError::Retry { after }) if pending.attempts + 1 < MAX_ATTEMPTS => {
+            Err(PushError::Retry { after } | PushError::Throttled { after })
+                if pending.attempts + 1 < MAX_ATTEMPTS =>
+            {
                 self.count("retried");
                 let attempts = pending.attempts + 1;
                 let next = PendingPush {
@@ -1928,11 +1935,13 @@ mod tests {
         );
     }
 
-    /// A provider that throttles (429 with `Retry-After`, as FCM's `QUOTA_EXCEEDED` throttles
-    /// a whole project) is left alone until then: the other notifications due for it are
-    /// postponed to the block's end without a request and without spending an attempt.
+    /// A provider that throttles every device (429 with `Retry-After`, as FCM's
+    /// `QUOTA_EXCEEDED` throttles a whole project) is sent one notification at a time, and
+    /// left alone until its `Retry-After` once three tokens were throttled: the other
+    /// notifications due for it are postponed to the block's end without a request and without
+    /// spending an attempt. (One device throttled blocks no one else: `provider_gates`.)
     #[tokio::test]
-    async fn a_throttling_provider_gets_one_request_a_pass_not_one_per_notification() {
+    async fn a_throttling_provider_gets_a_few_requests_a_pass_not_one_per_notification() {
         let engine = FaultyEngine::new();
         let store = engine.store(4).await;
         let members: Vec<String> = (0..20).map(|i| format!("user{i:02}")).collect();
@@ -1943,7 +1952,12 @@ mod tests {
 
         notifier.mark_all_dirty();
         notifier.pass().await.unwrap();
-        assert_eq!(seen.lock().unwrap().len(), 1, "one request");
+        let throttled = provider_gates::THROTTLED_TOKENS;
+        assert_eq!(
+            seen.lock().unwrap().len(),
+            throttled,
+            "a request per token until blocked"
+        );
         let mut attempts = Vec::new();
         for user in &members[1..] {
             let pending = store.pending_push(user, "phone", "g:1").await.unwrap();
@@ -1957,14 +1971,14 @@ mod tests {
         attempts.sort();
         assert_eq!(
             attempts,
-            [vec![0; 18], vec![1]].concat(),
-            "one attempt spent"
+            [vec![0; 19 - throttled], vec![1; throttled]].concat(),
+            "an attempt spent per request"
         );
 
         // Nothing falls due before the block ends: the next pass sends nothing.
         notifier.next_due_ms.store(0, Ordering::Relaxed);
         notifier.pass().await.unwrap();
-        assert_eq!(seen.lock().unwrap().len(), 1);
+        assert_eq!(seen.lock().unwrap().len(), throttled);
     }
 
     /// A provider that does not answer holds each request for the request timeout: the

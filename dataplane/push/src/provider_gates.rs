@@ -1,13 +1,18 @@
 //! What the notifier knows of each push provider from its answers, shared by every
 //! notification sent through it, however many are in flight.
 //!
-//! - Blocks: a provider that answers 429 or 5xx (or cannot be reached) is usually in trouble
-//!   as a whole, not for one device: FCM's `QUOTA_EXCEEDED` throttles the whole project. So
-//!   one such answer blocks the provider until its `Retry-After` (or, without one, a backoff
-//!   that doubles with each block in a row: [`backoff_ceiling`]), and the notifications due
-//!   for it meanwhile are postponed to the block's end without a request, spending none of
-//!   their attempts. Without it, a pass sent every other due notification into the throttle,
-//!   each losing one of its [`crate::MAX_ATTEMPTS`].
+//! - Blocks: a provider that answers 5xx (or cannot be reached) is in trouble as a whole,
+//!   not for one device. So one such answer blocks the provider until its `Retry-After` (or,
+//!   without one, a backoff that doubles with each block in a row: [`backoff_ceiling`]), and
+//!   the notifications due for it meanwhile are postponed to the block's end without a
+//!   request, spending none of their attempts. Without it, a pass sent every other due
+//!   notification into the trouble, each losing one of its [`crate::MAX_ATTEMPTS`].
+//! - Throttles: a 429 is usually about one device token (APNs `TooManyRequests`, FCM's
+//!   per-device rate), and blocking the provider for it would hold every user's notifications
+//!   up to an hour for one busy phone; but it may be the whole sender's (an FCM project's
+//!   quota). So a throttled notification is retried alone, the provider is sent one
+//!   notification at a time while it throttles, and it is blocked once
+//!   [`THROTTLED_TOKENS`] different tokens were throttled with no other answer between.
 //! - Probes: the notifier sends many notifications at once (`crate::SENDS_IN_FLIGHT`), which
 //!   would all reach a throttled provider before its first answer. So a provider not known to
 //!   answer (none yet since the notifier started, or its latest answer asked for a retry, as
@@ -19,6 +24,7 @@
 use crate::providers::{PushError, backoff_ceiling};
 use courier_core::clock::now_ms;
 use foldhash::HashMap;
+use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
@@ -29,6 +35,10 @@ use tokio::time::Instant;
 /// room for a throttle's answer, and is short against the request timeout (10 s), which a
 /// provider that hangs costs each request.
 pub(crate) const PROBE_WAIT: Duration = Duration::from_secs(1);
+
+/// Different device tokens throttled (429) in a row, with no other answer between, that make
+/// a throttle the provider's as a whole rather than their devices'.
+pub(crate) const THROTTLED_TOKENS: usize = 3;
 
 /// Per provider (by its name: `fcm`, `apns`, `webhook`), what its answers said.
 #[derive(Default)]
@@ -46,6 +56,8 @@ struct ProviderState {
     blocks: u32,
     /// Its latest answer asked for no retry: its notifications are sent without a probe.
     answering: bool,
+    /// The tokens (hashed) throttled since its last other answer, up to [`THROTTLED_TOKENS`].
+    throttled: Vec<u64>,
     /// The request sent alone to learn whether it answers, and when it was sent; told when it
     /// is answered.
     probe: Option<(Arc<Notify>, Instant)>,
@@ -64,6 +76,7 @@ pub(crate) enum Admission<'a> {
 pub(crate) struct Ticket<'a> {
     gates: &'a ProviderGates,
     provider: &'a str,
+    token: &'a str,
     probe: bool,
 }
 
@@ -72,11 +85,12 @@ impl ProviderGates {
     /// answer, or if it is the provider's probe; once the probe is answered (or
     /// [`PROBE_WAIT`] after it was sent) otherwise. A blocked provider's notification is
     /// postponed to the block's end.
-    pub(crate) async fn admit<'a>(&'a self, provider: &'a str) -> Admission<'a> {
+    pub(crate) async fn admit<'a>(&'a self, provider: &'a str, token: &'a str) -> Admission<'a> {
         let ticket = |probe| {
             Admission::Send(Ticket {
                 gates: self,
                 provider,
+                token,
                 probe,
             })
         };
@@ -107,32 +121,51 @@ impl ProviderGates {
         }
     }
 
-    /// Records `provider`'s `answer` to a request, received at `now` (ms): a retry blocks it.
-    fn answered(&self, provider: &str, answer: &Result<(), PushError>, now: u64) {
+    /// Records `provider`'s `answer` to a request for `token`, received at `now` (ms): trouble
+    /// blocks it, a throttle once it was seen for [`THROTTLED_TOKENS`] tokens.
+    fn answered(&self, provider: &str, token: &str, answer: &Result<(), PushError>, now: u64) {
         let mut providers = self.providers.lock().unwrap_or_else(|e| e.into_inner());
         let state = providers.entry(provider.to_owned()).or_default();
         match answer {
-            Err(PushError::Retry { after }) => {
-                if now >= state.blocked_until_ms {
-                    state.blocks = state.blocks.saturating_add(1);
+            Err(PushError::Retry { after }) => state.block(*after, now),
+            Err(PushError::Throttled { after }) => {
+                let token = foldhash::fast::FixedState::default().hash_one(token);
+                if !state.throttled.contains(&token) {
+                    state.throttled.push(token);
                 }
-                let wait = after.unwrap_or_else(|| backoff_ceiling(state.blocks));
-                let until = now.saturating_add(wait.as_millis() as u64);
-                state.blocked_until_ms = state.blocked_until_ms.max(until);
+                if state.throttled.len() >= THROTTLED_TOKENS {
+                    state.throttled.clear();
+                    state.block(*after, now);
+                }
+                // One at a time while it throttles, until it answers or is blocked.
                 state.answering = false;
             }
             _ => {
                 state.blocks = 0;
                 state.answering = true;
+                state.throttled.clear();
             }
         }
+    }
+}
+
+impl ProviderState {
+    /// Blocks the provider `after` (its `Retry-After`), or the backoff of its blocks in a row.
+    fn block(&mut self, after: Option<Duration>, now: u64) {
+        if now >= self.blocked_until_ms {
+            self.blocks = self.blocks.saturating_add(1);
+        }
+        let wait = after.unwrap_or_else(|| backoff_ceiling(self.blocks));
+        let until = now.saturating_add(wait.as_millis() as u64);
+        self.blocked_until_ms = self.blocked_until_ms.max(until);
+        self.answering = false;
     }
 }
 
 impl Ticket<'_> {
     /// Records the provider's `answer`, received at `now` (ms).
     pub(crate) fn answered(self, answer: &Result<(), PushError>, now: u64) {
-        self.gates.answered(self.provider, answer, now);
+        self.gates.answered(self.provider, self.token, answer, now);
     }
 }
 
@@ -177,7 +210,7 @@ mod tests {
     fn a_retry_blocks_its_provider_until_its_retry_after_and_no_other() {
         let gates = ProviderGates::default();
         assert_eq!(blocked_until(&gates, "fcm", 1_000), None, "nothing known");
-        gates.answered("fcm", &retry(Some(60)), 1_000);
+        gates.answered("fcm", "t", &retry(Some(60)), 1_000);
         assert_eq!(blocked_until(&gates, "fcm", 1_000), Some(61_000));
         assert_eq!(blocked_until(&gates, "fcm", 60_999), Some(61_000));
         assert_eq!(blocked_until(&gates, "fcm", 61_000), None, "over");
@@ -194,7 +227,7 @@ mod tests {
             Err(PushError::Rejected("no".into())),
         ];
         for answer in answers {
-            gates.answered("apns", &answer, 1_000);
+            gates.answered("apns", "t", &answer, 1_000);
         }
         assert_eq!(blocked_until(&gates, "apns", 1_000), None);
     }
@@ -205,29 +238,58 @@ mod tests {
     #[test]
     fn blocks_without_retry_after_double_with_each_block_in_a_row() {
         let gates = ProviderGates::default();
-        gates.answered("fcm", &retry(None), 0);
+        gates.answered("fcm", "t", &retry(None), 0);
         assert_eq!(blocked_until(&gates, "fcm", 0), Some(200));
-        gates.answered("fcm", &retry(None), 10);
+        gates.answered("fcm", "t", &retry(None), 10);
         assert_eq!(
             blocked_until(&gates, "fcm", 10),
             Some(210),
             "the same block"
         );
-        gates.answered("fcm", &retry(None), 300);
+        gates.answered("fcm", "t", &retry(None), 300);
         assert_eq!(
             blocked_until(&gates, "fcm", 300),
             Some(700),
             "the next: 400 ms"
         );
-        gates.answered("fcm", &Ok(()), 800);
-        gates.answered("fcm", &retry(None), 900);
+        gates.answered("fcm", "t", &Ok(()), 800);
+        gates.answered("fcm", "t", &retry(None), 900);
         assert_eq!(
             blocked_until(&gates, "fcm", 900),
             Some(1_100),
             "200 ms again"
         );
-        gates.answered("fcm", &retry(Some(0)), 2_000);
+        gates.answered("fcm", "t", &retry(Some(0)), 2_000);
         assert_eq!(blocked_until(&gates, "fcm", 2_000), None, "Retry-After: 0");
+    }
+
+    /// A throttle of one token, or two, is their devices': the provider is not blocked, and
+    /// the next answer of another kind ends the series; a third token throttled in a row
+    /// blocks it as a whole.
+    #[test]
+    fn a_throttle_blocks_the_provider_once_seen_for_three_tokens_in_a_row() {
+        let gates = ProviderGates::default();
+        let throttled = Err(PushError::Throttled {
+            after: Some(Duration::from_secs(60)),
+        });
+        gates.answered("apns", "busy-phone", &throttled, 1_000);
+        gates.answered("apns", "busy-phone", &throttled, 1_000);
+        gates.answered("apns", "other-phone", &throttled, 1_000);
+        assert_eq!(blocked_until(&gates, "apns", 1_000), None, "two devices");
+        gates.answered("apns", "quiet-phone", &Ok(()), 1_100);
+        gates.answered("apns", "third-phone", &throttled, 1_200);
+        assert_eq!(
+            blocked_until(&gates, "apns", 1_200),
+            None,
+            "the series began again"
+        );
+        gates.answered("apns", "busy-phone", &throttled, 1_300);
+        gates.answered("apns", "other-phone", &throttled, 1_400);
+        assert_eq!(
+            blocked_until(&gates, "apns", 1_400),
+            Some(61_400),
+            "three tokens in a row"
+        );
     }
 
     /// A provider not known to answer gets one notification alone; the others wait for its
@@ -236,16 +298,19 @@ mod tests {
     #[tokio::test]
     async fn a_provider_not_known_to_answer_is_sent_one_notification_first() {
         let gates = ProviderGates::default();
-        let Admission::Send(probe) = gates.admit("fcm").await else {
+        let Admission::Send(probe) = gates.admit("fcm", "t").await else {
             panic!("blocked")
         };
-        let mut waiting = Box::pin(gates.admit("fcm"));
+        let mut waiting = Box::pin(gates.admit("fcm", "t"));
         assert!(
             futures::poll!(&mut waiting).is_pending(),
             "waits for the probe"
         );
         assert!(
-            matches!(gates.admit("apns").now_or_never(), Some(Admission::Send(_))),
+            matches!(
+                gates.admit("apns", "t").now_or_never(),
+                Some(Admission::Send(_))
+            ),
             "another provider's probe"
         );
         probe.answered(&retry(Some(60)), now_ms());
@@ -259,22 +324,22 @@ mod tests {
             .get_mut("fcm")
             .unwrap()
             .blocked_until_ms = 0;
-        let Admission::Send(probe) = gates.admit("fcm").await else {
+        let Admission::Send(probe) = gates.admit("fcm", "t").await else {
             panic!("blocked")
         };
-        let mut waiting = Box::pin(gates.admit("fcm"));
+        let mut waiting = Box::pin(gates.admit("fcm", "t"));
         assert!(futures::poll!(&mut waiting).is_pending());
         probe.answered(&Ok(()), now_ms());
         assert!(matches!(waiting.await, Admission::Send(_)));
         for _ in 0..3 {
-            let admitted = gates.admit("fcm").now_or_never();
+            let admitted = gates.admit("fcm", "t").now_or_never();
             assert!(matches!(admitted, Some(Admission::Send(_))), "answering");
         }
 
         // A probe dropped unanswered (its pass stopped) lets the others go on.
-        gates.answered("fcm", &retry(Some(0)), now_ms());
-        let probe = gates.admit("fcm").await;
-        let mut waiting = Box::pin(gates.admit("fcm"));
+        gates.answered("fcm", "t", &retry(Some(0)), now_ms());
+        let probe = gates.admit("fcm", "t").await;
+        let mut waiting = Box::pin(gates.admit("fcm", "t"));
         assert!(futures::poll!(&mut waiting).is_pending());
         drop(probe);
         assert!(

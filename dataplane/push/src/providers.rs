@@ -54,9 +54,14 @@ pub struct Notification {
 /// Why a notification was not delivered.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PushError {
-    /// Throttled (429), provider trouble (5xx) or network: retry, not before `after`.
+    /// Provider trouble (5xx) or network: retry, not before `after`.
     #[error("temporary failure; retry")]
     Retry { after: Option<Duration> },
+    /// Throttled (429): retry, not before `after`. Usually this device token's notifications
+    /// (APNs `TooManyRequests`, FCM's per-device rate), sometimes the whole sender (an FCM
+    /// project's quota): the notifier tells them apart by how many tokens it is seen for.
+    #[error("throttled; retry")]
+    Throttled { after: Option<Duration> },
     /// The provider says this device token is dead (FCM UNREGISTERED, APNs 410...): forget it.
     #[error("the device token is no longer valid")]
     InvalidToken,
@@ -307,10 +312,10 @@ impl Answer {
 
     /// A failure that is not about the token: 429 and 5xx are retried, the rest given up.
     fn failure(&self) -> PushError {
+        let after = retry::retry_after(&self.headers);
         match self.status.as_u16() {
-            429 | 500..=599 => PushError::Retry {
-                after: retry::retry_after(&self.headers),
-            },
+            429 => PushError::Throttled { after },
+            500..=599 => PushError::Retry { after },
             _ => PushError::Rejected(format!("HTTP {}: {}", self.status, self.excerpt())),
         }
     }

@@ -234,7 +234,9 @@ mod tests {
             ),
             (
                 Answer::canned(429, Some("9"), r#"{"reason":"TooManyRequests"}"#),
-                retry(Some(Duration::from_secs(9))),
+                Done(Err(PushError::Throttled {
+                    after: Some(Duration::from_secs(9)),
+                })),
             ),
             (
                 Answer::canned(500, None, r#"{"reason":"InternalServerError"}"#),

@@ -395,7 +395,7 @@ mod tests {
                     Some("7"),
                     &fcm_error(429, "RESOURCE_EXHAUSTED", "QUOTA_EXCEEDED"),
                 ),
-                Done(Err(PushError::Retry {
+                Done(Err(PushError::Throttled {
                     after: Some(Duration::from_secs(7)),
                 })),
             ),

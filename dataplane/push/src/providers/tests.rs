@@ -352,7 +352,7 @@ async fn fcm_errors_are_retried_given_up_or_mark_the_token_invalid() {
     let cases = [
         (
             reply_after(429, "7", quota),
-            PushError::Retry {
+            PushError::Throttled {
                 after: Some(Duration::from_secs(7)),
             },
         ),
@@ -581,7 +581,7 @@ async fn apns_errors_are_retried_given_up_or_mark_the_token_invalid() {
         ),
         (
             reply_after(429, "3", r#"{"reason":"TooManyRequests"}"#),
-            Err(PushError::Retry {
+            Err(PushError::Throttled {
                 after: Some(Duration::from_secs(3)),
             }),
         ),
@@ -665,7 +665,7 @@ async fn webhook_posts_signed_json_and_reads_the_answer() {
     let cases = [
         (
             reply_after(429, "5", "slow down"),
-            Err(PushError::Retry {
+            Err(PushError::Throttled {
                 after: Some(Duration::from_secs(5)),
             }),
         ),
