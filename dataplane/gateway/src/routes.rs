@@ -13,7 +13,7 @@ use courier_store::StoreError;
 use foldhash::{HashMap, HashMapExt};
 use futures::task::AtomicWaker;
 use smallvec::SmallVec;
-use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::task::Poll;
 use std::time::Duration;
@@ -84,6 +84,9 @@ pub struct Signals {
     behind: Mutex<Vec<(String, u64)>>,
     /// Offered frames queued and not yet written ([`ConnectionHandle::deliver_droppable`]).
     offered: AtomicUsize,
+    /// Told to close for newer connections of its device ([`Signal::Replaced`]): it no longer
+    /// counts against the device's limit while it closes (its close takes seconds).
+    replaced: AtomicBool,
 }
 
 /// A signal to a connection, raised until the connection takes it.
@@ -289,11 +292,14 @@ impl Routes {
         let mut users = self.users.write().unwrap_or_else(|e| e.into_inner());
         let connections = users.entry(user.to_owned()).or_default();
         connections.push(handle.clone());
-        let mut of_device = connections.iter().filter(|c| c.device == device);
-        // Connections are pushed in order: the first of the device is its oldest.
-        if let Some(oldest) = of_device.next()
-            && of_device.count() >= MAX_CONNECTIONS_PER_DEVICE
-        {
+        // Connections are pushed in order: the device's first are its oldest.
+        let open: Vec<&ConnectionHandle> = connections
+            .iter()
+            .filter(|c| c.device == device && !c.signals.replaced.load(Ordering::Relaxed))
+            .collect();
+        let excess = open.len().saturating_sub(MAX_CONNECTIONS_PER_DEVICE);
+        for oldest in &open[..excess] {
+            oldest.signals.replaced.store(true, Ordering::Relaxed);
             oldest.signals.raise(Signal::Replaced);
         }
         (handle, deliveries)
@@ -494,6 +500,14 @@ mod tests {
         assert!(replaced(&phones[0].0), "the oldest");
         assert!(phones[1..].iter().all(|(phone, _)| !replaced(phone)));
         assert!(!replaced(&newest) && !replaced(&laptop));
+        // A burst while the oldest still closes: each new one closes the next oldest.
+        let burst: Vec<_> = (0..3)
+            .map(|_| routes.register("alice", "phone", 1))
+            .collect();
+        let told: Vec<bool> = phones.iter().map(|(phone, _)| replaced(phone)).collect();
+        assert_eq!(told[..4], [false, true, true, true], "{told:?}");
+        assert!(!told[4..].iter().any(|&t| t));
+        assert!(burst.iter().all(|(phone, _)| !replaced(phone)) && !replaced(&newest));
     }
 
     #[test]
