@@ -150,7 +150,7 @@ impl Devices {
         };
         let record = self
             .store
-            .update_device(&who.user, &who.device, register)
+            .register_push_token(&who.user, &who.device, register)
             .await?;
         match link(record.as_ref(), issued) {
             Link::Linked => Ok(()),

@@ -63,6 +63,17 @@ pub struct ConversationRecord {
     pub created_ms: u64,
 }
 
+/// What kind of change of a device record `update_device_clearing` makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DeviceChange {
+    /// Any change, synced.
+    Update,
+    /// The device's activity, deferred (`MessageStore::record_device_activity`).
+    Activity,
+    /// An app's registration of its push token, indexed even when unchanged.
+    PushRegistration,
+}
+
 /// A device of a user. It is linked until it is unlinked, and linked again by signing in with
 /// a token issued after its last unlink.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -1624,7 +1635,20 @@ impl MessageStore {
         device: &str,
         change: impl Fn(Option<&DeviceRecord>) -> Option<DeviceRecord>,
     ) -> Result<Option<DeviceRecord>, StoreError> {
-        self.update_device_clearing(user, device, change, &[], Durability::Synced)
+        self.update_device_clearing(user, device, change, &[], DeviceChange::Update)
+            .await
+    }
+
+    /// [`Self::update_device`] for an app's registration of its push token, which indexes the
+    /// token even when the device had it already (a registration made before the index of
+    /// tokens, `crate::push_tokens`, joins it when its app registers again).
+    pub async fn register_push_token(
+        &self,
+        user: &str,
+        device: &str,
+        change: impl Fn(Option<&DeviceRecord>) -> Option<DeviceRecord>,
+    ) -> Result<Option<DeviceRecord>, StoreError> {
+        self.update_device_clearing(user, device, change, &[], DeviceChange::PushRegistration)
             .await
     }
 
@@ -1638,7 +1662,7 @@ impl MessageStore {
         device: &str,
         change: impl Fn(Option<&DeviceRecord>) -> Option<DeviceRecord>,
     ) -> Result<Option<DeviceRecord>, StoreError> {
-        self.update_device_clearing(user, device, change, &[], Durability::Deferred)
+        self.update_device_clearing(user, device, change, &[], DeviceChange::Activity)
             .await
     }
 
@@ -1652,8 +1676,12 @@ impl MessageStore {
         device: &str,
         change: impl Fn(Option<&DeviceRecord>) -> Option<DeviceRecord>,
         clear: &[Vec<u8>],
-        durability: Durability,
+        change_kind: DeviceChange,
     ) -> Result<Option<DeviceRecord>, StoreError> {
+        let durability = match change_kind {
+            DeviceChange::Activity => Durability::Deferred,
+            DeviceChange::Update | DeviceChange::PushRegistration => Durability::Synced,
+        };
         let key = self.keys.device(user, device);
         let mut attempt = 1;
         loop {
@@ -1677,8 +1705,15 @@ impl MessageStore {
                     .add(self.keys.push_registration_changes(), 1)
                     .add(self.keys.push_registration_changes_in(slot), 1);
             }
-            self.index_push_token(&mut batch, user, device, current.as_ref(), &next)
-                .await?;
+            let registering = change_kind == DeviceChange::PushRegistration;
+            self.index_push_token(
+                &mut batch,
+                (user, device),
+                current.as_ref(),
+                &next,
+                registering,
+            )
+            .await?;
             for key in clear {
                 batch.clear(key.clone());
             }
@@ -1767,7 +1802,7 @@ impl MessageStore {
             })
         };
         let before = self
-            .update_device_clearing(user, device, unlink, &left, Durability::Synced)
+            .update_device_clearing(user, device, unlink, &left, DeviceChange::Update)
             .await?;
         Ok(before.is_some_and(|r| r.is_linked()))
     }

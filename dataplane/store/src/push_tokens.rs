@@ -8,9 +8,12 @@
 //!
 //! Every change of a device's push token goes through [`MessageStore::index_push_token`]
 //! (from the device update that makes it), so the index follows registrations, renewals with a
-//! new token, refusals by the provider and unlinks. Registrations written before the index
-//! have no entry: the push notifier asks [`MessageStore::push_token_taken`] before each send,
-//! which finds a device whose token the index gives to another.
+//! new token, refusals by the provider and unlinks. A token given up stays in the index naming
+//! no one (an empty holder), rather than leaving it: registrations written before the index
+//! have no entry, and the push notifier asks [`MessageStore::push_token_taken`] before each
+//! send, which finds a device whose token the index gives to another device or to no one. An
+//! app that registers its token again at each start writes the entry if it is missing
+//! ([`MessageStore::register_push_token`]), so those registrations join the index too.
 
 use crate::keys::push_registration_slot;
 use crate::kv::{Batch, StoreError};
@@ -30,6 +33,11 @@ impl PushTokenHolder {
     fn is(&self, user: &str, device: &str) -> bool {
         self.user == user && self.device == device
     }
+
+    /// The holder of a token given up: no device.
+    fn no_one() -> Self {
+        Self::default()
+    }
 }
 
 /// A device's push registration: provider and token, if it has one.
@@ -40,38 +48,44 @@ fn registration(record: &DeviceRecord) -> Option<(&str, &str)> {
 
 impl MessageStore {
     /// Adds to `batch`, which changes `user`'s `device` from `current` to `next`, what keeps
-    /// the index in step (module documentation): a token the device gives up leaves the index
+    /// the index in step (module documentation): a token the device gives up is left to no one
     /// while the index names the device; a token it registers is indexed as its own, and taken
-    /// from the device that held it before. Reads only when the token changes, and fences what
-    /// it read, so that a concurrent registration of the same token refuses the commit.
+    /// from the device that held it before. Reads only when the token changes, or when
+    /// `registering` it again (an app's registration, not its connection's activity), and
+    /// fences what it read, so that a concurrent registration of the same token refuses the
+    /// commit.
     pub(crate) async fn index_push_token(
         &self,
         batch: &mut Batch,
-        user: &str,
-        device: &str,
+        (user, device): (&str, &str),
         current: Option<&DeviceRecord>,
         next: &DeviceRecord,
+        registering: bool,
     ) -> Result<(), StoreError> {
         let held = current.and_then(registration);
         let registered = registration(next);
-        if held == registered {
+        if held == registered && !(registering && registered.is_some()) {
             return Ok(());
         }
-        if let Some((provider, token)) = held {
+        if let Some((provider, token)) = held.filter(|held| Some(*held) != registered) {
             let key = self.keys().push_token(provider, token);
             let stored = self.kv().get(&key).await?;
             if holder(&key, stored.as_deref())?.is_some_and(|h| h.is(user, device)) {
-                batch.fence(key.clone(), stored).clear(key);
+                let no_one = PushTokenHolder::no_one().encode_to_vec();
+                batch.fence(key.clone(), stored).set(key, no_one);
             }
         }
         if let Some((provider, token)) = registered {
             let key = self.keys().push_token(provider, token);
             let stored = self.kv().get(&key).await?;
-            if let Some(before) = holder(&key, stored.as_deref())?
-                && !before.is(user, device)
-            {
-                self.take_registration(batch, &before, provider, token)
-                    .await?;
+            match holder(&key, stored.as_deref())? {
+                // Indexed already: nothing to write (an app registering at each start).
+                Some(before) if before.is(user, device) => return Ok(()),
+                Some(before) if before != PushTokenHolder::no_one() => {
+                    self.take_registration(batch, &before, provider, token)
+                        .await?;
+                }
+                _ => {}
             }
             let holder = PushTokenHolder {
                 user: user.to_owned(),
@@ -221,9 +235,9 @@ mod tests {
     }
 
     /// A device that gives a token up (a new one, a refusal by the provider, an unlink) leaves
-    /// the index, unless the index names another device by then.
+    /// it to no one in the index, unless the index names another device by then.
     #[tokio::test]
-    async fn a_token_given_up_leaves_the_index_only_while_it_is_the_devices() {
+    async fn a_token_given_up_is_left_to_no_one_only_while_it_is_the_devices() {
         let store = FaultyEngine::new().store(4).await;
         store
             .update_device("ann", "phone", registered("fcm", "T"))
@@ -233,14 +247,15 @@ mod tests {
             .update_device("ann", "phone", registered("fcm", "U"))
             .await
             .unwrap();
+        let no_one = Some(PushTokenHolder::no_one());
         assert_eq!(
             holder_of(&store, "T").await,
-            None,
+            no_one,
             "renewed with a new token"
         );
         assert!(holder_of(&store, "U").await.is_some());
         assert!(store.unlink_device("ann", "phone", 10).await.unwrap());
-        assert_eq!(holder_of(&store, "U").await, None, "unlinked");
+        assert_eq!(holder_of(&store, "U").await, no_one, "unlinked");
 
         store
             .update_device("bob", "phone", registered("fcm", "V"))
@@ -274,5 +289,57 @@ mod tests {
             holder_of(&store, "V").await.map(|h| h.user),
             Some("bob".into())
         );
+    }
+
+    /// Ann and Bob registered one token before the index (a shared phone). Bob's app registers
+    /// it again at its next start: the token is indexed as his, and Ann's registration is
+    /// taken; it stays taken when Bob gives the token up (left to no one, not forgotten).
+    #[tokio::test]
+    async fn registrations_from_before_the_index_join_it_when_an_app_registers_again() {
+        let store = FaultyEngine::new().store(4).await;
+        let mut batch = Batch::new();
+        for user in ["ann", "bob"] {
+            let legacy = DeviceRecord {
+                push_provider: "fcm".into(),
+                push_token: "T".into(),
+                ..DeviceRecord::default()
+            };
+            batch.set(store.keys().device(user, "phone"), legacy.encode_to_vec());
+        }
+        store.kv().commit(batch).await.unwrap();
+        let taken = |user: &'static str| {
+            let store = &store;
+            async move {
+                let record = store.device(user, "phone").await.unwrap().unwrap();
+                store
+                    .push_token_taken(user, "phone", &record)
+                    .await
+                    .unwrap()
+            }
+        };
+        assert!(
+            !taken("ann").await && !taken("bob").await,
+            "nothing indexed yet"
+        );
+        store
+            .update_device("bob", "phone", registered("fcm", "T"))
+            .await
+            .unwrap();
+        assert_eq!(
+            holder_of(&store, "T").await,
+            None,
+            "an unchanged record is not indexed"
+        );
+        store
+            .register_push_token("bob", "phone", registered("fcm", "T"))
+            .await
+            .unwrap();
+        assert_eq!(
+            holder_of(&store, "T").await.map(|h| h.user),
+            Some("bob".into())
+        );
+        assert!(taken("ann").await && !taken("bob").await);
+        assert!(store.unlink_device("bob", "phone", 10).await.unwrap());
+        assert!(taken("ann").await, "still taken once Bob gave it up");
     }
 }
