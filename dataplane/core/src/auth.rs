@@ -8,6 +8,11 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+/// How far ahead of this server's clock a token's `nbf` may be: issuers commonly set it to
+/// the time of issue, and a clock a little ahead would otherwise have fresh tokens refused.
+/// `exp` has no such allowance.
+pub const NBF_LEEWAY_SECS: f64 = 60.0;
+
 /// Name of the generated secret inside the data directory.
 pub const SECRET_FILE: &str = "jwt-secret";
 
@@ -19,9 +24,10 @@ struct Claims {
     /// Issue time (seconds); tokens issued before a device was unlinked are refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     iat: Option<u64>,
-    /// Not before (seconds): a token an issuer dated ahead is refused until then (RFC 7519).
+    /// Not before (seconds, a JSON number): a token an issuer dated ahead is refused until then,
+    /// give or take [`NBF_LEEWAY_SECS`] (RFC 7519).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    nbf: Option<u64>,
+    nbf: Option<f64>,
 }
 
 /// The identity a verified token grants.
@@ -91,7 +97,6 @@ impl TokenVerifier {
     fn with(key: DecodingKey, algorithm: Algorithm) -> Self {
         let mut validation = Validation::new(algorithm);
         validation.leeway = 0;
-        validation.validate_nbf = true;
         validation.set_required_spec_claims(&["exp", "sub"]);
         Self { key, validation }
     }
@@ -99,7 +104,19 @@ impl TokenVerifier {
     pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
         let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
             .map_err(|e| AuthError::Invalid(e.to_string()))?;
-        let Claims { sub, dev, iat, .. } = data.claims;
+        let Claims {
+            sub, dev, iat, nbf, ..
+        } = data.claims;
+        if let Some(nbf) = nbf {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64());
+            if nbf > now + NBF_LEEWAY_SECS {
+                return Err(AuthError::Invalid(format!(
+                    "the token is not valid before {nbf} (nbf); it is {now:.0}"
+                )));
+            }
+        }
         ids::user_id(&sub).map_err(|e| AuthError::Invalid(e.to_string()))?;
         ids::device_id(&dev).map_err(|e| AuthError::Invalid(e.to_string()))?;
         Ok(Identity {
@@ -236,9 +253,10 @@ mod tests {
         assert!(verifier.verify(&expired).is_err());
     }
 
-    /// A token its issuer dated to take effect later (`nbf`) is refused until then.
+    /// A token its issuer dated to take effect later (`nbf`) is refused until then, give or
+    /// take a minute of the two clocks.
     #[test]
-    fn tokens_not_yet_valid_are_refused() {
+    fn tokens_not_yet_valid_are_refused_past_a_minute_of_clock_skew() {
         let verifier = TokenVerifier::hs256(SECRET).unwrap();
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -258,9 +276,13 @@ mod tests {
             )
             .unwrap()
         };
-        let error = verifier.verify(&token(now + 600)).unwrap_err();
-        assert!(error.to_string().contains("ImmatureSignature"), "{error}");
-        assert!(verifier.verify(&token(now.saturating_sub(1))).is_ok());
+        let error = verifier.verify(&token(now as f64 + 600.0)).unwrap_err();
+        assert!(error.to_string().contains("nbf"), "{error}");
+        assert!(verifier.verify(&token(now as f64 - 1.0)).is_ok());
+        assert!(
+            verifier.verify(&token(now as f64 + 30.5)).is_ok(),
+            "an issuer's clock a little ahead"
+        );
     }
 
     /// An empty or short secret would let anyone sign tokens: neither a verifier, nor a
