@@ -202,7 +202,9 @@ async fn next_seq_follows_head(
         .send_with_retry(target, "after-restart", body)
         .await
         .with_context(|| format!("cannot send into {conversation} after the restart"))?;
-    Ok(sent.seq == head_seq + 1 && !sent.duplicate)
+    // A retry (after `unavailable`) of an attempt that landed is answered `duplicate`, with the
+    // seq that attempt took: the seq alone says whether it followed the head.
+    Ok(sent.seq == head_seq + 1)
 }
 
 pub async fn run(common: &CommonArgs, args: CrashArgs) -> anyhow::Result<Report> {
