@@ -1024,6 +1024,9 @@ impl MessageStore {
         let mut results: Vec<Option<AppendResult>> = vec![None; appends.len()];
         let mut new_heads: HashMap<&str, u64> = HashMap::new();
         let mut in_batch: HashMap<Vec<u8>, usize> = HashMap::new();
+        // Direct conversations each sender has started, read once and counted on through the
+        // batch's own creations (for `NewConversation::started_limit`).
+        let mut started: HashMap<&str, u64> = HashMap::new();
         let mut members = BatchMembers::default();
         let mut outbox_rows = RowWriter::new(self.kv.limits().max_value_bytes);
         let lookups: Vec<Vec<Vec<u8>>> = appends
@@ -1062,12 +1065,19 @@ impl MessageStore {
             };
             let seq = head + 1;
             let create = append.create.as_ref().filter(|_| head == 0);
+            let starter = append.sender.user.as_str();
             if let Some(create) = create
                 && create.started_limit > 0
-                && self.direct_count(&append.sender.user).await? >= create.started_limit
             {
-                results[i] = Some(Err(AppendRefused::TooManyConversations));
-                continue;
+                let count = match started.get(starter) {
+                    Some(&count) => count,
+                    None => self.direct_count(starter).await?,
+                };
+                if count >= create.started_limit {
+                    results[i] = Some(Err(AppendRefused::TooManyConversations));
+                    continue;
+                }
+                started.insert(starter, count + 1);
             }
             let payload = match self.decide(&mut members, append, head, create).await? {
                 Ok(payload) => payload,
@@ -1077,7 +1087,6 @@ impl MessageStore {
                 }
             };
             if let Some(create) = create {
-                let starter = &append.sender.user;
                 self.write_new_conversation(&mut batch, &mut members, conv, create, starter, ts_ms);
             }
             new_heads.insert(conv, seq);
@@ -2856,6 +2865,27 @@ mod tests {
             ..first("alice", "erin", "6")
         };
         assert!(send(unlimited).await.is_ok(), "0 is no limit");
+
+        // Creations in one batch (one shard's) count each other.
+        let shard = store.shard_of("d:frank-p0");
+        let peers: Vec<String> = (0..100)
+            .map(|i| format!("p{i}"))
+            .filter(|peer| store.shard_of(&format!("d:frank-{peer}")) == shard)
+            .take(3)
+            .collect();
+        assert_eq!(peers.len(), 3);
+        let batch: Vec<Append> = peers
+            .iter()
+            .map(|peer| first("frank", peer, &format!("f{peer}")))
+            .collect();
+        let lease = owner(&store, "d:frank-p0").await;
+        let results = store
+            .append(lease, &mut HeadCache::default(), &batch)
+            .await
+            .unwrap();
+        assert!(results[0].is_ok() && results[1].is_ok());
+        assert_eq!(results[2], Err(AppendRefused::TooManyConversations));
+        assert_eq!(store.direct_count("frank").await.unwrap(), 2);
     }
 
     /// A user's two cursors are its own keys: nobody else's acks move them, even a user's
