@@ -10,7 +10,8 @@
 //! - Throttles: a 429 is usually about one device token (APNs `TooManyRequests`, FCM's
 //!   per-device rate), and blocking the provider for it would hold every user's notifications
 //!   up to an hour for one busy phone; but it may be the whole sender's (an FCM project's
-//!   quota). So a throttled notification is retried alone, the provider is sent one
+//!   quota). So a throttled token's notifications wait for its `Retry-After` (postponed like
+//!   a blocked provider's, for [`THROTTLED_TOKENS_KEPT`] tokens at most), the provider is sent one
 //!   notification at a time while it throttles, and it is blocked once
 //!   [`THROTTLED_TOKENS`] different tokens were throttled with no other answer between.
 //! - Probes: the notifier sends many notifications at once (`crate::SENDS_IN_FLIGHT`), which
@@ -40,6 +41,10 @@ pub(crate) const PROBE_WAIT: Duration = Duration::from_secs(1);
 /// a throttle the provider's as a whole rather than their devices'.
 pub(crate) const THROTTLED_TOKENS: usize = 3;
 
+/// Throttled tokens a provider keeps the end of (past it, a throttled token's next
+/// notification is sent and spends an attempt, as before tokens were kept).
+pub(crate) const THROTTLED_TOKENS_KEPT: usize = 10_000;
+
 /// Per provider (by its name: `fcm`, `apns`, `webhook`), what its answers said.
 #[derive(Default)]
 pub(crate) struct ProviderGates {
@@ -58,6 +63,8 @@ struct ProviderState {
     answering: bool,
     /// The tokens (hashed) throttled since its last other answer, up to [`THROTTLED_TOKENS`].
     throttled: Vec<u64>,
+    /// Tokens (hashed) throttled, and until when (ms since the epoch).
+    throttled_until: HashMap<u64, u64>,
     /// The request sent alone to learn whether it answers, and when it was sent; told when it
     /// is answered.
     probe: Option<(Arc<Notify>, Instant)>,
@@ -99,8 +106,14 @@ impl ProviderGates {
             let (answered, waited) = {
                 let mut providers = self.providers.lock().unwrap_or_else(|e| e.into_inner());
                 let state = providers.entry(provider.to_owned()).or_default();
-                if now_ms() < state.blocked_until_ms {
+                let now = now_ms();
+                if now < state.blocked_until_ms {
                     return Admission::Postpone(state.blocked_until_ms);
+                }
+                if let Some(&until) = state.throttled_until.get(&token_hash(token))
+                    && now < until
+                {
+                    return Admission::Postpone(until);
                 }
                 if state.answering {
                     return ticket(false);
@@ -129,7 +142,13 @@ impl ProviderGates {
         match answer {
             Err(PushError::Retry { after }) => state.block(*after, now),
             Err(PushError::Throttled { after }) => {
-                let token = foldhash::fast::FixedState::default().hash_one(token);
+                let token = token_hash(token);
+                let until = now
+                    .saturating_add(after.unwrap_or_else(|| backoff_ceiling(1)).as_millis() as u64);
+                state.throttled_until.retain(|_, until| *until > now);
+                if state.throttled_until.len() < THROTTLED_TOKENS_KEPT {
+                    state.throttled_until.insert(token, until);
+                }
                 if !state.throttled.contains(&token) {
                     state.throttled.push(token);
                 }
@@ -147,6 +166,11 @@ impl ProviderGates {
             }
         }
     }
+}
+
+/// A token as the gates keep it: its hash, a few bytes however long the token.
+fn token_hash(token: &str) -> u64 {
+    foldhash::fast::FixedState::default().hash_one(token)
 }
 
 impl ProviderState {
@@ -290,6 +314,30 @@ mod tests {
             Some(61_400),
             "three tokens in a row"
         );
+    }
+
+    /// A throttled token's next notifications wait for its `Retry-After`, without a request;
+    /// the other tokens' go.
+    #[tokio::test]
+    async fn a_throttled_tokens_notifications_wait_for_its_retry_after() {
+        let gates = ProviderGates::default();
+        gates.answered("apns", "other", &Ok(()), now_ms());
+        let throttled = Err(PushError::Throttled {
+            after: Some(Duration::from_secs(60)),
+        });
+        gates.answered("apns", "busy", &throttled, now_ms());
+        assert!(matches!(
+            gates.admit("apns", "busy").await,
+            Admission::Postpone(until) if until > now_ms() + 50_000
+        ));
+        let Admission::Send(probe) = gates.admit("apns", "other").await else {
+            panic!("another token waits too")
+        };
+        probe.answered(&Ok(()), now_ms());
+        assert!(matches!(
+            gates.admit("apns", "other").await,
+            Admission::Send(_)
+        ));
     }
 
     /// A provider not known to answer gets one notification alone; the others wait for its
