@@ -1066,6 +1066,7 @@ impl MessageStore {
             let seq = head + 1;
             let create = append.create.as_ref().filter(|_| head == 0);
             let starter = append.sender.user.as_str();
+            let mut counted = None;
             if let Some(create) = create
                 && create.started_limit > 0
             {
@@ -1077,7 +1078,7 @@ impl MessageStore {
                     results[i] = Some(Err(AppendRefused::TooManyConversations));
                     continue;
                 }
-                started.insert(starter, count + 1);
+                counted = Some(count + 1);
             }
             let payload = match self.decide(&mut members, append, head, create).await? {
                 Ok(payload) => payload,
@@ -1086,6 +1087,9 @@ impl MessageStore {
                     continue;
                 }
             };
+            if let Some(count) = counted {
+                started.insert(starter, count);
+            }
             if let Some(create) = create {
                 self.write_new_conversation(&mut batch, &mut members, conv, create, starter, ts_ms);
             }

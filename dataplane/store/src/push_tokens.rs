@@ -8,12 +8,13 @@
 //!
 //! Every change of a device's push token goes through [`MessageStore::index_push_token`]
 //! (from the device update that makes it), so the index follows registrations, renewals with a
-//! new token, refusals by the provider and unlinks. A token given up stays in the index naming
-//! no one (an empty holder), rather than leaving it: registrations written before the index
-//! have no entry, and the push notifier asks [`MessageStore::push_token_taken`] before each
-//! send, which finds a device whose token the index gives to another device or to no one. An
-//! app that registers its token again at each start writes the entry if it is missing
-//! ([`MessageStore::register_push_token`]), so those registrations join the index too.
+//! new token, refusals by the provider and unlinks; a token given up leaves it, so the index
+//! holds the live registrations only. Registrations written before the index have no entry:
+//! an app that registers its token again at each start writes the entry if it is missing
+//! ([`MessageStore::register_push_token`]), and the push notifier asks
+//! [`MessageStore::push_token_taken`] before each send, which finds a device whose token the
+//! index gives to another. (A registration from before the index whose token another device
+//! took and gave up again before any notification of its own was sent is not found.)
 
 use crate::keys::push_registration_slot;
 use crate::kv::{Batch, StoreError};
@@ -33,11 +34,6 @@ impl PushTokenHolder {
     fn is(&self, user: &str, device: &str) -> bool {
         self.user == user && self.device == device
     }
-
-    /// The holder of a token given up: no device.
-    fn no_one() -> Self {
-        Self::default()
-    }
 }
 
 /// A device's push registration: provider and token, if it has one.
@@ -48,7 +44,7 @@ fn registration(record: &DeviceRecord) -> Option<(&str, &str)> {
 
 impl MessageStore {
     /// Adds to `batch`, which changes `user`'s `device` from `current` to `next`, what keeps
-    /// the index in step (module documentation): a token the device gives up is left to no one
+    /// the index in step (module documentation): a token the device gives up leaves the index
     /// while the index names the device; a token it registers is indexed as its own, and taken
     /// from the device that held it before. Reads only when the token changes, or when
     /// `registering` it again (an app's registration, not its connection's activity), and
@@ -71,8 +67,7 @@ impl MessageStore {
             let key = self.keys().push_token(provider, token);
             let stored = self.kv().get(&key).await?;
             if holder(&key, stored.as_deref())?.is_some_and(|h| h.is(user, device)) {
-                let no_one = PushTokenHolder::no_one().encode_to_vec();
-                batch.fence(key.clone(), stored).set(key, no_one);
+                batch.fence(key.clone(), stored).clear(key);
             }
         }
         if let Some((provider, token)) = registered {
@@ -81,11 +76,11 @@ impl MessageStore {
             match holder(&key, stored.as_deref())? {
                 // Indexed already: nothing to write (an app registering at each start).
                 Some(before) if before.is(user, device) => return Ok(()),
-                Some(before) if before != PushTokenHolder::no_one() => {
+                Some(before) => {
                     self.take_registration(batch, &before, provider, token)
                         .await?;
                 }
-                _ => {}
+                None => {}
             }
             let holder = PushTokenHolder {
                 user: user.to_owned(),
@@ -235,9 +230,9 @@ mod tests {
     }
 
     /// A device that gives a token up (a new one, a refusal by the provider, an unlink) leaves
-    /// it to no one in the index, unless the index names another device by then.
+    /// the index, unless the index names another device by then.
     #[tokio::test]
-    async fn a_token_given_up_is_left_to_no_one_only_while_it_is_the_devices() {
+    async fn a_token_given_up_leaves_the_index_only_while_it_is_the_devices() {
         let store = FaultyEngine::new().store(4).await;
         store
             .update_device("ann", "phone", registered("fcm", "T"))
@@ -247,15 +242,14 @@ mod tests {
             .update_device("ann", "phone", registered("fcm", "U"))
             .await
             .unwrap();
-        let no_one = Some(PushTokenHolder::no_one());
         assert_eq!(
             holder_of(&store, "T").await,
-            no_one,
+            None,
             "renewed with a new token"
         );
         assert!(holder_of(&store, "U").await.is_some());
         assert!(store.unlink_device("ann", "phone", 10).await.unwrap());
-        assert_eq!(holder_of(&store, "U").await, no_one, "unlinked");
+        assert_eq!(holder_of(&store, "U").await, None, "unlinked");
 
         store
             .update_device("bob", "phone", registered("fcm", "V"))
@@ -293,7 +287,7 @@ mod tests {
 
     /// Ann and Bob registered one token before the index (a shared phone). Bob's app registers
     /// it again at its next start: the token is indexed as his, and Ann's registration is
-    /// taken; it stays taken when Bob gives the token up (left to no one, not forgotten).
+    /// taken.
     #[tokio::test]
     async fn registrations_from_before_the_index_join_it_when_an_app_registers_again() {
         let store = FaultyEngine::new().store(4).await;
@@ -339,7 +333,5 @@ mod tests {
             Some("bob".into())
         );
         assert!(taken("ann").await && !taken("bob").await);
-        assert!(store.unlink_device("bob", "phone", 10).await.unwrap());
-        assert!(taken("ann").await, "still taken once Bob gave it up");
     }
 }
