@@ -669,6 +669,23 @@ fn pool() -> GatewayPool {
     }
 }
 
+/// Has the pool's autoscaler take a sample of `connections` with `replicas` running, `ago`
+/// ms before the test's clock (1,000,000 ms), under the pool's policy (2 to 8 pods, 1,000
+/// connections each).
+fn sampled_before(
+    ctx: &Context,
+    replicas: i32,
+    connections: courier_operator::autoscale::ConnectionSample,
+    ago: u64,
+) {
+    let policy = courier_operator::autoscale::ScalePolicy::new(2, 8, 1000);
+    let mut autoscalers = ctx.autoscalers.lock().unwrap();
+    let autoscaler = autoscalers
+        .entry(format!("{NS}/prod-gateways"))
+        .or_default();
+    autoscaler.decide(&policy, replicas, &connections, 1_000_000 - ago);
+}
+
 fn gateway_pod(name: &str, ip: &str) -> Value {
     json!({
         "apiVersion": "v1", "kind": "Pod",
@@ -836,15 +853,8 @@ async fn a_quiet_gateway_pool_removes_the_pod_with_the_fewest_connections_first(
     ];
     reconciled(expected, data_plane, async |ctx| {
         // The autoscaler saw the same quiet load a whole window ago.
-        {
-            let policy = courier_operator::autoscale::ScalePolicy::new(2, 8, 1000);
-            let mut autoscalers = ctx.autoscalers.lock().unwrap();
-            let autoscaler = autoscalers
-                .entry(format!("{NS}/prod-gateways"))
-                .or_default();
-            let quiet = BTreeMap::from([("gw-a".to_owned(), 600)]);
-            autoscaler.decide(&policy, 3, &quiet.into(), 1_000_000 - 600_000);
-        }
+        let quiet = BTreeMap::from([("gw-a".to_owned(), 600)]);
+        sampled_before(&ctx, 3, quiet.into(), 600_000);
         gateway_pool::reconcile(Arc::new(pool()), ctx)
             .await
             .unwrap();
@@ -1230,14 +1240,7 @@ async fn a_gateway_pool_woken_between_samples_keeps_its_size_and_reads_no_connec
         ),
     ];
     reconciled(expected, data_plane, async |ctx| {
-        {
-            let policy = courier_operator::autoscale::ScalePolicy::new(2, 8, 1000);
-            let mut autoscalers = ctx.autoscalers.lock().unwrap();
-            let autoscaler = autoscalers
-                .entry(format!("{NS}/prod-gateways"))
-                .or_default();
-            autoscaler.decide(&policy, 3, &Default::default(), 1_000_000 - 5_000);
-        }
+        sampled_before(&ctx, 3, Default::default(), 5_000);
         gateway_pool::reconcile(Arc::new(pool()), ctx)
             .await
             .unwrap();
@@ -1645,16 +1648,9 @@ async fn a_gateway_pool_does_not_shrink_while_a_ready_pods_metrics_cannot_be_rea
         .answer(serde_json::to_value(pool()).unwrap()),
     ];
     reconciled(expected, data_plane, async |ctx| {
-        {
-            // The same partial reading a whole window ago.
-            let policy = courier_operator::autoscale::ScalePolicy::new(2, 8, 1000);
-            let mut autoscalers = ctx.autoscalers.lock().unwrap();
-            let autoscaler = autoscalers
-                .entry(format!("{NS}/prod-gateways"))
-                .or_default();
-            let partial = BTreeMap::from([("gw-a".to_owned(), 900)]);
-            autoscaler.decide(&policy, 4, &partial.into(), 1_000_000 - 600_000);
-        }
+        // The same partial reading a whole window ago.
+        let partial = BTreeMap::from([("gw-a".to_owned(), 900)]);
+        sampled_before(&ctx, 4, partial.into(), 600_000);
         gateway_pool::reconcile(Arc::new(pool()), ctx)
             .await
             .unwrap();
