@@ -1503,28 +1503,25 @@ impl MessageStore {
     pub async fn group_count(&self, user: &str) -> Result<u64, StoreError> {
         let (former, counters) = futures::future::try_join(
             self.kv.get(&self.keys.former_group_count(user)),
-            self.kv
-                .range(self.keys.group_counters(user), usize::MAX, false),
+            self.counters_total(self.keys.group_counters(user)),
         )
         .await?;
-        let total: i64 = former
-            .iter()
-            .chain(counters.iter().map(|(_, v)| v))
-            .map(|v| decode_u64(v) as i64)
-            .sum();
-        Ok(total.max(0) as u64)
+        let former = former.as_deref().map_or(0, |v| decode_u64(v) as i64);
+        Ok((former + counters).max(0) as u64)
     }
 
     /// The number of direct conversations `user` started (created by its first message): the
     /// sum of its counters, one per shard. Read only when a direct conversation is created, so
     /// creations that race in several shards may pass the limit by a few.
     pub async fn direct_count(&self, user: &str) -> Result<u64, StoreError> {
-        let counters = self
-            .kv
-            .range(self.keys.direct_counters(user), usize::MAX, false)
-            .await?;
-        let total: i64 = counters.iter().map(|(_, v)| decode_u64(v) as i64).sum();
+        let total = self.counters_total(self.keys.direct_counters(user)).await?;
         Ok(total.max(0) as u64)
+    }
+
+    /// The sum of the signed counters (i64 LE, atomic ADD) in `range`: a user's, one per shard.
+    async fn counters_total(&self, range: Range<Vec<u8>>) -> Result<i64, StoreError> {
+        let counters = self.kv.range(range, usize::MAX, false).await?;
+        Ok(counters.iter().map(|(_, v)| decode_u64(v) as i64).sum())
     }
 
     /// The lowest retained seq of `conv` (1 until retention clears events).
