@@ -18,13 +18,15 @@
 //! - Optional signed URLs: `?expires=<unix s>&signature=<hex HMAC-SHA256(secret, "<id>:<expires>")>`
 //!   download without a token until `expires` (for a CDN in front of Courier).
 //! - A sweeper deletes media records that no message references once their latest upload or
-//!   share is older than the TTL, and the bytes once no record keeps them; retention drops the
+//!   share is older than the TTL, and the bytes once no record keeps them (moved aside first
+//!   and checked again, so that an upload of the same bytes meanwhile keeps them); retention drops the
 //!   references of the messages it clears. A send that shares media unused for half the TTL
 //!   marks it shared first (`courier_chat`), so that a sweep never forgets media a message is
 //!   being sent with (`MessageStore::share_media`). The sweeper is a loop owned by the node's
 //!   [`BackgroundLoops`]: it stops at once when cancelled (a sweep is idempotent: a record
 //!   forgotten is fenced, bytes are deleted only once no record keeps them) and is restarted
-//!   if it panics (it keeps no state between sweeps).
+//!   if it panics (it keeps no state between sweeps but bytes moved aside, which the next
+//!   sweep settles).
 
 use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -51,6 +53,8 @@ use std::time::Duration;
 
 /// Media ids listed per step of a sweep.
 const SWEEP_PAGE: usize = 256;
+/// Where the sweeper moves bytes it is about to delete (`MediaService::delete_unused_blob`).
+const TRASH: &str = "trash";
 /// Parts uploaded concurrently per upload (each part is 5 MiB): bounds upload memory.
 const UPLOAD_CONCURRENCY: usize = 2;
 
@@ -465,6 +469,7 @@ impl MediaService {
     /// deleted.
     pub async fn sweep(&self) -> Result<u64, StoreError> {
         let cutoff = now_ms().saturating_sub(self.config.media_unreferenced_ttl.as_millis() as u64);
+        self.settle_left_aside().await?;
         let mut swept = 0;
         let mut after: Option<String> = None;
         loop {
@@ -485,18 +490,76 @@ impl MediaService {
                     other => other?,
                 }
                 swept += 1;
-                if self.store.blob_in_use(&record.sha256).await? {
-                    continue;
-                }
-                if let Err(e) = self.objects.delete(&blob_path(&record.sha256)).await
-                    && !matches!(e, object_store::Error::NotFound { .. })
-                {
-                    // The record is gone: these bytes are leaked, not lost.
-                    tracing::warn!(media = %id, error = %e, "could not delete media bytes");
-                }
+                self.delete_unused_blob(&record.sha256).await?;
             }
             after = Some(last);
         }
+    }
+
+    /// Deletes the bytes `sha256` if no media record keeps them. An upload of the same bytes
+    /// may record itself at any moment and then, finding the bytes stored, not store them
+    /// again ([`MediaService::keep`]): so the bytes are first moved aside (under `trash/`),
+    /// then the records are looked at again, and the bytes moved back if one appeared
+    /// meanwhile. An upload recorded after the move finds no bytes and stores its own. Bytes
+    /// left aside (a crash, a failed call) are settled at the start of the next sweep.
+    async fn delete_unused_blob(&self, sha256: &str) -> Result<(), StoreError> {
+        if self.store.blob_in_use(sha256).await? {
+            return Ok(());
+        }
+        // Each move aside has its own path: two sweepers (a paused leader resuming) each
+        // settle only their own.
+        let aside = ObjectPath::from(format!(
+            "{TRASH}/{sha256}.{}",
+            hex::encode(rand::random::<[u8; 8]>())
+        ));
+        match self.objects.rename(&blob_path(sha256), &aside).await {
+            Ok(()) => self.settle_aside(&aside, sha256).await,
+            Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => {
+                // The record is gone: these bytes are leaked, not lost.
+                tracing::warn!(sha256, error = %e, "could not delete media bytes");
+                Ok(())
+            }
+        }
+    }
+
+    /// Deletes the bytes `sha256` moved aside to `aside`, or moves them back when a media
+    /// record keeps them now.
+    async fn settle_aside(&self, aside: &ObjectPath, sha256: &str) -> Result<(), StoreError> {
+        let settled = if self.store.blob_in_use(sha256).await? {
+            self.objects.rename(aside, &blob_path(sha256)).await
+        } else {
+            self.objects.delete(aside).await
+        };
+        if let Err(e) = settled
+            && !matches!(e, object_store::Error::NotFound { .. })
+        {
+            tracing::warn!(sha256, error = %e, "could not settle media bytes moved aside; the next sweep tries again");
+        }
+        Ok(())
+    }
+
+    /// Settles the bytes a sweep left aside ([`MediaService::delete_unused_blob`]).
+    async fn settle_left_aside(&self) -> Result<(), StoreError> {
+        let mut aside = self.objects.list(Some(&ObjectPath::from(TRASH)));
+        while let Some(entry) = aside.next().await {
+            let entry = match entry {
+                Ok(entry) => entry,
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not list media bytes moved aside");
+                    return Ok(());
+                }
+            };
+            let sha256 = entry
+                .location
+                .filename()
+                .and_then(|name| name.split_once('.'))
+                .map(|(sha256, _)| sha256.to_owned());
+            if let Some(sha256) = sha256 {
+                self.settle_aside(&entry.location, &sha256).await?;
+            }
+        }
+        Ok(())
     }
 
     /// Sweeps every `--media-sweep-interval` until `loops` shuts down, when this node leads
@@ -701,6 +764,44 @@ mod tests {
             record.sha256
         );
         assert!(media.objects.head(&blob_path(&record.sha256)).await.is_ok());
+    }
+
+    /// An upload of the same bytes between the sweeper's finding them kept by no record and
+    /// its deleting them (a paused sweeper resuming, or plain bad luck) keeps them: the
+    /// upload was answered 201, so its bytes must stay downloadable.
+    #[tokio::test]
+    async fn an_upload_of_the_same_bytes_while_the_sweeper_deletes_them_keeps_them() {
+        let (engine, dir) = (FaultyEngine::new(), tempfile::tempdir().unwrap());
+        let media = media_over(&engine, dir.path()).await;
+        let (_, record) = upload_made(&media, 2 * TTL).await;
+        // The sweeper's first commit forgets alice's record; its next read finds no record
+        // keeping the bytes; bob uploads the same bytes right after that read.
+        let (racer, reads) = (media.clone(), engine.clone());
+        let uploaded = Arc::new(std::sync::Mutex::new(None));
+        let bobs = uploaded.clone();
+        engine.before_next_commit(Box::pin(async move {
+            reads.after_next_read(Box::pin(async move {
+                let body = Body::from(vec![7u8; 10]);
+                let upload = racer.upload(&user("bob"), "image/png", body).await;
+                *bobs.lock().unwrap() = Some(upload.unwrap().media_id);
+            }));
+        }));
+        assert_eq!(media.sweep().await.unwrap(), 1, "alice's upload swept");
+        let bobs = uploaded.lock().unwrap().take().expect("bob uploaded");
+        let kept = media.readable("bob", &bobs).await.unwrap();
+        assert_eq!(kept.sha256, record.sha256);
+        assert!(
+            media.objects.head(&blob_path(&record.sha256)).await.is_ok(),
+            "bob's upload lost its bytes"
+        );
+        // Nothing is left aside either.
+        assert_eq!(media.sweep().await.unwrap(), 0);
+        let aside: Vec<_> = media
+            .objects
+            .list(Some(&ObjectPath::from("trash")))
+            .collect()
+            .await;
+        assert!(aside.is_empty(), "{aside:?}");
     }
 
     /// An upload unreferenced for longer than the TTL is swept, unless a send shared it
