@@ -301,6 +301,18 @@ impl ServeConfig {
             self.fanout_workers != Some(0),
             "--fanout-workers must be at least 1"
         );
+        // A job's lead lasts three of its intervals (`courier_core::leases::JobLead`): at zero,
+        // every node would lead it and run its passes back to back.
+        anyhow::ensure!(
+            !self.retention_interval.is_zero(),
+            "--retention-interval must be longer than 0s (retention cannot be turned off; \
+             keep events longer with --retention)"
+        );
+        anyhow::ensure!(
+            !self.media.media_sweep_interval.is_zero(),
+            "--media-sweep-interval must be longer than 0s (keep unreferenced media longer \
+             with --media-unreferenced-ttl)"
+        );
         anyhow::ensure!(
             self.media.media_min_free_disk >= self.min_free_disk,
             "--media-min-free-disk must be at least --min-free-disk, so that uploads are \
@@ -437,6 +449,36 @@ impl ServeConfig {
             },
             outbox_lag_limit: self.outbox_lag_limit,
             ..SequencerLimits::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Serve {
+        #[command(flatten)]
+        config: ServeConfig,
+    }
+
+    fn validated(args: &[&str]) -> anyhow::Result<()> {
+        let args = std::iter::once("courier").chain(args.iter().copied());
+        Serve::try_parse_from(args)?.config.validate()
+    }
+
+    /// A background job's interval of zero would run its passes back to back, each with a
+    /// store commit, on every node at once (its lead lasts three intervals: none): refused,
+    /// naming the flag.
+    #[test]
+    fn a_zero_interval_of_a_background_job_is_refused() {
+        validated(&[]).unwrap();
+        for flag in ["--retention-interval", "--media-sweep-interval"] {
+            validated(&[flag, "1s"]).unwrap();
+            let refused = validated(&[flag, "0s"]).unwrap_err().to_string();
+            assert!(refused.contains(flag), "{flag}: {refused}");
         }
     }
 }
