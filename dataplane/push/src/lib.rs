@@ -906,8 +906,8 @@ impl Notifier {
             // Registered before the index of tokens, and by another device since: the app
             // instance is someone else's now (`courier_store::push_tokens`).
             self.count("dropped");
-            Devices::new(self.store.clone())
-                .drop_push(&user, &device, &record.push_token)
+            self.store
+                .drop_taken_push_token(&user, &device, &record)
                 .await?;
             return self.settle(key, &pending, None).await;
         }

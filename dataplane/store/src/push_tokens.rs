@@ -13,7 +13,8 @@
 //! an app that registers its token again at each start writes the entry if it is missing
 //! ([`MessageStore::register_push_token`]), and the push notifier asks
 //! [`MessageStore::push_token_taken`] before each send, which finds a device whose token the
-//! index gives to another. (A registration from before the index whose token another device
+//! index gives to another, and ends its registration with
+//! [`MessageStore::drop_taken_push_token`] (unless the device registered again meanwhile). (A registration from before the index whose token another device
 //! took and gave up again before any notification of its own was sent is not found.)
 
 use crate::keys::push_registration_slot;
@@ -93,14 +94,15 @@ impl MessageStore {
         Ok(())
     }
 
-    /// Adds to `batch` the end of `holder`'s registration of `token`, if it still has it.
+    /// Adds to `batch` the end of `holder`'s registration of `token`, if it still has it
+    /// (whether it had).
     async fn take_registration(
         &self,
         batch: &mut Batch,
         holder: &PushTokenHolder,
         provider: &str,
         token: &str,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let key = self.keys().device(&holder.user, &holder.device);
         let stored = self.kv().get(&key).await?;
         let Some(record) = stored
@@ -109,10 +111,10 @@ impl MessageStore {
             .transpose()
             .map_err(|e| corrupt(&key, e))?
         else {
-            return Ok(());
+            return Ok(false);
         };
         if registration(&record) != Some((provider, token)) {
-            return Ok(());
+            return Ok(false);
         }
         let taken = DeviceRecord {
             push_provider: String::new(),
@@ -128,7 +130,7 @@ impl MessageStore {
         batch
             .fence(key.clone(), stored)
             .set(key, taken.encode_to_vec());
-        Ok(())
+        Ok(true)
     }
 
     /// Whether the index gives the push token of `user`'s `device` (`record`) to another
@@ -146,6 +148,46 @@ impl MessageStore {
         let key = self.keys().push_token(provider, token);
         let stored = self.kv().get(&key).await?;
         Ok(holder(&key, stored.as_deref())?.is_some_and(|holder| !holder.is(user, device)))
+    }
+
+    /// Ends the registration of `user`'s `device` (`record`) while the index gives its token to
+    /// another device ([`Self::push_token_taken`]), in a commit fenced on the index: if the
+    /// device registered the token again meanwhile, the index names it and it keeps the
+    /// token. Whether the registration ended.
+    pub async fn drop_taken_push_token(
+        &self,
+        user: &str,
+        device: &str,
+        record: &DeviceRecord,
+    ) -> Result<bool, StoreError> {
+        let Some((provider, token)) = registration(record) else {
+            return Ok(false);
+        };
+        let key = self.keys().push_token(provider, token);
+        let stored = self.kv().get(&key).await?;
+        if holder(&key, stored.as_deref())?.is_none_or(|holder| holder.is(user, device)) {
+            // No one's, or the device's own again: not taken.
+            return Ok(false);
+        }
+        let mut batch = Batch::new();
+        batch.fence(key, stored);
+        let taken = PushTokenHolder {
+            user: user.to_owned(),
+            device: device.to_owned(),
+        };
+        if !self
+            .take_registration(&mut batch, &taken, provider, token)
+            .await?
+        {
+            return Ok(false);
+        }
+        match self.kv().commit(batch).await {
+            Ok(_) => Ok(true),
+            // The index or the device changed since: this drop is decided again, if still
+            // due, at the device's next notification.
+            Err(StoreError::FenceChanged { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 }
 
@@ -333,5 +375,61 @@ mod tests {
             Some("bob".into())
         );
         assert!(taken("ann").await && !taken("bob").await);
+    }
+
+    /// The notifier found Cat's registration from before the index taken by Bob, and drops
+    /// it; but if Cat's app registered the token again in between, the token is Cat's now
+    /// and the drop leaves it.
+    #[tokio::test]
+    async fn a_taken_registration_dropped_after_it_was_registered_again_stays() {
+        let store = FaultyEngine::new().store(4).await;
+        let mut batch = Batch::new();
+        let legacy = DeviceRecord {
+            push_provider: "fcm".into(),
+            push_token: "V".into(),
+            ..DeviceRecord::default()
+        };
+        for user in ["cat", "dan"] {
+            batch.set(store.keys().device(user, "phone"), legacy.encode_to_vec());
+        }
+        store.kv().commit(batch).await.unwrap();
+        store
+            .update_device("bob", "phone", registered("fcm", "V"))
+            .await
+            .unwrap();
+        let read = |user: &'static str| {
+            let store = &store;
+            async move { store.device(user, "phone").await.unwrap().unwrap() }
+        };
+        let (cat, dan) = (read("cat").await, read("dan").await);
+        assert!(store.push_token_taken("cat", "phone", &cat).await.unwrap());
+        // Dan's drop ends his registration; the index stays Bob's.
+        assert!(
+            store
+                .drop_taken_push_token("dan", "phone", &dan)
+                .await
+                .unwrap()
+        );
+        assert_eq!(token_of(&store, "dan").await, "");
+        assert_eq!(
+            holder_of(&store, "V").await.map(|h| h.user),
+            Some("bob".into())
+        );
+        // Cat's app registers again before the notifier drops what it read.
+        store
+            .register_push_token("cat", "phone", registered("fcm", "V"))
+            .await
+            .unwrap();
+        assert!(
+            !store
+                .drop_taken_push_token("cat", "phone", &cat)
+                .await
+                .unwrap()
+        );
+        assert_eq!(token_of(&store, "cat").await, "V", "Cat keeps its token");
+        assert_eq!(
+            holder_of(&store, "V").await.map(|h| h.user),
+            Some("cat".into())
+        );
     }
 }
