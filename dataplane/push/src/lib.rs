@@ -916,14 +916,6 @@ impl Notifier {
             self.count("delivered");
             return self.settle(key, &pending, None).await;
         }
-        let notification = Notification {
-            conversation_id: conv.clone(),
-            seq: pending.last_seq,
-            sender: pending.sender.clone(),
-            count: pending.count,
-            text: self.text_of(&conv, pending.last_seq).await?,
-            quiet: pending.quiet,
-        };
         let ticket = match self
             .gates
             .admit(&record.push_provider, &record.push_token)
@@ -940,6 +932,15 @@ impl Notifier {
                 self.next_due_ms.fetch_min(until, Ordering::Relaxed);
                 return self.settle(key, &pending, Some(&next)).await;
             }
+        };
+        // Read once the provider takes a request: a postponed notification reads no event.
+        let notification = Notification {
+            conversation_id: conv.clone(),
+            seq: pending.last_seq,
+            sender: pending.sender.clone(),
+            count: pending.count,
+            text: self.text_of(&conv, pending.last_seq).await?,
+            quiet: pending.quiet,
         };
         let answer = provider.send(&record.push_token, &notification).await;
         let now = now_ms();
