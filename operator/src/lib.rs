@@ -6,7 +6,7 @@
 //! proposes the moves in a fourth resource, `ShardRebalance`, for a person to approve.
 //! Planners are pure functions of what was observed, tested without a cluster; controllers
 //! ([`controllers`]) read the cluster, call the planners and renderers, and apply the result
-//! with server-side apply.
+//! with server-side apply. They watch every namespace, or one ([`scope`]).
 //!
 //! Not in here: the data plane itself (`dataplane/`), which the operator only talks to over
 //! its admin gRPC API.
@@ -18,3 +18,4 @@ pub mod data_plane;
 pub mod metrics;
 pub mod rebalance;
 pub mod render;
+pub mod scope;

@@ -6,15 +6,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use courier_operator::controllers::{Context, cluster, gateway_pool, shard_set};
-use courier_operator::crd::{CourierCluster, GatewayPool, SequencerShardSet, ShardRebalance};
+use courier_operator::controllers::{self, Context};
 use courier_operator::data_plane::NetworkDataPlane;
 use courier_operator::metrics::{Metrics, serve};
-use futures::StreamExt;
-use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::ConfigMap;
-use kube::runtime::{Controller, watcher};
-use kube::{Api, Client};
+use courier_operator::scope::WatchScope;
+use kube::Client;
 use kube_lease_manager::LeaseManagerBuilder;
 
 #[derive(Parser)]
@@ -41,6 +37,11 @@ enum Command {
         /// This replica's identity in the Lease (its pod name).
         #[arg(long, env = "POD_NAME")]
         identity: String,
+        /// The one namespace whose resources the controllers watch and write (the chart's
+        /// `watchNamespace`, with a Role there instead of a ClusterRole); empty: every
+        /// namespace.
+        #[arg(long, env = "COURIER_OPERATOR_WATCH_NAMESPACE", default_value = "")]
+        watch_namespace: WatchScope,
     },
     /// Write the CRDs as YAML files into a directory (the chart's `crds/`), or check that the
     /// files there match the Rust types (`--check`, for CI).
@@ -61,6 +62,7 @@ fn main() -> anyhow::Result<()> {
             listen,
             lease_namespace,
             identity,
+            watch_namespace,
         } => {
             tracing_subscriber::fmt()
                 .json()
@@ -69,14 +71,24 @@ fn main() -> anyhow::Result<()> {
                         .unwrap_or_else(|_| "info".into()),
                 )
                 .init();
-            tokio::runtime::Runtime::new()?.block_on(run(listen, lease_namespace, identity))
+            tokio::runtime::Runtime::new()?.block_on(run(
+                listen,
+                lease_namespace,
+                identity,
+                watch_namespace,
+            ))
         }
     }
 }
 
 /// Serves metrics at once; runs the controllers while this replica holds the Lease, and exits
 /// when it loses it (the pod restarts as a follower).
-async fn run(listen: SocketAddr, lease_namespace: String, identity: String) -> anyhow::Result<()> {
+async fn run(
+    listen: SocketAddr,
+    lease_namespace: String,
+    identity: String,
+    scope: WatchScope,
+) -> anyhow::Result<()> {
     let client = Client::try_default().await?;
     let metrics = Arc::new(Metrics::new());
     let listener = tokio::net::TcpListener::bind(listen).await?;
@@ -90,13 +102,13 @@ async fn run(listen: SocketAddr, lease_namespace: String, identity: String) -> a
     while !*leader.borrow_and_update() {
         leader.changed().await?;
     }
-    tracing::info!("leading: starting the controllers");
+    tracing::info!(watching = %scope, "leading: starting the controllers");
     let ctx = Arc::new(Context::new(
         client.clone(),
         Arc::new(NetworkDataPlane::new()?),
         metrics,
     ));
-    let controllers = run_controllers(client, ctx);
+    let controllers = controllers::run(client, ctx, &scope);
     tokio::select! {
         () = controllers => anyhow::bail!("the controllers stopped"),
         lost = async { while *leader.borrow() { if leader.changed().await.is_err() { break; } } } => {
@@ -106,43 +118,6 @@ async fn run(listen: SocketAddr, lease_namespace: String, identity: String) -> a
         }
         served = server => anyhow::bail!("the metrics server stopped: {served:?}"),
     }
-}
-
-/// The three controllers, watching their resources and what they own.
-async fn run_controllers(client: Client, ctx: Arc<Context>) {
-    let config = watcher::Config::default().any_semantic();
-    let clusters = Controller::new(Api::<CourierCluster>::all(client.clone()), config.clone())
-        .owns(Api::<StatefulSet>::all(client.clone()), config.clone())
-        .owns(Api::<Deployment>::all(client.clone()), config.clone())
-        .owns(Api::<ConfigMap>::all(client.clone()), config.clone())
-        .owns(Api::<GatewayPool>::all(client.clone()), config.clone())
-        .owns(
-            Api::<SequencerShardSet>::all(client.clone()),
-            config.clone(),
-        )
-        .shutdown_on_signal()
-        .run(cluster::reconcile, cluster::error_policy, ctx.clone())
-        .for_each(|_| async {});
-    let pools = Controller::new(Api::<GatewayPool>::all(client.clone()), config.clone())
-        .owns(Api::<Deployment>::all(client.clone()), config.clone())
-        .shutdown_on_signal()
-        .run(
-            gateway_pool::reconcile,
-            gateway_pool::error_policy,
-            ctx.clone(),
-        )
-        .for_each(|_| async {});
-    let shard_sets = Controller::new(
-        Api::<SequencerShardSet>::all(client.clone()),
-        config.clone(),
-    )
-    .owns(Api::<StatefulSet>::all(client.clone()), config.clone())
-    // An annotation on a set's plan (approve, refresh) wakes the set up.
-    .owns(Api::<ShardRebalance>::all(client), config)
-    .shutdown_on_signal()
-    .run(shard_set::reconcile, shard_set::error_policy, ctx)
-    .for_each(|_| async {});
-    futures::join!(clusters, pools, shard_sets);
 }
 
 /// Writes (or checks) the CRD files in `dir`.

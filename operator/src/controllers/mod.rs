@@ -9,6 +9,9 @@
 //! - [`shard_set`]: `SequencerShardSet` → StatefulSet, headless Service, PDB, the rebalancer
 //!   (with a finalizer that releases the shards when the set is deleted), and in mode
 //!   `Proposal` the `ShardRebalance` that holds the plan until it is approved.
+//!
+//! [`run`] starts the three, watching their resources in a [`WatchScope`]: every namespace,
+//! or one.
 
 pub mod cluster;
 pub mod gateway_pool;
@@ -19,23 +22,68 @@ use std::fmt::Debug;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use futures::StreamExt;
 use k8s_openapi::NamespaceResourceScope;
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::core::object::HasStatus;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::{Controller, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::autoscale::GatewayAutoscaler;
-use crate::crd::{ConditionType, Conditions, CourierCluster, ObservedStatus, SecretKeyRef};
+use crate::crd::{
+    ConditionType, Conditions, CourierCluster, GatewayPool, ObservedStatus, SecretKeyRef,
+    SequencerShardSet, ShardRebalance,
+};
 use crate::metrics::{ControllerLabel, Metrics};
 use crate::rebalance::Rebalancer;
 use crate::rebalance::executor::{AdminError, ShardAdmin};
 use crate::render::{FIELD_MANAGER, RenderError};
+use crate::scope::WatchScope;
+
+/// Runs the three controllers until a shutdown signal, each watching its resource and what it
+/// owns in `scope` (every `Api` comes from [`WatchScope::api`]).
+pub async fn run(client: Client, ctx: Arc<Context>, scope: &WatchScope) {
+    let config = watcher::Config::default().any_semantic();
+    let clusters = Controller::new(scope.api::<CourierCluster>(client.clone()), config.clone())
+        .owns(scope.api::<StatefulSet>(client.clone()), config.clone())
+        .owns(scope.api::<Deployment>(client.clone()), config.clone())
+        .owns(scope.api::<ConfigMap>(client.clone()), config.clone())
+        .owns(scope.api::<GatewayPool>(client.clone()), config.clone())
+        .owns(
+            scope.api::<SequencerShardSet>(client.clone()),
+            config.clone(),
+        )
+        .shutdown_on_signal()
+        .run(cluster::reconcile, cluster::error_policy, ctx.clone())
+        .for_each(|_| async {});
+    let pools = Controller::new(scope.api::<GatewayPool>(client.clone()), config.clone())
+        .owns(scope.api::<Deployment>(client.clone()), config.clone())
+        .shutdown_on_signal()
+        .run(
+            gateway_pool::reconcile,
+            gateway_pool::error_policy,
+            ctx.clone(),
+        )
+        .for_each(|_| async {});
+    let shard_sets = Controller::new(
+        scope.api::<SequencerShardSet>(client.clone()),
+        config.clone(),
+    )
+    .owns(scope.api::<StatefulSet>(client.clone()), config.clone())
+    // An annotation on a set's plan (approve, refresh) wakes the set up.
+    .owns(scope.api::<ShardRebalance>(client), config)
+    .shutdown_on_signal()
+    .run(shard_set::reconcile, shard_set::error_policy, ctx)
+    .for_each(|_| async {});
+    futures::join!(clusters, pools, shard_sets);
+}
 
 /// A reconciliation that failed; the controller retries it (see [`error_policy`]).
 #[derive(Debug, thiserror::Error)]

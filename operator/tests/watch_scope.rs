@@ -1,0 +1,136 @@
+//! What the running controllers list and watch, against kube's mocked API server
+//! (`tower-test`): scoped to one namespace, every request stays in that namespace, so the
+//! Role the chart grants there is enough and no cluster-wide list is ever made; unscoped,
+//! they watch every namespace as before.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use courier_operator::controllers::{self, Context, DataPlane};
+use courier_operator::metrics::Metrics;
+use courier_operator::rebalance::executor::ShardAdmin;
+use courier_operator::scope::WatchScope;
+use http::{Request, Response};
+use kube::Client;
+use kube::client::Body;
+use serde_json::json;
+
+/// The controllers reconcile nothing here (every list is empty): the data plane is never used.
+struct NoDataPlane;
+
+#[async_trait::async_trait]
+impl DataPlane for NoDataPlane {
+    fn shard_admin(
+        &self,
+        _token: courier_rpc::ClusterToken,
+        _seeds: Vec<String>,
+    ) -> Arc<dyn ShardAdmin> {
+        unreachable!("no object, no admin API")
+    }
+
+    async fn gateway_connections(&self, _pod_ip: &str) -> Result<u64, String> {
+        unreachable!("no object, no gateway")
+    }
+}
+
+/// One watcher per resource a controller watches or owns: the cluster controller six, the
+/// pool controller two, the shard set controller three.
+const WATCHERS: usize = 11;
+
+/// The requests the controllers make in `scope`: the paths of their lists and of their
+/// watches, each sorted. The API server answers every list with no objects and holds every
+/// watch open; the controllers run until each of the [`WATCHERS`] has listed and started
+/// to watch (or a deadline passes, which fails the test).
+async fn requests_in(scope: WatchScope) -> (Vec<String>, Vec<String>) {
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(service, "default");
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        Arc::new(NoDataPlane),
+        Arc::new(Metrics::new()),
+    ));
+    let running = tokio::spawn(async move { controllers::run(client, ctx, &scope).await });
+    let (mut lists, mut watches) = (Vec::new(), Vec::new());
+    // Answering a watch would end it and start a new list; holding it keeps the count exact.
+    let mut held = Vec::new();
+    let observed = tokio::time::timeout(Duration::from_secs(30), async {
+        while lists.len() < WATCHERS || watches.len() < WATCHERS {
+            let (request, send) = handle
+                .next_request()
+                .await
+                .expect("the controllers stopped before every watcher watched");
+            let path = request.uri().path().to_owned();
+            let query = request.uri().query().unwrap_or_default().to_owned();
+            if query.split('&').any(|pair| pair == "watch=true") {
+                watches.push(path);
+                held.push(send);
+            } else {
+                lists.push(path);
+                let empty = json!({
+                    "apiVersion": "v1", "kind": "List",
+                    "metadata": { "resourceVersion": "1" }, "items": []
+                });
+                send.send_response(
+                    Response::builder()
+                        .body(Body::from(serde_json::to_vec(&empty).unwrap()))
+                        .unwrap(),
+                );
+            }
+        }
+    })
+    .await;
+    running.abort();
+    assert!(
+        observed.is_ok(),
+        "not every watcher listed and watched within the deadline; lists {lists:?}, watches {watches:?}"
+    );
+    lists.sort();
+    watches.sort();
+    (lists, watches)
+}
+
+/// The paths the [`WATCHERS`] list and watch, sorted, under `courier` (`courier.dev`), `apps`
+/// and `core` prefixes that say where they are.
+fn watched_paths(courier: &str, apps: &str, core: &str) -> Vec<String> {
+    let mut paths = vec![
+        format!("{courier}/courierclusters"),
+        format!("{apps}/statefulsets"),
+        format!("{apps}/deployments"),
+        format!("{core}/configmaps"),
+        format!("{courier}/gatewaypools"),
+        format!("{courier}/sequencershardsets"),
+        format!("{courier}/gatewaypools"),
+        format!("{apps}/deployments"),
+        format!("{courier}/sequencershardsets"),
+        format!("{apps}/statefulsets"),
+        format!("{courier}/shardrebalances"),
+    ];
+    paths.sort();
+    paths
+}
+
+#[tokio::test]
+async fn scoped_to_a_namespace_the_controllers_list_and_watch_only_in_it() {
+    let (lists, watches) = requests_in(WatchScope::Namespace("team-a".to_owned())).await;
+    let expected = watched_paths(
+        "/apis/courier.dev/v1alpha1/namespaces/team-a",
+        "/apis/apps/v1/namespaces/team-a",
+        "/api/v1/namespaces/team-a",
+    );
+    assert_eq!(lists, expected);
+    assert_eq!(watches, expected);
+    for path in lists.iter().chain(&watches) {
+        assert!(
+            path.contains("/namespaces/team-a/"),
+            "a request outside the namespace: {path}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn unscoped_the_controllers_watch_every_namespace_as_before() {
+    let (lists, watches) = requests_in(WatchScope::AllNamespaces).await;
+    let expected = watched_paths("/apis/courier.dev/v1alpha1", "/apis/apps/v1", "/api/v1");
+    assert_eq!(lists, expected);
+    assert_eq!(watches, expected);
+}
