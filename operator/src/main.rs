@@ -81,8 +81,9 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-/// Serves metrics at once; runs the controllers while this replica holds the Lease, and exits
-/// when it loses it (the pod restarts as a follower).
+/// Serves metrics at once; runs the controllers while this replica holds the Lease (one per
+/// scope, [`WatchScope::lease_name`]), and exits when it loses it (the pod restarts as a
+/// follower).
 async fn run(
     listen: SocketAddr,
     lease_namespace: String,
@@ -93,7 +94,7 @@ async fn run(
     let metrics = Arc::new(Metrics::new());
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let server = tokio::spawn(serve(listener, metrics.clone()));
-    let manager = LeaseManagerBuilder::new(client.clone(), "courier-operator")
+    let manager = LeaseManagerBuilder::new(client.clone(), scope.lease_name())
         .with_namespace(lease_namespace)
         .with_identity(identity)
         .build()

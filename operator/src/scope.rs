@@ -49,6 +49,18 @@ impl WatchScope {
     }
 }
 
+impl WatchScope {
+    /// The name of the leader-election Lease: `courier-operator` for every namespace (as
+    /// before), `courier-operator-<namespace>` for one, so that operators of different
+    /// namespaces installed side by side each elect a leader of their own.
+    pub fn lease_name(&self) -> String {
+        match self {
+            WatchScope::AllNamespaces => "courier-operator".to_owned(),
+            WatchScope::Namespace(namespace) => format!("courier-operator-{namespace}"),
+        }
+    }
+}
+
 impl fmt::Display for WatchScope {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -124,6 +136,15 @@ mod tests {
             Ok(WatchScope::Namespace("team-a".to_owned()))
         );
         assert_eq!("a".parse(), Ok(WatchScope::Namespace("a".to_owned())));
+    }
+
+    #[test]
+    fn operators_of_different_namespaces_elect_leaders_apart() {
+        assert_eq!(WatchScope::AllNamespaces.lease_name(), "courier-operator");
+        let a = WatchScope::Namespace("team-a".to_owned()).lease_name();
+        let b = WatchScope::Namespace("team-b".to_owned()).lease_name();
+        assert_eq!(a, "courier-operator-team-a");
+        assert_ne!(a, b);
     }
 
     #[test]
