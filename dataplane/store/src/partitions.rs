@@ -1069,6 +1069,57 @@ mod tests {
         assert!(store.media_references("m1").await.unwrap().is_empty());
     }
 
+    /// A page of the retention queue's moves spans both partitions: one commit in each, each
+    /// move fenced on its entry, so an entry another pass moved meanwhile (in partition 1) is
+    /// left where that pass put it, and the page's other moves still happen.
+    #[tokio::test]
+    async fn retention_queue_moves_commit_per_partition_and_skip_entries_moved_meanwhile() {
+        let parts = TwoPartitions::new().await;
+        let store = &parts.store;
+        let convs = [parts.conversation("d:", 0), parts.conversation("d:", 1)];
+        // A second conversation of partition 1, whose move shares the raced one's commit.
+        let other = (0..)
+            .map(|i| format!("d:{i}"))
+            .filter(|conv| store.partition_of_shard(store.shard_of(conv)) == 1)
+            .nth(1)
+            .unwrap();
+        for conv in convs.iter().chain([&other]) {
+            append_one(
+                store,
+                message(conv, "alice", "bob", "m", Body::Text("m".into())),
+            )
+            .await;
+        }
+        let entries = store.due_trims(u64::MAX, None, 10).await.unwrap();
+        assert_eq!(entries.len(), 3);
+        let raced = entries
+            .iter()
+            .find(|e| e.conversation == convs[1])
+            .unwrap()
+            .clone();
+        let racer = store.clone();
+        parts.engines[1].before_next_commit(Box::pin(async move {
+            racer.reschedule_trims(&[(&raced, 100)]).await.unwrap();
+        }));
+        let moves: Vec<_> = entries.iter().map(|e| (e, 200)).collect();
+        store.reschedule_trims(&moves).await.unwrap();
+        let mut queued: Vec<_> = store
+            .due_trims(u64::MAX, None, 10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.due_ms, e.conversation))
+            .collect();
+        queued.sort();
+        let mut expected = vec![
+            (100, convs[1].clone()),
+            (200, convs[0].clone()),
+            (200, other.clone()),
+        ];
+        expected.sort();
+        assert_eq!(queued, expected);
+    }
+
     /// Per conversation: its outbox entries left (up to 1), and whether bob's notification is
     /// written.
     async fn waiting(store: &MessageStore, convs: &[String]) -> Vec<(usize, bool)> {

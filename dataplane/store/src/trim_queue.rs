@@ -53,20 +53,49 @@ impl MessageStore {
     }
 
     /// Moves each entry to its due time, in one commit per partition, deferred: a move lost
-    /// to a power loss only has a pass look at the conversation again.
+    /// to a power loss only has a pass look at the conversation again. Each move is fenced on
+    /// its entry: an entry another pass moved meanwhile (two passes overlapping) stays where
+    /// that pass put it, rather than the conversation being queued twice, and the other moves
+    /// of its commit are made again without it.
     pub async fn reschedule_trims(&self, moves: &[(&TrimDue, u64)]) -> Result<(), StoreError> {
-        if moves.is_empty() {
-            return Ok(());
+        let partition = |(entry, _): &(&TrimDue, u64)| {
+            self.partition_of_shard(self.shard_of(&entry.conversation))
+        };
+        let mut moves = moves.to_vec();
+        moves.sort_by_key(partition);
+        let runs = self.runs_by_partition(&moves, partition);
+        futures::future::try_join_all(runs.into_iter().map(|run| self.move_trims(run.to_vec())))
+            .await
+            .map(drop)
+    }
+
+    /// Moves the entries of `moves`, which lie in one partition, in one commit, leaving out
+    /// those another pass moved first.
+    async fn move_trims(&self, mut moves: Vec<(&TrimDue, u64)>) -> Result<(), StoreError> {
+        while !moves.is_empty() {
+            let mut batch = Batch::new();
+            for (entry, due_ms) in &moves {
+                batch
+                    .fence(entry.key.clone(), Some(Vec::new()))
+                    .clear(entry.key.clone())
+                    .set(
+                        self.keys().trim_due(*due_ms, &entry.conversation),
+                        Vec::new(),
+                    );
+            }
+            batch.deferred();
+            match self.kv().commit(batch).await {
+                Err(StoreError::FenceChanged { key }) => {
+                    let before = moves.len();
+                    moves.retain(|(entry, _)| entry.key != key);
+                    if moves.len() == before {
+                        return Err(StoreError::FenceChanged { key });
+                    }
+                }
+                done => return done.map(drop),
+            }
         }
-        let mut batch = Batch::new();
-        for (entry, due_ms) in moves {
-            batch.clear(entry.key.clone()).set(
-                self.keys().trim_due(*due_ms, &entry.conversation),
-                Vec::new(),
-            );
-        }
-        batch.deferred();
-        self.commit_independent(batch).await
+        Ok(())
     }
 
     /// Builds the retention queue for `window_ms` at `now_ms` unless it was built for that
@@ -111,6 +140,7 @@ impl MessageStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::faulty_engine::FaultyEngine;
     use crate::message_store::HeadCache;
     use crate::testing::{direct_message, owner, temp_store};
 
@@ -172,5 +202,27 @@ mod tests {
             queued(&store).await,
             [(2_000 + WINDOW + 1, "d:1".to_owned())]
         );
+    }
+
+    /// Two passes that overlap (a long one, a paused leader resuming) both move an entry, each
+    /// to a time of its own clock: the one that moves it second finds it gone and moves
+    /// nothing, so the conversation keeps one entry, not two.
+    #[tokio::test]
+    async fn an_entry_two_overlapping_passes_move_is_moved_once() {
+        let engine = FaultyEngine::new();
+        let store = engine.store(4).await;
+        let lease = owner(&store, "d:1").await;
+        let mut heads = HeadCache::default();
+        store
+            .append(lease, &mut heads, &[direct_message("a")])
+            .await
+            .unwrap();
+        let entry = store.due_trims(u64::MAX, None, 1).await.unwrap().remove(0);
+        let (other, raced) = (store.clone(), entry.clone());
+        engine.before_next_commit(Box::pin(async move {
+            other.reschedule_trims(&[(&raced, 100)]).await.unwrap();
+        }));
+        store.reschedule_trims(&[(&entry, 200)]).await.unwrap();
+        assert_eq!(queued(&store).await, [(100, "d:1".to_owned())]);
     }
 }
