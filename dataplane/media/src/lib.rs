@@ -25,8 +25,8 @@
 //!   being sent with (`MessageStore::share_media`). The sweeper is a loop owned by the node's
 //!   [`BackgroundLoops`]: it stops at once when cancelled (a sweep is idempotent: a record
 //!   forgotten is fenced, bytes are deleted only once no record keeps them) and is restarted
-//!   if it panics (it keeps no state between sweeps but bytes moved aside, which the next
-//!   sweep settles).
+//!   if it panics (it keeps no state between sweeps but bytes moved aside and the notes of
+//!   records forgotten whose bytes are not yet deleted, which the next sweep settles).
 
 use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -470,6 +470,7 @@ impl MediaService {
     pub async fn sweep(&self) -> Result<u64, StoreError> {
         let cutoff = now_ms().saturating_sub(self.config.media_unreferenced_ttl.as_millis() as u64);
         self.settle_left_aside().await?;
+        self.settle_forgotten().await?;
         let mut swept = 0;
         let mut after: Option<String> = None;
         loop {
@@ -490,10 +491,43 @@ impl MediaService {
                     other => other?,
                 }
                 swept += 1;
-                self.delete_unused_blob(&record.sha256).await?;
+                self.settle_forgotten_blob(&id, &record).await?;
             }
             after = Some(last);
         }
+    }
+
+    /// Settles the bytes of the records an earlier sweep forgot and did not get to (a failure
+    /// or a crash between the forget and the bytes' deletion).
+    async fn settle_forgotten(&self) -> Result<(), StoreError> {
+        let mut after: Option<String> = None;
+        loop {
+            let page = self
+                .store
+                .forgotten_media(after.as_deref(), SWEEP_PAGE)
+                .await?;
+            let Some((last, _)) = page.last() else {
+                return Ok(());
+            };
+            after = Some(last.clone());
+            for (id, record) in &page {
+                self.settle_forgotten_blob(id, record).await?;
+            }
+        }
+    }
+
+    /// Deletes the bytes of forgotten media record `id` unless a record keeps them, then
+    /// clears the note that it was forgotten; the note stays, for the next sweep, when the
+    /// bytes could not be moved.
+    async fn settle_forgotten_blob(
+        &self,
+        id: &str,
+        record: &MediaRecord,
+    ) -> Result<(), StoreError> {
+        if self.delete_unused_blob(&record.sha256).await? {
+            self.store.settled_forgotten_media(id, record).await?;
+        }
+        Ok(())
     }
 
     /// Deletes the bytes `sha256` if no media record keeps them. An upload of the same bytes
@@ -501,10 +535,11 @@ impl MediaService {
     /// again ([`MediaService::keep`]): so the bytes are first moved aside (under `trash/`),
     /// then the records are looked at again, and the bytes moved back if one appeared
     /// meanwhile. An upload recorded after the move finds no bytes and stores its own. Bytes
-    /// left aside (a crash, a failed call) are settled at the start of the next sweep.
-    async fn delete_unused_blob(&self, sha256: &str) -> Result<(), StoreError> {
+    /// left aside (a crash, a failed call) are settled at the start of the next sweep. Returns
+    /// whether the bytes are settled: `false` when they could not be moved aside.
+    async fn delete_unused_blob(&self, sha256: &str) -> Result<bool, StoreError> {
         if self.store.blob_in_use(sha256).await? {
-            return Ok(());
+            return Ok(true);
         }
         // Each move aside has its own path: two sweepers (a paused leader resuming) each
         // settle only their own.
@@ -513,12 +548,11 @@ impl MediaService {
             hex::encode(rand::random::<[u8; 8]>())
         ));
         match self.objects.rename(&blob_path(sha256), &aside).await {
-            Ok(()) => self.settle_aside(&aside, sha256).await,
-            Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Ok(()) => self.settle_aside(&aside, sha256).await.map(|()| true),
+            Err(object_store::Error::NotFound { .. }) => Ok(true),
             Err(e) => {
-                // The record is gone: these bytes are leaked, not lost.
-                tracing::warn!(sha256, error = %e, "could not delete media bytes");
-                Ok(())
+                tracing::warn!(sha256, error = %e, "could not delete media bytes; the next sweep tries again");
+                Ok(false)
             }
         }
     }
@@ -659,7 +693,33 @@ mod tests {
     /// The media role over `engine`, its bytes under `dir`, with a chat role whose sends are
     /// sequenced at once (the sweeper's TTL [`TTL`]).
     async fn media_over(engine: &Arc<FaultyEngine>, dir: &std::path::Path) -> Arc<MediaService> {
-        let store = engine.store(4).await;
+        media_on(engine.store(4).await, dir).await
+    }
+
+    /// The media role as [`media_over`] does, over a store of two partitions (shards 0-1 and
+    /// 2-3), one on each engine.
+    async fn media_over_partitions(
+        engines: &[Arc<FaultyEngine>; 2],
+        dir: &std::path::Path,
+    ) -> Arc<MediaService> {
+        let table = courier_store::PartitionTable::parse(
+            r#"{"partitions": [
+                {"shards": [0, 1], "store_address": "http://127.0.0.1:7400"},
+                {"shards": [2, 3], "store_address": "http://127.0.0.1:7401"}]}"#,
+            4,
+        )
+        .unwrap();
+        let engines = engines
+            .iter()
+            .map(|e| e.clone() as Arc<dyn courier_store::KvEngine>)
+            .collect();
+        let store = MessageStore::open_partitioned(engines, &table, b"", 4)
+            .await
+            .unwrap();
+        media_on(store, dir).await
+    }
+
+    async fn media_on(store: MessageStore, dir: &std::path::Path) -> Arc<MediaService> {
         let leases = store
             .acquire_shards(Duty::Sequencing, "test", &[0, 1, 2, 3], 4, 0, u64::MAX)
             .await
@@ -802,6 +862,36 @@ mod tests {
             .collect()
             .await;
         assert!(aside.is_empty(), "{aside:?}");
+    }
+
+    /// A sweep cut after it forgot a record and before it deleted its bytes (here the
+    /// forget's second step, which clears the media's references in every partition, fails)
+    /// leaves no bytes behind for good: a later sweep deletes them, though the record is gone.
+    #[tokio::test]
+    async fn bytes_a_sweep_cut_short_forgot_are_deleted_by_a_later_sweep() {
+        let (engines, dir) = (
+            [FaultyEngine::new(), FaultyEngine::new()],
+            tempfile::tempdir().unwrap(),
+        );
+        let media = media_over_partitions(&engines, dir.path()).await;
+        let (id, record) = upload_made(&media, 2 * TTL).await;
+        engines[1].set_fault(Some(Box::new(|_| {
+            Some(StoreError::Engine("partition 1 unreachable".into()))
+        })));
+        assert!(media.sweep().await.is_err());
+        assert_eq!(media.store.media(&id).await.unwrap(), None, "forgotten");
+        engines[1].set_fault(None);
+        media.sweep().await.unwrap();
+        assert!(
+            media
+                .objects
+                .head(&blob_path(&record.sha256))
+                .await
+                .is_err(),
+            "the bytes of a forgotten record are left for good"
+        );
+        let notes = media.store.forgotten_media(None, 10).await.unwrap();
+        assert!(notes.is_empty(), "{notes:?}");
     }
 
     /// An upload unreferenced for longer than the TTL is swept, unless a send shared it

@@ -32,6 +32,7 @@
 //! | `ngroups` | `("ngroups", user)` | groups the user belonged to, as counted before `gcount` (i64 LE): read and added, no longer written |
 //! | `media` | `("media", id)` | one user's upload (`MediaRecord`: owner, mime, size, sha256, time) |
 //! | `mblob` | `("mblob", sha256, id)` | media record `id` keeps the bytes `sha256` (empty) |
+//! | `mgone` | `("mgone", id)` | media record `id` as the sweeper forgot it (`MediaRecord`): the sweeper deletes its bytes unless a record keeps them, then this |
 //! | `mbytes` | `("mbytes", user)` | bytes of the user's media records, for the quota (u64 LE) |
 //! | `mref` | `("mref", id, conv, seq)` | message `seq` of `conv` references it (empty); one per message |
 //! | `pushq` | `("pushq", user, device, conv)` | a pending, collapsed notification (`PendingPush`) |
@@ -409,7 +410,17 @@ impl Keys {
         range_of(self.root.subspace(&("media",)))
     }
 
-    /// The media id of a key from [`Keys::all_media`].
+    /// Media record `id` as it was forgotten, until the sweeper has settled its bytes.
+    pub fn forgotten_media(&self, id: &str) -> Vec<u8> {
+        self.pack(&("mgone", id))
+    }
+
+    /// Every forgotten media record whose bytes the sweeper has not settled yet.
+    pub fn all_forgotten_media(&self) -> Range<Vec<u8>> {
+        range_of(self.root.subspace(&("mgone",)))
+    }
+
+    /// The media id of a key from [`Keys::all_media`] or [`Keys::all_forgotten_media`].
     pub fn media_id(&self, key: &[u8]) -> Option<String> {
         self.root
             .unpack::<(String, String)>(key)
@@ -513,7 +524,7 @@ impl Keys {
         };
         let place = match tuple.string()? {
             b"meta" | b"lead" | b"route" | b"groute" | b"node" | b"dev" | b"ptok" | b"cur"
-            | b"media" | b"mblob" | b"mbytes" | b"ngroups" => Placement::Directory,
+            | b"media" | b"mgone" | b"mblob" | b"mbytes" | b"ngroups" => Placement::Directory,
             b"shard" | b"own" | b"fepoch" | b"fown" | b"ob" | b"fcur" | b"pcur" => {
                 Placement::Shard(u32::try_from(tuple.uint()?).ok()?)
             }

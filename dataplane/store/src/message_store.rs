@@ -1971,14 +1971,18 @@ impl MessageStore {
 
     /// Forgets media record `id`, as it was read (`record`), and gives its size back to its
     /// owner's quota, and clears its references. `FenceChanged` when it was uploaded or shared
-    /// again meanwhile (nothing changed). The caller deletes
-    /// the bytes once no record keeps them ([`MessageStore::blob_in_use`]).
+    /// again meanwhile (nothing changed). The record is noted as forgotten in the same commit
+    /// ([`MessageStore::forgotten_media`]): the caller deletes the bytes once no record keeps
+    /// them ([`MessageStore::blob_in_use`]), then clears the note
+    /// ([`MessageStore::settled_forgotten_media`]), so that bytes a failure or a crash left
+    /// after the record went are still found.
     pub async fn forget_media(&self, id: &str, record: &MediaRecord) -> Result<(), StoreError> {
         let key = self.keys.media(id);
         let mut batch = Batch::new();
         batch
             .fence(key.clone(), Some(record.encode_to_vec()))
             .clear(key)
+            .set(self.keys.forgotten_media(id), record.encode_to_vec())
             .clear(self.keys.blob_user(&record.sha256, id))
             .add(
                 self.keys.media_usage(&record.owner),
@@ -1990,6 +1994,48 @@ impl MessageStore {
         let mut references = Batch::new();
         references.clear_range(self.keys.media_references(id));
         self.commit_then(batch, references).await
+    }
+
+    /// Media records forgotten ([`MessageStore::forget_media`]) whose bytes are not settled
+    /// yet, as `(id, record)` in id order, a page of `limit` after `after`.
+    pub async fn forgotten_media(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, MediaRecord)>, StoreError> {
+        let mut range = self.keys.all_forgotten_media();
+        if let Some(after) = after {
+            range.start = bound_after(&self.keys.forgotten_media(after));
+        }
+        let rows = self.kv.range(range, limit, false).await?;
+        rows.into_iter()
+            .map(|(k, v)| {
+                let id = self
+                    .keys
+                    .media_id(&k)
+                    .ok_or_else(|| corrupt(&k, "media key"))?;
+                let record = MediaRecord::decode(v.as_slice()).map_err(|e| corrupt(&k, e))?;
+                Ok((id, record))
+            })
+            .collect()
+    }
+
+    /// Clears the note that media record `id` was forgotten as `record`, once its bytes are
+    /// settled; a note of a later forget of the same id stays.
+    pub async fn settled_forgotten_media(
+        &self,
+        id: &str,
+        record: &MediaRecord,
+    ) -> Result<(), StoreError> {
+        let key = self.keys.forgotten_media(id);
+        let mut batch = Batch::new();
+        batch
+            .fence(key.clone(), Some(record.encode_to_vec()))
+            .clear(key);
+        match self.kv.commit(batch).await {
+            Ok(_) | Err(StoreError::FenceChanged { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     /// Media ids in order, a page of `limit` after `after` (for the sweeper).

@@ -745,6 +745,7 @@ mod tests {
             keys.device("u", "d"),
             keys.cursor("u", "d", &conv),
             keys.media("m"),
+            keys.forgotten_media("m"),
             keys.blob_user("sha", "m"),
             keys.media_usage("u"),
             keys.former_group_count("u"),
