@@ -616,6 +616,20 @@ async fn the_admin_api_lists_nodes_moves_every_shard_and_drains_a_node_while_cli
             .await;
         assert_eq!(refused.unwrap_err().code(), code, "a move to {to}");
     }
+    // A shard beyond the store's is a bad argument, not a shard that moved.
+    let refused = admin(&first)
+        .await
+        .move_shard(MoveShardRequest {
+            shard: 8,
+            to: "s2".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(
+        refused.message().contains("the store has 8 shards"),
+        "{refused:?}"
+    );
     assert_eq!(owned(&first).await, (0..8).collect::<Vec<u32>>());
     send_round(&front, &mut alice, &peers, 10, &mut sent).await;
 

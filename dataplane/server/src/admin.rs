@@ -10,9 +10,11 @@
 //!
 //! A move is the hand-off of `LocalSequencer::hand_off` (freeze here, flip owner and epoch in
 //! one commit), then a call to the target's `TakeShards`, so that the move returns once the
-//! target serves the shard. A target that is not a live sequencer node is refused first
-//! (`NOT_FOUND` when unregistered, `FAILED_PRECONDITION` otherwise), with the shard untouched. A move that fails after the flip leaves the shard to the target in
-//! the store; the target takes it at its next lease round.
+//! target serves the shard. A shard beyond the store's shard count is refused first
+//! (`INVALID_ARGUMENT`), and so is a target that is not a live sequencer node (`NOT_FOUND`
+//! when unregistered, `FAILED_PRECONDITION` otherwise), with the shard untouched. A move that
+//! fails after the flip leaves the shard to the target in the store; the target takes it at
+//! its next lease round.
 
 use crate::node::Role;
 use courier_core::clock::now_ms;
@@ -232,6 +234,13 @@ impl admin_server::Admin for AdminService {
         let MoveShardRequest { shard, to } = request.into_inner();
         if to == self.node {
             return Err(Status::invalid_argument("the shard is already this node's"));
+        }
+        let shards = self.store.shard_count();
+        if shard >= shards {
+            return Err(Status::invalid_argument(format!(
+                "no shard {shard}: the store has {shards} shards, numbered 0 to {}",
+                shards.saturating_sub(1)
+            )));
         }
         let sequencer = self.sequencer()?;
         let target = self.live_sequencer(&to).await?;
