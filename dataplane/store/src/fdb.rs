@@ -297,19 +297,24 @@ impl FdbEngine {
     }
 
     /// The first fence that does not hold, read serializably in `trx` (so a change after the
-    /// read makes the commit conflict).
+    /// read makes the commit conflict). The fences are read at once: a retention pass's page
+    /// fences each of its hundreds of moves.
     async fn violated_fence(
         &self,
         trx: &Transaction,
         batch: &Batch,
     ) -> Result<Option<Vec<u8>>, FdbError> {
-        for fence in &batch.fences {
-            let current = trx.get(&self.key(&fence.key), false).await?;
-            if current.as_deref() != fence.expected.as_deref() {
-                return Ok(Some(fence.key.clone()));
-            }
-        }
-        Ok(None)
+        let reads = batch
+            .fences
+            .iter()
+            .map(|fence| trx.get(&self.key(&fence.key), false));
+        let current = futures::future::try_join_all(reads).await?;
+        Ok(batch
+            .fences
+            .iter()
+            .zip(current)
+            .find(|(fence, current)| current.as_deref() != fence.expected.as_deref())
+            .map(|(fence, _)| fence.key.clone()))
     }
 }
 
