@@ -463,3 +463,34 @@ async fn a_retry_after_removal_gets_the_first_outcome() {
         other => panic!("{other:?}"),
     }
 }
+
+/// A device that left a group and acknowledged everything through its removal retries a send
+/// on a later connection (answered `duplicate`), then is added back: it gets what came with
+/// its return, never again what it had before it left (its connection knew nothing of the
+/// group until then: it goes from the device's cursor, not from the start).
+#[tokio::test]
+async fn a_retry_after_removal_does_not_bring_back_what_the_device_had() {
+    let (_dir, server) = start(&[]);
+    let admin = server.http("alice", "phone");
+    let conv = admin.create_group("g", &users(&["bob"])).await.unwrap(); // 1
+    let mut alice = connected(&server, "alice", "phone").await;
+    let mut bob = connected(&server, "bob", "phone").await;
+    let group = Target::Conversation(conv.clone());
+    say(&mut alice, &conv, "hello").await; // 2
+    let first = bob.send_text(group.clone(), "m1", "hi").await.unwrap(); // 3
+    admin.remove_member(&conv, "bob").await.unwrap(); // 4
+    assert_eq!(seqs(&events_through(&mut bob, 4).await), [2, 4]);
+    bob.ack(&conv, 4, AckKind::Delivered).await.unwrap();
+    bob.ping().await.unwrap(); // the ack took effect before the pong
+    bob.close().await;
+
+    let mut bob = server.connect("bob", "phone").await;
+    let caught_up = bob.events_until_sync_done().await.unwrap();
+    assert!(caught_up.is_empty(), "{caught_up:?}");
+    let retried = bob.send_text(group, "m1", "hi").await.unwrap();
+    assert!(retried.duplicate && retried.seq == first.seq, "{retried:?}");
+    admin.add_members(&conv, &users(&["bob"])).await.unwrap(); // 5
+    let back = say(&mut alice, &conv, "welcome back").await; // 6
+    let events = events_through(&mut bob, back).await;
+    assert_eq!(seqs(&events), [5, 6], "nothing it had again: {events:?}");
+}

@@ -57,7 +57,7 @@ use courier_proto::{
 };
 use courier_store::{AppendOutcome, MessageStore, StoreError};
 use foldhash::{HashMap, HashMapExt};
-use futures::future::BoxFuture;
+use futures::future::{BoxFuture, Either};
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, SinkExt, StreamExt};
 use std::borrow::Borrow;
@@ -796,8 +796,30 @@ impl Connection {
         }));
     }
 
-    /// Answers a finished send with `sent` or `error`.
+    /// Answers a finished send with `sent` or `error`. The first in a conversation this
+    /// connection has not seen yet (a group it was added to, a direct conversation a peer
+    /// started, one it left and is back in, a retry answered `duplicate`) reads where the
+    /// device is in it first, before the client has the `sent` and may acknowledge it: what
+    /// the device had before its message is not known from it (rare, so boxed).
     fn on_sent(&mut self, done: SendResult) -> impl Future<Output = Result<(), Exit>> + '_ {
+        let unseen = matches!(&done.outcome, Ok(outcome) if outcome.seq > 1)
+            && !self.upto.contains_key(&done.conversation_id);
+        if unseen {
+            Either::Left(
+                async move {
+                    self.upto(&done.conversation_id).await?;
+                    self.answer_sent(done).await
+                }
+                .boxed(),
+            )
+        } else {
+            Either::Right(self.answer_sent(done))
+        }
+    }
+
+    /// [`Connection::on_sent`], once the connection knows where its device is in the
+    /// conversation (or the message is the conversation's first).
+    fn answer_sent(&mut self, done: SendResult) -> impl Future<Output = Result<(), Exit>> + '_ {
         let SendResult {
             reference,
             client_msg_id,
