@@ -795,6 +795,40 @@ async fn an_ack_read_while_an_unlinked_device_closes_is_not_committed() {
     );
 }
 
+/// An unlinked device gets no more of its catch-up: its connection closes (1008) as a live
+/// one does, rather than going on streaming the history for as long as the device reads.
+#[tokio::test]
+async fn an_unlinked_device_gets_no_more_of_its_catch_up() {
+    let (_dir, server) = start(&["--user-sends-per-sec", "0"]);
+    let mut alice = connected(&server, "alice", "phone").await;
+    // More than the socket buffers hold: bob's catch-up is still being written when he is
+    // unlinked (or has not started: then it never does).
+    let body = "x".repeat(48 * 1024);
+    for i in 0..400 {
+        let target = Target::User("bob".into());
+        alice
+            .send_text(target, &format!("m{i}"), &body)
+            .await
+            .unwrap();
+    }
+    let mut bob = server.connect("bob", "phone").await;
+    let web = server.http("bob", "web");
+    assert_eq!(web.delete("/v1/devices/phone").await.unwrap().0, 204);
+    let mut events = 0;
+    let closed = loop {
+        match bob.next_frame_within(WAIT).await {
+            Ok(ServerFrame::Event(_)) => events += 1,
+            Ok(_) => {}
+            Err(e) => break e,
+        }
+    };
+    assert!(
+        matches!(closed, ClientError::Closed(Some((1008, _)))),
+        "{closed:?}"
+    );
+    assert!(events < 400, "the whole history after the unlink");
+}
+
 /// Once its removal is answered, a removed member gets no typing and no receipts of the group:
 /// the node's membership cache, which fanout keeps, is brought through the removal first.
 #[tokio::test]

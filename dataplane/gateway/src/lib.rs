@@ -153,6 +153,8 @@ struct Connection {
     who: Arc<Identity>,
     encoding: Encoding,
     socket: WebSocket,
+    /// Its route's signals, which a catch-up or gap fill looks at between events.
+    signals: Arc<Signals>,
     /// Highest seq written to this connection (or known to its device), per conversation.
     upto: HashMap<String, u64>,
     pending: FuturesUnordered<BoxFuture<'static, SendResult>>,
@@ -289,6 +291,7 @@ impl Gateway {
             who: Arc::new(who),
             encoding,
             socket,
+            signals: handle.signals.clone(),
             upto: HashMap::new(),
             pending: FuturesUnordered::new(),
             acks: None,
@@ -996,6 +999,11 @@ impl Connection {
                     break;
                 };
                 for event in events {
+                    // An unlink closes the connection as soon as it is seen: the device gets
+                    // no more of a catch-up, however long, than of live events.
+                    if self.signals.is_raised(Signal::Unlinked) {
+                        return Err(Exit::Unlinked);
+                    }
                     if own || !self.is_own(&event) {
                         self.write(ServerFrame::Event(event)).await?;
                     }

@@ -201,6 +201,12 @@ impl Signals {
             && self.raised.fetch_and(!bit, Ordering::AcqRel) & bit != 0
     }
 
+    /// Whether `signal` is raised, without taking it: for a connection's long steps (a
+    /// catch-up), which the signals would otherwise wait for.
+    pub fn is_raised(&self, signal: Signal) -> bool {
+        self.raised.load(Ordering::Acquire) & signal as u8 != 0
+    }
+
     /// Waits until `signal` is raised and takes it. For the connection's own task only: the
     /// signals have one waker.
     pub fn taken(&self, signal: Signal) -> impl Future<Output = ()> + '_ {
