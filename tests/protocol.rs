@@ -774,6 +774,45 @@ async fn a_device_past_its_connections_has_its_oldest_closed() {
         .unwrap();
 }
 
+/// The bound holds for connections busy with a catch-up too: the oldest closes (1008) at once
+/// rather than once it has streamed the whole history, so that a token cannot keep more
+/// connections by reconnecting while each catches up.
+#[tokio::test]
+async fn a_device_past_its_connections_has_its_oldest_closed_during_its_catch_up() {
+    let (_dir, server) = support::start(&["--user-sends-per-sec", "0"]);
+    let mut bob = support::connected(&server, "bob", "phone").await;
+    // More than the socket buffers hold: alice's catch-up is still being written when her
+    // connection is replaced.
+    let body = "x".repeat(48 * 1024);
+    for i in 0..400 {
+        let target = Target::User("alice".into());
+        bob.send_text(target, &format!("m{i}"), &body)
+            .await
+            .unwrap();
+    }
+    let mut oldest = server.connect("alice", "phone").await;
+    let mut others = Vec::new();
+    for _ in 0..16 {
+        others.push(server.connect("alice", "phone").await);
+    }
+    for other in others {
+        other.close().await;
+    }
+    let mut events = 0;
+    let closed = loop {
+        match oldest.next_frame_within(WAIT).await {
+            Ok(ServerFrame::Event(_)) => events += 1,
+            Ok(_) => {}
+            Err(e) => break e,
+        }
+    };
+    assert!(
+        matches!(closed, ClientError::Closed(Some((1008, _)))),
+        "{closed:?}"
+    );
+    assert!(events < 400, "the whole history before the close");
+}
+
 #[tokio::test]
 async fn oversized_message_closes_with_1009() {
     let (_dir, server) = server();

@@ -245,6 +245,12 @@ const LAST_ACK_WAIT: Duration = Duration::from_secs(10);
 /// Longest wait, after the server's close frame, for the client's close reply.
 const CLOSE_REPLY_WAIT: Duration = Duration::from_secs(5);
 
+/// The close of a connection replaced by newer ones of its device ([`Signal::Replaced`]).
+const REPLACED: Exit = Exit::Close(
+    close_code::POLICY,
+    "this device opened too many connections; its oldest closes",
+);
+
 /// Why the connection ends.
 enum Exit {
     ClientGone,
@@ -426,10 +432,7 @@ impl Connection {
             let step = tokio::select! {
                 biased;
                 _ = handle.signals.taken(Signal::Unlinked) => Err(Exit::Unlinked),
-                _ = handle.signals.taken(Signal::Replaced) => Err(Exit::Close(
-                    close_code::POLICY,
-                    "this device opened too many connections; its oldest closes",
-                )),
+                _ = handle.signals.taken(Signal::Replaced) => Err(REPLACED),
                 _ = handle.signals.taken(Signal::Reconnect) => {
                     Box::pin(self.drain(handle.signals.reconnect_after_ms().unwrap_or(0))).await
                 }
@@ -999,11 +1002,7 @@ impl Connection {
                     break;
                 };
                 for event in events {
-                    // An unlink closes the connection as soon as it is seen: the device gets
-                    // no more of a catch-up, however long, than of live events.
-                    if self.signals.is_raised(Signal::Unlinked) {
-                        return Err(Exit::Unlinked);
-                    }
+                    self.told_to_close()?;
                     if own || !self.is_own(&event) {
                         self.write(ServerFrame::Event(event)).await?;
                     }
@@ -1013,6 +1012,20 @@ impl Connection {
         }
         let upto = self.upto.entry(conv.clone()).or_insert(0);
         *upto = (*upto).max(range.head);
+        Ok(())
+    }
+
+    /// Ends the connection if it was told to close: looked at between the events of a catch-up
+    /// or gap fill, however long, as the loop looks at its signals between two steps, so an
+    /// unlinked device gets no more of it, and a connection replaced by newer ones of its
+    /// device does not stay open for as long as its client reads.
+    fn told_to_close(&self) -> Result<(), Exit> {
+        if self.signals.is_raised(Signal::Unlinked) {
+            return Err(Exit::Unlinked);
+        }
+        if self.signals.is_raised(Signal::Replaced) {
+            return Err(REPLACED);
+        }
         Ok(())
     }
 
