@@ -6,7 +6,9 @@ mod support;
 use courier_client::proto::*;
 use courier_client::{Client, ClientError, Target};
 use std::time::Duration;
-use support::{Server, WAIT, connected, next_event, start, users};
+use support::{
+    Server, WAIT, connected, events_until_closed, next_event, send_long_history, start, users,
+};
 
 fn server_error(result: Result<Sent, ClientError>) -> ErrorCode {
     match result {
@@ -801,27 +803,13 @@ async fn an_ack_read_while_an_unlinked_device_closes_is_not_committed() {
 async fn an_unlinked_device_gets_no_more_of_its_catch_up() {
     let (_dir, server) = start(&["--user-sends-per-sec", "0"]);
     let mut alice = connected(&server, "alice", "phone").await;
-    // More than the socket buffers hold: bob's catch-up is still being written when he is
-    // unlinked (or has not started: then it never does).
-    let body = "x".repeat(48 * 1024);
-    for i in 0..400 {
-        let target = Target::User("bob".into());
-        alice
-            .send_text(target, &format!("m{i}"), &body)
-            .await
-            .unwrap();
-    }
+    // Bob's catch-up is still being written when he is unlinked (or has not started: then it
+    // never does).
+    send_long_history(&mut alice, "bob").await;
     let mut bob = server.connect("bob", "phone").await;
     let web = server.http("bob", "web");
     assert_eq!(web.delete("/v1/devices/phone").await.unwrap().0, 204);
-    let mut events = 0;
-    let closed = loop {
-        match bob.next_frame_within(WAIT).await {
-            Ok(ServerFrame::Event(_)) => events += 1,
-            Ok(_) => {}
-            Err(e) => break e,
-        }
-    };
+    let (events, closed) = events_until_closed(&mut bob).await;
     assert!(
         matches!(closed, ClientError::Closed(Some((1008, _)))),
         "{closed:?}"

@@ -781,15 +781,8 @@ async fn a_device_past_its_connections_has_its_oldest_closed() {
 async fn a_device_past_its_connections_has_its_oldest_closed_during_its_catch_up() {
     let (_dir, server) = support::start(&["--user-sends-per-sec", "0"]);
     let mut bob = support::connected(&server, "bob", "phone").await;
-    // More than the socket buffers hold: alice's catch-up is still being written when her
-    // connection is replaced.
-    let body = "x".repeat(48 * 1024);
-    for i in 0..400 {
-        let target = Target::User("alice".into());
-        bob.send_text(target, &format!("m{i}"), &body)
-            .await
-            .unwrap();
-    }
+    // Alice's catch-up is still being written when her connection is replaced.
+    support::send_long_history(&mut bob, "alice").await;
     let mut oldest = server.connect("alice", "phone").await;
     let mut others = Vec::new();
     for _ in 0..16 {
@@ -798,14 +791,7 @@ async fn a_device_past_its_connections_has_its_oldest_closed_during_its_catch_up
     for other in others {
         other.close().await;
     }
-    let mut events = 0;
-    let closed = loop {
-        match oldest.next_frame_within(WAIT).await {
-            Ok(ServerFrame::Event(_)) => events += 1,
-            Ok(_) => {}
-            Err(e) => break e,
-        }
-    };
+    let (events, closed) = support::events_until_closed(&mut oldest).await;
     assert!(
         matches!(closed, ClientError::Closed(Some((1008, _)))),
         "{closed:?}"

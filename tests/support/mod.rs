@@ -2,8 +2,8 @@
 //! temporary data directory, and clients for it.
 #![allow(dead_code)]
 
-use courier_client::proto::{Encoding, Event};
-use courier_client::{Client, HttpApi};
+use courier_client::proto::{Encoding, Event, ServerFrame};
+use courier_client::{Client, ClientError, HttpApi, Target};
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -37,6 +37,30 @@ pub async fn next_event(client: &mut Client) -> Event {
         .await
         .expect("an event in time")
         .unwrap()
+}
+
+/// A history longer than the socket buffers hold: 400 messages of 48 KiB from `from` to
+/// `to`, so that `to`'s catch-up is still being written long after it begins.
+pub async fn send_long_history(from: &mut Client, to: &str) {
+    let body = "x".repeat(48 * 1024);
+    for i in 0..400 {
+        let target = Target::User(to.into());
+        from.send_text(target, &format!("m{i}"), &body)
+            .await
+            .unwrap();
+    }
+}
+
+/// Reads `client` until its connection ends: the events it got first, and how it ended.
+pub async fn events_until_closed(client: &mut Client) -> (usize, ClientError) {
+    let mut events = 0;
+    loop {
+        match client.next_frame_within(WAIT).await {
+            Ok(ServerFrame::Event(_)) => events += 1,
+            Ok(_) => {}
+            Err(e) => return (events, e),
+        }
+    }
 }
 
 /// User ids from names.
