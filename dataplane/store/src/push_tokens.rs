@@ -142,12 +142,7 @@ impl MessageStore {
         device: &str,
         record: &DeviceRecord,
     ) -> Result<bool, StoreError> {
-        let Some((provider, token)) = registration(record) else {
-            return Ok(false);
-        };
-        let key = self.keys().push_token(provider, token);
-        let stored = self.kv().get(&key).await?;
-        Ok(holder(&key, stored.as_deref())?.is_some_and(|holder| !holder.is(user, device)))
+        Ok(self.taken_entry(user, device, record).await?.is_some())
     }
 
     /// Ends the registration of `user`'s `device` (`record`) while the index gives its token to
@@ -160,15 +155,12 @@ impl MessageStore {
         device: &str,
         record: &DeviceRecord,
     ) -> Result<bool, StoreError> {
+        let Some((key, stored)) = self.taken_entry(user, device, record).await? else {
+            return Ok(false);
+        };
         let Some((provider, token)) = registration(record) else {
             return Ok(false);
         };
-        let key = self.keys().push_token(provider, token);
-        let stored = self.kv().get(&key).await?;
-        if holder(&key, stored.as_deref())?.is_none_or(|holder| holder.is(user, device)) {
-            // No one's, or the device's own again: not taken.
-            return Ok(false);
-        }
         let mut batch = Batch::new();
         batch.fence(key, stored);
         let taken = PushTokenHolder {
@@ -188,6 +180,23 @@ impl MessageStore {
             Err(StoreError::FenceChanged { .. }) => Ok(false),
             Err(e) => Err(e),
         }
+    }
+
+    /// The index entry of the push token of `user`'s `device` (`record`), its key and value,
+    /// if it names another device.
+    async fn taken_entry(
+        &self,
+        user: &str,
+        device: &str,
+        record: &DeviceRecord,
+    ) -> Result<Option<(Vec<u8>, Option<Vec<u8>>)>, StoreError> {
+        let Some((provider, token)) = registration(record) else {
+            return Ok(None);
+        };
+        let key = self.keys().push_token(provider, token);
+        let stored = self.kv().get(&key).await?;
+        let taken = holder(&key, stored.as_deref())?.is_some_and(|h| !h.is(user, device));
+        Ok(taken.then_some((key, stored)))
     }
 }
 
