@@ -27,6 +27,7 @@ import {
   type Sent,
   type ServerFrame,
 } from "./protocol.js";
+import { SavedReceipts } from "./receipts.js";
 import { OutboxSender, tooLargeError } from "./sender.js";
 import { IndexedDbOutboxStorage, MemoryOutboxStorage, type OutboxEntry, type OutboxStorage } from "./storage.js";
 
@@ -39,7 +40,8 @@ export interface CourierClientOptions {
   token: string | (() => string | Promise<string>);
   /** The WebSocket implementation (default: the global one; on Node 20 pass `ws`'s). */
   WebSocket?: WebSocketConstructor;
-  /** Where the outbox lives (default: IndexedDB when present, else memory). */
+  /** Where the outbox, and the other members' receipts last seen, live (default: IndexedDB
+   * when present, else memory). */
   storage?: OutboxStorage;
   fetch?: typeof fetch;
   backoff?: BackoffOptions;
@@ -96,6 +98,7 @@ export class CourierClient {
     identity: Identity,
     private readonly options: CourierClientOptions,
     private readonly outbox: Outbox,
+    private readonly savedReceipts: SavedReceipts,
   ) {
     this.user = identity.user;
     this.device = identity.device;
@@ -145,6 +148,7 @@ export class CourierClient {
       onError: (error) => this.report(error),
     });
     outbox.onChange = () => this.emitter.emit("outbox", undefined);
+    savedReceipts.onError = (error) => this.report(error);
   }
 
   /** Opens the device's outbox and starts connecting; resolves before the connection is up
@@ -154,8 +158,10 @@ export class CourierClient {
     const storage =
       options.storage ??
       ((globalThis as { indexedDB?: IDBFactory }).indexedDB ? new IndexedDbOutboxStorage() : new MemoryOutboxStorage());
-    const outbox = await Outbox.open(storage, `${identity.user}/${identity.device}`);
-    const client = new CourierClient(identity, options, outbox);
+    const scope = `${identity.user}/${identity.device}`;
+    const outbox = await Outbox.open(storage, scope);
+    const savedReceipts = await SavedReceipts.open(storage, scope);
+    const client = new CourierClient(identity, options, outbox, savedReceipts);
     client.link.start();
     return client;
   }
@@ -388,10 +394,14 @@ export class CourierClient {
         this.onStreamedEvent(session, event);
         break;
       }
-      case "receipt":
-        this.conversationFor(frame.conversation_id).applyReceipt(frame);
+      case "receipt": {
+        const conversation = this.conversationFor(frame.conversation_id);
+        if (!conversation.applyReceipt(frame)) break;
+        const cursors = conversation.receiptOf(frame.user)!;
+        this.savedReceipts.save({ conversation_id: conversation.id, user: frame.user, ...cursors });
         this.emitter.emit("timeline", frame.conversation_id);
         break;
+      }
       case "typing":
         this.conversationFor(frame.conversation_id).setTyping(frame.user, frame.active, Date.now());
         this.emitter.emit("typing", frame.conversation_id);
@@ -525,6 +535,7 @@ export class CourierClient {
     let conversation = this.conversationsById.get(conversationId);
     if (!conversation) {
       conversation = new Conversation(conversationId, this.user);
+      for (const receipt of this.savedReceipts.take(conversationId)) conversation.applyReceipt(receipt);
       this.conversationsById.set(conversationId, conversation);
       this.emitter.emit("conversations", undefined);
     }

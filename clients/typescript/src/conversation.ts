@@ -67,12 +67,18 @@ export class Conversation {
     return true;
   }
 
-  applyReceipt(receipt: Receipt): void {
+  /** Takes a member's cursors (from a `receipt`, or saved from an earlier client); false when
+   * they moved neither. */
+  applyReceipt(receipt: Pick<Receipt, "user" | "delivered_seq" | "read_seq">): boolean {
     const held = this.receipts.get(receipt.user) ?? { delivered_seq: 0, read_seq: 0 };
-    this.receipts.set(receipt.user, {
+    const next = {
       delivered_seq: Math.max(held.delivered_seq, receipt.delivered_seq),
       read_seq: Math.max(held.read_seq, receipt.read_seq),
-    });
+    };
+    const moved = next.delivered_seq !== held.delivered_seq || next.read_seq !== held.read_seq;
+    if (this.receipts.has(receipt.user) && !moved) return false;
+    this.receipts.set(receipt.user, next);
+    return true;
   }
 
   receiptOf(user: string): ReceiptState | undefined {

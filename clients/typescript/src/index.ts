@@ -13,7 +13,13 @@ export { Conversation, TYPING_EXPIRES_MS, type MessageStatus, type ReceiptState 
 export { Timeline, type SeqRange } from "./timeline.js";
 export { CourierError } from "./errors.js";
 export { HttpApi, type ByteRange, type ConversationSummary, type DeviceInfo, type MediaDownload, type UploadedMedia } from "./http.js";
-export { IndexedDbOutboxStorage, MemoryOutboxStorage, type OutboxEntry, type OutboxStorage } from "./storage.js";
+export {
+  IndexedDbOutboxStorage,
+  MemoryOutboxStorage,
+  type OutboxEntry,
+  type OutboxStorage,
+  type StoredReceipt,
+} from "./storage.js";
 export { Backoff, type BackoffOptions } from "./backoff.js";
 export type { WebSocketConstructor, WebSocketLike } from "./connection.js";
 export { identityOf, type Identity } from "./identity.js";

@@ -1,7 +1,10 @@
 /**
  * Where the outbox keeps the messages that have no `sent` yet, so that they survive a
  * page reload or a restart: in memory (Node, tests) or IndexedDB (browsers). One storage
- * holds one device's outbox; the client opens it with a scope of `user/device`.
+ * holds one device's outbox; the client opens it with a scope of `user/device`. Beside it,
+ * a storage may keep the other members' receipts last seen: the server sends a receipt only
+ * when a member's cursors move, never again on a catch-up, so without them a reload would
+ * show every earlier message of one's own as `sent`.
  */
 import type { Body } from "./protocol.js";
 
@@ -21,11 +24,24 @@ export interface OutboxEntry {
   failed?: { code: string; message: string };
 }
 
+/** Another member's cursors in a conversation, as its latest `receipt` said. */
+export interface StoredReceipt {
+  conversation_id: string;
+  user: string;
+  delivered_seq: number;
+  read_seq: number;
+}
+
 export interface OutboxStorage {
   /** Every entry of the scope, oldest first. */
   load(scope: string): Promise<OutboxEntry[]>;
   put(scope: string, entry: OutboxEntry): Promise<void>;
   delete(scope: string, clientMsgId: string): Promise<void>;
+  /** Optional (both or neither): the receipts of the scope, and writing some (each one
+   * replaces the one of its conversation and user). A storage without them forgets the
+   * receipts on a reload. */
+  loadReceipts?(scope: string): Promise<StoredReceipt[]>;
+  putReceipts?(scope: string, receipts: StoredReceipt[]): Promise<void>;
 }
 
 function byAge(a: OutboxEntry, b: OutboxEntry): number {
@@ -35,6 +51,7 @@ function byAge(a: OutboxEntry, b: OutboxEntry): number {
 /** Kept as long as the process (or the object) lives. */
 export class MemoryOutboxStorage implements OutboxStorage {
   private readonly scopes = new Map<string, Map<string, OutboxEntry>>();
+  private readonly receipts = new Map<string, Map<string, StoredReceipt>>();
 
   async load(scope: string): Promise<OutboxEntry[]> {
     return [...(this.scopes.get(scope)?.values() ?? [])].map((e) => structuredClone(e)).sort(byAge);
@@ -52,12 +69,38 @@ export class MemoryOutboxStorage implements OutboxStorage {
   async delete(scope: string, clientMsgId: string): Promise<void> {
     this.scopes.get(scope)?.delete(clientMsgId);
   }
+
+  async loadReceipts(scope: string): Promise<StoredReceipt[]> {
+    return [...(this.receipts.get(scope)?.values() ?? [])].map((r) => structuredClone(r));
+  }
+
+  async putReceipts(scope: string, receipts: StoredReceipt[]): Promise<void> {
+    let held = this.receipts.get(scope);
+    if (!held) {
+      held = new Map();
+      this.receipts.set(scope, held);
+    }
+    for (const receipt of receipts) held.set(receiptKey(receipt), structuredClone(receipt));
+  }
+}
+
+/** A receipt's key within its scope: conversation ids and user ids hold no space. */
+function receiptKey(receipt: StoredReceipt): string {
+  return `${receipt.conversation_id} ${receipt.user}`;
 }
 
 const STORE = "outbox";
 
+/** The scope of a device's receipts in the object store: `#` is in no user or device id, so
+ * it is no outbox's scope. */
+function receiptScope(scope: string): string {
+  return `${scope}#receipts`;
+}
+
 /** IndexedDB database `name` (default `courier`), object store `outbox` keyed by
- * `[scope, client_msg_id]`. */
+ * `[scope, client_msg_id]`. The receipts share it, as rows `{scope: "<scope>#receipts",
+ * id: "<conversation> <user>", receipt}`: a store of their own would take a schema upgrade,
+ * which an open tab of an earlier version would block (the page would wait for its outbox). */
 export class IndexedDbOutboxStorage implements OutboxStorage {
   private database: Promise<IDBDatabase> | undefined;
 
@@ -80,6 +123,24 @@ export class IndexedDbOutboxStorage implements OutboxStorage {
 
   async delete(scope: string, clientMsgId: string): Promise<void> {
     await this.run("readwrite", (store) => store.delete([scope, clientMsgId]));
+  }
+
+  async loadReceipts(scope: string): Promise<StoredReceipt[]> {
+    const key = receiptScope(scope);
+    const range = IDBKeyRange.bound([key, ""], [key, "\uffff"]);
+    const rows = await this.run<{ receipt: StoredReceipt }[]>("readonly", (store) => store.getAll(range));
+    return rows.map((row) => row.receipt);
+  }
+
+  /** All in one transaction. */
+  async putReceipts(scope: string, receipts: StoredReceipt[]): Promise<void> {
+    if (receipts.length === 0) return;
+    const key = receiptScope(scope);
+    await this.run("readwrite", (store) => {
+      let request!: IDBRequest;
+      for (const receipt of receipts) request = store.put({ scope: key, id: receiptKey(receipt), receipt });
+      return request;
+    });
   }
 
   private open(): Promise<IDBDatabase> {

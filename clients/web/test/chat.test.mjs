@@ -1,8 +1,8 @@
 // Two people chat in two browser contexts of Debian's Chromium (headless, driven by
 // playwright-core; nothing downloads a browser) against `courier serve --web-dir dist`:
 // messages, typing, a photo, ticks turning blue, delete for everyone, going offline and
-// catching up (with a message written offline surviving a reload), and a group; and signing
-// in with a pasted token.
+// catching up (with a message written offline surviving a reload), and a group, ticks that
+// survive a reload; and signing in with a pasted token.
 // Screenshots of each step go to test-output/screenshots/.
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
@@ -202,6 +202,16 @@ test("two people chat, share a photo, read, delete, go offline and catch up, and
   await alice.page.locator('#timeline .message.own .ticks[data-status="read"]').waitFor(WAIT);
   await shot(bob, "group");
   await shot(alice, "group-read");
+
+  // Alice reloads the page: the server sends no receipt again, so her ticks come from the
+  // receipts her client kept in IndexedDB with its outbox.
+  await open(alice, "bob");
+  await message(alice, "Call me when you're back").locator('.ticks[data-status="read"]').waitFor(WAIT);
+  await alice.page.reload();
+  await alice.page.locator('#connection[data-state="online"]').waitFor(WAIT);
+  await open(alice, "bob");
+  await message(alice, "Call me when you're back").locator('.ticks[data-status="read"]').waitFor(WAIT);
+  await shot(alice, "reloaded-ticks-still-read");
 
   assert.deepEqual([...alice.problems, ...bob.problems], [], "no script errors in the pages");
 });

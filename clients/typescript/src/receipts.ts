@@ -1,0 +1,72 @@
+/**
+ * The other members' receipts, kept in the device's storage (when it can keep them) so that a
+ * new client over the same storage shows the ticks the last one showed. The protocol offers
+ * no other way: the server sends a `receipt` only when a member's cursors move (never again
+ * on a catch-up), and `GET /v1/conversations` gives only the caller's own cursors. What moved
+ * while no client of the device was connected stays unknown until the next receipt.
+ *
+ * Writes are coalesced: the receipts that change while a write is under way go in the next
+ * one, each with its latest cursors.
+ */
+import type { OutboxStorage, StoredReceipt } from "./storage.js";
+
+export class SavedReceipts {
+  /** Loaded and not yet handed to a conversation, by conversation. */
+  private readonly loaded = new Map<string, StoredReceipt[]>();
+  /** To write, by `conversation user`. */
+  private readonly dirty = new Map<string, StoredReceipt>();
+  private writing = false;
+
+  /** Called when a write fails (the receipts stay known to this client). */
+  onError: (error: unknown) => void = () => {};
+
+  private constructor(
+    private readonly storage: OutboxStorage,
+    private readonly scope: string,
+  ) {}
+
+  /** Loads the scope's receipts (none when the storage keeps none). */
+  static async open(storage: OutboxStorage, scope: string): Promise<SavedReceipts> {
+    const saved = new SavedReceipts(storage, scope);
+    const rows = storage.loadReceipts && storage.putReceipts ? await storage.loadReceipts(scope) : [];
+    for (const row of rows) {
+      const list = saved.loaded.get(row.conversation_id) ?? [];
+      list.push(row);
+      saved.loaded.set(row.conversation_id, list);
+    }
+    return saved;
+  }
+
+  /** The loaded receipts of a conversation, once: when the client first knows it. */
+  take(conversationId: string): StoredReceipt[] {
+    const list = this.loaded.get(conversationId) ?? [];
+    this.loaded.delete(conversationId);
+    return list;
+  }
+
+  /** Writes a member's latest cursors (soon, with the others that change meanwhile). */
+  save(receipt: StoredReceipt): void {
+    if (!this.storage.putReceipts) return;
+    this.dirty.set(`${receipt.conversation_id} ${receipt.user}`, { ...receipt });
+    if (!this.writing) void this.write();
+  }
+
+  private async write(): Promise<void> {
+    this.writing = true;
+    try {
+      // Receipts of the same turn (a flush of many at once) join the first write.
+      await Promise.resolve();
+      while (this.dirty.size > 0) {
+        const batch = [...this.dirty.values()];
+        this.dirty.clear();
+        try {
+          await this.storage.putReceipts!(this.scope, batch);
+        } catch (error) {
+          this.onError(error);
+        }
+      }
+    } finally {
+      this.writing = false;
+    }
+  }
+}
