@@ -8,6 +8,10 @@
  * hole. Otherwise (after a reload that fetched only the latest page, for a member added
  * later, who never gets `group_created`, or after retention trimmed it) a group's own
  * messages show `sent`, never `delivered` or `read` on a partial set.
+ *
+ * A group message's ticks count the members it was sequenced among, as the membership
+ * events before it say: not a member added after it (who never receives it), and still one
+ * removed after it.
  */
 import type { ConversationSummary } from "./http.js";
 import type { ConversationEvent, Receipt } from "./protocol.js";
@@ -36,8 +40,9 @@ export class Conversation {
   private readonly receipts = new Map<string, ReceiptState>();
   /** A direct conversation's other user (from the summary). */
   private peer: string | undefined;
-  /** A group's members as its held events say, for the timeline's `version`. */
-  private membersCache: { version: number; membership: Membership } | undefined;
+  /** A group's members as its held events say, for the timeline's `version`, and the other
+   * members at the start of each period between membership events asked for so far. */
+  private membersCache: { version: number; membership: Membership; othersFrom: Map<number, string[]> } | undefined;
   private readonly typingUntil = new Map<string, number>();
 
   constructor(
@@ -103,26 +108,61 @@ export class Conversation {
   get membersComplete(): boolean {
     if (this.kind === "direct") return this.peer !== undefined || this.receipts.size > 0;
     if (this.kind !== "group") return false;
-    const { createdSeq, complete } = this.membership();
-    return complete && this.timeline.completeThrough(createdSeq - 1) >= this.timeline.highestSeq;
+    return this.membersKnownAt(this.timeline.highestSeq);
+  }
+
+  /** The other members when the event at `seq` was sequenced, or undefined when this device
+   * cannot know them all: a direct conversation's `others()` (when `membersComplete`); a
+   * group's members added before `seq` and not removed before it, when this device holds
+   * `group_created` and every event after it through `seq` without a hole, and was not
+   * removed before `seq`. */
+  othersAt(seq: number): string[] | undefined {
+    const others = this.othersWhen(seq);
+    return others && [...others];
   }
 
   /** The ticks of this user's message at `seq`: `delivered` and `read` only when every
-   * other member is known (`membersComplete`) and has it; otherwise `sent`. */
+   * other member at `seq` is known (`othersAt`) and has it; otherwise `sent`. */
   statusOf(seq: number): Exclude<MessageStatus, "pending" | "failed"> {
-    if (!this.membersComplete) return "sent";
-    const others = this.others();
-    if (others.length === 0) return "sent";
+    const others = this.othersWhen(seq);
+    if (!others || others.length === 0) return "sent";
     const states = others.map((user) => this.receipts.get(user) ?? { delivered_seq: 0, read_seq: 0 });
     if (states.every((s) => s.read_seq >= seq)) return "read";
     if (states.every((s) => s.delivered_seq >= seq || s.read_seq >= seq)) return "delivered";
     return "sent";
   }
 
+  /** `othersAt` without the copy (a group's lists are cached, one per membership change). */
+  private othersWhen(seq: number): readonly string[] | undefined {
+    if (this.kind !== "group") return this.membersComplete ? this.others() : undefined;
+    if (!this.membersKnownAt(seq)) return undefined;
+    const { changes, periods } = this.membership();
+    // The membership events before `seq` decide, so the seqs after the same one share them.
+    const before = lastBelow(changes, seq);
+    if (before === undefined) return undefined;
+    const cache = this.membersCache!.othersFrom;
+    let others = cache.get(before);
+    if (!others) {
+      others = [];
+      for (const [user, spans] of periods) {
+        if (user !== this.me && spans.some((span) => span.added < seq && seq < span.removed)) others.push(user);
+      }
+      cache.set(before, others);
+    }
+    return others;
+  }
+
+  /** Whether this device knows a group's members at `seq` (see `othersAt`). */
+  private membersKnownAt(seq: number): boolean {
+    const { createdSeq, knownBefore } = this.membership();
+    if (createdSeq === 0 || seq < createdSeq || seq >= knownBefore) return false;
+    return this.timeline.completeThrough(createdSeq - 1) >= seq;
+  }
+
   private membership(): Membership {
     const version = this.timeline.version;
     if (this.membersCache?.version !== version) {
-      this.membersCache = { version, membership: membershipOf(this.timeline.list(), this.me) };
+      this.membersCache = { version, membership: membershipOf(this.timeline.list(), this.me), othersFrom: new Map() };
     }
     return this.membersCache.membership;
   }
@@ -138,30 +178,71 @@ export class Conversation {
   }
 }
 
-/** A group's members from its held events: `complete` when they start at `group_created`
- * and this user was not removed since. */
+/** A group's members from its held events. */
 interface Membership {
+  /** The members after the last held event. */
   members: Set<string>;
+  /** Each user's periods of membership: a member for the seqs strictly between `added` (its
+   * `group_created` or `member_added`) and `removed` (its `member_removed`, or Infinity). */
+  periods: Map<string, { added: number; removed: number }[]>;
+  /** The seqs of `group_created` and of the membership events after it, in order. */
+  changes: number[];
   createdSeq: number;
-  complete: boolean;
+  /** This user's first removal after `group_created` (Infinity when none): while away it
+   * sees no membership change, so from there on the members are not known. */
+  knownBefore: number;
 }
 
 function membershipOf(events: ConversationEvent[], me: string): Membership {
-  const membership: Membership = { members: new Set(), createdSeq: 0, complete: false };
+  const membership: Membership = {
+    members: new Set(),
+    periods: new Map(),
+    changes: [],
+    createdSeq: 0,
+    knownBefore: Infinity,
+  };
+  const { members, periods, changes } = membership;
+  const add = (user: string, seq: number) => {
+    if (members.has(user)) return;
+    members.add(user);
+    const spans = periods.get(user) ?? [];
+    spans.push({ added: seq, removed: Infinity });
+    periods.set(user, spans);
+  };
   for (const event of events) {
     if (event.kind === "group_created") {
-      membership.members = new Set(event.members ?? []);
+      members.clear();
+      periods.clear();
+      changes.length = 0;
       membership.createdSeq = event.seq;
-      membership.complete = true;
+      membership.knownBefore = Infinity;
+      changes.push(event.seq);
+      for (const user of event.members ?? []) add(user, event.seq);
     } else if (event.kind === "member_added") {
-      usersOf(event).forEach((m) => membership.members.add(m));
+      changes.push(event.seq);
+      usersOf(event).forEach((user) => add(user, event.seq));
     } else if (event.kind === "member_removed") {
-      const removed = usersOf(event);
-      removed.forEach((m) => membership.members.delete(m));
-      if (removed.includes(me)) membership.complete = false;
+      changes.push(event.seq);
+      for (const user of usersOf(event)) {
+        if (!members.delete(user)) continue;
+        periods.get(user)!.at(-1)!.removed = event.seq;
+      }
+      if (usersOf(event).includes(me)) membership.knownBefore = Math.min(membership.knownBefore, event.seq);
     }
   }
   return membership;
+}
+
+/** The last of the sorted `seqs` below `seq`. */
+function lastBelow(seqs: number[], seq: number): number | undefined {
+  let low = 0;
+  let high = seqs.length;
+  while (low < high) {
+    const middle = (low + high) >>> 1;
+    if (seqs[middle]! < seq) low = middle + 1;
+    else high = middle;
+  }
+  return low > 0 ? seqs[low - 1] : undefined;
 }
 
 function usersOf(event: ConversationEvent): string[] {

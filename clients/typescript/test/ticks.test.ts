@@ -1,8 +1,9 @@
 /** The ticks of one's own messages: what a reload keeps of the other members' receipts (the
- * server re-sends none). */
+ * server re-sends none), and a group message counting only the members it was sequenced
+ * among. */
 import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
-import { MemoryOutboxStorage } from "../src/index.js";
+import { Conversation, MemoryOutboxStorage, type ConversationEvent } from "../src/index.js";
 import { Network, Server, closeClients, synced, texts, until } from "./support.js";
 
 let server: Server;
@@ -75,4 +76,112 @@ test("after a reload on the same storage, a group's ticks are the receipts seen 
   assert.equal(reloaded.conversation(group)?.membersComplete, true);
   assert.equal(reloaded.statusOf(group, read.seq), "read");
   assert.equal(reloaded.statusOf(group, delivered.seq), "delivered");
+});
+
+test("a group message sent before a member was added does not wait for that member", async () => {
+  const alice = await synced(server, "alice3", "web");
+  const bob = await synced(server, "bob3", "web");
+  const group = await alice.createGroup("before", ["bob3"]);
+  const early = await alice.sendText({ conversationId: group }, "before carol");
+  await until("bob has it", () => texts(bob, group).length === 1);
+  bob.markRead(group);
+  await until("alice sees it read", () => alice.statusOf(group, early.seq) === "read");
+
+  // carol3 never connects: she acknowledges nothing, ever.
+  await alice.addMembers(group, ["carol3"]);
+  await until("alice has carol's member_added", () => alice.conversation(group)?.others().includes("carol3") === true);
+  assert.equal(alice.statusOf(group, early.seq), "read", "carol3 was not a member when it was sent");
+
+  const late = await alice.sendText({ conversationId: group }, "after carol");
+  await until("bob has it", () => texts(bob, group).length === 2);
+  bob.markRead(group);
+  await until("alice has bob's receipt", () => alice.conversation(group)?.receiptOf("bob3")?.read_seq === late.seq);
+  assert.equal(alice.statusOf(group, late.seq), "sent", "carol3 is a member now and has not had it");
+});
+
+test("a group message sent before a member was removed still counts that member", async () => {
+  const alice = await synced(server, "alice4", "web");
+  const bob = await synced(server, "bob4", "web");
+  // carol4 never connects: she acknowledges nothing, ever.
+  const group = await alice.createGroup("removed", ["bob4", "carol4"]);
+  const sent = await alice.sendText({ conversationId: group }, "before carol leaves");
+  await until("bob has it", () => texts(bob, group).length === 1);
+  bob.markRead(group);
+  await until("alice has bob's receipt", () => alice.conversation(group)?.receiptOf("bob4")?.read_seq === sent.seq);
+  assert.equal(alice.statusOf(group, sent.seq), "sent", "carol4 has not had it");
+
+  await alice.removeMember(group, "carol4");
+  await until("alice has carol's member_removed", () => !alice.conversation(group)?.others().includes("carol4"));
+  assert.equal(alice.statusOf(group, sent.seq), "sent", "carol4 was a member when it was sent and never had it");
+  const after = await alice.sendText({ conversationId: group }, "after carol left");
+  await until("bob has it", () => texts(bob, group).length === 2);
+  bob.markRead(group);
+  await until("read by bob, the only other member now", () => alice.statusOf(group, after.seq) === "read");
+  assert.equal(alice.statusOf(group, sent.seq), "sent");
+});
+
+function groupEvent(
+  seq: number,
+  kind: ConversationEvent["kind"],
+  fields: Partial<ConversationEvent> = {},
+): ConversationEvent {
+  return {
+    conversation_id: "g:1",
+    seq,
+    server_msg_id: `s${seq}`,
+    sender: { user: "alice", device: "phone" },
+    ts_ms: seq,
+    kind,
+    ...fields,
+  };
+}
+
+test("a group message's other members are those between their added and removed events", () => {
+  const group = new Conversation("g:1", "alice");
+  const events = [
+    groupEvent(1, "group_created", { name: "g", members: ["alice", "bob"] }),
+    groupEvent(2, "message", { body: { text: "to bob" } }),
+    groupEvent(3, "member_added", { users: ["carol", "dan"] }),
+    groupEvent(4, "message", { body: { text: "to bob, carol, dan" } }),
+    groupEvent(5, "member_removed", { users: ["bob"], user: "bob" }),
+    groupEvent(6, "message", { body: { text: "to carol, dan" } }),
+    groupEvent(7, "member_added", { users: ["bob"], user: "bob" }),
+    groupEvent(8, "message", { body: { text: "to carol, dan, bob" } }),
+    groupEvent(9, "member_removed", { users: ["alice"], user: "alice" }),
+    groupEvent(12, "member_added", { users: ["alice"], user: "alice" }),
+    groupEvent(13, "message", { body: { text: "who is here?" } }),
+  ];
+  for (const event of events) group.applyEvent(event);
+  group.timeline.cover(0, 13);
+  assert.equal(group.kind, "group");
+  assert.equal(group.othersAt(1), undefined, "group_created is no message");
+  assert.deepEqual(group.othersAt(2)?.sort(), ["bob"]);
+  assert.deepEqual(group.othersAt(4)?.sort(), ["bob", "carol", "dan"]);
+  assert.deepEqual(group.othersAt(6)?.sort(), ["carol", "dan"]);
+  assert.deepEqual(group.othersAt(8)?.sort(), ["bob", "carol", "dan"]);
+  assert.equal(group.othersAt(13), undefined, "alice was away in between: whoever joined then is unknown");
+  assert.equal(group.membersComplete, false);
+
+  group.applyReceipt({ user: "bob", delivered_seq: 4, read_seq: 4 });
+  group.applyReceipt({ user: "carol", delivered_seq: 6, read_seq: 0 });
+  group.applyReceipt({ user: "dan", delivered_seq: 8, read_seq: 8 });
+  assert.equal(group.statusOf(2), "read", "only bob was there");
+  assert.equal(group.statusOf(4), "delivered", "carol has not read it");
+  assert.equal(group.statusOf(6), "delivered", "bob had left");
+  assert.equal(group.statusOf(8), "sent", "bob and carol do not have it");
+  assert.equal(group.statusOf(13), "sent");
+});
+
+test("a group's members at a seq are unknown above a hole", () => {
+  const group = new Conversation("g:2", "alice");
+  group.applyEvent(groupEvent(1, "group_created", { name: "g", members: ["alice", "bob"] }));
+  group.applyEvent(groupEvent(2, "message", { body: { text: "one" } }));
+  group.applyEvent(groupEvent(5, "message", { body: { text: "after a hole" } }));
+  group.timeline.cover(0, 2);
+  group.timeline.cover(4, 5);
+  group.applyReceipt({ user: "bob", delivered_seq: 5, read_seq: 5 });
+  assert.equal(group.statusOf(2), "read");
+  assert.equal(group.statusOf(5), "sent", "seqs 3 and 4 may have added someone");
+  group.timeline.cover(2, 4);
+  assert.equal(group.statusOf(5), "read");
 });
