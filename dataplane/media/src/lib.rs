@@ -26,7 +26,7 @@
 //!   [`BackgroundLoops`]: it stops at once when cancelled (a sweep is idempotent: a record
 //!   forgotten is fenced, bytes are deleted only once no record keeps them) and is restarted
 //!   if it panics (it keeps no state between sweeps but bytes moved aside and the notes of
-//!   records forgotten whose bytes are not yet deleted, which the next sweep settles).
+//!   records forgotten whose bytes are not yet deleted, which later sweeps settle).
 
 use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -535,8 +535,9 @@ impl MediaService {
     /// again ([`MediaService::keep`]): so the bytes are first moved aside (under `trash/`),
     /// then the records are looked at again, and the bytes moved back if one appeared
     /// meanwhile. An upload recorded after the move finds no bytes and stores its own. Bytes
-    /// left aside (a crash, a failed call) are settled at the start of the next sweep. Returns
-    /// whether the bytes are settled: `false` when they could not be moved aside.
+    /// left aside (a crash, a failed call) are settled by a later sweep
+    /// ([`MediaService::settle_left_aside`]). Returns whether the bytes are settled: `false`
+    /// when they could not be moved aside.
     async fn delete_unused_blob(&self, sha256: &str) -> Result<bool, StoreError> {
         if self.store.blob_in_use(sha256).await? {
             return Ok(true);
@@ -573,8 +574,16 @@ impl MediaService {
         Ok(())
     }
 
-    /// Settles the bytes a sweep left aside ([`MediaService::delete_unused_blob`]).
+    /// Settles the bytes a sweep left aside ([`MediaService::delete_unused_blob`]) once they
+    /// have been aside for three sweep intervals (a sweep's lead). A move aside may still be
+    /// under way in another sweeper (a paused leader resuming): on S3 a move is a copy, then
+    /// the delete of the source, and bytes this sweep moved back between the two would be
+    /// deleted by the other's second step, while the other finds nothing left to move back.
+    /// (A local directory's rename is atomic, and keeps the file's time, the bytes' upload,
+    /// older than the TTL for bytes no record keeps: there, the next sweep settles them.)
     async fn settle_left_aside(&self) -> Result<(), StoreError> {
+        let grace = self.config.media_sweep_interval.saturating_mul(3);
+        let settled_before = now_ms().saturating_sub(grace.as_millis() as u64);
         let mut aside = self.objects.list(Some(&ObjectPath::from(TRASH)));
         while let Some(entry) = aside.next().await {
             let entry = match entry {
@@ -584,6 +593,11 @@ impl MediaService {
                     return Ok(());
                 }
             };
+            if u64::try_from(entry.last_modified.timestamp_millis())
+                .is_ok_and(|modified| modified > settled_before)
+            {
+                continue;
+            }
             let sha256 = entry
                 .location
                 .filename()
@@ -862,6 +876,128 @@ mod tests {
             .collect()
             .await;
         assert!(aside.is_empty(), "{aside:?}");
+    }
+
+    /// An object store whose rename is a copy, then the delete of the source, as on S3; a
+    /// hook, set once, runs after the next copy of bytes into `trash/` (between the two steps
+    /// of a move aside).
+    #[derive(Default)]
+    struct CopyThenDelete {
+        inner: object_store::memory::InMemory,
+        after_copy_aside: std::sync::Mutex<Option<futures::future::BoxFuture<'static, ()>>>,
+    }
+
+    impl std::fmt::Debug for CopyThenDelete {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("CopyThenDelete")
+        }
+    }
+
+    impl std::fmt::Display for CopyThenDelete {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("CopyThenDelete")
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl ObjectStore for CopyThenDelete {
+        async fn put_opts(
+            &self,
+            location: &ObjectPath,
+            payload: object_store::PutPayload,
+            opts: object_store::PutOptions,
+        ) -> object_store::Result<object_store::PutResult> {
+            self.inner.put_opts(location, payload, opts).await
+        }
+
+        async fn put_multipart_opts(
+            &self,
+            location: &ObjectPath,
+            opts: object_store::PutMultipartOptions,
+        ) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
+            self.inner.put_multipart_opts(location, opts).await
+        }
+
+        async fn get_opts(
+            &self,
+            location: &ObjectPath,
+            options: GetOptions,
+        ) -> object_store::Result<object_store::GetResult> {
+            self.inner.get_opts(location, options).await
+        }
+
+        fn delete_stream(
+            &self,
+            locations: futures::stream::BoxStream<'static, object_store::Result<ObjectPath>>,
+        ) -> futures::stream::BoxStream<'static, object_store::Result<ObjectPath>> {
+            self.inner.delete_stream(locations)
+        }
+
+        fn list(
+            &self,
+            prefix: Option<&ObjectPath>,
+        ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>>
+        {
+            self.inner.list(prefix)
+        }
+
+        async fn list_with_delimiter(
+            &self,
+            prefix: Option<&ObjectPath>,
+        ) -> object_store::Result<object_store::ListResult> {
+            self.inner.list_with_delimiter(prefix).await
+        }
+
+        async fn copy_opts(
+            &self,
+            from: &ObjectPath,
+            to: &ObjectPath,
+            options: object_store::CopyOptions,
+        ) -> object_store::Result<()> {
+            self.inner.copy_opts(from, to, options).await?;
+            if to.as_ref().starts_with("trash/") {
+                let hook = self.after_copy_aside.lock().unwrap().take();
+                if let Some(hook) = hook {
+                    hook.await;
+                }
+            }
+            Ok(())
+        }
+    }
+
+    /// On S3 a move aside is a copy, then a delete. A second sweeper (a paused leader
+    /// resuming) that starts between the two steps, after an upload of the same bytes found
+    /// them still in place, must not move them back itself: the first sweeper's delete would
+    /// then remove them, and its own move back would find nothing. The upload, answered 201,
+    /// keeps its bytes.
+    #[tokio::test]
+    async fn bytes_moved_back_by_a_second_sweeper_during_an_s3_move_aside_are_kept() {
+        let (engine, dir) = (FaultyEngine::new(), tempfile::tempdir().unwrap());
+        let local = media_over(&engine, dir.path()).await;
+        let objects = Arc::new(CopyThenDelete::default());
+        let media = Arc::new(MediaService {
+            objects: objects.clone(),
+            ..Arc::into_inner(local).unwrap()
+        });
+        let (_, record) = upload_made(&media, 2 * TTL).await;
+        let uploaded = Arc::new(std::sync::Mutex::new(None));
+        let (racer, bobs) = (media.clone(), uploaded.clone());
+        *objects.after_copy_aside.lock().unwrap() = Some(Box::pin(async move {
+            let body = Body::from(vec![7u8; 10]);
+            let upload = racer.upload(&user("bob"), "image/png", body).await;
+            *bobs.lock().unwrap() = Some(upload.unwrap().media_id);
+            racer.sweep().await.unwrap();
+        }));
+        assert_eq!(media.sweep().await.unwrap(), 1, "alice's upload swept");
+        let bobs = uploaded.lock().unwrap().take().expect("bob uploaded");
+        assert_eq!(
+            media.readable("bob", &bobs).await.unwrap().sha256,
+            record.sha256
+        );
+        assert!(
+            media.objects.head(&blob_path(&record.sha256)).await.is_ok(),
+            "bob's upload lost its bytes"
+        );
     }
 
     /// A sweep cut after it forgot a record and before it deleted its bytes (here the
