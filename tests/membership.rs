@@ -103,6 +103,65 @@ async fn a_stranger_cannot_stop_live_delivery_between_two_users() {
     }
 }
 
+/// A direct conversation's id is public (derived from the two user ids), so a stranger's
+/// request naming one must be answered alike whether the two users have talked or not:
+/// otherwise anyone could map who talks to whom.
+#[tokio::test]
+async fn a_stranger_cannot_tell_whether_two_users_have_talked() {
+    let (_dir, server) = start(&[]);
+    let mut alice = connected(&server, "alice", "phone").await;
+    say_to(&mut alice, "bob").await;
+    let talked = direct_id("alice", "bob");
+    let never = direct_id("alice", "carol");
+    let mut mallory = connected(&server, "mallory", "phone").await;
+    let http = server.http("mallory", "phone");
+    let mut answers = Vec::new();
+    for conv in [&talked, &never] {
+        let hide = |text: &str| text.replace(conv.as_str(), "<conv>");
+        let refused = |result: Result<_, ClientError>| match result {
+            Err(ClientError::Server(e)) => (e.code, hide(&e.message)),
+            other => panic!("a stranger's request was not refused: {:?}", other.is_ok()),
+        };
+        let fetch = refused(mallory.fetch(conv, 0, None).await.map(drop));
+        let send = refused(
+            mallory
+                .send_text(Target::Conversation(conv.clone()), "probe", "hi")
+                .await
+                .map(drop),
+        );
+        let delete = refused(mallory.delete(conv, 1).await.map(drop));
+        let mut over_http = Vec::new();
+        for (status, body) in [
+            http.get(&format!("/v1/conversations/{conv}/messages"))
+                .await
+                .unwrap(),
+            http.post(
+                &format!("/v1/groups/{conv}/members"),
+                &serde_json::json!({ "users": ["mallory"] }),
+            )
+            .await
+            .unwrap(),
+            http.delete(&format!("/v1/groups/{conv}/members/mallory"))
+                .await
+                .unwrap(),
+        ] {
+            over_http.push((status, hide(&body.to_string())));
+        }
+        answers.push((fetch, send, delete, over_http));
+    }
+    assert_eq!(
+        answers[0], answers[1],
+        "the answers to a stranger tell whether alice and bob have talked"
+    );
+}
+
+async fn say_to(client: &mut Client, user: &str) {
+    client
+        .send_text(Target::User(user.to_owned()), "hello", "hello")
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
 async fn a_member_who_left_and_came_back_never_reads_what_was_sent_while_away() {
     let (_dir, server) = start(&[]);

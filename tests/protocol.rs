@@ -602,9 +602,15 @@ async fn fetch_pages_and_refuses_strangers() {
         }
         other => panic!("expected forbidden, got {other:?}"),
     }
-    match mallory.fetch("d:nope", 0, None).await {
+    match mallory.fetch("g:nope", 0, None).await {
         Err(ClientError::Server(e)) => assert_eq!(e.code, ErrorCode::NotFound),
         other => panic!("expected not_found, got {other:?}"),
+    }
+    // A direct conversation's id can be derived by anyone: that of two users who never
+    // talked is refused as theirs is (`tests/membership.rs`).
+    match mallory.fetch("d:nope", 0, None).await {
+        Err(ClientError::Server(e)) => assert_eq!(e.code, ErrorCode::Forbidden),
+        other => panic!("expected forbidden, got {other:?}"),
     }
     let (status, _) = server
         .http("mallory", "phone")

@@ -181,8 +181,13 @@ impl Chat {
         }
     }
 
-    /// `not_found` for a conversation that does not exist, else `forbidden`.
+    /// `not_found` for a group that does not exist, else `forbidden`. A direct conversation
+    /// is `forbidden` whether it exists or not: anyone can derive its id from the two user
+    /// ids, and the answer must not tell a stranger whether those two have talked.
     async fn not_a_member(&self, conv: &str) -> ApiError {
+        if ids::is_direct(conv) {
+            return ApiError::forbidden(format!("you are not a member of {conv}"));
+        }
         match self.store.conversation(conv).await {
             Ok(None) => ApiError::not_found(format!("no conversation {conv}")),
             Ok(Some(_)) => ApiError::forbidden(format!("you are not a member of {conv}")),

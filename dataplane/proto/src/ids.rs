@@ -51,6 +51,12 @@ pub fn is_group(conv: &str) -> bool {
     conv.starts_with("g:")
 }
 
+/// Whether `conv` is a direct conversation's id (`d:`): derived from the two user ids, so
+/// anyone can compute it.
+pub fn is_direct(conv: &str) -> bool {
+    conv.starts_with("d:")
+}
+
 /// A media id: the same alphabet as conversation ids.
 pub fn media_id(value: &str) -> Result<(), InvalidId> {
     check(value, 128, b":", "media_id", CONVERSATION_RULE)
