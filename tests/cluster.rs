@@ -2009,8 +2009,14 @@ async fn upload_streamed(server: &Server, user: &str, bytes: &[u8]) -> (u16, ser
 async fn gateways_without_media_forward_media_requests_to_a_media_node() {
     use sha2::Digest;
     let (dir, store) = store_node();
-    let (mut internal, _dirs, ga, gb) =
-        cluster_with_a_media_node(&store, dir.path(), &["--media-url-secret", "cdn-secret"]);
+    let (mut internal, _dirs, ga, gb) = cluster_with_a_media_node(
+        &store,
+        dir.path(),
+        &[
+            "--media-url-secret",
+            "cdn-secret-of-thirty-two-bytes-or-more",
+        ],
+    );
 
     // 6 MiB and a few bytes, streamed in through ga.
     let bytes: Vec<u8> = (0..6 * 1024 * 1024 + 5)

@@ -246,7 +246,10 @@ async fn unreferenced_media_is_swept_after_its_ttl() {
 
 #[tokio::test]
 async fn signed_urls_download_without_a_token_until_they_expire() {
-    let (_dir, server) = start(&["--media-url-secret", "cdn-secret"]);
+    let (_dir, server) = start(&[
+        "--media-url-secret",
+        "cdn-secret-of-thirty-two-bytes-or-more",
+    ]);
     let (_, uploaded) = upload(&server, "alice", "image/png", pattern(64)).await;
     let id = uploaded["media_id"].as_str().unwrap();
     let (status, body) = server

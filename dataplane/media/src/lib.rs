@@ -58,6 +58,10 @@ const TRASH: &str = "trash";
 /// Parts uploaded concurrently per upload (each part is 5 MiB): bounds upload memory.
 const UPLOAD_CONCURRENCY: usize = 2;
 
+/// Fewest bytes of `--media-url-secret`: a signed URL downloads without a token, so a short
+/// secret that can be guessed (or an empty one) would let anyone sign URLs for any media.
+pub const MIN_URL_SECRET_BYTES: usize = 32;
+
 #[derive(Debug, Clone, Args)]
 pub struct MediaConfig {
     /// Largest upload in bytes (413 above).
@@ -86,6 +90,7 @@ pub struct MediaConfig {
     #[arg(long, env = "COURIER_MEDIA_SWEEP_INTERVAL", default_value = "10m", value_parser = humantime::parse_duration)]
     pub media_sweep_interval: Duration,
     /// Secret for signed download URLs (`GET /v1/media/{id}/url`); without it they are off.
+    /// At least [`MIN_URL_SECRET_BYTES`] bytes.
     #[arg(long, env = "COURIER_MEDIA_URL_SECRET", hide_env_values = true)]
     pub media_url_secret: Option<String>,
     /// Validity of signed download URLs.
@@ -94,6 +99,20 @@ pub struct MediaConfig {
 }
 
 impl MediaConfig {
+    /// Refuses a signed-URL secret shorter than [`MIN_URL_SECRET_BYTES`].
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if let Some(secret) = &self.media_url_secret {
+            anyhow::ensure!(
+                secret.len() >= MIN_URL_SECRET_BYTES,
+                "--media-url-secret is {} bytes: at least {MIN_URL_SECRET_BYTES} are required, \
+                 as anyone who guesses it can sign download URLs for any media (generate one \
+                 with `openssl rand -hex 32`, or leave it unset to turn signed URLs off)",
+                secret.len()
+            );
+        }
+        Ok(())
+    }
+
     /// The local directory of media bytes; `None` when they live in a bucket.
     pub fn local_dir(&self, data_dir: &std::path::Path) -> Option<PathBuf> {
         if self.media_s3_bucket.is_some() {

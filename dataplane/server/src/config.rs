@@ -313,6 +313,7 @@ impl ServeConfig {
             "--media-sweep-interval must be longer than 0s (keep unreferenced media longer \
              with --media-unreferenced-ttl)"
         );
+        self.media.validate()?;
         anyhow::ensure!(
             self.media.media_min_free_disk >= self.min_free_disk,
             "--media-min-free-disk must be at least --min-free-disk, so that uploads are \
@@ -480,5 +481,19 @@ mod tests {
             let refused = validated(&[flag, "0s"]).unwrap_err().to_string();
             assert!(refused.contains(flag), "{flag}: {refused}");
         }
+    }
+
+    /// A signed media URL is a bearer credential: with an empty or short secret anyone could
+    /// sign one for any media id and download it without a token. Refused, as a short token
+    /// secret is.
+    #[test]
+    fn an_empty_or_short_media_url_secret_is_refused() {
+        for secret in ["", "short", &"x".repeat(31)] {
+            let refused = validated(&["--media-url-secret", secret])
+                .unwrap_err()
+                .to_string();
+            assert!(refused.contains("--media-url-secret"), "{refused}");
+        }
+        validated(&["--media-url-secret", &"x".repeat(32)]).unwrap();
     }
 }
