@@ -94,7 +94,10 @@ impl MediaProxy {
             match forwarded.send().await {
                 Ok(answer) => return Ok(relay(answer)),
                 Err(e) => {
-                    tracing::warn!(node, error = %e, "a media node could not be reached; it is ranked last for a while");
+                    // Without the URL: its query may hold the caller's token (`access_token`)
+                    // or a signed URL's signature. The span has the method and the path.
+                    let e = e.without_url();
+                    tracing::warn!(node, address, error = %e, "a media node could not be reached; it is ranked last for a while");
                     self.nodes.mark_down(&node);
                     if !repeatable {
                         break;
@@ -159,8 +162,64 @@ fn end_to_end(headers: &HeaderMap) -> HeaderMap {
 
 #[cfg(test)]
 mod tests {
-    use super::end_to_end;
+    use super::{MediaProxy, end_to_end};
     use axum::http::{HeaderMap, HeaderValue};
+    use std::sync::{Arc, Mutex};
+
+    /// Log lines, written into memory.
+    #[derive(Clone, Default)]
+    struct Logs(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Logs {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A client may put its token in the query (`access_token`), and a signed URL carries its
+    /// signature there: neither may reach the logs when a media node cannot be reached.
+    #[tokio::test]
+    async fn an_unreachable_media_node_is_logged_without_the_query() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = courier_store::embedded::EmbeddedEngine::open(&dir.path().join("s")).unwrap();
+        let store = courier_store::MessageStore::open(Arc::new(engine), b"", 4)
+            .await
+            .unwrap();
+        // A port nothing listens on.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = closed.local_addr().unwrap().to_string();
+        drop(closed);
+        let record = courier_store::nodes::NodeRecord {
+            roles: vec!["media".into()],
+            http_address: address,
+            lease_until_ms: courier_core::clock::now_ms() + 60_000,
+            ..Default::default()
+        };
+        store.register_node("m1", &record).await.unwrap();
+        let proxy = MediaProxy::new(store).unwrap();
+
+        let logs = Logs::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let _logging = tracing::subscriber::set_default(subscriber);
+        let request = axum::http::Request::get(
+            "/v1/media/abc?access_token=the-callers-jwt&signature=the-urls-signature",
+        )
+        .body(axum::body::Body::empty())
+        .unwrap();
+        assert!(proxy.forward(request).await.is_err());
+        let logged = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+        assert!(logged.contains("could not be reached"), "{logged}");
+        assert!(!logged.contains("the-callers-jwt"), "{logged}");
+        assert!(!logged.contains("the-urls-signature"), "{logged}");
+    }
 
     #[test]
     fn hop_by_hop_headers_stay_on_their_hop_and_the_rest_go_on() {
