@@ -321,6 +321,73 @@ mod tests {
         }
     }
 
+    /// An attacker's forms of token: unsigned (`alg: none`), HS256 keyed with the public key
+    /// a server verifies EdDSA with (the algorithm confusion of some JWT libraries), claims
+    /// with ids outside the protocol's alphabet, and no `exp`. None is accepted.
+    #[test]
+    fn forged_and_malformed_tokens_are_refused() {
+        use base64::Engine as _;
+        let b64 = |json: serde_json::Value| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json.to_string())
+        };
+        let exp = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 600;
+        let claims = serde_json::json!({ "sub": "alice", "dev": "phone", "exp": exp });
+        let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures");
+        let public = std::fs::read(format!("{fixtures}/jwt-test-ed25519.pub.pem")).unwrap();
+        let eddsa = TokenVerifier::public_key(&public, Algorithm::EdDSA).unwrap();
+        let hs256 = TokenVerifier::hs256(SECRET).unwrap();
+
+        for verifier in [&eddsa, &hs256] {
+            for alg in ["none", "None", "NONE"] {
+                let unsigned = format!(
+                    "{}.{}.",
+                    b64(serde_json::json!({ "alg": alg, "typ": "JWT" })),
+                    b64(claims.clone())
+                );
+                assert!(verifier.verify(&unsigned).is_err(), "alg {alg}");
+            }
+        }
+        let confused = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(&public),
+        )
+        .unwrap();
+        assert!(
+            eddsa.verify(&confused).is_err(),
+            "HS256 keyed with the public key"
+        );
+
+        let sign = |claims: serde_json::Value| {
+            jsonwebtoken::encode(
+                &Header::new(Algorithm::HS256),
+                &claims,
+                &EncodingKey::from_secret(SECRET),
+            )
+            .unwrap()
+        };
+        for (sub, dev) in [
+            ("alice/../bob", "phone"),
+            ("alice", "phone\nINFO forged"),
+            ("", "phone"),
+            (&*"a".repeat(65), "phone"),
+            ("alice", ""),
+        ] {
+            let token = sign(serde_json::json!({ "sub": sub, "dev": dev, "exp": exp }));
+            assert!(hs256.verify(&token).is_err(), "sub {sub:?} dev {dev:?}");
+        }
+        for missing in ["sub", "dev", "exp"] {
+            let mut partial = claims.clone();
+            partial.as_object_mut().unwrap().remove(missing);
+            assert!(hs256.verify(&sign(partial)).is_err(), "no {missing}");
+        }
+        assert!(hs256.verify(&sign(claims)).is_ok());
+    }
+
     #[test]
     fn bearer_header_wins_over_query() {
         assert_eq!(
