@@ -577,7 +577,36 @@ async fn devices_are_listed_and_unlinked_devices_are_refused() {
         .expect("a newer token is accepted");
 }
 
-/// The device ids `GET /v1/devices` lists for `user` (asked from another of its devices).
+/// A token used only on the HTTP API (never a WebSocket) still belongs to a device the user
+/// can see and unlink: a stolen token must not read the user's conversations unseen and
+/// beyond the reach of `DELETE /v1/devices/{device}`.
+#[tokio::test]
+async fn a_device_that_only_used_the_http_api_is_listed_and_can_be_unlinked() {
+    let (_dir, server) = start(&[]);
+    let mut phone = connected(&server, "alice", "phone").await;
+    phone
+        .send_text(Target::User("bob".into()), "m1", "secret plans")
+        .await
+        .unwrap();
+    let thief = server.http("alice", "stolen");
+    assert_eq!(thief.get("/v1/conversations").await.unwrap().0, 200);
+
+    let owner = server.http("alice", "phone");
+    let (_, body) = owner.get("/v1/devices").await.unwrap();
+    assert!(
+        body["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["device"] == "stolen"),
+        "the device that used the API is listed: {body}"
+    );
+    assert_eq!(owner.delete("/v1/devices/stolen").await.unwrap().0, 204);
+    assert_eq!(thief.get("/v1/conversations").await.unwrap().0, 401);
+}
+
+/// The device ids `GET /v1/devices` lists for `user`, asked from another of its devices
+/// (`web`, itself listed and left out here).
 async fn listed_devices(server: &Server, user: &str) -> Vec<String> {
     let (status, body) = server.http(user, "web").get("/v1/devices").await.unwrap();
     assert_eq!(status, 200, "{body}");
@@ -586,6 +615,7 @@ async fn listed_devices(server: &Server, user: &str) -> Vec<String> {
         .unwrap()
         .iter()
         .map(|d| d["device"].as_str().unwrap().to_owned())
+        .filter(|device| device != "web")
         .collect()
 }
 

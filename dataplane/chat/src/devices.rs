@@ -6,7 +6,8 @@
 //! token issued after its last unlink; every change of a device record is a read-modify-write
 //! fenced on the value read (`MessageStore::update_device`), so concurrent changes (a
 //! reconnect's last-seen, an unlink, a push registration) never undo one another. A connection
-//! records its device before its catch-up ends, so a device that has had `sync_done` is listed.
+//! records its device before its catch-up ends, so a device that has had `sync_done` is listed;
+//! any authenticated request records a device not seen before ([`Devices::admit`]).
 
 use courier_core::auth::{AuthError, Identity};
 use courier_core::clock::now_ms;
@@ -40,15 +41,22 @@ impl Devices {
     }
 
     /// Admits a verified token: refuses it if issued (at or) before the device's last unlink;
-    /// remembers it if it is the device's newest, which links an unlinked device again.
+    /// remembers it if it is the device's newest, which links an unlinked device again. A
+    /// device not seen before is recorded (not yet active: `last_seen_ms` 0, so that it holds
+    /// no events back from retention), so that a device which only calls the HTTP API is
+    /// listed and can be unlinked like any other.
     pub async fn admit(&self, who: &Identity) -> Result<(), ApiError> {
         let issued = who.issued_at_ms;
-        let newer = |record: Option<&DeviceRecord>| {
-            let record = record.filter(|r| r.accepts(issued) && issued > r.token_issued_ms)?;
-            Some(DeviceRecord {
+        let newer = |record: Option<&DeviceRecord>| match record {
+            None => Some(DeviceRecord {
                 token_issued_ms: issued,
-                ..record.clone()
-            })
+                ..DeviceRecord::default()
+            }),
+            Some(r) if r.accepts(issued) && issued > r.token_issued_ms => Some(DeviceRecord {
+                token_issued_ms: issued,
+                ..r.clone()
+            }),
+            Some(_) => None,
         };
         let record = self
             .store
