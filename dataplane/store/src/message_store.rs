@@ -735,27 +735,34 @@ impl MessageStore {
         partitions: Option<Arc<PartitionedEngine>>,
     ) -> Result<Self, StoreError> {
         let key = keys.shard_count();
-        let stored = kv.get(&key).await?.map(|v| decode_u64(&v) as u32);
-        let shard_count = match stored {
-            Some(n) if n == shard_count => n,
-            Some(n) => {
-                return Err(StoreError::Engine(format!(
-                    "this store was created with {n} shards and cannot be reopened with {shard_count}; \
-                     the shard count is fixed when the data directory is created"
-                )));
-            }
-            None => {
-                if !(1..=MAX_SHARDS).contains(&shard_count) {
+        // Nodes of a new cluster starting at once all find the store empty and race to create
+        // it: the losers' fenced commits are refused, and they read what the winner wrote.
+        let shard_count = loop {
+            let stored = kv.get(&key).await?.map(|v| decode_u64(&v) as u32);
+            match stored {
+                Some(n) if n == shard_count => break n,
+                Some(n) => {
                     return Err(StoreError::Engine(format!(
-                        "shard count must be between 1 and {MAX_SHARDS}, not {shard_count}"
+                        "this store was created with {n} shards and cannot be reopened with {shard_count}; \
+                         the shard count is fixed when the data directory is created"
                     )));
                 }
-                let mut batch = Batch::new();
-                batch
-                    .fence(key.clone(), None)
-                    .set(key, u64::from(shard_count).to_le_bytes().to_vec());
-                kv.commit(batch).await?;
-                shard_count
+                None => {
+                    if !(1..=MAX_SHARDS).contains(&shard_count) {
+                        return Err(StoreError::Engine(format!(
+                            "shard count must be between 1 and {MAX_SHARDS}, not {shard_count}"
+                        )));
+                    }
+                    let mut batch = Batch::new();
+                    batch
+                        .fence(key.clone(), None)
+                        .set(key.clone(), u64::from(shard_count).to_le_bytes().to_vec());
+                    match kv.commit(batch).await {
+                        Ok(_) => break shard_count,
+                        Err(StoreError::FenceChanged { .. }) => continue,
+                        Err(e) => return Err(e),
+                    }
+                }
             }
         };
         let store = Self {
@@ -2856,6 +2863,31 @@ mod tests {
     }
     use crate::testing::{owner, temp_store};
     use courier_proto::Body;
+
+    /// The nodes of a new cluster start at once on an empty store (`docs/distributed.md`): one
+    /// creates it, and the others open what it created instead of failing on the fence, or
+    /// are refused when they ask for another shard count.
+    #[tokio::test]
+    async fn nodes_opening_an_empty_store_at_once_all_open_it() {
+        use crate::faulty_engine::FaultyEngine;
+        for (theirs, opens) in [(8, true), (16, false)] {
+            let engine = FaultyEngine::new();
+            let other = engine.clone();
+            engine.before_next_commit(Box::pin(async move {
+                MessageStore::open(other, b"", theirs).await.unwrap();
+            }));
+            match MessageStore::open(engine.clone(), b"", 8).await {
+                Ok(store) => {
+                    assert!(opens);
+                    assert_eq!(store.shard_count(), 8);
+                }
+                Err(e) => {
+                    assert!(!opens);
+                    assert!(e.to_string().contains("created with 16 shards"), "{e}");
+                }
+            }
+        }
+    }
 
     fn message(conv: &str, device: &str, id: &str) -> Append {
         let sender = Sender {
