@@ -424,3 +424,50 @@ fn resident_memory_bytes() -> i64 {
         .unwrap_or(0);
     pages * 4096
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every metric is named in `docs/operations.md`, where operators look up what a metric
+    /// means, under the name `/metrics` shows (a counter with its `_total`).
+    #[test]
+    fn every_metric_is_named_in_the_operations_guide() {
+        let guide = include_str!("../../../docs/operations.md");
+        let metrics = Metrics::new();
+        // A family shows on `/metrics` once it has a label set.
+        metrics
+            .shard_appends
+            .get_or_create(&ShardLabel { shard: 0 })
+            .inc();
+        let code = CodeLabel { code: "internal" };
+        metrics.errors.get_or_create(&code).inc();
+        let scope = ScopeLabel { scope: "node" };
+        metrics.rate_limited.get_or_create(&scope).inc();
+        let outcome = OutcomeLabel { outcome: "sent" };
+        metrics.push_notifications.get_or_create(&outcome).inc();
+        let reader = ReaderLabel { reader: "push" };
+        metrics.outbox_pages_read.get_or_create(&reader).inc();
+        let text = metrics.render();
+        let names: Vec<String> = text
+            .lines()
+            .filter_map(|line| {
+                let mut words = line.strip_prefix("# TYPE ")?.split_whitespace();
+                let (name, kind) = (words.next()?, words.next()?);
+                Some(match kind {
+                    "counter" => format!("{name}_total"),
+                    _ => name.to_owned(),
+                })
+            })
+            .collect();
+        assert!(names.len() >= 30, "{text}");
+        let missing: Vec<&String> = names
+            .iter()
+            .filter(|name| !guide.contains(&format!("`{name}")))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "metrics not named in docs/operations.md: {missing:?}"
+        );
+    }
+}

@@ -225,3 +225,40 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Admin(args) => cli_admin::run(args).await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every flag of `courier serve`, `courier node` and `courier store-node`, and its
+    /// environment variable, is in `docs/operations.md` (the table of `serve`'s flags and the
+    /// text below it), so that no flag goes undocumented.
+    #[test]
+    fn every_server_flag_and_its_variable_is_in_the_operations_guide() {
+        let guide = include_str!("../../../docs/operations.md");
+        let cli = Cli::command();
+        let mut missing = Vec::new();
+        let subcommands = ["serve", "node", "store-node"].map(|name| {
+            let found = cli.find_subcommand(name);
+            (name, found.unwrap_or_else(|| panic!("no `courier {name}`")))
+        });
+        for (name, command) in std::iter::once(("courier", &cli)).chain(subcommands) {
+            for arg in command.get_arguments() {
+                let Some(long) = arg.get_long().filter(|long| *long != "help") else {
+                    continue;
+                };
+                if !guide.contains(&format!("`--{long}`")) {
+                    missing.push(format!("{name} --{long}"));
+                }
+                if let Some(env) = arg.get_env() {
+                    let env = env.to_string_lossy();
+                    if !guide.contains(&format!("`{env}`")) {
+                        missing.push(format!("{name} --{long}: {env}"));
+                    }
+                }
+            }
+        }
+        assert!(missing.is_empty(), "not in docs/operations.md: {missing:?}");
+    }
+}
