@@ -154,13 +154,13 @@ async fn shard_map(admin: &mut Admin, outbox_count_limit: u32) -> anyhow::Result
 
 async fn print_nodes(admin: &mut Admin) -> anyhow::Result<()> {
     let nodes = nodes(admin).await?;
-    println!(
-        "{:<16} {:<36} {:<22} {:<7} CONNECTIONS",
+    let mut table = format!(
+        "{:<16} {:<36} {:<22} {:<7} CONNECTIONS\n",
         "NODE", "ROLES", "ADDRESS", "LEASE"
     );
     for node in nodes {
-        println!(
-            "{:<16} {:<36} {:<22} {:<7} {}",
+        table += &format!(
+            "{:<16} {:<36} {:<22} {:<7} {}\n",
             node.id,
             node.roles.join(","),
             node.address,
@@ -168,12 +168,15 @@ async fn print_nodes(admin: &mut Admin) -> anyhow::Result<()> {
             node.connections
         );
     }
-    Ok(())
+    print_listing(&mut std::io::stdout().lock(), &table)
 }
 
 async fn print_shards(admin: &mut Admin, outbox_count_limit: u32) -> anyhow::Result<()> {
     let shards = shard_map(admin, outbox_count_limit).await?;
-    println!("{:<6} {:<28} {:<28} OUTBOX", "SHARD", "SEQUENCER", "FANOUT");
+    let mut table = format!(
+        "{:<6} {:<28} {:<28} OUTBOX\n",
+        "SHARD", "SEQUENCER", "FANOUT"
+    );
     for shard in shards {
         let outbox = shard.outbox.unwrap_or_default();
         let waiting = match (outbox.entries, outbox.more) {
@@ -184,14 +187,23 @@ async fn print_shards(admin: &mut Admin, outbox_count_limit: u32) -> anyhow::Res
                 outbox.oldest_age_ms
             ),
         };
-        println!(
-            "{:<6} {:<28} {:<28} {waiting}",
+        table += &format!(
+            "{:<6} {:<28} {:<28} {waiting}\n",
             shard.shard,
             owner(shard.sequencing.as_ref()),
             owner(shard.delivery.as_ref())
         );
     }
-    Ok(())
+    print_listing(&mut std::io::stdout().lock(), &table)
+}
+
+/// Writes a listing to `out`; a reader that stopped reading (`courier admin shards | head`)
+/// ends it quietly, where `println!` would panic.
+fn print_listing(out: &mut impl std::io::Write, listing: &str) -> anyhow::Result<()> {
+    match out.write_all(listing.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        written => Ok(written?),
+    }
 }
 
 /// `node (epoch N)`, marked when its lease lapsed; `-` when the shard never had one.
@@ -221,4 +233,34 @@ async fn sequencer_address(admin: &mut Admin, shard: u32) -> anyhow::Result<Stri
         .find(|n| n.id == owner.node)
         .map(|n| n.address)
         .with_context(|| format!("shard {shard}'s sequencer {} is not registered", owner.node))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Standard output whose reader has gone, as after `| head`.
+    struct ClosedPipe;
+
+    impl std::io::Write for ClosedPipe {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            Err(std::io::ErrorKind::BrokenPipe.into())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// `courier admin shards | head -3` prints three lines and exits 0, not with a panic
+    /// about a broken pipe; other write errors still fail the command.
+    #[test]
+    fn a_listing_whose_reader_stopped_ends_quietly() {
+        print_listing(&mut ClosedPipe, "SHARD\n0\n1\n").unwrap();
+        let mut written = Vec::new();
+        print_listing(&mut written, "SHARD\n0\n").unwrap();
+        assert_eq!(written, b"SHARD\n0\n");
+        let mut full = std::io::Cursor::new([0u8; 2]);
+        assert!(print_listing(&mut full, "SHARD\n").is_err());
+    }
 }
