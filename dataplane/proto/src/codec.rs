@@ -554,10 +554,15 @@ mod tests {
         );
         invalid(r#"["ping"]"#, "a client frame");
         invalid(r#""ping""#, "a client frame");
-        // Fields a frame does not have are ignored, wherever `type` is.
+        // Fields a frame does not have are ignored, wherever `type` is: even repeated, or
+        // holding what a parsed JSON value cannot (a lone surrogate, a number beyond f64).
         for json in [
             r#"{"type":"ping","ref":3,"extra":{"a":[1]}}"#,
             r#"{"extra":{"a":[1]},"ref":3,"type":"ping"}"#,
+            r#"{"type":"ping","ref":3,"extra":1,"extra":2}"#,
+            r#"{"extra":1,"extra":2,"ref":3,"type":"ping"}"#,
+            r#"{"type":"ping","ref":3,"extra":["\ud800",1e400]}"#,
+            r#"{"extra":["\ud800",1e400],"ref":3,"type":"ping"}"#,
         ] {
             assert_eq!(
                 Encoding::Json.decode_client(json.as_bytes()).unwrap(),

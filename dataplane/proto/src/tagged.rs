@@ -5,12 +5,14 @@
 //! reading the variant from the tree: twice the work, and an allocation per frame. Every
 //! frame Courier and its SDKs write has `"type"` first, so a frame is read here in one pass
 //! when it does: the tag, then the rest of the object straight into the variant's struct. A
-//! frame with the tag further on (allowed: JSON objects are unordered) is buffered as serde
-//! does, and reads the same.
+//! frame with the tag further on (allowed: JSON objects are unordered) is buffered, as the
+//! JSON text of each field, and then read in one pass with its tag first: so it reads the
+//! same, even a field the frame has not (skipped unread either way, where a buffer of parsed
+//! values refused what it could not hold, such as a lone surrogate or a number beyond f64).
 
 use serde::Deserialize;
-use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, Visitor};
-use serde_json::{Map, Value};
+use serde::de::{self, DeserializeOwned, DeserializeSeed, Deserializer, MapAccess, Visitor};
+use serde_json::value::RawValue;
 use std::fmt;
 use std::marker::PhantomData;
 
@@ -32,7 +34,7 @@ pub(crate) trait TaggedFrame<'de>: Sized {
 /// Reads the frame `T` from `deserializer`: in one pass when `"type"` is its first field.
 pub(crate) fn deserialize<'de, T, D>(deserializer: D) -> Result<T, D::Error>
 where
-    T: TaggedFrame<'de>,
+    T: TaggedFrame<'de> + DeserializeOwned,
     D: Deserializer<'de>,
 {
     deserializer.deserialize_map(FrameVisitor(PhantomData))
@@ -40,7 +42,7 @@ where
 
 struct FrameVisitor<T>(PhantomData<T>);
 
-impl<'de, T: TaggedFrame<'de>> Visitor<'de> for FrameVisitor<T> {
+impl<'de, T: TaggedFrame<'de> + DeserializeOwned> Visitor<'de> for FrameVisitor<T> {
     type Value = T;
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
@@ -55,24 +57,32 @@ impl<'de, T: TaggedFrame<'de>> Visitor<'de> for FrameVisitor<T> {
             let tag = map.next_value()?;
             return T::variant(tag, de::value::MapAccessDeserializer::new(map));
         };
-        // The tag further on: the fields are buffered until it is found.
-        let mut fields = Map::new();
-        fields.insert(first, map.next_value()?);
+        // The tag further on: the fields are buffered as written until it is found, then
+        // read as above from the object written again with the tag first.
+        let mut fields = vec![(first, map.next_value::<Box<RawValue>>()?)];
         let mut tag = None;
         while let Some(key) = map.next_key_seed(KeyUnlessTag)? {
             match key {
                 None if tag.is_some() => return Err(de::Error::duplicate_field(TAG)),
-                None => tag = Some(map.next_value::<T::Tag>()?),
-                Some(key) => {
-                    let value = map.next_value()?;
-                    if fields.insert(key.clone(), value).is_some() {
-                        return Err(de::Error::custom(format_args!("duplicate field `{key}`")));
-                    }
-                }
+                None => tag = Some(map.next_value::<Box<RawValue>>()?),
+                Some(key) => fields.push((key, map.next_value()?)),
             }
         }
         let tag = tag.ok_or_else(|| de::Error::missing_field(TAG))?;
-        T::variant(tag, Value::Object(fields)).map_err(de::Error::custom)
+        let mut json = format!(r#"{{"{TAG}":{}"#, tag.get());
+        for (key, value) in &fields {
+            json.push(',');
+            json.push_str(&serde_json::Value::from(key.as_str()).to_string());
+            json.push(':');
+            json.push_str(value.get());
+        }
+        json.push('}');
+        serde_json::from_str(&json).map_err(|e| {
+            // The place in the text written here means nothing to the sender.
+            let message = e.to_string();
+            let place = format!(" at line {} column {}", e.line(), e.column());
+            de::Error::custom(message.strip_suffix(&place).unwrap_or(&message))
+        })
     }
 }
 

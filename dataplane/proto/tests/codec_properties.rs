@@ -914,3 +914,49 @@ proptest! {
         decodes_or_refuses(Encoding::Proto, &proto)?;
     }
 }
+
+/// The same frame-shaped object twice: with `type` first (read in one pass) and with `type`
+/// after every other field (buffered first).
+fn json_with_type_first_and_last() -> impl Strategy<Value = (Vec<u8>, Vec<u8>)> {
+    (
+        proptest::sample::select(TYPES).prop_map(quoted),
+        collection::vec(json_field(), 0..8),
+    )
+        .prop_map(|(tag, mut fields)| {
+            fields.retain(|(k, _)| k != b"\"type\"");
+            let tag = (b"\"type\"".to_vec(), tag);
+            let mut first = vec![tag.clone()];
+            first.extend(fields.iter().cloned());
+            fields.push(tag);
+            (json_object(first), json_object(fields))
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// tagged.rs: a frame with its `type` further on "is buffered as serde does, and reads
+    /// the same".
+    #[test]
+    fn json_frames_read_the_same_wherever_type_is(
+        (first, last) in json_with_type_first_and_last()
+    ) {
+        let text = |json: &[u8]| String::from_utf8_lossy(json).into_owned();
+        let ok = |r: Result<ClientFrame, DecodeError>| r.ok();
+        prop_assert_eq!(
+            ok(Encoding::Json.decode_client(&first)),
+            ok(Encoding::Json.decode_client(&last)),
+            "{} / {}",
+            text(&first),
+            text(&last)
+        );
+        let ok = |r: Result<ServerFrame, DecodeError>| r.ok();
+        prop_assert_eq!(
+            ok(Encoding::Json.decode_server(&first)),
+            ok(Encoding::Json.decode_server(&last)),
+            "{} / {}",
+            text(&first),
+            text(&last)
+        );
+    }
+}
