@@ -221,6 +221,35 @@ mod tests {
         }
     }
 
+    /// An error code a newer server adds reads as `internal` in both encodings: the error
+    /// frame, with its `client_msg_id`, still reaches the client.
+    #[test]
+    fn an_unknown_error_code_reads_as_internal() {
+        let json =
+            br#"{"type":"error","code":"quota_exceeded","message":"m","client_msg_id":"c1"}"#;
+        let frame = pb::ServerFrame::from(ServerFrame::Error(ErrorFrame {
+            reference: None,
+            code: ErrorCode::BadRequest,
+            message: "m".into(),
+            client_msg_id: Some("c1".into()),
+            retry_after_ms: None,
+        }));
+        let mut proto = frame.encode_to_vec();
+        let known = b"bad_request";
+        let at = proto
+            .windows(known.len())
+            .position(|w| w == known)
+            .expect("the code is in the frame");
+        proto.splice(at..at + known.len(), *b"quota_excee");
+        for (encoding, bytes) in [(Encoding::Json, &json[..]), (Encoding::Proto, &proto)] {
+            let Ok(ServerFrame::Error(error)) = encoding.decode_server(bytes) else {
+                panic!("{encoding:?}: not an error frame");
+            };
+            assert_eq!(error.code, ErrorCode::Internal, "{encoding:?}");
+            assert_eq!(error.client_msg_id.as_deref(), Some("c1"));
+        }
+    }
+
     #[test]
     fn an_event_encodes_as_its_server_frame() {
         let events = samples()

@@ -499,6 +499,8 @@ pub struct TypingNotice {
 }
 
 /// The error codes of the protocol, shared by WebSocket `error` frames and HTTP error bodies.
+/// A code this version does not know (a newer server's) reads as `internal`, in JSON as in
+/// protobuf, so that the frame around it is not lost.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
@@ -509,6 +511,7 @@ pub enum ErrorCode {
     TooLarge,
     RateLimited,
     Unavailable,
+    #[serde(other)]
     Internal,
 }
 
