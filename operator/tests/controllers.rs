@@ -12,8 +12,8 @@ use courier_operator::controllers::{
 use courier_operator::crd::{
     CourierCluster, CourierClusterSpec, EmbeddedStorage, FoundationDbStorage, GatewayPool,
     GatewayPoolSettings, GatewayPoolSpec, MediaStore, RebalanceMode, S3MediaStore, SecretKeyRef,
-    SequencerSettings, SequencerShardSet, SequencerShardSetSpec, Storage, StoragePartition,
-    WorkloadSettings,
+    SequencerSettings, SequencerShardSet, SequencerShardSetSpec, ServiceType, Storage,
+    StoragePartition, WorkloadSettings,
 };
 use courier_operator::metrics::Metrics;
 use courier_operator::rebalance::executor::{AdminError, Sample, ShardAdmin};
@@ -1780,6 +1780,28 @@ fn a_gateway_pool_never_renders_the_service_of_an_embedded_cluster() {
         refused.to_string(),
         "CourierCluster prod has embedded storage (one courier serve pod that runs every role): \
          a GatewayPool needs storage.foundationDb"
+    );
+}
+
+#[test]
+fn an_embedded_clusters_service_takes_the_gateways_type_port_and_node_port() {
+    // Its one pod is the cluster's gateway: `spec.gateways`' Service settings are its
+    // Service's, as they are a gateway pool's (a nodePort asked for was left to Kubernetes).
+    let mut embedded = cluster(true);
+    embedded.spec.gateways.service_type = ServiceType::NodePort;
+    embedded.spec.gateways.port = 9000;
+    embedded.spec.gateways.node_port = Some(30081);
+    let spec = courier_operator::render::embedded::build(&embedded)
+        .unwrap()
+        .service
+        .spec
+        .unwrap();
+    assert_eq!(spec.type_.as_deref(), Some("NodePort"));
+    let ports = spec.ports.unwrap();
+    assert_eq!(
+        (ports[0].port, ports[0].node_port),
+        (9000, Some(30081)),
+        "{ports:?}"
     );
 }
 

@@ -56,7 +56,8 @@ pub struct CourierClusterSpec {
     #[schemars(range(min = 1, max = 65536))]
     #[x_kube(validation = Rule::new("self == oldSelf").message("shards is immutable: the store was created with this many logical shards"))]
     pub shards: u32,
-    /// The gateway pods (FoundationDB storage only).
+    /// The gateway pods (FoundationDB storage). With embedded storage only the client
+    /// Service's settings apply (`serviceType`, `port`, `nodePort`), to the one pod's Service.
     #[serde(default)]
     pub gateways: GatewayPoolSettings,
     /// The sequencer pods (FoundationDB storage only).

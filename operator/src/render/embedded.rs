@@ -10,7 +10,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use std::collections::BTreeMap;
 
-use super::pod::{self, Component, HTTP_PORT, Shutdown};
+use super::pod::{self, Component, Shutdown};
 use super::{RenderError, ServiceKind, child_meta, name_and_namespace, owner_reference, service};
 use crate::crd::CourierCluster;
 
@@ -84,12 +84,14 @@ pub fn build(cluster: &CourierCluster) -> Result<EmbeddedChildren, RenderError> 
         }),
         ..StatefulSet::default()
     };
+    let gateways = &cluster.spec.gateways;
     let service = service(
         meta,
         &name,
         Component::Server,
-        &[("http", HTTP_PORT, None)],
-        ServiceKind::Typed(cluster.spec.gateways.service_type.as_str()),
+        // The client Service, as a gateway pool's: `spec.gateways`' type, port and node port.
+        &[("http", gateways.port, gateways.node_port)],
+        ServiceKind::Typed(gateways.service_type.as_str()),
     );
     Ok(EmbeddedChildren {
         stateful_set,
