@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use courier_client::Target;
 use courier_client::proto::EventPayload;
-use courier_e2e::{Conversation, E2e, WAIT, eventually};
+use courier_e2e::{Conversation, E2e, WAIT, eventually, pod_is_ready};
 use courier_operator::crd::{CourierCluster, GatewayPool, SequencerShardSet};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
@@ -90,18 +90,11 @@ async fn a_sequencer_pod_killed_under_load_loses_nothing_and_keeps_order() {
         .expect("delete the pod");
         eventually("the sequencer pod to come back", || async {
             let pod = pods.get_opt(&victim).await.ok().flatten();
-            pod.is_some_and(|p| p.metadata.uid != before && is_ready(&p))
+            pod.is_some_and(|p| p.metadata.uid != before && pod_is_ready(&p))
         })
         .await;
     })
     .await;
-}
-
-fn is_ready(pod: &Pod) -> bool {
-    pod.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
 #[tokio::test]

@@ -153,6 +153,14 @@ impl Conversation {
     }
 }
 
+/// Whether `pod` has its `Ready` condition.
+pub fn pod_is_ready(pod: &k8s_openapi::api::core::v1::Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
 /// Waits until `condition` holds, polling every 2 s, for at most [`WAIT`].
 pub async fn eventually<F, Fut>(what: &str, mut condition: F)
 where

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The kind suite, from nothing to the Rust e2e tests: a kind cluster, the two images built and
 # loaded, a one-pod FoundationDB and MinIO, the chart, a CourierCluster, then
-# `cargo test -p courier-e2e --test kind` against it. Needs docker, kind, kubectl, helm, cargo.
+# `cargo test -p courier-e2e --test kind` against it; then the chart again confined to one
+# namespace (watchNamespace) and `cargo test -p courier-e2e --test scoped`. Needs docker, kind,
+# kubectl, helm, cargo.
 #
 #   tests/e2e/run.sh            # create, test, and delete the kind cluster
 #   KEEP=1 tests/e2e/run.sh     # keep the cluster afterwards (kind delete cluster --name courier-e2e)
@@ -10,6 +12,11 @@ cd "$(dirname "$0")/../.."
 
 KIND_CLUSTER=${KIND_CLUSTER:-courier-e2e}
 NS=courier
+# The second phase: the operator's release, the namespace it watches, and one it does not.
+SCOPED_OPERATOR_NS=courier-system
+SCOPED_RELEASE=courier-team-a
+WATCHED_NS=courier-team-a
+OTHER_NS=courier-team-b
 FDB_VERSION=${FDB_VERSION:-7.3.63}
 
 cleanup() {
@@ -57,3 +64,25 @@ echo "== tests"
 COURIER_E2E=1 COURIER_E2E_NAMESPACE="$NS" COURIER_E2E_CLUSTER=e2e \
 COURIER_E2E_GATEWAY=ws://127.0.0.1:30080 COURIER_E2E_JWT_SECRET="$JWT_SECRET" \
   cargo test -p courier-e2e --test kind -- --test-threads=1 --nocapture
+
+echo "== one namespace only (watchNamespace)"
+# A cluster-wide operator beside a scoped one would reconcile every namespace too
+# (docs/operator.md, "One namespace only"): the first release goes; the CRDs stay (Helm keeps
+# crds/), and the cluster e2e keeps running unreconciled.
+helm uninstall courier -n "$NS" --wait
+kubectl create namespace "$WATCHED_NS"
+kubectl create namespace "$OTHER_NS"
+for ns in "$WATCHED_NS" "$OTHER_NS"; do
+  kubectl -n "$ns" create secret generic courier-jwt --from-literal=secret="$JWT_SECRET"
+done
+# A release name of its own: the user roles are cluster-wide and named after the release.
+helm install "$SCOPED_RELEASE" charts/courier -n "$SCOPED_OPERATOR_NS" --create-namespace \
+  --set watchNamespace="$WATCHED_NS" \
+  --set image.repository=courier-operator --set image.tag=e2e --set image.pullPolicy=Never --wait
+COURIER_E2E=1 COURIER_E2E_NAMESPACE="$WATCHED_NS" COURIER_E2E_CLUSTER=scoped \
+COURIER_E2E_GATEWAY=ws://127.0.0.1:30081 COURIER_E2E_JWT_SECRET="$JWT_SECRET" \
+COURIER_E2E_OTHER_NAMESPACE="$OTHER_NS" COURIER_E2E_OPERATOR_NAMESPACE="$SCOPED_OPERATOR_NS" \
+COURIER_E2E_OPERATOR_ACCOUNT="$SCOPED_RELEASE" \
+  cargo test -p courier-e2e --test scoped -- --test-threads=1 --nocapture
+helm uninstall "$SCOPED_RELEASE" -n "$SCOPED_OPERATOR_NS" --wait
+kubectl delete namespace "$WATCHED_NS" "$OTHER_NS" "$SCOPED_OPERATOR_NS" --wait=false
