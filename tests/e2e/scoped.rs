@@ -7,7 +7,7 @@
 //!
 //! [`E2e::namespace`] is the watched namespace here, [`E2e::cluster`] the embedded
 //! CourierCluster the test applies there (and, the same spec, in the other namespace), and
-//! [`E2e::gateway`] the NodePort [`NODE_PORT`] of a Service the test puts in front of it.
+//! [`E2e::gateway`] the NodePort [`NODE_PORT`] its Service takes (`spec.gateways.nodePort`).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -23,8 +23,8 @@ use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, RoleBinding, Subject};
 use kube::Api;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 
-/// The NodePort the test's gateway Service uses; `kind.yaml` maps it to the host's
-/// 127.0.0.1:30081 (the embedded cluster's own Service gets a random one).
+/// The NodePort the watched cluster's Service takes (`spec.gateways.nodePort`); `kind.yaml`
+/// maps it to the host's 127.0.0.1:30081.
 const NODE_PORT: i32 = 30081;
 
 /// What the controllers list and watch (group, resource): `operator/src/controllers/mod.rs`.
@@ -112,9 +112,11 @@ impl Scope {
 }
 
 /// The smallest CourierCluster: one `courier serve` pod on the embedded store, the client
-/// token secret `courier-jwt` that `run.sh` creates in both namespaces.
-fn embedded_cluster(name: &str) -> serde_json::Value {
-    serde_json::json!({
+/// token secret `courier-jwt` that `run.sh` creates in both namespaces, and its Service on
+/// the node port `node_port` if given (a node port is the whole cluster's: the other
+/// namespace's copy, never reconciled, asks for none).
+fn embedded_cluster(name: &str, node_port: Option<i32>) -> serde_json::Value {
+    let mut cluster = serde_json::json!({
         "apiVersion": "courier.dev/v1alpha1",
         "kind": "CourierCluster",
         "metadata": { "name": name },
@@ -123,7 +125,12 @@ fn embedded_cluster(name: &str) -> serde_json::Value {
             "storage": { "embedded": { "size": "1Gi" } },
             "jwtSecret": { "name": "courier-jwt", "key": "secret" },
         },
-    })
+    });
+    if let Some(node_port) = node_port {
+        cluster["spec"]["gateways"] =
+            serde_json::json!({ "serviceType": "NodePort", "nodePort": node_port });
+    }
+    cluster
 }
 
 fn is_ready(cluster: &CourierCluster) -> bool {
@@ -132,33 +139,6 @@ fn is_ready(cluster: &CourierCluster) -> bool {
             .iter()
             .any(|c| c.type_ == "Ready" && c.status == "True")
     })
-}
-
-/// The gateway Service of the test: a NodePort in front of the pods the operator's Service
-/// selects.
-fn gateway_service(name: &str, selector: std::collections::BTreeMap<String, String>) -> Service {
-    serde_json::from_value(serde_json::json!({
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": { "name": name },
-        "spec": {
-            "type": "NodePort",
-            "selector": selector,
-            "ports": [{
-                "name": "http",
-                "port": 8080,
-                "targetPort": "http",
-                "nodePort": NODE_PORT,
-                "protocol": "TCP",
-            }],
-        },
-    }))
-    .expect("a Service")
-}
-
-/// The test's own gateway Service's name.
-fn gateway_service_name(e2e: &E2e) -> String {
-    format!("{}-e2e-gateway", e2e.cluster)
 }
 
 /// Expects a 403 Forbidden from the API server.
@@ -200,13 +180,20 @@ async fn scenario(e2e: Arc<E2e>, scope: Scope) {
     let apply = PatchParams::apply(MANAGER).force();
     let watched = Api::<CourierCluster>::namespaced(client.clone(), &e2e.namespace);
     let other = Api::<CourierCluster>::namespaced(client.clone(), &scope.other_namespace);
-    let spec = embedded_cluster(&e2e.cluster);
     other
-        .patch(&e2e.cluster, &apply, &Patch::Apply(&spec))
+        .patch(
+            &e2e.cluster,
+            &apply,
+            &Patch::Apply(embedded_cluster(&e2e.cluster, None)),
+        )
         .await
         .expect("apply the cluster in the other namespace");
     watched
-        .patch(&e2e.cluster, &apply, &Patch::Apply(&spec))
+        .patch(
+            &e2e.cluster,
+            &apply,
+            &Patch::Apply(embedded_cluster(&e2e.cluster, Some(NODE_PORT))),
+        )
         .await
         .expect("apply the cluster in the watched namespace");
 
@@ -216,12 +203,21 @@ async fn scenario(e2e: Arc<E2e>, scope: Scope) {
     })
     .await;
     let services = Api::<Service>::namespaced(client.clone(), &e2e.namespace);
-    let selector = services
+    let service = services
         .get(&e2e.cluster)
         .await
         .expect("the cluster's Service")
         .spec
-        .and_then(|s| s.selector)
+        .expect("the cluster's Service has a spec");
+    let node_ports: Vec<_> = service
+        .ports
+        .iter()
+        .flatten()
+        .map(|p| p.node_port)
+        .collect();
+    assert_eq!(node_ports, [Some(NODE_PORT)], "the Service's node port");
+    let selector = service
+        .selector
         .expect("the Service selects the cluster's pods");
     let labels = selector
         .iter()
@@ -242,15 +238,7 @@ async fn scenario(e2e: Arc<E2e>, scope: Scope) {
     })
     .await;
 
-    // A client connects and sends through it.
-    services
-        .patch(
-            &gateway_service_name(&e2e),
-            &apply,
-            &Patch::Apply(gateway_service(&gateway_service_name(&e2e), selector)),
-        )
-        .await
-        .expect("apply the test's gateway Service");
+    // A client connects and sends through its Service.
     let mut conversation = Conversation::new("scoped-alice", "scoped-bob");
     let mut alice = e2e.connect("scoped-alice").await;
     for _ in 0..3 {
@@ -467,13 +455,6 @@ async fn clean_up(e2e: &E2e, scope: &Scope) {
         Err(e) => eprintln!("clean-up: delete {what}: {e}"),
         Ok(()) => {}
     };
-    report(
-        Api::<Service>::namespaced(client.clone(), &e2e.namespace)
-            .delete(&gateway_service_name(e2e), &delete)
-            .await
-            .map(|_| ()),
-        "the test's gateway Service",
-    );
     for namespace in [&e2e.namespace, &scope.other_namespace] {
         report(
             Api::<CourierCluster>::namespaced(client.clone(), namespace)
@@ -502,10 +483,12 @@ async fn the_cluster_goes_with_its_resource(e2e: &E2e) {
 #[test]
 fn what_the_test_applies_is_well_formed() {
     let cluster: CourierCluster =
-        serde_json::from_value(embedded_cluster("scoped")).expect("a CourierCluster");
+        serde_json::from_value(embedded_cluster("scoped", Some(NODE_PORT)))
+            .expect("a CourierCluster");
     assert!(cluster.spec.storage.embedded.is_some());
     assert!(cluster.spec.storage.foundation_db.is_none());
-    let service = gateway_service("scoped-e2e-gateway", [("app".into(), "x".into())].into());
-    let port = &service.spec.unwrap().ports.unwrap()[0];
-    assert_eq!(port.node_port, Some(NODE_PORT));
+    assert_eq!(cluster.spec.gateways.node_port, Some(NODE_PORT));
+    let other: CourierCluster =
+        serde_json::from_value(embedded_cluster("scoped", None)).expect("a CourierCluster");
+    assert_eq!(other.spec.gateways.node_port, None);
 }
