@@ -47,9 +47,7 @@ impl WatchScope {
             WatchScope::Namespace(namespace) => Api::namespaced(client, namespace),
         }
     }
-}
 
-impl WatchScope {
     /// The name of the leader-election Lease: `courier-operator` for every namespace (as
     /// before), `courier-operator-<namespace>` for one, so that operators of different
     /// namespaces installed side by side each elect a leader of their own.

@@ -44,7 +44,9 @@ impl Devices {
     /// remembers it if it is the device's newest, which links an unlinked device again. A
     /// device not seen before is recorded (not yet active: `last_seen_ms` 0, so that it holds
     /// no events back from retention), so that a device which only calls the HTTP API is
-    /// listed and can be unlinked like any other.
+    /// listed and can be unlinked like any other. What it writes needs no fsync of its own
+    /// ([`MessageStore::record_device_activity`]): a write lost to a power loss is made again
+    /// by the next request with the same token, and an unlink, synced, is never lost with it.
     pub async fn admit(&self, who: &Identity) -> Result<(), ApiError> {
         let issued = who.issued_at_ms;
         let newer = |record: Option<&DeviceRecord>| match record {
@@ -60,7 +62,7 @@ impl Devices {
         };
         let record = self
             .store
-            .update_device(&who.user, &who.device, newer)
+            .record_device_activity(&who.user, &who.device, newer)
             .await?;
         match link(record.as_ref(), issued) {
             Link::Linked => Ok(()),

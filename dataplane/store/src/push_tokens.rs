@@ -155,10 +155,8 @@ impl MessageStore {
         device: &str,
         record: &DeviceRecord,
     ) -> Result<bool, StoreError> {
-        let Some((key, stored)) = self.taken_entry(user, device, record).await? else {
-            return Ok(false);
-        };
-        let Some((provider, token)) = registration(record) else {
+        let Some((provider, token, key, stored)) = self.taken_entry(user, device, record).await?
+        else {
             return Ok(false);
         };
         let mut batch = Batch::new();
@@ -182,23 +180,26 @@ impl MessageStore {
         }
     }
 
-    /// The index entry of the push token of `user`'s `device` (`record`), its key and value,
-    /// if it names another device.
-    async fn taken_entry(
+    /// The push registration of `user`'s `device` (`record`: provider and token) and its
+    /// index entry's key and value, if the entry names another device.
+    async fn taken_entry<'r>(
         &self,
         user: &str,
         device: &str,
-        record: &DeviceRecord,
-    ) -> Result<Option<(Vec<u8>, Option<Vec<u8>>)>, StoreError> {
+        record: &'r DeviceRecord,
+    ) -> Result<Option<TakenEntry<'r>>, StoreError> {
         let Some((provider, token)) = registration(record) else {
             return Ok(None);
         };
         let key = self.keys().push_token(provider, token);
         let stored = self.kv().get(&key).await?;
         let taken = holder(&key, stored.as_deref())?.is_some_and(|h| !h.is(user, device));
-        Ok(taken.then_some((key, stored)))
+        Ok(taken.then_some((provider, token, key, stored)))
     }
 }
+
+/// A registration's provider and token, and its index entry's key and value, as read.
+type TakenEntry<'r> = (&'r str, &'r str, Vec<u8>, Option<Vec<u8>>);
 
 /// The holder a read of the index found at `key`.
 fn holder(key: &[u8], stored: Option<&[u8]>) -> Result<Option<PushTokenHolder>, StoreError> {
