@@ -135,6 +135,9 @@ async fn a_stranger_cannot_tell_whether_two_users_have_talked() {
             http.get(&format!("/v1/conversations/{conv}/messages"))
                 .await
                 .unwrap(),
+            http.get(&format!("/v1/conversations/{conv}/receipts"))
+                .await
+                .unwrap(),
             http.post(
                 &format!("/v1/groups/{conv}/members"),
                 &serde_json::json!({ "users": ["mallory"] }),
@@ -152,6 +155,90 @@ async fn a_stranger_cannot_tell_whether_two_users_have_talked() {
     assert_eq!(
         answers[0], answers[1],
         "the answers to a stranger tell whether alice and bob have talked"
+    );
+}
+
+/// The receipts `user` reads back over HTTP: `(user, delivered_seq, read_seq)` of every
+/// current member, or the refusal's status and code.
+async fn receipts_read_by(
+    server: &support::Server,
+    user: &str,
+    conv: &str,
+) -> Result<Vec<(String, u64, u64)>, (u16, String)> {
+    let (status, body) = server
+        .http(user, "phone")
+        .get(&format!("/v1/conversations/{conv}/receipts"))
+        .await
+        .unwrap();
+    if status != 200 {
+        return Err((status, body["code"].as_str().unwrap_or_default().to_owned()));
+    }
+    Ok(body["receipts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            assert_eq!(r["conversation_id"], conv);
+            (
+                r["user"].as_str().unwrap().to_owned(),
+                r["delivered_seq"].as_u64().unwrap(),
+                r["read_seq"].as_u64().unwrap(),
+            )
+        })
+        .collect())
+}
+
+/// Receipt frames reach only the devices connected when the cursors move, so a member reads
+/// them back over HTTP; a former member, a stranger and a bad id are refused as `fetch` is.
+#[tokio::test]
+async fn receipts_are_read_back_by_current_members_only() {
+    let (_dir, server) = start(&[]);
+    let admin = server.http("alice", "phone");
+    let conv = admin
+        .create_group("g", &users(&["bob", "carol"]))
+        .await
+        .unwrap(); // 1
+    let mut alice = connected(&server, "alice", "phone").await;
+    say(&mut alice, &conv, "m1").await; // 2
+    let last = say(&mut alice, &conv, "m2").await; // 3
+    drop(alice);
+    // While alice's only device is away: bob reads everything, carol has the first delivered.
+    let mut bob = connected(&server, "bob", "phone").await;
+    bob.ack(&conv, last, AckKind::Read).await.unwrap();
+    let mut carol = connected(&server, "carol", "phone").await;
+    carol.ack(&conv, 2, AckKind::Delivered).await.unwrap();
+    // Each ack takes effect before the connection's next frame is handled: a fetch's answer
+    // comes after both are committed.
+    bob.fetch(&conv, 0, Some(1)).await.unwrap();
+    carol.fetch(&conv, 0, Some(1)).await.unwrap();
+
+    let everyone = vec![
+        ("alice".to_owned(), 0, 0),
+        ("bob".to_owned(), last, last),
+        ("carol".to_owned(), 2, 0),
+    ];
+    assert_eq!(
+        receipts_read_by(&server, "alice", &conv).await,
+        Ok(everyone)
+    );
+
+    admin.remove_member(&conv, "carol").await.unwrap(); // 4
+    let current = vec![("alice".to_owned(), 0, 0), ("bob".to_owned(), last, last)];
+    assert_eq!(
+        receipts_read_by(&server, "bob", &conv).await,
+        Ok(current),
+        "a former member's cursors leave the list"
+    );
+    let forbidden = Err((403, "forbidden".to_owned()));
+    assert_eq!(receipts_read_by(&server, "carol", &conv).await, forbidden);
+    assert_eq!(receipts_read_by(&server, "mallory", &conv).await, forbidden);
+    assert_eq!(
+        receipts_read_by(&server, "alice", "g:none").await,
+        Err((404, "not_found".to_owned()))
+    );
+    assert_eq!(
+        receipts_read_by(&server, "alice", "no%20spaces").await,
+        Err((400, "bad_request".to_owned()))
     );
 }
 

@@ -503,6 +503,20 @@ impl Chat {
         Ok(out)
     }
 
+    /// Every current member's receipt cursors in `conv` (the caller's own among them), for a
+    /// current member: `receipt` frames reach only the devices connected when the cursors
+    /// move, so a device that was away reads here what moved meanwhile. A former member is
+    /// refused, as it no longer receives receipts. Two reads whatever the members: the
+    /// membership, then every member's cursors.
+    pub async fn receipts(&self, who: &Identity, conv: &str) -> Result<Vec<Receipt>, ApiError> {
+        ids::conversation_id(conv)?;
+        let members = self.store.members(conv).await?;
+        if members.binary_search(&who.user).is_err() {
+            return Err(self.not_a_member(conv).await);
+        }
+        Ok(self.store.receipts_of(conv, members).await?)
+    }
+
     /// What a device must be sent to catch up: for each conversation of the user (and each it
     /// left, up to its removal) with events it may read above the device's delivered cursor
     /// (or the client's override of it), the range. Also returns where live delivery resumes
@@ -724,6 +738,10 @@ impl ChatService for Chat {
         Chat::conversations(self, who).await
     }
 
+    async fn receipts(&self, who: &Identity, conv: &str) -> Result<Vec<Receipt>, ApiError> {
+        Chat::receipts(self, who, conv).await
+    }
+
     async fn create_group(
         &self,
         who: &Identity,
@@ -846,6 +864,10 @@ impl ChatBinding {
         who: &Identity,
     ) -> Result<Vec<ConversationSummary>, ApiError> {
         dispatch!(self.conversations(who))
+    }
+
+    pub async fn receipts(&self, who: &Identity, conv: &str) -> Result<Vec<Receipt>, ApiError> {
+        dispatch!(self.receipts(who, conv))
     }
 
     pub async fn create_group(

@@ -153,6 +153,14 @@ pub trait ChatService: Send + Sync + 'static {
     /// The user's conversations with their heads and receipt cursors.
     async fn conversations(&self, who: &Identity) -> Result<Vec<ConversationSummary>, ApiError>;
 
+    /// Every current member's receipt cursors in `conv`, for a member: `receipt` frames reach
+    /// only the devices connected when the cursors move.
+    async fn receipts(
+        &self,
+        who: &Identity,
+        conv: &str,
+    ) -> Result<Vec<courier_proto::Receipt>, ApiError>;
+
     /// Creates a group with `who` as admin; returns its id once `group_created` is durable.
     async fn create_group(
         &self,

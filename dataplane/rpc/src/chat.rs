@@ -44,11 +44,11 @@ use crate::lock;
 use crate::proto::chat_client::ChatClient;
 use crate::proto::chat_server::{self, ChatServer};
 use crate::proto::{
-    self, CallerRequest, CatchUpRange, CatchUpRequest, CatchUpResponse, ConversationsResponse,
-    CreateGroupRequest, CreateGroupResponse, DevicesResponse, Done, FetchRequest, FrameRequest,
-    MembersRequest, MembersResponse, PageResponse, ReadableRequest, ReadableResponse,
-    RegisterPushRequest, RemoveMemberRequest, SendProgress, SeqPeriod, UnlinkDeviceRequest,
-    send_progress,
+    self, CallerRequest, CatchUpRange, CatchUpRequest, CatchUpResponse, ConversationRequest,
+    ConversationsResponse, CreateGroupRequest, CreateGroupResponse, DevicesResponse, Done,
+    FetchRequest, FrameRequest, MemberReceipt, MembersRequest, MembersResponse, PageResponse,
+    ReadableRequest, ReadableResponse, ReceiptsResponse, RegisterPushRequest, RemoveMemberRequest,
+    SendProgress, SeqPeriod, UnlinkDeviceRequest, send_progress,
 };
 use crate::sequencer::{outcome, response};
 use crate::status::{api_error, api_status, decode_api_error};
@@ -58,7 +58,7 @@ use courier_core::chat::{
 };
 use courier_core::error::ApiError;
 use courier_core::sequencing::{PendingAppend, SequencerError};
-use courier_proto::{ClientFrame, Encoding, Event, Payload, pb};
+use courier_proto::{ClientFrame, Encoding, Event, Payload, Receipt, pb};
 use courier_store::membership::MembershipPeriod;
 use courier_store::{MemberRecord, MessageStore, StoreError, Visibility};
 use futures::Stream;
@@ -331,6 +331,28 @@ impl chat_server::Chat for ChatNodeService {
             })
             .collect();
         Ok(Response::new(ConversationsResponse { conversations }))
+    }
+
+    async fn receipts(
+        &self,
+        request: Request<ConversationRequest>,
+    ) -> Result<Response<ReceiptsResponse>, Status> {
+        let request = request.into_inner();
+        let who = identity(request.caller)?;
+        let receipts = self
+            .chat
+            .receipts(&who, &request.conversation_id)
+            .await
+            .map_err(refused)?;
+        let receipts = receipts
+            .into_iter()
+            .map(|r| MemberReceipt {
+                user: r.user,
+                delivered_seq: r.delivered_seq,
+                read_seq: r.read_seq,
+            })
+            .collect();
+        Ok(Response::new(ReceiptsResponse { receipts }))
     }
 
     async fn create_group(
@@ -606,6 +628,26 @@ impl RemoteChat {
         attempt(answer)
     }
 
+    pub async fn receipts(&self, who: &Identity, conv: &str) -> Attempt<Vec<Receipt>> {
+        let request = timed(ConversationRequest {
+            caller: caller_of(who),
+            conversation_id: conv.to_owned(),
+        });
+        let answer = self.client.clone().receipts(request).await.map(|r| {
+            r.into_inner()
+                .receipts
+                .into_iter()
+                .map(|r| Receipt {
+                    conversation_id: conv.to_owned(),
+                    user: r.user,
+                    delivered_seq: r.delivered_seq,
+                    read_seq: r.read_seq,
+                })
+                .collect()
+        });
+        attempt(answer)
+    }
+
     pub async fn create_group(
         &self,
         who: &Identity,
@@ -853,6 +895,13 @@ impl ChatService for ClusterChat {
     async fn conversations(&self, who: &Identity) -> Result<Vec<ConversationSummary>, ApiError> {
         self.call(&who.user, Repeat::Safe, |chat| async move {
             chat.conversations(who).await
+        })
+        .await
+    }
+
+    async fn receipts(&self, who: &Identity, conv: &str) -> Result<Vec<Receipt>, ApiError> {
+        self.call(&who.user, Repeat::Safe, |chat| async move {
+            chat.receipts(who, conv).await
         })
         .await
     }

@@ -96,6 +96,24 @@ impl ChatService for Scripted {
         Err(not_here())
     }
 
+    async fn receipts(
+        &self,
+        who: &Identity,
+        conv: &str,
+    ) -> Result<Vec<courier_proto::Receipt>, ApiError> {
+        match conv {
+            "d:conv" => Ok(vec![courier_proto::Receipt {
+                conversation_id: conv.to_owned(),
+                user: who.user.clone(),
+                delivered_seq: 3,
+                read_seq: 2,
+            }]),
+            _ => Err(ApiError::forbidden(format!(
+                "you are not a member of {conv}"
+            ))),
+        }
+    }
+
     async fn create_group(&self, _: &Identity, _: &str, _: &[String]) -> Result<String, ApiError> {
         let n = self.groups_created.fetch_add(1, Ordering::SeqCst);
         Ok(format!("g:{n}"))
@@ -238,6 +256,20 @@ async fn answers_and_refusals_cross_as_themselves() {
         Err(ApiError::bad_request(
             "seq 9 is beyond the last event you may read, 3"
         ))
+    );
+    let receipts = chat.receipts(&who("alice"), "d:conv").await.unwrap();
+    assert_eq!(
+        receipts,
+        [courier_proto::Receipt {
+            conversation_id: "d:conv".into(),
+            user: "alice".into(),
+            delivered_seq: 3,
+            read_seq: 2,
+        }]
+    );
+    assert_eq!(
+        chat.receipts(&who("alice"), "g:1").await,
+        Err(ApiError::forbidden("you are not a member of g:1"))
     );
 }
 

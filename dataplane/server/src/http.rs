@@ -58,6 +58,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/ws", get(websocket))
         .route("/v1/conversations", get(conversations))
         .route("/v1/conversations/{id}/messages", get(messages))
+        .route("/v1/conversations/{id}/receipts", get(receipts))
         .route("/v1/groups", post(create_group))
         .route("/v1/groups/{id}/members", post(add_members))
         .route("/v1/groups/{id}/members/{user}", delete(remove_member))
@@ -278,6 +279,17 @@ async fn messages(
         body["floor_seq"] = floor.into();
     }
     Ok(Json(body).into_response())
+}
+
+/// Every current member's receipt cursors in the conversation, each as a `receipt` frame
+/// carries them (without `type`): what moved while the caller's devices were away.
+async fn receipts(
+    State(state): State<Arc<AppState>>,
+    Caller(who): Caller,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let receipts = state.chat.receipts(&who, &id).await?;
+    Ok(Json(serde_json::json!({ "receipts": receipts })).into_response())
 }
 
 /// A URL's query parameters, with decoding errors answered as `bad_request`.

@@ -13,7 +13,7 @@ use crate::membership::{MemberRecord, UserConversation, encode_left_seq};
 use crate::outbox_rows::{self, EventHeader, RowWriter};
 use crate::ownership::Duty;
 use crate::partitions::{PartitionTable, PartitionedEngine};
-use courier_proto::{Event, EventPayload, MembershipChange, Sender, pb};
+use courier_proto::{Event, EventPayload, MembershipChange, Receipt, Sender, pb};
 use foldhash::{HashMap, HashMapExt};
 use prost::Message;
 use std::collections::{BTreeMap, BTreeSet};
@@ -2537,6 +2537,35 @@ impl MessageStore {
                 other.len()
             ))),
         }
+    }
+
+    /// The receipt cursors of each of `users` in `conv`, in their order: one point read of
+    /// each cursor, for the reason [`MessageStore::receipt`] gives (one call on a store node,
+    /// whatever the users).
+    pub async fn receipts_of(
+        &self,
+        conv: &str,
+        users: Vec<String>,
+    ) -> Result<Vec<Receipt>, StoreError> {
+        let keys = users
+            .iter()
+            .flat_map(|user| {
+                [ReceiptKind::Delivered, ReceiptKind::Read]
+                    .map(|kind| self.keys.receipt(conv, user, kind))
+            })
+            .collect();
+        let cursors = self.get_each(keys).await?;
+        let cursor = |value: &Option<Vec<u8>>| value.as_deref().map_or(0, decode_u64);
+        Ok(users
+            .into_iter()
+            .zip(cursors.chunks(2))
+            .map(|(user, cursors)| Receipt {
+                conversation_id: conv.to_owned(),
+                user,
+                delivered_seq: cursor(&cursors[0]),
+                read_seq: cursor(&cursors[1]),
+            })
+            .collect())
     }
 
     /// The oldest outbox entries of `shard` from `from` on (a bound: the key of an entry, or
