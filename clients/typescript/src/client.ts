@@ -24,6 +24,7 @@ import {
   type Body,
   type ConversationEvent,
   type Messages,
+  type Receipt,
   type Sent,
   type ServerFrame,
 } from "./protocol.js";
@@ -206,6 +207,22 @@ export class CourierClient {
     return this.summariesLoading;
   }
 
+  /** Reads back every member's receipt cursors in a conversation (`GET
+   * /v1/conversations/{id}/receipts`): the server sends a `receipt` only to the devices
+   * connected when cursors move, and none on a catch-up. The client does it by itself after
+   * each catch-up, for the conversations whose latest own message it holds is not yet read,
+   * and when it loads a conversation's latest page. */
+  async refreshReceipts(conversationId: string): Promise<void> {
+    const receipts = await this.http.receipts(conversationId);
+    const conversation = this.conversationFor(conversationId);
+    let moved = false;
+    for (const receipt of receipts) {
+      const never = receipt.delivered_seq === 0 && receipt.read_seq === 0;
+      if (receipt.user !== this.user && !never && this.takeReceipt(conversation, receipt)) moved = true;
+    }
+    if (moved) this.emitter.emit("timeline", conversationId);
+  }
+
   /** Loads up to `limit` events older than the oldest held (the latest ones when none is
    * held); resolves false when there is nothing older. */
   async loadHistory(conversationId: string, limit = HISTORY_PAGE): Promise<boolean> {
@@ -218,6 +235,9 @@ export class CourierClient {
     const after = Math.max(timeline.floorSeq - 1, before - 1 - limit);
     if (before - 1 <= after) return false;
     await this.fetchRange(conversation, after, before - 1);
+    if (lowest === undefined && conversation.awaitsReceipts()) {
+      void this.refreshReceipts(conversation.id).catch((e) => this.report(e));
+    }
     return true;
   }
 
@@ -394,14 +414,11 @@ export class CourierClient {
         this.onStreamedEvent(session, event);
         break;
       }
-      case "receipt": {
-        const conversation = this.conversationFor(frame.conversation_id);
-        if (!conversation.applyReceipt(frame)) break;
-        const cursors = conversation.receiptOf(frame.user)!;
-        this.savedReceipts.save({ conversation_id: conversation.id, user: frame.user, ...cursors });
-        this.emitter.emit("timeline", frame.conversation_id);
+      case "receipt":
+        if (this.takeReceipt(this.conversationFor(frame.conversation_id), frame)) {
+          this.emitter.emit("timeline", frame.conversation_id);
+        }
         break;
-      }
       case "typing":
         this.conversationFor(frame.conversation_id).setTyping(frame.user, frame.active, Date.now());
         this.emitter.emit("typing", frame.conversation_id);
@@ -415,6 +432,7 @@ export class CourierClient {
         this.link.caughtUp(session);
         this.syncWaiters.splice(0).forEach((resolve) => resolve());
         this.emitter.emit("synced", undefined);
+        void this.readBackReceipts().catch((e) => this.report(e));
         break;
       case "reconnect":
         session.reconnectAfterMs = frame.after_ms;
@@ -529,6 +547,22 @@ export class CourierClient {
     // Where this connection streams the conversation, the events before a `sent` that
     // outran them are on their way; elsewhere they are fetched.
     if (gap && !this.link.session?.streamed.has(conversation.id)) this.fillGap(conversation, gap.after, gap.through);
+  }
+
+  /** Takes a member's cursors and saves them; false when they moved neither. */
+  private takeReceipt(conversation: Conversation, receipt: Omit<Receipt, "type">): boolean {
+    if (!conversation.applyReceipt(receipt)) return false;
+    const cursors = conversation.receiptOf(receipt.user)!;
+    this.savedReceipts.save({ conversation_id: conversation.id, user: receipt.user, ...cursors });
+    return true;
+  }
+
+  /** After a catch-up: the receipts that moved while this device was away, for each
+   * conversation whose latest own message is not yet read, one request at a time (a
+   * reconnection does not send a burst of them). */
+  private async readBackReceipts(): Promise<void> {
+    const waiting = [...this.conversationsById.values()].filter((c) => c.awaitsReceipts());
+    for (const conversation of waiting) await this.refreshReceipts(conversation.id);
   }
 
   private conversationFor(conversationId: string): Conversation {

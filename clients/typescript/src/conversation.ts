@@ -132,6 +132,16 @@ export class Conversation {
     return "sent";
   }
 
+  /** Whether the latest message of this user held here is not yet `read` by every other
+   * member it counts (receipts are cumulative, so the earlier ones are then not either). */
+  awaitsReceipts(): boolean {
+    for (let seq = this.timeline.highestSeq; seq >= (this.timeline.lowestSeq ?? 1); seq--) {
+      const event = this.timeline.get(seq);
+      if (event?.kind === "message" && event.sender.user === this.me) return this.statusOf(seq) !== "read";
+    }
+    return false;
+  }
+
   /** `othersAt` without the copy (a group's lists are cached, one per membership change). */
   private othersWhen(seq: number): readonly string[] | undefined {
     if (this.kind !== "group") return this.membersComplete ? this.others() : undefined;

@@ -4,7 +4,14 @@
  * server's code and the HTTP status.
  */
 import { CourierError, badInput } from "./errors.js";
-import { isConversationId, isUserId, type ConversationEvent, type ErrorCode, type MediaBody } from "./protocol.js";
+import {
+  isConversationId,
+  isUserId,
+  type ConversationEvent,
+  type ErrorCode,
+  type MediaBody,
+  type Receipt,
+} from "./protocol.js";
 
 export interface ConversationSummary {
   conversation_id: string;
@@ -62,6 +69,15 @@ export class HttpApi {
     if (page.limit !== undefined) query.set("limit", String(page.limit));
     const suffix = query.size > 0 ? `?${query}` : "";
     return this.json("GET", `/v1/conversations/${conversationId}/messages${suffix}`);
+  }
+
+  /** Every current member's receipt cursors in a conversation (an addition to PROTOCOL.md:
+   * `GET /v1/conversations/{id}/receipts`), for what moved while no client was connected. */
+  receipts(conversationId: string): Promise<Omit<Receipt, "type">[]> {
+    checkConversation(conversationId);
+    return this.json<{ receipts: Omit<Receipt, "type">[] }>("GET", `/v1/conversations/${conversationId}/receipts`).then(
+      (b) => b.receipts,
+    );
   }
 
   /** Creates a group with the caller as member and admin; returns its conversation id. */

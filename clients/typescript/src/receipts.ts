@@ -1,9 +1,9 @@
 /**
  * The other members' receipts, kept in the device's storage (when it can keep them) so that a
- * new client over the same storage shows the ticks the last one showed. The protocol offers
- * no other way: the server sends a `receipt` only when a member's cursors move (never again
- * on a catch-up), and `GET /v1/conversations` gives only the caller's own cursors. What moved
- * while no client of the device was connected stays unknown until the next receipt.
+ * new client over the same storage shows the ticks the last one showed at once: the server
+ * sends a `receipt` only when a member's cursors move (never again on a catch-up), and what
+ * moved while no client of the device was connected is read back over HTTP
+ * (`CourierClient.refreshReceipts`) only for the conversations that need it.
  *
  * Writes are coalesced: the receipts that change while a write is under way go in the next
  * one, each with its latest cursors.

@@ -54,6 +54,34 @@ test("a reconnection keeps the receipts seen before it", async () => {
   assert.equal(alice.statusOf(sent.conversation_id, sent.seq), "read");
 });
 
+test("receipts that moved while no client of the device was connected are read back", async () => {
+  const alice = await synced(server, "alice6", "web");
+  const bob = await synced(server, "bob6", "web");
+  const sent = await alice.sendText({ toUser: "bob6" }, "hi");
+  const conv = sent.conversation_id;
+  await until("bob has it", () => texts(bob, conv).length === 1);
+  alice.close();
+  bob.markRead(conv);
+  await until("bob's read is stored", async () => (await bob.http.receipts(conv)).some((r) => r.read_seq === sent.seq));
+
+  // A new client on a new storage: no receipt saved, none sent on the catch-up.
+  const reloaded = await synced(server, "alice6", "web");
+  await reloaded.loadHistory(conv);
+  await until("alice sees it read", () => reloaded.statusOf(conv, sent.seq) === "read");
+
+  // A reconnection: bob reads the next one while alice's client is cut off.
+  const network = new Network();
+  const online = await synced(server, "alice6", "phone", { network });
+  const next = await online.sendText({ conversationId: conv }, "again");
+  await until("bob has the next one", () => texts(bob, conv).length === 2);
+  network.cut();
+  await until("alice's phone is offline", () => online.state !== "online");
+  bob.markRead(conv);
+  await until("bob's read is stored", async () => (await bob.http.receipts(conv)).some((r) => r.read_seq === next.seq));
+  network.restore();
+  await until("alice's phone sees it read", () => online.statusOf(conv, next.seq) === "read");
+});
+
 test("after a reload on the same storage, a group's ticks are the receipts seen before", async () => {
   const storage = new MemoryOutboxStorage();
   const alice = await synced(server, "alice2", "web", { storage });
