@@ -843,6 +843,99 @@ async fn bad_tokens_are_refused_with_401_before_the_upgrade() {
     assert_eq!(body["code"], "unauthorized");
 }
 
+/// The status of `method path` with `authorization` as its `Authorization` header, if any,
+/// and the error code of its body.
+async fn status_of(
+    server: &Server,
+    method: reqwest::Method,
+    path: &str,
+    authorization: Option<&str>,
+) -> (u16, Option<String>) {
+    let mut request =
+        reqwest::Client::new().request(method, format!("{}{path}", server.http_url()));
+    if let Some(value) = authorization {
+        request = request.header("authorization", value);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    let body: serde_json::Value = response.json().await.unwrap_or_default();
+    (status, body["code"].as_str().map(str::to_owned))
+}
+
+/// The status of a WebSocket upgrade of `/v1/ws{query}` with `authorization` as its
+/// `Authorization` header, if any: 101 once the connection has had its `hello`.
+async fn upgrade_status(server: &Server, query: &str, authorization: Option<&str>) -> u16 {
+    use futures::StreamExt;
+    use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest};
+    let mut request = format!("{}/v1/ws{query}", server.ws_url())
+        .into_client_request()
+        .unwrap();
+    if let Some(value) = authorization {
+        request
+            .headers_mut()
+            .insert("authorization", value.parse().unwrap());
+    }
+    match tokio_tungstenite::connect_async(request).await {
+        Ok((mut socket, response)) => {
+            let first = tokio::time::timeout(WAIT, socket.next()).await.unwrap();
+            let Some(Ok(Message::Text(hello))) = first else {
+                panic!("expected hello, got {first:?}");
+            };
+            assert!(hello.contains(r#""type":"hello""#), "{hello}");
+            response.status().as_u16()
+        }
+        Err(tungstenite::Error::Http(response)) => response.status().as_u16(),
+        Err(e) => panic!("the upgrade failed: {e}"),
+    }
+}
+
+/// A token in a URL ends up in access logs, browser history and `Referer` headers. Only the
+/// WebSocket upgrade takes one there (`access_token`: a browser cannot set a header on a
+/// WebSocket); every other route, media downloads included, answers 401 `unauthorized` to a
+/// token in its query, and takes the same token in `Authorization: Bearer`.
+#[tokio::test]
+async fn a_token_in_the_query_opens_the_websocket_and_no_other_route() {
+    use reqwest::Method;
+    let (_dir, server) = server();
+    let token = server.token("alice", "phone");
+    let in_query = format!("?access_token={token}");
+    assert_eq!(upgrade_status(&server, &in_query, None).await, 101);
+
+    let bearer = format!("Bearer {token}");
+    let uploaded = reqwest::Client::new()
+        .post(format!("{}/v1/media", server.http_url()))
+        .header("authorization", &bearer)
+        .header("content-type", "image/png")
+        .body(vec![1u8; 64])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(uploaded.status(), 201);
+    let uploaded: serde_json::Value = uploaded.json().await.unwrap();
+    let media = format!("/v1/media/{}", uploaded["media_id"].as_str().unwrap());
+    for (method, path) in [
+        (Method::GET, "/v1/conversations"),
+        (Method::GET, "/v1/devices"),
+        (Method::GET, media.as_str()),
+        (Method::GET, &format!("{media}/url")),
+        (Method::POST, "/v1/media"),
+        (Method::POST, "/v1/groups"),
+        (Method::DELETE, "/v1/devices/laptop"),
+    ] {
+        let with_token = format!("{path}{in_query}");
+        let refused = status_of(&server, method.clone(), &with_token, None).await;
+        assert_eq!(
+            refused,
+            (401, Some("unauthorized".into())),
+            "{method} {path}"
+        );
+    }
+    for path in ["/v1/conversations", "/v1/devices", media.as_str()] {
+        let taken = status_of(&server, Method::GET, path, Some(&bearer)).await;
+        assert_eq!(taken.0, 200, "GET {path}");
+    }
+}
+
 #[tokio::test]
 async fn protobuf_subprotocol_speaks_the_same_frames() {
     let (_dir, server) = server();

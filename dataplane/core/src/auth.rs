@@ -42,7 +42,10 @@ pub struct Identity {
 /// Why a token was refused. Shown to the client, so it names the problem without secrets.
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
-    #[error("missing token: send `Authorization: Bearer <jwt>` or `access_token=<jwt>`")]
+    #[error(
+        "missing token: send `Authorization: Bearer <jwt>` (or, to `GET /v1/ws` only, the \
+         query parameter `access_token=<jwt>`)"
+    )]
     Missing,
     #[error("invalid token: {0}")]
     Invalid(String),
@@ -207,8 +210,8 @@ pub fn read_or_create_secret(data_dir: &Path) -> anyhow::Result<Vec<u8>> {
     read_secret(data_dir)
 }
 
-/// The token of a request: `Authorization: Bearer` first, then the `access_token` query
-/// parameter.
+/// The token of a request: `Authorization: Bearer` first, then the `access_token` parameter
+/// of `query`, which only the WebSocket upgrade passes (PROTOCOL.md).
 pub fn bearer_token<'a>(authorization: Option<&'a str>, query: Option<&'a str>) -> Option<&'a str> {
     if let Some(token) = authorization.and_then(|h| h.strip_prefix("Bearer ")) {
         return Some(token.trim());

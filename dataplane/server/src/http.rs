@@ -156,8 +156,9 @@ pub struct ClientAuth {
 }
 
 impl ClientAuth {
-    /// The caller of a request with `headers` and `query` (token in `Authorization: Bearer` or
-    /// `access_token`).
+    /// The caller of a request with `headers` (token in `Authorization: Bearer`), or with
+    /// `query`, the URL's query, when one is given (token in `access_token`): only the
+    /// WebSocket upgrade gives it ([`WebSocketCaller`]).
     pub async fn authenticate(
         &self,
         headers: &axum::http::HeaderMap,
@@ -184,8 +185,9 @@ impl Authenticates for AppState {
     }
 }
 
-/// The caller, from a verified bearer token (header or `access_token` query parameter), on
-/// any router whose state authenticates clients.
+/// The caller, from a verified token in `Authorization: Bearer`, on any router whose state
+/// authenticates clients. A token in the URL is not read: logs, browser history and `Referer`
+/// headers keep URLs.
 pub struct Caller(pub Identity);
 
 impl<S: Authenticates + Send + Sync> FromRequestParts<Arc<S>> for Caller {
@@ -194,15 +196,34 @@ impl<S: Authenticates + Send + Sync> FromRequestParts<Arc<S>> for Caller {
     async fn from_request_parts(parts: &mut Parts, state: &Arc<S>) -> Result<Self, ApiError> {
         state
             .client_auth()
-            .authenticate(&parts.headers, parts.uri.query())
+            .authenticate(&parts.headers, None)
             .await
             .map(Caller)
     }
 }
 
+/// The caller of the WebSocket upgrade: as [`Caller`], or from the URL's `access_token` query
+/// parameter, as a browser cannot set a header on a WebSocket (PROTOCOL.md).
+pub struct WebSocketCaller(pub Identity);
+
+impl FromRequestParts<Arc<AppState>> for WebSocketCaller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, ApiError> {
+        state
+            .auth
+            .authenticate(&parts.headers, parts.uri.query())
+            .await
+            .map(WebSocketCaller)
+    }
+}
+
 async fn websocket(
     State(state): State<Arc<AppState>>,
-    Caller(who): Caller,
+    WebSocketCaller(who): WebSocketCaller,
     upgrade: WebSocketUpgrade,
     headers: axum::http::HeaderMap,
 ) -> Response {

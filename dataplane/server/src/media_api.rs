@@ -7,7 +7,7 @@
 
 use crate::http::{Authenticates, Caller, ClientAuth, QueryParams};
 use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::http::{HeaderMap, StatusCode, Uri, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get, post};
 use axum::{Json, Router};
@@ -77,13 +77,12 @@ async fn download(
     State(api): State<Arc<MediaApi>>,
     Path(id): Path<String>,
     QueryParams(signed): QueryParams<SignedQuery>,
-    uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let record = match (signed.expires, signed.signature) {
         (Some(expires), Some(signature)) => api.media.signed(&id, expires, &signature).await?,
         _ => {
-            let who = api.auth.authenticate(&headers, uri.query()).await?;
+            let who = api.auth.authenticate(&headers, None).await?;
             api.media.readable(&who.user, &id).await?
         }
     };
