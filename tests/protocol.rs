@@ -936,6 +936,50 @@ async fn a_token_in_the_query_opens_the_websocket_and_no_other_route() {
     }
 }
 
+/// The auth scheme is case-insensitive (RFC 9110, 11.1): `bearer` is `Bearer`. The rest of the
+/// header is read strictly: the scheme, one or more spaces, the token.
+#[tokio::test]
+async fn the_bearer_scheme_is_taken_in_any_case_and_nothing_else_is() {
+    let (_dir, server) = server();
+    let token = server.token("alice", "phone");
+    for scheme in ["Bearer ", "bearer ", "BEARER ", "bEaReR ", "Bearer   "] {
+        let authorization = format!("{scheme}{token}");
+        let api = status_of(
+            &server,
+            reqwest::Method::GET,
+            "/v1/conversations",
+            Some(&authorization),
+        );
+        assert_eq!(api.await.0, 200, "{authorization:?}");
+        assert_eq!(
+            upgrade_status(&server, "", Some(&authorization)).await,
+            101,
+            "{authorization:?}"
+        );
+    }
+    for scheme in [
+        "Bearer", "Bearer\t", "Bearer: ", "Basic ", "Bear ", "Bearers ",
+    ] {
+        let authorization = format!("{scheme}{token}");
+        let api = status_of(
+            &server,
+            reqwest::Method::GET,
+            "/v1/conversations",
+            Some(&authorization),
+        );
+        assert_eq!(
+            api.await,
+            (401, Some("unauthorized".into())),
+            "{authorization:?}"
+        );
+        assert_eq!(
+            upgrade_status(&server, "", Some(&authorization)).await,
+            401,
+            "{authorization:?}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn protobuf_subprotocol_speaks_the_same_frames() {
     let (_dir, server) = server();

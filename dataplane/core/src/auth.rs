@@ -211,10 +211,14 @@ pub fn read_or_create_secret(data_dir: &Path) -> anyhow::Result<Vec<u8>> {
 }
 
 /// The token of a request: `Authorization: Bearer` first, then the `access_token` parameter
-/// of `query`, which only the WebSocket upgrade passes (PROTOCOL.md).
+/// of `query`, which only the WebSocket upgrade passes (PROTOCOL.md). The header is read as
+/// RFC 9110 (11.4) writes it: the scheme in any case, one or more spaces, the token.
 pub fn bearer_token<'a>(authorization: Option<&'a str>, query: Option<&'a str>) -> Option<&'a str> {
-    if let Some(token) = authorization.and_then(|h| h.strip_prefix("Bearer ")) {
-        return Some(token.trim());
+    let bearer = authorization
+        .and_then(|h| h.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("Bearer"));
+    if let Some((_, token)) = bearer {
+        return Some(token.trim_start_matches(' '));
     }
     query?
         .split('&')
@@ -389,6 +393,30 @@ mod tests {
             assert!(hs256.verify(&sign(partial)).is_err(), "no {missing}");
         }
         assert!(hs256.verify(&sign(claims)).is_ok());
+    }
+
+    /// The scheme is case-insensitive (RFC 9110, 11.1); anything but spaces between it and
+    /// the token, or another scheme, is no bearer token.
+    #[test]
+    fn the_bearer_scheme_is_read_in_any_case_and_strictly_otherwise() {
+        for header in [
+            "Bearer abc",
+            "bearer abc",
+            "BEARER abc",
+            "bEaReR abc",
+            "Bearer   abc",
+        ] {
+            assert_eq!(bearer_token(Some(header), None), Some("abc"), "{header:?}");
+        }
+        for header in [
+            "Bearerabc",
+            "Bearer\tabc",
+            "Bearer: abc",
+            "Basic abc",
+            "Bearers abc",
+        ] {
+            assert_eq!(bearer_token(Some(header), None), None, "{header:?}");
+        }
     }
 
     #[test]
