@@ -980,6 +980,43 @@ async fn the_bearer_scheme_is_taken_in_any_case_and_nothing_else_is() {
     }
 }
 
+/// A token dated ahead (`iat`) would outlive an unlink of its device: tokens issued after the
+/// unlink link the device again. One issued more than a minute ahead of the server's clock is
+/// refused, on the WebSocket and on the API; a few seconds ahead is an issuer's clock, taken.
+#[tokio::test]
+async fn a_token_issued_in_the_future_is_refused_and_does_not_outlive_an_unlink() {
+    let (dir, server) = server();
+    let laptop = server.http("alice", "laptop");
+    assert_eq!(laptop.get("/v1/devices").await.unwrap().0, 200);
+    assert_eq!(
+        server
+            .http("alice", "phone")
+            .get("/v1/devices")
+            .await
+            .unwrap()
+            .0,
+        200
+    );
+    let stolen = support::token_with_iat(dir.path(), "alice", "phone", 24 * 3600);
+    assert_eq!(laptop.delete("/v1/devices/phone").await.unwrap().0, 204);
+
+    let bearer = format!("Bearer {stolen}");
+    let api = status_of(
+        &server,
+        reqwest::Method::GET,
+        "/v1/conversations",
+        Some(&bearer),
+    );
+    assert_eq!(api.await, (401, Some("unauthorized".into())));
+    assert_eq!(upgrade_status(&server, "", Some(&bearer)).await, 401);
+    let (_, listed) = laptop.get("/v1/devices").await.unwrap();
+    assert_eq!(listed["devices"].as_array().unwrap().len(), 1, "{listed}");
+
+    let skewed = support::token_with_iat(dir.path(), "alice", "tablet", 30);
+    let bearer = format!("Bearer {skewed}");
+    assert_eq!(upgrade_status(&server, "", Some(&bearer)).await, 101);
+}
+
 #[tokio::test]
 async fn protobuf_subprotocol_speaks_the_same_frames() {
     let (_dir, server) = server();

@@ -8,10 +8,10 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// How far ahead of this server's clock a token's `nbf` may be: issuers commonly set it to
-/// the time of issue, and a clock a little ahead would otherwise have fresh tokens refused.
-/// `exp` has no such allowance.
-pub const NBF_LEEWAY_SECS: f64 = 60.0;
+/// How far ahead of this server's clock a token's `nbf` and `iat` may be: issuers commonly
+/// set them to the time of issue, and a clock a little ahead would otherwise have fresh
+/// tokens refused. `exp` has no such allowance.
+pub const CLOCK_SKEW_SECS: f64 = 60.0;
 
 /// Name of the generated secret inside the data directory.
 pub const SECRET_FILE: &str = "jwt-secret";
@@ -21,11 +21,13 @@ struct Claims {
     sub: String,
     dev: String,
     exp: u64,
-    /// Issue time (seconds); tokens issued before a device was unlinked are refused.
+    /// Issue time (seconds); tokens issued before a device was unlinked are refused, and so
+    /// are tokens dated ahead of this server's clock by more than [`CLOCK_SKEW_SECS`]:
+    /// they would outlive an unlink until that date.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     iat: Option<u64>,
     /// Not before (seconds, a JSON number): a token an issuer dated ahead is refused until then,
-    /// give or take [`NBF_LEEWAY_SECS`] (RFC 7519).
+    /// give or take [`CLOCK_SKEW_SECS`] (RFC 7519).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     nbf: Option<f64>,
 }
@@ -110,13 +112,13 @@ impl TokenVerifier {
         let Claims {
             sub, dev, iat, nbf, ..
         } = data.claims;
-        if let Some(nbf) = nbf {
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0.0, |d| d.as_secs_f64());
-            if nbf > now + NBF_LEEWAY_SECS {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        for (claim, time) in [("nbf", nbf), ("iat", iat.map(|iat| iat as f64))] {
+            if let Some(time) = time.filter(|&time| time > now + CLOCK_SKEW_SECS) {
                 return Err(AuthError::Invalid(format!(
-                    "the token is not valid before {nbf} (nbf); it is {now:.0}"
+                    "the token's {claim} is {time}, ahead of this server's clock ({now:.0})"
                 )));
             }
         }
@@ -260,36 +262,48 @@ mod tests {
         assert!(verifier.verify(&expired).is_err());
     }
 
-    /// A token its issuer dated to take effect later (`nbf`) is refused until then, give or
-    /// take a minute of the two clocks.
+    /// A token its issuer dated ahead is refused, give or take a minute of the two clocks:
+    /// one to take effect later (`nbf`) until then, one issued later (`iat`) at all, as it
+    /// would outlive an unlink of its device until that date. Neither claim is required.
     #[test]
-    fn tokens_not_yet_valid_are_refused_past_a_minute_of_clock_skew() {
+    fn tokens_dated_ahead_are_refused_past_a_minute_of_clock_skew() {
         let verifier = TokenVerifier::hs256(SECRET).unwrap();
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap()
             .as_secs();
-        let token = |nbf| {
+        let token = |iat, nbf| {
             jsonwebtoken::encode(
                 &Header::new(Algorithm::HS256),
                 &Claims {
                     sub: "alice".into(),
                     dev: "phone".into(),
                     exp: now + 3_600,
-                    iat: Some(now),
-                    nbf: Some(nbf),
+                    iat,
+                    nbf,
                 },
                 &EncodingKey::from_secret(SECRET),
             )
             .unwrap()
         };
-        let error = verifier.verify(&token(now as f64 + 600.0)).unwrap_err();
-        assert!(error.to_string().contains("nbf"), "{error}");
-        assert!(verifier.verify(&token(now as f64 - 1.0)).is_ok());
+        let not_yet = token(Some(now), Some(now as f64 + 600.0));
+        let issued_later = token(Some(now + 600), None);
+        for (claim, ahead) in [("nbf", not_yet), ("iat", issued_later)] {
+            let error = verifier.verify(&ahead).unwrap_err();
+            assert!(error.to_string().contains(claim), "{error}");
+        }
         assert!(
-            verifier.verify(&token(now as f64 + 30.5)).is_ok(),
+            verifier
+                .verify(&token(Some(now), Some(now as f64 - 1.0)))
+                .is_ok()
+        );
+        assert!(
+            verifier
+                .verify(&token(Some(now + 30), Some(now as f64 + 30.5)))
+                .is_ok(),
             "an issuer's clock a little ahead"
         );
+        assert!(verifier.verify(&token(None, None)).is_ok());
     }
 
     /// An empty or short secret would let anyone sign tokens: neither a verifier, nor a
