@@ -38,10 +38,12 @@
 pub mod acks;
 pub mod drain;
 pub mod routes;
+pub mod upto;
 
 use crate::acks::PendingAcks;
 use crate::drain::GatewayDrain;
 use crate::routes::{ConnectionHandle, Delivery, Routes, SharedEvent, Signal, Signals, to_message};
+use crate::upto::Upto;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, close_code};
 use courier_chat::devices::{Devices, Link};
 use courier_chat::{CatchUp, ChatBinding};
@@ -56,7 +58,6 @@ use courier_proto::{
     ServerFrame, SyncDone, Trimmed,
 };
 use courier_store::{AppendOutcome, MessageStore, StoreError};
-use foldhash::{HashMap, HashMapExt};
 use futures::future::{BoxFuture, Either};
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, SinkExt, StreamExt};
@@ -155,8 +156,9 @@ struct Connection {
     socket: WebSocket,
     /// Its route's signals, which a catch-up or gap fill looks at between events.
     signals: Arc<Signals>,
-    /// Highest seq written to this connection (or known to its device), per conversation.
-    upto: HashMap<String, u64>,
+    /// Highest seq written to this connection (or known to its device), per conversation, for
+    /// a bounded number of conversations ([`upto`]).
+    upto: Upto,
     pending: FuturesUnordered<BoxFuture<'static, SendResult>>,
     /// The commit of acks under way, if any.
     acks: Option<PendingAcks>,
@@ -298,7 +300,7 @@ impl Gateway {
             encoding,
             socket,
             signals: handle.signals.clone(),
-            upto: HashMap::new(),
+            upto: Upto::default(),
             pending: FuturesUnordered::new(),
             acks: None,
             queued_acks: Vec::new(),
@@ -809,7 +811,7 @@ impl Connection {
     /// the device had before its message is not known from it (rare, so boxed).
     fn on_sent(&mut self, done: SendResult) -> impl Future<Output = Result<(), Exit>> + '_ {
         let unseen = matches!(&done.outcome, Ok(outcome) if outcome.seq > 1)
-            && !self.upto.contains_key(&done.conversation_id);
+            && self.upto.get(&done.conversation_id).is_none();
         if unseen {
             Either::Left(
                 async move {
@@ -843,9 +845,9 @@ impl Connection {
                     metrics.send_retries.inc();
                 }
                 // The device has its own message: live delivery may continue past it.
-                let upto = self.upto.entry(conversation_id.clone()).or_insert(0);
+                let upto = self.upto.get(&conversation_id).unwrap_or(0);
                 if upto.saturating_add(1) == outcome.seq {
-                    *upto = outcome.seq;
+                    self.upto.raise(conversation_id.as_str(), outcome.seq);
                 }
                 ServerFrame::Sent(Sent {
                     reference,
@@ -882,7 +884,7 @@ impl Connection {
 
     /// The highest seq of `conv` written to this connection or known to its device.
     async fn upto(&mut self, conv: &str) -> Result<u64, Exit> {
-        if let Some(&upto) = self.upto.get(conv) {
+        if let Some(upto) = self.upto.get(conv) {
             return Ok(upto);
         }
         // A conversation this connection has not seen yet (joined after connecting): from the
@@ -893,7 +895,7 @@ impl Connection {
             .await
         {
             Ok(cursor) => {
-                self.upto.insert(conv.to_owned(), cursor);
+                self.upto.raise(conv, cursor);
                 Ok(cursor)
             }
             Err(e) => {
@@ -934,14 +936,14 @@ impl Connection {
         let conv = &event.conversation_id;
         // A gap, or a conversation this connection has not seen yet, is filled from the store
         // first: rare, so boxed, which keeps the connection's task small while it waits.
-        if self.upto.get(conv).is_none_or(|&upto| event.seq - 1 > upto) {
+        if self.upto.get(conv).is_none_or(|upto| event.seq - 1 > upto) {
             Box::pin(self.fill(conv, event.seq - 1)).await?;
         }
         // `fill` recorded how far the connection is in `conv`.
-        if event.seq <= self.upto.get(conv).copied().unwrap_or(0) {
+        if event.seq <= self.upto.get(conv).unwrap_or(0) {
             return Ok(());
         }
-        self.upto.insert(event.conversation_id.clone(), event.seq);
+        self.upto.raise(conv.as_str(), event.seq);
         let queued = shared.handed_off.elapsed().as_secs_f64();
         self.gateway.metrics.stages.connection_queue.observe(queued);
         self.write_message(shared.message(self.encoding)).await
@@ -966,8 +968,7 @@ impl Connection {
         };
         let (ranges, cursors) = plan;
         for (conv, cursor) in cursors {
-            let known = self.upto.entry(conv).or_insert(0);
-            *known = (*known).max(cursor);
+            self.upto.raise(conv, cursor);
         }
         for range in &ranges {
             if let Some(floor_seq) = range.trimmed {
@@ -1010,8 +1011,7 @@ impl Connection {
                 after = last;
             }
         }
-        let upto = self.upto.entry(conv.clone()).or_insert(0);
-        *upto = (*upto).max(range.head);
+        self.upto.raise(conv.as_str(), range.head);
         Ok(())
     }
 
