@@ -1,10 +1,10 @@
-//! A test engine: the embedded engine behind a switchable fault, a switchable batch limit and
-//! hooks run before the next commit or after the next read, so that tests reach the error paths
-//! of the roles above the store (unknown commit outcomes, an overloaded engine, one shard's
-//! writes failing, batches over the engine's limit) and interleave a concurrent writer
-//! deterministically. It also counts
-//! the read calls made of it, as a store node would receive them, keeps the ranges read and
-//! counts the rows they returned.
+//! A test engine: the embedded engine behind switchable faults (of commits and of reads), a
+//! switchable batch limit and hooks run before the next commit or after the next read, so that
+//! tests reach the error paths of the roles above the store (unknown commit outcomes, an
+//! overloaded engine, one shard's writes failing, a failed read, batches over the engine's
+//! limit) and interleave a concurrent writer deterministically. It also counts the read calls
+//! made of it, as a store node would receive them, keeps the ranges read and counts the rows
+//! they returned.
 
 use crate::embedded::EmbeddedEngine;
 use crate::kv::{Batch, BatchLimits, CommitStamp, KeyValue};
@@ -21,9 +21,14 @@ type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 /// Decides, per batch, whether its commit fails (and with what); the batch is then not applied.
 pub type Fault = Box<dyn Fn(&Batch) -> Option<StoreError> + Send + Sync>;
 
+/// Decides, per read call, by the first key it reads (or the start of its first range), whether
+/// it fails (and with what).
+pub type ReadFault = Box<dyn Fn(&[u8]) -> Option<StoreError> + Send + Sync>;
+
 pub struct FaultyEngine {
     inner: EmbeddedEngine,
     fault: Mutex<Option<Fault>>,
+    read_fault: Mutex<Option<ReadFault>>,
     max_batch_bytes: Mutex<Option<usize>>,
     before_next_commit: Mutex<Option<BoxFuture<()>>>,
     after_next_read: Mutex<Option<BoxFuture<()>>>,
@@ -41,6 +46,7 @@ impl FaultyEngine {
         Arc::new(Self {
             inner,
             fault: Mutex::new(None),
+            read_fault: Mutex::new(None),
             max_batch_bytes: Mutex::new(None),
             before_next_commit: Mutex::new(None),
             after_next_read: Mutex::new(None),
@@ -61,6 +67,26 @@ impl FaultyEngine {
     /// Fails the commits `fault` picks from now on (`None`: none).
     pub fn set_fault(&self, fault: Option<Fault>) {
         *self.fault.lock().unwrap() = fault;
+    }
+
+    /// Fails the read calls `fault` picks from now on (`None`: none).
+    pub fn set_read_fault(&self, fault: Option<ReadFault>) {
+        *self.read_fault.lock().unwrap() = fault;
+    }
+
+    /// The error of a read call of `key` (its first key, or its first range's start), if the
+    /// read fault picks it.
+    fn read_fault(&self, key: &[u8]) -> Result<(), StoreError> {
+        match self
+            .read_fault
+            .lock()
+            .unwrap()
+            .as_ref()
+            .and_then(|f| f(key))
+        {
+            Some(error) => Err(error),
+            None => Ok(()),
+        }
     }
 
     /// Runs `race` (once) just before the next commit, which then sees what it wrote: a
@@ -131,12 +157,14 @@ pub fn touches(batch: &Batch, range: &Range<Vec<u8>>) -> bool {
 #[async_trait]
 impl KvEngine for FaultyEngine {
     async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.read_fault(key)?;
         let value = self.inner.get(key).await;
         self.read_done().await;
         value
     }
 
     async fn get_many(&self, keys: Vec<Vec<u8>>) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        self.read_fault(keys.first().map_or(&[], Vec::as_slice))?;
         let values = self.inner.get_many(keys).await;
         self.read_done().await;
         values
@@ -148,6 +176,7 @@ impl KvEngine for FaultyEngine {
         limit: usize,
         reverse: bool,
     ) -> Result<Vec<KeyValue>, StoreError> {
+        self.read_fault(&range.start)?;
         self.ranges_read.lock().unwrap().push(range.clone());
         let rows = self.inner.range(range, limit, reverse).await;
         self.read_done().await;
@@ -162,6 +191,7 @@ impl KvEngine for FaultyEngine {
         ranges: Vec<Range<Vec<u8>>>,
         limit: usize,
     ) -> Result<Vec<Vec<KeyValue>>, StoreError> {
+        self.read_fault(ranges.first().map_or(&[], |range| range.start.as_slice()))?;
         self.ranges_read
             .lock()
             .unwrap()
