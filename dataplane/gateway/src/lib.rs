@@ -808,14 +808,19 @@ impl Connection {
     /// connection has not seen yet (a group it was added to, a direct conversation a peer
     /// started, one it left and is back in, a retry answered `duplicate`) reads where the
     /// device is in it first, before the client has the `sent` and may acknowledge it: what
-    /// the device had before its message is not known from it (rare, so boxed).
+    /// the device had before its message is not known from it (rare, so boxed). If that read
+    /// fails, the `sent` is written all the same (its message is durable, and the connection
+    /// stays open): the conversation stays unseen, and its next event reads the cursor again.
     fn on_sent(&mut self, done: SendResult) -> impl Future<Output = Result<(), Exit>> + '_ {
         let unseen = matches!(&done.outcome, Ok(outcome) if outcome.seq > 1)
             && self.upto.get(&done.conversation_id).is_none();
         if unseen {
             Either::Left(
                 async move {
-                    self.upto(&done.conversation_id).await?;
+                    if let Err(e) = self.read_cursor(&done.conversation_id).await {
+                        let conversation_id = &done.conversation_id;
+                        tracing::warn!(user = %self.who.user, device = %self.who.device, conversation_id, error = %e, "could not read the device's cursor before its sent; its next event reads it");
+                    }
                     self.answer_sent(done).await
                 }
                 .boxed(),
@@ -887,22 +892,25 @@ impl Connection {
         if let Some(upto) = self.upto.get(conv) {
             return Ok(upto);
         }
-        // A conversation this connection has not seen yet (joined after connecting): from the
-        // device's cursor; what it may not read is skipped when the gap is filled.
-        let store = &self.gateway.store;
-        match store
-            .device_cursor(&self.who.user, &self.who.device, conv)
-            .await
-        {
-            Ok(cursor) => {
-                self.upto.raise(conv, cursor);
-                Ok(cursor)
-            }
+        match self.read_cursor(conv).await {
+            Ok(cursor) => Ok(cursor),
             Err(e) => {
                 self.write_error(None, None, e.into()).await?;
                 Err(Exit::Close(close_code::ERROR, "storage error; reconnect"))
             }
         }
+    }
+
+    /// Takes the device's cursor in `conv` as the connection's place there: for a conversation
+    /// this connection has not seen yet (joined after connecting, or forgotten, [`upto`]); what
+    /// it may not read is skipped when the gap is filled.
+    async fn read_cursor(&mut self, conv: &str) -> Result<u64, StoreError> {
+        let store = &self.gateway.store;
+        let cursor = store
+            .device_cursor(&self.who.user, &self.who.device, conv)
+            .await?;
+        self.upto.raise(conv, cursor);
+        Ok(cursor)
     }
 
     /// Writes from the store the events of `conv` after what this connection has written,

@@ -1,0 +1,160 @@
+//! The connection task on a real WebSocket (127.0.0.1, an ephemeral port), with the chat role in
+//! process over a store that fails on demand, and a sequencer whose commits the test answers:
+//! the error paths a running server does not let a black-box test reach.
+
+use axum::Router;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::http::HeaderMap;
+use axum::routing::get;
+use courier_chat::receipts::ReceiptRelay;
+use courier_chat::{Chat, ChatBinding, ChatLimits};
+use courier_client::Client;
+use courier_core::auth::Identity;
+use courier_core::context::Context;
+use courier_core::gateways::NoGateways;
+use courier_core::membership::MembershipCache;
+use courier_core::metrics::Metrics;
+use courier_core::sequencing::{PendingAppend, PendingTrim, Sequencer, SequencerError};
+use courier_core::storage_health::StorageHealth;
+use courier_gateway::drain::GatewayDrain;
+use courier_gateway::routes::Routes;
+use courier_gateway::{Gateway, GatewayLimits};
+use courier_proto::{Body, ClientFrame, Encoding, Send, ServerFrame};
+use courier_store::faulty_engine::FaultyEngine;
+use courier_store::{Append, AppendOutcome, MediaReference, MessageStore, StoreError};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{Notify, oneshot};
+
+/// Longest wait for a frame a test expects.
+const WAIT: Duration = Duration::from_secs(30);
+
+type Reply = oneshot::Sender<Result<AppendOutcome, SequencerError>>;
+
+/// Holds every append until the test answers it.
+#[derive(Default)]
+struct HeldSequencer {
+    held: Mutex<Vec<Reply>>,
+    submitted: Notify,
+}
+
+impl HeldSequencer {
+    /// The reply of the next append submitted.
+    async fn next_held(&self) -> Reply {
+        loop {
+            let submitted = self.submitted.notified();
+            if let Some(reply) = self.held.lock().unwrap().pop() {
+                return reply;
+            }
+            tokio::time::timeout(WAIT, submitted)
+                .await
+                .expect("an append in time");
+        }
+    }
+}
+
+impl Sequencer for HeldSequencer {
+    fn submit(&self, _append: Append) -> PendingAppend {
+        let (reply, outcome) = oneshot::channel();
+        self.held.lock().unwrap().push(reply);
+        self.submitted.notify_one();
+        Box::pin(async move { outcome.await.unwrap_or(Err(SequencerError::ShardMoved)) })
+    }
+
+    fn trim(&self, _conv: &str, _floor: u64, _media: Vec<MediaReference>) -> PendingTrim {
+        Box::pin(async { Ok(0) })
+    }
+}
+
+/// A gateway over `store`, its chat role appending through `sequencer`.
+fn gateway(store: MessageStore, sequencer: Arc<HeldSequencer>) -> Arc<Gateway> {
+    let metrics = Arc::new(Metrics::new());
+    let context = Context {
+        store: store.clone(),
+        gateways: Arc::new(NoGateways),
+        membership: Arc::new(MembershipCache::new(store.clone())),
+        metrics: metrics.clone(),
+    };
+    let receipts = ReceiptRelay::new(&context, 100);
+    let storage = StorageHealth::new(store.clone(), None, 0, None, 0);
+    let chat = Chat::new(context, sequencer, receipts, ChatLimits::default(), storage);
+    let routes = Arc::new(Routes::new(metrics.clone()));
+    Arc::new(Gateway {
+        chat: ChatBinding::Local(Arc::new(chat)),
+        store,
+        routes: routes.clone(),
+        cluster_routes: None,
+        metrics,
+        limits: GatewayLimits::default(),
+        drain: Arc::new(GatewayDrain::new(routes, Duration::ZERO, Duration::ZERO)),
+    })
+}
+
+/// Serves `gateway`'s `/v1/ws` on 127.0.0.1; the bearer token is `user:device`, taken as is.
+/// Returns the base URL.
+async fn serve(gateway: Arc<Gateway>) -> String {
+    let upgrade = move |headers: HeaderMap, ws: WebSocketUpgrade| async move {
+        let token = headers["authorization"].to_str().unwrap();
+        let (user, device) = token.trim_start_matches("Bearer ").split_once(':').unwrap();
+        let who = Identity {
+            user: user.to_owned(),
+            device: device.to_owned(),
+            issued_at_ms: 0,
+        };
+        let encoding = Encoding::Json;
+        ws.protocols([encoding.subprotocol()])
+            .on_upgrade(move |socket| gateway.serve(socket, who, encoding))
+    };
+    let app = Router::new().route("/v1/ws", get(upgrade));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    format!("ws://{address}")
+}
+
+/// The first `sent` in a conversation the connection has not seen reads the device's cursor
+/// first. A store that fails that read does not take the `sent` back from the client (the
+/// message is committed) nor close the connection.
+#[tokio::test]
+async fn a_sent_is_written_and_the_connection_stays_open_when_the_cursor_read_before_it_fails() {
+    let engine = FaultyEngine::new();
+    let sequencer = Arc::new(HeldSequencer::default());
+    let url = serve(gateway(engine.store(4).await, sequencer.clone())).await;
+    let mut alice = Client::connect(&url, "alice:phone", Encoding::Json)
+        .await
+        .unwrap();
+    alice.events_until_sync_done().await.unwrap();
+
+    alice
+        .send_frame(&ClientFrame::Send(Send {
+            reference: Some(1),
+            client_msg_id: "m1".into(),
+            conversation_id: None,
+            to_user: Some("bob".into()),
+            body: Body::Text("hi".into()),
+            reply_to: None,
+        }))
+        .await
+        .unwrap();
+    let commit = sequencer.next_held().await;
+    // Committed as seq 5 of a conversation the connection has not seen; the store then fails.
+    engine.set_read_fault(Some(Box::new(|_| {
+        Some(StoreError::Engine("injected read fault".into()))
+    })));
+    let outcome = AppendOutcome {
+        seq: 5,
+        server_msg_id: "s5".into(),
+        ts_ms: 1,
+        duplicate: false,
+    };
+    commit.send(Ok(outcome)).unwrap();
+    match alice.next_frame_within(WAIT).await.unwrap() {
+        ServerFrame::Sent(sent) => {
+            assert_eq!((sent.client_msg_id.as_str(), sent.seq), ("m1", 5));
+            assert!(!sent.duplicate);
+        }
+        other => panic!("expected sent, got {other:?}"),
+    }
+    engine.set_read_fault(None);
+    alice.ping().await.expect("the connection stays open");
+}
