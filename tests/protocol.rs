@@ -1108,6 +1108,47 @@ async fn sigterm_sends_reconnect_closes_1001_and_exits_0() {
     assert!(status.success(), "exit status {status}");
 }
 
+/// A drain reaches a connection amid its catch-up: the catch-up stops there, and the
+/// connection says `reconnect` and closes with 1001 (rather than streaming on past the drain
+/// deadline, to be dropped without either); what it did not write comes on the next connection.
+#[tokio::test]
+async fn sigterm_stops_a_catch_up_under_way_with_reconnect_and_1001_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start_in(dir.path(), &["--user-sends-per-sec", "0"]);
+    let mut alice = support::connected(&server, "alice", "phone").await;
+    support::send_long_history(&mut alice, "bob").await;
+    // Bob's catch-up is more than the socket buffers hold, and he reads none of it yet.
+    let mut bob = server.connect("bob", "phone").await;
+    let terminated = tokio::task::spawn_blocking(move || server.terminate());
+    // `courier serve` tells every connection at once: alice's `reconnect` says bob was told.
+    match alice.next_frame_within(WAIT).await.unwrap() {
+        ServerFrame::Reconnect(_) => {}
+        other => panic!("expected reconnect, got {other:?}"),
+    }
+    let mut events = 0;
+    loop {
+        match bob.next_frame_within(WAIT).await {
+            Ok(ServerFrame::Event(_)) => events += 1,
+            Ok(ServerFrame::Reconnect(_)) => break,
+            Ok(other) => panic!("{other:?} after {events} events, before reconnect"),
+            Err(e) => panic!("ended without reconnect after {events} events: {e}"),
+        }
+    }
+    assert!(events < 400, "the whole catch-up was written first");
+    assert_eq!(
+        expect_close(&mut bob).await.map(|(code, _)| code),
+        Some(1001)
+    );
+    let status = terminated.await.unwrap();
+    assert!(status.success(), "exit status {status}");
+
+    let server = Server::start_in(dir.path(), &[]);
+    let mut bob = server.connect("bob", "phone").await;
+    let again = bob.events_until_sync_done().await.unwrap();
+    let seqs: Vec<u64> = again.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (1..=400).collect::<Vec<_>>(), "bob acknowledged none");
+}
+
 /// Sends in flight per connection in the drain test.
 const DRAIN_WINDOW: usize = 64;
 /// Answers each connection of the drain test waits for before the server is stopped.

@@ -4,8 +4,10 @@
 //! device, and closes on oversize (1009) and drain (1001).
 //!
 //! **Drain.** A connection told to reconnect (its gateway drains, batch by batch: see
-//! [`drain`]; or its gateway's lease lapsed) reads no further frame, answers every send it has
-//! accepted (each waits at most `send_timeout`), then writes `reconnect` and closes with 1001.
+//! [`drain`]; or its gateway's lease lapsed) reads no further frame, stops a catch-up or gap
+//! fill under way at its next event (the events not written come again on the next connection:
+//! the device's cursor moves only on its acks), answers every send it has accepted (each waits
+//! at most `send_timeout`), then writes `reconnect` and closes with 1001.
 //! Every close the server starts is a close handshake: after its close frame it reads what the
 //! client still sends until the client's close (at most [`CLOSE_REPLY_WAIT`]), so the socket is
 //! never dropped with unread data, which would make the kernel reset the connection and could
@@ -260,6 +262,9 @@ enum Exit {
     /// Closed with 1008 for an unlink: the acks its device sent are not committed (they would
     /// bring back the cursors the unlink dropped).
     Unlinked,
+    /// Told to reconnect ([`Signal::Reconnect`]), in the loop or amid a catch-up or gap fill:
+    /// the connection drains ([`Connection::drain`]).
+    Reconnect,
 }
 
 impl Gateway {
@@ -332,13 +337,18 @@ impl Connection {
             } else {
                 Exit::Close(close_code::ERROR, "storage error; reconnect")
             };
+            let exit = match exit {
+                Exit::Reconnect => Box::pin(self.drain()).await,
+                exit => exit,
+            };
             match exit {
                 Exit::Close(code, reason) => Box::pin(self.close(code, reason)).await,
                 Exit::Unlinked => {
                     Box::pin(self.close(close_code::POLICY, "device unlinked")).await;
                     self.queued_acks.clear();
                 }
-                Exit::ClientGone => {}
+                // A drain ends closed, or with its client gone.
+                Exit::ClientGone | Exit::Reconnect => {}
             }
             // An ack is not lost because the connection closed right after it.
             if let Some(acks) = self.acks.take() {
@@ -435,9 +445,7 @@ impl Connection {
                 biased;
                 _ = handle.signals.taken(Signal::Unlinked) => Err(Exit::Unlinked),
                 _ = handle.signals.taken(Signal::Replaced) => Err(REPLACED),
-                _ = handle.signals.taken(Signal::Reconnect) => {
-                    Box::pin(self.drain(handle.signals.reconnect_after_ms().unwrap_or(0))).await
-                }
+                _ = handle.signals.taken(Signal::Reconnect) => Err(Exit::Reconnect),
                 refused = acked(&mut self.acks) => Box::pin(self.on_acked(refused)).await,
                 Some(done) = self.pending.next() => self.on_sent(done).await,
                 Some(delivery) = deliveries.next() => self.on_delivery(delivery, &handle.signals).await,
@@ -580,17 +588,22 @@ impl Connection {
     }
 
     /// Answers every send this connection has accepted (each waits at most `send_timeout`),
-    /// then tells the client to reconnect elsewhere after `after_ms` and closes with 1001.
-    /// Frames not read yet are not handled, but for acks ([`Connection::close`]): the client
-    /// has no answer for them and sends them again after it reconnects.
-    async fn drain(&mut self, after_ms: u64) -> Result<(), Exit> {
+    /// then tells the client to reconnect elsewhere after the `after_ms` it was told and
+    /// closes with 1001. Frames not read yet are not handled, but for acks
+    /// ([`Connection::close`]): the client has no answer for them and sends them again after it
+    /// reconnects. A catch-up or gap fill cut short has its events written again on the next
+    /// connection: the device's cursor moves only on its acks.
+    async fn drain(&mut self) -> Exit {
         while let Some(done) = self.pending.next().await {
-            self.on_sent(done).await?;
+            if let Err(exit) = self.on_sent(done).await {
+                return exit;
+            }
         }
+        let after_ms = self.signals.reconnect_after_ms().unwrap_or(0);
         let _ = self
             .write(ServerFrame::Reconnect(Reconnect { after_ms }))
             .await;
-        Err(Exit::Close(close_code::AWAY, "server draining; reconnect"))
+        Exit::Close(close_code::AWAY, "server draining; reconnect")
     }
 
     async fn on_message(&mut self, message: Message) -> Result<(), Exit> {
@@ -1023,16 +1036,20 @@ impl Connection {
         Ok(())
     }
 
-    /// Ends the connection if it was told to close: looked at between the events of a catch-up
-    /// or gap fill, however long, as the loop looks at its signals between two steps, so an
-    /// unlinked device gets no more of it, and a connection replaced by newer ones of its
-    /// device does not stay open for as long as its client reads.
+    /// Ends the connection if it was told to close or to reconnect: looked at between the
+    /// events of a catch-up or gap fill, however long, as the loop looks at its signals between
+    /// two steps, so an unlinked device gets no more of it, a connection replaced by newer ones
+    /// of its device does not stay open for as long as its client reads, and a draining gateway
+    /// has its connections say `reconnect` and close within its deadline.
     fn told_to_close(&self) -> Result<(), Exit> {
         if self.signals.is_raised(Signal::Unlinked) {
             return Err(Exit::Unlinked);
         }
         if self.signals.is_raised(Signal::Replaced) {
             return Err(REPLACED);
+        }
+        if self.signals.is_raised(Signal::Reconnect) {
+            return Err(Exit::Reconnect);
         }
         Ok(())
     }
