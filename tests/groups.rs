@@ -727,6 +727,60 @@ async fn retention_clears_delivered_events_and_late_devices_get_trimmed() {
     );
 }
 
+/// A gap fill follows the catch-up's rule: a member added to a group while connected, whose
+/// earlier events (which `--history-on-join` lets it read) retention cleared, gets `trimmed`
+/// before what is left, not a silent jump past them.
+#[tokio::test]
+async fn a_gap_fill_that_starts_below_the_retention_floor_sends_trimmed_first() {
+    let (_dir, server) = start(&[
+        "--retention",
+        "0s",
+        "--retention-interval",
+        "50ms",
+        "--history-on-join",
+        "10",
+    ]);
+    let admin = server.http("alice", "phone");
+    let conv = admin.create_group("g", &users(&["carol"])).await.unwrap(); // 1
+    let mut alice = connected(&server, "alice", "phone").await;
+    let group = Target::Conversation(conv.clone());
+    for i in 2..=3 {
+        alice
+            .send_text(group.clone(), &format!("m{i}"), "x")
+            .await
+            .unwrap();
+    }
+    alice.ack(&conv, 3, AckKind::Delivered).await.unwrap();
+    alice.ping().await.unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let (_, body) = admin
+            .get(&format!("/v1/conversations/{conv}/messages"))
+            .await
+            .unwrap();
+        if body["events"].as_array().unwrap().is_empty() {
+            assert_eq!(body["floor_seq"], 4);
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "retention did not run"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Bob's connection has not seen the group: his place in it is his cursor, 0.
+    let mut bob = connected(&server, "bob", "phone").await;
+    admin.add_members(&conv, &users(&["bob"])).await.unwrap(); // 4
+    match bob.next_frame_within(WAIT).await.unwrap() {
+        ServerFrame::Trimmed(t) => assert_eq!(
+            (t.conversation_id.as_str(), t.floor_seq),
+            (conv.as_str(), 4)
+        ),
+        other => panic!("expected trimmed, got {other:?}"),
+    }
+    assert_eq!(next_event(&mut bob).await.seq, 4);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_group_of_5000_members_delivers_one_message_to_500_devices_in_order() {
     let (_dir, server) = start(&[

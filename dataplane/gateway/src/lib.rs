@@ -927,7 +927,8 @@ impl Connection {
     }
 
     /// Writes from the store the events of `conv` after what this connection has written,
-    /// through `through`, that its user may read (events sequenced while it was a member).
+    /// through `through`, that its user may read (events sequenced while it was a member),
+    /// after `trimmed` if retention cleared some of them, as a catch-up does.
     async fn fill(&mut self, conv: &str, through: u64) -> Result<(), Exit> {
         let upto = self.upto(conv).await?;
         if through > upto {
@@ -943,7 +944,7 @@ impl Connection {
                 from: upto,
                 head: through,
                 visible: readable.visibility(),
-                trimmed: None,
+                trimmed: readable.trimmed_after(upto),
             };
             self.stream_events(&gap, false).await?;
         }
@@ -992,24 +993,25 @@ impl Connection {
             self.upto.raise(conv, cursor);
         }
         for range in &ranges {
-            if let Some(floor_seq) = range.trimmed {
-                self.write(ServerFrame::Trimmed(Trimmed {
-                    conversation_id: range.conversation_id.clone(),
-                    floor_seq,
-                }))
-                .await?;
-            }
             self.stream_events(range, true).await?;
         }
         self.write(ServerFrame::SyncDone(SyncDone {})).await
     }
 
-    /// Writes the events of `range` its user may read from the store; `own` also includes the
-    /// device's own sends (a catch-up does, a gap fill does not: the device had `sent` for
-    /// them, [`Connection::is_own`]). Events it may not read are skipped without being read.
+    /// Writes the events of `range` its user may read from the store, after `trimmed` if
+    /// retention cleared some of those it asks for; `own` also includes the device's own sends
+    /// (a catch-up does, a gap fill does not: the device had `sent` for them,
+    /// [`Connection::is_own`]). Events it may not read are skipped without being read.
     async fn stream_events(&mut self, range: &CatchUp, own: bool) -> Result<(), Exit> {
         let store = self.gateway.store.clone();
         let conv = &range.conversation_id;
+        if let Some(floor_seq) = range.trimmed {
+            self.write(ServerFrame::Trimmed(Trimmed {
+                conversation_id: conv.clone(),
+                floor_seq,
+            }))
+            .await?;
+        }
         for (mut after, through) in range.visible.ranges(range.from, range.head) {
             while after < through {
                 let limit = CATCH_UP_PAGE.min((through - after) as usize);
