@@ -781,6 +781,54 @@ async fn a_gap_fill_that_starts_below_the_retention_floor_sends_trimmed_first() 
     assert_eq!(next_event(&mut bob).await.seq, 4);
 }
 
+/// A connection keeps its place in at most 1024 conversations (`docs/operations.md`,
+/// "Limits"); past it, the least recently written are forgotten, and the next event in one of
+/// them reads the device's cursor first: nothing the device acknowledged comes again, and
+/// nothing is lost; what it did not acknowledge may come again.
+#[tokio::test]
+async fn a_connection_in_more_conversations_than_it_keeps_its_place_in_goes_on_from_the_cursor() {
+    let (_dir, server) = start(&["--user-sends-per-sec", "0"]);
+    let admin = server.http("alice", "phone");
+    let mut bob = connected(&server, "bob", "phone").await;
+    let mut groups = Vec::new();
+    for i in 0..1025 {
+        let conv = admin
+            .create_group(&format!("g{i}"), &users(&["bob"]))
+            .await
+            .unwrap();
+        let created = next_event(&mut bob).await;
+        assert_eq!(
+            (created.conversation_id.as_str(), created.seq),
+            (conv.as_str(), 1)
+        );
+        groups.push(conv);
+    }
+    // The 1025th forgot the first 256 groups. Bob acknowledges the first one only.
+    bob.ack(&groups[0], 1, AckKind::Delivered).await.unwrap();
+    bob.ping().await.unwrap();
+    let mut alice = connected(&server, "alice", "phone").await;
+    for conv in &groups[..2] {
+        let target = Target::Conversation(conv.clone());
+        alice
+            .send_text(target, &format!("to {conv}"), "x")
+            .await
+            .unwrap();
+    }
+    let mut got = Vec::new();
+    while got.last() != Some(&(groups[1].clone(), 2)) {
+        let event = next_event(&mut bob).await;
+        got.push((event.conversation_id, event.seq));
+    }
+    assert_eq!(
+        got,
+        [
+            (groups[0].clone(), 2),
+            (groups[1].clone(), 1),
+            (groups[1].clone(), 2)
+        ]
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_group_of_5000_members_delivers_one_message_to_500_devices_in_order() {
     let (_dir, server) = start(&[
