@@ -62,6 +62,10 @@ const UPLOAD_CONCURRENCY: usize = 2;
 /// secret that can be guessed (or an empty one) would let anyone sign URLs for any media.
 pub const MIN_URL_SECRET_BYTES: usize = 32;
 
+/// Largest object S3 copies in one request: the sweeper moves unused bytes aside with a copy
+/// (then deletes the source) before it deletes them, so larger uploads could never be deleted.
+pub const S3_MAX_COPY_BYTES: u64 = 5 * 1024 * 1024 * 1024;
+
 #[derive(Debug, Clone, Args)]
 pub struct MediaConfig {
     /// Largest upload in bytes (413 above).
@@ -99,8 +103,16 @@ pub struct MediaConfig {
 }
 
 impl MediaConfig {
-    /// Refuses a signed-URL secret shorter than [`MIN_URL_SECRET_BYTES`].
+    /// Refuses a signed-URL secret shorter than [`MIN_URL_SECRET_BYTES`], and uploads larger
+    /// than [`S3_MAX_COPY_BYTES`] into a bucket.
     pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.media_s3_bucket.is_none() || self.media_max_bytes <= S3_MAX_COPY_BYTES,
+            "--media-max-bytes is {} with --media-s3-bucket: at most {S3_MAX_COPY_BYTES} (5 GiB) \
+             are allowed there, as S3 copies at most that in one request and the media sweeper \
+             moves unused bytes aside with a copy before it deletes them",
+            self.media_max_bytes
+        );
         if let Some(secret) = &self.media_url_secret {
             anyhow::ensure!(
                 secret.len() >= MIN_URL_SECRET_BYTES,

@@ -496,4 +496,20 @@ mod tests {
         }
         validated(&["--media-url-secret", &"x".repeat(32)]).unwrap();
     }
+
+    /// On S3 the sweeper moves unused bytes aside with a copy, which S3 does in one request
+    /// up to 5 GiB: larger uploads would stay in the bucket forever, each sweep failing on
+    /// them. Refused at start, naming the flag; a local directory takes any size.
+    #[test]
+    fn uploads_over_five_gib_into_a_bucket_are_refused() {
+        let five_gib = (5u64 << 30).to_string();
+        let over = ((5u64 << 30) + 1).to_string();
+        let bucket = ["--media-s3-bucket", "media"];
+        validated(&[&bucket[..], &["--media-max-bytes", &five_gib]].concat()).unwrap();
+        let refused = validated(&[&bucket[..], &["--media-max-bytes", &over]].concat())
+            .unwrap_err()
+            .to_string();
+        assert!(refused.contains("--media-max-bytes"), "{refused}");
+        validated(&["--media-max-bytes", &over]).unwrap();
+    }
 }
