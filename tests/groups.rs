@@ -695,23 +695,7 @@ async fn retention_clears_delivered_events_and_late_devices_get_trimmed() {
     assert_eq!(alice.fetch(&conv, 0, None).await.unwrap().events.len(), 3);
     bob.ack(&conv, 3, AckKind::Delivered).await.unwrap();
     bob.ping().await.unwrap();
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        let (_, body) = server
-            .http("alice", "phone")
-            .get(&format!("/v1/conversations/{conv}/messages"))
-            .await
-            .unwrap();
-        if body["events"].as_array().unwrap().is_empty() {
-            assert_eq!(body["floor_seq"], 4);
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "retention did not run"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_trimmed(&server.http("alice", "phone"), &conv, 4).await;
     let mut tablet = server.connect("bob", "tablet").await;
     match tablet.next_frame_within(WAIT).await.unwrap() {
         ServerFrame::Trimmed(t) => assert_eq!(
@@ -725,6 +709,27 @@ async fn retention_clears_delivered_events_and_late_devices_get_trimmed() {
         text.contains("courier_retention_events_cleared_total 3"),
         "{text}"
     );
+}
+
+/// Waits until retention has cleared every event of `conv` below `floor` that `member` (over
+/// HTTP) may read.
+async fn until_trimmed(member: &courier_client::HttpApi, conv: &str, floor: u64) {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let (_, body) = member
+            .get(&format!("/v1/conversations/{conv}/messages"))
+            .await
+            .unwrap();
+        if body["events"].as_array().unwrap().is_empty() {
+            assert_eq!(body["floor_seq"], floor);
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "retention did not run"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// A gap fill follows the catch-up's rule: a member added to a group while connected, whose
@@ -752,22 +757,7 @@ async fn a_gap_fill_that_starts_below_the_retention_floor_sends_trimmed_first() 
     }
     alice.ack(&conv, 3, AckKind::Delivered).await.unwrap();
     alice.ping().await.unwrap();
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        let (_, body) = admin
-            .get(&format!("/v1/conversations/{conv}/messages"))
-            .await
-            .unwrap();
-        if body["events"].as_array().unwrap().is_empty() {
-            assert_eq!(body["floor_seq"], 4);
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "retention did not run"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_trimmed(&admin, &conv, 4).await;
     // Bob's connection has not seen the group: his place in it is his cursor, 0.
     let mut bob = connected(&server, "bob", "phone").await;
     admin.add_members(&conv, &users(&["bob"])).await.unwrap(); // 4
