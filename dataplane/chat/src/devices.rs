@@ -169,8 +169,14 @@ impl Devices {
     }
 
     /// Drops the device's push registration if it is still `token` (the one a provider
-    /// refused), not one registered since.
-    pub async fn drop_push(&self, user: &str, device: &str, token: &str) -> Result<(), StoreError> {
+    /// refused), not one registered since. Whether it was `token` (false: the device has
+    /// another registration, or none).
+    pub async fn drop_push(
+        &self,
+        user: &str,
+        device: &str,
+        token: &str,
+    ) -> Result<bool, StoreError> {
         let drop_token = |record: Option<&DeviceRecord>| {
             let record = record.filter(|r| r.push_token == token)?;
             Some(DeviceRecord {
@@ -179,10 +185,8 @@ impl Devices {
                 ..record.clone()
             })
         };
-        self.store
-            .update_device(user, device, drop_token)
-            .await
-            .map(drop)
+        let record = self.store.update_device(user, device, drop_token).await?;
+        Ok(record.is_some_and(|r| r.push_token == token))
     }
 
     /// Unlinks one of the user's devices and closes its connections.

@@ -12,7 +12,9 @@
 //!   are also quiet: silent, background pushes).
 //! - Retries: 429 and 5xx are retried with exponential backoff and full jitter, never sooner
 //!   than the provider's `Retry-After`, up to `MAX_ATTEMPTS`; tokens the provider calls invalid
-//!   are removed from the device. A 5xx (or a 429 seen for several tokens in a row) also
+//!   (or the index of tokens gives to another device) are removed from the device, and a
+//!   device that registered again while its notification was being sent gets it at the next
+//!   pass, with its new registration. A 5xx (or a 429 seen for several tokens in a row) also
 //!   blocks the provider as a whole until its `Retry-After` (`provider_gates`): what falls
 //!   due for it meanwhile is postponed to the block's end, without a request and without
 //!   spending an attempt. A 429 for one token waits for that notification alone.
@@ -904,11 +906,16 @@ impl Notifier {
         };
         if self.store.push_token_taken(&user, &device, &record).await? {
             // Registered before the index of tokens, and by another device since: the app
-            // instance is someone else's now (`courier_store::push_tokens`).
-            self.count("dropped");
-            self.store
+            // instance is someone else's now (`courier_store::push_tokens`), unless the
+            // device registered again meanwhile.
+            if !self
+                .store
                 .drop_taken_push_token(&user, &device, &record)
-                .await?;
+                .await?
+            {
+                return self.registered_again(key, &pending).await;
+            }
+            self.count("dropped");
             return self.settle(key, &pending, None).await;
         }
         if self.store.device_cursor(&user, &device, &conv).await? >= pending.last_seq {
@@ -953,22 +960,19 @@ impl Notifier {
             Err(PushError::Retry { after } | PushError::Throttled { after })
                 if pending.attempts + 1 < MAX_ATTEMPTS =>
             {
-                self.count("retried");
-                let attempts = pending.attempts + 1;
-                let next = PendingPush {
-                    attempts,
-                    due_ms: now + next_delay(attempts, after).as_millis() as u64,
-                    ..pending.clone()
-                };
-                self.next_due_ms.fetch_min(next.due_ms, Ordering::Relaxed);
-                self.settle(key, &pending, Some(&next)).await
+                let delay = next_delay(pending.attempts + 1, after);
+                self.retry(key, &pending, now + delay.as_millis() as u64)
+                    .await
             }
             Err(PushError::InvalidToken) => {
                 self.count("invalid_token");
-                tracing::info!(%user, %device, "push token refused by the provider; removed");
-                Devices::new(self.store.clone())
+                if !Devices::new(self.store.clone())
                     .drop_push(&user, &device, &record.push_token)
-                    .await?;
+                    .await?
+                {
+                    return self.registered_again(key, &pending).await;
+                }
+                tracing::info!(%user, %device, "push token refused by the provider; removed");
                 self.settle(key, &pending, None).await
             }
             Err(e) => {
@@ -977,6 +981,35 @@ impl Notifier {
                 self.settle(key, &pending, None).await
             }
         }
+    }
+
+    /// Keeps `pending` for another attempt at `due_ms`.
+    async fn retry(
+        &self,
+        key: &[u8],
+        pending: &PendingPush,
+        due_ms: u64,
+    ) -> Result<(), StoreError> {
+        self.count("retried");
+        let next = PendingPush {
+            attempts: pending.attempts + 1,
+            due_ms,
+            ..pending.clone()
+        };
+        self.next_due_ms.fetch_min(due_ms, Ordering::Relaxed);
+        self.settle(key, pending, Some(&next)).await
+    }
+
+    /// The registration `pending` was being sent with was to end (taken by another device, or
+    /// refused by the provider), but its drop found the device's registration changed since
+    /// it was read (registered again, with a new token or the same one): the notification is
+    /// tried again with the registration the next pass reads, if it has an attempt left.
+    async fn registered_again(&self, key: &[u8], pending: &PendingPush) -> Result<(), StoreError> {
+        if pending.attempts + 1 < MAX_ATTEMPTS {
+            return self.retry(key, pending, now_ms()).await;
+        }
+        self.count("failed");
+        self.settle(key, pending, None).await
     }
 
     /// Settles a notification; if more messages were collapsed into it meanwhile, it stays
@@ -1055,7 +1088,8 @@ mod tests {
     use courier_store::faulty_engine::{FaultyEngine, touches};
     use courier_store::ownership::Duty;
     use courier_store::{
-        Append, AppendKey, Batch, DeliveredBound, HeadCache, KvEngine, ReceiptKind, ShardLease,
+        Append, AppendKey, Batch, DeliveredBound, DeviceRecord, HeadCache, KvEngine, ReceiptKind,
+        ShardLease,
     };
     use futures::FutureExt;
 
@@ -1149,16 +1183,21 @@ mod tests {
             .unwrap();
     }
 
+    /// A change of a device record that registers `token` with the webhook.
+    fn registered(token: &str) -> impl Fn(Option<&DeviceRecord>) -> Option<DeviceRecord> {
+        let token = token.to_owned();
+        move |record| {
+            let mut record = record.cloned().unwrap_or_default();
+            record.push_provider = "webhook".into();
+            record.push_token = token.clone();
+            Some(record)
+        }
+    }
+
     /// Registers `user`'s phone for push.
     async fn register_phone(store: &MessageStore, user: &str) {
-        let token = user.to_owned();
         store
-            .update_device(user, "phone", move |record| {
-                let mut record = record.cloned().unwrap_or_default();
-                record.push_provider = "webhook".into();
-                record.push_token = token.clone();
-                Some(record)
-            })
+            .update_device(user, "phone", registered(user))
             .await
             .unwrap();
     }
@@ -1173,12 +1212,7 @@ mod tests {
         // Ann's phone holds the token Bob's phone registers below; the index has no entry
         // for it, as for registrations written before the index.
         store
-            .update_device("ann", "phone", |record| {
-                let mut record = record.cloned().unwrap_or_default();
-                record.push_provider = "webhook".into();
-                record.push_token = "bob".into();
-                Some(record)
-            })
+            .update_device("ann", "phone", registered("bob"))
             .await
             .unwrap();
         let mut batch = Batch::new();
@@ -1199,6 +1233,88 @@ mod tests {
         assert_eq!(seen.lock().unwrap().len(), 1, "Bob's phone, once");
         let ann = store.device("ann", "phone").await.unwrap().unwrap();
         assert_eq!(ann.push_token, "", "Ann's stale registration was dropped");
+    }
+
+    /// Ann's phone holds a token from before the index that Bob's phone registered since, and
+    /// the notifier drops it; but Ann's app registers again just before that drop commits
+    /// (with a new token, or with Bob's again, as Ann signing in there once more). The drop
+    /// leaves the new registration, and Ann's notification goes to it, not nowhere.
+    #[tokio::test]
+    async fn a_device_that_registered_again_while_its_taken_token_was_dropped_is_notified() {
+        for again in ["ann", "bob"] {
+            let engine = FaultyEngine::new();
+            let store = engine.store(4).await;
+            let members = ["cat", "ann"].map(String::from);
+            group_with_a_message_and_push(&store, "g:1", &members, &[]).await;
+            store
+                .update_device("ann", "phone", registered("bob"))
+                .await
+                .unwrap();
+            let mut batch = Batch::new();
+            batch.clear(store.keys().push_token("webhook", "bob"));
+            engine.commit(batch).await.unwrap();
+            register_phone(&store, "bob").await;
+            let (providers, seen) = webhook().await;
+            let notifier = notifier(&store, providers, Duration::ZERO);
+            assert!(
+                notifier
+                    .expand(vec![store.shard_of("g:1")])
+                    .await
+                    .failed
+                    .is_empty()
+            );
+            let racing = store.clone();
+            engine.before_next_commit(Box::pin(async move {
+                racing
+                    .register_push_token("ann", "phone", registered(again))
+                    .await
+                    .unwrap();
+            }));
+            notifier.send_due().await.unwrap();
+            notifier.send_due().await.unwrap();
+            let ann = store.device("ann", "phone").await.unwrap().unwrap();
+            assert_eq!(ann.push_token, again, "Ann's new registration stays");
+            assert_eq!(
+                *seen.lock().unwrap(),
+                [(again.to_owned(), "g:1".to_owned())],
+                "Ann's phone, through its registration of {again}"
+            );
+        }
+    }
+
+    /// The provider refuses the token a notification went to, while the device registered a
+    /// new one: the refused token is gone already, and the notification goes to the new one.
+    #[tokio::test]
+    async fn a_notification_refused_for_a_token_replaced_meanwhile_goes_to_the_new_one() {
+        let engine = FaultyEngine::new();
+        let store = engine.store(4).await;
+        let members = ["cat", "ann"].map(String::from);
+        group_with_a_message_and_push(&store, "g:1", &members, &members[1..]).await;
+        let (providers, seen) = scripted_webhook(410, None, Duration::ZERO).await;
+        let notifier = notifier(&store, providers, Duration::ZERO);
+        assert!(
+            notifier
+                .expand(vec![store.shard_of("g:1")])
+                .await
+                .failed
+                .is_empty()
+        );
+        // The first commit of the send is the drop of the refused token.
+        let racing = store.clone();
+        engine.before_next_commit(Box::pin(async move {
+            racing
+                .register_push_token("ann", "phone", registered("ann-new"))
+                .await
+                .unwrap();
+        }));
+        notifier.send_due().await.unwrap();
+        notifier.send_due().await.unwrap();
+        let tokens: Vec<String> = seen.lock().unwrap().iter().map(|s| s.0.clone()).collect();
+        assert_eq!(
+            tokens,
+            ["ann", "ann-new"],
+            "the refused token, then the new one"
+        );
     }
 
     /// A group of `members` with a push-registered, offline phone each, and one message from

@@ -146,9 +146,9 @@ impl MessageStore {
     }
 
     /// Ends the registration of `user`'s `device` (`record`) while the index gives its token to
-    /// another device ([`Self::push_token_taken`]), in a commit fenced on the index: if the
-    /// device registered the token again meanwhile, the index names it and it keeps the
-    /// token. Whether the registration ended.
+    /// another device ([`Self::push_token_taken`]), in a commit fenced on the index and the
+    /// device: if the device registered again meanwhile (the same token, which the index then
+    /// names, or another), it keeps that registration. Whether the registration ended.
     pub async fn drop_taken_push_token(
         &self,
         user: &str,
@@ -173,8 +173,8 @@ impl MessageStore {
         }
         match self.kv().commit(batch).await {
             Ok(_) => Ok(true),
-            // The index or the device changed since: this drop is decided again, if still
-            // due, at the device's next notification.
+            // The index or the device changed since: the notifier tries the notification
+            // again with what the device holds now, and this drop is decided again if due.
             Err(StoreError::FenceChanged { .. }) => Ok(false),
             Err(e) => Err(e),
         }
