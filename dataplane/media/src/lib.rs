@@ -20,7 +20,8 @@
 //! - A sweeper deletes media records that no message references once their latest upload or
 //!   share is older than the TTL, and the bytes once no record keeps them (moved aside first
 //!   and checked again, so that an upload of the same bytes meanwhile keeps them); retention drops the
-//!   references of the messages it clears. A send that shares media unused for half the TTL
+//!   references of the messages it clears, and the sweeper clears a reference whose message is
+//!   gone (`MessageStore::is_media_referenced`), left by versions that did not. A send that shares media unused for half the TTL
 //!   marks it shared first (`courier_chat`), so that a sweep never forgets media a message is
 //!   being sent with (`MessageStore::share_media`). The sweeper is a loop owned by the node's
 //!   [`BackgroundLoops`]: it stops at once when cancelled (a sweep is idempotent: a record
@@ -1083,6 +1084,69 @@ mod tests {
         media.store.put_media(&id, &unshared, 0).await.unwrap();
         assert_eq!(media.sweep().await.unwrap(), 1, "unused for two TTLs");
         assert_eq!(media.store.media(&id).await.unwrap(), None);
+    }
+
+    /// A trim that cleared messages but not their references (as a sequencer node of a
+    /// version before trims took them did, ignoring those a newer retention sent it) left
+    /// references whose messages are gone. They grant no download, and the sweeper clears
+    /// them instead of keeping the media for them: it keeps media only for a retained message.
+    #[tokio::test]
+    async fn references_whose_messages_were_trimmed_keep_no_media() {
+        let (engine, dir) = (FaultyEngine::new(), tempfile::tempdir().unwrap());
+        let media = media_over(&engine, dir.path()).await;
+        let (id, record) = upload_made(&media, 2 * TTL).await;
+        for client_msg_id in ["first", "second"] {
+            let send = courier_proto::Send {
+                client_msg_id: client_msg_id.into(),
+                ..picture_to("bob", &id)
+            };
+            let (_, sent) = media.chat.submit_send(&user("alice"), &send).await.unwrap();
+            sent.await.unwrap();
+        }
+        let references = media.store.media_references(&id).await.unwrap();
+        let [(conv, first), (_, second)] = &references[..] else {
+            panic!("one reference per message: {references:?}");
+        };
+        let trim_without_references = |floor: u64| {
+            let (store, conv) = (media.store.clone(), conv.clone());
+            async move {
+                let shard = store.shard_of(&conv);
+                let lease = store
+                    .acquire_shards(Duty::Sequencing, "test", &[shard], 1, 0, u64::MAX)
+                    .await
+                    .unwrap()[0];
+                store.trim(lease, &conv, floor, &[]).await.unwrap();
+            }
+        };
+        trim_without_references(first + 1).await;
+        // Unused for two TTLs again (the sends marked it shared).
+        media.store.put_media(&id, &record, 0).await.unwrap();
+        assert_eq!(
+            media.sweep().await.unwrap(),
+            0,
+            "the second message keeps it"
+        );
+        assert_eq!(
+            media.store.media_references(&id).await.unwrap(),
+            [(conv.clone(), *second)],
+            "the first message's reference was cleared"
+        );
+
+        trim_without_references(second + 1).await;
+        assert_eq!(
+            media.readable("bob", &id).await.unwrap_err().code,
+            ErrorCode::NotFound,
+            "no message bob may read shares it"
+        );
+        assert_eq!(media.sweep().await.unwrap(), 1, "nothing keeps it");
+        assert!(media.store.media_references(&id).await.unwrap().is_empty());
+        assert!(
+            media
+                .objects
+                .head(&blob_path(&record.sha256))
+                .await
+                .is_err()
+        );
     }
 
     /// An upload whose record cannot be committed leaves no staged bytes behind.
