@@ -135,6 +135,8 @@ export class Conversation {
   /** Whether the latest message of this user held here is not yet `read` by every other
    * member it counts (receipts are cumulative, so the earlier ones are then not either). */
   awaitsReceipts(): boolean {
+    // A former member of a group is refused the members' receipts.
+    if (this.kind === "group" && this.membership().left) return false;
     for (let seq = this.timeline.highestSeq; seq >= (this.timeline.lowestSeq ?? 1); seq--) {
       const event = this.timeline.get(seq);
       if (event?.kind === "message" && event.sender.user === this.me) return this.statusOf(seq) !== "read";
@@ -201,6 +203,8 @@ interface Membership {
   /** This user's first removal after `group_created` (Infinity when none): while away it
    * sees no membership change, so from there on the members are not known. */
   knownBefore: number;
+  /** Whether the last held event that adds or removes this user removes it. */
+  left: boolean;
 }
 
 function membershipOf(events: ConversationEvent[], me: string): Membership {
@@ -210,6 +214,7 @@ function membershipOf(events: ConversationEvent[], me: string): Membership {
     changes: [],
     createdSeq: 0,
     knownBefore: Infinity,
+    left: false,
   };
   const { members, periods, changes } = membership;
   const add = (user: string, seq: number) => {
@@ -231,13 +236,17 @@ function membershipOf(events: ConversationEvent[], me: string): Membership {
     } else if (event.kind === "member_added") {
       changes.push(event.seq);
       usersOf(event).forEach((user) => add(user, event.seq));
+      if (usersOf(event).includes(me)) membership.left = false;
     } else if (event.kind === "member_removed") {
       changes.push(event.seq);
       for (const user of usersOf(event)) {
         if (!members.delete(user)) continue;
         periods.get(user)!.at(-1)!.removed = event.seq;
       }
-      if (usersOf(event).includes(me)) membership.knownBefore = Math.min(membership.knownBefore, event.seq);
+      if (usersOf(event).includes(me)) {
+        membership.knownBefore = Math.min(membership.knownBefore, event.seq);
+        membership.left = true;
+      }
     }
   }
   return membership;

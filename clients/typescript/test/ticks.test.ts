@@ -82,6 +82,30 @@ test("receipts that moved while no client of the device was connected are read b
   await until("alice's phone sees it read", () => online.statusOf(conv, next.seq) === "read");
 });
 
+test("a group this user was removed from while away keeps no other conversation's receipts from being read back", async () => {
+  const network = new Network();
+  const alice = await synced(server, "alice7", "web", { network });
+  const bob = await synced(server, "bob7", "web");
+  const group = await bob.createGroup("g", ["alice7"]);
+  await until("alice has the group", () => alice.conversation(group) !== undefined);
+  await alice.sendText({ conversationId: group }, "to the group");
+  const sent = await alice.sendText({ toUser: "bob7" }, "hi");
+  const conv = sent.conversation_id;
+  await until("bob has it", () => texts(bob, conv).length === 1);
+  network.cut();
+  await until("alice is offline", () => alice.state !== "online");
+  // While away, alice is removed from the group (her message there is not read: it awaits
+  // receipts, and she may no longer read them back) and bob reads her direct message.
+  await bob.http.removeMember(group, "alice7");
+  bob.markRead(conv);
+  await until("bob's read is stored", async () => (await bob.http.receipts(conv)).some((r) => r.read_seq === sent.seq));
+  const errors: unknown[] = [];
+  alice.on("error", (error) => errors.push(error));
+  network.restore();
+  await until("alice sees it read", () => alice.statusOf(conv, sent.seq) === "read");
+  assert.deepEqual(errors, [], "a former member asks for no receipts");
+});
+
 test("after a reload on the same storage, a group's ticks are the receipts seen before", async () => {
   const storage = new MemoryOutboxStorage();
   const alice = await synced(server, "alice2", "web", { storage });
