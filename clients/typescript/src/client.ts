@@ -90,6 +90,9 @@ export class CourierClient {
   private readonly sender: OutboxSender;
   private synced = false;
   private syncWaiters: (() => void)[] = [];
+  /** A read-back of receipts is under way, and a catch-up since asks for another pass. */
+  private readingBack = false;
+  private readBackAgain = false;
   /** Gap fetches in flight, as `conversation/after`. */
   private readonly gapsFetching = new Set<string>();
   private summariesLoading: Promise<void> | undefined;
@@ -432,7 +435,7 @@ export class CourierClient {
         this.link.caughtUp(session);
         this.syncWaiters.splice(0).forEach((resolve) => resolve());
         this.emitter.emit("synced", undefined);
-        void this.readBackReceipts().catch((e) => this.report(e));
+        void this.readBackReceipts();
         break;
       case "reconnect":
         session.reconnectAfterMs = frame.after_ms;
@@ -559,10 +562,24 @@ export class CourierClient {
 
   /** After a catch-up: the receipts that moved while this device was away, for each
    * conversation whose latest own message is not yet read, one request at a time (a
-   * reconnection does not send a burst of them). */
+   * reconnection does not send a burst of them), across reconnections too: a catch-up
+   * while a read-back is under way has it go over the conversations again once done. */
   private async readBackReceipts(): Promise<void> {
-    const waiting = [...this.conversationsById.values()].filter((c) => c.awaitsReceipts());
-    for (const conversation of waiting) await this.refreshReceipts(conversation.id);
+    if (this.readingBack) {
+      this.readBackAgain = true;
+      return;
+    }
+    this.readingBack = true;
+    do {
+      this.readBackAgain = false;
+      try {
+        const waiting = [...this.conversationsById.values()].filter((c) => c.awaitsReceipts());
+        for (const conversation of waiting) await this.refreshReceipts(conversation.id);
+      } catch (error) {
+        this.report(error);
+      }
+    } while (this.readBackAgain);
+    this.readingBack = false;
   }
 
   private conversationFor(conversationId: string): Conversation {

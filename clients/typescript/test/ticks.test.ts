@@ -106,6 +106,64 @@ test("a group this user was removed from while away keeps no other conversation'
   assert.deepEqual(errors, [], "a former member asks for no receipts");
 });
 
+test("a reconnection while receipts are read back starts no second read-back beside it", async () => {
+  // While `held` is set, each receipts request waits for the test to let it go.
+  let held: (() => void)[] | undefined = [];
+  let inFlight = 0;
+  let most = 0;
+  const counted: typeof fetch = async (input, init) => {
+    if (!String(input).endsWith("/receipts")) return fetch(input, init);
+    most = Math.max(most, ++inFlight);
+    try {
+      if (held) await new Promise<void>((go) => held!.push(go));
+      return await fetch(input, init);
+    } finally {
+      inFlight--;
+    }
+  };
+  const network = new Network();
+  const alice = await synced(server, "alice8", "web", { network, fetch: counted });
+  const bob = await synced(server, "bob8", "web");
+  const carol = await synced(server, "carol8", "web");
+  const toBob = await alice.sendText({ toUser: "bob8" }, "hi bob");
+  const toCarol = await alice.sendText({ toUser: "carol8" }, "hi carol");
+  await until(
+    "both have theirs",
+    () => texts(bob, toBob.conversation_id).length === 1 && texts(carol, toCarol.conversation_id).length === 1,
+  );
+  const reconnected = async (away: () => Promise<void>) => {
+    network.cut();
+    await until("alice is offline", () => alice.state !== "online");
+    await away();
+    network.restore();
+    await until("alice is online again", () => alice.state === "online");
+    await alice.whenSynced();
+  };
+  await reconnected(async () => {});
+  await until("a read-back waits", () => held!.length === 1);
+  await reconnected(async () => {
+    bob.markRead(toBob.conversation_id);
+    carol.markRead(toCarol.conversation_id);
+    for (const [reader, sent] of [
+      [bob, toBob],
+      [carol, toCarol],
+    ] as const) {
+      await until("the read is stored", async () =>
+        (await reader.http.receipts(sent.conversation_id)).some((r) => r.read_seq === sent.seq),
+      );
+    }
+  });
+  // An HTTP request made after the catch-up: a read-back it started has asked by now.
+  await alice.http.conversations();
+  const waiting = held!;
+  held = undefined;
+  waiting.forEach((go) => go());
+  await until("alice sees both read", () =>
+    [toBob, toCarol].every((sent) => alice.statusOf(sent.conversation_id, sent.seq) === "read"),
+  );
+  assert.equal(most, 1, "one receipts request at a time");
+});
+
 test("after a reload on the same storage, a group's ticks are the receipts seen before", async () => {
   const storage = new MemoryOutboxStorage();
   const alice = await synced(server, "alice2", "web", { storage });
