@@ -865,7 +865,7 @@ impl Connection {
                 // The device has its own message: live delivery may continue past it.
                 let upto = self.upto.get(&conversation_id).unwrap_or(0);
                 if upto.saturating_add(1) == outcome.seq {
-                    self.upto.raise(conversation_id.as_str(), outcome.seq);
+                    self.upto.wrote(conversation_id.as_str(), outcome.seq);
                 }
                 ServerFrame::Sent(Sent {
                     reference,
@@ -922,7 +922,7 @@ impl Connection {
         let cursor = store
             .device_cursor(&self.who.user, &self.who.device, conv)
             .await?;
-        self.upto.raise(conv, cursor);
+        self.upto.read_cursor(conv, cursor);
         Ok(cursor)
     }
 
@@ -965,7 +965,7 @@ impl Connection {
         if event.seq <= self.upto.get(conv).unwrap_or(0) {
             return Ok(());
         }
-        self.upto.raise(conv.as_str(), event.seq);
+        self.upto.wrote(conv.as_str(), event.seq);
         let queued = shared.handed_off.elapsed().as_secs_f64();
         self.gateway.metrics.stages.connection_queue.observe(queued);
         self.write_message(shared.message(self.encoding)).await
@@ -990,7 +990,13 @@ impl Connection {
         };
         let (ranges, cursors) = plan;
         for (conv, cursor) in cursors {
-            self.upto.raise(conv, cursor);
+            // A client's override is what it says it has, not a cursor the store keeps: a
+            // place from it is not forgotten (`upto`).
+            if overrides.contains_key(&conv) {
+                self.upto.wrote(conv, cursor);
+            } else {
+                self.upto.read_cursor(conv, cursor);
+            }
         }
         for range in &ranges {
             self.stream_events(range, true).await?;
@@ -1034,7 +1040,7 @@ impl Connection {
                 after = last;
             }
         }
-        self.upto.raise(conv.as_str(), range.head);
+        self.upto.wrote(conv.as_str(), range.head);
         Ok(())
     }
 

@@ -1,20 +1,23 @@
 //! Where a connection is in each conversation: the highest seq written to it, or known to its
 //! device, which live delivery uses to skip events already written and to notice gaps.
 //!
-//! **Bound.** At most [`MAX_CONVERSATIONS`] conversations are kept (some 100 KB per
-//! connection with ids of a few dozen characters): when a new one would pass it, the [`FORGOTTEN_AT_ONCE`] least recently
-//! advanced are forgotten together, so that a long-lived connection of a user in many
-//! conversations (its catch-up alone adds every one) holds no more, and one scan makes room for
-//! many. Correctness never depends on a place being kept: a conversation the connection has no
-//! place in is handled as one it has not seen yet, from the device's delivered cursor, read
-//! from the store at its next event or `sent`. The cursor moves only on the device's acks, so it
-//! is never past what the device had: at worst, events written and not yet acknowledged are
-//! written again, which clients drop (delivery is at-least-once, PROTOCOL.md).
+//! **Bound.** A place the device's delivered cursor covers (the connection wrote nothing
+//! there past the cursor it read: the catch-up's conversations with nothing to send, one it
+//! read the cursor of) is only a copy of that cursor, and may be forgotten: the next event or
+//! `sent` there reads the cursor again, which never moved back. Of those, at most
+//! [`MAX_CONVERSATIONS`] are kept alongside the rest: when a new place would pass the bound,
+//! the [`FORGOTTEN_AT_ONCE`] least recently advanced are forgotten together (one scan makes
+//! room for many), so a connection of a user in many conversations (its catch-up adds every
+//! one) holds a place for those it wrote in, not for all. A place the connection wrote past
+//! the cursor is kept while the connection lives: forgotten, the events written there and not
+//! yet acknowledged would be written again on the same connection, out of the strictly
+//! increasing order PROTOCOL.md promises within a conversation. Those are at most the user's
+//! conversations (`--max-groups-per-user` and `--max-direct-conversations-per-user`).
 
 use foldhash::HashMap;
 use std::borrow::Borrow;
 
-/// Most conversations a connection keeps its place in.
+/// Places a connection keeps, past which those its device's cursor covers are forgotten.
 pub const MAX_CONVERSATIONS: usize = 1024;
 
 /// Places forgotten at once when a new conversation would pass [`MAX_CONVERSATIONS`].
@@ -29,7 +32,11 @@ pub struct Upto {
 }
 
 struct Place {
+    /// The highest seq written to the connection, or known to its device.
     seq: u64,
+    /// The device's delivered cursor as last read: the place may be forgotten while it
+    /// covers `seq`.
+    cursor: u64,
     advanced: u64,
 }
 
@@ -39,28 +46,53 @@ impl Upto {
         self.places.get(conv).map(|place| place.seq)
     }
 
-    /// Raises the place in `conv` to `seq` (never lowers it), keeping one if there was none.
-    pub fn raise<C: Borrow<str> + Into<String>>(&mut self, conv: C, seq: u64) {
+    /// Raises the place in `conv` to `seq`, written to the connection (never lowers it).
+    pub fn wrote<C: Borrow<str> + Into<String>>(&mut self, conv: C, seq: u64) {
+        self.advance(conv, seq, 0);
+    }
+
+    /// Raises the place in `conv` to the device's delivered `cursor`, read from the store.
+    pub fn read_cursor<C: Borrow<str> + Into<String>>(&mut self, conv: C, cursor: u64) {
+        self.advance(conv, cursor, cursor);
+    }
+
+    fn advance<C: Borrow<str> + Into<String>>(&mut self, conv: C, seq: u64, cursor: u64) {
         self.advances += 1;
         let advanced = self.advances;
         if let Some(place) = self.places.get_mut(conv.borrow()) {
             place.seq = place.seq.max(seq);
+            place.cursor = place.cursor.max(cursor);
             place.advanced = advanced;
             return;
         }
         if self.places.len() >= MAX_CONVERSATIONS {
             self.forget_least_recent();
         }
-        self.places.insert(conv.into(), Place { seq, advanced });
+        let place = Place {
+            seq,
+            cursor,
+            advanced,
+        };
+        self.places.insert(conv.into(), place);
     }
 
-    /// Forgets the [`FORGOTTEN_AT_ONCE`] places least recently advanced.
+    /// Forgets the [`FORGOTTEN_AT_ONCE`] places least recently advanced of those the device's
+    /// cursor covers (all of them if fewer).
     fn forget_least_recent(&mut self) {
-        let mut advanced: Vec<u64> = self.places.values().map(|place| place.advanced).collect();
+        let covered = |place: &Place| place.cursor >= place.seq;
+        let mut advanced: Vec<u64> = self
+            .places
+            .values()
+            .filter(|place| covered(place))
+            .map(|place| place.advanced)
+            .collect();
+        let Some(nth) = FORGOTTEN_AT_ONCE.min(advanced.len()).checked_sub(1) else {
+            return;
+        };
         // Each advance has its own count: exactly the least recent are at or below it.
-        let (_, &mut last_forgotten, _) = advanced.select_nth_unstable(FORGOTTEN_AT_ONCE - 1);
+        let (_, &mut last_forgotten, _) = advanced.select_nth_unstable(nth);
         self.places
-            .retain(|_, place| place.advanced > last_forgotten);
+            .retain(|_, place| !covered(place) || place.advanced > last_forgotten);
     }
 }
 
@@ -69,16 +101,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_connection_keeps_its_place_in_at_most_max_conversations_the_least_recent_forgotten() {
+    fn a_connection_keeps_at_most_max_places_its_devices_cursor_covers_the_least_recent_forgotten()
+    {
         let mut upto = Upto::default();
         for i in 0..MAX_CONVERSATIONS {
-            upto.raise(format!("c{i}"), 7);
+            upto.read_cursor(format!("c{i}"), 7);
         }
         // The first conversation was advanced since: it is now among the most recent.
-        upto.raise("c0", 9);
-        upto.raise("c0", 8);
+        upto.read_cursor("c0", 9);
+        upto.read_cursor("c0", 8);
         assert_eq!(upto.get("c0"), Some(9), "a place is never lowered");
-        upto.raise("new", 1);
+        upto.read_cursor("new", 1);
         assert_eq!(upto.places.len(), MAX_CONVERSATIONS - FORGOTTEN_AT_ONCE + 1);
         assert_eq!(upto.get("c0"), Some(9));
         assert_eq!(upto.get("new"), Some(1));
@@ -89,8 +122,36 @@ mod tests {
 
         // However many conversations pass through it, it stays within the bound.
         for i in 0..10 * MAX_CONVERSATIONS {
-            upto.raise(format!("more{i}"), 1);
+            upto.read_cursor(format!("more{i}"), 1);
             assert!(upto.places.len() <= MAX_CONVERSATIONS);
         }
+    }
+
+    /// A place written past the device's cursor is never forgotten: the events written there
+    /// would come again on the same connection, out of order.
+    #[test]
+    fn a_place_written_past_the_devices_cursor_is_kept() {
+        let mut upto = Upto::default();
+        upto.read_cursor("written", 3);
+        upto.wrote("written", 5);
+        for i in 0..2 * MAX_CONVERSATIONS {
+            upto.read_cursor(format!("c{i}"), 1);
+        }
+        assert_eq!(upto.get("written"), Some(5));
+        assert!(upto.places.len() <= MAX_CONVERSATIONS);
+
+        // Once the cursor read covers it again, it may go.
+        upto.read_cursor("written", 5);
+        for i in 0..2 * MAX_CONVERSATIONS {
+            upto.read_cursor(format!("d{i}"), 1);
+        }
+        assert_eq!(upto.get("written"), None);
+
+        // Written places alone pass the bound: none of them is forgotten.
+        let mut upto = Upto::default();
+        for i in 0..MAX_CONVERSATIONS + 10 {
+            upto.wrote(format!("w{i}"), 1);
+        }
+        assert_eq!(upto.places.len(), MAX_CONVERSATIONS + 10);
     }
 }
