@@ -242,6 +242,27 @@ async fn receipts_are_read_back_by_current_members_only() {
     );
 }
 
+/// Past `--receipt-coalesce-above` members a group's receipts go only to the senders they
+/// cover, so its members are not told every member's cursors here either.
+#[tokio::test]
+async fn receipts_of_a_group_whose_receipts_go_to_senders_only_are_not_listed() {
+    let (_dir, server) = start(&["--receipt-coalesce-above", "2"]);
+    let admin = server.http("alice", "phone");
+    let pair = admin.create_group("two", &users(&["bob"])).await.unwrap();
+    let three = admin
+        .create_group("three", &users(&["bob", "carol"]))
+        .await
+        .unwrap();
+    assert_eq!(
+        receipts_read_by(&server, "bob", &pair).await,
+        Ok(vec![("alice".to_owned(), 0, 0), ("bob".to_owned(), 0, 0)])
+    );
+    assert_eq!(
+        receipts_read_by(&server, "bob", &three).await,
+        Err((413, "too_large".to_owned()))
+    );
+}
+
 async fn say_to(client: &mut Client, user: &str) {
     client
         .send_text(Target::User(user.to_owned()), "hello", "hello")

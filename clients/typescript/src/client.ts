@@ -93,6 +93,9 @@ export class CourierClient {
   /** A read-back of receipts is under way, and a catch-up since asks for another pass. */
   private readingBack = false;
   private readBackAgain = false;
+  /** Conversations whose receipts the server does not list for this user (a group whose
+   * receipts go to the senders they cover only, one this user left): not asked again. */
+  private readonly receiptsUnlisted = new Set<string>();
   /** Gap fetches in flight, as `conversation/after`. */
   private readonly gapsFetching = new Set<string>();
   private summariesLoading: Promise<void> | undefined;
@@ -216,7 +219,14 @@ export class CourierClient {
    * each catch-up, for the conversations whose latest own message it holds is not yet read,
    * and when it loads a conversation's latest page. */
   async refreshReceipts(conversationId: string): Promise<void> {
-    const receipts = await this.http.receipts(conversationId);
+    let receipts: Awaited<ReturnType<HttpApi["receipts"]>>;
+    try {
+      receipts = await this.http.receipts(conversationId);
+    } catch (error) {
+      const unlisted = error instanceof CourierError && (error.code === "too_large" || error.code === "forbidden");
+      if (unlisted) this.receiptsUnlisted.add(conversationId);
+      throw error;
+    }
     const conversation = this.conversationFor(conversationId);
     let moved = false;
     for (const receipt of receipts) {
@@ -238,7 +248,7 @@ export class CourierClient {
     const after = Math.max(timeline.floorSeq - 1, before - 1 - limit);
     if (before - 1 <= after) return false;
     await this.fetchRange(conversation, after, before - 1);
-    if (lowest === undefined && conversation.awaitsReceipts()) {
+    if (lowest === undefined && this.awaitsReceipts(conversation)) {
       void this.refreshReceipts(conversation.id).catch((e) => this.report(e));
     }
     return true;
@@ -573,13 +583,24 @@ export class CourierClient {
     do {
       this.readBackAgain = false;
       try {
-        const waiting = [...this.conversationsById.values()].filter((c) => c.awaitsReceipts());
-        for (const conversation of waiting) await this.refreshReceipts(conversation.id);
+        const waiting = [...this.conversationsById.values()].filter((c) => this.awaitsReceipts(c));
+        for (const conversation of waiting) {
+          await this.refreshReceipts(conversation.id).catch((error) => {
+            // One the server does not list is not asked again; another failure ends the pass.
+            if (!this.receiptsUnlisted.has(conversation.id)) throw error;
+          });
+        }
       } catch (error) {
         this.report(error);
       }
     } while (this.readBackAgain);
     this.readingBack = false;
+  }
+
+  /** Whether to read a conversation's receipts back (`Conversation.awaitsReceipts`), unless
+   * the server said it does not list them. */
+  private awaitsReceipts(conversation: Conversation): boolean {
+    return !this.receiptsUnlisted.has(conversation.id) && conversation.awaitsReceipts();
   }
 
   private conversationFor(conversationId: string): Conversation {

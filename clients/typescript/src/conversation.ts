@@ -139,7 +139,9 @@ export class Conversation {
     if (this.kind === "group" && this.membership().left) return false;
     for (let seq = this.timeline.highestSeq; seq >= (this.timeline.lowestSeq ?? 1); seq--) {
       const event = this.timeline.get(seq);
-      if (event?.kind === "message" && event.sender.user === this.me) return this.statusOf(seq) !== "read";
+      if (event?.kind !== "message" || event.sender.user !== this.me) continue;
+      // Ticks wait for the members at `seq` to be known first: receipts would not move them.
+      return Boolean(this.othersWhen(seq)?.length) && this.statusOf(seq) !== "read";
     }
     return false;
   }

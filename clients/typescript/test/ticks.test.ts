@@ -164,6 +164,36 @@ test("a reconnection while receipts are read back starts no second read-back bes
   assert.equal(most, 1, "one receipts request at a time");
 });
 
+test("a group whose receipts the server does not list is asked once, not at every reconnection", async () => {
+  const small = await Server.start(["--receipt-coalesce-above", "2"]);
+  try {
+    let asked = 0;
+    const counted: typeof fetch = (input, init) => {
+      if (String(input).endsWith("/receipts")) asked++;
+      return fetch(input, init);
+    };
+    const network = new Network();
+    const alice = await synced(small, "alice9", "web", { network, fetch: counted });
+    const group = await alice.createGroup("three", ["bob9", "carol9"]);
+    const sent = await alice.sendText({ conversationId: group }, "hi");
+    await until("alice holds the group from its creation", () => alice.conversation(group)?.membersComplete === true);
+    assert.equal(alice.statusOf(group, sent.seq), "sent");
+    for (let round = 1; round <= 3; round++) {
+      network.cut();
+      await until("alice is offline", () => alice.state !== "online");
+      network.restore();
+      await until("alice is online again", () => alice.state === "online");
+      await alice.whenSynced();
+      // An HTTP request made after the catch-up: a read-back it started has asked by now.
+      await alice.http.conversations();
+      await until("the read-back is over", () => asked >= 1);
+    }
+    assert.equal(asked, 1, "asked once, answered too_large, never again");
+  } finally {
+    await small.dispose();
+  }
+});
+
 test("after a reload on the same storage, a group's ticks are the receipts seen before", async () => {
   const storage = new MemoryOutboxStorage();
   const alice = await synced(server, "alice2", "web", { storage });

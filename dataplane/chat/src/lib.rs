@@ -20,7 +20,9 @@ use courier_core::membership::MembershipCache;
 use courier_core::metrics::{Metrics, ScopeLabel};
 use courier_core::sequencing::{PendingAppend, Sequencer};
 use courier_core::storage_health::StorageHealth;
-use courier_proto::{AckKind, Body, EventPayload, Receipt, Sender, ServerFrame, TypingNotice, ids};
+use courier_proto::{
+    AckKind, Body, ErrorCode, EventPayload, Receipt, Sender, ServerFrame, TypingNotice, ids,
+};
 use courier_store::{
     Append, AppendKey, MediaRecord, MemberRecord, MessageStore, NewConversation, ReadBounds,
     ReceiptKind, StoreError,
@@ -506,14 +508,25 @@ impl Chat {
     /// Every current member's receipt cursors in `conv` (the caller's own among them), for a
     /// current member: `receipt` frames reach only the devices connected when the cursors
     /// move, so a device that was away reads here what moved meanwhile. A former member is
-    /// refused, as it no longer receives receipts. Two reads whatever the members: the
-    /// membership, then every member's cursors.
+    /// refused, as it no longer receives receipts, and so is a group whose receipts go only to
+    /// the senders they cover (more than `--receipt-coalesce-above` members): its members are
+    /// not told every member's cursors, and listing them would read two keys per member.
+    /// Three reads: the caller's membership (a stranger's request reads nothing more), the
+    /// members, then their cursors.
     pub async fn receipts(&self, who: &Identity, conv: &str) -> Result<Vec<Receipt>, ApiError> {
-        ids::conversation_id(conv)?;
-        let members = self.store.members(conv).await?;
-        if members.binary_search(&who.user).is_err() {
-            return Err(self.not_a_member(conv).await);
+        self.check_member(conv, &who.user).await?;
+        // Sized by the cached membership, which a large group's members are not read to know.
+        let size = self.membership.current(conv).await?.len();
+        if !self.receipts.go_to_everyone(size) {
+            return Err(ApiError::new(
+                ErrorCode::TooLarge,
+                format!(
+                    "{conv} has {size} members: receipts are listed for groups whose receipts \
+                     go to every member, and in larger ones they go to the senders they cover"
+                ),
+            ));
         }
+        let members = self.store.members(conv).await?;
         Ok(self.store.receipts_of(conv, members).await?)
     }
 

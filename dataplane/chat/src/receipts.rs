@@ -75,6 +75,12 @@ pub struct ReceiptRelay {
 }
 
 impl ReceiptRelay {
+    /// Whether receipts in a conversation of `members` go to every other member's devices
+    /// (else, coalesced, to the senders of the events they cover).
+    pub fn go_to_everyone(&self, members: usize) -> bool {
+        members <= self.coalesce_above
+    }
+
     pub fn new(context: &Context, coalesce_above: usize) -> Arc<Self> {
         Arc::new(Self {
             store: context.store.clone(),
@@ -103,7 +109,7 @@ impl ReceiptRelay {
             covered_after,
             only: None,
         };
-        if members.len() > self.coalesce_above {
+        if !self.go_to_everyone(members.len()) {
             self.hold(pending);
             return Ok(());
         }
@@ -220,7 +226,7 @@ impl ReceiptRelay {
         receipts: HashMap<String, Pending>,
     ) -> Result<bool, StoreError> {
         let members = self.membership.current(conv).await?;
-        if members.len() <= self.coalesce_above {
+        if self.go_to_everyone(members.len()) {
             let batch = receipts
                 .into_values()
                 .map(|pending| {
