@@ -94,8 +94,9 @@ impl MediaProxy {
             match forwarded.send().await {
                 Ok(answer) => return Ok(relay(answer)),
                 Err(e) => {
-                    // Without the URL: its query may hold the caller's token (`access_token`)
-                    // or a signed URL's signature. The span has the method and the path.
+                    // Without the URL: its query may hold a signed URL's signature, or a
+                    // token a client put there (refused, but in the URL all the same). The
+                    // span has the method and the path.
                     let e = e.without_url();
                     tracing::warn!(node, address, error = %e, "a media node could not be reached; it is ranked last for a while");
                     self.nodes.mark_down(&node);
@@ -180,8 +181,9 @@ mod tests {
         }
     }
 
-    /// A client may put its token in the query (`access_token`), and a signed URL carries its
-    /// signature there: neither may reach the logs when a media node cannot be reached.
+    /// A signed URL carries its signature in the query, and a client may put its token there
+    /// (`access_token`, refused on media routes but in the URL all the same): neither may
+    /// reach the logs when a media node cannot be reached.
     #[tokio::test]
     async fn an_unreachable_media_node_is_logged_without_the_query() {
         let dir = tempfile::tempdir().unwrap();
