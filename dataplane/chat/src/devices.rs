@@ -70,6 +70,18 @@ impl Devices {
         }
     }
 
+    /// Checks a verified token without writing: refuses it if issued (at or) before the
+    /// device's last unlink. For a WebSocket upgrade, whose connection then records the device
+    /// ([`Devices::seen`]) before its catch-up: admitted as an API request is, a new device
+    /// would be written twice.
+    pub async fn check(&self, who: &Identity) -> Result<(), ApiError> {
+        let record = self.store.device(&who.user, &who.device).await?;
+        match link(record.as_ref(), who.issued_at_ms) {
+            Link::Linked => Ok(()),
+            Link::Unlinked => Err(AuthError::Unlinked.into()),
+        }
+    }
+
     /// Records that the device is active now (creating its record on its first connection),
     /// unless the device was unlinked after `who`'s token was issued. A device recorded active
     /// less than [`SEEN_RESOLUTION_MS`] ago with this token is only read: a reconnect storm

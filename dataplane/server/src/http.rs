@@ -156,10 +156,31 @@ pub struct ClientAuth {
 }
 
 impl ClientAuth {
-    /// The caller of a request with `headers` (token in `Authorization: Bearer`), or with
-    /// `query`, the URL's query, when one is given (token in `access_token`): only the
-    /// WebSocket upgrade gives it ([`WebSocketCaller`]).
+    /// The caller of an API request with `headers` (token in `Authorization: Bearer`), its
+    /// device admitted ([`Devices::admit`]: recorded if new).
     pub async fn authenticate(
+        &self,
+        headers: &axum::http::HeaderMap,
+    ) -> Result<Identity, ApiError> {
+        let who = self.verified(headers, None)?;
+        Devices::new(self.store.clone()).admit(&who).await?;
+        Ok(who)
+    }
+
+    /// The caller of a WebSocket upgrade, from `headers` or the URL's `query` (token in
+    /// `access_token`), its device checked without a write ([`Devices::check`]): the
+    /// connection records it.
+    pub async fn authenticate_upgrade(
+        &self,
+        headers: &axum::http::HeaderMap,
+        query: Option<&str>,
+    ) -> Result<Identity, ApiError> {
+        let who = self.verified(headers, query)?;
+        Devices::new(self.store.clone()).check(&who).await?;
+        Ok(who)
+    }
+
+    fn verified(
         &self,
         headers: &axum::http::HeaderMap,
         query: Option<&str>,
@@ -168,9 +189,7 @@ impl ClientAuth {
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok());
         let token = bearer_token(authorization, query).ok_or(AuthError::Missing)?;
-        let who = self.verifier.verify(token)?;
-        Devices::new(self.store.clone()).admit(&who).await?;
-        Ok(who)
+        Ok(self.verifier.verify(token)?)
     }
 }
 
@@ -196,14 +215,15 @@ impl<S: Authenticates + Send + Sync> FromRequestParts<Arc<S>> for Caller {
     async fn from_request_parts(parts: &mut Parts, state: &Arc<S>) -> Result<Self, ApiError> {
         state
             .client_auth()
-            .authenticate(&parts.headers, None)
+            .authenticate(&parts.headers)
             .await
             .map(Caller)
     }
 }
 
 /// The caller of the WebSocket upgrade: as [`Caller`], or from the URL's `access_token` query
-/// parameter, as a browser cannot set a header on a WebSocket (PROTOCOL.md).
+/// parameter, as a browser cannot set a header on a WebSocket (PROTOCOL.md); its device is
+/// checked, and recorded by its connection ([`ClientAuth::authenticate_upgrade`]).
 pub struct WebSocketCaller(pub Identity);
 
 impl FromRequestParts<Arc<AppState>> for WebSocketCaller {
@@ -215,7 +235,7 @@ impl FromRequestParts<Arc<AppState>> for WebSocketCaller {
     ) -> Result<Self, ApiError> {
         state
             .auth
-            .authenticate(&parts.headers, parts.uri.query())
+            .authenticate_upgrade(&parts.headers, parts.uri.query())
             .await
             .map(WebSocketCaller)
     }

@@ -82,7 +82,7 @@ async fn download(
     let record = match (signed.expires, signed.signature) {
         (Some(expires), Some(signature)) => api.media.signed(&id, expires, &signature).await?,
         _ => {
-            let who = api.auth.authenticate(&headers, None).await?;
+            let who = api.auth.authenticate(&headers).await?;
             api.media.readable(&who.user, &id).await?
         }
     };
