@@ -483,3 +483,35 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         state.metrics.render(),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use courier_core::auth::{TokenVerifier, mint};
+    use std::time::Duration;
+
+    /// A new device's first connection records it once, from its connection
+    /// (`Devices::seen`): the upgrade's check writes nothing, where an API request records
+    /// the device. Written at both, the record took two commits and two memtable versions
+    /// per new device (`docs/benchmarks.md`, "A new device written twice").
+    #[tokio::test]
+    async fn a_websocket_upgrade_checks_a_new_device_without_writing_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = courier_store::embedded::EmbeddedEngine::open(&dir.path().join("s")).unwrap();
+        let store = MessageStore::open(Arc::new(engine), b"", 4).await.unwrap();
+        let secret = [7u8; 32];
+        let auth = ClientAuth {
+            verifier: TokenVerifier::hs256(&secret).unwrap(),
+            store: store.clone(),
+        };
+        let token = mint(&secret, "alice", "phone", Duration::from_secs(60)).unwrap();
+        let mut headers = axum::http::HeaderMap::new();
+        let bearer = format!("Bearer {token}").parse().unwrap();
+        headers.insert(header::AUTHORIZATION, bearer);
+
+        auth.authenticate_upgrade(&headers, None).await.unwrap();
+        assert_eq!(store.device("alice", "phone").await.unwrap(), None);
+        auth.authenticate(&headers).await.unwrap();
+        assert!(store.device("alice", "phone").await.unwrap().is_some());
+    }
+}
