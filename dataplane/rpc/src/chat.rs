@@ -39,7 +39,6 @@
 
 use crate::auth::{AttachToken, ClusterToken, RequireToken};
 use crate::directory::NodeDirectory;
-use crate::lazy_channel;
 use crate::lock;
 use crate::proto::chat_client::ChatClient;
 use crate::proto::chat_server::{self, ChatServer};
@@ -52,6 +51,7 @@ use crate::proto::{
 };
 use crate::sequencer::{outcome, response};
 use crate::status::{api_error, api_status, decode_api_error};
+use crate::{MAX_MESSAGE_BYTES, lazy_channel};
 use courier_core::auth::Identity;
 use courier_core::chat::{
     CatchUp, CatchUpPlan, ChatService, ConversationSummary, DeviceView, Page, Readable,
@@ -169,7 +169,8 @@ impl ChatNodeService {
         self,
         token: ClusterToken,
     ) -> InterceptedService<ChatServer<Self>, RequireToken> {
-        ChatServer::with_interceptor(self, RequireToken::new(token))
+        let server = ChatServer::new(self).max_decoding_message_size(MAX_MESSAGE_BYTES);
+        InterceptedService::new(server, RequireToken::new(token))
     }
 }
 
@@ -476,9 +477,9 @@ impl RemoteChat {
     /// first call.
     pub fn new(address: &str, token: ClusterToken) -> Result<Self, StoreError> {
         let channel = lazy_channel(address, "chat")?;
-        Ok(Self {
-            client: ChatClient::with_interceptor(channel, AttachToken::new(token)),
-        })
+        let client = ChatClient::with_interceptor(channel, AttachToken::new(token))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES);
+        Ok(Self { client })
     }
 
     /// A send or delete: returns once the node queued it, with the pending outcome.

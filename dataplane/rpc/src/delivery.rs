@@ -30,7 +30,7 @@ use crate::proto::{
     CommittedRequest, CommittedResponse, DeliverRequest, DeliverResponse, EventDelivery, Offer,
     ShardCommits, Unlink,
 };
-use crate::{ClusterToken, lazy_channel};
+use crate::{ClusterToken, MAX_MESSAGE_BYTES, lazy_channel};
 use courier_core::clock::now_ms;
 use courier_core::gateways::{DeliveryError, Gateways, Offer as GatewayOffer, Refused};
 use courier_core::membership::Members;
@@ -74,7 +74,8 @@ impl GatewayService {
         self,
         token: ClusterToken,
     ) -> InterceptedService<GatewayServer<Self>, RequireToken> {
-        GatewayServer::with_interceptor(self, RequireToken::new(token))
+        let server = GatewayServer::new(self).max_decoding_message_size(MAX_MESSAGE_BYTES);
+        InterceptedService::new(server, RequireToken::new(token))
     }
 }
 
@@ -185,21 +186,17 @@ impl Directory {
     }
 
     fn gateway(&self, address: &str) -> Result<GatewayStub, StoreError> {
-        self.client(
-            &self.gateways,
-            address,
-            "gateway",
-            GatewayClient::with_interceptor,
-        )
+        self.client(&self.gateways, address, "gateway", |channel, token| {
+            GatewayClient::with_interceptor(channel, token)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        })
     }
 
     fn fanout(&self, address: &str) -> Result<FanoutStub, StoreError> {
-        self.client(
-            &self.fanouts,
-            address,
-            "fanout",
-            FanoutClient::with_interceptor,
-        )
+        self.client(&self.fanouts, address, "fanout", |channel, token| {
+            FanoutClient::with_interceptor(channel, token)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        })
     }
 
     /// The client of the node at `address` in `clients`, made on first use (its channel
@@ -501,7 +498,8 @@ impl FanoutService {
         self,
         token: ClusterToken,
     ) -> InterceptedService<FanoutServer<Self>, RequireToken> {
-        FanoutServer::with_interceptor(self, RequireToken::new(token))
+        let server = FanoutServer::new(self).max_decoding_message_size(MAX_MESSAGE_BYTES);
+        InterceptedService::new(server, RequireToken::new(token))
     }
 }
 
@@ -659,5 +657,68 @@ impl CommitListener for CommitNotifier {
         }
         *lock(&self.pending).entry(shard).or_default() += events as u64;
         self.wake.notify_one();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use courier_core::gateways::NoGateways;
+    use courier_proto::{Body, EventPayload, Sender};
+    use tokio::net::TcpListener;
+    use tonic::transport::server::TcpIncoming;
+
+    const TOKEN: &str = "courier-test-cluster-token-0123456789abcdef";
+
+    /// A fanout's batch may pass tonic's default of 4 MiB (here a hundred of the largest
+    /// messages): refused, it was handed again and again, and its shard delivered nothing
+    /// more.
+    #[tokio::test]
+    async fn a_delivery_batch_past_four_mib_is_taken() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let token = ClusterToken::new(TOKEN).unwrap();
+        let service = GatewayService::new(Arc::new(NoGateways)).into_server(token.clone());
+        tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(TcpIncoming::from(listener))
+                .await
+                .unwrap();
+        });
+        let text = "x".repeat(60_000);
+        let events = (1..=100)
+            .map(|seq| EventDelivery {
+                event: pb::Event::from(Event {
+                    conversation_id: "d:1".into(),
+                    seq,
+                    server_msg_id: format!("s{seq}"),
+                    sender: Sender {
+                        user: "alice".into(),
+                        device: "phone".into(),
+                    },
+                    ts_ms: 1,
+                    payload: EventPayload::Message {
+                        body: Some(Body::Text(text.clone())),
+                        client_msg_id: format!("c{seq}"),
+                        reply_to: None,
+                        deleted: false,
+                    },
+                })
+                .encode_to_vec(),
+                recipients: vec!["bob".into()],
+            })
+            .collect();
+        let request = DeliverRequest {
+            events,
+            ..DeliverRequest::default()
+        };
+        assert!(request.encoded_len() > 4 << 20);
+        let dir = tempfile::tempdir().unwrap();
+        let engine = courier_store::embedded::EmbeddedEngine::open(dir.path()).unwrap();
+        let store = MessageStore::open(Arc::new(engine), b"", 4).await.unwrap();
+        let directory = Directory::new(store, token);
+        let mut client = directory.gateway(&address.to_string()).unwrap();
+        client.deliver(request).await.unwrap();
     }
 }

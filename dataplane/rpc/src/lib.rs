@@ -61,6 +61,15 @@ pub const KEEPALIVE: Duration = Duration::from_secs(10);
 /// Longest wait for a TCP connection to another node.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Largest message the data plane's services and clients decode (the store node's have limits
+/// of their own): unbounded, where tonic's default is 4 MiB. A fanout's delivery batch, a
+/// chat node's page of `fetch` (a thousand events of up to a client frame each, ~64 MiB with
+/// the default `--max-frame-bytes`) or a user's list of conversations may pass 4 MiB; refused,
+/// a delivery batch was handed again and again, and its shard delivered nothing more. Every
+/// message comes from a node of the cluster, bounded by that node's own limits: a server's
+/// token check reads the headers before the body is decoded.
+pub const MAX_MESSAGE_BYTES: usize = usize::MAX;
+
 /// A channel to the node at `uri` (`http://host:port`), connected on first use and again after
 /// it broke. `what` names the peer in errors.
 pub fn lazy_channel(uri: &str, what: &str) -> Result<Channel, StoreError> {

@@ -14,7 +14,6 @@
 //! was appended. A trim whose answer is lost is an engine error (retention runs it again).
 
 use crate::auth::{AttachToken, ClusterToken, RequireToken};
-use crate::lazy_channel;
 use crate::lock;
 use crate::proto::sequencer_client::SequencerClient;
 use crate::proto::sequencer_server::{self, SequencerServer};
@@ -23,6 +22,7 @@ use crate::proto::{
     SequencerFailure, SubmitRequest, TrimRequest, TrimResponse, append_response, submit_request,
 };
 use crate::status::{self, Call};
+use crate::{MAX_MESSAGE_BYTES, lazy_channel};
 use courier_core::sequencing::{PendingAppend, PendingTrim, Sequencer, SequencerError};
 use courier_proto::{Event, pb};
 use courier_store::{
@@ -291,7 +291,8 @@ impl SequencerService {
         self,
         token: ClusterToken,
     ) -> InterceptedService<SequencerServer<Self>, RequireToken> {
-        SequencerServer::with_interceptor(self, RequireToken::new(token))
+        let server = SequencerServer::new(self).max_decoding_message_size(MAX_MESSAGE_BYTES);
+        InterceptedService::new(server, RequireToken::new(token))
     }
 }
 
@@ -413,7 +414,8 @@ impl RemoteSequencer {
     pub fn new(address: &str, token: ClusterToken) -> Result<Self, StoreError> {
         let channel = lazy_channel(address, "sequencer")?;
         Ok(Self {
-            client: SequencerClient::with_interceptor(channel, AttachToken::new(token)),
+            client: SequencerClient::with_interceptor(channel, AttachToken::new(token))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
             link: Arc::default(),
             next_id: Arc::default(),
         })

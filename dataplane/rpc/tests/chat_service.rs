@@ -76,8 +76,42 @@ impl ChatService for Scripted {
         ))
     }
 
-    async fn fetch(&self, _: &Identity, _: &str, _: u64, _: Option<u32>) -> Result<Page, ApiError> {
-        Err(not_here())
+    /// `d:big`: a page of a thousand of the largest messages a client may send (64 KiB
+    /// frames), as a chat node answers `fetch` with `limit` 1000.
+    async fn fetch(
+        &self,
+        _: &Identity,
+        conv: &str,
+        _: u64,
+        _: Option<u32>,
+    ) -> Result<Page, ApiError> {
+        if conv != "d:big" {
+            return Err(not_here());
+        }
+        let text = "x".repeat(64 * 1024 - 200);
+        let events = (1..=1000)
+            .map(|seq| courier_proto::Event {
+                conversation_id: conv.to_owned(),
+                seq,
+                server_msg_id: format!("s{seq}"),
+                sender: courier_proto::Sender {
+                    user: "bob".into(),
+                    device: "phone".into(),
+                },
+                ts_ms: 1,
+                payload: courier_proto::EventPayload::Message {
+                    body: Some(Body::Text(text.clone())),
+                    client_msg_id: format!("c{seq}"),
+                    reply_to: None,
+                    deleted: false,
+                },
+            })
+            .collect();
+        Ok(Page {
+            events,
+            head_seq: 1000,
+            trimmed: None,
+        })
     }
 
     async fn readable(&self, _: &str, _: &str) -> Result<Readable, ApiError> {
@@ -271,6 +305,22 @@ async fn answers_and_refusals_cross_as_themselves() {
         chat.receipts(&who("alice"), "g:1").await,
         Err(ApiError::forbidden("you are not a member of g:1"))
     );
+}
+
+/// A page of `fetch` may be a thousand of the largest messages, ~64 MiB: past tonic's default
+/// of 4 MiB for a message it decodes, which a gateway node's fetch then failed on.
+#[tokio::test]
+async fn a_page_of_a_thousand_of_the_largest_messages_crosses() {
+    let dir = tempfile::tempdir().unwrap();
+    let live = serve(Arc::new(Scripted::default()), TOKEN).await;
+    let store = registry(&dir, &[("c1", live)]).await;
+    let chat = ClusterChat::new(store, ClusterToken::new(TOKEN).unwrap());
+    let page = chat
+        .fetch(&who("alice"), "d:big", 0, Some(1000))
+        .await
+        .unwrap();
+    assert_eq!(page.events.len(), 1000);
+    assert_eq!(page.events[999].seq, 1000);
 }
 
 #[tokio::test]
