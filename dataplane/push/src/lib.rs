@@ -1194,6 +1194,25 @@ mod tests {
         }
     }
 
+    /// Two passes of sending, Ann's phone registering `token` just before the first commit of
+    /// the first (the drop of the registration being sent to).
+    async fn send_while_ann_registers(
+        engine: &FaultyEngine,
+        store: &MessageStore,
+        notifier: &Notifier,
+        token: &'static str,
+    ) {
+        let racing = store.clone();
+        engine.before_next_commit(Box::pin(async move {
+            racing
+                .register_push_token("ann", "phone", registered(token))
+                .await
+                .unwrap();
+        }));
+        notifier.send_due().await.unwrap();
+        notifier.send_due().await.unwrap();
+    }
+
     /// Registers `user`'s phone for push.
     async fn register_phone(store: &MessageStore, user: &str) {
         store
@@ -1263,15 +1282,7 @@ mod tests {
                     .failed
                     .is_empty()
             );
-            let racing = store.clone();
-            engine.before_next_commit(Box::pin(async move {
-                racing
-                    .register_push_token("ann", "phone", registered(again))
-                    .await
-                    .unwrap();
-            }));
-            notifier.send_due().await.unwrap();
-            notifier.send_due().await.unwrap();
+            send_while_ann_registers(&engine, &store, &notifier, again).await;
             let ann = store.device("ann", "phone").await.unwrap().unwrap();
             assert_eq!(ann.push_token, again, "Ann's new registration stays");
             assert_eq!(
@@ -1299,16 +1310,7 @@ mod tests {
                 .failed
                 .is_empty()
         );
-        // The first commit of the send is the drop of the refused token.
-        let racing = store.clone();
-        engine.before_next_commit(Box::pin(async move {
-            racing
-                .register_push_token("ann", "phone", registered("ann-new"))
-                .await
-                .unwrap();
-        }));
-        notifier.send_due().await.unwrap();
-        notifier.send_due().await.unwrap();
+        send_while_ann_registers(&engine, &store, &notifier, "ann-new").await;
         let tokens: Vec<String> = seen.lock().unwrap().iter().map(|s| s.0.clone()).collect();
         assert_eq!(
             tokens,
