@@ -566,6 +566,30 @@ async fn receipts_reach_the_other_members_devices() {
     );
 }
 
+/// A catch-up reads at most 256 KiB of events per step (one at least), as a step stays in
+/// memory while the client reads it: a backlog of the largest messages comes whole and in
+/// order, a few events a step.
+#[tokio::test]
+async fn a_catch_up_of_large_messages_comes_whole_in_steps() {
+    let (_dir, server) = server();
+    let mut alice = server.connect("alice", "phone").await;
+    expect_sync_done(&mut alice).await;
+    let text = "y".repeat(60_000);
+    for i in 1..=40 {
+        alice
+            .send_text(Target::User("bob".into()), &format!("big{i}"), &text)
+            .await
+            .unwrap();
+    }
+    let mut bob = server.connect("bob", "phone").await;
+    let events = bob.events_until_sync_done().await.unwrap();
+    assert_eq!(
+        events.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        (1..=40).collect::<Vec<_>>()
+    );
+    assert!(events.iter().all(|e| text_of(e) == text));
+}
+
 #[tokio::test]
 async fn fetch_pages_and_refuses_strangers() {
     let (_dir, server) = server();

@@ -72,6 +72,10 @@ use std::time::{Duration, Instant};
 
 /// Events read from the store per step of a catch-up or gap fill.
 const CATCH_UP_PAGE: usize = 256;
+/// Bytes of events (as stored) read per step of a catch-up or gap fill, one event at least:
+/// a step's events stay in memory until the client has read them, and 256 of the largest
+/// messages would be 16 MiB per connection catching up (thousands at once in a storm).
+const CATCH_UP_STEP_BYTES: usize = 256 * 1024;
 
 /// Settings of the gateway.
 #[derive(Debug, Clone)]
@@ -1021,7 +1025,8 @@ impl Connection {
         for (mut after, through) in range.visible.ranges(range.from, range.head) {
             while after < through {
                 let limit = CATCH_UP_PAGE.min((through - after) as usize);
-                let events = match store.events(conv, after, through, limit).await {
+                let step = store.events_within(conv, after, through, limit, CATCH_UP_STEP_BYTES);
+                let events = match step.await {
                     Ok(events) => events,
                     Err(e) => {
                         self.write_error(None, None, e.into()).await?;

@@ -2341,14 +2341,36 @@ impl MessageStore {
         through: u64,
         limit: usize,
     ) -> Result<Vec<Event>, StoreError> {
+        self.events_within(conv, after_seq, through, limit, usize::MAX)
+            .await
+    }
+
+    /// [`MessageStore::events`], but no more of them than `max_bytes` as stored (one at
+    /// least): a step of a connection's catch-up, which holds what it read until the client
+    /// has read it, whatever the size of the conversation's messages. The rows past the budget
+    /// are read, and dropped before this returns.
+    pub async fn events_within(
+        &self,
+        conv: &str,
+        after_seq: u64,
+        through: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Event>, StoreError> {
         let range = self
             .keys
             .events(conv, after_seq.saturating_add(1), through.saturating_add(1));
+        let mut bytes = 0usize;
         self.kv
             .range(range, limit, false)
             .await?
             .into_iter()
-            .map(|(key, value)| decode_event(&key, &value))
+            .enumerate()
+            .take_while(|(i, (_, value))| {
+                bytes = bytes.saturating_add(value.len());
+                *i == 0 || bytes <= max_bytes
+            })
+            .map(|(_, (key, value))| decode_event(&key, &value))
             .collect()
     }
 
@@ -2961,6 +2983,43 @@ mod tests {
             create: Some(NewConversation::direct("alice", "bob")),
             ..Append::message(conv.into(), sender, id.into(), Body::Text(id.into()), None)
         }
+    }
+
+    /// A budgeted read stops before the event that would pass its budget, but returns one
+    /// event at least; unbudgeted it reads every event asked for.
+    #[tokio::test]
+    async fn a_budgeted_read_of_events_stops_at_its_budget_and_returns_one_at_least() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = temp_store(&dir, 8).await;
+        let lease = owner(&store, "d:1").await;
+        let mut heads = HeadCache::default();
+        let appends: Vec<Append> = (0..300)
+            .map(|i| message("d:1", "phone", &format!("m{i:03}")))
+            .collect();
+        for result in store.append(lease, &mut heads, &appends).await.unwrap() {
+            result.unwrap();
+        }
+        let seqs = |events: Vec<Event>| events.iter().map(|e| e.seq).collect::<Vec<_>>();
+        let all = store.events("d:1", 0, u64::MAX, 300).await.unwrap();
+        assert_eq!(seqs(all), (1..=300).collect::<Vec<_>>());
+        // Every event is stored in as many bytes: its ids have the same lengths.
+        let each = store
+            .kv
+            .range(store.keys.events("d:1", 1, 2), 1, false)
+            .await
+            .unwrap()[0]
+            .1
+            .len();
+        let page = store
+            .events_within("d:1", 0, u64::MAX, 300, 42 * each + each / 2)
+            .await
+            .unwrap();
+        assert_eq!(seqs(page), (1..=42).collect::<Vec<_>>());
+        let one = store
+            .events_within("d:1", 42, u64::MAX, 300, 0)
+            .await
+            .unwrap();
+        assert_eq!(seqs(one), [43]);
     }
 
     /// A user starts direct conversations up to its limit; it writes on in those, and others
