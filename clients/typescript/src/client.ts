@@ -219,14 +219,11 @@ export class CourierClient {
    * each catch-up, for the conversations whose latest own message it holds is not yet read,
    * and when it loads a conversation's latest page. */
   async refreshReceipts(conversationId: string): Promise<void> {
-    let receipts: Awaited<ReturnType<HttpApi["receipts"]>>;
-    try {
-      receipts = await this.http.receipts(conversationId);
-    } catch (error) {
+    const receipts = await this.http.receipts(conversationId).catch((error: unknown) => {
       const unlisted = error instanceof CourierError && (error.code === "too_large" || error.code === "forbidden");
       if (unlisted) this.receiptsUnlisted.add(conversationId);
       throw error;
-    }
+    });
     const conversation = this.conversationFor(conversationId);
     let moved = false;
     for (const receipt of receipts) {

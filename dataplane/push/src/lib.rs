@@ -1213,6 +1213,32 @@ mod tests {
         notifier.send_due().await.unwrap();
     }
 
+    /// Ann's phone holds the token Bob's phone registers later, and the index of tokens has
+    /// no entry for it, as for registrations written before the index.
+    async fn ann_holds_bobs_token_from_before_the_index(
+        engine: &FaultyEngine,
+        store: &MessageStore,
+    ) {
+        store
+            .update_device("ann", "phone", registered("bob"))
+            .await
+            .unwrap();
+        let mut batch = Batch::new();
+        batch.clear(store.keys().push_token("webhook", "bob"));
+        engine.commit(batch).await.unwrap();
+    }
+
+    /// Expands the shard of `g:1` into pending notifications, none failing.
+    async fn expand_the_group(notifier: &Notifier, store: &MessageStore) {
+        assert!(
+            notifier
+                .expand(vec![store.shard_of("g:1")])
+                .await
+                .failed
+                .is_empty()
+        );
+    }
+
     /// Registers `user`'s phone for push.
     async fn register_phone(store: &MessageStore, user: &str) {
         store
@@ -1228,26 +1254,12 @@ mod tests {
     async fn a_token_another_user_registered_since_is_not_notified_for_the_first() {
         let engine = FaultyEngine::new();
         let store = engine.store(4).await;
-        // Ann's phone holds the token Bob's phone registers below; the index has no entry
-        // for it, as for registrations written before the index.
-        store
-            .update_device("ann", "phone", registered("bob"))
-            .await
-            .unwrap();
-        let mut batch = Batch::new();
-        batch.clear(store.keys().push_token("webhook", "bob"));
-        engine.commit(batch).await.unwrap();
+        ann_holds_bobs_token_from_before_the_index(&engine, &store).await;
         let members = vec!["cat".to_owned(), "ann".to_owned(), "bob".to_owned()];
         group_with_a_message_and_push(&store, "g:1", &members, &["bob".to_owned()]).await;
         let (providers, seen) = webhook().await;
         let notifier = notifier(&store, providers, Duration::ZERO);
-        assert!(
-            notifier
-                .expand(vec![store.shard_of("g:1")])
-                .await
-                .failed
-                .is_empty()
-        );
+        expand_the_group(&notifier, &store).await;
         notifier.send_due().await.unwrap();
         assert_eq!(seen.lock().unwrap().len(), 1, "Bob's phone, once");
         let ann = store.device("ann", "phone").await.unwrap().unwrap();
@@ -1265,23 +1277,11 @@ mod tests {
             let store = engine.store(4).await;
             let members = ["cat", "ann"].map(String::from);
             group_with_a_message_and_push(&store, "g:1", &members, &[]).await;
-            store
-                .update_device("ann", "phone", registered("bob"))
-                .await
-                .unwrap();
-            let mut batch = Batch::new();
-            batch.clear(store.keys().push_token("webhook", "bob"));
-            engine.commit(batch).await.unwrap();
+            ann_holds_bobs_token_from_before_the_index(&engine, &store).await;
             register_phone(&store, "bob").await;
             let (providers, seen) = webhook().await;
             let notifier = notifier(&store, providers, Duration::ZERO);
-            assert!(
-                notifier
-                    .expand(vec![store.shard_of("g:1")])
-                    .await
-                    .failed
-                    .is_empty()
-            );
+            expand_the_group(&notifier, &store).await;
             send_while_ann_registers(&engine, &store, &notifier, again).await;
             let ann = store.device("ann", "phone").await.unwrap().unwrap();
             assert_eq!(ann.push_token, again, "Ann's new registration stays");
@@ -1303,13 +1303,7 @@ mod tests {
         group_with_a_message_and_push(&store, "g:1", &members, &members[1..]).await;
         let (providers, seen) = scripted_webhook(410, None, Duration::ZERO).await;
         let notifier = notifier(&store, providers, Duration::ZERO);
-        assert!(
-            notifier
-                .expand(vec![store.shard_of("g:1")])
-                .await
-                .failed
-                .is_empty()
-        );
+        expand_the_group(&notifier, &store).await;
         send_while_ann_registers(&engine, &store, &notifier, "ann-new").await;
         let tokens: Vec<String> = seen.lock().unwrap().iter().map(|s| s.0.clone()).collect();
         assert_eq!(
