@@ -117,6 +117,29 @@ impl Devices {
         Ok(link(record.as_ref(), issued))
     }
 
+    /// Records that a device with a connection open is still active: its `last_seen_ms` moves
+    /// to now when it is [`SEEN_RESOLUTION_MS`] old or older. An unlinked device, whose
+    /// connections close, and a device with no record, which its connection records, are left
+    /// as they are. Committed without an fsync of its own, as [`Devices::seen`] is.
+    pub async fn still_connected(&self, user: &str, device: &str) -> Result<(), StoreError> {
+        let now = now_ms();
+        let refreshed = |record: Option<&DeviceRecord>| match record {
+            Some(r)
+                if r.is_linked() && now >= r.last_seen_ms.saturating_add(SEEN_RESOLUTION_MS) =>
+            {
+                Some(DeviceRecord {
+                    last_seen_ms: now,
+                    ..r.clone()
+                })
+            }
+            _ => None,
+        };
+        self.store
+            .record_device_activity(user, device, refreshed)
+            .await?;
+        Ok(())
+    }
+
     /// The user's linked devices.
     pub async fn list(&self, user: &str) -> Result<Vec<DeviceView>, ApiError> {
         Ok(self

@@ -1,5 +1,7 @@
 //! The gateway role: one task per WebSocket connection. It records its device as seen (before
-//! the catch-up, so a device that has had `sync_done` is listed), decodes frames, calls the chat
+//! the catch-up, so a device that has had `sync_done` is listed; again when it closes, and
+//! every [`CONNECTED_SEEN_INTERVAL`] meanwhile, by a pass of the gateway over its connections
+//! rather than a timer in each), decodes frames, calls the chat
 //! role, writes replies and live deliveries, keeps per-conversation delivery order for its
 //! device, and closes on oversize (1009) and drain (1001).
 //!
@@ -53,6 +55,7 @@ use courier_core::auth::Identity;
 use courier_core::clock::now_ms;
 use courier_core::error::ApiError;
 use courier_core::limits::{ConnectionLimit, Rate};
+use courier_core::loops::BackgroundLoops;
 use courier_core::metrics::{CodeLabel, Metrics, ScopeLabel};
 use courier_core::sequencing::SequencerError;
 use courier_proto::{
@@ -69,6 +72,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
+use tokio::time::MissedTickBehavior;
 
 /// Events read from the store per step of a catch-up or gap fill.
 const CATCH_UP_PAGE: usize = 256;
@@ -76,6 +80,12 @@ const CATCH_UP_PAGE: usize = 256;
 /// a step's events stay in memory until the client has read them, and 256 of the largest
 /// messages would be 16 MiB per connection catching up (thousands at once in a storm).
 const CATCH_UP_STEP_BYTES: usize = 256 * 1024;
+
+/// How often a gateway records the devices it holds connections of as seen
+/// ([`Gateway::record_connected_devices`]). A device's `last_seen_ms` is written otherwise when
+/// a connection of it opens or closes, so a device connected for weeks was listed as long
+/// inactive, and retention stopped counting it after `--device-inactive-after`.
+pub const CONNECTED_SEEN_INTERVAL: Duration = Duration::from_secs(60 * 60);
 
 /// Settings of the gateway.
 #[derive(Debug, Clone)]
@@ -272,6 +282,44 @@ enum Exit {
 }
 
 impl Gateway {
+    /// Records every device with a connection open on this gateway as seen now, one device at
+    /// a time ([`Devices::still_connected`]: a read, and a write if its record is a minute old
+    /// or more). Returns how many devices it recorded; a pass stops at the first store error
+    /// (logged), and the next one starts over.
+    pub async fn record_connected_devices(&self) -> usize {
+        let devices = Devices::new(self.store.clone());
+        let connected = self.routes.devices();
+        for (recorded, (user, device)) in connected.iter().enumerate() {
+            if let Err(e) = devices.still_connected(user, device).await {
+                tracing::warn!(user, device, error = %e, "could not record the connected devices' activity; trying again next pass");
+                return recorded;
+            }
+        }
+        connected.len()
+    }
+
+    /// Starts the loop that records the devices connected here as seen every
+    /// [`CONNECTED_SEEN_INTERVAL`], the first time one interval from now.
+    pub fn start_recording_connected_devices(self: &Arc<Self>, loops: &BackgroundLoops) {
+        let gateway = self.clone();
+        loops.spawn("record the connected devices as seen", move |cancel| {
+            let gateway = gateway.clone();
+            async move {
+                let interval = CONNECTED_SEEN_INTERVAL;
+                let mut passes =
+                    tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+                passes.set_missed_tick_behavior(MissedTickBehavior::Delay);
+                let run = async {
+                    loop {
+                        passes.tick().await;
+                        gateway.record_connected_devices().await;
+                    }
+                };
+                cancel.run_until_cancelled(run).await;
+            }
+        });
+    }
+
     /// In a cluster, records that `handle`'s device is connected to this gateway; false
     /// (logged) if that failed.
     async fn add_route(&self, user: &str, handle: &ConnectionHandle) -> bool {

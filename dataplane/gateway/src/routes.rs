@@ -345,6 +345,21 @@ impl Routes {
         users.values().flatten().cloned().collect()
     }
 
+    /// Every `(user, device)` with a connection open, each once.
+    pub fn devices(&self) -> Vec<(String, String)> {
+        let users = self.users.read().unwrap_or_else(|e| e.into_inner());
+        let mut devices: Vec<(String, String)> = users
+            .iter()
+            .flat_map(|(user, connections)| {
+                connections.iter().map(|c| (user.clone(), c.device.clone()))
+            })
+            .collect();
+        drop(users);
+        devices.sort_unstable();
+        devices.dedup();
+        devices
+    }
+
     /// The open connections not told to reconnect yet (what a drain still has to tell).
     pub fn untold(&self) -> Vec<ConnectionHandle> {
         let users = self.users.read().unwrap_or_else(|e| e.into_inner());

@@ -21,7 +21,9 @@ use courier_gateway::routes::Routes;
 use courier_gateway::{Gateway, GatewayLimits};
 use courier_proto::{Body, ClientFrame, Encoding, Send, ServerFrame};
 use courier_store::faulty_engine::FaultyEngine;
-use courier_store::{Append, AppendOutcome, MediaReference, MessageStore, StoreError};
+use courier_store::{
+    Append, AppendOutcome, DeviceRecord, MediaReference, MessageStore, StoreError,
+};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{Notify, oneshot};
@@ -157,4 +159,34 @@ async fn a_sent_is_written_and_the_connection_stays_open_when_the_cursor_read_be
     }
     engine.set_read_fault(None);
     alice.ping().await.expect("the connection stays open");
+}
+
+/// A device's record is written when a connection of it opens and closes; a connection open
+/// for weeks would list it as that long inactive. The gateway's pass over its connections
+/// records their devices as seen now.
+#[tokio::test]
+async fn a_pass_over_the_connections_records_their_devices_as_seen() {
+    let engine = FaultyEngine::new();
+    let store = engine.store(4).await;
+    let gateway = gateway(store.clone(), Arc::new(HeldSequencer::default()));
+    let url = serve(gateway.clone()).await;
+    let mut alice = Client::connect(&url, "alice:phone", Encoding::Json)
+        .await
+        .unwrap();
+    alice.events_until_sync_done().await.unwrap();
+    // The record as it stands once the connection has been open for weeks.
+    let weeks_ago = |record: Option<&DeviceRecord>| {
+        record.map(|r| DeviceRecord {
+            last_seen_ms: 1,
+            ..r.clone()
+        })
+    };
+    store
+        .record_device_activity("alice", "phone", weeks_ago)
+        .await
+        .unwrap();
+
+    assert_eq!(gateway.record_connected_devices().await, 1);
+    let record = store.device("alice", "phone").await.unwrap().unwrap();
+    assert!(record.last_seen_ms > 1, "{record:?}");
 }

@@ -445,6 +445,7 @@ pub async fn run_client_roles(
         limits: gateway_limits,
         drain,
     });
+    gateway.start_recording_connected_devices(&loops);
     // What hears the notices of commits made through other nodes: the fanout of the shards
     // this node drains, and the push notifier while this node leads it.
     let notices: Vec<Arc<dyn CommitListener>> = fanout
