@@ -409,10 +409,10 @@ impl Append {
             }
             // Head, and the target rewritten without its body.
             EventPayload::Delete { .. } => (0, 2, 0),
-            // Head, conversation record.
+            // Head, conversation record, retention queue entry.
             EventPayload::GroupCreated { name, members } => (
                 name.len() + members.iter().map(String::len).sum::<usize>(),
-                2,
+                3,
                 members.iter().map(member).sum(),
             ),
             // Head; the users named twice (`users` and, for one, `user`).
@@ -1400,6 +1400,10 @@ impl MessageStore {
                     created_ms: ts_ms,
                 };
                 batch.set(self.keys.conversation(conv), record.encode_to_vec());
+                // A retention pass looks at it from now on, as at a direct conversation's
+                // creation (`crate::trim_queue`): else only the queue's next build, up to a
+                // window later, would name it.
+                batch.set(self.keys.trim_due(ts_ms, conv), Vec::new());
                 let step = MembershipStep::Join {
                     creator: Some(&append.sender.user),
                 };

@@ -141,8 +141,9 @@ impl MessageStore {
 mod tests {
     use super::*;
     use crate::faulty_engine::FaultyEngine;
-    use crate::message_store::HeadCache;
+    use crate::message_store::{Append, AppendKey, HeadCache};
     use crate::testing::{direct_message, owner, temp_store};
+    use courier_proto::{EventPayload, Sender};
 
     const WINDOW: u64 = 60_000;
 
@@ -202,6 +203,32 @@ mod tests {
             queued(&store).await,
             [(2_000 + WINDOW + 1, "d:1".to_owned())]
         );
+    }
+
+    /// A group enters the queue when it is created, as a direct conversation does: its
+    /// retention does not wait for the next build of the queue (up to a window later).
+    #[tokio::test]
+    async fn a_group_is_queued_when_created() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = temp_store(&dir, 4).await;
+        let lease = owner(&store, "g:1").await;
+        let mut heads = HeadCache::default();
+        let created = Append {
+            conversation_id: "g:1".into(),
+            sender: Sender {
+                user: "alice".into(),
+                device: "p".into(),
+            },
+            key: AppendKey::Server("create".into()),
+            payload: EventPayload::GroupCreated {
+                name: "g".into(),
+                members: vec!["alice".into(), "bob".into()],
+            },
+            create: None,
+        };
+        let sent = store.append(lease, &mut heads, &[created]).await.unwrap();
+        let created_ms = sent[0].as_ref().unwrap().ts_ms;
+        assert_eq!(queued(&store).await, [(created_ms, "g:1".to_owned())]);
     }
 
     /// Two passes that overlap (a long one, a paused leader resuming) both move an entry, each
