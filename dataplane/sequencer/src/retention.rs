@@ -201,7 +201,9 @@ impl Retention {
         let oldest = self.store.events(conv, floor - 1, u64::MAX, 1).await?;
         let oldest_ms = match oldest.first() {
             None => return Ok((0, now.saturating_add(window))),
-            Some(event) if event.ts_ms > cutoff => return Ok((0, event.ts_ms + window)),
+            Some(event) if event.ts_ms > cutoff => {
+                return Ok((0, event.ts_ms.saturating_add(window)));
+            }
             Some(event) => event.ts_ms,
         };
         let head = self.store.head(conv).await?;
@@ -263,7 +265,7 @@ impl Retention {
         let held_ms = held_ms.or((new_floor == floor).then_some(oldest_ms));
         let next_due = match young {
             _ if new_floor > head => now.saturating_add(window),
-            Some((seq, ts_ms)) if seq == new_floor => ts_ms + window,
+            Some((seq, ts_ms)) if seq == new_floor => ts_ms.saturating_add(window),
             _ => {
                 let overdue = held_ms.map_or(0, |held| cutoff.saturating_sub(held));
                 now.saturating_add(held_back_wait(overdue, interval))
