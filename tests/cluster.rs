@@ -669,6 +669,26 @@ async fn the_admin_api_lists_nodes_moves_every_shard_and_drains_a_node_while_cli
     assert_eq!(taken, (0..8).collect::<Vec<u32>>());
     send_round(&front, &mut alice, &peers, 3, &mut sent).await;
 
+    // s2, drained, is still up and registered as a live sequencer: a move to it is refused
+    // and the shard stays served by s1 (it was left to s2, unserved until its lease lapsed).
+    let refused = admin(&first)
+        .await
+        .move_shard(MoveShardRequest {
+            shard: 0,
+            to: "s2".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    assert!(refused.message().contains("drained"), "{refused:?}");
+    assert_eq!(owned(&first).await, (0..8).collect::<Vec<u32>>());
+    assert!(owned(&second).await.is_empty());
+    send_round(&front, &mut alice, &peers, 4, &mut sent).await;
+
     check_history(&front, &peers, &sent).await;
     // Without the cluster token, the admin API answers nothing.
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", first.address))

@@ -16,7 +16,8 @@
 //! ([`LocalSequencer::hand_off`]) freezes the shard (new appends answer `ShardMoved`, queued
 //! ones are committed), flips owner and epoch in one commit, and the new owner takes it at its
 //! next round or when told. A drain ([`LocalSequencer::drain`]) freezes and releases every
-//! shard and takes none any more. Safety rests on the epoch fence of every batch, not on clocks: a
+//! shard and takes none any more: a shard handed to it later is released at its next round.
+//! Safety rests on the epoch fence of every batch, not on clocks: a
 //! deposed owner's batches are refused whatever it believes about its lease.
 //!
 //! **Backpressure.** The owner of a shard refuses new messages to it while the oldest entry of
@@ -311,6 +312,9 @@ impl LocalSequencer {
             tracing::warn!(error = %e, "renewing shard leases failed; retrying");
         }
         if self.draining.load(AtomicOrdering::Relaxed) {
+            if let Err(e) = self.give_back_handed().await {
+                tracing::warn!(error = %e, "giving back shards handed to a drained node failed; retrying");
+            }
             return;
         }
         if let Err(e) = self.take_free_shards().await {
@@ -467,6 +471,34 @@ impl LocalSequencer {
             *lock(&self.shards[lease.shard as usize]) = Slot::Owned { lease, queue: None };
             self.metrics.owned_shards.inc();
         }
+        Ok(())
+    }
+
+    /// On a drained node, which serves no shard: releases, in one commit, the shards the store
+    /// says are this node's, as a move after the drain hands them (a drained node stays up, a
+    /// live sequencer in the registry, until it is stopped). Held, they would go unserved
+    /// until their leases lapsed; released, another node takes them at its next round.
+    async fn give_back_handed(&self) -> Result<(), StoreError> {
+        let now = now_ms();
+        let handed: Vec<ShardLease> = self
+            .store
+            .shard_owners(Duty::Sequencing)
+            .await?
+            .into_iter()
+            .filter(|owner| owner.node == self.ownership.node && owner.is_live(now))
+            .map(|owner| ShardLease {
+                shard: owner.shard,
+                epoch: owner.epoch,
+            })
+            .collect();
+        if handed.is_empty() {
+            return Ok(());
+        }
+        self.store
+            .release_shards(Duty::Sequencing, &self.ownership.node, &handed)
+            .await?;
+        let shards: Vec<u32> = handed.iter().map(|lease| lease.shard).collect();
+        tracing::info!(?shards, "drained: gave back shards handed to this node");
         Ok(())
     }
 
@@ -1130,6 +1162,39 @@ mod tests {
             seq_of(&to, "late").await.unwrap(),
             21,
             "dense across the move"
+        );
+    }
+
+    /// A drained node stays up (an admin `Drain`) and may still be handed a shard: it gives
+    /// it back at its next round instead of holding it unserved until the lease lapses, and
+    /// the former owner takes it back at once.
+    #[tokio::test]
+    async fn a_drained_node_gives_back_a_shard_handed_to_it() {
+        let engine = FaultyEngine::new();
+        let store = engine.store(4).await;
+        let from = node_on(&store, node("n1", Duration::from_secs(3600))).await;
+        let drained = node_on(&store, node("n2", Duration::from_secs(3600))).await;
+        assert!(drained.drain().await.unwrap().is_empty());
+        let shard = store.shard_of("d:1");
+        assert_eq!(seq_of(&from, "m1").await.unwrap(), 1);
+
+        from.hand_off(shard, "n2").await.unwrap();
+        drained.keep_round().await;
+        assert!(drained.owned().is_empty(), "a drained node takes nothing");
+        let owner = store
+            .shard_owner(Duty::Sequencing, shard)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            !owner.is_live(now_ms()),
+            "the shard is free again, not held by n2 for its lease: {owner:?}"
+        );
+        from.keep_round().await;
+        assert_eq!(
+            seq_of(&from, "m2").await.unwrap(),
+            2,
+            "served again by n1, dense"
         );
     }
 

@@ -14,7 +14,9 @@
 //! (`INVALID_ARGUMENT`), and so is a target that is not a live sequencer node (`NOT_FOUND`
 //! when unregistered, `FAILED_PRECONDITION` otherwise), with the shard untouched. A move that
 //! fails after the flip leaves the shard to the target in the store; the target takes it at
-//! its next lease round.
+//! its next lease round. A target that was drained (`Drain`, and still up) takes nothing: it
+//! gives the shard back when told to take it, and the move takes it back here and answers
+//! `FAILED_PRECONDITION`.
 
 use crate::node::Role;
 use courier_core::clock::now_ms;
@@ -125,18 +127,19 @@ impl AdminService {
         Ok(node)
     }
 
-    /// Asks node `id`, at `address`, to take the shards handed to it now.
-    async fn tell_to_take(&self, id: &str, address: &str) -> Result<(), Status> {
+    /// Asks node `id`, at `address`, to take the shards handed to it now; returns the shards
+    /// it owns then.
+    async fn tell_to_take(&self, id: &str, address: &str) -> Result<Vec<u32>, Status> {
         let channel = Endpoint::from_shared(format!("http://{address}"))
             .map_err(|e| Status::internal(format!("node {id} has an invalid address: {e}")))?
             .timeout(TAKE_TIMEOUT)
             .connect()
             .await
             .map_err(|e| Status::unavailable(format!("cannot reach node {id}: {e}")))?;
-        AdminClient::with_interceptor(channel, AttachToken::new(self.token.clone()))
+        let taken = AdminClient::with_interceptor(channel, AttachToken::new(self.token.clone()))
             .take_shards(TakeShardsRequest {})
             .await?;
-        Ok(())
+        Ok(taken.into_inner().owned)
     }
 }
 
@@ -248,7 +251,26 @@ impl admin_server::Admin for AdminService {
             .hand_off(shard, &to)
             .await
             .map_err(|e| to_status(&e))?;
-        self.tell_to_take(&to, &target.address).await?;
+        let taken = self.tell_to_take(&to, &target.address).await?;
+        if !taken.contains(&shard) {
+            // A drained node (still up, so still a live sequencer in the registry) gives a
+            // shard handed to it back at once: take it back here rather than leave it to
+            // whichever node's round comes next. Otherwise its round failed, and its next one
+            // takes the shard leased to it.
+            sequencer.keep_round().await;
+            let here = sequencer.owned().iter().any(|lease| lease.shard == shard);
+            return Err(Status::failed_precondition(if here {
+                format!(
+                    "node {to} did not take shard {shard} (it was drained): the shard stays on {}",
+                    self.node
+                )
+            } else {
+                format!(
+                    "node {to} did not take shard {shard} when told: it is leased to {to}, which \
+                     takes it at its next lease round"
+                )
+            }));
+        }
         let owner = self
             .store
             .shard_owner(Duty::Sequencing, shard)
