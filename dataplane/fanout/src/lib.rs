@@ -698,9 +698,16 @@ struct Recorded {
 }
 
 impl Recorded {
-    /// Takes `drained`; returns the bound it lets the shard move to, if any.
+    /// Takes `drained`; returns the bound it lets the shard move to, if any. A range of a
+    /// lease older than the one whose ranges came already (this node lost the shard and took
+    /// it again, and a large-group event of the former lease was delivered late) is dropped:
+    /// its bound can no longer be recorded (its epoch moved), and starting the ranges of the
+    /// current lease over would hold its bound back for good (their first orders came).
     fn take(&mut self, drained: Drained) -> Option<Vec<u8>> {
-        if drained.lease.epoch != self.epoch {
+        if drained.lease.epoch < self.epoch {
+            return None;
+        }
+        if drained.lease.epoch > self.epoch {
             *self = Recorded {
                 epoch: drained.lease.epoch,
                 ..Recorded::default()
@@ -748,8 +755,16 @@ async fn record_bounds(store: &MessageStore, recorder: &mut Recorder, cancel: &C
         }
         for drained in received.drain(..) {
             let lease = drained.lease;
-            if let Some(bound) = shards.entry(lease.shard).or_default().take(drained) {
+            let recorded = shards.entry(lease.shard).or_default();
+            if let Some(bound) = recorded.take(drained) {
                 unrecorded.insert(lease.shard, DeliveredBound { lease, bound });
+            } else if unrecorded
+                .get(&lease.shard)
+                .is_some_and(|waiting| waiting.lease.epoch < recorded.epoch)
+            {
+                // The bound of a lease the ranges of a newer one came after: refused by its
+                // fence, it would take the newer lease's ranges away with it (below).
+                unrecorded.remove(&lease.shard);
             }
         }
         while !unrecorded.is_empty() {
@@ -1359,5 +1374,106 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         assert_eq!(metrics.fanout_backlog.get(), 0);
+    }
+
+    /// Leases of `shard` for node a with a's ranges crossing them: a's first lease, then
+    /// (after b held the shard between) a's current one.
+    async fn two_leases_of_a(store: &MessageStore, shard: u32) -> (ShardLease, ShardLease) {
+        let mut leases = Vec::new();
+        for node in ["a", "b", "a"] {
+            let lease = store
+                .acquire_shards(Duty::Delivery, node, &[shard], 1, now_ms(), 60_000)
+                .await
+                .unwrap()[0];
+            leases.push(lease);
+            store
+                .release_shards(Duty::Delivery, node, &[lease])
+                .await
+                .unwrap();
+        }
+        store
+            .acquire_shards(Duty::Delivery, "a", &[shard], 1, now_ms(), 60_000)
+            .await
+            .unwrap();
+        let current = ShardLease {
+            shard,
+            epoch: leases[2].epoch + 1,
+        };
+        (leases[0], current)
+    }
+
+    /// Runs the recorder over `ranges` (and what `state` kept of an earlier run), as a
+    /// recorder restarted between two batches would; returns what it kept.
+    async fn record(
+        store: &MessageStore,
+        ranges: Vec<(ShardLease, u64, &[u8])>,
+        state: (HashMap<u32, Recorded>, BTreeMap<u32, DeliveredBound>),
+    ) -> (HashMap<u32, Recorded>, BTreeMap<u32, DeliveredBound>) {
+        let (sender, queue) = mpsc::channel(ranges.len().max(1));
+        for (lease, order, bound) in ranges {
+            let bound = bound.to_vec();
+            sender
+                .try_send(Drained {
+                    lease,
+                    order,
+                    bound,
+                })
+                .unwrap();
+        }
+        drop(sender);
+        let mut recorder = Recorder {
+            queue,
+            shards: state.0,
+            unrecorded: state.1,
+        };
+        record_bounds(store, &mut recorder, &CancellationToken::new()).await;
+        (recorder.shards, recorder.unrecorded)
+    }
+
+    /// A node that lost a shard and took it again may still hand the recorder a range of its
+    /// earlier lease (a large-group event its worker delivered late) after ranges of the
+    /// current one: that range is dropped, and the current lease's ranges are recorded in
+    /// their order (they were held back for good: the shard's bound never moved again, and
+    /// its senders were refused as behind once its outbox aged past the lag limit).
+    #[tokio::test]
+    async fn a_late_range_of_an_earlier_lease_holds_back_no_range_of_the_current_one() {
+        let shard = 1;
+        let bound = |store: MessageStore| async move {
+            store
+                .delivered_bounds(&[shard])
+                .await
+                .unwrap()
+                .pop()
+                .flatten()
+        };
+
+        // The earlier lease's range comes after the current lease's first.
+        let dir = tempfile::tempdir().unwrap();
+        let one = store(&dir, 4).await;
+        let (earlier, current) = two_leases_of_a(&one, shard).await;
+        let ranges = vec![
+            (current, 0, &b"n0"[..]),
+            (earlier, 1, b"o1"),
+            (current, 1, b"n1"),
+        ];
+        let kept = record(&one, ranges, Default::default()).await;
+        assert_eq!(bound(one.clone()).await.as_deref(), Some(&b"n1"[..]));
+        // And the current lease's next ones go on.
+        record(&one, vec![(current, 2, b"n2"), (current, 3, b"n3")], kept).await;
+        assert_eq!(bound(one.clone()).await.as_deref(), Some(&b"n3"[..]));
+
+        // The earlier lease's bound waits to be recorded when the current lease's second range
+        // comes, ahead of its first (a large-group event), which comes after a commit.
+        let dir = tempfile::tempdir().unwrap();
+        let two = store(&dir, 4).await;
+        let (earlier, current) = two_leases_of_a(&two, shard).await;
+        let ranges = vec![(earlier, 0, &b"o0"[..]), (current, 1, b"n1")];
+        let kept = record(&two, ranges, Default::default()).await;
+        record(&two, vec![(current, 0, b"n0")], kept).await;
+        assert_eq!(
+            bound(two.clone()).await.as_deref(),
+            Some(&b"n1"[..]),
+            "the current lease's second range is recorded"
+        );
     }
 }
