@@ -67,9 +67,9 @@ use futures::future::{BoxFuture, Either};
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, SinkExt, StreamExt};
 use std::borrow::Borrow;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::time::MissedTickBehavior;
@@ -138,7 +138,7 @@ pub struct Gateway {
     pub store: MessageStore,
     pub routes: Arc<Routes>,
     /// In a cluster: this gateway's node id, under which its devices' routes are written.
-    pub cluster_routes: Option<ClusterRoutes>,
+    pub cluster_routes: Option<Arc<ClusterRoutes>>,
     pub metrics: Arc<Metrics>,
     pub limits: GatewayLimits,
     /// The drain of this gateway: it tells the connections to reconnect, batch by batch; no
@@ -149,10 +149,81 @@ pub struct Gateway {
 /// A gateway's routes in a cluster's route registry (`courier_store::routes`): each device's
 /// route is written when it connects, before its catch-up reads the store (so an event is
 /// either delivered live or read by the catch-up), and cleared when its connection ends.
+///
+/// A route whose clearing fails (the store unavailable as the connection ends) is kept here
+/// and cleared again by [`ClusterRoutes::clear_left`], which the node runs every lease round:
+/// left in the store, it names a live gateway, so the push notifier would take the device for
+/// connected and notify it of nothing until this gateway restarts. At most
+/// [`MAX_LEFT_ROUTES`] are kept; past it the oldest is given up (logged).
 pub struct ClusterRoutes {
     pub store: MessageStore,
     /// This gateway's node id.
     pub node: String,
+    /// Routes of connections that ended whose clearing failed: user, device, connection.
+    left: Mutex<VecDeque<(String, String, u64)>>,
+}
+
+/// Most routes [`ClusterRoutes`] keeps to clear again.
+pub const MAX_LEFT_ROUTES: usize = 65_536;
+
+impl ClusterRoutes {
+    /// The routes of gateway `node` in `store`.
+    pub fn new(store: MessageStore, node: String) -> Self {
+        Self {
+            store,
+            node,
+            left: Mutex::default(),
+        }
+    }
+
+    /// Clears the route of `user`'s `device` written by connection `connection`, which ended;
+    /// kept to be cleared again if that fails.
+    async fn clear(&self, user: &str, device: &str, connection: u64) {
+        let cleared = self
+            .store
+            .remove_route(user, device, &self.node, connection)
+            .await;
+        if let Err(e) = cleared {
+            tracing::warn!(user, error = %e, "could not clear the device's route; clearing it again at the next lease round");
+            self.keep_left([(user.to_owned(), device.to_owned(), connection)]);
+        }
+    }
+
+    fn keep_left(&self, routes: impl IntoIterator<Item = (String, String, u64)>) {
+        let mut left = self.left.lock().unwrap_or_else(|e| e.into_inner());
+        for route in routes {
+            if left.len() == MAX_LEFT_ROUTES
+                && let Some((user, device, _)) = left.pop_front()
+            {
+                tracing::warn!(
+                    user,
+                    device,
+                    "too many routes to clear again: this one stays until the gateway restarts"
+                );
+            }
+            left.push_back(route);
+        }
+    }
+
+    /// Clears again the routes whose clearing failed when their connection ended (a newer
+    /// connection's route of the same device is kept). The first that fails again stops the
+    /// call: it and the rest are kept for the next. Returns how many are left.
+    pub async fn clear_left(&self) -> usize {
+        let mut left = std::mem::take(&mut *self.left.lock().unwrap_or_else(|e| e.into_inner()));
+        while let Some((user, device, connection)) = left.pop_front() {
+            let cleared = self
+                .store
+                .remove_route(&user, &device, &self.node, connection)
+                .await;
+            if let Err(e) = cleared {
+                tracing::warn!(error = %e, routes = left.len() + 1, "clearing the routes of ended connections failed; retrying at the next lease round");
+                left.push_front((user, device, connection));
+                break;
+            }
+        }
+        self.keep_left(left);
+        self.left.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
 }
 
 /// A finished send: its `ref`, `client_msg_id`, conversation, start and outcome.
@@ -424,13 +495,8 @@ impl Connection {
             tracing::warn!(user = %who.user, device = %who.device, error = %e, "could not record device activity");
         }
         let user = &who.user;
-        if let Some(cluster) = &gateway.cluster_routes
-            && let Err(e) = cluster
-                .store
-                .remove_route(user, &handle.device, &cluster.node, handle.id)
-                .await
-        {
-            tracing::warn!(user, error = %e, "could not clear the device's route; it is swept with this gateway's routes");
+        if let Some(cluster) = &gateway.cluster_routes {
+            cluster.clear(user, &handle.device, handle.id).await;
         }
         // Last: a draining server waits for its connections to leave the registry.
         gateway.routes.unregister(user, handle.id);

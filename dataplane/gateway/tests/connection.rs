@@ -18,7 +18,7 @@ use courier_core::sequencing::{PendingAppend, PendingTrim, Sequencer, SequencerE
 use courier_core::storage_health::StorageHealth;
 use courier_gateway::drain::GatewayDrain;
 use courier_gateway::routes::Routes;
-use courier_gateway::{Gateway, GatewayLimits};
+use courier_gateway::{ClusterRoutes, Gateway, GatewayLimits};
 use courier_proto::{Body, ClientFrame, Encoding, Send, ServerFrame};
 use courier_store::faulty_engine::FaultyEngine;
 use courier_store::{
@@ -70,6 +70,15 @@ impl Sequencer for HeldSequencer {
 
 /// A gateway over `store`, its chat role appending through `sequencer`.
 fn gateway(store: MessageStore, sequencer: Arc<HeldSequencer>) -> Arc<Gateway> {
+    gateway_with_routes(store, sequencer, None)
+}
+
+/// As [`gateway`], writing its devices' routes to `cluster_routes` (a cluster's gateway node).
+fn gateway_with_routes(
+    store: MessageStore,
+    sequencer: Arc<HeldSequencer>,
+    cluster_routes: Option<Arc<ClusterRoutes>>,
+) -> Arc<Gateway> {
     let metrics = Arc::new(Metrics::new());
     let context = Context {
         store: store.clone(),
@@ -85,7 +94,7 @@ fn gateway(store: MessageStore, sequencer: Arc<HeldSequencer>) -> Arc<Gateway> {
         chat: ChatBinding::Local(Arc::new(chat)),
         store,
         routes: routes.clone(),
-        cluster_routes: None,
+        cluster_routes,
         metrics,
         limits: GatewayLimits::default(),
         drain: Arc::new(GatewayDrain::new(routes, Duration::ZERO, Duration::ZERO)),
@@ -159,6 +168,43 @@ async fn a_sent_is_written_and_the_connection_stays_open_when_the_cursor_read_be
     }
     engine.set_read_fault(None);
     alice.ping().await.expect("the connection stays open");
+}
+
+/// A route whose clearing fails as its connection ends (the store unavailable) is cleared
+/// again once the store is back. Left, it named this live gateway for good: the push notifier
+/// took the device for connected and notified it of nothing.
+#[tokio::test]
+async fn a_route_whose_clearing_failed_as_its_connection_ended_is_cleared_again() {
+    let engine = FaultyEngine::new();
+    let store = engine.store(4).await;
+    let routes = Arc::new(ClusterRoutes::new(store.clone(), "g1".into()));
+    let sequencer = Arc::new(HeldSequencer::default());
+    let gateway = gateway_with_routes(store.clone(), sequencer, Some(routes.clone()));
+    let url = serve(gateway.clone()).await;
+    let mut alice = Client::connect(&url, "alice:phone", Encoding::Json)
+        .await
+        .unwrap();
+    alice.events_until_sync_done().await.unwrap();
+    assert_eq!(store.routes("alice").await.unwrap().len(), 1);
+
+    engine.set_fault(Some(Box::new(|_| {
+        Some(StoreError::Engine("injected commit fault".into()))
+    })));
+    drop(alice);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while gateway.routes.count() > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the connection never left"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(store.routes("alice").await.unwrap().len(), 1, "not cleared");
+    assert_eq!(routes.clear_left().await, 1, "the store still fails");
+
+    engine.set_fault(None);
+    assert_eq!(routes.clear_left().await, 0);
+    assert!(store.routes("alice").await.unwrap().is_empty());
 }
 
 /// A device's record is written when a connection of it opens and closes; a connection open

@@ -437,10 +437,9 @@ pub async fn run_client_roles(
         chat: chat.clone(),
         store: store.clone(),
         routes: routes.clone(),
-        cluster_routes: cluster.is_some().then(|| ClusterRoutes {
-            store: store.clone(),
-            node: node.clone(),
-        }),
+        cluster_routes: cluster
+            .is_some()
+            .then(|| Arc::new(ClusterRoutes::new(store.clone(), node.clone()))),
         metrics: metrics.clone(),
         limits: gateway_limits,
         drain,
@@ -736,7 +735,8 @@ pub fn routed_sequencer(
 /// Serves the internal gRPC of a client node on `cluster.internal` (deliveries to this
 /// gateway; notices of commits to `notices`, when it runs fanout or push; the chat service, when it runs chat; the
 /// admin API, whose `Drain` starts the gateway's drain), and reads the node registry every
-/// lease round to sweep the routes of gateway nodes whose lease lapsed.
+/// lease round to sweep the routes of gateway nodes whose lease lapsed (and clears again this
+/// gateway's routes whose clearing failed when their connection ended).
 fn serve_internal(
     cluster: Cluster,
     store: &MessageStore,
@@ -788,14 +788,19 @@ fn serve_internal(
         }
     });
     let (store, node, round) = (store.clone(), node.to_owned(), config.ownership().round());
-    // Stops at once when cancelled; restarted if it panics: it keeps no state.
+    let own_routes = gateway.cluster_routes.clone();
+    // Stops at once when cancelled; restarted if it panics: it keeps no state (the routes of
+    // this gateway to clear again are kept by `own_routes`).
     loops.spawn("sweep the routes of lapsed gateways", move |cancel| {
-        let (store, node) = (store.clone(), node.clone());
+        let (store, node, own_routes) = (store.clone(), node.clone(), own_routes.clone());
         async move {
             let read = async {
                 let mut rounds = tokio::time::interval(round);
                 loop {
                     rounds.tick().await;
+                    if let Some(own) = &own_routes {
+                        own.clear_left().await;
+                    }
                     let nodes = match store.nodes().await {
                         Ok(nodes) => nodes,
                         Err(e) => {

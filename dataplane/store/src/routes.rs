@@ -3,7 +3,8 @@
 //!
 //! A route is written by the gateway when a device connects, **before** the connection's
 //! catch-up reads the store, and cleared when the device's last connection on that gateway
-//! ends. An event committed after the route was written is delivered to it live; one committed
+//! ends (a clearing that fails is tried again by the gateway every lease round:
+//! `courier_gateway::ClusterRoutes`). An event committed after the route was written is delivered to it live; one committed
 //! before is read by the catch-up: a device never falls between the two.
 //!
 //! Each route holds the id of the connection that wrote it, and a connection clears the route
