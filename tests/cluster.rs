@@ -739,6 +739,38 @@ async fn a_node_id_runs_in_one_process_at_a_time() {
     assert_eq!(owned(&again).await, (0..8).collect::<Vec<u32>>());
 }
 
+/// A node that listens on a wildcard address (`0.0.0.0`) without `--advertise` does not
+/// start: it registered that address, and the other nodes, reaching `0.0.0.0`, called
+/// themselves (appends to its shards refused for good, deliveries to its devices retried for
+/// good or made to the caller's own connections).
+#[tokio::test]
+async fn a_node_listening_on_a_wildcard_address_without_advertise_does_not_start() {
+    let (dir, store) = store_node();
+    let mut args = node_args("sequencer", "s1", "127.0.0.2", &store, dir.path(), &[]);
+    let at = args.iter().position(|a| a == "--internal-listen").unwrap() + 1;
+    args[at] = "0.0.0.0:0".into();
+    let mut node = Command::new(binary())
+        .args(&args)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn courier");
+    let deadline = std::time::Instant::now() + WAIT;
+    while node.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = node.kill();
+            panic!("the node started, registered at 0.0.0.0");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let output = node.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("--advertise"),
+        "the error says what to give: {stderr}"
+    );
+}
+
 #[tokio::test]
 async fn sequencer_nodes_take_over_from_a_killed_or_paused_owner_and_lose_nothing() {
     let (dir, store) = store_node();

@@ -109,7 +109,7 @@ pub struct NodeArgs {
     )]
     pub internal_listen: SocketAddr,
     /// The address (`host:port`) other nodes reach this node's internal gRPC at; default: the
-    /// address `--internal-listen` bound.
+    /// address `--internal-listen` bound (which must then not be a wildcard such as 0.0.0.0).
     #[arg(long, env = "COURIER_ADVERTISE")]
     pub advertise: Option<String>,
     /// The address (`host:port`) gateway nodes reach this node's HTTP port (`--listen`) at, to
@@ -180,6 +180,14 @@ impl NodeArgs {
                 || config.jwt_public_key.is_some(),
             "the nodes of a cluster must verify the same client tokens: give --jwt-secret \
              (or --jwt-public-key); a secret generated per data directory would differ per node"
+        );
+        // The other nodes call this one at the address it registers: `0.0.0.0` would have
+        // them call themselves (as `--advertise-http` is refused for a media node's port).
+        anyhow::ensure!(
+            self.advertise.is_some() || !self.internal_listen.ip().is_unspecified(),
+            "a node whose --internal-listen is {} must say where the other nodes reach it: give \
+             --advertise HOST:PORT (in Kubernetes, the pod IP)",
+            self.internal_listen
         );
         if self.has(Role::Gateway) {
             config.drain(true)?;
