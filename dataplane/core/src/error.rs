@@ -139,10 +139,24 @@ impl From<SequencerError> for ApiError {
     }
 }
 
+/// `{"code", "message"}` with the code's status; an error with a wait (`unavailable`,
+/// `rate_limited`) also carries it, as the `error` frame does: `retry_after_ms` in the body (an
+/// addition to PROTOCOL.md's body) and `Retry-After` in whole seconds, rounded up (RFC 9110,
+/// 10.2.3), for HTTP clients and proxies that know only the header.
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = serde_json::json!({ "code": self.code, "message": self.message });
-        (self.status(), axum::Json(body)).into_response()
+        let mut body = serde_json::json!({ "code": self.code, "message": self.message });
+        if let Some(wait) = self.retry_after_ms {
+            body["retry_after_ms"] = wait.into();
+        }
+        let mut response = (self.status(), axum::Json(body)).into_response();
+        if let Some(wait) = self.retry_after_ms {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(wait.div_ceil(1000)),
+            );
+        }
+        response
     }
 }
 
@@ -189,6 +203,51 @@ mod tests {
         assert_eq!(
             ApiError::from(SequencerError::DeliveryBehind),
             ApiError::unavailable("delivery is behind; retry shortly", 500)
+        );
+    }
+
+    async fn rendered(error: ApiError) -> (StatusCode, Option<String>, serde_json::Value) {
+        let response = error.into_response();
+        let status = response.status();
+        let retry_after = response
+            .headers()
+            .get(axum::http::header::RETRY_AFTER)
+            .map(|v| v.to_str().unwrap().to_owned());
+        let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        (status, retry_after, serde_json::from_slice(&body).unwrap())
+    }
+
+    /// An HTTP client is told how long to wait, as a WebSocket client is: `retry_after_ms` in
+    /// the body and `Retry-After` (whole seconds, rounded up) in the headers. Errors without a
+    /// wait carry neither.
+    #[tokio::test]
+    async fn an_http_error_with_a_wait_says_how_long() {
+        let (status, retry_after, body) =
+            rendered(ApiError::unavailable("draining; connect again", 1500)).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(retry_after.as_deref(), Some("2"));
+        assert_eq!(
+            body,
+            serde_json::json!({
+                "code": "unavailable",
+                "message": "draining; connect again",
+                "retry_after_ms": 1500,
+            })
+        );
+        let limited = ApiError::from(SequencerError::RateLimited { retry_after_ms: 7 });
+        let (status, retry_after, body) = rendered(limited).await;
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(retry_after.as_deref(), Some("1"));
+        assert_eq!(body["retry_after_ms"], 7);
+
+        let (status, retry_after, body) = rendered(ApiError::forbidden("not a member")).await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        assert_eq!(retry_after, None);
+        assert_eq!(
+            body,
+            serde_json::json!({ "code": "forbidden", "message": "not a member" })
         );
     }
 }
