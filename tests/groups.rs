@@ -514,6 +514,68 @@ async fn a_flood_from_one_user_is_limited_while_others_are_unaffected() {
     );
 }
 
+/// Sends `request` until it is refused (each accepted one passed to `accepted`), at most 200
+/// times; returns the refusal's status and body.
+async fn until_refused<F, Fut>(mut request: F) -> (u16, serde_json::Value)
+where
+    F: FnMut(usize) -> Fut,
+    Fut: std::future::Future<Output = (u16, serde_json::Value)>,
+{
+    for i in 0..200 {
+        let (status, body) = request(i).await;
+        if !(200..300).contains(&status) {
+            return (status, body);
+        }
+    }
+    panic!("200 requests in a row were taken");
+}
+
+fn assert_rate_limited((status, body): (u16, serde_json::Value)) {
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(body["code"], "rate_limited", "{body}");
+    assert!(body["retry_after_ms"].as_u64().unwrap_or(0) > 0, "{body}");
+}
+
+/// Every membership change is an event that every member's devices get, as a message is: a
+/// user creating groups of 1,000 or an admin adding and removing in a loop draws on the user's
+/// send rate, as its sends do (429 `rate_limited` with the wait), or a group of 100,000 took
+/// events at any rate, past the limit its messages have. Leaving a group is never refused.
+#[tokio::test]
+async fn membership_requests_draw_on_the_users_send_rate_and_leaving_never_is() {
+    let (_dir, server) = start(&["--user-sends-per-sec", "1", "--user-sends-burst", "4"]);
+    let admin = server.http("alice", "phone");
+    let create = |_| async {
+        let group = serde_json::json!({ "name": "g", "members": ["bob"] });
+        admin.post("/v1/groups", &group).await.unwrap()
+    };
+    let refused = until_refused(create).await;
+    let wait = refused.1["retry_after_ms"].as_u64().unwrap_or(0);
+    assert_rate_limited(refused);
+    // Taken once the wait it was told has passed.
+    tokio::time::sleep(Duration::from_millis(wait)).await;
+    let (status, body) = create(0).await;
+    assert_eq!(status, 201, "{body}");
+    let conv = body["conversation_id"].as_str().unwrap().to_owned();
+    let members = format!("/v1/groups/{conv}/members");
+    let add_or_remove = |i: usize| {
+        let (admin, members) = (&admin, &members);
+        async move {
+            if i.is_multiple_of(2) {
+                admin.delete(&format!("{members}/bob")).await.unwrap()
+            } else {
+                let bob = serde_json::json!({ "users": ["bob"] });
+                admin.post(members, &bob).await.unwrap()
+            }
+        }
+    };
+    assert_rate_limited(until_refused(add_or_remove).await);
+    // The admin's bucket is empty; leaving takes nothing from it.
+    let (status, body) = admin.delete(&format!("{members}/alice")).await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let bob = server.http("bob", "phone");
+    assert!(bob.create_group("b", &[]).await.is_ok(), "bob has his own");
+}
+
 #[tokio::test]
 async fn devices_are_listed_and_unlinked_devices_are_refused() {
     let (dir, server) = start(&[]);

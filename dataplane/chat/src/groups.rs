@@ -4,6 +4,12 @@
 //! sequenced commit decides again, at the event's place in the order (a user added twice by
 //! racing requests is added once, an admin removed meanwhile adds no one). The member and
 //! per-user group limits are checked here only, so racing requests may pass them by a few.
+//!
+//! **Rate.** Each change is an event that every member's devices get, as a message is: creating
+//! a group, adding and removing others take a token of the user's send rate, as a send does
+//! (`rate_limited` past it), and creating and adding are refused while storage is low, as sends
+//! are. Leaving is never refused for either: it is one event per period of membership, and a
+//! user must always be able to leave.
 
 use crate::Chat;
 use courier_core::auth::Identity;
@@ -53,6 +59,12 @@ impl Chat {
         Ok(out)
     }
 
+    /// Takes a token of `who`'s send rate for a membership change it makes to others (module
+    /// documentation, "Rate").
+    fn check_rate(&self, who: &Identity) -> Result<(), ApiError> {
+        self.count_limited("user", self.user_sends.check(&who.user))
+    }
+
     async fn check_group_quota(&self, users: &[String]) -> Result<(), ApiError> {
         for user in users {
             if self.store.group_count(user).await? >= self.limits.max_groups_per_user {
@@ -93,6 +105,8 @@ impl Chat {
             )));
         }
         self.check_group_quota(&all).await?;
+        self.check_rate(who)?;
+        self.check_backpressure()?;
         let conv = format!("g:{}", hex::encode(rand::random::<[u8; 16]>()));
         let payload = EventPayload::GroupCreated {
             name: name.to_owned(),
@@ -141,6 +155,8 @@ impl Chat {
             return Ok(new);
         }
         self.check_group_quota(&new).await?;
+        self.check_rate(who)?;
+        self.check_backpressure()?;
         let payload = EventPayload::MemberAdded(MembershipChange::new(new));
         let outcome = match self.membership_append(who, conv, payload).await {
             Err(SequencerError::Refused(AppendRefused::NoChange)) => return Ok(Vec::new()),
@@ -176,6 +192,7 @@ impl Chat {
                     "{user} is not a member of {conv}"
                 )));
             }
+            self.check_rate(who)?;
         }
         let payload = EventPayload::MemberRemoved(MembershipChange::new(vec![user.to_owned()]));
         let removal = match self.membership_append(who, conv, payload).await {

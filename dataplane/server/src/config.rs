@@ -107,7 +107,8 @@ pub struct ServeConfig {
     /// most of its time waiting for a read's round trip.
     #[arg(long, env = "COURIER_FANOUT_WORKERS")]
     pub fanout_workers: Option<usize>,
-    /// Sends per second per user (0: unlimited).
+    /// Sends per second per user (0: unlimited); creating a group, adding and removing members
+    /// count as sends (leaving a group does not).
     #[arg(long, env = "COURIER_USER_SENDS_PER_SEC", default_value_t = 100)]
     pub user_sends_per_sec: u32,
     /// Burst of sends per user.
