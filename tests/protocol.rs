@@ -886,6 +886,42 @@ async fn status_of(
     (status, body["code"].as_str().map(str::to_owned))
 }
 
+/// Every error of the HTTP API has PROTOCOL.md's body `{"code", "message"}`, those the router
+/// answers itself too: a path segment that is not UTF-8 once decoded, a path no route takes, a
+/// method its route does not take. A client reads the code of every refusal.
+#[tokio::test]
+async fn errors_the_router_answers_have_the_protocols_body() {
+    use reqwest::Method;
+    let (_dir, server) = server();
+    let bearer = format!("Bearer {}", server.token("alice", "phone"));
+    let bad = (400, Some("bad_request".to_owned()));
+    let cases = [
+        (Method::GET, "/v1/conversations/%FF/messages", bad.clone()),
+        (Method::GET, "/v1/conversations/%FF/receipts", bad.clone()),
+        (Method::POST, "/v1/groups/g:%C0/members", bad.clone()),
+        (Method::DELETE, "/v1/groups/g:x/members/%FF", bad.clone()),
+        (Method::DELETE, "/v1/devices/%FF", bad.clone()),
+        (Method::GET, "/v1/media/%FF", bad.clone()),
+        (Method::GET, "/v1/media/%FF/url", bad),
+        (Method::GET, "/v1/nothing", (404, Some("not_found".into()))),
+        (
+            Method::GET,
+            "/v1/conversations/c/x",
+            (404, Some("not_found".into())),
+        ),
+        (
+            Method::PUT,
+            "/v1/conversations",
+            (405, Some("bad_request".into())),
+        ),
+        (Method::GET, "/v1/groups", (405, Some("bad_request".into()))),
+    ];
+    for (method, path, expected) in cases {
+        let answer = status_of(&server, method.clone(), path, Some(&bearer)).await;
+        assert_eq!(answer, expected, "{method} {path}");
+    }
+}
+
 /// The status of a WebSocket upgrade of `/v1/ws{query}` with `authorization` as its
 /// `Authorization` header, if any: 101 once the connection has had its `hello`.
 async fn upgrade_status(server: &Server, query: &str, authorization: Option<&str>) -> u16 {

@@ -78,6 +78,16 @@ async fn web_dir_serves_the_app_at_the_root_and_the_api_still_needs_a_token() {
         401,
         "the API still refuses a request without a token"
     );
+    // A path under the API's that no route takes is the API's `not_found`, not the app's.
+    let unknown = http
+        .get(server.http_url() + "/v1/no-such-endpoint")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), 404);
+    assert!(unknown.headers().get("content-security-policy").is_none());
+    let body: serde_json::Value = unknown.json().await.unwrap();
+    assert_eq!(body["code"], "not_found", "{body}");
     let ready = http
         .get(server.http_url() + "/readyz")
         .send()

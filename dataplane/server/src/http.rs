@@ -78,17 +78,34 @@ const WEB_APP_CSP: &str = "default-src 'self'; img-src 'self' blob:; connect-src
      object-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
 /// Answers the requests no API route takes with the files of `web_dir` (the built web app,
-/// `index.html` at `/`), under [`WEB_APP_CSP`]. Without a directory the router is unchanged:
-/// such requests stay 404. The files are public; the app asks the person for a token and
-/// never gets one from the server.
+/// `index.html` at `/`), under [`WEB_APP_CSP`]; without a directory, and for every path under
+/// `/v1/` either way, with a `not_found` error. A method a route does not take is answered 405
+/// with a `bad_request` error. So every refusal of the API has PROTOCOL.md's body, the router's
+/// own included. The files are public; the app asks the person for a token and never gets one
+/// from the server.
 pub fn with_web_app(router: Router, web_dir: Option<&std::path::Path>) -> Router {
+    let router = router.method_not_allowed_fallback(method_not_allowed);
     let Some(dir) = web_dir else {
-        return router;
+        return router.fallback(no_route);
     };
     let files = Router::new()
         .fallback_service(tower_http::services::ServeDir::new(dir))
         .layer(axum::middleware::map_response(web_app_headers));
-    router.fallback_service(files)
+    let api_or_files = Router::new()
+        .route("/v1/{*rest}", axum::routing::any(no_route))
+        .fallback_service(files);
+    router.fallback_service(api_or_files)
+}
+
+/// A path no route takes.
+async fn no_route(uri: axum::http::Uri) -> ApiError {
+    ApiError::not_found(format!("no such endpoint: {}", uri.path()))
+}
+
+/// A method the path's route does not take: 405, with the protocol's body.
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+    let refused = ApiError::bad_request(format!("{method} is not served at {}", uri.path()));
+    (StatusCode::METHOD_NOT_ALLOWED, refused).into_response()
 }
 
 async fn web_app_headers(mut response: Response) -> Response {
@@ -308,7 +325,7 @@ struct PageQuery {
 async fn messages(
     State(state): State<Arc<AppState>>,
     Caller(who): Caller,
-    Path(id): Path<String>,
+    PathParams(id): PathParams<String>,
     QueryParams(page): QueryParams<PageQuery>,
 ) -> Result<Response, ApiError> {
     let page = state
@@ -327,7 +344,7 @@ async fn messages(
 async fn receipts(
     State(state): State<Arc<AppState>>,
     Caller(who): Caller,
-    Path(id): Path<String>,
+    PathParams(id): PathParams<String>,
 ) -> Result<Response, ApiError> {
     let receipts = state.chat.receipts(&who, &id).await?;
     Ok(Json(serde_json::json!({ "receipts": receipts })).into_response())
@@ -342,6 +359,21 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Que
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
         match Query::<T>::from_request_parts(parts, state).await {
             Ok(Query(value)) => Ok(QueryParams(value)),
+            Err(e) => Err(ApiError::bad_request(e.body_text())),
+        }
+    }
+}
+
+/// A URL's path parameters, with decoding errors (a segment that is not UTF-8 once
+/// percent-decoded) answered as `bad_request`.
+pub struct PathParams<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for PathParams<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(value)) => Ok(PathParams(value)),
             Err(e) => Err(ApiError::bad_request(e.body_text())),
         }
     }
@@ -392,7 +424,7 @@ struct NewMembers {
 async fn add_members(
     State(state): State<Arc<AppState>>,
     Caller(who): Caller,
-    Path(id): Path<String>,
+    PathParams(id): PathParams<String>,
     JsonBody(request): JsonBody<NewMembers>,
 ) -> Result<Response, ApiError> {
     let added = state.chat.add_members(&who, &id, &request.users).await?;
@@ -402,7 +434,7 @@ async fn add_members(
 async fn remove_member(
     State(state): State<Arc<AppState>>,
     Caller(who): Caller,
-    Path((id, user)): Path<(String, String)>,
+    PathParams((id, user)): PathParams<(String, String)>,
 ) -> Result<Response, ApiError> {
     state.chat.remove_member(&who, &id, &user).await?;
     Ok(Json(serde_json::json!({ "conversation_id": id, "removed": user })).into_response())
@@ -443,7 +475,7 @@ async fn register_push(
 async fn unlink_device(
     State(state): State<Arc<AppState>>,
     Caller(who): Caller,
-    Path(device): Path<String>,
+    PathParams(device): PathParams<String>,
 ) -> Result<StatusCode, ApiError> {
     state.chat.unlink_device(&who.user, &device).await?;
     Ok(StatusCode::NO_CONTENT)

@@ -5,8 +5,8 @@
 //! ([`ClientAuth`]). A gateway node without the media role answers the same paths and
 //! methods ([`routes`]) by forwarding them to a media node ([`crate::media_proxy`]).
 
-use crate::http::{Authenticates, Caller, ClientAuth, QueryParams};
-use axum::extract::{DefaultBodyLimit, Path, State};
+use crate::http::{Authenticates, Caller, ClientAuth, PathParams, QueryParams};
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get, post};
@@ -75,7 +75,7 @@ struct SignedQuery {
 
 async fn download(
     State(api): State<Arc<MediaApi>>,
-    Path(id): Path<String>,
+    PathParams(id): PathParams<String>,
     QueryParams(signed): QueryParams<SignedQuery>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
@@ -92,7 +92,7 @@ async fn download(
 async fn signed_url(
     State(api): State<Arc<MediaApi>>,
     Caller(who): Caller,
-    Path(id): Path<String>,
+    PathParams(id): PathParams<String>,
 ) -> Result<Response, ApiError> {
     api.media.readable(&who.user, &id).await?;
     let url = api
