@@ -922,6 +922,21 @@ async fn errors_the_router_answers_have_the_protocols_body() {
     }
 }
 
+/// A JSON body past the API's limit (2 MiB) is `too_large` (413), as PROTOCOL.md's code for
+/// it says, not a malformed request: the client is to send less, not to fix its JSON.
+#[tokio::test]
+async fn a_json_body_past_the_limit_is_too_large() {
+    let (_dir, server) = server();
+    let members: Vec<String> = (0..200_000).map(|i| format!("user-{i}")).collect();
+    let group = serde_json::json!({ "name": "big", "members": members });
+    let (status, body) = server
+        .http("alice", "phone")
+        .post("/v1/groups", &group)
+        .await
+        .unwrap();
+    assert_eq!((status, body["code"].as_str()), (413, Some("too_large")));
+}
+
 /// The status of a WebSocket upgrade of `/v1/ws{query}` with `authorization` as its
 /// `Authorization` header, if any: 101 once the connection has had its `hello`.
 async fn upgrade_status(server: &Server, query: &str, authorization: Option<&str>) -> u16 {

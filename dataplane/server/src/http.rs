@@ -379,7 +379,8 @@ impl<T: serde::de::DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> 
     }
 }
 
-/// A JSON body, with decoding errors answered as `bad_request`.
+/// A JSON body, with decoding errors answered as `bad_request`, and a body past axum's limit
+/// (2 MiB) as `too_large`: the client is to send less, not to fix its JSON.
 pub struct JsonBody<T>(pub T);
 
 impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequest<S> for JsonBody<T> {
@@ -388,6 +389,9 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequest<
     async fn from_request(request: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
         match Json::<T>::from_request(request, state).await {
             Ok(Json(value)) => Ok(JsonBody(value)),
+            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                Err(ApiError::new(ErrorCode::TooLarge, e.body_text()))
+            }
             Err(e) => Err(ApiError::bad_request(e.body_text())),
         }
     }
