@@ -324,6 +324,51 @@ async fn a_member_who_left_and_came_back_never_reads_what_was_sent_while_away() 
     assert!(away.iter().all(|s| !listed.contains(s)));
 }
 
+/// `unread` in `GET /v1/conversations` of `user` for `conv`.
+async fn unread(server: &support::Server, user: &str, conv: &str) -> u64 {
+    let list = server.http(user, "phone").conversations().await.unwrap();
+    let row = list["conversations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["conversation_id"] == conv)
+        .unwrap_or_else(|| panic!("{conv} is not listed for {user}: {list}"))
+        .clone();
+    row["unread"].as_u64().unwrap()
+}
+
+/// `unread` counts the events above the user's read cursor that it may read: a member added to
+/// a group with a long history, or back after a time away, is not shown as unread what it will
+/// never be given.
+#[tokio::test]
+async fn the_unread_count_is_of_events_the_member_may_read() {
+    let (_dir, server) = start(&[]);
+    let admin = server.http("alice", "phone");
+    let conv = admin.create_group("g", &users(&["dave"])).await.unwrap();
+    let mut alice = connected(&server, "alice", "phone").await;
+    for i in 0..5 {
+        say(&mut alice, &conv, &format!("early-{i}")).await; // 2..=6
+    }
+    admin.add_members(&conv, &users(&["erin"])).await.unwrap(); // 7
+    say(&mut alice, &conv, "hello erin").await; // 8
+    assert_eq!(
+        unread(&server, "erin", &conv).await,
+        2,
+        "its join and one message"
+    );
+    assert_eq!(unread(&server, "dave", &conv).await, 8);
+
+    let mut dave = connected(&server, "dave", "phone").await;
+    dave.ack(&conv, 8, AckKind::Read).await.unwrap();
+    dave.ping().await.unwrap();
+    admin.remove_member(&conv, "dave").await.unwrap(); // 9
+    say(&mut alice, &conv, "away-1").await; // 10
+    say(&mut alice, &conv, "away-2").await; // 11
+    admin.add_members(&conv, &users(&["dave"])).await.unwrap(); // 12
+    // Its removal and its return, not the two messages of the time away.
+    assert_eq!(unread(&server, "dave", &conv).await, 2);
+}
+
 #[tokio::test]
 async fn a_user_added_and_removed_while_connected_reads_nothing_from_before_its_join() {
     let (_dir, server) = start(&[]);

@@ -493,7 +493,7 @@ impl Chat {
                 row.record.name
             };
             out.push(ConversationSummary {
-                unread: row.head.saturating_sub(row.read),
+                unread: self.unread(row.member.as_ref(), row.read, row.head),
                 head_seq: row.head,
                 conversation_id: conv.to_owned(),
                 kind: row.record.kind,
@@ -503,6 +503,19 @@ impl Chat {
             });
         }
         Ok(out)
+    }
+
+    /// The events after `read` through `head` that a member with `record` may read (retained
+    /// or cleared since): not those of its times away, nor those before its join beyond
+    /// `--history-on-join`, which it is never given.
+    fn unread(&self, record: Option<&MemberRecord>, read: u64, head: u64) -> u64 {
+        record.map_or(0, |record| {
+            record
+                .visibility(self.limits.history_on_join, 1)
+                .ranges(read, head)
+                .map(|(after, through)| through - after)
+                .sum()
+        })
     }
 
     /// Every current member's receipt cursors in `conv` (the caller's own among them), for a

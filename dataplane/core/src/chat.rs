@@ -48,7 +48,8 @@ pub struct ConversationSummary {
     pub head_seq: u64,
     pub delivered_seq: u64,
     pub read_seq: u64,
-    /// Events above the user's read cursor (`head_seq - read_seq`; the user's own included).
+    /// Events above the user's read cursor that it may read (its own included; not those of
+    /// its times away, nor those before its join).
     pub unread: u64,
 }
 

@@ -121,6 +121,8 @@ pub struct ConversationRow {
     /// The user's receipt cursors.
     pub delivered: u64,
     pub read: u64,
+    /// The user's membership record (none for a user who never belonged to it).
+    pub member: Option<MemberRecord>,
 }
 
 /// The users of `records` who are members now, in the records' order.
@@ -2397,8 +2399,8 @@ impl MessageStore {
     }
 
     /// For each of `convs`, what a list of `user`'s conversations shows of it: its record, its
-    /// head and the user's receipt cursors, with one read of every key (one call on a store
-    /// node, whatever the number of conversations).
+    /// head, the user's receipt cursors and membership record (what it may read of it), with
+    /// one read of every key (one call on a store node, whatever the number of conversations).
     pub async fn conversation_rows(
         &self,
         user: &str,
@@ -2412,6 +2414,7 @@ impl MessageStore {
                     self.keys.head(conv),
                     self.keys.receipt(conv, user, ReceiptKind::Delivered),
                     self.keys.receipt(conv, user, ReceiptKind::Read),
+                    self.keys.member(conv, user),
                 ]
             })
             .collect::<Vec<_>>();
@@ -2419,7 +2422,7 @@ impl MessageStore {
         let cursor = |value: &Option<Vec<u8>>| value.as_deref().map_or(0, decode_u64);
         convs
             .iter()
-            .zip(values.chunks(4))
+            .zip(values.chunks(5))
             .map(|(conv, values)| {
                 let record = match &values[0] {
                     Some(value) => ConversationRecord::decode(value.as_slice())
@@ -2431,6 +2434,7 @@ impl MessageStore {
                     head: cursor(&values[1]),
                     delivered: cursor(&values[2]),
                     read: cursor(&values[3]),
+                    member: self.decode_member(conv, user, &values[4])?,
                 })
             })
             .collect()
