@@ -514,6 +514,47 @@ async fn a_flood_from_one_user_is_limited_while_others_are_unaffected() {
     );
 }
 
+/// A group's name is shown to every member, whoever made it: control characters (a NUL, a line
+/// break that fakes another line, a terminal's escape sequence) are refused as `bad_request`
+/// with what is wrong; any other text of 1 to 128 characters is taken, whatever its script.
+#[tokio::test]
+async fn group_names_with_control_characters_are_refused() {
+    let (_dir, server) = start(&[]);
+    let alice = server.http("alice", "phone");
+    let create = |name: String| {
+        let alice = &alice;
+        async move {
+            let group = serde_json::json!({ "name": name, "members": ["bob"] });
+            alice.post("/v1/groups", &group).await.unwrap()
+        }
+    };
+    for name in [
+        "a\u{0}b",
+        "line\nbreak",
+        "\u{1b}[2Jcleared",
+        "tab\there",
+        "c1\u{85}",
+        "del\u{7f}",
+    ] {
+        let (status, body) = create(name.to_owned()).await;
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (400, Some("bad_request")),
+            "{name:?}"
+        );
+        assert!(
+            body["message"].as_str().unwrap().contains("control"),
+            "{body}"
+        );
+    }
+    for name in ["Ünïcödé 👋 группа".to_owned(), "字".repeat(128)] {
+        let (status, body) = create(name.clone()).await;
+        assert_eq!(status, 201, "{name:?}: {body}");
+    }
+    let (status, _) = create("字".repeat(129)).await;
+    assert_eq!(status, 400);
+}
+
 /// Sends `request` until it is refused (each accepted one passed to `accepted`), at most 200
 /// times; returns the refusal's status and body.
 async fn until_refused<F, Fut>(mut request: F) -> (u16, serde_json::Value)

@@ -92,6 +92,13 @@ impl Chat {
                 self.limits.max_group_name
             )));
         }
+        // Every member's client shows the name, whoever chose it: a line break or a terminal's
+        // escape sequence in it would act there, not be read.
+        if name.chars().any(char::is_control) {
+            return Err(ApiError::bad_request(
+                "name must have no control characters (line breaks, tabs, escapes)",
+            ));
+        }
         let mut all = vec![who.user.clone()];
         all.extend(
             self.checked_users(members)?
