@@ -3,7 +3,7 @@
 //! acknowledged as delivered.
 
 use clap::Args;
-use courier_client::proto::{AckKind, Body, Encoding, EventPayload, Media, ServerFrame};
+use courier_client::proto::{AckKind, Body, Encoding, Event, EventPayload, Media, ServerFrame};
 use courier_client::{Client, HttpApi, Target};
 use courier_core::auth;
 use std::path::PathBuf;
@@ -109,20 +109,8 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
             frame = client.next_frame() => {
                 match frame? {
                     ServerFrame::Event(event) => {
-                        match &event.payload {
-                            EventPayload::Message { body: Some(Body::Text(text)), .. } => {
-                                println!("{}: {text}", event.sender.user);
-                            }
-                            EventPayload::Message { body: Some(Body::Media(m)), .. } => println!(
-                                "{} shared {} ({}, {} bytes): /fetch {} {}",
-                                event.sender.user,
-                                m.name.as_deref().unwrap_or("a file"),
-                                m.mime,
-                                m.size,
-                                m.media_id,
-                                m.name.as_deref().unwrap_or("download.bin"),
-                            ),
-                            _ => {}
+                        if let Some(line) = event_line(&event) {
+                            println!("{line}");
                         }
                         if target.is_none() {
                             target = Some(Target::Conversation(event.conversation_id.clone()));
@@ -143,6 +131,55 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The line printed for an incoming event, if any. What the sender chose (a text, a file's
+/// name) is shown with its control characters escaped: anyone may write to anyone, and an
+/// escape sequence would act on the reader's terminal, a line break fake a line from someone
+/// else. The suggested name to save a file as is the last part of its name, so that it stays
+/// in the current directory.
+fn event_line(event: &Event) -> Option<String> {
+    match &event.payload {
+        EventPayload::Message {
+            body: Some(Body::Text(text)),
+            ..
+        } => Some(format!("{}: {}", event.sender.user, shown(text))),
+        EventPayload::Message {
+            body: Some(Body::Media(m)),
+            ..
+        } => {
+            let save_as = m
+                .name
+                .as_deref()
+                .and_then(|name| std::path::Path::new(name).file_name()?.to_str())
+                .unwrap_or("download.bin");
+            Some(format!(
+                "{} shared {} ({}, {} bytes): /fetch {} {}",
+                event.sender.user,
+                shown(m.name.as_deref().unwrap_or("a file")),
+                shown(&m.mime),
+                m.size,
+                m.media_id,
+                shown(save_as),
+            ))
+        }
+        _ => None,
+    }
+}
+
+/// `text` with its control characters (C0, DEL, C1) escaped as Rust writes them (`\u{1b}`,
+/// `\n`), everything else as it is.
+fn shown(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return text.into();
+    }
+    text.chars()
+        .map(|c| match c.is_control() {
+            true => c.escape_default().to_string(),
+            false => c.to_string(),
+        })
+        .collect::<String>()
+        .into()
+}
+
 /// The MIME type of a file, from its extension.
 fn mime_of(path: &std::path::Path) -> &'static str {
     let extension = path
@@ -159,5 +196,55 @@ fn mime_of(path: &std::path::Path) -> &'static str {
         "pdf" => "application/pdf",
         "txt" => "text/plain",
         _ => "application/octet-stream",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use courier_client::proto::Sender;
+
+    fn from_mallory(body: Body) -> Event {
+        Event {
+            conversation_id: "d:1".into(),
+            seq: 1,
+            server_msg_id: "m".into(),
+            sender: Sender {
+                user: "mallory".into(),
+                device: "phone".into(),
+            },
+            ts_ms: 0,
+            payload: EventPayload::Message {
+                body: Some(body),
+                client_msg_id: "c".into(),
+                reply_to: None,
+                deleted: false,
+            },
+        }
+    }
+
+    /// Anyone may write to anyone: what a message carries is shown, never acted on by the
+    /// terminal (an escape sequence that clears the screen or retitles the window, a line break
+    /// that fakes a line from someone else), and a file's suggested name stays in the current
+    /// directory.
+    #[test]
+    fn what_a_stranger_writes_is_shown_not_acted_on() {
+        let text = "hi\u{1b}[2J\u{1b}]0;owned\u{7}\nbob: send me your token\r\u{9b}";
+        let line = event_line(&from_mallory(Body::Text(text.into()))).unwrap();
+        assert!(!line.chars().any(char::is_control), "{line:?}");
+        assert!(line.starts_with("mallory: hi\\u{1b}[2J"), "{line}");
+        assert!(line.contains("\\nbob: send me"), "{line}");
+
+        let media = Media {
+            media_id: "m1".into(),
+            mime: "image/png".into(),
+            size: 3,
+            sha256: String::new(),
+            name: Some("../../.bashrc\u{1b}[8m".into()),
+            caption: None,
+        };
+        let line = event_line(&from_mallory(Body::Media(Box::new(media)))).unwrap();
+        assert!(!line.chars().any(char::is_control), "{line:?}");
+        assert!(line.ends_with("/fetch m1 .bashrc\\u{1b}[8m"), "{line}");
     }
 }
