@@ -111,9 +111,10 @@ impl Chat {
                 self.limits.max_group_members
             )));
         }
-        self.check_group_quota(&all).await?;
+        // Before the quota's reads (one per user): a refused request costs nothing more.
         self.check_rate(who)?;
         self.check_backpressure()?;
+        self.check_group_quota(&all).await?;
         let conv = format!("g:{}", hex::encode(rand::random::<[u8; 16]>()));
         let payload = EventPayload::GroupCreated {
             name: name.to_owned(),
@@ -150,6 +151,8 @@ impl Chat {
     ) -> Result<Vec<String>, ApiError> {
         self.check_admin(who, conv).await?;
         let users = self.checked_users(users)?;
+        // Before the members' and the quota's reads: a refused request costs nothing more.
+        self.check_rate(who)?;
         let current = self.store.members(conv).await?;
         let new: Vec<String> = users.into_iter().filter(|u| !current.contains(u)).collect();
         if current.len() + new.len() > self.limits.max_group_members {
@@ -161,9 +164,8 @@ impl Chat {
         if new.is_empty() {
             return Ok(new);
         }
-        self.check_group_quota(&new).await?;
-        self.check_rate(who)?;
         self.check_backpressure()?;
+        self.check_group_quota(&new).await?;
         let payload = EventPayload::MemberAdded(MembershipChange::new(new));
         let outcome = match self.membership_append(who, conv, payload).await {
             Err(SequencerError::Refused(AppendRefused::NoChange)) => return Ok(Vec::new()),
