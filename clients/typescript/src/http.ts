@@ -178,12 +178,19 @@ export class HttpApi {
 async function errorOf(method: string, path: string, response: Response): Promise<CourierError> {
   const text = await response.text();
   try {
-    const body = JSON.parse(text) as { code?: ErrorCode; message?: string };
-    if (body.code) return new CourierError(body.code, body.message ?? "", { status: response.status });
+    const body = JSON.parse(text) as { code?: ErrorCode; message?: string; retry_after_ms?: number };
+    const retryAfterMs = body.retry_after_ms ?? retryAfterHeaderMs(response.headers.get("retry-after"));
+    if (body.code) return new CourierError(body.code, body.message ?? "", { status: response.status, retryAfterMs });
   } catch {
     // Not a protocol error body: reported with the status below.
   }
   return new CourierError("http", `${method} ${path}: HTTP ${response.status}`, { status: response.status });
+}
+
+/** A `Retry-After` of whole seconds in milliseconds (an HTTP date, or none, is no hint). */
+function retryAfterHeaderMs(header: string | null): number | undefined {
+  if (header === null || !/^\d+$/.test(header.trim())) return undefined;
+  return Number(header.trim()) * 1000;
 }
 
 function checkConversation(id: string): void {
