@@ -1488,3 +1488,35 @@ async fn an_ack_written_before_a_drain_is_not_lost() {
         again.len()
     );
 }
+
+/// A reply names a message of its conversation: a `reply_to` past the conversation's head is
+/// refused (it was stored and delivered to every member as a reply to nothing).
+#[tokio::test]
+async fn a_reply_to_a_message_not_yet_in_the_conversation_is_refused() {
+    let (_dir, server) = server();
+    let mut alice = server.connect("alice", "phone").await;
+    expect_sync_done(&mut alice).await;
+    let send = |i: i64, reply_to: Option<u64>| {
+        ClientFrame::Send(Send {
+            reference: Some(i),
+            client_msg_id: format!("m{i}"),
+            conversation_id: None,
+            to_user: Some("bob".into()),
+            body: Body::Text(format!("hi {i}")),
+            reply_to,
+        })
+    };
+    let mut answer = async |frame: ClientFrame| {
+        alice.send_frame(&frame).await.unwrap();
+        match alice.next_frame_within(WAIT).await.unwrap() {
+            ServerFrame::Sent(sent) => Ok(sent.seq),
+            ServerFrame::Error(e) => Err(e.code),
+            other => panic!("expected an answer, got {other:?}"),
+        }
+    };
+    assert_eq!(answer(send(1, Some(1))).await, Err(ErrorCode::BadRequest));
+    assert_eq!(answer(send(2, None)).await, Ok(1));
+    assert_eq!(answer(send(3, Some(1))).await, Ok(2));
+    assert_eq!(answer(send(4, Some(3))).await, Err(ErrorCode::BadRequest));
+    assert_eq!(answer(send(5, Some(2))).await, Ok(3));
+}

@@ -299,6 +299,15 @@ impl Chat {
                 None => Err(refused),
             };
         }
+        // A reply names a message before it: heads only grow, so a seq past the head now is
+        // past it when the reply is sequenced too. One read, for replies only.
+        if let Some(reply_to) = send.reply_to
+            && reply_to > self.store.head(&conversation_id).await?
+        {
+            return Err(ApiError::bad_request(format!(
+                "reply_to: the conversation has no message {reply_to}"
+            )));
+        }
         let pending = self.submit(admitted, Append { create, ..message });
         Ok((conversation_id, pending))
     }
