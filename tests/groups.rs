@@ -1063,3 +1063,21 @@ async fn a_removed_member_gets_no_typing_or_receipts_once_its_removal_is_answere
         }
     }
 }
+
+/// A delete for everyone is an event every member gets, as a message is: it draws on the
+/// user's send rate (each device could delete each message again, a new event each time).
+#[tokio::test]
+async fn deletes_draw_on_the_users_send_rate() {
+    let (_dir, server) = start(&["--user-sends-per-sec", "1", "--user-sends-burst", "3"]);
+    let mut phone = connected(&server, "alice", "phone").await;
+    let mut laptop = connected(&server, "alice", "laptop").await;
+    let bob = Target::User("bob".into());
+    let sent = phone.send_text(bob, "m1", "hi").await.unwrap();
+    let conv = sent.conversation_id.clone();
+    phone.delete(&conv, sent.seq).await.unwrap();
+    laptop.delete(&conv, sent.seq).await.unwrap();
+    assert_eq!(
+        server_error(phone.delete(&conv, sent.seq).await),
+        ErrorCode::RateLimited
+    );
+}

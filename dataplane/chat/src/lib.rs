@@ -647,6 +647,10 @@ impl Chat {
         delete: &courier_proto::Delete,
     ) -> Result<(String, PendingAppend), ApiError> {
         let conv = &delete.conversation_id;
+        // A delete is an event every member gets, as a message is: it draws on the user's
+        // send rate and waits out delivery's backpressure like one.
+        self.count_limited("user", self.user_sends.check(&who.user))?;
+        self.check_backpressure()?;
         self.check_member(conv, &who.user).await?;
         let readable = self.readable(conv, &who.user).await?;
         if !readable.visibility().contains(delete.seq) {
