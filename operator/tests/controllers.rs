@@ -459,6 +459,106 @@ async fn a_foundationdb_cluster_applies_its_pools_and_a_workload_per_role() {
     .await;
 }
 
+/// The push notifier's Deployment as the API server has it: `replicas` pods, owned by the
+/// cluster `prod` (`uid-prod`).
+fn push_deployment(replicas: i32) -> Value {
+    json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {
+            "name": "prod-push", "namespace": NS,
+            "ownerReferences": [{
+                "apiVersion": "courier.dev/v1alpha1", "kind": "CourierCluster",
+                "name": "prod", "uid": "uid-prod", "controller": true
+            }]
+        },
+        "spec": { "replicas": replicas, "selector": {}, "template": {} }
+    })
+}
+
+/// The requests of a FoundationDB cluster's reconciliation up to its push notifier.
+fn cluster_applies_before_push() -> Vec<Expect> {
+    let paths = [
+        "/apis/courier.dev/v1alpha1/namespaces/chat/gatewaypools/prod-gateways",
+        "/apis/courier.dev/v1alpha1/namespaces/chat/sequencershardsets/prod-sequencers",
+        "/apis/apps/v1/namespaces/chat/deployments/prod-chat",
+        "/apis/apps/v1/namespaces/chat/deployments/prod-media",
+        "/api/v1/namespaces/chat/services/prod-media",
+        "/apis/apps/v1/namespaces/chat/deployments/prod-fanout",
+    ];
+    paths
+        .into_iter()
+        .map(|path| expect(APPLY, path, |_| {}))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_push_notifier_left_without_push_providers_is_scaled_to_zero() {
+    let data_plane = Arc::new(FakeDataPlane::default());
+    let mut without_push = cluster(false);
+    without_push.spec.push_secret = None;
+    let mut expected = cluster_applies_before_push();
+    expected.extend([
+        // pushSecret was removed: the notifier it ran must not go on with the old Secret.
+        expect(
+            Method::GET,
+            "/apis/apps/v1/namespaces/chat/deployments/prod-push",
+            |_| {},
+        )
+        .answer(push_deployment(1)),
+        expect(
+            APPLY,
+            "/apis/apps/v1/namespaces/chat/deployments/prod-push",
+            |body| {
+                assert_eq!(body["spec"]["replicas"], 0);
+                let pod = body["spec"]["template"].to_string();
+                assert!(!pod.contains("courier-push"), "no push Secret: {pod}");
+            },
+        ),
+        expect(
+            APPLY,
+            "/apis/courier.dev/v1alpha1/namespaces/chat/courierclusters/prod/status",
+            |_| {},
+        )
+        .answer(serde_json::to_value(&without_push).unwrap()),
+    ]);
+    let reconciled_cluster = without_push.clone();
+    reconciled(expected, data_plane.clone(), async move |ctx| {
+        cluster::reconcile(Arc::new(reconciled_cluster), ctx)
+            .await
+            .unwrap();
+    })
+    .await;
+
+    // Never had one, or already stopped: nothing is applied.
+    for found in [None, Some(push_deployment(0))] {
+        let mut expected = cluster_applies_before_push();
+        let get = expect(
+            Method::GET,
+            "/apis/apps/v1/namespaces/chat/deployments/prod-push",
+            |_| {},
+        );
+        expected.push(match found {
+            Some(deployment) => get.answer(deployment),
+            None => get.not_found(),
+        });
+        expected.push(
+            expect(
+                APPLY,
+                "/apis/courier.dev/v1alpha1/namespaces/chat/courierclusters/prod/status",
+                |_| {},
+            )
+            .answer(serde_json::to_value(&without_push).unwrap()),
+        );
+        let reconciled_cluster = without_push.clone();
+        reconciled(expected, data_plane.clone(), async move |ctx| {
+            cluster::reconcile(Arc::new(reconciled_cluster), ctx)
+                .await
+                .unwrap();
+        })
+        .await;
+    }
+}
+
 /// `cluster(false)` on two storage partitions: shards 0-31 and 32-63.
 fn partitioned() -> CourierCluster {
     let mut cluster = cluster(false);

@@ -2,7 +2,8 @@
 //! StatefulSet and its Service; a FoundationDB cluster becomes a `GatewayPool` and a
 //! `SequencerShardSet` (whose own controllers render their pods), the chat Deployment, the
 //! media Deployment and its Service, the fanout Deployment and, with push providers, the push
-//! notifier's; with storage partitions, first the ConfigMap of their table. The status says
+//! notifier's (without them, a notifier left from earlier is scaled to zero); with storage
+//! partitions, first the ConfigMap of their table. The status says
 //! which, and is Ready when what it owns is.
 //!
 //! A FoundationDB storage the data plane would refuse (a partition table with a gap, an
@@ -16,13 +17,14 @@ use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::Action;
+use kube::{Api, ResourceExt};
 
 use super::{Context, Error, apply, apply_status, counted, reported, retry_after_error, timestamp};
 use crate::crd::{
     ConditionType, Conditions, CourierCluster, CourierClusterStatus, GatewayPool, SequencerShardSet,
 };
 use crate::render::partitions::{self, StorageError};
-use crate::render::{backends, delivery, embedded, pools};
+use crate::render::{backends, delivery, embedded, name_and_namespace, pools};
 
 const CONTROLLER: &str = "cluster";
 
@@ -70,8 +72,11 @@ async fn run(cluster: &CourierCluster, ctx: &Context) -> Result<Action, Error> {
             None => None,
         };
         let fanout: Deployment = apply(&ctx.client, &delivery::fanout(cluster)?).await?;
-        if let Some(push) = delivery::push(cluster)? {
-            apply(&ctx.client, &push).await?;
+        match delivery::push(cluster)? {
+            Some(push) => {
+                apply(&ctx.client, &push).await?;
+            }
+            None => stop_push(ctx, cluster).await?,
         }
         let gateways_ready = is_ready(gateways.status.as_ref().map(|s| &s.conditions[..]));
         let sequencers_ready = is_ready(sequencers.status.as_ref().map(|s| &s.conditions[..]));
@@ -93,6 +98,30 @@ async fn run(cluster: &CourierCluster, ctx: &Context) -> Result<Action, Error> {
     let status = status(cluster, ready, now);
     apply_status(&ctx.client, cluster, &status).await?;
     Ok(Action::requeue(Duration::from_secs(300)))
+}
+
+/// Scales the push notifier a removed `pushSecret` leaves behind to zero pods (the operator
+/// deletes nothing): left running, it would go on sending with the old Secret and image. A
+/// cluster that never had one gets none; a Deployment of that name this cluster does not own
+/// is left alone.
+async fn stop_push(ctx: &Context, cluster: &CourierCluster) -> Result<(), Error> {
+    let (name, namespace) = name_and_namespace(cluster)?;
+    let found = Api::<Deployment>::namespaced(ctx.client.clone(), &namespace)
+        .get_opt(&delivery::push_name(&name))
+        .await?;
+    let uid = cluster.metadata.uid.as_deref();
+    let running = found.filter(|push| {
+        let owned = push
+            .owner_references()
+            .iter()
+            .any(|owner| Some(owner.uid.as_str()) == uid);
+        let replicas = push.spec.as_ref().and_then(|s| s.replicas);
+        owned && replicas != Some(0)
+    });
+    if running.is_some() {
+        apply(&ctx.client, &delivery::push_stopped(cluster)?).await?;
+    }
+    Ok(())
 }
 
 /// Counts the failure and retries later.

@@ -5,7 +5,9 @@
 //! - `<cluster>-push` (with `pushSecret` only): the push notifier (`courier node --roles
 //!   push`), the only pod with the push Secret; it registers the providers it has, and the
 //!   gateways accept device registrations for those. One pod, replaced old-first (the data
-//!   plane lets one push node at a time lead the notifier).
+//!   plane lets one push node at a time lead the notifier). Once `pushSecret` is removed, the
+//!   Deployment is kept at zero pods ([`push_stopped`]): the operator deletes nothing, and a
+//!   notifier left running would go on sending with the old Secret and the old image.
 
 use k8s_openapi::api::apps::v1::Deployment;
 
@@ -54,6 +56,19 @@ pub fn push(cluster: &CourierCluster) -> Result<Option<Deployment>, RenderError>
     if cluster.spec.push_secret.is_none() {
         return Ok(None);
     }
+    push_deployment(cluster, 1).map(Some)
+}
+
+/// The push notifier's Deployment of `cluster` at zero pods: what is left of it once
+/// `pushSecret` is gone (the pod template no longer names the Secret).
+pub fn push_stopped(cluster: &CourierCluster) -> Result<Deployment, RenderError> {
+    let mut cluster = cluster.clone();
+    cluster.spec.push_secret = None;
+    push_deployment(&cluster, 0)
+}
+
+/// The push notifier's Deployment of `cluster` with `replicas` pods (one at most).
+fn push_deployment(cluster: &CourierCluster, replicas: i32) -> Result<Deployment, RenderError> {
     let (name, namespace) = name_and_namespace(cluster)?;
     let template = pod::template(
         cluster,
@@ -69,14 +84,14 @@ pub fn push(cluster: &CourierCluster) -> Result<Option<Deployment>, RenderError>
         Component::Push,
         owner_reference(cluster)?,
     );
-    Ok(Some(deployment(
+    Ok(deployment(
         meta,
         &name,
         Component::Push,
-        1,
+        replicas,
         template,
         Rollout::Recreate,
-    )))
+    ))
 }
 
 #[cfg(test)]
@@ -98,6 +113,17 @@ mod tests {
         assert_eq!(args(&push)[2..5], ["node", "--roles", PUSH_ROLES]);
         let labels = spec.selector.match_labels.as_ref().unwrap();
         assert_eq!(labels["app.kubernetes.io/component"], "push");
+    }
+
+    #[test]
+    fn a_stopped_push_notifier_has_no_pod_and_names_no_push_secret() {
+        let stopped = push_stopped(&cluster(Some("push"))).unwrap();
+        assert_eq!(stopped.metadata.name.as_deref(), Some("prod-push"));
+        let spec = stopped.spec.as_ref().unwrap();
+        assert_eq!(spec.replicas, Some(0));
+        let pod = spec.template.spec.as_ref().unwrap();
+        assert!(pod.containers[0].env_from.is_none(), "no push variables");
+        assert!(pod.volumes.iter().flatten().all(|v| v.name != "push"));
     }
 
     #[test]
