@@ -65,9 +65,12 @@ pub struct ConnectionSample {
 }
 
 impl ConnectionSample {
-    /// The connections of the pods that answered.
+    /// The connections of the pods that answered (at most `u64::MAX`: a sum past it asks for
+    /// the most pods, as it is, rather than wrapping round to a few).
     pub fn total(&self) -> u64 {
-        self.read.values().sum()
+        self.read
+            .values()
+            .fold(0, |total, n| total.saturating_add(*n))
     }
 }
 
@@ -296,6 +299,15 @@ mod tests {
         busy.unread = partial.unread.clone();
         let grown = autoscaler.decide(&policy, 3, &busy, now + 630 * SECOND);
         assert_eq!((grown.replicas, grown.reason), (6, ScaleReason::Up));
+    }
+
+    #[test]
+    fn connections_past_what_a_u64_holds_ask_for_the_most_pods() {
+        let policy = ScalePolicy::new(2, 5, 1000);
+        let mut autoscaler = GatewayAutoscaler::new();
+        let sample = pods(&[u64::MAX, u64::MAX]);
+        assert_eq!(sample.total(), u64::MAX);
+        assert_eq!(autoscaler.decide(&policy, 2, &sample, 0).replicas, 5);
     }
 
     #[test]

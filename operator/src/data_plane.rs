@@ -54,11 +54,15 @@ impl DataPlane for NetworkDataPlane {
     }
 }
 
-/// The connection gauge's value in a `/metrics` text.
+/// The connection gauge's value in a `/metrics` text, if it is a count: a value that is not
+/// a whole number from 0 to 2^64 (NaN, infinite, negative, fractional) says nothing of what
+/// the pod holds, and is not read as 0 (the pool would shrink on it) nor as 2^64.
 pub fn connections_in(metrics: &str) -> Option<u64> {
     metrics.lines().find_map(|line| {
         let value = line.strip_prefix(CONNECTIONS_METRIC)?.strip_prefix(' ')?;
-        value.trim().parse::<f64>().ok().map(|v| v.max(0.0) as u64)
+        let value = value.trim().parse::<f64>().ok()?;
+        let count = (0.0..u64::MAX as f64).contains(&value) && value.fract() == 0.0;
+        count.then_some(value as u64)
     })
 }
 
@@ -73,5 +77,19 @@ mod tests {
                     courier_gateway_connections 1234\n";
         assert_eq!(connections_in(text), Some(1234));
         assert_eq!(connections_in("courier_other 1\n"), None);
+    }
+
+    /// A gauge that is no count of connections says nothing of what the pod holds: the pod is
+    /// unread (the pool does not shrink on it), not a pod of zero or of 2^64 connections.
+    #[test]
+    fn a_gauge_that_is_no_count_is_not_read() {
+        for garbage in ["NaN", "+Inf", "-Inf", "-3", "1e300", "12.5"] {
+            let text = format!("courier_gateway_connections {garbage}\n");
+            assert_eq!(connections_in(&text), None, "{garbage}");
+        }
+        assert_eq!(
+            connections_in("courier_gateway_connections 3e3\n"),
+            Some(3000)
+        );
     }
 }
