@@ -27,7 +27,10 @@ use serde::{Deserialize, Serialize};
     printcolumn = r#"{"name": "Storage", "type": "string", "jsonPath": ".status.storage"}"#,
     printcolumn = r#"{"name": "Shards", "type": "integer", "jsonPath": ".spec.shards"}"#,
     printcolumn = r#"{"name": "Ready", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Ready\")].status"}"#,
-    printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
+    printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#,
+    // `render::sequencers::MAX_STATEFUL_SET_NAME`: the embedded StatefulSet takes the
+    // cluster's name, a FoundationDB cluster's shard set `<cluster>-sequencers`.
+    validation = Rule::new("size(self.metadata.name) <= (has(self.spec.storage.embedded) ? 52 : 41)").message("metadata.name is too long: at most 41 characters (52 with storage.embedded), or Kubernetes creates no pod of the cluster's StatefulSet (its pods' controller-revision-hash label would pass 63 characters)")
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("has(self.storage.embedded) || has(self.media)").message("a FoundationDB cluster runs several pods that must share media: set media.s3"))]

@@ -127,6 +127,46 @@ mod tests {
         );
     }
 
+    /// The CEL rules on the whole object (where `self.metadata.name` may be read).
+    fn root_rules(crd: &CustomResourceDefinition) -> serde_json::Value {
+        let crd = serde_json::to_value(crd).unwrap();
+        crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["x-kubernetes-validations"].clone()
+    }
+
+    /// A name past these would be taken, and render a StatefulSet whose pods Kubernetes
+    /// never creates (their `controller-revision-hash` label, the StatefulSet's name and a
+    /// hash of up to 10 characters, would pass 63 characters: kubernetes/kubernetes#64023).
+    #[test]
+    fn names_that_would_make_statefulsets_of_no_pod_are_refused_with_a_message_that_says_why() {
+        use crate::render::pools::shard_set_name;
+        use crate::render::sequencers::MAX_STATEFUL_SET_NAME;
+        assert_eq!(MAX_STATEFUL_SET_NAME + "-".len() + 10, 63);
+        let longest_cluster = "c".repeat(41);
+        assert_eq!(
+            shard_set_name(&longest_cluster).len(),
+            MAX_STATEFUL_SET_NAME,
+            "a FoundationDB cluster's shard set"
+        );
+        let clusters = root_rules(&CourierCluster::crd());
+        assert_eq!(
+            clusters[0]["rule"],
+            "size(self.metadata.name) <= (has(self.spec.storage.embedded) ? 52 : 41)",
+            "{clusters}"
+        );
+        assert!(
+            clusters[0]["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("metadata.name is too long"),
+            "{clusters}"
+        );
+        let shard_sets = root_rules(&SequencerShardSet::crd());
+        assert_eq!(
+            shard_sets[0]["rule"], "size(self.metadata.name) <= 52",
+            "{shard_sets}"
+        );
+    }
+
     #[test]
     fn the_embedded_volume_is_immutable_with_a_message_that_says_why() {
         let crd = serde_json::to_value(CourierCluster::crd()).unwrap();

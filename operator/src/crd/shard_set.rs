@@ -24,7 +24,9 @@ use serde::{Deserialize, Serialize};
     printcolumn = r#"{"name": "Replicas", "type": "integer", "jsonPath": ".spec.replicas"}"#,
     printcolumn = r#"{"name": "Mode", "type": "string", "jsonPath": ".spec.rebalance.mode"}"#,
     printcolumn = r#"{"name": "Max/Mean", "type": "number", "jsonPath": ".status.maxOverMean"}"#,
-    printcolumn = r#"{"name": "Rebalancing", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Rebalancing\")].status"}"#
+    printcolumn = r#"{"name": "Rebalancing", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Rebalancing\")].status"}"#,
+    // `render::sequencers::MAX_STATEFUL_SET_NAME`: the StatefulSet takes the set's name.
+    validation = Rule::new("size(self.metadata.name) <= 52").message("metadata.name is too long: at most 52 characters, or Kubernetes creates no pod of the set's StatefulSet (its pods' controller-revision-hash label would pass 63 characters)")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct SequencerShardSetSpec {

@@ -33,6 +33,12 @@ pub struct SequencerChildren {
     pub disruption_budget: PodDisruptionBudget,
 }
 
+/// The longest name of a StatefulSet whose pods Kubernetes creates: each pod's label
+/// `controller-revision-hash` is the StatefulSet's name, `-` and a hash of up to 10 characters,
+/// at most 63 characters in all (kubernetes/kubernetes#64023). The CRDs refuse longer names of
+/// shard sets, and of clusters (`<cluster>-sequencers`, or an embedded cluster's own).
+pub const MAX_STATEFUL_SET_NAME: usize = 52;
+
 /// The name of pod `ordinal` of shard set `set`: also its node id in the data plane.
 pub fn pod_name(set: &str, ordinal: i32) -> String {
     format!("{set}-{ordinal}")
