@@ -380,6 +380,7 @@ async fn a_foundationdb_cluster_applies_its_pools_and_a_workload_per_role() {
                 }
             },
         ),
+        budget("chat"),
         expect(
             APPLY,
             "/apis/apps/v1/namespaces/chat/deployments/prod-media",
@@ -417,6 +418,7 @@ async fn a_foundationdb_cluster_applies_its_pools_and_a_workload_per_role() {
                 assert_eq!(body["spec"]["ports"][0]["port"], 8080);
             },
         ),
+        budget("media"),
         expect(
             APPLY,
             "/apis/apps/v1/namespaces/chat/deployments/prod-fanout",
@@ -430,6 +432,7 @@ async fn a_foundationdb_cluster_applies_its_pools_and_a_workload_per_role() {
                 );
             },
         ),
+        budget("fanout"),
         expect(
             APPLY,
             "/apis/apps/v1/namespaces/chat/deployments/prod-push",
@@ -459,6 +462,22 @@ async fn a_foundationdb_cluster_applies_its_pools_and_a_workload_per_role() {
     .await;
 }
 
+/// The PodDisruptionBudget of `prod`'s stateless `component` pods: one down at a time (a node
+/// drain evicting all of them at once would stop that role until they came back).
+fn budget(component: &'static str) -> Expect {
+    expect(
+        APPLY,
+        &format!("/apis/policy/v1/namespaces/chat/poddisruptionbudgets/prod-{component}"),
+        move |body| {
+            assert_eq!(body["spec"]["maxUnavailable"], 1);
+            let labels = &body["spec"]["selector"]["matchLabels"];
+            assert_eq!(labels["app.kubernetes.io/component"], component);
+            assert_eq!(labels["app.kubernetes.io/instance"], "prod");
+            assert_eq!(body["metadata"]["ownerReferences"][0]["uid"], "uid-prod");
+        },
+    )
+}
+
 /// The push notifier's Deployment as the API server has it: `replicas` pods, owned by the
 /// cluster `prod` (`uid-prod`).
 fn push_deployment(replicas: i32) -> Value {
@@ -481,9 +500,12 @@ fn cluster_applies_before_push() -> Vec<Expect> {
         "/apis/courier.dev/v1alpha1/namespaces/chat/gatewaypools/prod-gateways",
         "/apis/courier.dev/v1alpha1/namespaces/chat/sequencershardsets/prod-sequencers",
         "/apis/apps/v1/namespaces/chat/deployments/prod-chat",
+        "/apis/policy/v1/namespaces/chat/poddisruptionbudgets/prod-chat",
         "/apis/apps/v1/namespaces/chat/deployments/prod-media",
         "/api/v1/namespaces/chat/services/prod-media",
+        "/apis/policy/v1/namespaces/chat/poddisruptionbudgets/prod-media",
         "/apis/apps/v1/namespaces/chat/deployments/prod-fanout",
+        "/apis/policy/v1/namespaces/chat/poddisruptionbudgets/prod-fanout",
     ];
     paths
         .into_iter()
@@ -644,9 +666,12 @@ async fn a_partitioned_cluster_applies_its_table_before_the_pods_that_mount_it()
             |_| {},
         ),
         deployment("prod-chat"),
+        budget("chat"),
         deployment("prod-media"),
         expect(APPLY, "/api/v1/namespaces/chat/services/prod-media", |_| {}),
+        budget("media"),
         deployment("prod-fanout"),
+        budget("fanout"),
         deployment("prod-push"),
         expect(
             APPLY,

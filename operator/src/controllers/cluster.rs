@@ -1,10 +1,11 @@
 //! The `CourierCluster` controller: an embedded cluster becomes one `courier serve`
 //! StatefulSet and its Service; a FoundationDB cluster becomes a `GatewayPool` and a
 //! `SequencerShardSet` (whose own controllers render their pods), the chat Deployment, the
-//! media Deployment and its Service, the fanout Deployment and, with push providers, the push
-//! notifier's (without them, a notifier left from earlier is scaled to zero); with storage
-//! partitions, first the ConfigMap of their table. The status says
-//! which, and is Ready when what it owns is.
+//! media Deployment and its Service, the fanout Deployment (each of these three with a
+//! PodDisruptionBudget of one pod down) and, with push providers, the push notifier's
+//! (without them, a notifier left from earlier is scaled to zero); with storage partitions,
+//! first the ConfigMap of their table. The status says which, and is Ready when what it owns
+//! is.
 //!
 //! A FoundationDB storage the data plane would refuse (a partition table with a gap, an
 //! overlap, a range beyond the shards) is not rendered: the status says what is wrong
@@ -24,7 +25,8 @@ use crate::crd::{
     ConditionType, Conditions, CourierCluster, CourierClusterStatus, GatewayPool, SequencerShardSet,
 };
 use crate::render::partitions::{self, StorageError};
-use crate::render::{backends, delivery, embedded, name_and_namespace, pools};
+use crate::render::pod::Component;
+use crate::render::{backends, delivery, embedded, name_and_namespace, pools, stateless_budget};
 
 const CONTROLLER: &str = "cluster";
 
@@ -62,16 +64,23 @@ async fn run(cluster: &CourierCluster, ctx: &Context) -> Result<Action, Error> {
         let pools = pools::build(cluster)?;
         let gateways: GatewayPool = apply(&ctx.client, &pools.gateways).await?;
         let sequencers: SequencerShardSet = apply(&ctx.client, &pools.sequencers).await?;
+        let (name, _) = name_and_namespace(cluster)?;
         let chat: Deployment = apply(&ctx.client, &backends::chat(cluster)?).await?;
+        let chat_name = backends::chat_name(&name);
+        apply_budget(ctx, cluster, Component::Chat, &chat_name).await?;
         let media = match backends::media(cluster)? {
             Some((deployment, service)) => {
                 let deployment: Deployment = apply(&ctx.client, &deployment).await?;
                 apply(&ctx.client, &service).await?;
+                let media_name = backends::media_name(&name);
+                apply_budget(ctx, cluster, Component::Media, &media_name).await?;
                 Some(deployment)
             }
             None => None,
         };
         let fanout: Deployment = apply(&ctx.client, &delivery::fanout(cluster)?).await?;
+        let fanout_name = delivery::fanout_name(&name);
+        apply_budget(ctx, cluster, Component::Fanout, &fanout_name).await?;
         match delivery::push(cluster)? {
             Some(push) => {
                 apply(&ctx.client, &push).await?;
@@ -98,6 +107,18 @@ async fn run(cluster: &CourierCluster, ctx: &Context) -> Result<Action, Error> {
     let status = status(cluster, ready, now);
     apply_status(&ctx.client, cluster, &status).await?;
     Ok(Action::requeue(Duration::from_secs(300)))
+}
+
+/// Applies the PodDisruptionBudget of the stateless `component` pods of the Deployment `name`.
+async fn apply_budget(
+    ctx: &Context,
+    cluster: &CourierCluster,
+    component: Component,
+    name: &str,
+) -> Result<(), Error> {
+    let budget = stateless_budget(cluster, component, name)?;
+    apply(&ctx.client, &budget).await?;
+    Ok(())
 }
 
 /// Scales the push notifier a removed `pushSecret` leaves behind to zero pods (the operator

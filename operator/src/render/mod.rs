@@ -8,6 +8,7 @@
 //! - [`sequencers`]: a shard set's StatefulSet (`OnDelete`), headless Service and PDB;
 //! - [`backends`]: a FoundationDB cluster's chat Deployment, media Deployment and Service;
 //! - [`delivery`]: a FoundationDB cluster's fanout Deployment and push notifier;
+//! - [`stateless_budget`]: the PodDisruptionBudget of the chat, media and fanout pods;
 //! - [`partitions`]: a FoundationDB cluster's storage, checked, and its partition table's
 //!   ConfigMap.
 
@@ -268,6 +269,31 @@ pub fn stateless_deployment(
         settings.replicas,
         template,
         Rollout::Surge,
+    ))
+}
+
+/// The PodDisruptionBudget of `cluster`'s stateless `component` pods (the Deployment `name`):
+/// one pod down at a time, so that a node drain (a cluster upgrade, the cluster autoscaler)
+/// never evicts every pod of a role at once and stops it until new ones are ready. A role of
+/// one pod may still be evicted: the budget slows drains, it never blocks them.
+pub fn stateless_budget(
+    cluster: &CourierCluster,
+    component: Component,
+    name: &str,
+) -> Result<PodDisruptionBudget, RenderError> {
+    let (cluster_name, namespace) = name_and_namespace(cluster)?;
+    let meta = child_meta(
+        name,
+        &namespace,
+        &cluster_name,
+        component,
+        owner_reference(cluster)?,
+    );
+    Ok(disruption_budget(
+        meta,
+        &cluster_name,
+        component,
+        IntOrString::Int(1),
     ))
 }
 
