@@ -117,7 +117,7 @@ async fn run(set: &SequencerShardSet, ctx: &Context) -> Result<Action, Error> {
         .unwrap_or(0);
     let wanted = set.spec.sequencers.replicas;
     let policy = &set.spec.sequencers.rebalance;
-    let sample_ms = sample_interval(ctx, set, policy.sample_seconds).as_millis() as u64;
+    let sample_ms = millis(sample_interval(ctx, set, policy.sample_seconds));
     if let Some(wait_ms) = sample_wait(ctx, set, now_ms, sample_ms) {
         // Woken between samples (a watch event): keep the workloads applied (never shrinking
         // them blind), and sample when the next one is due, so that the trends count samples,
@@ -244,7 +244,7 @@ async fn move_shards(
         rebalance.as_ref().and_then(proposal::Request::of) == Some(proposal::Request::Refresh);
     let planning = paused.is_none() && (now_ms >= state.next_plan_ms || urgent || refresh);
     let planned = if planning {
-        state.next_plan_ms = now_ms + jittered(policy.interval_seconds);
+        state.next_plan_ms = now_ms.saturating_add(jittered(policy.interval_seconds));
         state.rebalancer.plan(&view, now_ms)
     } else {
         Vec::new()
@@ -304,8 +304,20 @@ async fn apply_children(
 /// How long until the next sample is due, or `None` when it is (10 % early is on time).
 fn sample_wait(ctx: &Context, set: &SequencerShardSet, now_ms: u64, sample_ms: u64) -> Option<u64> {
     let last = lock(&ctx.rebalancers).get(&key(set))?.last_sample_ms?;
-    let next = last + sample_ms;
-    (now_ms + sample_ms / 10 < next).then(|| next - now_ms)
+    sample_due_in(last, now_ms, sample_ms)
+}
+
+/// How long after `now_ms` a sample `sample_ms` after the one at `last_ms` is due, or `None`
+/// when it is. Saturating: a stored interval longer than the CRD allows today must not wrap
+/// round to a sample at every wake-up (each one writes a status, which wakes the set again).
+fn sample_due_in(last_ms: u64, now_ms: u64, sample_ms: u64) -> Option<u64> {
+    let next = last_ms.saturating_add(sample_ms);
+    (now_ms.saturating_add(sample_ms / 10) < next).then(|| next - now_ms)
+}
+
+/// `duration` in milliseconds, at most `u64::MAX`.
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Pods to run: the wanted ones, and any pod past them that still holds shards.
@@ -470,11 +482,11 @@ fn outcome_text(outcome: &Result<u64, AdminError>) -> String {
     }
 }
 
-/// `interval_seconds` in milliseconds, give or take 10 %.
+/// `interval_seconds` in milliseconds, give or take 10 % (saturating, as [`sample_due_in`]).
 fn jittered(interval_seconds: u64) -> u64 {
     let base = interval_seconds.saturating_mul(1000);
     let spread = base / 10;
-    base - spread + rand::rng().random_range(0..=spread * 2)
+    (base - spread).saturating_add(rand::rng().random_range(0..=spread * 2))
 }
 
 fn take_state(ctx: &Context, set: &SequencerShardSet, now_ms: u64) -> RebalancerState {
@@ -482,7 +494,8 @@ fn take_state(ctx: &Context, set: &SequencerShardSet, now_ms: u64) -> Rebalancer
         .remove(&key(set))
         .unwrap_or_else(|| RebalancerState {
             rebalancer: rebalancer_recalling(set, now_ms),
-            next_plan_ms: now_ms + jittered(set.spec.sequencers.rebalance.interval_seconds),
+            next_plan_ms: now_ms
+                .saturating_add(jittered(set.spec.sequencers.rebalance.interval_seconds)),
             last_sample_ms: None,
             evacuating: false,
         })
@@ -832,6 +845,31 @@ mod tests {
             rebalancer.movable(3, now_ms),
             "an unreadable time is no cooldown"
         );
+    }
+
+    /// Intervals as long as a stored spec may hold (older than the CRD's maxima) neither
+    /// panic nor wrap round to a plan or a sample at every wake-up.
+    #[test]
+    fn the_longest_intervals_saturate_rather_than_wrap() {
+        let day_ms = 86_400_000;
+        let jitter = jittered(86_400);
+        assert!(
+            (day_ms * 9 / 10..=day_ms * 11 / 10).contains(&jitter),
+            "{jitter}"
+        );
+        assert!(jittered(u64::MAX) >= u64::MAX / 10 * 9);
+        let last_ms = 1_000_000;
+        assert_eq!(
+            sample_due_in(last_ms, last_ms + 1, u64::MAX),
+            Some(u64::MAX - last_ms - 1)
+        );
+        assert_eq!(sample_due_in(last_ms, last_ms + 15_000, 15_000), None);
+        assert_eq!(
+            sample_due_in(last_ms, last_ms + 5_000, 15_000),
+            Some(10_000)
+        );
+        assert_eq!(millis(Duration::from_secs(u64::MAX)), u64::MAX);
+        assert_eq!(millis(EVACUATION_PACE), 1_000);
     }
 
     #[test]

@@ -167,6 +167,24 @@ mod tests {
         );
     }
 
+    /// Longer intervals are no policy anyone means (mode `Off` plans nothing), and past 2^64
+    /// milliseconds they wrapped round.
+    #[test]
+    fn the_rebalancers_intervals_are_bounded() {
+        let crd = serde_json::to_value(SequencerShardSet::crd()).unwrap();
+        let rebalance = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+            ["properties"]["rebalance"]["properties"];
+        assert_eq!(rebalance["sampleSeconds"]["maximum"], 3600.0, "{rebalance}");
+        assert_eq!(
+            rebalance["intervalSeconds"]["maximum"], 86400.0,
+            "{rebalance}"
+        );
+        assert_eq!(
+            rebalance["cooldownSeconds"]["maximum"], 604800.0,
+            "{rebalance}"
+        );
+    }
+
     #[test]
     fn the_embedded_volume_is_immutable_with_a_message_that_says_why() {
         let crd = serde_json::to_value(CourierCluster::crd()).unwrap();

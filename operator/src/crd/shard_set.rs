@@ -94,17 +94,18 @@ pub struct RebalancePolicy {
     #[serde(default = "default_max_moves")]
     #[schemars(range(min = 1, max = 64))]
     pub max_concurrent_moves: u32,
-    /// A moved shard stays put this long.
+    /// A moved shard stays put this long (at most a week).
     #[serde(default = "default_cooldown")]
-    #[schemars(range(min = 0))]
+    #[schemars(range(min = 0, max = 604800))]
     pub cooldown_seconds: u64,
-    /// Time between load samples (each sample reads every pod's shard loads).
+    /// Time between load samples (each sample reads every pod's shard loads), at most an hour.
     #[serde(default = "default_sample")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 3600))]
     pub sample_seconds: u64,
-    /// Time between plans (each gets up to 10 % of jitter).
+    /// Time between plans (each gets up to 10 % of jitter), at most a day; mode `Off` plans
+    /// nothing.
     #[serde(default = "default_interval")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 86400))]
     pub interval_seconds: u64,
 }
 
