@@ -8,7 +8,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// The gateway pods of a CourierCluster.
-#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "courier.dev",
     version = "v1alpha1",
@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 pub struct GatewayPoolSpec {
     /// The `CourierCluster` (same namespace) whose image, storage and secrets the pods use.
     #[schemars(length(min = 1, max = 63))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("cluster is immutable: the pods are selected by their cluster, and Kubernetes refuses to change a Deployment's selector; create a pool for the other cluster instead"))]
     pub cluster: String,
     /// Replicas, scaling and Service.
     #[serde(flatten)]

@@ -185,6 +185,22 @@ mod tests {
         );
     }
 
+    /// The pods' selector follows the cluster a pool or set names, and Kubernetes refuses any
+    /// change of a Deployment's or StatefulSet's selector: an edit only made every
+    /// reconciliation fail.
+    #[test]
+    fn the_cluster_of_a_pool_or_shard_set_is_immutable_with_a_message_that_says_why() {
+        for crd in [GatewayPool::crd(), SequencerShardSet::crd()] {
+            let crd = serde_json::to_value(crd).unwrap();
+            let cluster = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+                ["properties"]["cluster"];
+            let rules = rules_in(cluster);
+            assert_eq!(rules.len(), 1, "{cluster}");
+            assert_eq!(rules[0].0, "self == oldSelf");
+            assert!(rules[0].1.starts_with("cluster is immutable"), "{rules:?}");
+        }
+    }
+
     #[test]
     fn the_embedded_volume_is_immutable_with_a_message_that_says_why() {
         let crd = serde_json::to_value(CourierCluster::crd()).unwrap();

@@ -32,6 +32,7 @@ use serde::{Deserialize, Serialize};
 pub struct SequencerShardSetSpec {
     /// The `CourierCluster` (same namespace) whose image, storage and secrets the pods use.
     #[schemars(length(min = 1, max = 63))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("cluster is immutable: the pods are selected by their cluster, and Kubernetes refuses to change a StatefulSet's selector; create a shard set for the other cluster instead"))]
     pub cluster: String,
     /// Logical shards, fixed when the store was created.
     #[schemars(range(min = 1, max = 65536))]
