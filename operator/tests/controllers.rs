@@ -169,6 +169,8 @@ impl ShardAdmin for FakeAdmin {
 struct FakeDataPlane {
     admin: Arc<FakeAdmin>,
     connections: BTreeMap<String, u64>,
+    /// If set, no gateway answers until this many reads are under way at once.
+    answer_together: Option<tokio::sync::Barrier>,
 }
 
 impl FakeDataPlane {
@@ -178,7 +180,7 @@ impl FakeDataPlane {
                 sample: Mutex::new(sample),
                 ..FakeAdmin::default()
             }),
-            connections: BTreeMap::new(),
+            ..FakeDataPlane::default()
         }
     }
 }
@@ -194,6 +196,9 @@ impl DataPlane for FakeDataPlane {
     }
 
     async fn gateway_connections(&self, pod_ip: &str) -> Result<u64, String> {
+        if let Some(together) = &self.answer_together {
+            together.wait().await;
+        }
         self.connections
             .get(pod_ip)
             .copied()
@@ -909,6 +914,69 @@ async fn a_gateway_pool_scales_up_at_once_to_what_its_connections_need() {
     reconciled(expected, data_plane, async |ctx| {
         gateway_pool::reconcile(Arc::new(pool()), ctx)
             .await
+            .unwrap();
+    })
+    .await;
+}
+
+/// A gateway slow to answer `/metrics` (busy: when the pool most needs to grow) delays no
+/// other read: one read at a time, a sample of N pods answering in 2 s each took 2N s before
+/// the pool could grow.
+#[tokio::test]
+async fn a_gateway_pools_pods_are_read_together() {
+    let pods = ["10.0.0.1", "10.0.0.2", "10.0.0.3"];
+    let data_plane = Arc::new(FakeDataPlane {
+        connections: pods.iter().map(|ip| (ip.to_string(), 1500)).collect(),
+        answer_together: Some(tokio::sync::Barrier::new(pods.len())),
+        ..FakeDataPlane::default()
+    });
+    let expected = vec![
+        expect(
+            Method::GET,
+            "/apis/courier.dev/v1alpha1/namespaces/chat/courierclusters/prod",
+            |_| {},
+        )
+        .answer(serde_json::to_value(cluster(false)).unwrap()),
+        expect(Method::GET, "/api/v1/namespaces/chat/pods", |_| {}).answer(pod_list(
+            pods.iter()
+                .enumerate()
+                .map(|(i, ip)| gateway_pod(&format!("gw-{i}"), ip))
+                .collect(),
+        )),
+        expect(
+            Method::GET,
+            "/apis/apps/v1/namespaces/chat/deployments/prod-gateways",
+            |_| {},
+        )
+        .answer(deployment(3)),
+        expect(
+            Method::POST,
+            "/apis/events.k8s.io/v1/namespaces/chat/events",
+            |body| assert_eq!(body["reason"], "ScaledUp"),
+        ),
+        expect(
+            APPLY,
+            "/apis/apps/v1/namespaces/chat/deployments/prod-gateways",
+            |body| assert_eq!(body["spec"]["replicas"], 5),
+        ),
+        expect(APPLY, "/api/v1/namespaces/chat/services/prod", |_| {}),
+        expect(
+            APPLY,
+            "/apis/policy/v1/namespaces/chat/poddisruptionbudgets/prod-gateways",
+            |_| {},
+        ),
+        expect(
+            APPLY,
+            "/apis/courier.dev/v1alpha1/namespaces/chat/gatewaypools/prod-gateways/status",
+            |body| assert_eq!(body["status"]["connections"], 4500),
+        )
+        .answer(serde_json::to_value(pool()).unwrap()),
+    ];
+    reconciled(expected, data_plane, async |ctx| {
+        let reconciled = gateway_pool::reconcile(Arc::new(pool()), ctx);
+        tokio::time::timeout(std::time::Duration::from_secs(60), reconciled)
+            .await
+            .expect("every pod's /metrics read at once, not one after the other")
             .unwrap();
     })
     .await;

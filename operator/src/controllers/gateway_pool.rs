@@ -14,6 +14,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
@@ -156,11 +157,23 @@ async fn connections(
     let pods = Api::<Pod>::namespaced(ctx.client.clone(), namespace)
         .list(&ListParams::default().labels(&selector))
         .await?;
+    let ready = pods.into_iter().filter_map(|pod| {
+        let ip = ready_ip(&pod)?;
+        Some((pod.metadata.name.unwrap_or_default(), ip))
+    });
+    // Read together: a busy pod slow to answer (when the pool most needs to grow) must not
+    // hold up the others, one read after another.
+    let reads = futures::stream::iter(ready)
+        .map(|(name, ip)| async move {
+            let read = ctx.data_plane.gateway_connections(&ip).await;
+            (name, read)
+        })
+        .buffer_unordered(CONCURRENT_READS)
+        .collect::<Vec<_>>()
+        .await;
     let mut sample = ConnectionSample::default();
-    for pod in pods {
-        let Some(ip) = ready_ip(&pod) else { continue };
-        let name = pod.metadata.name.clone().unwrap_or_default();
-        match ctx.data_plane.gateway_connections(&ip).await {
+    for (name, read) in reads {
+        match read {
             Ok(count) => {
                 sample.read.insert(name, count);
             }
@@ -172,6 +185,10 @@ async fn connections(
     }
     Ok(sample)
 }
+
+/// Gateway pods whose `/metrics` are read at once: together, but not thousands of
+/// connections from the operator at a time for a pool of thousands of pods.
+const CONCURRENT_READS: usize = 64;
 
 /// The pod's IP if it is ready and not being deleted.
 fn ready_ip(pod: &Pod) -> Option<String> {
