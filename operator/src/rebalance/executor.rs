@@ -4,9 +4,10 @@
 //! `MoveShard` on the source node, which freezes the shard, flips owner and epoch in one store
 //! commit, and returns once the target serves it.
 //!
-//! Every call carries the cluster token and has a deadline; a node that does not answer makes
-//! the sample fail (a partial view could make the planner move shards onto a node that is
-//! down), and a failed move is reported with its cause and left to the next plan.
+//! Every call carries the cluster token and has a deadline; a node that does not answer, or
+//! reports a load that is no rate (NaN, infinite, negative), makes the sample fail (a partial
+//! view could make the planner move shards onto a node that is down), and a failed move is
+//! reported with its cause and left to the next plan.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -66,6 +67,16 @@ pub enum AdminError {
     /// A move names a node that is not a live sequencer node.
     #[error("node {0} is not a live sequencer node")]
     UnknownNode(String),
+    /// A node reported a shard's load as something that is no rate of appends.
+    #[error("node {node} reported shard {shard}'s load as {value} appends/s, which is no rate")]
+    BadLoad {
+        /// The node.
+        node: String,
+        /// The shard.
+        shard: u32,
+        /// What it reported.
+        value: f64,
+    },
 }
 
 /// What the operator asks of a cluster's sequencer nodes: implemented over gRPC by
@@ -205,7 +216,8 @@ impl AdminApi {
         for answer in answers {
             let (node, owned) = answer?;
             for shard in owned {
-                loads.insert((node.clone(), shard.shard), shard.appends_per_sec);
+                let load = checked_load(&node, shard.shard, shard.appends_per_sec)?;
+                loads.insert((node.clone(), shard.shard), load);
             }
         }
         let outbox_lag_ms = map
@@ -313,6 +325,21 @@ impl ShardAdmin for AdminApi {
     }
 }
 
+/// `value`, the load `node` reported for `shard`, if it is a rate (finite, not negative): a
+/// node reporting anything else fails the sample as one that does not answer does. Planned
+/// from, it could move shards anywhere; written to the set's status (JSON has no NaN), it made
+/// every status write fail.
+fn checked_load(node: &str, shard: u32, value: f64) -> Result<f64, AdminError> {
+    match value.is_finite() && value >= 0.0 {
+        true => Ok(value),
+        false => Err(AdminError::BadLoad {
+            node: node.to_owned(),
+            shard,
+            value,
+        }),
+    }
+}
+
 fn call_error(call: &'static str, address: &str, status: tonic::Status) -> AdminError {
     AdminError::Call {
         call,
@@ -379,4 +406,27 @@ pub async fn carry_out(
         done.push((planned.clone(), outcome));
     }
     done
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A load that is no rate (NaN, infinite, negative) fails the sample, as a node that does
+    /// not answer does: planned from, it could move shards anywhere, and written to the
+    /// status (JSON has no NaN) it made every status write of the set fail.
+    #[test]
+    fn a_load_that_is_no_rate_fails_the_sample() {
+        assert_eq!(checked_load("s-0", 3, 12.5).unwrap(), 12.5);
+        assert_eq!(checked_load("s-0", 3, 0.0).unwrap(), 0.0);
+        for garbage in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY, -1.0] {
+            let error = checked_load("s-0", 3, garbage).unwrap_err();
+            assert!(
+                error
+                    .to_string()
+                    .starts_with("node s-0 reported shard 3's load as"),
+                "{error}"
+            );
+        }
+    }
 }
