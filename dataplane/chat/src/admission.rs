@@ -67,7 +67,9 @@ impl SendAdmission {
         let in_flight = &self.metrics.sends_in_flight;
         let before = in_flight.inc();
         let wait = Duration::from_micros(self.wait_us.load(Ordering::Relaxed));
-        let full = before >= self.limits.max_in_flight as i64;
+        // A bound past what the gauge can count (`--max-sends-in-flight` up to u64::MAX) is
+        // never reached; cast, it would be negative and refuse every send.
+        let full = i64::try_from(self.limits.max_in_flight).is_ok_and(|max| before >= max);
         let slow = before > 0 && wait > self.limits.max_wait;
         if full || slow {
             in_flight.dec();
@@ -145,6 +147,16 @@ mod tests {
         assert!(refused(admission.admit()));
         first.answered();
         assert!(!refused(admission.admit()));
+    }
+
+    /// A bound too large for the in-flight gauge (an operator's u64::MAX for "no bound") admits
+    /// sends: cast to the gauge's i64 it was -1, and every send was refused `unavailable`.
+    #[test]
+    fn a_bound_larger_than_the_gauge_counts_refuses_nothing() {
+        for max in [usize::MAX, i64::MAX as usize + 1] {
+            let admission = admission(max);
+            let _held: Vec<_> = (0..3).map(|_| admission.admit().unwrap()).collect();
+        }
     }
 
     #[tokio::test(start_paused = true)]

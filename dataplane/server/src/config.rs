@@ -399,7 +399,9 @@ impl ServeConfig {
             max_group_name: self.max_group_name,
             history_on_join: self.history_on_join,
             admission: AdmissionLimits {
-                max_in_flight: self.max_sends_in_flight as usize,
+                // Past `usize` (a 32-bit target), as many as it holds: a cast would truncate
+                // 2^32 to 0, and refuse every send.
+                max_in_flight: usize::try_from(self.max_sends_in_flight).unwrap_or(usize::MAX),
                 max_wait: self.max_send_wait,
             },
             user_sends: Rate {
