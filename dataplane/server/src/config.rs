@@ -229,6 +229,9 @@ pub struct ServeConfig {
 /// and well above what a fanout that keeps up leaves waiting.
 pub const MIN_OUTBOX_LAG_LIMIT: Duration = Duration::from_secs(1);
 
+/// The longest `--shard-queue`: the most a tokio channel holds.
+pub const MAX_SHARD_QUEUE: usize = tokio::sync::Semaphore::MAX_PERMITS;
+
 /// The drain window of a cluster gateway unless `--drain-window` says otherwise.
 pub const CLUSTER_DRAIN_WINDOW: Duration = Duration::from_secs(60);
 
@@ -298,6 +301,13 @@ impl ServeConfig {
             "--commit-max-appends must be at least 1"
         );
         anyhow::ensure!(self.shard_queue >= 1, "--shard-queue must be at least 1");
+        // A shard's queue is a tokio channel, made at its first send: one larger than tokio
+        // allows panicked there, at every send, and closed the sender's connection.
+        anyhow::ensure!(
+            self.shard_queue <= MAX_SHARD_QUEUE,
+            "--shard-queue must be at most {MAX_SHARD_QUEUE} (the queue is bounded: past it \
+             sends are answered unavailable and retried)"
+        );
         anyhow::ensure!(
             self.fanout_workers != Some(0),
             "--fanout-workers must be at least 1"
@@ -498,6 +508,22 @@ mod tests {
             assert!(refused.contains("--media-url-secret"), "{refused}");
         }
         validated(&["--media-url-secret", &"x".repeat(32)]).unwrap();
+    }
+
+    /// A shard's queue larger than a tokio channel may be (u64::MAX, meant as no bound) was
+    /// taken, and every send panicked as it made the queue, closing its connection: refused
+    /// at start, naming the flag.
+    #[test]
+    fn a_shard_queue_larger_than_a_channel_holds_is_refused() {
+        validated(&["--shard-queue", &MAX_SHARD_QUEUE.to_string()]).unwrap();
+        for over in [MAX_SHARD_QUEUE as u64 + 1, u64::MAX] {
+            let refused = validated(&["--shard-queue", &over.to_string()])
+                .unwrap_err()
+                .to_string();
+            assert!(refused.contains("--shard-queue"), "{refused}");
+        }
+        // The largest taken is one a channel can be made with.
+        drop(tokio::sync::mpsc::channel::<()>(MAX_SHARD_QUEUE));
     }
 
     /// On S3 the sweeper moves unused bytes aside with a copy, which S3 does in one request
