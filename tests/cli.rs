@@ -282,6 +282,44 @@ async fn listen_backlog_sets_the_client_ports_backlog_up_to_the_kernels_cap() {
     }
 }
 
+/// The data directory holds every message (the store's journal and tables) and every
+/// uploaded file: what the server creates there is for its own user only, as the token secret
+/// is, and not readable by the machine's other users. A directory that already exists keeps
+/// the mode its owner gave it.
+#[cfg(unix)]
+#[tokio::test]
+async fn the_data_directory_the_server_creates_is_its_users_alone() {
+    use std::os::unix::fs::PermissionsExt;
+    let parent = tempfile::tempdir().unwrap();
+    let mode =
+        |path: &std::path::Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    // A data directory the server creates, and one made beforehand, readable by everyone
+    // (a volume mounted for it).
+    let fresh = parent.path().join("fresh").join("data");
+    let existing = parent.path().join("existing");
+    std::fs::create_dir(&existing).unwrap();
+    std::fs::set_permissions(&existing, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for dir in [&fresh, &existing] {
+        let _server = Server::start_in(dir, &[]);
+        let created = [dir.join("store"), dir.join("media")];
+        for path in created.iter().chain((dir == &fresh).then_some(dir)) {
+            assert_eq!(
+                mode(path) & 0o077,
+                0,
+                "{}: {:o}",
+                path.display(),
+                mode(path)
+            );
+        }
+        assert_eq!(mode(&dir.join("jwt-secret")), 0o600);
+    }
+    assert_eq!(
+        mode(&existing),
+        0o755,
+        "an existing directory keeps its mode"
+    );
+}
+
 /// The server turns transparent huge pages off for itself (a huge page's first write zeroes
 /// 2 MiB on the writing thread, the store's writer among them): the kernel reports it in the
 /// process's status.

@@ -1,6 +1,6 @@
 //! What every Courier role shares: authentication of clients ([`auth`]), the one mapping from
 //! typed errors to the client's error codes ([`error`]), metrics, rate limits, storage health,
-//! the membership cache, the owner of every background loop ([`loops::BackgroundLoops`]), the
+//! the membership cache, the data directories' creation ([`dirs`]), the owner of every background loop ([`loops::BackgroundLoops`]), the
 //! [`context::Context`] a role is built on, and the seams between roles as traits: [`chat::ChatService`] (gateway, client API and media to
 //! chat), [`sequencing::Sequencer`] (chat to sequencer),
 //! [`sequencing::CommitListener`] (sequencer to fanout and notifier) and
@@ -14,6 +14,7 @@ pub mod auth;
 pub mod chat;
 pub mod clock;
 pub mod context;
+pub mod dirs;
 pub mod error;
 pub mod gateways;
 pub mod leases;

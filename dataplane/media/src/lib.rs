@@ -239,7 +239,8 @@ impl MediaService {
     ) -> anyhow::Result<Arc<Self>> {
         let objects: Arc<dyn ObjectStore> = match config.local_dir(data_dir) {
             Some(dir) => {
-                std::fs::create_dir_all(&dir)?;
+                // Readable by the server's user alone (`courier_core::dirs`).
+                courier_core::dirs::create_private(&dir)?;
                 Arc::new(object_store::local::LocalFileSystem::new_with_prefix(&dir)?)
             }
             None => Arc::new(

@@ -142,9 +142,13 @@ pub fn report_store(config: &ServeConfig, store: &MessageStore, metrics: &Metric
 
 async fn open_engine(config: &ServeConfig) -> anyhow::Result<Arc<dyn KvEngine>> {
     match config.store {
-        StoreKind::Embedded => Ok(Arc::new(
-            config.store_cache.open(&config.data_dir.join(STORE_DIR))?,
-        )),
+        StoreKind::Embedded => {
+            // Before fjall makes it (with the umask's mode): it holds every message.
+            let path = config.data_dir.join(STORE_DIR);
+            courier_core::dirs::create_private(&path)
+                .with_context(|| format!("creating the store directory {}", path.display()))?;
+            Ok(Arc::new(config.store_cache.open(&path)?))
+        }
         StoreKind::Fdb => open_fdb(
             config
                 .fdb_cluster_file
@@ -264,7 +268,7 @@ pub async fn run_client_roles(
     listener: tokio::net::TcpListener,
     cluster: Option<Cluster>,
 ) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&config.data_dir)
+    courier_core::dirs::create_private(&config.data_dir)
         .with_context(|| format!("creating the data directory {}", config.data_dir.display()))?;
     let verifier = verifier(&config)?;
     let node = config.node_id.clone();

@@ -4,6 +4,7 @@
 //! replication, no failover.
 
 use crate::config::StoreCacheArgs;
+use anyhow::Context as _;
 use clap::Args;
 use courier_rpc::{ClusterToken, serve_store_node};
 use courier_store::KvEngine;
@@ -47,7 +48,8 @@ pub struct StoreNodeArgs {
 /// Serves the store until SIGTERM or Ctrl-C.
 pub async fn run(args: StoreNodeArgs) -> anyhow::Result<()> {
     let token = args.token.token()?;
-    std::fs::create_dir_all(&args.data_dir)?;
+    courier_core::dirs::create_private(&args.data_dir)
+        .with_context(|| format!("creating the data directory {}", args.data_dir.display()))?;
     let engine = Arc::new(args.cache.open(&args.data_dir)?);
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     let address = listener.local_addr()?;
