@@ -320,6 +320,33 @@ async fn the_data_directory_the_server_creates_is_its_users_alone() {
     );
 }
 
+/// A second `courier serve` on a data directory another one serves exits at once, saying that
+/// another process has the store open, and the first goes on serving: two writers of one
+/// store would lose or corrupt what the first acknowledged.
+#[tokio::test]
+async fn a_second_server_on_the_same_data_directory_is_refused_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_in(dir.path(), &[]);
+    let second = Command::new(env!("CARGO_BIN_EXE_courier"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!second.status.success(), "a second server started");
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(stderr.contains("open in another process"), "{stderr}");
+    assert!(
+        stderr.contains(&dir.path().display().to_string()),
+        "{stderr}"
+    );
+    let mut alice = support::connected(&server, "alice", "phone").await;
+    let sent = alice
+        .send_text(Target::User("bob".into()), "m1", "still here")
+        .await
+        .unwrap();
+    assert_eq!(sent.seq, 1);
+}
+
 /// The server turns transparent huge pages off for itself (a huge page's first write zeroes
 /// 2 MiB on the writing thread, the store's writer among them): the kernel reports it in the
 /// process's status.

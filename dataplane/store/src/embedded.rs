@@ -336,8 +336,18 @@ impl EmbeddedEngine {
             .cache_size(caches.blocks)
             .worker_threads(workers)
             .open()
-            .map_err(|e| {
-                StoreError::Engine(format!("cannot open the store at {}: {e}", path.display()))
+            .map_err(|e| match e {
+                // fjall's lock file: one process writes a store, or commits it acknowledged
+                // could be lost.
+                fjall::Error::Locked => StoreError::Engine(format!(
+                    "the store at {} is open in another process (a `courier serve` or \
+                     `courier store-node` on the same data directory): stop that one, or give \
+                     this one another --data-dir",
+                    path.display()
+                )),
+                e => {
+                    StoreError::Engine(format!("cannot open the store at {}: {e}", path.display()))
+                }
             })?;
         lower_background_priority(workers);
         crate::volume::warn_of_online_discard(path);
