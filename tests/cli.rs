@@ -502,6 +502,28 @@ impl Drop for Chat {
     }
 }
 
+/// `courier chat` told by a draining server to reconnect says so and exits, while nothing is
+/// typed: it waited until the person pressed Enter, its runtime held up by the read of the
+/// terminal it had begun.
+#[test]
+fn a_chat_session_ends_when_its_server_drains_without_waiting_for_a_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start_in(dir.path(), &[]);
+    let mut bob = Chat::start(&server, "bob", "alice");
+    assert!(server.terminate().success());
+    bob.expect("server is draining");
+    let mut child = std::mem::replace(&mut bob.child, Command::new("true").spawn().unwrap());
+    let (exited, exit) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = exited.send(child.wait());
+    });
+    let status = exit
+        .recv_timeout(WAIT)
+        .expect("courier chat exited with its standard input still open")
+        .unwrap();
+    assert!(status.success(), "{status}");
+}
+
 #[test]
 fn two_chat_sessions_exchange_a_message_and_a_photo() {
     let dir = tempfile::tempdir().unwrap();

@@ -6,9 +6,9 @@ use clap::Args;
 use courier_client::proto::{AckKind, Body, Encoding, Event, EventPayload, Media, ServerFrame};
 use courier_client::{Client, HttpApi, Target};
 use courier_core::auth;
+use std::io::BufRead;
 use std::path::PathBuf;
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, BufReader};
 
 #[derive(Debug, Args)]
 pub struct ChatArgs {
@@ -47,13 +47,13 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
          a file, `/fetch MEDIA_ID OUT` to download one, Ctrl-D to quit",
         args.user, args.device
     );
-    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    let mut lines = typed_lines()?;
     let mut counter = 0u64;
     let session = format!("{:x}", rand::random::<u32>());
     loop {
         tokio::select! {
-            line = lines.next_line() => {
-                let Some(line) = line? else { break };
+            line = lines.recv() => {
+                let Some(line) = line.transpose()? else { break };
                 let line = line.trim();
                 if let Some(peer) = line.strip_prefix("/to ") {
                     target = Some(Target::User(peer.trim().to_owned()));
@@ -179,6 +179,29 @@ fn shown(text: &str) -> std::borrow::Cow<'_, str> {
         .collect::<String>()
         .into()
 }
+
+/// Lines typed on standard input, read on a thread of its own; the channel ends at the end of
+/// input. Not `tokio::io::stdin`: it reads on the runtime's blocking pool, a read it cannot
+/// cancel, and the runtime waits for it on exit, so a session the server ended (a drain, a
+/// lost connection) hung until the person pressed Enter. A thread of its own does not hold up
+/// the exit. Up to [`TYPED_LINES_QUEUED`] lines wait for the session; past that, reading waits.
+fn typed_lines() -> anyhow::Result<tokio::sync::mpsc::Receiver<std::io::Result<String>>> {
+    let (typed, lines) = tokio::sync::mpsc::channel(TYPED_LINES_QUEUED);
+    std::thread::Builder::new()
+        .name("courier-chat-input".into())
+        .spawn(move || {
+            for line in std::io::stdin().lock().lines() {
+                // The session ended: nobody reads any more.
+                if typed.blocking_send(line).is_err() {
+                    return;
+                }
+            }
+        })?;
+    Ok(lines)
+}
+
+/// Lines typed and not yet taken by the session (a paste of many lines).
+const TYPED_LINES_QUEUED: usize = 64;
 
 /// The MIME type of a file, from its extension.
 fn mime_of(path: &std::path::Path) -> &'static str {
