@@ -143,6 +143,12 @@ impl AdminService {
     }
 }
 
+/// The window a `Drain` asks for: `window_ms`, or the gateway's own for 0 (`courier admin
+/// drain` sends a window shorter than a millisecond as 1 ms).
+pub fn drain_window(window_ms: u64) -> Option<Duration> {
+    (window_ms > 0).then(|| Duration::from_millis(window_ms))
+}
+
 /// A shard of the map as the API shows it, liveness and ages as of `now_ms`.
 fn shard_state(state: ShardState, now_ms: u64) -> pb::ShardState {
     let owner = |owner: ShardOwner| pb::ShardOwner {
@@ -303,8 +309,7 @@ impl admin_server::Admin for AdminService {
         };
         let (connections, window_ms) = match &self.gateway {
             Some(drain) => {
-                let window = (window_ms > 0).then(|| Duration::from_millis(window_ms));
-                let order = drain.start(window);
+                let order = drain.start(drain_window(window_ms));
                 tracing::info!(
                     connections = order.connections,
                     window_ms = order.window.as_millis() as u64,

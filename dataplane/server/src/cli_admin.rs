@@ -89,9 +89,10 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
             Ok(())
         }
         AdminCommand::Drain { window } => {
-            let window_ms = window.map_or(0, |w| w.as_millis() as u64);
             let drained = admin
-                .drain(DrainRequest { window_ms })
+                .drain(DrainRequest {
+                    window_ms: window_ms(window),
+                })
                 .await
                 .map_err(|e| answer_error(&args.node, e))?
                 .into_inner();
@@ -125,6 +126,16 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// The `window_ms` of a drain over `window`. In the request 0 stands for the gateway's own
+/// `--drain-window`, so a window asked for that is shorter than a millisecond (`--window 0s`:
+/// everyone at once) is sent as 1 ms, which the gateway also tells in one batch; sent as 0 it
+/// was taken as the default, 60 s on a cluster gateway.
+fn window_ms(window: Option<Duration>) -> u64 {
+    window.map_or(0, |w| {
+        u64::try_from(w.as_millis()).unwrap_or(u64::MAX).max(1)
+    })
 }
 
 /// An rpc's failure, naming the node that answered (or did not).
@@ -250,6 +261,21 @@ mod tests {
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
         }
+    }
+
+    /// `courier admin drain --window 0s` asks for everyone at once: never the 0 that stands
+    /// for the gateway's default window; no `--window` asks for that default.
+    #[test]
+    fn a_drain_window_of_zero_is_not_the_default() {
+        assert_eq!(window_ms(None), 0);
+        assert_eq!(window_ms(Some(Duration::ZERO)), 1);
+        assert_eq!(window_ms(Some(Duration::from_micros(500))), 1);
+        assert_eq!(window_ms(Some(Duration::from_secs(30))), 30_000);
+        assert_eq!(
+            crate::admin::drain_window(window_ms(Some(Duration::ZERO))),
+            Some(Duration::from_millis(1))
+        );
+        assert_eq!(courier_gateway::drain::steps(Duration::from_millis(1)), 1);
     }
 
     /// `courier admin shards | head -3` prints three lines and exits 0, not with a panic
