@@ -352,9 +352,11 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
     // The record says when the node left: a sweep clears the routes written before that, and
     // the registry forgets it `FORGET_AFTER_LEASES` leases later.
     let now = now_ms();
-    store
+    let ended = store
         .claim_node(&config.node_id, &leased(&registration, now), now)
-        .await?;
+        .await;
+    serve::stop_store_client(config);
+    ended?;
     result
 }
 

@@ -21,8 +21,9 @@
 //!    last of them; a notifier pass in progress finishes. They get until the drain deadline, at
 //!    least [`LOOP_GRACE`]; a loop still running then is aborted and logged at `error`.
 //! 4. The embedded store notes which conversations its cache of recent events holds, so that
-//!    the next start reads them back (`courier_store::KvEngine::closing`); the FoundationDB
-//!    client's network thread stops (no loop uses the store any more).
+//!    the next start reads them back (`courier_store::KvEngine::closing`). A cluster node ends
+//!    its record in the node registry, and last the FoundationDB client's network thread stops
+//!    ([`stop_store_client`]: nothing uses the store any more).
 //! 5. The process exits 0, or 1 when a background loop was given up (its supervisor then
 //!    restarts it from a clean state).
 //!
@@ -232,7 +233,9 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     config.validate()?;
     let store = open_store(&config).await?;
     let listener = bind_http(config.listen, config.listen_backlog)?;
-    run_client_roles(config, store, listener, None).await
+    let result = run_client_roles(config.clone(), store, listener, None).await;
+    stop_store_client(&config);
+    result
 }
 
 /// The listener of the node's HTTP port (`--listen`: the client port, or a node's probes),
@@ -589,10 +592,6 @@ pub async fn run_client_roles(
     if stopped_cleanly {
         tracing::info!("background loops stopped; exiting");
     }
-    #[cfg(feature = "fdb")]
-    if config.store == StoreKind::Fdb {
-        courier_store::fdb::stop_network();
-    }
     if let Some(task) = loops.given_up() {
         anyhow::bail!(
             "the background loop `{task}` kept failing (see the log above); \
@@ -600,6 +599,18 @@ pub async fn run_client_roles(
         );
     }
     Ok(())
+}
+
+/// Stops the FoundationDB client's network thread, for a clean exit: the process's last use
+/// of the store, as an operation after it never completes (a node's final registry write
+/// waited for ever, until the process was killed). Nothing for the other stores.
+pub fn stop_store_client(config: &ServeConfig) {
+    #[cfg(feature = "fdb")]
+    if config.store == StoreKind::Fdb {
+        courier_store::fdb::stop_network();
+    }
+    #[cfg(not(feature = "fdb"))]
+    let _ = config;
 }
 
 /// The runtime of ordering and delivery (module documentation, "Two runtimes"), or the
