@@ -214,6 +214,72 @@ async fn a_server_on_a_store_node_keeps_every_sent_message_across_a_sigkill_of_e
     assert!(store.data_dir.join("recent-events").exists());
 }
 
+/// A second `courier serve` on a store another one serves does not start, whatever its
+/// `--node-id`, and says why; the first goes on serving every send. The two took every shard
+/// from each other in turn: about half the sends were refused, and each delivered only to its
+/// own connections. After a SIGTERM the server's record ends: the next one need not wait for it to lapse.
+#[tokio::test]
+async fn a_second_server_on_a_served_store_does_not_start() {
+    let (_dir, store) = store_node();
+    let args = store.args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let first_dir = tempfile::tempdir().unwrap();
+    let mut first = Server::start_in(first_dir.path(), &args);
+    for node_id in ["local", "other"] {
+        let twin_dir = tempfile::tempdir().unwrap();
+        let mut twin = Command::new(binary())
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--node-id",
+                node_id,
+                "--data-dir",
+            ])
+            .arg(twin_dir.path())
+            .args(&args)
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn courier");
+        let deadline = std::time::Instant::now() + WAIT;
+        while twin.try_wait().unwrap().is_none() {
+            if std::time::Instant::now() > deadline {
+                let _ = twin.kill();
+                panic!("a second server ran on the store as {node_id}");
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        let output = twin.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success());
+        assert!(
+            stderr.contains("another process serves this store"),
+            "the error names the cause: {stderr}"
+        );
+    }
+    let mut alice = first.connect("alice", "phone").await;
+    alice.events_until_sync_done().await.unwrap();
+    for i in 1..=20 {
+        let sent = alice
+            .send_text(Target::User("bob".into()), &format!("m{i}"), "hi")
+            .await
+            .expect("the first server still takes every send");
+        assert_eq!(sent.seq, i);
+    }
+    drop(alice);
+    assert!(first.terminate().success());
+    // With a lease of an hour, a record left live would hold the next server back past the
+    // harness's wait for its ready line.
+    let long_lease: Vec<&str> = args
+        .iter()
+        .copied()
+        .chain(["--shard-lease", "1h"])
+        .collect();
+    let mut second = Server::start_in(first_dir.path(), &long_lease);
+    assert!(second.terminate().success());
+    let _third = Server::start_in(first_dir.path(), &long_lease);
+}
+
 #[tokio::test]
 async fn a_server_with_the_wrong_cluster_token_does_not_start() {
     let (dir, store) = store_node();

@@ -248,71 +248,18 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
     // The node's metrics: its roles' and the connections its registration reports.
     let metrics = Arc::new(Metrics::new());
     serve::report_store(config, &store, &metrics);
-    {
-        let store = store.clone();
-        let node = config.node_id.clone();
-        let registration = registration.clone();
-        let (lapsed, metrics) = (lapsed.clone(), metrics.clone());
-        // Stops at once when cancelled; restarted if it fails: it keeps no state (a restarted
-        // loop counts its lease from its start, so it may miss a lapse of the run before).
-        loops.spawn("renew node registration", move |cancel| {
-            let (store, node, registration) = (store.clone(), node.clone(), registration.clone());
-            let (lapsed, metrics, mut leaving) = (lapsed.clone(), metrics.clone(), leaving.clone());
-            async move {
-                let renew = async {
-                    let mut rounds = tokio::time::interval(lease / 3);
-                    let mut deadline = now_ms() + lease_ms;
-                    let mut round: u32 = 0;
-                    rounds.tick().await;
-                    loop {
-                        tokio::select! {
-                            _ = rounds.tick() => {}
-                            _ = leaving.wait_for(|leaving| *leaving) => break,
-                        }
-                        let now = now_ms();
-                        let record = NodeRecord {
-                            connections: metrics.connections.get().max(0) as u64,
-                            ..leased(&registration, now + lease_ms)
-                        };
-                        match store.claim_node(&node, &record, now).await {
-                            Ok(Claim::HeldBy(other)) => {
-                                // This process's lease had lapsed (it was paused, or cut off
-                                // from the store) and another process took the id: two
-                                // processes must never serve as one node.
-                                tracing::error!(
-                                    node = %node,
-                                    other = %other.address,
-                                    "another process registered as this node while its lease had lapsed; exiting"
-                                );
-                                std::process::exit(1);
-                            }
-                            Ok(Claim::Registered) if now >= deadline => {
-                                tracing::warn!(
-                                    late_ms = now - deadline,
-                                    "the node's registration had lapsed (paused, or cut off from the store)"
-                                );
-                                lapsed.notify_one();
-                                deadline = now + lease_ms;
-                            }
-                            Ok(Claim::Registered) => deadline = now + lease_ms,
-                            Err(e) => tracing::warn!(error = %e, "renewing the node's registration failed; retrying"),
-                        }
-                        round += 1;
-                        if round.is_multiple_of(FORGET_EVERY_ROUNDS) {
-                            forget_dead_nodes(&store, &node, now, lease_ms).await;
-                        }
-                    }
-                    // Left: the callers that find this node in the registry stop choosing it.
-                    let now = now_ms();
-                    if let Err(e) = store.claim_node(&node, &leased(&registration, now), now).await {
-                        tracing::warn!(error = %e, "ending the node's registration failed; it lapses with its lease");
-                    }
-                    std::future::pending::<()>().await;
-                };
-                cancel.run_until_cancelled(renew).await;
-            }
-        });
-    }
+    keep_registration(
+        &loops,
+        Registered {
+            store: store.clone(),
+            node: config.node_id.clone(),
+            record: registration.clone(),
+            lease,
+        },
+        lapsed.clone(),
+        Some(metrics.clone()),
+        leaving,
+    );
 
     let result = if args.has(Role::Gateway) {
         let cluster = Cluster {
@@ -398,6 +345,155 @@ async fn claim_node_id(
         waited_for = Some(other.lease_until_ms);
         tokio::time::sleep(Duration::from_millis(wait)).await;
     }
+}
+
+/// The role a `courier serve` on a shared store registers under: no cluster node's role, so
+/// no node counts it as one of theirs (a fanout's fair share, a chat or media directory).
+pub const SERVE_ROLE: &str = "serve";
+
+/// Registers a `courier serve` on a store other processes reach (`--store remote` or `fdb`) as
+/// `node_id`, unless another process serves that store: one registered live as `node_id`, or
+/// as another `courier serve`. Each would take every shard in turn from the other, so half
+/// the sends were refused, and each would deliver only to its own connections. As
+/// [`claim_node_id`], a live record is first waited out (the run before this one, killed);
+/// one renewed meanwhile is another process, and this one does not start.
+pub async fn claim_the_server(
+    store: &MessageStore,
+    node_id: &str,
+    registration: &NodeRecord,
+    lease_ms: u64,
+) -> anyhow::Result<()> {
+    let mut waited_for: Option<(String, u64)> = None;
+    loop {
+        let now = now_ms();
+        let rival = store.nodes().await?.into_iter().find(|(id, node)| {
+            node.instance != registration.instance
+                && node.is_live(now)
+                && (id == node_id || node.roles.iter().any(|r| r == SERVE_ROLE))
+        });
+        let (id, other) = match rival {
+            Some(rival) => rival,
+            None => match store
+                .claim_node(node_id, &leased(registration, now + lease_ms), now)
+                .await?
+            {
+                Claim::Registered => return Ok(()),
+                Claim::HeldBy(other) => (node_id.to_owned(), other),
+            },
+        };
+        if waited_for
+            .as_ref()
+            .is_some_and(|(waited, until)| *waited == id && other.lease_until_ms > *until)
+        {
+            anyhow::bail!(
+                "another process serves this store (node {id} at {}): one `courier serve` per \
+                 store; to serve it from several processes, run a cluster of `courier node`s \
+                 (docs/distributed.md)",
+                other.address
+            );
+        }
+        let wait = other.lease_until_ms.saturating_sub(now) + CLAIM_MARGIN_MS;
+        tracing::warn!(
+            node = %id,
+            other = %other.address,
+            wait_ms = wait,
+            "another process is registered on this store, live: waiting for its lease to lapse \
+             (the run before this one, killed?)"
+        );
+        waited_for = Some((id, other.lease_until_ms));
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+    }
+}
+
+/// A process's record in the node registry, as it claimed it ([`claim_node_id`]).
+pub struct Registered {
+    pub store: MessageStore,
+    pub node: String,
+    pub record: NodeRecord,
+    /// How long the record stays live without renewal (`--shard-lease`).
+    pub lease: Duration,
+}
+
+/// Renews `registered` every third of its lease, in a loop of `loops`, with the connections
+/// `metrics` count (none without); notifies `lapsed` when a renewal found the record had
+/// lapsed meanwhile; exits the process if another process took the id then (two processes
+/// must never serve as one node); and forgets dead nodes once a lease. Once `leaving` is set,
+/// the record ends at once and is renewed no more.
+pub fn keep_registration(
+    loops: &BackgroundLoops,
+    registered: Registered,
+    lapsed: Arc<tokio::sync::Notify>,
+    metrics: Option<Arc<Metrics>>,
+    leaving: tokio::sync::watch::Receiver<bool>,
+) {
+    let Registered {
+        store,
+        node,
+        record: registration,
+        lease,
+    } = registered;
+    let lease_ms = lease.as_millis() as u64;
+    // Stops at once when cancelled; restarted if it fails: it keeps no state (a restarted
+    // loop counts its lease from its start, so it may miss a lapse of the run before).
+    loops.spawn("renew node registration", move |cancel| {
+        let (store, node, registration) = (store.clone(), node.clone(), registration.clone());
+        let (lapsed, metrics, mut leaving) = (lapsed.clone(), metrics.clone(), leaving.clone());
+        async move {
+            let renew = async {
+                let mut rounds = tokio::time::interval(lease / 3);
+                let mut deadline = now_ms() + lease_ms;
+                let mut round: u32 = 0;
+                rounds.tick().await;
+                loop {
+                    tokio::select! {
+                        _ = rounds.tick() => {}
+                        _ = leaving.wait_for(|leaving| *leaving) => break,
+                    }
+                    let now = now_ms();
+                    let record = NodeRecord {
+                        connections: metrics
+                            .as_ref()
+                            .map_or(0, |m| m.connections.get().max(0) as u64),
+                        ..leased(&registration, now + lease_ms)
+                    };
+                    match store.claim_node(&node, &record, now).await {
+                        Ok(Claim::HeldBy(other)) => {
+                            // This process's lease had lapsed (it was paused, or cut off
+                            // from the store) and another process took the id: two
+                            // processes must never serve as one node.
+                            tracing::error!(
+                                node = %node,
+                                other = %other.address,
+                                "another process registered as this node while its lease had lapsed; exiting"
+                            );
+                            std::process::exit(1);
+                        }
+                        Ok(Claim::Registered) if now >= deadline => {
+                            tracing::warn!(
+                                late_ms = now - deadline,
+                                "the node's registration had lapsed (paused, or cut off from the store)"
+                            );
+                            lapsed.notify_one();
+                            deadline = now + lease_ms;
+                        }
+                        Ok(Claim::Registered) => deadline = now + lease_ms,
+                        Err(e) => tracing::warn!(error = %e, "renewing the node's registration failed; retrying"),
+                    }
+                    round += 1;
+                    if round.is_multiple_of(FORGET_EVERY_ROUNDS) {
+                        forget_dead_nodes(&store, &node, now, lease_ms).await;
+                    }
+                }
+                // Left: the callers that find this node in the registry stop choosing it.
+                let now = now_ms();
+                if let Err(e) = store.claim_node(&node, &leased(&registration, now), now).await {
+                    tracing::warn!(error = %e, "ending the node's registration failed; it lapses with its lease");
+                }
+                std::future::pending::<()>().await;
+            };
+            cancel.run_until_cancelled(renew).await;
+        }
+    });
 }
 
 /// The sequencer role until SIGTERM or Ctrl-C: takes shards, serves appends and the admin API

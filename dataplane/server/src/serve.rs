@@ -21,9 +21,10 @@
 //!    last of them; a notifier pass in progress finishes. They get until the drain deadline, at
 //!    least [`LOOP_GRACE`]; a loop still running then is aborted and logged at `error`.
 //! 4. The embedded store notes which conversations its cache of recent events holds, so that
-//!    the next start reads them back (`courier_store::KvEngine::closing`). A cluster node ends
-//!    its record in the node registry, and last the FoundationDB client's network thread stops
-//!    ([`stop_store_client`]: nothing uses the store any more).
+//!    the next start reads them back (`courier_store::KvEngine::closing`). The process ends
+//!    its record in the node registry (a cluster node, or a server on a shared store), and
+//!    last the FoundationDB client's network thread stops ([`stop_store_client`]: nothing
+//!    uses the store any more).
 //! 5. The process exits 0, or 1 when a background loop was given up (its supervisor then
 //!    restarts it from a clean state).
 //!
@@ -44,11 +45,13 @@ use crate::config::{PublicKeyAlgorithm, ServeConfig, StoreKind};
 use crate::http::{AppState, ClientAuth, PushProviderNames, router, with_web_app};
 use crate::media_api::{self, MediaApi};
 use crate::media_proxy::{self, MediaProxy};
+use crate::node;
 use anyhow::Context as _;
 use axum::serve::ListenerExt;
 use courier_chat::receipts::ReceiptRelay;
 use courier_chat::{Chat, ChatBinding};
 use courier_core::auth::{self, TokenVerifier};
+use courier_core::clock::now_ms;
 use courier_core::context::Context;
 use courier_core::gateways::Gateways;
 use courier_core::leases::JobLead;
@@ -228,12 +231,63 @@ pub struct Cluster {
     pub metrics: Arc<Metrics>,
 }
 
-/// `courier serve`: every role in one process.
+/// `courier serve`: every role in one process. On a store other processes reach (`--store
+/// remote` or `fdb`) the server registers in the node registry first, and does not start
+/// while another process serves that store ([`node::claim_the_server`]); the embedded store's
+/// lock file keeps it to one process.
 pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     config.validate()?;
     let store = open_store(&config).await?;
     let listener = bind_http(config.listen, config.listen_backlog)?;
-    let result = run_client_roles(config.clone(), store, listener, None).await;
+    if config.store == StoreKind::Embedded {
+        return run_client_roles(config, store, listener, None).await;
+    }
+    let registration = NodeRecord {
+        roles: vec![node::SERVE_ROLE.to_owned()],
+        address: listener.local_addr()?.to_string(),
+        lease_until_ms: 0,
+        started_ms: now_ms(),
+        connections: 0,
+        http_address: String::new(),
+        push_providers: Vec::new(),
+        instance: rand::random::<u64>() | 1,
+    };
+    let lease = config.shard_lease;
+    node::claim_the_server(
+        &store,
+        &config.node_id,
+        &registration,
+        lease.as_millis() as u64,
+    )
+    .await?;
+    let loops = BackgroundLoops::new();
+    // Set never: the record lives as long as the process, and ends below.
+    let (_stay, staying) = watch::channel(false);
+    node::keep_registration(
+        &loops,
+        node::Registered {
+            store: store.clone(),
+            node: config.node_id.clone(),
+            record: registration.clone(),
+            lease,
+        },
+        Arc::new(tokio::sync::Notify::new()),
+        None,
+        staying,
+    );
+    let result = run_client_roles(config.clone(), store.clone(), listener, None).await;
+    loops
+        .shutdown(tokio::time::Instant::now() + std::time::Duration::from_secs(5))
+        .await;
+    // Ended now, so that a restart need not wait for it to lapse.
+    let now = now_ms();
+    let ended = NodeRecord {
+        lease_until_ms: now,
+        ..registration
+    };
+    if let Err(e) = store.claim_node(&config.node_id, &ended, now).await {
+        tracing::warn!(error = %e, "ending the server's registration failed; it lapses with its lease");
+    }
     stop_store_client(&config);
     result
 }
