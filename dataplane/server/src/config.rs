@@ -235,6 +235,13 @@ pub const MAX_SHARD_QUEUE: usize = tokio::sync::Semaphore::MAX_PERMITS;
 /// The drain window of a cluster gateway unless `--drain-window` says otherwise.
 pub const CLUSTER_DRAIN_WINDOW: Duration = Duration::from_secs(60);
 
+/// The longest `--drain-window`: past a day a drain is a mistake, not a plan (and a window
+/// near `Duration::MAX` overflowed when the default timeout was added to it, a panic at start).
+pub const MAX_DRAIN_WINDOW: Duration = Duration::from_secs(24 * 3600);
+
+/// The longest `--drain-timeout`: the longest window and its default tail.
+pub const MAX_DRAIN_TIMEOUT: Duration = MAX_DRAIN_WINDOW.saturating_add(DRAIN_TAIL);
+
 /// What `--drain-timeout` adds to the drain window by default: the last batch's connections
 /// answer their accepted sends (each waits at most the send timeout, 10 s) and close.
 pub const DRAIN_TAIL: Duration = Duration::from_secs(25);
@@ -324,6 +331,24 @@ impl ServeConfig {
             "--media-sweep-interval must be longer than 0s (keep unreferenced media longer \
              with --media-unreferenced-ttl)"
         );
+        // Added to the time of the signal, a timeout near `Duration::MAX` overflowed: the
+        // process panicked on SIGTERM instead of draining (and a window as long, at start).
+        if let Some(window) = self.drain_window {
+            anyhow::ensure!(
+                window <= MAX_DRAIN_WINDOW,
+                "--drain-window ({}) must be at most {}",
+                humantime::format_duration(window),
+                humantime::format_duration(MAX_DRAIN_WINDOW),
+            );
+        }
+        if let Some(timeout) = self.drain_timeout {
+            anyhow::ensure!(
+                timeout <= MAX_DRAIN_TIMEOUT,
+                "--drain-timeout ({}) must be at most {}",
+                humantime::format_duration(timeout),
+                humantime::format_duration(MAX_DRAIN_TIMEOUT),
+            );
+        }
         self.media.validate()?;
         anyhow::ensure!(
             self.media.media_min_free_disk >= self.min_free_disk,
@@ -373,7 +398,9 @@ impl ServeConfig {
             Duration::ZERO
         };
         let window = self.drain_window.unwrap_or(default_window);
-        let timeout = self.drain_timeout.unwrap_or(window + DRAIN_TAIL);
+        let timeout = self
+            .drain_timeout
+            .unwrap_or(window.saturating_add(DRAIN_TAIL));
         anyhow::ensure!(
             timeout > window,
             "--drain-timeout ({}) must be longer than the drain window ({}): the connections \
@@ -524,6 +551,26 @@ mod tests {
         }
         // The largest taken is one a channel can be made with.
         drop(tokio::sync::mpsc::channel::<()>(MAX_SHARD_QUEUE));
+    }
+
+    /// A drain window or timeout too long to add to a clock's time (u64::MAX seconds, meant as
+    /// "never give up") panicked: the window at start, the timeout on SIGTERM, where the
+    /// connections were then dropped without `reconnect`. Refused at start, naming the flag,
+    /// as is anything past a day.
+    #[test]
+    fn a_drain_window_or_timeout_past_a_day_is_refused() {
+        let forever = format!("{}s", u64::MAX);
+        for (flag, longest) in [("--drain-window", "24h"), ("--drain-timeout", "24h 25s")] {
+            validated(&[flag, longest]).unwrap();
+            for value in ["24h 26s", "30days", forever.as_str()] {
+                let refused = validated(&[flag, value]).unwrap_err().to_string();
+                assert!(refused.contains(flag), "{flag} {value}: {refused}");
+            }
+        }
+        // The longest window with its default timeout drains.
+        let args = ["courier", "--drain-window", "24h"];
+        let config = Serve::try_parse_from(args).unwrap().config;
+        config.drain(true).unwrap();
     }
 
     /// On S3 the sweeper moves unused bytes aside with a copy, which S3 does in one request
