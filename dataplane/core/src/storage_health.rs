@@ -92,27 +92,33 @@ impl StorageHealth {
         })
     }
 
-    /// Samples free space now (once the directories exist) and every [`SAMPLE_INTERVAL`]
-    /// until `loops` shuts down.
+    /// Samples free space now (once the directories exist), before the node says it is ready,
+    /// and every [`SAMPLE_INTERVAL`] until `loops` shuts down: sampled first by the loop, a
+    /// node on a nearly full disk answered ready and took sends until the loop ran.
     pub fn start(self: &Arc<Self>, loops: &BackgroundLoops) {
+        self.sample();
         let health = self.clone();
         loops.spawn("storage free-space watch", move |cancel| {
             let health = health.clone();
             async move {
                 let sample = async {
-                    let mut tick = tokio::time::interval(SAMPLE_INTERVAL);
+                    let start = tokio::time::Instant::now() + SAMPLE_INTERVAL;
+                    let mut tick = tokio::time::interval_at(start, SAMPLE_INTERVAL);
                     loop {
                         tick.tick().await;
-                        health
-                            .store_disk
-                            .iter()
-                            .chain(&health.media_disk)
-                            .for_each(Watched::sample);
+                        health.sample();
                     }
                 };
                 cancel.run_until_cancelled(sample).await;
             }
         });
+    }
+
+    fn sample(&self) {
+        self.store_disk
+            .iter()
+            .chain(&self.media_disk)
+            .for_each(Watched::sample);
     }
 
     fn halted(&self) -> Result<(), ApiError> {
@@ -157,5 +163,26 @@ impl StorageHealth {
     /// Alive: the store has not halted (else only a restart helps).
     pub fn alive(&self) -> bool {
         self.store.halted().is_none()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use courier_store::embedded::EmbeddedEngine;
+
+    /// The node says it is ready once its roles have started: a disk already below the
+    /// watermark refuses sends from then on, not from the loop's first turn.
+    #[tokio::test]
+    async fn a_disk_below_the_watermark_refuses_sends_as_soon_as_the_watch_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        let kv = Arc::new(EmbeddedEngine::open(&dir.path().join("s")).unwrap());
+        let store = MessageStore::open(kv, b"", 4).await.unwrap();
+        let health = StorageHealth::new(store, Some(dir.path().into()), u64::MAX, None, 0);
+        assert!(health.check_send().is_ok(), "nothing sampled yet");
+
+        let loops = BackgroundLoops::new();
+        health.start(&loops);
+        assert!(health.check_send().is_err());
     }
 }
