@@ -107,8 +107,8 @@ pub struct ServeConfig {
     /// most of its time waiting for a read's round trip.
     #[arg(long, env = "COURIER_FANOUT_WORKERS")]
     pub fanout_workers: Option<usize>,
-    /// Sends per second per user (0: unlimited); creating a group, adding and removing members
-    /// count as sends (leaving a group does not).
+    /// Sends per second per user (0: unlimited); deletes for everyone, creating a group, adding
+    /// and removing members count as sends (leaving a group does not).
     #[arg(long, env = "COURIER_USER_SENDS_PER_SEC", default_value_t = 100)]
     pub user_sends_per_sec: u32,
     /// Burst of sends per user.
@@ -127,7 +127,7 @@ pub struct ServeConfig {
     /// Burst of frames per connection.
     #[arg(long, env = "COURIER_CONNECTION_FRAMES_BURST", default_value_t = 600)]
     pub connection_frames_burst: u32,
-    /// Typing frames per second per connection; more are dropped.
+    /// Typing frames per second per connection (0: unlimited); more are dropped.
     #[arg(long, env = "COURIER_TYPING_PER_SEC", default_value_t = 5)]
     pub typing_per_sec: u32,
     /// Most members of a group.
