@@ -44,7 +44,8 @@ use tonic::codegen::InterceptedService;
 use tonic::transport::Endpoint;
 use tonic::{Request, Response, Status};
 
-/// Longest wait for the target of a move to take the shard.
+/// Longest wait for the target of a move to take the shard, and to connect to it (a target
+/// that drops packets otherwise held the move for the kernel's connect retries, ~2 min).
 const TAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct AdminService {
@@ -132,6 +133,7 @@ impl AdminService {
     async fn tell_to_take(&self, id: &str, address: &str) -> Result<Vec<u32>, Status> {
         let channel = Endpoint::from_shared(format!("http://{address}"))
             .map_err(|e| Status::internal(format!("node {id} has an invalid address: {e}")))?
+            .connect_timeout(TAKE_TIMEOUT)
             .timeout(TAKE_TIMEOUT)
             .connect()
             .await
