@@ -498,7 +498,7 @@ fn front_node(store: &impl ClusterStore, dir: &Path) -> Server {
     gateway_node(store, dir, "front", "gateway,chat,fanout,push,media", &[])
 }
 
-/// A node with the client port, `id`, running `roles`, on `store`.
+/// A node with the client port, `id`, running `roles`, on `store`, with `extra` arguments.
 fn gateway_node(
     store: &impl ClusterStore,
     dir: &Path,
@@ -510,8 +510,6 @@ fn gateway_node(
     let mut args: Vec<String> = [
         "--node-id",
         id,
-        "--shard-lease",
-        LEASE,
         "--shards",
         SHARDS,
         "--jwt-secret",
@@ -523,6 +521,10 @@ fn gateway_node(
     .chain(extra)
     .map(|s| s.to_string())
     .collect();
+    // A `--shard-lease` in `extra` replaces the test's.
+    if !extra.contains(&"--shard-lease") {
+        args.extend(["--shard-lease".to_owned(), LEASE.to_owned()]);
+    }
     args.extend(store.args());
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     Server::start_as(&["node", "--roles", roles], dir, &args)
@@ -1185,6 +1187,104 @@ async fn two_gateways_and_two_fanout_nodes_deliver_across_nodes_through_fanout_a
     assert_eq!(seqs, dense, "every sent is stored once, densely");
     // The history, read from scratch on the surviving gateway.
     check_history(&ga, &users(&["bob"]), &[wanted.into_iter().collect()]).await;
+}
+
+/// A gateway node that renews its lease but that the fanout nodes cannot reach (an asymmetric
+/// partition, a wrong `--advertise`: here an address nothing listens on) failed every batch
+/// with one of its devices among the recipients, as a whole: the shard's outbox was handed
+/// again and again (to the healthy gateways too) and never passed, so once its oldest entry was
+/// older than `--outbox-lag-limit` every send to the shard was refused as behind, whoever the
+/// recipients. Fanout now ends the lease of a gateway whose calls all failed for
+/// `GATEWAY_UNREACHABLE_AFTER` while another gateway took its calls, and skips it: the shard
+/// goes on, and the gateway, seeing its lease ended, tells its clients to reconnect; they
+/// catch up elsewhere.
+#[tokio::test]
+async fn a_gateway_the_fanout_cannot_reach_loses_its_lease_and_holds_back_no_one_else() {
+    use courier_client::proto::ServerFrame;
+    let (dir, store) = store_node();
+    // Leases longer than the other tests': no lapse under load but the one fanout makes.
+    let lease = ["--shard-lease", "3s"];
+    let sequencer = InternalNode::start_with(
+        &[],
+        "sequencer",
+        "s1",
+        "127.0.0.2",
+        &store,
+        dir.path(),
+        &[&lease[..], &["--outbox-lag-limit", "1s"]].concat(),
+    );
+    let _fanout =
+        InternalNode::start_with(&[], "fanout", "f1", "127.0.0.3", &store, dir.path(), &lease);
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let ga = gateway_node(&store, dirs[0].path(), "ga", "gateway,chat", &lease);
+    let nowhere = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let gb = gateway_node(
+        &store,
+        dirs[1].path(),
+        "gb",
+        "gateway",
+        &[&lease[..], &["--advertise", &nowhere]].concat(),
+    );
+    let conv = ga
+        .http("carol", "phone")
+        .create_group("g", &users(&["alice", "bob"]))
+        .await
+        .unwrap();
+    let mut alice = gb.connect("alice", "phone").await;
+    alice.events_until_sync_done().await.unwrap();
+    let mut bob = ga.connect("bob", "phone").await;
+    bob.events_until_sync_done().await.unwrap();
+    let mut carol = ga.connect("carol", "phone").await;
+    carol.events_until_sync_done().await.unwrap();
+
+    // m1 reaches bob (his gateway takes its part of each batch; the batch fails as a whole),
+    // but the shard's outbox does not pass it: the shard falls behind.
+    let target = Target::Conversation(conv.clone());
+    let mut sent = Vec::new();
+    let seq = send_until_taken(&mut carol, target.clone(), "m1", None).await;
+    sent.push(("m1".to_string(), seq));
+    read_live(&mut bob, &["m1".to_string()]).await;
+    until("the group's shard is behind", || async {
+        probe_metric(&sequencer, "courier_sequencer_shards_behind").await >= 1
+    })
+    .await;
+    // Before, it stayed behind, refusing every send for good. Now fanout gives up on alice's
+    // gateway: the shard goes on (the send is refused as behind until then, and retried).
+    let seq = send_until_taken(&mut carol, target.clone(), "m2", None).await;
+    sent.push(("m2".to_string(), seq));
+    read_live(&mut bob, &["m2".to_string()]).await;
+
+    // alice's gateway sees its lease ended: it tells her to reconnect, and closes.
+    let after_ms = loop {
+        match alice.next_frame_within(WAIT).await {
+            Ok(ServerFrame::Reconnect(r)) => break r.after_ms,
+            Ok(_) => continue,
+            Err(e) => panic!("alice's gateway never told her to reconnect: {e}"),
+        }
+    };
+    assert!(after_ms < 2000, "after_ms within the jitter: {after_ms}");
+    let closed = alice.next_frame_within(WAIT).await.unwrap_err();
+    assert!(closed.to_string().contains("1001"), "closed: {closed}");
+
+    // She reconnects to the healthy gateway and catches up; what follows reaches her live.
+    let mut alice = ga.connect("alice", "phone").await;
+    let caught_up: BTreeSet<u64> = alice
+        .events_until_sync_done()
+        .await
+        .unwrap()
+        .iter()
+        .map(|event| event.seq)
+        .collect();
+    for (id, seq) in &sent {
+        assert!(caught_up.contains(seq), "alice caught up with {id}");
+    }
+    send_until_taken(&mut carol, target, "m3", None).await;
+    read_live(&mut alice, &["m3".to_string()]).await;
+    read_live(&mut bob, &["m3".to_string()]).await;
 }
 
 /// A group's send rate is kept by the owner of its shard (a sequencer node), so two members

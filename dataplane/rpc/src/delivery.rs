@@ -5,20 +5,38 @@
 //! - [`ClusterGateways`]: the [`Gateways`] every node of a cluster uses. It resolves the
 //!   recipients' devices to gateway nodes through the route registry in the store
 //!   (`courier_store::routes`) and sends **one batch per gateway**; the devices on this node's
-//!   own gateway are reached in-process. A gateway that does not take a batch is skipped only
-//!   if its node lease lapsed by the registry read afresh: it has lost its connections, or
+//!   own gateway are reached in-process. A gateway that does not take a batch is skipped if
+//!   its node lease lapsed by the registry read afresh: it has lost its connections, or
 //!   tells them to reconnect when it notices (they catch up); otherwise the batch fails and
-//!   fanout hands it again.
+//!   fanout hands it again (for a live gateway, at most [`GATEWAY_UNREACHABLE_AFTER`]: below).
 //! - [`FanoutService`] and [`CommitNotifier`]: how a chat node tells the fanout node that
 //!   drains a shard's outbox (its [`Duty::Delivery`] owner), and the node leading the push
 //!   notifier, that the shard has new events. Notices are batched per node; a lost notice only
 //!   delays delivery (or a push) until the owner's (the lead's) next lease round, when it
 //!   looks at every shard it owns (every shard).
 //!
+//! **A gateway that stays live but takes nothing.** A gateway node that renews its lease in
+//! the store but that this node cannot reach (an asymmetric partition, a wrong `--advertise`,
+//! a firewall) would fail every batch with one of its devices among the recipients, for
+//! good: the shards of those batches would deliver to no one, and refuse every send once
+//! past `--outbox-lag-limit`. So each node remembers, per gateway node, since when its calls
+//! have failed without a success; once that is [`GATEWAY_UNREACHABLE_AFTER`], and a call to
+//! another gateway node succeeded since they began to fail, it ends the gateway's lease in the
+//! store (`MessageStore::end_node_lease`, fenced on the record read) and skips it, as it
+//! skips a lapsed one, with a warning naming the gateway and the reason. Without that
+//! evidence this node may be the one cut off (from every gateway): it blames none, and goes
+//! on handing the batch (ending every gateway's lease would send every client of the cluster
+//! to reconnect again and again).
+//! Nothing is lost: the gateway sees its lease ended at its next renewal and tells every
+//! connection to `reconnect` (they catch up from their cursors, on any gateway), and a
+//! connection also fills its gaps on a later event. A gateway that goes on failing has its
+//! lease ended again at its next failed call.
+//!
 //! **Bounds.** A delivery waits for every gateway it involves (at most [`CALL_TIMEOUT`] each).
 //! Offers and unlinks are sent in the background, at most [`OFFERS_IN_FLIGHT`] at a time; an
 //! offer beyond that counts as refused (a receipt is then held and offered again, typing is
-//! lost). Notices wait in one map of shards (bounded by the shard count).
+//! lost). Notices wait in one map of shards (bounded by the shard count). Failing gateways are
+//! remembered in one map of nodes (bounded by the registry: a node gone from it is dropped).
 
 use crate::auth::{AttachToken, RequireToken};
 use crate::lock;
@@ -37,7 +55,7 @@ use courier_core::membership::Members;
 use courier_core::sequencing::CommitListener;
 use courier_proto::{Encoding, Event, pb};
 use courier_store::leaders::Job;
-use courier_store::nodes::NodeRecord;
+use courier_store::nodes::{LeaseEnd, NodeRecord};
 use courier_store::ownership::Duty;
 use courier_store::{MessageStore, StoreError};
 use prost::Message;
@@ -51,6 +69,12 @@ use tonic::{Request, Response, Status};
 
 /// Longest wait for a gateway to take a batch.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a live gateway node may fail every delivery call before this node ends its lease
+/// and skips it (see the module documentation): three calls that time out, far longer than a
+/// blip of the network or a gateway's restart, well within the default `--outbox-lag-limit`
+/// (30 s) past which the shards held back by it would refuse sends.
+pub const GATEWAY_UNREACHABLE_AFTER: Duration = CALL_TIMEOUT.saturating_mul(3);
 
 /// Offers and unlinks on their way to other gateways at once.
 pub const OFFERS_IN_FLIGHT: usize = 1024;
@@ -219,12 +243,29 @@ impl Directory {
     }
 }
 
+/// Since when a gateway node's delivery calls have failed without a success.
+struct Failing {
+    /// The gateway's process (`NodeRecord::instance`): a new process starts a new count.
+    instance: u64,
+    /// The first failure of the run.
+    since: Instant,
+    /// The latest failure: a run with a gap longer than [`GATEWAY_UNREACHABLE_AFTER`] (no
+    /// call was made meanwhile) starts again.
+    last: Instant,
+}
+
 /// The [`Gateways`] of a cluster node (see the module documentation).
 pub struct ClusterGateways {
     directory: Arc<Directory>,
     /// This node's id and its own gateway, when it runs the gateway role.
     local: Option<(String, Arc<dyn Gateways>)>,
     offers: Arc<Semaphore>,
+    /// Per gateway node whose delivery calls fail, since when. Cleared on a success; holds
+    /// only nodes of the registry (bounded by its size).
+    failing: Mutex<HashMap<String, Failing>>,
+    /// When a call to another gateway node last succeeded: this node's evidence that it can
+    /// reach gateways, before it blames one for its failures.
+    reached_any: Mutex<Option<Instant>>,
 }
 
 impl ClusterGateways {
@@ -239,6 +280,47 @@ impl ClusterGateways {
             directory: Arc::new(Directory::new(store, token)),
             local,
             offers: Arc::new(Semaphore::new(OFFERS_IN_FLIGHT)),
+            failing: Mutex::default(),
+            reached_any: Mutex::default(),
+        }
+    }
+
+    /// Records a failed delivery call to `gateway` (its process `instance`), and tells whether
+    /// it is unreachable: its calls have failed without a success for
+    /// [`GATEWAY_UNREACHABLE_AFTER`], while a call to another gateway node succeeded since
+    /// they began to (else this node may be the one cut off: it blames no gateway). Forgets
+    /// the gateways gone from the registry `nodes` meanwhile.
+    fn failed(
+        &self,
+        gateway: &str,
+        instance: u64,
+        nodes: &Nodes,
+        now: Instant,
+    ) -> Option<Duration> {
+        let reached_any = *lock(&self.reached_any);
+        let mut failing = lock(&self.failing);
+        failing.retain(|id, _| nodes.contains_key(id));
+        let run = failing.entry(gateway.to_owned()).or_insert(Failing {
+            instance,
+            since: now,
+            last: now,
+        });
+        if run.instance != instance || now.duration_since(run.last) > GATEWAY_UNREACHABLE_AFTER {
+            run.instance = instance;
+            run.since = now;
+        }
+        run.last = now;
+        let failing_for = now.duration_since(run.since);
+        (failing_for >= GATEWAY_UNREACHABLE_AFTER && reached_any.is_some_and(|at| at > run.since))
+            .then_some(failing_for)
+    }
+
+    /// Forgets the failures of `gateway`: a call to it succeeded `now`.
+    fn reached(&self, gateway: &str, now: Instant) {
+        *lock(&self.reached_any) = Some(now);
+        let mut failing = lock(&self.failing);
+        if !failing.is_empty() {
+            failing.remove(gateway);
         }
     }
 
@@ -388,17 +470,52 @@ impl Gateways for ClusterGateways {
                 let mut client = directory.gateway(&address)?;
                 let reason = match tokio::time::timeout(CALL_TIMEOUT, client.deliver(request)).await
                 {
-                    Ok(Ok(_)) => return Ok(()),
+                    Ok(Ok(_)) => {
+                        self.reached(gateway, Instant::now());
+                        return Ok(());
+                    }
                     Ok(Err(status)) => status.message().to_owned(),
                     Err(_) => format!("no answer within {CALL_TIMEOUT:?}"),
                 };
                 // A gateway whose lease lapsed (by the registry as it is now, not a cached
                 // copy) has lost its connections, or drops them when it notices: skip it.
-                // Any other failure hands the batch again.
-                let fresh = directory.nodes_now().await?;
-                if Directory::live_address(&fresh, gateway).is_none() {
+                // Its failures count all the same: one whose lease was ended (by this node
+                // or another) and that registered again goes on failing.
+                let skip_lapsed = || {
                     tracing::info!(gateway, %reason, "skipped a gateway whose lease lapsed");
-                    return Ok(());
+                    Ok(())
+                };
+                // Judged at the time the read began: a slow read must not make a live lease
+                // look lapsed.
+                let read_at = now_ms();
+                let fresh = directory.nodes_now().await?;
+                let Some(record) = fresh.get(gateway) else {
+                    return skip_lapsed();
+                };
+                let unreachable = self.failed(gateway, record.instance, &fresh, Instant::now());
+                if !record.is_live(read_at) {
+                    return skip_lapsed();
+                }
+                // A live gateway that failed every call for long enough, while others took
+                // theirs, has its lease ended, and is skipped as a lapsed one: it tells its
+                // connections to reconnect when it sees it. Any other failure hands the batch
+                // again.
+                if let Some(failing_for) = unreachable {
+                    match directory.store.end_node_lease(gateway, record, now_ms()).await? {
+                        LeaseEnd::Ended => {
+                            tracing::warn!(
+                                gateway,
+                                %reason,
+                                failing_for = ?failing_for,
+                                "ended the lease of a live gateway node that took no delivery for {GATEWAY_UNREACHABLE_AFTER:?}, and skipped it: its clients reconnect and catch up"
+                            );
+                            return Ok(());
+                        }
+                        // Renewed since it was read: its lease is ended at its next failure.
+                        LeaseEnd::Changed(renewed) if renewed.is_live(now_ms()) => {}
+                        // Ended by another node meanwhile, or gone.
+                        _ => return skip_lapsed(),
+                    }
                 }
                 Err(DeliveryError::Gateway {
                     gateway: gateway.to_owned(),
@@ -406,7 +523,14 @@ impl Gateways for ClusterGateways {
                 })
             }
         });
-        futures::future::try_join_all(calls).await.map(drop)
+        // Every call runs to its end, failed or not: the gateways that take their part have
+        // it at once (and tell this node it reaches gateways), not when the batch is handed
+        // again.
+        futures::future::join_all(calls)
+            .await
+            .into_iter()
+            .collect::<Result<Vec<()>, DeliveryError>>()
+            .map(drop)
     }
 
     fn offer<'a>(&self, offers: &[GatewayOffer<'a>]) -> Refused<'a> {
@@ -720,5 +844,57 @@ mod tests {
         let directory = Directory::new(store, token);
         let mut client = directory.gateway(&address.to_string()).unwrap();
         client.deliver(request).await.unwrap();
+    }
+    /// A gateway is blamed for its failures once they lasted [`GATEWAY_UNREACHABLE_AFTER`]
+    /// and another gateway took a call since they began; a node that reaches no gateway (it
+    /// may be the one cut off) blames none: it would end every gateway's lease again and
+    /// again, and send every client of the cluster to reconnect.
+    #[tokio::test]
+    async fn a_gateway_is_unreachable_once_it_failed_for_long_while_another_took_its_calls() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = courier_store::embedded::EmbeddedEngine::open(dir.path()).unwrap();
+        let store = MessageStore::open(Arc::new(engine), b"", 4).await.unwrap();
+        let gateways = ClusterGateways::new(store, None, ClusterToken::new(TOKEN).unwrap());
+        let nodes: Nodes = ["g1", "g2"]
+            .into_iter()
+            .map(|id| (id.to_owned(), NodeRecord::default()))
+            .collect();
+        let t0 = Instant::now();
+        let at = |secs: u64| t0 + Duration::from_secs(secs);
+        for secs in [0, 5, 10, 15] {
+            assert_eq!(
+                gateways.failed("g1", 1, &nodes, at(secs)),
+                None,
+                "no other gateway reached: this node may be the one cut off"
+            );
+        }
+        gateways.reached("g2", at(16));
+        assert_eq!(
+            gateways.failed("g1", 1, &nodes, at(17)),
+            Some(Duration::from_secs(17))
+        );
+        // A success clears the count.
+        gateways.reached("g1", at(18));
+        assert_eq!(gateways.failed("g1", 1, &nodes, at(19)), None);
+        gateways.reached("g2", at(20));
+        for secs in [25, 30] {
+            assert_eq!(gateways.failed("g1", 1, &nodes, at(secs)), None);
+        }
+        assert_eq!(
+            gateways.failed("g1", 1, &nodes, at(34)),
+            Some(Duration::from_secs(15))
+        );
+        // A new process under the id, or failures after a long gap, start a new count.
+        assert_eq!(gateways.failed("g1", 2, &nodes, at(35)), None);
+        gateways.reached("g2", at(36));
+        assert_eq!(
+            gateways.failed("g1", 2, &nodes, at(60)),
+            None,
+            "after a gap"
+        );
+        // A node gone from the registry is forgotten.
+        let without: Nodes = [("g2".to_owned(), NodeRecord::default())].into();
+        gateways.failed("g2", 1, &without, at(61));
+        assert!(!lock(&gateways.failing).contains_key("g1"));
     }
 }

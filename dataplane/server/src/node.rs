@@ -28,7 +28,10 @@
 //! Every node registers itself in the store (id, roles, internal address, lease) and renews
 //! its registration every third of `--shard-lease`; a node that dies is seen as gone once it
 //! lapses, and is forgotten (its record removed) [`FORGET_AFTER_LEASES`] leases later by the
-//! registration loops of the live nodes. Every node serves the admin API (`admin.rs`) on its
+//! registration loops of the live nodes. A node whose lease another node ended (a fanout node
+//! that could not deliver to this gateway, `courier_rpc::delivery`) sees it at its next
+//! renewal, by the lease it finds shorter than the one it wrote, takes it for a lapse (a
+//! gateway tells its connections to reconnect) and registers again. Every node serves the admin API (`admin.rs`) on its
 //! internal port. A cluster node needs a store it shares with the others, its own `--node-id`,
 //! and the cluster token.
 
@@ -307,6 +310,99 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
     result
 }
 
+/// The node's registration loop: renews `registration` as `node` every third of `lease`
+/// (with the connections open, from `metrics`) until `leaving` is set, then ends it. A
+/// renewal that finds the lease lapsed, or ended by another node, notifies `lapsed` (a
+/// gateway tells its connections to reconnect). Once a lease, forgets the dead nodes. A
+/// process that finds its id taken by another while its lease had lapsed exits.
+async fn renew_registration(
+    store: &MessageStore,
+    node: &str,
+    registration: &NodeRecord,
+    lease: Duration,
+    lapsed: &tokio::sync::Notify,
+    metrics: Option<&Metrics>,
+    leaving: &mut tokio::sync::watch::Receiver<bool>,
+) {
+    let lease_ms = lease.as_millis() as u64;
+    let mut rounds = tokio::time::interval(lease / 3);
+    let mut deadline = now_ms() + lease_ms;
+    // The lease this loop last wrote: a record found with a shorter one had its lease ended by
+    // another node (a fanout node that could not reach this one). A restarted loop knows none
+    // until its first renewal.
+    let mut written: Option<u64> = None;
+    let mut round: u32 = 0;
+    rounds.tick().await;
+    loop {
+        tokio::select! {
+            _ = rounds.tick() => {}
+            _ = leaving.wait_for(|leaving| *leaving) => break,
+        }
+        let now = now_ms();
+        let record = NodeRecord {
+            connections: metrics.map_or(0, |m| m.connections.get().max(0) as u64),
+            ..leased(registration, now + lease_ms)
+        };
+        let claim = store.claim_node(node, &record, now).await;
+        // The write landed at the latest now: the lease it renewed lapsed meanwhile if it ran
+        // out before (the other nodes may have seen it lapsed, skipped this node's deliveries
+        // and swept its routes). Judged by the time the renewal began, a slow write would hide
+        // that lapse.
+        let renewed_by = now_ms();
+        match claim {
+            Ok(Claim::HeldBy(other)) => {
+                // This process's lease had lapsed (it was paused, or cut off from the store)
+                // and another process took the id: two processes must never serve as one node.
+                tracing::error!(
+                    node = %node,
+                    other = %other.address,
+                    "another process registered as this node while its lease had lapsed; exiting"
+                );
+                std::process::exit(1);
+            }
+            Ok(Claim::Registered {
+                replaced_lease_until_ms,
+            }) => {
+                let ended = replaced_lease_until_ms
+                    .zip(written)
+                    .is_some_and(|(found, wrote)| found < wrote);
+                if ended {
+                    // Compared with what this process wrote, not with a clock: seen whatever
+                    // the two nodes' clocks say.
+                    tracing::warn!(
+                        ended_at_ms = replaced_lease_until_ms,
+                        "another node ended this node's lease (fanout could not deliver to it): registering again"
+                    );
+                    lapsed.notify_one();
+                } else if renewed_by >= deadline {
+                    tracing::warn!(
+                        late_ms = renewed_by - deadline,
+                        "the node's registration had lapsed (paused, or cut off from the store)"
+                    );
+                    lapsed.notify_one();
+                }
+                deadline = now + lease_ms;
+                written = Some(record.lease_until_ms);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "renewing the node's registration failed; retrying")
+            }
+        }
+        round += 1;
+        if round.is_multiple_of(FORGET_EVERY_ROUNDS) {
+            forget_dead_nodes(store, node, now, lease_ms).await;
+        }
+    }
+    // Left: the callers that find this node in the registry stop choosing it.
+    let now = now_ms();
+    if let Err(e) = store
+        .claim_node(node, &leased(registration, now), now)
+        .await
+    {
+        tracing::warn!(error = %e, "ending the node's registration failed; it lapses with its lease");
+    }
+}
+
 /// Registers the node as `node_id`, unless another live process runs under that id. A live
 /// record of another process is waited out, as the run before this one leaves it when it was
 /// killed; if that record is renewed meanwhile, a second process has the id, and this one does
@@ -324,7 +420,7 @@ async fn claim_node_id(
             .claim_node(node_id, &leased(registration, now + lease_ms), now)
             .await?
         {
-            Claim::Registered => return Ok(()),
+            Claim::Registered { .. } => return Ok(()),
             Claim::HeldBy(other) => other,
         };
         if waited_for.is_some_and(|lease_until| other.lease_until_ms > lease_until) {
@@ -377,7 +473,7 @@ pub async fn claim_the_server(
                 .claim_node(node_id, &leased(registration, now + lease_ms), now)
                 .await?
             {
-                Claim::Registered => return Ok(()),
+                Claim::Registered { .. } => return Ok(()),
                 Claim::HeldBy(other) => (node_id.to_owned(), other),
             },
         };
@@ -432,63 +528,24 @@ pub fn keep_registration(
         record: registration,
         lease,
     } = registered;
-    let lease_ms = lease.as_millis() as u64;
     // Stops at once when cancelled; restarted if it fails: it keeps no state (a restarted
-    // loop counts its lease from its start, so it may miss a lapse of the run before).
+    // loop counts its lease from its start and knows no lease it wrote, so it may miss a lapse
+    // of the run before, or its lease ended by another node: the next one ended is seen).
     loops.spawn("renew node registration", move |cancel| {
         let (store, node, registration) = (store.clone(), node.clone(), registration.clone());
         let (lapsed, metrics, mut leaving) = (lapsed.clone(), metrics.clone(), leaving.clone());
         async move {
             let renew = async {
-                let mut rounds = tokio::time::interval(lease / 3);
-                let mut deadline = now_ms() + lease_ms;
-                let mut round: u32 = 0;
-                rounds.tick().await;
-                loop {
-                    tokio::select! {
-                        _ = rounds.tick() => {}
-                        _ = leaving.wait_for(|leaving| *leaving) => break,
-                    }
-                    let now = now_ms();
-                    let record = NodeRecord {
-                        connections: metrics
-                            .as_ref()
-                            .map_or(0, |m| m.connections.get().max(0) as u64),
-                        ..leased(&registration, now + lease_ms)
-                    };
-                    match store.claim_node(&node, &record, now).await {
-                        Ok(Claim::HeldBy(other)) => {
-                            // This process's lease had lapsed (it was paused, or cut off
-                            // from the store) and another process took the id: two
-                            // processes must never serve as one node.
-                            tracing::error!(
-                                node = %node,
-                                other = %other.address,
-                                "another process registered as this node while its lease had lapsed; exiting"
-                            );
-                            std::process::exit(1);
-                        }
-                        Ok(Claim::Registered) if now >= deadline => {
-                            tracing::warn!(
-                                late_ms = now - deadline,
-                                "the node's registration had lapsed (paused, or cut off from the store)"
-                            );
-                            lapsed.notify_one();
-                            deadline = now + lease_ms;
-                        }
-                        Ok(Claim::Registered) => deadline = now + lease_ms,
-                        Err(e) => tracing::warn!(error = %e, "renewing the node's registration failed; retrying"),
-                    }
-                    round += 1;
-                    if round.is_multiple_of(FORGET_EVERY_ROUNDS) {
-                        forget_dead_nodes(&store, &node, now, lease_ms).await;
-                    }
-                }
-                // Left: the callers that find this node in the registry stop choosing it.
-                let now = now_ms();
-                if let Err(e) = store.claim_node(&node, &leased(&registration, now), now).await {
-                    tracing::warn!(error = %e, "ending the node's registration failed; it lapses with its lease");
-                }
+                renew_registration(
+                    &store,
+                    &node,
+                    &registration,
+                    lease,
+                    &lapsed,
+                    metrics.as_deref(),
+                    &mut leaving,
+                )
+                .await;
                 std::future::pending::<()>().await;
             };
             cancel.run_until_cancelled(renew).await;
@@ -890,5 +947,64 @@ fn leased(record: &NodeRecord, lease_until_ms: u64) -> NodeRecord {
     NodeRecord {
         lease_until_ms,
         ..record.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use courier_store::faulty_engine::FaultyEngine;
+
+    /// A renewal whose write lands after the lease it renews ran out (a slow store) let the
+    /// other nodes see the node lapsed meanwhile: they skipped its deliveries and swept its
+    /// routes. Judged by the time it began, the node saw no lapse and never told its
+    /// connections to reconnect.
+    #[tokio::test]
+    async fn a_renewal_that_lands_after_the_lease_ran_out_is_a_lapse() {
+        let engine = FaultyEngine::new();
+        let store = engine.store(8).await;
+        let lease = Duration::from_secs(3);
+        let lease_ms = lease.as_millis() as u64;
+        let registration = NodeRecord {
+            roles: vec!["gateway".into()],
+            address: "127.0.0.9:7500".into(),
+            instance: 7,
+            ..NodeRecord::default()
+        };
+        let now = now_ms();
+        store
+            .claim_node("g", &leased(&registration, now + lease_ms), now)
+            .await
+            .unwrap();
+        // The first renewal (a third of a lease after the loop began, its lease ending two
+        // thirds after) lands four fifths of a lease after it began: past that lease, and
+        // before the one it writes, that the next renewals keep.
+        engine.before_next_commit(Box::pin(async move {
+            let began = now_ms();
+            while now_ms() <= began + lease_ms * 4 / 5 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }));
+        let lapsed = Arc::new(tokio::sync::Notify::new());
+        let (_leave, mut leaving) = tokio::sync::watch::channel(false);
+        let renewing = {
+            let (store, lapsed) = (store.clone(), lapsed.clone());
+            tokio::spawn(async move {
+                let metrics = Metrics::new();
+                renew_registration(
+                    &store,
+                    "g",
+                    &registration,
+                    lease,
+                    &lapsed,
+                    Some(&metrics),
+                    &mut leaving,
+                )
+                .await;
+            })
+        };
+        let seen = tokio::time::timeout(Duration::from_secs(10), lapsed.notified()).await;
+        renewing.abort();
+        assert!(seen.is_ok(), "the node saw its lease lapse");
     }
 }

@@ -224,8 +224,9 @@ pub struct Cluster {
     /// Where this node's internal gRPC listens: deliveries from fanout nodes and, with
     /// `fanout`, notices of commits from chat nodes.
     pub internal: tokio::net::TcpListener,
-    /// Notified when this node renewed its registration after it had lapsed: deliveries may
-    /// have skipped its connections meanwhile, so they are told to reconnect.
+    /// Notified when this node renewed its registration after it had lapsed, or found its
+    /// lease ended by another node (a fanout node that could not deliver to it): deliveries
+    /// may have skipped its connections meanwhile, so they are told to reconnect.
     pub lapsed: Arc<tokio::sync::Notify>,
     /// The node's metrics (its registration reports the connections open).
     pub metrics: Arc<Metrics>,
@@ -870,15 +871,7 @@ fn serve_internal(
                     if let Some(own) = &own_routes {
                         own.clear_left().await;
                     }
-                    let nodes = match store.nodes().await {
-                        Ok(nodes) => nodes,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "reading the node registry failed; retrying");
-                            continue;
-                        }
-                    };
-                    let now = courier_core::clock::now_ms();
-                    if let Err(e) = sweep_lapsed_gateways(&store, &node, &nodes, now).await {
+                    if let Err(e) = sweep_round(&store, &node).await {
                         tracing::warn!(error = %e, "sweeping the routes of lapsed gateways failed; retrying");
                     }
                 }
@@ -887,6 +880,17 @@ fn serve_internal(
         }
     });
     Ok(served)
+}
+
+/// One round of the sweep of gateway `node`: reads the registry, and clears the routes of the
+/// gateways it shows lapsed when the read began ([`sweep_lapsed_gateways`]). Judged by the
+/// clock after the read, a read that returned late (a slow store, this process descheduled or
+/// paused) would show live gateways lapsed: their routes cleared while their connections stay
+/// open, never told to reconnect, as their leases never lapsed.
+async fn sweep_round(store: &MessageStore, node: &str) -> Result<(), StoreError> {
+    let now = courier_core::clock::now_ms();
+    let nodes = store.nodes().await?;
+    sweep_lapsed_gateways(store, node, &nodes, now).await
 }
 
 /// Clears the routes of every gateway node of `nodes` but `node` whose lease lapsed, those
@@ -933,4 +937,48 @@ pub fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()> + Send + 'st
     Ok(async {
         let _ = tokio::signal::ctrl_c().await;
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use courier_core::clock::now_ms;
+    use courier_store::faulty_engine::FaultyEngine;
+
+    /// A registry read that returns late (a slow store, or this process descheduled or paused
+    /// meanwhile) showed a live gateway as lapsed when judged by the clock after it: its routes
+    /// were cleared while its connections stayed open, and as its lease never lapsed it never
+    /// told them to reconnect. Its devices got no live event until they reconnected.
+    #[tokio::test]
+    async fn a_registry_read_that_returns_late_sweeps_no_live_gateways_routes() {
+        let engine = FaultyEngine::new();
+        let store = engine.store(8).await;
+        let lease_until_ms = now_ms() + 200;
+        let gateway = NodeRecord {
+            roles: vec!["gateway".into()],
+            address: "127.0.0.9:7500".into(),
+            lease_until_ms,
+            ..NodeRecord::default()
+        };
+        store.register_node("gb", &gateway).await.unwrap();
+        store
+            .add_route("bob", "phone", "gb", 1, now_ms())
+            .await
+            .unwrap();
+        // The read returns once the lease it read has run out.
+        engine.after_next_read(Box::pin(async move {
+            while now_ms() <= lease_until_ms {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }));
+        sweep_round(&store, "ga").await.unwrap();
+        assert_eq!(
+            store.routes("bob").await.unwrap().len(),
+            1,
+            "live when the read began: its route is kept"
+        );
+        // Lapsed when a later read begins: swept.
+        sweep_round(&store, "ga").await.unwrap();
+        assert!(store.routes("bob").await.unwrap().is_empty());
+    }
 }

@@ -12,6 +12,15 @@
 //! two nodes forgetting the same record at once both succeed (one reports it gone), and a
 //! node that re-registers meanwhile is kept (its record changed, the delete's fence fails).
 //! A forgotten node that comes back simply registers again.
+//!
+//! **Ending another node's lease.** A node may end a live node's lease before its time
+//! ([`MessageStore::end_node_lease`]): fanout does it to a gateway node that renews its lease
+//! but takes no delivery (`courier_rpc::delivery`). The record is then lapsed for every node,
+//! whose route sweeps clear the routes written before. The end is fenced on the record as the
+//! caller read it, so a renewal in between wins, and it never raises a lease. The node sees it
+//! at its next renewal, whatever the clocks: [`Claim::Registered`] reports the lease its own
+//! record had, shorter than the one it last wrote; it takes that for a lapse (it tells its
+//! connections to reconnect) and registers again.
 
 use crate::kv::{Batch, StoreError};
 use crate::message_store::{MessageStore, corrupt};
@@ -62,8 +71,13 @@ impl NodeRecord {
 /// What [`MessageStore::claim_node`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {
-    /// The record is this process's.
-    Registered,
+    /// The record is this process's. `replaced_lease_until_ms` is the lease of the record
+    /// this write replaced when that was this process's own (same instance), `None` when the
+    /// id was free or another process's: a lease shorter than the one the process last wrote
+    /// was ended by another node ([`MessageStore::end_node_lease`]).
+    Registered {
+        replaced_lease_until_ms: Option<u64>,
+    },
     /// Another process, live, holds the node id: its record.
     HeldBy(NodeRecord),
 }
@@ -78,6 +92,20 @@ pub enum ForgetOutcome {
     /// The node's lease ended at `lease_until_ms`, not before the time given: it is live, or
     /// lapsed too recently, or re-registered meanwhile. Nothing was removed.
     Kept { lease_until_ms: u64 },
+}
+
+/// What [`MessageStore::end_node_lease`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseEnd {
+    /// The record was the one seen, live: its lease now ends at the time given.
+    Ended,
+    /// The record was the one seen, and its lease had ended by the time given: left as it is.
+    Lapsed,
+    /// The record is no longer the one seen (the node renewed or registered again, or another
+    /// node ended its lease): left as it is, and here as it is now.
+    Changed(NodeRecord),
+    /// No such record: never registered, or forgotten.
+    Unknown,
 }
 
 impl MessageStore {
@@ -101,9 +129,12 @@ impl MessageStore {
         let key = self.keys().node(node);
         reading_again(|| async {
             let stored = self.kv().get(&key).await?;
+            let mut replaced_lease_until_ms = None;
             if let Some(value) = &stored {
                 let held = NodeRecord::decode(value.as_slice()).map_err(|e| corrupt(&key, e))?;
-                if held.instance != record.instance && held.is_live(now_ms) {
+                if held.instance == record.instance {
+                    replaced_lease_until_ms = Some(held.lease_until_ms);
+                } else if held.is_live(now_ms) {
                     return Ok(Claim::HeldBy(held));
                 }
             }
@@ -112,7 +143,48 @@ impl MessageStore {
                 .fence(key.clone(), stored)
                 .set(key.clone(), record.encode_to_vec());
             self.kv().commit(batch).await?;
-            Ok(Claim::Registered)
+            Ok(Claim::Registered {
+                replaced_lease_until_ms,
+            })
+        })
+        .await
+    }
+
+    /// Ends the lease of node `id` at `now_ms` if its record is still `seen` (as the caller
+    /// read it) and live then: every node sees it lapsed from then on, and the route sweeps
+    /// clear the routes to it written before. A record that changed since it was read (a
+    /// renewal) is left as it is, and a lease is never raised: ending a lease twice, or one
+    /// that lapsed, writes nothing. The write is fenced on the record read, so a renewal
+    /// racing it either comes first (and wins) or reads the ended record (and reports it,
+    /// [`Claim::Registered`]).
+    pub async fn end_node_lease(
+        &self,
+        id: &str,
+        seen: &NodeRecord,
+        now_ms: u64,
+    ) -> Result<LeaseEnd, StoreError> {
+        let key = self.keys().node(id);
+        reading_again(|| async {
+            let Some(value) = self.kv().get(&key).await? else {
+                return Ok(LeaseEnd::Unknown);
+            };
+            let record = NodeRecord::decode(value.as_slice()).map_err(|e| corrupt(&key, e))?;
+            if record != *seen {
+                return Ok(LeaseEnd::Changed(record));
+            }
+            if !record.is_live(now_ms) {
+                return Ok(LeaseEnd::Lapsed);
+            }
+            let ended = NodeRecord {
+                lease_until_ms: now_ms,
+                ..record
+            };
+            let mut batch = Batch::new();
+            batch
+                .fence(key.clone(), Some(value))
+                .set(key.clone(), ended.encode_to_vec());
+            self.kv().commit(batch).await?;
+            Ok(LeaseEnd::Ended)
         })
         .await
     }
@@ -395,7 +467,9 @@ mod tests {
         };
         assert_eq!(
             store.claim_node("s1", &first, 10).await.unwrap(),
-            Claim::Registered
+            Claim::Registered {
+                replaced_lease_until_ms: None
+            }
         );
         let renewed = NodeRecord {
             lease_until_ms: 150,
@@ -403,7 +477,10 @@ mod tests {
         };
         assert_eq!(
             store.claim_node("s1", &renewed, 60).await.unwrap(),
-            Claim::Registered
+            Claim::Registered {
+                replaced_lease_until_ms: Some(100)
+            },
+            "a renewal reports the lease it replaced"
         );
         assert_eq!(
             store.claim_node("s1", &second, 100).await.unwrap(),
@@ -423,12 +500,136 @@ mod tests {
         );
         assert_eq!(
             store.claim_node("s1", &second, 150).await.unwrap(),
-            Claim::Registered
+            Claim::Registered {
+                replaced_lease_until_ms: None
+            },
+            "another process's lapsed record is no lease of this one"
         );
         assert_eq!(
             store.claim_node("s1", &renewed, 160).await.unwrap(),
             Claim::HeldBy(second),
             "the first process, back after a pause, finds the id taken"
         );
+    }
+    /// Fanout ends the lease of a gateway it cannot reach: every node sees the record lapsed
+    /// at once, and the node's next renewal reports its lease cut short, whatever its clock.
+    #[tokio::test]
+    async fn a_node_lease_ended_by_another_node_lapses_and_its_renewal_reports_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = temp_store(&dir, 8).await;
+        let gateway = NodeRecord {
+            instance: 7,
+            ..node("a:1", 1_000)
+        };
+        store.claim_node("g", &gateway, 0).await.unwrap();
+        store.add_route("bob", "phone", "g", 1, 400).await.unwrap();
+        assert_eq!(
+            store.end_node_lease("g", &gateway, 500).await.unwrap(),
+            LeaseEnd::Ended
+        );
+        let ended = store.nodes().await.unwrap().remove(0).1;
+        assert_eq!(ended.lease_until_ms, 500, "ends at the caller's time");
+        assert!(!ended.is_live(500), "lapsed for every reader from then on");
+        assert_eq!(
+            store
+                .clear_gateway_routes("g", ended.lease_until_ms)
+                .await
+                .unwrap(),
+            1,
+            "a sweep clears the routes written before the end"
+        );
+        assert_eq!(
+            store.end_node_lease("g", &ended, 600).await.unwrap(),
+            LeaseEnd::Lapsed,
+            "ending it again writes nothing"
+        );
+        assert_eq!(
+            store.end_node_lease("g", &gateway, 600).await.unwrap(),
+            LeaseEnd::Changed(ended.clone()),
+            "nor does an end from a stale read"
+        );
+        assert_eq!(store.nodes().await.unwrap()[0].1, ended, "never raised");
+        // The node's next renewal (its clock may be behind the caller's: no matter) reports
+        // the lease it replaced, shorter than the one it wrote.
+        let renewed = NodeRecord {
+            lease_until_ms: 1_300,
+            ..gateway.clone()
+        };
+        assert_eq!(
+            store.claim_node("g", &renewed, 300).await.unwrap(),
+            Claim::Registered {
+                replaced_lease_until_ms: Some(500)
+            }
+        );
+        assert_eq!(
+            store.end_node_lease("other", &gateway, 500).await.unwrap(),
+            LeaseEnd::Unknown
+        );
+    }
+
+    /// A renewal that commits between an end's read and its commit wins: the end's fence
+    /// fails, it reads the renewed record, and leaves it; the renewal is never undone by an
+    /// end decided on the record before it.
+    #[tokio::test]
+    async fn a_renewal_racing_an_end_of_the_lease_wins() {
+        use crate::faulty_engine::FaultyEngine;
+        let engine = FaultyEngine::new();
+        let store = engine.store(8).await;
+        let gateway = NodeRecord {
+            instance: 7,
+            ..node("a:1", 1_000)
+        };
+        store.claim_node("g", &gateway, 0).await.unwrap();
+        let renewed = NodeRecord {
+            lease_until_ms: 1_300,
+            ..gateway.clone()
+        };
+        let renewing = store.clone();
+        let record = renewed.clone();
+        engine.before_next_commit(Box::pin(async move {
+            let claim = renewing.claim_node("g", &record, 300).await.unwrap();
+            assert_eq!(
+                claim,
+                Claim::Registered {
+                    replaced_lease_until_ms: Some(1_000)
+                }
+            );
+        }));
+        assert_eq!(
+            store.end_node_lease("g", &gateway, 500).await.unwrap(),
+            LeaseEnd::Changed(renewed.clone())
+        );
+        assert_eq!(store.nodes().await.unwrap()[0].1, renewed);
+    }
+
+    /// An end that commits between a renewal's read and its commit is not overwritten: the
+    /// renewal's fence fails, it reads the ended record, and reports the lease cut short.
+    #[tokio::test]
+    async fn a_renewal_that_meets_an_ended_lease_reports_it() {
+        use crate::faulty_engine::FaultyEngine;
+        let engine = FaultyEngine::new();
+        let store = engine.store(8).await;
+        let gateway = NodeRecord {
+            instance: 7,
+            ..node("a:1", 1_000)
+        };
+        store.claim_node("g", &gateway, 0).await.unwrap();
+        let ending = store.clone();
+        let seen = gateway.clone();
+        engine.before_next_commit(Box::pin(async move {
+            let end = ending.end_node_lease("g", &seen, 500).await.unwrap();
+            assert_eq!(end, LeaseEnd::Ended);
+        }));
+        let renewed = NodeRecord {
+            lease_until_ms: 1_300,
+            ..gateway.clone()
+        };
+        assert_eq!(
+            store.claim_node("g", &renewed, 300).await.unwrap(),
+            Claim::Registered {
+                replaced_lease_until_ms: Some(500)
+            }
+        );
+        assert_eq!(store.nodes().await.unwrap()[0].1, renewed);
     }
 }
