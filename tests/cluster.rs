@@ -618,6 +618,41 @@ async fn owned(node: &InternalNode) -> Vec<u32> {
     shards.into_iter().map(|s| s.shard).collect()
 }
 
+/// With `--metrics-listen`, a node without the client port serves `/metrics` on that port
+/// alone, and its HTTP port (`--listen`, a media node's client endpoints) keeps the probes and
+/// answers `/metrics` 404. (A fixed port on a loopback address no other test uses: the node
+/// logs its metrics port on a line of its own, not its ready line.)
+#[tokio::test]
+async fn a_nodes_metrics_port_serves_its_metrics_and_its_http_port_does_not() {
+    let (dir, store) = store_node();
+    let metrics_port = "127.0.0.42:9090";
+    let node = InternalNode::start_with(
+        &[],
+        "sequencer",
+        "s1",
+        "127.0.0.2",
+        &store,
+        dir.path(),
+        &["--metrics-listen", metrics_port],
+    );
+    let metrics = reqwest::get(format!("http://{metrics_port}/metrics"))
+        .await
+        .unwrap();
+    assert_eq!(metrics.status(), 200);
+    let metrics = metrics.text().await.unwrap();
+    assert!(
+        metrics.contains("courier_sequencer_owned_shards"),
+        "a sequencer node's metrics on its metrics port: {metrics}"
+    );
+    let probe = |path: &str| format!("http://{}{path}", node.probes);
+    let status = reqwest::get(probe("/metrics")).await.unwrap().status();
+    assert_eq!(status, 404, "/metrics on the HTTP port");
+    for path in ["/healthz", "/readyz"] {
+        let status = reqwest::get(probe(path)).await.unwrap().status();
+        assert_eq!(status, 200, "{path}");
+    }
+}
+
 #[tokio::test]
 async fn the_admin_api_lists_nodes_moves_every_shard_and_drains_a_node_while_clients_send() {
     let (dir, store) = store_node();

@@ -922,6 +922,44 @@ async fn errors_the_router_answers_have_the_protocols_body() {
     }
 }
 
+/// With `--metrics-listen`, `/metrics` is served on that port alone (the cluster's network):
+/// the client port, which anyone on the internet may reach, answers it as a path no route
+/// takes, without a word of the node's load, queues or internals. The probes stay on the
+/// client port, and the metrics port serves nothing of the API.
+#[tokio::test]
+async fn with_a_metrics_port_the_client_port_does_not_serve_metrics() {
+    use reqwest::Method;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_in(dir.path(), &["--metrics-listen", "127.0.0.1:0"]);
+    let metrics = server
+        .metrics_addr
+        .expect("the server logs its metrics port");
+    assert_ne!(metrics, server.addr);
+
+    let response = reqwest::get(format!("http://{metrics}/metrics"))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let text = response.text().await.unwrap();
+    assert!(text.contains("courier_gateway_connections"), "{text}");
+
+    let not_found = (404, Some("not_found".to_owned()));
+    let answer = status_of(&server, Method::GET, "/metrics", None).await;
+    assert_eq!(answer, not_found, "GET /metrics on the client port");
+    for probe in ["/healthz", "/readyz"] {
+        let status = reqwest::get(format!("{}{probe}", server.http_url()))
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(status, 200, "{probe} on the client port");
+    }
+    let api = reqwest::get(format!("http://{metrics}/v1/conversations"))
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(api, 404, "the API on the metrics port");
+}
+
 /// A JSON body past the API's limit (2 MiB) is `too_large` (413), as PROTOCOL.md's code for
 /// it says, not a malformed request: the client is to send less, not to fix its JSON.
 #[tokio::test]

@@ -1,6 +1,6 @@
 //! The operator's way to the data plane over the network: the sequencers' admin gRPC API, and
-//! the gateways' `/metrics` for their connection counts (the admin API does not list
-//! connections per gateway yet).
+//! the gateways' `/metrics` (on their metrics port, [`METRICS_PORT`]) for their connection
+//! counts (the admin API does not list connections per gateway yet).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,7 +9,7 @@ use courier_rpc::ClusterToken;
 
 use crate::controllers::DataPlane;
 use crate::rebalance::executor::{AdminApi, ShardAdmin};
-use crate::render::pod::HTTP_PORT;
+use crate::render::pod::METRICS_PORT;
 
 /// The gauge of open client connections on a gateway's `/metrics`.
 pub const CONNECTIONS_METRIC: &str = "courier_gateway_connections";
@@ -39,7 +39,7 @@ impl DataPlane for NetworkDataPlane {
     }
 
     async fn gateway_connections(&self, pod_ip: &str) -> Result<u64, String> {
-        let url = format!("http://{pod_ip}:{HTTP_PORT}/metrics");
+        let url = metrics_url(pod_ip);
         let text = self
             .http
             .get(&url)
@@ -52,6 +52,12 @@ impl DataPlane for NetworkDataPlane {
             .map_err(|e| format!("GET {url}: {e}"))?;
         connections_in(&text).ok_or_else(|| format!("no {CONNECTIONS_METRIC} in {url}"))
     }
+}
+
+/// Where the pod at `pod_ip` serves `/metrics`: its metrics port (`--metrics-listen`), as the
+/// operator renders every pod; its client port answers `/metrics` 404.
+pub fn metrics_url(pod_ip: &str) -> String {
+    format!("http://{pod_ip}:{METRICS_PORT}/metrics")
 }
 
 /// The connection gauge's value in a `/metrics` text, if it is a count: a value that is not
@@ -69,6 +75,20 @@ pub fn connections_in(metrics: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The autoscaler reads a gateway's connections where the pod serves them: the port its
+    /// `--metrics-listen` names, not the client port (which answers `/metrics` 404).
+    #[test]
+    fn the_connections_are_read_on_the_metrics_port_the_pods_listen_on() {
+        use crate::render::pod::{HTTP_PORT, metrics_listen};
+        let url = metrics_url("10.1.2.3");
+        assert_eq!(url, "http://10.1.2.3:9090/metrics");
+        let listen = metrics_listen()[1].clone();
+        let port = listen.rsplit_once(':').unwrap().1;
+        assert_eq!(port, METRICS_PORT.to_string());
+        assert!(url.ends_with(&format!(":{port}/metrics")), "{url}");
+        assert!(!url.contains(&format!(":{HTTP_PORT}/")), "{url}");
+    }
 
     #[test]
     fn reads_the_connection_gauge_and_nothing_that_merely_starts_like_it() {

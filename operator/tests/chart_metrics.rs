@@ -111,6 +111,26 @@ fn the_charts_alerts_and_dashboard_use_only_exposed_metrics() {
     );
 }
 
+/// The chart's PodMonitor scrapes the port every data-plane pod serves `/metrics` on: its
+/// metrics port (`--metrics-listen`), as the client port answers `/metrics` 404.
+#[test]
+fn the_pod_monitor_scrapes_the_data_plane_pods_metrics_port() {
+    use courier_operator::render::pod::METRICS_PORT_NAME;
+    let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/courier");
+    let text = std::fs::read_to_string(chart.join("templates/servicemonitor.yaml")).unwrap();
+    let endpoints = text
+        .split("podMetricsEndpoints:")
+        .nth(1)
+        .expect("the PodMonitor's endpoints");
+    let ports: Vec<&str> = endpoints
+        .lines()
+        .take_while(|line| !line.starts_with("---"))
+        .filter_map(|line| line.trim().strip_prefix("- port:"))
+        .map(str::trim)
+        .collect();
+    assert_eq!(ports, [METRICS_PORT_NAME]);
+}
+
 #[test]
 fn the_autoscaler_reads_a_gauge_the_gateways_expose() {
     let exposed = exposed(&data_plane_metrics());

@@ -306,7 +306,15 @@ async fn an_embedded_cluster_creates_one_courier_serve_statefulset_its_service_a
                 assert_eq!(body["spec"]["replicas"], 1);
                 assert_eq!(
                     args(body),
-                    ["--log-format", "json", "serve", "--listen", "0.0.0.0:8080"]
+                    [
+                        "--log-format",
+                        "json",
+                        "serve",
+                        "--listen",
+                        "0.0.0.0:8080",
+                        "--metrics-listen",
+                        "0.0.0.0:9090"
+                    ]
                 );
                 assert_eq!(
                     body["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"],

@@ -71,6 +71,9 @@ pub fn users(names: &[&str]) -> Vec<String> {
 pub struct Server {
     child: Child,
     pub addr: SocketAddr,
+    /// The address of `/metrics` when the server was given `--metrics-listen` (from its
+    /// `courier metrics on ADDR` line); without it `/metrics` is on [`Server::addr`].
+    pub metrics_addr: Option<SocketAddr>,
     pub data_dir: PathBuf,
     /// The subcommand and its first arguments (`serve`, or `node --roles ...`).
     command: Vec<String>,
@@ -122,23 +125,27 @@ impl Server {
         let stderr = child.stderr.take().expect("stderr");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
+            // Logged before the ready line, when the server has a metrics port of its own.
+            let mut metrics = None;
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(addr) = metrics_address(&line) {
+                    metrics = Some(addr.to_owned());
+                }
                 if let Some(addr) = ready_address(&line) {
-                    let _ = tx.send(addr.to_owned());
+                    let _ = tx.send((addr.to_owned(), metrics.clone()));
                 }
                 if std::env::var_os("COURIER_TEST_LOG").is_some() {
                     eprintln!("[server] {line}");
                 }
             }
         });
-        let addr = rx
+        let (addr, metrics_addr) = rx
             .recv_timeout(START_TIMEOUT)
-            .expect("server did not report ready")
-            .parse()
-            .expect("ready line has an address");
+            .expect("server did not report ready");
         Server {
             child,
-            addr,
+            addr: addr.parse().expect("ready line has an address"),
+            metrics_addr: metrics_addr.map(|a| a.parse().expect("metrics line has an address")),
             data_dir: data_dir.to_owned(),
             command: command.iter().map(|s| s.to_string()).collect(),
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
@@ -167,9 +174,10 @@ impl Server {
             .expect("connect")
     }
 
-    /// The text of `/metrics`.
+    /// The text of `/metrics` (on the metrics port, if the server has one).
     pub async fn metrics_text(&self) -> String {
-        reqwest::get(format!("{}/metrics", self.http_url()))
+        let addr = self.metrics_addr.unwrap_or(self.addr);
+        reqwest::get(format!("http://{addr}/metrics"))
             .await
             .unwrap()
             .text()
@@ -250,6 +258,13 @@ impl Drop for Server {
 /// or `{..."message":"courier ready on ADDR",...}`).
 pub fn ready_address(line: &str) -> Option<&str> {
     let rest = line.split("courier ready on ").nth(1)?;
+    rest.split(|c: char| c.is_whitespace() || c == '"').next()
+}
+
+/// The address in the server's line for its metrics port (`... courier metrics on ADDR ...`),
+/// in text or JSON logs.
+pub fn metrics_address(line: &str) -> Option<&str> {
+    let rest = line.split("courier metrics on ").nth(1)?;
     rest.split(|c: char| c.is_whitespace() || c == '"').next()
 }
 

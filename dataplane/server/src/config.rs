@@ -47,6 +47,13 @@ pub struct ServeConfig {
     /// handshakes and clients retry them after a second or more.
     #[arg(long, env = "COURIER_LISTEN_BACKLOG", default_value_t = 65_535)]
     pub listen_backlog: u32,
+    /// Where `/metrics` is served, apart from the client port: plain HTTP without
+    /// authentication, for the cluster's network only (port 0 picks a free port; the line
+    /// `courier metrics on ADDR` shows it). `--listen` then answers `/metrics` as any path no
+    /// route takes. Without it `/metrics` is on `--listen`, where anyone who reaches the client
+    /// port reads the node's load and internals: set it in production.
+    #[arg(long, env = "COURIER_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Directory of the embedded store and the generated token secret.
     #[arg(long, env = "COURIER_DATA_DIR", default_value = "./courier-data")]
     pub data_dir: PathBuf,
@@ -272,6 +279,15 @@ impl StoreCacheArgs {
     }
 }
 
+/// Whether listeners on `a` and `b` would take the same port: the same port number (not 0,
+/// which picks a free one) on the same address, or on a wildcard address (0.0.0.0, ::) that
+/// takes it on every address.
+pub fn same_port(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() != 0
+        && a.port() == b.port()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
 /// How a node with the client port drains.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DrainSettings {
@@ -291,6 +307,14 @@ impl ServeConfig {
              in the outbox for up to a few hundred milliseconds (a page, then the clear)"
         );
         anyhow::ensure!(!self.node_id.is_empty(), "--node-id must not be empty");
+        if let Some(metrics) = self.metrics_listen {
+            anyhow::ensure!(
+                !same_port(metrics, self.listen),
+                "--metrics-listen {metrics} is the port of --listen {}: give /metrics a port of \
+                 its own (the client port is the internet's)",
+                self.listen
+            );
+        }
         anyhow::ensure!(
             self.shard_lease >= Duration::from_millis(300),
             "--shard-lease must be at least 300ms (it is renewed every third of it)"
@@ -571,6 +595,37 @@ mod tests {
         let args = ["courier", "--drain-window", "24h"];
         let config = Serve::try_parse_from(args).unwrap().config;
         config.drain(true).unwrap();
+    }
+
+    /// `/metrics` apart from the client port needs a port of its own: the same one would not
+    /// bind, and is refused at once, naming both flags. Port 0 picks a free one for each.
+    #[test]
+    fn a_metrics_port_that_is_the_client_port_is_refused() {
+        validated(&["--metrics-listen", "127.0.0.1:9090"]).unwrap();
+        validated(&["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"]).unwrap();
+        validated(&[
+            "--listen",
+            "0.0.0.0:8080",
+            "--metrics-listen",
+            "10.0.0.1:9090",
+        ])
+        .unwrap();
+        for (listen, metrics) in [
+            ("127.0.0.1:8080", "127.0.0.1:8080"),
+            ("0.0.0.0:8080", "10.0.0.1:8080"),
+            ("127.0.0.1:8080", "0.0.0.0:8080"),
+        ] {
+            let refused = validated(&["--listen", listen, "--metrics-listen", metrics])
+                .unwrap_err()
+                .to_string();
+            assert!(refused.contains("--metrics-listen"), "{refused}");
+            assert!(refused.contains("--listen"), "{refused}");
+        }
+        let refused = validated(&["--metrics-listen", "not an address"]).unwrap_err();
+        assert!(
+            refused.to_string().contains("--metrics-listen"),
+            "{refused}"
+        );
     }
 
     /// On S3 the sweeper moves unused bytes aside with a copy, which S3 does in one request

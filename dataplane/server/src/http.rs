@@ -1,6 +1,7 @@
 //! HTTP: the WebSocket upgrade, the REST API of PROTOCOL.md, health, readiness and metrics.
 //! `/healthz` fails once the store has halted; `/readyz` also while starting, draining or low
-//! on disk ([`StorageHealth`]).
+//! on disk ([`StorageHealth`]). `/metrics` ([`metrics_router`]) is not authenticated: it is
+//! served on the client port only without `--metrics-listen`, else on that port alone.
 //! Handlers are thin: they authenticate, then call the chat role. The media endpoints are
 //! routed apart: served by the node's media role ([`crate::media_api`]) or forwarded to the
 //! media nodes ([`crate::media_proxy`]).
@@ -48,7 +49,6 @@ pub struct AppState {
     pub push: PushProviderNames,
     pub gateway: Arc<Gateway>,
     pub auth: Arc<ClientAuth>,
-    pub metrics: Arc<Metrics>,
     pub storage: Arc<StorageHealth>,
     pub ready: AtomicBool,
 }
@@ -67,8 +67,16 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/devices/{device}", delete(unlink_device))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
         .with_state(state)
+}
+
+/// `/metrics` (OpenMetrics text), without authentication: on the port of `--metrics-listen`,
+/// which the cluster's network reaches and clients do not, or (without it) merged into the
+/// client port's routes.
+pub fn metrics_router(metrics: Arc<Metrics>) -> Router {
+    Router::new()
+        .route("/metrics", get(render_metrics))
+        .with_state(metrics)
 }
 
 /// The Content-Security-Policy of the web app's files: its own scripts and styles only, images
@@ -510,13 +518,13 @@ async fn healthz(State(state): State<Arc<AppState>>) -> (StatusCode, &'static st
     }
 }
 
-async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+async fn render_metrics(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
     (
         [(
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        state.metrics.render(),
+        metrics.render(),
     )
 }
 

@@ -11,9 +11,9 @@
 //!   shards' owners; serves the chat service (`courier.internal.v1.Chat`) on the internal port
 //!   to the gateway nodes that do not run chat. Stateless: any number may run;
 //! - `media` (alone): the client media endpoints (`/v1/media*`, `media_api.rs`) on `--listen`,
-//!   with the probes and metrics; who may read what is asked of the chat nodes. It registers
-//!   the address of its HTTP port (`--advertise-http`) for the gateway nodes that forward media
-//!   requests. Any number may run; media bytes must be shared (S3, or the same `--media-dir` on
+//!   with the probes (and `/metrics` without `--metrics-listen`); who may read what is asked of
+//!   the chat nodes. It registers the address of its HTTP port (`--advertise-http`) for the
+//!   gateway nodes that forward media requests. Any number may run; media bytes must be shared (S3, or the same `--media-dir` on
 //!   a shared filesystem) when several nodes serve media;
 //! - `push` (alone): the push notifier, with the providers it registers for the other nodes
 //!   (they accept device registrations for those). Connected devices are read from the route
@@ -36,13 +36,13 @@
 //! and the cluster token.
 
 use crate::admin::AdminService;
-use crate::config::{DRAIN_TAIL, ServeConfig, StoreKind};
+use crate::config::{DRAIN_TAIL, ServeConfig, StoreKind, same_port};
 use crate::http::ClientAuth;
 use crate::media_api::{self, MediaApi};
 use crate::serve::{self, Cluster};
 use anyhow::Context as _;
 use axum::Router;
-use axum::http::{StatusCode, header};
+use axum::http::StatusCode;
 use axum::routing::get;
 use clap::{Args, ValueEnum};
 use courier_chat::ChatBinding;
@@ -192,6 +192,14 @@ impl NodeArgs {
              --advertise HOST:PORT (in Kubernetes, the pod IP)",
             self.internal_listen
         );
+        if let Some(metrics) = config.metrics_listen {
+            anyhow::ensure!(
+                !same_port(metrics, self.internal_listen),
+                "--metrics-listen {metrics} is the port of --internal-listen {}: give /metrics \
+                 a port of its own",
+                self.internal_listen
+            );
+        }
         if self.has(Role::Gateway) {
             config.drain(true)?;
         }
@@ -217,6 +225,7 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
     // The HTTP port is bound before the node registers, so that the address it registers
     // takes connections from then on.
     let http = serve::bind_http(config.listen, config.listen_backlog)?;
+    let metrics_listener = serve::bind_metrics(config)?;
     let push = match args.has(Role::Push) {
         true => Some(Arc::new(PushProviders::from_config(&config.push)?)),
         false => None,
@@ -276,8 +285,10 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
             metrics,
         };
         tracing::info!(node = %config.node_id, roles = %roles.join(","), "courier node: internal gRPC on {address}");
-        serve::run_client_roles(config.clone(), store.clone(), http, Some(cluster)).await
+        let (config, store) = (config.clone(), store.clone());
+        serve::run_client_roles(config, store, http, metrics_listener, Some(cluster)).await
     } else {
+        let metrics_routes = serve::metrics_routes(metrics_listener, &metrics, &loops)?;
         let node = InternalNode {
             config,
             store: &store,
@@ -285,6 +296,7 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
             roles: &roles,
             metrics,
             http,
+            metrics_routes,
             leave: (args.has(Role::Chat) || args.has(Role::Media)).then_some(&leave),
         };
         // Without the gateway, a node runs one role (`NodeArgs::validate`).
@@ -771,8 +783,12 @@ struct InternalNode<'a> {
     address: &'a str,
     roles: &'a [String],
     metrics: Arc<Metrics>,
-    /// The HTTP port (`--listen`): probes and metrics, and a media node's client endpoints.
+    /// The HTTP port (`--listen`): probes, `metrics_routes`, and a media node's client
+    /// endpoints.
     http: tokio::net::TcpListener,
+    /// What the HTTP port serves of the metrics: `/metrics`, or nothing with
+    /// `--metrics-listen` ([`serve::metrics_routes`]).
+    metrics_routes: Router,
     /// For a node its callers find in the registry (chat, media: `NodeDirectory`): ends its
     /// registration, [`LEAVE_NOTICE`] before it stops serving.
     leave: Option<&'a tokio::sync::watch::Sender<bool>>,
@@ -784,10 +800,10 @@ struct InternalNode<'a> {
 const LEAVE_NOTICE: Duration = DIRECTORY_TTL.saturating_add(Duration::from_secs(1));
 
 impl InternalNode<'_> {
-    /// Serves `services` on `internal`, and `routes` with the probes and metrics on
-    /// `--listen`, until SIGTERM or Ctrl-C; then answers not ready, runs `stopping`, and stops
-    /// serving: the internal calls in flight get up to 10 s, the HTTP requests in flight (a
-    /// media transfer) up to `--drain-timeout` (default [`DRAIN_TAIL`]).
+    /// Serves `services` on `internal`, and `routes` with the probes (and the metrics, without
+    /// `--metrics-listen`) on `--listen`, until SIGTERM or Ctrl-C; then answers not ready, runs
+    /// `stopping`, and stops serving: the internal calls in flight get up to 10 s, the HTTP
+    /// requests in flight (a media transfer) up to `--drain-timeout` (default [`DRAIN_TAIL`]).
     async fn serve_until_stopped(
         self,
         internal: tokio::net::TcpListener,
@@ -805,15 +821,13 @@ impl InternalNode<'_> {
                     let _ = internal_stopped.await;
                 }),
         );
-        // Probes and metrics on `--listen` (the internal port speaks gRPC only).
+        // Probes (and metrics) on `--listen` (the internal port speaks gRPC only).
         let ready = Arc::new(AtomicBool::new(true));
         let probes = self.http.local_addr()?;
         let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
-        let app = routes.merge(probe_router(
-            self.store.clone(),
-            self.metrics,
-            ready.clone(),
-        ));
+        let app = routes
+            .merge(probe_router(self.store.clone(), ready.clone()))
+            .merge(self.metrics_routes);
         let http_server = tokio::spawn(
             axum::serve(self.http, app.into_make_service())
                 .with_graceful_shutdown(async {
@@ -877,9 +891,9 @@ async fn refuse_conflicting_nodes(args: &NodeArgs, store: &MessageStore) -> anyh
     Ok(())
 }
 
-/// `/healthz` (200 unless the store halted), `/readyz` (200 until the node drains) and
-/// `/metrics` (OpenMetrics text) of a node that serves no clients.
-fn probe_router(store: MessageStore, metrics: Arc<Metrics>, ready: Arc<AtomicBool>) -> Router {
+/// `/healthz` (200 unless the store halted) and `/readyz` (200 until the node drains) of a
+/// node that serves no clients.
+fn probe_router(store: MessageStore, ready: Arc<AtomicBool>) -> Router {
     Router::new()
         .route(
             "/healthz",
@@ -898,18 +912,6 @@ fn probe_router(store: MessageStore, metrics: Arc<Metrics>, ready: Arc<AtomicBoo
                 } else {
                     StatusCode::SERVICE_UNAVAILABLE
                 }
-            }),
-        )
-        .route(
-            "/metrics",
-            get(move || async move {
-                (
-                    [(
-                        header::CONTENT_TYPE,
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    )],
-                    metrics.render(),
-                )
             }),
         )
 }

@@ -42,7 +42,7 @@
 
 use crate::admin::AdminService;
 use crate::config::{PublicKeyAlgorithm, ServeConfig, StoreKind};
-use crate::http::{AppState, ClientAuth, PushProviderNames, router, with_web_app};
+use crate::http::{AppState, ClientAuth, PushProviderNames, metrics_router, router, with_web_app};
 use crate::media_api::{self, MediaApi};
 use crate::media_proxy::{self, MediaProxy};
 use crate::node;
@@ -240,8 +240,9 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     config.validate()?;
     let store = open_store(&config).await?;
     let listener = bind_http(config.listen, config.listen_backlog)?;
+    let metrics_listener = bind_metrics(&config)?;
     if config.store == StoreKind::Embedded {
-        return run_client_roles(config, store, listener, None).await;
+        return run_client_roles(config, store, listener, metrics_listener, None).await;
     }
     let registration = NodeRecord {
         roles: vec![node::SERVE_ROLE.to_owned()],
@@ -276,7 +277,14 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         None,
         staying,
     );
-    let result = run_client_roles(config.clone(), store.clone(), listener, None).await;
+    let result = run_client_roles(
+        config.clone(),
+        store.clone(),
+        listener,
+        metrics_listener,
+        None,
+    )
+    .await;
     loops
         .shutdown(tokio::time::Instant::now() + std::time::Duration::from_secs(5))
         .await;
@@ -291,6 +299,51 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     }
     stop_store_client(&config);
     result
+}
+
+/// The listener of `--metrics-listen`, if given: bound at start, with the HTTP port.
+pub fn bind_metrics(config: &ServeConfig) -> anyhow::Result<Option<std::net::TcpListener>> {
+    let Some(listen) = config.metrics_listen else {
+        return Ok(None);
+    };
+    // A scraper's few connections: no room for a reconnect storm is needed.
+    let listener = bind_http(listen, 128).context("binding --metrics-listen")?;
+    Ok(Some(listener.into_std()?))
+}
+
+/// Serves `/metrics` on `listener` (`--metrics-listen`), alone and without authentication, as
+/// a loop of `loops` (so until the node has drained), and returns what the HTTP port
+/// (`--listen`) serves of them: nothing then; without a listener, `/metrics` itself, as
+/// before the flag (`courier serve` on a laptop, `courier bench` reading the client port).
+pub fn metrics_routes(
+    listener: Option<std::net::TcpListener>,
+    metrics: &Arc<Metrics>,
+    loops: &BackgroundLoops,
+) -> anyhow::Result<axum::Router> {
+    let Some(listener) = listener else {
+        return Ok(metrics_router(metrics.clone()));
+    };
+    let address = listener.local_addr()?;
+    let app = metrics_router(metrics.clone());
+    // Restarted if it fails, on a copy of the same socket (the port stays bound meanwhile).
+    loops.spawn("serve /metrics", move |cancel| {
+        let (app, listener) = (app.clone(), listener.try_clone());
+        async move {
+            let served = match listener.and_then(tokio::net::TcpListener::from_std) {
+                Ok(listener) => {
+                    axum::serve(listener, app.into_make_service())
+                        .with_graceful_shutdown(cancel.cancelled_owned())
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+            if let Err(e) = served {
+                tracing::warn!(error = %e, "serving /metrics failed");
+            }
+        }
+    });
+    tracing::info!(%address, "courier metrics on {address}");
+    Ok(axum::Router::new())
 }
 
 /// The listener of the node's HTTP port (`--listen`: the client port, or a node's probes),
@@ -324,6 +377,7 @@ pub async fn run_client_roles(
     config: ServeConfig,
     store: MessageStore,
     listener: tokio::net::TcpListener,
+    metrics_listener: Option<std::net::TcpListener>,
     cluster: Option<Cluster>,
 ) -> anyhow::Result<()> {
     courier_core::dirs::create_private(&config.data_dir)
@@ -352,6 +406,7 @@ pub async fn run_client_roles(
     metrics.ordering_threads.set(config.ordering_threads as i64);
     // Every background loop of every role; shut down last (module documentation, "Stopping").
     let loops = BackgroundLoops::new();
+    let metrics_routes = metrics_routes(metrics_listener, &metrics, &loops)?;
     let routes = Arc::new(Routes::new(metrics.clone()));
     let gateway_limits = config.gateway_limits();
     // The drain of the connections (SIGTERM, or the admin API): batch by batch over the window.
@@ -554,7 +609,6 @@ pub async fn run_client_roles(
         },
         gateway,
         auth,
-        metrics,
         storage,
         ready: AtomicBool::new(false),
     });
@@ -593,7 +647,8 @@ pub async fn run_client_roles(
             tracing::warn!(error = %e, "could not set TCP_NODELAY on a connection");
         }
     });
-    let app = with_web_app(router(state).merge(media_routes), config.web_dir.as_deref());
+    let app = router(state).merge(media_routes).merge(metrics_routes);
+    let app = with_web_app(app, config.web_dir.as_deref());
     // `into_make_service` builds the router's routes once; a bare `Router` given to
     // `axum::serve` copies and rebuilds its route table for every accepted connection.
     let server = axum::serve(listener, app.into_make_service())

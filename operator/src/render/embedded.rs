@@ -42,9 +42,10 @@ pub fn build(cluster: &CourierCluster) -> Result<EmbeddedChildren, RenderError> 
             kind: "CourierCluster".to_owned(),
             field: "spec.storage.embedded",
         })?;
-    let args = ["serve", "--listen", "0.0.0.0:8080"]
+    let mut args = ["serve", "--listen", "0.0.0.0:8080"]
         .map(str::to_owned)
         .to_vec();
+    args.extend(pod::metrics_listen());
     let template = pod::template(
         cluster,
         Component::Server,

@@ -386,3 +386,110 @@ pub(crate) mod fixtures {
             .unwrap()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::fixtures::foundation_db_cluster;
+    use super::pod::{HTTP_PORT, METRICS_PORT, METRICS_PORT_NAME};
+    use super::*;
+    use crate::crd::EmbeddedStorage;
+    use k8s_openapi::api::core::v1::PodTemplateSpec;
+
+    /// Every data-plane pod the operator runs serves `/metrics` on its `metrics` port alone
+    /// (`--metrics-listen`), and every Service the operator makes reaches the client port
+    /// only: the client Service (a LoadBalancer or NodePort, and any HTTPRoute to it) opens
+    /// that port to the internet, where a pod's load and internals are nobody's business.
+    #[test]
+    fn every_data_plane_pod_serves_its_metrics_on_a_port_no_service_reaches() {
+        let cluster = foundation_db_cluster(Some("push"));
+        let mut pools = pools::build(&cluster).unwrap();
+        pools.gateways.metadata.uid = Some("gateways".into());
+        pools.sequencers.metadata.uid = Some("sequencers".into());
+        let gateways = gateways::build(&pools.gateways, &cluster, 2).unwrap();
+        let sequencers = sequencers::build(&pools.sequencers, &cluster, 3).unwrap();
+        let (media, media_service) = backends::media(&cluster).unwrap().unwrap();
+        let mut embedded_cluster = cluster.clone();
+        embedded_cluster.spec.storage.foundation_db = None;
+        embedded_cluster.spec.storage.embedded = Some(EmbeddedStorage {
+            size: "1Gi".into(),
+            storage_class_name: None,
+        });
+        let embedded = embedded::build(&embedded_cluster).unwrap();
+
+        let template = |spec: Option<PodTemplateSpec>| spec.unwrap();
+        let pods = [
+            (
+                "gateway",
+                template(gateways.deployment.spec.map(|s| s.template)),
+            ),
+            (
+                "chat",
+                template(backends::chat(&cluster).unwrap().spec.map(|s| s.template)),
+            ),
+            ("media", template(media.spec.map(|s| s.template))),
+            (
+                "fanout",
+                template(delivery::fanout(&cluster).unwrap().spec.map(|s| s.template)),
+            ),
+            (
+                "push",
+                template(
+                    delivery::push(&cluster)
+                        .unwrap()
+                        .unwrap()
+                        .spec
+                        .map(|s| s.template),
+                ),
+            ),
+            (
+                "sequencer",
+                template(sequencers.stateful_set.spec.map(|s| s.template)),
+            ),
+            (
+                "server",
+                template(embedded.stateful_set.spec.map(|s| s.template)),
+            ),
+        ];
+        for (role, pod) in pods {
+            let container = &pod.spec.unwrap().containers[0];
+            let args = container.args.clone().unwrap();
+            let at = args.iter().position(|a| a == "--metrics-listen");
+            let listen = at.and_then(|at| args.get(at + 1));
+            let expected = format!("0.0.0.0:{METRICS_PORT}");
+            assert_eq!(listen, Some(&expected), "{role}: {args:?}");
+            let ports: Vec<(Option<&str>, i32)> = container
+                .ports
+                .iter()
+                .flatten()
+                .map(|p| (p.name.as_deref(), p.container_port))
+                .collect();
+            assert!(
+                ports.contains(&(Some(METRICS_PORT_NAME), METRICS_PORT)),
+                "{role}: {ports:?}"
+            );
+            assert!(
+                ports.contains(&(Some("http"), HTTP_PORT)),
+                "{role}: {ports:?}"
+            );
+        }
+        for (what, service) in [
+            ("client", gateways.service),
+            ("embedded client", embedded.service),
+            ("media", media_service),
+            ("sequencers", sequencers.service),
+        ] {
+            let targets: Vec<String> = service
+                .spec
+                .unwrap()
+                .ports
+                .iter()
+                .flatten()
+                .map(|p| format!("{:?}", p.target_port))
+                .collect();
+            assert!(
+                !targets.iter().any(|t| t.contains(METRICS_PORT_NAME)),
+                "the {what} Service reaches the metrics port: {targets:?}"
+            );
+        }
+    }
+}

@@ -1,6 +1,6 @@
 //! What every data-plane pod of a cluster shares: labels, environment (secrets, storage),
-//! volumes, ports, probes on `/healthz` and `/readyz`, JSON logs and a locked-down security
-//! context.
+//! volumes, ports, probes on `/healthz` and `/readyz`, `/metrics` on a port of its own
+//! ([`METRICS_PORT`]), JSON logs and a locked-down security context.
 
 use std::collections::BTreeMap;
 
@@ -18,8 +18,14 @@ use super::RenderError;
 use super::partitions::{self, Layout};
 use crate::crd::{CourierCluster, SecretKeyRef};
 
-/// The port of the client API, probes and metrics.
+/// The port of the client API and the probes (a media pod's media endpoints).
 pub const HTTP_PORT: i32 = 8080;
+/// The port of `/metrics` (`--metrics-listen`), named `metrics`: apart from the client port,
+/// which the client Service (and any route to it) opens to the internet, so that only the
+/// cluster's network (the scraper, the gateway autoscaler) reads a pod's load and internals.
+pub const METRICS_PORT: i32 = 9090;
+/// The name of [`METRICS_PORT`] on the container: what the chart's PodMonitor scrapes.
+pub const METRICS_PORT_NAME: &str = "metrics";
 /// The port of the internal gRPC (sequencer appends, admin API).
 pub const INTERNAL_PORT: i32 = 7500;
 /// Where a pod keeps its data directory.
@@ -35,6 +41,14 @@ pub fn http_at_pod_ip() -> String {
     format!("$(POD_IP):{HTTP_PORT}")
 }
 
+/// `--metrics-listen` on [`METRICS_PORT`]: every data-plane pod's.
+pub fn metrics_listen() -> [String; 2] {
+    [
+        "--metrics-listen".to_owned(),
+        format!("0.0.0.0:{METRICS_PORT}"),
+    ]
+}
+
 /// `courier node` arguments of a pod running `roles`, which the other nodes reach at
 /// `advertise`, followed by `extra`.
 pub fn node_args(roles: &str, advertise: String, extra: &[String]) -> Vec<String> {
@@ -46,11 +60,14 @@ pub fn node_args(roles: &str, advertise: String, extra: &[String]) -> Vec<String
         "$(POD_NAME)".to_owned(),
         "--listen".to_owned(),
         format!("0.0.0.0:{HTTP_PORT}"),
+    ];
+    args.extend(metrics_listen());
+    args.extend([
         "--internal-listen".to_owned(),
         format!("0.0.0.0:{INTERNAL_PORT}"),
         "--advertise".to_owned(),
         advertise,
-    ];
+    ]);
     args.extend_from_slice(extra);
     args
 }
@@ -240,7 +257,10 @@ pub fn template(
         });
         mounts.push(mount("push", "/etc/courier/push", true));
     }
-    let mut ports = vec![port("http", HTTP_PORT)];
+    let mut ports = vec![
+        port("http", HTTP_PORT),
+        port(METRICS_PORT_NAME, METRICS_PORT),
+    ];
     if component != Component::Server {
         ports.push(port("internal", INTERNAL_PORT));
     }
@@ -521,7 +541,7 @@ mod tests {
             .flatten()
             .map(|p| p.container_port)
             .collect();
-        assert_eq!(ports, [HTTP_PORT, INTERNAL_PORT]);
+        assert_eq!(ports, [HTTP_PORT, METRICS_PORT, INTERNAL_PORT]);
     }
 
     /// What a pod of each component gets: (client token secret, S3 media, push Secret).
@@ -583,7 +603,7 @@ mod tests {
             .flatten()
             .map(|p| p.container_port)
             .collect();
-        assert_eq!(ports, [HTTP_PORT]);
+        assert_eq!(ports, [HTTP_PORT, METRICS_PORT]);
         assert_eq!(
             container.args.as_deref(),
             Some(&["--log-format".to_owned(), "json".to_owned()][..])
