@@ -55,9 +55,14 @@ impl DataPlane for NetworkDataPlane {
 }
 
 /// Where the pod at `pod_ip` serves `/metrics`: its metrics port (`--metrics-listen`), as the
-/// operator renders every pod; its client port answers `/metrics` 404.
+/// operator renders every pod; its client port answers `/metrics` 404. An IPv6 address is
+/// bracketed (`http://[fd00::1]:9090`): bare, no pod of an IPv6 cluster could be read, and
+/// its gateway pools never shrank.
 pub fn metrics_url(pod_ip: &str) -> String {
-    format!("http://{pod_ip}:{METRICS_PORT}/metrics")
+    match pod_ip.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V6(ip)) => format!("http://[{ip}]:{METRICS_PORT}/metrics"),
+        _ => format!("http://{pod_ip}:{METRICS_PORT}/metrics"),
+    }
 }
 
 /// The connection gauge's value in a `/metrics` text, if it is a count: a value that is not
@@ -83,6 +88,7 @@ mod tests {
         use crate::render::pod::{HTTP_PORT, metrics_listen};
         let url = metrics_url("10.1.2.3");
         assert_eq!(url, "http://10.1.2.3:9090/metrics");
+        assert_eq!(metrics_url("fd00::1"), "http://[fd00::1]:9090/metrics");
         let listen = metrics_listen()[1].clone();
         let port = listen.rsplit_once(':').unwrap().1;
         assert_eq!(port, METRICS_PORT.to_string());
