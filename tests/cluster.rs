@@ -645,8 +645,10 @@ async fn a_nodes_metrics_port_serves_its_metrics_and_its_http_port_does_not() {
         "a sequencer node's metrics on its metrics port: {metrics}"
     );
     let probe = |path: &str| format!("http://{}{path}", node.probes);
-    let status = reqwest::get(probe("/metrics")).await.unwrap().status();
-    assert_eq!(status, 404, "/metrics on the HTTP port");
+    let refused = reqwest::get(probe("/metrics")).await.unwrap();
+    assert_eq!(refused.status(), 404, "/metrics on the HTTP port");
+    let body: serde_json::Value = refused.json().await.unwrap();
+    assert_eq!(body["code"], "not_found", "the protocol's body: {body}");
     for path in ["/healthz", "/readyz"] {
         let status = reqwest::get(probe(path)).await.unwrap().status();
         assert_eq!(status, 200, "{path}");

@@ -821,13 +821,15 @@ impl InternalNode<'_> {
                     let _ = internal_stopped.await;
                 }),
         );
-        // Probes (and metrics) on `--listen` (the internal port speaks gRPC only).
+        // Probes (and metrics) on `--listen` (the internal port speaks gRPC only); what no
+        // route takes is refused with the protocol's body, as on a gateway's client port.
         let ready = Arc::new(AtomicBool::new(true));
         let probes = self.http.local_addr()?;
         let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
         let app = routes
             .merge(probe_router(self.store.clone(), ready.clone()))
             .merge(self.metrics_routes);
+        let app = crate::http::with_web_app(app, None);
         let http_server = tokio::spawn(
             axum::serve(self.http, app.into_make_service())
                 .with_graceful_shutdown(async {
