@@ -214,6 +214,26 @@ async fn a_server_on_a_store_node_keeps_every_sent_message_across_a_sigkill_of_e
     assert!(store.data_dir.join("recent-events").exists());
 }
 
+/// Runs `command`, which must refuse to start: its stderr, once it has exited unsuccessfully
+/// (within [`WAIT`]; killed and failed past it).
+async fn refused_to_start(mut command: Command) -> String {
+    let mut process = command
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn courier");
+    let deadline = std::time::Instant::now() + WAIT;
+    while process.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = process.kill();
+            panic!("{command:?} started");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let output = process.wait_with_output().unwrap();
+    assert!(!output.status.success(), "{command:?} exited 0");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
 /// A second `courier serve` on a store another one serves does not start, whatever its
 /// `--node-id`, and says why; the first goes on serving every send. The two took every shard
 /// from each other in turn: about half the sends were refused, and each delivered only to its
@@ -227,31 +247,18 @@ async fn a_second_server_on_a_served_store_does_not_start() {
     let mut first = Server::start_in(first_dir.path(), &args);
     for node_id in ["local", "other"] {
         let twin_dir = tempfile::tempdir().unwrap();
-        let mut twin = Command::new(binary())
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--node-id",
-                node_id,
-                "--data-dir",
-            ])
-            .arg(twin_dir.path())
-            .args(&args)
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn courier");
-        let deadline = std::time::Instant::now() + WAIT;
-        while twin.try_wait().unwrap().is_none() {
-            if std::time::Instant::now() > deadline {
-                let _ = twin.kill();
-                panic!("a second server ran on the store as {node_id}");
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        }
-        let output = twin.wait_with_output().unwrap();
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(!output.status.success());
+        let mut twin = Command::new(binary());
+        twin.args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--node-id",
+            node_id,
+            "--data-dir",
+        ])
+        .arg(twin_dir.path())
+        .args(&args);
+        let stderr = refused_to_start(twin).await;
         assert!(
             stderr.contains("another process serves this store"),
             "the error names the cause: {stderr}"
@@ -817,22 +824,9 @@ async fn a_node_id_runs_in_one_process_at_a_time() {
     let mut first = InternalNode::start("s1", "127.0.0.2", &store, dir.path());
     let twin_dir = tempfile::tempdir().unwrap();
     let args = node_args("sequencer", "s1", "127.0.0.3", &store, twin_dir.path(), &[]);
-    let mut twin = Command::new(binary())
-        .args(&args)
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn courier");
-    let deadline = std::time::Instant::now() + WAIT;
-    while twin.try_wait().unwrap().is_none() {
-        if std::time::Instant::now() > deadline {
-            let _ = twin.kill();
-            panic!("a second process ran as node s1");
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    let output = twin.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success());
+    let mut twin = Command::new(binary());
+    twin.args(&args);
+    let stderr = refused_to_start(twin).await;
     assert!(
         stderr.contains("another process runs as node s1"),
         "the error names the cause: {stderr}"
@@ -854,22 +848,9 @@ async fn a_node_listening_on_a_wildcard_address_without_advertise_does_not_start
     let mut args = node_args("sequencer", "s1", "127.0.0.2", &store, dir.path(), &[]);
     let at = args.iter().position(|a| a == "--internal-listen").unwrap() + 1;
     args[at] = "0.0.0.0:0".into();
-    let mut node = Command::new(binary())
-        .args(&args)
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn courier");
-    let deadline = std::time::Instant::now() + WAIT;
-    while node.try_wait().unwrap().is_none() {
-        if std::time::Instant::now() > deadline {
-            let _ = node.kill();
-            panic!("the node started, registered at 0.0.0.0");
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    let output = node.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success());
+    let mut node = Command::new(binary());
+    node.args(&args);
+    let stderr = refused_to_start(node).await;
     assert!(
         stderr.contains("--advertise"),
         "the error says what to give: {stderr}"
