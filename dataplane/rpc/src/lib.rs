@@ -61,6 +61,22 @@ pub const KEEPALIVE: Duration = Duration::from_secs(10);
 /// Longest wait for a TCP connection to another node.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Calls in flight on one internal connection (HTTP/2 `SETTINGS_MAX_CONCURRENT_STREAMS`);
+/// further calls wait in the client's HTTP/2 stack.
+pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
+
+/// The gRPC server of an internal port (a node's, the store node's): at most
+/// [`MAX_CONCURRENT_STREAMS`] calls in flight per connection, and an HTTP/2 ping every
+/// [`KEEPALIVE`] that the peer must answer within as long, so that a node that vanished
+/// without closing its connection (a cut link, a killed pod) does not hold the connection and
+/// its calls' tasks for good.
+pub fn internal_server() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .http2_keepalive_interval(Some(KEEPALIVE))
+        .http2_keepalive_timeout(Some(KEEPALIVE))
+}
+
 /// Largest message the data plane's services and clients decode (the store node's have limits
 /// of their own): unbounded, where tonic's default is 4 MiB. A fanout's delivery batch, a
 /// chat node's page of `fetch` (a thousand events of up to a client frame each, ~64 MiB with

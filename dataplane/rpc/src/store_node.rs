@@ -25,7 +25,7 @@
 //! as [`StoreError::MaybeCommitted`]. A request that does not decode (a mutation without a
 //! kind) is refused as [`StoreError::Engine`] and nothing is applied.
 //!
-//! **Bounds.** At most [`MAX_CONCURRENT_STREAMS`] calls in flight per connection (HTTP/2
+//! **Bounds.** At most [`MAX_CONCURRENT_STREAMS`](crate::MAX_CONCURRENT_STREAMS) calls in flight per connection (HTTP/2
 //! `SETTINGS_MAX_CONCURRENT_STREAMS`; further calls wait in the client); commits then queue in
 //! the engine itself (the embedded engine's bounded queue, whose backpressure reaches the
 //! caller as a slower commit). There are no channels: a range answer is a finite stream over
@@ -44,19 +44,10 @@ use futures::stream::BoxStream;
 use prost::Message;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::net::TcpListener;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
-
-/// Calls in flight on one connection; more wait in the client's HTTP/2 stack.
-pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
-/// How often the server pings an idle connection, and how long it waits for the answer
-/// before closing it (a node that vanished without closing its socket).
-pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
-pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Any [`KvEngine`] as the `KvStore` gRPC service.
 #[derive(Clone)]
@@ -253,10 +244,7 @@ pub async fn serve_store_node(
         tracing::info!(%address, "store node serving (a test and development store, not for production)");
     }
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    Server::builder()
-        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
-        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+    crate::internal_server()
         .add_service(KvStoreService::new(engine).into_server(token))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;

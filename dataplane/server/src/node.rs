@@ -815,7 +815,7 @@ impl InternalNode<'_> {
         let (stop_internal, internal_stopped) = tokio::sync::oneshot::channel::<()>();
         let incoming = TcpIncoming::from(internal).with_nodelay(Some(true));
         let server = tokio::spawn(
-            tonic::transport::Server::builder()
+            courier_rpc::internal_server()
                 .add_routes(services)
                 .serve_with_incoming_shutdown(incoming, async {
                     let _ = internal_stopped.await;

@@ -885,7 +885,7 @@ fn serve_internal(
     let admin = AdminService::new(store.clone(), node.to_owned(), cluster.token.clone())
         .with_gateway(gateway.drain.clone())
         .into_server();
-    let server = tonic::transport::Server::builder()
+    let server = courier_rpc::internal_server()
         .add_service(deliveries)
         .add_service(admin)
         .add_optional_service(notices)
