@@ -940,6 +940,32 @@ mod tests {
         node_with(store, "n1", limits).await
     }
 
+    /// An outbox row that does not decode fails its own shard's reading only: the watch goes
+    /// on judging the other shards (one such row froze every shard's verdict: a shard behind
+    /// kept refusing sends after fanout caught up, and one falling behind was never marked).
+    #[tokio::test]
+    async fn an_outbox_row_that_does_not_decode_leaves_the_other_shards_watched() {
+        use courier_store::kv::{Batch, KvEngine};
+        const LIMIT: Duration = Duration::from_secs(5);
+        let engine = FaultyEngine::new();
+        let store = engine.store(4).await;
+        let sequencer = with_outbox_lag_limit(&store, LIMIT).await;
+        let damaged = on_another_shard(&store, "d:1");
+        let mut key = store.keys().outbox(store.shard_of(&damaged)).start;
+        key.push(1);
+        let mut row = Batch::new();
+        row.set(key, b"not an outbox row".to_vec());
+        engine.commit(row).await.unwrap();
+        let first = sequencer.submit(message("d:1", "m1", "x")).await.unwrap();
+
+        let past_limit = first.ts_ms + LIMIT.as_millis() as u64 + 1;
+        assert_eq!(sequencer.watch_outboxes_at(past_limit).await.unwrap(), 4);
+        assert!(matches!(
+            seq_of(&sequencer, "m2").await,
+            Err(SequencerError::DeliveryBehind)
+        ));
+    }
+
     #[tokio::test]
     async fn a_shard_whose_outbox_is_behind_refuses_messages_until_it_drains() {
         const LIMIT: Duration = Duration::from_secs(5);
@@ -988,7 +1014,7 @@ mod tests {
         assert_eq!(seq_of(&sequencer, "m3").await.unwrap(), 4);
         // The message just sent waits in turn; once it is older than the limit, refused again.
         let waiting = store.oldest_outbox_entries(&[shard]).await.unwrap();
-        let later = waiting[0].as_ref().unwrap().ts_ms;
+        let later = waiting[0].as_ref().unwrap().as_ref().unwrap().ts_ms;
         sequencer
             .watch_outboxes_at(later + LIMIT.as_millis() as u64 + 1)
             .await

@@ -125,14 +125,21 @@ impl OutboxWatch {
         for (&shard, entry) in shards.iter().zip(oldest) {
             let index = shard as usize;
             let behind = match entry {
-                Some(entry) => {
+                // Read again at the next round; its verdict stands meanwhile (fanout, which
+                // cannot read that row either, is behind on the shard if it was before).
+                Err(e) => {
+                    tracing::error!(shard, error = %e, "cannot read the oldest entry of this shard's outbox");
+                    self.to_read[index].store(true, Ordering::Relaxed);
+                    continue;
+                }
+                Ok(Some(entry)) => {
                     let age_ms = now_ms.saturating_sub(entry.ts_ms);
                     oldest_age_ms = oldest_age_ms.max(age_ms);
                     // Still waiting: read again at the next round.
                     self.to_read[index].store(true, Ordering::Relaxed);
                     age_ms > self.limit_ms
                 }
-                None => false,
+                Ok(None) => false,
             };
             if self.behind[index].swap(behind, Ordering::Relaxed) != behind {
                 match behind {

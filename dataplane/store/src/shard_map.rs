@@ -42,6 +42,16 @@ pub struct OldestOutboxEntry {
     pub ts_ms: u64,
 }
 
+/// The first entry of the outbox row `key` holding `value`.
+fn oldest_entry_of(key: &[u8], value: &[u8]) -> Result<OldestOutboxEntry, StoreError> {
+    let (key, event) = outbox_rows::stored_entries(key, value)?
+        .into_iter()
+        .next()
+        .ok_or_else(|| corrupt(key, "an outbox row without entries"))?;
+    let ts_ms = EventHeader::decode_stored(&key, event)?.ts_ms;
+    Ok(OldestOutboxEntry { key, ts_ms })
+}
+
 /// How far a shard's outbox is behind: the entries waiting for fanout, from its bound on
 /// (counted up to a limit)
 /// and when the oldest of them was committed.
@@ -111,11 +121,12 @@ impl MessageStore {
     /// cleared), and its first entry. A row the bound falls inside (fanout stopped within a
     /// commit's entries) is passed over: the age is then that of the next row, a commit's
     /// later one or the next commit's. Reads [`OLDEST_ENTRIES_PER_CALL`] shards per engine
-    /// call, one call after the other.
+    /// call, one call after the other. A row that does not decode fails its own shard's answer
+    /// only (the inner `Result`): the other shards' are still read.
     pub async fn oldest_outbox_entries(
         &self,
         shards: &[u32],
-    ) -> Result<Vec<Option<OldestOutboxEntry>>, StoreError> {
+    ) -> Result<Vec<Result<Option<OldestOutboxEntry>, StoreError>>, StoreError> {
         let mut oldest = Vec::with_capacity(shards.len());
         for chunk in shards.chunks(OLDEST_ENTRIES_PER_CALL) {
             let delivered = self.delivered_bounds(chunk).await?;
@@ -126,15 +137,8 @@ impl MessageStore {
                 .collect();
             for rows in self.kv().ranges(ranges, 1).await? {
                 oldest.push(match rows.into_iter().next() {
-                    Some((key, value)) => {
-                        let (key, event) = outbox_rows::stored_entries(&key, &value)?
-                            .into_iter()
-                            .next()
-                            .ok_or_else(|| corrupt(&key, "an outbox row without entries"))?;
-                        let ts_ms = EventHeader::decode_stored(&key, event)?.ts_ms;
-                        Some(OldestOutboxEntry { key, ts_ms })
-                    }
-                    None => None,
+                    Some((key, value)) => oldest_entry_of(&key, &value).map(Some),
+                    None => Ok(None),
                 });
             }
         }
@@ -267,6 +271,12 @@ mod tests {
         );
     }
 
+    /// The oldest entries of `shards`, each read without error.
+    async fn oldest_of(store: &MessageStore, shards: &[u32]) -> Vec<Option<OldestOutboxEntry>> {
+        let answers = store.oldest_outbox_entries(shards).await.unwrap();
+        answers.into_iter().map(Result::unwrap).collect()
+    }
+
     #[tokio::test]
     async fn the_oldest_outbox_entries_are_read_from_fanouts_bound() {
         let dir = tempfile::tempdir().unwrap();
@@ -296,10 +306,10 @@ mod tests {
             })
         };
 
-        let first = store.oldest_outbox_entries(&[shard, idle]).await.unwrap();
+        let first = oldest_of(&store, &[shard, idle]).await;
         assert_eq!(first, [oldest(0), None], "in the order asked");
         // Read again: the same entry.
-        let again = store.oldest_outbox_entries(&[shard]).await.unwrap();
+        let again = oldest_of(&store, &[shard]).await;
         assert_eq!(again, [oldest(0)]);
 
         store
@@ -309,7 +319,7 @@ mod tests {
             }])
             .await
             .unwrap();
-        let after_two = store.oldest_outbox_entries(&[shard]).await.unwrap();
+        let after_two = oldest_of(&store, &[shard]).await;
         assert_eq!(after_two, [oldest(2)], "read from fanout's bound");
         store
             .advance_delivered(&[DeliveredBound {
@@ -318,14 +328,14 @@ mod tests {
             }])
             .await
             .unwrap();
-        let drained = store.oldest_outbox_entries(&[shard]).await.unwrap();
+        let drained = oldest_of(&store, &[shard]).await;
         assert_eq!(drained, [None], "every entry delivered, none cleared yet");
         assert_eq!(store.outbox(shard, None, 10).await.unwrap().len(), 3);
         // More shards than one call reads: every one is answered, in order.
         let many: Vec<u32> = (0..2 * OLDEST_ENTRIES_PER_CALL + 1)
             .map(|i| i as u32 % 4)
             .collect();
-        let answered = store.oldest_outbox_entries(&many).await.unwrap();
+        let answered = oldest_of(&store, &many).await;
         assert_eq!(answered.len(), many.len());
         assert!(answered.iter().all(Option::is_none));
     }
