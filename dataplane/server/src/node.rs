@@ -415,43 +415,21 @@ async fn renew_registration(
     }
 }
 
-/// Registers the node as `node_id`, unless another live process runs under that id. A live
-/// record of another process is waited out, as the run before this one leaves it when it was
-/// killed; if that record is renewed meanwhile, a second process has the id, and this one does
-/// not start (its shards and routes would be taken back and forth between the two).
+/// Registers the node as `node_id`, unless another live process runs under that id
+/// ([`claim_waiting_out`]): its shards and routes would be taken back and forth between the
+/// two.
 async fn claim_node_id(
     store: &MessageStore,
     node_id: &str,
     registration: &NodeRecord,
     lease_ms: u64,
 ) -> anyhow::Result<()> {
-    let mut waited_for: Option<u64> = None;
-    loop {
-        let now = now_ms();
-        let other = match store
-            .claim_node(node_id, &leased(registration, now + lease_ms), now)
-            .await?
-        {
-            Claim::Registered { .. } => return Ok(()),
-            Claim::HeldBy(other) => other,
-        };
-        if waited_for.is_some_and(|lease_until| other.lease_until_ms > lease_until) {
-            anyhow::bail!(
-                "another process runs as node {node_id} (at {}): give every node its own \
-                 --node-id",
-                other.address
-            );
-        }
-        let wait = other.lease_until_ms.saturating_sub(now) + CLAIM_MARGIN_MS;
-        tracing::warn!(
-            node = node_id,
-            other = %other.address,
-            wait_ms = wait,
-            "the node id is registered by another process, live: waiting for its lease to lapse \
-             (the run before this one, killed?)"
-        );
-        waited_for = Some(other.lease_until_ms);
-        tokio::time::sleep(Duration::from_millis(wait)).await;
+    match claim_waiting_out(store, node_id, registration, lease_ms, None).await? {
+        None => Ok(()),
+        Some((_, other)) => anyhow::bail!(
+            "another process runs as node {node_id} (at {}): give every node its own --node-id",
+            other.address
+        ),
     }
 }
 
@@ -461,31 +439,56 @@ pub const SERVE_ROLE: &str = "serve";
 
 /// Registers a `courier serve` on a store other processes reach (`--store remote` or `fdb`) as
 /// `node_id`, unless another process serves that store: one registered live as `node_id`, or
-/// as another `courier serve`. Each would take every shard in turn from the other, so half
-/// the sends were refused, and each would deliver only to its own connections. As
-/// [`claim_node_id`], a live record is first waited out (the run before this one, killed);
-/// one renewed meanwhile is another process, and this one does not start.
+/// as another `courier serve` ([`claim_waiting_out`]). Each would take every shard in turn
+/// from the other, so half the sends were refused, and each would deliver only to its own
+/// connections.
 pub async fn claim_the_server(
     store: &MessageStore,
     node_id: &str,
     registration: &NodeRecord,
     lease_ms: u64,
 ) -> anyhow::Result<()> {
+    match claim_waiting_out(store, node_id, registration, lease_ms, Some(SERVE_ROLE)).await? {
+        None => Ok(()),
+        Some((id, other)) => anyhow::bail!(
+            "another process serves this store (node {id} at {}): one `courier serve` per \
+             store; to serve it from several processes, run a cluster of `courier node`s \
+             (docs/distributed.md)",
+            other.address
+        ),
+    }
+}
+
+/// Registers `registration` as `node_id`, unless a live record of another process stands in
+/// the way: the id's own, or (with `rival_role`) any record under that role. Such a record is
+/// waited out first, as the run before this one leaves it when it was killed; if it is renewed
+/// meanwhile, another process holds it: its id and record are returned, and nothing is
+/// registered.
+async fn claim_waiting_out(
+    store: &MessageStore,
+    node_id: &str,
+    registration: &NodeRecord,
+    lease_ms: u64,
+    rival_role: Option<&str>,
+) -> anyhow::Result<Option<(String, NodeRecord)>> {
     let mut waited_for: Option<(String, u64)> = None;
     loop {
         let now = now_ms();
-        let rival = store.nodes().await?.into_iter().find(|(id, node)| {
-            node.instance != registration.instance
-                && node.is_live(now)
-                && (id == node_id || node.roles.iter().any(|r| r == SERVE_ROLE))
-        });
+        let rival = match rival_role {
+            Some(role) => store.nodes().await?.into_iter().find(|(id, node)| {
+                node.instance != registration.instance
+                    && node.is_live(now)
+                    && (id == node_id || node.roles.iter().any(|r| r == role))
+            }),
+            None => None,
+        };
         let (id, other) = match rival {
             Some(rival) => rival,
             None => match store
                 .claim_node(node_id, &leased(registration, now + lease_ms), now)
                 .await?
             {
-                Claim::Registered { .. } => return Ok(()),
+                Claim::Registered { .. } => return Ok(None),
                 Claim::HeldBy(other) => (node_id.to_owned(), other),
             },
         };
@@ -493,20 +496,15 @@ pub async fn claim_the_server(
             .as_ref()
             .is_some_and(|(waited, until)| *waited == id && other.lease_until_ms > *until)
         {
-            anyhow::bail!(
-                "another process serves this store (node {id} at {}): one `courier serve` per \
-                 store; to serve it from several processes, run a cluster of `courier node`s \
-                 (docs/distributed.md)",
-                other.address
-            );
+            return Ok(Some((id, other)));
         }
         let wait = other.lease_until_ms.saturating_sub(now) + CLAIM_MARGIN_MS;
         tracing::warn!(
             node = %id,
             other = %other.address,
             wait_ms = wait,
-            "another process is registered on this store, live: waiting for its lease to lapse \
-             (the run before this one, killed?)"
+            "another process is registered live in this process's way: waiting for its lease \
+             to lapse (the run before this one, killed?)"
         );
         waited_for = Some((id, other.lease_until_ms));
         tokio::time::sleep(Duration::from_millis(wait)).await;
