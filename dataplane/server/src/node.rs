@@ -63,9 +63,9 @@ use courier_rpc::{
     ChatNodeService, ClusterChat, ClusterGateways, ClusterToken, FanoutService, SequencerService,
 };
 use courier_sequencer::LocalSequencer;
-use courier_store::MessageStore;
 use courier_store::leaders::Job;
 use courier_store::nodes::{Claim, NodeRecord};
+use courier_store::{MessageStore, StoreError};
 use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -313,10 +313,7 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
         .await;
     // The record says when the node left: a sweep clears the routes written before that, and
     // the registry forgets it `FORGET_AFTER_LEASES` leases later.
-    let now = now_ms();
-    let ended = store
-        .claim_node(&config.node_id, &leased(&registration, now), now)
-        .await;
+    let ended = end_registration(&store, &config.node_id, &registration).await;
     serve::stop_store_client(config);
     ended?;
     result
@@ -406,13 +403,23 @@ async fn renew_registration(
         }
     }
     // Left: the callers that find this node in the registry stop choosing it.
-    let now = now_ms();
-    if let Err(e) = store
-        .claim_node(node, &leased(registration, now), now)
-        .await
-    {
+    if let Err(e) = end_registration(store, node, registration).await {
         tracing::warn!(error = %e, "ending the node's registration failed; it lapses with its lease");
     }
+}
+
+/// Ends `node`'s record now: the callers that find it in the registry stop choosing it, a
+/// sweep clears the routes written before, and a restart need not wait for it to lapse.
+pub async fn end_registration(
+    store: &MessageStore,
+    node: &str,
+    registration: &NodeRecord,
+) -> Result<(), StoreError> {
+    let now = now_ms();
+    store
+        .claim_node(node, &leased(registration, now), now)
+        .await
+        .map(drop)
 }
 
 /// Registers the node as `node_id`, unless another live process runs under that id

@@ -288,13 +288,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     loops
         .shutdown(tokio::time::Instant::now() + std::time::Duration::from_secs(5))
         .await;
-    // Ended now, so that a restart need not wait for it to lapse.
-    let now = now_ms();
-    let ended = NodeRecord {
-        lease_until_ms: now,
-        ..registration
-    };
-    if let Err(e) = store.claim_node(&config.node_id, &ended, now).await {
+    if let Err(e) = node::end_registration(&store, &config.node_id, &registration).await {
         tracing::warn!(error = %e, "ending the server's registration failed; it lapses with its lease");
     }
     stop_store_client(&config);
