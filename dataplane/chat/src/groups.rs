@@ -59,12 +59,6 @@ impl Chat {
         Ok(out)
     }
 
-    /// Takes a token of `who`'s send rate for a membership change it makes to others (module
-    /// documentation, "Rate").
-    fn check_rate(&self, who: &Identity) -> Result<(), ApiError> {
-        self.count_limited("user", self.user_sends.check(&who.user))
-    }
-
     async fn check_group_quota(&self, users: &[String]) -> Result<(), ApiError> {
         for user in users {
             if self.store.group_count(user).await? >= self.limits.max_groups_per_user {
@@ -112,7 +106,7 @@ impl Chat {
             )));
         }
         // Before the quota's reads (one per user): a refused request costs nothing more.
-        self.check_rate(who)?;
+        self.check_user_rate(who)?;
         self.check_backpressure()?;
         self.check_group_quota(&all).await?;
         let conv = format!("g:{}", hex::encode(rand::random::<[u8; 16]>()));
@@ -152,7 +146,7 @@ impl Chat {
         self.check_admin(who, conv).await?;
         let users = self.checked_users(users)?;
         // Before the members' and the quota's reads: a refused request costs nothing more.
-        self.check_rate(who)?;
+        self.check_user_rate(who)?;
         let current = self.store.members(conv).await?;
         let new: Vec<String> = users.into_iter().filter(|u| !current.contains(u)).collect();
         if current.len() + new.len() > self.limits.max_group_members {
@@ -201,7 +195,7 @@ impl Chat {
                     "{user} is not a member of {conv}"
                 )));
             }
-            self.check_rate(who)?;
+            self.check_user_rate(who)?;
         }
         let payload = EventPayload::MemberRemoved(MembershipChange::new(vec![user.to_owned()]));
         let removal = match self.membership_append(who, conv, payload).await {

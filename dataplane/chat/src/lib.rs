@@ -211,6 +211,13 @@ impl Chat {
         result
     }
 
+    /// Takes a token of `who`'s send rate (`rate_limited` past it) for an event every member
+    /// gets: a message, a delete for everyone, a membership change made to others (`groups`
+    /// module documentation, "Rate").
+    fn check_user_rate(&self, who: &Identity) -> Result<(), ApiError> {
+        self.count_limited("user", self.user_sends.check(&who.user))
+    }
+
     /// Refuses new sends while storage cannot take them (low disk, halted store). Sends to a
     /// shard whose delivery is behind are refused by the shard's sequencer, which reads the
     /// outbox lag in the store (`SequencerError::DeliveryBehind`).
@@ -247,7 +254,7 @@ impl Chat {
     ) -> Result<(String, PendingAppend), ApiError> {
         ids::client_msg_id(&send.client_msg_id)?;
         validate_body(&send.body)?;
-        self.count_limited("user", self.user_sends.check(&who.user))?;
+        self.check_user_rate(who)?;
         self.check_backpressure()?;
         let admitted = self.admission.admit()?;
         if send.reply_to == Some(0) {
@@ -649,7 +656,7 @@ impl Chat {
         let conv = &delete.conversation_id;
         // A delete is an event every member gets, as a message is: it draws on the user's
         // send rate and waits out delivery's backpressure like one.
-        self.count_limited("user", self.user_sends.check(&who.user))?;
+        self.check_user_rate(who)?;
         self.check_backpressure()?;
         self.check_member(conv, &who.user).await?;
         let readable = self.readable(conv, &who.user).await?;
