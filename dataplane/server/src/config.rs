@@ -357,21 +357,19 @@ impl ServeConfig {
         );
         // Added to the time of the signal, a timeout near `Duration::MAX` overflowed: the
         // process panicked on SIGTERM instead of draining (and a window as long, at start).
-        if let Some(window) = self.drain_window {
-            anyhow::ensure!(
-                window <= MAX_DRAIN_WINDOW,
-                "--drain-window ({}) must be at most {}",
-                humantime::format_duration(window),
-                humantime::format_duration(MAX_DRAIN_WINDOW),
-            );
-        }
-        if let Some(timeout) = self.drain_timeout {
-            anyhow::ensure!(
-                timeout <= MAX_DRAIN_TIMEOUT,
-                "--drain-timeout ({}) must be at most {}",
-                humantime::format_duration(timeout),
-                humantime::format_duration(MAX_DRAIN_TIMEOUT),
-            );
+        let drain = [
+            ("--drain-window", self.drain_window, MAX_DRAIN_WINDOW),
+            ("--drain-timeout", self.drain_timeout, MAX_DRAIN_TIMEOUT),
+        ];
+        for (flag, given, longest) in drain {
+            if let Some(given) = given {
+                anyhow::ensure!(
+                    given <= longest,
+                    "{flag} ({}) must be at most {}",
+                    humantime::format_duration(given),
+                    humantime::format_duration(longest),
+                );
+            }
         }
         self.media.validate()?;
         anyhow::ensure!(
