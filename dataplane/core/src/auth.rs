@@ -16,20 +16,31 @@ pub const CLOCK_SKEW_SECS: f64 = 60.0;
 /// Name of the generated secret inside the data directory.
 pub const SECRET_FILE: &str = "jwt-secret";
 
-#[derive(Debug, Serialize, Deserialize)]
+/// The claims Courier reads from a token. Its dates are RFC 7519 NumericDates: JSON numbers of
+/// seconds that may have a fraction (some issuers write `exp: 1765000000.5`); `exp` is checked
+/// by `jsonwebtoken` itself, which takes fractions too.
+#[derive(Debug, Deserialize)]
 struct Claims {
     sub: String,
     dev: String,
-    exp: u64,
     /// Issue time (seconds); tokens issued before a device was unlinked are refused, and so
     /// are tokens dated ahead of this server's clock by more than [`CLOCK_SKEW_SECS`]:
     /// they would outlive an unlink until that date.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    iat: Option<u64>,
-    /// Not before (seconds, a JSON number): a token an issuer dated ahead is refused until then,
-    /// give or take [`CLOCK_SKEW_SECS`] (RFC 7519).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
+    iat: Option<f64>,
+    /// Not before (seconds): a token an issuer dated ahead is refused until then, give or take
+    /// [`CLOCK_SKEW_SECS`].
+    #[serde(default)]
     nbf: Option<f64>,
+}
+
+/// The claims of a token Courier signs (`courier token`): whole seconds.
+#[derive(Serialize)]
+struct MintedClaims<'a> {
+    sub: &'a str,
+    dev: &'a str,
+    exp: u64,
+    iat: u64,
 }
 
 /// The identity a verified token grants.
@@ -115,7 +126,7 @@ impl TokenVerifier {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64());
-        for (claim, time) in [("nbf", nbf), ("iat", iat.map(|iat| iat as f64))] {
+        for (claim, time) in [("nbf", nbf), ("iat", iat)] {
             if let Some(time) = time.filter(|&time| time > now + CLOCK_SKEW_SECS) {
                 return Err(AuthError::Invalid(format!(
                     "the token's {claim} is {time}, ahead of this server's clock ({now:.0})"
@@ -127,7 +138,8 @@ impl TokenVerifier {
         Ok(Identity {
             user: sub,
             device: dev,
-            issued_at_ms: iat.unwrap_or(0).saturating_mul(1000),
+            // A float to integer cast saturates: an `iat` before 1970 counts as none.
+            issued_at_ms: iat.map_or(0, |iat| (iat * 1000.0).round() as u64),
         })
     }
 }
@@ -138,12 +150,11 @@ pub fn mint(secret: &[u8], user: &str, device: &str, ttl: Duration) -> anyhow::R
     ids::user_id(user)?;
     ids::device_id(device)?;
     let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
-    let claims = Claims {
-        sub: user.to_owned(),
-        dev: device.to_owned(),
-        exp: now + ttl.as_secs(),
-        iat: Some(now),
-        nbf: None,
+    let claims = MintedClaims {
+        sub: user,
+        dev: device,
+        exp: now.saturating_add(ttl.as_secs()),
+        iat: now,
     };
     Ok(jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),
@@ -249,13 +260,7 @@ mod tests {
         assert!(verifier.verify(&forged).is_err());
         let expired = jsonwebtoken::encode(
             &Header::new(Algorithm::HS256),
-            &Claims {
-                sub: "alice".into(),
-                dev: "phone".into(),
-                exp: 1,
-                iat: None,
-                nbf: None,
-            },
+            &serde_json::json!({ "sub": "alice", "dev": "phone", "exp": 1 }),
             &EncodingKey::from_secret(SECRET),
         )
         .unwrap();
@@ -272,16 +277,12 @@ mod tests {
             .duration_since(UNIX_EPOCH)
             .unwrap()
             .as_secs();
-        let token = |iat, nbf| {
+        let token = |iat: Option<u64>, nbf: Option<f64>| {
             jsonwebtoken::encode(
                 &Header::new(Algorithm::HS256),
-                &Claims {
-                    sub: "alice".into(),
-                    dev: "phone".into(),
-                    exp: now + 3_600,
-                    iat,
-                    nbf,
-                },
+                &serde_json::json!({
+                    "sub": "alice", "dev": "phone", "exp": now + 3_600, "iat": iat, "nbf": nbf
+                }),
                 &EncodingKey::from_secret(SECRET),
             )
             .unwrap()
@@ -304,6 +305,29 @@ mod tests {
             "an issuer's clock a little ahead"
         );
         assert!(verifier.verify(&token(None, None)).is_ok());
+    }
+
+    /// RFC 7519's dates may have a fraction: a token whose `exp` and `iat` do is as good as one
+    /// in whole seconds, and its issue time keeps its milliseconds for the unlink check.
+    #[test]
+    fn fractional_dates_are_read() {
+        let verifier = TokenVerifier::hs256(SECRET).unwrap();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        let iat = (now - 10.0).floor() + 0.25;
+        let token = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &serde_json::json!({
+                "sub": "alice", "dev": "phone", "exp": now + 600.5, "iat": iat, "nbf": iat
+            }),
+            &EncodingKey::from_secret(SECRET),
+        )
+        .unwrap();
+        let identity = verifier.verify(&token).unwrap();
+        assert_eq!(identity.issued_at_ms, (iat * 1000.0) as u64);
+        assert_eq!(identity.issued_at_ms % 1000, 250);
     }
 
     /// An empty or short secret would let anyone sign tokens: neither a verifier, nor a
