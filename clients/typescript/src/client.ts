@@ -199,18 +199,21 @@ export class CourierClient {
     return this.conversationsById.get(conversationId);
   }
 
-  /** Reloads the list of conversations (`GET /v1/conversations`). */
+  /** Reloads the list of conversations (`GET /v1/conversations`), and deletes the saved
+   * receipts of the conversations it no longer holds (groups this user left). */
   refreshConversations(): Promise<void> {
-    this.summariesLoading ??= this.http
-      .conversations()
-      .then((summaries) => {
-        for (const summary of summaries) this.conversationFor(summary.conversation_id).applySummary(summary);
-        this.emitter.emit("conversations", undefined);
-      })
-      .finally(() => {
-        this.summariesLoading = undefined;
-      });
+    this.summariesLoading ??= this.loadConversations().finally(() => {
+      this.summariesLoading = undefined;
+    });
     return this.summariesLoading;
+  }
+
+  private async loadConversations(): Promise<void> {
+    const stored = this.savedReceipts.storedNow();
+    const summaries = await this.http.conversations();
+    for (const summary of summaries) this.conversationFor(summary.conversation_id).applySummary(summary);
+    this.savedReceipts.forgetUnlisted(stored, new Set(summaries.map((summary) => summary.conversation_id)));
+    this.emitter.emit("conversations", undefined);
   }
 
   /** Reads back every member's receipt cursors in a conversation (`GET

@@ -6,7 +6,9 @@
  * (`CourierClient.refreshReceipts`) only for the conversations that need it.
  *
  * Writes are coalesced: the receipts that change while a write is under way go in the next
- * one, each with its latest cursors.
+ * one, each with its latest cursors. The receipts of a conversation the server no longer lists
+ * for this user (a group it left) are deleted (`forgetUnlisted`), so the storage holds no more
+ * than the user's conversations.
  */
 import type { OutboxStorage, StoredReceipt } from "./storage.js";
 
@@ -16,6 +18,10 @@ export class SavedReceipts {
   /** To write, by `conversation user`. */
   private readonly dirty = new Map<string, StoredReceipt>();
   private writing = false;
+  /** The conversations with receipts in the storage, each with the number of the last save
+   * of one of its receipts (`saves` then). */
+  private readonly stored = new Map<string, number>();
+  private saves = 0;
 
   /** Called when a write fails (the receipts stay known to this client). */
   onError: (error: unknown) => void = () => {};
@@ -30,6 +36,7 @@ export class SavedReceipts {
     const saved = new SavedReceipts(storage, scope);
     const rows = storage.loadReceipts && storage.putReceipts ? await storage.loadReceipts(scope) : [];
     for (const row of rows) {
+      saved.stored.set(row.conversation_id, 0);
       const list = saved.loaded.get(row.conversation_id) ?? [];
       list.push(row);
       saved.loaded.set(row.conversation_id, list);
@@ -47,8 +54,30 @@ export class SavedReceipts {
   /** Writes a member's latest cursors (soon, with the others that change meanwhile). */
   save(receipt: StoredReceipt): void {
     if (!this.storage.putReceipts) return;
+    this.stored.set(receipt.conversation_id, ++this.saves);
     this.dirty.set(`${receipt.conversation_id} ${receipt.user}`, { ...receipt });
     if (!this.writing) void this.write();
+  }
+
+  /** The conversations with stored receipts now, to pass to `forgetUnlisted` once the list of
+   * the user's conversations asked for after this call has come. */
+  storedNow(): ReadonlyMap<string, number> {
+    return new Map(this.stored);
+  }
+
+  /** Deletes the receipts of the conversations of `before` (a `storedNow`) that `listed` does
+   * not hold, unless one of their receipts was saved since (a conversation newer than the
+   * list). */
+  forgetUnlisted(before: ReadonlyMap<string, number>, listed: ReadonlySet<string>): void {
+    const gone = [...before]
+      .filter(([id, save]) => !listed.has(id) && this.stored.get(id) === save)
+      .map(([id]) => id);
+    if (gone.length === 0 || !this.storage.deleteReceipts) return;
+    for (const id of gone) {
+      this.stored.delete(id);
+      this.loaded.delete(id);
+    }
+    this.storage.deleteReceipts(this.scope, gone).catch((error: unknown) => this.onError(error));
   }
 
   private async write(): Promise<void> {

@@ -42,6 +42,9 @@ export interface OutboxStorage {
    * receipts on a reload. */
   loadReceipts?(scope: string): Promise<StoredReceipt[]>;
   putReceipts?(scope: string, receipts: StoredReceipt[]): Promise<void>;
+  /** Optional: deletes every receipt of these conversations in the scope. A storage without
+   * it keeps the receipts of the conversations this user left. */
+  deleteReceipts?(scope: string, conversationIds: string[]): Promise<void>;
 }
 
 function byAge(a: OutboxEntry, b: OutboxEntry): number {
@@ -81,6 +84,13 @@ export class MemoryOutboxStorage implements OutboxStorage {
       this.receipts.set(scope, held);
     }
     for (const receipt of receipts) held.set(receiptKey(receipt), structuredClone(receipt));
+  }
+
+  async deleteReceipts(scope: string, conversationIds: string[]): Promise<void> {
+    const held = this.receipts.get(scope);
+    if (!held) return;
+    const gone = new Set(conversationIds);
+    for (const [key, receipt] of held) if (gone.has(receipt.conversation_id)) held.delete(key);
   }
 }
 
@@ -139,6 +149,19 @@ export class IndexedDbOutboxStorage implements OutboxStorage {
     await this.run("readwrite", (store) => {
       let request!: IDBRequest;
       for (const receipt of receipts) request = store.put({ scope: key, id: receiptKey(receipt), receipt });
+      return request;
+    });
+  }
+
+  /** All in one transaction: a key range per conversation (`<conversation> <user>`). */
+  async deleteReceipts(scope: string, conversationIds: string[]): Promise<void> {
+    if (conversationIds.length === 0) return;
+    const key = receiptScope(scope);
+    await this.run("readwrite", (store) => {
+      let request!: IDBRequest;
+      for (const id of conversationIds) {
+        request = store.delete(IDBKeyRange.bound([key, `${id} `], [key, `${id} \uffff`]));
+      }
       return request;
     });
   }

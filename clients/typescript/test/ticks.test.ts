@@ -218,6 +218,29 @@ test("after a reload on the same storage, a group's ticks are the receipts seen 
   assert.equal(reloaded.statusOf(group, delivered.seq), "delivered");
 });
 
+test("the saved receipts of a group this user left are deleted once the list of conversations drops it", async () => {
+  const storage = new MemoryOutboxStorage();
+  const alice = await synced(server, "alice9", "web", { storage });
+  const bob = await synced(server, "bob9", "web");
+  const group = await bob.createGroup("left", ["alice9"]);
+  await until("alice has the group", () => alice.conversation(group) !== undefined);
+  const inGroup = await alice.sendText({ conversationId: group }, "to the group");
+  const direct = await alice.sendText({ toUser: "bob9" }, "hi");
+  await until("bob has both", () => texts(bob, group).length === 1 && texts(bob, direct.conversation_id).length === 1);
+  bob.markRead(group);
+  bob.markRead(direct.conversation_id);
+  await until("alice sees both read", () =>
+    alice.statusOf(group, inGroup.seq) === "read" && alice.statusOf(direct.conversation_id, direct.seq) === "read",
+  );
+  const stored = async () => new Set((await storage.loadReceipts("alice9/web")).map((r) => r.conversation_id));
+  await until("both receipts are saved", async () => (await stored()).size === 2);
+
+  await alice.removeMember(group, "alice9");
+  await alice.refreshConversations();
+  await until("the group's receipts are deleted", async () => !(await stored()).has(group));
+  assert.deepEqual([...(await stored())], [direct.conversation_id], "the direct conversation's stay");
+});
+
 test("a group message sent before a member was added does not wait for that member", async () => {
   const alice = await synced(server, "alice3", "web");
   const bob = await synced(server, "bob3", "web");
