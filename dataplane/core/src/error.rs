@@ -74,7 +74,9 @@ impl From<courier_proto::ids::InvalidId> for ApiError {
 ///   sequencer's queue is full or the send timed out;
 /// - `too_large`: what the client asked for alone exceeds an engine limit (a group commit that
 ///   is too large is split by the sequencer, never failed);
-/// - `internal`: stored data that does not decode: a bug or corruption.
+/// - `internal`: stored data that does not decode: a bug or corruption; and a request a node
+///   could not decode ([`StoreError::Invalid`]: a node of another version, or damage in
+///   transit), which a retry would have refused again: the message says what did not decode.
 impl From<AuthError> for ApiError {
     fn from(e: AuthError) -> Self {
         ApiError::new(ErrorCode::Unauthorized, e.to_string())
@@ -103,6 +105,13 @@ impl From<StoreError> for ApiError {
             StoreError::Corrupt { .. } => {
                 tracing::error!(error = %e, "storage error");
                 Self::new(ErrorCode::Internal, "internal storage error")
+            }
+            StoreError::Invalid(reason) => {
+                tracing::error!(%reason, "a node could not decode a request; the client is told internal, not to retry");
+                Self::new(
+                    ErrorCode::Internal,
+                    format!("internal error, retrying will not help: {reason}"),
+                )
             }
         }
     }
@@ -186,6 +195,7 @@ mod tests {
                 },
                 ErrorCode::Internal,
             ),
+            (StoreError::Invalid("x".into()), ErrorCode::Internal),
         ];
         for (error, code) in cases {
             let api = ApiError::from(SequencerError::Store(error.clone()));

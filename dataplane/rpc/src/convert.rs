@@ -56,7 +56,7 @@ pub(crate) fn batch(request: proto::CommitRequest) -> Result<Batch, StoreError> 
                     Mutation::SetVersionstampedKey { key, value }
                 }
                 None => {
-                    return Err(StoreError::Engine(
+                    return Err(StoreError::Invalid(
                         "malformed commit request: a mutation without its kind (a client of \
                          another version?); nothing was applied"
                             .into(),
@@ -134,6 +134,6 @@ mod tests {
             mutations: vec![proto::Mutation { kind: None }],
             deferred: false,
         };
-        assert!(matches!(batch(request), Err(StoreError::Engine(_))));
+        assert!(matches!(batch(request), Err(StoreError::Invalid(_))));
     }
 }

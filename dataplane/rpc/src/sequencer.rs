@@ -12,6 +12,9 @@
 //! `unavailable` and retries with the same `client_msg_id`, which the idempotency record
 //! answers if the append did land. A refused call (wrong token) is an engine error: nothing
 //! was appended. A trim whose answer is lost is an engine error (retention runs it again).
+//! An append the node cannot decode (a chat node of another version, or damage), and a refusal
+//! the chat node cannot decode, are [`StoreError::Invalid`]: refused for good, the client is
+//! told `internal` with what did not decode, since a retry would be refused again.
 
 use crate::auth::{AttachToken, ClusterToken, RequireToken};
 use crate::lock;
@@ -167,10 +170,8 @@ pub(crate) fn response(id: u64, result: Result<AppendOutcome, SequencerError>) -
     }
 }
 
-/// The outcome a response carries.
-pub(crate) fn outcome(
-    result: Option<append_response::Result>,
-) -> Result<AppendOutcome, SequencerError> {
+/// The outcome an [`AppendResponse`] carries, as the chat node that sent the append takes it.
+pub fn outcome(result: Option<append_response::Result>) -> Result<AppendOutcome, SequencerError> {
     match result {
         Some(append_response::Result::Outcome(o)) => Ok(AppendOutcome {
             seq: o.seq,
@@ -183,7 +184,8 @@ pub(crate) fn outcome(
             Ok(Refusal::NotAdmin) => Err(AppendRefused::NotAdmin.into()),
             Ok(Refusal::NoChange) => Err(AppendRefused::NoChange.into()),
             Ok(Refusal::TooManyConversations) => Err(AppendRefused::TooManyConversations.into()),
-            _ => Err(SequencerError::Store(StoreError::Engine(format!(
+            // Nothing was appended, and a retry would be refused the same way.
+            _ => Err(SequencerError::Store(StoreError::Invalid(format!(
                 "a sequencer node answered an unknown refusal ({code})"
             )))),
         },
@@ -329,10 +331,15 @@ impl sequencer_server::Sequencer for SequencerService {
                                         let pending = sequencer.submit(append);
                                         in_flight.push(async move { (id, pending.await) });
                                     }
+                                    // Refused for good: the same bytes would be refused
+                                    // again (a chat node of another version, or damage).
                                     Err(status) => {
-                                        let error = SequencerError::Store(StoreError::Engine(
-                                            format!("invalid append: {}", status.message()),
-                                        ));
+                                        let reason = format!(
+                                            "the sequencer node could not decode an append: {}",
+                                            status.message()
+                                        );
+                                        tracing::warn!(id, %reason, "refused an append it cannot decode");
+                                        let error = SequencerError::Store(StoreError::Invalid(reason));
                                         if answers.send(Ok(response(id, Err(error)))).await.is_err() {
                                             return;
                                         }

@@ -24,7 +24,10 @@
 //!   that happen before any handler runs (`Unauthenticated`, `PermissionDenied`,
 //!   `Unimplemented`), which are [`StoreError::Engine`]: nothing was applied.
 //!
-//! A detail that does not decode (a store node of another version) is treated as no detail.
+//! A detail that does not decode, or of a kind this node does not know (a node of another
+//! version), is treated as no detail. So a node older than [`StoreError::Invalid`] takes that
+//! refusal of a newer one for an engine error (a read) or an unknown outcome (a commit), as
+//! it did before the variant existed.
 //!
 //! **Client errors.** A chat node answers a refused request with [`api_status`]: the
 //! [`ApiError`] the client is to be told travels whole (code, message, retry delay) as an
@@ -70,7 +73,7 @@ pub fn code_of(error: &StoreError) -> Code {
         // gRPC's own "may have completed" code is DEADLINE_EXCEEDED; UNKNOWN says it plainly.
         StoreError::MaybeCommitted => Code::Unknown,
         StoreError::Overloaded(_) => Code::ResourceExhausted,
-        StoreError::TooLarge(_) => Code::InvalidArgument,
+        StoreError::TooLarge(_) | StoreError::Invalid(_) => Code::InvalidArgument,
         StoreError::Corrupt { .. } => Code::DataLoss,
         StoreError::Engine(_) | StoreError::Halted(_) => Code::Unavailable,
     }
@@ -97,6 +100,7 @@ pub fn detail(error: &StoreError) -> StoreErrorDetail {
         StoreError::Corrupt { key, reason } => (StoreErrorKind::Corrupt, key.clone(), &reason[..]),
         StoreError::Engine(reason) => (StoreErrorKind::Engine, Vec::new(), &reason[..]),
         StoreError::Halted(reason) => (StoreErrorKind::Halted, Vec::new(), &reason[..]),
+        StoreError::Invalid(reason) => (StoreErrorKind::Invalid, Vec::new(), &reason[..]),
     };
     StoreErrorDetail {
         kind: kind.into(),
@@ -136,6 +140,7 @@ pub fn from_detail(detail: StoreErrorDetail) -> Option<StoreError> {
         StoreErrorKind::Corrupt => StoreError::Corrupt { key, reason },
         StoreErrorKind::Engine => StoreError::Engine(reason),
         StoreErrorKind::Halted => StoreError::Halted(reason),
+        StoreErrorKind::Invalid => StoreError::Invalid(reason),
     })
 }
 
@@ -247,6 +252,7 @@ mod tests {
             },
             StoreError::Engine("x".repeat(MAX_REASON_BYTES)),
             StoreError::Halted("disk full".into()),
+            StoreError::Invalid("undecodable event: unknown event kind `reaction`".into()),
         ]
     }
 
@@ -279,10 +285,11 @@ mod tests {
                 | StoreError::TooLarge(_)
                 | StoreError::Corrupt { .. }
                 | StoreError::Engine(_)
-                | StoreError::Halted(_) => {}
+                | StoreError::Halted(_)
+                | StoreError::Invalid(_) => {}
             }
         }
-        assert_eq!(every_variant().len(), 8);
+        assert_eq!(every_variant().len(), 9);
     }
 
     /// Through real header encoding: metadata is base64 on the wire; a status rebuilt from

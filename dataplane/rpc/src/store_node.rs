@@ -23,7 +23,7 @@
 //! whose caller disconnects is not cancelled in the engine once handed to it (the embedded
 //! engine's writer applies what it has queued): the caller sees a lost answer, which it treats
 //! as [`StoreError::MaybeCommitted`]. A request that does not decode (a mutation without a
-//! kind) is refused as [`StoreError::Engine`] and nothing is applied.
+//! kind) is refused as [`StoreError::Invalid`] and nothing is applied: it is never retried.
 //!
 //! **Bounds.** At most [`MAX_CONCURRENT_STREAMS`](crate::MAX_CONCURRENT_STREAMS) calls in flight per connection (HTTP/2
 //! `SETTINGS_MAX_CONCURRENT_STREAMS`; further calls wait in the client); commits then queue in

@@ -2,12 +2,18 @@
 //! called in, every outcome and error crosses the network as itself, a broken stream answers
 //! its waiters and the next append opens a new one, and the cluster token is required.
 
+use courier_core::error::ApiError;
 use courier_core::sequencing::{PendingAppend, PendingTrim, Sequencer, SequencerError};
-use courier_proto::{Body, Sender};
+use courier_proto::{Body, ErrorCode, Sender, pb};
+use courier_rpc::auth::AttachToken;
+use courier_rpc::proto::sequencer_client::SequencerClient;
+use courier_rpc::proto::{AppendRequest, SubmitRequest};
+use courier_rpc::sequencer::{outcome, submit_request};
 use courier_rpc::{ClusterToken, RemoteSequencer, SequencerService};
 use courier_store::{
     Append, AppendOutcome, AppendRefused, MediaReference, NewConversation, StoreError,
 };
+use prost::Message;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -214,4 +220,73 @@ async fn a_stream_without_the_cluster_token_appends_nothing() {
     );
     assert!(numbering.heads.lock().unwrap().is_empty());
     assert!(stranger.trim("c", 10, Vec::new()).await.is_err());
+}
+
+/// An append the sequencer node cannot decode (here an event kind only a newer chat node
+/// knows, as in a rolling upgrade; a request without its append; bytes that are no event) is
+/// refused for good: the client is told `internal`, naming what did not decode, and never
+/// `unavailable`, which it would retry with the same `client_msg_id` forever. Nothing is
+/// appended, and the stream goes on serving the appends it can decode.
+#[tokio::test]
+async fn an_append_the_node_cannot_decode_is_refused_for_good_not_retried() {
+    let numbering = Arc::new(Numbering::default());
+    let (address, _stop) = serve(numbering.clone(), TOKEN).await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+        .unwrap()
+        .connect_lazy();
+    let mut client = SequencerClient::with_interceptor(
+        channel,
+        AttachToken::new(ClusterToken::new(TOKEN).unwrap()),
+    );
+    let mut newer_kind = submit_request(message("c", "1", "hi"));
+    let mut event = pb::Event::decode(newer_kind.event.as_slice()).unwrap();
+    event.kind = "reaction".into();
+    newer_kind.event = event.encode_to_vec();
+    let no_event = SubmitRequest {
+        event: vec![0xff; 3],
+        ..submit_request(message("c", "2", "hi"))
+    };
+    let requests = vec![
+        AppendRequest {
+            id: 1,
+            submit: Some(newer_kind),
+        },
+        AppendRequest {
+            id: 2,
+            submit: None,
+        },
+        AppendRequest {
+            id: 3,
+            submit: Some(no_event),
+        },
+        AppendRequest {
+            id: 4,
+            submit: Some(submit_request(message("c", "4", "hi"))),
+        },
+    ];
+    let mut answers = client
+        .append(futures::stream::iter(requests))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut by_id = HashMap::new();
+    while let Some(answer) = answers.message().await.unwrap() {
+        by_id.insert(answer.id, outcome(answer.result));
+        if by_id.len() == 4 {
+            break;
+        }
+    }
+    for (id, says) in [
+        (1, "unknown event kind `reaction`"),
+        (2, "without"),
+        (3, "event"),
+    ] {
+        let refused = by_id.remove(&id).unwrap().unwrap_err();
+        let told = ApiError::from(refused);
+        assert_eq!(told.code, ErrorCode::Internal, "append {id}: {told:?}");
+        assert_eq!(told.retry_after_ms, None, "append {id}: {told:?}");
+        assert!(told.message.contains(says), "append {id}: {told:?}");
+    }
+    assert_eq!(by_id.remove(&4).unwrap().unwrap().seq, 1);
+    assert_eq!(numbering.heads.lock().unwrap().get("c"), Some(&1));
 }

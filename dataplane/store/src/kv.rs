@@ -238,6 +238,13 @@ pub enum StoreError {
     /// restart finds it if it landed.
     #[error("the store accepts no writes until the process restarts: {0}")]
     Halted(String),
+    /// A request the receiving node could not decode (a node of another version during a
+    /// rolling upgrade, or damage in transit): nothing was done, and the same request is
+    /// refused the same way every time. No one may retry it: clients are told `internal`,
+    /// never `unavailable` (which they retry with the same `client_msg_id`). The text says
+    /// what did not decode, never the request's keys, values or message bodies.
+    #[error("request not decodable: {0}")]
+    Invalid(String),
 }
 
 /// What an engine's one writer has done since the engine opened: how long it worked, and the
