@@ -42,6 +42,15 @@ pub trait Gateways: Send + Sync + 'static {
     /// users with connections that took none, and how many such connections each has.
     fn offer<'a>(&self, offers: &[Offer<'a>]) -> Refused<'a>;
 
+    /// An event for `recipients` that this node could not decode (handed by a node of another
+    /// version, or damaged in transit), of conversation and seq `at` when those could be read.
+    /// It is not skipped silently: each connection of `recipients` reads that conversation
+    /// from the store through that seq, after what is queued on it, as it reads the events a
+    /// full queue dropped, so the conversation's order holds and nothing is lost. Where `at`
+    /// is unknown, the connections are told to `reconnect`: the catch-up of the next one
+    /// reads every conversation from the device's cursors.
+    fn missed(&self, recipients: &[String], at: Option<(&str, u64)>);
+
     /// Closes the connections of `user`'s `device`, which was unlinked.
     fn unlinked(&self, user: &str, device: &str);
 
@@ -71,6 +80,8 @@ impl Gateways for NoGateways {
     fn offer<'a>(&self, _offers: &[Offer<'a>]) -> Refused<'a> {
         Refused::new()
     }
+
+    fn missed(&self, _recipients: &[String], _at: Option<(&str, u64)>) {}
 
     fn unlinked(&self, _user: &str, _device: &str) {}
 

@@ -1083,6 +1083,8 @@ mod tests {
             courier_core::gateways::Refused::new()
         }
 
+        fn missed(&self, _recipients: &[String], _at: Option<(&str, u64)>) {}
+
         fn unlinked(&self, _: &str, _: &str) {}
 
         async fn connected_devices(&self, _: &str) -> Result<Vec<String>, StoreError> {

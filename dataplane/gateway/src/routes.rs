@@ -106,6 +106,11 @@ pub enum Signal {
     Replaced = 8,
 }
 
+/// The `reconnect` delays of the connections told to reconnect for an event their gateway
+/// could not decode nor place ([`Gateways::missed`]) are drawn below this (the default
+/// `--reconnect-jitter`): a group's members do not all come back at once.
+pub const MISSED_RECONNECT_JITTER: Duration = Duration::from_secs(2);
+
 /// Connections one device may hold on a gateway: one, and a few more while a dead one is not
 /// yet found dead or several instances of an app share a device id. Past it the oldest is
 /// closed, so that one token cannot open connections until the node runs out of them.
@@ -447,6 +452,27 @@ impl Gateways for Routes {
             offer_to(user, &frames.into());
         }
         refused
+    }
+
+    /// A known place is filled from the store as a full queue's drop is (`Signal::Lagged`):
+    /// after the deliveries queued before it, and before or by a later event of the
+    /// conversation, whose gap the connection fills first (the least machinery that keeps
+    /// the order: no new path). An unknown one cannot be filled: `reconnect`.
+    fn missed(&self, recipients: &[String], at: Option<(&str, u64)>) {
+        let users = self.users.read().unwrap_or_else(|e| e.into_inner());
+        for member in recipients {
+            for connection in users.get(member).into_iter().flatten() {
+                match at {
+                    Some((conversation_id, seq)) => {
+                        connection.signals.fell_behind(conversation_id, seq)
+                    }
+                    None => {
+                        let after_ms = crate::drain::reconnect_delay_ms(MISSED_RECONNECT_JITTER);
+                        connection.tell_to_reconnect(after_ms);
+                    }
+                }
+            }
+        }
     }
 
     fn unlinked(&self, user: &str, device: &str) {

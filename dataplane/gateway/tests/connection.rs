@@ -11,7 +11,7 @@ use courier_chat::{Chat, ChatBinding, ChatLimits};
 use courier_client::Client;
 use courier_core::auth::Identity;
 use courier_core::context::Context;
-use courier_core::gateways::NoGateways;
+use courier_core::gateways::{Gateways, NoGateways};
 use courier_core::membership::MembershipCache;
 use courier_core::metrics::Metrics;
 use courier_core::sequencing::{PendingAppend, PendingTrim, Sequencer, SequencerError};
@@ -19,11 +19,14 @@ use courier_core::storage_health::StorageHealth;
 use courier_gateway::drain::GatewayDrain;
 use courier_gateway::routes::Routes;
 use courier_gateway::{ClusterRoutes, Gateway, GatewayLimits};
-use courier_proto::{Body, ClientFrame, Encoding, Send, ServerFrame};
+use courier_proto::{Body, ClientFrame, Encoding, ErrorCode, Send, Sender, ServerFrame, pb};
 use courier_store::faulty_engine::FaultyEngine;
+use courier_store::ownership::Duty;
 use courier_store::{
-    Append, AppendOutcome, DeviceRecord, MediaReference, MessageStore, StoreError,
+    Append, AppendOutcome, Batch, DeviceRecord, HeadCache, KvEngine, MediaReference, MessageStore,
+    NewConversation, StoreError,
 };
+use prost::Message as _;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{Notify, oneshot};
@@ -235,4 +238,115 @@ async fn a_pass_over_the_connections_records_their_devices_as_seen() {
     assert_eq!(gateway.record_connected_devices().await, 1);
     let record = store.device("alice", "phone").await.unwrap().unwrap();
     assert!(record.last_seen_ms > 1, "{record:?}");
+}
+
+/// Appends messages `from..to` from alice to bob in `conv`, through a lease the test takes.
+async fn messages_to_bob(store: &MessageStore, conv: &str, ids: std::ops::Range<usize>) {
+    let shard = store.shard_of(conv);
+    let leases = store
+        .acquire_shards(Duty::Sequencing, "test", &[shard], usize::MAX, 0, u64::MAX)
+        .await
+        .unwrap();
+    let mut heads = HeadCache::default();
+    for i in ids {
+        let sender = Sender {
+            user: "alice".into(),
+            device: "p".into(),
+        };
+        let append = Append {
+            create: Some(NewConversation::direct("alice", "bob")),
+            ..Append::message(
+                conv.into(),
+                sender,
+                format!("m{i}"),
+                Body::Text("hi".into()),
+                None,
+            )
+        };
+        let sent = store
+            .append(leases[0], &mut heads, &[append])
+            .await
+            .unwrap();
+        assert!(sent[0].is_ok(), "{sent:?}");
+    }
+}
+
+/// The seqs of the next `count` events the client reads (any other frame fails the test).
+async fn next_seqs(client: &mut Client, count: usize) -> Vec<u64> {
+    let mut seqs = Vec::new();
+    while seqs.len() < count {
+        match client.next_frame_within(WAIT).await.unwrap() {
+            ServerFrame::Event(event) => seqs.push(event.seq),
+            other => panic!("expected an event, got {other:?}"),
+        }
+    }
+    seqs
+}
+
+/// An event a gateway node could not decode in a delivery (a fanout node of another version)
+/// is not skipped: the connections of its recipients read it from the store, in its place
+/// among the events delivered around it, or alone when none follows; one whose place is
+/// unknown tells them to reconnect (their catch-up reads it). A stored event this node cannot
+/// decode either fails the catch-up that meets it with `internal`, at each connection: an
+/// error the client sees, never a silent stall.
+#[tokio::test]
+async fn an_event_the_gateway_could_not_decode_is_read_from_the_store_in_its_place() {
+    let engine = FaultyEngine::new();
+    let store = engine.store(4).await;
+    let gateway = gateway(store.clone(), Arc::new(HeldSequencer::default()));
+    let url = serve(gateway.clone()).await;
+    let mut bob = Client::connect(&url, "bob:phone", Encoding::Json)
+        .await
+        .unwrap();
+    bob.events_until_sync_done().await.unwrap();
+    let conv = "d:alice:bob";
+    messages_to_bob(&store, conv, 0..4).await;
+    let events = store
+        .events_within(conv, 0, 4, 10, usize::MAX)
+        .await
+        .unwrap();
+    let bob_only = vec!["bob".to_owned()];
+
+    // Seq 2 did not decode; 1 and 3 did, and came around it in the same batch.
+    let routes = &gateway.routes;
+    routes
+        .deliver(vec![(events[0].clone(), Arc::new(bob_only.clone()))])
+        .await
+        .unwrap();
+    routes.missed(&bob_only, Some((conv, 2)));
+    routes
+        .deliver(vec![(events[2].clone(), Arc::new(bob_only.clone()))])
+        .await
+        .unwrap();
+    assert_eq!(next_seqs(&mut bob, 3).await, [1, 2, 3]);
+
+    // The last event of the conversation: no later one would reveal the gap.
+    routes.missed(&bob_only, Some((conv, 4)));
+    assert_eq!(next_seqs(&mut bob, 1).await, [4]);
+
+    // Not even its conversation could be read.
+    routes.missed(&bob_only, None);
+    match bob.next_frame_within(WAIT).await.unwrap() {
+        ServerFrame::Reconnect(_) => {}
+        other => panic!("expected reconnect, got {other:?}"),
+    }
+
+    // Seq 5 is stored in a form this node cannot decode (a kind only a newer node knows).
+    messages_to_bob(&store, conv, 4..5).await;
+    let mut newer = pb::Event::from(events[0].clone());
+    (newer.seq, newer.kind) = (5, "reaction".into());
+    let mut batch = Batch::new();
+    batch.set(store.keys().event(conv, 5), newer.encode_to_vec());
+    engine.commit(batch).await.unwrap();
+    let mut bob = Client::connect(&url, "bob:phone", Encoding::Json)
+        .await
+        .unwrap();
+    // The catch-up's step that holds it fails whole: told, not stalled.
+    loop {
+        match bob.next_frame_within(WAIT).await.unwrap() {
+            ServerFrame::Event(event) => assert!(event.seq < 5, "{event:?}"),
+            ServerFrame::Error(error) => break assert_eq!(error.code, ErrorCode::Internal),
+            other => panic!("expected an internal error, got {other:?}"),
+        }
+    }
 }

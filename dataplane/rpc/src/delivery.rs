@@ -1,7 +1,14 @@
 //! Delivery across nodes.
 //!
 //! - [`GatewayService`]: a gateway node's end: takes batches of events (and typing, receipts,
-//!   unlinks) for the devices connected to it and queues them on their connections.
+//!   unlinks) for the devices connected to it and queues them on their connections. An event
+//!   of a batch that does not decode there (a fanout node of another version, damage) does
+//!   not refuse the batch, which fanout would hand again for good, holding every conversation
+//!   of the shard: the others are queued, and that one's recipients are told it was missed
+//!   ([`Gateways::missed`]): their connections read it from the store by its conversation
+//!   and seq (or, when even those do not decode, reconnect and catch up), logged as a
+//!   warning. A connection whose read of the store cannot decode it either is told `internal`
+//!   and closed (1011), as for any stored event that does not decode: never a silent stall.
 //! - [`ClusterGateways`]: the [`Gateways`] every node of a cluster uses. It resolves the
 //!   recipients' devices to gateway nodes through the route registry in the store
 //!   (`courier_store::routes`) and sends **one batch per gateway**; the devices on this node's
@@ -107,6 +114,27 @@ fn invalid(what: impl std::fmt::Display) -> Status {
     Status::invalid_argument(format!("malformed delivery: {what}; nothing was queued"))
 }
 
+/// An event of a delivery that does not decode here: its conversation and seq, when the
+/// envelope decodes (an event kind only a newer node knows), and why.
+struct Undecodable {
+    at: Option<(String, u64)>,
+    reason: String,
+}
+
+/// The event `bytes` carry, as a gateway node takes it from a delivery.
+fn delivered_event(bytes: &[u8]) -> Result<Event, Undecodable> {
+    let event = pb::Event::decode(bytes).map_err(|e| Undecodable {
+        at: None,
+        reason: e.to_string(),
+    })?;
+    let at = (!event.conversation_id.is_empty() && event.seq > 0)
+        .then(|| (event.conversation_id.clone(), event.seq));
+    Event::try_from(event).map_err(|e| Undecodable {
+        at,
+        reason: e.to_string(),
+    })
+}
+
 #[tonic::async_trait]
 impl gateway_server::Gateway for GatewayService {
     async fn deliver(
@@ -114,15 +142,29 @@ impl gateway_server::Gateway for GatewayService {
         request: Request<DeliverRequest>,
     ) -> Result<Response<DeliverResponse>, Status> {
         let request = request.into_inner();
-        let events = request
-            .events
-            .into_iter()
-            .map(|delivery| {
-                let event = pb::Event::decode(delivery.event.as_slice()).map_err(invalid)?;
-                let event = Event::try_from(event).map_err(invalid)?;
-                Ok((event, Members::new(delivery.recipients)))
-            })
-            .collect::<Result<Vec<_>, Status>>()?;
+        // An event that does not decode is not a reason to refuse the batch: refused, it
+        // would be handed again for good, and its shard would deliver nothing more to anyone
+        // here. Its recipients' connections read it from the store instead (`missed`).
+        let mut events = Vec::with_capacity(request.events.len());
+        for delivery in request.events {
+            match delivered_event(&delivery.event) {
+                Ok(event) => events.push((event, Members::new(delivery.recipients))),
+                Err(Undecodable { at, reason }) => {
+                    let (conversation, seq) =
+                        at.as_ref().map_or(("", 0), |(c, s)| (c.as_str(), *s));
+                    tracing::warn!(
+                        conversation,
+                        seq,
+                        recipients = delivery.recipients.len(),
+                        %reason,
+                        "a delivered event does not decode on this node; its recipients' connections read it from the store{}",
+                        if at.is_some() { "" } else { " after a reconnect" }
+                    );
+                    let at = at.as_ref().map(|(c, s)| (c.as_str(), *s));
+                    self.local.missed(&delivery.recipients, at);
+                }
+            }
+        }
         let offers = request
             .offers
             .into_iter()
@@ -533,6 +575,14 @@ impl Gateways for ClusterGateways {
             .map(drop)
     }
 
+    /// Only a gateway node's end ([`GatewayService`]) finds an event it cannot decode, and it
+    /// tells its in-process gateway; passed on to this node's own all the same.
+    fn missed(&self, recipients: &[String], at: Option<(&str, u64)>) {
+        if let Some((_, local)) = &self.local {
+            local.missed(recipients, at);
+        }
+    }
+
     fn offer<'a>(&self, offers: &[GatewayOffer<'a>]) -> Refused<'a> {
         let mut refused = match &self.local {
             Some((_, local)) => local.offer(offers),
@@ -845,6 +895,109 @@ mod tests {
         let mut client = directory.gateway(&address.to_string()).unwrap();
         client.deliver(request).await.unwrap();
     }
+    /// The in-process gateway of a node, recording what it is handed.
+    #[derive(Default)]
+    struct Recording {
+        delivered: Mutex<Vec<(String, u64, Vec<String>)>>,
+        missed: Mutex<Vec<Missed>>,
+    }
+
+    /// The recipients of an event that did not decode, and its place if known.
+    type Missed = (Vec<String>, Option<(String, u64)>);
+
+    #[async_trait::async_trait]
+    impl Gateways for Recording {
+        async fn deliver(&self, batch: Vec<(Event, Members)>) -> Result<(), DeliveryError> {
+            lock(&self.delivered).extend(batch.into_iter().map(|(event, recipients)| {
+                let recipients = recipients.iter().cloned().collect();
+                (event.conversation_id, event.seq, recipients)
+            }));
+            Ok(())
+        }
+
+        fn missed(&self, recipients: &[String], at: Option<(&str, u64)>) {
+            let at = at.map(|(conv, seq)| (conv.to_owned(), seq));
+            lock(&self.missed).push((recipients.to_vec(), at));
+        }
+
+        fn offer<'a>(&self, _offers: &[GatewayOffer<'a>]) -> Refused<'a> {
+            Refused::new()
+        }
+
+        fn unlinked(&self, _user: &str, _device: &str) {}
+
+        async fn connected_devices(&self, _user: &str) -> Result<Vec<String>, StoreError> {
+            Ok(Vec::new())
+        }
+    }
+
+    fn delivery(conv: &str, seq: u64, kind: &str, recipients: &[&str]) -> EventDelivery {
+        let mut event = pb::Event::from(Event {
+            conversation_id: conv.into(),
+            seq,
+            server_msg_id: format!("s{seq}"),
+            sender: Sender {
+                user: "alice".into(),
+                device: "phone".into(),
+            },
+            ts_ms: 1,
+            payload: EventPayload::Message {
+                body: Some(Body::Text("hi".into())),
+                client_msg_id: format!("c{seq}"),
+                reply_to: None,
+                deleted: false,
+            },
+        });
+        event.kind = kind.into();
+        EventDelivery {
+            event: event.encode_to_vec(),
+            recipients: recipients.iter().map(|r| r.to_string()).collect(),
+        }
+    }
+
+    /// A batch with an event the gateway cannot decode (a kind only a newer node knows, bytes
+    /// that are no event) is taken: the events it can decode reach their connections, so the
+    /// other conversations and recipients are not held, and the gateway is told of the one it
+    /// could not decode (its place when the envelope decodes), so that its recipients'
+    /// connections read it from the store. Refused whole, the batch was handed again for good,
+    /// and the shard delivered nothing more to anyone on that gateway.
+    #[tokio::test]
+    async fn a_batch_with_an_event_the_gateway_cannot_decode_is_taken() {
+        let local = Arc::new(Recording::default());
+        let service = GatewayService::new(local.clone());
+        let garbage = EventDelivery {
+            event: vec![0xff; 3],
+            recipients: vec!["carol".into()],
+        };
+        let request = DeliverRequest {
+            events: vec![
+                delivery("d:1", 1, "message", &["bob"]),
+                delivery("d:2", 7, "reaction", &["bob", "carol"]),
+                garbage,
+                delivery("d:3", 2, "message", &["dave"]),
+            ],
+            ..DeliverRequest::default()
+        };
+        gateway_server::Gateway::deliver(&service, Request::new(request))
+            .await
+            .expect("the batch is taken");
+        assert_eq!(
+            *lock(&local.delivered),
+            [
+                ("d:1".to_owned(), 1, vec!["bob".to_owned()]),
+                ("d:3".to_owned(), 2, vec!["dave".to_owned()]),
+            ]
+        );
+        let users = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            *lock(&local.missed),
+            [
+                (users(&["bob", "carol"]), Some(("d:2".to_owned(), 7))),
+                (users(&["carol"]), None),
+            ]
+        );
+    }
+
     /// A gateway is blamed for its failures once they lasted [`GATEWAY_UNREACHABLE_AFTER`]
     /// and another gateway took a call since they began; a node that reaches no gateway (it
     /// may be the one cut off) blames none: it would end every gateway's lease again and
