@@ -11,6 +11,9 @@
 //! ([`status::api_status`]); the gateway gets it back whole ([`status::api_error`]) and tells the
 //! client exactly what `courier serve` would. A send's outcome comes back as the sequencer's
 //! answer ([`SequencerError`] kept by type), which the gateway maps as it maps an in-process one.
+//! A request the chat node cannot decode (a gateway node of another version) is refused the
+//! same way, as `internal`: never a failed call, which the gateway would try on every chat
+//! node and then tell the client `unavailable`.
 //!
 //! **Order.** A send (or delete) is a server stream: its first message says the chat node
 //! queued the append with the sequencer, the second is the sequencer's answer. The gateway
@@ -58,7 +61,7 @@ use courier_core::chat::{
 };
 use courier_core::error::ApiError;
 use courier_core::sequencing::{PendingAppend, SequencerError};
-use courier_proto::{ClientFrame, Encoding, Event, Payload, Receipt, pb};
+use courier_proto::{ClientFrame, Encoding, ErrorCode, Event, Payload, Receipt, pb};
 use courier_store::membership::MembershipPeriod;
 use courier_store::{MemberRecord, MessageStore, StoreError, Visibility};
 use futures::Stream;
@@ -88,8 +91,23 @@ fn caller_of(who: &Identity) -> Option<proto::Caller> {
     })
 }
 
+/// The refusal of a request this chat node cannot decode (a gateway node of another version,
+/// or damage in transit): the chat role's own answer, `internal` saying what did not decode,
+/// so the gateway neither tries it on every other chat node nor tells the client
+/// `unavailable`, which it would retry (a send with the same `client_msg_id`) for ever: the
+/// same request is refused the same way every time. Logged as a warning, once per request.
+fn undecodable(what: impl std::fmt::Display) -> Status {
+    tracing::warn!(%what, "refused a request this chat node cannot decode");
+    api_status(&ApiError::new(
+        ErrorCode::Internal,
+        format!(
+            "internal error, retrying will not help: the chat node could not decode the request: {what}"
+        ),
+    ))
+}
+
 fn identity(caller: Option<proto::Caller>) -> Result<Identity, Status> {
-    let caller = caller.ok_or_else(|| Status::invalid_argument("a chat call names its caller"))?;
+    let caller = caller.ok_or_else(|| undecodable("a chat call names its caller"))?;
     Ok(Identity {
         user: caller.user,
         device: caller.device,
@@ -112,12 +130,12 @@ fn frame_of(request: FrameRequest) -> Result<(Identity, ClientFrame), Status> {
     let who = identity(request.caller)?;
     let frame = Encoding::Proto
         .decode_client(&request.frame)
-        .map_err(|e| Status::invalid_argument(format!("undecodable frame: {e}")))?;
+        .map_err(|e| undecodable(format!("undecodable frame: {e}")))?;
     Ok((who, frame))
 }
 
 fn wrong_frame() -> Status {
-    Status::invalid_argument("this call takes another kind of frame")
+    undecodable("this call takes another kind of frame")
 }
 
 fn encode_event(event: Event) -> Vec<u8> {

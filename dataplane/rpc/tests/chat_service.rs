@@ -379,3 +379,45 @@ async fn a_gateway_with_another_token_is_refused_and_told_unavailable() {
     let e = chat.devices("alice").await.unwrap_err();
     assert_eq!(e.code, ErrorCode::Unavailable);
 }
+
+/// A request the chat node cannot decode (a frame of a gateway node of another version, a
+/// call without its caller) is the chat role's refusal for good: the client is told
+/// `internal`, naming what did not decode. As a failed call it was tried on every chat node
+/// and then told `unavailable`, which the client retried with the same `client_msg_id` for
+/// ever.
+#[tokio::test]
+async fn a_request_the_chat_node_cannot_decode_is_refused_for_good() {
+    use courier_rpc::auth::AttachToken;
+    use courier_rpc::proto::FrameRequest;
+    use courier_rpc::proto::chat_client::ChatClient;
+    let live = serve(Arc::new(Scripted::default()), TOKEN).await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{live}"))
+        .unwrap()
+        .connect_lazy();
+    let mut client =
+        ChatClient::with_interceptor(channel, AttachToken::new(ClusterToken::new(TOKEN).unwrap()));
+    let caller = Some(courier_rpc::proto::Caller {
+        user: "alice".into(),
+        device: "phone".into(),
+        issued_at_ms: 1,
+    });
+    let garbage = FrameRequest {
+        caller: caller.clone(),
+        frame: vec![0xff; 3],
+    };
+    let nobody = FrameRequest {
+        caller: None,
+        frame: Vec::new(),
+    };
+    let refusals = [
+        (client.send(garbage.clone()).await.err().unwrap(), "frame"),
+        (client.typing(garbage).await.unwrap_err(), "frame"),
+        (client.acknowledge(nobody).await.unwrap_err(), "caller"),
+    ];
+    for (status, says) in refusals {
+        let told = courier_rpc::status::api_error(&status);
+        assert_eq!(told.code, ErrorCode::Internal, "{status:?}");
+        assert_eq!(told.retry_after_ms, None, "{told:?}");
+        assert!(told.message.contains(says), "{told:?}");
+    }
+}
