@@ -696,6 +696,29 @@ fn log_format_json_writes_one_json_object_per_line_from_start_to_exit() {
     assert_eq!(last, "background loops stopped; exiting", "{lines:#?}");
 }
 
+/// A SIGTERM that comes while `courier serve` starts (on a fresh data directory: its secret
+/// made, its store opened) stops it cleanly, exit 0, and says so: the handler was installed
+/// only once the server was ready, and before that the signal's default action killed it
+/// (status 143 from a shell, what a supervisor takes for a crash). The signal is sent once the
+/// process logged its first line: a signal before `main` runs is the kernel's to handle.
+#[test]
+fn a_sigterm_while_the_server_starts_stops_it_cleanly() {
+    let server = LoggingServer::start(&[], None);
+    let first = server
+        .lines
+        .recv_timeout(WAIT)
+        .expect("the server logs a line as it starts");
+    let (after, status) = server.terminate();
+    assert!(
+        status.success(),
+        "exit status {status}; it logged:\n{first}\n{after:#?}"
+    );
+    assert!(
+        after.iter().any(|line| line.contains("stop")),
+        "the stop is logged: {first}\n{after:#?}"
+    );
+}
+
 #[test]
 fn log_format_auto_is_json_into_a_pipe_and_the_environment_can_ask_for_text() {
     let auto = LoggingServer::start(&[], None);

@@ -39,7 +39,7 @@ use crate::admin::AdminService;
 use crate::config::{DRAIN_TAIL, ServeConfig, StoreKind, same_port};
 use crate::http::ClientAuth;
 use crate::media_api::{self, MediaApi};
-use crate::serve::{self, Cluster};
+use crate::serve::{self, Cluster, StopSignal};
 use anyhow::Context as _;
 use axum::Router;
 use axum::http::StatusCode;
@@ -209,11 +209,17 @@ impl NodeArgs {
 
 /// Runs the node until SIGTERM or Ctrl-C.
 pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
+    // First: a SIGTERM from now on stops the process cleanly, whatever it is doing.
+    let stop = StopSignal::install()?;
+    tracing::info!(pid = std::process::id(), node = %args.serve.node_id, "courier node starting");
     args.validate()?;
     args.serve.validate()?;
     let config = &args.serve;
     let token = config.cluster.token()?;
-    let store = serve::open_store(config).await?;
+    let Some(store) = stop.unless_stopped(serve::open_store(config)).await else {
+        return Ok(());
+    };
+    let store = store?;
 
     let internal = tokio::net::TcpListener::bind(args.internal_listen)
         .await
@@ -249,8 +255,16 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
     };
     let lease = config.shard_lease;
     let lease_ms = lease.as_millis() as u64;
-    refuse_conflicting_nodes(&args, &store).await?;
-    claim_node_id(&store, &config.node_id, &registration, lease_ms).await?;
+    // Given up, it registered nothing: the claim writes the record only once it may.
+    let claim = async {
+        refuse_conflicting_nodes(&args, &store).await?;
+        claim_node_id(&store, &config.node_id, &registration, lease_ms).await
+    };
+    let Some(claimed) = stop.unless_stopped(claim).await else {
+        serve::stop_store_client(config);
+        return Ok(());
+    };
+    claimed?;
     // The node's own loops: its registration, and (below) its shard leases.
     let loops = BackgroundLoops::new();
     let lapsed = Arc::new(tokio::sync::Notify::new());
@@ -286,7 +300,7 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
         };
         tracing::info!(node = %config.node_id, roles = %roles.join(","), "courier node: internal gRPC on {address}");
         let (config, store) = (config.clone(), store.clone());
-        serve::run_client_roles(config, store, http, metrics_listener, Some(cluster)).await
+        serve::run_client_roles(config, store, http, metrics_listener, Some(cluster), stop).await
     } else {
         let metrics_routes = serve::metrics_routes(metrics_listener, &metrics, &loops)?;
         let node = InternalNode {
@@ -298,6 +312,7 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
             http,
             metrics_routes,
             leave: (args.has(Role::Chat) || args.has(Role::Media)).then_some(&leave),
+            stop,
         };
         // Without the gateway, a node runs one role (`NodeArgs::validate`).
         match args.roles[0] {
@@ -797,6 +812,8 @@ struct InternalNode<'a> {
     /// For a node its callers find in the registry (chat, media: `NodeDirectory`): ends its
     /// registration, [`LEAVE_NOTICE`] before it stops serving.
     leave: Option<&'a tokio::sync::watch::Sender<bool>>,
+    /// SIGTERM or Ctrl-C, installed as the process started.
+    stop: StopSignal,
 }
 
 /// How long a node its callers find in the registry (chat, media) serves on after it left the
@@ -842,7 +859,7 @@ impl InternalNode<'_> {
                 })
                 .into_future(),
         );
-        let stop_signal = serve::shutdown_signal()?;
+        let stop_signal = self.stop.stopped();
         tracing::info!(
             node = %self.config.node_id,
             roles = %self.roles.join(","),

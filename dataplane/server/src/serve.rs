@@ -3,7 +3,9 @@
 //! # Stopping
 //!
 //! SIGTERM or Ctrl-C, or a background loop that kept failing past its restart budget
-//! ([`BackgroundLoops`]), stops the node in this order:
+//! ([`BackgroundLoops`]), stops the node in this order (the signal's handler is installed as
+//! the process starts, [`StopSignal`]: a signal during the start-up gives it up, or drains the
+//! node as soon as it is ready):
 //!
 //! 1. `/readyz` answers 503 and no connection is accepted any more.
 //! 2. HTTP requests finish, and the WebSockets are told to reconnect in batches spread over
@@ -77,6 +79,8 @@ use courier_sequencer::routing::RoutedSequencer;
 use courier_store::leaders::Job;
 use courier_store::nodes::NodeRecord;
 use courier_store::{KvEngine, MessageStore, PartitionStore, PartitionTable, StoreError};
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
 use std::future::IntoFuture;
 use std::path::Path;
 use std::sync::Arc;
@@ -237,12 +241,18 @@ pub struct Cluster {
 /// while another process serves that store ([`node::claim_the_server`]); the embedded store's
 /// lock file keeps it to one process.
 pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
+    // First: a SIGTERM from now on stops the process cleanly, whatever it is doing.
+    let stop = StopSignal::install()?;
+    tracing::info!(pid = std::process::id(), "courier serve starting");
     config.validate()?;
-    let store = open_store(&config).await?;
+    let Some(store) = stop.unless_stopped(open_store(&config)).await else {
+        return Ok(());
+    };
+    let store = store?;
     let listener = bind_http(config.listen, config.listen_backlog)?;
     let metrics_listener = bind_metrics(&config)?;
     if config.store == StoreKind::Embedded {
-        return run_client_roles(config, store, listener, metrics_listener, None).await;
+        return run_client_roles(config, store, listener, metrics_listener, None, stop).await;
     }
     let registration = NodeRecord {
         roles: vec![node::SERVE_ROLE.to_owned()],
@@ -255,13 +265,18 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         instance: rand::random::<u64>() | 1,
     };
     let lease = config.shard_lease;
-    node::claim_the_server(
+    // Given up, it registered nothing: it writes the record only once it may.
+    let claim = node::claim_the_server(
         &store,
         &config.node_id,
         &registration,
         lease.as_millis() as u64,
-    )
-    .await?;
+    );
+    let Some(claimed) = stop.unless_stopped(claim).await else {
+        stop_store_client(&config);
+        return Ok(());
+    };
+    claimed?;
     let loops = BackgroundLoops::new();
     // Set never: the record lives as long as the process, and ends below.
     let (_stay, staying) = watch::channel(false);
@@ -283,6 +298,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         listener,
         metrics_listener,
         None,
+        stop,
     )
     .await;
     loops
@@ -362,7 +378,8 @@ pub fn bind_http(
 }
 
 /// Runs the client roles (gateway, and unless `cluster` says otherwise chat, media, fanout and
-/// push) on `store`, with the client port on `listener`, until SIGTERM or Ctrl-C; then drains
+/// push) on `store`, with the client port on `listener`, until `signal` (one that came while
+/// the roles were built drains the node as soon as it is ready); then drains
 /// and returns (module documentation, "Stopping"). Without `cluster` (`courier serve`) every
 /// role is in this process, with a local sequencer; with it, appends go to the shards'
 /// owners, deliveries to the gateways holding the devices, and commit notices to the shards'
@@ -373,6 +390,7 @@ pub async fn run_client_roles(
     listener: tokio::net::TcpListener,
     metrics_listener: Option<std::net::TcpListener>,
     cluster: Option<Cluster>,
+    signal: StopSignal,
 ) -> anyhow::Result<()> {
     courier_core::dirs::create_private(&config.data_dir)
         .with_context(|| format!("creating the data directory {}", config.data_dir.display()))?;
@@ -608,7 +626,7 @@ pub async fn run_client_roles(
     });
 
     let address = listener.local_addr()?;
-    let stop_signal = shutdown_signal()?;
+    let stop_signal = signal.stopped();
     state.ready.store(true, Ordering::Release);
     tracing::info!(%address, data_dir = %config.data_dir.display(), "courier ready on {address}");
 
@@ -964,28 +982,57 @@ async fn sweep_lapsed_gateways(
     Ok(())
 }
 
-/// Resolves on SIGTERM or Ctrl-C. The handlers are installed when this is called, not when the
-/// future is first polled: a signal right after the ready line then drains the node instead of
-/// killing it (the default action).
-#[cfg(unix)]
-pub fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()> + Send + 'static> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut interrupt =
-        signal(SignalKind::interrupt()).context("installing the Ctrl-C (SIGINT) handler")?;
-    Ok(async move {
-        tokio::select! {
-            _ = term.recv() => {},
-            _ = interrupt.recv() => {},
-        }
-    })
-}
+/// SIGTERM or Ctrl-C, for every part of the process to wait on. Installed first thing
+/// ([`StopSignal::install`]), before the store opens: a signal that came during the start-up
+/// (the store opening, a claim waiting out a killed run's record) took the signal's default
+/// action and killed the process (status 143, which a supervisor takes for a crash). Now the
+/// start-up is given up ([`StopSignal::unless_stopped`]), or, once the roles are being built,
+/// the node drains as soon as it is ready (with nothing to drain): either way it exits 0.
+#[derive(Clone)]
+pub struct StopSignal(Shared<BoxFuture<'static, ()>>);
 
-#[cfg(not(unix))]
-pub fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()> + Send + 'static> {
-    Ok(async {
-        let _ = tokio::signal::ctrl_c().await;
-    })
+impl StopSignal {
+    /// Installs the handlers now, not when the signal is first awaited.
+    #[cfg(unix)]
+    pub fn install() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+        let mut interrupt =
+            signal(SignalKind::interrupt()).context("installing the Ctrl-C (SIGINT) handler")?;
+        let signalled = async move {
+            tokio::select! {
+                _ = term.recv() => {},
+                _ = interrupt.recv() => {},
+            }
+        };
+        Ok(Self(signalled.boxed().shared()))
+    }
+
+    #[cfg(not(unix))]
+    pub fn install() -> anyhow::Result<Self> {
+        let signalled = async {
+            let _ = tokio::signal::ctrl_c().await;
+        };
+        Ok(Self(signalled.boxed().shared()))
+    }
+
+    /// Resolves once the signal came (at once if it came before).
+    pub fn stopped(&self) -> impl Future<Output = ()> + Send + 'static {
+        self.0.clone()
+    }
+
+    /// Runs `starting`, a step of the start-up, unless the signal comes first: then it is
+    /// dropped (nothing was served yet, nothing acknowledged) and `None` is returned, logged.
+    pub async fn unless_stopped<T>(&self, starting: impl Future<Output = T>) -> Option<T> {
+        tokio::select! {
+            biased;
+            started = starting => Some(started),
+            () = self.stopped() => {
+                tracing::info!("stopped while starting (SIGTERM or Ctrl-C): nothing was served; exiting");
+                None
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -47,6 +47,8 @@ pub struct StoreNodeArgs {
 
 /// Serves the store until SIGTERM or Ctrl-C.
 pub async fn run(args: StoreNodeArgs) -> anyhow::Result<()> {
+    // First: a signal while the store opens stops the node once it is open, not by killing it.
+    let stop = crate::serve::StopSignal::install()?;
     let token = args.token.token()?;
     courier_core::dirs::create_private(&args.data_dir)
         .with_context(|| format!("creating the data directory {}", args.data_dir.display()))?;
@@ -57,13 +59,7 @@ pub async fn run(args: StoreNodeArgs) -> anyhow::Result<()> {
         data_dir = %args.data_dir.display(),
         "courier store node ready on {address} (a test and development stand-in for FoundationDB)"
     );
-    serve_store_node(
-        engine.clone(),
-        listener,
-        token,
-        crate::serve::shutdown_signal()?,
-    )
-    .await?;
+    serve_store_node(engine.clone(), listener, token, stop.stopped()).await?;
     engine.closing();
     Ok(())
 }
