@@ -1287,6 +1287,20 @@ async fn a_gateway_the_fanout_cannot_reach_loses_its_lease_and_holds_back_no_one
     assert!(after_ms < 2000, "after_ms within the jitter: {after_ms}");
     let closed = alice.next_frame_within(WAIT).await.unwrap_err();
     assert!(closed.to_string().contains("1001"), "closed: {closed}");
+    // And it answers not ready, saying why, so that the load balancer sends her elsewhere
+    // (ready, it took her back, to be told again 15 s later, for good); alive all the same.
+    let probe = |node: &Server, path: &str| {
+        let url = format!("{}{path}", node.http_url());
+        async move {
+            let answer = reqwest::get(url).await.unwrap();
+            (answer.status().as_u16(), answer.text().await.unwrap())
+        }
+    };
+    let (status, why) = probe(&gb, "/readyz").await;
+    assert_eq!(status, 503, "the unreachable gateway is not ready: {why}");
+    assert!(why.contains("lease"), "{why}");
+    assert_eq!(probe(&gb, "/healthz").await.0, 200);
+    assert_eq!(probe(&ga, "/readyz").await.0, 200, "the healthy one is");
 
     // She reconnects to the healthy gateway and catches up; what follows reaches her live.
     let mut alice = ga.connect("alice", "phone").await;

@@ -51,6 +51,9 @@ pub struct AppState {
     pub auth: Arc<ClientAuth>,
     pub storage: Arc<StorageHealth>,
     pub ready: AtomicBool,
+    /// A cluster node's registration: not ready for a while after another node ended its
+    /// lease ([`crate::node::ENDED_LEASE_HOLD_DOWN`]).
+    pub registration: Option<Arc<crate::node::RegistrationNotices>>,
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -494,15 +497,27 @@ async fn unlink_device(
 }
 
 /// 200 while serving, 503 while starting, draining (on SIGTERM or by the admin API), low on
-/// disk or with a halted store.
-async fn readyz(State(state): State<Arc<AppState>>) -> StatusCode {
-    if state.ready.load(Ordering::Acquire)
-        && !state.gateway.drain.is_draining()
-        && state.storage.ready()
+/// disk or with a halted store, or for a while after a fanout node ended this gateway's lease
+/// ([`crate::node::ENDED_LEASE_HOLD_DOWN`]); the body says which.
+async fn readyz(State(state): State<Arc<AppState>>) -> (StatusCode, &'static str) {
+    let not_ready = if !state.ready.load(Ordering::Acquire) {
+        Some("starting")
+    } else if state.gateway.drain.is_draining() {
+        Some("draining")
+    } else if !state.storage.ready() {
+        Some("the store takes no sends: low on disk, or halted")
+    } else if state
+        .registration
+        .as_ref()
+        .is_some_and(|r| r.ended.holds_down(std::time::Instant::now()))
     {
-        StatusCode::OK
+        Some("another node ended this gateway's lease: the fanout nodes cannot reach it")
     } else {
-        StatusCode::SERVICE_UNAVAILABLE
+        None
+    };
+    match not_ready {
+        None => (StatusCode::OK, "ready"),
+        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
     }
 }
 

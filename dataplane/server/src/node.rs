@@ -31,7 +31,8 @@
 //! registration loops of the live nodes. A node whose lease another node ended (a fanout node
 //! that could not deliver to this gateway, `courier_rpc::delivery`) sees it at its next
 //! renewal, by the lease it finds shorter than the one it wrote, takes it for a lapse (a
-//! gateway tells its connections to reconnect) and registers again. Every node serves the admin API (`admin.rs`) on its
+//! gateway tells its connections to reconnect, and answers not ready for
+//! [`ENDED_LEASE_HOLD_DOWN`], so that they go elsewhere) and registers again. Every node serves the admin API (`admin.rs`) on its
 //! internal port. A cluster node needs a store it shares with the others, its own `--node-id`,
 //! and the cluster token.
 
@@ -58,6 +59,7 @@ use courier_fanout::Fanout;
 use courier_media::MediaService;
 use courier_push::Notifier;
 use courier_push::providers::PushProviders;
+use courier_rpc::delivery::GATEWAY_UNREACHABLE_AFTER;
 use courier_rpc::directory::DIRECTORY_TTL;
 use courier_rpc::{
     ChatNodeService, ClusterChat, ClusterGateways, ClusterToken, FanoutService, SequencerService,
@@ -70,7 +72,7 @@ use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tonic::transport::server::TcpIncoming;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -267,7 +269,7 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
     claimed?;
     // The node's own loops: its registration, and (below) its shard leases.
     let loops = BackgroundLoops::new();
-    let lapsed = Arc::new(tokio::sync::Notify::new());
+    let notices = Arc::new(RegistrationNotices::default());
     // Set when the node leaves: its registration ends at once and is renewed no more. The
     // sender lives as long as the node (the renewal waits on it).
     let (leave, leaving) = tokio::sync::watch::channel(false);
@@ -282,7 +284,7 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
             record: registration.clone(),
             lease,
         },
-        lapsed.clone(),
+        notices.clone(),
         Some(metrics.clone()),
         leaving,
     );
@@ -295,7 +297,7 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
             push,
             media: args.has(Role::Media),
             internal,
-            lapsed,
+            registration: notices,
             metrics,
         };
         tracing::info!(node = %config.node_id, roles = %roles.join(","), "courier node: internal gRPC on {address}");
@@ -334,17 +336,60 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
     result
 }
 
+/// How long a gateway node whose lease another node ended (a fanout node that could not
+/// deliver to it, `courier_rpc::delivery`) answers `/readyz` 503, from the last ending it saw:
+/// twice [`GATEWAY_UNREACHABLE_AFTER`] (30 s). It tells its clients to reconnect; ready, it
+/// got many of them back through the load balancer, and while it stayed unreachable it had
+/// its lease ended, and told them again, every 15 s, for good. Not ready, Kubernetes takes it
+/// out of its Service and they connect elsewhere. Each ending seen again (it still takes no
+/// delivery) starts the hold-down over; its liveness (`/healthz`) stays, as a restart cures no
+/// network.
+pub const ENDED_LEASE_HOLD_DOWN: Duration = GATEWAY_UNREACHABLE_AFTER.saturating_mul(2);
+
+/// What a node's registration loop tells the rest of the node ([`keep_registration`]).
+#[derive(Default)]
+pub struct RegistrationNotices {
+    /// Notified when a renewal found the record lapsed, or its lease ended by another node:
+    /// deliveries may have skipped the node's connections meanwhile (a gateway tells them to
+    /// reconnect).
+    pub lapsed: tokio::sync::Notify,
+    /// When another node last ended this node's lease: a gateway is not ready for
+    /// [`ENDED_LEASE_HOLD_DOWN`] after.
+    pub ended: EndedLease,
+}
+
+/// The last time a node saw its lease ended by another node, and the readiness it implies
+/// ([`ENDED_LEASE_HOLD_DOWN`]).
+#[derive(Debug, Default)]
+pub struct EndedLease(std::sync::Mutex<Option<Instant>>);
+
+impl EndedLease {
+    /// The node saw its lease ended at `at`.
+    pub fn ended(&self, at: Instant) {
+        let mut last = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        *last = Some(last.map_or(at, |last| last.max(at)));
+    }
+
+    /// Whether the node is held out of its load balancer at `now`: less than
+    /// [`ENDED_LEASE_HOLD_DOWN`] after the last ending it saw.
+    pub fn holds_down(&self, now: Instant) -> bool {
+        let last = *self.0.lock().unwrap_or_else(|e| e.into_inner());
+        last.is_some_and(|ended| now < ended + ENDED_LEASE_HOLD_DOWN)
+    }
+}
+
 /// The node's registration loop: renews `registration` as `node` every third of `lease`
 /// (with the connections open, from `metrics`) until `leaving` is set, then ends it. A
-/// renewal that finds the lease lapsed, or ended by another node, notifies `lapsed` (a
-/// gateway tells its connections to reconnect). Once a lease, forgets the dead nodes. A
-/// process that finds its id taken by another while its lease had lapsed exits.
+/// renewal that finds the lease lapsed, or ended by another node, tells `notices` (a gateway
+/// tells its connections to reconnect, and after an ending answers not ready for a while).
+/// Once a lease, forgets the dead nodes. A process that finds its id taken by another while
+/// its lease had lapsed exits.
 async fn renew_registration(
     store: &MessageStore,
     node: &str,
     registration: &NodeRecord,
     lease: Duration,
-    lapsed: &tokio::sync::Notify,
+    notices: &RegistrationNotices,
     metrics: Option<&Metrics>,
     leaving: &mut tokio::sync::watch::Receiver<bool>,
 ) {
@@ -395,15 +440,17 @@ async fn renew_registration(
                     // the two nodes' clocks say.
                     tracing::warn!(
                         ended_at_ms = replaced_lease_until_ms,
-                        "another node ended this node's lease (fanout could not deliver to it): registering again"
+                        hold_down_ms = ENDED_LEASE_HOLD_DOWN.as_millis() as u64,
+                        "another node ended this node's lease (fanout could not deliver to it): registering again, not ready meanwhile"
                     );
-                    lapsed.notify_one();
+                    notices.ended.ended(Instant::now());
+                    notices.lapsed.notify_one();
                 } else if renewed_by >= deadline {
                     tracing::warn!(
                         late_ms = renewed_by - deadline,
                         "the node's registration had lapsed (paused, or cut off from the store)"
                     );
-                    lapsed.notify_one();
+                    notices.lapsed.notify_one();
                 }
                 deadline = now + lease_ms;
                 written = Some(record.lease_until_ms);
@@ -543,14 +590,14 @@ pub struct Registered {
 }
 
 /// Renews `registered` every third of its lease, in a loop of `loops`, with the connections
-/// `metrics` count (none without); notifies `lapsed` when a renewal found the record had
-/// lapsed meanwhile; exits the process if another process took the id then (two processes
+/// `metrics` count (none without); tells `notices` when a renewal found the record had
+/// lapsed, or ended by another node, meanwhile; exits the process if another process took the id then (two processes
 /// must never serve as one node); and forgets dead nodes once a lease. Once `leaving` is set,
 /// the record ends at once and is renewed no more.
 pub fn keep_registration(
     loops: &BackgroundLoops,
     registered: Registered,
-    lapsed: Arc<tokio::sync::Notify>,
+    notices: Arc<RegistrationNotices>,
     metrics: Option<Arc<Metrics>>,
     leaving: tokio::sync::watch::Receiver<bool>,
 ) {
@@ -565,7 +612,7 @@ pub fn keep_registration(
     // of the run before, or its lease ended by another node: the next one ended is seen).
     loops.spawn("renew node registration", move |cancel| {
         let (store, node, registration) = (store.clone(), node.clone(), registration.clone());
-        let (lapsed, metrics, mut leaving) = (lapsed.clone(), metrics.clone(), leaving.clone());
+        let (notices, metrics, mut leaving) = (notices.clone(), metrics.clone(), leaving.clone());
         async move {
             let renew = async {
                 renew_registration(
@@ -573,7 +620,7 @@ pub fn keep_registration(
                     &node,
                     &registration,
                     lease,
-                    &lapsed,
+                    &notices,
                     metrics.as_deref(),
                     &mut leaving,
                 )
@@ -1011,10 +1058,10 @@ mod tests {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }));
-        let lapsed = Arc::new(tokio::sync::Notify::new());
+        let notices = Arc::new(RegistrationNotices::default());
         let (_leave, mut leaving) = tokio::sync::watch::channel(false);
         let renewing = {
-            let (store, lapsed) = (store.clone(), lapsed.clone());
+            let (store, notices) = (store.clone(), notices.clone());
             tokio::spawn(async move {
                 let metrics = Metrics::new();
                 renew_registration(
@@ -1022,15 +1069,98 @@ mod tests {
                     "g",
                     &registration,
                     lease,
-                    &lapsed,
+                    &notices,
                     Some(&metrics),
                     &mut leaving,
                 )
                 .await;
             })
         };
-        let seen = tokio::time::timeout(Duration::from_secs(10), lapsed.notified()).await;
+        let seen = tokio::time::timeout(Duration::from_secs(10), notices.lapsed.notified()).await;
         renewing.abort();
         assert!(seen.is_ok(), "the node saw its lease lapse");
+    }
+
+    /// The hold-down of a node whose lease another node ended: not ready from the ending it
+    /// saw until [`ENDED_LEASE_HOLD_DOWN`] after the last one, whatever order they are told in.
+    #[test]
+    fn a_node_whose_lease_was_ended_is_held_down_until_the_hold_down_after_the_last_ending() {
+        let ended = EndedLease::default();
+        let t = Instant::now();
+        assert!(!ended.holds_down(t), "never ended: ready");
+        ended.ended(t);
+        assert!(ended.holds_down(t));
+        assert!(ended.holds_down(t + ENDED_LEASE_HOLD_DOWN - Duration::from_millis(1)));
+        assert!(!ended.holds_down(t + ENDED_LEASE_HOLD_DOWN), "ready again");
+        // Ended again (it still takes no delivery): held down from then.
+        let again = t + ENDED_LEASE_HOLD_DOWN / 2;
+        ended.ended(again);
+        assert!(ended.holds_down(t + ENDED_LEASE_HOLD_DOWN));
+        assert!(!ended.holds_down(again + ENDED_LEASE_HOLD_DOWN));
+        // An earlier ending told late does not shorten it.
+        ended.ended(t);
+        assert!(ended.holds_down(again + ENDED_LEASE_HOLD_DOWN - Duration::from_millis(1)));
+        assert_eq!(ENDED_LEASE_HOLD_DOWN, Duration::from_secs(30));
+    }
+
+    /// A gateway whose lease a fanout node ended told its clients to reconnect, and was
+    /// ready at once: through the load balancer they came back to it, and while it stayed
+    /// unreachable they were told again 15 s later, for good. Its registration loop now holds
+    /// it down (not ready) as well.
+    #[tokio::test]
+    async fn a_renewal_that_finds_its_lease_ended_by_another_node_holds_the_node_down() {
+        let store = FaultyEngine::new().store(8).await;
+        let lease = Duration::from_millis(900);
+        let lease_ms = lease.as_millis() as u64;
+        let registration = NodeRecord {
+            roles: vec!["gateway".into()],
+            address: "127.0.0.9:7500".into(),
+            instance: 7,
+            ..NodeRecord::default()
+        };
+        let now = now_ms();
+        let claimed = now + lease_ms;
+        store
+            .claim_node("g", &leased(&registration, claimed), now)
+            .await
+            .unwrap();
+        let notices = Arc::new(RegistrationNotices::default());
+        let (_leave, mut leaving) = tokio::sync::watch::channel(false);
+        let renewing = {
+            let (store, notices) = (store.clone(), notices.clone());
+            tokio::spawn(async move {
+                renew_registration(
+                    &store,
+                    "g",
+                    &registration,
+                    lease,
+                    &notices,
+                    None,
+                    &mut leaving,
+                )
+                .await;
+            })
+        };
+        // Once the loop has renewed (it knows the lease it wrote), a fanout node ends it.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "never renewed, or never ended"
+            );
+            let nodes = store.nodes().await.unwrap();
+            let (_, record) = nodes.iter().find(|(id, _)| id == "g").unwrap();
+            if record.lease_until_ms > claimed
+                && let courier_store::nodes::LeaseEnd::Ended =
+                    store.end_node_lease("g", record, now_ms()).await.unwrap()
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let seen = tokio::time::timeout(Duration::from_secs(10), notices.lapsed.notified()).await;
+        renewing.abort();
+        assert!(seen.is_ok(), "the node saw its lease ended");
+        assert!(notices.ended.holds_down(Instant::now()), "and is held down");
     }
 }

@@ -228,10 +228,12 @@ pub struct Cluster {
     /// Where this node's internal gRPC listens: deliveries from fanout nodes and, with
     /// `fanout`, notices of commits from chat nodes.
     pub internal: tokio::net::TcpListener,
-    /// Notified when this node renewed its registration after it had lapsed, or found its
-    /// lease ended by another node (a fanout node that could not deliver to it): deliveries
-    /// may have skipped its connections meanwhile, so they are told to reconnect.
-    pub lapsed: Arc<tokio::sync::Notify>,
+    /// What this node's registration loop tells: that it renewed its registration after it
+    /// had lapsed, or found its lease ended by another node (a fanout node that could not
+    /// deliver to it): deliveries may have skipped its connections meanwhile, so they are told
+    /// to reconnect; and after an ending, the node answers not ready for a while
+    /// ([`node::ENDED_LEASE_HOLD_DOWN`]).
+    pub registration: Arc<node::RegistrationNotices>,
     /// The node's metrics (its registration reports the connections open).
     pub metrics: Arc<Metrics>,
 }
@@ -288,7 +290,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
             record: registration.clone(),
             lease,
         },
-        Arc::new(tokio::sync::Notify::new()),
+        Arc::new(node::RegistrationNotices::default()),
         None,
         staying,
     );
@@ -583,6 +585,7 @@ pub async fn run_client_roles(
         .chain(notifier.clone().map(|n| n as Arc<dyn CommitListener>))
         .collect();
     let notices = (!notices.is_empty()).then(|| Arc::new(Listeners(notices)) as _);
+    let registration = cluster.as_ref().map(|c| c.registration.clone());
     let internal = match cluster {
         Some(cluster) => Some(serve_internal(
             cluster, &store, &node, &gateway, notices, &config, &loops,
@@ -623,6 +626,7 @@ pub async fn run_client_roles(
         auth,
         storage,
         ready: AtomicBool::new(false),
+        registration,
     });
 
     let address = listener.local_addr()?;
@@ -908,15 +912,15 @@ fn serve_internal(
             tracing::error!(error = %e, "the internal gRPC server stopped");
         }
     });
-    let lapsed = cluster.lapsed;
+    let registration = cluster.registration;
     let jitter = gateway.limits.reconnect_jitter;
     // Stops at once when cancelled; restarted if it panics: it keeps no state.
     loops.spawn("reconnect clients after a lapsed lease", move |cancel| {
-        let (lapsed, routes) = (lapsed.clone(), routes.clone());
+        let (registration, routes) = (registration.clone(), routes.clone());
         async move {
             let rejoin = async {
                 loop {
-                    lapsed.notified().await;
+                    registration.lapsed.notified().await;
                     tracing::warn!("this gateway's lease lapsed: telling its clients to reconnect");
                     routes.rejoin_all(jitter);
                 }
