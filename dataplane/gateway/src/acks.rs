@@ -11,12 +11,19 @@
 //! If a merged ack is refused (a seq beyond what the user may read, say), the acks it stands
 //! for are committed again one by one, so that each is answered as if it had come alone: the
 //! valid ones move the cursors, and each refused one gets its own `error` with its `ref`.
+//!
+//! Each commit runs as a task of its own, begun as it is made ([`commit`]): it goes on while
+//! the connection waits on something else, such as a write to a client that stopped reading
+//! (up to the gateway's `write_timeout`, 30 s). Polled by the connection alone, it stalled
+//! meanwhile, and a draining `courier serve` (its deadline 25 s) exited with acks read and
+//! never committed. Its `PendingAcks` only waits for the outcome: dropped, the commit still
+//! ends.
 
 use courier_chat::ChatBinding;
 use courier_core::auth::Identity;
 use courier_core::error::ApiError;
 use courier_core::metrics::Metrics;
-use courier_proto::{Ack, AckKind, ids};
+use courier_proto::{Ack, AckKind, ErrorCode, ids};
 use foldhash::{HashMap, HashMapExt};
 use futures::future::{BoxFuture, join_all};
 use std::sync::Arc;
@@ -39,7 +46,8 @@ pub fn queue(queued: &mut Vec<Ack>, ack: Ack) -> Result<(), ApiError> {
 /// A commit of acks under way: it resolves to the refused ones, each with its `ref`.
 pub type PendingAcks = BoxFuture<'static, Vec<(Option<i64>, ApiError)>>;
 
-/// Commits `acks` (in the order they were read) as described in the module documentation.
+/// Commits `acks` (in the order they were read) as described in the module documentation, in
+/// a task begun now; the returned future waits for its outcome.
 pub fn commit(
     chat: ChatBinding,
     who: Arc<Identity>,
@@ -47,7 +55,8 @@ pub fn commit(
     acks: Vec<Ack>,
 ) -> PendingAcks {
     let started = Instant::now();
-    Box::pin(async move {
+    let count = acks.len();
+    let committing = tokio::spawn(async move {
         let refused = match <[Ack; 1]>::try_from(acks) {
             // One ack, as each is below the peak: nothing to merge.
             Ok([ack]) => commit_merged(&chat, &who, ack.clone(), vec![ack]).await,
@@ -63,6 +72,16 @@ pub fn commit(
             .ack_commit
             .observe(started.elapsed().as_secs_f64());
         refused
+    });
+    Box::pin(async move {
+        committing.await.unwrap_or_else(|e| {
+            // A panic in the chat role: the acks' outcome is unknown, their client is told.
+            tracing::error!(error = %e, acks = count, "committing acks failed");
+            vec![(
+                None,
+                ApiError::new(ErrorCode::Internal, "acks not committed"),
+            )]
+        })
     })
 }
 

@@ -30,7 +30,8 @@
 //!
 //! **Acks** are committed one step at a time: the acks a connection reads while a step is
 //! under way are committed together in the next one, and any other frame waits for them
-//! ([`acks`]), so an ack still takes effect before every later frame of its connection.
+//! ([`acks`]), so an ack still takes effect before every later frame of its connection. Each
+//! step is a task of its own, so it goes on while the connection waits on its client.
 //!
 //! **Memory.** A connection's task is sized by its largest await point, and most connections
 //! are idle: the rare or heavy paths (frame handling, catch-up, gap fills, drain, close, the

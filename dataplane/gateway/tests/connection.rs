@@ -19,7 +19,9 @@ use courier_core::storage_health::StorageHealth;
 use courier_gateway::drain::GatewayDrain;
 use courier_gateway::routes::Routes;
 use courier_gateway::{ClusterRoutes, Gateway, GatewayLimits};
-use courier_proto::{Body, ClientFrame, Encoding, ErrorCode, Send, Sender, ServerFrame, pb};
+use courier_proto::{
+    Body, ClientFrame, Encoding, ErrorCode, ErrorFrame, Send, Sender, ServerFrame, pb,
+};
 use courier_store::faulty_engine::FaultyEngine;
 use courier_store::ownership::Duty;
 use courier_store::{
@@ -73,7 +75,7 @@ impl Sequencer for HeldSequencer {
 
 /// A gateway over `store`, its chat role appending through `sequencer`.
 fn gateway(store: MessageStore, sequencer: Arc<HeldSequencer>) -> Arc<Gateway> {
-    gateway_with_routes(store, sequencer, None)
+    gateway_with_routes(store, sequencer, None, GatewayLimits::default())
 }
 
 /// As [`gateway`], writing its devices' routes to `cluster_routes` (a cluster's gateway node).
@@ -81,6 +83,7 @@ fn gateway_with_routes(
     store: MessageStore,
     sequencer: Arc<HeldSequencer>,
     cluster_routes: Option<Arc<ClusterRoutes>>,
+    limits: GatewayLimits,
 ) -> Arc<Gateway> {
     let metrics = Arc::new(Metrics::new());
     let context = Context {
@@ -99,7 +102,7 @@ fn gateway_with_routes(
         routes: routes.clone(),
         cluster_routes,
         metrics,
-        limits: GatewayLimits::default(),
+        limits,
         drain: Arc::new(GatewayDrain::new(routes, Duration::ZERO, Duration::ZERO)),
     })
 }
@@ -182,7 +185,12 @@ async fn a_route_whose_clearing_failed_as_its_connection_ended_is_cleared_again(
     let store = engine.store(4).await;
     let routes = Arc::new(ClusterRoutes::new(store.clone(), "g1".into()));
     let sequencer = Arc::new(HeldSequencer::default());
-    let gateway = gateway_with_routes(store.clone(), sequencer, Some(routes.clone()));
+    let gateway = gateway_with_routes(
+        store.clone(),
+        sequencer,
+        Some(routes.clone()),
+        GatewayLimits::default(),
+    );
     let url = serve(gateway.clone()).await;
     let mut alice = Client::connect(&url, "alice:phone", Encoding::Json)
         .await
@@ -349,4 +357,199 @@ async fn an_event_the_gateway_could_not_decode_is_read_from_the_store_in_its_pla
             other => panic!("expected an internal error, got {other:?}"),
         }
     }
+}
+
+/// `count` frames of 128 KiB queued to `user`'s connection on `gateway`: 64 MiB for 512, more
+/// than the sockets' buffers on both ends hold (Linux grows a receiving buffer up to
+/// `tcp_rmem`, 32 MiB here), so a client that reads none of them leaves the connection waiting
+/// on a write.
+fn flood(gateway: &Gateway, user: &str, count: usize) {
+    let frame = Arc::new(ServerFrame::Error(ErrorFrame {
+        reference: None,
+        code: ErrorCode::Internal,
+        message: "x".repeat(128 << 10),
+        client_msg_id: None,
+        retry_after_ms: None,
+    }));
+    let frames: Arc<[Arc<ServerFrame>]> = (0..count).map(|_| frame.clone()).collect();
+    let connection = gateway.routes.connections(user).pop().expect("connected");
+    assert!(connection.deliver_droppable(&frames));
+}
+
+/// Orders `gateway`'s drain (every connection at once) and runs it.
+fn drain(gateway: &Gateway) {
+    let drain = gateway.drain.clone();
+    tokio::spawn(async move { drain.run().await });
+    gateway.drain.start(None);
+}
+
+/// Waits until every connection of `gateway` has left its registry.
+async fn until_no_connection(gateway: &Gateway) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while gateway.routes.count() > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a connection held the drain"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A client that stopped reading (its socket's buffers full, its connection waiting on a
+/// write) when its gateway drains, and reads again: it gets every frame queued before, then
+/// `reconnect`, then the close 1001 (the protocol's going away).
+#[tokio::test]
+async fn a_client_that_stopped_reading_as_its_gateway_drains_is_told_to_reconnect_once_it_reads() {
+    let store = FaultyEngine::new().store(4).await;
+    let gateway = gateway(store, Arc::new(HeldSequencer::default()));
+    let url = serve(gateway.clone()).await;
+    let mut alice = Client::connect(&url, "alice:phone", Encoding::Json)
+        .await
+        .unwrap();
+    alice.events_until_sync_done().await.unwrap();
+    flood(&gateway, "alice", 512);
+    drain(&gateway);
+
+    let mut flooded = 0;
+    let after_ms = loop {
+        match alice.next_frame_within(WAIT).await {
+            Ok(ServerFrame::Error(_)) => flooded += 1,
+            Ok(ServerFrame::Reconnect(reconnect)) => break reconnect.after_ms,
+            other => panic!("expected the flood, then reconnect; got {other:?}"),
+        }
+    };
+    assert_eq!((flooded, after_ms), (512, 0));
+    let closed = alice.next_frame_within(WAIT).await.unwrap_err();
+    assert!(closed.to_string().contains("1001"), "closed: {closed}");
+    until_no_connection(&gateway).await;
+}
+
+/// A client that reads nothing at all as its gateway drains holds the drain no longer than a
+/// write waits for it (`write_timeout`): it cannot take `reconnect`, nor a close frame behind
+/// it, and is dropped; the drain's other connections are told and closed meanwhile.
+#[tokio::test]
+async fn a_client_that_reads_nothing_as_its_gateway_drains_does_not_hold_the_drain() {
+    let store = FaultyEngine::new().store(4).await;
+    let limits = GatewayLimits {
+        write_timeout: Duration::from_secs(1),
+        ..GatewayLimits::default()
+    };
+    let gateway = gateway_with_routes(store, Arc::new(HeldSequencer::default()), None, limits);
+    let url = serve(gateway.clone()).await;
+    let mut alice = Client::connect(&url, "alice:phone", Encoding::Json)
+        .await
+        .unwrap();
+    alice.events_until_sync_done().await.unwrap();
+    let mut bob = Client::connect(&url, "bob:phone", Encoding::Json)
+        .await
+        .unwrap();
+    bob.events_until_sync_done().await.unwrap();
+    flood(&gateway, "alice", 512);
+    drain(&gateway);
+
+    match bob.next_frame_within(WAIT).await {
+        Ok(ServerFrame::Reconnect(_)) => {}
+        other => panic!("expected reconnect, got {other:?}"),
+    }
+    let closed = bob.next_frame_within(WAIT).await.unwrap_err();
+    assert!(closed.to_string().contains("1001"), "closed: {closed}");
+    until_no_connection(&gateway).await;
+    drop(alice);
+}
+
+/// A client that acknowledges an event and then stops reading (its connection waiting on a
+/// write to it) has its ack committed all the same. The commit went on only when the
+/// connection's loop next turned: not while the write waited (up to `write_timeout`, 30 s),
+/// and on a drain whose deadline came first (`courier serve`: 25 s) the process exited with the
+/// ack read and never committed, where an ack is not lost once sent (PROTOCOL.md).
+#[tokio::test]
+async fn an_ack_is_committed_while_its_connection_waits_on_a_client_that_stopped_reading() {
+    use courier_proto::{Ack, AckKind, Sender};
+    use courier_store::ownership::Duty;
+    use courier_store::{HeadCache, NewConversation};
+    let engine = FaultyEngine::new();
+    let store = engine.store(4).await;
+    // bob wrote to alice: seq 1 of their conversation.
+    let leases = store
+        .acquire_shards(
+            Duty::Sequencing,
+            "test",
+            &[0, 1, 2, 3],
+            usize::MAX,
+            0,
+            u64::MAX,
+        )
+        .await
+        .unwrap();
+    let conv = "d:alice:bob".to_owned();
+    let bob = Sender {
+        user: "bob".into(),
+        device: "p".into(),
+    };
+    let append = Append {
+        create: Some(NewConversation::direct("bob", "alice")),
+        ..Append::message(conv.clone(), bob, "m".into(), Body::Text("hi".into()), None)
+    };
+    let lease = leases[store.shard_of(&conv) as usize];
+    let sent = store
+        .append(lease, &mut HeadCache::default(), &[append])
+        .await
+        .unwrap();
+    assert!(sent[0].is_ok(), "{sent:?}");
+    // Writes wait on the client for longer than the test.
+    let limits = GatewayLimits {
+        write_timeout: Duration::from_secs(600),
+        ..GatewayLimits::default()
+    };
+    let gateway = gateway_with_routes(
+        store.clone(),
+        Arc::new(HeldSequencer::default()),
+        None,
+        limits,
+    );
+    let url = serve(gateway.clone()).await;
+    let mut alice = Client::connect(&url, "alice:phone", Encoding::Json)
+        .await
+        .unwrap();
+    assert_eq!(alice.events_until_sync_done().await.unwrap().len(), 1);
+
+    // The ack's commit is held, at its first read, until the connection waits on its client.
+    let (entered, commit_began) = oneshot::channel::<()>();
+    let release = Arc::new(Notify::new());
+    let released = release.clone();
+    engine.after_next_read(Box::pin(async move {
+        let _ = entered.send(());
+        released.notified().await;
+    }));
+    alice
+        .send_frame(&ClientFrame::Ack(Ack {
+            reference: None,
+            conversation_id: conv.clone(),
+            seq: 1,
+            kind: AckKind::Delivered,
+        }))
+        .await
+        .unwrap();
+    tokio::time::timeout(WAIT, commit_began)
+        .await
+        .expect("the ack's commit began")
+        .unwrap();
+    // alice reads nothing more: the connection's write waits.
+    flood(&gateway, "alice", 512);
+    // The test's runtime runs one task at a time: at its first turn the connection takes the
+    // flood and writes until the sockets are full, then waits on the write.
+    for _ in 0..16 {
+        tokio::task::yield_now().await;
+    }
+    release.notify_one();
+
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while store.device_cursor("alice", "phone", &conv).await.unwrap() < 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the ack was never committed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(alice);
 }
