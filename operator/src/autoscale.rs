@@ -9,7 +9,8 @@
 //!   removed pod's clients reconnect to the others), and not before the autoscaler has seen a
 //!   whole window (after an operator restart it waits rather than guess).
 //! - **Who goes.** The pod with the fewest connections: it gets the lowest
-//!   `controller.kubernetes.io/pod-deletion-cost`, so the ReplicaSet deletes it first.
+//!   `controller.kubernetes.io/pod-deletion-cost`, so the ReplicaSet deletes it first (the
+//!   pool's controller removes the mark from any other pod at each sample).
 //! - **Unread pods.** A ready pod whose count could not be read may hold any number of
 //!   connections: as the HPA does with missing metrics, the pool never shrinks on such a
 //!   sample (it holds the pool at its size for a whole window, as a peak would), while what

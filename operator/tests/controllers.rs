@@ -1063,6 +1063,71 @@ async fn a_quiet_gateway_pool_removes_the_pod_with_the_fewest_connections_first(
     .await;
 }
 
+/// A pod marked to go first at a scale-down that did not happen (the Deployment's apply
+/// failed, or load came back before the ReplicaSet removed it) loses its mark at the next
+/// sample: left, it would be the pod removed at some later, unrelated scale-down, whatever it
+/// holds then.
+#[tokio::test]
+async fn a_mark_left_from_a_scale_down_that_did_not_happen_is_removed() {
+    let data_plane = Arc::new(FakeDataPlane {
+        connections: BTreeMap::from([("10.0.0.1".to_owned(), 900), ("10.0.0.2".to_owned(), 950)]),
+        ..FakeDataPlane::default()
+    });
+    let mut marked = gateway_pod("gw-a", "10.0.0.1");
+    marked["metadata"]["annotations"] =
+        json!({ "controller.kubernetes.io/pod-deletion-cost": "-1000" });
+    let expected = vec![
+        expect(
+            Method::GET,
+            "/apis/courier.dev/v1alpha1/namespaces/chat/courierclusters/prod",
+            |_| {},
+        )
+        .answer(serde_json::to_value(cluster(false)).unwrap()),
+        expect(Method::GET, "/api/v1/namespaces/chat/pods", |_| {})
+            .answer(pod_list(vec![marked, gateway_pod("gw-b", "10.0.0.2")])),
+        expect(
+            Method::GET,
+            "/apis/apps/v1/namespaces/chat/deployments/prod-gateways",
+            |_| {},
+        )
+        .answer(deployment(2)),
+        expect(Method::PATCH, "/api/v1/namespaces/chat/pods/gw-a", |body| {
+            assert_eq!(
+                body["metadata"]["annotations"]["controller.kubernetes.io/pod-deletion-cost"],
+                Value::Null,
+                "the mark is removed: {body}"
+            );
+        })
+        .answer(gateway_pod("gw-a", "10.0.0.1")),
+        expect(
+            APPLY,
+            "/apis/apps/v1/namespaces/chat/deployments/prod-gateways",
+            |body| assert_eq!(body["spec"]["replicas"], 2),
+        ),
+        expect(APPLY, "/api/v1/namespaces/chat/services/prod", |_| {}),
+        expect(
+            APPLY,
+            "/apis/policy/v1/namespaces/chat/poddisruptionbudgets/prod-gateways",
+            |_| {},
+        ),
+        expect(
+            APPLY,
+            "/apis/courier.dev/v1alpha1/namespaces/chat/gatewaypools/prod-gateways/status",
+            |_| {},
+        )
+        .answer(serde_json::to_value(pool()).unwrap()),
+    ];
+    reconciled(expected, data_plane, async |ctx| {
+        // The pool was sampled a whole window ago, at the load it has now: it stays at 2.
+        let busy = BTreeMap::from([("gw-a".to_owned(), 900), ("gw-b".to_owned(), 950)]);
+        sampled_before(&ctx, 2, busy.into(), 600_000);
+        gateway_pool::reconcile(Arc::new(pool()), ctx)
+            .await
+            .unwrap();
+    })
+    .await;
+}
+
 fn shard_set(replicas: i32) -> SequencerShardSet {
     let mut metadata = meta("prod-sequencers");
     metadata.finalizers = Some(vec![shard_set::FINALIZER.to_owned()]);

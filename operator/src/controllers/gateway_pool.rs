@@ -9,6 +9,11 @@
 //! A ready pod whose `/metrics` cannot be read keeps the pool from shrinking (the autoscaler
 //! does not guess what it holds), and the status says so: `Degraded`, reason
 //! `MetricsUnavailable`, naming the pods.
+//!
+//! The mark of the pod to go first lasts one sample: at every sample any other pod still
+//! carrying it (a scale-down that did not happen: the Deployment's apply failed, load came
+//! back, the pool's limits were raised) has it removed before the Deployment is applied, or a
+//! later, unrelated scale-down would remove that pod rather than the one the autoscaler picks.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -89,7 +94,10 @@ async fn run(pool: &GatewayPool, ctx: &Context) -> Result<Action, Error> {
         apply(&ctx.client, &children.disruption_budget).await?;
         return Ok(Action::requeue(Duration::from_millis(next - now_ms)));
     }
-    let connections = connections(ctx, &namespace, &pool.spec.cluster).await?;
+    let GatewayPods {
+        connections,
+        marked,
+    } = gateway_pods(ctx, &namespace, &pool.spec.cluster).await?;
     let current = current_replicas(ctx, &namespace, &name).await?;
     let policy = ScalePolicy::new(
         settings.min_replicas,
@@ -106,6 +114,13 @@ async fn run(pool: &GatewayPool, ctx: &Context) -> Result<Action, Error> {
             now_ms,
         )
     };
+    // Before the Deployment shrinks: two marked pods, and the ReplicaSet could take either.
+    for pod in marked
+        .iter()
+        .filter(|pod| decision.remove.as_ref() != Some(*pod))
+    {
+        unmark(ctx, &namespace, pod).await?;
+    }
     if let Some(pod) = &decision.remove {
         mark_first_to_go(ctx, &namespace, pod).await?;
     }
@@ -142,13 +157,17 @@ async fn current_replicas(
         .and_then(|d| d.spec.and_then(|s| s.replicas)))
 }
 
-/// Connections of each ready gateway pod of `cluster`, and the ready pods whose metrics cannot
-/// be read.
-async fn connections(
-    ctx: &Context,
-    namespace: &str,
-    cluster: &str,
-) -> Result<ConnectionSample, Error> {
+/// What a sample reads of a pool's gateway pods.
+struct GatewayPods {
+    /// Connections of each ready pod, and the ready pods whose metrics cannot be read.
+    connections: ConnectionSample,
+    /// The pods (not being deleted) marked to go first.
+    marked: BTreeSet<String>,
+}
+
+/// The gateway pods of `cluster`: the connections of each ready one, the ready ones whose
+/// metrics cannot be read, and those marked to go first.
+async fn gateway_pods(ctx: &Context, namespace: &str, cluster: &str) -> Result<GatewayPods, Error> {
     let selector = selector_labels(cluster, Component::Gateway)
         .iter()
         .map(|(k, v)| format!("{k}={v}"))
@@ -157,6 +176,11 @@ async fn connections(
     let pods = Api::<Pod>::namespaced(ctx.client.clone(), namespace)
         .list(&ListParams::default().labels(&selector))
         .await?;
+    let marked = pods
+        .iter()
+        .filter(|pod| pod.metadata.deletion_timestamp.is_none() && is_marked(pod))
+        .map(|pod| pod.metadata.name.clone().unwrap_or_default())
+        .collect();
     let ready = pods.into_iter().filter_map(|pod| {
         let ip = ready_ip(&pod)?;
         Some((pod.metadata.name.unwrap_or_default(), ip))
@@ -171,19 +195,32 @@ async fn connections(
         .buffer_unordered(CONCURRENT_READS)
         .collect::<Vec<_>>()
         .await;
-    let mut sample = ConnectionSample::default();
+    let mut connections = ConnectionSample::default();
     for (name, read) in reads {
         match read {
             Ok(count) => {
-                sample.read.insert(name, count);
+                connections.read.insert(name, count);
             }
             Err(e) => {
                 tracing::warn!(pod = %name, error = %e, "reading a gateway's connections failed");
-                sample.unread.insert(name);
+                connections.unread.insert(name);
             }
         }
     }
-    Ok(sample)
+    Ok(GatewayPods {
+        connections,
+        marked,
+    })
+}
+
+/// Whether `pod` carries the operator's mark to go first (a deletion cost set otherwise, by
+/// hand, is left alone).
+fn is_marked(pod: &Pod) -> bool {
+    pod.metadata
+        .annotations
+        .as_ref()
+        .and_then(|annotations| annotations.get(DELETION_COST))
+        .is_some_and(|cost| cost == FIRST_TO_GO)
 }
 
 /// Gateway pods whose `/metrics` are read at once: together, but not thousands of
@@ -213,6 +250,21 @@ async fn mark_first_to_go(ctx: &Context, namespace: &str, pod: &str) -> Result<(
         .patch(pod, &PatchParams::default(), &Patch::Merge(&patch))
         .await?;
     Ok(())
+}
+
+/// Removes the mark of `pod` to go first (it gets the default deletion cost again).
+async fn unmark(ctx: &Context, namespace: &str, pod: &str) -> Result<(), Error> {
+    let patch = serde_json::json!({
+        "metadata": { "annotations": { DELETION_COST: null } }
+    });
+    let removed = Api::<Pod>::namespaced(ctx.client.clone(), namespace)
+        .patch(pod, &PatchParams::default(), &Patch::Merge(&patch))
+        .await;
+    match removed {
+        // Deleted since the list: nothing left to unmark.
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+        other => other.map(|_| ()).map_err(Error::from),
+    }
 }
 
 /// An event when the pool changes size.
