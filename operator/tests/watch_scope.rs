@@ -38,10 +38,12 @@ impl DataPlane for NoDataPlane {
 const WATCHERS: usize = 11;
 
 /// The requests the controllers make in `scope`: the paths of their lists and of their
-/// watches, each sorted. The API server answers every list with no objects and holds every
+/// watches, each sorted, and every request's path with its label selector (if any). The API server answers every list with no objects and holds every
 /// watch open; the controllers run until each of the [`WATCHERS`] has listed and started
 /// to watch (or a deadline passes, which fails the test).
-async fn requests_in(scope: WatchScope) -> (Vec<String>, Vec<String>) {
+async fn requests_in(
+    scope: WatchScope,
+) -> (Vec<String>, Vec<String>, Vec<(String, Option<String>)>) {
     let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = Client::new(service, "default");
     let ctx = Arc::new(Context::new(
@@ -50,7 +52,7 @@ async fn requests_in(scope: WatchScope) -> (Vec<String>, Vec<String>) {
         Arc::new(Metrics::new()),
     ));
     let running = tokio::spawn(async move { controllers::run(client, ctx, &scope).await });
-    let (mut lists, mut watches) = (Vec::new(), Vec::new());
+    let (mut lists, mut watches, mut selectors) = (Vec::new(), Vec::new(), Vec::new());
     // Answering a watch would end it and start a new list; holding it keeps the count exact.
     let mut held = Vec::new();
     let observed = tokio::time::timeout(Duration::from_secs(30), async {
@@ -61,6 +63,15 @@ async fn requests_in(scope: WatchScope) -> (Vec<String>, Vec<String>) {
                 .expect("the controllers stopped before every watcher watched");
             let path = request.uri().path().to_owned();
             let query = request.uri().query().unwrap_or_default().to_owned();
+            let selector = query
+                .split('&')
+                .find_map(|pair| pair.strip_prefix("labelSelector="))
+                .map(|s| {
+                    s.replace("%2F", "/")
+                        .replace("%3D", "=")
+                        .replace("%2C", ",")
+                });
+            selectors.push((path.clone(), selector));
             if query.split('&').any(|pair| pair == "watch=true") {
                 watches.push(path);
                 held.push(send);
@@ -86,7 +97,7 @@ async fn requests_in(scope: WatchScope) -> (Vec<String>, Vec<String>) {
     );
     lists.sort();
     watches.sort();
-    (lists, watches)
+    (lists, watches, selectors)
 }
 
 /// The paths the [`WATCHERS`] list and watch, sorted, under `courier` (`courier.dev`), `apps`
@@ -111,7 +122,7 @@ fn watched_paths(courier: &str, apps: &str, core: &str) -> Vec<String> {
 
 #[tokio::test]
 async fn scoped_to_a_namespace_the_controllers_list_and_watch_only_in_it() {
-    let (lists, watches) = requests_in(WatchScope::Namespace("team-a".to_owned())).await;
+    let (lists, watches, _) = requests_in(WatchScope::Namespace("team-a".to_owned())).await;
     let expected = watched_paths(
         "/apis/courier.dev/v1alpha1/namespaces/team-a",
         "/apis/apps/v1/namespaces/team-a",
@@ -129,8 +140,24 @@ async fn scoped_to_a_namespace_the_controllers_list_and_watch_only_in_it() {
 
 #[tokio::test]
 async fn unscoped_the_controllers_watch_every_namespace_as_before() {
-    let (lists, watches) = requests_in(WatchScope::AllNamespaces).await;
+    let (lists, watches, _) = requests_in(WatchScope::AllNamespaces).await;
     let expected = watched_paths("/apis/courier.dev/v1alpha1", "/apis/apps/v1", "/api/v1");
     assert_eq!(lists, expected);
     assert_eq!(watches, expected);
+}
+
+/// The StatefulSets, Deployments and ConfigMaps the controllers own are listed and watched
+/// with the label every object the operator renders carries (`render::pod::MANAGED_BY`,
+/// checked on each rendered object by the render tests): in a namespace of many other
+/// workloads, the operator holds and is woken by its own objects only. The Courier resources
+/// are watched whole: every one is Courier's, and one made by hand carries no label.
+#[tokio::test]
+async fn the_workloads_and_config_maps_are_watched_by_the_operators_label_only() {
+    let (_, _, selectors) = requests_in(WatchScope::Namespace("team-a".to_owned())).await;
+    assert_eq!(selectors.len(), 2 * WATCHERS);
+    for (path, selector) in selectors {
+        let rendered = !path.contains("/courier.dev/");
+        let expected = rendered.then(|| "app.kubernetes.io/managed-by=courier-operator".to_owned());
+        assert_eq!(selector, expected, "{path}");
+    }
 }

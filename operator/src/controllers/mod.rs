@@ -44,17 +44,23 @@ use crate::crd::{
 use crate::metrics::{ControllerLabel, Metrics};
 use crate::rebalance::Rebalancer;
 use crate::rebalance::executor::{AdminError, ShardAdmin};
-use crate::render::{FIELD_MANAGER, RenderError};
+use crate::render::{FIELD_MANAGER, RenderError, pod};
 use crate::scope::WatchScope;
 
 /// Runs the three controllers until a shutdown signal, each watching its resource and what it
 /// owns in `scope` (every `Api` comes from [`WatchScope::api`]).
+///
+/// The StatefulSets, Deployments and ConfigMaps are watched by the operator's label alone
+/// ([`rendered`]): every one it renders carries it, and a namespace's other workloads would
+/// cost memory and wake-ups for nothing. The Courier resources are watched whole: each is
+/// Courier's, and a pool or plan made by hand carries no label.
 pub async fn run(client: Client, ctx: Arc<Context>, scope: &WatchScope) {
     let config = watcher::Config::default().any_semantic();
+    let rendered = rendered(config.clone());
     let clusters = Controller::new(scope.api::<CourierCluster>(client.clone()), config.clone())
-        .owns(scope.api::<StatefulSet>(client.clone()), config.clone())
-        .owns(scope.api::<Deployment>(client.clone()), config.clone())
-        .owns(scope.api::<ConfigMap>(client.clone()), config.clone())
+        .owns(scope.api::<StatefulSet>(client.clone()), rendered.clone())
+        .owns(scope.api::<Deployment>(client.clone()), rendered.clone())
+        .owns(scope.api::<ConfigMap>(client.clone()), rendered.clone())
         .owns(scope.api::<GatewayPool>(client.clone()), config.clone())
         .owns(
             scope.api::<SequencerShardSet>(client.clone()),
@@ -64,7 +70,7 @@ pub async fn run(client: Client, ctx: Arc<Context>, scope: &WatchScope) {
         .run(cluster::reconcile, cluster::error_policy, ctx.clone())
         .for_each(|_| async {});
     let pools = Controller::new(scope.api::<GatewayPool>(client.clone()), config.clone())
-        .owns(scope.api::<Deployment>(client.clone()), config.clone())
+        .owns(scope.api::<Deployment>(client.clone()), rendered.clone())
         .shutdown_on_signal()
         .run(
             gateway_pool::reconcile,
@@ -76,13 +82,19 @@ pub async fn run(client: Client, ctx: Arc<Context>, scope: &WatchScope) {
         scope.api::<SequencerShardSet>(client.clone()),
         config.clone(),
     )
-    .owns(scope.api::<StatefulSet>(client.clone()), config.clone())
+    .owns(scope.api::<StatefulSet>(client.clone()), rendered)
     // An annotation on a set's plan (approve, refresh) wakes the set up.
     .owns(scope.api::<ShardRebalance>(client), config)
     .shutdown_on_signal()
     .run(shard_set::reconcile, shard_set::error_policy, ctx)
     .for_each(|_| async {});
     futures::join!(clusters, pools, shard_sets);
+}
+
+/// `config` narrowed to the objects the operator renders: those with its label
+/// ([`pod::MANAGED_BY`]).
+fn rendered(config: watcher::Config) -> watcher::Config {
+    config.labels(&pod::managed_selector())
 }
 
 /// A reconciliation that failed; the controller retries it (see [`error_policy`]).

@@ -389,11 +389,79 @@ pub(crate) mod fixtures {
 
 #[cfg(test)]
 mod tests {
-    use super::fixtures::foundation_db_cluster;
+    use super::fixtures::{self, foundation_db_cluster};
     use super::pod::{HTTP_PORT, METRICS_PORT, METRICS_PORT_NAME};
     use super::*;
     use crate::crd::EmbeddedStorage;
     use k8s_openapi::api::core::v1::PodTemplateSpec;
+
+    /// Every StatefulSet, Deployment and ConfigMap the operator renders (the kinds its
+    /// controllers watch by label) matches the selector they watch with: one that did not
+    /// would never wake its owner, so a change to it (a pod turning ready, a deletion) would go
+    /// unseen until the next periodic reconciliation.
+    #[test]
+    fn every_watched_object_the_operator_renders_carries_the_watched_label() {
+        let cluster = foundation_db_cluster(Some("push"));
+        let mut pools = pools::build(&cluster).unwrap();
+        pools.gateways.metadata.uid = Some("gateways".into());
+        pools.sequencers.metadata.uid = Some("sequencers".into());
+        let mut embedded_cluster = cluster.clone();
+        embedded_cluster.spec.storage.foundation_db = None;
+        embedded_cluster.spec.storage.embedded = Some(EmbeddedStorage {
+            size: "1Gi".into(),
+            storage_class_name: None,
+        });
+        let partitioned = fixtures::partitioned(cluster.clone());
+        let (media, _) = backends::media(&cluster).unwrap().unwrap();
+        let rendered = [
+            (
+                "gateways",
+                gateways::build(&pools.gateways, &cluster, 2)
+                    .unwrap()
+                    .deployment
+                    .metadata,
+            ),
+            ("chat", backends::chat(&cluster).unwrap().metadata),
+            ("media", media.metadata),
+            ("fanout", delivery::fanout(&cluster).unwrap().metadata),
+            ("push", delivery::push(&cluster).unwrap().unwrap().metadata),
+            (
+                "push stopped",
+                delivery::push_stopped(&cluster).unwrap().metadata,
+            ),
+            (
+                "sequencers",
+                sequencers::build(&pools.sequencers, &cluster, 3)
+                    .unwrap()
+                    .stateful_set
+                    .metadata,
+            ),
+            (
+                "server",
+                embedded::build(&embedded_cluster)
+                    .unwrap()
+                    .stateful_set
+                    .metadata,
+            ),
+            (
+                "partition table",
+                partitions::config_map(&partitioned)
+                    .unwrap()
+                    .unwrap()
+                    .metadata,
+            ),
+        ];
+        let selector = pod::managed_selector();
+        let (key, value) = selector.split_once('=').unwrap();
+        for (what, meta) in rendered {
+            let labels = meta.labels.unwrap_or_default();
+            assert_eq!(
+                labels.get(key).map(String::as_str),
+                Some(value),
+                "{what}: {labels:?}"
+            );
+        }
+    }
 
     /// Every data-plane pod the operator runs serves `/metrics` on its `metrics` port alone
     /// (`--metrics-listen`), and every Service the operator makes reaches the client port

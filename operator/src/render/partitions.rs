@@ -16,7 +16,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use super::{RenderError, name_and_namespace, owner_reference};
+use super::{RenderError, name_and_namespace, owner_reference, pod};
 use crate::crd::{
     CourierCluster, FoundationDbStorage, MAX_STORAGE_PARTITIONS, SecretKeyRef, StoragePartition,
 };
@@ -276,10 +276,7 @@ pub fn config_map(cluster: &CourierCluster) -> Result<Option<ConfigMap>, RenderE
             "app.kubernetes.io/component".to_owned(),
             "storage".to_owned(),
         ),
-        (
-            "app.kubernetes.io/managed-by".to_owned(),
-            "courier-operator".to_owned(),
-        ),
+        (pod::MANAGED_BY.0.to_owned(), pod::MANAGED_BY.1.to_owned()),
     ]);
     Ok(Some(ConfigMap {
         metadata: ObjectMeta {

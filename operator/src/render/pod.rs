@@ -138,13 +138,20 @@ pub fn selector_labels(cluster: &str, component: Component) -> BTreeMap<String, 
     ])
 }
 
-/// The selector labels, and who manages the object.
+/// The label every object the operator renders carries (through [`labels`]): the
+/// controllers watch the workloads and ConfigMaps they own by it ([`managed_selector`]), so
+/// that they hold and are woken by their own objects only, not every one in the namespace.
+pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "courier-operator");
+
+/// The label selector of the objects the operator renders: [`MANAGED_BY`].
+pub fn managed_selector() -> String {
+    format!("{}={}", MANAGED_BY.0, MANAGED_BY.1)
+}
+
+/// The selector labels, and who manages the object ([`MANAGED_BY`]).
 pub fn labels(cluster: &str, component: Component) -> BTreeMap<String, String> {
     let mut labels = selector_labels(cluster, component);
-    labels.insert(
-        "app.kubernetes.io/managed-by".to_owned(),
-        "courier-operator".to_owned(),
-    );
+    labels.insert(MANAGED_BY.0.to_owned(), MANAGED_BY.1.to_owned());
     labels
 }
 
