@@ -526,6 +526,162 @@ fn cluster_applies_before_push() -> Vec<Expect> {
         .collect()
 }
 
+thread_local! {
+    /// The clock of [`status_after`]: the test sets it, its reconciliation reads it (on the
+    /// test's own thread: a `tokio::test` runtime has one), whatever other tests run beside.
+    static CLOCK_MS: std::cell::Cell<u64> = const { std::cell::Cell::new(1_000_000) };
+}
+
+/// The status one reconciliation writes, at `now_ms`: `before` are the requests before the
+/// status write, `status` the path of the status and `answer` the API server's answer to its
+/// write, `reconcile` the reconciliation.
+async fn status_after<F>(
+    now_ms: u64,
+    before: Vec<Expect>,
+    (status, answer): (&str, Value),
+    data_plane: Arc<FakeDataPlane>,
+    setup: impl FnOnce(&Context),
+    reconcile: F,
+) -> Value
+where
+    F: AsyncFnOnce(Arc<Context>),
+{
+    let written = Arc::new(Mutex::new(Value::Null));
+    let into = written.clone();
+    let mut expected = before;
+    expected.push(
+        expect(APPLY, status, move |body| {
+            *into.lock().unwrap() = body["status"].clone();
+        })
+        .answer(answer),
+    );
+    let (client, server) = api_server(expected);
+    let mut context = Context::new(client, data_plane, Arc::new(Metrics::new()));
+    CLOCK_MS.set(now_ms);
+    context.clock = || CLOCK_MS.get();
+    setup(&context);
+    let context = Arc::new(context);
+    reconcile(context.clone()).await;
+    drop(context);
+    server.await.expect("every expected request was made");
+    written.lock().unwrap().clone()
+}
+
+/// Each status write of a cluster wakes it again (it watches itself), as does each of its
+/// pool's and shard set's: a status that differed from one reconciliation to the next of an
+/// unchanged world would be written at every wake-up, and wake it again, for good.
+#[tokio::test]
+async fn a_clusters_status_is_the_same_at_the_next_reconciliation_of_an_unchanged_world() {
+    let status_path = "/apis/courier.dev/v1alpha1/namespaces/chat/courierclusters/prod/status";
+    let before = || {
+        let mut before = cluster_applies_before_push();
+        before.push(expect(
+            APPLY,
+            "/apis/apps/v1/namespaces/chat/deployments/prod-push",
+            |_| {},
+        ));
+        before
+    };
+    let data_plane = Arc::new(FakeDataPlane::default());
+    let first = status_after(
+        1_000_000,
+        before(),
+        (status_path, serde_json::to_value(cluster(false)).unwrap()),
+        data_plane.clone(),
+        |_| {},
+        async |ctx| {
+            cluster::reconcile(Arc::new(cluster(false)), ctx)
+                .await
+                .unwrap();
+        },
+    )
+    .await;
+    let mut seen = cluster(false);
+    seen.status = Some(serde_json::from_value(first.clone()).unwrap());
+    let second = status_after(
+        1_060_000,
+        before(),
+        (status_path, serde_json::to_value(cluster(false)).unwrap()),
+        data_plane,
+        |_| {},
+        async |ctx| {
+            cluster::reconcile(Arc::new(seen), ctx).await.unwrap();
+        },
+    )
+    .await;
+    assert_eq!(second, first);
+}
+
+/// A pool sampled at the same load twice writes the same status (the Deployment and its pods
+/// unchanged).
+#[tokio::test]
+async fn a_gateway_pools_status_is_the_same_at_the_next_sample_of_an_unchanged_world() {
+    let status_path =
+        "/apis/courier.dev/v1alpha1/namespaces/chat/gatewaypools/prod-gateways/status";
+    let data_plane = Arc::new(FakeDataPlane {
+        connections: BTreeMap::from([("10.0.0.1".to_owned(), 900), ("10.0.0.2".to_owned(), 950)]),
+        ..FakeDataPlane::default()
+    });
+    let before = || {
+        vec![
+            expect(
+                Method::GET,
+                "/apis/courier.dev/v1alpha1/namespaces/chat/courierclusters/prod",
+                |_| {},
+            )
+            .answer(serde_json::to_value(cluster(false)).unwrap()),
+            expect(Method::GET, "/api/v1/namespaces/chat/pods", |_| {}).answer(pod_list(vec![
+                gateway_pod("gw-a", "10.0.0.1"),
+                gateway_pod("gw-b", "10.0.0.2"),
+            ])),
+            expect(
+                Method::GET,
+                "/apis/apps/v1/namespaces/chat/deployments/prod-gateways",
+                |_| {},
+            )
+            .answer(deployment(2)),
+            expect(
+                APPLY,
+                "/apis/apps/v1/namespaces/chat/deployments/prod-gateways",
+                |_| {},
+            ),
+            expect(APPLY, "/api/v1/namespaces/chat/services/prod", |_| {}),
+            expect(
+                APPLY,
+                "/apis/policy/v1/namespaces/chat/poddisruptionbudgets/prod-gateways",
+                |_| {},
+            ),
+        ]
+    };
+    let first = status_after(
+        1_000_000,
+        before(),
+        (status_path, serde_json::to_value(pool()).unwrap()),
+        data_plane.clone(),
+        |_| {},
+        async |ctx| {
+            gateway_pool::reconcile(Arc::new(pool()), ctx)
+                .await
+                .unwrap();
+        },
+    )
+    .await;
+    let mut seen = pool();
+    seen.status = Some(serde_json::from_value(first.clone()).unwrap());
+    let second = status_after(
+        1_015_000,
+        before(),
+        (status_path, serde_json::to_value(pool()).unwrap()),
+        data_plane,
+        |_| {},
+        async |ctx| {
+            gateway_pool::reconcile(Arc::new(seen), ctx).await.unwrap();
+        },
+    )
+    .await;
+    assert_eq!(second, first);
+}
+
 #[tokio::test]
 async fn a_push_notifier_left_without_push_providers_is_scaled_to_zero() {
     let data_plane = Arc::new(FakeDataPlane::default());

@@ -29,7 +29,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::core::object::HasStatus;
-use kube::runtime::controller::Action;
+use kube::runtime::controller::{self, Action};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::{Controller, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -54,6 +54,9 @@ use crate::scope::WatchScope;
 /// ([`rendered`]): every one it renders carries it, and a namespace's other workloads would
 /// cost memory and wake-ups for nothing. The Courier resources are watched whole: each is
 /// Courier's, and a pool or plan made by hand carries no label.
+///
+/// The cluster and pool controllers wait for [`DEBOUNCE`] of quiet before they reconcile an
+/// object; the shard set controller does not (see there).
 pub async fn run(client: Client, ctx: Arc<Context>, scope: &WatchScope) {
     let config = watcher::Config::default().any_semantic();
     let rendered = rendered(config.clone());
@@ -66,11 +69,13 @@ pub async fn run(client: Client, ctx: Arc<Context>, scope: &WatchScope) {
             scope.api::<SequencerShardSet>(client.clone()),
             config.clone(),
         )
+        .with_config(controller::Config::default().debounce(DEBOUNCE))
         .shutdown_on_signal()
         .run(cluster::reconcile, cluster::error_policy, ctx.clone())
         .for_each(|_| async {});
     let pools = Controller::new(scope.api::<GatewayPool>(client.clone()), config.clone())
         .owns(scope.api::<Deployment>(client.clone()), rendered.clone())
+        .with_config(controller::Config::default().debounce(DEBOUNCE))
         .shutdown_on_signal()
         .run(
             gateway_pool::reconcile,
@@ -85,11 +90,26 @@ pub async fn run(client: Client, ctx: Arc<Context>, scope: &WatchScope) {
     .owns(scope.api::<StatefulSet>(client.clone()), rendered)
     // An annotation on a set's plan (approve, refresh) wakes the set up.
     .owns(scope.api::<ShardRebalance>(client), config)
+    // No debounce: it would delay every requeue too, and the set samples every second while
+    // it evacuates pods (`shard_set::EVACUATION_PACE`). A wake-up between samples writes no
+    // status, so its own writes do not feed back.
     .shutdown_on_signal()
     .run(shard_set::reconcile, shard_set::error_policy, ctx)
     .for_each(|_| async {});
     futures::join!(clusters, pools, shard_sets);
 }
+
+/// How long the cluster and pool controllers wait for an object's triggers to stop before
+/// they reconcile it (kube's trailing-edge debounce). Every status write of a cluster's pool
+/// and shard set (each sample: every 15 s, every second while a set evacuates pods), every
+/// status change of its Deployments during a rollout, and each object a cluster's own
+/// reconciliation changes wakes the cluster: without it each of these ran a whole
+/// reconciliation (a dozen writes) on its own, where one after the burst sees the same world.
+/// A second: shorter than the fastest steady trigger (a set's status, each second plus its
+/// sample), so that no stream of triggers holds a reconciliation back for long; every requeue
+/// comes that much later too. The statuses the controllers write are the same from one
+/// reconciliation of an unchanged world to the next (tested), so a write wakes no one for good.
+pub const DEBOUNCE: Duration = Duration::from_secs(1);
 
 /// `config` narrowed to the objects the operator renders: those with its label
 /// ([`pod::MANAGED_BY`]).
