@@ -6,7 +6,8 @@
 //! proposes the moves in a fourth resource, `ShardRebalance`, for a person to approve.
 //! Planners are pure functions of what was observed, tested without a cluster; controllers
 //! ([`controllers`]) read the cluster, call the planners and renderers, and apply the result
-//! with server-side apply. They watch every namespace, or one ([`scope`]).
+//! with server-side apply. They watch every namespace, or one ([`scope`]), while this replica
+//! holds the leader Lease ([`leader`]).
 //!
 //! Not in here: the data plane itself (`dataplane/`), which the operator only talks to over
 //! its admin gRPC API.
@@ -15,6 +16,7 @@ pub mod autoscale;
 pub mod controllers;
 pub mod crd;
 pub mod data_plane;
+pub mod leader;
 pub mod metrics;
 pub mod rebalance;
 pub mod render;

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use courier_operator::controllers::{self, Context};
 use courier_operator::data_plane::NetworkDataPlane;
+use courier_operator::leader;
 use courier_operator::metrics::{Metrics, serve};
 use courier_operator::scope::WatchScope;
 use kube::Client;
@@ -83,13 +84,16 @@ fn main() -> anyhow::Result<()> {
 
 /// Serves metrics at once; runs the controllers while this replica holds the Lease (one per
 /// scope, [`WatchScope::lease_name`]), and exits when it loses it (the pod restarts as a
-/// follower).
+/// follower). On SIGTERM or SIGINT it stops the controllers, releases the Lease so that the
+/// standby takes over at once, and exits 0 ([`leader::lead`]).
 async fn run(
     listen: SocketAddr,
     lease_namespace: String,
     identity: String,
     scope: WatchScope,
 ) -> anyhow::Result<()> {
+    // Before anything else: a signal from now on ends the run cleanly.
+    let shutdown = leader::shutdown_signal()?;
     let client = Client::try_default().await?;
     let metrics = Arc::new(Metrics::new());
     let listener = tokio::net::TcpListener::bind(listen).await?;
@@ -99,24 +103,15 @@ async fn run(
         .with_identity(identity)
         .build()
         .await?;
-    let (mut leader, lease_task) = manager.watch().await;
-    while !*leader.borrow_and_update() {
-        leader.changed().await?;
-    }
-    tracing::info!(watching = %scope, "leading: starting the controllers");
-    let ctx = Arc::new(Context::new(
-        client.clone(),
-        Arc::new(NetworkDataPlane::new()?),
-        metrics,
-    ));
-    let controllers = controllers::run(client, ctx, &scope);
+    let (leader, lease_task) = manager.watch().await;
+    let data_plane = Arc::new(NetworkDataPlane::new()?);
+    let controllers = |stopped| {
+        tracing::info!(watching = %scope, "leading: starting the controllers");
+        let ctx = Arc::new(Context::new(client.clone(), data_plane, metrics));
+        async move { controllers::run(client, ctx, &scope, stopped).await }
+    };
     tokio::select! {
-        () = controllers => anyhow::bail!("the controllers stopped"),
-        lost = async { while *leader.borrow() { if leader.changed().await.is_err() { break; } } } => {
-            let () = lost;
-            lease_task.abort();
-            anyhow::bail!("lost the leader Lease; exiting so that only the leader writes")
-        }
+        led = leader::lead(leader, lease_task, controllers, shutdown) => Ok(led?),
         served = server => anyhow::bail!("the metrics server stopped: {served:?}"),
     }
 }

@@ -51,7 +51,9 @@ async fn requests_in(
         Arc::new(NoDataPlane),
         Arc::new(Metrics::new()),
     ));
-    let running = tokio::spawn(async move { controllers::run(client, ctx, &scope).await });
+    let (_stop, shutdown) = tokio::sync::watch::channel(false);
+    let running =
+        tokio::spawn(async move { controllers::run(client, ctx, &scope, shutdown).await });
     let (mut lists, mut watches, mut selectors) = (Vec::new(), Vec::new(), Vec::new());
     // Answering a watch would end it and start a new list; holding it keeps the count exact.
     let mut held = Vec::new();

@@ -47,8 +47,9 @@ use crate::rebalance::executor::{AdminError, ShardAdmin};
 use crate::render::{FIELD_MANAGER, RenderError, pod};
 use crate::scope::WatchScope;
 
-/// Runs the three controllers until a shutdown signal, each watching its resource and what it
-/// owns in `scope` (every `Api` comes from [`WatchScope::api`]).
+/// Runs the three controllers until `shutdown` turns true (or its sender goes), each watching
+/// its resource and what it owns in `scope` (every `Api` comes from [`WatchScope::api`]).
+/// Shut down, they start no reconciliation and return once those under way have finished.
 ///
 /// The StatefulSets, Deployments and ConfigMaps are watched by the operator's label alone
 /// ([`rendered`]): every one it renders carries it, and a namespace's other workloads would
@@ -57,7 +58,12 @@ use crate::scope::WatchScope;
 ///
 /// The cluster and pool controllers wait for [`DEBOUNCE`] of quiet before they reconcile an
 /// object; the shard set controller does not (see there).
-pub async fn run(client: Client, ctx: Arc<Context>, scope: &WatchScope) {
+pub async fn run(
+    client: Client,
+    ctx: Arc<Context>,
+    scope: &WatchScope,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) {
     let config = watcher::Config::default().any_semantic();
     let rendered = rendered(config.clone());
     let clusters = Controller::new(scope.api::<CourierCluster>(client.clone()), config.clone())
@@ -70,13 +76,13 @@ pub async fn run(client: Client, ctx: Arc<Context>, scope: &WatchScope) {
             config.clone(),
         )
         .with_config(controller::Config::default().debounce(DEBOUNCE))
-        .shutdown_on_signal()
+        .graceful_shutdown_on(stopped(shutdown.clone()))
         .run(cluster::reconcile, cluster::error_policy, ctx.clone())
         .for_each(|_| async {});
     let pools = Controller::new(scope.api::<GatewayPool>(client.clone()), config.clone())
         .owns(scope.api::<Deployment>(client.clone()), rendered.clone())
         .with_config(controller::Config::default().debounce(DEBOUNCE))
-        .shutdown_on_signal()
+        .graceful_shutdown_on(stopped(shutdown.clone()))
         .run(
             gateway_pool::reconcile,
             gateway_pool::error_policy,
@@ -93,10 +99,19 @@ pub async fn run(client: Client, ctx: Arc<Context>, scope: &WatchScope) {
     // No debounce: it would delay every requeue too, and the set samples every second while
     // it evacuates pods (`shard_set::EVACUATION_PACE`). A wake-up between samples writes no
     // status, so its own writes do not feed back.
-    .shutdown_on_signal()
+    .graceful_shutdown_on(stopped(shutdown))
     .run(shard_set::reconcile, shard_set::error_policy, ctx)
     .for_each(|_| async {});
     futures::join!(clusters, pools, shard_sets);
+}
+
+/// Resolves once `shutdown` turns true or its sender is dropped.
+async fn stopped(mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    while !*shutdown.borrow_and_update() {
+        if shutdown.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 /// How long the cluster and pool controllers wait for an object's triggers to stop before
