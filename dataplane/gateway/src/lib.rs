@@ -719,10 +719,15 @@ impl Connection {
             }
         }
         let after_ms = self.signals.reconnect_after_ms().unwrap_or(0);
-        let _ = self
+        // A client that took no `reconnect` for `write_timeout` takes no close frame either:
+        // it is dropped now rather than after a second wait for the close.
+        match self
             .write(ServerFrame::Reconnect(Reconnect { after_ms }))
-            .await;
-        Exit::Close(close_code::AWAY, "server draining; reconnect")
+            .await
+        {
+            Ok(()) => Exit::Close(close_code::AWAY, "server draining; reconnect"),
+            Err(exit) => exit,
+        }
     }
 
     async fn on_message(&mut self, message: Message) -> Result<(), Exit> {
