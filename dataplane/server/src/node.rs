@@ -32,9 +32,9 @@
 //! that could not deliver to this gateway, `courier_rpc::delivery`) sees it at its next
 //! renewal, by the lease it finds shorter than the one it wrote, takes it for a lapse (a
 //! gateway tells its connections to reconnect, and answers not ready for
-//! [`ENDED_LEASE_HOLD_DOWN`], so that they go elsewhere) and registers again. Every node serves the admin API (`admin.rs`) on its
-//! internal port. A cluster node needs a store it shares with the others, its own `--node-id`,
-//! and the cluster token.
+//! [`ENDED_LEASE_HOLD_DOWN`], so that they go elsewhere) and registers again. Every node
+//! serves the admin API (`admin.rs`) on its internal port. A cluster node needs a store it
+//! shares with the others, its own `--node-id`, and the cluster token.
 
 use crate::admin::AdminService;
 use crate::config::{DRAIN_TAIL, ServeConfig, StoreKind, same_port};
@@ -591,9 +591,9 @@ pub struct Registered {
 
 /// Renews `registered` every third of its lease, in a loop of `loops`, with the connections
 /// `metrics` count (none without); tells `notices` when a renewal found the record had
-/// lapsed, or ended by another node, meanwhile; exits the process if another process took the id then (two processes
-/// must never serve as one node); and forgets dead nodes once a lease. Once `leaving` is set,
-/// the record ends at once and is renewed no more.
+/// lapsed, or ended by another node, meanwhile; exits the process if another process took
+/// the id then (two processes must never serve as one node); and forgets dead nodes once a
+/// lease. Once `leaving` is set, the record ends at once and is renewed no more.
 pub fn keep_registration(
     loops: &BackgroundLoops,
     registered: Registered,
