@@ -575,13 +575,20 @@ impl LoggingServer {
             .args(["--min-free-disk", "0", "--media-min-free-disk", "0"])
             .args(extra)
             .env("RUST_LOG", "info")
-            .env_remove("COURIER_LOG_FORMAT")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+            .env_remove("COURIER_LOG_FORMAT");
         if let Some(format) = env_format {
             command.env("COURIER_LOG_FORMAT", format);
         }
-        let mut child = command.spawn().unwrap();
+        LoggingServer::spawn(command, dir)
+    }
+
+    /// Runs `command` (a `courier serve` in `dir`) with its standard error piped.
+    fn spawn(mut command: Command, dir: tempfile::TempDir) -> LoggingServer {
+        let mut child = command
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
         let stderr = child.stderr.take().unwrap();
         let (tx, lines) = mpsc::channel();
         std::thread::spawn(move || {
@@ -738,4 +745,73 @@ fn log_format_auto_is_json_into_a_pipe_and_the_environment_can_ask_for_text() {
         !ready.contains('\u{1b}'),
         "no colour codes into a pipe: {ready:?}"
     );
+}
+
+/// `courier serve --config FILE` alone takes its flags from the file (here where it listens and
+/// its data directory) and is ready there; a flag's environment variable wins over the file.
+#[test]
+fn serve_takes_its_flags_from_a_config_file_and_the_environment_wins() {
+    let dir = tempfile::tempdir().unwrap();
+    let (from_file, from_env) = (dir.path().join("from-file"), dir.path().join("from-env"));
+    let config = dir.path().join("courier.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "# courier serve\nlisten = \"127.0.0.1:0\"\ndata-dir = {:?}\n\
+             min-free-disk = \"0\"\nmedia-min-free-disk = 0\n",
+            from_file.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let serve = |env_data_dir: Option<&std::path::Path>| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_courier"));
+        command
+            .arg("serve")
+            .arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "info")
+            .env_remove("COURIER_LISTEN")
+            .env_remove("COURIER_DATA_DIR");
+        if let Some(data_dir) = env_data_dir {
+            command.env("COURIER_DATA_DIR", data_dir);
+        }
+        LoggingServer::spawn(command, tempfile::tempdir().unwrap())
+    };
+
+    let server = serve(None);
+    let lines = server.until_ready();
+    let ready = support::ready_address(lines.last().unwrap()).unwrap();
+    let ready: std::net::SocketAddr = ready.parse().unwrap();
+    // Not the default's 127.0.0.1:8080: the file's port 0 picked a free one.
+    assert!(ready.ip().is_loopback() && ready.port() != 8080, "{ready}");
+    assert!(from_file.join("jwt-secret").is_file(), "{lines:#?}");
+    let (_, status) = server.terminate();
+    assert!(status.success(), "exit status {status}");
+
+    let server = serve(Some(&from_env));
+    server.until_ready();
+    assert!(from_env.join("jwt-secret").is_file());
+}
+
+/// A configuration file with a key that is no flag of `courier serve` is refused before
+/// anything starts, with clap's exit code, naming the file, the key and the flag meant.
+#[test]
+fn a_config_file_with_an_unknown_key_is_refused_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("courier.toml");
+    std::fs::write(&config, "listen = \"127.0.0.1:0\"\nshard = 4\n").unwrap();
+    let refused = Command::new(env!("CARGO_BIN_EXE_courier"))
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(2), "{refused:?}");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("courier.toml, line 2"), "{stderr}");
+    assert!(stderr.contains("`shard`"), "{stderr}");
+    assert!(stderr.contains("did you mean `shards`"), "{stderr}");
+    assert!(!dir.path().join("data").exists(), "it started");
 }

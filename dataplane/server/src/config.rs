@@ -1,5 +1,6 @@
-//! Configuration of `courier serve`: one typed struct, from flags or `COURIER_*` environment
-//! variables, validated at start-up.
+//! Configuration of `courier serve`: one typed struct, from flags, `COURIER_*` environment
+//! variables and an optional TOML file of flags (`--config`, `config_file.rs`), validated at
+//! start-up.
 
 use crate::store_node::ClusterTokenArgs;
 use clap::{Args, ValueEnum};
@@ -37,8 +38,21 @@ pub enum PublicKeyAlgorithm {
     Rs256,
 }
 
+/// `--config`: a file of the subcommand's flags, read before the flags are parsed
+/// (`config_file.rs`).
+#[derive(Debug, Clone, Args)]
+pub struct ConfigFileArgs {
+    /// A TOML file of this command's flags: `flag-name = value` lines, keys the flags' long
+    /// names (`listen = "0.0.0.0:8080"`, `shards = 1024`, `roles = ["gateway", "chat"]`). A
+    /// flag on the command line or its environment variable wins over the file.
+    #[arg(long, env = "COURIER_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct ServeConfig {
+    #[command(flatten)]
+    pub config_file: ConfigFileArgs,
     /// Address to listen on (port 0 picks a free port; the ready line shows it).
     #[arg(long, env = "COURIER_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,

@@ -15,6 +15,7 @@ mod admin;
 mod cli_admin;
 mod cli_chat;
 mod config;
+mod config_file;
 mod http;
 mod media_api;
 mod media_proxy;
@@ -115,7 +116,8 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    // The flags, with those of a `--config` file.
+    let cli: Cli = config_file::parse();
     let json = init_logging(cli.log_format);
     without_transparent_huge_pages();
     let mut runtime = tokio::runtime::Builder::new_multi_thread();

@@ -3,7 +3,7 @@
 //! for FoundationDB where none runs, never a production store: one process on one disk, no
 //! replication, no failover.
 
-use crate::config::StoreCacheArgs;
+use crate::config::{ConfigFileArgs, StoreCacheArgs};
 use anyhow::Context as _;
 use clap::Args;
 use courier_rpc::{ClusterToken, serve_store_node};
@@ -33,6 +33,8 @@ impl ClusterTokenArgs {
 /// `courier store-node`.
 #[derive(Debug, Args)]
 pub struct StoreNodeArgs {
+    #[command(flatten)]
+    pub config_file: ConfigFileArgs,
     /// Where the store node listens for the cluster's nodes.
     #[arg(long, env = "COURIER_STORE_LISTEN", default_value = "127.0.0.1:7400")]
     pub listen: SocketAddr,
