@@ -306,7 +306,7 @@ fn unknown(command: &Command, name: &str, key: &str) -> String {
         .flat_map(Command::get_arguments)
         .filter_map(Arg::get_long)
         .filter(|long| *long != "help" && *long != CONFIG)
-        .map(|long| (edit_distance(key, long), long))
+        .map(|long| (strsim::levenshtein(key, long), long))
         .min();
     match closest {
         Some((distance, long)) if distance <= 2.max(key.len() / 3) => format!(
@@ -385,24 +385,6 @@ fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
     let line = before.matches('\n').count() + 1;
     let column = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
     (line, column)
-}
-
-/// Levenshtein distance between `a` and `b`, for the closest flag to an unknown key.
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut diagonal = row[0];
-        row[0] = i + 1;
-        for (j, cb) in b.iter().enumerate() {
-            let above = row[j + 1];
-            row[j + 1] = (above + 1)
-                .min(row[j] + 1)
-                .min(diagonal + usize::from(ca != *cb));
-            diagonal = above;
-        }
-    }
-    row[b.len()]
 }
 
 #[cfg(test)]
@@ -677,13 +659,5 @@ mod tests {
         let message = refused(&["serve"], &text);
         assert!(message.contains("line 2: `webhook-secret`"), "{message}");
         assert!(!message.contains(secret), "{message}");
-    }
-
-    #[test]
-    fn edit_distance_counts_the_edits() {
-        assert_eq!(edit_distance("shard", "shards"), 1);
-        assert_eq!(edit_distance("listne", "listen"), 2);
-        assert_eq!(edit_distance("", "abc"), 3);
-        assert_eq!(edit_distance("same", "same"), 0);
     }
 }
