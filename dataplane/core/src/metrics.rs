@@ -106,6 +106,9 @@ pub struct Metrics {
     /// Pages of a shard's outbox read from the store, by reader (`fanout`, `push`); in one
     /// process both take what its commits list instead, once a read reached the outbox's end.
     pub outbox_pages_read: Family<ReaderLabel, Counter>,
+    /// Outbox entries (or whole rows) a reader (`fanout`, `push`) could not decode and passed
+    /// over: their events were neither delivered live nor pushed (`docs/distributed.md`).
+    pub outbox_undecodable_entries: Family<ReaderLabel, Counter>,
     resident_memory: Gauge,
     worker_threads: Gauge,
     /// Threads of the runtime of ordering and delivery (`--ordering-threads`; 0: they run
@@ -191,6 +194,7 @@ impl Metrics {
             media_swept: Counter::default(),
             push_notifications: Family::default(),
             outbox_pages_read: Family::default(),
+            outbox_undecodable_entries: Family::default(),
             resident_memory: Gauge::default(),
             worker_threads: Gauge::default(),
             ordering_threads: Gauge::default(),
@@ -339,6 +343,11 @@ impl Metrics {
             metrics.outbox_pages_read.clone(),
         );
         registry.register(
+            "outbox_undecodable_entries",
+            "Outbox entries a reader could not decode and passed over, by reader",
+            metrics.outbox_undecodable_entries.clone(),
+        );
+        registry.register(
             "process_resident_memory_bytes",
             "Resident memory of this process",
             metrics.resident_memory.clone(),
@@ -448,6 +457,10 @@ mod tests {
         metrics.push_notifications.get_or_create(&outcome).inc();
         let reader = ReaderLabel { reader: "push" };
         metrics.outbox_pages_read.get_or_create(&reader).inc();
+        metrics
+            .outbox_undecodable_entries
+            .get_or_create(&reader)
+            .inc();
         let text = metrics.render();
         let names: Vec<String> = text
             .lines()

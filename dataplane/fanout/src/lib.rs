@@ -64,6 +64,15 @@
 //! (connections have drained by then), and the recorder stops last: it records everything
 //! queued, and ends when the last worker is gone.
 //!
+//! **Entries that do not decode.** An outbox entry, or a whole row, that does not decode
+//! (damage, a sequencer of another version) is passed over: logged at error with its shard and
+//! key, counted (`courier_outbox_undecodable_entries_total{reader="fanout"}`), and the bound
+//! moves past it as past a delivered entry, so the push notifier clears it with the others.
+//! Its events stay in the event log: their recipients miss the live delivery only, and read
+//! them at a later event's gap fill or their next catch-up. Failing the drain instead retried
+//! it for good: the shard delivered nothing more, and past `--outbox-lag-limit` its sends were
+//! refused.
+//!
 //! **Backlog.** `courier_fanout_backlog_events` counts the events of the shards this node
 //! drains that it was told of ([`Fanout::committed`]) and has not yet handed off. Entries left
 //! in an outbox before this node took the shard (a crash between commit and fanout, a previous
@@ -84,7 +93,7 @@ use courier_core::shard_cursors::ShardCursors;
 use courier_proto::Event;
 use courier_store::ownership::Duty;
 use courier_store::{
-    DeliveredBound, ListedEntry, MessageStore, OutboxEntry, ShardLease, StoreError, bound_after,
+    DeliveredBound, ListedEntry, MessageStore, OutboxPage, ShardLease, StoreError, bound_after,
 };
 use foldhash::{HashMap, HashMapExt};
 use std::collections::{BTreeMap, BTreeSet};
@@ -520,13 +529,31 @@ impl Fanout {
 
     /// The next entries of `shard` from `from` on, from its tail if complete (and whether it
     /// holds more); `None` when the outbox must be read, its tail then kept from now on.
-    fn take_tail(&self, shard: u32, from: Option<&[u8]>) -> Option<(Vec<OutboxEntry>, bool)> {
+    fn take_tail(&self, shard: u32, from: Option<&[u8]>) -> Option<OutboxPage<Event>> {
         let (entries, more) = self.tails.take(shard, from, OUTBOX_PAGE)?;
         let taken = entries
             .into_iter()
-            .map(|entry| (entry.key, entry.event))
+            .map(|entry| (entry.key, Ok(entry.event)))
             .collect();
         Some((taken, more))
+    }
+
+    /// An outbox entry (or a whole row) of `shard` under `key` that does not decode: passed
+    /// over, logged and counted. Its events are in the event log; what their recipients miss
+    /// is their live delivery (the push notifier, which reads the same row, passes it over
+    /// too): they get them from the event log, by a later event's gap fill or at their next
+    /// catch-up. Held for it, the shard would deliver nothing more, for good.
+    fn pass_over(&self, shard: u32, key: &[u8], error: &StoreError) {
+        tracing::error!(
+            shard,
+            key = %key.escape_ascii(),
+            %error,
+            "an outbox entry that does not decode is passed over: its events are not delivered live"
+        );
+        self.metrics
+            .outbox_undecodable_entries
+            .get_or_create(&ReaderLabel { reader: "fanout" })
+            .inc();
     }
 
     fn mark(&self, shard: u32) {
@@ -590,12 +617,24 @@ impl Fanout {
             } as i64;
             let now = now_ms();
             let mut batch = Vec::with_capacity(entries.len());
+            // Entries read since the last range handed to the recorder: passed over, or in
+            // `batch`.
+            let mut unhanded = false;
             for (key, event) in entries {
+                let event = match event {
+                    Ok(event) => event,
+                    Err(e) => {
+                        self.pass_over(shard, &key, &e);
+                        unhanded = true;
+                        continue;
+                    }
+                };
                 let lag = now.saturating_sub(event.ts_ms) as f64 / 1000.0;
                 self.metrics.stages.outbox_read.observe(lag);
                 let recipients = self.membership.recipients(&event).await?;
                 if recipients.len() <= self.large_group_threshold {
                     batch.push((event, recipients));
+                    unhanded = true;
                     continue;
                 }
                 // What comes before it first, recorded before it.
@@ -613,9 +652,14 @@ impl Fanout {
                         drained,
                     })
                     .await;
+                unhanded = false;
             }
             if !batch.is_empty() {
                 self.gateways.deliver(batch).await?;
+            }
+            // Entries passed over at the page's end are recorded as the delivered ones are:
+            // else the bound would stay below them until a later event's range.
+            if unhanded {
                 self.hand_off(lease, bound.clone(), handoffs).await;
             }
             self.cursors.set(shard, bound);
@@ -1342,6 +1386,65 @@ mod tests {
         let stored = store.events("d:1", 0, u64::MAX, 2000).await.unwrap();
         let in_order: Vec<String> = stored.into_iter().map(|e| e.server_msg_id).collect();
         assert_eq!(*lock(&gateways.taken), in_order);
+    }
+
+    /// An outbox row that does not decode (here an entry whose event is no event, and a row
+    /// whose framing is damaged, the outbox's last), met in a page read from the store, is
+    /// passed over: logged, counted, and fanout's bound recorded past it, so the shard goes on
+    /// delivering the events after it (the drain failed and was retried for good: the shard
+    /// delivered nothing more, and past `--outbox-lag-limit` its sends were refused).
+    #[tokio::test]
+    async fn an_outbox_row_that_does_not_decode_is_passed_over_and_the_shard_goes_on() {
+        use courier_store::{Batch, KvEngine};
+        let engine = courier_store::faulty_engine::FaultyEngine::new();
+        let store = engine.store(4).await;
+        let shard = store.shard_of("d:1");
+        let lease = sequencing_lease(&store, shard).await;
+        let mut heads = HeadCache::default();
+        let damaged = |value: Vec<u8>| {
+            let mut row = Batch::new();
+            row.set_versionstamped_key(store.keys().outbox_entry(shard, 0), value);
+            row
+        };
+        store
+            .append(lease, &mut heads, &[message("a")])
+            .await
+            .unwrap();
+        engine.commit(damaged(vec![0xff; 3])).await.unwrap();
+        store
+            .append(lease, &mut heads, &[message("b")])
+            .await
+            .unwrap();
+        // The last row: no event after it moves the bound past it.
+        engine.commit(damaged(vec![0, 0xff, 0xff])).await.unwrap();
+        let outbox = store.keys().outbox(shard);
+        let last_row = engine.range(outbox, 1, true).await.unwrap()[0].0.clone();
+
+        let gateways = FlakyGateways::new(&store, 0, 0);
+        let metrics = Arc::new(Metrics::new());
+        let context = context(&store, gateways.clone(), metrics.clone());
+        let fanout = Fanout::new(context, config("local", 1000)).await.unwrap();
+        let loops = BackgroundLoops::new();
+        fanout.start(&loops);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let bound = store.delivered_bounds(&[shard]).await.unwrap().pop();
+            if bound.flatten().is_some_and(|bound| bound > last_row) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the bound did not pass the rows");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let events = store.events("d:1", 0, u64::MAX, 10).await.unwrap();
+        let in_order: Vec<String> = events.into_iter().map(|e| e.server_msg_id).collect();
+        assert_eq!(in_order.len(), 2);
+        assert_eq!(*lock(&gateways.taken), in_order);
+        let passed_over = metrics
+            .outbox_undecodable_entries
+            .get_or_create(&ReaderLabel { reader: "fanout" })
+            .get();
+        assert_eq!(passed_over, 2);
+        assert_eq!(store.outbox_lag(shard, 10).await.unwrap().entries, 0);
     }
 
     #[tokio::test]

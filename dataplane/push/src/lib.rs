@@ -41,7 +41,10 @@
 //! - Clearing (decision 0006): the commit that moves a shard's bound also clears its outbox
 //!   below both the notifier's and fanout's bounds; the notifier is the outbox's only clearer.
 //!   When fanout is behind, what lies between the bounds is cleared at a later round. While
-//!   no notifier runs, the outbox grows behind fanout; sends go on.
+//!   no notifier runs, the outbox grows behind fanout; sends go on. An entry or row that does
+//!   not decode is passed over (logged at error, counted in
+//!   `courier_outbox_undecodable_entries_total{reader="push"}`) and cleared with the others:
+//!   its messages are not pushed, where failing the pass held the shard for good.
 //! - The notifier is one loop owned by the node's [`BackgroundLoops`]. It stops between passes
 //!   (a pass in progress finishes, unless the shutdown deadline aborts it). If it panics it is
 //!   restarted, with every shard marked for expansion again: its state is durable (its bounds
@@ -68,8 +71,8 @@ use courier_core::sequencing::CommitListener;
 use courier_core::{clock::now_ms, shard_cursors::ShardCursors};
 use courier_proto::{Body, EventPayload};
 use courier_store::{
-    EventHeader, ListedEntry, MessageStore, PendingPush, PushRegistrationCounts, PushedBound,
-    StoreError, bound_after, push_registration_slot,
+    EventHeader, ListedEntry, MessageStore, OutboxHeaders, PendingPush, PushRegistrationCounts,
+    PushedBound, StoreError, bound_after, push_registration_slot,
 };
 use foldhash::{HashMap, HashMapExt};
 use futures::{StreamExt, TryStreamExt};
@@ -571,7 +574,7 @@ impl Notifier {
             let from = self.cursors.get(shard);
             match self.tails.take(shard, from.as_deref(), SHARD_PAGE) {
                 Some((kept, more)) => {
-                    let entries = kept.into_iter().map(|kept| (kept.key, kept.header));
+                    let entries = kept.into_iter().map(|kept| (kept.key, Ok(kept.header)));
                     read.push((shard, delivered, from, entries.collect(), more));
                 }
                 None => unread.push((shard, delivered, from)),
@@ -598,16 +601,11 @@ impl Notifier {
                     return expanded;
                 }
             };
-            for ((shard, delivered, from), page) in unread.into_iter().zip(pages) {
-                match page {
-                    Ok((entries, more)) => {
-                        if !more {
-                            self.tails.complete(shard);
-                        }
-                        read.push((shard, delivered, from, entries, more));
-                    }
-                    Err(e) => expanded.failed.push((shard, e)),
+            for ((shard, delivered, from), (entries, more)) in unread.into_iter().zip(pages) {
+                if !more {
+                    self.tails.complete(shard);
                 }
+                read.push((shard, delivered, from, entries, more));
             }
         }
         let mut registrations =
@@ -691,13 +689,16 @@ impl Notifier {
     /// clear), with whether the outbox holds `more` after them, as pending notifications, at
     /// most about `room` of them: the page ends after the message that reaches it (one large
     /// group's devices may go beyond it). Events other than messages notify nobody; the page
-    /// passes over them. The outbox is cleared below the page's end and `delivered`, fanout's
-    /// bound.
+    /// passes over them. An entry (or a whole row) that does not decode is passed over too,
+    /// logged and counted: its messages are not pushed (fanout passes it over as well; the
+    /// recipients read them from the event log at their next catch-up); held for it, the
+    /// shard would push nothing more and its outbox would never be cleared again. The outbox
+    /// is cleared below the page's end and `delivered`, fanout's bound.
     async fn page(
         &self,
         shard: u32,
         from: Option<Vec<u8>>,
-        (entries, mut more): (Vec<(Vec<u8>, EventHeader)>, bool),
+        (entries, mut more): OutboxHeaders,
         delivered: Option<Vec<u8>>,
         room: usize,
         devices: &mut DeviceLookups<'_>,
@@ -718,6 +719,22 @@ impl Notifier {
                 tokio::task::yield_now().await;
             }
             bound = Some(bound_after(&key));
+            let event = match event {
+                Ok(event) => event,
+                Err(error) => {
+                    tracing::error!(
+                        shard,
+                        key = %key.escape_ascii(),
+                        %error,
+                        "an outbox entry that does not decode is passed over: its messages are not pushed"
+                    );
+                    self.metrics
+                        .outbox_undecodable_entries
+                        .get_or_create(&ReaderLabel { reader: "push" })
+                        .inc();
+                    continue;
+                }
+            };
             if !event.is_message() {
                 continue;
             }
@@ -1628,6 +1645,49 @@ mod tests {
             [1],
             "a clear counts nothing again"
         );
+    }
+
+    /// An outbox row that does not decode is passed over, counted, and cleared with the rows
+    /// around it: the messages after it are notified, and the shard is not held for good (its
+    /// expansion failed at every pass: no push for any of its conversations, and its outbox
+    /// never cleared again).
+    #[tokio::test]
+    async fn an_outbox_row_that_does_not_decode_is_passed_over_and_cleared() {
+        let engine = FaultyEngine::new();
+        let store = engine.store(4).await;
+        let members = vec!["ann".to_owned(), "ben".to_owned()];
+        group_with_a_message(&store, "g:1", &members).await;
+        let shard = store.shard_of("g:1");
+        let mut damaged = Batch::new();
+        damaged.set_versionstamped_key(store.keys().outbox_entry(shard, 0), vec![0, 0xff, 0xff]);
+        engine.commit(damaged).await.unwrap();
+        message(&store, "g:1", "ann", "second").await;
+        let notifier = notifier(&store, PushProviders::default(), Duration::from_secs(3600));
+
+        assert!(notifier.expand(vec![shard]).await.failed.is_empty());
+        assert_eq!(counts(&store, "g:1", &members[1..]).await, [2]);
+        let passed_over = notifier
+            .metrics
+            .outbox_undecodable_entries
+            .get_or_create(&ReaderLabel { reader: "push" })
+            .get();
+        assert_eq!(passed_over, 1);
+
+        // Once fanout passed it too, it is cleared with the others.
+        let last = store.last_outbox_key(shard).await.unwrap().unwrap();
+        let lease = store
+            .acquire_shards(Duty::Delivery, "f", &[shard], 1, 0, u64::MAX)
+            .await
+            .unwrap()[0];
+        let bound = bound_after(&last);
+        store
+            .advance_delivered(&[DeliveredBound { lease, bound }])
+            .await
+            .unwrap();
+        notifier.mark_trailing_dirty();
+        assert!(notifier.expand(vec![shard]).await.failed.is_empty());
+        let outbox = store.keys().outbox(shard);
+        assert!(engine.range(outbox, 10, false).await.unwrap().is_empty());
     }
 
     /// A notifier that starts again (another push node, a restart) reads on from the bound in

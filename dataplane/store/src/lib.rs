@@ -51,8 +51,8 @@ pub use message_store::{
     AckBounds, Append, AppendKey, AppendOutcome, AppendRefused, AppendResult, Appended, CLEAR_PAGE,
     ConversationRecord, ConversationRow, DeliveredBound, DeviceRecord, HeadCache, ListedEntry,
     MediaAdmission, MediaRecord, MediaReference, MessageStore, NewConversation, OutboxEntry,
-    OutboxHeaders, PUSH_EXPANSION_BYTES, PendingPush, PushRegistrationCounts, PushedBound,
-    ReadBounds, ShardLease, bound_after, rest_after_clear_page,
+    OutboxHeaders, OutboxPage, PUSH_EXPANSION_BYTES, PendingPush, PushRegistrationCounts,
+    PushedBound, ReadBounds, ShardLease, bound_after, rest_after_clear_page,
 };
 pub use outbox_rows::EventHeader;
 pub use partitions::{PartitionStore, PartitionTable, TableError};

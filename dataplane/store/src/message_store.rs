@@ -456,8 +456,9 @@ pub type AppendResult = Result<AppendOutcome, AppendRefused>;
 pub type OutboxEntry = (Vec<u8>, Event);
 
 /// A page of a shard's outbox as read from the store: its entries' keys, each with its event
-/// as `T` reads it, and whether the outbox holds more after them.
-pub type OutboxPage<T> = (Vec<(Vec<u8>, T)>, bool);
+/// as `T` reads it or why it does not decode ([`StoreError::Corrupt`], see
+/// [`MessageStore::outbox_page`]), and whether the outbox holds more after them.
+pub type OutboxPage<T> = (Vec<(Vec<u8>, Result<T, StoreError>)>, bool);
 
 /// A page of a shard's outbox as [`MessageStore::outbox_headers`] reads it.
 pub type OutboxHeaders = OutboxPage<EventHeader>;
@@ -2633,7 +2634,9 @@ impl MessageStore {
     }
 
     /// The oldest outbox entries of `shard` from `from` on (a bound: the key of an entry, or
-    /// [`bound_after`] the last one taken), at most `limit`.
+    /// [`bound_after`] the last one taken), at most `limit`. An entry that does not decode
+    /// fails the read; a row that does not decode below `from` is passed over, as the readers
+    /// of pages pass it over ([`MessageStore::outbox_page`]).
     pub async fn outbox(
         &self,
         shard: u32,
@@ -2649,6 +2652,13 @@ impl MessageStore {
     /// lists many entries in its row, so a page bounded by its entries alone reads many more
     /// than it takes, and the next page reads the same rows again. A page of one row may make no
     /// progress: the row of `from`'s commit may hold only entries before it.
+    ///
+    /// An entry whose event does not decode (damage, or a writer of another version) is in the
+    /// page with its error, and so is a row that does not decode, as one entry under the
+    /// row's key: the reader passes it over, reporting it, and its bound moves past it
+    /// ([`bound_after`] its key) as past any entry, so the shard is not held for good by one
+    /// value. A row that does not decode below `from` (a reader's bound past its key) was
+    /// passed over already and is not in the page again.
     pub async fn outbox_page(
         &self,
         shard: u32,
@@ -2660,20 +2670,22 @@ impl MessageStore {
         let mut pages = self
             .outbox_pages(&position, (rows, entries), decode_event)
             .await?;
-        pages.pop().expect("one page per position")
+        pages
+            .pop()
+            .ok_or_else(|| StoreError::Engine("an outbox read answered no page".into()))
     }
 
     /// [`MessageStore::outbox_page`] of each of `positions` (a shard and where to read it
     /// from), each entry's event read as its [`EventHeader`] only, for readers that never look
     /// at bodies (the push notifier): every shard's page with one read (one call on a store
-    /// node). A shard whose rows cannot be read as entries gets its error; the others their
-    /// pages.
+    /// node). An entry or row that does not decode is in its shard's page with its error, as
+    /// in [`MessageStore::outbox_page`].
     pub async fn outbox_headers(
         &self,
         positions: &[(u32, Option<Vec<u8>>)],
         rows: usize,
         entries: usize,
-    ) -> Result<Vec<Result<OutboxHeaders, StoreError>>, StoreError> {
+    ) -> Result<Vec<OutboxHeaders>, StoreError> {
         self.outbox_pages(positions, (rows, entries), EventHeader::decode_stored)
             .await
     }
@@ -2683,7 +2695,7 @@ impl MessageStore {
         positions: &[(u32, Option<Vec<u8>>)],
         (rows, entries): (usize, usize),
         decode: impl Fn(&[u8], &[u8]) -> Result<T, StoreError>,
-    ) -> Result<Vec<Result<OutboxPage<T>, StoreError>>, StoreError> {
+    ) -> Result<Vec<OutboxPage<T>>, StoreError> {
         let ranges = positions
             .iter()
             .map(|(shard, from)| self.outbox_rows_from(*shard, from.as_deref()))
@@ -2692,9 +2704,9 @@ impl MessageStore {
         let taken = positions.iter().zip(pages).map(|((_, from), page)| {
             let mut taken = Vec::new();
             let rows_after =
-                take_entries(&page, from.as_deref(), (rows, entries), &decode, &mut taken)?;
+                take_entries(&page, from.as_deref(), (rows, entries), &decode, &mut taken);
             let more = rows_after || taken.len() == entries;
-            Ok((taken, more))
+            (taken, more)
         });
         Ok(taken.collect())
     }
@@ -2722,21 +2734,28 @@ impl MessageStore {
         let mut entries = Vec::new();
         loop {
             let page = self.kv.range(rows.clone(), limit, false).await?;
-            let read_on = take_entries(&page, from, (limit, limit), &decode, &mut entries)?;
+            let read_on = take_entries(&page, from, (limit, limit), &decode, &mut entries);
             match page.last() {
                 Some((last, _)) if read_on => rows.start = bound_after(last),
-                _ => return Ok(entries),
+                _ => {
+                    return entries
+                        .into_iter()
+                        .map(|(key, event)| Ok((key, event?)))
+                        .collect();
+                }
             }
         }
     }
 
-    /// The newest outbox key of `shard`, if its outbox holds any entry.
+    /// The newest outbox key of `shard`, if its outbox holds any entry: of a last row that
+    /// does not decode, the row's own key (its entries cannot be counted; the readers pass
+    /// it over as one entry under that key, see [`MessageStore::outbox_page`]).
     pub async fn last_outbox_key(&self, shard: u32) -> Result<Option<Vec<u8>>, StoreError> {
         let rows = self.kv.range(self.keys.outbox(shard), 1, true).await?;
-        rows.into_iter()
+        Ok(rows
+            .into_iter()
             .next()
-            .map(|(key, value)| outbox_rows::last_entry_key(&key, &value))
-            .transpose()
+            .map(|(key, value)| outbox_rows::last_entry_key(&key, &value).unwrap_or(key)))
     }
 
     /// Records fanout's progress in each shard's outbox (`bound` only moves up), in one
@@ -2792,35 +2811,44 @@ impl MessageStore {
     }
 }
 
-/// The part of a queue of versionstamped keys from `bound` on (the consumer's bound: new
-/// entries always sort after it, and starting there, reads do not walk over the entries
-/// already cleared, which an LSM keeps as tombstones until compaction).
 /// Adds to `entries` those of the outbox rows of `page` (a read of at most `rows` rows) from
-/// `from` on, each decoded by `decode`, until `entries` holds `limit`. Returns whether the rows
-/// after the page must be read too: the page was full (of `rows` rows) and `entries` is not.
+/// `from` on, each decoded by `decode` (or with why it does not), until `entries` holds
+/// `limit`. A row that does not decode is one entry under its key, with its error; below `from`
+/// it is passed over (a reader's bound passes a row's key only once it read that row: it
+/// reported it then). Returns whether the rows after the page must be read too: the page was
+/// full (of `rows` rows) and `entries` is not.
 fn take_entries<T>(
     page: &[KeyValue],
     from: Option<&[u8]>,
     (rows, limit): (usize, usize),
     decode: &impl Fn(&[u8], &[u8]) -> Result<T, StoreError>,
-    entries: &mut Vec<(Vec<u8>, T)>,
-) -> Result<bool, StoreError> {
+    entries: &mut Vec<(Vec<u8>, Result<T, StoreError>)>,
+) -> bool {
     for (key, value) in page {
-        let from_here = outbox_rows::stored_entries(key, value)?
-            .into_iter()
-            .filter(|(entry, _)| from.is_none_or(|from| entry.as_slice() >= from))
-            .take(limit - entries.len());
-        for (entry, event) in from_here {
-            let event = decode(&entry, event)?;
-            entries.push((entry, event));
+        match outbox_rows::stored_entries(key, value) {
+            Ok(stored) => {
+                let from_here = stored
+                    .into_iter()
+                    .filter(|(entry, _)| from.is_none_or(|from| entry.as_slice() >= from))
+                    .take(limit - entries.len());
+                for (entry, event) in from_here {
+                    let event = decode(&entry, event);
+                    entries.push((entry, event));
+                }
+            }
+            Err(_) if from.is_some_and(|from| key.as_slice() < from) => {}
+            Err(e) => entries.push((key.clone(), Err(e))),
         }
         if entries.len() == limit {
-            return Ok(false);
+            return false;
         }
     }
-    Ok(!page.is_empty() && page.len() == rows)
+    !page.is_empty() && page.len() == rows
 }
 
+/// The part of a queue of versionstamped keys from `bound` on (the consumer's bound: new
+/// entries always sort after it, and starting there, reads do not walk over the entries
+/// already cleared, which an LSM keeps as tombstones until compaction).
 fn queue_from(queue: Range<Vec<u8>>, bound: Option<&[u8]>) -> Range<Vec<u8>> {
     match bound {
         Some(bound) => bound.to_vec().max(queue.start)..queue.end,
@@ -3824,13 +3852,13 @@ mod tests {
             .outbox_headers(&[position], 10, 10)
             .await
             .unwrap()
-            .remove(0)
-            .unwrap();
+            .remove(0);
         assert!(!more);
         assert_eq!(
             headers
                 .iter()
-                .map(|(k, h)| (k.as_slice(), h.seq, h.is_message()))
+                .map(|(k, h)| (k.as_slice(), h.as_ref().unwrap()))
+                .map(|(k, h)| (k, h.seq, h.is_message()))
                 .collect::<Vec<_>>(),
             [
                 (read[1].0.as_slice(), 2, true),
@@ -3845,9 +3873,9 @@ mod tests {
                     .outbox_headers(&[(shard, None)], rows, entries)
                     .await
                     .unwrap()
-                    .remove(0)
-                    .unwrap();
-                (headers.iter().map(|(_, h)| h.seq).collect::<Vec<_>>(), more)
+                    .remove(0);
+                let seqs = headers.iter().map(|(_, h)| h.as_ref().unwrap().seq);
+                (seqs.collect::<Vec<_>>(), more)
             }
         };
         assert_eq!(page(2, 10).await, (vec![1, 2, 3], false));
@@ -3984,10 +4012,11 @@ mod tests {
         assert_eq!(store.outbox(shard, None, 10).await.unwrap(), read[1..]);
     }
 
-    /// The headers of several shards' outboxes come with one read; a shard whose row cannot be
-    /// read gets its error, the others their entries.
+    /// The headers of several shards' outboxes come with one read; a row that cannot be read
+    /// is one entry of its shard's page, with its error, after the entries before it; read
+    /// from past its key, it is passed over.
     #[tokio::test]
-    async fn the_outbox_headers_of_several_shards_are_one_read_and_a_damaged_row_fails_only_its_shard()
+    async fn the_outbox_headers_of_several_shards_are_one_read_and_a_damaged_row_is_an_entry_in_error()
      {
         let engine = crate::faulty_engine::FaultyEngine::new();
         let store = engine.store(64).await;
@@ -4026,15 +4055,28 @@ mod tests {
             1,
             "one read for the three shards"
         );
-        for (conv, page) in convs.iter().zip(&read).take(2) {
-            let (headers, _) = page.as_ref().unwrap();
-            let read: Vec<(&str, u64)> = headers
+        for (conv, (headers, _)) in convs.iter().zip(&read) {
+            let decoded: Vec<(&str, u64)> = headers
                 .iter()
-                .map(|(_, h)| (h.conversation_id.as_str(), h.seq))
+                .filter_map(|(_, h)| h.as_ref().ok())
+                .map(|h| (h.conversation_id.as_str(), h.seq))
                 .collect();
-            assert_eq!(read, [(conv.as_str(), 1)]);
+            assert_eq!(decoded, [(conv.as_str(), 1)]);
         }
-        assert!(read[2].is_err(), "the damaged row's shard: {:?}", read[2]);
+        let (damaged_page, _) = &read[2];
+        assert_eq!(damaged_page.len(), 2, "{damaged_page:?}");
+        let (row_key, error) = &damaged_page[1];
+        assert!(
+            matches!(error, Err(StoreError::Corrupt { key, .. }) if key == row_key),
+            "{error:?}"
+        );
+        let past = vec![(damaged, Some(bound_after(row_key)))];
+        let (after, more) = store.outbox_headers(&past, 10, 10).await.unwrap().remove(0);
+        assert!(after.is_empty() && !more, "{after:?}");
+        assert_eq!(
+            store.last_outbox_key(damaged).await.unwrap().as_ref(),
+            Some(row_key)
+        );
     }
 
     /// The counts of push registrations move with every change that begins or ends one (in
