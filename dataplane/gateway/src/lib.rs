@@ -60,10 +60,10 @@ use courier_core::loops::BackgroundLoops;
 use courier_core::metrics::{CodeLabel, Metrics, ScopeLabel};
 use courier_core::sequencing::SequencerError;
 use courier_proto::{
-    Ack, ClientFrame, Encoding, ErrorFrame, Event, Hello, Messages, Pong, Reconnect, Sent,
-    ServerFrame, SyncDone, Trimmed,
+    Ack, ClientFrame, Encoding, ErrorCode, ErrorFrame, Event, Hello, Messages, Pong, Reconnect,
+    Sent, ServerFrame, SyncDone, Trimmed,
 };
-use courier_store::{AppendOutcome, MessageStore, StoreError};
+use courier_store::{AppendOutcome, MessageStore, StoreError, UndecodableEvent};
 use futures::future::{BoxFuture, Either};
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, SinkExt, StreamExt};
@@ -1085,8 +1085,10 @@ impl Connection {
         if self.upto.get(conv).is_none_or(|upto| event.seq - 1 > upto) {
             Box::pin(self.fill(conv, event.seq - 1)).await?;
         }
-        // `fill` recorded how far the connection is in `conv`.
-        if event.seq <= self.upto.get(conv).unwrap_or(0) {
+        // `fill` recorded how far the connection is in `conv`: past the event, or before an
+        // event it could not decode and told the client of, which nothing passes.
+        let upto = self.upto.get(conv).unwrap_or(0);
+        if event.seq <= upto || event.seq - 1 > upto {
             return Ok(());
         }
         self.upto.wrote(conv.as_str(), event.seq);
@@ -1132,6 +1134,14 @@ impl Connection {
     /// retention cleared some of those it asks for; `own` also includes the device's own sends
     /// (a catch-up does, a gap fill does not: the device had `sent` for them,
     /// [`Connection::is_own`]). Events it may not read are skipped without being read.
+    ///
+    /// An event this node cannot decode (damage, or a kind only a newer node knows, in a
+    /// rolling upgrade) stops the range there: the events before it are written, then an
+    /// `internal` error naming the conversation and the seq, and the connection's place stays
+    /// before it, so neither this range nor a later gap fill or live event writes past it
+    /// (the device's cursor, moved by its acks, never passes an event it did not get). The
+    /// connection stays open and a catch-up goes on with the other conversations: failing it
+    /// whole locked the user out of every conversation at every reconnect.
     async fn stream_events(&mut self, range: &CatchUp, own: bool) -> Result<(), Exit> {
         let store = self.gateway.store.clone();
         let conv = &range.conversation_id;
@@ -1145,28 +1155,62 @@ impl Connection {
         for (mut after, through) in range.visible.ranges(range.from, range.head) {
             while after < through {
                 let limit = CATCH_UP_PAGE.min((through - after) as usize);
-                let step = store.events_within(conv, after, through, limit, CATCH_UP_STEP_BYTES);
-                let events = match step.await {
-                    Ok(events) => events,
+                let step = store.events_within_until_undecodable(
+                    conv,
+                    after,
+                    through,
+                    limit,
+                    CATCH_UP_STEP_BYTES,
+                );
+                let (events, undecodable) = match step.await {
+                    Ok(step) => step,
                     Err(e) => {
                         self.write_error(None, None, e.into()).await?;
                         return Err(Exit::Close(close_code::ERROR, "storage error; reconnect"));
                     }
                 };
-                let Some(last) = events.last().map(|e| e.seq) else {
-                    break;
-                };
+                let last = events.last().map(|e| e.seq);
                 for event in events {
                     self.told_to_close()?;
                     if own || !self.is_own(&event) {
                         self.write(ServerFrame::Event(event)).await?;
                     }
                 }
+                if let Some(undecodable) = undecodable {
+                    return self.stopped_at(conv, undecodable).await;
+                }
+                let Some(last) = last else {
+                    break;
+                };
                 after = last;
             }
         }
         self.upto.wrote(conv.as_str(), range.head);
         Ok(())
+    }
+
+    /// Stops the writing of `conv` before its event that does not decode (see
+    /// [`Connection::stream_events`]): the connection's place is the seq before it, and the
+    /// client is told `internal`, with the conversation and the seq.
+    async fn stopped_at(&mut self, conv: &str, undecodable: UndecodableEvent) -> Result<(), Exit> {
+        let UndecodableEvent { seq, error } = undecodable;
+        tracing::error!(
+            conversation = conv,
+            seq,
+            %error,
+            "a stored event this node cannot decode: its conversation is written to the client up to it only"
+        );
+        self.upto.wrote(conv, seq.saturating_sub(1));
+        let reason = match error {
+            StoreError::Corrupt { reason, .. } => reason,
+            other => other.to_string(),
+        };
+        let message = format!(
+            "internal error: the event at seq {seq} of conversation {conv} cannot be read by this \
+             server ({reason}); nothing of that conversation after it is sent"
+        );
+        self.write_error(None, None, ApiError::new(ErrorCode::Internal, message))
+            .await
     }
 
     /// Ends the connection if it was told to close or to reconnect: looked at between the

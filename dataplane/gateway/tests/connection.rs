@@ -250,6 +250,17 @@ async fn a_pass_over_the_connections_records_their_devices_as_seen() {
 
 /// Appends messages `from..to` from alice to bob in `conv`, through a lease the test takes.
 async fn messages_to_bob(store: &MessageStore, conv: &str, ids: std::ops::Range<usize>) {
+    messages_from(store, ("alice", "bob"), conv, ids).await;
+}
+
+/// Appends messages `from..to` from `sender` to `recipient` in their direct conversation
+/// `conv`, through a lease the test takes.
+async fn messages_from(
+    store: &MessageStore,
+    (sender, recipient): (&str, &str),
+    conv: &str,
+    ids: std::ops::Range<usize>,
+) {
     let shard = store.shard_of(conv);
     let leases = store
         .acquire_shards(Duty::Sequencing, "test", &[shard], usize::MAX, 0, u64::MAX)
@@ -257,15 +268,15 @@ async fn messages_to_bob(store: &MessageStore, conv: &str, ids: std::ops::Range<
         .unwrap();
     let mut heads = HeadCache::default();
     for i in ids {
-        let sender = Sender {
-            user: "alice".into(),
+        let author = Sender {
+            user: sender.into(),
             device: "p".into(),
         };
         let append = Append {
-            create: Some(NewConversation::direct("alice", "bob")),
+            create: Some(NewConversation::direct(sender, recipient)),
             ..Append::message(
                 conv.into(),
-                sender,
+                author,
                 format!("m{i}"),
                 Body::Text("hi".into()),
                 None,
@@ -295,7 +306,7 @@ async fn next_seqs(client: &mut Client, count: usize) -> Vec<u64> {
 /// is not skipped: the connections of its recipients read it from the store, in its place
 /// among the events delivered around it, or alone when none follows; one whose place is
 /// unknown tells them to reconnect (their catch-up reads it). A stored event this node cannot
-/// decode either fails the catch-up that meets it with `internal`, at each connection: an
+/// decode either stops its conversation's catch-up with `internal`, at each connection: an
 /// error the client sees, never a silent stall.
 #[tokio::test]
 async fn an_event_the_gateway_could_not_decode_is_read_from_the_store_in_its_place() {
@@ -349,7 +360,7 @@ async fn an_event_the_gateway_could_not_decode_is_read_from_the_store_in_its_pla
     let mut bob = Client::connect(&url, "bob:phone", Encoding::Json)
         .await
         .unwrap();
-    // The catch-up's step that holds it fails whole: told, not stalled.
+    // Its conversation's catch-up stops there: told, not stalled.
     loop {
         match bob.next_frame_within(WAIT).await.unwrap() {
             ServerFrame::Event(event) => assert!(event.seq < 5, "{event:?}"),
@@ -552,4 +563,96 @@ async fn an_ack_is_committed_while_its_connection_waits_on_a_client_that_stopped
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     drop(alice);
+}
+
+/// A stored event the gateway cannot decode (a kind only a newer node knows) stops its own
+/// conversation's catch-up there, not the connection's: the events before it are sent, the
+/// client is told `internal` naming the conversation and the seq, none after it is sent (the
+/// device's cursor never passes an event it did not get), and the catch-up goes on with the
+/// user's other conversations, then `sync_done`; the connection stays open. A live event past
+/// it is not written either: its gap fill meets the same event and tells the client again.
+/// The whole catch-up failed and the connection closed, at every reconnect: one event locked
+/// the user out of every conversation.
+#[tokio::test]
+async fn an_event_the_gateway_cannot_decode_stops_its_conversations_catch_up_only() {
+    let engine = FaultyEngine::new();
+    let store = engine.store(4).await;
+    let gateway = gateway(store.clone(), Arc::new(HeldSequencer::default()));
+    let url = serve(gateway.clone()).await;
+    let (damaged, other) = ("d:alice:bob", "d:bob:carol");
+    messages_to_bob(&store, damaged, 0..6).await;
+    messages_from(&store, ("carol", "bob"), other, 0..2).await;
+    let events = store
+        .events_within(damaged, 0, 6, 10, usize::MAX)
+        .await
+        .unwrap();
+    let mut newer = pb::Event::from(events[3].clone());
+    newer.kind = "reaction".into();
+    let mut batch = Batch::new();
+    batch.set(store.keys().event(damaged, 4), newer.encode_to_vec());
+    engine.commit(batch).await.unwrap();
+
+    let mut bob = Client::connect(&url, "bob:phone", Encoding::Json)
+        .await
+        .unwrap();
+    let mut read = Vec::new();
+    let mut errors = Vec::new();
+    loop {
+        match bob.next_frame_within(WAIT).await.unwrap() {
+            ServerFrame::Event(event) => read.push((event.conversation_id, event.seq)),
+            ServerFrame::Error(error) => errors.push((read.len(), error)),
+            ServerFrame::SyncDone(_) => break,
+            other => panic!("expected events, an error and sync_done, got {other:?}"),
+        }
+    }
+    let seqs_of = |conv: &str| -> Vec<u64> {
+        let of_conv = read.iter().filter(|(c, _)| c == conv);
+        of_conv.map(|(_, seq)| *seq).collect()
+    };
+    assert_eq!(seqs_of(damaged), [1, 2, 3], "none past the undecodable one");
+    assert_eq!(seqs_of(other), [1, 2], "the other conversation goes on");
+    let [(at, error)] = &errors[..] else {
+        panic!("expected one error: {errors:?}");
+    };
+    assert_eq!(error.code, ErrorCode::Internal);
+    assert!(
+        error.message.contains(damaged) && error.message.contains("seq 4"),
+        "{error:?}"
+    );
+    let third = read.iter().position(|r| *r == (damaged.to_owned(), 3));
+    assert_eq!(
+        third.map(|i| i + 1),
+        Some(*at),
+        "told after the events before it"
+    );
+    bob.ping().await.unwrap();
+
+    // A live event past it: its gap fill stops at the same event, and it is not written.
+    let bob_only = Arc::new(vec!["bob".to_owned()]);
+    gateway
+        .routes
+        .deliver(vec![(events[5].clone(), bob_only)])
+        .await
+        .unwrap();
+    match bob.next_frame_within(WAIT).await.unwrap() {
+        ServerFrame::Error(error) => assert_eq!(error.code, ErrorCode::Internal),
+        other => panic!("expected an internal error, got {other:?}"),
+    }
+    bob.ping().await.unwrap();
+    match bob.fetch(damaged, 0, None).await {
+        Err(courier_client::ClientError::Server(error)) => {
+            assert_eq!(error.code, ErrorCode::Internal)
+        }
+        other => panic!("expected an internal error, got {other:?}"),
+    }
+    let fetched = bob.fetch(other, 0, None).await.unwrap();
+    assert_eq!(fetched.events.len(), 2);
+    bob.ping().await.unwrap();
+    assert!(
+        matches!(
+            bob.next_frame_within(Duration::ZERO).await,
+            Err(courier_client::ClientError::Timeout(_))
+        ),
+        "nothing else was written"
+    );
 }

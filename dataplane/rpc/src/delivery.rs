@@ -8,7 +8,8 @@
 //!   ([`Gateways::missed`]): their connections read it from the store by its conversation
 //!   and seq (or, when even those do not decode, reconnect and catch up), logged as a
 //!   warning. A connection whose read of the store cannot decode it either is told `internal`
-//!   and closed (1011), as for any stored event that does not decode: never a silent stall.
+//!   (naming the conversation and the seq) and writes nothing of that conversation past it,
+//!   as for any stored event that does not decode: never a silent stall, never a gap.
 //! - [`ClusterGateways`]: the [`Gateways`] every node of a cluster uses. It resolves the
 //!   recipients' devices to gateway nodes through the route registry in the store
 //!   (`courier_store::routes`) and sends **one batch per gateway**; the devices on this node's

@@ -455,6 +455,14 @@ pub type AppendResult = Result<AppendOutcome, AppendRefused>;
 /// An entry of a shard's outbox: its key and its event.
 pub type OutboxEntry = (Vec<u8>, Event);
 
+/// A stored event of a conversation that does not decode (damage, or a kind only a node of
+/// a newer version knows): its seq, and why.
+#[derive(Debug, Clone)]
+pub struct UndecodableEvent {
+    pub seq: u64,
+    pub error: StoreError,
+}
+
 /// A page of a shard's outbox as read from the store: its entries' keys, each with its event
 /// as `T` reads it or why it does not decode ([`StoreError::Corrupt`], see
 /// [`MessageStore::outbox_page`]), and whether the outbox holds more after them.
@@ -2364,21 +2372,46 @@ impl MessageStore {
         limit: usize,
         max_bytes: usize,
     ) -> Result<Vec<Event>, StoreError> {
+        let step = self.events_within_until_undecodable(conv, after_seq, through, limit, max_bytes);
+        match step.await? {
+            (events, None) => Ok(events),
+            (_, Some(undecodable)) => Err(undecodable.error),
+        }
+    }
+
+    /// [`MessageStore::events_within`] for a reader that sends on what it read before an
+    /// event that does not decode (a connection's catch-up): the events before it, and that
+    /// event, if one was met. The events after it are not decoded: a reader that passed over
+    /// it would lose its place in the conversation's order.
+    pub async fn events_within_until_undecodable(
+        &self,
+        conv: &str,
+        after_seq: u64,
+        through: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<(Vec<Event>, Option<UndecodableEvent>), StoreError> {
         let range = self
             .keys
             .events(conv, after_seq.saturating_add(1), through.saturating_add(1));
         let mut bytes = 0usize;
-        self.kv
-            .range(range, limit, false)
-            .await?
-            .into_iter()
-            .enumerate()
-            .take_while(|(i, (_, value))| {
-                bytes = bytes.saturating_add(value.len());
-                *i == 0 || bytes <= max_bytes
-            })
-            .map(|(_, (key, value))| decode_event(&key, &value))
-            .collect()
+        let rows = self.kv.range(range, limit, false).await?;
+        let mut events = Vec::with_capacity(rows.len());
+        for (i, (key, value)) in rows.into_iter().enumerate() {
+            bytes = bytes.saturating_add(value.len());
+            if i > 0 && bytes > max_bytes {
+                break;
+            }
+            match decode_event(&key, &value) {
+                Ok(event) => events.push(event),
+                Err(error) => {
+                    let next = events.last().map_or(after_seq, |e: &Event| e.seq) + 1;
+                    let seq = self.keys.event_parts(&key).map_or(next, |(_, seq)| seq);
+                    return Ok((events, Some(UndecodableEvent { seq, error })));
+                }
+            }
+        }
+        Ok((events, None))
     }
 
     /// The stored record of `conv`, if it exists.
