@@ -13,7 +13,9 @@
 //! answer ([`SequencerError`] kept by type), which the gateway maps as it maps an in-process one.
 //! A request the chat node cannot decode (a gateway node of another version) is refused the
 //! same way, as `internal`: never a failed call, which the gateway would try on every chat
-//! node and then tell the client `unavailable`.
+//! node and then tell the client `unavailable`. Likewise an answer the gateway cannot decode
+//! (an event of a page, a membership record, a send answered out of order or with a step it
+//! does not know): final `internal`, logged, not tried on another chat node.
 //!
 //! **Order.** A send (or delete) is a server stream: its first message says the chat node
 //! queued the append with the sequencer, the second is the sequencer's answer. The gateway
@@ -142,10 +144,25 @@ fn encode_event(event: Event) -> Vec<u8> {
     pb::Event::from(event).encode_to_vec()
 }
 
-fn decode_event(bytes: &[u8]) -> Result<Event, Status> {
+/// An answer of a chat node that this gateway node cannot decode (a chat node of another
+/// version, or damage in transit): final, `internal` saying what did not decode, as the chat
+/// node's refusal of a request it cannot decode ([`undecodable`]). Not a failed call: the
+/// gateway would try it on every chat node, each answering the same, then tell the client
+/// `unavailable`, which it would retry (a `fetch`, a catch-up, a send) for ever. Logged.
+fn undecodable_answer(what: impl std::fmt::Display) -> ApiError {
+    tracing::error!(%what, "a chat node's answer this gateway node cannot decode; the client is told internal");
+    ApiError::new(
+        ErrorCode::Internal,
+        format!(
+            "internal error, retrying will not help: the gateway node could not decode a chat node's answer: {what}"
+        ),
+    )
+}
+
+fn decode_event(bytes: &[u8]) -> Result<Event, ApiError> {
     let event = pb::Event::decode(bytes)
-        .map_err(|e| Status::internal(format!("undecodable event from a chat node: {e}")))?;
-    Event::try_from(event).map_err(|e| Status::internal(format!("invalid event: {e}")))
+        .map_err(|e| undecodable_answer(format!("an event of a page: {e}")))?;
+    Event::try_from(event).map_err(|e| undecodable_answer(format!("an event of a page: {e}")))
 }
 
 fn visibility_to_proto(visible: &Visibility) -> Vec<SeqPeriod> {
@@ -518,14 +535,20 @@ impl RemoteChat {
             match stream.message().await? {
                 Some(SendProgress {
                     step: Some(send_progress::Step::Accepted(id)),
-                }) => Ok((id, stream)),
-                _ => Err(Status::internal("a chat node answered a send out of order")),
+                }) => Ok(Ok((id, stream))),
+                // The same answer from every chat node of that version: final.
+                Some(_) => Ok(Err(undecodable_answer(
+                    "a send answered out of order (not `accepted` first)",
+                ))),
+                None => Err(Status::internal(
+                    "a chat node ended a send without an answer",
+                )),
             }
         };
         let (id, mut stream) = match tokio::time::timeout(CALL_TIMEOUT, accepted).await {
             Ok(result) => match attempt(result)? {
-                Ok(accepted) => accepted,
-                Err(refusal) => return Ok(Err(refusal)),
+                Ok(Ok(accepted)) => accepted,
+                Ok(Err(refusal)) | Err(refusal) => return Ok(Err(refusal)),
             },
             Err(_) => return Err(Status::deadline_exceeded("the chat node did not answer")),
         };
@@ -534,6 +557,16 @@ impl RemoteChat {
                 Ok(Some(SendProgress {
                     step: Some(send_progress::Step::Answer(answer)),
                 })) => outcome(answer.result),
+                // An answer this node cannot read: the outcome is unknown, but a retry (with
+                // the same `client_msg_id`) would be answered the same way, for ever. The
+                // client is told `internal`; if the message was stored, its catch-up has it.
+                Ok(Some(_)) => {
+                    let reason = "the gateway node could not decode a chat node's answer to a \
+                                  send it had accepted (a step it does not know); the message \
+                                  may have been stored";
+                    tracing::error!(%reason, "a send's answer this gateway node cannot decode; the client is told internal");
+                    Err(SequencerError::Store(StoreError::Invalid(reason.into())))
+                }
                 // The node died or the connection broke after it queued the append.
                 _ => Err(SequencerError::Store(StoreError::MaybeCommitted)),
             }
@@ -564,7 +597,8 @@ impl RemoteChat {
             after_seq,
             limit,
         });
-        let answer = self.client.clone().fetch(request).await.and_then(|page| {
+        let answer = attempt(self.client.clone().fetch(request).await)?;
+        Ok(answer.and_then(|page| {
             let page = page.into_inner();
             Ok(Page {
                 events: page
@@ -575,8 +609,7 @@ impl RemoteChat {
                 head_seq: page.head_seq,
                 trimmed: page.trimmed,
             })
-        });
-        attempt(answer)
+        }))
     }
 
     pub async fn readable(&self, conv: &str, user: &str) -> Attempt<Readable> {
@@ -584,18 +617,17 @@ impl RemoteChat {
             conversation_id: conv.to_owned(),
             user: user.to_owned(),
         });
-        let answer = self.client.clone().readable(request).await.and_then(|r| {
+        let answer = attempt(self.client.clone().readable(request).await)?;
+        Ok(answer.and_then(|r| {
             let r = r.into_inner();
-            let record = MemberRecord::decode(r.member_record.as_slice()).map_err(|e| {
-                Status::internal(format!("undecodable membership from a chat node: {e}"))
-            })?;
+            let record = MemberRecord::decode(r.member_record.as_slice())
+                .map_err(|e| undecodable_answer(format!("a membership record: {e}")))?;
             Ok(Readable {
                 record,
                 history_on_join: r.history_on_join,
                 floor: r.floor,
             })
-        });
-        attempt(answer)
+        }))
     }
 
     pub async fn catch_up_plan(

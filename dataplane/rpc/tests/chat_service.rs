@@ -421,3 +421,202 @@ async fn a_request_the_chat_node_cannot_decode_is_refused_for_good() {
         assert!(told.message.contains(says), "{told:?}");
     }
 }
+
+/// A chat node of a newer version, as a gateway node of this one reads it: a send answered
+/// with a step this node does not know (first, or after it was accepted), a page whose event
+/// and a membership record that do not decode. Every other call is refused as unimplemented.
+#[derive(Default)]
+struct NewerChatNode {
+    calls: AtomicUsize,
+}
+
+type Progress = std::pin::Pin<
+    Box<dyn futures::Stream<Item = Result<courier_rpc::proto::SendProgress, tonic::Status>> + Send>,
+>;
+
+#[tonic::async_trait]
+impl courier_rpc::proto::chat_server::Chat for NewerChatNode {
+    type SendStream = Progress;
+    type DeleteStream = Progress;
+
+    async fn send(
+        &self,
+        request: tonic::Request<courier_rpc::proto::FrameRequest>,
+    ) -> Result<tonic::Response<Progress>, tonic::Status> {
+        use courier_rpc::proto::{SendProgress, send_progress::Step};
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let frame = courier_proto::Encoding::Proto
+            .decode_client(&request.into_inner().frame)
+            .unwrap();
+        let courier_proto::ClientFrame::Send(send) = frame else {
+            panic!("a send expected");
+        };
+        let unknown = SendProgress { step: None };
+        let steps = match send.client_msg_id.as_str() {
+            "unknown-first" => vec![unknown],
+            _ => vec![
+                SendProgress {
+                    step: Some(Step::Accepted("d:conv".into())),
+                },
+                unknown,
+            ],
+        };
+        let steps = futures::stream::iter(steps.into_iter().map(Ok));
+        Ok(tonic::Response::new(Box::pin(steps)))
+    }
+
+    async fn delete(
+        &self,
+        _: tonic::Request<courier_rpc::proto::FrameRequest>,
+    ) -> Result<tonic::Response<Progress>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not here"))
+    }
+
+    async fn typing(
+        &self,
+        _: tonic::Request<courier_rpc::proto::FrameRequest>,
+    ) -> Result<tonic::Response<courier_rpc::proto::Done>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not here"))
+    }
+
+    async fn acknowledge(
+        &self,
+        _: tonic::Request<courier_rpc::proto::FrameRequest>,
+    ) -> Result<tonic::Response<courier_rpc::proto::Done>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not here"))
+    }
+
+    async fn fetch(
+        &self,
+        _: tonic::Request<courier_rpc::proto::FetchRequest>,
+    ) -> Result<tonic::Response<courier_rpc::proto::PageResponse>, tonic::Status> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        Ok(tonic::Response::new(courier_rpc::proto::PageResponse {
+            events: vec![vec![0xff; 3]],
+            head_seq: 1,
+            trimmed: None,
+        }))
+    }
+
+    async fn readable(
+        &self,
+        _: tonic::Request<courier_rpc::proto::ReadableRequest>,
+    ) -> Result<tonic::Response<courier_rpc::proto::ReadableResponse>, tonic::Status> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        Ok(tonic::Response::new(courier_rpc::proto::ReadableResponse {
+            member_record: vec![0xff; 3],
+            ..Default::default()
+        }))
+    }
+
+    async fn catch_up_plan(
+        &self,
+        _: tonic::Request<courier_rpc::proto::CatchUpRequest>,
+    ) -> Result<tonic::Response<courier_rpc::proto::CatchUpResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not here"))
+    }
+
+    async fn conversations(
+        &self,
+        _: tonic::Request<courier_rpc::proto::CallerRequest>,
+    ) -> Result<tonic::Response<courier_rpc::proto::ConversationsResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not here"))
+    }
+
+    async fn receipts(
+        &self,
+        _: tonic::Request<courier_rpc::proto::ConversationRequest>,
+    ) -> Result<tonic::Response<courier_rpc::proto::ReceiptsResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not here"))
+    }
+
+    async fn create_group(
+        &self,
+        _: tonic::Request<courier_rpc::proto::CreateGroupRequest>,
+    ) -> Result<tonic::Response<courier_rpc::proto::CreateGroupResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not here"))
+    }
+
+    async fn add_members(
+        &self,
+        _: tonic::Request<courier_rpc::proto::MembersRequest>,
+    ) -> Result<tonic::Response<courier_rpc::proto::MembersResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not here"))
+    }
+
+    async fn remove_member(
+        &self,
+        _: tonic::Request<courier_rpc::proto::RemoveMemberRequest>,
+    ) -> Result<tonic::Response<courier_rpc::proto::Done>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not here"))
+    }
+
+    async fn devices(
+        &self,
+        _: tonic::Request<courier_rpc::proto::CallerRequest>,
+    ) -> Result<tonic::Response<courier_rpc::proto::DevicesResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not here"))
+    }
+
+    async fn register_push(
+        &self,
+        _: tonic::Request<courier_rpc::proto::RegisterPushRequest>,
+    ) -> Result<tonic::Response<courier_rpc::proto::Done>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not here"))
+    }
+
+    async fn unlink_device(
+        &self,
+        _: tonic::Request<courier_rpc::proto::UnlinkDeviceRequest>,
+    ) -> Result<tonic::Response<courier_rpc::proto::Done>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not here"))
+    }
+}
+
+/// An answer of a chat node that the gateway node cannot decode (a chat node of another
+/// version, in a rolling upgrade) is final: the client is told `internal`, saying what did
+/// not decode, with no retry delay, and the call is not tried on the other chat nodes. As a
+/// failed call it was tried on every chat node, then told `unavailable`: a `fetch`, a catch-up
+/// or a send (with the same `client_msg_id`) retried for ever. A send whose outcome does not
+/// decode after it was accepted is told `internal` too: its outcome is unknown, and its
+/// retries would meet the same answer.
+#[tokio::test]
+async fn an_answer_the_gateway_cannot_decode_is_final_internal_not_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let newer = Arc::new(NewerChatNode::default());
+    let mut nodes = Vec::new();
+    for id in ["c1", "c2"] {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        nodes.push((id, listener.local_addr().unwrap()));
+        let service = courier_rpc::proto::chat_server::ChatServer::from_arc(newer.clone());
+        tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(TcpIncoming::from(listener))
+                .await
+                .unwrap();
+        });
+    }
+    let store = registry(&dir, &nodes).await;
+    let chat = ClusterChat::new(store, ClusterToken::new(TOKEN).unwrap());
+    let final_internal = |told: ApiError| {
+        assert_eq!(told.code, ErrorCode::Internal, "{told:?}");
+        assert_eq!(told.retry_after_ms, None, "{told:?}");
+        assert!(told.message.contains("could not decode"), "{told:?}");
+    };
+
+    final_internal(chat.fetch(&who("alice"), "d:1", 0, None).await.unwrap_err());
+    assert_eq!(newer.calls.load(Ordering::SeqCst), 1, "not tried again");
+    final_internal(chat.readable("d:1", "alice").await.unwrap_err());
+    assert_eq!(newer.calls.load(Ordering::SeqCst), 2, "not tried again");
+    let refused = chat
+        .submit_send(&who("alice"), &text("unknown-first", "hi"))
+        .await;
+    final_internal(refused.err().unwrap());
+    assert_eq!(newer.calls.load(Ordering::SeqCst), 3, "not tried again");
+    let (_, pending) = chat
+        .submit_send(&who("alice"), &text("unknown-answer", "hi"))
+        .await
+        .unwrap();
+    final_internal(ApiError::from(pending.await.unwrap_err()));
+}
