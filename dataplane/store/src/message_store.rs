@@ -2676,6 +2676,21 @@ impl MessageStore {
         from: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<OutboxEntry>, StoreError> {
+        self.read_outbox(shard, from, limit, decode_event)
+            .await?
+            .into_iter()
+            .map(|(key, event)| Ok((key, event?)))
+            .collect()
+    }
+
+    /// [`MessageStore::outbox`], with each entry's event or why it does not decode (a row that
+    /// does not decode is one entry under its own key), for a reader that counts what waits.
+    pub async fn outbox_entries(
+        &self,
+        shard: u32,
+        from: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Result<Event, StoreError>)>, StoreError> {
         self.read_outbox(shard, from, limit, decode_event).await
     }
 
@@ -2762,7 +2777,7 @@ impl MessageStore {
         from: Option<&[u8]>,
         limit: usize,
         decode: impl Fn(&[u8], &[u8]) -> Result<T, StoreError>,
-    ) -> Result<Vec<(Vec<u8>, T)>, StoreError> {
+    ) -> Result<Vec<(Vec<u8>, Result<T, StoreError>)>, StoreError> {
         let mut rows = self.outbox_rows_from(shard, from);
         let mut entries = Vec::new();
         loop {
@@ -2770,12 +2785,7 @@ impl MessageStore {
             let read_on = take_entries(&page, from, (limit, limit), &decode, &mut entries);
             match page.last() {
                 Some((last, _)) if read_on => rows.start = bound_after(last),
-                _ => {
-                    return entries
-                        .into_iter()
-                        .map(|(key, event)| Ok((key, event?)))
-                        .collect();
-                }
+                _ => return Ok(entries),
             }
         }
     }
@@ -4043,6 +4053,37 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(store.outbox(shard, None, 10).await.unwrap(), read[1..]);
+    }
+
+    /// An outbox row that does not decode counts as one waiting entry in the shard's lag, whose
+    /// oldest age is then that of the oldest entry that decodes: the shard map (the admin API,
+    /// the rebalancer) still lists every shard. It failed the whole map.
+    #[tokio::test]
+    async fn a_damaged_outbox_row_counts_in_the_lag_and_fails_no_shard_map() {
+        let engine = crate::faulty_engine::FaultyEngine::new();
+        let store = engine.store(4).await;
+        let conv = "d:1";
+        let shard = store.shard_of(conv);
+        let mut row = Batch::new();
+        row.set_versionstamped_key(store.keys.outbox_entry(shard, 0), vec![0, 0xff, 0xff]);
+        store.kv.commit(row).await.unwrap();
+        let lease = owner(&store, conv).await;
+        store
+            .append(
+                lease,
+                &mut HeadCache::default(),
+                &[message(conv, "p", "hello")],
+            )
+            .await
+            .unwrap();
+        let entries = store.outbox_entries(shard, None, 10).await.unwrap();
+        assert_eq!(entries.len(), 2);
+        let ts_ms = entries[1].1.as_ref().unwrap().ts_ms;
+
+        let lag = store.outbox_lag(shard, 10).await.unwrap();
+        assert_eq!((lag.entries, lag.oldest_ts_ms), (2, Some(ts_ms)));
+        let map = store.shard_map(10).await.unwrap();
+        assert_eq!(map[shard as usize].outbox, lag);
     }
 
     /// The headers of several shards' outboxes come with one read; a row that cannot be read

@@ -99,7 +99,8 @@ fn waiting(
 impl MessageStore {
     /// The outbox lag of `shard`, counting at most `count_limit` entries (clamped to
     /// `1..=`[`MAX_OUTBOX_COUNT_LIMIT`]): a read of at most `count_limit + 1` entries from
-    /// fanout's bound.
+    /// fanout's bound. An entry that does not decode counts as waiting (fanout passes it over
+    /// when it comes to it); the oldest age is then that of the oldest entry that decodes.
     pub async fn outbox_lag(
         &self,
         shard: u32,
@@ -107,11 +108,15 @@ impl MessageStore {
     ) -> Result<OutboxLag, StoreError> {
         let limit = count_limit.clamp(1, MAX_OUTBOX_COUNT_LIMIT);
         let delivered = self.delivered_bounds(&[shard]).await?.pop().flatten();
-        let entries = self.outbox(shard, delivered.as_deref(), limit + 1).await?;
+        let entries = self
+            .outbox_entries(shard, delivered.as_deref(), limit + 1)
+            .await?;
         Ok(OutboxLag {
             entries: entries.len().min(limit),
             more: entries.len() > limit,
-            oldest_ts_ms: entries.first().map(|(_, event)| event.ts_ms),
+            oldest_ts_ms: entries
+                .iter()
+                .find_map(|(_, event)| event.as_ref().ok().map(|event| event.ts_ms)),
         })
     }
 
