@@ -6,14 +6,21 @@
  * page fetched up to the conversation's head on a caught-up connection (after a reload with
  * nothing to catch up, the only way to learn where the cursor is). Delivery acks are
  * coalesced: one per conversation per turn of the event loop, however many events arrived.
+ *
+ * What an ack already carried is counted per connection: one written into a connection whose
+ * network was already gone never reached the server, and nothing says so (an `ack` has no
+ * reply). So the first ack of each kind a new connection could send for a conversation goes
+ * out even if an earlier connection sent the same seq; the server keeps the highest, and a
+ * repeat moves nothing.
  */
 import type { Conversation } from "./conversation.js";
 import type { Session } from "./link.js";
 import type { AckKind } from "./protocol.js";
 
 export class Acknowledgements {
-  /** Per conversation, what this device acknowledged in this process. */
-  private readonly acked = new Map<string, { delivered: number; read: number }>();
+  /** Per conversation, the highest seq this device acknowledged in this process: it held
+   * every event through it (a base, whether or not the ack reached the server). */
+  private readonly acked = new Map<string, number>();
   private readonly scheduled = new Set<string>();
   /** Per conversation, a seq through which this device has had every event (held now, or
    * delivered to it before), learned from a fetch. */
@@ -43,22 +50,24 @@ export class Acknowledgements {
   acknowledge(conversation: Conversation, kind: AckKind): void {
     const session = this.session();
     if (!session) return;
-    const acked = this.acked.get(conversation.id) ?? { delivered: 0, read: 0 };
     const base = Math.max(
-      acked.delivered,
+      this.acked.get(conversation.id) ?? 0,
       session.streamBase.get(conversation.id) ?? 0,
       this.hadThrough.get(conversation.id) ?? 0,
     );
     const through = conversation.timeline.completeThrough(base);
-    if (through < 1 || through <= (kind === "read" ? acked.read : acked.delivered)) return;
+    // What this connection carried, not what an earlier one may have lost.
+    const carried = session.acked.get(conversation.id) ?? { delivered: 0, read: 0 };
+    if (through < 1 || through <= (kind === "read" ? carried.read : carried.delivered)) return;
     session.connection.send({ type: "ack", conversation_id: conversation.id, seq: through, kind });
     // The server's read cursor never passes its delivered one: a read ack moves both.
-    acked.delivered = Math.max(acked.delivered, through);
+    carried.delivered = Math.max(carried.delivered, through);
     conversation.deliveredSeq = Math.max(conversation.deliveredSeq, through);
     if (kind === "read") {
-      acked.read = through;
+      carried.read = through;
       conversation.readSeq = Math.max(conversation.readSeq, through);
     }
-    this.acked.set(conversation.id, acked);
+    session.acked.set(conversation.id, carried);
+    this.acked.set(conversation.id, Math.max(this.acked.get(conversation.id) ?? 0, through));
   }
 }

@@ -21,6 +21,8 @@ export interface Session {
   streamed: Map<string, number>;
   /** Per conversation, where this connection's stream started (the server's cursor). */
   streamBase: Map<string, number>;
+  /** Per conversation, the cursors this connection's `ack`s carried. */
+  acked: Map<string, { delivered: number; read: number }>;
   /** `reconnect.after_ms`, once the server asked. */
   reconnectAfterMs?: number;
   /** Set at the connection's first `sync_done`: its catch-up is complete. */
@@ -152,6 +154,7 @@ export class Link {
       closed: new Promise<void>((r) => (closed = r)),
       streamed: new Map(),
       streamBase: new Map(),
+      acked: new Map(),
     };
     try {
       session.connection = await Connection.open(

@@ -26,6 +26,7 @@ function recordingSession(): { session: Session; sent: ClientFrame[] } {
     closed: new Promise<void>(() => {}),
     streamed: new Map(),
     streamBase: new Map(),
+    acked: new Map(),
     caughtUp: true,
   } as unknown as Session;
   return { session, sent };
@@ -56,4 +57,24 @@ test("a read ack starts from the top of a page fetched up to the head, and never
   hold(conversation, 60, 61); // the gap is filled
   acks.acknowledge(conversation, "read");
   assert.deepEqual(sent.at(-1), { type: "ack", conversation_id: "d:1", seq: 63, kind: "read" });
+});
+
+test("a connection sends the acks an earlier one carried, once, from what the device held", () => {
+  const first = recordingSession();
+  let current = first.session;
+  const acks = new Acknowledgements(() => current);
+  const conversation = new Conversation("d:1", "bob");
+  hold(conversation, 0, 5);
+  acks.acknowledge(conversation, "delivered");
+  acks.acknowledge(conversation, "read");
+  acks.acknowledge(conversation, "read");
+  assert.equal(first.sent.length, 2, "one ack of each kind on a connection");
+
+  // The connection dropped: whether they reached the server, nothing tells.
+  const second = recordingSession();
+  current = second.session;
+  acks.acknowledge(conversation, "read");
+  acks.acknowledge(conversation, "read");
+  acks.acknowledge(conversation, "delivered");
+  assert.deepEqual(second.sent, [{ type: "ack", conversation_id: "d:1", seq: 5, kind: "read" }]);
 });

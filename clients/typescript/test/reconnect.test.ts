@@ -127,3 +127,26 @@ test("a paused client stays offline, keeps its sends, and catches up when resume
   await until("bob caught up", () => texts(bob, conv).length === 3);
   assert.deepEqual(texts(bob, conv), ["first", "while bob is paused", "written while paused"]);
 });
+
+test("a read ack lost with its connection is sent again on the next one", async () => {
+  const server = await serve();
+  const network = new Network();
+  const alice = await synced(server, "alice", "web");
+  const bob = await synced(server, "bob", "web", { network });
+  const conv = (await alice.sendText({ toUser: "bob" }, "read me")).conversation_id;
+  const cursors = async () => (await bob.http.conversations()).find((c) => c.conversation_id === conv);
+  await until("bob's delivered cursor is on the message", async () => (await cursors())?.delivered_seq === 1);
+
+  // Bob reads it as his network goes: the read ack never reaches the server.
+  network.lose = (frame) => frame.type === "ack";
+  bob.markRead(conv);
+  network.cut();
+  await until("bob notices he is offline", () => bob.state !== "online");
+  network.lose = undefined;
+  network.restore();
+  await bob.whenSynced();
+  // The app marks the open conversation read again once it is back.
+  bob.markRead(conv);
+  await until("bob's read cursor is on the message", async () => (await cursors())?.read_seq === 1);
+  await until("alice sees it read", () => alice.statusOf(conv, 1) === "read");
+});

@@ -106,12 +106,15 @@ export class Server {
 
 /**
  * A network a test controls: `WebSocket` connects through it; `cut()` drops every open
- * connection without a close frame and refuses new ones until `restore()`.
+ * connection without a close frame and refuses new ones until `restore()`; while `lose` is
+ * set, the frames the client writes that it matches never reach the server (written into a
+ * connection whose network is already gone).
  */
 export class Network {
   private online = true;
   private readonly sockets = new Set<WebSocket>();
   readonly WebSocket: WebSocketConstructor;
+  lose: ((frame: { type: string; kind?: string }) => boolean) | undefined;
 
   constructor() {
     const network = this;
@@ -121,6 +124,11 @@ export class Network {
         super(network.online ? url : "ws://127.0.0.1:1/v1/ws", protocols);
         network.sockets.add(this);
         this.on("close", () => network.sockets.delete(this));
+      }
+
+      override send(data: unknown, ...rest: unknown[]): void {
+        if (typeof data === "string" && network.lose?.(JSON.parse(data))) return;
+        (super.send as (...args: unknown[]) => void).call(this, data, ...rest);
       }
     }
     this.WebSocket = ControlledWebSocket as unknown as WebSocketConstructor;
