@@ -9,7 +9,7 @@ import { Acknowledgements } from "./acks.js";
 import { Backoff, type BackoffOptions } from "./backoff.js";
 import type { Connection, WebSocketConstructor } from "./connection.js";
 import { Conversation, type MessageStatus } from "./conversation.js";
-import { Emitter } from "./emitter.js";
+import { Emitter, reportToHost } from "./emitter.js";
 import { CourierError, badInput } from "./errors.js";
 import { HttpApi, type ByteRange, type MediaDownload } from "./http.js";
 import { identityOf, newClientMsgId, type Identity } from "./identity.js";
@@ -70,7 +70,8 @@ export interface ClientEvents extends Record<string, unknown> {
   /** The outbox changed: an entry was added, stored, refused, retried or discarded. */
   outbox: void;
   typing: string;
-  /** An error nobody awaits: a refused token, an `error` without a request. */
+  /** An error nobody awaits: a refused token, an `error` without a request, a listener of
+   * another event that threw (`internal`). */
   error: CourierError;
 }
 
@@ -83,7 +84,7 @@ export class CourierClient {
   readonly user: string;
   readonly device: string;
   readonly http: HttpApi;
-  private readonly emitter = new Emitter<ClientEvents>();
+  private readonly emitter = new Emitter<ClientEvents>((name, error) => this.listenerFailed(name, error));
   private readonly conversationsById = new Map<string, Conversation>();
   private readonly link: Link;
   private readonly acks: Acknowledgements;
@@ -612,6 +613,15 @@ export class CourierClient {
       this.emitter.emit("conversations", undefined);
     }
     return conversation;
+  }
+
+  /** A listener of the app threw: the client goes on (the change it was told of is taken
+   * whole, and the other listeners heard it), and says so to the `error` listeners, or, when
+   * there are none or one of them threw, to the host's error reporting. */
+  private listenerFailed(name: keyof ClientEvents, error: unknown): void {
+    if (name === "error" || !this.emitter.has("error")) return reportToHost(name, error);
+    const what = error instanceof Error ? error.message : String(error);
+    this.emitter.emit("error", new CourierError("internal", `a "${String(name)}" listener threw: ${what}`));
   }
 
   /** Reports a background failure (a gap fetch, a list refresh) to `error` listeners; a

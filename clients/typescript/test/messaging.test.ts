@@ -3,7 +3,7 @@
 import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
 import { CourierError, type CourierClient } from "../src/index.js";
-import { Server, closeClients, synced, texts, until } from "./support.js";
+import { Server, client, closeClients, synced, texts, until } from "./support.js";
 
 let server: Server;
 
@@ -138,4 +138,30 @@ test("after a reload, opening a conversation with more than a page of history ma
   assert.equal(reloaded.conversation(conv)?.timeline.lowestSeq, 11);
   reloaded.markRead(conv);
   await until("alice sees her messages read", () => alice.statusOf(conv, 60) === "read");
+});
+
+test("a listener that throws (here on a deleted message, which has no body) neither stops the client nor the other listeners", async () => {
+  const ada = await user("ada");
+  const oops = await ada.sendText({ toUser: "lin" }, "oops");
+  const conv = oops.conversation_id;
+  await ada.delete(conv, oops.seq);
+  await ada.sendText({ conversationId: conv }, "hello");
+
+  const lin = await client(server, "lin", "web");
+  const texts_: string[] = [];
+  const kinds: string[] = [];
+  const errors: CourierError[] = [];
+  // An app's oversight: every message taken to have a body.
+  lin.on("event", (event) => {
+    if (event.kind === "message") texts_.push((event.body as { text: string }).text);
+  });
+  lin.on("event", (event) => kinds.push(event.kind));
+  lin.on("error", (error) => errors.push(error));
+  await lin.whenSynced();
+  await until("lin has every event", () => kinds.length === 3);
+  assert.deepEqual(kinds, ["message", "delete", "message"]);
+  assert.deepEqual(texts_, ["hello"]);
+  assert.ok(errors.some((e) => /"event" listener threw/.test(e.message)), `errors: ${errors}`);
+  const cursors = async () => (await lin.http.conversations()).find((c) => c.conversation_id === conv);
+  await until("lin's device acknowledged everything", async () => (await cursors())?.delivered_seq === 3);
 });
