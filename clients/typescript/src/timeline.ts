@@ -1,7 +1,8 @@
 /**
  * One conversation's events, ordered by `seq`, without duplicates, with what is known to be
  * complete. An event arriving twice (at-least-once delivery, a retry, a gap fetch) is kept
- * once; a `delete` event blanks its target. `covered` records the ranges of seqs in which
+ * once; a `delete` event blanks its target, held already or arriving later (a page read
+ * before the delete was stored can come after it). `covered` records the ranges of seqs in which
  * every event this device may see is held; from them come the gaps to fetch and the highest
  * seq that is safe to acknowledge.
  */
@@ -17,6 +18,8 @@ export class Timeline {
   private readonly events = new Map<number, ConversationEvent>();
   /** Disjoint, sorted, non-touching ranges. */
   private covered: SeqRange[] = [];
+  /** The targets of the held `delete` events. */
+  private readonly deletedTargets = new Set<number>();
   /** Events below this seq were removed by retention (`trimmed`); 1 when nothing was. */
   private floor = 1;
   /** Counts the changes of the held events. */
@@ -31,7 +34,8 @@ export class Timeline {
   constructor(readonly conversationId: string) {}
 
   /** Adds an event; returns false when it was already held unchanged. A held message that
-   * arrives marked deleted (e.g. from a fetch) takes the deletion. */
+   * arrives marked deleted (e.g. from a fetch) takes the deletion; one whose `delete` is held
+   * is kept deleted. */
   add(event: ConversationEvent): boolean {
     if (event.seq < this.floor) return false;
     const held = this.events.get(event.seq);
@@ -40,7 +44,11 @@ export class Timeline {
     this.changes++;
     if (this.lowest === undefined || event.seq < this.lowest) this.lowest = event.seq;
     if (event.seq > this.highest) this.highest = event.seq;
-    if (event.kind === "delete" && event.target_seq !== undefined) this.blank(event.target_seq);
+    if (event.kind === "delete" && event.target_seq !== undefined) {
+      this.deletedTargets.add(event.target_seq);
+      this.blank(event.target_seq);
+    }
+    if (event.kind === "message" && this.deletedTargets.has(event.seq)) this.blank(event.seq);
     return true;
   }
 
@@ -86,6 +94,7 @@ export class Timeline {
     this.floor = floorSeq;
     this.changes++;
     for (const seq of this.events.keys()) if (seq < floorSeq) this.events.delete(seq);
+    for (const seq of this.deletedTargets) if (seq < floorSeq) this.deletedTargets.delete(seq);
     this.lowest = undefined;
     for (const seq of this.events.keys()) if (this.lowest === undefined || seq < this.lowest) this.lowest = seq;
     if (this.lowest === undefined) this.highest = 0;

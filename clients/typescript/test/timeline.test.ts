@@ -38,6 +38,15 @@ test("a delete event blanks its target, and a fetched copy marked deleted wins o
   assert.equal(timeline.get(3)?.body, undefined);
 });
 
+test("a message that arrives after its delete (a page read before the delete was stored) is held deleted", () => {
+  const timeline = new Timeline("d:1");
+  timeline.add({ ...message(5), kind: "delete", target_seq: 2, body: undefined, client_msg_id: undefined });
+  assert.equal(timeline.add(message(2)), true);
+  assert.equal(timeline.get(2)?.deleted, true);
+  assert.equal(timeline.get(2)?.body, undefined);
+  assert.equal(timeline.add({ ...message(2), deleted: true, body: undefined }), false, "its deleted copy is no news");
+});
+
 test("the complete run from a cursor ends at the first uncovered seq", () => {
   const timeline = new Timeline("d:1");
   timeline.cover(0, 2);
