@@ -3,6 +3,14 @@
  * and shown from `blob:` URLs. A `blob:` URL holds its bytes until it is revoked, so the
  * cache is bounded: past [`MAX_PHOTOS`] photos or [`MAX_BYTES`] bytes the least recently
  * shown ones are revoked and forgotten (downloaded again if shown again).
+ *
+ * A `blob:` URL is a page of the app's origin when opened by itself ("Open image in new
+ * tab"), and the app's Content-Security-Policy does not follow it there: a blob typed as the
+ * uploader said (`image/svg+xml`, `text/html`, any `+xml`) would run the uploader's script
+ * with the person's session. So a blob takes the type only of the raster pictures
+ * ([`PICTURE_TYPES`]), which run nothing; anything else is typed as bytes, which a tab saves
+ * rather than shows (an `<img>` still decodes a raster picture whatever its type, and an SVG
+ * is not shown, as the server's download of it is not either).
  */
 import type { CourierClient } from "@courier-chat/client";
 
@@ -10,6 +18,25 @@ import type { CourierClient } from "@courier-chat/client";
 export const MAX_PHOTOS = 200;
 /** The most bytes kept as `blob:` URLs. */
 export const MAX_BYTES = 64 * 1024 * 1024;
+
+/** The types a photo's `blob:` URL may have: raster pictures, which run no script. */
+export const PICTURE_TYPES = new Set([
+  "image/png",
+  "image/jpeg",
+  "image/gif",
+  "image/webp",
+  "image/avif",
+  "image/apng",
+  "image/bmp",
+  "image/x-icon",
+  "image/vnd.microsoft.icon",
+]);
+
+/** The type a downloaded photo's blob is given: its own if a raster picture, else bytes. */
+export function blobType(mime: string): string {
+  const essence = mime.split(";")[0]!.trim().toLowerCase();
+  return PICTURE_TYPES.has(essence) ? essence : "application/octet-stream";
+}
 
 interface Cached {
   url: Promise<string>;
@@ -34,7 +61,7 @@ export class MediaUrls {
     }
     const cached: Cached = {
       url: this.client.downloadMedia(mediaId).then((file) => {
-        const objectUrl = URL.createObjectURL(new Blob([file.bytes as BlobPart], { type: file.mime }));
+        const objectUrl = URL.createObjectURL(new Blob([file.bytes as BlobPart], { type: blobType(file.mime) }));
         cached.ready = { objectUrl, bytes: file.bytes.byteLength };
         this.bytes += file.bytes.byteLength;
         this.evict(mediaId);

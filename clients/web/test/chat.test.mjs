@@ -12,7 +12,7 @@ import { after, before, test } from "node:test";
 import { fileURLToPath } from "node:url";
 import { chromium } from "playwright-core";
 // The SDK's test support starts the server (built by `npm run build:test` there).
-import { COURIER_BIN, Server } from "../../typescript/build-test/test/support.js";
+import { COURIER_BIN, Server, client, closeClients } from "../../typescript/build-test/test/support.js";
 
 const WEB_DIR = resolve(dirname(fileURLToPath(import.meta.url)), "..");
 const SHOTS = resolve(WEB_DIR, "test-output/screenshots");
@@ -45,6 +45,7 @@ before(async () => {
 });
 
 after(async () => {
+  closeClients();
   await browser?.close();
   await server?.dispose();
 });
@@ -240,4 +241,23 @@ test("signing in: a pasted token works, a token the server refuses leads back to
   await page.locator('#connection[data-state="online"]').waitFor(WAIT);
   assert.equal(await page.textContent("#me-name"), "carol (web)");
   await context.close();
+});
+
+test("a picture someone shares never runs as a page of the app: an SVG's script does not run in a tab of its own", async () => {
+  const dana = await person("dana");
+  // Eve's own client, not the app: she sends what she likes.
+  const eve = await client(server, "eve", "node");
+  const svg = `<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"><script>document.documentElement.setAttribute("data-ran", "yes")</script><rect width="10" height="10"/></svg>`;
+  await eve.sendMedia({ toUser: "dana" }, new TextEncoder().encode(svg), "image/svg+xml", { name: "cute.svg" });
+  await open(dana, "eve");
+  const image = dana.page.locator('#timeline .message img[src^="blob:"]');
+  await image.waitFor({ ...WAIT, state: "attached" });
+  const src = await image.getAttribute("src");
+
+  // "Open image in new tab": a blob: URL is a page of the origin that made it.
+  const tab = await dana.context.newPage();
+  await tab.goto(src).catch(() => {}); // a download is no page
+  const ran = await tab.evaluate(() => document.documentElement?.getAttribute("data-ran")).catch(() => null);
+  assert.notEqual(ran, "yes", "the uploaded SVG's script ran in the app's origin");
+  await dana.context.close();
 });
