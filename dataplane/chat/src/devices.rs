@@ -3,7 +3,8 @@
 //! retention.
 //!
 //! Invariants: a device is linked until unlinked, and linked again when it signs in with a
-//! token issued after its last unlink; every change of a device record is a read-modify-write
+//! token issued after its last unlink, with no cursor of its old link (it catches up from the
+//! beginning of retained history, as a new device does); every change of a device record is a read-modify-write
 //! fenced on the value read (`MessageStore::update_device`), so concurrent changes (a
 //! reconnect's last-seen, an unlink, a push registration) never undo one another. A connection
 //! records its device before its catch-up ends, so a device that has had `sync_done` is listed;
@@ -361,6 +362,48 @@ mod tests {
                 .unwrap()
         );
         assert_eq!(devices.seen(&phone(3_000)).await.unwrap(), Link::Unlinked);
+    }
+
+    /// An ack committed while the device is being unlinked (its connection not closed yet,
+    /// or on a gateway the unlink has not reached) leaves a cursor the unlink did not read:
+    /// the device linked again must start from the beginning of retained history all the
+    /// same, over a WebSocket or the HTTP API, not skip what the old link acknowledged.
+    #[tokio::test]
+    async fn a_device_linked_again_starts_with_no_cursor_an_ack_racing_its_unlink_left() {
+        for http in [false, true] {
+            let engine = FaultyEngine::new();
+            let store = engine.store(8).await;
+            let devices = Devices::new(store.clone());
+            assert_eq!(devices.seen(&phone(1_000)).await.unwrap(), Link::Linked);
+            let ack = |conv: &'static str| {
+                let store = store.clone();
+                async move {
+                    let kind = courier_store::ReceiptKind::Delivered;
+                    store.acknowledge("alice", "phone", conv, 5, kind).await
+                }
+            };
+            ack("d:1").await.unwrap();
+            let racing = ack("d:2");
+            engine.before_next_commit(Box::pin(async move { racing.await.unwrap() }));
+            let unlinked_at = now_ms();
+            assert!(
+                store
+                    .unlink_device("alice", "phone", unlinked_at)
+                    .await
+                    .unwrap()
+            );
+            let again = phone(unlinked_at + 1);
+            if http {
+                devices.admit(&again).await.unwrap();
+            } else {
+                assert_eq!(devices.seen(&again).await.unwrap(), Link::Linked);
+            }
+            let left = store.device_cursors("alice", "phone").await.unwrap();
+            assert!(
+                left.is_empty(),
+                "http {http}: cursors of the old link: {left:?}"
+            );
+        }
     }
 
     #[tokio::test]

@@ -1699,8 +1699,8 @@ impl MessageStore {
     }
 
     /// [`Self::update_device`], also clearing the keys `clear` in the same commit when it
-    /// writes. A change that begins or ends the device's push registration is counted in the
-    /// same commit ([`Self::push_registration_changes`]), and one of its push token keeps the
+    /// writes, and the device's delivered cursors when the change links it again. A change
+    /// that begins or ends the device's push registration is counted in the same commit ([`Self::push_registration_changes`]), and one of its push token keeps the
     /// index of tokens in step ([`Self::index_push_token`]).
     async fn update_device_clearing(
         &self,
@@ -1726,6 +1726,16 @@ impl MessageStore {
             let Some(next) = change(current.as_ref()) else {
                 return Ok(current);
             };
+            // A device linked again starts from the beginning of retained history, as one
+            // never seen: an ack that raced its unlink (a connection not closed yet, or on a
+            // gateway the unlink did not reach) may have left cursors the unlink did not read,
+            // which would make it skip what the old link acknowledged.
+            let relinked = current.as_ref().is_some_and(|r| !r.is_linked()) && next.is_linked();
+            let left = if relinked {
+                self.cursors_left(user, device).await?
+            } else {
+                Vec::new()
+            };
             let mut batch = Batch::new();
             batch.durability = durability;
             batch
@@ -1746,7 +1756,7 @@ impl MessageStore {
                 registering,
             )
             .await?;
-            for key in clear {
+            for key in clear.iter().chain(&left) {
                 batch.clear(key.clone());
             }
             match self.kv.commit(batch).await {
@@ -1815,15 +1825,7 @@ impl MessageStore {
         {
             return Ok(false);
         }
-        let cursors = self.keys.cursors(user, device);
-        let left = loop {
-            let left = self.kv.range(cursors.clone(), CLEAR_PAGE, false).await?;
-            if left.len() < CLEAR_PAGE {
-                break left;
-            }
-            self.clear_where(cursors.clone(), |_, _| true).await?;
-        };
-        let left: Vec<Vec<u8>> = left.into_iter().map(|(key, _)| key).collect();
+        let left = self.cursors_left(user, device).await?;
         let unlink = |record: Option<&DeviceRecord>| {
             let record = record.filter(|r| r.is_linked())?;
             Some(DeviceRecord {
@@ -1837,6 +1839,20 @@ impl MessageStore {
             .update_device_clearing(user, device, unlink, &left, DeviceChange::Update)
             .await?;
         Ok(before.is_some_and(|r| r.is_linked()))
+    }
+
+    /// The keys of the device's delivered cursors, for a commit that clears them with a change
+    /// of its record: past a page of them, pages are cleared first, one per commit at the
+    /// clean-up's pace ([`Self::clear_where`]), and the keys of the last page returned.
+    async fn cursors_left(&self, user: &str, device: &str) -> Result<Vec<Vec<u8>>, StoreError> {
+        let cursors = self.keys.cursors(user, device);
+        loop {
+            let left = self.kv.range(cursors.clone(), CLEAR_PAGE, false).await?;
+            if left.len() < CLEAR_PAGE {
+                return Ok(left.into_iter().map(|(key, _)| key).collect());
+            }
+            self.clear_where(cursors.clone(), |_, _| true).await?;
+        }
     }
 
     /// Records an upload (its bytes are already stored) and charges its size to its owner,
