@@ -121,8 +121,14 @@ impl Devices {
     /// Records that a device with a connection open is still active: its `last_seen_ms` moves
     /// to now when it is [`SEEN_RESOLUTION_MS`] old or older. An unlinked device, whose
     /// connections close, and a device with no record, which its connection records, are left
-    /// as they are. Committed without an fsync of its own, as [`Devices::seen`] is.
-    pub async fn still_connected(&self, user: &str, device: &str) -> Result<(), StoreError> {
+    /// as they are. Committed without an fsync of its own, as [`Devices::seen`] is. Returns
+    /// the record read, which says which tokens its connections may still hold
+    /// ([`DeviceRecord::accepts`]).
+    pub async fn still_connected(
+        &self,
+        user: &str,
+        device: &str,
+    ) -> Result<Option<DeviceRecord>, StoreError> {
         let now = now_ms();
         let refreshed = |record: Option<&DeviceRecord>| match record {
             Some(r)
@@ -137,8 +143,7 @@ impl Devices {
         };
         self.store
             .record_device_activity(user, device, refreshed)
-            .await?;
-        Ok(())
+            .await
     }
 
     /// The user's linked devices.

@@ -174,7 +174,7 @@ mod tests {
     /// `n` connections registered as open (telling one does not use its delivery queue).
     fn connections(routes: &Routes, n: usize) -> Vec<ConnectionHandle> {
         (0..n)
-            .map(|i| routes.register(&format!("u{i}"), "phone", 16).0)
+            .map(|i| routes.register(&format!("u{i}"), "phone", 0, 16).0)
             .collect()
     }
 

@@ -1,7 +1,8 @@
 //! The gateway role: one task per WebSocket connection. It records its device as seen (before
 //! the catch-up, so a device that has had `sync_done` is listed; again when it closes, and
 //! every [`CONNECTED_SEEN_INTERVAL`] meanwhile, by a pass of the gateway over its connections
-//! rather than a timer in each), decodes frames, calls the chat
+//! rather than a timer in each, which also closes those of a device unlinked without this
+//! gateway being told), decodes frames, calls the chat
 //! role, writes replies and live deliveries, keeps per-conversation delivery order for its
 //! device, and closes on oversize (1009) and drain (1001).
 //!
@@ -356,15 +357,35 @@ enum Exit {
 impl Gateway {
     /// Records every device with a connection open on this gateway as seen now, one device at
     /// a time ([`Devices::still_connected`]: a read, and a write if its record is a minute old
-    /// or more). Returns how many devices it recorded; a pass stops at the first store error
-    /// (logged), and the next one starts over.
+    /// or more), and closes the connections whose device was unlinked since their token was
+    /// issued: in a cluster the unlink reaches this gateway by a call that may be lost (a
+    /// gateway unreachable a moment, too many offers in flight), and the connection would
+    /// otherwise go on reading and sending for as long as its client keeps it. Returns how
+    /// many devices it recorded; a pass stops at the first store error (logged), and the next
+    /// one starts over.
     pub async fn record_connected_devices(&self) -> usize {
         let devices = Devices::new(self.store.clone());
         let connected = self.routes.devices();
         for (recorded, (user, device)) in connected.iter().enumerate() {
-            if let Err(e) = devices.still_connected(user, device).await {
-                tracing::warn!(user, device, error = %e, "could not record the connected devices' activity; trying again next pass");
-                return recorded;
+            match devices.still_connected(user, device).await {
+                Ok(Some(record)) => {
+                    let closed = self
+                        .routes
+                        .close_refused(user, device, |issued| record.accepts(issued));
+                    if closed > 0 {
+                        tracing::info!(
+                            user,
+                            device,
+                            closed,
+                            "closed the connections of a device unlinked without this gateway being told"
+                        );
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(user, device, error = %e, "could not record the connected devices' activity; trying again next pass");
+                    return recorded;
+                }
             }
         }
         connected.len()
@@ -419,9 +440,12 @@ impl Gateway {
         who: Identity,
         encoding: Encoding,
     ) -> impl Future<Output = ()> + Send + use<> {
-        let (handle, deliveries) =
-            self.routes
-                .register(&who.user, &who.device, self.limits.outbound_queue);
+        let (handle, deliveries) = self.routes.register(
+            &who.user,
+            &who.device,
+            who.issued_at_ms,
+            self.limits.outbound_queue,
+        );
         self.metrics.connections.inc();
         let connection = Connection {
             gateway: self.clone(),

@@ -121,6 +121,9 @@ pub const MAX_CONNECTIONS_PER_DEVICE: usize = 16;
 pub struct ConnectionHandle {
     pub id: u64,
     pub device: String,
+    /// The `iat` of the token the connection was opened with (ms; 0: none), which an unlink
+    /// of its device refuses or not ([`Routes::close_refused`]).
+    pub issued_at_ms: u64,
     queue: flume::Sender<Delivery>,
     pub signals: Arc<Signals>,
 }
@@ -283,7 +286,8 @@ impl Routes {
         }
     }
 
-    /// Registers a connection of `user`/`device` with a queue of `capacity` deliveries. The
+    /// Registers a connection of `user`/`device`, opened with a token issued at
+    /// `issued_at_ms`, with a queue of `capacity` deliveries. The
     /// queue holds no memory while empty (flume's bounded channel grows a `VecDeque`), where
     /// tokio's allocates its first block of 32 slots and cache-padded state up front, ~1 KB
     /// for every idle connection (`docs/benchmarks.md`, "Idle connection memory").
@@ -291,12 +295,14 @@ impl Routes {
         &self,
         user: &str,
         device: &str,
+        issued_at_ms: u64,
         capacity: usize,
     ) -> (ConnectionHandle, flume::Receiver<Delivery>) {
         let (queue, deliveries) = flume::bounded(capacity);
         let handle = ConnectionHandle {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             device: device.to_owned(),
+            issued_at_ms,
             queue,
             signals: Arc::default(),
         };
@@ -324,6 +330,20 @@ impl Routes {
                 users.remove(user);
             }
         }
+    }
+
+    /// Closes the connections of `user`'s `device` whose token is no longer `honoured` (given
+    /// its `iat`): the device was unlinked, and the call that should have told this gateway
+    /// was lost. Returns how many it closed.
+    pub fn close_refused(&self, user: &str, device: &str, honoured: impl Fn(u64) -> bool) -> usize {
+        let mut closed = 0;
+        for connection in self.connections(user) {
+            if connection.device == device && !honoured(connection.issued_at_ms) {
+                connection.close_unlinked();
+                closed += 1;
+            }
+        }
+        closed
     }
 
     /// The open connections of `user`.
@@ -534,22 +554,22 @@ mod tests {
     #[test]
     fn a_device_past_its_connections_has_its_oldest_closed() {
         let routes = Routes::new(Arc::new(Metrics::new()));
-        let (laptop, _) = routes.register("alice", "laptop", 1);
+        let (laptop, _) = routes.register("alice", "laptop", 0, 1);
         let phones: Vec<_> = (0..MAX_CONNECTIONS_PER_DEVICE)
-            .map(|_| routes.register("alice", "phone", 1))
+            .map(|_| routes.register("alice", "phone", 0, 1))
             .collect();
         let replaced = |handle: &ConnectionHandle| handle.signals.take(Signal::Replaced);
         assert!(
             phones.iter().all(|(phone, _)| !replaced(phone)),
             "at the limit"
         );
-        let (newest, _) = routes.register("alice", "phone", 1);
+        let (newest, _) = routes.register("alice", "phone", 0, 1);
         assert!(replaced(&phones[0].0), "the oldest");
         assert!(phones[1..].iter().all(|(phone, _)| !replaced(phone)));
         assert!(!replaced(&newest) && !replaced(&laptop));
         // A burst while the oldest still closes: each new one closes the next oldest.
         let burst: Vec<_> = (0..3)
-            .map(|_| routes.register("alice", "phone", 1))
+            .map(|_| routes.register("alice", "phone", 0, 1))
             .collect();
         let told: Vec<bool> = phones.iter().map(|(phone, _)| replaced(phone)).collect();
         assert_eq!(told[..4], [false, true, true, true], "{told:?}");
@@ -560,8 +580,8 @@ mod tests {
     #[test]
     fn a_flush_of_many_frames_for_one_device_is_one_delivery_in_order_whatever_its_queue() {
         let routes = Routes::new(Arc::new(Metrics::new()));
-        let (_phone, phone) = routes.register("alice", "phone", 16);
-        let (_laptop, laptop) = routes.register("alice", "laptop", 16);
+        let (_phone, phone) = routes.register("alice", "phone", 0, 16);
+        let (_laptop, laptop) = routes.register("alice", "laptop", 0, 16);
         let refused = routes.offer(&offers("alice", 1000));
         assert!(refused.is_empty(), "{refused:?}");
         for queue in [phone, laptop] {
@@ -574,8 +594,8 @@ mod tests {
     #[test]
     fn a_device_holds_one_large_batch_of_offered_frames_at_most_until_it_wrote_it() {
         let routes = Routes::new(Arc::new(Metrics::new()));
-        let (handle, queue) = routes.register("alice", "phone", 16);
-        let (_bob, bob_queue) = routes.register("bob", "phone", 16);
+        let (handle, queue) = routes.register("alice", "phone", 0, 16);
+        let (_bob, bob_queue) = routes.register("bob", "phone", 0, 16);
         assert!(routes.offer(&offers("alice", 100)).is_empty());
         // Unwritten: a second batch is refused, and says for whom; small ones too, since the
         // first is above three quarters of the queue. Another user's device is not affected.
@@ -594,9 +614,9 @@ mod tests {
     #[test]
     fn one_frame_offered_to_a_group_reaches_each_connected_members_devices() {
         let routes = Routes::new(Arc::new(Metrics::new()));
-        let (_phone, phone) = routes.register("alice", "phone", 16);
-        let (_laptop, laptop) = routes.register("alice", "laptop", 16);
-        let (_bob, bob) = routes.register("bob", "phone", 16);
+        let (_phone, phone) = routes.register("alice", "phone", 0, 16);
+        let (_laptop, laptop) = routes.register("alice", "laptop", 0, 16);
+        let (_bob, bob) = routes.register("bob", "phone", 0, 16);
         let offer = Offer {
             users: vec!["alice", "bob", "carol", "dave"],
             frame: receipt("erin", 7),
@@ -611,7 +631,7 @@ mod tests {
     #[test]
     fn offered_frames_leave_a_quarter_of_the_queue_to_events() {
         let routes = Routes::new(Arc::new(Metrics::new()));
-        let (_handle, queue) = routes.register("alice", "phone", 16);
+        let (_handle, queue) = routes.register("alice", "phone", 0, 16);
         // Twelve small offers fill three quarters of the 16 slots; the thirteenth is refused.
         for seq in 1..=12 {
             assert!(routes.offer(&offers("alice", 1)).is_empty(), "offer {seq}");

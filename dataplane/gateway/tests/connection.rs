@@ -248,6 +248,45 @@ async fn a_pass_over_the_connections_records_their_devices_as_seen() {
     assert!(record.last_seen_ms > 1, "{record:?}");
 }
 
+/// An unlink reaches the gateways holding the device's connections by a call that may be
+/// lost (in a cluster: a gateway node unreachable a moment, a timeout, too many offers in
+/// flight), here not made at all (`NoGateways`). The gateway's pass over its connections then
+/// closes them (1008): without it, the unlinked device read and sent on its open connection
+/// for as long as its client kept it open.
+#[tokio::test]
+async fn a_pass_over_the_connections_closes_those_of_a_device_unlinked_unseen() {
+    let engine = FaultyEngine::new();
+    let store = engine.store(4).await;
+    let gateway = gateway(store.clone(), Arc::new(HeldSequencer::default()));
+    let url = serve(gateway.clone()).await;
+    let mut phone = Client::connect(&url, "alice:phone", Encoding::Json)
+        .await
+        .unwrap();
+    phone.events_until_sync_done().await.unwrap();
+    let mut laptop = Client::connect(&url, "alice:laptop", Encoding::Json)
+        .await
+        .unwrap();
+    laptop.events_until_sync_done().await.unwrap();
+    let ChatBinding::Local(chat) = &gateway.chat else {
+        unreachable!("the chat role is in process");
+    };
+    chat.unlink_device("alice", "phone").await.unwrap();
+    phone
+        .ping()
+        .await
+        .expect("no gateway was told of the unlink");
+
+    gateway.record_connected_devices().await;
+    match phone.next_frame_within(WAIT).await {
+        Err(courier_client::ClientError::Closed(Some((code, _)))) => assert_eq!(code, 1008),
+        other => panic!("expected the unlinked device's connection closed, got {other:?}"),
+    }
+    laptop
+        .ping()
+        .await
+        .expect("the other device stays connected");
+}
+
 /// Appends messages `from..to` from alice to bob in `conv`, through a lease the test takes.
 async fn messages_to_bob(store: &MessageStore, conv: &str, ids: std::ops::Range<usize>) {
     messages_from(store, ("alice", "bob"), conv, ids).await;

@@ -643,7 +643,7 @@ impl Gateways for ClusterGateways {
             tracing::warn!(
                 user,
                 device,
-                "too many offers in flight: the unlinked device's connections on other gateways close at their next reconnect check"
+                "too many offers in flight: the unlinked device's connections on other gateways close at their next pass over their connections"
             );
         }
     }
