@@ -1558,3 +1558,48 @@ async fn a_reply_to_a_message_not_yet_in_the_conversation_is_refused() {
     assert_eq!(answer(send(4, Some(3))).await, Err(ErrorCode::BadRequest));
     assert_eq!(answer(send(5, Some(2))).await, Ok(3));
 }
+
+/// The timers of the server's established TCP sockets on `port` (`/proc/net/tcp`'s `tr`:
+/// 0 none, 1 retransmission, 2 keepalive).
+fn server_socket_timers(port: u16) -> Vec<u8> {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let local = format!(":{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let established = fields[3] == "01";
+            (fields[1].ends_with(&local) && established).then(|| {
+                let timer = fields[5].split(':').next().unwrap();
+                u8::from_str_radix(timer, 16).unwrap()
+            })
+        })
+        .collect()
+}
+
+/// A device that vanishes without closing its connection (a phone out of coverage, a NAT that
+/// forgot the mapping) is not taken for connected for good: the server probes its idle
+/// connections (TCP keepalive) and ends one whose peer no longer answers. Without it, such a
+/// connection stayed registered until the server wrote to it and TCP gave up retransmitting
+/// (about 15 minutes at Linux's defaults), or for ever while nothing was written: the push
+/// notifier counted the device as connected and notified it of nothing.
+#[tokio::test]
+async fn an_idle_connection_is_probed_by_tcp_keepalive() {
+    let (_dir, server) = server();
+    let mut alice = server.connect("alice", "phone").await;
+    expect_sync_done(&mut alice).await;
+    let port: u16 = server.ws_url().rsplit(':').next().unwrap().parse().unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let timers = server_socket_timers(port);
+        if !timers.is_empty() && timers.iter().all(|&timer| timer == 2) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the connection's socket has no keepalive timer: {timers:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

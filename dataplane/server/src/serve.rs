@@ -95,6 +95,23 @@ pub const STORE_DIR: &str = "store";
 /// drain used all of `--drain-timeout`.
 pub const LOOP_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// How long a client connection may be silent before its peer is probed (TCP keepalive), the
+/// time between two probes, and how many may go unanswered: a peer gone without closing (a
+/// phone out of coverage, a NAT that forgot the mapping) is found gone about two minutes
+/// after it last answered, its connection ends and the device counts as offline again (the
+/// push notifier notifies it). Without them such a connection stayed open while nothing was
+/// written to it, for good.
+const KEEPALIVE_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
+const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(15);
+const KEEPALIVE_PROBES: u32 = 4;
+
+/// Longest that data written to a client connection may stay unacknowledged (Linux's
+/// `TCP_USER_TIMEOUT`): a peer gone while the server writes to it is found gone as fast as an
+/// idle one, rather than after TCP's retransmissions give up (about 15 minutes at Linux's
+/// defaults), all that time counted as connected.
+#[cfg(target_os = "linux")]
+const UNACKNOWLEDGED_LIMIT: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// Time between two passes forgetting the rate limits of idle users and connections.
 const FORGET_IDLE_LIMITS_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
@@ -356,6 +373,20 @@ pub fn metrics_routes(
     });
     tracing::info!(%address, "courier metrics on {address}");
     Ok(axum::Router::new())
+}
+
+/// Has the kernel probe `tcp`'s peer while the connection is idle and end it once the peer
+/// stops answering ([`KEEPALIVE_IDLE`], [`UNACKNOWLEDGED_LIMIT`]).
+fn probe_when_idle(tcp: &tokio::net::TcpStream) -> std::io::Result<()> {
+    let socket = socket2::SockRef::from(tcp);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_PROBES);
+    socket.set_tcp_keepalive(&keepalive)?;
+    #[cfg(target_os = "linux")]
+    socket.set_tcp_user_timeout(Some(UNACKNOWLEDGED_LIMIT))?;
+    Ok(())
 }
 
 /// The listener of the node's HTTP port (`--listen`: the client port, or a node's probes),
@@ -661,6 +692,9 @@ pub async fn run_client_roles(
     let listener = listener.tap_io(|tcp| {
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::warn!(error = %e, "could not set TCP_NODELAY on a connection");
+        }
+        if let Err(e) = probe_when_idle(tcp) {
+            tracing::warn!(error = %e, "could not set TCP keepalive on a connection");
         }
     });
     let app = router(state).merge(media_routes).merge(metrics_routes);
