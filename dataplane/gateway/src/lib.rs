@@ -150,7 +150,9 @@ pub struct Gateway {
 
 /// A gateway's routes in a cluster's route registry (`courier_store::routes`): each device's
 /// route is written when it connects, before its catch-up reads the store (so an event is
-/// either delivered live or read by the catch-up), and cleared when its connection ends.
+/// either delivered live or read by the catch-up), and cleared when its last connection here
+/// ends: while another connection of the device stays open here (two tabs of a web app sharing
+/// a device id), the route stays, whichever of them wrote it ([`Routes::leave`]).
 ///
 /// A route whose clearing fails (the store unavailable as the connection ends) is kept here
 /// and cleared again by [`ClusterRoutes::clear_left`], which the node runs every lease round:
@@ -161,8 +163,9 @@ pub struct ClusterRoutes {
     pub store: MessageStore,
     /// This gateway's node id.
     pub node: String,
-    /// Routes of connections that ended whose clearing failed: user, device, connection.
-    left: Mutex<VecDeque<(String, String, u64)>>,
+    /// Routes of devices whose last connection here ended and whose clearing failed: user,
+    /// device.
+    left: Mutex<VecDeque<(String, String)>>,
 }
 
 /// Most routes [`ClusterRoutes`] keeps to clear again.
@@ -178,24 +181,34 @@ impl ClusterRoutes {
         }
     }
 
-    /// Clears the route of `user`'s `device` written by connection `connection`, which ended;
-    /// kept to be cleared again if that fails.
-    async fn clear(&self, user: &str, device: &str, connection: u64) {
-        let cleared = self
-            .store
-            .remove_route(user, device, &self.node, connection)
-            .await;
+    /// Clears the route of `user`'s `device`, whose last connection here (in `open`) ended,
+    /// unless a connection still open in `open` wrote it (the device connected again); kept to
+    /// be cleared again if that fails.
+    async fn clear(&self, user: &str, device: &str, open: &Routes) {
+        let cleared = self.clear_unless_open(user, device, open).await;
         if let Err(e) = cleared {
             tracing::warn!(user, error = %e, "could not clear the device's route; clearing it again at the next lease round");
-            self.keep_left([(user.to_owned(), device.to_owned(), connection)]);
+            self.keep_left([(user.to_owned(), device.to_owned())]);
         }
     }
 
-    fn keep_left(&self, routes: impl IntoIterator<Item = (String, String, u64)>) {
+    async fn clear_unless_open(
+        &self,
+        user: &str,
+        device: &str,
+        open: &Routes,
+    ) -> Result<bool, StoreError> {
+        let still_open = |connection| open.holds(user, connection);
+        self.store
+            .remove_route_unless(user, device, &self.node, still_open)
+            .await
+    }
+
+    fn keep_left(&self, routes: impl IntoIterator<Item = (String, String)>) {
         let mut left = self.left.lock().unwrap_or_else(|e| e.into_inner());
         for route in routes {
             if left.len() == MAX_LEFT_ROUTES
-                && let Some((user, device, _)) = left.pop_front()
+                && let Some((user, device)) = left.pop_front()
             {
                 tracing::warn!(
                     user,
@@ -207,19 +220,16 @@ impl ClusterRoutes {
         }
     }
 
-    /// Clears again the routes whose clearing failed when their connection ended (a newer
-    /// connection's route of the same device is kept). The first that fails again stops the
-    /// call: it and the rest are kept for the next. Returns how many are left.
-    pub async fn clear_left(&self) -> usize {
+    /// Clears again the routes whose clearing failed when their connection ended (the route
+    /// of a connection of the same device open since in `open` is kept). The first that fails
+    /// again stops the call: it and the rest are kept for the next. Returns how many are left.
+    pub async fn clear_left(&self, open: &Routes) -> usize {
         let mut left = std::mem::take(&mut *self.left.lock().unwrap_or_else(|e| e.into_inner()));
-        while let Some((user, device, connection)) = left.pop_front() {
-            let cleared = self
-                .store
-                .remove_route(&user, &device, &self.node, connection)
-                .await;
+        while let Some((user, device)) = left.pop_front() {
+            let cleared = self.clear_unless_open(&user, &device, open).await;
             if let Err(e) = cleared {
                 tracing::warn!(error = %e, routes = left.len() + 1, "clearing the routes of ended connections failed; retrying at the next lease round");
-                left.push_front((user, device, connection));
+                left.push_front((user, device));
                 break;
             }
         }
@@ -520,8 +530,12 @@ impl Connection {
             tracing::warn!(user = %who.user, device = %who.device, error = %e, "could not record device activity");
         }
         let user = &who.user;
-        if let Some(cluster) = &gateway.cluster_routes {
-            cluster.clear(user, &handle.device, handle.id).await;
+        // Another connection of the device open here keeps its route.
+        let route_stays = gateway.routes.leave(user, handle.id);
+        if let Some(cluster) = &gateway.cluster_routes
+            && !route_stays
+        {
+            cluster.clear(user, &handle.device, &gateway.routes).await;
         }
         // Last: a draining server waits for its connections to leave the registry.
         gateway.routes.unregister(user, handle.id);

@@ -87,6 +87,8 @@ pub struct Signals {
     /// Told to close for newer connections of its device ([`Signal::Replaced`]): it no longer
     /// counts against the device's limit while it closes (its close takes seconds).
     replaced: AtomicBool,
+    /// Its connection is leaving ([`Routes::leave`]): its device's route no longer counts it.
+    leaving: AtomicBool,
 }
 
 /// A signal to a connection, raised until the connection takes it.
@@ -320,6 +322,34 @@ impl Routes {
             oldest.signals.raise(Signal::Replaced);
         }
         (handle, deliveries)
+    }
+
+    /// Marks connection `id` of `user` as leaving, and says whether another connection of the
+    /// same device, not leaving, stays open here: then the device's route (in a cluster) must
+    /// stay too. Under the registry's lock, so that of two connections of a device leaving at
+    /// once one at least sees the other leaving.
+    pub fn leave(&self, user: &str, id: u64) -> bool {
+        let users = self.users.write().unwrap_or_else(|e| e.into_inner());
+        let Some(connections) = users.get(user) else {
+            return false;
+        };
+        let Some(leaving) = connections.iter().find(|c| c.id == id) else {
+            return false;
+        };
+        leaving.signals.leaving.store(true, Ordering::Relaxed);
+        connections.iter().any(|c| {
+            c.id != id && c.device == leaving.device && !c.signals.leaving.load(Ordering::Relaxed)
+        })
+    }
+
+    /// Whether connection `id` of `user` is open here and not leaving: a route naming it stays.
+    pub fn holds(&self, user: &str, id: u64) -> bool {
+        let users = self.users.read().unwrap_or_else(|e| e.into_inner());
+        users.get(user).is_some_and(|connections| {
+            connections
+                .iter()
+                .any(|c| c.id == id && !c.signals.leaving.load(Ordering::Relaxed))
+        })
     }
 
     pub fn unregister(&self, user: &str, id: u64) {
@@ -575,6 +605,29 @@ mod tests {
         assert_eq!(told[..4], [false, true, true, true], "{told:?}");
         assert!(!told[4..].iter().any(|&t| t));
         assert!(burst.iter().all(|(phone, _)| !replaced(phone)) && !replaced(&newest));
+    }
+
+    /// The device's route stays while one of its connections stays, whichever leaves first;
+    /// of two leaving at once, the second sees none left (the route is cleared, not kept for
+    /// good).
+    #[test]
+    fn a_devices_route_stays_until_its_last_connection_here_leaves() {
+        let routes = Routes::new(Arc::new(Metrics::new()));
+        let (older, _) = routes.register("alice", "phone", 0, 1);
+        let (newer, _) = routes.register("alice", "phone", 0, 1);
+        let (_laptop, _) = routes.register("alice", "laptop", 0, 1);
+        assert!(routes.holds("alice", newer.id));
+        assert!(routes.leave("alice", newer.id), "the older one stays");
+        assert!(
+            !routes.holds("alice", newer.id),
+            "leaving, a route naming it goes"
+        );
+        assert!(routes.holds("alice", older.id));
+        assert!(
+            !routes.leave("alice", older.id),
+            "no phone left: the route goes"
+        );
+        assert!(!routes.holds("alice", older.id));
     }
 
     #[test]

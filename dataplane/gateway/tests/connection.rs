@@ -211,11 +211,72 @@ async fn a_route_whose_clearing_failed_as_its_connection_ended_is_cleared_again(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(store.routes("alice").await.unwrap().len(), 1, "not cleared");
-    assert_eq!(routes.clear_left().await, 1, "the store still fails");
+    assert_eq!(
+        routes.clear_left(&gateway.routes).await,
+        1,
+        "the store still fails"
+    );
 
     engine.set_fault(None);
-    assert_eq!(routes.clear_left().await, 0);
+    assert_eq!(routes.clear_left(&gateway.routes).await, 0);
     assert!(store.routes("alice").await.unwrap().is_empty());
+}
+
+/// Two connections of one device on one gateway (two tabs of a web app sharing its device id):
+/// the newer closing first leaves the device's route in place, since the older is still open
+/// there; the route goes once the last one closes. Cleared by the newer one, the route was
+/// gone while the older stayed connected: no event reached it live for as long as it stayed,
+/// and the push notifier took the device for offline.
+#[tokio::test]
+async fn a_devices_route_stays_while_one_of_its_connections_is_open_here() {
+    let engine = FaultyEngine::new();
+    let store = engine.store(4).await;
+    let routes = Arc::new(ClusterRoutes::new(store.clone(), "g1".into()));
+    let gateway = gateway_with_routes(
+        store.clone(),
+        Arc::new(HeldSequencer::default()),
+        Some(routes),
+        GatewayLimits::default(),
+    );
+    let url = serve(gateway.clone()).await;
+    let mut older = Client::connect(&url, "alice:phone", Encoding::Json)
+        .await
+        .unwrap();
+    older.events_until_sync_done().await.unwrap();
+    let mut newer = Client::connect(&url, "alice:phone", Encoding::Json)
+        .await
+        .unwrap();
+    newer.events_until_sync_done().await.unwrap();
+    let until_open = |open: usize| {
+        let gateway = gateway.clone();
+        async move {
+            let deadline = tokio::time::Instant::now() + WAIT;
+            while gateway.routes.count() != open {
+                assert!(tokio::time::Instant::now() < deadline, "still open");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+
+    newer.close().await;
+    until_open(1).await;
+    let left = store.routes("alice").await.unwrap();
+    assert_eq!(
+        left.len(),
+        1,
+        "the older connection's device keeps its route"
+    );
+    assert_eq!(
+        (left[0].device.as_str(), left[0].gateway.as_str()),
+        ("phone", "g1")
+    );
+
+    older.close().await;
+    until_open(0).await;
+    assert!(
+        store.routes("alice").await.unwrap().is_empty(),
+        "no route once none is open"
+    );
 }
 
 /// A device's record is written when a connection of it opens and closes; a connection open

@@ -964,17 +964,19 @@ fn serve_internal(
     });
     let (store, node, round) = (store.clone(), node.to_owned(), config.ownership().round());
     let own_routes = gateway.cluster_routes.clone();
+    let open = gateway.routes.clone();
     // Stops at once when cancelled; restarted if it panics: it keeps no state (the routes of
     // this gateway to clear again are kept by `own_routes`).
     loops.spawn("sweep the routes of lapsed gateways", move |cancel| {
         let (store, node, own_routes) = (store.clone(), node.clone(), own_routes.clone());
+        let open = open.clone();
         async move {
             let read = async {
                 let mut rounds = tokio::time::interval(round);
                 loop {
                     rounds.tick().await;
                     if let Some(own) = &own_routes {
-                        own.clear_left().await;
+                        own.clear_left(&open).await;
                     }
                     if let Err(e) = sweep_round(&store, &node).await {
                         tracing::warn!(error = %e, "sweeping the routes of lapsed gateways failed; retrying");

@@ -7,9 +7,11 @@
 //! `courier_gateway::ClusterRoutes`). An event committed after the route was written is delivered to it live; one committed
 //! before is read by the catch-up: a device never falls between the two.
 //!
-//! Each route holds the id of the connection that wrote it, and a connection clears the route
-//! only while it still holds its own id: a newer connection of the same device on the same
-//! gateway keeps its route when an older one closes.
+//! Each route holds the id of the connection that wrote it. The gateway clears it when the
+//! device's last connection there ends, unless a connection still open there wrote it
+//! ([`MessageStore::remove_route_unless`]): a newer connection of the same device on the same
+//! gateway keeps its route when an older one closes, and an older one open keeps it when a
+//! newer one closes.
 //!
 //! Routes to a gateway whose node lease lapsed are ignored by their readers and swept by any
 //! gateway ([`MessageStore::clear_gateway_routes`]): each route is also listed under its
@@ -66,9 +68,22 @@ impl MessageStore {
         gateway: &str,
         connection: u64,
     ) -> Result<bool, StoreError> {
+        self.remove_route_unless(user, device, gateway, |wrote| wrote != connection)
+            .await
+    }
+
+    /// Clears the route of `user`'s `device` to `gateway` unless the connection that wrote it
+    /// is one to `keep` (still open there). Returns whether it was cleared.
+    pub async fn remove_route_unless(
+        &self,
+        user: &str,
+        device: &str,
+        gateway: &str,
+        keep: impl Fn(u64) -> bool,
+    ) -> Result<bool, StoreError> {
         let key = self.keys().route(user, device, gateway);
         let value = self.kv().get(&key).await?;
-        if value.as_deref().map(decode_u64) != Some(connection) {
+        if value.as_deref().map(decode_u64).is_none_or(keep) {
             return Ok(false);
         }
         let mut batch = Batch::new();
