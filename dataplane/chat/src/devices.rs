@@ -42,8 +42,8 @@ impl Devices {
     }
 
     /// Admits a verified token: refuses it if issued (at or) before the device's last unlink;
-    /// remembers it if it is the device's newest, which links an unlinked device again. A
-    /// device not seen before is recorded (not yet active: `last_seen_ms` 0, so that it holds
+    /// remembers it if it is the device's newest, which links an unlinked device again (not
+    /// seen since: `last_seen_ms` 0 until it connects). A device not seen before is recorded (not yet active: `last_seen_ms` 0, so that it holds
     /// no events back from retention), so that a device which only calls the HTTP API is
     /// listed and can be unlinked like any other. What it writes needs no fsync of its own
     /// ([`MessageStore::record_device_activity`]): a write lost to a power loss is made again
@@ -54,6 +54,13 @@ impl Devices {
             None => Some(DeviceRecord {
                 token_issued_ms: issued,
                 ..DeviceRecord::default()
+            }),
+            // Linked again: not seen since, as a device first seen here (the old link's
+            // activity would count it active for retention, from an empty cursor).
+            Some(r) if r.accepts(issued) && !r.is_linked() => Some(DeviceRecord {
+                token_issued_ms: issued,
+                last_seen_ms: 0,
+                ..r.clone()
             }),
             Some(r) if r.accepts(issued) && issued > r.token_issued_ms => Some(DeviceRecord {
                 token_issued_ms: issued,
@@ -409,6 +416,32 @@ mod tests {
                 "http {http}: cursors of the old link: {left:?}"
             );
         }
+    }
+
+    /// A device linked again through the HTTP API alone is new to retention and to its user's
+    /// list, as a device first seen there is: `last_seen_ms` 0, not the old link's activity,
+    /// which counted it active (holding back every conversation of its user from an empty
+    /// cursor, for up to `--device-inactive-after` from the old link's last connection).
+    #[tokio::test]
+    async fn a_device_linked_again_through_the_http_api_is_not_seen_yet() {
+        let engine = FaultyEngine::new();
+        let store = engine.store(8).await;
+        let devices = Devices::new(store.clone());
+        assert_eq!(devices.seen(&phone(1_000)).await.unwrap(), Link::Linked);
+        let unlinked_at = now_ms();
+        assert!(
+            store
+                .unlink_device("alice", "phone", unlinked_at)
+                .await
+                .unwrap()
+        );
+        devices.admit(&phone(unlinked_at + 1)).await.unwrap();
+        let listed = devices.list("alice").await.unwrap();
+        assert_eq!(listed.len(), 1, "linked again: {listed:?}");
+        assert_eq!(
+            listed[0].last_seen_ms, 0,
+            "not seen since it was linked again"
+        );
     }
 
     #[tokio::test]
