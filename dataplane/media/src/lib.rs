@@ -8,8 +8,9 @@
 //! - Uploads are streamed: hashed and written part by part, never held whole in memory; above
 //!   the size limit the upload is aborted and answered 413. Each user may keep a quota of
 //!   upload bytes (413 past it), charged when an upload is recorded and given back when the
-//!   sweeper forgets it. Uploads are refused (`unavailable`) while the disk is low
-//!   ([`StorageHealth`]), before sends are.
+//!   sweeper forgets it. An upload is answered only once its bytes are durable (a local
+//!   directory is synced, files and directory entries). Uploads are refused (`unavailable`)
+//!   while the disk is low ([`StorageHealth`]), before sends are.
 //! - Access: the uploader, and whoever may read (by the membership rule) a retained,
 //!   undeleted message that shares the media (the sender must own the media id when sending).
 //!   Each message holds its own reference, so deleting or trimming one message leaves the
@@ -241,7 +242,11 @@ impl MediaService {
             Some(dir) => {
                 // Readable by the server's user alone (`courier_core::dirs`).
                 courier_core::dirs::create_private(&dir)?;
-                Arc::new(object_store::local::LocalFileSystem::new_with_prefix(&dir)?)
+                // Synced (files and their directories) before an upload is answered: bytes
+                // left in the page cache would be lost by a power cut that their record,
+                // committed by the store, outlives. A bucket is durable when it answers.
+                let local = object_store::local::LocalFileSystem::new_with_prefix(&dir)?;
+                Arc::new(local.with_fsync(true))
             }
             None => Arc::new(
                 object_store::aws::AmazonS3Builder::from_env()
@@ -1148,6 +1153,19 @@ mod tests {
                 .await
                 .is_err()
         );
+    }
+
+    /// An upload is answered 201 only once its bytes are on disk. Without fsync they sat in
+    /// the page cache: a power cut lost them while their record, committed by the store
+    /// (which syncs), outlived it and named bytes that were gone or cut short; a later upload
+    /// of the same bytes, finding a file under their hash, kept it as it was.
+    #[tokio::test]
+    async fn local_media_bytes_are_synced_before_an_upload_is_answered() {
+        let (engine, dir) = (FaultyEngine::new(), tempfile::tempdir().unwrap());
+        let media = media_over(&engine, dir.path()).await;
+        // `LocalFileSystem` says whether it syncs only in its `Debug` form.
+        let objects = format!("{:?}", media.objects);
+        assert!(objects.contains("fsync: true"), "{objects}");
     }
 
     /// An upload whose record cannot be committed leaves no staged bytes behind.
