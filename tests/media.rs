@@ -133,6 +133,76 @@ async fn upload_then_members_download_with_ranges_and_etags() {
     assert_eq!(download(&server, "bob", "0000", &[]).await.status(), 404);
 }
 
+/// Every `Range` gets the answer RFC 9110 gives it (14.1, 14.2, 13.1.5): a range of bytes
+/// that overlaps the media 206 with exactly those bytes (however large its numbers), one that
+/// starts past the end 416 with `Content-Range: bytes */size`, and whatever the server does
+/// not serve as a range (another unit, several ranges, a malformed one, an `If-Range` that
+/// does not match) the whole media, 200: the client asked for bytes it may have.
+#[tokio::test]
+async fn range_requests_get_the_answers_of_rfc_9110() {
+    let (_dir, server) = start(&[]);
+    let bytes = pattern(1000);
+    let (status, uploaded) = upload(&server, "alice", "video/mp4", bytes.clone()).await;
+    assert_eq!(status, 201, "{uploaded}");
+    let id = uploaded["media_id"].as_str().unwrap().to_owned();
+    let etag = format!("\"{}\"", uploaded["sha256"].as_str().unwrap());
+    let huge = "99999999999999999999999";
+    type Headers<'a> = &'a [(&'a str, &'a str)];
+    let parts: [(Headers, (usize, usize)); 6] = [
+        (&[("range", "bytes=10-19")], (10, 20)),
+        (&[("range", "bytes=990-")], (990, 1000)),
+        (&[("range", "bytes=-5")], (995, 1000)),
+        (&[("range", &format!("bytes=0-{huge}"))], (0, 1000)),
+        (&[("range", &format!("bytes=-{huge}"))], (0, 1000)),
+        (&[("range", "bytes=10-19"), ("if-range", &etag)], (10, 20)),
+    ];
+    for (headers, (start, end)) in parts {
+        let part = download(&server, "alice", &id, headers).await;
+        assert_eq!(part.status(), 206, "{headers:?}");
+        assert_eq!(
+            part.headers()["content-range"],
+            format!("bytes {start}-{}/1000", end - 1).as_str(),
+            "{headers:?}"
+        );
+        assert_eq!(
+            part.headers()["content-length"],
+            (end - start).to_string().as_str()
+        );
+        assert_eq!(part.bytes().await.unwrap().as_ref(), &bytes[start..end]);
+    }
+    for range in [
+        "bytes=1000-",
+        "bytes=1000-2000",
+        &format!("bytes={huge}-"),
+        "bytes=-0",
+    ] {
+        let refused = download(&server, "alice", &id, &[("range", range)]).await;
+        assert_eq!(refused.status(), 416, "{range}");
+        assert_eq!(
+            refused.headers()["content-range"],
+            "bytes */1000",
+            "{range}"
+        );
+    }
+    let whole: [Headers; 6] = [
+        &[("range", "items=0-9")],
+        &[("range", "bytes=0-1,5-6")],
+        &[("range", "bytes=5-1")],
+        &[("range", "bytes=ten-")],
+        &[("range", "bytes=-")],
+        &[
+            ("range", "bytes=10-19"),
+            ("if-range", "\"another-version\""),
+        ],
+    ];
+    for headers in whole {
+        let served = download(&server, "alice", &id, headers).await;
+        assert_eq!(served.status(), 200, "{headers:?}");
+        assert!(served.headers().get("content-range").is_none());
+        assert_eq!(served.bytes().await.unwrap().as_ref(), bytes.as_slice());
+    }
+}
+
 #[tokio::test]
 async fn same_bytes_are_stored_once_and_the_size_limit_is_enforced() {
     let (dir, server) = start(&["--media-max-bytes", "100000"]);

@@ -460,18 +460,20 @@ impl MediaService {
                 .body(Body::empty())
                 .map_err(storage_error);
         }
-        let range = match headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
-            Some(value) => match parse_range(value, record.size) {
-                Some(range) => Some(range),
-                None => {
-                    return Ok((
-                        StatusCode::RANGE_NOT_SATISFIABLE,
-                        [(header::CONTENT_RANGE, format!("bytes */{}", record.size))],
-                    )
-                        .into_response());
-                }
-            },
-            None => None,
+        let asked = headers
+            .get(header::RANGE)
+            .and_then(|v| v.to_str().ok())
+            .filter(|_| range_applies(headers, &etag));
+        let range = match asked.map(|value| parse_range(value, record.size)) {
+            Some(Ranged::Part(range)) => Some(range),
+            Some(Ranged::Unsatisfiable) => {
+                return Ok((
+                    StatusCode::RANGE_NOT_SATISFIABLE,
+                    [(header::CONTENT_RANGE, format!("bytes */{}", record.size))],
+                )
+                    .into_response());
+            }
+            Some(Ranged::Whole) | None => None,
         };
         let options = GetOptions {
             range: range.clone().map(GetRange::Bounded),
@@ -687,22 +689,56 @@ fn sign(secret: &str, id: &str, expires: u64) -> Hmac<Sha256> {
     mac
 }
 
-/// Parses one `bytes=` range against an object of `size` bytes; `None` when unsatisfiable.
-fn parse_range(value: &str, size: u64) -> Option<std::ops::Range<u64>> {
-    let spec = value.trim().strip_prefix("bytes=")?;
-    if spec.contains(',') || size == 0 {
-        return None;
-    }
-    let (start, end) = spec.split_once('-')?;
-    let (start, end) = match (start.trim(), end.trim()) {
-        ("", suffix) => {
-            let n: u64 = suffix.parse().ok()?;
-            (size.saturating_sub(n), size - 1)
-        }
-        (start, "") => (start.parse().ok()?, size - 1),
-        (start, end) => (start.parse().ok()?, end.parse::<u64>().ok()?.min(size - 1)),
+/// What a `Range` header asks of an object (RFC 9110, 14.2).
+#[derive(Debug, PartialEq)]
+enum Ranged {
+    /// The whole object (200): no range this server serves was asked for.
+    Whole,
+    /// These bytes (206).
+    Part(std::ops::Range<u64>),
+    /// A range of bytes that starts past the end (416).
+    Unsatisfiable,
+}
+
+/// Parses a `Range` header against an object of `size` bytes (never 0: empty uploads are
+/// refused). One range of bytes is served; another unit, several ranges (as S3 does) and a
+/// malformed range are ignored, so the client gets the whole object rather than an error (a
+/// server must ignore a unit it does not understand, and may ignore the rest). A position past
+/// `u64::MAX` is still a position: past the end of any object.
+fn parse_range(value: &str, size: u64) -> Ranged {
+    let position = |digits: &str| {
+        (!digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| digits.parse().unwrap_or(u64::MAX))
     };
-    (start <= end && start < size).then_some(start..end + 1)
+    let Some(spec) = value.trim().strip_prefix("bytes=") else {
+        return Ranged::Whole;
+    };
+    let Some((first, last)) = spec.split_once('-').filter(|_| !spec.contains(',')) else {
+        return Ranged::Whole;
+    };
+    let (first, last) = (first.trim(), last.trim());
+    let (start, end) = match (first, position(first), position(last)) {
+        // The last `n` bytes (all of them when there are fewer).
+        ("", _, Some(0)) => return Ranged::Unsatisfiable,
+        ("", _, Some(n)) => (size.saturating_sub(n), size - 1),
+        (_, Some(start), None) if last.is_empty() => (start, size - 1),
+        (_, Some(start), Some(end)) if start <= end => (start, end.min(size - 1)),
+        _ => return Ranged::Whole,
+    };
+    if start < size {
+        Ranged::Part(start..end + 1)
+    } else {
+        Ranged::Unsatisfiable
+    }
+}
+
+/// Whether the range asked may be served: without `If-Range`, or with one naming this very
+/// object (`etag`). Any other validator (another ETag, a date: no `Last-Modified` is sent)
+/// names another version, and the whole object is served (RFC 9110, 13.1.5).
+fn range_applies(headers: &HeaderMap, etag: &str) -> bool {
+    headers
+        .get(header::IF_RANGE)
+        .is_none_or(|v| v.to_str().is_ok_and(|v| v.trim() == etag))
 }
 
 #[cfg(test)]
@@ -1189,13 +1225,24 @@ mod tests {
 
     #[test]
     fn ranges_follow_rfc_9110() {
-        assert_eq!(parse_range("bytes=0-99", 1000), Some(0..100));
-        assert_eq!(parse_range("bytes=900-", 1000), Some(900..1000));
-        assert_eq!(parse_range("bytes=-100", 1000), Some(900..1000));
-        assert_eq!(parse_range("bytes=990-2000", 1000), Some(990..1000));
-        assert_eq!(parse_range("bytes=1000-", 1000), None);
-        assert_eq!(parse_range("bytes=5-1", 1000), None);
-        assert_eq!(parse_range("bytes=0-1,5-6", 1000), None);
-        assert_eq!(parse_range("items=0-1", 1000), None);
+        use Ranged::{Part, Unsatisfiable, Whole};
+        assert_eq!(parse_range("bytes=0-99", 1000), Part(0..100));
+        assert_eq!(parse_range("bytes=900-", 1000), Part(900..1000));
+        assert_eq!(parse_range("bytes=-100", 1000), Part(900..1000));
+        assert_eq!(parse_range("bytes=-5000", 1000), Part(0..1000));
+        assert_eq!(parse_range("bytes=990-2000", 1000), Part(990..1000));
+        assert_eq!(parse_range("bytes=0-99999999999999999999", 10), Part(0..10));
+        assert_eq!(parse_range("bytes=-99999999999999999999", 10), Part(0..10));
+        assert_eq!(parse_range("bytes=1000-", 1000), Unsatisfiable);
+        assert_eq!(
+            parse_range("bytes=99999999999999999999-", 10),
+            Unsatisfiable
+        );
+        assert_eq!(parse_range("bytes=-0", 1000), Unsatisfiable);
+        assert_eq!(parse_range("bytes=5-1", 1000), Whole);
+        assert_eq!(parse_range("bytes=+5-", 1000), Whole);
+        assert_eq!(parse_range("bytes=-", 1000), Whole);
+        assert_eq!(parse_range("bytes=0-1,5-6", 1000), Whole);
+        assert_eq!(parse_range("items=0-1", 1000), Whole);
     }
 }
