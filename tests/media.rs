@@ -402,6 +402,41 @@ async fn uploaded_pages_are_served_inert() {
     }
 }
 
+/// A `Content-Type` naming several types is refused: a browser takes the last of them
+/// (Fetch, "extract a MIME type"), so `image/png,text/html` was served inline as a page, and
+/// `image/png,text/css` as a style sheet past the check that serves style sheets as bytes.
+/// One type, its parameters quoted as they need, is taken.
+#[tokio::test]
+async fn a_content_type_of_several_types_is_refused() {
+    let (_dir, server) = start(&[]);
+    let page = b"<h1>Your session expired: sign in again</h1>".to_vec();
+    for mime in [
+        "image/png,text/html",
+        "image/png, text/css",
+        "image/png;a=b,text/html",
+        "image/png text/html",
+        "image/",
+        "/png",
+        "image/png; name",
+    ] {
+        let (status, refused) = upload(&server, "mallory", mime, page.clone()).await;
+        assert_eq!(
+            (status, refused["code"].as_str()),
+            (400, Some("bad_request")),
+            "{mime}: {refused}"
+        );
+    }
+    for mime in [
+        "image/png",
+        "text/plain; charset=utf-8",
+        "image/png; name=\"a,b.png\"",
+    ] {
+        let (status, uploaded) = upload(&server, "mallory", mime, page.clone()).await;
+        assert_eq!(status, 201, "{mime}: {uploaded}");
+        assert_eq!(uploaded["mime"], mime);
+    }
+}
+
 /// Two messages of one conversation carry the same media id.
 async fn share_twice(server: &Server, uploaded: &serde_json::Value) -> (String, u64, u64) {
     let mut alice = server.connect("alice", "phone").await;

@@ -164,9 +164,71 @@ fn storage_error(e: impl std::fmt::Display) -> ApiError {
     ApiError::new(ErrorCode::Internal, "media storage error")
 }
 
+/// Whether `mime` is one media type (RFC 9110, 8.3.1): `type/subtype`, then `; name=value`
+/// parameters, each value a token or a quoted string. A browser given several types
+/// (`image/png,text/html`) takes the last (Fetch, "extract a MIME type"): what an upload is
+/// served as must be what the checks below looked at.
+fn is_media_type(mime: &str) -> bool {
+    let token = |s: &str| {
+        s.find(|c: char| !(c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c)))
+            .unwrap_or(s.len())
+    };
+    fn ows(s: &str) -> &str {
+        s.trim_start_matches([' ', '\t'])
+    }
+    // The end of a quoted string's text (its closing quote), `\` escaping the next byte.
+    let closing_quote = |s: &str| {
+        let mut escaped = false;
+        s.bytes().position(|b| {
+            let closes = b == b'"' && !escaped;
+            escaped = b == b'\\' && !escaped;
+            closes
+        })
+    };
+    let kind = token(mime);
+    let Some(subtype) = mime[kind..].strip_prefix('/').filter(|_| kind > 0) else {
+        return false;
+    };
+    let length = token(subtype);
+    if length == 0 {
+        return false;
+    }
+    let mut rest = &subtype[length..];
+    loop {
+        rest = ows(rest);
+        if rest.is_empty() {
+            return true;
+        }
+        let Some(parameter) = rest.strip_prefix(';').map(ows) else {
+            return false;
+        };
+        if parameter.is_empty() || parameter.starts_with(';') {
+            rest = parameter;
+            continue;
+        }
+        let name = token(parameter);
+        let Some(value) = parameter[name..].strip_prefix('=').filter(|_| name > 0) else {
+            return false;
+        };
+        rest = match value.strip_prefix('"') {
+            Some(quoted) => match closing_quote(quoted) {
+                Some(end) => &quoted[end + 1..],
+                None => return false,
+            },
+            None => match token(value) {
+                0 => return false,
+                length => &value[length..],
+            },
+        };
+    }
+}
+
 /// Whether media of type `mime` may be shown in the browser rather than saved: pictures (but
 /// SVG, which may hold scripts), sound and video.
 fn shown_inline(mime: &str) -> bool {
+    if !is_media_type(mime) {
+        return false;
+    }
     let mime = mime.to_ascii_lowercase();
     let picture = mime.starts_with("image/") && !mime.contains("svg");
     picture || mime.starts_with("audio/") || mime.starts_with("video/")
@@ -176,8 +238,12 @@ fn shown_inline(mime: &str) -> bool {
 /// apply from a URL of its origin (scripts, style sheets, WebAssembly), served as bytes. With
 /// `nosniff` a browser then loads none of them as such: the web app's `script-src 'self'` would
 /// otherwise admit a script anyone uploaded, should a page of the origin ever be made to
-/// include it.
+/// include it. A type that is not one media type (stored before uploads were checked for it)
+/// is served as bytes too.
 fn served_type(mime: &str) -> &str {
+    if !is_media_type(mime) {
+        return "application/octet-stream";
+    }
     let essence = mime
         .split(';')
         .next()
@@ -271,9 +337,9 @@ impl MediaService {
         mime: &str,
         body: Body,
     ) -> Result<Uploaded, ApiError> {
-        if mime.is_empty() || mime.len() > 255 || !mime.contains('/') {
+        if mime.len() > 255 || !is_media_type(mime) {
             return Err(ApiError::bad_request(
-                "Content-Type must be a MIME type such as image/jpeg",
+                "Content-Type must be one MIME type such as image/jpeg (at most 255 characters)",
             ));
         }
         self.health.check_upload()?;
@@ -1221,6 +1287,22 @@ mod tests {
             .collect()
             .await;
         assert!(staged.is_empty(), "{staged:?}");
+    }
+
+    /// A type stored before uploads were checked for being one type (`image/png,text/html`,
+    /// which a browser takes as its last type) is served as bytes, to be saved.
+    #[test]
+    fn a_stored_type_of_several_types_is_served_as_bytes_to_be_saved() {
+        for mime in [
+            "image/png,text/html",
+            "image/png, text/css",
+            "video/mp4 text/html",
+        ] {
+            assert_eq!(served_type(mime), "application/octet-stream", "{mime}");
+            assert!(!shown_inline(mime), "{mime}");
+        }
+        assert_eq!(served_type("image/png; q=\"a,b\""), "image/png; q=\"a,b\"");
+        assert!(shown_inline("image/png; q=\"a,b\""));
     }
 
     #[test]
