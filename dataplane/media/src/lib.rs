@@ -6,7 +6,8 @@
 //!   the sha256), so a re-upload of the same bytes by anyone never changes what another id
 //!   serves; the records share the stored bytes.
 //! - Uploads are streamed: hashed and written part by part, never held whole in memory; above
-//!   the size limit the upload is aborted and answered 413. Each user may keep a quota of
+//!   the size limit the upload is aborted and answered 413; one that sends nothing for
+//!   [`UPLOAD_IDLE_TIMEOUT`] is aborted too (400). Each user may keep a quota of
 //!   upload bytes (413 past it), charged when an upload is recorded and given back when the
 //!   sweeper forgets it. An upload is answered only once its bytes are durable (a local
 //!   directory is synced, files and directory entries). Uploads are refused (`unavailable`)
@@ -59,6 +60,11 @@ const SWEEP_PAGE: usize = 256;
 const TRASH: &str = "trash";
 /// Parts uploaded concurrently per upload (each part is 5 MiB): bounds upload memory.
 const UPLOAD_CONCURRENCY: usize = 2;
+/// Longest wait for the next bytes of an upload (400 past it): a client gone without closing
+/// its connection (a phone that lost its network) would otherwise hold the upload, its staged
+/// file and its buffered part for good. As long as a gateway waits on a media node
+/// (`media_proxy::READ_TIMEOUT`); a slow client sends something far more often.
+pub const UPLOAD_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Fewest bytes of `--media-url-secret`: a signed URL downloads without a token, so a short
 /// secret that can be guessed (or an empty one) would let anyone sign URLs for any media.
@@ -356,12 +362,20 @@ impl MediaService {
         let mut hash = Sha256::new();
         let mut size = 0u64;
         let mut stream = body.into_data_stream();
-        while let Some(chunk) = stream.next().await {
-            let chunk = match chunk {
-                Ok(chunk) => chunk,
-                Err(e) => {
+        loop {
+            let chunk = match tokio::time::timeout(UPLOAD_IDLE_TIMEOUT, stream.next()).await {
+                Ok(None) => break,
+                Ok(Some(Ok(chunk))) => chunk,
+                Ok(Some(Err(e))) => {
                     let _ = writer.abort().await;
                     return Err(ApiError::bad_request(format!("upload interrupted: {e}")));
+                }
+                Err(_) => {
+                    let _ = writer.abort().await;
+                    return Err(ApiError::bad_request(format!(
+                        "upload stalled: no bytes came for {} s; upload again",
+                        UPLOAD_IDLE_TIMEOUT.as_secs()
+                    )));
                 }
             };
             size += chunk.len() as u64;
@@ -1268,6 +1282,28 @@ mod tests {
         // `LocalFileSystem` says whether it syncs only in its `Debug` form.
         let objects = format!("{:?}", media.objects);
         assert!(objects.contains("fsync: true"), "{objects}");
+    }
+
+    /// A client that stops sending midway without closing its connection (a phone that lost
+    /// its network: no FIN, no RST) has its upload ended once no byte came for
+    /// [`UPLOAD_IDLE_TIMEOUT`], and nothing is left staged. The upload held its task, its
+    /// staged file and its buffered part (up to 5 MiB) for good.
+    #[tokio::test(start_paused = true)]
+    async fn an_upload_whose_client_stops_sending_is_ended_and_leaves_nothing_staged() {
+        let (engine, dir) = (FaultyEngine::new(), tempfile::tempdir().unwrap());
+        let media = media_over(&engine, dir.path()).await;
+        let first = futures::stream::iter([Ok::<_, std::io::Error>(vec![7u8; 10])]);
+        let body = Body::from_stream(first.chain(futures::stream::pending()));
+        let alice = user("alice");
+        let upload = media.upload(&alice, "image/png", body);
+        let ended = tokio::time::timeout(10 * UPLOAD_IDLE_TIMEOUT, upload)
+            .await
+            .expect("the upload waits for its client for good");
+        assert_eq!(ended.unwrap_err().code, ErrorCode::BadRequest);
+        let staged: Vec<_> = std::fs::read_dir(dir.path().join("media/staging"))
+            .map(|files| files.collect())
+            .unwrap_or_default();
+        assert!(staged.is_empty(), "{staged:?}");
     }
 
     /// An upload whose record cannot be committed leaves no staged bytes behind.
