@@ -11,7 +11,8 @@
 //!   upload bytes (413 past it), charged when an upload is recorded and given back when the
 //!   sweeper forgets it. An upload is answered only once its bytes are durable (a local
 //!   directory is synced, files and directory entries). Uploads are refused (`unavailable`)
-//!   while the disk is low ([`StorageHealth`]), before sends are.
+//!   while the disk is low ([`StorageHealth`]), before sends are, and so is the rest of an
+//!   upload under way when it runs low.
 //! - Access: the uploader, and whoever may read (by the membership rule) a retained,
 //!   undeleted message that shares the media (the sender must own the media id when sending).
 //!   Each message holds its own reference, so deleting or trimming one message leaves the
@@ -382,6 +383,13 @@ impl MediaService {
             if size > self.config.media_max_bytes {
                 let _ = writer.abort().await;
                 return Err(too_large(self.config.media_max_bytes));
+            }
+            // Checked for every chunk, not only at the start: uploads begun above the watermark
+            // (many at once, each up to the size limit) would go on writing past it, into the
+            // store's own margin when they share a filesystem.
+            if let Err(e) = self.health.check_upload() {
+                let _ = writer.abort().await;
+                return Err(e);
             }
             hash.update(&chunk);
             if let Err(e) = writer.wait_for_capacity(UPLOAD_CONCURRENCY).await {
@@ -888,6 +896,16 @@ mod tests {
     }
 
     async fn media_on(store: MessageStore, dir: &std::path::Path) -> Arc<MediaService> {
+        let health = StorageHealth::new(store.clone(), None, 0, None, 0);
+        media_watched(store, dir, health).await
+    }
+
+    /// The media role as [`media_on`] builds it, its free space watched by `health`.
+    async fn media_watched(
+        store: MessageStore,
+        dir: &std::path::Path,
+        health: Arc<StorageHealth>,
+    ) -> Arc<MediaService> {
         let leases = store
             .acquire_shards(Duty::Sequencing, "test", &[0, 1, 2, 3], 4, 0, u64::MAX)
             .await
@@ -903,7 +921,6 @@ mod tests {
             leases,
         });
         let receipts = ReceiptRelay::new(&context, 100);
-        let health = StorageHealth::new(store.clone(), None, 0, None, 0);
         let limits = courier_chat::ChatLimits {
             media_unreferenced_ttl: TTL,
             ..Default::default()
@@ -1300,6 +1317,37 @@ mod tests {
             .await
             .expect("the upload waits for its client for good");
         assert_eq!(ended.unwrap_err().code, ErrorCode::BadRequest);
+        let staged: Vec<_> = std::fs::read_dir(dir.path().join("media/staging"))
+            .map(|files| files.collect())
+            .unwrap_or_default();
+        assert!(staged.is_empty(), "{staged:?}");
+    }
+
+    /// An upload under way when the media disk runs low is refused from then on, as a new one
+    /// is: uploads begun above the watermark (many at once, each up to the size limit) went on
+    /// writing past it, and into the store's own margin when they share a filesystem.
+    #[tokio::test]
+    async fn an_upload_under_way_when_the_disk_runs_low_is_refused() {
+        let (engine, dir) = (FaultyEngine::new(), tempfile::tempdir().unwrap());
+        let store = engine.store(4).await;
+        // Any disk is low against this watermark, once sampled (not yet: space counts as
+        // plenty before the first sample).
+        let media_dir = dir.path().join("media");
+        std::fs::create_dir_all(&media_dir).unwrap();
+        let health = StorageHealth::new(store.clone(), None, 0, Some(media_dir), u64::MAX);
+        let media = media_watched(store, dir.path(), health.clone()).await;
+        let loops = BackgroundLoops::new();
+        let chunks = futures::stream::iter(0..3).map(move |i| {
+            if i == 1 {
+                // The first sample, between the first bytes and the rest.
+                health.start(&loops);
+            }
+            Ok::<_, std::io::Error>(vec![7u8; 10])
+        });
+        let refused = media
+            .upload(&user("alice"), "image/png", Body::from_stream(chunks))
+            .await;
+        assert_eq!(refused.unwrap_err().code, ErrorCode::Unavailable);
         let staged: Vec<_> = std::fs::read_dir(dir.path().join("media/staging"))
             .map(|files| files.collect())
             .unwrap_or_default();
