@@ -26,7 +26,8 @@
 //!   references of the messages it clears, and the sweeper clears a reference whose message is
 //!   gone (`MessageStore::is_media_referenced`), left by versions that did not. A send that shares media unused for half the TTL
 //!   marks it shared first (`courier_chat`), so that a sweep never forgets media a message is
-//!   being sent with (`MessageStore::share_media`). The sweeper is a loop owned by the node's
+//!   being sent with (`MessageStore::share_media`). It also deletes the bytes staged by
+//!   uploads a crash or a kill cut, once untouched for [`STAGING_GRACE`]. The sweeper is a loop owned by the node's
 //!   [`BackgroundLoops`]: it stops at once when cancelled (a sweep is idempotent: a record
 //!   forgotten is fenced, bytes are deleted only once no record keeps them) and is restarted
 //!   if it panics (it keeps no state between sweeps but bytes moved aside and the notes of
@@ -61,6 +62,11 @@ const SWEEP_PAGE: usize = 256;
 const TRASH: &str = "trash";
 /// Parts uploaded concurrently per upload (each part is 5 MiB): bounds upload memory.
 const UPLOAD_CONCURRENCY: usize = 2;
+/// Where uploads stage their bytes until they are kept (`MediaService::keep`).
+const STAGING: &str = "staging";
+/// Staged bytes untouched for this long are deleted by the sweeper
+/// (`MediaService::settle_staged`).
+const STAGING_GRACE: Duration = Duration::from_secs(24 * 3600);
 /// Longest wait for the next bytes of an upload (400 past it): a client gone without closing
 /// its connection (a phone that lost its network) would otherwise hold the upload, its staged
 /// file and its buffered part for good. As long as a gateway waits on a media node
@@ -164,6 +170,9 @@ pub struct MediaService {
     config: MediaConfig,
     metrics: Arc<Metrics>,
     health: Arc<StorageHealth>,
+    /// The local directory of staged bytes (`None` in a bucket): read by the sweeper itself
+    /// ([`MediaService::settle_staged`]).
+    staging_dir: Option<PathBuf>,
 }
 
 fn storage_error(e: impl std::fmt::Display) -> ApiError {
@@ -311,6 +320,7 @@ impl MediaService {
         metrics: Arc<Metrics>,
         health: Arc<StorageHealth>,
     ) -> anyhow::Result<Arc<Self>> {
+        let staging_dir = config.local_dir(data_dir).map(|dir| dir.join(STAGING));
         let objects: Arc<dyn ObjectStore> = match config.local_dir(data_dir) {
             Some(dir) => {
                 // Readable by the server's user alone (`courier_core::dirs`).
@@ -334,6 +344,7 @@ impl MediaService {
             config,
             metrics,
             health,
+            staging_dir,
         }))
     }
 
@@ -351,7 +362,7 @@ impl MediaService {
         }
         self.health.check_upload()?;
         let staging = ObjectPath::from(format!(
-            "staging/{}",
+            "{STAGING}/{}",
             hex::encode(rand::random::<[u8; 16]>())
         ));
         let upload = self
@@ -598,6 +609,7 @@ impl MediaService {
     pub async fn sweep(&self) -> Result<u64, StoreError> {
         let cutoff = now_ms().saturating_sub(self.config.media_unreferenced_ttl.as_millis() as u64);
         self.settle_left_aside().await?;
+        self.settle_staged().await;
         self.settle_forgotten().await?;
         let mut swept = 0;
         let mut after: Option<String> = None;
@@ -738,6 +750,44 @@ impl MediaService {
         Ok(())
     }
 
+    /// Deletes the bytes staged by uploads that a crash or a kill cut (a node stopped past its
+    /// drain deadline: nothing aborted them), once untouched for [`STAGING_GRACE`]: an upload
+    /// under way writes its staged file at each part (5 MiB) and waits at most
+    /// [`UPLOAD_IDLE_TIMEOUT`] for its next bytes. A local directory is read itself, as
+    /// `object_store` does not list a part written midway (`<name>#<n>`); in a bucket, a
+    /// multipart upload never completed is no object (a lifecycle rule aborts it,
+    /// `docs/media-and-push.md`). Failures are logged: the next sweep tries again.
+    async fn settle_staged(&self) {
+        let before_ms = now_ms().saturating_sub(STAGING_GRACE.as_millis() as u64);
+        if let Some(dir) = self.staging_dir.clone() {
+            let before = std::time::UNIX_EPOCH + Duration::from_millis(before_ms);
+            let deleted = tokio::task::spawn_blocking(move || delete_older(&dir, before)).await;
+            if let Err(e) = deleted.map_err(std::io::Error::other).and_then(|r| r) {
+                tracing::warn!(error = %e, "could not delete media bytes staged by cut uploads");
+            }
+            return;
+        }
+        let mut staged = self.objects.list(Some(&ObjectPath::from(STAGING)));
+        while let Some(entry) = staged.next().await {
+            let deleted = match entry {
+                Ok(entry)
+                    if u64::try_from(entry.last_modified.timestamp_millis())
+                        .is_ok_and(|modified| modified < before_ms) =>
+                {
+                    self.objects.delete(&entry.location).await
+                }
+                Ok(_) => Ok(()),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = deleted
+                && !matches!(e, object_store::Error::NotFound { .. })
+            {
+                tracing::warn!(error = %e, "could not delete media bytes staged by cut uploads");
+                return;
+            }
+        }
+    }
+
     /// Sweeps every `--media-sweep-interval` until `loops` shuts down, when this node leads
     /// the media sweep (one node of a cluster at a time, `courier_store::leaders`).
     pub fn start_sweeper(self: &Arc<Self>, loops: &BackgroundLoops, lead: JobLead) {
@@ -767,6 +817,26 @@ impl MediaService {
             }
         }
     }
+}
+
+/// Deletes the files of `dir` last modified before `before` (none when `dir` is missing).
+fn delete_older(dir: &std::path::Path, before: std::time::SystemTime) -> std::io::Result<()> {
+    let entries = match std::fs::read_dir(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        entries => entries?,
+    };
+    for entry in entries {
+        let entry = entry?;
+        let metadata = entry.metadata()?;
+        if !metadata.is_file() || metadata.modified()? >= before {
+            continue;
+        }
+        match std::fs::remove_file(entry.path()) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 fn sign(secret: &str, id: &str, expires: u64) -> Hmac<Sha256> {
@@ -1352,6 +1422,35 @@ mod tests {
             .map(|files| files.collect())
             .unwrap_or_default();
         assert!(staged.is_empty(), "{staged:?}");
+    }
+
+    /// Bytes staged by uploads that a crash or a kill cut (a node stopped past its drain
+    /// deadline: nothing aborts them) are deleted by a sweep once untouched for
+    /// [`STAGING_GRACE`], both a part written midway (`<id>#1`, which `object_store` lists
+    /// not) and a finished one that was not yet kept; a younger one, maybe an upload under
+    /// way, is left. They were left for good.
+    #[tokio::test]
+    async fn bytes_staged_by_uploads_a_crash_cut_are_deleted_by_a_sweep() {
+        let (engine, dir) = (FaultyEngine::new(), tempfile::tempdir().unwrap());
+        let media = media_over(&engine, dir.path()).await;
+        let staging = dir.path().join("media/staging");
+        std::fs::create_dir_all(&staging).unwrap();
+        let stale = std::time::SystemTime::now() - STAGING_GRACE - Duration::from_secs(60);
+        for (name, modified) in [
+            ("cut-midway#1", stale),
+            ("finished-not-kept", stale),
+            ("under-way#1", std::time::SystemTime::now()),
+        ] {
+            let file = std::fs::File::create(staging.join(name)).unwrap();
+            file.set_modified(modified).unwrap();
+        }
+        assert_eq!(media.sweep().await.unwrap(), 0);
+        let mut left: Vec<_> = std::fs::read_dir(&staging)
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["under-way#1"]);
     }
 
     /// An upload whose record cannot be committed leaves no staged bytes behind.
