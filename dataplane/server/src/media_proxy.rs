@@ -17,8 +17,10 @@
 //!   (refused, reset before an answer, no connection within [`CONNECT_TIMEOUT`]) is marked
 //!   down; a download (no body) is tried on the next node, an upload is answered 503
 //!   `unavailable` (its body was being read: the client uploads again, and the same bytes get
-//!   the same media id). A media node that stops sending mid-body (more than [`READ_TIMEOUT`]
-//!   without a byte) ends the client's response early, as a direct connection would.
+//!   the same media id). A media node's answer is waited for at most [`READ_TIMEOUT`] once the
+//!   request's body has all been sent (an upload takes as long as its client sends), then taken
+//!   for unreachable; one that stops sending mid-body (more than [`READ_TIMEOUT`] without a
+//!   byte) ends the client's response early, as a direct connection would.
 //!
 //! An Ingress or HTTPRoute can send `/v1/media` straight to the media nodes' Service and skip
 //! this hop (`docs/operator.md`).
@@ -33,14 +35,18 @@ use axum::routing::{get, post};
 use courier_core::error::ApiError;
 use courier_rpc::directory::NodeDirectory;
 use courier_store::MessageStore;
+use futures::StreamExt;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
+use tokio::sync::oneshot;
 
 /// The role media nodes register with.
 const MEDIA_ROLE: &str = "media";
 /// Longest wait for a connection to a media node.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Longest silence of a media node while its answer is read.
+/// Longest wait for a media node's answer once the request has all been sent, and longest
+/// silence of a media node while its answer's body is read.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(60);
 /// The `retry_after_ms` of a media request no media node could take.
 const RETRY_AFTER_MS: u64 = 1000;
@@ -58,7 +64,8 @@ impl MediaProxy {
             .no_proxy()
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(CONNECT_TIMEOUT)
-            .read_timeout(READ_TIMEOUT)
+            // No `read_timeout`: reqwest's runs from the request's start to the answer's
+            // headers, which an upload's whole body comes before (`answer_deadline`, `relay`).
             .tcp_nodelay(true)
             .build()?;
         Ok(Self {
@@ -82,7 +89,14 @@ impl MediaProxy {
         let headers = end_to_end(&parts.headers);
         // A download (GET, HEAD: no body) may be tried on the next node; a body is read once.
         let repeatable = parts.method.is_safe();
-        let mut body = (!repeatable).then(|| reqwest::Body::wrap_stream(body.into_data_stream()));
+        let (sent, mut all_sent) = match repeatable {
+            true => (None, None),
+            false => {
+                let (sent, all_sent) = oneshot::channel();
+                (Some(sent), Some(all_sent))
+            }
+        };
+        let mut body = sent.map(|sent| telling_its_end(body, sent));
         for (node, address) in nodes {
             let mut forwarded = self
                 .http
@@ -91,13 +105,19 @@ impl MediaProxy {
             if let Some(body) = body.take() {
                 forwarded = forwarded.body(body);
             }
-            match forwarded.send().await {
+            let answer = tokio::select! {
+                // Without the URL: its query may hold a signed URL's signature, or a token a
+                // client put there (refused, but in the URL all the same). The span has the
+                // method and the path.
+                answer = forwarded.send() => answer.map_err(|e| e.without_url().to_string()),
+                () = answer_deadline(all_sent.take()) => Err(format!(
+                    "no answer within {} s of the request",
+                    READ_TIMEOUT.as_secs()
+                )),
+            };
+            match answer {
                 Ok(answer) => return Ok(relay(answer)),
                 Err(e) => {
-                    // Without the URL: its query may hold a signed URL's signature, or a
-                    // token a client put there (refused, but in the URL all the same). The
-                    // span has the method and the path.
-                    let e = e.without_url();
                     tracing::warn!(node, address, error = %e, "a media node could not be reached; it is ranked last for a while");
                     self.nodes.mark_down(&node);
                     if !repeatable {
@@ -122,12 +142,52 @@ async fn forward(State(proxy): State<Arc<MediaProxy>>, request: Request) -> Resp
     proxy.forward(request).await.into_response()
 }
 
-/// The media node's answer, its body streamed.
+/// `body` as the forwarded request's, telling `sent` once it has all been read out: an upload
+/// takes as long as its client takes to send it (minutes for a video over a slow link), and
+/// the media node answers only then.
+fn telling_its_end(body: Body, sent: oneshot::Sender<()>) -> reqwest::Body {
+    let mut sent = Some(sent);
+    let end = futures::stream::poll_fn(move |_| {
+        if let Some(sent) = sent.take() {
+            let _ = sent.send(());
+        }
+        Poll::Ready(None)
+    });
+    reqwest::Body::wrap_stream(body.into_data_stream().chain(end))
+}
+
+/// Resolves [`READ_TIMEOUT`] after the request's body has all been sent (`all_sent`, or
+/// dropped with the body; `None`: a request without one): the longest wait for a media node's
+/// answer.
+async fn answer_deadline(all_sent: Option<oneshot::Receiver<()>>) {
+    if let Some(all_sent) = all_sent {
+        let _ = all_sent.await;
+    }
+    tokio::time::sleep(READ_TIMEOUT).await;
+}
+
+/// The media node's answer, its body streamed; a media node that sends nothing of it for
+/// [`READ_TIMEOUT`] ends it early, as a direct connection would end.
 fn relay(answer: reqwest::Response) -> Response {
     let answer = axum::http::Response::from(answer);
     let (mut parts, body) = answer.into_parts();
     parts.headers = end_to_end(&parts.headers);
-    Response::from_parts(parts, Body::new(body))
+    let body = Body::new(body).into_data_stream();
+    let limited = futures::stream::unfold(Some(body), |body| async move {
+        let mut body = body?;
+        match tokio::time::timeout(READ_TIMEOUT, body.next()).await {
+            Ok(Some(chunk)) => Some((chunk, Some(body))),
+            Ok(None) => None,
+            Err(_) => {
+                let silent = std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the media node stopped sending the answer",
+                );
+                Some((Err(axum::Error::new(silent)), None))
+            }
+        }
+    });
+    Response::from_parts(parts, Body::from_stream(limited))
 }
 
 /// `headers` without the hop-by-hop ones: those named by `Connection`, and the fields RFC 9110
@@ -163,7 +223,7 @@ fn end_to_end(headers: &HeaderMap) -> HeaderMap {
 
 #[cfg(test)]
 mod tests {
-    use super::{MediaProxy, end_to_end};
+    use super::{MediaProxy, READ_TIMEOUT, end_to_end};
     use axum::http::{HeaderMap, HeaderValue};
     use std::sync::{Arc, Mutex};
 
@@ -221,6 +281,62 @@ mod tests {
         assert!(logged.contains("could not be reached"), "{logged}");
         assert!(!logged.contains("the-callers-jwt"), "{logged}");
         assert!(!logged.contains("the-urls-signature"), "{logged}");
+    }
+
+    /// A proxy over a store with one live media node, at `address`.
+    async fn proxy_to(address: String) -> (tempfile::TempDir, MediaProxy) {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = courier_store::embedded::EmbeddedEngine::open(&dir.path().join("s")).unwrap();
+        let store = courier_store::MessageStore::open(Arc::new(engine), b"", 4)
+            .await
+            .unwrap();
+        let record = courier_store::nodes::NodeRecord {
+            roles: vec!["media".into()],
+            http_address: address,
+            lease_until_ms: courier_core::clock::now_ms() + 60_000,
+            ..Default::default()
+        };
+        store.register_node("m1", &record).await.unwrap();
+        (dir, MediaProxy::new(store).unwrap())
+    }
+
+    /// An upload that takes longer than [`READ_TIMEOUT`] to send (a video over a slow link:
+    /// 100 MiB at 10 Mbit/s is 80 s) gets the media node's answer; the wait for it begins once
+    /// the body is all sent. It began with the request: the client got 503 `unavailable` for
+    /// every such upload, however often it tried, and the media node was marked down.
+    #[tokio::test(start_paused = true)]
+    async fn an_upload_slower_than_the_read_timeout_gets_the_media_nodes_answer() {
+        use axum::http::StatusCode;
+        use futures::StreamExt;
+        let media_node = axum::Router::new().fallback(|body: axum::body::Body| async move {
+            match axum::body::to_bytes(body, usize::MAX).await {
+                Ok(bytes) => (StatusCode::CREATED, bytes.len().to_string()),
+                Err(e) => (StatusCode::BAD_REQUEST, e.to_string()),
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move { axum::serve(listener, media_node).await });
+        let (_dir, proxy) = proxy_to(address).await;
+        // Its second half comes two read timeouts after its first (the clock is paused: it
+        // moves only when every task waits).
+        let slow = futures::stream::iter([false, true]).then(|late| async move {
+            if late {
+                tokio::time::sleep(2 * READ_TIMEOUT).await;
+            }
+            Ok::<_, std::io::Error>(vec![7u8; 1000])
+        });
+        let request = axum::http::Request::post("/v1/media")
+            .header("content-type", "video/mp4")
+            .body(axum::body::Body::from_stream(slow))
+            .unwrap();
+        let answer = match proxy.forward(request).await {
+            Ok(answer) => answer,
+            Err(e) => panic!("{} {}", e.status(), e.message),
+        };
+        assert_eq!(answer.status(), StatusCode::CREATED);
+        let body = axum::body::to_bytes(answer.into_body(), 100).await.unwrap();
+        assert_eq!(body, "2000");
     }
 
     #[test]
