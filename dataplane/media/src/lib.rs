@@ -12,7 +12,9 @@
 //!   sweeper forgets it. An upload is answered only once its bytes are durable (a local
 //!   directory is synced, files and directory entries). Uploads are refused (`unavailable`)
 //!   while the disk is low ([`StorageHealth`]), before sends are, and so is the rest of an
-//!   upload under way when it runs low.
+//!   upload under way when it runs low. Uploads in flight on a node are bounded
+//!   (`--media-uploads-in-flight`, each holds up to three 5 MiB parts): one more is refused
+//!   (`unavailable`, to retry).
 //! - Access: the uploader, and whoever may read (by the membership rule) a retained,
 //!   undeleted message that shares the media (the sender must own the media id when sending).
 //!   Each message holds its own reference, so deleting or trimming one message leaves the
@@ -62,6 +64,8 @@ const SWEEP_PAGE: usize = 256;
 const TRASH: &str = "trash";
 /// Parts uploaded concurrently per upload (each part is 5 MiB): bounds upload memory.
 const UPLOAD_CONCURRENCY: usize = 2;
+/// The `retry_after_ms` of an upload refused as one too many in flight.
+const UPLOAD_RETRY_AFTER_MS: u64 = 1000;
 /// Where uploads stage their bytes until they are kept (`MediaService::keep`).
 const STAGING: &str = "staging";
 /// Staged bytes untouched for this long are deleted by the sweeper
@@ -90,6 +94,10 @@ pub struct MediaConfig {
     /// An upload counts until the sweeper deletes it.
     #[arg(long, env = "COURIER_MEDIA_QUOTA_PER_USER", default_value = "10GiB", value_parser = courier_core::units::parse_bytes)]
     pub media_quota_per_user: u64,
+    /// Uploads in flight on this node (at least 1); one more gets 503 `unavailable`, to
+    /// retry. Each holds up to three 5 MiB parts in memory.
+    #[arg(long, env = "COURIER_MEDIA_UPLOADS_IN_FLIGHT", default_value_t = 64)]
+    pub media_uploads_in_flight: usize,
     /// Directory of media bytes (default: `<data-dir>/media`).
     #[arg(long, env = "COURIER_MEDIA_DIR")]
     pub media_dir: Option<PathBuf>,
@@ -118,9 +126,13 @@ pub struct MediaConfig {
 }
 
 impl MediaConfig {
-    /// Refuses a signed-URL secret shorter than [`MIN_URL_SECRET_BYTES`], and uploads larger
-    /// than [`S3_MAX_COPY_BYTES`] into a bucket.
+    /// Refuses no upload in flight, a signed-URL secret shorter than [`MIN_URL_SECRET_BYTES`],
+    /// and uploads larger than [`S3_MAX_COPY_BYTES`] into a bucket.
     pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.media_uploads_in_flight > 0,
+            "--media-uploads-in-flight is 0: at least 1 is required, or no upload is ever taken"
+        );
         anyhow::ensure!(
             self.media_s3_bucket.is_none() || self.media_max_bytes <= S3_MAX_COPY_BYTES,
             "--media-max-bytes is {} with --media-s3-bucket: at most {S3_MAX_COPY_BYTES} (5 GiB) \
@@ -173,6 +185,8 @@ pub struct MediaService {
     /// The local directory of staged bytes (`None` in a bucket): read by the sweeper itself
     /// ([`MediaService::settle_staged`]).
     staging_dir: Option<PathBuf>,
+    /// A permit per upload in flight (`--media-uploads-in-flight`).
+    uploads: tokio::sync::Semaphore,
 }
 
 fn storage_error(e: impl std::fmt::Display) -> ApiError {
@@ -341,10 +355,11 @@ impl MediaService {
             objects,
             store,
             chat,
-            config,
             metrics,
             health,
             staging_dir,
+            uploads: tokio::sync::Semaphore::new(config.media_uploads_in_flight),
+            config,
         }))
     }
 
@@ -361,6 +376,13 @@ impl MediaService {
             ));
         }
         self.health.check_upload()?;
+        // Held until the upload ends, whichever way.
+        let _in_flight = self.uploads.try_acquire().map_err(|_| {
+            ApiError::unavailable(
+                "too many uploads in flight on this server; retry shortly",
+                UPLOAD_RETRY_AFTER_MS,
+            )
+        })?;
         let staging = ObjectPath::from(format!(
             "{STAGING}/{}",
             hex::encode(rand::random::<[u8; 16]>())
@@ -999,6 +1021,7 @@ mod tests {
         let config = MediaConfig {
             media_max_bytes: 1024,
             media_quota_per_user: 0,
+            media_uploads_in_flight: 16,
             media_dir: None,
             media_min_free_disk: 0,
             media_s3_bucket: None,
@@ -1451,6 +1474,47 @@ mod tests {
             .collect();
         left.sort();
         assert_eq!(left, ["under-way#1"]);
+    }
+
+    /// Uploads in flight on a node are bounded (`--media-uploads-in-flight`): each holds up
+    /// to three 5 MiB parts in memory, and a few hundred at once (a script, a busy hour) took
+    /// all of it, until the kernel killed the process and every send in flight with it. One
+    /// past the bound is answered `unavailable` at once, to retry; an upload that ends frees
+    /// its place.
+    #[tokio::test]
+    async fn uploads_past_the_bound_in_flight_are_refused_until_one_ends() {
+        let (engine, dir) = (FaultyEngine::new(), tempfile::tempdir().unwrap());
+        let local = media_over(&engine, dir.path()).await;
+        let media = Arc::new(MediaService {
+            uploads: tokio::sync::Semaphore::new(1),
+            ..Arc::into_inner(local).unwrap()
+        });
+        // Alice's upload: its first bytes, then the rest once `finish` says so.
+        let (read, first_read) = tokio::sync::oneshot::channel();
+        let (finish, finished) = tokio::sync::oneshot::channel::<()>();
+        let mut read = Some(read);
+        let first = futures::stream::iter([vec![1u8; 10]]).map(move |bytes| {
+            if let Some(read) = read.take() {
+                let _ = read.send(());
+            }
+            Ok::<_, std::io::Error>(bytes)
+        });
+        let rest = futures::stream::once(finished).filter_map(|_| async { None });
+        let body = Body::from_stream(first.chain(rest));
+        let uploading = tokio::spawn({
+            let media = media.clone();
+            async move { media.upload(&user("alice"), "image/png", body).await }
+        });
+        first_read.await.unwrap();
+        let bobs = || Body::from(vec![2u8; 10]);
+        let refused = media.upload(&user("bob"), "image/png", bobs()).await;
+        assert_eq!(refused.unwrap_err().code, ErrorCode::Unavailable);
+        finish.send(()).unwrap();
+        uploading.await.unwrap().unwrap();
+        media
+            .upload(&user("bob"), "image/png", bobs())
+            .await
+            .unwrap();
     }
 
     /// An upload whose record cannot be committed leaves no staged bytes behind.

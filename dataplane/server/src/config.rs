@@ -655,4 +655,14 @@ mod tests {
         assert!(refused.contains("--media-max-bytes"), "{refused}");
         validated(&["--media-max-bytes", &over]).unwrap();
     }
+
+    /// No upload in flight would refuse every upload: refused at start, naming the flag.
+    #[test]
+    fn no_upload_in_flight_is_refused() {
+        let refused = validated(&["--media-uploads-in-flight", "0"])
+            .unwrap_err()
+            .to_string();
+        assert!(refused.contains("--media-uploads-in-flight"), "{refused}");
+        validated(&["--media-uploads-in-flight", "1"]).unwrap();
+    }
 }
