@@ -17,10 +17,12 @@
 //!   (refused, reset before an answer, no connection within [`CONNECT_TIMEOUT`]) is marked
 //!   down; a download (no body) is tried on the next node, an upload is answered 503
 //!   `unavailable` (its body was being read: the client uploads again, and the same bytes get
-//!   the same media id). A media node's answer is waited for at most [`READ_TIMEOUT`] once the
-//!   request's body has all been sent (an upload takes as long as its client sends), then taken
-//!   for unreachable; one that stops sending mid-body (more than [`READ_TIMEOUT`] without a
-//!   byte) ends the client's response early, as a direct connection would.
+//!   the same media id); a client that goes away midway through its upload gets 400
+//!   `bad_request`, the media node left up. A media node's answer is waited for at most
+//!   [`READ_TIMEOUT`] once the request's body has all been sent (an upload takes as long as its
+//!   client sends), then taken for unreachable; one that stops sending mid-body (more than
+//!   [`READ_TIMEOUT`] without a byte) ends the client's response early, as a direct
+//!   connection would.
 //!
 //! An Ingress or HTTPRoute can send `/v1/media` straight to the media nodes' Service and skip
 //! this hop (`docs/operator.md`).
@@ -39,7 +41,7 @@ use futures::StreamExt;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
-use tokio::sync::oneshot;
+use tokio::sync::watch;
 
 /// The role media nodes register with.
 const MEDIA_ROLE: &str = "media";
@@ -89,14 +91,13 @@ impl MediaProxy {
         let headers = end_to_end(&parts.headers);
         // A download (GET, HEAD: no body) may be tried on the next node; a body is read once.
         let repeatable = parts.method.is_safe();
-        let (sent, mut all_sent) = match repeatable {
+        let (mut body, read) = match repeatable {
             true => (None, None),
             false => {
-                let (sent, all_sent) = oneshot::channel();
-                (Some(sent), Some(all_sent))
+                let (progress, read) = watch::channel(BodyRead::Reading);
+                (Some(telling_its_end(body, progress)), Some(read))
             }
         };
-        let mut body = sent.map(|sent| telling_its_end(body, sent));
         for (node, address) in nodes {
             let mut forwarded = self
                 .http
@@ -110,13 +111,24 @@ impl MediaProxy {
                 // client put there (refused, but in the URL all the same). The span has the
                 // method and the path.
                 answer = forwarded.send() => answer.map_err(|e| e.without_url().to_string()),
-                () = answer_deadline(all_sent.take()) => Err(format!(
+                () = answer_deadline(read.clone()) => Err(format!(
                     "no answer within {} s of the request",
                     READ_TIMEOUT.as_secs()
                 )),
             };
             match answer {
                 Ok(answer) => return Ok(relay(answer)),
+                // The client went away midway: no fault of the media node's.
+                Err(e)
+                    if read
+                        .as_ref()
+                        .is_some_and(|r| *r.borrow() == BodyRead::Failed) =>
+                {
+                    tracing::debug!(node, error = %e, "an upload's client went away midway");
+                    return Err(ApiError::bad_request(
+                        "upload interrupted: the request's body ended early",
+                    ));
+                }
                 Err(e) => {
                     tracing::warn!(node, address, error = %e, "a media node could not be reached; it is ranked last for a while");
                     self.nodes.mark_down(&node);
@@ -142,26 +154,46 @@ async fn forward(State(proxy): State<Arc<MediaProxy>>, request: Request) -> Resp
     proxy.forward(request).await.into_response()
 }
 
-/// `body` as the forwarded request's, telling `sent` once it has all been read out: an upload
-/// takes as long as its client takes to send it (minutes for a video over a slow link), and
-/// the media node answers only then.
-fn telling_its_end(body: Body, sent: oneshot::Sender<()>) -> reqwest::Body {
-    let mut sent = Some(sent);
-    let end = futures::stream::poll_fn(move |_| {
-        if let Some(sent) = sent.take() {
-            let _ = sent.send(());
-        }
-        Poll::Ready(None)
-    });
-    reqwest::Body::wrap_stream(body.into_data_stream().chain(end))
+/// How far the client's body of a forwarded upload has been read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BodyRead {
+    Reading,
+    /// All of it: the media node answers now.
+    All,
+    /// It failed midway: the client went away.
+    Failed,
 }
 
-/// Resolves [`READ_TIMEOUT`] after the request's body has all been sent (`all_sent`, or
-/// dropped with the body; `None`: a request without one): the longest wait for a media node's
-/// answer.
-async fn answer_deadline(all_sent: Option<oneshot::Receiver<()>>) {
-    if let Some(all_sent) = all_sent {
-        let _ = all_sent.await;
+/// `body` as the forwarded request's, telling `progress` once it has all been read out (an
+/// upload takes as long as its client takes to send it, minutes for a video over a slow link,
+/// and the media node answers only then), or failed.
+fn telling_its_end(body: Body, progress: watch::Sender<BodyRead>) -> reqwest::Body {
+    let progress = Arc::new(progress);
+    let failed = progress.clone();
+    let read = body.into_data_stream().inspect(move |chunk| {
+        if chunk.is_err() {
+            failed.send_replace(BodyRead::Failed);
+        }
+    });
+    let end = futures::stream::poll_fn(move |_| {
+        progress.send_if_modified(|read| {
+            let first = *read == BodyRead::Reading;
+            if first {
+                *read = BodyRead::All;
+            }
+            first
+        });
+        Poll::Ready(None)
+    });
+    reqwest::Body::wrap_stream(read.chain(end))
+}
+
+/// Resolves [`READ_TIMEOUT`] after the request's body has all been read out or failed (`read`,
+/// or dropped with the body; `None`: a request without one): the longest wait for a media
+/// node's answer.
+async fn answer_deadline(read: Option<watch::Receiver<BodyRead>>) {
+    if let Some(mut read) = read {
+        let _ = read.wait_for(|read| *read != BodyRead::Reading).await;
     }
     tokio::time::sleep(READ_TIMEOUT).await;
 }
@@ -283,8 +315,8 @@ mod tests {
         assert!(!logged.contains("the-urls-signature"), "{logged}");
     }
 
-    /// A proxy over a store with one live media node, at `address`.
-    async fn proxy_to(address: String) -> (tempfile::TempDir, MediaProxy) {
+    /// A proxy over a store with live media nodes `ids`, all at `address`.
+    async fn proxy_to(address: String, ids: &[&str]) -> (tempfile::TempDir, MediaProxy) {
         let dir = tempfile::tempdir().unwrap();
         let engine = courier_store::embedded::EmbeddedEngine::open(&dir.path().join("s")).unwrap();
         let store = courier_store::MessageStore::open(Arc::new(engine), b"", 4)
@@ -296,7 +328,9 @@ mod tests {
             lease_until_ms: courier_core::clock::now_ms() + 60_000,
             ..Default::default()
         };
-        store.register_node("m1", &record).await.unwrap();
+        for id in ids {
+            store.register_node(id, &record).await.unwrap();
+        }
         (dir, MediaProxy::new(store).unwrap())
     }
 
@@ -317,7 +351,7 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap().to_string();
         tokio::spawn(async move { axum::serve(listener, media_node).await });
-        let (_dir, proxy) = proxy_to(address).await;
+        let (_dir, proxy) = proxy_to(address, &["m1"]).await;
         // Its second half comes two read timeouts after its first (the clock is paused: it
         // moves only when every task waits).
         let slow = futures::stream::iter([false, true]).then(|late| async move {
@@ -337,6 +371,50 @@ mod tests {
         assert_eq!(answer.status(), StatusCode::CREATED);
         let body = axum::body::to_bytes(answer.into_body(), 100).await.unwrap();
         assert_eq!(body, "2000");
+    }
+
+    /// A client that goes away midway through an upload (a phone losing its network) is its
+    /// own failure: it gets the media node's answer to an upload cut short (400), and the
+    /// media node is not taken for unreachable. It was marked down (ranked last for a while,
+    /// its share of requests going to the others) and logged as unreachable, for every
+    /// upload a client dropped.
+    #[tokio::test]
+    async fn an_upload_its_client_drops_midway_leaves_the_media_node_up() {
+        use axum::http::StatusCode;
+        let media_node = axum::Router::new().fallback(|body: axum::body::Body| async move {
+            match axum::body::to_bytes(body, usize::MAX).await {
+                Ok(bytes) => (StatusCode::CREATED, bytes.len().to_string()),
+                Err(e) => (StatusCode::BAD_REQUEST, e.to_string()),
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move { axum::serve(listener, media_node).await });
+        // Two media nodes (the same server): which one ranks first depends on the key, unless
+        // one is marked down.
+        let (_dir, proxy) = proxy_to(address, &["m1", "m2"]).await;
+
+        let dropped = futures::stream::iter([
+            Ok(vec![7u8; 1000]),
+            Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                "the client went away",
+            )),
+        ]);
+        let request = axum::http::Request::post("/v1/media")
+            .header("content-type", "video/mp4")
+            .body(axum::body::Body::from_stream(dropped))
+            .unwrap();
+        let refused = proxy.forward(request).await.map(|a| a.status());
+        assert_eq!(
+            refused.map_err(|e| e.code),
+            Err(courier_proto::ErrorCode::BadRequest)
+        );
+        let mut first = std::collections::BTreeSet::new();
+        for key in 0..64u64 {
+            first.insert(proxy.nodes.ranked(key).await.unwrap()[0].0.clone());
+        }
+        assert_eq!(first.len(), 2, "a media node was marked down: {first:?}");
     }
 
     #[test]
