@@ -362,6 +362,50 @@ async fn signed_urls_download_without_a_token_until_they_expire() {
     assert_eq!(body["code"], "bad_request", "{body}");
 }
 
+/// A signed URL is for a CDN (docs/media-and-push.md): its download may be kept by any cache
+/// until the URL expires, and no longer. It was `Cache-Control: private`, which a CDN must
+/// not store: every download went to the server. A download with a token stays private.
+#[tokio::test]
+async fn a_signed_urls_download_may_be_kept_by_a_cdn_until_it_expires() {
+    let (_dir, server) = start(&[
+        "--media-url-secret",
+        "cdn-secret-of-thirty-two-bytes-or-more",
+        "--media-url-ttl",
+        "1h",
+    ]);
+    let (_, uploaded) = upload(&server, "alice", "image/png", pattern(64)).await;
+    let id = uploaded["media_id"].as_str().unwrap();
+    let (status, body) = server
+        .http("alice", "phone")
+        .get(&format!("/v1/media/{id}/url"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let signed = reqwest::get(format!(
+        "{}{}",
+        server.http_url(),
+        body["url"].as_str().unwrap()
+    ))
+    .await
+    .unwrap();
+    assert_eq!(signed.status(), 200);
+    let cache = signed.headers()["cache-control"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let max_age: u64 = cache
+        .strip_prefix("public, max-age=")
+        .and_then(|rest| rest.strip_suffix(", immutable"))
+        .and_then(|age| age.parse().ok())
+        .unwrap_or_else(|| panic!("not kept by shared caches until it expires: {cache}"));
+    assert!(0 < max_age && max_age <= 3600, "{cache}");
+    let own = download(&server, "alice", id, &[]).await;
+    assert_eq!(
+        own.headers()["cache-control"],
+        "private, max-age=31536000, immutable"
+    );
+}
+
 /// Media a user uploaded never acts as a page of the server's origin (the web app's, with
 /// `--web-dir`): a page or an SVG is served sandboxed, as itself, and to be saved; a picture
 /// may be shown.

@@ -21,7 +21,8 @@
 //!   others' access intact. Others get 404.
 //! - Downloads stream too, with `Range` (206), `ETag` and `If-None-Match` (304).
 //! - Optional signed URLs: `?expires=<unix s>&signature=<hex HMAC-SHA256(secret, "<id>:<expires>")>`
-//!   download without a token until `expires` (for a CDN in front of Courier).
+//!   download without a token until `expires` (for a CDN in front of Courier, which may keep
+//!   their downloads until then: [`Caching`]).
 //! - A sweeper deletes media records that no message references once their latest upload or
 //!   share is older than the TTL, and the bytes once no record keeps them (moved aside first
 //!   and checked again, so that an upload of the same bytes meanwhile keeps them); retention drops the
@@ -162,6 +163,28 @@ impl MediaConfig {
                 .clone()
                 .unwrap_or_else(|| data_dir.join("media")),
         )
+    }
+}
+
+/// Who may keep a download (`Cache-Control`); the bytes of an id never change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Caching {
+    /// A download with a token, for its caller alone: the browser keeps it, no shared cache.
+    Private,
+    /// A signed URL's, valid until this Unix time (s): made for a CDN, which may keep it
+    /// until then and no longer (the URL downloads nothing past it).
+    SharedUntil(u64),
+}
+
+impl Caching {
+    fn cache_control(self) -> String {
+        match self {
+            Caching::Private => "private, max-age=31536000, immutable".into(),
+            Caching::SharedUntil(expires) => {
+                let left = expires.saturating_sub(now_ms() / 1000);
+                format!("public, max-age={left}, immutable")
+            }
+        }
     }
 }
 
@@ -541,11 +564,13 @@ impl MediaService {
         ))
     }
 
-    /// Streams media bytes, honouring `Range` and `If-None-Match`.
+    /// Streams media bytes, honouring `Range` and `If-None-Match`, to be kept as `caching`
+    /// says.
     pub async fn download(
         &self,
         record: &MediaRecord,
         headers: &HeaderMap,
+        caching: Caching,
     ) -> Result<Response, ApiError> {
         let etag = format!("\"{}\"", record.sha256);
         let cached = headers
@@ -555,10 +580,7 @@ impl MediaService {
         let mut response = Response::builder()
             .header(header::ETAG, &etag)
             .header(header::ACCEPT_RANGES, "bytes")
-            .header(
-                header::CACHE_CONTROL,
-                "private, max-age=31536000, immutable",
-            )
+            .header(header::CACHE_CONTROL, caching.cache_control())
             // What a user uploaded never acts as a page of the origin it is served from (the
             // web app's, with `--web-dir`): no script runs in it, its type is taken as given,
             // and any type but pictures, sound and video is saved rather than shown.

@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get, post};
 use axum::{Json, Router};
 use courier_core::error::ApiError;
-use courier_media::MediaService;
+use courier_media::{Caching, MediaService};
 use std::sync::Arc;
 
 /// The upload endpoint.
@@ -79,14 +79,17 @@ async fn download(
     QueryParams(signed): QueryParams<SignedQuery>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let record = match (signed.expires, signed.signature) {
-        (Some(expires), Some(signature)) => api.media.signed(&id, expires, &signature).await?,
+    let (record, caching) = match (signed.expires, signed.signature) {
+        (Some(expires), Some(signature)) => {
+            let record = api.media.signed(&id, expires, &signature).await?;
+            (record, Caching::SharedUntil(expires))
+        }
         _ => {
             let who = api.auth.authenticate(&headers).await?;
-            api.media.readable(&who.user, &id).await?
+            (api.media.readable(&who.user, &id).await?, Caching::Private)
         }
     };
-    api.media.download(&record, &headers).await
+    api.media.download(&record, &headers, caching).await
 }
 
 async fn signed_url(
