@@ -13,8 +13,9 @@
 //!   directory is synced, files and directory entries). Uploads are refused (`unavailable`)
 //!   while the disk is low ([`StorageHealth`]), before sends are, and so is the rest of an
 //!   upload under way when it runs low. Uploads in flight on a node are bounded
-//!   (`--media-uploads-in-flight`, each holds up to three 5 MiB parts): one more is refused
-//!   (`unavailable`, to retry).
+//!   (`--media-uploads-in-flight`, each holds up to three 5 MiB parts), and so are each
+//!   user's ([`UPLOADS_IN_FLIGHT_PER_USER`]): one more is refused (`unavailable`, or
+//!   `rate_limited` for the user's, to retry).
 //! - Access: the uploader, and whoever may read (by the membership rule) a retained,
 //!   undeleted message that shares the media (the sender must own the media id when sending).
 //!   Each message holds its own reference, so deleting or trimming one message leaves the
@@ -65,6 +66,9 @@ const SWEEP_PAGE: usize = 256;
 const TRASH: &str = "trash";
 /// Parts uploaded concurrently per upload (each part is 5 MiB): bounds upload memory.
 const UPLOAD_CONCURRENCY: usize = 2;
+/// Uploads in flight on a node per user: a user's devices rarely send more at once, and the
+/// node's other places stay for other users.
+pub const UPLOADS_IN_FLIGHT_PER_USER: usize = 4;
 /// The `retry_after_ms` of an upload refused as one too many in flight.
 const UPLOAD_RETRY_AFTER_MS: u64 = 1000;
 /// Where uploads stage their bytes until they are kept (`MediaService::keep`).
@@ -210,6 +214,52 @@ pub struct MediaService {
     staging_dir: Option<PathBuf>,
     /// A permit per upload in flight (`--media-uploads-in-flight`).
     uploads: tokio::sync::Semaphore,
+    /// Uploads in flight per user with any ([`UPLOADS_IN_FLIGHT_PER_USER`]).
+    uploaders: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+}
+
+/// A user's place among the uploads in flight, given back when dropped.
+struct UploaderPlace<'a> {
+    uploaders: &'a std::sync::Mutex<std::collections::HashMap<String, usize>>,
+    user: String,
+}
+
+impl<'a> UploaderPlace<'a> {
+    /// A place for `user`'s upload, unless it has [`UPLOADS_IN_FLIGHT_PER_USER`] already.
+    fn take(
+        uploaders: &'a std::sync::Mutex<std::collections::HashMap<String, usize>>,
+        user: &str,
+    ) -> Option<Self> {
+        let mut in_flight = lock(uploaders);
+        let count = in_flight.entry(user.to_owned()).or_default();
+        if *count >= UPLOADS_IN_FLIGHT_PER_USER {
+            return None;
+        }
+        *count += 1;
+        Some(Self {
+            uploaders,
+            user: user.to_owned(),
+        })
+    }
+}
+
+impl Drop for UploaderPlace<'_> {
+    fn drop(&mut self) {
+        let mut in_flight = lock(self.uploaders);
+        if let Some(count) = in_flight.get_mut(&self.user) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                in_flight.remove(&self.user);
+            }
+        }
+    }
+}
+
+/// A poisoned lock (a panic while held) still guards counts that each stay consistent.
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn storage_error(e: impl std::fmt::Display) -> ApiError {
@@ -382,6 +432,7 @@ impl MediaService {
             health,
             staging_dir,
             uploads: tokio::sync::Semaphore::new(config.media_uploads_in_flight),
+            uploaders: Default::default(),
             config,
         }))
     }
@@ -399,7 +450,14 @@ impl MediaService {
             ));
         }
         self.health.check_upload()?;
-        // Held until the upload ends, whichever way.
+        // Both held until the upload ends, whichever way.
+        let _place = UploaderPlace::take(&self.uploaders, &who.user).ok_or_else(|| ApiError {
+            code: ErrorCode::RateLimited,
+            message: format!(
+                "you have {UPLOADS_IN_FLIGHT_PER_USER} uploads in flight; retry once one ends"
+            ),
+            retry_after_ms: Some(UPLOAD_RETRY_AFTER_MS),
+        })?;
         let _in_flight = self.uploads.try_acquire().map_err(|_| {
             ApiError::unavailable(
                 "too many uploads in flight on this server; retry shortly",
@@ -1535,6 +1593,58 @@ mod tests {
         uploading.await.unwrap().unwrap();
         media
             .upload(&user("bob"), "image/png", bobs())
+            .await
+            .unwrap();
+    }
+
+    /// One user's uploads in flight on a node are bounded apart ([`UPLOADS_IN_FLIGHT_PER_USER`]):
+    /// the node's bound alone let one user (a script trickling bytes) hold every place, and
+    /// every other user's upload was refused for as long as it kept them. One more of that
+    /// user's is `rate_limited`; another user's is taken.
+    #[tokio::test]
+    async fn one_users_uploads_in_flight_leave_places_to_the_others() {
+        let (engine, dir) = (FaultyEngine::new(), tempfile::tempdir().unwrap());
+        let media = media_over(&engine, dir.path()).await;
+        assert!(media.config.media_uploads_in_flight > UPLOADS_IN_FLIGHT_PER_USER);
+        // Mallory's uploads: their first bytes, then the rest once `finish` says so.
+        let (finish, finished) = tokio::sync::watch::channel(false);
+        let mut uploading = Vec::new();
+        for n in 0..UPLOADS_IN_FLIGHT_PER_USER {
+            let (read, first_read) = tokio::sync::oneshot::channel();
+            let mut read = Some(read);
+            let first = futures::stream::iter([vec![n as u8; 10]]).map(move |bytes| {
+                if let Some(read) = read.take() {
+                    let _ = read.send(());
+                }
+                Ok::<_, std::io::Error>(bytes)
+            });
+            let mut finished = finished.clone();
+            let rest = futures::stream::once(async move {
+                let _ = finished.wait_for(|finished| *finished).await;
+            })
+            .filter_map(|_| async { None });
+            let body = Body::from_stream(first.chain(rest));
+            uploading.push(tokio::spawn({
+                let media = media.clone();
+                async move { media.upload(&user("mallory"), "image/png", body).await }
+            }));
+            first_read.await.unwrap();
+        }
+        let one_more = Body::from(vec![9u8; 10]);
+        let refused = media.upload(&user("mallory"), "image/png", one_more).await;
+        assert_eq!(refused.unwrap_err().code, ErrorCode::RateLimited);
+        let alices = Body::from(vec![1u8; 10]);
+        media
+            .upload(&user("alice"), "image/png", alices)
+            .await
+            .unwrap();
+        finish.send(true).unwrap();
+        for upload in uploading {
+            upload.await.unwrap().unwrap();
+        }
+        let again = Body::from(vec![9u8; 10]);
+        media
+            .upload(&user("mallory"), "image/png", again)
             .await
             .unwrap();
     }
