@@ -368,9 +368,10 @@ impl Gateway {
     /// Records every device with a connection open on this gateway as seen now, one device at
     /// a time ([`Devices::still_connected`]: a read, and a write if its record is a minute old
     /// or more), and closes the connections whose device was unlinked since their token was
-    /// issued: in a cluster the unlink reaches this gateway by a call that may be lost (a
-    /// gateway unreachable a moment, too many offers in flight), and the connection would
-    /// otherwise go on reading and sending for as long as its client keeps it. Returns how
+    /// issued: in a cluster the unlink reaches this gateway by a call, sent again for a minute
+    /// while it does not land (`courier_rpc::delivery`), that may still be lost (a gateway
+    /// unreachable longer, too many unlinks in flight), and the connection would otherwise go
+    /// on reading and sending for as long as its client keeps it. Returns how
     /// many devices it recorded; a pass stops at the first store error (logged), and the next
     /// one starts over.
     pub async fn record_connected_devices(&self) -> usize {

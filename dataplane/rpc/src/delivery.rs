@@ -40,11 +40,25 @@
 //! connection also fills its gaps on a later event. A gateway that goes on failing has its
 //! lease ended again at its next failed call.
 //!
+//! **Unlinks.** An unlinked device's connections must close on every gateway: left open, they
+//! go on reading the user's messages. So an unlink is not sent once, as an offer is: it goes
+//! out at once to every other gateway node holding a route of the user, and again, half a
+//! second then up to 5 s apart, to each that did not take it (unreachable a moment, a
+//! timeout, restarting), until it does, or until that gateway no longer holds the
+//! connections: gone from the registry, its lease lapsed or ended (it tells its connections
+//! to reconnect, and the unlinked device's token is refused), or another process under its
+//! id. A live gateway that has not taken it for [`UNLINK_RETRY_FOR`] (60 s) is logged at warn;
+//! its pass over its connections (hourly) closes the device's there.
+//!
 //! **Bounds.** A delivery waits for every gateway it involves (at most [`CALL_TIMEOUT`] each).
-//! Offers and unlinks are sent in the background, at most [`OFFERS_IN_FLIGHT`] at a time; an
-//! offer beyond that counts as refused (a receipt is then held and offered again, typing is
-//! lost). Notices wait in one map of shards (bounded by the shard count). Failing gateways are
-//! remembered in one map of nodes (bounded by the registry: a node gone from it is dropped).
+//! Offers are sent in the background, at most [`OFFERS_IN_FLIGHT`] at a time; an offer beyond
+//! that counts as refused (a receipt is then held and offered again, typing is lost). Unlinks
+//! have a budget of their own, [`UNLINKS_IN_FLIGHT`] at a time (each for at most
+//! [`UNLINK_RETRY_FOR`] and a call), so a burst of offers never refuses one; an unlink beyond
+//! that is logged at warn, and the device's connections on the other gateways close at their
+//! next pass over their connections. Notices wait in one map of shards (bounded by the shard
+//! count). Failing gateways are remembered in one map of nodes (bounded by the registry: a node
+//! gone from it is dropped).
 
 use crate::auth::{AttachToken, RequireToken};
 use crate::lock;
@@ -84,8 +98,27 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// (30 s) past which the shards held back by it would refuse sends.
 pub const GATEWAY_UNREACHABLE_AFTER: Duration = CALL_TIMEOUT.saturating_mul(3);
 
-/// Offers and unlinks on their way to other gateways at once.
+/// Offers (typing, receipts) on their way to other gateways at once.
 pub const OFFERS_IN_FLIGHT: usize = 1024;
+
+/// Unlinks on their way to other gateways at once, each until it lands or gives up (at most
+/// [`UNLINK_RETRY_FOR`] and a call): a budget apart from the offers', which fill it in a
+/// burst of typing. Unlinks are rare (one per `DELETE` of a device); this many in flight
+/// means many unlinks while gateways take no call for a minute.
+pub const UNLINKS_IN_FLIGHT: usize = 4096;
+
+/// How long an unlink is sent again to a live gateway node that does not take it: four
+/// times [`GATEWAY_UNREACHABLE_AFTER`], past which a gateway the fanout nodes cannot reach
+/// either has had its lease ended (it tells its connections to reconnect, and the unlinked
+/// device's token is refused), and past a gateway's restart.
+pub const UNLINK_RETRY_FOR: Duration = GATEWAY_UNREACHABLE_AFTER.saturating_mul(4);
+
+/// The wait before an unlink is sent again the first time; doubled at each attempt, up to
+/// [`UNLINK_RETRY_MAX_WAIT`].
+const UNLINK_RETRY_FIRST_WAIT: Duration = Duration::from_millis(500);
+
+/// The longest wait between two attempts of an unlink.
+const UNLINK_RETRY_MAX_WAIT: Duration = Duration::from_secs(5);
 
 /// How long the node registry and the shards' delivery owners are cached.
 const DIRECTORY_TTL: Duration = Duration::from_secs(1);
@@ -303,6 +336,8 @@ pub struct ClusterGateways {
     /// This node's id and its own gateway, when it runs the gateway role.
     local: Option<(String, Arc<dyn Gateways>)>,
     offers: Arc<Semaphore>,
+    /// Room for the unlinks on their way ([`UNLINKS_IN_FLIGHT`]).
+    unlinks: Arc<Semaphore>,
     /// Per gateway node whose delivery calls fail, since when. Cleared on a success; holds
     /// only nodes of the registry (bounded by its size).
     failing: Mutex<HashMap<String, Failing>>,
@@ -323,6 +358,7 @@ impl ClusterGateways {
             directory: Arc::new(Directory::new(store, token)),
             local,
             offers: Arc::new(Semaphore::new(OFFERS_IN_FLIGHT)),
+            unlinks: Arc::new(Semaphore::new(UNLINKS_IN_FLIGHT)),
             failing: Mutex::default(),
             reached_any: Mutex::default(),
         }
@@ -392,10 +428,10 @@ impl ClusterGateways {
         Ok(by_gateway)
     }
 
-    /// Sends to the other gateway nodes holding devices of `users`, in the background (offers
-    /// and unlinks), within [`OFFERS_IN_FLIGHT`]: one read of the route registry for all of
-    /// them, then one call per gateway with `request` of the users connected there. Returns
-    /// false when there was no room.
+    /// Sends to the other gateway nodes holding devices of `users`, in the background (offers),
+    /// within [`OFFERS_IN_FLIGHT`]: one read of the route registry for all of them, then one
+    /// call per gateway with `request` of the users connected there, once. Returns false when
+    /// there was no room.
     fn send_in_background(
         &self,
         users: &[&str],
@@ -639,13 +675,20 @@ impl Gateways for ClusterGateways {
             }],
             ..DeliverRequest::default()
         };
-        if !self.send_in_background(&[user], move |_| request.clone()) {
+        let Ok(permit) = self.unlinks.clone().try_acquire_owned() else {
             tracing::warn!(
                 user,
                 device,
-                "too many offers in flight: the unlinked device's connections on other gateways close at their next pass over their connections"
+                "{UNLINKS_IN_FLIGHT} unlinks in flight: the unlinked device's connections on other gateways close at their next pass over their connections"
             );
-        }
+            return;
+        };
+        let directory = self.directory.clone();
+        let local = self.local.as_ref().map(|(id, _)| id.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            send_unlink(&directory, local.as_deref(), request).await;
+        });
     }
 
     async fn connected_devices(&self, user: &str) -> Result<Vec<String>, StoreError> {
@@ -655,6 +698,114 @@ impl Gateways for ClusterGateways {
         devices.dedup();
         Ok(devices)
     }
+}
+
+/// Sends `request`, the unlink of one device, to the other gateway nodes (not `local`) holding
+/// connections of its user, and again, a few seconds apart, to each that has not taken it,
+/// until it does or no longer needs it: gone from the registry, lapsed (judged at the time the
+/// registry's read began, as a delivery judges it), or run by another process than the one
+/// first seen (the old one's connections ended; a connection made since has a token the
+/// unlink refuses). A live gateway that has not taken it for [`UNLINK_RETRY_FOR`] is logged
+/// at warn: the device's connections there close at its next pass over its connections.
+async fn send_unlink(directory: &Directory, local: Option<&str>, request: DeliverRequest) {
+    let Some(Unlink { user, device }) = request.unlinks.first() else {
+        return;
+    };
+    let give_up_at = Instant::now() + UNLINK_RETRY_FOR;
+    let mut wait = UNLINK_RETRY_FIRST_WAIT;
+    // The gateways still to tell, with the process first seen there; read on the first
+    // attempt that reads the routes (the device's connections made since are refused).
+    let mut pending: Option<BTreeMap<String, Option<u64>>> = None;
+    loop {
+        // The routes or the registry not read: every gateway still to tell is tried again.
+        let failures = match unlink_attempt(directory, local, &request, &mut pending).await {
+            Ok(failures) => failures,
+            Err(e) => vec![("(routes or registry not read)".to_owned(), e.to_string())],
+        };
+        if failures.is_empty() {
+            return;
+        }
+        if Instant::now() + wait > give_up_at {
+            for (gateway, reason) in failures {
+                tracing::warn!(
+                    user,
+                    device,
+                    gateway,
+                    %reason,
+                    "an unlink was not taken within {UNLINK_RETRY_FOR:?}: the unlinked device's connections there close at the gateway's next pass over its connections"
+                );
+            }
+            return;
+        }
+        for (gateway, reason) in failures {
+            tracing::debug!(user, device, gateway, %reason, "an unlink was not taken; sending it again in {wait:?}");
+        }
+        tokio::time::sleep(wait).await;
+        wait = wait.saturating_mul(2).min(UNLINK_RETRY_MAX_WAIT);
+    }
+}
+
+/// One attempt of [`send_unlink`]: reads the routes if `pending` is not yet known, drops from
+/// it the gateways that no longer need the unlink, and calls the others at once, dropping
+/// those that take it. Returns the gateways that did not, each with why.
+async fn unlink_attempt(
+    directory: &Directory,
+    local: Option<&str>,
+    request: &DeliverRequest,
+    pending: &mut Option<BTreeMap<String, Option<u64>>>,
+) -> Result<Vec<(String, String)>, StoreError> {
+    let pending = match pending {
+        Some(pending) => pending,
+        None => {
+            let user = request.unlinks.first().map_or("", |u| u.user.as_str());
+            let routes = directory.store.routes(user).await?;
+            pending.insert(
+                routes
+                    .into_iter()
+                    .map(|route| route.gateway)
+                    .filter(|gateway| Some(gateway.as_str()) != local)
+                    .map(|gateway| (gateway, None))
+                    .collect(),
+            )
+        }
+    };
+    if pending.is_empty() {
+        return Ok(Vec::new());
+    }
+    let read_at = now_ms();
+    let nodes = directory.nodes_now().await?;
+    pending.retain(|gateway, seen| match nodes.get(gateway) {
+        Some(record) if record.is_live(read_at) && seen.is_none_or(|i| i == record.instance) => {
+            *seen = Some(record.instance);
+            true
+        }
+        _ => false,
+    });
+    let nodes = &nodes;
+    let calls = pending.keys().map(|gateway| async move {
+        let reason = match nodes
+            .get(gateway)
+            .map(|record| directory.gateway(&record.address))
+        {
+            Some(Ok(mut client)) => {
+                match tokio::time::timeout(CALL_TIMEOUT, client.deliver(request.clone())).await {
+                    Ok(Ok(_)) => return None,
+                    Ok(Err(status)) => status.message().to_owned(),
+                    Err(_) => format!("no answer within {CALL_TIMEOUT:?}"),
+                }
+            }
+            Some(Err(e)) => e.to_string(),
+            None => "not registered".to_owned(),
+        };
+        Some((gateway.clone(), reason))
+    });
+    let failures: Vec<(String, String)> = futures::future::join_all(calls)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    pending.retain(|gateway, _| failures.iter().any(|(failed, _)| failed == gateway));
+    Ok(failures)
 }
 
 /// The end of [`CommitNotifier`] on a fanout or push node: tells the node's fanout and push
@@ -901,6 +1052,8 @@ mod tests {
     struct Recording {
         delivered: Mutex<Vec<(String, u64, Vec<String>)>>,
         missed: Mutex<Vec<Missed>>,
+        /// The devices unlinked, as user and device.
+        unlinked: tokio::sync::watch::Sender<Vec<(String, String)>>,
     }
 
     /// The recipients of an event that did not decode, and its place if known.
@@ -925,7 +1078,10 @@ mod tests {
             Refused::new()
         }
 
-        fn unlinked(&self, _user: &str, _device: &str) {}
+        fn unlinked(&self, user: &str, device: &str) {
+            self.unlinked
+                .send_modify(|unlinked| unlinked.push((user.to_owned(), device.to_owned())));
+        }
 
         async fn connected_devices(&self, _user: &str) -> Result<Vec<String>, StoreError> {
             Ok(Vec::new())
@@ -1050,5 +1206,122 @@ mod tests {
         let without: Nodes = [("g2".to_owned(), NodeRecord::default())].into();
         gateways.failed("g2", 1, &without, at(61));
         assert!(!lock(&gateways.failing).contains_key("g1"));
+    }
+
+    /// A cluster whose store registers gateway node `g1` (live for a minute) with alice's
+    /// phone connected to it, and `g1` serving its [`GatewayService`] over a [`Recording`],
+    /// every call let through `admit` first; with the [`ClusterGateways`] of another node.
+    async fn a_gateway_holding_alices_phone(
+        admit: impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone + Send + Sync + 'static,
+    ) -> (ClusterGateways, Arc<Recording>, tempfile::TempDir) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let local = Arc::new(Recording::default());
+        let server = GatewayServer::new(GatewayService::new(local.clone()));
+        tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(InterceptedService::new(server, admit))
+                .serve_with_incoming(TcpIncoming::from(listener))
+                .await
+                .unwrap();
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let engine = courier_store::embedded::EmbeddedEngine::open(dir.path()).unwrap();
+        let store = MessageStore::open(Arc::new(engine), b"", 4).await.unwrap();
+        let record = NodeRecord {
+            roles: vec!["gateway".into()],
+            address: address.to_string(),
+            lease_until_ms: now_ms() + 60_000,
+            instance: 1,
+            ..NodeRecord::default()
+        };
+        store.register_node("g1", &record).await.unwrap();
+        store
+            .add_route("alice", "phone", "g1", 1, now_ms())
+            .await
+            .unwrap();
+        let token = ClusterToken::new(TOKEN).unwrap();
+        (ClusterGateways::new(store, None, token), local, dir)
+    }
+
+    /// Waits until `gateway` closed alice's phone, for at most 30 s.
+    async fn phone_unlinked_on(gateway: &Recording) -> bool {
+        let mut unlinked = gateway.unlinked.subscribe();
+        let phone = ("alice".to_owned(), "phone".to_owned());
+        let landed = unlinked.wait_for(|unlinked| unlinked.contains(&phone));
+        matches!(
+            tokio::time::timeout(Duration::from_secs(30), landed).await,
+            Ok(Ok(_))
+        )
+    }
+
+    /// An unlink whose call a gateway does not take (unreachable a moment, a timeout) is sent
+    /// again until it lands: sent once, the unlinked device's connection there stayed open,
+    /// reading the user's messages, until the gateway's hourly pass over its connections.
+    #[tokio::test]
+    async fn an_unlink_the_gateway_did_not_take_is_sent_again_until_it_lands() {
+        let refused = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let admit = {
+            let refused = refused.clone();
+            move |request: Request<()>| {
+                if refused.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                    return Err(Status::unavailable("not now"));
+                }
+                Ok(request)
+            }
+        };
+        let (gateways, g1, _dir) = a_gateway_holding_alices_phone(admit).await;
+        gateways.unlinked("alice", "phone");
+        assert!(
+            phone_unlinked_on(&g1).await,
+            "the unlink lands on a later attempt"
+        );
+        assert!(refused.load(std::sync::atomic::Ordering::SeqCst) >= 2);
+    }
+
+    /// An unlink is not refused for want of room when [`OFFERS_IN_FLIGHT`] offers (typing,
+    /// receipts) are on their way: it counted among them, and was dropped.
+    #[tokio::test]
+    async fn an_unlink_goes_out_while_the_offers_in_flight_are_at_their_bound() {
+        let (gateways, g1, _dir) = a_gateway_holding_alices_phone(Ok).await;
+        let _offers = gateways
+            .offers
+            .clone()
+            .try_acquire_many_owned(OFFERS_IN_FLIGHT as u32)
+            .unwrap();
+        gateways.unlinked("alice", "phone");
+        assert!(phone_unlinked_on(&g1).await, "the unlink is not refused");
+    }
+
+    /// An unlink is sent again to a gateway that does not take it only while that gateway is
+    /// live: once its lease is ended (it tells its connections to reconnect, and the unlinked
+    /// device's token is refused) the unlink is done, and its room among
+    /// [`UNLINKS_IN_FLIGHT`] is free.
+    #[tokio::test]
+    async fn an_unlink_is_no_longer_sent_to_a_gateway_whose_lease_ended() {
+        let attempted = Arc::new(Notify::new());
+        let admit = {
+            let attempted = attempted.clone();
+            move |_: Request<()>| {
+                attempted.notify_one();
+                Err(Status::unavailable("never"))
+            }
+        };
+        let (gateways, _g1, _dir) = a_gateway_holding_alices_phone(admit).await;
+        gateways.unlinked("alice", "phone");
+        tokio::time::timeout(Duration::from_secs(30), attempted.notified())
+            .await
+            .expect("the unlink is sent");
+        let store = &gateways.directory.store;
+        let (_, record) = store.nodes().await.unwrap().pop().unwrap();
+        assert_eq!(
+            store.end_node_lease("g1", &record, now_ms()).await.unwrap(),
+            LeaseEnd::Ended
+        );
+        let all_free = gateways.unlinks.acquire_many(UNLINKS_IN_FLIGHT as u32);
+        let _all = tokio::time::timeout(Duration::from_secs(30), all_free)
+            .await
+            .expect("the unlink is no longer sent")
+            .unwrap();
     }
 }
