@@ -128,7 +128,10 @@ export class CourierClient {
         refusal: (error) => this.refusal(error),
       },
       {
-        onOnline: () => void this.sender.flush(),
+        onOnline: () => {
+          void this.sender.flush();
+          this.acks.online();
+        },
         onFrame: (session, frame) => this.onFrame(session, frame),
         onState: (state) => {
           if (state !== "online") this.synced = false;
@@ -452,7 +455,8 @@ export class CourierClient {
         session.reconnectAfterMs = frame.after_ms;
         break;
       case "error":
-        this.emitter.emit("error", CourierError.fromFrame(frame));
+        // An ack's refusal to wait out is the acknowledgements' to send again.
+        if (!this.acks.refused(session, frame)) this.emitter.emit("error", CourierError.fromFrame(frame));
         break;
       default:
         // `hello` comes first and is consumed by the connection; `sent`, `messages` and

@@ -120,6 +120,14 @@ export class Connection {
     this.socket.send(JSON.stringify(frame));
   }
 
+  /** Sends a frame that has no reply unless it is refused (`ack`) with a fresh `ref`, and
+   * returns it: an `error` refusing the frame carries it, and goes to `onFrame`. */
+  post(frame: Extract<ClientFrame, { type: "ack" }>): number {
+    const ref = this.nextRef++;
+    this.send({ ...frame, ref });
+    return ref;
+  }
+
   /** Sends a frame with a fresh `ref` and resolves with its direct reply; an `error` reply
    * rejects with its code. */
   request<F extends ServerFrame>(frame: RequestFrame): Promise<F> {

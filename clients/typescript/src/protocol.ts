@@ -65,7 +65,7 @@ export type ClientFrame =
       body: Body;
       reply_to?: number;
     }
-  | { type: "ack"; conversation_id: string; seq: number; kind: AckKind }
+  | { type: "ack"; ref?: number; conversation_id: string; seq: number; kind: AckKind }
   | { type: "sync"; cursors?: Record<string, number> }
   | { type: "fetch"; ref?: number; conversation_id: string; after_seq?: number; limit?: number }
   | { type: "delete"; ref?: number; conversation_id: string; seq: number }

@@ -150,3 +150,17 @@ test("a read ack lost with its connection is sent again on the next one", async 
   await until("bob's read cursor is on the message", async () => (await cursors())?.read_seq === 1);
   await until("alice sees it read", () => alice.statusOf(conv, 1) === "read");
 });
+
+test("a catch-up of more conversations than the connection's frame limit lets through at once moves every cursor to its head", async () => {
+  // Ten frames at once, twenty a second: most of the catch-up's acks are refused at first.
+  const server = await serve(["--connection-frames-per-sec", "20", "--connection-frames-burst", "10"]);
+  const alice = await client(server, "alice", "web");
+  const groups = 80;
+  for (let i = 0; i < groups; i++) await alice.http.createGroup(`group ${i}`, ["bob"]);
+
+  const bob = await synced(server, "bob", "web");
+  const behind = async () =>
+    (await bob.http.conversations()).filter((c) => c.head_seq === 0 || c.delivered_seq < c.head_seq).length;
+  assert.equal((await bob.http.conversations()).length, groups);
+  await until("every conversation's delivered cursor is at its head", async () => (await behind()) === 0);
+});
