@@ -292,7 +292,14 @@ export class CourierClient {
     if (options.replyTo !== undefined) entry.reply_to = options.replyTo;
     const tooLarge = tooLargeError(entry, this.maxFrameBytes);
     if (tooLarge) throw tooLarge;
-    await this.outbox.add(entry);
+    try {
+      await this.outbox.add(entry);
+    } catch (error) {
+      // A later entry written meanwhile found this one ahead of it, still being written, and
+      // was not sent: it is next now.
+      void this.sender.flush();
+      throw error;
+    }
     // Waited for only once added: a refused add (a duplicate id, a storage error) leaves no
     // promise behind to reject unhandled later. Nothing settles the entry in between: its
     // reply or event comes from the network, after this continuation.

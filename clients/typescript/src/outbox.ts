@@ -63,6 +63,8 @@ export class Outbox {
       await this.storage.put(this.scope, entry);
     } catch (error) {
       this.entries = this.entries.filter((e) => e !== entry);
+      // Listed meanwhile to whoever read the entries on a change of another.
+      this.onChange();
       throw error;
     } finally {
       this.persisting.delete(entry.client_msg_id);

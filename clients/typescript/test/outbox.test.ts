@@ -7,6 +7,7 @@ import {
   MemoryOutboxStorage,
   type CourierError,
   type OutboxStorage,
+  type Sent,
   type WebSocketConstructor,
 } from "../src/index.js";
 import { Network, Server, client, closeClients, synced, texts, until } from "./support.js";
@@ -161,6 +162,37 @@ test("messages go out in the order written even when their local writes finish o
   finishFirstWrite();
   const [a, b] = await Promise.all([first, second]);
   assert.deepEqual([a.seq, b.seq], [1, 2]);
+});
+
+test("a message written after one whose local write fails is sent without waiting for another send", async () => {
+  // Storage whose first write fails once the test says so, after the second has finished.
+  let failFirstWrite!: (error: Error) => void;
+  const firstWriteFailed = new Promise<void>((_, reject) => (failFirstWrite = reject));
+  const memory = new MemoryOutboxStorage();
+  let writes = 0;
+  const failingFirst: OutboxStorage = {
+    load: (scope) => memory.load(scope),
+    delete: (scope, id) => memory.delete(scope, id),
+    put: async (scope, entry) => {
+      if (writes++ === 0) await firstWriteFailed;
+      await memory.put(scope, entry);
+    },
+  };
+  const kim = await synced(server, "kim", "web", { storage: failingFirst });
+  const shown: string[][] = [];
+  kim.on("outbox", () => shown.push(kim.outboxEntries().map((e) => ("text" in e.body ? e.body.text : ""))));
+  const lost = kim.sendText({ toUser: "lou" }, "lost");
+  const second = kim.sendText({ toUser: "lou" }, "second");
+  // Its flush finds the first still being written, ahead of it.
+  await until("the second is written locally", async () => (await memory.load("kim/web")).length === 1);
+  failFirstWrite(new Error("QuotaExceededError"));
+  await assert.rejects(lost, /QuotaExceededError/);
+  assert.ok(!shown.at(-1)?.includes("lost"), `the app is told the entry is gone: ${JSON.stringify(shown)}`);
+  let sent: Sent | undefined;
+  void second.then((s) => (sent = s));
+  await until("the second is stored by the server", () => sent !== undefined);
+  assert.equal(sent!.seq, 1);
+  assert.deepEqual(kim.outboxEntries(), []);
 });
 
 test("a send refused before it enters the outbox (its client_msg_id is already there) leaves no promise to reject unhandled", async () => {
