@@ -105,6 +105,7 @@ export class CourierClient {
   private constructor(
     identity: Identity,
     private readonly options: CourierClientOptions,
+    private readonly storage: OutboxStorage,
     private readonly outbox: Outbox,
     private readonly savedReceipts: SavedReceipts,
   ) {
@@ -172,7 +173,7 @@ export class CourierClient {
     const scope = `${identity.user}/${identity.device}`;
     const outbox = await Outbox.open(storage, scope);
     const savedReceipts = await SavedReceipts.open(storage, scope);
-    const client = new CourierClient(identity, options, outbox, savedReceipts);
+    const client = new CourierClient(identity, options, storage, outbox, savedReceipts);
     client.link.start();
     return client;
   }
@@ -404,6 +405,22 @@ export class CourierClient {
   /** Closes the connection for good. */
   close(): void {
     this.link.close();
+  }
+
+  /**
+   * Closes the client for good and deletes what its storage keeps of this device: the outbox
+   * (its messages are never sent: their `send`s reject with `closed`) and the receipts kept
+   * for the ticks. For a sign-out: without it the unsent messages stay on the computer, in
+   * plain text, and the next client of the same user and device sends them.
+   */
+  async forget(): Promise<void> {
+    this.close();
+    const entries = this.outbox.clear();
+    const conversations = await this.savedReceipts.clear();
+    const scope = `${this.user}/${this.device}`;
+    if (this.storage.clear) return this.storage.clear(scope);
+    await Promise.all(entries.map((id) => this.storage.delete(scope, id)));
+    await this.storage.deleteReceipts?.(scope, conversations);
   }
 
   /** After a failed connection attempt: the server's refusal of the token, which no retry

@@ -17,6 +17,8 @@ export class Outbox {
   private readonly waiters = new Map<string, Waiter[]>();
   /** Entries whose local write has not completed yet. */
   private readonly persisting = new Set<string>();
+  /** Set by `clear`: the outbox takes no more entries. */
+  private cleared = false;
 
   /** Called after every change of the entries. */
   onChange: () => void = () => {};
@@ -49,6 +51,7 @@ export class Outbox {
 
   /** Persists a new entry, after every earlier one. */
   async add(fields: Omit<OutboxEntry, "position">): Promise<void> {
+    if (this.cleared) throw clearedError();
     if (this.has(fields.client_msg_id)) {
       throw new CourierError("bad_request", `client_msg_id ${fields.client_msg_id} is already in the outbox`);
     }
@@ -61,6 +64,11 @@ export class Outbox {
     this.persisting.add(entry.client_msg_id);
     try {
       await this.storage.put(this.scope, entry);
+      if (this.cleared) {
+        // Written after the storage was cleared, or before: gone either way.
+        await this.storage.delete(this.scope, entry.client_msg_id);
+        throw clearedError();
+      }
     } catch (error) {
       this.entries = this.entries.filter((e) => e !== entry);
       // Listed meanwhile to whoever read the entries on a change of another.
@@ -114,6 +122,19 @@ export class Outbox {
     this.take(clientMsgId).forEach((w) => w.reject(new CourierError("bad_request", "discarded from the outbox")));
   }
 
+  /** Empties the outbox for good (a sign-out): its entries are never sent, their waiters
+   * rejected with `closed`, and `add` takes no more (one whose write is under way deletes it
+   * once written). Deleting what the storage holds is the caller's; returns the ids of the
+   * entries there were. */
+  clear(): string[] {
+    this.cleared = true;
+    const ids = this.entries.map((entry) => entry.client_msg_id);
+    this.entries = [];
+    for (const id of [...this.waiters.keys()]) this.take(id).forEach((w) => w.reject(clearedError()));
+    this.onChange();
+    return ids;
+  }
+
   private async remove(clientMsgId: string): Promise<void> {
     await this.storage.delete(this.scope, clientMsgId);
     const before = this.entries.length;
@@ -126,4 +147,8 @@ export class Outbox {
     this.waiters.delete(clientMsgId);
     return list;
   }
+}
+
+function clearedError(): CourierError {
+  return new CourierError("closed", "this device's data was deleted (a sign-out): the message was not sent");
 }

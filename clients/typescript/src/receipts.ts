@@ -17,7 +17,10 @@ export class SavedReceipts {
   private readonly loaded = new Map<string, StoredReceipt[]>();
   /** To write, by `conversation user`. */
   private readonly dirty = new Map<string, StoredReceipt>();
-  private writing = false;
+  /** The write under way. */
+  private writing: Promise<void> | undefined;
+  /** Set by `clear`: nothing is written any more. */
+  private cleared = false;
   /** The conversations with receipts in the storage, each with the number of the last save
    * of one of its receipts (`saves` then). */
   private readonly stored = new Map<string, number>();
@@ -53,10 +56,10 @@ export class SavedReceipts {
 
   /** Writes a member's latest cursors (soon, with the others that change meanwhile). */
   save(receipt: StoredReceipt): void {
-    if (!this.storage.putReceipts) return;
+    if (!this.storage.putReceipts || this.cleared) return;
     this.stored.set(receipt.conversation_id, ++this.saves);
     this.dirty.set(`${receipt.conversation_id} ${receipt.user}`, { ...receipt });
-    if (!this.writing) void this.write();
+    this.writing ??= this.write();
   }
 
   /** The conversations with stored receipts now, to pass to `forgetUnlisted` once the list of
@@ -72,7 +75,7 @@ export class SavedReceipts {
     const gone = [...before]
       .filter(([id, save]) => !listed.has(id) && this.stored.get(id) === save)
       .map(([id]) => id);
-    if (gone.length === 0 || !this.storage.deleteReceipts) return;
+    if (gone.length === 0 || !this.storage.deleteReceipts || this.cleared) return;
     for (const id of gone) {
       this.stored.delete(id);
       this.loaded.delete(id);
@@ -80,8 +83,17 @@ export class SavedReceipts {
     this.storage.deleteReceipts(this.scope, gone).catch((error: unknown) => this.onError(error));
   }
 
+  /** Writes nothing more (a sign-out), once the write under way has ended; resolves with the
+   * conversations that have receipts in the storage, for the caller to delete. */
+  async clear(): Promise<string[]> {
+    this.cleared = true;
+    this.dirty.clear();
+    this.loaded.clear();
+    await this.writing;
+    return [...this.stored.keys()];
+  }
+
   private async write(): Promise<void> {
-    this.writing = true;
     try {
       // Receipts of the same turn (a flush of many at once) join the first write.
       await Promise.resolve();
@@ -95,7 +107,7 @@ export class SavedReceipts {
         }
       }
     } finally {
-      this.writing = false;
+      this.writing = undefined;
     }
   }
 }

@@ -45,6 +45,10 @@ export interface OutboxStorage {
   /** Optional: deletes every receipt of these conversations in the scope. A storage without
    * it keeps the receipts of the conversations this user left. */
   deleteReceipts?(scope: string, conversationIds: string[]): Promise<void>;
+  /** Optional: deletes everything of the scope, its outbox and its receipts (a sign-out,
+   * `CourierClient.forget`). Without it, the client deletes the entries and receipts it knows
+   * of one by one. */
+  clear?(scope: string): Promise<void>;
 }
 
 function byAge(a: OutboxEntry, b: OutboxEntry): number {
@@ -91,6 +95,11 @@ export class MemoryOutboxStorage implements OutboxStorage {
     if (!held) return;
     const gone = new Set(conversationIds);
     for (const [key, receipt] of held) if (gone.has(receipt.conversation_id)) held.delete(key);
+  }
+
+  async clear(scope: string): Promise<void> {
+    this.scopes.delete(scope);
+    this.receipts.delete(scope);
   }
 }
 
@@ -163,6 +172,15 @@ export class IndexedDbOutboxStorage implements OutboxStorage {
         request = store.delete(IDBKeyRange.bound([key, `${id} `], [key, `${id} \uffff`]));
       }
       return request;
+    });
+  }
+
+  /** All in one transaction: the outbox's key range of the scope and its receipts'. */
+  async clear(scope: string): Promise<void> {
+    await this.run("readwrite", (store) => {
+      store.delete(IDBKeyRange.bound([scope, ""], [scope, "\uffff"]));
+      const key = receiptScope(scope);
+      return store.delete(IDBKeyRange.bound([key, ""], [key, "\uffff"]));
     });
   }
 

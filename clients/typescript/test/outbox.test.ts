@@ -195,6 +195,45 @@ test("a message written after one whose local write fails is sent without waitin
   assert.deepEqual(kim.outboxEntries(), []);
 });
 
+/** A storage without `clear`, as one of an app's own may be. */
+function withoutClear(memory: MemoryOutboxStorage): OutboxStorage {
+  return {
+    load: (scope) => memory.load(scope),
+    put: (scope, entry) => memory.put(scope, entry),
+    delete: (scope, id) => memory.delete(scope, id),
+    loadReceipts: (scope) => memory.loadReceipts(scope),
+    putReceipts: (scope, receipts) => memory.putReceipts(scope, receipts),
+    deleteReceipts: (scope, ids) => memory.deleteReceipts(scope, ids),
+  };
+}
+
+for (const [name, own] of [["its clear", false], ["entry by entry", true]] as const) {
+  test(`forget closes the client and deletes the device's outbox and receipts (${name}): a later client of the device sends nothing`, async () => {
+    const memory = new MemoryOutboxStorage();
+    const storage = own ? withoutClear(memory) : memory;
+    const user = own ? "pat2" : "pat";
+    await memory.putReceipts(`${user}/web`, [{ conversation_id: "d:x", user: "quin", delivered_seq: 1, read_seq: 1 }]);
+    await memory.put(`${user}/phone`, { client_msg_id: "other", to_user: "quin", body: { text: "x" }, created_ms: 0, position: 1 });
+    const network = new Network();
+    network.cut();
+    const pat = await client(server, user, "web", { storage, network });
+    const unsent = ["unsent 1", "unsent 2"].map((text) => pat.sendText({ toUser: "quin" }, text));
+    await until("both are in the outbox", () => pat.outboxEntries().length === 2);
+
+    await pat.forget();
+    assert.equal(pat.state, "closed");
+    assert.deepEqual(pat.outboxEntries(), []);
+    for (const send of unsent) await assert.rejects(send, (e: CourierError) => e.code === "closed");
+    assert.deepEqual(await memory.load(`${user}/web`), []);
+    assert.deepEqual(await memory.loadReceipts(`${user}/web`), []);
+    assert.equal((await memory.load(`${user}/phone`)).length, 1, "another device's outbox is left alone");
+
+    network.restore();
+    const again = await synced(server, user, "web", { storage });
+    assert.deepEqual(again.outboxEntries(), []);
+  });
+}
+
 test("a send refused before it enters the outbox (its client_msg_id is already there) leaves no promise to reject unhandled", async () => {
   const unhandled: unknown[] = [];
   const record = (reason: unknown) => unhandled.push(reason);

@@ -62,4 +62,19 @@ for (const [name, open] of storages) {
     assert.deepEqual(await storage.loadReceipts!("alice/web"), []);
     assert.equal((await storage.load("alice/web")).length, 1);
   });
+
+  test(`${name}: clearing a scope deletes its outbox and receipts, and nothing of another scope`, async () => {
+    const storage = open();
+    for (const scope of ["alice/web", "alice/phone", "alice/web2"]) {
+      await storage.put(scope, entry("a", 1));
+      await storage.putReceipts!(scope, [receipt("g1", "bob", 1)]);
+    }
+    await storage.clear!("alice/web");
+    assert.deepEqual(await storage.load("alice/web"), []);
+    assert.deepEqual(await storage.loadReceipts!("alice/web"), []);
+    for (const scope of ["alice/phone", "alice/web2"]) {
+      assert.equal((await storage.load(scope)).length, 1, scope);
+      assert.deepEqual(await storage.loadReceipts!(scope), [receipt("g1", "bob", 1)], scope);
+    }
+  });
 }

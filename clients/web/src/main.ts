@@ -70,7 +70,7 @@ class ChatView {
   }
 
   private wireForms(): void {
-    byId("sign-out").addEventListener("click", () => this.signOut());
+    byId("sign-out").addEventListener("click", () => void this.signOut());
     byId<HTMLFormElement>("new-chat").addEventListener("submit", (event) => {
       event.preventDefault();
       const input = byId<HTMLInputElement>("new-chat-user");
@@ -186,16 +186,34 @@ class ChatView {
 
   /** A refused token signs out; anything else goes to the status line. */
   private onError(error: unknown): void {
-    if (error instanceof CourierError && error.code === "unauthorized") this.signOut(error);
+    if (error instanceof CourierError && error.code === "unauthorized") void this.signOut(error);
     else showError(error);
   }
 
-  /** Forgets the token; after a refused one, says so on the sign-in form. */
-  private signOut(refused?: CourierError): void {
-    this.client.close();
+  /**
+   * Signing out forgets the token and deletes what this browser keeps of the device (its
+   * unsent messages, in plain text, and the ticks), as a shared computer needs: asking first
+   * when unsent messages would be lost. A refused token (expired, or the device removed)
+   * forgets the token only and says why on the sign-in form: nobody chose to sign out, and the
+   * unsent messages go out once the same user and device signs in again.
+   */
+  private async signOut(refused?: CourierError): Promise<void> {
+    if (refused) {
+      this.client.close();
+      forgetToken();
+      return showSignIn(new Error(`The server refused this token (${refused.message}). Ask for a new one.`));
+    }
+    const unsent = this.client.outboxEntries().length;
+    const lost = unsent === 1 ? "1 unsent message" : `${unsent} unsent messages`;
+    if (unsent > 0 && !confirm(`Sign out? ${lost} will be deleted from this browser.`)) return;
     forgetToken();
-    if (refused) showSignIn(new Error(`The server refused this token (${refused.message}). Ask for a new one.`));
-    else location.reload();
+    try {
+      await this.client.forget();
+    } catch (error) {
+      const why = error instanceof Error ? error.message : String(error);
+      return showSignIn(new Error(`Signed out, but this browser's copy of the chats could not be deleted: ${why}`));
+    }
+    location.reload();
   }
 }
 

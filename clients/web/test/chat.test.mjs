@@ -2,7 +2,7 @@
 // playwright-core; nothing downloads a browser) against `courier serve --web-dir dist`:
 // messages, typing, a photo, ticks turning blue, delete for everyone, going offline and
 // catching up (with a message written offline surviving a reload), and a group, ticks that
-// survive a reload; and signing in with a pasted token.
+// survive a reload; signing in with a pasted token, and signing out.
 // Screenshots of each step go to test-output/screenshots/.
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
@@ -241,6 +241,69 @@ test("signing in: a pasted token works, a token the server refuses leads back to
   await page.locator('#connection[data-state="online"]').waitFor(WAIT);
   assert.equal(await page.textContent("#me-name"), "carol (web)");
   await context.close();
+});
+
+/** The scopes of the rows in the SDK's IndexedDB object store (the outbox and the receipts). */
+function storedScopes(page) {
+  return page.evaluate(
+    () =>
+      new Promise((resolve, reject) => {
+        const opening = indexedDB.open("courier");
+        opening.onerror = () => reject(opening.error);
+        opening.onsuccess = () => {
+          const database = opening.result;
+          const rows = database.transaction("outbox").objectStore("outbox").getAll();
+          rows.onerror = () => reject(rows.error);
+          rows.onsuccess = () => {
+            database.close();
+            resolve(rows.result.map((row) => row.scope));
+          };
+        };
+      }),
+  );
+}
+
+test("signing out deletes the unsent messages and the ticks this browser kept, after asking", async () => {
+  const frank = await person("frank");
+  const asked = [];
+  frank.page.on("dialog", (dialog) => asked.push(dialog.message()));
+  // Gus's own client, not the app: he writes first and reads frank's answer.
+  const gus = await client(server, "gus", "node");
+  const conv = (await gus.sendText({ toUser: "frank" }, "Hi Frank")).conversation_id;
+  await open(frank, "gus");
+  await send(frank, "Hello Gus");
+  await message(frank, "Hello Gus").locator(".ticks:not([data-status=pending])").waitFor(WAIT);
+  await gus.whenSynced();
+  await gus.loadHistory(conv);
+  gus.markRead(conv);
+  await message(frank, "Hello Gus").locator('.ticks[data-status="read"]').waitFor(WAIT);
+
+  // The server goes out of reach (the page itself still loads): frank's next message waits.
+  await frank.context.setOffline(true);
+  await frank.page.locator('#connection[data-state="offline"]').waitFor(WAIT);
+  frank.serverReachable = false;
+  await frank.context.setOffline(false);
+  await send(frank, "Never sent");
+  await message(frank, "Never sent").locator('.ticks[data-status="pending"]').waitFor(WAIT);
+  const before = await storedScopes(frank.page);
+  assert.ok(before.includes("frank/web") && before.includes("frank/web#receipts"), `stored: ${before}`);
+
+  await frank.page.click("#sign-out");
+  await frank.page.locator("#sign-in").waitFor(WAIT);
+  assert.deepEqual(asked, ["Sign out? 1 unsent message will be deleted from this browser."]);
+  const after = await storedScopes(frank.page);
+  assert.deepEqual(after.filter((scope) => scope.startsWith("frank/web")), [], "nothing of the device is left");
+
+  // Signing in again as the same device sends nothing that was left.
+  frank.serverReachable = true;
+  await frank.page.fill("#token-input", server.token("frank", "web"));
+  await frank.page.click("#sign-in-form button");
+  await frank.page.locator('#connection[data-state="online"]').waitFor(WAIT);
+  await open(frank, "gus");
+  await message(frank, "Hello Gus").waitFor(WAIT);
+  assert.equal(await message(frank, "Never sent").count(), 0);
+  assert.deepEqual(frank.problems, [], "no script errors in the page");
+  await frank.context.close();
 });
 
 test("a picture someone shares never runs as a page of the app: an SVG's script does not run in a tab of its own", async () => {
