@@ -623,35 +623,26 @@ async fn a_gateway_pools_status_is_the_same_at_the_next_sample_of_an_unchanged_w
         ..FakeDataPlane::default()
     });
     let before = || {
-        vec![
-            expect(
-                Method::GET,
-                "/apis/courier.dev/v1alpha1/namespaces/chat/courierclusters/prod",
-                |_| {},
-            )
-            .answer(serde_json::to_value(cluster(false)).unwrap()),
-            expect(Method::GET, "/api/v1/namespaces/chat/pods", |_| {}).answer(pod_list(vec![
+        after_pool_reads(
+            vec![
                 gateway_pod("gw-a", "10.0.0.1"),
                 gateway_pod("gw-b", "10.0.0.2"),
-            ])),
-            expect(
-                Method::GET,
-                "/apis/apps/v1/namespaces/chat/deployments/prod-gateways",
-                |_| {},
-            )
-            .answer(deployment(2)),
-            expect(
-                APPLY,
-                "/apis/apps/v1/namespaces/chat/deployments/prod-gateways",
-                |_| {},
-            ),
-            expect(APPLY, "/api/v1/namespaces/chat/services/prod", |_| {}),
-            expect(
-                APPLY,
-                "/apis/policy/v1/namespaces/chat/poddisruptionbudgets/prod-gateways",
-                |_| {},
-            ),
-        ]
+            ],
+            2,
+            vec![
+                expect(
+                    APPLY,
+                    "/apis/apps/v1/namespaces/chat/deployments/prod-gateways",
+                    |_| {},
+                ),
+                expect(APPLY, "/api/v1/namespaces/chat/services/prod", |_| {}),
+                expect(
+                    APPLY,
+                    "/apis/policy/v1/namespaces/chat/poddisruptionbudgets/prod-gateways",
+                    |_| {},
+                ),
+            ],
+        )
     };
     let first = status_after(
         1_000_000,
@@ -1000,81 +991,93 @@ fn deployment(replicas: i32) -> Value {
     })
 }
 
-#[tokio::test]
-async fn a_gateway_pool_scales_up_at_once_to_what_its_connections_need() {
-    let data_plane = Arc::new(FakeDataPlane {
-        connections: BTreeMap::from([("10.0.0.1".to_owned(), 2500), ("10.0.0.2".to_owned(), 2300)]),
-        ..FakeDataPlane::default()
-    });
-    let expected = vec![
+/// The reads of a gateway pool's sample (its cluster, its pods, its Deployment of `replicas`),
+/// then `then`.
+fn after_pool_reads(pods: Vec<Value>, replicas: i32, then: Vec<Expect>) -> Vec<Expect> {
+    let reads = vec![
         expect(
             Method::GET,
             "/apis/courier.dev/v1alpha1/namespaces/chat/courierclusters/prod",
             |_| {},
         )
         .answer(serde_json::to_value(cluster(false)).unwrap()),
-        expect(Method::GET, "/api/v1/namespaces/chat/pods", |_| {}).answer(pod_list(vec![
-            gateway_pod("gw-a", "10.0.0.1"),
-            gateway_pod("gw-b", "10.0.0.2"),
-        ])),
+        expect(Method::GET, "/api/v1/namespaces/chat/pods", |_| {}).answer(pod_list(pods)),
         expect(
             Method::GET,
             "/apis/apps/v1/namespaces/chat/deployments/prod-gateways",
             |_| {},
         )
-        .answer(deployment(2)),
-        expect(
-            Method::POST,
-            "/apis/events.k8s.io/v1/namespaces/chat/events",
-            |body| {
-                assert_eq!(body["reason"], "ScaledUp");
-                assert_eq!(body["note"], "2 -> 5 gateway pods for 4800 connections");
-            },
-        ),
-        expect(
-            APPLY,
-            "/apis/apps/v1/namespaces/chat/deployments/prod-gateways",
-            |body| {
-                assert_eq!(body["spec"]["replicas"], 5);
-                let args = args(body);
-                assert_eq!(args[2..5], ["node", "--roles", "gateway"]);
-                let env = body["spec"]["template"]["spec"]["containers"][0].to_string();
-                assert!(env.contains("COURIER_JWT_SECRET"), "gateways verify tokens");
-                assert!(!env.contains("\"s3\""), "gateways get no S3 credentials");
-                // SIGTERM tells the clients to reconnect in batches over 60 s; the drain
-                // ends within 90 s, inside the grace period.
-                let drain = args.windows(2).filter(|w| w[0].starts_with("--drain"));
-                assert_eq!(
-                    drain.map(|w| w.join(" ")).collect::<Vec<_>>(),
-                    ["--drain-window 60s", "--drain-timeout 90s"]
-                );
-                let pod = &body["spec"]["template"]["spec"];
-                assert_eq!(pod["terminationGracePeriodSeconds"], 110);
-                assert_eq!(
-                    pod["containers"][0]["lifecycle"]["preStop"]["sleep"]["seconds"],
-                    5
-                );
-            },
-        ),
-        expect(APPLY, "/api/v1/namespaces/chat/services/prod", |body| {
-            assert_eq!(body["spec"]["ports"][0]["port"], 8080);
-        }),
-        expect(
-            APPLY,
-            "/apis/policy/v1/namespaces/chat/poddisruptionbudgets/prod-gateways",
-            |body| {
-                assert_eq!(body["spec"]["maxUnavailable"], "10%");
-            },
-        ),
-        expect(
-            APPLY,
-            "/apis/courier.dev/v1alpha1/namespaces/chat/gatewaypools/prod-gateways/status",
-            |body| {
-                assert_eq!(body["status"]["connections"], 4800);
-            },
-        )
-        .answer(serde_json::to_value(pool()).unwrap()),
+        .answer(deployment(replicas)),
     ];
+    reads.into_iter().chain(then).collect()
+}
+
+#[tokio::test]
+async fn a_gateway_pool_scales_up_at_once_to_what_its_connections_need() {
+    let data_plane = Arc::new(FakeDataPlane {
+        connections: BTreeMap::from([("10.0.0.1".to_owned(), 2500), ("10.0.0.2".to_owned(), 2300)]),
+        ..FakeDataPlane::default()
+    });
+    let expected = after_pool_reads(
+        vec![
+            gateway_pod("gw-a", "10.0.0.1"),
+            gateway_pod("gw-b", "10.0.0.2"),
+        ],
+        2,
+        vec![
+            expect(
+                Method::POST,
+                "/apis/events.k8s.io/v1/namespaces/chat/events",
+                |body| {
+                    assert_eq!(body["reason"], "ScaledUp");
+                    assert_eq!(body["note"], "2 -> 5 gateway pods for 4800 connections");
+                },
+            ),
+            expect(
+                APPLY,
+                "/apis/apps/v1/namespaces/chat/deployments/prod-gateways",
+                |body| {
+                    assert_eq!(body["spec"]["replicas"], 5);
+                    let args = args(body);
+                    assert_eq!(args[2..5], ["node", "--roles", "gateway"]);
+                    let env = body["spec"]["template"]["spec"]["containers"][0].to_string();
+                    assert!(env.contains("COURIER_JWT_SECRET"), "gateways verify tokens");
+                    assert!(!env.contains("\"s3\""), "gateways get no S3 credentials");
+                    // SIGTERM tells the clients to reconnect in batches over 60 s; the drain
+                    // ends within 90 s, inside the grace period.
+                    let drain = args.windows(2).filter(|w| w[0].starts_with("--drain"));
+                    assert_eq!(
+                        drain.map(|w| w.join(" ")).collect::<Vec<_>>(),
+                        ["--drain-window 60s", "--drain-timeout 90s"]
+                    );
+                    let pod = &body["spec"]["template"]["spec"];
+                    assert_eq!(pod["terminationGracePeriodSeconds"], 110);
+                    assert_eq!(
+                        pod["containers"][0]["lifecycle"]["preStop"]["sleep"]["seconds"],
+                        5
+                    );
+                },
+            ),
+            expect(APPLY, "/api/v1/namespaces/chat/services/prod", |body| {
+                assert_eq!(body["spec"]["ports"][0]["port"], 8080);
+            }),
+            expect(
+                APPLY,
+                "/apis/policy/v1/namespaces/chat/poddisruptionbudgets/prod-gateways",
+                |body| {
+                    assert_eq!(body["spec"]["maxUnavailable"], "10%");
+                },
+            ),
+            expect(
+                APPLY,
+                "/apis/courier.dev/v1alpha1/namespaces/chat/gatewaypools/prod-gateways/status",
+                |body| {
+                    assert_eq!(body["status"]["connections"], 4800);
+                },
+            )
+            .answer(serde_json::to_value(pool()).unwrap()),
+        ],
+    );
     reconciled(expected, data_plane, async |ctx| {
         gateway_pool::reconcile(Arc::new(pool()), ctx)
             .await
@@ -1094,48 +1097,37 @@ async fn a_gateway_pools_pods_are_read_together() {
         answer_together: Some(tokio::sync::Barrier::new(pods.len())),
         ..FakeDataPlane::default()
     });
-    let expected = vec![
-        expect(
-            Method::GET,
-            "/apis/courier.dev/v1alpha1/namespaces/chat/courierclusters/prod",
-            |_| {},
-        )
-        .answer(serde_json::to_value(cluster(false)).unwrap()),
-        expect(Method::GET, "/api/v1/namespaces/chat/pods", |_| {}).answer(pod_list(
-            pods.iter()
-                .enumerate()
-                .map(|(i, ip)| gateway_pod(&format!("gw-{i}"), ip))
-                .collect(),
-        )),
-        expect(
-            Method::GET,
-            "/apis/apps/v1/namespaces/chat/deployments/prod-gateways",
-            |_| {},
-        )
-        .answer(deployment(3)),
-        expect(
-            Method::POST,
-            "/apis/events.k8s.io/v1/namespaces/chat/events",
-            |body| assert_eq!(body["reason"], "ScaledUp"),
-        ),
-        expect(
-            APPLY,
-            "/apis/apps/v1/namespaces/chat/deployments/prod-gateways",
-            |body| assert_eq!(body["spec"]["replicas"], 5),
-        ),
-        expect(APPLY, "/api/v1/namespaces/chat/services/prod", |_| {}),
-        expect(
-            APPLY,
-            "/apis/policy/v1/namespaces/chat/poddisruptionbudgets/prod-gateways",
-            |_| {},
-        ),
-        expect(
-            APPLY,
-            "/apis/courier.dev/v1alpha1/namespaces/chat/gatewaypools/prod-gateways/status",
-            |body| assert_eq!(body["status"]["connections"], 4500),
-        )
-        .answer(serde_json::to_value(pool()).unwrap()),
-    ];
+    let expected = after_pool_reads(
+        pods.iter()
+            .enumerate()
+            .map(|(i, ip)| gateway_pod(&format!("gw-{i}"), ip))
+            .collect(),
+        3,
+        vec![
+            expect(
+                Method::POST,
+                "/apis/events.k8s.io/v1/namespaces/chat/events",
+                |body| assert_eq!(body["reason"], "ScaledUp"),
+            ),
+            expect(
+                APPLY,
+                "/apis/apps/v1/namespaces/chat/deployments/prod-gateways",
+                |body| assert_eq!(body["spec"]["replicas"], 5),
+            ),
+            expect(APPLY, "/api/v1/namespaces/chat/services/prod", |_| {}),
+            expect(
+                APPLY,
+                "/apis/policy/v1/namespaces/chat/poddisruptionbudgets/prod-gateways",
+                |_| {},
+            ),
+            expect(
+                APPLY,
+                "/apis/courier.dev/v1alpha1/namespaces/chat/gatewaypools/prod-gateways/status",
+                |body| assert_eq!(body["status"]["connections"], 4500),
+            )
+            .answer(serde_json::to_value(pool()).unwrap()),
+        ],
+    );
     reconciled(expected, data_plane, async |ctx| {
         let reconciled = gateway_pool::reconcile(Arc::new(pool()), ctx);
         tokio::time::timeout(std::time::Duration::from_secs(60), reconciled)
@@ -1156,58 +1148,49 @@ async fn a_quiet_gateway_pool_removes_the_pod_with_the_fewest_connections_first(
         ]),
         ..FakeDataPlane::default()
     });
-    let expected = vec![
-        expect(
-            Method::GET,
-            "/apis/courier.dev/v1alpha1/namespaces/chat/courierclusters/prod",
-            |_| {},
-        )
-        .answer(serde_json::to_value(cluster(false)).unwrap()),
-        expect(Method::GET, "/api/v1/namespaces/chat/pods", |_| {}).answer(pod_list(vec![
+    let expected = after_pool_reads(
+        vec![
             gateway_pod("gw-a", "10.0.0.1"),
             gateway_pod("gw-b", "10.0.0.2"),
             gateway_pod("gw-c", "10.0.0.3"),
-        ])),
-        expect(
-            Method::GET,
-            "/apis/apps/v1/namespaces/chat/deployments/prod-gateways",
-            |_| {},
-        )
-        .answer(deployment(3)),
-        expect(Method::PATCH, "/api/v1/namespaces/chat/pods/gw-b", |body| {
-            assert_eq!(
-                body["metadata"]["annotations"]["controller.kubernetes.io/pod-deletion-cost"],
-                "-1000"
-            );
-        })
-        .answer(gateway_pod("gw-b", "10.0.0.2")),
-        expect(
-            Method::POST,
-            "/apis/events.k8s.io/v1/namespaces/chat/events",
-            |body| {
-                assert_eq!(body["reason"], "ScaledDown");
-            },
-        ),
-        expect(
-            APPLY,
-            "/apis/apps/v1/namespaces/chat/deployments/prod-gateways",
-            |body| {
-                assert_eq!(body["spec"]["replicas"], 2);
-            },
-        ),
-        expect(APPLY, "/api/v1/namespaces/chat/services/prod", |_| {}),
-        expect(
-            APPLY,
-            "/apis/policy/v1/namespaces/chat/poddisruptionbudgets/prod-gateways",
-            |_| {},
-        ),
-        expect(
-            APPLY,
-            "/apis/courier.dev/v1alpha1/namespaces/chat/gatewaypools/prod-gateways/status",
-            |_| {},
-        )
-        .answer(serde_json::to_value(pool()).unwrap()),
-    ];
+        ],
+        3,
+        vec![
+            expect(Method::PATCH, "/api/v1/namespaces/chat/pods/gw-b", |body| {
+                assert_eq!(
+                    body["metadata"]["annotations"]["controller.kubernetes.io/pod-deletion-cost"],
+                    "-1000"
+                );
+            })
+            .answer(gateway_pod("gw-b", "10.0.0.2")),
+            expect(
+                Method::POST,
+                "/apis/events.k8s.io/v1/namespaces/chat/events",
+                |body| {
+                    assert_eq!(body["reason"], "ScaledDown");
+                },
+            ),
+            expect(
+                APPLY,
+                "/apis/apps/v1/namespaces/chat/deployments/prod-gateways",
+                |body| {
+                    assert_eq!(body["spec"]["replicas"], 2);
+                },
+            ),
+            expect(APPLY, "/api/v1/namespaces/chat/services/prod", |_| {}),
+            expect(
+                APPLY,
+                "/apis/policy/v1/namespaces/chat/poddisruptionbudgets/prod-gateways",
+                |_| {},
+            ),
+            expect(
+                APPLY,
+                "/apis/courier.dev/v1alpha1/namespaces/chat/gatewaypools/prod-gateways/status",
+                |_| {},
+            )
+            .answer(serde_json::to_value(pool()).unwrap()),
+        ],
+    );
     reconciled(expected, data_plane, async |ctx| {
         // The autoscaler saw the same quiet load a whole window ago.
         let quiet = BTreeMap::from([("gw-a".to_owned(), 600)]);
@@ -1232,47 +1215,37 @@ async fn a_mark_left_from_a_scale_down_that_did_not_happen_is_removed() {
     let mut marked = gateway_pod("gw-a", "10.0.0.1");
     marked["metadata"]["annotations"] =
         json!({ "controller.kubernetes.io/pod-deletion-cost": "-1000" });
-    let expected = vec![
-        expect(
-            Method::GET,
-            "/apis/courier.dev/v1alpha1/namespaces/chat/courierclusters/prod",
-            |_| {},
-        )
-        .answer(serde_json::to_value(cluster(false)).unwrap()),
-        expect(Method::GET, "/api/v1/namespaces/chat/pods", |_| {})
-            .answer(pod_list(vec![marked, gateway_pod("gw-b", "10.0.0.2")])),
-        expect(
-            Method::GET,
-            "/apis/apps/v1/namespaces/chat/deployments/prod-gateways",
-            |_| {},
-        )
-        .answer(deployment(2)),
-        expect(Method::PATCH, "/api/v1/namespaces/chat/pods/gw-a", |body| {
-            assert_eq!(
-                body["metadata"]["annotations"]["controller.kubernetes.io/pod-deletion-cost"],
-                Value::Null,
-                "the mark is removed: {body}"
-            );
-        })
-        .answer(gateway_pod("gw-a", "10.0.0.1")),
-        expect(
-            APPLY,
-            "/apis/apps/v1/namespaces/chat/deployments/prod-gateways",
-            |body| assert_eq!(body["spec"]["replicas"], 2),
-        ),
-        expect(APPLY, "/api/v1/namespaces/chat/services/prod", |_| {}),
-        expect(
-            APPLY,
-            "/apis/policy/v1/namespaces/chat/poddisruptionbudgets/prod-gateways",
-            |_| {},
-        ),
-        expect(
-            APPLY,
-            "/apis/courier.dev/v1alpha1/namespaces/chat/gatewaypools/prod-gateways/status",
-            |_| {},
-        )
-        .answer(serde_json::to_value(pool()).unwrap()),
-    ];
+    let expected = after_pool_reads(
+        vec![marked, gateway_pod("gw-b", "10.0.0.2")],
+        2,
+        vec![
+            expect(Method::PATCH, "/api/v1/namespaces/chat/pods/gw-a", |body| {
+                assert_eq!(
+                    body["metadata"]["annotations"]["controller.kubernetes.io/pod-deletion-cost"],
+                    Value::Null,
+                    "the mark is removed: {body}"
+                );
+            })
+            .answer(gateway_pod("gw-a", "10.0.0.1")),
+            expect(
+                APPLY,
+                "/apis/apps/v1/namespaces/chat/deployments/prod-gateways",
+                |body| assert_eq!(body["spec"]["replicas"], 2),
+            ),
+            expect(APPLY, "/api/v1/namespaces/chat/services/prod", |_| {}),
+            expect(
+                APPLY,
+                "/apis/policy/v1/namespaces/chat/poddisruptionbudgets/prod-gateways",
+                |_| {},
+            ),
+            expect(
+                APPLY,
+                "/apis/courier.dev/v1alpha1/namespaces/chat/gatewaypools/prod-gateways/status",
+                |_| {},
+            )
+            .answer(serde_json::to_value(pool()).unwrap()),
+        ],
+    );
     reconciled(expected, data_plane, async |ctx| {
         // The pool was sampled a whole window ago, at the load it has now: it stays at 2.
         let busy = BTreeMap::from([("gw-a".to_owned(), 900), ("gw-b".to_owned(), 950)]);
@@ -2017,58 +1990,49 @@ async fn a_gateway_pool_does_not_shrink_while_a_ready_pods_metrics_cannot_be_rea
         connections: BTreeMap::from([("10.0.0.1".to_owned(), 900)]),
         ..FakeDataPlane::default()
     });
-    let expected = vec![
-        expect(
-            Method::GET,
-            "/apis/courier.dev/v1alpha1/namespaces/chat/courierclusters/prod",
-            |_| {},
-        )
-        .answer(serde_json::to_value(cluster(false)).unwrap()),
-        expect(Method::GET, "/api/v1/namespaces/chat/pods", |_| {}).answer(pod_list(vec![
+    let expected = after_pool_reads(
+        vec![
             gateway_pod("gw-a", "10.0.0.1"),
             gateway_pod("gw-b", "10.0.0.2"),
             gateway_pod("gw-c", "10.0.0.3"),
             gateway_pod("gw-d", "10.0.0.4"),
-        ])),
-        expect(
-            Method::GET,
-            "/apis/apps/v1/namespaces/chat/deployments/prod-gateways",
-            |_| {},
-        )
-        .answer(deployment(4)),
-        expect(
-            APPLY,
-            "/apis/apps/v1/namespaces/chat/deployments/prod-gateways",
-            |body| {
-                assert_eq!(
-                    body["spec"]["replicas"], 4,
-                    "no pod removed on metrics it could not read"
-                );
-            },
-        ),
-        expect(APPLY, "/api/v1/namespaces/chat/services/prod", |_| {}),
-        expect(
-            APPLY,
-            "/apis/policy/v1/namespaces/chat/poddisruptionbudgets/prod-gateways",
-            |_| {},
-        ),
-        expect(
-            APPLY,
-            "/apis/courier.dev/v1alpha1/namespaces/chat/gatewaypools/prod-gateways/status",
-            |body| {
-                let degraded = condition(body, "Degraded");
-                assert_eq!(degraded["status"], "True");
-                assert_eq!(degraded["reason"], "MetricsUnavailable");
-                assert_eq!(
-                    degraded["message"],
-                    "3 ready gateway pods did not answer /metrics (gw-b, gw-c, gw-d): \
+        ],
+        4,
+        vec![
+            expect(
+                APPLY,
+                "/apis/apps/v1/namespaces/chat/deployments/prod-gateways",
+                |body| {
+                    assert_eq!(
+                        body["spec"]["replicas"], 4,
+                        "no pod removed on metrics it could not read"
+                    );
+                },
+            ),
+            expect(APPLY, "/api/v1/namespaces/chat/services/prod", |_| {}),
+            expect(
+                APPLY,
+                "/apis/policy/v1/namespaces/chat/poddisruptionbudgets/prod-gateways",
+                |_| {},
+            ),
+            expect(
+                APPLY,
+                "/apis/courier.dev/v1alpha1/namespaces/chat/gatewaypools/prod-gateways/status",
+                |body| {
+                    let degraded = condition(body, "Degraded");
+                    assert_eq!(degraded["status"], "True");
+                    assert_eq!(degraded["reason"], "MetricsUnavailable");
+                    assert_eq!(
+                        degraded["message"],
+                        "3 ready gateway pods did not answer /metrics (gw-b, gw-c, gw-d): \
                      the pool does not shrink until they do"
-                );
-                assert_eq!(body["status"]["connections"], 900);
-            },
-        )
-        .answer(serde_json::to_value(pool()).unwrap()),
-    ];
+                    );
+                    assert_eq!(body["status"]["connections"], 900);
+                },
+            )
+            .answer(serde_json::to_value(pool()).unwrap()),
+        ],
+    );
     reconciled(expected, data_plane, async |ctx| {
         // The same partial reading a whole window ago.
         let partial = BTreeMap::from([("gw-a".to_owned(), 900)]);
