@@ -334,14 +334,10 @@ mod tests {
         (dir, MediaProxy::new(store).unwrap())
     }
 
-    /// An upload that takes longer than [`READ_TIMEOUT`] to send (a video over a slow link:
-    /// 100 MiB at 10 Mbit/s is 80 s) gets the media node's answer; the wait for it begins once
-    /// the body is all sent. It began with the request: the client got 503 `unavailable` for
-    /// every such upload, however often it tried, and the media node was marked down.
-    #[tokio::test(start_paused = true)]
-    async fn an_upload_slower_than_the_read_timeout_gets_the_media_nodes_answer() {
+    /// A media node that answers an upload 201 with the number of bytes it read, or 400 with
+    /// why it could not read them all; its address.
+    async fn counting_media_node() -> String {
         use axum::http::StatusCode;
-        use futures::StreamExt;
         let media_node = axum::Router::new().fallback(|body: axum::body::Body| async move {
             match axum::body::to_bytes(body, usize::MAX).await {
                 Ok(bytes) => (StatusCode::CREATED, bytes.len().to_string()),
@@ -351,6 +347,18 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap().to_string();
         tokio::spawn(async move { axum::serve(listener, media_node).await });
+        address
+    }
+
+    /// An upload that takes longer than [`READ_TIMEOUT`] to send (a video over a slow link:
+    /// 100 MiB at 10 Mbit/s is 80 s) gets the media node's answer; the wait for it begins once
+    /// the body is all sent. It began with the request: the client got 503 `unavailable` for
+    /// every such upload, however often it tried, and the media node was marked down.
+    #[tokio::test(start_paused = true)]
+    async fn an_upload_slower_than_the_read_timeout_gets_the_media_nodes_answer() {
+        use axum::http::StatusCode;
+        use futures::StreamExt;
+        let address = counting_media_node().await;
         let (_dir, proxy) = proxy_to(address, &["m1"]).await;
         // Its second half comes two read timeouts after its first (the clock is paused: it
         // moves only when every task waits).
@@ -380,16 +388,7 @@ mod tests {
     /// upload a client dropped.
     #[tokio::test]
     async fn an_upload_its_client_drops_midway_leaves_the_media_node_up() {
-        use axum::http::StatusCode;
-        let media_node = axum::Router::new().fallback(|body: axum::body::Body| async move {
-            match axum::body::to_bytes(body, usize::MAX).await {
-                Ok(bytes) => (StatusCode::CREATED, bytes.len().to_string()),
-                Err(e) => (StatusCode::BAD_REQUEST, e.to_string()),
-            }
-        });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap().to_string();
-        tokio::spawn(async move { axum::serve(listener, media_node).await });
+        let address = counting_media_node().await;
         // Two media nodes (the same server): which one ranks first depends on the key, unless
         // one is marked down.
         let (_dir, proxy) = proxy_to(address, &["m1", "m2"]).await;
