@@ -1603,3 +1603,29 @@ async fn an_idle_connection_is_probed_by_tcp_keepalive() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// An app its OS suspended keeps its TCP connection (the kernel answers it, and its keepalive
+/// probes) but reads nothing, and so answers no WebSocket ping. The server pings its
+/// connections every `--ping-interval` and closes one that read nothing for two intervals,
+/// 1001: its device is no longer connected, and the push notifier notifies it. It was counted
+/// as connected for good, took events live that nobody read, and was notified of none.
+#[tokio::test]
+async fn a_connection_whose_client_answers_no_ping_is_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_in(dir.path(), &["--ping-interval", "1s"]);
+    let mut alice = server.connect("alice", "phone").await;
+    expect_sync_done(&mut alice).await;
+    // alice's app is suspended: nothing reads its socket.
+    let deadline = std::time::Instant::now() + WAIT;
+    while server.metric("courier_gateway_silent_closes_total").await < 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the silent connection was never closed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    match alice.next_frame_within(WAIT).await {
+        Err(ClientError::Closed(Some((code, _)))) => assert_eq!(code, 1001),
+        other => panic!("expected the silent connection closed 1001, got {other:?}"),
+    }
+}

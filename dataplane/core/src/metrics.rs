@@ -90,6 +90,8 @@ pub struct Metrics {
     pub rate_limited: Family<ScopeLabel, Counter>,
     /// Typing frames dropped (queue filling or rate limit).
     pub typing_dropped: Counter,
+    /// Connections closed for reading nothing from their client for two ping intervals.
+    pub silent_closes: Counter,
     /// Events cleared by retention.
     pub retention_cleared: Counter,
     /// Conversations a retention pass could not trim (the next pass tries again).
@@ -187,6 +189,7 @@ impl Metrics {
             errors: Family::default(),
             rate_limited: Family::default(),
             typing_dropped: Counter::default(),
+            silent_closes: Counter::default(),
             retention_cleared: Counter::default(),
             retention_failures: Counter::default(),
             large_group_queue: Gauge::default(),
@@ -306,6 +309,11 @@ impl Metrics {
             "gateway_typing_dropped",
             "Typing frames dropped under load or by rate limit",
             metrics.typing_dropped.clone(),
+        );
+        registry.register(
+            "gateway_silent_closes",
+            "Connections closed for answering no ping for two ping intervals",
+            metrics.silent_closes.clone(),
         );
         registry.register(
             "retention_events_cleared",

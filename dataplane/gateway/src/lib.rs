@@ -6,6 +6,14 @@
 //! role, writes replies and live deliveries, keeps per-conversation delivery order for its
 //! device, and closes on oversize (1009) and drain (1001).
 //!
+//! **Liveness.** Every `ping_interval` another pass of the gateway over its connections
+//! ([`Gateway::check_liveness`]) closes (1001) each that has read nothing from its client for
+//! two intervals, and has every other one write a WebSocket ping, which a client's WebSocket
+//! library answers with a pong by itself: a client whose app its OS suspended keeps its TCP
+//! connection alive but answers nothing, and is then taken for offline (pushed to) rather than
+//! connected for good. A connection notes the time of each read in its shared signals, one
+//! relaxed store; a page of a catch-up or gap fill, which keeps it from reading, counts as one.
+//!
 //! **Drain.** A connection told to reconnect (its gateway drains, batch by batch: see
 //! [`drain`]; or its gateway's lease lapsed) reads no further frame, stops a catch-up or gap
 //! fill under way at its next event (the events not written come again on the next connection:
@@ -48,7 +56,9 @@ pub mod upto;
 
 use crate::acks::PendingAcks;
 use crate::drain::GatewayDrain;
-use crate::routes::{ConnectionHandle, Delivery, Routes, SharedEvent, Signal, Signals, to_message};
+use crate::routes::{
+    ConnectionHandle, Delivery, Liveness, Routes, SharedEvent, Signal, Signals, to_message,
+};
 use crate::upto::Upto;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, close_code};
 use courier_chat::devices::{Devices, Link};
@@ -89,6 +99,11 @@ const CATCH_UP_STEP_BYTES: usize = 256 * 1024;
 /// inactive, and retention stopped counting it after `--device-inactive-after`.
 pub const CONNECTED_SEEN_INTERVAL: Duration = Duration::from_secs(60 * 60);
 
+/// The default `--ping-interval`: a connection whose client answers no ping (an app
+/// suspended by its OS) is closed 60-90 s after its last read, and its device is notified by
+/// push from then on; a few bytes every 30 s on the others.
+pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(30);
+
 /// Settings of the gateway.
 #[derive(Debug, Clone)]
 pub struct GatewayLimits {
@@ -108,6 +123,9 @@ pub struct GatewayLimits {
     pub connection_frames: Rate,
     /// Typing frames per second a connection may send; more are dropped silently.
     pub connection_typing: Rate,
+    /// How often the liveness pass pings the connections, and closes those that read nothing
+    /// from their client for two of it ([`Gateway::check_liveness`]); zero: no pass.
+    pub ping_interval: Duration,
 }
 
 impl Default for GatewayLimits {
@@ -127,6 +145,7 @@ impl Default for GatewayLimits {
                 per_second: 5,
                 burst: 5,
             },
+            ping_interval: DEFAULT_PING_INTERVAL,
         }
     }
 }
@@ -346,6 +365,11 @@ const LAST_ACK_WAIT: Duration = Duration::from_secs(10);
 /// Longest wait, after the server's close frame, for the client's close reply.
 const CLOSE_REPLY_WAIT: Duration = Duration::from_secs(5);
 
+/// The close of a connection whose client answered no ping for two ping intervals
+/// ([`Signal::Silent`]): 1001, the protocol's going away, which a client takes as a cue to
+/// reconnect; its acks read are committed as on any close.
+const SILENT: Exit = Exit::Close(close_code::AWAY, "no answer to pings; reconnect");
+
 /// The close of a connection replaced by newer ones of its device ([`Signal::Replaced`]).
 const REPLACED: Exit = Exit::Close(
     close_code::POLICY,
@@ -417,6 +441,55 @@ impl Gateway {
                     loop {
                         passes.tick().await;
                         gateway.record_connected_devices().await;
+                    }
+                };
+                cancel.run_until_cancelled(run).await;
+            }
+        });
+    }
+
+    /// One liveness pass over the connections ([`Routes::ping_or_close`]): those that read
+    /// nothing from their client for two ping intervals close, the others send a WebSocket
+    /// ping. A client whose app its OS suspended keeps its TCP connection open (the kernel
+    /// acknowledges what is written to it), so TCP keepalive never finds it gone: without
+    /// this, it counted as connected for good, took events live that nobody read, and the
+    /// push notifier, which notifies devices not connected, never notified it. The
+    /// pass does nothing when `ping_interval` is zero.
+    pub fn check_liveness(&self) -> Liveness {
+        let interval = self.limits.ping_interval;
+        if interval.is_zero() {
+            return Liveness::default();
+        }
+        let liveness = self.routes.ping_or_close(interval);
+        if liveness.closed > 0 {
+            tracing::debug!(
+                closed = liveness.closed,
+                "told the connections that answered no ping for two intervals to close"
+            );
+        }
+        liveness
+    }
+
+    /// Starts the liveness pass ([`Gateway::check_liveness`]) every `ping_interval`, the
+    /// first one interval from now; none when it is zero. One loop for the gateway rather than
+    /// a timer in each connection, whose task stays small (`docs/benchmarks.md`, "Idle
+    /// connection memory").
+    pub fn start_liveness_pass(self: &Arc<Self>, loops: &BackgroundLoops) {
+        let interval = self.limits.ping_interval;
+        if interval.is_zero() {
+            return;
+        }
+        let gateway = self.clone();
+        loops.spawn("ping the connections", move |cancel| {
+            let gateway = gateway.clone();
+            async move {
+                let mut passes =
+                    tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+                passes.set_missed_tick_behavior(MissedTickBehavior::Delay);
+                let run = async {
+                    loop {
+                        passes.tick().await;
+                        gateway.check_liveness();
                     }
                 };
                 cancel.run_until_cancelled(run).await;
@@ -604,6 +677,13 @@ impl Connection {
                 _ = handle.signals.taken(Signal::Unlinked) => Err(Exit::Unlinked),
                 _ = handle.signals.taken(Signal::Replaced) => Err(REPLACED),
                 _ = handle.signals.taken(Signal::Reconnect) => Err(Exit::Reconnect),
+                _ = handle.signals.taken(Signal::Silent) => {
+                    self.gateway.metrics.silent_closes.inc();
+                    Err(SILENT)
+                }
+                _ = handle.signals.taken(Signal::Ping) => {
+                    self.write_message(Message::Ping(Default::default())).await
+                }
                 refused = acked(&mut self.acks) => Box::pin(self.on_acked(refused)).await,
                 Some(done) = self.pending.next() => self.on_sent(done).await,
                 Some(delivery) = deliveries.next() => self.on_delivery(delivery, &handle.signals).await,
@@ -726,7 +806,11 @@ impl Connection {
     /// What one read of the socket brought: a message, an error, or its end.
     async fn on_read(&mut self, read: Option<Result<Message, axum::Error>>) -> Result<(), Exit> {
         match read {
-            Some(Ok(message)) => self.on_message(message).await,
+            Some(Ok(message)) => {
+                // Any message, a ping or pong too: its client is awake (the liveness pass).
+                self.signals.read_now();
+                self.on_message(message).await
+            }
             Some(Err(e)) => Err(self.on_read_error(e)),
             None => Err(Exit::ClientGone),
         }
@@ -1209,6 +1293,11 @@ impl Connection {
                     }
                 };
                 let last = events.last().map(|e| e.seq);
+                // The connection reads nothing from its client until the range is written,
+                // however long that takes at the client's pace: its silence is this step's,
+                // not its client's (a client that takes nothing is dropped by the write
+                // timeout).
+                self.signals.read_now();
                 for event in events {
                     self.told_to_close()?;
                     if own || !self.is_own(&event) {

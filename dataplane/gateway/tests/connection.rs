@@ -756,3 +756,116 @@ async fn an_event_the_gateway_cannot_decode_stops_its_conversations_catch_up_onl
         "nothing else was written"
     );
 }
+
+/// Waits until `condition` holds (`what` names it if it never does).
+async fn until(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !condition() {
+        assert!(tokio::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A gateway over `store` whose liveness pass pings every `interval` (when run).
+fn pinging(store: MessageStore, interval: Duration) -> Arc<Gateway> {
+    let limits = GatewayLimits {
+        ping_interval: interval,
+        ..GatewayLimits::default()
+    };
+    gateway_with_routes(store, Arc::new(HeldSequencer::default()), None, limits)
+}
+
+/// A client whose app its OS suspended keeps its TCP connection open (the kernel acknowledges
+/// what is written to it, so TCP keepalive never finds it gone) and reads nothing: it answers
+/// no WebSocket ping. The gateway's liveness pass closes its connection, 1001, two to three
+/// ping intervals after its last read, and the device leaves the registry (the push notifier
+/// notifies it from then on). It was counted as connected for good: it took events live that
+/// nobody read, and was notified of none.
+#[tokio::test]
+async fn a_client_that_answers_no_ping_is_closed_after_two_intervals() {
+    use courier_core::loops::BackgroundLoops;
+    let interval = Duration::from_millis(200);
+    let gateway = pinging(FaultyEngine::new().store(4).await, interval);
+    let url = serve(gateway.clone()).await;
+    let mut alice = Client::connect(&url, "alice:phone", Encoding::Json)
+        .await
+        .unwrap();
+    alice.events_until_sync_done().await.unwrap();
+    let loops = BackgroundLoops::new();
+    gateway.start_liveness_pass(&loops);
+
+    // alice's app is suspended: its socket stays open and nothing polls it.
+    until("the silent connection closed", || {
+        gateway.metrics.silent_closes.get() == 1
+    })
+    .await;
+    match alice.next_frame_within(WAIT).await {
+        Err(courier_client::ClientError::Closed(Some((code, _)))) => assert_eq!(code, 1001),
+        other => panic!("expected the silent connection closed 1001, got {other:?}"),
+    }
+    until_no_connection(&gateway).await;
+    loops.shutdown(tokio::time::Instant::now() + WAIT).await;
+}
+
+/// A client that keeps reading answers each ping with a pong (its WebSocket library does, as
+/// browsers do), which the connection reads: it stays connected across passes well past two
+/// intervals, pinged at each.
+#[tokio::test]
+async fn a_client_that_answers_pings_stays_connected_across_intervals() {
+    use courier_gateway::routes::Liveness;
+    let interval = Duration::from_millis(200);
+    let gateway = pinging(FaultyEngine::new().store(4).await, interval);
+    let url = serve(gateway.clone()).await;
+    let mut alice = Client::connect(&url, "alice:phone", Encoding::Json)
+        .await
+        .unwrap();
+    alice.events_until_sync_done().await.unwrap();
+    let handle = gateway
+        .routes
+        .connections("alice")
+        .pop()
+        .expect("connected");
+    // Reads until a frame or the close (nothing else is sent to alice).
+    let reading = tokio::spawn(async move { alice.next_frame().await });
+
+    for pass in 0..5 {
+        // An interval of silence at least, as between two passes of the loop: five of them
+        // are more than two intervals.
+        until("an interval of silence", || {
+            handle.signals.silent_for() >= interval
+        })
+        .await;
+        let liveness = gateway.check_liveness();
+        let pinged = Liveness {
+            pinged: 1,
+            closed: 0,
+        };
+        assert_eq!(liveness, pinged, "pass {pass}");
+        until("the pong read", || handle.signals.silent_for() < interval).await;
+    }
+    assert!(!reading.is_finished(), "{:?}", reading.await);
+    assert_eq!(gateway.metrics.silent_closes.get(), 0);
+    assert_eq!(gateway.routes.count(), 1);
+}
+
+/// With `ping_interval` zero there is no liveness pass: nothing is pinged nor closed.
+#[tokio::test]
+async fn with_a_ping_interval_of_zero_nothing_is_pinged() {
+    use courier_gateway::routes::{Liveness, Signal};
+    let gateway = pinging(FaultyEngine::new().store(4).await, Duration::ZERO);
+    let url = serve(gateway.clone()).await;
+    let mut alice = Client::connect(&url, "alice:phone", Encoding::Json)
+        .await
+        .unwrap();
+    alice.events_until_sync_done().await.unwrap();
+    let handle = gateway
+        .routes
+        .connections("alice")
+        .pop()
+        .expect("connected");
+
+    assert_eq!(gateway.check_liveness(), Liveness::default());
+    assert!(!handle.signals.is_raised(Signal::Ping));
+    assert!(!handle.signals.is_raised(Signal::Silent));
+    alice.ping().await.expect("the connection stays open");
+}

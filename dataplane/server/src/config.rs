@@ -114,6 +114,14 @@ pub struct ServeConfig {
     /// Deliveries queued per connection; past it events are read from the store instead.
     #[arg(long, env = "COURIER_OUTBOUND_QUEUE", default_value_t = 1024)]
     pub outbound_queue: usize,
+    /// How often the gateway sends a WebSocket ping to its connections, which clients'
+    /// WebSocket libraries answer by themselves; a connection that read nothing from its
+    /// client for two intervals (an app its OS suspended, its TCP connection kept alive by the
+    /// kernel) is closed, 1001, and its device notified by push from then on. 0: no pings (at
+    /// least 1s otherwise, at most 1h; 15s or more outside tests: `docs/operations.md`,
+    /// "Silent connections").
+    #[arg(long, env = "COURIER_PING_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub ping_interval: Duration,
     /// Most appends per group commit of a shard.
     #[arg(long, env = "COURIER_COMMIT_MAX_APPENDS", default_value_t = 512)]
     pub commit_max_appends: usize,
@@ -267,6 +275,14 @@ pub const MAX_DRAIN_TIMEOUT: Duration = MAX_DRAIN_WINDOW.saturating_add(DRAIN_TA
 /// answer their accepted sends (each waits at most the send timeout, 10 s) and close.
 pub const DRAIN_TAIL: Duration = Duration::from_secs(25);
 
+/// The shortest `--ping-interval` but 0: a client on a slow network has two of it to answer,
+/// and every connection is written to once an interval.
+pub const MIN_PING_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The longest `--ping-interval`: past an hour a suspended app would stay unnotified for hours
+/// (and a connection's silence is kept in 32-bit milliseconds, `courier_gateway::routes`).
+pub const MAX_PING_INTERVAL: Duration = Duration::from_secs(3600);
+
 /// The embedded store's caches (`courier serve` and `courier store-node`).
 #[derive(Debug, Clone, Copy, Args)]
 pub struct StoreCacheArgs {
@@ -340,6 +356,12 @@ impl ServeConfig {
         anyhow::ensure!(
             self.outbound_queue >= 16,
             "--outbound-queue must be at least 16"
+        );
+        anyhow::ensure!(
+            self.ping_interval.is_zero()
+                || (MIN_PING_INTERVAL..=MAX_PING_INTERVAL).contains(&self.ping_interval),
+            "--ping-interval ({}) must be 0 (no pings) or from 1s to 1h",
+            humantime::format_duration(self.ping_interval),
         );
         anyhow::ensure!(
             self.commit_max_appends >= 1,
@@ -460,6 +482,7 @@ impl ServeConfig {
                 per_second: self.typing_per_sec,
                 burst: self.typing_per_sec,
             },
+            ping_interval: self.ping_interval,
             ..GatewayLimits::default()
         }
     }
@@ -607,6 +630,29 @@ mod tests {
         let args = ["courier", "--drain-window", "24h"];
         let config = Serve::try_parse_from(args).unwrap().config;
         config.drain(true).unwrap();
+    }
+
+    /// `--ping-interval` is 0 (no pings) or from 1s to 1h: shorter, every connection would be
+    /// written to many times a second and a client on a slow network closed; longer, a
+    /// suspended app would go unnotified for hours.
+    #[test]
+    fn a_ping_interval_is_off_or_from_a_second_to_an_hour() {
+        for taken in ["0s", "1s", "30s", "1h"] {
+            validated(&["--ping-interval", taken]).unwrap();
+            let args = ["courier", "--ping-interval", taken];
+            let limits = Serve::try_parse_from(args).unwrap().config.gateway_limits();
+            let given = humantime::parse_duration(taken).unwrap();
+            assert_eq!(limits.ping_interval, given, "{taken}");
+        }
+        for refused in ["1ms", "999ms", "1h 1s", "30days"] {
+            let e = validated(&["--ping-interval", refused]).unwrap_err();
+            assert!(e.to_string().contains("--ping-interval"), "{refused}: {e}");
+        }
+        let config = Serve::try_parse_from(["courier"]).unwrap().config;
+        assert_eq!(
+            config.gateway_limits().ping_interval,
+            Duration::from_secs(30)
+        );
     }
 
     /// `/metrics` apart from the client port needs a port of its own: the same one would not

@@ -607,6 +607,7 @@ pub async fn run_client_roles(
         drain,
     });
     gateway.start_recording_connected_devices(&loops);
+    gateway.start_liveness_pass(&loops);
     // What hears the notices of commits made through other nodes: the fanout of the shards
     // this node drains, and the push notifier while this node leads it.
     let notices: Vec<Arc<dyn CommitListener>> = fanout
