@@ -12,7 +12,8 @@
 //! library answers with a pong by itself: a client whose app its OS suspended keeps its TCP
 //! connection alive but answers nothing, and is then taken for offline (pushed to) rather than
 //! connected for good. A connection notes the time of each read in its shared signals, one
-//! relaxed store; a page of a catch-up or gap fill, which keeps it from reading, counts as one.
+//! relaxed store; a page of a catch-up or gap fill, which keeps it from reading, counts as one,
+//! and one that stopped reading for reasons of its own is not closed ([`Connection::on_silent`]).
 //!
 //! **Drain.** A connection told to reconnect (its gateway drains, batch by batch: see
 //! [`drain`]; or its gateway's lease lapsed) reads no further frame, stops a catch-up or gap
@@ -677,10 +678,7 @@ impl Connection {
                 _ = handle.signals.taken(Signal::Unlinked) => Err(Exit::Unlinked),
                 _ = handle.signals.taken(Signal::Replaced) => Err(REPLACED),
                 _ = handle.signals.taken(Signal::Reconnect) => Err(Exit::Reconnect),
-                _ = handle.signals.taken(Signal::Silent) => {
-                    self.gateway.metrics.silent_closes.inc();
-                    Err(SILENT)
-                }
+                _ = handle.signals.taken(Signal::Silent) => Box::pin(self.on_silent(reading)).await,
                 _ = handle.signals.taken(Signal::Ping) => {
                     self.write_message(Message::Ping(Default::default())).await
                 }
@@ -696,6 +694,25 @@ impl Connection {
                 return exit;
             }
         }
+    }
+
+    /// The liveness pass found nothing read from the client for two ping intervals
+    /// ([`Signal::Silent`]): the connection closes, 1001, unless the silence was its own. Not
+    /// `reading` (its sends in flight or acks queued at the most, waiting on their commits),
+    /// it has left what its client sent unread: its silence is counted afresh from now. And a
+    /// step of its own (a write waiting on a slow client, a long gap fill) may have kept it
+    /// from reading a pong that has come meanwhile: what is there to read is read first.
+    async fn on_silent(&mut self, reading: bool) -> Result<(), Exit> {
+        if !reading {
+            self.signals.read_now();
+            return Ok(());
+        }
+        // Dropped unfinished, a read loses nothing (the early read of `run` does so too).
+        if let Some(read) = self.socket.recv().now_or_never() {
+            return self.on_read(read).await;
+        }
+        self.gateway.metrics.silent_closes.inc();
+        Err(SILENT)
     }
 
     /// Closes with `code`: writes the close frame, then reads what the client still sends

@@ -869,3 +869,78 @@ async fn with_a_ping_interval_of_zero_nothing_is_pinged() {
     assert!(!handle.signals.is_raised(Signal::Silent));
     alice.ping().await.expect("the connection stays open");
 }
+
+/// A connection that stops reading for reasons of its own (its sends in flight at the most,
+/// waiting on their commits) is not taken for silent when the liveness pass finds nothing read
+/// for two intervals: what its client sent meanwhile waits unread. The silence is counted
+/// afresh, the connection stays open, and its client gets its `sent`. It was closed, 1001,
+/// with its client awake.
+#[tokio::test]
+async fn a_connection_kept_from_reading_by_its_own_sends_is_not_closed_as_silent() {
+    use courier_gateway::routes::{Liveness, Signal};
+    let interval = Duration::from_millis(200);
+    let sequencer = Arc::new(HeldSequencer::default());
+    let limits = GatewayLimits {
+        ping_interval: interval,
+        max_pending_sends: 1,
+        send_timeout: Duration::from_secs(600),
+        ..GatewayLimits::default()
+    };
+    let store = FaultyEngine::new().store(4).await;
+    let gateway = gateway_with_routes(store, sequencer.clone(), None, limits);
+    let url = serve(gateway.clone()).await;
+    let mut alice = Client::connect(&url, "alice:phone", Encoding::Json)
+        .await
+        .unwrap();
+    alice.events_until_sync_done().await.unwrap();
+    let handle = gateway
+        .routes
+        .connections("alice")
+        .pop()
+        .expect("connected");
+    alice
+        .send_frame(&ClientFrame::Send(Send {
+            reference: Some(1),
+            client_msg_id: "m1".into(),
+            conversation_id: None,
+            to_user: Some("bob".into()),
+            body: Body::Text("hi".into()),
+            reply_to: None,
+        }))
+        .await
+        .unwrap();
+    // Its one send in flight: the connection reads nothing more until it is answered.
+    let commit = sequencer.next_held().await;
+    let reading = tokio::spawn(async move {
+        let frame = alice.next_frame().await;
+        (alice, frame)
+    });
+
+    until("two intervals of silence", || {
+        handle.signals.silent_for() >= interval * 2
+    })
+    .await;
+    let silent = Liveness {
+        pinged: 0,
+        closed: 1,
+    };
+    assert_eq!(gateway.check_liveness(), silent);
+    until("the signal taken", || {
+        !handle.signals.is_raised(Signal::Silent)
+    })
+    .await;
+    let outcome = AppendOutcome {
+        seq: 1,
+        server_msg_id: "s1".into(),
+        ts_ms: 1,
+        duplicate: false,
+    };
+    commit.send(Ok(outcome)).unwrap();
+    let (mut alice, frame) = reading.await.unwrap();
+    match frame {
+        Ok(ServerFrame::Sent(sent)) => assert_eq!(sent.client_msg_id, "m1"),
+        other => panic!("expected sent, got {other:?}"),
+    }
+    alice.ping().await.expect("the connection stays open");
+    assert_eq!(gateway.metrics.silent_closes.get(), 0);
+}
