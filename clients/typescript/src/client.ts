@@ -160,6 +160,7 @@ export class CourierClient {
       onError: (error) => this.report(error),
     });
     outbox.onChange = () => this.emitter.emit("outbox", undefined);
+    outbox.onError = (error) => this.report(error);
     savedReceipts.onError = (error) => this.report(error);
   }
 

@@ -23,6 +23,9 @@ export class Outbox {
   /** Called after every change of the entries. */
   onChange: () => void = () => {};
 
+  /** Called when a write the outbox goes on without fails (marking an entry failed). */
+  onError: (error: unknown) => void = () => {};
+
   private constructor(
     private readonly storage: OutboxStorage,
     private readonly scope: string,
@@ -96,12 +99,18 @@ export class Outbox {
   }
 
   /** The server refused the entry for good: it stays, marked failed, until retried or
-   * discarded. */
+   * discarded. A storage that cannot write the mark is reported to `onError`; the entry is
+   * failed here all the same (its waiters rejected, the next entry sent), and a reload finds
+   * it unmarked and sends it again, for the server to refuse again. */
   async fail(clientMsgId: string, error: CourierError): Promise<void> {
     const entry = this.entries.find((e) => e.client_msg_id === clientMsgId);
     if (!entry) return;
     entry.failed = { code: error.code, message: error.message };
-    await this.storage.put(this.scope, entry);
+    try {
+      await this.storage.put(this.scope, entry);
+    } catch (writeError) {
+      this.onError(writeError);
+    }
     this.onChange();
     this.take(clientMsgId).forEach((w) => w.reject(error));
   }

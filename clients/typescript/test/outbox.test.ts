@@ -195,6 +195,51 @@ test("a message written after one whose local write fails is sent without waitin
   assert.deepEqual(kim.outboxEntries(), []);
 });
 
+test("a message refused for good whose failed mark cannot be written rejects its send, and the next one is sent", async () => {
+  // Storage that cannot write an entry marked failed (e.g. the quota is reached).
+  const memory = new MemoryOutboxStorage();
+  const cannotMark: OutboxStorage = {
+    load: (scope) => memory.load(scope),
+    delete: (scope, id) => memory.delete(scope, id),
+    put: async (scope, entry) => {
+      if (entry.failed) throw new Error("QuotaExceededError");
+      await memory.put(scope, entry);
+    },
+  };
+  const admin = await synced(server, "ann6", "web");
+  await synced(server, "ben6", "phone");
+  const group = await admin.createGroup("club", ["ben6"]);
+  await admin.removeMember(group, "ben6");
+  const network = new Network();
+  network.cut();
+  const ben = await client(server, "ben6", "web", { storage: cannotMark, network });
+  const errors: string[] = [];
+  ben.on("error", (e) => errors.push(e.message));
+  const shown: string[][] = [];
+  ben.on("outbox", () => shown.push(ben.outboxEntries().map((e) => e.failed?.code ?? "pending")));
+  const refused = ben.sendText({ conversationId: group }, "to a group ben left");
+  const next = ben.sendText({ toUser: "ann6" }, "after the refused one");
+  let refusal: string | undefined;
+  refused.catch((e: CourierError) => (refusal = e.code));
+  let sent: Sent | undefined;
+  void next.then((s) => (sent = s));
+  await until("both are in the outbox", () => ben.outboxEntries().length === 2);
+
+  network.restore();
+  await until("the refused send rejects", () => refusal !== undefined);
+  assert.equal(refusal, "forbidden");
+  assert.deepEqual(shown.at(-1)?.[0], "forbidden", `the app is told it failed: ${JSON.stringify(shown)}`);
+  assert.ok(
+    errors.some((e) => e.includes("QuotaExceededError")),
+    `the failed write is reported: ${JSON.stringify(errors)}`,
+  );
+  await until("the next one is stored by the server, without another send", () => sent !== undefined);
+  assert.deepEqual(
+    ben.outboxEntries().map((e) => e.failed?.code),
+    ["forbidden"],
+  );
+});
+
 /** A storage without `clear`, as one of an app's own may be. */
 function withoutClear(memory: MemoryOutboxStorage): OutboxStorage {
   return {
