@@ -17,13 +17,18 @@ export class Outbox {
   private readonly waiters = new Map<string, Waiter[]>();
   /** Entries whose local write has not completed yet. */
   private readonly persisting = new Set<string>();
+  /** Entries the server stored that the storage failed to delete: deleted again once the
+   * next one stored is deleted, or by `clear`'s caller. A reload before that finds them and
+   * sends them again, which the server answers as duplicates. */
+  private readonly undeleted = new Set<string>();
   /** Set by `clear`: the outbox takes no more entries. */
   private cleared = false;
 
   /** Called after every change of the entries. */
   onChange: () => void = () => {};
 
-  /** Called when a write the outbox goes on without fails (marking an entry failed). */
+  /** Called when a write the outbox goes on without fails (marking an entry failed, deleting
+   * one the server stored). */
   onError: (error: unknown) => void = () => {};
 
   private constructor(
@@ -58,6 +63,8 @@ export class Outbox {
     if (this.has(fields.client_msg_id)) {
       throw new CourierError("bad_request", `client_msg_id ${fields.client_msg_id} is already in the outbox`);
     }
+    // Its write replaces one of the same id left undeleted: that delete is not to be retried.
+    this.undeleted.delete(fields.client_msg_id);
     // Microseconds of the wall clock, or one more than the last: increasing within a
     // millisecond and across reloads.
     const last = this.entries.at(-1)?.position ?? 0;
@@ -92,10 +99,20 @@ export class Outbox {
     });
   }
 
-  /** The server stored the entry: it leaves the outbox. */
+  /** The server stored the entry: it leaves the outbox, and its waiters have the `sent`,
+   * whatever the storage does with the delete (one that fails is reported to `onError` and
+   * retried once another entry is deleted). */
   async settle(sent: Sent): Promise<void> {
-    await this.remove(sent.client_msg_id);
-    this.take(sent.client_msg_id).forEach((w) => w.resolve(sent));
+    const id = sent.client_msg_id;
+    const deleted = await this.deleteStored(id);
+    this.drop(id);
+    this.take(id).forEach((w) => w.resolve(sent));
+    if (deleted) {
+      // The storage works again: the entries it failed to delete before go too.
+      for (const earlier of [...this.undeleted]) {
+        if (!(await this.deleteStored(earlier))) break;
+      }
+    }
   }
 
   /** The server refused the entry for good: it stays, marked failed, until retried or
@@ -137,8 +154,9 @@ export class Outbox {
    * entries there were. */
   clear(): string[] {
     this.cleared = true;
-    const ids = this.entries.map((entry) => entry.client_msg_id);
+    const ids = [...this.entries.map((entry) => entry.client_msg_id), ...this.undeleted];
     this.entries = [];
+    this.undeleted.clear();
     for (const id of [...this.waiters.keys()]) this.take(id).forEach((w) => w.reject(clearedError()));
     this.onChange();
     return ids;
@@ -146,9 +164,29 @@ export class Outbox {
 
   private async remove(clientMsgId: string): Promise<void> {
     await this.storage.delete(this.scope, clientMsgId);
+    this.drop(clientMsgId);
+  }
+
+  /** Takes an entry out of the list (not the storage). */
+  private drop(clientMsgId: string): void {
     const before = this.entries.length;
     this.entries = this.entries.filter((e) => e.client_msg_id !== clientMsgId);
     if (this.entries.length !== before) this.onChange();
+  }
+
+  /** Deletes a stored entry from the storage; false when that fails (reported, and kept in
+   * `undeleted` to retry). */
+  private async deleteStored(clientMsgId: string): Promise<boolean> {
+    try {
+      await this.storage.delete(this.scope, clientMsgId);
+      this.undeleted.delete(clientMsgId);
+      return true;
+    } catch (error) {
+      // After `clear` the caller deletes the whole outbox.
+      if (!this.cleared) this.undeleted.add(clientMsgId);
+      this.onError(error);
+      return false;
+    }
   }
 
   private take(clientMsgId: string): Waiter[] {

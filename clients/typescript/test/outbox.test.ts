@@ -240,6 +240,65 @@ test("a message refused for good whose failed mark cannot be written rejects its
   );
 });
 
+test("a message stored by the server whose local delete fails resolves its send, leaves the outbox and is not sent again", async () => {
+  // Storage whose deletes fail until the test says otherwise.
+  const memory = new MemoryOutboxStorage();
+  let deletesFail = true;
+  const cannotDelete: OutboxStorage = {
+    load: (scope) => memory.load(scope),
+    put: (scope, entry) => memory.put(scope, entry),
+    delete: async (scope, id) => {
+      if (deletesFail) throw new Error("the disk went away");
+      await memory.delete(scope, id);
+    },
+  };
+  const network = new Network();
+  const written: string[] = [];
+  network.lose = (frame) => {
+    if (frame.type === "send") written.push(frame.client_msg_id!);
+    return false;
+  };
+  const cal = await synced(server, "cal6", "web", { storage: cannotDelete, network });
+  const errors: string[] = [];
+  cal.on("error", (e) => errors.push(e.message));
+  let first: Sent | undefined;
+  void cal.sendText({ toUser: "dan6" }, "first").then((s) => (first = s));
+  await until("the first send resolves", () => first !== undefined);
+  assert.deepEqual(cal.outboxEntries(), [], "it left the outbox");
+  assert.ok(
+    errors.some((e) => e.includes("the disk went away")),
+    `the failed delete is reported: ${JSON.stringify(errors)}`,
+  );
+  assert.equal((await memory.load("cal6/web")).length, 1, "the storage still holds it");
+
+  deletesFail = false;
+  const second = await cal.sendText({ toUser: "dan6" }, "second");
+  assert.equal(second.seq, first!.seq + 1);
+  await until("the storage holds neither", async () => (await memory.load("cal6/web")).length === 0);
+  assert.deepEqual(written, [first!.client_msg_id, second.client_msg_id], "each was sent once");
+});
+
+test("forget deletes an entry the server stored whose local delete failed", async () => {
+  const memory = new MemoryOutboxStorage();
+  let deletesFail = true;
+  const storage: OutboxStorage = {
+    load: (scope) => memory.load(scope),
+    put: (scope, entry) => memory.put(scope, entry),
+    delete: async (scope, id) => {
+      if (deletesFail) throw new Error("the disk went away");
+      await memory.delete(scope, id);
+    },
+  };
+  const eli = await synced(server, "eli6", "web", { storage });
+  eli.on("error", () => {});
+  let sent: Sent | undefined;
+  void eli.sendText({ toUser: "fay6" }, "stored").then((s) => (sent = s));
+  await until("the send resolves", () => sent !== undefined);
+  deletesFail = false;
+  await eli.forget();
+  assert.deepEqual(await memory.load("eli6/web"), [], "nothing of the device is left to send");
+});
+
 /** A storage without `clear`, as one of an app's own may be. */
 function withoutClear(memory: MemoryOutboxStorage): OutboxStorage {
   return {

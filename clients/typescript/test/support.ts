@@ -114,7 +114,7 @@ export class Network {
   private online = true;
   private readonly sockets = new Set<WebSocket>();
   readonly WebSocket: WebSocketConstructor;
-  lose: ((frame: { type: string; kind?: string }) => boolean) | undefined;
+  lose: ((frame: { type: string; kind?: string; client_msg_id?: string }) => boolean) | undefined;
 
   constructor() {
     const network = this;
