@@ -27,8 +27,8 @@ export class Outbox {
   /** Called after every change of the entries. */
   onChange: () => void = () => {};
 
-  /** Called when a write the outbox goes on without fails (marking an entry failed, deleting
-   * one the server stored). */
+  /** Called when a write the outbox goes on without fails (marking an entry failed or
+   * retried, deleting one the server stored). */
   onError: (error: unknown) => void = () => {};
 
   private constructor(
@@ -132,12 +132,18 @@ export class Outbox {
     this.take(clientMsgId).forEach((w) => w.reject(error));
   }
 
-  /** Clears a failure so the entry is sent again. */
+  /** Clears a failure so the entry is sent again. A storage that cannot write the cleared
+   * mark is reported to `onError`; the entry is sent all the same, and a reload before its
+   * `sent` finds it still failed, to retry again. */
   async retry(clientMsgId: string): Promise<void> {
     const entry = this.entries.find((e) => e.client_msg_id === clientMsgId);
     if (!entry?.failed) throw new CourierError("bad_request", `no failed message ${clientMsgId} in the outbox`);
     delete entry.failed;
-    await this.storage.put(this.scope, entry);
+    try {
+      await this.storage.put(this.scope, entry);
+    } catch (error) {
+      this.onError(error);
+    }
     this.onChange();
   }
 

@@ -299,6 +299,39 @@ test("forget deletes an entry the server stored whose local delete failed", asyn
   assert.deepEqual(await memory.load("eli6/web"), [], "nothing of the device is left to send");
 });
 
+test("a failed message retried while the storage cannot write is sent all the same", async () => {
+  const memory = new MemoryOutboxStorage();
+  let putsFail = false;
+  const storage: OutboxStorage = {
+    load: (scope) => memory.load(scope),
+    delete: (scope, id) => memory.delete(scope, id),
+    put: async (scope, entry) => {
+      if (putsFail) throw new Error("QuotaExceededError");
+      await memory.put(scope, entry);
+    },
+  };
+  const admin = await synced(server, "ann7", "web");
+  const gus = await synced(server, "gus7", "web", { storage });
+  const errors: string[] = [];
+  gus.on("error", (e) => errors.push(e.message));
+  const group = await admin.createGroup("club", ["gus7"]);
+  await admin.removeMember(group, "gus7");
+  await assert.rejects(
+    gus.send({ conversationId: group }, { text: "again" }, { clientMsgId: "gus-1" }),
+    (e: CourierError) => e.code === "forbidden",
+  );
+  await admin.addMembers(group, ["gus7"]);
+
+  putsFail = true;
+  const sent = await gus.retry("gus-1");
+  assert.equal(sent.client_msg_id, "gus-1");
+  assert.deepEqual(gus.outboxEntries(), []);
+  assert.ok(
+    errors.some((e) => e.includes("QuotaExceededError")),
+    `the failed write is reported: ${JSON.stringify(errors)}`,
+  );
+});
+
 /** A storage without `clear`, as one of an app's own may be. */
 function withoutClear(memory: MemoryOutboxStorage): OutboxStorage {
   return {
