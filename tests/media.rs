@@ -685,3 +685,95 @@ async fn media_is_served_only_to_members_who_may_read_the_message_sharing_it() {
         "bob may still read what was sent while he was a member"
     );
 }
+
+/// A download of `id` by its uploader `alice` over a raw socket with a `receive_buffer`-byte
+/// receive buffer, asking the server to close the connection once the response is sent: what
+/// the caller reads is the response, head and body.
+async fn raw_download(server: &Server, id: &str, receive_buffer: u32) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(receive_buffer).unwrap();
+    let mut stream = socket.connect(server.addr).await.unwrap();
+    let request = format!(
+        "GET /v1/media/{id} HTTP/1.1\r\nhost: courier\r\nauthorization: Bearer {}\r\n\
+         connection: close\r\n\r\n",
+        server.token("alice", "phone")
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    stream
+}
+
+/// The body's length in `response` (head and body), once the head has ended.
+fn body_length(response: &[u8]) -> usize {
+    let head = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a response head");
+    response.len() - head - 4
+}
+
+/// Reads `stream` until the server closes it (EOF, or a reset), pausing `pause` after each of
+/// the first `paused_reads` reads.
+async fn read_to_close(
+    stream: &mut tokio::net::TcpStream,
+    paused_reads: usize,
+    pause: std::time::Duration,
+) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut response = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    for read in 0.. {
+        match tokio::time::timeout(support::WAIT, stream.read(&mut buf)).await {
+            Ok(Ok(0) | Err(_)) => break,
+            Ok(Ok(n)) => response.extend_from_slice(&buf[..n]),
+            Err(_) => panic!("the server neither sent nor closed for {:?}", support::WAIT),
+        }
+        if read < paused_reads {
+            tokio::time::sleep(pause).await;
+        }
+    }
+    response
+}
+
+#[tokio::test]
+async fn a_download_its_client_stops_reading_is_cut_and_its_file_closed() {
+    let (_dir, server) = start(&["--http-write-timeout", "2s"]);
+    let bytes = pattern(8 * 1024 * 1024);
+    let (status, uploaded) = upload(&server, "alice", "video/mp4", bytes.clone()).await;
+    assert_eq!(status, 201, "{uploaded}");
+    let id = uploaded["media_id"].as_str().unwrap().to_owned();
+    // The stored media: the only file of its size among the server's.
+    let media_files = || {
+        server
+            .open_files()
+            .into_iter()
+            .filter(|path| std::fs::metadata(path).is_ok_and(|m| m.len() == bytes.len() as u64))
+            .count()
+    };
+    let wait_until = |what: &str, done: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + support::WAIT;
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "{what}");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+
+    // A client that reads nothing: once its receive buffer and the server's send buffer are
+    // full, no byte is taken for 2s, and the server ends the connection and closes the file.
+    let mut stalled = raw_download(&server, &id, 4096).await;
+    wait_until("the download opened the media file", &|| media_files() == 1);
+    wait_until("the stalled download was ended", &|| media_files() == 0);
+    let cut = read_to_close(&mut stalled, 0, std::time::Duration::ZERO).await;
+    assert!(
+        body_length(&cut) < bytes.len(),
+        "the stalled download was cut short"
+    );
+
+    // A client that reads slowly, less often than every 2s overall but some bytes each time,
+    // gets the whole media.
+    let mut slow = raw_download(&server, &id, 64 * 1024).await;
+    let whole = read_to_close(&mut slow, 30, std::time::Duration::from_millis(100)).await;
+    assert!(whole.starts_with(b"HTTP/1.1 200"), "{:?}", &whole[..64]);
+    assert_eq!(body_length(&whole), bytes.len());
+    assert_eq!(media_files(), 0);
+}

@@ -211,6 +211,14 @@ impl Server {
         std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).expect("proc status")
     }
 
+    /// The files the server holds open (`/proc/<pid>/fd`), sockets and pipes left out.
+    pub fn open_files(&self) -> Vec<PathBuf> {
+        let fds = std::fs::read_dir(format!("/proc/{}/fd", self.child.id())).expect("fds");
+        fds.filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+            .filter(|target| target.is_absolute())
+            .collect()
+    }
+
     /// How many of the server's threads are named `name` (`/proc/<pid>/task/*/comm`).
     pub fn threads_named(&self, name: &str) -> usize {
         let tasks = std::fs::read_dir(format!("/proc/{}/task", self.child.id())).expect("tasks");

@@ -252,6 +252,19 @@ pub struct ServeConfig {
     /// transfers) may take to finish; default 25s.
     #[arg(long, env = "COURIER_DRAIN_TIMEOUT", value_parser = humantime::parse_duration)]
     pub drain_timeout: Option<Duration>,
+    /// Longest a response may wait for its client to take any of its bytes (`--listen`): a
+    /// client that stops reading a download, a page of messages or any other answer while
+    /// its connection stays open has the connection closed then, its response cut, so that
+    /// it holds no connection, task or open file for long. A client that reads, however
+    /// slowly, is not cut. It bounds a WebSocket's writes too, where the gateway's own bound
+    /// (30s) comes first unless this is shorter. A request's head must arrive within 30s.
+    #[arg(
+        long,
+        env = "COURIER_HTTP_WRITE_TIMEOUT",
+        value_parser = humantime::parse_duration,
+        default_value = "60s"
+    )]
+    pub http_write_timeout: Duration,
 }
 
 /// The shortest `--outbox-lag-limit`: several rounds of the sequencer's outbox watch (250 ms)
@@ -260,6 +273,10 @@ pub const MIN_OUTBOX_LAG_LIMIT: Duration = Duration::from_secs(1);
 
 /// The longest `--shard-queue`: the most a tokio channel holds.
 pub const MAX_SHARD_QUEUE: usize = tokio::sync::Semaphore::MAX_PERMITS;
+
+/// The longest `--http-write-timeout`: past an hour a client that takes nothing is gone (and a
+/// timeout near `Duration::MAX` would overflow when added to the time a write started waiting).
+pub const MAX_HTTP_WRITE_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// The drain window of a cluster gateway unless `--drain-window` says otherwise.
 pub const CLUSTER_DRAIN_WINDOW: Duration = Duration::from_secs(60);
@@ -407,6 +424,12 @@ impl ServeConfig {
                 );
             }
         }
+        anyhow::ensure!(
+            !self.http_write_timeout.is_zero() && self.http_write_timeout <= MAX_HTTP_WRITE_TIMEOUT,
+            "--http-write-timeout ({}) must be longer than 0s and at most {}",
+            humantime::format_duration(self.http_write_timeout),
+            humantime::format_duration(MAX_HTTP_WRITE_TIMEOUT),
+        );
         self.media.validate()?;
         anyhow::ensure!(
             self.media.media_min_free_disk >= self.min_free_disk,

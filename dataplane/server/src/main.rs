@@ -17,6 +17,7 @@ mod cli_chat;
 mod config;
 mod config_file;
 mod http;
+mod http_server;
 mod media_api;
 mod media_proxy;
 mod node;

@@ -45,6 +45,7 @@ use anyhow::Context as _;
 use axum::Router;
 use axum::http::StatusCode;
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use clap::{Args, ValueEnum};
 use courier_chat::ChatBinding;
 use courier_core::clock::now_ms;
@@ -68,7 +69,6 @@ use courier_sequencer::LocalSequencer;
 use courier_store::leaders::Job;
 use courier_store::nodes::{Claim, NodeRecord};
 use courier_store::{MessageStore, StoreError};
-use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -899,13 +899,16 @@ impl InternalNode<'_> {
             .merge(probe_router(self.store.clone(), ready.clone()))
             .merge(self.metrics_routes);
         let app = crate::http::with_web_app(app, None);
-        let http_server = tokio::spawn(
-            axum::serve(self.http, app.into_make_service())
-                .with_graceful_shutdown(async {
-                    let _ = http_stopped.await;
-                })
-                .into_future(),
-        );
+        let limits = crate::http_server::ConnectionLimits::new(self.config.http_write_timeout);
+        // A media node's downloads are bounded as a gateway's are (`serve::bound_unsent`).
+        let http = self.http.tap_io(|tcp| {
+            if let Err(e) = serve::bound_unsent(tcp) {
+                tracing::warn!(error = %e, "could not set TCP_NOTSENT_LOWAT on a connection");
+            }
+        });
+        let http_server = tokio::spawn(crate::http_server::serve(http, app, limits, async {
+            let _ = http_stopped.await;
+        }));
         let stop_signal = self.stop.stopped();
         tracing::info!(
             node = %self.config.node_id,

@@ -45,6 +45,7 @@
 use crate::admin::AdminService;
 use crate::config::{PublicKeyAlgorithm, ServeConfig, StoreKind};
 use crate::http::{AppState, ClientAuth, PushProviderNames, metrics_router, router, with_web_app};
+use crate::http_server;
 use crate::media_api::{self, MediaApi};
 use crate::media_proxy::{self, MediaProxy};
 use crate::node;
@@ -81,7 +82,6 @@ use courier_store::nodes::NodeRecord;
 use courier_store::{KvEngine, MessageStore, PartitionStore, PartitionTable, StoreError};
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
-use std::future::IntoFuture;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -386,6 +386,24 @@ fn probe_when_idle(tcp: &tokio::net::TcpStream) -> std::io::Result<()> {
     socket.set_tcp_keepalive(&keepalive)?;
     #[cfg(target_os = "linux")]
     socket.set_tcp_user_timeout(Some(UNACKNOWLEDGED_LIMIT))?;
+    Ok(())
+}
+
+/// Most bytes a client connection's socket holds not yet sent (Linux's `TCP_NOTSENT_LOWAT`):
+/// a write waits until the client has taken what came before, rather than until half of a send
+/// buffer the kernel grows to megabytes has drained. So a write waits for `--http-write-timeout`
+/// only when the client took next to nothing meanwhile (~2 KB a second at the default 60 s),
+/// not when it reads steadily over a slow link; and a client that stopped reading holds this
+/// much of the kernel's memory, not megabytes. Data in flight is not bounded by it.
+#[cfg(target_os = "linux")]
+const UNSENT_LIMIT: u32 = 128 * 1024;
+
+/// Bounds what `tcp` holds not yet sent ([`UNSENT_LIMIT`]), on Linux.
+pub fn bound_unsent(tcp: &tokio::net::TcpStream) -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    socket2::SockRef::from(tcp).set_tcp_notsent_lowat(UNSENT_LIMIT)?;
+    #[cfg(not(target_os = "linux"))]
+    let _ = tcp;
     Ok(())
 }
 
@@ -697,22 +715,21 @@ pub async fn run_client_roles(
         if let Err(e) = probe_when_idle(tcp) {
             tracing::warn!(error = %e, "could not set TCP keepalive on a connection");
         }
+        if let Err(e) = bound_unsent(tcp) {
+            tracing::warn!(error = %e, "could not set TCP_NOTSENT_LOWAT on a connection");
+        }
     });
     let app = router(state).merge(media_routes).merge(metrics_routes);
     let app = with_web_app(app, config.web_dir.as_deref());
-    // `into_make_service` builds the router's routes once; a bare `Router` given to
-    // `axum::serve` copies and rebuilds its route table for every accepted connection.
-    let server = axum::serve(listener, app.into_make_service())
-        .with_graceful_shutdown(shutdown)
-        .into_future();
+    let limits = http_server::ConnectionLimits::new(config.http_write_timeout);
+    let server = http_server::serve(listener, app, limits, shutdown);
     tokio::pin!(server);
     let mut signalled = stopping;
     // Draining takes at most `drain_timeout` from the signal: HTTP requests finish, and every
     // connection, in its batch, answers its accepted sends, says `reconnect`, closes and leaves
     // the registry.
     let deadline = tokio::select! {
-        served = &mut server => {
-            served?;
+        () = &mut server => {
             tokio::time::Instant::now() + drain_settings.timeout
         }
         _ = signalled.wait_for(|stopping| *stopping) => {
