@@ -10,7 +10,8 @@
 //!
 //! - A request head (HTTP/1) must arrive whole within [`HEADER_READ_TIMEOUT`] of the
 //!   connection's start or of the previous response (hyper's `header_read_timeout`, which
-//!   needs a timer): an idle keep-alive connection is closed after it too.
+//!   needs a timer): an idle keep-alive connection is closed after it too. A connection's
+//!   first byte must come within it too, HTTP/2 included ([`StallBound`]).
 //! - Every write to the connection must be taken by the socket within `--http-write-timeout`
 //!   ([`StallBound`]): a write still waiting then fails, and hyper ends the connection (its
 //!   response cut, its file closed). A client that reads, however slowly, is never cut, as
@@ -84,7 +85,11 @@ pub async fn serve<L>(
             accepted = listener.accept() => accepted,
             () = stop_tx.closed() => break,
         };
-        let io = TokioIo::new(StallBound::new(io, limits.write_timeout));
+        let io = TokioIo::new(StallBound::new(
+            io,
+            limits.header_read_timeout,
+            limits.write_timeout,
+        ));
         let service = TowerToHyperService::new(app.clone());
         let (stop_tx, closed_rx) = (stop_tx.clone(), closed_rx.clone());
         tokio::spawn(async move {
@@ -131,6 +136,10 @@ pub async fn serve<L>(
 pub struct StallBound<T> {
     io: T,
     limit: Duration,
+    /// Until the connection's first byte: how long it may take (the header read timeout).
+    /// hyper arms its own only once it has read enough to tell HTTP/1 from HTTP/2: a client
+    /// that connected and sent nothing was held for good.
+    first_byte: Option<Duration>,
     /// When the write waiting now times out; `None` when no write waits. Boxed, made on the
     /// connection's first wait only: a connection that never waits stays as small as before.
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -138,10 +147,13 @@ pub struct StallBound<T> {
 }
 
 impl<T> StallBound<T> {
-    pub fn new(io: T, limit: Duration) -> Self {
+    /// `io`, whose first byte must come within `first_byte` and whose writes may wait at most
+    /// `limit`.
+    pub fn new(io: T, first_byte: Duration, limit: Duration) -> Self {
         Self {
             io,
             limit,
+            first_byte: Some(first_byte),
             deadline: None,
             waiting: false,
         }
@@ -187,7 +199,27 @@ impl<T: AsyncRead + Unpin> AsyncRead for StallBound<T> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        let Some(first_byte) = self.first_byte else {
+            return Pin::new(&mut self.io).poll_read(cx, buf);
+        };
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        if polled.is_ready() {
+            if buf.filled().len() > before {
+                self.first_byte = None;
+            }
+            return polled;
+        }
+        // No write waits before the first request: the write deadline is free to use.
+        let until = tokio::time::Instant::now() + first_byte;
+        let deadline = self
+            .deadline
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
+        ready!(deadline.as_mut().poll(cx));
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the client sent nothing in time after connecting",
+        )))
     }
 }
 
@@ -277,6 +309,13 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_connection_that_sends_nothing_is_closed() {
+        let address = served(limits(200, 60_000)).await;
+        let mut socket = tokio::net::TcpStream::connect(address).await.unwrap();
+        assert!(closed_by_server(&mut socket).await.is_empty());
+    }
+
+    #[tokio::test]
     async fn a_whole_request_is_answered() {
         let address = served(limits(200, 60_000)).await;
         let mut socket = tokio::net::TcpStream::connect(address).await.unwrap();
@@ -291,7 +330,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_write_the_peer_takes_nothing_of_fails_after_the_limit() {
         let (ours, theirs) = tokio::io::duplex(16);
-        let mut ours = StallBound::new(ours, Duration::from_millis(100));
+        let mut ours = StallBound::new(ours, Duration::from_secs(30), Duration::from_millis(100));
         // The peer reads nothing: the first 16 bytes fill the pipe, the next wait and fail.
         let written = ours.write_all(&[7u8; 64]).await.unwrap_err();
         assert_eq!(written.kind(), io::ErrorKind::TimedOut);
@@ -301,7 +340,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_peer_reading_slowly_is_not_cut() {
         let (ours, mut theirs) = tokio::io::duplex(16);
-        let mut ours = StallBound::new(ours, Duration::from_millis(500));
+        let mut ours = StallBound::new(ours, Duration::from_secs(30), Duration::from_millis(500));
         let reader = tokio::spawn(async move {
             let mut read = Vec::new();
             let mut buf = [0u8; 8];
