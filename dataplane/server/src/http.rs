@@ -390,14 +390,27 @@ impl<T: serde::de::DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> 
     }
 }
 
+/// Longest a JSON body may go without a byte once its request head came, as a media upload
+/// (`courier_media`): past it the request is answered `bad_request` and its connection
+/// closed. Unbounded, a client that sent a head and part of its body held the connection and
+/// its task for good (the request head has its own timeout, `http_server`).
+pub const BODY_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// A JSON body, with decoding errors answered as `bad_request`, and a body past axum's limit
-/// (2 MiB) as `too_large`: the client is to send less, not to fix its JSON.
+/// (2 MiB) as `too_large`: the client is to send less, not to fix its JSON. One that sends
+/// nothing for [`BODY_IDLE_TIMEOUT`] is answered `bad_request`.
 pub struct JsonBody<T>(pub T);
 
 impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequest<S> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(request: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
+        let request = request.map(|body| {
+            axum::body::Body::new(tower_http::timeout::TimeoutBody::new(
+                BODY_IDLE_TIMEOUT,
+                body,
+            ))
+        });
         match Json::<T>::from_request(request, state).await {
             Ok(Json(value)) => Ok(JsonBody(value)),
             Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
@@ -546,13 +559,37 @@ async fn render_metrics(State(metrics): State<Arc<Metrics>>) -> impl IntoRespons
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::extract::FromRequest;
     use courier_core::auth::{TokenVerifier, mint};
+    use futures::StreamExt;
     use std::time::Duration;
 
     /// A new device's first connection records it once, from its connection
     /// (`Devices::seen`): the upgrade's check writes nothing, where an API request records
     /// the device. Written at both, the record took two commits and two memtable versions
     /// per new device (`docs/benchmarks.md`, "A new device written twice").
+    /// A JSON body whose client stops sending midway is refused once it has sent nothing for
+    /// [`BODY_IDLE_TIMEOUT`], rather than held, with its connection and task, for good.
+    #[tokio::test(start_paused = true)]
+    async fn a_json_body_that_stops_coming_is_refused() {
+        let first = futures::stream::iter([Ok::<_, std::io::Error>(
+            axum::body::Bytes::from_static(b"{\"name\": "),
+        )]);
+        let body = axum::body::Body::from_stream(first.chain(futures::stream::pending()));
+        let request = axum::http::Request::post("/v1/groups")
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(body)
+            .unwrap();
+        let read = JsonBody::<serde_json::Value>::from_request(request, &());
+        let refused = tokio::time::timeout(BODY_IDLE_TIMEOUT * 2, read)
+            .await
+            .expect("the body's wait was bounded");
+        let Err(error) = refused else {
+            panic!("a cut body was decoded");
+        };
+        assert_eq!(error.into_response().status(), StatusCode::BAD_REQUEST);
+    }
+
     #[tokio::test]
     async fn a_websocket_upgrade_checks_a_new_device_without_writing_it() {
         let dir = tempfile::tempdir().unwrap();

@@ -19,8 +19,8 @@
 //!   for HTTP/2 and for upgraded WebSockets too (where the gateway's own `write_timeout`,
 //!   30 s, comes first unless the flag is shorter).
 //!
-//! Request bodies are read by their handlers: media uploads end after 60 s without bytes
-//! (`courier_media`), and the other bodies are small JSON documents under axum's body limit.
+//! Request bodies are read by their handlers, each bounded there: media uploads end after
+//! 60 s without bytes (`courier_media`), and so do JSON bodies (`http::BODY_IDLE_TIMEOUT`).
 
 use axum::Router;
 use axum::serve::Listener;
