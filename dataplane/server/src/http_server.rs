@@ -140,8 +140,9 @@ pub struct StallBound<T> {
     /// hyper arms its own only once it has read enough to tell HTTP/1 from HTTP/2: a client
     /// that connected and sent nothing was held for good.
     first_byte: Option<Duration>,
-    /// When the write waiting now times out; `None` when no write waits. Boxed, made on the
-    /// connection's first wait only: a connection that never waits stays as small as before.
+    /// When the write waiting now times out (before the first byte, when the wait for it
+    /// does). Boxed, made on the connection's first wait only: a connection that never waits
+    /// on a write stays as small as before.
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     waiting: bool,
 }
@@ -206,7 +207,10 @@ impl<T: AsyncRead + Unpin> AsyncRead for StallBound<T> {
         let polled = Pin::new(&mut self.io).poll_read(cx, buf);
         if polled.is_ready() {
             if buf.filled().len() > before {
+                // Its timer is dropped with it: most connections (an idle WebSocket) never
+                // wait on a write, and keep no timer.
                 self.first_byte = None;
+                self.deadline = None;
             }
             return polled;
         }
