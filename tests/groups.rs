@@ -759,9 +759,59 @@ async fn a_device_signed_in_again_after_an_unlink_can_be_unlinked_again() {
     assert_eq!(web.delete("/v1/devices/phone").await.unwrap().0, 404);
 }
 
+/// Past `--max-devices-per-user`, a new device's token is refused 403 `forbidden` at its
+/// WebSocket upgrade and over HTTP, saying to unlink a device, and no device is unlinked in
+/// its place; the linked ones go on working, and unlinking one makes room.
+#[tokio::test]
+async fn a_device_past_the_limit_is_refused_until_another_is_unlinked() {
+    let (_dir, server) = start(&["--max-devices-per-user", "2"]);
+    let _phone = connected(&server, "alice", "phone").await;
+    let laptop = server.http("alice", "laptop");
+    assert_eq!(laptop.get("/v1/devices").await.unwrap().0, 200);
+
+    let refused = Client::connect(
+        &server.ws_url(),
+        &server.token("alice", "tablet"),
+        Encoding::Json,
+    )
+    .await;
+    assert!(
+        matches!(refused, Err(ClientError::Rejected(403))),
+        "a third device's upgrade: {:?}",
+        refused.map(|_| ())
+    );
+    let tablet = server.http("alice", "tablet");
+    let (status, body) = tablet.get("/v1/conversations").await.unwrap();
+    assert_eq!((status, body["code"].as_str()), (403, Some("forbidden")));
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        message.contains("DELETE /v1/devices/") && message.contains("laptop"),
+        "says to unlink one, the laptop seen least recently (never connected): {message}"
+    );
+
+    // The linked devices go on, neither unlinked in the tablet's place.
+    let _phone_again = connected(&server, "alice", "phone").await;
+    let (status, body) = laptop.get("/v1/devices").await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let listed: Vec<&str> = body["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["device"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, ["laptop", "phone"]);
+    // Another user's devices are counted apart.
+    let _bob = connected(&server, "bob", "tablet").await;
+
+    assert_eq!(laptop.delete("/v1/devices/phone").await.unwrap().0, 204);
+    let _tablet = connected(&server, "alice", "tablet").await;
+    assert_eq!(tablet.get("/v1/conversations").await.unwrap().0, 200);
+}
+
 #[tokio::test]
 async fn a_device_is_listed_as_soon_as_it_has_sync_done() {
-    let (_dir, server) = start(&[]);
+    // 51 devices of one user.
+    let (_dir, server) = start(&["--max-devices-per-user", "0"]);
     // Its record is written before `sync_done`, not beside the catch-up.
     let web = server.http("alice", "web");
     for i in 0..50 {

@@ -9,21 +9,32 @@
 //! reconnect's last-seen, an unlink, a push registration) never undo one another. A connection
 //! records its device before its catch-up ends, so a device that has had `sync_done` is listed;
 //! any authenticated request records a device not seen before ([`Devices::admit`]).
+//!
+//! A user has at most `--max-devices-per-user` linked devices: a token that would link one
+//! more (a device not seen before, or one unlinked signing in again) is refused `forbidden`,
+//! at its WebSocket upgrade and at any HTTP request, with a message naming the device seen
+//! least recently to unlink (`DELETE /v1/devices/{device}`); another device is never
+//! unlinked in its place, and a device already linked is never refused by the limit. Each
+//! device is read by retention and the push notifier, listed, and holds a cursor per
+//! conversation, so a token issuer that lets device ids vary would otherwise make them pile
+//! up for good. The count is race-safe ([`MessageStore::record_device_link`]).
 
 use courier_core::auth::{AuthError, Identity};
 use courier_core::clock::now_ms;
 use courier_core::error::ApiError;
 use courier_core::gateways::Gateways;
-use courier_store::{DeviceRecord, MessageStore, StoreError};
+use courier_store::{DeviceRecord, MessageStore, StoreError, TooManyDevices};
 
 pub use courier_core::chat::DeviceView;
 
 /// Whether a device's token is still honoured.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Link {
     Linked,
     /// The device was unlinked after the token was issued.
     Unlinked,
+    /// The device is not linked, and its user has the most linked devices allowed.
+    TooManyDevices(TooManyDevices),
 }
 
 /// The push providers a device may register with (`PUT /v1/devices/me/push`).
@@ -31,14 +42,29 @@ pub const PUSH_PROVIDERS: [&str; 3] = ["fcm", "apns", "webhook"];
 
 pub struct Devices {
     store: MessageStore,
+    /// Most linked devices of a user (0: no limit), for the calls that may link one.
+    max_devices: u64,
 }
 
 /// How far behind a device's recorded last activity may be (`last_seen_ms` is to the minute).
 pub const SEEN_RESOLUTION_MS: u64 = 60_000;
 
 impl Devices {
+    /// Devices of `store`, linking any number of them: for the calls that link none (list,
+    /// unlink, push), else see [`Devices::with_max_devices`].
     pub fn new(store: MessageStore) -> Self {
-        Self { store }
+        Self {
+            store,
+            max_devices: 0,
+        }
+    }
+
+    /// Links at most `max` devices of a user (`--max-devices-per-user`; 0: no limit).
+    pub fn with_max_devices(self, max: u64) -> Self {
+        Self {
+            max_devices: max,
+            ..self
+        }
     }
 
     /// Admits a verified token: refuses it if issued (at or) before the device's last unlink;
@@ -48,6 +74,7 @@ impl Devices {
     /// listed and can be unlinked like any other. What it writes needs no fsync of its own
     /// ([`MessageStore::record_device_activity`]): a write lost to a power loss is made again
     /// by the next request with the same token, and an unlink, synced, is never lost with it.
+    /// A token that would link a device past the user's limit is refused `forbidden`.
     pub async fn admit(&self, who: &Identity) -> Result<(), ApiError> {
         let issued = who.issued_at_ms;
         let newer = |record: Option<&DeviceRecord>| match record {
@@ -70,24 +97,37 @@ impl Devices {
         };
         let record = self
             .store
-            .record_device_activity(&who.user, &who.device, newer)
-            .await?;
+            .record_device_link(&who.user, &who.device, newer, self.max_devices)
+            .await?
+            .map_err(|refused| too_many_devices(who, &refused))?;
         match link(record.as_ref(), issued) {
             Link::Linked => Ok(()),
             Link::Unlinked => Err(AuthError::Unlinked.into()),
+            Link::TooManyDevices(refused) => Err(too_many_devices(who, &refused)),
         }
     }
 
     /// Checks a verified token without writing: refuses it if issued (at or) before the
     /// device's last unlink. For a WebSocket upgrade, whose connection then records the device
     /// ([`Devices::seen`]) before its catch-up: admitted as an API request is, a new device
-    /// would be written twice.
+    /// would be written twice. A token that would link a device past the user's limit is
+    /// refused `forbidden` (the connection's record counts again, race-safe).
     pub async fn check(&self, who: &Identity) -> Result<(), ApiError> {
         let record = self.store.device(&who.user, &who.device).await?;
         match link(record.as_ref(), who.issued_at_ms) {
-            Link::Linked => Ok(()),
-            Link::Unlinked => Err(AuthError::Unlinked.into()),
+            Link::Linked => {}
+            Link::Unlinked => return Err(AuthError::Unlinked.into()),
+            Link::TooManyDevices(refused) => return Err(too_many_devices(who, &refused)),
         }
+        if !record.as_ref().is_some_and(DeviceRecord::is_linked)
+            && let Some(refused) = self
+                .store
+                .device_limit_reached(&who.user, &who.device, self.max_devices)
+                .await?
+        {
+            return Err(too_many_devices(who, &refused));
+        }
+        Ok(())
     }
 
     /// Records that the device is active now (creating its record on its first connection),
@@ -96,7 +136,8 @@ impl Devices {
     /// reads device records instead of committing one per device. The record is committed
     /// without an fsync of its own ([`MessageStore::record_device_activity`]): a power loss
     /// that takes it back is made good by the device's next connection, and an unlink, synced,
-    /// is never lost with it.
+    /// is never lost with it. A device it would link past the user's limit is not recorded:
+    /// [`Link::TooManyDevices`].
     pub async fn seen(&self, who: &Identity) -> Result<Link, StoreError> {
         let (issued, now) = (who.issued_at_ms, now_ms());
         let seen = |record: Option<&DeviceRecord>| match record {
@@ -120,9 +161,12 @@ impl Devices {
         };
         let record = self
             .store
-            .record_device_activity(&who.user, &who.device, seen)
+            .record_device_link(&who.user, &who.device, seen, self.max_devices)
             .await?;
-        Ok(link(record.as_ref(), issued))
+        Ok(match record {
+            Ok(record) => link(record.as_ref(), issued),
+            Err(refused) => Link::TooManyDevices(refused),
+        })
     }
 
     /// Records that a device with a connection open is still active: its `last_seen_ms` moves
@@ -213,6 +257,7 @@ impl Devices {
         match link(record.as_ref(), issued) {
             Link::Linked => Ok(()),
             Link::Unlinked => Err(AuthError::Unlinked.into()),
+            Link::TooManyDevices(refused) => Err(too_many_devices(who, &refused)),
         }
     }
 
@@ -251,6 +296,15 @@ impl Devices {
         gateways.unlinked(user, device);
         Ok(())
     }
+}
+
+/// The refusal of `who`'s token, which would link one device more than its user may have.
+pub fn too_many_devices(who: &Identity, refused: &TooManyDevices) -> ApiError {
+    ApiError::forbidden(format!(
+        "{} has {} linked devices, the most allowed: unlink one (DELETE /v1/devices/{{device}}; \
+         seen least recently: {}) to link device {}",
+        who.user, refused.max, refused.least_recent, who.device
+    ))
 }
 
 /// Whether a token issued at `issued` is honoured by the device's `record` (none: a device not
@@ -442,6 +496,55 @@ mod tests {
             listed[0].last_seen_ms, 0,
             "not seen since it was linked again"
         );
+    }
+
+    /// Alice's device `device`, with a token issued at 1,000.
+    fn device(device: &str) -> Identity {
+        Identity {
+            device: device.into(),
+            ..phone(1_000)
+        }
+    }
+
+    /// At `--max-devices-per-user`, a new device is refused by the upgrade's check, an HTTP
+    /// request and a connection alike, and of two new devices racing for the last place
+    /// (the upgrade's check passed for both) the connection that commits second is refused.
+    #[tokio::test]
+    async fn of_two_new_devices_racing_for_the_last_place_one_is_refused() {
+        let engine = FaultyEngine::new();
+        let store = engine.store(8).await;
+        let devices = Devices::new(store.clone()).with_max_devices(2);
+        assert_eq!(devices.seen(&phone(1_000)).await.unwrap(), Link::Linked);
+        devices.check(&device("laptop")).await.unwrap();
+        devices.check(&device("tablet")).await.unwrap();
+        let racing = Devices::new(store.clone()).with_max_devices(2);
+        engine.before_next_commit(Box::pin(async move {
+            racing.admit(&device("laptop")).await.unwrap();
+        }));
+        let Link::TooManyDevices(refused) = devices.seen(&device("tablet")).await.unwrap() else {
+            panic!("the tablet took a place past the limit");
+        };
+        assert_eq!((refused.max, refused.least_recent.as_str()), (2, "laptop"));
+        let listed: Vec<_> = devices.list("alice").await.unwrap();
+        let listed: Vec<_> = listed.iter().map(|d| d.device.as_str()).collect();
+        assert_eq!(listed, ["laptop", "phone"]);
+        for refused in [
+            devices.check(&device("tablet")).await,
+            devices.admit(&device("tablet")).await,
+        ] {
+            let refused = refused.unwrap_err();
+            assert_eq!(refused.code, courier_proto::ErrorCode::Forbidden);
+        }
+        // Linked devices are not refused; an unlink makes room.
+        devices.admit(&device("laptop")).await.unwrap();
+        assert_eq!(devices.seen(&phone(1_000)).await.unwrap(), Link::Linked);
+        assert!(
+            store
+                .unlink_device("alice", "laptop", now_ms())
+                .await
+                .unwrap()
+        );
+        assert_eq!(devices.seen(&device("tablet")).await.unwrap(), Link::Linked);
     }
 
     #[tokio::test]

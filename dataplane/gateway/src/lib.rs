@@ -127,6 +127,9 @@ pub struct GatewayLimits {
     /// How often the liveness pass pings the connections, and closes those that read nothing
     /// from their client for two of it ([`Gateway::check_liveness`]); zero: no pass.
     pub ping_interval: Duration,
+    /// Most linked devices of a user (`--max-devices-per-user`; 0: no limit): a connection
+    /// that would link one more is told `forbidden` and closed 1008 (`courier_chat::devices`).
+    pub max_devices_per_user: u64,
 }
 
 impl Default for GatewayLimits {
@@ -147,6 +150,7 @@ impl Default for GatewayLimits {
                 burst: 5,
             },
             ping_interval: DEFAULT_PING_INTERVAL,
+            max_devices_per_user: 32,
         }
     }
 }
@@ -334,10 +338,11 @@ fn written(outcome: Option<Result<(), axum::Error>>) -> Result<(), Exit> {
 /// Records `who`'s device as seen. Boxed, with a store handle of its own: it runs at a
 /// connection's start and end only, and neither stays in the connection's task.
 fn record_seen<'a>(
-    store: &MessageStore,
+    gateway: &Gateway,
     who: &'a Identity,
 ) -> BoxFuture<'a, Result<Link, StoreError>> {
-    let devices = Devices::new(store.clone());
+    let devices =
+        Devices::new(gateway.store.clone()).with_max_devices(gateway.limits.max_devices_per_user);
     Box::pin(async move { devices.seen(who).await })
 }
 
@@ -601,7 +606,7 @@ impl Connection {
         let gateway = self.gateway.clone();
         let who = self.who.clone();
         drop(self);
-        if let Err(e) = record_seen(&gateway.store, &who).await {
+        if let Err(e) = record_seen(&gateway, &who).await {
             tracing::warn!(user = %who.user, device = %who.device, error = %e, "could not record device activity");
         }
         let user = &who.user;
@@ -637,9 +642,15 @@ impl Connection {
             return Exit::ClientGone;
         }
         // Registered before this check: an unlink either is seen here or closes the connection.
-        match record_seen(&self.gateway.store, &self.who).await {
+        match record_seen(&self.gateway, &self.who).await {
             Ok(Link::Linked) => {}
             Ok(Link::Unlinked) => return Exit::Unlinked,
+            // Past the upgrade's check: another new device of the user took the last place.
+            Ok(Link::TooManyDevices(refused)) => {
+                let refusal = courier_chat::devices::too_many_devices(&self.who, &refused);
+                let _ = self.write_error(None, None, refusal).await;
+                return Exit::Close(close_code::POLICY, "too many devices; unlink one");
+            }
             Err(e) => {
                 let _ = self.write_error(None, None, e.into()).await;
                 return Exit::Close(close_code::ERROR, "storage error; reconnect");

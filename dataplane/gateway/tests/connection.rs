@@ -348,6 +348,49 @@ async fn a_pass_over_the_connections_closes_those_of_a_device_unlinked_unseen() 
         .expect("the other device stays connected");
 }
 
+/// A new device whose upgrade's check passed but which finds the user's last place taken
+/// when its connection records it (another new device linked meanwhile) is told
+/// `forbidden` and closed 1008, not recorded; the linked device goes on.
+#[tokio::test]
+async fn a_connection_of_a_device_past_the_users_limit_is_refused_and_closed() {
+    let store = FaultyEngine::new().store(4).await;
+    let limits = GatewayLimits {
+        max_devices_per_user: 1,
+        ..GatewayLimits::default()
+    };
+    let gateway = gateway_with_routes(
+        store.clone(),
+        Arc::new(HeldSequencer::default()),
+        None,
+        limits,
+    );
+    let url = serve(gateway.clone()).await;
+    let mut phone = Client::connect(&url, "alice:phone", Encoding::Json)
+        .await
+        .unwrap();
+    phone.events_until_sync_done().await.unwrap();
+    // This harness's upgrade checks nothing, as if the laptop's check had raced the phone.
+    let mut laptop = Client::connect(&url, "alice:laptop", Encoding::Json)
+        .await
+        .unwrap();
+    match laptop.next_frame_within(WAIT).await {
+        Ok(ServerFrame::Error(e)) => {
+            assert_eq!(e.code, courier_proto::ErrorCode::Forbidden, "{e:?}");
+            assert!(e.message.contains("DELETE /v1/devices/"), "{e:?}");
+        }
+        other => panic!("expected forbidden, got {other:?}"),
+    }
+    match laptop.next_frame_within(WAIT).await {
+        Err(courier_client::ClientError::Closed(Some((code, _)))) => assert_eq!(code, 1008),
+        other => panic!("expected the connection closed, got {other:?}"),
+    }
+    assert_eq!(store.device("alice", "laptop").await.unwrap(), None);
+    phone
+        .ping()
+        .await
+        .expect("the linked device stays connected");
+}
+
 /// Appends messages `from..to` from alice to bob in `conv`, through a lease the test takes.
 async fn messages_to_bob(store: &MessageStore, conv: &str, ids: std::ops::Range<usize>) {
     messages_from(store, ("alice", "bob"), conv, ids).await;

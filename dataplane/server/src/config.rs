@@ -173,6 +173,13 @@ pub struct ServeConfig {
         default_value_t = 10_000
     )]
     pub max_direct_conversations_per_user: u64,
+    /// Most linked devices of a user (0: no limit). A token of one more device (a device id
+    /// not seen before, or one unlinked signing in again) is refused `forbidden` at its
+    /// WebSocket upgrade and HTTP requests, saying to unlink one (`DELETE /v1/devices/{device}`);
+    /// no device is unlinked in its place, and a linked device is never refused. Each device
+    /// is listed, read by retention and push, and holds a cursor per conversation.
+    #[arg(long, env = "COURIER_MAX_DEVICES_PER_USER", default_value_t = 32)]
+    pub max_devices_per_user: u64,
     /// Longest group name, in characters.
     #[arg(long, env = "COURIER_MAX_GROUP_NAME", default_value_t = 128)]
     pub max_group_name: usize,
@@ -506,6 +513,7 @@ impl ServeConfig {
                 burst: self.typing_per_sec,
             },
             ping_interval: self.ping_interval,
+            max_devices_per_user: self.max_devices_per_user,
             ..GatewayLimits::default()
         }
     }

@@ -181,6 +181,9 @@ pub struct ClientAuth {
     pub verifier: TokenVerifier,
     /// Where the devices are recorded.
     pub store: MessageStore,
+    /// Most linked devices of a user (`--max-devices-per-user`; 0: no limit): a token that
+    /// would link one more is refused `forbidden` ([`Devices::admit`]).
+    pub max_devices_per_user: u64,
 }
 
 impl ClientAuth {
@@ -191,7 +194,7 @@ impl ClientAuth {
         headers: &axum::http::HeaderMap,
     ) -> Result<Identity, ApiError> {
         let who = self.verified(headers, None)?;
-        Devices::new(self.store.clone()).admit(&who).await?;
+        self.devices().admit(&who).await?;
         Ok(who)
     }
 
@@ -204,8 +207,12 @@ impl ClientAuth {
         query: Option<&str>,
     ) -> Result<Identity, ApiError> {
         let who = self.verified(headers, query)?;
-        Devices::new(self.store.clone()).check(&who).await?;
+        self.devices().check(&who).await?;
         Ok(who)
+    }
+
+    fn devices(&self) -> Devices {
+        Devices::new(self.store.clone()).with_max_devices(self.max_devices_per_user)
     }
 
     fn verified(
@@ -599,6 +606,7 @@ mod tests {
         let auth = ClientAuth {
             verifier: TokenVerifier::hs256(&secret).unwrap(),
             store: store.clone(),
+            max_devices_per_user: 32,
         };
         let token = mint(&secret, "alice", "phone", Duration::from_secs(60)).unwrap();
         let mut headers = axum::http::HeaderMap::new();

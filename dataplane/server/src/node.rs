@@ -775,6 +775,7 @@ async fn run_media(
     let auth = Arc::new(ClientAuth {
         verifier: serve::verifier(config)?,
         store: store.clone(),
+        max_devices_per_user: config.max_devices_per_user,
     });
     let routes = media_api::router(Arc::new(MediaApi { media, auth }));
     let admin = AdminService::new(store.clone(), config.node_id.clone(), token).into_server();

@@ -646,6 +646,7 @@ pub async fn run_client_roles(
     let auth = Arc::new(ClientAuth {
         verifier,
         store: store.clone(),
+        max_devices_per_user: config.max_devices_per_user,
     });
     let media_routes = match runs_media {
         true => {

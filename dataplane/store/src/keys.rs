@@ -26,6 +26,7 @@
 //! | `pcur` | `("pcur", shard)` | the push notifier's bound in the outbox: every message below it was expanded into pending notifications |
 //! | `floor` | `("floor", conv)` | lowest retained seq (u64 LE); events below were cleared |
 //! | `dev` | `("dev", user, device)` | the device (`DeviceRecord`: last seen, unlinked, push) |
+//! | `dlinks` | `("dlinks", user)` | links of the user's devices made (u64 LE, atomic ADD): a link at `--max-devices-per-user` fences on it, so that two new devices cannot both take the last place |
 //! | `ptok` | `("ptok", provider, token)` | the device that registered the push token last (`PushTokenHolder`, `crate::push_tokens`) |
 //! | `gcount` | `("gcount", user, shard)` | groups of `shard` the user belongs to (i64 LE, atomic ADD); a user's group count is the sum of these |
 //! | `dcount` | `("dcount", user, shard)` | direct conversations of `shard` the user started (i64 LE, atomic ADD), for `--max-direct-conversations-per-user` |
@@ -389,6 +390,11 @@ impl Keys {
         self.pack(&("meta", "pushreg", u64::from(slot)))
     }
 
+    /// The count of `user`'s device links (module documentation).
+    pub fn device_links(&self, user: &str) -> Vec<u8> {
+        self.pack(&("dlinks", user))
+    }
+
     pub fn devices(&self, user: &str) -> Range<Vec<u8>> {
         range_of(self.root.subspace(&("dev", user)))
     }
@@ -523,8 +529,10 @@ impl Keys {
             at: 0,
         };
         let place = match tuple.string()? {
-            b"meta" | b"lead" | b"route" | b"groute" | b"node" | b"dev" | b"ptok" | b"cur"
-            | b"media" | b"mgone" | b"mblob" | b"mbytes" | b"ngroups" => Placement::Directory,
+            b"meta" | b"lead" | b"route" | b"groute" | b"node" | b"dev" | b"dlinks" | b"ptok"
+            | b"cur" | b"media" | b"mgone" | b"mblob" | b"mbytes" | b"ngroups" => {
+                Placement::Directory
+            }
             b"shard" | b"own" | b"fepoch" | b"fown" | b"ob" | b"fcur" | b"pcur" => {
                 Placement::Shard(u32::try_from(tuple.uint()?).ok()?)
             }

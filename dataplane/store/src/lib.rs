@@ -52,7 +52,8 @@ pub use message_store::{
     ConversationRecord, ConversationRow, DeliveredBound, DeviceRecord, HeadCache, ListedEntry,
     MediaAdmission, MediaRecord, MediaReference, MessageStore, NewConversation, OutboxEntry,
     OutboxHeaders, OutboxPage, PUSH_EXPANSION_BYTES, PendingPush, PushRegistrationCounts,
-    PushedBound, ReadBounds, ShardLease, UndecodableEvent, bound_after, rest_after_clear_page,
+    PushedBound, ReadBounds, ShardLease, TooManyDevices, UndecodableEvent, bound_after,
+    rest_after_clear_page,
 };
 pub use outbox_rows::EventHeader;
 pub use partitions::{PartitionStore, PartitionTable, TableError};

@@ -112,6 +112,16 @@ impl DeviceRecord {
     }
 }
 
+/// A change that would link a device (new, or linked again) refused: its user has `max`
+/// linked devices already ([`MessageStore::record_device_link`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TooManyDevices {
+    pub max: u64,
+    /// The user's linked device seen least recently (one never connected first), the one to
+    /// unlink if any.
+    pub least_recent: String,
+}
+
 /// What [`MessageStore::conversation_rows`] reads of one conversation for one user.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct ConversationRow {
@@ -1698,6 +1708,68 @@ impl MessageStore {
             .await
     }
 
+    /// [`Self::record_device_activity`] for a change that may link the device (a token's
+    /// admission, a connection's record): one that would link it (new, or linked again) while
+    /// its user has `max_devices` linked devices already (0: no limit) is refused, nothing
+    /// written. A device already linked is never refused, whatever the limit. Race-safe: a
+    /// link at the limit counts the user's devices after reading their count of links
+    /// ([`Keys::device_links`], which every link adds to) and fences on that count, so that
+    /// of two new devices at once at the limit one is refused.
+    pub async fn record_device_link(
+        &self,
+        user: &str,
+        device: &str,
+        change: impl Fn(Option<&DeviceRecord>) -> Option<DeviceRecord>,
+        max_devices: u64,
+    ) -> Result<Result<Option<DeviceRecord>, TooManyDevices>, StoreError> {
+        let (current, refused) = self
+            .update_device_limited(
+                user,
+                device,
+                change,
+                &[],
+                DeviceChange::Activity,
+                max_devices,
+            )
+            .await?;
+        Ok(match refused {
+            Some(refused) => Err(refused),
+            None => Ok(current),
+        })
+    }
+
+    /// Whether linking `device` (not linked now) would pass `max_devices` (0: no limit): the
+    /// user's other linked devices are that many already. Reads every device record of the
+    /// user, as only a new link does.
+    pub async fn device_limit_reached(
+        &self,
+        user: &str,
+        device: &str,
+        max_devices: u64,
+    ) -> Result<Option<TooManyDevices>, StoreError> {
+        if max_devices == 0 {
+            return Ok(None);
+        }
+        let linked: Vec<_> = self
+            .devices(user)
+            .await?
+            .into_iter()
+            .filter(|(id, record)| id != device && record.is_linked())
+            .collect();
+        if (linked.len() as u64) < max_devices {
+            return Ok(None);
+        }
+        let least_recent = linked
+            .iter()
+            .min_by_key(|(_, record)| record.last_seen_ms)
+            .map(|(id, _)| id.clone())
+            .unwrap_or_default();
+        Ok(Some(TooManyDevices {
+            max: max_devices,
+            least_recent,
+        }))
+    }
+
     /// [`Self::update_device`], also clearing the keys `clear` in the same commit when it
     /// writes, and the device's delivered cursors when the change links it again. A change
     /// that begins or ends the device's push registration is counted in the same commit ([`Self::push_registration_changes`]), and one of its push token keeps the
@@ -1710,6 +1782,27 @@ impl MessageStore {
         clear: &[Vec<u8>],
         change_kind: DeviceChange,
     ) -> Result<Option<DeviceRecord>, StoreError> {
+        let (current, _) = self
+            .update_device_limited(user, device, change, clear, change_kind, 0)
+            .await?;
+        Ok(current)
+    }
+
+    /// [`Self::update_device_clearing`], refusing a change that links the device while its
+    /// user has `max_devices` linked devices (0: no limit): then nothing is written and the
+    /// refusal is returned with the record read. Every link, limited or not, adds to the
+    /// user's count of links ([`Keys::device_links`]) in its commit, and a limited one fences
+    /// on the count it read before counting the devices: a link committed meanwhile changed
+    /// it, and the limited one runs again and counts that device too.
+    async fn update_device_limited(
+        &self,
+        user: &str,
+        device: &str,
+        change: impl Fn(Option<&DeviceRecord>) -> Option<DeviceRecord>,
+        clear: &[Vec<u8>],
+        change_kind: DeviceChange,
+        max_devices: u64,
+    ) -> Result<(Option<DeviceRecord>, Option<TooManyDevices>), StoreError> {
         let durability = match change_kind {
             DeviceChange::Activity => Durability::Deferred,
             DeviceChange::Update | DeviceChange::PushRegistration => Durability::Synced,
@@ -1724,8 +1817,20 @@ impl MessageStore {
                 .transpose()
                 .map_err(|e| corrupt(&key, e))?;
             let Some(next) = change(current.as_ref()) else {
-                return Ok(current);
+                return Ok((current, None));
             };
+            let links = !current.as_ref().is_some_and(DeviceRecord::is_linked) && next.is_linked();
+            // Read before the devices are counted: a link committed after this read changes
+            // it, and fails this commit's fence.
+            let links_made = match links && max_devices > 0 {
+                true => Some(self.kv.get(&self.keys.device_links(user)).await?),
+                false => None,
+            };
+            if links_made.is_some()
+                && let Some(refused) = self.device_limit_reached(user, device, max_devices).await?
+            {
+                return Ok((current, Some(refused)));
+            }
             // A device linked again starts from the beginning of retained history, as one
             // never seen: an ack that raced its unlink (a connection not closed yet, or on a
             // gateway the unlink did not reach) may have left cursors the unlink did not read,
@@ -1741,6 +1846,12 @@ impl MessageStore {
             batch
                 .fence(key.clone(), stored)
                 .set(key.clone(), next.encode_to_vec());
+            if let Some(links_made) = links_made {
+                batch.fence(self.keys.device_links(user), links_made);
+            }
+            if links {
+                batch.add(self.keys.device_links(user), 1);
+            }
             if current.as_ref().is_some_and(DeviceRecord::takes_push) != next.takes_push() {
                 let slot = push_registration_slot(user);
                 batch
@@ -1760,7 +1871,7 @@ impl MessageStore {
                 batch.clear(key.clone());
             }
             match self.kv.commit(batch).await {
-                Ok(_) => return Ok(current),
+                Ok(_) => return Ok((current, None)),
                 Err(StoreError::FenceChanged { .. }) if attempt < DEVICE_UPDATE_ATTEMPTS => {
                     attempt += 1;
                 }
@@ -4167,6 +4278,72 @@ mod tests {
             store.last_outbox_key(damaged).await.unwrap().as_ref(),
             Some(row_key)
         );
+    }
+
+    /// Ann's device `device` seen (linked if new), at most `max` of hers linked.
+    async fn link(
+        store: &MessageStore,
+        device: &str,
+        max: u64,
+    ) -> Result<Option<DeviceRecord>, TooManyDevices> {
+        let seen = |record: Option<&DeviceRecord>| {
+            Some(DeviceRecord {
+                last_seen_ms: 1_000,
+                ..record.cloned().unwrap_or_default()
+            })
+        };
+        store
+            .record_device_link("ann", device, seen, max)
+            .await
+            .unwrap()
+    }
+
+    /// A new device of a user at `--max-devices-per-user` is refused, naming the device seen
+    /// least recently; a device already linked is not, and one unlinked frees its place.
+    #[tokio::test]
+    async fn a_new_device_past_the_limit_is_refused_and_a_linked_one_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = &temp_store(&dir, 8).await;
+        link(store, "phone", 2).await.unwrap();
+        let laptop = |_: Option<&DeviceRecord>| Some(DeviceRecord::default());
+        store.update_device("ann", "laptop", laptop).await.unwrap();
+        let refused = link(store, "tablet", 2).await.unwrap_err();
+        assert_eq!(
+            refused,
+            TooManyDevices {
+                max: 2,
+                least_recent: "laptop".into()
+            },
+            "the laptop never connected"
+        );
+        assert_eq!(store.device("ann", "tablet").await.unwrap(), None);
+        assert!(link(store, "phone", 2).await.is_ok(), "linked already");
+        assert!(
+            link(store, "phone", 1).await.is_ok(),
+            "past a lowered limit"
+        );
+        assert!(link(store, "tablet", 0).await.is_ok(), "no limit");
+        assert!(store.unlink_device("ann", "laptop", 5_000).await.unwrap());
+        assert!(store.unlink_device("ann", "tablet", 5_000).await.unwrap());
+        assert!(link(store, "watch", 2).await.is_ok(), "the laptop's place");
+    }
+
+    /// Two new devices at once, at the limit: the one whose commit comes second counts the
+    /// first (their links fence on the user's count of links), so only one is linked.
+    #[tokio::test]
+    async fn of_two_new_devices_at_once_at_the_limit_one_is_refused() {
+        let engine = crate::faulty_engine::FaultyEngine::new();
+        let store = engine.store(8).await;
+        link(&store, "phone", 2).await.unwrap();
+        let racing = store.clone();
+        engine.before_next_commit(Box::pin(async move {
+            link(&racing, "laptop", 2).await.unwrap();
+        }));
+        let refused = link(&store, "tablet", 2).await;
+        assert!(refused.is_err(), "{refused:?}");
+        let linked: Vec<_> = store.devices("ann").await.unwrap();
+        let ids: Vec<_> = linked.iter().map(|(id, _)| id.as_str()).collect();
+        assert_eq!(ids, ["laptop", "phone"]);
     }
 
     /// The counts of push registrations move with every change that begins or ends one (in
