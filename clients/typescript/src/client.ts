@@ -425,15 +425,17 @@ export class CourierClient {
   }
 
   /** After a failed connection attempt: the server's refusal of the token, which no retry
-   * would fix. A browser cannot see the HTTP 401 of a refused upgrade, so an HTTP request
-   * with the same token tells. */
+   * would fix: `unauthorized` (expired, or its device unlinked) or `forbidden` (a new device
+   * past its user's limit of devices, until one is unlinked). A browser cannot see the HTTP
+   * status of a refused upgrade, so an HTTP request with the same token tells. */
   private async refusal(error: unknown): Promise<CourierError | undefined> {
     if (!(error instanceof CourierError) || error.code !== "closed") return undefined;
     try {
       await this.http.devices();
       return undefined;
     } catch (probe) {
-      return probe instanceof CourierError && probe.code === "unauthorized" ? probe : undefined;
+      const final = probe instanceof CourierError && (probe.code === "unauthorized" || probe.code === "forbidden");
+      return final ? probe : undefined;
     }
   }
 

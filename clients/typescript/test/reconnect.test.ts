@@ -164,3 +164,17 @@ test("a catch-up of more conversations than the connection's frame limit lets th
   assert.equal((await bob.http.conversations()).length, groups);
   await until("every conversation's delivered cursor is at its head", async () => (await behind()) === 0);
 });
+
+test("a device past its user's limit of devices is told forbidden once, not retried for ever", async () => {
+  const server = await serve(["--max-devices-per-user", "1"]);
+  await synced(server, "alice", "phone");
+  const laptop = await client(server, "alice", "laptop");
+  const errors: CourierError[] = [];
+  laptop.on("error", (error) => errors.push(error as CourierError));
+  await until("the laptop is refused", () => laptop.state === "closed");
+  assert.deepEqual(
+    errors.map((e) => e.code),
+    ["forbidden"],
+  );
+  assert.match(errors[0].message, /unlink/);
+});
