@@ -4,8 +4,8 @@
 //!
 //! Invariants: a device is linked until unlinked, and linked again when it signs in with a
 //! token issued after its last unlink, with no cursor of its old link (it catches up from the
-//! beginning of retained history, as a new device does); every change of a device record is a read-modify-write
-//! fenced on the value read (`MessageStore::update_device`), so concurrent changes (a
+//! beginning of retained history, as a new device does); every change of a device record is
+//! a read-modify-write fenced on the value read (`MessageStore::update_device`), so concurrent changes (a
 //! reconnect's last-seen, an unlink, a push registration) never undo one another. A connection
 //! records its device before its catch-up ends, so a device that has had `sync_done` is listed;
 //! any authenticated request records a device not seen before ([`Devices::admit`]).
@@ -69,8 +69,9 @@ impl Devices {
 
     /// Admits a verified token: refuses it if issued (at or) before the device's last unlink;
     /// remembers it if it is the device's newest, which links an unlinked device again (not
-    /// seen since: `last_seen_ms` 0 until it connects). A device not seen before is recorded (not yet active: `last_seen_ms` 0, so that it holds
-    /// no events back from retention), so that a device which only calls the HTTP API is
+    /// seen since: `last_seen_ms` 0 until it connects). A device not seen before is recorded
+    /// (not yet active: `last_seen_ms` 0, so that it holds no events back from retention), so
+    /// that a device which only calls the HTTP API is
     /// listed and can be unlinked like any other. What it writes needs no fsync of its own
     /// ([`MessageStore::record_device_activity`]): a write lost to a power loss is made again
     /// by the next request with the same token, and an unlink, synced, is never lost with it.

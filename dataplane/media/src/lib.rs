@@ -24,18 +24,18 @@
 //! - Optional signed URLs: `?expires=<unix s>&signature=<hex HMAC-SHA256(secret, "<id>:<expires>")>`
 //!   download without a token until `expires` (for a CDN in front of Courier, which may keep
 //!   their downloads until then: [`Caching`]).
-//! - A sweeper deletes media records that no message references once their latest upload or
-//!   share is older than the TTL, and the bytes once no record keeps them (moved aside first
-//!   and checked again, so that an upload of the same bytes meanwhile keeps them); retention drops the
-//!   references of the messages it clears, and the sweeper clears a reference whose message is
-//!   gone (`MessageStore::is_media_referenced`), left by versions that did not. A send that shares media unused for half the TTL
-//!   marks it shared first (`courier_chat`), so that a sweep never forgets media a message is
-//!   being sent with (`MessageStore::share_media`). It also deletes the bytes staged by
-//!   uploads a crash or a kill cut, once untouched for [`STAGING_GRACE`]. The sweeper is a loop owned by the node's
-//!   [`BackgroundLoops`]: it stops at once when cancelled (a sweep is idempotent: a record
-//!   forgotten is fenced, bytes are deleted only once no record keeps them) and is restarted
-//!   if it panics (it keeps no state between sweeps but bytes moved aside and the notes of
-//!   records forgotten whose bytes are not yet deleted, which later sweeps settle).
+//! - A sweeper deletes media records that no message references once their latest upload or share
+//!   is older than the TTL, and the bytes once no record keeps them (moved aside first and checked
+//!   again, so that an upload of the same bytes meanwhile keeps them); retention drops the
+//!   references of the messages it clears, and the sweeper clears a reference whose message is gone
+//!   (`MessageStore::is_media_referenced`), left by versions that did not. A send that shares media
+//!   unused for half the TTL marks it shared first (`courier_chat`), so that a sweep never forgets
+//!   media a message is being sent with (`MessageStore::share_media`). It also deletes the bytes
+//!   staged by uploads a crash or a kill cut, once untouched for [`STAGING_GRACE`]. The sweeper is
+//!   a loop owned by the node's [`BackgroundLoops`]: it stops at once when cancelled (a sweep is
+//!   idempotent: a record forgotten is fenced, bytes are deleted only once no record keeps them)
+//!   and is restarted if it panics (it keeps no state between sweeps but bytes moved aside and the
+//!   notes of records forgotten whose bytes are not yet deleted, which later sweeps settle).
 
 use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};

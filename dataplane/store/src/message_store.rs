@@ -1772,8 +1772,9 @@ impl MessageStore {
 
     /// [`Self::update_device`], also clearing the keys `clear` in the same commit when it
     /// writes, and the device's delivered cursors when the change links it again. A change
-    /// that begins or ends the device's push registration is counted in the same commit ([`Self::push_registration_changes`]), and one of its push token keeps the
-    /// index of tokens in step ([`Self::index_push_token`]).
+    /// that begins or ends the device's push registration is counted in the same commit
+    /// ([`Self::push_registration_changes`]), and one of its push token keeps the index of
+    /// tokens in step ([`Self::index_push_token`]).
     async fn update_device_clearing(
         &self,
         user: &str,
