@@ -26,7 +26,7 @@
 //! | `pcur` | `("pcur", shard)` | the push notifier's bound in the outbox: every message below it was expanded into pending notifications |
 //! | `floor` | `("floor", conv)` | lowest retained seq (u64 LE); events below were cleared |
 //! | `dev` | `("dev", user, device)` | the device (`DeviceRecord`: last seen, unlinked, push) |
-//! | `dlinks` | `("dlinks", user)` | links of the user's devices made (u64 LE, atomic ADD): a link at `--max-devices-per-user` fences on it, so that two new devices cannot both take the last place |
+//! | `dlinks` | `("dlinks", user)` | links of the user's devices made once it had one (u64 LE, atomic ADD): such a link under `--max-devices-per-user` fences on it, so that two new devices cannot both take the last place |
 //! | `ptok` | `("ptok", provider, token)` | the device that registered the push token last (`PushTokenHolder`, `crate::push_tokens`) |
 //! | `gcount` | `("gcount", user, shard)` | groups of `shard` the user belongs to (i64 LE, atomic ADD); a user's group count is the sum of these |
 //! | `dcount` | `("dcount", user, shard)` | direct conversations of `shard` the user started (i64 LE, atomic ADD), for `--max-direct-conversations-per-user` |

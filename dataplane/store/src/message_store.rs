@@ -1711,10 +1711,9 @@ impl MessageStore {
     /// [`Self::record_device_activity`] for a change that may link the device (a token's
     /// admission, a connection's record): one that would link it (new, or linked again) while
     /// its user has `max_devices` linked devices already (0: no limit) is refused, nothing
-    /// written. A device already linked is never refused, whatever the limit. Race-safe: a
-    /// link at the limit counts the user's devices after reading their count of links
-    /// ([`Keys::device_links`], which every link adds to) and fences on that count, so that
-    /// of two new devices at once at the limit one is refused.
+    /// written. A device already linked is never refused, whatever the limit. Race-safe once
+    /// the user has a device ([`Self::link_guard`]): of two new devices at once at the limit
+    /// one is refused.
     pub async fn record_device_link(
         &self,
         user: &str,
@@ -1738,6 +1737,20 @@ impl MessageStore {
         })
     }
 
+    /// The linked devices of `user` other than `device`, with their records.
+    async fn linked_devices(
+        &self,
+        user: &str,
+        device: &str,
+    ) -> Result<Vec<(String, DeviceRecord)>, StoreError> {
+        Ok(self
+            .devices(user)
+            .await?
+            .into_iter()
+            .filter(|(id, record)| id != device && record.is_linked())
+            .collect())
+    }
+
     /// Whether linking `device` (not linked now) would pass `max_devices` (0: no limit): the
     /// user's other linked devices are that many already. Reads every device record of the
     /// user, as only a new link does.
@@ -1750,12 +1763,7 @@ impl MessageStore {
         if max_devices == 0 {
             return Ok(None);
         }
-        let linked: Vec<_> = self
-            .devices(user)
-            .await?
-            .into_iter()
-            .filter(|(id, record)| id != device && record.is_linked())
-            .collect();
+        let linked = self.linked_devices(user, device).await?;
         if (linked.len() as u64) < max_devices {
             return Ok(None);
         }
@@ -1768,6 +1776,34 @@ impl MessageStore {
             max: max_devices,
             least_recent,
         }))
+    }
+
+    /// What a link of `device` under a limit of `max_devices` (0: none) takes: refused when
+    /// the user has that many other linked devices; else the count of the user's links
+    /// ([`Keys::device_links`]) to fence on and add to, read before the devices are counted
+    /// (a link committed after the read changes it, and fails this one's fence). None for a
+    /// user with no linked device under a limit above one: its first device, most users' only
+    /// one, takes no counter, which would be one more key in memory for every new user until
+    /// the memtable's flush (`docs/benchmarks.md`, "Idle connection memory"). So the count is
+    /// exact once a user has a device; devices of a user with none, linking in the same
+    /// instant, may pass a limit below their number.
+    async fn link_guard(
+        &self,
+        user: &str,
+        device: &str,
+        max_devices: u64,
+    ) -> Result<Result<Option<Option<Vec<u8>>>, TooManyDevices>, StoreError> {
+        if max_devices == 0 {
+            return Ok(Ok(None));
+        }
+        if max_devices > 1 && self.linked_devices(user, device).await?.is_empty() {
+            return Ok(Ok(None));
+        }
+        let links_made = self.kv.get(&self.keys.device_links(user)).await?;
+        match self.device_limit_reached(user, device, max_devices).await? {
+            Some(refused) => Ok(Err(refused)),
+            None => Ok(Ok(Some(links_made))),
+        }
     }
 
     /// [`Self::update_device`], also clearing the keys `clear` in the same commit when it
@@ -1791,10 +1827,10 @@ impl MessageStore {
 
     /// [`Self::update_device_clearing`], refusing a change that links the device while its
     /// user has `max_devices` linked devices (0: no limit): then nothing is written and the
-    /// refusal is returned with the record read. Every link, limited or not, adds to the
-    /// user's count of links ([`Keys::device_links`]) in its commit, and a limited one fences
-    /// on the count it read before counting the devices: a link committed meanwhile changed
-    /// it, and the limited one runs again and counts that device too.
+    /// refusal is returned with the record read. A limited link of a user with a device
+    /// fences on the user's count of links ([`Keys::device_links`]) as read before counting
+    /// the devices, and adds to it in its commit ([`Self::link_guard`]): a link committed
+    /// meanwhile changed it, and this one runs again and counts that device too.
     async fn update_device_limited(
         &self,
         user: &str,
@@ -1821,17 +1857,13 @@ impl MessageStore {
                 return Ok((current, None));
             };
             let links = !current.as_ref().is_some_and(DeviceRecord::is_linked) && next.is_linked();
-            // Read before the devices are counted: a link committed after this read changes
-            // it, and fails this commit's fence.
-            let links_made = match links && max_devices > 0 {
-                true => Some(self.kv.get(&self.keys.device_links(user)).await?),
+            let links_made = match links {
+                true => match self.link_guard(user, device, max_devices).await? {
+                    Ok(fence) => fence,
+                    Err(refused) => return Ok((current, Some(refused))),
+                },
                 false => None,
             };
-            if links_made.is_some()
-                && let Some(refused) = self.device_limit_reached(user, device, max_devices).await?
-            {
-                return Ok((current, Some(refused)));
-            }
             // A device linked again starts from the beginning of retained history, as one
             // never seen: an ack that raced its unlink (a connection not closed yet, or on a
             // gateway the unlink did not reach) may have left cursors the unlink did not read,
@@ -1848,10 +1880,9 @@ impl MessageStore {
                 .fence(key.clone(), stored)
                 .set(key.clone(), next.encode_to_vec());
             if let Some(links_made) = links_made {
-                batch.fence(self.keys.device_links(user), links_made);
-            }
-            if links {
-                batch.add(self.keys.device_links(user), 1);
+                batch
+                    .fence(self.keys.device_links(user), links_made)
+                    .add(self.keys.device_links(user), 1);
             }
             if current.as_ref().is_some_and(DeviceRecord::takes_push) != next.takes_push() {
                 let slot = push_registration_slot(user);
@@ -4297,6 +4328,19 @@ mod tests {
             .record_device_link("ann", device, seen, max)
             .await
             .unwrap()
+    }
+
+    /// A user's first device takes no count of links (one more key in memory for every new
+    /// user); its second does, and the limit is exact from there on.
+    #[tokio::test]
+    async fn a_users_first_device_writes_no_count_of_links_and_its_second_does() {
+        let engine = crate::faulty_engine::FaultyEngine::new();
+        let store = engine.store(8).await;
+        let links = store.keys.device_links("ann");
+        link(&store, "phone", 32).await.unwrap();
+        assert_eq!(store.kv.get(&links).await.unwrap(), None);
+        link(&store, "laptop", 32).await.unwrap();
+        assert!(store.kv.get(&links).await.unwrap().is_some());
     }
 
     /// A new device of a user at `--max-devices-per-user` is refused, naming the device seen
