@@ -259,6 +259,7 @@ fn cluster(embedded: bool) -> CourierCluster {
                 },
             }),
             push_secret: (!embedded).then(|| "courier-push".to_owned()),
+            config_map: None,
             shards: 64,
             gateways: GatewayPoolSettings::default(),
             sequencers: SequencerSettings::default(),

@@ -54,6 +54,14 @@ pub struct CourierClusterSpec {
     /// `/etc/courier/push` for key files (`COURIER_APNS_KEY_FILE=/etc/courier/push/apns.p8`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub push_secret: Option<String>,
+    /// A ConfigMap whose key `courier.toml` is a configuration file for every data-plane pod
+    /// (`--config`, docs/operations.md "Configuration file"): the data plane's limits, rate
+    /// limits and timeouts, each flag by its long name as `courier node --help` lists it
+    /// (`courier serve --help` with embedded storage).
+    /// What the operator sets itself (addresses, storage, ports, node ids) wins over the
+    /// file. Pods read it as they start: a change applies as they restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_map: Option<String>,
     /// Logical sequencer shards, fixed when the store is created (it cannot change later).
     #[serde(default = "default_shards")]
     #[schemars(range(min = 1, max = 65536))]

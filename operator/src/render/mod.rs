@@ -334,6 +334,7 @@ pub(crate) mod fixtures {
                     pods: Default::default(),
                 }),
                 push_secret: push_secret.map(str::to_owned),
+                config_map: None,
                 shards: 64,
                 gateways: Default::default(),
                 sequencers: Default::default(),

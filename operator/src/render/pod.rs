@@ -173,6 +173,10 @@ pub struct Shutdown {
     pub grace_seconds: i64,
 }
 
+/// Where a cluster's `configMap` is mounted in its pods, and the key its file is under.
+pub const CONFIG_DIR: &str = "/etc/courier/config";
+pub const CONFIG_FILE: &str = "courier.toml";
+
 /// A data-plane pod of `cluster` running `courier <args>` (the image's entry point is
 /// `courier`). Refused if its FoundationDB storage does not pass [`partitions::check`].
 pub fn template(
@@ -263,6 +267,22 @@ pub fn template(
             ..Volume::default()
         });
         mounts.push(mount("push", "/etc/courier/push", true));
+    }
+    if let Some(config_map) = &spec.config_map {
+        env.push(value_env(
+            "COURIER_CONFIG",
+            &format!("{CONFIG_DIR}/{CONFIG_FILE}"),
+        ));
+        volumes.push(Volume {
+            name: "config".to_owned(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: config_map.clone(),
+                optional: Some(false),
+                ..ConfigMapVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+        mounts.push(mount("config", CONFIG_DIR, true));
     }
     let mut ports = vec![
         port("http", HTTP_PORT),
@@ -474,6 +494,7 @@ mod tests {
                     pods: Default::default(),
                 }),
                 push_secret: Some("push".into()),
+                config_map: None,
                 shards: 64,
                 gateways: Default::default(),
                 sequencers: Default::default(),
@@ -549,6 +570,48 @@ mod tests {
             .map(|p| p.container_port)
             .collect();
         assert_eq!(ports, [HTTP_PORT, METRICS_PORT, INTERNAL_PORT]);
+    }
+
+    /// A cluster's `configMap` is every data-plane pod's configuration file: mounted read-only
+    /// and named by `COURIER_CONFIG`, in the embedded server's pod and in each role's. Without
+    /// one, no pod names a file.
+    #[test]
+    fn a_clusters_config_map_is_the_configuration_file_of_every_pod() {
+        let mut tuned = cluster(true);
+        tuned.spec.config_map = Some("courier-tuning".into());
+        let mut embedded = cluster(false);
+        embedded.spec.config_map = Some("courier-tuning".into());
+        let pods = [
+            (&tuned, Component::Gateway),
+            (&tuned, Component::Sequencer),
+            (&tuned, Component::Media),
+            (&embedded, Component::Server),
+        ];
+        for (cluster, component) in pods {
+            let template = template(cluster, component, vec![], None, SHUTDOWN).unwrap();
+            let env = env(&template);
+            assert_eq!(
+                value(&env, "COURIER_CONFIG").as_deref(),
+                Some("/etc/courier/config/courier.toml"),
+                "{component:?}"
+            );
+            let spec = template.spec.unwrap();
+            let volume = spec.volumes.iter().flatten().find(|v| v.name == "config");
+            let source = volume.and_then(|v| v.config_map.as_ref()).unwrap();
+            assert_eq!(source.name, "courier-tuning");
+            let mount = spec.containers[0]
+                .volume_mounts
+                .iter()
+                .flatten()
+                .find(|m| m.name == "config")
+                .unwrap();
+            assert_eq!(
+                (mount.mount_path.as_str(), mount.read_only),
+                (CONFIG_DIR, Some(true))
+            );
+        }
+        let plain = template(&cluster(true), Component::Gateway, vec![], None, SHUTDOWN).unwrap();
+        assert_eq!(value(&env(&plain), "COURIER_CONFIG"), None);
     }
 
     /// What a pod of each component gets: (client token secret, S3 media, push Secret).
