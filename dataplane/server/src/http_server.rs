@@ -58,6 +58,24 @@ impl ConnectionLimits {
     }
 }
 
+/// Most bytes a client connection's socket holds not yet sent (Linux's `TCP_NOTSENT_LOWAT`):
+/// a write waits until the client has taken what came before, rather than until half of a send
+/// buffer the kernel grows to megabytes has drained. So a write waits for `--http-write-timeout`
+/// only when the client took next to nothing meanwhile (~2 KB a second at the default 60 s),
+/// not when it reads steadily over a slow link; and a client that stopped reading holds this
+/// much of the kernel's memory, not megabytes. Data in flight is not bounded by it.
+#[cfg(target_os = "linux")]
+const UNSENT_LIMIT: u32 = 128 * 1024;
+
+/// Bounds what `tcp` holds not yet sent ([`UNSENT_LIMIT`]), on Linux.
+fn bound_unsent(tcp: &tokio::net::TcpStream) -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    socket2::SockRef::from(tcp).set_tcp_notsent_lowat(UNSENT_LIMIT)?;
+    #[cfg(not(target_os = "linux"))]
+    let _ = tcp;
+    Ok(())
+}
+
 /// Serves `app` on `listener` as `axum::serve(listener, app).with_graceful_shutdown(signal)`
 /// does, with `limits` on every connection (module documentation): once `signal` completes,
 /// no connection is accepted, each open one finishes its request in flight and closes, and
@@ -68,7 +86,7 @@ pub async fn serve<L>(
     limits: ConnectionLimits,
     signal: impl Future<Output = ()> + Send + 'static,
 ) where
-    L: Listener,
+    L: Listener<Io = tokio::net::TcpStream>,
 {
     // As `axum::serve`: the connections wait for `stop_rx` to be dropped, and this for every
     // connection's clone of `closed_rx` to be.
@@ -80,29 +98,33 @@ pub async fn serve<L>(
     });
     // `Router::with_state` builds the route table once; each connection clones it (an `Arc`).
     let app: Router = app.with_state(());
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
+    // HTTP/2 WebSockets (RFC 8441) need the extended CONNECT, as in `axum::serve`.
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .enable_connect_protocol();
     loop {
         let (io, _address) = tokio::select! {
             accepted = listener.accept() => accepted,
             () = stop_tx.closed() => break,
         };
+        // The write bound below needs it: a client reading slowly is not cut.
+        if let Err(e) = bound_unsent(&io) {
+            tracing::warn!(error = %e, "could not set TCP_NOTSENT_LOWAT on a connection");
+        }
         let io = TokioIo::new(StallBound::new(
             io,
             limits.header_read_timeout,
             limits.write_timeout,
         ));
         let service = TowerToHyperService::new(app.clone());
-        let (stop_tx, closed_rx) = (stop_tx.clone(), closed_rx.clone());
+        let (stop_tx, closed_rx, builder) = (stop_tx.clone(), closed_rx.clone(), builder.clone());
         tokio::spawn(async move {
-            let mut builder = Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(limits.header_read_timeout);
-            // HTTP/2 WebSockets (RFC 8441) need the extended CONNECT, as in `axum::serve`.
-            builder
-                .http2()
-                .timer(TokioTimer::new())
-                .enable_connect_protocol();
             let connection = builder.serve_connection_with_upgrades(io, service);
             tokio::pin!(connection);
             let mut stopping = std::pin::pin!(stop_tx.closed());

@@ -45,7 +45,6 @@ use anyhow::Context as _;
 use axum::Router;
 use axum::http::StatusCode;
 use axum::routing::get;
-use axum::serve::ListenerExt;
 use clap::{Args, ValueEnum};
 use courier_chat::ChatBinding;
 use courier_core::clock::now_ms;
@@ -901,13 +900,7 @@ impl InternalNode<'_> {
             .merge(self.metrics_routes);
         let app = crate::http::with_web_app(app, None);
         let limits = crate::http_server::ConnectionLimits::new(self.config.http_write_timeout);
-        // A media node's downloads are bounded as a gateway's are (`serve::bound_unsent`).
-        let http = self.http.tap_io(|tcp| {
-            if let Err(e) = serve::bound_unsent(tcp) {
-                tracing::warn!(error = %e, "could not set TCP_NOTSENT_LOWAT on a connection");
-            }
-        });
-        let http_server = tokio::spawn(crate::http_server::serve(http, app, limits, async {
+        let http_server = tokio::spawn(crate::http_server::serve(self.http, app, limits, async {
             let _ = http_stopped.await;
         }));
         let stop_signal = self.stop.stopped();

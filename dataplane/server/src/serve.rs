@@ -389,24 +389,6 @@ fn probe_when_idle(tcp: &tokio::net::TcpStream) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Most bytes a client connection's socket holds not yet sent (Linux's `TCP_NOTSENT_LOWAT`):
-/// a write waits until the client has taken what came before, rather than until half of a send
-/// buffer the kernel grows to megabytes has drained. So a write waits for `--http-write-timeout`
-/// only when the client took next to nothing meanwhile (~2 KB a second at the default 60 s),
-/// not when it reads steadily over a slow link; and a client that stopped reading holds this
-/// much of the kernel's memory, not megabytes. Data in flight is not bounded by it.
-#[cfg(target_os = "linux")]
-const UNSENT_LIMIT: u32 = 128 * 1024;
-
-/// Bounds what `tcp` holds not yet sent ([`UNSENT_LIMIT`]), on Linux.
-pub fn bound_unsent(tcp: &tokio::net::TcpStream) -> std::io::Result<()> {
-    #[cfg(target_os = "linux")]
-    socket2::SockRef::from(tcp).set_tcp_notsent_lowat(UNSENT_LIMIT)?;
-    #[cfg(not(target_os = "linux"))]
-    let _ = tcp;
-    Ok(())
-}
-
 /// The listener of the node's HTTP port (`--listen`: the client port, or a node's probes),
 /// with room for `backlog` connections not yet accepted: after a gateway restarts, its devices
 /// all reconnect at once, and a handshake the kernel drops is retried only after a second.
@@ -715,9 +697,6 @@ pub async fn run_client_roles(
         }
         if let Err(e) = probe_when_idle(tcp) {
             tracing::warn!(error = %e, "could not set TCP keepalive on a connection");
-        }
-        if let Err(e) = bound_unsent(tcp) {
-            tracing::warn!(error = %e, "could not set TCP_NOTSENT_LOWAT on a connection");
         }
     });
     let app = router(state).merge(media_routes).merge(metrics_routes);
