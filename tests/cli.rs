@@ -393,43 +393,94 @@ async fn ordering_threads_set_the_ordering_runtime_and_zero_shares_the_connectio
     }
 }
 
+/// Tokens of an identity provider: EdDSA, from either of its keys around a rotation
+/// (`--jwt-public-key` with both, comma-separated), for this service only (`--jwt-issuer`,
+/// `--jwt-audience`). Its tokens for another service, another issuer's, and
+/// HS256 tokens (the secret is not used with public keys) are refused, on the WebSocket
+/// upgrade and on the HTTP API alike.
 #[tokio::test]
-async fn eddsa_public_keys_verify_tokens() {
+async fn tokens_of_an_identity_provider_are_verified_with_its_keys_issuer_and_audience() {
     let dir = tempfile::tempdir().unwrap();
+    let keys =
+        format!("{FIXTURES}/jwt-test-ed25519.pub.pem,{FIXTURES}/jwt-test-ed25519-next.pub.pem");
     let server = Server::start_in(
         dir.path(),
         &[
             "--jwt-public-key",
-            &format!("{FIXTURES}/jwt-test-ed25519.pub.pem"),
+            &keys,
             "--jwt-algorithm",
             "EdDSA",
+            "--jwt-issuer",
+            "https://id.example.com/",
+            "--jwt-audience",
+            "chat,chat-staging",
         ],
     );
-    let key = std::fs::read(format!("{FIXTURES}/jwt-test-ed25519.pem")).unwrap();
     let exp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs()
         + 600;
-    let token = jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA),
-        &serde_json::json!({ "sub": "alice", "dev": "phone", "exp": exp }),
-        &jsonwebtoken::EncodingKey::from_ed_pem(&key).unwrap(),
-    )
-    .unwrap();
-    Client::connect(&server.ws_url(), &token, Encoding::Json)
-        .await
-        .expect("EdDSA token accepted");
+    let signed = |private: &str, claims: serde_json::Value| {
+        let key = std::fs::read(format!("{FIXTURES}/{private}")).unwrap();
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_ed_pem(&key).unwrap(),
+        )
+        .unwrap()
+    };
+    let claims = |iss: &str, aud: &str| serde_json::json!({ "sub": "alice", "dev": "phone", "exp": exp, "iss": iss, "aud": aud });
+    let ours = "https://id.example.com/";
+    for private in ["jwt-test-ed25519.pem", "jwt-test-ed25519-next.pem"] {
+        let token = signed(private, claims(ours, "chat"));
+        Client::connect(&server.ws_url(), &token, Encoding::Json)
+            .await
+            .unwrap_or_else(|e| panic!("a token of {private} refused: {e}"));
+        let listed = conversations_status(&server, &token).await;
+        assert_eq!(listed, 200, "{private}");
+    }
     let hs256 = jsonwebtoken::encode(
         &jsonwebtoken::Header::default(),
-        &serde_json::json!({ "sub": "alice", "dev": "phone", "exp": exp }),
-        &jsonwebtoken::EncodingKey::from_secret(b"guess"),
+        &claims(ours, "chat"),
+        &jsonwebtoken::EncodingKey::from_secret(b"a-guess-of-thirty-two-bytes-or-more"),
     )
     .unwrap();
-    assert!(matches!(
-        Client::connect(&server.ws_url(), &hs256, Encoding::Json).await,
-        Err(ClientError::Rejected(401))
-    ));
+    for (refused, why) in [
+        (
+            signed("jwt-test-ed25519.pem", claims(ours, "billing")),
+            "another service's",
+        ),
+        (
+            signed(
+                "jwt-test-ed25519-next.pem",
+                claims("https://evil.example.com/", "chat"),
+            ),
+            "another issuer's",
+        ),
+        (hs256, "HS256"),
+    ] {
+        assert!(
+            matches!(
+                Client::connect(&server.ws_url(), &refused, Encoding::Json).await,
+                Err(ClientError::Rejected(401))
+            ),
+            "{why}"
+        );
+        assert_eq!(conversations_status(&server, &refused).await, 401, "{why}");
+    }
+}
+
+/// The status of `GET /v1/conversations` with `token`.
+async fn conversations_status(server: &Server, token: &str) -> u16 {
+    reqwest::Client::new()
+        .get(format!("{}/v1/conversations", server.http_url()))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
 }
 
 /// A `courier chat` process whose output lines arrive on a channel.

@@ -1,6 +1,10 @@
 //! Authentication: JWTs with claims `sub` (user), `dev` (device) and `exp`, verified with an
 //! HS256 shared secret (created in the data directory on first start when none is configured)
-//! or an EdDSA / RS256 public key.
+//! or EdDSA / RS256 public keys, and, when the server is told to, `iss` (the issuer) and `aud`
+//! (the audience) of an identity provider's tokens.
+//!
+//! A verifier holds one key or more (a key rotation: the keys before and after it), each tried
+//! in turn: the first whose signature matches decides whether the token is valid.
 
 use courier_proto::ids;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
@@ -84,42 +88,94 @@ fn check_secret(secret: &[u8]) -> anyhow::Result<()> {
 /// Verifies tokens.
 #[derive(Clone)]
 pub struct TokenVerifier {
-    key: DecodingKey,
+    /// At least one; more during a key rotation.
+    keys: Vec<DecodingKey>,
     validation: Validation,
+    /// Whether `aud` is checked ([`TokenVerifier::with_audiences`]); if not, a token with
+    /// one is refused (RFC 7519, 4.1.3: it is meant for someone else).
+    audiences: bool,
 }
 
 impl TokenVerifier {
     /// A verifier for an HS256 `secret` of [`MIN_SECRET_BYTES`] at least.
     pub fn hs256(secret: &[u8]) -> anyhow::Result<Self> {
-        check_secret(secret)?;
-        Ok(Self::with(
-            DecodingKey::from_secret(secret),
-            Algorithm::HS256,
-        ))
+        Self::hs256_secrets(&[secret])
+    }
+
+    /// A verifier for HS256 tokens signed with any of `secrets` (the current one and, during a
+    /// rotation, the previous one), each of [`MIN_SECRET_BYTES`] at least.
+    pub fn hs256_secrets(secrets: &[&[u8]]) -> anyhow::Result<Self> {
+        let keys = secrets
+            .iter()
+            .map(|secret| check_secret(secret).map(|()| DecodingKey::from_secret(secret)))
+            .collect::<anyhow::Result<_>>()?;
+        Self::with(keys, Algorithm::HS256)
     }
 
     /// A verifier for a PEM public key (`EdDSA` for Ed25519, `RS256` for RSA).
     pub fn public_key(pem: &[u8], algorithm: Algorithm) -> anyhow::Result<Self> {
-        let key = match algorithm {
-            Algorithm::EdDSA => DecodingKey::from_ed_pem(pem)?,
-            Algorithm::RS256 => DecodingKey::from_rsa_pem(pem)?,
-            other => {
-                anyhow::bail!("unsupported public-key algorithm {other:?}: use EdDSA or RS256")
-            }
-        };
-        Ok(Self::with(key, algorithm))
+        Self::public_keys(&[pem], algorithm)
     }
 
-    fn with(key: DecodingKey, algorithm: Algorithm) -> Self {
+    /// A verifier for tokens signed with any of the PEM public keys `pems` (during a
+    /// rotation, the issuer's keys before and after it), all of one `algorithm`.
+    pub fn public_keys(pems: &[&[u8]], algorithm: Algorithm) -> anyhow::Result<Self> {
+        let keys = pems
+            .iter()
+            .map(|pem| {
+                Ok(match algorithm {
+                    Algorithm::EdDSA => DecodingKey::from_ed_pem(pem)?,
+                    Algorithm::RS256 => DecodingKey::from_rsa_pem(pem)?,
+                    other => {
+                        anyhow::bail!(
+                            "unsupported public-key algorithm {other:?}: use EdDSA or RS256"
+                        )
+                    }
+                })
+            })
+            .collect::<anyhow::Result<_>>()?;
+        Self::with(keys, algorithm)
+    }
+
+    fn with(keys: Vec<DecodingKey>, algorithm: Algorithm) -> anyhow::Result<Self> {
+        anyhow::ensure!(!keys.is_empty(), "no key to verify tokens with");
         let mut validation = Validation::new(algorithm);
         validation.leeway = 0;
         validation.set_required_spec_claims(&["exp", "sub"]);
-        Self { key, validation }
+        Ok(Self {
+            keys,
+            validation,
+            audiences: false,
+        })
+    }
+
+    /// Accepts only tokens whose `iss` is `issuer` (an identity provider's tokens name it).
+    pub fn with_issuer(mut self, issuer: &str) -> Self {
+        self.validation.set_issuer(&[issuer]);
+        self.require("iss");
+        self
+    }
+
+    /// Accepts only tokens whose `aud` names one of `audiences` (at least one; an identity
+    /// provider names in it the service a token is for). Without this, a token that names
+    /// an audience at all is refused.
+    pub fn with_audiences(mut self, audiences: &[String]) -> Self {
+        if !audiences.is_empty() {
+            self.validation.set_audience(audiences);
+            self.require("aud");
+            self.audiences = true;
+        }
+        self
+    }
+
+    fn require(&mut self, claim: &str) {
+        self.validation
+            .required_spec_claims
+            .insert(claim.to_owned());
     }
 
     pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
-        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
-            .map_err(|e| AuthError::Invalid(e.to_string()))?;
+        let data = self.decode(token)?;
         let Claims {
             sub, dev, iat, nbf, ..
         } = data.claims;
@@ -140,6 +196,37 @@ impl TokenVerifier {
             device: dev,
             // A float to integer cast saturates: an `iat` before 1970 counts as none.
             issued_at_ms: iat.map_or(0, |iat| (iat * 1000.0).round() as u64),
+        })
+    }
+
+    /// The token's claims, from the first key whose signature matches, checked.
+    fn decode(&self, token: &str) -> Result<jsonwebtoken::TokenData<Claims>, AuthError> {
+        let mut outcome = Err(jsonwebtoken::errors::ErrorKind::InvalidSignature.into());
+        for key in &self.keys {
+            outcome = jsonwebtoken::decode::<Claims>(token, key, &self.validation);
+            if !matches!(
+                &outcome,
+                Err(e) if *e.kind() == jsonwebtoken::errors::ErrorKind::InvalidSignature
+            ) {
+                break;
+            }
+        }
+        outcome.map_err(|e| {
+            use jsonwebtoken::errors::ErrorKind;
+            AuthError::Invalid(match e.kind() {
+                ErrorKind::InvalidAudience if !self.audiences => {
+                    "the token names an audience (`aud`), and this server accepts none \
+                     (`--jwt-audience`)"
+                        .to_owned()
+                }
+                ErrorKind::InvalidAudience => {
+                    "the token's audience (`aud`) is not this server's".to_owned()
+                }
+                ErrorKind::InvalidIssuer => {
+                    "the token's issuer (`iss`) is not the one this server trusts".to_owned()
+                }
+                _ => e.to_string(),
+            })
         })
     }
 }
@@ -431,6 +518,142 @@ mod tests {
             assert!(hs256.verify(&sign(partial)).is_err(), "no {missing}");
         }
         assert!(hs256.verify(&sign(claims)).is_ok());
+    }
+
+    fn in_ten_minutes() -> u64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 600
+    }
+
+    fn hs256_token(secret: &[u8], claims: serde_json::Value) -> String {
+        jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(secret),
+        )
+        .unwrap()
+    }
+
+    /// During a rotation a verifier holds the keys before and after it: a token signed with
+    /// either is taken, one signed with neither is not, and a token whose signature matched
+    /// is judged by that key alone (an expired one is refused as expired, not as forged).
+    #[test]
+    fn a_verifier_of_several_keys_takes_tokens_of_each_and_of_no_other() {
+        const NEXT: &[u8] = b"the-secret-after-the-rotation-of-32-bytes";
+        const OTHER: &[u8] = b"an-attackers-secret-of-thirty-two-bytes";
+        let both = TokenVerifier::hs256_secrets(&[SECRET, NEXT]).unwrap();
+        let exp = in_ten_minutes();
+        for (secret, user) in [(SECRET, "alice"), (NEXT, "bob")] {
+            let token = hs256_token(
+                secret,
+                serde_json::json!({ "sub": user, "dev": "d", "exp": exp }),
+            );
+            assert_eq!(both.verify(&token).unwrap().user, user);
+        }
+        let forged = hs256_token(
+            OTHER,
+            serde_json::json!({ "sub": "alice", "dev": "d", "exp": exp }),
+        );
+        let refused = both.verify(&forged).unwrap_err().to_string();
+        assert!(refused.contains("InvalidSignature"), "{refused}");
+        let expired = hs256_token(
+            NEXT,
+            serde_json::json!({ "sub": "bob", "dev": "d", "exp": 1 }),
+        );
+        let refused = both.verify(&expired).unwrap_err().to_string();
+        assert!(refused.contains("ExpiredSignature"), "{refused}");
+        assert!(TokenVerifier::hs256_secrets(&[SECRET, b"short"]).is_err());
+        assert!(TokenVerifier::hs256_secrets(&[]).is_err());
+
+        let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures");
+        let read = |name: &str| std::fs::read(format!("{fixtures}/{name}")).unwrap();
+        let (old, next) = (
+            read("jwt-test-ed25519.pub.pem"),
+            read("jwt-test-ed25519-next.pub.pem"),
+        );
+        let eddsa = TokenVerifier::public_keys(&[&old, &next], Algorithm::EdDSA).unwrap();
+        let only_old = TokenVerifier::public_key(&old, Algorithm::EdDSA).unwrap();
+        let claims = serde_json::json!({ "sub": "carol", "dev": "d", "exp": exp });
+        let signed_with = |private: &str| {
+            let key = EncodingKey::from_ed_pem(&read(private)).unwrap();
+            jsonwebtoken::encode(&Header::new(Algorithm::EdDSA), &claims, &key).unwrap()
+        };
+        for private in ["jwt-test-ed25519.pem", "jwt-test-ed25519-next.pem"] {
+            assert!(eddsa.verify(&signed_with(private)).is_ok(), "{private}");
+        }
+        assert!(
+            only_old
+                .verify(&signed_with("jwt-test-ed25519-next.pem"))
+                .is_err()
+        );
+    }
+
+    /// An identity provider's tokens name their issuer and audience. A server told which
+    /// ones to trust takes only tokens that name them (a token the provider issued for another
+    /// service, or another provider's, is refused, and so is one that names none); a server
+    /// told no audience refuses a token that names one (RFC 7519, 4.1.3), saying why.
+    #[test]
+    fn issuer_and_audience_are_checked_when_configured() {
+        let exp = in_ten_minutes();
+        let token = |extra: serde_json::Value| {
+            let mut claims = serde_json::json!({ "sub": "alice", "dev": "d", "exp": exp });
+            claims
+                .as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            hs256_token(SECRET, claims)
+        };
+        let plain = TokenVerifier::hs256(SECRET).unwrap();
+        assert!(
+            plain
+                .verify(&token(serde_json::json!({ "iss": "anyone" })))
+                .is_ok()
+        );
+        let refused = plain
+            .verify(&token(serde_json::json!({ "aud": "chat" })))
+            .unwrap_err()
+            .to_string();
+        assert!(refused.contains("--jwt-audience"), "{refused}");
+
+        let strict = TokenVerifier::hs256(SECRET)
+            .unwrap()
+            .with_issuer("https://id.example.com/")
+            .with_audiences(&["chat".to_owned(), "chat-staging".to_owned()]);
+        let iss = "https://id.example.com/";
+        for taken in [
+            serde_json::json!({ "iss": iss, "aud": "chat" }),
+            serde_json::json!({ "iss": iss, "aud": ["billing", "chat-staging"] }),
+        ] {
+            assert!(strict.verify(&token(taken.clone())).is_ok(), "{taken}");
+        }
+        for (refused, why) in [
+            (
+                serde_json::json!({ "iss": iss, "aud": "billing" }),
+                "audience",
+            ),
+            (
+                serde_json::json!({ "iss": iss, "aud": ["billing"] }),
+                "audience",
+            ),
+            (serde_json::json!({ "iss": iss }), "aud"),
+            (
+                serde_json::json!({ "iss": "https://evil.example.com/", "aud": "chat" }),
+                "issuer",
+            ),
+            (serde_json::json!({ "aud": "chat" }), "iss"),
+        ] {
+            let e = strict
+                .verify(&token(refused.clone()))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(why), "{refused}: {e}");
+        }
+        // No audiences given: as if none was configured.
+        let lenient = TokenVerifier::hs256(SECRET).unwrap().with_audiences(&[]);
+        assert!(lenient.verify(&token(serde_json::json!({}))).is_ok());
     }
 
     /// The scheme is case-insensitive (RFC 9110, 11.1); anything but spaces between it and

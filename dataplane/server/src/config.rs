@@ -102,12 +102,37 @@ pub struct ServeConfig {
     /// HS256 token secret (default: generated in the data directory on first start).
     #[arg(long, env = "COURIER_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
-    /// PEM public key to verify tokens with instead of a shared secret.
-    #[arg(long, env = "COURIER_JWT_PUBLIC_KEY", requires = "jwt_algorithm")]
-    pub jwt_public_key: Option<PathBuf>,
+    /// A second HS256 secret tokens may be signed with, during a rotation of `--jwt-secret`
+    /// (`courier token` signs with `--jwt-secret` only): `docs/operations.md`, "Tokens".
+    #[arg(
+        long,
+        env = "COURIER_JWT_PREVIOUS_SECRET",
+        hide_env_values = true,
+        requires = "jwt_secret"
+    )]
+    pub jwt_previous_secret: Option<String>,
+    /// PEM public key to verify tokens with instead of a shared secret (`--jwt-secret` then
+    /// verifies none); several (repeated or comma-separated) during a rotation of the issuer's
+    /// keys, each tried in turn.
+    #[arg(
+        long,
+        env = "COURIER_JWT_PUBLIC_KEY",
+        requires = "jwt_algorithm",
+        value_delimiter = ','
+    )]
+    pub jwt_public_key: Vec<PathBuf>,
     /// Algorithm of `--jwt-public-key`.
     #[arg(long, env = "COURIER_JWT_ALGORITHM", value_enum)]
     pub jwt_algorithm: Option<PublicKeyAlgorithm>,
+    /// The issuer whose tokens are taken: a token's `iss` must be this (an identity
+    /// provider's URL, say). Unset: `iss` is not looked at.
+    #[arg(long, env = "COURIER_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// The audiences a token may be for (repeated or comma-separated): its `aud` must name
+    /// one of them. Unset: a token that names an audience is refused (it is meant for another
+    /// service), one that names none is taken.
+    #[arg(long, env = "COURIER_JWT_AUDIENCE", value_delimiter = ',')]
+    pub jwt_audience: Vec<String>,
     /// Largest client WebSocket message in bytes; larger ones close the connection (1009).
     #[arg(long, env = "COURIER_MAX_FRAME_BYTES", default_value_t = 64 * 1024)]
     pub max_frame_bytes: usize,
@@ -361,6 +386,17 @@ impl ServeConfig {
              in the outbox for up to a few hundred milliseconds (a page, then the clear)"
         );
         anyhow::ensure!(!self.node_id.is_empty(), "--node-id must not be empty");
+        anyhow::ensure!(
+            self.jwt_issuer
+                .as_ref()
+                .is_none_or(|issuer| !issuer.is_empty())
+                && self
+                    .jwt_audience
+                    .iter()
+                    .all(|audience| !audience.is_empty()),
+            "--jwt-issuer and --jwt-audience must not be empty (leave them out to check no \
+             issuer, or to refuse tokens that name an audience)"
+        );
         if let Some(metrics) = self.metrics_listen {
             anyhow::ensure!(
                 !same_port(metrics, self.listen),
@@ -661,6 +697,41 @@ mod tests {
         let args = ["courier", "--drain-window", "24h"];
         let config = Serve::try_parse_from(args).unwrap().config;
         config.drain(true).unwrap();
+    }
+
+    /// A rotation of the HS256 secret: the nodes take tokens of `--jwt-secret` and of
+    /// `--jwt-previous-secret`, and of no other; the previous secret alone means nothing (it
+    /// is refused), nor do an empty issuer or audience.
+    #[test]
+    fn a_previous_secret_is_verified_beside_the_secret() {
+        let (secret, previous) = ("s".repeat(32), "p".repeat(32));
+        let args = [
+            "courier",
+            "--jwt-secret",
+            &secret,
+            "--jwt-previous-secret",
+            &previous,
+        ];
+        let config = Serve::try_parse_from(args).unwrap().config;
+        let verifier = crate::serve::verifier(&config).unwrap();
+        for (key, taken) in [(&secret, true), (&previous, true), (&"o".repeat(32), false)] {
+            let token =
+                courier_core::auth::mint(key.as_bytes(), "alice", "phone", Duration::from_secs(60))
+                    .unwrap();
+            assert_eq!(verifier.verify(&token).is_ok(), taken, "{key}");
+        }
+        assert!(Serve::try_parse_from(["courier", "--jwt-previous-secret", &previous]).is_err());
+        for empty in [["--jwt-issuer", ""], ["--jwt-audience", ""]] {
+            let refused = validated(&empty).unwrap_err().to_string();
+            assert!(refused.contains("must not be empty"), "{refused}");
+        }
+        validated(&[
+            "--jwt-issuer",
+            "https://id.example.com/",
+            "--jwt-audience",
+            "a,b",
+        ])
+        .unwrap();
     }
 
     /// `--ping-interval` is 0 (no pings) or from 1s to 1h: shorter, every connection would be

@@ -181,7 +181,7 @@ impl NodeArgs {
         anyhow::ensure!(
             !self.serves_clients()
                 || config.jwt_secret.is_some()
-                || config.jwt_public_key.is_some(),
+                || !config.jwt_public_key.is_empty(),
             "the nodes of a cluster must verify the same client tokens: give --jwt-secret \
              (or --jwt-public-key); a secret generated per data directory would differ per node"
         );

@@ -115,22 +115,43 @@ const UNACKNOWLEDGED_LIMIT: std::time::Duration = std::time::Duration::from_secs
 /// Time between two passes forgetting the rate limits of idle users and connections.
 const FORGET_IDLE_LIMITS_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// The verifier of client tokens: `--jwt-public-key`, `--jwt-secret`, or the secret of the data
-/// directory (created on first start).
+/// The verifier of client tokens: `--jwt-public-key`, `--jwt-secret` (and
+/// `--jwt-previous-secret`), or the secret of the data directory (created on first start);
+/// with `--jwt-issuer` and `--jwt-audience` checked.
 pub fn verifier(config: &ServeConfig) -> anyhow::Result<TokenVerifier> {
-    if let (Some(path), Some(algorithm)) = (&config.jwt_public_key, config.jwt_algorithm) {
-        let pem = std::fs::read(path)
-            .with_context(|| format!("reading --jwt-public-key {}", path.display()))?;
+    let verifier = if let (false, Some(algorithm)) =
+        (config.jwt_public_key.is_empty(), config.jwt_algorithm)
+    {
+        let pems = config
+            .jwt_public_key
+            .iter()
+            .map(|path| {
+                std::fs::read(path)
+                    .with_context(|| format!("reading --jwt-public-key {}", path.display()))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let pems: Vec<&[u8]> = pems.iter().map(Vec::as_slice).collect();
         let algorithm = match algorithm {
             PublicKeyAlgorithm::EdDsa => jsonwebtoken::Algorithm::EdDSA,
             PublicKeyAlgorithm::Rs256 => jsonwebtoken::Algorithm::RS256,
         };
-        return TokenVerifier::public_key(&pem, algorithm);
-    }
-    match &config.jwt_secret {
-        Some(secret) => TokenVerifier::hs256(secret.as_bytes()).context("--jwt-secret"),
-        None => TokenVerifier::hs256(&auth::read_or_create_secret(&config.data_dir)?),
-    }
+        TokenVerifier::public_keys(&pems, algorithm).context("--jwt-public-key")?
+    } else {
+        match (&config.jwt_secret, &config.jwt_previous_secret) {
+            (Some(secret), previous) => {
+                let mut secrets = vec![secret.as_bytes()];
+                secrets.extend(previous.as_ref().map(String::as_bytes));
+                TokenVerifier::hs256_secrets(&secrets)
+                    .context("--jwt-secret and --jwt-previous-secret")?
+            }
+            (None, _) => TokenVerifier::hs256(&auth::read_or_create_secret(&config.data_dir)?)?,
+        }
+    };
+    let verifier = verifier.with_audiences(&config.jwt_audience);
+    Ok(match &config.jwt_issuer {
+        Some(issuer) => verifier.with_issuer(issuer),
+        None => verifier,
+    })
 }
 
 /// The store: one engine, or with `--storage-partitions` one per partition of the table
