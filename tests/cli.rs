@@ -471,6 +471,138 @@ async fn tokens_of_an_identity_provider_are_verified_with_its_keys_issuer_and_au
     }
 }
 
+/// An identity provider's key set served over HTTP on loopback: its document can be changed,
+/// and it counts the fetches.
+struct KeySetServer {
+    url: String,
+    document: std::sync::Arc<std::sync::Mutex<String>>,
+    fetches: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl KeySetServer {
+    async fn start(keys: &[(&str, &str)]) -> KeySetServer {
+        use std::sync::{Arc, Mutex, atomic::AtomicUsize, atomic::Ordering};
+        let document = Arc::new(Mutex::new(key_set(keys)));
+        let fetches = Arc::new(AtomicUsize::new(0));
+        let (served, counted) = (document.clone(), fetches.clone());
+        let app = axum::Router::new().route(
+            "/jwks",
+            axum::routing::get(move || {
+                counted.fetch_add(1, Ordering::SeqCst);
+                let body = served.lock().unwrap().clone();
+                async move { body }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/jwks", listener.local_addr().unwrap());
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        KeySetServer {
+            url,
+            document,
+            fetches,
+            task,
+        }
+    }
+
+    fn publish(&self, keys: &[(&str, &str)]) {
+        *self.document.lock().unwrap() = key_set(keys);
+    }
+
+    fn fetches(&self) -> usize {
+        self.fetches.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// A JWKS document of the fixtures' Ed25519 public keys `(file, kid)`.
+fn key_set(keys: &[(&str, &str)]) -> String {
+    use base64::Engine as _;
+    let keys: Vec<serde_json::Value> = keys
+        .iter()
+        .map(|(pem, kid)| {
+            let text = std::fs::read_to_string(format!("{FIXTURES}/{pem}")).unwrap();
+            let body: String = text.lines().filter(|l| !l.starts_with("-----")).collect();
+            let der = base64::engine::general_purpose::STANDARD
+                .decode(body)
+                .unwrap();
+            let x = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&der[der.len() - 32..]);
+            serde_json::json!({ "kty": "OKP", "crv": "Ed25519", "x": x, "kid": kid, "use": "sig" })
+        })
+        .collect();
+    serde_json::json!({ "keys": keys }).to_string()
+}
+
+/// An EdDSA token for alice's phone, signed with the fixture key `private` and naming `kid`.
+fn token_of_key(private: &str, kid: &str) -> String {
+    let key = std::fs::read(format!("{FIXTURES}/{private}")).unwrap();
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA);
+    header.kid = Some(kid.to_owned());
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    let claims = serde_json::json!({ "sub": "alice", "dev": "phone", "exp": exp });
+    jsonwebtoken::encode(
+        &header,
+        &claims,
+        &jsonwebtoken::EncodingKey::from_ed_pem(&key).unwrap(),
+    )
+    .unwrap()
+}
+
+/// Keys from an identity provider's key set URL (`--jwt-jwks-url`): a token is verified with
+/// the key its `kid` names. A token naming a key the set lacks fetches the set again at once,
+/// but a stream of them fetches it once (an attacker's made-up `kid`s cannot make the node
+/// hammer the provider); a key the provider adds later is taken at the next refresh, with no
+/// restart. A node restarted while the provider is down starts on the set it kept. (Several
+/// threads: the provider answers while the test waits for the node to start.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_identity_providers_key_set_is_fetched_refreshed_and_kept() {
+    const OLD: (&str, &str) = ("jwt-test-ed25519.pub.pem", "2026-old");
+    const NEXT: (&str, &str) = ("jwt-test-ed25519-next.pub.pem", "2026-next");
+    let provider = KeySetServer::start(&[OLD]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let flags = ["--jwt-jwks-url", &provider.url, "--jwt-jwks-refresh", "10s"];
+    let server = Server::start_in(dir.path(), &flags);
+    let old = token_of_key("jwt-test-ed25519.pem", "2026-old");
+    let next = token_of_key("jwt-test-ed25519-next.pem", "2026-next");
+    assert_eq!(conversations_status(&server, &old).await, 200);
+    let at_start = provider.fetches();
+    assert_eq!(at_start, 1, "one fetch before the node serves");
+
+    // Unknown: fetched again once, whatever the number of such tokens in the next 30 s.
+    for _ in 0..5 {
+        assert_eq!(conversations_status(&server, &next).await, 401);
+    }
+    assert_eq!(provider.fetches(), at_start + 1);
+
+    // The provider adds its next key: the node takes it at its next refresh.
+    provider.publish(&[OLD, NEXT]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while conversations_status(&server, &next).await != 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new key was never fetched"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Client::connect(&server.ws_url(), &next, Encoding::Json)
+        .await
+        .expect("a token of the new key opens a connection");
+    drop(server);
+
+    // The provider down: the node starts on the set it kept, both keys.
+    provider.task.abort();
+    let _ = provider.task.await;
+    let restarted = Server::start_in(dir.path(), &flags);
+    for token in [&old, &next] {
+        assert_eq!(conversations_status(&restarted, token).await, 200);
+    }
+}
+
 /// The status of `GET /v1/conversations` with `token`.
 async fn conversations_status(server: &Server, token: &str) -> u16 {
     reqwest::Client::new()

@@ -10,6 +10,7 @@ use courier_proto::ids;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// How far ahead of this server's clock a token's `nbf` and `iat` may be: issuers commonly
@@ -68,6 +69,9 @@ pub enum AuthError {
     Invalid(String),
     #[error("this device was unlinked; sign in again for a new token")]
     Unlinked,
+    /// The token names a key (`kid`) the identity provider's key set, as last fetched, lacks.
+    #[error("invalid token: signed with a key this server does not know yet (kid {0:?})")]
+    UnknownKey(String),
 }
 
 /// Fewest bytes of an HS256 secret: the key must be at least as long as the hash (RFC 7518,
@@ -85,11 +89,22 @@ fn check_secret(secret: &[u8]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Verifies tokens.
+/// A key a verifier holds: the algorithm it verifies and, from a key set, its id.
+struct VerifyingKey {
+    kid: Option<String>,
+    algorithm: Algorithm,
+    key: DecodingKey,
+}
+
+/// Verifies tokens. Clones share their keys: a key set refreshed through one
+/// ([`TokenVerifier::set_keys`]) is the key set of all.
 #[derive(Clone)]
 pub struct TokenVerifier {
-    /// At least one; more during a key rotation.
-    keys: Vec<DecodingKey>,
+    /// At least one, but for a key set not yet fetched; more during a key rotation.
+    keys: Arc<RwLock<Arc<[VerifyingKey]>>>,
+    /// Whether the keys come from an identity provider's key set, where a key's id (`kid`)
+    /// names it: a token naming a key the set lacks was signed with a key not fetched yet.
+    key_set: bool,
     validation: Validation,
     /// Whether `aud` is checked ([`TokenVerifier::with_audiences`]); if not, a token with
     /// one is refused (RFC 7519, 4.1.3: it is meant for someone else).
@@ -107,9 +122,12 @@ impl TokenVerifier {
     pub fn hs256_secrets(secrets: &[&[u8]]) -> anyhow::Result<Self> {
         let keys = secrets
             .iter()
-            .map(|secret| check_secret(secret).map(|()| DecodingKey::from_secret(secret)))
-            .collect::<anyhow::Result<_>>()?;
-        Self::with(keys, Algorithm::HS256)
+            .map(|secret| {
+                check_secret(secret)?;
+                Ok(unnamed(Algorithm::HS256, DecodingKey::from_secret(secret)))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Self::with(keys, false)
     }
 
     /// A verifier for a PEM public key (`EdDSA` for Ed25519, `RS256` for RSA).
@@ -123,7 +141,7 @@ impl TokenVerifier {
         let keys = pems
             .iter()
             .map(|pem| {
-                Ok(match algorithm {
+                let key = match algorithm {
                     Algorithm::EdDSA => DecodingKey::from_ed_pem(pem)?,
                     Algorithm::RS256 => DecodingKey::from_rsa_pem(pem)?,
                     other => {
@@ -131,20 +149,67 @@ impl TokenVerifier {
                             "unsupported public-key algorithm {other:?}: use EdDSA or RS256"
                         )
                     }
-                })
+                };
+                Ok(unnamed(algorithm, key))
             })
-            .collect::<anyhow::Result<_>>()?;
-        Self::with(keys, algorithm)
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Self::with(keys, false)
     }
 
-    fn with(keys: Vec<DecodingKey>, algorithm: Algorithm) -> anyhow::Result<Self> {
+    /// A verifier for an identity provider's key set (a JWKS document), empty until its
+    /// first [`TokenVerifier::set_keys`].
+    pub fn key_set() -> Self {
+        Self {
+            keys: Arc::new(RwLock::new(Arc::from([]))),
+            key_set: true,
+            validation: validation(),
+            audiences: false,
+        }
+    }
+
+    /// Replaces the keys of a [`TokenVerifier::key_set`] verifier (and of its clones) with
+    /// the signing keys of the JWKS document `jwks`: RSA, elliptic-curve (P-256, P-384) and
+    /// Ed25519 public keys, each for the algorithm it names or, naming none, its type's usual
+    /// one (RS256, ES256 / ES384, EdDSA). Symmetric keys, encryption keys and keys of types
+    /// it cannot read are passed over, each with why; refused whole only when it is no key
+    /// set at all, or holds no signing key (the keys in place are kept then). Returns how
+    /// many keys it took, and what it passed over.
+    pub fn set_keys(&self, jwks: &[u8]) -> anyhow::Result<(usize, Vec<String>)> {
+        #[derive(Deserialize)]
+        struct Document {
+            keys: Vec<serde_json::Value>,
+        }
+        let document: Document = serde_json::from_slice(jwks)
+            .map_err(|e| anyhow::anyhow!("not a JWKS document (`{{\"keys\": [...]}}`): {e}"))?;
+        let mut keys = Vec::new();
+        let mut passed_over = Vec::new();
+        for (i, value) in document.keys.into_iter().enumerate() {
+            let kid = value
+                .get("kid")
+                .and_then(|kid| kid.as_str())
+                .map(str::to_owned);
+            let named = || format!("key {i} ({})", kid.as_deref().unwrap_or("no kid"));
+            match signing_key(value) {
+                Ok(key) => keys.push(key),
+                Err(why) => passed_over.push(format!("{}: {why}", named())),
+            }
+        }
+        anyhow::ensure!(
+            !keys.is_empty(),
+            "the key set holds no signing key this server can use ({})",
+            passed_over.join("; ")
+        );
+        let taken = keys.len();
+        *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::from(keys);
+        Ok((taken, passed_over))
+    }
+
+    fn with(keys: Vec<VerifyingKey>, key_set: bool) -> anyhow::Result<Self> {
         anyhow::ensure!(!keys.is_empty(), "no key to verify tokens with");
-        let mut validation = Validation::new(algorithm);
-        validation.leeway = 0;
-        validation.set_required_spec_claims(&["exp", "sub"]);
         Ok(Self {
-            keys,
-            validation,
+            keys: Arc::new(RwLock::new(Arc::from(keys))),
+            key_set,
+            validation: validation(),
             audiences: false,
         })
     }
@@ -199,36 +264,120 @@ impl TokenVerifier {
         })
     }
 
-    /// The token's claims, from the first key whose signature matches, checked.
+    /// The token's claims, from the first key of its algorithm (and of its `kid`, when it
+    /// names one the keys have) whose signature matches, checked.
     fn decode(&self, token: &str) -> Result<jsonwebtoken::TokenData<Claims>, AuthError> {
-        let mut outcome = Err(jsonwebtoken::errors::ErrorKind::InvalidSignature.into());
-        for key in &self.keys {
-            outcome = jsonwebtoken::decode::<Claims>(token, key, &self.validation);
-            if !matches!(
-                &outcome,
-                Err(e) if *e.kind() == jsonwebtoken::errors::ErrorKind::InvalidSignature
-            ) {
+        use jsonwebtoken::errors::ErrorKind;
+        let header = jsonwebtoken::decode_header(token).map_err(|e| self.refusal(e))?;
+        let keys = self.keys.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let named = |key: &&VerifyingKey| header.kid.is_some() && key.kid == header.kid;
+        let same_kid = keys.iter().any(|key| named(&key));
+        let mut outcome = Err(ErrorKind::InvalidAlgorithm.into());
+        for key in keys.iter().filter(|key| key.algorithm == header.alg) {
+            if same_kid && !named(&key) {
+                continue;
+            }
+            let mut validation = self.validation.clone();
+            validation.algorithms = vec![key.algorithm];
+            outcome = jsonwebtoken::decode::<Claims>(token, &key.key, &validation);
+            if !matches!(&outcome, Err(e) if *e.kind() == ErrorKind::InvalidSignature) {
                 break;
             }
         }
-        outcome.map_err(|e| {
-            use jsonwebtoken::errors::ErrorKind;
-            AuthError::Invalid(match e.kind() {
-                ErrorKind::InvalidAudience if !self.audiences => {
-                    "the token names an audience (`aud`), and this server accepts none \
-                     (`--jwt-audience`)"
-                        .to_owned()
-                }
-                ErrorKind::InvalidAudience => {
-                    "the token's audience (`aud`) is not this server's".to_owned()
-                }
-                ErrorKind::InvalidIssuer => {
-                    "the token's issuer (`iss`) is not the one this server trusts".to_owned()
-                }
-                _ => e.to_string(),
-            })
+        // No key it names, and none other matched: one the provider added since the last fetch?
+        if self.key_set
+            && !same_kid
+            && let (Some(kid), Err(e)) = (&header.kid, &outcome)
+            && matches!(
+                e.kind(),
+                ErrorKind::InvalidSignature | ErrorKind::InvalidAlgorithm
+            )
+        {
+            return Err(AuthError::UnknownKey(kid.clone()));
+        }
+        outcome.map_err(|e| self.refusal(e))
+    }
+
+    /// Why a token was refused, in words a client (and its developer) can act on.
+    fn refusal(&self, e: jsonwebtoken::errors::Error) -> AuthError {
+        use jsonwebtoken::errors::ErrorKind;
+        AuthError::Invalid(match e.kind() {
+            ErrorKind::InvalidAudience if !self.audiences => {
+                "the token names an audience (`aud`), and this server accepts none \
+                 (`--jwt-audience`)"
+                    .to_owned()
+            }
+            ErrorKind::InvalidAudience => {
+                "the token's audience (`aud`) is not this server's".to_owned()
+            }
+            ErrorKind::InvalidIssuer => {
+                "the token's issuer (`iss`) is not the one this server trusts".to_owned()
+            }
+            _ => e.to_string(),
         })
     }
+}
+
+/// What every verifier checks: `exp` (no leeway) and `sub` present; the algorithm is set per key.
+fn validation() -> Validation {
+    let mut validation = Validation::default();
+    validation.leeway = 0;
+    validation.set_required_spec_claims(&["exp", "sub"]);
+    validation
+}
+
+/// A key of a verifier given its keys one by one (no key set): no `kid`.
+fn unnamed(algorithm: Algorithm, key: DecodingKey) -> VerifyingKey {
+    VerifyingKey {
+        kid: None,
+        algorithm,
+        key,
+    }
+}
+
+/// The signing key a JWK describes, or why it is none (module documentation of
+/// [`TokenVerifier::set_keys`]).
+fn signing_key(value: serde_json::Value) -> Result<VerifyingKey, String> {
+    use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, PublicKeyUse};
+    let jwk: Jwk =
+        serde_json::from_value(value).map_err(|e| format!("not a JWK this server reads: {e}"))?;
+    if matches!(jwk.common.public_key_use, Some(ref u) if *u != PublicKeyUse::Signature) {
+        return Err("not a signing key (`use`)".to_owned());
+    }
+    let usual = match &jwk.algorithm {
+        AlgorithmParameters::RSA(_) => Algorithm::RS256,
+        AlgorithmParameters::EllipticCurve(ec) => match ec.curve {
+            EllipticCurve::P256 => Algorithm::ES256,
+            EllipticCurve::P384 => Algorithm::ES384,
+            ref other => return Err(format!("elliptic curve {other:?} is not supported")),
+        },
+        AlgorithmParameters::OctetKeyPair(okp) if okp.curve == EllipticCurve::Ed25519 => {
+            Algorithm::EdDSA
+        }
+        AlgorithmParameters::OctetKeyPair(okp) => {
+            return Err(format!("curve {:?} is not supported", okp.curve));
+        }
+        // A shared secret published in a key set would let anyone who reads it sign tokens.
+        AlgorithmParameters::OctetKey(_) => return Err("a symmetric key (`oct`)".to_owned()),
+    };
+    let algorithm = match jwk.common.key_algorithm {
+        Some(named) => named
+            .to_string()
+            .parse::<Algorithm>()
+            .map_err(|_| format!("algorithm {named} does not sign"))?,
+        None => usual,
+    };
+    if algorithm.family() != usual.family() {
+        return Err(format!(
+            "algorithm {algorithm:?} does not fit the key's type"
+        ));
+    }
+    let key = DecodingKey::from_jwk(&jwk).map_err(|e| format!("unreadable: {e}"))?;
+    Ok(VerifyingKey {
+        kid: jwk.common.key_id,
+        algorithm,
+        key,
+    })
 }
 
 /// Signs an HS256 token for `user`/`device`, valid for `ttl`.
@@ -654,6 +803,94 @@ mod tests {
         // No audiences given: as if none was configured.
         let lenient = TokenVerifier::hs256(SECRET).unwrap().with_audiences(&[]);
         assert!(lenient.verify(&token(serde_json::json!({}))).is_ok());
+    }
+
+    /// The JWK of the Ed25519 public key in the fixture `pem` (its last 32 bytes).
+    fn ed25519_jwk(pem: &str, kid: &str) -> serde_json::Value {
+        use base64::Engine as _;
+        let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures");
+        let text = std::fs::read_to_string(format!("{fixtures}/{pem}")).unwrap();
+        let body: String = text.lines().filter(|l| !l.starts_with("-----")).collect();
+        let der = base64::engine::general_purpose::STANDARD
+            .decode(body)
+            .unwrap();
+        let x = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&der[der.len() - 32..]);
+        serde_json::json!({ "kty": "OKP", "crv": "Ed25519", "x": x, "kid": kid, "use": "sig" })
+    }
+
+    fn eddsa_token(private: &str, kid: Option<&str>) -> String {
+        let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures");
+        let key = std::fs::read(format!("{fixtures}/{private}")).unwrap();
+        let mut header = Header::new(Algorithm::EdDSA);
+        header.kid = kid.map(str::to_owned);
+        let claims = serde_json::json!({ "sub": "alice", "dev": "d", "exp": in_ten_minutes() });
+        jsonwebtoken::encode(&header, &claims, &EncodingKey::from_ed_pem(&key).unwrap()).unwrap()
+    }
+
+    /// An identity provider's key set: a token is verified with the key its `kid` names; one
+    /// naming a key the set lacks is told apart (the server fetches the set again), and so
+    /// is taken once the set has it, by every clone of the verifier. Keys that cannot sign
+    /// tokens safely (a shared secret, an encryption key) or that it cannot read are passed
+    /// over, each named; a set with no usable key is refused and the keys in place kept.
+    #[test]
+    fn a_key_set_verifies_by_key_id_and_is_replaced_whole() {
+        let verifier = TokenVerifier::key_set();
+        let clone = verifier.clone();
+        let old = ed25519_jwk("jwt-test-ed25519.pub.pem", "2026-old");
+        let next = ed25519_jwk("jwt-test-ed25519-next.pub.pem", "2026-next");
+        let set = |keys: Vec<serde_json::Value>| serde_json::json!({ "keys": keys }).to_string();
+        let odd = vec![
+            serde_json::json!({ "kty": "oct", "k": "c2VjcmV0", "kid": "shared" }),
+            serde_json::json!({ "kty": "OKP", "crv": "Ed25519", "x": old["x"], "use": "enc", "kid": "e" }),
+            serde_json::json!({ "kty": "future-type", "kid": "f" }),
+            serde_json::json!({ "kty": "OKP", "crv": "Ed25519", "x": old["x"], "alg": "RS256", "kid": "g" }),
+        ];
+        let mut keys = vec![old.clone()];
+        keys.extend(odd.clone());
+        let (taken, passed_over) = verifier.set_keys(set(keys).as_bytes()).unwrap();
+        assert_eq!(taken, 1);
+        assert_eq!(passed_over.len(), 4, "{passed_over:?}");
+        for (i, why) in [
+            "symmetric",
+            "not a signing key",
+            "not a JWK",
+            "does not fit",
+        ]
+        .iter()
+        .enumerate()
+        {
+            assert!(passed_over[i].contains(why), "{passed_over:?}");
+        }
+
+        let with_old = eddsa_token("jwt-test-ed25519.pem", Some("2026-old"));
+        assert_eq!(clone.verify(&with_old).unwrap().user, "alice");
+        let no_kid = eddsa_token("jwt-test-ed25519.pem", None);
+        assert!(clone.verify(&no_kid).is_ok());
+        let with_next = eddsa_token("jwt-test-ed25519-next.pem", Some("2026-next"));
+        assert!(
+            matches!(clone.verify(&with_next), Err(AuthError::UnknownKey(kid)) if kid == "2026-next")
+        );
+        // Signed with the next key but naming the old one: forged, not unknown.
+        let misnamed = eddsa_token("jwt-test-ed25519-next.pem", Some("2026-old"));
+        assert!(matches!(
+            clone.verify(&misnamed),
+            Err(AuthError::Invalid(_))
+        ));
+
+        let refused = verifier
+            .set_keys(set(odd).as_bytes())
+            .unwrap_err()
+            .to_string();
+        assert!(refused.contains("no signing key"), "{refused}");
+        assert!(verifier.set_keys(b"{}").is_err());
+        assert!(
+            clone.verify(&with_old).is_ok(),
+            "the keys in place are kept"
+        );
+
+        verifier.set_keys(set(vec![old, next]).as_bytes()).unwrap();
+        assert!(clone.verify(&with_next).is_ok());
+        assert!(clone.verify(&with_old).is_ok());
     }
 
     /// The scheme is case-insensitive (RFC 9110, 11.1); anything but spaces between it and

@@ -124,6 +124,15 @@ pub struct ServeConfig {
     /// Algorithm of `--jwt-public-key`.
     #[arg(long, env = "COURIER_JWT_ALGORITHM", value_enum)]
     pub jwt_algorithm: Option<PublicKeyAlgorithm>,
+    /// An identity provider's key set (its OpenID configuration's `jwks_uri`, https) to verify
+    /// tokens with instead of a secret or key files: fetched before the node serves, every
+    /// `--jwt-jwks-refresh`, and at once for a token naming a key it lacks (`docs/operations.md`,
+    /// "Tokens").
+    #[arg(long, env = "COURIER_JWT_JWKS_URL", conflicts_with = "jwt_public_key")]
+    pub jwt_jwks_url: Option<String>,
+    /// How often `--jwt-jwks-url` is fetched again (at least 10s).
+    #[arg(long, env = "COURIER_JWT_JWKS_REFRESH", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub jwt_jwks_refresh: Duration,
     /// The issuer whose tokens are taken: a token's `iss` must be this (an identity
     /// provider's URL, say). Unset: `iss` is not looked at.
     #[arg(long, env = "COURIER_JWT_ISSUER")]
@@ -324,6 +333,10 @@ pub const MAX_DRAIN_TIMEOUT: Duration = MAX_DRAIN_WINDOW.saturating_add(DRAIN_TA
 /// answer their accepted sends (each waits at most the send timeout, 10 s) and close.
 pub const DRAIN_TAIL: Duration = Duration::from_secs(25);
 
+/// The shortest `--jwt-jwks-refresh`: each is a request to the identity provider from every
+/// node.
+pub const MIN_JWKS_REFRESH: Duration = Duration::from_secs(10);
+
 /// The shortest `--ping-interval` but 0: a client on a slow network has two of it to answer,
 /// and every connection is written to once an interval.
 pub const MIN_PING_INTERVAL: Duration = Duration::from_secs(1);
@@ -396,6 +409,11 @@ impl ServeConfig {
                     .all(|audience| !audience.is_empty()),
             "--jwt-issuer and --jwt-audience must not be empty (leave them out to check no \
              issuer, or to refuse tokens that name an audience)"
+        );
+        anyhow::ensure!(
+            self.jwt_jwks_refresh >= MIN_JWKS_REFRESH,
+            "--jwt-jwks-refresh must be at least {MIN_JWKS_REFRESH:?} (a provider's key set \
+             changes a few times a year; a token naming a new key fetches it at once)"
         );
         if let Some(metrics) = self.metrics_listen {
             anyhow::ensure!(

@@ -7,6 +7,7 @@
 //! media nodes ([`crate::media_proxy`]).
 //! With `--web-dir`, every other `GET` is answered from the built web app ([`with_web_app`]).
 
+use crate::jwks::KeySetSource;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
@@ -179,6 +180,9 @@ impl PushProviderNames {
 /// linked again by a token issued after its unlink).
 pub struct ClientAuth {
     pub verifier: TokenVerifier,
+    /// Where `verifier` gets its keys, with `--jwt-jwks-url`: fetched again for a token
+    /// naming a key it lacks.
+    pub key_set: Option<Arc<KeySetSource>>,
     /// Where the devices are recorded.
     pub store: MessageStore,
     /// Most linked devices of a user (`--max-devices-per-user`; 0: no limit): a token that
@@ -193,7 +197,7 @@ impl ClientAuth {
         &self,
         headers: &axum::http::HeaderMap,
     ) -> Result<Identity, ApiError> {
-        let who = self.verified(headers, None)?;
+        let who = self.verified(headers, None).await?;
         self.devices().admit(&who).await?;
         Ok(who)
     }
@@ -206,7 +210,7 @@ impl ClientAuth {
         headers: &axum::http::HeaderMap,
         query: Option<&str>,
     ) -> Result<Identity, ApiError> {
-        let who = self.verified(headers, query)?;
+        let who = self.verified(headers, query).await?;
         self.devices().check(&who).await?;
         Ok(who)
     }
@@ -215,7 +219,10 @@ impl ClientAuth {
         Devices::new(self.store.clone()).with_max_devices(self.max_devices_per_user)
     }
 
-    fn verified(
+    /// The identity `headers` (or the URL's `query`) carry a valid token for. A token naming
+    /// a key the identity provider's set lacks has the set fetched again (at most every
+    /// [`crate::jwks::UNKNOWN_KEY_REFETCH_GAP`]) and is verified once more.
+    async fn verified(
         &self,
         headers: &axum::http::HeaderMap,
         query: Option<&str>,
@@ -224,7 +231,13 @@ impl ClientAuth {
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok());
         let token = bearer_token(authorization, query).ok_or(AuthError::Missing)?;
-        Ok(self.verifier.verify(token)?)
+        match (self.verifier.verify(token), &self.key_set) {
+            (Err(AuthError::UnknownKey(kid)), Some(key_set)) => {
+                key_set.refetch_for_unknown_key(&kid).await;
+                Ok(self.verifier.verify(token)?)
+            }
+            (verified, _) => Ok(verified?),
+        }
     }
 }
 
@@ -605,6 +618,7 @@ mod tests {
         let secret = [7u8; 32];
         let auth = ClientAuth {
             verifier: TokenVerifier::hs256(&secret).unwrap(),
+            key_set: None,
             store: store.clone(),
             max_devices_per_user: 32,
         };

@@ -18,6 +18,7 @@ mod config;
 mod config_file;
 mod http;
 mod http_server;
+mod jwks;
 mod media_api;
 mod media_proxy;
 mod node;

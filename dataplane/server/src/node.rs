@@ -38,7 +38,6 @@
 
 use crate::admin::AdminService;
 use crate::config::{DRAIN_TAIL, ServeConfig, StoreKind, same_port};
-use crate::http::ClientAuth;
 use crate::media_api::{self, MediaApi};
 use crate::serve::{self, Cluster, StopSignal};
 use anyhow::Context as _;
@@ -771,11 +770,7 @@ async fn run_media(
             node: config.node_id.clone(),
         },
     );
-    let auth = Arc::new(ClientAuth {
-        verifier: serve::verifier(config)?,
-        store: store.clone(),
-        max_devices_per_user: config.max_devices_per_user,
-    });
+    let auth = serve::client_auth(config, serve::verifier(config)?, store, loops).await?;
     let routes = media_api::router(Arc::new(MediaApi { media, auth }));
     let admin = AdminService::new(store.clone(), config.node_id.clone(), token).into_server();
     node.serve_until_stopped(

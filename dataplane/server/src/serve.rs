@@ -46,6 +46,7 @@ use crate::admin::AdminService;
 use crate::config::{PublicKeyAlgorithm, ServeConfig, StoreKind};
 use crate::http::{AppState, ClientAuth, PushProviderNames, metrics_router, router, with_web_app};
 use crate::http_server;
+use crate::jwks::KeySetSource;
 use crate::media_api::{self, MediaApi};
 use crate::media_proxy::{self, MediaProxy};
 use crate::node;
@@ -115,11 +116,14 @@ const UNACKNOWLEDGED_LIMIT: std::time::Duration = std::time::Duration::from_secs
 /// Time between two passes forgetting the rate limits of idle users and connections.
 const FORGET_IDLE_LIMITS_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// The verifier of client tokens: `--jwt-public-key`, `--jwt-secret` (and
-/// `--jwt-previous-secret`), or the secret of the data directory (created on first start);
-/// with `--jwt-issuer` and `--jwt-audience` checked.
+/// The verifier of client tokens: `--jwt-jwks-url` (its keys not fetched yet:
+/// [`client_auth`]), `--jwt-public-key`, `--jwt-secret` (and `--jwt-previous-secret`), or the
+/// secret of the data directory (created on first start); with `--jwt-issuer` and
+/// `--jwt-audience` checked.
 pub fn verifier(config: &ServeConfig) -> anyhow::Result<TokenVerifier> {
-    let verifier = if let (false, Some(algorithm)) =
+    let verifier = if config.jwt_jwks_url.is_some() {
+        TokenVerifier::key_set()
+    } else if let (false, Some(algorithm)) =
         (config.jwt_public_key.is_empty(), config.jwt_algorithm)
     {
         let pems = config
@@ -152,6 +156,32 @@ pub fn verifier(config: &ServeConfig) -> anyhow::Result<TokenVerifier> {
         Some(issuer) => verifier.with_issuer(issuer),
         None => verifier,
     })
+}
+
+/// How the client roles authenticate their clients: with `verifier` ([`verifier`]), whose
+/// identity provider's keys, with `--jwt-jwks-url`, are fetched now (the node serves no
+/// client before) and then every `--jwt-jwks-refresh` in `loops`.
+pub async fn client_auth(
+    config: &ServeConfig,
+    verifier: TokenVerifier,
+    store: &MessageStore,
+    loops: &BackgroundLoops,
+) -> anyhow::Result<Arc<ClientAuth>> {
+    let key_set = match &config.jwt_jwks_url {
+        Some(url) => {
+            let source = Arc::new(KeySetSource::new(url, verifier.clone(), &config.data_dir)?);
+            source.load().await?;
+            source.start_refreshing(config.jwt_jwks_refresh, loops);
+            Some(source)
+        }
+        None => None,
+    };
+    Ok(Arc::new(ClientAuth {
+        verifier,
+        key_set,
+        store: store.clone(),
+        max_devices_per_user: config.max_devices_per_user,
+    }))
 }
 
 /// The store: one engine, or with `--storage-partitions` one per partition of the table
@@ -646,11 +676,7 @@ pub async fn run_client_roles(
         None => None,
     };
     let (stop, stopping) = watch::channel(false);
-    let auth = Arc::new(ClientAuth {
-        verifier,
-        store: store.clone(),
-        max_devices_per_user: config.max_devices_per_user,
-    });
+    let auth = client_auth(&config, verifier, &store, &loops).await?;
     let media_routes = match runs_media {
         true => {
             let media = MediaService::open(

@@ -1,0 +1,234 @@
+//! An identity provider's signing keys, from its key set URL (`--jwt-jwks-url`, the
+//! `jwks_uri` of its OpenID configuration): providers rotate their keys on their own and
+//! publish the new one there first, so a node that fetches the set again now and then, and at
+//! once for a token naming a key it lacks, follows every rotation with no one's help.
+//!
+//! - **Fetches.** At start (the node serves no client before it has keys), then every
+//!   `--jwt-jwks-refresh`, and for a token whose `kid` the set lacks, at most once per
+//!   [`UNKNOWN_KEY_REFETCH_GAP`] (a client cannot make the node fetch for every made-up `kid`).
+//!   Fetches never overlap: tokens that come during one wait for it. A fetch that fails keeps
+//!   the keys in place.
+//! - **The last set fetched is kept** in the data directory ([`CACHE_FILE`]): a node that
+//!   restarts while the provider is unreachable starts on it (and says so), rather than not at
+//!   all. A node that never fetched one cannot start until it does.
+//! - **Only over TLS**, but to a loopback address: keys fetched in the clear could be swapped
+//!   by anyone on the path, and with them every identity.
+
+use anyhow::Context as _;
+use courier_core::auth::TokenVerifier;
+use courier_core::loops::BackgroundLoops;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+
+/// The last key set fetched, in the data directory.
+pub const CACHE_FILE: &str = "jwks.json";
+/// Least time between two fetches for tokens naming an unknown key.
+pub const UNKNOWN_KEY_REFETCH_GAP: Duration = Duration::from_secs(30);
+/// Largest key set read (providers publish a few kilobytes).
+const MAX_DOCUMENT_BYTES: usize = 1 << 20;
+/// How long one fetch may take.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Fetches at start before the node gives up (without a kept set), and the wait after the
+/// first failure (doubled each time).
+const START_ATTEMPTS: u32 = 3;
+const START_FIRST_WAIT: Duration = Duration::from_secs(1);
+
+/// Where a [`TokenVerifier::key_set`] verifier gets its keys.
+pub struct KeySetSource {
+    url: reqwest::Url,
+    http: reqwest::Client,
+    verifier: TokenVerifier,
+    cache: PathBuf,
+    /// Held through each fetch, so that they never overlap; it holds when the last fetch for
+    /// an unknown key began.
+    fetching: Mutex<Option<Instant>>,
+}
+
+impl KeySetSource {
+    /// A source for `verifier` at `url` (https, or http to a loopback address), keeping the
+    /// last set in `data_dir`.
+    pub fn new(url: &str, verifier: TokenVerifier, data_dir: &Path) -> anyhow::Result<Self> {
+        let url = reqwest::Url::parse(url)
+            .with_context(|| format!("--jwt-jwks-url {url:?} is not a URL"))?;
+        let loopback = match url.host_str() {
+            Some("localhost") => true,
+            Some(host) => host
+                .trim_matches(['[', ']'])
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback()),
+            None => false,
+        };
+        anyhow::ensure!(
+            url.scheme() == "https" || (url.scheme() == "http" && loopback),
+            "--jwt-jwks-url {url} must be https:// (keys fetched in the clear could be swapped \
+             on the way, and with them every identity); http:// only to a loopback address"
+        );
+        let http = reqwest::Client::builder()
+            .timeout(FETCH_TIMEOUT)
+            .user_agent(concat!("courier/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(Self {
+            url,
+            http,
+            verifier,
+            cache: data_dir.join(CACHE_FILE),
+            fetching: Mutex::new(None),
+        })
+    }
+
+    /// The first keys, before the node serves: fetched (a few attempts, a second or more
+    /// apart), or else the set kept from an earlier run.
+    pub async fn load(&self) -> anyhow::Result<()> {
+        let mut wait = START_FIRST_WAIT;
+        let mut attempt = 1;
+        let failed = loop {
+            let fetched = {
+                let _fetching = self.fetching.lock().await;
+                self.fetch().await
+            };
+            match fetched {
+                Ok(()) => return Ok(()),
+                Err(e) if attempt == START_ATTEMPTS => break e,
+                Err(e) => {
+                    tracing::warn!(url = %self.url, error = %format!("{e:#}"), "could not fetch the identity provider's keys; trying again in {wait:?}");
+                }
+            }
+            tokio::time::sleep(wait).await;
+            wait *= 2;
+            attempt += 1;
+        };
+        let kept = std::fs::read(&self.cache).map_err(|e| {
+            anyhow::anyhow!(
+                "could not fetch the identity provider's keys from {} ({failed:#}), and no set \
+                 was kept from an earlier run ({}: {e})",
+                self.url,
+                self.cache.display()
+            )
+        })?;
+        self.verifier
+            .set_keys(&kept)
+            .with_context(|| format!("the kept key set {}", self.cache.display()))?;
+        tracing::warn!(url = %self.url, error = %format!("{failed:#}"), kept = %self.cache.display(), "could not fetch the identity provider's keys: starting on the set kept from an earlier run");
+        Ok(())
+    }
+
+    /// Fetches the set again after a token named key `kid`, which it lacks, unless the last
+    /// fetch for an unknown key began less than [`UNKNOWN_KEY_REFETCH_GAP`] ago. A fetch under
+    /// way is waited for (the caller then verifies its token again either way).
+    pub async fn refetch_for_unknown_key(&self, kid: &str) {
+        let mut last = self.fetching.lock().await;
+        if last.is_some_and(|at| at.elapsed() < UNKNOWN_KEY_REFETCH_GAP) {
+            return;
+        }
+        *last = Some(Instant::now());
+        tracing::info!(
+            kid,
+            "a token names a key the identity provider's set lacks: fetching the set again"
+        );
+        self.refresh().await;
+    }
+
+    /// Fetches the set every `interval` (the first time one interval from now).
+    pub fn start_refreshing(self: &Arc<Self>, interval: Duration, loops: &BackgroundLoops) {
+        let source = self.clone();
+        loops.spawn("refresh the identity provider's keys", move |cancel| {
+            let source = source.clone();
+            async move {
+                let mut ticks = tokio::time::interval_at(Instant::now() + interval, interval);
+                ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let run = async {
+                    loop {
+                        ticks.tick().await;
+                        let _fetching = source.fetching.lock().await;
+                        source.refresh().await;
+                    }
+                };
+                cancel.run_until_cancelled(run).await;
+            }
+        });
+    }
+
+    /// [`KeySetSource::fetch`], a failure logged: the keys in place stay.
+    async fn refresh(&self) {
+        if let Err(e) = self.fetch().await {
+            tracing::warn!(url = %self.url, error = %format!("{e:#}"), "could not fetch the identity provider's keys: the keys in place stay");
+        }
+    }
+
+    /// One fetch (its caller holds `fetching`): the set replaces the verifier's keys and is
+    /// kept in the data directory.
+    async fn fetch(&self) -> anyhow::Result<()> {
+        let document = self.download().await?;
+        let (taken, passed_over) = self.verifier.set_keys(&document)?;
+        for why in &passed_over {
+            tracing::debug!(url = %self.url, "a key of the identity provider's set passed over: {why}");
+        }
+        tracing::info!(url = %self.url, keys = taken, passed_over = passed_over.len(), "fetched the identity provider's keys");
+        if let Err(e) = keep(&self.cache, &document) {
+            tracing::warn!(file = %self.cache.display(), error = %e, "could not keep the identity provider's keys for the next start");
+        }
+        Ok(())
+    }
+
+    async fn download(&self) -> anyhow::Result<Vec<u8>> {
+        let mut response = self
+            .http
+            .get(self.url.clone())
+            .send()
+            .await?
+            .error_for_status()?;
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await? {
+            anyhow::ensure!(
+                body.len() + chunk.len() <= MAX_DOCUMENT_BYTES,
+                "the key set is larger than {MAX_DOCUMENT_BYTES} bytes"
+            );
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body)
+    }
+}
+
+/// Writes `document` to `path` whole: to a file beside it, then renamed over it.
+fn keep(path: &Path, document: &[u8]) -> std::io::Result<()> {
+    let staged = path.with_extension(format!("{}.new", hex::encode(rand::random::<[u8; 8]>())));
+    std::fs::write(&staged, document)?;
+    std::fs::rename(&staged, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&staged);
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Keys fetched in the clear could be swapped on the way: only https, or http to this
+    /// machine; anything but a URL is refused, naming the flag.
+    #[test]
+    fn a_key_set_url_is_https_or_loopback() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = |url: &str| KeySetSource::new(url, TokenVerifier::key_set(), dir.path());
+        for taken in [
+            "https://id.example.com/.well-known/jwks.json",
+            "http://127.0.0.1:8081/jwks",
+            "http://[::1]:8081/jwks",
+            "http://localhost/jwks",
+        ] {
+            source(taken).unwrap();
+        }
+        for refused in [
+            "http://id.example.com/jwks",
+            "http://10.0.0.1/jwks",
+            "ftp://127.0.0.1/jwks",
+            "id.example.com/jwks",
+        ] {
+            let Err(e) = source(refused) else {
+                panic!("{refused} taken");
+            };
+            assert!(e.to_string().contains("--jwt-jwks-url"), "{refused}: {e}");
+        }
+    }
+}
