@@ -578,6 +578,8 @@ async fn an_identity_providers_key_set_is_fetched_refreshed_and_kept() {
         assert_eq!(conversations_status(&server, &next).await, 401);
     }
     assert_eq!(provider.fetches(), at_start + 1);
+    let fetched = r#"courier_token_key_set_fetches_total{outcome="fetched"}"#;
+    assert_eq!(server.metric(fetched).await, 2);
 
     // The provider adds its next key: the node takes it at its next refresh.
     provider.publish(&[OLD, NEXT]);
@@ -601,6 +603,8 @@ async fn an_identity_providers_key_set_is_fetched_refreshed_and_kept() {
     for token in [&old, &next] {
         assert_eq!(conversations_status(&restarted, token).await, 200);
     }
+    let failed = r#"courier_token_key_set_fetches_total{outcome="failed"}"#;
+    assert_eq!(restarted.metric(failed).await, 3, "three attempts at start");
 }
 
 /// The status of `GET /v1/conversations` with `token`.

@@ -105,6 +105,9 @@ pub struct Metrics {
     /// Push notifications by outcome (`sent`, `retried`, `invalid_token`, `failed`, `dropped`,
     /// `delivered`: the device had the messages before the notification was due).
     pub push_notifications: Family<OutcomeLabel, Counter>,
+    /// Fetches of the identity provider's key set (`--jwt-jwks-url`) by outcome (`fetched`,
+    /// `failed`: the keys in place stay).
+    pub token_key_set_fetches: Family<OutcomeLabel, Counter>,
     /// Pages of a shard's outbox read from the store, by reader (`fanout`, `push`); in one
     /// process both take what its commits list instead, once a read reached the outbox's end.
     pub outbox_pages_read: Family<ReaderLabel, Counter>,
@@ -196,6 +199,7 @@ impl Metrics {
             media_uploaded_bytes: Counter::default(),
             media_swept: Counter::default(),
             push_notifications: Family::default(),
+            token_key_set_fetches: Family::default(),
             outbox_pages_read: Family::default(),
             outbox_undecodable_entries: Family::default(),
             resident_memory: Gauge::default(),
@@ -344,6 +348,11 @@ impl Metrics {
             "push_notifications",
             "Push notification attempts by outcome",
             metrics.push_notifications.clone(),
+        );
+        registry.register(
+            "token_key_set_fetches",
+            "Fetches of the identity provider's key set by outcome",
+            metrics.token_key_set_fetches.clone(),
         );
         registry.register(
             "outbox_pages_read",

@@ -17,6 +17,7 @@
 use anyhow::Context as _;
 use courier_core::auth::TokenVerifier;
 use courier_core::loops::BackgroundLoops;
+use courier_core::metrics::{Metrics, OutcomeLabel};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,6 +43,7 @@ pub struct KeySetSource {
     http: reqwest::Client,
     verifier: TokenVerifier,
     cache: PathBuf,
+    metrics: Arc<Metrics>,
     /// Held through each fetch, so that they never overlap; it holds when the last fetch for
     /// an unknown key began.
     fetching: Mutex<Option<Instant>>,
@@ -49,8 +51,13 @@ pub struct KeySetSource {
 
 impl KeySetSource {
     /// A source for `verifier` at `url` (https, or http to a loopback address), keeping the
-    /// last set in `data_dir`.
-    pub fn new(url: &str, verifier: TokenVerifier, data_dir: &Path) -> anyhow::Result<Self> {
+    /// last set in `data_dir`, its fetches counted in `metrics`.
+    pub fn new(
+        url: &str,
+        verifier: TokenVerifier,
+        data_dir: &Path,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Self> {
         let url = reqwest::Url::parse(url)
             .with_context(|| format!("--jwt-jwks-url {url:?} is not a URL"))?;
         let loopback = match url.host_str() {
@@ -75,6 +82,7 @@ impl KeySetSource {
             http,
             verifier,
             cache: data_dir.join(CACHE_FILE),
+            metrics,
             fetching: Mutex::new(None),
         })
     }
@@ -161,6 +169,16 @@ impl KeySetSource {
     /// One fetch (its caller holds `fetching`): the set replaces the verifier's keys and is
     /// kept in the data directory.
     async fn fetch(&self) -> anyhow::Result<()> {
+        let fetched = self.fetch_document().await;
+        let outcome = if fetched.is_ok() { "fetched" } else { "failed" };
+        self.metrics
+            .token_key_set_fetches
+            .get_or_create(&OutcomeLabel { outcome })
+            .inc();
+        fetched
+    }
+
+    async fn fetch_document(&self) -> anyhow::Result<()> {
         let document = self.download().await?;
         let (taken, passed_over) = self.verifier.set_keys(&document)?;
         for why in &passed_over {
@@ -210,7 +228,10 @@ mod tests {
     #[test]
     fn a_key_set_url_is_https_or_loopback() {
         let dir = tempfile::tempdir().unwrap();
-        let source = |url: &str| KeySetSource::new(url, TokenVerifier::key_set(), dir.path());
+        let metrics = Arc::new(Metrics::new());
+        let source = |url: &str| {
+            KeySetSource::new(url, TokenVerifier::key_set(), dir.path(), metrics.clone())
+        };
         for taken in [
             "https://id.example.com/.well-known/jwks.json",
             "http://127.0.0.1:8081/jwks",

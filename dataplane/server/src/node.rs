@@ -770,7 +770,8 @@ async fn run_media(
             node: config.node_id.clone(),
         },
     );
-    let auth = serve::client_auth(config, serve::verifier(config)?, store, loops).await?;
+    let verifier = serve::verifier(config)?;
+    let auth = serve::client_auth(config, verifier, store, &node.metrics, loops).await?;
     let routes = media_api::router(Arc::new(MediaApi { media, auth }));
     let admin = AdminService::new(store.clone(), config.node_id.clone(), token).into_server();
     node.serve_until_stopped(

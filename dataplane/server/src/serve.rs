@@ -165,11 +165,14 @@ pub async fn client_auth(
     config: &ServeConfig,
     verifier: TokenVerifier,
     store: &MessageStore,
+    metrics: &Arc<Metrics>,
     loops: &BackgroundLoops,
 ) -> anyhow::Result<Arc<ClientAuth>> {
     let key_set = match &config.jwt_jwks_url {
         Some(url) => {
-            let source = Arc::new(KeySetSource::new(url, verifier.clone(), &config.data_dir)?);
+            let source =
+                KeySetSource::new(url, verifier.clone(), &config.data_dir, metrics.clone());
+            let source = Arc::new(source?);
             source.load().await?;
             source.start_refreshing(config.jwt_jwks_refresh, loops);
             Some(source)
@@ -676,7 +679,7 @@ pub async fn run_client_roles(
         None => None,
     };
     let (stop, stopping) = watch::channel(false);
-    let auth = client_auth(&config, verifier, &store, &loops).await?;
+    let auth = client_auth(&config, verifier, &store, &metrics, &loops).await?;
     let media_routes = match runs_media {
         true => {
             let media = MediaService::open(
