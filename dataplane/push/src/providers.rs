@@ -221,23 +221,41 @@ impl PushProviders {
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest wait for a connection to a provider.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Message text in a notification is cut to this many bytes (APNs and FCM payloads are limited
-/// to 4 KiB, and a lock screen shows a few lines).
+/// Message text in a notification is cut to this many bytes of its JSON encoding (APNs and FCM
+/// payloads are limited to 4 KiB, and a lock screen shows a few lines).
 pub const MAX_TEXT_BYTES: usize = 1000;
 /// At most this much of a provider's answer is read (they are small JSON documents).
 const MAX_ANSWER_BYTES: usize = 64 * 1024;
 
-/// `text` cut to at most [`MAX_TEXT_BYTES`] on a character boundary, with an ellipsis when cut.
+/// `text` cut on a character boundary, with an ellipsis when cut, so that it takes at most
+/// [`MAX_TEXT_BYTES`] in a JSON payload. Its escapes count: a control character takes six
+/// bytes there (`\u0001`), a quote or a backslash two, so 1,000 bytes of text can take ~6 KiB,
+/// past the providers' limit (APNs answers 413 `PayloadTooLarge`, and the notification is given
+/// up).
 fn preview(text: &str) -> String {
-    if text.len() <= MAX_TEXT_BYTES {
-        return text.to_owned();
-    }
     let ellipsis = '…';
-    let mut end = MAX_TEXT_BYTES - ellipsis.len_utf8();
-    while !text.is_char_boundary(end) {
-        end -= 1;
+    let room = MAX_TEXT_BYTES - ellipsis.len_utf8();
+    // Where a cut leaves at most `room` bytes, and the bytes of the text so far.
+    let (mut cut, mut taken) = (0, 0);
+    for (at, c) in text.char_indices() {
+        taken += escaped_len(c);
+        if taken > MAX_TEXT_BYTES {
+            return format!("{}{ellipsis}", &text[..cut]);
+        }
+        if taken <= room {
+            cut = at + c.len_utf8();
+        }
     }
-    format!("{}{ellipsis}", &text[..end])
+    text.to_owned()
+}
+
+/// The bytes `c` takes in a JSON string as `serde_json` writes it.
+fn escaped_len(c: char) -> usize {
+    match c {
+        '"' | '\\' | '\n' | '\r' | '\t' | '\u{8}' | '\u{c}' => 2,
+        '\0'..='\u{1f}' => 6,
+        c => c.len_utf8(),
+    }
 }
 
 /// An HTTP client for a provider: bounded waits; `http2_only` for APNs.

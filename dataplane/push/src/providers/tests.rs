@@ -856,3 +856,41 @@ fn text_is_shortened_on_a_character_boundary() {
         assert!(text.starts_with(short.trim_end_matches('…')));
     }
 }
+
+/// The text is cut by what it takes in the JSON payload, escapes included: a control
+/// character takes six bytes there, a quote or a backslash two. A message of 1,000 control
+/// characters made an APNs payload of ~6 KiB, which APNs refuses (413 `PayloadTooLarge`) and
+/// the notifier gives up: a sender could keep a conversation's notifications from every device.
+#[test]
+fn text_is_shortened_by_its_escaped_length_so_that_payloads_stay_under_4_kib() {
+    const PAYLOAD_LIMIT: usize = 4096;
+    let longest = Notification {
+        conversation_id: "c".repeat(128),
+        sender: "s".repeat(64),
+        seq: u64::MAX,
+        count: u32::MAX,
+        ..notification()
+    };
+    for text in [
+        "\u{1}".repeat(5000),
+        "\"".repeat(5000),
+        "\\".repeat(5000),
+        "\n".repeat(5000),
+        "a\u{1f}é\"".repeat(5000),
+    ] {
+        let escaped = serde_json::to_string(&preview(&text)).unwrap();
+        assert!(
+            escaped.len() <= MAX_TEXT_BYTES + 2,
+            "{} bytes escaped",
+            escaped.len()
+        );
+        let n = Notification {
+            text: Some(text),
+            ..longest.clone()
+        };
+        let apns = serde_json::to_vec(&Apns::payload(&n)).unwrap();
+        assert!(apns.len() <= PAYLOAD_LIMIT, "APNs: {} bytes", apns.len());
+        let fcm = serde_json::to_vec(&Fcm::message(&"t".repeat(200), &n)).unwrap();
+        assert!(fcm.len() <= PAYLOAD_LIMIT, "FCM: {} bytes", fcm.len());
+    }
+}
