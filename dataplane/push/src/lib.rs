@@ -1330,6 +1330,30 @@ mod tests {
         );
     }
 
+    /// A phone unlinked while a notification waits for it (a lost phone) is not notified, of
+    /// what was pending nor of what came after; its user's other devices still are.
+    #[tokio::test]
+    async fn a_phone_unlinked_while_its_notification_waits_is_not_notified() {
+        let engine = FaultyEngine::new();
+        let store = engine.store(4).await;
+        let members = ["cat", "ann", "bob"].map(String::from);
+        group_with_a_message_and_push(&store, "g:1", &members, &members[1..]).await;
+        let (providers, seen) = webhook().await;
+        let notifier = notifier(&store, providers, Duration::ZERO);
+        expand_the_group(&notifier, &store).await;
+        assert!(store.unlink_device("bob", "phone", now_ms()).await.unwrap());
+        second_message(&store, "g:1", "cat").await;
+        expand_the_group(&notifier, &store).await;
+        notifier.send_due().await.unwrap();
+        notifier.send_due().await.unwrap();
+        let tokens: Vec<String> = seen.lock().unwrap().iter().map(|s| s.0.clone()).collect();
+        assert_eq!(tokens, ["ann"], "only ann's phone");
+        assert_eq!(
+            store.pending_push("bob", "phone", "g:1").await.unwrap(),
+            None
+        );
+    }
+
     /// A group of `members` with a push-registered, offline phone each, and one message from
     /// the first member.
     async fn group_with_a_message(store: &MessageStore, conv: &str, members: &[String]) {
