@@ -430,7 +430,10 @@ impl Chat {
     }
 
     /// Events of `conv` after `after_seq` (at most `limit`), the conversation's head, and the
-    /// retention floor when events the client asked for were cleared.
+    /// retention floor when events the client asked for were cleared. Retention may clear
+    /// some between the read of the floor and that of the events: a range that does not start
+    /// where it was asked to (its seqs are dense but for trims) has the floor read again, so
+    /// that the page tells of the gap (`trimmed`) instead of starting silently above it.
     pub async fn fetch(
         &self,
         who: &Identity,
@@ -460,13 +463,20 @@ impl Chat {
         // A former member sees the conversation as it was at its removal.
         let head_seq = head.min(visible.last());
         let mut events = Vec::new();
+        let mut gap = false;
         for (after, through) in visible.ranges(after_seq, head_seq) {
             let wanted = (limit - events.len()).min((through - after) as usize);
-            events.extend(self.store.events(conv, after, through, wanted).await?);
+            let read = self.store.events(conv, after, through, wanted).await?;
+            gap |= wanted > 0 && read.first().map(|e| e.seq) != Some(after + 1);
+            events.extend(read);
             if events.len() == limit {
                 break;
             }
         }
+        let readable = match gap {
+            true => self.readable_with(readable.record, self.store.floor(conv).await?),
+            false => readable,
+        };
         Ok(Page {
             events,
             head_seq,
@@ -1307,6 +1317,64 @@ mod tests {
             "bob, removed at 3, was served {seqs:?} (head_seq {})",
             page.head_seq
         );
+    }
+
+    /// Retention trims events a `fetch` asks for while the fetch is between its reads (the
+    /// floor read, then the events): the page says so (`trimmed`, the new floor), rather than
+    /// starting silently above the seq asked for, which a client took for dense history.
+    #[tokio::test]
+    async fn a_fetch_of_events_trimmed_between_its_reads_says_they_were_trimmed() {
+        let engine = courier_store::faulty_engine::FaultyEngine::new();
+        let store = engine.store(4).await;
+        let conv = "g:old".to_owned();
+        let leases = every_shard_of_four(&store).await;
+        let lease = leases[store.shard_of(&conv) as usize];
+        let alice = Sender {
+            user: "alice".into(),
+            device: "p".into(),
+        };
+        let created = Append {
+            conversation_id: conv.clone(),
+            sender: alice.clone(),
+            key: AppendKey::Server("c".into()),
+            payload: EventPayload::GroupCreated {
+                name: "g".into(),
+                members: vec!["alice".into(), "bob".into()],
+            },
+            create: None,
+        };
+        let mut appends = vec![created];
+        for id in ["m2", "m3", "m4", "m5"] {
+            let body = Body::Text(id.into());
+            appends.push(Append::message(
+                conv.clone(),
+                alice.clone(),
+                id.into(),
+                body,
+                None,
+            ));
+        }
+        let mut heads = HeadCache::default();
+        for append in appends {
+            let done = store.append(lease, &mut heads, &[append]).await.unwrap();
+            assert!(done[0].is_ok(), "{done:?}");
+        }
+        // After fetch's first read (membership, floor and head), retention clears 1 to 3.
+        let racing = store.clone();
+        let trim = conv.clone();
+        engine.after_next_read(Box::pin(async move {
+            assert_eq!(racing.trim(lease, &trim, 4, &[]).await.unwrap(), 3);
+        }));
+        let chat = chat_on(store, Arc::default(), ChatLimits::default());
+        let bob = Identity {
+            user: "bob".into(),
+            device: "phone".into(),
+            issued_at_ms: 0,
+        };
+        let page = chat.fetch(&bob, &conv, 0, None).await.unwrap();
+        let seqs: Vec<u64> = page.events.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, [4, 5]);
+        assert_eq!(page.trimmed, Some(4), "the gap below 4 is told");
     }
 
     /// Alice's chat over `engine`, and an image she uploaded `uploaded_ms` ago (unshared).
