@@ -1293,6 +1293,12 @@ impl Connection {
     /// (the device's cursor, moved by its acks, never passes an event it did not get). The
     /// connection stays open and a catch-up goes on with the other conversations: failing it
     /// whole locked the user out of every conversation at every reconnect.
+    ///
+    /// Retention may clear events of `range` after its floor was read (the plan's, a while ago
+    /// in a long catch-up): a step that does not start where it was asked to (a
+    /// conversation's seqs are dense but for trims) has the floor read again, and `trimmed`
+    /// written with it before the events, once per range, as a connection made a moment later
+    /// would have been told.
     async fn stream_events(&mut self, range: &CatchUp, own: bool) -> Result<(), Exit> {
         let store = self.gateway.store.clone();
         let conv = &range.conversation_id;
@@ -1303,6 +1309,7 @@ impl Connection {
             }))
             .await?;
         }
+        let mut told_trimmed = false;
         for (mut after, through) in range.visible.ranges(range.from, range.head) {
             while after < through {
                 let limit = CATCH_UP_PAGE.min((through - after) as usize);
@@ -1320,6 +1327,25 @@ impl Connection {
                         return Err(Exit::Close(close_code::ERROR, "storage error; reconnect"));
                     }
                 };
+                let first = events.first().map(|e| e.seq);
+                let first = first.or(undecodable.as_ref().map(|u| u.seq));
+                if !told_trimmed && first != Some(after + 1) {
+                    told_trimmed = true;
+                    let floor_seq = match store.floor(conv).await {
+                        Ok(floor) => floor,
+                        Err(e) => {
+                            self.write_error(None, None, e.into()).await?;
+                            return Err(Exit::Close(close_code::ERROR, "storage error; reconnect"));
+                        }
+                    };
+                    if floor_seq > after + 1 {
+                        self.write(ServerFrame::Trimmed(Trimmed {
+                            conversation_id: conv.clone(),
+                            floor_seq,
+                        }))
+                        .await?;
+                    }
+                }
                 let last = events.last().map(|e| e.seq);
                 // The connection reads nothing from its client until the range is written,
                 // however long that takes at the client's pace: its silence is this step's,

@@ -987,3 +987,62 @@ async fn a_connection_kept_from_reading_by_its_own_sends_is_not_closed_as_silent
     alice.ping().await.expect("the connection stays open");
     assert_eq!(gateway.metrics.silent_closes.get(), 0);
 }
+
+/// Retention clears events of a conversation after a connection's catch-up read its floor and
+/// before it read those events (a device away past `--device-inactive-after` coming back as a
+/// pass trims): the connection says `trimmed` with the new floor before the events, as it would
+/// have had it connected a moment later, rather than writing them from above a silent gap.
+#[tokio::test]
+async fn a_catch_up_whose_events_are_trimmed_after_its_plan_says_trimmed_first() {
+    let engine = FaultyEngine::new();
+    let store = engine.store(4).await;
+    let conv = "d:alice:bob";
+    messages_to_bob(&store, conv, 0..5).await;
+    let lease = store
+        .acquire_shards(
+            Duty::Sequencing,
+            "test",
+            &[store.shard_of(conv)],
+            usize::MAX,
+            0,
+            u64::MAX,
+        )
+        .await
+        .unwrap()[0];
+    // Right after the catch-up plan's read of bob's membership, floor and head: a trim of 1-3.
+    let plan_read = store.keys().member(conv, "bob");
+    let hooked = Arc::downgrade(&engine);
+    let (trimming, trimmed) = (store.clone(), Arc::new(Notify::new()));
+    let done = trimmed.clone();
+    let armed = std::sync::atomic::AtomicBool::new(true);
+    engine.set_read_fault(Some(Box::new(move |key: &[u8]| {
+        let ours = key == plan_read.as_slice();
+        if ours && armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            let (store, done) = (trimming.clone(), done.clone());
+            let engine = hooked.upgrade().unwrap();
+            engine.after_next_read(Box::pin(async move {
+                assert_eq!(store.trim(lease, conv, 4, &[]).await.unwrap(), 3);
+                done.notify_one();
+            }));
+        }
+        None
+    })));
+    let gateway = gateway(store.clone(), Arc::new(HeldSequencer::default()));
+    let url = serve(gateway).await;
+    let mut bob = Client::connect(&url, "bob:phone", Encoding::Json)
+        .await
+        .unwrap();
+    let mut frames = Vec::new();
+    loop {
+        match bob.next_frame_within(WAIT).await.unwrap() {
+            ServerFrame::Trimmed(t) => frames.push(format!("trimmed {}", t.floor_seq)),
+            ServerFrame::Event(event) => frames.push(format!("event {}", event.seq)),
+            ServerFrame::SyncDone(_) => break,
+            other => panic!("expected trimmed, events and sync_done, got {other:?}"),
+        }
+    }
+    tokio::time::timeout(WAIT, trimmed.notified())
+        .await
+        .expect("the trim ran");
+    assert_eq!(frames, ["trimmed 4", "event 4", "event 5"]);
+}
