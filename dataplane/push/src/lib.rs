@@ -44,7 +44,9 @@
 //!   no notifier runs, the outbox grows behind fanout; sends go on. An entry or row that does
 //!   not decode is passed over (logged at error, counted in
 //!   `courier_outbox_undecodable_entries_total{reader="push"}`) and cleared with the others:
-//!   its messages are not pushed, where failing the pass held the shard for good.
+//!   its messages are not pushed, where failing the pass held the shard for good. Likewise a
+//!   pending notification whose stored data does not decode is given up and cleared
+//!   (`Notifier::unreadable`), where failing the send pass held back every one after it.
 //! - The notifier is one loop owned by the node's [`BackgroundLoops`]. It stops between passes
 //!   (a pass in progress finishes, unless the shutdown deadline aborts it). If it panics it is
 //!   restarted, with every shard marked for expansion again: its state is durable (its bounds
@@ -881,12 +883,14 @@ impl Notifier {
         let due = pages
             .map_ok(|page| {
                 let now = now_ms();
-                let due = page.into_iter().filter(move |(_, pending)| {
-                    if pending.due_ms > now {
+                // One that does not decode is due: to be cleared.
+                let due = page.into_iter().filter(move |(_, pending)| match pending {
+                    Ok(pending) if pending.due_ms > now => {
                         self.next_due_ms
                             .fetch_min(pending.due_ms, Ordering::Relaxed);
+                        false
                     }
-                    pending.due_ms <= now
+                    _ => true,
                 });
                 futures::stream::iter(due.map(Ok))
             })
@@ -896,7 +900,10 @@ impl Notifier {
             due.take_while(|_| std::future::ready(!failed.load(Ordering::Relaxed)))
                 .map(|due| async move {
                     let (key, pending) = due?;
-                    self.send(&key, pending).await
+                    match pending {
+                        Ok(pending) => self.send_readable(&key, pending).await,
+                        Err(error) => self.unreadable(&key, None, &error).await,
+                    }
                 })
                 .buffer_unordered(SENDS_IN_FLIGHT)
         );
@@ -908,6 +915,40 @@ impl Notifier {
             }
         }
         outcome
+    }
+
+    /// Sends `pending` ([`Notifier::send`]), unless what it needs of the store does not decode
+    /// (its device record, its message...): then it is given up ([`Notifier::unreadable`]),
+    /// as the store would refuse it the same way at every pass.
+    async fn send_readable(&self, key: &[u8], pending: PendingPush) -> Result<(), StoreError> {
+        match self.send(key, pending.clone()).await {
+            Err(error @ StoreError::Corrupt { .. }) => {
+                self.unreadable(key, Some(&pending), &error).await
+            }
+            other => other,
+        }
+    }
+
+    /// Gives up the notification at `key` (`pending`, or none when it does not decode itself)
+    /// for stored data that does not decode: logged at error, counted `failed` and cleared.
+    /// Left, it failed every send pass, which stopped there, so that no notification after it
+    /// in key order was sent again.
+    async fn unreadable(
+        &self,
+        key: &[u8],
+        pending: Option<&PendingPush>,
+        error: &StoreError,
+    ) -> Result<(), StoreError> {
+        tracing::error!(
+            key = %key.escape_ascii(),
+            %error,
+            "a push notification whose stored data does not decode is given up"
+        );
+        self.count("failed");
+        match pending {
+            Some(pending) => self.settle(key, pending, None).await,
+            None => self.store.clear_undecodable_pending_push(key).await,
+        }
     }
 
     async fn send(&self, key: &[u8], pending: PendingPush) -> Result<(), StoreError> {
@@ -1352,6 +1393,45 @@ mod tests {
             store.pending_push("bob", "phone", "g:1").await.unwrap(),
             None
         );
+    }
+
+    /// A pending notification that does not decode, and one whose device record does not
+    /// (damage, or a bug of a version that wrote them), are logged, counted `failed` and
+    /// cleared: the others are sent, and the pass succeeds. Each failed every send pass, which
+    /// stopped there: no notification after them in key order was ever sent again.
+    #[tokio::test]
+    async fn notifications_that_cannot_be_read_are_cleared_and_hold_back_no_other() {
+        let engine = FaultyEngine::new();
+        let store = engine.store(4).await;
+        let members = ["cat", "ann", "bob"].map(String::from);
+        group_with_a_message_and_push(&store, "g:1", &members, &members[1..]).await;
+        // Keyed before ann's and bob's: "aaa" and "aab".
+        let unreadable = store.keys().pending_push("aaa", "phone", "g:1");
+        let unreadable_device = store.keys().pending_push("aab", "phone", "g:1");
+        let due = PendingPush {
+            count: 1,
+            last_seq: 2,
+            sender: "cat".into(),
+            ..PendingPush::default()
+        };
+        let aab = ("aab".to_owned(), "phone".to_owned(), "g:1".to_owned());
+        store.expand_outbox(&[], &[(aab, due)]).await.unwrap();
+        let mut batch = Batch::new();
+        batch
+            .set(unreadable.clone(), vec![0xff; 3])
+            .set(store.keys().device("aab", "phone"), vec![0xff; 3]);
+        engine.commit(batch).await.unwrap();
+        let (providers, seen) = webhook().await;
+        let notifier = notifier(&store, providers, Duration::ZERO);
+        expand_the_group(&notifier, &store).await;
+        notifier.send_due().await.unwrap();
+        let mut tokens: Vec<String> = seen.lock().unwrap().iter().map(|s| s.0.clone()).collect();
+        tokens.sort();
+        assert_eq!(tokens, ["ann", "bob"]);
+        for key in [unreadable, unreadable_device] {
+            assert_eq!(engine.get(&key).await.unwrap(), None, "cleared");
+        }
+        notifier.send_due().await.unwrap();
     }
 
     /// A group of `members` with a push-registered, offline phone each, and one message from

@@ -2271,12 +2271,15 @@ impl MessageStore {
             .collect()
     }
 
-    /// Pending notifications, in key order, a page of `limit` after `after`.
+    /// Pending notifications, in key order, a page of `limit` after `after`. One that does not
+    /// decode is returned as its error, in its place, so that the caller can pass over it
+    /// ([`Self::clear_undecodable_pending_push`]) and read on: failing the page held back every
+    /// notification after it for good.
     pub async fn pending_pushes(
         &self,
         after: Option<&[u8]>,
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, PendingPush)>, StoreError> {
+    ) -> Result<Vec<(Vec<u8>, Result<PendingPush, StoreError>)>, StoreError> {
         let mut range = self.keys.pending_pushes();
         if let Some(after) = after {
             let mut start = after.to_vec();
@@ -2284,12 +2287,30 @@ impl MessageStore {
             range.start = start;
         }
         let rows = self.kv.range(range, limit, false).await?;
-        rows.into_iter()
+        Ok(rows
+            .into_iter()
             .map(|(k, v)| {
-                let pending = PendingPush::decode(v.as_slice()).map_err(|e| corrupt(&k, e))?;
-                Ok((k, pending))
+                let pending = PendingPush::decode(v.as_slice()).map_err(|e| corrupt(&k, e));
+                (k, pending)
             })
-            .collect()
+            .collect())
+    }
+
+    /// Clears the pending notification at `key` if it still does not decode (one written since
+    /// stays), fenced on what was read.
+    pub async fn clear_undecodable_pending_push(&self, key: &[u8]) -> Result<(), StoreError> {
+        let Some(stored) = self.kv.get(key).await? else {
+            return Ok(());
+        };
+        if PendingPush::decode(stored.as_slice()).is_ok() {
+            return Ok(());
+        }
+        let mut batch = Batch::new();
+        batch.fence(key.to_vec(), Some(stored)).clear(key.to_vec());
+        match self.kv.commit(batch).await {
+            Ok(_) | Err(StoreError::FenceChanged { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     pub async fn pending_push(
