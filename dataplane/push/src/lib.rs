@@ -46,7 +46,9 @@
 //!   `courier_outbox_undecodable_entries_total{reader="push"}`) and cleared with the others:
 //!   its messages are not pushed, where failing the pass held the shard for good. Likewise a
 //!   pending notification whose stored data does not decode is given up and cleared
-//!   (`Notifier::unreadable`), where failing the send pass held back every one after it.
+//!   (`Notifier::unreadable`), where failing the send pass held back every one after it; a
+//!   member whose device records do not decode is not notified, where failing the expansion
+//!   held its shard for good.
 //! - The notifier is one loop owned by the node's [`BackgroundLoops`]. It stops between passes
 //!   (a pass in progress finishes, unless the shutdown deadline aborts it). If it panics it is
 //!   restarted, with every shard marked for expansion again: its state is durable (its bounds
@@ -281,7 +283,12 @@ impl<'a> DeviceLookups<'a> {
             .filter(|user| !self.registrations.devices.contains_key(*user))
             .collect();
         for chunk in unread.chunks(LOOKUPS_PER_READ) {
-            let records = notifier.store.devices_of(chunk).await?;
+            let records = match notifier.store.devices_of(chunk).await {
+                Err(StoreError::Corrupt { .. }) => {
+                    Self::readable_devices_of(notifier, chunk).await?
+                }
+                other => other?,
+            };
             for (user, records) in chunk.iter().zip(records) {
                 let devices = records
                     .into_iter()
@@ -310,6 +317,32 @@ impl<'a> DeviceLookups<'a> {
             self.offline.insert(user.to_owned(), offline);
         }
         Ok(())
+    }
+
+    /// The devices of each of `users`, read one user at a time, a user whose device records do
+    /// not decode (damage, or a bug) taken for one without devices, logged at error: failing
+    /// the expansion for it held its shard for good, every message of the shard unpushed and
+    /// its outbox never cleared again. For a read of many users that met such a record.
+    async fn readable_devices_of(
+        notifier: &Notifier,
+        users: &[&str],
+    ) -> Result<Vec<Vec<(String, courier_store::DeviceRecord)>>, StoreError> {
+        let mut all = Vec::with_capacity(users.len());
+        for user in users {
+            match notifier.store.devices(user).await {
+                Ok(records) => all.push(records),
+                Err(error @ StoreError::Corrupt { .. }) => {
+                    tracing::error!(
+                        user,
+                        %error,
+                        "a device record that does not decode: the user is not notified"
+                    );
+                    all.push(Vec::new());
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(all)
     }
 
     /// `user`'s devices that take push and are not connected, as looked up.
@@ -1432,6 +1465,25 @@ mod tests {
             assert_eq!(engine.get(&key).await.unwrap(), None, "cleared");
         }
         notifier.send_due().await.unwrap();
+    }
+
+    /// A member whose device record does not decode is not notified, logged; the other
+    /// members are, and the shard's bound moves on. It failed the expansion of every page
+    /// with a message to that member: the shard was held for good, nothing of it pushed, its
+    /// outbox never cleared again.
+    #[tokio::test]
+    async fn a_member_whose_device_record_does_not_decode_holds_back_no_other() {
+        let engine = FaultyEngine::new();
+        let store = engine.store(4).await;
+        let members = ["cat", "ann", "bob"].map(String::from);
+        group_with_a_message_and_push(&store, "g:1", &members, &members[1..]).await;
+        let mut batch = Batch::new();
+        batch.set(store.keys().device("bob", "tablet"), vec![0xff; 3]);
+        engine.commit(batch).await.unwrap();
+        let notifier = notifier(&store, PushProviders::default(), Duration::from_secs(3600));
+        expand_the_group(&notifier, &store).await;
+        assert_eq!(counts(&store, "g:1", &members).await, [0, 1, 0]);
+        assert!(all_expanded(&store, store.shard_of("g:1")).await);
     }
 
     /// A group of `members` with a push-registered, offline phone each, and one message from
