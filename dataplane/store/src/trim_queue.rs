@@ -25,7 +25,10 @@ pub struct TrimDue {
 
 impl MessageStore {
     /// The entries of the retention queue due at or before `now_ms`, in due order, at most
-    /// `limit`, after the key `after` (from an earlier page).
+    /// `limit`, after the key `after` (from an earlier page). A key of the queue that does not
+    /// decode (damaged, or written by a later version) is logged and cleared, rather than
+    /// failing every pass from then on: the conversation it named, if any, is queued again
+    /// when the queue is next built (within a window).
     pub async fn due_trims(
         &self,
         now_ms: u64,
@@ -37,19 +40,25 @@ impl MessageStore {
             range.start = bound_after(after);
         }
         let rows = self.kv().range(range, limit, false).await?;
-        rows.into_iter()
-            .map(|(key, _)| {
-                let (due_ms, conversation) = self
-                    .keys()
-                    .trim_due_entry(&key)
-                    .ok_or_else(|| corrupt(&key, "retention queue key"))?;
-                Ok(TrimDue {
+        let mut due = Vec::with_capacity(rows.len());
+        let mut undecodable = Batch::new();
+        for (key, _) in rows {
+            match self.keys().trim_due_entry(&key) {
+                Some((due_ms, conversation)) => due.push(TrimDue {
                     key,
                     due_ms,
                     conversation,
-                })
-            })
-            .collect()
+                }),
+                None => {
+                    tracing::error!(error = %corrupt(&key, "retention queue key"), "a retention queue entry does not decode: cleared (its conversation is queued again when the queue is next built)");
+                    undecodable.clear(key);
+                }
+            }
+        }
+        if !undecodable.mutations.is_empty() {
+            self.kv().commit(undecodable).await?;
+        }
+        Ok(due)
     }
 
     /// Moves each entry to its due time, in one commit per partition, deferred: a move lost
@@ -146,6 +155,31 @@ mod tests {
     use courier_proto::{EventPayload, Sender};
 
     const WINDOW: u64 = 60_000;
+
+    /// A damaged key in the retention queue failed every page that read it, so every pass
+    /// from then on trimmed nothing: it is cleared, and the entries beside it are listed.
+    #[tokio::test]
+    async fn a_queue_key_that_does_not_decode_is_cleared_and_holds_back_no_other() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = temp_store(&dir, 4).await;
+        let lease = owner(&store, "d:1").await;
+        let mut heads = HeadCache::default();
+        store
+            .append(lease, &mut heads, &[direct_message("a")])
+            .await
+            .unwrap();
+        let damaged = [store.keys().trims_due(0).start, vec![0xff, 0x01]].concat();
+        let mut batch = Batch::new();
+        batch.set(damaged.clone(), Vec::new());
+        store.kv().commit(batch).await.unwrap();
+
+        let due: Vec<String> = (store.due_trims(u64::MAX, None, 100).await.unwrap())
+            .into_iter()
+            .map(|e| e.conversation)
+            .collect();
+        assert_eq!(due, ["d:1"]);
+        assert_eq!(store.kv().get(&damaged).await.unwrap(), None, "cleared");
+    }
 
     async fn queued(store: &MessageStore) -> Vec<(u64, String)> {
         let due = store.due_trims(u64::MAX, None, 100).await.unwrap();
