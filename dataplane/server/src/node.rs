@@ -180,9 +180,11 @@ impl NodeArgs {
         anyhow::ensure!(
             !self.serves_clients()
                 || config.jwt_secret.is_some()
-                || !config.jwt_public_key.is_empty(),
+                || !config.jwt_public_key.is_empty()
+                || config.jwt_jwks_url.is_some(),
             "the nodes of a cluster must verify the same client tokens: give --jwt-secret \
-             (or --jwt-public-key); a secret generated per data directory would differ per node"
+             (or --jwt-public-key, or --jwt-jwks-url); a secret generated per data directory \
+             would differ per node"
         );
         // The other nodes call this one at the address it registers: `0.0.0.0` would have
         // them call themselves (as `--advertise-http` is refused for a media node's port).
@@ -1020,6 +1022,45 @@ fn leased(record: &NodeRecord, lease_until_ms: u64) -> NodeRecord {
 mod tests {
     use super::*;
     use courier_store::faulty_engine::FaultyEngine;
+
+    /// The client nodes of a cluster must verify the same tokens: a secret generated per data
+    /// directory would differ per node, so one of `--jwt-secret`, `--jwt-public-key` or
+    /// `--jwt-jwks-url` is asked for.
+    #[test]
+    fn a_client_node_of_a_cluster_names_how_it_verifies_tokens() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Node {
+            #[command(flatten)]
+            args: NodeArgs,
+        }
+        let validated = |extra: &[&str]| {
+            let base = [
+                "courier",
+                "--roles",
+                "gateway",
+                "--internal-listen",
+                "127.0.0.1:7000",
+                "--store",
+                "remote",
+                "--store-address",
+                "http://127.0.0.1:7001",
+                "--node-id",
+                "gateway-1",
+            ];
+            let args = base.iter().chain(extra).copied();
+            Node::try_parse_from(args).unwrap().args.validate()
+        };
+        let refused = validated(&[]).unwrap_err().to_string();
+        assert!(refused.contains("--jwt-jwks-url"), "{refused}");
+        let secret = "s".repeat(32);
+        for taken in [
+            ["--jwt-secret", secret.as_str()],
+            ["--jwt-jwks-url", "https://id.example.com/jwks"],
+        ] {
+            validated(&taken).unwrap();
+        }
+    }
 
     /// A renewal whose write lands after the lease it renews ran out (a slow store) let the
     /// other nodes see the node lapsed meanwhile: they skipped its deliveries and swept its
