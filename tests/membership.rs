@@ -706,3 +706,98 @@ async fn a_retry_after_removal_does_not_bring_back_what_the_device_had() {
     let events = events_through(&mut bob, back).await;
     assert_eq!(seqs(&events), [5, 6], "nothing it had again: {events:?}");
 }
+
+/// The seqs of `events` (a whole conversation, in order) that `user` may read by the rule:
+/// from each `member_added` (or `group_created`) naming it through its next `member_removed`.
+fn periods_of(events: &[Event], user: &str) -> Vec<u64> {
+    let mut member = false;
+    let mut visible = Vec::new();
+    for event in events {
+        let names = |users: &[String]| users.iter().any(|u| u == user);
+        let (joins, leaves) = match &event.payload {
+            EventPayload::GroupCreated { members, .. } => (names(members), false),
+            EventPayload::MemberAdded(change) => (names(&change.users), false),
+            EventPayload::MemberRemoved(change) => (false, names(&change.users)),
+            _ => (false, false),
+        };
+        member |= joins;
+        if member {
+            visible.push(event.seq);
+        }
+        member &= !leaves;
+    }
+    visible
+}
+
+/// An admin's add and removal of one user race, again and again, with messages between: in
+/// whatever order the sequencer takes them, what the user gets live, from `fetch` and from a
+/// new device's catch-up is exactly its periods as the group's own events tell them.
+#[tokio::test]
+async fn a_user_added_and_removed_at_once_reads_exactly_its_periods_on_every_path() {
+    let (_dir, server) = start(&[]);
+    let admin = server.http("alice", "phone");
+    let conv = admin.create_group("g", &users(&["bob"])).await.unwrap();
+    let mut alice = connected(&server, "alice", "phone").await;
+    let mut carol = connected(&server, "carol", "phone").await;
+    let carol_only = users(&["carol"]);
+    let removal = format!("/v1/groups/{conv}/members/carol");
+    for i in 0..20 {
+        let (added, removed) = tokio::join!(
+            admin.add_members(&conv, &carol_only),
+            admin.delete(&removal)
+        );
+        added.unwrap();
+        assert!(matches!(removed.unwrap().0, 200 | 404));
+        say(&mut alice, &conv, &format!("m{i}")).await;
+    }
+    let all = alice.fetch(&conv, 0, Some(1000)).await.unwrap();
+    let expected = periods_of(&all.events, "carol");
+    let last = *expected.last().expect("carol was added at least once");
+
+    let live = events_through(&mut carol, last).await;
+    assert_eq!(seqs(&live), expected, "live, with its gap fills");
+    let fetched = carol.fetch(&conv, 0, Some(1000)).await.unwrap();
+    assert_eq!(seqs(&fetched.events), expected, "fetch");
+    let caught_up = server
+        .connect("carol", "tablet")
+        .await
+        .events_until_sync_done()
+        .await
+        .unwrap();
+    assert_eq!(seqs(&caught_up), expected, "a new device's catch-up");
+}
+
+/// A `sync` naming a cursor inside a member's time away, and pages whose `after_seq` lies
+/// there or whose `limit` spans it, skip what was sequenced while it was away.
+#[tokio::test]
+async fn a_cursor_inside_a_time_away_skips_it_on_sync_and_fetch() {
+    let (_dir, server) = start(&[]);
+    let admin = server.http("alice", "phone");
+    let conv = admin.create_group("g", &users(&["dave"])).await.unwrap();
+    let mut alice = connected(&server, "alice", "phone").await;
+    say(&mut alice, &conv, "before").await; // 2
+    admin.remove_member(&conv, "dave").await.unwrap(); // 3
+    say(&mut alice, &conv, "away-1").await; // 4
+    say(&mut alice, &conv, "away-2").await; // 5
+    admin.add_members(&conv, &users(&["dave"])).await.unwrap(); // 6
+    say(&mut alice, &conv, "after").await; // 7
+
+    let mut dave = connected(&server, "dave", "phone").await;
+    for (cursor, expected) in [(4, vec![6, 7]), (1, vec![2, 3, 6, 7])] {
+        let synced = dave
+            .sync([(conv.clone(), cursor)].into_iter().collect())
+            .await
+            .unwrap();
+        assert_eq!(seqs(&synced), expected, "sync from {cursor}");
+    }
+    for (after, limit, expected) in [
+        (0, 2, vec![1, 2]),
+        (2, 2, vec![3, 6]),
+        (4, 1, vec![6]),
+        (5, 1000, vec![6, 7]),
+    ] {
+        let page = dave.fetch(&conv, after, Some(limit)).await.unwrap();
+        assert_eq!(seqs(&page.events), expected, "after {after}, limit {limit}");
+        assert_eq!(page.head_seq, 7);
+    }
+}
