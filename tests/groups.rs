@@ -351,6 +351,41 @@ async fn typing_is_relayed_to_other_members_and_never_stored() {
     }
 }
 
+/// Typing in a group past `--large-group-threshold` is not relayed: each frame would be
+/// offered to every member (a 100,000-member group, 500,000 offers a second per typist at
+/// the per-connection limit), more than the group's messages cost. It is counted as dropped;
+/// messages go on as before.
+#[tokio::test]
+async fn typing_in_a_group_past_the_large_group_threshold_is_not_relayed() {
+    let (_dir, server) = start(&["--large-group-threshold", "2"]);
+    let api = server.http("alice", "phone");
+    let small = api.create_group("small", &users(&["bob"])).await.unwrap();
+    let large = api
+        .create_group("large", &users(&["bob", "carol"]))
+        .await
+        .unwrap();
+    let mut alice = connected(&server, "alice", "phone").await;
+    let mut bob = connected(&server, "bob", "phone").await;
+    alice.typing(&large, true).await.unwrap();
+    alice.typing(&small, true).await.unwrap();
+    // Frames of one connection are handled in order: the first typing bob sees is the small
+    // group's, so the large group's was never relayed.
+    match bob.next_frame_within(WAIT).await.unwrap() {
+        ServerFrame::Typing(t) => assert_eq!(t.conversation_id, small),
+        other => panic!("expected typing, got {other:?}"),
+    }
+    assert_eq!(
+        server.metric("courier_gateway_typing_dropped_total").await,
+        1
+    );
+    alice
+        .send_text(Target::Conversation(large.clone()), "m1", "hi")
+        .await
+        .unwrap();
+    let event = next_event(&mut bob).await;
+    assert_eq!(event.conversation_id, large);
+}
+
 async fn next_receipt(client: &mut Client) -> Receipt {
     loop {
         if let ServerFrame::Receipt(r) = client.next_frame_within(WAIT).await.unwrap() {

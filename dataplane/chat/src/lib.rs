@@ -75,6 +75,10 @@ pub struct ChatLimits {
     pub max_users_per_request: usize,
     /// Events before its join that a new group member may read (0: from its join on).
     pub history_on_join: u64,
+    /// Most members of a group whose typing is relayed (`--large-group-threshold`): in a
+    /// larger one each frame would be offered to every member, and a few typists would cost
+    /// more than the group's messages.
+    pub typing_members_max: usize,
     /// When new sends are answered `unavailable` because the node is past its capacity.
     pub admission: AdmissionLimits,
     pub user_sends: Rate,
@@ -93,6 +97,7 @@ impl Default for ChatLimits {
             max_group_name: 128,
             max_users_per_request: 1000,
             history_on_join: 0,
+            typing_members_max: 1000,
             admission: AdmissionLimits::default(),
             user_sends: Rate {
                 per_second: 100,
@@ -625,7 +630,8 @@ impl Chat {
     }
 
     /// Relays a typing indicator to the other members' connected devices. Never stored;
-    /// dropped first when a connection's queue is filling.
+    /// dropped first when a connection's queue is filling, and in a group of more than
+    /// [`ChatLimits::typing_members_max`] members (counted as dropped).
     pub async fn typing(
         &self,
         who: &Identity,
@@ -635,6 +641,10 @@ impl Chat {
         self.check_member(&typing.conversation_id, &who.user)
             .await?;
         let members = self.membership.current(&typing.conversation_id).await?;
+        if members.len() > self.limits.typing_members_max {
+            self.metrics.typing_dropped.inc();
+            return Ok(());
+        }
         let frame = Arc::new(ServerFrame::Typing(TypingNotice {
             conversation_id: typing.conversation_id.clone(),
             user: who.user.clone(),

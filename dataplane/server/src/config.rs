@@ -225,7 +225,8 @@ pub struct ServeConfig {
     /// connections (`docs/operations.md`, "Ordering threads").
     #[arg(long, env = "COURIER_ORDERING_THREADS", default_value_t = 1)]
     pub ordering_threads: usize,
-    /// Groups with more members take the large-group fanout path.
+    /// Groups with more members take the large-group fanout path, get quiet pushes, and
+    /// relay no typing.
     #[arg(long, env = "COURIER_LARGE_GROUP_THRESHOLD", default_value_t = 1000)]
     pub large_group_threshold: usize,
     /// Groups with more members get coalesced receipts.
@@ -579,6 +580,7 @@ impl ServeConfig {
             max_direct_conversations_per_user: self.max_direct_conversations_per_user,
             max_group_name: self.max_group_name,
             history_on_join: self.history_on_join,
+            typing_members_max: self.large_group_threshold,
             admission: AdmissionLimits {
                 // Past `usize` (a 32-bit target), as many as it holds: a cast would truncate
                 // 2^32 to 0, and refuse every send.
