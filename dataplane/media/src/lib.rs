@@ -6,7 +6,8 @@
 //!   the sha256), so a re-upload of the same bytes by anyone never changes what another id
 //!   serves; the records share the stored bytes.
 //! - Uploads are streamed: hashed and written part by part, never held whole in memory; above
-//!   the size limit the upload is aborted and answered 413; one that sends nothing for
+//!   the size limit the upload is aborted and answered 413 (at once, before it takes a place
+//!   in flight, when its `Content-Length` is already past it); one that sends nothing for
 //!   [`UPLOAD_IDLE_TIMEOUT`] is aborted too (400). Each user may keep a quota of
 //!   upload bytes (413 past it), charged when an upload is recorded and given back when the
 //!   sweeper forgets it. An upload is answered only once its bytes are durable (a local
@@ -37,7 +38,7 @@
 //!   and is restarted if it panics (it keeps no state between sweeps but bytes moved aside and the
 //!   notes of records forgotten whose bytes are not yet deleted, which later sweeps settle).
 
-use axum::body::Body;
+use axum::body::{Body, HttpBody as _};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use clap::Args;
@@ -448,6 +449,13 @@ impl MediaService {
             return Err(ApiError::bad_request(
                 "Content-Type must be one MIME type such as image/jpeg (at most 255 characters)",
             ));
+        }
+        // A stated length (`Content-Length`) past the limit is refused before any place is
+        // taken or byte read: streamed, it wasted the bytes and held a place until the limit.
+        // The stream below is checked still (chunked uploads state no length). Not the quota:
+        // the same upload again costs none of it (same id), which only its hash tells.
+        if body.size_hint().lower() > self.config.media_max_bytes {
+            return Err(too_large(self.config.media_max_bytes));
         }
         self.health.check_upload()?;
         // Both held until the upload ends, whichever way.
@@ -1595,6 +1603,43 @@ mod tests {
             .upload(&user("bob"), "image/png", bobs())
             .await
             .unwrap();
+    }
+
+    /// An upload whose `Content-Length` already passes `--media-max-bytes` is refused 413 at
+    /// once, before it takes a place in flight: it was streamed until the limit was reached,
+    /// its bytes wasted and a place of `--media-uploads-in-flight` held meanwhile (here the
+    /// only place is taken, and it was answered `unavailable`).
+    #[tokio::test]
+    async fn an_upload_whose_length_passes_the_limit_is_refused_at_once() {
+        let (engine, dir) = (FaultyEngine::new(), tempfile::tempdir().unwrap());
+        let local = media_over(&engine, dir.path()).await;
+        let media = Arc::new(MediaService {
+            uploads: tokio::sync::Semaphore::new(0),
+            ..Arc::into_inner(local).unwrap()
+        });
+        let max = media.config.media_max_bytes as usize;
+        // `Body::from` knows its length, as hyper's body knows a `Content-Length`.
+        let refused = media
+            .upload(&user("alice"), "image/png", Body::from(vec![1u8; max + 1]))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code, ErrorCode::TooLarge);
+    }
+
+    /// An upload of no stated length (chunked), or one whose length lied, is still refused 413
+    /// once its bytes pass the limit.
+    #[tokio::test]
+    async fn an_upload_of_no_stated_length_is_refused_once_past_the_limit() {
+        let (engine, dir) = (FaultyEngine::new(), tempfile::tempdir().unwrap());
+        let media = media_over(&engine, dir.path()).await;
+        let max = media.config.media_max_bytes as usize;
+        let chunks =
+            futures::stream::iter([vec![1u8; max], vec![2u8; 1]]).map(Ok::<_, std::io::Error>);
+        let refused = media
+            .upload(&user("alice"), "image/png", Body::from_stream(chunks))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code, ErrorCode::TooLarge);
     }
 
     /// One user's uploads in flight on a node are bounded apart ([`UPLOADS_IN_FLIGHT_PER_USER`]):
