@@ -1,5 +1,6 @@
-//! The HTTP server of the client port (`--listen`): axum's router on hyper, as `axum::serve`
-//! runs it, with bounds on the clients that stop reading or never finish a request.
+//! The HTTP server of the client port (`--listen`) and of `--metrics-listen`: axum's router on
+//! hyper, as `axum::serve` runs it, with bounds on the clients that stop reading or never
+//! finish a request.
 //!
 //! `axum::serve` gives hyper no timer and no way to configure it, and so no timeout at all:
 //! a client that opened a connection and sent its request head a byte at a time, or nothing,

@@ -304,7 +304,8 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
         let (config, store) = (config.clone(), store.clone());
         serve::run_client_roles(config, store, http, metrics_listener, Some(cluster), stop).await
     } else {
-        let metrics_routes = serve::metrics_routes(metrics_listener, &metrics, &loops)?;
+        let limits = crate::http_server::ConnectionLimits::new(config.http_write_timeout);
+        let metrics_routes = serve::metrics_routes(metrics_listener, &metrics, &loops, limits)?;
         let node = InternalNode {
             config,
             store: &store,

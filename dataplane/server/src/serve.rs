@@ -394,14 +394,17 @@ pub fn bind_metrics(config: &ServeConfig) -> anyhow::Result<Option<std::net::Tcp
     Ok(Some(listener.into_std()?))
 }
 
-/// Serves `/metrics` on `listener` (`--metrics-listen`), alone and without authentication, as
-/// a loop of `loops` (so until the node has drained), and returns what the HTTP port
+/// Serves `/metrics` on `listener` (`--metrics-listen`), alone and without authentication,
+/// with the client port's `limits` on each connection ([`http_server::serve`]: a peer that
+/// sends or reads nothing is not held for good), as a loop of `loops` (so until the node has
+/// drained), and returns what the HTTP port
 /// (`--listen`) serves of them: nothing then; without a listener, `/metrics` itself, as
 /// before the flag (`courier serve` on a laptop, `courier bench` reading the client port).
 pub fn metrics_routes(
     listener: Option<std::net::TcpListener>,
     metrics: &Arc<Metrics>,
     loops: &BackgroundLoops,
+    limits: http_server::ConnectionLimits,
 ) -> anyhow::Result<axum::Router> {
     let Some(listener) = listener else {
         return Ok(metrics_router(metrics.clone()));
@@ -412,16 +415,11 @@ pub fn metrics_routes(
     loops.spawn("serve /metrics", move |cancel| {
         let (app, listener) = (app.clone(), listener.try_clone());
         async move {
-            let served = match listener.and_then(tokio::net::TcpListener::from_std) {
+            match listener.and_then(tokio::net::TcpListener::from_std) {
                 Ok(listener) => {
-                    axum::serve(listener, app.into_make_service())
-                        .with_graceful_shutdown(cancel.cancelled_owned())
-                        .await
+                    http_server::serve(listener, app, limits, cancel.cancelled_owned()).await;
                 }
-                Err(e) => Err(e),
-            };
-            if let Err(e) = served {
-                tracing::warn!(error = %e, "serving /metrics failed");
+                Err(e) => tracing::warn!(error = %e, "serving /metrics failed"),
             }
         }
     });
@@ -505,7 +503,8 @@ pub async fn run_client_roles(
     metrics.ordering_threads.set(config.ordering_threads as i64);
     // Every background loop of every role; shut down last (module documentation, "Stopping").
     let loops = BackgroundLoops::new();
-    let metrics_routes = metrics_routes(metrics_listener, &metrics, &loops)?;
+    let limits = http_server::ConnectionLimits::new(config.http_write_timeout);
+    let metrics_routes = metrics_routes(metrics_listener, &metrics, &loops, limits)?;
     let routes = Arc::new(Routes::new(metrics.clone()));
     let gateway_limits = config.gateway_limits();
     // The drain of the connections (SIGTERM, or the admin API): batch by batch over the window.
@@ -1164,5 +1163,29 @@ mod tests {
         // Lapsed when a later read begins: swept.
         sweep_round(&store, "ga").await.unwrap();
         assert!(store.routes("bob").await.unwrap().is_empty());
+    }
+
+    /// `/metrics` on `--metrics-listen` is served with the client port's bounds
+    /// ([`http_server::serve`]): under `axum::serve` a peer that connected and sent nothing (or
+    /// read nothing) held its connection, task and memory for good.
+    #[tokio::test]
+    async fn a_metrics_connection_that_sends_nothing_is_closed() {
+        use tokio::io::AsyncReadExt;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let address = listener.local_addr().unwrap();
+        let loops = BackgroundLoops::new();
+        let limits = http_server::ConnectionLimits {
+            header_read_timeout: std::time::Duration::from_millis(200),
+            write_timeout: std::time::Duration::from_secs(60),
+        };
+        let metrics = Arc::new(Metrics::new());
+        let _routes = metrics_routes(Some(listener), &metrics, &loops, limits).unwrap();
+        let mut socket = tokio::net::TcpStream::connect(address).await.unwrap();
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout(std::time::Duration::from_secs(20), socket.read(&mut buf))
+            .await
+            .expect("the metrics port closed the idle connection");
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
     }
 }
