@@ -30,6 +30,7 @@ pub mod delivery;
 pub mod directory;
 pub mod remote;
 pub mod sequencer;
+pub mod stall;
 pub mod status;
 pub mod store_node;
 
@@ -46,7 +47,7 @@ pub use chat::{ChatNodeService, ClusterChat, RemoteChat};
 pub use delivery::{ClusterGateways, CommitNotifier, FanoutService, GatewayService};
 pub use remote::RemoteEngine;
 pub use sequencer::{RemoteSequencer, SequencerService};
-pub use store_node::{KvStoreService, ServeError, serve_store_node};
+pub use store_node::{KvStoreService, ServeError, serve_store_node, serve_store_node_with};
 
 use courier_store::StoreError;
 use courier_store::kv::BatchLimits;

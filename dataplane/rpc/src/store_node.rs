@@ -38,7 +38,7 @@ use crate::proto::{
     GetManyResponse, GetRequest, GetResponse, HealthRequest, HealthResponse, LimitsRequest,
     LimitsResponse, RangeChunk, RangeRequest, RangesChunk, RangesRequest,
 };
-use crate::{convert, max_message_bytes, status};
+use crate::{convert, max_message_bytes, stall, status};
 use courier_store::{KvEngine, StoreError};
 use futures::stream::BoxStream;
 use prost::Message;
@@ -46,7 +46,6 @@ use std::future::Future;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
 /// Any [`KvEngine`] as the `KvStore` gRPC service.
@@ -215,7 +214,8 @@ pub enum ServeError {
 /// Serves `engine` on `listener` to callers holding `token`, until `shutdown` completes; then
 /// stops accepting connections and returns once the calls in flight are answered.
 ///
-/// The future a `courier store-node` subcommand runs. The engine is usually an
+/// The future a `courier store-node` subcommand runs, each connection under the internal
+/// ports' bounds ([`stall::INTERNAL`]). The engine is usually an
 /// [`EmbeddedEngine`](courier_store::embedded::EmbeddedEngine); callers reach it with
 /// [`RemoteEngine`](crate::RemoteEngine).
 ///
@@ -240,10 +240,21 @@ pub async fn serve_store_node(
     token: ClusterToken,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
+    serve_store_node_with(engine, listener, token, stall::INTERNAL, shutdown).await
+}
+
+/// [`serve_store_node`], each connection under `bounds` (tests shorten them).
+pub async fn serve_store_node_with(
+    engine: Arc<dyn KvEngine>,
+    listener: TcpListener,
+    token: ClusterToken,
+    bounds: stall::ConnectionBounds,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
     if let Ok(address) = listener.local_addr() {
         tracing::info!(%address, "store node serving (a test and development store, not for production)");
     }
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = stall::bounded_incoming(listener, bounds);
     crate::internal_server()
         .add_service(KvStoreService::new(engine).into_server(token))
         .serve_with_incoming_shutdown(incoming, shutdown)

@@ -8,7 +8,9 @@ use async_trait::async_trait;
 use courier_rpc::proto::kv_store_client::KvStoreClient;
 use courier_rpc::proto::{CommitRequest, GetRequest};
 use courier_rpc::status::{self, Call};
-use courier_rpc::{ClusterToken, RemoteEngine, ServeError, serve_store_node};
+use courier_rpc::{
+    ClusterToken, RemoteEngine, ServeError, serve_store_node, serve_store_node_with,
+};
 use courier_store::contract::{self, EngineHarness};
 use courier_store::embedded::EmbeddedEngine;
 use courier_store::kv::{BatchLimits, CommitStamp, KeyValue};
@@ -731,4 +733,40 @@ async fn an_expired_range_is_dropped_by_the_nodes_engine() {
         Err(StoreError::Engine(reason)) if reason.contains("disk")
     ));
     node.stop().await;
+}
+
+/// A peer of the store node that connects and sends nothing, not even the HTTP/2 preface, is
+/// closed once the first-byte bound passes (`courier_rpc::stall`): tonic waits for the preface
+/// with no bound, so each such connection (a port scanner, anyone on the network) was held for
+/// good, its socket and task with it.
+#[tokio::test]
+async fn a_connection_that_sends_nothing_is_closed() {
+    use tokio::io::AsyncReadExt;
+    let dir = tempfile::tempdir().unwrap();
+    let engine: Arc<dyn KvEngine> = Arc::new(EmbeddedEngine::open(dir.path()).unwrap());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let bounds = courier_rpc::stall::ConnectionBounds {
+        first_byte: Duration::from_millis(200),
+        write: Duration::from_secs(60),
+    };
+    let (_stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(serve_store_node_with(
+        engine,
+        listener,
+        token(),
+        bounds,
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let mut socket = tokio::net::TcpStream::connect(address).await.unwrap();
+    // The server's own SETTINGS come first, then the end of the connection.
+    let closed = async {
+        let mut buf = [0u8; 64];
+        while let Ok(1..) = socket.read(&mut buf).await {}
+    };
+    tokio::time::timeout(DEADLINE, closed)
+        .await
+        .expect("the store node closed the connection");
 }

@@ -71,7 +71,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
-use tonic::transport::server::TcpIncoming;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Role {
@@ -881,7 +880,7 @@ impl InternalNode<'_> {
     ) -> anyhow::Result<()> {
         let http_grace = self.config.drain_timeout.unwrap_or(DRAIN_TAIL);
         let (stop_internal, internal_stopped) = tokio::sync::oneshot::channel::<()>();
-        let incoming = TcpIncoming::from(internal).with_nodelay(Some(true));
+        let incoming = courier_rpc::stall::bounded_incoming(internal, courier_rpc::stall::INTERNAL);
         let server = tokio::spawn(
             courier_rpc::internal_server()
                 .add_routes(services)

@@ -87,7 +87,6 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::sync::watch;
-use tonic::transport::server::TcpIncoming;
 
 /// Directory of the embedded store inside the data directory.
 pub const STORE_DIR: &str = "store";
@@ -969,7 +968,8 @@ fn serve_internal(
     loops: &BackgroundLoops,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let routes = gateway.routes.clone();
-    let incoming = TcpIncoming::from(cluster.internal).with_nodelay(Some(true));
+    let incoming =
+        courier_rpc::stall::bounded_incoming(cluster.internal, courier_rpc::stall::INTERNAL);
     let deliveries = GatewayService::new(routes.clone()).into_server(cluster.token.clone());
     let notices = notices.map(|n| FanoutService::new(n).into_server(cluster.token.clone()));
     // The gateway nodes without chat call this node's chat.
