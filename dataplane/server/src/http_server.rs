@@ -13,6 +13,14 @@
 //!   connection's start or of the previous response (hyper's `header_read_timeout`, which
 //!   needs a timer): an idle keep-alive connection is closed after it too. A connection's
 //!   first byte must come within it too, HTTP/2 included ([`StallBound`]).
+//! - A connection with no request in flight for as long is closed, gracefully ([`InFlight`]):
+//!   hyper bounds no HTTP/2 connection's idleness (its pings, were they on, are answered by
+//!   any client's stack), nor a connection that stopped partway through the HTTP/2 preface
+//!   (too little to tell HTTP/1 from HTTP/2, so no bound of hyper's was armed): a client that
+//!   sent the preface, or a request, and then nothing was held for good. A request is in
+//!   flight until its response's last byte is sent (or its stream reset): a slow response,
+//!   an upload, a download is never cut by it. An HTTP/2 WebSocket (extended CONNECT,
+//!   accepted) keeps its connection from being idle for good: the gateway pings it.
 //! - Every write to the connection must be taken by the socket within `--http-write-timeout`
 //!   ([`StallBound`]): a write still waiting then fails, and hyper ends the connection (its
 //!   response cut, its file closed). A client that reads, however slowly, is never cut, as
@@ -24,12 +32,19 @@
 //! 60 s without bytes (`courier_media`), and so do JSON bodies (`http::BODY_IDLE_TIMEOUT`).
 
 use axum::Router;
+use axum::body::{Body, Bytes, HttpBody};
+use axum::http::{Method, Request, Response};
 use axum::serve::Listener;
 use courier_rpc::stall::StallBound;
+use hyper::body::{Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::service::TowerToHyperService;
+use std::convert::Infallible;
 use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::sync::watch;
 
@@ -120,12 +135,17 @@ pub async fn serve<L>(
             limits.header_read_timeout,
             limits.write_timeout,
         ));
-        let service = TowerToHyperService::new(app.clone());
+        let (in_flight, idle) = InFlight::new();
+        let service = Counted {
+            app: TowerToHyperService::new(app.clone()),
+            in_flight,
+        };
         let (stop_tx, closed_rx, builder) = (stop_tx.clone(), closed_rx.clone(), builder.clone());
         tokio::spawn(async move {
             let connection = builder.serve_connection_with_upgrades(io, service);
             tokio::pin!(connection);
             let mut stopping = std::pin::pin!(stop_tx.closed());
+            let mut idle = std::pin::pin!(idle_for(idle, limits.header_read_timeout));
             let mut told = false;
             loop {
                 tokio::select! {
@@ -139,6 +159,17 @@ pub async fn serve<L>(
                         told = true;
                         connection.as_mut().graceful_shutdown();
                     }
+                    () = &mut idle, if !told => {
+                        tracing::debug!("HTTP connection closed: no request in flight in time");
+                        connection.as_mut().graceful_shutdown();
+                        // HTTP/2's graceful close waits for the client to answer a ping: one
+                        // that answers nothing is dropped after as long again.
+                        let limit = limits.header_read_timeout;
+                        if let Ok(Err(e)) = tokio::time::timeout(limit, connection.as_mut()).await {
+                            tracing::debug!(error = %e, "HTTP connection ended");
+                        }
+                        break;
+                    }
                 }
             }
             drop(closed_rx);
@@ -147,6 +178,118 @@ pub async fn serve<L>(
     drop(closed_rx);
     drop(listener);
     closed_tx.closed().await;
+}
+
+/// The requests of one connection in flight: from their call until their response's body is
+/// dropped (sent whole, or its stream reset). Its receiver is the connection's [`idle_for`].
+#[derive(Clone)]
+struct InFlight(Arc<watch::Sender<usize>>);
+
+impl InFlight {
+    fn new() -> (Self, watch::Receiver<usize>) {
+        let (sender, receiver) = watch::channel(0);
+        (Self(Arc::new(sender)), receiver)
+    }
+
+    /// One more request in flight, until the guard is dropped.
+    fn open(&self) -> Open {
+        self.0.send_modify(|n| *n += 1);
+        Open(Some(self.0.clone()))
+    }
+}
+
+/// A request in flight ([`InFlight`]), counted until dropped.
+struct Open(Option<Arc<watch::Sender<usize>>>);
+
+impl Open {
+    /// Counted for as long as the connection lives: an accepted HTTP/2 WebSocket, whose stream
+    /// outlives its response's body.
+    fn for_good(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        if let Some(in_flight) = self.0.take() {
+            in_flight.send_modify(|n| *n = n.saturating_sub(1));
+        }
+    }
+}
+
+/// Resolves once `in_flight` has stayed at 0 for `limit`.
+async fn idle_for(mut in_flight: watch::Receiver<usize>, limit: Duration) {
+    loop {
+        // The sender lives as long as the connection's service: never dropped before this.
+        if in_flight.wait_for(|n| *n == 0).await.is_err() {
+            return std::future::pending().await;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(limit) => return,
+            changed = in_flight.changed() => {
+                if changed.is_err() {
+                    return std::future::pending().await;
+                }
+            }
+        }
+    }
+}
+
+/// The router, as hyper calls it, counting the requests in flight on its connection.
+struct Counted {
+    app: TowerToHyperService<Router>,
+    in_flight: InFlight,
+}
+
+impl hyper::service::Service<Request<Incoming>> for Counted {
+    type Response = Response<CountedBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn call(&self, request: Request<Incoming>) -> Self::Future {
+        let open = self.in_flight.open();
+        let connect = request.method() == Method::CONNECT;
+        let answered = self.app.call(request);
+        Box::pin(async move {
+            let response = answered.await?;
+            // Only an accepted one: a refused CONNECT is a request like any other (else any
+            // client could keep its connection from ever being idle with one).
+            if connect && response.status().is_success() {
+                open.for_good();
+                return Ok(response.map(|body| CountedBody { body, _open: None }));
+            }
+            Ok(response.map(|body| CountedBody {
+                body,
+                _open: Some(open),
+            }))
+        })
+    }
+}
+
+/// A response's body, its request counted in flight until it is dropped.
+struct CountedBody {
+    body: Body,
+    _open: Option<Open>,
+}
+
+impl HttpBody for CountedBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
 }
 
 #[cfg(test)]
@@ -164,7 +307,16 @@ mod tests {
     async fn served(limits: ConnectionLimits) -> std::net::SocketAddr {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
-        let app = Router::new().route("/", axum::routing::get(|| async { "hello" }));
+        let app = Router::new()
+            .route("/", axum::routing::get(|| async { "hello" }))
+            // A response that takes several idle bounds to come.
+            .route(
+                "/slow",
+                axum::routing::get(move || async move {
+                    tokio::time::sleep(limits.header_read_timeout * 3).await;
+                    "slow"
+                }),
+            );
         tokio::spawn(serve(listener, app, limits, std::future::pending()));
         address
     }
@@ -217,5 +369,57 @@ mod tests {
             .unwrap();
         let read = closed_by_server(&mut socket).await;
         assert!(String::from_utf8_lossy(&read).ends_with("hello"));
+    }
+
+    /// The HTTP/2 connection preface, then an empty SETTINGS frame.
+    const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0";
+
+    /// An HTTP/2 client (prior knowledge, on the plain port) that sends its preface and then
+    /// nothing, opening no stream, is closed after the idle bound: hyper's HTTP/2 server has
+    /// no such bound, and its pings (were they on) are answered by any client's stack, so the
+    /// connection was held for good.
+    #[tokio::test]
+    async fn an_http2_connection_that_opens_no_stream_is_closed() {
+        let address = served(limits(200, 60_000)).await;
+        let mut socket = tokio::net::TcpStream::connect(address).await.unwrap();
+        socket.write_all(H2_PREFACE).await.unwrap();
+        closed_by_server(&mut socket).await;
+    }
+
+    /// A client that sends part of the HTTP/2 preface and stops is closed too: too little to
+    /// tell HTTP/1 from HTTP/2, so no bound of hyper's was armed.
+    #[tokio::test]
+    async fn a_connection_that_stops_within_the_http2_preface_is_closed() {
+        let address = served(limits(200, 60_000)).await;
+        let mut socket = tokio::net::TcpStream::connect(address).await.unwrap();
+        socket.write_all(&H2_PREFACE[..16]).await.unwrap();
+        closed_by_server(&mut socket).await;
+    }
+
+    /// An HTTP/2 connection is idle only while no request is in flight: a response slower than
+    /// the idle bound comes whole, and the connection is closed once idle that long after it.
+    #[tokio::test]
+    async fn an_http2_connection_is_closed_once_idle_never_under_a_request() {
+        let address = served(limits(200, 60_000)).await;
+        let socket = tokio::net::TcpStream::connect(address).await.unwrap();
+        let (mut sender, connection) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(socket))
+                .await
+                .unwrap();
+        let connection = tokio::spawn(connection);
+        let request = axum::http::Request::get(format!("http://{address}/slow"))
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.status(), 200);
+        let body = axum::body::to_bytes(axum::body::Body::new(response.into_body()), 1024)
+            .await
+            .unwrap();
+        assert_eq!(&body[..], b"slow");
+        tokio::time::timeout(Duration::from_secs(30), connection)
+            .await
+            .expect("the server closed the idle connection")
+            .unwrap()
+            .unwrap();
     }
 }
