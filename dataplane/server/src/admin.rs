@@ -18,6 +18,7 @@
 //! gives the shard back when told to take it, and the move takes it back here and answers
 //! `FAILED_PRECONDITION`.
 
+use crate::config::MAX_DRAIN_WINDOW;
 use crate::node::Role;
 use courier_core::clock::now_ms;
 use courier_gateway::drain::GatewayDrain;
@@ -305,6 +306,16 @@ impl admin_server::Admin for AdminService {
         request: Request<DrainRequest>,
     ) -> Result<Response<DrainResponse>, Status> {
         let DrainRequest { window_ms } = request.into_inner();
+        // Checked before anything is drained: a drain's order is for good (a second `Drain`
+        // goes on with the first's window), so a window of years left the gateway unready and
+        // most of its clients untold until it restarted.
+        if drain_window(window_ms).is_some_and(|window| window > MAX_DRAIN_WINDOW) {
+            return Err(Status::invalid_argument(format!(
+                "a drain window of {window_ms} ms is longer than {}, the longest \
+                 --drain-window",
+                humantime::format_duration(MAX_DRAIN_WINDOW)
+            )));
+        }
         let released = match &self.sequencer {
             Some(sequencer) => sequencer.drain().await.map_err(|e| status::to_status(&e))?,
             None => Vec::new(),
@@ -360,5 +371,47 @@ impl admin_server::Admin for AdminService {
                  stop it first, or wait for its lease to lapse"
             ))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use courier_core::metrics::Metrics;
+    use courier_gateway::routes::Routes;
+    use courier_rpc::proto::admin_server::Admin as _;
+    use courier_store::faulty_engine::FaultyEngine;
+
+    /// A `Drain` whose window passes a day (`--drain-window`'s bound, `u64::MAX` ms at the
+    /// most) is refused before anything is drained: taken, it was the drain's order for good
+    /// (a second `Drain` goes on with the first's window), the gateway unready and most of its
+    /// clients never told to reconnect, short of a restart.
+    #[tokio::test]
+    async fn a_drain_window_past_a_day_is_refused_before_anything_is_drained() {
+        let store = FaultyEngine::new().store(8).await;
+        let routes = Arc::new(Routes::new(Arc::new(Metrics::new())));
+        let drain = Arc::new(GatewayDrain::new(
+            routes,
+            Duration::from_secs(60),
+            Duration::ZERO,
+        ));
+        let token = ClusterToken::new("0123456789abcdef0123456789abcdef").unwrap();
+        let admin = AdminService::new(store, "g1".into(), token).with_gateway(drain.clone());
+        let day_ms = MAX_DRAIN_WINDOW.as_millis() as u64;
+        for window_ms in [u64::MAX, day_ms + 1] {
+            let refused = admin
+                .drain(Request::new(DrainRequest { window_ms }))
+                .await
+                .unwrap_err();
+            assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{window_ms}");
+            assert!(!drain.is_draining());
+        }
+        let drained = admin
+            .drain(Request::new(DrainRequest { window_ms: day_ms }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(drained.window_ms, day_ms);
+        assert!(drain.is_draining());
     }
 }
