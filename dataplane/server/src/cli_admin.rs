@@ -71,12 +71,12 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
     };
     let mut admin = connect(&args.node)?;
     match args.command {
-        AdminCommand::Nodes => print_nodes(&mut admin).await,
+        AdminCommand::Nodes => print_nodes(&mut admin, &args.node).await,
         AdminCommand::Shards { outbox_count_limit } => {
-            print_shards(&mut admin, outbox_count_limit).await
+            print_shards(&mut admin, &args.node, outbox_count_limit).await
         }
         AdminCommand::MoveShard { shard, to } => {
-            let owner = sequencer_address(&mut admin, shard).await?;
+            let owner = sequencer_address(&mut admin, &args.node, shard).await?;
             let moved = connect(&owner)?
                 .move_shard(MoveShardRequest {
                     shard,
@@ -138,33 +138,53 @@ fn window_ms(window: Option<Duration>) -> u64 {
     })
 }
 
-/// An rpc's failure, naming the node that answered (or did not).
+/// An rpc's failure, naming the node that answered (or did not), and why: the causes of a
+/// transport error (tonic's message alone, "tcp connect error", names none), and a hint when
+/// what answered is no node's internal port.
 fn answer_error(node: &str, status: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{node}: {} ({:?})", status.message(), status.code())
+    let mut why = status.message().to_owned();
+    let mut cause = std::error::Error::source(&status);
+    while let Some(e) = cause {
+        let said = e.to_string();
+        if !why.contains(&said) {
+            why = format!("{why}: {said}");
+        }
+        cause = e.source();
+    }
+    let hint = match status.code() {
+        tonic::Code::Unavailable => " (is the node up, and is this its --internal-listen?)",
+        tonic::Code::Unimplemented => " (is this a node's --internal-listen, not its --listen?)",
+        _ => "",
+    };
+    anyhow::anyhow!("{node}: {why} ({:?}){hint}", status.code())
 }
 
-/// The registered nodes, as the node `admin` calls lists them.
-async fn nodes(admin: &mut Admin) -> anyhow::Result<Vec<Node>> {
+/// The registered nodes, as the node `admin` calls (at `node`) lists them.
+async fn nodes(admin: &mut Admin, node: &str) -> anyhow::Result<Vec<Node>> {
     Ok(admin
         .list_nodes(ListNodesRequest {})
         .await
-        .map_err(|e| answer_error("the node", e))?
+        .map_err(|e| answer_error(node, e))?
         .into_inner()
         .nodes)
 }
 
-/// The shard map, as the node `admin` calls reads it from the store.
-async fn shard_map(admin: &mut Admin, outbox_count_limit: u32) -> anyhow::Result<Vec<ShardState>> {
+/// The shard map, as the node `admin` calls (at `node`) reads it from the store.
+async fn shard_map(
+    admin: &mut Admin,
+    node: &str,
+    outbox_count_limit: u32,
+) -> anyhow::Result<Vec<ShardState>> {
     Ok(admin
         .list_shard_map(ListShardMapRequest { outbox_count_limit })
         .await
-        .map_err(|e| answer_error("the node", e))?
+        .map_err(|e| answer_error(node, e))?
         .into_inner()
         .shards)
 }
 
-async fn print_nodes(admin: &mut Admin) -> anyhow::Result<()> {
-    let nodes = nodes(admin).await?;
+async fn print_nodes(admin: &mut Admin, node: &str) -> anyhow::Result<()> {
+    let nodes = nodes(admin, node).await?;
     let mut table = format!(
         "{:<16} {:<36} {:<22} {:<7} CONNECTIONS\n",
         "NODE", "ROLES", "ADDRESS", "LEASE"
@@ -182,8 +202,12 @@ async fn print_nodes(admin: &mut Admin) -> anyhow::Result<()> {
     print_listing(&mut std::io::stdout().lock(), &table)
 }
 
-async fn print_shards(admin: &mut Admin, outbox_count_limit: u32) -> anyhow::Result<()> {
-    let shards = shard_map(admin, outbox_count_limit).await?;
+async fn print_shards(
+    admin: &mut Admin,
+    node: &str,
+    outbox_count_limit: u32,
+) -> anyhow::Result<()> {
+    let shards = shard_map(admin, node, outbox_count_limit).await?;
     let mut table = format!(
         "{:<6} {:<28} {:<28} OUTBOX\n",
         "SHARD", "SEQUENCER", "FANOUT"
@@ -227,8 +251,8 @@ fn owner(owner: Option<&ShardOwner>) -> String {
 }
 
 /// The internal address of `shard`'s live sequencer, from the shard map and the registry.
-async fn sequencer_address(admin: &mut Admin, shard: u32) -> anyhow::Result<String> {
-    let shards = shard_map(admin, 1).await?;
+async fn sequencer_address(admin: &mut Admin, node: &str, shard: u32) -> anyhow::Result<String> {
+    let shards = shard_map(admin, node, 1).await?;
     let state = shards
         .iter()
         .find(|s| s.shard == shard)
@@ -238,7 +262,7 @@ async fn sequencer_address(admin: &mut Admin, shard: u32) -> anyhow::Result<Stri
         .as_ref()
         .filter(|o| o.live)
         .with_context(|| format!("shard {shard} has no live sequencer to hand it off"))?;
-    nodes(admin)
+    nodes(admin, node)
         .await?
         .into_iter()
         .find(|n| n.id == owner.node)
@@ -288,5 +312,31 @@ mod tests {
         assert_eq!(written, b"SHARD\n0\n");
         let mut full = std::io::Cursor::new([0u8; 2]);
         assert!(print_listing(&mut full, "SHARD\n").is_err());
+    }
+
+    /// A node that cannot be reached is named, with why (the connection refused, the name
+    /// unknown): it was "the node: tcp connect error", naming neither the address given nor
+    /// the cause.
+    #[tokio::test]
+    async fn an_unreachable_node_is_named_with_the_cause() {
+        let dir = tempfile::tempdir().unwrap();
+        let token_file = dir.path().join("token");
+        std::fs::write(&token_file, "0123456789abcdef0123456789abcdef").unwrap();
+        // A port nothing listens on.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let node = listener.local_addr().unwrap().to_string();
+        drop(listener);
+        for command in [AdminCommand::Nodes, AdminCommand::Forget { id: "x".into() }] {
+            let args = AdminArgs {
+                node: node.clone(),
+                token: ClusterTokenArgs {
+                    cluster_token_file: Some(token_file.clone()),
+                },
+                command,
+            };
+            let error = format!("{:#}", run(args).await.unwrap_err());
+            assert!(error.contains(&node), "{error}");
+            assert!(error.to_lowercase().contains("refused"), "{error}");
+        }
     }
 }
