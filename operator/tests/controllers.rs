@@ -2230,3 +2230,263 @@ async fn a_gateway_pool_of_an_embedded_cluster_renders_nothing_and_says_why() {
     })
     .await;
 }
+
+/// `cluster(embedded)` whose pods take their configuration file from the ConfigMap
+/// `courier-tuning`.
+fn tuned(embedded: bool) -> CourierCluster {
+    let mut cluster = cluster(embedded);
+    cluster.spec.config_map = Some("courier-tuning".to_owned());
+    cluster
+}
+
+/// The ConfigMap `courier-tuning` holding `file` as `courier.toml`.
+fn tuning(file: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": { "name": "courier-tuning", "namespace": NS },
+        "data": { "courier.toml": file }
+    })
+}
+
+/// The read of the ConfigMap `courier-tuning`, answered with `file` as `courier.toml`.
+fn tuning_read(file: &str) -> Expect {
+    expect(
+        Method::GET,
+        "/api/v1/namespaces/chat/configmaps/courier-tuning",
+        |_| {},
+    )
+    .answer(tuning(file))
+}
+
+/// The configuration file's digest on the pod template of the workload `body`.
+fn config_digest(body: &Value) -> Value {
+    body["spec"]["template"]["metadata"]["annotations"]["courier.dev/config-sha256"].clone()
+}
+
+/// The SHA-256 of `file`, in hex.
+fn sha256(file: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(file.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The pods read their configuration file only as they start: an edit of the ConfigMap in
+/// place must change the pod template (its digest), or no pod would ever take it.
+#[tokio::test]
+async fn an_edit_of_a_clusters_config_map_in_place_changes_its_pod_template() {
+    let template_after = async |file: &str| {
+        let digest = Arc::new(Mutex::new(Value::Null));
+        let into = digest.clone();
+        let expected = vec![
+            tuning_read(file),
+            expect(
+                APPLY,
+                "/apis/apps/v1/namespaces/chat/statefulsets/prod",
+                move |body| {
+                    *into.lock().unwrap() = config_digest(body);
+                },
+            ),
+            expect(APPLY, "/api/v1/namespaces/chat/services/prod", |_| {}),
+            expect(
+                APPLY,
+                "/apis/courier.dev/v1alpha1/namespaces/chat/courierclusters/prod/status",
+                |_| {},
+            )
+            .answer(serde_json::to_value(tuned(true)).unwrap()),
+        ];
+        reconciled(expected, Arc::new(FakeDataPlane::default()), async |ctx| {
+            cluster::reconcile(Arc::new(tuned(true)), ctx)
+                .await
+                .unwrap();
+        })
+        .await;
+        digest.lock().unwrap().clone()
+    };
+    let before = template_after("user-sends-per-sec = 20\n").await;
+    let after = template_after("user-sends-per-sec = 5\n").await;
+    assert_eq!(before, json!(sha256("user-sends-per-sec = 20\n")));
+    assert_eq!(after, json!(sha256("user-sends-per-sec = 5\n")));
+    assert_eq!(
+        template_after("user-sends-per-sec = 20\n").await,
+        before,
+        "the same file, the same template: nothing rolls"
+    );
+}
+
+/// Every workload a FoundationDB cluster's own controller renders carries the digest.
+#[tokio::test]
+async fn every_workload_of_a_foundationdb_cluster_carries_its_config_maps_digest() {
+    let file = "max-devices-per-user = 8\n";
+    let carries = move |body: &Value| assert_eq!(config_digest(body), json!(sha256(file)));
+    let mut expected = vec![tuning_read(file)];
+    for (path, check) in cluster_applies_before_push().into_iter().map(|e| {
+        let check = e.path.contains("/deployments/");
+        (e.path, check)
+    }) {
+        expected.push(expect(APPLY, &path, move |body| {
+            if check {
+                carries(body);
+            }
+        }));
+    }
+    expected.extend([
+        expect(
+            APPLY,
+            "/apis/apps/v1/namespaces/chat/deployments/prod-push",
+            carries,
+        ),
+        expect(
+            APPLY,
+            "/apis/courier.dev/v1alpha1/namespaces/chat/courierclusters/prod/status",
+            |_| {},
+        )
+        .answer(serde_json::to_value(tuned(false)).unwrap()),
+    ]);
+    reconciled(expected, Arc::new(FakeDataPlane::default()), async |ctx| {
+        cluster::reconcile(Arc::new(tuned(false)), ctx)
+            .await
+            .unwrap();
+    })
+    .await;
+}
+
+/// The gateway pool and shard set controllers render their pods from the cluster too: theirs
+/// carry the digest of the file they read.
+#[tokio::test]
+async fn gateway_and_sequencer_pods_carry_their_clusters_config_map_digest() {
+    let file = "user-sends-per-sec = 20\n";
+    let carries = move |body: &Value| assert_eq!(config_digest(body), json!(sha256(file)));
+    let cluster_read = || {
+        expect(
+            Method::GET,
+            "/apis/courier.dev/v1alpha1/namespaces/chat/courierclusters/prod",
+            |_| {},
+        )
+        .answer(serde_json::to_value(tuned(false)).unwrap())
+    };
+    let pool_requests = vec![
+        cluster_read(),
+        tuning_read(file),
+        expect(
+            Method::GET,
+            "/apis/apps/v1/namespaces/chat/deployments/prod-gateways",
+            |_| {},
+        )
+        .answer(deployment(3)),
+        expect(
+            APPLY,
+            "/apis/apps/v1/namespaces/chat/deployments/prod-gateways",
+            carries,
+        ),
+        expect(APPLY, "/api/v1/namespaces/chat/services/prod", |_| {}),
+        expect(
+            APPLY,
+            "/apis/policy/v1/namespaces/chat/poddisruptionbudgets/prod-gateways",
+            |_| {},
+        ),
+    ];
+    reconciled(
+        pool_requests,
+        Arc::new(FakeDataPlane::default()),
+        async |ctx| {
+            sampled_before(&ctx, 3, Default::default(), 5_000);
+            gateway_pool::reconcile(Arc::new(pool()), ctx)
+                .await
+                .unwrap();
+        },
+    )
+    .await;
+    let mut set_requests = vec![
+        cluster_read(),
+        expect(
+            Method::GET,
+            "/apis/apps/v1/namespaces/chat/statefulsets/prod-sequencers",
+            |_| {},
+        )
+        .answer(stateful_set(2)),
+        tuning_read(file),
+    ];
+    let mut applies = shard_set_applies(2);
+    let stateful_set_apply = applies.remove(0);
+    set_requests.push(
+        expect(APPLY, &stateful_set_apply.path, move |body| {
+            (stateful_set_apply.check)(body);
+            carries(body);
+        })
+        .answer(stateful_set(2)),
+    );
+    set_requests.extend(applies);
+    reconciled(
+        set_requests,
+        Arc::new(FakeDataPlane::default()),
+        async |ctx| {
+            ctx.rebalancers.lock().unwrap().insert(
+                format!("{NS}/prod-sequencers"),
+                RebalancerState {
+                    rebalancer: Rebalancer::new(PlannerPolicy::default()),
+                    next_plan_ms: 0,
+                    last_sample_ms: Some(1_000_000 - 5_000),
+                    evacuating: false,
+                },
+            );
+            shard_set::reconcile(Arc::new(shard_set(2)), ctx)
+                .await
+                .unwrap();
+        },
+    )
+    .await;
+}
+
+/// A cluster naming a ConfigMap that does not exist (yet) applies nothing (its pods could not
+/// start: their volume has no source) and says why in its status; the reconciliation is
+/// retried, and a ConfigMap created later wakes the cluster (`controllers::run`).
+#[tokio::test]
+async fn a_cluster_whose_config_map_is_missing_applies_nothing_and_says_why() {
+    for (answer, problem) in [
+        (None, "no such ConfigMap in the namespace"),
+        (
+            Some(json!({
+                "apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": { "name": "courier-tuning", "namespace": NS },
+                "data": { "courier.conf": "user-sends-per-sec = 20\n" }
+            })),
+            "no key courier.toml",
+        ),
+    ] {
+        let read = expect(
+            Method::GET,
+            "/api/v1/namespaces/chat/configmaps/courier-tuning",
+            |_| {},
+        );
+        let read = match answer {
+            Some(answer) => read.answer(answer),
+            None => read.not_found(),
+        };
+        let message = format!(
+            "ConfigMap courier-tuning (the cluster's configMap): {problem}; no pod is rolled out until it is fixed"
+        );
+        let expected = vec![
+            read,
+            expect(
+                APPLY,
+                "/apis/courier.dev/v1alpha1/namespaces/chat/courierclusters/prod/status",
+                move |body| {
+                    let ready = condition(body, "Ready");
+                    assert_eq!(ready["status"], "False");
+                    assert_eq!(ready["reason"], "ConfigMapUnusable");
+                    assert_eq!(ready["message"], message.as_str());
+                },
+            )
+            .answer(serde_json::to_value(tuned(false)).unwrap()),
+        ];
+        reconciled(expected, Arc::new(FakeDataPlane::default()), async |ctx| {
+            let error = cluster::reconcile(Arc::new(tuned(false)), ctx)
+                .await
+                .unwrap_err();
+            assert_eq!(error.reason(), "ConfigMapUnusable");
+        })
+        .await;
+    }
+}

@@ -10,7 +10,7 @@ use courier_operator::controllers::{self, Context, DataPlane};
 use courier_operator::metrics::Metrics;
 use courier_operator::rebalance::executor::ShardAdmin;
 use courier_operator::scope::WatchScope;
-use http::{Request, Response};
+use http::Response;
 use kube::Client;
 use kube::client::Body;
 use serde_json::json;
@@ -33,18 +33,18 @@ impl DataPlane for NoDataPlane {
     }
 }
 
-/// One watcher per resource a controller watches or owns: the cluster controller six, the
-/// pool controller two, the shard set controller three.
-const WATCHERS: usize = 11;
+/// One watcher per resource a controller watches or owns: the cluster controller seven (the
+/// ConfigMaps twice: those it renders, and the metadata of every one, for those clusters
+/// name), the pool controller two, the shard set controller three.
+const WATCHERS: usize = 12;
 
 /// The requests the controllers make in `scope`: the paths of their lists and of their
-/// watches, each sorted, and every request's path with its label selector (if any). The API server answers every list with no objects and holds every
+/// watches, each sorted, and every request's path with its label selector (if any) and
+/// whether it asks for metadata only. The API server answers every list with no objects and holds every
 /// watch open; the controllers run until each of the [`WATCHERS`] has listed and started
 /// to watch (or a deadline passes, which fails the test).
-async fn requests_in(
-    scope: WatchScope,
-) -> (Vec<String>, Vec<String>, Vec<(String, Option<String>)>) {
-    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+async fn requests_in(scope: WatchScope) -> (Vec<String>, Vec<String>, Vec<Request>) {
+    let (service, mut handle) = tower_test::mock::pair::<http::Request<Body>, Response<Body>>();
     let client = Client::new(service, "default");
     let ctx = Arc::new(Context::new(
         client.clone(),
@@ -73,7 +73,16 @@ async fn requests_in(
                         .replace("%3D", "=")
                         .replace("%2C", ",")
                 });
-            selectors.push((path.clone(), selector));
+            let metadata_only = request
+                .headers()
+                .get(http::header::ACCEPT)
+                .and_then(|accept| accept.to_str().ok())
+                .is_some_and(|accept| accept.contains("as=PartialObjectMetadata"));
+            selectors.push(Request {
+                path: path.clone(),
+                selector,
+                metadata_only,
+            });
             if query.split('&').any(|pair| pair == "watch=true") {
                 watches.push(path);
                 held.push(send);
@@ -102,6 +111,15 @@ async fn requests_in(
     (lists, watches, selectors)
 }
 
+/// A list or watch request the controllers made.
+struct Request {
+    path: String,
+    /// Its label selector, if any.
+    selector: Option<String>,
+    /// Whether it asks for the objects' metadata only.
+    metadata_only: bool,
+}
+
 /// The paths the [`WATCHERS`] list and watch, sorted, under `courier` (`courier.dev`), `apps`
 /// and `core` prefixes that say where they are.
 fn watched_paths(courier: &str, apps: &str, core: &str) -> Vec<String> {
@@ -109,6 +127,7 @@ fn watched_paths(courier: &str, apps: &str, core: &str) -> Vec<String> {
         format!("{courier}/courierclusters"),
         format!("{apps}/statefulsets"),
         format!("{apps}/deployments"),
+        format!("{core}/configmaps"),
         format!("{core}/configmaps"),
         format!("{courier}/gatewaypools"),
         format!("{courier}/sequencershardsets"),
@@ -152,14 +171,28 @@ async fn unscoped_the_controllers_watch_every_namespace_as_before() {
 /// with the label every object the operator renders carries (`render::pod::MANAGED_BY`,
 /// checked on each rendered object by the render tests): in a namespace of many other
 /// workloads, the operator holds and is woken by its own objects only. The Courier resources
-/// are watched whole: every one is Courier's, and one made by hand carries no label.
+/// are watched whole: every one is Courier's, and one made by hand carries no label. So are
+/// the ConfigMaps a cluster may name as its configuration file (the user's, unlabelled), but
+/// their metadata only: their data is neither sent nor held.
 #[tokio::test]
 async fn the_workloads_and_config_maps_are_watched_by_the_operators_label_only() {
-    let (_, _, selectors) = requests_in(WatchScope::Namespace("team-a".to_owned())).await;
-    assert_eq!(selectors.len(), 2 * WATCHERS);
-    for (path, selector) in selectors {
-        let rendered = !path.contains("/courier.dev/");
-        let expected = rendered.then(|| "app.kubernetes.io/managed-by=courier-operator".to_owned());
-        assert_eq!(selector, expected, "{path}");
+    let (_, _, requests) = requests_in(WatchScope::Namespace("team-a".to_owned())).await;
+    assert_eq!(requests.len(), 2 * WATCHERS);
+    let mut metadata_only = 0;
+    for request in requests {
+        let courier = request.path.contains("/courier.dev/");
+        let named = request.path.ends_with("/configmaps") && request.selector.is_none();
+        if named {
+            assert!(request.metadata_only, "{}: metadata only", request.path);
+            metadata_only += 1;
+            continue;
+        }
+        let expected =
+            (!courier).then(|| "app.kubernetes.io/managed-by=courier-operator".to_owned());
+        assert_eq!(request.selector, expected, "{}", request.path);
     }
+    assert_eq!(
+        metadata_only, 2,
+        "one list and one watch of every ConfigMap's metadata"
+    );
 }

@@ -7,6 +7,11 @@
 //! first the ConfigMap of their table. The status says which, and is Ready when what it owns
 //! is.
 //!
+//! Every pod template carries the digest of the cluster's configuration file (its
+//! `configMap`, read at each reconciliation), so that an edit of the ConfigMap in place rolls
+//! the pods; a `configMap` that is missing, or has no `courier.toml`, applies nothing and
+//! says so in the status (`Ready` false, reason `ConfigMapUnusable`).
+//!
 //! A FoundationDB storage the data plane would refuse (a partition table with a gap, an
 //! overlap, a range beyond the shards) is not rendered: the status says what is wrong
 //! (`Degraded`, reason `InvalidStorage`) and what runs is left as it was.
@@ -25,7 +30,7 @@ use crate::crd::{
     ConditionType, Conditions, CourierCluster, CourierClusterStatus, GatewayPool, SequencerShardSet,
 };
 use crate::render::partitions::{self, StorageError};
-use crate::render::pod::Component;
+use crate::render::pod::{Component, with_config_digest};
 use crate::render::{backends, delivery, embedded, name_and_namespace, pools, stateless_budget};
 
 const CONTROLLER: &str = "cluster";
@@ -46,9 +51,16 @@ async fn run(cluster: &CourierCluster, ctx: &Context) -> Result<Action, Error> {
         apply_status(&ctx.client, cluster, &status).await?;
         return Ok(Action::await_change());
     }
+    // Before anything is applied: without its file, no pod of the cluster could start.
+    let digest = ctx.config_digest(cluster).await?;
+    let digest = digest.as_deref();
     let ready = if cluster.spec.storage.embedded.is_some() {
         let children = embedded::build(cluster)?;
-        let stateful_set: StatefulSet = apply(&ctx.client, &children.stateful_set).await?;
+        let stateful_set: StatefulSet = apply(
+            &ctx.client,
+            &with_config_digest(children.stateful_set, digest),
+        )
+        .await?;
         apply(&ctx.client, &children.service).await?;
         let ready = stateful_set
             .status
@@ -65,11 +77,13 @@ async fn run(cluster: &CourierCluster, ctx: &Context) -> Result<Action, Error> {
         let gateways: GatewayPool = apply(&ctx.client, &pools.gateways).await?;
         let sequencers: SequencerShardSet = apply(&ctx.client, &pools.sequencers).await?;
         let (name, _) = name_and_namespace(cluster)?;
-        let chat: Deployment = apply(&ctx.client, &backends::chat(cluster)?).await?;
+        let chat = with_config_digest(backends::chat(cluster)?, digest);
+        let chat: Deployment = apply(&ctx.client, &chat).await?;
         let chat_name = backends::chat_name(&name);
         apply_budget(ctx, cluster, Component::Chat, &chat_name).await?;
         let media = match backends::media(cluster)? {
             Some((deployment, service)) => {
+                let deployment = with_config_digest(deployment, digest);
                 let deployment: Deployment = apply(&ctx.client, &deployment).await?;
                 apply(&ctx.client, &service).await?;
                 let media_name = backends::media_name(&name);
@@ -78,14 +92,15 @@ async fn run(cluster: &CourierCluster, ctx: &Context) -> Result<Action, Error> {
             }
             None => None,
         };
-        let fanout: Deployment = apply(&ctx.client, &delivery::fanout(cluster)?).await?;
+        let fanout = with_config_digest(delivery::fanout(cluster)?, digest);
+        let fanout: Deployment = apply(&ctx.client, &fanout).await?;
         let fanout_name = delivery::fanout_name(&name);
         apply_budget(ctx, cluster, Component::Fanout, &fanout_name).await?;
         match delivery::push(cluster)? {
             Some(push) => {
-                apply(&ctx.client, &push).await?;
+                apply(&ctx.client, &with_config_digest(push, digest)).await?;
             }
-            None => stop_push(ctx, cluster).await?,
+            None => stop_push(ctx, cluster, digest).await?,
         }
         let gateways_ready = is_ready(gateways.status.as_ref().map(|s| &s.conditions[..]));
         let sequencers_ready = is_ready(sequencers.status.as_ref().map(|s| &s.conditions[..]));
@@ -125,7 +140,11 @@ async fn apply_budget(
 /// deletes nothing): left running, it would go on sending with the old Secret and image. A
 /// cluster that never had one gets none; a Deployment of that name this cluster does not own
 /// is left alone.
-async fn stop_push(ctx: &Context, cluster: &CourierCluster) -> Result<(), Error> {
+async fn stop_push(
+    ctx: &Context,
+    cluster: &CourierCluster,
+    digest: Option<&str>,
+) -> Result<(), Error> {
     let (name, namespace) = name_and_namespace(cluster)?;
     let found = Api::<Deployment>::namespaced(ctx.client.clone(), &namespace)
         .get_opt(&delivery::push_name(&name))
@@ -140,7 +159,8 @@ async fn stop_push(ctx: &Context, cluster: &CourierCluster) -> Result<(), Error>
         owned && replicas != Some(0)
     });
     if running.is_some() {
-        apply(&ctx.client, &delivery::push_stopped(cluster)?).await?;
+        let stopped = with_config_digest(delivery::push_stopped(cluster)?, digest);
+        apply(&ctx.client, &stopped).await?;
     }
     Ok(())
 }

@@ -34,7 +34,7 @@ use super::{
 use crate::autoscale::{ConnectionSample, DELETION_COST, ScaleDecision, ScalePolicy, ScaleReason};
 use crate::crd::{ConditionType, Conditions, GatewayPool, GatewayPoolStatus};
 use crate::metrics::ResourceLabel;
-use crate::render::pod::{Component, selector_labels};
+use crate::render::pod::{Component, selector_labels, with_config_digest};
 use crate::render::{RenderError, foundation_db, gateways, name_and_namespace};
 
 const CONTROLLER: &str = "gateway-pool";
@@ -76,6 +76,8 @@ async fn run(pool: &GatewayPool, ctx: &Context) -> Result<Action, Error> {
         }
         Err(e) => return Err(e),
     };
+    let digest = ctx.config_digest(&cluster).await?;
+    let digest = digest.as_deref();
     let settings = &pool.spec.pool;
     let last = lock(&ctx.autoscalers)
         .get(&key(pool))
@@ -89,7 +91,11 @@ async fn run(pool: &GatewayPool, ctx: &Context) -> Result<Action, Error> {
         // and sample when the next one is due.
         let current = current_replicas(ctx, &namespace, &name).await?;
         let children = gateways::build(pool, &cluster, current.unwrap_or(settings.min_replicas))?;
-        apply(&ctx.client, &children.deployment).await?;
+        apply(
+            &ctx.client,
+            &with_config_digest(children.deployment, digest),
+        )
+        .await?;
         apply(&ctx.client, &children.service).await?;
         apply(&ctx.client, &children.disruption_budget).await?;
         return Ok(Action::requeue(Duration::from_millis(next - now_ms)));
@@ -126,7 +132,8 @@ async fn run(pool: &GatewayPool, ctx: &Context) -> Result<Action, Error> {
     }
     announce(ctx, pool, current, &decision, connections.total()).await;
     let children = gateways::build(pool, &cluster, decision.replicas)?;
-    let deployment: Deployment = apply(&ctx.client, &children.deployment).await?;
+    let deployment = with_config_digest(children.deployment, digest);
+    let deployment: Deployment = apply(&ctx.client, &deployment).await?;
     apply(&ctx.client, &children.service).await?;
     apply(&ctx.client, &children.disruption_budget).await?;
     ctx.metrics

@@ -28,9 +28,11 @@ use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
+use kube::core::PartialObjectMeta;
 use kube::core::object::HasStatus;
 use kube::runtime::controller::{self, Action};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{Controller, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
@@ -54,7 +56,12 @@ use crate::scope::WatchScope;
 /// The StatefulSets, Deployments and ConfigMaps are watched by the operator's label alone
 /// ([`rendered`]): every one it renders carries it, and a namespace's other workloads would
 /// cost memory and wake-ups for nothing. The Courier resources are watched whole: each is
-/// Courier's, and a pool or plan made by hand carries no label.
+/// Courier's, and a pool or plan made by hand carries no label. The user's own ConfigMaps,
+/// which a cluster names as its pods' configuration file (`spec.configMap`), carry no label
+/// either: the cluster controller watches the metadata of every ConfigMap (no data, nothing
+/// kept) and wakes the clusters that name one that changed ([`clusters_naming`]), so that an
+/// edit in place is rolled out and a ConfigMap created late is picked up. The pool and shard
+/// set controllers read the file at each reconciliation (every sample, 15 s by default).
 ///
 /// The cluster and pool controllers wait for [`DEBOUNCE`] of quiet before they reconcile an
 /// object; the shard set controller does not (see there).
@@ -66,7 +73,15 @@ pub async fn run(
 ) {
     let config = watcher::Config::default().any_semantic();
     let rendered = rendered(config.clone());
-    let clusters = Controller::new(scope.api::<CourierCluster>(client.clone()), config.clone())
+    let clusters = Controller::new(scope.api::<CourierCluster>(client.clone()), config.clone());
+    let known = clusters.store();
+    let clusters = clusters
+        // Metadata only: a change of content changes the resource version.
+        .watches(
+            scope.api::<PartialObjectMeta<ConfigMap>>(client.clone()),
+            config.clone(),
+            move |config_map| clusters_naming(&known, &config_map),
+        )
         .owns(scope.api::<StatefulSet>(client.clone()), rendered.clone())
         .owns(scope.api::<Deployment>(client.clone()), rendered.clone())
         .owns(scope.api::<ConfigMap>(client.clone()), rendered.clone())
@@ -126,6 +141,29 @@ async fn stopped(mut shutdown: tokio::sync::watch::Receiver<bool>) {
 /// reconciliation of an unchanged world to the next (tested), so a write wakes no one for good.
 pub const DEBOUNCE: Duration = Duration::from_secs(1);
 
+/// The clusters (among those `known`) whose pods take their configuration file from
+/// `config_map`: those of its namespace whose `spec.configMap` names it.
+fn clusters_naming(
+    known: &Store<CourierCluster>,
+    config_map: &PartialObjectMeta<ConfigMap>,
+) -> Vec<ObjectRef<CourierCluster>> {
+    let (Some(name), Some(namespace)) = (
+        config_map.metadata.name.as_deref(),
+        config_map.metadata.namespace.as_deref(),
+    ) else {
+        return Vec::new();
+    };
+    known
+        .state()
+        .iter()
+        .filter(|cluster| {
+            cluster.metadata.namespace.as_deref() == Some(namespace)
+                && cluster.spec.config_map.as_deref() == Some(name)
+        })
+        .map(|cluster| ObjectRef::from_obj(cluster.as_ref()))
+        .collect()
+}
+
 /// `config` narrowed to the objects the operator renders: those with its label
 /// ([`pod::MANAGED_BY`]).
 fn rendered(config: watcher::Config) -> watcher::Config {
@@ -154,6 +192,18 @@ pub enum Error {
         /// What is wrong with it.
         problem: String,
     },
+    /// The ConfigMap a cluster names as its pods' configuration file (`spec.configMap`) is
+    /// missing or has no [`pod::CONFIG_FILE`]: pods rendered from it could not start (their
+    /// volume has no source) or would refuse to (no file), so none is rolled out.
+    #[error(
+        "ConfigMap {name} (the cluster's configMap): {problem}; no pod is rolled out until it is fixed"
+    )]
+    ConfigMap {
+        /// The ConfigMap.
+        name: String,
+        /// What is wrong with it.
+        problem: String,
+    },
     /// The `CourierCluster` a pool names does not exist.
     #[error("CourierCluster {0} not found in the namespace")]
     ClusterNotFound(String),
@@ -172,6 +222,7 @@ impl Error {
             Error::Render(RenderError::NotFoundationDb { .. }) => "NotFoundationDb",
             Error::Admin(_) => "AdminUnavailable",
             Error::Secret { .. } => "SecretUnusable",
+            Error::ConfigMap { .. } => "ConfigMapUnusable",
             Error::ClusterNotFound(_) => "ClusterNotFound",
             Error::Finalizer(_) => "FinalizerFailed",
         }
@@ -274,6 +325,39 @@ impl Context {
             .get_opt(name)
             .await?
             .ok_or_else(|| Error::ClusterNotFound(name.to_owned()))
+    }
+
+    /// The digest of the configuration file the pods of `cluster` are given (its `configMap`,
+    /// key [`pod::CONFIG_FILE`]; [`pod::with_config_digest`]), or `None` without one. Read at
+    /// every reconciliation that renders pods: the ConfigMap is the user's, edited in place.
+    async fn config_digest(&self, cluster: &CourierCluster) -> Result<Option<String>, Error> {
+        let Some(name) = cluster.spec.config_map.as_deref() else {
+            return Ok(None);
+        };
+        let (_, namespace) = crate::render::name_and_namespace(cluster)?;
+        let problem = |problem: String| Error::ConfigMap {
+            name: name.to_owned(),
+            problem,
+        };
+        let found = Api::<ConfigMap>::namespaced(self.client.clone(), &namespace)
+            .get_opt(name)
+            .await?
+            .ok_or_else(|| problem("no such ConfigMap in the namespace".to_owned()))?;
+        // The volume projects `binaryData` keys as files too.
+        let text = found
+            .data
+            .as_ref()
+            .and_then(|data| data.get(pod::CONFIG_FILE));
+        let bytes = found
+            .binary_data
+            .as_ref()
+            .and_then(|data| data.get(pod::CONFIG_FILE));
+        let file = match (text, bytes) {
+            (Some(text), _) => text.as_bytes(),
+            (None, Some(bytes)) => &bytes.0[..],
+            (None, None) => return Err(problem(format!("no key {}", pod::CONFIG_FILE))),
+        };
+        Ok(Some(pod::config_digest(file)))
     }
 
     /// The value of a Secret's key, as text.
@@ -416,4 +500,49 @@ fn counted(metrics: &Metrics, controller: &'static str) {
         .reconciliations
         .get_or_create(&ControllerLabel { controller })
         .inc();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::render::fixtures::foundation_db_cluster;
+    use kube::runtime::reflector;
+
+    fn named(name: &str, namespace: &str, config_map: Option<&str>) -> CourierCluster {
+        let mut cluster = foundation_db_cluster(None);
+        cluster.metadata.name = Some(name.to_owned());
+        cluster.metadata.namespace = Some(namespace.to_owned());
+        cluster.spec.config_map = config_map.map(str::to_owned);
+        cluster
+    }
+
+    /// A ConfigMap's change wakes the clusters of its namespace that name it, and no other.
+    #[test]
+    fn a_config_map_wakes_the_clusters_of_its_namespace_that_name_it() {
+        let (known, mut writer) = reflector::store::<CourierCluster>();
+        for cluster in [
+            named("prod", "chat", Some("tuning")),
+            named("staging", "chat", Some("tuning")),
+            named("plain", "chat", None),
+            named("other", "chat", Some("tuning-v2")),
+            named("prod", "elsewhere", Some("tuning")),
+        ] {
+            writer.apply_watcher_event(&watcher::Event::Apply(cluster));
+        }
+        let config_map = |name: &str| PartialObjectMeta::<ConfigMap> {
+            metadata: kube::core::ObjectMeta {
+                name: Some(name.to_owned()),
+                namespace: Some("chat".to_owned()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let mut woken: Vec<String> = clusters_naming(&known, &config_map("tuning"))
+            .into_iter()
+            .map(|cluster| format!("{}/{}", cluster.namespace.unwrap_or_default(), cluster.name))
+            .collect();
+        woken.sort();
+        assert_eq!(woken, ["chat/prod", "chat/staging"]);
+        assert!(clusters_naming(&known, &config_map("unrelated")).is_empty());
+    }
 }

@@ -44,6 +44,7 @@ use crate::crd::{
 use crate::metrics::{MoveLabel, ResourceLabel};
 use crate::rebalance::executor::{AdminError, Sample, ShardAdmin, carry_out};
 use crate::rebalance::{Move, MoveReason, PlannerPolicy, PodId, Rebalancer};
+use crate::render::pod::with_config_digest;
 use crate::render::sequencers::{self, admin_address, pod_name};
 use crate::render::{RenderError, foundation_db, name_and_namespace};
 
@@ -294,8 +295,10 @@ async fn apply_children(
     cluster: &CourierCluster,
     replicas: i32,
 ) -> Result<StatefulSet, Error> {
+    let digest = ctx.config_digest(cluster).await?;
     let children = sequencers::build(set, cluster, replicas)?;
-    let stateful_set = apply(&ctx.client, &children.stateful_set).await?;
+    let stateful_set = with_config_digest(children.stateful_set, digest.as_deref());
+    let stateful_set = apply(&ctx.client, &stateful_set).await?;
     apply(&ctx.client, &children.service).await?;
     apply(&ctx.client, &children.disruption_budget).await?;
     Ok(stateful_set)

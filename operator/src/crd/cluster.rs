@@ -59,7 +59,9 @@ pub struct CourierClusterSpec {
     /// limits and timeouts, each flag by its long name as `courier node --help` lists it
     /// (`courier serve --help` with embedded storage).
     /// What the operator sets itself (addresses, storage, ports, node ids) wins over the
-    /// file. Pods read it as they start: a change applies as they restart.
+    /// file. Pods read it as they start, so their templates carry its digest: an edit in
+    /// place rolls them as a new image would (sequencer pods as each is deleted). A missing
+    /// ConfigMap, or one without `courier.toml`, rolls nothing out and is named in the status.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config_map: Option<String>,
     /// Logical sequencer shards, fixed when the store is created (it cannot change later).

@@ -1,9 +1,12 @@
 //! What every data-plane pod of a cluster shares: labels, environment (secrets, storage),
 //! volumes, ports, probes on `/healthz` and `/readyz`, `/metrics` on a port of its own
-//! ([`METRICS_PORT`]), JSON logs and a locked-down security context.
+//! ([`METRICS_PORT`]), JSON logs and a locked-down security context; the configuration file
+//! of the cluster's `configMap`, whose digest the controllers put on the template
+//! ([`with_config_digest`]) as they read it.
 
 use std::collections::BTreeMap;
 
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
     EnvFromSource, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath, Lifecycle, LifecycleHandler,
@@ -13,6 +16,8 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use sha2::{Digest, Sha256};
 
 use super::RenderError;
 use super::partitions::{self, Layout};
@@ -176,6 +181,54 @@ pub struct Shutdown {
 /// Where a cluster's `configMap` is mounted in its pods, and the key its file is under.
 pub const CONFIG_DIR: &str = "/etc/courier/config";
 pub const CONFIG_FILE: &str = "courier.toml";
+/// The pod template annotation holding the SHA-256 of the configuration file (the cluster's
+/// `configMap`, key [`CONFIG_FILE`]) the pods were rendered for. The data plane reads the file
+/// only as it starts, and a ConfigMap edited in place changes nothing in the template that
+/// mounts it: without the digest, no pod would ever take the edit.
+pub const CONFIG_DIGEST_ANNOTATION: &str = "courier.dev/config-sha256";
+
+/// The SHA-256 of a configuration file, in hex, for [`CONFIG_DIGEST_ANNOTATION`].
+pub fn config_digest(file: &[u8]) -> String {
+    Sha256::digest(file)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A workload whose pods come from one template.
+pub trait Workload {
+    /// Its pod template, if it has a spec.
+    fn pod_template_mut(&mut self) -> Option<&mut PodTemplateSpec>;
+}
+
+impl Workload for Deployment {
+    fn pod_template_mut(&mut self) -> Option<&mut PodTemplateSpec> {
+        self.spec.as_mut().map(|spec| &mut spec.template)
+    }
+}
+
+impl Workload for StatefulSet {
+    fn pod_template_mut(&mut self) -> Option<&mut PodTemplateSpec> {
+        self.spec.as_mut().map(|spec| &mut spec.template)
+    }
+}
+
+/// `workload` with the `digest` of its cluster's configuration file on its pod template
+/// ([`CONFIG_DIGEST_ANNOTATION`]), so that a changed file changes the template and rolls the
+/// pods as a new image would. Without a `configMap` (`None`), the template is left as it is.
+pub fn with_config_digest<W: Workload>(mut workload: W, digest: Option<&str>) -> W {
+    if let Some(digest) = digest
+        && let Some(template) = workload.pod_template_mut()
+    {
+        template
+            .metadata
+            .get_or_insert_with(ObjectMeta::default)
+            .annotations
+            .get_or_insert_with(BTreeMap::new)
+            .insert(CONFIG_DIGEST_ANNOTATION.to_owned(), digest.to_owned());
+    }
+    workload
+}
 
 /// A data-plane pod of `cluster` running `courier <args>` (the image's entry point is
 /// `courier`). Refused if its FoundationDB storage does not pass [`partitions::check`].
