@@ -2490,3 +2490,152 @@ async fn a_cluster_whose_config_map_is_missing_applies_nothing_and_says_why() {
         .await;
     }
 }
+
+/// A shard set made by hand for a cluster that has its own (`prod-sequencers`).
+fn second_shard_set() -> SequencerShardSet {
+    let mut set = shard_set(1);
+    set.metadata = meta("prod-sequencers-canary");
+    set.metadata.finalizers = Some(vec![shard_set::FINALIZER.to_owned()]);
+    set
+}
+
+/// A cluster runs the shard set it creates: a second one naming it would see the first one's
+/// pods among the cluster's sequencers, holding shards that are not its own, and evacuate them
+/// to its pods (in every mode), the first one evacuating them back, for good. It renders
+/// nothing, samples nothing and says why.
+#[tokio::test]
+async fn a_second_shard_set_of_a_cluster_renders_nothing_and_moves_no_shard() {
+    let data_plane = Arc::new(FakeDataPlane::with_sample(sample(
+        &[0, 1],
+        &[0, 0, 1, 1],
+        &[100.0, 100.0, 0.0, 0.0],
+    )));
+    let expected = vec![
+        expect(
+            Method::GET,
+            "/apis/courier.dev/v1alpha1/namespaces/chat/courierclusters/prod",
+            |_| {},
+        )
+        .answer(serde_json::to_value(cluster(false)).unwrap()),
+        expect(
+            APPLY,
+            "/apis/courier.dev/v1alpha1/namespaces/chat/sequencershardsets/prod-sequencers-canary/status",
+            |body| {
+                let ready = condition(body, "Ready");
+                assert_eq!(ready["status"], "False");
+                assert_eq!(ready["reason"], "NotTheClustersOwn");
+                let message = ready["message"].as_str().unwrap();
+                assert!(
+                    message.contains("prod-sequencers-canary")
+                        && message.contains("prod-sequencers"),
+                    "{message}"
+                );
+            },
+        )
+        .answer(serde_json::to_value(second_shard_set()).unwrap()),
+    ];
+    reconciled(expected, data_plane.clone(), async |ctx| {
+        let result = shard_set::reconcile(Arc::new(second_shard_set()), ctx).await;
+        assert!(result.is_err(), "{result:?}");
+    })
+    .await;
+    assert!(data_plane.admin.moves.lock().unwrap().is_empty());
+    assert!(data_plane.admin.drains.lock().unwrap().is_empty());
+}
+
+/// A shard set being deleted drains its own pods, not every sequencer of its cluster: the
+/// deletion of a set made by hand beside the cluster's own must not stop the cluster's
+/// sequencers taking shards (a drained node takes none until it restarts).
+#[tokio::test]
+async fn deleting_a_shard_set_drains_its_own_pods_only() {
+    let mut sample = sample(&[0, 1], &[0, 0, 1, 1], &[5.0, 5.0, 5.0, 5.0]);
+    sample.nodes.insert(
+        "prod-sequencers-canary-0".to_owned(),
+        "10.1.0.9:7500".to_owned(),
+    );
+    let data_plane = Arc::new(FakeDataPlane::with_sample(sample));
+    let mut deleted = second_shard_set();
+    deleted.metadata.deletion_timestamp =
+        Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::from_second(1).unwrap(),
+        ));
+    let expected = vec![
+        expect(
+            Method::GET,
+            "/apis/courier.dev/v1alpha1/namespaces/chat/courierclusters/prod",
+            |_| {},
+        )
+        .answer(serde_json::to_value(cluster(false)).unwrap()),
+        expect(
+            Method::GET,
+            "/api/v1/namespaces/chat/secrets/courier-token",
+            |_| {},
+        )
+        .answer(token_secret()),
+        expect(
+            Method::POST,
+            "/apis/events.k8s.io/v1/namespaces/chat/events",
+            |body| {
+                assert_eq!(body["reason"], "Released");
+                assert_eq!(body["note"], "1 sequencer pods drained before deletion");
+            },
+        ),
+        // The finalizer goes.
+        expect(
+            Method::PATCH,
+            "/apis/courier.dev/v1alpha1/namespaces/chat/sequencershardsets/prod-sequencers-canary",
+            |_| {},
+        )
+        .answer(serde_json::to_value(second_shard_set()).unwrap()),
+    ];
+    reconciled(expected, data_plane.clone(), async |ctx| {
+        shard_set::reconcile(Arc::new(deleted), ctx).await.unwrap();
+    })
+    .await;
+    assert_eq!(
+        data_plane.admin.drains.lock().unwrap().clone(),
+        ["prod-sequencers-canary-0"]
+    );
+}
+
+/// A second gateway pool of a cluster (its own is `prod-gateways`) would take over the client
+/// Service and count, mark and unmark the first one's pods (both select the cluster's gateway
+/// pods): it lists no pod, applies nothing and says why.
+#[tokio::test]
+async fn a_second_gateway_pool_of_a_cluster_renders_nothing_and_says_why() {
+    let mut second = pool();
+    second.metadata = meta("prod-gateways-b");
+    let answer = serde_json::to_value(&second).unwrap();
+    let expected = vec![
+        expect(
+            Method::GET,
+            "/apis/courier.dev/v1alpha1/namespaces/chat/courierclusters/prod",
+            |_| {},
+        )
+        .answer(serde_json::to_value(cluster(false)).unwrap()),
+        expect(
+            APPLY,
+            "/apis/courier.dev/v1alpha1/namespaces/chat/gatewaypools/prod-gateways-b/status",
+            |body| {
+                let degraded = condition(body, "Degraded");
+                assert_eq!(degraded["status"], "True");
+                assert_eq!(degraded["reason"], "NotTheClustersOwn");
+                assert!(
+                    degraded["message"]
+                        .as_str()
+                        .unwrap()
+                        .starts_with("GatewayPool prod-gateways-b names CourierCluster prod, whose GatewayPool is prod-gateways"),
+                    "{degraded}"
+                );
+                assert_eq!(condition(body, "Ready")["status"], "False");
+            },
+        )
+        .answer(answer),
+    ];
+    reconciled(expected, Arc::new(FakeDataPlane::default()), async |ctx| {
+        gateway_pool::reconcile(Arc::new(second), ctx)
+            .await
+            .unwrap();
+    })
+    .await;
+}

@@ -4,7 +4,9 @@
 //!
 //! A pool refuses a cluster on the embedded store, whose own pod holds the connections behind
 //! a Service of the name the pool's would have: it renders nothing and says so in its status
-//! (`Degraded`, reason `NotFoundationDb`), as it does for a cluster that does not exist.
+//! (`Degraded`, reason `NotFoundationDb`), as it does for a cluster that does not exist and
+//! for a cluster whose pool is another (`NotTheClustersOwn`: a cluster runs the pool it
+//! creates, and a second one would take its Service and mark its pods).
 //!
 //! A ready pod whose `/metrics` cannot be read keeps the pool from shrinking (the autoscaler
 //! does not guess what it holds), and the status says so: `Degraded`, reason
@@ -35,7 +37,7 @@ use crate::autoscale::{ConnectionSample, DELETION_COST, ScaleDecision, ScalePoli
 use crate::crd::{ConditionType, Conditions, GatewayPool, GatewayPoolStatus};
 use crate::metrics::ResourceLabel;
 use crate::render::pod::{Component, selector_labels, with_config_digest};
-use crate::render::{RenderError, foundation_db, gateways, name_and_namespace};
+use crate::render::{RenderError, foundation_db, gateways, name_and_namespace, pools};
 
 const CONTROLLER: &str = "gateway-pool";
 
@@ -59,8 +61,9 @@ async fn run(pool: &GatewayPool, ctx: &Context) -> Result<Action, Error> {
         .cluster(&namespace, &pool.spec.cluster)
         .await
         .and_then(|cluster| {
-            // Before anything is read or applied: see `foundation_db`.
+            // Before anything is read or applied: see `foundation_db` and `own_gateway_pool`.
             foundation_db(&cluster, "GatewayPool")?;
+            pools::own_gateway_pool(pool)?;
             Ok(cluster)
         });
     let cluster = match cluster {
@@ -69,7 +72,9 @@ async fn run(pool: &GatewayPool, ctx: &Context) -> Result<Action, Error> {
         // pod, and the status says why.
         Err(
             refusal @ (Error::ClusterNotFound(_)
-            | Error::Render(RenderError::NotFoundationDb { .. })),
+            | Error::Render(
+                RenderError::NotFoundationDb { .. } | RenderError::NotTheClustersOwn { .. },
+            )),
         ) => {
             apply_status(&ctx.client, pool, &degraded(pool, now, &refusal)).await?;
             return Ok(Action::requeue(Duration::from_secs(30)));

@@ -220,6 +220,7 @@ impl Error {
             Error::Render(RenderError::Incomplete { .. }) => "IncompleteObject",
             Error::Render(RenderError::Storage(_)) => "InvalidStorage",
             Error::Render(RenderError::NotFoundationDb { .. }) => "NotFoundationDb",
+            Error::Render(RenderError::NotTheClustersOwn { .. }) => "NotTheClustersOwn",
             Error::Admin(_) => "AdminUnavailable",
             Error::Secret { .. } => "SecretUnusable",
             Error::ConfigMap { .. } => "ConfigMapUnusable",

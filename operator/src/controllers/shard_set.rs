@@ -15,8 +15,13 @@
 //!   map, read from the store: a failover is under way), or while events have waited more
 //!   than 30 s for fanout (the shard map's outbox lag: the store or fanout cannot keep up).
 //!   A pod on an older template pauses nothing: under `OnDelete` only its deletion rolls it.
-//! - **Deletion**: a finalizer drains every pod first, so their shards are released in the
-//!   store at once rather than when their leases lapse.
+//! - **Deletion**: a finalizer drains every pod of the set first (its own: not the cluster's
+//!   other sequencers), so their shards are released in the store at once rather than when
+//!   their leases lapse.
+//! - **One per cluster**: a set is its cluster's own (`<cluster>-sequencers`, which the
+//!   cluster creates) or renders nothing and samples nothing (`NotTheClustersOwn`): a second
+//!   one would see the first one's pods holding shards that are not its own and evacuate them,
+//!   the first one moving them back, for good.
 
 mod proposal;
 
@@ -46,7 +51,7 @@ use crate::rebalance::executor::{AdminError, Sample, ShardAdmin, carry_out};
 use crate::rebalance::{Move, MoveReason, PlannerPolicy, PodId, Rebalancer};
 use crate::render::pod::with_config_digest;
 use crate::render::sequencers::{self, admin_address, pod_name};
-use crate::render::{RenderError, foundation_db, name_and_namespace};
+use crate::render::{RenderError, foundation_db, name_and_namespace, pools};
 
 const CONTROLLER: &str = "shard-set";
 
@@ -109,6 +114,8 @@ async fn run(set: &SequencerShardSet, ctx: &Context) -> Result<Action, Error> {
     let (name, namespace) = name_and_namespace(set)?;
     let now_ms = (ctx.clock)();
     let cluster = ctx.cluster(&namespace, &set.spec.cluster).await?;
+    // Before anything is sampled: a second set would move the cluster's shards to its pods.
+    pools::own_shard_set(set)?;
     let stateful_sets = Api::<StatefulSet>::namespaced(ctx.client.clone(), &namespace);
     let existing = stateful_sets.get_opt(&name).await?;
     let running = existing
@@ -411,7 +418,7 @@ async fn drain_leaving(
 /// Drains every pod of a set being deleted; a cluster that is gone or does not answer does not
 /// hold the deletion up.
 async fn release(set: &SequencerShardSet, ctx: &Context) -> Result<Action, Error> {
-    let (_, namespace) = name_and_namespace(set)?;
+    let (name, namespace) = name_and_namespace(set)?;
     lock(&ctx.rebalancers).remove(&key(set));
     let cluster = match ctx.cluster(&namespace, &set.spec.cluster).await {
         Ok(cluster) => cluster,
@@ -428,7 +435,14 @@ async fn release(set: &SequencerShardSet, ctx: &Context) -> Result<Action, Error
     };
     match admin.sample().await {
         Ok(sample) => {
-            for node in sample.nodes.keys() {
+            // Its own pods only: the admin API lists every sequencer of the cluster, and a
+            // drained node takes no shard until it restarts.
+            let own: Vec<&String> = sample
+                .nodes
+                .keys()
+                .filter(|node| ordinal_of(&name, node).is_some())
+                .collect();
+            for node in &own {
                 if let Err(e) = admin.drain(&sample, node).await {
                     tracing::warn!(%node, error = %e, "draining a sequencer of a deleted set failed");
                 }
@@ -438,10 +452,7 @@ async fn release(set: &SequencerShardSet, ctx: &Context) -> Result<Action, Error
                 EventType::Normal,
                 "Released",
                 "Drain",
-                format!(
-                    "{} sequencer pods drained before deletion",
-                    sample.nodes.len()
-                ),
+                format!("{} sequencer pods drained before deletion", own.len()),
             )
             .await;
         }

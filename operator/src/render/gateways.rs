@@ -20,7 +20,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use super::pod::{self, Component, Shutdown};
 use super::{
     RenderError, Rollout, ServiceKind, child_meta, deployment, disruption_budget, foundation_db,
-    name_and_namespace, owner_reference, service,
+    name_and_namespace, owner_reference, pools, service,
 };
 use crate::crd::{CourierCluster, GatewayPool};
 
@@ -63,6 +63,7 @@ pub fn build(
     // An embedded cluster's Service has the name of the client Service below, over its own
     // pod: two controllers would take it from each other.
     foundation_db(cluster, "GatewayPool")?;
+    pools::own_gateway_pool(pool)?;
     let (name, namespace) = name_and_namespace(pool)?;
     let owner = owner_reference(pool)?;
     let cluster_name = pool.spec.cluster.clone();

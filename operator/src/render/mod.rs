@@ -50,6 +50,25 @@ pub enum RenderError {
     /// The cluster's FoundationDB storage is not one the data plane would accept.
     #[error(transparent)]
     Storage(#[from] partitions::StorageError),
+    /// A pool or shard set names a cluster whose own is another: a FoundationDB cluster runs
+    /// the `GatewayPool` and the `SequencerShardSet` it creates ([`pools`]). A second one
+    /// would select the same pods (by cluster and role), take over the client Service, count
+    /// and mark the other's gateways, and see the other's sequencers holding shards that are
+    /// not its own: it would evacuate them to its pods and the first one back, for good, and
+    /// its deletion would drain them.
+    #[error(
+        "{kind} {name} names CourierCluster {cluster}, whose {kind} is {own} (the cluster creates it): a second one would fight it over the same pods, Service and shards, so it runs nothing; delete it, or change the cluster's spec instead"
+    )]
+    NotTheClustersOwn {
+        /// `GatewayPool` or `SequencerShardSet`.
+        kind: &'static str,
+        /// Its name.
+        name: String,
+        /// The cluster it names.
+        cluster: String,
+        /// The name of the cluster's own.
+        own: String,
+    },
     /// A pool's pods were asked of a cluster on the embedded store.
     #[error(
         "CourierCluster {cluster} has embedded storage (one courier serve pod that runs every role): a {kind} needs storage.foundationDb"

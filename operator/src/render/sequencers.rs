@@ -11,7 +11,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use super::pod::{self, Component, HTTP_PORT, INTERNAL_PORT, Shutdown};
 use super::{
     RenderError, ServiceKind, child_meta, disruption_budget, name_and_namespace, owner_reference,
-    service,
+    pools, service,
 };
 use crate::crd::{CourierCluster, SequencerShardSet};
 
@@ -58,6 +58,7 @@ pub fn build(
     cluster: &CourierCluster,
     replicas: i32,
 ) -> Result<SequencerChildren, RenderError> {
+    pools::own_shard_set(set)?;
     let (name, namespace) = name_and_namespace(set)?;
     let owner = owner_reference(set)?;
     let cluster_name = set.spec.cluster.clone();
