@@ -50,9 +50,12 @@ pub struct GatewayPoolSettings {
     #[serde(default = "default_max_replicas")]
     #[schemars(range(min = 1, max = 10000))]
     pub max_replicas: i32,
-    /// Connections per pod the operator scales towards.
+    /// Connections per pod the operator scales towards, at most 10,000,000 (far past what a
+    /// pod holds).
     #[serde(default = "default_target_connections")]
-    #[schemars(range(min = 1))]
+    // Bounded for the API server: it does not enforce the `uint32` format, and an object it
+    // stored with more could not be read (`crd::tests`).
+    #[schemars(range(min = 1, max = 10_000_000))]
     pub target_connections_per_pod: u32,
     /// CPU and memory of each pod.
     #[serde(default, skip_serializing_if = "Option::is_none")]

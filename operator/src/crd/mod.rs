@@ -185,6 +185,72 @@ mod tests {
         );
     }
 
+    /// The integers of each `spec` (where `path` is) that `value` holds, with their schemas.
+    fn integers<'a>(
+        value: &'a serde_json::Value,
+        path: String,
+        found: &mut Vec<(String, &'a serde_json::Value)>,
+    ) {
+        let Some(map) = value.as_object() else {
+            return;
+        };
+        if map.get("type").and_then(|t| t.as_str()) == Some("integer") {
+            found.push((path.clone(), value));
+        }
+        for key in ["properties", "additionalProperties", "items"] {
+            match map.get(key) {
+                Some(serde_json::Value::Object(children)) if key == "properties" => {
+                    for (name, child) in children {
+                        integers(child, format!("{path}.{name}"), found);
+                    }
+                }
+                Some(child) => integers(child, format!("{path}[]"), found),
+                None => {}
+            }
+        }
+    }
+
+    /// Kubernetes does not enforce an integer's `format` (kubernetes/kubernetes#136091): a
+    /// `spec` integer past what its Rust type holds (a `targetConnectionsPerPod` of 5000000000,
+    /// a negative `u32`) was stored, and then no list of that kind could be read: the
+    /// operator's watch of every such resource in its scope failed, over and over, and none was
+    /// reconciled, every other tenant's included. Every `spec` integer has a `minimum` and a
+    /// `maximum` its type holds, so that the API server refuses the object instead.
+    #[test]
+    fn every_spec_integer_is_bounded_to_what_its_type_holds() {
+        let mut unbounded = Vec::new();
+        for crd in all() {
+            let crd = serde_json::to_value(&crd).unwrap();
+            let spec =
+                &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
+            let mut found = Vec::new();
+            let kind = crd["spec"]["names"]["kind"].as_str().unwrap_or_default();
+            integers(spec, kind.to_owned(), &mut found);
+            for (path, schema) in found {
+                let (low, high) = match schema["format"].as_str() {
+                    Some("int32") => (f64::from(i32::MIN), f64::from(i32::MAX)),
+                    Some("uint32") => (0.0, f64::from(u32::MAX)),
+                    Some("int64") => (i64::MIN as f64, i64::MAX as f64),
+                    Some("uint64") => (0.0, u64::MAX as f64),
+                    other => panic!("{path}: an integer of format {other:?}"),
+                };
+                let (minimum, maximum) = (schema["minimum"].as_f64(), schema["maximum"].as_f64());
+                if !(minimum.is_some_and(|m| m >= low) && maximum.is_some_and(|m| m <= high)) {
+                    unbounded.push(format!("{path} ({minimum:?} to {maximum:?})"));
+                }
+            }
+        }
+        assert!(
+            unbounded.is_empty(),
+            "integers not bounded to their type: {unbounded:#?}"
+        );
+        let past = serde_json::json!({ "targetConnectionsPerPod": 5_000_000_000u64 });
+        assert!(
+            serde_json::from_value::<GatewayPoolSettings>(past).is_err(),
+            "what the bounds keep out cannot be read"
+        );
+    }
+
     /// The pods' selector follows the cluster a pool or set names, and Kubernetes refuses any
     /// change of a Deployment's or StatefulSet's selector: an edit only made every
     /// reconciliation fail.
