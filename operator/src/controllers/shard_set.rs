@@ -142,7 +142,7 @@ async fn run(set: &SequencerShardSet, ctx: &Context) -> Result<Action, Error> {
     let mut notes = Notes::default();
     let replicas = match &sample {
         Some(Ok(sample)) => {
-            let replicas = replicas_to_run(&name, wanted, sample);
+            let replicas = replicas_to_run(&name, wanted, running, sample);
             for ordinal in replicas..running {
                 drain_leaving(ctx, set, admin.as_ref(), sample, &pod_name(&name, ordinal)).await?;
             }
@@ -330,19 +330,25 @@ fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// Pods to run: the wanted ones, and any pod past them that still holds shards.
-pub fn replicas_to_run(set: &str, wanted: i32, sample: &Sample) -> i32 {
+/// Pods to run: the wanted ones, and any of the `running` ones past them that still holds
+/// shards. An owner past the running pods is none of them (the owners are node ids from the
+/// store, of any node with the cluster's token): it grows nothing, and its shards are
+/// evacuated as a leaving pod's are.
+pub fn replicas_to_run(set: &str, wanted: i32, running: i32, sample: &Sample) -> i32 {
     sample
         .shards
         .values()
         .filter_map(|shard| ordinal_of(set, &shard.owner))
+        .filter(|ordinal| *ordinal < running)
         .map(|ordinal| ordinal + 1)
         .fold(wanted, i32::max)
 }
 
-/// The ordinal of pod `pod` of set `set`, if it is one of its pods.
+/// The ordinal of pod `pod` of set `set`, if it is named as one of its pods is (`s-0`, not
+/// `s-00`, `s-+0` or `s--1`).
 fn ordinal_of(set: &str, pod: &str) -> Option<i32> {
-    pod.strip_prefix(set)?.strip_prefix('-')?.parse().ok()
+    let ordinal: i32 = pod.strip_prefix(set)?.strip_prefix('-')?.parse().ok()?;
+    (ordinal >= 0 && pod_name(set, ordinal) == pod).then_some(ordinal)
 }
 
 /// Why moves wait, if they do: some of the `replicas` pods are missing or not ready (starting,
@@ -758,11 +764,24 @@ mod tests {
     #[test]
     fn pods_past_the_wanted_ones_keep_running_while_they_hold_shards() {
         let holding = sample(&["s-0", "s-0", "s-3"]);
-        assert_eq!(replicas_to_run("s", 2, &holding), 4);
+        assert_eq!(replicas_to_run("s", 2, 4, &holding), 4);
         let evacuated = sample(&["s-0", "s-1"]);
-        assert_eq!(replicas_to_run("s", 2, &evacuated), 2);
+        assert_eq!(replicas_to_run("s", 2, 4, &evacuated), 2);
         assert_eq!(ordinal_of("s", "s-12"), Some(12));
         assert_eq!(ordinal_of("s", "other-1"), None);
+    }
+
+    /// A shard's owner is a node id from the store: one that only looks like a pod of the set
+    /// beyond those running (a node started by hand, `s-500`; `s-2147483647`, whose next
+    /// ordinal overflowed) is no pod to keep, and must not grow the StatefulSet to its
+    /// ordinal; its shards are evacuated like any leaving node's.
+    #[test]
+    fn an_owner_that_is_no_running_pod_of_the_set_grows_nothing() {
+        let strays = sample(&["s-0", "s-500", "s-2147483647", "s-+1", "s-01", "s--1"]);
+        assert_eq!(replicas_to_run("s", 2, 3, &strays), 2);
+        for stray in ["s-+1", "s-01", "s--1", "s-"] {
+            assert_eq!(ordinal_of("s", stray), None, "{stray}");
+        }
     }
 
     fn stateful_set(ready: i32, current: &str, update: &str) -> StatefulSet {
