@@ -314,7 +314,11 @@ async fn an_embedded_cluster_creates_one_courier_serve_statefulset_its_service_a
                         "--listen",
                         "0.0.0.0:8080",
                         "--metrics-listen",
-                        "0.0.0.0:9090"
+                        "0.0.0.0:9090",
+                        "--drain-window",
+                        "0s",
+                        "--drain-timeout",
+                        "25s"
                     ]
                 );
                 assert_eq!(

@@ -14,10 +14,17 @@ use super::pod::{self, Component, Shutdown};
 use super::{RenderError, ServiceKind, child_meta, name_and_namespace, owner_reference, service};
 use crate::crd::CourierCluster;
 
-/// `courier serve` drains for up to 25 s on SIGTERM; the grace adds the preStop and a margin.
+/// How long `courier serve` may drain on SIGTERM (`--drain-timeout`, its default), its
+/// clients told to reconnect all at once (`--drain-window 0s`: they have no other gateway to
+/// go to). Given as flags, which win over the cluster's configuration file (`configMap`): a
+/// `drain-window` or `drain-timeout` there would run the drain past the grace below, the pod
+/// killed midway.
+pub const DRAIN_SECONDS: i64 = 25;
+
+/// The preStop sleep, the drain and 15 s of margin.
 const SHUTDOWN: Shutdown = Shutdown {
     pre_stop_sleep_seconds: 5,
-    grace_seconds: 45,
+    grace_seconds: 5 + DRAIN_SECONDS + 15,
 };
 
 /// The objects of an embedded cluster.
@@ -46,6 +53,12 @@ pub fn build(cluster: &CourierCluster) -> Result<EmbeddedChildren, RenderError> 
         .map(str::to_owned)
         .to_vec();
     args.extend(pod::metrics_listen());
+    args.extend([
+        "--drain-window".to_owned(),
+        "0s".to_owned(),
+        "--drain-timeout".to_owned(),
+        format!("{DRAIN_SECONDS}s"),
+    ]);
     let template = pod::template(
         cluster,
         Component::Server,
@@ -108,4 +121,40 @@ fn without_data_volume(
         volumes.retain(|v| v.name != "data");
     }
     template
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::EmbeddedStorage;
+    use crate::render::fixtures::foundation_db_cluster;
+
+    /// The pod's grace is the preStop sleep, the drain and a margin: the drain is given as
+    /// flags, which win over the cluster's configuration file, so that a `drain-window` or
+    /// `drain-timeout` there cannot run the drain past the grace (the pod was killed midway,
+    /// its clients cut rather than told to reconnect).
+    #[test]
+    fn the_drain_is_pinned_within_the_grace() {
+        let mut cluster = foundation_db_cluster(None);
+        cluster.spec.storage.foundation_db = None;
+        cluster.spec.media = None;
+        cluster.spec.storage.embedded = Some(EmbeddedStorage {
+            size: "1Gi".into(),
+            storage_class_name: None,
+        });
+        let built = build(&cluster).unwrap();
+        let pod = built.stateful_set.spec.unwrap().template.spec.unwrap();
+        let args = pod.containers[0].args.clone().unwrap();
+        let flag = |name: &str| {
+            args.windows(2)
+                .find(|pair| pair[0] == name)
+                .map(|pair| pair[1].clone())
+        };
+        assert_eq!(flag("--drain-window").as_deref(), Some("0s"), "{args:?}");
+        assert_eq!(flag("--drain-timeout").as_deref(), Some("25s"), "{args:?}");
+        assert_eq!(
+            pod.termination_grace_period_seconds,
+            Some(SHUTDOWN.pre_stop_sleep_seconds + 25 + 15)
+        );
+    }
 }
