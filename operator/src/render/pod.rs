@@ -1,8 +1,8 @@
 //! What every data-plane pod of a cluster shares: labels, environment (secrets, storage),
 //! volumes, ports, probes on `/healthz` and `/readyz`, `/metrics` on a port of its own
-//! ([`METRICS_PORT`]), JSON logs and a locked-down security context; the configuration file
-//! of the cluster's `configMap`, whose digest the controllers put on the template
-//! ([`with_config_digest`]) as they read it.
+//! ([`METRICS_PORT`]), JSON logs and a locked-down security context (no service account
+//! token either); the configuration file of the cluster's `configMap`, whose digest the
+//! controllers put on the template ([`with_config_digest`]) as they read it.
 
 use std::collections::BTreeMap;
 
@@ -388,6 +388,9 @@ pub fn template(
             volumes: Some(volumes),
             termination_grace_period_seconds: Some(shutdown.grace_seconds),
             enable_service_links: Some(false),
+            // The data plane never calls the Kubernetes API: a pod facing the internet holds
+            // no token of the namespace's default service account.
+            automount_service_account_token: Some(false),
             security_context: Some(PodSecurityContext {
                 run_as_non_root: Some(true),
                 run_as_user: Some(RUN_AS_USER),
@@ -665,6 +668,30 @@ mod tests {
         }
         let plain = template(&cluster(true), Component::Gateway, vec![], None, SHUTDOWN).unwrap();
         assert_eq!(value(&env(&plain), "COURIER_CONFIG"), None);
+    }
+
+    /// The data plane never calls the Kubernetes API: no pod gets a service account token,
+    /// which a gateway or media pod (both face the internet) would otherwise hold, with
+    /// whatever the namespace's default service account may do.
+    #[test]
+    fn no_pod_gets_a_service_account_token() {
+        for (cluster, component) in [
+            (cluster(false), Component::Server),
+            (cluster(true), Component::Gateway),
+            (cluster(true), Component::Chat),
+            (cluster(true), Component::Media),
+            (cluster(true), Component::Sequencer),
+            (cluster(true), Component::Fanout),
+            (cluster(true), Component::Push),
+        ] {
+            let template = template(&cluster, component, vec![], None, SHUTDOWN).unwrap();
+            let spec = template.spec.unwrap();
+            assert_eq!(
+                spec.automount_service_account_token,
+                Some(false),
+                "{component:?}"
+            );
+        }
     }
 
     /// What a pod of each component gets: (client token secret, S3 media, push Secret).
