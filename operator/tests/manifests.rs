@@ -43,3 +43,20 @@ fn the_e2e_cluster_manifest_matches_the_types_key_for_key() {
         "keys the types do not know: {dropped:?}"
     );
 }
+
+/// The chart's sample cluster takes a volume size the CRD takes, and only such: its values
+/// schema checks `sampleCluster.volumeSize` with the CRD's own pattern (it lacked the decimal
+/// suffixes, `10G`, that the CRD accepts).
+#[test]
+fn the_charts_sample_volume_size_is_checked_as_the_crd_checks_it() {
+    use kube::CustomResourceExt;
+    let crd = serde_json::to_value(CourierCluster::crd()).unwrap();
+    let size = "/spec/versions/0/schema/openAPIV3Schema/properties/spec/properties/storage/properties/embedded/properties/size/pattern";
+    let crd_pattern = crd.pointer(size).expect("the CRD's size pattern");
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/courier/values.schema.json");
+    let schema: Value = serde_json::from_str(&std::fs::read_to_string(file).unwrap()).unwrap();
+    let chart_pattern = schema
+        .pointer("/properties/sampleCluster/properties/volumeSize/pattern")
+        .expect("the chart's volumeSize pattern");
+    assert_eq!(chart_pattern, crd_pattern);
+}
