@@ -22,6 +22,10 @@ pub struct AdminArgs {
     /// any node answers `nodes`, `shards` and `move-shard`; `drain` drains this node.
     #[arg(long, env = "COURIER_ADMIN_NODE", default_value = "127.0.0.1:7500")]
     pub node: String,
+    /// How long the command waits for its answers (a node that takes the call and never
+    /// answers, its store hanging say, would otherwise hold it for good).
+    #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
     #[command(flatten)]
     pub token: ClusterTokenArgs,
     #[command(subcommand)]
@@ -59,8 +63,21 @@ pub enum AdminCommand {
 
 type Admin = AdminClient<InterceptedService<Channel, AttachToken>>;
 
-/// Runs one admin command and prints its answer.
+/// Runs one admin command and prints its answer, within `--timeout`.
 pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
+    let (node, timeout) = (args.node.clone(), args.timeout);
+    tokio::time::timeout(timeout, run_command(args))
+        .await
+        .unwrap_or_else(|_| {
+            anyhow::bail!(
+                "{node}: no answer within {} (--timeout); the call may still be under way \
+                 there (`courier admin nodes` or `shards` show where it stands)",
+                humantime::format_duration(timeout)
+            )
+        })
+}
+
+async fn run_command(args: AdminArgs) -> anyhow::Result<()> {
     let token = args.token.token()?;
     let connect = |address: &str| {
         let channel = courier_rpc::lazy_channel(&format!("http://{address}"), "node")?;
@@ -329,6 +346,7 @@ mod tests {
         for command in [AdminCommand::Nodes, AdminCommand::Forget { id: "x".into() }] {
             let args = AdminArgs {
                 node: node.clone(),
+                timeout: Duration::from_secs(60),
                 token: ClusterTokenArgs {
                     cluster_token_file: Some(token_file.clone()),
                 },
@@ -338,5 +356,36 @@ mod tests {
             assert!(error.contains(&node), "{error}");
             assert!(error.to_lowercase().contains("refused"), "{error}");
         }
+    }
+
+    /// A node that takes the connection and never answers (here a socket nothing reads; a
+    /// node whose store hangs alike) held the command for good: it gives up after
+    /// `--timeout`, naming the node.
+    #[tokio::test]
+    async fn a_node_that_never_answers_is_given_up_after_the_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let token_file = dir.path().join("token");
+        std::fs::write(&token_file, "0123456789abcdef0123456789abcdef").unwrap();
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let node = silent.local_addr().unwrap().to_string();
+        let _held = tokio::spawn(async move {
+            let mut sockets = Vec::new();
+            while let Ok((socket, _)) = silent.accept().await {
+                sockets.push(socket);
+            }
+        });
+        let args = AdminArgs {
+            node: node.clone(),
+            timeout: Duration::from_millis(300),
+            token: ClusterTokenArgs {
+                cluster_token_file: Some(token_file),
+            },
+            command: AdminCommand::Nodes,
+        };
+        let error = format!("{:#}", run(args).await.unwrap_err());
+        assert!(
+            error.contains(&node) && error.contains("--timeout"),
+            "{error}"
+        );
     }
 }
