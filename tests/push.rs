@@ -284,6 +284,156 @@ async fn a_device_that_took_its_messages_while_the_push_waited_is_not_notified()
     );
 }
 
+/// An app its OS suspended keeps its TCP connection, which takes the device's messages "live"
+/// into a socket nobody reads until the server closes it for silence (`--ping-interval`): what
+/// it was written then and the device did not acknowledge is pushed, as if the device had
+/// been offline when it was sent. The notifier skipped the device while it counted as
+/// connected, and none of it was ever pushed (the user saw no notification until they opened
+/// the app). What the device acknowledged before the close is not pushed.
+#[tokio::test]
+async fn what_a_connection_closed_for_silence_took_and_did_not_acknowledge_is_pushed() {
+    let (addr, provider) = Provider::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = webhook_args(addr, "0ms");
+    args.extend(["--ping-interval".to_owned(), "2s".to_owned()]);
+    let server = start(dir.path(), &args);
+    register(&server, "bob", "phone", "webhook", "tok-bob").await;
+    let mut alice = server.connect("alice", "phone").await;
+    let mut carol = server.connect("carol", "phone").await;
+    let mut bob = server.connect("bob", "phone").await;
+    bob.events_until_sync_done().await.unwrap();
+    // Bob's phone takes alice's message and acknowledges it...
+    let read = alice
+        .send_text(Target::User("bob".into()), "a1", "read")
+        .await
+        .unwrap();
+    assert_eq!(bob.next_event().await.unwrap().seq, read.seq);
+    bob.ack(&read.conversation_id, read.seq, AckKind::Delivered)
+        .await
+        .unwrap();
+    // ...then its app is suspended: nothing reads its socket, which still counts as connected
+    // when carol's message is written to it.
+    let unread = carol
+        .send_text(Target::User("bob".into()), "c1", "unread")
+        .await
+        .unwrap();
+    assert_eq!(
+        server.metric("courier_gateway_silent_closes_total").await,
+        0,
+        "bob's phone counted as connected when carol's message was sent"
+    );
+    alice.close().await;
+    carol.close().await;
+
+    let pushed = provider.wait_for(1).await;
+    let body = pushed[0].json();
+    assert_eq!(
+        (
+            body["conversation_id"].as_str(),
+            body["seq"].as_u64(),
+            body["count"].as_u64(),
+            body["sender"].as_str(),
+        ),
+        (
+            Some(unread.conversation_id.as_str()),
+            Some(unread.seq),
+            Some(1),
+            Some("carol")
+        ),
+        "the message written to the silent connection is pushed"
+    );
+    assert_eq!(
+        server.metric("courier_gateway_silent_closes_total").await,
+        1
+    );
+
+    // A later message of alice's is pushed as usual: the one bob acknowledged never was (a
+    // push of it would have left before this one).
+    let mut alice = server.connect("alice", "phone").await;
+    let later = alice
+        .send_text(Target::User("bob".into()), "a2", "later")
+        .await
+        .unwrap();
+    let pushed = provider.wait_for(2).await;
+    let bodies: Vec<_> = pushed.iter().map(Request::json).collect();
+    assert_eq!(bodies.len(), 2, "{bodies:?}");
+    assert_eq!(
+        (
+            bodies[1]["conversation_id"].as_str(),
+            bodies[1]["seq"].as_u64(),
+            bodies[1]["count"].as_u64()
+        ),
+        (
+            Some(read.conversation_id.as_str()),
+            Some(later.seq),
+            Some(1)
+        ),
+        "{bodies:?}"
+    );
+}
+
+/// A message pushed while the device was offline, then written by the catch-up of a
+/// connection whose app was suspended before it acknowledged it, is not pushed again when the
+/// connection closes for silence: only what the connection took live after its catch-up was
+/// not notified. It was pushed a second time.
+#[tokio::test]
+async fn a_message_pushed_while_offline_is_not_pushed_again_at_a_silent_close() {
+    let (addr, provider) = Provider::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = webhook_args(addr, "0ms");
+    args.extend(["--ping-interval".to_owned(), "2s".to_owned()]);
+    let server = start(dir.path(), &args);
+    register(&server, "bob", "phone", "webhook", "tok-bob").await;
+    let mut alice = server.connect("alice", "phone").await;
+    let offline = alice
+        .send_text(Target::User("bob".into()), "a1", "while offline")
+        .await
+        .unwrap();
+    assert_eq!(
+        provider.wait_for(1).await[0].json()["seq"].as_u64(),
+        Some(offline.seq)
+    );
+    alice.close().await;
+    // Bob's app connects in the background, takes the message in its catch-up, and is
+    // suspended before it acknowledges it.
+    let mut bob = server.connect("bob", "phone").await;
+    let caught_up = bob.events_until_sync_done().await.unwrap();
+    assert_eq!(caught_up.last().map(|e| e.seq), Some(offline.seq));
+    let deadline = std::time::Instant::now() + WAIT;
+    while server.metric("courier_gateway_connections").await > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "bob's connection stayed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        server.metric("courier_gateway_silent_closes_total").await,
+        1
+    );
+
+    // Two later messages of carol's, each pushed after the one before, are the only other
+    // pushes: a second push of alice's message would have left before the second of them.
+    let mut carol = server.connect("carol", "phone").await;
+    for (n, id) in [(2, "c1"), (3, "c2")] {
+        let sent = carol
+            .send_text(Target::User("bob".into()), id, "later")
+            .await
+            .unwrap();
+        let pushed = provider.wait_for(n).await;
+        let bodies: Vec<_> = pushed.iter().map(Request::json).collect();
+        assert_eq!(
+            (
+                bodies.len(),
+                bodies[n - 1]["conversation_id"].as_str(),
+                bodies[n - 1]["seq"].as_u64()
+            ),
+            (n, Some(sent.conversation_id.as_str()), Some(sent.seq)),
+            "{bodies:?}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_device_signed_in_again_after_an_unlink_gets_push_once_it_registers() {
     let (addr, provider) = Provider::start().await;

@@ -86,6 +86,13 @@ pub trait CommitListener: Send + Sync + 'static {
     }
 }
 
+/// Told that a gateway of this process recorded places to notify a device of
+/// (`courier_store::MessageStore::owe_pushes`, at a silent close): the push notifier of the
+/// same process reads them at its next pass. A cluster's notifier reads them every round.
+pub trait OwedPushListener: Send + Sync + 'static {
+    fn owed(&self);
+}
+
 /// Several listeners told of every commit, in order.
 pub struct Listeners(pub Vec<Arc<dyn CommitListener>>);
 

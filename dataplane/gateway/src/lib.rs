@@ -14,6 +14,10 @@
 //! connected for good. A connection notes the time of each read in its shared signals, one
 //! relaxed store; a page of a catch-up or gap fill, which keeps it from reading, counts as one,
 //! and one that stopped reading for reasons of its own is not closed ([`Connection::on_silent`]).
+//! What a connection closed that way was written and its device did not acknowledge is pushed:
+//! once its device left the registry, the connection records where it left the device in the
+//! conversations it wrote to ([`Gateway::owe_pushes`]) for the push notifier, which did not
+//! notify the device of it while it counted as connected.
 //!
 //! **Drain.** A connection told to reconnect (its gateway drains, batch by batch: see
 //! [`drain`]; or its gateway's lease lapsed) reads no further frame, stops a catch-up or gap
@@ -70,7 +74,7 @@ use courier_core::error::ApiError;
 use courier_core::limits::{ConnectionLimit, Rate};
 use courier_core::loops::BackgroundLoops;
 use courier_core::metrics::{CodeLabel, Metrics, ScopeLabel};
-use courier_core::sequencing::SequencerError;
+use courier_core::sequencing::{OwedPushListener, SequencerError};
 use courier_proto::{
     Ack, ClientFrame, Encoding, ErrorCode, ErrorFrame, Event, Hello, Messages, Pong, Reconnect,
     Sent, ServerFrame, SyncDone, Trimmed,
@@ -170,6 +174,10 @@ pub struct Gateway {
     /// The drain of this gateway: it tells the connections to reconnect, batch by batch; no
     /// connection is accepted once it was ordered.
     pub drain: Arc<GatewayDrain>,
+    /// The push notifier of this process, told of the places a silent close records
+    /// ([`Gateway::owe_pushes`]); `None` where it runs on another node, which reads them from
+    /// the store every round.
+    pub owed_pushes: Option<Arc<dyn OwedPushListener>>,
 }
 
 /// A gateway's routes in a cluster's route registry (`courier_store::routes`): each device's
@@ -371,10 +379,15 @@ const LAST_ACK_WAIT: Duration = Duration::from_secs(10);
 /// Longest wait, after the server's close frame, for the client's close reply.
 const CLOSE_REPLY_WAIT: Duration = Duration::from_secs(5);
 
-/// The close of a connection whose client answered no ping for two ping intervals
-/// ([`Signal::Silent`]): 1001, the protocol's going away, which a client takes as a cue to
-/// reconnect; its acks read are committed as on any close.
-const SILENT: Exit = Exit::Close(close_code::AWAY, "no answer to pings; reconnect");
+/// The reason of the close of a connection whose client answered no ping for two ping
+/// intervals ([`Exit::Silent`]).
+const SILENT_REASON: &str = "no answer to pings; reconnect";
+
+/// Places a connection closed for silence records for the push notifier at most
+/// ([`Gateway::owe_pushes`]): the conversations it advanced in most recently, of those it
+/// wrote to past its device's cursor since its catch-up ([`Upto::unacknowledged`]). A device in more conversations than that, each written
+/// to during its silence, is notified of those only; the others wait for its next catch-up.
+pub const SILENT_PUSH_CONVERSATIONS: usize = 100;
 
 /// The close of a connection replaced by newer ones of its device ([`Signal::Replaced`]).
 const REPLACED: Exit = Exit::Close(
@@ -392,6 +405,11 @@ enum Exit {
     /// Told to reconnect ([`Signal::Reconnect`]), in the loop or amid a catch-up or gap fill:
     /// the connection drains ([`Connection::drain`]).
     Reconnect,
+    /// Its client answered no ping for two ping intervals ([`Signal::Silent`]): closed with
+    /// 1001, the protocol's going away, which a client takes as a cue to reconnect; its acks
+    /// read are committed as on any close, and what it was written and its device did not
+    /// acknowledge is pushed ([`Gateway::owe_pushes`]).
+    Silent,
 }
 
 impl Gateway {
@@ -503,6 +521,26 @@ impl Gateway {
         });
     }
 
+    /// Records, for the push notifier, where a connection of `who`'s device closed for silence
+    /// left it: `places` (conversation, highest seq written past the cursor it read,
+    /// [`Upto::unacknowledged`]), at a silent close only, never on the path of a message. The
+    /// notifier notifies the device of what of it the device did not acknowledge, as if it had
+    /// been offline when it was sent (`courier_push`): the connection took it "live" into a
+    /// socket nobody read, while the device counted as connected and was notified of nothing.
+    /// A failure is logged: the device is then not notified of it (its next catch-up has it).
+    async fn owe_pushes(&self, who: &Identity, places: &[(String, u64)]) {
+        if places.is_empty() {
+            return;
+        }
+        if let Err(e) = self.store.owe_pushes(&who.user, &who.device, places).await {
+            tracing::warn!(user = %who.user, device = %who.device, error = %e, "could not record what a silent connection was written: its device is not notified of it");
+            return;
+        }
+        if let Some(notifier) = &self.owed_pushes {
+            notifier.owed();
+        }
+    }
+
     /// In a cluster, records that `handle`'s device is connected to this gateway; false
     /// (logged) if that failed.
     async fn add_route(&self, user: &str, handle: &ConnectionHandle) -> bool {
@@ -579,8 +617,10 @@ impl Connection {
                 Exit::Reconnect => Box::pin(self.drain()).await,
                 exit => exit,
             };
+            let silent = matches!(exit, Exit::Silent);
             match exit {
                 Exit::Close(code, reason) => Box::pin(self.close(code, reason)).await,
+                Exit::Silent => Box::pin(self.close(close_code::AWAY, SILENT_REASON)).await,
                 Exit::Unlinked => {
                     Box::pin(self.close(close_code::POLICY, "device unlinked")).await;
                     self.queued_acks.clear();
@@ -596,13 +636,18 @@ impl Connection {
                 let queued = std::mem::take(&mut self.queued_acks);
                 let _ = tokio::time::timeout(LAST_ACK_WAIT, self.commit_acks(queued)).await;
             }
+            // Its app suspended, the client read none of what the connection wrote lately
+            // (taken only now: nothing more is held across the close's awaits).
+            let owed = silent.then(|| self.upto.unacknowledged(SILENT_PUSH_CONVERSATIONS));
             // Boxed: what leaving holds across its writes takes no room in every connection.
-            Box::pin(self.leave(handle)).await;
+            Box::pin(self.leave(handle, owed)).await;
         }
     }
 
-    /// Closes the socket, records the device's activity and clears its routes.
-    async fn leave(self, handle: ConnectionHandle) {
+    /// Closes the socket, records the device's activity and clears its routes, then records
+    /// the places a silent close `owed` for the push notifier: once the device no longer
+    /// counts as connected, which the notifier checks.
+    async fn leave(self, handle: ConnectionHandle, owed: Option<Vec<(String, u64)>>) {
         let gateway = self.gateway.clone();
         let who = self.who.clone();
         drop(self);
@@ -616,6 +661,9 @@ impl Connection {
             && !route_stays
         {
             cluster.clear(user, &handle.device, &gateway.routes).await;
+        }
+        if let Some(owed) = owed {
+            gateway.owe_pushes(&who, &owed).await;
         }
         // Last: a draining server waits for its connections to leave the registry.
         gateway.routes.unregister(user, handle.id);
@@ -659,6 +707,9 @@ impl Connection {
         if let Err(exit) = Box::pin(self.catch_up(&BTreeMap::new())).await {
             return exit;
         }
+        // What the catch-up wrote was committed while the device was offline, and notified
+        // then: a silent close owes only what comes from now on.
+        self.upto.caught_up();
         if let Some(read) = early
             && let Err(exit) = Box::pin(self.on_read(*read)).await
         {
@@ -723,7 +774,7 @@ impl Connection {
             return self.on_read(read).await;
         }
         self.gateway.metrics.silent_closes.inc();
-        Err(SILENT)
+        Err(Exit::Silent)
     }
 
     /// Closes with `code`: writes the close frame, then reads what the client still sends

@@ -23,6 +23,11 @@ pub const MAX_CONVERSATIONS: usize = 1024;
 /// Places forgotten at once when a new conversation would pass [`MAX_CONVERSATIONS`].
 pub const FORGOTTEN_AT_ONCE: usize = MAX_CONVERSATIONS / 4;
 
+/// What [`Upto::caught_up`] raises the count of advances to, so that a place advanced since
+/// counts more: far above the advances of any catch-up (one per event or cursor), and far
+/// below where the count would wrap.
+const CAUGHT_UP: u64 = 1 << 48;
+
 /// A connection's place in each conversation (module documentation).
 #[derive(Default)]
 pub struct Upto {
@@ -54,6 +59,35 @@ impl Upto {
     /// Raises the place in `conv` to the device's delivered `cursor`, read from the store.
     pub fn read_cursor<C: Borrow<str> + Into<String>>(&mut self, conv: C, cursor: u64) {
         self.advance(conv, cursor, cursor);
+    }
+
+    /// The connection's first catch-up is written: the places advanced from now on are told
+    /// apart from those it advanced ([`Upto::unacknowledged`]), at the cost of no memory.
+    pub fn caught_up(&mut self) {
+        self.advances = self.advances.max(CAUGHT_UP);
+    }
+
+    /// The places written past the device's cursor as last read and advanced since the first
+    /// catch-up ([`Upto::caught_up`]), the most recently advanced first, at most `limit` of
+    /// them: where the connection took events "live" that its device may not have
+    /// acknowledged (the cursor may have moved since it was read). What only the catch-up
+    /// wrote was committed before the connection, while the device was offline.
+    pub fn unacknowledged(&self, limit: usize) -> Vec<(String, u64)> {
+        let mut written: Vec<(&String, &Place)> = self
+            .places
+            .iter()
+            .filter(|(_, place)| place.advanced > CAUGHT_UP && place.seq > place.cursor)
+            .collect();
+        if written.len() > limit {
+            written
+                .select_nth_unstable_by_key(limit, |(_, place)| std::cmp::Reverse(place.advanced));
+            written.truncate(limit);
+        }
+        written.sort_unstable_by_key(|(_, place)| std::cmp::Reverse(place.advanced));
+        written
+            .into_iter()
+            .map(|(conv, place)| (conv.clone(), place.seq))
+            .collect()
     }
 
     fn advance<C: Borrow<str> + Into<String>>(&mut self, conv: C, seq: u64, cursor: u64) {
@@ -153,5 +187,39 @@ mod tests {
             upto.wrote(format!("w{i}"), 1);
         }
         assert_eq!(upto.places.len(), MAX_CONVERSATIONS + 10);
+    }
+
+    /// A silent close names the places written past the cursor since the first catch-up, the
+    /// most recent first: what only the catch-up wrote was committed while the device was
+    /// offline, and notified then.
+    #[test]
+    fn the_places_written_past_the_cursor_are_listed_most_recent_first() {
+        let mut upto = Upto::default();
+        upto.read_cursor("caught up", 1);
+        upto.wrote("caught up", 6);
+        upto.caught_up();
+        upto.read_cursor("covered", 4);
+        upto.read_cursor("old", 2);
+        upto.wrote("old", 3);
+        upto.wrote("recent", 7);
+        upto.wrote("middle", 1);
+        upto.wrote("recent", 8);
+        assert_eq!(
+            upto.unacknowledged(10),
+            [
+                ("recent".to_owned(), 8),
+                ("middle".to_owned(), 1),
+                ("old".to_owned(), 3)
+            ]
+        );
+        assert_eq!(
+            upto.unacknowledged(2),
+            [("recent".to_owned(), 8), ("middle".to_owned(), 1)]
+        );
+        assert!(upto.unacknowledged(0).is_empty());
+
+        // Written to live after the catch-up, a conversation of the catch-up is named.
+        upto.wrote("caught up", 9);
+        assert_eq!(upto.unacknowledged(1), [("caught up".to_owned(), 9)]);
     }
 }

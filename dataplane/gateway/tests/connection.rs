@@ -104,6 +104,7 @@ fn gateway_with_routes(
         metrics,
         limits,
         drain: Arc::new(GatewayDrain::new(routes, Duration::ZERO, Duration::ZERO)),
+        owed_pushes: None,
     })
 }
 

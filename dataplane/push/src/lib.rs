@@ -6,6 +6,14 @@
 //! - Only devices with a push registration that are not connected when the notifier reads the
 //!   message, and whose delivered cursor does not cover it, are notified of it: a device that
 //!   took the message and went away before the notifier's pass is not.
+//! - Silent closes: a connection closed because its client read nothing for two ping
+//!   intervals (an app its OS suspended) took its device's messages "live" while the device
+//!   counted as connected. Its gateway records where it left the device in the conversations
+//!   it wrote to ([`MessageStore::owe_pushes`], at the close only), and the notifier turns what
+//!   the device did not acknowledge there into pending notifications as if the device had
+//!   been offline ([`Notifier::expand_owed`]): told at once by a gateway of its process
+//!   ([`OwedPushListener`]), and reading them at its start and, on a cluster's node, every
+//!   round.
 //! - Collapse: one pending notification per device and conversation, carrying a count; a new
 //!   message adds to it until it is sent. Each waits `--push-collapse` before its first attempt
 //!   (`--push-quiet-collapse` in groups above the large-group threshold, whose notifications
@@ -71,16 +79,16 @@ use courier_core::listed_tails::{Listed, Tails};
 use courier_core::loops::BackgroundLoops;
 use courier_core::membership::MembershipCache;
 use courier_core::metrics::{Metrics, OutcomeLabel, ReaderLabel};
-use courier_core::sequencing::CommitListener;
+use courier_core::sequencing::{CommitListener, OwedPushListener};
 use courier_core::{clock::now_ms, shard_cursors::ShardCursors};
 use courier_proto::{Body, EventPayload};
 use courier_store::{
-    EventHeader, ListedEntry, MessageStore, OutboxHeaders, PendingPush, PushRegistrationCounts,
-    PushedBound, StoreError, bound_after, push_registration_slot,
+    EventHeader, ListedEntry, MessageStore, OutboxHeaders, OwedPush, PendingPush,
+    PushRegistrationCounts, PushedBound, StoreError, bound_after, push_registration_slot,
 };
 use foldhash::{HashMap, HashMapExt};
 use futures::{StreamExt, TryStreamExt};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -132,6 +140,13 @@ const TAILS_MAX_BYTES: usize = 8 << 20;
 /// Longest wait before a shard whose messages could not be expanded is tried again (the wait
 /// doubles from [`IDLE_PASS`] with each failure in a row).
 const MAX_SHARD_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Places of silent closes ([`MessageStore::owed_pushes`]) one pass takes at most; the rest
+/// wait for the next pass, which starts at once.
+const OWED_PAGE: usize = 256;
+/// Events of each such place read at most, the latest: a notification of more unread
+/// messages counts these only.
+const OWED_EVENTS: usize = 100;
 
 #[derive(Debug, Clone, Args)]
 pub struct NotifierConfig {
@@ -380,6 +395,8 @@ pub struct Notifier {
     tails_filling: Notify,
     /// The earliest due time of any pending notification (0: unknown, scan).
     next_due_ms: AtomicU64,
+    /// Places of silent closes may wait to be notified ([`Notifier::expand_owed`]).
+    owed_dirty: AtomicBool,
     /// The providers' blocks, from their answers.
     gates: ProviderGates,
 }
@@ -417,6 +434,7 @@ impl Notifier {
             wake: Notify::new(),
             tails_filling: Notify::new(),
             next_due_ms: AtomicU64::new(0),
+            owed_dirty: AtomicBool::new(true),
             gates: ProviderGates::default(),
         })
     }
@@ -450,6 +468,7 @@ impl Notifier {
                 // A loop restarted after a panic may have taken headers it never expanded.
                 notifier.tails.drop_all();
                 notifier.mark_all_dirty();
+                notifier.owed_dirty.store(true, Ordering::Relaxed);
                 loop {
                     if looked_at_all.elapsed() >= round {
                         looked_at_all = std::time::Instant::now();
@@ -461,6 +480,9 @@ impl Notifier {
                             notifier.took_lead();
                         } else if every_shard_each.is_some() {
                             notifier.mark_all_dirty();
+                            // Gateways of other nodes record the places of their silent
+                            // closes in the store, and cannot tell this node.
+                            notifier.owed_dirty.store(true, Ordering::Relaxed);
                         }
                         notifier.mark_trailing_dirty();
                     }
@@ -524,6 +546,20 @@ impl Notifier {
             self.back_off(*shard);
             self.mark_dirty(*shard);
         }
+        let mut more = expanded.more;
+        if self.owed_dirty.swap(false, Ordering::Relaxed) {
+            match self.expand_owed().await {
+                Ok(false) => {}
+                Ok(true) => {
+                    self.owed_dirty.store(true, Ordering::Relaxed);
+                    more = true;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "places of silent closes not expanded into push notifications; retrying at the next pass");
+                    self.owed_dirty.store(true, Ordering::Relaxed);
+                }
+            }
+        }
         if now_ms() >= self.next_due_ms.load(Ordering::Relaxed)
             && let Err(e) = self.send_due().await
         {
@@ -531,7 +567,7 @@ impl Notifier {
             self.next_due_ms.store(0, Ordering::Relaxed);
             return Err(e);
         }
-        Ok(expanded.more)
+        Ok(more)
     }
 
     fn mark_all_dirty(&self) {
@@ -547,6 +583,7 @@ impl Notifier {
         self.tails.drop_all();
         self.cursors.forget_all();
         self.mark_all_dirty();
+        self.owed_dirty.store(true, Ordering::Relaxed);
     }
 
     fn mark_trailing_dirty(&self) {
@@ -699,6 +736,144 @@ impl Notifier {
             }
         }
         expanded
+    }
+
+    /// Turns a page of the places silent closes left ([`MessageStore::owe_pushes`]: a
+    /// connection closed because its client read nothing for two ping intervals, an app its
+    /// OS suspended) into pending notifications, as if the device had been offline when the
+    /// events it was written there were sent: the messages of others above the device's
+    /// delivered cursor (the latest [`OWED_EVENTS`] events of each place at most), collapsed
+    /// into the device's notification of the conversation like any (counted once by seq:
+    /// those the outbox's expansion counted, while the device was offline for part of the
+    /// window, are not counted again), quiet in a large group, due `--push-collapse` after
+    /// the latest of them. A device without a registration, unlinked, or connected again
+    /// (its new connection's catch-up writes them) is not notified. Every place read is
+    /// cleared in the commit that writes the notifications. Returns whether more places wait.
+    async fn expand_owed(&self) -> Result<bool, StoreError> {
+        let owed = self.store.owed_pushes(OWED_PAGE).await?;
+        if owed.is_empty() {
+            return Ok(false);
+        }
+        let mut by_device: BTreeMap<(&str, &str), Vec<&OwedPush>> = BTreeMap::new();
+        for place in &owed {
+            match &place.device {
+                Some((user, device, _)) => by_device.entry((user, device)).or_default().push(place),
+                None => tracing::error!(
+                    key = %place.key.escape_ascii(),
+                    "a place of a silent close whose key does not decode is cleared"
+                ),
+            }
+        }
+        let now = now_ms();
+        let mut pending = Vec::new();
+        for ((user, device), places) in by_device {
+            match self.owed_device(user, device, &places, now).await {
+                Ok(made) => pending.extend(made),
+                Err(error @ StoreError::Corrupt { .. }) => tracing::error!(
+                    user,
+                    device,
+                    %error,
+                    "stored data that does not decode: the device is not notified of what its silent connection was written"
+                ),
+                Err(e) => return Err(e),
+            }
+        }
+        self.store.settle_owed_pushes(&owed, &pending).await?;
+        if let Some(due) = pending.iter().map(|(_, p)| p.due_ms).min() {
+            self.next_due_ms.fetch_min(due, Ordering::Relaxed);
+        }
+        Ok(owed.len() == OWED_PAGE)
+    }
+
+    /// The pending notifications of `user`'s `device` for its `places` ([`Self::expand_owed`]).
+    async fn owed_device(
+        &self,
+        user: &str,
+        device: &str,
+        places: &[&OwedPush],
+        now: u64,
+    ) -> Result<Vec<(DeviceKey, PendingPush)>, StoreError> {
+        let takes_push = self
+            .store
+            .device(user, device)
+            .await?
+            .is_some_and(|record| record.takes_push());
+        if !takes_push
+            || self
+                .gateways
+                .connected_devices(user)
+                .await?
+                .iter()
+                .any(|connected| connected == device)
+        {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<DeviceKey> = places
+            .iter()
+            .filter_map(|place| place.device.clone())
+            .collect();
+        let states = self.store.push_states(&keys).await?;
+        let mut made = Vec::new();
+        for ((key, (cursor, stored)), place) in keys.into_iter().zip(states).zip(places) {
+            if cursor >= place.through {
+                // It acknowledged all of it before the connection closed.
+                continue;
+            }
+            let Some(entry) = self
+                .owed_entry(&key, cursor, place.through, stored, now)
+                .await?
+            else {
+                continue;
+            };
+            made.push((key, entry));
+        }
+        Ok(made)
+    }
+
+    /// The notification of `key`'s device in its conversation for the messages of others in
+    /// `(cursor, through]`, merged into `stored`; `None` when it counts none.
+    async fn owed_entry(
+        &self,
+        (user, _, conv): &DeviceKey,
+        cursor: u64,
+        through: u64,
+        stored: Option<PendingPush>,
+        now: u64,
+    ) -> Result<Option<PendingPush>, StoreError> {
+        let from = cursor.max(through.saturating_sub(OWED_EVENTS as u64));
+        let events = self.store.events(conv, from, through, OWED_EVENTS).await?;
+        let messages: Vec<EventHeader> = events
+            .iter()
+            .map(EventHeader::of)
+            .filter(|header| header.is_message() && header.sender() != user)
+            .collect();
+        let Some(last) = messages.last() else {
+            return Ok(None);
+        };
+        let members = self.membership.members_at(conv, last.seq).await?;
+        if !members.iter().any(|member| member == user) {
+            return Ok(None);
+        }
+        let quiet = members.len() > self.large_group_threshold;
+        let collapse = if quiet {
+            self.config.push_quiet_collapse
+        } else {
+            self.config.push_collapse
+        };
+        let mut entry = stored.unwrap_or(PendingPush {
+            due_ms: due_after(last.ts_ms, collapse, now),
+            quiet,
+            ..PendingPush::default()
+        });
+        let counted = entry.count;
+        for message in &messages {
+            if entry.last_seq < message.seq {
+                entry.count = entry.count.saturating_add(1);
+                entry.last_seq = message.seq;
+                entry.sender = message.sender().to_owned();
+            }
+        }
+        Ok((entry.count != counted).then_some(entry))
     }
 
     /// Fanout's bound of each of `shards`, with one read, after taking the notifier's own
@@ -1147,6 +1322,14 @@ fn due_after(committed_ms: u64, collapse: Duration, now: u64) -> u64 {
     committed_ms
         .saturating_add(collapse.as_millis() as u64)
         .max(now)
+}
+
+impl OwedPushListener for Notifier {
+    /// A gateway of this process recorded the places of a silent close: read at the next pass.
+    fn owed(&self) {
+        self.owed_dirty.store(true, Ordering::Relaxed);
+        self.wake.notify_one();
+    }
 }
 
 impl CommitListener for Notifier {
@@ -1691,6 +1874,59 @@ mod tests {
         assert_eq!((pending.count, pending.last_seq), (1, hello + 1));
     }
 
+    /// The places a silent close left are notified as if the device had been offline when
+    /// their events were sent: the messages of others above its cursor, each counted once with
+    /// those the outbox's expansion counted already; a device without a registration is not
+    /// notified; every place read is cleared, and a second close through the same events
+    /// counts nothing again.
+    #[tokio::test]
+    async fn the_places_of_a_silent_close_are_notified_counting_each_message_once() {
+        let engine = FaultyEngine::new();
+        let store = engine.store(4).await;
+        let members = ["ann", "bob", "cat"].map(String::from);
+        group_with_a_message_and_push(&store, "g:1", &members, &members[1..2]).await;
+        second_message(&store, "g:1", "ann").await;
+        let second = store.head("g:1").await.unwrap();
+        message(&store, "g:1", "bob", "bob's own").await;
+        message(&store, "g:1", "ann", "third").await;
+        let third = store.head("g:1").await.unwrap();
+        // Bob's phone was offline for part of the window: the outbox's expansion counted the
+        // first two messages.
+        let counted = PendingPush {
+            count: 2,
+            last_seq: second,
+            sender: "ann".into(),
+            due_ms: u64::MAX,
+            ..PendingPush::default()
+        };
+        let bob = ("bob".to_owned(), "phone".to_owned(), "g:1".to_owned());
+        store.expand_outbox(&[], &[(bob, counted)]).await.unwrap();
+        let through = [("g:1".to_owned(), third)];
+        store.owe_pushes("bob", "phone", &through).await.unwrap();
+        store.owe_pushes("cat", "phone", &through).await.unwrap();
+        let notifier = notifier(&store, PushProviders::default(), Duration::ZERO);
+
+        assert!(!notifier.expand_owed().await.unwrap());
+        let pending = store.pending_push("bob", "phone", "g:1").await.unwrap();
+        let pending = pending.expect("bob's phone is notified");
+        assert_eq!(
+            (pending.count, pending.last_seq, pending.sender.as_str()),
+            (3, third, "ann"),
+            "the third message is added, bob's own is not counted"
+        );
+        assert_eq!(
+            store.pending_push("cat", "phone", "g:1").await.unwrap(),
+            None
+        );
+        assert!(store.owed_pushes(10).await.unwrap().is_empty());
+
+        store.owe_pushes("bob", "phone", &through).await.unwrap();
+        assert!(!notifier.expand_owed().await.unwrap());
+        let again = store.pending_push("bob", "phone", "g:1").await.unwrap();
+        assert_eq!(again.map(|p| p.count), Some(3), "nothing counted twice");
+        assert!(store.owed_pushes(10).await.unwrap().is_empty());
+    }
+
     /// The users whose device records the ranges read since the last call covered.
     fn device_records_read(engine: &FaultyEngine, store: &MessageStore, users: &[String]) -> usize {
         let ranges = engine.take_ranges_read();
@@ -2218,6 +2454,41 @@ mod tests {
             assert!(
                 std::time::Instant::now() < deadline,
                 "the notifier never looked at the shard again"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// A cluster's gateways record the places of their silent closes in the store and cannot
+    /// tell the notifier, which runs on another node: it reads them every round.
+    #[tokio::test]
+    async fn a_cluster_notifier_finds_the_places_of_silent_closes_on_other_nodes() {
+        let engine = FaultyEngine::new();
+        let store = engine.store(4).await;
+        let (providers, sent) = webhook().await;
+        let notifier = notifier(&store, providers, Duration::ZERO);
+        let members = vec!["ann".to_owned(), "ben".to_owned()];
+        // Ben's phone had no registration when the message was expanded (it was connected).
+        group_with_a_message_and_push(&store, "g:1", &members, &[]).await;
+        expand_the_group(&notifier, &store).await;
+        register_phone(&store, "ben").await;
+        let loops = BackgroundLoops::new();
+        notifier.start(&loops, Some(Duration::from_millis(100)), None);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while notifier.owed_dirty.load(Ordering::Relaxed) {
+            assert!(std::time::Instant::now() < deadline, "no first pass");
+            tokio::task::yield_now().await;
+        }
+        // Ben's connection closes for silence on another node's gateway.
+        let head = store.head("g:1").await.unwrap();
+        store
+            .owe_pushes("ben", "phone", &[("g:1".to_owned(), head)])
+            .await
+            .unwrap();
+        while !notified(&sent, "g:1") {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the notifier never read the places of the silent close"
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }

@@ -62,7 +62,7 @@ use courier_core::leases::JobLead;
 use courier_core::loops::BackgroundLoops;
 use courier_core::membership::MembershipCache;
 use courier_core::metrics::Metrics;
-use courier_core::sequencing::{CommitListener, Listeners, Sequencer};
+use courier_core::sequencing::{CommitListener, Listeners, OwedPushListener, Sequencer};
 use courier_core::storage_health::StorageHealth;
 use courier_fanout::Fanout;
 use courier_gateway::drain::GatewayDrain;
@@ -657,6 +657,7 @@ pub async fn run_client_roles(
         metrics: metrics.clone(),
         limits: gateway_limits,
         drain,
+        owed_pushes: notifier.clone().map(|n| n as Arc<dyn OwedPushListener>),
     });
     gateway.start_recording_connected_devices(&loops);
     gateway.start_liveness_pass(&loops);

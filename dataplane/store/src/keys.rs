@@ -37,6 +37,7 @@
 //! | `mbytes` | `("mbytes", user)` | bytes of the user's media records, for the quota (u64 LE) |
 //! | `mref` | `("mref", id, conv, seq)` | message `seq` of `conv` references it (empty); one per message |
 //! | `pushq` | `("pushq", user, device, conv)` | a pending, collapsed notification (`PendingPush`) |
+//! | `pushowed` | `("pushowed", user, device, conv)` | events a connection closed for silence wrote to the device in the conversation, through this seq (u64 LE, atomic MAX): the push notifier notifies the device of those it did not acknowledge, then clears this |
 //! | `trimq` | `("trimq", due, conv)` | the retention queue: a pass looks at the conversation once `due` (ms) has come (empty) |
 //! | `meta` | `("meta", "pushreg")` | how many times a device's push registration began or ended (u64 LE, atomic ADD) |
 //! | `meta` | `("meta", "pushreg", slot)` | the same, for the users of one slot ([`push_registration_slot`]): the push notifier keeps the registrations it read of a slot's users while its count stays put |
@@ -45,9 +46,9 @@
 //!
 //! **Placement.** With storage partitions (`crate::partitions`), every key lives in the
 //! partition [`Keys::placement`] names: shard-scoped keys with their shard, conversation-scoped
-//! keys (also `convs`, `mref` and `pushq`, which name a conversation after a user or a media
-//! id) with their conversation's shard, `ngroups` with the shard it counts, and the rest in the
-//! directory (partition 0). `docs/decisions/0005-storage-partitions.md` says why.
+//! keys (also `convs`, `mref`, `pushq` and `pushowed`, which name a conversation after a user
+//! or a media id) with their conversation's shard, `ngroups` with the shard it counts, and the
+//! rest in the directory (partition 0). `docs/decisions/0005-storage-partitions.md` says why.
 
 use crate::ownership::Duty;
 use foundationdb_tuple::{Subspace, TuplePack, Versionstamp};
@@ -483,6 +484,21 @@ impl Keys {
             .map(|(_, user, device, conv)| (user, device, conv))
     }
 
+    /// Where a connection closed for silence left `user`'s `device` in `conv`: the push
+    /// notifier notifies the device of what it wrote there and the device did not acknowledge.
+    pub fn owed_push(&self, user: &str, device: &str, conv: &str) -> Vec<u8> {
+        self.pack(&("pushowed", user, device, conv))
+    }
+
+    pub fn owed_pushes(&self) -> Range<Vec<u8>> {
+        range_of(self.root.subspace(&("pushowed",)))
+    }
+
+    /// `(user, device, conv)` of a key from [`Keys::owed_pushes`].
+    pub fn owed_push_parts(&self, key: &[u8]) -> Option<(String, String, String)> {
+        self.pending_push_parts(key)
+    }
+
     /// The count of `user`'s groups whose conversations are in `shard`.
     pub fn group_counter(&self, user: &str, shard: u32) -> Vec<u8> {
         self.pack(&("gcount", user, shard))
@@ -560,7 +576,7 @@ impl Keys {
                 tuple.string()?;
                 Placement::Conversation(tuple.hashed_string()?)
             }
-            b"pushq" => {
+            b"pushq" | b"pushowed" => {
                 tuple.string()?;
                 tuple.string()?;
                 Placement::Conversation(tuple.hashed_string()?)

@@ -51,7 +51,7 @@ pub use message_store::{
     AckBounds, Append, AppendKey, AppendOutcome, AppendRefused, AppendResult, Appended, CLEAR_PAGE,
     ConversationRecord, ConversationRow, DeliveredBound, DeviceRecord, HeadCache, ListedEntry,
     MediaAdmission, MediaRecord, MediaReference, MessageStore, NewConversation, OutboxEntry,
-    OutboxHeaders, OutboxPage, PUSH_EXPANSION_BYTES, PendingPush, PushRegistrationCounts,
+    OutboxHeaders, OutboxPage, OwedPush, PUSH_EXPANSION_BYTES, PendingPush, PushRegistrationCounts,
     PushedBound, ReadBounds, ShardLease, TooManyDevices, UndecodableEvent, bound_after,
     rest_after_clear_page,
 };

@@ -234,6 +234,19 @@ pub struct PendingPush {
     pub quiet: bool,
 }
 
+/// Where a connection closed for silence left its device in one conversation
+/// ([`MessageStore::owe_pushes`]), as read by the push notifier.
+#[derive(Debug, Clone)]
+pub struct OwedPush {
+    pub key: Vec<u8>,
+    /// The value read, which settling it is fenced on.
+    stored: Vec<u8>,
+    /// The user, device and conversation (`None`: a key that does not decode, to be cleared).
+    pub device: Option<(String, String, String)>,
+    /// The highest seq the connection wrote there.
+    pub through: u64,
+}
+
 /// The first outcome of a `(conversation, device, client_msg_id)`, returned to retries.
 #[derive(Clone, PartialEq, prost::Message)]
 pub(crate) struct IdempotencyRecord {
@@ -2493,6 +2506,85 @@ impl MessageStore {
             None => batch.clear(key.to_vec()),
         };
         self.kv.commit(batch).await.map(drop)
+    }
+
+    /// Records where a connection of `user`'s `device` closed for silence left it in each of
+    /// `places` (conversation, the highest seq it wrote there past the device's cursor): the
+    /// push notifier notifies the device of what of it the device did not acknowledge
+    /// ([`Self::owed_pushes`]). Atomic MAX, so two closes before the notifier reads them need
+    /// no read and lower nothing; one commit per partition the conversations lie in.
+    pub async fn owe_pushes(
+        &self,
+        user: &str,
+        device: &str,
+        places: &[(String, u64)],
+    ) -> Result<(), StoreError> {
+        if places.is_empty() {
+            return Ok(());
+        }
+        let mut batch = Batch::new();
+        for (conv, seq) in places {
+            batch.max(self.keys.owed_push(user, device, conv), *seq);
+        }
+        self.commit_independent(batch).await
+    }
+
+    /// Up to `limit` of the places silent closes left ([`Self::owe_pushes`]), in key order. The
+    /// caller settles each it read ([`Self::settle_owed_pushes`]), which clears it.
+    pub async fn owed_pushes(&self, limit: usize) -> Result<Vec<OwedPush>, StoreError> {
+        let rows = self.kv.range(self.keys.owed_pushes(), limit, false).await?;
+        Ok(rows
+            .into_iter()
+            .map(|(key, stored)| OwedPush {
+                device: self.keys.owed_push_parts(&key),
+                through: decode_u64(&stored),
+                key,
+                stored,
+            })
+            .collect())
+    }
+
+    /// Writes `pending`, the notifications made of `owed`, and clears `owed`, each fenced on
+    /// the value read: a silent close that raised one meanwhile fails the commit
+    /// (`FenceChanged`), and they are read again. A conversation's notification and its place
+    /// share a partition; with storage partitions each partition commits alone (the first
+    /// failure is returned, the others committed).
+    pub async fn settle_owed_pushes(
+        &self,
+        owed: &[OwedPush],
+        pending: &[((String, String, String), PendingPush)],
+    ) -> Result<(), StoreError> {
+        let mut by_partition: BTreeMap<usize, Batch> = BTreeMap::new();
+        let partition_of = |key: &[u8]| match &self.partitions {
+            None => Some(0),
+            Some(partitions) => partitions.partition_of_key(key),
+        };
+        for row in owed {
+            // A key of no known placement cannot have been written to a partitioned store.
+            let Some(partition) = partition_of(&row.key) else {
+                continue;
+            };
+            by_partition
+                .entry(partition)
+                .or_default()
+                .fence(row.key.clone(), Some(row.stored.clone()))
+                .clear(row.key.clone());
+        }
+        for ((user, device, conv), push) in pending {
+            let key = self.keys.pending_push(user, device, conv);
+            let Some(partition) = partition_of(&key) else {
+                continue;
+            };
+            by_partition
+                .entry(partition)
+                .or_default()
+                .set(key, push.encode_to_vec());
+        }
+        let mut outcome = Ok(());
+        for batch in by_partition.into_values() {
+            outcome = outcome.and(self.kv.commit(batch).await.map(drop));
+        }
+        outcome
     }
 
     /// The delivered cursor of one device in one conversation (0 when it has none).

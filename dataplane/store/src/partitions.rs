@@ -777,6 +777,7 @@ mod tests {
             keys.floor(&conv),
             keys.media_reference("m", &conv, 3),
             keys.pending_push("u", "d", &conv),
+            keys.owed_push("u", "d", &conv),
         ];
         for key in &with_conversation {
             assert_eq!(router.partition_of_key(key), Some(1), "{key:?}");
@@ -798,6 +799,7 @@ mod tests {
             keys.conversations(),
             keys.group_counters("u"),
             keys.pending_pushes(),
+            keys.owed_pushes(),
         ] {
             assert_eq!(router.partition_of_range(&range), None, "{range:?}");
         }
