@@ -481,7 +481,7 @@ struct KeySetServer {
 }
 
 impl KeySetServer {
-    async fn start(keys: &[(&str, &str)]) -> KeySetServer {
+    async fn start(keys: &[&str]) -> KeySetServer {
         use std::sync::{Arc, Mutex, atomic::AtomicUsize, atomic::Ordering};
         let document = Arc::new(Mutex::new(key_set(keys)));
         let fetches = Arc::new(AtomicUsize::new(0));
@@ -507,7 +507,7 @@ impl KeySetServer {
         }
     }
 
-    fn publish(&self, keys: &[(&str, &str)]) {
+    fn publish(&self, keys: &[&str]) {
         *self.document.lock().unwrap() = key_set(keys);
     }
 
@@ -516,19 +516,13 @@ impl KeySetServer {
     }
 }
 
-/// A JWKS document of the fixtures' Ed25519 public keys `(file, kid)`.
-fn key_set(keys: &[(&str, &str)]) -> String {
-    use base64::Engine as _;
-    let keys: Vec<serde_json::Value> = keys
+/// A JWKS document of the fixture JWKs `names` (`tests/fixtures/<name>.jwk.json`).
+fn key_set(names: &[&str]) -> String {
+    let keys: Vec<serde_json::Value> = names
         .iter()
-        .map(|(pem, kid)| {
-            let text = std::fs::read_to_string(format!("{FIXTURES}/{pem}")).unwrap();
-            let body: String = text.lines().filter(|l| !l.starts_with("-----")).collect();
-            let der = base64::engine::general_purpose::STANDARD
-                .decode(body)
-                .unwrap();
-            let x = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&der[der.len() - 32..]);
-            serde_json::json!({ "kty": "OKP", "crv": "Ed25519", "x": x, "kid": kid, "use": "sig" })
+        .map(|name| {
+            let text = std::fs::read_to_string(format!("{FIXTURES}/{name}.jwk.json")).unwrap();
+            serde_json::from_str(&text).unwrap()
         })
         .collect();
     serde_json::json!({ "keys": keys }).to_string()
@@ -561,8 +555,8 @@ fn token_of_key(private: &str, kid: &str) -> String {
 /// threads: the provider answers while the test waits for the node to start.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_identity_providers_key_set_is_fetched_refreshed_and_kept() {
-    const OLD: (&str, &str) = ("jwt-test-ed25519.pub.pem", "2026-old");
-    const NEXT: (&str, &str) = ("jwt-test-ed25519-next.pub.pem", "2026-next");
+    const OLD: &str = "jwt-test-ed25519";
+    const NEXT: &str = "jwt-test-ed25519-next";
     let provider = KeySetServer::start(&[OLD]).await;
     let dir = tempfile::tempdir().unwrap();
     let flags = ["--jwt-jwks-url", &provider.url, "--jwt-jwks-refresh", "10s"];

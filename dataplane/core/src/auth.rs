@@ -805,17 +805,12 @@ mod tests {
         assert!(lenient.verify(&token(serde_json::json!({}))).is_ok());
     }
 
-    /// The JWK of the Ed25519 public key in the fixture `pem` (its last 32 bytes).
-    fn ed25519_jwk(pem: &str, kid: &str) -> serde_json::Value {
-        use base64::Engine as _;
+    /// The fixture JWK `name` (`tests/fixtures/<name>.jwk.json`: an Ed25519 public key of the
+    /// fixtures, with its `kid`).
+    fn fixture_jwk(name: &str) -> serde_json::Value {
         let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures");
-        let text = std::fs::read_to_string(format!("{fixtures}/{pem}")).unwrap();
-        let body: String = text.lines().filter(|l| !l.starts_with("-----")).collect();
-        let der = base64::engine::general_purpose::STANDARD
-            .decode(body)
-            .unwrap();
-        let x = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&der[der.len() - 32..]);
-        serde_json::json!({ "kty": "OKP", "crv": "Ed25519", "x": x, "kid": kid, "use": "sig" })
+        let text = std::fs::read_to_string(format!("{fixtures}/{name}.jwk.json")).unwrap();
+        serde_json::from_str(&text).unwrap()
     }
 
     fn eddsa_token(private: &str, kid: Option<&str>) -> String {
@@ -836,8 +831,8 @@ mod tests {
     fn a_key_set_verifies_by_key_id_and_is_replaced_whole() {
         let verifier = TokenVerifier::key_set();
         let clone = verifier.clone();
-        let old = ed25519_jwk("jwt-test-ed25519.pub.pem", "2026-old");
-        let next = ed25519_jwk("jwt-test-ed25519-next.pub.pem", "2026-next");
+        let old = fixture_jwk("jwt-test-ed25519");
+        let next = fixture_jwk("jwt-test-ed25519-next");
         let set = |keys: Vec<serde_json::Value>| serde_json::json!({ "keys": keys }).to_string();
         let odd = vec![
             serde_json::json!({ "kty": "oct", "k": "c2VjcmV0", "kid": "shared" }),
