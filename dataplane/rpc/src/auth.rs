@@ -17,6 +17,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use subtle::ConstantTimeEq;
 use tonic::metadata::{AsciiMetadataValue, MetadataValue};
 use tonic::service::Interceptor;
@@ -138,11 +139,44 @@ impl Interceptor for AttachToken {
 
 /// Server side: refuses every call that does not carry the token with `Unauthenticated`.
 #[derive(Debug, Clone)]
-pub struct RequireToken(ClusterToken);
+pub struct RequireToken {
+    token: ClusterToken,
+    refusals: Arc<Refusals>,
+}
 
 impl RequireToken {
     pub fn new(token: ClusterToken) -> Self {
-        Self(token)
+        Self {
+            token,
+            refusals: Arc::default(),
+        }
+    }
+}
+
+/// How often the calls refused for a wrong token are logged at most: each is one line
+/// otherwise, and anyone who reaches an internal port could fill the logs with them.
+const REFUSALS_LOGGED_EVERY_MS: u64 = 60_000;
+
+/// The calls refused for a wrong token since the last line that said so, and when that was.
+#[derive(Debug, Default)]
+struct Refusals {
+    since_logged: AtomicU64,
+    logged_at_ms: AtomicU64,
+}
+
+impl Refusals {
+    /// Counts one refusal at `now_ms`; returns how many to log now, if a line is due (the
+    /// first refusal, then at most one line per [`REFUSALS_LOGGED_EVERY_MS`]).
+    fn refused(&self, now_ms: u64) -> Option<u64> {
+        self.since_logged.fetch_add(1, Ordering::Relaxed);
+        let last = self.logged_at_ms.load(Ordering::Relaxed);
+        let due = last == 0 || now_ms.saturating_sub(last) >= REFUSALS_LOGGED_EVERY_MS;
+        // One caller wins the line; the count it takes includes the others' of the moment.
+        (due && self
+            .logged_at_ms
+            .compare_exchange(last, now_ms.max(1), Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok())
+        .then(|| self.since_logged.swap(0, Ordering::Relaxed))
     }
 }
 
@@ -153,8 +187,13 @@ impl Interceptor for RequireToken {
                 "this internal call needs the cluster token (`authorization: Bearer <token>`)",
             ));
         };
-        if !self.0.matches(presented.as_encoded_bytes()) {
-            tracing::warn!("refused an internal call with a wrong cluster token");
+        if !self.token.matches(presented.as_encoded_bytes()) {
+            if let Some(calls) = self.refusals.refused(courier_core::clock::now_ms()) {
+                tracing::warn!(
+                    calls,
+                    "refused internal calls with a wrong cluster token (logged at most once a minute)"
+                );
+            }
             return Err(Status::unauthenticated(
                 "wrong cluster token: every node of a cluster must be given the same token",
             ));
@@ -189,6 +228,25 @@ mod tests {
         ));
         let message = ClusterToken::new("short").unwrap_err().to_string();
         assert!(message.contains("at least 32"), "{message}");
+    }
+
+    /// A stream of calls with a wrong token (anyone who reaches an internal port can send
+    /// one) logged a line each: the first is logged, then at most one line a minute, which
+    /// says how many calls it stands for.
+    #[test]
+    fn wrong_tokens_are_logged_at_most_once_a_minute_with_their_count() {
+        let refusals = Refusals::default();
+        let start = 1_000_000;
+        assert_eq!(refusals.refused(start), Some(1));
+        for i in 1..1000 {
+            assert_eq!(refusals.refused(start + i), None);
+        }
+        assert_eq!(
+            refusals.refused(start + REFUSALS_LOGGED_EVERY_MS),
+            Some(1000),
+            "the 999 held back and this one"
+        );
+        assert_eq!(refusals.refused(start + REFUSALS_LOGGED_EVERY_MS + 1), None);
     }
 
     #[test]
