@@ -6,8 +6,9 @@
 //! - **Fetches.** At start (the node serves no client before it has keys), then every
 //!   `--jwt-jwks-refresh`, and for a token whose `kid` the set lacks, at most once per
 //!   [`UNKNOWN_KEY_REFETCH_GAP`] (a client cannot make the node fetch for every made-up `kid`).
-//!   Fetches never overlap: tokens that come during one wait for it. A fetch that fails keeps
-//!   the keys in place.
+//!   Fetches never overlap: a token naming an unknown key that comes during one waits for it
+//!   (the others are verified with the keys in place). A fetch that fails keeps the keys in
+//!   place.
 //! - **The last set fetched is kept** in the data directory ([`CACHE_FILE`]): a node that
 //!   restarts while the provider is unreachable starts on it (and says so), rather than not at
 //!   all. A node that never fetched one cannot start until it does.
