@@ -1,10 +1,12 @@
 //! Authentication: JWTs with claims `sub` (user), `dev` (device) and `exp`, verified with an
-//! HS256 shared secret (created in the data directory on first start when none is configured)
-//! or EdDSA / RS256 public keys, and, when the server is told to, `iss` (the issuer) and `aud`
-//! (the audience) of an identity provider's tokens.
+//! HS256 shared secret (created in the data directory on first start when none is configured),
+//! EdDSA / RS256 public keys, or an identity provider's key set (JWKS: RSA, P-256 / P-384 and
+//! Ed25519 keys, each named by its `kid`); and, when the server is told to, `iss` (the issuer)
+//! and `aud` (the audience) of an identity provider's tokens.
 //!
-//! A verifier holds one key or more (a key rotation: the keys before and after it), each tried
-//! in turn: the first whose signature matches decides whether the token is valid.
+//! A verifier holds its keys (more than one during a key rotation: the keys before and after
+//! it). A token is tried with those of its algorithm, only the one its `kid` names when the
+//! keys have it, in turn: the first whose signature matches decides whether it is valid.
 
 use courier_proto::ids;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
