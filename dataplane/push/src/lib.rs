@@ -738,6 +738,23 @@ impl Notifier {
         expanded
     }
 
+    /// A notification, counting nothing yet, opened by a message committed at `committed_ms`
+    /// in a conversation of `members` members: quiet in a large group, and due once its
+    /// collapse (`--push-collapse`, or `--push-quiet-collapse` when quiet) has passed.
+    fn opened(&self, members: usize, committed_ms: u64, now: u64) -> PendingPush {
+        let quiet = members > self.large_group_threshold;
+        let collapse = if quiet {
+            self.config.push_quiet_collapse
+        } else {
+            self.config.push_collapse
+        };
+        PendingPush {
+            due_ms: due_after(committed_ms, collapse, now),
+            quiet,
+            ..PendingPush::default()
+        }
+    }
+
     /// Turns a page of the places silent closes left ([`MessageStore::owe_pushes`]: a
     /// connection closed because its client read nothing for two ping intervals, an app its
     /// OS suspended) into pending notifications, as if the device had been offline when the
@@ -854,24 +871,10 @@ impl Notifier {
         if !members.iter().any(|member| member == user) {
             return Ok(None);
         }
-        let quiet = members.len() > self.large_group_threshold;
-        let collapse = if quiet {
-            self.config.push_quiet_collapse
-        } else {
-            self.config.push_collapse
-        };
-        let mut entry = stored.unwrap_or(PendingPush {
-            due_ms: due_after(last.ts_ms, collapse, now),
-            quiet,
-            ..PendingPush::default()
-        });
+        let mut entry = stored.unwrap_or_else(|| self.opened(members.len(), last.ts_ms, now));
         let counted = entry.count;
         for message in &messages {
-            if entry.last_seq < message.seq {
-                entry.count = entry.count.saturating_add(1);
-                entry.last_seq = message.seq;
-                entry.sender = message.sender().to_owned();
-            }
+            count_message(&mut entry, message.seq, message.sender());
         }
         Ok((entry.count != counted).then_some(entry))
     }
@@ -950,12 +953,6 @@ impl Notifier {
             }
             let conv = event.conversation_id.as_str();
             let members = self.membership.members_at(conv, event.seq).await?;
-            let quiet = members.len() > self.large_group_threshold;
-            let collapse = if quiet {
-                self.config.push_quiet_collapse
-            } else {
-                self.config.push_collapse
-            };
             let others = members
                 .iter()
                 .filter(|member| member.as_str() != event.sender());
@@ -988,16 +985,9 @@ impl Notifier {
                     continue;
                 }
                 let entry = pending.remove(&key).or_else(|| stored.take());
-                let mut entry = entry.unwrap_or(PendingPush {
-                    due_ms: due_after(event.ts_ms, collapse, now),
-                    quiet,
-                    ..PendingPush::default()
-                });
-                if entry.last_seq < event.seq {
-                    entry.count = entry.count.saturating_add(1);
-                    entry.last_seq = event.seq;
-                    entry.sender = event.sender().to_owned();
-                }
+                let mut entry =
+                    entry.unwrap_or_else(|| self.opened(members.len(), event.ts_ms, now));
+                count_message(&mut entry, event.seq, event.sender());
                 pending.insert(key, entry);
             }
         }
@@ -1312,6 +1302,16 @@ impl Notifier {
             .push_notifications
             .get_or_create(&OutcomeLabel { outcome })
             .inc();
+    }
+}
+
+/// Counts the message `seq` of `sender` in `entry`, unless it counts it already (a
+/// notification counts its conversation's messages in seq order, through its `last_seq`).
+fn count_message(entry: &mut PendingPush, seq: u64, sender: &str) {
+    if entry.last_seq < seq {
+        entry.count = entry.count.saturating_add(1);
+        entry.last_seq = seq;
+        entry.sender = sender.to_owned();
     }
 }
 
