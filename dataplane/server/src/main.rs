@@ -12,6 +12,7 @@
 //! (`--log-format`, `docs/operations.md`).
 
 mod admin;
+mod backup;
 mod cli_admin;
 mod cli_chat;
 mod config;
@@ -115,6 +116,11 @@ enum Command {
     /// Call a cluster's admin API: list nodes and shards, move a shard, drain or forget a
     /// node.
     Admin(cli_admin::AdminArgs),
+    /// Copy a `courier serve` data directory (its store as of one moment, its media, its
+    /// token secret) into one archive, while the server runs or while it is stopped.
+    Backup(backup::BackupArgs),
+    /// Write a new data directory from an archive of `courier backup`.
+    Restore(backup::RestoreArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -227,6 +233,13 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::StoreNode(args) => store_node::run(args).await,
         Command::Node(args) => node::run(args).await,
         Command::Admin(args) => cli_admin::run(args).await,
+        // Long reads and writes of files and sockets: on a thread that may block.
+        Command::Backup(args) => {
+            tokio::task::spawn_blocking(move || backup::run_backup(&args)).await?
+        }
+        Command::Restore(args) => {
+            tokio::task::spawn_blocking(move || backup::run_restore(&args)).await?
+        }
     }
 }
 

@@ -220,7 +220,8 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
     let Some(store) = stop.unless_stopped(serve::open_store(config)).await else {
         return Ok(());
     };
-    let store = store?;
+    // Backups are `courier serve`'s, on its embedded store.
+    let (store, _) = store?;
 
     let internal = tokio::net::TcpListener::bind(args.internal_listen)
         .await

@@ -43,6 +43,7 @@
 //! every conversation with it (`docs/benchmarks.md`, "Ordering apart from the connections").
 
 use crate::admin::AdminService;
+use crate::backup;
 use crate::config::{PublicKeyAlgorithm, ServeConfig, StoreKind};
 use crate::http::{AppState, ClientAuth, PushProviderNames, metrics_router, router, with_web_app};
 use crate::http_server;
@@ -59,7 +60,7 @@ use courier_core::clock::now_ms;
 use courier_core::context::Context;
 use courier_core::gateways::Gateways;
 use courier_core::leases::JobLead;
-use courier_core::loops::BackgroundLoops;
+use courier_core::loops::{BackgroundLoops, CancellationToken};
 use courier_core::membership::MembershipCache;
 use courier_core::metrics::Metrics;
 use courier_core::sequencing::{CommitListener, Listeners, OwedPushListener, Sequencer};
@@ -78,6 +79,7 @@ use courier_rpc::{
 use courier_sequencer::LocalSequencer;
 use courier_sequencer::retention::Retention;
 use courier_sequencer::routing::RoutedSequencer;
+use courier_store::embedded::EmbeddedEngine;
 use courier_store::leaders::Job;
 use courier_store::nodes::NodeRecord;
 use courier_store::{KvEngine, MessageStore, PartitionStore, PartitionTable, StoreError};
@@ -188,12 +190,22 @@ pub async fn client_auth(
 
 /// The store: one engine, or with `--storage-partitions` one per partition of the table
 /// (`docs/decisions/0005-storage-partitions.md`).
-pub async fn open_store(config: &ServeConfig) -> anyhow::Result<MessageStore> {
-    let store = match &config.storage_partitions {
-        None => MessageStore::open(open_engine(config).await?, b"", config.shards).await?,
-        Some(path) => open_partitioned_store(config, path).await?,
+/// With the embedded store, its engine too (for its backups, `crate::backup`).
+pub async fn open_store(
+    config: &ServeConfig,
+) -> anyhow::Result<(MessageStore, Option<Arc<EmbeddedEngine>>)> {
+    let (store, embedded) = match &config.storage_partitions {
+        None => {
+            let (engine, embedded) = open_engine(config).await?;
+            let store = MessageStore::open(engine, b"", config.shards).await?;
+            (store, embedded)
+        }
+        Some(path) => (open_partitioned_store(config, path).await?, None),
     };
-    Ok(store.with_idempotency_window(config.idempotency_window))
+    Ok((
+        store.with_idempotency_window(config.idempotency_window),
+        embedded,
+    ))
 }
 
 async fn open_partitioned_store(config: &ServeConfig, path: &Path) -> anyhow::Result<MessageStore> {
@@ -218,28 +230,30 @@ pub fn report_store(config: &ServeConfig, store: &MessageStore, metrics: &Metric
     metrics.watch_store(store.clone());
 }
 
-async fn open_engine(config: &ServeConfig) -> anyhow::Result<Arc<dyn KvEngine>> {
+async fn open_engine(
+    config: &ServeConfig,
+) -> anyhow::Result<(Arc<dyn KvEngine>, Option<Arc<EmbeddedEngine>>)> {
     match config.store {
         StoreKind::Embedded => {
             // Before fjall makes it (with the umask's mode): it holds every message.
             let path = config.data_dir.join(STORE_DIR);
             courier_core::dirs::create_private(&path)
                 .with_context(|| format!("creating the store directory {}", path.display()))?;
-            Ok(Arc::new(config.store_cache.open(&path)?))
+            let engine = Arc::new(config.store_cache.open(&path)?);
+            Ok((engine.clone(), Some(engine)))
         }
-        StoreKind::Fdb => open_fdb(
-            config
-                .fdb_cluster_file
-                .as_deref()
-                .context("--store fdb needs --fdb-cluster-file")?,
-        ),
+        StoreKind::Fdb => {
+            let cluster_file = config.fdb_cluster_file.as_deref();
+            let cluster_file = cluster_file.context("--store fdb needs --fdb-cluster-file")?;
+            Ok((open_fdb(cluster_file)?, None))
+        }
         StoreKind::Remote => {
             let address = config
                 .store_address
                 .as_deref()
                 .context("--store remote needs --store-address")?;
             let token = config.cluster.token()?;
-            Ok(Arc::new(RemoteEngine::connect(address, token).await?))
+            Ok((Arc::new(RemoteEngine::connect(address, token).await?), None))
         }
     }
 }
@@ -320,11 +334,21 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let Some(store) = stop.unless_stopped(open_store(&config)).await else {
         return Ok(());
     };
-    let store = store?;
+    let (store, embedded) = store?;
     let listener = bind_http(config.listen, config.listen_backlog)?;
     let metrics_listener = bind_metrics(&config)?;
-    if config.store == StoreKind::Embedded {
-        return run_client_roles(config, store, listener, metrics_listener, None, stop).await;
+    if let Some(engine) = embedded {
+        // Backups while the server runs, until it has drained (`crate::backup`).
+        let sources = backup::Sources {
+            data_dir: config.data_dir.clone(),
+            media_dir: config.media.local_dir(&config.data_dir),
+        };
+        let backups = CancellationToken::new();
+        let serving = tokio::spawn(backup::serve(engine, sources, backups.clone()));
+        let result = run_client_roles(config, store, listener, metrics_listener, None, stop).await;
+        backups.cancel();
+        let _ = serving.await;
+        return result;
     }
     let registration = NodeRecord {
         roles: vec![node::SERVE_ROLE.to_owned()],

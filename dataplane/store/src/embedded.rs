@@ -108,6 +108,7 @@
 //! "Journals kept by a keyspace written once a minute; deletes on a volume mounted with
 //! discard").
 
+use crate::backup::StoreSnapshot;
 use crate::event_cache::{EventCache, RUN_EVENTS_MAX};
 use crate::group_writes::GroupWrites;
 use crate::keyspaces::Keyspaces;
@@ -131,7 +132,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 /// The engine's own bookkeeping, apart from the data.
-const COMMIT_VERSION: &[u8] = b"commit_version";
+pub(crate) const COMMIT_VERSION: &[u8] = b"commit_version";
 /// Commit versions reserved by one write of [`COMMIT_VERSION`] (module documentation): a
 /// restart skips what is left of them, a few seconds of groups at most.
 const VERSIONS_RESERVED: u64 = 1 << 16;
@@ -318,6 +319,12 @@ struct Store {
     memtables_freed: AtomicU64,
 }
 
+/// Opens (or creates) the keyspace of the engine's own bookkeeping.
+pub(crate) fn open_meta(db: &SingleWriterTxDatabase) -> Result<SingleWriterTxKeyspace, StoreError> {
+    db.keyspace("meta", KeyspaceCreateOptions::default)
+        .map_err(engine_error)
+}
+
 pub(crate) fn engine_error(e: impl std::fmt::Display) -> StoreError {
     StoreError::Engine(e.to_string())
 }
@@ -352,9 +359,7 @@ impl EmbeddedEngine {
         lower_background_priority(workers);
         crate::volume::warn_of_online_discard(path);
         let data = Keyspaces::open(&db, MEMTABLE_BYTES)?;
-        let meta = db
-            .keyspace("meta", KeyspaceCreateOptions::default)
-            .map_err(engine_error)?;
+        let meta = open_meta(&db)?;
         let ceiling = db
             .read_tx()
             .get(&meta, COMMIT_VERSION)
@@ -395,6 +400,24 @@ impl EmbeddedEngine {
             halted,
             work,
         })
+    }
+}
+
+impl EmbeddedEngine {
+    /// The store as of now, for a copy of it (`crate::backup`).
+    pub fn snapshot(&self) -> Result<StoreSnapshot, StoreError> {
+        StoreSnapshot::new(self.db.db.read_tx(), self.db.data.clone(), &self.db.meta)
+    }
+
+    /// Whether `key` is in the keyspace of the idempotency records.
+    #[cfg(test)]
+    pub(crate) fn db_holds_apart(&self, key: &[u8]) -> bool {
+        self.db
+            .data
+            .idempotency
+            .inner()
+            .get(key)
+            .is_ok_and(|v| v.is_some())
     }
 }
 

@@ -443,6 +443,19 @@ impl Keys {
         range_of(self.root.subspace(&("mblob", sha256)))
     }
 
+    /// Every media record's claim on its bytes, in the order of the bytes' hashes.
+    pub fn all_blob_users(&self) -> Range<Vec<u8>> {
+        range_of(self.root.subspace(&("mblob",)))
+    }
+
+    /// The bytes' hash (`sha256`) of a key from [`Keys::all_blob_users`].
+    pub fn blob_of_user(&self, key: &[u8]) -> Option<String> {
+        self.root
+            .unpack::<(String, String, String)>(key)
+            .ok()
+            .map(|(_, sha256, _)| sha256)
+    }
+
     pub fn media_usage(&self, user: &str) -> Vec<u8> {
         self.pack(&("mbytes", user))
     }

@@ -72,6 +72,7 @@ pub(crate) const SEPARATED_VALUE_BYTES: u32 = 128;
 pub(crate) const TABLE_TARGET_BYTES: u64 = 16 << 20;
 
 /// The engine's keyspaces for data, and which keys each holds.
+#[derive(Clone)]
 pub(crate) struct Keyspaces {
     /// Every key but those `apart` names.
     pub shared: SingleWriterTxKeyspace,

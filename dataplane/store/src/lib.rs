@@ -2,6 +2,7 @@
 //!
 //! - [`kv`]: the ordered key-value interface with FoundationDB's semantics ([`KvEngine`]);
 //! - [`embedded`]: the default engine, on one machine's disk, no set-up at all;
+//! - [`backup`]: a copy of the embedded store as of one moment, and a new store written from it;
 //! - `fdb` (feature `fdb`): the FoundationDB engine, see `docs/foundationdb.md`;
 //! - [`MessageStore`]: the message-store logic written once over any engine: shards and epochs,
 //!   appends with dense seqs and idempotency, the outbox, cursors and receipts;
@@ -14,6 +15,7 @@
 //!
 //! This crate knows nothing of sockets, tokens or frames beyond the stored `Event`.
 
+pub mod backup;
 pub mod contract;
 pub mod embedded;
 mod event_cache;

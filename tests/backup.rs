@@ -1,0 +1,282 @@
+//! `courier backup` and `courier restore` as an operator runs them: a backup taken while the
+//! server runs (and while it is stopped), restored into a new data directory that a server
+//! then serves as the original did at the backup's moment.
+
+mod support;
+
+use courier_client::proto::*;
+use courier_client::{Client, Target};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Output};
+use support::{Server, token_for};
+
+fn courier(args: &[&str], paths: &[(&str, &Path)]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_courier"));
+    command.args(args);
+    for (flag, path) in paths {
+        command.arg(flag).arg(path);
+    }
+    command.output().unwrap()
+}
+
+fn succeeded(output: &Output) -> String {
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(output.status.success(), "{stderr}");
+    stderr
+}
+
+fn failed(output: &Output) -> String {
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(!output.status.success(), "expected a failure: {stderr}");
+    stderr
+}
+
+fn backup(data_dir: &Path, to: &Path) -> Output {
+    courier(&["backup"], &[("--data-dir", data_dir), ("--to", to)])
+}
+
+fn restore(from: &Path, data_dir: &Path) -> Output {
+    courier(&["restore"], &[("--from", from), ("--data-dir", data_dir)])
+}
+
+async fn upload(server: &Server, user: &str, bytes: Vec<u8>) -> serde_json::Value {
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/media", server.http_url()))
+        .bearer_auth(server.token(user, "phone"))
+        .header("content-type", "image/png")
+        .body(bytes)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    response.json().await.unwrap()
+}
+
+async fn download(server: &Server, user: &str, id: &str) -> (u16, Vec<u8>) {
+    let response = reqwest::Client::new()
+        .get(format!("{}/v1/media/{id}", server.http_url()))
+        .bearer_auth(server.token(user, "phone"))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.bytes().await.unwrap().to_vec())
+}
+
+fn picture(uploaded: &serde_json::Value) -> Body {
+    Body::Media(Box::new(Media {
+        media_id: uploaded["media_id"].as_str().unwrap().to_owned(),
+        mime: "ignored/by-server".into(),
+        size: 0,
+        sha256: String::new(),
+        name: None,
+        caption: None,
+    }))
+}
+
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 13 % 251) as u8).collect()
+}
+
+/// What `client`'s catch-up brings, as `(seq, text)` (`picture` for a media message).
+async fn caught_up(client: &mut Client) -> Vec<(u64, String)> {
+    let events = client.events_until_sync_done().await.unwrap();
+    events
+        .iter()
+        .filter_map(|event| match &event.payload {
+            EventPayload::Message {
+                body: Some(Body::Text(text)),
+                ..
+            } => Some((event.seq, text.clone())),
+            EventPayload::Message {
+                body: Some(Body::Media(_)),
+                ..
+            } => Some((event.seq, "picture".to_owned())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_backup_of_a_running_server_restores_its_messages_media_and_tokens() {
+    let (first, second, archives) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let mut server = Server::start_in(first.path(), &[]);
+    let socket = first.path().join("backup.sock");
+    assert_eq!(
+        std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777,
+        0o600,
+        "only the data directory's owner may take a backup"
+    );
+    let mut alice = server.connect("alice", "phone").await;
+    alice.events_until_sync_done().await.unwrap();
+    let bob = Target::User("bob".into());
+    for i in 1..=3 {
+        alice
+            .send_text(bob.clone(), &format!("m{i}"), &format!("text {i}"))
+            .await
+            .unwrap();
+    }
+    let bytes = pattern(300_000);
+    let uploaded = upload(&server, "alice", bytes.clone()).await;
+    let id = uploaded["media_id"].as_str().unwrap().to_owned();
+    alice
+        .send(bob.clone(), "m4", picture(&uploaded))
+        .await
+        .unwrap();
+
+    let archive = archives.path().join("courier.tar");
+    let said = succeeded(&backup(first.path(), &archive));
+    assert!(said.contains("from the running server"), "{said}");
+    assert!(said.contains("1 media"), "{said}");
+    // After the backup's moment: not in it.
+    alice
+        .send_text(bob.clone(), "m5", "after the backup")
+        .await
+        .unwrap();
+    drop(alice);
+    server.terminate();
+
+    succeeded(&restore(&archive, second.path()));
+    let restored = Server::start_in(second.path(), &[]);
+    // A token signed with the first server's secret is good on the restored one.
+    let token = token_for(first.path(), "bob", "phone", 3600);
+    let mut bob_phone = Client::connect(&restored.ws_url(), &token, Encoding::Json)
+        .await
+        .unwrap();
+    assert_eq!(
+        caught_up(&mut bob_phone).await,
+        vec![
+            (1, "text 1".to_owned()),
+            (2, "text 2".to_owned()),
+            (3, "text 3".to_owned()),
+            (4, "picture".to_owned()),
+        ],
+        "the conversation as it was at the backup"
+    );
+    assert_eq!(download(&restored, "bob", &id).await, (200, bytes));
+
+    // The conversation goes on from the restored head, delivered live.
+    let mut alice = restored.connect("alice", "phone").await;
+    alice.events_until_sync_done().await.unwrap();
+    let sent = alice
+        .send_text(bob.clone(), "m6", "after the restore")
+        .await
+        .unwrap();
+    assert_eq!(sent.seq, 5);
+    let live = support::next_event(&mut bob_phone).await;
+    assert_eq!(live.seq, 5);
+    // An idempotent retry of a send the backup holds finds its record.
+    let retried = alice.send_text(bob, "m2", "text 2").await.unwrap();
+    assert!(retried.duplicate);
+    assert_eq!(retried.seq, 2);
+}
+
+#[tokio::test]
+async fn a_stopped_server_is_backed_up_from_its_store_and_a_restore_never_overwrites_one() {
+    let (first, archives) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut server = Server::start_in(first.path(), &[]);
+    let mut alice = server.connect("alice", "phone").await;
+    alice.events_until_sync_done().await.unwrap();
+    alice
+        .send_text(Target::User("bob".into()), "m1", "hello")
+        .await
+        .unwrap();
+    drop(alice);
+    server.terminate();
+
+    let archive = archives.path().join("stopped.tar");
+    let said = succeeded(&backup(first.path(), &archive));
+    assert!(said.contains("no server running"), "{said}");
+
+    let refused = failed(&restore(&archive, first.path()));
+    assert!(refused.contains("already holds a store"), "{refused}");
+
+    let second = tempfile::tempdir().unwrap();
+    succeeded(&restore(&archive, second.path()));
+    let restored = Server::start_in(second.path(), &[]);
+    let mut bob = restored.connect("bob", "phone").await;
+    assert_eq!(caught_up(&mut bob).await, vec![(1, "hello".to_owned())]);
+}
+
+#[tokio::test]
+async fn a_damaged_or_cut_backup_is_refused_and_restores_nothing() {
+    let (first, archives) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let server = Server::start_in(first.path(), &[]);
+    let mut alice = server.connect("alice", "phone").await;
+    alice.events_until_sync_done().await.unwrap();
+    alice
+        .send_text(Target::User("bob".into()), "m1", "hello")
+        .await
+        .unwrap();
+    let archive = archives.path().join("whole.tar");
+    succeeded(&backup(first.path(), &archive));
+    let whole = std::fs::read(&archive).unwrap();
+
+    // One byte changed in the store's pairs (after the manifest's header and body).
+    let mut damaged = whole.clone();
+    damaged[2048] ^= 0x55;
+    let damaged_path = archives.path().join("damaged.tar");
+    std::fs::write(&damaged_path, &damaged).unwrap();
+    let target = tempfile::tempdir().unwrap();
+    let said = failed(&restore(&damaged_path, target.path()));
+    assert!(said.contains("damaged"), "{said}");
+    assert!(!target.path().join("store").exists(), "nothing restored");
+
+    // Cut inside its store's pairs, and cut where its last entry begins (the end's header
+    // and body, and the archive's two closing blocks: 512 bytes each).
+    for (cut, why) in [
+        (whole.len() / 2, "damaged"),
+        (whole.len() - 2048, "cut short"),
+    ] {
+        let cut_path = archives.path().join("cut.tar");
+        std::fs::write(&cut_path, &whole[..cut]).unwrap();
+        let said = failed(&restore(&cut_path, target.path()));
+        assert!(said.contains(why), "{said}");
+        assert!(!target.path().join("store").exists(), "nothing restored");
+    }
+
+    // And the whole one still restores into the same directory.
+    succeeded(&restore(&archive, target.path()));
+    assert!(target.path().join("store").exists());
+}
+
+#[tokio::test]
+async fn one_backup_at_a_time_and_a_reader_that_goes_frees_the_server_for_the_next() {
+    use std::io::{BufRead, BufReader};
+    let (first, archives) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let server = Server::start_in(first.path(), &[]);
+    // More than the socket's buffers hold, so a reader that reads nothing holds the backup.
+    upload(&server, "alice", pattern(4 << 20)).await;
+    let stalled =
+        std::os::unix::net::UnixStream::connect(first.path().join("backup.sock")).unwrap();
+    let mut status = String::new();
+    BufReader::new(&stalled).read_line(&mut status).unwrap();
+    assert_eq!(status, "OK\n");
+
+    let archive = archives.path().join("second.tar");
+    let said = failed(&backup(first.path(), &archive));
+    assert!(said.contains("already under way"), "{said}");
+    assert!(!archive.exists(), "a failed backup leaves no file");
+
+    drop(stalled);
+    let deadline = std::time::Instant::now() + support::WAIT;
+    loop {
+        let output = backup(first.path(), &archive);
+        if output.status.success() {
+            break;
+        }
+        let said = failed(&output);
+        assert!(said.contains("already under way"), "{said}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first backup never ended"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(archive.exists());
+}
