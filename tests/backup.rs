@@ -98,6 +98,18 @@ async fn caught_up(client: &mut Client) -> Vec<(u64, String)> {
         .collect()
 }
 
+/// A server in `data_dir` where alice has sent bob `hello`.
+async fn with_a_message(data_dir: &Path) -> Server {
+    let server = Server::start_in(data_dir, &[]);
+    let mut alice = server.connect("alice", "phone").await;
+    alice.events_until_sync_done().await.unwrap();
+    alice
+        .send_text(Target::User("bob".into()), "m1", "hello")
+        .await
+        .unwrap();
+    server
+}
+
 #[tokio::test]
 async fn a_backup_of_a_running_server_restores_its_messages_media_and_tokens() {
     let (first, second, archives) = (
@@ -179,14 +191,7 @@ async fn a_backup_of_a_running_server_restores_its_messages_media_and_tokens() {
 #[tokio::test]
 async fn a_stopped_server_is_backed_up_from_its_store_and_a_restore_never_overwrites_one() {
     let (first, archives) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let mut server = Server::start_in(first.path(), &[]);
-    let mut alice = server.connect("alice", "phone").await;
-    alice.events_until_sync_done().await.unwrap();
-    alice
-        .send_text(Target::User("bob".into()), "m1", "hello")
-        .await
-        .unwrap();
-    drop(alice);
+    let mut server = with_a_message(first.path()).await;
     server.terminate();
 
     let archive = archives.path().join("stopped.tar");
@@ -206,13 +211,7 @@ async fn a_stopped_server_is_backed_up_from_its_store_and_a_restore_never_overwr
 #[tokio::test]
 async fn a_damaged_or_cut_backup_is_refused_and_restores_nothing() {
     let (first, archives) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let server = Server::start_in(first.path(), &[]);
-    let mut alice = server.connect("alice", "phone").await;
-    alice.events_until_sync_done().await.unwrap();
-    alice
-        .send_text(Target::User("bob".into()), "m1", "hello")
-        .await
-        .unwrap();
+    let _server = with_a_message(first.path()).await;
     let archive = archives.path().join("whole.tar");
     succeeded(&backup(first.path(), &archive));
     let whole = std::fs::read(&archive).unwrap();

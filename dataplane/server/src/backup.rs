@@ -771,7 +771,8 @@ fn receive(
         &mut tee,
         &mut Checker,
         &mut Progress::new("backing up", quiet),
-    )?;
+    )
+    .context("the server's archive ended early or damaged (its log says why, if it stopped)")?;
     // The archive's closing blocks, after the entries.
     std::io::copy(&mut tee, &mut std::io::sink())?;
     Ok(totals)
