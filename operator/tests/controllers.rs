@@ -247,7 +247,7 @@ fn cluster(embedded: bool) -> CourierCluster {
         spec: CourierClusterSpec {
             image: "ghcr.io/courier-chat/courier:0.1.0".to_owned(),
             storage,
-            jwt_secret: secret("courier-jwt", "secret"),
+            jwt_secret: Some(secret("courier-jwt", "secret")),
             media: (!embedded).then(|| MediaStore {
                 s3: S3MediaStore {
                     bucket: "media".to_owned(),

@@ -34,6 +34,7 @@ use serde::{Deserialize, Serialize};
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("has(self.storage.embedded) || has(self.media)").message("a FoundationDB cluster runs several pods that must share media: set media.s3"))]
+#[x_kube(validation = Rule::new("has(self.jwtSecret) || has(self.configMap) || has(self.storage.embedded)").message("a FoundationDB cluster's gateway pods must verify client tokens alike: set jwtSecret, or a configMap whose courier.toml names your identity provider's key set (jwt-jwks-url)"))]
 pub struct CourierClusterSpec {
     /// The data plane's container image (the `courier` binary), e.g.
     /// `ghcr.io/courier-chat/courier:0.1.0`.
@@ -41,9 +42,13 @@ pub struct CourierClusterSpec {
     pub image: String,
     /// Where messages are kept: `embedded` (one pod, a development install) or `foundationDb`.
     pub storage: Storage,
-    /// The Secret key holding the client token (JWT HS256) secret; every pod verifies client
-    /// tokens with it.
-    pub jwt_secret: SecretKeyRef,
+    /// The Secret key holding the client token (JWT HS256) secret; the gateway and media pods
+    /// verify client tokens with it. Optional when the `configMap`'s `courier.toml` names
+    /// your identity provider's key set instead (`jwt-jwks-url`, docs/operator.md "Tokens
+    /// from your identity provider"), and with embedded storage, whose pod then generates a
+    /// secret in its volume (`courier token` run in the pod mints tokens with it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwt_secret: Option<SecretKeyRef>,
     /// Where media bytes go, and (FoundationDB storage) how many media pods serve them
     /// (`replicas`, default 2) with which `resources`. Without it they stay on the pod's
     /// volume, which only an embedded (single-pod) cluster may do.

@@ -167,6 +167,19 @@ mod tests {
         );
     }
 
+    /// A FoundationDB cluster with neither a token secret nor a configMap (where its key set
+    /// would be named) is refused as it is applied: its gateway pods could not start.
+    #[test]
+    fn a_cluster_says_how_its_client_tokens_are_verified_unless_it_is_embedded() {
+        let clusters = rules(&CourierCluster::crd());
+        assert!(
+            clusters.iter().any(|(rule, message)| rule
+                == "has(self.jwtSecret) || has(self.configMap) || has(self.storage.embedded)"
+                && message.contains("jwt-jwks-url")),
+            "{clusters:?}"
+        );
+    }
+
     /// Longer intervals are no policy anyone means (mode `Off` plans nothing), and past 2^64
     /// milliseconds they wrapped round.
     #[test]

@@ -344,7 +344,7 @@ pub(crate) mod fixtures {
                         cluster_token_secret: secret("tok"),
                     }),
                 },
-                jwt_secret: secret("jwt"),
+                jwt_secret: Some(secret("jwt")),
                 media: Some(MediaStore {
                     s3: S3MediaStore {
                         bucket: "media".into(),

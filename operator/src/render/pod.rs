@@ -248,8 +248,10 @@ pub fn template(
         value_env("COURIER_SHARDS", &spec.shards.to_string()),
         value_env("COURIER_DATA_DIR", DATA_DIR),
     ];
-    if component.serves_clients() {
-        env.push(secret_env("COURIER_JWT_SECRET", &spec.jwt_secret));
+    if component.serves_clients()
+        && let Some(secret) = &spec.jwt_secret
+    {
+        env.push(secret_env("COURIER_JWT_SECRET", secret));
     }
     let mut env_from = Vec::new();
     // `data` is an emptyDir unless a volume claim template of that name replaces it.
@@ -541,7 +543,7 @@ mod tests {
                         cluster_token_secret: secret("tok", "token"),
                     }),
                 },
-                jwt_secret: secret("jwt", "secret"),
+                jwt_secret: Some(secret("jwt", "secret")),
                 media: foundation_db.then(|| MediaStore {
                     s3: S3MediaStore {
                         bucket: "media".into(),
@@ -689,6 +691,22 @@ mod tests {
             assert_eq!(
                 spec.automount_service_account_token,
                 Some(false),
+                "{component:?}"
+            );
+        }
+    }
+
+    /// Without `jwtSecret` (tokens verified with the key set the configMap names), no pod
+    /// gets a token secret, the gateway's neither.
+    #[test]
+    fn a_cluster_without_a_token_secret_gives_its_pods_none() {
+        let mut cluster = cluster(true);
+        cluster.spec.jwt_secret = None;
+        cluster.spec.config_map = Some("courier-config".into());
+        for component in [Component::Gateway, Component::Media] {
+            let template = template(&cluster, component, vec![], None, SHUTDOWN).unwrap();
+            assert!(
+                !env(&template).contains_key("COURIER_JWT_SECRET"),
                 "{component:?}"
             );
         }
