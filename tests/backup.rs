@@ -279,3 +279,73 @@ async fn one_backup_at_a_time_and_a_reader_that_goes_frees_the_server_for_the_ne
     }
     assert!(archive.exists());
 }
+
+/// A backup taken while messages are being sent holds each conversation up to one seq with
+/// none missing below it: at least what was acknowledged before it began, and the restored
+/// conversation goes on right after it.
+#[tokio::test]
+async fn a_backup_under_writes_holds_each_conversation_whole_up_to_its_moment() {
+    let (first, second, archives) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let mut server = Server::start_in(first.path(), &["--user-sends-per-sec", "0"]);
+    let mut alice = server.connect("alice", "phone").await;
+    alice.events_until_sync_done().await.unwrap();
+    let (acked_tx, mut acked_rx) = tokio::sync::watch::channel(0u64);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let sending = tokio::spawn(async move {
+        let mut i = 0u64;
+        while !*stop_rx.borrow() {
+            i += 1;
+            let sent = alice
+                .send_text(
+                    Target::User("bob".into()),
+                    &format!("m{i}"),
+                    &format!("text {i}"),
+                )
+                .await
+                .unwrap();
+            assert_eq!(sent.seq, i);
+            acked_tx.send_replace(i);
+        }
+        i
+    });
+    acked_rx.wait_for(|acked| *acked >= 200).await.unwrap();
+    let acked_before = *acked_rx.borrow();
+    let archive = archives.path().join("busy.tar");
+    let data_dir = first.path().to_owned();
+    let backed_up = {
+        let archive = archive.clone();
+        tokio::task::spawn_blocking(move || backup(&data_dir, &archive))
+            .await
+            .unwrap()
+    };
+    succeeded(&backed_up);
+    stop_tx.send_replace(true);
+    let sent = sending.await.unwrap();
+    server.terminate();
+
+    succeeded(&restore(&archive, second.path()));
+    let restored = Server::start_in(second.path(), &[]);
+    let mut bob = restored.connect("bob", "phone").await;
+    let texts = caught_up(&mut bob).await;
+    let held = texts.len() as u64;
+    assert!(
+        (acked_before..=sent).contains(&held),
+        "{held} held, {acked_before} acknowledged before the backup, {sent} sent"
+    );
+    let expected: Vec<(u64, String)> = (1..=held).map(|i| (i, format!("text {i}"))).collect();
+    assert_eq!(
+        texts, expected,
+        "every seq up to the backup's moment, none missing"
+    );
+    let mut alice = restored.connect("alice", "phone").await;
+    alice.events_until_sync_done().await.unwrap();
+    let next = alice
+        .send_text(Target::User("bob".into()), "after", "after the restore")
+        .await
+        .unwrap();
+    assert_eq!(next.seq, held + 1);
+}
