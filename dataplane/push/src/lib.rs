@@ -1196,6 +1196,18 @@ impl Notifier {
                 return self.settle(key, &pending, Some(&next)).await;
             }
         };
+        // Read again once admitted: the wait for a provider's probe (up to `PROBE_WAIT`) is
+        // time enough for the device to be unlinked (a lost phone must not get it) or to
+        // register again.
+        let now = self.store.device(&user, &device).await?.unwrap_or_default();
+        if (&now.push_provider, &now.push_token) != (&record.push_provider, &record.push_token) {
+            drop(ticket);
+            if now.push_token.is_empty() {
+                self.count("dropped");
+                return self.settle(key, &pending, None).await;
+            }
+            return self.registered_again(key, &pending).await;
+        }
         // Read once the provider takes a request: a postponed notification reads no event.
         let notification = Notification {
             conversation_id: conv.clone(),
@@ -1603,6 +1615,39 @@ mod tests {
         expand_the_group(&notifier, &store).await;
         notifier.send_due().await.unwrap();
         notifier.send_due().await.unwrap();
+        let tokens: Vec<String> = seen.lock().unwrap().iter().map(|s| s.0.clone()).collect();
+        assert_eq!(tokens, ["ann"], "only ann's phone");
+        assert_eq!(
+            store.pending_push("bob", "phone", "g:1").await.unwrap(),
+            None
+        );
+    }
+
+    /// A phone unlinked while its notification waits for the provider's first answer (up to
+    /// `PROBE_WAIT`) is not notified: its registration is read again once the notification
+    /// may go.
+    #[tokio::test]
+    async fn a_phone_unlinked_while_its_notification_waits_for_the_provider_is_not_notified() {
+        let engine = FaultyEngine::new();
+        let store = engine.store(4).await;
+        let members = ["cat", "ann", "bob"].map(String::from);
+        group_with_a_message_and_push(&store, "g:1", &members, &members[1..]).await;
+        // Its first request (ann's, the probe) answered after the others' wait for it.
+        let (providers, seen) =
+            scripted_webhook(200, None, crate::provider_gates::PROBE_WAIT * 2).await;
+        let notifier = notifier(&store, providers, Duration::ZERO);
+        expand_the_group(&notifier, &store).await;
+        let sending = tokio::spawn({
+            let notifier = notifier.clone();
+            async move { notifier.send_due().await }
+        });
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while seen.lock().unwrap().is_empty() {
+            assert!(tokio::time::Instant::now() < deadline, "no probe sent");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(store.unlink_device("bob", "phone", now_ms()).await.unwrap());
+        sending.await.unwrap().unwrap();
         let tokens: Vec<String> = seen.lock().unwrap().iter().map(|s| s.0.clone()).collect();
         assert_eq!(tokens, ["ann"], "only ann's phone");
         assert_eq!(
