@@ -1354,6 +1354,56 @@ mod tests {
         assert_eq!(told.take(), [Told::Count(shard, 0)]);
     }
 
+    /// A commit that landed with its answer lost, whose retry then fails otherwise (the store
+    /// node went away), left entries no one lists: the client is told the outcome is unknown
+    /// and the listener is told of the shard without a list (it was told nothing: in one
+    /// process fanout's tail went on with the next commit's entries, and the landed message
+    /// was neither delivered live nor pushed).
+    #[tokio::test]
+    async fn a_landed_commit_whose_retry_fails_otherwise_is_told_without_a_list() {
+        let engine = FaultyEngine::new();
+        let store = engine.store(4).await;
+        let told = Arc::new(Recorded::default());
+        let sequencer = LocalSequencer::start(
+            store.clone(),
+            node("n1", Duration::from_secs(10)),
+            SequencerLimits::default(),
+            told.clone(),
+            Arc::new(Metrics::new()),
+        )
+        .await
+        .unwrap();
+        let shard = store.shard_of("d:1");
+        assert_eq!(seq_of(&sequencer, "m1").await.unwrap(), 1);
+        told.take();
+
+        // m2's commit lands, its answer is lost; from then on the store cannot be read.
+        let unreadable = Arc::new(AtomicBool::new(false));
+        let landed = unreadable.clone();
+        engine.set_landed_fault(Some(Box::new(move |_| {
+            (!landed.swap(true, AtomicOrdering::Relaxed)).then_some(StoreError::MaybeCommitted)
+        })));
+        let reads = unreadable.clone();
+        engine.set_read_fault(Some(Box::new(move |_| {
+            reads
+                .load(AtomicOrdering::Relaxed)
+                .then(|| StoreError::Engine("store node unreachable".into()))
+        })));
+        let refused = seq_of(&sequencer, "m2").await.unwrap_err();
+        assert!(
+            matches!(refused, SequencerError::Store(StoreError::MaybeCommitted)),
+            "{refused:?}"
+        );
+        assert_eq!(told.take(), [Told::Count(shard, 0)]);
+
+        // m2 is stored, at 2; its retry says so.
+        engine.set_read_fault(None);
+        let outbox = store.outbox(shard, None, 100).await.unwrap();
+        assert_eq!(outbox.len(), 2);
+        let retried = sequencer.submit(message("d:1", "m2", "m2")).await.unwrap();
+        assert_eq!((retried.seq, retried.duplicate), (2, true));
+    }
+
     #[tokio::test]
     async fn unknown_outcomes_and_overload_reach_clients_as_unavailable() {
         let engine = FaultyEngine::new();

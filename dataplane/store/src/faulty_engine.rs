@@ -1,10 +1,10 @@
-//! A test engine: the embedded engine behind switchable faults (of commits and of reads), a
-//! switchable batch limit and hooks run before the next commit or after the next read, so that
-//! tests reach the error paths of the roles above the store (unknown commit outcomes, an
-//! overloaded engine, one shard's writes failing, a failed read, batches over the engine's
-//! limit) and interleave a concurrent writer deterministically. It also counts the read calls
-//! made of it, as a store node would receive them, keeps the ranges read and counts the rows
-//! they returned.
+//! A test engine: the embedded engine behind switchable faults (of commits, before or after
+//! they apply, and of reads), a switchable batch limit and hooks run before the next commit or
+//! after the next read, so that tests reach the error paths of the roles above the store
+//! (unknown commit outcomes, an answer lost after its commit landed, an overloaded engine, one
+//! shard's writes failing, a failed read, batches over the engine's limit) and interleave a
+//! concurrent writer deterministically. It also counts the read calls made of it, as a store
+//! node would receive them, keeps the ranges read and counts the rows they returned.
 
 use crate::embedded::EmbeddedEngine;
 use crate::kv::{Batch, BatchLimits, CommitStamp, KeyValue};
@@ -28,6 +28,7 @@ pub type ReadFault = Box<dyn Fn(&[u8]) -> Option<StoreError> + Send + Sync>;
 pub struct FaultyEngine {
     inner: EmbeddedEngine,
     fault: Mutex<Option<Fault>>,
+    landed_fault: Mutex<Option<Fault>>,
     read_fault: Mutex<Option<ReadFault>>,
     max_batch_bytes: Mutex<Option<usize>>,
     before_next_commit: Mutex<Option<BoxFuture<()>>>,
@@ -46,6 +47,7 @@ impl FaultyEngine {
         Arc::new(Self {
             inner,
             fault: Mutex::new(None),
+            landed_fault: Mutex::new(None),
             read_fault: Mutex::new(None),
             max_batch_bytes: Mutex::new(None),
             before_next_commit: Mutex::new(None),
@@ -67,6 +69,12 @@ impl FaultyEngine {
     /// Fails the commits `fault` picks from now on (`None`: none).
     pub fn set_fault(&self, fault: Option<Fault>) {
         *self.fault.lock().unwrap() = fault;
+    }
+
+    /// Fails the commits `fault` picks from now on after applying them (`None`: none): the
+    /// batch is durable, its answer lost (a store node's reply that never arrived).
+    pub fn set_landed_fault(&self, fault: Option<Fault>) {
+        *self.landed_fault.lock().unwrap() = fault;
     }
 
     /// Fails the read calls `fault` picks from now on (`None`: none).
@@ -213,7 +221,17 @@ impl KvEngine for FaultyEngine {
         if let Some(error) = self.fault.lock().unwrap().as_ref().and_then(|f| f(&batch)) {
             return Err(error);
         }
-        self.inner.commit(batch).await
+        let landed = self
+            .landed_fault
+            .lock()
+            .unwrap()
+            .as_ref()
+            .and_then(|f| f(&batch));
+        let stamp = self.inner.commit(batch).await?;
+        match landed {
+            Some(error) => Err(error),
+            None => Ok(stamp),
+        }
     }
 
     async fn drop_expired(&self, range: Range<Vec<u8>>) -> Result<(), StoreError> {

@@ -945,6 +945,9 @@ impl MessageStore {
     /// earlier outcome with `duplicate` set. Membership is decided here, at each append's place
     /// in its conversation's order: a sender who is not a member (any more) is refused, an add
     /// of users who already are members adds only the others (or is refused as no change).
+    /// A commit of unknown outcome is tried again; if no attempt is known to have landed or
+    /// not, the error is [`StoreError::MaybeCommitted`] (or `FenceChanged`), whatever stopped
+    /// the last attempt.
     pub async fn append(
         &self,
         lease: ShardLease,
@@ -985,6 +988,20 @@ impl MessageStore {
                 Err(e) => {
                     for a in appends {
                         heads.heads.remove(&a.conversation_id);
+                    }
+                    // An earlier attempt may have landed: whatever stopped the retry (a read
+                    // that failed, an overloaded engine), the outcome is still unknown, and
+                    // said so its callers tell the readers of the outbox of entries no one
+                    // lists and the client to retry. A fence that moved stays itself: the
+                    // shard is lost either way.
+                    if unknown_outcome && !matches!(e, StoreError::FenceChanged { .. }) {
+                        tracing::warn!(
+                            shard = lease.shard,
+                            attempt,
+                            error = %e,
+                            "retrying an append of unknown outcome failed; its outcome stays unknown"
+                        );
+                        return Err(StoreError::MaybeCommitted);
                     }
                     return Err(e);
                 }
