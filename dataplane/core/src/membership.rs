@@ -16,6 +16,10 @@
 //!
 //! A reader asking about a seq beyond an entry's `through` (the notifier running ahead of
 //! fanout) reloads the entry from the store, where that seq is committed.
+//!
+//! A member record that does not decode (damage) leaves its user out of the entry, logged at
+//! error ([`MessageStore::readable_member_records`]): the user misses the conversation's live
+//! deliveries and pushes, and no delivery role is held back on the conversation's shard.
 
 use courier_proto::{Event, EventPayload};
 use courier_store::{MemberRecord, MessageStore, StoreError};
@@ -167,9 +171,11 @@ impl MembershipCache {
         {
             return Ok(Some(entry));
         }
-        // The head first: every membership event up to it is in the records read after.
+        // The head first: every membership event up to it is in the records read after. A
+        // record that does not decode leaves its user out (logged), not the conversation:
+        // failing here held the shard of every delivery role for good.
         let head = self.store.head(conv).await?;
-        let records = self.store.member_records(conv).await?;
+        let records = self.store.readable_member_records(conv).await?;
         if records.is_empty() {
             return Ok(None);
         }
@@ -362,5 +368,68 @@ mod tests {
         let checking = MembershipCache::checking_heads(store);
         checking.keep_newer("d:1", stale());
         assert_eq!(*checking.current("d:1").await.unwrap(), ["alice", "bob"]);
+    }
+
+    /// A member record that does not decode (damage) leaves its user out, logged at error; the
+    /// other members are answered. It failed every load of the conversation: fanout retried
+    /// the event for good, so its shard delivered nothing more and, past
+    /// `--outbox-lag-limit`, refused every send to any of its conversations, and the push
+    /// notifier held the shard likewise.
+    #[tokio::test]
+    async fn a_member_record_that_does_not_decode_leaves_only_its_user_out() {
+        use courier_store::kv::{Batch, KvEngine};
+        let dir = tempfile::tempdir().unwrap();
+        let kv = Arc::new(EmbeddedEngine::open(&dir.path().join("s")).unwrap());
+        let store = MessageStore::open(kv.clone(), b"", 4).await.unwrap();
+        let lease = store
+            .acquire_shards(
+                courier_store::ownership::Duty::Sequencing,
+                "s",
+                &[store.shard_of("g:1")],
+                1,
+                0,
+                u64::MAX,
+            )
+            .await
+            .unwrap()[0];
+        let created = courier_store::Append {
+            conversation_id: "g:1".into(),
+            sender: Sender {
+                user: "alice".into(),
+                device: "p".into(),
+            },
+            key: courier_store::AppendKey::Server("created".into()),
+            payload: EventPayload::GroupCreated {
+                name: "friends".into(),
+                members: vec!["alice".into(), "bob".into(), "carol".into()],
+            },
+            create: None,
+        };
+        let mut heads = courier_store::HeadCache::default();
+        store.append(lease, &mut heads, &[created]).await.unwrap();
+        let mut damage = Batch::new();
+        damage.set(store.keys().member("g:1", "bob"), vec![0xff; 3]);
+        kv.commit(damage).await.unwrap();
+        // alice's own record decodes: her message is sequenced.
+        let message = courier_store::Append::message(
+            "g:1".into(),
+            Sender {
+                user: "alice".into(),
+                device: "p".into(),
+            },
+            "m1".into(),
+            courier_proto::Body::Text("hi".into()),
+            None,
+        );
+        let sent = store.append(lease, &mut heads, &[message]).await.unwrap();
+        let seq = sent[0].as_ref().unwrap().seq;
+
+        let cache = MembershipCache::new(store.clone());
+        let event = membership_event(seq, EventPayload::Delete { target_seq: 1 });
+        assert_eq!(*cache.recipients(&event).await.unwrap(), ["alice", "carol"]);
+        assert_eq!(
+            *cache.members_at("g:1", seq).await.unwrap(),
+            ["alice", "carol"]
+        );
     }
 }

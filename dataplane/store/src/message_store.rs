@@ -1530,6 +1530,34 @@ impl MessageStore {
         self.decode_member_rows(&rows)
     }
 
+    /// [`MessageStore::member_records`] without the records that do not decode (damage, or a
+    /// bug), each logged at error: what the delivery roles (fanout, the push notifier) load,
+    /// so that one damaged record costs its user the conversation's live delivery and push,
+    /// not the whole shard. Failing on it, they retried its events for good: the shard
+    /// delivered and pushed nothing more, and its sends were refused once its outbox passed
+    /// `--outbox-lag-limit`. Leaving a user out gives no one anything to read.
+    pub async fn readable_member_records(
+        &self,
+        conv: &str,
+    ) -> Result<Vec<(String, MemberRecord)>, StoreError> {
+        let rows = self
+            .kv
+            .range(self.keys.members(conv), usize::MAX, false)
+            .await?;
+        let mut records = Vec::with_capacity(rows.len());
+        for row in rows {
+            match self.decode_member_rows(std::slice::from_ref(&row)) {
+                Ok(decoded) => records.extend(decoded),
+                Err(error) => tracing::error!(
+                    conversation = conv,
+                    %error,
+                    "a member record that does not decode: its user is left out of deliveries"
+                ),
+            }
+        }
+        Ok(records)
+    }
+
     fn decode_member_rows(
         &self,
         rows: &[KeyValue],
