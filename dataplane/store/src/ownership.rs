@@ -20,6 +20,12 @@
 //!
 //! Every operation here is one small, fenced commit: safe to retry, and a concurrent change of
 //! the record it read makes it fail with [`StoreError::FenceChanged`] rather than overwrite.
+//!
+//! **A record that does not decode** (damage, or a bug) names no owner anyone can read: its
+//! owner's renewals count the shard lost, and the next node to take free shards takes it as a
+//! lapsed one (logged at error both times), with a new epoch and a record that decodes. Safety
+//! holds, resting on the epoch; failing instead, its owner renewed none of its leases and no
+//! node took a free shard again.
 
 use crate::kv::{Batch, StoreError, decode_u64};
 use std::collections::HashMap;
@@ -184,10 +190,20 @@ impl MessageStore {
             let owner_key = self.keys().shard_owner(duty, shard);
             let owner = owners.get(&owner_key).cloned();
             if let Some(value) = &owner {
-                let record =
-                    OwnerRecord::decode(value.as_slice()).map_err(|e| corrupt(&owner_key, e))?;
-                if record.node != node && record.lease_until_ms > now_ms {
-                    continue;
+                match OwnerRecord::decode(value.as_slice()) {
+                    Ok(record) if record.node != node && record.lease_until_ms > now_ms => {
+                        continue;
+                    }
+                    Ok(_) => {}
+                    // No one can tell who holds it, its owner included (its renewals count the
+                    // shard lost): taken as a lapsed one, which safety allows (the epoch moves)
+                    // and which writes a record that decodes. Failing here, no node took any
+                    // free shard again.
+                    Err(e) => tracing::error!(
+                        shard,
+                        error = %corrupt(&owner_key, e),
+                        "an ownership record that does not decode: the shard is taken over"
+                    ),
                 }
             }
             let epoch_key = self.keys().shard_epoch(duty, shard);
@@ -299,6 +315,16 @@ impl MessageStore {
                         .set(key, record.encode_to_vec());
                 }
                 Err(StoreError::FenceChanged { .. }) => lost.push(lease.shard),
+                // Its owner unknown, the shard is lost here and taken over by the next node
+                // that takes free shards; failing here renewed none of the node's leases.
+                Err(error @ StoreError::Corrupt { .. }) => {
+                    tracing::error!(
+                        shard = lease.shard,
+                        %error,
+                        "an ownership record that does not decode: the shard is given up"
+                    );
+                    lost.push(lease.shard);
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -530,6 +556,69 @@ mod tests {
             held.epoch,
             "a held shard is left alone"
         );
+    }
+
+    /// An ownership record that does not decode (damage) stops neither its owner's renewals
+    /// nor the other nodes' takes: its owner counts the shard lost, and the next node to take
+    /// free shards takes it as a lapsed one, with a new epoch, writing a record that decodes.
+    /// It failed them all: its owner renewed none of its shards (they lapsed), and no node
+    /// took any free shard again, every take reading it among the candidates, so the shards
+    /// of a node that died or was drained stayed unserved for good.
+    #[tokio::test]
+    async fn an_ownership_record_that_does_not_decode_is_lost_by_its_owner_and_taken_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = temp_store(&dir, 8).await;
+        let damaged = store.shard_of("d:1");
+        let kept = (damaged + 1) % 8;
+        let a = store
+            .acquire_shards(
+                Duty::Sequencing,
+                "a",
+                &[kept, damaged],
+                usize::MAX,
+                0,
+                LEASE,
+            )
+            .await
+            .unwrap();
+        let mut damage = Batch::new();
+        damage.set(
+            store.keys().shard_owner(Duty::Sequencing, damaged),
+            vec![0xff; 3],
+        );
+        store.kv().commit(damage).await.unwrap();
+
+        let lost = store
+            .renew_shards(Duty::Sequencing, "a", &a, 1, LEASE)
+            .await
+            .unwrap();
+        assert_eq!(lost, [damaged], "the other lease is renewed");
+        let renewed = store.shard_owner(Duty::Sequencing, kept).await.unwrap();
+        assert_eq!(renewed.unwrap().lease_until_ms, 1 + LEASE);
+
+        let all: Vec<u32> = (0..8).collect();
+        let taken = store
+            .acquire_shards(Duty::Sequencing, "b", &all, usize::MAX, 2, LEASE)
+            .await
+            .unwrap();
+        let shards: Vec<u32> = taken.iter().map(|lease| lease.shard).collect();
+        let free: Vec<u32> = all.into_iter().filter(|&shard| shard != kept).collect();
+        assert_eq!(
+            shards, free,
+            "a's live lease is kept, the damaged one taken"
+        );
+        let owner = store
+            .shard_owner(Duty::Sequencing, damaged)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((owner.node.as_str(), owner.epoch), ("b", a[1].epoch + 1));
+        assert!(matches!(
+            append(&store, a[1], "m1").await,
+            Err(StoreError::FenceChanged { .. })
+        ));
+        let b = taken.iter().find(|lease| lease.shard == damaged).unwrap();
+        assert_eq!(append(&store, *b, "m1").await.unwrap(), 1);
     }
 
     #[tokio::test]
