@@ -20,6 +20,10 @@
 //! devices reconnect, write new routes and catch up; a sweep clears only the routes written
 //! before the lapse it saw, so it never takes a route written after the gateway came back. A
 //! gateway that starts again under the same node id sweeps its own routes first.
+//!
+//! A route key that does not decode (damage) is passed over by the readers, logged at error:
+//! its device misses live deliveries there until it reconnects, and no delivery batch fails
+//! for it.
 
 use crate::kv::{Batch, KeyValue, StoreError, decode_u64};
 use crate::message_store::{MessageStore, corrupt};
@@ -118,16 +122,24 @@ impl MessageStore {
             .collect()
     }
 
+    /// The routes of `rows`, a key that does not decode (damage, or a layout of another
+    /// version) passed over and logged at error: it names no device and gateway to deliver
+    /// to, and failing the read for it failed every delivery batch with its user among the
+    /// recipients, for good (the batch's shard delivered nothing more).
     fn decode_routes(&self, rows: Vec<KeyValue>) -> Result<Vec<Route>, StoreError> {
-        rows.into_iter()
-            .map(|(key, _)| {
-                let (device, gateway) = self
-                    .keys()
-                    .route_parts(&key)
-                    .ok_or_else(|| corrupt(&key, "not a route key"))?;
-                Ok(Route { device, gateway })
+        Ok(rows
+            .into_iter()
+            .filter_map(|(key, _)| match self.keys().route_parts(&key) {
+                Some((device, gateway)) => Some(Route { device, gateway }),
+                None => {
+                    tracing::error!(
+                        error = %corrupt(&key, "not a route key"),
+                        "a route that does not decode is passed over"
+                    );
+                    None
+                }
             })
-            .collect()
+            .collect())
     }
 
     /// Clears the routes to `gateway` written before `written_before_ms` by its clock (all of
@@ -197,6 +209,32 @@ mod tests {
             "another user whose id starts alike is not listed"
         );
         assert!(store.routes("carol").await.unwrap().is_empty());
+    }
+
+    /// A route key that does not decode (damage, or a layout of another version) is passed
+    /// over, logged: the user's other routes are read. It failed the read of every route of
+    /// the user: each delivery batch of fanout with the user among its recipients failed, for
+    /// good, so the batch's shard delivered nothing more and, past `--outbox-lag-limit`,
+    /// refused every send to any of its conversations.
+    #[tokio::test]
+    async fn a_route_key_that_does_not_decode_is_passed_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = temp_store(&dir, 4).await;
+        store.add_route("bob", "phone", "g1", 1, 10).await.unwrap();
+        store.add_route("bob", "laptop", "g2", 2, 10).await.unwrap();
+        let mut damaged = store.keys().route("bob", "phone", "g1");
+        damaged.push(0x99);
+        let mut batch = Batch::new();
+        batch.set(damaged, 3u64.to_le_bytes().to_vec());
+        store.kv().commit(batch).await.unwrap();
+
+        let bobs = [route("laptop", "g2"), route("phone", "g1")];
+        assert_eq!(store.routes("bob").await.unwrap(), bobs);
+        store.add_route("carol", "tab", "g1", 4, 10).await.unwrap();
+        assert_eq!(
+            store.routes_of(&["bob", "carol"]).await.unwrap(),
+            [bobs.to_vec(), vec![route("tab", "g1")]]
+        );
     }
 
     #[tokio::test]
