@@ -13,6 +13,10 @@
 //! node that re-registers meanwhile is kept (its record changed, the delete's fence fails).
 //! A forgotten node that comes back simply registers again.
 //!
+//! **A record that does not decode** (damage) is passed over by every reader of the registry,
+//! logged at error; its node writes it anew at its next renewal, and a dead node's is
+//! forgotten with the lapsed nodes (or by `ForgetNode`).
+//!
 //! **Ending another node's lease.** A node may end a live node's lease before its time
 //! ([`MessageStore::end_node_lease`]): fanout does it to a gateway node that renews its lease
 //! but takes no delivery (`courier_rpc::delivery`). The record is then lapsed for every node,
@@ -22,7 +26,7 @@
 //! record had, shorter than the one it last wrote; it takes that for a lapse (it tells its
 //! connections to reconnect) and registers again.
 
-use crate::kv::{Batch, StoreError};
+use crate::kv::{Batch, KeyValue, StoreError};
 use crate::message_store::{MessageStore, corrupt};
 use crate::ownership::reading_again;
 use prost::Message;
@@ -130,8 +134,16 @@ impl MessageStore {
         reading_again(|| async {
             let stored = self.kv().get(&key).await?;
             let mut replaced_lease_until_ms = None;
-            if let Some(value) = &stored {
-                let held = NodeRecord::decode(value.as_slice()).map_err(|e| corrupt(&key, e))?;
+            // A record that does not decode (damage) names no process: written anew, as a
+            // free id (failing on it, this node could never renew its registration).
+            let held = stored.as_ref().and_then(|value| {
+                NodeRecord::decode(value.as_slice())
+                    .inspect_err(|e| {
+                        tracing::error!(error = %corrupt(&key, e), "this node's registry record does not decode: written anew");
+                    })
+                    .ok()
+            });
+            if let Some(held) = held {
                 if held.instance == record.instance {
                     replaced_lease_until_ms = Some(held.lease_until_ms);
                 } else if held.is_live(now_ms) {
@@ -189,22 +201,39 @@ impl MessageStore {
         .await
     }
 
-    /// Every node in the registry, in id order, live or not (see [`NodeRecord::is_live`]).
+    /// Every node in the registry, in id order, live or not (see [`NodeRecord::is_live`]). A
+    /// record that does not decode (damage) is passed over, logged at error: failing on it,
+    /// every read of the registry failed on every node, and with them the routes to sequencer
+    /// nodes and gateways. Its node writes it anew at its next renewal
+    /// ([`MessageStore::claim_node`]); a dead node's is forgotten with the lapsed nodes
+    /// ([`MessageStore::forget_lapsed_nodes`]).
     pub async fn nodes(&self) -> Result<Vec<(String, NodeRecord)>, StoreError> {
+        let (nodes, damaged) = self.registry().await?;
+        for (key, _) in &damaged {
+            tracing::error!(
+                key = %key.escape_ascii(),
+                "a registry record that does not decode is passed over"
+            );
+        }
+        Ok(nodes)
+    }
+
+    /// The records of the registry that decode, and the rows of those that do not.
+    async fn registry(&self) -> Result<(Vec<(String, NodeRecord)>, Vec<KeyValue>), StoreError> {
         let rows = self
             .kv()
             .range(self.keys().nodes(), usize::MAX, false)
             .await?;
-        rows.into_iter()
-            .map(|(key, value)| {
-                let id = self
-                    .keys()
-                    .node_id(&key)
-                    .ok_or_else(|| corrupt(&key, "not a node key"))?;
-                let record = NodeRecord::decode(value.as_slice()).map_err(|e| corrupt(&key, e))?;
-                Ok((id, record))
-            })
-            .collect()
+        let mut nodes = Vec::with_capacity(rows.len());
+        let mut damaged = Vec::new();
+        for (key, value) in rows {
+            let id = self.keys().node_id(&key);
+            match (id, NodeRecord::decode(value.as_slice())) {
+                (Some(id), Ok(record)) => nodes.push((id, record)),
+                _ => damaged.push((key, value)),
+            }
+        }
+        Ok((nodes, damaged))
     }
 
     /// Removes node `id` from the registry if its lease ended before `lapsed_before_ms`: first
@@ -228,7 +257,10 @@ impl MessageStore {
         let Some(value) = self.kv().get(&key).await? else {
             return Ok(ForgetOutcome::Unknown);
         };
-        let record = NodeRecord::decode(value.as_slice()).map_err(|e| corrupt(&key, e))?;
+        // A record that does not decode names no live process (a live one writes it anew at
+        // its renewal): forgotten as one that lapsed long ago, its routes left to be passed
+        // over (their gateway is not in the registry).
+        let record = NodeRecord::decode(value.as_slice()).unwrap_or_default();
         if record.lease_until_ms >= lapsed_before_ms {
             return Ok(ForgetOutcome::Kept {
                 lease_until_ms: record.lease_until_ms,
@@ -251,7 +283,21 @@ impl MessageStore {
         except: &str,
     ) -> Result<Vec<String>, StoreError> {
         let mut forgotten = Vec::new();
-        for (id, record) in self.nodes().await? {
+        let (nodes, damaged) = self.registry().await?;
+        for (key, value) in damaged {
+            let mut batch = Batch::new();
+            batch.fence(key.clone(), Some(value)).clear(key.clone());
+            match self.kv().commit(batch).await {
+                Ok(_) => tracing::warn!(
+                    key = %key.escape_ascii(),
+                    "forgot a registry record that does not decode"
+                ),
+                // Written anew meanwhile by its node.
+                Err(StoreError::FenceChanged { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        for (id, record) in nodes {
             if id == except || record.lease_until_ms >= lapsed_before_ms {
                 continue;
             }
@@ -453,6 +499,46 @@ mod tests {
 
     /// A process renews its own record; another process's claim of a live record is refused
     /// with that record, and succeeds once it lapsed (or ended: the node left).
+    /// A registry record that does not decode (damage) is passed over by the readers of the
+    /// registry, logged, and its node writes it anew at its next renewal. It failed every read
+    /// of the registry, on every node: no route to a sequencer node was read (sends answered
+    /// `unavailable`), no delivery batch to another gateway went out (every shard's sends
+    /// refused past `--outbox-lag-limit`), no fanout share was counted; and its node's own
+    /// renewals failed on it, for good.
+    #[tokio::test]
+    async fn a_registry_record_that_does_not_decode_is_passed_over_and_written_anew() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = temp_store(&dir, 8).await;
+        store.register_node("s1", &node("a:1", 100)).await.unwrap();
+        let mut damage = Batch::new();
+        damage.set(store.keys().node("s2"), vec![0xff; 3]);
+        store.kv().commit(damage).await.unwrap();
+        assert_eq!(ids(&store.nodes().await.unwrap()), ["s1"]);
+
+        let s2 = NodeRecord {
+            instance: 7,
+            ..node("b:1", 200)
+        };
+        assert_eq!(
+            store.claim_node("s2", &s2, 10).await.unwrap(),
+            Claim::Registered {
+                replaced_lease_until_ms: None
+            }
+        );
+        assert_eq!(ids(&store.nodes().await.unwrap()), ["s1", "s2"]);
+
+        // A dead node's damaged record is forgotten with the lapsed nodes.
+        let mut damage = Batch::new();
+        damage.set(store.keys().node("s3"), vec![0xff; 3]);
+        store.kv().commit(damage).await.unwrap();
+        store.forget_lapsed_nodes(50, "s1").await.unwrap();
+        assert_eq!(ids(&store.nodes().await.unwrap()), ["s1", "s2"]);
+        assert_eq!(
+            store.kv().get(&store.keys().node("s3")).await.unwrap(),
+            None
+        );
+    }
+
     #[tokio::test]
     async fn a_node_id_is_claimed_by_one_live_process_at_a_time() {
         let dir = tempfile::tempdir().unwrap();
