@@ -6,7 +6,9 @@
 //! node calls [`MessageStore::lead`], which takes the record if it is free, lapsed or already
 //! the node's, and renews it; a node that finds another node's live lease skips the pass. The
 //! leader keeps the job as long as it renews it within its lease; when it dies, another node
-//! takes the job at its first pass after the lease lapsed.
+//! takes the job at its first pass after the lease lapsed. A leader record that does not
+//! decode (damage) names no one: the job is free, logged at error, and its next leader writes a
+//! record that decodes.
 //!
 //! **No fence.** The jobs are idempotent and every write they make is safe next to another
 //! node's (a retention trim goes through the shard's sequencer and fences on its epoch; a
@@ -64,11 +66,11 @@ impl MessageStore {
     ) -> Result<bool, StoreError> {
         let key = self.keys().leader(job.name());
         let stored = self.kv().get(&key).await?;
-        if let Some(value) = &stored {
-            let record = LeaderRecord::decode(value.as_slice()).map_err(|e| corrupt(&key, e))?;
-            if record.node != node && record.lease_until_ms > now_ms {
-                return Ok(false);
-            }
+        if let Some(record) = stored.as_deref().and_then(|value| readable(&key, value))
+            && record.node != node
+            && record.lease_until_ms > now_ms
+        {
+            return Ok(false);
         }
         let record = LeaderRecord {
             node: node.to_owned(),
@@ -91,9 +93,25 @@ impl MessageStore {
         let Some(value) = self.kv().get(&key).await? else {
             return Ok(None);
         };
-        let record = LeaderRecord::decode(value.as_slice()).map_err(|e| corrupt(&key, e))?;
-        Ok((record.lease_until_ms > now_ms).then_some(record.node))
+        Ok(readable(&key, &value)
+            .filter(|record| record.lease_until_ms > now_ms)
+            .map(|record| record.node))
     }
+}
+
+/// The leader record stored under `key` as `value`; `None`, logged at error, when it does not
+/// decode (damage): a job whose record names no one is free, and the next node to lead it
+/// writes a record that decodes. Failing on it, no node led the job again (no retention pass,
+/// no media sweep, no push notification, anywhere in the cluster).
+fn readable(key: &[u8], value: &[u8]) -> Option<LeaderRecord> {
+    LeaderRecord::decode(value)
+        .inspect_err(|e| {
+            tracing::error!(
+                error = %corrupt(key, e),
+                "a job's leader record does not decode: the job is taken as free"
+            );
+        })
+        .ok()
 }
 
 #[cfg(test)]
@@ -130,6 +148,25 @@ mod tests {
         assert_eq!(store.leader(retention, 19_001).await.unwrap(), None);
         assert!(store.lead(retention, "b", 19_001, LEASE).await.unwrap());
         assert!(!store.lead(retention, "a", 19_002, LEASE).await.unwrap());
+    }
+
+    /// A leader record that does not decode (damage) leaves the job free: the next node to
+    /// lead it does, and writes a record that decodes. Every node failed on it: no one led the
+    /// job again, anywhere in the cluster.
+    #[tokio::test]
+    async fn a_leader_record_that_does_not_decode_leaves_the_job_free() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = temp_store(&dir, 4).await;
+        let mut damage = Batch::new();
+        damage.set(store.keys().leader(Job::Push.name()), vec![0xff; 3]);
+        store.kv().commit(damage).await.unwrap();
+        assert_eq!(store.leader(Job::Push, 1_000).await.unwrap(), None);
+        assert!(store.lead(Job::Push, "a", 1_000, LEASE).await.unwrap());
+        assert_eq!(
+            store.leader(Job::Push, 2_000).await.unwrap().as_deref(),
+            Some("a")
+        );
+        assert!(!store.lead(Job::Push, "b", 2_000, LEASE).await.unwrap());
     }
 
     #[tokio::test]
