@@ -6,7 +6,7 @@
  * receipts and typing. Views subscribe with `on(...)` and read the state back.
  */
 import { Acknowledgements } from "./acks.js";
-import { Backoff, type BackoffOptions } from "./backoff.js";
+import { Backoff, sleep, type BackoffOptions } from "./backoff.js";
 import type { Connection, WebSocketConstructor } from "./connection.js";
 import { Conversation, type MessageStatus } from "./conversation.js";
 import { Emitter, reportToHost } from "./emitter.js";
@@ -79,6 +79,11 @@ export interface ClientEvents extends Record<string, unknown> {
 export type Target = { conversationId: string } | { toUser: string };
 
 const HISTORY_PAGE = 50;
+/** The waits between the fetches of a gap the server refuses for a while (`unavailable`,
+ * `rate_limited`, at least its `retry_after_ms`) or does not answer. */
+const GAP_RETRY = { baseMs: 500, maxMs: 30_000 };
+/** The failures of a gap fetch that it waits out; `closed` is the next catch-up's. */
+const GAP_WAITS_OUT = new Set<CourierError["code"]>(["unavailable", "rate_limited", "timeout"]);
 
 export class CourierClient {
   readonly user: string;
@@ -97,8 +102,10 @@ export class CourierClient {
   /** Conversations whose receipts the server does not list for this user (a group whose
    * receipts go to the senders they cover only, one this user left): not asked again. */
   private readonly receiptsUnlisted = new Set<string>();
-  /** Gap fetches in flight, as `conversation/after`. */
+  /** Gap fetches in flight or waiting to be tried again, as `conversation/after`. */
   private readonly gapsFetching = new Set<string>();
+  /** Aborted by `close`: ends the waits of gap fetches to try again. */
+  private readonly closing = new AbortController();
   private summariesLoading: Promise<void> | undefined;
   private readonly maxFrameBytes: number;
 
@@ -406,6 +413,7 @@ export class CourierClient {
   /** Closes the connection for good. */
   close(): void {
     this.link.close();
+    this.closing.abort();
   }
 
   /**
@@ -476,6 +484,7 @@ export class CourierClient {
         this.link.caughtUp(session);
         this.syncWaiters.splice(0).forEach((resolve) => resolve());
         this.emitter.emit("synced", undefined);
+        this.fillHoles();
         void this.readBackReceipts();
         break;
       case "reconnect":
@@ -510,9 +519,38 @@ export class CourierClient {
     const key = `${conversation.id}/${after}`;
     if (this.gapsFetching.has(key)) return;
     this.gapsFetching.add(key);
-    this.fetchRange(conversation, after, through)
+    this.fetchGap(conversation, after, through)
       .catch((e) => this.report(e))
       .finally(() => this.gapsFetching.delete(key));
+  }
+
+  /** Fetches a gap; one the server refuses for a while (`unavailable`, `rate_limited`) or
+   * does not answer is fetched again after the wait, from what is still missing of it. One
+   * cut off with its connection is left to the next catch-up's `fillHoles`: that catch-up
+   * may not bring it (another tab of the device moved its cursor past the gap). */
+  private async fetchGap(conversation: Conversation, after: number, through: number): Promise<void> {
+    const retries = new Backoff(GAP_RETRY);
+    for (;;) {
+      try {
+        return await this.fetchRange(conversation, after, through);
+      } catch (error) {
+        if (!(error instanceof CourierError) || !GAP_WAITS_OUT.has(error.code)) throw error;
+        await sleep(Math.max(error.retryAfterMs ?? 0, retries.next()), this.closing.signal);
+        if (this.closing.signal.aborted) return;
+        after = conversation.timeline.completeThrough(after);
+        if (after >= through) return;
+      }
+    }
+  }
+
+  /** After a catch-up: fetches the holes left between held events (`Timeline.holes`). A
+   * gap fill that failed or was cut off leaves one, and neither the live stream (it goes on
+   * above the hole) nor a catch-up that starts above it (another tab of the device
+   * acknowledged it) would ever bring it. */
+  private fillHoles(): void {
+    for (const conversation of this.conversationsById.values()) {
+      for (const hole of conversation.timeline.holes()) this.fillGap(conversation, hole.after, hole.through);
+    }
   }
 
   private applyEvents(conversation: Conversation, events: ConversationEvent[]): void {

@@ -87,6 +87,21 @@ export class Timeline {
     return this.completeThrough(after) >= seq - 1 ? undefined : { after, through: seq - 1 };
   }
 
+  /** The uncovered ranges between the lowest and the highest held events: seqs this device
+   * may not have had although it holds events on both sides (a gap fill that failed, or was
+   * cut off with its connection while the device's cursor moved past it on another tab). */
+  holes(): SeqRange[] {
+    const holes: SeqRange[] = [];
+    if (this.lowest === undefined) return holes;
+    for (let i = 1; i < this.covered.length; i++) {
+      const hole = { after: this.covered[i - 1]!.through, through: this.covered[i]!.after };
+      // Held events are covered, so `through` (uncovered) is below the highest only when
+      // events are held above it.
+      if (hole.after >= this.lowest && hole.through < this.highest) holes.push(hole);
+    }
+    return holes;
+  }
+
   /** Retention removed everything below `floorSeq`: those events are dropped and never
    * asked for again. */
   trim(floorSeq: number): void {

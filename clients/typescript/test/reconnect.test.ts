@@ -63,6 +63,60 @@ test("a stream that resumes past what this client holds is filled by a fetch", a
   assert.deepEqual(texts(tab, conv), ["m1", "m2", "m3", "m4"]);
 });
 
+/** A tab of bob's that holds m1 of a conversation with alice and is offline while another
+ * tab of the same device takes m2 and m3 (and moves the device's cursor past them). */
+async function tabBehindItsDevice(network: Network) {
+  const server = await serve();
+  const alice = await synced(server, "alice", "web");
+  const tab = await synced(server, "bob", "web", { network });
+  const conv = (await alice.sendText({ toUser: "bob" }, "m1")).conversation_id;
+  await until("the tab has m1", () => texts(tab, conv).length === 1);
+  network.cut();
+  await until("the tab is offline", () => tab.state !== "online");
+  for (const text of ["m2", "m3"]) await alice.sendText({ conversationId: conv }, text);
+  const otherTab = await synced(server, "bob", "web");
+  await until("the other tab has m3", () => texts(otherTab, conv).includes("m3"));
+  otherTab.close();
+  return { alice, tab, conv };
+}
+
+test("a gap fill the server refuses as unavailable is fetched again after the wait", async () => {
+  const network = new Network();
+  const { alice, tab, conv } = await tabBehindItsDevice(network);
+  const errors: string[] = [];
+  tab.on("error", (error) => errors.push(error.code));
+  let refused = 0;
+  network.answer = (frame) => {
+    if (frame.type !== "fetch" || refused > 0) return undefined;
+    refused++;
+    return { type: "error", ref: frame.ref, code: "unavailable", message: "storage slow", retry_after_ms: 50 };
+  };
+  network.restore();
+  await tab.whenSynced();
+  await alice.sendText({ conversationId: conv }, "m4");
+  await until("the tab has every message", () => texts(tab, conv).length === 4);
+  assert.deepEqual(texts(tab, conv), ["m1", "m2", "m3", "m4"]);
+  assert.equal(refused, 1);
+  assert.deepEqual(errors, [], "a refusal to wait out is not the app's error");
+});
+
+test("a gap fill cut off with its connection is fetched on the next one", async () => {
+  const network = new Network();
+  const { alice, tab, conv } = await tabBehindItsDevice(network);
+  // The gap's fetch is written into a connection whose network is gone.
+  network.lose = (frame) => frame.type === "fetch";
+  network.restore();
+  await tab.whenSynced();
+  await alice.sendText({ conversationId: conv }, "m4");
+  await until("the tab has m4", () => texts(tab, conv).includes("m4"));
+  network.cut();
+  await until("the tab is offline", () => tab.state !== "online");
+  network.lose = undefined;
+  network.restore();
+  await until("the tab has every message", () => texts(tab, conv).length === 4);
+  assert.deepEqual(texts(tab, conv), ["m1", "m2", "m3", "m4"]);
+});
+
 test("a draining server's reconnect is honoured: the client comes back to the restarted server", async () => {
   const server = await serve();
   const alice = await synced(server, "alice", "web");

@@ -108,13 +108,16 @@ export class Server {
  * A network a test controls: `WebSocket` connects through it; `cut()` drops every open
  * connection without a close frame and refuses new ones until `restore()`; while `lose` is
  * set, the frames the client writes that it matches never reach the server (written into a
- * connection whose network is already gone).
+ * connection whose network is already gone); while `answer` is set, a frame it returns a
+ * reply for never reaches the server either, and the client reads that reply instead (a
+ * server that refuses it: `unavailable`, `rate_limited`).
  */
 export class Network {
   private online = true;
   private readonly sockets = new Set<WebSocket>();
   readonly WebSocket: WebSocketConstructor;
   lose: ((frame: { type: string; kind?: string; client_msg_id?: string }) => boolean) | undefined;
+  answer: ((frame: { type: string; ref?: number }) => Record<string, unknown> | undefined) | undefined;
 
   constructor() {
     const network = this;
@@ -128,6 +131,12 @@ export class Network {
 
       override send(data: unknown, ...rest: unknown[]): void {
         if (typeof data === "string" && network.lose?.(JSON.parse(data))) return;
+        const reply = typeof data === "string" ? network.answer?.(JSON.parse(data)) : undefined;
+        if (reply) {
+          // Read as if it came from the server, after this write returns.
+          setImmediate(() => this.emit("message", Buffer.from(JSON.stringify(reply)), false));
+          return;
+        }
         (super.send as (...args: unknown[]) => void).call(this, data, ...rest);
       }
     }

@@ -68,6 +68,20 @@ test("a gap is what lies between the highest held event and a later one, unless 
   assert.equal(timeline.gapBefore(6), undefined, "a covered range is no gap even if it held nothing visible");
 });
 
+test("a hole is an uncovered range between held events, not the history below them nor what is yet to come", () => {
+  const timeline = new Timeline("d:1");
+  assert.deepEqual(timeline.holes(), []);
+  timeline.trim(3);
+  for (const seq of [5, 6, 9]) {
+    timeline.add(message(seq));
+    timeline.cover(seq - 1, seq);
+  }
+  timeline.cover(9, 12);
+  assert.deepEqual(timeline.holes(), [{ after: 6, through: 8 }], "3 and 4 are older history; 10 to 12 hold nothing");
+  timeline.cover(6, 8);
+  assert.deepEqual(timeline.holes(), []);
+});
+
 test("trimming drops the events below the floor and never asks for them again", () => {
   const timeline = new Timeline("d:1");
   for (const seq of [1, 2, 3, 7]) timeline.add(message(seq));
