@@ -7,7 +7,7 @@
  */
 import { Backoff, sleep, withJitter } from "./backoff.js";
 import { Connection, type WebSocketConstructor } from "./connection.js";
-import type { CourierError } from "./errors.js";
+import { CourierError } from "./errors.js";
 import type { ServerFrame } from "./protocol.js";
 
 export type ConnectionState = "connecting" | "online" | "offline" | "closed";
@@ -181,7 +181,8 @@ export class Link {
   }
 
   /** Until the connection ends: pings when it has been idle, abandons it when a ping gets
-   * no answer. */
+   * no answer. A ping refused with an `error` (`rate_limited` while the connection's frames
+   * are over the server's rate) was answered: the connection is alive and kept. */
   private async heartbeat(session: Session): Promise<void> {
     const stop = new AbortController();
     void session.closed.then(() => stop.abort());
@@ -190,9 +191,11 @@ export class Link {
       if (stop.signal.aborted) return;
       try {
         await session.connection.request({ type: "ping" });
-      } catch {
-        session.connection.close(4000, "no answer to ping");
-        return;
+      } catch (error) {
+        if (!(error instanceof CourierError) || error.code === "timeout") {
+          session.connection.close(4000, "no answer to ping");
+          return;
+        }
       }
     }
   }

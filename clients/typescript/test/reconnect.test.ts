@@ -117,6 +117,24 @@ test("a gap fill cut off with its connection is fetched on the next one", async 
   assert.deepEqual(texts(tab, conv), ["m1", "m2", "m3", "m4"]);
 });
 
+test("a ping the server refuses (rate_limited) keeps the connection: the refusal is an answer", async () => {
+  const server = await serve();
+  const network = new Network();
+  const bob = await synced(server, "bob", "web", { network, heartbeatMs: 20 });
+  const states: string[] = [];
+  bob.on("state", (state) => states.push(state));
+  let refused = 0;
+  network.answer = (frame) => {
+    if (frame.type !== "ping") return undefined;
+    refused++;
+    return { type: "error", ref: frame.ref, code: "rate_limited", message: "slow down", retry_after_ms: 10 };
+  };
+  await until("five pings were refused", () => refused >= 5);
+  network.answer = undefined;
+  assert.deepEqual(states, [], "the connection was never given up");
+  assert.equal(bob.state, "online");
+});
+
 test("a draining server's reconnect is honoured: the client comes back to the restarted server", async () => {
   const server = await serve();
   const alice = await synced(server, "alice", "web");
