@@ -61,7 +61,8 @@ export interface ClientEvents extends Record<string, unknown> {
   state: ConnectionState;
   /** The catch-up after a (re)connection is complete. */
   synced: void;
-  /** A new event, from the connection or a fetch. */
+  /** A new event, from the connection or a fetch; a conversation's in seq order (one above
+   * a gap waits until the gap is fetched), but for older history `loadHistory` loads. */
   event: ConversationEvent;
   /** A conversation's timeline, receipts or outbox entries changed. */
   timeline: string;
@@ -102,6 +103,9 @@ export class CourierClient {
   /** Conversations whose receipts the server does not list for this user (a group whose
    * receipts go to the senders they cover only, one this user left): not asked again. */
   private readonly receiptsUnlisted = new Set<string>();
+  /** Per conversation, the new events above a hole, held back from the `event` listeners
+   * until it is filled (`tellInOrder`); they are in the timeline meanwhile. */
+  private readonly heldBack = new Map<string, ConversationEvent[]>();
   /** Gap fetches in flight or waiting to be tried again, as `conversation/after`. */
   private readonly gapsFetching = new Set<string>();
   /** Aborted by `close`: ends the waits of gap fetches to try again. */
@@ -475,10 +479,14 @@ export class CourierClient {
         this.conversationFor(frame.conversation_id).setTyping(frame.user, frame.active, Date.now());
         this.emitter.emit("typing", frame.conversation_id);
         break;
-      case "trimmed":
-        this.conversationFor(frame.conversation_id).timeline.trim(frame.floor_seq);
+      case "trimmed": {
+        const conversation = this.conversationFor(frame.conversation_id);
+        conversation.timeline.trim(frame.floor_seq);
+        // A hole below the floor is no longer one: the events held back above it are told.
+        this.tellInOrder(conversation, []);
         this.emitter.emit("timeline", frame.conversation_id);
         break;
+      }
       case "sync_done":
         this.synced = true;
         this.link.caughtUp(session);
@@ -554,16 +562,35 @@ export class CourierClient {
   }
 
   private applyEvents(conversation: Conversation, events: ConversationEvent[]): void {
-    let changed = false;
+    const fresh: ConversationEvent[] = [];
     for (const event of events) {
       if (!conversation.applyEvent(event)) continue;
-      changed = true;
-      this.emitter.emit("event", event);
+      fresh.push(event);
       this.sender.settleFromEvent(event);
     }
+    const changed = fresh.length > 0;
+    this.tellInOrder(conversation, fresh);
     if (conversation.kind === undefined) void this.refreshConversations().catch((e) => this.report(e));
     if (changed) this.emitter.emit("timeline", conversation.id);
     this.acks.scheduleDelivered(conversation);
+  }
+
+  /** Gives new events to the `event` listeners in seq order: those above a hole in the
+   * timeline (a gap being fetched) wait until it is filled, so that the gap's events come
+   * before the live one that showed it. History loaded below the oldest held event comes as
+   * it is loaded. */
+  private tellInOrder(conversation: Conversation, fresh: ConversationEvent[]): void {
+    const waiting = this.heldBack.get(conversation.id);
+    if (!waiting && fresh.length === 0) return;
+    const events = waiting ? [...waiting, ...fresh].sort((a, b) => a.seq - b.seq) : fresh;
+    const hole = conversation.timeline.holes()[0];
+    let told = 0;
+    while (told < events.length && (!hole || events[told]!.seq <= hole.after)) {
+      this.emitter.emit("event", events[told]!);
+      told++;
+    }
+    if (told < events.length) this.heldBack.set(conversation.id, events.slice(told));
+    else this.heldBack.delete(conversation.id);
   }
 
   /** Fetches `(after, through]` page by page (over the connection when there is one, else
@@ -573,10 +600,12 @@ export class CourierClient {
     while (from < through) {
       const limit = Math.min(MAX_FETCH_LIMIT, through - from);
       const page = await this.fetchPage(conversation, from, limit);
-      this.applyEvents(conversation, page.events);
       const last = page.events.at(-1)?.seq;
       const coveredThrough = page.events.length < limit ? Math.max(page.head_seq, last ?? from) : last!;
+      // Covered first: the seqs a page skips (a time this user was not a member) are no
+      // hole to hold its later events back for.
       conversation.timeline.cover(from, coveredThrough);
+      this.applyEvents(conversation, page.events);
       conversation.headSeq = Math.max(conversation.headSeq, page.head_seq);
       // Up to the head on a caught-up connection that is still open: the device has had
       // everything through the page's top (what lies below it came in the catch-up, was

@@ -80,6 +80,19 @@ async function tabBehindItsDevice(network: Network) {
   return { alice, tab, conv };
 }
 
+test("the events of a conversation reach the app in seq order when a gap fill and live events interleave", async () => {
+  const network = new Network();
+  const { alice, tab, conv } = await tabBehindItsDevice(network);
+  const told: number[] = [];
+  tab.on("event", (event) => event.conversation_id === conv && told.push(event.seq));
+  network.restore();
+  await tab.whenSynced();
+  await alice.sendText({ conversationId: conv }, "m4");
+  await until("the tab has every message", () => texts(tab, conv).length === 4);
+  await until("the app was told of every message", () => told.length === 3);
+  assert.deepEqual(told, [2, 3, 4]);
+});
+
 test("a gap fill the server refuses as unavailable is fetched again after the wait", async () => {
   const network = new Network();
   const { alice, tab, conv } = await tabBehindItsDevice(network);
