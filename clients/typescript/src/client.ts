@@ -20,9 +20,11 @@ import {
   MAX_FETCH_LIMIT,
   isClientMsgId,
   isConversationId,
+  isSeq,
   isUserId,
   type Body,
   type ConversationEvent,
+  type MediaBody,
   type Messages,
   type Receipt,
   type Sent,
@@ -302,7 +304,10 @@ export class CourierClient {
     if ("conversationId" in target) entry.conversation_id = checkConversation(target.conversationId);
     else if (isUserId(target.toUser)) entry.to_user = target.toUser;
     else throw badInput(`not a user id: ${JSON.stringify(target.toUser)}`);
-    if (options.replyTo !== undefined) entry.reply_to = options.replyTo;
+    if (options.replyTo !== undefined) {
+      if (!isSeq(options.replyTo)) throw badInput("replyTo must be the seq of a message (an integer from 1)");
+      entry.reply_to = options.replyTo;
+    }
     const tooLarge = tooLargeError(entry, this.maxFrameBytes);
     if (tooLarge) throw tooLarge;
     try {
@@ -355,7 +360,7 @@ export class CourierClient {
   /** Deletes a message for everyone (needs a connection). */
   async delete(conversationId: string, seq: number): Promise<Sent> {
     checkConversation(conversationId);
-    if (!Number.isInteger(seq) || seq < 1) throw badInput("seq must be a positive integer");
+    if (!isSeq(seq)) throw badInput("seq must be a positive integer");
     const sent = await this.online().request<Sent>({ type: "delete", conversation_id: conversationId, seq });
     const conversation = this.conversationFor(conversationId);
     this.addOwn(conversation, sent, { kind: "delete", target_seq: seq });
@@ -759,10 +764,23 @@ function checkConversation(id: string): string {
   return id;
 }
 
+/** A body the server would take: exactly one of `text` and `media`, with the fields and types
+ * of PROTOCOL.md (checked here, or the message would enter the outbox only to be refused). */
 function checkBody(body: Body): void {
+  const shape = "a body is {text} or {media: {media_id, mime, size, sha256, name?, caption?}}";
+  if (typeof body !== "object" || body === null || Object.keys(body).length !== 1) throw badInput(shape);
   if ("text" in body) {
     if (typeof body.text !== "string" || body.text.length === 0) throw badInput("a text body needs text");
-  } else if (!("media" in body) || typeof body.media?.media_id !== "string") {
-    throw badInput("a body is {text} or {media: {media_id, mime, size, sha256}}");
+    return;
+  }
+  const media = (body as { media?: Partial<Record<keyof MediaBody, unknown>> }).media;
+  if (typeof media !== "object" || media === null) throw badInput(shape);
+  const { media_id, mime, size, sha256, name, caption } = media;
+  if (typeof media_id !== "string" || !isConversationId(media_id)) throw badInput("media_id is not a media id");
+  if (typeof mime !== "string" || mime === "") throw badInput("a media body needs its mime type");
+  if (!Number.isSafeInteger(size) || (size as number) < 0) throw badInput("a media body's size is a byte count");
+  if (typeof sha256 !== "string") throw badInput("a media body needs its sha256");
+  for (const [field, value] of [["name", name], ["caption", caption]] as const) {
+    if (value !== undefined && typeof value !== "string") throw badInput(`a media body's ${field} is text`);
   }
 }

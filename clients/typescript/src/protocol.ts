@@ -173,7 +173,14 @@ export function isConversationId(value: string): boolean {
   return CONVERSATION_ID.test(value);
 }
 
-/** Client message ids are 1 to 64 characters, unique per sending device. */
+/** Client message ids are 1 to 64 characters (Unicode scalar values, as the server counts
+ * them: an emoji is one, though two UTF-16 code units), unique per sending device. */
 export function isClientMsgId(value: string): boolean {
-  return value.length >= 1 && value.length <= 64;
+  if (value.length === 0 || value.length > 128) return false;
+  return [...value].length <= 64;
+}
+
+/** A `seq` (or `reply_to`): an integer from 1. */
+export function isSeq(value: unknown): value is number {
+  return Number.isSafeInteger(value) && (value as number) >= 1;
 }

@@ -91,6 +91,33 @@ test("bad input is refused before sending, and a refused send stays failed in th
   assert.deepEqual(ivan.outboxEntries(), []);
 });
 
+test("a send the protocol would refuse is refused before it enters the outbox, and ids count characters as the protocol does", async () => {
+  const kim = await user("kim");
+  const conv = (await kim.sendText({ toUser: "bob" }, "first")).conversation_id;
+  const target = { conversationId: conv };
+  const media = { media_id: "m1", mime: "image/png", size: 3, sha256: "ab" };
+  const refusals: [string, Promise<unknown>][] = [
+    ["reply_to 0", kim.send(target, { text: "x" }, { replyTo: 0 })],
+    ["reply_to 1.5", kim.send(target, { text: "x" }, { replyTo: 1.5 })],
+    ["reply_to as a string", kim.send(target, { text: "x" }, { replyTo: "1" as unknown as number })],
+    ["both text and media", kim.send(target, { text: "x", media } as never)],
+    ["media without a mime", kim.send(target, { media: { ...media, mime: undefined } } as never)],
+    ["media of size -1", kim.send(target, { media: { ...media, size: -1 } })],
+    ["media without sha256", kim.send(target, { media: { ...media, sha256: undefined } } as never)],
+    ["media named by a number", kim.send(target, { media: { ...media, name: 7 } } as never)],
+  ];
+  for (const [what, refused] of refusals) {
+    await assert.rejects(refused, (e: CourierError) => e.code === "bad_request", what);
+  }
+  assert.deepEqual(kim.outboxEntries(), [], "nothing refused entered the outbox");
+
+  // 64 characters of the protocol (Unicode scalar values), 128 UTF-16 code units.
+  const emoji = "\u{1F600}".repeat(64);
+  const sent = await kim.send(target, { text: "smile" }, { clientMsgId: emoji });
+  assert.equal(sent.client_msg_id, emoji);
+  await assert.rejects(kim.send(target, { text: "x" }, { clientMsgId: `${emoji}a` }), /1 to 64/);
+});
+
 test("events a device has had in its catch-up are not delivered to it again", async () => {
   const jo = await user("jo");
   let conv = "";
