@@ -367,9 +367,13 @@ export class CourierClient {
     return sent;
   }
 
-  /** Says this user is typing (or stopped) in a conversation; dropped while offline. */
+  /** Says this user is typing (or stopped) in a conversation; dropped while offline, and in
+   * a group this user left (`Conversation.left`: the server would refuse it, `forbidden`, an
+   * error for every notice of someone typing there). */
   typing(conversationId: string, active: boolean): void {
     checkConversation(conversationId);
+    if (typeof active !== "boolean") throw badInput("active is true or false");
+    if (this.conversationsById.get(conversationId)?.left) return;
     this.link.session?.connection.send({ type: "typing", conversation_id: conversationId, active });
   }
 

@@ -111,6 +111,13 @@ export class Conversation {
     return this.membersKnownAt(this.timeline.highestSeq);
   }
 
+  /** Whether the latest event held here that adds or removes this user removes it from the
+   * group: from there on it receives nothing of the group (until it is added back), and may
+   * send nothing there. */
+  get left(): boolean {
+    return this.kind === "group" && this.membership().left;
+  }
+
   /** The other members when the event at `seq` was sequenced, or undefined when this device
    * cannot know them all: a direct conversation's `others()` (when `membersComplete`); a
    * group's members added before `seq` and not removed before it, when this device holds
@@ -136,7 +143,7 @@ export class Conversation {
    * member it counts (receipts are cumulative, so the earlier ones are then not either). */
   awaitsReceipts(): boolean {
     // A former member of a group is refused the members' receipts.
-    if (this.kind === "group" && this.membership().left) return false;
+    if (this.left) return false;
     for (let seq = this.timeline.highestSeq; seq >= (this.timeline.lowestSeq ?? 1); seq--) {
       const event = this.timeline.get(seq);
       if (event?.kind !== "message" || event.sender.user !== this.me) continue;

@@ -56,6 +56,27 @@ test("members added and removed: the removed one receives nothing after its remo
   await assert.rejects(eve.addMembers(group, ["eve"]), (e: CourierError) => e.code === "forbidden" && e.status === 403);
 });
 
+test("a member removed from a group sends no typing there, and hears of no refusal", async () => {
+  const admin = await synced(server, "ken", "web");
+  const lea = await synced(server, "lea", "web");
+  const errors: string[] = [];
+  lea.on("error", (error) => errors.push(error.message));
+  const group = await admin.createGroup("book club", ["lea"]);
+  await until("lea has the group", () => lea.conversation(group)?.kind === "group");
+  assert.equal(lea.conversation(group)!.left, false);
+  await admin.removeMember(group, "lea");
+  await until("lea was told of her removal", () => lea.conversation(group)!.left);
+  lea.typing(group, true);
+  // A frame written after the typing notice is answered after any refusal of it.
+  await lea.loadHistory(group);
+  const direct = (await lea.sendText({ toUser: "ken" }, "why?")).conversation_id;
+  lea.typing(direct, true);
+  await until("ken's device sees lea typing in their direct conversation", () =>
+    (admin.conversation(direct)?.typing(Date.now()) ?? []).includes("lea"),
+  );
+  assert.deepEqual(errors, []);
+});
+
 test("a photo is uploaded, shared, and downloaded whole and by range", async () => {
   const gina = await synced(server, "gina", "web");
   const hal = await synced(server, "hal", "web");
