@@ -121,7 +121,7 @@ class ChatView {
     this.selected = undefined;
     this.draftUser = user;
     byId("conversation-title").textContent = user;
-    byId("composer").hidden = false;
+    this.renderComposer();
     byId("typing").textContent = "";
     this.renderList();
     this.renderTimeline();
@@ -133,7 +133,7 @@ class ChatView {
     this.draftUser = undefined;
     const conversation = this.client.conversation(conversationId);
     byId("conversation-title").textContent = conversation?.name ?? conversationId;
-    byId("composer").hidden = false;
+    this.renderComposer();
     byId("timeline").replaceChildren();
     this.renderList();
     this.renderTimeline();
@@ -149,8 +149,17 @@ class ChatView {
     this.renderList();
     if (conversationId !== this.selected) return;
     byId("conversation-title").textContent = this.client.conversation(conversationId)?.name ?? conversationId;
+    this.renderComposer();
     this.renderTimeline();
     this.markRead();
+  }
+
+  /** The composer, or in a group this user left (as far as its events say) a notice: the
+   * server would refuse what was written there. It comes back when the user is added back. */
+  private renderComposer(): void {
+    const left = this.selected !== undefined && (this.client.conversation(this.selected)?.left ?? false);
+    byId("composer").hidden = left;
+    byId("left-notice").hidden = !left;
   }
 
   private markRead(): void {

@@ -324,3 +324,26 @@ test("a picture someone shares never runs as a page of the app: an SVG's script 
   assert.notEqual(ran, "yes", "the uploaded SVG's script ran in the app's origin");
   await dana.context.close();
 });
+
+test("a member removed from a group can no longer write there, until added back", async () => {
+  const hugo = await person("hugo");
+  // Ida's own client, not the app: she runs the group.
+  const ida = await client(server, "ida", "node");
+  const group = await ida.createGroup("Choir", ["hugo"]);
+  await ida.sendText({ conversationId: group }, "Rehearsal at 7");
+  await open(hugo, "Choir");
+  await message(hugo, "Rehearsal at 7").waitFor(WAIT);
+  assert.equal(await hugo.page.locator("#composer").isVisible(), true);
+
+  await ida.removeMember(group, "hugo");
+  await hugo.page.locator("#timeline .notice", { hasText: "ida removed hugo" }).waitFor(WAIT);
+  await hugo.page.locator("#composer").waitFor({ ...WAIT, state: "hidden" });
+  await hugo.page.locator("#left-notice", { hasText: "no longer a member" }).waitFor(WAIT);
+  await shot(hugo, "removed-from-group");
+
+  await ida.addMembers(group, ["hugo"]);
+  await hugo.page.locator("#composer").waitFor(WAIT);
+  assert.equal(await hugo.page.locator("#left-notice").isVisible(), false);
+  assert.deepEqual(hugo.problems, [], "no script errors in the page");
+  await hugo.context.close();
+});
