@@ -44,6 +44,12 @@ class ChatView {
   private readonly media: MediaUrls;
   private readonly typing: TypingNotifier;
   private typingTimer: ReturnType<typeof setInterval> | undefined;
+  /** What the client's events changed since the last render, rendered at the next animation
+   * frame: a burst of events (a catch-up, a busy group) renders once a frame, not once an
+   * event (each rendered the whole list and timeline: a thousand messages arriving in the open
+   * conversation held the tab for minutes). A hidden tab renders once shown again. */
+  private stale = { list: false, timeline: false };
+  private frame: number | undefined;
 
   constructor(private readonly client: CourierClient) {
     this.media = new MediaUrls(client);
@@ -54,9 +60,9 @@ class ChatView {
     byId("chat").hidden = false;
     byId("me-name").textContent = `${this.client.user} (${this.client.device})`;
     this.client.on("state", (state) => this.showState(state));
-    this.client.on("conversations", () => this.renderList());
+    this.client.on("conversations", () => this.renderSoon("list"));
     this.client.on("timeline", (id) => this.onTimeline(id));
-    this.client.on("outbox", () => this.renderTimeline());
+    this.client.on("outbox", () => this.renderSoon("timeline"));
     this.client.on("typing", (id) => id === this.selected && this.renderTyping());
     this.client.on("error", (error) => this.onError(error));
     // The browser knows first when the network goes and comes back.
@@ -146,10 +152,27 @@ class ChatView {
   }
 
   private onTimeline(conversationId: string): void {
-    this.renderList();
-    if (conversationId !== this.selected) return;
-    byId("conversation-title").textContent = this.client.conversation(conversationId)?.name ?? conversationId;
-    this.renderComposer();
+    this.renderSoon("list");
+    if (conversationId === this.selected) this.renderSoon("timeline");
+  }
+
+  private renderSoon(part: "list" | "timeline"): void {
+    this.stale[part] = true;
+    this.frame ??= requestAnimationFrame(() => {
+      this.frame = undefined;
+      const { list, timeline } = this.stale;
+      this.stale = { list: false, timeline: false };
+      if (list) this.renderList();
+      if (timeline) this.renderOpen();
+    });
+  }
+
+  /** The open conversation (or new chat) as the client holds it now. */
+  private renderOpen(): void {
+    if (this.selected) {
+      byId("conversation-title").textContent = this.client.conversation(this.selected)?.name ?? this.selected;
+      this.renderComposer();
+    }
     this.renderTimeline();
     this.markRead();
   }

@@ -12,7 +12,7 @@ import { after, before, test } from "node:test";
 import { fileURLToPath } from "node:url";
 import { chromium } from "playwright-core";
 // The SDK's test support starts the server (built by `npm run build:test` there).
-import { COURIER_BIN, Server, client, closeClients } from "../../typescript/build-test/test/support.js";
+import { COURIER_BIN, Server, client, closeClients, until } from "../../typescript/build-test/test/support.js";
 
 const WEB_DIR = resolve(dirname(fileURLToPath(import.meta.url)), "..");
 const SHOTS = resolve(WEB_DIR, "test-output/screenshots");
@@ -346,4 +346,44 @@ test("a member removed from a group can no longer write there, until added back"
   assert.equal(await hugo.page.locator("#left-notice").isVisible(), false);
   assert.deepEqual(hugo.problems, [], "no script errors in the page");
   await hugo.context.close();
+});
+
+test("a burst of messages in the open conversation is rendered once a frame, not once a message", async () => {
+  const context = await browser.newContext({ viewport: { width: 900, height: 640 } });
+  const page = await context.newPage();
+  const problems = [];
+  page.on("pageerror", (error) => problems.push(error.message));
+  // The page's clock (its timers and animation frames) goes only as the test moves it.
+  await page.clock.install();
+  await page.goto(`${server.url}/#token=${server.token("jan", "web")}`);
+  await page.locator('#connection[data-state="online"]').waitFor(WAIT);
+  const kai = await client(server, "kai", "node");
+  const conv = (await kai.sendText({ toUser: "jan" }, "first")).conversation_id;
+  const jan = { user: "jan", page };
+  await open(jan, "kai");
+  await message(jan, "first").waitFor(WAIT);
+  await page.evaluate(() => {
+    window.timelineRenders = 0;
+    new MutationObserver((records) => (window.timelineRenders += records.length)).observe(
+      document.getElementById("timeline"),
+      { childList: true },
+    );
+  });
+  await page.clock.pauseAt(Date.now() + 1_000);
+
+  const burst = 50;
+  for (let i = 1; i <= burst; i++) await kai.sendText({ conversationId: conv }, `burst ${i}`);
+  // The page's client has taken every message once jan's delivered cursor is at the head.
+  const probe = await client(server, "jan", "probe");
+  const cursors = async () => (await probe.http.conversations()).find((c) => c.conversation_id === conv);
+  await until("the page's client has the burst", async () => (await cursors())?.delivered_seq === burst + 1);
+  const renders = await page.evaluate(() => window.timelineRenders);
+  assert.ok(renders <= 1, `the timeline was rendered ${renders} times before a frame`);
+
+  await page.clock.runFor(100);
+  await page.locator(`#timeline .message[data-seq="${burst + 1}"]`).waitFor(WAIT);
+  const shown = await page.locator("#timeline .message .text").allTextContents();
+  assert.deepEqual(shown, ["first", ...Array.from({ length: burst }, (_, i) => `burst ${i + 1}`)]);
+  assert.deepEqual(problems, [], "no script errors in the page");
+  await context.close();
 });
