@@ -1,6 +1,15 @@
 /** One-line descriptions of conversations and events. */
 import type { Conversation, ConversationEvent, CourierClient } from "@courier-chat/client";
 
+/** The kinds of events this app shows: messages, and notices of group changes. A `delete`
+ * shows as its blanked message; a kind a later server adds (the protocol welcomes new ones) is
+ * not shown, rather than shown as an empty notice. */
+const SHOWN_KINDS: ReadonlySet<string> = new Set(["message", "group_created", "member_added", "member_removed"]);
+
+export function isShown(event: ConversationEvent): boolean {
+  return SHOWN_KINDS.has(event.kind);
+}
+
 export function describe(event: ConversationEvent): string {
   if (event.kind !== "message") return notice(event);
   if (event.deleted || !event.body) return "This message was deleted";
@@ -24,10 +33,7 @@ export function notice(event: ConversationEvent): string {
 }
 
 export function preview(conversation: Conversation): string {
-  const last = conversation.timeline
-    .list()
-    .filter((e) => e.kind !== "delete")
-    .at(-1);
+  const last = conversation.timeline.list().filter(isShown).at(-1);
   return last ? describe(last) : "";
 }
 

@@ -6,7 +6,7 @@
 import type { ConversationEvent, CourierClient, MessageStatus, OutboxEntry } from "@courier-chat/client";
 import { el, showError, timeOf } from "./dom.js";
 import type { MediaUrls } from "./media.js";
-import { describe, notice } from "./summary.js";
+import { describe, isShown, notice } from "./summary.js";
 
 const TICKS: Record<MessageStatus, string> = {
   pending: "…",
@@ -28,7 +28,7 @@ export function renderTimeline(list: HTMLElement, client: CourierClient, shown: 
     const timeline = client.conversation(shown.conversationId)?.timeline;
     if (timeline?.mayHaveOlder) items.push(earlierButton(client, shown.conversationId));
     for (const event of timeline?.list() ?? []) {
-      if (event.kind === "delete") continue;
+      if (!isShown(event)) continue;
       items.push(event.kind === "message" ? messageItem(client, event, media) : el("li", { class: "notice" }, notice(event)));
     }
   }

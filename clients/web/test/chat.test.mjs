@@ -387,3 +387,50 @@ test("a burst of messages in the open conversation is rendered once a frame, not
   assert.deepEqual(problems, [], "no script errors in the page");
   await context.close();
 });
+
+test("an event of a kind this app does not know (a later server's) shows nothing, and the rest as before", async () => {
+  const context = await browser.newContext({ viewport: { width: 900, height: 640 } });
+  const page = await context.newPage();
+  const problems = [];
+  page.on("pageerror", (error) => problems.push(error.message));
+  let socket;
+  await page.routeWebSocket(/\/v1\/ws/, (ws) => {
+    socket = ws;
+    ws.connectToServer();
+  });
+  const lou = await client(server, "lou", "node");
+  const conv = (await lou.sendText({ toUser: "max" }, "see you at 8")).conversation_id;
+  await page.goto(`${server.url}/#token=${server.token("max", "web")}`);
+  await page.locator('#connection[data-state="online"]').waitFor(WAIT);
+  const max = { user: "max", page };
+  await open(max, "lou");
+  await message(max, "see you at 8").waitFor(WAIT);
+
+  // What a later server might send: a new kind of event, and a new frame type.
+  const sender = { user: "lou", device: "node" };
+  socket.send(JSON.stringify({ type: "presence", user: "lou", online: true }));
+  socket.send(
+    JSON.stringify({
+      type: "event",
+      conversation_id: conv,
+      seq: 2,
+      server_msg_id: "x2",
+      sender,
+      ts_ms: Date.now(),
+      kind: "reaction",
+      target_seq: 1,
+      emoji: "👍",
+    }),
+  );
+  // A frame from the server after them: once it is shown, they were taken, and rendered a
+  // frame later.
+  lou.typing(conv, true);
+  await page.locator("#typing", { hasText: "lou typing" }).waitFor(WAIT);
+  await page.evaluate(() => new Promise((done) => requestAnimationFrame(() => requestAnimationFrame(done))));
+  const items = await page.locator("#timeline > li").allTextContents();
+  assert.equal(items.length, 1, `the timeline shows: ${JSON.stringify(items)}`);
+  const preview = page.locator("#conversation-list li", { hasText: "lou" }).locator(".preview");
+  assert.equal(await preview.textContent(), "see you at 8", "the preview is the latest event shown");
+  assert.deepEqual(problems, [], "no script errors in the page");
+  await context.close();
+});
