@@ -76,6 +76,8 @@ async function tabBehindItsDevice(network: Network) {
   for (const text of ["m2", "m3"]) await alice.sendText({ conversationId: conv }, text);
   const otherTab = await synced(server, "bob", "web");
   await until("the other tab has m3", () => texts(otherTab, conv).includes("m3"));
+  const cursor = async () => (await otherTab.http.conversations()).find((c) => c.conversation_id === conv);
+  await until("the device's cursor is past m3", async () => (await cursor())?.delivered_seq === 3);
   otherTab.close();
   return { alice, tab, conv };
 }
@@ -117,11 +119,12 @@ test("a gap fill cut off with its connection is fetched on the next one", async 
   const network = new Network();
   const { alice, tab, conv } = await tabBehindItsDevice(network);
   // The gap's fetch is written into a connection whose network is gone.
-  network.lose = (frame) => frame.type === "fetch";
+  let lost = 0;
+  network.lose = (frame) => frame.type === "fetch" && ++lost > 0;
   network.restore();
   await tab.whenSynced();
   await alice.sendText({ conversationId: conv }, "m4");
-  await until("the tab has m4", () => texts(tab, conv).includes("m4"));
+  await until("the tab has m4 and asked for the gap below it", () => texts(tab, conv).includes("m4") && lost > 0);
   network.cut();
   await until("the tab is offline", () => tab.state !== "online");
   network.lose = undefined;
