@@ -98,7 +98,9 @@ export class CourierClient {
   private readonly acks: Acknowledgements;
   private readonly sender: OutboxSender;
   private synced = false;
-  private syncWaiters: (() => void)[] = [];
+  private syncWaiters: { resolve: () => void; reject: (error: CourierError) => void }[] = [];
+  /** Why the client stopped for good (a refused token, `close`): `whenSynced` rejects with it. */
+  private stoppedWith: CourierError | undefined;
   /** A read-back of receipts is under way, and a catch-up since asks for another pass. */
   private readingBack = false;
   private readBackAgain = false;
@@ -151,7 +153,10 @@ export class CourierClient {
           if (state !== "online") this.synced = false;
           this.emitter.emit("state", state);
         },
-        onRefused: (error) => this.emitter.emit("error", error),
+        onRefused: (error) => {
+          this.stop(error);
+          this.emitter.emit("error", error);
+        },
       },
     );
     this.acks = new Acknowledgements(() => this.link.session);
@@ -200,10 +205,13 @@ export class CourierClient {
     return this.link.state;
   }
 
-  /** Resolves once the current (or next) connection has had its catch-up. */
+  /** Resolves once the current (or next) connection has had its catch-up; rejects once the
+   * client has stopped for good before that: with the server's refusal of the token
+   * (`unauthorized`, `forbidden`), or `closed` after `close`. */
   whenSynced(): Promise<void> {
     if (this.synced) return Promise.resolve();
-    return new Promise((resolve) => this.syncWaiters.push(resolve));
+    if (this.stoppedWith) return Promise.reject(this.stoppedWith);
+    return new Promise((resolve, reject) => this.syncWaiters.push({ resolve, reject }));
   }
 
   // ---- conversations -----------------------------------------------------------------
@@ -427,6 +435,14 @@ export class CourierClient {
   close(): void {
     this.link.close();
     this.closing.abort();
+    this.stop(new CourierError("closed", "the client was closed"));
+  }
+
+  /** The client connects no more: whoever waits for a catch-up is told why (the first
+   * reason given). */
+  private stop(reason: CourierError): void {
+    this.stoppedWith ??= reason;
+    this.syncWaiters.splice(0).forEach((waiter) => waiter.reject(this.stoppedWith!));
   }
 
   /**
@@ -499,7 +515,7 @@ export class CourierClient {
       case "sync_done":
         this.synced = true;
         this.link.caughtUp(session);
-        this.syncWaiters.splice(0).forEach((resolve) => resolve());
+        this.syncWaiters.splice(0).forEach((waiter) => waiter.resolve());
         this.emitter.emit("synced", undefined);
         this.fillHoles();
         void this.readBackReceipts();

@@ -195,6 +195,28 @@ test("a token the server refuses stops the client with an unauthorized error", a
   assert.equal(errors[0]?.code, "unauthorized");
 });
 
+test("waiting for the catch-up ends with the refusal when the token is refused, and with closed on close", async () => {
+  const server = await serve();
+  const other = await serve();
+  const stranger = await client(server, "mallory", "web", { token: other.token("mallory", "web") });
+  let outcome: unknown;
+  stranger.whenSynced().then(
+    () => (outcome = "synced"),
+    (error: unknown) => (outcome = error),
+  );
+  await until("the wait ends", () => outcome !== undefined);
+  assert.equal((outcome as CourierError).code, "unauthorized");
+  await assert.rejects(stranger.whenSynced(), (e: CourierError) => e.code === "unauthorized");
+
+  const network = new Network();
+  network.cut();
+  const unreachable = await client(server, "nina", "web", { network });
+  const waiting = unreachable.whenSynced();
+  unreachable.close();
+  await assert.rejects(waiting, (e: CourierError) => e.code === "closed");
+  await assert.rejects(unreachable.whenSynced(), (e: CourierError) => e.code === "closed");
+});
+
 test("a paused client stays offline, keeps its sends, and catches up when resumed", async () => {
   const server = await serve();
   const alice = await synced(server, "alice", "web");
