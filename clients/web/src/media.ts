@@ -1,17 +1,17 @@
 /**
- * Images of media messages: downloaded with the token (an `<img src>` could not send it)
- * and shown from `blob:` URLs. A `blob:` URL holds its bytes until it is revoked, so the
- * cache is bounded: past [`MAX_PHOTOS`] photos or [`MAX_BYTES`] bytes the least recently
- * shown ones are revoked and forgotten (downloaded again if shown again).
+ * Images of media messages that are pictures ([`isPicture`]: a raster type, at most
+ * [`MAX_PHOTO_BYTES`]): downloaded with the token (an `<img src>` could not send it) and shown
+ * from `blob:` URLs. Other media is listed as a file and never downloaded by itself. A `blob:`
+ * URL holds its bytes until it is revoked, so the cache is bounded: past [`MAX_PHOTOS`] photos
+ * or [`MAX_BYTES`] bytes the least recently shown ones are revoked and forgotten (downloaded
+ * again if shown again).
  *
  * A `blob:` URL is a page of the app's origin when opened by itself ("Open image in new
  * tab"), and the app's Content-Security-Policy does not follow it there: a blob typed as the
  * uploader said (`image/svg+xml`, `text/html`, any `+xml`) would run the uploader's script
- * with the person's session. So a blob takes the type only of the raster pictures
- * ([`PICTURE_TYPES`]), which run nothing; anything else is typed as bytes, which a tab saves
- * rather than shows (an `<img>` still decodes a raster picture whatever its type, and an SVG
- * is not shown, as the server's download of it is not either).
- */
+ * with the person's session. So only raster pictures ([`PICTURE_TYPES`]), which run nothing,
+ * are downloaded, and a blob takes the type the download names only if it is one of them;
+ * anything else is typed as bytes, which a tab saves rather than shows. */
 import type { CourierClient } from "@courier-chat/client";
 
 /** The most photos kept as `blob:` URLs (far more than a screen shows at once). */
@@ -32,10 +32,27 @@ export const PICTURE_TYPES = new Set([
   "image/vnd.microsoft.icon",
 ]);
 
+/** The largest picture shown (downloaded as the conversation is shown); a larger one is listed
+ * as a file. The server takes uploads of up to 100 MiB by default, and anyone may message
+ * anyone: a few such "photos" downloaded at once would take the tab's memory. */
+export const MAX_PHOTO_BYTES = 16 * 1024 * 1024;
+
+function essenceOf(mime: string): string {
+  return mime.split(";")[0]!.trim().toLowerCase();
+}
+
 /** The type a downloaded photo's blob is given: its own if a raster picture, else bytes. */
 export function blobType(mime: string): string {
-  const essence = mime.split(";")[0]!.trim().toLowerCase();
+  const essence = essenceOf(mime);
   return PICTURE_TYPES.has(essence) ? essence : "application/octet-stream";
+}
+
+/** Whether a media body is shown as a picture (and so downloaded): a raster picture of at most
+ * [`MAX_PHOTO_BYTES`] (its type and size are the server's, from the upload). Anything else is
+ * listed as a file, never downloaded by itself: an `<img>` shows nothing else, and fetching
+ * it would cost its bytes for nothing. */
+export function isPicture(media: { mime: string; size: number }): boolean {
+  return PICTURE_TYPES.has(essenceOf(media.mime)) && media.size <= MAX_PHOTO_BYTES;
 }
 
 interface Cached {

@@ -1,5 +1,19 @@
 /** One-line descriptions of conversations and events. */
 import type { Conversation, ConversationEvent, CourierClient } from "@courier-chat/client";
+import { isPicture } from "./media.js";
+
+/** A byte count for people: `2.0 KB`, `16.0 MB`. */
+function sizeOf(bytes: number): string {
+  if (bytes < 1024) return `${bytes} B`;
+  const units = ["KB", "MB", "GB"];
+  let value = bytes / 1024;
+  let unit = 0;
+  while (value >= 1024 && unit < units.length - 1) {
+    value /= 1024;
+    unit++;
+  }
+  return `${value.toFixed(1)} ${units[unit]}`;
+}
 
 /** The kinds of events this app shows: messages, and notices of group changes. A `delete`
  * shows as its blanked message; a kind a later server adds (the protocol welcomes new ones) is
@@ -14,7 +28,12 @@ export function describe(event: ConversationEvent): string {
   if (event.kind !== "message") return notice(event);
   if (event.deleted || !event.body) return "This message was deleted";
   if ("text" in event.body) return event.body.text;
-  return `Photo: ${event.body.media.caption ?? event.body.media.name ?? ""}`;
+  const { media } = event.body;
+  if (!isPicture(media)) {
+    const caption = media.caption ? ` ${media.caption}` : "";
+    return `File: ${media.name ?? media.mime} (${sizeOf(media.size)})${caption}`;
+  }
+  return `Photo: ${media.caption ?? media.name ?? ""}`;
 }
 
 export function notice(event: ConversationEvent): string {

@@ -5,7 +5,7 @@
  */
 import type { ConversationEvent, CourierClient, MessageStatus, OutboxEntry } from "@courier-chat/client";
 import { el, showError, timeOf } from "./dom.js";
-import type { MediaUrls } from "./media.js";
+import { isPicture, type MediaUrls } from "./media.js";
 import { describe, isShown, notice } from "./summary.js";
 
 const TICKS: Record<MessageStatus, string> = {
@@ -57,7 +57,7 @@ function messageItem(client: CourierClient, event: ConversationEvent, media: Med
   });
   const conversation = client.conversation(event.conversation_id);
   if (!own && conversation?.kind === "group") item.append(el("span", { class: "sender" }, event.sender.user));
-  if (!deleted && event.body && "media" in event.body) {
+  if (!deleted && event.body && "media" in event.body && isPicture(event.body.media)) {
     const image = el("img", { alt: event.body.media.name ?? "photo", "data-media": event.body.media.media_id });
     media.url(event.body.media.media_id).then(
       (url) => (image.src = url),

@@ -306,22 +306,23 @@ test("signing out deletes the unsent messages and the ticks this browser kept, a
   await frank.context.close();
 });
 
-test("a picture someone shares never runs as a page of the app: an SVG's script does not run in a tab of its own", async () => {
+test("a picture someone shares never runs as a page of the app: an SVG is listed as a file, not downloaded", async () => {
   const dana = await person("dana");
+  const downloads = [];
+  dana.page.on("request", (request) => {
+    if (new URL(request.url()).pathname.startsWith("/v1/media/")) downloads.push(request.url());
+  });
   // Eve's own client, not the app: she sends what she likes.
   const eve = await client(server, "eve", "node");
   const svg = `<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"><script>document.documentElement.setAttribute("data-ran", "yes")</script><rect width="10" height="10"/></svg>`;
   await eve.sendMedia({ toUser: "dana" }, new TextEncoder().encode(svg), "image/svg+xml", { name: "cute.svg" });
   await open(dana, "eve");
-  const image = dana.page.locator('#timeline .message img[src^="blob:"]');
-  await image.waitFor({ ...WAIT, state: "attached" });
-  const src = await image.getAttribute("src");
-
-  // "Open image in new tab": a blob: URL is a page of the origin that made it.
-  const tab = await dana.context.newPage();
-  await tab.goto(src).catch(() => {}); // a download is no page
-  const ran = await tab.evaluate(() => document.documentElement?.getAttribute("data-ran")).catch(() => null);
-  assert.notEqual(ran, "yes", "the uploaded SVG's script ran in the app's origin");
+  // Its bytes never come into the page: no `blob:` URL of them ("Open image in new tab" would
+  // make it a page of the app's origin, where its script would run with the person's session).
+  await message(dana, "File: cute.svg").waitFor(WAIT);
+  assert.equal(await dana.page.locator("#timeline .message img").count(), 0);
+  assert.deepEqual(downloads, []);
+  assert.equal(await dana.page.evaluate(() => document.documentElement.getAttribute("data-ran")), null);
   await dana.context.close();
 });
 
@@ -433,4 +434,37 @@ test("an event of a kind this app does not know (a later server's) shows nothing
   assert.equal(await preview.textContent(), "see you at 8", "the preview is the latest event shown");
   assert.deepEqual(problems, [], "no script errors in the page");
   await context.close();
+});
+
+test("media that is no picture, or a picture too large to show, is listed as a file and not downloaded", async () => {
+  const olga = await person("olga");
+  const downloads = [];
+  olga.page.on("request", (request) => {
+    if (new URL(request.url()).pathname.startsWith("/v1/media/")) downloads.push(request.url());
+  });
+  // Pat's own client, not the app: he sends what he likes, as large as the server takes.
+  const pat = await client(server, "pat", "node");
+  const tiny = Buffer.from(
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4nGNgYPj/HwADAgH/2ZQnWgAAAABJRU5ErkJggg==",
+    "base64",
+  );
+  const huge = new Uint8Array(16 * 1024 * 1024 + 1);
+  await pat.sendMedia({ toUser: "olga" }, new Uint8Array(2048), "application/pdf", { name: "terms.pdf" });
+  const big = await pat.sendMedia({ toUser: "olga" }, huge, "image/png", { name: "huge.png" });
+  const small = await pat.sendMedia({ toUser: "olga" }, tiny, "image/png", { name: "dot.png" });
+  await open(olga, "pat");
+  const picture = olga.page.locator('#timeline .message img[alt="dot.png"][src^="blob:"]');
+  await picture.waitFor({ ...WAIT, state: "attached" });
+  await message(olga, "terms.pdf").waitFor(WAIT);
+  await message(olga, "huge.png").waitFor(WAIT);
+  assert.equal(await olga.page.locator("#timeline .message img").count(), 1, "only the small picture is an image");
+  const shown = await picture.getAttribute("data-media");
+  assert.deepEqual(
+    downloads.map((url) => new URL(url).pathname),
+    [`/v1/media/${shown}`],
+    "only the small picture is downloaded",
+  );
+  assert.ok(big.seq > 0 && small.seq > big.seq);
+  assert.deepEqual(olga.problems, [], "no script errors in the page");
+  await olga.context.close();
 });
