@@ -1277,6 +1277,28 @@ mod tests {
         .unwrap()
     }
 
+    /// A sequencer on a faulty engine's store, and what its commit listener is told.
+    async fn recorded_sequencer() -> (
+        Arc<FaultyEngine>,
+        MessageStore,
+        Arc<Recorded>,
+        Arc<LocalSequencer>,
+    ) {
+        let engine = FaultyEngine::new();
+        let store = engine.store(4).await;
+        let told = Arc::new(Recorded::default());
+        let sequencer = LocalSequencer::start(
+            store.clone(),
+            node("n1", Duration::from_secs(10)),
+            SequencerLimits::default(),
+            told.clone(),
+            Arc::new(Metrics::new()),
+        )
+        .await
+        .unwrap();
+        (engine, store, told, sequencer)
+    }
+
     /// What a listener was told: the keys and seqs of the entries listed, or a count.
     #[derive(Debug, PartialEq)]
     enum Told {
@@ -1312,18 +1334,7 @@ mod tests {
     /// listener is told so without a list, whether a retry then succeeded or not.
     #[tokio::test]
     async fn listeners_get_each_commits_entries_and_no_list_after_an_unknown_outcome() {
-        let engine = FaultyEngine::new();
-        let store = engine.store(4).await;
-        let told = Arc::new(Recorded::default());
-        let sequencer = LocalSequencer::start(
-            store.clone(),
-            node("n1", Duration::from_secs(10)),
-            SequencerLimits::default(),
-            told.clone(),
-            Arc::new(Metrics::new()),
-        )
-        .await
-        .unwrap();
+        let (engine, store, told, sequencer) = recorded_sequencer().await;
         let shard = store.shard_of("d:1");
         let outbox_from = |after: usize| {
             let store = store.clone();
@@ -1361,18 +1372,7 @@ mod tests {
     /// was neither delivered live nor pushed).
     #[tokio::test]
     async fn a_landed_commit_whose_retry_fails_otherwise_is_told_without_a_list() {
-        let engine = FaultyEngine::new();
-        let store = engine.store(4).await;
-        let told = Arc::new(Recorded::default());
-        let sequencer = LocalSequencer::start(
-            store.clone(),
-            node("n1", Duration::from_secs(10)),
-            SequencerLimits::default(),
-            told.clone(),
-            Arc::new(Metrics::new()),
-        )
-        .await
-        .unwrap();
+        let (engine, store, told, sequencer) = recorded_sequencer().await;
         let shard = store.shard_of("d:1");
         assert_eq!(seq_of(&sequencer, "m1").await.unwrap(), 1);
         told.take();

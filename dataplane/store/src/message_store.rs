@@ -1523,11 +1523,11 @@ impl MessageStore {
         &self,
         conv: &str,
     ) -> Result<Vec<(String, MemberRecord)>, StoreError> {
-        let rows = self
-            .kv
-            .range(self.keys.members(conv), usize::MAX, false)
-            .await?;
-        self.decode_member_rows(&rows)
+        self.member_rows(conv)
+            .await?
+            .iter()
+            .map(|row| self.decode_member_row(row))
+            .collect()
     }
 
     /// [`MessageStore::member_records`] without the records that do not decode (damage, or a
@@ -1540,14 +1540,11 @@ impl MessageStore {
         &self,
         conv: &str,
     ) -> Result<Vec<(String, MemberRecord)>, StoreError> {
-        let rows = self
-            .kv
-            .range(self.keys.members(conv), usize::MAX, false)
-            .await?;
+        let rows = self.member_rows(conv).await?;
         let mut records = Vec::with_capacity(rows.len());
-        for row in rows {
-            match self.decode_member_rows(std::slice::from_ref(&row)) {
-                Ok(decoded) => records.extend(decoded),
+        for row in &rows {
+            match self.decode_member_row(row) {
+                Ok(decoded) => records.push(decoded),
                 Err(error) => tracing::error!(
                     conversation = conv,
                     %error,
@@ -1558,20 +1555,20 @@ impl MessageStore {
         Ok(records)
     }
 
-    fn decode_member_rows(
-        &self,
-        rows: &[KeyValue],
-    ) -> Result<Vec<(String, MemberRecord)>, StoreError> {
-        rows.iter()
-            .map(|(k, v)| {
-                let user = self
-                    .keys
-                    .member_user(k)
-                    .ok_or_else(|| corrupt(k, "member key"))?;
-                let record = MemberRecord::decode(v.as_slice()).map_err(|e| corrupt(k, e))?;
-                Ok((user, record))
-            })
-            .collect()
+    /// The rows of `conv`'s member records, in id order.
+    async fn member_rows(&self, conv: &str) -> Result<Vec<KeyValue>, StoreError> {
+        self.kv
+            .range(self.keys.members(conv), usize::MAX, false)
+            .await
+    }
+
+    fn decode_member_row(&self, (k, v): &KeyValue) -> Result<(String, MemberRecord), StoreError> {
+        let user = self
+            .keys
+            .member_user(k)
+            .ok_or_else(|| corrupt(k, "member key"))?;
+        let record = MemberRecord::decode(v.as_slice()).map_err(|e| corrupt(k, e))?;
+        Ok((user, record))
     }
 
     /// The current members of each of `convs`, in the order asked, with one read (one call on
@@ -1582,8 +1579,8 @@ impl MessageStore {
             .await?
             .iter()
             .map(|rows| {
-                let records = self.decode_member_rows(rows)?;
-                Ok(current_members(records))
+                let records = rows.iter().map(|row| self.decode_member_row(row));
+                Ok(current_members(records.collect::<Result<_, _>>()?))
             })
             .collect()
     }
