@@ -349,3 +349,28 @@ async fn a_backup_under_writes_holds_each_conversation_whole_up_to_its_moment() 
         .unwrap();
     assert_eq!(next.seq, held + 1);
 }
+
+/// A data directory whose path is too long for a Unix socket (108 bytes): the server runs
+/// without online backups, `courier backup` says why it cannot take one while it runs, and
+/// takes one from the store once it has stopped.
+#[tokio::test]
+async fn a_data_directory_too_long_for_a_socket_is_backed_up_from_its_store() {
+    let (base, archives, second) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let first = base.path().join("d".repeat(120));
+    let mut server = with_a_message(&first).await;
+    let archive = archives.path().join("long.tar");
+    let refused = failed(&backup(&first, &archive));
+    assert!(refused.contains("open in another process"), "{refused}");
+    server.terminate();
+
+    let said = succeeded(&backup(&first, &archive));
+    assert!(said.contains("no server running"), "{said}");
+    succeeded(&restore(&archive, second.path()));
+    let restored = Server::start_in(second.path(), &[]);
+    let mut bob = restored.connect("bob", "phone").await;
+    assert_eq!(caught_up(&mut bob).await, vec![(1, "hello".to_owned())]);
+}

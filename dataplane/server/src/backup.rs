@@ -716,10 +716,15 @@ pub fn run_backup(args: &BackupArgs) -> anyhow::Result<()> {
     let socket = args.data_dir.join(SOCKET);
     let (totals, from) = match std::os::unix::net::UnixStream::connect(&socket) {
         Ok(stream) => (receive(stream, &mut out, args.quiet)?, "the running server"),
+        // No server answers: none runs, a stopped one left its socket, or the data
+        // directory's path is too long for a socket, where a server takes no online backups
+        // (`serve`). Opening the store tells whether a server holds it.
         Err(e)
             if matches!(
                 e.kind(),
-                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                std::io::ErrorKind::NotFound
+                    | std::io::ErrorKind::ConnectionRefused
+                    | std::io::ErrorKind::InvalidInput
             ) =>
         {
             (
