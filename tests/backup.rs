@@ -374,3 +374,17 @@ async fn a_data_directory_too_long_for_a_socket_is_backed_up_from_its_store() {
     let mut bob = restored.connect("bob", "phone").await;
     assert_eq!(caught_up(&mut bob).await, vec![(1, "hello".to_owned())]);
 }
+
+/// A data directory whose `backup.sock` path fits a socket, however near its limit, has online
+/// backups.
+#[tokio::test]
+async fn a_data_directory_near_the_socket_path_limit_is_backed_up_while_the_server_runs() {
+    let (base, archives) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    // `<data dir>/backup.sock` of 107 bytes, the longest a socket's path can be.
+    let room = 107 - "/backup.sock".len() - base.path().as_os_str().len() - 1;
+    let first = base.path().join("d".repeat(room));
+    let _server = with_a_message(&first).await;
+    let archive = archives.path().join("near.tar");
+    let said = succeeded(&backup(&first, &archive));
+    assert!(said.contains("from the running server"), "{said}");
+}

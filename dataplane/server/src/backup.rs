@@ -605,7 +605,8 @@ pub async fn serve(engine: Arc<EmbeddedEngine>, sources: Sources, cancel: Cancel
 /// its mode set, then moved to `path` (a stale socket of an earlier process replaced).
 fn bind_private(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
     use std::os::unix::fs::PermissionsExt;
-    let made = path.with_extension(format!("sock.{}", hex::encode(rand::random::<[u8; 8]>())));
+    // No longer than [`SOCKET`]'s name: a data directory whose socket's path fits has it.
+    let made = path.with_file_name(format!("bk.{}", hex::encode(rand::random::<[u8; 4]>())));
     let listener = tokio::net::UnixListener::bind(&made)
         .with_context(|| format!("binding {}", path.display()))?;
     let placed = std::fs::set_permissions(&made, std::fs::Permissions::from_mode(0o600))
