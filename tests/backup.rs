@@ -388,3 +388,30 @@ async fn a_data_directory_near_the_socket_path_limit_is_backed_up_while_the_serv
     let said = succeeded(&backup(&first, &archive));
     assert!(said.contains("from the running server"), "{said}");
 }
+
+/// A restore that fails once the archive is read (here, the token secret cannot be put in
+/// place) leaves no store a server would open without it.
+#[tokio::test]
+async fn a_restore_that_cannot_place_the_token_secret_places_no_store() {
+    let (first, archives, target) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let _server = with_a_message(first.path()).await;
+    let archive = archives.path().join("whole.tar");
+    succeeded(&backup(first.path(), &archive));
+
+    // A directory where the secret goes, with something in it: no file can be moved there.
+    std::fs::create_dir_all(target.path().join("jwt-secret").join("in the way")).unwrap();
+    failed(&restore(&archive, target.path()));
+    assert!(
+        !target.path().join("store").exists(),
+        "no store without its secret"
+    );
+
+    std::fs::remove_dir_all(target.path().join("jwt-secret")).unwrap();
+    succeeded(&restore(&archive, target.path()));
+    assert!(target.path().join("store").exists());
+    assert!(target.path().join("jwt-secret").is_file());
+}

@@ -496,13 +496,18 @@ impl Visitor for Restorer {
         let (import, ceiling) = self.import.take().context("no manifest")?;
         import.finish(ceiling)?;
         sync_dir(&self.media_dir.join("blobs"))?;
-        std::fs::rename(&self.staging, self.data_dir.join(STORE_DIR))?;
+        // The store last, once everything it needs is in place: a restore that fails or is
+        // killed before leaves no store that a server would open (with a new secret, which
+        // the tokens signed with the restored one would not pass).
         if let Some(secret) = self.secret.take() {
             let mut file = tempfile::NamedTempFile::new_in(&self.data_dir)?;
             file.write_all(&secret)?;
             file.as_file().sync_all()?;
-            file.persist(self.data_dir.join(SECRET))?;
+            file.persist(self.data_dir.join(SECRET))
+                .with_context(|| format!("placing {}", self.data_dir.join(SECRET).display()))?;
+            sync_dir(&self.data_dir)?;
         }
+        std::fs::rename(&self.staging, self.data_dir.join(STORE_DIR))?;
         sync_dir(&self.data_dir)
     }
 }
