@@ -415,3 +415,64 @@ async fn a_restore_that_cannot_place_the_token_secret_places_no_store() {
     assert!(target.path().join("store").exists());
     assert!(target.path().join("jwt-secret").is_file());
 }
+
+/// `archive` rewritten entry by entry: `change` gives an entry's new bytes, or `None` to keep
+/// them; `extra` is appended after the last entry.
+fn rewritten(
+    archive: &Path,
+    change: impl Fn(&str, &[u8]) -> Option<Vec<u8>>,
+    extra: &[(&str, &[u8])],
+) -> Vec<u8> {
+    use std::io::Read;
+    let mut input = tar::Archive::new(std::fs::File::open(archive).unwrap());
+    let mut out = tar::Builder::new(Vec::new());
+    let mut append = |path: &str, bytes: &[u8]| {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(bytes.len() as u64);
+        header.set_mode(0o600);
+        header.set_entry_type(tar::EntryType::Regular);
+        out.append_data(&mut header, path, bytes).unwrap();
+    };
+    for entry in input.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let path = entry.path().unwrap().to_string_lossy().into_owned();
+        let mut bytes = Vec::new();
+        entry.read_to_end(&mut bytes).unwrap();
+        let bytes = change(&path, &bytes).unwrap_or(bytes);
+        append(&path, &bytes);
+    }
+    for (path, bytes) in extra {
+        append(path, bytes);
+    }
+    out.into_inner().unwrap()
+}
+
+/// A manifest whose commit versions' ceiling no store reaches (its next stamps would wrap past
+/// `u64::MAX`, below those it holds) is refused, and nothing is restored.
+#[tokio::test]
+async fn a_backup_whose_ceiling_no_store_reaches_is_refused() {
+    let (first, archives, target) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let _server = with_a_message(first.path()).await;
+    let archive = archives.path().join("whole.tar");
+    succeeded(&backup(first.path(), &archive));
+    let hostile = rewritten(
+        &archive,
+        |path, bytes| {
+            (path == "courier-backup.json").then(|| {
+                let mut manifest: serde_json::Value = serde_json::from_slice(bytes).unwrap();
+                manifest["commit_version_ceiling"] = u64::MAX.into();
+                serde_json::to_vec(&manifest).unwrap()
+            })
+        },
+        &[],
+    );
+    let hostile_path = archives.path().join("hostile.tar");
+    std::fs::write(&hostile_path, hostile).unwrap();
+    let said = failed(&restore(&hostile_path, target.path()));
+    assert!(said.contains("ceiling"), "{said}");
+    assert!(!target.path().join("store").exists(), "nothing restored");
+}

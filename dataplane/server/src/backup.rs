@@ -293,6 +293,8 @@ fn read_archive(
                     manifest.courier
                 );
             }
+            // Checked before any pair is written (the manifest has no CRC of its own).
+            courier_store::backup::check_ceiling(manifest.commit_version_ceiling)?;
             visitor.manifest(manifest.commit_version_ceiling)?;
             manifest_read = true;
             continue;

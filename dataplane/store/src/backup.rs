@@ -26,6 +26,12 @@ use std::path::Path;
 /// The bytes of pairs a new store takes in one write batch.
 const IMPORT_BATCH_BYTES: usize = 4 << 20;
 
+/// The largest commit versions' ceiling a new store takes. A store's ceiling rises by
+/// `VERSIONS_RESERVED` (65,536) once per as many groups: at a million groups a second it would
+/// pass this after ~290,000 years. A copy that holds a larger one is damaged, and a store
+/// holding it would stamp its commits past `u64::MAX`, below the stamps it holds.
+pub const COMMIT_VERSION_CEILING_MAX: u64 = 1 << 63;
+
 /// A key and its value, as a copy gives them.
 pub type Pair = (fjall::UserKey, fjall::UserValue);
 
@@ -144,8 +150,10 @@ impl StoreImport {
     }
 
     /// Writes what is left, the commit versions' `ceiling`, and syncs the store to disk.
-    /// Returns how many pairs it holds.
+    /// Returns how many pairs it holds. A ceiling past [`COMMIT_VERSION_CEILING_MAX`] is
+    /// refused.
     pub fn finish(mut self, ceiling: u64) -> Result<u64, StoreError> {
+        check_ceiling(ceiling)?;
         self.write_batch()?;
         let mut batch = self
             .db
@@ -180,6 +188,16 @@ impl StoreImport {
         self.batch_bytes = 0;
         batch.commit().map_err(engine_error)
     }
+}
+
+/// Refuses a commit versions' ceiling past [`COMMIT_VERSION_CEILING_MAX`] (a damaged copy).
+pub fn check_ceiling(ceiling: u64) -> Result<(), StoreError> {
+    if ceiling > COMMIT_VERSION_CEILING_MAX {
+        return Err(StoreError::Engine(format!(
+            "a commit versions' ceiling of {ceiling} is past any a store reaches              ({COMMIT_VERSION_CEILING_MAX}): the copy is damaged"
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -249,6 +267,18 @@ mod tests {
         assert!(import.insert(b"k", &vec![0; MAX_VALUE_BYTES + 1]).is_err());
         import.insert(b"k", b"v").unwrap();
         assert_eq!(import.pairs(), 1);
+    }
+
+    /// A ceiling past any a store reaches would have the new store's next stamps wrap past
+    /// `u64::MAX` (and its writer panic on the overflow in a build that checks it).
+    #[test]
+    fn a_ceiling_past_any_a_store_reaches_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut import = StoreImport::create(&dir.path().join("refused")).unwrap();
+        import.insert(b"k", b"v").unwrap();
+        assert!(import.finish(u64::MAX).is_err());
+        let import = StoreImport::create(&dir.path().join("taken")).unwrap();
+        assert_eq!(import.finish(COMMIT_VERSION_CEILING_MAX).unwrap(), 0);
     }
 
     #[test]
