@@ -476,3 +476,30 @@ async fn a_backup_whose_ceiling_no_store_reaches_is_refused() {
     assert!(said.contains("ceiling"), "{said}");
     assert!(!target.path().join("store").exists(), "nothing restored");
 }
+
+/// A token secret the restored server would refuse to start with (empty, or too short) is
+/// refused by the restore, and nothing is restored.
+#[tokio::test]
+async fn a_backup_whose_token_secret_a_server_refuses_is_refused() {
+    let (first, archives) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let _server = with_a_message(first.path()).await;
+    let archive = archives.path().join("whole.tar");
+    succeeded(&backup(first.path(), &archive));
+    for secret in [&b""[..], b"short\n", &[0xff; 64]] {
+        let target = tempfile::tempdir().unwrap();
+        let hostile = rewritten(
+            &archive,
+            |path, _| (path == "jwt-secret").then(|| secret.to_vec()),
+            &[],
+        );
+        let hostile_path = archives.path().join("hostile.tar");
+        std::fs::write(&hostile_path, hostile).unwrap();
+        let said = failed(&restore(&hostile_path, target.path()));
+        assert!(said.contains("jwt-secret is damaged"), "{said}");
+        assert!(!target.path().join("store").exists(), "nothing restored");
+        assert!(
+            !target.path().join("jwt-secret").exists(),
+            "nothing restored"
+        );
+    }
+}

@@ -27,6 +27,7 @@
 //! uploads after the snapshot are not in the backup, with their records.
 
 use anyhow::{Context, bail};
+use courier_core::auth::MIN_SECRET_BYTES;
 use courier_core::loops::CancellationToken;
 use courier_store::Keys;
 use courier_store::backup::{StoreImport, StoreSnapshot};
@@ -490,6 +491,15 @@ impl Visitor for Restorer {
     }
 
     fn secret(&mut self, secret: Vec<u8>) -> anyhow::Result<()> {
+        // Read as `courier serve` reads it (`courier_core::auth::read_secret`): one it would
+        // refuse to start with is refused here, before anything is in place.
+        let text = std::str::from_utf8(&secret).map_or("", str::trim);
+        if text.len() < MIN_SECRET_BYTES {
+            bail!(
+                "the backup's {SECRET} is damaged: {} bytes of text, fewer than the                  {MIN_SECRET_BYTES} a server takes",
+                text.len()
+            );
+        }
         self.secret = Some(secret);
         Ok(())
     }
