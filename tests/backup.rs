@@ -503,3 +503,45 @@ async fn a_backup_whose_token_secret_a_server_refuses_is_refused() {
         );
     }
 }
+
+/// With the server stopped, a `--media-dir` that is not there is refused (a backup without the
+/// media would have been written), and with none given, where the server kept its media
+/// elsewhere, the backup says that no media bytes are in it.
+#[tokio::test]
+async fn a_stopped_servers_backup_refuses_a_missing_media_dir_and_says_when_none_is_copied() {
+    let (first, media, archives) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let media_flag = media.path().to_str().unwrap();
+    let mut server = Server::start_in(first.path(), &["--media-dir", media_flag]);
+    upload(&server, "alice", pattern(1000)).await;
+    server.terminate();
+
+    let archive = archives.path().join("media.tar");
+    let missing = first.path().join("no such directory");
+    let said = failed(&courier(
+        &["backup"],
+        &[
+            ("--data-dir", first.path()),
+            ("--to", &archive),
+            ("--media-dir", &missing),
+        ],
+    ));
+    assert!(said.contains("--media-dir"), "{said}");
+    assert!(!archive.exists(), "a failed backup leaves no file");
+
+    let said = succeeded(&backup(first.path(), &archive));
+    assert!(said.contains("no media bytes"), "{said}");
+
+    let said = succeeded(&courier(
+        &["backup"],
+        &[
+            ("--data-dir", first.path()),
+            ("--to", &archive),
+            ("--media-dir", media.path()),
+        ],
+    ));
+    assert!(said.contains("1 media"), "{said}");
+}

@@ -702,8 +702,8 @@ pub struct BackupArgs {
     #[arg(long)]
     to: PathBuf,
     /// With no server running: the directory of the media bytes, the server's `--media-dir`
-    /// (default: `media` in the data directory; none is copied if it does not exist). A
-    /// running server copies its own.
+    /// (refused if it is not a directory; default: `media` in the data directory, none copied
+    /// if it does not exist). A running server copies its own.
     #[arg(long, env = "COURIER_MEDIA_DIR")]
     media_dir: Option<PathBuf>,
     /// No progress on standard error.
@@ -830,24 +830,46 @@ fn copy_stopped(args: &BackupArgs, out: &mut Output) -> anyhow::Result<Totals> {
             store.display()
         );
     }
+    let default_media_dir = args.data_dir.join("media");
+    let media_dir = match &args.media_dir {
+        // Named, it is where the media are: one that is not there is a mistake, which would
+        // otherwise be a backup without them.
+        Some(dir) if !dir.is_dir() => bail!(
+            "--media-dir {} is not a directory: give the server's --media-dir",
+            dir.display()
+        ),
+        Some(dir) => Some(dir.clone()),
+        // A server with media in a bucket, or none uploaded yet, has none here.
+        None => default_media_dir
+            .is_dir()
+            .then_some(default_media_dir.clone()),
+    };
     let engine = EmbeddedEngine::open(&store)?;
-    let media_dir = args
-        .media_dir
-        .clone()
-        .unwrap_or_else(|| args.data_dir.join("media"));
     let sources = Sources {
         data_dir: args.data_dir.clone(),
-        media_dir: media_dir.is_dir().then_some(media_dir),
+        media_dir,
     };
     let mut progress = Progress::new("backing up", args.quiet);
     let snapshot = engine.snapshot()?;
-    write_archive(
+    let totals = write_archive(
         &snapshot,
         &sources,
         out,
         &AtomicBool::new(false),
         &mut |totals| progress.show(totals),
-    )
+    )?;
+    if sources.media_dir.is_none()
+        && snapshot
+            .range(Keys::new(b"").all_blob_users())
+            .next()
+            .is_some()
+    {
+        eprintln!(
+            "the store keeps media, and there is no {}: no media bytes are in the backup (those              in a bucket are the bucket's to back up; give --media-dir if the server keeps them              elsewhere)",
+            default_media_dir.display()
+        );
+    }
+    Ok(totals)
 }
 
 pub fn run_restore(args: &RestoreArgs) -> anyhow::Result<()> {
