@@ -545,3 +545,46 @@ async fn a_stopped_servers_backup_refuses_a_missing_media_dir_and_says_when_none
     ));
     assert!(said.contains("1 media"), "{said}");
 }
+
+/// A server asked to stop (SIGTERM) while a backup's reader holds it stops at once, and the
+/// reader finds the archive cut short, not whole.
+#[tokio::test]
+async fn a_server_stopping_under_a_backup_stops_and_the_backup_is_cut_short() {
+    use std::io::{BufRead, BufReader, Read};
+    let (first, archives) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut server = Server::start_in(first.path(), &[]);
+    upload(&server, "alice", pattern(4 << 20)).await;
+    let stalled =
+        std::os::unix::net::UnixStream::connect(first.path().join("backup.sock")).unwrap();
+    let mut reader = BufReader::new(&stalled);
+    let mut status = String::new();
+    reader.read_line(&mut status).unwrap();
+    assert_eq!(status, "OK\n");
+
+    let stopping = std::thread::spawn(move || server.terminate());
+    let deadline = std::time::Instant::now() + support::WAIT;
+    while !stopping.is_finished() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the server did not stop"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(stopping.join().unwrap().success());
+    assert!(!first.path().join("backup.sock").exists());
+
+    let mut rest = Vec::new();
+    reader.read_to_end(&mut rest).unwrap();
+    let cut = archives.path().join("cut.tar");
+    std::fs::write(&cut, &rest).unwrap();
+    let target = tempfile::tempdir().unwrap();
+    let said = failed(&courier(
+        &["restore"],
+        &[("--from", &cut), ("--data-dir", target.path())],
+    ));
+    assert!(
+        said.contains("cut short") || said.contains("damaged"),
+        "{said}"
+    );
+    assert!(!target.path().join("store").exists(), "{said}");
+}
