@@ -588,3 +588,44 @@ async fn a_server_stopping_under_a_backup_stops_and_the_backup_is_cut_short() {
     );
     assert!(!target.path().join("store").exists(), "{said}");
 }
+
+/// A backup cut after its media leaves none of them in the media directory: a server started
+/// there would keep them for good, with no record of them to sweep.
+#[tokio::test]
+async fn a_backup_cut_after_its_media_restores_none_of_them() {
+    let (first, archives, target) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let server = Server::start_in(first.path(), &[]);
+    upload(&server, "alice", pattern(1000)).await;
+    let archive = archives.path().join("whole.tar");
+    succeeded(&backup(first.path(), &archive));
+    // Everything but the end (its header, its body, the two closing blocks).
+    let whole = std::fs::read(&archive).unwrap();
+    let cut = archives.path().join("cut.tar");
+    std::fs::write(&cut, &whole[..whole.len() - 2048]).unwrap();
+
+    let said = failed(&restore(&cut, target.path()));
+    assert!(said.contains("cut short"), "{said}");
+    let media = target.path().join("media");
+    let left: Vec<_> = walk(&media);
+    assert!(left.is_empty(), "{left:?}");
+
+    succeeded(&restore(&archive, target.path()));
+    assert_eq!(walk(&media).len(), 1);
+}
+
+/// The files under `dir`, however deep.
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if entry.file_type().unwrap().is_dir() {
+            files.extend(walk(&entry.path()));
+        } else {
+            files.push(entry.path());
+        }
+    }
+    files
+}

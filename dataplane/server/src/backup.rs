@@ -458,12 +458,15 @@ impl Visitor for Checker {
     }
 }
 
-/// Writes a new data directory from an archive: the store in a directory of its own, moved
-/// into place once the archive has been read whole ([`restore`]).
+/// Writes a new data directory from an archive: the store and the media bytes in directories
+/// of their own, moved into place once the archive has been read whole ([`restore`]).
 struct Restorer {
     data_dir: PathBuf,
     media_dir: PathBuf,
     staging: PathBuf,
+    /// Where the media bytes are written until the archive has been read whole: a restore
+    /// that fails leaves none in the media directory, where no record would keep them.
+    media_staging: PathBuf,
     import: Option<(StoreImport, u64)>,
     secret: Option<Vec<u8>>,
 }
@@ -481,12 +484,12 @@ impl Visitor for Restorer {
     }
 
     fn media(&mut self, sha256: &str, bytes: &mut dyn Read) -> anyhow::Result<()> {
-        let blobs = self.media_dir.join("blobs");
-        let mut file = tempfile::NamedTempFile::new_in(&blobs)
-            .with_context(|| format!("writing media bytes in {}", blobs.display()))?;
+        let staging = &self.media_staging;
+        let mut file = tempfile::NamedTempFile::new_in(staging)
+            .with_context(|| format!("writing media bytes in {}", staging.display()))?;
         copy_checked(bytes, sha256, &mut file)?;
         file.as_file().sync_all()?;
-        file.persist(blobs.join(sha256))?;
+        file.persist(staging.join(sha256))?;
         Ok(())
     }
 
@@ -507,7 +510,14 @@ impl Visitor for Restorer {
     fn end(&mut self, _: &Totals) -> anyhow::Result<()> {
         let (import, ceiling) = self.import.take().context("no manifest")?;
         import.finish(ceiling)?;
-        sync_dir(&self.media_dir.join("blobs"))?;
+        let blobs = self.media_dir.join("blobs");
+        for entry in std::fs::read_dir(&self.media_staging)? {
+            let entry = entry?;
+            std::fs::rename(entry.path(), blobs.join(entry.file_name()))
+                .with_context(|| format!("moving media bytes into {}", blobs.display()))?;
+        }
+        sync_dir(&blobs)?;
+        std::fs::remove_dir(&self.media_staging)?;
         // The store last, once everything it needs is in place: a restore that fails or is
         // killed before leaves no store that a server would open (with a new secret, which
         // the tokens signed with the restored one would not pass).
@@ -531,8 +541,8 @@ fn sync_dir(dir: &Path) -> anyhow::Result<()> {
 }
 
 /// Writes the data directory `data_dir` (and the media directory `media_dir`) from the
-/// archive `input`. Refused when `data_dir` already holds a store; nothing of the store is in
-/// place unless the whole archive was read and checked (module documentation).
+/// archive `input`. Refused when `data_dir` already holds a store; nothing of the store or
+/// the media is in place unless the whole archive was read and checked (module documentation).
 pub fn restore(
     input: impl Read,
     data_dir: &Path,
@@ -548,25 +558,30 @@ pub fn restore(
         );
     }
     let staging = data_dir.join(format!("{STORE_DIR}.restoring"));
+    let media_staging = media_dir.join("restoring");
     for dir in [data_dir, media_dir, &media_dir.join("blobs")] {
         courier_core::dirs::create_private(dir)
             .with_context(|| format!("creating {}", dir.display()))?;
     }
     // What an earlier restore cut short left behind.
-    match std::fs::remove_dir_all(&staging) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(e).with_context(|| format!("removing {}", staging.display()));
+    for dir in [&staging, &media_staging] {
+        match std::fs::remove_dir_all(dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("removing {}", dir.display()));
+            }
+            _ => {}
         }
-        _ => {}
     }
     if store.exists() {
         std::fs::remove_dir(&store).with_context(|| format!("removing {}", store.display()))?;
     }
     courier_core::dirs::create_private(&staging)?;
+    courier_core::dirs::create_private(&media_staging)?;
     let mut restorer = Restorer {
         data_dir: data_dir.to_owned(),
         media_dir: media_dir.to_owned(),
         staging: staging.clone(),
+        media_staging: media_staging.clone(),
         import: None,
         secret: None,
     };
@@ -574,6 +589,7 @@ pub fn restore(
     drop(restorer);
     if restored.is_err() {
         let _ = std::fs::remove_dir_all(&staging);
+        let _ = std::fs::remove_dir_all(&media_staging);
     }
     restored
 }
