@@ -629,3 +629,35 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     }
     files
 }
+
+/// A manifest whose commit versions' ceiling was changed (one digit) is refused as damaged: a
+/// store restored with a lower one would stamp its commits with versions its outbox holds.
+#[tokio::test]
+async fn a_backup_whose_ceiling_was_changed_is_refused_as_damaged() {
+    let (first, archives, target) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let _server = with_a_message(first.path()).await;
+    let archive = archives.path().join("whole.tar");
+    succeeded(&backup(first.path(), &archive));
+    let changed = rewritten(
+        &archive,
+        |path, bytes| {
+            (path == "courier-backup.json").then(|| {
+                let mut manifest: serde_json::Value = serde_json::from_slice(bytes).unwrap();
+                let ceiling = manifest["commit_version_ceiling"].as_u64().unwrap();
+                assert!(ceiling > 0, "{manifest}");
+                manifest["commit_version_ceiling"] = (ceiling - 1).into();
+                serde_json::to_vec(&manifest).unwrap()
+            })
+        },
+        &[],
+    );
+    let changed_path = archives.path().join("changed.tar");
+    std::fs::write(&changed_path, changed).unwrap();
+    let said = failed(&restore(&changed_path, target.path()));
+    assert!(said.contains("damaged"), "{said}");
+    assert!(!target.path().join("store").exists(), "nothing restored");
+}

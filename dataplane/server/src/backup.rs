@@ -17,9 +17,10 @@
 //! **The archive.** A tar file, so that standard tools can list it and take the media out:
 //! `courier-backup.json` (the format, the commit versions' ceiling), `store/NNNNNNNN.pairs`
 //! (the store's pairs, each chunk ended by its CRC-32), `media/<sha256>` (each blob, whose
-//! name is the hash of its bytes), `jwt-secret`, and last `end.json` with the counts. Reading
-//! one checks all of it: the order of the entries, each chunk's CRC, each blob's hash, and the
-//! counts, so a backup cut short or damaged is refused, never restored in part.
+//! name is the hash of its bytes), `jwt-secret`, and last `end.json` with the counts and the
+//! ceiling again. Reading one checks all of it: the order of the entries, each chunk's CRC,
+//! each blob's hash, the counts and the ceiling, so a backup cut short or damaged is refused,
+//! never restored in part.
 //!
 //! **Media kept by the snapshot.** The blobs copied are those the snapshot's media records
 //! keep, read after the store's pairs: the bytes of a record the sweeper forgot meanwhile may
@@ -78,6 +79,11 @@ pub struct Totals {
     /// claim on them does not decode).
     pub media_missing: u64,
     pub secret: bool,
+    /// The manifest's commit versions' ceiling again, as the manifest has no CRC of its own: a
+    /// store restored with a lower one would stamp its commits with versions it holds. Not in
+    /// the archives of the first days of format 1, whose manifest is taken as it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit_version_ceiling: Option<u64>,
 }
 
 /// Where a server's data is: its data directory, and the local directory of its media
@@ -98,7 +104,10 @@ pub fn write_archive(
     progress: &mut dyn FnMut(&Totals),
 ) -> anyhow::Result<Totals> {
     let mut tar = tar::Builder::new(out);
-    let mut totals = Totals::default();
+    let mut totals = Totals {
+        commit_version_ceiling: Some(snapshot.commit_version_ceiling()),
+        ..Totals::default()
+    };
     let manifest = Manifest {
         format: FORMAT,
         courier: env!("CARGO_PKG_VERSION").to_owned(),
@@ -297,6 +306,7 @@ fn read_archive(
             // Checked before any pair is written (the manifest has no CRC of its own).
             courier_store::backup::check_ceiling(manifest.commit_version_ceiling)?;
             visitor.manifest(manifest.commit_version_ceiling)?;
+            read.commit_version_ceiling = Some(manifest.commit_version_ceiling);
             manifest_read = true;
             continue;
         }
@@ -326,6 +336,9 @@ fn read_archive(
             let totals: Totals = serde_json::from_slice(&read_small(&mut entry, 64 << 10)?)
                 .context("the backup's end does not decode")?;
             read.media_missing = totals.media_missing;
+            if totals.commit_version_ceiling.is_none() {
+                read.commit_version_ceiling = None;
+            }
             if totals != read {
                 bail!(
                     "the backup is damaged: its end counts {totals:?}, its entries hold {read:?}"
