@@ -124,6 +124,12 @@ async fn a_backup_of_a_running_server_restores_its_messages_media_and_tokens() {
         0o600,
         "only the data directory's owner may take a backup"
     );
+    let made_aside: Vec<_> = std::fs::read_dir(first.path())
+        .unwrap()
+        .flatten()
+        .filter(|entry| entry.file_name().to_string_lossy().starts_with(".b"))
+        .collect();
+    assert!(made_aside.is_empty(), "{made_aside:?}");
     let mut alice = server.connect("alice", "phone").await;
     alice.events_until_sync_done().await.unwrap();
     let bob = Target::User("bob".into());
@@ -660,4 +666,33 @@ async fn a_backup_whose_ceiling_was_changed_is_refused_as_damaged() {
     let said = failed(&restore(&changed_path, target.path()));
     assert!(said.contains("damaged"), "{said}");
     assert!(!target.path().join("store").exists(), "nothing restored");
+}
+
+/// Another user of the machine cannot take a backup, even of a data directory that others may
+/// enter: the socket is its owner's alone. (Needs root, to run the attacker as `nobody`.)
+#[tokio::test]
+async fn another_user_cannot_take_a_backup_of_a_data_directory_others_may_enter() {
+    use std::os::unix::process::CommandExt;
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root to run a command as another user");
+        return;
+    }
+    let (first, archives) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    for dir in [first.path(), archives.path()] {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    }
+    let _server = with_a_message(first.path()).await;
+    let archive = archives.path().join("stolen.tar");
+    let output = Command::new(env!("CARGO_BIN_EXE_courier"))
+        .args(["backup", "--data-dir"])
+        .arg(first.path())
+        .arg("--to")
+        .arg(&archive)
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    let said = failed(&output);
+    assert!(said.contains("ermission denied"), "{said}");
+    assert!(!archive.exists());
 }

@@ -56,6 +56,8 @@ const CHUNK_BYTES: usize = 8 << 20;
 const SECRET_MAX_BYTES: u64 = 64 << 10;
 /// How long a running server waits for a backup's reader to take more bytes.
 pub const STALL_LIMIT: Duration = Duration::from_secs(60);
+/// How long the server waits after a failed accept of a backup's connection.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 /// How often the commands report their progress on standard error.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
@@ -252,7 +254,8 @@ fn open_blob(media_dir: &Path, sha256: &str) -> anyhow::Result<Option<std::fs::F
             return Ok(Some(file));
         }
     }
-    Ok(None)
+    // Moved back by the sweeper while `trash/` was read (a record took them meanwhile).
+    open_if_present(&media_dir.join("blobs").join(sha256))
 }
 
 fn is_sha256(name: &str) -> bool {
@@ -631,7 +634,12 @@ pub async fn serve(engine: Arc<EmbeddedEngine>, sources: Sources, cancel: Cancel
             Ok(stream) => stream,
             Err(e) => {
                 tracing::warn!(error = %e, "accepting a backup failed");
-                continue;
+                // Out of file descriptors, say: the connection stays in the backlog, and
+                // accepting again at once would spin.
+                tokio::select! {
+                    () = tokio::time::sleep(ACCEPT_RETRY) => continue,
+                    () = cancel.cancelled() => break,
+                }
             }
         };
         let (engine, sources, stop, busy) =
@@ -647,20 +655,26 @@ pub async fn serve(engine: Arc<EmbeddedEngine>, sources: Sources, cancel: Cancel
     let _ = std::fs::remove_file(&path);
 }
 
-/// Binds the socket at `path` where only this user can connect: made under a name of its own,
-/// its mode set, then moved to `path` (a stale socket of an earlier process replaced).
+/// Binds the socket at `path` where only this user can connect, at any moment: made in a
+/// directory of its own that only this user may enter (a data directory that existed keeps
+/// its mode, which may let others in), its mode set, then moved to `path` (a stale socket of an
+/// earlier process replaced).
 fn bind_private(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
     use std::os::unix::fs::PermissionsExt;
-    // No longer than [`SOCKET`]'s name: a data directory whose socket's path fits has it.
-    let made = path.with_file_name(format!("bk.{}", hex::encode(rand::random::<[u8; 4]>())));
+    let parent = path.parent().unwrap_or(Path::new("."));
+    // Mode 0700. Its path no longer than `path`'s ([`SOCKET`]'s name): a data directory whose
+    // socket's path fits has it.
+    let private = tempfile::Builder::new()
+        .prefix(".b")
+        .rand_bytes(4)
+        .tempdir_in(parent)
+        .with_context(|| format!("making a directory in {}", parent.display()))?;
+    let made = private.path().join("sock");
     let listener = tokio::net::UnixListener::bind(&made)
         .with_context(|| format!("binding {}", path.display()))?;
-    let placed = std::fs::set_permissions(&made, std::fs::Permissions::from_mode(0o600))
-        .and_then(|()| std::fs::rename(&made, path));
-    if let Err(e) = placed {
-        let _ = std::fs::remove_file(&made);
-        return Err(e).with_context(|| format!("placing {}", path.display()));
-    }
+    std::fs::set_permissions(&made, std::fs::Permissions::from_mode(0o600))
+        .and_then(|()| std::fs::rename(&made, path))
+        .with_context(|| format!("placing {}", path.display()))?;
     Ok(listener)
 }
 
