@@ -696,3 +696,31 @@ async fn another_user_cannot_take_a_backup_of_a_data_directory_others_may_enter(
     assert!(said.contains("ermission denied"), "{said}");
     assert!(!archive.exists());
 }
+
+/// An archive with an entry whose name needs a GNU long-name header (never written by
+/// `courier backup`) is refused at that header, before anything of it is read: merged into
+/// the next entry's name, a hostile header's bytes were read into memory whole.
+#[test]
+fn an_entry_named_in_a_long_name_header_is_refused_before_it_is_read() {
+    let (archives, target) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut tar = tar::Builder::new(Vec::new());
+    let manifest = serde_json::json!({
+        "format": 1, "courier": "0", "created_ms": 0, "commit_version_ceiling": 0
+    })
+    .to_string();
+    let long_name = format!("media/{}", "a".repeat(200));
+    for (path, bytes) in [
+        ("courier-backup.json", manifest.as_bytes()),
+        (&long_name, b"x"),
+    ] {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(bytes.len() as u64);
+        header.set_mode(0o600);
+        tar.append_data(&mut header, path, bytes).unwrap();
+    }
+    let archive = archives.path().join("long.tar");
+    std::fs::write(&archive, tar.into_inner().unwrap()).unwrap();
+    let said = failed(&restore(&archive, target.path()));
+    assert!(said.contains("@LongLink"), "{said}");
+    assert!(!target.path().join("store").exists());
+}

@@ -287,7 +287,11 @@ fn read_archive(
     let mut read = Totals::default();
     let mut manifest_read = false;
     let mut ended = false;
-    for entry in archive.entries().context("reading the backup")? {
+    // Raw: a GNU long name or PAX header, which this version never writes, is an entry of its
+    // own, refused by its name before it is read (merged, it was read into memory whole, however
+    // large its header said it was).
+    let entries = archive.entries().context("reading the backup")?.raw(true);
+    for entry in entries {
         let mut entry = entry.context("reading the backup")?;
         let path = entry.path()?.to_string_lossy().into_owned();
         if ended {
