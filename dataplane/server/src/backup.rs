@@ -80,6 +80,10 @@ pub struct Totals {
     /// Media bytes the snapshot kept that were gone when they were copied (or whose record's
     /// claim on them does not decode).
     pub media_missing: u64,
+    /// The store keeps media, and no media directory was there to copy them from (they are in
+    /// a bucket, or elsewhere than the command was told).
+    #[serde(default)]
+    pub media_not_copied: bool,
     pub secret: bool,
     /// The manifest's commit versions' ceiling again, as the manifest has no CRC of its own: a
     /// store restored with a lower one would stamp its commits with versions it holds. Not in
@@ -133,8 +137,10 @@ pub fn write_archive(
     if !chunk.is_empty() {
         write_chunk(&mut tar, &mut chunk, &mut totals, stop)?;
     }
+    let keys = Keys::new(b"");
+    totals.media_not_copied =
+        sources.media_dir.is_none() && snapshot.range(keys.all_blob_users()).next().is_some();
     if let Some(media_dir) = &sources.media_dir {
-        let keys = Keys::new(b"");
         let mut last: Option<String> = None;
         for pair in snapshot.range(keys.all_blob_users()) {
             let (key, _) = pair?;
@@ -343,6 +349,7 @@ fn read_archive(
             let totals: Totals = serde_json::from_slice(&read_small(&mut entry, 64 << 10)?)
                 .context("the backup's end does not decode")?;
             read.media_missing = totals.media_missing;
+            read.media_not_copied = totals.media_not_copied;
             if totals.commit_version_ceiling.is_none() {
                 read.commit_version_ceiling = None;
             }
@@ -808,9 +815,14 @@ pub fn run_backup(args: &BackupArgs) -> anyhow::Result<()> {
         args.to.display(),
         totals.pairs,
         totals.media,
-        match totals.media_missing {
-            0 => String::new(),
-            n => format!(
+        match (totals.media_not_copied, totals.media_missing) {
+            (true, _) => " (the store keeps media, and no media bytes are in the backup: no \
+                          media directory was there to copy them from; those in a bucket are \
+                          the bucket's to back up, and with no server running --media-dir \
+                          names the server's)"
+                .to_owned(),
+            (false, 0) => String::new(),
+            (false, n) => format!(
                 " ({n} kept by the store were gone: their records are swept after a restore)"
             ),
         },
@@ -905,17 +917,6 @@ fn copy_stopped(args: &BackupArgs, out: &mut Output) -> anyhow::Result<Totals> {
         &AtomicBool::new(false),
         &mut |totals| progress.show(totals),
     )?;
-    if sources.media_dir.is_none()
-        && snapshot
-            .range(Keys::new(b"").all_blob_users())
-            .next()
-            .is_some()
-    {
-        eprintln!(
-            "the store keeps media, and there is no {}: no media bytes are in the backup (those              in a bucket are the bucket's to back up; give --media-dir if the server keeps them              elsewhere)",
-            default_media_dir.display()
-        );
-    }
     Ok(totals)
 }
 
