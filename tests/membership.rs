@@ -429,6 +429,14 @@ async fn a_removed_member_catches_up_to_its_removal_and_no_further() {
         .send_text(Target::Conversation(conv.clone()), "late", "x")
         .await;
     assert!(matches!(sent, Err(ClientError::Server(ref e)) if e.code == ErrorCode::Forbidden));
+    // An ack of an event sequenced after his removal is refused as his send is: that event is
+    // not his to read (not a malformed seq).
+    bob.ack(&conv, removal + 1, AckKind::Read).await.unwrap();
+    let answer = bob.next_frame_within(WAIT).await.unwrap();
+    assert!(
+        matches!(answer, ServerFrame::Error(ref e) if e.code == ErrorCode::Forbidden),
+        "{answer:?}"
+    );
     // The group is no longer listed as his.
     let listed = server.http("bob", "phone").conversations().await.unwrap();
     assert_eq!(listed["conversations"], serde_json::json!([]));

@@ -394,6 +394,13 @@ impl Chat {
         // A former member acknowledges up to its removal, no further.
         let readable = head.min(member.visibility(0, 1).last());
         if ack.seq > readable {
+            // An event sequenced after a former member's removal is there, and not its to read:
+            // refused as its send would be. A seq past the head is a malformed one.
+            if ack.seq <= head && !member.is_member() {
+                return Err(ApiError::forbidden(format!(
+                    "you are not a member of {conv}: your last event there is {readable}"
+                )));
+            }
             return Err(ApiError::bad_request(format!(
                 "seq {} is beyond the last event you may read, {readable}",
                 ack.seq
