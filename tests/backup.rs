@@ -7,7 +7,7 @@ mod support;
 use courier_client::proto::*;
 use courier_client::{Client, Target};
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use support::{Server, token_for};
 
@@ -96,6 +96,30 @@ async fn caught_up(client: &mut Client) -> Vec<(u64, String)> {
             _ => None,
         })
         .collect()
+}
+
+/// A backup (`whole.tar`, in a directory of its own) of a running server where alice has sent
+/// bob `hello`.
+struct Backed {
+    archive: PathBuf,
+    /// Where `archive` is, and where tests write the archives they make of it.
+    archives: tempfile::TempDir,
+    // Dropped in this order: the server before its data directory.
+    _server: Server,
+    _data_dir: tempfile::TempDir,
+}
+
+async fn backup_of_a_message() -> Backed {
+    let (data_dir, archives) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let server = with_a_message(data_dir.path()).await;
+    let archive = archives.path().join("whole.tar");
+    succeeded(&backup(data_dir.path(), &archive));
+    Backed {
+        archive,
+        archives,
+        _server: server,
+        _data_dir: data_dir,
+    }
 }
 
 /// A server in `data_dir` where alice has sent bob `hello`.
@@ -216,21 +240,15 @@ async fn a_stopped_server_is_backed_up_from_its_store_and_a_restore_never_overwr
 
 #[tokio::test]
 async fn a_damaged_or_cut_backup_is_refused_and_restores_nothing() {
-    let (first, archives) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let _server = with_a_message(first.path()).await;
-    let archive = archives.path().join("whole.tar");
-    succeeded(&backup(first.path(), &archive));
-    let whole = std::fs::read(&archive).unwrap();
+    let backed = backup_of_a_message().await;
+    let (archives, archive) = (backed.archives.path(), &backed.archive);
+    let whole = std::fs::read(archive).unwrap();
 
     // One byte changed in the store's pairs (after the manifest's header and body).
     let mut damaged = whole.clone();
     damaged[2048] ^= 0x55;
-    let damaged_path = archives.path().join("damaged.tar");
-    std::fs::write(&damaged_path, &damaged).unwrap();
     let target = tempfile::tempdir().unwrap();
-    let said = failed(&restore(&damaged_path, target.path()));
-    assert!(said.contains("damaged"), "{said}");
-    assert!(!target.path().join("store").exists(), "nothing restored");
+    refused(archives, &damaged, target.path(), "damaged");
 
     // Cut inside its store's pairs, and cut where its last entry begins (the end's header
     // and body, and the archive's two closing blocks: 512 bytes each).
@@ -238,15 +256,11 @@ async fn a_damaged_or_cut_backup_is_refused_and_restores_nothing() {
         (whole.len() / 2, "damaged"),
         (whole.len() - 2048, "cut short"),
     ] {
-        let cut_path = archives.path().join("cut.tar");
-        std::fs::write(&cut_path, &whole[..cut]).unwrap();
-        let said = failed(&restore(&cut_path, target.path()));
-        assert!(said.contains(why), "{said}");
-        assert!(!target.path().join("store").exists(), "nothing restored");
+        refused(archives, &whole[..cut], target.path(), why);
     }
 
     // And the whole one still restores into the same directory.
-    succeeded(&restore(&archive, target.path()));
+    succeeded(&restore(archive, target.path()));
     assert!(target.path().join("store").exists());
 }
 
@@ -399,36 +413,26 @@ async fn a_data_directory_near_the_socket_path_limit_is_backed_up_while_the_serv
 /// place) leaves no store a server would open without it.
 #[tokio::test]
 async fn a_restore_that_cannot_place_the_token_secret_places_no_store() {
-    let (first, archives, target) = (
-        tempfile::tempdir().unwrap(),
-        tempfile::tempdir().unwrap(),
-        tempfile::tempdir().unwrap(),
-    );
-    let _server = with_a_message(first.path()).await;
-    let archive = archives.path().join("whole.tar");
-    succeeded(&backup(first.path(), &archive));
+    let (backed, target) = (backup_of_a_message().await, tempfile::tempdir().unwrap());
+    let archive = &backed.archive;
 
     // A directory where the secret goes, with something in it: no file can be moved there.
     std::fs::create_dir_all(target.path().join("jwt-secret").join("in the way")).unwrap();
-    failed(&restore(&archive, target.path()));
+    failed(&restore(archive, target.path()));
     assert!(
         !target.path().join("store").exists(),
         "no store without its secret"
     );
 
     std::fs::remove_dir_all(target.path().join("jwt-secret")).unwrap();
-    succeeded(&restore(&archive, target.path()));
+    succeeded(&restore(archive, target.path()));
     assert!(target.path().join("store").exists());
     assert!(target.path().join("jwt-secret").is_file());
 }
 
 /// `archive` rewritten entry by entry: `change` gives an entry's new bytes, or `None` to keep
-/// them; `extra` is appended after the last entry.
-fn rewritten(
-    archive: &Path,
-    change: impl Fn(&str, &[u8]) -> Option<Vec<u8>>,
-    extra: &[(&str, &[u8])],
-) -> Vec<u8> {
+/// them.
+fn rewritten(archive: &Path, change: impl Fn(&str, &[u8]) -> Option<Vec<u8>>) -> Vec<u8> {
     use std::io::Read;
     let mut input = tar::Archive::new(std::fs::File::open(archive).unwrap());
     let mut out = tar::Builder::new(Vec::new());
@@ -447,62 +451,54 @@ fn rewritten(
         let bytes = change(&path, &bytes).unwrap_or(bytes);
         append(&path, &bytes);
     }
-    for (path, bytes) in extra {
-        append(path, bytes);
-    }
     out.into_inner().unwrap()
+}
+
+/// `archive` with its manifest changed by `edit`.
+fn with_manifest(archive: &Path, edit: impl Fn(&mut serde_json::Value)) -> Vec<u8> {
+    rewritten(archive, |path, bytes| {
+        (path == "courier-backup.json").then(|| {
+            let mut manifest: serde_json::Value = serde_json::from_slice(bytes).unwrap();
+            edit(&mut manifest);
+            serde_json::to_vec(&manifest).unwrap()
+        })
+    })
+}
+
+/// `courier restore` refuses the archive `bytes` (written in `archives`), saying `why`, and
+/// puts no store in `target`.
+fn refused(archives: &Path, bytes: &[u8], target: &Path, why: &str) {
+    let archive = archives.join("refused.tar");
+    std::fs::write(&archive, bytes).unwrap();
+    let said = failed(&restore(&archive, target));
+    assert!(said.contains(why), "{said}");
+    assert!(!target.join("store").exists(), "nothing restored");
 }
 
 /// A manifest whose commit versions' ceiling no store reaches (its next stamps would wrap past
 /// `u64::MAX`, below those it holds) is refused, and nothing is restored.
 #[tokio::test]
 async fn a_backup_whose_ceiling_no_store_reaches_is_refused() {
-    let (first, archives, target) = (
-        tempfile::tempdir().unwrap(),
-        tempfile::tempdir().unwrap(),
-        tempfile::tempdir().unwrap(),
-    );
-    let _server = with_a_message(first.path()).await;
-    let archive = archives.path().join("whole.tar");
-    succeeded(&backup(first.path(), &archive));
-    let hostile = rewritten(
-        &archive,
-        |path, bytes| {
-            (path == "courier-backup.json").then(|| {
-                let mut manifest: serde_json::Value = serde_json::from_slice(bytes).unwrap();
-                manifest["commit_version_ceiling"] = u64::MAX.into();
-                serde_json::to_vec(&manifest).unwrap()
-            })
-        },
-        &[],
-    );
-    let hostile_path = archives.path().join("hostile.tar");
-    std::fs::write(&hostile_path, hostile).unwrap();
-    let said = failed(&restore(&hostile_path, target.path()));
-    assert!(said.contains("ceiling"), "{said}");
-    assert!(!target.path().join("store").exists(), "nothing restored");
+    let (backed, target) = (backup_of_a_message().await, tempfile::tempdir().unwrap());
+    let (archives, archive) = (backed.archives.path(), &backed.archive);
+    let hostile = with_manifest(archive, |manifest| {
+        manifest["commit_version_ceiling"] = u64::MAX.into();
+    });
+    refused(archives, &hostile, target.path(), "ceiling");
 }
 
 /// A token secret the restored server would refuse to start with (empty, or too short) is
 /// refused by the restore, and nothing is restored.
 #[tokio::test]
 async fn a_backup_whose_token_secret_a_server_refuses_is_refused() {
-    let (first, archives) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let _server = with_a_message(first.path()).await;
-    let archive = archives.path().join("whole.tar");
-    succeeded(&backup(first.path(), &archive));
+    let backed = backup_of_a_message().await;
+    let (archives, archive) = (backed.archives.path(), &backed.archive);
     for secret in [&b""[..], b"short\n", &[0xff; 64]] {
         let target = tempfile::tempdir().unwrap();
-        let hostile = rewritten(
-            &archive,
-            |path, _| (path == "jwt-secret").then(|| secret.to_vec()),
-            &[],
-        );
-        let hostile_path = archives.path().join("hostile.tar");
-        std::fs::write(&hostile_path, hostile).unwrap();
-        let said = failed(&restore(&hostile_path, target.path()));
-        assert!(said.contains("jwt-secret is damaged"), "{said}");
-        assert!(!target.path().join("store").exists(), "nothing restored");
+        let hostile = rewritten(archive, |path, _| {
+            (path == "jwt-secret").then(|| secret.to_vec())
+        });
+        refused(archives, &hostile, target.path(), "jwt-secret is damaged");
         assert!(
             !target.path().join("jwt-secret").exists(),
             "nothing restored"
@@ -640,32 +636,14 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
 /// store restored with a lower one would stamp its commits with versions its outbox holds.
 #[tokio::test]
 async fn a_backup_whose_ceiling_was_changed_is_refused_as_damaged() {
-    let (first, archives, target) = (
-        tempfile::tempdir().unwrap(),
-        tempfile::tempdir().unwrap(),
-        tempfile::tempdir().unwrap(),
-    );
-    let _server = with_a_message(first.path()).await;
-    let archive = archives.path().join("whole.tar");
-    succeeded(&backup(first.path(), &archive));
-    let changed = rewritten(
-        &archive,
-        |path, bytes| {
-            (path == "courier-backup.json").then(|| {
-                let mut manifest: serde_json::Value = serde_json::from_slice(bytes).unwrap();
-                let ceiling = manifest["commit_version_ceiling"].as_u64().unwrap();
-                assert!(ceiling > 0, "{manifest}");
-                manifest["commit_version_ceiling"] = (ceiling - 1).into();
-                serde_json::to_vec(&manifest).unwrap()
-            })
-        },
-        &[],
-    );
-    let changed_path = archives.path().join("changed.tar");
-    std::fs::write(&changed_path, changed).unwrap();
-    let said = failed(&restore(&changed_path, target.path()));
-    assert!(said.contains("damaged"), "{said}");
-    assert!(!target.path().join("store").exists(), "nothing restored");
+    let (backed, target) = (backup_of_a_message().await, tempfile::tempdir().unwrap());
+    let (archives, archive) = (backed.archives.path(), &backed.archive);
+    let changed = with_manifest(archive, |manifest| {
+        let ceiling = manifest["commit_version_ceiling"].as_u64().unwrap();
+        assert!(ceiling > 0, "{manifest}");
+        manifest["commit_version_ceiling"] = (ceiling - 1).into();
+    });
+    refused(archives, &changed, target.path(), "damaged");
 }
 
 /// Another user of the machine cannot take a backup, even of a data directory that others may
@@ -718,9 +696,6 @@ fn an_entry_named_in_a_long_name_header_is_refused_before_it_is_read() {
         header.set_mode(0o600);
         tar.append_data(&mut header, path, bytes).unwrap();
     }
-    let archive = archives.path().join("long.tar");
-    std::fs::write(&archive, tar.into_inner().unwrap()).unwrap();
-    let said = failed(&restore(&archive, target.path()));
-    assert!(said.contains("@LongLink"), "{said}");
-    assert!(!target.path().join("store").exists());
+    let long = tar.into_inner().unwrap();
+    refused(archives.path(), &long, target.path(), "@LongLink");
 }

@@ -82,14 +82,11 @@ pub struct Totals {
     pub media_missing: u64,
     /// The store keeps media, and no media directory was there to copy them from (they are in
     /// a bucket, or elsewhere than the command was told).
-    #[serde(default)]
     pub media_not_copied: bool,
     pub secret: bool,
     /// The manifest's commit versions' ceiling again, as the manifest has no CRC of its own: a
-    /// store restored with a lower one would stamp its commits with versions it holds. Not in
-    /// the archives of the first days of format 1, whose manifest is taken as it is.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub commit_version_ceiling: Option<u64>,
+    /// store restored with a lower one would stamp its commits with versions it holds.
+    pub commit_version_ceiling: u64,
 }
 
 /// Where a server's data is: its data directory, and the local directory of its media
@@ -111,7 +108,7 @@ pub fn write_archive(
 ) -> anyhow::Result<Totals> {
     let mut tar = tar::Builder::new(out);
     let mut totals = Totals {
-        commit_version_ceiling: Some(snapshot.commit_version_ceiling()),
+        commit_version_ceiling: snapshot.commit_version_ceiling(),
         ..Totals::default()
     };
     let manifest = Manifest {
@@ -319,7 +316,7 @@ fn read_archive(
             // Checked before any pair is written (the manifest has no CRC of its own).
             courier_store::backup::check_ceiling(manifest.commit_version_ceiling)?;
             visitor.manifest(manifest.commit_version_ceiling)?;
-            read.commit_version_ceiling = Some(manifest.commit_version_ceiling);
+            read.commit_version_ceiling = manifest.commit_version_ceiling;
             manifest_read = true;
             continue;
         }
@@ -350,9 +347,6 @@ fn read_archive(
                 .context("the backup's end does not decode")?;
             read.media_missing = totals.media_missing;
             read.media_not_copied = totals.media_not_copied;
-            if totals.commit_version_ceiling.is_none() {
-                read.commit_version_ceiling = None;
-            }
             if totals != read {
                 bail!(
                     "the backup is damaged: its end counts {totals:?}, its entries hold {read:?}"
@@ -735,11 +729,13 @@ impl Drop for Idle<'_> {
     }
 }
 
-/// Puts the calling thread at the lowest CPU priority (Linux, where a thread's nice value is its
-/// own), so that a backup takes the cores the roles leave.
+/// Puts the calling thread at the lowest CPU priority, the store's flushes' (Linux, where a
+/// thread's nice value is its own), so that a backup takes the cores the roles leave.
 fn lower_priority() {
     #[cfg(target_os = "linux")]
-    if let Err(e) = rustix::process::setpriority_process(None, 19) {
+    if let Err(e) =
+        rustix::process::setpriority_process(None, courier_store::embedded::BACKGROUND_NICE)
+    {
         tracing::debug!(error = %e, "a backup keeps the server's priority");
     }
 }
