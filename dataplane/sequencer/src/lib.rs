@@ -510,13 +510,16 @@ impl LocalSequencer {
         }
     }
 
-    /// Takes a token of the group's send rate for a client's message to a group. A retry of a
-    /// message already sequenced takes one too: a client that retries past the rate is the one
-    /// to slow down.
+    /// Takes a token of the group's send rate for a client's message or delete to a group: each
+    /// is an event every member's devices receive. A retry of one already sequenced takes one
+    /// too: a client that retries past the rate is the one to slow down.
     fn check_group_rate(&self, append: &Append) -> Result<(), SequencerError> {
         let conv = &append.conversation_id;
-        let message = matches!(append.payload, EventPayload::Message { .. });
-        if !(message && ids::is_group(conv)) {
+        let sent = matches!(
+            append.payload,
+            EventPayload::Message { .. } | EventPayload::Delete { .. }
+        );
+        if !(sent && ids::is_group(conv)) {
             return Ok(());
         }
         self.group_sends.wait(conv).map_err(|wait| {
@@ -871,6 +874,14 @@ mod tests {
         }
         let past = sequencer.submit(message("g:1", "past", "x")).await;
         assert!(rate_limited(past));
+        // A delete is an event to every member too, and takes the same rate.
+        let delete = Append {
+            key: AppendKey::Server("delete:1".into()),
+            payload: EventPayload::Delete { target_seq: 1 },
+            create: None,
+            ..message("g:1", "unused", "x")
+        };
+        assert!(rate_limited(sequencer.submit(delete).await));
         let api = ApiError::from(SequencerError::RateLimited { retry_after_ms: 7 });
         assert_eq!(
             (api.code, api.retry_after_ms),

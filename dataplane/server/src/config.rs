@@ -177,11 +177,11 @@ pub struct ServeConfig {
     /// Burst of sends per user.
     #[arg(long, env = "COURIER_USER_SENDS_BURST", default_value_t = 200)]
     pub user_sends_burst: u32,
-    /// Sends per second into one group (0: unlimited), kept by the owner of the group's shard
-    /// (the sequencer), so the limit holds across gateway nodes.
+    /// Messages and deletes per second into one group (0: unlimited), kept by the owner of the
+    /// group's shard (the sequencer), so the limit holds across gateway nodes.
     #[arg(long, env = "COURIER_GROUP_SENDS_PER_SEC", default_value_t = 200)]
     pub group_sends_per_sec: u32,
-    /// Burst of sends into one group.
+    /// Burst of messages and deletes into one group.
     #[arg(long, env = "COURIER_GROUP_SENDS_BURST", default_value_t = 400)]
     pub group_sends_burst: u32,
     /// Frames per second per connection (0: unlimited).
