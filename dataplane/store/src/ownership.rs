@@ -25,7 +25,10 @@
 //! owner's renewals count the shard lost, and the next node to take free shards takes it as a
 //! lapsed one (logged at error both times), with a new epoch and a record that decodes. Safety
 //! holds, resting on the epoch; failing instead, its owner renewed none of its leases and no
-//! node took a free shard again.
+//! node took a free shard again. A stored epoch at `u64::MAX` has no next one: a take passes
+//! the shard over and a hand-off of it is refused ([`StoreError::Corrupt`]), both logged at
+//! error; its owner, if any, goes on at that epoch, and once its lease lapses no node serves
+//! the shard until an operator repairs the record.
 
 use crate::kv::{Batch, StoreError, decode_u64};
 use std::collections::HashMap;
@@ -208,7 +211,17 @@ impl MessageStore {
             }
             let epoch_key = self.keys().shard_epoch(duty, shard);
             let current = epochs.get(&epoch_key).cloned();
-            let epoch = current.as_deref().map_or(0, decode_u64) + 1;
+            let Some(epoch) = next_epoch(current.as_deref().map_or(0, decode_u64)) else {
+                // No epoch follows it: taken, the shard's fence could not move. Passed over,
+                // as its owner (if any) may still append at that epoch; failing here, no node
+                // took any free shard again.
+                tracing::error!(
+                    shard,
+                    error = %last_epoch(&epoch_key),
+                    "a shard whose epoch is at its maximum is passed over: no node can take it"
+                );
+                continue;
+            };
             let record = OwnerRecord {
                 node: node.to_owned(),
                 epoch,
@@ -363,7 +376,7 @@ impl MessageStore {
         let value = self.kv().get(&owner_key).await?;
         let (owner_key, value, _) = held_record(owner_key, value, lease, from)?;
         let epoch_key = self.keys().shard_epoch(duty, lease.shard);
-        let epoch = lease.epoch + 1;
+        let epoch = next_epoch(lease.epoch).ok_or_else(|| last_epoch(&epoch_key))?;
         let record = OwnerRecord {
             node: to.to_owned(),
             epoch,
@@ -381,6 +394,21 @@ impl MessageStore {
             epoch,
         })
     }
+}
+
+/// The epoch after `epoch`, which a new owner takes; `None` past the last one. Epochs are read
+/// from the store, so `u64::MAX` is damage (or a hostile write), never a count reached.
+fn next_epoch(epoch: u64) -> Option<u64> {
+    epoch.checked_add(1)
+}
+
+/// The error of a shard whose epoch (under `key`) is at its maximum: no owner can follow the
+/// one at that epoch.
+fn last_epoch(key: &[u8]) -> StoreError {
+    corrupt(
+        key,
+        "the shard's epoch is at its maximum: no new owner can take it",
+    )
 }
 
 /// The ownership record of `lease.shard` (`value`, stored under `key`) if `node` holds it at
@@ -619,6 +647,54 @@ mod tests {
         ));
         let b = taken.iter().find(|lease| lease.shard == damaged).unwrap();
         assert_eq!(append(&store, *b, "m1").await.unwrap(), 1);
+    }
+
+    /// A stored epoch at `u64::MAX` (damage, or a hostile write to the store) has no next
+    /// epoch: the shard is passed over, logged, and the others are taken; a hand-off of a lease
+    /// at that epoch is refused as damage. Both added one to it: a debug build's lease loop
+    /// panicked at every round (no node took any free shard again), and a build without
+    /// overflow checks wrapped the epoch round to 0, below those the fences had seen.
+    #[tokio::test]
+    async fn an_epoch_at_its_maximum_is_passed_over_not_overflowed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = temp_store(&dir, 8).await;
+        let damaged = store.shard_of("d:1");
+        let mut damage = Batch::new();
+        damage.set(
+            store.keys().shard_epoch(Duty::Sequencing, damaged),
+            (u64::MAX - 1).to_le_bytes().to_vec(),
+        );
+        store.kv().commit(damage).await.unwrap();
+        let last = take(&store, "a", damaged, 0).await.unwrap();
+        assert_eq!(last.epoch, u64::MAX);
+
+        let all: Vec<u32> = (0..8).collect();
+        let taken = store
+            .acquire_shards(Duty::Sequencing, "b", &all, usize::MAX, LEASE, LEASE)
+            .await
+            .unwrap();
+        let shards: Vec<u32> = taken.iter().map(|lease| lease.shard).collect();
+        let others: Vec<u32> = all.into_iter().filter(|&shard| shard != damaged).collect();
+        assert_eq!(
+            shards, others,
+            "the lapsed shard at the last epoch is passed over"
+        );
+        let owner = store
+            .shard_owner(Duty::Sequencing, damaged)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((owner.node.as_str(), owner.epoch), ("a", u64::MAX));
+
+        assert!(matches!(
+            store.hand_off_shard(last, "a", "b", 1, LEASE).await,
+            Err(StoreError::Corrupt { .. })
+        ));
+        assert_eq!(
+            append(&store, last, "m1").await.unwrap(),
+            1,
+            "its owner still appends at that epoch"
+        );
     }
 
     #[tokio::test]
