@@ -27,7 +27,9 @@
 //! Failure policy: a batch the engine refuses as too large is split in halves, down to the one
 //! append that is too large alone; any other store error reaches every waiter of the batch as
 //! it is (typed), and `error.rs` maps it to the client's code; a fence that moved means the
-//! shard moved: the actor refuses what is queued and stops.
+//! shard moved: the actor refuses what is queued and stops. After a commit of unknown outcome,
+//! and after a fence that moved (which may follow one), the listener is told of the shard
+//! without a list: entries may have landed that no commit lists.
 
 pub mod outbox_lag;
 pub mod retention;
@@ -779,6 +781,12 @@ impl ShardActor {
                         epoch = self.lease.epoch,
                         "shard taken over by another owner"
                     );
+                    // The store does not say whether an attempt before the refused one was
+                    // of unknown outcome: one whose answer a store node lost may be applied
+                    // after the retry read, before the new owner's bump, its entries in the
+                    // outbox, listed nowhere. Told as after any unknown outcome (a drain from
+                    // the outbox, a read when nothing landed: the shard moves rarely).
+                    self.listener.committed(shard, 0);
                     for part in parts.into_iter().chain([part]) {
                         part.refuse(|| SequencerError::ShardMoved);
                     }
@@ -1413,6 +1421,35 @@ mod tests {
         assert_eq!(outbox.len(), 2);
         let retried = sequencer.submit(message("d:1", "m2", "m2")).await.unwrap();
         assert_eq!((retried.seq, retried.duplicate), (2, true));
+    }
+
+    /// A commit of unknown outcome whose retry finds the shard taken over (another node bumped
+    /// its epoch meanwhile) may have landed: on a store node, an attempt whose answer was lost
+    /// can be applied after the retry read, before the new owner's bump. The client is told the
+    /// shard moved (it retries with the same id, and the new owner's idempotency record
+    /// answers it) and the listener is told of the shard without a list. It was told nothing:
+    /// a landed message waited for a later commit's notice or a lease round to be delivered
+    /// live, and in one process fanout's tail went on without it.
+    #[tokio::test]
+    async fn a_fence_that_moved_after_an_unknown_outcome_is_told_without_a_list() {
+        let (engine, store, told, sequencer) = recorded_sequencer().await;
+        let shard = store.shard_of("d:1");
+        assert_eq!(seq_of(&sequencer, "m1").await.unwrap(), 1);
+        told.take();
+
+        // m2's first attempt is of unknown outcome; its retry is fenced out.
+        let unknown = Arc::new(AtomicBool::new(false));
+        let epoch = store.keys().shard_epoch(Duty::Sequencing, shard);
+        engine.set_fault(Some(Box::new(move |_| {
+            Some(if unknown.swap(true, AtomicOrdering::Relaxed) {
+                StoreError::FenceChanged { key: epoch.clone() }
+            } else {
+                StoreError::MaybeCommitted
+            })
+        })));
+        let refused = seq_of(&sequencer, "m2").await.unwrap_err();
+        assert!(matches!(refused, SequencerError::ShardMoved), "{refused:?}");
+        assert_eq!(told.take(), [Told::Count(shard, 0)]);
     }
 
     #[tokio::test]
