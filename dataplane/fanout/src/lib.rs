@@ -50,7 +50,10 @@
 //! [`RECORD_QUEUE`] ranges; when it is full, workers wait for it. A failed commit is retried,
 //! without the bound of a shard this node lost (its entries are its new owner's to deliver);
 //! a crash before it only delivers those entries again (at-least-once). A node that takes a
-//! shard starts at its recorded bound.
+//! shard starts at its recorded bound, unless that lies past every entry the outbox holds
+//! (damage, or entries cleared since): then no higher than the push notifier's bound, and
+//! below every entry held, so that a bound damaged past the commits to come cannot silence
+//! the shard (`Fanout::starting_bound`).
 //!
 //! **Loops and their failures.** The workers, the large-group worker, the recorder and the lease
 //! keeper are loops owned by the node's [`BackgroundLoops`]. Each is restarted if it panics: a
@@ -497,12 +500,15 @@ impl Fanout {
         }
         for lease in taken {
             let inherited = self.store.last_outbox_key(lease.shard).await?;
-            match self
+            let recorded = self
                 .store
                 .delivered_bounds(&[lease.shard])
                 .await?
                 .pop()
-                .flatten()
+                .flatten();
+            match self
+                .starting_bound(lease.shard, recorded, inherited.as_deref())
+                .await?
             {
                 Some(bound) => self.cursors.set(lease.shard, bound),
                 None => self.cursors.forget(lease.shard),
@@ -518,6 +524,46 @@ impl Fanout {
             self.mark(lease.shard);
         }
         Ok(())
+    }
+
+    /// Where the drains of `shard`, just taken, start: its `recorded` bound, unless that lies
+    /// past every entry its outbox holds (`newest`, read after the take). Entries are cleared
+    /// from the start of the outbox only (below both readers' bounds), so a bound past the
+    /// newest entry held is damage, or lies past entries cleared since: then the drains start at
+    /// the lower of it and the push notifier's bound (below which everything was cleared; at the
+    /// outbox's start without one), and never past an entry held. Taken as it was, a damaged bound past the stamps of the commits
+    /// to come silenced the shard: every new entry lay below it, delivered by no drain.
+    async fn starting_bound(
+        &self,
+        shard: u32,
+        recorded: Option<Vec<u8>>,
+        newest: Option<&[u8]>,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let Some(recorded) = recorded else {
+            return Ok(None);
+        };
+        let after_newest = newest.map(bound_after);
+        if after_newest
+            .as_ref()
+            .is_some_and(|after| recorded <= *after)
+        {
+            return Ok(Some(recorded));
+        }
+        if after_newest.is_some() {
+            // With entries held, a bound past them all is damage for certain.
+            tracing::error!(
+                shard,
+                bound = %recorded.escape_ascii(),
+                "fanout's recorded bound lies past every entry of the outbox: the entries held are delivered again"
+            );
+        }
+        // No bound of the notifier's: it cleared nothing, and the outbox is read from its start.
+        let pushed = self.store.pushed_bounds(&[shard]).await?.pop().flatten();
+        let lower = pushed.map(|pushed| pushed.min(recorded));
+        Ok(match after_newest {
+            Some(after) => lower.filter(|lower| *lower <= after),
+            None => lower,
+        })
     }
 
     fn forget(&self, shard: u32) {
@@ -1242,6 +1288,62 @@ mod tests {
         fanout.start(&loops);
         until_delivered(&store, shard).await;
         assert!(loops.given_up().is_none());
+    }
+
+    /// A recorded bound past every entry of its outbox (damage, or a hostile write) does not
+    /// silence the shard: the drain starts below every entry the outbox holds, and the new
+    /// entries are delivered. Taken as it was, every entry then committed lay below it and none
+    /// was delivered live again (only catch-ups found them), whether the outbox held entries
+    /// or was empty when the shard was taken.
+    #[tokio::test]
+    async fn a_recorded_bound_past_every_entry_does_not_silence_the_shard() {
+        use courier_store::kv::{Batch, KvEngine};
+        let engine = courier_store::faulty_engine::FaultyEngine::new();
+        let store = engine.store(4).await;
+        // "d:1" has an entry waiting; the other conversation's shard has an empty outbox.
+        let waiting = one_message_waiting(&store).await;
+        let other = (2..)
+            .map(|i| format!("d:{i}"))
+            .find(|conv| store.shard_of(conv) != waiting)
+            .unwrap();
+        let empty = store.shard_of(&other);
+        let mut damage = Batch::new();
+        for shard in [waiting, empty] {
+            damage.set(
+                store.keys().delivered_bound(shard),
+                store.keys().outbox(shard).end,
+            );
+        }
+        engine.commit(damage).await.unwrap();
+
+        let gateways = FlakyGateways::new(&store, 0, 0);
+        let context = context(&store, gateways.clone(), Arc::new(Metrics::new()));
+        let fanout = Fanout::new(context, config("local", 1000)).await.unwrap();
+        let loops = BackgroundLoops::new();
+        fanout.start(&loops);
+        let to_other = Append {
+            conversation_id: other.clone(),
+            ..message("c")
+        };
+        for (shard, append) in [(waiting, message("b")), (empty, to_other)] {
+            let lease = sequencing_lease(&store, shard).await;
+            store
+                .append(lease, &mut HeadCache::default(), &[append])
+                .await
+                .unwrap();
+            fanout.committed(shard, 1);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while lock(&gateways.taken).len() < 3 {
+            assert!(
+                Instant::now() < deadline,
+                "delivered: {:?}",
+                lock(&gateways.taken)
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        until_delivered(&store, waiting).await;
+        until_delivered(&store, empty).await;
     }
 
     /// Waits until fanout's bound of `shard` is past every entry of its outbox.
