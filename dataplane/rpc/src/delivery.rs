@@ -19,9 +19,10 @@
 //!   fanout hands it again (for a live gateway, at most [`GATEWAY_UNREACHABLE_AFTER`]: below).
 //! - [`FanoutService`] and [`CommitNotifier`]: how a chat node tells the fanout node that
 //!   drains a shard's outbox (its [`Duty::Delivery`] owner), and the node leading the push
-//!   notifier, that the shard has new events. Notices are batched per node; a lost notice only
-//!   delays delivery (or a push) until the owner's (the lead's) next lease round, when it
-//!   looks at every shard it owns (every shard).
+//!   notifier, that the shard has new events. Notices are batched per node; notices whose
+//!   sending failed on a read of the store are kept and sent again after a bounded back-off;
+//!   a lost notice (a call that failed) only delays delivery (or a push) until the owner's (the
+//!   lead's) next lease round, when it looks at every shard it owns (every shard).
 //!
 //! **A gateway that stays live but takes nothing.** A gateway node that renews its lease in
 //! the store but that this node cannot reach (an asymmetric partition, a wrong `--advertise`,
@@ -119,6 +120,14 @@ const UNLINK_RETRY_FIRST_WAIT: Duration = Duration::from_millis(500);
 
 /// The longest wait between two attempts of an unlink.
 const UNLINK_RETRY_MAX_WAIT: Duration = Duration::from_secs(5);
+
+/// The wait before notices of commits whose sending failed on a read of the store are sent
+/// again the first time; doubled at each failure in a row, up to [`NOTICE_RETRY_MAX`].
+const NOTICE_RETRY_FIRST: Duration = Duration::from_millis(50);
+
+/// The longest wait between two attempts to send notices of commits: about a fanout node's
+/// lease round, which finds the shards' new events without them.
+const NOTICE_RETRY_MAX: Duration = Duration::from_secs(2);
 
 /// How long the node registry and the shards' delivery owners are cached.
 const DIRECTORY_TTL: Duration = Duration::from_secs(1);
@@ -883,12 +892,33 @@ impl CommitNotifier {
     }
 
     /// Sends the notices as they come, one call per node at a time, until the process ends.
+    /// Notices whose sending failed on a read of the store (the shards' owners, the push lead,
+    /// the registry: nothing was told yet) are kept, with those that come meanwhile, and sent
+    /// again after a wait that doubles from [`NOTICE_RETRY_FIRST`] up to [`NOTICE_RETRY_MAX`]:
+    /// dropped, they waited for the fanout node's next lease round. They are at most a count
+    /// per shard, so keeping them is bounded by the shard count.
     pub async fn run(self: Arc<Self>) {
+        let mut wait = NOTICE_RETRY_FIRST;
         loop {
             self.wake.notified().await;
             let pending = std::mem::take(&mut *lock(&self.pending));
-            if let Err(e) = self.tell(pending).await {
-                tracing::debug!(error = %e, "telling fanout and push nodes of commits failed; they find them at their next round");
+            if pending.is_empty() {
+                continue;
+            }
+            match self.tell(&pending).await {
+                Ok(()) => wait = NOTICE_RETRY_FIRST,
+                Err(e) => {
+                    tracing::debug!(error = %e, retry_in = ?wait, "telling fanout and push nodes of commits failed; retrying");
+                    {
+                        let mut kept = lock(&self.pending);
+                        for (shard, events) in pending {
+                            *kept.entry(shard).or_default() += events;
+                        }
+                    }
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(NOTICE_RETRY_MAX);
+                    self.wake.notify_one();
+                }
             }
         }
     }
@@ -923,9 +953,11 @@ impl CommitNotifier {
         Ok(lead)
     }
 
-    async fn tell(&self, pending: HashMap<u32, u64>) -> Result<(), StoreError> {
+    /// Tells the fanout and push nodes of `pending`. Fails only on a read, before any node
+    /// was told, so that the caller may send all of `pending` again.
+    async fn tell(&self, pending: &HashMap<u32, u64>) -> Result<(), StoreError> {
         let mut by_node: BTreeMap<String, Vec<ShardCommits>> = BTreeMap::new();
-        for (&shard, &events) in &pending {
+        for (&shard, &events) in pending {
             if let Some(node) = self.owner(shard).await? {
                 by_node
                     .entry(node)
@@ -959,7 +991,14 @@ impl CommitNotifier {
             let Some(address) = nodes.get(&node).map(|n| n.address.as_str()) else {
                 continue;
             };
-            let mut client = self.directory.fanout(address)?;
+            // An address that makes no client makes none on a retry either.
+            let mut client = match self.directory.fanout(address) {
+                Ok(client) => client,
+                Err(e) => {
+                    tracing::warn!(node, error = %e, "a node's address makes no client; its notices are dropped");
+                    continue;
+                }
+            };
             let call = client.committed(CommittedRequest { shards });
             if !matches!(tokio::time::timeout(CALL_TIMEOUT, call).await, Ok(Ok(_))) {
                 // Read the owners and the lead again next time: they may have moved.
@@ -1047,6 +1086,57 @@ mod tests {
         let mut client = directory.gateway(&address.to_string()).unwrap();
         client.deliver(request).await.unwrap();
     }
+    /// A commit listener that counts what it is told, per shard.
+    #[derive(Default)]
+    struct Told(Mutex<HashMap<u32, usize>>);
+
+    impl CommitListener for Told {
+        fn committed(&self, shard: u32, events: usize) {
+            *lock(&self.0).entry(shard).or_default() += events;
+        }
+    }
+
+    /// A read of the store that fails while the notices are sent (the owner of a shard, the
+    /// push lead, the registry) keeps them, and they are sent once a read succeeds: they were
+    /// dropped, and the fanout node delivered those events only at its next lease round.
+    #[tokio::test]
+    async fn notices_a_failed_read_held_back_are_sent_once_the_store_answers() {
+        use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
+        let engine = courier_store::faulty_engine::FaultyEngine::new();
+        let store = engine.store(4).await;
+        let shard = 1;
+        store
+            .acquire_shards(Duty::Delivery, "n1", &[shard], 1, now_ms(), 60_000)
+            .await
+            .unwrap();
+        let failing = Arc::new(AtomicUsize::new(2));
+        let reads = failing.clone();
+        engine.set_read_fault(Some(Box::new(move |_| {
+            let take_one = |n: usize| n.checked_sub(1);
+            reads
+                .fetch_update(AtomicOrdering::Relaxed, AtomicOrdering::Relaxed, take_one)
+                .is_ok()
+                .then(|| StoreError::Engine("store node unreachable".into()))
+        })));
+        let told = Arc::new(Told::default());
+        let local: Arc<dyn CommitListener> = told.clone();
+        let token = ClusterToken::new(TOKEN).unwrap();
+        let notifier = CommitNotifier::new(store, "n1", Some(("n1".into(), local)), token);
+        let running = tokio::spawn(notifier.clone().run());
+        notifier.committed(shard, 3);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while lock(&told.0).get(&shard).copied() != Some(3) {
+            assert!(Instant::now() < deadline, "told {:?}", lock(&told.0));
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(
+            failing.load(AtomicOrdering::Relaxed),
+            0,
+            "the reads failed first"
+        );
+        running.abort();
+    }
+
     /// The in-process gateway of a node, recording what it is handed.
     #[derive(Default)]
     struct Recording {
