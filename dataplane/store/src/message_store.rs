@@ -1121,7 +1121,14 @@ impl MessageStore {
                 Some(&h) => h,
                 None => self.cached_head(heads, conv).await?,
             };
-            let seq = head + 1;
+            // A head is read from the store: at `u64::MAX` it is damage, with no seq after it
+            // (refused, as a member record that does not decode is, never wrapped round to 0).
+            let seq = head.checked_add(1).ok_or_else(|| {
+                corrupt(
+                    &self.keys.head(conv),
+                    "the conversation's head is at its maximum",
+                )
+            })?;
             let create = append.create.as_ref().filter(|_| head == 0);
             let starter = append.sender.user.as_str();
             let mut counted = None;
@@ -3376,6 +3383,39 @@ mod tests {
             create: Some(NewConversation::direct("alice", "bob")),
             ..Append::message(conv.into(), sender, id.into(), Body::Text(id.into()), None)
         }
+    }
+
+    /// A stored head at `u64::MAX` (damage, or a hostile write) has no next seq: an append to
+    /// its conversation is refused as damage (with its batch, as for a member record that does
+    /// not decode), nothing written. It added one to it: a debug build's shard actor panicked, failing every append
+    /// queued on the shard, at every send to that conversation; a build without overflow
+    /// checks sequenced the message at 0 and set the head back to 0, so that the next one
+    /// overwrote the conversation's first event.
+    #[tokio::test]
+    async fn a_head_at_its_maximum_refuses_the_append_as_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = temp_store(&dir, 8).await;
+        let lease = owner(&store, "d:1").await;
+        let mut damage = Batch::new();
+        damage.set(store.keys.head("d:1"), u64::MAX.to_le_bytes().to_vec());
+        store.kv.commit(damage).await.unwrap();
+        let refused = store
+            .append(
+                lease,
+                &mut HeadCache::default(),
+                &[message("d:1", "p", "m1")],
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(refused, StoreError::Corrupt { .. }), "{refused}");
+        assert_eq!(store.head("d:1").await.unwrap(), u64::MAX);
+        assert!(
+            store
+                .events("d:1", 0, u64::MAX, 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
     }
 
     /// A budgeted read stops before the event that would pass its budget, but returns one
