@@ -529,10 +529,11 @@ impl Fanout {
     /// Where the drains of `shard`, just taken, start: its `recorded` bound, unless that lies
     /// past every entry its outbox holds (`newest`, read after the take). Entries are cleared
     /// from the start of the outbox only (below both readers' bounds), so a bound past the
-    /// newest entry held is damage, or lies past entries cleared since: then the drains start at
-    /// the lower of it and the push notifier's bound (below which everything was cleared; at the
-    /// outbox's start without one), and never past an entry held. Taken as it was, a damaged bound past the stamps of the commits
-    /// to come silenced the shard: every new entry lay below it, delivered by no drain.
+    /// newest entry held is damage, or lies past entries cleared since: then the drains start
+    /// at the lower of it and the push notifier's bound (below which everything was cleared;
+    /// at the outbox's start without one), and never past an entry held. Taken as it was, a
+    /// damaged bound past the stamps of the commits to come silenced the shard: every new entry
+    /// lay below it, delivered by no drain.
     async fn starting_bound(
         &self,
         shard: u32,

@@ -1086,6 +1086,7 @@ mod tests {
         let mut client = directory.gateway(&address.to_string()).unwrap();
         client.deliver(request).await.unwrap();
     }
+
     /// A commit listener that counts what it is told, per shard.
     #[derive(Default)]
     struct Told(Mutex<HashMap<u32, usize>>);
