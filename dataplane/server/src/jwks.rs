@@ -13,7 +13,8 @@
 //!   restarts while the provider is unreachable starts on it (and says so), rather than not at
 //!   all. A node that never fetched one cannot start until it does.
 //! - **Only over TLS**, but to a loopback address: keys fetched in the clear could be swapped
-//!   by anyone on the path, and with them every identity.
+//!   by anyone on the path, and with them every identity. A redirect is followed only where
+//!   the URL itself could point (never from https to plain http).
 
 use anyhow::Context as _;
 use courier_core::auth::TokenVerifier;
@@ -31,6 +32,8 @@ pub const CACHE_FILE: &str = "jwks.json";
 pub const UNKNOWN_KEY_REFETCH_GAP: Duration = Duration::from_secs(30);
 /// Largest key set read (providers publish a few kilobytes).
 const MAX_DOCUMENT_BYTES: usize = 1 << 20;
+/// Most redirects a fetch follows (reqwest's own default).
+const MAX_REDIRECTS: usize = 10;
 /// How long one fetch may take.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Fetches at start before the node gives up (without a kept set), and the wait after the
@@ -61,21 +64,14 @@ impl KeySetSource {
     ) -> anyhow::Result<Self> {
         let url = reqwest::Url::parse(url)
             .with_context(|| format!("--jwt-jwks-url {url:?} is not a URL"))?;
-        let loopback = match url.host_str() {
-            Some("localhost") => true,
-            Some(host) => host
-                .trim_matches(['[', ']'])
-                .parse::<std::net::IpAddr>()
-                .is_ok_and(|ip| ip.is_loopback()),
-            None => false,
-        };
         anyhow::ensure!(
-            url.scheme() == "https" || (url.scheme() == "http" && loopback),
+            fetchable(&url),
             "--jwt-jwks-url {url} must be https:// (keys fetched in the clear could be swapped \
              on the way, and with them every identity); http:// only to a loopback address"
         );
         let http = reqwest::Client::builder()
             .timeout(FETCH_TIMEOUT)
+            .redirect(reqwest::redirect::Policy::custom(redirect))
             .user_agent(concat!("courier/", env!("CARGO_PKG_VERSION")))
             .build()?;
         Ok(Self {
@@ -211,6 +207,37 @@ impl KeySetSource {
     }
 }
 
+/// Whether keys may be fetched from `url`: over TLS, or in the clear from this machine.
+fn fetchable(url: &reqwest::Url) -> bool {
+    let loopback = match url.host_str() {
+        Some("localhost") => true,
+        Some(host) => host
+            .trim_matches(['[', ']'])
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback()),
+        None => false,
+    };
+    url.scheme() == "https" || (url.scheme() == "http" && loopback)
+}
+
+/// Where a fetch follows a redirect: as far as [`MAX_REDIRECTS`], and only to a URL that
+/// `--jwt-jwks-url` could name ([`fetchable`]). A provider's key set behind a redirect to
+/// plain http would be read in the clear, where anyone on the path could swap it.
+fn redirect(attempt: reqwest::redirect::Attempt) -> reqwest::redirect::Action {
+    if attempt.previous().len() > MAX_REDIRECTS {
+        attempt.error(format!("more than {MAX_REDIRECTS} redirects"))
+    } else if !fetchable(attempt.url()) {
+        let refused = format!(
+            "redirect to {} refused: a key set is fetched over https only (http only from a \
+             loopback address)",
+            attempt.url()
+        );
+        attempt.error(refused)
+    } else {
+        attempt.follow()
+    }
+}
+
 /// Writes `document` to `path` whole: to a file beside it, then renamed over it.
 fn keep(path: &Path, document: &[u8]) -> std::io::Result<()> {
     let staged = path.with_extension(format!("{}.new", hex::encode(rand::random::<[u8; 8]>())));
@@ -252,5 +279,54 @@ mod tests {
             };
             assert!(e.to_string().contains("--jwt-jwks-url"), "{refused}: {e}");
         }
+    }
+
+    /// A provider on loopback whose key set URL redirects to `to`.
+    async fn redirecting_to(to: String) -> String {
+        let app = axum::Router::new().route(
+            "/jwks",
+            axum::routing::get(move || async move { axum::response::Redirect::temporary(&to) }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/jwks", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        url
+    }
+
+    /// A redirect is held to the rule of the URL given: keys fetched in the clear after a
+    /// redirect to plain http could be swapped on the way as well, so such a redirect is
+    /// refused before anything is fetched from it; one to loopback is followed.
+    #[tokio::test]
+    async fn a_redirect_to_plain_http_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures");
+        let jwk = std::fs::read_to_string(format!("{fixtures}/jwt-test-ed25519.jwk.json")).unwrap();
+        let document = format!("{{\"keys\": [{jwk}]}}");
+        let app =
+            axum::Router::new().route("/jwks", axum::routing::get(move || async move { document }));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+        // 198.51.100.1 (TEST-NET-2) is no loopback address, and no one's.
+        let clear = redirecting_to("http://198.51.100.1/jwks".to_owned()).await;
+        let source = KeySetSource::new(
+            &clear,
+            TokenVerifier::key_set(),
+            dir.path(),
+            metrics.clone(),
+        )
+        .unwrap();
+        let refused = format!("{:#}", source.fetch().await.unwrap_err());
+        assert!(
+            refused.contains("redirect to http://198.51.100.1/jwks refused"),
+            "{refused}"
+        );
+
+        let loopback = redirecting_to(format!("http://localhost:{port}/jwks")).await;
+        let source =
+            KeySetSource::new(&loopback, TokenVerifier::key_set(), dir.path(), metrics).unwrap();
+        source.fetch().await.unwrap();
     }
 }
