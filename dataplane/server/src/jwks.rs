@@ -7,8 +7,8 @@
 //!   `--jwt-jwks-refresh`, and for a token whose `kid` the set lacks, at most once per
 //!   [`UNKNOWN_KEY_REFETCH_GAP`] (a client cannot make the node fetch for every made-up `kid`).
 //!   Fetches never overlap: a token naming an unknown key that comes during one waits for it
-//!   (the others are verified with the keys in place). A fetch that fails keeps the keys in
-//!   place.
+//!   (the others are verified with the keys in place), and runs to its end even when the
+//!   request that asked goes away. A fetch that fails keeps the keys in place.
 //! - **The last set fetched is kept** in the data directory ([`CACHE_FILE`]): a node that
 //!   restarts while the provider is unreachable starts on it (and says so), rather than not at
 //!   all. A node that never fetched one cannot start until it does.
@@ -49,8 +49,8 @@ pub struct KeySetSource {
     cache: PathBuf,
     metrics: Arc<Metrics>,
     /// Held through each fetch, so that they never overlap; it holds when the last fetch for
-    /// an unknown key began.
-    fetching: Mutex<Option<Instant>>,
+    /// an unknown key began. Shared with the task of such a fetch, which holds it to its end.
+    fetching: Arc<Mutex<Option<Instant>>>,
 }
 
 impl KeySetSource {
@@ -80,7 +80,7 @@ impl KeySetSource {
             verifier,
             cache: data_dir.join(CACHE_FILE),
             metrics,
-            fetching: Mutex::new(None),
+            fetching: Arc::new(Mutex::new(None)),
         })
     }
 
@@ -123,8 +123,13 @@ impl KeySetSource {
     /// Fetches the set again after a token named key `kid`, which it lacks, unless the last
     /// fetch for an unknown key began less than [`UNKNOWN_KEY_REFETCH_GAP`] ago. A fetch under
     /// way is waited for (the caller then verifies its token again either way).
-    pub async fn refetch_for_unknown_key(&self, kid: &str) {
-        let mut last = self.fetching.lock().await;
+    ///
+    /// The fetch runs in a task of its own, to its end, whether or not its caller waits: the
+    /// request that asked for it goes away when its client hangs up, and a fetch dropped with
+    /// it would still have begun the gap, so that a client asking and hanging up every
+    /// [`UNKNOWN_KEY_REFETCH_GAP`] would keep a provider's new key out until the next refresh.
+    pub async fn refetch_for_unknown_key(self: &Arc<Self>, kid: &str) {
+        let mut last = self.fetching.clone().lock_owned().await;
         if last.is_some_and(|at| at.elapsed() < UNKNOWN_KEY_REFETCH_GAP) {
             return;
         }
@@ -133,7 +138,13 @@ impl KeySetSource {
             kid,
             "a token names a key the identity provider's set lacks: fetching the set again"
         );
-        self.refresh().await;
+        let source = self.clone();
+        let fetch = tokio::spawn(async move {
+            let _fetching = last;
+            source.refresh().await;
+        });
+        // A fetch that panicked is as one that failed: the keys in place stay.
+        let _ = fetch.await;
     }
 
     /// Fetches the set every `interval` (the first time one interval from now).
@@ -328,5 +339,67 @@ mod tests {
         let source =
             KeySetSource::new(&loopback, TokenVerifier::key_set(), dir.path(), metrics).unwrap();
         source.fetch().await.unwrap();
+    }
+
+    /// A fetch for a key the set lacks runs to its end even when the request that asked for
+    /// it goes away midway (its client hung up): dropped with it, the fetch was lost while
+    /// the gap it began held every other such token back, so a client that asked and hung up
+    /// every 30 s kept a provider's new key out until the next refresh.
+    #[tokio::test]
+    async fn a_fetch_for_an_unknown_key_outlives_the_request_that_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures");
+        let read = |name: &str| std::fs::read(format!("{fixtures}/{name}")).unwrap();
+        let jwk = String::from_utf8(read("jwt-test-ed25519-next.jwk.json")).unwrap();
+        let document = format!("{{\"keys\": [{jwk}]}}");
+        // The provider says when it is asked, and answers once released.
+        let (asked, mut was_asked) = tokio::sync::mpsc::channel::<()>(4);
+        let release = Arc::new(tokio::sync::Notify::new());
+        let released = release.clone();
+        let app = axum::Router::new().route(
+            "/jwks",
+            axum::routing::get(move || {
+                let (asked, released, document) =
+                    (asked.clone(), released.clone(), document.clone());
+                async move {
+                    let _ = asked.send(()).await;
+                    released.notified().await;
+                    document
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/jwks", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+        let verifier = TokenVerifier::key_set();
+        let metrics = Arc::new(Metrics::new());
+        let source =
+            Arc::new(KeySetSource::new(&url, verifier.clone(), dir.path(), metrics).unwrap());
+        tokio::select! {
+            _ = source.refetch_for_unknown_key("2026-next") => panic!("answered unreleased"),
+            _ = was_asked.recv() => {}
+        }
+        // The request that asked is gone; the provider answers.
+        release.notify_one();
+
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA);
+        header.kid = Some("2026-next".to_owned());
+        let exp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 600;
+        let claims = serde_json::json!({ "sub": "alice", "dev": "phone", "exp": exp });
+        let key = jsonwebtoken::EncodingKey::from_ed_pem(&read("jwt-test-ed25519-next.pem"));
+        let token = jsonwebtoken::encode(&header, &claims, &key.unwrap()).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while verifier.verify(&token).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the fetch was dropped with the request"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
