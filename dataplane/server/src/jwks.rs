@@ -11,7 +11,8 @@
 //!   request that asked goes away. A fetch that fails keeps the keys in place.
 //! - **The last set fetched is kept** in the data directory ([`CACHE_FILE`]): a node that
 //!   restarts while the provider is unreachable starts on it (and says so), rather than not at
-//!   all. A node that never fetched one cannot start until it does.
+//!   all. A node that never fetched one cannot start until it does, nor one whose kept set
+//!   was fetched from another URL (another provider's keys).
 //! - **Only over TLS**, but to a loopback address: keys fetched in the clear could be swapped
 //!   by anyone on the path, and with them every identity. A redirect is followed only where
 //!   the URL itself could point (never from https to plain http).
@@ -113,6 +114,18 @@ impl KeySetSource {
                 self.cache.display()
             )
         })?;
+        // One kept by an earlier version names no URL: taken, as then (the next fetch names it).
+        if let Some(from) = kept_from(&kept)
+            && from != self.url.as_str()
+        {
+            anyhow::bail!(
+                "could not fetch the identity provider's keys from {} ({failed:#}), and the set \
+                 kept from an earlier run ({}) was fetched from another URL, {from}: its keys are \
+                 not this provider's",
+                self.url,
+                self.cache.display()
+            );
+        }
         self.verifier
             .set_keys(&kept)
             .with_context(|| format!("the kept key set {}", self.cache.display()))?;
@@ -193,7 +206,10 @@ impl KeySetSource {
             tracing::debug!(url = %self.url, "a key of the identity provider's set passed over: {why}");
         }
         tracing::info!(url = %self.url, keys = taken, passed_over = passed_over.len(), "fetched the identity provider's keys");
-        if let Err(e) = keep(&self.cache, &document) {
+        if let Err(e) = kept_document(&document, &self.url).and_then(|kept| {
+            keep(&self.cache, &kept)?;
+            Ok(())
+        }) {
             tracing::warn!(file = %self.cache.display(), error = %e, "could not keep the identity provider's keys for the next start");
         }
         Ok(())
@@ -247,6 +263,26 @@ fn redirect(attempt: reqwest::redirect::Attempt) -> reqwest::redirect::Action {
     } else {
         attempt.follow()
     }
+}
+
+/// The member of a kept key set that names the URL it was fetched from.
+const KEPT_FROM: &str = "courier_fetched_from";
+
+/// The key set `document` fetched from `url`, as kept: with [`KEPT_FROM`], so that a node
+/// given another URL (another identity provider) never starts on the keys of the one before.
+fn kept_document(document: &[u8], url: &reqwest::Url) -> anyhow::Result<Vec<u8>> {
+    let mut value: serde_json::Value = serde_json::from_slice(document)?;
+    value
+        .as_object_mut()
+        .context("the key set is not a JSON object")?
+        .insert(KEPT_FROM.to_owned(), url.as_str().into());
+    Ok(serde_json::to_vec(&value)?)
+}
+
+/// The URL a kept key set was fetched from, if it names one ([`kept_document`]).
+fn kept_from(kept: &[u8]) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_slice(kept).ok()?;
+    Some(value.get(KEPT_FROM)?.as_str()?.to_owned())
 }
 
 /// Writes `document` to `path` whole: to a file beside it, then renamed over it.
@@ -401,5 +437,34 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// The set kept for a restart while the provider is down is that provider's: a node given
+    /// another key set URL (an identity provider replaced, say after its keys leaked), whose
+    /// provider is down at start, does not start on the keys of the one before, which it would
+    /// otherwise have taken tokens of.
+    #[tokio::test]
+    async fn a_set_kept_from_another_url_is_not_started_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures");
+        let jwk = std::fs::read_to_string(format!("{fixtures}/jwt-test-ed25519.jwk.json")).unwrap();
+        let document = format!("{{\"keys\": [{jwk}]}}");
+        let app =
+            axum::Router::new().route("/jwks", axum::routing::get(move || async move { document }));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let before = format!("http://{}/jwks", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let source = |url: &str| {
+            KeySetSource::new(url, TokenVerifier::key_set(), dir.path(), metrics.clone()).unwrap()
+        };
+        source(&before).load().await.unwrap();
+
+        // The next provider is down: nothing listens at its port.
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let next = format!("http://{}/jwks", closed.local_addr().unwrap());
+        drop(closed);
+        let refused = format!("{:#}", source(&next).load().await.unwrap_err());
+        assert!(refused.contains("another URL"), "{refused}");
     }
 }
