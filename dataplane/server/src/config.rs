@@ -130,7 +130,7 @@ pub struct ServeConfig {
     /// "Tokens").
     #[arg(long, env = "COURIER_JWT_JWKS_URL", conflicts_with = "jwt_public_key")]
     pub jwt_jwks_url: Option<String>,
-    /// How often `--jwt-jwks-url` is fetched again (at least 10s).
+    /// How often `--jwt-jwks-url` is fetched again (from 10s to a day).
     #[arg(long, env = "COURIER_JWT_JWKS_REFRESH", default_value = "10m", value_parser = humantime::parse_duration)]
     pub jwt_jwks_refresh: Duration,
     /// The issuer whose tokens are taken: a token's `iss` must be this (an identity
@@ -338,6 +338,10 @@ pub const DRAIN_TAIL: Duration = Duration::from_secs(25);
 /// node.
 pub const MIN_JWKS_REFRESH: Duration = Duration::from_secs(10);
 
+/// The longest `--jwt-jwks-refresh`: a key the provider withdrew is trusted until the next
+/// fetch, and a duration too long to add to a clock's time would panic the refresh loop.
+pub const MAX_JWKS_REFRESH: Duration = Duration::from_secs(24 * 60 * 60);
+
 /// The shortest `--ping-interval` but 0: a client on a slow network has two of it to answer,
 /// and every connection is written to once an interval.
 pub const MIN_PING_INTERVAL: Duration = Duration::from_secs(1);
@@ -412,9 +416,10 @@ impl ServeConfig {
              issuer, or to refuse tokens that name an audience)"
         );
         anyhow::ensure!(
-            self.jwt_jwks_refresh >= MIN_JWKS_REFRESH,
-            "--jwt-jwks-refresh must be at least {MIN_JWKS_REFRESH:?} (a provider's key set \
-             changes a few times a year; a token naming a new key fetches it at once)"
+            (MIN_JWKS_REFRESH..=MAX_JWKS_REFRESH).contains(&self.jwt_jwks_refresh),
+            "--jwt-jwks-refresh must be from {MIN_JWKS_REFRESH:?} to a day (a provider's key set \
+             changes a few times a year, and a token naming a new key fetches it at once; a key \
+             the provider withdrew is trusted until the next fetch)"
         );
         if let Some(metrics) = self.metrics_listen {
             anyhow::ensure!(
@@ -717,6 +722,24 @@ mod tests {
         let args = ["courier", "--drain-window", "24h"];
         let config = Serve::try_parse_from(args).unwrap().config;
         config.drain(true).unwrap();
+    }
+
+    /// A key set refreshed less often than a day (u64::MAX seconds panicked the refresh loop,
+    /// which the node then ended on, exit 1) or more often than every 10 s is refused at
+    /// start, naming the flag.
+    #[test]
+    fn a_key_set_refresh_is_from_ten_seconds_to_a_day() {
+        let url = ["--jwt-jwks-url", "https://idp.example/jwks"];
+        for ok in ["10s", "24h"] {
+            validated(&[url[0], url[1], "--jwt-jwks-refresh", ok]).unwrap();
+        }
+        let forever = format!("{}s", u64::MAX);
+        for value in ["9s", "24h 1s", forever.as_str()] {
+            let refused = validated(&[url[0], url[1], "--jwt-jwks-refresh", value])
+                .unwrap_err()
+                .to_string();
+            assert!(refused.contains("--jwt-jwks-refresh"), "{value}: {refused}");
+        }
     }
 
     /// A rotation of the HS256 secret: the nodes take tokens of `--jwt-secret` and of
