@@ -315,6 +315,12 @@ impl TokenVerifier {
             ErrorKind::InvalidIssuer => {
                 "the token's issuer (`iss`) is not the one this server trusts".to_owned()
             }
+            // Said of a claim that is there but not a number too (`"exp": "soon"`).
+            ErrorKind::MissingRequiredClaim(claim) if claim == "exp" => {
+                "the token needs `exp`, its expiry as a number of seconds since 1970 (RFC 7519's \
+                 NumericDate)"
+                    .to_owned()
+            }
             _ => e.to_string(),
         })
     }
@@ -666,8 +672,14 @@ mod tests {
         for missing in ["sub", "dev", "exp"] {
             let mut partial = claims.clone();
             partial.as_object_mut().unwrap().remove(missing);
-            assert!(hs256.verify(&sign(partial)).is_err(), "no {missing}");
+            let refused = hs256.verify(&sign(partial)).unwrap_err().to_string();
+            assert!(refused.contains(missing), "no {missing}: {refused}");
         }
+        // An expiry that is no number is told as such, not as a missing claim.
+        let mut worded = claims.clone();
+        worded["exp"] = "in ten minutes".into();
+        let refused = hs256.verify(&sign(worded)).unwrap_err().to_string();
+        assert!(refused.contains("number of seconds"), "{refused}");
         assert!(hs256.verify(&sign(claims)).is_ok());
     }
 
