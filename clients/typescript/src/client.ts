@@ -82,10 +82,12 @@ export interface ClientEvents extends Record<string, unknown> {
 export type Target = { conversationId: string } | { toUser: string };
 
 const HISTORY_PAGE = 50;
-/** The waits between the fetches of a gap the server refuses for a while (`unavailable`,
- * `rate_limited`, at least its `retry_after_ms`) or does not answer. */
+/** The waits between the fetches of a gap, or the read-backs of receipts, the server refuses
+ * for a while (`unavailable`, `rate_limited`, at least its `retry_after_ms`) or does not
+ * answer. */
 const GAP_RETRY = { baseMs: 500, maxMs: 30_000 };
-/** The failures of a gap fetch that it waits out; `closed` is the next catch-up's. */
+/** The failures of a gap fetch or a receipts read-back that it waits out; `closed` is the
+ * next catch-up's. */
 const GAP_WAITS_OUT = new Set<CourierError["code"]>(["unavailable", "rate_limited", "timeout"]);
 
 export class CourierClient {
@@ -276,7 +278,7 @@ export class CourierClient {
     if (before - 1 <= after) return false;
     await this.fetchRange(conversation, after, before - 1);
     if (lowest === undefined && this.awaitsReceipts(conversation)) {
-      void this.refreshReceipts(conversation.id).catch((e) => this.report(e));
+      void this.readBack(conversation.id).catch((e) => this.report(e));
     }
     return true;
   }
@@ -709,16 +711,37 @@ export class CourierClient {
       try {
         const waiting = [...this.conversationsById.values()].filter((c) => this.awaitsReceipts(c));
         for (const conversation of waiting) {
-          await this.refreshReceipts(conversation.id).catch((error) => {
+          const done = await this.readBack(conversation.id).catch((error) => {
             // One the server does not list is not asked again; another failure ends the pass.
             if (!this.receiptsUnlisted.has(conversation.id)) throw error;
+            return true;
           });
+          // Offline after a wait: the next catch-up reads back again.
+          if (!done) break;
         }
       } catch (error) {
         this.report(error);
       }
     } while (this.readBackAgain);
     this.readingBack = false;
+  }
+
+  /** Reads a conversation's receipts back (`refreshReceipts`); a refusal to wait out
+   * (`rate_limited`, `unavailable`, `timeout`: push back, not a failure) is asked again after
+   * the server's `retry_after_ms` or a backoff, and told to no listener. Resolves false when
+   * the client went offline or closed meanwhile (the next catch-up reads back again). */
+  private async readBack(conversationId: string): Promise<boolean> {
+    const retries = new Backoff(GAP_RETRY);
+    for (;;) {
+      try {
+        await this.refreshReceipts(conversationId);
+        return true;
+      } catch (error) {
+        if (!(error instanceof CourierError) || !GAP_WAITS_OUT.has(error.code)) throw error;
+        await sleep(Math.max(error.retryAfterMs ?? 0, retries.next()), this.closing.signal);
+        if (this.closing.signal.aborted || !this.link.session) return false;
+      }
+    }
   }
 
   /** Whether to read a conversation's receipts back (`Conversation.awaitsReceipts`), unless

@@ -164,6 +164,36 @@ test("a reconnection while receipts are read back starts no second read-back bes
   assert.equal(most, 1, "one receipts request at a time");
 });
 
+test("a read-back of receipts the server answers rate_limited is asked again after its wait, and no error is told", async () => {
+  // The first two receipts requests are refused as a server past its rate refuses them.
+  let refusals = 2;
+  let asked = 0;
+  const limited: typeof fetch = async (input, init) => {
+    if (!String(input).endsWith("/receipts")) return fetch(input, init);
+    asked++;
+    if (refusals-- <= 0) return fetch(input, init);
+    const body = { code: "rate_limited", message: "too many requests", retry_after_ms: 50 };
+    return new Response(JSON.stringify(body), { status: 429, headers: { "content-type": "application/json" } });
+  };
+  const alice = await synced(server, "alice10", "web");
+  const bob = await synced(server, "bob10", "web");
+  const sent = await alice.sendText({ toUser: "bob10" }, "hi");
+  const conv = sent.conversation_id;
+  await until("bob has it", () => texts(bob, conv).length === 1);
+  alice.close();
+  bob.markRead(conv);
+  await until("bob's read is stored", async () => (await bob.http.receipts(conv)).some((r) => r.read_seq === sent.seq));
+
+  // A new client: it holds alice's message once it loads the latest page, and reads back.
+  const reloaded = await synced(server, "alice10", "web", { fetch: limited });
+  const errors: unknown[] = [];
+  reloaded.on("error", (error) => errors.push(error));
+  await reloaded.loadHistory(conv);
+  await until("alice sees it read", () => reloaded.statusOf(conv, sent.seq) === "read");
+  assert.ok(asked >= 3, `asked ${asked} times`);
+  assert.deepEqual(errors, [], "a refusal to wait out is no error");
+});
+
 test("a group whose receipts the server does not list is asked once, not at every reconnection", async () => {
   const small = await Server.start(["--receipt-coalesce-above", "2"]);
   try {
