@@ -13,7 +13,7 @@ import { Emitter, reportToHost } from "./emitter.js";
 import { CourierError, badInput } from "./errors.js";
 import { HttpApi, type ByteRange, type MediaDownload } from "./http.js";
 import { identityOf, newClientMsgId, type Identity } from "./identity.js";
-import { Link, type ConnectionState, type Session } from "./link.js";
+import { Link, type ConnectionState, type Session, type TokenProbe } from "./link.js";
 import { Outbox } from "./outbox.js";
 import {
   DEFAULT_MAX_FRAME_BYTES,
@@ -143,7 +143,7 @@ export class CourierClient {
         backoff: new Backoff(options.backoff),
         replyTimeoutMs: options.replyTimeoutMs ?? 30_000,
         heartbeatMs: options.heartbeatMs ?? 25_000,
-        refusal: (error) => this.refusal(error),
+        probe: () => this.probeToken(),
       },
       {
         onOnline: () => {
@@ -463,18 +463,19 @@ export class CourierClient {
     await this.storage.deleteReceipts?.(scope, conversations);
   }
 
-  /** After a failed connection attempt: the server's refusal of the token, which no retry
-   * would fix: `unauthorized` (expired, or its device unlinked) or `forbidden` (a new device
-   * past its user's limit of devices, until one is unlinked). A browser cannot see the HTTP
-   * status of a refused upgrade, so an HTTP request with the same token tells. */
-  private async refusal(error: unknown): Promise<CourierError | undefined> {
-    if (!(error instanceof CourierError) || error.code !== "closed") return undefined;
+  /** Whether the server refuses the token for good, which no retry would fix: `unauthorized`
+   * (expired, or its device unlinked) or `forbidden` (a new device past its user's limit of
+   * devices, until one is unlinked). A browser cannot see the HTTP status of a refused
+   * upgrade, so an HTTP request with the same token tells; the link says when to ask. */
+  private async probeToken(): Promise<TokenProbe> {
     try {
       await this.http.devices();
-      return undefined;
+      return { reached: true };
     } catch (probe) {
-      const final = probe instanceof CourierError && (probe.code === "unauthorized" || probe.code === "forbidden");
-      return final ? probe : undefined;
+      if (!(probe instanceof CourierError)) return { reached: false };
+      if (probe.code === "unauthorized" || probe.code === "forbidden") return { refused: probe, reached: true };
+      // An HTTP status came back (a proxy's 502 too): the server, or what fronts it, is up.
+      return { reached: probe.status !== undefined };
     }
   }
 

@@ -4,10 +4,18 @@
  * an idle connection and abandons one that does not answer, holds off while paused, and
  * stops for good when the server refuses the token. Each connection gets a fresh
  * [`Session`]; its frames go to `onFrame`.
+ *
+ * Whether the server refuses the token is asked over HTTP (`LinkSettings.probe`): a browser
+ * cannot tell a refused upgrade (HTTP 401 or 403) from a network failure, both a close 1006
+ * before `hello`. The probe is made once per token after a failed attempt since a connection
+ * was last up, not after each (a server that is down or overloaded would get two requests per
+ * attempt), again once the token has expired, and after each attempt while it cannot reach
+ * the server either.
  */
 import { Backoff, sleep, withJitter } from "./backoff.js";
 import { Connection, type WebSocketConstructor } from "./connection.js";
 import { CourierError } from "./errors.js";
+import { expiresAtMs } from "./identity.js";
 import type { ServerFrame } from "./protocol.js";
 
 export type ConnectionState = "connecting" | "online" | "offline" | "closed";
@@ -41,8 +49,16 @@ export interface LinkSettings {
   backoff: Backoff;
   replyTimeoutMs: number;
   heartbeatMs: number;
-  /** After a failed attempt: the server's refusal of the token, if that is what it was. */
-  refusal: (attemptError: unknown) => Promise<CourierError | undefined>;
+  /** Asks the server whether it refuses the token for good (an HTTP request with it): its
+   * refusal (`unauthorized`, `forbidden`) if so; `reached` false when the request did not
+   * reach the server (the network is down too). */
+  probe: () => Promise<TokenProbe>;
+}
+
+/** What a probe of the token found. */
+export interface TokenProbe {
+  refused?: CourierError;
+  reached: boolean;
 }
 
 export interface LinkHandlers {
@@ -59,6 +75,10 @@ export class Link {
   /** Set by `pause` until `resume`. */
   private paused: { resumed: Promise<void>; resume: () => void } | undefined;
   private wake = new AbortController();
+  /** A token a probe found the server taking since a connection was last up: an attempt
+   * with it that fails is the network's or the server's, and is not probed again (unless the
+   * token has expired since). */
+  private vouched: string | undefined;
 
   constructor(
     private readonly settings: LinkSettings,
@@ -156,28 +176,48 @@ export class Link {
       streamBase: new Map(),
       acked: new Map(),
     };
+    let token: string | undefined;
     try {
+      token = await settings.token();
       session.connection = await Connection.open(
         settings.WebSocketImpl,
         settings.websocketUrl,
-        await settings.token(),
+        token,
         { onFrame: (frame) => this.handlers.onFrame(session, frame), onClose: () => closed() },
         settings.replyTimeoutMs,
       );
       // Current at once: acknowledgements of frames that came with `hello` go out on it.
       this.current = session;
+      // The next failure may be a refusal again (the device unlinked meanwhile).
+      this.vouched = undefined;
       return session;
     } catch (error) {
       if (this.stopped) return undefined;
-      const refused = await settings.refusal(error);
-      if (refused) {
-        this.close();
-        this.handlers.onRefused(refused);
-        return undefined;
-      }
+      if (await this.refusedBeforeHello(error, token)) return undefined;
       await sleep(settings.backoff.next(), this.wake.signal);
       return undefined;
     }
+  }
+
+  /** After an attempt closed before `hello`: whether the server refuses the token, which then
+   * stops the link. Probed once per token since a connection was last up (see the module's
+   * doc). */
+  private async refusedBeforeHello(error: unknown, token: string | undefined): Promise<boolean> {
+    if (!(error instanceof CourierError) || error.code !== "closed" || token === undefined) return false;
+    if (token === this.vouched && !hasExpired(token)) return false;
+    const probe = await this.settings.probe();
+    if (this.stopped) return true;
+    if (probe.refused) {
+      this.refuse(probe.refused);
+      return true;
+    }
+    if (probe.reached) this.vouched = token;
+    return false;
+  }
+
+  private refuse(error: CourierError): void {
+    this.close();
+    this.handlers.onRefused(error);
   }
 
   /** Until the connection ends: pings when it has been idle, abandons it when a ping gets
@@ -205,4 +245,10 @@ export class Link {
     this.connectionState = state;
     this.handlers.onState(state);
   }
+}
+
+/** Whether the token's `exp` claim has passed (one without a readable `exp` has not). */
+function hasExpired(token: string): boolean {
+  const expires = expiresAtMs(token);
+  return expires !== undefined && Date.now() >= expires;
 }

@@ -2,7 +2,7 @@
  * a draining server's `reconnect`, retention's `trimmed`, and a refused token. */
 import assert from "node:assert/strict";
 import { after, test } from "node:test";
-import { CourierError } from "../src/index.js";
+import { CourierError, type WebSocketConstructor } from "../src/index.js";
 import { Network, Server, client, closeClients, synced, texts, until } from "./support.js";
 
 const servers: Server[] = [];
@@ -287,4 +287,31 @@ test("a device past its user's limit of devices is told forbidden once, not retr
     ["forbidden"],
   );
   assert.match(errors[0].message, /unlink/);
+});
+
+test("a client cut off from the server asks whether its token is refused once per outage, not after every attempt", async () => {
+  const server = await serve();
+  let probes = 0;
+  const counted: typeof fetch = (input, init) => {
+    if (String(input).endsWith("/v1/devices")) probes++;
+    return fetch(input, init);
+  };
+  const network = new Network();
+  let attempts = 0;
+  const Counting = function (url: string, protocols?: string | string[]) {
+    attempts++;
+    return new network.WebSocket(url, protocols);
+  } as unknown as WebSocketConstructor;
+  const alice = await synced(server, "alice", "web", { WebSocket: Counting, fetch: counted });
+
+  for (const outage of [1, 2]) {
+    network.cut();
+    const before = attempts;
+    await until("eight attempts failed", () => attempts >= before + 8);
+    // The server answers HTTP throughout (only the WebSocket is cut): one probe found the
+    // token taken, and the failures after it are not the token's.
+    assert.equal(probes, outage, `probes after outage ${outage}`);
+    network.restore();
+    await until("alice is online again", () => alice.state === "online");
+  }
 });
