@@ -159,6 +159,7 @@ export class CourierClient {
           this.stop(error);
           this.emitter.emit("error", error);
         },
+        onReplaced: (error) => this.emitter.emit("error", error),
       },
     );
     this.acks = new Acknowledgements(() => this.link.session);

@@ -4,10 +4,12 @@ import type { ErrorCode, ErrorFrame } from "./protocol.js";
  * Why an SDK call failed. `code` is the protocol's error code when the server answered one
  * (or the SDK refused bad input as `bad_request` before sending), otherwise one of the
  * SDK's own: `closed` (the connection went away before the reply; a send is retried from
- * the outbox), `timeout` (no reply in time), `http` (an HTTP status without a protocol body).
+ * the outbox), `timeout` (no reply in time), `http` (an HTTP status without a protocol body),
+ * `replaced` (the server closed the connection for newer ones of the same device, and the
+ * client is paused until `resume`: coming back would close the next oldest).
  */
 export class CourierError extends Error {
-  readonly code: ErrorCode | "closed" | "timeout" | "http";
+  readonly code: ErrorCode | "closed" | "timeout" | "http" | "replaced";
   /** The HTTP status, for errors of the HTTP API. */
   readonly status: number | undefined;
   /** How long the server asks to wait before a retry (`rate_limited`). */

@@ -10,13 +10,17 @@
  * before `hello`. The probe is made once per token after a failed attempt since a connection
  * was last up, not after each (a server that is down or overloaded would get two requests per
  * attempt), again once the token has expired, and after each attempt while it cannot reach
- * the server either.
+ * the server either. A connection the server closes with 1008 (policy) is probed too: an
+ * unlinked device or one past its user's limit of devices is refused; otherwise newer
+ * connections of the same device took its place (16 per device on a gateway), and coming back
+ * would only close the next oldest, which would come back in turn: the link pauses until
+ * `resume` and says so (`onReplaced`).
  */
 import { Backoff, sleep, withJitter } from "./backoff.js";
 import { Connection, type WebSocketConstructor } from "./connection.js";
 import { CourierError } from "./errors.js";
 import { expiresAtMs } from "./identity.js";
-import type { ServerFrame } from "./protocol.js";
+import { CLOSE_POLICY, type ServerFrame } from "./protocol.js";
 
 export type ConnectionState = "connecting" | "online" | "offline" | "closed";
 
@@ -66,6 +70,9 @@ export interface LinkHandlers {
   onFrame(session: Session, frame: ServerFrame): void;
   onState(state: ConnectionState): void;
   onRefused(error: CourierError): void;
+  /** The server closed the connection for newer ones of the same device (`replaced`): the
+   * link is paused until `resume`. */
+  onReplaced(error: CourierError): void;
 }
 
 export class Link {
@@ -156,6 +163,10 @@ export class Link {
       await this.heartbeat(session);
       this.current = undefined;
       if (this.stopped || this.paused) continue;
+      if (session.connection.closeInfo?.code === CLOSE_POLICY) {
+        await this.closedByPolicy();
+        if (this.stopped || this.paused) continue;
+      }
       this.setState("offline");
       const delay =
         session.reconnectAfterMs !== undefined ? withJitter(session.reconnectAfterMs) : this.settings.backoff.next();
@@ -213,6 +224,25 @@ export class Link {
     }
     if (probe.reached) this.vouched = token;
     return false;
+  }
+
+  /** An open connection the server closed with 1008: a refused token stops the link; a token
+   * the server still takes means newer connections of the device took this one's place, and
+   * the link pauses. When the probe cannot reach the server, the link reconnects as after
+   * any drop (and asks again if closed with 1008 again). */
+  private async closedByPolicy(): Promise<void> {
+    const probe = await this.settings.probe();
+    if (this.stopped || this.paused) return;
+    if (probe.refused) return this.refuse(probe.refused);
+    if (!probe.reached) return;
+    this.pause();
+    this.handlers.onReplaced(
+      new CourierError(
+        "replaced",
+        "newer connections of this device took this one's place (the server keeps 16 per device): " +
+          "close one of them (another tab or window) and resume",
+      ),
+    );
   }
 
   private refuse(error: CourierError): void {

@@ -162,6 +162,11 @@ export const DEFAULT_MAX_FRAME_BYTES = 64 * 1024;
 /** The WebSocket close code of a frame over the server's size limit ("message too big"). */
 export const CLOSE_TOO_BIG = 1009;
 
+/** The WebSocket close code of a policy violation: Courier closes an open connection with it
+ * when its device is unlinked, when its user is past the limit of devices, and when newer
+ * connections of the same device take its place (16 per device on a gateway). */
+export const CLOSE_POLICY = 1008;
+
 const USER_ID = /^[A-Za-z0-9._@-]{1,64}$/;
 const CONVERSATION_ID = /^[A-Za-z0-9._:-]{1,128}$/;
 

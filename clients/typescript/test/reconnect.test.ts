@@ -315,3 +315,47 @@ test("a client cut off from the server asks whether its token is refused once pe
     await until("alice is online again", () => alice.state === "online");
   }
 });
+
+test("a device's 17th connection stops the oldest, which says so and stays offline instead of taking one back", async () => {
+  const server = await serve();
+  const token = server.token("alice", "web");
+  const tabs = [];
+  for (let i = 0; i < 16; i++) tabs.push(await synced(server, "alice", "web", { token }));
+  const oldest = tabs[0]!;
+  const errors: CourierError[] = [];
+  oldest.on("error", (error) => errors.push(error));
+  const newest = await synced(server, "alice", "web", { token });
+  const states: string[] = [];
+  for (const tab of [newest, ...tabs.slice(1)]) tab.on("state", (state) => states.push(state));
+
+  await until("the oldest is told it was replaced", () => errors.length > 0);
+  assert.deepEqual(
+    errors.map((e) => e.code),
+    ["replaced"],
+  );
+  assert.equal(oldest.state, "offline");
+  // A round trip on every other tab: none was displaced in turn.
+  for (const tab of [newest, ...tabs.slice(1)]) await tab.sendText({ toUser: "bob" }, "still here");
+  assert.deepEqual(states, [], "the other connections stayed up");
+  assert.equal(oldest.state, "offline", "the replaced tab did not come back by itself");
+
+  // Once another tab is closed, resuming takes a connection again.
+  newest.close();
+  oldest.resume();
+  await oldest.whenSynced();
+  await until("the oldest is online again", () => oldest.state === "online");
+});
+
+test("a device unlinked while connected stops with an unauthorized error, not as a replaced connection", async () => {
+  const server = await serve();
+  const phone = await synced(server, "alice", "phone");
+  const laptop = await synced(server, "alice", "laptop");
+  const errors: CourierError[] = [];
+  laptop.on("error", (error) => errors.push(error));
+  await phone.http.unlinkDevice("laptop");
+  await until("the laptop is stopped", () => laptop.state === "closed");
+  assert.deepEqual(
+    errors.map((e) => e.code),
+    ["unauthorized"],
+  );
+});

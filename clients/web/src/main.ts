@@ -77,6 +77,10 @@ class ChatView {
 
   private wireForms(): void {
     byId("sign-out").addEventListener("click", () => void this.signOut());
+    byId("reconnect").addEventListener("click", () => {
+      byId("replaced-notice").hidden = true;
+      this.client.resume();
+    });
     byId<HTMLFormElement>("new-chat").addEventListener("submit", (event) => {
       event.preventDefault();
       const input = byId<HTMLInputElement>("new-chat-user");
@@ -211,14 +215,18 @@ class ChatView {
   }
 
   private showState(state: ConnectionState): void {
+    if (state === "online") byId("replaced-notice").hidden = true;
     const badge = byId("connection");
     badge.dataset.state = state;
     badge.textContent = state;
   }
 
-  /** A refused token signs out; anything else goes to the status line. */
+  /** A refused token signs out; a connection newer ones of this device took (the client
+   * stays offline until resumed: coming back would close another tab's) shows a notice with a
+   * button to reconnect; anything else goes to the status line. */
   private onError(error: unknown): void {
     if (error instanceof CourierError && error.code === "unauthorized") void this.signOut(error);
+    else if (error instanceof CourierError && error.code === "replaced") byId("replaced-notice").hidden = false;
     else showError(error);
   }
 

@@ -468,3 +468,27 @@ test("media that is no picture, or a picture too large to show, is listed as a f
   assert.deepEqual(olga.problems, [], "no script errors in the page");
   await olga.context.close();
 });
+
+test("a tab whose connection newer ones of the same device took says so and waits, and reconnects when asked", async () => {
+  const tab = await person("quinn");
+  // Sixteen more connections of quinn's "web" device (the server keeps 16 per device): the
+  // tab's, the oldest, is closed for them.
+  const token = server.token("quinn", "web");
+  const others = [];
+  for (let i = 0; i < 16; i++) others.push(await client(server, "quinn", "web", { token }));
+  await Promise.all(others.map((other) => other.whenSynced()));
+  await tab.page.locator("#replaced-notice").waitFor(WAIT);
+  await tab.page.locator('#connection[data-state="offline"]').waitFor(WAIT);
+  await shot(tab, "replaced");
+  // The others keep their connections: the tab did not come back to take one.
+  for (const other of others) await other.sendText({ toUser: "rex" }, "still connected");
+  assert.ok(others.every((other) => other.state === "online"));
+  assert.equal(await tab.page.locator("#connection").getAttribute("data-state"), "offline");
+
+  others.pop().close();
+  await tab.page.click("#reconnect");
+  await tab.page.locator('#connection[data-state="online"]').waitFor(WAIT);
+  assert.equal(await tab.page.locator("#replaced-notice").isVisible(), false);
+  others.forEach((other) => other.close());
+  assert.deepEqual(tab.problems, [], "no script errors in the page");
+});
