@@ -14,12 +14,13 @@ import { CourierError, badInput } from "./errors.js";
 import { HttpApi, type ByteRange, type MediaDownload } from "./http.js";
 import { identityOf, newClientMsgId, type Identity } from "./identity.js";
 import { Link, type ConnectionState, type Session, type TokenProbe } from "./link.js";
-import { Outbox } from "./outbox.js";
+import { Outbox, sizeOf } from "./outbox.js";
 import {
   DEFAULT_MAX_FRAME_BYTES,
   MAX_FETCH_LIMIT,
   isClientMsgId,
   isConversationId,
+  isMediaType,
   isSeq,
   isUserId,
   type Body,
@@ -56,7 +57,15 @@ export interface CourierClientOptions {
    * `--max-frame-bytes`). A message whose `send` frame is larger is refused by `send` with
    * `too_large` and never enters the outbox. */
   maxFrameBytes?: number;
+  /** The most bytes of files `sendMedia` keeps in the outbox waiting for their upload
+   * (default [`DEFAULT_MAX_QUEUED_UPLOAD_BYTES`]): a `sendMedia` while they hold as much or
+   * more is refused with `unavailable`. One file of any size is taken when none waits. */
+  maxQueuedUploadBytes?: number;
 }
+
+/** The default of `maxQueuedUploadBytes`: 100 MiB, the server's default limit on one upload
+ * (`--media-max-bytes`). */
+export const DEFAULT_MAX_QUEUED_UPLOAD_BYTES = 100 * 1024 * 1024;
 
 /** What a client reports; each name carries the value listed. */
 export interface ClientEvents extends Record<string, unknown> {
@@ -82,6 +91,9 @@ export interface ClientEvents extends Record<string, unknown> {
 export type Target = { conversationId: string } | { toUser: string };
 
 const HISTORY_PAGE = 50;
+/** The widest fields an upload gives a media body, to check and measure its message before
+ * the upload: a media id is at most 128 characters, a SHA-256 64 hex digits. */
+const WIDEST_UPLOAD = { media_id: "m".repeat(128), sha256: "0".repeat(64) };
 /** The waits between the fetches of a gap, or the read-backs of receipts, the server refuses
  * for a while (`unavailable`, `rate_limited`, at least its `retry_after_ms`) or does not
  * answer. */
@@ -118,6 +130,7 @@ export class CourierClient {
   private readonly closing = new AbortController();
   private summariesLoading: Promise<void> | undefined;
   private readonly maxFrameBytes: number;
+  private readonly maxQueuedUploadBytes: number;
 
   private constructor(
     identity: Identity,
@@ -135,6 +148,8 @@ export class CourierClient {
     }
     this.maxFrameBytes = options.maxFrameBytes ?? DEFAULT_MAX_FRAME_BYTES;
     if (!(this.maxFrameBytes > 0)) throw badInput("maxFrameBytes must be positive");
+    this.maxQueuedUploadBytes = options.maxQueuedUploadBytes ?? DEFAULT_MAX_QUEUED_UPLOAD_BYTES;
+    if (!(this.maxQueuedUploadBytes > 0)) throw badInput("maxQueuedUploadBytes must be positive");
     this.link = new Link(
       {
         WebSocketImpl,
@@ -179,6 +194,7 @@ export class CourierClient {
         this.emitter.emit("error", error);
       },
       onError: (error) => this.report(error),
+      upload: (data, mime) => this.http.uploadMedia(data, mime),
     });
     outbox.onChange = () => this.emitter.emit("outbox", undefined);
     outbox.onError = (error) => this.report(error);
@@ -307,11 +323,24 @@ export class CourierClient {
    * (the entry then stays in the outbox, failed, for `retry` or `discard`). A message whose
    * frame is over `maxFrameBytes` is refused at once with `too_large`, outside the outbox.
    */
-  async send(target: Target, body: Body, options: { replyTo?: number; clientMsgId?: string } = {}): Promise<Sent> {
+  send(target: Target, body: Body, options: { replyTo?: number; clientMsgId?: string } = {}): Promise<Sent> {
+    return this.enqueue(target, body, options);
+  }
+
+  /** `send`, for a body or a file to upload first (`sendMedia`: the body is checked and
+   * measured as it will be once uploaded). */
+  private async enqueue(
+    target: Target,
+    body: Body,
+    options: { replyTo?: number; clientMsgId?: string },
+    upload?: OutboxEntry["upload"],
+  ): Promise<Sent> {
     const clientMsgId = options.clientMsgId ?? newClientMsgId();
     if (!isClientMsgId(clientMsgId)) throw badInput("client_msg_id must be 1 to 64 characters");
-    checkBody(body);
+    const measured = upload && "media" in body ? { media: { ...body.media, ...WIDEST_UPLOAD } } : body;
+    checkBody(measured);
     const entry: Omit<OutboxEntry, "position"> = { client_msg_id: clientMsgId, body, created_ms: Date.now() };
+    if (upload) entry.upload = upload;
     if ("conversationId" in target) entry.conversation_id = checkConversation(target.conversationId);
     else if (isUserId(target.toUser)) entry.to_user = target.toUser;
     else throw badInput(`not a user id: ${JSON.stringify(target.toUser)}`);
@@ -319,7 +348,7 @@ export class CourierClient {
       if (!isSeq(options.replyTo)) throw badInput("replyTo must be the seq of a message (an integer from 1)");
       entry.reply_to = options.replyTo;
     }
-    const tooLarge = tooLargeError(entry, this.maxFrameBytes);
+    const tooLarge = tooLargeError({ ...entry, body: measured }, this.maxFrameBytes);
     if (tooLarge) throw tooLarge;
     try {
       await this.outbox.add(entry);
@@ -342,15 +371,31 @@ export class CourierClient {
     return this.send(target, { text }, options);
   }
 
-  /** Uploads a file, then sends it as a media message. */
+  /** Writes a file to the outbox as a media message and resolves with its `sent` once the
+   * server has stored it: the file is uploaded when the entry's turn comes, online (a photo
+   * chosen offline waits, and survives a reload with the outbox), then sent as any entry.
+   * Refused at once with `unavailable` while the files waiting for their upload hold
+   * `maxQueuedUploadBytes` or more; an upload the server refuses for good (`too_large`) leaves
+   * the entry failed. */
   async sendMedia(
     target: Target,
     data: Blob | Uint8Array,
     mime: string,
     details: { name?: string; caption?: string } = {},
   ): Promise<Sent> {
-    const uploaded = await this.http.uploadMedia(data, mime);
-    return this.send(target, { media: { ...uploaded, ...details } });
+    if (!isMediaType(mime)) throw badInput(`not a media type: ${JSON.stringify(mime)}`);
+    const queued = this.outbox.uploadBytes();
+    if (queued >= this.maxQueuedUploadBytes) {
+      throw new CourierError(
+        "unavailable",
+        `${queued} bytes of files already wait for their upload (maxQueuedUploadBytes ${this.maxQueuedUploadBytes}): ` +
+          "send this one once they have gone",
+      );
+    }
+    const media: MediaBody = { media_id: "", mime, size: sizeOf(data), sha256: "" };
+    if (details.name !== undefined) media.name = details.name;
+    if (details.caption !== undefined) media.caption = details.caption;
+    return this.enqueue(target, { media }, {}, { data, mime });
   }
 
   /** Sends a failed outbox entry again. */

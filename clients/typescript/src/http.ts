@@ -6,6 +6,7 @@
 import { CourierError, badInput } from "./errors.js";
 import {
   isConversationId,
+  isMediaType,
   isUserId,
   type ConversationEvent,
   type ErrorCode,
@@ -104,7 +105,7 @@ export class HttpApi {
 
   /** Uploads bytes as media of type `mime`. */
   async uploadMedia(data: Blob | Uint8Array, mime: string): Promise<UploadedMedia> {
-    if (!/^[\w.+-]+\/[\w.+-]+$/.test(mime)) throw badInput(`not a media type: ${JSON.stringify(mime)}`);
+    if (!isMediaType(mime)) throw badInput(`not a media type: ${JSON.stringify(mime)}`);
     const response = await this.request("POST", "/v1/media", {
       body: data as BodyInit,
       headers: { "content-type": mime },

@@ -8,7 +8,14 @@
  * client.on("event", (event) => console.log(event.sender.user, event.body));
  * ```
  */
-export { CourierClient, type ClientEvents, type ConnectionState, type CourierClientOptions, type Target } from "./client.js";
+export {
+  CourierClient,
+  DEFAULT_MAX_QUEUED_UPLOAD_BYTES,
+  type ClientEvents,
+  type ConnectionState,
+  type CourierClientOptions,
+  type Target,
+} from "./client.js";
 export { Conversation, TYPING_EXPIRES_MS, type MessageStatus, type ReceiptState } from "./conversation.js";
 export { Timeline, type SeqRange } from "./timeline.js";
 export { CourierError } from "./errors.js";

@@ -5,7 +5,7 @@
  * answers with the original `sent` (`duplicate: true`) if the first attempt got through.
  */
 import { CourierError } from "./errors.js";
-import type { Sent } from "./protocol.js";
+import type { Body, Sent } from "./protocol.js";
 import type { OutboxEntry, OutboxStorage } from "./storage.js";
 
 interface Waiter {
@@ -147,6 +147,30 @@ export class Outbox {
     this.onChange();
   }
 
+  /** An entry's file is uploaded: its body becomes the media message the upload made, and
+   * is written to the storage before it is sent. A storage that cannot write it is reported
+   * to `onError`; the entry is sent all the same, and a reload before its `sent` uploads the
+   * file again (another copy on the server, never a second message). False when the entry
+   * left the outbox meanwhile (discarded, a sign-out). */
+  async uploaded(clientMsgId: string, body: Body): Promise<boolean> {
+    const entry = this.entries.find((e) => e.client_msg_id === clientMsgId);
+    if (!entry?.upload) return false;
+    entry.body = body;
+    delete entry.upload;
+    try {
+      await this.storage.put(this.scope, entry);
+    } catch (error) {
+      this.onError(error);
+    }
+    this.onChange();
+    return this.has(clientMsgId);
+  }
+
+  /** The bytes of the files that wait in the outbox for their upload. */
+  uploadBytes(): number {
+    return this.entries.reduce((sum, entry) => sum + (entry.upload ? sizeOf(entry.upload.data) : 0), 0);
+  }
+
   /** Drops an entry that will not be sent. */
   async discard(clientMsgId: string): Promise<void> {
     if (!this.has(clientMsgId)) throw new CourierError("bad_request", `no message ${clientMsgId} in the outbox`);
@@ -204,4 +228,9 @@ export class Outbox {
 
 function clearedError(): CourierError {
   return new CourierError("closed", "this device's data was deleted (a sign-out): the message was not sent");
+}
+
+/** The size of a file to upload, in bytes. */
+export function sizeOf(data: Blob | Uint8Array): number {
+  return data instanceof Uint8Array ? data.byteLength : data.size;
 }

@@ -170,6 +170,11 @@ export const CLOSE_POLICY = 1008;
 const USER_ID = /^[A-Za-z0-9._@-]{1,64}$/;
 const CONVERSATION_ID = /^[A-Za-z0-9._:-]{1,128}$/;
 
+/** A media type as an upload's `Content-Type` takes it: `type/subtype`. */
+export function isMediaType(value: string): boolean {
+  return /^[\w.+-]+\/[\w.+-]+$/.test(value);
+}
+
 export function isUserId(value: string): boolean {
   return USER_ID.test(value);
 }

@@ -7,11 +7,19 @@
  * the server's size limit is refused for good as `too_large`: one larger than the client's
  * `maxFrameBytes` is never sent, and one that the server answers by closing the connection
  * with 1009 is not sent again (it would close every connection after it).
+ *
+ * A photo `sendMedia` wrote (`OutboxEntry.upload`) is uploaded when its turn comes, over
+ * HTTP while a connection is open, and its entry rewritten with the media body before the
+ * `send`, with the entry's `client_msg_id` as any other: a photo chosen offline goes out once
+ * online, in the order it was written. An upload refused for a while (`unavailable`, as
+ * when the network is gone; `rate_limited`) is tried again after a backoff; one refused for
+ * good (`too_large`: over the server's limit) marks the entry failed.
  */
 import { Backoff, sleep } from "./backoff.js";
 import { CourierError } from "./errors.js";
 import type { Identity } from "./identity.js";
 import type { Session } from "./link.js";
+import type { UploadedMedia } from "./http.js";
 import type { Outbox } from "./outbox.js";
 import { CLOSE_TOO_BIG, type ClientFrame, type ConversationEvent, type Sent } from "./protocol.js";
 import type { OutboxEntry } from "./storage.js";
@@ -25,6 +33,8 @@ export interface SenderHandlers {
   /** The server refused an entry for good. */
   onRefused(entry: OutboxEntry, error: CourierError): void;
   onError(error: unknown): void;
+  /** Uploads a file (`POST /v1/media`). */
+  upload(data: Blob | Uint8Array, mime: string): Promise<UploadedMedia>;
 }
 
 export class OutboxSender {
@@ -48,6 +58,10 @@ export class OutboxSender {
       for (let entry = this.outbox.next(); entry; entry = this.outbox.next()) {
         const connection = this.handlers.session()?.connection;
         if (!connection) return;
+        if (entry.upload) {
+          await this.upload(entry, retries);
+          continue;
+        }
         const tooLarge = tooLargeError(entry, this.handlers.maxFrameBytes);
         if (tooLarge) {
           // Written by an earlier version or with a larger limit: never sendable.
@@ -90,6 +104,37 @@ export class OutboxSender {
     } finally {
       this.flushing = false;
     }
+  }
+
+  /** Uploads an entry's file and writes its media body into the entry, which the loop then
+   * sends; a refusal to wait out waits (the loop then finds the connection, or not), another
+   * marks the entry failed. */
+  private async upload(entry: OutboxEntry, retries: Backoff): Promise<void> {
+    const { data, mime } = entry.upload!;
+    let uploaded: UploadedMedia;
+    try {
+      uploaded = await this.handlers.upload(data, mime);
+    } catch (error) {
+      if (!(error instanceof CourierError)) throw error;
+      if (error.retriable) {
+        await sleep(Math.max(error.retryAfterMs ?? 0, retries.next()));
+      } else {
+        await this.refuse(entry, new CourierError(error.code, error.message, { clientMsgId: entry.client_msg_id }));
+      }
+      return;
+    }
+    retries.reset();
+    const { name, caption } = "media" in entry.body ? entry.body.media : {};
+    const { media_id, size, sha256 } = uploaded;
+    const media = {
+      media_id,
+      mime: uploaded.mime,
+      size,
+      sha256,
+      ...(name !== undefined && { name }),
+      ...(caption !== undefined && { caption }),
+    };
+    await this.outbox.uploaded(entry.client_msg_id, { media });
   }
 
   private async refuse(entry: OutboxEntry, error: CourierError): Promise<void> {

@@ -22,6 +22,11 @@ export interface OutboxEntry {
   position: number;
   /** Set when the server refused the message for good (the code and message). */
   failed?: { code: string; message: string };
+  /** A file `sendMedia` wrote while it waits for its upload (which happens when the entry's
+   * turn comes, online): until then the body's `media_id` and `sha256` are empty, and the
+   * storage keeps the bytes with the entry (IndexedDB and `MemoryOutboxStorage` keep a
+   * `Blob` as it is; a storage of one's own must too). */
+  upload?: { data: Blob | Uint8Array; mime: string };
 }
 
 /** Another member's cursors in a conversation, as its latest `receipt` said. */

@@ -3,8 +3,8 @@
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
 import { after, before, test } from "node:test";
-import type { CourierError } from "../src/index.js";
-import { Server, closeClients, synced, texts, until } from "./support.js";
+import { MemoryOutboxStorage, type CourierError } from "../src/index.js";
+import { Network, Server, client, closeClients, synced, texts, until } from "./support.js";
 
 let server: Server;
 
@@ -105,6 +105,106 @@ test("a photo is uploaded, shared, and downloaded whole and by range", async () 
   const stranger = await synced(server, "ivan", "web");
   await assert.rejects(stranger.downloadMedia(body.media.media_id), (e: CourierError) => e.status === 404);
   await assert.rejects(gina.http.uploadMedia(photo, "not a type"), /not a media type/);
+});
+
+/** A network whose HTTP requests fail as the WebSocket's do while it is cut, counting the
+ * uploads that reached the server. */
+function offlineable() {
+  const network = new Network();
+  const state = { online: true, uploads: 0 };
+  const fetchThrough: typeof fetch = async (input, init) => {
+    if (!state.online) throw new TypeError("fetch failed");
+    if (String(input).endsWith("/v1/media") && init?.method === "POST") state.uploads++;
+    return fetch(input, init);
+  };
+  const cut = () => {
+    state.online = false;
+    network.cut();
+  };
+  const restore = () => {
+    state.online = true;
+    network.restore();
+  };
+  return { network, fetch: fetchThrough, state, cut, restore };
+}
+
+test("a photo sent offline waits in the outbox with its bytes, then is uploaded and sent once, in the order written", async () => {
+  const net = offlineable();
+  const jo = await synced(server, "jo", "web", { network: net.network, fetch: net.fetch });
+  const kim = await synced(server, "kim", "web");
+  const conv = (await jo.sendText({ toUser: "kim" }, "before")).conversation_id;
+  net.cut();
+  await until("jo is offline", () => jo.state !== "online");
+
+  const photo = new Uint8Array(3000).map((_, i) => (i * 7) % 251);
+  const sending = jo.sendMedia({ conversationId: conv }, photo, "image/png", { name: "dog.png", caption: "new" });
+  const after = jo.sendText({ conversationId: conv }, "after the photo");
+  await until("both wait in the outbox", () => jo.pending(conv).length === 2);
+  const waiting = jo.pending(conv)[0]!;
+  assert.ok("media" in waiting.body && waiting.body.media.name === "dog.png", "the photo's entry says what it is");
+  assert.equal(net.state.uploads, 0);
+
+  net.restore();
+  const sent = await sending;
+  await after;
+  await until("kim has all three", () => texts(kim, conv).length === 3);
+  assert.deepEqual(texts(kim, conv), ["before", "(media)", "after the photo"]);
+  assert.equal(net.state.uploads, 1, "uploaded once");
+  const body = kim.conversation(conv)!.timeline.get(sent.seq)!.body!;
+  assert.ok("media" in body);
+  assert.equal(body.media.name, "dog.png");
+  assert.equal(body.media.caption, "new");
+  assert.equal(body.media.sha256, createHash("sha256").update(photo).digest("hex"));
+  assert.deepEqual((await kim.downloadMedia(body.media.media_id)).bytes, photo);
+  assert.deepEqual(jo.outboxEntries(), []);
+});
+
+test("a photo written offline survives a reload and is sent by the next client of the device", async () => {
+  const storage = new MemoryOutboxStorage();
+  const net = offlineable();
+  net.cut();
+  const away = await client(server, "lee", "web", { network: net.network, fetch: net.fetch, storage });
+  const photo = new Uint8Array(2048).map((_, i) => i % 199);
+  const lost = away.sendMedia({ toUser: "max" }, new Blob([photo]), "image/jpeg", { name: "tree.jpg" });
+  lost.catch(() => {});
+  await until("the photo waits in the outbox", () => away.outboxEntries().length === 1);
+  away.close();
+
+  const max = await synced(server, "max", "web");
+  const reloaded = await synced(server, "lee", "web", { storage });
+  await until("the outbox is empty", () => reloaded.outboxEntries().length === 0);
+  const photos = () => max.conversations().flatMap((c) => c.timeline.list());
+  await until("max has the photo", () => photos().length === 1);
+  const event = photos()[0]!;
+  assert.ok(event.body && "media" in event.body);
+  assert.equal(event.body.media.name, "tree.jpg");
+  assert.deepEqual((await max.downloadMedia(event.body.media.media_id)).bytes, photo);
+});
+
+test("the files waiting for their upload are bounded, and an upload over the server's limit leaves its entry failed", async () => {
+  const net = offlineable();
+  net.cut();
+  const away = await client(server, "ned", "web", { network: net.network, fetch: net.fetch, maxQueuedUploadBytes: 1000 });
+  const bytes = new Uint8Array(600);
+  const first = away.sendMedia({ toUser: "ola" }, bytes, "image/png");
+  const second = away.sendMedia({ toUser: "ola" }, bytes, "image/png");
+  first.catch(() => {});
+  second.catch(() => {});
+  await until("two wait", () => away.outboxEntries().length === 2);
+  await assert.rejects(away.sendMedia({ toUser: "ola" }, bytes, "image/png"), (e: CourierError) => e.code === "unavailable");
+  assert.equal(away.outboxEntries().length, 2, "the refused one is not kept");
+  away.close();
+
+  // A server that takes no upload this large: the entry is failed, the next message goes.
+  const refusing: typeof fetch = async (input, init) => {
+    if (!String(input).endsWith("/v1/media")) return fetch(input, init);
+    const body = { code: "too_large", message: "over the upload limit" };
+    return new Response(JSON.stringify(body), { status: 413, headers: { "content-type": "application/json" } });
+  };
+  const pia = await synced(server, "pia", "web", { fetch: refusing });
+  await assert.rejects(pia.sendMedia({ toUser: "ola" }, bytes, "image/png"), (e: CourierError) => e.code === "too_large");
+  assert.equal(pia.outboxEntries()[0]?.failed?.code, "too_large");
+  await pia.sendText({ toUser: "ola" }, "the text after it");
 });
 
 test("a group's ticks stay sent while its member set is not known complete (after a reload that holds only the latest page)", async () => {

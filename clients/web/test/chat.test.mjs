@@ -492,3 +492,41 @@ test("a tab whose connection newer ones of the same device took says so and wait
   others.forEach((other) => other.close());
   assert.deepEqual(tab.problems, [], "no script errors in the page");
 });
+
+test("a photo chosen offline waits with the unsent messages, survives a reload, and is shared once back online", async () => {
+  const uma = await person("uma");
+  const vic = await client(server, "vic", "node");
+  const conv = (await vic.sendText({ toUser: "uma" }, "Send me the photo")).conversation_id;
+  await open(uma, "vic");
+  // A 1x1 PNG.
+  const png = Buffer.from(
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==",
+    "base64",
+  );
+  await uma.context.setOffline(true);
+  await uma.page.locator('#connection[data-state="offline"]').waitFor(WAIT);
+  await uma.page.setInputFiles("#photo-input", { name: "offline.png", mimeType: "image/png", buffer: png });
+  await message(uma, "Photo: offline.png").locator('.ticks[data-status="pending"]').waitFor(WAIT);
+  await shot(uma, "photo-offline-pending");
+
+  // The server out of reach, the page reloads: the photo is still in the outbox (IndexedDB).
+  uma.serverReachable = false;
+  await uma.context.setOffline(false);
+  await uma.page.reload();
+  await open(uma, "vic");
+  await message(uma, "Photo: offline.png").locator('.ticks[data-status="pending"]').waitFor(WAIT);
+
+  uma.serverReachable = true;
+  await uma.page.locator('#connection[data-state="online"]').waitFor({ timeout: 30_000 });
+  const photos = () =>
+    (vic.conversation(conv)?.timeline.list() ?? []).filter((event) => event.body && "media" in event.body);
+  await until("vic has the photo", () => photos().length === 1);
+  const media = photos()[0].body.media;
+  assert.equal(media.name, "offline.png");
+  assert.deepEqual(Buffer.from((await vic.downloadMedia(media.media_id)).bytes), png);
+  await uma.page.locator("#timeline .message.own img").waitFor(WAIT);
+  assert.equal(await message(uma, "Photo: offline.png").count(), 0, "no longer pending");
+  assert.equal(await uma.page.locator("#status-line").textContent(), "", "nothing went wrong");
+  assert.deepEqual(uma.problems, [], "no script errors in the page");
+  await uma.context.close();
+});
