@@ -49,7 +49,7 @@ export interface CourierClientOptions {
   storage?: OutboxStorage;
   fetch?: typeof fetch;
   backoff?: BackoffOptions;
-  /** Longest wait for `hello` or a reply (default 30 s). */
+  /** Longest wait for `hello`, a reply, or the answer to a probe of the token (default 30 s). */
   replyTimeoutMs?: number;
   /** Idle time between pings that check the connection is alive (default 25 s). */
   heartbeatMs?: number;
@@ -91,6 +91,8 @@ export interface ClientEvents extends Record<string, unknown> {
 export type Target = { conversationId: string } | { toUser: string };
 
 const HISTORY_PAGE = 50;
+/** The default of `replyTimeoutMs`. */
+const DEFAULT_REPLY_TIMEOUT_MS = 30_000;
 /** The widest fields an upload gives a media body, to check and measure its message before
  * the upload: a media id is at most 128 characters, a SHA-256 64 hex digits. */
 const WIDEST_UPLOAD = { media_id: "m".repeat(128), sha256: "0".repeat(64) };
@@ -156,7 +158,7 @@ export class CourierClient {
         websocketUrl: websocketUrl(options.url),
         token: () => this.token(),
         backoff: new Backoff(options.backoff),
-        replyTimeoutMs: options.replyTimeoutMs ?? 30_000,
+        replyTimeoutMs: options.replyTimeoutMs ?? DEFAULT_REPLY_TIMEOUT_MS,
         heartbeatMs: options.heartbeatMs ?? 25_000,
         probe: () => this.probeToken(),
       },
@@ -512,8 +514,23 @@ export class CourierClient {
   /** Whether the server refuses the token for good, which no retry would fix: `unauthorized`
    * (expired, or its device unlinked) or `forbidden` (a new device past its user's limit of
    * devices, until one is unlinked). A browser cannot see the HTTP status of a refused
-   * upgrade, so an HTTP request with the same token tells; the link says when to ask. */
+   * upgrade, so an HTTP request with the same token tells; the link says when to ask. One
+   * with no answer within `replyTimeoutMs` counts as not reaching the server: the link waits
+   * for the probe, and a request that hangs (a proxy whose backend stopped answering) would
+   * otherwise keep it from ever connecting again. */
   private async probeToken(): Promise<TokenProbe> {
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const unanswered = new Promise<TokenProbe>((resolve) => {
+      timer = setTimeout(() => resolve({ reached: false }), this.options.replyTimeoutMs ?? DEFAULT_REPLY_TIMEOUT_MS);
+    });
+    try {
+      return await Promise.race([this.askDevices(), unanswered]);
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  private async askDevices(): Promise<TokenProbe> {
     try {
       await this.http.devices();
       return { reached: true };

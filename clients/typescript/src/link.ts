@@ -163,11 +163,12 @@ export class Link {
       await this.heartbeat(session);
       this.current = undefined;
       if (this.stopped || this.paused) continue;
+      // Offline before the probe of a 1008: the connection is gone while it is asked.
+      this.setState("offline");
       if (session.connection.closeInfo?.code === CLOSE_POLICY) {
         await this.closedByPolicy();
         if (this.stopped || this.paused) continue;
       }
-      this.setState("offline");
       const delay =
         session.reconnectAfterMs !== undefined ? withJitter(session.reconnectAfterMs) : this.settings.backoff.next();
       await sleep(delay, this.wake.signal);

@@ -359,3 +359,22 @@ test("a device unlinked while connected stops with an unauthorized error, not as
     ["unauthorized"],
   );
 });
+
+test("a token probe the server never answers does not keep the client from reconnecting", async () => {
+  const server = await serve();
+  // The devices request hangs, as behind a proxy whose backend stopped answering.
+  const hanging: typeof fetch = (input, init) =>
+    String(input).endsWith("/v1/devices") ? new Promise<Response>(() => {}) : fetch(input, init);
+  const network = new Network();
+  let attempts = 0;
+  const Counting = function (url: string, protocols?: string | string[]) {
+    attempts++;
+    return new network.WebSocket(url, protocols);
+  } as unknown as WebSocketConstructor;
+  const alice = await synced(server, "alice", "web", { WebSocket: Counting, fetch: hanging, replyTimeoutMs: 500 });
+  network.cut();
+  const before = attempts;
+  await until("an attempt failed", () => attempts > before);
+  network.restore();
+  await until("alice is online again", () => alice.state === "online");
+});
