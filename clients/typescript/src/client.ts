@@ -196,7 +196,7 @@ export class CourierClient {
         this.emitter.emit("error", error);
       },
       onError: (error) => this.report(error),
-      upload: (data, mime) => this.http.uploadMedia(data, mime),
+      upload: (data, mime, signal) => this.http.uploadMedia(data, mime, signal),
     });
     outbox.onChange = () => this.emitter.emit("outbox", undefined);
     outbox.onError = (error) => this.report(error);

@@ -103,12 +103,13 @@ export class HttpApi {
     await this.json("DELETE", `/v1/groups/${conversationId}/members/${user}`);
   }
 
-  /** Uploads bytes as media of type `mime`. */
-  async uploadMedia(data: Blob | Uint8Array, mime: string): Promise<UploadedMedia> {
+  /** Uploads bytes as media of type `mime`; `signal` gives it up (`unavailable`). */
+  async uploadMedia(data: Blob | Uint8Array, mime: string, signal?: AbortSignal): Promise<UploadedMedia> {
     if (!isMediaType(mime)) throw badInput(`not a media type: ${JSON.stringify(mime)}`);
     const response = await this.request("POST", "/v1/media", {
       body: data as BodyInit,
       headers: { "content-type": mime },
+      signal,
     });
     return (await response.json()) as UploadedMedia;
   }
@@ -158,7 +159,7 @@ export class HttpApi {
   private async request(
     method: string,
     path: string,
-    init: { headers?: Record<string, string>; body?: BodyInit } = {},
+    init: { headers?: Record<string, string>; body?: BodyInit; signal?: AbortSignal } = {},
   ): Promise<Response> {
     const token = await this.token();
     let response: Response;
@@ -167,6 +168,7 @@ export class HttpApi {
         method,
         body: init.body,
         headers: { ...init.headers, authorization: `Bearer ${token}` },
+        ...(init.signal && { signal: init.signal }),
       });
     } catch (error) {
       throw new CourierError("unavailable", `${method} ${path}: cannot reach the server (${String(error)})`);

@@ -33,8 +33,8 @@ export interface SenderHandlers {
   /** The server refused an entry for good. */
   onRefused(entry: OutboxEntry, error: CourierError): void;
   onError(error: unknown): void;
-  /** Uploads a file (`POST /v1/media`). */
-  upload(data: Blob | Uint8Array, mime: string): Promise<UploadedMedia>;
+  /** Uploads a file (`POST /v1/media`); `signal` gives it up. */
+  upload(data: Blob | Uint8Array, mime: string, signal: AbortSignal): Promise<UploadedMedia>;
 }
 
 export class OutboxSender {
@@ -56,10 +56,11 @@ export class OutboxSender {
     const retries = new Backoff({ baseMs: 100, maxMs: 5_000 });
     try {
       for (let entry = this.outbox.next(); entry; entry = this.outbox.next()) {
-        const connection = this.handlers.session()?.connection;
-        if (!connection) return;
+        const session = this.handlers.session();
+        if (!session) return;
+        const connection = session.connection;
         if (entry.upload) {
-          await this.upload(entry, retries);
+          await this.upload(entry, retries, session);
           continue;
         }
         const tooLarge = tooLargeError(entry, this.handlers.maxFrameBytes);
@@ -108,12 +109,16 @@ export class OutboxSender {
 
   /** Uploads an entry's file and writes its media body into the entry, which the loop then
    * sends; a refusal to wait out waits (the loop then finds the connection, or not), another
-   * marks the entry failed. */
-  private async upload(entry: OutboxEntry, retries: Backoff): Promise<void> {
+   * marks the entry failed. The upload is given up when the connection it began on closes,
+   * and made again on the next: an HTTP request has no timeout, and one whose network went
+   * without a word would hold every later message of the outbox for ever. */
+  private async upload(entry: OutboxEntry, retries: Backoff, session: Session): Promise<void> {
     const { data, mime } = entry.upload!;
+    const giveUp = new AbortController();
+    void session.closed.then(() => giveUp.abort());
     let uploaded: UploadedMedia;
     try {
-      uploaded = await this.handlers.upload(data, mime);
+      uploaded = await this.handlers.upload(data, mime, giveUp.signal);
     } catch (error) {
       if (!(error instanceof CourierError)) throw error;
       if (error.retriable) {

@@ -207,6 +207,32 @@ test("the files waiting for their upload are bounded, and an upload over the ser
   await pia.sendText({ toUser: "ola" }, "the text after it");
 });
 
+test("an upload that hangs is given up with its connection and made again on the next, the messages after it waiting", async () => {
+  const network = new Network();
+  let uploads = 0;
+  // The first upload never answers (its network went without a word); it ends only if aborted.
+  const hangsOnce: typeof fetch = (input, init) => {
+    if (!(String(input).endsWith("/v1/media") && init?.method === "POST") || ++uploads > 1) return fetch(input, init);
+    return new Promise<Response>((_, fail) => {
+      init.signal?.addEventListener("abort", () => fail(new DOMException("aborted", "AbortError")));
+    });
+  };
+  const rae = await synced(server, "rae", "web", { network, fetch: hangsOnce });
+  const sam = await synced(server, "sam", "web");
+  const conv = (await rae.sendText({ toUser: "sam" }, "before")).conversation_id;
+  const photo = rae.sendMedia({ conversationId: conv }, new Uint8Array(1000), "image/png", { name: "a.png" });
+  const after = rae.sendText({ conversationId: conv }, "after the photo");
+  await until("the upload is under way", () => uploads === 1);
+  network.cut();
+  await until("rae is offline", () => rae.state !== "online");
+  network.restore();
+  await photo;
+  await after;
+  await until("sam has all three", () => texts(sam, conv).length === 3);
+  assert.deepEqual(texts(sam, conv), ["before", "(media)", "after the photo"]);
+  assert.equal(uploads, 2);
+});
+
 test("a group's ticks stay sent while its member set is not known complete (after a reload that holds only the latest page)", async () => {
   const alice = await synced(server, "alice2", "web");
   const bob = await synced(server, "bob2", "web");
