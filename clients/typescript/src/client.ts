@@ -49,7 +49,8 @@ export interface CourierClientOptions {
   storage?: OutboxStorage;
   fetch?: typeof fetch;
   backoff?: BackoffOptions;
-  /** Longest wait for `hello`, a reply, or the answer to a probe of the token (default 30 s). */
+  /** Longest wait for `hello`, a reply, or the answer to a request of the HTTP API but
+   * media (default 30 s). */
   replyTimeoutMs?: number;
   /** Idle time between pings that check the connection is alive (default 25 s). */
   heartbeatMs?: number;
@@ -143,7 +144,12 @@ export class CourierClient {
   ) {
     this.user = identity.user;
     this.device = identity.device;
-    this.http = new HttpApi(baseUrl(options.url), () => this.token(), options.fetch);
+    this.http = new HttpApi(
+      baseUrl(options.url),
+      () => this.token(),
+      options.fetch,
+      options.replyTimeoutMs ?? DEFAULT_REPLY_TIMEOUT_MS,
+    );
     const WebSocketImpl = options.WebSocket ?? (globalThis as { WebSocket?: WebSocketConstructor }).WebSocket;
     if (!WebSocketImpl) {
       throw badInput("no global WebSocket here (Node 20): pass one, e.g. `WebSocket` from the `ws` package");
@@ -515,22 +521,8 @@ export class CourierClient {
    * (expired, or its device unlinked) or `forbidden` (a new device past its user's limit of
    * devices, until one is unlinked). A browser cannot see the HTTP status of a refused
    * upgrade, so an HTTP request with the same token tells; the link says when to ask. One
-   * with no answer within `replyTimeoutMs` counts as not reaching the server: the link waits
-   * for the probe, and a request that hangs (a proxy whose backend stopped answering) would
-   * otherwise keep it from ever connecting again. */
+   * with no answer within `replyTimeoutMs` (`timeout`) counts as not reaching the server. */
   private async probeToken(): Promise<TokenProbe> {
-    let timer: ReturnType<typeof setTimeout> | undefined;
-    const unanswered = new Promise<TokenProbe>((resolve) => {
-      timer = setTimeout(() => resolve({ reached: false }), this.options.replyTimeoutMs ?? DEFAULT_REPLY_TIMEOUT_MS);
-    });
-    try {
-      return await Promise.race([this.askDevices(), unanswered]);
-    } finally {
-      clearTimeout(timer);
-    }
-  }
-
-  private async askDevices(): Promise<TokenProbe> {
     try {
       await this.http.devices();
       return { reached: true };

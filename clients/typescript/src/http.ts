@@ -1,7 +1,11 @@
 /**
  * The HTTP API of PROTOCOL.md with one device's token: conversations, history, groups,
  * media (upload, download with `Range`) and devices. Errors become [`CourierError`]s with the
- * server's code and the HTTP status.
+ * server's code and the HTTP status. A request of the JSON API with no answer within
+ * `timeoutMs` is given up with `timeout` (fetch has none: one that hung, behind a proxy whose
+ * backend stopped answering, would hold whatever awaits it, a read-back of receipts or the
+ * list of conversations, for the client's life); media, whose transfer may take long, has no
+ * timeout of its own (an upload of the outbox is given up with its connection).
  */
 import { CourierError, badInput } from "./errors.js";
 import {
@@ -53,6 +57,7 @@ export class HttpApi {
     private readonly baseUrl: string,
     private readonly token: () => Promise<string>,
     private readonly fetchImpl: typeof fetch = globalThis.fetch.bind(globalThis),
+    private readonly timeoutMs = 30_000,
   ) {}
 
   conversations(): Promise<ConversationSummary[]> {
@@ -147,13 +152,21 @@ export class HttpApi {
   }
 
   private async json<T>(method: string, path: string, body?: unknown): Promise<T> {
-    const init: { headers: Record<string, string>; body?: BodyInit } = { headers: {} };
+    const init: { headers: Record<string, string>; body?: BodyInit; signal: AbortSignal } = {
+      headers: {},
+      signal: AbortSignal.timeout(this.timeoutMs),
+    };
     if (body !== undefined) {
       init.body = JSON.stringify(body);
       init.headers["content-type"] = "application/json";
     }
-    const response = await this.request(method, path, init);
-    return (await response.json()) as T;
+    try {
+      const response = await this.request(method, path, init);
+      return (await response.json()) as T;
+    } catch (error) {
+      if (!init.signal.aborted) throw error;
+      throw new CourierError("timeout", `${method} ${path}: no answer within ${this.timeoutMs} ms`);
+    }
   }
 
   private async request(

@@ -363,8 +363,12 @@ test("a device unlinked while connected stops with an unauthorized error, not as
 test("a token probe the server never answers does not keep the client from reconnecting", async () => {
   const server = await serve();
   // The devices request hangs, as behind a proxy whose backend stopped answering.
-  const hanging: typeof fetch = (input, init) =>
-    String(input).endsWith("/v1/devices") ? new Promise<Response>(() => {}) : fetch(input, init);
+  const hanging: typeof fetch = (input, init) => {
+    if (!String(input).endsWith("/v1/devices")) return fetch(input, init);
+    return new Promise<Response>((_, fail) => {
+      init?.signal?.addEventListener("abort", () => fail(new DOMException("timed out", "TimeoutError")));
+    });
+  };
   const network = new Network();
   let attempts = 0;
   const Counting = function (url: string, protocols?: string | string[]) {

@@ -194,6 +194,33 @@ test("a read-back of receipts the server answers rate_limited is asked again aft
   assert.deepEqual(errors, [], "a refusal to wait out is no error");
 });
 
+test("a receipts request the server never answers is given up after replyTimeoutMs and asked again", async () => {
+  let asked = 0;
+  // The first receipts request hangs, as behind a proxy whose backend stopped answering.
+  const hangsOnce: typeof fetch = (input, init) => {
+    if (!String(input).endsWith("/receipts") || ++asked > 1) return fetch(input, init);
+    return new Promise<Response>((_, fail) => {
+      init?.signal?.addEventListener("abort", () => fail(new DOMException("timed out", "TimeoutError")));
+    });
+  };
+  const alice = await synced(server, "alice11", "web");
+  const bob = await synced(server, "bob11", "web");
+  const sent = await alice.sendText({ toUser: "bob11" }, "hi");
+  const conv = sent.conversation_id;
+  await until("bob has it", () => texts(bob, conv).length === 1);
+  alice.close();
+  bob.markRead(conv);
+  await until("bob's read is stored", async () => (await bob.http.receipts(conv)).some((r) => r.read_seq === sent.seq));
+
+  const reloaded = await synced(server, "alice11", "web", { fetch: hangsOnce, replyTimeoutMs: 500 });
+  const errors: unknown[] = [];
+  reloaded.on("error", (error) => errors.push(error));
+  await reloaded.loadHistory(conv);
+  await until("alice sees it read", () => reloaded.statusOf(conv, sent.seq) === "read");
+  assert.ok(asked >= 2, `asked ${asked} times`);
+  assert.deepEqual(errors, []);
+});
+
 test("a group whose receipts the server does not list is asked once, not at every reconnection", async () => {
   const small = await Server.start(["--receipt-coalesce-above", "2"]);
   try {
