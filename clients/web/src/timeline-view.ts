@@ -1,7 +1,7 @@
 /**
  * The open conversation's timeline: each message as a bubble (own ones with their ticks
  * and a delete button, photos as images), group changes as notices, and the outbox's
- * entries at the end with a clock (or a failure mark and a retry button).
+ * entries at the end with a clock (or a failure mark, and buttons to retry and to discard).
  */
 import type { ConversationEvent, CourierClient, MessageStatus, OutboxEntry } from "@courier-chat/client";
 import { el, showError, timeOf } from "./dom.js";
@@ -96,7 +96,11 @@ function pendingItem(client: CourierClient, entry: OutboxEntry): HTMLElement {
   if (entry.failed) {
     const retry = el("button", { class: "delete", type: "button" }, "retry");
     retry.addEventListener("click", () => client.retry(entry.client_msg_id).catch((e) => showError(e)));
-    meta.append(retry);
+    // A refusal a retry would meet again (a photo over the server's limit, a group left)
+    // would otherwise stay in the timeline, and in the browser's outbox, for good.
+    const discard = el("button", { class: "delete discard", type: "button", title: "Remove this unsent message" }, "discard");
+    discard.addEventListener("click", () => client.discard(entry.client_msg_id).catch((e) => showError(e)));
+    meta.append(retry, discard);
   }
   return el("li", { class: "message own pending", "data-client-msg-id": entry.client_msg_id }, el("span", { class: "text" }, text), meta);
 }

@@ -530,3 +530,28 @@ test("a photo chosen offline waits with the unsent messages, survives a reload, 
   assert.deepEqual(uma.problems, [], "no script errors in the page");
   await uma.context.close();
 });
+
+test("a photo the server refuses for good is marked failed, says why, and can be discarded", async () => {
+  const wes = await person("wes");
+  const xia = await client(server, "xia", "node");
+  await xia.sendText({ toUser: "wes" }, "Send me the big one");
+  await open(wes, "xia");
+  // The server's answer to an upload over its limit.
+  await wes.page.route("**/v1/media", (route) =>
+    route.fulfill({
+      status: 413,
+      contentType: "application/json",
+      body: JSON.stringify({ code: "too_large", message: "the upload is over the server's limit" }),
+    }),
+  );
+  await wes.page.setInputFiles("#photo-input", { name: "huge.png", mimeType: "image/png", buffer: Buffer.alloc(64) });
+  const failed = message(wes, "Photo: huge.png");
+  await failed.locator('.ticks[data-status="failed"]').waitFor(WAIT);
+  assert.match(await failed.locator(".ticks").getAttribute("title"), /over the server's limit/);
+  await shot(wes, "photo-refused");
+  await failed.locator(".discard").click();
+  await failed.waitFor({ ...WAIT, state: "detached" });
+  assert.equal(await wes.page.evaluate(() => document.querySelectorAll("#timeline .pending").length), 0);
+  assert.deepEqual(wes.problems, [], "no script errors in the page");
+  await wes.context.close();
+});
