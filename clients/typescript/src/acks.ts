@@ -97,14 +97,15 @@ export class Acknowledgements {
   }
 
   /** Sends an `ack` of `kind` if the complete run moved past what this connection carried
-   * (when the pace allows; else once it does). */
+   * (when the pace allows; else once it does). Offline, the cursor is decided all the same
+   * and the ack waits for the next connection (`online`): a conversation read while offline
+   * is acknowledged read once back, whether or not the app marks it again. */
   acknowledge(conversation: Conversation, kind: AckKind): void {
     const session = this.session();
-    if (!session) return;
     const wanted = this.wanted.get(conversation.id) ?? { delivered: 0, read: 0 };
     const base = Math.max(
       wanted.delivered,
-      session.streamBase.get(conversation.id) ?? 0,
+      session?.streamBase.get(conversation.id) ?? 0,
       this.hadThrough.get(conversation.id) ?? 0,
     );
     const through = conversation.timeline.completeThrough(base);
@@ -117,6 +118,10 @@ export class Acknowledgements {
       conversation.readSeq = Math.max(conversation.readSeq, through);
     }
     this.wanted.set(conversation.id, wanted);
+    if (!session) {
+      this.waiting.set(`${kind} ${conversation.id}`, { conversation, kind });
+      return;
+    }
     if (this.dueSeq(session, conversation.id, kind) === undefined) return;
     this.waiting.set(`${kind} ${conversation.id}`, { conversation, kind });
     this.writeWaiting(session);

@@ -382,3 +382,20 @@ test("a token probe the server never answers does not keep the client from recon
   network.restore();
   await until("alice is online again", () => alice.state === "online");
 });
+
+test("a conversation marked read while offline is acknowledged read once back online", async () => {
+  const server = await serve();
+  const network = new Network();
+  const alice = await synced(server, "alice", "web");
+  const bob = await synced(server, "bob", "web", { network });
+  const sent = await alice.sendText({ toUser: "bob" }, "read me later");
+  const conv = sent.conversation_id;
+  await until("bob has it", () => texts(bob, conv).length === 1);
+  await until("alice sees it delivered", () => alice.statusOf(conv, sent.seq) === "delivered");
+  network.cut();
+  await until("bob is offline", () => bob.state !== "online");
+  bob.markRead(conv); // bob reads it on the train
+  network.restore();
+  await until("bob is online again", () => bob.state === "online");
+  await until("alice sees it read", () => alice.statusOf(conv, sent.seq) === "read");
+});
