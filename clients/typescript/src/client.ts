@@ -397,7 +397,7 @@ export class CourierClient {
       throw new CourierError(
         "unavailable",
         `${queued} bytes of files already wait for their upload (maxQueuedUploadBytes ${this.maxQueuedUploadBytes}): ` +
-          "send this one once they have gone",
+          "send this one once they have gone (or discard those marked failed)",
       );
     }
     const media: MediaBody = { media_id: "", mime, size: sizeOf(data), sha256: "" };

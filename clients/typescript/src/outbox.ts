@@ -166,7 +166,8 @@ export class Outbox {
     return this.has(clientMsgId);
   }
 
-  /** The bytes of the files that wait in the outbox for their upload. */
+  /** The bytes of the files that wait in the outbox for their upload (failed entries too:
+   * they keep theirs until retried or discarded). */
   uploadBytes(): number {
     return this.entries.reduce((sum, entry) => sum + (entry.upload ? sizeOf(entry.upload.data) : 0), 0);
   }
