@@ -50,6 +50,8 @@ class ChatView {
    * conversation held the tab for minutes). A hidden tab renders once shown again. */
   private stale = { list: false, timeline: false };
   private frame: number | undefined;
+  /** The status line shows a failure to reach the server, which the next connection ends. */
+  private showsUnreachable = false;
 
   constructor(private readonly client: CourierClient) {
     this.media = new MediaUrls(client);
@@ -215,7 +217,11 @@ class ChatView {
   }
 
   private showState(state: ConnectionState): void {
-    if (state === "online") byId("replaced-notice").hidden = true;
+    if (state === "online") {
+      byId("replaced-notice").hidden = true;
+      if (this.showsUnreachable) byId("status-line").textContent = "";
+      this.showsUnreachable = false;
+    }
     const badge = byId("connection");
     badge.dataset.state = state;
     badge.textContent = state;
@@ -223,11 +229,15 @@ class ChatView {
 
   /** A refused token signs out; a connection newer ones of this device took (the client
    * stays offline until resumed: coming back would close another tab's) shows a notice with a
-   * button to reconnect; anything else goes to the status line. */
+   * button to reconnect; anything else goes to the status line, a failure to reach the
+   * server until the next connection is up. */
   private onError(error: unknown): void {
     if (error instanceof CourierError && error.code === "unauthorized") void this.signOut(error);
     else if (error instanceof CourierError && error.code === "replaced") byId("replaced-notice").hidden = false;
-    else showError(error);
+    else {
+      showError(error);
+      this.showsUnreachable = unreachable(error);
+    }
   }
 
   /**
@@ -255,6 +265,13 @@ class ChatView {
     }
     location.reload();
   }
+}
+
+/** A failure to reach the server (no HTTP status, no connection, no answer in time): stale
+ * once a connection is up again, unlike a refusal the server answered. */
+function unreachable(error: unknown): boolean {
+  if (!(error instanceof CourierError)) return false;
+  return (error.code === "unavailable" && error.status === undefined) || error.code === "timeout" || error.code === "closed";
 }
 
 start().catch(showError);

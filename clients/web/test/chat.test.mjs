@@ -555,3 +555,22 @@ test("a photo the server refuses for good is marked failed, says why, and can be
   assert.deepEqual(wes.problems, [], "no script errors in the page");
   await wes.context.close();
 });
+
+test("a failure to reach the server is cleared from the status line once the connection is back", async () => {
+  const yan = await person("yan");
+  const zoe = await client(server, "zoe", "node");
+  await zoe.sendText({ toUser: "yan" }, "Hello Yan");
+  await yan.page.locator("#conversation-list li", { hasText: "zoe" }).waitFor(WAIT);
+  await yan.context.setOffline(true);
+  await yan.page.locator('#connection[data-state="offline"]').waitFor(WAIT);
+  // A group created offline cannot be, and the status line says so.
+  await yan.page.fill("#new-group-name", "Offline plans");
+  await yan.page.fill("#new-group-members", "zoe");
+  await yan.page.press("#new-group-members", "Enter");
+  await yan.page.locator("#status-line", { hasText: "cannot reach the server" }).waitFor(WAIT);
+  await yan.context.setOffline(false);
+  await yan.page.locator('#connection[data-state="online"]').waitFor(WAIT);
+  await yan.page.locator("#status-line:empty").waitFor({ ...WAIT, state: "attached" });
+  assert.deepEqual(yan.problems, [], "no script errors in the page");
+  await yan.context.close();
+});
