@@ -21,6 +21,9 @@ export class Outbox {
    * next one stored is deleted, or by `clear`'s caller. A reload before that finds them and
    * sends them again, which the server answers as duplicates. */
   private readonly undeleted = new Set<string>();
+  /** Entries the server stored, out of the list, whose delete from the storage is under way
+   * (`clear` names them too; an `add` of the same id waits for none and is refused). */
+  private readonly deleting = new Set<string>();
   /** Set by `clear`: the outbox takes no more entries. */
   private cleared = false;
 
@@ -60,7 +63,7 @@ export class Outbox {
   /** Persists a new entry, after every earlier one. */
   async add(fields: Omit<OutboxEntry, "position">): Promise<void> {
     if (this.cleared) throw clearedError();
-    if (this.has(fields.client_msg_id)) {
+    if (this.has(fields.client_msg_id) || this.deleting.has(fields.client_msg_id)) {
       throw new CourierError("bad_request", `client_msg_id ${fields.client_msg_id} is already in the outbox`);
     }
     // Its write replaces one of the same id left undeleted: that delete is not to be retried.
@@ -101,11 +104,19 @@ export class Outbox {
 
   /** The server stored the entry: it leaves the outbox, and its waiters have the `sent`,
    * whatever the storage does with the delete (one that fails is reported to `onError` and
-   * retried once another entry is deleted). */
-  async settle(sent: Sent): Promise<void> {
+   * retried once another entry is deleted). It leaves the list at once, before `stored` (which
+   * puts it in the timeline) and before `onChange`: a view rendered on either change never
+   * shows it twice, unsent and stored (it was listed until its delete from the storage was
+   * over, in the timeline meanwhile). */
+  async settle(sent: Sent, stored: () => void = () => {}): Promise<void> {
     const id = sent.client_msg_id;
+    const before = this.entries.length;
+    this.entries = this.entries.filter((e) => e.client_msg_id !== id);
+    this.deleting.add(id);
+    stored();
+    if (this.entries.length !== before) this.onChange();
     const deleted = await this.deleteStored(id);
-    this.drop(id);
+    this.deleting.delete(id);
     this.take(id).forEach((w) => w.resolve(sent));
     if (deleted) {
       // The storage works again: the entries it failed to delete before go too.
@@ -185,7 +196,7 @@ export class Outbox {
    * entries there were. */
   clear(): string[] {
     this.cleared = true;
-    const ids = [...this.entries.map((entry) => entry.client_msg_id), ...this.undeleted];
+    const ids = [...this.entries.map((entry) => entry.client_msg_id), ...this.deleting, ...this.undeleted];
     this.entries = [];
     this.undeleted.clear();
     for (const id of [...this.waiters.keys()]) this.take(id).forEach((w) => w.reject(clearedError()));

@@ -28,7 +28,8 @@ export interface SenderHandlers {
   session(): Session | undefined;
   /** The largest frame the server takes, in bytes of UTF-8. */
   maxFrameBytes: number;
-  /** The server stored an entry (before the entry leaves the outbox). */
+  /** The server stored an entry: told once it has left the outbox's list, before its delete
+   * from the storage. */
   onStored(entry: OutboxEntry, sent: Sent): void;
   /** The server refused an entry for good. */
   onRefused(entry: OutboxEntry, error: CourierError): void;
@@ -73,8 +74,7 @@ export class OutboxSender {
         try {
           const sent = await connection.request<Sent>(sendFrame(entry));
           retries.reset();
-          this.handlers.onStored(entry, sent);
-          await this.outbox.settle(sent);
+          await this.outbox.settle(sent, () => this.handlers.onStored(entry, sent));
         } catch (error) {
           if (!(error instanceof CourierError)) throw error;
           if (error.code === "closed" && connection.closeInfo?.code === CLOSE_TOO_BIG) {

@@ -441,3 +441,38 @@ test("a message the server closes the connection over (1009) is marked failed as
     await strict.dispose();
   }
 });
+
+test("a message the server stored is never listed both in the timeline and in the outbox", async () => {
+  // Storage whose deletes wait for the test: the moment between the `sent` and the delete.
+  const memory = new MemoryOutboxStorage();
+  const deletes: (() => void)[] = [];
+  const slowDelete: OutboxStorage = {
+    load: (scope) => memory.load(scope),
+    put: (scope, entry) => memory.put(scope, entry),
+    delete: async (scope, id) => {
+      await new Promise<void>((go) => deletes.push(go));
+      await memory.delete(scope, id);
+    },
+  };
+  const eve = await synced(server, "eve7", "web", { storage: slowDelete });
+  const first = eve.sendText({ toUser: "fay7" }, "first");
+  await until("the first's delete is under way", () => deletes.length === 1);
+  deletes.splice(0).forEach((go) => go());
+  const conversationId = (await first).conversation_id;
+  const twice: string[] = [];
+  eve.on("timeline", (conversationId) => {
+    const pending = new Set(eve.pending(conversationId).map((entry) => entry.client_msg_id));
+    for (const event of eve.conversation(conversationId)?.timeline.list() ?? []) {
+      if (event.client_msg_id && pending.has(event.client_msg_id)) twice.push(event.client_msg_id);
+    }
+  });
+  let stored: Sent | undefined;
+  const sending = eve.sendText({ conversationId }, "once").then((sent) => (stored = sent));
+  await until("its delete is under way", () => deletes.length === 1);
+  assert.deepEqual(texts(eve, conversationId), ["first", "once"], "it is in the timeline");
+  assert.deepEqual(eve.pending(conversationId), [], "and no longer in the outbox");
+  deletes.splice(0).forEach((go) => go());
+  await sending;
+  assert.ok(stored);
+  assert.deepEqual(twice, []);
+});
