@@ -12,8 +12,9 @@
  * HTTP while a connection is open, and its entry rewritten with the media body before the
  * `send`, with the entry's `client_msg_id` as any other: a photo chosen offline goes out once
  * online, in the order it was written. An upload refused for a while (`unavailable`, as
- * when the network is gone; `rate_limited`) is tried again after a backoff; one refused for
- * good (`too_large`: over the server's limit) marks the entry failed.
+ * when the network is gone; `rate_limited`; `unauthorized`, a token that expired while the
+ * connection stayed up) is tried again after a backoff; one refused for good (`too_large`:
+ * over the server's limit) marks the entry failed.
  */
 import { Backoff, sleep } from "./backoff.js";
 import { CourierError } from "./errors.js";
@@ -121,10 +122,12 @@ export class OutboxSender {
       uploaded = await this.handlers.upload(data, mime, giveUp.signal);
     } catch (error) {
       if (!(error instanceof CourierError)) throw error;
-      if (error.retriable) {
+      // A token refused meanwhile (expired) is the link's to tell; the photo waits for a
+      // token the server takes, as a text waits for a connection.
+      if (error.retriable || error.code === "unauthorized") {
         await sleep(Math.max(error.retryAfterMs ?? 0, retries.next()));
       } else {
-        await this.refuse(entry, new CourierError(error.code, error.message, { clientMsgId: entry.client_msg_id }));
+        await this.refuse(entry, error);
       }
       return;
     }

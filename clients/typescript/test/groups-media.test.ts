@@ -203,8 +203,20 @@ test("the files waiting for their upload are bounded, and an upload over the ser
   };
   const pia = await synced(server, "pia", "web", { fetch: refusing });
   await assert.rejects(pia.sendMedia({ toUser: "ola" }, bytes, "image/png"), (e: CourierError) => e.code === "too_large");
-  assert.equal(pia.outboxEntries()[0]?.failed?.code, "too_large");
+  assert.deepEqual(pia.outboxEntries()[0]?.failed, { code: "too_large", message: "too_large: over the upload limit" });
   await pia.sendText({ toUser: "ola" }, "the text after it");
+
+  // An upload refused unauthorized (a token that expired while the connection stayed up)
+  // waits, and goes once the server takes the token again.
+  let refusals = 1;
+  const expiredOnce: typeof fetch = async (input, init) => {
+    if (!String(input).endsWith("/v1/media") || refusals-- <= 0) return fetch(input, init);
+    const body = { code: "unauthorized", message: "the token expired" };
+    return new Response(JSON.stringify(body), { status: 401, headers: { "content-type": "application/json" } });
+  };
+  const quy = await synced(server, "quy", "web", { fetch: expiredOnce });
+  const sent = await quy.sendMedia({ toUser: "ola" }, bytes, "image/png");
+  assert.ok(sent.seq >= 1);
 });
 
 test("an upload that hangs is given up with its connection and made again on the next, the messages after it waiting", async () => {
