@@ -7,6 +7,7 @@
 //! media nodes ([`crate::media_proxy`]).
 //! With `--web-dir`, every other `GET` is answered from the built web app ([`with_web_app`]).
 
+use crate::http_server::WebSocketInFlight;
 use crate::jwks::KeySetSource;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{FromRequestParts, Path, Query, State};
@@ -14,7 +15,7 @@ use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use courier_chat::ChatBinding;
 use courier_chat::devices::{Devices, PUSH_PROVIDERS};
 use courier_core::auth::{AuthError, Identity, TokenVerifier, bearer_token};
@@ -294,6 +295,7 @@ async fn websocket(
     WebSocketCaller(who): WebSocketCaller,
     upgrade: WebSocketUpgrade,
     headers: axum::http::HeaderMap,
+    in_flight: Option<Extension<WebSocketInFlight>>,
 ) -> Response {
     if state.gateway.drain.is_draining() {
         // The client goes to another gateway (the load balancer no longer sends it here once
@@ -332,9 +334,15 @@ async fn websocket(
     // connection would also hold what that task keeps for the upgrade. Boxed, as tokio aligns
     // a task to 128 bytes, which the allocator pays with a block 128 bytes larger for a large
     // task; a boxed connection has its plain size class (`docs/benchmarks.md`, "A connection's
-    // task, one size class down").
+    // task, one size class down"). Over HTTP/2 the task holds its connection's count of
+    // requests in flight, so that the connection is not closed as idle under it, and is once
+    // it has ended ([`WebSocketInFlight`]).
     upgrade.on_upgrade(move |socket| {
-        tokio::spawn(Box::pin(gateway.serve(socket, who, encoding)));
+        let serving = Box::pin(gateway.serve(socket, who, encoding));
+        tokio::spawn(async move {
+            serving.await;
+            drop(in_flight);
+        });
         std::future::ready(())
     })
 }

@@ -20,7 +20,9 @@
 //!   sent the preface, or a request, and then nothing was held for good. A request is in
 //!   flight until its response's last byte is sent (or its stream reset): a slow response,
 //!   an upload, a download is never cut by it. An HTTP/2 WebSocket (extended CONNECT,
-//!   accepted) keeps its connection from being idle for good: the gateway pings it.
+//!   accepted) is in flight for as long as its task runs ([`WebSocketInFlight`], which its
+//!   handler moves into that task): its connection is never idle under it (the gateway pings
+//!   it), and is idle again, and closed, once it has ended.
 //! - Every write to the connection must be taken by the socket within `--http-write-timeout`
 //!   ([`StallBound`]): a write still waiting then fails, and hyper ends the connection (its
 //!   response cut, its file closed). A client that reads, however slowly, is never cut, as
@@ -181,7 +183,8 @@ pub async fn serve<L>(
 }
 
 /// The requests of one connection in flight: from their call until their response's body is
-/// dropped (sent whole, or its stream reset). Its receiver is the connection's [`idle_for`].
+/// dropped (sent whole, or its stream reset), and an HTTP/2 WebSocket's until its task ends
+/// ([`WebSocketInFlight`]). Its receiver is the connection's [`idle_for`].
 #[derive(Clone)]
 struct InFlight(Arc<watch::Sender<usize>>);
 
@@ -194,27 +197,28 @@ impl InFlight {
     /// One more request in flight, until the guard is dropped.
     fn open(&self) -> Open {
         self.0.send_modify(|n| *n += 1);
-        Open(Some(self.0.clone()))
+        Open(self.0.clone())
     }
 }
 
 /// A request in flight ([`InFlight`]), counted until dropped.
-struct Open(Option<Arc<watch::Sender<usize>>>);
-
-impl Open {
-    /// Counted for as long as the connection lives: an accepted HTTP/2 WebSocket, whose stream
-    /// outlives its response's body.
-    fn for_good(mut self) {
-        self.0 = None;
-    }
-}
+struct Open(Arc<watch::Sender<usize>>);
 
 impl Drop for Open {
     fn drop(&mut self) {
-        if let Some(in_flight) = self.0.take() {
-            in_flight.send_modify(|n| *n = n.saturating_sub(1));
-        }
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
     }
+}
+
+/// An HTTP/2 WebSocket's place among its connection's requests in flight ([`InFlight`]):
+/// in an extended CONNECT request's extensions (HTTP/2, RFC 8441), counted until its last
+/// clone is dropped. Its stream outlives its response, whose body hyper drops once the head
+/// is sent: the handler that accepts the WebSocket moves a clone into the socket's task, so
+/// that the connection is not idle while the WebSocket is open and is again once its task has
+/// ended. A CONNECT refused, or taken by another route, drops it with the request.
+#[derive(Clone)]
+pub struct WebSocketInFlight {
+    _open: Arc<Open>,
 }
 
 /// Resolves once `in_flight` has stayed at 0 for `limit`.
@@ -246,22 +250,20 @@ impl hyper::service::Service<Request<Incoming>> for Counted {
     type Error = Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
 
-    fn call(&self, request: Request<Incoming>) -> Self::Future {
+    fn call(&self, mut request: Request<Incoming>) -> Self::Future {
         let open = self.in_flight.open();
-        let connect = request.method() == Method::CONNECT;
+        if request.method() == Method::CONNECT {
+            // Kept only by a WebSocket accepted: a refused CONNECT is a request like any
+            // other (else any client could keep its connection from ever being idle with one).
+            let websocket = WebSocketInFlight {
+                _open: Arc::new(self.in_flight.open()),
+            };
+            request.extensions_mut().insert(websocket);
+        }
         let answered = self.app.call(request);
         Box::pin(async move {
             let response = answered.await?;
-            // Only an accepted one: a refused CONNECT is a request like any other (else any
-            // client could keep its connection from ever being idle with one).
-            if connect && response.status().is_success() {
-                open.for_good();
-                return Ok(response.map(|body| CountedBody { body, _open: None }));
-            }
-            Ok(response.map(|body| CountedBody {
-                body,
-                _open: Some(open),
-            }))
+            Ok(response.map(|body| CountedBody { body, _open: open }))
         })
     }
 }
@@ -269,7 +271,7 @@ impl hyper::service::Service<Request<Incoming>> for Counted {
 /// A response's body, its request counted in flight until it is dropped.
 struct CountedBody {
     body: Body,
-    _open: Option<Open>,
+    _open: Open,
 }
 
 impl HttpBody for CountedBody {
@@ -295,6 +297,9 @@ impl HttpBody for CountedBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::Extension;
+    use axum::extract::ws::{Message, WebSocketUpgrade};
+    use futures::StreamExt;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     fn limits(header: u64, write: u64) -> ConnectionLimits {
@@ -316,6 +321,23 @@ mod tests {
                     tokio::time::sleep(limits.header_read_timeout * 3).await;
                     "slow"
                 }),
+            )
+            // A WebSocket that says nothing for several idle bounds, then "late", then reads
+            // until its client closes it.
+            .route(
+                "/ws",
+                axum::routing::any(
+                    move |in_flight: Option<Extension<WebSocketInFlight>>,
+                          upgrade: WebSocketUpgrade| async move {
+                        upgrade.on_upgrade(move |mut socket| async move {
+                            tokio::time::sleep(limits.header_read_timeout * 3).await;
+                            if socket.send(Message::Text("late".into())).await.is_ok() {
+                                while let Some(Ok(_)) = socket.recv().await {}
+                            }
+                            drop(in_flight);
+                        })
+                    },
+                ),
             );
         tokio::spawn(serve(listener, app, limits, std::future::pending()));
         address
@@ -417,6 +439,61 @@ mod tests {
             .unwrap();
         assert_eq!(&body[..], b"slow");
         tokio::time::timeout(Duration::from_secs(30), connection)
+            .await
+            .expect("the server closed the idle connection")
+            .unwrap()
+            .unwrap();
+    }
+
+    /// An HTTP/2 WebSocket (extended CONNECT, RFC 8441) keeps its connection from being idle
+    /// while it is open, however long it says nothing; once it has ended, the connection is
+    /// idle again and closed after the idle bound, as any other. It was counted in flight for
+    /// good: the connection stayed open, with its task and its socket, for as long as the
+    /// client kept it.
+    #[tokio::test]
+    async fn an_http2_connection_is_idle_again_once_its_websocket_ended() {
+        let address = served(limits(200, 60_000)).await;
+        let socket = tokio::net::TcpStream::connect(address).await.unwrap();
+        let (mut sender, connection) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(socket))
+                .await
+                .unwrap();
+        let mut connection = tokio::spawn(connection);
+        // A request answered first: the server's settings, which allow the extended CONNECT,
+        // have come.
+        let request = axum::http::Request::get(format!("http://{address}/"))
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.status(), 200);
+        let mut request = axum::http::Request::connect(format!("http://{address}/ws"))
+            .header("sec-websocket-version", "13")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        request
+            .extensions_mut()
+            .insert(hyper::ext::Protocol::from_static("websocket"));
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.status(), 200);
+        let upgraded = hyper::upgrade::on(response).await.unwrap();
+        let mut websocket = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            TokioIo::new(upgraded),
+            tokio_tungstenite::tungstenite::protocol::Role::Client,
+            None,
+        )
+        .await;
+        // Open for several idle bounds, the connection is not closed under it.
+        let said = tokio::time::timeout(Duration::from_secs(30), websocket.next())
+            .await
+            .expect("the server's message")
+            .expect("the WebSocket open")
+            .unwrap();
+        assert_eq!(said.into_text().unwrap().as_str(), "late");
+        websocket.close(None).await.unwrap();
+        while let Some(Ok(_)) = websocket.next().await {}
+        drop(websocket);
+        // The WebSocket ended: the connection is idle, and closed.
+        tokio::time::timeout(Duration::from_secs(30), &mut connection)
             .await
             .expect("the server closed the idle connection")
             .unwrap()
