@@ -1604,6 +1604,65 @@ async fn an_idle_connection_is_probed_by_tcp_keepalive() {
     }
 }
 
+/// A WebSocket over HTTP/2 (extended CONNECT, RFC 8441, which the server's settings announce)
+/// is served as over HTTP/1 (`hello` first; the CONNECT was refused 405), and once it has
+/// ended its connection is idle, and closed by the server after the idle bound (30 s) like any
+/// connection with nothing in flight.
+#[tokio::test]
+async fn an_http2_connection_whose_websocket_ended_is_closed_once_idle() {
+    use futures::StreamExt;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let (_dir, server) = server();
+    let address = server.http_url().trim_start_matches("http://").to_owned();
+    let socket = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(socket))
+            .await
+            .unwrap();
+    let mut connection = tokio::spawn(connection);
+    // A request answered first: the server's settings, which allow the extended CONNECT, have
+    // come.
+    let request = axum::http::Request::get(format!("http://{address}/healthz"))
+        .body(axum::body::Body::empty())
+        .unwrap();
+    assert_eq!(sender.send_request(request).await.unwrap().status(), 200);
+    let mut request = axum::http::Request::connect(format!("http://{address}/v1/ws"))
+        .header(
+            "authorization",
+            format!("Bearer {}", server.token("alice", "phone")),
+        )
+        .header("sec-websocket-version", "13")
+        .body(axum::body::Body::empty())
+        .unwrap();
+    request
+        .extensions_mut()
+        .insert(hyper::ext::Protocol::from_static("websocket"));
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let upgraded = hyper::upgrade::on(response).await.unwrap();
+    let mut websocket = tokio_tungstenite::WebSocketStream::from_raw_socket(
+        TokioIo::new(upgraded),
+        tokio_tungstenite::tungstenite::protocol::Role::Client,
+        None,
+    )
+    .await;
+    let hello = tokio::time::timeout(WAIT, websocket.next())
+        .await
+        .expect("hello in time")
+        .expect("the WebSocket open")
+        .unwrap();
+    assert!(hello.to_text().unwrap().contains("\"hello\""), "{hello:?}");
+    websocket.close(None).await.unwrap();
+    while let Some(Ok(_)) = websocket.next().await {}
+    drop(websocket);
+    // The idle bound, then the graceful close.
+    tokio::time::timeout(Duration::from_secs(90), &mut connection)
+        .await
+        .expect("the server closed the idle connection")
+        .unwrap()
+        .unwrap();
+}
+
 /// An app its OS suspended keeps its TCP connection (the kernel answers it, and its keepalive
 /// probes) but reads nothing, and so answers no WebSocket ping. The server pings its
 /// connections every `--ping-interval` and closes one that read nothing for two intervals,

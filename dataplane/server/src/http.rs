@@ -60,7 +60,9 @@ pub struct AppState {
 
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
-        .route("/v1/ws", get(websocket))
+        // GET over HTTP/1.1; CONNECT over HTTP/2 (RFC 8441's extended CONNECT, which the
+        // server's settings allow: a proxy such as Envoy forwards WebSockets so).
+        .route("/v1/ws", get(websocket).connect(websocket))
         .route("/v1/conversations", get(conversations))
         .route("/v1/conversations/{id}/messages", get(messages))
         .route("/v1/conversations/{id}/receipts", get(receipts))
