@@ -8,12 +8,16 @@
 //!
 //! **Liveness.** Every `ping_interval` another pass of the gateway over its connections
 //! ([`Gateway::check_liveness`]) closes (1001) each that has read nothing from its client for
-//! two intervals, and has every other one write a WebSocket ping, which a client's WebSocket
-//! library answers with a pong by itself: a client whose app its OS suspended keeps its TCP
-//! connection alive but answers nothing, and is then taken for offline (pushed to) rather than
-//! connected for good. A connection notes the time of each read in its shared signals, one
-//! relaxed store; a page of a catch-up or gap fill, which keeps it from reading, counts as one,
-//! and one that stopped reading for reasons of its own is not closed ([`Connection::on_silent`]).
+//! two intervals, a ping it wrote among them, and has every other one write a WebSocket ping,
+//! which a client's WebSocket library answers with a pong by itself: a client whose app its OS
+//! suspended keeps its TCP connection alive but answers nothing, and is then taken for offline
+//! (pushed to) rather than connected for good. A connection notes the time of each read in its
+//! shared signals, one relaxed store; a page of a catch-up or gap fill, which keeps it from
+//! reading, counts as one, one that stopped reading for reasons of its own is not closed
+//! ([`Connection::on_silent`]), and the time it waits on a write to its client (a slow link),
+//! when it can neither write a ping nor read the answer, is not counted
+//! ([`Signals::waited_on_write`]): whatever `ping_interval`, an awake client is not cut for
+//! the server's own wait, which may last up to `write_timeout`.
 //! What a connection closed that way was written and its device did not acknowledge is pushed:
 //! once its device left the registry, the connection records where it left the device in the
 //! conversations it wrote to ([`Gateway::owe_pushes`]) for the push notifier, which did not
@@ -314,17 +318,28 @@ async fn acked(acks: &mut Option<PendingAcks>) -> Vec<(Option<i64>, ApiError)> {
 /// connection's buffer and are ready at once: they read no clock and set no timer, and the
 /// timer, boxed when one must wait, takes no room in the connection's future. It is a plain
 /// struct rather than an `async fn` because those keep copies of what they move.
-struct Within<F> {
+///
+/// One that waited and then went through tells the connection's `signals` how long it waited
+/// ([`Signals::waited_on_write`]): not its client's silence.
+struct Within<'a, F> {
     io: F,
     limit: Duration,
+    signals: &'a Signals,
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
-impl<F: Future + Unpin> Future for Within<F> {
+impl<F: Future + Unpin> Future for Within<'_, F> {
     type Output = Option<F::Output>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         if let Poll::Ready(out) = Pin::new(&mut self.io).poll(cx) {
+            if let Some(timer) = &self.timer {
+                let left = timer
+                    .deadline()
+                    .saturating_duration_since(tokio::time::Instant::now());
+                self.signals
+                    .waited_on_write(self.limit.saturating_sub(left));
+            }
             return Poll::Ready(Some(out));
         }
         let limit = self.limit;
@@ -742,7 +757,8 @@ impl Connection {
                 _ = handle.signals.taken(Signal::Reconnect) => Err(Exit::Reconnect),
                 _ = handle.signals.taken(Signal::Silent) => Box::pin(self.on_silent(reading)).await,
                 _ = handle.signals.taken(Signal::Ping) => {
-                    self.write_message(Message::Ping(Default::default())).await
+                    let ping = self.write_message(Message::Ping(Default::default())).await;
+                    ping.map(|()| handle.signals.wrote_ping())
                 }
                 refused = acked(&mut self.acks) => Box::pin(self.on_acked(refused)).await,
                 Some(done) = self.pending.next() => self.on_sent(done).await,
@@ -761,12 +777,18 @@ impl Connection {
     /// The liveness pass found nothing read from the client for two ping intervals
     /// ([`Signal::Silent`]): the connection closes, 1001, unless the silence was its own. Not
     /// `reading` (its sends in flight or acks queued at the most, waiting on their commits),
-    /// it has left what its client sent unread: its silence is counted afresh from now. And a
-    /// step of its own (a write waiting on a slow client, a long gap fill) may have kept it
-    /// from reading a pong that has come meanwhile: what is there to read is read first.
+    /// it has left what its client sent unread: its silence is counted afresh from now. A
+    /// write that waited on its client since the pass looked (it may have been under way then)
+    /// is left out of the silence ([`Signals::waited_on_write`]): the client may no longer be
+    /// silent. And a step of its own (a write waiting on a slow client, a long gap fill) may
+    /// have kept it from reading a pong that has come meanwhile: what is there to read is read
+    /// first.
     async fn on_silent(&mut self, reading: bool) -> Result<(), Exit> {
         if !reading {
             self.signals.read_now();
+            return Ok(());
+        }
+        if !self.signals.is_silent(self.gateway.limits.ping_interval) {
             return Ok(());
         }
         // Dropped unfinished, a read loses nothing (the early read of `run` does so too).
@@ -832,6 +854,7 @@ impl Connection {
         Within {
             io,
             limit,
+            signals: &self.signals,
             timer: None,
         }
         .map(written)
@@ -844,6 +867,7 @@ impl Connection {
         Within {
             io,
             limit,
+            signals: &self.signals,
             timer: None,
         }
         .map(written)
@@ -1475,11 +1499,14 @@ impl Connection {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::LazyLock;
 
-    fn within<F: Future + Unpin>(io: F) -> Within<F> {
+    fn within<F: Future + Unpin>(io: F) -> Within<'static, F> {
+        static SIGNALS: LazyLock<Signals> = LazyLock::new(Signals::default);
         Within {
             io,
             limit: Duration::from_secs(30),
+            signals: &SIGNALS,
             timer: None,
         }
     }

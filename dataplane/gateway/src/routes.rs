@@ -91,8 +91,13 @@ pub struct Signals {
     leaving: AtomicBool,
     /// When its connection last read a message from its client (a frame, a WebSocket ping or
     /// pong), on the [`tick_ms`] clock: what the liveness pass ([`Routes::ping_or_close`])
-    /// looks at. Four bytes in the padding after the flags, stored once per read.
+    /// looks at. Four bytes in the padding after the flags, stored once per read. This and
+    /// `pinged` are stored by the connection's task only, and moved later by the time it
+    /// waits on writes to its client ([`Signals::waited_on_write`]).
     last_read: AtomicU32,
+    /// When its connection wrote the first WebSocket ping since its last read, on the
+    /// [`tick_ms`] clock (1 at least); 0: none since. The ping its client has had to answer.
+    pinged: AtomicU32,
 }
 
 /// Milliseconds since the first call, on the monotonic clock, in 32 bits: the time of a
@@ -104,6 +109,15 @@ fn tick_ms() -> u32 {
     static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
     // Truncated: the clock wraps (see above).
     EPOCH.elapsed().as_millis() as u32
+}
+
+/// How long ago `tick` ([`tick_ms`]) was.
+fn since_tick(tick: u32) -> Duration {
+    let since = tick_ms().wrapping_sub(tick);
+    // A time stored by another thread just after this one's clock was read is a moment ahead
+    // of it: none (not 49 days).
+    let since = if since > u32::MAX / 2 { 0 } else { since };
+    Duration::from_millis(u64::from(since))
 }
 
 /// A signal to a connection, raised until the connection takes it.
@@ -124,8 +138,9 @@ pub enum Signal {
     /// The liveness pass asks for a WebSocket ping ([`Routes::ping_or_close`]): the client's
     /// WebSocket library answers it with a pong by itself, unless its app is suspended.
     Ping = 16,
-    /// Its client read and answered nothing for two ping intervals (an app suspended by its
-    /// OS, its TCP connection kept alive by the kernel): the connection closes, 1001.
+    /// Its client read and answered nothing for two ping intervals, a ping it was written
+    /// among them ([`Signals::is_silent`]; an app suspended by its OS, its TCP connection kept
+    /// alive by the kernel): the connection closes, 1001.
     Silent = 32,
 }
 
@@ -279,20 +294,68 @@ impl Signals {
     }
 
     /// Records that the connection read a message from its client now: a frame, a WebSocket
-    /// ping or pong. One clock read and one relaxed store.
+    /// ping or pong. One clock read and two relaxed stores.
     pub fn read_now(&self) {
         self.last_read.store(tick_ms(), Ordering::Relaxed);
+        self.pinged.store(0, Ordering::Relaxed);
+    }
+
+    /// Records that the connection has written a WebSocket ping to its client: the first
+    /// since its last read is the one the liveness pass waits on an answer to.
+    pub fn wrote_ping(&self) {
+        if self.pinged.load(Ordering::Relaxed) == 0 {
+            self.pinged.store(tick_ms().max(1), Ordering::Relaxed);
+        }
+    }
+
+    /// Records that the connection has just waited `waited` on a write to its client (the
+    /// socket full: the client reads slower than it is written, or not at all). Meanwhile
+    /// the connection read nothing and could write no ping, whatever its client did: the
+    /// time counts neither as the client's silence nor as time it had to answer a ping,
+    /// which go on from where they were before the wait. A client that reads nothing at all
+    /// is dropped by the write's own timeout.
+    pub fn waited_on_write(&self, waited: Duration) {
+        let now = tick_ms();
+        let waited = u32::try_from(waited.as_millis()).unwrap_or(u32::MAX);
+        // Never past now: the wait began after the read, or the ping.
+        let later = |tick: u32| tick.wrapping_add(waited.min(now.wrapping_sub(tick)));
+        let last = self.last_read.load(Ordering::Relaxed);
+        self.last_read.store(later(last), Ordering::Relaxed);
+        let pinged = self.pinged.load(Ordering::Relaxed);
+        if pinged != 0 {
+            self.pinged.store(later(pinged).max(1), Ordering::Relaxed);
+        }
     }
 
     /// How long ago the connection last read a message from its client (or was registered,
-    /// or last wrote a page of a catch-up, which keeps it from reading).
+    /// or last wrote a page of a catch-up, which keeps it from reading), less the time it
+    /// waited on writes to its client since ([`Signals::waited_on_write`]).
     pub fn silent_for(&self) -> Duration {
-        let last = self.last_read.load(Ordering::Relaxed);
-        let since = tick_ms().wrapping_sub(last);
-        // A read stored by another thread just after this one's clock was read is a moment
-        // ahead of it: no silence (not 49 days of it).
-        let since = if since > u32::MAX / 2 { 0 } else { since };
-        Duration::from_millis(u64::from(since))
+        since_tick(self.last_read.load(Ordering::Relaxed))
+    }
+
+    /// How long ago the connection wrote the first WebSocket ping its client has not
+    /// answered (nothing read since), less the time it waited on writes to its client since;
+    /// `None` if it wrote none since its last read.
+    pub fn ping_unanswered_for(&self) -> Option<Duration> {
+        match self.pinged.load(Ordering::Relaxed) {
+            0 => None,
+            pinged => Some(since_tick(pinged)),
+        }
+    }
+
+    /// Whether the connection's client is silent for the liveness pass of `interval`
+    /// ([`Routes::ping_or_close`]): nothing read from it for two intervals, and a ping
+    /// written to it for half an interval at least and not answered. Both leave out the time
+    /// the connection waited on writes to the client: a client on a slow link, which the
+    /// connection could write no ping to (or whose pong it could not read) for as long as a
+    /// write waited, up to `write_timeout` (30 s), was closed as silent, awake, when that was
+    /// two intervals; and one that had no ping to answer, the connection busy writing, too.
+    pub fn is_silent(&self, interval: Duration) -> bool {
+        self.silent_for() >= interval.saturating_mul(2)
+            && self
+                .ping_unanswered_for()
+                .is_some_and(|unanswered| unanswered >= interval / 2)
     }
 
     fn fell_behind(&self, conversation_id: &str, seq: u64) {
@@ -475,20 +538,20 @@ impl Routes {
     }
 
     /// The liveness pass, every `interval` ([`crate::Gateway::start_liveness_pass`]): each
-    /// open connection that has read nothing from its client for two intervals is told to
-    /// close ([`Signal::Silent`]), every other one to send a WebSocket ping
-    /// ([`Signal::Ping`]), which its client's library answers by itself. A client that
-    /// answers is thus read from at least once an interval, and one that cannot (its app
-    /// suspended, its TCP connection kept alive by the kernel) is closed within two to three
-    /// intervals of its last read. In place, under the registry's read lock: a few atomic
-    /// operations per connection, no allocation.
+    /// open connection that has read nothing from its client for two intervals, among them a
+    /// ping it wrote half an interval ago or more ([`Signals::is_silent`]), is told to close
+    /// ([`Signal::Silent`]), every other one to send a WebSocket ping ([`Signal::Ping`]),
+    /// which its client's library answers by itself. A client that answers is thus read from
+    /// at least once an interval, and one that cannot (its app suspended, its TCP connection
+    /// kept alive by the kernel) is closed within two to three intervals of its last read. In
+    /// place, under the registry's read lock: a few atomic operations per connection, no
+    /// allocation.
     pub fn ping_or_close(&self, interval: Duration) -> Liveness {
-        let silent_limit = interval.saturating_mul(2);
         let users = self.users.read().unwrap_or_else(|e| e.into_inner());
         let mut liveness = Liveness::default();
         for connection in users.values().flatten() {
             let signals = &connection.signals;
-            if signals.silent_for() >= silent_limit {
+            if signals.is_silent(interval) {
                 signals.raise(Signal::Silent);
                 liveness.closed += 1;
             } else {
@@ -784,6 +847,31 @@ mod tests {
         assert!(signals.taken(Signal::Reconnect).now_or_never().is_some());
         assert_eq!(signals.reconnect_after_ms(), Some(250));
         assert!(signals.taken(Signal::Reconnect).now_or_never().is_none());
+    }
+
+    /// A client is silent for the liveness pass only once it has had a ping to answer, and
+    /// the time its connection waited on writes to it (when it could neither write a ping
+    /// nor read an answer) is not counted: neither as silence nor as time to answer.
+    #[test]
+    fn a_client_is_silent_only_with_a_ping_unanswered_not_for_a_wait_on_a_write() {
+        let interval = Duration::from_millis(50);
+        let signals = Signals::default();
+        signals.read_now();
+        std::thread::sleep(interval * 3);
+        assert!(signals.silent_for() >= interval * 2);
+        assert!(!signals.is_silent(interval), "no ping to answer");
+        signals.wrote_ping();
+        signals.wrote_ping();
+        std::thread::sleep(interval);
+        assert!(signals.is_silent(interval), "a ping unanswered");
+        let before = (signals.silent_for(), signals.ping_unanswered_for().unwrap());
+        // The connection waited on a write all that time (and more than the clock allows).
+        signals.waited_on_write(Duration::from_secs(3600));
+        assert!(!signals.is_silent(interval));
+        assert!(signals.silent_for() < before.0);
+        assert!(signals.ping_unanswered_for().unwrap() < before.1);
+        signals.read_now();
+        assert_eq!(signals.ping_unanswered_for(), None, "answered");
     }
 
     #[tokio::test]

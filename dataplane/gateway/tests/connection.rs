@@ -892,6 +892,42 @@ async fn a_client_that_answers_pings_stays_connected_across_intervals() {
     assert_eq!(gateway.routes.count(), 1);
 }
 
+/// A client on a slow link reads what it is written, slower than it comes: its connection
+/// waits on writes to it, and meanwhile reads nothing and can write no ping. That wait is the
+/// server's, not the client's silence: once the client reads again it gets all it was
+/// written, and its connection stays open. It was closed, 1001, at the end of a write that had
+/// waited two ping intervals with nothing read, its client awake: a write may wait up to
+/// `write_timeout` (30 s), so any `--ping-interval` under 15 s could cut an awake client.
+#[tokio::test]
+async fn a_connection_waiting_on_a_write_to_its_client_is_not_closed_as_silent() {
+    let interval = Duration::from_millis(200);
+    let gateway = pinging(FaultyEngine::new().store(4).await, interval);
+    let url = serve(gateway.clone()).await;
+    let mut alice = Client::connect(&url, "alice:phone", Encoding::Json)
+        .await
+        .unwrap();
+    alice.events_until_sync_done().await.unwrap();
+    // alice reads nothing for a while: the connection writes until the sockets are full, then
+    // waits on its write; a liveness pass comes three intervals later.
+    flood(&gateway, "alice", 512);
+    let flooded = std::time::Instant::now();
+    until("three intervals of the connection's wait", || {
+        flooded.elapsed() >= interval * 3
+    })
+    .await;
+    gateway.check_liveness();
+
+    // alice reads again: everything comes, and the connection stays open.
+    for flooded in 0..512 {
+        match alice.next_frame_within(WAIT).await {
+            Ok(ServerFrame::Error(_)) => {}
+            other => panic!("expected the flood's frame {flooded}, got {other:?}"),
+        }
+    }
+    alice.ping().await.expect("the connection stays open");
+    assert_eq!(gateway.metrics.silent_closes.get(), 0);
+}
+
 /// With `ping_interval` zero there is no liveness pass: nothing is pinged nor closed.
 #[tokio::test]
 async fn with_a_ping_interval_of_zero_nothing_is_pinged() {
@@ -960,8 +996,18 @@ async fn a_connection_kept_from_reading_by_its_own_sends_is_not_closed_as_silent
         (alice, frame)
     });
 
-    until("two intervals of silence", || {
+    // A pass has it ping its client, whose pong waits unread.
+    let pinged = Liveness {
+        pinged: 1,
+        closed: 0,
+    };
+    assert_eq!(gateway.check_liveness(), pinged);
+    until("two intervals of silence, the ping unanswered", || {
         handle.signals.silent_for() >= interval * 2
+            && handle
+                .signals
+                .ping_unanswered_for()
+                .is_some_and(|unanswered| unanswered >= interval / 2)
     })
     .await;
     let silent = Liveness {

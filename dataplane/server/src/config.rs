@@ -152,8 +152,7 @@ pub struct ServeConfig {
     /// WebSocket libraries answer by themselves; a connection that read nothing from its
     /// client for two intervals (an app its OS suspended, its TCP connection kept alive by the
     /// kernel) is closed, 1001, and its device notified by push from then on. 0: no pings (at
-    /// least 1s otherwise, at most 1h; 15s or more outside tests: `docs/operations.md`,
-    /// "Silent connections").
+    /// least 1s otherwise, at most 1h; `docs/operations.md`, "Silent connections").
     #[arg(long, env = "COURIER_PING_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
     pub ping_interval: Duration,
     /// Most appends per group commit of a shard.
