@@ -888,7 +888,8 @@ async fn status_of(
 
 /// Every error of the HTTP API has PROTOCOL.md's body `{"code", "message"}`, those the router
 /// answers itself too: a path segment that is not UTF-8 once decoded, a path no route takes, a
-/// method its route does not take. A client reads the code of every refusal.
+/// method its route does not take, a request to the WebSocket endpoint that is no upgrade. A
+/// client reads the code of every refusal.
 #[tokio::test]
 async fn errors_the_router_answers_have_the_protocols_body() {
     use reqwest::Method;
@@ -902,7 +903,9 @@ async fn errors_the_router_answers_have_the_protocols_body() {
         (Method::DELETE, "/v1/groups/g:x/members/%FF", bad.clone()),
         (Method::DELETE, "/v1/devices/%FF", bad.clone()),
         (Method::GET, "/v1/media/%FF", bad.clone()),
-        (Method::GET, "/v1/media/%FF/url", bad),
+        (Method::GET, "/v1/media/%FF/url", bad.clone()),
+        // Not an upgrade, its token good.
+        (Method::GET, "/v1/ws", bad),
         (Method::GET, "/v1/nothing", (404, Some("not_found".into()))),
         (
             Method::GET,

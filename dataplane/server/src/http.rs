@@ -292,10 +292,29 @@ impl FromRequestParts<Arc<AppState>> for WebSocketCaller {
     }
 }
 
+/// The WebSocket upgrade of a request, one that is not (no `Upgrade` header, a version or a
+/// key missing) refused with axum's status and PROTOCOL.md's body, `bad_request`, as every
+/// other refusal of the API: axum answered it with a line of plain text.
+pub struct Upgrade(pub WebSocketUpgrade);
+
+impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Response> {
+        match WebSocketUpgrade::from_request_parts(parts, state).await {
+            Ok(upgrade) => Ok(Upgrade(upgrade)),
+            Err(e) => {
+                let refused = ApiError::bad_request(e.body_text());
+                Err((e.status(), refused).into_response())
+            }
+        }
+    }
+}
+
 async fn websocket(
     State(state): State<Arc<AppState>>,
     WebSocketCaller(who): WebSocketCaller,
-    upgrade: WebSocketUpgrade,
+    Upgrade(upgrade): Upgrade,
     headers: axum::http::HeaderMap,
     in_flight: Option<Extension<WebSocketInFlight>>,
 ) -> Response {
