@@ -29,13 +29,20 @@
 //!   long as it takes some bytes within the timeout. The bound is on the socket, so it holds
 //!   for HTTP/2 and for upgraded WebSockets too (where the gateway's own `write_timeout`,
 //!   30 s, comes first unless the flag is shorter).
+//! - An HTTP/2 response's data must be taken by its client within `--http-write-timeout` too
+//!   ([`Unsent`]): an HTTP/2 client takes nothing of a response by opening no flow-control
+//!   window for its stream, and then nothing waits on the socket for the bound above to see.
+//!   A response body's chunk that hyper holds unsent for as long ends the connection. Such a
+//!   client held the response in flight for good, and its connection, task and body with it
+//!   (an open file, for a media download; a page of messages of up to tens of megabytes), a
+//!   few hundred streams to a connection.
 //!
 //! Request bodies are read by their handlers, each bounded there: media uploads end after
 //! 60 s without bytes (`courier_media`), and so do JSON bodies (`http::BODY_IDLE_TIMEOUT`).
 
 use axum::Router;
 use axum::body::{Body, Bytes, HttpBody};
-use axum::http::{Method, Request, Response};
+use axum::http::{Method, Request, Response, Version};
 use axum::serve::Listener;
 use courier_rpc::stall::StallBound;
 use hyper::body::{Frame, Incoming, SizeHint};
@@ -45,9 +52,10 @@ use hyper_util::service::TowerToHyperService;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 /// How long a client has to send a request's head (HTTP/1), from the connection's start or the
@@ -138,9 +146,11 @@ pub async fn serve<L>(
             limits.write_timeout,
         ));
         let (in_flight, idle) = InFlight::new();
+        let unsent = Arc::new(Unsent::new());
         let service = Counted {
             app: TowerToHyperService::new(app.clone()),
             in_flight,
+            unsent: unsent.clone(),
         };
         let (stop_tx, closed_rx, builder) = (stop_tx.clone(), closed_rx.clone(), builder.clone());
         tokio::spawn(async move {
@@ -148,6 +158,7 @@ pub async fn serve<L>(
             tokio::pin!(connection);
             let mut stopping = std::pin::pin!(stop_tx.closed());
             let mut idle = std::pin::pin!(idle_for(idle, limits.header_read_timeout));
+            let mut not_taken = std::pin::pin!(unsent_for(unsent, limits.write_timeout));
             let mut told = false;
             loop {
                 tokio::select! {
@@ -155,6 +166,10 @@ pub async fn serve<L>(
                         if let Err(e) = served {
                             tracing::debug!(error = %e, "HTTP connection ended");
                         }
+                        break;
+                    }
+                    () = &mut not_taken => {
+                        tracing::debug!("HTTP connection ended: a response was not taken in time");
                         break;
                     }
                     () = &mut stopping, if !told => {
@@ -239,10 +254,85 @@ async fn idle_for(mut in_flight: watch::Receiver<usize>, limit: Duration) {
     }
 }
 
+/// The response data of one HTTP/2 connection that hyper holds unsent: a response body that
+/// gave it a chunk is not asked for the next until the chunk is on its way to the client, so
+/// the time since is how long the client has taken nothing of that response. Over HTTP/1 the
+/// client's socket takes the data or not ([`StallBound`] bounds that), and hyper asks a body
+/// for chunks ahead of what the socket took: not tracked.
+struct Unsent {
+    /// When the connection started: the clock of `bodies`.
+    epoch: Instant,
+    /// Each response body's time of the chunk hyper holds from it (ms since `epoch`, plus
+    /// one), 0 if none; a body's entry goes when the body does.
+    bodies: Mutex<Vec<Weak<AtomicU64>>>,
+}
+
+impl Unsent {
+    fn new() -> Self {
+        Self {
+            epoch: Instant::now(),
+            bodies: Mutex::default(),
+        }
+    }
+
+    /// A new response body's entry.
+    fn track(self: &Arc<Self>) -> UnsentBody {
+        let held = Arc::new(AtomicU64::new(0));
+        let mut bodies = self.bodies.lock().unwrap_or_else(|e| e.into_inner());
+        // The bodies that went: the list holds those of the requests in flight, and a few.
+        bodies.retain(|body| body.strong_count() > 0);
+        bodies.push(Arc::downgrade(&held));
+        UnsentBody {
+            held,
+            epoch: self.epoch,
+        }
+    }
+
+    /// Whether a body's chunk has been held unsent for `limit` or more.
+    fn held_for(&self, limit: Duration) -> bool {
+        let now = since(self.epoch);
+        let limit = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX);
+        let bodies = self.bodies.lock().unwrap_or_else(|e| e.into_inner());
+        bodies.iter().filter_map(Weak::upgrade).any(|body| {
+            let held = body.load(Ordering::Relaxed);
+            held != 0 && now.saturating_sub(held) >= limit
+        })
+    }
+}
+
+/// Milliseconds since `epoch`, plus one (never 0: [`Unsent`]'s "none").
+fn since(epoch: Instant) -> u64 {
+    u64::try_from(epoch.elapsed().as_millis())
+        .unwrap_or(u64::MAX - 1)
+        .saturating_add(1)
+}
+
+/// One response body's entry in [`Unsent`].
+struct UnsentBody {
+    held: Arc<AtomicU64>,
+    epoch: Instant,
+}
+
+/// Resolves once a response of the connection has held a chunk unsent for `limit`: looked at
+/// four times a limit, so such a response ends its connection between one limit and a
+/// quarter more after its client last took from it.
+async fn unsent_for(unsent: Arc<Unsent>, limit: Duration) {
+    let period = (limit / 4).max(Duration::from_millis(1));
+    let mut checks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        checks.tick().await;
+        if unsent.held_for(limit) {
+            return;
+        }
+    }
+}
+
 /// The router, as hyper calls it, counting the requests in flight on its connection.
 struct Counted {
     app: TowerToHyperService<Router>,
     in_flight: InFlight,
+    unsent: Arc<Unsent>,
 }
 
 impl hyper::service::Service<Request<Incoming>> for Counted {
@@ -252,6 +342,7 @@ impl hyper::service::Service<Request<Incoming>> for Counted {
 
     fn call(&self, mut request: Request<Incoming>) -> Self::Future {
         let open = self.in_flight.open();
+        let unsent = (request.version() == Version::HTTP_2).then(|| self.unsent.track());
         if request.method() == Method::CONNECT {
             // Kept only by a WebSocket accepted: a refused CONNECT is a request like any
             // other (else any client could keep its connection from ever being idle with one).
@@ -263,15 +354,21 @@ impl hyper::service::Service<Request<Incoming>> for Counted {
         let answered = self.app.call(request);
         Box::pin(async move {
             let response = answered.await?;
-            Ok(response.map(|body| CountedBody { body, _open: open }))
+            Ok(response.map(|body| CountedBody {
+                body,
+                _open: open,
+                unsent,
+            }))
         })
     }
 }
 
-/// A response's body, its request counted in flight until it is dropped.
+/// A response's body, its request counted in flight until it is dropped, and over HTTP/2 the
+/// time of the chunk hyper holds from it noted ([`Unsent`]).
 struct CountedBody {
     body: Body,
     _open: Open,
+    unsent: Option<UnsentBody>,
 }
 
 impl HttpBody for CountedBody {
@@ -282,7 +379,17 @@ impl HttpBody for CountedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        if let Some(unsent) = &self.unsent {
+            // Data handed to hyper: until it asks for more, the client has taken nothing of
+            // it. Otherwise (the body waits, or ended) hyper holds nothing of this body.
+            let held = match &polled {
+                Poll::Ready(Some(Ok(frame))) if frame.is_data() => since(unsent.epoch),
+                _ => 0,
+            };
+            unsent.held.store(held, Ordering::Relaxed);
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -320,6 +427,15 @@ mod tests {
                 axum::routing::get(move || async move {
                     tokio::time::sleep(limits.header_read_timeout * 3).await;
                     "slow"
+                }),
+            )
+            // A response without end, a kilobyte at a time.
+            .route(
+                "/endless",
+                axum::routing::get(|| async {
+                    let kilobyte = Bytes::from_static(&[b'x'; 1024]);
+                    let chunks = futures::stream::repeat(Ok::<_, Infallible>(kilobyte));
+                    Body::from_stream(chunks)
                 }),
             )
             // A WebSocket that says nothing for several idle bounds, then "late", then reads
@@ -498,5 +614,70 @@ mod tests {
             .expect("the server closed the idle connection")
             .unwrap()
             .unwrap();
+    }
+
+    /// An HTTP/2 client that takes nothing of a response (it opens no flow-control window for
+    /// it, here none from the start) has its connection closed after the write timeout, as one
+    /// that reads nothing from its socket has. Nothing waited on the socket, so no bound
+    /// held: the request stayed in flight for good, its connection, its task and its body (an
+    /// open file, for a media download; a page of messages, up to tens of megabytes) with it,
+    /// a few hundred such streams to a connection.
+    #[tokio::test]
+    async fn an_http2_response_its_client_takes_nothing_of_ends_the_connection() {
+        let address = served(limits(200, 300)).await;
+        let socket = tokio::net::TcpStream::connect(address).await.unwrap();
+        let (mut sender, connection) =
+            hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+                .initial_stream_window_size(0)
+                .handshake(TokioIo::new(socket))
+                .await
+                .unwrap();
+        let mut connection = tokio::spawn(connection);
+        let request = axum::http::Request::get(format!("http://{address}/endless"))
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.status(), 200);
+        // The connection ends, an error or not.
+        tokio::time::timeout(Duration::from_secs(30), &mut connection)
+            .await
+            .expect("the server closed the connection")
+            .unwrap()
+            .ok();
+        drop(response);
+    }
+
+    /// An HTTP/2 client that takes a response slowly, a chunk now and then, is never cut
+    /// however long the response takes: only a client that takes nothing of it for the whole
+    /// write timeout is.
+    #[tokio::test]
+    async fn an_http2_response_taken_slowly_is_not_cut() {
+        let address = served(limits(200, 300)).await;
+        let socket = tokio::net::TcpStream::connect(address).await.unwrap();
+        let (mut sender, connection) =
+            hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+                .initial_stream_window_size(4096)
+                .handshake(TokioIo::new(socket))
+                .await
+                .unwrap();
+        tokio::spawn(connection);
+        let request = axum::http::Request::get(format!("http://{address}/endless"))
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        let mut body = axum::body::Body::new(response.into_body()).into_data_stream();
+        let started = std::time::Instant::now();
+        let mut taken = 0;
+        // Four write timeouts, a kilobyte every 20 ms.
+        while started.elapsed() < Duration::from_millis(1200) {
+            let chunk = tokio::time::timeout(Duration::from_secs(30), body.next())
+                .await
+                .expect("a chunk in time")
+                .expect("the response goes on")
+                .expect("the response is not cut");
+            taken += chunk.len();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(taken > 0);
     }
 }
