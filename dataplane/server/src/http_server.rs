@@ -32,7 +32,9 @@
 //! - An HTTP/2 response's data must be taken by its client within `--http-write-timeout` too
 //!   ([`Unsent`]): an HTTP/2 client takes nothing of a response by opening no flow-control
 //!   window for its stream, and then nothing waits on the socket for the bound above to see.
-//!   A response body's chunk that hyper holds unsent for as long ends the connection. Such a
+//!   A response body's chunk that hyper holds unsent for as long ends the connection (a large
+//!   one is handed to hyper a piece at a time, [`UNSENT_PIECE`], so that what its client does
+//!   not take stays with the response, not in the connection's send buffer). Such a
 //!   client held the response in flight for good, and its connection, task and body with it
 //!   (an open file, for a media download; a page of messages of up to tens of megabytes), a
 //!   few hundred streams to a connection.
@@ -285,6 +287,7 @@ impl Unsent {
         UnsentBody {
             held,
             epoch: self.epoch,
+            rest: Bytes::new(),
         }
     }
 
@@ -307,11 +310,24 @@ fn since(epoch: Instant) -> u64 {
         .saturating_add(1)
 }
 
-/// One response body's entry in [`Unsent`].
+/// One response body's entry in [`Unsent`], with what it has read from the body and not yet
+/// handed to hyper.
 struct UnsentBody {
     held: Arc<AtomicU64>,
     epoch: Instant,
+    /// The rest of a chunk larger than [`UNSENT_PIECE`].
+    rest: Bytes,
 }
+
+/// Most bytes an HTTP/2 response hands hyper at once ([`Unsent`]): hyper hands a chunk whole
+/// to the connection's send buffer at the first byte of flow-control window its client opens,
+/// and the response is then done, whatever the client takes of it. A page of messages is one
+/// chunk of up to tens of megabytes: handed whole, what its client did not take stayed in the
+/// send buffer for as long as anything else kept the connection busy (an HTTP/2 WebSocket:
+/// for good). A piece at a time, it stays with the response, which [`Unsent`] bounds; what a
+/// connection's send buffers hold is at most a piece a stream, a few MiB for the few hundred
+/// streams a connection may have.
+const UNSENT_PIECE: usize = 16 * 1024;
 
 /// Resolves once a response of the connection has held a chunk unsent for `limit`: looked at
 /// four times a limit, so such a response ends its connection between one limit and a
@@ -379,25 +395,49 @@ impl HttpBody for CountedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
-        let polled = Pin::new(&mut self.body).poll_frame(cx);
-        if let Some(unsent) = &self.unsent {
-            // Data handed to hyper: until it asks for more, the client has taken nothing of
-            // it. Otherwise (the body waits, or ended) hyper holds nothing of this body.
-            let held = match &polled {
-                Poll::Ready(Some(Ok(frame))) if frame.is_data() => since(unsent.epoch),
-                _ => 0,
-            };
-            unsent.held.store(held, Ordering::Relaxed);
-        }
+        let this = &mut *self;
+        let Some(unsent) = &mut this.unsent else {
+            return Pin::new(&mut this.body).poll_frame(cx);
+        };
+        let polled = if unsent.rest.is_empty() {
+            Pin::new(&mut this.body).poll_frame(cx)
+        } else {
+            Poll::Ready(Some(Ok(Frame::data(std::mem::take(&mut unsent.rest)))))
+        };
+        // A piece at a time ([`UNSENT_PIECE`]).
+        let polled = polled.map_ok(|frame| match frame.into_data() {
+            Ok(mut data) => {
+                if data.len() > UNSENT_PIECE {
+                    unsent.rest = data.split_off(UNSENT_PIECE);
+                }
+                Frame::data(data)
+            }
+            Err(frame) => frame,
+        });
+        // Data handed to hyper: until it asks for more, the client has taken nothing of it.
+        // Otherwise (the body waits, or ended) hyper holds nothing of this body.
+        let held = match &polled {
+            Poll::Ready(Some(Ok(frame))) if frame.is_data() => since(unsent.epoch),
+            _ => 0,
+        };
+        unsent.held.store(held, Ordering::Relaxed);
         polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        let rest = self.unsent.as_ref().map_or(0, |unsent| unsent.rest.len());
+        rest == 0 && self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        let rest = self.unsent.as_ref().map_or(0, |unsent| unsent.rest.len()) as u64;
+        let inner = self.body.size_hint();
+        let mut hint = SizeHint::new();
+        hint.set_lower(inner.lower().saturating_add(rest));
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper.saturating_add(rest));
+        }
+        hint
     }
 }
 
@@ -429,6 +469,8 @@ mod tests {
                     "slow"
                 }),
             )
+            // A megabyte at once.
+            .route("/big", axum::routing::get(|| async { vec![b'x'; 1 << 20] }))
             // A response without end, a kilobyte at a time.
             .route(
                 "/endless",
@@ -679,5 +721,71 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert!(taken > 0);
+    }
+
+    /// A response handed to hyper whole (a page of messages is one chunk) is handed to it a
+    /// piece at a time over HTTP/2, so that what the client does not take stays with the
+    /// response and is bounded as such. Handed whole, it went into the connection's send
+    /// buffer at the first byte of window the client opened, the response was done, and its
+    /// megabytes stayed there for as long as anything else kept the connection busy (an
+    /// HTTP/2 WebSocket: for good).
+    #[tokio::test]
+    async fn an_http2_response_its_client_takes_a_byte_of_ends_the_connection_under_a_websocket() {
+        let address = served(limits(200, 300)).await;
+        let socket = tokio::net::TcpStream::connect(address).await.unwrap();
+        let (mut sender, connection) =
+            hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+                .initial_stream_window_size(1)
+                .handshake(TokioIo::new(socket))
+                .await
+                .unwrap();
+        let mut connection = tokio::spawn(connection);
+        let request = axum::http::Request::get(format!("http://{address}/"))
+            .body(axum::body::Body::empty())
+            .unwrap();
+        assert_eq!(sender.send_request(request).await.unwrap().status(), 200);
+        // A WebSocket open, and never closed: the connection is never idle.
+        let mut request = axum::http::Request::connect(format!("http://{address}/ws"))
+            .header("sec-websocket-version", "13")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        request
+            .extensions_mut()
+            .insert(hyper::ext::Protocol::from_static("websocket"));
+        let websocket = sender.send_request(request).await.unwrap();
+        assert_eq!(websocket.status(), 200);
+        let request = axum::http::Request::get(format!("http://{address}/big"))
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.status(), 200);
+        tokio::time::timeout(Duration::from_secs(30), &mut connection)
+            .await
+            .expect("the server closed the connection")
+            .unwrap()
+            .ok();
+        drop((websocket, response));
+    }
+
+    /// A response handed to hyper in pieces over HTTP/2 comes whole, its length as stated.
+    #[tokio::test]
+    async fn an_http2_response_handed_in_pieces_comes_whole() {
+        let address = served(limits(200, 60_000)).await;
+        let socket = tokio::net::TcpStream::connect(address).await.unwrap();
+        let (mut sender, connection) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(socket))
+                .await
+                .unwrap();
+        tokio::spawn(connection);
+        let request = axum::http::Request::get(format!("http://{address}/big"))
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.headers()["content-length"], "1048576");
+        let body = axum::body::to_bytes(axum::body::Body::new(response.into_body()), 2 << 20)
+            .await
+            .unwrap();
+        assert_eq!(body.len(), 1 << 20);
+        assert!(body.iter().all(|&b| b == b'x'));
     }
 }
