@@ -1607,22 +1607,26 @@ async fn an_idle_connection_is_probed_by_tcp_keepalive() {
     }
 }
 
-/// A WebSocket over HTTP/2 (extended CONNECT, RFC 8441, which the server's settings announce)
-/// is served as over HTTP/1 (`hello` first; the CONNECT was refused 405), and once it has
-/// ended its connection is idle, and closed by the server after the idle bound (30 s) like any
-/// connection with nothing in flight.
-#[tokio::test]
-async fn an_http2_connection_whose_websocket_ended_is_closed_once_idle() {
+/// An HTTP/2 WebSocket, its connection's task, and the connection's sender of requests: the
+/// client's side of the connection ends once it is dropped and no stream is open.
+type Http2WebSocket = (
+    tokio_tungstenite::WebSocketStream<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>,
+    tokio::task::JoinHandle<hyper::Result<()>>,
+    hyper::client::conn::http2::SendRequest<axum::body::Body>,
+);
+
+/// A WebSocket of `user`'s `device` to `server` over HTTP/2 (extended CONNECT, RFC 8441, which
+/// the server's settings announce), after its `hello`.
+async fn http2_websocket(server: &Server, user: &str, device: &str) -> Http2WebSocket {
     use futures::StreamExt;
     use hyper_util::rt::{TokioExecutor, TokioIo};
-    let (_dir, server) = server();
     let address = server.http_url().trim_start_matches("http://").to_owned();
     let socket = tokio::net::TcpStream::connect(&address).await.unwrap();
     let (mut sender, connection) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(socket))
             .await
             .unwrap();
-    let mut connection = tokio::spawn(connection);
+    let connection = tokio::spawn(connection);
     // A request answered first: the server's settings, which allow the extended CONNECT, have
     // come.
     let request = axum::http::Request::get(format!("http://{address}/healthz"))
@@ -1632,7 +1636,7 @@ async fn an_http2_connection_whose_websocket_ended_is_closed_once_idle() {
     let mut request = axum::http::Request::connect(format!("http://{address}/v1/ws"))
         .header(
             "authorization",
-            format!("Bearer {}", server.token("alice", "phone")),
+            format!("Bearer {}", server.token(user, device)),
         )
         .header("sec-websocket-version", "13")
         .body(axum::body::Body::empty())
@@ -1655,15 +1659,54 @@ async fn an_http2_connection_whose_websocket_ended_is_closed_once_idle() {
         .expect("the WebSocket open")
         .unwrap();
     assert!(hello.to_text().unwrap().contains("\"hello\""), "{hello:?}");
+    (websocket, connection, sender)
+}
+
+/// A WebSocket over HTTP/2 is served as over HTTP/1 (`hello` first; the CONNECT was refused
+/// 405), and once it has ended its connection is idle, and closed by the server after the idle
+/// bound (30 s) like any connection with nothing in flight.
+#[tokio::test]
+async fn an_http2_connection_whose_websocket_ended_is_closed_once_idle() {
+    use futures::StreamExt;
+    let (_dir, server) = server();
+    let (mut websocket, mut connection, _sender) = http2_websocket(&server, "alice", "phone").await;
     websocket.close(None).await.unwrap();
     while let Some(Ok(_)) = websocket.next().await {}
     drop(websocket);
-    // The idle bound, then the graceful close.
+    // The idle bound, then the graceful close (the client keeps its side open).
     tokio::time::timeout(Duration::from_secs(90), &mut connection)
         .await
         .expect("the server closed the idle connection")
         .unwrap()
         .unwrap();
+}
+
+/// On SIGTERM a WebSocket over HTTP/2 is told `reconnect` and closed 1001, as one over
+/// HTTP/1, and the server exits 0.
+#[tokio::test]
+async fn sigterm_tells_an_http2_websocket_to_reconnect_and_closes_it_1001() {
+    use futures::StreamExt;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    let (_dir, mut server) = server();
+    let (mut websocket, _connection, _sender) = http2_websocket(&server, "alice", "phone").await;
+    let terminated = tokio::task::spawn_blocking(move || server.terminate());
+    let mut reconnect = false;
+    let close = loop {
+        let message = tokio::time::timeout(WAIT, websocket.next())
+            .await
+            .expect("a frame in time")
+            .expect("the WebSocket open until its close")
+            .unwrap();
+        match message {
+            Message::Text(text) if text.contains("\"reconnect\"") => reconnect = true,
+            Message::Close(close) => break close,
+            _ => {}
+        }
+    };
+    assert!(reconnect, "reconnect before the close");
+    assert_eq!(close.map(|c| c.code), Some(CloseCode::Away));
+    let status = terminated.await.unwrap();
+    assert!(status.success(), "exit status {status}");
 }
 
 /// An app its OS suspended keeps its TCP connection (the kernel answers it, and its keepalive
