@@ -18,7 +18,9 @@
 //! when it can neither write a ping nor read the answer, is not counted
 //! ([`Signals::waited_on_write`]): whatever `ping_interval`, an awake client is not cut for
 //! the server's own wait, which may last up to `write_timeout`.
-//! What a connection closed that way was written and its device did not acknowledge is pushed:
+//! What a connection closed that way (or dropped because its client took nothing of a write
+//! for `write_timeout`, [`Exit::TookNothing`]) was written and its device did not acknowledge
+//! is pushed:
 //! once its device left the registry, the connection records where it left the device in the
 //! conversations it wrote to ([`Gateway::owe_pushes`]) for the push notifier, which did not
 //! notify the device of it while it counted as connected.
@@ -354,7 +356,8 @@ impl<F: Future + Unpin> Future for Within<'_, F> {
 fn written(outcome: Option<Result<(), axum::Error>>) -> Result<(), Exit> {
     match outcome {
         Some(Ok(())) => Ok(()),
-        _ => Err(Exit::ClientGone),
+        Some(Err(_)) => Err(Exit::ClientGone),
+        None => Err(Exit::TookNothing),
     }
 }
 
@@ -425,6 +428,11 @@ enum Exit {
     /// read are committed as on any close, and what it was written and its device did not
     /// acknowledge is pushed ([`Gateway::owe_pushes`]).
     Silent,
+    /// Its client took nothing of a write for `write_timeout`: dropped without a close frame
+    /// (it would take none either). What it was written and its device did not acknowledge
+    /// is pushed, as at a silent close: an app its OS suspended whose socket's buffers filled
+    /// before the liveness pass found it silent is the same client.
+    TookNothing,
 }
 
 impl Gateway {
@@ -538,7 +546,8 @@ impl Gateway {
 
     /// Records, for the push notifier, where a connection of `who`'s device closed for silence
     /// left it: `places` (conversation, highest seq written past the cursor it read,
-    /// [`Upto::unacknowledged`]), at a silent close only, never on the path of a message. The
+    /// [`Upto::unacknowledged`]), at a silent close only (or a drop for taking nothing,
+    /// [`Exit::TookNothing`]), never on the path of a message. The
     /// notifier notifies the device of what of it the device did not acknowledge, as if it had
     /// been offline when it was sent (`courier_push`): the connection took it "live" into a
     /// socket nobody read, while the device counted as connected and was notified of nothing.
@@ -632,7 +641,7 @@ impl Connection {
                 Exit::Reconnect => Box::pin(self.drain()).await,
                 exit => exit,
             };
-            let silent = matches!(exit, Exit::Silent);
+            let silent = matches!(exit, Exit::Silent | Exit::TookNothing);
             match exit {
                 Exit::Close(code, reason) => Box::pin(self.close(code, reason)).await,
                 Exit::Silent => Box::pin(self.close(close_code::AWAY, SILENT_REASON)).await,
@@ -641,7 +650,7 @@ impl Connection {
                     self.queued_acks.clear();
                 }
                 // A drain ends closed, or with its client gone.
-                Exit::ClientGone | Exit::Reconnect => {}
+                Exit::ClientGone | Exit::TookNothing | Exit::Reconnect => {}
             }
             // An ack is not lost because the connection closed right after it.
             if let Some(acks) = self.acks.take() {
@@ -651,8 +660,9 @@ impl Connection {
                 let queued = std::mem::take(&mut self.queued_acks);
                 let _ = tokio::time::timeout(LAST_ACK_WAIT, self.commit_acks(queued)).await;
             }
-            // Its app suspended, the client read none of what the connection wrote lately
-            // (taken only now: nothing more is held across the close's awaits).
+            // Its app suspended (or its network gone), the client read none of what the
+            // connection wrote lately (taken only now: nothing more is held across the close's
+            // awaits).
             let owed = silent.then(|| self.upto.unacknowledged(SILENT_PUSH_CONVERSATIONS));
             // Boxed: what leaving holds across its writes takes no room in every connection.
             Box::pin(self.leave(handle, owed)).await;

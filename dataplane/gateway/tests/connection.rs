@@ -928,6 +928,62 @@ async fn a_connection_waiting_on_a_write_to_its_client_is_not_closed_as_silent()
     assert_eq!(gateway.metrics.silent_closes.get(), 0);
 }
 
+/// A client that takes nothing written to it for `write_timeout` is dropped, and what its
+/// connection wrote it live and its device did not acknowledge is recorded for the push
+/// notifier, as at a silent close: an app its OS suspended whose socket's buffers filled
+/// before the liveness pass found it silent is the same client. It was recorded at a silent
+/// close only: such a device, taken for connected while it was written to, was notified of
+/// none of it.
+#[tokio::test]
+async fn a_client_dropped_for_taking_nothing_is_pushed_what_it_was_written() {
+    let store = FaultyEngine::new().store(4).await;
+    let limits = GatewayLimits {
+        write_timeout: Duration::from_secs(1),
+        ..GatewayLimits::default()
+    };
+    let gateway = gateway_with_routes(
+        store.clone(),
+        Arc::new(HeldSequencer::default()),
+        None,
+        limits,
+    );
+    let url = serve(gateway.clone()).await;
+    let alice = {
+        let mut alice = Client::connect(&url, "alice:phone", Encoding::Json)
+            .await
+            .unwrap();
+        alice.events_until_sync_done().await.unwrap();
+        alice
+    };
+    // bob writes to alice, delivered live: written to her connection, never acknowledged.
+    let conv = "d:alice:bob";
+    messages_from(&store, ("bob", "alice"), conv, 0..1).await;
+    let events = store
+        .events_within(conv, 0, 1, 10, usize::MAX)
+        .await
+        .unwrap();
+    let alice_only = Arc::new(vec!["alice".to_owned()]);
+    gateway
+        .routes
+        .deliver(vec![(events[0].clone(), alice_only)])
+        .await
+        .unwrap();
+    // alice's app is suspended: her connection's writes wait until it is dropped.
+    flood(&gateway, "alice", 512);
+    until_no_connection(&gateway).await;
+
+    let owed: Vec<_> = store
+        .owed_pushes(10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|owed| (owed.device, owed.through))
+        .collect();
+    let device = ("alice".to_owned(), "phone".to_owned(), conv.to_owned());
+    assert_eq!(owed, [(Some(device), 1)]);
+    drop(alice);
+}
+
 /// With `ping_interval` zero there is no liveness pass: nothing is pinged nor closed.
 #[tokio::test]
 async fn with_a_ping_interval_of_zero_nothing_is_pinged() {

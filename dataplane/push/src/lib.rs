@@ -756,8 +756,9 @@ impl Notifier {
     }
 
     /// Turns a page of the places silent closes left ([`MessageStore::owe_pushes`]: a
-    /// connection closed because its client read nothing for two ping intervals, an app its
-    /// OS suspended) into pending notifications, as if the device had been offline when the
+    /// connection closed because its client read nothing for two ping intervals, or dropped
+    /// because it took nothing of a write for the gateway's write timeout: an app its OS
+    /// suspended) into pending notifications, as if the device had been offline when the
     /// events it was written there were sent: the messages of others above the device's
     /// delivered cursor (the latest [`OWED_EVENTS`] events of each place at most), collapsed
     /// into the device's notification of the conversation like any (counted once by seq:
