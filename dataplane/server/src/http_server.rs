@@ -324,9 +324,10 @@ struct UnsentBody {
 /// and the response is then done, whatever the client takes of it. A page of messages is one
 /// chunk of up to tens of megabytes: handed whole, what its client did not take stayed in the
 /// send buffer for as long as anything else kept the connection busy (an HTTP/2 WebSocket:
-/// for good). A piece at a time, it stays with the response, which [`Unsent`] bounds; what a
-/// connection's send buffers hold is at most a piece a stream, a few MiB for the few hundred
-/// streams a connection may have.
+/// for good). A piece at a time, it stays with the response, which [`Unsent`] bounds: what a
+/// client that opens no window leaves in the connection's send buffers is at most a piece a
+/// stream, a few MiB for the few hundred streams a connection may have (hyper's own bound,
+/// 400 KiB a stream, is on what waits for the socket, which [`StallBound`] bounds).
 const UNSENT_PIECE: usize = 16 * 1024;
 
 /// Resolves once a response of the connection has held a chunk unsent for `limit`: looked at
