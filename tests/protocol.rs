@@ -655,6 +655,86 @@ async fn fetch_pages_and_refuses_strangers() {
     assert_eq!(body["events"][0]["kind"], "message");
 }
 
+/// A page of history stays in memory until its client has taken it, and a node holds at most
+/// `--max-page-bytes-in-flight` of them: past it a page is refused `unavailable` with a
+/// `retry_after_ms`, over the WebSocket and over HTTP, and is served once the others are
+/// read. Without the bound, clients that ask for pages of large messages and read them slowly
+/// held tens of megabytes each, for as long as they took (many such connections took the
+/// node's memory).
+#[tokio::test]
+async fn pages_of_history_past_the_nodes_room_wait_until_the_others_are_read() {
+    const ROOM: u64 = 1 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_in(
+        dir.path(),
+        &["--max-page-bytes-in-flight", &ROOM.to_string()],
+    );
+    let mut alice = server.connect("alice", "phone").await;
+    expect_sync_done(&mut alice).await;
+    let text = "y".repeat(60_000);
+    let mut conv = String::new();
+    for i in 1..=100 {
+        conv = alice
+            .send_text(Target::User("bob".into()), &format!("big{i}"), &text)
+            .await
+            .unwrap()
+            .conversation_id;
+    }
+    // Bob's first connection asks for the whole history (6 MB) and reads nothing of it: the
+    // page takes the whole room while it waits on him.
+    let mut slow = server.connect("bob", "phone").await;
+    assert_eq!(slow.events_until_sync_done().await.unwrap().len(), 100);
+    slow.send_frame(&ClientFrame::Fetch(Fetch {
+        reference: Some(1),
+        conversation_id: conv.clone(),
+        after_seq: Some(0),
+        limit: Some(100),
+    }))
+    .await
+    .unwrap();
+    let in_flight = "courier_gateway_page_bytes_in_flight";
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while server.metric(in_flight).await != ROOM {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the page took no room"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut other = server.connect("bob", "laptop").await;
+    other.events_until_sync_done().await.unwrap();
+    match other.fetch(&conv, 0, Some(1)).await {
+        Err(ClientError::Server(e)) => {
+            assert_eq!(e.code, ErrorCode::Unavailable);
+            assert!(e.retry_after_ms.is_some_and(|ms| ms > 0));
+        }
+        other => panic!("expected unavailable, got {other:?}"),
+    }
+    let path = format!("/v1/conversations/{conv}/messages?limit=1");
+    let (status, body) = server.http("bob", "laptop").get(&path).await.unwrap();
+    assert_eq!((status, body["code"].as_str()), (503, Some("unavailable")));
+    // Once the slow client has read its page, the room is free again.
+    let page = loop {
+        match slow.next_frame_within(WAIT).await.unwrap() {
+            ServerFrame::Messages(page) => break page,
+            _ => continue,
+        }
+    };
+    assert_eq!(page.events.len(), 100);
+    while server.metric(in_flight).await != 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the room was not given back"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let page = other.fetch(&conv, 0, Some(1)).await.unwrap();
+    assert_eq!(page.events.len(), 1);
+    let (status, body) = server.http("bob", "laptop").get(&path).await.unwrap();
+    assert_eq!((status, body["events"][0]["seq"].as_u64()), (200, Some(1)));
+    assert_eq!(server.metric(in_flight).await, 0);
+}
+
 #[tokio::test]
 async fn sync_with_cursors_overrides_the_servers_cursor() {
     let (_dir, server) = server();

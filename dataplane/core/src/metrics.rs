@@ -121,6 +121,9 @@ pub struct Metrics {
     pub ordering_threads: Gauge,
     /// The embedded store's block cache (`--store-cache`; 0: another store).
     pub store_cache_bytes: Gauge,
+    /// Bytes of pages of history held while their clients read them
+    /// (`--max-page-bytes-in-flight`).
+    pub page_bytes_in_flight: Gauge,
     /// The embedded store's writer and cache of recent events, read from the store at each
     /// render.
     store_engine: StoreEngineMetrics,
@@ -206,6 +209,7 @@ impl Metrics {
             worker_threads: Gauge::default(),
             ordering_threads: Gauge::default(),
             store_cache_bytes: Gauge::default(),
+            page_bytes_in_flight: Gauge::default(),
             store_engine: StoreEngineMetrics::default(),
             registry: Registry::default(),
         };
@@ -408,6 +412,11 @@ impl Metrics {
             "store_cache_bytes",
             "The embedded store's block cache (--store-cache; 0: another store)",
             metrics.store_cache_bytes.clone(),
+        );
+        registry.register(
+            "gateway_page_bytes_in_flight",
+            "Bytes of pages of history (fetch replies, HTTP message pages) held while their clients read them (--max-page-bytes-in-flight)",
+            metrics.page_bytes_in_flight.clone(),
         );
         Self {
             registry,

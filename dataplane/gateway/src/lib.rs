@@ -62,11 +62,13 @@
 
 pub mod acks;
 pub mod drain;
+pub mod pages;
 pub mod routes;
 pub mod upto;
 
 use crate::acks::PendingAcks;
 use crate::drain::GatewayDrain;
+use crate::pages::PageBudget;
 use crate::routes::{
     ConnectionHandle, Delivery, Liveness, Routes, SharedEvent, Signal, Signals, to_message,
 };
@@ -184,6 +186,9 @@ pub struct Gateway {
     /// ([`Gateway::owe_pushes`]); `None` where it runs on another node, which reads them from
     /// the store every round.
     pub owed_pushes: Option<Arc<dyn OwedPushListener>>,
+    /// Room for the pages of history being written to clients, this node's HTTP API's
+    /// included (`pages`).
+    pub pages: PageBudget,
 }
 
 /// A gateway's routes in a cluster's route registry (`courier_store::routes`): each device's
@@ -1113,20 +1118,34 @@ impl Connection {
                     .await
                 {
                     Ok(page) => {
+                        let reply = ServerFrame::Messages(Messages {
+                            reference: fetch.reference,
+                            conversation_id: fetch.conversation_id.clone(),
+                            events: page.events,
+                            head_seq: page.head_seq,
+                        });
+                        let reply = to_message(self.encoding, &reply);
+                        let bytes = match &reply {
+                            Message::Text(text) => text.len(),
+                            Message::Binary(bytes) => bytes.len(),
+                            _ => 0,
+                        };
+                        let room = match self.gateway.pages.reserve(bytes) {
+                            Ok(room) => room,
+                            Err(refused) => return Ok(Err(refused)),
+                        };
                         if let Some(floor_seq) = page.trimmed {
                             self.write(ServerFrame::Trimmed(Trimmed {
-                                conversation_id: fetch.conversation_id.clone(),
+                                conversation_id: fetch.conversation_id,
                                 floor_seq,
                             }))
                             .await?;
                         }
-                        let reply = ServerFrame::Messages(Messages {
-                            reference: fetch.reference,
-                            conversation_id: fetch.conversation_id,
-                            events: page.events,
-                            head_seq: page.head_seq,
-                        });
-                        self.write(reply).await.map(Ok)
+                        self.write_message(reply).await?;
+                        // The page's room is given back once its client has taken it.
+                        self.flush().await?;
+                        drop(room);
+                        Ok(Ok(()))
                     }
                     Err(e) => Ok(Err(e)),
                 }

@@ -17,6 +17,7 @@ use courier_core::metrics::Metrics;
 use courier_core::sequencing::{PendingAppend, PendingTrim, Sequencer, SequencerError};
 use courier_core::storage_health::StorageHealth;
 use courier_gateway::drain::GatewayDrain;
+use courier_gateway::pages::PageBudget;
 use courier_gateway::routes::Routes;
 use courier_gateway::{ClusterRoutes, Gateway, GatewayLimits};
 use courier_proto::{
@@ -105,6 +106,7 @@ fn gateway_with_routes(
         limits,
         drain: Arc::new(GatewayDrain::new(routes, Duration::ZERO, Duration::ZERO)),
         owed_pushes: None,
+        pages: PageBudget::new(0, Default::default()),
     })
 }
 

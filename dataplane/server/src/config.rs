@@ -145,6 +145,11 @@ pub struct ServeConfig {
     /// Largest client WebSocket message in bytes; larger ones close the connection (1009).
     #[arg(long, env = "COURIER_MAX_FRAME_BYTES", default_value_t = 64 * 1024)]
     pub max_frame_bytes: usize,
+    /// Most bytes of pages of history (`fetch` replies, `GET .../messages` bodies) a node
+    /// holds while their clients read them; a page past it is refused `unavailable` and asked
+    /// again (0: no limit).
+    #[arg(long, env = "COURIER_MAX_PAGE_BYTES_IN_FLIGHT", default_value_t = 256 << 20)]
+    pub max_page_bytes_in_flight: u64,
     /// Deliveries queued per connection; past it events are read from the store instead.
     #[arg(long, env = "COURIER_OUTBOUND_QUEUE", default_value_t = 1024)]
     pub outbound_queue: usize,

@@ -26,6 +26,7 @@ use courier_gateway::Gateway;
 use courier_proto::{Encoding, ErrorCode, SUBPROTOCOL_JSON, SUBPROTOCOL_PROTO};
 use courier_push::providers::PushProviders;
 use courier_store::MessageStore;
+use futures::{StreamExt, stream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -392,11 +393,32 @@ async fn messages(
         .chat
         .fetch(&who, &id, page.after_seq.unwrap_or(0), page.limit)
         .await?;
-    let mut body = serde_json::json!({ "events": page.events, "head_seq": page.head_seq });
-    if let Some(floor) = page.trimmed {
-        body["floor_seq"] = floor.into();
-    }
-    Ok(Json(body).into_response())
+    let body = serde_json::to_vec(&MessagesPage {
+        events: page.events,
+        head_seq: page.head_seq,
+        floor_seq: page.trimmed,
+    })
+    .map_err(|e| ApiError::new(ErrorCode::Internal, format!("the page did not encode: {e}")))?;
+    let room = state.gateway.pages.reserve(body.len())?;
+    // The page's room is given back once hyper has taken its last byte (the body dropped).
+    let body = stream::once(async { Ok::<_, std::convert::Infallible>(body) }).map(move |piece| {
+        let _held = &room;
+        piece
+    });
+    Ok((
+        [(header::CONTENT_TYPE, "application/json")],
+        axum::body::Body::from_stream(body),
+    )
+        .into_response())
+}
+
+/// The body of `GET /v1/conversations/{id}/messages`.
+#[derive(serde::Serialize)]
+struct MessagesPage {
+    events: Vec<courier_proto::Event>,
+    head_seq: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    floor_seq: Option<u64>,
 }
 
 /// Every current member's receipt cursors in the conversation, each as a `receipt` frame

@@ -67,6 +67,7 @@ use courier_core::sequencing::{CommitListener, Listeners, OwedPushListener, Sequ
 use courier_core::storage_health::StorageHealth;
 use courier_fanout::Fanout;
 use courier_gateway::drain::GatewayDrain;
+use courier_gateway::pages::PageBudget;
 use courier_gateway::routes::Routes;
 use courier_gateway::{ClusterRoutes, Gateway};
 use courier_media::MediaService;
@@ -682,6 +683,10 @@ pub async fn run_client_roles(
         limits: gateway_limits,
         drain,
         owed_pushes: notifier.clone().map(|n| n as Arc<dyn OwedPushListener>),
+        pages: PageBudget::new(
+            config.max_page_bytes_in_flight,
+            metrics.page_bytes_in_flight.clone(),
+        ),
     });
     gateway.start_recording_connected_devices(&loops);
     gateway.start_liveness_pass(&loops);
