@@ -124,6 +124,8 @@ impl From<AppendRefused> for ApiError {
             | AppendRefused::NotAdmin
             | AppendRefused::TooManyConversations => Self::forbidden(e.to_string()),
             AppendRefused::NoChange => Self::bad_request(e.to_string()),
+            // Logged at error by the store with the record's key; the client does not retry.
+            AppendRefused::Damaged => Self::new(ErrorCode::Internal, e.to_string()),
         }
     }
 }
@@ -209,6 +211,13 @@ mod tests {
         for error in [SequencerError::Overloaded, SequencerError::ShardMoved] {
             assert_eq!(ApiError::from(error).code, ErrorCode::Unavailable);
         }
+        // Damage of one conversation's record refuses its append for good: `internal`, no wait.
+        let damaged = ApiError::from(SequencerError::Refused(AppendRefused::Damaged));
+        assert_eq!(
+            (damaged.code, damaged.retry_after_ms),
+            (ErrorCode::Internal, None)
+        );
+        assert!(damaged.message.contains("damaged"), "{}", damaged.message);
         // The answer clients got when chat refused sends on the fanout backlog.
         assert_eq!(
             ApiError::from(SequencerError::DeliveryBehind),

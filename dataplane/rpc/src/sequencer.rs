@@ -184,6 +184,7 @@ pub fn outcome(result: Option<append_response::Result>) -> Result<AppendOutcome,
             Ok(Refusal::NotAdmin) => Err(AppendRefused::NotAdmin.into()),
             Ok(Refusal::NoChange) => Err(AppendRefused::NoChange.into()),
             Ok(Refusal::TooManyConversations) => Err(AppendRefused::TooManyConversations.into()),
+            Ok(Refusal::Damaged) => Err(AppendRefused::Damaged.into()),
             // Nothing was appended, and a retry would be refused the same way.
             _ => Err(SequencerError::Store(StoreError::Invalid(format!(
                 "a sequencer node answered an unknown refusal ({code})"
@@ -212,6 +213,7 @@ fn refusal(refused: AppendRefused) -> Refusal {
         AppendRefused::NotAdmin => Refusal::NotAdmin,
         AppendRefused::NoChange => Refusal::NoChange,
         AppendRefused::TooManyConversations => Refusal::TooManyConversations,
+        AppendRefused::Damaged => Refusal::Damaged,
     }
 }
 

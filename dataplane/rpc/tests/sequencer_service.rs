@@ -47,6 +47,7 @@ impl Sequencer for Numbering {
                 key: b"k".to_vec(),
             })),
             "admin" => Err(SequencerError::Refused(AppendRefused::NotAdmin)),
+            "damaged" => Err(SequencerError::Refused(AppendRefused::Damaged)),
             _ => {
                 let mut heads = self.heads.lock().unwrap();
                 let head = heads.entry(append.conversation_id.clone()).or_default();
@@ -160,6 +161,10 @@ async fn outcomes_and_errors_cross_the_network_as_themselves() {
     assert!(matches!(
         remote.submit(message("c", "5", "admin")).await,
         Err(SequencerError::Refused(AppendRefused::NotAdmin))
+    ));
+    assert!(matches!(
+        remote.submit(message("c", "6", "damaged")).await,
+        Err(SequencerError::Refused(AppendRefused::Damaged))
     ));
     let shared = vec![MediaReference {
         media_id: "m1".into(),

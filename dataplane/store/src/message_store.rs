@@ -470,6 +470,16 @@ pub enum AppendRefused {
          (--max-direct-conversations-per-user); write in those you have"
     )]
     TooManyConversations,
+    /// A record the append is decided on does not decode or holds an impossible value (its
+    /// conversation's head at its maximum, its sender's member record, its earlier
+    /// idempotency record, a delete's target): damage, or a bug, logged at error with its key
+    /// by the store. Only the appends that need it are refused; the others of their batch
+    /// commit. Retrying changes nothing until the record is repaired.
+    #[error(
+        "a stored record of this conversation is damaged (its head, your membership, an \
+         earlier send's record or the message deleted); retrying will not help"
+    )]
+    Damaged,
 }
 
 /// Per append: its outcome, or why it was refused.
@@ -562,7 +572,38 @@ impl HeadCache {
 /// Membership records read or written by the batch being built, by (conversation, user):
 /// later appends of the batch decide on what earlier ones changed.
 #[derive(Default)]
-struct BatchMembers(HashMap<(String, String), Option<MemberRecord>>);
+struct BatchMembers {
+    records: HashMap<MemberKey, Option<MemberRecord>>,
+    /// What the writes of the append being sequenced replaced, in their order (`None`: no
+    /// record was there), so that an append refused as damaged part-way is undone.
+    replaced: Vec<(MemberKey, Option<Option<MemberRecord>>)>,
+}
+
+/// A membership record's (conversation, user).
+type MemberKey = (String, String);
+
+impl BatchMembers {
+    /// The next append's writes start here.
+    fn begin_append(&mut self) {
+        self.replaced.clear();
+    }
+
+    /// Writes `record` as the next append's (see [`BatchMembers::undo_append`]).
+    fn write(&mut self, key: MemberKey, record: Option<MemberRecord>) {
+        let before = self.records.insert(key.clone(), record);
+        self.replaced.push((key, before));
+    }
+
+    /// Undoes the writes since [`BatchMembers::begin_append`].
+    fn undo_append(&mut self) {
+        while let Some((key, before)) = self.replaced.pop() {
+            match before {
+                Some(record) => self.records.insert(key, record),
+                None => self.records.remove(&key),
+            };
+        }
+    }
+}
 
 /// How a membership event changes the users it names.
 #[derive(Clone, Copy)]
@@ -945,6 +986,7 @@ impl MessageStore {
     /// earlier outcome with `duplicate` set. Membership is decided here, at each append's place
     /// in its conversation's order: a sender who is not a member (any more) is refused, an add
     /// of users who already are members adds only the others (or is refused as no change).
+    /// An append whose records are damaged is refused alone ([`AppendRefused::Damaged`]).
     /// A commit of unknown outcome is tried again; if no attempt is known to have landed or
     /// not, the error is [`StoreError::MaybeCommitted`] (or `FenceChanged`), whatever stopped
     /// the last attempt.
@@ -1111,56 +1153,88 @@ impl MessageStore {
                 continue;
             }
             if let Some(stored) = earlier[i].take() {
-                let mut outcome = earlier_outcome(&idem_key, &stored)?;
-                // A retried commit that had in fact landed is ours, not a duplicate.
-                outcome.duplicate = outcome.server_msg_id != server_msg_ids[i].text();
-                results[i] = Some(Ok(outcome));
+                match earlier_outcome(&idem_key, &stored) {
+                    Ok(mut outcome) => {
+                        // A retried commit that had in fact landed is ours, not a duplicate.
+                        outcome.duplicate = outcome.server_msg_id != server_msg_ids[i].text();
+                        results[i] = Some(Ok(outcome));
+                    }
+                    Err(error) => results[i] = Some(Err(damaged(lease, append, error)?)),
+                }
                 continue;
             }
-            let head = match new_heads.get(conv) {
-                Some(&h) => h,
-                None => self.cached_head(heads, conv).await?,
-            };
-            // A head is read from the store: at `u64::MAX` it is damage, with no seq after it
-            // (refused, as a member record that does not decode is, never wrapped round to 0).
-            let seq = head.checked_add(1).ok_or_else(|| {
-                corrupt(
-                    &self.keys.head(conv),
-                    "the conversation's head is at its maximum",
-                )
-            })?;
-            let create = append.create.as_ref().filter(|_| head == 0);
+            // What the append is decided on may be damaged (`StoreError::Corrupt`): then it
+            // alone is refused, what it wrote into the batch undone, and the batch goes on.
+            // Any other error fails the batch: a read that failed says nothing of one append.
+            let mark = batch.mutations.len();
+            members.begin_append();
             let starter = append.sender.user.as_str();
-            let mut counted = None;
-            if let Some(create) = create
-                && create.started_limit > 0
-            {
-                let count = match started.get(starter) {
-                    Some(&count) => count,
-                    None => self.direct_count(starter).await?,
+            let sequenced = async {
+                let head = match new_heads.get(conv) {
+                    Some(&h) => h,
+                    None => self.cached_head(heads, conv).await?,
                 };
-                if count >= create.started_limit {
-                    results[i] = Some(Err(AppendRefused::TooManyConversations));
+                // A head is read from the store: at `u64::MAX` it is damage, with no seq after
+                // it (refused, never wrapped round to 0).
+                let seq = head.checked_add(1).ok_or_else(|| {
+                    corrupt(
+                        &self.keys.head(conv),
+                        "the conversation's head is at its maximum",
+                    )
+                })?;
+                let create = append.create.as_ref().filter(|_| head == 0);
+                let mut counted = None;
+                if let Some(create) = create
+                    && create.started_limit > 0
+                {
+                    let count = match started.get(starter) {
+                        Some(&count) => count,
+                        None => self.direct_count(starter).await?,
+                    };
+                    if count >= create.started_limit {
+                        return Ok(Err(AppendRefused::TooManyConversations));
+                    }
+                    counted = Some(count + 1);
+                }
+                let payload = match self.decide(&mut members, append, head, create).await? {
+                    Ok(payload) => payload,
+                    Err(refused) => return Ok(Err(refused)),
+                };
+                if let Some(create) = create {
+                    self.write_new_conversation(
+                        &mut batch,
+                        &mut members,
+                        conv,
+                        create,
+                        starter,
+                        ts_ms,
+                    );
+                }
+                self.write_effects(&mut batch, &mut members, append, &payload, seq, ts_ms)
+                    .await?;
+                Ok(Ok((seq, payload, counted)))
+            }
+            .await;
+            let (seq, payload) = match sequenced {
+                Ok(Ok((seq, payload, counted))) => {
+                    if let Some(count) = counted {
+                        started.insert(starter, count);
+                    }
+                    (seq, payload)
+                }
+                Ok(Err(refused)) => {
+                    results[i] = Some(Err(refused));
                     continue;
                 }
-                counted = Some(count + 1);
-            }
-            let payload = match self.decide(&mut members, append, head, create).await? {
-                Ok(payload) => payload,
-                Err(refused) => {
+                Err(error) => {
+                    let refused = damaged(lease, append, error)?;
+                    batch.mutations.truncate(mark);
+                    members.undo_append();
                     results[i] = Some(Err(refused));
                     continue;
                 }
             };
-            if let Some(count) = counted {
-                started.insert(starter, count);
-            }
-            if let Some(create) = create {
-                self.write_new_conversation(&mut batch, &mut members, conv, create, starter, ts_ms);
-            }
             new_heads.insert(conv, seq);
-            self.write_effects(&mut batch, &mut members, append, &payload, seq, ts_ms)
-                .await?;
             let server_msg_id = server_msg_ids[i].text();
             let event = Event {
                 conversation_id: conv.to_owned(),
@@ -1259,8 +1333,13 @@ impl MessageStore {
             })
             .collect();
         for ((conv, user), value) in senders.into_iter().zip(values.by_ref()) {
-            let record = self.decode_member(conv, user, &value)?;
-            members.0.insert((conv.to_owned(), user.to_owned()), record);
+            // A record that does not decode is left out: read again by the appends that need
+            // it, those alone are refused as damaged (`try_append`).
+            if let Ok(record) = self.decode_member(conv, user, &value) {
+                members
+                    .records
+                    .insert((conv.to_owned(), user.to_owned()), record);
+            }
         }
         for (conv, value) in uncached.into_iter().zip(values) {
             heads.insert(conv, value.as_deref().map_or(0, decode_u64));
@@ -1334,11 +1413,11 @@ impl MessageStore {
         user: &str,
     ) -> Result<Option<MemberRecord>, StoreError> {
         let key = (conv.to_owned(), user.to_owned());
-        if let Some(record) = members.0.get(&key) {
+        if let Some(record) = members.records.get(&key) {
             return Ok(record.clone());
         }
         let record = self.member(conv, user).await?;
-        members.0.insert(key, record.clone());
+        members.records.insert(key, record.clone());
         Ok(record)
     }
 
@@ -1388,9 +1467,7 @@ impl MessageStore {
             self.keys.user_conversation(user, conv),
             encode_left_seq(left_seq),
         );
-        members
-            .0
-            .insert((conv.to_owned(), user.to_owned()), Some(record));
+        members.write((conv.to_owned(), user.to_owned()), Some(record));
     }
 
     /// Users join (at `seq`) or leave (at `seq`, their `member_removed`) a group.
@@ -3304,6 +3381,29 @@ async fn claim_partition(
     }
 }
 
+/// The refusal of `append` for `error` met while sequencing it: damage of what it is decided
+/// on ([`StoreError::Corrupt`]) refuses it alone ([`AppendRefused::Damaged`]), logged at error
+/// with the record's key; any other error fails its batch, returned as it is.
+fn damaged(
+    lease: ShardLease,
+    append: &Append,
+    error: StoreError,
+) -> Result<AppendRefused, StoreError> {
+    match error {
+        StoreError::Corrupt { key, reason } => {
+            tracing::error!(
+                shard = lease.shard,
+                conversation = append.conversation_id.as_str(),
+                key = ?key,
+                %reason,
+                "an append is refused: a record it is decided on is damaged; the other appends of its batch go on"
+            );
+            Ok(AppendRefused::Damaged)
+        }
+        other => Err(other),
+    }
+}
+
 /// The outcome an idempotency record `stored` under `key` holds, as answered to a retry
 /// (`duplicate`).
 fn earlier_outcome(key: &[u8], stored: &[u8]) -> Result<AppendOutcome, StoreError> {
@@ -3386,11 +3486,11 @@ mod tests {
     }
 
     /// A stored head at `u64::MAX` (damage, or a hostile write) has no next seq: an append to
-    /// its conversation is refused as damage (with its batch, as for a member record that does
-    /// not decode), nothing written. It added one to it: a debug build's shard actor panicked, failing every append
-    /// queued on the shard, at every send to that conversation; a build without overflow
-    /// checks sequenced the message at 0 and set the head back to 0, so that the next one
-    /// overwrote the conversation's first event.
+    /// its conversation is refused as damage, nothing written for it. It added one to it: a
+    /// debug build's shard actor panicked, failing every append queued on the shard, at every
+    /// send to that conversation; a build without overflow checks sequenced the message at 0
+    /// and set the head back to 0, so that the next one overwrote the conversation's first
+    /// event.
     #[tokio::test]
     async fn a_head_at_its_maximum_refuses_the_append_as_damage() {
         let dir = tempfile::tempdir().unwrap();
@@ -3399,15 +3499,15 @@ mod tests {
         let mut damage = Batch::new();
         damage.set(store.keys.head("d:1"), u64::MAX.to_le_bytes().to_vec());
         store.kv.commit(damage).await.unwrap();
-        let refused = store
+        let results = store
             .append(
                 lease,
                 &mut HeadCache::default(),
                 &[message("d:1", "p", "m1")],
             )
             .await
-            .unwrap_err();
-        assert!(matches!(refused, StoreError::Corrupt { .. }), "{refused}");
+            .unwrap();
+        assert_eq!(results, [Err(AppendRefused::Damaged)]);
         assert_eq!(store.head("d:1").await.unwrap(), u64::MAX);
         assert!(
             store
@@ -3416,6 +3516,123 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
+    }
+
+    /// Damage in one conversation (a head at its maximum, a sender's member record that does
+    /// not decode) refuses only the appends that need it: the other appends of the same group
+    /// commit are sequenced and committed. It failed the whole batch with `internal`, which
+    /// clients do not retry: senders in other conversations whose messages happened to share
+    /// the batch were refused for nothing.
+    #[tokio::test]
+    async fn damage_in_one_conversation_refuses_only_its_appends_in_a_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        // One shard: every conversation in the same batch.
+        let store = temp_store(&dir, 1).await;
+        let lease = owner(&store, "d:1").await;
+        let mut heads = HeadCache::default();
+        // d:3 exists (alice's record is read, not made by the creation), then is damaged.
+        let first = store
+            .append(lease, &mut heads, &[message("d:3", "p", "c1")])
+            .await
+            .unwrap();
+        assert_eq!(first[0].as_ref().unwrap().seq, 1);
+        let mut damage = Batch::new();
+        damage
+            .set(store.keys.head("d:1"), u64::MAX.to_le_bytes().to_vec())
+            .set(store.keys.member("d:3", "alice"), vec![0xff; 3]);
+        store.kv.commit(damage).await.unwrap();
+        let batch = [
+            message("d:1", "p", "a1"),
+            message("d:2", "p", "b1"),
+            message("d:3", "p", "c2"),
+            message("d:2", "p", "b2"),
+        ];
+        let results = store
+            .append(lease, &mut HeadCache::default(), &batch)
+            .await
+            .unwrap();
+        let seqs: Vec<_> = results
+            .iter()
+            .map(|r| r.as_ref().map(|o| o.seq).map_err(Clone::clone))
+            .collect();
+        assert_eq!(
+            seqs,
+            [
+                Err(AppendRefused::Damaged),
+                Ok(1),
+                Err(AppendRefused::Damaged),
+                Ok(2)
+            ]
+        );
+        let texts = |events: Vec<Event>| -> Vec<u64> { events.iter().map(|e| e.seq).collect() };
+        assert_eq!(
+            texts(store.events("d:2", 0, u64::MAX, 10).await.unwrap()),
+            [1, 2]
+        );
+        assert_eq!(store.head("d:2").await.unwrap(), 2);
+        // Nothing written for the damaged ones: heads and events as they were.
+        assert_eq!(store.head("d:1").await.unwrap(), u64::MAX);
+        assert_eq!(store.head("d:3").await.unwrap(), 1);
+        assert_eq!(
+            texts(store.events("d:3", 0, u64::MAX, 10).await.unwrap()),
+            [1]
+        );
+        // The outbox holds the healthy conversation's entries only.
+        let outbox = store.outbox(lease.shard, None, 100).await.unwrap();
+        let listed: Vec<_> = outbox
+            .iter()
+            .map(|(_, e)| (e.conversation_id.as_str(), e.seq))
+            .collect();
+        assert_eq!(listed, [("d:3", 1), ("d:2", 1), ("d:2", 2)]);
+    }
+
+    /// An append refused as damaged part-way through its writes leaves nothing of them, in the
+    /// commit or for the appends after it in the batch: a group whose founder's record does
+    /// not decode is not created, and its founder's next message in the batch is not a
+    /// member's.
+    #[tokio::test]
+    async fn an_append_refused_as_damaged_part_way_leaves_nothing_of_its_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = temp_store(&dir, 1).await;
+        let lease = owner(&store, "g:1").await;
+        let mut damage = Batch::new();
+        damage.set(store.keys.member("g:1", "carol"), vec![0xff; 3]);
+        store.kv.commit(damage).await.unwrap();
+        let created = EventPayload::GroupCreated {
+            name: "g".into(),
+            members: vec!["alice".into(), "bob".into(), "carol".into()],
+        };
+        let text = EventPayload::Message {
+            body: Some(Body::Text("hi".into())),
+            client_msg_id: "t".into(),
+            reply_to: None,
+            deleted: false,
+        };
+        let batch = [
+            by("alice", "c", created),
+            by("alice", "t", text),
+            message("d:2", "p", "b1"),
+        ];
+        let results = store
+            .append(lease, &mut HeadCache::default(), &batch)
+            .await
+            .unwrap();
+        let seqs: Vec<_> = results
+            .iter()
+            .map(|r| r.as_ref().map(|o| o.seq).map_err(Clone::clone))
+            .collect();
+        assert_eq!(
+            seqs,
+            [
+                Err(AppendRefused::Damaged),
+                Err(AppendRefused::NotMember),
+                Ok(1)
+            ]
+        );
+        assert_eq!(store.head("g:1").await.unwrap(), 0);
+        assert_eq!(store.member("g:1", "alice").await.unwrap(), None);
+        assert!(store.conversation("g:1").await.unwrap().is_none());
+        assert_eq!(store.head("d:2").await.unwrap(), 1);
     }
 
     /// A budgeted read stops before the event that would pass its budget, but returns one
