@@ -63,7 +63,9 @@
 //!   and the pending notifications are in the store; re-expansion counts nothing twice), so a
 //!   restart costs at most the repeat of a notification that was sent but not yet recorded as
 //!   sent. A node that takes the lead reads every shard's bound from the store again (another
-//!   node may have moved it meanwhile).
+//!   node may have moved it meanwhile), and reads an outbox from its start where that bound
+//!   lies past every entry the outbox holds (damage, logged at error, or an outbox emptied
+//!   below it): an entry held is pushed again rather than skipped (`Notifier::starting_bound`).
 
 mod provider_gates;
 pub mod providers;
@@ -113,6 +115,9 @@ const ENTRIES_PER_YIELD: usize = 256;
 const PENDING_PAGE: usize = 512;
 /// Attempts before a notification is given up.
 pub const MAX_ATTEMPTS: u32 = 12;
+/// Shards whose newest outbox entry is read at once when the notifier reads their bounds
+/// (`Notifier::starting_bound`); the others wait for those reads.
+const BOUND_CHECKS_IN_FLIGHT: usize = 64;
 /// Notifications being sent at once, over all providers. A provider that does not answer
 /// holds each request for the request timeout (10 s): sent one at a time, each of its
 /// notifications cost that much, and held back every other provider's sends and the
@@ -890,13 +895,51 @@ impl Notifier {
             .collect();
         if !unknown.is_empty() {
             let pushed = self.store.pushed_bounds(&unknown).await?;
-            for (shard, bound) in unknown.into_iter().zip(pushed) {
-                if let Some(bound) = bound {
-                    self.cursors.set(shard, bound);
-                }
+            let recorded: Vec<(u32, Vec<u8>)> = unknown
+                .into_iter()
+                .zip(pushed)
+                .filter_map(|(shard, bound)| Some((shard, bound?)))
+                .collect();
+            // Each outbox's newest entry, read after the bound (a commit meanwhile only
+            // raises it), a few shards at a time: at a take of the lead, every shard's.
+            let starts: Vec<(u32, Vec<u8>)> = futures::stream::iter(recorded)
+                .map(|(shard, bound)| async move {
+                    let newest = self.store.last_outbox_key(shard).await?;
+                    let start = self.starting_bound(shard, bound, newest.as_deref());
+                    Ok::<_, StoreError>((shard, start))
+                })
+                .buffered(BOUND_CHECKS_IN_FLIGHT)
+                .try_collect()
+                .await?;
+            for (shard, start) in starts {
+                self.cursors.set(shard, start);
             }
         }
         self.store.delivered_bounds(shards).await
+    }
+
+    /// Where the notifier reads `shard`'s outbox from, with its `recorded` bound there and the
+    /// `newest` entry the outbox holds (read after it): the bound, unless it lies past every
+    /// entry held. The notifier clears the outbox from its start only, below its own bound
+    /// and fanout's, so such a bound is damage (or a hostile write) when entries are held, and
+    /// is then logged at error; with none held it may also be where the notifier stopped after
+    /// it cleared everything. Either way the read starts at the outbox's start, which is below
+    /// every entry held: those are pushed again (re-expansion counts none twice), and none is
+    /// skipped. Taken as it was, a bound past every entry held read nothing, pushed nothing,
+    /// and the outbox was cleared below fanout's bound all the same; a bound past the stamps
+    /// of the commits to come left every new message of the shard below it, never pushed.
+    fn starting_bound(&self, shard: u32, recorded: Vec<u8>, newest: Option<&[u8]>) -> Vec<u8> {
+        let after_newest = newest.map(bound_after);
+        match after_newest {
+            Some(after) if recorded <= after => return recorded,
+            Some(_) => tracing::error!(
+                shard,
+                bound = %recorded.escape_ascii(),
+                "the push notifier's recorded bound lies past every entry of the outbox: the entries held are pushed again"
+            ),
+            None => {}
+        }
+        self.store.keys().outbox(shard).start
     }
 
     /// The `entries` of `shard`'s outbox read from `from` (`None`: nothing new, nothing to
@@ -1713,6 +1756,58 @@ mod tests {
         expand_the_group(&notifier, &store).await;
         assert_eq!(counts(&store, "g:1", &members).await, [0, 1, 0]);
         assert!(all_expanded(&store, store.shard_of("g:1")).await);
+    }
+
+    /// The notifier's recorded bound past every entry of its outbox (damage, or a hostile
+    /// write) does not keep the entries held from being pushed: the notifier reads from no
+    /// higher than the first entry held (logged at error), and pushes the messages committed
+    /// after. Taken as it was, nothing was read, nothing pushed, and the outbox was cleared
+    /// below fanout's bound all the same: those messages, and every one committed after
+    /// (below the bound too), were never pushed.
+    #[tokio::test]
+    async fn a_recorded_bound_past_every_entry_does_not_skip_the_entries_held() {
+        let engine = FaultyEngine::new();
+        let store = engine.store(4).await;
+        let members = ["cat", "ann", "bob"].map(String::from);
+        group_with_a_message(&store, "g:1", &members).await;
+        let shard = store.shard_of("g:1");
+        let newest = store.last_outbox_key(shard).await.unwrap().unwrap();
+        let mut damage = Batch::new();
+        damage
+            .set(
+                store.keys().pushed_bound(shard),
+                store.keys().outbox(shard).end,
+            )
+            // Fanout delivered everything held: the outbox may be cleared below it.
+            .set(store.keys().delivered_bound(shard), bound_after(&newest));
+        engine.commit(damage).await.unwrap();
+        let notifier = notifier(&store, PushProviders::default(), Duration::from_secs(3600));
+        expand_the_group(&notifier, &store).await;
+        assert_eq!(counts(&store, "g:1", &members).await, [0, 1, 1]);
+        // A message committed after is pushed too: it lies above the bound now.
+        second_message(&store, "g:1", "cat").await;
+        expand_the_group(&notifier, &store).await;
+        assert_eq!(counts(&store, "g:1", &members).await, [0, 2, 2]);
+        assert!(all_expanded(&store, shard).await);
+        // Delivered and cleared, the outbox empty, the bound damaged again: a notifier that
+        // takes the shard pushes what is committed next.
+        let newest = store.last_outbox_key(shard).await.unwrap().unwrap();
+        let mut delivered = Batch::new();
+        delivered.set(store.keys().delivered_bound(shard), bound_after(&newest));
+        engine.commit(delivered).await.unwrap();
+        notifier.mark_dirty(shard);
+        expand_the_group(&notifier, &store).await;
+        assert_eq!(store.last_outbox_key(shard).await.unwrap(), None);
+        let mut damage = Batch::new();
+        damage.set(
+            store.keys().pushed_bound(shard),
+            store.keys().outbox(shard).end,
+        );
+        engine.commit(damage).await.unwrap();
+        let taken = self::notifier(&store, PushProviders::default(), Duration::from_secs(3600));
+        message(&store, "g:1", "cat", "third").await;
+        expand_the_group(&taken, &store).await;
+        assert_eq!(counts(&store, "g:1", &members).await, [0, 3, 3]);
     }
 
     /// A group of `members` with a push-registered, offline phone each, and one message from
