@@ -28,7 +28,9 @@
 //! node took a free shard again. A stored epoch at `u64::MAX` has no next one: a take passes
 //! the shard over and a hand-off of it is refused ([`StoreError::Corrupt`]), both logged at
 //! error; its owner, if any, goes on at that epoch, and once its lease lapses no node serves
-//! the shard until an operator repairs the record.
+//! the shard until an operator repairs the record. A record whose lease ends further ahead
+//! than any node writes one (more than a day past the taker's own lease) is damage too: the
+//! next node to take free shards takes it as a lapsed one, logged at error.
 
 use crate::kv::{Batch, StoreError, decode_u64};
 use std::collections::HashMap;
@@ -194,6 +196,21 @@ impl MessageStore {
             let owner = owners.get(&owner_key).cloned();
             if let Some(value) = &owner {
                 match OwnerRecord::decode(value.as_slice()) {
+                    // No node writes a lease that ends this far ahead: damage (or a hostile
+                    // write). Held by it, the shard stayed with a node that may be gone, and
+                    // once that node was gone no node served the shard again. Taken as a
+                    // lapsed one, which safety allows (the epoch moves).
+                    Ok(record)
+                        if record.node != node
+                            && beyond_any_lease(record.lease_until_ms, now_ms, lease_ms) =>
+                    {
+                        tracing::error!(
+                            shard,
+                            owner = record.node,
+                            lease_until_ms = record.lease_until_ms,
+                            "an ownership record whose lease ends further ahead than any node writes one: the shard is taken over"
+                        );
+                    }
                     Ok(record) if record.node != node && record.lease_until_ms > now_ms => {
                         continue;
                     }
@@ -396,6 +413,21 @@ impl MessageStore {
     }
 }
 
+/// How much further ahead than a node's own lease (`now + lease_ms`) a stored lease may end
+/// and still be one a node wrote: a day, far beyond any clock skew between nodes (a minute,
+/// `crate::idempotency`) and any difference between their lease lengths in one cluster.
+const LEASE_HORIZON_MS: u64 = 24 * 60 * 60 * 1000;
+
+/// Whether a stored lease ending at `lease_until_ms` lies beyond any a node writes, read at
+/// `now_ms` by a node whose leases run `lease_ms`: damage (a deadline at `u64::MAX`, say), or a
+/// hostile write, never a live owner's lease.
+pub(crate) fn beyond_any_lease(lease_until_ms: u64, now_ms: u64, lease_ms: u64) -> bool {
+    lease_until_ms
+        > now_ms
+            .saturating_add(lease_ms)
+            .saturating_add(LEASE_HORIZON_MS)
+}
+
 /// The epoch after `epoch`, which a new owner takes; `None` past the last one. Epochs are read
 /// from the store, so `u64::MAX` is damage (or a hostile write), never a count reached.
 fn next_epoch(epoch: u64) -> Option<u64> {
@@ -583,6 +615,66 @@ mod tests {
                 .epoch,
             held.epoch,
             "a held shard is left alone"
+        );
+    }
+
+    /// An ownership record whose lease ends further ahead than any node writes one (damage:
+    /// a deadline at `u64::MAX`, say) is taken over as a lapsed one, with a new epoch: the
+    /// shard was held for good by the node it named, and once that node was gone no node
+    /// served it again (every send to its conversations refused). A lease of a day more than
+    /// the taker's own is still a live one.
+    #[tokio::test]
+    async fn a_lease_ending_past_any_a_node_writes_is_taken_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = temp_store(&dir, 8).await;
+        let damaged = store.shard_of("d:1");
+        let kept = (damaged + 1) % 8;
+        let gone = store
+            .acquire_shards(
+                Duty::Sequencing,
+                "gone",
+                &[kept, damaged],
+                usize::MAX,
+                0,
+                LEASE,
+            )
+            .await
+            .unwrap();
+        let mut damage = Batch::new();
+        for (lease, until) in [(gone[0], LEASE_HORIZON_MS), (gone[1], u64::MAX)] {
+            let record = OwnerRecord {
+                node: "gone".into(),
+                epoch: lease.epoch,
+                lease_until_ms: until,
+            };
+            damage.set(
+                store.keys().shard_owner(Duty::Sequencing, lease.shard),
+                record.encode_to_vec(),
+            );
+        }
+        store.kv().commit(damage).await.unwrap();
+        let taken = store
+            .acquire_shards(
+                Duty::Sequencing,
+                "b",
+                &[kept, damaged],
+                usize::MAX,
+                1,
+                LEASE,
+            )
+            .await
+            .unwrap();
+        assert_eq!(taken.len(), 1, "{taken:?}");
+        assert_eq!(taken[0].shard, damaged);
+        assert_eq!(taken[0].epoch, gone[1].epoch + 1);
+        let owner = store
+            .shard_owner(Duty::Sequencing, damaged)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (owner.node.as_str(), owner.lease_until_ms),
+            ("b", 1 + LEASE)
         );
     }
 
