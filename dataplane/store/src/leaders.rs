@@ -8,7 +8,8 @@
 //! leader keeps the job as long as it renews it within its lease; when it dies, another node
 //! takes the job at its first pass after the lease lapsed. A leader record that does not
 //! decode (damage) names no one: the job is free, logged at error, and its next leader writes a
-//! record that decodes.
+//! record that decodes; so is one whose lease ends further ahead than any node writes one
+//! (more than a day past the node's own lease: damage, or a hostile write).
 //!
 //! **No fence.** The jobs are idempotent and every write they make is safe next to another
 //! node's (a retention trim goes through the shard's sequencer and fences on its epoch; a
@@ -19,6 +20,7 @@
 
 use crate::kv::{Batch, StoreError};
 use crate::message_store::{MessageStore, corrupt};
+use crate::ownership::beyond_any_lease;
 use prost::Message;
 
 /// A cluster-wide job with a leader.
@@ -70,7 +72,18 @@ impl MessageStore {
             && record.node != node
             && record.lease_until_ms > now_ms
         {
-            return Ok(false);
+            if !beyond_any_lease(record.lease_until_ms, now_ms, lease_ms) {
+                return Ok(false);
+            }
+            // Damage, or a hostile write: held by it, the job stayed with a node that may be
+            // gone, and then no node ran it again. Taken as free; two leaders for a moment
+            // cost a pass done twice (see the module's doc).
+            tracing::error!(
+                job = job.name(),
+                leader = record.node,
+                lease_until_ms = record.lease_until_ms,
+                "a job's leader record whose lease ends further ahead than any node writes one: the job is taken as free"
+            );
         }
         let record = LeaderRecord {
             node: node.to_owned(),
@@ -148,6 +161,33 @@ mod tests {
         assert_eq!(store.leader(retention, 19_001).await.unwrap(), None);
         assert!(store.lead(retention, "b", 19_001, LEASE).await.unwrap());
         assert!(!store.lead(retention, "a", 19_002, LEASE).await.unwrap());
+    }
+
+    /// A leader record whose lease ends further ahead than any node writes one (damage: a
+    /// deadline at `u64::MAX`, say) leaves the job free: the next node to lead it does. Taken
+    /// as live, it held the job for good by a node that may be gone: no retention pass, no
+    /// media sweep, no push notification, anywhere in the cluster.
+    #[tokio::test]
+    async fn a_leader_record_whose_lease_ends_past_any_a_node_writes_leaves_the_job_free() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = temp_store(&dir, 4).await;
+        let record = LeaderRecord {
+            node: "gone".into(),
+            lease_until_ms: u64::MAX,
+        };
+        let mut damage = Batch::new();
+        damage.set(
+            store.keys().leader(Job::Push.name()),
+            record.encode_to_vec(),
+        );
+        store.kv().commit(damage).await.unwrap();
+        assert!(store.lead(Job::Push, "b", 1_000, LEASE).await.unwrap());
+        assert_eq!(
+            store.leader(Job::Push, 1_000).await.unwrap().as_deref(),
+            Some("b")
+        );
+        // A live lease another node wrote is still its own.
+        assert!(!store.lead(Job::Push, "c", 1_001, 1).await.unwrap());
     }
 
     /// A leader record that does not decode (damage) leaves the job free: the next node to
