@@ -211,7 +211,8 @@ async fn registry(dir: &tempfile::TempDir, nodes: &[(&str, SocketAddr)]) -> Mess
         let record = NodeRecord {
             roles: vec!["chat".into()],
             address: address.to_string(),
-            lease_until_ms: u64::MAX,
+            // Live for the test: an hour (one past any lease a node writes is damage).
+            lease_until_ms: courier_core::clock::now_ms() + 3_600_000,
             started_ms: 0,
             connections: 0,
             ..NodeRecord::default()

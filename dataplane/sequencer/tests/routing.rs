@@ -66,7 +66,8 @@ async fn sequencer_node(store: &MessageStore, id: &str) -> Arc<LocalSequencer> {
     let record = NodeRecord {
         roles: vec!["sequencer".into()],
         address: address.to_string(),
-        lease_until_ms: u64::MAX,
+        // Live for the test: an hour (one past any lease a node writes is damage).
+        lease_until_ms: courier_core::clock::now_ms() + 3_600_000,
         started_ms: 0,
         connections: 0,
         ..NodeRecord::default()

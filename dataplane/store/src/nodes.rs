@@ -15,7 +15,9 @@
 //!
 //! **A record that does not decode** (damage) is passed over by every reader of the registry,
 //! logged at error; its node writes it anew at its next renewal, and a dead node's is
-//! forgotten with the lapsed nodes (or by `ForgetNode`).
+//! forgotten with the lapsed nodes (or by `ForgetNode`). A record whose lease ends further
+//! ahead than any node writes one (more than a day ahead: damage) is no live node's
+//! ([`NodeRecord::is_live`]); a process started under its id writes it anew (logged at error).
 //!
 //! **Ending another node's lease.** A node may end a live node's lease before its time
 //! ([`MessageStore::end_node_lease`]): fanout does it to a gateway node that renews its lease
@@ -28,7 +30,7 @@
 
 use crate::kv::{Batch, KeyValue, StoreError};
 use crate::message_store::{MessageStore, corrupt};
-use crate::ownership::reading_again;
+use crate::ownership::{beyond_any_lease, reading_again};
 use prost::Message;
 
 /// A node of the cluster, as it registered itself.
@@ -67,8 +69,13 @@ pub struct NodeRecord {
 }
 
 impl NodeRecord {
+    /// Whether the node's lease runs at `now_ms`. One that ends further ahead than any node
+    /// writes one (more than a day ahead: damage, a deadline at `u64::MAX` say, or a hostile
+    /// write) does not: taken as live, it kept a dead node live for every reader for good (its
+    /// devices' routes kept, the push notifier taking them for connected), and a process
+    /// started under its id waited for it to lapse for ever.
     pub fn is_live(&self, now_ms: u64) -> bool {
-        self.lease_until_ms > now_ms
+        self.lease_until_ms > now_ms && !beyond_any_lease(self.lease_until_ms, now_ms, 0)
     }
 }
 
@@ -148,6 +155,12 @@ impl MessageStore {
                     replaced_lease_until_ms = Some(held.lease_until_ms);
                 } else if held.is_live(now_ms) {
                     return Ok(Claim::HeldBy(held));
+                } else if held.lease_until_ms > now_ms {
+                    tracing::error!(
+                        node,
+                        lease_until_ms = held.lease_until_ms,
+                        "this node's registry record ends further ahead than any node writes one: written anew"
+                    );
                 }
             }
             let mut batch = Batch::new();
@@ -597,6 +610,36 @@ mod tests {
             "the first process, back after a pause, finds the id taken"
         );
     }
+    /// A registry record whose lease ends further ahead than any node writes one (damage: a
+    /// deadline at `u64::MAX`, say) is no live node's: every reader sees it lapsed, and a
+    /// process started under its id registers. It counted as live for good: the node's routes
+    /// were kept and its devices taken for connected, and that process waited for its lapse
+    /// for ever.
+    #[tokio::test]
+    async fn a_node_lease_ending_past_any_a_node_writes_is_no_live_node() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = temp_store(&dir, 8).await;
+        let damaged = NodeRecord {
+            instance: 1,
+            ..node("127.0.0.2:7100", u64::MAX)
+        };
+        store.register_node("s1", &damaged).await.unwrap();
+        assert!(!damaged.is_live(1_000));
+        let restarted = NodeRecord {
+            instance: 2,
+            ..node("127.0.0.2:7100", 11_000)
+        };
+        assert_eq!(
+            store.claim_node("s1", &restarted, 1_000).await.unwrap(),
+            Claim::Registered {
+                replaced_lease_until_ms: None
+            }
+        );
+        // A lease a node writes (an hour of `--shard-lease`, say) is a live one.
+        let long = node("127.0.0.2:7100", 1_000 + 3_600_000);
+        assert!(long.is_live(1_000));
+    }
+
     /// Fanout ends the lease of a gateway it cannot reach: every node sees the record lapsed
     /// at once, and the node's next renewal reports its lease cut short, whatever its clock.
     #[tokio::test]
