@@ -1270,9 +1270,9 @@ impl Notifier {
                 self.settle(key, &pending, None).await
             }
             Err(PushError::Retry { after } | PushError::Throttled { after })
-                if pending.attempts + 1 < MAX_ATTEMPTS =>
+                if next_attempt(&pending) < MAX_ATTEMPTS =>
             {
-                let delay = next_delay(pending.attempts + 1, after);
+                let delay = next_delay(next_attempt(&pending), after);
                 self.retry(key, &pending, now + delay.as_millis() as u64)
                     .await
             }
@@ -1304,7 +1304,7 @@ impl Notifier {
     ) -> Result<(), StoreError> {
         self.count("retried");
         let next = PendingPush {
-            attempts: pending.attempts + 1,
+            attempts: next_attempt(pending),
             due_ms,
             ..pending.clone()
         };
@@ -1317,7 +1317,7 @@ impl Notifier {
     /// it was read (registered again, with a new token or the same one): the notification is
     /// tried again with the registration the next pass reads, if it has an attempt left.
     async fn registered_again(&self, key: &[u8], pending: &PendingPush) -> Result<(), StoreError> {
-        if pending.attempts + 1 < MAX_ATTEMPTS {
+        if next_attempt(pending) < MAX_ATTEMPTS {
             return self.retry(key, pending, now_ms()).await;
         }
         self.count("failed");
@@ -1363,6 +1363,13 @@ impl Notifier {
 
 /// Counts the message `seq` of `sender` in `entry`, unless it counts it already (a
 /// notification counts its conversation's messages in seq order, through its `last_seq`).
+/// The number of `pending`'s next attempt. Its attempts are read from the store: at
+/// `u32::MAX` they are damage, and the next is no more (then it is given up, out of attempts),
+/// never wrapped round to 0.
+fn next_attempt(pending: &PendingPush) -> u32 {
+    pending.attempts.saturating_add(1)
+}
+
 fn count_message(entry: &mut PendingPush, seq: u64, sender: &str) {
     if entry.last_seq < seq {
         entry.count = entry.count.saturating_add(1);
@@ -2720,6 +2727,42 @@ mod tests {
         notifier.next_due_ms.store(0, Ordering::Relaxed);
         notifier.pass().await.unwrap();
         assert_eq!(seen.lock().unwrap().len(), throttled);
+    }
+
+    /// A pending notification whose stored attempts are at their maximum (damage) is given up
+    /// when its provider asks for a retry, as one out of attempts is. One was added to them: a
+    /// debug build's notifier panicked at every pass that sent it (no notification was sent
+    /// or expanded after it), and a build without overflow checks wrapped them to 0 and tried
+    /// it all over again.
+    #[tokio::test]
+    async fn a_notification_whose_attempts_are_at_their_maximum_is_given_up() {
+        let engine = FaultyEngine::new();
+        let store = engine.store(4).await;
+        let members = ["ann", "ben"].map(String::from);
+        group_with_a_message(&store, "g:1", &members).await;
+        let (providers, seen) = scripted_webhook(503, None, Duration::ZERO).await;
+        let notifier = notifier(&store, providers, Duration::ZERO);
+        expand_the_group(&notifier, &store).await;
+        let pending = store.pending_push("ben", "phone", "g:1").await.unwrap();
+        let pending = pending.expect("pending");
+        let damaged = PendingPush {
+            attempts: u32::MAX,
+            due_ms: 0,
+            ..pending.clone()
+        };
+        let key = store.keys().pending_push("ben", "phone", "g:1");
+        store
+            .settle_pending_push(&key, &pending, Some(&damaged))
+            .await
+            .unwrap();
+        notifier.next_due_ms.store(0, Ordering::Relaxed);
+        notifier.pass().await.unwrap();
+        assert_eq!(seen.lock().unwrap().len(), 1, "sent once");
+        assert_eq!(
+            store.pending_push("ben", "phone", "g:1").await.unwrap(),
+            None,
+            "given up"
+        );
     }
 
     /// A provider that does not answer holds each request for the request timeout: the
