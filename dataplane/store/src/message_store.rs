@@ -1678,7 +1678,7 @@ impl MessageStore {
         )
         .await?;
         let former = former.as_deref().map_or(0, |v| decode_u64(v) as i64);
-        Ok((former + counters).max(0) as u64)
+        Ok(former.saturating_add(counters).max(0) as u64)
     }
 
     /// The number of direct conversations `user` started (created by its first message): the
@@ -1690,9 +1690,15 @@ impl MessageStore {
     }
 
     /// The sum of the signed counters (i64 LE, atomic ADD) in `range`: a user's, one per shard.
+    /// Saturating: a counter near its type's bounds is damage (or a hostile write), which
+    /// costs its user a count at the bound, never a panic of the shard actor that reads it
+    /// (a debug build's, failing every append queued on the shard) or a wrap to a count of 0
+    /// that lifted the user's limit.
     async fn counters_total(&self, range: Range<Vec<u8>>) -> Result<i64, StoreError> {
         let counters = self.kv.range(range, usize::MAX, false).await?;
-        Ok(counters.iter().map(|(_, v)| decode_u64(v) as i64).sum())
+        Ok(counters
+            .iter()
+            .fold(0i64, |sum, (_, v)| sum.saturating_add(decode_u64(v) as i64)))
     }
 
     /// The lowest retained seq of `conv` (1 until retention clears events).
@@ -3670,6 +3676,40 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(seqs(one), [43]);
+    }
+
+    /// A user's counters near their type's maximum (damage) count as many conversations as
+    /// there can be: its creations are refused, the other appends of the batch go on. Summed
+    /// with overflow, a debug build's shard actor panicked (failing every append queued on the
+    /// shard), and a build without overflow checks wrapped the count below 0, read as none.
+    #[tokio::test]
+    async fn counters_at_their_maximum_count_as_many_as_there_can_be() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = temp_store(&dir, 1).await;
+        let mut damage = Batch::new();
+        for shard in [0, 1] {
+            damage
+                .add(store.keys.direct_counter("alice", shard), i64::MAX)
+                .add(store.keys.group_counter("alice", shard), i64::MAX);
+        }
+        store.kv.commit(damage).await.unwrap();
+        assert_eq!(store.direct_count("alice").await.unwrap(), i64::MAX as u64);
+        assert_eq!(store.group_count("alice").await.unwrap(), i64::MAX as u64);
+        let lease = owner(&store, "d:1").await;
+        let limited = Append {
+            create: Some(NewConversation::direct("alice", "bob").started_at_most(2)),
+            ..message("d:1", "p", "m1")
+        };
+        let results = store
+            .append(
+                lease,
+                &mut HeadCache::default(),
+                &[limited, message("d:2", "p", "m2")],
+            )
+            .await
+            .unwrap();
+        assert_eq!(results[0], Err(AppendRefused::TooManyConversations));
+        assert_eq!(results[1].as_ref().unwrap().seq, 1);
     }
 
     /// A user starts direct conversations up to its limit; it writes on in those, and others
