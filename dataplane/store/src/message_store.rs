@@ -471,7 +471,7 @@ pub enum AppendRefused {
     )]
     TooManyConversations,
     /// A record the append is decided on does not decode or holds an impossible value (its
-    /// conversation's head at its maximum, its sender's member record, its earlier
+    /// conversation's head at its maximum or of the wrong length, its sender's member record, its earlier
     /// idempotency record, a delete's target): damage, or a bug, logged at error with its key
     /// by the store. Only the appends that need it are refused; the others of their batch
     /// commit. Retrying changes nothing until the record is repaired.
@@ -1342,7 +1342,14 @@ impl MessageStore {
             }
         }
         for (conv, value) in uncached.into_iter().zip(values) {
-            heads.insert(conv, value.as_deref().map_or(0, decode_u64));
+            // A head that does not decode is left out, as a member record is: read again by
+            // the appends of its conversation, which alone are refused as damaged.
+            let head = value
+                .as_deref()
+                .map_or(Ok(0), |v| self.decode_head(conv, v));
+            if let Ok(head) = head {
+                heads.insert(conv, head);
+            }
         }
         Ok(earlier)
     }
@@ -2734,9 +2741,28 @@ impl MessageStore {
         if let Some(&h) = heads.heads.get(conv) {
             return Ok(h);
         }
-        let head = self.head(conv).await?;
+        let value = self.kv.get(&self.keys.head(conv)).await?;
+        let head = value
+            .as_deref()
+            .map_or(Ok(0), |v| self.decode_head(conv, v))?;
         heads.insert(conv, head);
         Ok(head)
+    }
+
+    /// `conv`'s head as the sequencer reads it to append: the 8 bytes (little-endian) it
+    /// writes. Of another length it is damage ([`StoreError::Corrupt`]): read as a number
+    /// (shorter values zero-extended, longer ones cut), it put the next seq at or below events
+    /// held, which that append and the ones after it overwrote (an empty head started the
+    /// conversation over).
+    fn decode_head(&self, conv: &str, value: &[u8]) -> Result<u64, StoreError> {
+        <[u8; 8]>::try_from(value)
+            .map(u64::from_le_bytes)
+            .map_err(|_| {
+                corrupt(
+                    &self.keys.head(conv),
+                    format!("a head of {} bytes, not 8", value.len()),
+                )
+            })
     }
 
     /// The highest seq of `conv` (0 when it has no event).
@@ -3590,6 +3616,47 @@ mod tests {
             .map(|(_, e)| (e.conversation_id.as_str(), e.seq))
             .collect();
         assert_eq!(listed, [("d:3", 1), ("d:2", 1), ("d:2", 2)]);
+    }
+
+    /// A head of another length than the 8 bytes the sequencer writes (damage) refuses the
+    /// appends of its conversation as damaged, the others of the batch going on. Read as a
+    /// number (zero-extended, or cut), it put the next seq among the events held: the append
+    /// overwrote one, and every one after it the next.
+    #[tokio::test]
+    async fn a_head_of_the_wrong_length_refuses_its_appends_as_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = temp_store(&dir, 1).await;
+        let lease = owner(&store, "d:1").await;
+        let batch = [message("d:1", "p", "m1"), message("d:1", "p", "m2")];
+        store
+            .append(lease, &mut HeadCache::default(), &batch)
+            .await
+            .unwrap();
+        for damaged in [vec![1], Vec::new(), vec![2; 9]] {
+            let mut damage = Batch::new();
+            damage.set(store.keys.head("d:1"), damaged.clone());
+            store.kv.commit(damage).await.unwrap();
+            let id = format!("m{}", damaged.len() + 3);
+            let results = store
+                .append(
+                    lease,
+                    &mut HeadCache::default(),
+                    &[message("d:1", "p", &id), message("d:2", "p", &id)],
+                )
+                .await
+                .unwrap();
+            assert_eq!(results[0], Err(AppendRefused::Damaged), "{damaged:?}");
+            assert!(results[1].is_ok(), "{results:?}");
+            let events = store.events("d:1", 0, u64::MAX, 10).await.unwrap();
+            let ids: Vec<_> = events
+                .iter()
+                .map(|e| match &e.payload {
+                    EventPayload::Message { client_msg_id, .. } => client_msg_id.as_str(),
+                    _ => "",
+                })
+                .collect();
+            assert_eq!(ids, ["m1", "m2"], "{damaged:?}");
+        }
     }
 
     /// An append refused as damaged part-way through its writes leaves nothing of them, in the
