@@ -1574,7 +1574,7 @@ impl MessageStore {
                     None => self.kv.get(&key).await?,
                 };
                 if let Some(value) = stored {
-                    let mut target = decode_event(&key, &value)?;
+                    let mut target = self.held_at(&key, conv, decode_event(&key, &value)?)?;
                     if let EventPayload::Message { body, deleted, .. } = &mut target.payload {
                         if let Some(courier_proto::Body::Media(media)) = body.take() {
                             // Deleted for everyone: this message no longer shares it.
@@ -1597,9 +1597,30 @@ impl MessageStore {
     pub async fn event(&self, conv: &str, seq: u64) -> Result<Option<Event>, StoreError> {
         let key = self.keys.event(conv, seq);
         match self.kv.get(&key).await? {
-            Some(value) => Ok(Some(decode_event(&key, &value)?)),
+            Some(value) => Ok(Some(self.held_at(
+                &key,
+                conv,
+                decode_event(&key, &value)?,
+            )?)),
             None => Ok(None),
         }
+    }
+
+    /// `event`, read under `key` among `conv`'s events, if it is the event that key holds:
+    /// one of another seq or conversation there is damage ([`StoreError::Corrupt`], which says
+    /// neither, so that a client told of it learns nothing of another conversation). Taken as
+    /// it was, a seq below its key's set a reader back in the conversation: a connection's
+    /// catch-up and a retention pass read the same events again and again, for ever; an event
+    /// of another conversation went to this one's members.
+    fn held_at(&self, key: &[u8], conv: &str, event: Event) -> Result<Event, StoreError> {
+        let seq = self.keys.event_parts(key).map(|(_, seq)| seq);
+        if event.conversation_id != conv || seq != Some(event.seq) {
+            return Err(corrupt(
+                key,
+                "the event stored there is not the one its key names (another seq or conversation)",
+            ));
+        }
+        Ok(event)
     }
 
     /// The membership record of `user` in `conv`: current or former (see
@@ -2832,7 +2853,7 @@ impl MessageStore {
             if i > 0 && bytes > max_bytes {
                 break;
             }
-            match decode_event(&key, &value) {
+            match decode_event(&key, &value).and_then(|event| self.held_at(&key, conv, event)) {
                 Ok(event) => events.push(event),
                 Err(error) => {
                     let next = events.last().map_or(after_seq, |e: &Event| e.seq) + 1;
@@ -3657,6 +3678,48 @@ mod tests {
                 .collect();
             assert_eq!(ids, ["m1", "m2"], "{damaged:?}");
         }
+    }
+
+    /// An event stored under a key of another seq or conversation (damage) is read as an event
+    /// that does not decode: the reader's place stays at its key. Taken as it was, a catch-up
+    /// or a retention pass that read it went back to its seq and read the same events again,
+    /// for ever, and an event of another conversation went to this one's members.
+    #[tokio::test]
+    async fn an_event_stored_under_another_seqs_key_is_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = temp_store(&dir, 8).await;
+        let lease = owner(&store, "d:1").await;
+        let batch = [
+            message("d:1", "p", "m1"),
+            message("d:1", "p", "m2"),
+            message("d:1", "p", "m3"),
+        ];
+        store
+            .append(lease, &mut HeadCache::default(), &batch)
+            .await
+            .unwrap();
+        let first = store.event("d:1", 1).await.unwrap().unwrap();
+        let other = Event {
+            conversation_id: "d:9".into(),
+            ..first.clone()
+        };
+        for (seq, stored) in [(3, first), (2, other)] {
+            let mut damage = Batch::new();
+            damage.set(
+                store.keys.event("d:1", seq),
+                pb::Event::from(stored).encode_to_vec(),
+            );
+            store.kv.commit(damage).await.unwrap();
+        }
+        let (events, undecodable) = store
+            .events_within_until_undecodable("d:1", 0, u64::MAX, 10, usize::MAX)
+            .await
+            .unwrap();
+        assert_eq!(events.len(), 1);
+        assert_eq!(undecodable.map(|u| u.seq), Some(2));
+        assert!(store.events("d:1", 2, u64::MAX, 10).await.is_err());
+        assert!(store.event("d:1", 3).await.is_err());
+        assert!(store.event("d:1", 2).await.is_err());
     }
 
     /// An append refused as damaged part-way through its writes leaves nothing of them, in the
