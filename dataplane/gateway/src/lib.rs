@@ -1335,6 +1335,16 @@ impl Connection {
     async fn on_live_event(&mut self, shared: Arc<SharedEvent>) -> Result<(), Exit> {
         let event = &shared.event;
         let conv = &event.conversation_id;
+        if event.seq == 0 {
+            // No event has it (seqs start at 1): damage in an outbox entry or in transit.
+            // Passed over, the conversation's next events come as before; taken, the gap
+            // before it ran through `u64::MAX`, past every later event.
+            tracing::warn!(
+                conversation = %conv,
+                "a delivered event at seq 0 is passed over"
+            );
+            return Ok(());
+        }
         // A gap, or a conversation this connection has not seen yet, is filled from the store
         // first: rare, so boxed, which keeps the connection's task small while it waits.
         if self.upto.get(conv).is_none_or(|upto| event.seq - 1 > upto) {

@@ -516,6 +516,42 @@ async fn an_event_the_gateway_could_not_decode_is_read_from_the_store_in_its_pla
     }
 }
 
+/// A delivered event at seq 0, which no event has (damage in an outbox entry, or in transit),
+/// is passed over: the conversation's next events reach the connection. One was subtracted
+/// from its seq: a debug build's connection task panicked (the connection ended), and a build
+/// without overflow checks filled a gap through `u64::MAX` and held the connection past every
+/// later event of that conversation, delivered to it no more until it reconnected.
+#[tokio::test]
+async fn a_delivered_event_at_seq_0_is_passed_over() {
+    let engine = FaultyEngine::new();
+    let store = engine.store(4).await;
+    let gateway = gateway(store.clone(), Arc::new(HeldSequencer::default()));
+    let url = serve(gateway.clone()).await;
+    let mut bob = Client::connect(&url, "bob:phone", Encoding::Json)
+        .await
+        .unwrap();
+    bob.events_until_sync_done().await.unwrap();
+    let conv = "d:alice:bob";
+    messages_to_bob(&store, conv, 0..2).await;
+    let events = store
+        .events_within(conv, 0, 2, 10, usize::MAX)
+        .await
+        .unwrap();
+    let damaged = courier_proto::Event {
+        seq: 0,
+        ..events[0].clone()
+    };
+    let bob_only = Arc::new(vec!["bob".to_owned()]);
+    for event in [&events[0], &damaged, &events[1]] {
+        gateway
+            .routes
+            .deliver(vec![(event.clone(), bob_only.clone())])
+            .await
+            .unwrap();
+    }
+    assert_eq!(next_seqs(&mut bob, 2).await, [1, 2]);
+}
+
 /// `count` frames of 128 KiB queued to `user`'s connection on `gateway`: 64 MiB for 512, more
 /// than the sockets' buffers on both ends hold (Linux grows a receiving buffer up to
 /// `tcp_rmem`, 32 MiB here), so a client that reads none of them leaves the connection waiting
