@@ -151,8 +151,14 @@ impl Client {
                 Some(Err(e)) => return Err(ClientError::WebSocket(e.to_string())),
             };
             match message {
-                Message::Text(text) => return Ok(self.encoding.decode_server(text.as_bytes())?),
-                Message::Binary(bytes) => return Ok(self.encoding.decode_server(&bytes)?),
+                Message::Text(text) => match self.decode(text.as_bytes())? {
+                    Some(frame) => return Ok(frame),
+                    None => continue,
+                },
+                Message::Binary(bytes) => match self.decode(&bytes)? {
+                    Some(frame) => return Ok(frame),
+                    None => continue,
+                },
                 Message::Close(frame) => {
                     // Completes the close handshake: the server waits for this reply.
                     let _ = self.socket.flush().await;
@@ -162,6 +168,18 @@ impl Client {
                 }
                 _ => continue,
             }
+        }
+    }
+
+    /// The frame in `data`; `None` for a frame of a type this version does not know, which
+    /// PROTOCOL.md allows the server to add: it is passed over, where an error would fail the
+    /// call waiting for its reply (and end `courier chat`) at the first frame a newer server
+    /// adds.
+    fn decode(&self, data: &[u8]) -> Result<Option<ServerFrame>, ClientError> {
+        match self.encoding.decode_server(data) {
+            Ok(frame) => Ok(Some(frame)),
+            Err(_) if self.encoding.is_unknown_server_frame(data) => Ok(None),
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -402,5 +420,107 @@ impl Client {
     /// Closes the connection politely.
     pub async fn close(mut self) {
         let _ = self.socket.close(None).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message as _;
+    use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+
+    /// A server of one connection in `encoding`: says `hello`, then answers each client frame
+    /// with the messages `answer` gives. Returns its ws:// base URL.
+    async fn scripted_server(
+        encoding: Encoding,
+        answer: impl Fn(ClientFrame) -> Vec<Message> + std::marker::Send + 'static,
+    ) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            #[allow(clippy::result_large_err)]
+            let echo = move |_: &Request, mut response: Response| {
+                let protocol = HeaderValue::from_static(encoding.subprotocol());
+                response
+                    .headers_mut()
+                    .insert("sec-websocket-protocol", protocol);
+                Ok(response)
+            };
+            let mut ws = tokio_tungstenite::accept_hdr_async(tcp, echo)
+                .await
+                .unwrap();
+            let hello = ServerFrame::Hello(Hello {
+                user: "u".into(),
+                device: "d".into(),
+                server_time_ms: 0,
+            });
+            ws.send(message(encoding, &hello)).await.unwrap();
+            while let Some(Ok(received)) = ws.next().await {
+                let frame = match &received {
+                    Message::Text(text) => encoding.decode_client(text.as_bytes()),
+                    Message::Binary(bytes) => encoding.decode_client(bytes),
+                    _ => continue,
+                };
+                for reply in answer(frame.unwrap()) {
+                    ws.send(reply).await.unwrap();
+                }
+            }
+        });
+        format!("ws://{addr}")
+    }
+
+    fn message(encoding: Encoding, frame: &ServerFrame) -> Message {
+        match encoding.encode_server(frame) {
+            Payload::Text(text) => Message::text(text),
+            Payload::Binary(bytes) => Message::binary(bytes),
+        }
+    }
+
+    fn sent_for(send: &Send) -> ServerFrame {
+        ServerFrame::Sent(Sent {
+            reference: send.reference,
+            client_msg_id: send.client_msg_id.clone(),
+            conversation_id: "d:1".into(),
+            seq: 1,
+            server_msg_id: "m1".into(),
+            ts_ms: 1,
+            duplicate: false,
+        })
+    }
+
+    /// PROTOCOL.md welcomes new frame types: a frame of a type this SDK does not know, in
+    /// either encoding, is passed over, and the call waiting for its reply gets it.
+    #[tokio::test]
+    async fn a_frame_of_an_unknown_type_is_passed_over() {
+        for encoding in [Encoding::Json, Encoding::Proto] {
+            let url = scripted_server(encoding, move |frame| {
+                let ClientFrame::Send(send) = frame else {
+                    return Vec::new();
+                };
+                let unknown = match encoding {
+                    Encoding::Json => Message::text(format!(
+                        r#"{{"type":"reaction","ref":{},"emoji":"👍"}}"#,
+                        send.reference.unwrap()
+                    )),
+                    // A frame of a oneof field this version has not: prost reads no frame.
+                    Encoding::Proto => Message::binary(
+                        pb::ServerFrame {
+                            r#ref: send.reference,
+                            frame: None,
+                        }
+                        .encode_to_vec(),
+                    ),
+                };
+                vec![unknown, message(encoding, &sent_for(&send))]
+            })
+            .await;
+            let mut client = Client::connect(&url, "t", encoding).await.unwrap();
+            let sent = client
+                .send_text(Target::User("bob".into()), "c1", "hi")
+                .await
+                .unwrap_or_else(|e| panic!("{encoding:?}: {e}"));
+            assert_eq!(sent.client_msg_id, "c1");
+        }
     }
 }

@@ -105,6 +105,30 @@ impl Encoding {
         }
     }
 
+    /// Whether `data` is a server frame of a type this version does not know: a JSON object
+    /// whose `"type"` names no [`ServerFrame`], or a protobuf frame with none of the frames
+    /// of this version's schema (prost reads a oneof field it has not as none). PROTOCOL.md
+    /// welcomes new frame types, so a client passes such a frame over where
+    /// [`Encoding::decode_server`] refuses it.
+    pub fn is_unknown_server_frame(self, data: &[u8]) -> bool {
+        match self {
+            Encoding::Json => {
+                #[derive(serde::Deserialize)]
+                struct Tagged {
+                    #[serde(rename = "type")]
+                    kind: String,
+                }
+                from_json::<Tagged>(data).is_ok_and(|tagged| !ServerFrame::knows_type(&tagged.kind))
+            }
+            Encoding::Proto => {
+                matches!(
+                    pb::ServerFrame::decode(data),
+                    Ok(pb::ServerFrame { frame: None, .. })
+                )
+            }
+        }
+    }
+
     /// The `ref` of a frame that failed to decode, and the `client_msg_id` of a `send`, when
     /// they can still be read, so that the `error` reply echoes them (PROTOCOL.md: an error in
     /// reply to a send carries its `client_msg_id`). A field that is itself malformed is left
@@ -625,6 +649,31 @@ mod tests {
                 other => panic!("{fields}: {other:?}"),
             }
         }
+    }
+
+    /// A frame of a type a later version adds is told apart from a broken frame of a known
+    /// type, which a client must not pass over in silence.
+    #[test]
+    fn a_server_frame_of_an_unknown_type_is_told_apart_from_a_broken_one() {
+        let json = |text: &str| Encoding::Json.is_unknown_server_frame(text.as_bytes());
+        assert!(json(r#"{"type":"reaction","ref":1}"#));
+        assert!(json(r#"{"ref":1,"type":"reaction"}"#));
+        assert!(!json(r#"{"type":"sent","ref":1}"#));
+        assert!(!json(r#"{"ref":1}"#));
+        assert!(!json(r#"{"type":7}"#));
+        assert!(!json("not json"));
+        let proto = |frame: pb::ServerFrame| {
+            Encoding::Proto.is_unknown_server_frame(&frame.encode_to_vec())
+        };
+        assert!(proto(pb::ServerFrame {
+            r#ref: Some(1),
+            frame: None
+        }));
+        assert!(!proto(pb::ServerFrame {
+            r#ref: None,
+            frame: Some(pb::server_frame::Frame::SyncDone(pb::SyncDone {}))
+        }));
+        assert!(!Encoding::Proto.is_unknown_server_frame(&[0xff, 0xff]));
     }
 
     #[test]

@@ -205,6 +205,16 @@ pub(crate) enum ServerFrameType {
     Pong,
 }
 
+impl ServerFrame {
+    /// Whether `name` is the `"type"` of a server frame of this version.
+    pub fn knows_type(name: &str) -> bool {
+        use serde::de::IntoDeserializer;
+        let name: serde::de::value::StrDeserializer<'_, serde::de::value::Error> =
+            name.into_deserializer();
+        ServerFrameType::deserialize(name).is_ok()
+    }
+}
+
 impl<'de> TaggedFrame<'de> for ServerFrame {
     type Tag = ServerFrameType;
     const EXPECTING: &'static str = "a server frame (an object with a \"type\")";
