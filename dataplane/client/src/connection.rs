@@ -46,8 +46,21 @@ pub struct Client {
 }
 
 impl Client {
-    /// Connects to `base_url` (`ws://host:port`) with a bearer token and waits for `hello`.
+    /// Connects to `base_url` (`ws://host:port`) with a bearer token and waits for `hello`,
+    /// all within [`REPLY_TIMEOUT`]: a server that takes the connection and never answers (a
+    /// process stopped mid-start, a proxy whose backend hangs) fails with
+    /// [`ClientError::Timeout`] rather than holding the caller for ever.
     pub async fn connect(
+        base_url: &str,
+        token: &str,
+        encoding: Encoding,
+    ) -> Result<Self, ClientError> {
+        tokio::time::timeout(REPLY_TIMEOUT, Self::connect_now(base_url, token, encoding))
+            .await
+            .map_err(|_| ClientError::Timeout(REPLY_TIMEOUT))?
+    }
+
+    async fn connect_now(
         base_url: &str,
         token: &str,
         encoding: Encoding,
@@ -487,6 +500,50 @@ mod tests {
             ts_ms: 1,
             duplicate: false,
         })
+    }
+
+    /// A server that takes the connection and never answers (a process stopped mid-start, a
+    /// proxy whose backend hangs) fails the connect with a timeout: `courier chat` says so and
+    /// exits, where it waited for ever.
+    #[tokio::test(start_paused = true)]
+    async fn a_server_that_never_answers_fails_the_connect_with_a_timeout() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("ws://{}", listener.local_addr().unwrap());
+        let silent = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            std::future::pending::<()>().await;
+            drop(tcp);
+        });
+        match Client::connect(&url, "t", Encoding::Json).await {
+            Err(ClientError::Timeout(waited)) => assert_eq!(waited, REPLY_TIMEOUT),
+            Err(other) => panic!("{other}"),
+            Ok(_) => panic!("connected"),
+        }
+        // One that upgrades and never says hello, too.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("ws://{}", listener.local_addr().unwrap());
+        let mute = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            #[allow(clippy::result_large_err)]
+            let echo = |_: &Request, mut response: Response| {
+                let protocol = HeaderValue::from_static(Encoding::Json.subprotocol());
+                response
+                    .headers_mut()
+                    .insert("sec-websocket-protocol", protocol);
+                Ok(response)
+            };
+            let _ws = tokio_tungstenite::accept_hdr_async(tcp, echo)
+                .await
+                .unwrap();
+            std::future::pending::<()>().await;
+        });
+        match Client::connect(&url, "t", Encoding::Json).await {
+            Err(ClientError::Timeout(waited)) => assert_eq!(waited, REPLY_TIMEOUT),
+            Err(other) => panic!("{other}"),
+            Ok(_) => panic!("connected"),
+        }
+        silent.abort();
+        mute.abort();
     }
 
     /// PROTOCOL.md welcomes new frame types: a frame of a type this SDK does not know, in
