@@ -736,6 +736,58 @@ fn two_chat_sessions_exchange_a_message_and_a_photo() {
     assert_eq!(std::fs::read(&saved).unwrap(), photo);
 }
 
+/// `courier chat` run as it would be, its standard error and whether it succeeded.
+fn chat_exit(args: &[&str]) -> (String, bool) {
+    let output = Command::new(env!("CARGO_BIN_EXE_courier"))
+        .args([
+            "chat",
+            "--log-format",
+            "text",
+            "--user",
+            "alice",
+            "--device",
+            "cli",
+        ])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    (stderr, output.status.success())
+}
+
+/// `courier chat` that cannot start says why, with what to do next, and exits non-zero: a
+/// server that is down is named, a token it refuses is called refused, and with no secret to
+/// sign with, the flag it names is one `courier chat` takes (it named `--jwt-secret`, which
+/// chat refused as an unexpected argument, and said `websocket: IO error` or `HTTP 401` with
+/// no server or token named).
+#[test]
+fn a_chat_that_cannot_start_says_why_and_exits_non_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_in(dir.path(), &[]);
+    let url = server.ws_url();
+
+    let empty = tempfile::tempdir().unwrap();
+    let empty = empty.path().to_str().unwrap();
+    let (said, ok) = chat_exit(&["--url", &url, "--data-dir", empty]);
+    assert!(!ok && said.contains("--jwt-secret"), "{said}");
+    let secret = std::fs::read_to_string(dir.path().join("jwt-secret")).unwrap();
+    let (said, ok) = chat_exit(&["--url", &url, "--data-dir", empty, "--jwt-secret", &secret]);
+    assert!(ok, "the secret named is taken: {said}");
+
+    let (said, ok) = chat_exit(&["--url", &url, "--token", "not-a-token"]);
+    assert!(!ok, "{said}");
+    assert!(said.contains("refused the token"), "{said}");
+    assert!(said.contains(&url), "{said}");
+
+    let down = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let down_url = format!("ws://{}", down.local_addr().unwrap());
+    drop(down);
+    let (said, ok) = chat_exit(&["--url", &down_url, "--token", "t"]);
+    assert!(!ok, "{said}");
+    assert!(said.contains(&format!("cannot reach {down_url}")), "{said}");
+}
+
 /// A file shared in a chat is offered as `/fetch ID NAME` with the name its sender chose: a
 /// `/fetch` to a file that exists leaves it as it was, and says so. It was overwritten: a
 /// stranger's file named `.bashrc`, fetched as offered in a home directory, replaced the

@@ -4,7 +4,7 @@
 
 use clap::Args;
 use courier_client::proto::{AckKind, Body, Encoding, Event, EventPayload, Media, ServerFrame};
-use courier_client::{Client, HttpApi, Target};
+use courier_client::{Client, ClientError, HttpApi, Target};
 use courier_core::auth;
 use std::io::BufRead;
 use std::path::PathBuf;
@@ -27,19 +27,30 @@ pub struct ChatArgs {
     token: Option<String>,
     #[arg(long, env = "COURIER_DATA_DIR", default_value = "./courier-data")]
     data_dir: PathBuf,
+    /// Without a token, mint one with this secret instead of the data directory's.
+    #[arg(long, env = "COURIER_JWT_SECRET", hide_env_values = true)]
+    jwt_secret: Option<String>,
 }
 
 pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
     let token = match args.token {
         Some(token) => token,
-        None => auth::mint(
-            &auth::read_secret(&args.data_dir)?,
-            &args.user,
-            &args.device,
-            Duration::from_secs(24 * 3600),
-        )?,
+        None => {
+            let secret = match args.jwt_secret {
+                Some(secret) => secret.into_bytes(),
+                None => auth::read_secret(&args.data_dir)?,
+            };
+            auth::mint(
+                &secret,
+                &args.user,
+                &args.device,
+                Duration::from_secs(24 * 3600),
+            )?
+        }
     };
-    let mut client = Client::connect(&args.url, &token, Encoding::Json).await?;
+    let mut client = Client::connect(&args.url, &token, Encoding::Json)
+        .await
+        .map_err(|e| not_connected(&args.url, e))?;
     let mut target = args.to.map(Target::User);
     let http = HttpApi::new(&args.url.replacen("ws", "http", 1), &token);
     println!(
@@ -129,6 +140,26 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
     }
     client.close().await;
     Ok(())
+}
+
+/// Why a session could not start, in the words of the person who started it: which server,
+/// and what to do next.
+fn not_connected(url: &str, error: ClientError) -> anyhow::Error {
+    match error {
+        ClientError::Rejected(401) => anyhow::anyhow!(
+            "the server at {url} refused the token (HTTP 401): it has expired, names a device \
+             that was removed, or was signed with another secret than the server's (mint one \
+             with `--data-dir` set to the server's data directory)"
+        ),
+        ClientError::Rejected(503) => anyhow::anyhow!(
+            "the server at {url} takes no connections now (HTTP 503: draining, or not ready): \
+             try again once its /readyz answers 200"
+        ),
+        ClientError::Rejected(status) => {
+            anyhow::anyhow!("the server at {url} refused the connection with HTTP {status}")
+        }
+        other => anyhow::anyhow!("cannot reach {url}: {other}"),
+    }
 }
 
 /// The line printed for an incoming event, if any. What the sender chose (a text, a file's
