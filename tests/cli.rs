@@ -788,6 +788,32 @@ fn a_chat_that_cannot_start_says_why_and_exits_non_zero() {
     assert!(said.contains(&format!("cannot reach {down_url}")), "{said}");
 }
 
+/// A command typed without what it needs (`/to`, `/send-file`, `/fetch`) gets its usage and
+/// sends nothing: it was sent to the peer as a message, the trailing space of `/to ` trimmed
+/// away before the command was looked for.
+#[test]
+fn a_chat_command_without_its_arguments_is_not_sent_as_a_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_in(dir.path(), &[]);
+    let mut bob = Chat::start(&server, "bob", "alice");
+    let mut alice = Chat::start(&server, "alice", "bob");
+    for bare in [
+        "/to",
+        "/to   ",
+        "/send-file",
+        "/send-file ",
+        "/fetch",
+        "/fetch  ",
+    ] {
+        alice.say(bare);
+        let said = alice.expect("usage");
+        assert!(said.contains(bare.trim()), "{bare}: {said}");
+    }
+    alice.say("hello bob");
+    alice.expect("sent (seq 1)");
+    bob.expect("alice: hello bob");
+}
+
 /// A file shared in a chat is offered as `/fetch ID NAME` with the name its sender chose: a
 /// `/fetch` to a file that exists leaves it as it was, and says so. It was overwritten: a
 /// stranger's file named `.bashrc`, fetched as offered in a home directory, replaced the

@@ -66,7 +66,9 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
             line = lines.recv() => {
                 let Some(line) = line.transpose()? else { break };
                 let line = line.trim();
-                if let Some(peer) = line.strip_prefix("/to ") {
+                if let Some(usage) = usage_of_bare_command(line) {
+                    println!("usage: {usage}");
+                } else if let Some(peer) = line.strip_prefix("/to ") {
                     target = Some(Target::User(peer.trim().to_owned()));
                     println!("now talking to {}", peer.trim());
                 } else if let Some(args) = line.strip_prefix("/fetch ") {
@@ -140,6 +142,18 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
     }
     client.close().await;
     Ok(())
+}
+
+/// The usage of a command typed with nothing after it: the line is trimmed, so `/to ` is
+/// `/to`, which the commands' prefixes (`/to `) do not match, and it would otherwise go to
+/// the peer as a message.
+fn usage_of_bare_command(line: &str) -> Option<&'static str> {
+    match line {
+        "/to" => Some("/to USER"),
+        "/send-file" => Some("/send-file PATH"),
+        "/fetch" => Some("/fetch MEDIA_ID OUT"),
+        _ => None,
+    }
 }
 
 /// Why a session could not start, in the words of the person who started it: which server,
