@@ -68,21 +68,31 @@ impl HttpApi {
     }
 
     /// Uploads a file (streamed) as media of type `mime`; returns the upload's JSON
-    /// (`media_id`, `mime`, `size`, `sha256`).
+    /// (`media_id`, `mime`, `size`, `sha256`). What is not a regular file (a directory, a
+    /// device) is refused by name before any request: a directory opens on Linux, and the
+    /// read that then failed inside the request said only that sending it failed.
     pub async fn upload_media(
         &self,
         path: &std::path::Path,
         mime: &str,
     ) -> Result<Value, ClientError> {
-        let file = tokio::fs::File::open(path)
-            .await
-            .map_err(|e| ClientError::Http(format!("{}: {e}", path.display())))?;
+        let io = |e: std::io::Error| ClientError::Http(format!("{}: {e}", path.display()));
+        let file = tokio::fs::File::open(path).await.map_err(io)?;
+        let metadata = file.metadata().await.map_err(io)?;
+        if !metadata.is_file() {
+            return Err(ClientError::Http(format!(
+                "{} is not a file",
+                path.display()
+            )));
+        }
         let body = reqwest::Body::wrap_stream(tokio_util_stream(file));
         let response = self
             .http
             .post(format!("{}/v1/media", self.base))
             .bearer_auth(&self.token)
             .header(reqwest::header::CONTENT_TYPE, mime)
+            // Its size up front: a server refuses one over its limit before reading it.
+            .header(reqwest::header::CONTENT_LENGTH, metadata.len())
             .body(body)
             .send()
             .await
@@ -222,4 +232,25 @@ fn tokio_util_stream(
             Err(e) => Some((Err(e), file)),
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A directory is refused by name before any request (on Linux a directory opens, and the
+    /// read that failed inside the request's body said only `error sending request`).
+    #[tokio::test]
+    async fn an_upload_of_what_is_not_a_file_is_refused_by_name() {
+        let dir = std::env::temp_dir();
+        // No server: nothing may be sent.
+        let api = HttpApi::new("http://127.0.0.1:9", "t");
+        match api.upload_media(&dir, "image/png").await {
+            Err(ClientError::Http(message)) => {
+                assert!(message.contains("is not a file"), "{message}");
+                assert!(message.contains(&dir.display().to_string()), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 }
