@@ -59,6 +59,28 @@ async fn courier_token_mints_tokens_the_server_accepts() {
     assert!(!refused.status.success(), "invalid user ids are refused");
 }
 
+/// A `--ttl` under a second is refused, naming the flag: it printed a token whose `exp` was
+/// the second it was made, refused by the server as expired as soon as it was used.
+#[test]
+fn courier_token_refuses_a_ttl_under_a_second() {
+    let dir = tempfile::tempdir().unwrap();
+    for ttl in ["0s", "500ms"] {
+        let refused = Command::new(env!("CARGO_BIN_EXE_courier"))
+            .args([
+                "token", "--user", "alice", "--device", "phone", "--ttl", ttl,
+            ])
+            .args(["--jwt-secret", &"k".repeat(32)])
+            .arg("--data-dir")
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&refused.stderr);
+        assert!(!refused.status.success(), "{ttl}: {said}");
+        assert!(refused.stdout.is_empty(), "{ttl}: no token printed");
+        assert!(said.contains("--ttl"), "{ttl}: {said}");
+    }
+}
+
 /// `--worker-threads` sets how many threads run the roles' tasks (`/metrics` says how many
 /// run); zero is refused before anything starts.
 #[tokio::test]

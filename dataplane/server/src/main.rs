@@ -90,8 +90,8 @@ enum Command {
         user: String,
         #[arg(long)]
         device: String,
-        /// Validity, e.g. `24h`, `30m`, `7d`.
-        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        /// Validity, e.g. `24h`, `30m`, `7d`; at least `1s`.
+        #[arg(long, default_value = "24h", value_parser = token_ttl)]
         ttl: Duration,
         /// The server's data directory (holds the generated secret).
         #[arg(long, env = "COURIER_DATA_DIR", default_value = "./courier-data")]
@@ -121,6 +121,16 @@ enum Command {
     Backup(backup::BackupArgs),
     /// Write a new data directory from an archive of `courier backup`.
     Restore(backup::RestoreArgs),
+}
+
+/// A token's validity: a duration of at least a second. `exp` counts whole seconds, so a
+/// shorter one made a token that had expired when it was printed.
+fn token_ttl(text: &str) -> Result<Duration, String> {
+    let ttl = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if ttl < Duration::from_secs(1) {
+        return Err("a token must be valid for at least 1s".into());
+    }
+    Ok(ttl)
 }
 
 fn main() -> std::process::ExitCode {
