@@ -371,26 +371,55 @@ impl Client {
         .await
     }
 
-    /// Asks for a sync and returns the events it brought, up to `sync_done`.
+    /// Asks for a sync and returns the events it brought, up to `sync_done`; an `error` the
+    /// server answers it with (a cursor naming no conversation id) ends it with that error.
     pub async fn sync(
         &mut self,
         cursors: BTreeMap<String, u64>,
     ) -> Result<Vec<Event>, ClientError> {
+        let reference = self.take_ref();
         self.send_frame(&ClientFrame::Sync(Sync {
-            reference: None,
+            reference: Some(reference),
             cursors,
         }))
         .await?;
-        self.events_until_sync_done().await
+        self.events_until_sync_done_or_error(Some(reference)).await
     }
 
     /// Reads events up to the next `sync_done` (other frames stay buffered).
     pub async fn events_until_sync_done(&mut self) -> Result<Vec<Event>, ClientError> {
+        self.events_until_sync_done_or_error(None).await
+    }
+
+    /// Reads events up to the next `sync_done`, or to an `error` whose `ref` is `refused`.
+    /// Frames other than events stay buffered, and when it fails (that error, a timeout, a
+    /// closed connection) every frame it read is kept, in order, for later calls: they were
+    /// dropped, so an event read before the failure never reached the caller while the
+    /// connection lived on.
+    async fn events_until_sync_done_or_error(
+        &mut self,
+        refused: Option<i64>,
+    ) -> Result<Vec<Event>, ClientError> {
+        let mut read = VecDeque::new();
+        let failed = loop {
+            match self.next_frame_within(REPLY_TIMEOUT).await {
+                Ok(ServerFrame::SyncDone(_)) => break None,
+                Ok(ServerFrame::Error(e)) if refused.is_some() && e.reference == refused => {
+                    break Some(ClientError::Server(e));
+                }
+                Ok(frame) => read.push_back(frame),
+                Err(e) => break Some(e),
+            }
+        };
+        if let Some(error) = failed {
+            read.extend(self.buffered.drain(..));
+            self.buffered = read;
+            return Err(error);
+        }
         let mut events = Vec::new();
         let mut keep = VecDeque::new();
-        loop {
-            match self.next_frame_within(REPLY_TIMEOUT).await? {
-                ServerFrame::SyncDone(_) => break,
+        for frame in read {
+            match frame {
                 ServerFrame::Event(event) => events.push(event),
                 other => keep.push_back(other),
             }
@@ -544,6 +573,54 @@ mod tests {
         }
         silent.abort();
         mute.abort();
+    }
+
+    /// A `sync` the server refuses (a cursor naming no conversation id) ends with the server's
+    /// error, not after [`REPLY_TIMEOUT`] with a timeout, and the frames read meanwhile are
+    /// kept for later calls: an event that came before the refusal is not lost.
+    #[tokio::test]
+    async fn a_refused_sync_ends_with_its_error_and_loses_no_frame() {
+        let url = scripted_server(Encoding::Json, |frame| {
+            let ClientFrame::Sync(sync) = frame else {
+                return Vec::new();
+            };
+            let event = ServerFrame::Event(Event {
+                conversation_id: "d:1".into(),
+                seq: 1,
+                server_msg_id: "m1".into(),
+                sender: Sender {
+                    user: "bob".into(),
+                    device: "p".into(),
+                },
+                ts_ms: 1,
+                payload: EventPayload::Message {
+                    body: Some(Body::Text("hi".into())),
+                    client_msg_id: "c1".into(),
+                    reply_to: None,
+                    deleted: false,
+                },
+            });
+            let refused = ServerFrame::Error(ErrorFrame {
+                reference: sync.reference,
+                code: ErrorCode::BadRequest,
+                message: "conversation id must be ...".into(),
+                client_msg_id: None,
+                retry_after_ms: None,
+            });
+            vec![
+                message(Encoding::Json, &event),
+                message(Encoding::Json, &refused),
+            ]
+        })
+        .await;
+        let mut client = Client::connect(&url, "t", Encoding::Json).await.unwrap();
+        let cursors = BTreeMap::from([("not an id".to_owned(), 0)]);
+        match client.sync(cursors).await {
+            Err(ClientError::Server(e)) => assert_eq!(e.code, ErrorCode::BadRequest),
+            other => panic!("{other:?}"),
+        }
+        let event = client.next_event().await.unwrap();
+        assert_eq!((event.conversation_id.as_str(), event.seq), ("d:1", 1));
     }
 
     /// PROTOCOL.md welcomes new frame types: a frame of a type this SDK does not know, in
