@@ -1,6 +1,7 @@
 //! The HTTP API of PROTOCOL.md.
 
 use crate::ClientError;
+use crate::connection::REPLY_TIMEOUT;
 use serde_json::Value;
 
 /// HTTP calls with one device's token.
@@ -16,9 +17,14 @@ fn http_error(e: reqwest::Error) -> ClientError {
 }
 
 impl HttpApi {
-    /// `base_url` is `http://host:port`.
+    /// `base_url` is `http://host:port`; a connection not made within [`REPLY_TIMEOUT`]
+    /// fails the request.
     pub fn new(base_url: &str, token: &str) -> Self {
-        Self::with_client(reqwest::Client::new(), base_url, token)
+        let http = reqwest::Client::builder()
+            .connect_timeout(REPLY_TIMEOUT)
+            .build()
+            .unwrap_or_default();
+        Self::with_client(http, base_url, token)
     }
 
     /// [`HttpApi::new`] on `http`, a client (and its pool of connections) that many devices
@@ -32,7 +38,9 @@ impl HttpApi {
     }
 
     /// A request with an optional JSON body; returns the status and the JSON body (`Null`
-    /// when the body is not JSON).
+    /// when the body is not JSON). A request not answered within [`REPLY_TIMEOUT`] fails
+    /// with [`ClientError::Timeout`]: reqwest waits for ever by default, and a server that
+    /// took a request and never answered held its caller until killed.
     pub async fn request(
         &self,
         method: reqwest::Method,
@@ -46,10 +54,13 @@ impl HttpApi {
         if let Some(body) = body {
             request = request.json(body);
         }
-        let response = request.send().await.map_err(http_error)?;
-        let status = response.status().as_u16();
-        let body = response.json().await.unwrap_or(Value::Null);
-        Ok((status, body))
+        let answered = async {
+            let response = request.send().await.map_err(http_error)?;
+            let status = response.status().as_u16();
+            let body = response.json().await.unwrap_or(Value::Null);
+            Ok((status, body))
+        };
+        within_reply_timeout(answered).await
     }
 
     /// `GET path`.
@@ -109,8 +120,10 @@ impl HttpApi {
     /// Downloads media into a new file (streamed); returns the number of bytes written. A
     /// file already at `out` is left as it is and the download refused: the name to save a
     /// file as is often the one its sender chose (`courier chat` offers it), and a stranger's
-    /// `.bashrc` must not replace the reader's. A download that fails part way removes what
-    /// it wrote.
+    /// `.bashrc` must not replace the reader's. The answer, and each part of the bytes, is
+    /// waited for up to [`REPLY_TIMEOUT`]: a download that moves is not cut, one that stalls
+    /// fails (it held `courier chat`, whose session waited on it, until killed). A download
+    /// that fails part way removes what it wrote.
     pub async fn download_media(
         &self,
         media_id: &str,
@@ -118,13 +131,12 @@ impl HttpApi {
     ) -> Result<u64, ClientError> {
         use futures::StreamExt;
         use tokio::io::AsyncWriteExt;
-        let response = self
+        let request = self
             .http
             .get(format!("{}/v1/media/{media_id}", self.base))
             .bearer_auth(&self.token)
-            .send()
-            .await
-            .map_err(http_error)?;
+            .send();
+        let response = within_reply_timeout(async { request.await.map_err(http_error) }).await?;
         if response.status().as_u16() != 200 {
             return Err(ClientError::Http(format!(
                 "HTTP {}",
@@ -145,7 +157,7 @@ impl HttpApi {
         let copied = async {
             let mut written = 0u64;
             let mut stream = response.bytes_stream();
-            while let Some(chunk) = stream.next().await {
+            while let Some(chunk) = within_reply_timeout(async { Ok(stream.next().await) }).await? {
                 let chunk = chunk.map_err(http_error)?;
                 file.write_all(&chunk).await.map_err(io)?;
                 written += chunk.len() as u64;
@@ -216,6 +228,15 @@ impl HttpApi {
     }
 }
 
+/// `answer`, unless it takes longer than [`REPLY_TIMEOUT`].
+async fn within_reply_timeout<T>(
+    answer: impl Future<Output = Result<T, ClientError>>,
+) -> Result<T, ClientError> {
+    tokio::time::timeout(REPLY_TIMEOUT, answer)
+        .await
+        .map_err(|_| ClientError::Timeout(REPLY_TIMEOUT))?
+}
+
 /// A file as a stream of chunks, for a streamed request body.
 fn tokio_util_stream(
     file: tokio::fs::File,
@@ -237,6 +258,37 @@ fn tokio_util_stream(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A server that takes a request and never answers fails it, a call of the API or a
+    /// download, after [`REPLY_TIMEOUT`].
+    #[tokio::test(start_paused = true)]
+    async fn a_request_a_server_never_answers_fails_with_a_timeout() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let api = HttpApi::new(&format!("http://{}", listener.local_addr().unwrap()), "t");
+        let silent = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((tcp, _)) = listener.accept().await {
+                held.push(tcp);
+            }
+        });
+        let answered = tokio::time::timeout(REPLY_TIMEOUT * 4, api.get("/v1/conversations"))
+            .await
+            .expect("the request was still waiting");
+        assert!(
+            matches!(answered, Err(ClientError::Timeout(_))),
+            "{answered:?}"
+        );
+        let out = std::env::temp_dir().join(format!("courier-client-{}", std::process::id()));
+        let downloaded = tokio::time::timeout(REPLY_TIMEOUT * 4, api.download_media("m1", &out))
+            .await
+            .expect("the download was still waiting");
+        assert!(
+            matches!(downloaded, Err(ClientError::Timeout(_))),
+            "{downloaded:?}"
+        );
+        assert!(!out.exists());
+        silent.abort();
+    }
 
     /// A directory is refused by name before any request (on Linux a directory opens, and the
     /// read that failed inside the request's body said only `error sending request`).
