@@ -923,6 +923,38 @@ async fn oversized_message_closes_with_1009() {
     assert_eq!(close.map(|(code, _)| code), Some(1009));
 }
 
+/// A WebSocket frame the server's WebSocket library refuses closes the connection with the code
+/// RFC 6455 gives it, so that its client learns why: a text message that is not UTF-8 with
+/// 1007, a frame that breaks the protocol (an RSV bit no extension gave a meaning, an opcode
+/// that is reserved) with 1002. The connection was dropped with no close frame at all.
+#[tokio::test]
+async fn a_frame_that_breaks_the_websocket_protocol_closes_with_its_code() {
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+
+    let not_utf8 = Frame::message(
+        &b"{\"type\":\"ping\",\"ref\":\xff}"[..],
+        OpCode::Data(Data::Text),
+        true,
+    );
+    let mut reserved_bit = Frame::message(r#"{"type":"ping"}"#, OpCode::Data(Data::Text), true);
+    reserved_bit.header_mut().rsv1 = true;
+    let reserved_opcode = Frame::message(&b"x"[..], OpCode::Data(Data::Reserved(3)), true);
+
+    let (_dir, server) = server();
+    for (what, frame, code) in [
+        ("invalid UTF-8 in a text message", not_utf8, 1007),
+        ("RSV1 set", reserved_bit, 1002),
+        ("a reserved opcode", reserved_opcode, 1002),
+    ] {
+        let mut alice = server.connect("alice", "phone").await;
+        expect_sync_done(&mut alice).await;
+        alice.send_raw(Message::Frame(frame)).await.unwrap();
+        let close = expect_close(&mut alice).await;
+        assert_eq!(close.map(|(code, _)| code), Some(code), "{what}");
+    }
+}
+
 #[tokio::test]
 async fn bad_tokens_are_refused_with_401_before_the_upgrade() {
     let (dir, server) = server();

@@ -4,7 +4,8 @@
 //! rather than a timer in each, which also closes those of a device unlinked without this
 //! gateway being told), decodes frames, calls the chat
 //! role, writes replies and live deliveries, keeps per-conversation delivery order for its
-//! device, and closes on oversize (1009) and drain (1001).
+//! device, and closes on oversize (1009), a frame that breaks the WebSocket protocol (1007 for
+//! text that is not UTF-8, 1002 for the rest: [`Connection::on_read_error`]) and drain (1001).
 //!
 //! **Liveness.** Every `ping_interval` another pass of the gateway over its connections
 //! ([`Gateway::check_liveness`]) closes (1001) each that has read nothing from its client for
@@ -438,6 +439,27 @@ enum Exit {
     /// is pushed, as at a silent close: an app its OS suspended whose socket's buffers filled
     /// before the liveness pass found it silent is the same client.
     TookNothing,
+}
+
+/// The close of a connection whose read failed with `e` ([`Connection::on_read_error`]).
+fn read_error_exit(e: &tungstenite::Error) -> Exit {
+    use tungstenite::error::ProtocolError;
+    match e {
+        // A message or frame over `--max-frame-bytes` (PROTOCOL.md).
+        tungstenite::Error::Capacity(_) => Exit::Close(close_code::SIZE, "message too big"),
+        // A text message that is not UTF-8, or a close frame's reason.
+        tungstenite::Error::Utf8(_) => Exit::Close(close_code::INVALID, "text that is not UTF-8"),
+        // The client's TCP connection ended without a close frame: no one to tell.
+        tungstenite::Error::Protocol(ProtocolError::ResetWithoutClosingHandshake) => {
+            Exit::ClientGone
+        }
+        // A reserved bit or opcode, an unmasked frame, a fragmented or oversized control frame,
+        // a continuation of nothing...: the WebSocket cannot be read on.
+        tungstenite::Error::Protocol(_) => {
+            Exit::Close(close_code::PROTOCOL, "websocket protocol error")
+        }
+        _ => Exit::ClientGone,
+    }
 }
 
 impl Gateway {
@@ -934,16 +956,14 @@ impl Connection {
         }
     }
 
+    /// How a read error ends the connection: what its client sent and tungstenite refused is
+    /// closed with the code RFC 6455 gives it (7.4.1), so that the client learns why, and
+    /// the rest (the socket's errors, a client gone without a close frame) finds no one to
+    /// tell. Told apart by the error's variant, which axum hands on boxed.
     fn on_read_error(&self, e: axum::Error) -> Exit {
-        let text = e.to_string();
-        // tungstenite refuses frames above the configured size with a capacity error.
-        if text.contains("Space limit exceeded")
-            || text.contains("too long")
-            || text.contains("Capacity")
-        {
-            Exit::Close(close_code::SIZE, "message too big")
-        } else {
-            Exit::ClientGone
+        match e.into_inner().downcast::<tungstenite::Error>() {
+            Ok(e) => read_error_exit(&e),
+            Err(_) => Exit::ClientGone,
         }
     }
 
