@@ -16,6 +16,14 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Attempts of [`Client::send_with_retry`] before giving up.
 pub const SEND_ATTEMPTS: u32 = 8;
+/// The most bytes (as they came on the wire) of frames a [`Client`] holds unread: those that
+/// arrived while a call waited for its reply, and the events a sync gathers. Past it the call
+/// fails with [`ClientError::Overflow`] and the connection is closed, rather than memory
+/// growing for as long as a server floods or the caller leaves the frames unread; nothing is
+/// lost, as the events not acknowledged come again on the next connection (PROTOCOL.md). The
+/// largest message the SDK takes fits, and so does a catch-up of hundreds of thousands of
+/// small events.
+pub const MAX_BUFFERED_BYTES: usize = 64 << 20;
 
 /// Whom a message goes to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,13 +44,54 @@ pub fn websocket_config() -> WebSocketConfig {
 }
 
 /// A connected device. Frames that arrive while a call waits for its reply are kept, in
-/// order, for [`Client::next_frame`].
+/// order, for [`Client::next_frame`], up to [`MAX_BUFFERED_BYTES`].
 pub struct Client {
     socket: WebSocketStream<MaybeTlsStream<TcpStream>>,
     encoding: Encoding,
     next_ref: i64,
-    buffered: VecDeque<ServerFrame>,
+    buffered: Buffered,
     hello: Hello,
+}
+
+/// Frames read and not yet given to the caller, in order, each with its size on the wire.
+#[derive(Default)]
+struct Buffered {
+    frames: VecDeque<(ServerFrame, usize)>,
+    /// The sum of the sizes of `frames`.
+    bytes: usize,
+}
+
+impl Buffered {
+    fn push_back(&mut self, frame: ServerFrame, size: usize) {
+        self.bytes += size;
+        self.frames.push_back((frame, size));
+    }
+
+    fn pop_front(&mut self) -> Option<(ServerFrame, usize)> {
+        let (frame, size) = self.frames.pop_front()?;
+        self.bytes -= size;
+        Some((frame, size))
+    }
+
+    /// The first `event`, taken out; the other frames stay in order.
+    fn take_first_event(&mut self) -> Option<Event> {
+        let i = self
+            .frames
+            .iter()
+            .position(|(f, _)| matches!(f, ServerFrame::Event(_)))?;
+        let (frame, size) = self.frames.remove(i)?;
+        self.bytes -= size;
+        match frame {
+            ServerFrame::Event(event) => Some(event),
+            _ => None,
+        }
+    }
+
+    /// `later`'s frames after these.
+    fn append(&mut self, later: Buffered) {
+        self.bytes += later.bytes;
+        self.frames.extend(later.frames);
+    }
 }
 
 impl Client {
@@ -90,7 +139,7 @@ impl Client {
             socket,
             encoding,
             next_ref: 1,
-            buffered: VecDeque::new(),
+            buffered: Buffered::default(),
             hello: Hello {
                 user: String::new(),
                 device: String::new(),
@@ -155,6 +204,11 @@ impl Client {
 
     /// Reads the next frame from the socket (not the buffer).
     async fn read(&mut self) -> Result<ServerFrame, ClientError> {
+        Ok(self.read_sized().await?.0)
+    }
+
+    /// Reads the next frame from the socket (not the buffer), with its size on the wire.
+    async fn read_sized(&mut self) -> Result<(ServerFrame, usize), ClientError> {
         loop {
             let message = match self.socket.next().await {
                 Some(Ok(message)) => message,
@@ -165,11 +219,11 @@ impl Client {
             };
             match message {
                 Message::Text(text) => match self.decode(text.as_bytes())? {
-                    Some(frame) => return Ok(frame),
+                    Some(frame) => return Ok((frame, text.len())),
                     None => continue,
                 },
                 Message::Binary(bytes) => match self.decode(&bytes)? {
-                    Some(frame) => return Ok(frame),
+                    Some(frame) => return Ok((frame, bytes.len())),
                     None => continue,
                 },
                 Message::Close(frame) => {
@@ -198,10 +252,35 @@ impl Client {
 
     /// The next frame: buffered ones first.
     pub async fn next_frame(&mut self) -> Result<ServerFrame, ClientError> {
+        Ok(self.next_sized().await?.0)
+    }
+
+    /// The next frame, buffered ones first, with its size on the wire.
+    async fn next_sized(&mut self) -> Result<(ServerFrame, usize), ClientError> {
         match self.buffered.pop_front() {
-            Some(frame) => Ok(frame),
-            None => self.read().await,
+            Some(sized) => Ok(sized),
+            None => self.read_sized().await,
         }
+    }
+
+    /// Whether `more` bytes of frames, beside those buffered and `gathered`, pass
+    /// [`MAX_BUFFERED_BYTES`].
+    fn overflows(&self, gathered: usize, more: usize) -> bool {
+        self.buffered
+            .bytes
+            .saturating_add(gathered)
+            .saturating_add(more)
+            > MAX_BUFFERED_BYTES
+    }
+
+    /// Drops the frames held and closes the connection, for a call that would have held more
+    /// than [`MAX_BUFFERED_BYTES`]: the events not acknowledged come again on the next
+    /// connection. The close is waited for up to [`REPLY_TIMEOUT`] (a server that reads nothing
+    /// may leave no room to write it).
+    async fn overflowed(&mut self) -> ClientError {
+        self.buffered = Buffered::default();
+        let _ = tokio::time::timeout(REPLY_TIMEOUT, self.socket.close(None)).await;
+        ClientError::Overflow(MAX_BUFFERED_BYTES)
     }
 
     /// The next frame within `timeout`.
@@ -214,17 +293,19 @@ impl Client {
             .map_err(|_| ClientError::Timeout(timeout))?
     }
 
-    /// Reads until `pick` accepts a frame; other frames are kept for later, in order.
+    /// Reads until `pick` accepts a frame; other frames are kept for later, in order, up to
+    /// [`MAX_BUFFERED_BYTES`].
     async fn wait_for<T>(
         &mut self,
         mut pick: impl FnMut(&ServerFrame) -> Option<Result<T, ClientError>>,
     ) -> Result<T, ClientError> {
         let wait = async {
             loop {
-                let frame = self.read().await?;
+                let (frame, size) = self.read_sized().await?;
                 match pick(&frame) {
                     Some(result) => return result,
-                    None => self.buffered.push_back(frame),
+                    None if self.overflows(0, size) => return Err(self.overflowed().await),
+                    None => self.buffered.push_back(frame, size),
                 }
             }
         };
@@ -395,47 +476,46 @@ impl Client {
     /// Frames other than events stay buffered, and when it fails (that error, a timeout, a
     /// closed connection) every frame it read is kept, in order, for later calls: they were
     /// dropped, so an event read before the failure never reached the caller while the
-    /// connection lived on.
+    /// connection lived on. What it gathers counts toward [`MAX_BUFFERED_BYTES`].
     async fn events_until_sync_done_or_error(
         &mut self,
         refused: Option<i64>,
     ) -> Result<Vec<Event>, ClientError> {
-        let mut read = VecDeque::new();
+        let mut read = Buffered::default();
         let failed = loop {
-            match self.next_frame_within(REPLY_TIMEOUT).await {
-                Ok(ServerFrame::SyncDone(_)) => break None,
-                Ok(ServerFrame::Error(e)) if refused.is_some() && e.reference == refused => {
+            let next = tokio::time::timeout(REPLY_TIMEOUT, self.next_sized()).await;
+            match next.unwrap_or(Err(ClientError::Timeout(REPLY_TIMEOUT))) {
+                Ok((ServerFrame::SyncDone(_), _)) => break None,
+                Ok((ServerFrame::Error(e), _)) if refused.is_some() && e.reference == refused => {
                     break Some(ClientError::Server(e));
                 }
-                Ok(frame) => read.push_back(frame),
+                Ok((_, size)) if self.overflows(read.bytes, size) => {
+                    return Err(self.overflowed().await);
+                }
+                Ok((frame, size)) => read.push_back(frame, size),
                 Err(e) => break Some(e),
             }
         };
+        let later = std::mem::take(&mut self.buffered);
         if let Some(error) = failed {
-            read.extend(self.buffered.drain(..));
+            read.append(later);
             self.buffered = read;
             return Err(error);
         }
         let mut events = Vec::new();
-        let mut keep = VecDeque::new();
-        for frame in read {
+        for (frame, size) in read.frames {
             match frame {
                 ServerFrame::Event(event) => events.push(event),
-                other => keep.push_back(other),
+                other => self.buffered.push_back(other, size),
             }
         }
-        keep.extend(self.buffered.drain(..));
-        self.buffered = keep;
+        self.buffered.append(later);
         Ok(events)
     }
 
     /// The next `event` frame (other frames stay buffered).
     pub async fn next_event(&mut self) -> Result<Event, ClientError> {
-        let buffered = self
-            .buffered
-            .iter()
-            .position(|f| matches!(f, ServerFrame::Event(_)));
-        if let Some(ServerFrame::Event(event)) = buffered.and_then(|i| self.buffered.remove(i)) {
+        if let Some(event) = self.buffered.take_first_event() {
             return Ok(event);
         }
         self.wait_for(|frame| match frame {
@@ -505,7 +585,10 @@ mod tests {
                     _ => continue,
                 };
                 for reply in answer(frame.unwrap()) {
-                    ws.send(reply).await.unwrap();
+                    // The client may have closed the connection (a test of its bounds).
+                    if ws.send(reply).await.is_err() {
+                        return;
+                    }
                 }
             }
         });
@@ -621,6 +704,79 @@ mod tests {
         }
         let event = client.next_event().await.unwrap();
         assert_eq!((event.conversation_id.as_str(), event.seq), ("d:1", 1));
+    }
+
+    /// An event of `text` in conversation `d:1`.
+    fn event_of(seq: u64, text: String) -> ServerFrame {
+        ServerFrame::Event(Event {
+            conversation_id: "d:1".into(),
+            seq,
+            server_msg_id: format!("m{seq}"),
+            sender: Sender {
+                user: "bob".into(),
+                device: "p".into(),
+            },
+            ts_ms: 1,
+            payload: EventPayload::Message {
+                body: Some(Body::Text(text)),
+                client_msg_id: format!("c{seq}"),
+                reply_to: None,
+                deleted: false,
+            },
+        })
+    }
+
+    /// Frames that come while a call waits are kept up to [`MAX_BUFFERED_BYTES`], a catch-up
+    /// of nearly that much given whole to the caller; past it the call fails with
+    /// [`ClientError::Overflow`] and the connection is closed. They were kept without bound: a
+    /// server flooding while a call waited, or a caller that never read them, grew memory for
+    /// ever.
+    #[tokio::test]
+    async fn frames_kept_while_a_call_waits_are_bounded() {
+        const MIB: usize = 1 << 20;
+        let url = scripted_server(Encoding::Proto, |frame| {
+            let ClientFrame::Send(send) = frame else {
+                return Vec::new();
+            };
+            // The first send: events of nearly the bound, then its `sent`. The second: more
+            // than the bound, and no `sent`.
+            let (events, answered) = match send.client_msg_id.as_str() {
+                "c1" => (MAX_BUFFERED_BYTES / MIB - 1, true),
+                _ => (MAX_BUFFERED_BYTES / MIB + 1, false),
+            };
+            let mut replies: Vec<Message> = (1..=events as u64)
+                .map(|seq| message(Encoding::Proto, &event_of(seq, "x".repeat(MIB - 256))))
+                .collect();
+            if answered {
+                replies.push(message(Encoding::Proto, &sent_for(&send)));
+            }
+            replies
+        })
+        .await;
+        let mut client = Client::connect(&url, "t", Encoding::Proto).await.unwrap();
+        client
+            .send_text(Target::User("bob".into()), "c1", "hi")
+            .await
+            .unwrap();
+        for seq in 1..MAX_BUFFERED_BYTES / MIB {
+            let event = client.next_event().await.unwrap();
+            assert_eq!(event.seq, seq as u64);
+        }
+        match client
+            .send_text(Target::User("bob".into()), "c2", "hi")
+            .await
+        {
+            Err(ClientError::Overflow(bound)) => assert_eq!(bound, MAX_BUFFERED_BYTES),
+            other => panic!("{other:?}"),
+        }
+        // Closed: nothing more is sent, and nothing is held.
+        assert!(
+            client
+                .send_text(Target::User("bob".into()), "c3", "hi")
+                .await
+                .is_err()
+        );
+        assert_eq!(client.buffered.bytes, 0);
     }
 
     /// PROTOCOL.md welcomes new frame types: a frame of a type this SDK does not know, in

@@ -10,11 +10,18 @@
 //! println!("stored as seq {} of {}", sent.seq, sent.conversation_id);
 //! # Ok(()) }
 //! ```
+//!
+//! Frames that arrive while a call waits for its reply (events of a catch-up, receipts,
+//! typing) are kept for [`Client::next_frame`] and [`Client::next_event`], up to
+//! [`MAX_BUFFERED_BYTES`] of them as they came on the wire; a call that would keep more fails
+//! with [`ClientError::Overflow`] and closes the connection, rather than holding ever more
+//! memory (a server flooding, a caller that never reads them). Nothing is lost: reconnect, and
+//! the events not acknowledged come again.
 
 mod connection;
 mod http;
 
-pub use connection::{Client, Target, websocket_config};
+pub use connection::{Client, MAX_BUFFERED_BYTES, Target, websocket_config};
 pub use courier_proto as proto;
 pub use http::HttpApi;
 
@@ -37,4 +44,10 @@ pub enum ClientError {
     WebSocket(String),
     #[error("http: {0}")]
     Http(String),
+    /// Frames came faster than the caller read them: see [`MAX_BUFFERED_BYTES`].
+    #[error(
+        "more than {0} bytes of frames came unread, so the connection was closed (events not \
+         acknowledged come again on the next connection)"
+    )]
+    Overflow(usize),
 }
