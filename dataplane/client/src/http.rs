@@ -3,6 +3,8 @@
 use crate::ClientError;
 use crate::connection::REPLY_TIMEOUT;
 use serde_json::Value;
+use std::sync::{Arc, Mutex, PoisonError};
+use tokio::time::Instant;
 
 /// HTTP calls with one device's token.
 #[derive(Clone)]
@@ -81,7 +83,11 @@ impl HttpApi {
     /// Uploads a file (streamed) as media of type `mime`; returns the upload's JSON
     /// (`media_id`, `mime`, `size`, `sha256`). What is not a regular file (a directory, a
     /// device) is refused by name before any request: a directory opens on Linux, and the
-    /// read that then failed inside the request said only that sending it failed.
+    /// read that then failed inside the request said only that sending it failed. An upload
+    /// fails with [`ClientError::Timeout`] when the server takes none of its bytes for
+    /// [`REPLY_TIMEOUT`], or has not answered [`REPLY_TIMEOUT`] after the last: one that moves,
+    /// however large and slow, is not cut (a timeout of the whole request would be), and one
+    /// that stalls no longer holds its caller (`courier chat`'s session) for ever.
     pub async fn upload_media(
         &self,
         path: &std::path::Path,
@@ -96,8 +102,9 @@ impl HttpApi {
                 path.display()
             )));
         }
-        let body = reqwest::Body::wrap_stream(tokio_util_stream(file));
-        let response = self
+        let taken = Arc::new(Mutex::new(Instant::now()));
+        let body = reqwest::Body::wrap_stream(tokio_util_stream(file, taken.clone()));
+        let request = self
             .http
             .post(format!("{}/v1/media", self.base))
             .bearer_auth(&self.token)
@@ -105,15 +112,20 @@ impl HttpApi {
             // Its size up front: a server refuses one over its limit before reading it.
             .header(reqwest::header::CONTENT_LENGTH, metadata.len())
             .body(body)
-            .send()
-            .await
-            .map_err(http_error)?;
-        match response.status().as_u16() {
-            201 => response.json().await.map_err(http_error),
-            status => Err(ClientError::Http(format!(
-                "HTTP {status}: {}",
-                response.text().await.unwrap_or_default()
-            ))),
+            .send();
+        let answered = async {
+            let response = request.await.map_err(http_error)?;
+            match response.status().as_u16() {
+                201 => response.json().await.map_err(http_error),
+                status => Err(ClientError::Http(format!(
+                    "HTTP {status}: {}",
+                    response.text().await.unwrap_or_default()
+                ))),
+            }
+        };
+        tokio::select! {
+            answered = answered => answered,
+            stalled = stalled(&taken) => Err(stalled),
         }
     }
 
@@ -237,20 +249,43 @@ async fn within_reply_timeout<T>(
         .map_err(|_| ClientError::Timeout(REPLY_TIMEOUT))?
 }
 
-/// A file as a stream of chunks, for a streamed request body.
+/// The bytes of an upload read from its file at a time: small enough that a server taking
+/// them at 2 KiB/s moves the upload on (a chunk asked for) within [`REPLY_TIMEOUT`].
+const UPLOAD_CHUNK: usize = 64 * 1024;
+
+/// Resolves [`REPLY_TIMEOUT`] after the instant in `taken` (which moves on as a request goes)
+/// with [`ClientError::Timeout`].
+async fn stalled(taken: &Mutex<Instant>) -> ClientError {
+    loop {
+        let deadline = *taken.lock().unwrap_or_else(PoisonError::into_inner) + REPLY_TIMEOUT;
+        if Instant::now() >= deadline {
+            return ClientError::Timeout(REPLY_TIMEOUT);
+        }
+        tokio::time::sleep_until(deadline).await;
+    }
+}
+
+/// A file as a stream of chunks of [`UPLOAD_CHUNK`] bytes, for a streamed request body; `taken`
+/// is set to the time of each chunk asked for, and of the end. The HTTP client asks for the
+/// next chunk when the socket has taken room for it from what it holds, so `taken` stands
+/// still while the server takes no bytes, and marks the last byte once the file is sent.
 fn tokio_util_stream(
     file: tokio::fs::File,
+    taken: Arc<Mutex<Instant>>,
 ) -> impl futures::Stream<Item = std::io::Result<Vec<u8>>> + Send + 'static {
     use tokio::io::AsyncReadExt;
-    futures::stream::unfold(file, |mut file| async move {
-        let mut chunk = vec![0u8; 256 * 1024];
-        match file.read(&mut chunk).await {
-            Ok(0) => None,
-            Ok(n) => {
-                chunk.truncate(n);
-                Some((Ok(chunk), file))
+    futures::stream::unfold(file, move |mut file| {
+        *taken.lock().unwrap_or_else(PoisonError::into_inner) = Instant::now();
+        async move {
+            let mut chunk = vec![0u8; UPLOAD_CHUNK];
+            match file.read(&mut chunk).await {
+                Ok(0) => None,
+                Ok(n) => {
+                    chunk.truncate(n);
+                    Some((Ok(chunk), file))
+                }
+                Err(e) => Some((Err(e), file)),
             }
-            Err(e) => Some((Err(e), file)),
         }
     })
 }
@@ -288,6 +323,47 @@ mod tests {
         );
         assert!(!out.exists());
         silent.abort();
+    }
+
+    /// An upload to a server that takes none of its bytes, or takes them all and never
+    /// answers, fails after [`REPLY_TIMEOUT`] with a timeout. It waited for ever (only the
+    /// connection had a timeout): a `/send-file` in `courier chat` held its session until killed.
+    #[tokio::test(start_paused = true)]
+    async fn an_upload_a_server_stalls_fails_with_a_timeout() {
+        let file = std::env::temp_dir().join(format!("courier-upload-{}", std::process::id()));
+        // Larger than what the sockets' buffers take without the server reading.
+        std::fs::write(&file, vec![7u8; 32 << 20]).unwrap();
+        let deaf = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let deaf_url = format!("http://{}", deaf.local_addr().unwrap());
+        let deaf = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((tcp, _)) = deaf.accept().await {
+                held.push(tcp);
+            }
+        });
+        let mute = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mute_url = format!("http://{}", mute.local_addr().unwrap());
+        let mute = tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = mute.accept().await {
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut tcp, &mut tokio::io::sink()).await;
+                    std::future::pending::<()>().await;
+                });
+            }
+        });
+        for url in [deaf_url, mute_url] {
+            let api = HttpApi::new(&url, "t");
+            let uploaded = tokio::time::timeout(REPLY_TIMEOUT * 4, api.upload_media(&file, "a/b"))
+                .await
+                .unwrap_or_else(|_| panic!("{url}: the upload was still waiting"));
+            assert!(
+                matches!(uploaded, Err(ClientError::Timeout(_))),
+                "{url}: {uploaded:?}"
+            );
+        }
+        let _ = std::fs::remove_file(&file);
+        deaf.abort();
+        mute.abort();
     }
 
     /// A directory is refused by name before any request (on Linux a directory opens, and the
