@@ -836,6 +836,52 @@ fn a_chat_command_without_its_arguments_is_not_sent_as_a_message() {
     bob.expect("alice: hello bob");
 }
 
+/// `courier chat` whose standard output its reader closed (`courier chat | head -1`) ends as
+/// at the end of input, successfully, at the next line it has to write: it panicked (`failed
+/// printing to stdout: Broken pipe`) and exited 101.
+#[test]
+fn a_chat_whose_output_is_closed_ends_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_in(dir.path(), &[]);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_courier"))
+        .args(["chat", "--url", &server.ws_url()])
+        .args([
+            "--user",
+            "bob",
+            "--device",
+            "cli",
+            "--to",
+            "alice",
+            "--data-dir",
+        ])
+        .arg(&server.data_dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut output = BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    output.read_line(&mut first).unwrap();
+    assert!(first.contains("connected as"), "{first}");
+    drop(output);
+    // Input stays open: what ends the session is the line it cannot write.
+    let mut input = child.stdin.take().unwrap();
+    writeln!(input, "/to").unwrap();
+    let (exited, exit) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = exited.send(child.wait_with_output());
+    });
+    let ended = exit
+        .recv_timeout(WAIT)
+        .expect("courier chat went on with its output closed")
+        .unwrap();
+    let said = String::from_utf8_lossy(&ended.stderr);
+    assert!(ended.status.success(), "{}: {said}", ended.status);
+    assert!(!said.contains("panicked"), "{said}");
+    drop(input);
+}
+
 /// A file shared in a chat is offered as `/fetch ID NAME` with the name its sender chose: a
 /// `/fetch` to a file that exists leaves it as it was, and says so. It was overwritten: a
 /// stranger's file named `.bashrc`, fetched as offered in a home directory, replaced the

@@ -1,12 +1,13 @@
 //! `courier chat`: a small interactive terminal client, so a person can try Courier from two
 //! terminals. Lines typed are sent to the current peer; incoming messages are printed and
-//! acknowledged as delivered.
+//! acknowledged as delivered. A session ends, successfully, at the end of input, when the
+//! server drains, or when its output is closed (`courier chat | head -1`).
 
 use clap::Args;
 use courier_client::proto::{AckKind, Body, Encoding, Event, EventPayload, Media, ServerFrame};
 use courier_client::{Client, ClientError, HttpApi, Target};
 use courier_core::auth;
-use std::io::BufRead;
+use std::io::{BufRead, Write};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -32,6 +33,14 @@ pub struct ChatArgs {
     jwt_secret: Option<String>,
 }
 
+/// `println!`, but a line that cannot be written ends the session (see [`say`]) where
+/// `println!` panicked: with `?`, so only where that returns an `anyhow::Result`.
+macro_rules! say {
+    ($($arg:tt)*) => {
+        say(format_args!($($arg)*))?
+    };
+}
+
 pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
     let token = match args.token {
         Some(token) => token,
@@ -51,98 +60,124 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
     let mut client = Client::connect(&args.url, &token, Encoding::Json)
         .await
         .map_err(|e| not_connected(&args.url, e))?;
-    let mut target = args.to.map(Target::User);
-    let http = HttpApi::new(&args.url.replacen("ws", "http", 1), &token);
-    println!(
-        "connected as {}/{}; type a message, `/to USER` to pick a peer, `/send-file PATH` to share \
-         a file, `/fetch MEDIA_ID OUT` to download one, Ctrl-D to quit",
-        args.user, args.device
-    );
-    let mut lines = typed_lines()?;
-    let mut counter = 0u64;
-    let session = format!("{:x}", rand::random::<u32>());
-    loop {
-        tokio::select! {
-            line = lines.recv() => {
-                let Some(line) = line.transpose()? else { break };
-                let line = line.trim();
-                if let Some(usage) = usage_of_bare_command(line) {
-                    println!("usage: {usage}");
-                } else if let Some(peer) = line.strip_prefix("/to ") {
-                    target = Some(Target::User(peer.trim().to_owned()));
-                    println!("now talking to {}", peer.trim());
-                } else if let Some(args) = line.strip_prefix("/fetch ") {
-                    let mut parts = args.split_whitespace();
-                    match (parts.next(), parts.next()) {
-                        (Some(id), Some(out)) => match http.download_media(id, std::path::Path::new(out)).await {
-                            Ok(n) => println!("  saved {n} bytes to {out}"),
-                            Err(e) => println!("  ✗ {e}"),
-                        },
-                        _ => println!("usage: /fetch MEDIA_ID OUT"),
-                    }
-                } else if let Some(path) = line.strip_prefix("/send-file ") {
-                    let Some(to) = target.clone() else {
-                        println!("pick a peer first: /to USER");
-                        continue;
-                    };
-                    let path = std::path::Path::new(path.trim());
-                    let uploaded = match http.upload_media(path, mime_of(path)).await {
-                        Ok(uploaded) => uploaded,
-                        Err(e) => {
-                            println!("  ✗ {e}");
-                            continue;
+    // Standard output closed (`courier chat | head -1`) ends the session as the end of input
+    // does; any other error ends it with that error. The connection is closed either way.
+    let ended: anyhow::Result<()> = async {
+        let mut target = args.to.map(Target::User);
+        let http = HttpApi::new(&args.url.replacen("ws", "http", 1), &token);
+        say!(
+            "connected as {}/{}; type a message, `/to USER` to pick a peer, `/send-file PATH` to share \
+             a file, `/fetch MEDIA_ID OUT` to download one, Ctrl-D to quit",
+            args.user, args.device
+        );
+        let mut lines = typed_lines()?;
+        let mut counter = 0u64;
+        let session = format!("{:x}", rand::random::<u32>());
+        loop {
+            tokio::select! {
+                line = lines.recv() => {
+                    let Some(line) = line.transpose()? else { break };
+                    let line = line.trim();
+                    if let Some(usage) = usage_of_bare_command(line) {
+                        say!("usage: {usage}");
+                    } else if let Some(peer) = line.strip_prefix("/to ") {
+                        target = Some(Target::User(peer.trim().to_owned()));
+                        say!("now talking to {}", peer.trim());
+                    } else if let Some(args) = line.strip_prefix("/fetch ") {
+                        let mut parts = args.split_whitespace();
+                        match (parts.next(), parts.next()) {
+                            (Some(id), Some(out)) => match http.download_media(id, std::path::Path::new(out)).await {
+                                Ok(n) => say!("  saved {n} bytes to {out}"),
+                                Err(e) => say!("  ✗ {e}"),
+                            },
+                            _ => say!("usage: /fetch MEDIA_ID OUT"),
                         }
-                    };
-                    counter += 1;
-                    let media = Media {
-                        media_id: uploaded["media_id"].as_str().unwrap_or_default().to_owned(),
-                        mime: uploaded["mime"].as_str().unwrap_or_default().to_owned(),
-                        size: uploaded["size"].as_u64().unwrap_or_default(),
-                        sha256: uploaded["sha256"].as_str().unwrap_or_default().to_owned(),
-                        name: path.file_name().map(|n| n.to_string_lossy().into_owned()),
-                        caption: None,
-                    };
-                    match client.send_with_retry(to, &format!("{session}-{counter}"), Body::Media(Box::new(media))).await {
-                        Ok(sent) => println!("  ✓ file sent (seq {})", sent.seq),
-                        Err(e) => println!("  ✗ {e}"),
-                    }
-                } else if !line.is_empty() {
-                    let Some(to) = target.clone() else {
-                        println!("pick a peer first: /to USER");
-                        continue;
-                    };
-                    counter += 1;
-                    let id = format!("{session}-{counter}");
-                    match client.send_with_retry(to, &id, Body::Text(line.to_owned())).await {
-                        Ok(sent) => println!("  ✓ sent (seq {})", sent.seq),
-                        Err(e) => println!("  ✗ {e}"),
+                    } else if let Some(path) = line.strip_prefix("/send-file ") {
+                        let Some(to) = target.clone() else {
+                            say!("pick a peer first: /to USER");
+                            continue;
+                        };
+                        let path = std::path::Path::new(path.trim());
+                        let uploaded = match http.upload_media(path, mime_of(path)).await {
+                            Ok(uploaded) => uploaded,
+                            Err(e) => {
+                                say!("  ✗ {e}");
+                                continue;
+                            }
+                        };
+                        counter += 1;
+                        let media = Media {
+                            media_id: uploaded["media_id"].as_str().unwrap_or_default().to_owned(),
+                            mime: uploaded["mime"].as_str().unwrap_or_default().to_owned(),
+                            size: uploaded["size"].as_u64().unwrap_or_default(),
+                            sha256: uploaded["sha256"].as_str().unwrap_or_default().to_owned(),
+                            name: path.file_name().map(|n| n.to_string_lossy().into_owned()),
+                            caption: None,
+                        };
+                        match client.send_with_retry(to, &format!("{session}-{counter}"), Body::Media(Box::new(media))).await {
+                            Ok(sent) => say!("  ✓ file sent (seq {})", sent.seq),
+                            Err(e) => say!("  ✗ {e}"),
+                        }
+                    } else if !line.is_empty() {
+                        let Some(to) = target.clone() else {
+                            say!("pick a peer first: /to USER");
+                            continue;
+                        };
+                        counter += 1;
+                        let id = format!("{session}-{counter}");
+                        match client.send_with_retry(to, &id, Body::Text(line.to_owned())).await {
+                            Ok(sent) => say!("  ✓ sent (seq {})", sent.seq),
+                            Err(e) => say!("  ✗ {e}"),
+                        }
                     }
                 }
-            }
-            frame = client.next_frame() => {
-                match frame? {
-                    ServerFrame::Event(event) => {
-                        if let Some(line) = event_line(&event) {
-                            println!("{line}");
+                frame = client.next_frame() => {
+                    match frame? {
+                        ServerFrame::Event(event) => {
+                            if let Some(line) = event_line(&event) {
+                                say!("{line}");
+                            }
+                            if target.is_none() {
+                                target = Some(Target::Conversation(event.conversation_id.clone()));
+                            }
+                            client.ack(&event.conversation_id, event.seq, AckKind::Delivered).await?;
                         }
-                        if target.is_none() {
-                            target = Some(Target::Conversation(event.conversation_id.clone()));
+                        ServerFrame::Receipt(r) => say!("  ({} has delivered {} / read {})", r.user, r.delivered_seq, r.read_seq),
+                        ServerFrame::Reconnect(_) => {
+                            say!("server is draining; reconnect later");
+                            break;
                         }
-                        client.ack(&event.conversation_id, event.seq, AckKind::Delivered).await?;
+                        _ => {}
                     }
-                    ServerFrame::Receipt(r) => println!("  ({} has delivered {} / read {})", r.user, r.delivered_seq, r.read_seq),
-                    ServerFrame::Reconnect(_) => {
-                        println!("server is draining; reconnect later");
-                        break;
-                    }
-                    _ => {}
                 }
             }
         }
+        Ok(())
     }
+    .await;
     client.close().await;
-    Ok(())
+    match ended {
+        Err(e) if e.is::<OutputClosed>() => Ok(()),
+        ended => ended,
+    }
 }
+
+/// Writes `line` to standard output. A closed pipe (`courier chat | head -1` once `head` has
+/// its line) is [`OutputClosed`], which ends the session as the end of input does; another
+/// error is named as one of standard output.
+fn say(line: std::fmt::Arguments) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{line}").and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(OutputClosed.into()),
+        Err(e) => Err(anyhow::Error::new(e).context("writing to standard output")),
+    }
+}
+
+/// Standard output was closed by its reader: the session ends, successfully.
+#[derive(Debug, thiserror::Error)]
+#[error("standard output is closed")]
+struct OutputClosed;
 
 /// The usage of a command typed with nothing after it: the line is trimmed, so `/to ` is
 /// `/to`, which the commands' prefixes (`/to `) do not match, and it would otherwise go to
