@@ -457,6 +457,36 @@ mod tests {
         }
     }
 
+    /// An HTTP/2 client of `address`, its streams opened with a flow-control window of
+    /// `window` bytes (hyper's default: `None`), and its connection's task.
+    async fn http2_client(
+        address: std::net::SocketAddr,
+        window: Option<u32>,
+    ) -> (
+        hyper::client::conn::http2::SendRequest<axum::body::Body>,
+        tokio::task::JoinHandle<Result<(), hyper::Error>>,
+    ) {
+        let socket = tokio::net::TcpStream::connect(address).await.unwrap();
+        let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .initial_stream_window_size(window)
+            .handshake(TokioIo::new(socket))
+            .await
+            .unwrap();
+        (sender, tokio::spawn(connection))
+    }
+
+    /// An extended CONNECT (RFC 8441) for a WebSocket on `address`'s `/ws`.
+    fn websocket_connect(address: std::net::SocketAddr) -> Request<axum::body::Body> {
+        let mut request = axum::http::Request::connect(format!("http://{address}/ws"))
+            .header("sec-websocket-version", "13")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        request
+            .extensions_mut()
+            .insert(hyper::ext::Protocol::from_static("websocket"));
+        request
+    }
+
     async fn served(limits: ConnectionLimits) -> std::net::SocketAddr {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
@@ -582,12 +612,7 @@ mod tests {
     #[tokio::test]
     async fn an_http2_connection_is_closed_once_idle_never_under_a_request() {
         let address = served(limits(200, 60_000)).await;
-        let socket = tokio::net::TcpStream::connect(address).await.unwrap();
-        let (mut sender, connection) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(socket))
-                .await
-                .unwrap();
-        let connection = tokio::spawn(connection);
+        let (mut sender, connection) = http2_client(address, None).await;
         let request = axum::http::Request::get(format!("http://{address}/slow"))
             .body(axum::body::Body::empty())
             .unwrap();
@@ -612,12 +637,7 @@ mod tests {
     #[tokio::test]
     async fn an_http2_connection_is_idle_again_once_its_websocket_ended() {
         let address = served(limits(200, 60_000)).await;
-        let socket = tokio::net::TcpStream::connect(address).await.unwrap();
-        let (mut sender, connection) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(socket))
-                .await
-                .unwrap();
-        let mut connection = tokio::spawn(connection);
+        let (mut sender, mut connection) = http2_client(address, None).await;
         // A request answered first: the server's settings, which allow the extended CONNECT,
         // have come.
         let request = axum::http::Request::get(format!("http://{address}/"))
@@ -625,14 +645,10 @@ mod tests {
             .unwrap();
         let response = sender.send_request(request).await.unwrap();
         assert_eq!(response.status(), 200);
-        let mut request = axum::http::Request::connect(format!("http://{address}/ws"))
-            .header("sec-websocket-version", "13")
-            .body(axum::body::Body::empty())
+        let response = sender
+            .send_request(websocket_connect(address))
+            .await
             .unwrap();
-        request
-            .extensions_mut()
-            .insert(hyper::ext::Protocol::from_static("websocket"));
-        let response = sender.send_request(request).await.unwrap();
         assert_eq!(response.status(), 200);
         let upgraded = hyper::upgrade::on(response).await.unwrap();
         let mut websocket = tokio_tungstenite::WebSocketStream::from_raw_socket(
@@ -668,14 +684,7 @@ mod tests {
     #[tokio::test]
     async fn an_http2_response_its_client_takes_nothing_of_ends_the_connection() {
         let address = served(limits(200, 300)).await;
-        let socket = tokio::net::TcpStream::connect(address).await.unwrap();
-        let (mut sender, connection) =
-            hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-                .initial_stream_window_size(0)
-                .handshake(TokioIo::new(socket))
-                .await
-                .unwrap();
-        let mut connection = tokio::spawn(connection);
+        let (mut sender, mut connection) = http2_client(address, Some(0)).await;
         let request = axum::http::Request::get(format!("http://{address}/endless"))
             .body(axum::body::Body::empty())
             .unwrap();
@@ -696,14 +705,7 @@ mod tests {
     #[tokio::test]
     async fn an_http2_response_taken_slowly_is_not_cut() {
         let address = served(limits(200, 300)).await;
-        let socket = tokio::net::TcpStream::connect(address).await.unwrap();
-        let (mut sender, connection) =
-            hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-                .initial_stream_window_size(4096)
-                .handshake(TokioIo::new(socket))
-                .await
-                .unwrap();
-        tokio::spawn(connection);
+        let (mut sender, _connection) = http2_client(address, Some(4096)).await;
         let request = axum::http::Request::get(format!("http://{address}/endless"))
             .body(axum::body::Body::empty())
             .unwrap();
@@ -733,27 +735,16 @@ mod tests {
     #[tokio::test]
     async fn an_http2_response_its_client_takes_a_byte_of_ends_the_connection_under_a_websocket() {
         let address = served(limits(200, 300)).await;
-        let socket = tokio::net::TcpStream::connect(address).await.unwrap();
-        let (mut sender, connection) =
-            hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-                .initial_stream_window_size(1)
-                .handshake(TokioIo::new(socket))
-                .await
-                .unwrap();
-        let mut connection = tokio::spawn(connection);
+        let (mut sender, mut connection) = http2_client(address, Some(1)).await;
         let request = axum::http::Request::get(format!("http://{address}/"))
             .body(axum::body::Body::empty())
             .unwrap();
         assert_eq!(sender.send_request(request).await.unwrap().status(), 200);
         // A WebSocket open, and never closed: the connection is never idle.
-        let mut request = axum::http::Request::connect(format!("http://{address}/ws"))
-            .header("sec-websocket-version", "13")
-            .body(axum::body::Body::empty())
+        let websocket = sender
+            .send_request(websocket_connect(address))
+            .await
             .unwrap();
-        request
-            .extensions_mut()
-            .insert(hyper::ext::Protocol::from_static("websocket"));
-        let websocket = sender.send_request(request).await.unwrap();
         assert_eq!(websocket.status(), 200);
         let request = axum::http::Request::get(format!("http://{address}/big"))
             .body(axum::body::Body::empty())
@@ -772,12 +763,7 @@ mod tests {
     #[tokio::test]
     async fn an_http2_response_handed_in_pieces_comes_whole() {
         let address = served(limits(200, 60_000)).await;
-        let socket = tokio::net::TcpStream::connect(address).await.unwrap();
-        let (mut sender, connection) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(socket))
-                .await
-                .unwrap();
-        tokio::spawn(connection);
+        let (mut sender, _connection) = http2_client(address, None).await;
         let request = axum::http::Request::get(format!("http://{address}/big"))
             .body(axum::body::Body::empty())
             .unwrap();

@@ -328,16 +328,37 @@ mod tests {
         }
     }
 
-    /// A provider on loopback whose key set URL redirects to `to`.
-    async fn redirecting_to(to: String) -> String {
-        let app = axum::Router::new().route(
-            "/jwks",
-            axum::routing::get(move || async move { axum::response::Redirect::temporary(&to) }),
-        );
+    /// `app` served on loopback: the URL of its `/jwks`.
+    async fn serving(app: axum::Router) -> String {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/jwks", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         url
+    }
+
+    /// A key set document holding the JWK of the test fixture `name`.
+    fn key_set_of(name: &str) -> String {
+        let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures");
+        let jwk = std::fs::read_to_string(format!("{fixtures}/{name}")).unwrap();
+        format!("{{\"keys\": [{jwk}]}}")
+    }
+
+    /// A provider on loopback serving the key set of `jwt-test-ed25519.jwk.json`: its URL.
+    async fn provider() -> String {
+        let document = key_set_of("jwt-test-ed25519.jwk.json");
+        serving(
+            axum::Router::new().route("/jwks", axum::routing::get(move || async move { document })),
+        )
+        .await
+    }
+
+    /// A provider on loopback whose key set URL redirects to `to`.
+    async fn redirecting_to(to: String) -> String {
+        serving(axum::Router::new().route(
+            "/jwks",
+            axum::routing::get(move || async move { axum::response::Redirect::temporary(&to) }),
+        ))
+        .await
     }
 
     /// A redirect is held to the rule of the URL given: keys fetched in the clear after a
@@ -347,14 +368,7 @@ mod tests {
     async fn a_redirect_to_plain_http_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let metrics = Arc::new(Metrics::new());
-        let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures");
-        let jwk = std::fs::read_to_string(format!("{fixtures}/jwt-test-ed25519.jwk.json")).unwrap();
-        let document = format!("{{\"keys\": [{jwk}]}}");
-        let app =
-            axum::Router::new().route("/jwks", axum::routing::get(move || async move { document }));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let keys = provider().await;
 
         // 198.51.100.1 (TEST-NET-2) is no loopback address, and no one's.
         let clear = redirecting_to("http://198.51.100.1/jwks".to_owned()).await;
@@ -371,7 +385,7 @@ mod tests {
             "{refused}"
         );
 
-        let loopback = redirecting_to(format!("http://localhost:{port}/jwks")).await;
+        let loopback = redirecting_to(keys.replace("127.0.0.1", "localhost")).await;
         let source =
             KeySetSource::new(&loopback, TokenVerifier::key_set(), dir.path(), metrics).unwrap();
         source.fetch().await.unwrap();
@@ -386,8 +400,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures");
         let read = |name: &str| std::fs::read(format!("{fixtures}/{name}")).unwrap();
-        let jwk = String::from_utf8(read("jwt-test-ed25519-next.jwk.json")).unwrap();
-        let document = format!("{{\"keys\": [{jwk}]}}");
+        let document = key_set_of("jwt-test-ed25519-next.jwk.json");
         // The provider says when it is asked, and answers once released.
         let (asked, mut was_asked) = tokio::sync::mpsc::channel::<()>(4);
         let release = Arc::new(tokio::sync::Notify::new());
@@ -404,9 +417,7 @@ mod tests {
                 }
             }),
         );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/jwks", listener.local_addr().unwrap());
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let url = serving(app).await;
 
         let verifier = TokenVerifier::key_set();
         let metrics = Arc::new(Metrics::new());
@@ -447,14 +458,7 @@ mod tests {
     async fn a_set_kept_from_another_url_is_not_started_on() {
         let dir = tempfile::tempdir().unwrap();
         let metrics = Arc::new(Metrics::new());
-        let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures");
-        let jwk = std::fs::read_to_string(format!("{fixtures}/jwt-test-ed25519.jwk.json")).unwrap();
-        let document = format!("{{\"keys\": [{jwk}]}}");
-        let app =
-            axum::Router::new().route("/jwks", axum::routing::get(move || async move { document }));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let before = format!("http://{}/jwks", listener.local_addr().unwrap());
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let before = provider().await;
         let source = |url: &str| {
             KeySetSource::new(url, TokenVerifier::key_set(), dir.path(), metrics.clone()).unwrap()
         };
