@@ -132,6 +132,16 @@ async fn serve(gateway: Arc<Gateway>) -> String {
     format!("ws://{address}")
 }
 
+/// A gateway over `store` whose sequencer holds every append, and `device` (`user:device`)
+/// connected to it and caught up: the gateway, its URL and the client.
+async fn caught_up(store: &MessageStore, device: &str) -> (Arc<Gateway>, String, Client) {
+    let gateway = gateway(store.clone(), Arc::new(HeldSequencer::default()));
+    let url = serve(gateway.clone()).await;
+    let mut client = Client::connect(&url, device, Encoding::Json).await.unwrap();
+    client.events_until_sync_done().await.unwrap();
+    (gateway, url, client)
+}
+
 /// The first `sent` in a conversation the connection has not seen reads the device's cursor
 /// first. A store that fails that read does not take the `sent` back from the client (the
 /// message is committed) nor close the connection.
@@ -289,12 +299,7 @@ async fn a_devices_route_stays_while_one_of_its_connections_is_open_here() {
 async fn a_pass_over_the_connections_records_their_devices_as_seen() {
     let engine = FaultyEngine::new();
     let store = engine.store(4).await;
-    let gateway = gateway(store.clone(), Arc::new(HeldSequencer::default()));
-    let url = serve(gateway.clone()).await;
-    let mut alice = Client::connect(&url, "alice:phone", Encoding::Json)
-        .await
-        .unwrap();
-    alice.events_until_sync_done().await.unwrap();
+    let (gateway, _url, _alice) = caught_up(&store, "alice:phone").await;
     // The record as it stands once the connection has been open for weeks.
     let weeks_ago = |record: Option<&DeviceRecord>| {
         record.map(|r| DeviceRecord {
@@ -321,12 +326,7 @@ async fn a_pass_over_the_connections_records_their_devices_as_seen() {
 async fn a_pass_over_the_connections_closes_those_of_a_device_unlinked_unseen() {
     let engine = FaultyEngine::new();
     let store = engine.store(4).await;
-    let gateway = gateway(store.clone(), Arc::new(HeldSequencer::default()));
-    let url = serve(gateway.clone()).await;
-    let mut phone = Client::connect(&url, "alice:phone", Encoding::Json)
-        .await
-        .unwrap();
-    phone.events_until_sync_done().await.unwrap();
+    let (gateway, url, mut phone) = caught_up(&store, "alice:phone").await;
     let mut laptop = Client::connect(&url, "alice:laptop", Encoding::Json)
         .await
         .unwrap();
@@ -458,12 +458,7 @@ async fn next_seqs(client: &mut Client, count: usize) -> Vec<u64> {
 async fn an_event_the_gateway_could_not_decode_is_read_from_the_store_in_its_place() {
     let engine = FaultyEngine::new();
     let store = engine.store(4).await;
-    let gateway = gateway(store.clone(), Arc::new(HeldSequencer::default()));
-    let url = serve(gateway.clone()).await;
-    let mut bob = Client::connect(&url, "bob:phone", Encoding::Json)
-        .await
-        .unwrap();
-    bob.events_until_sync_done().await.unwrap();
+    let (gateway, url, mut bob) = caught_up(&store, "bob:phone").await;
     let conv = "d:alice:bob";
     messages_to_bob(&store, conv, 0..4).await;
     let events = store
@@ -525,12 +520,7 @@ async fn an_event_the_gateway_could_not_decode_is_read_from_the_store_in_its_pla
 async fn a_delivered_event_at_seq_0_is_passed_over() {
     let engine = FaultyEngine::new();
     let store = engine.store(4).await;
-    let gateway = gateway(store.clone(), Arc::new(HeldSequencer::default()));
-    let url = serve(gateway.clone()).await;
-    let mut bob = Client::connect(&url, "bob:phone", Encoding::Json)
-        .await
-        .unwrap();
-    bob.events_until_sync_done().await.unwrap();
+    let (gateway, _url, mut bob) = caught_up(&store, "bob:phone").await;
     let conv = "d:alice:bob";
     messages_to_bob(&store, conv, 0..2).await;
     let events = store
