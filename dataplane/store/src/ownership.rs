@@ -618,6 +618,25 @@ mod tests {
         );
     }
 
+    /// Two shards of `store`, `kept` and `damaged` (that of `d:1`), taken by `node` at time 0
+    /// for [`LEASE`]: their leases, in that order.
+    async fn two_shards_taken_by(store: &MessageStore, node: &str) -> (u32, u32, Vec<ShardLease>) {
+        let damaged = store.shard_of("d:1");
+        let kept = (damaged + 1) % 8;
+        let leases = store
+            .acquire_shards(
+                Duty::Sequencing,
+                node,
+                &[kept, damaged],
+                usize::MAX,
+                0,
+                LEASE,
+            )
+            .await
+            .unwrap();
+        (kept, damaged, leases)
+    }
+
     /// An ownership record whose lease ends further ahead than any node writes one (damage:
     /// a deadline at `u64::MAX`, say) is taken over as a lapsed one, with a new epoch: the
     /// shard was held for good by the node it named, and once that node was gone no node
@@ -627,19 +646,7 @@ mod tests {
     async fn a_lease_ending_past_any_a_node_writes_is_taken_over() {
         let dir = tempfile::tempdir().unwrap();
         let store = temp_store(&dir, 8).await;
-        let damaged = store.shard_of("d:1");
-        let kept = (damaged + 1) % 8;
-        let gone = store
-            .acquire_shards(
-                Duty::Sequencing,
-                "gone",
-                &[kept, damaged],
-                usize::MAX,
-                0,
-                LEASE,
-            )
-            .await
-            .unwrap();
+        let (kept, damaged, gone) = two_shards_taken_by(&store, "gone").await;
         let mut damage = Batch::new();
         for (lease, until) in [(gone[0], LEASE_HORIZON_MS), (gone[1], u64::MAX)] {
             let record = OwnerRecord {
@@ -688,19 +695,7 @@ mod tests {
     async fn an_ownership_record_that_does_not_decode_is_lost_by_its_owner_and_taken_over() {
         let dir = tempfile::tempdir().unwrap();
         let store = temp_store(&dir, 8).await;
-        let damaged = store.shard_of("d:1");
-        let kept = (damaged + 1) % 8;
-        let a = store
-            .acquire_shards(
-                Duty::Sequencing,
-                "a",
-                &[kept, damaged],
-                usize::MAX,
-                0,
-                LEASE,
-            )
-            .await
-            .unwrap();
+        let (kept, damaged, a) = two_shards_taken_by(&store, "a").await;
         let mut damage = Batch::new();
         damage.set(
             store.keys().shard_owner(Duty::Sequencing, damaged),
