@@ -475,6 +475,13 @@ mod tests {
         (sender, tokio::spawn(connection))
     }
 
+    /// A GET of `path` on `address`.
+    fn get(address: std::net::SocketAddr, path: &str) -> Request<axum::body::Body> {
+        axum::http::Request::get(format!("http://{address}{path}"))
+            .body(axum::body::Body::empty())
+            .unwrap()
+    }
+
     /// An extended CONNECT (RFC 8441) for a WebSocket on `address`'s `/ws`.
     fn websocket_connect(address: std::net::SocketAddr) -> Request<axum::body::Body> {
         let mut request = axum::http::Request::connect(format!("http://{address}/ws"))
@@ -613,9 +620,7 @@ mod tests {
     async fn an_http2_connection_is_closed_once_idle_never_under_a_request() {
         let address = served(limits(200, 60_000)).await;
         let (mut sender, connection) = http2_client(address, None).await;
-        let request = axum::http::Request::get(format!("http://{address}/slow"))
-            .body(axum::body::Body::empty())
-            .unwrap();
+        let request = get(address, "/slow");
         let response = sender.send_request(request).await.unwrap();
         assert_eq!(response.status(), 200);
         let body = axum::body::to_bytes(axum::body::Body::new(response.into_body()), 1024)
@@ -640,9 +645,7 @@ mod tests {
         let (mut sender, mut connection) = http2_client(address, None).await;
         // A request answered first: the server's settings, which allow the extended CONNECT,
         // have come.
-        let request = axum::http::Request::get(format!("http://{address}/"))
-            .body(axum::body::Body::empty())
-            .unwrap();
+        let request = get(address, "/");
         let response = sender.send_request(request).await.unwrap();
         assert_eq!(response.status(), 200);
         let response = sender
@@ -685,9 +688,7 @@ mod tests {
     async fn an_http2_response_its_client_takes_nothing_of_ends_the_connection() {
         let address = served(limits(200, 300)).await;
         let (mut sender, mut connection) = http2_client(address, Some(0)).await;
-        let request = axum::http::Request::get(format!("http://{address}/endless"))
-            .body(axum::body::Body::empty())
-            .unwrap();
+        let request = get(address, "/endless");
         let response = sender.send_request(request).await.unwrap();
         assert_eq!(response.status(), 200);
         // The connection ends, an error or not.
@@ -706,9 +707,7 @@ mod tests {
     async fn an_http2_response_taken_slowly_is_not_cut() {
         let address = served(limits(200, 300)).await;
         let (mut sender, _connection) = http2_client(address, Some(4096)).await;
-        let request = axum::http::Request::get(format!("http://{address}/endless"))
-            .body(axum::body::Body::empty())
-            .unwrap();
+        let request = get(address, "/endless");
         let response = sender.send_request(request).await.unwrap();
         let mut body = axum::body::Body::new(response.into_body()).into_data_stream();
         let started = std::time::Instant::now();
@@ -736,9 +735,7 @@ mod tests {
     async fn an_http2_response_its_client_takes_a_byte_of_ends_the_connection_under_a_websocket() {
         let address = served(limits(200, 300)).await;
         let (mut sender, mut connection) = http2_client(address, Some(1)).await;
-        let request = axum::http::Request::get(format!("http://{address}/"))
-            .body(axum::body::Body::empty())
-            .unwrap();
+        let request = get(address, "/");
         assert_eq!(sender.send_request(request).await.unwrap().status(), 200);
         // A WebSocket open, and never closed: the connection is never idle.
         let websocket = sender
@@ -746,9 +743,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(websocket.status(), 200);
-        let request = axum::http::Request::get(format!("http://{address}/big"))
-            .body(axum::body::Body::empty())
-            .unwrap();
+        let request = get(address, "/big");
         let response = sender.send_request(request).await.unwrap();
         assert_eq!(response.status(), 200);
         tokio::time::timeout(Duration::from_secs(30), &mut connection)
@@ -764,9 +759,7 @@ mod tests {
     async fn an_http2_response_handed_in_pieces_comes_whole() {
         let address = served(limits(200, 60_000)).await;
         let (mut sender, _connection) = http2_client(address, None).await;
-        let request = axum::http::Request::get(format!("http://{address}/big"))
-            .body(axum::body::Body::empty())
-            .unwrap();
+        let request = get(address, "/big");
         let response = sender.send_request(request).await.unwrap();
         assert_eq!(response.headers()["content-length"], "1048576");
         let body = axum::body::to_bytes(axum::body::Body::new(response.into_body()), 2 << 20)
