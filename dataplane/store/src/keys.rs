@@ -612,6 +612,11 @@ impl Keys {
         self.event(conv, from)..self.event(conv, to)
     }
 
+    /// Events of `conv` with a seq above `seq`, to the last one it may hold.
+    pub fn events_after(&self, conv: &str, seq: u64) -> Range<Vec<u8>> {
+        self.event(conv, seq.saturating_add(1))..range_of(self.root.subspace(&("ev", conv))).end
+    }
+
     /// Every event key, of every conversation.
     pub fn all_events(&self) -> Range<Vec<u8>> {
         range_of(self.root.subspace(&("ev",)))

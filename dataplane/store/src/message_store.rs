@@ -471,10 +471,11 @@ pub enum AppendRefused {
     )]
     TooManyConversations,
     /// A record the append is decided on does not decode or holds an impossible value (its
-    /// conversation's head at its maximum or of the wrong length, its sender's member record, its earlier
-    /// idempotency record, a delete's target): damage, or a bug, logged at error with its key
-    /// by the store. Only the appends that need it are refused; the others of their batch
-    /// commit. Retrying changes nothing until the record is repaired.
+    /// conversation's head at its maximum, of the wrong length or below the events held, its
+    /// sender's member record, its earlier idempotency record, a delete's target): damage, or
+    /// a bug, logged at error with its key by the store. Only the appends that need it are
+    /// refused; the others of their batch commit. Retrying changes nothing until the record is
+    /// repaired.
     #[error(
         "a stored record of this conversation is damaged (its head, your membership, an \
          earlier send's record or the message deleted); retrying will not help"
@@ -1341,12 +1342,11 @@ impl MessageStore {
                     .insert((conv.to_owned(), user.to_owned()), record);
             }
         }
-        for (conv, value) in uncached.into_iter().zip(values) {
-            // A head that does not decode is left out, as a member record is: read again by
-            // the appends of its conversation, which alone are refused as damaged.
-            let head = value
-                .as_deref()
-                .map_or(Ok(0), |v| self.decode_head(conv, v));
+        // A head that does not decode, or lies below the events held, is left out, as a
+        // member record is: read again by the appends of its conversation, which alone are
+        // refused as damaged.
+        let stored = uncached.into_iter().zip(values).collect();
+        for (conv, head) in self.checked_heads(stored).await? {
             if let Ok(head) = head {
                 heads.insert(conv, head);
             }
@@ -1687,7 +1687,7 @@ impl MessageStore {
     /// a store node, whatever the number of conversations).
     pub async fn members_of(&self, convs: &[&str]) -> Result<Vec<Vec<String>>, StoreError> {
         let ranges = convs.iter().map(|conv| self.keys.members(conv)).collect();
-        self.ranges_each(ranges, "conversations' members")
+        self.ranges_each(ranges, usize::MAX, "conversations' members")
             .await?
             .iter()
             .map(|rows| {
@@ -1819,7 +1819,7 @@ impl MessageStore {
         users: &[&str],
     ) -> Result<Vec<Vec<(String, DeviceRecord)>>, StoreError> {
         let ranges = users.iter().map(|user| self.keys.devices(user)).collect();
-        self.ranges_each(ranges, "users' devices")
+        self.ranges_each(ranges, usize::MAX, "users' devices")
             .await?
             .iter()
             .map(|rows| self.decode_devices(rows))
@@ -2763,11 +2763,66 @@ impl MessageStore {
             return Ok(h);
         }
         let value = self.kv.get(&self.keys.head(conv)).await?;
-        let head = value
-            .as_deref()
-            .map_or(Ok(0), |v| self.decode_head(conv, v))?;
+        let (_, head) = self
+            .checked_heads(vec![(conv, value)])
+            .await?
+            .pop()
+            .ok_or_else(|| StoreError::Engine("a head asked, none answered".into()))?;
+        let head = head?;
         heads.insert(conv, head);
         Ok(head)
+    }
+
+    /// The heads of conversations as stored (each conversation with its head's value), as
+    /// the sequencer appends after them: decoded ([`MessageStore::decode_head`]), and checked
+    /// against the events their conversations hold, with one read of the first event above
+    /// each. One above it is damage ([`StoreError::Corrupt`]): a head lower than the events
+    /// held (or none beside them) put the next seq among them, which that append and the ones
+    /// after it overwrote. Checked as a head is read into a [`HeadCache`], not at each append:
+    /// a read per conversation the cache takes, not per batch.
+    async fn checked_heads<'c>(
+        &self,
+        stored: Vec<(&'c str, Option<Vec<u8>>)>,
+    ) -> Result<Vec<(&'c str, Result<u64, StoreError>)>, StoreError> {
+        let decoded: Vec<_> = stored
+            .into_iter()
+            .map(|(conv, value)| {
+                let head = value
+                    .as_deref()
+                    .map_or(Ok(0), |v| self.decode_head(conv, v));
+                (conv, head)
+            })
+            .collect();
+        let above: Vec<_> = decoded
+            .iter()
+            .filter_map(|(conv, head)| Some(self.keys.events_after(conv, *head.as_ref().ok()?)))
+            .collect();
+        if above.is_empty() {
+            return Ok(decoded);
+        }
+        let mut above = self
+            .ranges_each(above, 1, "events above heads")
+            .await?
+            .into_iter();
+        Ok(decoded
+            .into_iter()
+            .map(|(conv, head)| {
+                let head = head.and_then(|head| {
+                    let found = above.next().unwrap_or_default();
+                    match found
+                        .first()
+                        .and_then(|(key, _)| self.keys.event_parts(key))
+                    {
+                        Some((_, seq)) if seq > head => Err(corrupt(
+                            &self.keys.head(conv),
+                            format!("a head at {head}, below the event held at {seq}"),
+                        )),
+                        _ => Ok(head),
+                    }
+                });
+                (conv, head)
+            })
+            .collect())
     }
 
     /// `conv`'s head as the sequencer reads it to append: the 8 bytes (little-endian) it
@@ -3365,14 +3420,16 @@ impl MessageStore {
         Ok(values)
     }
 
-    /// Every row of each of `ranges` (`what` they are, for the error), with one read.
+    /// Up to `limit` rows of each of `ranges` (`what` they are, for the error), with one
+    /// read.
     async fn ranges_each(
         &self,
         ranges: Vec<Range<Vec<u8>>>,
+        limit: usize,
         what: &str,
     ) -> Result<Vec<Vec<KeyValue>>, StoreError> {
         let asked = ranges.len();
-        let answers = self.kv.ranges(ranges, usize::MAX).await?;
+        let answers = self.kv.ranges(ranges, limit).await?;
         if answers.len() != asked {
             return Err(StoreError::Engine(format!(
                 "{asked} {what} asked, {} answered",
@@ -3668,15 +3725,60 @@ mod tests {
                 .unwrap();
             assert_eq!(results[0], Err(AppendRefused::Damaged), "{damaged:?}");
             assert!(results[1].is_ok(), "{results:?}");
-            let events = store.events("d:1", 0, u64::MAX, 10).await.unwrap();
-            let ids: Vec<_> = events
-                .iter()
-                .map(|e| match &e.payload {
-                    EventPayload::Message { client_msg_id, .. } => client_msg_id.as_str(),
-                    _ => "",
-                })
-                .collect();
-            assert_eq!(ids, ["m1", "m2"], "{damaged:?}");
+            assert_eq!(client_ids(&store, "d:1").await, ["m1", "m2"], "{damaged:?}");
+        }
+    }
+
+    /// The client ids of `conv`'s stored messages, in their order.
+    async fn client_ids(store: &MessageStore, conv: &str) -> Vec<String> {
+        let events = store.events(conv, 0, u64::MAX, 10).await.unwrap();
+        events
+            .into_iter()
+            .map(|e| match e.payload {
+                EventPayload::Message { client_msg_id, .. } => client_msg_id,
+                _ => String::new(),
+            })
+            .collect()
+    }
+
+    /// A head of 8 bytes below the events its conversation holds, or none at all beside them
+    /// (damage), refuses the appends of its conversation as damaged once it is read (by a
+    /// new owner of the shard, or after a restart), the others of the batch going on. Taken as
+    /// it was, the next seq fell among the events held: that append overwrote one, and every
+    /// one after it the next.
+    #[tokio::test]
+    async fn a_head_below_the_events_held_refuses_its_appends_as_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = temp_store(&dir, 1).await;
+        let lease = owner(&store, "d:1").await;
+        let batch = ["m1", "m2", "m3"].map(|id| message("d:1", "p", id));
+        store
+            .append(lease, &mut HeadCache::default(), &batch)
+            .await
+            .unwrap();
+        for (i, damaged) in [Some(2u64), Some(0), None].into_iter().enumerate() {
+            let mut damage = Batch::new();
+            match damaged {
+                Some(head) => damage.set(store.keys.head("d:1"), head.to_le_bytes().to_vec()),
+                None => damage.clear(store.keys.head("d:1")),
+            };
+            store.kv.commit(damage).await.unwrap();
+            let id = format!("n{i}");
+            let results = store
+                .append(
+                    lease,
+                    &mut HeadCache::default(),
+                    &[message("d:1", "p", &id), message("d:2", "p", &id)],
+                )
+                .await
+                .unwrap();
+            assert_eq!(results[0], Err(AppendRefused::Damaged), "{damaged:?}");
+            assert!(results[1].is_ok(), "{results:?}");
+            assert_eq!(
+                client_ids(&store, "d:1").await,
+                ["m1", "m2", "m3"],
+                "{damaged:?}"
+            );
         }
     }
 
@@ -4128,7 +4230,9 @@ mod tests {
     }
 
     /// A batch reads what it decides on in one call (one round trip to a store node): its
-    /// idempotency records, its senders' membership and the heads not cached.
+    /// idempotency records, its senders' membership and the heads not cached; and the heads it
+    /// read are checked against the events above them in one more, once, as the cache takes
+    /// them.
     #[tokio::test]
     async fn an_append_batch_reads_the_store_in_one_call() {
         let engine = crate::faulty_engine::FaultyEngine::new();
@@ -4151,7 +4255,11 @@ mod tests {
             text("bob", "b1"),
         ];
         let results = store.append(lease, &mut heads, &batch).await.unwrap();
-        assert_eq!(engine.read_calls() - before, 1, "one call for the batch");
+        assert_eq!(
+            engine.read_calls() - before,
+            2,
+            "one call for the batch, one for the events above the head it read"
+        );
         let seqs: Vec<_> = results
             .iter()
             .map(|r| r.as_ref().map(|o| o.seq).map_err(Clone::clone))
@@ -4162,8 +4270,11 @@ mod tests {
             "the head (2) was read, bob and carol are members, mallory is not"
         );
         assert!(results[3].as_ref().unwrap().duplicate);
-        // A retry in a later batch finds the idempotency record read with the batch.
+        // A retry in a later batch finds the idempotency record read with the batch, in one
+        // call: the head is cached.
+        let before = engine.read_calls();
         let again = store.append(lease, &mut heads, &batch[..1]).await.unwrap();
+        assert_eq!(engine.read_calls() - before, 1, "one call for the batch");
         assert!(again[0].as_ref().unwrap().duplicate);
         assert_eq!(again[0].as_ref().unwrap().seq, 3);
     }
