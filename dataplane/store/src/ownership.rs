@@ -25,14 +25,17 @@
 //! owner's renewals count the shard lost, and the next node to take free shards takes it as a
 //! lapsed one (logged at error both times), with a new epoch and a record that decodes. Safety
 //! holds, resting on the epoch; failing instead, its owner renewed none of its leases and no
-//! node took a free shard again. A stored epoch at `u64::MAX` has no next one: a take passes
-//! the shard over and a hand-off of it is refused ([`StoreError::Corrupt`]), both logged at
-//! error; its owner, if any, goes on at that epoch, and once its lease lapses no node serves
-//! the shard until an operator repairs the record. A record whose lease ends further ahead
+//! node took a free shard again. A stored epoch at `u64::MAX` has no next one, and one of
+//! another length than the 8 bytes a take writes none sure to be new (read as a number, it
+//! could give an epoch an earlier owner held): a take passes the shard over, logged at error,
+//! and a hand-off of it is refused (at `u64::MAX` as damage, [`StoreError::Corrupt`], logged at
+//! error; of the wrong length by its fence). At `u64::MAX` its owner, if any, goes on at that
+//! epoch; once its lease lapses (at once for an epoch of the wrong length, which fails every
+//! batch's fence) no node serves the shard until an operator repairs the record. A record whose lease ends further ahead
 //! than any node writes one (more than a day past the taker's own lease) is damage too: the
 //! next node to take free shards takes it as a lapsed one, logged at error.
 
-use crate::kv::{Batch, StoreError, decode_u64};
+use crate::kv::{Batch, StoreError};
 use std::collections::HashMap;
 use std::ops::Range;
 
@@ -228,16 +231,24 @@ impl MessageStore {
             }
             let epoch_key = self.keys().shard_epoch(duty, shard);
             let current = epochs.get(&epoch_key).cloned();
-            let Some(epoch) = next_epoch(current.as_deref().map_or(0, decode_u64)) else {
-                // No epoch follows it: taken, the shard's fence could not move. Passed over,
-                // as its owner (if any) may still append at that epoch; failing here, no node
-                // took any free shard again.
-                tracing::error!(
-                    shard,
-                    error = %last_epoch(&epoch_key),
-                    "a shard whose epoch is at its maximum is passed over: no node can take it"
-                );
-                continue;
+            let next = current
+                .as_deref()
+                .map_or(Ok(0), |value| stored_epoch(&epoch_key, value))
+                .and_then(|epoch| next_epoch(epoch).ok_or_else(|| last_epoch(&epoch_key)));
+            let epoch = match next {
+                Ok(epoch) => epoch,
+                // No epoch follows it that no owner held (at its maximum, or of the wrong
+                // length): taken, the shard's fence could not move, or moved to an epoch an
+                // earlier owner may still append at. Passed over, as its owner (if any) may
+                // still append at it; failing here, no node took any free shard again.
+                Err(error) => {
+                    tracing::error!(
+                        shard,
+                        %error,
+                        "a shard whose epoch is damaged is passed over: no node can take it"
+                    );
+                    continue;
+                }
             };
             let record = OwnerRecord {
                 node: node.to_owned(),
@@ -432,6 +443,15 @@ pub(crate) fn beyond_any_lease(lease_until_ms: u64, now_ms: u64, lease_ms: u64) 
 /// from the store, so `u64::MAX` is damage (or a hostile write), never a count reached.
 fn next_epoch(epoch: u64) -> Option<u64> {
     epoch.checked_add(1)
+}
+
+/// A shard's epoch as stored under `key`: the 8 bytes (little-endian) a take writes. Of another
+/// length it is damage ([`StoreError::Corrupt`]): read as a number (shorter values
+/// zero-extended, longer ones cut), the next epoch could be one an earlier owner held.
+fn stored_epoch(key: &[u8], value: &[u8]) -> Result<u64, StoreError> {
+    <[u8; 8]>::try_from(value)
+        .map(u64::from_le_bytes)
+        .map_err(|_| corrupt(key, format!("an epoch of {} bytes, not 8", value.len())))
 }
 
 /// The error of a shard whose epoch (under `key`) is at its maximum: no owner can follow the
@@ -782,6 +802,35 @@ mod tests {
             1,
             "its owner still appends at that epoch"
         );
+    }
+
+    /// A stored epoch of another length than the 8 bytes a take writes (damage, or a hostile
+    /// write) is passed over as one at its maximum is, logged, and the other shards are taken.
+    /// Read as a number (shorter values zero-extended, longer ones cut), it gave the take an
+    /// epoch an earlier owner may have held: that owner's batches passed the fence beside the
+    /// new owner's.
+    #[tokio::test]
+    async fn an_epoch_of_the_wrong_length_is_passed_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = temp_store(&dir, 8).await;
+        let damaged = store.shard_of("d:1");
+        let all: Vec<u32> = (0..8).collect();
+        for (round, value) in [vec![1], Vec::new(), vec![2; 9]].into_iter().enumerate() {
+            let mut damage = Batch::new();
+            damage.set(
+                store.keys().shard_epoch(Duty::Sequencing, damaged),
+                value.clone(),
+            );
+            store.kv().commit(damage).await.unwrap();
+            let now_ms = round as u64 * LEASE;
+            let taken = store
+                .acquire_shards(Duty::Sequencing, "b", &all, usize::MAX, now_ms, LEASE)
+                .await
+                .unwrap();
+            let shards: Vec<u32> = taken.iter().map(|lease| lease.shard).collect();
+            let others: Vec<u32> = all.iter().copied().filter(|&s| s != damaged).collect();
+            assert_eq!(shards, others, "{value:?}");
+        }
     }
 
     #[tokio::test]
