@@ -1827,12 +1827,8 @@ impl MessageStore {
     }
 
     fn decode_devices(&self, rows: &[KeyValue]) -> Result<Vec<(String, DeviceRecord)>, StoreError> {
-        rows.iter()
-            .map(|(k, v)| {
-                let device = self
-                    .keys
-                    .device_id(k)
-                    .ok_or_else(|| corrupt(k, "device key"))?;
+        parsed_keys(rows, "device", |k| self.keys.device_id(k))
+            .map(|(device, (k, v))| {
                 let record = DeviceRecord::decode(v.as_slice()).map_err(|e| corrupt(k, e))?;
                 Ok((device, record))
             })
@@ -3056,19 +3052,15 @@ impl MessageStore {
             .kv
             .range(self.keys.user_conversations(user), usize::MAX, false)
             .await?;
-        rows.iter()
-            .map(|(k, v)| {
-                let conversation_id = self
-                    .keys
-                    .user_conversation_id(k)
-                    .ok_or_else(|| corrupt(k, "conversation key"))?;
-                let left_seq = (!v.is_empty()).then(|| decode_u64(v));
-                Ok(UserConversation {
-                    conversation_id,
-                    left_seq,
-                })
+        let parsed = parsed_keys(&rows, "user conversation", |k| {
+            self.keys.user_conversation_id(k)
+        });
+        Ok(parsed
+            .map(|(conversation_id, (_, v))| UserConversation {
+                conversation_id,
+                left_seq: (!v.is_empty()).then(|| decode_u64(v)),
             })
-            .collect()
+            .collect())
     }
 
     /// The delivered cursors of one device, by conversation.
@@ -3081,15 +3073,8 @@ impl MessageStore {
             .kv
             .range(self.keys.cursors(user, device), usize::MAX, false)
             .await?;
-        rows.iter()
-            .map(|(k, v)| {
-                let conv = self
-                    .keys
-                    .cursor_conversation(k)
-                    .ok_or_else(|| corrupt(k, "cursor key"))?;
-                Ok((conv, decode_u64(v)))
-            })
-            .collect()
+        let parsed = parsed_keys(&rows, "cursor", |k| self.keys.cursor_conversation(k));
+        Ok(parsed.map(|(conv, (_, v))| (conv, decode_u64(v))).collect())
     }
 
     /// Records a device's cumulative acknowledgement: the device's delivered cursor and the
@@ -3489,6 +3474,27 @@ async fn claim_partition(
              table's stores"
         ))),
     }
+}
+
+/// The rows of a list of one user's (their conversations, a device's cursors, their devices),
+/// each with the id `parse` reads from its key (`what` key it is, for the log). A key it cannot
+/// read (damage, or a bug) is passed over, logged at error with the key: failing on it, the
+/// user's whole list failed, and with their conversations or cursors every catch-up of theirs.
+fn parsed_keys<'r, T>(
+    rows: &'r [KeyValue],
+    what: &'static str,
+    parse: impl Fn(&[u8]) -> Option<T>,
+) -> impl Iterator<Item = (T, &'r KeyValue)> {
+    rows.iter().filter_map(move |row| {
+        let parsed = parse(&row.0);
+        if parsed.is_none() {
+            tracing::error!(
+                key = ?row.0,
+                "a {what} key that does not parse is passed over: the rest of the list is read"
+            );
+        }
+        Some((parsed?, row))
+    })
 }
 
 /// The refusal of `append` for `error` met while sequencing it: damage of what it is decided
@@ -5064,6 +5070,48 @@ mod tests {
         assert!(store.unlink_device("ann", "laptop", 5_000).await.unwrap());
         assert!(store.unlink_device("ann", "tablet", 5_000).await.unwrap());
         assert!(link(store, "watch", 2).await.is_ok(), "the laptop's place");
+    }
+
+    /// A key of a user's own lists (their conversations, a device's cursors, their devices)
+    /// that does not parse (damage, or a bug) is passed over, and the rest of the list is
+    /// read. Failing on it, the whole list failed, and with the conversations or the cursors
+    /// every catch-up of the user's devices: none of them could connect.
+    #[tokio::test]
+    async fn a_key_of_a_users_lists_that_does_not_parse_is_passed_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = temp_store(&dir, 8).await;
+        link(&store, "phone", 0).await.unwrap();
+        let mut batch = Batch::new();
+        batch
+            .set(store.keys.user_conversation("ann", "d:1"), Vec::new())
+            .max(store.keys.cursor("ann", "phone", "d:1"), 3);
+        let lists = [
+            store.keys.user_conversations("ann"),
+            store.keys.cursors("ann", "phone"),
+            store.keys.devices("ann"),
+        ];
+        for list in lists {
+            // An integer where the list's id goes, inside the list's range.
+            let mut damaged = list.start;
+            damaged.pop();
+            damaged.extend([0x15, 7]);
+            assert!(damaged < list.end);
+            batch.set(damaged, Vec::new());
+        }
+        store.kv.commit(batch).await.unwrap();
+        let convs = store.conversations_of("ann").await.unwrap();
+        let ids: Vec<_> = convs.iter().map(|c| c.conversation_id.as_str()).collect();
+        assert_eq!(ids, ["d:1"]);
+        let cursors = store.device_cursors("ann", "phone").await.unwrap();
+        let cursors: Vec<_> = cursors.iter().map(|(c, seq)| (c.as_str(), *seq)).collect();
+        assert_eq!(cursors, [("d:1", 3)]);
+        for devices in [
+            store.devices("ann").await.unwrap(),
+            store.devices_of(&["ann"]).await.unwrap().remove(0),
+        ] {
+            let ids: Vec<_> = devices.iter().map(|(id, _)| id.as_str()).collect();
+            assert_eq!(ids, ["phone"]);
+        }
     }
 
     /// Two new devices at once, at the limit: the one whose commit comes second counts the
