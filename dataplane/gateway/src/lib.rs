@@ -1330,6 +1330,30 @@ impl Connection {
     /// after `trimmed` if retention cleared some of them, as a catch-up does.
     async fn fill(&mut self, conv: &str, through: u64) -> Result<(), Exit> {
         let upto = self.upto(conv).await?;
+        if through <= upto {
+            return Ok(());
+        }
+        // Every event delivered live (or dropped from a full queue) was committed first: a gap
+        // past the conversation's head comes of a seq damaged in an outbox entry or in transit,
+        // and is filled up to the head only (that event then lies past the place, passed
+        // over). Filled through it, the connection's place went past every later event of the
+        // conversation, none written to it until it reconnected.
+        let head = match self.gateway.store.head(conv).await {
+            Ok(head) => head,
+            Err(e) => {
+                self.write_error(None, None, e.into()).await?;
+                return Err(Exit::Close(close_code::ERROR, "storage error; reconnect"));
+            }
+        };
+        if through > head {
+            tracing::warn!(
+                conversation = conv,
+                through,
+                head,
+                "a gap past its conversation's head (a delivered event's seq is damaged) is filled up to the head"
+            );
+        }
+        let through = through.min(head);
         if through > upto {
             let readable = match self.gateway.chat.readable(conv, &self.who.user).await {
                 Ok(readable) => readable,

@@ -511,35 +511,40 @@ async fn an_event_the_gateway_could_not_decode_is_read_from_the_store_in_its_pla
     }
 }
 
-/// A delivered event at seq 0, which no event has (damage in an outbox entry, or in transit),
-/// is passed over: the conversation's next events reach the connection. One was subtracted
-/// from its seq: a debug build's connection task panicked (the connection ended), and a build
-/// without overflow checks filled a gap through `u64::MAX` and held the connection past every
-/// later event of that conversation, delivered to it no more until it reconnected.
+/// A delivered event at seq 0, which no event has, or past its conversation's head (damage in
+/// an outbox entry, or in transit), is passed over: the conversation's next events reach the
+/// connection. Past the head, the gap before it was filled through it: the connection's place
+/// went past every later event of that conversation, delivered to it no more until it
+/// reconnected. At seq 0 one was subtracted from it: a debug build's connection task panicked
+/// (the connection ended), and a build without overflow checks filled the gap through
+/// `u64::MAX`.
 #[tokio::test]
-async fn a_delivered_event_at_seq_0_is_passed_over() {
+async fn a_delivered_event_at_seq_0_or_past_its_head_is_passed_over() {
     let engine = FaultyEngine::new();
     let store = engine.store(4).await;
     let (gateway, _url, mut bob) = caught_up(&store, "bob:phone").await;
     let conv = "d:alice:bob";
-    messages_to_bob(&store, conv, 0..2).await;
-    let events = store
-        .events_within(conv, 0, 2, 10, usize::MAX)
-        .await
-        .unwrap();
-    let damaged = courier_proto::Event {
-        seq: 0,
-        ..events[0].clone()
-    };
     let bob_only = Arc::new(vec!["bob".to_owned()]);
-    for event in [&events[0], &damaged, &events[1]] {
-        gateway
-            .routes
-            .deliver(vec![(event.clone(), bob_only.clone())])
+    for (from, damaged_seq) in [(0, 1 << 40), (2, 0)] {
+        messages_to_bob(&store, conv, from..from + 2).await;
+        let after = from as u64;
+        let events = store
+            .events_within(conv, after, after + 2, 10, usize::MAX)
             .await
             .unwrap();
+        let damaged = courier_proto::Event {
+            seq: damaged_seq,
+            ..events[0].clone()
+        };
+        for event in [&events[0], &damaged, &events[1]] {
+            gateway
+                .routes
+                .deliver(vec![(event.clone(), bob_only.clone())])
+                .await
+                .unwrap();
+        }
+        assert_eq!(next_seqs(&mut bob, 2).await, [after + 1, after + 2]);
     }
-    assert_eq!(next_seqs(&mut bob, 2).await, [1, 2]);
 }
 
 /// `count` frames of 128 KiB queued to `user`'s connection on `gateway`: 64 MiB for 512, more
