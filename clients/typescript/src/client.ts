@@ -177,6 +177,8 @@ export class CourierClient {
         onState: (state) => {
           if (state !== "online") this.synced = false;
           this.emitter.emit("state", state);
+          // A catch-up that came with `hello`, before the connection was online, is told now.
+          if (state === "online") this.caughtUp();
         },
         onRefused: (error) => {
           this.stop(error);
@@ -571,10 +573,8 @@ export class CourierClient {
         break;
       }
       case "sync_done":
-        this.synced = true;
         this.link.caughtUp(session);
-        this.syncWaiters.splice(0).forEach((waiter) => waiter.resolve());
-        this.emitter.emit("synced", undefined);
+        this.caughtUp();
         this.fillHoles();
         void this.readBackReceipts();
         break;
@@ -590,6 +590,16 @@ export class CourierClient {
         // `pong` are replies, matched to their requests by `ref`.
         break;
     }
+  }
+
+  /** Tells `whenSynced` and the `synced` listeners that the connection has had its catch-up,
+   * once it is online: frames read with `hello` (a `sync_done` among them) are handled
+   * before the link has said the connection is up. */
+  private caughtUp(): void {
+    if (this.synced || this.link.state !== "online" || !this.link.session?.caughtUp) return;
+    this.synced = true;
+    this.syncWaiters.splice(0).forEach((waiter) => waiter.resolve());
+    this.emitter.emit("synced", undefined);
   }
 
   /** An event of the connection's stream: the stream is complete from the server's cursor

@@ -3,6 +3,7 @@
 import assert from "node:assert/strict";
 import { after, test } from "node:test";
 import { CourierError, type WebSocketConstructor } from "../src/index.js";
+import WebSocket from "ws";
 import { Network, Server, client, closeClients, synced, texts, until } from "./support.js";
 
 const servers: Server[] = [];
@@ -215,6 +216,34 @@ test("waiting for the catch-up ends with the refusal when the token is refused, 
   unreachable.close();
   await assert.rejects(waiting, (e: CourierError) => e.code === "closed");
   await assert.rejects(unreachable.whenSynced(), (e: CourierError) => e.code === "closed");
+});
+
+test("the catch-up is waited for until the client is online, also when it comes in the same read as hello", async () => {
+  const server = await serve();
+  // The server's `hello` and `sync_done` read at once, as a fresh device's often are: the
+  // frames after `hello` are handled before the connection's opening returns.
+  class OneRead extends WebSocket {
+    private held: unknown[] | undefined;
+    override emit(name: string | symbol, ...args: unknown[]): boolean {
+      if (name !== "message") return super.emit(name, ...args);
+      if (this.held === undefined && /"hello"/.test(String(args[0]))) {
+        this.held = args;
+        return true;
+      }
+      const held = this.held;
+      if (held && held.length > 0) {
+        this.held = [];
+        super.emit("message", ...held);
+      }
+      return super.emit("message", ...args);
+    }
+  }
+  const alice = await client(server, "alice", "web", { WebSocket: OneRead as unknown as WebSocketConstructor });
+  const statesWhenSynced: string[] = [];
+  alice.on("synced", () => statesWhenSynced.push(alice.state));
+  await alice.whenSynced();
+  assert.equal(alice.state, "online", "whenSynced resolved while the client was not online");
+  assert.deepEqual(statesWhenSynced, ["online"]);
 });
 
 test("a paused client stays offline, keeps its sends, and catches up when resumed", async () => {
