@@ -14,7 +14,8 @@ export interface BackoffOptions {
 export class Backoff {
   private attempt = 0;
   private readonly baseMs: number;
-  private readonly maxMs: number;
+  /** The largest delay in ms. */
+  readonly maxMs: number;
   private readonly random: () => number;
 
   constructor(options: BackoffOptions = {}) {

@@ -9,12 +9,13 @@
  * cannot tell a refused upgrade (HTTP 401 or 403) from a network failure, both a close 1006
  * before `hello`. The probe is made once per token after a failed attempt since a connection
  * was last up, not after each (a server that is down or overloaded would get two requests per
- * attempt), again once the token has expired, and after each attempt while it cannot reach
- * the server either. A connection the server closes with 1008 (policy) is probed too: an
- * unlinked device or one past its user's limit of devices is refused; otherwise newer
- * connections of the same device took its place (16 per device on a gateway), and coming back
- * would only close the next oldest, which would come back in turn: the link pauses until
- * `resume` and says so (`onReplaced`).
+ * attempt), again once the token has expired or [`VOUCH_CEILINGS`] backoff ceilings after the
+ * probe that found it taken (the device may have been unlinked since), and after each attempt
+ * while it cannot reach the server either. A connection the server closes with 1008 (policy)
+ * is probed too: an unlinked device or one past its user's limit of devices is refused;
+ * otherwise newer connections of the same device took its place (16 per device on a gateway),
+ * and coming back would only close the next oldest, which would come back in turn: the link
+ * pauses until `resume` and says so (`onReplaced`).
  */
 import { Backoff, sleep, withJitter } from "./backoff.js";
 import { Connection, type WebSocketConstructor } from "./connection.js";
@@ -45,6 +46,12 @@ export interface Session {
  * starts over: a server that closes every connection soon after it opens (a frame it
  * refuses, an overload) then sees the delays grow instead of a reconnection storm. */
 export const STABLE_CONNECTION_MS = 5_000;
+
+/** How long a probe that found the token taken vouches for it, in ceilings of the reconnect
+ * backoff (5 min by default): failed attempts meanwhile are not probed again. An attempt the
+ * server refuses because the device was unlinked since looks the same in a browser as one the
+ * network failed, so the token is probed again after that, not only once it has expired. */
+export const VOUCH_CEILINGS = 10;
 
 export interface LinkSettings {
   WebSocketImpl: WebSocketConstructor;
@@ -82,10 +89,10 @@ export class Link {
   /** Set by `pause` until `resume`. */
   private paused: { resumed: Promise<void>; resume: () => void } | undefined;
   private wake = new AbortController();
-  /** A token a probe found the server taking since a connection was last up: an attempt
-   * with it that fails is the network's or the server's, and is not probed again (unless the
-   * token has expired since). */
-  private vouched: string | undefined;
+  /** A token a probe found the server taking since a connection was last up, and when: an
+   * attempt with it that fails is the network's or the server's, and is not probed again
+   * (unless the token has expired since, or the probe is [`VOUCH_CEILINGS`] old). */
+  private vouched: { token: string; atMs: number } | undefined;
 
   constructor(
     private readonly settings: LinkSettings,
@@ -216,15 +223,23 @@ export class Link {
    * doc). */
   private async refusedBeforeHello(error: unknown, token: string | undefined): Promise<boolean> {
     if (!(error instanceof CourierError) || error.code !== "closed" || token === undefined) return false;
-    if (token === this.vouched && !hasExpired(token)) return false;
+    if (this.vouches(token)) return false;
     const probe = await this.settings.probe();
     if (this.stopped) return true;
     if (probe.refused) {
       this.refuse(probe.refused);
       return true;
     }
-    if (probe.reached) this.vouched = token;
+    if (probe.reached) this.vouched = { token, atMs: Date.now() };
     return false;
+  }
+
+  /** Whether a probe found `token` taken recently enough to take a failed attempt with it for
+   * the network's or the server's. */
+  private vouches(token: string): boolean {
+    const vouched = this.vouched;
+    if (vouched?.token !== token || hasExpired(token)) return false;
+    return Date.now() - vouched.atMs < VOUCH_CEILINGS * this.settings.backoff.maxMs;
   }
 
   /** An open connection the server closed with 1008: a refused token stops the link; a token

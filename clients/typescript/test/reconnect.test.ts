@@ -389,6 +389,39 @@ test("a device unlinked while connected stops with an unauthorized error, not as
   );
 });
 
+test("a device unlinked during an outage, after a probe found its token taken, stops with unauthorized", async () => {
+  const server = await serve();
+  let probes = 0;
+  const counted: typeof fetch = (input, init) => {
+    if (String(input).endsWith("/v1/devices")) probes++;
+    return fetch(input, init);
+  };
+  const network = new Network();
+  let attempts = 0;
+  const Counting = function (url: string, protocols?: string | string[]) {
+    attempts++;
+    return new network.WebSocket(url, protocols);
+  } as unknown as WebSocketConstructor;
+  const phone = await synced(server, "alice", "phone");
+  const laptop = await synced(server, "alice", "laptop", { WebSocket: Counting, fetch: counted });
+  const errors: CourierError[] = [];
+  laptop.on("error", (error) => errors.push(error));
+  network.cut();
+  // The server answers HTTP throughout (only the WebSocket is cut): the probe finds the
+  // token taken, and the attempt after it is made.
+  await until("the laptop probed its token", () => probes > 0);
+  const probedAfter = attempts;
+  await until("the laptop tried again after the probe", () => attempts > probedAfter);
+  await phone.http.unlinkDevice("laptop");
+  // The laptop's upgrades are refused now (401), which a browser sees as a failed attempt.
+  network.restore();
+  await until("the laptop is stopped", () => laptop.state === "closed");
+  assert.deepEqual(
+    errors.map((e) => e.code),
+    ["unauthorized"],
+  );
+});
+
 test("a token probe the server never answers does not keep the client from reconnecting", async () => {
   const server = await serve();
   // The devices request hangs, as behind a proxy whose backend stopped answering.
