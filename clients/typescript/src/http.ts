@@ -4,8 +4,9 @@
  * server's code and the HTTP status. A request of the JSON API with no answer within
  * `timeoutMs` is given up with `timeout` (fetch has none: one that hung, behind a proxy whose
  * backend stopped answering, would hold whatever awaits it, a read-back of receipts or the
- * list of conversations, for the client's life); media, whose transfer may take long, has no
- * timeout of its own (an upload of the outbox is given up with its connection).
+ * list of conversations, for the client's life); a media download, whose transfer may take
+ * long, is given up when nothing comes for `timeoutMs` (an upload of the outbox is given up
+ * with its connection).
  */
 import { CourierError, badInput } from "./errors.js";
 import {
@@ -119,7 +120,9 @@ export class HttpApi {
     return (await response.json()) as UploadedMedia;
   }
 
-  /** Downloads media, whole or a byte range (`Range: bytes=start-end`). */
+  /** Downloads media, whole or a byte range (`Range: bytes=start-end`). Fails with `timeout`
+   * when the server sends nothing for `timeoutMs`: no answer, or no byte since the last (a
+   * large file that keeps coming is not cut). */
   async downloadMedia(mediaId: string, range?: ByteRange): Promise<MediaDownload> {
     if (!isConversationId(mediaId)) throw badInput(`not a media id: ${JSON.stringify(mediaId)}`);
     const headers: Record<string, string> = {};
@@ -129,8 +132,19 @@ export class HttpApi {
       }
       headers.range = `bytes=${range.start}-${range.end ?? ""}`;
     }
-    const response = await this.request("GET", `/v1/media/${mediaId}`, { headers });
-    const bytes = new Uint8Array(await response.arrayBuffer());
+    const path = `/v1/media/${mediaId}`;
+    const silence = new Silence(this.timeoutMs);
+    let response: Response;
+    let bytes: Uint8Array;
+    try {
+      response = await this.request("GET", path, { headers, signal: silence.signal });
+      bytes = await readBody(response, () => silence.heard());
+    } catch (error) {
+      if (!silence.signal.aborted) throw error;
+      throw new CourierError("timeout", `GET ${path}: nothing came for ${this.timeoutMs} ms`);
+    } finally {
+      silence.end();
+    }
     const contentRange = response.headers.get("content-range");
     const total = contentRange ? Number(contentRange.split("/")[1]) : bytes.length;
     return {
@@ -189,6 +203,50 @@ export class HttpApi {
     if (response.ok) return response;
     throw await errorOf(method, path, response);
   }
+}
+
+/** Aborts its signal once `ms` pass without `heard` (nor `end`). */
+class Silence {
+  private readonly controller = new AbortController();
+  private timer: ReturnType<typeof setTimeout>;
+
+  constructor(private readonly ms: number) {
+    this.timer = setTimeout(() => this.controller.abort(), ms);
+  }
+
+  get signal(): AbortSignal {
+    return this.controller.signal;
+  }
+
+  heard(): void {
+    clearTimeout(this.timer);
+    this.timer = setTimeout(() => this.controller.abort(), this.ms);
+  }
+
+  end(): void {
+    clearTimeout(this.timer);
+  }
+}
+
+/** A response's body, telling `progress` of each part as it comes. */
+async function readBody(response: Response, progress: () => void): Promise<Uint8Array> {
+  progress();
+  if (!response.body) return new Uint8Array(await response.arrayBuffer());
+  const parts: Uint8Array[] = [];
+  let length = 0;
+  const reader = response.body.getReader();
+  for (let part = await reader.read(); !part.done; part = await reader.read()) {
+    progress();
+    parts.push(part.value);
+    length += part.value.byteLength;
+  }
+  const bytes = new Uint8Array(length);
+  let at = 0;
+  for (const part of parts) {
+    bytes.set(part, at);
+    at += part.byteLength;
+  }
+  return bytes;
 }
 
 async function errorOf(method: string, path: string, response: Response): Promise<CourierError> {

@@ -1,4 +1,6 @@
 import assert from "node:assert/strict";
+import { createServer, type ServerResponse } from "node:http";
+import type { AddressInfo } from "node:net";
 import { test } from "node:test";
 import { CourierError, HttpApi } from "../src/index.js";
 
@@ -19,4 +21,47 @@ test("an HTTP error says how long to wait, from its body or else its Retry-After
 
   const none = answering(403, JSON.stringify({ code: "forbidden", message: "not a member" }));
   await assert.rejects(none.conversations(), (e: CourierError) => e.code === "forbidden" && e.retryAfterMs === undefined);
+});
+
+/** An HTTP server on 127.0.0.1 whose media downloads (`GET /v1/media/{id}`) `answer` writes. */
+async function mediaServer(answer: (id: string, response: ServerResponse) => void): Promise<{ url: string; close(): void }> {
+  const server = createServer((request, response) => answer(request.url!.split("/").at(-1)!, response));
+  await new Promise<void>((listening) => server.listen(0, "127.0.0.1", listening));
+  const { port } = server.address() as AddressInfo;
+  return {
+    url: `http://127.0.0.1:${port}`,
+    close: () => {
+      server.closeAllConnections();
+      server.close();
+    },
+  };
+}
+
+test("a media download the server stops sending fails with a timeout; one that keeps moving is not cut", async () => {
+  const timeoutMs = 1_000;
+  const server = await mediaServer((id, response) => {
+    if (id === "silent") return; // never answers
+    response.writeHead(200, { "content-type": "image/png", "content-length": "40" });
+    if (id === "stalled") return void response.write(new Uint8Array(10)); // 10 bytes of 40, then nothing
+    // "slow": a byte every 50 ms, 40 in all: 2 s, longer than the timeout, never silent that long.
+    let sent = 0;
+    const timer = setInterval(() => {
+      response.write(new Uint8Array([sent]));
+      if (++sent === 40) {
+        clearInterval(timer);
+        response.end();
+      }
+    }, 50);
+  });
+  try {
+    const api = new HttpApi(server.url, async () => "token", undefined, timeoutMs);
+    for (const id of ["silent", "stalled"]) {
+      await assert.rejects(api.downloadMedia(id), (e: CourierError) => e.code === "timeout", id);
+    }
+    const slow = await api.downloadMedia("slow");
+    assert.equal(slow.bytes.length, 40);
+    assert.equal(slow.bytes[39], 39);
+  } finally {
+    server.close();
+  }
 });

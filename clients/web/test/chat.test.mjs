@@ -574,3 +574,26 @@ test("a failure to reach the server is cleared from the status line once the con
   assert.deepEqual(yan.problems, [], "no script errors in the page");
   await yan.context.close();
 });
+
+test("a photo whose download the server stops sending is given up, and shown once downloaded again", async () => {
+  const kim = await person("kim");
+  const lee = await client(server, "lee", "node");
+  const dot = Buffer.from(
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4nGNgYPj/HwADAgH/2ZQnWgAAAABJRU5ErkJggg==",
+    "base64",
+  );
+  // The first download of a photo is answered with nothing, as by a proxy whose backend hung.
+  let downloads = 0;
+  await kim.page.route("**/v1/media/*", (route) => (++downloads === 1 ? undefined : route.continue()));
+  await lee.sendMedia({ toUser: "kim" }, dot, "image/png", { name: "dot.png" });
+  await open(kim, "lee");
+  // The SDK's default: nothing for 30 s.
+  await kim.page.locator('#timeline .message img[alt="the photo could not be loaded"]').waitFor({ timeout: 60_000 });
+  await shot(kim, "photo-download-given-up");
+  // The next render (a message comes) downloads it again.
+  await lee.sendText({ toUser: "kim" }, "Did the photo come?");
+  await kim.page.locator('#timeline .message img[alt="dot.png"][src^="blob:"]').waitFor(WAIT);
+  assert.equal(downloads, 2);
+  assert.deepEqual(kim.problems, [], "no script errors in the page");
+  await kim.context.close();
+});
