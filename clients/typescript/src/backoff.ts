@@ -46,10 +46,20 @@ export function withJitter(ms: number, random: () => number = Math.random): numb
   return Math.floor(ms + ms * 0.2 * random());
 }
 
+/** The longest wait a timer takes (2^31 - 1 ms, ~24.8 days): a longer one fires at once. */
+const MAX_TIMER_MS = 2 ** 31 - 1;
+
+/** A wait the server asked for (`retry_after_ms`, `reconnect.after_ms`) in ms, if it is one: a
+ * number from 0, at most what a timer takes; anything else is no wait asked for. */
+export function askedDelayMs(value: unknown): number | undefined {
+  return typeof value === "number" && value >= 0 ? Math.min(value, MAX_TIMER_MS) : undefined;
+}
+
+/** Resolves after `ms` (at most [`MAX_TIMER_MS`]), or once `signal` aborts. */
 export function sleep(ms: number, signal?: AbortSignal): Promise<void> {
   return new Promise((resolve) => {
     if (signal?.aborted) return resolve();
-    const timer = setTimeout(done, ms);
+    const timer = setTimeout(done, Math.min(ms, MAX_TIMER_MS));
     function done() {
       clearTimeout(timer);
       signal?.removeEventListener("abort", done);

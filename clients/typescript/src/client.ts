@@ -6,7 +6,7 @@
  * receipts and typing. Views subscribe with `on(...)` and read the state back.
  */
 import { Acknowledgements } from "./acks.js";
-import { Backoff, sleep, type BackoffOptions } from "./backoff.js";
+import { Backoff, askedDelayMs, sleep, type BackoffOptions } from "./backoff.js";
 import type { Connection, WebSocketConstructor } from "./connection.js";
 import { Conversation, type MessageStatus } from "./conversation.js";
 import { Emitter, reportToHost } from "./emitter.js";
@@ -204,6 +204,7 @@ export class CourierClient {
         this.emitter.emit("error", error);
       },
       onError: (error) => this.report(error),
+      closing: this.closing.signal,
       upload: (data, mime, signal) => this.http.uploadMedia(data, mime, signal),
     });
     outbox.onChange = () => this.emitter.emit("outbox", undefined);
@@ -579,7 +580,7 @@ export class CourierClient {
         void this.readBackReceipts();
         break;
       case "reconnect":
-        session.reconnectAfterMs = frame.after_ms;
+        session.reconnectAfterMs = askedDelayMs(frame.after_ms);
         break;
       case "error":
         // An ack's refusal to wait out is the acknowledgements' to send again.

@@ -1,3 +1,4 @@
+import { askedDelayMs } from "./backoff.js";
 import type { ErrorCode, ErrorFrame } from "./protocol.js";
 
 /**
@@ -32,7 +33,7 @@ export class CourierError extends Error {
 
   static fromFrame(frame: ErrorFrame): CourierError {
     return new CourierError(frame.code, frame.message, {
-      retryAfterMs: frame.retry_after_ms,
+      retryAfterMs: askedDelayMs(frame.retry_after_ms),
       clientMsgId: frame.client_msg_id,
     });
   }

@@ -8,6 +8,7 @@
  * long, is given up when nothing comes for `timeoutMs` (an upload of the outbox is given up
  * with its connection).
  */
+import { askedDelayMs } from "./backoff.js";
 import { CourierError, badInput } from "./errors.js";
 import {
   isConversationId,
@@ -253,7 +254,7 @@ async function errorOf(method: string, path: string, response: Response): Promis
   const text = await response.text();
   try {
     const body = JSON.parse(text) as { code?: ErrorCode; message?: string; retry_after_ms?: number };
-    const retryAfterMs = body.retry_after_ms ?? retryAfterHeaderMs(response.headers.get("retry-after"));
+    const retryAfterMs = askedDelayMs(body.retry_after_ms) ?? retryAfterHeaderMs(response.headers.get("retry-after"));
     if (body.code) return new CourierError(body.code, body.message ?? "", { status: response.status, retryAfterMs });
   } catch {
     // Not a protocol error body: reported with the status below.

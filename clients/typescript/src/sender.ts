@@ -35,6 +35,8 @@ export interface SenderHandlers {
   /** The server refused an entry for good. */
   onRefused(entry: OutboxEntry, error: CourierError): void;
   onError(error: unknown): void;
+  /** Aborted when the client closes: ends a wait before a retry. */
+  closing: AbortSignal;
   /** Uploads a file (`POST /v1/media`); `signal` gives it up. */
   upload(data: Blob | Uint8Array, mime: string, signal: AbortSignal): Promise<UploadedMedia>;
 }
@@ -93,7 +95,7 @@ export class OutboxSender {
             return;
           }
           if (error.retriable) {
-            await sleep(Math.max(error.retryAfterMs ?? 0, retries.next()));
+            await sleep(Math.max(error.retryAfterMs ?? 0, retries.next()), this.handlers.closing);
             continue;
           }
           await this.refuse(entry, error);
@@ -125,7 +127,7 @@ export class OutboxSender {
       // A token refused meanwhile (expired) is the link's to tell; the photo waits for a
       // token the server takes, as a text waits for a connection.
       if (error.retriable || error.code === "unauthorized") {
-        await sleep(Math.max(error.retryAfterMs ?? 0, retries.next()));
+        await sleep(Math.max(error.retryAfterMs ?? 0, retries.next()), this.handlers.closing);
       } else {
         await this.refuse(entry, error);
       }

@@ -141,6 +141,27 @@ test("sends refused as rate_limited are retried with the same id until stored, i
   }
 });
 
+test("a send refused with a wait too long for a timer, or with no number for one, is not retried at once in a loop", async () => {
+  for (const retryAfterMs of [2 ** 32, "soon"]) {
+    const network = new Network();
+    const sender = await synced(server, "hal", `web-${typeof retryAfterMs}`, { network, heartbeatMs: 10 });
+    let refused = 0;
+    let pings = 0;
+    network.answer = (frame) => {
+      if (frame.type === "ping") pings++;
+      if (frame.type !== "send") return undefined;
+      refused++;
+      return { type: "error", ref: frame.ref, code: "rate_limited", message: "slow down", retry_after_ms: retryAfterMs };
+    };
+    sender.sendText({ toUser: "ida" }, "wait for it").catch(() => {});
+    // Twenty heartbeats later the send has been tried a few times at most (its backoff), not
+    // again at once after each refusal (thousands of times).
+    await until("twenty pings went out", () => pings >= 20);
+    assert.ok(refused < 10, `retry_after_ms ${retryAfterMs}: the send was tried ${refused} times`);
+    sender.close();
+  }
+});
+
 test("messages go out in the order written even when their local writes finish out of order", async () => {
   // Storage whose first write waits until the test lets it finish.
   let finishFirstWrite!: () => void;
