@@ -33,6 +33,7 @@ import {
 } from "./protocol.js";
 import { SavedReceipts } from "./receipts.js";
 import { OutboxSender, tooLargeError } from "./sender.js";
+import { OutboxShare, hostLocks, type ShareNews } from "./share.js";
 import { IndexedDbOutboxStorage, MemoryOutboxStorage, type OutboxEntry, type OutboxStorage } from "./storage.js";
 
 export type { ConnectionState } from "./link.js";
@@ -134,6 +135,9 @@ export class CourierClient {
   private summariesLoading: Promise<void> | undefined;
   private readonly maxFrameBytes: number;
   private readonly maxQueuedUploadBytes: number;
+  /** Set for an outbox other clients share (the tabs of a browser): this client sends it
+   * only while it owns it. */
+  private share: OutboxShare | undefined;
 
   private constructor(
     identity: Identity,
@@ -189,17 +193,12 @@ export class CourierClient {
     );
     this.acks = new Acknowledgements(() => this.link.session);
     this.sender = new OutboxSender(outbox, identity, {
-      session: () => this.link.session,
+      session: () => (!this.share || this.share.owns ? this.link.session : undefined),
       maxFrameBytes: this.maxFrameBytes,
-      onStored: (entry, sent) =>
-        this.addOwn(this.conversationFor(sent.conversation_id), sent, {
-          kind: "message",
-          body: entry.body,
-          client_msg_id: entry.client_msg_id,
-          reply_to: entry.reply_to,
-          deleted: false,
-        }),
+      onStored: (entry, sent) => this.ownStored(entry, sent),
       onRefused: (entry, error) => {
+        const failed = { code: error.code, message: error.message };
+        this.share?.tell({ kind: "failed", client_msg_id: entry.client_msg_id, failed });
         if (entry.conversation_id) this.emitter.emit("timeline", entry.conversation_id);
         this.emitter.emit("error", error);
       },
@@ -208,6 +207,7 @@ export class CourierClient {
       upload: (data, mime, signal) => this.http.uploadMedia(data, mime, signal),
     });
     outbox.onChange = () => this.emitter.emit("outbox", undefined);
+    outbox.onSettled = (sent) => this.share?.tell({ kind: "stored", sent });
     outbox.onError = (error) => this.report(error);
     savedReceipts.onError = (error) => this.report(error);
   }
@@ -216,13 +216,23 @@ export class CourierClient {
    * (sends made meanwhile wait in the outbox). */
   static async open(options: CourierClientOptions): Promise<CourierClient> {
     const identity = identityOf(await resolveToken(options.token));
-    const storage =
+    const storage: OutboxStorage =
       options.storage ??
       ((globalThis as { indexedDB?: IDBFactory }).indexedDB ? new IndexedDbOutboxStorage() : new MemoryOutboxStorage());
     const scope = `${identity.user}/${identity.device}`;
     const outbox = await Outbox.open(storage, scope);
     const savedReceipts = await SavedReceipts.open(storage, scope);
     const client = new CourierClient(identity, options, storage, outbox, savedReceipts);
+    const locks = hostLocks();
+    const lockName = storage.lockName?.(scope);
+    if (locks && lockName) {
+      client.share = new OutboxShare(
+        lockName,
+        locks,
+        () => void client.takeOutbox(scope),
+        (news) => client.onShareNews(news),
+      );
+    }
     client.link.start();
     return client;
   }
@@ -362,7 +372,8 @@ export class CourierClient {
     const tooLarge = tooLargeError({ ...entry, body: measured }, this.maxFrameBytes);
     if (tooLarge) throw tooLarge;
     try {
-      await this.outbox.add(entry);
+      const added = await this.outbox.add(entry);
+      this.share?.tell({ kind: "added", entry: added });
     } catch (error) {
       // A later entry written meanwhile found this one ahead of it, still being written, and
       // was not sent: it is next now.
@@ -412,6 +423,7 @@ export class CourierClient {
   /** Sends a failed outbox entry again. */
   async retry(clientMsgId: string): Promise<Sent> {
     await this.outbox.retry(clientMsgId);
+    this.share?.tell({ kind: "retried", client_msg_id: clientMsgId });
     const stored = this.outbox.wait(clientMsgId);
     void this.sender.flush();
     return stored;
@@ -421,6 +433,7 @@ export class CourierClient {
   async discard(clientMsgId: string): Promise<void> {
     const entry = this.outbox.list().find((e) => e.client_msg_id === clientMsgId);
     await this.outbox.discard(clientMsgId);
+    this.share?.tell({ kind: "discarded", client_msg_id: clientMsgId });
     if (entry?.conversation_id) this.emitter.emit("timeline", entry.conversation_id);
   }
 
@@ -492,6 +505,7 @@ export class CourierClient {
 
   /** Closes the connection for good. */
   close(): void {
+    this.share?.close();
     this.link.close();
     this.closing.abort();
     this.stop(new CourierError("closed", "the client was closed"));
@@ -518,6 +532,40 @@ export class CourierClient {
     if (this.storage.clear) return this.storage.clear(scope);
     await Promise.all(entries.map((id) => this.storage.delete(scope, id)));
     await this.storage.deleteReceipts?.(scope, conversations);
+  }
+
+  /** This client now owns the shared outbox (`OutboxShare`): it takes in what the others
+   * wrote before (or a client closed with unsent) and sends it. */
+  private async takeOutbox(scope: string): Promise<void> {
+    try {
+      this.outbox.adopt(await this.storage.load(scope));
+    } catch (error) {
+      this.report(error);
+    }
+    void this.sender.flush();
+  }
+
+  /** What another client of the shared outbox did: its new entries are listed here too (and
+   * sent if this client owns the outbox), and what became of an entry is taken by whoever
+   * lists it. */
+  private onShareNews(news: ShareNews): void {
+    switch (news.kind) {
+      case "added":
+        this.outbox.adopt([news.entry]);
+        void this.sender.flush();
+        break;
+      case "stored":
+        this.outbox.storedElsewhere(news.sent, (entry) => this.ownStored(entry, news.sent));
+        break;
+      case "failed":
+      case "retried":
+        this.outbox.markedElsewhere(news.client_msg_id, news.kind === "failed" ? news.failed : undefined);
+        void this.sender.flush();
+        break;
+      case "discarded":
+        this.outbox.discardedElsewhere(news.client_msg_id);
+        break;
+    }
   }
 
   /** Whether the server refuses the token for good, which no retry would fix: `unauthorized`
@@ -735,6 +783,17 @@ export class CourierClient {
   }
 
   // ---- own events ----------------------------------------------------------------------
+
+  /** An outbox entry the server stored: the message enters the timeline. */
+  private ownStored(entry: OutboxEntry, sent: Sent): void {
+    this.addOwn(this.conversationFor(sent.conversation_id), sent, {
+      kind: "message",
+      body: entry.body,
+      client_msg_id: entry.client_msg_id,
+      reply_to: entry.reply_to,
+      deleted: false,
+    });
+  }
 
   /** This device's own event, known from its `sent`. */
   private addOwn(conversation: Conversation, sent: Sent, fields: Partial<ConversationEvent>): void {

@@ -38,6 +38,13 @@ export class CourierError extends Error {
     });
   }
 
+  /** The refusal an outbox entry's `failed` mark records (`{code, message}` of the error). */
+  static fromMark(mark: { code: string; message: string }, clientMsgId: string): CourierError {
+    const prefix = `${mark.code}: `;
+    const message = mark.message.startsWith(prefix) ? mark.message.slice(prefix.length) : mark.message;
+    return new CourierError(mark.code as CourierError["code"], message, { clientMsgId });
+  }
+
   /** True when the same request may succeed later unchanged (PROTOCOL.md: retry a send
    * with the same `client_msg_id` on `unavailable`; wait `retry_after_ms` on `rate_limited`). */
   get retriable(): boolean {

@@ -30,6 +30,9 @@ export class Outbox {
   /** Called after every change of the entries. */
   onChange: () => void = () => {};
 
+  /** Called when the server stored an entry, once it left the list (`settle`). */
+  onSettled: (sent: Sent) => void = () => {};
+
   /** Called when a write the outbox goes on without fails (marking an entry failed or
    * retried, deleting one the server stored). */
   onError: (error: unknown) => void = () => {};
@@ -60,8 +63,8 @@ export class Outbox {
     return this.entries.some((entry) => entry.client_msg_id === clientMsgId);
   }
 
-  /** Persists a new entry, after every earlier one. */
-  async add(fields: Omit<OutboxEntry, "position">): Promise<void> {
+  /** Persists a new entry, after every earlier one; resolves with it once stored. */
+  async add(fields: Omit<OutboxEntry, "position">): Promise<OutboxEntry> {
     if (this.cleared) throw clearedError();
     if (this.has(fields.client_msg_id) || this.deleting.has(fields.client_msg_id)) {
       throw new CourierError("bad_request", `client_msg_id ${fields.client_msg_id} is already in the outbox`);
@@ -91,6 +94,47 @@ export class Outbox {
       this.persisting.delete(entry.client_msg_id);
     }
     this.onChange();
+    return entry;
+  }
+
+  /** Takes in the entries another client of a shared storage wrote (`OutboxShare`) that it
+   * does not list yet, in their places by position. */
+  adopt(entries: OutboxEntry[]): void {
+    const known = (id: string) => this.has(id) || this.deleting.has(id) || this.undeleted.has(id);
+    const fresh = entries.filter((entry) => !known(entry.client_msg_id));
+    if (this.cleared || fresh.length === 0) return;
+    this.entries = [...this.entries, ...fresh].sort((a, b) => a.position - b.position);
+    this.onChange();
+  }
+
+  /** Another client of a shared storage had the entry stored (and deletes it from the
+   * storage): it leaves the list, `stored` is told it (before `onChange`, as in `settle`), and
+   * its waiters have the `sent`. */
+  storedElsewhere(sent: Sent, stored: (entry: OutboxEntry) => void): void {
+    const id = sent.client_msg_id;
+    const entry = this.entries.find((e) => e.client_msg_id === id);
+    if (!entry) return;
+    this.entries = this.entries.filter((e) => e !== entry);
+    stored(entry);
+    this.onChange();
+    this.take(id).forEach((w) => w.resolve(sent));
+  }
+
+  /** Another client of a shared storage marked the entry failed (and wrote the mark), or
+   * cleared its mark (`failed` undefined). */
+  markedElsewhere(clientMsgId: string, failed: OutboxEntry["failed"]): void {
+    const entry = this.entries.find((e) => e.client_msg_id === clientMsgId);
+    if (!entry) return;
+    if (failed) entry.failed = failed;
+    else delete entry.failed;
+    this.onChange();
+    if (failed) this.take(clientMsgId).forEach((w) => w.reject(CourierError.fromMark(failed, clientMsgId)));
+  }
+
+  /** Another client of a shared storage discarded the entry (and deleted it). */
+  discardedElsewhere(clientMsgId: string): void {
+    this.drop(clientMsgId);
+    this.take(clientMsgId).forEach((w) => w.reject(discardedError()));
   }
 
   /** Resolves with the entry's `sent`, or rejects when the server refuses it for good. */
@@ -115,6 +159,7 @@ export class Outbox {
     this.deleting.add(id);
     stored();
     if (this.entries.length !== before) this.onChange();
+    this.onSettled(sent);
     const deleted = await this.deleteStored(id);
     this.deleting.delete(id);
     this.take(id).forEach((w) => w.resolve(sent));
@@ -187,7 +232,7 @@ export class Outbox {
   async discard(clientMsgId: string): Promise<void> {
     if (!this.has(clientMsgId)) throw new CourierError("bad_request", `no message ${clientMsgId} in the outbox`);
     await this.remove(clientMsgId);
-    this.take(clientMsgId).forEach((w) => w.reject(new CourierError("bad_request", "discarded from the outbox")));
+    this.take(clientMsgId).forEach((w) => w.reject(discardedError()));
   }
 
   /** Empties the outbox for good (a sign-out): its entries are never sent, their waiters
@@ -236,6 +281,10 @@ export class Outbox {
     this.waiters.delete(clientMsgId);
     return list;
   }
+}
+
+function discardedError(): CourierError {
+  return new CourierError("bad_request", "discarded from the outbox");
 }
 
 function clearedError(): CourierError {

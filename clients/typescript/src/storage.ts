@@ -54,6 +54,12 @@ export interface OutboxStorage {
    * `CourierClient.forget`). Without it, the client deletes the entries and receipts it knows
    * of one by one. */
   clear?(scope: string): Promise<void>;
+  /** Optional, for a storage that several clients use at once (the tabs of a browser share
+   * IndexedDB): the name of the Web Lock (`navigator.locks`) whose holder alone sends the
+   * scope's outbox, and of the `BroadcastChannel` on which the clients tell each other what
+   * became of its entries. Without it (or without Web Locks) each client sends every entry
+   * it lists. */
+  lockName?(scope: string): string;
 }
 
 function byAge(a: OutboxEntry, b: OutboxEntry): number {
@@ -187,6 +193,11 @@ export class IndexedDbOutboxStorage implements OutboxStorage {
       const key = receiptScope(scope);
       return store.delete(IDBKeyRange.bound([key, ""], [key, "\uffff"]));
     });
+  }
+
+  /** Every tab of the origin shares the database: one at a time sends a scope's outbox. */
+  lockName(scope: string): string {
+    return `courier-outbox ${this.name} ${scope}`;
   }
 
   private open(): Promise<IDBDatabase> {

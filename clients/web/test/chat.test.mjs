@@ -57,15 +57,31 @@ after(async () => {
  */
 async function person(user) {
   const context = await browser.newContext({ viewport: { width: 900, height: 640 } });
-  const page = await context.newPage();
-  const who = { user, context, page, problems: [], serverReachable: true };
+  const who = { user, context, problems: [], serverReachable: true, frames: [] };
+  who.page = await signedIn(who);
+  assert.equal(new URL(who.page.url()).hash, "", "the token is removed from the address bar");
+  return who;
+}
+
+/** A page (a tab) of `who`'s context signed in as `who`'s "web" device, online (or only
+ * shown, when the server is out of reach). The frames its WebSockets write to the server are
+ * kept in `who.frames`, parsed. */
+async function signedIn(who) {
+  const page = await who.context.newPage();
   page.on("pageerror", (error) => who.problems.push(error.message));
   page.on("dialog", (dialog) => dialog.accept());
-  await page.routeWebSocket(/\/v1\/ws/, (ws) => (who.serverReachable ? ws.connectToServer() : ws.close()));
-  await page.goto(`${server.url}/#token=${server.token(user, "web")}`);
-  await page.locator('#connection[data-state="online"]').waitFor(WAIT);
-  assert.equal(new URL(page.url()).hash, "", "the token is removed from the address bar");
-  return who;
+  await page.routeWebSocket(/\/v1\/ws/, (ws) => {
+    if (!who.serverReachable) return ws.close();
+    const toServer = ws.connectToServer();
+    ws.onMessage((frame) => {
+      who.frames.push(JSON.parse(frame));
+      toServer.send(frame);
+    });
+  });
+  await page.goto(`${server.url}/#token=${server.token(who.user, "web")}`);
+  if (who.serverReachable) await page.locator('#connection[data-state="online"]').waitFor(WAIT);
+  else await page.locator("#chat").waitFor(WAIT);
+  return page;
 }
 
 async function shot(who, name) {
@@ -596,4 +612,52 @@ test("a photo whose download the server stops sending is given up, and shown onc
   assert.equal(downloads, 2);
   assert.deepEqual(kim.problems, [], "no script errors in the page");
   await kim.context.close();
+});
+
+test("two tabs of one device share the outbox: an unsent message is sent once, and shown sent in both", async () => {
+  const ana = await person("ana");
+  const ben = await client(server, "ben", "node");
+  await ben.sendText({ toUser: "ana" }, "Two tabs?");
+  await open(ana, "ben");
+  // The server out of reach (the pages still load): what ana writes waits in the outbox.
+  await ana.context.setOffline(true);
+  await ana.page.locator('#connection[data-state="offline"]').waitFor(WAIT);
+  ana.serverReachable = false;
+  await ana.context.setOffline(false);
+  await send(ana, "Written in the first tab");
+  await message(ana, "Written in the first tab").locator('.ticks[data-status="pending"]').waitFor(WAIT);
+
+  // A second tab of the same device opens meanwhile: it finds the message in the outbox
+  // (IndexedDB) and writes one of its own.
+  const second = { ...ana, page: await signedIn(ana) };
+  await open(second, "ben");
+  await message(second, "Written in the first tab").locator('.ticks[data-status="pending"]').waitFor(WAIT);
+  await send(second, "Written in the second tab");
+  await message(second, "Written in the second tab").locator('.ticks[data-status="pending"]').waitFor(WAIT);
+  await shot(second, "second-tab-pending");
+
+  // The server is reachable again: each message is sent once, by one of the tabs, and both
+  // tabs show the ones they list as sent.
+  ana.serverReachable = true;
+  await until("ben has both", () => texts(ben).filter((t) => t.startsWith("Written in")).length === 2);
+  for (const tab of [ana, second]) {
+    await tab.page.locator('#connection[data-state="online"]').waitFor({ timeout: 30_000 });
+    await message(tab, "Written in the first tab").locator('.ticks:not([data-status="pending"])').waitFor(WAIT);
+    assert.equal(await message(tab, "Written in the first tab").count(), 1, "shown once");
+  }
+  await message(second, "Written in the second tab").locator('.ticks:not([data-status="pending"])').waitFor(WAIT);
+  assert.equal(await message(second, "Written in the second tab").count(), 1, "shown once");
+  await shot(second, "second-tab-sent");
+  const sends = (text) => ana.frames.filter((frame) => frame.type === "send" && frame.body?.text === text).length;
+  assert.equal(sends("Written in the first tab"), 1, "the first tab's message was sent once");
+  assert.equal(sends("Written in the second tab"), 1, "the second tab's message was sent once");
+  assert.deepEqual(ana.problems, [], "no script errors in the pages");
+  await ana.context.close();
+
+  function texts(client) {
+    return client
+      .conversations()
+      .flatMap((c) => c.timeline.list())
+      .map((event) => (event.body && "text" in event.body ? event.body.text : ""));
+  }
 });
