@@ -189,6 +189,7 @@ export class CourierClient {
           this.emitter.emit("error", error);
         },
         onReplaced: (error) => this.emitter.emit("error", error),
+        onBroken: (error) => this.emitter.emit("error", error),
       },
     );
     this.acks = new Acknowledgements(() => this.link.session);

@@ -5,7 +5,7 @@
  * used once: after it closes, the client opens a new one.
  */
 import { CourierError } from "./errors.js";
-import { SUBPROTOCOL_JSON, type ClientFrame, type Hello, type ServerFrame } from "./protocol.js";
+import { SUBPROTOCOL_JSON, brokenField, type ClientFrame, type Hello, type ServerFrame } from "./protocol.js";
 
 /** What the SDK needs of a WebSocket: the browser's, Node 22's global, or the `ws` package's. */
 export interface WebSocketLike {
@@ -42,6 +42,9 @@ interface PendingReply {
 export interface ConnectionHandlers {
   onFrame(frame: ServerFrame): void;
   onClose(info: CloseInfo): void;
+  /** A frame whose fields break the protocol was passed over (one that answers a request
+   * rejects it instead). */
+  onBroken(error: CourierError): void;
 }
 
 export class Connection {
@@ -155,17 +158,26 @@ export class Connection {
     this.finish({ code, reason });
   }
 
+  /** A frame after `hello`: a reply settles its request; anything else goes to `onFrame`, but
+   * a frame whose fields break the protocol (a seq that is text, an event without its sender),
+   * which would corrupt what the client holds, is passed over and told to `onBroken`. */
   private receive(frame: ServerFrame): void {
     const ref = "ref" in frame ? frame.ref : undefined;
     const waiting = ref === undefined ? undefined : this.pending.get(ref);
+    const broken = brokenField(frame as ServerFrame & Record<string, unknown>);
+    const refusal =
+      broken && new CourierError("internal", `the server's ${frame.type} frame breaks the protocol (its ${broken}): passed over`);
     if (waiting) {
       this.pending.delete(ref!);
       clearTimeout(waiting.timer);
-      if (frame.type === "error") waiting.reject(CourierError.fromFrame(frame));
+      if (refusal) waiting.reject(refusal);
+      else if (frame.type === "error") waiting.reject(CourierError.fromFrame(frame));
       else waiting.resolve(frame);
       return;
     }
-    if (!this.closed) this.handlers.onFrame(frame);
+    if (this.closed) return;
+    if (refusal) this.handlers.onBroken(refusal);
+    else this.handlers.onFrame(frame);
   }
 
   private finish(info: CloseInfo): void {

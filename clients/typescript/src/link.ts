@@ -77,6 +77,8 @@ export interface LinkHandlers {
   onFrame(session: Session, frame: ServerFrame): void;
   onState(state: ConnectionState): void;
   onRefused(error: CourierError): void;
+  /** A frame whose fields break the protocol was passed over. */
+  onBroken(error: CourierError): void;
   /** The server closed the connection for newer ones of the same device (`replaced`): the
    * link is paused until `resume`. */
   onReplaced(error: CourierError): void;
@@ -202,7 +204,11 @@ export class Link {
         settings.WebSocketImpl,
         settings.websocketUrl,
         token,
-        { onFrame: (frame) => this.handlers.onFrame(session, frame), onClose: () => closed() },
+        {
+          onFrame: (frame) => this.handlers.onFrame(session, frame),
+          onClose: () => closed(),
+          onBroken: (error) => this.handlers.onBroken(error),
+        },
         settings.replyTimeoutMs,
       );
       // Current at once: acknowledgements of frames that came with `hello` go out on it.

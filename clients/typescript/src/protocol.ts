@@ -194,3 +194,78 @@ export function isClientMsgId(value: string): boolean {
 export function isSeq(value: unknown): value is number {
   return Number.isSafeInteger(value) && (value as number) >= 1;
 }
+
+type Check = (value: unknown) => boolean;
+
+const isText: Check = (value) => typeof value === "string";
+const isId: Check = (value) => typeof value === "string" && CONVERSATION_ID.test(value);
+/** A count or a cursor: an integer from 0. */
+const isCount: Check = (value) => Number.isSafeInteger(value) && (value as number) >= 0;
+const isTexts: Check = (value) => Array.isArray(value) && value.every(isText);
+const optional =
+  (check: Check): Check =>
+  (value) =>
+    value === undefined || check(value);
+const isRecord = (value: unknown): value is Record<string, unknown> => typeof value === "object" && value !== null;
+
+/** A media body's fields, as an upload gives them. */
+const MEDIA_FIELDS: Record<string, Check> = {
+  media_id: isId,
+  mime: isText,
+  size: isCount,
+  sha256: isText,
+  name: optional(isText),
+  caption: optional(isText),
+};
+
+/** A body: `text` is text, `media` a media body (a body of a kind a later server adds is let
+ * through, as an event kind is). */
+const isBody: Check = (value) =>
+  isRecord(value) &&
+  (!("text" in value) || isText(value.text)) &&
+  (!("media" in value) || (isRecord(value.media) && brokenOf(value.media, MEDIA_FIELDS) === undefined));
+
+const EVENT_FIELDS: Record<string, Check> = {
+  conversation_id: isId,
+  seq: isSeq,
+  server_msg_id: isText,
+  sender: (value) => isRecord(value) && isText(value.user) && isText(value.device),
+  ts_ms: isCount,
+  kind: isText,
+  body: optional(isBody),
+  client_msg_id: optional(isText),
+  reply_to: optional(isSeq),
+  deleted: optional((value) => typeof value === "boolean"),
+  target_seq: optional(isSeq),
+  user: optional(isText),
+  users: optional(isTexts),
+  name: optional(isText),
+  members: optional(isTexts),
+};
+
+/** The fields of the frames the client reads, with their types in PROTOCOL.md. */
+const FRAME_FIELDS: Partial<Record<string, Record<string, Check>>> = {
+  hello: { user: isText, device: isText },
+  sent: { client_msg_id: isText, conversation_id: isId, seq: isSeq, server_msg_id: isText, ts_ms: isCount },
+  event: EVENT_FIELDS,
+  messages: {
+    conversation_id: isId,
+    events: (value) => Array.isArray(value) && value.every((e) => isRecord(e) && brokenOf(e, EVENT_FIELDS) === undefined),
+    head_seq: isCount,
+  },
+  receipt: { conversation_id: isId, user: isText, delivered_seq: isCount, read_seq: isCount },
+  trimmed: { conversation_id: isId, floor_seq: isCount },
+  typing: { conversation_id: isId, user: isText, active: (value) => typeof value === "boolean" },
+  error: { code: isText, message: isText },
+};
+
+function brokenOf(record: Record<string, unknown>, fields: Record<string, Check>): string | undefined {
+  return Object.keys(fields).find((field) => !fields[field]!(record[field]));
+}
+
+/** The field of a server frame whose value breaks PROTOCOL.md (missing, or of another type),
+ * if one does; frames of a type the client does not read have none. */
+export function brokenField(frame: { type: string } & Record<string, unknown>): string | undefined {
+  const fields = FRAME_FIELDS[frame.type];
+  return fields && brokenOf(frame, fields);
+}

@@ -3,7 +3,7 @@
 import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
 import { CourierError, type CourierClient } from "../src/index.js";
-import { Server, client, closeClients, synced, texts, until } from "./support.js";
+import { Network, Server, client, closeClients, synced, texts, until } from "./support.js";
 
 let server: Server;
 
@@ -191,4 +191,50 @@ test("a listener that throws (here on a deleted message, which has no body) neit
   assert.ok(errors.some((e) => /"event" listener threw/.test(e.message)), `errors: ${errors}`);
   const cursors = async () => (await lin.http.conversations()).find((c) => c.conversation_id === conv);
   await until("lin's device acknowledged everything", async () => (await cursors())?.delivered_seq === 3);
+});
+
+test("a frame whose fields break the protocol is passed over and told as an error, and the client goes on", async () => {
+  const trent = await user("trent");
+  const network = new Network();
+  const uma = await synced(server, "uma", "web", { network });
+  const conv = (await trent.sendText({ toUser: "uma" }, "hello")).conversation_id;
+  await until("uma has it", () => texts(uma, conv).length === 1);
+  const errors: CourierError[] = [];
+  uma.on("error", (error) => errors.push(error));
+  const event = {
+    type: "event",
+    conversation_id: conv,
+    server_msg_id: "forged",
+    sender: { user: "trent", device: "web" },
+    ts_ms: 1,
+    kind: "message",
+    client_msg_id: "forged",
+  };
+  // Frames a hostile (or broken) server sends, read as the answer to uma's typing notices.
+  const broken = [
+    { ...event, seq: "2", body: { text: "a seq that is text" } },
+    { ...event, seq: 2, sender: undefined, body: { text: "no sender" } },
+    { ...event, seq: 2, body: { media: null } },
+    { type: "receipt", conversation_id: conv, user: "trent", delivered_seq: "all", read_seq: 1 },
+    { type: "typing", conversation_id: { id: conv }, user: "trent", active: true },
+  ];
+  const injected = [...broken];
+  network.answer = (frame) => (frame.type === "typing" ? injected.shift() : undefined);
+  for (let i = 0; i < broken.length; i++) {
+    uma.typing(conv, true);
+    await until(`broken frame ${i} was told`, () => errors.length > i);
+  }
+  network.answer = undefined;
+  assert.ok(
+    errors.every((e) => e.code === "internal" && /breaks the protocol/.test(e.message)),
+    `errors: ${errors.map((e) => e.message)}`,
+  );
+  await trent.sendText({ conversationId: conv }, "after");
+  await until("uma has the next message", () => texts(uma, conv).length === 2);
+  assert.deepEqual(texts(uma, conv), ["hello", "after"]);
+  assert.deepEqual(
+    uma.conversations().map((c) => c.id),
+    [conv],
+    "no conversation made up of a frame's fields",
+  );
 });
