@@ -307,7 +307,9 @@ export class CourierClient {
   /** Loads up to `limit` events older than the oldest held (the latest ones when none is
    * held); resolves false when there is nothing older. */
   async loadHistory(conversationId: string, limit = HISTORY_PAGE): Promise<boolean> {
-    const conversation = this.conversationFor(checkConversation(conversationId));
+    checkConversation(conversationId);
+    if (!isSeq(limit)) throw badInput(`limit must be a whole number of events from 1, not ${limit}`);
+    const conversation = this.conversationFor(conversationId);
     const timeline = conversation.timeline;
     const lowest = timeline.lowestSeq;
     if (lowest !== undefined && !timeline.mayHaveOlder) return false;

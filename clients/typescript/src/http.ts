@@ -128,7 +128,8 @@ export class HttpApi {
     if (!isConversationId(mediaId)) throw badInput(`not a media id: ${JSON.stringify(mediaId)}`);
     const headers: Record<string, string> = {};
     if (range) {
-      if (!(range.start >= 0) || (range.end !== undefined && range.end < range.start)) {
+      const offset = (value: number) => Number.isSafeInteger(value) && value >= 0;
+      if (!offset(range.start) || (range.end !== undefined && !(offset(range.end) && range.end >= range.start))) {
         throw badInput(`not a byte range: ${JSON.stringify(range)}`);
       }
       headers.range = `bytes=${range.start}-${range.end ?? ""}`;

@@ -132,6 +132,18 @@ test("events a device has had in its catch-up are not delivered to it again", as
   assert.deepEqual(texts(again, conv), ["four"]);
 });
 
+test("a history page size or a byte range that is no whole count is refused as bad input", async () => {
+  const nia = await user("nia");
+  const conv = (await nia.sendText({ toUser: "max" }, "n1")).conversation_id;
+  for (const limit of [0, -1, 1.5, Number.NaN]) {
+    await assert.rejects(nia.loadHistory(conv, limit), (e: CourierError) => e.code === "bad_request", `limit ${limit}`);
+  }
+  for (const range of [{ start: 1.5 }, { start: 0, end: 2.5 }, { start: -1 }]) {
+    const what = JSON.stringify(range);
+    await assert.rejects(nia.downloadMedia("m1", range), (e: CourierError) => e.code === "bad_request", what);
+  }
+});
+
 test("history loads page by page back to the start, and then says there is no more", async () => {
   const lee = await user("lee");
   let conv = "";
