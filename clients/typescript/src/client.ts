@@ -528,13 +528,21 @@ export class CourierClient {
    * plain text, and the next client of the same user and device sends them.
    */
   async forget(): Promise<void> {
+    // The outbox is given up to another client only once deleted: it would send what is left.
+    const share = this.share;
+    this.share = undefined;
+    share?.tell({ kind: "cleared" });
     this.close();
-    const entries = this.outbox.clear();
-    const conversations = await this.savedReceipts.clear();
-    const scope = `${this.user}/${this.device}`;
-    if (this.storage.clear) return this.storage.clear(scope);
-    await Promise.all(entries.map((id) => this.storage.delete(scope, id)));
-    await this.storage.deleteReceipts?.(scope, conversations);
+    try {
+      const entries = this.outbox.clear();
+      const conversations = await this.savedReceipts.clear();
+      const scope = `${this.user}/${this.device}`;
+      if (this.storage.clear) return await this.storage.clear(scope);
+      await Promise.all(entries.map((id) => this.storage.delete(scope, id)));
+      await this.storage.deleteReceipts?.(scope, conversations);
+    } finally {
+      share?.close();
+    }
   }
 
   /** This client now owns the shared outbox (`OutboxShare`): it takes in what the others
@@ -567,6 +575,9 @@ export class CourierClient {
         break;
       case "discarded":
         this.outbox.discardedElsewhere(news.client_msg_id);
+        break;
+      case "cleared":
+        this.outbox.clearedElsewhere();
         break;
     }
   }

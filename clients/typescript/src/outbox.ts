@@ -131,6 +131,17 @@ export class Outbox {
     if (failed) this.take(clientMsgId).forEach((w) => w.reject(CourierError.fromMark(failed, clientMsgId)));
   }
 
+  /** Another client of a shared storage deleted the outbox (a sign-out): the entries listed
+   * here are never sent, their waiters rejected with `closed`; one whose write is under way
+   * here is kept (written after the delete), and later ones are taken. */
+  clearedElsewhere(): void {
+    const gone = this.entries.filter((entry) => !this.persisting.has(entry.client_msg_id));
+    if (gone.length === 0) return;
+    this.entries = this.entries.filter((entry) => !gone.includes(entry));
+    this.onChange();
+    for (const entry of gone) this.take(entry.client_msg_id).forEach((w) => w.reject(clearedError()));
+  }
+
   /** Another client of a shared storage discarded the entry (and deleted it). */
   discardedElsewhere(clientMsgId: string): void {
     this.drop(clientMsgId);

@@ -19,7 +19,9 @@ export type ShareNews =
   | { kind: "stored"; sent: Sent }
   | { kind: "failed"; client_msg_id: string; failed: { code: string; message: string } }
   | { kind: "retried"; client_msg_id: string }
-  | { kind: "discarded"; client_msg_id: string };
+  | { kind: "discarded"; client_msg_id: string }
+  /** A client deleted the outbox (`forget`, a sign-out): what the others list of it is gone. */
+  | { kind: "cleared" };
 
 /** The part of the Web Locks API this uses. */
 export interface Locks {

@@ -661,3 +661,32 @@ test("two tabs of one device share the outbox: an unsent message is sent once, a
       .map((event) => (event.body && "text" in event.body ? event.body.text : ""));
   }
 });
+
+test("signing out in one tab deletes the unsent messages the device's other tabs list: none of them sends one", async () => {
+  const ola = await person("ola");
+  const pim = await client(server, "pim", "node");
+  await pim.sendText({ toUser: "ola" }, "Sign out?");
+  await open(ola, "pim");
+  await ola.context.setOffline(true);
+  await ola.page.locator('#connection[data-state="offline"]').waitFor(WAIT);
+  ola.serverReachable = false;
+  await ola.context.setOffline(false);
+  const second = { ...ola, page: await signedIn(ola) };
+  await open(second, "pim");
+  await send(ola, "Never sent");
+  // The second tab lists it too (the tabs share the outbox).
+  await message(second, "Never sent").locator('.ticks[data-status="pending"]').waitFor(WAIT);
+
+  await ola.page.click("#sign-out");
+  await ola.page.locator("#sign-in").waitFor(WAIT);
+  await message(second, "Never sent").waitFor({ ...WAIT, state: "detached" });
+  ola.serverReachable = true;
+  await second.page.locator('#connection[data-state="online"]').waitFor({ timeout: 30_000 });
+  // A frame the second tab writes once online: a send of the deleted message would be before it.
+  await send(second, "Still here");
+  await message(second, "Still here").locator('.ticks:not([data-status="pending"])').waitFor(WAIT);
+  const sent = ola.frames.filter((frame) => frame.type === "send").map((frame) => frame.body?.text);
+  assert.deepEqual(sent, ["Still here"]);
+  assert.deepEqual(ola.problems, [], "no script errors in the pages");
+  await ola.context.close();
+});
