@@ -118,7 +118,7 @@ export class HttpApi {
       headers: { "content-type": mime },
       signal,
     });
-    return (await response.json()) as UploadedMedia;
+    return bodyOf<UploadedMedia>("POST", "/v1/media", response);
   }
 
   /** Downloads media, whole or a byte range (`Range: bytes=start-end`). Fails with `timeout`
@@ -178,7 +178,7 @@ export class HttpApi {
     }
     try {
       const response = await this.request(method, path, init);
-      return (await response.json()) as T;
+      return await bodyOf<T>(method, path, response);
     } catch (error) {
       if (!init.signal.aborted) throw error;
       throw new CourierError("timeout", `${method} ${path}: no answer within ${this.timeoutMs} ms`);
@@ -204,6 +204,21 @@ export class HttpApi {
     }
     if (response.ok) return response;
     throw await errorOf(method, path, response);
+  }
+}
+
+/** A successful answer's JSON body; one that is not JSON did not come from Courier (a captive
+ * portal's page, a proxy's): `unavailable`, to try again, without a status (the server was not
+ * reached). */
+async function bodyOf<T>(method: string, path: string, response: Response): Promise<T> {
+  const text = await response.text();
+  try {
+    return JSON.parse(text) as T;
+  } catch {
+    throw new CourierError(
+      "unavailable",
+      `${method} ${path}: the answer (HTTP ${response.status}) is not JSON, so not the server's: a captive portal's or a proxy's page?`,
+    );
   }
 }
 

@@ -23,6 +23,20 @@ test("an HTTP error says how long to wait, from its body or else its Retry-After
   await assert.rejects(none.conversations(), (e: CourierError) => e.code === "forbidden" && e.retryAfterMs === undefined);
 });
 
+test("an answer that is not JSON (a captive portal's page) is unavailable, to try again, not a parse error", async () => {
+  const portal = answering(200, "<!DOCTYPE html><p>Accept the terms of this Wi-Fi</p>", { "content-type": "text/html" });
+  for (const [what, call] of [
+    ["conversations", () => portal.conversations()],
+    ["upload", () => portal.uploadMedia(new Uint8Array(1), "image/png")],
+  ] as const) {
+    await assert.rejects(
+      call(),
+      (e: CourierError) => e instanceof CourierError && e.code === "unavailable" && /not JSON/.test(e.message),
+      what,
+    );
+  }
+});
+
 /** An HTTP server on 127.0.0.1 whose media downloads (`GET /v1/media/{id}`) `answer` writes. */
 async function mediaServer(answer: (id: string, response: ServerResponse) => void): Promise<{ url: string; close(): void }> {
   const server = createServer((request, response) => answer(request.url!.split("/").at(-1)!, response));
