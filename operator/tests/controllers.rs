@@ -1648,6 +1648,107 @@ async fn a_gateway_pool_woken_between_samples_keeps_its_size_and_reads_no_connec
     .await;
 }
 
+/// A pool whose stored status has a number past its type (`connections` past 2^63, which the
+/// API server keeps as a float) is read without it and reconciled, and the pool says so in a
+/// `Warning` event: its list, and the watch of every pool of the scope, failed on it.
+#[tokio::test]
+async fn a_pool_whose_stored_status_does_not_fit_is_reconciled_and_says_so() {
+    let mut stored = serde_json::to_value(pool()).unwrap();
+    stored["status"] = json!({ "replicas": 3, "connections": 18446744073709552000.0 });
+    let damaged: GatewayPool = serde_json::from_value(stored).expect("read without the field");
+    let data_plane = Arc::new(FakeDataPlane::default());
+    let expected = vec![
+        expect(
+            Method::GET,
+            "/apis/courier.dev/v1alpha1/namespaces/chat/courierclusters/prod",
+            |_| {},
+        )
+        .answer(serde_json::to_value(cluster(false)).unwrap()),
+        expect(
+            Method::GET,
+            "/apis/apps/v1/namespaces/chat/deployments/prod-gateways",
+            |_| {},
+        )
+        .answer(deployment(3)),
+        expect(
+            APPLY,
+            "/apis/apps/v1/namespaces/chat/deployments/prod-gateways",
+            |_| {},
+        ),
+        expect(APPLY, "/api/v1/namespaces/chat/services/prod", |_| {}),
+        expect(
+            APPLY,
+            "/apis/policy/v1/namespaces/chat/poddisruptionbudgets/prod-gateways",
+            |_| {},
+        ),
+        expect(
+            Method::POST,
+            "/apis/events.k8s.io/v1/namespaces/chat/events",
+            |body| {
+                assert_eq!(body["type"], "Warning");
+                assert_eq!(body["reason"], "StatusUnreadable");
+                let note = body["note"].as_str().unwrap();
+                assert!(note.contains("read without: connections: "), "{note}");
+            },
+        ),
+    ];
+    reconciled(expected, data_plane, async |ctx| {
+        sampled_before(&ctx, 3, Default::default(), 5_000);
+        gateway_pool::reconcile(Arc::new(damaged), ctx)
+            .await
+            .unwrap();
+    })
+    .await;
+}
+
+/// Connections past what the API server keeps as an integer (2^63 - 1; past it, a float the
+/// operator's types cannot read back) are written as 2^63 - 1: gateways reporting absurd
+/// counts (any pod answering its metrics port may) made the pool's status unreadable.
+#[tokio::test]
+async fn a_pools_connections_are_written_as_a_number_the_api_server_keeps() {
+    let data_plane = Arc::new(FakeDataPlane {
+        connections: BTreeMap::from([
+            ("10.0.0.1".to_owned(), u64::MAX / 2),
+            ("10.0.0.2".to_owned(), u64::MAX / 2),
+        ]),
+        ..FakeDataPlane::default()
+    });
+    let expected = after_pool_reads(
+        vec![
+            gateway_pod("gw-a", "10.0.0.1"),
+            gateway_pod("gw-b", "10.0.0.2"),
+        ],
+        8,
+        vec![
+            expect(
+                APPLY,
+                "/apis/apps/v1/namespaces/chat/deployments/prod-gateways",
+                |_| {},
+            ),
+            expect(APPLY, "/api/v1/namespaces/chat/services/prod", |_| {}),
+            expect(
+                APPLY,
+                "/apis/policy/v1/namespaces/chat/poddisruptionbudgets/prod-gateways",
+                |_| {},
+            ),
+            expect(
+                APPLY,
+                "/apis/courier.dev/v1alpha1/namespaces/chat/gatewaypools/prod-gateways/status",
+                |body| {
+                    assert_eq!(body["status"]["connections"], i64::MAX);
+                },
+            )
+            .answer(serde_json::to_value(pool()).unwrap()),
+        ],
+    );
+    reconciled(expected, data_plane, async |ctx| {
+        gateway_pool::reconcile(Arc::new(pool()), ctx)
+            .await
+            .unwrap();
+    })
+    .await;
+}
+
 /// A shard set in rebalance mode `Proposal`.
 fn proposal_shard_set(replicas: i32) -> SequencerShardSet {
     let mut set = shard_set(replicas);
@@ -2073,6 +2174,7 @@ async fn a_failing_reconcile_does_not_leave_the_cluster_ready() {
         observed_generation: Some(3),
         storage: Some("embedded".to_owned()),
         conditions: available,
+        ..Default::default()
     });
     let mut refused = expect(
         APPLY,

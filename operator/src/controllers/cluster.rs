@@ -231,6 +231,7 @@ fn status(
         observed_generation: generation,
         storage: Some(cluster.spec.storage.kind_name().to_owned()),
         conditions,
+        unreadable: Vec::new(),
     }
 }
 
@@ -256,5 +257,6 @@ fn invalid_storage(
         observed_generation: generation,
         storage: Some(cluster.spec.storage.kind_name().to_owned()),
         conditions,
+        unreadable: Vec::new(),
     }
 }

@@ -373,8 +373,10 @@ fn status(
         observed_generation: pool.metadata.generation,
         replicas: observed.replicas.unwrap_or(0),
         ready_replicas: ready,
-        connections: connections.total(),
+        // Past 2^63 - 1 the API server keeps a float, which no `u64` reads back.
+        connections: connections.total().min(i64::MAX as u64),
         conditions,
+        unreadable: Vec::new(),
     }
 }
 

@@ -40,7 +40,7 @@ use serde::de::DeserializeOwned;
 
 use crate::autoscale::GatewayAutoscaler;
 use crate::crd::{
-    ConditionType, Conditions, CourierCluster, GatewayPool, ObservedStatus, SecretKeyRef,
+    ConditionType, Conditions, CourierCluster, GatewayPool, ObservedStatus, Salvaged, SecretKeyRef,
     SequencerShardSet, ShardRebalance,
 };
 use crate::metrics::{ControllerLabel, Metrics};
@@ -454,8 +454,9 @@ where
         + Clone
         + Debug
         + DeserializeOwned,
-    K::Status: ObservedStatus + Clone + Default + Serialize,
+    K::Status: ObservedStatus + Salvaged + Clone + Default + Serialize,
 {
+    report_unreadable(ctx, object).await;
     let Err(error) = outcome else {
         return outcome;
     };
@@ -476,6 +477,46 @@ where
     }
     Err(error)
 }
+
+/// A `Warning` event (`StatusUnreadable`) when the stored status of `object` had fields that
+/// did not fit the operator's types ([`crate::crd::stored`]): they were read as absent, and the
+/// status written next replaces them. Named in full up to the length an event's note may have.
+async fn report_unreadable<K>(ctx: &Context, object: &K)
+where
+    K: Resource<DynamicType = ()> + HasStatus,
+    K::Status: Salvaged,
+{
+    let Some(unreadable) = object
+        .status()
+        .map(Salvaged::unreadable)
+        .filter(|unreadable| !unreadable.is_empty())
+    else {
+        return;
+    };
+    let mut note = format!(
+        "the stored status did not fit the operator's types and was read without: {}",
+        unreadable.join("; ")
+    );
+    if note.len() > EVENT_NOTE {
+        let end = (0..=EVENT_NOTE - 3)
+            .rev()
+            .find(|at| note.is_char_boundary(*at))
+            .unwrap_or(0);
+        note.truncate(end);
+        note.push_str("...");
+    }
+    ctx.event(
+        object,
+        EventType::Warning,
+        "StatusUnreadable",
+        "ReadStatus",
+        note,
+    )
+    .await;
+}
+
+/// The longest note the API server takes in an event (`events.k8s.io/v1`: 1 kB).
+const EVENT_NOTE: usize = 1024;
 
 /// `namespace/name` of an object.
 fn key<K: Resource>(object: &K) -> String {

@@ -720,6 +720,7 @@ fn status(
             .unwrap_or(previous.pods),
         recent_moves,
         conditions,
+        unreadable: Vec::new(),
     }
 }
 

@@ -236,7 +236,9 @@ pub struct S3MediaStore {
 
 /// What the operator last saw of a cluster.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", remote = "Self")]
+// Read with `stored::salvage` (the `Deserialize` of `salvaged!`); named as ever in schemas.
+#[schemars(rename = "CourierClusterStatus")]
 pub struct CourierClusterStatus {
     /// The generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -247,6 +249,9 @@ pub struct CourierClusterStatus {
     /// Ready, Progressing, Degraded.
     #[serde(default)]
     pub conditions: Vec<Condition>,
+    /// What of the stored status could not be read (`stored`); never written.
+    #[serde(skip)]
+    pub unreadable: Vec<String>,
 }
 
 impl Storage {

@@ -128,7 +128,9 @@ impl ServiceType {
 
 /// What the operator last saw of a pool.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", remote = "Self")]
+// Read with `stored::salvage` (the `Deserialize` of `salvaged!`); named as ever in schemas.
+#[schemars(rename = "GatewayPoolStatus")]
 pub struct GatewayPoolStatus {
     /// The generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -140,10 +142,13 @@ pub struct GatewayPoolStatus {
     #[serde(default)]
     pub ready_replicas: i32,
     /// Client connections over every pod whose `/metrics` answered, at the last scaling
-    /// decision.
+    /// decision (at most 2^63 - 1, the most the API server keeps as an integer).
     #[serde(default)]
     pub connections: u64,
     /// Ready, Progressing, Degraded.
     #[serde(default)]
     pub conditions: Vec<Condition>,
+    /// What of the stored status could not be read (`stored`); never written.
+    #[serde(skip)]
+    pub unreadable: Vec<String>,
 }

@@ -12,6 +12,7 @@ mod conditions;
 mod gateway_pool;
 mod shard_rebalance;
 mod shard_set;
+pub mod stored;
 
 pub use cluster::{
     CourierCluster, CourierClusterSpec, CourierClusterStatus, EmbeddedStorage, FoundationDbStorage,
@@ -27,6 +28,7 @@ pub use shard_set::{
     PodLoad, RebalanceMode, RebalancePolicy, RecordedMove, SequencerSettings, SequencerShardSet,
     SequencerShardSetSpec, SequencerShardSetStatus,
 };
+pub use stored::Salvaged;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
@@ -52,6 +54,13 @@ observed_status!(
     CourierClusterStatus,
     GatewayPoolStatus,
     SequencerShardSetStatus
+);
+
+stored::salvaged!(
+    CourierClusterStatus,
+    GatewayPoolStatus,
+    SequencerShardSetStatus,
+    ShardRebalanceStatus
 );
 
 /// The API group of every Courier resource.

@@ -40,7 +40,9 @@ pub struct ShardRebalanceSpec {
 
 /// The plan, where it stands, and what its moves did.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", remote = "Self")]
+// Read with `stored::salvage` (the `Deserialize` of `salvaged!`); named as ever in schemas.
+#[schemars(rename = "ShardRebalanceStatus")]
 pub struct ShardRebalanceStatus {
     /// The generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -68,6 +70,9 @@ pub struct ShardRebalanceStatus {
     /// `Ready`, `Stale` or `Failed`.
     #[serde(default)]
     pub conditions: Vec<Condition>,
+    /// What of the stored status could not be read (`stored`); never written.
+    #[serde(skip)]
+    pub unreadable: Vec<String>,
 }
 
 impl ShardRebalanceStatus {

@@ -157,7 +157,9 @@ pub enum RebalanceMode {
 
 /// What the operator last saw of a shard set.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", remote = "Self")]
+// Read with `stored::salvage` (the `Deserialize` of `salvaged!`); named as ever in schemas.
+#[schemars(rename = "SequencerShardSetStatus")]
 pub struct SequencerShardSetStatus {
     /// The generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -180,6 +182,9 @@ pub struct SequencerShardSetStatus {
     /// Ready, Progressing, Degraded, Rebalancing.
     #[serde(default)]
     pub conditions: Vec<Condition>,
+    /// What of the stored status could not be read (`stored`); never written.
+    #[serde(skip)]
+    pub unreadable: Vec<String>,
 }
 
 /// One pod's share.

@@ -30,8 +30,8 @@ use kube::{Api, ResourceExt};
 use super::{outcome_text, recorded_move};
 use crate::controllers::{Context, Error, apply, apply_status};
 use crate::crd::{
-    ConditionType, Conditions, ProposedMove, SequencerShardSet, ShardRebalance, ShardRebalanceSpec,
-    ShardRebalanceStatus,
+    ConditionType, Conditions, ProposedMove, Salvaged, SequencerShardSet, ShardRebalance,
+    ShardRebalanceSpec, ShardRebalanceStatus,
 };
 use crate::rebalance::executor::{AdminError, Sample};
 use crate::rebalance::{Move, MoveReason, PodId};
@@ -158,6 +158,17 @@ pub fn decide(
     if state == Some(ConditionType::Rebalancing)
         || (approved && state == Some(ConditionType::ProposalReady))
     {
+        // Some of its moves left out, the plan is not the one approved: none of it is made.
+        if let Some(unreadable) = status.map(Salvaged::unreadable).filter(|u| !u.is_empty()) {
+            return Decision {
+                action: PlanAction::Stale(format!(
+                    "the stored plan could not be read whole ({}): none of it is carried out, and the next planning round proposes another",
+                    unreadable.join("; ")
+                )),
+                consume: approved,
+                warning: None,
+            };
+        }
         return match paused {
             Some(_) => Decision {
                 action: PlanAction::Keep,
@@ -664,6 +675,27 @@ mod tests {
             })
         );
         assert!(carried_out.consume, "an approval is used once");
+    }
+
+    /// A plan stored with a move that does not fit its type (a `shard` of -1) is read without
+    /// it: approved, it is not the plan the user saw, and none of it is carried out.
+    #[test]
+    fn an_approved_plan_read_without_some_of_it_is_stale_not_carried_out() {
+        let moves = vec![planned(0, "a", "b"), planned(1, "a", "b")];
+        let mut stored = serde_json::to_value(waiting(&moves, Some("approve"))).unwrap();
+        stored["status"]["moves"][1]["shard"] = serde_json::json!(-1);
+        let damaged: ShardRebalance = serde_json::from_value(stored).unwrap();
+        assert_eq!(damaged.status.as_ref().unwrap().moves.len(), 1);
+        let now = sample(&["a", "a", "b"]);
+        let decision = decide(Some(&damaged), None, &now, &pods(), None);
+        let PlanAction::Stale(why) = &decision.action else {
+            panic!("{decision:?}");
+        };
+        assert!(
+            why.starts_with("the stored plan could not be read whole (moves: 1 of 2 entries"),
+            "{why}"
+        );
+        assert!(decision.consume, "the approval is used up");
     }
 
     #[test]
