@@ -1749,6 +1749,65 @@ async fn a_pools_connections_are_written_as_a_number_the_api_server_keeps() {
     .await;
 }
 
+/// What the operator keeps of a pool or shard set (the autoscaler's targets, the planner's
+/// trends and cooldowns, their gauges) goes once the controller finds the object gone: it
+/// outlived every deleted pool (the autoscaler kept growing, and `/metrics` showed the pool's
+/// replicas for good), and a pool created again under the name took the old one's window.
+#[tokio::test]
+async fn what_is_kept_of_a_deleted_pool_or_shard_set_goes_with_it() {
+    use kube::runtime::controller::{self, Action};
+    use kube::runtime::reflector::ObjectRef;
+    use kube::runtime::watcher;
+    type Outcome<K> = Result<
+        (ObjectRef<K>, Action),
+        controller::Error<courier_operator::controllers::Error, watcher::Error>,
+    >;
+    fn gone<K: kube::Resource<DynamicType = ()>>(name: &str) -> Outcome<K> {
+        let gone = ObjectRef::<K>::new(name).within(NS).erase();
+        Err(controller::Error::ObjectNotFound(Box::new(gone)))
+    }
+    reconciled(vec![], Arc::new(FakeDataPlane::default()), async |ctx| {
+        sampled_before(&ctx, 3, Default::default(), 5_000);
+        let label = |name: &str| courier_operator::metrics::ResourceLabel {
+            resource: format!("{NS}/{name}"),
+        };
+        ctx.metrics
+            .gateway_replicas
+            .get_or_create(&label("prod-gateways"))
+            .set(3);
+        plan_due(&ctx, &FakeDataPlane::default());
+        ctx.metrics
+            .max_over_mean
+            .get_or_create(&label("prod-sequencers"))
+            .set(1.5);
+        let there: Outcome<GatewayPool> = Ok((
+            ObjectRef::new("prod-gateways").within(NS),
+            Action::await_change(),
+        ));
+        ctx.forget_if_gone(&there, Context::forget_gateway_pool);
+        assert_eq!(
+            ctx.autoscalers.lock().unwrap().len(),
+            1,
+            "a pool still there"
+        );
+        ctx.forget_if_gone(
+            &gone::<GatewayPool>("prod-gateways"),
+            Context::forget_gateway_pool,
+        );
+        assert!(ctx.autoscalers.lock().unwrap().is_empty());
+        let metrics = ctx.metrics.render();
+        assert!(!metrics.contains("prod-gateways"), "{metrics}");
+        assert!(metrics.contains("prod-sequencers"), "{metrics}");
+        ctx.forget_if_gone(
+            &gone::<SequencerShardSet>("prod-sequencers"),
+            Context::forget_shard_set,
+        );
+        assert!(ctx.rebalancers.lock().unwrap().is_empty());
+        assert!(!ctx.metrics.render().contains("prod-sequencers"));
+    })
+    .await;
+}
+
 /// A shard set in rebalance mode `Proposal`.
 fn proposal_shard_set(replicas: i32) -> SequencerShardSet {
     let mut set = shard_set(replicas);

@@ -43,7 +43,7 @@ use crate::crd::{
     ConditionType, Conditions, CourierCluster, GatewayPool, ObservedStatus, Salvaged, SecretKeyRef,
     SequencerShardSet, ShardRebalance,
 };
-use crate::metrics::{ControllerLabel, Metrics};
+use crate::metrics::{ControllerLabel, Metrics, ResourceLabel};
 use crate::rebalance::Rebalancer;
 use crate::rebalance::executor::{AdminError, ShardAdmin};
 use crate::render::{FIELD_MANAGER, RenderError, pod};
@@ -103,7 +103,10 @@ pub async fn run(
             gateway_pool::error_policy,
             ctx.clone(),
         )
-        .for_each(|_| async {});
+        .for_each(|outcome| {
+            ctx.forget_if_gone(&outcome, Context::forget_gateway_pool);
+            async {}
+        });
     let shard_sets = Controller::new(
         scope.api::<SequencerShardSet>(client.clone()),
         config.clone(),
@@ -115,8 +118,11 @@ pub async fn run(
     // it evacuates pods (`shard_set::EVACUATION_PACE`). A wake-up between samples writes no
     // status, so its own writes do not feed back.
     .graceful_shutdown_on(stopped(shutdown))
-    .run(shard_set::reconcile, shard_set::error_policy, ctx)
-    .for_each(|_| async {});
+    .run(shard_set::reconcile, shard_set::error_policy, ctx.clone())
+    .for_each(|outcome| {
+        ctx.forget_if_gone(&outcome, Context::forget_shard_set);
+        async {}
+    });
     futures::join!(clusters, pools, shard_sets);
 }
 
@@ -263,7 +269,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// The data plane.
     pub data_plane: Arc<dyn DataPlane>,
-    /// The rebalancer of each shard set (`namespace/name`), with its trends and cooldowns.
+    /// The rebalancer of each shard set (`namespace/name`), with its trends and cooldowns;
+    /// dropped once the set is gone, as each pool's autoscaler is ([`Self::forget_if_gone`]).
     pub rebalancers: Mutex<BTreeMap<String, RebalancerState>>,
     /// The autoscaler of each gateway pool (`namespace/name`).
     pub autoscalers: Mutex<BTreeMap<String, GatewayAutoscaler>>,
@@ -301,6 +308,40 @@ impl Context {
             autoscalers: Mutex::new(BTreeMap::new()),
             clock: system_now_ms,
         }
+    }
+
+    /// Drops what is kept in memory of an object whose controller says it is gone: kube
+    /// reports a reconciliation due for an object no longer in its store as `ObjectNotFound`,
+    /// and every pool and shard set is requeued (at its next sample, or retry), so each one
+    /// deleted comes out within that interval. `forget` drops it by its `namespace/name`.
+    pub fn forget_if_gone<K, E>(
+        &self,
+        outcome: &Result<(ObjectRef<K>, Action), controller::Error<E, watcher::Error>>,
+        forget: fn(&Self, &str),
+    ) where
+        K: Resource,
+        E: std::error::Error + 'static,
+    {
+        if let Err(controller::Error::ObjectNotFound(gone)) = outcome {
+            let namespace = gone.namespace.as_deref().unwrap_or_default();
+            forget(self, &format!("{namespace}/{}", gone.name));
+        }
+    }
+
+    /// Drops the autoscaler and the replicas gauge of the gateway pool `key`, which is gone.
+    pub fn forget_gateway_pool(&self, key: &str) {
+        lock(&self.autoscalers).remove(key);
+        self.metrics.gateway_replicas.remove(&ResourceLabel {
+            resource: key.to_owned(),
+        });
+    }
+
+    /// Drops the rebalancer and the load gauge of the shard set `key`, which is gone.
+    pub fn forget_shard_set(&self, key: &str) {
+        lock(&self.rebalancers).remove(key);
+        self.metrics.max_over_mean.remove(&ResourceLabel {
+            resource: key.to_owned(),
+        });
     }
 
     /// Publishes an event about `object`; a failure to publish is logged, not fatal.

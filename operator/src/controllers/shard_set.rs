@@ -425,7 +425,7 @@ async fn drain_leaving(
 /// hold the deletion up.
 async fn release(set: &SequencerShardSet, ctx: &Context) -> Result<Action, Error> {
     let (name, namespace) = name_and_namespace(set)?;
-    lock(&ctx.rebalancers).remove(&key(set));
+    ctx.forget_shard_set(&key(set));
     let cluster = match ctx.cluster(&namespace, &set.spec.cluster).await {
         Ok(cluster) => cluster,
         Err(Error::ClusterNotFound(_)) => return Ok(Action::await_change()),
