@@ -40,18 +40,36 @@ impl DataPlane for NetworkDataPlane {
 
     async fn gateway_connections(&self, pod_ip: &str) -> Result<u64, String> {
         let url = metrics_url(pod_ip);
-        let text = self
-            .http
-            .get(&url)
-            .send()
-            .await
-            .and_then(|r| r.error_for_status())
-            .map_err(|e| format!("GET {url}: {e}"))?
-            .text()
-            .await
-            .map_err(|e| format!("GET {url}: {e}"))?;
+        let text = metrics_text(&self.http, &url).await?;
         connections_in(&text).ok_or_else(|| format!("no {CONNECTIONS_METRIC} in {url}"))
     }
+}
+
+/// The most of a gateway's `/metrics` the operator reads. A gateway's is tens of kB; any pod
+/// may answer on its metrics port (the gateways face the internet), and 64 are read at once
+/// (`controllers::gateway_pool`), so an answer past it is no count of connections and is not
+/// held in memory: it was read whole, as much as a pod sent within the 10 s timeout.
+pub const METRICS_BODY_LIMIT: usize = 4 << 20;
+
+/// The text `url` answers, at most [`METRICS_BODY_LIMIT`] bytes of UTF-8.
+async fn metrics_text(http: &reqwest::Client, url: &str) -> Result<String, String> {
+    let failed = |e: reqwest::Error| format!("GET {url}: {e}");
+    let mut response = http
+        .get(url)
+        .send()
+        .await
+        .and_then(|r| r.error_for_status())
+        .map_err(failed)?;
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(failed)? {
+        if body.len() + chunk.len() > METRICS_BODY_LIMIT {
+            return Err(format!(
+                "GET {url}: the answer passed {METRICS_BODY_LIMIT} bytes, more than any gateway's metrics"
+            ));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    String::from_utf8(body).map_err(|_| format!("GET {url}: the answer is not UTF-8"))
 }
 
 /// Where the pod at `pod_ip` serves `/metrics`: its metrics port (`--metrics-listen`), as the
@@ -103,6 +121,43 @@ mod tests {
                     courier_gateway_connections 1234\n";
         assert_eq!(connections_in(text), Some(1234));
         assert_eq!(connections_in("courier_other 1\n"), None);
+    }
+
+    /// A pod answering its metrics port with more than any gateway's metrics (a finite but
+    /// huge body, the gauge at its end) is unread, and what it sends past the limit is not
+    /// held: 64 such pods at once could hold gigabytes of the operator's memory.
+    #[tokio::test]
+    async fn an_answer_past_the_limit_is_refused_not_held() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/metrics", listener.local_addr().unwrap());
+        let server = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut request = Vec::new();
+            while !request.ends_with(b"\r\n\r\n") {
+                let mut byte = [0];
+                stream.read_exact(&mut byte).await.unwrap();
+                request.push(byte[0]);
+            }
+            let filler = "# filler\n".repeat(8192);
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n")
+                .await;
+            // 64 MiB, then the gauge: a stream cut short by the reader ends the server.
+            for _ in 0..(64 << 20) / filler.len() {
+                if stream.write_all(filler.as_bytes()).await.is_err() {
+                    return;
+                }
+            }
+            let _ = stream.write_all(b"courier_gateway_connections 5\n").await;
+        });
+        let http = reqwest::Client::new();
+        let error = match metrics_text(&http, &url).await {
+            Ok(text) => panic!("read {} bytes past the limit", text.len()),
+            Err(error) => error,
+        };
+        assert!(error.contains("the answer passed 4194304 bytes"), "{error}");
+        server.await.unwrap();
     }
 
     /// A gauge that is no count of connections says nothing of what the pod holds: the pod is
