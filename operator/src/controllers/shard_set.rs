@@ -529,7 +529,9 @@ fn rebalancer_recalling(set: &SequencerShardSet, now_ms: u64) -> Rebalancer {
     let recent = set.status.iter().flat_map(|status| &status.recent_moves);
     for recorded in recent {
         if let Ok(at) = recorded.at.parse::<Timestamp>() {
-            let finished_ms = u64::try_from(at.as_millisecond()).unwrap_or(0);
+            // A time to come (a clock set wrong, a status written by hand) is now: it would
+            // hold the shard still until that time and a cooldown after it, for years.
+            let finished_ms = u64::try_from(at.as_millisecond()).unwrap_or(0).min(now_ms);
             rebalancer.recall_finished(recorded.shard, finished_ms, now_ms);
         }
     }
@@ -861,6 +863,7 @@ mod tests {
                 moved(1, "2026-12-06T10:00:00Z"),
                 moved(2, "2026-12-06T09:00:00Z"),
                 moved(3, "not a time"),
+                moved(4, "9999-01-01T00:00:00Z"),
             ],
             ..SequencerShardSetStatus::default()
         });
@@ -878,6 +881,11 @@ mod tests {
         assert!(
             rebalancer.movable(3, now_ms),
             "an unreadable time is no cooldown"
+        );
+        assert!(!rebalancer.movable(4, now_ms), "a time to come is now");
+        assert!(
+            rebalancer.movable(4, now_ms + cooldown_ms),
+            "and cools down for one cooldown, not until the year 9999"
         );
     }
 
