@@ -4,7 +4,9 @@
 //! `MoveShard` on the source node, which freezes the shard, flips owner and epoch in one store
 //! commit, and returns once the target serves it.
 //!
-//! Every call carries the cluster token and has a deadline; a node that does not answer, or
+//! Every call carries the cluster token and has a deadline, and a sample as a whole has one of
+//! [`SAMPLE_CALLS`] calls (the seeds and nodes are asked one after another until one answers:
+//! each dead one in front would add a call's deadline); a node that does not answer, or
 //! reports a load that is no rate (NaN, infinite, negative), makes the sample fail (a partial
 //! view could make the planner move shards onto a node that is down), and a failed move is
 //! reported with its cause and left to the next plan.
@@ -64,6 +66,9 @@ pub enum AdminError {
         /// The last failure.
         last: Box<AdminError>,
     },
+    /// The sample did not end within its deadline ([`SAMPLE_CALLS`] calls' time).
+    #[error("no sample within {0:?}: the sequencers' admin API answers too slowly or not at all")]
+    SampleDeadline(Duration),
     /// A move names a node that is not a live sequencer node.
     #[error("node {0} is not a live sequencer node")]
     UnknownNode(String),
@@ -102,6 +107,12 @@ pub struct AdminApi {
 }
 
 type Admin = AdminClient<InterceptedService<Channel, AttachToken>>;
+
+/// How many calls' deadlines a whole sample may take: `ListNodes`, `ListShardMap`, then every
+/// node's `ListShards` at once. Without it, seeds that do not answer were tried one after
+/// another, a deadline each: a partition from a set of 100 pods held a sample (and the set's
+/// reconciliation, its deletion included) for over half an hour.
+pub const SAMPLE_CALLS: u32 = 3;
 
 /// What one sample saw: the live sequencer nodes and their addresses, every shard a live
 /// node holds and the others.
@@ -293,7 +304,10 @@ impl AdminApi {
 #[async_trait::async_trait]
 impl ShardAdmin for AdminApi {
     async fn sample(&self) -> Result<Sample, AdminError> {
-        self.read_sample().await
+        let deadline = self.timeout * SAMPLE_CALLS;
+        tokio::time::timeout(deadline, self.read_sample())
+            .await
+            .map_err(|_| AdminError::SampleDeadline(deadline))?
     }
 
     async fn move_shard(&self, sample: &Sample, planned: &Move) -> Result<u64, AdminError> {
@@ -411,6 +425,30 @@ pub async fn carry_out(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Seeds that take the connection and never answer (a partition, a hung node) fail the
+    /// sample within its deadline, not after each seed's deadline in turn.
+    #[tokio::test]
+    async fn a_sample_of_seeds_that_never_answer_ends_at_its_deadline() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let silent = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                held.push(stream);
+            }
+        });
+        let token = ClusterToken::new(&"t".repeat(32)).unwrap();
+        let seeds = vec![address; 100];
+        let admin = AdminApi::new(token, seeds, Duration::from_millis(50));
+        match admin.sample().await {
+            Err(AdminError::SampleDeadline(deadline)) => {
+                assert_eq!(deadline, Duration::from_millis(150));
+            }
+            other => panic!("{other:?}"),
+        }
+        silent.abort();
+    }
 
     /// A load that is no rate (NaN, infinite, negative) fails the sample, as a node that does
     /// not answer does: planned from, it could move shards anywhere, and written to the
