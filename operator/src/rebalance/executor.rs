@@ -108,6 +108,12 @@ pub struct AdminApi {
 
 type Admin = AdminClient<InterceptedService<Channel, AttachToken>>;
 
+/// The largest answer of the admin API the operator reads: the shard map of the most shards a
+/// set may have (65,536), each with a sequencing and a delivery owner of the longest names
+/// (63 characters) and the largest numbers, is about 14 MB. gRPC's default, 4 MiB, is passed
+/// by about 44,000 shards of a cluster's usual names: such a set was never sampled.
+pub const ADMIN_ANSWER_LIMIT: usize = 32 << 20;
+
 /// How many calls' deadlines a whole sample may take: `ListNodes`, `ListShardMap`, then every
 /// node's `ListShards` at once. Without it, seeds that do not answer were tried one after
 /// another, a deadline each: a partition from a set of 100 pods held a sample (and the set's
@@ -168,10 +174,10 @@ impl AdminApi {
                 address: address.to_owned(),
                 source,
             })?;
-        Ok(AdminClient::with_interceptor(
-            channel,
-            AttachToken::new(self.token.clone()),
-        ))
+        Ok(
+            AdminClient::with_interceptor(channel, AttachToken::new(self.token.clone()))
+                .max_decoding_message_size(ADMIN_ANSWER_LIMIT),
+        )
     }
 
     /// The live sequencer nodes and their addresses, from the first seed that answers.
@@ -425,6 +431,124 @@ pub async fn carry_out(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One sequencer node, `s-0`, owning every shard of a set of `shards`, with names as long
+    /// as a cluster's (its fanout pods' included).
+    struct OneNode {
+        address: String,
+        shards: u32,
+    }
+
+    type Answer<T> = Result<tonic::Response<T>, tonic::Status>;
+
+    #[async_trait::async_trait]
+    impl courier_rpc::proto::admin_server::Admin for OneNode {
+        async fn list_nodes(
+            &self,
+            _: tonic::Request<ListNodesRequest>,
+        ) -> Answer<courier_rpc::proto::ListNodesResponse> {
+            let node = courier_rpc::proto::Node {
+                id: "s-0".into(),
+                roles: vec![SEQUENCER_ROLE.into()],
+                address: self.address.clone(),
+                live: true,
+                ..Default::default()
+            };
+            Ok(tonic::Response::new(
+                courier_rpc::proto::ListNodesResponse { nodes: vec![node] },
+            ))
+        }
+
+        async fn list_shards(
+            &self,
+            _: tonic::Request<ListShardsRequest>,
+        ) -> Answer<courier_rpc::proto::ListShardsResponse> {
+            Ok(tonic::Response::new(Default::default()))
+        }
+
+        async fn list_shard_map(
+            &self,
+            _: tonic::Request<ListShardMapRequest>,
+        ) -> Answer<courier_rpc::proto::ListShardMapResponse> {
+            use courier_rpc::proto::{OutboxLag, ShardOwner, ShardState};
+            let owner = |node: &str| ShardOwner {
+                node: node.into(),
+                epoch: 123_456,
+                lease_until_ms: 1_796_551_200_000,
+                live: true,
+            };
+            let shards = (0..self.shards)
+                .map(|shard| ShardState {
+                    shard,
+                    sequencing: Some(owner("s-0")),
+                    delivery: Some(owner("prod-fanout-5d8f7c9b6-x2x4z")),
+                    outbox: Some(OutboxLag {
+                        entries: 1,
+                        more: false,
+                        oldest_age_ms: 250,
+                    }),
+                })
+                .collect();
+            Ok(tonic::Response::new(
+                courier_rpc::proto::ListShardMapResponse {
+                    now_ms: 1_796_551_200_000,
+                    shards,
+                },
+            ))
+        }
+
+        async fn move_shard(
+            &self,
+            _: tonic::Request<MoveShardRequest>,
+        ) -> Answer<courier_rpc::proto::MoveShardResponse> {
+            Err(tonic::Status::unimplemented("not in this test"))
+        }
+
+        async fn take_shards(
+            &self,
+            _: tonic::Request<courier_rpc::proto::TakeShardsRequest>,
+        ) -> Answer<courier_rpc::proto::TakeShardsResponse> {
+            Err(tonic::Status::unimplemented("not in this test"))
+        }
+
+        async fn drain(
+            &self,
+            _: tonic::Request<DrainRequest>,
+        ) -> Answer<courier_rpc::proto::DrainResponse> {
+            Err(tonic::Status::unimplemented("not in this test"))
+        }
+
+        async fn forget_node(
+            &self,
+            _: tonic::Request<courier_rpc::proto::ForgetNodeRequest>,
+        ) -> Answer<courier_rpc::proto::ForgetNodeResponse> {
+            Err(tonic::Status::unimplemented("not in this test"))
+        }
+    }
+
+    /// The shard map of a set of the most shards its CRD takes (65,536: about 6 MB on the
+    /// wire) is read whole: past gRPC's default of 4 MiB, a set of more than about 44,000
+    /// shards was never sampled, so never rebalanced, and its StatefulSet never shrank.
+    #[tokio::test]
+    async fn the_shard_map_of_the_most_shards_a_set_may_have_is_read() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let node = OneNode {
+            address: address.clone(),
+            shards: 65_536,
+        };
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(courier_rpc::proto::admin_server::AdminServer::new(node))
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+        );
+        let token = ClusterToken::new(&"t".repeat(32)).unwrap();
+        let admin = AdminApi::new(token, vec![address], Duration::from_secs(10));
+        let sample = admin.sample().await.expect("the whole map");
+        assert_eq!(sample.shards.len(), 65_536);
+        assert!(sample.unowned.is_empty());
+        server.abort();
+    }
 
     /// Seeds that take the connection and never answer (a partition, a hung node) fail the
     /// sample within its deadline, not after each seed's deadline in turn.
