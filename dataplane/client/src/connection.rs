@@ -779,6 +779,106 @@ mod tests {
         assert_eq!(client.buffered.bytes, 0);
     }
 
+    /// An event of a kind this SDK does not know (one a newer server adds), in the frame
+    /// `encoding` writes: seq 2 of `d:1`, alone, or between seqs 1 and 3 in a `messages`
+    /// frame answering the `fetch` of `ref` when `listed` is `Some(ref)`.
+    fn unknown_kind(encoding: Encoding, listed: Option<i64>) -> Message {
+        let event = pb::Event {
+            conversation_id: "d:1".into(),
+            seq: 2,
+            server_msg_id: "m2".into(),
+            sender: Some(pb::Sender {
+                user: "bob".into(),
+                device: "p".into(),
+            }),
+            ts_ms: 1,
+            kind: "reaction".into(),
+            ..Default::default()
+        };
+        match (encoding, listed) {
+            (Encoding::Json, None) => Message::text(
+                r#"{"type":"event","conversation_id":"d:1","seq":2,"server_msg_id":"m2","sender":{"user":"bob","device":"p"},"ts_ms":1,"kind":"reaction","emoji":"+1","target_seq":1}"#,
+            ),
+            (Encoding::Json, Some(reference)) => Message::text(
+                r#"{"type":"messages","ref":REF,"conversation_id":"d:1","head_seq":3,"events":[{"conversation_id":"d:1","seq":1,"server_msg_id":"m1","sender":{"user":"bob","device":"p"},"ts_ms":1,"kind":"message","client_msg_id":"c1","body":{"text":"a"}},{"conversation_id":"d:1","seq":2,"server_msg_id":"m2","sender":{"user":"bob","device":"p"},"ts_ms":1,"kind":"reaction","emoji":"+1"},{"conversation_id":"d:1","seq":3,"server_msg_id":"m3","sender":{"user":"bob","device":"p"},"ts_ms":1,"kind":"message","client_msg_id":"c3","body":{"text":"c"}}]}"#
+                    .replace("REF", &reference.to_string()),
+            ),
+            (Encoding::Proto, None) => Message::binary(
+                pb::ServerFrame {
+                    r#ref: None,
+                    frame: Some(pb::server_frame::Frame::Event(event)),
+                }
+                .encode_to_vec(),
+            ),
+            (Encoding::Proto, Some(reference)) => {
+                let known = |seq: u64| match event_of(seq, "x".into()) {
+                    ServerFrame::Event(e) => pb::Event::from(e),
+                    _ => unreachable!(),
+                };
+                let messages = pb::Messages {
+                    conversation_id: "d:1".into(),
+                    events: vec![known(1), event, known(3)],
+                    head_seq: 3,
+                };
+                Message::binary(
+                    pb::ServerFrame {
+                        r#ref: Some(reference),
+                        frame: Some(pb::server_frame::Frame::Messages(messages)),
+                    }
+                    .encode_to_vec(),
+                )
+            }
+        }
+    }
+
+    /// An event of a kind this SDK does not know takes its seq in the conversation like any
+    /// other: it is given to the caller as such, with its kind and seq, in order between its
+    /// neighbours, so that seqs stay dense and the caller acknowledges past it. It failed the
+    /// call waiting for its reply as undecodable (a `send`, a `fetch`, the catch-up of
+    /// `courier chat`, which then ended).
+    #[tokio::test]
+    async fn an_event_of_an_unknown_kind_is_given_with_its_seq() {
+        for encoding in [Encoding::Json, Encoding::Proto] {
+            let url = scripted_server(encoding, move |frame| match frame {
+                ClientFrame::Send(send) => vec![
+                    message(encoding, &event_of(1, "a".into())),
+                    unknown_kind(encoding, None),
+                    message(encoding, &event_of(3, "c".into())),
+                    message(encoding, &sent_for(&send)),
+                ],
+                ClientFrame::Fetch(fetch) => vec![unknown_kind(encoding, fetch.reference)],
+                _ => Vec::new(),
+            })
+            .await;
+            let mut client = Client::connect(&url, "t", encoding).await.unwrap();
+            client
+                .send_text(Target::User("bob".into()), "c9", "hi")
+                .await
+                .unwrap_or_else(|e| panic!("{encoding:?}: {e}"));
+            let mut kinds = Vec::new();
+            for seq in 1..=3 {
+                let event = client.next_event().await.unwrap();
+                assert_eq!(event.seq, seq, "{encoding:?}");
+                kinds.push(event.payload.kind().to_owned());
+            }
+            assert_eq!(kinds, ["message", "reaction", "message"], "{encoding:?}");
+            let messages = client
+                .fetch("d:1", 0, None)
+                .await
+                .unwrap_or_else(|e| panic!("{encoding:?}: {e}"));
+            let listed: Vec<_> = messages
+                .events
+                .iter()
+                .map(|e| (e.seq, e.payload.kind()))
+                .collect();
+            assert_eq!(
+                listed,
+                [(1, "message"), (2, "reaction"), (3, "message")],
+                "{encoding:?}"
+            );
+        }
+    }
+
     /// PROTOCOL.md welcomes new frame types: a frame of a type this SDK does not know, in
     /// either encoding, is passed over, and the call waiting for its reply gets it.
     #[tokio::test]

@@ -17,6 +17,11 @@
 //! with [`ClientError::Overflow`] and closes the connection, rather than holding ever more
 //! memory (a server flooding, a caller that never reads them). Nothing is lost: reconnect, and
 //! the events not acknowledged come again.
+//!
+//! A frame of a type this version does not know is passed over; an event of a kind it does not
+//! know (one a later server adds) is given, in its place, as
+//! [`EventPayload::Unknown`](courier_proto::EventPayload::Unknown) with its seq: it takes its
+//! seq in the conversation like any other, so acknowledge past it.
 
 mod connection;
 mod http;

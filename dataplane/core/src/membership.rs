@@ -87,7 +87,9 @@ impl Entry {
             EventPayload::GroupCreated { members, .. } => (members, Some(&event.sender.user), true),
             EventPayload::MemberAdded(change) => (&change.users, None, true),
             EventPayload::MemberRemoved(change) => (&change.users, None, false),
-            EventPayload::Message { .. } | EventPayload::Delete { .. } => return None,
+            EventPayload::Message { .. }
+            | EventPayload::Delete { .. }
+            | EventPayload::Unknown { .. } => return None,
         };
         let mut records = self.records.clone();
         for user in users {

@@ -86,53 +86,73 @@ impl From<Event> for pb::Event {
                 out.user = change.single().map(str::to_owned);
                 out.users = change.users;
             }
+            EventPayload::Unknown { .. } => {}
         }
         out
     }
 }
 
+/// What reading an event does with a `kind` this version does not know.
+#[derive(Clone, Copy)]
+enum UnknownKind {
+    /// Refuses it: what the server stores and passes between its nodes is its own.
+    Refused,
+    /// Keeps it as [`EventPayload::Unknown`]: a client reading a later server's frames.
+    Kept,
+}
+
 impl TryFrom<pb::Event> for Event {
     type Error = DecodeError;
     fn try_from(e: pb::Event) -> Result<Self, DecodeError> {
-        let payload = match e.kind.as_str() {
-            "message" => EventPayload::Message {
-                body: e.body.map(Body::try_from).transpose()?,
-                client_msg_id: e.client_msg_id.unwrap_or_default(),
-                reply_to: e.reply_to,
-                deleted: e.deleted,
+        event_of(e, UnknownKind::Refused)
+    }
+}
+
+/// The event `e`, its kind read as `unknown` says when this version does not know it.
+fn event_of(e: pb::Event, unknown: UnknownKind) -> Result<Event, DecodeError> {
+    let payload = match e.kind.as_str() {
+        "message" => EventPayload::Message {
+            body: e.body.map(Body::try_from).transpose()?,
+            client_msg_id: e.client_msg_id.unwrap_or_default(),
+            reply_to: e.reply_to,
+            deleted: e.deleted,
+        },
+        "delete" => EventPayload::Delete {
+            target_seq: e.target_seq.ok_or_else(|| missing("target_seq"))?,
+        },
+        "group_created" => EventPayload::GroupCreated {
+            name: e.name.unwrap_or_default(),
+            members: e.members,
+        },
+        "member_added" => EventPayload::MemberAdded(
+            MembershipChange::from_parts(e.users, e.user).ok_or_else(|| missing("users"))?,
+        ),
+        "member_removed" => EventPayload::MemberRemoved(
+            MembershipChange::from_parts(e.users, e.user).ok_or_else(|| missing("users"))?,
+        ),
+        other => match unknown {
+            UnknownKind::Kept => EventPayload::Unknown {
+                kind: other.to_owned(),
             },
-            "delete" => EventPayload::Delete {
-                target_seq: e.target_seq.ok_or_else(|| missing("target_seq"))?,
-            },
-            "group_created" => EventPayload::GroupCreated {
-                name: e.name.unwrap_or_default(),
-                members: e.members,
-            },
-            "member_added" => EventPayload::MemberAdded(
-                MembershipChange::from_parts(e.users, e.user).ok_or_else(|| missing("users"))?,
-            ),
-            "member_removed" => EventPayload::MemberRemoved(
-                MembershipChange::from_parts(e.users, e.user).ok_or_else(|| missing("users"))?,
-            ),
-            other => {
+            UnknownKind::Refused => {
                 return Err(DecodeError::Invalid(format!(
                     "unknown event kind `{other}`"
                 )));
             }
-        };
-        let sender = e.sender.ok_or_else(|| missing("sender"))?;
-        Ok(Event {
-            conversation_id: e.conversation_id,
-            seq: e.seq,
-            server_msg_id: e.server_msg_id,
-            sender: Sender {
-                user: sender.user,
-                device: sender.device,
-            },
-            ts_ms: e.ts_ms,
-            payload,
-        })
-    }
+        },
+    };
+    let sender = e.sender.ok_or_else(|| missing("sender"))?;
+    Ok(Event {
+        conversation_id: e.conversation_id,
+        seq: e.seq,
+        server_msg_id: e.server_msg_id,
+        sender: Sender {
+            user: sender.user,
+            device: sender.device,
+        },
+        ts_ms: e.ts_ms,
+        payload,
+    })
 }
 
 fn ack_kind_name(kind: AckKind) -> &'static str {
@@ -338,14 +358,14 @@ impl TryFrom<pb::ServerFrame> for ServerFrame {
                 ts_ms: f.ts_ms,
                 duplicate: f.duplicate,
             }),
-            Frame::Event(e) => ServerFrame::Event(e.try_into()?),
+            Frame::Event(e) => ServerFrame::Event(event_of(e, UnknownKind::Kept)?),
             Frame::Messages(f) => ServerFrame::Messages(Messages {
                 reference,
                 conversation_id: f.conversation_id,
                 events: f
                     .events
                     .into_iter()
-                    .map(Event::try_from)
+                    .map(|e| event_of(e, UnknownKind::Kept))
                     .collect::<Result<_, _>>()?,
                 head_seq: f.head_seq,
             }),

@@ -314,6 +314,9 @@ enum EventKind {
     GroupCreated,
     MemberAdded,
     MemberRemoved,
+    /// One this version does not know: [`EventPayload::Unknown`].
+    #[serde(untagged)]
+    Unknown(String),
 }
 
 impl TryFrom<EventWire> for Event {
@@ -357,6 +360,7 @@ impl TryFrom<EventWire> for Event {
             },
             EventKind::MemberAdded => EventPayload::MemberAdded(membership.try_into()?),
             EventKind::MemberRemoved => EventPayload::MemberRemoved(membership.try_into()?),
+            EventKind::Unknown(kind) => EventPayload::Unknown { kind },
         };
         Ok(Event {
             conversation_id,
@@ -392,17 +396,29 @@ pub enum EventPayload {
     },
     MemberAdded(MembershipChange),
     MemberRemoved(MembershipChange),
+    /// An event of a kind this version does not know, which a later server may send
+    /// (PROTOCOL.md welcomes additions), read from a server's frames: it takes its seq in the
+    /// conversation like any other, so a client keeps it, for seqs to stay dense, and
+    /// acknowledges past it. The fields of its kind are not read. The server never makes one,
+    /// and what it stores or passes between its nodes (`pb::Event` read with `TryFrom`)
+    /// refuses an unknown kind as damage.
+    #[serde(untagged)]
+    Unknown {
+        /// Its `kind` on the wire.
+        kind: String,
+    },
 }
 
 impl EventPayload {
     /// What kind of event it is, as `kind` names it on the wire.
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> &str {
         match self {
             EventPayload::Message { .. } => "message",
             EventPayload::Delete { .. } => "delete",
             EventPayload::GroupCreated { .. } => "group_created",
             EventPayload::MemberAdded(_) => "member_added",
             EventPayload::MemberRemoved(_) => "member_removed",
+            EventPayload::Unknown { kind } => kind,
         }
     }
 

@@ -434,6 +434,8 @@ impl Append {
             }
             // Head, and the target rewritten without its body.
             EventPayload::Delete { .. } => (0, 2, 0),
+            // Head.
+            EventPayload::Unknown { kind } => (kind.len(), 1, 0),
             // Head, conversation record, retention queue entry.
             EventPayload::GroupCreated { name, members } => (
                 name.len() + members.iter().map(String::len).sum::<usize>(),
@@ -1380,9 +1382,11 @@ impl MessageStore {
             EventPayload::GroupCreated { .. } if head > 0 => Err(AppendRefused::NoChange),
             EventPayload::GroupCreated { .. } => Ok(append.payload.clone()),
             _ if sender.is_none() => Err(AppendRefused::NotMember),
-            EventPayload::Message { .. } | EventPayload::Delete { .. } => {
-                Ok(append.payload.clone())
-            }
+            // An unknown kind only a client reads (its nodes refuse one as damage): a
+            // member's, were it ever appended, as a message is.
+            EventPayload::Message { .. }
+            | EventPayload::Delete { .. }
+            | EventPayload::Unknown { .. } => Ok(append.payload.clone()),
             EventPayload::MemberAdded(_) if !admin => Err(AppendRefused::NotAdmin),
             EventPayload::MemberRemoved(change)
                 if !admin && change.users.iter().any(|u| *u != append.sender.user) =>
@@ -1531,7 +1535,7 @@ impl MessageStore {
                     Vec::new(),
                 );
             }
-            EventPayload::Message { .. } => {}
+            EventPayload::Message { .. } | EventPayload::Unknown { .. } => {}
             EventPayload::GroupCreated {
                 name,
                 members: founders,
