@@ -16,6 +16,12 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Attempts of [`Client::send_with_retry`] before giving up.
 pub const SEND_ATTEMPTS: u32 = 8;
+/// The longest [`Client::send_with_retry`] waits between two attempts, whatever
+/// `retry_after_ms` the server asks for: well above the waits Courier asks for with its
+/// default limits (500 ms at most, a shard whose delivery is behind), and short enough that a
+/// broken or hostile server's wait of a day does not hold the caller. With
+/// [`SEND_ATTEMPTS`], a send waits at most 35 s in all between its attempts.
+pub const MAX_RETRY_WAIT: Duration = Duration::from_secs(5);
 /// The most bytes (as they came on the wire) of frames a [`Client`] holds unread: those that
 /// arrived while a call waited for its reply, and the events a sync gathers. Past it the call
 /// fails with [`ClientError::Overflow`] and the connection is closed, rather than memory
@@ -350,7 +356,9 @@ impl Client {
     }
 
     /// Like [`Client::send`], retrying with the same `client_msg_id` while the server answers
-    /// `unavailable` or `rate_limited` (waiting as it says, with exponential backoff).
+    /// `unavailable` or `rate_limited`, up to [`SEND_ATTEMPTS`] attempts in all: waiting as it
+    /// says, with exponential backoff, but never more than [`MAX_RETRY_WAIT`] between two (a
+    /// broken or hostile server's `retry_after_ms` of a day held the caller for a week).
     pub async fn send_with_retry(
         &mut self,
         target: Target,
@@ -368,7 +376,8 @@ impl Client {
                     let wait = e
                         .retry_after_ms
                         .map_or(backoff, Duration::from_millis)
-                        .max(backoff);
+                        .max(backoff)
+                        .min(MAX_RETRY_WAIT);
                     tokio::time::sleep(wait).await;
                     backoff = (backoff * 2).min(Duration::from_secs(2));
                     attempt += 1;
@@ -877,6 +886,46 @@ mod tests {
                 "{encoding:?}"
             );
         }
+    }
+
+    /// A server that answers every send `rate_limited` with a wait of a day (broken, or
+    /// hostile) is tried [`SEND_ATTEMPTS`] times, waiting at most [`MAX_RETRY_WAIT`] between
+    /// two, and `send_with_retry` ends with its error: it waited the day each time, holding its
+    /// caller (a `courier chat` session) for a week.
+    #[tokio::test(start_paused = true)]
+    async fn send_with_retry_caps_each_wait_and_gives_up() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicU32, Ordering};
+        let attempts = Arc::new(AtomicU32::new(0));
+        let counted = attempts.clone();
+        let url = scripted_server(Encoding::Json, move |frame| {
+            let ClientFrame::Send(send) = frame else {
+                return Vec::new();
+            };
+            counted.fetch_add(1, Ordering::Relaxed);
+            let refused = ServerFrame::Error(ErrorFrame {
+                reference: send.reference,
+                code: ErrorCode::RateLimited,
+                message: "slow down".into(),
+                client_msg_id: Some(send.client_msg_id),
+                retry_after_ms: Some(24 * 3600 * 1000),
+            });
+            vec![message(Encoding::Json, &refused)]
+        })
+        .await;
+        let mut client = Client::connect(&url, "t", Encoding::Json).await.unwrap();
+        let started = tokio::time::Instant::now();
+        let body = Body::Text("hi".into());
+        match client
+            .send_with_retry(Target::User("bob".into()), "c1", body)
+            .await
+        {
+            Err(ClientError::Server(e)) => assert_eq!(e.code, ErrorCode::RateLimited),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(attempts.load(Ordering::Relaxed), SEND_ATTEMPTS);
+        let waited = started.elapsed();
+        assert!(waited <= MAX_RETRY_WAIT * (SEND_ATTEMPTS - 1), "{waited:?}");
     }
 
     /// PROTOCOL.md welcomes new frame types: a frame of a type this SDK does not know, in

@@ -26,7 +26,9 @@
 mod connection;
 mod http;
 
-pub use connection::{Client, MAX_BUFFERED_BYTES, Target, websocket_config};
+pub use connection::{
+    Client, MAX_BUFFERED_BYTES, MAX_RETRY_WAIT, SEND_ATTEMPTS, Target, websocket_config,
+};
 pub use courier_proto as proto;
 pub use http::HttpApi;
 
