@@ -81,6 +81,41 @@ fn courier_token_refuses_a_ttl_under_a_second() {
     }
 }
 
+/// An id typed wrong is what `courier token` and `courier chat` say, before they look for a
+/// secret: with no secret in the data directory, they said only that the secret could not be
+/// read, and the person who ran `courier serve` to make one was then told the id was bad.
+#[test]
+fn a_bad_id_typed_is_named_before_a_missing_secret() {
+    let empty = tempfile::tempdir().unwrap();
+    for (flag, user, device) in [
+        ("--user", "bad user", "phone"),
+        ("--device", "alice", "a/b"),
+    ] {
+        for command in ["token", "chat"] {
+            let refused = Command::new(env!("CARGO_BIN_EXE_courier"))
+                .args([command, "--user", user, "--device", device, "--data-dir"])
+                .arg(empty.path())
+                .env_remove("COURIER_TOKEN")
+                .env_remove("COURIER_JWT_SECRET")
+                .stdin(Stdio::null())
+                .output()
+                .unwrap();
+            let said = String::from_utf8_lossy(&refused.stderr);
+            assert!(!refused.status.success(), "{command} {flag}: {said}");
+            assert!(
+                refused.stdout.is_empty(),
+                "{command} {flag}: nothing printed"
+            );
+            assert!(said.contains(flag), "{command} {flag}: {said}");
+            assert!(
+                said.contains("1 to 64 characters"),
+                "{command} {flag}: {said}"
+            );
+            assert!(!said.contains("secret"), "{command} {flag}: {said}");
+        }
+    }
+}
+
 /// `--worker-threads` sets how many threads run the roles' tasks (`/metrics` says how many
 /// run); zero is refused before anything starts.
 #[tokio::test]

@@ -16,9 +16,9 @@ pub struct ChatArgs {
     /// Server address.
     #[arg(long, default_value = "ws://127.0.0.1:8080")]
     url: String,
-    #[arg(long)]
+    #[arg(long, value_parser = crate::user_id)]
     user: String,
-    #[arg(long)]
+    #[arg(long, value_parser = crate::device_id)]
     device: String,
     /// Whom to talk to first (change with `/to USER`).
     #[arg(long)]

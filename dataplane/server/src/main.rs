@@ -86,9 +86,9 @@ enum Command {
     Serve(config::ServeConfig),
     /// Print a token for a user's device, signed with the server's secret.
     Token {
-        #[arg(long)]
+        #[arg(long, value_parser = user_id)]
         user: String,
-        #[arg(long)]
+        #[arg(long, value_parser = device_id)]
         device: String,
         /// Validity, e.g. `24h`, `30m`, `7d`; at least `1s`.
         #[arg(long, default_value = "24h", value_parser = token_ttl)]
@@ -131,6 +131,17 @@ fn token_ttl(text: &str) -> Result<Duration, String> {
         return Err("a token must be valid for at least 1s".into());
     }
     Ok(ttl)
+}
+
+/// A `--user` as PROTOCOL.md has user ids, checked as the flag is read: before a secret is
+/// looked for, so that an id typed wrong is what the error names, not a missing secret.
+fn user_id(text: &str) -> Result<String, courier_proto::ids::InvalidId> {
+    courier_proto::ids::user_id(text).map(|()| text.to_owned())
+}
+
+/// A `--device`, checked as [`user_id`] checks a `--user`.
+fn device_id(text: &str) -> Result<String, courier_proto::ids::InvalidId> {
+    courier_proto::ids::device_id(text).map(|()| text.to_owned())
 }
 
 fn main() -> std::process::ExitCode {
