@@ -79,18 +79,12 @@ impl Buffered {
         Some((frame, size))
     }
 
-    /// The first `event`, taken out; the other frames stay in order.
-    fn take_first_event(&mut self) -> Option<Event> {
-        let i = self
-            .frames
-            .iter()
-            .position(|(f, _)| matches!(f, ServerFrame::Event(_)))?;
+    /// The first frame `wanted` picks, taken out; the other frames stay in order.
+    fn take_first(&mut self, wanted: impl Fn(&ServerFrame) -> bool) -> Option<ServerFrame> {
+        let i = self.frames.iter().position(|(f, _)| wanted(f))?;
         let (frame, size) = self.frames.remove(i)?;
         self.bytes -= size;
-        match frame {
-            ServerFrame::Event(event) => Some(event),
-            _ => None,
-        }
+        Some(frame)
     }
 
     /// `later`'s frames after these.
@@ -463,6 +457,8 @@ impl Client {
 
     /// Asks for a sync and returns the events it brought, up to `sync_done`; an `error` the
     /// server answers it with (a cursor naming no conversation id) ends it with that error.
+    /// The events are held at once, as by [`Client::events_until_sync_done`], up to
+    /// [`MAX_BUFFERED_BYTES`].
     pub async fn sync(
         &mut self,
         cursors: BTreeMap<String, u64>,
@@ -476,7 +472,9 @@ impl Client {
         self.events_until_sync_done_or_error(Some(reference)).await
     }
 
-    /// Reads events up to the next `sync_done` (other frames stay buffered).
+    /// Reads events up to the next `sync_done` (other frames stay buffered), all held at once:
+    /// a catch-up larger than [`MAX_BUFFERED_BYTES`] fails with [`ClientError::Overflow`].
+    /// Read such a one with [`Client::next_event_until_sync_done`].
     pub async fn events_until_sync_done(&mut self) -> Result<Vec<Event>, ClientError> {
         self.events_until_sync_done_or_error(None).await
     }
@@ -524,7 +522,8 @@ impl Client {
 
     /// The next `event` frame (other frames stay buffered).
     pub async fn next_event(&mut self) -> Result<Event, ClientError> {
-        if let Some(event) = self.buffered.take_first_event() {
+        let is_event = |f: &ServerFrame| matches!(f, ServerFrame::Event(_));
+        if let Some(ServerFrame::Event(event)) = self.buffered.take_first(is_event) {
             return Ok(event);
         }
         self.wait_for(|frame| match frame {
@@ -532,6 +531,28 @@ impl Client {
             _ => None,
         })
         .await
+    }
+
+    /// The next event of a catch-up (the connection's first, or a sync's), or `None` at its
+    /// `sync_done`; other frames stay buffered. A catch-up read so, one event at a time and
+    /// acknowledged as it goes, is held by nobody, however large: PROTOCOL.md has the server
+    /// send it whole, with no paging, so [`Client::events_until_sync_done`], which holds it
+    /// all, fails past [`MAX_BUFFERED_BYTES`] (the events of a device long offline in busy
+    /// groups, of large media references).
+    pub async fn next_event_until_sync_done(&mut self) -> Result<Option<Event>, ClientError> {
+        let ends = |f: &ServerFrame| matches!(f, ServerFrame::Event(_) | ServerFrame::SyncDone(_));
+        match self.buffered.take_first(ends) {
+            Some(ServerFrame::Event(event)) => Ok(Some(event)),
+            Some(_) => Ok(None),
+            None => {
+                self.wait_for(|frame| match frame {
+                    ServerFrame::Event(event) => Some(Ok(Some(event.clone()))),
+                    ServerFrame::SyncDone(_) => Some(Ok(None)),
+                    _ => None,
+                })
+                .await
+            }
+        }
     }
 
     /// Sends `ping` and waits for its `pong`.
@@ -926,6 +947,56 @@ mod tests {
         assert_eq!(attempts.load(Ordering::Relaxed), SEND_ATTEMPTS);
         let waited = started.elapsed();
         assert!(waited <= MAX_RETRY_WAIT * (SEND_ATTEMPTS - 1), "{waited:?}");
+    }
+
+    /// A catch-up larger than [`MAX_BUFFERED_BYTES`], which `sync` and
+    /// `events_until_sync_done` cannot hold, is read whole one event at a time, in order, up
+    /// to its `sync_done`, with nothing held; a receipt among its events stays for later.
+    #[tokio::test]
+    async fn a_catch_up_larger_than_the_bound_is_read_one_event_at_a_time() {
+        const MIB: usize = 1 << 20;
+        let events = (MAX_BUFFERED_BYTES / MIB + 2) as u64;
+        let url = scripted_server(Encoding::Proto, move |frame| {
+            let ClientFrame::Sync(_) = frame else {
+                return Vec::new();
+            };
+            let receipt = ServerFrame::Receipt(Receipt {
+                conversation_id: "d:1".into(),
+                user: "bob".into(),
+                delivered_seq: 1,
+                read_seq: 0,
+            });
+            let mut replies: Vec<Message> = (1..=events)
+                .map(|seq| message(Encoding::Proto, &event_of(seq, "x".repeat(MIB - 256))))
+                .collect();
+            replies.insert(1, message(Encoding::Proto, &receipt));
+            replies.push(message(
+                Encoding::Proto,
+                &ServerFrame::SyncDone(SyncDone {}),
+            ));
+            replies
+        })
+        .await;
+        let mut client = Client::connect(&url, "t", Encoding::Proto).await.unwrap();
+        client
+            .send_frame(&ClientFrame::Sync(Sync::default()))
+            .await
+            .unwrap();
+        let mut read = 0;
+        while let Some(event) = client.next_event_until_sync_done().await.unwrap() {
+            read += 1;
+            assert_eq!(event.seq, read);
+            client
+                .ack("d:1", event.seq, AckKind::Delivered)
+                .await
+                .unwrap();
+        }
+        assert_eq!(read, events);
+        match client.next_frame().await.unwrap() {
+            ServerFrame::Receipt(receipt) => assert_eq!(receipt.delivered_seq, 1),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(client.buffered.bytes, 0);
     }
 
     /// PROTOCOL.md welcomes new frame types: a frame of a type this SDK does not know, in

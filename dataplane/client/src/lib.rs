@@ -18,6 +18,12 @@
 //! memory (a server flooding, a caller that never reads them). Nothing is lost: reconnect, and
 //! the events not acknowledged come again.
 //!
+//! A catch-up (the events a connection is sent before its `sync_done`, or a sync's) comes
+//! whole: PROTOCOL.md has no paging of it (`fetch` pages one conversation's history).
+//! [`Client::events_until_sync_done`] and [`Client::sync`] hold it at once, so up to
+//! [`MAX_BUFFERED_BYTES`]; read a larger one one event at a time with
+//! [`Client::next_event_until_sync_done`], acknowledging as you go.
+//!
 //! A frame of a type this version does not know is passed over; an event of a kind it does not
 //! know (one a later server adds) is given, in its place, as
 //! [`EventPayload::Unknown`](courier_proto::EventPayload::Unknown) with its seq: it takes its
