@@ -2,6 +2,7 @@
 
 use crate::ClientError;
 use crate::connection::REPLY_TIMEOUT;
+use courier_proto::ids;
 use serde_json::Value;
 use std::sync::{Arc, Mutex, PoisonError};
 use tokio::time::Instant;
@@ -130,6 +131,8 @@ impl HttpApi {
     }
 
     /// Downloads media into a new file (streamed); returns the number of bytes written. A
+    /// `media_id` PROTOCOL.md does not allow is refused before any request (as every id a
+    /// method puts in a path: `..` in it would name another endpoint). A
     /// file already at `out` is left as it is and the download refused: the name to save a
     /// file as is often the one its sender chose (`courier chat` offers it), and a stranger's
     /// `.bashrc` must not replace the reader's. The answer, and each part of the bytes, is
@@ -143,6 +146,7 @@ impl HttpApi {
     ) -> Result<u64, ClientError> {
         use futures::StreamExt;
         use tokio::io::AsyncWriteExt;
+        ids::media_id(media_id)?;
         let request = self
             .http
             .get(format!("{}/v1/media/{media_id}", self.base))
@@ -200,12 +204,14 @@ impl HttpApi {
         }
     }
 
-    /// Adds members to a group (admins only).
+    /// Adds members to a group (admins only). A `conversation_id` PROTOCOL.md does not allow
+    /// is refused before any request.
     pub async fn add_members(
         &self,
         conversation_id: &str,
         users: &[String],
     ) -> Result<(), ClientError> {
+        ids::conversation_id(conversation_id)?;
         let body = serde_json::json!({ "users": users });
         match self
             .post(&format!("/v1/groups/{conversation_id}/members"), &body)
@@ -216,12 +222,16 @@ impl HttpApi {
         }
     }
 
-    /// Removes a member from a group (an admin, or the member itself).
+    /// Removes a member from a group (an admin, or the member itself). A `conversation_id` or
+    /// `user` PROTOCOL.md does not allow is refused before any request: `../../../devices/phone`
+    /// would have been sent as `DELETE /v1/devices/phone`, unlinking the caller's phone.
     pub async fn remove_member(
         &self,
         conversation_id: &str,
         user: &str,
     ) -> Result<(), ClientError> {
+        ids::conversation_id(conversation_id)?;
+        ids::user_id(user)?;
         match self
             .delete(&format!("/v1/groups/{conversation_id}/members/{user}"))
             .await?
@@ -364,6 +374,49 @@ mod tests {
         let _ = std::fs::remove_file(&file);
         deaf.abort();
         mute.abort();
+    }
+
+    /// An id put in a request's path is checked first, and one PROTOCOL.md does not allow is
+    /// refused before any request: a user named `../../../devices/phone` (typed by a person,
+    /// listed by a server) given to `remove_member` was sent as it was, the URL's dot segments
+    /// taken away, as `DELETE /v1/devices/phone`, which unlinked the caller's own phone; a
+    /// media id of `../conversations` downloaded the caller's conversations.
+    #[tokio::test]
+    async fn an_id_that_would_leave_its_path_is_refused_before_any_request() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let api = HttpApi::new(&format!("http://{}", listener.local_addr().unwrap()), "t");
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        let heard = asked.clone();
+        let server = tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                let mut head = vec![0u8; 4096];
+                let n = tcp.read(&mut head).await.unwrap_or(0);
+                let line = String::from_utf8_lossy(&head[..n]);
+                let line = line.lines().next().unwrap_or_default().to_owned();
+                heard.lock().unwrap().push(line);
+                let _ = tcp
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                    .await;
+            }
+        });
+        let out = std::env::temp_dir().join(format!("courier-escape-{}", std::process::id()));
+        let refused = [
+            api.remove_member("g:1", "../../../devices/phone").await,
+            api.remove_member("g:1/../../../devices/phone", "bob").await,
+            api.add_members("g:1/../../../devices/phone", &["bob".into()])
+                .await,
+            api.download_media("../conversations", &out).await.map(drop),
+        ];
+        assert_eq!(*asked.lock().unwrap(), Vec::<String>::new());
+        for outcome in refused {
+            assert!(
+                matches!(outcome, Err(ClientError::InvalidId(_))),
+                "{outcome:?}"
+            );
+        }
+        assert!(!out.exists());
+        server.abort();
     }
 
     /// A directory is refused by name before any request (on Linux a directory opens, and the

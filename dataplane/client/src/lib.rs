@@ -63,4 +63,7 @@ pub enum ClientError {
          acknowledged come again on the next connection)"
     )]
     Overflow(usize),
+    /// An id given to a call is not one PROTOCOL.md allows: refused before any request.
+    #[error("{0}")]
+    InvalidId(#[from] courier_proto::ids::InvalidId),
 }
