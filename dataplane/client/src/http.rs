@@ -1,11 +1,18 @@
 //! The HTTP API of PROTOCOL.md.
 
 use crate::ClientError;
-use crate::connection::REPLY_TIMEOUT;
+use crate::connection::{MAX_BUFFERED_BYTES, REPLY_TIMEOUT};
 use courier_proto::ids;
 use serde_json::Value;
 use std::sync::{Arc, Mutex, PoisonError};
 use tokio::time::Instant;
+
+/// The most bytes of an answer's body (JSON, or the text of an error) the SDK reads into
+/// memory: as many as the largest WebSocket message it takes ([`crate::websocket_config`]),
+/// so that a page of history too large for a `messages` frame is the only one too large here.
+/// A larger answer fails its call, where a broken or hostile server's answer was read whole for
+/// as long as it came.
+pub const MAX_ANSWER_BYTES: usize = MAX_BUFFERED_BYTES;
 
 /// HTTP calls with one device's token.
 #[derive(Clone)]
@@ -60,7 +67,7 @@ impl HttpApi {
         let answered = async {
             let response = request.send().await.map_err(http_error)?;
             let status = response.status().as_u16();
-            let body = response.json().await.unwrap_or(Value::Null);
+            let body = serde_json::from_slice(&body_of(response).await?).unwrap_or(Value::Null);
             Ok((status, body))
         };
         within_reply_timeout(answered).await
@@ -116,11 +123,14 @@ impl HttpApi {
             .send();
         let answered = async {
             let response = request.await.map_err(http_error)?;
-            match response.status().as_u16() {
-                201 => response.json().await.map_err(http_error),
+            let status = response.status().as_u16();
+            let body = body_of(response).await?;
+            match status {
+                201 => serde_json::from_slice(&body)
+                    .map_err(|e| ClientError::Http(format!("the upload's answer: {e}"))),
                 status => Err(ClientError::Http(format!(
                     "HTTP {status}: {}",
-                    response.text().await.unwrap_or_default()
+                    String::from_utf8_lossy(&body)
                 ))),
             }
         };
@@ -250,6 +260,20 @@ impl HttpApi {
     }
 }
 
+/// The body of `response`, up to [`MAX_ANSWER_BYTES`].
+async fn body_of(mut response: reqwest::Response) -> Result<Vec<u8>, ClientError> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(http_error)? {
+        if body.len() + chunk.len() > MAX_ANSWER_BYTES {
+            return Err(ClientError::Http(format!(
+                "the server's answer is larger than {MAX_ANSWER_BYTES} bytes"
+            )));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
 /// `answer`, unless it takes longer than [`REPLY_TIMEOUT`].
 async fn within_reply_timeout<T>(
     answer: impl Future<Output = Result<T, ClientError>>,
@@ -374,6 +398,38 @@ mod tests {
         let _ = std::fs::remove_file(&file);
         deaf.abort();
         mute.abort();
+    }
+
+    /// An answer larger than [`MAX_ANSWER_BYTES`] (a broken or hostile server) fails the call
+    /// with an error saying so: it was read whole, however large, for as long as it came.
+    #[tokio::test]
+    async fn an_answer_larger_than_the_bound_fails_the_call() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let api = HttpApi::new(&format!("http://{}", listener.local_addr().unwrap()), "t");
+        let server = tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                let mut head = vec![0u8; 4096];
+                let _ = tcp.read(&mut head).await;
+                let text = "x".repeat(MAX_ANSWER_BYTES);
+                let body = format!(r#"{{"conversations":"{text}"}}"#);
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                     content-length: {}\r\n\r\n",
+                    body.len()
+                );
+                let _ = tcp.write_all(head.as_bytes()).await;
+                let _ = tcp.write_all(body.as_bytes()).await;
+            }
+        });
+        match api.conversations().await {
+            Err(ClientError::Http(message)) => {
+                assert!(message.contains(&MAX_ANSWER_BYTES.to_string()), "{message}")
+            }
+            Err(other) => panic!("{other}"),
+            Ok(body) => panic!("read {} bytes", body.to_string().len()),
+        }
+        server.abort();
     }
 
     /// An id put in a request's path is checked first, and one PROTOCOL.md does not allow is

@@ -36,7 +36,7 @@ pub use connection::{
     Client, MAX_BUFFERED_BYTES, MAX_RETRY_WAIT, SEND_ATTEMPTS, Target, websocket_config,
 };
 pub use courier_proto as proto;
-pub use http::HttpApi;
+pub use http::{HttpApi, MAX_ANSWER_BYTES};
 
 use courier_proto::{DecodeError, ErrorFrame};
 
