@@ -4,7 +4,9 @@
 //! server drains, or when its output is closed (`courier chat | head -1`).
 
 use clap::Args;
-use courier_client::proto::{AckKind, Body, Encoding, Event, EventPayload, Media, ServerFrame};
+use courier_client::proto::{
+    AckKind, Body, Encoding, Event, EventPayload, Media, Receipt, ServerFrame,
+};
 use courier_client::{Client, ClientError, HttpApi, Target};
 use courier_core::auth;
 use std::io::{BufRead, Write};
@@ -142,7 +144,7 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
                             }
                             client.ack(&event.conversation_id, event.seq, AckKind::Delivered).await?;
                         }
-                        ServerFrame::Receipt(r) => say!("  ({} has delivered {} / read {})", r.user, r.delivered_seq, r.read_seq),
+                        ServerFrame::Receipt(receipt) => say!("{}", receipt_line(&receipt)),
                         ServerFrame::Reconnect(_) => {
                             say!("server is draining; reconnect later");
                             break;
@@ -214,14 +216,15 @@ fn not_connected(url: &str, error: ClientError) -> anyhow::Error {
 /// The line printed for an incoming event, if any. What the sender chose (a text, a file's
 /// name) is shown with its control characters escaped: anyone may write to anyone, and an
 /// escape sequence would act on the reader's terminal, a line break fake a line from someone
-/// else. The suggested name to save a file as is the last part of its name, so that it stays
+/// else. So is what the server names (the sender, a media id): the server checks them, a
+/// broken or hostile one would not. The suggested name to save a file as is the last part of its name, so that it stays
 /// in the current directory.
 fn event_line(event: &Event) -> Option<String> {
     match &event.payload {
         EventPayload::Message {
             body: Some(Body::Text(text)),
             ..
-        } => Some(format!("{}: {}", event.sender.user, shown(text))),
+        } => Some(format!("{}: {}", shown(&event.sender.user), shown(text))),
         EventPayload::Message {
             body: Some(Body::Media(m)),
             ..
@@ -233,16 +236,26 @@ fn event_line(event: &Event) -> Option<String> {
                 .unwrap_or("download.bin");
             Some(format!(
                 "{} shared {} ({}, {} bytes): /fetch {} {}",
-                event.sender.user,
+                shown(&event.sender.user),
                 shown(m.name.as_deref().unwrap_or("a file")),
                 shown(&m.mime),
                 m.size,
-                m.media_id,
+                shown(&m.media_id),
                 shown(save_as),
             ))
         }
         _ => None,
     }
+}
+
+/// The line printed for a receipt, its user escaped as [`event_line`] escapes a sender.
+fn receipt_line(receipt: &Receipt) -> String {
+    format!(
+        "  ({} has delivered {} / read {})",
+        shown(&receipt.user),
+        receipt.delivered_seq,
+        receipt.read_seq
+    )
 }
 
 /// `text` with its control characters (C0, DEL, C1) escaped as Rust writes them (`\u{1b}`,
@@ -349,5 +362,35 @@ mod tests {
         let line = event_line(&from_mallory(Body::Media(Box::new(media)))).unwrap();
         assert!(!line.chars().any(char::is_control), "{line:?}");
         assert!(line.ends_with("/fetch m1 .bashrc\\u{1b}[8m"), "{line}");
+    }
+
+    /// What the server names (a sender, a media id, the user of a receipt) is shown escaped
+    /// too: a broken or hostile server, or one a person was pointed to, wrote escape
+    /// sequences to the reader's terminal through them.
+    #[test]
+    fn what_a_server_names_is_shown_not_acted_on() {
+        let mut event = from_mallory(Body::Text("hi".into()));
+        event.sender.user = "mallory\u{1b}]0;owned\u{7}".into();
+        let line = event_line(&event).unwrap();
+        assert!(!line.chars().any(char::is_control), "{line:?}");
+        let media = Media {
+            media_id: "m1\u{1b}[2J".into(),
+            mime: "image/png".into(),
+            size: 3,
+            sha256: String::new(),
+            name: None,
+            caption: None,
+        };
+        let line = event_line(&from_mallory(Body::Media(Box::new(media)))).unwrap();
+        assert!(!line.chars().any(char::is_control), "{line:?}");
+        let receipt = Receipt {
+            conversation_id: "d:1".into(),
+            user: "bob\u{1b}[2J".into(),
+            delivered_seq: 2,
+            read_seq: 1,
+        };
+        let line = receipt_line(&receipt);
+        assert!(!line.chars().any(char::is_control), "{line:?}");
+        assert!(line.contains("has delivered 2 / read 1"), "{line}");
     }
 }
