@@ -2,7 +2,7 @@
 
 use crate::ClientError;
 use crate::connection::{MAX_BUFFERED_BYTES, REPLY_TIMEOUT};
-use courier_proto::ids;
+use courier_proto::{Media, ids};
 use serde_json::Value;
 use std::sync::{Arc, Mutex, PoisonError};
 use tokio::time::Instant;
@@ -154,7 +154,30 @@ impl HttpApi {
         media_id: &str,
         out: &std::path::Path,
     ) -> Result<u64, ClientError> {
+        self.download(media_id, out, None).await
+    }
+
+    /// [`HttpApi::download_media`] of the media a message shares, checked against what the
+    /// message says of it: bytes of another length or SHA-256 (a media store that lost or
+    /// changed them, a proxy's page in their place) are removed and refused, where
+    /// `download_media` keeps them as the file the sender shared.
+    pub async fn download_shared_media(
+        &self,
+        media: &Media,
+        out: &std::path::Path,
+    ) -> Result<u64, ClientError> {
+        self.download(&media.media_id, out, Some(media)).await
+    }
+
+    /// Downloads `media_id` into `out`, checked against `shared` when given.
+    async fn download(
+        &self,
+        media_id: &str,
+        out: &std::path::Path,
+        shared: Option<&Media>,
+    ) -> Result<u64, ClientError> {
         use futures::StreamExt;
+        use sha2::Digest;
         use tokio::io::AsyncWriteExt;
         ids::media_id(media_id)?;
         let request = self
@@ -180,15 +203,33 @@ impl HttpApi {
             }
             Err(e) => return Err(io(e)),
         };
+        let not_shared = |what: &str| {
+            ClientError::Http(format!(
+                "{media_id}: the server's bytes are not those the message shares ({what})"
+            ))
+        };
         let copied = async {
             let mut written = 0u64;
+            let mut sha256 = sha2::Sha256::new();
             let mut stream = response.bytes_stream();
             while let Some(chunk) = within_reply_timeout(async { Ok(stream.next().await) }).await? {
                 let chunk = chunk.map_err(http_error)?;
-                file.write_all(&chunk).await.map_err(io)?;
                 written += chunk.len() as u64;
+                if shared.is_some_and(|m| written > m.size) {
+                    return Err(not_shared("longer"));
+                }
+                sha256.update(&chunk);
+                file.write_all(&chunk).await.map_err(io)?;
             }
             file.flush().await.map_err(io)?;
+            if let Some(media) = shared {
+                if written != media.size {
+                    return Err(not_shared("shorter"));
+                }
+                if !hex::encode(sha256.finalize()).eq_ignore_ascii_case(&media.sha256) {
+                    return Err(not_shared("another SHA-256"));
+                }
+            }
             Ok(written)
         }
         .await;
@@ -429,6 +470,55 @@ mod tests {
             Err(other) => panic!("{other}"),
             Ok(body) => panic!("read {} bytes", body.to_string().len()),
         }
+        server.abort();
+    }
+
+    /// A download of shared media whose bytes are not those the message names (their length,
+    /// their SHA-256) is refused and leaves no file; the right bytes are kept. It kept any bytes
+    /// as the file the sender shared.
+    #[tokio::test]
+    async fn shared_media_of_other_bytes_is_refused() {
+        use sha2::Digest;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let api = HttpApi::new(&format!("http://{}", listener.local_addr().unwrap()), "t");
+        let server = tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                let mut head = vec![0u8; 4096];
+                let _ = tcp.read(&mut head).await;
+                let body = b"the bytes";
+                let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len());
+                let _ = tcp.write_all(head.as_bytes()).await;
+                let _ = tcp.write_all(body).await;
+            }
+        });
+        let shared = |bytes: &[u8]| Media {
+            media_id: "m1".into(),
+            mime: "text/plain".into(),
+            size: bytes.len() as u64,
+            sha256: hex::encode(sha2::Sha256::digest(bytes)),
+            name: None,
+            caption: None,
+        };
+        let dir = std::env::temp_dir();
+        let out = dir.join(format!("courier-shared-{}", std::process::id()));
+        for other in [&b"the byte"[..], b"the bytes!", b"THE BYTES"] {
+            match api.download_shared_media(&shared(other), &out).await {
+                Err(ClientError::Http(message)) => {
+                    assert!(message.contains("not those"), "{message}")
+                }
+                outcome => panic!("{outcome:?}"),
+            }
+            assert!(!out.exists());
+        }
+        assert_eq!(
+            api.download_shared_media(&shared(b"the bytes"), &out)
+                .await
+                .unwrap(),
+            9
+        );
+        assert_eq!(std::fs::read(&out).unwrap(), b"the bytes");
+        let _ = std::fs::remove_file(&out);
         server.abort();
     }
 
