@@ -661,14 +661,25 @@ async fn fetch_pages_and_refuses_strangers() {
 /// read. Without the bound, clients that ask for pages of large messages and read them slowly
 /// held tens of megabytes each, for as long as they took (many such connections took the
 /// node's memory).
-#[tokio::test]
-async fn pages_of_history_past_the_nodes_room_wait_until_the_others_are_read() {
-    const ROOM: u64 = 1 << 20;
-    let dir = tempfile::tempdir().unwrap();
-    let server = Server::start_in(
-        dir.path(),
-        &["--max-page-bytes-in-flight", &ROOM.to_string()],
-    );
+/// `courier_gateway_page_bytes_in_flight`: the bytes of pages of history a node holds.
+const PAGES_IN_FLIGHT: &str = "courier_gateway_page_bytes_in_flight";
+
+/// Waits until the node holds `bytes` of pages of history.
+async fn until_pages_hold(server: &Server, bytes: u64) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while server.metric(PAGES_IN_FLIGHT).await != bytes {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the pages in flight never held {bytes} bytes"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Alice writes bob 100 messages of 60 KB; bob's phone asks for the whole history (~6 MB
+/// encoded) and reads nothing of it. Returns the conversation, the phone and the bytes the
+/// unread page holds of the node's room, once it holds them.
+async fn a_page_bob_does_not_read(server: &Server) -> (String, Client, u64) {
     let mut alice = server.connect("alice", "phone").await;
     expect_sync_done(&mut alice).await;
     let text = "y".repeat(60_000);
@@ -680,8 +691,6 @@ async fn pages_of_history_past_the_nodes_room_wait_until_the_others_are_read() {
             .unwrap()
             .conversation_id;
     }
-    // Bob's first connection asks for the whole history (6 MB) and reads nothing of it: the
-    // page takes the whole room while it waits on him.
     let mut slow = server.connect("bob", "phone").await;
     assert_eq!(slow.events_until_sync_done().await.unwrap().len(), 100);
     slow.send_frame(&ClientFrame::Fetch(Fetch {
@@ -692,47 +701,104 @@ async fn pages_of_history_past_the_nodes_room_wait_until_the_others_are_read() {
     }))
     .await
     .unwrap();
-    let in_flight = "courier_gateway_page_bytes_in_flight";
     let deadline = tokio::time::Instant::now() + WAIT;
-    while server.metric(in_flight).await != ROOM {
+    loop {
+        let held = server.metric(PAGES_IN_FLIGHT).await;
+        if held > 0 {
+            return (conv, slow, held);
+        }
         assert!(
             tokio::time::Instant::now() < deadline,
             "the page took no room"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let mut other = server.connect("bob", "laptop").await;
-    other.events_until_sync_done().await.unwrap();
-    match other.fetch(&conv, 0, Some(1)).await {
-        Err(ClientError::Server(e)) => {
-            assert_eq!(e.code, ErrorCode::Unavailable);
-            assert!(e.retry_after_ms.is_some_and(|ms| ms > 0));
-        }
-        other => panic!("expected unavailable, got {other:?}"),
-    }
-    let path = format!("/v1/conversations/{conv}/messages?limit=1");
-    let (status, body) = server.http("bob", "laptop").get(&path).await.unwrap();
-    assert_eq!((status, body["code"].as_str()), (503, Some("unavailable")));
-    // Once the slow client has read its page, the room is free again.
+}
+
+/// Reads the page of `size` events the client was sent.
+async fn read_the_page(client: &mut Client, size: usize) {
     let page = loop {
-        match slow.next_frame_within(WAIT).await.unwrap() {
+        match client.next_frame_within(WAIT).await.unwrap() {
             ServerFrame::Messages(page) => break page,
             _ => continue,
         }
     };
-    assert_eq!(page.events.len(), 100);
-    while server.metric(in_flight).await != 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the room was not given back"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(page.events.len(), size);
+}
+
+/// Asserts a page was refused `unavailable`, to be asked again after `retry_after_ms`.
+fn assert_unavailable(refused: Result<Messages, ClientError>) {
+    match refused {
+        Err(ClientError::Server(e)) => {
+            assert_eq!(e.code, ErrorCode::Unavailable);
+            assert!(e.retry_after_ms.is_some_and(|ms| ms > 0));
+        }
+        Err(other) => panic!("expected unavailable, got {other:?}"),
+        Ok(page) => panic!("expected unavailable, got {} events", page.events.len()),
     }
+}
+
+#[tokio::test]
+async fn pages_of_history_past_the_nodes_room_wait_until_the_others_are_read() {
+    const ROOM: u64 = 1 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_in(
+        dir.path(),
+        &["--max-page-bytes-in-flight", &ROOM.to_string()],
+    );
+    // Bob's page (6 MB) takes the whole room while it waits on him.
+    let (conv, mut slow, held) = a_page_bob_does_not_read(&server).await;
+    assert_eq!(held, ROOM);
+    let mut other = server.connect("bob", "laptop").await;
+    other.events_until_sync_done().await.unwrap();
+    assert_unavailable(other.fetch(&conv, 0, Some(1)).await);
+    let path = format!("/v1/conversations/{conv}/messages?limit=1");
+    let (status, body) = server.http("bob", "laptop").get(&path).await.unwrap();
+    assert_eq!((status, body["code"].as_str()), (503, Some("unavailable")));
+    // Once the slow client has read its page, the room is free again.
+    read_the_page(&mut slow, 100).await;
+    until_pages_hold(&server, 0).await;
     let page = other.fetch(&conv, 0, Some(1)).await.unwrap();
     assert_eq!(page.events.len(), 1);
     let (status, body) = server.http("bob", "laptop").get(&path).await.unwrap();
     assert_eq!((status, body["events"][0]["seq"].as_u64()), (200, Some(1)));
-    assert_eq!(server.metric(in_flight).await, 0);
+    assert_eq!(server.metric(PAGES_IN_FLIGHT).await, 0);
+}
+
+/// One user's devices asking for pages and reading none of them hold at most their share of
+/// the node's room (an eighth): the user's next page waits, everyone else's is served.
+#[tokio::test]
+async fn a_user_holding_their_share_of_the_pages_room_waits_while_others_are_served() {
+    // A share of 8 MiB: one of bob's 6 MB pages fits in it, two do not; the room takes eight.
+    const ROOM: u64 = 64 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_in(
+        dir.path(),
+        &["--max-page-bytes-in-flight", &ROOM.to_string()],
+    );
+    let (conv, mut slow, _) = a_page_bob_does_not_read(&server).await;
+    let mut laptop = server.connect("bob", "laptop").await;
+    laptop.events_until_sync_done().await.unwrap();
+    assert_unavailable(laptop.fetch(&conv, 0, Some(100)).await);
+    let path = format!("/v1/conversations/{conv}/messages?limit=100");
+    let (status, body) = server.http("bob", "tablet").get(&path).await.unwrap();
+    assert_eq!((status, body["code"].as_str()), (503, Some("unavailable")));
+    // Alice, who wrote it all, reads the same history meanwhile.
+    let mut alice = server.connect("alice", "laptop").await;
+    alice.events_until_sync_done().await.unwrap();
+    let page = alice.fetch(&conv, 0, Some(100)).await.unwrap();
+    assert_eq!(page.events.len(), 100);
+    let (status, body) = server.http("alice", "laptop").get(&path).await.unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(body["events"].as_array().map(Vec::len), Some(100));
+    // Once bob has read his page, his next one is served.
+    read_the_page(&mut slow, 100).await;
+    until_pages_hold(&server, 0).await;
+    let page = laptop.fetch(&conv, 0, Some(100)).await.unwrap();
+    assert_eq!(page.events.len(), 100);
+    let (status, body) = server.http("bob", "tablet").get(&path).await.unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(body["events"].as_array().map(Vec::len), Some(100));
 }
 
 #[tokio::test]

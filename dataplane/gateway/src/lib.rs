@@ -1150,7 +1150,7 @@ impl Connection {
                             Message::Binary(bytes) => bytes.len(),
                             _ => 0,
                         };
-                        let room = match self.gateway.pages.reserve(bytes) {
+                        let room = match self.gateway.pages.reserve(&self.who.user, bytes) {
                             Ok(room) => room,
                             Err(refused) => return Ok(Err(refused)),
                         };

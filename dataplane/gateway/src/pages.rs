@@ -10,11 +10,19 @@
 //! has taken it (or its connection ended); a page that finds no room is refused `unavailable`
 //! with a `retry_after_ms`, and the client asks again (`PROTOCOL.md`). A page larger than the
 //! whole budget takes all of it, so it is served once the others are read.
+//!
+//! **A user's share.** The pages of one user, all devices and connections together, hold at
+//! most an eighth of the budget ([`SHARE_OF_BUDGET`]): one user who asks for pages and reads
+//! none of them holds that much until the write timeout cuts the connections, while the other
+//! users' pages are served from the rest. A page larger than the share is served when its user
+//! holds nothing. Users are counted by a keyed hash of their id, an entry only while they hold
+//! a page: the entries are at most the pages in flight.
 
 use courier_core::error::ApiError;
+use foldhash::HashMap;
 use prometheus_client::metrics::gauge::Gauge;
-use std::sync::Arc;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use std::hash::BuildHasher;
+use std::sync::{Arc, Mutex};
 
 /// What a client refused for want of room waits before it asks again.
 pub const PAGE_RETRY_AFTER_MS: u64 = 500;
@@ -22,68 +30,113 @@ pub const PAGE_RETRY_AFTER_MS: u64 = 500;
 /// The budget's unit: a page reserves its size rounded up to it.
 const UNIT: usize = 1024;
 
+/// One user's pages hold at most the budget divided by this.
+pub const SHARE_OF_BUDGET: u32 = 8;
+
 /// The node's budget of page bytes in flight. Cheap to clone: clones share the budget.
 #[derive(Clone)]
 pub struct PageBudget {
     /// `None`: no budget (`--max-page-bytes-in-flight 0`).
-    room: Option<Arc<Semaphore>>,
+    room: Option<Arc<Room>>,
+}
+
+/// A budget of page bytes and what its pages hold of it.
+struct Room {
     /// The whole budget, in [`UNIT`]s.
     units: u32,
+    /// The most one user's pages hold, in [`UNIT`]s.
+    share: u32,
+    held: Mutex<Held>,
+    /// Keys each user's entry in [`Held::users`].
+    users: foldhash::fast::RandomState,
     /// `courier_gateway_page_bytes_in_flight`.
     in_flight: Gauge,
+}
+
+/// What the pages in flight hold, in [`UNIT`]s.
+#[derive(Default)]
+struct Held {
+    all: u32,
+    /// By user (the hash of its id); no entry for a user who holds nothing.
+    users: HashMap<u64, u32>,
 }
 
 impl PageBudget {
     /// A budget of `bytes` (0: none, every page is written at once), whose pages in flight
     /// `in_flight` counts.
     pub fn new(bytes: u64, in_flight: Gauge) -> Self {
-        let most = u32::try_from(Semaphore::MAX_PERMITS).unwrap_or(u32::MAX);
-        let units = u32::try_from(bytes.div_ceil(UNIT as u64)).map_or(most, |u| u.min(most));
-        Self {
-            room: (units > 0).then(|| Arc::new(Semaphore::new(units as usize))),
-            units,
-            in_flight,
-        }
+        let units = u32::try_from(bytes.div_ceil(UNIT as u64)).unwrap_or(u32::MAX);
+        let room = (units > 0).then(|| {
+            Arc::new(Room {
+                units,
+                share: (units / SHARE_OF_BUDGET).max(1),
+                held: Mutex::default(),
+                users: Default::default(),
+                in_flight,
+            })
+        });
+        Self { room }
     }
 
-    /// Reserves room for a page of `bytes` until the returned reservation is dropped, or
-    /// refuses it `unavailable` when the pages in flight fill the budget.
-    pub fn reserve(&self, bytes: usize) -> Result<PageReservation, ApiError> {
+    /// Reserves room for a page of `bytes` for `user` until the returned reservation is
+    /// dropped, or refuses it `unavailable` when the user's pages in flight fill its share or
+    /// all pages in flight fill the budget.
+    pub fn reserve(&self, user: &str, bytes: usize) -> Result<PageReservation, ApiError> {
         let Some(room) = &self.room else {
             return Ok(PageReservation { room: None });
         };
         let units = u32::try_from(bytes.div_ceil(UNIT))
             .unwrap_or(u32::MAX)
-            .min(self.units);
-        match room.clone().try_acquire_many_owned(units) {
-            Ok(permit) => {
-                let bytes = i64::from(units) * UNIT as i64;
-                self.in_flight.inc_by(bytes);
-                Ok(PageReservation {
-                    room: Some((permit, self.in_flight.clone(), bytes)),
-                })
-            }
-            Err(_) => Err(ApiError::unavailable(
+            .min(room.units);
+        let user = room.users.hash_one(user);
+        let mut held = room.held.lock().unwrap_or_else(|e| e.into_inner());
+        let mine = held.users.get(&user).copied().unwrap_or(0);
+        if mine > 0 && u64::from(mine) + u64::from(units) > u64::from(room.share) {
+            return Err(ApiError::unavailable(
+                "your devices are being sent as many pages of history as one user may hold on \
+                 this node at once; read them, or ask again shortly",
+                PAGE_RETRY_AFTER_MS,
+            ));
+        }
+        if u64::from(held.all) + u64::from(units) > u64::from(room.units) {
+            return Err(ApiError::unavailable(
                 "this node is sending as many pages of history as it holds at once; ask again \
                  shortly",
                 PAGE_RETRY_AFTER_MS,
-            )),
+            ));
         }
+        held.all += units;
+        *held.users.entry(user).or_default() += units;
+        drop(held);
+        room.in_flight.inc_by(i64::from(units) * UNIT as i64);
+        Ok(PageReservation {
+            room: Some((room.clone(), user, units)),
+        })
     }
 }
 
 /// A page's room in the budget, given back when dropped.
 #[must_use = "the room is given back as soon as this is dropped"]
 pub struct PageReservation {
-    /// The room, and the gauge counting it with its bytes; `None` without a budget.
-    room: Option<(OwnedSemaphorePermit, Gauge, i64)>,
+    /// The budget, the user's entry in it and the units held; `None` without a budget.
+    room: Option<(Arc<Room>, u64, u32)>,
 }
 
 impl Drop for PageReservation {
     fn drop(&mut self) {
-        if let Some((_, in_flight, bytes)) = &self.room {
-            in_flight.dec_by(*bytes);
+        let Some((room, user, units)) = &self.room else {
+            return;
+        };
+        let mut held = room.held.lock().unwrap_or_else(|e| e.into_inner());
+        held.all -= units;
+        if let Some(mine) = held.users.get_mut(user) {
+            *mine -= units;
+            if *mine == 0 {
+                held.users.remove(user);
+            }
         }
+        drop(held);
+        room.in_flight.dec_by(i64::from(*units) * UNIT as i64);
     }
 }
 
@@ -92,25 +145,65 @@ mod tests {
     use super::*;
     use courier_proto::ErrorCode;
 
+    fn refused(reserved: Result<PageReservation, ApiError>) -> ApiError {
+        let refused = reserved.err().unwrap();
+        assert_eq!(refused.code, ErrorCode::Unavailable);
+        assert_eq!(refused.retry_after_ms, Some(PAGE_RETRY_AFTER_MS));
+        refused
+    }
+
     #[test]
     fn pages_past_the_budget_wait_for_the_room_the_others_give_back() {
         let in_flight = Gauge::default();
         let budget = PageBudget::new(10 * 1024, in_flight.clone());
-        let first = budget.reserve(6 * 1024).unwrap();
+        let first = budget.reserve("u1", 6 * 1024).unwrap();
         assert_eq!(in_flight.get(), 6 * 1024);
-        let refused = budget.reserve(5 * 1024).err().unwrap();
-        assert_eq!(refused.code, ErrorCode::Unavailable);
-        assert_eq!(refused.retry_after_ms, Some(PAGE_RETRY_AFTER_MS));
+        refused(budget.reserve("u2", 5 * 1024));
         // A byte over a unit takes the next unit.
-        let second = budget.reserve(3 * 1024 + 1).unwrap();
+        let second = budget.reserve("u3", 3 * 1024 + 1).unwrap();
         assert_eq!(in_flight.get(), 10 * 1024);
         drop((first, second));
         assert_eq!(in_flight.get(), 0);
         // A page larger than the whole budget takes all of it, once it is free.
-        let whole = budget.reserve(64 << 20).unwrap();
-        assert!(budget.reserve(1).is_err());
+        let whole = budget.reserve("u1", 64 << 20).unwrap();
+        assert!(budget.reserve("u2", 1).is_err());
         drop(whole);
-        assert!(budget.reserve(1).is_ok());
+        assert!(budget.reserve("u2", 1).is_ok());
+    }
+
+    #[test]
+    fn a_users_pages_past_its_share_wait_while_the_others_are_served() {
+        let in_flight = Gauge::default();
+        let budget = PageBudget::new(64 * 1024, in_flight.clone());
+        // An eighth: 8 KiB. A page larger than it goes through when the user holds nothing.
+        let large = budget.reserve("bob", 20 * 1024).unwrap();
+        refused(budget.reserve("bob", 1));
+        drop(large);
+        let first = budget.reserve("bob", 5 * 1024).unwrap();
+        let second = budget.reserve("bob", 3 * 1024).unwrap();
+        let message = refused(budget.reserve("bob", 1)).message;
+        assert!(message.contains("one user"), "{message}");
+        let alices = budget.reserve("alice", 8 * 1024).unwrap();
+        assert_eq!(in_flight.get(), 16 * 1024);
+        drop(first);
+        let third = budget.reserve("bob", 5 * 1024).unwrap();
+        // A user holding nothing keeps no entry.
+        let users = |budget: &PageBudget| {
+            budget
+                .room
+                .as_ref()
+                .unwrap()
+                .held
+                .lock()
+                .unwrap()
+                .users
+                .len()
+        };
+        assert_eq!(users(&budget), 2);
+        drop((second, third));
+        assert_eq!(users(&budget), 1);
+        drop(alices);
+        assert_eq!((users(&budget), in_flight.get()), (0, 0));
     }
 
     #[test]
@@ -118,7 +211,7 @@ mod tests {
         let in_flight = Gauge::default();
         let budget = PageBudget::new(0, in_flight.clone());
         let pages: Vec<_> = (0..100)
-            .map(|_| budget.reserve(64 << 20).unwrap())
+            .map(|_| budget.reserve("bob", 64 << 20).unwrap())
             .collect();
         assert_eq!((pages.len(), in_flight.get()), (100, 0));
     }

@@ -401,7 +401,7 @@ async fn messages(
         floor_seq: page.trimmed,
     })
     .map_err(|e| ApiError::new(ErrorCode::Internal, format!("the page did not encode: {e}")))?;
-    let room = state.gateway.pages.reserve(body.len())?;
+    let room = state.gateway.pages.reserve(&who.user, body.len())?;
     // The page's room is given back once hyper has taken its last byte (the body dropped).
     let body = stream::once(async { Ok::<_, std::convert::Infallible>(body) }).map(move |piece| {
         let _held = &room;
