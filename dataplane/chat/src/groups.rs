@@ -160,18 +160,30 @@ impl Chat {
         }
         self.check_backpressure()?;
         self.check_group_quota(&new).await?;
-        let payload = EventPayload::MemberAdded(MembershipChange::new(new));
+        let payload = EventPayload::MemberAdded(MembershipChange::new(new.clone()));
         let outcome = match self.membership_append(who, conv, payload).await {
             Err(SequencerError::Refused(AppendRefused::NoChange)) => return Ok(Vec::new()),
             result => result?,
         };
-        // The commit keeps only the users who were not members at its place in the order.
-        match self.store.event(conv, outcome.seq).await? {
-            Some(Event {
+        // The commit keeps only the users who were not members at its place in the order. It
+        // landed, whatever this read does: one that fails answers with the users this request
+        // found were not members (a racing add may have added some of them first), not with
+        // an error that the client would retry or show as a failure.
+        match self.store.event(conv, outcome.seq).await {
+            Ok(Some(Event {
                 payload: EventPayload::MemberAdded(added),
                 ..
-            }) => Ok(added.users),
-            _ => Ok(Vec::new()),
+            })) => Ok(added.users),
+            Ok(_) => Ok(Vec::new()),
+            Err(error) => {
+                tracing::warn!(
+                    conv,
+                    seq = outcome.seq,
+                    %error,
+                    "members were added, but who exactly could not be read back"
+                );
+                Ok(new)
+            }
         }
     }
 
@@ -208,8 +220,18 @@ impl Chat {
         };
         // Typing and receipts go to the members the cache holds, which this node's fanout
         // brings up to date only as it passes the removal: loaded through it now, so that
-        // nothing relayed after this answer reaches the removed user.
-        self.membership.members_at(conv, removal.seq).await?;
+        // nothing relayed after this answer reaches the removed user. The removal landed,
+        // whatever this read does: one that fails has the cache forget the group, whose
+        // members the next relay reads from the store, where the removal is.
+        if let Err(error) = self.membership.members_at(conv, removal.seq).await {
+            tracing::warn!(
+                conv,
+                seq = removal.seq,
+                %error,
+                "a member was removed; the membership cache forgets the group"
+            );
+            self.membership.forget(conv);
+        }
         Ok(())
     }
 }

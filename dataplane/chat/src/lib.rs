@@ -1046,7 +1046,7 @@ mod tests {
         (dir, chat_on(store, sequencer, limits))
     }
 
-    fn chat_on(store: MessageStore, sequencer: Arc<HeldSequencer>, limits: ChatLimits) -> Chat {
+    fn chat_on(store: MessageStore, sequencer: Arc<dyn Sequencer>, limits: ChatLimits) -> Chat {
         let context = Context {
             store: store.clone(),
             gateways: Arc::new(NoGateways),
@@ -1116,7 +1116,11 @@ mod tests {
             let sent = store.append(lease, &mut heads, &[append]).await.unwrap();
             assert!(sent[0].is_ok(), "{sent:?}");
         }
-        let chat = chat_on(store, Arc::default(), ChatLimits::default());
+        let chat = chat_on(
+            store,
+            Arc::new(HeldSequencer::default()),
+            ChatLimits::default(),
+        );
         let bob = Identity {
             user: "bob".into(),
             device: "phone".into(),
@@ -1321,7 +1325,11 @@ mod tests {
                 assert!(done[0].is_ok(), "{done:?}");
             }
         }));
-        let chat = chat_on(store, Arc::default(), ChatLimits::default());
+        let chat = chat_on(
+            store,
+            Arc::new(HeldSequencer::default()),
+            ChatLimits::default(),
+        );
         let bob = Identity {
             user: "bob".into(),
             device: "phone".into(),
@@ -1382,7 +1390,11 @@ mod tests {
         engine.after_next_read(Box::pin(async move {
             assert_eq!(racing.trim(lease, &trim, 4, &[]).await.unwrap(), 3);
         }));
-        let chat = chat_on(store, Arc::default(), ChatLimits::default());
+        let chat = chat_on(
+            store,
+            Arc::new(HeldSequencer::default()),
+            ChatLimits::default(),
+        );
         let bob = Identity {
             user: "bob".into(),
             device: "phone".into(),
@@ -1499,6 +1511,103 @@ mod tests {
             .unwrap();
         assert_eq!(chat.store.media("m1").await.unwrap(), Some(shared));
         assert_eq!(sequencer.held.lock().unwrap().len(), 2);
+    }
+
+    /// Commits each append to the store, then fails every read: a store that stops answering
+    /// reads just after a change landed.
+    struct CommitThenFailReads {
+        engine: Arc<courier_store::faulty_engine::FaultyEngine>,
+        store: MessageStore,
+        lease: ShardLease,
+    }
+
+    impl Sequencer for CommitThenFailReads {
+        fn submit(&self, append: Append) -> PendingAppend {
+            let (engine, store, lease) = (self.engine.clone(), self.store.clone(), self.lease);
+            Box::pin(async move {
+                let mut heads = HeadCache::default();
+                let mut done = store.append(lease, &mut heads, &[append]).await?;
+                engine.set_read_fault(Some(Box::new(|_: &[u8]| {
+                    Some(courier_store::StoreError::Engine("a read".into()))
+                })));
+                Ok(done.remove(0)?)
+            })
+        }
+
+        fn trim(
+            &self,
+            _conversation_id: &str,
+            _new_floor: u64,
+            _media: Vec<MediaReference>,
+        ) -> PendingTrim {
+            Box::pin(async { Ok(0) })
+        }
+    }
+
+    /// Alice's group `g:team` with bob, and her chat, whose store fails every read once a
+    /// change of hers has landed (until the test clears the fault).
+    async fn alices_group_whose_reads_fail_after_a_change() -> (
+        Arc<courier_store::faulty_engine::FaultyEngine>,
+        Chat,
+        String,
+    ) {
+        let engine = courier_store::faulty_engine::FaultyEngine::new();
+        let store = engine.store(4).await;
+        let conv = "g:team".to_owned();
+        let lease = every_shard_of_four(&store).await[store.shard_of(&conv) as usize];
+        let created = Append {
+            conversation_id: conv.clone(),
+            sender: Sender {
+                user: "alice".into(),
+                device: "phone".into(),
+            },
+            key: AppendKey::Server("c".into()),
+            payload: EventPayload::GroupCreated {
+                name: "team".into(),
+                members: vec!["alice".into(), "bob".into()],
+            },
+            create: None,
+        };
+        let mut heads = HeadCache::default();
+        let done = store.append(lease, &mut heads, &[created]).await.unwrap();
+        assert!(done[0].is_ok(), "{done:?}");
+        let sequencer = Arc::new(CommitThenFailReads {
+            engine: engine.clone(),
+            store: store.clone(),
+            lease,
+        });
+        (
+            engine,
+            chat_on(store, sequencer, ChatLimits::default()),
+            conv,
+        )
+    }
+
+    /// An add that landed is answered as done, with who was added, though the store fails
+    /// the reads after it: an error made the client retry or show a failure for a change made.
+    #[tokio::test]
+    async fn an_add_that_landed_is_answered_as_done_whatever_the_reads_after_it() {
+        let (engine, chat, conv) = alices_group_whose_reads_fail_after_a_change().await;
+        let added = chat.add_members(&alice(), &conv, &["carol".into()]).await;
+        assert_eq!(added, Ok(vec!["carol".to_owned()]));
+        engine.set_read_fault(None);
+        assert!(chat.store.is_member(&conv, "carol").await.unwrap());
+    }
+
+    /// A removal that landed is answered as done though the store fails the reads after it,
+    /// and the typing and receipts relayed after the answer still never reach the removed
+    /// member: the node's membership is read again from the store, where the removal is.
+    #[tokio::test]
+    async fn a_removal_that_landed_is_answered_as_done_whatever_the_reads_after_it() {
+        let (engine, chat, conv) = alices_group_whose_reads_fail_after_a_change().await;
+        assert_eq!(
+            *chat.membership.current(&conv).await.unwrap(),
+            ["alice", "bob"]
+        );
+        assert_eq!(chat.remove_member(&alice(), &conv, "bob").await, Ok(()));
+        engine.set_read_fault(None);
+        assert!(!chat.store.is_member(&conv, "bob").await.unwrap());
+        assert_eq!(*chat.membership.current(&conv).await.unwrap(), ["alice"]);
     }
 
     #[test]

@@ -165,6 +165,15 @@ impl MembershipCache {
         entry
     }
 
+    /// Drops the entry of `conv`: the next reader loads it from the store. For a membership
+    /// change committed that could not be loaded through.
+    pub fn forget(&self, conv: &str) {
+        self.cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(conv);
+    }
+
     /// The entry of `conv`, exact at least through `seq`; `None` for a conversation without
     /// members (never cached).
     async fn entry(&self, conv: &str, seq: u64) -> Result<Option<Arc<Entry>>, StoreError> {
