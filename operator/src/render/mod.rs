@@ -413,7 +413,12 @@ mod tests {
     use super::pod::{HTTP_PORT, METRICS_PORT, METRICS_PORT_NAME};
     use super::*;
     use crate::crd::EmbeddedStorage;
+    use k8s_openapi::api::apps::v1::StatefulSet;
     use k8s_openapi::api::core::v1::PodTemplateSpec;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+
+    /// A rendered pod template: its role, and the selector of its workload.
+    type RenderedPod = (&'static str, LabelSelector, PodTemplateSpec);
 
     /// Every StatefulSet, Deployment and ConfigMap the operator renders (the kinds its
     /// controllers watch by label) matches the selector they watch with: one that did not
@@ -483,12 +488,9 @@ mod tests {
         }
     }
 
-    /// Every data-plane pod the operator runs serves `/metrics` on its `metrics` port alone
-    /// (`--metrics-listen`), and every Service the operator makes reaches the client port
-    /// only: the client Service (a LoadBalancer or NodePort, and any HTTPRoute to it) opens
-    /// that port to the internet, where a pod's load and internals are nobody's business.
-    #[test]
-    fn every_data_plane_pod_serves_its_metrics_on_a_port_no_service_reaches() {
+    /// Every data-plane pod template the operator renders, with the selector of its workload,
+    /// and every Service: of a FoundationDB cluster with media and push, and of an embedded one.
+    fn every_pod_and_service() -> (Vec<RenderedPod>, Vec<(&'static str, Service)>) {
         let cluster = foundation_db_cluster(Some("push"));
         let mut pools = pools::build(&cluster).unwrap();
         pools.gateways.metadata.uid = Some("gateways".into());
@@ -504,41 +506,47 @@ mod tests {
         });
         let embedded = embedded::build(&embedded_cluster).unwrap();
 
-        let template = |spec: Option<PodTemplateSpec>| spec.unwrap();
+        let deployment = |d: Deployment| {
+            let spec = d.spec.unwrap();
+            (spec.selector, spec.template)
+        };
+        let stateful_set = |s: StatefulSet| {
+            let spec = s.spec.unwrap();
+            (spec.selector, spec.template)
+        };
         let pods = [
-            (
-                "gateway",
-                template(gateways.deployment.spec.map(|s| s.template)),
-            ),
-            (
-                "chat",
-                template(backends::chat(&cluster).unwrap().spec.map(|s| s.template)),
-            ),
-            ("media", template(media.spec.map(|s| s.template))),
-            (
-                "fanout",
-                template(delivery::fanout(&cluster).unwrap().spec.map(|s| s.template)),
-            ),
+            ("gateway", deployment(gateways.deployment)),
+            ("chat", deployment(backends::chat(&cluster).unwrap())),
+            ("media", deployment(media)),
+            ("fanout", deployment(delivery::fanout(&cluster).unwrap())),
             (
                 "push",
-                template(
-                    delivery::push(&cluster)
-                        .unwrap()
-                        .unwrap()
-                        .spec
-                        .map(|s| s.template),
-                ),
+                deployment(delivery::push(&cluster).unwrap().unwrap()),
             ),
-            (
-                "sequencer",
-                template(sequencers.stateful_set.spec.map(|s| s.template)),
-            ),
-            (
-                "server",
-                template(embedded.stateful_set.spec.map(|s| s.template)),
-            ),
+            ("sequencer", stateful_set(sequencers.stateful_set)),
+            ("server", stateful_set(embedded.stateful_set)),
         ];
-        for (role, pod) in pods {
+        let services = vec![
+            ("client", gateways.service),
+            ("embedded client", embedded.service),
+            ("media", media_service),
+            ("sequencers", sequencers.service),
+        ];
+        let pods = pods
+            .into_iter()
+            .map(|(role, (selector, template))| (role, selector, template))
+            .collect();
+        (pods, services)
+    }
+
+    /// Every data-plane pod the operator runs serves `/metrics` on its `metrics` port alone
+    /// (`--metrics-listen`), and every Service the operator makes reaches the client port
+    /// only: the client Service (a LoadBalancer or NodePort, and any HTTPRoute to it) opens
+    /// that port to the internet, where a pod's load and internals are nobody's business.
+    #[test]
+    fn every_data_plane_pod_serves_its_metrics_on_a_port_no_service_reaches() {
+        let (pods, services) = every_pod_and_service();
+        for (role, _, pod) in pods {
             let container = &pod.spec.unwrap().containers[0];
             let args = container.args.clone().unwrap();
             let at = args.iter().position(|a| a == "--metrics-listen");
@@ -560,12 +568,7 @@ mod tests {
                 "{role}: {ports:?}"
             );
         }
-        for (what, service) in [
-            ("client", gateways.service),
-            ("embedded client", embedded.service),
-            ("media", media_service),
-            ("sequencers", sequencers.service),
-        ] {
+        for (what, service) in services {
             let targets: Vec<String> = service
                 .spec
                 .unwrap()
@@ -577,6 +580,40 @@ mod tests {
             assert!(
                 !targets.iter().any(|t| t.contains(METRICS_PORT_NAME)),
                 "the {what} Service reaches the metrics port: {targets:?}"
+            );
+        }
+    }
+
+    /// The pods of each role are spread over the nodes, and over the zones where the nodes
+    /// have them, one pod of skew at most: Kubernetes' own default spread (a skew of 3 per
+    /// node, 5 per zone) let a set of three sequencers, or a pool's first gateways, all run
+    /// on one node, whose loss (which no PodDisruptionBudget covers) took every shard, or
+    /// every client connection, at once. The spread is a preference (`ScheduleAnyway`): a
+    /// cluster of one node, or one full node, still runs every pod.
+    #[test]
+    fn the_pods_of_each_role_are_spread_over_nodes_and_zones() {
+        let (pods, _) = every_pod_and_service();
+        for (role, selector, pod) in pods {
+            let spread = pod.spec.unwrap().topology_spread_constraints;
+            let over: Vec<(&str, &str, i32)> = spread
+                .iter()
+                .flatten()
+                .filter(|c| c.label_selector.as_ref() == Some(&selector))
+                .map(|c| {
+                    (
+                        c.topology_key.as_str(),
+                        c.when_unsatisfiable.as_str(),
+                        c.max_skew,
+                    )
+                })
+                .collect();
+            assert_eq!(
+                over,
+                [
+                    ("kubernetes.io/hostname", "ScheduleAnyway", 1),
+                    ("topology.kubernetes.io/zone", "ScheduleAnyway", 1)
+                ],
+                "{role}: {spread:?}"
             );
         }
     }

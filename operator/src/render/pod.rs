@@ -1,8 +1,9 @@
 //! What every data-plane pod of a cluster shares: labels, environment (secrets, storage),
 //! volumes, ports, probes on `/healthz` and `/readyz`, `/metrics` on a port of its own
-//! ([`METRICS_PORT`]), JSON logs and a locked-down security context (no service account
-//! token either); the configuration file of the cluster's `configMap`, whose digest the
-//! controllers put on the template ([`with_config_digest`]) as they read it.
+//! ([`METRICS_PORT`]), JSON logs, a spread over nodes and zones ([`SPREAD_OVER`]) and a
+//! locked-down security context (no service account token either); the configuration file
+//! of the cluster's `configMap`, whose digest the controllers put on the template
+//! ([`with_config_digest`]) as they read it.
 
 use std::collections::BTreeMap;
 
@@ -12,7 +13,7 @@ use k8s_openapi::api::core::v1::{
     EnvFromSource, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath, Lifecycle, LifecycleHandler,
     ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
     SeccompProfile, SecretEnvSource, SecretKeySelector, SecretVolumeSource, SecurityContext,
-    SleepAction, Volume, VolumeMount,
+    SleepAction, TopologySpreadConstraint, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -389,6 +390,7 @@ pub fn template(
             containers: vec![container],
             volumes: Some(volumes),
             termination_grace_period_seconds: Some(shutdown.grace_seconds),
+            topology_spread_constraints: Some(spread(&name, component)),
             enable_service_links: Some(false),
             // The data plane never calls the Kubernetes API: a pod facing the internet holds
             // no token of the namespace's default service account.
@@ -407,6 +409,28 @@ pub fn template(
             ..PodSpec::default()
         }),
     })
+}
+
+/// The node labels over which the pods of a component are spread: hosts, and zones where the
+/// nodes have them. One node's (or zone's) loss, which no PodDisruptionBudget covers, then
+/// takes a share of the sequencers or gateways rather than all of them, whose shards or
+/// connections would all fail over at once.
+const SPREAD_OVER: [&str; 2] = ["kubernetes.io/hostname", "topology.kubernetes.io/zone"];
+
+/// The pods of `cluster`'s `component` spread over [`SPREAD_OVER`], as a preference
+/// (`ScheduleAnyway`): a cluster of one node, a full node or nodes without zones still run
+/// every pod.
+fn spread(cluster: &str, component: Component) -> Vec<TopologySpreadConstraint> {
+    SPREAD_OVER
+        .iter()
+        .map(|key| TopologySpreadConstraint {
+            max_skew: 1,
+            topology_key: (*key).to_owned(),
+            when_unsatisfiable: "ScheduleAnyway".to_owned(),
+            label_selector: Some(selector(cluster, component)),
+            ..TopologySpreadConstraint::default()
+        })
+        .collect()
 }
 
 /// The cluster's name (empty for an object not read from the API).
