@@ -617,4 +617,28 @@ mod tests {
             );
         }
     }
+
+    /// A starting pod is given [`pod::STARTUP_SECONDS`] before its liveness counts: a process
+    /// serves its probes only once it has opened the store and claimed its node id, and a
+    /// sequencer whose process died (OOM-killed, or killed past its grace) restarts under the
+    /// same node id, which it first waits to claim until the dead process's registration
+    /// lapses (`--shard-lease`, 10 s by default, longer if the configMap says so). Liveness
+    /// alone (3 failures 5 s apart from the container's start) killed it about 10 s in, while
+    /// it waited, and again at each start until the lease had lapsed.
+    #[test]
+    fn every_pod_is_given_its_start_before_its_liveness_counts() {
+        let (pods, _) = every_pod_and_service();
+        for (role, _, pod) in pods {
+            let container = &pod.spec.unwrap().containers[0];
+            let startup = container.startup_probe.clone().unwrap_or_default();
+            let path = startup
+                .http_get
+                .as_ref()
+                .and_then(|get| get.path.as_deref());
+            assert_eq!(path, Some("/healthz"), "{role}: {startup:?}");
+            let window =
+                startup.period_seconds.unwrap_or(10) * startup.failure_threshold.unwrap_or(3);
+            assert!(window >= pod::STARTUP_SECONDS, "{role}: {startup:?}");
+        }
+    }
 }

@@ -1,9 +1,9 @@
 //! What every data-plane pod of a cluster shares: labels, environment (secrets, storage),
-//! volumes, ports, probes on `/healthz` and `/readyz`, `/metrics` on a port of its own
-//! ([`METRICS_PORT`]), JSON logs, a spread over nodes and zones ([`SPREAD_OVER`]) and a
-//! locked-down security context (no service account token either); the configuration file
-//! of the cluster's `configMap`, whose digest the controllers put on the template
-//! ([`with_config_digest`]) as they read it.
+//! volumes, ports, probes on `/healthz` (after a start of up to [`STARTUP_SECONDS`]) and
+//! `/readyz`, `/metrics` on a port of its own ([`METRICS_PORT`]), JSON logs, a spread over
+//! nodes and zones ([`SPREAD_OVER`]) and a locked-down security context (no service account
+//! token either); the configuration file of the cluster's `configMap`, whose digest the
+//! controllers put on the template ([`with_config_digest`]) as they read it.
 
 use std::collections::BTreeMap;
 
@@ -34,6 +34,12 @@ pub const METRICS_PORT: i32 = 9090;
 pub const METRICS_PORT_NAME: &str = "metrics";
 /// The port of the internal gRPC (sequencer appends, admin API).
 pub const INTERNAL_PORT: i32 = 7500;
+/// How long a pod may take to serve its probes as it starts (open the store, wait out the
+/// registration of the process before it under the same node id, take its shards) before its
+/// liveness counts: a startup probe on `/healthz`, every [`PROBE_PERIOD_SECONDS`].
+pub const STARTUP_SECONDS: i32 = 300;
+/// Seconds between two probes of a pod.
+const PROBE_PERIOD_SECONDS: i32 = 5;
 /// Where a pod keeps its data directory.
 pub const DATA_DIR: &str = "/var/lib/courier";
 
@@ -358,6 +364,7 @@ pub fn template(
         ports: Some(ports),
         resources,
         volume_mounts: Some(mounts),
+        startup_probe: Some(probe("/healthz", STARTUP_SECONDS / PROBE_PERIOD_SECONDS)),
         liveness_probe: Some(probe("/healthz", 3)),
         readiness_probe: Some(probe("/readyz", 1)),
         lifecycle: Some(Lifecycle {
@@ -534,7 +541,7 @@ fn probe(path: &str, failure_threshold: i32) -> Probe {
             port: IntOrString::String("http".to_owned()),
             ..HTTPGetAction::default()
         }),
-        period_seconds: Some(5),
+        period_seconds: Some(PROBE_PERIOD_SECONDS),
         failure_threshold: Some(failure_threshold),
         ..Probe::default()
     }
