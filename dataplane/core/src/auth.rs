@@ -1,8 +1,10 @@
 //! Authentication: JWTs with claims `sub` (user), `dev` (device) and `exp`, verified with an
 //! HS256 shared secret (created in the data directory on first start when none is configured),
 //! EdDSA / RS256 public keys, or an identity provider's key set (JWKS: RSA, P-256 / P-384 and
-//! Ed25519 keys, each named by its `kid`); and, when the server is told to, `iss` (the issuer)
-//! and `aud` (the audience) of an identity provider's tokens.
+//! Ed25519 keys, each named by its `kid`), the public keys or the key set with secrets beside
+//! them (while clients move from a backend's tokens to an identity provider's); and, when the
+//! server is told to, `iss` (the issuer) and `aud` (the audience) of an identity provider's
+//! tokens.
 //!
 //! A verifier holds its keys (more than one during a key rotation: the keys before and after
 //! it). A token is tried with those of its algorithm, only the one its `kid` names when the
@@ -92,6 +94,7 @@ fn check_secret(secret: &[u8]) -> anyhow::Result<()> {
 }
 
 /// A key a verifier holds: the algorithm it verifies and, from a key set, its id.
+#[derive(Clone)]
 struct VerifyingKey {
     kid: Option<String>,
     algorithm: Algorithm,
@@ -102,11 +105,13 @@ struct VerifyingKey {
 /// ([`TokenVerifier::set_keys`]) is the key set of all.
 #[derive(Clone)]
 pub struct TokenVerifier {
-    /// At least one, but for a key set not yet fetched; more during a key rotation.
-    keys: Arc<RwLock<Arc<[VerifyingKey]>>>,
-    /// Whether the keys come from an identity provider's key set, where a key's id (`kid`)
-    /// names it: a token naming a key the set lacks was signed with a key not fetched yet.
-    key_set: bool,
+    /// The keys it was given (secrets, PEM public keys), none named: at least one without a
+    /// key set; more during a key rotation.
+    given: Arc<[VerifyingKey]>,
+    /// An identity provider's key set, where a key's id (`kid`) names it (a token naming a key
+    /// the set lacks was signed with a key not fetched yet); empty until fetched. `None`
+    /// without one.
+    key_set: Option<Arc<RwLock<Arc<[VerifyingKey]>>>>,
     validation: Validation,
     /// Whether `aud` is checked ([`TokenVerifier::with_audiences`]); if not, a token with
     /// one is refused (RFC 7519, 4.1.3: it is meant for someone else).
@@ -122,14 +127,17 @@ impl TokenVerifier {
     /// A verifier for HS256 tokens signed with any of `secrets` (the current one and, during a
     /// rotation, the previous one), each of [`MIN_SECRET_BYTES`] at least.
     pub fn hs256_secrets(secrets: &[&[u8]]) -> anyhow::Result<Self> {
-        let keys = secrets
-            .iter()
-            .map(|secret| {
-                check_secret(secret)?;
-                Ok(unnamed(Algorithm::HS256, DecodingKey::from_secret(secret)))
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        Self::with(keys, false)
+        Self::with(hs256_keys(secrets)?)
+    }
+
+    /// This verifier, taking HS256 tokens signed with any of `secrets` as well (each of
+    /// [`MIN_SECRET_BYTES`] at least): beside an identity provider's keys, the tokens a
+    /// backend signs while its clients move to the provider's.
+    pub fn and_hs256_secrets(mut self, secrets: &[&[u8]]) -> anyhow::Result<Self> {
+        let mut given = self.given.to_vec();
+        given.extend(hs256_keys(secrets)?);
+        self.given = Arc::from(given);
+        Ok(self)
     }
 
     /// A verifier for a PEM public key (`EdDSA` for Ed25519, `RS256` for RSA).
@@ -155,15 +163,15 @@ impl TokenVerifier {
                 Ok(unnamed(algorithm, key))
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
-        Self::with(keys, false)
+        Self::with(keys)
     }
 
     /// A verifier for an identity provider's key set (a JWKS document), empty until its
     /// first [`TokenVerifier::set_keys`].
     pub fn key_set() -> Self {
         Self {
-            keys: Arc::new(RwLock::new(Arc::from([]))),
-            key_set: true,
+            given: Arc::from([]),
+            key_set: Some(Arc::new(RwLock::new(Arc::from([])))),
             validation: validation(),
             audiences: false,
         }
@@ -177,6 +185,9 @@ impl TokenVerifier {
     /// set at all, or holds no signing key (the keys in place are kept then). Returns how
     /// many keys it took, and what it passed over.
     pub fn set_keys(&self, jwks: &[u8]) -> anyhow::Result<(usize, Vec<String>)> {
+        let Some(key_set) = &self.key_set else {
+            anyhow::bail!("this verifier takes no identity provider's key set");
+        };
         #[derive(Deserialize)]
         struct Document {
             keys: Vec<serde_json::Value>,
@@ -202,15 +213,15 @@ impl TokenVerifier {
             passed_over.join("; ")
         );
         let taken = keys.len();
-        *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::from(keys);
+        *key_set.write().unwrap_or_else(|e| e.into_inner()) = Arc::from(keys);
         Ok((taken, passed_over))
     }
 
-    fn with(keys: Vec<VerifyingKey>, key_set: bool) -> anyhow::Result<Self> {
+    fn with(keys: Vec<VerifyingKey>) -> anyhow::Result<Self> {
         anyhow::ensure!(!keys.is_empty(), "no key to verify tokens with");
         Ok(Self {
-            keys: Arc::new(RwLock::new(Arc::from(keys))),
-            key_set,
+            given: Arc::from(keys),
+            key_set: None,
             validation: validation(),
             audiences: false,
         })
@@ -266,19 +277,21 @@ impl TokenVerifier {
         })
     }
 
-    /// The token's claims, from the first key of its algorithm (and of its `kid`, when it
-    /// names one the keys have) whose signature matches, checked.
+    /// The token's claims, from the first key of its algorithm (of those given, then of the
+    /// key set's, the one its `kid` names when the set has it) whose signature matches, checked.
     fn decode(&self, token: &str) -> Result<jsonwebtoken::TokenData<Claims>, AuthError> {
         use jsonwebtoken::errors::ErrorKind;
         let header = jsonwebtoken::decode_header(token).map_err(|e| self.refusal(e))?;
-        let keys = self.keys.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let fetched = match &self.key_set {
+            Some(key_set) => key_set.read().unwrap_or_else(|e| e.into_inner()).clone(),
+            None => Arc::from([]),
+        };
         let named = |key: &&VerifyingKey| header.kid.is_some() && key.kid == header.kid;
-        let same_kid = keys.iter().any(|key| named(&key));
+        let same_kid = fetched.iter().any(|key| named(&key));
         let mut outcome = Err(ErrorKind::InvalidAlgorithm.into());
-        for key in keys.iter().filter(|key| key.algorithm == header.alg) {
-            if same_kid && !named(&key) {
-                continue;
-            }
+        let fetched_tried = fetched.iter().filter(|key| !same_kid || named(key));
+        let keys = self.given.iter().chain(fetched_tried);
+        for key in keys.filter(|key| key.algorithm == header.alg) {
             let mut validation = self.validation.clone();
             validation.algorithms = vec![key.algorithm];
             outcome = jsonwebtoken::decode::<Claims>(token, &key.key, &validation);
@@ -286,9 +299,11 @@ impl TokenVerifier {
                 break;
             }
         }
-        // No key it names, and none other matched: one the provider added since the last fetch?
-        if self.key_set
+        // No key it names, and none other matched: one the provider added since the last fetch
+        // (never a secret: a key set holds none)?
+        if self.key_set.is_some()
             && !same_kid
+            && header.alg.family() != jsonwebtoken::AlgorithmFamily::Hmac
             && let (Some(kid), Err(e)) = (&header.kid, &outcome)
             && matches!(
                 e.kind(),
@@ -332,6 +347,17 @@ fn validation() -> Validation {
     validation.leeway = 0;
     validation.set_required_spec_claims(&["exp", "sub"]);
     validation
+}
+
+/// The keys of HS256 `secrets`, each of [`MIN_SECRET_BYTES`] at least.
+fn hs256_keys(secrets: &[&[u8]]) -> anyhow::Result<Vec<VerifyingKey>> {
+    secrets
+        .iter()
+        .map(|secret| {
+            check_secret(secret)?;
+            Ok(unnamed(Algorithm::HS256, DecodingKey::from_secret(secret)))
+        })
+        .collect()
 }
 
 /// A key of a verifier given its keys one by one (no key set): no `kid`.

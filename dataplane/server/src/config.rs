@@ -111,9 +111,9 @@ pub struct ServeConfig {
         requires = "jwt_secret"
     )]
     pub jwt_previous_secret: Option<String>,
-    /// PEM public key to verify tokens with instead of a shared secret (`--jwt-secret` then
-    /// verifies none); several (repeated or comma-separated) during a rotation of the issuer's
-    /// keys, each tried in turn.
+    /// PEM public key to verify tokens with (with `--jwt-secret`, its HS256 tokens are taken
+    /// too); several (repeated or comma-separated) during a rotation of the issuer's keys,
+    /// each tried in turn.
     #[arg(
         long,
         env = "COURIER_JWT_PUBLIC_KEY",
@@ -125,7 +125,8 @@ pub struct ServeConfig {
     #[arg(long, env = "COURIER_JWT_ALGORITHM", value_enum)]
     pub jwt_algorithm: Option<PublicKeyAlgorithm>,
     /// An identity provider's key set (its OpenID configuration's `jwks_uri`, https) to verify
-    /// tokens with instead of a secret or key files: fetched before the node serves, every
+    /// tokens with instead of key files (with `--jwt-secret`, its HS256 tokens are taken too,
+    /// while clients move to the provider's): fetched before the node serves, every
     /// `--jwt-jwks-refresh`, and at once for a token naming a key it lacks (`docs/operations.md`,
     /// "Tokens").
     #[arg(long, env = "COURIER_JWT_JWKS_URL", conflicts_with = "jwt_public_key")]
@@ -779,6 +780,46 @@ mod tests {
             "a,b",
         ])
         .unwrap();
+    }
+
+    /// A platform team moving its clients from the tokens its backend signs (`--jwt-secret`)
+    /// to an identity provider's (`--jwt-jwks-url` or `--jwt-public-key`) gives both for a
+    /// while: the nodes take the tokens of each, and of no other key (beside a provider's
+    /// keys the secret was silently unused: every token of the backend refused).
+    #[test]
+    fn a_secret_beside_a_providers_keys_is_verified_too() {
+        let (secret, other) = ("s".repeat(32), "o".repeat(32));
+        let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures");
+        let public = format!("{fixtures}/jwt-test-ed25519.pub.pem");
+        let private = std::fs::read(format!("{fixtures}/jwt-test-ed25519.pem")).unwrap();
+        let exp = courier_core::clock::now_ms() / 1000 + 600;
+        let providers_token = jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA),
+            &serde_json::json!({ "sub": "alice", "dev": "phone", "exp": exp }),
+            &jsonwebtoken::EncodingKey::from_ed_pem(&private).unwrap(),
+        )
+        .unwrap();
+        let mint = |key: &str| {
+            courier_core::auth::mint(key.as_bytes(), "alice", "phone", Duration::from_secs(60))
+                .unwrap()
+        };
+        for provider in [
+            vec!["--jwt-jwks-url", "https://id.example.com/jwks"],
+            vec!["--jwt-public-key", &public, "--jwt-algorithm", "EdDSA"],
+        ] {
+            let mut args = vec!["courier", "--jwt-secret", &secret];
+            args.extend(&provider);
+            let config = Serve::try_parse_from(args).unwrap().config;
+            let verifier = crate::serve::verifier(&config).unwrap();
+            assert!(verifier.verify(&mint(&secret)).is_ok(), "{provider:?}");
+            assert!(verifier.verify(&mint(&other)).is_err(), "{provider:?}");
+            if provider[0] == "--jwt-jwks-url" {
+                let jwk = std::fs::read_to_string(format!("{fixtures}/jwt-test-ed25519.jwk.json"));
+                let set = format!("{{\"keys\": [{}]}}", jwk.unwrap());
+                verifier.set_keys(set.as_bytes()).unwrap();
+            }
+            assert!(verifier.verify(&providers_token).is_ok(), "{provider:?}");
+        }
     }
 
     /// `--ping-interval` is 0 (no pings) or from 1s to 1h: shorter, every connection would be

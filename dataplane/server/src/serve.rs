@@ -119,12 +119,16 @@ const UNACKNOWLEDGED_LIMIT: std::time::Duration = std::time::Duration::from_secs
 const FORGET_IDLE_LIMITS_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The verifier of client tokens: `--jwt-jwks-url` (its keys not fetched yet:
-/// [`client_auth`]), `--jwt-public-key`, `--jwt-secret` (and `--jwt-previous-secret`), or the
-/// secret of the data directory (created on first start); with `--jwt-issuer` and
-/// `--jwt-audience` checked.
+/// [`client_auth`]) or `--jwt-public-key`, each with `--jwt-secret` (and
+/// `--jwt-previous-secret`) beside it when given; `--jwt-secret` alone; or the secret of the
+/// data directory (created on first start); with `--jwt-issuer` and `--jwt-audience` checked.
 pub fn verifier(config: &ServeConfig) -> anyhow::Result<TokenVerifier> {
-    let verifier = if config.jwt_jwks_url.is_some() {
-        TokenVerifier::key_set()
+    let secrets: Vec<&[u8]> = (config.jwt_secret.iter())
+        .chain(&config.jwt_previous_secret)
+        .map(String::as_bytes)
+        .collect();
+    let keys = if config.jwt_jwks_url.is_some() {
+        Some(TokenVerifier::key_set())
     } else if let (false, Some(algorithm)) =
         (config.jwt_public_key.is_empty(), config.jwt_algorithm)
     {
@@ -141,16 +145,24 @@ pub fn verifier(config: &ServeConfig) -> anyhow::Result<TokenVerifier> {
             PublicKeyAlgorithm::EdDsa => jsonwebtoken::Algorithm::EdDSA,
             PublicKeyAlgorithm::Rs256 => jsonwebtoken::Algorithm::RS256,
         };
-        TokenVerifier::public_keys(&pems, algorithm).context("--jwt-public-key")?
+        Some(TokenVerifier::public_keys(&pems, algorithm).context("--jwt-public-key")?)
     } else {
-        match (&config.jwt_secret, &config.jwt_previous_secret) {
-            (Some(secret), previous) => {
-                let mut secrets = vec![secret.as_bytes()];
-                secrets.extend(previous.as_ref().map(String::as_bytes));
-                TokenVerifier::hs256_secrets(&secrets)
-                    .context("--jwt-secret and --jwt-previous-secret")?
+        None
+    };
+    let secret_flags = "--jwt-secret and --jwt-previous-secret";
+    let verifier = match keys {
+        None if secrets.is_empty() => {
+            TokenVerifier::hs256(&auth::read_or_create_secret(&config.data_dir)?)?
+        }
+        None => TokenVerifier::hs256_secrets(&secrets).context(secret_flags)?,
+        Some(keys) => {
+            if !secrets.is_empty() {
+                tracing::info!(
+                    "client tokens are verified with the identity provider's keys and, HS256, \
+                     with --jwt-secret"
+                );
             }
-            (None, _) => TokenVerifier::hs256(&auth::read_or_create_secret(&config.data_dir)?)?,
+            keys.and_hs256_secrets(&secrets).context(secret_flags)?
         }
     };
     let verifier = verifier.with_audiences(&config.jwt_audience);

@@ -44,9 +44,10 @@ pub struct CourierClusterSpec {
     pub storage: Storage,
     /// The Secret key holding the client token (JWT HS256) secret; the gateway and media pods
     /// verify client tokens with it. Optional when the `configMap`'s `courier.toml` names
-    /// your identity provider's key set instead (`jwt-jwks-url`, docs/operator.md "Tokens
-    /// from your identity provider"), and with embedded storage, whose pod then generates a
-    /// secret in its volume (`courier token` run in the pod mints tokens with it).
+    /// your identity provider's key set (`jwt-jwks-url`, docs/operator.md "Tokens from your
+    /// identity provider"; with both, the tokens of each are taken, while clients move to the
+    /// provider's), and with embedded storage, whose pod then generates a secret in its
+    /// volume (`courier token` run in the pod mints tokens with it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jwt_secret: Option<SecretKeyRef>,
     /// Where media bytes go, and (FoundationDB storage) how many media pods serve them
