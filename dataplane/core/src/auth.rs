@@ -22,6 +22,25 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// tokens refused. `exp` has no such allowance.
 pub const CLOCK_SKEW_SECS: f64 = 60.0;
 
+/// Most bytes kept of why a key set, or one of its keys, was refused: a parse error quotes
+/// what it could not read, and a junk set (a fetch reads up to 1 MiB) would be logged whole at
+/// each failed fetch.
+pub const MAX_REASON_BYTES: usize = 200;
+
+/// Most keys of a set whose reasons for being passed over are kept (the others are counted).
+pub const MAX_REASONS: usize = 8;
+
+/// What [`TokenVerifier::set_keys`] made of a key set.
+#[derive(Debug)]
+pub struct KeysRead {
+    /// Signing keys taken.
+    pub taken: usize,
+    /// Keys passed over.
+    pub passed_over: usize,
+    /// Why, for the first [`MAX_REASONS`] keys passed over, each cut to [`MAX_REASON_BYTES`].
+    pub reasons: Vec<String>,
+}
+
 /// Name of the generated secret inside the data directory.
 pub const SECRET_FILE: &str = "jwt-secret";
 
@@ -182,9 +201,9 @@ impl TokenVerifier {
     /// Ed25519 public keys, each for the algorithm it names or, naming none, its type's usual
     /// one (RS256, ES256 / ES384, EdDSA). Symmetric keys, encryption keys and keys of types
     /// it cannot read are passed over, each with why; refused whole only when it is no key
-    /// set at all, or holds no signing key (the keys in place are kept then). Returns how
-    /// many keys it took, and what it passed over.
-    pub fn set_keys(&self, jwks: &[u8]) -> anyhow::Result<(usize, Vec<String>)> {
+    /// set at all, or holds no signing key (the keys in place are kept then). What it says
+    /// of a set, taken or refused, is a few hundred bytes at most, whatever the set holds.
+    pub fn set_keys(&self, jwks: &[u8]) -> anyhow::Result<KeysRead> {
         let Some(key_set) = &self.key_set else {
             anyhow::bail!("this verifier takes no identity provider's key set");
         };
@@ -192,29 +211,45 @@ impl TokenVerifier {
         struct Document {
             keys: Vec<serde_json::Value>,
         }
-        let document: Document = serde_json::from_slice(jwks)
-            .map_err(|e| anyhow::anyhow!("not a JWKS document (`{{\"keys\": [...]}}`): {e}"))?;
+        let document: Document = serde_json::from_slice(jwks).map_err(|e| {
+            let why = clipped(&e.to_string(), MAX_REASON_BYTES);
+            anyhow::anyhow!("not a JWKS document (`{{\"keys\": [...]}}`): {why}")
+        })?;
         let mut keys = Vec::new();
-        let mut passed_over = Vec::new();
+        let (mut passed_over, mut reasons) = (0, Vec::new());
         for (i, value) in document.keys.into_iter().enumerate() {
             let kid = value
                 .get("kid")
                 .and_then(|kid| kid.as_str())
                 .map(str::to_owned);
-            let named = || format!("key {i} ({})", kid.as_deref().unwrap_or("no kid"));
             match signing_key(value) {
                 Ok(key) => keys.push(key),
-                Err(why) => passed_over.push(format!("{}: {why}", named())),
+                Err(why) => {
+                    passed_over += 1;
+                    if reasons.len() < MAX_REASONS {
+                        let kid = kid.as_deref().unwrap_or("no kid");
+                        let why = format!("key {i} ({kid}): {why}");
+                        reasons.push(clipped(&why, MAX_REASON_BYTES));
+                    }
+                }
             }
         }
         anyhow::ensure!(
             !keys.is_empty(),
-            "the key set holds no signing key this server can use ({})",
-            passed_over.join("; ")
+            "the key set holds no signing key this server can use ({}{})",
+            reasons.join("; "),
+            match passed_over - reasons.len() {
+                0 => String::new(),
+                more => format!("; and {more} keys more"),
+            }
         );
         let taken = keys.len();
         *key_set.write().unwrap_or_else(|e| e.into_inner()) = Arc::from(keys);
-        Ok((taken, passed_over))
+        Ok(KeysRead {
+            taken,
+            passed_over,
+            reasons,
+        })
     }
 
     fn with(keys: Vec<VerifyingKey>) -> anyhow::Result<Self> {
@@ -358,6 +393,18 @@ fn hs256_keys(secrets: &[&[u8]]) -> anyhow::Result<Vec<VerifyingKey>> {
             Ok(unnamed(Algorithm::HS256, DecodingKey::from_secret(secret)))
         })
         .collect()
+}
+
+/// `text`, cut at a character boundary to `max` bytes at most, then saying how many it cut.
+fn clipped(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} bytes more)", &text[..end], text.len() - end)
 }
 
 /// A key of a verifier given its keys one by one (no key set): no `kid`.
@@ -882,8 +929,9 @@ mod tests {
         ];
         let mut keys = vec![old.clone()];
         keys.extend(odd.clone());
-        let (taken, passed_over) = verifier.set_keys(set(keys).as_bytes()).unwrap();
-        assert_eq!(taken, 1);
+        let read = verifier.set_keys(set(keys).as_bytes()).unwrap();
+        assert_eq!((read.taken, read.passed_over), (1, 4));
+        let passed_over = read.reasons;
         assert_eq!(passed_over.len(), 4, "{passed_over:?}");
         for (i, why) in [
             "symmetric",
@@ -926,6 +974,48 @@ mod tests {
         verifier.set_keys(set(vec![old, next]).as_bytes()).unwrap();
         assert!(clone.verify(&with_next).is_ok());
         assert!(clone.verify(&with_old).is_ok());
+    }
+
+    /// A junk key set (a fetch reads up to 1 MiB) is told of in a few hundred bytes, not
+    /// quoted whole, nor is each of its keys: it was logged at every failed fetch (~20 MB
+    /// for a set of many junk keys). A set it takes tells of the first keys it passed over
+    /// and counts the others.
+    #[test]
+    fn what_a_junk_key_set_says_is_bounded() {
+        const MIB: usize = 1 << 20;
+        let verifier = TokenVerifier::key_set();
+        let refused = |document: String| {
+            assert!(document.len() <= MIB + 64, "{}", document.len());
+            let e = verifier.set_keys(document.as_bytes()).unwrap_err();
+            format!("{e:#}")
+        };
+        let junk = "é".repeat(MIB / 2 - 16);
+        let said = refused(format!("{{\"keys\": \"{junk}\"}}"));
+        assert!(said.len() < 2 * MAX_REASON_BYTES, "{} bytes", said.len());
+        let half = &junk[..junk.len() / 2];
+        let big_kid = serde_json::json!({ "kty": half, "kid": half });
+        let said = refused(serde_json::json!({ "keys": [big_kid] }).to_string());
+        assert!(said.len() < 2 * MAX_REASON_BYTES, "{} bytes", said.len());
+        let small: Vec<_> = (0..MIB / 24)
+            .map(|i| serde_json::json!({ "kid": i.to_string() }))
+            .collect();
+        let said = refused(serde_json::json!({ "keys": small }).to_string());
+        assert!(
+            said.len() < (MAX_REASONS + 1) * MAX_REASON_BYTES,
+            "{} bytes",
+            said.len()
+        );
+        assert!(
+            said.contains(&format!("and {} keys more", small.len() - MAX_REASONS)),
+            "{said}"
+        );
+
+        let mut keys = vec![fixture_jwk("jwt-test-ed25519")];
+        keys.extend(small.iter().cloned());
+        let set = serde_json::json!({ "keys": keys }).to_string();
+        let read = verifier.set_keys(set.as_bytes()).unwrap();
+        assert_eq!((read.taken, read.passed_over), (1, small.len()));
+        assert_eq!(read.reasons.len(), MAX_REASONS);
     }
 
     /// The scheme is case-insensitive (RFC 9110, 11.1); anything but spaces between it and

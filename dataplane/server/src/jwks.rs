@@ -201,11 +201,11 @@ impl KeySetSource {
 
     async fn fetch_document(&self) -> anyhow::Result<()> {
         let document = self.download().await?;
-        let (taken, passed_over) = self.verifier.set_keys(&document)?;
-        for why in &passed_over {
+        let read = self.verifier.set_keys(&document)?;
+        for why in &read.reasons {
             tracing::debug!(url = %self.url, "a key of the identity provider's set passed over: {why}");
         }
-        tracing::info!(url = %self.url, keys = taken, passed_over = passed_over.len(), "fetched the identity provider's keys");
+        tracing::info!(url = %self.url, keys = read.taken, passed_over = read.passed_over, "fetched the identity provider's keys");
         if let Err(e) = kept_document(&document, &self.url).and_then(|kept| {
             keep(&self.cache, &kept)?;
             Ok(())
