@@ -7,8 +7,9 @@
 //! tokens.
 //!
 //! A verifier holds its keys (more than one during a key rotation: the keys before and after
-//! it). A token is tried with those of its algorithm, only the one its `kid` names when the
-//! keys have it, in turn: the first whose signature matches decides whether it is valid.
+//! it). A token is tried with those of its algorithm, of a key set only the one its `kid`
+//! names when the set has it (else those naming none, and at most [`MAX_KEYS_TRIED`]), in
+//! turn: the first whose signature matches decides whether it is valid.
 
 use courier_proto::ids;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
@@ -40,6 +41,12 @@ pub struct KeysRead {
     /// Why, for the first [`MAX_REASONS`] keys passed over, each cut to [`MAX_REASON_BYTES`].
     pub reasons: Vec<String>,
 }
+
+/// Most keys of an identity provider's set a token is tried with. Providers name the key in
+/// every token (`kid`: Auth0, Keycloak, Google, Cognito, Entra ID), and the set's key that
+/// it names is the one tried; a token naming none is tried with each key of its algorithm,
+/// one signature check each, and refused when that would be more than these.
+pub const MAX_KEYS_TRIED: usize = 4;
 
 /// Name of the generated secret inside the data directory.
 pub const SECRET_FILE: &str = "jwt-secret";
@@ -321,12 +328,26 @@ impl TokenVerifier {
             Some(key_set) => key_set.read().unwrap_or_else(|e| e.into_inner()).clone(),
             None => Arc::from([]),
         };
-        let named = |key: &&VerifyingKey| header.kid.is_some() && key.kid == header.kid;
-        let same_kid = fetched.iter().any(|key| named(&key));
+        let of_alg = |key: &&VerifyingKey| key.algorithm == header.alg;
+        let same_kid = header.kid.is_some() && fetched.iter().any(|key| key.kid == header.kid);
+        // The set's keys it names; naming none of them, those that name none (all of them, for
+        // a token naming no key): a made-up `kid` costs no signature check per key.
+        let tried: Vec<&VerifyingKey> = (fetched.iter().filter(of_alg))
+            .filter(|key| match same_kid {
+                true => key.kid == header.kid,
+                false => header.kid.is_none() || key.kid.is_none(),
+            })
+            .collect();
+        if tried.len() > MAX_KEYS_TRIED {
+            return Err(AuthError::Invalid(format!(
+                "the token names none of the identity provider's keys (`kid`), and it has {} \
+                 {:?} keys: a token is tried with {MAX_KEYS_TRIED} at most",
+                tried.len(),
+                header.alg
+            )));
+        }
         let mut outcome = Err(ErrorKind::InvalidAlgorithm.into());
-        let fetched_tried = fetched.iter().filter(|key| !same_kid || named(key));
-        let keys = self.given.iter().chain(fetched_tried);
-        for key in keys.filter(|key| key.algorithm == header.alg) {
+        for key in self.given.iter().filter(of_alg).chain(tried) {
             let mut validation = self.validation.clone();
             validation.algorithms = vec![key.algorithm];
             outcome = jsonwebtoken::decode::<Claims>(token, &key.key, &validation);
@@ -907,6 +928,45 @@ mod tests {
         header.kid = kid.map(str::to_owned);
         let claims = serde_json::json!({ "sub": "alice", "dev": "d", "exp": in_ten_minutes() });
         jsonwebtoken::encode(&header, &claims, &EncodingKey::from_ed_pem(&key).unwrap()).unwrap()
+    }
+
+    /// A token is tried with few keys of a key set: a token naming no key (`kid`) with each of
+    /// its algorithm up to [`MAX_KEYS_TRIED`], and refused past them, saying why; one naming a
+    /// key the set lacks with none of the keys the set names (a key it signed with is not
+    /// found that way: fetched again, the set is asked for it). A set of many keys made each
+    /// such token cost a signature check per key.
+    #[test]
+    fn a_token_is_tried_with_few_keys_of_a_key_set() {
+        let old = fixture_jwk("jwt-test-ed25519");
+        let set = |n: usize| {
+            let keys: Vec<_> = (0..n)
+                .map(|i| {
+                    let mut key = old.clone();
+                    key["kid"] = format!("k{i}").into();
+                    key
+                })
+                .collect();
+            serde_json::json!({ "keys": keys }).to_string()
+        };
+        let verifier = TokenVerifier::key_set();
+        let no_kid = eddsa_token("jwt-test-ed25519.pem", None);
+        verifier.set_keys(set(MAX_KEYS_TRIED).as_bytes()).unwrap();
+        assert!(verifier.verify(&no_kid).is_ok());
+
+        verifier
+            .set_keys(set(MAX_KEYS_TRIED + 1).as_bytes())
+            .unwrap();
+        let refused = verifier.verify(&no_kid).unwrap_err().to_string();
+        assert!(
+            refused.contains("`kid`") && refused.contains("at most"),
+            "{refused}"
+        );
+        let named = eddsa_token("jwt-test-ed25519.pem", Some("k4"));
+        assert!(verifier.verify(&named).is_ok());
+        let made_up = eddsa_token("jwt-test-ed25519.pem", Some("made-up"));
+        assert!(
+            matches!(verifier.verify(&made_up), Err(AuthError::UnknownKey(kid)) if kid == "made-up")
+        );
     }
 
     /// An identity provider's key set: a token is verified with the key its `kid` names; one
