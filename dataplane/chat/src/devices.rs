@@ -78,9 +78,11 @@ impl Devices {
     /// A token that would link a device past the user's limit is refused `forbidden`.
     pub async fn admit(&self, who: &Identity) -> Result<(), ApiError> {
         let issued = who.issued_at_ms;
+        let lead = issuer_lead(issued, now_ms());
         let newer = |record: Option<&DeviceRecord>| match record {
             None => Some(DeviceRecord {
                 token_issued_ms: issued,
+                issuer_lead_ms: lead,
                 ..DeviceRecord::default()
             }),
             // Linked again: not seen since, as a device first seen here (the old link's
@@ -88,10 +90,12 @@ impl Devices {
             Some(r) if r.accepts(issued) && !r.is_linked() => Some(DeviceRecord {
                 token_issued_ms: issued,
                 last_seen_ms: 0,
+                issuer_lead_ms: r.issuer_lead_ms.max(lead),
                 ..r.clone()
             }),
             Some(r) if r.accepts(issued) && issued > r.token_issued_ms => Some(DeviceRecord {
                 token_issued_ms: issued,
+                issuer_lead_ms: r.issuer_lead_ms.max(lead),
                 ..r.clone()
             }),
             Some(_) => None,
@@ -141,6 +145,7 @@ impl Devices {
     /// [`Link::TooManyDevices`].
     pub async fn seen(&self, who: &Identity) -> Result<Link, StoreError> {
         let (issued, now) = (who.issued_at_ms, now_ms());
+        let lead = issuer_lead(issued, now);
         let seen = |record: Option<&DeviceRecord>| match record {
             Some(r) if !r.accepts(issued) => None,
             Some(r)
@@ -152,11 +157,13 @@ impl Devices {
             Some(r) => Some(DeviceRecord {
                 last_seen_ms: r.last_seen_ms.max(now),
                 token_issued_ms: r.token_issued_ms.max(issued),
+                issuer_lead_ms: r.issuer_lead_ms.max(lead),
                 ..r.clone()
             }),
             None => Some(DeviceRecord {
                 last_seen_ms: now,
                 token_issued_ms: issued,
+                issuer_lead_ms: lead,
                 ..DeviceRecord::default()
             }),
         };
@@ -308,6 +315,14 @@ pub fn too_many_devices(who: &Identity, refused: &TooManyDevices) -> ApiError {
     ))
 }
 
+/// How far ahead of this server's clock, `now`, a token issued at `issued` is dated
+/// ([`DeviceRecord::issuer_lead_ms`]): at most the clock skew a token is allowed.
+fn issuer_lead(issued: u64, now: u64) -> u64 {
+    issued
+        .saturating_sub(now)
+        .min(courier_core::auth::CLOCK_SKEW_SECS as u64 * 1000)
+}
+
 /// Whether a token issued at `issued` is honoured by the device's `record` (none: a device not
 /// seen yet, whose tokens are all honoured).
 fn link(record: Option<&DeviceRecord>, issued: u64) -> Link {
@@ -429,6 +444,37 @@ mod tests {
                 .unwrap()
         );
         assert_eq!(devices.seen(&phone(3_000)).await.unwrap(), Link::Unlinked);
+    }
+
+    /// An issuer whose clock runs ahead of the server's dates a token it signs just before an
+    /// unlink after it. One the device had not used yet (so not the newest it used, which the
+    /// unlink refuses) was taken after the unlink; the unlink now refuses tokens dated up to
+    /// as far after it as the device's tokens ran ahead. A token signed after the unlink
+    /// links the device again.
+    #[tokio::test]
+    async fn a_token_an_issuer_ahead_signed_before_an_unlink_is_refused_after_it() {
+        const AHEAD: u64 = 30_000;
+        let engine = FaultyEngine::new();
+        let store = engine.store(8).await;
+        let devices = Devices::new(store.clone());
+        let signed_at = now_ms();
+        devices.admit(&phone(signed_at + AHEAD)).await.unwrap();
+        // Signed 5 s after the token in use, not used before the unlink 10 s after it.
+        let unused = phone(signed_at + 5_000 + AHEAD);
+        let unlinked_at = signed_at + 10_000;
+        assert!(
+            store
+                .unlink_device("alice", "phone", unlinked_at)
+                .await
+                .unwrap()
+        );
+        let refused = devices.admit(&unused).await.unwrap_err();
+        assert_eq!(refused.code, courier_proto::ErrorCode::Unauthorized);
+        assert_eq!(devices.seen(&unused).await.unwrap(), Link::Unlinked);
+
+        let signed_after = phone(unlinked_at + 5_000 + AHEAD);
+        devices.admit(&signed_after).await.unwrap();
+        assert_eq!(devices.seen(&signed_after).await.unwrap(), Link::Linked);
     }
 
     /// An ack committed while the device is being unlinked (its connection not closed yet,

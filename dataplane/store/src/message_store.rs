@@ -81,7 +81,8 @@ pub struct DeviceRecord {
     #[prost(uint64, tag = "1")]
     pub last_seen_ms: u64,
     /// Tokens issued (`iat`) at or before this time are refused (0: never unlinked). An unlink
-    /// sets it to its time, or to `token_issued_ms` if later (an issuer's clock running ahead).
+    /// sets it to its time and `issuer_lead_ms` after, or to `token_issued_ms` if later (an
+    /// issuer's clock running ahead).
     #[prost(uint64, tag = "2")]
     pub unlinked_ms: u64,
     /// `"fcm"`, `"apns"` or `"webhook"`; empty without push.
@@ -92,6 +93,13 @@ pub struct DeviceRecord {
     /// The `iat` of the newest token the device has signed in with (0: none had one).
     #[prost(uint64, tag = "5")]
     pub token_issued_ms: u64,
+    /// How far ahead of this server's clock the `iat` of the device's tokens has been, at
+    /// most, when each was first used (0: never ahead). An issuer whose clock runs ahead
+    /// dates a token it signs just before an unlink after it: the unlink refuses tokens
+    /// issued up to this long after it, so that such a token is refused too, though the
+    /// device had not used it yet.
+    #[prost(uint64, tag = "6")]
+    pub issuer_lead_ms: u64,
 }
 
 impl DeviceRecord {
@@ -2145,7 +2153,9 @@ impl MessageStore {
         let unlink = |record: Option<&DeviceRecord>| {
             let record = record.filter(|r| r.is_linked())?;
             Some(DeviceRecord {
-                unlinked_ms: now_ms.max(record.token_issued_ms).max(record.unlinked_ms),
+                unlinked_ms: (now_ms.saturating_add(record.issuer_lead_ms))
+                    .max(record.token_issued_ms)
+                    .max(record.unlinked_ms),
                 push_provider: String::new(),
                 push_token: String::new(),
                 ..record.clone()
