@@ -24,3 +24,56 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- define "courier.serviceAccountName" -}}
 {{- default (include "courier.fullname" .) .Values.serviceAccount.name -}}
 {{- end -}}
+
+{{/*
+A CEL expression: the field at the dotted path under root, each step tested with has(), or
+default where one is absent. E.g. dict "root" "object" "path" "spec.rebalance.mode" "default" "'Auto'".
+*/}}
+{{- define "courier.celFieldOr" -}}
+{{- $field := .root -}}
+{{- $checks := list -}}
+{{- range splitList "." .path -}}
+{{- $field = printf "%s.%s" $field . -}}
+{{- $checks = append $checks (printf "has(%s)" $field) -}}
+{{- end -}}
+{{- join " && " $checks }} ? {{ $field }} : {{ .default }}
+{{- end -}}
+
+{{/*
+A ValidatingAdmissionPolicy on courier.dev resources and its binding, which denies what the
+policy refuses; with watchNamespace, in that namespace only. Takes dict "ctx" (the root
+context), "name", "resources", "operations", and "spec" (its variables and validations, YAML).
+*/}}
+{{- define "courier.admissionPolicy" -}}
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicy
+metadata:
+  name: {{ include "courier.fullname" .ctx }}-{{ .name }}
+  labels:
+    {{- include "courier.labels" .ctx | nindent 4 }}
+spec:
+  failurePolicy: Fail
+  matchConstraints:
+    resourceRules:
+      - apiGroups: ["courier.dev"]
+        apiVersions: ["*"]
+        operations: {{ toJson .operations }}
+        resources: {{ toJson .resources }}
+  {{- .spec | nindent 2 }}
+---
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicyBinding
+metadata:
+  name: {{ include "courier.fullname" .ctx }}-{{ .name }}
+  labels:
+    {{- include "courier.labels" .ctx | nindent 4 }}
+spec:
+  policyName: {{ include "courier.fullname" .ctx }}-{{ .name }}
+  validationActions: [Deny]
+  {{- with .ctx.Values.watchNamespace }}
+  matchResources:
+    namespaceSelector:
+      matchLabels:
+        kubernetes.io/metadata.name: {{ . | quote }}
+  {{- end }}
+{{- end -}}
