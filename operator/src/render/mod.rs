@@ -414,8 +414,10 @@ mod tests {
     use super::*;
     use crate::crd::EmbeddedStorage;
     use k8s_openapi::api::apps::v1::StatefulSet;
-    use k8s_openapi::api::core::v1::PodTemplateSpec;
+    use k8s_openapi::api::core::v1::{PodTemplateSpec, ResourceRequirements};
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+    use std::collections::BTreeMap;
 
     /// A rendered pod template: its role, and the selector of its workload.
     type RenderedPod = (&'static str, LabelSelector, PodTemplateSpec);
@@ -582,6 +584,41 @@ mod tests {
                 "the {what} Service reaches the metrics port: {targets:?}"
             );
         }
+    }
+
+    /// Every data-plane pod asks for CPU and memory by default, and is limited in neither: a
+    /// pod without requests is BestEffort, the first evicted or OOM-killed when its node runs
+    /// short (a sequencer's shards, a gateway's connections with it), and a CPU limit would
+    /// throttle a pod the node has idle cores for.
+    #[test]
+    fn every_data_plane_pod_requests_cpu_and_memory_by_default() {
+        let (pods, _) = every_pod_and_service();
+        for (role, _, pod) in pods {
+            let resources = pod.spec.unwrap().containers[0].resources.clone();
+            let resources = resources.unwrap_or_default();
+            let requests = resources.requests.unwrap_or_default();
+            assert!(
+                requests.contains_key("cpu") && requests.contains_key("memory"),
+                "{role}: {requests:?}"
+            );
+            assert_eq!(resources.limits, None, "{role}");
+        }
+    }
+
+    /// A cluster's `resources` for a role replace the role's default whole.
+    #[test]
+    fn a_roles_resources_replace_its_default() {
+        let mut cluster = foundation_db_cluster(None);
+        let mine = ResourceRequirements {
+            requests: Some(BTreeMap::from([(
+                "memory".to_owned(),
+                Quantity("3Gi".to_owned()),
+            )])),
+            ..Default::default()
+        };
+        cluster.spec.chat.resources = Some(mine.clone());
+        let template = backends::chat(&cluster).unwrap().spec.unwrap().template;
+        assert_eq!(template.spec.unwrap().containers[0].resources, Some(mine));
     }
 
     /// The pods of each role are spread over the nodes, and over the zones where the nodes

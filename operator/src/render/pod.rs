@@ -15,6 +15,7 @@ use k8s_openapi::api::core::v1::{
     SeccompProfile, SecretEnvSource, SecretKeySelector, SecretVolumeSource, SecurityContext,
     SleepAction, TopologySpreadConstraint, Volume, VolumeMount,
 };
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
@@ -135,6 +136,38 @@ impl Component {
     /// Whether its pods send push notifications.
     fn pushes(self) -> bool {
         matches!(self, Component::Server | Component::Push)
+    }
+
+    /// What its pods ask for when the resource gives no `resources`: a request of CPU and
+    /// memory, so that they are not BestEffort (the first evicted, or OOM-killed, when a node
+    /// runs short), and no limit (a CPU limit throttles a pod on a node with idle cores).
+    /// From docs/benchmarks.md and docs/operations.md: every role in one process (`courier
+    /// serve`) peaks at 224-400 MB of RSS at the measured 1:1 peak, beside the embedded
+    /// store's block and event caches (32 MiB each) and 64 MiB memtables; a gateway holds up
+    /// to 256 MiB of pages (`--max-page-bytes-in-flight`) and ~7 KB per connection (3.8 KB
+    /// plus the kernel's ~3 KiB, docs/capacity.md); a media upload up to three 5 MiB parts
+    /// (`--media-uploads-in-flight` 64); the sequencer carries the commit path (~50k
+    /// msgs/s per core, docs/capacity.md).
+    fn default_requests(self) -> (&'static str, &'static str) {
+        match self {
+            Component::Server => ("500m", "512Mi"),
+            Component::Gateway => ("250m", "512Mi"),
+            Component::Sequencer => ("500m", "256Mi"),
+            Component::Chat | Component::Fanout | Component::Media => ("250m", "256Mi"),
+            Component::Push => ("50m", "64Mi"),
+        }
+    }
+
+    /// [`Self::default_requests`] as a container's resources.
+    fn default_resources(self) -> ResourceRequirements {
+        let (cpu, memory) = self.default_requests();
+        ResourceRequirements {
+            requests: Some(BTreeMap::from([
+                ("cpu".to_owned(), Quantity(cpu.to_owned())),
+                ("memory".to_owned(), Quantity(memory.to_owned())),
+            ])),
+            ..Default::default()
+        }
     }
 }
 
@@ -362,7 +395,7 @@ pub fn template(
         env: Some(env),
         env_from: (!env_from.is_empty()).then_some(env_from),
         ports: Some(ports),
-        resources,
+        resources: Some(resources.unwrap_or_else(|| component.default_resources())),
         volume_mounts: Some(mounts),
         startup_probe: Some(probe("/healthz", STARTUP_SECONDS / PROBE_PERIOD_SECONDS)),
         liveness_probe: Some(probe("/healthz", 3)),
