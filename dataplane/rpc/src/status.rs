@@ -105,17 +105,8 @@ pub fn detail(error: &StoreError) -> StoreErrorDetail {
     StoreErrorDetail {
         kind: kind.into(),
         key,
-        reason: cut(reason, MAX_REASON_BYTES).to_owned(),
+        reason: reason[..reason.floor_char_boundary(MAX_REASON_BYTES)].to_owned(),
     }
-}
-
-/// The longest prefix of `text` of at most `max` bytes that ends at a character boundary.
-fn cut(text: &str, max: usize) -> &str {
-    let mut end = text.len().min(max);
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    &text[..end]
 }
 
 /// The store's own error carried by `status`, if it carries one.
