@@ -51,11 +51,11 @@ pub use kv::{Batch, CommitStamp, KvEngine, StoreError};
 pub use membership::{MemberRecord, UserConversation, Visibility};
 pub use message_store::{
     AckBounds, Append, AppendKey, AppendOutcome, AppendRefused, AppendResult, Appended, CLEAR_PAGE,
-    ConversationRecord, ConversationRow, DeliveredBound, DeviceRecord, HeadCache, ListedEntry,
-    MediaAdmission, MediaRecord, MediaReference, MessageStore, NewConversation, OutboxEntry,
-    OutboxHeaders, OutboxPage, OwedPush, PUSH_EXPANSION_BYTES, PendingPush, PushRegistrationCounts,
-    PushedBound, ReadBounds, ShardLease, TooManyDevices, UndecodableEvent, bound_after,
-    rest_after_clear_page,
+    ConversationIds, ConversationRecord, ConversationRow, DeliveredBound, DeviceRecord, HeadCache,
+    ListedEntry, MediaAdmission, MediaRecord, MediaReference, MessageStore, NewConversation,
+    OutboxEntry, OutboxHeaders, OutboxPage, OwedPush, PUSH_EXPANSION_BYTES, PendingPush,
+    PushRegistrationCounts, PushedBound, ReadBounds, ShardLease, TooManyDevices, UndecodableEvent,
+    bound_after, rest_after_clear_page,
 };
 pub use outbox_rows::EventHeader;
 pub use partitions::{PartitionStore, PartitionTable, TableError};

@@ -1784,26 +1784,26 @@ impl MessageStore {
         Ok(new_floor - floor)
     }
 
-    /// Conversation ids in id order, a page of `limit` after `after` (for background jobs).
+    /// A page of every conversation's id, in id order (for background jobs): up to `limit`
+    /// keys read from the first, or after `after`, the key the page before ended on
+    /// ([`ConversationIds::last_key`]). A key that does not parse (damage, or a bug) is passed
+    /// over, logged at error, and the pages go on past it: failing on it, every pass of a job
+    /// that lists them all (retention's queue) failed, and retention stopped for good.
     pub async fn conversation_ids(
         &self,
-        after: Option<&str>,
+        after: Option<&[u8]>,
         limit: usize,
-    ) -> Result<Vec<String>, StoreError> {
+    ) -> Result<ConversationIds, StoreError> {
         let mut range = self.keys.conversations();
         if let Some(after) = after {
-            let mut start = self.keys.conversation(after);
-            start.push(0);
-            range.start = start;
+            range.start = [after, &[0]].concat();
         }
         let rows = self.kv.range(range, limit, false).await?;
-        rows.iter()
-            .map(|(k, _)| {
-                self.keys
-                    .conversation_id(k)
-                    .ok_or_else(|| corrupt(k, "conversation key"))
-            })
-            .collect()
+        let ids = parsed_keys(&rows, "conversation", |k| self.keys.conversation_id(k));
+        Ok(ConversationIds {
+            ids: ids.map(|(id, _)| id).collect(),
+            last_key: rows.last().map(|(k, _)| k.clone()),
+        })
     }
 
     /// A device of `user`.
@@ -3488,6 +3488,16 @@ async fn claim_partition(
              table's stores"
         ))),
     }
+}
+
+/// A page of [`MessageStore::conversation_ids`].
+#[derive(Debug)]
+pub struct ConversationIds {
+    /// The ids of the conversations the page read, in id order.
+    pub ids: Vec<String>,
+    /// The last key the page read (where the next page starts after), a key that does not
+    /// parse included; `None` when it read none: the pages have ended.
+    pub last_key: Option<Vec<u8>>,
 }
 
 /// The rows of a list of one user's (their conversations, a device's cursors, their devices),

@@ -900,7 +900,7 @@ mod tests {
         assert_eq!(store.media_references("m1").await.unwrap().len(), 2);
         assert_eq!(store.device_cursors("bob", "p").await.unwrap().len(), 2);
         assert_eq!(store.receipt(&direct[1], "bob").await.unwrap(), (2, 2));
-        let ids = store.conversation_ids(None, 3).await.unwrap();
+        let ids = store.conversation_ids(None, 3).await.unwrap().ids;
         let mut sorted = expected.clone();
         sorted.truncate(3);
         assert_eq!(ids, sorted, "a page of every conversation, in id order");

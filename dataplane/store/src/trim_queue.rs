@@ -124,19 +124,19 @@ impl MessageStore {
         self.clear_where(self.keys().trim_queue(), |_, _| true)
             .await?;
         let mut queued = 0;
-        let mut after: Option<String> = None;
+        let mut after: Option<Vec<u8>> = None;
         loop {
             let page = self.conversation_ids(after.as_deref(), PAGE).await?;
-            let Some(last) = page.last().cloned() else {
+            let Some(last_key) = page.last_key else {
                 break;
             };
             let mut batch = Batch::new();
-            for conv in &page {
+            for conv in &page.ids {
                 batch.set(self.keys().trim_due(now_ms, conv), Vec::new());
             }
             self.commit_independent(batch).await?;
-            queued += page.len() as u64;
-            after = Some(last);
+            queued += page.ids.len() as u64;
+            after = Some(last_key);
         }
         let built = [window_ms.to_le_bytes(), now_ms.to_le_bytes()].concat();
         let mut batch = Batch::new();
@@ -179,6 +179,33 @@ mod tests {
             .collect();
         assert_eq!(due, ["d:1"]);
         assert_eq!(store.kv().get(&damaged).await.unwrap(), None, "cleared");
+    }
+
+    /// A conversation key that does not parse (damage, or a bug) holds back no other
+    /// conversation from the queue, in its page or after it: failing on it, every build of
+    /// the queue failed, and retention trimmed nothing from then on.
+    #[tokio::test]
+    async fn a_conversation_key_that_does_not_parse_queues_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = temp_store(&dir, 4).await;
+        let lease = owner(&store, "d:1").await;
+        let mut heads = HeadCache::default();
+        store
+            .append(lease, &mut heads, &[direct_message("a")])
+            .await
+            .unwrap();
+        // Sorted before every conversation's key, so it comes first in the first page.
+        let damaged = [store.keys().conversations().start, vec![0x01]].concat();
+        let mut batch = Batch::new();
+        batch.set(damaged, Vec::new());
+        store.kv().commit(batch).await.unwrap();
+        let page = store.conversation_ids(None, 1).await.unwrap();
+        assert!(page.ids.is_empty(), "{page:?}");
+        let next = store.conversation_ids(page.last_key.as_deref(), 1);
+        assert_eq!(next.await.unwrap().ids, ["d:1"], "the page after it");
+
+        assert_eq!(store.build_trim_queue(WINDOW, 1_000).await.unwrap(), 1);
+        assert_eq!(queued(&store).await, [(1_000, "d:1".to_owned())]);
     }
 
     async fn queued(store: &MessageStore) -> Vec<(u64, String)> {
