@@ -156,22 +156,35 @@ mod tests {
 
     const WINDOW: u64 = 60_000;
 
+    /// `store` with one conversation, `d:1` (queued at its creation), and a damaged key: the
+    /// one `damaged` makes of the store's keys, written empty and returned.
+    async fn one_conversation_and(
+        store: &MessageStore,
+        damaged: impl FnOnce(&crate::keys::Keys) -> Vec<u8>,
+    ) -> Vec<u8> {
+        let lease = owner(store, "d:1").await;
+        let mut heads = HeadCache::default();
+        store
+            .append(lease, &mut heads, &[direct_message("a")])
+            .await
+            .unwrap();
+        let damaged = damaged(store.keys());
+        let mut batch = Batch::new();
+        batch.set(damaged.clone(), Vec::new());
+        store.kv().commit(batch).await.unwrap();
+        damaged
+    }
+
     /// A damaged key in the retention queue failed every page that read it, so every pass
     /// from then on trimmed nothing: it is cleared, and the entries beside it are listed.
     #[tokio::test]
     async fn a_queue_key_that_does_not_decode_is_cleared_and_holds_back_no_other() {
         let dir = tempfile::tempdir().unwrap();
         let store = temp_store(&dir, 4).await;
-        let lease = owner(&store, "d:1").await;
-        let mut heads = HeadCache::default();
-        store
-            .append(lease, &mut heads, &[direct_message("a")])
-            .await
-            .unwrap();
-        let damaged = [store.keys().trims_due(0).start, vec![0xff, 0x01]].concat();
-        let mut batch = Batch::new();
-        batch.set(damaged.clone(), Vec::new());
-        store.kv().commit(batch).await.unwrap();
+        let damaged = one_conversation_and(&store, |keys| {
+            [keys.trims_due(0).start, vec![0xff, 0x01]].concat()
+        })
+        .await;
 
         let due: Vec<String> = (store.due_trims(u64::MAX, None, 100).await.unwrap())
             .into_iter()
@@ -188,17 +201,11 @@ mod tests {
     async fn a_conversation_key_that_does_not_parse_queues_the_others() {
         let dir = tempfile::tempdir().unwrap();
         let store = temp_store(&dir, 4).await;
-        let lease = owner(&store, "d:1").await;
-        let mut heads = HeadCache::default();
-        store
-            .append(lease, &mut heads, &[direct_message("a")])
-            .await
-            .unwrap();
         // Sorted before every conversation's key, so it comes first in the first page.
-        let damaged = [store.keys().conversations().start, vec![0x01]].concat();
-        let mut batch = Batch::new();
-        batch.set(damaged, Vec::new());
-        store.kv().commit(batch).await.unwrap();
+        one_conversation_and(&store, |keys| {
+            [keys.conversations().start, vec![0x01]].concat()
+        })
+        .await;
         let page = store.conversation_ids(None, 1).await.unwrap();
         assert!(page.ids.is_empty(), "{page:?}");
         let next = store.conversation_ids(page.last_key.as_deref(), 1);
