@@ -441,10 +441,9 @@ mod tests {
         mute.abort();
     }
 
-    /// An answer larger than [`MAX_ANSWER_BYTES`] (a broken or hostile server) fails the call
-    /// with an error saying so: it was read whole, however large, for as long as it came.
-    #[tokio::test]
-    async fn an_answer_larger_than_the_bound_fails_the_call() {
+    /// An API on a server that answers every request with `response` (its head and body as
+    /// written), and that server's task.
+    async fn answered_with(response: String) -> (HttpApi, tokio::task::JoinHandle<()>) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let api = HttpApi::new(&format!("http://{}", listener.local_addr().unwrap()), "t");
@@ -452,17 +451,24 @@ mod tests {
             while let Ok((mut tcp, _)) = listener.accept().await {
                 let mut head = vec![0u8; 4096];
                 let _ = tcp.read(&mut head).await;
-                let text = "x".repeat(MAX_ANSWER_BYTES);
-                let body = format!(r#"{{"conversations":"{text}"}}"#);
-                let head = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
-                     content-length: {}\r\n\r\n",
-                    body.len()
-                );
-                let _ = tcp.write_all(head.as_bytes()).await;
-                let _ = tcp.write_all(body.as_bytes()).await;
+                let _ = tcp.write_all(response.as_bytes()).await;
             }
         });
+        (api, server)
+    }
+
+    /// An answer larger than [`MAX_ANSWER_BYTES`] (a broken or hostile server) fails the call
+    /// with an error saying so: it was read whole, however large, for as long as it came.
+    #[tokio::test]
+    async fn an_answer_larger_than_the_bound_fails_the_call() {
+        let text = "x".repeat(MAX_ANSWER_BYTES);
+        let body = format!(r#"{{"conversations":"{text}"}}"#);
+        let (api, server) = answered_with(format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+             content-length: {}\r\n\r\n{body}",
+            body.len()
+        ))
+        .await;
         match api.conversations().await {
             Err(ClientError::Http(message)) => {
                 assert!(message.contains(&MAX_ANSWER_BYTES.to_string()), "{message}")
@@ -479,19 +485,8 @@ mod tests {
     #[tokio::test]
     async fn shared_media_of_other_bytes_is_refused() {
         use sha2::Digest;
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let api = HttpApi::new(&format!("http://{}", listener.local_addr().unwrap()), "t");
-        let server = tokio::spawn(async move {
-            while let Ok((mut tcp, _)) = listener.accept().await {
-                let mut head = vec![0u8; 4096];
-                let _ = tcp.read(&mut head).await;
-                let body = b"the bytes";
-                let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len());
-                let _ = tcp.write_all(head.as_bytes()).await;
-                let _ = tcp.write_all(body).await;
-            }
-        });
+        let (api, server) =
+            answered_with("HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\nthe bytes".into()).await;
         let shared = |bytes: &[u8]| Media {
             media_id: "m1".into(),
             mime: "text/plain".into(),
