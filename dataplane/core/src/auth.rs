@@ -28,6 +28,10 @@ pub const CLOCK_SKEW_SECS: f64 = 60.0;
 /// each failed fetch.
 pub const MAX_REASON_BYTES: usize = 200;
 
+/// Most bytes of a token's `kid` kept when the key set lacks it: it is logged and told to the
+/// client, and anyone can make one up (as long as a token's header).
+const MAX_KID_SHOWN: usize = 64;
+
 /// Most keys of a set whose reasons for being passed over are kept (the others are counted).
 pub const MAX_REASONS: usize = 8;
 
@@ -324,6 +328,17 @@ impl TokenVerifier {
     fn decode(&self, token: &str) -> Result<jsonwebtoken::TokenData<Claims>, AuthError> {
         use jsonwebtoken::errors::ErrorKind;
         let header = jsonwebtoken::decode_header(token).map_err(|e| self.refusal(e))?;
+        // RFC 7515, 4.1.11: a verifier refuses a token whose critical extensions it does not
+        // understand, and this one understands none (the library does not check them).
+        if let Some(crit) = &header.crit {
+            return Err(AuthError::Invalid(clipped(
+                &format!(
+                    "the token lists extensions a verifier must understand (`crit`: {crit:?}), \
+                     and this server understands none"
+                ),
+                MAX_REASON_BYTES,
+            )));
+        }
         let fetched = match &self.key_set {
             Some(key_set) => key_set.read().unwrap_or_else(|e| e.into_inner()).clone(),
             None => Arc::from([]),
@@ -366,7 +381,7 @@ impl TokenVerifier {
                 ErrorKind::InvalidSignature | ErrorKind::InvalidAlgorithm
             )
         {
-            return Err(AuthError::UnknownKey(kid.clone()));
+            return Err(AuthError::UnknownKey(clipped(kid, MAX_KID_SHOWN)));
         }
         outcome.map_err(|e| self.refusal(e))
     }
@@ -791,6 +806,28 @@ mod tests {
         .unwrap()
     }
 
+    /// A token whose header lists extensions its verifier must understand (`crit`, RFC 7515,
+    /// 4.1.11) is refused: this server understands none, and an issuer that sets one means the
+    /// token to be refused by a verifier that does not know it (e.g. an unencoded payload,
+    /// RFC 7797, read another way). An empty list is refused too (the RFC forbids it).
+    #[test]
+    fn a_token_with_critical_extensions_is_refused() {
+        let verifier = TokenVerifier::hs256(SECRET).unwrap();
+        let claims = serde_json::json!({ "sub": "alice", "dev": "d", "exp": in_ten_minutes() });
+        for crit in [vec!["x-policy".to_owned()], vec![]] {
+            let mut header = Header::new(Algorithm::HS256);
+            header.crit = Some(crit.clone());
+            header
+                .extras
+                .insert("x-policy".to_owned(), "strict".to_owned());
+            let token =
+                jsonwebtoken::encode(&header, &claims, &EncodingKey::from_secret(SECRET)).unwrap();
+            let refused = verifier.verify(&token).unwrap_err().to_string();
+            assert!(refused.contains("`crit`"), "crit {crit:?}: {refused}");
+        }
+        assert!(verifier.verify(&hs256_token(SECRET, claims)).is_ok());
+    }
+
     /// During a rotation a verifier holds the keys before and after it: a token signed with
     /// either is taken, one signed with neither is not, and a token whose signature matched
     /// is judged by that key alone (an expired one is refused as expired, not as forged).
@@ -930,8 +967,9 @@ mod tests {
     /// A token is tried with few keys of a key set: a token naming no key (`kid`) with each of
     /// its algorithm up to [`MAX_KEYS_TRIED`], and refused past them, saying why; one naming a
     /// key the set lacks with none of the keys the set names (a key it signed with is not
-    /// found that way: fetched again, the set is asked for it). A set of many keys made each
-    /// such token cost a signature check per key.
+    /// found that way: fetched again, the set is asked for it), its `kid` cut to
+    /// [`MAX_KID_SHOWN`] bytes in what is said of it. A set of many keys made each such token
+    /// cost a signature check per key.
     #[test]
     fn a_token_is_tried_with_few_keys_of_a_key_set() {
         let old = fixture_jwk("jwt-test-ed25519");
@@ -963,6 +1001,11 @@ mod tests {
         let made_up = eddsa_token("jwt-test-ed25519.pem", Some("made-up"));
         assert!(
             matches!(verifier.verify(&made_up), Err(AuthError::UnknownKey(kid)) if kid == "made-up")
+        );
+        // A made-up `kid` is logged and told to the client: cut, however long.
+        let long = eddsa_token("jwt-test-ed25519.pem", Some(&"k".repeat(4000)));
+        assert!(
+            matches!(verifier.verify(&long), Err(AuthError::UnknownKey(kid)) if kid.len() < 100)
         );
     }
 
