@@ -479,7 +479,11 @@ impl Client {
         self.events_until_sync_done_or_error(None).await
     }
 
-    /// Reads events up to the next `sync_done`, or to an `error` whose `ref` is `refused`.
+    /// Reads events up to the next `sync_done`, or to an `error` whose `ref` is `refused`,
+    /// failing with [`ClientError::Timeout`] when [`REPLY_TIMEOUT`] passes with no event: each
+    /// event moves the deadline on (a large catch-up takes long to read), a frame of no part
+    /// in it does not (typing and receipts, which came every few seconds on a busy
+    /// connection, kept a catch-up that never ended waiting for ever).
     /// Frames other than events stay buffered, and when it fails (that error, a timeout, a
     /// closed connection) every frame it read is kept, in order, for later calls: they were
     /// dropped, so an event read before the failure never reached the caller while the
@@ -489,8 +493,9 @@ impl Client {
         refused: Option<i64>,
     ) -> Result<Vec<Event>, ClientError> {
         let mut read = Buffered::default();
+        let mut deadline = tokio::time::Instant::now() + REPLY_TIMEOUT;
         let failed = loop {
-            let next = tokio::time::timeout(REPLY_TIMEOUT, self.next_sized()).await;
+            let next = tokio::time::timeout_at(deadline, self.next_sized()).await;
             match next.unwrap_or(Err(ClientError::Timeout(REPLY_TIMEOUT))) {
                 Ok((ServerFrame::SyncDone(_), _)) => break None,
                 Ok((ServerFrame::Error(e), _)) if refused.is_some() && e.reference == refused => {
@@ -499,7 +504,12 @@ impl Client {
                 Ok((_, size)) if self.overflows(read.bytes, size) => {
                     return Err(self.overflowed().await);
                 }
-                Ok((frame, size)) => read.push_back(frame, size),
+                Ok((frame, size)) => {
+                    if matches!(frame, ServerFrame::Event(_)) {
+                        deadline = tokio::time::Instant::now() + REPLY_TIMEOUT;
+                    }
+                    read.push_back(frame, size);
+                }
                 Err(e) => break Some(e),
             }
         };
@@ -590,24 +600,7 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
-            let (tcp, _) = listener.accept().await.unwrap();
-            #[allow(clippy::result_large_err)]
-            let echo = move |_: &Request, mut response: Response| {
-                let protocol = HeaderValue::from_static(encoding.subprotocol());
-                response
-                    .headers_mut()
-                    .insert("sec-websocket-protocol", protocol);
-                Ok(response)
-            };
-            let mut ws = tokio_tungstenite::accept_hdr_async(tcp, echo)
-                .await
-                .unwrap();
-            let hello = ServerFrame::Hello(Hello {
-                user: "u".into(),
-                device: "d".into(),
-                server_time_ms: 0,
-            });
-            ws.send(message(encoding, &hello)).await.unwrap();
+            let mut ws = greeted(&listener, encoding).await;
             while let Some(Ok(received)) = ws.next().await {
                 let frame = match &received {
                     Message::Text(text) => encoding.decode_client(text.as_bytes()),
@@ -623,6 +616,40 @@ mod tests {
             }
         });
         format!("ws://{addr}")
+    }
+
+    /// The WebSocket of the next connection to `listener`, upgraded in `encoding`.
+    async fn upgraded(
+        listener: &tokio::net::TcpListener,
+        encoding: Encoding,
+    ) -> WebSocketStream<TcpStream> {
+        let (tcp, _) = listener.accept().await.unwrap();
+        #[allow(clippy::result_large_err)]
+        let echo = move |_: &Request, mut response: Response| {
+            let protocol = HeaderValue::from_static(encoding.subprotocol());
+            response
+                .headers_mut()
+                .insert("sec-websocket-protocol", protocol);
+            Ok(response)
+        };
+        tokio_tungstenite::accept_hdr_async(tcp, echo)
+            .await
+            .unwrap()
+    }
+
+    /// [`upgraded`], the server's `hello` said.
+    async fn greeted(
+        listener: &tokio::net::TcpListener,
+        encoding: Encoding,
+    ) -> WebSocketStream<TcpStream> {
+        let mut ws = upgraded(listener, encoding).await;
+        let hello = ServerFrame::Hello(Hello {
+            user: "u".into(),
+            device: "d".into(),
+            server_time_ms: 0,
+        });
+        ws.send(message(encoding, &hello)).await.unwrap();
+        ws
     }
 
     fn message(encoding: Encoding, frame: &ServerFrame) -> Message {
@@ -665,18 +692,7 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("ws://{}", listener.local_addr().unwrap());
         let mute = tokio::spawn(async move {
-            let (tcp, _) = listener.accept().await.unwrap();
-            #[allow(clippy::result_large_err)]
-            let echo = |_: &Request, mut response: Response| {
-                let protocol = HeaderValue::from_static(Encoding::Json.subprotocol());
-                response
-                    .headers_mut()
-                    .insert("sec-websocket-protocol", protocol);
-                Ok(response)
-            };
-            let _ws = tokio_tungstenite::accept_hdr_async(tcp, echo)
-                .await
-                .unwrap();
+            let _ws = upgraded(&listener, Encoding::Json).await;
             std::future::pending::<()>().await;
         });
         match Client::connect(&url, "t", Encoding::Json).await {
@@ -1032,5 +1048,49 @@ mod tests {
                 .unwrap_or_else(|e| panic!("{encoding:?}: {e}"));
             assert_eq!(sent.client_msg_id, "c1");
         }
+    }
+
+    /// A `sync` whose `sync_done` never comes, and the connection's first catch-up, fail after
+    /// [`REPLY_TIMEOUT`] with a timeout, however many frames of no part in them (typing,
+    /// receipts of a busy group) come meanwhile; those frames are kept for later. Each such
+    /// frame gave the call [`REPLY_TIMEOUT`] more: on a connection that carried one every
+    /// 10 s, the call waited for ever.
+    #[tokio::test(start_paused = true)]
+    async fn a_catch_up_never_ended_times_out_whatever_other_frames_come() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("ws://{}", listener.local_addr().unwrap());
+        let chatty = tokio::spawn(async move {
+            let mut ws = greeted(&listener, Encoding::Json).await;
+            loop {
+                tokio::time::sleep(REPLY_TIMEOUT / 3).await;
+                let typing = ServerFrame::Typing(TypingNotice {
+                    conversation_id: "d:1".into(),
+                    user: "bob".into(),
+                    active: true,
+                });
+                if ws.send(message(Encoding::Json, &typing)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut client = Client::connect(&url, "t", Encoding::Json).await.unwrap();
+        for sync in [false, true] {
+            let caught_up = async {
+                match sync {
+                    true => client.sync(BTreeMap::new()).await,
+                    false => client.events_until_sync_done().await,
+                }
+            };
+            match tokio::time::timeout(REPLY_TIMEOUT * 4, caught_up).await {
+                Ok(Err(ClientError::Timeout(waited))) => assert_eq!(waited, REPLY_TIMEOUT),
+                Ok(other) => panic!("sync {sync}: {other:?}"),
+                Err(_) => panic!("sync {sync}: still waiting"),
+            }
+        }
+        assert!(matches!(
+            client.next_frame().await.unwrap(),
+            ServerFrame::Typing(_)
+        ));
+        chatty.abort();
     }
 }
