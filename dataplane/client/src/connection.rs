@@ -335,7 +335,7 @@ impl Client {
             reply_to: None,
         }))
         .await?;
-        self.reply_to_send(reference).await
+        self.reply_to_send(reference, Some(client_msg_id)).await
     }
 
     /// Sends a text message and waits for its `sent`.
@@ -406,7 +406,7 @@ impl Client {
             seq,
         }))
         .await?;
-        self.reply_to_send(reference).await
+        self.reply_to_send(reference, None).await
     }
 
     /// Tells the other members' devices that this user is typing (or stopped).
@@ -419,10 +419,21 @@ impl Client {
         .await
     }
 
-    async fn reply_to_send(&mut self, reference: i64) -> Result<Sent, ClientError> {
+    /// The `sent` or `error` answering the frame of `ref` `reference`, a `send` of
+    /// `client_msg_id` or a `delete` (`None`).
+    async fn reply_to_send(
+        &mut self,
+        reference: i64,
+        client_msg_id: Option<&str>,
+    ) -> Result<Sent, ClientError> {
+        let answers = |replied: Option<i64>, replied_id: Option<&str>| {
+            answers_send(replied, replied_id, reference, client_msg_id)
+        };
         self.wait_for(|frame| match frame {
-            ServerFrame::Sent(sent) if sent.reference == Some(reference) => Some(Ok(sent.clone())),
-            ServerFrame::Error(e) if e.reference == Some(reference) => {
+            ServerFrame::Sent(sent) if answers(sent.reference, Some(&sent.client_msg_id)) => {
+                Some(Ok(sent.clone()))
+            }
+            ServerFrame::Error(e) if answers(e.reference, e.client_msg_id.as_deref()) => {
                 Some(Err(ClientError::Server(e.clone())))
             }
             _ => None,
@@ -582,6 +593,23 @@ impl Client {
     /// Closes the connection politely.
     pub async fn close(mut self) {
         let _ = self.socket.close(None).await;
+    }
+}
+
+/// Whether a reply of `ref` `replied` naming `replied_id` answers the frame of `ref`
+/// `reference`, a `send` of `client_msg_id` or (`None`) another: by its `ref`, which
+/// PROTOCOL.md has the server echo; without one, by the `client_msg_id` it promises an answer
+/// to a `send` carries (an `error` of only a `client_msg_id` was taken for someone else's, and
+/// the send waited [`REPLY_TIMEOUT`] to end with a timeout, the server's reason lost).
+fn answers_send(
+    replied: Option<i64>,
+    replied_id: Option<&str>,
+    reference: i64,
+    client_msg_id: Option<&str>,
+) -> bool {
+    match replied {
+        Some(replied) => replied == reference,
+        None => client_msg_id.is_some() && replied_id == client_msg_id,
     }
 }
 
@@ -1092,5 +1120,48 @@ mod tests {
             ServerFrame::Typing(_)
         ));
         chatty.abort();
+    }
+
+    /// An `error` answering a `send` that carries its `client_msg_id` and no `ref` (PROTOCOL.md
+    /// promises the former) ends the send with that error; one naming another `client_msg_id`
+    /// does not. The send waited for a `ref` that never came and ended after [`REPLY_TIMEOUT`]
+    /// with a timeout, the server's reason (forbidden, too large) lost.
+    #[tokio::test]
+    async fn an_error_with_a_send_s_client_msg_id_and_no_ref_answers_it() {
+        let url = scripted_server(Encoding::Json, |frame| {
+            let ClientFrame::Send(send) = frame else {
+                return Vec::new();
+            };
+            let error = |client_msg_id: &str, code| {
+                let error = ServerFrame::Error(ErrorFrame {
+                    reference: None,
+                    code,
+                    message: "no".into(),
+                    client_msg_id: Some(client_msg_id.into()),
+                    retry_after_ms: None,
+                });
+                message(Encoding::Json, &error)
+            };
+            vec![
+                error("another", ErrorCode::TooLarge),
+                error(&send.client_msg_id, ErrorCode::Forbidden),
+            ]
+        })
+        .await;
+        let mut client = Client::connect(&url, "t", Encoding::Json).await.unwrap();
+        match client
+            .send_text(Target::User("bob".into()), "c1", "hi")
+            .await
+        {
+            Err(ClientError::Server(e)) => {
+                assert_eq!(e.code, ErrorCode::Forbidden);
+                assert_eq!(e.client_msg_id.as_deref(), Some("c1"));
+            }
+            other => panic!("{other:?}"),
+        }
+        match client.next_frame().await.unwrap() {
+            ServerFrame::Error(e) => assert_eq!(e.client_msg_id.as_deref(), Some("another")),
+            other => panic!("{other:?}"),
+        }
     }
 }
