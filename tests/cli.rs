@@ -828,9 +828,10 @@ fn a_chat_fetch_refuses_bytes_other_than_those_shared() {
     assert!(!saved.exists());
 }
 
-/// `courier chat` run as it would be, its standard error and whether it succeeded.
-fn chat_exit(args: &[&str]) -> (String, bool) {
-    let output = Command::new(env!("CARGO_BIN_EXE_courier"))
+/// `courier chat` as alice with `args`, as it would be run, its input at its end.
+fn chat_command(args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_courier"));
+    command
         .args([
             "chat",
             "--log-format",
@@ -841,11 +842,37 @@ fn chat_exit(args: &[&str]) -> (String, bool) {
             "cli",
         ])
         .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+        .stdin(Stdio::null());
+    command
+}
+
+/// `courier chat` run as it would be, its standard error and whether it succeeded.
+fn chat_exit(args: &[&str]) -> (String, bool) {
+    let output = chat_command(args).output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
     (stderr, output.status.success())
+}
+
+/// On a machine with no CA certificates (a minimal container image; here `SSL_CERT_FILE`
+/// naming an empty file), `courier chat` cannot build the HTTP client it shares and fetches
+/// files with: it says why and exits non-zero. It panicked (`Client::new()`), its fallback to
+/// reqwest's default client failing as the configured one had.
+#[test]
+fn a_chat_without_ca_certificates_says_why_it_cannot_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_in(dir.path(), &[]);
+    let certificates = dir.path().join("no-certificates.pem");
+    std::fs::write(&certificates, "").unwrap();
+    let data_dir = dir.path().to_str().unwrap();
+    let output = chat_command(&["--url", &server.ws_url(), "--data-dir", data_dir])
+        .env("SSL_CERT_FILE", &certificates)
+        .env_remove("SSL_CERT_DIR")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{said}");
+    assert!(!said.contains("panicked"), "{said}");
+    assert!(said.contains("CA certificates"), "{said}");
 }
 
 /// `courier chat` that cannot start says why, with what to do next, and exits non-zero: a

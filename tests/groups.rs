@@ -788,7 +788,7 @@ async fn a_device_signed_in_again_after_an_unlink_can_be_unlinked_again() {
             matches!(refused, Err(ClientError::Rejected(401))),
             "a token of the unlinked device is refused"
         );
-        let http = courier_client::HttpApi::new(&server.http_url(), token);
+        let http = courier_client::HttpApi::new(&server.http_url(), token).unwrap();
         assert_eq!(http.get("/v1/devices").await.unwrap().0, 401);
     }
     assert_eq!(web.delete("/v1/devices/phone").await.unwrap().0, 404);

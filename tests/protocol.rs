@@ -1038,6 +1038,7 @@ async fn bad_tokens_are_refused_with_401_before_the_upgrade() {
         }
     }
     let (status, body) = courier_client::HttpApi::new(&server.http_url(), "garbage")
+        .unwrap()
         .get("/v1/conversations")
         .await
         .unwrap();

@@ -450,6 +450,7 @@ async fn a_device_signed_in_again_after_an_unlink_gets_push_once_it_registers() 
     let fresh = support::token_with_iat(dir.path(), "bob", "phone", 5);
     let body = serde_json::json!({ "provider": "webhook", "token": "tok-new" });
     let (status, body) = courier_client::HttpApi::new(&server.http_url(), &fresh)
+        .unwrap()
         .request(reqwest::Method::PUT, "/v1/devices/me/push", Some(&body))
         .await
         .unwrap();

@@ -203,7 +203,7 @@ impl Server {
     }
 
     pub fn http(&self, user: &str, device: &str) -> HttpApi {
-        HttpApi::new(&self.http_url(), &self.token(user, device))
+        HttpApi::new(&self.http_url(), &self.token(user, device)).unwrap()
     }
 
     /// The server's `/proc/<pid>/status`.

@@ -55,7 +55,7 @@ async fn create_group(
     name: &str,
     members: &[String],
 ) -> anyhow::Result<String> {
-    let api = HttpApi::new(&endpoint.http_base(), &minter.token(&members[0], "admin")?);
+    let api = HttpApi::new(&endpoint.http_base(), &minter.token(&members[0], "admin")?)?;
     let others = &members[1..];
     let first = &others[..others.len().min(MEMBERS_PER_REQUEST - 1)];
     let body = serde_json::json!({ "name": name, "members": first });

@@ -22,19 +22,30 @@ pub struct HttpApi {
     http: reqwest::Client,
 }
 
+/// `e` with its causes: reqwest's own text is only what failed (`builder error`, `error
+/// sending request for url`), not why.
 fn http_error(e: reqwest::Error) -> ClientError {
-    ClientError::Http(e.to_string())
+    let mut said = e.to_string();
+    let mut cause = std::error::Error::source(&e);
+    while let Some(e) = cause {
+        said.push_str(&format!(": {e}"));
+        cause = e.source();
+    }
+    ClientError::Http(said)
 }
 
 impl HttpApi {
     /// `base_url` is `http://host:port`; a connection not made within [`REPLY_TIMEOUT`]
-    /// fails the request.
-    pub fn new(base_url: &str, token: &str) -> Self {
+    /// fails the request. Fails when the HTTP client cannot be built, saying why: with TLS,
+    /// on a machine with no CA certificates (a minimal container image), or whose
+    /// `SSL_CERT_FILE` names none. It fell back to reqwest's default client, which has no
+    /// connect timeout, and whose building, failing the same way, panicked.
+    pub fn new(base_url: &str, token: &str) -> Result<Self, ClientError> {
         let http = reqwest::Client::builder()
             .connect_timeout(REPLY_TIMEOUT)
             .build()
-            .unwrap_or_default();
-        Self::with_client(http, base_url, token)
+            .map_err(http_error)?;
+        Ok(Self::with_client(http, base_url, token))
     }
 
     /// [`HttpApi::new`] on `http`, a client (and its pool of connections) that many devices
@@ -354,7 +365,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_request_a_server_never_answers_fails_with_a_timeout() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let api = HttpApi::new(&format!("http://{}", listener.local_addr().unwrap()), "t");
+        let api = HttpApi::new(&format!("http://{}", listener.local_addr().unwrap()), "t").unwrap();
         let silent = tokio::spawn(async move {
             let mut held = Vec::new();
             while let Ok((tcp, _)) = listener.accept().await {
@@ -409,7 +420,7 @@ mod tests {
             }
         });
         for url in [deaf_url, mute_url] {
-            let api = HttpApi::new(&url, "t");
+            let api = HttpApi::new(&url, "t").unwrap();
             let uploaded = tokio::time::timeout(REPLY_TIMEOUT * 4, api.upload_media(&file, "a/b"))
                 .await
                 .unwrap_or_else(|_| panic!("{url}: the upload was still waiting"));
@@ -441,7 +452,7 @@ mod tests {
     async fn answered_with(response: String) -> (HttpApi, tokio::task::JoinHandle<()>) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let api = HttpApi::new(&format!("http://{}", listener.local_addr().unwrap()), "t");
+        let api = HttpApi::new(&format!("http://{}", listener.local_addr().unwrap()), "t").unwrap();
         let server = tokio::spawn(async move {
             while let Ok((mut tcp, _)) = listener.accept().await {
                 let mut head = vec![0u8; 4096];
@@ -513,7 +524,7 @@ mod tests {
     async fn an_id_that_would_leave_its_path_is_refused_before_any_request() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let api = HttpApi::new(&format!("http://{}", listener.local_addr().unwrap()), "t");
+        let api = HttpApi::new(&format!("http://{}", listener.local_addr().unwrap()), "t").unwrap();
         let asked = Arc::new(Mutex::new(Vec::new()));
         let heard = asked.clone();
         let server = tokio::spawn(async move {
@@ -555,7 +566,7 @@ mod tests {
     async fn an_upload_of_what_is_not_a_file_is_refused_by_name() {
         let dir = std::env::temp_dir();
         // No server: nothing may be sent.
-        let api = HttpApi::new("http://127.0.0.1:9", "t");
+        let api = HttpApi::new("http://127.0.0.1:9", "t").unwrap();
         match api.upload_media(&dir, "image/png").await {
             Err(ClientError::Http(message)) => {
                 assert!(message.contains("is not a file"), "{message}");

@@ -60,6 +60,9 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
             )?
         }
     };
+    let http = HttpApi::new(&args.url.replacen("ws", "http", 1), &token).map_err(|e| {
+        anyhow::anyhow!("cannot make the HTTP client that shares and fetches files: {e}")
+    })?;
     let mut client = Client::connect(&args.url, &token, Encoding::Json)
         .await
         .map_err(|e| not_connected(&args.url, e))?;
@@ -67,7 +70,6 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
     // does; any other error ends it with that error. The connection is closed either way.
     let ended: anyhow::Result<()> = async {
         let mut target = args.to.map(Target::User);
-        let http = HttpApi::new(&args.url.replacen("ws", "http", 1), &token);
         say!(
             "connected as {}/{}; type a message, `/to USER` to pick a peer, `/send-file PATH` to share \
              a file, `/fetch MEDIA_ID OUT` to download one, Ctrl-D to quit",
