@@ -237,6 +237,30 @@ async fn same_bytes_are_stored_once_and_the_size_limit_is_enforced() {
     assert_eq!(staging, 0, "aborted uploads leave nothing behind");
 }
 
+/// An upload that states no length (chunked: a client streaming a recording as it is made) is
+/// refused once its bytes pass the limit, and its client, still sending, reads that answer,
+/// 413 `too_large`, as one with a `Content-Length` does. The server closed the connection with
+/// the rest of the body unread: the client's next write failed (a broken pipe) before it read
+/// the answer, so it saw a network error, and retried the same upload, rather than "too large".
+#[tokio::test]
+async fn an_upload_refused_midway_gets_its_answer_while_its_client_still_sends() {
+    let (_dir, server) = start(&["--media-max-bytes", "100000"]);
+    for _ in 0..3 {
+        let chunks = (0..128).map(|_| Ok::<_, std::io::Error>(pattern(64 * 1024)));
+        let refused = reqwest::Client::new()
+            .post(format!("{}/v1/media", server.http_url()))
+            .bearer_auth(server.token("alice", "phone"))
+            .header("content-type", "video/mp4")
+            .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks)))
+            .send()
+            .await
+            .expect("the refusal is read, not a broken connection");
+        assert_eq!(refused.status(), 413);
+        let body: serde_json::Value = refused.json().await.unwrap();
+        assert_eq!(body["code"], "too_large", "{body}");
+    }
+}
+
 #[tokio::test]
 async fn only_the_uploader_may_send_media_and_deleted_media_is_hidden() {
     let (_dir, server) = start(&[]);

@@ -16,7 +16,8 @@
 //!   upload under way when it runs low. Uploads in flight on a node are bounded
 //!   (`--media-uploads-in-flight`, each holds up to three 5 MiB parts), and so are each
 //!   user's ([`UPLOADS_IN_FLIGHT_PER_USER`]): one more is refused (`unavailable`, or
-//!   `rate_limited` for the user's, to retry).
+//!   `rate_limited` for the user's, to retry). The rest of a refused upload's body is read out
+//!   for a while, so that its client reads the refusal ([`REFUSED_BODY_READ_FOR`]).
 //! - Access: the uploader, and whoever may read (by the membership rule) a retained,
 //!   undeleted message that shares the media (the sender must own the media id when sending).
 //!   Each message holds its own reference, so deleting or trimming one message leaves the
@@ -38,7 +39,7 @@
 //!   and is restarted if it panics (it keeps no state between sweeps but bytes moved aside and the
 //!   notes of records forgotten whose bytes are not yet deleted, which later sweeps settle).
 
-use axum::body::{Body, HttpBody as _};
+use axum::body::{Body, BodyDataStream, HttpBody as _};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use clap::Args;
@@ -82,6 +83,10 @@ const STAGING_GRACE: Duration = Duration::from_secs(24 * 3600);
 /// file and its buffered part for good. As long as a gateway waits on a media node
 /// (`media_proxy::READ_TIMEOUT`); a slow client sends something far more often.
 pub const UPLOAD_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest the rest of a refused upload's body is read, and thrown away, once the refusal is
+/// answered ([`MediaService::read_out`]): as long as its client takes to read the answer and
+/// stop sending, or at worst to send this long for nothing (as nginx's `lingering_time`).
+const REFUSED_BODY_READ_FOR: Duration = Duration::from_secs(10);
 
 /// Fewest bytes of `--media-url-secret`: a signed URL downloads without a token, so a short
 /// secret that can be guessed (or an empty one) would let anyone sign URLs for any media.
@@ -217,6 +222,10 @@ pub struct MediaService {
     uploads: tokio::sync::Semaphore,
     /// Uploads in flight per user with any ([`UPLOADS_IN_FLIGHT_PER_USER`]).
     uploaders: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+    /// A permit per refused upload whose body is still read out
+    /// ([`MediaService::read_out`]): as many as uploads in flight; past them, a refused
+    /// upload's connection is closed with its body unread.
+    read_outs: Arc<tokio::sync::Semaphore>,
 }
 
 /// A user's place among the uploads in flight, given back when dropped.
@@ -434,6 +443,7 @@ impl MediaService {
             staging_dir,
             uploads: tokio::sync::Semaphore::new(config.media_uploads_in_flight),
             uploaders: Default::default(),
+            read_outs: Arc::new(tokio::sync::Semaphore::new(config.media_uploads_in_flight)),
             config,
         }))
     }
@@ -445,6 +455,44 @@ impl MediaService {
         mime: &str,
         body: Body,
     ) -> Result<Uploaded, ApiError> {
+        let stated = body.size_hint().lower();
+        let mut stream = body.into_data_stream();
+        let uploaded = self.receive(who, mime, stated, &mut stream).await;
+        if uploaded.is_err() {
+            self.read_out(stream);
+        }
+        uploaded
+    }
+
+    /// Reads what is left of a refused upload's body, and throws it away, for at most
+    /// [`REFUSED_BODY_READ_FOR`] (not when it has all been read, nor while every permit of
+    /// `read_outs` is taken): its client is still sending while the refusal is answered, and a
+    /// connection closed with bytes unread is reset, so its next write failed before it read
+    /// the answer (a broken pipe, not 413 or 503 with when to retry). A client that reads the
+    /// answer as it sends stops sending then.
+    fn read_out(&self, stream: BodyDataStream) {
+        if stream.is_end_stream() {
+            return;
+        }
+        let Ok(place) = self.read_outs.clone().try_acquire_owned() else {
+            return;
+        };
+        tokio::spawn(async move {
+            let thrown_away = stream.for_each(|_| std::future::ready(()));
+            let _ = tokio::time::timeout(REFUSED_BODY_READ_FOR, thrown_away).await;
+            drop(place);
+        });
+    }
+
+    /// [`MediaService::upload`] of `stream`, whose length is at least `stated`; what it
+    /// refuses leaves the rest of `stream` unread.
+    async fn receive(
+        &self,
+        who: &Identity,
+        mime: &str,
+        stated: u64,
+        stream: &mut BodyDataStream,
+    ) -> Result<Uploaded, ApiError> {
         if mime.len() > 255 || !is_media_type(mime) {
             return Err(ApiError::bad_request(
                 "Content-Type must be one MIME type such as image/jpeg (at most 255 characters)",
@@ -454,7 +502,7 @@ impl MediaService {
         // taken or byte read: streamed, it wasted the bytes and held a place until the limit.
         // The stream below is checked still (chunked uploads state no length). Not the quota:
         // the same upload again costs none of it (same id), which only its hash tells.
-        if body.size_hint().lower() > self.config.media_max_bytes {
+        if stated > self.config.media_max_bytes {
             return Err(too_large(self.config.media_max_bytes));
         }
         self.health.check_upload()?;
@@ -484,7 +532,6 @@ impl MediaService {
         let mut writer = WriteMultipart::new(upload);
         let mut hash = Sha256::new();
         let mut size = 0u64;
-        let mut stream = body.into_data_stream();
         loop {
             let chunk = match tokio::time::timeout(UPLOAD_IDLE_TIMEOUT, stream.next()).await {
                 Ok(None) => break,
