@@ -203,6 +203,24 @@ async fn range_requests_get_the_answers_of_rfc_9110() {
     }
 }
 
+/// `If-None-Match` compares entity tags weakly (RFC 9110, 13.1.2, a must): a cache that holds
+/// the media under a weakened ETag (`W/"<sha256>"`, as a CDN or proxy that compresses makes
+/// it) revalidates with it and gets 304. It got the whole media again, at every revalidation.
+#[tokio::test]
+async fn a_weakened_etag_revalidates_the_media() {
+    let (_dir, server) = start(&[]);
+    let (_, uploaded) = upload(&server, "alice", "video/mp4", pattern(1000)).await;
+    let id = uploaded["media_id"].as_str().unwrap();
+    let weak = format!("W/\"{}\"", uploaded["sha256"].as_str().unwrap());
+    let listed = format!("\"0000\", {weak}");
+    for tags in [weak.as_str(), listed.as_str()] {
+        let revalidated = download(&server, "alice", id, &[("if-none-match", tags)]).await;
+        assert_eq!(revalidated.status(), 304, "{tags}");
+    }
+    let other = download(&server, "alice", id, &[("if-none-match", "W/\"0000\"")]).await;
+    assert_eq!(other.status(), 200);
+}
+
 #[tokio::test]
 async fn same_bytes_are_stored_once_and_the_size_limit_is_enforced() {
     let (dir, server) = start(&["--media-max-bytes", "100000"]);

@@ -686,10 +686,16 @@ impl MediaService {
         caching: Caching,
     ) -> Result<Response, ApiError> {
         let etag = format!("\"{}\"", record.sha256);
+        // Compared weakly (RFC 9110, 13.1.2): a cache that weakened the tag (`W/"..."`, as
+        // one that compresses does) revalidates with it.
         let cached = headers
             .get(header::IF_NONE_MATCH)
             .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"));
+            .is_some_and(|v| {
+                v.split(',')
+                    .map(str::trim)
+                    .any(|tag| tag == "*" || tag.strip_prefix("W/").unwrap_or(tag) == etag)
+            });
         let mut response = Response::builder()
             .header(header::ETAG, &etag)
             .header(header::ACCEPT_RANGES, "bytes")
