@@ -597,7 +597,8 @@ impl MediaService {
     }
 
     /// Records the upload staged at `staging` as `id`, then keeps its bytes under their hash
-    /// (once: the same bytes staged again are dropped). The quota is decided by the record's
+    /// (once: the same bytes staged again are dropped, unless those stored are of another
+    /// size). The quota is decided by the record's
     /// commit (the same upload again costs nothing), before the bytes are kept; should keeping
     /// them fail, the record names missing bytes until the same upload is retried (same id) or
     /// the sweeper forgets it.
@@ -611,11 +612,12 @@ impl MediaService {
         if let MediaAdmission::OverQuota { used } = self.store.put_media(id, record, quota).await? {
             return Err(over_quota(quota, used));
         }
+        // Bytes of another size under the hash were cut (a power cut before uploads were
+        // synced) or damaged since: the upload's replace them.
         let blob = blob_path(&record.sha256);
-        if self.objects.head(&blob).await.is_ok() {
-            self.objects.delete(staging).await
-        } else {
-            self.objects.rename(staging, &blob).await
+        match self.objects.head(&blob).await {
+            Ok(stored) if stored.size == record.size => self.objects.delete(staging).await,
+            _ => self.objects.rename(staging, &blob).await,
         }
         .map_err(storage_error)
     }
@@ -1745,6 +1747,29 @@ mod tests {
             .upload(&user("mallory"), "image/png", again)
             .await
             .unwrap();
+    }
+
+    /// Bytes found under their hash with another size than the upload's (cut by a power cut
+    /// before uploads were synced, or damaged since) are replaced by the upload's. A re-upload
+    /// of the same bytes was answered 201 and kept the cut file: every download of it, by
+    /// anyone it was sent to, ended short, and no upload could repair it.
+    #[tokio::test]
+    async fn an_upload_replaces_bytes_of_another_size_found_under_its_hash() {
+        let (engine, dir) = (FaultyEngine::new(), tempfile::tempdir().unwrap());
+        let media = media_over(&engine, dir.path()).await;
+        let bytes = vec![7u8; 10];
+        let body = || Body::from(bytes.clone());
+        let uploaded = media.upload(&user("alice"), "image/png", body()).await;
+        let blob = dir
+            .path()
+            .join("media/blobs")
+            .join(uploaded.unwrap().sha256);
+        std::fs::write(&blob, &bytes[..3]).unwrap();
+        media
+            .upload(&user("alice"), "image/png", body())
+            .await
+            .unwrap();
+        assert_eq!(std::fs::read(&blob).unwrap(), bytes);
     }
 
     /// An upload whose record cannot be committed leaves no staged bytes behind.
