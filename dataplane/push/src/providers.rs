@@ -258,7 +258,10 @@ fn escaped_len(c: char) -> usize {
     }
 }
 
-/// An HTTP client for a provider: bounded waits; `http2_only` for APNs.
+/// An HTTP client for a provider: bounded waits; `http2_only` for APNs. Redirects are not
+/// followed: a 301, 302 or 303 would be followed as a GET without the notification, whose
+/// 200 would count it delivered, and a provider's URL that moved is a setting to fix
+/// ([`Answer::failure`] names where it points).
 fn http_client(endpoint: &str, http2_only: bool) -> anyhow::Result<reqwest::Client> {
     let url = reqwest::Url::parse(endpoint)
         .map_err(|e| anyhow::anyhow!("{endpoint:?} is not a URL: {e}"))?;
@@ -268,6 +271,7 @@ fn http_client(endpoint: &str, http2_only: bool) -> anyhow::Result<reqwest::Clie
     let mut builder = reqwest::Client::builder()
         .timeout(REQUEST_TIMEOUT)
         .connect_timeout(CONNECT_TIMEOUT)
+        .redirect(reqwest::redirect::Policy::none())
         .user_agent(concat!("courier/", env!("CARGO_PKG_VERSION")));
     // Over TLS HTTP/2 is negotiated (ALPN); in clear (tests, a local relay) it is assumed.
     if http2_only && url.scheme() == "http" {
@@ -328,12 +332,28 @@ impl Answer {
         }
     }
 
-    /// A failure that is not about the token: 429 and 5xx are retried, the rest given up.
+    /// A failure that is not about the token: 429 and 5xx are retried, the rest given up (a
+    /// redirect with where it points: the URL to configure).
     fn failure(&self) -> PushError {
         let after = retry::retry_after(&self.headers);
         match self.status.as_u16() {
             429 => PushError::Throttled { after },
             500..=599 => PushError::Retry { after },
+            300..=399 => {
+                // Quoted as far as an excerpt of a body is.
+                let to: Option<String> = self.headers.get(reqwest::header::LOCATION).map(|to| {
+                    String::from_utf8_lossy(to.as_bytes())
+                        .chars()
+                        .take(200)
+                        .collect()
+                });
+                PushError::Rejected(format!(
+                    "HTTP {}: redirected to {}; push requests follow no redirect, so set the \
+                     provider's URL to where it points",
+                    self.status,
+                    to.as_deref().unwrap_or("nowhere (no Location)")
+                ))
+            }
             _ => PushError::Rejected(format!("HTTP {}: {}", self.status, self.excerpt())),
         }
     }

@@ -696,6 +696,48 @@ async fn webhook_posts_signed_json_and_reads_the_answer() {
     }
 }
 
+/// A provider (or a proxy before it) that answers a redirect has not taken the notification:
+/// a 301 or 302 would have been followed as a GET without the body, and its page's 200
+/// counted `sent`, the notification lost. It is given up, named a redirect, with one request.
+#[tokio::test]
+async fn a_redirect_is_not_followed_nor_taken_for_delivery() {
+    let server = ProviderServer::start().await;
+    let moved = format!("{}/moved", server.url());
+    let webhook = Webhook::new(&format!("{}/hook", server.url()), "s").unwrap();
+    let apns = apns(&server);
+    let fcm = fcm(&server);
+    let device = "a1b2".repeat(16);
+    for status in [301, 302, 303, 307, 308] {
+        let redirect = || (status, vec![("location", moved.clone())], String::new());
+        let answers = [
+            ("webhook", {
+                server.script(redirect());
+                webhook.send("tok-bob", &notification()).await
+            }),
+            ("apns", {
+                server.script(redirect());
+                apns.send(&device, &notification()).await
+            }),
+            ("fcm", {
+                server.script(redirect());
+                fcm.send("tok-bob", &notification()).await
+            }),
+        ];
+        for (provider, answer) in answers {
+            match answer {
+                Err(PushError::Rejected(why)) => {
+                    assert!(why.contains(&moved), "{provider} {status}: {why}")
+                }
+                other => panic!("{provider} {status}: {other:?}"),
+            }
+        }
+    }
+    assert!(
+        server.sends().iter().all(|send| send.path != "/moved"),
+        "no redirect was followed"
+    );
+}
+
 #[tokio::test]
 async fn an_unreachable_provider_is_retried() {
     // A port that was just free: connections to it are refused.
