@@ -239,9 +239,7 @@ impl Devices {
                 "this server has no {provider} push provider configured"
             )));
         }
-        if token.is_empty() || token.len() > 4096 {
-            return Err(ApiError::bad_request("token must be 1 to 4096 bytes"));
-        }
+        courier_proto::ids::push_token(provider, token)?;
         let issued = who.issued_at_ms;
         let register = |record: Option<&DeviceRecord>| {
             let record = match record {
@@ -592,6 +590,51 @@ mod tests {
                 .unwrap()
         );
         assert_eq!(devices.seen(&device("tablet")).await.unwrap(), Link::Linked);
+    }
+
+    /// A token its provider can never take is refused at registration, with what a token must
+    /// be: accepted, it was answered 204 and listed as `push: true`, and the first
+    /// notification removed it without a word (an APNs token as old iOS printed it, with
+    /// angle brackets and spaces, say), so the app's developer never learned why no
+    /// notification came. Control characters are refused whatever the provider.
+    #[tokio::test]
+    async fn a_push_token_its_provider_cannot_take_is_refused_at_registration() {
+        let store = FaultyEngine::new().store(8).await;
+        let devices = Devices::new(store.clone());
+        let apns = "a1b2".repeat(16);
+        for (provider, token) in [
+            ("apns", format!("<{} {}>", &apns[..32], &apns[32..])),
+            ("apns", "a/b".to_owned()),
+            ("apns", "f".repeat(201)),
+            ("fcm", "tok\nen".to_owned()),
+            ("webhook", "tok\u{0}".to_owned()),
+            ("webhook", String::new()),
+            ("webhook", "t".repeat(4097)),
+        ] {
+            let refused = devices
+                .register_push(&phone(1_000), provider, &token, true)
+                .await
+                .expect_err(&format!("{provider} {token:?}"));
+            assert_eq!(refused.code, courier_proto::ErrorCode::BadRequest);
+            assert!(refused.message.contains("token"), "{}", refused.message);
+            let record = store.device("alice", "phone").await.unwrap();
+            assert!(
+                record.is_none_or(|r| r.push_token.is_empty()),
+                "{provider} {token:?} registered"
+            );
+        }
+        for (provider, token) in [
+            ("apns", apns.as_str()),
+            ("fcm", "dAbC-12_x:APA91bHun4MxP5egoKMwt2KZFBaFUH"),
+            ("webhook", "https://relay.example/p?id=1&k=a b"),
+        ] {
+            devices
+                .register_push(&phone(1_000), provider, token, true)
+                .await
+                .unwrap();
+            let record = store.device("alice", "phone").await.unwrap().unwrap();
+            assert_eq!(record.push_token, token);
+        }
     }
 
     #[tokio::test]

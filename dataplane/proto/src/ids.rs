@@ -11,6 +11,15 @@ pub struct InvalidId {
 const USER_RULE: &str = "1 to 64 characters of A-Z a-z 0-9 . _ - @";
 const CONVERSATION_RULE: &str = "1 to 128 characters of A-Z a-z 0-9 . _ - :";
 const CLIENT_MSG_RULE: &str = "1 to 64 characters";
+const PUSH_TOKEN_RULE: &str = "1 to 4096 bytes without control characters";
+const APNS_TOKEN_RULE: &str =
+    "1 to 200 characters of A-Z a-z 0-9 - _ (the hex digits of the device token)";
+
+/// Longest push token (`PUT /v1/devices/me/push`); FCM's are about 160 bytes.
+pub const MAX_PUSH_TOKEN: usize = 4096;
+/// Longest APNs device token: they are 64 hex digits today; the bound and the alphabet keep
+/// any token a single segment of the request's path (`/3/device/<token>`).
+pub const MAX_APNS_TOKEN: usize = 200;
 
 fn check(
     value: &str,
@@ -75,6 +84,32 @@ pub fn client_msg_id(value: &str) -> Result<(), InvalidId> {
     }
 }
 
+/// A push token of `provider` (`fcm`, `apns` or `webhook`), as a device registers it: one the
+/// provider could take. An APNs token goes into the request's path, so it is one path segment
+/// ([`MAX_APNS_TOKEN`] characters of `A-Z a-z 0-9 - _`); the others travel in a JSON body and
+/// are [`MAX_PUSH_TOKEN`] bytes at most, without control characters.
+pub fn push_token(provider: &str, token: &str) -> Result<(), InvalidId> {
+    let (ok, field, rule) = match provider {
+        "apns" => (
+            (1..=MAX_APNS_TOKEN).contains(&token.len())
+                && token
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'),
+            "an apns token",
+            APNS_TOKEN_RULE,
+        ),
+        _ => (
+            (1..=MAX_PUSH_TOKEN).contains(&token.len()) && !token.chars().any(char::is_control),
+            "token",
+            PUSH_TOKEN_RULE,
+        ),
+    };
+    match ok {
+        true => Ok(()),
+        false => Err(InvalidId { field, rule }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -89,5 +124,28 @@ mod tests {
         assert!(conversation_id("a@b").is_err());
         assert!(client_msg_id("ünï").is_ok());
         assert!(client_msg_id("").is_err());
+    }
+
+    #[test]
+    fn push_tokens_are_what_their_provider_takes() {
+        assert!(push_token("apns", &"a1".repeat(32)).is_ok());
+        assert!(push_token("apns", "apns-bob").is_ok());
+        for bad in [
+            "",
+            "../../x",
+            "a/b",
+            "a?b",
+            "a b",
+            "a%2F",
+            "a.b",
+            &"f".repeat(201),
+        ] {
+            assert!(push_token("apns", bad).is_err(), "{bad:?}");
+        }
+        assert!(push_token("fcm", "dAbC-12_x:APA91bH").is_ok());
+        assert!(push_token("webhook", "https://relay.example/p?id=1 ünï").is_ok());
+        for bad in ["", "a\nb", "a\u{0}", "a\u{7f}", &"t".repeat(4097)] {
+            assert!(push_token("webhook", bad).is_err(), "{bad:?}");
+        }
     }
 }
