@@ -11,9 +11,11 @@
 import { askedDelayMs } from "./backoff.js";
 import { CourierError, badInput } from "./errors.js";
 import {
+  brokenAnswer,
   isConversationId,
   isMediaType,
   isUserId,
+  type Answer,
   type ConversationEvent,
   type ErrorCode,
   type MediaBody,
@@ -63,7 +65,9 @@ export class HttpApi {
   ) {}
 
   conversations(): Promise<ConversationSummary[]> {
-    return this.json<{ conversations: ConversationSummary[] }>("GET", "/v1/conversations").then((b) => b.conversations);
+    return this.json<{ conversations: ConversationSummary[] }>("GET", "/v1/conversations", "conversations").then(
+      (b) => b.conversations,
+    );
   }
 
   /** Events after `afterSeq` (default 0), at most `limit` (default 100, max 1000). */
@@ -76,23 +80,22 @@ export class HttpApi {
     if (page.afterSeq !== undefined) query.set("after_seq", String(page.afterSeq));
     if (page.limit !== undefined) query.set("limit", String(page.limit));
     const suffix = query.size > 0 ? `?${query}` : "";
-    return this.json("GET", `/v1/conversations/${conversationId}/messages${suffix}`);
+    return this.json("GET", `/v1/conversations/${conversationId}/messages${suffix}`, "messages");
   }
 
   /** Every current member's receipt cursors in a conversation (an addition to PROTOCOL.md:
    * `GET /v1/conversations/{id}/receipts`), for what moved while no client was connected. */
   receipts(conversationId: string): Promise<Omit<Receipt, "type">[]> {
     checkConversation(conversationId);
-    return this.json<{ receipts: Omit<Receipt, "type">[] }>("GET", `/v1/conversations/${conversationId}/receipts`).then(
-      (b) => b.receipts,
-    );
+    const path = `/v1/conversations/${conversationId}/receipts`;
+    return this.json<{ receipts: Omit<Receipt, "type">[] }>("GET", path, "receipts").then((b) => b.receipts);
   }
 
   /** Creates a group with the caller as member and admin; returns its conversation id. */
   async createGroup(name: string, members: string[]): Promise<string> {
     if (name.trim() === "") throw badInput("a group needs a name");
     members.forEach(checkUser);
-    const body = await this.json<{ conversation_id: string }>("POST", "/v1/groups", { name, members });
+    const body = await this.json<{ conversation_id: string }>("POST", "/v1/groups", undefined, { name, members });
     return body.conversation_id;
   }
 
@@ -100,7 +103,7 @@ export class HttpApi {
   async addMembers(conversationId: string, users: string[]): Promise<void> {
     checkConversation(conversationId);
     users.forEach(checkUser);
-    await this.json("POST", `/v1/groups/${conversationId}/members`, { users });
+    await this.json("POST", `/v1/groups/${conversationId}/members`, undefined, { users });
   }
 
   /** Removes a member (an admin removes anyone, a member removes itself). */
@@ -118,7 +121,7 @@ export class HttpApi {
       headers: { "content-type": mime },
       signal,
     });
-    return bodyOf<UploadedMedia>("POST", "/v1/media", response);
+    return bodyOf<UploadedMedia>("POST", "/v1/media", response, "upload");
   }
 
   /** Downloads media, whole or a byte range (`Range: bytes=start-end`). Fails with `timeout`
@@ -167,7 +170,8 @@ export class HttpApi {
     await this.request("DELETE", `/v1/devices/${device}`);
   }
 
-  private async json<T>(method: string, path: string, body?: unknown): Promise<T> {
+  /** A request of the JSON API; the body of its answer is checked as `answer` when given. */
+  private async json<T>(method: string, path: string, answer?: Answer, body?: unknown): Promise<T> {
     const init: { headers: Record<string, string>; body?: BodyInit; signal: AbortSignal } = {
       headers: {},
       signal: AbortSignal.timeout(this.timeoutMs),
@@ -178,7 +182,7 @@ export class HttpApi {
     }
     try {
       const response = await this.request(method, path, init);
-      return await bodyOf<T>(method, path, response);
+      return await bodyOf<T>(method, path, response, answer);
     } catch (error) {
       if (!init.signal.aborted) throw error;
       throw new CourierError("timeout", `${method} ${path}: no answer within ${this.timeoutMs} ms`);
@@ -209,17 +213,23 @@ export class HttpApi {
 
 /** A successful answer's JSON body; one that is not JSON did not come from Courier (a captive
  * portal's page, a proxy's): `unavailable`, to try again, without a status (the server was not
- * reached). */
-async function bodyOf<T>(method: string, path: string, response: Response): Promise<T> {
+ * reached). One whose fields break the protocol (`brokenAnswer` of `answer`: a seq that is
+ * text, a body that is no object) is refused as `internal`, as such a frame is: taken, it
+ * would corrupt what the client holds, or throw in the views that render it. */
+async function bodyOf<T>(method: string, path: string, response: Response, answer?: Answer): Promise<T> {
   const text = await response.text();
+  let body: unknown;
   try {
-    return JSON.parse(text) as T;
+    body = JSON.parse(text);
   } catch {
     throw new CourierError(
       "unavailable",
       `${method} ${path}: the answer (HTTP ${response.status}) is not JSON, so not the server's: a captive portal's or a proxy's page?`,
     );
   }
+  const broken = answer && brokenAnswer(answer, body);
+  if (broken) throw new CourierError("internal", `${method} ${path}: the answer breaks the protocol (its ${broken})`);
+  return body as T;
 }
 
 /** Aborts its signal once `ms` pass without `heard` (nor `end`). */

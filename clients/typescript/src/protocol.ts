@@ -243,6 +243,12 @@ const EVENT_FIELDS: Record<string, Check> = {
   members: optional(isTexts),
 };
 
+/** A list whose every item has `fields`. */
+const listOf =
+  (fields: Record<string, Check>): Check =>
+  (value) =>
+    Array.isArray(value) && value.every((item) => isRecord(item) && brokenOf(item, fields) === undefined);
+
 /** The fields of the frames the client reads, with their types in PROTOCOL.md. */
 const FRAME_FIELDS: Partial<Record<string, Record<string, Check>>> = {
   hello: { user: isText, device: isText },
@@ -250,7 +256,7 @@ const FRAME_FIELDS: Partial<Record<string, Record<string, Check>>> = {
   event: EVENT_FIELDS,
   messages: {
     conversation_id: isId,
-    events: (value) => Array.isArray(value) && value.every((e) => isRecord(e) && brokenOf(e, EVENT_FIELDS) === undefined),
+    events: listOf(EVENT_FIELDS),
     head_seq: isCount,
   },
   receipt: { conversation_id: isId, user: isText, delivered_seq: isCount, read_seq: isCount },
@@ -258,6 +264,32 @@ const FRAME_FIELDS: Partial<Record<string, Record<string, Check>>> = {
   typing: { conversation_id: isId, user: isText, active: (value) => typeof value === "boolean" },
   error: { code: isText, message: isText },
 };
+
+/** The fields of the HTTP API's answers the client reads, with their types in PROTOCOL.md. */
+const ANSWER_FIELDS = {
+  conversations: {
+    conversations: listOf({
+      conversation_id: isId,
+      kind: isText,
+      name: isText,
+      head_seq: isCount,
+      delivered_seq: isCount,
+      read_seq: isCount,
+    }),
+  },
+  messages: { events: listOf(EVENT_FIELDS), head_seq: isCount, floor_seq: optional(isCount) },
+  receipts: { receipts: listOf({ user: isText, delivered_seq: isCount, read_seq: isCount }) },
+  upload: { media_id: isId, mime: isText, size: isCount, sha256: isText },
+} satisfies Record<string, Record<string, Check>>;
+
+/** An answer of the HTTP API the client reads. */
+export type Answer = keyof typeof ANSWER_FIELDS;
+
+/** The field of an HTTP answer's body whose value breaks PROTOCOL.md, if one does (`body` when
+ * it is no object). */
+export function brokenAnswer(answer: Answer, body: unknown): string | undefined {
+  return isRecord(body) ? brokenOf(body, ANSWER_FIELDS[answer]) : "body";
+}
 
 function brokenOf(record: Record<string, unknown>, fields: Record<string, Check>): string | undefined {
   return Object.keys(fields).find((field) => !fields[field]!(record[field]));

@@ -79,3 +79,43 @@ test("a media download the server stops sending fails with a timeout; one that k
     server.close();
   }
 });
+
+test("an answer whose fields break the protocol is refused as internal, not taken into what the client holds", async () => {
+  const json = (body: unknown) => answering(200, JSON.stringify(body));
+  const summary = { conversation_id: "c1", kind: "direct", name: "bob", head_seq: 1, delivered_seq: 0, read_seq: 0 };
+  const event = {
+    conversation_id: "c1",
+    seq: 1,
+    server_msg_id: "m1",
+    sender: { user: "bob", device: "web" },
+    ts_ms: 1,
+    kind: "message",
+    body: { text: "hi" },
+  };
+  const receipt = { user: "bob", delivered_seq: 1, read_seq: 0 };
+  const upload = { media_id: "media-1", mime: "image/png", size: 1, sha256: "00" };
+  const broken: [string, () => Promise<unknown>][] = [
+    ["no list of conversations", () => json({}).conversations()],
+    ["a summary whose head is text", () => json({ conversations: [{ ...summary, head_seq: "1" }] }).conversations()],
+    ["a summary whose id is no id", () => json({ conversations: [{ ...summary, conversation_id: "../x" }] }).conversations()],
+    ["a summary whose name is no text", () => json({ conversations: [{ ...summary, name: { html: "<b>" } }] }).conversations()],
+    ["an event whose body is text", () => json({ events: [{ ...event, body: "hi" }], head_seq: 1 }).messages("c1")],
+    ["an event without its sender", () => json({ events: [{ ...event, sender: null }], head_seq: 1 }).messages("c1")],
+    ["a page whose head is missing", () => json({ events: [event] }).messages("c1")],
+    ["a receipt whose cursor is text", () => json({ receipts: [{ ...receipt, read_seq: "all" }] }).receipts("c1")],
+    ["an upload without its media id", () => json({ ...upload, media_id: undefined }).uploadMedia(new Uint8Array(1), "image/png")],
+    ["an upload whose size is text", () => json({ ...upload, size: "1" }).uploadMedia(new Uint8Array(1), "image/png")],
+  ];
+  for (const [what, call] of broken) {
+    await assert.rejects(
+      call(),
+      (e: CourierError) => e instanceof CourierError && e.code === "internal" && /breaks the protocol/.test(e.message),
+      what,
+    );
+  }
+  // The same answers, whole, are taken.
+  assert.deepEqual(await json({ conversations: [summary] }).conversations(), [summary]);
+  assert.deepEqual((await json({ events: [event], head_seq: 1, floor_seq: 1 }).messages("c1")).events, [event]);
+  assert.deepEqual(await json({ receipts: [receipt] }).receipts("c1"), [receipt]);
+  assert.deepEqual(await json(upload).uploadMedia(new Uint8Array(1), "image/png"), upload);
+});
