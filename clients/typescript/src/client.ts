@@ -650,7 +650,8 @@ export class CourierClient {
         break;
       default:
         // `hello` comes first and is consumed by the connection; `sent`, `messages` and
-        // `pong` are replies, matched to their requests by `ref`.
+        // `pong` are replies, matched to their requests by `ref`: one here matched none
+        // under way, and is passed over (a `sent` settles only its own send).
         break;
     }
   }

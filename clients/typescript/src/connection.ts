@@ -34,6 +34,8 @@ export interface CloseInfo {
 }
 
 interface PendingReply {
+  /** The request, which its reply must answer (`unanswered`). */
+  request: RequestFrame;
   resolve(frame: ServerFrame): void;
   reject(error: CourierError): void;
   timer: ReturnType<typeof setTimeout>;
@@ -140,7 +142,7 @@ export class Connection {
         this.pending.delete(ref);
         reject(new CourierError("timeout", `no reply to ${frame.type} within ${this.replyTimeoutMs} ms`));
       }, this.replyTimeoutMs);
-      this.pending.set(ref, { resolve: resolve as (f: ServerFrame) => void, reject, timer });
+      this.pending.set(ref, { request: frame, resolve: resolve as (f: ServerFrame) => void, reject, timer });
       try {
         this.send({ ...frame, ref });
       } catch (error) {
@@ -160,11 +162,17 @@ export class Connection {
 
   /** A frame after `hello`: a reply settles its request; anything else goes to `onFrame`, but
    * a frame whose fields break the protocol (a seq that is text, an event without its sender),
-   * which would corrupt what the client holds, is passed over and told to `onBroken`. */
+   * which would corrupt what the client holds, is passed over and told to `onBroken`. A frame
+   * with a request's `ref` that does not answer it (`unanswered`: a `sent` naming another
+   * message or conversation than the send's, a reply of another type) rejects the request as
+   * one that breaks the protocol: taken, it would settle another outbox entry, never sent.
+   * A reply whose `ref` matches no request (none, or one given up after `replyTimeoutMs`)
+   * goes to `onFrame`, which passes it over: a `sent` settles no entry but its send's reply. */
   private receive(frame: ServerFrame): void {
     const ref = "ref" in frame ? frame.ref : undefined;
     const waiting = ref === undefined ? undefined : this.pending.get(ref);
-    const broken = brokenField(frame as ServerFrame & Record<string, unknown>);
+    const broken =
+      brokenField(frame as ServerFrame & Record<string, unknown>) ?? (waiting && unanswered(waiting.request, frame));
     const refusal =
       broken && new CourierError("internal", `the server's ${frame.type} frame breaks the protocol (its ${broken}): passed over`);
     if (waiting) {
@@ -191,6 +199,34 @@ export class Connection {
     this.pending.clear();
     this.handlers.onClose(info);
   }
+}
+
+/** The reply each request has when the server does not refuse it with an `error`. */
+const REPLY_TYPES: Record<RequestFrame["type"], ServerFrame["type"] | undefined> = {
+  send: "sent",
+  delete: "sent",
+  fetch: "messages",
+  ping: "pong",
+  // An ack has no reply but its refusal.
+  ack: undefined,
+};
+
+/** Why a frame carrying a request's `ref` does not answer it (the field that says so), if it
+ * does not: a reply of another type than the request's, one of another conversation, a
+ * `sent` (or an `error`) naming another message than the send's `client_msg_id`. */
+function unanswered(request: RequestFrame, reply: ServerFrame): string | undefined {
+  if (reply.type !== "error" && reply.type !== REPLY_TYPES[request.type]) {
+    return `type, not the reply to a ${request.type}`;
+  }
+  if ("conversation_id" in request && request.conversation_id !== undefined && "conversation_id" in reply) {
+    if (reply.conversation_id !== undefined && reply.conversation_id !== request.conversation_id) {
+      return `conversation_id, another conversation than the ${request.type}'s`;
+    }
+  }
+  if (request.type === "send" && "client_msg_id" in reply && reply.client_msg_id !== undefined) {
+    if (reply.client_msg_id !== request.client_msg_id) return "client_msg_id, another message than the send's";
+  }
+  return undefined;
 }
 
 function parseFrame(data: unknown): ServerFrame | undefined {

@@ -250,3 +250,46 @@ test("a frame whose fields break the protocol is passed over and told as an erro
     "no conversation made up of a frame's fields",
   );
 });
+
+test("a reply to a send that names another message settles neither: each is stored once, as written", async () => {
+  const vic = await user("vic");
+  const network = new Network();
+  const walt = await synced(server, "walt", "web", { network });
+  const conv = (await walt.sendText({ toUser: "vic" }, "hello")).conversation_id;
+  const errors: CourierError[] = [];
+  walt.on("error", (error) => errors.push(error));
+  // A forged (or cross-wired) `sent` for the first send, naming the second message, and then
+  // one that matches no request at all, naming the second again.
+  const forged = { type: "sent", conversation_id: conv, seq: 99, server_msg_id: "forged", ts_ms: 1, duplicate: false };
+  network.answer = (frame) => {
+    if (frame.type !== "send") return undefined;
+    network.answer = undefined;
+    return { ...forged, ref: frame.ref, client_msg_id: "walt-second" };
+  };
+  const first = walt.send({ conversationId: conv }, { text: "first" }, { clientMsgId: "walt-first" });
+  const second = walt.send({ conversationId: conv }, { text: "second" }, { clientMsgId: "walt-second" });
+  const firstRefused = await first.then(
+    () => assert.fail("the first send was settled by a reply naming another message"),
+    (error: CourierError) => error,
+  );
+  assert.equal(firstRefused.code, "internal");
+  assert.match(firstRefused.message, /breaks the protocol \(its client_msg_id/);
+  const failed = () => walt.pending(conv).find((e) => e.client_msg_id === "walt-first")?.failed?.code;
+  assert.equal(failed(), "internal", "the first stays in the outbox, failed, for a retry");
+  // A `sent` that answers no request (no ref) is passed over: it settles no entry either.
+  const told = errors.length;
+  const unasked = [{ ...forged, client_msg_id: "walt-first" }, { type: "typing", conversation_id: conv }];
+  network.answer = (frame) => (frame.type === "typing" ? unasked.shift() : undefined);
+  walt.typing(conv, true);
+  walt.typing(conv, true);
+  await until("the broken typing notice after it was told", () => errors.length > told);
+  network.answer = undefined;
+  assert.equal(failed(), "internal", "the unasked sent settled the first");
+  const stored = await second;
+  assert.notEqual(stored.server_msg_id, "forged", "the second was stored by the server, not by the forged reply");
+  await walt.retry("walt-first");
+  await until("vic has every message", () => texts(vic, conv).length === 3);
+  assert.deepEqual(texts(vic, conv), ["hello", "second", "first"]);
+  assert.deepEqual(texts(walt, conv), ["hello", "second", "first"]);
+  assert.equal(walt.pending(conv).length, 0);
+});
