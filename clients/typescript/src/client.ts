@@ -618,15 +618,22 @@ export class CourierClient {
         this.onStreamedEvent(session, event);
         break;
       }
-      case "receipt":
-        if (this.takeReceipt(this.conversationFor(frame.conversation_id), frame)) {
-          this.emitter.emit("timeline", frame.conversation_id);
-        }
+      // A receipt or typing notice of a conversation the client does not know is passed over:
+      // a conversation appears from its events or the list of conversations, not from these
+      // (a phantom entry, named by its id, with nothing in it). Its receipts are read back
+      // once its latest page is loaded (`loadHistory`).
+      case "receipt": {
+        const conversation = this.conversationsById.get(frame.conversation_id);
+        if (conversation && this.takeReceipt(conversation, frame)) this.emitter.emit("timeline", frame.conversation_id);
         break;
-      case "typing":
-        this.conversationFor(frame.conversation_id).setTyping(frame.user, frame.active, Date.now());
+      }
+      case "typing": {
+        const conversation = this.conversationsById.get(frame.conversation_id);
+        if (!conversation) break;
+        conversation.setTyping(frame.user, frame.active, Date.now());
         this.emitter.emit("typing", frame.conversation_id);
         break;
+      }
       case "trimmed": {
         const conversation = this.conversationFor(frame.conversation_id);
         conversation.timeline.trim(frame.floor_seq);

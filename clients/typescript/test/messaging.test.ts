@@ -293,3 +293,38 @@ test("a reply to a send that names another message settles neither: each is stor
   assert.deepEqual(texts(walt, conv), ["hello", "second", "first"]);
   assert.equal(walt.pending(conv).length, 0);
 });
+
+test("typing notices and receipts of a conversation the client does not know add no conversation", async () => {
+  const xena = await user("xena");
+  const network = new Network();
+  const yuri = await synced(server, "yuri", "web", { network });
+  const conv = (await xena.sendText({ toUser: "yuri" }, "hello")).conversation_id;
+  await until("yuri has it", () => texts(yuri, conv).length === 1);
+  const errors: CourierError[] = [];
+  yuri.on("error", (error) => errors.push(error));
+  let listChanges = 0;
+  yuri.on("conversations", () => listChanges++);
+  const typingIn: string[] = [];
+  yuri.on("typing", (id) => typingIn.push(id));
+  // What a server relays of a conversation yuri holds nothing of, read as the answers to his
+  // typing notices; a broken frame last, whose error says the others were read.
+  const unknown = "no-such-conversation";
+  const frames = [
+    { type: "typing", conversation_id: unknown, user: "xena", active: true },
+    { type: "receipt", conversation_id: unknown, user: "xena", delivered_seq: 5, read_seq: 5 },
+    { type: "typing", conversation_id: conv, user: "xena", active: true },
+    { type: "typing", conversation_id: conv },
+  ];
+  network.answer = (frame) => (frame.type === "typing" ? frames.shift() : undefined);
+  for (let i = 0; i < 4; i++) yuri.typing(conv, true);
+  await until("the frames were read", () => errors.length > 0);
+  network.answer = undefined;
+  assert.deepEqual(
+    yuri.conversations().map((c) => c.id),
+    [conv],
+    "no conversation made up of a typing notice or a receipt",
+  );
+  assert.equal(listChanges, 0, "the list of conversations did not change");
+  assert.deepEqual(typingIn, [conv], "only the known conversation's typing is told");
+  assert.deepEqual(yuri.conversation(conv)?.typing(Date.now()), ["xena"]);
+});
