@@ -188,7 +188,11 @@ export class CourierClient {
           this.stop(error);
           this.emitter.emit("error", error);
         },
-        onReplaced: (error) => this.emitter.emit("error", error),
+        onReplaced: (error) => {
+          // Paused until `resume`: another tab of the device sends the shared outbox meanwhile.
+          this.share?.pause("client");
+          this.emitter.emit("error", error);
+        },
         onBroken: (error) => this.emitter.emit("error", error),
       },
     );
@@ -491,13 +495,16 @@ export class CourierClient {
   // ---- connection --------------------------------------------------------------------
 
   /** Closes the connection and connects no more until `resume` (e.g. while the browser
-   * reports no network); sends wait in the outbox meanwhile. */
+   * reports no network); sends wait in the outbox meanwhile (a shared outbox is given up to
+   * another client, which sends it if it can). */
   pause(): void {
+    this.share?.pause("client");
     this.link.pause();
   }
 
-  /** Connects again after `pause`, at once. */
+  /** Connects again after `pause` (or `replaced`), at once. */
   resume(): void {
+    this.share?.resume("client");
     this.link.resume();
   }
 

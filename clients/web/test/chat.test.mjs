@@ -690,3 +690,97 @@ test("signing out in one tab deletes the unsent messages the device's other tabs
   assert.deepEqual(ola.problems, [], "no script errors in the pages");
   await ola.context.close();
 });
+
+/** A second tab of `who`'s device with the conversation with `name` open, while `who`'s first
+ * tab, which opened first, holds the device's outbox. */
+async function secondTab(who, name) {
+  const second = { ...who, page: await signedIn(who) };
+  await open(second, name);
+  return second;
+}
+
+/** The browser's id of the tab (the client) that holds the device's outbox, as `who`'s tab
+ * sees it. */
+function holder(who) {
+  return who.page.evaluate(async () => {
+    const held = (await navigator.locks.query()).held.filter((lock) => lock.name.startsWith("courier-outbox"));
+    return held.length === 1 ? held[0].clientId : `${held.length} holders`;
+  });
+}
+
+test("a tab frozen in the background gives the device's outbox up: another tab sends at once, and the frozen one takes it back once it runs", async () => {
+  const nia = await person("nia");
+  const rob = await client(server, "rob", "node");
+  await rob.sendText({ toUser: "nia" }, "Frozen?");
+  await open(nia, "rob");
+  const second = await secondTab(nia, "rob");
+  // The browser freezes the first tab (as Chromium does to background tabs): it is told
+  // (`freeze`), and none of its scripts run until it is resumed. (Headless Chromium's frozen
+  // state, by the DevTools protocol, neither tells the page nor stops its scripts: the test
+  // tells it, and the debugger stops them.)
+  const cdp = await nia.context.newCDPSession(nia.page);
+  const first = await holder(second);
+  await nia.page.evaluate(() => document.dispatchEvent(new Event("freeze")));
+  await until("the frozen tab gave the outbox up", async () => (await holder(second)) !== first);
+  await cdp.send("Debugger.enable");
+  await cdp.send("Debugger.pause");
+  await send(second, "Sent while the first tab is frozen");
+  await message(second, "Sent while the first tab is frozen").locator('.ticks:not([data-status="pending"])').waitFor(WAIT);
+  await shot(second, "sent-while-first-tab-frozen");
+
+  // Running again, the first tab asks for the outbox again, and has it once the second closes.
+  await cdp.send("Debugger.resume");
+  await nia.page.evaluate(() => document.dispatchEvent(new Event("resume")));
+  await second.page.close();
+  await send(nia, "Sent from the first tab again");
+  await message(nia, "Sent from the first tab again").locator('.ticks:not([data-status="pending"])').waitFor(WAIT);
+  // Each is stored once (an entry another tab had in its outbox may be sent again by the next
+  // owner: the server answers it as a duplicate).
+  const texts = () => rob.conversations().flatMap((c) => c.timeline.list().map((event) => event.body?.text));
+  await until("rob has both", () => texts().includes("Sent from the first tab again"));
+  assert.deepEqual(texts(), ["Frozen?", "Sent while the first tab is frozen", "Sent from the first tab again"]);
+  assert.deepEqual(nia.problems, [], "no script errors in the pages");
+  await nia.context.close();
+});
+
+test("a tab whose connection newer ones took gives the device's outbox up: the device's other tab sends", async () => {
+  const sid = await person("sid");
+  const tom = await client(server, "tom", "node");
+  await tom.sendText({ toUser: "sid" }, "Replaced?");
+  await open(sid, "tom");
+  const second = await secondTab(sid, "tom");
+  // Fifteen more connections of sid's "web" device: the first tab's, the oldest of 17, is closed.
+  const token = server.token("sid", "web");
+  const others = [];
+  for (let i = 0; i < 15; i++) others.push(await client(server, "sid", "web", { token }));
+  await sid.page.locator("#replaced-notice").waitFor(WAIT);
+  await send(second, "Sent while the first tab waits");
+  await message(second, "Sent while the first tab waits").locator('.ticks:not([data-status="pending"])').waitFor(WAIT);
+  others.forEach((other) => other.close());
+  assert.deepEqual(sid.problems, [], "no script errors in the pages");
+  await sid.context.close();
+});
+
+test("a hidden tab hands the device's outbox over to a tab waiting for it: suspended after, it holds no message back", async () => {
+  const val = await person("val");
+  const ugo = await client(server, "ugo", "node");
+  await ugo.sendText({ toUser: "val" }, "Hidden?");
+  await open(val, "ugo");
+  const second = await secondTab(val, "ugo");
+  const first = await holder(val);
+  // The first tab is hidden (another tab is shown), and then suspended without a word, as
+  // Safari does to hidden pages: none of its scripts run any more.
+  await val.page.evaluate(() => {
+    Object.defineProperty(document, "visibilityState", { value: "hidden", configurable: true });
+    document.dispatchEvent(new Event("visibilitychange"));
+  });
+  await until("the first tab handed the outbox over", async () => (await holder(val)) !== first);
+  const debug = await val.context.newCDPSession(val.page);
+  await debug.send("Debugger.enable");
+  await debug.send("Debugger.pause");
+  await send(second, "Sent while the first tab is suspended");
+  await message(second, "Sent while the first tab is suspended").locator('.ticks:not([data-status="pending"])').waitFor(WAIT);
+  await debug.send("Debugger.resume");
+  assert.deepEqual(val.problems, [], "no script errors in the pages");
+  await val.context.close();
+});
