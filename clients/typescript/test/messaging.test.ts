@@ -300,6 +300,8 @@ test("typing notices and receipts of a conversation the client does not know add
   const yuri = await synced(server, "yuri", "web", { network });
   const conv = (await xena.sendText({ toUser: "yuri" }, "hello")).conversation_id;
   await until("yuri has it", () => texts(yuri, conv).length === 1);
+  // The list's reload that the new conversation started is over before the count begins.
+  await yuri.refreshConversations();
   const errors: CourierError[] = [];
   yuri.on("error", (error) => errors.push(error));
   let listChanges = 0;
