@@ -699,3 +699,102 @@ fn an_entry_named_in_a_long_name_header_is_refused_before_it_is_read() {
     let long = tar.into_inner().unwrap();
     refused(archives.path(), &long, target.path(), "@LongLink");
 }
+
+/// A `courier restore` into `data_dir` reading the archive from its standard input, given the
+/// first `part` of `archive`'s bytes and held there, its staging store made.
+fn restore_held_after(archive: &Path, part: usize, data_dir: &Path) -> std::process::Child {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_courier"))
+        .args(["restore", "--from", "-", "--data-dir"])
+        .arg(data_dir)
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let whole = std::fs::read(archive).unwrap();
+    let stdin = child.stdin.as_mut().unwrap();
+    stdin.write_all(&whole[..part]).unwrap();
+    stdin.flush().unwrap();
+    let staged = data_dir.join("store.restoring").join("version");
+    let deadline = std::time::Instant::now() + support::WAIT;
+    while !staged.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the restore never began its store"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child
+}
+
+/// A server on `data_dir` serves bob the message of [`backup_of_a_message`].
+async fn serves_the_message(data_dir: &Path) {
+    let restored = Server::start_in(data_dir, &[]);
+    let mut bob = restored.connect("bob", "phone").await;
+    assert_eq!(caught_up(&mut bob).await, vec![(1, "hello".to_owned())]);
+}
+
+/// A restore killed midway (`kill -9`, a lost SSH session, the machine stopping) leaves its
+/// staging directories: the next restore into the same data directory clears them, says so,
+/// and leaves none behind.
+#[tokio::test]
+async fn a_restore_killed_midway_is_cleared_by_the_next_one_which_says_so() {
+    let (backed, target) = (backup_of_a_message().await, tempfile::tempdir().unwrap());
+    // The manifest (a header and a block) and the next entry's header.
+    let mut killed = restore_held_after(&backed.archive, 1536, target.path());
+    killed.kill().unwrap();
+    killed.wait().unwrap();
+    let staging = target.path().join("store.restoring");
+    assert!(staging.exists(), "the killed restore left its staging");
+
+    let said = succeeded(&restore(&backed.archive, target.path()));
+    assert!(
+        said.contains(&format!("cleared {}", staging.display())),
+        "{said}"
+    );
+    assert!(said.contains("cut short"), "{said}");
+    assert!(!staging.exists());
+    assert!(!target.path().join("media").join("restoring").exists());
+    serves_the_message(target.path()).await;
+}
+
+/// Two restores into one data directory at once: the second is refused and deletes nothing
+/// of the first, which ends whole (the second deleted the first's staging store and wrote its
+/// own there, and the first moved that one, half written, into place or failed).
+#[tokio::test]
+async fn a_restore_into_a_data_directory_another_restore_is_writing_is_refused() {
+    use std::io::Write;
+    let (backed, target) = (backup_of_a_message().await, tempfile::tempdir().unwrap());
+    let mut first = restore_held_after(&backed.archive, 1536, target.path());
+
+    let said = failed(&restore(&backed.archive, target.path()));
+    assert!(said.contains("another `courier restore`"), "{said}");
+
+    let whole = std::fs::read(&backed.archive).unwrap();
+    let mut stdin = first.stdin.take().unwrap();
+    stdin.write_all(&whole[1536..]).unwrap();
+    drop(stdin);
+    succeeded(&first.wait_with_output().unwrap());
+    serves_the_message(target.path()).await;
+}
+
+/// A directory where a restore stages its store or its media that a restore did not make
+/// (no mark of one) is refused, and nothing in it deleted.
+#[tokio::test]
+async fn a_restore_deletes_no_staging_directory_it_did_not_make() {
+    let backed = backup_of_a_message().await;
+    for staging in ["store.restoring", "media/restoring"] {
+        let target = tempfile::tempdir().unwrap();
+        let theirs = target.path().join(staging);
+        std::fs::create_dir_all(&theirs).unwrap();
+        std::fs::write(theirs.join("precious"), b"not a restore's").unwrap();
+
+        let said = failed(&restore(&backed.archive, target.path()));
+        assert!(said.contains("is in the way"), "{said}");
+        assert_eq!(
+            std::fs::read(theirs.join("precious")).unwrap(),
+            b"not a restore's"
+        );
+        assert!(!target.path().join("store").exists());
+    }
+}

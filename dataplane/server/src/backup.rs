@@ -481,20 +481,20 @@ impl Visitor for Checker {
 
 /// Writes a new data directory from an archive: the store and the media bytes in directories
 /// of their own, moved into place once the archive has been read whole ([`restore`]).
-struct Restorer {
+struct Restorer<'a> {
     data_dir: PathBuf,
     media_dir: PathBuf,
-    staging: PathBuf,
+    staging: &'a Staging,
     /// Where the media bytes are written until the archive has been read whole: a restore
     /// that fails leaves none in the media directory, where no record would keep them.
-    media_staging: PathBuf,
+    media_staging: &'a Staging,
     import: Option<(StoreImport, u64)>,
     secret: Option<Vec<u8>>,
 }
 
-impl Visitor for Restorer {
+impl Visitor for Restorer<'_> {
     fn manifest(&mut self, ceiling: u64) -> anyhow::Result<()> {
-        self.import = Some((StoreImport::create(&self.staging)?, ceiling));
+        self.import = Some((StoreImport::create(&self.staging.path)?, ceiling));
         Ok(())
     }
 
@@ -505,7 +505,7 @@ impl Visitor for Restorer {
     }
 
     fn media(&mut self, sha256: &str, bytes: &mut dyn Read) -> anyhow::Result<()> {
-        let staging = &self.media_staging;
+        let staging = &self.media_staging.path;
         let mut file = tempfile::NamedTempFile::new_in(staging)
             .with_context(|| format!("writing media bytes in {}", staging.display()))?;
         copy_checked(bytes, sha256, &mut file)?;
@@ -532,13 +532,17 @@ impl Visitor for Restorer {
         let (import, ceiling) = self.import.take().context("no manifest")?;
         import.finish(ceiling)?;
         let blobs = self.media_dir.join("blobs");
-        for entry in std::fs::read_dir(&self.media_staging)? {
+        for entry in std::fs::read_dir(&self.media_staging.path)? {
             let entry = entry?;
+            if entry.file_name() == STAGING_MARK {
+                continue;
+            }
             std::fs::rename(entry.path(), blobs.join(entry.file_name()))
                 .with_context(|| format!("moving media bytes into {}", blobs.display()))?;
         }
         sync_dir(&blobs)?;
-        std::fs::remove_dir(&self.media_staging)?;
+        self.media_staging.unmark()?;
+        std::fs::remove_dir(&self.media_staging.path)?;
         // The store last, once everything it needs is in place: a restore that fails or is
         // killed before leaves no store that a server would open (with a new secret, which
         // the tokens signed with the restored one would not pass).
@@ -550,8 +554,108 @@ impl Visitor for Restorer {
                 .with_context(|| format!("placing {}", self.data_dir.join(SECRET).display()))?;
             sync_dir(&self.data_dir)?;
         }
-        std::fs::rename(&self.staging, self.data_dir.join(STORE_DIR))?;
+        self.staging.unmark()?;
+        std::fs::rename(&self.staging.path, self.data_dir.join(STORE_DIR))?;
         sync_dir(&self.data_dir)
+    }
+}
+
+/// A directory a restore writes into before it moves what it wrote into place. It holds
+/// [`STAGING_MARK`], locked for as long as the restore that made it runs: a restore that finds
+/// one whose mark is not locked knows an earlier restore was cut short there (killed, or the
+/// machine stopped) and clears it; a locked mark is a restore under way, and a directory with
+/// something in it and no mark is someone else's: both are refused, never deleted.
+struct Staging {
+    path: PathBuf,
+    /// Locked until dropped (or the process ends, however it ends).
+    _mark: std::fs::File,
+}
+
+/// The file that marks a directory as a restore's staging ([`Staging`]).
+const STAGING_MARK: &str = "courier-restore.lock";
+
+impl Staging {
+    /// Makes `path` (or takes an empty directory there), or takes over and empties the one an
+    /// earlier restore cut short left there, saying so on standard error.
+    fn claim(path: &Path) -> anyhow::Result<Self> {
+        use std::io::ErrorKind;
+        let mut dir = std::fs::DirBuilder::new();
+        std::os::unix::fs::DirBuilderExt::mode(&mut dir, 0o700);
+        match dir.create(path) {
+            Err(e) if e.kind() != ErrorKind::AlreadyExists => {
+                return Err(e).with_context(|| format!("creating {}", path.display()));
+            }
+            _ => {}
+        }
+        let mut open = std::fs::OpenOptions::new();
+        open.write(true);
+        let mark = match open.open(path.join(STAGING_MARK)) {
+            Err(e) if e.kind() == ErrorKind::NotFound && is_empty_dir(path)? => {
+                open.create(true).open(path.join(STAGING_MARK))
+            }
+            opened => opened,
+        };
+        let mark = match mark {
+            Ok(mark) => mark,
+            Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::NotADirectory) => {
+                bail!(
+                    "{} is in the way, and is not what a restore left (it holds no \
+                     {STAGING_MARK}): move it away, then restore again",
+                    path.display()
+                )
+            }
+            Err(e) => return Err(e).with_context(|| format!("opening {}", path.display())),
+        };
+        match mark.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => bail!(
+                "another `courier restore` is writing into {}: let it end (or stop it), then \
+                 restore again",
+                path.display()
+            ),
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("locking {}", path.display()));
+            }
+        }
+        let mut cleared = false;
+        for entry in std::fs::read_dir(path)? {
+            let entry = entry?;
+            if entry.file_name() == STAGING_MARK {
+                continue;
+            }
+            let removed = if entry.file_type()?.is_dir() {
+                std::fs::remove_dir_all(entry.path())
+            } else {
+                std::fs::remove_file(entry.path())
+            };
+            removed.with_context(|| format!("clearing {}", entry.path().display()))?;
+            cleared = true;
+        }
+        if cleared {
+            eprintln!(
+                "cleared {}: an earlier restore was cut short there",
+                path.display()
+            );
+        }
+        Ok(Self {
+            path: path.to_owned(),
+            _mark: mark,
+        })
+    }
+
+    /// Removes the mark, before what the directory holds is moved into place (the lock is
+    /// held until the end all the same).
+    fn unmark(&self) -> anyhow::Result<()> {
+        let mark = self.path.join(STAGING_MARK);
+        std::fs::remove_file(&mark).with_context(|| format!("removing {}", mark.display()))
+    }
+}
+
+fn is_empty_dir(path: &Path) -> anyhow::Result<bool> {
+    match std::fs::read_dir(path) {
+        Ok(mut entries) => Ok(entries.next().is_none()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => Ok(false),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
     }
 }
 
@@ -578,39 +682,33 @@ pub fn restore(
             data_dir.display()
         );
     }
-    let staging = data_dir.join(format!("{STORE_DIR}.restoring"));
-    let media_staging = media_dir.join("restoring");
     for dir in [data_dir, media_dir, &media_dir.join("blobs")] {
         courier_core::dirs::create_private(dir)
             .with_context(|| format!("creating {}", dir.display()))?;
     }
-    // What an earlier restore cut short left behind.
-    for dir in [&staging, &media_staging] {
-        match std::fs::remove_dir_all(dir) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(e).with_context(|| format!("removing {}", dir.display()));
-            }
-            _ => {}
-        }
-    }
     if store.exists() {
         std::fs::remove_dir(&store).with_context(|| format!("removing {}", store.display()))?;
     }
-    courier_core::dirs::create_private(&staging)?;
-    courier_core::dirs::create_private(&media_staging)?;
-    let mut restorer = Restorer {
-        data_dir: data_dir.to_owned(),
-        media_dir: media_dir.to_owned(),
-        staging: staging.clone(),
-        media_staging: media_staging.clone(),
-        import: None,
-        secret: None,
-    };
-    let restored = read_archive(input, &mut restorer, &mut Progress::new("restoring", quiet));
-    drop(restorer);
+    // Each removed if the restore fails: it is this restore's.
+    let staging = Staging::claim(&data_dir.join(format!("{STORE_DIR}.restoring")))?;
+    let restored = Staging::claim(&media_dir.join("restoring")).and_then(|media_staging| {
+        let mut restorer = Restorer {
+            data_dir: data_dir.to_owned(),
+            media_dir: media_dir.to_owned(),
+            staging: &staging,
+            media_staging: &media_staging,
+            import: None,
+            secret: None,
+        };
+        let restored = read_archive(input, &mut restorer, &mut Progress::new("restoring", quiet));
+        drop(restorer);
+        if restored.is_err() {
+            let _ = std::fs::remove_dir_all(&media_staging.path);
+        }
+        restored
+    });
     if restored.is_err() {
-        let _ = std::fs::remove_dir_all(&staging);
-        let _ = std::fs::remove_dir_all(&media_staging);
+        let _ = std::fs::remove_dir_all(&staging.path);
     }
     restored
 }
