@@ -798,3 +798,59 @@ async fn a_restore_deletes_no_staging_directory_it_did_not_make() {
         assert!(!target.path().join("store").exists());
     }
 }
+
+/// What a device that received messages sent after the backup sees once the server is
+/// restored (`docs/operations.md`, "After a restore"): it is served from the restored head
+/// whatever cursor it claims, its ack past the head is refused `bad_request`, and the new
+/// message takes a seq it holds, with another `server_msg_id`, by which a client can tell.
+#[tokio::test]
+async fn a_device_ahead_of_a_restored_server_can_tell_its_copy_is_no_longer_the_servers() {
+    let (first, second, archives) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let mut server = with_a_message(first.path()).await;
+    let archive = archives.path().join("before.tar");
+    succeeded(&backup(first.path(), &archive));
+    let mut bob = server.connect("bob", "phone").await;
+    bob.events_until_sync_done().await.unwrap();
+    let mut alice = server.connect("alice", "phone").await;
+    alice.events_until_sync_done().await.unwrap();
+    let lost = alice
+        .send_text(Target::User("bob".into()), "m2", "lost by the restore")
+        .await
+        .unwrap();
+    let held = support::next_event(&mut bob).await;
+    assert_eq!((held.seq, &held.server_msg_id), (2, &lost.server_msg_id));
+    let conv = lost.conversation_id.clone();
+    bob.ack(&conv, 2, AckKind::Delivered).await.unwrap();
+    drop((alice, bob));
+    server.terminate();
+
+    succeeded(&restore(&archive, second.path()));
+    let restored = Server::start_in(second.path(), &[]);
+    let mut bob = restored.connect("bob", "phone").await;
+    assert_eq!(caught_up(&mut bob).await, vec![(1, "hello".to_owned())]);
+    let claimed = std::collections::BTreeMap::from([(conv.clone(), 2)]);
+    assert!(bob.sync(claimed).await.unwrap().is_empty());
+    bob.ack(&conv, 2, AckKind::Delivered).await.unwrap();
+    let refused = loop {
+        if let ServerFrame::Error(e) = bob.next_frame_within(support::WAIT).await.unwrap() {
+            break e;
+        }
+    };
+    assert_eq!(refused.code, ErrorCode::BadRequest, "{refused:?}");
+    assert!(refused.message.contains("beyond"), "{refused:?}");
+
+    let mut alice = restored.connect("alice", "phone").await;
+    alice.events_until_sync_done().await.unwrap();
+    let new = alice
+        .send_text(Target::User("bob".into()), "m3", "after the restore")
+        .await
+        .unwrap();
+    let live = support::next_event(&mut bob).await;
+    assert_eq!(live.seq, 2, "a seq bob holds");
+    assert_eq!(live.server_msg_id, new.server_msg_id);
+    assert_ne!(live.server_msg_id, held.server_msg_id, "bob can tell");
+}
