@@ -854,3 +854,35 @@ async fn a_device_ahead_of_a_restored_server_can_tell_its_copy_is_no_longer_the_
     assert_eq!(live.server_msg_id, new.server_msg_id);
     assert_ne!(live.server_msg_id, held.server_msg_id, "bob can tell");
 }
+
+/// A server started on a data directory where a restore was cut short (or is under way) is
+/// refused: it started with an empty store and a new token secret, and the restore, run
+/// again, was refused for the store it had made. Once the restore is run again, it starts.
+#[tokio::test]
+async fn a_server_is_not_started_where_a_restore_was_cut_short() {
+    let (backed, target) = (backup_of_a_message().await, tempfile::tempdir().unwrap());
+    let mut killed = restore_held_after(&backed.archive, 1536, target.path());
+    killed.kill().unwrap();
+    killed.wait().unwrap();
+
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_courier"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(target.path())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + support::WAIT;
+    while serve.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() >= deadline {
+            serve.kill().unwrap();
+            panic!("the server started on a data directory a restore had not finished");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let said = failed(&serve.wait_with_output().unwrap());
+    assert!(said.contains("did not finish"), "{said}");
+    assert!(!target.path().join("store").exists());
+
+    succeeded(&restore(&backed.archive, target.path()));
+    serves_the_message(target.path()).await;
+}

@@ -659,6 +659,29 @@ fn is_empty_dir(path: &Path) -> anyhow::Result<bool> {
     }
 }
 
+/// Where a restore into `data_dir` writes the store before it moves it into place.
+fn store_staging(data_dir: &Path) -> PathBuf {
+    data_dir.join(format!("{STORE_DIR}.restoring"))
+}
+
+/// Refuses to open a store in `data_dir` where a restore was cut short, or is under way: the
+/// server would start with an empty store (and make a new token secret), and the restore, run
+/// again, would be refused for the store it made.
+pub fn check_no_restore_left(data_dir: &Path) -> anyhow::Result<()> {
+    let staging = store_staging(data_dir);
+    if staging.exists() && !data_dir.join(STORE_DIR).join("version").exists() {
+        bail!(
+            "a `courier restore` into {} did not finish ({} is there, and no store): run the \
+             restore again (it clears what the first left), or delete {} to start with an empty \
+             store",
+            data_dir.display(),
+            staging.display(),
+            staging.display()
+        );
+    }
+    Ok(())
+}
+
 fn sync_dir(dir: &Path) -> anyhow::Result<()> {
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
@@ -690,7 +713,7 @@ pub fn restore(
         std::fs::remove_dir(&store).with_context(|| format!("removing {}", store.display()))?;
     }
     // Each removed if the restore fails: it is this restore's.
-    let staging = Staging::claim(&data_dir.join(format!("{STORE_DIR}.restoring")))?;
+    let staging = Staging::claim(&store_staging(data_dir))?;
     let restored = Staging::claim(&media_dir.join("restoring")).and_then(|media_staging| {
         let mut restorer = Restorer {
             data_dir: data_dir.to_owned(),

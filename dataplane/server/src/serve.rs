@@ -248,6 +248,7 @@ async fn open_engine(
 ) -> anyhow::Result<(Arc<dyn KvEngine>, Option<Arc<EmbeddedEngine>>)> {
     match config.store {
         StoreKind::Embedded => {
+            crate::backup::check_no_restore_left(&config.data_dir)?;
             // Before fjall makes it (with the umask's mode): it holds every message.
             let path = config.data_dir.join(STORE_DIR);
             courier_core::dirs::create_private(&path)
