@@ -106,7 +106,7 @@ struct Backed {
     archives: tempfile::TempDir,
     // Dropped in this order: the server before its data directory.
     _server: Server,
-    _data_dir: tempfile::TempDir,
+    data_dir: tempfile::TempDir,
 }
 
 async fn backup_of_a_message() -> Backed {
@@ -118,7 +118,7 @@ async fn backup_of_a_message() -> Backed {
         archive,
         archives,
         _server: server,
-        _data_dir: data_dir,
+        data_dir,
     }
 }
 
@@ -885,4 +885,73 @@ async fn a_server_is_not_started_where_a_restore_was_cut_short() {
 
     succeeded(&restore(&backed.archive, target.path()));
     serves_the_message(target.path()).await;
+}
+
+/// The hidden files in `dir` (a backup's file while it is written).
+fn hidden_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with('.'))
+        .collect();
+    names.sort();
+    names
+}
+
+/// A backup killed while it writes (`kill -9`, a cron job's timeout, the machine stopping)
+/// leaves its file beside `--to`, as large as what it wrote: the next backup into that
+/// directory removes it and says so, and keeps the file of a backup under way and a file it
+/// did not write.
+#[tokio::test]
+async fn a_backup_killed_midway_leaves_a_file_the_next_one_removes() {
+    use std::io::Write;
+    let backed = backup_of_a_message().await;
+    let archives = backed.archives.path();
+    // A server that begins each backup and sends nothing more.
+    let held = tempfile::tempdir().unwrap();
+    let listener = std::os::unix::net::UnixListener::bind(held.path().join("backup.sock")).unwrap();
+    let (accepted_tx, accepted) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut streams = Vec::new();
+        for stream in listener.incoming() {
+            let mut stream = stream.unwrap();
+            stream.write_all(b"OK\n").unwrap();
+            streams.push(stream);
+            if accepted_tx.send(()).is_err() {
+                break;
+            }
+        }
+    });
+    let held_backup = |to: &str| {
+        let child = Command::new(env!("CARGO_BIN_EXE_courier"))
+            .args(["backup", "--data-dir"])
+            .arg(held.path())
+            .arg("--to")
+            .arg(archives.join(to))
+            .spawn()
+            .unwrap();
+        accepted.recv_timeout(support::WAIT).unwrap();
+        child
+    };
+    let theirs = archives.join(".courier-backup-theirs.partial");
+    std::fs::write(&theirs, b"not a backup's").unwrap();
+    let mut under_way = held_backup("under-way.tar");
+    let before = hidden_in(archives);
+    let mut killed = held_backup("killed.tar");
+    killed.kill().unwrap();
+    killed.wait().unwrap();
+    let left = hidden_in(archives);
+    assert_eq!(left.len(), before.len() + 1, "{before:?} -> {left:?}");
+
+    let said = succeeded(&backup(backed.data_dir.path(), &archives.join("next.tar")));
+    assert!(said.contains("cut short"), "{said}");
+    assert_eq!(
+        hidden_in(archives),
+        before,
+        "the killed one's file removed, no other"
+    );
+    assert_eq!(std::fs::read(&theirs).unwrap(), b"not a backup's");
+    under_way.kill().unwrap();
+    under_way.wait().unwrap();
 }

@@ -1090,8 +1090,15 @@ impl Output {
             _ => Path::new("."),
         };
         // Readable by this user alone, as the data directory is: it holds every message.
-        let file = tempfile::NamedTempFile::new_in(dir)
+        let file = tempfile::Builder::new()
+            .prefix(PARTIAL_PREFIX)
+            .suffix(PARTIAL_SUFFIX)
+            .tempfile_in(dir)
             .with_context(|| format!("creating a file in {}", dir.display()))?;
+        file.as_file()
+            .try_lock()
+            .with_context(|| format!("locking {}", file.path().display()))?;
+        remove_backups_cut_short(dir);
         Ok(Self::File {
             file: std::io::BufWriter::with_capacity(1 << 20, file),
             path: path.to_owned(),
@@ -1108,6 +1115,55 @@ impl Output {
                     .with_context(|| format!("moving the backup to {}", path.display()))?;
                 Ok(())
             }
+        }
+    }
+}
+
+/// How the file a backup writes beside `--to` is named: `.courier-backup-XXXXXX.partial`. It is
+/// locked while the backup runs.
+const PARTIAL_PREFIX: &str = ".courier-backup-";
+const PARTIAL_SUFFIX: &str = ".partial";
+
+/// Removes from `dir` the files of backups that were cut short there (killed, or the machine
+/// stopped): named as [`Output`] names them, unlocked (no backup is writing them), and empty or
+/// beginning as an archive does. Each is said on standard error; one that cannot be removed
+/// too, and the backup goes on.
+fn remove_backups_cut_short(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let ours = name
+            .to_str()
+            .is_some_and(|n| n.starts_with(PARTIAL_PREFIX) && n.ends_with(PARTIAL_SUFFIX));
+        if !ours || !entry.file_type().is_ok_and(|t| t.is_file()) {
+            continue;
+        }
+        let Ok(file) = std::fs::File::open(entry.path()) else {
+            continue;
+        };
+        if file.try_lock().is_err() {
+            continue;
+        }
+        let mut start = Vec::new();
+        if (&file)
+            .take(MANIFEST.len() as u64)
+            .read_to_end(&mut start)
+            .is_err()
+            || !MANIFEST.as_bytes().starts_with(&start)
+        {
+            continue;
+        }
+        match std::fs::remove_file(entry.path()) {
+            Ok(()) => eprintln!(
+                "removed {}: a backup cut short left it",
+                entry.path().display()
+            ),
+            Err(e) => eprintln!(
+                "{} is what a backup cut short left; it could not be removed: {e}",
+                entry.path().display()
+            ),
         }
     }
 }
