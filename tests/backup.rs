@@ -472,6 +472,7 @@ fn refused(archives: &Path, bytes: &[u8], target: &Path, why: &str) {
     std::fs::write(&archive, bytes).unwrap();
     let said = failed(&restore(&archive, target));
     assert!(said.contains(why), "{said}");
+    assert!(!said.contains("   "), "a message to read: {said}");
     assert!(!target.join("store").exists(), "nothing restored");
 }
 

@@ -520,7 +520,8 @@ impl Visitor for Restorer<'_> {
         let text = std::str::from_utf8(&secret).map_or("", str::trim);
         if text.len() < MIN_SECRET_BYTES {
             bail!(
-                "the backup's {SECRET} is damaged: {} bytes of text, fewer than the                  {MIN_SECRET_BYTES} a server takes",
+                "the backup's {SECRET} is damaged: {} bytes of text, fewer than the \
+                 {MIN_SECRET_BYTES} a server takes",
                 text.len()
             );
         }

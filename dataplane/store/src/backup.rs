@@ -194,7 +194,8 @@ impl StoreImport {
 pub fn check_ceiling(ceiling: u64) -> Result<(), StoreError> {
     if ceiling > COMMIT_VERSION_CEILING_MAX {
         return Err(StoreError::Engine(format!(
-            "a commit versions' ceiling of {ceiling} is past any a store reaches              ({COMMIT_VERSION_CEILING_MAX}): the copy is damaged"
+            "a commit versions' ceiling of {ceiling} is past any a store reaches \
+             ({COMMIT_VERSION_CEILING_MAX}): the copy is damaged"
         )));
     }
     Ok(())
