@@ -414,7 +414,7 @@ mod tests {
     use super::*;
     use crate::crd::EmbeddedStorage;
     use k8s_openapi::api::apps::v1::StatefulSet;
-    use k8s_openapi::api::core::v1::{PodTemplateSpec, ResourceRequirements};
+    use k8s_openapi::api::core::v1::{PodTemplateSpec, Probe, ResourceRequirements};
     use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
     use std::collections::BTreeMap;
@@ -676,6 +676,25 @@ mod tests {
             let window =
                 startup.period_seconds.unwrap_or(10) * startup.failure_threshold.unwrap_or(3);
             assert!(window >= pod::STARTUP_SECONDS, "{role}: {startup:?}");
+        }
+    }
+
+    /// A loaded pod answers its probes late, not never: each probe waits 5 s for the answer
+    /// (Kubernetes' default, 1 s, failed a busy pod), a pod leaves its Service after 10 s of
+    /// failed readiness probes and is restarted only after 30 s of failed liveness probes.
+    #[test]
+    fn every_pod_is_probed_patiently_and_restarted_only_after_30_seconds() {
+        let window = |role: &str, probe: &Option<Probe>| {
+            let probe = probe.clone().unwrap_or_default();
+            assert_eq!(probe.timeout_seconds, Some(5), "{role}: {probe:?}");
+            probe.period_seconds.unwrap_or(10) * probe.failure_threshold.unwrap_or(3)
+        };
+        let (pods, _) = every_pod_and_service();
+        for (role, _, pod) in pods {
+            let container = &pod.spec.unwrap().containers[0];
+            window(role, &container.startup_probe);
+            assert_eq!(window(role, &container.liveness_probe), 30, "{role}");
+            assert_eq!(window(role, &container.readiness_probe), 10, "{role}");
         }
     }
 }

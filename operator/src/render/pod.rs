@@ -41,6 +41,16 @@ pub const INTERNAL_PORT: i32 = 7500;
 pub const STARTUP_SECONDS: i32 = 300;
 /// Seconds between two probes of a pod.
 const PROBE_PERIOD_SECONDS: i32 = 5;
+/// How long a probe waits for the answer. Kubernetes' default, 1 s, fails a healthy pod whose
+/// answer waits behind a loaded runtime or a long accept queue, and restarted a busy one.
+const PROBE_TIMEOUT_SECONDS: i32 = 5;
+/// Failed liveness probes in a row before the pod is restarted: 30 s of them. A pod that only
+/// answers slowly is taken out of its Service first ([`READINESS_FAILURES`]), which sheds its
+/// new connections, rather than killed with every connection it holds.
+const LIVENESS_FAILURES: i32 = 6;
+/// Failed readiness probes in a row before the pod leaves its Service's endpoints (10 s): one
+/// slow answer does not take a gateway out.
+const READINESS_FAILURES: i32 = 2;
 /// Where a pod keeps its data directory.
 pub const DATA_DIR: &str = "/var/lib/courier";
 
@@ -398,8 +408,8 @@ pub fn template(
         resources: Some(resources.unwrap_or_else(|| component.default_resources())),
         volume_mounts: Some(mounts),
         startup_probe: Some(probe("/healthz", STARTUP_SECONDS / PROBE_PERIOD_SECONDS)),
-        liveness_probe: Some(probe("/healthz", 3)),
-        readiness_probe: Some(probe("/readyz", 1)),
+        liveness_probe: Some(probe("/healthz", LIVENESS_FAILURES)),
+        readiness_probe: Some(probe("/readyz", READINESS_FAILURES)),
         lifecycle: Some(Lifecycle {
             pre_stop: Some(LifecycleHandler {
                 sleep: Some(SleepAction {
@@ -575,6 +585,7 @@ fn probe(path: &str, failure_threshold: i32) -> Probe {
             ..HTTPGetAction::default()
         }),
         period_seconds: Some(PROBE_PERIOD_SECONDS),
+        timeout_seconds: Some(PROBE_TIMEOUT_SECONDS),
         failure_threshold: Some(failure_threshold),
         ..Probe::default()
     }
