@@ -246,6 +246,8 @@ fn cluster(embedded: bool) -> CourierCluster {
         metadata: meta("prod"),
         spec: CourierClusterSpec {
             image: "ghcr.io/courier-chat/courier:0.1.0".to_owned(),
+            image_pull_secrets: Vec::new(),
+            priority_class_name: None,
             storage,
             jwt_secret: Some(secret("courier-jwt", "secret")),
             media: (!embedded).then(|| MediaStore {

@@ -80,7 +80,8 @@ spec:
 
 {{/*
 A CEL expression: the names of the Secrets a CourierCluster (the root, object or oldObject)
-names, each of which its pods mount or read; keep in step with operator/src/crd/cluster.rs.
+names, each of which its pods mount or read, or the kubelet pulls its image with; keep in step
+with operator/src/crd/cluster.rs.
 */}}
 {{- define "courier.secretNames" -}}
 {{- $root := . -}}
@@ -88,5 +89,5 @@ names, each of which its pods mount or read; keep in step with operator/src/crd/
 {{- range list "spec.jwtSecret.name" "spec.pushSecret" "spec.media.s3.credentialsSecret" "spec.storage.foundationDb.clusterFileSecret.name" "spec.storage.foundationDb.clusterTokenSecret.name" -}}
 {{- $names = append $names (printf "(%s)" (include "courier.celFieldOr" (dict "root" $root "path" . "default" "''"))) -}}
 {{- end -}}
-([{{ join ", " $names }}] + ({{ include "courier.celFieldOr" (dict "root" $root "path" "spec.storage.foundationDb.partitions" "default" "[]") }}).map(p, p.clusterFileSecret.name)).filter(n, n != '')
+([{{ join ", " $names }}] + ({{ include "courier.celFieldOr" (dict "root" $root "path" "spec.storage.foundationDb.partitions" "default" "[]") }}).map(p, p.clusterFileSecret.name) + ({{ include "courier.celFieldOr" (dict "root" $root "path" "spec.imagePullSecrets" "default" "[]") }}).map(s, s.name)).filter(n, n != '')
 {{- end -}}

@@ -40,6 +40,18 @@ pub struct CourierClusterSpec {
     /// `ghcr.io/courier-chat/courier:0.1.0`.
     #[schemars(length(min = 1))]
     pub image: String,
+    /// Secrets (`kubernetes.io/dockerconfigjson`) in the cluster's namespace with the
+    /// credentials of the registry of `image`: every data-plane pod's `imagePullSecrets`. At
+    /// most 16 (the admission policy on the Secrets a cluster names reads each).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub image_pull_secrets: Vec<SecretRef>,
+    /// The PriorityClass of every data-plane pod: with one above the cluster's other
+    /// workloads, the scheduler preempts those to place a Courier pod, and a node short of
+    /// memory evicts them first. Without it, the cluster's default priority (usually 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub priority_class_name: Option<String>,
     /// Where messages are kept: `embedded` (one pod, a development install) or `foundationDb`.
     pub storage: Storage,
     /// The Secret key holding the client token (JWT HS256) secret; the gateway and media pods
@@ -210,6 +222,15 @@ pub struct SecretKeyRef {
     /// The key in the Secret.
     #[schemars(length(min = 1, max = 253))]
     pub key: String,
+}
+
+/// A Secret in the cluster's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretRef {
+    /// The Secret's name.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
 }
 
 /// Object storage for media, and (FoundationDB storage only) the media pods serving it.

@@ -16,8 +16,8 @@ pub mod stored;
 
 pub use cluster::{
     CourierCluster, CourierClusterSpec, CourierClusterStatus, EmbeddedStorage, FoundationDbStorage,
-    MAX_STORAGE_PARTITIONS, MediaStore, S3MediaStore, SecretKeyRef, Storage, StoragePartition,
-    WorkloadSettings,
+    MAX_STORAGE_PARTITIONS, MediaStore, S3MediaStore, SecretKeyRef, SecretRef, Storage,
+    StoragePartition, WorkloadSettings,
 };
 pub use conditions::{ConditionType, Conditions, ObservedStatus};
 pub use gateway_pool::{

@@ -336,6 +336,8 @@ pub(crate) mod fixtures {
             "prod",
             CourierClusterSpec {
                 image: "courier:1".into(),
+                image_pull_secrets: Vec::new(),
+                priority_class_name: None,
                 storage: Storage {
                     embedded: None,
                     foundation_db: Some(FoundationDbStorage {
@@ -412,7 +414,7 @@ mod tests {
     use super::fixtures::{self, foundation_db_cluster};
     use super::pod::{HTTP_PORT, METRICS_PORT, METRICS_PORT_NAME};
     use super::*;
-    use crate::crd::EmbeddedStorage;
+    use crate::crd::{EmbeddedStorage, SecretRef};
     use k8s_openapi::api::apps::v1::StatefulSet;
     use k8s_openapi::api::core::v1::{PodTemplateSpec, Probe, ResourceRequirements};
     use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -493,7 +495,14 @@ mod tests {
     /// Every data-plane pod template the operator renders, with the selector of its workload,
     /// and every Service: of a FoundationDB cluster with media and push, and of an embedded one.
     fn every_pod_and_service() -> (Vec<RenderedPod>, Vec<(&'static str, Service)>) {
-        let cluster = foundation_db_cluster(Some("push"));
+        every_pod_and_service_of(foundation_db_cluster(Some("push")))
+    }
+
+    /// [`every_pod_and_service`] of `cluster` (on FoundationDB, with a push Secret), and of
+    /// its embedded twin.
+    fn every_pod_and_service_of(
+        cluster: CourierCluster,
+    ) -> (Vec<RenderedPod>, Vec<(&'static str, Service)>) {
         let mut pools = pools::build(&cluster).unwrap();
         pools.gateways.metadata.uid = Some("gateways".into());
         pools.sequencers.metadata.uid = Some("sequencers".into());
@@ -676,6 +685,37 @@ mod tests {
             let window =
                 startup.period_seconds.unwrap_or(10) * startup.failure_threshold.unwrap_or(3);
             assert!(window >= pod::STARTUP_SECONDS, "{role}: {startup:?}");
+        }
+    }
+
+    /// A cluster's registry credentials and PriorityClass are every pod's, each role's and
+    /// the embedded server's: an image in a private registry is pulled, and the scheduler
+    /// ranks the pods as the cluster says. Without them, no pod names any.
+    #[test]
+    fn every_pod_gets_the_clusters_pull_secrets_and_priority_class() {
+        let mut cluster = foundation_db_cluster(Some("push"));
+        cluster.spec.image_pull_secrets = ["registry", "mirror"]
+            .map(|name| SecretRef { name: name.into() })
+            .to_vec();
+        cluster.spec.priority_class_name = Some("courier-critical".into());
+        let (pods, _) = every_pod_and_service_of(cluster);
+        for (role, _, pod) in pods {
+            let spec = pod.spec.unwrap();
+            let pulled: Vec<String> = spec
+                .image_pull_secrets
+                .into_iter()
+                .flatten()
+                .map(|s| s.name)
+                .collect();
+            assert_eq!(pulled, ["registry", "mirror"], "{role}");
+            let priority = spec.priority_class_name.as_deref();
+            assert_eq!(priority, Some("courier-critical"), "{role}");
+        }
+        let (pods, _) = every_pod_and_service();
+        for (role, _, pod) in pods {
+            let spec = pod.spec.unwrap();
+            assert_eq!(spec.image_pull_secrets, None, "{role}");
+            assert_eq!(spec.priority_class_name, None, "{role}");
         }
     }
 

@@ -11,9 +11,9 @@ use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
     EnvFromSource, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath, Lifecycle, LifecycleHandler,
-    ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
-    SeccompProfile, SecretEnvSource, SecretKeySelector, SecretVolumeSource, SecurityContext,
-    SleepAction, TopologySpreadConstraint, Volume, VolumeMount,
+    LocalObjectReference, ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+    ResourceRequirements, SeccompProfile, SecretEnvSource, SecretKeySelector, SecretVolumeSource,
+    SecurityContext, SleepAction, TopologySpreadConstraint, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -441,6 +441,15 @@ pub fn template(
             volumes: Some(volumes),
             termination_grace_period_seconds: Some(shutdown.grace_seconds),
             topology_spread_constraints: Some(spread(&name, component)),
+            image_pull_secrets: (!spec.image_pull_secrets.is_empty()).then(|| {
+                spec.image_pull_secrets
+                    .iter()
+                    .map(|secret| LocalObjectReference {
+                        name: secret.name.clone(),
+                    })
+                    .collect()
+            }),
+            priority_class_name: spec.priority_class_name.clone(),
             enable_service_links: Some(false),
             // The data plane never calls the Kubernetes API: a pod facing the internet holds
             // no token of the namespace's default service account.
@@ -607,6 +616,8 @@ mod tests {
             "prod",
             CourierClusterSpec {
                 image: "courier:1".into(),
+                image_pull_secrets: Vec::new(),
+                priority_class_name: None,
                 storage: Storage {
                     embedded: (!foundation_db).then(|| EmbeddedStorage {
                         size: "1Gi".into(),
