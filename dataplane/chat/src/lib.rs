@@ -466,7 +466,7 @@ impl Chat {
             member: Some(record),
             floor,
             head,
-        }) = bounds.into_iter().next()
+        }) = bounds.into_iter().next().transpose()?
         else {
             return Err(self.not_a_member(conv).await);
         };
@@ -511,15 +511,19 @@ impl Chat {
             .map(|c| c.conversation_id.as_str())
             .collect();
         let rows = self.store.conversation_rows(&who.user, &ids).await?;
-        let direct: Vec<&str> = ids
+        let rows: Vec<_> = ids
+            .into_iter()
+            .zip(rows)
+            .filter_map(|(conv, row)| readable_or_logged(conv, row, "the list of conversations"))
+            .collect();
+        let direct: Vec<&str> = rows
             .iter()
-            .zip(&rows)
             .filter(|(_, row)| row.record.kind == "direct")
             .map(|(id, _)| *id)
             .collect();
         let mut peers = self.store.members_of(&direct).await?.into_iter();
-        let mut out = Vec::with_capacity(ids.len());
-        for (conv, row) in ids.into_iter().zip(rows) {
+        let mut out = Vec::with_capacity(rows.len());
+        for (conv, row) in rows {
             let name = if row.record.kind == "direct" {
                 peers
                     .next()
@@ -613,6 +617,10 @@ impl Chat {
         let mut plan = Vec::new();
         let mut resume = HashMap::new();
         for ((conversation_id, cursor), bounds) in candidates.into_iter().zip(bounds) {
+            let Some((_, bounds)) = readable_or_logged(&conversation_id, bounds, "a catch-up")
+            else {
+                continue;
+            };
             let Some(record) = bounds.member else {
                 return Err(self.not_a_member(&conversation_id).await);
             };
@@ -989,6 +997,29 @@ impl ChatBinding {
     }
 }
 
+/// What the store read of `conv` for a read of many conversations (`what`, for the log), or
+/// `None` when a record it needs is damaged ([`StoreError::Corrupt`]: its membership record,
+/// head or floor), logged at error: that conversation is passed over and the others served.
+/// Failing on it, the whole read failed: every catch-up of the user, or their list of
+/// conversations, until the record was repaired.
+fn readable_or_logged<'c, T>(
+    conv: &'c str,
+    read: Result<T, StoreError>,
+    what: &str,
+) -> Option<(&'c str, T)> {
+    match read {
+        Ok(read) => Some((conv, read)),
+        Err(error) => {
+            tracing::error!(
+                conversation = conv,
+                %error,
+                "a conversation whose stored records are damaged is passed over by {what}; the others are served"
+            );
+            None
+        }
+    }
+}
+
 fn validate_body(body: &Body) -> Result<(), ApiError> {
     match body {
         Body::Text(text) if text.is_empty() => Err(ApiError::bad_request("body.text is empty")),
@@ -1141,6 +1172,68 @@ mod tests {
         assert_eq!(plan.len(), 20, "one message to catch up in each");
         assert!(plan.iter().all(|c| (c.from, c.head) == (0, 1)));
         assert_eq!(resume.len(), 20);
+    }
+
+    /// Bob's conversations `d:0` to `d:19`, `d:3`'s head cut short and `d:5`'s head and
+    /// `d:8`'s floor longer than their 8 bytes, and his membership record in `d:11` damaged.
+    async fn bob_with_damaged_conversations() -> (Chat, Identity) {
+        use courier_store::KvEngine as _;
+        let (engine, chat, bob) = bob_messaged_by_twenty_peers().await;
+        let keys = chat.store.keys();
+        let mut damage = courier_store::Batch::new();
+        damage
+            .set(keys.head("d:3"), vec![1])
+            .set(keys.head("d:5"), vec![1; 9])
+            .set(keys.floor("d:8"), vec![1; 9])
+            .set(keys.member("d:11", "bob"), vec![0xff; 3]);
+        engine.commit(damage).await.unwrap();
+        (chat, bob)
+    }
+
+    const DAMAGED: [&str; 4] = ["d:3", "d:5", "d:8", "d:11"];
+
+    /// A catch-up passes over the conversations whose head, floor or membership record is
+    /// damaged, logged at error, and plans the others: failing on one, it failed every
+    /// connect of the user; read as numbers, a head cut short kept events from the device and
+    /// a longer one set its place past every event to come.
+    #[tokio::test]
+    async fn a_catch_up_passes_over_conversations_whose_bounds_are_damaged() {
+        let (chat, bob) = bob_with_damaged_conversations().await;
+        let (plan, resume) = chat.catch_up_plan(&bob, &BTreeMap::new()).await.unwrap();
+        let planned: Vec<_> = plan.iter().map(|c| c.conversation_id.as_str()).collect();
+        assert_eq!(planned.len(), 16, "{planned:?}");
+        assert!(
+            DAMAGED.iter().all(|conv| !planned.contains(conv)),
+            "{planned:?}"
+        );
+        assert!(plan.iter().all(|c| (c.from, c.head) == (0, 1)));
+        assert_eq!(resume.len(), 16);
+        // A read of one of them alone is refused: told internal, the client's retry useless.
+        let fetch = chat.fetch(&bob, "d:5", 0, None).await.unwrap_err();
+        assert_eq!(fetch.code, ErrorCode::Internal);
+        let ack = courier_proto::Ack {
+            reference: None,
+            conversation_id: "d:5".into(),
+            seq: 2,
+            kind: AckKind::Delivered,
+        };
+        let ack = chat.acknowledge(&bob, &ack).await.unwrap_err();
+        assert_eq!(ack.code, ErrorCode::Internal);
+    }
+
+    /// The list of conversations passes over those whose head or membership record is
+    /// damaged, logged at error, and lists the others.
+    #[tokio::test]
+    async fn the_list_of_conversations_passes_over_those_whose_records_are_damaged() {
+        let (chat, bob) = bob_with_damaged_conversations().await;
+        let listed = chat.conversations(&bob).await.unwrap();
+        let listed: Vec<_> = listed.iter().map(|c| c.conversation_id.as_str()).collect();
+        assert_eq!(listed.len(), 17, "{listed:?}");
+        assert!(
+            ["d:3", "d:5", "d:11"]
+                .iter()
+                .all(|conv| !listed.contains(conv))
+        );
     }
 
     /// The list of a user's conversations reads the store three times (the list; every

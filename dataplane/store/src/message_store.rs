@@ -1741,10 +1741,11 @@ impl MessageStore {
             .fold(0i64, |sum, (_, v)| sum.saturating_add(decode_u64(v) as i64)))
     }
 
-    /// The lowest retained seq of `conv` (1 until retention clears events).
+    /// The lowest retained seq of `conv` (1 until retention clears events); a floor of the
+    /// wrong length is damage ([`StoreError::Corrupt`], [`stored_seq`]).
     pub async fn floor(&self, conv: &str) -> Result<u64, StoreError> {
         let value = self.kv.get(&self.keys.floor(conv)).await?;
-        Ok(value.as_deref().map_or(1, decode_u64).max(1))
+        self.decode_floor(conv, value.as_deref())
     }
 
     /// Clears the events of `conv` below `new_floor`, and the references of those of its
@@ -2797,9 +2798,7 @@ impl MessageStore {
         let decoded: Vec<_> = stored
             .into_iter()
             .map(|(conv, value)| {
-                let head = value
-                    .as_deref()
-                    .map_or(Ok(0), |v| self.decode_head(conv, v));
+                let head = self.decode_head(conv, value.as_deref());
                 (conv, head)
             })
             .collect();
@@ -2835,30 +2834,24 @@ impl MessageStore {
             .collect())
     }
 
-    /// `conv`'s head as the sequencer reads it to append: the 8 bytes (little-endian) it
-    /// writes. Of another length it is damage ([`StoreError::Corrupt`]): read as a number
-    /// (shorter values zero-extended, longer ones cut), it put the next seq at or below events
-    /// held, which that append and the ones after it overwrote (an empty head started the
-    /// conversation over).
-    fn decode_head(&self, conv: &str, value: &[u8]) -> Result<u64, StoreError> {
-        <[u8; 8]>::try_from(value)
-            .map(u64::from_le_bytes)
-            .map_err(|_| {
-                corrupt(
-                    &self.keys.head(conv),
-                    format!("a head of {} bytes, not 8", value.len()),
-                )
-            })
+    /// `conv`'s head as stored (`value`; 0 when absent), as every reader takes it
+    /// ([`stored_seq`]): the sequencer to append, a catch-up, an ack, a list of conversations,
+    /// retention.
+    fn decode_head(&self, conv: &str, value: Option<&[u8]>) -> Result<u64, StoreError> {
+        stored_seq(value, 0, || self.keys.head(conv))
     }
 
-    /// The highest seq of `conv` (0 when it has no event).
+    /// `conv`'s lowest retained seq as stored (`value`; 1 when absent, and never below),
+    /// as every reader takes it ([`stored_seq`]).
+    fn decode_floor(&self, conv: &str, value: Option<&[u8]>) -> Result<u64, StoreError> {
+        Ok(stored_seq(value, 1, || self.keys.floor(conv))?.max(1))
+    }
+
+    /// The highest seq of `conv` (0 when it has no event); a head of the wrong length is
+    /// damage ([`StoreError::Corrupt`], [`stored_seq`]).
     pub async fn head(&self, conv: &str) -> Result<u64, StoreError> {
-        Ok(self
-            .kv
-            .get(&self.keys.head(conv))
-            .await?
-            .as_deref()
-            .map_or(0, decode_u64))
+        let value = self.kv.get(&self.keys.head(conv)).await?;
+        self.decode_head(conv, value.as_deref())
     }
 
     /// Up to `limit` events of `conv` with `after_seq < seq <= through`, in order (`through`
@@ -2951,11 +2944,13 @@ impl MessageStore {
     /// For each of `convs`, what a list of `user`'s conversations shows of it: its record, its
     /// head, the user's receipt cursors and membership record (what it may read of it), with
     /// one read of every key (one call on a store node, whatever the number of conversations).
+    /// A conversation whose record, head or membership record is damaged is answered with
+    /// its [`StoreError::Corrupt`] alone, the others read.
     pub async fn conversation_rows(
         &self,
         user: &str,
         convs: &[&str],
-    ) -> Result<Vec<ConversationRow>, StoreError> {
+    ) -> Result<Vec<Result<ConversationRow, StoreError>>, StoreError> {
         let keys = convs
             .iter()
             .flat_map(|conv| {
@@ -2970,7 +2965,7 @@ impl MessageStore {
             .collect::<Vec<_>>();
         let values = self.get_each(keys).await?;
         let cursor = |value: &Option<Vec<u8>>| value.as_deref().map_or(0, decode_u64);
-        convs
+        Ok(convs
             .iter()
             .zip(values.chunks(5))
             .map(|(conv, values)| {
@@ -2981,23 +2976,24 @@ impl MessageStore {
                 };
                 Ok(ConversationRow {
                     record,
-                    head: cursor(&values[1]),
+                    head: self.decode_head(conv, values[1].as_deref())?,
                     delivered: cursor(&values[2]),
                     read: cursor(&values[3]),
                     member: self.decode_member(conv, user, &values[4])?,
                 })
             })
-            .collect()
+            .collect())
     }
 
     /// For each of `convs`: `user`'s membership record, the lowest retained seq and the head,
     /// with one read of every key (one call on a store node, whatever the number of
-    /// conversations), for a device's catch-up.
+    /// conversations), for a device's catch-up. A conversation whose membership record, floor
+    /// or head is damaged is answered with its [`StoreError::Corrupt`] alone, the others read.
     pub async fn read_bounds(
         &self,
         user: &str,
         convs: &[&str],
-    ) -> Result<Vec<ReadBounds>, StoreError> {
+    ) -> Result<Vec<Result<ReadBounds, StoreError>>, StoreError> {
         let keys = convs
             .iter()
             .flat_map(|conv| {
@@ -3009,17 +3005,17 @@ impl MessageStore {
             })
             .collect::<Vec<_>>();
         let values = self.get_each(keys).await?;
-        convs
+        Ok(convs
             .iter()
             .zip(values.chunks(3))
             .map(|(conv, values)| {
                 Ok(ReadBounds {
                     member: self.decode_member(conv, user, &values[0])?,
-                    floor: values[1].as_deref().map_or(1, decode_u64).max(1),
-                    head: values[2].as_deref().map_or(0, decode_u64),
+                    floor: self.decode_floor(conv, values[1].as_deref())?,
+                    head: self.decode_head(conv, values[2].as_deref())?,
                 })
             })
-            .collect()
+            .collect())
     }
 
     /// `user`'s membership record in `conv`, its head and the user's receipt cursors, for an
@@ -3036,7 +3032,7 @@ impl MessageStore {
         match self.kv.get_many(keys).await?.as_slice() {
             [member, head, delivered, read] => Ok(AckBounds {
                 member: self.decode_member(conv, user, member)?,
-                head: cursor(head),
+                head: self.decode_head(conv, head.as_deref())?,
                 delivered: cursor(delivered),
                 read: cursor(read),
             }),
@@ -3556,6 +3552,26 @@ fn earlier_outcome(key: &[u8], stored: &[u8]) -> Result<AppendOutcome, StoreErro
     })
 }
 
+/// A seq bound of a conversation as stored (`value`; `absent` when there is none) under the
+/// key `key` makes: its head or its floor, which their writers set to 8 bytes (little-endian).
+/// Of another length it is damage ([`StoreError::Corrupt`]), which every reader refuses: read
+/// as a number (shorter values zero-extended, longer ones cut), a head put the sequencer's next
+/// seq among the events held, which that append and the ones after it overwrote, and took a
+/// catch-up, a list of conversations or an ack past the events that exist or short of them; a
+/// floor hid retained events from every reader.
+fn stored_seq(
+    value: Option<&[u8]>,
+    absent: u64,
+    key: impl FnOnce() -> Vec<u8>,
+) -> Result<u64, StoreError> {
+    let Some(value) = value else {
+        return Ok(absent);
+    };
+    <[u8; 8]>::try_from(value)
+        .map(u64::from_le_bytes)
+        .map_err(|_| corrupt(&key(), format!("{} bytes, not 8", value.len())))
+}
+
 /// A user's media usage, written as u64 and lowered with signed ADDs: never below zero.
 fn decode_usage(value: &[u8]) -> u64 {
     (decode_u64(value) as i64).max(0) as u64
@@ -3756,6 +3772,55 @@ mod tests {
             assert_eq!(results[0], Err(AppendRefused::Damaged), "{damaged:?}");
             assert!(results[1].is_ok(), "{results:?}");
             assert_eq!(client_ids(&store, "d:1").await, ["m1", "m2"], "{damaged:?}");
+        }
+    }
+
+    /// A head or a floor of another length than the 8 bytes their writers write (damage) is
+    /// refused as damage by every reader of it, one conversation at a time: a catch-up's and a
+    /// list's reads answer it alone so, the other conversations read. Read as a number
+    /// (zero-extended, or cut), it took a catch-up, an ack or a list past the events that
+    /// exist or short of them, and a floor hid retained events from every reader.
+    #[tokio::test]
+    async fn a_head_or_floor_of_the_wrong_length_is_damage_to_every_reader() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = temp_store(&dir, 1).await;
+        let lease = owner(&store, "d:1").await;
+        let batch = [message("d:1", "p", "m1"), message("d:2", "p", "m1")];
+        store
+            .append(lease, &mut HeadCache::default(), &batch)
+            .await
+            .unwrap();
+        let corrupt = |r: Result<u64, StoreError>| matches!(r, Err(StoreError::Corrupt { .. }));
+        for damaged in [vec![1], Vec::new(), vec![2; 9]] {
+            for key in [store.keys.head("d:1"), store.keys.floor("d:1")] {
+                let mut damage = Batch::new();
+                damage.set(key.clone(), damaged.clone());
+                store.kv.commit(damage).await.unwrap();
+                let head = key == store.keys.head("d:1");
+                let both = ["d:1", "d:2"];
+                let bounds = store.read_bounds("bob", &both).await.unwrap();
+                assert!(corrupt(
+                    bounds[0].as_ref().map(|b| b.head).map_err(Clone::clone)
+                ));
+                assert_eq!(bounds[1].as_ref().unwrap().head, 1, "{damaged:?} {head}");
+                let rows = store.conversation_rows("bob", &both).await.unwrap();
+                assert_eq!(rows[0].is_err(), head, "{damaged:?}");
+                assert_eq!(rows[1].as_ref().unwrap().head, 1);
+                if head {
+                    assert!(corrupt(store.head("d:1").await), "{damaged:?}");
+                    assert!(corrupt(
+                        store.ack_bounds("d:1", "bob").await.map(|b| b.head)
+                    ));
+                } else {
+                    assert!(corrupt(store.floor("d:1").await), "{damaged:?}");
+                }
+                let mut repair = Batch::new();
+                match head {
+                    true => repair.set(key, 1u64.to_le_bytes().to_vec()),
+                    false => repair.clear(key),
+                };
+                store.kv.commit(repair).await.unwrap();
+            }
         }
     }
 
@@ -4325,6 +4390,9 @@ mod tests {
         let bounds = store
             .read_bounds("bob", &["g:1", "d:1", "g:9"])
             .await
+            .unwrap()
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()
             .unwrap();
         assert_eq!(engine.read_calls() - before, 1, "one call for all");
         let expected = [
