@@ -1340,10 +1340,7 @@ impl Connection {
         // conversation, none written to it until it reconnected.
         let head = match self.gateway.store.head(conv).await {
             Ok(head) => head,
-            Err(e) => {
-                self.write_error(None, None, e.into()).await?;
-                return Err(Exit::Close(close_code::ERROR, "storage error; reconnect"));
-            }
+            Err(e) => return self.fill_failed(conv, e.into()).await,
         };
         if through > head {
             tracing::warn!(
@@ -1357,10 +1354,7 @@ impl Connection {
         if through > upto {
             let readable = match self.gateway.chat.readable(conv, &self.who.user).await {
                 Ok(readable) => readable,
-                Err(e) => {
-                    self.write_error(None, None, e).await?;
-                    return Err(Exit::Close(close_code::ERROR, "storage error; reconnect"));
-                }
+                Err(e) => return self.fill_failed(conv, e).await,
             };
             let gap = CatchUp {
                 conversation_id: conv.to_owned(),
@@ -1372,6 +1366,28 @@ impl Connection {
             self.stream_events(&gap, false).await?;
         }
         Ok(())
+    }
+
+    /// Ends a gap fill of `conv` that failed with `e`. A record of the conversation that is
+    /// damaged (`internal`: its head or floor, which a retry or a reconnect meets again) fails
+    /// that conversation alone, as an event that does not decode does
+    /// ([`Connection::stopped_at`]): the client is told, naming the conversation, the
+    /// connection's place there stays where it was (the live event that asked for the fill is
+    /// not written) and the connection stays open. Closed for it, the connection of every
+    /// member was closed at each event of that conversation, and reconnected to be closed
+    /// again. Any other error closes it: its client reconnects and catches up.
+    async fn fill_failed(&mut self, conv: &str, e: ApiError) -> Result<(), Exit> {
+        if e.code != ErrorCode::Internal {
+            self.write_error(None, None, e).await?;
+            return Err(Exit::Close(close_code::ERROR, "storage error; reconnect"));
+        }
+        let message = format!(
+            "internal error: conversation {conv} cannot be read by this server ({}); nothing \
+             more of it is sent",
+            e.message
+        );
+        self.write_error(None, None, ApiError::new(ErrorCode::Internal, message))
+            .await
     }
 
     /// Writes a live event in order: events already written are skipped, a gap (events this

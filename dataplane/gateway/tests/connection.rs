@@ -547,6 +547,46 @@ async fn a_delivered_event_at_seq_0_or_past_its_head_is_passed_over() {
     }
 }
 
+/// A gap fill that meets a damaged record of its conversation (a floor of the wrong length)
+/// tells the client `internal`, naming the conversation, and the connection goes on with the
+/// others: closed for it, every member's connection was closed at each event of that
+/// conversation, reconnected, and closed again at the next.
+#[tokio::test]
+async fn a_gap_fill_that_meets_a_damaged_floor_fails_its_conversation_alone() {
+    let engine = FaultyEngine::new();
+    let store = engine.store(4).await;
+    let (gateway, _url, mut bob) = caught_up(&store, "bob:phone").await;
+    let (conv, other) = ("d:alice:bob", "d:bob:carol");
+    messages_to_bob(&store, conv, 0..2).await;
+    messages_from(&store, ("carol", "bob"), other, 0..1).await;
+    let mut damage = Batch::new();
+    damage.set(store.keys().floor(conv), vec![1; 9]);
+    engine.commit(damage).await.unwrap();
+    let bob_only = Arc::new(vec!["bob".to_owned()]);
+    let second = store.events(conv, 1, 2, 1).await.unwrap().remove(0);
+    let from_carol = store.events(other, 0, 1, 1).await.unwrap().remove(0);
+    for event in [second, from_carol] {
+        gateway
+            .routes
+            .deliver(vec![(event, bob_only.clone())])
+            .await
+            .unwrap();
+    }
+    match bob.next_frame_within(WAIT).await.unwrap() {
+        ServerFrame::Error(error) => {
+            assert_eq!(error.code, ErrorCode::Internal);
+            assert!(error.message.contains(conv), "{error:?}");
+        }
+        other => panic!("expected an internal error, got {other:?}"),
+    }
+    match bob.next_frame_within(WAIT).await.unwrap() {
+        ServerFrame::Event(event) => {
+            assert_eq!((event.conversation_id.as_str(), event.seq), (other, 1))
+        }
+        other => panic!("expected carol's message, got {other:?}"),
+    }
+}
+
 /// `count` frames of 128 KiB queued to `user`'s connection on `gateway`: 64 MiB for 512, more
 /// than the sockets' buffers on both ends hold (Linux grows a receiving buffer up to
 /// `tcp_rmem`, 32 MiB here), so a client that reads none of them leaves the connection waiting
