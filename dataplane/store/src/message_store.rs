@@ -1822,7 +1822,7 @@ impl MessageStore {
             .kv
             .range(self.keys.devices(user), usize::MAX, false)
             .await?;
-        self.decode_devices(&rows)
+        Ok(self.decode_devices(&rows))
     }
 
     /// The devices of each of `users`, in the order asked, with one read (one call on a store
@@ -1832,18 +1832,32 @@ impl MessageStore {
         users: &[&str],
     ) -> Result<Vec<Vec<(String, DeviceRecord)>>, StoreError> {
         let ranges = users.iter().map(|user| self.keys.devices(user)).collect();
-        self.ranges_each(ranges, usize::MAX, "users' devices")
+        Ok(self
+            .ranges_each(ranges, usize::MAX, "users' devices")
             .await?
             .iter()
             .map(|rows| self.decode_devices(rows))
-            .collect()
+            .collect())
     }
 
-    fn decode_devices(&self, rows: &[KeyValue]) -> Result<Vec<(String, DeviceRecord)>, StoreError> {
+    /// The device records of `rows`, each with its id. A record that does not decode (damage,
+    /// or a bug) is passed over, logged at error with its key, as a key that does not parse is
+    /// ([`parsed_keys`]): failing on it, every read of the user's devices failed (their list,
+    /// a new link's count of them, retention's wait for them in each of the user's
+    /// conversations, the push notifier's look-up of them). That device cannot connect (its
+    /// own record is read whole), so it is not waited for, listed or pushed to.
+    fn decode_devices(&self, rows: &[KeyValue]) -> Vec<(String, DeviceRecord)> {
         parsed_keys(rows, "device", |k| self.keys.device_id(k))
-            .map(|(device, (k, v))| {
-                let record = DeviceRecord::decode(v.as_slice()).map_err(|e| corrupt(k, e))?;
-                Ok((device, record))
+            .filter_map(|(device, (key, v))| match DeviceRecord::decode(v.as_slice()) {
+                Ok(record) => Some((device, record)),
+                Err(error) => {
+                    tracing::error!(
+                        key = ?key,
+                        %error,
+                        "a device record that does not decode is passed over: the user's other devices are read"
+                    );
+                    None
+                }
             })
             .collect()
     }
@@ -5204,6 +5218,34 @@ mod tests {
             let ids: Vec<_> = devices.iter().map(|(id, _)| id.as_str()).collect();
             assert_eq!(ids, ["phone"]);
         }
+    }
+
+    /// A device record that does not decode (damage, or a bug) is passed over by the readers
+    /// of the user's devices, logged at error, and the user's other devices are read. Failing
+    /// on it, every read of the user's devices failed: their list, a new link's count of
+    /// their devices, and retention's wait for their devices, which then trimmed none of the
+    /// user's conversations.
+    #[tokio::test]
+    async fn a_device_record_that_does_not_decode_is_passed_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = temp_store(&dir, 8).await;
+        for device in ["laptop", "phone", "tablet"] {
+            link(&store, device, 0).await.unwrap();
+        }
+        let mut damage = Batch::new();
+        damage.set(store.keys.device("ann", "phone"), vec![0xff; 3]);
+        store.kv.commit(damage).await.unwrap();
+        for devices in [
+            store.devices("ann").await.unwrap(),
+            store.devices_of(&["ann"]).await.unwrap().remove(0),
+        ] {
+            let ids: Vec<_> = devices.iter().map(|(id, _)| id.as_str()).collect();
+            assert_eq!(ids, ["laptop", "tablet"]);
+        }
+        assert!(
+            link(&store, "watch", 3).await.is_ok(),
+            "two others readable"
+        );
     }
 
     /// Two new devices at once, at the limit: the one whose commit comes second counts the
