@@ -557,6 +557,11 @@ pub struct HeadCache {
 /// Heads a [`HeadCache`] holds by default.
 const DEFAULT_CACHED_HEADS: usize = 1 << 16;
 
+/// How many times a head found below an event above it is read again before it is answered
+/// as moving ([`MessageStore::checked_heads`]): each read again follows a commit that landed
+/// between two reads, which only an append of unknown outcome makes.
+const HEAD_CHECKS: usize = 3;
+
 impl Default for HeadCache {
     fn default() -> Self {
         Self::with_capacity(DEFAULT_CACHED_HEADS)
@@ -2805,47 +2810,83 @@ impl MessageStore {
     /// held (or none beside them) put the next seq among them, which that append and the ones
     /// after it overwrote. Checked as a head is read into a [`HeadCache`], not at each append:
     /// a read per conversation the cache takes, not per batch.
+    ///
+    /// The head and the events are two reads, which no engine answers from one state: a
+    /// commit landing between them (an append whose outcome was unknown, landing late) puts an
+    /// event above the head read before it. So a head found below an event is read again
+    /// after the events: damage only if it has not moved, else checked again as it is now
+    /// (at most [`HEAD_CHECKS`] times; a head that keeps moving is answered
+    /// [`StoreError::Overloaded`], which clients retry). Refused as damage, such a good
+    /// conversation's send was answered `internal`, which clients do not retry. The reads
+    /// again are made only when an event lies above a head: none on the message path.
     async fn checked_heads<'c>(
         &self,
-        stored: Vec<(&'c str, Option<Vec<u8>>)>,
+        mut stored: Vec<(&'c str, Option<Vec<u8>>)>,
     ) -> Result<Vec<(&'c str, Result<u64, StoreError>)>, StoreError> {
-        let decoded: Vec<_> = stored
-            .into_iter()
-            .map(|(conv, value)| {
-                let head = self.decode_head(conv, value.as_deref());
-                (conv, head)
-            })
-            .collect();
-        let above: Vec<_> = decoded
-            .iter()
-            .filter_map(|(conv, head)| Some(self.keys.events_after(conv, *head.as_ref().ok()?)))
-            .collect();
-        if above.is_empty() {
-            return Ok(decoded);
-        }
-        let mut above = self
-            .ranges_each(above, 1, "events above heads")
-            .await?
+        let mut checked = Vec::with_capacity(stored.len());
+        for check in 1..=HEAD_CHECKS {
+            let decoded: Vec<_> = stored
+                .into_iter()
+                .map(|(conv, value)| {
+                    let head = self.decode_head(conv, value.as_deref());
+                    (conv, value, head)
+                })
+                .collect();
+            let above: Vec<_> = decoded
+                .iter()
+                .filter_map(|(conv, _, head)| {
+                    Some(self.keys.events_after(conv, *head.as_ref().ok()?))
+                })
+                .collect();
+            let mut above = match above.is_empty() {
+                true => Vec::new(),
+                false => self.ranges_each(above, 1, "events above heads").await?,
+            }
             .into_iter();
-        Ok(decoded
-            .into_iter()
-            .map(|(conv, head)| {
-                let head = head.and_then(|head| {
-                    let found = above.next().unwrap_or_default();
-                    match found
-                        .first()
-                        .and_then(|(key, _)| self.keys.event_parts(key))
-                    {
-                        Some((_, seq)) if seq > head => Err(corrupt(
-                            &self.keys.head(conv),
-                            format!("a head at {head}, below the event held at {seq}"),
-                        )),
-                        _ => Ok(head),
+            // The heads found below an event, with the value read and that event's seq.
+            let mut below = Vec::new();
+            for (conv, value, head) in decoded {
+                let head = match head {
+                    Ok(head) => head,
+                    Err(error) => {
+                        checked.push((conv, Err(error)));
+                        continue;
                     }
-                });
-                (conv, head)
-            })
-            .collect())
+                };
+                let found = above.next().unwrap_or_default();
+                match found
+                    .first()
+                    .and_then(|(key, _)| self.keys.event_parts(key))
+                {
+                    Some((_, seq)) if seq > head => below.push((conv, value, head, seq)),
+                    _ => checked.push((conv, Ok(head))),
+                }
+            }
+            if below.is_empty() {
+                break;
+            }
+            let keys = below
+                .iter()
+                .map(|(conv, ..)| self.keys.head(conv))
+                .collect();
+            let again = self.get_each(keys).await?;
+            stored = Vec::new();
+            for ((conv, value, head, seq), now) in below.into_iter().zip(again) {
+                if now == value {
+                    let reason = format!("a head at {head}, below the event held at {seq}");
+                    checked.push((conv, Err(corrupt(&self.keys.head(conv), reason))));
+                } else if check < HEAD_CHECKS {
+                    stored.push((conv, now));
+                } else {
+                    let moving = format!("the head of {conv} kept moving as it was read; retry");
+                    checked.push((conv, Err(StoreError::Overloaded(moving))));
+                }
+            }
+            if stored.is_empty() {
+                break;
+            }
+        }
+        Ok(checked)
     }
 
     /// `conv`'s head as stored (`value`; 0 when absent), as every reader takes it
@@ -3836,6 +3877,59 @@ mod tests {
                 store.kv.commit(repair).await.unwrap();
             }
         }
+    }
+
+    /// A head read, then its check against the event above it, with an append landing
+    /// between the two (one of unknown outcome that lands late): the head is read again and
+    /// the append goes on after the event that landed. Refused as damage, a good
+    /// conversation's send was answered `internal`, which clients do not retry. Here one
+    /// append lands after the batch's first read (its heads) and another two reads later: the
+    /// append that read its head alone again after the first one met the second.
+    #[tokio::test]
+    async fn a_head_that_moved_between_its_two_reads_is_read_again_not_refused() {
+        use crate::faulty_engine::FaultyEngine;
+        use std::future::Future;
+        use std::pin::Pin;
+        type Race = Pin<Box<dyn Future<Output = ()> + Send>>;
+        /// Runs `race` after the `n`th read call of `engine` from now.
+        fn after_read(engine: &Arc<FaultyEngine>, n: usize, race: Race) {
+            match n {
+                1 => engine.after_next_read(race),
+                _ => {
+                    let again = engine.clone();
+                    engine.after_next_read(Box::pin(async move { after_read(&again, n - 1, race) }))
+                }
+            }
+        }
+        let engine = FaultyEngine::new();
+        let store = engine.store(1).await;
+        let lease = owner(&store, "d:1").await;
+        let land = |id: &'static str| {
+            let store = store.clone();
+            async move {
+                let batch = [message("d:1", "p", id)];
+                let landed = store.append(lease, &mut HeadCache::default(), &batch).await;
+                assert!(landed.unwrap()[0].is_ok());
+            }
+        };
+        land("m1").await;
+        let (second, third) = (land("m2"), land("m3"));
+        let again = engine.clone();
+        after_read(
+            &engine,
+            1,
+            Box::pin(async move {
+                second.await;
+                after_read(&again, 2, Box::pin(third));
+            }),
+        );
+        let batch = [message("d:1", "p", "m4")];
+        let results = store
+            .append(lease, &mut HeadCache::default(), &batch)
+            .await
+            .unwrap();
+        assert_eq!(results[0].as_ref().map(|o| o.seq), Ok(4), "{results:?}");
+        assert_eq!(client_ids(&store, "d:1").await, ["m1", "m2", "m3", "m4"]);
     }
 
     /// The client ids of `conv`'s stored messages, in their order.
