@@ -130,6 +130,11 @@ impl TestCluster {
         );
         processes.push(store);
         let store_url = format!("http://{store_address}");
+        // Leases of the default length: nothing here waits for one to lapse, and a lease of
+        // 1 s lapsed on a loaded machine (renewals every third of it, each a store commit
+        // queued behind the senders' appends): the front node's lapsed and its clients were
+        // told to reconnect mid-send, or a shard's, so the sample taken right after the move
+        // listed it as owned by no node.
         let common = [
             "--store",
             "remote",
@@ -140,7 +145,7 @@ impl TestCluster {
             "--shards",
             "8",
             "--shard-lease",
-            "1s",
+            "10s",
             "--min-free-disk",
             "0",
             "--media-min-free-disk",
@@ -259,13 +264,14 @@ async fn send_until(
     Sent { peer, messages }
 }
 
-/// The shards with at least `threshold` appends per second, by owner.
-async fn hot_shards(admin: &AdminApi, threshold: f64) -> Vec<(u32, String)> {
+/// The shards that take the senders' appends (a load above zero: nothing else appends), by
+/// owner. No rate is asked for: on a loaded machine the senders' pace is anyone's guess.
+async fn hot_shards(admin: &AdminApi) -> Vec<(u32, String)> {
     let sample = admin.sample().await.expect("sample the shard loads");
     sample
         .shards
         .iter()
-        .filter(|(_, s)| s.load >= threshold)
+        .filter(|(_, s)| s.load > 0.0)
         .map(|(shard, s)| (*shard, s.owner.clone()))
         .collect()
 }
@@ -304,7 +310,7 @@ async fn the_rebalancer_moves_a_hot_shard_of_a_real_cluster_while_clients_keep_s
     }
     let deadline = Instant::now() + WAIT;
     let hot = loop {
-        let hot = hot_shards(&admin, 2.0).await;
+        let hot = hot_shards(&admin).await;
         if hot.len() >= 2 {
             break hot;
         }
@@ -344,21 +350,28 @@ async fn the_rebalancer_moves_a_hot_shard_of_a_real_cluster_while_clients_keep_s
     assert_eq!(first.reason, MoveReason::Fill);
     let after = admin.sample().await.unwrap();
     assert_eq!(
-        after.shards[&first.shard].owner, "s2",
-        "s2 serves the moved shard"
+        after.shards.get(&first.shard).map(|s| s.owner.as_str()),
+        Some("s2"),
+        "s2 serves the moved shard: {after:?}"
     );
     assert!(
-        hot.iter().any(|shard| after.shards[shard].owner == "s1"),
-        "only one hot shard moved at first"
+        hot.iter()
+            .any(|shard| after.shards.get(shard).is_some_and(|s| s.owner == "s1")),
+        "only one hot shard moved at first: {after:?}"
     );
 
-    // The senders go on after the move (600 more messages); then every conversation is
+    // The senders go on after the move (600 more messages, at whatever pace the machine
+    // allows: only a wait of `WAIT` with none taken is a stall); then every conversation is
     // checked.
     let after_move = taken.load(Ordering::Relaxed) + 600;
-    let deadline = Instant::now() + WAIT;
-    while taken.load(Ordering::Relaxed) < after_move {
-        assert!(Instant::now() < deadline, "sends stalled after the move");
+    let mut last = (taken.load(Ordering::Relaxed), Instant::now());
+    while last.0 < after_move {
         tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = taken.load(Ordering::Relaxed);
+        if now > last.0 {
+            last = (now, Instant::now());
+        }
+        assert!(last.1.elapsed() < WAIT, "sends stalled after the move");
     }
     stop.store(true, Ordering::Relaxed);
     for sender in senders {
