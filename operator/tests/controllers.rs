@@ -1323,6 +1323,7 @@ fn sample(pods: &[i32], owners: &[i32], loads: &[f64]) -> Sample {
             .collect(),
         unowned: Default::default(),
         outbox_lag_ms: 0,
+        draining: Default::default(),
     }
 }
 

@@ -323,12 +323,6 @@ async fn the_rebalancer_moves_a_hot_shard_of_a_real_cluster_while_clients_keep_s
     // The rebalancer: it sees s1 carrying both hot shards and s2 empty, and moves one hot
     // shard to s2 through the admin API.
     let mut rebalancer = Rebalancer::new(PlannerPolicy::default());
-    let now_ms = || {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis() as u64
-    };
     let deadline = Instant::now() + WAIT;
     let first = loop {
         assert!(Instant::now() < deadline, "the rebalancer moved nothing");
@@ -378,6 +372,47 @@ async fn the_rebalancer_moves_a_hot_shard_of_a_real_cluster_while_clients_keep_s
         let sent = sender.await.expect("the sender finished");
         check_conversation(&cluster, &sent).await;
     }
+}
+
+/// A sequencer drained through the admin API stays up, so it is still a live sequencer node:
+/// it says it drains, and the rebalancer moves nothing to it (the empty node was filled at
+/// once, and every move failed: the drained node gave the shard back, after it had been frozen
+/// and handed over twice for nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_rebalancer_moves_no_shard_to_a_drained_sequencer() {
+    let cluster = TestCluster::start();
+    let admin = cluster.admin();
+    let before = admin.sample().await.unwrap();
+    assert!(
+        before.shards.values().all(|s| s.owner == "s1") && before.draining.is_empty(),
+        "s1 owns every shard, s2 none, and no node drains: {before:?}"
+    );
+    assert_eq!(admin.drain(&before, "s2").await.unwrap(), Vec::<u32>::new());
+    let mut rebalancer = Rebalancer::new(PlannerPolicy::default());
+    let step = step(&mut rebalancer, &admin, None, true, now_ms)
+        .await
+        .expect("a rebalancing step");
+    assert!(
+        step.view.pods.iter().all(|pod| pod != "s2"),
+        "{:?}",
+        step.view
+    );
+    assert!(
+        step.planned.is_empty(),
+        "moves to a drained node: {:?}",
+        step.done
+    );
+    let after = admin.sample().await.unwrap();
+    assert!(after.draining.contains("s2"), "{after:?}");
+    assert!(after.shards.values().all(|s| s.owner == "s1"), "{after:?}");
+}
+
+/// Milliseconds since the Unix epoch.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
 }
 
 /// Seqs dense from 1 in send order, and the peer reads exactly those messages, in order.

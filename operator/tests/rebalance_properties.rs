@@ -1,6 +1,8 @@
 //! Properties of the hot-shard planner: it keeps its limits, leaves cooling shards alone,
-//! converges under a Zipf-skewed load, and moves only what scaling needs.
+//! converges under a Zipf-skewed load, moves only what scaling needs, and moves nothing to a
+//! draining node.
 
+use courier_operator::rebalance::executor::Sample;
 use courier_operator::rebalance::simulation::{Simulation, zipf};
 use courier_operator::rebalance::{
     ClusterView, Move, MoveReason, ObservedShard, PlannerPolicy, Rebalancer,
@@ -122,6 +124,64 @@ proptest! {
             rebalancer.started(&first[0]);
             let second = rebalancer.plan(&view, 0);
             assert_within_limits(&rebalancer, &view, &second)?;
+        }
+    }
+
+    #[test]
+    fn no_shard_moves_to_a_draining_node_and_a_draining_nodes_shards_leave_first(
+        (view, samples) in arbitrary_cluster(),
+        draining in proptest::collection::vec(any::<bool>(), 8),
+    ) {
+        // The sample the executor reads: the staying pods are the live nodes, some of them
+        // draining (their own word in `ListShards`).
+        let sample = Sample {
+            nodes: view.pods.iter().map(|pod| (pod.clone(), format!("{pod}:7500"))).collect(),
+            shards: view.shards.clone(),
+            draining: view
+                .pods
+                .iter()
+                .zip(&draining)
+                .filter(|(_, drains)| **drains)
+                .map(|(pod, _)| pod.clone())
+                .collect(),
+            ..Sample::default()
+        };
+        let planned = sample.view(None);
+        let mut rebalancer = Rebalancer::new(PlannerPolicy::default());
+        for _ in 0..samples {
+            rebalancer.observe(&planned);
+        }
+        let plan = rebalancer.plan(&planned, 0);
+        assert_within_limits(&rebalancer, &planned, &plan)?;
+        prop_assert!(
+            plan.iter().all(|m| !sample.draining.contains(&m.to)),
+            "a move to a draining node: {plan:?} (draining: {:?})",
+            sample.draining
+        );
+        // A draining node's shards are evacuated as a leaving pod's are: before any load move,
+        // which only comes once every one of them is on its way out.
+        let takers = view.pods.len() - sample.draining.len();
+        let held: Vec<u32> = view
+            .shards
+            .iter()
+            .filter(|(_, s)| sample.draining.contains(&s.owner))
+            .map(|(shard, _)| *shard)
+            .collect();
+        if !held.is_empty() && takers > 0 {
+            let evacuated: BTreeSet<u32> = plan
+                .iter()
+                .filter(|m| m.reason == MoveReason::Evacuate)
+                .map(|m| m.shard)
+                .collect();
+            prop_assert!(
+                plan.first().is_some_and(|m| m.reason == MoveReason::Evacuate),
+                "a draining node's shards do not leave first: {plan:?}"
+            );
+            prop_assert!(
+                held.iter().all(|shard| evacuated.contains(shard))
+                    || plan.iter().all(|m| m.reason == MoveReason::Evacuate),
+                "a load move while a draining node keeps shards: {plan:?}"
+            );
         }
     }
 

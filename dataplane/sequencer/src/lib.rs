@@ -313,7 +313,7 @@ impl LocalSequencer {
         if let Err(e) = self.renew().await {
             tracing::warn!(error = %e, "renewing shard leases failed; retrying");
         }
-        if self.draining.load(AtomicOrdering::Relaxed) {
+        if self.is_draining() {
             if let Err(e) = self.give_back_handed().await {
                 tracing::warn!(error = %e, "giving back shards handed to a drained node failed; retrying");
             }
@@ -400,6 +400,11 @@ impl LocalSequencer {
         let released = frozen.iter().map(|lease| lease.shard).collect();
         tracing::info!(shards = frozen.len(), "drained: shards released");
         Ok(released)
+    }
+
+    /// Whether [`LocalSequencer::drain`] was called: the node takes no shard any more.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(AtomicOrdering::Relaxed)
     }
 
     /// Events appended per second to each shard this node owns, an exponentially weighted

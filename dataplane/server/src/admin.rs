@@ -202,10 +202,10 @@ impl admin_server::Admin for AdminService {
         &self,
         _request: Request<ListShardsRequest>,
     ) -> Result<Response<ListShardsResponse>, Status> {
-        let load = self
+        let (load, draining) = self
             .sequencer
             .as_ref()
-            .map(|s| s.load())
+            .map(|s| (s.load(), s.is_draining()))
             .unwrap_or_default();
         let shards = load
             .into_iter()
@@ -218,6 +218,7 @@ impl admin_server::Admin for AdminService {
         Ok(Response::new(ListShardsResponse {
             node: self.node.clone(),
             shards,
+            draining,
         }))
     }
 

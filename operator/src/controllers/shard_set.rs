@@ -238,7 +238,7 @@ async fn move_shards(
     let policy = &set.spec.sequencers.rebalance;
     let desired: BTreeSet<PodId> = (0..set.spec.sequencers.replicas)
         .map(|ordinal| pod_name(&name, ordinal))
-        .filter(|pod| sample.nodes.contains_key(pod))
+        .filter(|pod| sample.nodes.contains_key(pod) && !sample.draining.contains(pod))
         .collect();
     let view = sample.view(Some(&desired));
     state.rebalancer.set_policy(PlannerPolicy::from(policy));
@@ -752,6 +752,7 @@ mod tests {
                 .collect(),
             unowned: Default::default(),
             outbox_lag_ms: 0,
+            draining: Default::default(),
         }
     }
 

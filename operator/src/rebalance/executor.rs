@@ -134,15 +134,22 @@ pub struct Sample {
     /// How long the oldest event waiting for fanout, in any shard's outbox, has waited (ms,
     /// from the store's shard map). Milliseconds when delivery keeps up.
     pub outbox_lag_ms: u64,
+    /// The live nodes that drain (their own word, `ListShards`): they take no shard, and are
+    /// planned from as leaving pods are, never to.
+    pub draining: BTreeSet<PodId>,
 }
 
 impl Sample {
-    /// The planner's view: the shards as sampled, held by `pods` (default: every live node).
+    /// The planner's view: the shards as sampled, held by `pods` (default: every live node)
+    /// less the draining nodes. A draining node would give back at once any shard moved to it
+    /// (the move failing, the shard frozen twice for nothing); what it still owns is
+    /// evacuated.
     pub fn view(&self, pods: Option<&BTreeSet<PodId>>) -> ClusterView {
+        let pods = pods
+            .cloned()
+            .unwrap_or_else(|| self.nodes.keys().cloned().collect());
         ClusterView {
-            pods: pods
-                .cloned()
-                .unwrap_or_else(|| self.nodes.keys().cloned().collect()),
+            pods: pods.difference(&self.draining).cloned().collect(),
             shards: self.shards.clone(),
         }
     }
@@ -218,21 +225,24 @@ impl AdminApi {
         let nodes = self.sequencers().await?;
         let map = self.shard_map(&nodes).await?;
         let answers = join_all(nodes.iter().map(|(id, address)| async move {
-            let shards = self
+            let answer = self
                 .client(address)
                 .await?
                 .list_shards(ListShardsRequest {})
                 .await
                 .map_err(|status| call_error("ListShards", address, status))?
-                .into_inner()
-                .shards;
-            Ok::<_, AdminError>((id.clone(), shards))
+                .into_inner();
+            Ok::<_, AdminError>((id.clone(), answer))
         }))
         .await;
         let mut loads = BTreeMap::new();
+        let mut draining = BTreeSet::new();
         for answer in answers {
-            let (node, owned) = answer?;
-            for shard in owned {
+            let (node, answer) = answer?;
+            if answer.draining {
+                draining.insert(node.clone());
+            }
+            for shard in answer.shards {
                 let load = checked_load(&node, shard.shard, shard.appends_per_sec)?;
                 loads.insert((node.clone(), shard.shard), load);
             }
@@ -269,6 +279,7 @@ impl AdminApi {
             shards,
             unowned,
             outbox_lag_ms,
+            draining,
         })
     }
 

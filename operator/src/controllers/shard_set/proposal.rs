@@ -112,7 +112,7 @@ pub enum Dropped {
     OwnerChanged(PodId),
     /// Its shard has no live owner now.
     Unowned,
-    /// Its target is no longer one of the set's pods.
+    /// Its target is no longer one of the set's pods, or it drains.
     TargetGone,
 }
 
@@ -122,7 +122,9 @@ impl fmt::Display for Dropped {
             Dropped::AlreadyMoved => f.write_str("already moved"),
             Dropped::OwnerChanged(owner) => write!(f, "dropped: the shard is on {owner} now"),
             Dropped::Unowned => f.write_str("dropped: the shard has no live owner"),
-            Dropped::TargetGone => f.write_str("dropped: the target is not a pod of the set"),
+            Dropped::TargetGone => {
+                f.write_str("dropped: the target is not a pod of the set, or it drains")
+            }
         }
     }
 }
@@ -591,6 +593,7 @@ mod tests {
                 .collect(),
             unowned: Default::default(),
             outbox_lag_ms: 0,
+            draining: Default::default(),
         }
     }
 
