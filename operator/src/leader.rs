@@ -1,12 +1,15 @@
 //! Leading: the controllers run while this replica holds the leader Lease, and a shutdown
-//! (SIGTERM on a rolling update or a node drain, SIGINT) hands the Lease over at once.
+//! (SIGTERM on a rolling update or a node drain, SIGINT) releases it.
 //!
 //! On shutdown the controllers stop first (reconciliations under way finish, within
 //! [`CONTROLLERS_STOP`]), then the Lease's watch channel is dropped, which makes
 //! `kube-lease-manager` release the Lease (its holder cleared) before its task ends; that is
-//! awaited for at most [`LEASE_RELEASE`]. Without it the standby waited out the whole lease
-//! duration (30 s) before it took over, and nothing was reconciled meanwhile. The release
-//! comes after the controllers have stopped, so that two replicas never write at once.
+//! awaited for at most [`LEASE_RELEASE`]. The release comes after the controllers have
+//! stopped, so that two replicas never write at once. The standby takes the Lease when it
+//! next looks: `kube-lease-manager` has it sleep until the expiry it last read, so that is
+//! within ~25 s of the release (the lease's 30 s less the 5 s before expiry at which the
+//! leader renews), released or not; the release spares it a forced release and a random
+//! wait of up to a second.
 
 use std::future::Future;
 use std::time::Duration;
