@@ -84,8 +84,8 @@ fn main() -> anyhow::Result<()> {
 
 /// Serves metrics at once; runs the controllers while this replica holds the Lease (one per
 /// scope, [`WatchScope::lease_name`]), and exits when it loses it (the pod restarts as a
-/// follower). On SIGTERM or SIGINT it stops the controllers, releases the Lease so that the
-/// standby takes over at once, and exits 0 ([`leader::lead`]).
+/// follower). On SIGTERM or SIGINT it stops the controllers, releases the Lease for the
+/// standby, and exits 0 ([`leader::lead`]).
 async fn run(
     listen: SocketAddr,
     lease_namespace: String,

@@ -1,6 +1,6 @@
 //! The leader Lease against a fake API server that keeps one Lease (`tower-test`): on a
 //! shutdown the controllers stop first, then the Lease is released (its holder cleared), so
-//! that the standby takes over at once instead of when the lease expires.
+//! that no replica holds it past the leader's exit.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
