@@ -31,7 +31,7 @@ use anyhow::{Context, bail};
 use courier_core::auth::MIN_SECRET_BYTES;
 use courier_core::loops::CancellationToken;
 use courier_store::Keys;
-use courier_store::backup::{StoreImport, StoreSnapshot};
+use courier_store::backup::{StoreImport, StoreSnapshot, holds_store};
 use courier_store::embedded::EmbeddedEngine;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -580,9 +580,7 @@ impl Staging {
     /// earlier restore cut short left there, saying so on standard error.
     fn claim(path: &Path) -> anyhow::Result<Self> {
         use std::io::ErrorKind;
-        let mut dir = std::fs::DirBuilder::new();
-        std::os::unix::fs::DirBuilderExt::mode(&mut dir, 0o700);
-        match dir.create(path) {
+        match courier_core::dirs::create_private(path) {
             Err(e) if e.kind() != ErrorKind::AlreadyExists => {
                 return Err(e).with_context(|| format!("creating {}", path.display()));
             }
@@ -670,7 +668,7 @@ fn store_staging(data_dir: &Path) -> PathBuf {
 /// again, would be refused for the store it made.
 pub fn check_no_restore_left(data_dir: &Path) -> anyhow::Result<()> {
     let staging = store_staging(data_dir);
-    if staging.exists() && !data_dir.join(STORE_DIR).join("version").exists() {
+    if staging.exists() && !holds_store(&data_dir.join(STORE_DIR)) {
         bail!(
             "a `courier restore` into {} did not finish ({} is there, and no store): run the \
              restore again (it clears what the first left), or delete {} to start with an empty \
@@ -1001,7 +999,7 @@ impl<R: Read> Read for Tee<'_, R> {
 /// it after all).
 fn copy_stopped(args: &BackupArgs, out: &mut Output) -> anyhow::Result<Totals> {
     let store = args.data_dir.join(STORE_DIR);
-    if !store.join("version").exists() {
+    if !holds_store(&store) {
         bail!(
             "no store at {}: is --data-dir the server's?",
             store.display()

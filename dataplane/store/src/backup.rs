@@ -101,10 +101,15 @@ pub struct StoreImport {
     pairs: u64,
 }
 
+/// Whether `path` holds a store (the embedded engine's version file is there).
+pub fn holds_store(path: &Path) -> bool {
+    path.join("version").exists()
+}
+
 impl StoreImport {
     /// A new store in `path`, which must not hold one.
     pub fn create(path: &Path) -> Result<Self, StoreError> {
-        if path.join("version").exists() {
+        if holds_store(path) {
             return Err(StoreError::Engine(format!(
                 "{} already holds a store",
                 path.display()
