@@ -1157,6 +1157,42 @@ async fn a_json_body_past_the_limit_is_too_large() {
     assert_eq!((status, body["code"].as_str()), (413, Some("too_large")));
 }
 
+/// A JSON body whose `Content-Length` says it is past the limit is `too_large` (413) as soon as
+/// its head has come, before any of it is read: the client, which may wait for the answer
+/// before it sends (`Expect: 100-continue`) or send slowly, is told at once to send less.
+#[tokio::test]
+async fn a_json_body_declared_past_the_limit_is_too_large_before_it_is_sent() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_dir, server) = server();
+    let token = server.token("alice", "phone");
+    let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let head = format!(
+        "POST /v1/groups HTTP/1.1\r\nhost: courier\r\nauthorization: Bearer {token}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n{{\"name\": ",
+        3 << 20
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    // The rest of the body never comes: the answer must not wait for it.
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(WAIT, async {
+        let mut buffer = [0u8; 4096];
+        while !answer.ends_with(b"}") {
+            match stream.read(&mut buffer).await.unwrap() {
+                0 => break,
+                n => answer.extend_from_slice(&buffer[..n]),
+            }
+        }
+    })
+    .await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        read.is_ok(),
+        "no answer while the body was awaited: {answer:?}"
+    );
+    assert!(answer.starts_with("HTTP/1.1 413 "), "{answer}");
+    assert!(answer.contains(r#""code":"too_large""#), "{answer}");
+}
+
 /// The status of a WebSocket upgrade of `/v1/ws{query}` with `authorization` as its
 /// `Authorization` header, if any: 101 once the connection has had its `hello`.
 async fn upgrade_status(server: &Server, query: &str, authorization: Option<&str>) -> u16 {

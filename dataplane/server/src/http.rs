@@ -75,6 +75,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/devices/{device}", delete(unlink_device))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_JSON_BODY_BYTES))
         .with_state(state)
 }
 
@@ -469,15 +470,34 @@ impl<T: serde::de::DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> 
 /// its task for good (the request head has its own timeout, `http_server`).
 pub const BODY_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// A JSON body, with decoding errors answered as `bad_request`, and a body past axum's limit
-/// (2 MiB) as `too_large`: the client is to send less, not to fix its JSON. One that sends
-/// nothing for [`BODY_IDLE_TIMEOUT`] is answered `bad_request`.
+/// Most bytes of a JSON body: axum's default limit, which [`JsonBody`] applies (the largest
+/// body a client has reason to send, a group of `max_users_per_request` members, is tens of
+/// kilobytes).
+pub const MAX_JSON_BODY_BYTES: usize = 2 * 1024 * 1024;
+
+/// A JSON body, with decoding errors answered as `bad_request`, and a body past
+/// [`MAX_JSON_BODY_BYTES`] as `too_large`: the client is to send less, not to fix its JSON.
+/// One whose `Content-Length` says so is refused before a byte of it is read (its client may
+/// wait for the answer before it sends, `Expect: 100-continue`); it was read until it passed
+/// the limit, and a client that declared more than it sent was answered `bad_request` after
+/// [`BODY_IDLE_TIMEOUT`]. One that sends nothing for [`BODY_IDLE_TIMEOUT`] is answered
+/// `bad_request`.
 pub struct JsonBody<T>(pub T);
 
 impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequest<S> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(request: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
+        let declared = axum::body::HttpBody::size_hint(request.body()).lower();
+        if declared > MAX_JSON_BODY_BYTES as u64 {
+            return Err(ApiError::new(
+                ErrorCode::TooLarge,
+                format!(
+                    "the body is {declared} bytes; a JSON body may have at most \
+                     {MAX_JSON_BODY_BYTES}"
+                ),
+            ));
+        }
         let request = request.map(|body| {
             axum::body::Body::new(tower_http::timeout::TimeoutBody::new(
                 BODY_IDLE_TIMEOUT,
