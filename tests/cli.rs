@@ -404,6 +404,54 @@ async fn a_second_server_on_the_same_data_directory_is_refused_clearly() {
     assert_eq!(sent.seq, 1);
 }
 
+/// The client port serves no admin call, whatever token comes with it, and `courier admin`
+/// pointed at it by mistake says which port it wants: it printed "invalid compression flag:
+/// 123 ... 404 Not Found (Internal)", the first byte of the API's JSON refusal read as gRPC.
+#[tokio::test]
+async fn courier_admin_at_a_client_port_is_refused_and_names_the_internal_port() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_in(dir.path(), &[]);
+    let token = dir.path().join("cluster-token");
+    std::fs::write(&token, "0123456789abcdef0123456789abcdef").unwrap();
+    for command in ["nodes", "drain"] {
+        let output = Command::new(env!("CARGO_BIN_EXE_courier"))
+            .args([
+                "admin",
+                "--timeout",
+                "60s",
+                "--node",
+                &server.addr.to_string(),
+            ])
+            .arg("--cluster-token-file")
+            .arg(&token)
+            .arg(command)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{command}: {stderr}");
+        assert!(
+            stderr.contains("Unimplemented") && stderr.contains("--internal-listen"),
+            "{command}: {stderr}"
+        );
+    }
+    let ready = reqwest::get(format!("{}/readyz", server.http_url()))
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(ready, 200, "the node was drained");
+    // An upload of that type is the API's.
+    let upload = reqwest::Client::new()
+        .post(format!("{}/v1/media", server.http_url()))
+        .bearer_auth(server.token("alice", "phone"))
+        .header("content-type", "application/grpc")
+        .body("bytes")
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(upload, 201);
+}
+
 /// The server turns transparent huge pages off for itself (a huge page's first write zeroes
 /// 2 MiB on the writing thread, the store's writer among them): the kernel reports it in the
 /// process's status.

@@ -99,19 +99,45 @@ const WEB_APP_CSP: &str = "default-src 'self'; img-src 'self' blob:; connect-src
 /// `/v1/` either way, with a `not_found` error. A method a route does not take is answered 405
 /// with a `bad_request` error. So every refusal of the API has PROTOCOL.md's body, the router's
 /// own included. The files are public; the app asks the person for a token and never gets one
-/// from the server.
+/// from the server. A gRPC call is refused as gRPC ([`refuse_grpc`]).
 pub fn with_web_app(router: Router, web_dir: Option<&std::path::Path>) -> Router {
     let router = router.method_not_allowed_fallback(method_not_allowed);
-    let Some(dir) = web_dir else {
-        return router.fallback(no_route);
+    let router = match web_dir {
+        None => router.fallback(no_route),
+        Some(dir) => {
+            let files = Router::new()
+                .fallback_service(tower_http::services::ServeDir::new(dir))
+                .layer(axum::middleware::map_response(web_app_headers));
+            let api_or_files = Router::new()
+                .route("/v1/{*rest}", axum::routing::any(no_route))
+                .fallback_service(files);
+            router.fallback_service(api_or_files)
+        }
     };
-    let files = Router::new()
-        .fallback_service(tower_http::services::ServeDir::new(dir))
-        .layer(axum::middleware::map_response(web_app_headers));
-    let api_or_files = Router::new()
-        .route("/v1/{*rest}", axum::routing::any(no_route))
-        .fallback_service(files);
-    router.fallback_service(api_or_files)
+    router.layer(axum::middleware::from_fn(refuse_grpc))
+}
+
+/// A gRPC call (`Content-Type: application/grpc...`, to a path outside the API's `/v1/`, as
+/// a gRPC method's `/package.Service/Method` is) to this port, which serves none: the admin
+/// API and the other internal services are on the node's `--internal-listen`. Answered
+/// `UNIMPLEMENTED` as gRPC, naming that port, so that `courier admin --node` or the operator
+/// given the client port by mistake says so; answered as the API, its caller read the JSON
+/// refusal as a gRPC message and reported a "compression flag: 123", `INTERNAL`. An upload
+/// of that type, under `/v1/`, is the API's.
+async fn refuse_grpc(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let grpc = !request.uri().path().starts_with("/v1/")
+        && request
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|t| t.as_bytes().starts_with(b"application/grpc"));
+    if !grpc {
+        return next.run(request).await;
+    }
+    tonic::Status::unimplemented(
+        "this is a client port (--listen), which serves no gRPC: call the node's \
+         --internal-listen",
+    )
+    .into_http()
 }
 
 /// A path no route takes.
