@@ -436,7 +436,7 @@ impl Chat {
             } else {
                 before_delivered
             };
-            self.receipts.publish(receipt, covered_after, head).await?;
+            self.receipts.publish(receipt, covered_after).await?;
         }
         Ok(())
     }
@@ -1084,8 +1084,12 @@ mod tests {
             membership: Arc::new(MembershipCache::new(store.clone())),
             metrics: Arc::new(Metrics::new()),
         };
+        chat_in(context, sequencer, limits)
+    }
+
+    fn chat_in(context: Context, sequencer: Arc<dyn Sequencer>, limits: ChatLimits) -> Chat {
         let receipts = ReceiptRelay::new(&context, 100);
-        let storage = StorageHealth::new(store, None, 0, None, 0);
+        let storage = StorageHealth::new(context.store.clone(), None, 0, None, 0);
         Chat::new(context, sequencer, receipts, limits, storage)
     }
 
@@ -1701,6 +1705,113 @@ mod tests {
         engine.set_read_fault(None);
         assert!(!chat.store.is_member(&conv, "bob").await.unwrap());
         assert_eq!(*chat.membership.current(&conv).await.unwrap(), ["alice"]);
+    }
+
+    /// The users each receipt was offered to.
+    #[derive(Default)]
+    struct ReceiptsOffered(Mutex<Vec<Vec<String>>>);
+
+    #[async_trait::async_trait]
+    impl Gateways for ReceiptsOffered {
+        async fn deliver(
+            &self,
+            _batch: Vec<(courier_proto::Event, courier_core::membership::Members)>,
+        ) -> Result<(), courier_core::gateways::DeliveryError> {
+            Ok(())
+        }
+
+        fn offer<'a>(&self, offers: &[Offer<'a>]) -> courier_core::gateways::Refused<'a> {
+            let mut offered = self.0.lock().unwrap();
+            for offer in offers {
+                if let ServerFrame::Receipt(_) = *offer.frame {
+                    offered.push(offer.users.iter().map(|u| u.to_string()).collect());
+                }
+            }
+            courier_core::gateways::Refused::new()
+        }
+
+        fn missed(&self, _recipients: &[String], _at: Option<(&str, u64)>) {}
+
+        fn unlinked(&self, _user: &str, _device: &str) {}
+
+        async fn connected_devices(&self, _user: &str) -> Result<Vec<String>, StoreError> {
+            Ok(Vec::new())
+        }
+    }
+
+    /// On a cluster node (a membership cache that checks heads), a member removed on another
+    /// node between an ack's reads and its commit gets no receipt of it: the cursor moved
+    /// once it was no longer a member. The relay took the members through the head read
+    /// before the commit, from a cache loaded before the removal, and offered bob the receipt
+    /// after his removal was answered.
+    #[tokio::test]
+    async fn a_receipt_committed_after_a_removal_elsewhere_never_reaches_the_removed_member() {
+        let engine = courier_store::faulty_engine::FaultyEngine::new();
+        let store = engine.store(4).await;
+        let conv = "g:team".to_owned();
+        let lease = every_shard_of_four(&store).await[store.shard_of(&conv) as usize];
+        let by_alice = |key: &str, payload| Append {
+            conversation_id: conv.clone(),
+            sender: Sender {
+                user: "alice".into(),
+                device: "phone".into(),
+            },
+            key: AppendKey::Server(key.into()),
+            payload,
+            create: None,
+        };
+        let created = by_alice(
+            "created",
+            EventPayload::GroupCreated {
+                name: "team".into(),
+                members: vec!["alice".into(), "bob".into(), "carol".into()],
+            },
+        );
+        let mut heads = HeadCache::default();
+        let done = store.append(lease, &mut heads, &[created]).await.unwrap();
+        assert!(done[0].is_ok(), "{done:?}");
+        let offered = Arc::new(ReceiptsOffered::default());
+        let context = Context {
+            store: store.clone(),
+            gateways: offered.clone(),
+            membership: Arc::new(MembershipCache::checking_heads(store.clone())),
+            metrics: Arc::new(Metrics::new()),
+        };
+        let chat = chat_in(
+            context,
+            Arc::new(HeldSequencer::default()),
+            ChatLimits::default(),
+        );
+        // This node relayed something of the group before: its cache holds the three.
+        assert_eq!(
+            *chat.membership.current(&conv).await.unwrap(),
+            ["alice", "bob", "carol"]
+        );
+        // Another node removes bob between carol's ack's reads and its commit.
+        let removal = by_alice(
+            "removal",
+            EventPayload::MemberRemoved(courier_proto::MembershipChange::new(vec!["bob".into()])),
+        );
+        let removing = store.clone();
+        engine.before_next_commit(Box::pin(async move {
+            let mut heads = HeadCache::default();
+            let done = removing.append(lease, &mut heads, &[removal]).await;
+            assert!(done.unwrap()[0].is_ok());
+        }));
+        let carol = Identity {
+            user: "carol".into(),
+            device: "phone".into(),
+            issued_at_ms: 0,
+        };
+        let ack = courier_proto::Ack {
+            reference: None,
+            conversation_id: conv.clone(),
+            seq: 1,
+            kind: AckKind::Read,
+        };
+        chat.acknowledge(&carol, &ack).await.unwrap();
+        assert!(!store.is_member(&conv, "bob").await.unwrap());
+        assert_eq!(*offered.0.lock().unwrap(), [["alice"]]);
     }
 
     #[test]

@@ -93,17 +93,11 @@ impl ReceiptRelay {
 
     /// Sends `receipt` now (devices without room get it at a later flush), or at the next
     /// flush in a large group. `covered_after` is the lowest of the user's cursors that moved,
-    /// before they moved; `head` is the conversation's head as the caller read it.
-    pub async fn publish(
-        &self,
-        receipt: Receipt,
-        covered_after: u64,
-        head: u64,
-    ) -> Result<(), StoreError> {
-        let members = self
-            .membership
-            .current_through(&receipt.conversation_id, head)
-            .await?;
+    /// before they moved. Called once the cursors' commit is done: the members are those of
+    /// then (on a cluster node, through the head read now), so a user removed before that
+    /// commit, on any node, is not sent it.
+    pub async fn publish(&self, receipt: Receipt, covered_after: u64) -> Result<(), StoreError> {
+        let members = self.membership.current(&receipt.conversation_id).await?;
         let mut pending = Pending {
             receipt,
             covered_after,

@@ -206,18 +206,8 @@ impl MembershipCache {
     /// relaying typing and receipts; the caller has checked in the store that the user it acts
     /// for is a member.
     pub async fn current(&self, conv: &str) -> Result<Members, StoreError> {
-        let head = match self.check_heads {
-            true => self.store.head(conv).await?,
-            false => 0,
-        };
-        self.current_through(conv, head).await
-    }
-
-    /// [`current`](Self::current) for a caller that has just read the conversation's `head`:
-    /// a cache checking heads is made exact through it without reading it again.
-    pub async fn current_through(&self, conv: &str, head: u64) -> Result<Members, StoreError> {
         let through = match self.check_heads {
-            true => head,
+            true => self.store.head(conv).await?,
             false => 0,
         };
         Ok(self
