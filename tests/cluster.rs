@@ -2769,3 +2769,156 @@ async fn two_storage_partitions_keep_their_shards_and_lose_nothing_across_a_fail
         );
     }
 }
+
+/// The frames `client` has been written up to the answer to a ping it sends now (a connection
+/// writes what is queued on it before it reads the next frame), but for `sync_done` and pongs.
+async fn frames_until_pong(
+    client: &mut courier_client::Client,
+) -> Vec<courier_client::proto::ServerFrame> {
+    use courier_client::proto::{ClientFrame, Ping, ServerFrame};
+    client
+        .send_frame(&ClientFrame::Ping(Ping {
+            reference: Some(-1),
+        }))
+        .await
+        .unwrap();
+    let mut frames = Vec::new();
+    loop {
+        match client.next_frame_within(WAIT).await.unwrap() {
+            ServerFrame::Pong(pong) if pong.reference == Some(-1) => return frames,
+            ServerFrame::Pong(_) | ServerFrame::SyncDone(_) => {}
+            frame => frames.push(frame),
+        }
+    }
+}
+
+/// The seqs of `conv` that `user` reads through `gateway` on every path: a new device's
+/// catch-up, `fetch` and the HTTP messages endpoint (each checked to agree), and the
+/// `head_seq` they answer.
+async fn read_through(gateway: &Server, user: &str, device: &str, conv: &str) -> Vec<u64> {
+    let mut client = gateway.connect(user, device).await;
+    let caught_up: Vec<u64> = client
+        .events_until_sync_done()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.conversation_id == conv)
+        .map(|e| e.seq)
+        .collect();
+    let page = client.fetch(conv, 0, None).await.unwrap();
+    let fetched: Vec<u64> = page.events.iter().map(|e| e.seq).collect();
+    let (status, body) = gateway
+        .http(user, device)
+        .get(&format!("/v1/conversations/{conv}/messages"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let listed: Vec<u64> = body["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(caught_up, fetched, "{user}'s catch-up and fetch");
+    assert_eq!(fetched, listed, "{user}'s fetch and HTTP messages");
+    assert_eq!(body["head_seq"], page.head_seq, "{user}'s head_seq");
+    fetched
+}
+
+/// The membership rule across nodes, in the operator's layout (gateway nodes without chat, two
+/// chat nodes): a change made through one gateway decides every read, live event, receipt and
+/// typing notice through the other. Bob, removed, gets nothing past his removal and may no
+/// longer ack, type or send there; his device that was offline catches up to the removal and
+/// no further; dave, added later, reads from his `member_added` on; bob, added back, reads his
+/// two periods and not the time between.
+#[tokio::test]
+async fn a_membership_change_through_one_gateway_rules_every_read_through_the_other() {
+    use courier_client::ClientError;
+    use courier_client::proto::{AckKind, ErrorCode, ServerFrame};
+    let (dir, store) = store_node();
+    let (_internal, _dirs, ga, gb) = cluster_with_chat_nodes(&store, dir.path(), &[]);
+    let admin = ga.http("alice", "phone");
+    let conv = admin
+        .create_group("g", &users(&["bob", "carol"]))
+        .await
+        .unwrap();
+    let group = Target::Conversation(conv.clone());
+    let mut alice = ga.connect("alice", "phone").await;
+    // Alice's tablet on gb: a receipt or typing notice offered to bob is in the same call to gb.
+    let mut tablet = gb.connect("alice", "tablet").await;
+    let mut bob = gb.connect("bob", "phone").await;
+    let mut carol = gb.connect("carol", "phone").await;
+    for client in [&mut alice, &mut tablet, &mut bob, &mut carol] {
+        client.events_until_sync_done().await.unwrap();
+    }
+
+    send_until_taken(&mut alice, group.clone(), "before", None).await;
+    admin.remove_member(&conv, "bob").await.unwrap();
+    let after = send_until_taken(&mut alice, group.clone(), "after", None).await;
+    let removal = after - 1;
+    while next_event(&mut carol).await.seq < after {}
+    carol.ack(&conv, after, AckKind::Read).await.unwrap();
+    carol.typing(&conv, true).await.unwrap();
+    for frame in ["receipt", "typing"] {
+        next_frame_where(&mut tablet, |f| match f {
+            ServerFrame::Receipt(r) if r.user == "carol" && frame == "receipt" => Some(()),
+            ServerFrame::Typing(t) if t.user == "carol" && frame == "typing" => Some(()),
+            _ => None,
+        })
+        .await;
+    }
+    let mut live = Vec::new();
+    while live.last() != Some(&removal) {
+        live.push(next_event(&mut bob).await.seq);
+    }
+    assert_eq!(live, (2..=removal).collect::<Vec<_>>(), "bob's live events");
+    assert_eq!(
+        frames_until_pong(&mut bob).await,
+        [],
+        "bob got frames of the group after his removal"
+    );
+
+    // Bob may no longer ack past his removal, type or send there (each refused).
+    bob.ack(&conv, after, AckKind::Read).await.unwrap();
+    bob.typing(&conv, true).await.unwrap();
+    let refused: Vec<ErrorCode> = frames_until_pong(&mut bob)
+        .await
+        .into_iter()
+        .map(|frame| match frame {
+            ServerFrame::Error(e) => e.code,
+            other => panic!("bob got {other:?}"),
+        })
+        .collect();
+    assert_eq!(refused, [ErrorCode::Forbidden, ErrorCode::Forbidden]);
+    match bob.send_text(group.clone(), "late", "x").await {
+        Err(ClientError::Server(e)) => assert_eq!(e.code, ErrorCode::Forbidden),
+        other => panic!("bob's send after his removal: {other:?}"),
+    }
+    let (status, body) = gb
+        .http("bob", "phone")
+        .get(&format!("/v1/conversations/{conv}/receipts"))
+        .await
+        .unwrap();
+    assert_eq!(status, 403, "{body}");
+
+    // Bob's laptop, offline during the removal, catches up to it and no further.
+    assert_eq!(
+        read_through(&gb, "bob", "laptop", &conv).await,
+        (1..=removal).collect::<Vec<_>>()
+    );
+
+    // Dave, added later, reads from his `member_added` on.
+    admin.add_members(&conv, &users(&["dave"])).await.unwrap();
+    let dave_joined = after + 1;
+    assert_eq!(
+        read_through(&gb, "dave", "phone", &conv).await,
+        [dave_joined]
+    );
+
+    // Bob, added back, reads his two periods and not the time between.
+    admin.add_members(&conv, &users(&["bob"])).await.unwrap();
+    let back = send_until_taken(&mut alice, group.clone(), "back", None).await;
+    let mut expected: Vec<u64> = (1..=removal).collect();
+    expected.extend([back - 1, back]);
+    assert_eq!(read_through(&gb, "bob", "desktop", &conv).await, expected);
+}
