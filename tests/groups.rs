@@ -1166,3 +1166,72 @@ async fn deletes_draw_on_the_users_send_rate() {
         ErrorCode::RateLimited
     );
 }
+
+/// A member's own sends racing its removal, many in flight at once: each is answered, `sent`
+/// for the messages sequenced before the removal and `forbidden` for the others, and none is
+/// stored after the removal (the sequenced commit decides again at the event's place in the
+/// order, after the check its send passed on arrival).
+#[tokio::test]
+async fn a_members_sends_in_flight_at_its_removal_are_never_stored_after_it() {
+    let (_dir, server) = start(&["--user-sends-per-sec", "0", "--group-sends-per-sec", "0"]);
+    let admin = server.http("alice", "phone");
+    for round in 0..3 {
+        let conv = admin.create_group("g", &users(&["bob"])).await.unwrap();
+        let mut bob = connected(&server, "bob", "phone").await;
+        let sends = |ids: std::ops::Range<u32>| -> Vec<ClientFrame> {
+            ids.map(|i| {
+                ClientFrame::Send(Send {
+                    reference: None,
+                    client_msg_id: format!("b{i}"),
+                    conversation_id: Some(conv.clone()),
+                    to_user: None,
+                    body: Body::Text("hi".into()),
+                    reply_to: None,
+                })
+            })
+            .collect()
+        };
+        bob.send_frames(&sends(0..100)).await.unwrap();
+        admin.remove_member(&conv, "bob").await.unwrap();
+        bob.send_frames(&sends(100..150)).await.unwrap();
+        let mut answered = std::collections::BTreeMap::new();
+        while answered.len() < 150 {
+            match bob.next_frame_within(WAIT).await.unwrap() {
+                ServerFrame::Sent(sent) => answered.insert(sent.client_msg_id, Ok(sent.seq)),
+                ServerFrame::Error(e) => answered.insert(e.client_msg_id.unwrap(), Err(e.code)),
+                _ => None,
+            };
+        }
+
+        let mut alice = connected(&server, "alice", "phone").await;
+        let history = alice.fetch(&conv, 0, Some(1000)).await.unwrap().events;
+        let removal = history
+            .iter()
+            .find(|e| matches!(&e.payload, EventPayload::MemberRemoved(c) if c.users == ["bob"]))
+            .expect("bob's removal")
+            .seq;
+        let stored: std::collections::BTreeMap<String, u64> = history
+            .iter()
+            .filter_map(|e| match &e.payload {
+                EventPayload::Message { client_msg_id, .. } => Some((client_msg_id.clone(), e.seq)),
+                _ => None,
+            })
+            .collect();
+        assert!(
+            stored.values().all(|&seq| seq < removal),
+            "round {round}: bob's messages after his removal at {removal}: {stored:?}"
+        );
+        for (id, answer) in answered {
+            match answer {
+                Ok(seq) => assert_eq!(stored.get(&id), Some(&seq), "round {round}: {id}"),
+                Err(code) => {
+                    assert_eq!(code, ErrorCode::Forbidden, "round {round}: {id}");
+                    assert!(
+                        !stored.contains_key(&id),
+                        "round {round}: {id} refused, stored"
+                    );
+                }
+            }
+        }
+    }
+}
