@@ -1109,7 +1109,7 @@ async fn an_unlinked_device_gets_no_more_of_its_catch_up() {
     let mut alice = connected(&server, "alice", "phone").await;
     // Bob's catch-up is still being written when he is unlinked (or has not started: then it
     // never does).
-    send_long_history(&mut alice, "bob").await;
+    send_long_history(&mut alice, Target::User("bob".into())).await;
     let mut bob = server.connect("bob", "phone").await;
     let web = server.http("bob", "web");
     assert_eq!(web.delete("/v1/devices/phone").await.unwrap().0, 204);
@@ -1232,6 +1232,43 @@ async fn a_members_sends_in_flight_at_its_removal_are_never_stored_after_it() {
                     );
                 }
             }
+        }
+    }
+}
+
+/// A member removed while its device's catch-up is still being written (a history longer than
+/// the socket buffers, the device not reading) reads the group up to its removal, each event
+/// once and in order, and nothing sequenced after it: not in the catch-up planned before the
+/// removal, not live, not by a gap fill.
+#[tokio::test]
+async fn a_member_removed_during_its_catch_up_reads_up_to_its_removal_and_no_further() {
+    let (_dir, server) = start(&["--user-sends-per-sec", "0", "--group-sends-per-sec", "0"]);
+    let admin = server.http("alice", "phone");
+    let conv = admin.create_group("g", &users(&["bob"])).await.unwrap();
+    let group = Target::Conversation(conv.clone());
+    let mut alice = connected(&server, "alice", "phone").await;
+    send_long_history(&mut alice, group.clone()).await;
+    let mut bob = server.connect("bob", "phone").await;
+    admin.remove_member(&conv, "bob").await.unwrap();
+    let after = alice.send_text(group, "after", "bye").await.unwrap().seq;
+    let removal = after - 1;
+
+    let mut seqs = Vec::new();
+    while let Some(event) = bob.next_event_until_sync_done().await.unwrap() {
+        seqs.push(event.seq);
+    }
+    while seqs.last() < Some(&removal) {
+        seqs.push(next_event(&mut bob).await.seq);
+    }
+    assert_eq!(seqs, (1..=removal).collect::<Vec<_>>());
+    bob.send_frame(&ClientFrame::Ping(Ping { reference: Some(7) }))
+        .await
+        .unwrap();
+    loop {
+        match bob.next_frame_within(WAIT).await.unwrap() {
+            ServerFrame::Pong(_) => break,
+            ServerFrame::Event(event) => panic!("bob got {} after his removal", event.seq),
+            _ => {}
         }
     }
 }

@@ -958,7 +958,7 @@ async fn a_device_past_its_connections_has_its_oldest_closed_during_its_catch_up
     let (_dir, server) = support::start(&["--user-sends-per-sec", "0"]);
     let mut bob = support::connected(&server, "bob", "phone").await;
     // Alice's catch-up is still being written when her connection is replaced.
-    support::send_long_history(&mut bob, "alice").await;
+    support::send_long_history(&mut bob, Target::User("alice".into())).await;
     let mut oldest = server.connect("alice", "phone").await;
     let mut others = Vec::new();
     for _ in 0..16 {
@@ -1432,7 +1432,7 @@ async fn sigterm_stops_a_catch_up_under_way_with_reconnect_and_1001_and_loses_no
     let dir = tempfile::tempdir().unwrap();
     let mut server = Server::start_in(dir.path(), &["--user-sends-per-sec", "0"]);
     let mut alice = support::connected(&server, "alice", "phone").await;
-    support::send_long_history(&mut alice, "bob").await;
+    support::send_long_history(&mut alice, Target::User("bob".into())).await;
     // Bob's catch-up is more than the socket buffers hold, and he reads none of it yet.
     let mut bob = server.connect("bob", "phone").await;
     let terminated = tokio::task::spawn_blocking(move || server.terminate());

@@ -40,12 +40,11 @@ pub async fn next_event(client: &mut Client) -> Event {
 }
 
 /// A history longer than the socket buffers hold: 400 messages of 48 KiB from `from` to
-/// `to`, so that `to`'s catch-up is still being written long after it begins.
-pub async fn send_long_history(from: &mut Client, to: &str) {
+/// `to`, so that a catch-up of it is still being written long after it begins.
+pub async fn send_long_history(from: &mut Client, to: Target) {
     let body = "x".repeat(48 * 1024);
     for i in 0..400 {
-        let target = Target::User(to.into());
-        from.send_text(target, &format!("m{i}"), &body)
+        from.send_text(to.clone(), &format!("m{i}"), &body)
             .await
             .unwrap();
     }
