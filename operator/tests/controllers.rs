@@ -1753,9 +1753,10 @@ async fn a_pools_connections_are_written_as_a_number_the_api_server_keeps() {
 }
 
 /// What the operator keeps of a pool or shard set (the autoscaler's targets, the planner's
-/// trends and cooldowns, their gauges) goes once the controller finds the object gone: it
-/// outlived every deleted pool (the autoscaler kept growing, and `/metrics` showed the pool's
-/// replicas for good), and a pool created again under the name took the old one's window.
+/// trends and cooldowns, their gauges, their failures in a row) goes once the controller finds
+/// the object gone: it outlived every deleted pool (the autoscaler kept growing, and `/metrics`
+/// showed the pool's replicas for good), and a pool created again under the name took the old
+/// one's window.
 #[tokio::test]
 async fn what_is_kept_of_a_deleted_pool_or_shard_set_goes_with_it() {
     use kube::runtime::controller::{self, Action};
@@ -1771,6 +1772,12 @@ async fn what_is_kept_of_a_deleted_pool_or_shard_set_goes_with_it() {
     }
     reconciled(vec![], Arc::new(FakeDataPlane::default()), async |ctx| {
         sampled_before(&ctx, 3, Default::default(), 5_000);
+        let failure = courier_operator::controllers::Error::ClusterNotFound("prod".to_owned());
+        gateway_pool::error_policy(Arc::new(pool()), &failure, ctx.clone());
+        shard_set::error_policy(Arc::new(shard_set(2)), &failure, ctx.clone());
+        let failing = |ctx: &Context| -> Vec<String> {
+            ctx.failures.lock().unwrap().keys().cloned().collect()
+        };
         let label = |name: &str| courier_operator::metrics::ResourceLabel {
             resource: format!("{NS}/{name}"),
         };
@@ -1798,6 +1805,11 @@ async fn what_is_kept_of_a_deleted_pool_or_shard_set_goes_with_it() {
             Context::forget_gateway_pool,
         );
         assert!(ctx.autoscalers.lock().unwrap().is_empty());
+        assert_eq!(
+            failing(&ctx),
+            ["SequencerShardSet/chat/prod-sequencers"],
+            "a pool created again under the name starts its retries afresh"
+        );
         let metrics = ctx.metrics.render();
         assert!(!metrics.contains("prod-gateways"), "{metrics}");
         assert!(metrics.contains("prod-sequencers"), "{metrics}");
@@ -1806,6 +1818,7 @@ async fn what_is_kept_of_a_deleted_pool_or_shard_set_goes_with_it() {
             Context::forget_shard_set,
         );
         assert!(ctx.rebalancers.lock().unwrap().is_empty());
+        assert!(failing(&ctx).is_empty());
         assert!(!ctx.metrics.render().contains("prod-sequencers"));
     })
     .await;
@@ -2804,6 +2817,70 @@ async fn a_second_gateway_pool_of_a_cluster_renders_nothing_and_says_why() {
         gateway_pool::reconcile(Arc::new(second), ctx)
             .await
             .unwrap();
+    })
+    .await;
+}
+
+/// A failed reconciliation is retried soon, then less and less often while the same object
+/// goes on failing, up to a cap, and soon again once it has been reconciled; each object
+/// backs off on its own. A flat 30 s retried a passing failure (a conflict, an API server
+/// restarting) late, and a lasting one (a missing Secret, a refused object) twice a minute
+/// for good, whatever it cost the API server.
+#[tokio::test]
+async fn a_failing_object_is_retried_sooner_then_less_often_and_afresh_once_reconciled() {
+    use courier_operator::controllers::Error;
+    use kube::runtime::controller::Action;
+    let after = |seconds| Action::requeue(std::time::Duration::from_secs(seconds));
+    // Woken between samples: a reconciliation that gets through.
+    let expected = vec![
+        expect(
+            Method::GET,
+            "/apis/courier.dev/v1alpha1/namespaces/chat/courierclusters/prod",
+            |_| {},
+        )
+        .answer(serde_json::to_value(cluster(false)).unwrap()),
+        expect(
+            Method::GET,
+            "/apis/apps/v1/namespaces/chat/deployments/prod-gateways",
+            |_| {},
+        )
+        .answer(deployment(3)),
+        expect(
+            APPLY,
+            "/apis/apps/v1/namespaces/chat/deployments/prod-gateways",
+            |_| {},
+        ),
+        expect(APPLY, "/api/v1/namespaces/chat/services/prod", |_| {}),
+        expect(
+            APPLY,
+            "/apis/policy/v1/namespaces/chat/poddisruptionbudgets/prod-gateways",
+            |_| {},
+        ),
+    ];
+    reconciled(expected, Arc::new(FakeDataPlane::default()), async |ctx| {
+        let failure = || Error::ClusterNotFound("prod".to_owned());
+        let failed =
+            |pool: GatewayPool| gateway_pool::error_policy(Arc::new(pool), &failure(), ctx.clone());
+        let delays: Vec<Action> = (0..9).map(|_| failed(pool())).collect();
+        assert_eq!(
+            delays,
+            [5, 10, 20, 40, 80, 160, 300, 300, 300].map(after),
+            "from 5 s, doubled at each failure, at most 5 min"
+        );
+        let mut other = pool();
+        other.metadata = meta("canary-gateways");
+        assert_eq!(failed(other), after(5), "each object backs off on its own");
+        let set = Arc::new(shard_set(2));
+        assert_eq!(
+            shard_set::error_policy(set, &failure(), ctx.clone()),
+            after(5),
+            "an object of another kind under the same name too"
+        );
+        sampled_before(&ctx, 3, Default::default(), 5_000);
+        gateway_pool::reconcile(Arc::new(pool()), ctx.clone())
+            .await
+            .unwrap();
+        assert_eq!(failed(pool()), after(5), "reconciled, it starts over");
     })
     .await;
 }

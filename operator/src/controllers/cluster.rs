@@ -165,9 +165,10 @@ async fn stop_push(
     Ok(())
 }
 
-/// Counts the failure and retries later.
-pub fn error_policy(_cluster: Arc<CourierCluster>, error: &Error, ctx: Arc<Context>) -> Action {
-    retry_after_error(&ctx.metrics, CONTROLLER, error)
+/// Counts the failure and retries later, the later the more often the object failed in a
+/// row.
+pub fn error_policy(cluster: Arc<CourierCluster>, error: &Error, ctx: Arc<Context>) -> Action {
+    retry_after_error(&ctx, CONTROLLER, cluster.as_ref(), error)
 }
 
 fn is_ready(conditions: Option<&[Condition]>) -> bool {

@@ -152,9 +152,10 @@ async fn run(pool: &GatewayPool, ctx: &Context) -> Result<Action, Error> {
     Ok(Action::requeue(SAMPLE_INTERVAL))
 }
 
-/// Counts the failure and retries later.
-pub fn error_policy(_pool: Arc<GatewayPool>, error: &Error, ctx: Arc<Context>) -> Action {
-    retry_after_error(&ctx.metrics, CONTROLLER, error)
+/// Counts the failure and retries later, the later the more often the object failed in a
+/// row.
+pub fn error_policy(pool: Arc<GatewayPool>, error: &Error, ctx: Arc<Context>) -> Action {
+    retry_after_error(&ctx, CONTROLLER, pool.as_ref(), error)
 }
 
 /// The replicas the pool's Deployment asks for, if it exists.

@@ -93,7 +93,11 @@ pub async fn run(
         .with_config(controller::Config::default().debounce(DEBOUNCE))
         .graceful_shutdown_on(stopped(shutdown.clone()))
         .run(cluster::reconcile, cluster::error_policy, ctx.clone())
-        .for_each(|_| async {});
+        .for_each(|outcome| {
+            // Nothing else is kept of a cluster.
+            ctx.forget_if_gone(&outcome, |_, _| {});
+            async {}
+        });
     let pools = Controller::new(scope.api::<GatewayPool>(client.clone()), config.clone())
         .owns(scope.api::<Deployment>(client.clone()), rendered.clone())
         .with_config(controller::Config::default().debounce(DEBOUNCE))
@@ -274,6 +278,9 @@ pub struct Context {
     pub rebalancers: Mutex<BTreeMap<String, RebalancerState>>,
     /// The autoscaler of each gateway pool (`namespace/name`).
     pub autoscalers: Mutex<BTreeMap<String, GatewayAutoscaler>>,
+    /// The failed reconciliations in a row of each object (`Kind/namespace/name`) that failed
+    /// its last one ([`retry_delay`]); an object leaves it once reconciled, or gone.
+    pub failures: Mutex<BTreeMap<String, u32>>,
     /// The clock, in milliseconds since the epoch (a fixed one in tests).
     pub clock: fn() -> u64,
 }
@@ -306,6 +313,7 @@ impl Context {
             data_plane,
             rebalancers: Mutex::new(BTreeMap::new()),
             autoscalers: Mutex::new(BTreeMap::new()),
+            failures: Mutex::new(BTreeMap::new()),
             clock: system_now_ms,
         }
     }
@@ -313,7 +321,8 @@ impl Context {
     /// Drops what is kept in memory of an object whose controller says it is gone: kube
     /// reports a reconciliation due for an object no longer in its store as `ObjectNotFound`,
     /// and every pool and shard set is requeued (at its next sample, or retry), so each one
-    /// deleted comes out within that interval. `forget` drops it by its `namespace/name`.
+    /// deleted comes out within that interval. Its failures in a row go (an object that
+    /// failed is requeued too); `forget` drops the rest by its `namespace/name`.
     pub fn forget_if_gone<K, E>(
         &self,
         outcome: &Result<(ObjectRef<K>, Action), controller::Error<E, watcher::Error>>,
@@ -324,8 +333,16 @@ impl Context {
     {
         if let Err(controller::Error::ObjectNotFound(gone)) = outcome {
             let namespace = gone.namespace.as_deref().unwrap_or_default();
-            forget(self, &format!("{namespace}/{}", gone.name));
+            let key = format!("{namespace}/{}", gone.name);
+            lock(&self.failures).remove(&format!("{}/{key}", gone.dyntype.kind));
+            forget(self, &key);
         }
+    }
+
+    /// Forgets the failures in a row of `object`, which was reconciled: its next failure is
+    /// retried after [`FIRST_RETRY`].
+    fn reconciled<K: Resource<DynamicType = ()>>(&self, object: &K) {
+        lock(&self.failures).remove(&failure_key(object));
     }
 
     /// Drops the autoscaler and the replicas gauge of the gateway pool `key`, which is gone.
@@ -499,6 +516,7 @@ where
 {
     report_unreadable(ctx, object).await;
     let Err(error) = outcome else {
+        ctx.reconciled(object);
         return outcome;
     };
     let generation = object.meta().generation;
@@ -568,14 +586,51 @@ fn key<K: Resource>(object: &K) -> String {
     )
 }
 
-/// What a failed reconciliation costs: counted, logged, retried after a pause.
-fn retry_after_error(metrics: &Metrics, controller: &'static str, error: &Error) -> Action {
-    metrics
+/// What a failed reconciliation of `object` costs: counted, logged, retried after a pause
+/// that grows while the object goes on failing ([`retry_delay`]).
+fn retry_after_error<K>(
+    ctx: &Context,
+    controller: &'static str,
+    object: &K,
+    error: &Error,
+) -> Action
+where
+    K: Resource<DynamicType = ()>,
+{
+    ctx.metrics
         .reconcile_errors
         .get_or_create(&ControllerLabel { controller })
         .inc();
-    tracing::warn!(controller, %error, "reconcile failed");
-    Action::requeue(Duration::from_secs(30))
+    let failures = {
+        let mut failures = lock(&ctx.failures);
+        let count = failures.entry(failure_key(object)).or_default();
+        *count = count.saturating_add(1);
+        *count
+    };
+    let delay = retry_delay(failures);
+    tracing::warn!(controller, object = %key(object), failures, retry_in = ?delay, %error, "reconcile failed");
+    Action::requeue(delay)
+}
+
+/// The pause before retrying an object after its first failed reconciliation in a row.
+pub const FIRST_RETRY: Duration = Duration::from_secs(5);
+
+/// The longest pause between retries of an object that goes on failing.
+pub const LAST_RETRY: Duration = Duration::from_secs(300);
+
+/// The pause after the `failures`-th failed reconciliation in a row of an object:
+/// [`FIRST_RETRY`], doubled at each failure, at most [`LAST_RETRY`]. A passing failure (a
+/// conflict, an API server restarting) is retried within seconds; a lasting one (a missing
+/// Secret, an object the API server refuses) costs a request every few minutes, not twice a
+/// minute for good.
+pub fn retry_delay(failures: u32) -> Duration {
+    let doublings = failures.saturating_sub(1).min(16);
+    FIRST_RETRY.saturating_mul(1 << doublings).min(LAST_RETRY)
+}
+
+/// The key of `object` among the [`Context::failures`]: its kind, namespace and name.
+fn failure_key<K: Resource<DynamicType = ()>>(object: &K) -> String {
+    format!("{}/{}", K::kind(&()), key(object))
 }
 
 fn counted(metrics: &Metrics, controller: &'static str) {

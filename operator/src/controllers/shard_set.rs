@@ -76,16 +76,23 @@ pub async fn reconcile(set: Arc<SequencerShardSet>, ctx: Arc<Context>) -> Result
     finalizer(&api, FINALIZER, set, |event| async {
         match event {
             Finalizer::Apply(set) => reported(&ctx, set.as_ref(), run(&set, &ctx).await).await,
-            Finalizer::Cleanup(set) => release(&set, &ctx).await,
+            Finalizer::Cleanup(set) => {
+                let released = release(&set, &ctx).await;
+                if released.is_ok() {
+                    ctx.reconciled(set.as_ref());
+                }
+                released
+            }
         }
     })
     .await
     .map_err(|e| Error::Finalizer(Box::new(e)))
 }
 
-/// Counts the failure and retries later.
-pub fn error_policy(_set: Arc<SequencerShardSet>, error: &Error, ctx: Arc<Context>) -> Action {
-    retry_after_error(&ctx.metrics, CONTROLLER, error)
+/// Counts the failure and retries later, the later the more often the object failed in a
+/// row.
+pub fn error_policy(set: Arc<SequencerShardSet>, error: &Error, ctx: Arc<Context>) -> Action {
+    retry_after_error(&ctx, CONTROLLER, set.as_ref(), error)
 }
 
 /// The admin API of `set`'s pods, with the cluster's token; `pods` is how many to ask.
