@@ -623,8 +623,6 @@ async fn a_clusters_status_is_the_same_at_the_next_reconciliation_of_an_unchange
 /// unchanged).
 #[tokio::test]
 async fn a_gateway_pools_status_is_the_same_at_the_next_sample_of_an_unchanged_world() {
-    let status_path =
-        "/apis/courier.dev/v1alpha1/namespaces/chat/gatewaypools/prod-gateways/status";
     let data_plane = Arc::new(FakeDataPlane {
         connections: BTreeMap::from([("10.0.0.1".to_owned(), 900), ("10.0.0.2".to_owned(), 950)]),
         ..FakeDataPlane::default()
@@ -636,25 +634,13 @@ async fn a_gateway_pools_status_is_the_same_at_the_next_sample_of_an_unchanged_w
                 gateway_pod("gw-b", "10.0.0.2"),
             ],
             2,
-            vec![
-                expect(
-                    APPLY,
-                    "/apis/apps/v1/namespaces/chat/deployments/prod-gateways",
-                    |_| {},
-                ),
-                expect(APPLY, "/api/v1/namespaces/chat/services/prod", |_| {}),
-                expect(
-                    APPLY,
-                    "/apis/policy/v1/namespaces/chat/poddisruptionbudgets/prod-gateways",
-                    |_| {},
-                ),
-            ],
+            pool_applies(|_| {}),
         )
     };
     let first = status_after(
         1_000_000,
         before(),
-        (status_path, serde_json::to_value(pool()).unwrap()),
+        (POOL_STATUS, serde_json::to_value(pool()).unwrap()),
         data_plane.clone(),
         |_| {},
         async |ctx| {
@@ -669,7 +655,7 @@ async fn a_gateway_pools_status_is_the_same_at_the_next_sample_of_an_unchanged_w
     let second = status_after(
         1_015_000,
         before(),
-        (status_path, serde_json::to_value(pool()).unwrap()),
+        (POOL_STATUS, serde_json::to_value(pool()).unwrap()),
         data_plane,
         |_| {},
         async |ctx| {
@@ -909,28 +895,19 @@ async fn a_gateway_pool_of_a_cluster_with_a_bad_table_applies_no_pod() {
         )
         .answer(serde_json::to_value(&broken).unwrap()),
         expect(Method::GET, "/api/v1/namespaces/chat/pods", |_| {}).answer(pod_list(vec![])),
-        expect(
-            Method::GET,
-            "/apis/apps/v1/namespaces/chat/deployments/prod-gateways",
-            |_| {},
-        )
-        .answer(deployment(2)),
-        expect(
-            APPLY,
-            "/apis/courier.dev/v1alpha1/namespaces/chat/gatewaypools/prod-gateways/status",
-            |body| {
-                let ready = condition(body, "Ready");
-                assert_eq!(ready["status"], "False");
-                assert_eq!(ready["reason"], "InvalidStorage");
-                assert!(
-                    ready["message"]
-                        .as_str()
-                        .unwrap()
-                        .contains("beyond the last shard (63)"),
-                    "{ready}"
-                );
-            },
-        )
+        pool_deployment_read(2),
+        expect(APPLY, POOL_STATUS, |body| {
+            let ready = condition(body, "Ready");
+            assert_eq!(ready["status"], "False");
+            assert_eq!(ready["reason"], "InvalidStorage");
+            assert!(
+                ready["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("beyond the last shard (63)"),
+                "{ready}"
+            );
+        })
         .answer(serde_json::to_value(pool()).unwrap()),
     ];
     reconciled(expected, data_plane, async |ctx| {
@@ -998,25 +975,89 @@ fn deployment(replicas: i32) -> Value {
     })
 }
 
+/// The read of the cluster `prod` (on FoundationDB) that a pool's reconciliation begins with.
+fn pool_cluster_read() -> Expect {
+    expect(
+        Method::GET,
+        "/apis/courier.dev/v1alpha1/namespaces/chat/courierclusters/prod",
+        |_| {},
+    )
+    .answer(serde_json::to_value(cluster(false)).unwrap())
+}
+
+/// The read of the pool's Deployment, answered with one of `replicas`.
+fn pool_deployment_read(replicas: i32) -> Expect {
+    expect(
+        Method::GET,
+        "/apis/apps/v1/namespaces/chat/deployments/prod-gateways",
+        |_| {},
+    )
+    .answer(deployment(replicas))
+}
+
 /// The reads of a gateway pool's sample (its cluster, its pods, its Deployment of `replicas`),
 /// then `then`.
 fn after_pool_reads(pods: Vec<Value>, replicas: i32, then: Vec<Expect>) -> Vec<Expect> {
     let reads = vec![
-        expect(
-            Method::GET,
-            "/apis/courier.dev/v1alpha1/namespaces/chat/courierclusters/prod",
-            |_| {},
-        )
-        .answer(serde_json::to_value(cluster(false)).unwrap()),
+        pool_cluster_read(),
         expect(Method::GET, "/api/v1/namespaces/chat/pods", |_| {}).answer(pod_list(pods)),
-        expect(
-            Method::GET,
-            "/apis/apps/v1/namespaces/chat/deployments/prod-gateways",
-            |_| {},
-        )
-        .answer(deployment(replicas)),
+        pool_deployment_read(replicas),
     ];
     reads.into_iter().chain(then).collect()
+}
+
+/// The applies of a pool's objects, in order: its Deployment (checked by `deployment`), its
+/// client Service (the gateways' port) and its PodDisruptionBudget (a tenth of the pods down
+/// at a time).
+fn pool_applies(deployment: impl Fn(&Value) + Send + 'static) -> Vec<Expect> {
+    vec![
+        expect(
+            APPLY,
+            "/apis/apps/v1/namespaces/chat/deployments/prod-gateways",
+            deployment,
+        ),
+        expect(APPLY, "/api/v1/namespaces/chat/services/prod", |body| {
+            assert_eq!(body["spec"]["ports"][0]["port"], 8080);
+        }),
+        expect(
+            APPLY,
+            "/apis/policy/v1/namespaces/chat/poddisruptionbudgets/prod-gateways",
+            |body| assert_eq!(body["spec"]["maxUnavailable"], "10%"),
+        ),
+    ]
+}
+
+/// The path of the pool's status.
+const POOL_STATUS: &str =
+    "/apis/courier.dev/v1alpha1/namespaces/chat/gatewaypools/prod-gateways/status";
+
+/// The requests of a pool's sample, in order: its reads ([`after_pool_reads`] of `pods` and
+/// `replicas`), `first` (marks, events), [`pool_applies`] (`deployment` checks the
+/// Deployment), and the write of its status, checked by `status`.
+fn pool_sample(
+    pods: Vec<Value>,
+    replicas: i32,
+    first: Vec<Expect>,
+    deployment: impl Fn(&Value) + Send + 'static,
+    status: impl Fn(&Value) + Send + 'static,
+) -> Vec<Expect> {
+    let status = expect(APPLY, POOL_STATUS, status).answer(serde_json::to_value(pool()).unwrap());
+    let then = first
+        .into_iter()
+        .chain(pool_applies(deployment))
+        .chain([status])
+        .collect();
+    after_pool_reads(pods, replicas, then)
+}
+
+/// The requests of a pool woken between samples, its Deployment at `replicas`: the reads of
+/// its cluster and Deployment, and [`pool_applies`] (`deployment` checks the Deployment).
+fn pool_between_samples(
+    replicas: i32,
+    deployment: impl Fn(&Value) + Send + 'static,
+) -> Vec<Expect> {
+    let reads = [pool_cluster_read(), pool_deployment_read(replicas)];
+    reads.into_iter().chain(pool_applies(deployment)).collect()
 }
 
 #[tokio::test]
@@ -1025,65 +1066,42 @@ async fn a_gateway_pool_scales_up_at_once_to_what_its_connections_need() {
         connections: BTreeMap::from([("10.0.0.1".to_owned(), 2500), ("10.0.0.2".to_owned(), 2300)]),
         ..FakeDataPlane::default()
     });
-    let expected = after_pool_reads(
+    let expected = pool_sample(
         vec![
             gateway_pod("gw-a", "10.0.0.1"),
             gateway_pod("gw-b", "10.0.0.2"),
         ],
         2,
-        vec![
-            expect(
-                Method::POST,
-                "/apis/events.k8s.io/v1/namespaces/chat/events",
-                |body| {
-                    assert_eq!(body["reason"], "ScaledUp");
-                    assert_eq!(body["note"], "2 -> 5 gateway pods for 4800 connections");
-                },
-            ),
-            expect(
-                APPLY,
-                "/apis/apps/v1/namespaces/chat/deployments/prod-gateways",
-                |body| {
-                    assert_eq!(body["spec"]["replicas"], 5);
-                    let args = args(body);
-                    assert_eq!(args[2..5], ["node", "--roles", "gateway"]);
-                    let env = body["spec"]["template"]["spec"]["containers"][0].to_string();
-                    assert!(env.contains("COURIER_JWT_SECRET"), "gateways verify tokens");
-                    assert!(!env.contains("\"s3\""), "gateways get no S3 credentials");
-                    // SIGTERM tells the clients to reconnect in batches over 60 s; the drain
-                    // ends within 90 s, inside the grace period.
-                    let drain = args.windows(2).filter(|w| w[0].starts_with("--drain"));
-                    assert_eq!(
-                        drain.map(|w| w.join(" ")).collect::<Vec<_>>(),
-                        ["--drain-window 60s", "--drain-timeout 90s"]
-                    );
-                    let pod = &body["spec"]["template"]["spec"];
-                    assert_eq!(pod["terminationGracePeriodSeconds"], 110);
-                    assert_eq!(
-                        pod["containers"][0]["lifecycle"]["preStop"]["sleep"]["seconds"],
-                        5
-                    );
-                },
-            ),
-            expect(APPLY, "/api/v1/namespaces/chat/services/prod", |body| {
-                assert_eq!(body["spec"]["ports"][0]["port"], 8080);
-            }),
-            expect(
-                APPLY,
-                "/apis/policy/v1/namespaces/chat/poddisruptionbudgets/prod-gateways",
-                |body| {
-                    assert_eq!(body["spec"]["maxUnavailable"], "10%");
-                },
-            ),
-            expect(
-                APPLY,
-                "/apis/courier.dev/v1alpha1/namespaces/chat/gatewaypools/prod-gateways/status",
-                |body| {
-                    assert_eq!(body["status"]["connections"], 4800);
-                },
-            )
-            .answer(serde_json::to_value(pool()).unwrap()),
-        ],
+        vec![expect(
+            Method::POST,
+            "/apis/events.k8s.io/v1/namespaces/chat/events",
+            |body| {
+                assert_eq!(body["reason"], "ScaledUp");
+                assert_eq!(body["note"], "2 -> 5 gateway pods for 4800 connections");
+            },
+        )],
+        |body| {
+            assert_eq!(body["spec"]["replicas"], 5);
+            let args = args(body);
+            assert_eq!(args[2..5], ["node", "--roles", "gateway"]);
+            let env = body["spec"]["template"]["spec"]["containers"][0].to_string();
+            assert!(env.contains("COURIER_JWT_SECRET"), "gateways verify tokens");
+            assert!(!env.contains("\"s3\""), "gateways get no S3 credentials");
+            // SIGTERM tells the clients to reconnect in batches over 60 s; the drain
+            // ends within 90 s, inside the grace period.
+            let drain = args.windows(2).filter(|w| w[0].starts_with("--drain"));
+            assert_eq!(
+                drain.map(|w| w.join(" ")).collect::<Vec<_>>(),
+                ["--drain-window 60s", "--drain-timeout 90s"]
+            );
+            let pod = &body["spec"]["template"]["spec"];
+            assert_eq!(pod["terminationGracePeriodSeconds"], 110);
+            assert_eq!(
+                pod["containers"][0]["lifecycle"]["preStop"]["sleep"]["seconds"],
+                5
+            );
+        },
+        |body| assert_eq!(body["status"]["connections"], 4800),
     );
     reconciled(expected, data_plane, async |ctx| {
         gateway_pool::reconcile(Arc::new(pool()), ctx)
@@ -1104,36 +1122,19 @@ async fn a_gateway_pools_pods_are_read_together() {
         answer_together: Some(tokio::sync::Barrier::new(pods.len())),
         ..FakeDataPlane::default()
     });
-    let expected = after_pool_reads(
+    let expected = pool_sample(
         pods.iter()
             .enumerate()
             .map(|(i, ip)| gateway_pod(&format!("gw-{i}"), ip))
             .collect(),
         3,
-        vec![
-            expect(
-                Method::POST,
-                "/apis/events.k8s.io/v1/namespaces/chat/events",
-                |body| assert_eq!(body["reason"], "ScaledUp"),
-            ),
-            expect(
-                APPLY,
-                "/apis/apps/v1/namespaces/chat/deployments/prod-gateways",
-                |body| assert_eq!(body["spec"]["replicas"], 5),
-            ),
-            expect(APPLY, "/api/v1/namespaces/chat/services/prod", |_| {}),
-            expect(
-                APPLY,
-                "/apis/policy/v1/namespaces/chat/poddisruptionbudgets/prod-gateways",
-                |_| {},
-            ),
-            expect(
-                APPLY,
-                "/apis/courier.dev/v1alpha1/namespaces/chat/gatewaypools/prod-gateways/status",
-                |body| assert_eq!(body["status"]["connections"], 4500),
-            )
-            .answer(serde_json::to_value(pool()).unwrap()),
-        ],
+        vec![expect(
+            Method::POST,
+            "/apis/events.k8s.io/v1/namespaces/chat/events",
+            |body| assert_eq!(body["reason"], "ScaledUp"),
+        )],
+        |body| assert_eq!(body["spec"]["replicas"], 5),
+        |body| assert_eq!(body["status"]["connections"], 4500),
     );
     reconciled(expected, data_plane, async |ctx| {
         let reconciled = gateway_pool::reconcile(Arc::new(pool()), ctx);
@@ -1155,7 +1156,7 @@ async fn a_quiet_gateway_pool_removes_the_pod_with_the_fewest_connections_first(
         ]),
         ..FakeDataPlane::default()
     });
-    let expected = after_pool_reads(
+    let expected = pool_sample(
         vec![
             gateway_pod("gw-a", "10.0.0.1"),
             gateway_pod("gw-b", "10.0.0.2"),
@@ -1177,26 +1178,9 @@ async fn a_quiet_gateway_pool_removes_the_pod_with_the_fewest_connections_first(
                     assert_eq!(body["reason"], "ScaledDown");
                 },
             ),
-            expect(
-                APPLY,
-                "/apis/apps/v1/namespaces/chat/deployments/prod-gateways",
-                |body| {
-                    assert_eq!(body["spec"]["replicas"], 2);
-                },
-            ),
-            expect(APPLY, "/api/v1/namespaces/chat/services/prod", |_| {}),
-            expect(
-                APPLY,
-                "/apis/policy/v1/namespaces/chat/poddisruptionbudgets/prod-gateways",
-                |_| {},
-            ),
-            expect(
-                APPLY,
-                "/apis/courier.dev/v1alpha1/namespaces/chat/gatewaypools/prod-gateways/status",
-                |_| {},
-            )
-            .answer(serde_json::to_value(pool()).unwrap()),
         ],
+        |body| assert_eq!(body["spec"]["replicas"], 2),
+        |_| {},
     );
     reconciled(expected, data_plane, async |ctx| {
         // The autoscaler saw the same quiet load a whole window ago.
@@ -1222,7 +1206,7 @@ async fn a_mark_left_from_a_scale_down_that_did_not_happen_is_removed() {
     let mut marked = gateway_pod("gw-a", "10.0.0.1");
     marked["metadata"]["annotations"] =
         json!({ "controller.kubernetes.io/pod-deletion-cost": "-1000" });
-    let expected = after_pool_reads(
+    let expected = pool_sample(
         vec![marked, gateway_pod("gw-b", "10.0.0.2")],
         2,
         vec![
@@ -1234,24 +1218,9 @@ async fn a_mark_left_from_a_scale_down_that_did_not_happen_is_removed() {
                 );
             })
             .answer(gateway_pod("gw-a", "10.0.0.1")),
-            expect(
-                APPLY,
-                "/apis/apps/v1/namespaces/chat/deployments/prod-gateways",
-                |body| assert_eq!(body["spec"]["replicas"], 2),
-            ),
-            expect(APPLY, "/api/v1/namespaces/chat/services/prod", |_| {}),
-            expect(
-                APPLY,
-                "/apis/policy/v1/namespaces/chat/poddisruptionbudgets/prod-gateways",
-                |_| {},
-            ),
-            expect(
-                APPLY,
-                "/apis/courier.dev/v1alpha1/namespaces/chat/gatewaypools/prod-gateways/status",
-                |_| {},
-            )
-            .answer(serde_json::to_value(pool()).unwrap()),
         ],
+        |body| assert_eq!(body["spec"]["replicas"], 2),
+        |_| {},
     );
     reconciled(expected, data_plane, async |ctx| {
         // The pool was sampled a whole window ago, at the load it has now: it stays at 2.
@@ -1615,33 +1584,7 @@ async fn a_shard_set_woken_between_samples_applies_its_workloads_and_samples_not
 #[tokio::test]
 async fn a_gateway_pool_woken_between_samples_keeps_its_size_and_reads_no_connections() {
     let data_plane = Arc::new(FakeDataPlane::default());
-    let expected = vec![
-        expect(
-            Method::GET,
-            "/apis/courier.dev/v1alpha1/namespaces/chat/courierclusters/prod",
-            |_| {},
-        )
-        .answer(serde_json::to_value(cluster(false)).unwrap()),
-        expect(
-            Method::GET,
-            "/apis/apps/v1/namespaces/chat/deployments/prod-gateways",
-            |_| {},
-        )
-        .answer(deployment(3)),
-        expect(
-            APPLY,
-            "/apis/apps/v1/namespaces/chat/deployments/prod-gateways",
-            |body| {
-                assert_eq!(body["spec"]["replicas"], 3);
-            },
-        ),
-        expect(APPLY, "/api/v1/namespaces/chat/services/prod", |_| {}),
-        expect(
-            APPLY,
-            "/apis/policy/v1/namespaces/chat/poddisruptionbudgets/prod-gateways",
-            |_| {},
-        ),
-    ];
+    let expected = pool_between_samples(3, |body| assert_eq!(body["spec"]["replicas"], 3));
     reconciled(expected, data_plane, async |ctx| {
         sampled_before(&ctx, 3, Default::default(), 5_000);
         gateway_pool::reconcile(Arc::new(pool()), ctx)
@@ -1660,41 +1603,17 @@ async fn a_pool_whose_stored_status_does_not_fit_is_reconciled_and_says_so() {
     stored["status"] = json!({ "replicas": 3, "connections": 18446744073709552000.0 });
     let damaged: GatewayPool = serde_json::from_value(stored).expect("read without the field");
     let data_plane = Arc::new(FakeDataPlane::default());
-    let expected = vec![
-        expect(
-            Method::GET,
-            "/apis/courier.dev/v1alpha1/namespaces/chat/courierclusters/prod",
-            |_| {},
-        )
-        .answer(serde_json::to_value(cluster(false)).unwrap()),
-        expect(
-            Method::GET,
-            "/apis/apps/v1/namespaces/chat/deployments/prod-gateways",
-            |_| {},
-        )
-        .answer(deployment(3)),
-        expect(
-            APPLY,
-            "/apis/apps/v1/namespaces/chat/deployments/prod-gateways",
-            |_| {},
-        ),
-        expect(APPLY, "/api/v1/namespaces/chat/services/prod", |_| {}),
-        expect(
-            APPLY,
-            "/apis/policy/v1/namespaces/chat/poddisruptionbudgets/prod-gateways",
-            |_| {},
-        ),
-        expect(
-            Method::POST,
-            "/apis/events.k8s.io/v1/namespaces/chat/events",
-            |body| {
-                assert_eq!(body["type"], "Warning");
-                assert_eq!(body["reason"], "StatusUnreadable");
-                let note = body["note"].as_str().unwrap();
-                assert!(note.contains("read without: connections: "), "{note}");
-            },
-        ),
-    ];
+    let mut expected = pool_between_samples(3, |_| {});
+    expected.push(expect(
+        Method::POST,
+        "/apis/events.k8s.io/v1/namespaces/chat/events",
+        |body| {
+            assert_eq!(body["type"], "Warning");
+            assert_eq!(body["reason"], "StatusUnreadable");
+            let note = body["note"].as_str().unwrap();
+            assert!(note.contains("read without: connections: "), "{note}");
+        },
+    ));
     reconciled(expected, data_plane, async |ctx| {
         sampled_before(&ctx, 3, Default::default(), 5_000);
         gateway_pool::reconcile(Arc::new(damaged), ctx)
@@ -1716,33 +1635,15 @@ async fn a_pools_connections_are_written_as_a_number_the_api_server_keeps() {
         ]),
         ..FakeDataPlane::default()
     });
-    let expected = after_pool_reads(
+    let expected = pool_sample(
         vec![
             gateway_pod("gw-a", "10.0.0.1"),
             gateway_pod("gw-b", "10.0.0.2"),
         ],
         8,
-        vec![
-            expect(
-                APPLY,
-                "/apis/apps/v1/namespaces/chat/deployments/prod-gateways",
-                |_| {},
-            ),
-            expect(APPLY, "/api/v1/namespaces/chat/services/prod", |_| {}),
-            expect(
-                APPLY,
-                "/apis/policy/v1/namespaces/chat/poddisruptionbudgets/prod-gateways",
-                |_| {},
-            ),
-            expect(
-                APPLY,
-                "/apis/courier.dev/v1alpha1/namespaces/chat/gatewaypools/prod-gateways/status",
-                |body| {
-                    assert_eq!(body["status"]["connections"], i64::MAX);
-                },
-            )
-            .answer(serde_json::to_value(pool()).unwrap()),
-        ],
+        Vec::new(),
+        |_| {},
+        |body| assert_eq!(body["status"]["connections"], i64::MAX),
     );
     reconciled(expected, data_plane, async |ctx| {
         gateway_pool::reconcile(Arc::new(pool()), ctx)
@@ -2171,7 +2072,7 @@ async fn a_gateway_pool_does_not_shrink_while_a_ready_pods_metrics_cannot_be_rea
         connections: BTreeMap::from([("10.0.0.1".to_owned(), 900)]),
         ..FakeDataPlane::default()
     });
-    let expected = after_pool_reads(
+    let expected = pool_sample(
         vec![
             gateway_pod("gw-a", "10.0.0.1"),
             gateway_pod("gw-b", "10.0.0.2"),
@@ -2179,40 +2080,24 @@ async fn a_gateway_pool_does_not_shrink_while_a_ready_pods_metrics_cannot_be_rea
             gateway_pod("gw-d", "10.0.0.4"),
         ],
         4,
-        vec![
-            expect(
-                APPLY,
-                "/apis/apps/v1/namespaces/chat/deployments/prod-gateways",
-                |body| {
-                    assert_eq!(
-                        body["spec"]["replicas"], 4,
-                        "no pod removed on metrics it could not read"
-                    );
-                },
-            ),
-            expect(APPLY, "/api/v1/namespaces/chat/services/prod", |_| {}),
-            expect(
-                APPLY,
-                "/apis/policy/v1/namespaces/chat/poddisruptionbudgets/prod-gateways",
-                |_| {},
-            ),
-            expect(
-                APPLY,
-                "/apis/courier.dev/v1alpha1/namespaces/chat/gatewaypools/prod-gateways/status",
-                |body| {
-                    let degraded = condition(body, "Degraded");
-                    assert_eq!(degraded["status"], "True");
-                    assert_eq!(degraded["reason"], "MetricsUnavailable");
-                    assert_eq!(
-                        degraded["message"],
-                        "3 ready gateway pods did not answer /metrics (gw-b, gw-c, gw-d): \
-                     the pool does not shrink until they do"
-                    );
-                    assert_eq!(body["status"]["connections"], 900);
-                },
-            )
-            .answer(serde_json::to_value(pool()).unwrap()),
-        ],
+        Vec::new(),
+        |body| {
+            assert_eq!(
+                body["spec"]["replicas"], 4,
+                "no pod removed on metrics it could not read"
+            );
+        },
+        |body| {
+            let degraded = condition(body, "Degraded");
+            assert_eq!(degraded["status"], "True");
+            assert_eq!(degraded["reason"], "MetricsUnavailable");
+            assert_eq!(
+                degraded["message"],
+                "3 ready gateway pods did not answer /metrics (gw-b, gw-c, gw-d): \
+                 the pool does not shrink until they do"
+            );
+            assert_eq!(body["status"]["connections"], 900);
+        },
     );
     reconciled(expected, data_plane, async |ctx| {
         // The same partial reading a whole window ago.
@@ -2385,23 +2270,19 @@ async fn a_gateway_pool_of_an_embedded_cluster_renders_nothing_and_says_why() {
             |_| {},
         )
         .answer(serde_json::to_value(cluster(true)).unwrap()),
-        expect(
-            APPLY,
-            "/apis/courier.dev/v1alpha1/namespaces/chat/gatewaypools/prod-gateways/status",
-            |body| {
-                let degraded = condition(body, "Degraded");
-                assert_eq!(degraded["status"], "True");
-                assert_eq!(degraded["reason"], "NotFoundationDb");
-                assert!(
-                    degraded["message"]
-                        .as_str()
-                        .unwrap()
-                        .ends_with("a GatewayPool needs storage.foundationDb"),
-                    "{degraded}"
-                );
-                assert_eq!(condition(body, "Ready")["status"], "False");
-            },
-        )
+        expect(APPLY, POOL_STATUS, |body| {
+            let degraded = condition(body, "Degraded");
+            assert_eq!(degraded["status"], "True");
+            assert_eq!(degraded["reason"], "NotFoundationDb");
+            assert!(
+                degraded["message"]
+                    .as_str()
+                    .unwrap()
+                    .ends_with("a GatewayPool needs storage.foundationDb"),
+                "{degraded}"
+            );
+            assert_eq!(condition(body, "Ready")["status"], "False");
+        })
         .answer(serde_json::to_value(pool()).unwrap()),
     ];
     reconciled(expected, Arc::new(FakeDataPlane::default()), async |ctx| {
@@ -2547,27 +2428,8 @@ async fn gateway_and_sequencer_pods_carry_their_clusters_config_map_digest() {
         )
         .answer(serde_json::to_value(tuned(false)).unwrap())
     };
-    let pool_requests = vec![
-        cluster_read(),
-        tuning_read(file),
-        expect(
-            Method::GET,
-            "/apis/apps/v1/namespaces/chat/deployments/prod-gateways",
-            |_| {},
-        )
-        .answer(deployment(3)),
-        expect(
-            APPLY,
-            "/apis/apps/v1/namespaces/chat/deployments/prod-gateways",
-            carries,
-        ),
-        expect(APPLY, "/api/v1/namespaces/chat/services/prod", |_| {}),
-        expect(
-            APPLY,
-            "/apis/policy/v1/namespaces/chat/poddisruptionbudgets/prod-gateways",
-            |_| {},
-        ),
-    ];
+    let reads = [cluster_read(), tuning_read(file), pool_deployment_read(3)];
+    let pool_requests = reads.into_iter().chain(pool_applies(carries)).collect();
     reconciled(
         pool_requests,
         Arc::new(FakeDataPlane::default()),
@@ -2832,31 +2694,7 @@ async fn a_failing_object_is_retried_sooner_then_less_often_and_afresh_once_reco
     use kube::runtime::controller::Action;
     let after = |seconds| Action::requeue(std::time::Duration::from_secs(seconds));
     // Woken between samples: a reconciliation that gets through.
-    let expected = vec![
-        expect(
-            Method::GET,
-            "/apis/courier.dev/v1alpha1/namespaces/chat/courierclusters/prod",
-            |_| {},
-        )
-        .answer(serde_json::to_value(cluster(false)).unwrap()),
-        expect(
-            Method::GET,
-            "/apis/apps/v1/namespaces/chat/deployments/prod-gateways",
-            |_| {},
-        )
-        .answer(deployment(3)),
-        expect(
-            APPLY,
-            "/apis/apps/v1/namespaces/chat/deployments/prod-gateways",
-            |_| {},
-        ),
-        expect(APPLY, "/api/v1/namespaces/chat/services/prod", |_| {}),
-        expect(
-            APPLY,
-            "/apis/policy/v1/namespaces/chat/poddisruptionbudgets/prod-gateways",
-            |_| {},
-        ),
-    ];
+    let expected = pool_between_samples(3, |_| {});
     reconciled(expected, Arc::new(FakeDataPlane::default()), async |ctx| {
         let failure = || Error::ClusterNotFound("prod".to_owned());
         let failed =
