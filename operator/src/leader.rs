@@ -14,6 +14,8 @@
 use std::future::Future;
 use std::time::Duration;
 
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::{Api, Client};
 use kube_lease_manager::LeaseManager;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -39,6 +41,97 @@ pub enum LeadError {
     /// The controllers stopped with no shutdown asked for.
     #[error("the controllers stopped")]
     ControllersStopped,
+}
+
+/// Whether this replica leads, asked of the Lease itself right before the controllers act on
+/// the data plane (a shard move, a drain).
+///
+/// The Lease's watch ([`lead`]) tells a leader it lost the Lease only when `kube-lease-manager`
+/// next reads it. A replica paused past its Lease's expiry (a stopped process, a frozen VM or
+/// node, a runtime starved for longer than the lease) resumes with its controllers where they
+/// were: without this check they would act at once on a sample taken before the pause, while
+/// another replica leads and plans from its own (a shard moved twice in a cooldown, moved
+/// onto a pod the new leader is evacuating, a pod drained that no longer leaves). Real ones
+/// read the Lease ([`LeaseFence`]); tests pass fakes.
+///
+/// What it cannot fence: a pause between the read and the admin call it precedes (the admin
+/// API takes no fencing token), a window of one API round trip rather than of the whole pause.
+#[async_trait::async_trait]
+pub trait Leadership: Send + Sync {
+    /// `Ok` if this replica holds the Lease and its hold has not expired at `now_ms` (ms since
+    /// the epoch).
+    async fn confirm(&self, now_ms: u64) -> Result<(), NotLeader>;
+}
+
+/// Why this replica may not act as the leader now.
+#[derive(Debug, thiserror::Error)]
+pub enum NotLeader {
+    /// The Lease could not be read: leading is not confirmed.
+    #[error("the leader Lease could not be read: {0}")]
+    Unread(#[from] kube::Error),
+    /// Another replica holds the Lease, or none does.
+    #[error("the leader Lease is held by {}, not by this replica ({identity})", holder.as_deref().unwrap_or("no one"))]
+    NotHeld {
+        /// The Lease's holder, if any.
+        holder: Option<String>,
+        /// This replica's identity.
+        identity: String,
+    },
+    /// This replica holds the Lease, but did not renew it in time: another may take it now.
+    #[error("this replica's hold on the leader Lease expired {ago_ms} ms ago")]
+    Expired {
+        /// How long ago.
+        ago_ms: u64,
+    },
+}
+
+/// The leader Lease as a [`Leadership`]: read from the API server at each confirmation.
+pub struct LeaseFence {
+    leases: Api<Lease>,
+    name: String,
+    identity: String,
+}
+
+impl LeaseFence {
+    /// The Lease `name` in `namespace`, which this replica holds as `identity` while it leads.
+    pub fn new(client: Client, namespace: &str, name: &str, identity: &str) -> Self {
+        LeaseFence {
+            leases: Api::namespaced(client, namespace),
+            name: name.to_owned(),
+            identity: identity.to_owned(),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Leadership for LeaseFence {
+    async fn confirm(&self, now_ms: u64) -> Result<(), NotLeader> {
+        let spec = self.leases.get_opt(&self.name).await?.and_then(|l| l.spec);
+        let spec = spec.unwrap_or_default();
+        if spec.holder_identity.as_deref() != Some(self.identity.as_str()) {
+            return Err(NotLeader::NotHeld {
+                holder: spec.holder_identity,
+                identity: self.identity.clone(),
+            });
+        }
+        // As `kube-lease-manager` reads it: no renewal time or duration is expired.
+        let renewed_ms = spec
+            .renew_time
+            .and_then(|t| u64::try_from(t.0.as_millisecond()).ok())
+            .unwrap_or(0);
+        let lasts_ms = spec
+            .lease_duration_seconds
+            .and_then(|d| u64::try_from(d).ok())
+            .unwrap_or(0)
+            .saturating_mul(1000);
+        let expiry_ms = renewed_ms.saturating_add(lasts_ms);
+        match expiry_ms > now_ms {
+            true => Ok(()),
+            false => Err(NotLeader::Expired {
+                ago_ms: now_ms - expiry_ms,
+            }),
+        }
+    }
 }
 
 /// Waits to lead, runs `controllers` while this replica holds the Lease, and returns `Ok`

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use courier_operator::controllers::{self, Context};
 use courier_operator::data_plane::NetworkDataPlane;
-use courier_operator::leader;
+use courier_operator::leader::{self, LeaseFence};
 use courier_operator::metrics::{Metrics, serve};
 use courier_operator::scope::WatchScope;
 use kube::Client;
@@ -98,6 +98,12 @@ async fn run(
     let metrics = Arc::new(Metrics::new());
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let server = tokio::spawn(serve(listener, metrics.clone()));
+    let fence = LeaseFence::new(
+        client.clone(),
+        &lease_namespace,
+        &scope.lease_name(),
+        &identity,
+    );
     let manager = LeaseManagerBuilder::new(client.clone(), scope.lease_name())
         .with_namespace(lease_namespace)
         .with_identity(identity)
@@ -107,7 +113,12 @@ async fn run(
     let data_plane = Arc::new(NetworkDataPlane::new()?);
     let controllers = |stopped| {
         tracing::info!(watching = %scope, "leading: starting the controllers");
-        let ctx = Arc::new(Context::new(client.clone(), data_plane, metrics));
+        let ctx = Arc::new(Context::new(
+            client.clone(),
+            data_plane,
+            Arc::new(fence),
+            metrics,
+        ));
         async move { controllers::run(client, ctx, &scope, stopped).await }
     };
     tokio::select! {

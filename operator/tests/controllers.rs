@@ -15,6 +15,7 @@ use courier_operator::crd::{
     SequencerSettings, SequencerShardSet, SequencerShardSetSpec, ServiceType, Storage,
     StoragePartition, WorkloadSettings,
 };
+use courier_operator::leader::{Leadership, NotLeader};
 use courier_operator::metrics::Metrics;
 use courier_operator::rebalance::executor::{AdminError, Sample, ShardAdmin};
 use courier_operator::rebalance::{Move, MoveReason, ObservedShard, PlannerPolicy, Rebalancer};
@@ -121,14 +122,48 @@ fn api_server(expected: Vec<Expect>) -> (Client, tokio::task::JoinHandle<()>) {
     (Client::new(service, NS), server)
 }
 
+/// A replica that leads (`true`), or one another replica took the Lease from.
+struct Leading(bool);
+
+#[async_trait::async_trait]
+impl Leadership for Leading {
+    async fn confirm(&self, _now_ms: u64) -> Result<(), NotLeader> {
+        match self.0 {
+            true => Ok(()),
+            false => Err(NotLeader::NotHeld {
+                holder: Some("courier-operator-b".to_owned()),
+                identity: "courier-operator-a".to_owned(),
+            }),
+        }
+    }
+}
+
+/// The controllers' context over `client` and `data_plane`, leading or not.
+fn context(client: Client, data_plane: Arc<FakeDataPlane>, leading: bool) -> Context {
+    let leadership = Arc::new(Leading(leading));
+    Context::new(client, data_plane, leadership, Arc::new(Metrics::new()))
+}
+
 /// Runs `reconcile` against `expected` requests and checks that all of them, and no other,
 /// were made.
 async fn reconciled<F>(expected: Vec<Expect>, data_plane: Arc<FakeDataPlane>, reconcile: F)
 where
     F: AsyncFnOnce(Arc<Context>),
 {
+    reconciled_leading(true, expected, data_plane, reconcile).await;
+}
+
+/// [`reconciled`] by a replica that leads (`leading`) or no longer does.
+async fn reconciled_leading<F>(
+    leading: bool,
+    expected: Vec<Expect>,
+    data_plane: Arc<FakeDataPlane>,
+    reconcile: F,
+) where
+    F: AsyncFnOnce(Arc<Context>),
+{
     let (client, server) = api_server(expected);
-    let mut context = Context::new(client, data_plane, Arc::new(Metrics::new()));
+    let mut context = context(client, data_plane, leading);
     context.clock = || 1_000_000;
     let context = Arc::new(context);
     reconcile(context.clone()).await;
@@ -563,7 +598,7 @@ where
         .answer(answer),
     );
     let (client, server) = api_server(expected);
-    let mut context = Context::new(client, data_plane, Arc::new(Metrics::new()));
+    let mut context = context(client, data_plane, true);
     CLOCK_MS.set(now_ms);
     context.clock = || CLOCK_MS.get();
     setup(&context);
@@ -2721,4 +2756,70 @@ async fn a_failing_object_is_retried_sooner_then_less_often_and_afresh_once_reco
         assert_eq!(failed(pool()), after(5), "reconciled, it starts over");
     })
     .await;
+}
+
+/// A replica that lost the leader Lease while paused (past its expiry: another took it) and
+/// resumes mid-reconciliation moves no shard and drains no pod on the sample it took before
+/// (the new leader plans from its own), and writes no status: it learns it lost the Lease
+/// only when its Lease's watch next reads it, which the reconciliation does not wait for.
+#[tokio::test]
+async fn a_replica_that_lost_the_lease_moves_no_shard_and_drains_no_pod() {
+    // Pod 0 hot, as in `a_hot_sequencer_pod_gives_a_shard_to_the_other...`: a move is due.
+    let data_plane = Arc::new(FakeDataPlane::with_sample(sample(
+        &[0, 1],
+        &[0, 0, 1, 1],
+        &[100.0, 100.0, 0.0, 0.0],
+    )));
+    let expected = shard_set_reads_and_applies(2, 2);
+    reconciled_leading(false, expected, data_plane.clone(), async |ctx| {
+        plan_due(&ctx, &data_plane);
+        let error = shard_set::reconcile(Arc::new(shard_set(2)), ctx)
+            .await
+            .unwrap_err();
+        assert!(
+            error.to_string().contains(
+                "not the leader: the leader Lease is held by courier-operator-b, \
+                 not by this replica (courier-operator-a)"
+            ),
+            "{error}"
+        );
+    })
+    .await;
+    assert!(data_plane.admin.moves.lock().unwrap().is_empty());
+    // replicas 2 -> 1, pod 1 evacuated: it would be drained.
+    let data_plane = Arc::new(FakeDataPlane::with_sample(sample(
+        &[0, 1],
+        &[0, 0, 0, 0],
+        &[5.0, 5.0, 5.0, 5.0],
+    )));
+    let expected = shard_set_reads_and_applies(2, 2)
+        .into_iter()
+        .take(3)
+        .collect();
+    reconciled_leading(false, expected, data_plane.clone(), async |ctx| {
+        shard_set::reconcile(Arc::new(shard_set(1)), ctx)
+            .await
+            .unwrap_err();
+    })
+    .await;
+    assert!(data_plane.admin.drains.lock().unwrap().is_empty());
+    // A set being deleted: its pods would be drained.
+    let mut deleted = shard_set(2);
+    deleted.metadata.deletion_timestamp =
+        Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::from_second(1).unwrap(),
+        ));
+    let expected = shard_set_reads_and_applies(2, 2)
+        .into_iter()
+        .enumerate()
+        .filter(|(at, _)| [0, 2].contains(at))
+        .map(|(_, read)| read)
+        .collect();
+    reconciled_leading(false, expected, data_plane.clone(), async |ctx| {
+        shard_set::reconcile(Arc::new(deleted), ctx)
+            .await
+            .unwrap_err();
+    })
+    .await;
+    assert!(data_plane.admin.drains.lock().unwrap().is_empty());
 }

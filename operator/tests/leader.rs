@@ -119,3 +119,48 @@ async fn on_shutdown_the_controllers_stop_and_then_the_lease_is_released() {
         ["held by operator-0", "controllers stopped", "released"]
     );
 }
+
+/// The fence the controllers ask before each move or drain: only the replica holding the Lease,
+/// within its hold, is confirmed as the leader; a standby, a replica whose hold expired (it
+/// paused past the renewal) and any replica while no one holds the Lease are not.
+#[tokio::test]
+async fn only_the_holder_of_an_unexpired_lease_is_confirmed_as_the_leader() {
+    use leader::{Leadership, LeaseFence, NotLeader};
+    let client = lease_server(Arc::default());
+    let fence =
+        |identity: &str| LeaseFence::new(client.clone(), "ops", "courier-operator", identity);
+    let now_ms = || {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+        now.unwrap().as_millis() as u64
+    };
+    assert!(matches!(
+        fence("operator-0").confirm(now_ms()).await,
+        Err(NotLeader::NotHeld { holder: None, .. })
+    ));
+    let manager = LeaseManagerBuilder::new(client.clone(), "courier-operator")
+        .with_namespace("ops")
+        .with_identity("operator-0")
+        .build()
+        .await
+        .unwrap();
+    assert!(
+        manager.changed().await.unwrap(),
+        "operator-0 holds the Lease"
+    );
+    fence("operator-0").confirm(now_ms()).await.unwrap();
+    let standby = fence("operator-1").confirm(now_ms()).await.unwrap_err();
+    assert_eq!(
+        standby.to_string(),
+        "the leader Lease is held by operator-0, not by this replica (operator-1)"
+    );
+    // The Lease lasts 30 s from its renewal: a minute on, the hold has lapsed.
+    match fence("operator-0").confirm(now_ms() + 60_000).await {
+        Err(NotLeader::Expired { ago_ms }) => assert!(ago_ms >= 29_000, "{ago_ms}"),
+        other => panic!("{other:?}"),
+    }
+    manager.release().await.unwrap();
+    assert!(matches!(
+        fence("operator-0").confirm(now_ms()).await,
+        Err(NotLeader::NotHeld { holder: None, .. })
+    ));
+}

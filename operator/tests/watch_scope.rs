@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use courier_operator::controllers::{self, Context, DataPlane};
+use courier_operator::leader::LeaseFence;
 use courier_operator::metrics::Metrics;
 use courier_operator::rebalance::executor::ShardAdmin;
 use courier_operator::scope::WatchScope;
@@ -46,9 +47,12 @@ const WATCHERS: usize = 12;
 async fn requests_in(scope: WatchScope) -> (Vec<String>, Vec<String>, Vec<Request>) {
     let (service, mut handle) = tower_test::mock::pair::<http::Request<Body>, Response<Body>>();
     let client = Client::new(service, "default");
+    // Never asked: nothing reaches the data plane.
+    let leadership = LeaseFence::new(client.clone(), "default", "courier-operator", "a");
     let ctx = Arc::new(Context::new(
         client.clone(),
         Arc::new(NoDataPlane),
+        Arc::new(leadership),
         Arc::new(Metrics::new()),
     ));
     let (_stop, shutdown) = tokio::sync::watch::channel(false);

@@ -43,6 +43,7 @@ use crate::crd::{
     ConditionType, Conditions, CourierCluster, GatewayPool, ObservedStatus, Salvaged, SecretKeyRef,
     SequencerShardSet, ShardRebalance,
 };
+use crate::leader::{Leadership, NotLeader};
 use crate::metrics::{ControllerLabel, Metrics, ResourceLabel};
 use crate::rebalance::Rebalancer;
 use crate::rebalance::executor::{AdminError, ShardAdmin};
@@ -217,6 +218,9 @@ pub enum Error {
     /// The `CourierCluster` a pool names does not exist.
     #[error("CourierCluster {0} not found in the namespace")]
     ClusterNotFound(String),
+    /// This replica no longer leads (or cannot confirm it does): it acts on nothing.
+    #[error("not the leader: {0}")]
+    NotLeader(#[from] NotLeader),
     /// The finalizer could not be added or removed, or its cleanup failed.
     #[error("finalizer: {0}")]
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
@@ -235,6 +239,7 @@ impl Error {
             Error::Secret { .. } => "SecretUnusable",
             Error::ConfigMap { .. } => "ConfigMapUnusable",
             Error::ClusterNotFound(_) => "ClusterNotFound",
+            Error::NotLeader(_) => "NotLeader",
             Error::Finalizer(_) => "FinalizerFailed",
         }
     }
@@ -273,6 +278,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// The data plane.
     pub data_plane: Arc<dyn DataPlane>,
+    /// Whether this replica still leads, confirmed before each action on the data plane.
+    pub leadership: Arc<dyn Leadership>,
     /// The rebalancer of each shard set (`namespace/name`), with its trends and cooldowns;
     /// dropped once the set is gone, as each pool's autoscaler is ([`Self::forget_if_gone`]).
     pub rebalancers: Mutex<BTreeMap<String, RebalancerState>>,
@@ -300,8 +307,14 @@ pub struct RebalancerState {
 }
 
 impl Context {
-    /// A context over `client` and `data_plane`, on the system clock.
-    pub fn new(client: Client, data_plane: Arc<dyn DataPlane>, metrics: Arc<Metrics>) -> Self {
+    /// A context over `client` and `data_plane`, acting on the data plane while `leadership`
+    /// confirms it leads, on the system clock.
+    pub fn new(
+        client: Client,
+        data_plane: Arc<dyn DataPlane>,
+        leadership: Arc<dyn Leadership>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let reporter = Reporter {
             controller: FIELD_MANAGER.to_owned(),
             instance: std::env::var("POD_NAME").ok(),
@@ -311,6 +324,7 @@ impl Context {
             client,
             metrics,
             data_plane,
+            leadership,
             rebalancers: Mutex::new(BTreeMap::new()),
             autoscalers: Mutex::new(BTreeMap::new()),
             failures: Mutex::new(BTreeMap::new()),
@@ -376,6 +390,12 @@ impl Context {
         if let Err(e) = self.recorder.publish(&event, &object.object_ref(&())).await {
             tracing::warn!(error = %e, reason, "publishing an event failed");
         }
+    }
+
+    /// `Ok` if this replica still leads ([`Leadership`]): asked right before each action on
+    /// the data plane.
+    async fn leading(&self) -> Result<(), Error> {
+        Ok(self.leadership.confirm((self.clock)()).await?)
     }
 
     /// The cluster `name` in `namespace`.
@@ -496,7 +516,8 @@ where
 }
 
 /// The outcome of reconciling `object`; a failure is first written to its status: `Ready`
-/// false, with the error's [`reason`](Error::reason) and message, at the object's generation.
+/// false, with the error's [`reason`](Error::reason) and message, at the object's generation
+/// (unless this replica no longer leads).
 /// Without it a spec the operator could not roll out (a refused apply, a missing Secret) would
 /// go on showing the `Ready` of the last one that worked. The other conditions are left as
 /// the last reconciliation that got through set them. A status that cannot be written is
@@ -519,6 +540,10 @@ where
         ctx.reconciled(object);
         return outcome;
     };
+    if let Error::NotLeader(_) = error {
+        // The leader writes the statuses.
+        return Err(error);
+    }
     let generation = object.meta().generation;
     let now = timestamp((ctx.clock)());
     let mut status = object.status().cloned().unwrap_or_default();

@@ -15,6 +15,9 @@
 //!   map, read from the store: a failover is under way), or while events have waited more
 //!   than 30 s for fanout (the shard map's outbox lag: the store or fanout cannot keep up).
 //!   A pod on an older template pauses nothing: under `OnDelete` only its deletion rolls it.
+//! - **Leading**: each batch of moves and each drain is made only once the Lease confirms that
+//!   this replica still leads ([`crate::leader::Leadership`]); otherwise the reconciliation
+//!   fails `NotLeader`, having acted on nothing.
 //! - **Deletion**: a finalizer drains every pod of the set first (its own: not the cluster's
 //!   other sequencers), so their shards are released in the store at once rather than when
 //!   their leases lapse.
@@ -279,6 +282,10 @@ async fn move_shards(
     } else {
         None
     };
+    if !to_do.is_empty() {
+        // The sample may be older than another replica's lead (this one paused past its Lease).
+        ctx.leading().await?;
+    }
     let done = carry_out(&mut state.rebalancer, admin, sample, &to_do, ctx.clock).await;
     record_moves(ctx, set, &done).await;
     ctx.metrics
@@ -413,6 +420,7 @@ async fn drain_leaving(
     if !sample.nodes.contains_key(pod) {
         return Ok(());
     }
+    ctx.leading().await?;
     let released = admin.drain(sample, pod).await?;
     ctx.event(
         set,
@@ -455,6 +463,7 @@ async fn release(set: &SequencerShardSet, ctx: &Context) -> Result<Action, Error
                 .keys()
                 .filter(|node| ordinal_of(&name, node).is_some())
                 .collect();
+            ctx.leading().await?;
             for node in &own {
                 if let Err(e) = admin.drain(&sample, node).await {
                     tracing::warn!(%node, error = %e, "draining a sequencer of a deleted set failed");
