@@ -2823,3 +2823,99 @@ async fn a_replica_that_lost_the_lease_moves_no_shard_and_drains_no_pod() {
     .await;
     assert!(data_plane.admin.drains.lock().unwrap().is_empty());
 }
+
+/// A Deployment of the cluster `prod` as the API server answers its apply: `name`, at
+/// generation 5, its status `observed` at `observed_generation` with every one of its 2 pods
+/// ready and `updated` of them on the current template.
+fn applied_deployment(name: &str, observed_generation: i64, updated: i32) -> Value {
+    json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": { "name": name, "namespace": NS, "generation": 5 },
+        "spec": { "replicas": 2, "selector": {}, "template": {} },
+        "status": { "observedGeneration": observed_generation, "replicas": 2,
+                    "readyReplicas": 2, "updatedReplicas": updated }
+    })
+}
+
+/// A cluster's status says it is rolling out while any of its Deployments runs pods of an
+/// older template: after an upgrade (a new `image`), the chat, media and fanout Deployments'
+/// old pods stay ready while they are replaced, and the cluster said `Progressing` false,
+/// `Settled`, for the whole rollout (and `kubectl wait --for=condition=Progressing=false`
+/// returned at once).
+#[tokio::test]
+async fn a_cluster_whose_deployments_roll_out_says_it_is_progressing_until_they_are_done() {
+    let status_path = "/apis/courier.dev/v1alpha1/namespaces/chat/courierclusters/prod/status";
+    let ready_conditions = json!([
+        { "type": "Ready", "status": "True", "reason": "Available", "message": "",
+          "observedGeneration": 3, "lastTransitionTime": "2026-12-06T10:00:00Z" }
+    ]);
+    let mut pool = serde_json::to_value(pool()).unwrap();
+    pool["status"] = json!({ "conditions": ready_conditions });
+    let mut set = serde_json::to_value(shard_set(2)).unwrap();
+    set["status"] = json!({ "conditions": ready_conditions });
+    let requests = |chat: Value| {
+        let mut requests = cluster_applies_before_push();
+        let answers = [
+            (0, pool.clone()),
+            (1, set.clone()),
+            (2, chat),
+            (4, applied_deployment("prod-media", 5, 2)),
+            (7, applied_deployment("prod-fanout", 5, 2)),
+        ];
+        for (at, answer) in answers {
+            let path = requests[at].path.clone();
+            requests[at] = expect(APPLY, &path, |_| {}).answer(answer);
+        }
+        requests.push(expect(
+            APPLY,
+            "/apis/apps/v1/namespaces/chat/deployments/prod-push",
+            |_| {},
+        ));
+        requests
+    };
+    let status = async |chat: Value| {
+        status_after(
+            1_000_000,
+            requests(chat),
+            (status_path, serde_json::to_value(cluster(false)).unwrap()),
+            Arc::new(FakeDataPlane::default()),
+            |_| {},
+            async |ctx| {
+                cluster::reconcile(Arc::new(cluster(false)), ctx)
+                    .await
+                    .unwrap();
+            },
+        )
+        .await
+    };
+    let state = |status: &Value, kind: &str| {
+        let condition = status["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == kind)
+            .unwrap()
+            .clone();
+        (condition["status"].clone(), condition["reason"].clone())
+    };
+    // Just applied: its controller has not seen the new template yet.
+    let unseen = status(applied_deployment("prod-chat", 4, 2)).await;
+    // Seen, none of its pods replaced yet.
+    let replacing = status(applied_deployment("prod-chat", 5, 0)).await;
+    for rolling in [&unseen, &replacing] {
+        assert_eq!(state(rolling, "Ready"), (json!("True"), json!("Available")));
+        assert_eq!(
+            state(rolling, "Progressing"),
+            (json!("True"), json!("RollingOut")),
+            "{rolling}"
+        );
+        let message = rolling["conditions"][0]["message"].as_str().unwrap();
+        assert!(message.contains("chat rolling out"), "{message}");
+    }
+    let done = status(applied_deployment("prod-chat", 5, 2)).await;
+    assert_eq!(state(&done, "Ready"), (json!("True"), json!("Available")));
+    assert_eq!(
+        state(&done, "Progressing"),
+        (json!("False"), json!("Settled"))
+    );
+}

@@ -5,7 +5,9 @@
 //! PodDisruptionBudget of one pod down) and, with push providers, the push notifier's
 //! (without them, a notifier left from earlier is scaled to zero); with storage partitions,
 //! first the ConfigMap of their table. The status says which, and is Ready when what it owns
-//! is.
+//! is; it is Progressing until every part runs its current spec (a Deployment's old pods
+//! serving while they are replaced, or a status its controller wrote before seeing the spec
+//! just applied, are not rolled out).
 //!
 //! Every pod template carries the digest of the cluster's configuration file (its
 //! `configMap`, read at each reconciliation), so that an edit of the ConfigMap in place rolls
@@ -67,7 +69,11 @@ async fn run(cluster: &CourierCluster, ctx: &Context) -> Result<Action, Error> {
             .as_ref()
             .and_then(|s| s.ready_replicas)
             .unwrap_or(0);
-        (ready >= 1, format!("{ready}/1 courier serve pod ready"))
+        Readiness {
+            ready: ready >= 1,
+            rolled_out: ready >= 1,
+            message: format!("{ready}/1 courier serve pod ready"),
+        }
     } else {
         // The table first: the pods mount it.
         if let Some(table) = partitions::config_map(cluster)? {
@@ -102,22 +108,27 @@ async fn run(cluster: &CourierCluster, ctx: &Context) -> Result<Action, Error> {
             }
             None => stop_push(ctx, cluster, digest).await?,
         }
-        let gateways_ready = is_ready(gateways.status.as_ref().map(|s| &s.conditions[..]));
-        let sequencers_ready = is_ready(sequencers.status.as_ref().map(|s| &s.conditions[..]));
-        let chat_ready = all_ready(&chat);
-        let media_ready = media.as_ref().is_none_or(all_ready);
-        let fanout_ready = all_ready(&fanout);
-        (
-            gateways_ready && sequencers_ready && chat_ready && media_ready && fanout_ready,
-            format!(
-                "gateway pool {}, shard set {}, chat {}, media {}, fanout {}",
-                readiness(gateways_ready),
-                readiness(sequencers_ready),
-                readiness(chat_ready),
-                readiness(media_ready),
-                readiness(fanout_ready)
+        let parts = [
+            Part::of_resource(
+                gateways.metadata.generation,
+                gateways.status.as_ref().map(|s| &s.conditions[..]),
             ),
-        )
+            Part::of_resource(
+                sequencers.metadata.generation,
+                sequencers.status.as_ref().map(|s| &s.conditions[..]),
+            ),
+            Part::of_deployment(&chat),
+            media.as_ref().map_or(Part::RolledOut, Part::of_deployment),
+            Part::of_deployment(&fanout),
+        ];
+        let [gateways, sequencers, chat, media, fanout] = parts.map(Part::as_str);
+        Readiness {
+            ready: parts.iter().all(|part| *part != Part::NotReady),
+            rolled_out: parts.iter().all(|part| *part == Part::RolledOut),
+            message: format!(
+                "gateway pool {gateways}, shard set {sequencers}, chat {chat}, media {media}, fanout {fanout}"
+            ),
+        }
     };
     let status = status(cluster, ready, now);
     apply_status(&ctx.client, cluster, &status).await?;
@@ -171,31 +182,78 @@ pub fn error_policy(cluster: Arc<CourierCluster>, error: &Error, ctx: Arc<Contex
     retry_after_error(&ctx, CONTROLLER, cluster.as_ref(), error)
 }
 
-fn is_ready(conditions: Option<&[Condition]>) -> bool {
-    conditions.is_some_and(|conditions| {
-        conditions
-            .iter()
-            .any(|c| c.type_ == ConditionType::Ready.as_str() && c.status == "True")
-    })
+/// Whether what a cluster owns serves (`ready`: `Ready`) and runs its current spec
+/// (`rolled_out`: `Progressing` false), and how each part stands (`message`).
+struct Readiness {
+    ready: bool,
+    rolled_out: bool,
+    message: String,
 }
 
-/// Whether every pod `deployment` asks for is ready.
-fn all_ready(deployment: &Deployment) -> bool {
-    let wanted = deployment
-        .spec
-        .as_ref()
-        .and_then(|s| s.replicas)
-        .unwrap_or(1);
-    let ready = deployment
-        .status
-        .as_ref()
-        .and_then(|s| s.ready_replicas)
-        .unwrap_or(0);
-    ready >= wanted
+/// How one part of a cluster (a Deployment, its pool, its shard set) stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Part {
+    /// Some of the pods it asks for are not ready.
+    NotReady,
+    /// Its pods are ready, but not all of them run its current spec yet (or its controller
+    /// has not seen that spec yet): old pods serve while they are replaced.
+    RollingOut,
+    /// Every pod it asks for is ready and runs its current spec.
+    RolledOut,
 }
 
-fn readiness(ready: bool) -> &'static str {
-    if ready { "ready" } else { "not ready" }
+impl Part {
+    /// A Deployment as its apply answered it. Its status may be of an older generation (its
+    /// controller has not seen the template just applied), and its ready pods of an older
+    /// template (being replaced): neither is rolled out.
+    fn of_deployment(deployment: &Deployment) -> Part {
+        let wanted = deployment
+            .spec
+            .as_ref()
+            .and_then(|s| s.replicas)
+            .unwrap_or(1);
+        let status = deployment.status.clone().unwrap_or_default();
+        if status.ready_replicas.unwrap_or(0) < wanted {
+            return Part::NotReady;
+        }
+        let seen = status.observed_generation >= deployment.metadata.generation;
+        let updated = status.updated_replicas.unwrap_or(0) >= wanted;
+        // Old pods still running beside the new ones (a surge) are not gone yet.
+        let old_gone = status.replicas.unwrap_or(0) <= wanted;
+        match seen && updated && old_gone {
+            true => Part::RolledOut,
+            false => Part::RollingOut,
+        }
+    }
+
+    /// A pool or shard set at `generation`, by its conditions: `Ready`, at its current
+    /// generation and not `Progressing`, is rolled out; `Ready` of an older generation (its
+    /// controller has not seen the spec the cluster just applied) or `Progressing` is rolling
+    /// out.
+    fn of_resource(generation: Option<i64>, conditions: Option<&[Condition]>) -> Part {
+        let conditions = conditions.unwrap_or_default();
+        let holds = |kind: ConditionType| {
+            conditions
+                .iter()
+                .find(|c| c.type_ == kind.as_str() && c.status == "True")
+        };
+        match (
+            holds(ConditionType::Ready),
+            holds(ConditionType::Progressing),
+        ) {
+            (None, _) => Part::NotReady,
+            (Some(ready), None) if ready.observed_generation >= generation => Part::RolledOut,
+            (Some(_), _) => Part::RollingOut,
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Part::NotReady => "not ready",
+            Part::RollingOut => "rolling out",
+            Part::RolledOut => "ready",
+        }
+    }
 }
 
 /// The conditions `cluster`'s status holds now (none before its first status).
@@ -207,13 +265,14 @@ fn previous_conditions(cluster: &CourierCluster) -> Vec<Condition> {
         .unwrap_or_default()
 }
 
-/// The status of `cluster` given whether what it owns is ready (and why).
-fn status(
-    cluster: &CourierCluster,
-    (ready, message): (bool, String),
-    now: Timestamp,
-) -> CourierClusterStatus {
+/// The status of `cluster` given how what it owns stands.
+fn status(cluster: &CourierCluster, readiness: Readiness, now: Timestamp) -> CourierClusterStatus {
     let generation = cluster.metadata.generation;
+    let Readiness {
+        ready,
+        rolled_out,
+        message,
+    } = readiness;
     let conditions = Conditions::new(&previous_conditions(cluster), generation, now)
         .set(
             ConditionType::Ready,
@@ -223,8 +282,8 @@ fn status(
         )
         .set(
             ConditionType::Progressing,
-            !ready,
-            if ready { "Settled" } else { "RollingOut" },
+            !rolled_out,
+            if rolled_out { "Settled" } else { "RollingOut" },
             &message,
         )
         .into_vec();
