@@ -690,17 +690,18 @@ fn status(
     } else {
         (false, "Balanced", "no move needed".to_owned())
     };
+    let pods_ready = format!("{ready}/{wanted} sequencer pods ready");
+    let (is_ready, ready_reason, ready_message) = match (&notes.admin_error, ready >= wanted) {
+        (_, false) => (false, "PodsNotReady", pods_ready),
+        (Some(e), true) => (
+            false,
+            "AdminUnavailable",
+            format!("{pods_ready}, but the admin API did not answer: {e}"),
+        ),
+        (None, true) => (true, "Available", pods_ready),
+    };
     let conditions = Conditions::new(&previous.conditions, set.metadata.generation, now)
-        .set(
-            ConditionType::Ready,
-            ready >= wanted && notes.admin_error.is_none(),
-            if ready >= wanted {
-                "Available"
-            } else {
-                "PodsNotReady"
-            },
-            &format!("{ready}/{wanted} sequencer pods ready"),
-        )
+        .set(ConditionType::Ready, is_ready, ready_reason, &ready_message)
         .set(
             ConditionType::Progressing,
             running != wanted || ready < running,
@@ -854,6 +855,49 @@ mod tests {
         assert!(
             why.starts_with("events have waited 45 s for fanout"),
             "{why}"
+        );
+    }
+
+    /// Pods ready but the admin API not answering: the set is not Ready, and its `Ready`
+    /// condition says why rather than `Available` (a condition false for the reason that
+    /// everything is available sent whoever read it to the pods, which were fine).
+    #[test]
+    fn a_set_whose_admin_api_does_not_answer_is_not_ready_and_says_why() {
+        let set: SequencerShardSet = serde_json::from_value(serde_json::json!({
+            "apiVersion": "courier.dev/v1alpha1",
+            "kind": "SequencerShardSet",
+            "metadata": {"name": "s", "namespace": "chat", "generation": 2},
+            "spec": {"cluster": "prod", "shards": 8, "replicas": 3},
+        }))
+        .unwrap();
+        let mut running = stateful_set(3, "r1", "r1");
+        running.spec = Some(Default::default());
+        running.spec.as_mut().unwrap().replicas = Some(3);
+        let unanswered = Err(AdminError::UnknownNode("s-0".into()));
+        let notes = Notes {
+            admin_error: Some(unanswered.as_ref().unwrap_err().to_string()),
+            paused: None,
+        };
+        let status = status(
+            &set,
+            &running,
+            Some(&unanswered),
+            &Round::default(),
+            &notes,
+            1_000_000,
+        );
+        let ready = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Ready")
+            .unwrap();
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "AdminUnavailable")
+        );
+        assert_eq!(
+            ready.message,
+            "3/3 sequencer pods ready, but the admin API did not answer: node s-0 is not a live sequencer node"
         );
     }
 
