@@ -2919,3 +2919,44 @@ async fn a_cluster_whose_deployments_roll_out_says_it_is_progressing_until_they_
         (json!("False"), json!("Settled"))
     );
 }
+
+/// A pool whose Deployment's controller has not yet seen the template just applied (its
+/// status, of the generation before, counts every pod as updated) is still `Progressing`: it
+/// said `Settled` at the start of each rollout, until its next sample, and the cluster took
+/// the pool as rolled out.
+#[tokio::test]
+async fn a_pools_rollout_not_yet_seen_by_its_deployments_controller_is_progressing() {
+    let data_plane = Arc::new(FakeDataPlane {
+        connections: BTreeMap::from([("10.0.0.1".to_owned(), 900), ("10.0.0.2".to_owned(), 950)]),
+        ..FakeDataPlane::default()
+    });
+    let mut applied = deployment(2);
+    applied["metadata"]["generation"] = json!(5);
+    applied["status"] = json!({
+        "observedGeneration": 4, "replicas": 2, "readyReplicas": 2, "updatedReplicas": 2
+    });
+    let mut then = pool_applies(|_| {});
+    let deployment_apply = then.remove(0).answer(applied);
+    then.insert(0, deployment_apply);
+    then.push(
+        expect(APPLY, POOL_STATUS, |body| {
+            assert_eq!(condition(body, "Ready")["status"], "True");
+            let progressing = condition(body, "Progressing");
+            assert_eq!(progressing["status"], "True", "{progressing}");
+            assert_eq!(progressing["reason"], "RollingOut");
+        })
+        .answer(serde_json::to_value(pool()).unwrap()),
+    );
+    let pods = vec![
+        gateway_pod("gw-a", "10.0.0.1"),
+        gateway_pod("gw-b", "10.0.0.2"),
+    ];
+    reconciled(after_pool_reads(pods, 2, then), data_plane, async |ctx| {
+        let busy = BTreeMap::from([("gw-a".to_owned(), 900), ("gw-b".to_owned(), 950)]);
+        sampled_before(&ctx, 2, busy.into(), 600_000);
+        gateway_pool::reconcile(Arc::new(pool()), ctx)
+            .await
+            .unwrap();
+    })
+    .await;
+}

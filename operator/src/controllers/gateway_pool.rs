@@ -328,7 +328,13 @@ fn status(
         .and_then(|s| s.replicas)
         .unwrap_or(0);
     let ready = observed.ready_replicas.unwrap_or(0);
-    let updated = observed.updated_replicas.unwrap_or(0);
+    // A status its controller wrote before it saw the template just applied counts the pods
+    // of the template before as updated.
+    let seen = observed.observed_generation >= deployment.metadata.generation;
+    let updated = match seen {
+        true => observed.updated_replicas.unwrap_or(0),
+        false => 0,
+    };
     let message = format!("{ready}/{wanted} gateway pods ready");
     let (degraded, reason, why) = match connections.unread.is_empty() {
         true => (
