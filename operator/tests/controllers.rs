@@ -1290,7 +1290,7 @@ fn stateful_set(replicas: i32) -> Value {
         "apiVersion": "apps/v1", "kind": "StatefulSet",
         "metadata": { "name": "prod-sequencers", "namespace": NS },
         "spec": { "replicas": replicas, "selector": {}, "template": {}, "serviceName": "prod-sequencers" },
-        "status": { "replicas": replicas, "readyReplicas": replicas,
+        "status": { "replicas": replicas, "readyReplicas": replicas, "updatedReplicas": replicas,
                     "currentRevision": "r1", "updateRevision": "r1" }
     })
 }

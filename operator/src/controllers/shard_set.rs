@@ -690,6 +690,29 @@ fn status(
     } else {
         (false, "Balanced", "no move needed".to_owned())
     };
+    // Pods on the current template (`updatedReplicas` counts them right under `OnDelete`, where
+    // `currentRevision` is never promoted); a status of the generation before counts those of
+    // the template before.
+    let seen = observed.observed_generation >= stateful_set.metadata.generation;
+    let updated = match seen {
+        true => observed.updated_replicas.unwrap_or(0),
+        false => 0,
+    };
+    let pods_running = format!("{running} pods running for {wanted} wanted");
+    let progress = if running > wanted {
+        ("Evacuating", pods_running)
+    } else if ready < running {
+        ("RollingOut", pods_running)
+    } else if updated < running {
+        (
+            "OlderTemplate",
+            format!(
+                "{updated}/{running} pods on the current template: under OnDelete, delete the others to roll them"
+            ),
+        )
+    } else {
+        ("Settled", pods_running)
+    };
     let pods_ready = format!("{ready}/{wanted} sequencer pods ready");
     let (is_ready, ready_reason, ready_message) = match (&notes.admin_error, ready >= wanted) {
         (_, false) => (false, "PodsNotReady", pods_ready),
@@ -704,15 +727,9 @@ fn status(
         .set(ConditionType::Ready, is_ready, ready_reason, &ready_message)
         .set(
             ConditionType::Progressing,
-            running != wanted || ready < running,
-            if running > wanted {
-                "Evacuating"
-            } else if ready < running {
-                "RollingOut"
-            } else {
-                "Settled"
-            },
-            &format!("{running} pods running for {wanted} wanted"),
+            running != wanted || ready < running || updated < running,
+            progress.0,
+            &progress.1,
         )
         .set(
             ConditionType::Degraded,
@@ -899,6 +916,67 @@ mod tests {
             ready.message,
             "3/3 sequencer pods ready, but the admin API did not answer: node s-0 is not a live sequencer node"
         );
+    }
+
+    /// After a template change (a new image) the pods take it only when deleted (`OnDelete`):
+    /// until each was, the set is `Progressing` and says how many run the current template (it
+    /// said `Settled`, and its cluster too, while the sequencers ran the old image for good).
+    #[test]
+    fn a_set_whose_pods_run_an_older_template_is_progressing_until_each_is_deleted() {
+        let set: SequencerShardSet = serde_json::from_value(serde_json::json!({
+            "apiVersion": "courier.dev/v1alpha1",
+            "kind": "SequencerShardSet",
+            "metadata": {"name": "s", "namespace": "chat", "generation": 2},
+            "spec": {"cluster": "prod", "shards": 8, "replicas": 3},
+        }))
+        .unwrap();
+        let progressing = |observed_generation: i64, updated: i32| {
+            let mut running = stateful_set(3, "r1", "r2");
+            running.metadata.generation = Some(7);
+            running.spec = Some(Default::default());
+            running.spec.as_mut().unwrap().replicas = Some(3);
+            let status = running.status.as_mut().unwrap();
+            status.observed_generation = Some(observed_generation);
+            status.updated_replicas = Some(updated);
+            let status = status_of(&set, &running);
+            let condition = status
+                .conditions
+                .into_iter()
+                .find(|c| c.type_ == "Progressing")
+                .unwrap();
+            (condition.status, condition.reason, condition.message)
+        };
+        let older = progressing(7, 1);
+        assert_eq!(
+            (older.0.as_str(), older.1.as_str()),
+            ("True", "OlderTemplate")
+        );
+        assert_eq!(
+            older.2,
+            "1/3 pods on the current template: under OnDelete, delete the others to roll them"
+        );
+        let unseen = progressing(6, 3);
+        assert_eq!(
+            (unseen.0.as_str(), unseen.1.as_str()),
+            ("True", "OlderTemplate"),
+            "a status of the generation before counts the pods of the template before"
+        );
+        let rolled = progressing(7, 3);
+        assert_eq!((rolled.0.as_str(), rolled.1.as_str()), ("False", "Settled"));
+    }
+
+    /// The status of `set` sampled with every pod answering, no move made.
+    fn status_of(set: &SequencerShardSet, running: &StatefulSet) -> SequencerShardSetStatus {
+        let sampled = Ok(sample(&["s-0", "s-1", "s-2"]));
+        let notes = Notes::default();
+        status(
+            set,
+            running,
+            Some(&sampled),
+            &Round::default(),
+            &notes,
+            1_000_000,
+        )
     }
 
     /// The cooldowns of moves a previous leader made survive in the status.
