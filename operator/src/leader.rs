@@ -70,7 +70,10 @@ pub enum NotLeader {
     #[error("the leader Lease could not be read: {0}")]
     Unread(#[from] kube::Error),
     /// Another replica holds the Lease, or none does.
-    #[error("the leader Lease is held by {}, not by this replica ({identity})", holder.as_deref().unwrap_or("no one"))]
+    #[error(
+        "the leader Lease is held by {}, not by this replica ({identity})",
+        holder.as_deref().unwrap_or("no one")
+    )]
     NotHeld {
         /// The Lease's holder, if any.
         holder: Option<String>,

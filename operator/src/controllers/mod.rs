@@ -633,7 +633,14 @@ where
         *count
     };
     let delay = retry_delay(failures);
-    tracing::warn!(controller, object = %key(object), failures, retry_in = ?delay, %error, "reconcile failed");
+    tracing::warn!(
+        controller,
+        object = %key(object),
+        failures,
+        retry_in = ?delay,
+        %error,
+        "reconcile failed"
+    );
     Action::requeue(delay)
 }
 
