@@ -890,6 +890,187 @@ async fn sequencer_nodes_take_over_from_a_killed_or_paused_owner_and_lose_nothin
     check_history(&front, &peers, &sent).await;
 }
 
+/// A TCP relay on 127.0.0.1 to `upstream` that can hold what it relays: while held it
+/// forwards nothing either way (the bytes wait in it), as a slow network holds a store call
+/// in flight; released, it forwards what it held, in order, and goes on.
+struct HeldLink {
+    address: String,
+    held: tokio::sync::watch::Sender<bool>,
+    relay: tokio::task::JoinHandle<()>,
+}
+
+impl HeldLink {
+    async fn to(upstream: &str) -> HeldLink {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let (held, watch) = tokio::sync::watch::channel(false);
+        let upstream = upstream.to_owned();
+        let relay = tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let Ok(outbound) = tokio::net::TcpStream::connect(&upstream).await else {
+                    continue;
+                };
+                let (from_in, to_in) = inbound.into_split();
+                let (from_out, to_out) = outbound.into_split();
+                tokio::spawn(HeldLink::forward(from_in, to_out, watch.clone()));
+                tokio::spawn(HeldLink::forward(from_out, to_in, watch.clone()));
+            }
+        });
+        HeldLink {
+            address,
+            held,
+            relay,
+        }
+    }
+
+    /// Copies `from` to `to`, each chunk once the link is not held.
+    async fn forward(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        mut held: tokio::sync::watch::Receiver<bool>,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buffer = vec![0u8; 64 * 1024];
+        loop {
+            let read = match from.read(&mut buffer).await {
+                Ok(0) | Err(_) => return,
+                Ok(read) => read,
+            };
+            if held.wait_for(|held| !*held).await.is_err() {
+                return;
+            }
+            if to.write_all(&buffer[..read]).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    fn hold(&self) {
+        self.held.send_replace(true);
+    }
+
+    fn release(&self) {
+        self.held.send_replace(false);
+    }
+}
+
+impl Drop for HeldLink {
+    fn drop(&mut self) {
+        self.relay.abort();
+    }
+}
+
+/// A store node reached through a [`HeldLink`].
+struct Relayed<'a> {
+    store: &'a StoreNode,
+    link: &'a HeldLink,
+}
+
+impl ClusterStore for Relayed<'_> {
+    fn args(&self) -> Vec<String> {
+        let mut args = self.store.args();
+        let at = args
+            .iter()
+            .position(|arg| arg == "--store-address")
+            .unwrap();
+        args[at + 1] = format!("http://{}", self.link.address);
+        args
+    }
+}
+
+/// The count of `histogram` on a node's `/metrics`.
+async fn histogram_count(node: &InternalNode, histogram: &str) -> u64 {
+    probe_metric(node, &format!("{histogram}_count")).await
+}
+
+/// A sequencer paused past its lease with a batch in flight (its store read answered while it
+/// is stopped, its commit sent after SIGCONT) commits nothing of it: the new owner took the
+/// shard and appended at the seq the batch was built for, and the batch's commit is refused
+/// by the epoch fence. Every `sent` is stored once, at its seq, dense; the client's retry of
+/// the message the paused node held is sequenced once, by the new owner. Without the fence,
+/// the resumed node's batch overwrote the new owner's message at that seq (acknowledged, then
+/// lost) and the retry was answered as a duplicate of the overwriting one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sequencer_paused_with_a_batch_in_flight_commits_nothing_of_it_after_resuming() {
+    let (dir, store) = store_node();
+    let link = HeldLink::to(&store.address).await;
+    let relayed = Relayed {
+        store: &store,
+        link: &link,
+    };
+    let paused = InternalNode::start("s1", "127.0.0.2", &relayed, dir.path());
+    let other = InternalNode::start("s2", "127.0.0.3", &store, dir.path());
+    let front_dir = tempfile::tempdir().unwrap();
+    let front = front_node(&store, front_dir.path());
+    assert_eq!(owned(&paused).await.len(), 8, "s1 started first");
+
+    let mut alice = front.connect("alice", "phone").await;
+    alice.events_until_sync_done().await.unwrap();
+    let mut bob = front.connect("bob", "phone").await;
+    bob.events_until_sync_done().await.unwrap();
+    let mut sent = vec![(
+        "m1".to_owned(),
+        send_until_sent(&mut alice, "bob", "m1", Some(&front)).await,
+    )];
+    assert_eq!(sent[0].1, 1);
+
+    // s1 takes m2 and reads for its batch, but its store does not answer yet: the send is
+    // answered `unavailable` (its outcome unknown) once the front stops waiting.
+    const COMMIT: &str = "courier_sequencer_commit_seconds";
+    let commits = histogram_count(&paused, COMMIT).await;
+    link.hold();
+    let refused = alice
+        .send_text(Target::User("bob".into()), "m2", "m2")
+        .await;
+    match refused {
+        Err(courier_client::ClientError::Server(error))
+            if error.code == courier_client::proto::ErrorCode::Unavailable => {}
+        other => panic!("m2 was not left in flight: {other:?}"),
+    }
+    // s1 stops, its lease lapses (its renewals are held too) and s2 takes its shards.
+    paused.signal(libc::SIGSTOP);
+    until("s2 took s1's shards", || async {
+        owned(&other).await.len() == 8
+    })
+    .await;
+    let m3 = send_until_sent(&mut bob, "alice", "m3", Some(&front)).await;
+    sent.push(("m3".to_owned(), m3));
+
+    // s1's read is answered while it is stopped; resumed, it commits its batch, built on the
+    // head it cached (1), at the epoch it held.
+    link.release();
+    paused.signal(libc::SIGCONT);
+    until("s1 tried to commit its batch", || async {
+        histogram_count(&paused, COMMIT).await > commits
+    })
+    .await;
+    until("s1 dropped the shards it lost", || async {
+        owned(&paused).await.is_empty()
+    })
+    .await;
+
+    // The retry of m2 is sequenced once, after m3.
+    let m2 = send_until_sent(&mut alice, "bob", "m2", Some(&front)).await;
+    sent.push(("m2".to_owned(), m2));
+    let seqs: Vec<u64> = sent.iter().map(|(_, seq)| *seq).collect();
+    assert_eq!(seqs, [1, 2, 3], "dense seqs, in the order of the `sent`s");
+    // Every `sent` is read once, at its seq, by a device of each member that has read nothing.
+    for user in ["alice", "bob"] {
+        let mut reader = front.connect(user, "laptop").await;
+        let read: Vec<(String, u64)> = reader
+            .events_until_sync_done()
+            .await
+            .unwrap()
+            .into_iter()
+            .filter_map(|event| match event.payload {
+                EventPayload::Message { client_msg_id, .. } => Some((client_msg_id, event.seq)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(read, sent, "{user} reads exactly what was sent, once each");
+    }
+}
+
 /// A network namespace joined to the host by a veth pair: the host side is `10.213.0.1`, the
 /// namespace side `10.213.0.2`. Setting the host side down cuts the namespace off (a
 /// partition); setting it up heals it. Removed when dropped.
