@@ -1071,6 +1071,75 @@ async fn a_sequencer_paused_with_a_batch_in_flight_commits_nothing_of_it_after_r
     }
 }
 
+/// Planned hand-offs while a client sends without pause: every shard is moved from s1 to s2
+/// and back through the admin API, then s1 is drained and s2 takes its shards, one step after
+/// each round of sends. A send that meets a frozen or moving shard is answered `unavailable`
+/// (or its connection told to reconnect), which clients retry with the same id; none is
+/// refused for good (the sender fails on any other answer), and the history has every `sent`
+/// once, at its seq, dense.
+#[tokio::test(flavor = "multi_thread")]
+async fn shards_moved_and_drained_while_a_client_sends_refuse_and_lose_nothing() {
+    let (dir, store) = store_node();
+    let first = InternalNode::start("s1", "127.0.0.2", &store, dir.path());
+    let second = InternalNode::start("s2", "127.0.0.3", &store, dir.path());
+    let front_dir = tempfile::tempdir().unwrap();
+    let front = front_node(&store, front_dir.path());
+    assert_eq!(owned(&first).await.len(), 8, "s1 started first");
+
+    let peers: Vec<String> = (0..4).map(|i| format!("bob{i}")).collect();
+    let mut alice = front.connect("alice", "phone").await;
+    alice.events_until_sync_done().await.unwrap();
+    let (rounds, mut done) = tokio::sync::watch::channel(0u32);
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let sender = tokio::spawn(async move {
+        let mut sent: Vec<Vec<(String, u64)>> = vec![Vec::new(); peers.len()];
+        let mut round = 0;
+        while !*stopped.borrow() {
+            round += 1;
+            send_round(&front, &mut alice, &peers, round, &mut sent).await;
+            rounds.send_replace(round);
+        }
+        (front, peers, sent)
+    });
+    // One step of hand-off after each further round of sends, the sends never paused.
+    for (from, to) in [(&first, "s2"), (&second, "s1")] {
+        for shard in 0..8 {
+            after_a_round(&mut done).await;
+            admin(from)
+                .await
+                .move_shard(MoveShardRequest {
+                    shard,
+                    to: to.into(),
+                })
+                .await
+                .unwrap();
+        }
+    }
+    after_a_round(&mut done).await;
+    let released = admin(&first)
+        .await
+        .drain(DrainRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .released;
+    assert_eq!(released, (0..8).collect::<Vec<u32>>());
+    until("s2 took the drained shards", || async {
+        owned(&second).await.len() == 8
+    })
+    .await;
+    after_a_round(&mut done).await;
+    stop.send_replace(true);
+    let (front, peers, sent) = sender.await.unwrap();
+    check_history(&front, &peers, &sent).await;
+}
+
+/// Waits until the sender counting its rounds on `done` finished another one.
+async fn after_a_round(done: &mut tokio::sync::watch::Receiver<u32>) {
+    let seen = *done.borrow_and_update();
+    done.wait_for(|&round| round > seen).await.unwrap();
+}
+
 /// A network namespace joined to the host by a veth pair: the host side is `10.213.0.1`, the
 /// namespace side `10.213.0.2`. Setting the host side down cuts the namespace off (a
 /// partition); setting it up heals it. Removed when dropped.
