@@ -550,8 +550,9 @@ async fn a_flood_from_one_user_is_limited_while_others_are_unaffected() {
 }
 
 /// A group's name is shown to every member, whoever made it: control characters (a NUL, a line
-/// break that fakes another line, a terminal's escape sequence) are refused as `bad_request`
-/// with what is wrong; any other text of 1 to 128 characters is taken, whatever its script.
+/// break that fakes another line, a terminal's escape sequence) and bidirectional overrides (a
+/// name stored as `\u{202e}gpj.exe` reads `exe.jpg`) are refused as `bad_request` with what is
+/// wrong; any other text of 1 to 128 characters is taken, whatever its script or direction.
 #[tokio::test]
 async fn group_names_with_control_characters_are_refused() {
     let (_dir, server) = start(&[]);
@@ -570,6 +571,9 @@ async fn group_names_with_control_characters_are_refused() {
         "tab\there",
         "c1\u{85}",
         "del\u{7f}",
+        "\u{202e}gpj.exe",
+        "isolated\u{2066}tail",
+        "pop\u{2069}",
     ] {
         let (status, body) = create(name.to_owned()).await;
         assert_eq!(
@@ -582,7 +586,11 @@ async fn group_names_with_control_characters_are_refused() {
             "{body}"
         );
     }
-    for name in ["Ünïcödé 👋 группа".to_owned(), "字".repeat(128)] {
+    for name in [
+        "Ünïcödé 👋 группа".to_owned(),
+        "مجموعة\u{200f} 2".to_owned(),
+        "字".repeat(128),
+    ] {
         let (status, body) = create(name.clone()).await;
         assert_eq!(status, 201, "{name:?}: {body}");
     }

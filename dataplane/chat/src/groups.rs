@@ -87,10 +87,13 @@ impl Chat {
             )));
         }
         // Every member's client shows the name, whoever chose it: a line break or a terminal's
-        // escape sequence in it would act there, not be read.
-        if name.chars().any(char::is_control) {
+        // escape sequence in it would act there, not be read, and a bidirectional override
+        // would show it reordered (`\u{202e}gpj.exe` reads `exe.jpg`).
+        if name.chars().any(|c| c.is_control() || is_bidi_override(c)) {
             return Err(ApiError::bad_request(
-                "name must have no control characters (line breaks, tabs, escapes)",
+                "name must have no control characters (line breaks, tabs, escapes) or \
+                 bidirectional embeddings, overrides and isolates (U+202A to U+202E, U+2066 to \
+                 U+2069)",
             ));
         }
         let mut all = vec![who.user.clone()];
@@ -234,4 +237,11 @@ impl Chat {
         }
         Ok(())
     }
+}
+
+/// Whether `c` is one of Unicode's explicit bidirectional embeddings, overrides or isolates
+/// (U+202A to U+202E, U+2066 to U+2069): text after one is shown in another order than it is
+/// stored. The directional marks (U+200E, U+200F, U+061C) reorder nothing and are taken.
+fn is_bidi_override(c: char) -> bool {
+    matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
 }
