@@ -220,6 +220,47 @@ async fn offline_device_catches_up_in_order_and_acked_events_are_not_resent() {
     assert_eq!(tablet.events_until_sync_done().await.unwrap().len(), 5);
 }
 
+/// A device back after a long time away acknowledges its catch-up as it reads it, and its
+/// acks take effect while the catch-up is still being written: a connection lost midway (a
+/// phone's network) resumes after what the device acknowledged, rather than from where it
+/// began, again at each reconnect.
+#[tokio::test]
+async fn acks_sent_during_a_long_catch_up_take_effect_before_it_ends() {
+    let (_dir, server) = server();
+    let mut alice = server.connect("alice", "phone").await;
+    expect_sync_done(&mut alice).await;
+    support::send_long_history(&mut alice, "bob").await;
+    let mut bob = server.connect("bob", "phone").await;
+    let mut last = expect_event(&mut bob).await;
+    while last.seq < 10 {
+        last = expect_event(&mut bob).await;
+    }
+    let conv = last.conversation_id.clone();
+    bob.ack(&conv, 10, AckKind::Delivered).await.unwrap();
+    // Read on a little: the catch-up, 400 events of 48 KiB, is far from its end (and from
+    // what the socket buffers hold), and bob reads no further until his ack took effect.
+    for _ in 0..40 {
+        assert!(expect_event(&mut bob).await.seq < 400);
+    }
+    let phone = server.http("bob", "phone");
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let listed = phone.conversations().await.unwrap();
+        if listed["conversations"][0]["delivered_seq"] == 10 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the ack did not take effect during the catch-up: {listed}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The connection is lost: the next catch-up starts after the ack.
+    drop(bob);
+    let mut bob = server.connect("bob", "phone").await;
+    assert_eq!(expect_event(&mut bob).await.seq, 11);
+}
+
 fn ack_frame(reference: i64, conversation_id: &str, seq: u64) -> ClientFrame {
     ClientFrame::Ack(Ack {
         reference: Some(reference),

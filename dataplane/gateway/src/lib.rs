@@ -52,7 +52,9 @@
 //! **Acks** are committed one step at a time: the acks a connection reads while a step is
 //! under way are committed together in the next one, and any other frame waits for them
 //! ([`acks`]), so an ack still takes effect before every later frame of its connection. Each
-//! step is a task of its own, so it goes on while the connection waits on its client.
+//! step is a task of its own, so it goes on while the connection waits on its client. A
+//! catch-up or gap fill reads the acks its client sends meanwhile, between its steps
+//! ([`Connection::take_acks`]): a device acknowledges a long catch-up as it reads it.
 //!
 //! **Memory.** A connection's task is sized by its largest await point, and most connections
 //! are idle: the rare or heavy paths (frame handling, catch-up, gap fills, drain, close, the
@@ -310,6 +312,11 @@ struct Connection {
     /// The first other frame read while acks were being committed: handled once they are,
     /// and nothing more is read meanwhile.
     held: Option<Box<ClientFrame>>,
+    /// The first read that is not an ack while a catch-up or gap fill keeps the connection
+    /// from its loop (another frame, the client's close, an error), or the read made before
+    /// the first catch-up: handled by the loop, and nothing more is read meanwhile
+    /// ([`Connection::take_acks`]).
+    unread: Option<Box<Option<Result<Message, axum::Error>>>>,
     frames: ConnectionLimit,
     typing: ConnectionLimit,
 }
@@ -637,6 +644,7 @@ impl Gateway {
             acks: None,
             queued_acks: Vec::new(),
             held: None,
+            unread: None,
             frames: ConnectionLimit::new(self.limits.connection_frames),
             typing: ConnectionLimit::new(self.limits.connection_typing),
         };
@@ -730,9 +738,9 @@ impl Connection {
         // hyper hands the socket over with the upgrade request's read buffer (8-16 KiB), which
         // it frees at the socket's first read. Read once now, so that a device does not hold
         // it through its record and catch-up (in a reconnect storm, every device at once); a
-        // frame the client sent already is handled after the catch-up, as it would have been
-        // (boxed: rare, and not kept in every connection's future).
-        let early = self.socket.recv().now_or_never().map(Box::new);
+        // frame the client sent already is handled after the catch-up (an ack during it), as
+        // it would have been (boxed: rare).
+        self.unread = self.socket.recv().now_or_never().map(Box::new);
         let hello = ServerFrame::Hello(Hello {
             user: self.who.user.clone(),
             device: self.who.device.clone(),
@@ -762,16 +770,17 @@ impl Connection {
         // What the catch-up wrote was committed while the device was offline, and notified
         // then: a silent close owes only what comes from now on.
         self.upto.caught_up();
-        if let Some(read) = early
-            && let Err(exit) = Box::pin(self.on_read(*read)).await
-        {
-            return exit;
-        }
         // One stream for the connection's life: its wait for a delivery stays registered with
         // the channel while other work wakes the connection (a future per turn of the loop
         // would register and unregister it each time).
         let mut deliveries = deliveries.stream();
         loop {
+            // What a catch-up or gap fill left unread, in the order it was read.
+            if let Some(read) = self.unread.take()
+                && let Err(exit) = Box::pin(self.on_read(*read)).await
+            {
+                return exit;
+            }
             if deliveries.is_empty() {
                 // A commit finishes many of the connection's sends at once: their answers
                 // are written before the flush, to leave in one system call, not one each.
@@ -1021,14 +1030,7 @@ impl Connection {
                 return self.write_error(reference, client_msg_id, e).await;
             }
         };
-        if let Err(e) = self.frames.check() {
-            self.gateway
-                .metrics
-                .rate_limited
-                .get_or_create(&ScopeLabel {
-                    scope: "connection",
-                })
-                .inc();
+        if let Err(e) = self.take_frame_rate() {
             let (reference, client_msg_id) = answer_ids(&frame);
             return self.write_error(reference, client_msg_id, e).await;
         }
@@ -1045,6 +1047,68 @@ impl Connection {
             return Ok(());
         }
         self.handle(frame).await
+    }
+
+    /// Takes one frame from the connection's rate (`--connection-frames-per-sec`): past it,
+    /// the refusal to answer the frame with, counted.
+    fn take_frame_rate(&mut self) -> Result<(), ApiError> {
+        self.frames.check().inspect_err(|_| {
+            let scope = ScopeLabel {
+                scope: "connection",
+            };
+            self.gateway
+                .metrics
+                .rate_limited
+                .get_or_create(&scope)
+                .inc();
+        })
+    }
+
+    /// Reads what the client has sent while a catch-up or gap fill keeps the connection from
+    /// its loop, as long as it is acks, and commits them as the loop does (one commit under
+    /// way, those read meanwhile queued behind it, the refused ones answered once it ends):
+    /// a device acknowledges a long catch-up as it reads it, and a connection lost midway (a
+    /// phone's network) resumes after what it acknowledged. Left unread until the catch-up
+    /// ended, they were lost with the connection, and each reconnect began the whole catch-up
+    /// again. The first read that is not an ack is kept for the loop ([`Connection::unread`]),
+    /// and nothing more is read until it is handled, so frames keep their order.
+    async fn take_acks(&mut self) -> Result<(), Exit> {
+        // A frame held behind the commit under way (a gap fill amid the loop) is handled
+        // first, by the loop once that commit ends.
+        if self.held.is_some() {
+            return Ok(());
+        }
+        if let Some(refused) = self.acks.as_mut().and_then(|acks| acks.now_or_never()) {
+            self.acks = None;
+            for (reference, e) in refused {
+                self.write_error(reference, None, e).await?;
+            }
+        }
+        while self.unread.is_none() && self.queued_acks.len() < acks::QUEUED_MAX {
+            let Some(read) = self.socket.recv().now_or_never() else {
+                break;
+            };
+            let ack = match &read {
+                Some(Ok(message)) => self.ack_in(message),
+                _ => None,
+            };
+            let Some(ack) = ack else {
+                self.unread = Some(Box::new(read));
+                break;
+            };
+            let reference = ack.reference;
+            let queued = self
+                .take_frame_rate()
+                .and_then(|()| acks::queue(&mut self.queued_acks, ack));
+            if let Err(e) = queued {
+                self.write_error(reference, None, e).await?;
+            }
+        }
+        if self.acks.is_none() && !self.queued_acks.is_empty() {
+            let queued = std::mem::take(&mut self.queued_acks);
+            self.acks = Some(self.commit_acks(queued));
+        }
+        Ok(())
     }
 
     /// Handles `frame`, answering a refusal with an `error` frame.
@@ -1521,11 +1585,12 @@ impl Connection {
                     }
                 }
                 let last = events.last().map(|e| e.seq);
-                // The connection reads nothing from its client until the range is written,
+                // The connection reads only acks from its client until the range is written,
                 // however long that takes at the client's pace: its silence is this step's,
                 // not its client's (a client that takes nothing is dropped by the write
                 // timeout).
                 self.signals.read_now();
+                self.take_acks().await?;
                 for event in events {
                     self.told_to_close()?;
                     if own || !self.is_own(&event) {
