@@ -284,6 +284,52 @@ async fn a_device_that_took_its_messages_while_the_push_waited_is_not_notified()
     );
 }
 
+/// A message its user read on another device while its push waited (its collapse window, a
+/// retry's backoff, a provider's `Retry-After`) is not pushed: the user's read cursor covers
+/// it (PROTOCOL.md: the highest any of their devices acknowledged). Bob reads alice's message
+/// on his phone; his tablet, offline, was notified of it all the same, a while after he had
+/// read it.
+#[tokio::test]
+async fn a_message_read_on_another_device_while_its_push_waited_is_not_pushed() {
+    let (addr, provider) = Provider::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    // A window long enough for bob to read on a slow machine.
+    let server = start(dir.path(), &webhook_args(addr, "3s"));
+    register(&server, "bob", "tablet", "webhook", "tok-tablet").await;
+    let mut alice = server.connect("alice", "phone").await;
+    alice.events_until_sync_done().await.unwrap();
+    let mut carol = server.connect("carol", "phone").await;
+    carol.events_until_sync_done().await.unwrap();
+    let mut phone = server.connect("bob", "phone").await;
+    phone.events_until_sync_done().await.unwrap();
+    let from_alice = alice
+        .send_text(Target::User("bob".into()), "a1", "hi bob")
+        .await
+        .unwrap();
+    assert_eq!(phone.next_event().await.unwrap().seq, from_alice.seq);
+    phone
+        .ack(&from_alice.conversation_id, from_alice.seq, AckKind::Read)
+        .await
+        .unwrap();
+    phone.ping().await.unwrap();
+    // A later message from carol, which bob has not read, is the one push his tablet gets.
+    let from_carol = carol
+        .send_text(Target::User("bob".into()), "c1", "hi from carol")
+        .await
+        .unwrap();
+    let pushed = provider.wait_for(1).await;
+    assert_eq!(
+        pushed[0].json()["conversation_id"],
+        from_carol.conversation_id.as_str(),
+        "the first push is carol's: bob read alice's message while its push waited"
+    );
+    let text = server.metrics_text().await;
+    assert!(
+        text.contains("courier_push_notifications_total{outcome=\"read\"} 1"),
+        "{text}"
+    );
+}
+
 /// An app its OS suspended keeps its TCP connection, which takes the device's messages "live"
 /// into a socket nobody reads until the server closes it for silence (`--ping-interval`): what
 /// it was written then and the device did not acknowledge is pushed, as if the device had

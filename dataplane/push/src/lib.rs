@@ -5,7 +5,8 @@
 //!
 //! - Only devices with a push registration that are not connected when the notifier reads the
 //!   message, and whose delivered cursor does not cover it, are notified of it: a device that
-//!   took the message and went away before the notifier's pass is not.
+//!   took the message and went away before the notifier's pass is not. Nor is one whose user
+//!   read the message on another device before its notification was sent.
 //! - Silent closes: a connection closed because its client read nothing for two ping
 //!   intervals (an app its OS suspended) took its device's messages "live" while the device
 //!   counted as connected. Its gateway records where it left the device in the conversations
@@ -1190,6 +1191,12 @@ impl Notifier {
         if self.store.device_cursor(&user, &device, &conv).await? >= pending.last_seq {
             // The device connected and took the messages while the notification waited.
             self.count("delivered");
+            return self.settle(key, &pending, None).await;
+        }
+        let (_, read) = self.store.receipt(&conv, &user).await?;
+        if read >= pending.last_seq {
+            // The user read the messages on another device while the notification waited.
+            self.count("read");
             return self.settle(key, &pending, None).await;
         }
         let ticket = match self
