@@ -236,6 +236,10 @@ async fn acks_sent_during_a_long_catch_up_take_effect_before_it_ends() {
         last = expect_event(&mut bob).await;
     }
     let conv = last.conversation_id.clone();
+    // A WebSocket ping of the client's library (OkHttp's ping interval, say) comes first.
+    bob.send_raw(Message::Ping(Default::default()))
+        .await
+        .unwrap();
     bob.ack(&conv, 10, AckKind::Delivered).await.unwrap();
     // Read on a little: the catch-up, 400 events of 48 KiB, is far from its end (and from
     // what the socket buffers hold), and bob reads no further until his ack took effect.

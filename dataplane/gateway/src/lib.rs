@@ -1070,8 +1070,9 @@ impl Connection {
     /// a device acknowledges a long catch-up as it reads it, and a connection lost midway (a
     /// phone's network) resumes after what it acknowledged. Left unread until the catch-up
     /// ended, they were lost with the connection, and each reconnect began the whole catch-up
-    /// again. The first read that is not an ack is kept for the loop ([`Connection::unread`]),
-    /// and nothing more is read until it is handled, so frames keep their order.
+    /// again. WebSocket pings and pongs are passed over, as the loop passes them over. The
+    /// first other read that is not an ack is kept for the loop ([`Connection::unread`]), and
+    /// nothing more is read until it is handled, so frames keep their order.
     async fn take_acks(&mut self) -> Result<(), Exit> {
         // A frame held behind the commit under way (a gap fill amid the loop) is handled
         // first, by the loop once that commit ends.
@@ -1089,6 +1090,8 @@ impl Connection {
                 break;
             };
             let ack = match &read {
+                // Nothing to handle (the WebSocket answers a ping by itself), as in the loop.
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
                 Some(Ok(message)) => self.ack_in(message),
                 _ => None,
             };
