@@ -28,7 +28,7 @@ use courier_store::{
     ReceiptKind, StoreError,
 };
 use sha2::{Digest, Sha256};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -614,12 +614,15 @@ impl Chat {
             .collect();
         let ids: Vec<&str> = candidates.iter().map(|(id, _)| id.as_str()).collect();
         let bounds = self.store.read_bounds(&who.user, &ids).await?;
-        let mut plan = Vec::new();
-        let mut resume = HashMap::new();
+        let mut plan = CatchUpPlan::default();
         for ((conversation_id, cursor), bounds) in candidates.into_iter().zip(bounds) {
-            let Some((_, bounds)) = readable_or_logged(&conversation_id, bounds, "a catch-up")
-            else {
-                continue;
+            let bounds = match bounds {
+                Ok(bounds) => bounds,
+                Err(error) => {
+                    passed_over(&conversation_id, &error, "a catch-up");
+                    plan.unreadable.push((conversation_id, error.to_string()));
+                    continue;
+                }
             };
             let Some(record) = bounds.member else {
                 return Err(self.not_a_member(&conversation_id).await);
@@ -630,9 +633,9 @@ impl Chat {
             // A client's cursor beyond the head would hold back the live events to come.
             let cursor = cursor.min(head);
             let trimmed = readable.trimmed_after(cursor);
-            resume.insert(conversation_id.clone(), cursor);
+            plan.resume.insert(conversation_id.clone(), cursor);
             if visible.ranges(cursor, head).next().is_some() || trimmed.is_some() {
-                plan.push(CatchUp {
+                plan.ranges.push(CatchUp {
                     conversation_id,
                     from: cursor,
                     head,
@@ -641,7 +644,7 @@ impl Chat {
                 });
             }
         }
-        Ok((plan, resume))
+        Ok(plan)
     }
 
     /// Relays a typing indicator to the other members' connected devices. Never stored;
@@ -1010,14 +1013,19 @@ fn readable_or_logged<'c, T>(
     match read {
         Ok(read) => Some((conv, read)),
         Err(error) => {
-            tracing::error!(
-                conversation = conv,
-                %error,
-                "a conversation whose stored records are damaged is passed over by {what}; the others are served"
-            );
+            passed_over(conv, &error, what);
             None
         }
     }
+}
+
+/// Logs at error that `what` passes over `conv`, whose stored records are damaged (`error`).
+fn passed_over(conv: &str, error: &StoreError, what: &str) {
+    tracing::error!(
+        conversation = conv,
+        %error,
+        "a conversation whose stored records are damaged is passed over by {what}; the others are served"
+    );
 }
 
 fn validate_body(body: &Body) -> Result<(), ApiError> {
@@ -1171,7 +1179,11 @@ mod tests {
     async fn a_catch_up_plan_reads_the_store_in_three_calls_whatever_the_conversations() {
         let (engine, chat, bob) = bob_messaged_by_twenty_peers().await;
         let before = engine.read_calls();
-        let (plan, resume) = chat.catch_up_plan(&bob, &BTreeMap::new()).await.unwrap();
+        let CatchUpPlan {
+            ranges: plan,
+            resume,
+            ..
+        } = chat.catch_up_plan(&bob, &BTreeMap::new()).await.unwrap();
         assert_eq!(engine.read_calls() - before, 3);
         assert_eq!(plan.len(), 20, "one message to catch up in each");
         assert!(plan.iter().all(|c| (c.from, c.head) == (0, 1)));
@@ -1203,8 +1215,18 @@ mod tests {
     #[tokio::test]
     async fn a_catch_up_passes_over_conversations_whose_bounds_are_damaged() {
         let (chat, bob) = bob_with_damaged_conversations().await;
-        let (plan, resume) = chat.catch_up_plan(&bob, &BTreeMap::new()).await.unwrap();
+        let CatchUpPlan {
+            ranges: plan,
+            resume,
+            unreadable,
+        } = chat.catch_up_plan(&bob, &BTreeMap::new()).await.unwrap();
         let planned: Vec<_> = plan.iter().map(|c| c.conversation_id.as_str()).collect();
+        let unreadable: Vec<_> = unreadable.iter().map(|(conv, _)| conv.as_str()).collect();
+        assert_eq!(unreadable.len(), DAMAGED.len(), "{unreadable:?}");
+        assert!(
+            DAMAGED.iter().all(|conv| unreadable.contains(conv)),
+            "each passed over, to be told of: {unreadable:?}"
+        );
         assert_eq!(planned.len(), 16, "{planned:?}");
         assert!(
             DAMAGED.iter().all(|conv| !planned.contains(conv)),

@@ -64,9 +64,17 @@ pub struct CatchUp {
     pub trimmed: Option<u64>,
 }
 
-/// What a device must be sent to catch up ([`CatchUp`] per conversation with something to
-/// send), and where live delivery resumes in each of the user's conversations.
-pub type CatchUpPlan = (Vec<CatchUp>, HashMap<String, u64>);
+/// What a device must be sent to catch up.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CatchUpPlan {
+    /// A [`CatchUp`] per conversation with something to send.
+    pub ranges: Vec<CatchUp>,
+    /// Where live delivery resumes in each of the user's conversations.
+    pub resume: HashMap<String, u64>,
+    /// The conversations passed over, their stored records damaged, each with why: the
+    /// client is told of each (`internal`), as it is of one a gap fill cannot read.
+    pub unreadable: Vec<(String, String)>,
+}
 
 /// What one user may read of one conversation: its membership (current or former) and the
 /// conversation's retention floor.

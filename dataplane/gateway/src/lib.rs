@@ -78,7 +78,7 @@ use crate::routes::{
 use crate::upto::Upto;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, close_code};
 use courier_chat::devices::{Devices, Link};
-use courier_chat::{CatchUp, ChatBinding};
+use courier_chat::{CatchUp, CatchUpPlan, ChatBinding};
 use courier_core::auth::Identity;
 use courier_core::clock::now_ms;
 use courier_core::error::ApiError;
@@ -383,6 +383,16 @@ fn record_seen<'a>(
     let devices =
         Devices::new(gateway.store.clone()).with_max_devices(gateway.limits.max_devices_per_user);
     Box::pin(async move { devices.seen(who).await })
+}
+
+/// What a client is told of conversation `conv`, a stored record of which this server cannot
+/// read (`reason`: damage): `internal`, naming it. The connection goes on with the others.
+fn unreadable_conversation(conv: &str, reason: &str) -> ApiError {
+    let message = format!(
+        "internal error: conversation {conv} cannot be read by this server ({reason}); nothing \
+         more of it is sent"
+    );
+    ApiError::new(ErrorCode::Internal, message)
 }
 
 /// The `ref` and `client_msg_id` an `error` answering `frame` carries.
@@ -1448,12 +1458,7 @@ impl Connection {
             self.write_error(None, None, e).await?;
             return Err(Exit::Close(close_code::ERROR, "storage error; reconnect"));
         }
-        let message = format!(
-            "internal error: conversation {conv} cannot be read by this server ({}); nothing \
-             more of it is sent",
-            e.message
-        );
-        self.write_error(None, None, ApiError::new(ErrorCode::Internal, message))
+        self.write_error(None, None, unreadable_conversation(conv, &e.message))
             .await
     }
 
@@ -1497,7 +1502,9 @@ impl Connection {
         Ok(())
     }
 
-    /// Sends every event above the device's cursors (or `overrides`), then `sync_done`.
+    /// Sends every event above the device's cursors (or `overrides`), then `sync_done`; of a
+    /// conversation the plan passed over (a stored record of it damaged), an `internal` error
+    /// naming it.
     async fn catch_up(&mut self, overrides: &BTreeMap<String, u64>) -> Result<(), Exit> {
         let plan = match self.gateway.chat.catch_up_plan(&self.who, overrides).await {
             Ok(plan) => plan,
@@ -1506,8 +1513,17 @@ impl Connection {
                 return Err(Exit::Close(close_code::ERROR, "catch-up failed; reconnect"));
             }
         };
-        let (ranges, cursors) = plan;
-        for (conv, cursor) in cursors {
+        let CatchUpPlan {
+            ranges,
+            resume,
+            unreadable,
+        } = plan;
+        // Passed over silently, the device took its catch-up for whole.
+        for (conv, reason) in unreadable {
+            self.write_error(None, None, unreadable_conversation(&conv, &reason))
+                .await?;
+        }
+        for (conv, cursor) in resume {
             // A client's override is what it says it has, not a cursor the store keeps: a
             // place from it is not forgotten (`upto`).
             if overrides.contains_key(&conv) {

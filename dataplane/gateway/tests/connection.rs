@@ -587,6 +587,45 @@ async fn a_gap_fill_that_meets_a_damaged_floor_fails_its_conversation_alone() {
     }
 }
 
+/// A catch-up that passes over a conversation whose stored records are damaged (its floor
+/// here) tells the client `internal`, naming it, before `sync_done`, as a gap fill that meets
+/// it does, and goes on with the others: passed over silently, the device took its catch-up
+/// for whole and never learnt it lacked that conversation's events.
+#[tokio::test]
+async fn a_catch_up_that_passes_over_a_damaged_conversation_tells_the_client() {
+    let engine = FaultyEngine::new();
+    let store = engine.store(4).await;
+    let gateway = gateway(store.clone(), Arc::new(HeldSequencer::default()));
+    let url = serve(gateway).await;
+    let (damaged, other) = ("d:alice:bob", "d:bob:carol");
+    messages_to_bob(&store, damaged, 0..2).await;
+    messages_from(&store, ("carol", "bob"), other, 0..1).await;
+    let mut damage = Batch::new();
+    damage.set(store.keys().floor(damaged), vec![1; 9]);
+    engine.commit(damage).await.unwrap();
+
+    let mut bob = Client::connect(&url, "bob:phone", Encoding::Json)
+        .await
+        .unwrap();
+    let mut read = Vec::new();
+    let mut errors = Vec::new();
+    loop {
+        match bob.next_frame_within(WAIT).await.unwrap() {
+            ServerFrame::Event(event) => read.push((event.conversation_id, event.seq)),
+            ServerFrame::Error(error) => errors.push(error),
+            ServerFrame::SyncDone(_) => break,
+            other => panic!("expected events, an error and sync_done, got {other:?}"),
+        }
+    }
+    assert_eq!(read, [(other.to_owned(), 1)]);
+    let [error] = &errors[..] else {
+        panic!("expected one error: {errors:?}");
+    };
+    assert_eq!(error.code, ErrorCode::Internal);
+    assert!(error.message.contains(damaged), "{error:?}");
+    bob.ping().await.unwrap();
+}
+
 /// `count` frames of 128 KiB queued to `user`'s connection on `gateway`: 64 MiB for 512, more
 /// than the sockets' buffers on both ends hold (Linux grows a receiving buffer up to
 /// `tcp_rmem`, 32 MiB here), so a client that reads none of them leaves the connection waiting

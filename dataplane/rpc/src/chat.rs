@@ -327,12 +327,13 @@ impl chat_server::Chat for ChatNodeService {
         let request = request.into_inner();
         let who = identity(request.caller)?;
         let overrides: BTreeMap<String, u64> = request.overrides.into_iter().collect();
-        let (plan, resume) = self
+        let plan = self
             .chat
             .catch_up_plan(&who, &overrides)
             .await
             .map_err(refused)?;
         let ranges = plan
+            .ranges
             .into_iter()
             .map(|range| CatchUpRange {
                 visible: visibility_to_proto(&range.visible),
@@ -344,7 +345,8 @@ impl chat_server::Chat for ChatNodeService {
             .collect();
         Ok(Response::new(CatchUpResponse {
             ranges,
-            resume: resume.into_iter().collect(),
+            resume: plan.resume.into_iter().collect(),
+            unreadable: plan.unreadable.into_iter().collect(),
         }))
     }
 
@@ -641,7 +643,7 @@ impl RemoteChat {
         });
         let answer = self.client.clone().catch_up_plan(request).await.map(|r| {
             let r = r.into_inner();
-            let plan = r
+            let ranges = r
                 .ranges
                 .into_iter()
                 .map(|range| CatchUp {
@@ -652,7 +654,11 @@ impl RemoteChat {
                     trimmed: range.trimmed,
                 })
                 .collect();
-            (plan, r.resume.into_iter().collect())
+            CatchUpPlan {
+                ranges,
+                resume: r.resume.into_iter().collect(),
+                unreadable: r.unreadable.into_iter().collect(),
+            }
         });
         attempt(answer)
     }
