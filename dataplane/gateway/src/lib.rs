@@ -1084,6 +1084,9 @@ impl Connection {
     /// first other read that is not an ack is kept for the loop ([`Connection::unread`]), and
     /// nothing more is read until it is handled, so frames keep their order.
     async fn take_acks(&mut self) -> Result<(), Exit> {
+        // An unlinked device's acks are not committed (they would bring back the cursors the
+        // unlink dropped): its connection ends first, as the loop's does.
+        self.told_to_close()?;
         // A frame held behind the commit under way (a gap fill amid the loop) is handled
         // first, by the loop once that commit ends.
         if self.held.is_some() {
