@@ -1020,6 +1020,41 @@ async fn a_device_past_its_connections_has_its_oldest_closed_during_its_catch_up
     assert!(events < 400, "the whole history before the close");
 }
 
+/// Connections that hold the client port and send nothing do not take the process's last file
+/// descriptors: past the open-file limit less what the process keeps for its store and the
+/// rest, a new connection closes the oldest one with no request in flight. Here HTTP/2
+/// connections that sent their preface and then nothing (each held a minute: 30 s idle, then
+/// 30 s for the answer to the server's GOAWAY), as many as the limit: they took every
+/// descriptor, no device could connect nor any probe be answered until they were closed, and
+/// anyone who reached the port could keep it so.
+#[tokio::test]
+async fn silent_connections_past_the_open_file_limit_leave_room_for_devices() {
+    use tokio::io::AsyncWriteExt;
+    /// The HTTP/2 connection preface, then an empty SETTINGS frame.
+    const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0";
+
+    let (_dir, server) = server();
+    let limit = 2 * (server.descriptors() + 32);
+    server.limit_open_files(limit as u64);
+    let mut silent = Vec::new();
+    for _ in 0..limit {
+        let mut socket = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        socket.write_all(H2_PREFACE).await.unwrap();
+        silent.push(socket);
+    }
+    let connecting = support::connected(&server, "alice", "phone");
+    let mut alice = tokio::time::timeout(WAIT, connecting)
+        .await
+        .expect("a device connects past the silent connections");
+    alice
+        .send_text(Target::User("bob".into()), "m1", "hi")
+        .await
+        .unwrap();
+    let probe = tokio::time::timeout(WAIT, reqwest_get(&server, "/readyz"));
+    assert_eq!(probe.await.expect("a probe answered").0, 200);
+    drop(silent);
+}
+
 #[tokio::test]
 async fn oversized_message_closes_with_1009() {
     let (_dir, server) = server();

@@ -218,6 +218,30 @@ impl Server {
             .collect()
     }
 
+    /// How many file descriptors the server holds: its files, sockets and pipes.
+    pub fn descriptors(&self) -> usize {
+        let fds = std::fs::read_dir(format!("/proc/{}/fd", self.child.id())).expect("fds");
+        fds.count()
+    }
+
+    /// Sets the server's open-file limit to `limit` (`prlimit`), as `ulimit -n` would have.
+    pub fn limit_open_files(&self, limit: u64) {
+        let limit = libc::rlimit {
+            rlim_cur: limit,
+            rlim_max: limit,
+        };
+        // SAFETY: prlimit(2) on our own child's pid, with a valid new limit and no old one.
+        let set = unsafe {
+            libc::prlimit(
+                self.child.id() as i32,
+                libc::RLIMIT_NOFILE,
+                &limit,
+                std::ptr::null_mut(),
+            )
+        };
+        assert_eq!(set, 0, "prlimit: {}", std::io::Error::last_os_error());
+    }
+
     /// How many of the server's threads are named `name` (`/proc/<pid>/task/*/comm`).
     pub fn threads_named(&self, name: &str) -> usize {
         let tasks = std::fs::read_dir(format!("/proc/{}/task", self.child.id())).expect("tasks");

@@ -39,6 +39,13 @@
 //!   (an open file, for a media download; a page of messages of up to tens of megabytes), a
 //!   few hundred streams to a connection.
 //!
+//! - A port holds at most as many connections as the process's open-file limit allows, less
+//!   what it keeps for everything else ([`most_connections`]): a connection past it closes the
+//!   oldest of those with no request in flight ([`Connections`]), or is closed itself if every
+//!   one is busy. A client that opened connections and sent nothing on them (or the HTTP/2
+//!   preface only, held a minute each) took every file descriptor of the process: no device
+//!   could connect, no probe was answered, and the process's own files could not be opened.
+//!
 //! Request bodies are read by their handlers, each bounded there: media uploads end after
 //! 60 s without bytes (`courier_media`), and so do JSON bodies (`http::BODY_IDLE_TIMEOUT`).
 
@@ -51,14 +58,15 @@ use hyper::body::{Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::service::TowerToHyperService;
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 
 /// How long a client has to send a request's head (HTTP/1), from the connection's start or the
 /// end of its previous response: hyper's default, which `axum::serve` left unarmed.
@@ -101,6 +109,125 @@ fn bound_unsent(tcp: &tokio::net::TcpStream) -> std::io::Result<()> {
     Ok(())
 }
 
+/// File descriptors of the process a port leaves to everything else, at most: the store's
+/// files (it keeps up to 900 open), media files, connections to other nodes, the other ports
+/// ([`most_connections`]).
+const FILES_KEPT: u64 = 1024;
+
+/// Most connections a port holds at once: the process's open-file limit (`ulimit -n`) less
+/// [`FILES_KEPT`], or less half of it if it is low (512 of the 1,024 of many systems). Read at
+/// each connection, so a limit raised with `prlimit` counts at once.
+fn most_connections() -> usize {
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
+    let Some(limit) = limit else {
+        return usize::MAX;
+    };
+    let most = limit - FILES_KEPT.min(limit / 2);
+    usize::try_from(most).unwrap_or(usize::MAX)
+}
+
+/// The connections of a port: how many sockets are open, upgraded WebSockets included
+/// ([`CountedSocket`]), and those served as HTTP by the port's tasks, in the order they were
+/// accepted, with their requests in flight ([`InFlight`]), to close the oldest with none when
+/// the port is full ([`Connections::close_oldest_idle`]).
+#[derive(Default)]
+struct Connections {
+    open: Arc<AtomicUsize>,
+    served: Mutex<BTreeMap<u64, ServedConnection>>,
+}
+
+/// A connection served as HTTP ([`Connections`]).
+struct ServedConnection {
+    in_flight: watch::Receiver<usize>,
+    /// Told when the connection is to close.
+    close: Arc<Notify>,
+}
+
+impl Connections {
+    /// Tells the oldest connection with no request in flight to close; false if every one has
+    /// a request in flight (an HTTP/2 WebSocket counts as one).
+    fn close_oldest_idle(&self) -> bool {
+        let mut served = self.served.lock().unwrap_or_else(|e| e.into_inner());
+        let oldest = served
+            .iter()
+            .find(|(_, connection)| *connection.in_flight.borrow() == 0)
+            .map(|(id, _)| *id);
+        let Some(connection) = oldest.and_then(|id| served.remove(&id)) else {
+            return false;
+        };
+        connection.close.notify_one();
+        true
+    }
+
+    fn forget(&self, id: u64) {
+        let mut served = self.served.lock().unwrap_or_else(|e| e.into_inner());
+        served.remove(&id);
+    }
+}
+
+/// A client's socket, counted among its port's open ones ([`Connections`]) until it is dropped,
+/// with its connection or, once upgraded, its WebSocket.
+struct CountedSocket {
+    io: tokio::net::TcpStream,
+    open: Arc<AtomicUsize>,
+}
+
+impl CountedSocket {
+    fn new(io: tokio::net::TcpStream, open: &Arc<AtomicUsize>) -> Self {
+        open.fetch_add(1, Ordering::Relaxed);
+        Self {
+            io,
+            open: open.clone(),
+        }
+    }
+}
+
+impl Drop for CountedSocket {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl tokio::io::AsyncRead for CountedSocket {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for CountedSocket {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
 /// Serves `app` on `listener` as `axum::serve(listener, app).with_graceful_shutdown(signal)`
 /// does, with `limits` on every connection (module documentation): once `signal` completes,
 /// no connection is accepted, each open one finishes its request in flight and closes, and
@@ -133,21 +260,38 @@ pub async fn serve<L>(
         .http2()
         .timer(TokioTimer::new())
         .enable_connect_protocol();
-    loop {
+    let connections = Arc::new(Connections::default());
+    for id in 0u64.. {
         let (io, _address) = tokio::select! {
             accepted = listener.accept() => accepted,
             () = stop_tx.closed() => break,
         };
+        if connections.open.load(Ordering::Relaxed) >= most_connections()
+            && !connections.close_oldest_idle()
+        {
+            tracing::debug!("HTTP connection refused: the port holds all it may, each busy");
+            continue;
+        }
         // The write bound below needs it: a client reading slowly is not cut.
         if let Err(e) = bound_unsent(&io) {
             tracing::warn!(error = %e, "could not set TCP_NOTSENT_LOWAT on a connection");
         }
         let io = TokioIo::new(StallBound::new(
-            io,
+            CountedSocket::new(io, &connections.open),
             limits.header_read_timeout,
             limits.write_timeout,
         ));
         let (in_flight, idle) = InFlight::new();
+        let close = Arc::new(Notify::new());
+        let served = ServedConnection {
+            in_flight: idle.clone(),
+            close: close.clone(),
+        };
+        connections
+            .served
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, served);
         let unsent = Arc::new(Unsent::new());
         let service = Counted {
             app: TowerToHyperService::new(app.clone()),
@@ -155,6 +299,7 @@ pub async fn serve<L>(
             unsent: unsent.clone(),
         };
         let (stop_tx, closed_rx, builder) = (stop_tx.clone(), closed_rx.clone(), builder.clone());
+        let connections = connections.clone();
         tokio::spawn(async move {
             let connection = builder.serve_connection_with_upgrades(io, service);
             tokio::pin!(connection);
@@ -174,6 +319,10 @@ pub async fn serve<L>(
                         tracing::debug!("HTTP connection ended: a response was not taken in time");
                         break;
                     }
+                    () = close.notified() => {
+                        tracing::debug!("HTTP connection closed: the port is full, and it was the oldest idle");
+                        break;
+                    }
                     () = &mut stopping, if !told => {
                         told = true;
                         connection.as_mut().graceful_shutdown();
@@ -191,6 +340,7 @@ pub async fn serve<L>(
                     }
                 }
             }
+            connections.forget(id);
             drop(closed_rx);
         });
     }
