@@ -1055,6 +1055,25 @@ async fn silent_connections_past_the_open_file_limit_leave_room_for_devices() {
     drop(silent);
 }
 
+/// A request head past 64 KiB is refused (431) before it is read whole: the client port took
+/// heads of up to 400 KiB (hyper's default), each held in memory for up to 30 s by a
+/// client that needs no token, a few gigabytes for the connections a node holds.
+#[tokio::test]
+async fn a_request_head_past_its_limit_is_refused() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_dir, server) = server();
+    let mut socket = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let padding = format!("x-padding: {}\r\n", "p".repeat(5000)).repeat(20);
+    let head = format!("GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n{padding}\r\n");
+    // The server may close before it has all of it.
+    let _ = socket.write_all(head.as_bytes()).await;
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(WAIT, socket.read_to_end(&mut answer));
+    let _ = read.await.expect("the server answered and closed");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+}
+
 #[tokio::test]
 async fn oversized_message_closes_with_1009() {
     let (_dir, server) = server();

@@ -13,6 +13,8 @@
 //!   connection's start or of the previous response (hyper's `header_read_timeout`, which
 //!   needs a timer): an idle keep-alive connection is closed after it too. A connection's
 //!   first byte must come within it too, HTTP/2 included ([`StallBound`]).
+//! - A request head (HTTP/1) larger than [`MAX_HEAD_BYTES`] is refused 431 before it is read
+//!   whole.
 //! - A connection with no request in flight for as long is closed, gracefully ([`InFlight`]):
 //!   hyper bounds no HTTP/2 connection's idleness (its pings, were they on, are answered by
 //!   any client's stack), nor a connection that stopped partway through the HTTP/2 preface
@@ -71,6 +73,13 @@ use tokio::sync::{Notify, watch};
 /// How long a client has to send a request's head (HTTP/1), from the connection's start or the
 /// end of its previous response: hyper's default, which `axum::serve` left unarmed.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Most bytes of a request's head (HTTP/1: its request line and headers), past which it is
+/// refused 431 before it is read whole: hyper's default, ~400 KiB, let a client that needs no
+/// token hold that much memory per connection for [`HEADER_READ_TIMEOUT`]. A token, in a
+/// header or the URL, takes a few KiB at most. HTTP/2's bound is hyper's, 16 KiB of headers.
+/// hyper reads a request's body into buffers of at most this size too.
+const MAX_HEAD_BYTES: usize = 64 * 1024;
 
 /// The bounds [`serve`] puts on each connection.
 #[derive(Debug, Clone, Copy)]
@@ -254,7 +263,8 @@ pub async fn serve<L>(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout);
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(MAX_HEAD_BYTES);
     // HTTP/2 WebSockets (RFC 8441) need the extended CONNECT, as in `axum::serve`.
     builder
         .http2()
