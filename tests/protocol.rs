@@ -1055,6 +1055,69 @@ async fn silent_connections_past_the_open_file_limit_leave_room_for_devices() {
     drop(silent);
 }
 
+/// A `messages` page its client reads steadily over a slow link comes whole, however long it
+/// takes past the gateway's write timeout (30 s): the page's write was bounded as a whole by
+/// it, so a client reading 8 KB a second was dropped partway through a page of 480 KB as one
+/// that took nothing, and again each time it asked for the page.
+#[tokio::test]
+async fn a_page_read_slowly_comes_whole() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_dir, server) = support::start(&["--user-sends-per-sec", "0"]);
+    let mut alice = support::connected(&server, "alice", "phone").await;
+    let text = "y".repeat(6000);
+    let mut conversation = String::new();
+    for i in 0..80 {
+        let to_bob = Target::User("bob".into());
+        let sent = alice.send_text(to_bob, &format!("m{i}"), &text).await;
+        conversation = sent.unwrap().conversation_id;
+    }
+    // Bob's socket takes little at a time.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&server.addr.into()).unwrap();
+    socket.set_nonblocking(true).unwrap();
+    let mut bob = tokio::net::TcpStream::from_std(socket.into()).unwrap();
+    let upgrade = format!(
+        "GET /v1/ws HTTP/1.1\r\nhost: x\r\nupgrade: websocket\r\nconnection: upgrade\r\n\
+         sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\
+         authorization: Bearer {}\r\n\r\n",
+        server.token("bob", "phone")
+    );
+    bob.write_all(upgrade.as_bytes()).await.unwrap();
+    let contains = |read: &[u8], what: &[u8]| read.windows(what.len()).any(|w| w == what);
+    // The catch-up, read as fast as it comes.
+    let mut read = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !contains(&read, b"sync_done") {
+        let n = tokio::time::timeout(WAIT, bob.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "closed during the catch-up");
+        read.extend_from_slice(&buf[..n]);
+    }
+    let fetch =
+        format!(r#"{{"type":"fetch","ref":1,"conversation_id":"{conversation}","limit":80}}"#);
+    let length = u8::try_from(fetch.len()).unwrap();
+    assert!(length < 126);
+    // A masked text frame, its mask zero.
+    let mut frame = vec![0x81, 0x80 | length, 0, 0, 0, 0];
+    frame.extend_from_slice(fetch.as_bytes());
+    bob.write_all(&frame).await.unwrap();
+    // 4 KiB every half second, until the page's end.
+    let mut page = Vec::new();
+    while !contains(&page, b"\"head_seq\":80") {
+        let n = tokio::time::timeout(WAIT, bob.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "closed after {} bytes of the page", page.len());
+        page.extend_from_slice(&buf[..n]);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(page.len() > 480_000, "{} bytes", page.len());
+}
+
 /// A request head past 64 KiB is refused (431) before it is read whole: the client port took
 /// heads of up to 400 KiB (hyper's default), each held in memory for up to 30 s by a
 /// client that needs no token, a few gigabytes for the connections a node holds.

@@ -414,6 +414,14 @@ fn frame_bytes(message: &Message, encoding: Encoding) -> Option<&[u8]> {
     }
 }
 
+/// Bytes of a `messages` page its client has `write_timeout` to take: a write waits at most
+/// `write_timeout`, but a page is one frame of up to tens of megabytes, written out by one
+/// flush; bounded as a whole by `write_timeout`, a client on a slow link that read it steadily
+/// (at 4 KB/s, a page of 300 KB) was dropped as one that took nothing, and cut again each time
+/// it asked for the page. So a client is dropped if it takes less than this in a write
+/// timeout on average (~2 KB/s at 30 s), as the HTTP port's bound (`TCP_NOTSENT_LOWAT`) does.
+const PAGE_BYTES_PER_WRITE_TIMEOUT: usize = 64 * 1024;
+
 /// Longest wait, when a connection ends, for each of its last commits of acks.
 const LAST_ACK_WAIT: Duration = Duration::from_secs(10);
 
@@ -918,7 +926,19 @@ impl Connection {
 
     /// Writes out every buffered message.
     fn flush(&mut self) -> impl Future<Output = Result<(), Exit>> + '_ {
-        let limit = self.gateway.limits.write_timeout;
+        self.flush_within(self.gateway.limits.write_timeout)
+    }
+
+    /// Writes out every buffered message, a `messages` page of `bytes` among them: its client
+    /// has `write_timeout` for each [`PAGE_BYTES_PER_WRITE_TIMEOUT`] of it.
+    fn flush_page(&mut self, bytes: usize) -> impl Future<Output = Result<(), Exit>> + '_ {
+        let pieces = bytes.div_ceil(PAGE_BYTES_PER_WRITE_TIMEOUT).max(1);
+        let pieces = u32::try_from(pieces).unwrap_or(u32::MAX);
+        let limit = self.gateway.limits.write_timeout.saturating_mul(pieces);
+        self.flush_within(limit)
+    }
+
+    fn flush_within(&mut self, limit: Duration) -> impl Future<Output = Result<(), Exit>> + '_ {
         let io = self.socket.flush();
         Within {
             io,
@@ -1243,7 +1263,7 @@ impl Connection {
                         }
                         self.write_message(reply).await?;
                         // The page's room is given back once its client has taken it.
-                        self.flush().await?;
+                        self.flush_page(bytes).await?;
                         drop(room);
                         Ok(Ok(()))
                     }
