@@ -3,8 +3,8 @@
 //! configuration), content-addressed by sha256 so the same bytes are stored once.
 //!
 //! - Each user's upload is its own record and id (derived from the uploader, the MIME type and
-//!   the sha256), so a re-upload of the same bytes by anyone never changes what another id
-//!   serves; the records share the stored bytes.
+//!   the sha256, keyed with the store's secret: [`upload_id`]), so a re-upload of the same
+//!   bytes by anyone never changes what another id serves; the records share the stored bytes.
 //! - Uploads are streamed: hashed and written part by part, never held whole in memory; above
 //!   the size limit the upload is aborted and answered 413 (at once, before it takes a place
 //!   in flight, when its `Content-Length` is already past it); one that sends nothing for
@@ -218,6 +218,8 @@ pub struct MediaService {
     /// The local directory of staged bytes (`None` in a bucket): read by the sweeper itself
     /// ([`MediaService::settle_staged`]).
     staging_dir: Option<PathBuf>,
+    /// The key of upload ids ([`upload_id`]), read from the store at the first upload.
+    id_key: tokio::sync::OnceCell<[u8; 32]>,
     /// A permit per upload in flight (`--media-uploads-in-flight`).
     uploads: tokio::sync::Semaphore,
     /// Uploads in flight per user with any ([`UPLOADS_IN_FLIGHT_PER_USER`]).
@@ -397,14 +399,17 @@ fn over_quota(quota: u64, used: u64) -> ApiError {
 }
 
 /// The id of `owner`'s upload of the bytes `sha256` as `mime`: the same upload again gets the
-/// same id, any other upload (another user, another type) its own.
-fn upload_id(owner: &str, mime: &str, sha256: &str) -> String {
-    let mut hash = Sha256::new();
+/// same id, any other upload (another user, another type) its own. Keyed with the store's
+/// secret `key` ([`MessageStore::media_id_key`]): an id made of public facts alone (the
+/// uploader, the type, the bytes' hash, as ids were before) let whoever knew a file's bytes
+/// make its id and ask whether that user had uploaded it. Ids made before stay as stored.
+fn upload_id(key: &[u8], owner: &str, mime: &str, sha256: &str) -> String {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC accepts any key length");
     for part in [owner, mime, sha256] {
-        hash.update(part.as_bytes());
-        hash.update([0]);
+        mac.update(part.as_bytes());
+        mac.update(&[0]);
     }
-    hex::encode(hash.finalize())
+    hex::encode(mac.finalize().into_bytes())
 }
 
 impl MediaService {
@@ -441,6 +446,7 @@ impl MediaService {
             metrics,
             health,
             staging_dir,
+            id_key: Default::default(),
             uploads: tokio::sync::Semaphore::new(config.media_uploads_in_flight),
             uploaders: Default::default(),
             read_outs: Arc::new(tokio::sync::Semaphore::new(config.media_uploads_in_flight)),
@@ -520,6 +526,9 @@ impl MediaService {
                 UPLOAD_RETRY_AFTER_MS,
             )
         })?;
+        let id_key = (self.id_key)
+            .get_or_try_init(|| self.store.media_id_key())
+            .await?;
         let staging = ObjectPath::from(format!(
             "{STAGING}/{}",
             hex::encode(rand::random::<[u8; 16]>())
@@ -573,7 +582,7 @@ impl MediaService {
         }
         writer.finish().await.map_err(storage_error)?;
         let sha256 = hex::encode(hash.finalize());
-        let media_id = upload_id(&who.user, mime, &sha256);
+        let media_id = upload_id(id_key, &who.user, mime, &sha256);
         let record = MediaRecord {
             mime: mime.to_owned(),
             size,
@@ -1177,6 +1186,13 @@ mod tests {
         MediaService::open(config, dir, store, chat, Arc::new(Metrics::new()), health).unwrap()
     }
 
+    /// Makes the store's key of media ids, as the first upload does: for a test of what
+    /// comes after it in an upload (a fault in a commit, a pause of time).
+    async fn id_key_made(media: &MediaService) {
+        let key = media.id_key.get_or_try_init(|| media.store.media_id_key());
+        key.await.unwrap();
+    }
+
     fn user(name: &str) -> Identity {
         Identity {
             user: name.into(),
@@ -1545,6 +1561,7 @@ mod tests {
     async fn an_upload_whose_client_stops_sending_is_ended_and_leaves_nothing_staged() {
         let (engine, dir) = (FaultyEngine::new(), tempfile::tempdir().unwrap());
         let media = media_over(&engine, dir.path()).await;
+        id_key_made(&media).await;
         let first = futures::stream::iter([Ok::<_, std::io::Error>(vec![7u8; 10])]);
         let body = Body::from_stream(first.chain(futures::stream::pending()));
         let alice = user("alice");
@@ -1772,11 +1789,75 @@ mod tests {
         assert_eq!(std::fs::read(&blob).unwrap(), bytes);
     }
 
+    /// A media id is not made of public facts alone. It was the sha256 of the uploader, the
+    /// type and the bytes' hash: whoever knew a file's bytes made the id of anyone's upload of
+    /// it and asked the server whether it was there. Keyed with the store's secret, the same
+    /// upload again gets the same id (from any node of the store), another store another one.
+    #[tokio::test]
+    async fn an_outsider_cannot_make_the_id_of_an_upload() {
+        let (engine, dir) = (FaultyEngine::new(), tempfile::tempdir().unwrap());
+        let media = media_over(&engine, dir.path()).await;
+        let upload = |media: Arc<MediaService>| async move {
+            let body = Body::from(vec![7u8; 10]);
+            media
+                .upload(&user("alice"), "image/png", body)
+                .await
+                .unwrap()
+        };
+        let uploaded = upload(media.clone()).await;
+        let mut public = Sha256::new();
+        for part in ["alice", "image/png", &uploaded.sha256] {
+            public.update(part.as_bytes());
+            public.update([0]);
+        }
+        let made = hex::encode(public.finalize());
+        assert_ne!(uploaded.media_id, made);
+        assert_eq!(media.store.media(&made).await.unwrap(), None);
+        let another_node = media_on(media.store.clone(), dir.path()).await;
+        assert_eq!(upload(another_node).await.media_id, uploaded.media_id);
+        let (engine, dir) = (FaultyEngine::new(), tempfile::tempdir().unwrap());
+        let another_store = media_over(&engine, dir.path()).await;
+        assert_ne!(upload(another_store).await.media_id, uploaded.media_id);
+    }
+
+    /// Media uploaded before ids were keyed stays under the id it was given: its uploader and
+    /// whoever it was sent to still download it.
+    #[tokio::test]
+    async fn media_uploaded_under_an_id_of_before_stays_readable() {
+        let (engine, dir) = (FaultyEngine::new(), tempfile::tempdir().unwrap());
+        let media = media_over(&engine, dir.path()).await;
+        let bytes = vec![7u8; 10];
+        let sha256 = hex::encode(Sha256::digest(&bytes));
+        let before = "a".repeat(64);
+        let record = MediaRecord {
+            mime: "image/png".into(),
+            size: 10,
+            sha256: sha256.clone(),
+            created_ms: now_ms(),
+            owner: "alice".into(),
+            shared_ms: 0,
+        };
+        media.store.put_media(&before, &record, 0).await.unwrap();
+        media
+            .objects
+            .put(&blob_path(&sha256), bytes.clone().into())
+            .await
+            .unwrap();
+        let readable = media.readable("alice", &before).await.unwrap();
+        let answer = media
+            .download(&readable, &HeaderMap::new(), Caching::Private)
+            .await
+            .unwrap();
+        let body = axum::body::to_bytes(answer.into_body(), usize::MAX);
+        assert_eq!(body.await.unwrap(), bytes);
+    }
+
     /// An upload whose record cannot be committed leaves no staged bytes behind.
     #[tokio::test]
     async fn an_upload_that_cannot_be_recorded_leaves_nothing_staged() {
         let (engine, dir) = (FaultyEngine::new(), tempfile::tempdir().unwrap());
         let media = media_over(&engine, dir.path()).await;
+        id_key_made(&media).await;
         engine.set_fault(Some(Box::new(|_| {
             Some(courier_store::StoreError::Engine("the disk is gone".into()))
         })));

@@ -42,6 +42,7 @@
 //! | `meta` | `("meta", "pushreg")` | how many times a device's push registration began or ended (u64 LE, atomic ADD) |
 //! | `meta` | `("meta", "pushreg", slot)` | the same, for the users of one slot ([`push_registration_slot`]): the push notifier keeps the registrations it read of a slot's users while its count stays put |
 //! | `meta` | `("meta", "trimq")` | the retention window the queue was built for and when (two u64 LE) |
+//! | `meta` | `("meta", "mediakey")` | the key media ids are made with (32 random bytes, made at the first upload) |
 //! | `meta` | `("meta", "partitions")`, `("meta", "partition")` | with storage partitions: the table's shard ranges (in the directory) and each partition's index (in each partition) |
 //!
 //! **Placement.** With storage partitions (`crate::partitions`), every key lives in the
@@ -536,6 +537,11 @@ impl Keys {
     /// storage partitions): read and added to the counters.
     pub fn former_group_count(&self, user: &str) -> Vec<u8> {
         self.pack(&("ngroups", user))
+    }
+
+    /// The key media ids are made with.
+    pub fn media_id_key(&self) -> Vec<u8> {
+        self.pack(&("meta", "mediakey"))
     }
 
     /// The table of a partitioned store (its shard ranges), kept in the directory.

@@ -24,6 +24,8 @@ use std::time::{Duration, Instant};
 
 /// Attempts for a batch whose commit outcome was unknown before giving up.
 const MAX_COMMIT_ATTEMPTS: usize = 5;
+/// Bytes of the key media ids are made with ([`MessageStore::media_id_key`]).
+const MEDIA_ID_KEY_BYTES: usize = 32;
 
 /// Rounds of a fenced device-record update before a concurrent writer's change is returned
 /// as `FenceChanged` (each round is one read and one commit of a single small key).
@@ -2199,6 +2201,32 @@ impl MessageStore {
             }
             self.clear_where(cursors.clone(), |_, _| true).await?;
         }
+    }
+
+    /// The key media ids are made with (`courier_media`), made once for the whole store at its
+    /// first use: random, [`MEDIA_ID_KEY_BYTES`] long, the same for every node that shares the
+    /// store and kept by its backups. The first of several nodes making it at once keeps it.
+    pub async fn media_id_key(&self) -> Result<[u8; MEDIA_ID_KEY_BYTES], StoreError> {
+        let key = self.keys.media_id_key();
+        for _ in 0..MAX_COMMIT_ATTEMPTS {
+            if let Some(stored) = self.kv.get(&key).await? {
+                return <[u8; MEDIA_ID_KEY_BYTES]>::try_from(stored.as_slice())
+                    .map_err(|_| corrupt(&key, "media id key is not 32 bytes"));
+            }
+            let made: [u8; MEDIA_ID_KEY_BYTES] = rand::random();
+            let mut batch = Batch::new();
+            batch
+                .fence(key.clone(), None)
+                .set(key.clone(), made.to_vec());
+            match self.kv.commit(batch).await {
+                // Made by another node meanwhile, or perhaps by this one: read again.
+                Err(StoreError::FenceChanged { .. } | StoreError::MaybeCommitted) => continue,
+                other => return other.map(|_| made),
+            }
+        }
+        Err(StoreError::Overloaded(
+            "the media id key kept changing; retry".into(),
+        ))
     }
 
     /// Records an upload (its bytes are already stored) and charges its size to its owner,
