@@ -364,8 +364,10 @@ impl Answer {
     }
 }
 
+/// A request that got no answer, logged without its URL: an APNs URL holds the device's token
+/// (`/3/device/<token>`), a webhook's may hold a key.
 fn network(e: reqwest::Error) -> PushError {
-    tracing::debug!(error = %e, "push request failed");
+    tracing::debug!(error = %e.without_url(), "push request failed");
     PushError::Retry { after: None }
 }
 

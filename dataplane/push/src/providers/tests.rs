@@ -738,8 +738,32 @@ async fn a_redirect_is_not_followed_nor_taken_for_delivery() {
     );
 }
 
+/// What is logged while it runs, at every level.
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logs {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// An unreachable provider is retried, and its failure logged without the request's URL: an
+/// APNs URL holds the device's token (`/3/device/<token>`), a webhook's URL may hold a key.
 #[tokio::test]
 async fn an_unreachable_provider_is_retried() {
+    let logs = Logs::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let _logging = tracing::subscriber::set_default(subscriber);
     // A port that was just free: connections to it are refused.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -747,7 +771,7 @@ async fn an_unreachable_provider_is_retried() {
         .unwrap()
         .port();
     let url = format!("http://127.0.0.1:{port}");
-    let webhook = Webhook::new(&url, "s").unwrap();
+    let webhook = Webhook::new(&format!("{url}/hook?key=the-hooks-key"), "s").unwrap();
     assert_eq!(
         webhook.send("t", &notification()).await,
         Err(PushError::Retry { after: None })
@@ -761,9 +785,13 @@ async fn an_unreachable_provider_is_retried() {
     )
     .unwrap();
     assert_eq!(
-        apns.send("abcd", &notification()).await,
+        apns.send("abcd0123", &notification()).await,
         Err(PushError::Retry { after: None })
     );
+    let logged = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    assert!(logged.contains("push request failed"), "{logged}");
+    assert!(!logged.contains("the-hooks-key"), "{logged}");
+    assert!(!logged.contains("abcd0123"), "{logged}");
 }
 
 #[derive(Parser)]
