@@ -576,10 +576,6 @@ async fn apns_errors_are_retried_given_up_or_mark_the_token_invalid() {
             Err(PushError::InvalidToken),
         ),
         (
-            reply(400, r#"{"reason":"BadDeviceToken"}"#),
-            Err(PushError::InvalidToken),
-        ),
-        (
             reply_after(429, "3", r#"{"reason":"TooManyRequests"}"#),
             Err(PushError::Throttled {
                 after: Some(Duration::from_secs(3)),
@@ -609,15 +605,48 @@ async fn apns_errors_are_retried_given_up_or_mark_the_token_invalid() {
     server.script(reply(403, r#"{"reason":"ExpiredProviderToken"}"#));
     apns.send("abcd", &notification()).await.unwrap();
     let sends = server.sends();
-    assert_eq!(sends.len(), 7);
-    verified_provider_token(&sends[6]);
+    assert_eq!(sends.len(), 6);
+    verified_provider_token(&sends[5]);
 
     // A token that is not one path segment is refused before any request.
     assert_eq!(
         apns.send("../../3/device/other", &notification()).await,
         Err(PushError::InvalidToken)
     );
-    assert_eq!(server.sends().len(), 7);
+    assert_eq!(server.sends().len(), 6);
+}
+
+/// APNs answers 400 `BadDeviceToken` for a token of its other environment (a development
+/// build's token sent to production) as for a token of no use, and Apple's word is to check
+/// the environment: such a token was removed, and a device of the other environment never
+/// got a notification again. It is sent to the other environment, delivered there, and kept;
+/// a token both environments refuse is dead. With no other environment known (an endpoint
+/// not Apple's), it is kept.
+#[tokio::test]
+async fn apns_tries_a_bad_device_token_in_the_other_environment_before_it_is_dropped() {
+    let (production, sandbox) = (ProviderServer::start().await, ProviderServer::start().await);
+    let both = apns(&production).with_other_environment(&sandbox.url());
+    let bad = || reply(400, r#"{"reason":"BadDeviceToken"}"#);
+
+    production.script(bad());
+    assert_eq!(both.send("abcd", &notification()).await, Ok(()));
+    let delivered = sandbox.sends();
+    assert_eq!(delivered.len(), 1);
+    assert_eq!(delivered[0].path, "/3/device/abcd");
+    assert_eq!(delivered[0].json(), Apns::payload(&notification()));
+    verified_provider_token(&delivered[0]);
+
+    production.script(bad());
+    sandbox.script(bad());
+    let refused = both.send("abcd", &notification()).await;
+    assert_eq!(refused, Err(PushError::InvalidToken));
+
+    let relay = ProviderServer::start().await;
+    relay.script(bad());
+    match apns(&relay).send("abcd", &notification()).await {
+        Err(PushError::Rejected(why)) => assert!(why.contains("BadDeviceToken"), "{why}"),
+        other => panic!("{other:?}"),
+    }
 }
 
 #[tokio::test]
