@@ -32,6 +32,12 @@ pub struct ReaderLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransferLimitLabel {
+    pub transfer: &'static str,
+    pub limit: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CodeLabel {
     pub code: &'static str,
 }
@@ -102,6 +108,11 @@ pub struct Metrics {
     pub media_uploaded_bytes: Counter,
     /// Media deleted by the sweeper.
     pub media_swept: Counter,
+    /// Media downloads in flight (`--media-downloads-in-flight`).
+    pub media_downloads_in_flight: Gauge,
+    /// Media transfers refused by a bound, by transfer (`upload`, `download`) and limit
+    /// ([`Metrics::media_refused`]).
+    media_transfers_refused: Family<TransferLimitLabel, Counter>,
     /// Push notifications by outcome (`sent`, `retried`, `invalid_token`, `failed`, `dropped`,
     /// `delivered`: the device had the messages before the notification was due).
     pub push_notifications: Family<OutcomeLabel, Counter>,
@@ -201,6 +212,8 @@ impl Metrics {
             large_group_queue: Gauge::default(),
             media_uploaded_bytes: Counter::default(),
             media_swept: Counter::default(),
+            media_downloads_in_flight: Gauge::default(),
+            media_transfers_refused: Family::default(),
             push_notifications: Family::default(),
             token_key_set_fetches: Family::default(),
             outbox_pages_read: Family::default(),
@@ -349,6 +362,16 @@ impl Metrics {
             metrics.media_swept.clone(),
         );
         registry.register(
+            "media_downloads_in_flight",
+            "Media downloads in flight",
+            metrics.media_downloads_in_flight.clone(),
+        );
+        registry.register(
+            "media_transfers_refused",
+            "Media uploads and downloads refused by a bound, by transfer and limit",
+            metrics.media_transfers_refused.clone(),
+        );
+        registry.register(
             "push_notifications",
             "Push notification attempts by outcome",
             metrics.push_notifications.clone(),
@@ -426,6 +449,13 @@ impl Metrics {
 
     /// Reports the writer and the cache of recent events of `store`'s engine, if it has them
     /// (the embedded engine), from now on; a second store is ignored.
+    /// Counts a media `transfer` (`upload`, `download`) refused by `limit`: `node` (the node's
+    /// places in flight) or `user` (the user's).
+    pub fn media_refused(&self, transfer: &'static str, limit: &'static str) {
+        let label = TransferLimitLabel { transfer, limit };
+        self.media_transfers_refused.get_or_create(&label).inc();
+    }
+
     pub fn watch_store(&self, store: MessageStore) {
         let _ = self.store_engine.store.set(store);
     }

@@ -71,8 +71,11 @@ const UPLOAD_CONCURRENCY: usize = 2;
 /// Uploads in flight on a node per user: a user's devices rarely send more at once, and the
 /// node's other places stay for other users.
 pub const UPLOADS_IN_FLIGHT_PER_USER: usize = 4;
-/// The `retry_after_ms` of an upload refused as one too many in flight.
-const UPLOAD_RETRY_AFTER_MS: u64 = 1000;
+/// Downloads in flight on a node per user: a chat's pictures loading at once, and the node's
+/// other places stay for other users.
+pub const DOWNLOADS_IN_FLIGHT_PER_USER: usize = 32;
+/// The `retry_after_ms` of a transfer refused as one too many in flight.
+const RETRY_AFTER_MS: u64 = 1000;
 /// Where uploads stage their bytes until they are kept (`MediaService::keep`).
 const STAGING: &str = "staging";
 /// Staged bytes untouched for this long are deleted by the sweeper
@@ -109,6 +112,11 @@ pub struct MediaConfig {
     /// retry. Each holds up to three 5 MiB parts in memory.
     #[arg(long, env = "COURIER_MEDIA_UPLOADS_IN_FLIGHT", default_value_t = 64)]
     pub media_uploads_in_flight: usize,
+    /// Downloads in flight on this node (at least 1); one more gets 503 `unavailable`, to
+    /// retry. Each holds an open file (or a request to the bucket) until its client has read
+    /// it or gone.
+    #[arg(long, env = "COURIER_MEDIA_DOWNLOADS_IN_FLIGHT", default_value_t = 512)]
+    pub media_downloads_in_flight: usize,
     /// Directory of media bytes (default: `<data-dir>/media`).
     #[arg(long, env = "COURIER_MEDIA_DIR")]
     pub media_dir: Option<PathBuf>,
@@ -137,12 +145,17 @@ pub struct MediaConfig {
 }
 
 impl MediaConfig {
-    /// Refuses no upload in flight, a signed-URL secret shorter than [`MIN_URL_SECRET_BYTES`],
+    /// Refuses no upload or download in flight, a signed-URL secret shorter than [`MIN_URL_SECRET_BYTES`],
     /// and uploads larger than [`S3_MAX_COPY_BYTES`] into a bucket.
     pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(
             self.media_uploads_in_flight > 0,
             "--media-uploads-in-flight is 0: at least 1 is required, or no upload is ever taken"
+        );
+        anyhow::ensure!(
+            self.media_downloads_in_flight > 0,
+            "--media-downloads-in-flight is 0: at least 1 is required, or no download is ever \
+             served"
         );
         anyhow::ensure!(
             self.media_s3_bucket.is_none() || self.media_max_bytes <= S3_MAX_COPY_BYTES,
@@ -223,47 +236,65 @@ pub struct MediaService {
     /// A permit per upload in flight (`--media-uploads-in-flight`).
     uploads: tokio::sync::Semaphore,
     /// Uploads in flight per user with any ([`UPLOADS_IN_FLIGHT_PER_USER`]).
-    uploaders: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+    uploaders: PerUser,
+    /// A permit per download in flight (`--media-downloads-in-flight`), held by its body.
+    downloads: Arc<tokio::sync::Semaphore>,
+    /// Downloads in flight per user with any ([`DOWNLOADS_IN_FLIGHT_PER_USER`]).
+    downloaders: PerUser,
     /// A permit per refused upload whose body is still read out
     /// ([`MediaService::read_out`]): as many as uploads in flight; past them, a refused
     /// upload's connection is closed with its body unread.
     read_outs: Arc<tokio::sync::Semaphore>,
 }
 
-/// A user's place among the uploads in flight, given back when dropped.
-struct UploaderPlace<'a> {
-    uploaders: &'a std::sync::Mutex<std::collections::HashMap<String, usize>>,
+/// Transfers of a kind in flight on the node, per user with any.
+type PerUser = Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>;
+
+/// A user's place among the transfers of a kind in flight, given back when dropped.
+struct UserPlace {
+    in_flight: PerUser,
     user: String,
 }
 
-impl<'a> UploaderPlace<'a> {
-    /// A place for `user`'s upload, unless it has [`UPLOADS_IN_FLIGHT_PER_USER`] already.
-    fn take(
-        uploaders: &'a std::sync::Mutex<std::collections::HashMap<String, usize>>,
-        user: &str,
-    ) -> Option<Self> {
-        let mut in_flight = lock(uploaders);
-        let count = in_flight.entry(user.to_owned()).or_default();
-        if *count >= UPLOADS_IN_FLIGHT_PER_USER {
+impl UserPlace {
+    /// A place for `user`'s transfer, unless it has `most` in flight already.
+    fn take(in_flight: &PerUser, user: &str, most: usize) -> Option<Self> {
+        let mut counts = lock(in_flight);
+        let count = counts.entry(user.to_owned()).or_default();
+        if *count >= most {
             return None;
         }
         *count += 1;
         Some(Self {
-            uploaders,
+            in_flight: in_flight.clone(),
             user: user.to_owned(),
         })
     }
 }
 
-impl Drop for UploaderPlace<'_> {
+impl Drop for UserPlace {
     fn drop(&mut self) {
-        let mut in_flight = lock(self.uploaders);
-        if let Some(count) = in_flight.get_mut(&self.user) {
+        let mut counts = lock(&self.in_flight);
+        if let Some(count) = counts.get_mut(&self.user) {
             *count = count.saturating_sub(1);
             if *count == 0 {
-                in_flight.remove(&self.user);
+                counts.remove(&self.user);
             }
         }
+    }
+}
+
+/// A download's places (the node's, and its user's unless through a signed URL), held by its
+/// body until it is read whole or dropped (its client gone, its connection cut).
+struct DownloadPlace {
+    _node: tokio::sync::OwnedSemaphorePermit,
+    _user: Option<UserPlace>,
+    metrics: Arc<Metrics>,
+}
+
+impl Drop for DownloadPlace {
+    fn drop(&mut self) {
+        self.metrics.media_downloads_in_flight.dec();
     }
 }
 
@@ -449,6 +480,10 @@ impl MediaService {
             id_key: Default::default(),
             uploads: tokio::sync::Semaphore::new(config.media_uploads_in_flight),
             uploaders: Default::default(),
+            downloads: Arc::new(tokio::sync::Semaphore::new(
+                config.media_downloads_in_flight,
+            )),
+            downloaders: Default::default(),
             read_outs: Arc::new(tokio::sync::Semaphore::new(config.media_uploads_in_flight)),
             config,
         }))
@@ -468,6 +503,44 @@ impl MediaService {
             self.read_out(stream);
         }
         uploaded
+    }
+
+    /// The refusal of an upload or a download (`transfer`) as one too many in flight: past the
+    /// user's `per_user` (`rate_limited`), or past the node's bound (0: `unavailable`).
+    fn refused(&self, transfer: &'static str, per_user: usize) -> ApiError {
+        let limit = if per_user > 0 { "user" } else { "node" };
+        self.metrics.media_refused(transfer, limit);
+        if per_user > 0 {
+            return ApiError {
+                code: ErrorCode::RateLimited,
+                message: format!("you have {per_user} {transfer}s in flight; retry once one ends"),
+                retry_after_ms: Some(RETRY_AFTER_MS),
+            };
+        }
+        ApiError::unavailable(
+            format!("too many {transfer}s in flight on this server; retry shortly"),
+            RETRY_AFTER_MS,
+        )
+    }
+
+    /// The places of a download by `who` (`None`: a signed URL's, a CDN's for many users,
+    /// bounded by the node's places alone).
+    fn download_place(&self, who: Option<&str>) -> Result<DownloadPlace, ApiError> {
+        let user = match who {
+            Some(user) => Some(
+                UserPlace::take(&self.downloaders, user, DOWNLOADS_IN_FLIGHT_PER_USER)
+                    .ok_or_else(|| self.refused("download", DOWNLOADS_IN_FLIGHT_PER_USER))?,
+            ),
+            None => None,
+        };
+        let node = (self.downloads.clone().try_acquire_owned())
+            .map_err(|_| self.refused("download", 0))?;
+        self.metrics.media_downloads_in_flight.inc();
+        Ok(DownloadPlace {
+            _node: node,
+            _user: user,
+            metrics: self.metrics.clone(),
+        })
     }
 
     /// Reads what is left of a refused upload's body, and throws it away, for at most
@@ -513,19 +586,10 @@ impl MediaService {
         }
         self.health.check_upload()?;
         // Both held until the upload ends, whichever way.
-        let _place = UploaderPlace::take(&self.uploaders, &who.user).ok_or_else(|| ApiError {
-            code: ErrorCode::RateLimited,
-            message: format!(
-                "you have {UPLOADS_IN_FLIGHT_PER_USER} uploads in flight; retry once one ends"
-            ),
-            retry_after_ms: Some(UPLOAD_RETRY_AFTER_MS),
-        })?;
-        let _in_flight = self.uploads.try_acquire().map_err(|_| {
-            ApiError::unavailable(
-                "too many uploads in flight on this server; retry shortly",
-                UPLOAD_RETRY_AFTER_MS,
-            )
-        })?;
+        let user_place = UserPlace::take(&self.uploaders, &who.user, UPLOADS_IN_FLIGHT_PER_USER);
+        let _place =
+            user_place.ok_or_else(|| self.refused("upload", UPLOADS_IN_FLIGHT_PER_USER))?;
+        let _in_flight = (self.uploads.try_acquire()).map_err(|_| self.refused("upload", 0))?;
         let id_key = (self.id_key)
             .get_or_try_init(|| self.store.media_id_key())
             .await?;
@@ -688,10 +752,15 @@ impl MediaService {
         ))
     }
 
-    /// Streams media bytes, honouring `Range` and `If-None-Match`, to be kept as `caching`
-    /// says.
+    /// Streams media bytes to `who` (`None`: through a signed URL), honouring `Range` and
+    /// `If-None-Match`, to be kept as `caching` says. A download holds a place of the node's
+    /// (`--media-downloads-in-flight`) and of its user's ([`DOWNLOADS_IN_FLIGHT_PER_USER`])
+    /// until its body is read or dropped; one more is refused, to retry: without a bound, each
+    /// client reading slowly (or not at all, within `--http-write-timeout`) held an open file
+    /// and its task, as many as it opened.
     pub async fn download(
         &self,
+        who: Option<&str>,
         record: &MediaRecord,
         headers: &HeaderMap,
         caching: Caching,
@@ -748,6 +817,7 @@ impl MediaService {
             }
             Some(Ranged::Whole) | None => None,
         };
+        let place = self.download_place(who)?;
         let options = GetOptions {
             range: range.clone().map(GetRange::Bounded),
             ..GetOptions::default()
@@ -773,7 +843,10 @@ impl MediaService {
                 .header(header::CONTENT_LENGTH, record.size),
         };
         response
-            .body(Body::from_stream(object.into_stream()))
+            .body(Body::from_stream(object.into_stream().map(move |chunk| {
+                let _held = &place;
+                chunk
+            })))
             .map_err(storage_error)
     }
 
@@ -1174,6 +1247,7 @@ mod tests {
             media_max_bytes: 1024,
             media_quota_per_user: 0,
             media_uploads_in_flight: 16,
+            media_downloads_in_flight: 64,
             media_dir: None,
             media_min_free_disk: 0,
             media_s3_bucket: None,
@@ -1766,6 +1840,55 @@ mod tests {
             .unwrap();
     }
 
+    /// Downloads in flight on a node are bounded (`--media-downloads-in-flight`), and so are
+    /// each user's ([`DOWNLOADS_IN_FLIGHT_PER_USER`]): a download holds an open file and its
+    /// task until its client has read it, and clients that read slowly (or a script opening
+    /// downloads by the thousand) held as many as they opened. A body not read yet holds its
+    /// places; one more download is refused, to retry; a body read whole, or dropped (its
+    /// client gone), gives them back.
+    #[tokio::test]
+    async fn downloads_in_flight_are_bounded_per_node_and_per_user() {
+        let (engine, dir) = (FaultyEngine::new(), tempfile::tempdir().unwrap());
+        let media = media_over(&engine, dir.path()).await;
+        let (_, record) = upload_made(&media, Duration::ZERO).await;
+        let download = |who: Option<&'static str>| {
+            let (media, record) = (media.clone(), record.clone());
+            async move {
+                let headers = HeaderMap::new();
+                media
+                    .download(who, &record, &headers, Caching::Private)
+                    .await
+            }
+        };
+        let mut unread = Vec::new();
+        for _ in 0..DOWNLOADS_IN_FLIGHT_PER_USER {
+            unread.push(download(Some("mallory")).await.unwrap());
+        }
+        let refused = download(Some("mallory")).await.unwrap_err();
+        assert_eq!(refused.code, ErrorCode::RateLimited);
+        // Signed URLs' downloads take the node's other places.
+        let left = media.config.media_downloads_in_flight - DOWNLOADS_IN_FLIGHT_PER_USER;
+        for _ in 0..left {
+            unread.push(download(None).await.unwrap());
+        }
+        let refused = download(Some("alice")).await.unwrap_err();
+        assert_eq!(refused.code, ErrorCode::Unavailable);
+        assert_eq!(
+            download(None).await.unwrap_err().code,
+            ErrorCode::Unavailable
+        );
+        let in_flight = media.metrics.media_downloads_in_flight.get();
+        assert_eq!(in_flight, media.config.media_downloads_in_flight as i64);
+        let read = unread.pop().unwrap().into_body();
+        axum::body::to_bytes(read, usize::MAX).await.unwrap();
+        let alices = download(Some("alice")).await.unwrap().into_body();
+        let bytes = axum::body::to_bytes(alices, usize::MAX).await.unwrap();
+        assert_eq!(bytes, vec![7u8; 10]);
+        unread.clear();
+        assert_eq!(media.metrics.media_downloads_in_flight.get(), 0);
+        download(Some("mallory")).await.unwrap();
+    }
+
     /// Bytes found under their hash with another size than the upload's (cut by a power cut
     /// before uploads were synced, or damaged since) are replaced by the upload's. A re-upload
     /// of the same bytes was answered 201 and kept the cut file: every download of it, by
@@ -1845,7 +1968,12 @@ mod tests {
             .unwrap();
         let readable = media.readable("alice", &before).await.unwrap();
         let answer = media
-            .download(&readable, &HeaderMap::new(), Caching::Private)
+            .download(
+                Some("alice"),
+                &readable,
+                &HeaderMap::new(),
+                Caching::Private,
+            )
             .await
             .unwrap();
         let body = axum::body::to_bytes(answer.into_body(), usize::MAX);

@@ -79,17 +79,20 @@ async fn download(
     QueryParams(signed): QueryParams<SignedQuery>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let (record, caching) = match (signed.expires, signed.signature) {
+    let (who, record, caching) = match (signed.expires, signed.signature) {
         (Some(expires), Some(signature)) => {
             let record = api.media.signed(&id, expires, &signature).await?;
-            (record, Caching::SharedUntil(expires))
+            (None, record, Caching::SharedUntil(expires))
         }
         _ => {
             let who = api.auth.authenticate(&headers).await?;
-            (api.media.readable(&who.user, &id).await?, Caching::Private)
+            let record = api.media.readable(&who.user, &id).await?;
+            (Some(who.user), record, Caching::Private)
         }
     };
-    api.media.download(&record, &headers, caching).await
+    (api.media)
+        .download(who.as_deref(), &record, &headers, caching)
+        .await
 }
 
 async fn signed_url(
