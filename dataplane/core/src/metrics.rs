@@ -450,7 +450,8 @@ impl Metrics {
     /// Reports the writer and the cache of recent events of `store`'s engine, if it has them
     /// (the embedded engine), from now on; a second store is ignored.
     /// Counts a media `transfer` (`upload`, `download`) refused by `limit`: `node` (the node's
-    /// places in flight) or `user` (the user's).
+    /// places in flight), `user` (the user's), `slow` (an upload slower than
+    /// `--media-upload-min-rate`).
     pub fn media_refused(&self, transfer: &'static str, limit: &'static str) {
         let label = TransferLimitLabel { transfer, limit };
         self.media_transfers_refused.get_or_create(&label).inc();

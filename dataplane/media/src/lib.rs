@@ -112,6 +112,11 @@ pub struct MediaConfig {
     /// retry. Each holds up to three 5 MiB parts in memory.
     #[arg(long, env = "COURIER_MEDIA_UPLOADS_IN_FLIGHT", default_value_t = 64)]
     pub media_uploads_in_flight: usize,
+    /// Fewest bytes a second an upload must average, from its start, once it has had a
+    /// minute (0: no such bound); a slower one is ended (400). Bounds how long an upload holds
+    /// its place.
+    #[arg(long, env = "COURIER_MEDIA_UPLOAD_MIN_RATE", default_value = "4KiB", value_parser = courier_core::units::parse_bytes)]
+    pub media_upload_min_rate: u64,
     /// Downloads in flight on this node (at least 1); one more gets 503 `unavailable`, to
     /// retry. Each holds an open file (or a request to the bucket) until its client has read
     /// it or gone.
@@ -523,6 +528,20 @@ impl MediaService {
         )
     }
 
+    /// How much longer an upload that has received `size` bytes, and waited `waited` for
+    /// them, may wait for its next bytes before it is slower than `--media-upload-min-rate`
+    /// (averaged from its start, [`UPLOAD_IDLE_TIMEOUT`] given free); `None` with no such
+    /// rate. The idle timeout alone let a client holding an upload's place send a byte a
+    /// minute, up to `--media-max-bytes`: for good.
+    fn slow_upload_in(&self, size: u64, waited: Duration) -> Option<Duration> {
+        let rate = self.config.media_upload_min_rate;
+        if rate == 0 {
+            return None;
+        }
+        let earned = Duration::from_millis(size.saturating_mul(1000) / rate);
+        Some((UPLOAD_IDLE_TIMEOUT + earned).saturating_sub(waited))
+    }
+
     /// The places of a download by `who` (`None`: a signed URL's, a CDN's for many users,
     /// bounded by the node's places alone).
     fn download_place(&self, who: Option<&str>) -> Result<DownloadPlace, ApiError> {
@@ -605,13 +624,30 @@ impl MediaService {
         let mut writer = WriteMultipart::new(upload);
         let mut hash = Sha256::new();
         let mut size = 0u64;
+        // Time spent waiting for the client's bytes (not for storage).
+        let mut waited = Duration::ZERO;
         loop {
-            let chunk = match tokio::time::timeout(UPLOAD_IDLE_TIMEOUT, stream.next()).await {
+            let slow_in = self.slow_upload_in(size, waited);
+            let wait = slow_in.map_or(UPLOAD_IDLE_TIMEOUT, |left| left.min(UPLOAD_IDLE_TIMEOUT));
+            let asked = tokio::time::Instant::now();
+            let next = tokio::time::timeout(wait, stream.next()).await;
+            waited += asked.elapsed();
+            let chunk = match next {
                 Ok(None) => break,
                 Ok(Some(Ok(chunk))) => chunk,
                 Ok(Some(Err(e))) => {
                     let _ = writer.abort().await;
                     return Err(ApiError::bad_request(format!("upload interrupted: {e}")));
+                }
+                Err(_) if slow_in.is_some_and(|left| left < UPLOAD_IDLE_TIMEOUT) => {
+                    let _ = writer.abort().await;
+                    self.metrics.media_refused("upload", "slow");
+                    return Err(ApiError::bad_request(format!(
+                        "upload too slow: an upload must come at {} bytes a second at least, \
+                         after its first {} s; upload again",
+                        self.config.media_upload_min_rate,
+                        UPLOAD_IDLE_TIMEOUT.as_secs()
+                    )));
                 }
                 Err(_) => {
                     let _ = writer.abort().await;
@@ -1247,6 +1283,7 @@ mod tests {
             media_max_bytes: 1024,
             media_quota_per_user: 0,
             media_uploads_in_flight: 16,
+            media_upload_min_rate: 1024,
             media_downloads_in_flight: 64,
             media_dir: None,
             media_min_free_disk: 0,
@@ -1644,6 +1681,37 @@ mod tests {
             .await
             .expect("the upload waits for its client for good");
         assert_eq!(ended.unwrap_err().code, ErrorCode::BadRequest);
+        let staged: Vec<_> = std::fs::read_dir(dir.path().join("media/staging"))
+            .map(|files| files.collect())
+            .unwrap_or_default();
+        assert!(staged.is_empty(), "{staged:?}");
+    }
+
+    /// An upload whose client keeps sending, but a few bytes a minute, is ended once it falls
+    /// below `--media-upload-min-rate` (after its first minute), and nothing is left staged:
+    /// within the idle timeout it held its place (of a few per user and per node, with its
+    /// buffered part and staged file) for as long as its client liked.
+    #[tokio::test(start_paused = true)]
+    async fn an_upload_slower_than_the_least_rate_is_ended_and_leaves_nothing_staged() {
+        let (engine, dir) = (FaultyEngine::new(), tempfile::tempdir().unwrap());
+        let media = media_over(&engine, dir.path()).await;
+        id_key_made(&media).await;
+        // Ten bytes at once, then ten more every 50 s: within the idle timeout, far below the
+        // rate.
+        let trickle = futures::stream::unfold(true, |first| async move {
+            if !first {
+                tokio::time::sleep(Duration::from_secs(50)).await;
+            }
+            Some((Ok::<_, std::io::Error>(vec![7u8; 10]), false))
+        });
+        let alice = user("alice");
+        let upload = media.upload(&alice, "image/png", Body::from_stream(trickle));
+        let ended = tokio::time::timeout(10 * UPLOAD_IDLE_TIMEOUT, upload)
+            .await
+            .expect("the upload goes on as long as its client sends");
+        let refused = ended.unwrap_err();
+        assert_eq!(refused.code, ErrorCode::BadRequest);
+        assert!(refused.message.contains("too slow"), "{}", refused.message);
         let staged: Vec<_> = std::fs::read_dir(dir.path().join("media/staging"))
             .map(|files| files.collect())
             .unwrap_or_default();
