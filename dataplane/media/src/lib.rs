@@ -2011,6 +2011,22 @@ mod tests {
         assert_ne!(upload(another_store).await.media_id, uploaded.media_id);
     }
 
+    /// Nodes making the store's key of media ids at once keep one: the node whose commit comes
+    /// second takes the key the first made, so that the same upload gets the same id on both.
+    #[tokio::test]
+    async fn nodes_making_the_key_of_media_ids_at_once_keep_one() {
+        let engine = FaultyEngine::new();
+        let store = engine.store(4).await;
+        let (other, made) = tokio::sync::oneshot::channel();
+        let racer = store.clone();
+        engine.before_next_commit(Box::pin(async move {
+            let _ = other.send(racer.media_id_key().await.unwrap());
+        }));
+        let key = store.media_id_key().await.unwrap();
+        assert_eq!(key, made.await.unwrap());
+        assert_eq!(store.media_id_key().await.unwrap(), key);
+    }
+
     /// Media uploaded before ids were keyed stays under the id it was given: its uploader and
     /// whoever it was sent to still download it.
     #[tokio::test]
