@@ -437,14 +437,27 @@ async fn send_until_taken(
     id: &str,
     server: Option<&Server>,
 ) -> u64 {
+    send_text_until_taken(client, target, id, id, server)
+        .await
+        .seq
+}
+
+/// As [`send_until_taken`], with `text` for the message's text; returns its `sent`.
+async fn send_text_until_taken(
+    client: &mut courier_client::Client,
+    target: Target,
+    id: &str,
+    text: &str,
+    server: Option<&Server>,
+) -> courier_client::proto::Sent {
     let deadline = std::time::Instant::now() + WAIT;
     loop {
         assert!(
             std::time::Instant::now() < deadline,
             "{id} was not taken before the deadline"
         );
-        match client.send_text(target.clone(), id, id).await {
-            Ok(sent) => return sent.seq,
+        match client.send_text(target.clone(), id, text).await {
+            Ok(sent) => return sent,
             Err(courier_client::ClientError::Server(error))
                 if error.code == courier_client::proto::ErrorCode::Unavailable =>
             {
@@ -890,21 +903,55 @@ async fn sequencer_nodes_take_over_from_a_killed_or_paused_owner_and_lose_nothin
     check_history(&front, &peers, &sent).await;
 }
 
-/// A TCP relay on 127.0.0.1 to `upstream` that can hold what it relays: while held it
-/// forwards nothing either way (the bytes wait in it), as a slow network holds a store call
-/// in flight; released, it forwards what it held, in order, and goes on.
+/// A TCP relay on 127.0.0.1 to `upstream` that can hold what it relays, both ways or only
+/// the upstream's answers: a direction held forwards nothing (the bytes wait in it), as a slow
+/// network holds a store call in flight, or its answer; released, it forwards what it held, in
+/// order, and goes on.
 struct HeldLink {
     address: String,
-    held: tokio::sync::watch::Sender<bool>,
+    /// What the relay's clients send.
+    requests: std::sync::Arc<Direction>,
+    /// What the upstream sends back.
+    answers: std::sync::Arc<Direction>,
     relay: tokio::task::JoinHandle<()>,
+}
+
+/// One direction of a [`HeldLink`].
+struct Direction {
+    held: tokio::sync::watch::Sender<bool>,
+    /// Bytes that, once seen in the other direction, hold this one before they pass on.
+    held_after: std::sync::Mutex<Option<Vec<u8>>>,
+}
+
+impl Direction {
+    fn new() -> std::sync::Arc<Direction> {
+        std::sync::Arc::new(Direction {
+            held: tokio::sync::watch::Sender::new(false),
+            held_after: std::sync::Mutex::new(None),
+        })
+    }
+
+    /// Holds this direction if `seen` (the latest bytes of the other one) holds the bytes it
+    /// waits for.
+    fn hold_if_after(&self, seen: &[u8]) {
+        let mut after = self.held_after.lock().unwrap();
+        let found = after
+            .as_deref()
+            .is_some_and(|bytes| seen.windows(bytes.len()).any(|window| window == bytes));
+        if found {
+            *after = None;
+            self.held.send_replace(true);
+        }
+    }
 }
 
 impl HeldLink {
     async fn to(upstream: &str) -> HeldLink {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap().to_string();
-        let (held, watch) = tokio::sync::watch::channel(false);
+        let (requests, answers) = (Direction::new(), Direction::new());
         let upstream = upstream.to_owned();
+        let (to_upstream, from_upstream) = (requests.clone(), answers.clone());
         let relay = tokio::spawn(async move {
             while let Ok((inbound, _)) = listener.accept().await {
                 let Ok(outbound) = tokio::net::TcpStream::connect(&upstream).await else {
@@ -912,30 +959,42 @@ impl HeldLink {
                 };
                 let (from_in, to_in) = inbound.into_split();
                 let (from_out, to_out) = outbound.into_split();
-                tokio::spawn(HeldLink::forward(from_in, to_out, watch.clone()));
-                tokio::spawn(HeldLink::forward(from_out, to_in, watch.clone()));
+                let forward = HeldLink::forward;
+                let (ahead, back) = (to_upstream.clone(), from_upstream.clone());
+                tokio::spawn(forward(from_in, to_out, ahead.clone(), back.clone()));
+                tokio::spawn(forward(from_out, to_in, back, ahead));
             }
         });
         HeldLink {
             address,
-            held,
+            requests,
+            answers,
             relay,
         }
     }
 
-    /// Copies `from` to `to`, each chunk once the link is not held.
+    /// Copies `from` to `to`, each chunk once `this` direction is not held; a chunk that
+    /// holds what the `other` direction waits for holds it before it is passed on.
     async fn forward(
         mut from: tokio::net::tcp::OwnedReadHalf,
         mut to: tokio::net::tcp::OwnedWriteHalf,
-        mut held: tokio::sync::watch::Receiver<bool>,
+        this: std::sync::Arc<Direction>,
+        other: std::sync::Arc<Direction>,
     ) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        /// The end of the chunk before kept with the next, for bytes split between two.
+        const KEPT: usize = 256;
+        let mut held = this.held.subscribe();
         let mut buffer = vec![0u8; 64 * 1024];
+        let mut seen = Vec::new();
         loop {
             let read = match from.read(&mut buffer).await {
                 Ok(0) | Err(_) => return,
                 Ok(read) => read,
             };
+            seen.extend_from_slice(&buffer[..read]);
+            other.hold_if_after(&seen);
+            seen.drain(..seen.len().saturating_sub(KEPT));
             if held.wait_for(|held| !*held).await.is_err() {
                 return;
             }
@@ -945,12 +1004,29 @@ impl HeldLink {
         }
     }
 
+    /// Holds both ways.
     fn hold(&self) {
-        self.held.send_replace(true);
+        self.requests.held.send_replace(true);
+        self.answers.held.send_replace(true);
     }
 
+    /// Holds the upstream's answers from the first request that holds `bytes` on: that
+    /// request passes, its answer waits.
+    fn hold_answers_after(&self, bytes: &[u8]) {
+        *self.answers.held_after.lock().unwrap() = Some(bytes.to_vec());
+    }
+
+    /// Whether the upstream's answers are held.
+    fn answers_held(&self) -> bool {
+        *self.answers.held.borrow()
+    }
+
+    /// Releases both ways.
     fn release(&self) {
-        self.held.send_replace(false);
+        for direction in [&self.requests, &self.answers] {
+            *direction.held_after.lock().unwrap() = None;
+            direction.held.send_replace(false);
+        }
     }
 }
 
@@ -983,6 +1059,69 @@ async fn histogram_count(node: &InternalNode, histogram: &str) -> u64 {
     probe_metric(node, &format!("{histogram}_count")).await
 }
 
+/// Two sequencer nodes and a front node on one store node: `paused` (s1, started first: it
+/// owns every shard) reaches the store through `link`, `other` (s2) directly; alice's and
+/// bob's phones are connected to the front and have had their catch-up.
+/// (Taken apart, bound in the order of its fields: the connections go first, the
+/// directories last.)
+struct HeldCluster {
+    _dirs: [tempfile::TempDir; 2],
+    _store: StoreNode,
+    link: HeldLink,
+    other: InternalNode,
+    paused: InternalNode,
+    front: Server,
+    bob: courier_client::Client,
+    alice: courier_client::Client,
+}
+
+impl HeldCluster {
+    async fn start() -> HeldCluster {
+        let (dir, store) = store_node();
+        let link = HeldLink::to(&store.address).await;
+        let relayed = Relayed {
+            store: &store,
+            link: &link,
+        };
+        let paused = InternalNode::start("s1", "127.0.0.2", &relayed, dir.path());
+        let other = InternalNode::start("s2", "127.0.0.3", &store, dir.path());
+        let front_dir = tempfile::tempdir().unwrap();
+        let front = front_node(&store, front_dir.path());
+        assert_eq!(owned(&paused).await.len(), 8, "s1 started first");
+        let alice = support::connected(&front, "alice", "phone").await;
+        let bob = support::connected(&front, "bob", "phone").await;
+        HeldCluster {
+            _dirs: [front_dir, dir],
+            _store: store,
+            link,
+            other,
+            paused,
+            front,
+            bob,
+            alice,
+        }
+    }
+}
+
+/// Checks that a device of each of alice and bob that has read nothing reads the messages `sent`
+/// (ids and seqs) through `front`, once each and in that order.
+async fn check_new_devices_read(front: &Server, sent: &[(String, u64)]) {
+    for user in ["alice", "bob"] {
+        let mut reader = front.connect(user, "laptop").await;
+        let read: Vec<(String, u64)> = reader
+            .events_until_sync_done()
+            .await
+            .unwrap()
+            .into_iter()
+            .filter_map(|event| match event.payload {
+                EventPayload::Message { client_msg_id, .. } => Some((client_msg_id, event.seq)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(read, sent, "{user} reads exactly what was sent, once each");
+    }
+}
+
 /// A sequencer paused past its lease with a batch in flight (its store read answered while it
 /// is stopped, its commit sent after SIGCONT) commits nothing of it: the new owner took the
 /// shard and appended at the seq the batch was built for, and the batch's commit is refused
@@ -992,22 +1131,16 @@ async fn histogram_count(node: &InternalNode, histogram: &str) -> u64 {
 /// lost) and the retry was answered as a duplicate of the overwriting one.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_sequencer_paused_with_a_batch_in_flight_commits_nothing_of_it_after_resuming() {
-    let (dir, store) = store_node();
-    let link = HeldLink::to(&store.address).await;
-    let relayed = Relayed {
-        store: &store,
-        link: &link,
-    };
-    let paused = InternalNode::start("s1", "127.0.0.2", &relayed, dir.path());
-    let other = InternalNode::start("s2", "127.0.0.3", &store, dir.path());
-    let front_dir = tempfile::tempdir().unwrap();
-    let front = front_node(&store, front_dir.path());
-    assert_eq!(owned(&paused).await.len(), 8, "s1 started first");
-
-    let mut alice = front.connect("alice", "phone").await;
-    alice.events_until_sync_done().await.unwrap();
-    let mut bob = front.connect("bob", "phone").await;
-    bob.events_until_sync_done().await.unwrap();
+    let HeldCluster {
+        _dirs,
+        _store,
+        link,
+        other,
+        paused,
+        front,
+        mut bob,
+        mut alice,
+    } = HeldCluster::start().await;
     let mut sent = vec![(
         "m1".to_owned(),
         send_until_sent(&mut alice, "bob", "m1", Some(&front)).await,
@@ -1055,20 +1188,7 @@ async fn a_sequencer_paused_with_a_batch_in_flight_commits_nothing_of_it_after_r
     let seqs: Vec<u64> = sent.iter().map(|(_, seq)| *seq).collect();
     assert_eq!(seqs, [1, 2, 3], "dense seqs, in the order of the `sent`s");
     // Every `sent` is read once, at its seq, by a device of each member that has read nothing.
-    for user in ["alice", "bob"] {
-        let mut reader = front.connect(user, "laptop").await;
-        let read: Vec<(String, u64)> = reader
-            .events_until_sync_done()
-            .await
-            .unwrap()
-            .into_iter()
-            .filter_map(|event| match event.payload {
-                EventPayload::Message { client_msg_id, .. } => Some((client_msg_id, event.seq)),
-                _ => None,
-            })
-            .collect();
-        assert_eq!(read, sent, "{user} reads exactly what was sent, once each");
-    }
+    check_new_devices_read(&front, &sent).await;
 }
 
 /// Planned hand-offs while a client sends without pause: every shard is moved from s1 to s2
@@ -1138,6 +1258,130 @@ async fn shards_moved_and_drained_while_a_client_sends_refuse_and_lose_nothing()
 async fn after_a_round(done: &mut tokio::sync::watch::Receiver<u32>) {
     let seen = *done.borrow_and_update();
     done.wait_for(|&round| round > seen).await.unwrap();
+}
+
+/// The text of the send whose commit's answer [`a_retry_through_a_new_owner_of_a_send`] holds:
+/// the relay holds the store's answers from the request that carries it, the commit (the
+/// reads before it carry the client's id, not the text).
+const ANSWER_HELD: &str = "m2, whose commit's answer is held";
+
+/// A send whose commit landed but whose answer was lost (the store node's answer held in the
+/// relay, its sequencer paused past its lease before it answered) is answered `unavailable`;
+/// retried with the same `client_msg_id` once another node took the shard, it gets the first
+/// attempt's seq and server_msg_id (`duplicate`), and is stored once. With `interleaved`, the
+/// peer sends to the conversation between the lost answer and the retry, and the retry is not
+/// sequenced after it. Resumed, the paused node gets its commit's answer, late: it answers no
+/// one with it and drops the shards it lost.
+async fn a_retry_through_a_new_owner_of_a_send(interleaved: bool) {
+    let HeldCluster {
+        _dirs,
+        _store,
+        link,
+        other,
+        paused,
+        front,
+        mut bob,
+        mut alice,
+    } = HeldCluster::start().await;
+    let to_bob = Target::User("bob".into());
+    let m1 = send_text_until_taken(&mut alice, to_bob.clone(), "m1", "m1", Some(&front)).await;
+    assert_eq!(m1.seq, 1);
+    let conv = m1.conversation_id;
+
+    // s1's commit of m2 reaches the store, its answer waits in the relay: the send is
+    // answered `unavailable` (its outcome unknown) once the front stops waiting.
+    const COMMIT: &str = "courier_sequencer_commit_seconds";
+    let commits = histogram_count(&paused, COMMIT).await;
+    link.hold_answers_after(ANSWER_HELD.as_bytes());
+    match alice.send_text(to_bob.clone(), "m2", ANSWER_HELD).await {
+        Err(courier_client::ClientError::Server(error))
+            if error.code == courier_client::proto::ErrorCode::Unavailable => {}
+        other => panic!("m2 was not left unanswered: {other:?}"),
+    }
+    assert!(link.answers_held(), "s1 sent m2's commit");
+    let stored = || async {
+        let (status, body) = front
+            .http("bob", "phone")
+            .get(&format!("/v1/conversations/{conv}/messages?after_seq=1"))
+            .await
+            .unwrap();
+        assert_eq!(status, 200, "{body}");
+        body["events"].as_array().unwrap().first().cloned()
+    };
+    until("m2's commit landed", || async { stored().await.is_some() }).await;
+    let first = stored().await.unwrap();
+    assert_eq!(
+        (&first["client_msg_id"], &first["seq"]),
+        (&serde_json::json!("m2"), &serde_json::json!(2))
+    );
+
+    // s1 stops before it has the answer; its lease lapses and s2 takes its shards.
+    paused.signal(libc::SIGSTOP);
+    until("s2 took s1's shards", || async {
+        owned(&other).await.len() == 8
+    })
+    .await;
+    let mut sent = vec![("m1".to_owned(), 1), ("m2".to_owned(), 2)];
+    if interleaved {
+        let m3 = send_until_sent(&mut bob, "alice", "m3", Some(&front)).await;
+        assert_eq!(m3, 3, "m3 is sequenced after m2, which landed");
+        sent.push(("m3".to_owned(), m3));
+    }
+    let retry = send_text_until_taken(&mut alice, to_bob, "m2", ANSWER_HELD, Some(&front)).await;
+    assert_eq!(
+        (
+            retry.seq,
+            retry.server_msg_id.as_str(),
+            retry.ts_ms,
+            retry.duplicate
+        ),
+        (
+            2,
+            first["server_msg_id"].as_str().unwrap(),
+            first["ts_ms"].as_u64().unwrap(),
+            true
+        ),
+        "the retry is answered with the first attempt's outcome"
+    );
+
+    // s1 resumes and gets its commit's answer, late: it answers no one with it, and drops
+    // the shards it lost.
+    link.release();
+    paused.signal(libc::SIGCONT);
+    until("s1 had its commit's answer", || async {
+        histogram_count(&paused, COMMIT).await > commits
+    })
+    .await;
+    until("s1 dropped the shards it lost", || async {
+        owned(&paused).await.is_empty()
+    })
+    .await;
+    let next = sent.len() as u64 + 1;
+    let m4 = send_until_sent(&mut alice, "bob", "m4", Some(&front)).await;
+    assert_eq!(m4, next, "the conversation goes on at its head");
+    sent.push(("m4".to_owned(), m4));
+    for frame in frames_until_pong(&mut alice).await {
+        use courier_client::proto::ServerFrame;
+        assert!(
+            !matches!(frame, ServerFrame::Sent(_) | ServerFrame::Error(_)),
+            "alice was answered what she did not ask: {frame:?}"
+        );
+    }
+    // Bob's phone, connected throughout, reads alice's messages live, once each.
+    read_live(&mut bob, &users(&["m1", "m2", "m4"])).await;
+
+    // Every member's device that has read nothing reads each message once, at its seq.
+    check_new_devices_read(&front, &sent).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_send_whose_answer_was_lost_in_a_hand_off_is_answered_its_first_outcome_on_retry() {
+    a_retry_through_a_new_owner_of_a_send(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retry_after_a_lost_answer_is_not_sequenced_after_a_send_made_meanwhile() {
+    a_retry_through_a_new_owner_of_a_send(true).await;
 }
 
 /// A network namespace joined to the host by a veth pair: the host side is `10.213.0.1`, the
