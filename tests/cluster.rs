@@ -1260,25 +1260,35 @@ async fn after_a_round(done: &mut tokio::sync::watch::Receiver<u32>) {
     done.wait_for(|&round| round > seen).await.unwrap();
 }
 
+/// How [`a_retry_through_a_new_owner_of_a_send`] stops the sequencer whose answer is held.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// SIGSTOP, and SIGCONT once another node answered the retry.
+    Paused,
+    /// SIGKILL.
+    Killed,
+}
+
 /// The text of the send whose commit's answer [`a_retry_through_a_new_owner_of_a_send`] holds:
 /// the relay holds the store's answers from the request that carries it, the commit (the
 /// reads before it carry the client's id, not the text).
 const ANSWER_HELD: &str = "m2, whose commit's answer is held";
 
 /// A send whose commit landed but whose answer was lost (the store node's answer held in the
-/// relay, its sequencer paused past its lease before it answered) is answered `unavailable`;
-/// retried with the same `client_msg_id` once another node took the shard, it gets the first
-/// attempt's seq and server_msg_id (`duplicate`), and is stored once. With `interleaved`, the
-/// peer sends to the conversation between the lost answer and the retry, and the retry is not
-/// sequenced after it. Resumed, the paused node gets its commit's answer, late: it answers no
-/// one with it and drops the shards it lost.
-async fn a_retry_through_a_new_owner_of_a_send(interleaved: bool) {
+/// relay, its sequencer paused past its lease or killed before it answered) is answered
+/// `unavailable`; retried with the same `client_msg_id` once another node took the shard, it
+/// gets the first attempt's seq and server_msg_id (`duplicate`), and is stored once. With
+/// `interleaved`, the peer sends to the conversation between the lost answer and the retry,
+/// and the retry is not sequenced after it. Resumed, a paused node gets its commit's answer, late: it answers no
+/// one with it and drops the shards it lost; a killed one answers nothing, and its commit's
+/// event reaches the peer all the same.
+async fn a_retry_through_a_new_owner_of_a_send(stop: Stop, interleaved: bool) {
     let HeldCluster {
         _dirs,
         _store,
         link,
         other,
-        paused,
+        mut paused,
         front,
         mut bob,
         mut alice,
@@ -1315,8 +1325,11 @@ async fn a_retry_through_a_new_owner_of_a_send(interleaved: bool) {
         (&serde_json::json!("m2"), &serde_json::json!(2))
     );
 
-    // s1 stops before it has the answer; its lease lapses and s2 takes its shards.
-    paused.signal(libc::SIGSTOP);
+    // s1 stops (or dies) before it has the answer; its lease lapses and s2 takes its shards.
+    match stop {
+        Stop::Paused => paused.signal(libc::SIGSTOP),
+        Stop::Killed => paused.kill9(),
+    }
     until("s2 took s1's shards", || async {
         owned(&other).await.len() == 8
     })
@@ -1346,16 +1359,18 @@ async fn a_retry_through_a_new_owner_of_a_send(interleaved: bool) {
 
     // s1 resumes and gets its commit's answer, late: it answers no one with it, and drops
     // the shards it lost.
-    link.release();
-    paused.signal(libc::SIGCONT);
-    until("s1 had its commit's answer", || async {
-        histogram_count(&paused, COMMIT).await > commits
-    })
-    .await;
-    until("s1 dropped the shards it lost", || async {
-        owned(&paused).await.is_empty()
-    })
-    .await;
+    if stop == Stop::Paused {
+        link.release();
+        paused.signal(libc::SIGCONT);
+        until("s1 had its commit's answer", || async {
+            histogram_count(&paused, COMMIT).await > commits
+        })
+        .await;
+        until("s1 dropped the shards it lost", || async {
+            owned(&paused).await.is_empty()
+        })
+        .await;
+    }
     let next = sent.len() as u64 + 1;
     let m4 = send_until_sent(&mut alice, "bob", "m4", Some(&front)).await;
     assert_eq!(m4, next, "the conversation goes on at its head");
@@ -1376,12 +1391,17 @@ async fn a_retry_through_a_new_owner_of_a_send(interleaved: bool) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_send_whose_answer_was_lost_in_a_hand_off_is_answered_its_first_outcome_on_retry() {
-    a_retry_through_a_new_owner_of_a_send(false).await;
+    a_retry_through_a_new_owner_of_a_send(Stop::Paused, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_retry_after_a_lost_answer_is_not_sequenced_after_a_send_made_meanwhile() {
-    a_retry_through_a_new_owner_of_a_send(true).await;
+    a_retry_through_a_new_owner_of_a_send(Stop::Paused, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_send_whose_sequencer_died_before_answering_is_answered_its_first_outcome_on_retry() {
+    a_retry_through_a_new_owner_of_a_send(Stop::Killed, true).await;
 }
 
 /// A network namespace joined to the host by a veth pair: the host side is `10.213.0.1`, the
