@@ -84,6 +84,12 @@ export interface ClientEvents extends Record<string, unknown> {
   /** The outbox changed: an entry was added, stored, refused, retried or discarded. */
   outbox: void;
   typing: string;
+  /** A conversation's history on the server is not what this client held from `seq` up: an
+   * event came at a seq held with another `server_msg_id` (a server restored from a backup
+   * gives the seqs sent after the backup to new messages; PROTOCOL.md has no epoch to say so).
+   * The held events from `seq` up are dropped for the server's (also gone from the server,
+   * and their deletes of earlier messages with them: see the README). */
+  diverged: { conversation_id: string; seq: number };
   /** An error nobody awaits: a refused token, an `error` without a request, a listener of
    * another event that threw (`internal`). */
   error: CourierError;
@@ -735,6 +741,7 @@ export class CourierClient {
   private applyEvents(conversation: Conversation, events: ConversationEvent[]): void {
     const fresh: ConversationEvent[] = [];
     for (const event of events) {
+      if (conversation.timeline.diverges(event)) this.diverged(conversation, event.seq);
       if (!conversation.applyEvent(event)) continue;
       fresh.push(event);
       this.sender.settleFromEvent(event);
@@ -744,6 +751,17 @@ export class CourierClient {
     if (conversation.kind === undefined) void this.refreshConversations().catch((e) => this.report(e));
     if (changed) this.emitter.emit("timeline", conversation.id);
     this.acks.scheduleDelivered(conversation);
+  }
+
+  /** The server holds another history of the conversation from `seq` up (`Timeline.diverges`):
+   * the held events from there, and those waiting to be told, are dropped for the server's,
+   * which come or are fetched as any others. */
+  private diverged(conversation: Conversation, seq: number): void {
+    conversation.timeline.dropFrom(seq);
+    const waiting = this.heldBack.get(conversation.id)?.filter((event) => event.seq < seq);
+    if (waiting?.length) this.heldBack.set(conversation.id, waiting);
+    else this.heldBack.delete(conversation.id);
+    this.emitter.emit("diverged", { conversation_id: conversation.id, seq });
   }
 
   /** Gives new events to the `event` listeners in seq order: those above a hole in the

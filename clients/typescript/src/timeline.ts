@@ -116,6 +116,32 @@ export class Timeline {
     this.cover(0, floorSeq - 1);
   }
 
+  /** Whether `event` is at a held seq with another `server_msg_id`: the server's history of
+   * the conversation is not what is held from there up (a server restored from a backup). */
+  diverges(event: ConversationEvent): boolean {
+    const held = this.events.get(event.seq);
+    return held !== undefined && held.server_msg_id !== event.server_msg_id;
+  }
+
+  /** Drops the held events from `seq` up, and what is known complete there: they are not the
+   * server's (`diverges`). Messages blanked by a dropped `delete` stay blanked (their bodies
+   * are gone). */
+  dropFrom(seq: number): void {
+    for (const held of this.events.keys()) if (held >= seq) this.events.delete(held);
+    this.changes++;
+    this.covered = this.covered
+      .filter((range) => range.after < seq - 1)
+      .map((range) => ({ after: range.after, through: Math.min(range.through, seq - 1) }));
+    this.deletedTargets.clear();
+    this.lowest = undefined;
+    this.highest = 0;
+    for (const held of this.events.values()) {
+      if (this.lowest === undefined || held.seq < this.lowest) this.lowest = held.seq;
+      this.highest = Math.max(this.highest, held.seq);
+      if (held.kind === "delete" && held.target_seq !== undefined) this.deletedTargets.add(held.target_seq);
+    }
+  }
+
   /** Whether events older than the oldest held may exist: nothing yet covers the seqs
    * between the retention floor and it. */
   get mayHaveOlder(): boolean {

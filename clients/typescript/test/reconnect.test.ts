@@ -461,3 +461,33 @@ test("a conversation marked read while offline is acknowledged read once back on
   await until("bob is online again", () => bob.state === "online");
   await until("alice sees it read", () => alice.statusOf(conv, sent.seq) === "read");
 });
+
+test("after a restore, an event at a seq the client holds with another server_msg_id replaces its copy from there, and the app is told", async () => {
+  const server = await serve();
+  const alice = await synced(server, "alice", "web");
+  const bob = await synced(server, "bob", "web");
+  const conv = (await alice.sendText({ toUser: "bob" }, "one")).conversation_id;
+  await alice.sendText({ conversationId: conv }, "two");
+  const archive = server.backup();
+  for (const text of ["lost 3", "lost 4"]) await alice.sendText({ conversationId: conv }, text);
+  await until("bob has all four", () => texts(bob, conv).length === 4);
+  const diverged: { client: string; conversation_id: string; seq: number }[] = [];
+  for (const [name, c] of [["alice", alice], ["bob", bob]] as const) {
+    c.on("diverged", ({ conversation_id, seq }) => diverged.push({ client: name, conversation_id, seq }));
+  }
+
+  await server.restore(archive);
+  await alice.whenSynced();
+  await bob.whenSynced();
+  // The restored server gives seq 3 to a new message: both devices hold another one there.
+  await alice.sendText({ conversationId: conv }, "after the restore");
+  await until("bob shows the server's history", () => texts(bob, conv).join() === "one,two,after the restore");
+  await until("alice shows the server's history", () => texts(alice, conv).join() === "one,two,after the restore");
+  assert.deepEqual(
+    diverged.sort((a, b) => a.client.localeCompare(b.client)),
+    [
+      { client: "alice", conversation_id: conv, seq: 3 },
+      { client: "bob", conversation_id: conv, seq: 3 },
+    ],
+  );
+});

@@ -6,7 +6,7 @@
 import { execFileSync, spawn, type ChildProcess } from "node:child_process";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
-import { join, resolve } from "node:path";
+import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import WebSocket from "ws";
 import { CourierClient, MemoryOutboxStorage, type CourierClientOptions, type WebSocketConstructor } from "../src/index.js";
@@ -20,11 +20,19 @@ export const WAIT_MS = 20_000;
 export class Server {
   private child: ChildProcess | undefined;
   address = "";
+  /** The data directories this server has run on (a restore writes another). */
+  private readonly dataDirs: string[];
 
   private constructor(
-    readonly dataDir: string,
+    private dataDirNow: string,
     private readonly args: string[],
-  ) {}
+  ) {
+    this.dataDirs = [dataDirNow];
+  }
+
+  get dataDir(): string {
+    return this.dataDirNow;
+  }
 
   /** Starts a server with extra `serve` flags in a fresh data directory. */
   static async start(args: string[] = []): Promise<Server> {
@@ -58,9 +66,28 @@ export class Server {
     await this.spawn(this.address);
   }
 
+  /** `courier backup` of the running server into a file; returns its path. */
+  backup(): string {
+    const archive = join(mkdtempSync(join(tmpdir(), "courier-sdk-backup-")), "backup.tar");
+    this.dataDirs.push(dirname(archive));
+    execFileSync(COURIER_BIN, ["backup", "--data-dir", this.dataDir, "--to", archive, "--quiet"]);
+    return archive;
+  }
+
+  /** Stops the server, has `courier restore` write a new data directory from `archive`, and
+   * starts the server there on the same address: the server goes back to the backup's moment. */
+  async restore(archive: string): Promise<void> {
+    await this.stop();
+    const restored = join(mkdtempSync(join(tmpdir(), "courier-sdk-restored-")), "data");
+    this.dataDirs.push(dirname(restored));
+    execFileSync(COURIER_BIN, ["restore", "--from", archive, "--data-dir", restored, "--quiet"]);
+    this.dataDirNow = restored;
+    await this.spawn(this.address);
+  }
+
   async dispose(): Promise<void> {
     await this.stop();
-    rmSync(this.dataDir, { recursive: true, force: true });
+    for (const dir of this.dataDirs) rmSync(dir, { recursive: true, force: true });
   }
 
   private spawn(listen: string): Promise<void> {
