@@ -95,7 +95,7 @@ export class HttpApi {
   async createGroup(name: string, members: string[]): Promise<string> {
     if (name.trim() === "") throw badInput("a group needs a name");
     members.forEach(checkUser);
-    const body = await this.json<{ conversation_id: string }>("POST", "/v1/groups", undefined, { name, members });
+    const body = await this.json<{ conversation_id: string }>("POST", "/v1/groups", "group", { name, members });
     return body.conversation_id;
   }
 
@@ -161,7 +161,7 @@ export class HttpApi {
   }
 
   devices(): Promise<DeviceInfo[]> {
-    return this.json<{ devices: DeviceInfo[] }>("GET", "/v1/devices").then((b) => b.devices);
+    return this.json<{ devices: DeviceInfo[] }>("GET", "/v1/devices", "devices").then((b) => b.devices);
   }
 
   /** Unlinks a device: its tokens are refused from then on. */
@@ -228,7 +228,10 @@ async function bodyOf<T>(method: string, path: string, response: Response, answe
     );
   }
   const broken = answer && brokenAnswer(answer, body);
-  if (broken) throw new CourierError("internal", `${method} ${path}: the answer breaks the protocol (its ${broken})`);
+  if (broken) {
+    const message = `${method} ${path}: the answer breaks the protocol (its ${broken})`;
+    throw new CourierError("internal", message, { status: response.status });
+  }
   return body as T;
 }
 

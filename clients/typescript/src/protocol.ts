@@ -280,6 +280,8 @@ const ANSWER_FIELDS = {
   messages: { events: listOf(EVENT_FIELDS), head_seq: isCount, floor_seq: optional(isCount) },
   receipts: { receipts: listOf({ user: isText, delivered_seq: isCount, read_seq: isCount }) },
   upload: { media_id: isId, mime: isText, size: isCount, sha256: isText },
+  group: { conversation_id: isId },
+  devices: { devices: listOf({ device: isText, last_seen_ms: isCount, push: (value) => typeof value === "boolean" }) },
 } satisfies Record<string, Record<string, Check>>;
 
 /** An answer of the HTTP API the client reads. */

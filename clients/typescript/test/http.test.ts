@@ -94,6 +94,7 @@ test("an answer whose fields break the protocol is refused as internal, not take
   };
   const receipt = { user: "bob", delivered_seq: 1, read_seq: 0 };
   const upload = { media_id: "media-1", mime: "image/png", size: 1, sha256: "00" };
+  const device = { device: "web", last_seen_ms: 1, push: false };
   const broken: [string, () => Promise<unknown>][] = [
     ["no list of conversations", () => json({}).conversations()],
     ["a summary whose head is text", () => json({ conversations: [{ ...summary, head_seq: "1" }] }).conversations()],
@@ -105,6 +106,11 @@ test("an answer whose fields break the protocol is refused as internal, not take
     ["a receipt whose cursor is text", () => json({ receipts: [{ ...receipt, read_seq: "all" }] }).receipts("c1")],
     ["an upload without its media id", () => json({ ...upload, media_id: undefined }).uploadMedia(new Uint8Array(1), "image/png")],
     ["an upload whose size is text", () => json({ ...upload, size: "1" }).uploadMedia(new Uint8Array(1), "image/png")],
+    ["a group without its conversation id", () => json({}).createGroup("g", ["bob"])],
+    ["a group whose id is no id", () => json({ conversation_id: "../x" }).createGroup("g", ["bob"])],
+    ["no list of devices", () => json({}).devices()],
+    ["a device whose push is text", () => json({ devices: [{ ...device, push: "yes" }] }).devices()],
+    ["a device without its id", () => json({ devices: [{ ...device, device: undefined }] }).devices()],
   ];
   for (const [what, call] of broken) {
     await assert.rejects(
@@ -118,4 +124,6 @@ test("an answer whose fields break the protocol is refused as internal, not take
   assert.deepEqual((await json({ events: [event], head_seq: 1, floor_seq: 1 }).messages("c1")).events, [event]);
   assert.deepEqual(await json({ receipts: [receipt] }).receipts("c1"), [receipt]);
   assert.deepEqual(await json(upload).uploadMedia(new Uint8Array(1), "image/png"), upload);
+  assert.equal(await json({ conversation_id: "g1" }).createGroup("g", ["bob"]), "g1");
+  assert.deepEqual(await json({ devices: [device] }).devices(), [device]);
 });
