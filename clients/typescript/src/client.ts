@@ -199,7 +199,10 @@ export class CourierClient {
           this.share?.pause("client");
           this.emitter.emit("error", error);
         },
-        onBroken: (error) => this.emitter.emit("error", error),
+        onBroken: (session, error, frame) => {
+          if (frame.type === "event") this.eventPassedOver(session, frame);
+          this.emitter.emit("error", error);
+        },
       },
     );
     this.acks = new Acknowledgements(() => this.link.session);
@@ -692,12 +695,28 @@ export class CourierClient {
     const conversation = this.conversationFor(event.conversation_id);
     const id = conversation.id;
     const previous = session.streamed.get(id);
-    if (previous === undefined) session.streamBase.set(id, event.seq - 1);
-    conversation.timeline.cover(previous ?? event.seq - 1, event.seq);
+    // After a passed over event, the stream says nothing of what lies below this one: the
+    // seqs since the previous held event are a gap to fetch, and no stream base is told.
+    const lost = session.passedOver.delete(id) || (previous === undefined && session.baseUnknown);
+    if (previous === undefined && !lost) session.streamBase.set(id, event.seq - 1);
+    conversation.timeline.cover(lost ? event.seq - 1 : (previous ?? event.seq - 1), event.seq);
     session.streamed.set(id, event.seq);
     const gap = conversation.timeline.gapBefore(event.seq);
     this.applyEvents(conversation, [event]);
     if (gap) this.fillGap(conversation, gap.after, gap.through);
+  }
+
+  /** A streamed event that breaks the protocol was passed over: its conversation's stream on
+   * this connection has a hole (`onStreamedEvent`), or, when the event does not say its
+   * conversation, every conversation's may. The connection stays: the hole is fetched. */
+  private eventPassedOver(session: Session, frame: ServerFrame & { type: "event" }): void {
+    const id: unknown = frame.conversation_id;
+    if (typeof id === "string" && isConversationId(id)) {
+      session.passedOver.add(id);
+      return;
+    }
+    for (const streamed of session.streamed.keys()) session.passedOver.add(streamed);
+    session.baseUnknown = true;
   }
 
   private fillGap(conversation: Conversation, after: number, through: number): void {

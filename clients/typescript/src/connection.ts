@@ -46,7 +46,7 @@ export interface ConnectionHandlers {
   onClose(info: CloseInfo): void;
   /** A frame whose fields break the protocol was passed over (one that answers a request
    * rejects it instead). */
-  onBroken(error: CourierError): void;
+  onBroken(error: CourierError, frame: ServerFrame): void;
 }
 
 export class Connection {
@@ -184,7 +184,7 @@ export class Connection {
       return;
     }
     if (this.closed) return;
-    if (refusal) this.handlers.onBroken(refusal);
+    if (refusal) this.handlers.onBroken(refusal, frame);
     else this.handlers.onFrame(frame);
   }
 

@@ -34,6 +34,12 @@ export interface Session {
   streamed: Map<string, number>;
   /** Per conversation, where this connection's stream started (the server's cursor). */
   streamBase: Map<string, number>;
+  /** The conversations an event of whose was passed over since their last streamed event
+   * (it broke the protocol): the stream has a hole there. */
+  passedOver: Set<string>;
+  /** An event whose conversation could not be told was passed over: the streams of the
+   * conversations that start after it may have lost it, so they tell no stream base. */
+  baseUnknown: boolean;
   /** Per conversation, the cursors this connection's `ack`s carried. */
   acked: Map<string, { delivered: number; read: number }>;
   /** `reconnect.after_ms`, once the server asked. */
@@ -78,7 +84,7 @@ export interface LinkHandlers {
   onState(state: ConnectionState): void;
   onRefused(error: CourierError): void;
   /** A frame whose fields break the protocol was passed over. */
-  onBroken(error: CourierError): void;
+  onBroken(session: Session, error: CourierError, frame: ServerFrame): void;
   /** The server closed the connection for newer ones of the same device (`replaced`): the
    * link is paused until `resume`. */
   onReplaced(error: CourierError): void;
@@ -195,6 +201,8 @@ export class Link {
       closed: new Promise<void>((r) => (closed = r)),
       streamed: new Map(),
       streamBase: new Map(),
+      passedOver: new Set(),
+      baseUnknown: false,
       acked: new Map(),
     };
     let token: string | undefined;
@@ -207,7 +215,7 @@ export class Link {
         {
           onFrame: (frame) => this.handlers.onFrame(session, frame),
           onClose: () => closed(),
-          onBroken: (error) => this.handlers.onBroken(error),
+          onBroken: (error, frame) => this.handlers.onBroken(session, error, frame),
         },
         settings.replyTimeoutMs,
       );

@@ -137,7 +137,8 @@ export class Server {
  * set, the frames the client writes that it matches never reach the server (written into a
  * connection whose network is already gone); while `answer` is set, a frame it returns a
  * reply for never reaches the server either, and the client reads that reply instead (a
- * server that refuses it: `unavailable`, `rate_limited`).
+ * server that refuses it: `unavailable`, `rate_limited`); while `mangle` is set, the client
+ * reads what it returns for each frame of the server (a frame broken on its way).
  */
 export class Network {
   private online = true;
@@ -145,6 +146,7 @@ export class Network {
   readonly WebSocket: WebSocketConstructor;
   lose: ((frame: { type: string; kind?: string; client_msg_id?: string }) => boolean) | undefined;
   answer: ((frame: { type: string; ref?: number }) => Record<string, unknown> | undefined) | undefined;
+  mangle: ((frame: Record<string, unknown>) => Record<string, unknown>) | undefined;
 
   constructor() {
     const network = this;
@@ -165,6 +167,13 @@ export class Network {
           return;
         }
         (super.send as (...args: unknown[]) => void).call(this, data, ...rest);
+      }
+
+      override emit(event: string | symbol, ...args: unknown[]): boolean {
+        if (event === "message" && network.mangle && args[1] === false) {
+          args = [Buffer.from(JSON.stringify(network.mangle(JSON.parse(String(args[0]))))), false];
+        }
+        return super.emit(event, ...args);
       }
     }
     this.WebSocket = ControlledWebSocket as unknown as WebSocketConstructor;
