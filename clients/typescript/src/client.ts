@@ -134,6 +134,11 @@ export class CourierClient {
   /** Per conversation, the new events above a hole, held back from the `event` listeners
    * until it is filled (`tellInOrder`); they are in the timeline meanwhile. */
   private readonly heldBack = new Map<string, ConversationEvent[]>();
+  /** The retention floors (`trimmed`) of conversations the client does not know, until the
+   * next list of conversations: taken by the conversation when it is made (a new device's
+   * catch-up of one whose events were all trimmed), dropped with the rest by the list (one of
+   * a conversation it does not hold is not the user's). */
+  private readonly unknownFloors = new Map<string, number>();
   /** Gap fetches in flight or waiting to be tried again, as `conversation/after`. */
   private readonly gapsFetching = new Set<string>();
   /** Aborted by `close`: ends the waits of gap fetches to try again. */
@@ -293,6 +298,7 @@ export class CourierClient {
     const stored = this.savedReceipts.storedNow();
     const summaries = await this.http.conversations();
     for (const summary of summaries) this.conversationFor(summary.conversation_id).applySummary(summary);
+    this.unknownFloors.clear();
     this.savedReceipts.forgetUnlisted(stored, new Set(summaries.map((summary) => summary.conversation_id)));
     this.emitter.emit("conversations", undefined);
   }
@@ -651,7 +657,15 @@ export class CourierClient {
         break;
       }
       case "trimmed": {
-        const conversation = this.conversationFor(frame.conversation_id);
+        // One of a conversation the client does not know waits for the list to say it is the
+        // user's (a conversation is not made up of it, as of a receipt).
+        const conversation = this.conversationsById.get(frame.conversation_id);
+        if (!conversation) {
+          const floor = Math.max(frame.floor_seq, this.unknownFloors.get(frame.conversation_id) ?? 0);
+          this.unknownFloors.set(frame.conversation_id, floor);
+          void this.refreshConversations().catch((e) => this.report(e));
+          break;
+        }
         conversation.timeline.trim(frame.floor_seq);
         // A hole below the floor is no longer one: the events held back above it are told.
         this.tellInOrder(conversation, []);
@@ -947,6 +961,8 @@ export class CourierClient {
     if (!conversation) {
       conversation = new Conversation(conversationId, this.user);
       for (const receipt of this.savedReceipts.take(conversationId)) conversation.applyReceipt(receipt);
+      conversation.timeline.trim(this.unknownFloors.get(conversationId) ?? 1);
+      this.unknownFloors.delete(conversationId);
       this.conversationsById.set(conversationId, conversation);
       this.emitter.emit("conversations", undefined);
     }

@@ -330,3 +330,29 @@ test("typing notices and receipts of a conversation the client does not know add
   assert.deepEqual(typingIn, [conv], "only the known conversation's typing is told");
   assert.deepEqual(yuri.conversation(conv)?.typing(Date.now()), ["xena"]);
 });
+
+test("a trimmed frame of a conversation the user does not have adds no conversation", async () => {
+  const zoe = await user("zoe");
+  const network = new Network();
+  const abe = await synced(server, "abe", "web", { network });
+  const conv = (await zoe.sendText({ toUser: "abe" }, "hello")).conversation_id;
+  await until("abe has it", () => texts(abe, conv).length === 1);
+  const errors: CourierError[] = [];
+  abe.on("error", (error) => errors.push(error));
+  // A retention floor of a conversation abe is no member of, read as the answer to his typing
+  // notice; a broken frame after it, whose error says it was read.
+  const frames = [
+    { type: "trimmed", conversation_id: "no-such-conversation", floor_seq: 5 },
+    { type: "typing", conversation_id: conv },
+  ];
+  network.answer = (frame) => (frame.type === "typing" ? frames.shift() : undefined);
+  for (let i = 0; i < 2; i++) abe.typing(conv, true);
+  await until("the frames were read", () => errors.length > 0);
+  network.answer = undefined;
+  await abe.refreshConversations();
+  assert.deepEqual(
+    abe.conversations().map((c) => c.id),
+    [conv],
+    "no conversation made up of a trimmed frame",
+  );
+});
