@@ -11,7 +11,7 @@ import type { Connection, WebSocketConstructor } from "./connection.js";
 import { Conversation, type MessageStatus } from "./conversation.js";
 import { Emitter, reportToHost } from "./emitter.js";
 import { CourierError, badInput } from "./errors.js";
-import { HttpApi, type ByteRange, type MediaDownload } from "./http.js";
+import { DEFAULT_MAX_DOWNLOAD_BYTES, HttpApi, type ByteRange, type MediaDownload } from "./http.js";
 import { identityOf, newClientMsgId, type Identity } from "./identity.js";
 import { Link, type ConnectionState, type Session, type TokenProbe } from "./link.js";
 import { Outbox, sizeOf } from "./outbox.js";
@@ -63,6 +63,10 @@ export interface CourierClientOptions {
    * (default [`DEFAULT_MAX_QUEUED_UPLOAD_BYTES`]): a `sendMedia` while they hold as much or
    * more is refused with `unavailable`. One file of any size is taken when none waits. */
   maxQueuedUploadBytes?: number;
+  /** The most bytes one `downloadMedia` takes (default [`DEFAULT_MAX_DOWNLOAD_BYTES`], 100 MiB,
+   * the server's default upload limit): it holds them all in memory. A larger download (a file,
+   * or a range of it) is refused with `too_large`. */
+  maxDownloadBytes?: number;
 }
 
 /** The default of `maxQueuedUploadBytes`: 100 MiB, the server's default limit on one upload
@@ -164,6 +168,7 @@ export class CourierClient {
       () => this.token(),
       options.fetch,
       options.replyTimeoutMs ?? DEFAULT_REPLY_TIMEOUT_MS,
+      options.maxDownloadBytes ?? DEFAULT_MAX_DOWNLOAD_BYTES,
     );
     const WebSocketImpl = options.WebSocket ?? (globalThis as { WebSocket?: WebSocketConstructor }).WebSocket;
     if (!WebSocketImpl) {
@@ -173,6 +178,7 @@ export class CourierClient {
     if (!(this.maxFrameBytes > 0)) throw badInput("maxFrameBytes must be positive");
     this.maxQueuedUploadBytes = options.maxQueuedUploadBytes ?? DEFAULT_MAX_QUEUED_UPLOAD_BYTES;
     if (!(this.maxQueuedUploadBytes > 0)) throw badInput("maxQueuedUploadBytes must be positive");
+    if (!(this.http.maxDownloadBytes > 0)) throw badInput("maxDownloadBytes must be positive");
     this.link = new Link(
       {
         WebSocketImpl,

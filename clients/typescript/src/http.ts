@@ -6,7 +6,9 @@
  * backend stopped answering, would hold whatever awaits it, a read-back of receipts or the
  * list of conversations, for the client's life); a media download, whose transfer may take
  * long, is given up when nothing comes for `timeoutMs` (an upload of the outbox is given up
- * with its connection).
+ * with its connection). A media download is held whole in memory: one of more than
+ * `maxDownloadBytes` is refused with `too_large`, as soon as it says its length or once that
+ * many bytes have come.
  */
 import { askedDelayMs } from "./backoff.js";
 import { CourierError, badInput } from "./errors.js";
@@ -56,12 +58,17 @@ export interface ByteRange {
   end?: number;
 }
 
+/** The default of `maxDownloadBytes`: 100 MiB, the server's default limit on one upload
+ * (`--media-max-bytes`). */
+export const DEFAULT_MAX_DOWNLOAD_BYTES = 100 * 1024 * 1024;
+
 export class HttpApi {
   constructor(
     private readonly baseUrl: string,
     private readonly token: () => Promise<string>,
     private readonly fetchImpl: typeof fetch = globalThis.fetch.bind(globalThis),
     private readonly timeoutMs = 30_000,
+    readonly maxDownloadBytes = DEFAULT_MAX_DOWNLOAD_BYTES,
   ) {}
 
   conversations(): Promise<ConversationSummary[]> {
@@ -126,7 +133,8 @@ export class HttpApi {
 
   /** Downloads media, whole or a byte range (`Range: bytes=start-end`). Fails with `timeout`
    * when the server sends nothing for `timeoutMs`: no answer, or no byte since the last (a
-   * large file that keeps coming is not cut). */
+   * large file that keeps coming is not cut), and with `too_large` when it is over
+   * `maxDownloadBytes` (ask for a range of it). */
   async downloadMedia(mediaId: string, range?: ByteRange): Promise<MediaDownload> {
     if (!isConversationId(mediaId)) throw badInput(`not a media id: ${JSON.stringify(mediaId)}`);
     const headers: Record<string, string> = {};
@@ -143,7 +151,7 @@ export class HttpApi {
     let bytes: Uint8Array;
     try {
       response = await this.request("GET", path, { headers, signal: silence.signal });
-      bytes = await readBody(response, () => silence.heard());
+      bytes = await readBody(response, () => silence.heard(), this.maxDownloadBytes, path);
     } catch (error) {
       if (!silence.signal.aborted) throw error;
       throw new CourierError("timeout", `GET ${path}: nothing came for ${this.timeoutMs} ms`);
@@ -258,9 +266,20 @@ class Silence {
   }
 }
 
-/** A response's body, telling `progress` of each part as it comes. */
-async function readBody(response: Response, progress: () => void): Promise<Uint8Array> {
+/** A response's body, telling `progress` of each part as it comes; one of more than
+ * `maxBytes` is refused (`too_large`) and not read further. */
+async function readBody(
+  response: Response,
+  progress: () => void,
+  maxBytes: number,
+  path: string,
+): Promise<Uint8Array> {
+  const tooLarge = () => new CourierError("too_large", `GET ${path}: more than ${maxBytes} bytes (maxDownloadBytes)`);
   progress();
+  if (Number(response.headers.get("content-length")) > maxBytes) {
+    await response.body?.cancel();
+    throw tooLarge();
+  }
   if (!response.body) return new Uint8Array(await response.arrayBuffer());
   const parts: Uint8Array[] = [];
   let length = 0;
@@ -269,6 +288,10 @@ async function readBody(response: Response, progress: () => void): Promise<Uint8
     progress();
     parts.push(part.value);
     length += part.value.byteLength;
+    if (length > maxBytes) {
+      await reader.cancel();
+      throw tooLarge();
+    }
   }
   const bytes = new Uint8Array(length);
   let at = 0;

@@ -19,7 +19,15 @@ export {
 export { Conversation, TYPING_EXPIRES_MS, type MessageStatus, type ReceiptState } from "./conversation.js";
 export { Timeline, type SeqRange } from "./timeline.js";
 export { CourierError } from "./errors.js";
-export { HttpApi, type ByteRange, type ConversationSummary, type DeviceInfo, type MediaDownload, type UploadedMedia } from "./http.js";
+export {
+  DEFAULT_MAX_DOWNLOAD_BYTES,
+  HttpApi,
+  type ByteRange,
+  type ConversationSummary,
+  type DeviceInfo,
+  type MediaDownload,
+  type UploadedMedia,
+} from "./http.js";
 export {
   IndexedDbOutboxStorage,
   MemoryOutboxStorage,

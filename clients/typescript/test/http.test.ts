@@ -127,3 +127,29 @@ test("an answer whose fields break the protocol is refused as internal, not take
   assert.equal(await json({ conversation_id: "g1" }).createGroup("g", ["bob"]), "g1");
   assert.deepEqual(await json({ devices: [device] }).devices(), [device]);
 });
+
+test("a media download over maxDownloadBytes is refused as too_large, whether or not it says its length first", async () => {
+  const server = await mediaServer((id, response) => {
+    if (id === "told") {
+      response.writeHead(200, { "content-type": "image/png", "content-length": "40" });
+      return void response.end(new Uint8Array(40));
+    }
+    // Chunked: no length said; "untold" sends 40 bytes, "fits" 16.
+    response.writeHead(200, { "content-type": "image/png" });
+    response.write(new Uint8Array(8));
+    response.end(new Uint8Array(id === "fits" ? 8 : 32));
+  });
+  try {
+    const api = new HttpApi(server.url, async () => "token", undefined, 5_000, 16);
+    for (const id of ["told", "untold"]) {
+      await assert.rejects(
+        api.downloadMedia(id),
+        (e: CourierError) => e.code === "too_large" && /more than 16 bytes/.test(e.message),
+        id,
+      );
+    }
+    assert.equal((await api.downloadMedia("fits")).bytes.length, 16);
+  } finally {
+    server.close();
+  }
+});
