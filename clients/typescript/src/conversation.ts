@@ -29,6 +29,16 @@ export interface ReceiptState {
 /** How long a `typing` notice holds without being repeated. */
 export const TYPING_EXPIRES_MS = 6_000;
 
+/** The most users a conversation shows typing at once: a notice past it takes the place of
+ * the one that expires first. (The server relays typing only in groups of up to 1,000
+ * members, `--large-group-threshold`, and few type at once.) */
+export const MAX_TYPING_USERS = 100;
+
+/** The most users whose receipts a group keeps (a direct conversation keeps its other
+ * user's): the server's default limit of members, `--max-group-members`. A receipt of one
+ * more user is passed over. */
+export const MAX_RECEIPT_USERS = 100_000;
+
 export class Conversation {
   readonly timeline: Timeline;
   kind: "direct" | "group" | undefined;
@@ -75,6 +85,7 @@ export class Conversation {
   /** Takes a member's cursors (from a `receipt`, or saved from an earlier client); false when
    * they moved neither. */
   applyReceipt(receipt: Pick<Receipt, "user" | "delivered_seq" | "read_seq">): boolean {
+    if (!this.receipts.has(receipt.user) && !this.keepsReceiptsOf(receipt.user)) return false;
     const held = this.receipts.get(receipt.user) ?? { delivered_seq: 0, read_seq: 0 };
     const next = {
       delivered_seq: Math.max(held.delivered_seq, receipt.delivered_seq),
@@ -84,6 +95,13 @@ export class Conversation {
     if (this.receipts.has(receipt.user) && !moved) return false;
     this.receipts.set(receipt.user, next);
     return true;
+  }
+
+  /** Whether a receipt of a user not yet held is kept: a direct conversation's other user's
+   * (any while not known), a group's while fewer than [`MAX_RECEIPT_USERS`] are held. */
+  private keepsReceiptsOf(user: string): boolean {
+    if (this.kind === "direct" && this.peer !== undefined) return user === this.peer;
+    return this.receipts.size < MAX_RECEIPT_USERS;
   }
 
   receiptOf(user: string): ReceiptState | undefined {
@@ -188,9 +206,17 @@ export class Conversation {
     return this.membersCache.membership;
   }
 
+  /** Takes a typing notice. Expired ones are forgotten, and at [`MAX_TYPING_USERS`] the one
+   * that expires first gives way: every notice holds as long, so the map's insertion order is
+   * the order they expire in. */
   setTyping(user: string, active: boolean, now: number): void {
-    if (active) this.typingUntil.set(user, now + TYPING_EXPIRES_MS);
-    else this.typingUntil.delete(user);
+    this.typingUntil.delete(user);
+    if (!active) return;
+    for (const [other, until] of this.typingUntil) {
+      if (until > now && this.typingUntil.size < MAX_TYPING_USERS) break;
+      this.typingUntil.delete(other);
+    }
+    this.typingUntil.set(user, now + TYPING_EXPIRES_MS);
   }
 
   /** Users typing at `now`. */

@@ -16,7 +16,14 @@ export {
   type CourierClientOptions,
   type Target,
 } from "./client.js";
-export { Conversation, TYPING_EXPIRES_MS, type MessageStatus, type ReceiptState } from "./conversation.js";
+export {
+  Conversation,
+  MAX_RECEIPT_USERS,
+  MAX_TYPING_USERS,
+  TYPING_EXPIRES_MS,
+  type MessageStatus,
+  type ReceiptState,
+} from "./conversation.js";
 export { Timeline, type SeqRange } from "./timeline.js";
 export { CourierError } from "./errors.js";
 export {

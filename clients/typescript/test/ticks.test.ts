@@ -3,7 +3,14 @@
  * among. */
 import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
-import { Conversation, MemoryOutboxStorage, type ConversationEvent } from "../src/index.js";
+import {
+  Conversation,
+  MAX_RECEIPT_USERS,
+  MAX_TYPING_USERS,
+  MemoryOutboxStorage,
+  TYPING_EXPIRES_MS,
+  type ConversationEvent,
+} from "../src/index.js";
 import { Network, Server, closeClients, synced, texts, until } from "./support.js";
 
 let server: Server;
@@ -404,4 +411,38 @@ test("a group's members at a seq are unknown above a hole", () => {
   assert.equal(group.statusOf(5), "sent", "seqs 3 and 4 may have added someone");
   group.timeline.cover(2, 4);
   assert.equal(group.statusOf(5), "read");
+});
+
+/** How many users' entries a conversation holds in one of its maps (what it keeps in memory). */
+function held(conversation: Conversation, map: "typingUntil" | "receipts"): number {
+  return (conversation as unknown as Record<typeof map, Map<string, unknown>>)[map].size;
+}
+
+test("who is typing is bounded: expired notices are forgotten, and past the limit the earliest to expire gives way", () => {
+  const conversation = new Conversation("g:1", "alice");
+  // A long session: each notice expires before the next (no stop ever came).
+  for (let i = 0; i < 5_000; i++) conversation.setTyping(`user${i}`, true, i * TYPING_EXPIRES_MS);
+  assert.equal(held(conversation, "typingUntil"), 1, "expired notices are forgotten");
+  // A burst at one moment: the latest are shown, the limit is held.
+  const now = 5_000 * TYPING_EXPIRES_MS;
+  for (let i = 0; i < 5_000; i++) conversation.setTyping(`burst${i}`, true, now + i);
+  assert.equal(held(conversation, "typingUntil"), MAX_TYPING_USERS);
+  const typing = conversation.typing(now + 5_000);
+  assert.equal(typing.length, MAX_TYPING_USERS);
+  assert.ok(typing.includes("burst4999"), "the latest notice is shown");
+});
+
+test("receipts are bounded: a direct conversation keeps its other user's, a group at most MAX_RECEIPT_USERS users'", () => {
+  const direct = new Conversation("d:1", "alice");
+  direct.applySummary({ conversation_id: "d:1", kind: "direct", name: "bob", head_seq: 1, delivered_seq: 0, read_seq: 0 });
+  assert.equal(direct.applyReceipt({ user: "bob", delivered_seq: 1, read_seq: 0 }), true);
+  for (let i = 0; i < 1_000; i++) direct.applyReceipt({ user: `stranger${i}`, delivered_seq: 1, read_seq: 1 });
+  assert.equal(held(direct, "receipts"), 1, "only bob's receipts are kept");
+  assert.equal(direct.receiptOf("stranger0"), undefined);
+
+  const group = new Conversation("g:1", "alice");
+  group.applyEvent(groupEvent(1, "group_created", { name: "g", members: ["alice"] }));
+  for (let i = 0; i < MAX_RECEIPT_USERS + 10; i++) group.applyReceipt({ user: `member${i}`, delivered_seq: 1, read_seq: 0 });
+  assert.equal(held(group, "receipts"), MAX_RECEIPT_USERS);
+  assert.equal(group.applyReceipt({ user: "member0", delivered_seq: 1, read_seq: 1 }), true, "a held user's receipts still move");
 });
