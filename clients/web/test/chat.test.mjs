@@ -691,12 +691,16 @@ test("signing out in one tab deletes the unsent messages the device's other tabs
   await ola.context.close();
 });
 
-/** A second tab of `who`'s device with the conversation with `name` open, while `who`'s first
- * tab, which opened first, holds the device's outbox. */
-async function secondTab(who, name) {
+/** Two tabs of `user`'s device with the conversation `peer` (a client of its own) opened with
+ * `greeting`: the first tab (`who`), which opened first, holds the device's outbox. */
+async function twoTabs(user, peer, greeting) {
+  const who = await person(user);
+  const other = await client(server, peer, "node");
+  await other.sendText({ toUser: user }, greeting);
+  await open(who, peer);
   const second = { ...who, page: await signedIn(who) };
-  await open(second, name);
-  return second;
+  await open(second, peer);
+  return { who, other, second };
 }
 
 /** The browser's id of the tab (the client) that holds the device's outbox, as `who`'s tab
@@ -709,11 +713,7 @@ function holder(who) {
 }
 
 test("a tab frozen in the background gives the device's outbox up: another tab sends at once, and the frozen one takes it back once it runs", async () => {
-  const nia = await person("nia");
-  const rob = await client(server, "rob", "node");
-  await rob.sendText({ toUser: "nia" }, "Frozen?");
-  await open(nia, "rob");
-  const second = await secondTab(nia, "rob");
+  const { who: nia, other: rob, second } = await twoTabs("nia", "rob", "Frozen?");
   // The browser freezes the first tab (as Chromium does to background tabs): it is told
   // (`freeze`), and none of its scripts run until it is resumed. (Headless Chromium's frozen
   // state, by the DevTools protocol, neither tells the page nor stops its scripts: the test
@@ -744,11 +744,7 @@ test("a tab frozen in the background gives the device's outbox up: another tab s
 });
 
 test("a tab whose connection newer ones took gives the device's outbox up: the device's other tab sends", async () => {
-  const sid = await person("sid");
-  const tom = await client(server, "tom", "node");
-  await tom.sendText({ toUser: "sid" }, "Replaced?");
-  await open(sid, "tom");
-  const second = await secondTab(sid, "tom");
+  const { who: sid, second } = await twoTabs("sid", "tom", "Replaced?");
   // Fifteen more connections of sid's "web" device: the first tab's, the oldest of 17, is closed.
   const token = server.token("sid", "web");
   const others = [];
@@ -762,11 +758,7 @@ test("a tab whose connection newer ones took gives the device's outbox up: the d
 });
 
 test("a hidden tab hands the device's outbox over to a tab waiting for it: suspended after, it holds no message back", async () => {
-  const val = await person("val");
-  const ugo = await client(server, "ugo", "node");
-  await ugo.sendText({ toUser: "val" }, "Hidden?");
-  await open(val, "ugo");
-  const second = await secondTab(val, "ugo");
+  const { who: val, second } = await twoTabs("val", "ugo", "Hidden?");
   const first = await holder(val);
   // The first tab is hidden (another tab is shown), and then suspended without a word, as
   // Safari does to hidden pages: none of its scripts run any more.
