@@ -96,6 +96,23 @@ export class Acknowledgements {
     this.hadThrough.set(conversationId, Math.max(this.hadThrough.get(conversationId) ?? 0, seq));
   }
 
+  /** The server's history of a conversation is another from `seq` up (a restored server):
+   * the cursors decided, learned or carried from there up are not the server's (it refuses an
+   * ack past its head), and acks start again below `seq`. */
+  divergedFrom(conversation: Conversation, seq: number): void {
+    const below = (cursors: { delivered: number; read: number } | undefined) => {
+      if (!cursors) return;
+      cursors.delivered = Math.min(cursors.delivered, seq - 1);
+      cursors.read = Math.min(cursors.read, seq - 1);
+    };
+    below(this.wanted.get(conversation.id));
+    below(this.session()?.acked.get(conversation.id));
+    conversation.deliveredSeq = Math.min(conversation.deliveredSeq, seq - 1);
+    conversation.readSeq = Math.min(conversation.readSeq, seq - 1);
+    const had = this.hadThrough.get(conversation.id);
+    if (had !== undefined) this.hadThrough.set(conversation.id, Math.min(had, seq - 1));
+  }
+
   /** Sends an `ack` of `kind` if the complete run moved past what this connection carried
    * (when the pace allows; else once it does). Offline, the cursor is decided all the same
    * and the ack waits for the next connection (`online`): a conversation read while offline

@@ -714,6 +714,7 @@ export class CourierClient {
   private onStreamedEvent(session: Session, event: ConversationEvent): void {
     const conversation = this.conversationFor(event.conversation_id);
     const id = conversation.id;
+    this.takeHistory(conversation, [event]);
     const previous = session.streamed.get(id);
     // After a passed over event, the stream says nothing of what lies below this one: the
     // seqs since the previous held event are a gap to fetch, and no stream base is told.
@@ -780,7 +781,6 @@ export class CourierClient {
   private applyEvents(conversation: Conversation, events: ConversationEvent[]): void {
     const fresh: ConversationEvent[] = [];
     for (const event of events) {
-      if (conversation.timeline.diverges(event)) this.diverged(conversation, event.seq);
       if (!conversation.applyEvent(event)) continue;
       fresh.push(event);
       this.sender.settleFromEvent(event);
@@ -792,11 +792,15 @@ export class CourierClient {
     this.acks.scheduleDelivered(conversation);
   }
 
-  /** The server holds another history of the conversation from `seq` up (`Timeline.diverges`):
-   * the held events from there, and those waiting to be told, are dropped for the server's,
-   * which come or are fetched as any others. */
-  private diverged(conversation: Conversation, seq: number): void {
+  /** The server holds another history of the conversation from the first of `events` that
+   * `Timeline.diverges` up: the held events from there, and those waiting to be told, are
+   * dropped for the server's, which come or are fetched as any others. Called before what the
+   * events cover is recorded (dropped with the rest otherwise). */
+  private takeHistory(conversation: Conversation, events: ConversationEvent[]): void {
+    const seq = events.find((event) => conversation.timeline.diverges(event))?.seq;
+    if (seq === undefined) return;
     conversation.timeline.dropFrom(seq);
+    this.acks.divergedFrom(conversation, seq);
     const waiting = this.heldBack.get(conversation.id)?.filter((event) => event.seq < seq);
     if (waiting?.length) this.heldBack.set(conversation.id, waiting);
     else this.heldBack.delete(conversation.id);
@@ -830,6 +834,7 @@ export class CourierClient {
       const page = await this.fetchPage(conversation, from, limit);
       const last = page.events.at(-1)?.seq;
       const coveredThrough = page.events.length < limit ? Math.max(page.head_seq, last ?? from) : last!;
+      this.takeHistory(conversation, page.events);
       // Covered first: the seqs a page skips (a time this user was not a member) are no
       // hole to hold its later events back for.
       conversation.timeline.cover(from, coveredThrough);
@@ -892,6 +897,7 @@ export class CourierClient {
       kind: "message",
       ...fields,
     };
+    this.takeHistory(conversation, [event]);
     conversation.timeline.cover(sent.seq - 1, sent.seq);
     const gap = conversation.timeline.gapBefore(sent.seq);
     this.applyEvents(conversation, [event]);

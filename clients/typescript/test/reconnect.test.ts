@@ -483,6 +483,9 @@ test("after a restore, an event at a seq the client holds with another server_ms
   await alice.sendText({ conversationId: conv }, "after the restore");
   await until("bob shows the server's history", () => texts(bob, conv).join() === "one,two,after the restore");
   await until("alice shows the server's history", () => texts(alice, conv).join() === "one,two,after the restore");
+  // Bob's device acknowledges the new message (its acks of the lost ones were past the head).
+  const cursor = async () => (await bob.http.conversations()).find((c) => c.conversation_id === conv)?.delivered_seq;
+  await until("bob's device acknowledged the new message", async () => (await cursor()) === 3);
   assert.deepEqual(
     diverged.sort((a, b) => a.client.localeCompare(b.client)),
     [
