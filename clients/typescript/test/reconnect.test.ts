@@ -495,26 +495,31 @@ test("after a restore, an event at a seq the client holds with another server_ms
   );
 });
 
-test("an event that comes broken in the middle of the stream is fetched: the events after it wait for it, in order, on the same connection", async () => {
-  const server = await serve();
-  const network = new Network();
-  const alice = await synced(server, "alice", "web");
-  const bob = await synced(server, "bob", "web", { network });
-  const conv = (await alice.sendText({ toUser: "bob" }, "one")).conversation_id;
-  await until("bob has the first message", () => texts(bob, conv).length === 1);
-  const told: number[] = [];
-  bob.on("event", (event) => told.push(event.seq));
-  const errors: CourierError[] = [];
-  bob.on("error", (error) => errors.push(error));
-  const states: string[] = [];
-  bob.on("state", (state) => states.push(state));
-  // Seq 2 reaches bob without its sender (broken on its way); seq 3 comes whole.
-  network.mangle = (frame) => (frame.type === "event" && frame.seq === 2 ? { ...frame, sender: undefined } : frame);
-  for (const text of ["two", "three"]) await alice.sendText({ conversationId: conv }, text);
-  await until("bob has every message", () => texts(bob, conv).length === 3);
-  network.mangle = undefined;
-  assert.deepEqual(texts(bob, conv), ["one", "two", "three"]);
-  assert.deepEqual(told, [2, 3]);
-  assert.ok(errors.length > 0 && errors.every((e) => /breaks the protocol/.test(e.message)), `errors: ${errors}`);
-  assert.deepEqual(states, [], "the connection stayed up");
-});
+for (const [what, broken] of [
+  ["without its sender", { sender: undefined }],
+  ["without a conversation id it can be told by", { conversation_id: 7 }],
+] as const) {
+  test(`an event that comes broken (${what}) in the middle of the stream is fetched: the events after it wait for it, in order, on the same connection`, async () => {
+    const server = await serve();
+    const network = new Network();
+    const alice = await synced(server, "alice", "web");
+    const bob = await synced(server, "bob", "web", { network });
+    const conv = (await alice.sendText({ toUser: "bob" }, "one")).conversation_id;
+    await until("bob has the first message", () => texts(bob, conv).length === 1);
+    const told: number[] = [];
+    bob.on("event", (event) => told.push(event.seq));
+    const errors: CourierError[] = [];
+    bob.on("error", (error) => errors.push(error));
+    const states: string[] = [];
+    bob.on("state", (state) => states.push(state));
+    // Seq 2 reaches bob broken on its way; seq 3 comes whole.
+    network.mangle = (frame) => (frame.type === "event" && frame.seq === 2 ? { ...frame, ...broken } : frame);
+    for (const text of ["two", "three"]) await alice.sendText({ conversationId: conv }, text);
+    await until("bob has every message", () => texts(bob, conv).length === 3);
+    network.mangle = undefined;
+    assert.deepEqual(texts(bob, conv), ["one", "two", "three"]);
+    assert.deepEqual(told, [2, 3]);
+    assert.ok(errors.length > 0 && errors.every((e) => /breaks the protocol/.test(e.message)), `errors: ${errors}`);
+    assert.deepEqual(states, [], "the connection stayed up");
+  });
+}
