@@ -794,13 +794,20 @@ export class CourierClient {
 
   /** The server holds another history of the conversation from the first of `events` that
    * `Timeline.diverges` up: the held events from there, and those waiting to be told, are
-   * dropped for the server's, which come or are fetched as any others. Called before what the
+   * dropped for the server's, which come or are fetched as any others, and the members'
+   * receipts from there up are forgotten and read back. Called before what the
    * events cover is recorded (dropped with the rest otherwise). */
   private takeHistory(conversation: Conversation, events: ConversationEvent[]): void {
     const seq = events.find((event) => conversation.timeline.diverges(event))?.seq;
     if (seq === undefined) return;
     conversation.timeline.dropFrom(seq);
     this.acks.divergedFrom(conversation, seq);
+    // The other members' cursors from there up were of the lost history: the server's are read
+    // back (a receipt of the new history may have come first, and been taken as no move).
+    for (const moved of conversation.receiptsBelow(seq)) {
+      this.savedReceipts.save({ conversation_id: conversation.id, ...moved });
+    }
+    if (!this.receiptsUnlisted.has(conversation.id)) void this.readBack(conversation.id).catch((e) => this.report(e));
     const waiting = this.heldBack.get(conversation.id)?.filter((event) => event.seq < seq);
     if (waiting?.length) this.heldBack.set(conversation.id, waiting);
     else this.heldBack.delete(conversation.id);

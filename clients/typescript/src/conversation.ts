@@ -104,6 +104,23 @@ export class Conversation {
     return this.receipts.size < MAX_RECEIPT_USERS;
   }
 
+  /** The other members' cursors go back below `seq`, where the server's history diverged
+   * from the one held (a restored server): what they acknowledged from there up was of the
+   * history lost. Returns the cursors that went back. */
+  receiptsBelow(seq: number): (ReceiptState & { user: string })[] {
+    const moved: (ReceiptState & { user: string })[] = [];
+    for (const [user, held] of this.receipts) {
+      if (held.delivered_seq < seq && held.read_seq < seq) continue;
+      const below = {
+        delivered_seq: Math.min(held.delivered_seq, seq - 1),
+        read_seq: Math.min(held.read_seq, seq - 1),
+      };
+      this.receipts.set(user, below);
+      moved.push({ user, ...below });
+    }
+    return moved;
+  }
+
   receiptOf(user: string): ReceiptState | undefined {
     return this.receipts.get(user);
   }
