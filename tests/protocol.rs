@@ -229,7 +229,7 @@ async fn acks_sent_during_a_long_catch_up_take_effect_before_it_ends() {
     let (_dir, server) = server();
     let mut alice = server.connect("alice", "phone").await;
     expect_sync_done(&mut alice).await;
-    support::send_long_history(&mut alice, "bob").await;
+    support::send_long_history(&mut alice, Target::User("bob".into())).await;
     let mut bob = server.connect("bob", "phone").await;
     let mut last = expect_event(&mut bob).await;
     while last.seq < 10 {
