@@ -846,6 +846,61 @@ async fn a_user_holding_their_share_of_the_pages_room_waits_while_others_are_ser
     assert_eq!(body["events"].as_array().map(Vec::len), Some(100));
 }
 
+/// The range reads of conversations' events the node has made (from the store's cache of recent
+/// events or from its tables).
+async fn event_reads(server: &Server) -> u64 {
+    server
+        .metric("courier_store_event_cache_held_reads_total")
+        .await
+        + server
+            .metric("courier_store_event_cache_missed_reads_total")
+            .await
+}
+
+/// A page takes its room before its events are read, as much as its `limit` of the largest
+/// events could take: one that finds no room is refused having read nothing. Pages were read
+/// and encoded whole before their room was asked for, so the budget bounded only what was
+/// held after: 200 concurrent `limit=1000` requests of one user were each read (tens of
+/// megabytes each) before most were refused, and raised the node's memory by ~380 MB.
+#[tokio::test]
+async fn a_page_without_room_is_refused_before_its_events_are_read() {
+    // A share of 8 MiB: bob's unread page (6 MB) leaves no room for another 100 events of up
+    // to 64 KiB, but does for 10.
+    const ROOM: u64 = 64 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_in(
+        dir.path(),
+        &["--max-page-bytes-in-flight", &ROOM.to_string()],
+    );
+    let (conv, mut slow, _) = a_page_bob_does_not_read(&server).await;
+    let mut laptop = server.connect("bob", "laptop").await;
+    laptop.events_until_sync_done().await.unwrap();
+    let reads = event_reads(&server).await;
+    assert_unavailable(laptop.fetch(&conv, 0, Some(100)).await);
+    let path = format!("/v1/conversations/{conv}/messages?limit=100");
+    let (status, body) = server.http("bob", "tablet").get(&path).await.unwrap();
+    assert_eq!((status, body["code"].as_str()), (503, Some("unavailable")));
+    let (status, _) = server
+        .http("bob", "tablet")
+        .get(&format!("/v1/conversations/{conv}/messages"))
+        .await
+        .unwrap();
+    assert_eq!(status, 503, "the default limit is 100");
+    assert_eq!(event_reads(&server).await, reads, "a refused page was read");
+    // A page whose most fits beside the held one is read and served.
+    let page = laptop.fetch(&conv, 0, Some(10)).await.unwrap();
+    assert_eq!(page.events.len(), 10);
+    let (status, body) = server
+        .http("bob", "tablet")
+        .get(&format!("/v1/conversations/{conv}/messages?limit=10"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(body["events"].as_array().map(Vec::len), Some(10));
+    read_the_page(&mut slow, 100).await;
+    until_pages_hold(&server, 0).await;
+}
+
 #[tokio::test]
 async fn sync_with_cursors_overrides_the_servers_cursor() {
     let (_dir, server) = server();

@@ -1232,28 +1232,33 @@ impl Connection {
                 Ok(Ok(()))
             }
             ClientFrame::Fetch(fetch) => {
+                // Room for the page at its most before it is read, lowered once encoded.
+                let mut room = match self.gateway.pages.reserve_page(&self.who.user, fetch.limit) {
+                    Ok(room) => room,
+                    Err(refused) => return Ok(Err(refused)),
+                };
                 let after = fetch.after_seq.unwrap_or(0);
                 match chat
                     .fetch(&self.who, &fetch.conversation_id, after, fetch.limit)
                     .await
                 {
                     Ok(page) => {
-                        let reply = ServerFrame::Messages(Messages {
-                            reference: fetch.reference,
-                            conversation_id: fetch.conversation_id.clone(),
-                            events: page.events,
-                            head_seq: page.head_seq,
-                        });
-                        let reply = to_message(self.encoding, &reply);
-                        let bytes = match &reply {
+                        // The events are dropped once encoded: only the encoded page is held
+                        // while its client reads it.
+                        let reply = to_message(
+                            self.encoding,
+                            &ServerFrame::Messages(Messages {
+                                reference: fetch.reference,
+                                conversation_id: fetch.conversation_id.clone(),
+                                events: page.events,
+                                head_seq: page.head_seq,
+                            }),
+                        );
+                        room.settle(match &reply {
                             Message::Text(text) => text.len(),
                             Message::Binary(bytes) => bytes.len(),
                             _ => 0,
-                        };
-                        let room = match self.gateway.pages.reserve(&self.who.user, bytes) {
-                            Ok(room) => room,
-                            Err(refused) => return Ok(Err(refused)),
-                        };
+                        });
                         if let Some(floor_seq) = page.trimmed {
                             self.write(ServerFrame::Trimmed(Trimmed {
                                 conversation_id: fetch.conversation_id,

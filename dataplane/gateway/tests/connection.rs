@@ -106,7 +106,7 @@ fn gateway_with_routes(
         limits,
         drain: Arc::new(GatewayDrain::new(routes, Duration::ZERO, Duration::ZERO)),
         owed_pushes: None,
-        pages: PageBudget::new(0, Default::default()),
+        pages: PageBudget::new(0, 64 * 1024, Default::default()),
     })
 }
 

@@ -418,6 +418,8 @@ async fn messages(
     PathParams(id): PathParams<String>,
     QueryParams(page): QueryParams<PageQuery>,
 ) -> Result<Response, ApiError> {
+    // Room for the page at its most before it is read, lowered once encoded.
+    let mut room = state.gateway.pages.reserve_page(&who.user, page.limit)?;
     let page = state
         .chat
         .fetch(&who, &id, page.after_seq.unwrap_or(0), page.limit)
@@ -428,7 +430,7 @@ async fn messages(
         floor_seq: page.trimmed,
     })
     .map_err(|e| ApiError::new(ErrorCode::Internal, format!("the page did not encode: {e}")))?;
-    let room = state.gateway.pages.reserve(&who.user, body.len())?;
+    room.settle(body.len());
     // The page's room is given back once hyper has taken its last byte (the body dropped).
     let body = stream::once(async { Ok::<_, std::convert::Infallible>(body) }).map(move |piece| {
         let _held = &room;

@@ -698,6 +698,7 @@ pub async fn run_client_roles(
         owed_pushes: notifier.clone().map(|n| n as Arc<dyn OwedPushListener>),
         pages: PageBudget::new(
             config.max_page_bytes_in_flight,
+            config.max_frame_bytes,
             metrics.page_bytes_in_flight.clone(),
         ),
     });
