@@ -17,7 +17,9 @@
 //!
 //! The cost: a page asks for room at its most, so a node holding its budget nearly full of
 //! pages refuses even a page that turns out small, and pages being read hold their most for
-//! the time of the read (a default page, 100 events, ~6.5 MiB by default).
+//! the time of the read (a default page, 100 events, 6.3 MiB by default; by default a page of
+//! more than 504 events is larger than a user's share, served while that user holds no other
+//! page).
 //!
 //! **A user's share.** The pages of one user, all devices and connections together, hold at
 //! most an eighth of the budget ([`SHARE_OF_BUDGET`]): one user who asks for pages and reads
