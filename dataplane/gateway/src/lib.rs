@@ -1254,11 +1254,12 @@ impl Connection {
                                 head_seq: page.head_seq,
                             }),
                         );
-                        room.settle(match &reply {
+                        let bytes = match &reply {
                             Message::Text(text) => text.len(),
                             Message::Binary(bytes) => bytes.len(),
                             _ => 0,
-                        });
+                        };
+                        room.settle(bytes);
                         if let Some(floor_seq) = page.trimmed {
                             self.write(ServerFrame::Trimmed(Trimmed {
                                 conversation_id: fetch.conversation_id,
