@@ -226,7 +226,7 @@ async fn offline_device_catches_up_in_order_and_acked_events_are_not_resent() {
 /// began, again at each reconnect.
 #[tokio::test]
 async fn acks_sent_during_a_long_catch_up_take_effect_before_it_ends() {
-    let (_dir, server) = server();
+    let (_dir, server) = support::start(&["--user-sends-per-sec", "0"]);
     let mut alice = server.connect("alice", "phone").await;
     expect_sync_done(&mut alice).await;
     support::send_long_history(&mut alice, Target::User("bob".into())).await;

@@ -40,7 +40,9 @@ pub async fn next_event(client: &mut Client) -> Event {
 }
 
 /// A history longer than the socket buffers hold: 400 messages of 48 KiB from `from` to
-/// `to`, so that a catch-up of it is still being written long after it begins.
+/// `to`, so that a catch-up of it is still being written long after it begins. The server is
+/// to take them at any rate (`--user-sends-per-sec 0`): at the default rate a fast machine
+/// refuses some as `rate_limited`.
 pub async fn send_long_history(from: &mut Client, to: Target) {
     let body = "x".repeat(48 * 1024);
     for i in 0..400 {
