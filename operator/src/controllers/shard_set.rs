@@ -835,6 +835,17 @@ mod tests {
         }
     }
 
+    /// A set of three pods at generation 2.
+    fn three_pod_set() -> SequencerShardSet {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "courier.dev/v1alpha1",
+            "kind": "SequencerShardSet",
+            "metadata": {"name": "s", "namespace": "chat", "generation": 2},
+            "spec": {"cluster": "prod", "shards": 8, "replicas": 3},
+        }))
+        .unwrap()
+    }
+
     #[test]
     fn moves_wait_for_missing_or_unready_pods_not_for_an_older_template() {
         let why = pods_not_ready(&stateful_set(2, "r1", "r1"), 3).expect("paused");
@@ -880,13 +891,7 @@ mod tests {
     /// everything is available sent whoever read it to the pods, which were fine).
     #[test]
     fn a_set_whose_admin_api_does_not_answer_is_not_ready_and_says_why() {
-        let set: SequencerShardSet = serde_json::from_value(serde_json::json!({
-            "apiVersion": "courier.dev/v1alpha1",
-            "kind": "SequencerShardSet",
-            "metadata": {"name": "s", "namespace": "chat", "generation": 2},
-            "spec": {"cluster": "prod", "shards": 8, "replicas": 3},
-        }))
-        .unwrap();
+        let set = three_pod_set();
         let mut running = stateful_set(3, "r1", "r1");
         running.spec = Some(Default::default());
         running.spec.as_mut().unwrap().replicas = Some(3);
@@ -923,13 +928,7 @@ mod tests {
     /// said `Settled`, and its cluster too, while the sequencers ran the old image for good).
     #[test]
     fn a_set_whose_pods_run_an_older_template_is_progressing_until_each_is_deleted() {
-        let set: SequencerShardSet = serde_json::from_value(serde_json::json!({
-            "apiVersion": "courier.dev/v1alpha1",
-            "kind": "SequencerShardSet",
-            "metadata": {"name": "s", "namespace": "chat", "generation": 2},
-            "spec": {"cluster": "prod", "shards": 8, "replicas": 3},
-        }))
-        .unwrap();
+        let set = three_pod_set();
         let progressing = |observed_generation: i64, updated: i32| {
             let mut running = stateful_set(3, "r1", "r2");
             running.metadata.generation = Some(7);
